@@ -1,0 +1,55 @@
+// Every C++ schema of robust_ops, defined once. Kernels live in one file per dispatch key:
+// csrc/cpu/<op>_kernel.cpp (CPU) and csrc/cuda/<op>_kernel.cu (CUDA). Fake kernels and autograd are
+// registered in Python (robust_ops/_meta.py, robust_ops/_autograd.py). Semantics: docs/ops.md.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifdef WITH_CUDA
+#include <cuda.h>
+#endif
+
+// A stub module init so `import robust_ops._C` loads the library (and runs the registrations below)
+// without pybind11 (extension-cpp pattern).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace robust_ops {
+
+int64_t cuda_version() {
+#ifdef WITH_CUDA
+  return CUDA_VERSION;
+#else
+  return -1;
+#endif
+}
+
+TORCH_LIBRARY(robust_ops, m) {
+  // Drop-max pooling (MIRST-DM): per window the largest value left after removing ONE occurrence of the maximum.
+  // input is 4-D (N, C, H, W), any memory format; returns (output, indices) with indices flat into H*W.
+  m.def(
+      "drop_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("_drop_max_pool2d_backward(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor");
+
+  // One fused PGD update, in place: x_adv <- clip(P_eps(x_adv + alpha * direction(grad))), per-sample alpha/eps [N];
+  // norm is "linf" or "l2". When history is given, the new iterate is also written into history[slot].
+  m.def(
+      "pgd_step_(Tensor(a!) x_adv, Tensor x_nat, Tensor grad, Tensor alpha, Tensor eps, float clip_min, "
+      "float clip_max, str norm, Tensor(b!)? history, int slot) -> ()");
+
+  // One round of a batched k-ary boundary search, in place. points holds the k-1 interior points [k-1, N, ...]
+  // between lo and hi; crossed_at[n] in [0, k-1] is the first interior point (lo->hi order) on the far side of the
+  // boundary, k-1 meaning none. For active samples lo/hi move to the bracketing points and points is rewritten
+  // as the k-1 interior points of the new interval. k = 2 is bisection.
+  m.def(
+      "boundary_search_step_(Tensor(a!) lo, Tensor(b!) hi, Tensor(c!) points, Tensor crossed_at, "
+      "Tensor? active) -> ()");
+
+  m.def("_cuda_version() -> int", &cuda_version);
+}
+
+}  // namespace robust_ops

@@ -1,0 +1,39 @@
+"""Shared test helpers: per-dtype tolerances, verbose comparisons, tiny models."""
+
+import torch
+from torch import nn
+
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-7, atol=1e-7),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+
+
+def assert_verbose_equal(actual, expected, name="tensor"):
+    """Exact equality that prints the first mismatching indices (Liger's assert_verbose_allclose)."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    same = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected)) if actual.is_floating_point() else (
+        actual == expected
+    )
+    if not bool(same.all()):
+        bad = (~same).nonzero()[:5].tolist()
+        pairs = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in bad]
+        raise AssertionError(f"{name}: {int((~same).sum())} mismatches, first (index, got, expected): {pairs}")
+
+
+class TinyCNN(nn.Module):
+    """A small conv net for attack tests: [N, C, H, W] -> [N, num_classes]."""
+
+    def __init__(self, in_channels=1, num_classes=2, width=8):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))

@@ -1,0 +1,38 @@
+"""robust_ops: fast native ops, attacks and defenses for adversarially robust medical image classification.
+
+Ops (torch.ops.robust_ops.*): drop_max_pool2d, pgd_step_, boundary_search_step_ -- each with a C++ CPU kernel, a CUDA
+kernel and a Triton kernel. Subpackages: attacks, ima, defenses, train, data, evaluate (imported on first use).
+"""
+
+import importlib
+
+from . import _extension
+
+_extension.load_library()
+
+from . import _autograd, _backend, _meta  # noqa: E402,F401  (register fake kernels and autograd)
+from .functional import boundary_search_step_, drop_max_pool2d, pgd_step_  # noqa: E402
+
+try:
+    from . import triton as _triton_kernels  # noqa: F401
+except Exception as _err:  # triton missing or broken: the native kernels still work; backend="triton" says why
+    _backend._triton_import_error = f"{type(_err).__name__}: {_err}"
+
+try:
+    from .nn import DropMax2d, replace_maxpool  # noqa: F401
+except ModuleNotFoundError as _err:
+    if _err.name != f"{__name__}.nn":
+        raise
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "attacks", "ima", "defenses", "train", "data", "evaluate", "models", "metrics", "report", "pretrain", "cli",
+    "reference", "functional",
+)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

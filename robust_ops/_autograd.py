@@ -1,0 +1,48 @@
+"""Autograd for the differentiable ops, registered once with torch.library.register_autograd.
+
+drop_max_pool2d: the gradient goes to the selected element's position (indices). Its backward is linear in
+grad_output, so double backward (needed by gradient-regularization defenses) is a gather at the same indices.
+pgd_step_ and boundary_search_step_ are in-place updates that run under no_grad and have no autograd.
+"""
+
+import torch
+
+
+def _gather_at(grad_input, indices):
+    """Double backward of the pooling backward: d(grad_input)/d(grad_output) is a gather at indices."""
+    n, c = indices.shape[:2]
+    flat = grad_input.reshape(n, c, -1)
+    return flat.gather(2, indices.reshape(n, c, -1)).reshape(indices.shape)
+
+
+def register_drop_max_autograd(forward_name, backward_name):
+    """Wire forward op's backward to the backward op, both given as "robust_ops::name" (the native and Triton
+    variants share this)."""
+    backward_op = getattr(torch.ops.robust_ops, backward_name.split("::")[1])
+
+    def setup_context(ctx, inputs, output):
+        input = inputs[0]
+        _, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.input_size = list(input.shape)
+
+    def backward(ctx, grad_output, _grad_indices):
+        (indices,) = ctx.saved_tensors
+        grad_input = backward_op(grad_output, indices, ctx.input_size)
+        return grad_input, None, None, None, None, None
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+    def backward_setup_context(ctx, inputs, output):
+        _, indices, _ = inputs
+        ctx.save_for_backward(indices)
+
+    def backward_backward(ctx, grad_grad_input):
+        (indices,) = ctx.saved_tensors
+        return _gather_at(grad_grad_input, indices), None, None
+
+    torch.library.register_autograd(backward_name, backward_backward, setup_context=backward_setup_context)
+
+
+register_drop_max_autograd("robust_ops::drop_max_pool2d", "robust_ops::_drop_max_pool2d_backward")

@@ -1,0 +1,168 @@
+"""Fake (meta) kernels for every C++ op: shapes and argument checks only, never data.
+
+The messages are the same as the C++ TORCH_CHECKs (csrc/cpu/*_kernel.cpp), so a user sees one error whether the op
+runs eagerly or under torch.compile.
+"""
+
+import torch
+
+from .reference import pool_output_size
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_floating(op, arg, t):
+    torch._check(
+        t.dtype in FLOATING,
+        lambda: f"{op}: expected {arg} to be a floating-point tensor (float16, bfloat16, float32, float64), "
+        f"got {t.dtype}",
+    )
+
+
+def output_memory_format(input):
+    """Pooling outputs keep channels_last when the input is channels_last (and not also plain contiguous)."""
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """Checks shared by the fake kernel; the C++ kernel makes the same checks with the same messages.
+    Returns the output spatial size (oh, ow)."""
+    op = "drop_max_pool2d"
+    _check_floating(op, "input", input)
+    torch._check(input.dim() == 4, lambda: f"{op}: expected input to be 4-D (N, C, H, W), got {input.dim()}-D")
+    for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+        torch._check(
+            len(value) == 2 and value[0] > 0 and value[1] > 0,
+            lambda name=name, value=value: f"{op}: expected {name} to be two positive integers, got {tuple(value)}",
+        )
+    torch._check(
+        len(padding) == 2 and padding[0] >= 0 and padding[1] >= 0,
+        lambda: f"{op}: expected padding to be two non-negative integers, got {tuple(padding)}",
+    )
+    torch._check(
+        padding[0] <= kernel_size[0] // 2 and padding[1] <= kernel_size[1] // 2,
+        lambda: f"{op}: expected padding to be at most half of kernel_size, got padding={tuple(padding)} "
+        f"for kernel_size={tuple(kernel_size)}",
+    )
+    h, w = input.shape[2], input.shape[3]
+    torch._check(h > 0 and w > 0, lambda: f"{op}: expected input with non-zero height and width, got {h}x{w}")
+    oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    torch._check(
+        oh > 0 and ow > 0,
+        lambda: f"{op}: expected kernel_size {tuple(kernel_size)} with dilation {tuple(dilation)} to fit the padded "
+        f"input {h + 2 * padding[0]}x{w + 2 * padding[1]}, got output size {oh}x{ow}",
+    )
+    return oh, ow
+
+
+@torch.library.register_fake("robust_ops::drop_max_pool2d")
+def _drop_max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    oh, ow = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode)
+    shape = (input.shape[0], input.shape[1], oh, ow)
+    fmt = output_memory_format(input)
+    out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
+    idx = torch.empty(shape, dtype=torch.int64, device=input.device, memory_format=fmt)
+    return out, idx
+
+
+@torch.library.register_fake("robust_ops::_drop_max_pool2d_backward")
+def _drop_max_pool2d_backward_fake(grad_output, indices, input_size):
+    op = "_drop_max_pool2d_backward"
+    torch._check(
+        indices.dtype == torch.int64, lambda: f"{op}: expected indices to be int64, got {indices.dtype}"
+    )
+    torch._check(
+        grad_output.shape == indices.shape,
+        lambda: f"{op}: expected grad_output to have the shape of indices {tuple(indices.shape)}, "
+        f"got {tuple(grad_output.shape)}",
+    )
+    return torch.empty(
+        tuple(input_size), dtype=grad_output.dtype, device=grad_output.device,
+        memory_format=output_memory_format(grad_output),
+    )
+
+
+def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot):
+    op = "pgd_step_"
+    _check_floating(op, "x_adv", x_adv)
+    torch._check(x_adv.dim() >= 1, lambda: f"{op}: expected x_adv to have a batch dimension, got a 0-D tensor")
+    for name, t in (("x_nat", x_nat), ("grad", grad)):
+        torch._check(
+            t.shape == x_adv.shape,
+            lambda name=name, t=t: f"{op}: expected {name} to have the shape of x_adv {tuple(x_adv.shape)}, "
+            f"got {tuple(t.shape)}",
+        )
+        torch._check(
+            t.dtype == x_adv.dtype,
+            lambda name=name, t=t: f"{op}: expected {name} to have the dtype of x_adv ({x_adv.dtype}), got {t.dtype}",
+        )
+    n = x_adv.shape[0]
+    for name, t in (("alpha", alpha), ("eps", eps)):
+        torch._check(
+            t.dim() == 1 and t.shape[0] == n,
+            lambda name=name, t=t: f"{op}: expected {name} to be a 1-D tensor of {n} per-sample values, "
+            f"got shape {tuple(t.shape)}",
+        )
+        _check_floating(op, name, t)
+    torch._check(
+        clip_min <= clip_max, lambda: f"{op}: expected clip_min <= clip_max, got clip_min={clip_min}, clip_max={clip_max}"
+    )
+    torch._check(norm in ("linf", "l2"), lambda: f"{op}: expected norm to be 'linf' or 'l2', got {norm!r}")
+    if history is not None:
+        torch._check(
+            history.dim() == x_adv.dim() + 1 and history.shape[1:] == x_adv.shape,
+            lambda: f"{op}: expected history to have shape [m, {', '.join(str(s) for s in x_adv.shape)}], "
+            f"got {tuple(history.shape)}",
+        )
+        torch._check(
+            history.dtype == x_adv.dtype,
+            lambda: f"{op}: expected history to have the dtype of x_adv ({x_adv.dtype}), got {history.dtype}",
+        )
+        torch._check(
+            0 <= slot < history.shape[0],
+            lambda: f"{op}: expected slot in [0, {history.shape[0]}) for a history of {history.shape[0]} slots, "
+            f"got {slot}",
+        )
+
+
+@torch.library.register_fake("robust_ops::pgd_step_")
+def _pgd_step_fake(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot):
+    check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot)
+    return None
+
+
+def check_boundary_search_step_args(lo, hi, points, crossed_at, active):
+    op = "boundary_search_step_"
+    _check_floating(op, "lo", lo)
+    torch._check(lo.dim() >= 1, lambda: f"{op}: expected lo to have a batch dimension, got a 0-D tensor")
+    torch._check(
+        hi.shape == lo.shape and hi.dtype == lo.dtype,
+        lambda: f"{op}: expected hi to have the shape and dtype of lo ({tuple(lo.shape)}, {lo.dtype}), "
+        f"got ({tuple(hi.shape)}, {hi.dtype})",
+    )
+    torch._check(
+        points.dim() == lo.dim() + 1 and points.shape[1:] == lo.shape and points.shape[0] >= 1
+        and points.dtype == lo.dtype,
+        lambda: f"{op}: expected points to be [k-1, {', '.join(str(s) for s in lo.shape)}] with k >= 2 and the "
+        f"dtype of lo, got {tuple(points.shape)} {points.dtype}",
+    )
+    n = lo.shape[0]
+    torch._check(
+        crossed_at.dtype == torch.int64 and crossed_at.dim() == 1 and crossed_at.shape[0] == n,
+        lambda: f"{op}: expected crossed_at to be an int64 tensor of shape [{n}], "
+        f"got {crossed_at.dtype} {tuple(crossed_at.shape)}",
+    )
+    if active is not None:
+        torch._check(
+            active.dtype == torch.bool and active.dim() == 1 and active.shape[0] == n,
+            lambda: f"{op}: expected active to be a bool tensor of shape [{n}], got {active.dtype} {tuple(active.shape)}",
+        )
+
+
+@torch.library.register_fake("robust_ops::boundary_search_step_")
+def _boundary_search_step_fake(lo, hi, points, crossed_at, active):
+    check_boundary_search_step_args(lo, hi, points, crossed_at, active)
+    return None

@@ -1,0 +1,163 @@
+"""Public functional API of the robust_ops kernels. Semantics: docs/ops.md; the oracle: robust_ops.reference."""
+
+import numbers
+
+import torch
+
+from . import _backend, reference
+
+__all__ = ["drop_max_pool2d", "pgd_step_", "boundary_search_step_"]
+
+
+def _pair(name, value):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return [int(value), int(value)]
+    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+    ):
+        return [int(value[0]), int(value[-1])]
+    raise TypeError(f"drop_max_pool2d: expected {name} to be an int or a pair of ints, got {value!r}")
+
+
+def drop_max_pool2d(
+    input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False, *, backend=None
+):
+    r"""Drop-max pooling (MIRST-DM, Sun et al., MICCAI 2022): a drop-in for :func:`torch.nn.functional.max_pool2d`
+    that outputs, per window, the largest value left after removing ONE occurrence of the window maximum.
+
+    Windows are exactly those of ``F.max_pool2d`` (padding counts as -inf and is never selected; dilation; ceil_mode).
+    Ties: the removed maximum is its first occurrence in row-major window order, and the output is the first
+    occurrence of the largest remaining value (window ``[5, 5, 1]`` gives 5, from the second position). A window
+    with a single valid element returns that element. A window holding NaN returns NaN (at its first NaN), as
+    max_pool2d propagates NaN. The backward pass routes each output gradient to the selected element.
+
+    Args:
+        input (Tensor[N, C, H, W] or Tensor[C, H, W]): float16, bfloat16, float32 or float64; NCHW or channels_last.
+        kernel_size (int or (int, int)): window size.
+        stride (int or (int, int), optional): window stride. Default: ``kernel_size``.
+        padding (int or (int, int)): implicit -inf padding on both sides, at most ``kernel_size // 2``. Default: 0.
+        dilation (int or (int, int)): spacing between window elements. Default: 1.
+        ceil_mode (bool): use ceil instead of floor for the output size, as in max_pool2d. Default: False.
+        return_indices (bool): also return the flat ``H * W`` index of each selected element. Default: False.
+        backend (str, optional): "auto", "native", "triton" or "reference"; default ``$ROBUST_OPS_BACKEND`` or
+            "auto" (see docs/backends.md).
+
+    Shape:
+        - input: ``(N, C, H, W)`` or ``(C, H, W)``
+        - output and indices: ``(N, C, H_out, W_out)`` or ``(C, H_out, W_out)`` with max_pool2d's formula.
+          The output keeps the input's memory format.
+
+    Example::
+
+        >>> x = torch.tensor([[[[5., 5.], [1., 0.]]]])
+        >>> robust_ops.drop_max_pool2d(x, 2)
+        tensor([[[[5.]]]])
+    """
+    if input.dim() not in (3, 4):
+        raise RuntimeError(
+            f"drop_max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D"
+        )
+    kernel = _pair("kernel_size", kernel_size)
+    stride = kernel if (stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)) else _pair(
+        "stride", stride
+    )
+    padding = _pair("padding", padding)
+    dilation = _pair("dilation", dilation)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    which = _backend.resolve("drop_max_pool2d", x.device, backend)
+    if which == "native":
+        out, idx = torch.ops.robust_ops.drop_max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
+    elif which == "triton":
+        out, idx = torch.ops.robust_ops.drop_max_pool2d_triton(x, kernel, stride, padding, dilation, bool(ceil_mode))
+    else:
+        from ._meta import check_drop_max_pool2d_args
+
+        check_drop_max_pool2d_args(x, kernel, stride, padding, dilation, bool(ceil_mode))
+        out, idx = reference.drop_max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
+    if unbatched:
+        out, idx = out.squeeze(0), idx.squeeze(0)
+    return (out, idx) if return_indices else out
+
+
+def _per_sample_tensor(name, value, like):
+    """A scalar or a per-sample tensor [N] as a 1-D tensor on like's device."""
+    n = like.shape[0]
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return value.to(device=like.device, dtype=dtype).expand(n).contiguous()
+        if value.dim() != 1 or value.shape[0] != n:
+            raise ValueError(
+                f"pgd_step_: expected {name} to be a scalar or a tensor of shape [{n}], got shape {tuple(value.shape)}"
+            )
+        return value.to(device=like.device, dtype=dtype)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.full((n,), float(value), dtype=dtype, device=like.device)
+    raise TypeError(f"pgd_step_: expected {name} to be a number or a tensor, got {type(value).__name__}")
+
+
+def pgd_step_(
+    x_adv, x_nat, grad, alpha, eps, *, clip_min=0.0, clip_max=1.0, norm="linf", history=None, slot=0, backend=None
+):
+    r"""One fused projected-gradient step, in place on ``x_adv`` (and ``history[slot]`` when given).
+
+    ``linf``: ``x <- clip(x_nat + clamp(x + alpha*sign(g) - x_nat, -eps, eps))``;
+    ``l2``: ``x <- clip(P_eps(x + alpha*g/(||g||_2 + 1e-10)))`` with per-sample norms. Zero-gradient samples stay
+    put. The expressions follow torchattacks 3.5.1 operation by operation, so float32 results are bitwise equal.
+
+    Args:
+        x_adv (Tensor[N, ...]): current iterate, updated in place.
+        x_nat (Tensor[N, ...]): clean inputs (centre of the ball).
+        grad (Tensor[N, ...]): loss gradient at x_adv (ascent direction).
+        alpha, eps (float or Tensor[N]): step size and radius, scalar or per sample.
+        clip_min, clip_max (float): valid input range. Default: [0, 1].
+        norm (str): "linf" or "l2". Default: "linf".
+        history (Tensor[m, N, ...], optional): buffer that also receives the new iterate in slot ``slot``.
+        backend (str, optional): as for :func:`drop_max_pool2d`.
+    """
+    alpha_t = _per_sample_tensor("alpha", alpha, x_adv)
+    eps_t = _per_sample_tensor("eps", eps, x_adv)
+    which = _backend.resolve("pgd_step_", x_adv.device, backend)
+    with torch.no_grad():
+        if which == "native":
+            torch.ops.robust_ops.pgd_step_(
+                x_adv, x_nat, grad, alpha_t, eps_t, float(clip_min), float(clip_max), norm, history, int(slot)
+            )
+        elif which == "triton":
+            torch.ops.robust_ops.pgd_step_triton(
+                x_adv, x_nat, grad, alpha_t, eps_t, float(clip_min), float(clip_max), norm, history, int(slot)
+            )
+        else:
+            from ._meta import check_pgd_step_args
+
+            check_pgd_step_args(x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)
+            reference.pgd_step_(x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)
+    return x_adv
+
+
+def boundary_search_step_(lo, hi, points, crossed_at, active=None, *, backend=None):
+    r"""One round of a batched k-ary boundary search (k = points.shape[0] + 1; k = 2 is bisection), in place.
+
+    ``points[j]`` are the interior points ``lo + (hi - lo) * (j + 1) / k``; ``crossed_at[n]`` is the first of them
+    (lo -> hi order) found past the decision boundary, ``k - 1`` if none. For active samples ``lo``/``hi`` move to
+    the bracketing points and ``points`` is rewritten for the new interval; inactive samples are untouched.
+
+    Args:
+        lo, hi (Tensor[N, ...]): interval ends (lo on the correct side, hi past the boundary).
+        points (Tensor[k-1, N, ...]): interior points, rewritten in place.
+        crossed_at (LongTensor[N]): index of the first crossed interior point, in [0, k-1].
+        active (BoolTensor[N], optional): samples to update. Default: all.
+    """
+    which = _backend.resolve("boundary_search_step_", lo.device, backend)
+    with torch.no_grad():
+        if which == "native":
+            torch.ops.robust_ops.boundary_search_step_(lo, hi, points, crossed_at, active)
+        elif which == "triton":
+            torch.ops.robust_ops.boundary_search_step_triton(lo, hi, points, crossed_at, active)
+        else:
+            from ._meta import check_boundary_search_step_args
+
+            check_boundary_search_step_args(lo, hi, points, crossed_at, active)
+            reference.boundary_search_step_(lo, hi, points, crossed_at, active)
+    return lo, hi, points

@@ -1,0 +1,93 @@
+"""Model zoo used by the trainer, the CLI and the benchmarks: torchvision CNNs adapted to any channel count and small
+medical images, plus tiny models for tests and two-moons.
+
+Adaptation (documented in docs/getting-started.md): the first convolution takes ``in_channels``; for images of at most
+64 pixels a ResNet's 7x7/2 stem becomes 3x3/1 (as for CIFAR-sized inputs) so 28x28 images keep spatial detail, while the
+first max-pooling layer is kept -- MIRST-DM replaces exactly that layer with drop-max pooling. The classifier head
+outputs ``num_classes`` logits. No weights are downloaded.
+"""
+
+import torch
+from torch import nn
+
+MODELS = ("resnet18", "resnet50", "vgg16", "densenet121", "small_cnn", "mlp")
+
+
+class SmallCNN(nn.Module):
+    """A small VGG-style CNN (conv-ReLU-maxpool x2, global pooling, linear) for fast tests and the demo."""
+
+    def __init__(self, in_channels=1, num_classes=2, width=16):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+class MLP(nn.Module):
+    """Fully connected net, e.g. ARFL's two-moons model 2-10-10-1 (``MLP(2, 1, hidden=(10, 10))``)."""
+
+    def __init__(self, in_features=2, num_outputs=1, hidden=(10, 10)):
+        super().__init__()
+        layers, width = [], in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_outputs))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = self.net(x.flatten(1))
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+
+def build_model(name, in_channels=1, num_classes=2, image_size=28, width=16):
+    """A freshly initialised model by name (one of MODELS); raises ValueError naming the known models otherwise."""
+    import torchvision.models as tvm
+
+    if name == "small_cnn":
+        return SmallCNN(in_channels, num_classes, width=width)
+    if name == "mlp":
+        return MLP(in_channels, 1 if num_classes == 2 else num_classes)
+    if name in ("resnet18", "resnet50"):
+        model = getattr(tvm, name)(weights=None, num_classes=num_classes)
+        if image_size <= 64:
+            model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        elif in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        return model
+    if name == "vgg16":
+        model = tvm.vgg16_bn(weights=None, num_classes=num_classes)
+        model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
+        model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        model.classifier = nn.Sequential(nn.Linear(512, 256), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(256, num_classes))
+        return model
+    if name == "densenet121":
+        model = tvm.densenet121(weights=None, num_classes=num_classes)
+        model.features.conv0 = nn.Conv2d(
+            in_channels, 64, kernel_size=3 if image_size <= 64 else 7, stride=1 if image_size <= 64 else 2,
+            padding=1 if image_size <= 64 else 3, bias=False,
+        )
+        return model
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def predict(model, x):
+    """Class predictions for [N, K] logits, or [N] / [N, 1] single-logit (sigmoid) outputs (positive if > 0)."""
+    out = model(x)
+    if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
+        return (out.reshape(-1) > 0).long()
+    return out.argmax(1)

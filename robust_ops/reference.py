@@ -1,0 +1,173 @@
+"""Plain-PyTorch reference for every robust_ops op: readable, slow, and the oracle that tests and benchmarks import.
+
+Nothing here is optimized; each function states the exact semantics the native and Triton kernels must reproduce
+(see docs/ops.md). Shape helpers here are shared with the fake kernels in _meta.py.
+"""
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "pool_output_size",
+    "drop_max_pool2d",
+    "pgd_step_",
+    "boundary_search_step_",
+    "interpolation_weights",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pooling geometry (identical to ATen's pooling_output_shape)
+
+
+def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode):
+    """Output length of one pooled dimension, exactly as F.max_pool2d computes it (ceil_mode: the last window must
+    start inside the input or the left padding)."""
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# drop_max_pool2d
+
+
+def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """Reference drop-max pooling on a 4-D (N, C, H, W) tensor; returns (output, indices).
+
+    Per window (windows exactly as F.max_pool2d; padding and positions past the input never count):
+      * remove ONE occurrence of the maximum: the first in row-major window order;
+      * the output is the largest remaining value, at its first occurrence in row-major window order
+        (window [5, 5, 1] gives the second 5);
+      * a window with a single valid element returns that element;
+      * a window containing NaN returns NaN at its first NaN (NaN propagates, as in max_pool2d).
+    indices are flat positions into H*W of the selected element, like max_pool2d's.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    n, c, h, w = input.shape
+    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    # Pad so every window lies inside: padding on both sides, plus what ceil_mode windows need on the far side.
+    need_h = (oh - 1) * sh + dh * (kh - 1) + 1
+    need_w = (ow - 1) * sw + dw * (kw - 1) + 1
+    extra_h = max(0, need_h - (h + 2 * ph))
+    extra_w = max(0, need_w - (w + 2 * pw))
+    pads = (pw, pw + extra_w, ph, ph + extra_h)
+
+    planes = input.reshape(n * c, 1, h, w)
+    values = F.pad(planes, pads, value=float("-inf"))
+    positions = torch.arange(h * w, dtype=torch.float64, device=input.device).reshape(1, 1, h, w)
+    positions = F.pad(positions, pads, value=-1.0)
+
+    def windows(t):  # [P, 1, H', W'] -> [P, K, oh*ow] with K = kh*kw in row-major window order
+        cols = F.unfold(t, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+        cols = cols.reshape(t.shape[0], kh * kw, -1)
+        oh_full = (t.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        ow_full = (t.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        return cols.reshape(t.shape[0], kh * kw, oh_full, ow_full)[:, :, :oh, :ow].reshape(t.shape[0], kh * kw, -1)
+
+    vals = windows(values)  # [NC, K, L]
+    pos = windows(positions).to(torch.int64)  # [1, K, L]
+    valid = pos >= 0
+    k = vals.shape[1]
+    order = torch.arange(k, device=input.device).view(1, k, 1)
+    none = k  # "no candidate" sentinel, larger than any window slot
+
+    masked = torch.where(valid, vals, torch.full_like(vals, float("-inf")))
+    not_nan = ~torch.isnan(masked)
+    best = torch.where(not_nan, masked, torch.full_like(masked, float("-inf"))).amax(1, keepdim=True)
+    first_max = torch.where(valid & not_nan & (masked == best), order, none).amin(1, keepdim=True)
+    rest = valid & not_nan & (order != first_max)
+    second = torch.where(rest, masked, torch.full_like(masked, float("-inf"))).amax(1, keepdim=True)
+    first_second = torch.where(rest & (masked == second), order, none).amin(1, keepdim=True)
+    chosen = torch.where(first_second == none, first_max, first_second)
+    first_nan = torch.where(valid & ~not_nan, order, none).amin(1, keepdim=True)
+    chosen = torch.where(first_nan != none, first_nan, chosen)
+
+    out = vals.gather(1, chosen).reshape(n, c, oh, ow)
+    idx = pos.expand(n * c, -1, -1).gather(1, chosen).reshape(n, c, oh, ow)
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+        idx = idx.contiguous(memory_format=torch.channels_last)
+    return out, idx
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pgd_step_
+
+
+def _per_sample(t, like):
+    return t.to(like.dtype).view((like.shape[0],) + (1,) * (like.dim() - 1))
+
+
+@torch.no_grad()
+def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=None, slot=0):
+    """Reference fused PGD step, in place on x_adv (and history[slot] when history is given).
+
+    alpha, eps: per-sample tensors [N]. The expressions and their order are those of torchattacks 3.5.1, so results
+    are bitwise equal to torchattacks' PGD / PGDL2 in float32:
+      linf: x <- clamp(x_nat + clamp(x + alpha*sign(g) - x_nat, -eps, eps), clip_min, clip_max)
+      l2:   x <- x + alpha * g / (||g||_2 + 1e-10);  d = x - x_nat;  d <- d * (eps/||d|| if ||d|| > eps else 1);
+            x <- clamp(x_nat + d, clip_min, clip_max)          (norms per sample)
+    A zero gradient leaves a sample where it is.
+    """
+    a = _per_sample(alpha, x_adv)
+    e = _per_sample(eps, x_adv)
+    if norm == "linf":
+        stepped = x_adv + a * grad.sign()
+        delta = torch.clamp(stepped - x_nat, min=-e, max=e)
+    elif norm == "l2":
+        n = x_adv.shape[0]
+        grad_norm = torch.norm(grad.reshape(n, -1), p=2, dim=1) + 1e-10
+        stepped = x_adv + a * (grad / grad_norm.view_as(a))
+        delta = stepped - x_nat
+        delta_norm = torch.norm(delta.reshape(n, -1), p=2, dim=1)
+        eps_flat = eps.to(x_adv.dtype)
+        factor = torch.where(delta_norm > eps_flat, eps_flat / delta_norm, torch.ones_like(delta_norm))
+        delta = delta * factor.view_as(a)
+    else:
+        raise ValueError(f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}")
+    new = torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
+    x_adv.copy_(new)
+    if history is not None:
+        history[slot].copy_(new)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# boundary_search_step_
+
+
+def interpolation_weights(k):
+    """Weights (w_lo, w_hi) of the k-1 interior points lo*w_lo + hi*w_hi, t = j/k for j = 1..k-1."""
+    return [(1.0 - j / k, j / k) for j in range(1, k)]
+
+
+@torch.no_grad()
+def boundary_search_step_(lo, hi, points, crossed_at, active=None):
+    """Reference k-ary boundary search round, in place (k = points.shape[0] + 1; k = 2 is bisection).
+
+    points[j] (j = 0..k-2) are the interior points lo + (hi - lo)*(j+1)/k. crossed_at[n] in [0, k-1] is the first
+    interior point, in lo -> hi order, found on the far side of the boundary (k-1: none was). For active samples:
+      lo <- points[c-1] (lo itself when c = 0);  hi <- points[c] (hi itself when c = k-1)
+      points[j] <- lo * (1 - t_j) + hi * t_j with t_j = (j+1)/k, in the tensor's dtype.
+    Inactive samples (active[n] False) are left untouched.
+    """
+    k = points.shape[0] + 1
+    n = lo.shape[0]
+    if crossed_at.numel() and (int(crossed_at.min()) < 0 or int(crossed_at.max()) > k - 1):
+        raise ValueError(f"boundary_search_step_: expected crossed_at in [0, {k - 1}]")
+    stacked = torch.cat([lo.unsqueeze(0), points, hi.unsqueeze(0)], 0)  # [k+1, N, ...]
+    index = crossed_at.view((1, n) + (1,) * (lo.dim() - 1)).expand((1,) + tuple(lo.shape))
+    new_lo = stacked.gather(0, index)[0]
+    new_hi = stacked.gather(0, index + 1)[0]
+    if active is not None:
+        keep = active.view((n,) + (1,) * (lo.dim() - 1))
+        new_lo = torch.where(keep, new_lo, lo)
+        new_hi = torch.where(keep, new_hi, hi)
+    new_points = torch.stack([new_lo * w_lo + new_hi * w_hi for w_lo, w_hi in interpolation_weights(k)], 0)
+    if active is not None:
+        new_points = torch.where(active.view((1, n) + (1,) * (lo.dim() - 1)), new_points, points)
+    lo.copy_(new_lo)
+    hi.copy_(new_hi)
+    points.copy_(new_points)
