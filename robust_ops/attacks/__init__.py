@@ -1,0 +1,3 @@
+"""Adversarial attacks on one shared PGD core (see docs/design.md)."""
+
+from .context import Normalized, attack_context  # noqa: F401

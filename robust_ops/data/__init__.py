@@ -1,0 +1,1 @@
+"""Datasets: MedMNIST npz, BUSI folders, CSV + images, two-moons, the synthetic default (see docs/design.md)."""
