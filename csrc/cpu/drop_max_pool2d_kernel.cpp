@@ -207,9 +207,18 @@ ROBUST_OPS_AVX2 __m256 load_lanes(const float* p, int64_t step, bool may_read_ah
   return _mm256_setr_ps(p[0], p[step], p[2 * step], p[3 * step], p[4 * step], p[5 * step], p[6 * step], p[7 * step]);
 }
 
+// The window's first element: the maximum so far, no second yet.
+ROBUST_OPS_AVX2 void top2_first(Top2State& st, __m256 v, __m256 s, __m256& nan_lanes) {
+  st.a1 = v;
+  st.t1 = s;
+  st.a2 = _mm256_setzero_ps();
+  st.t2 = _mm256_set1_ps(-1.0f);
+  nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
 ROBUST_OPS_AVX2 void top2_step(Top2State& st, __m256 v, __m256 s, __m256& nan_lanes) {
   const __m256 zero = _mm256_setzero_ps();
-  const __m256 gt1 = _mm256_or_ps(_mm256_cmp_ps(v, st.a1, _CMP_GT_OQ), _mm256_cmp_ps(st.t1, zero, _CMP_LT_OQ));
+  const __m256 gt1 = _mm256_cmp_ps(v, st.a1, _CMP_GT_OQ);
   const __m256 gt2 = _mm256_or_ps(_mm256_cmp_ps(v, st.a2, _CMP_GT_OQ), _mm256_cmp_ps(st.t2, zero, _CMP_LT_OQ));
   const __m256 c2 = _mm256_blendv_ps(st.a2, v, gt2), d2 = _mm256_blendv_ps(st.t2, s, gt2);
   st.a2 = _mm256_blendv_ps(c2, st.a1, gt1);
@@ -253,16 +262,20 @@ __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ 
                                                       int64_t* __restrict__ idx, int64_t origin,
                                                       int64_t origin_step, int64_t& done) {
   constexpr int kUnroll = 3;
-  const __m256 empty_slot = _mm256_set1_ps(-1.0f);
-  const Top2State empty{_mm256_setzero_ps(), _mm256_setzero_ps(), empty_slot, empty_slot};
   __m256 nan_lanes = _mm256_setzero_ps();
   const __m256i lane_step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                _mm256_set1_epi32(static_cast<int32_t>(origin_step)));
   int64_t j = 0;
   for (; j < len && j + 8 * kUnroll <= safe_len; j += 8 * kUnroll) {
     Top2State st[kUnroll];
-    for (int u = 0; u < kUnroll; ++u) st[u] = empty;
-    for (int64_t t = 0; t < ntaps; ++t) {
+    {
+      const __m256 s = _mm256_set1_ps(tap_rel[0]);
+      const float* p = base + tap_off[0] + j * step;
+      for (int u = 0; u < kUnroll; ++u) {
+        top2_first(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
+      }
+    }
+    for (int64_t t = 1; t < ntaps; ++t) {
       const __m256 s = _mm256_set1_ps(tap_rel[t]);
       const float* p = base + tap_off[t] + j * step;
       for (int u = 0; u < kUnroll; ++u) {
@@ -274,8 +287,10 @@ __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ 
     }
   }
   for (; j < len && j + 8 <= safe_len; j += 8) {
-    Top2State st = empty;
-    for (int64_t t = 0; t < ntaps; ++t) {
+    Top2State st;
+    top2_first(st, load_lanes(base + tap_off[0] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[0]),
+               nan_lanes);
+    for (int64_t t = 1; t < ntaps; ++t) {
       top2_step(st, load_lanes(base + tap_off[t] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[t]),
                 nan_lanes);
     }
