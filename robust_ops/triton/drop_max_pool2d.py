@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._autograd import register_drop_max_autograd
-from .._meta import check_drop_max_pool2d_args, output_memory_format
+from .._meta import check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, output_memory_format
 from ._utils import launch
 
 FORWARD_SCHEMA = (
@@ -117,13 +117,7 @@ def drop_max_pool2d_triton(input, kernel_size, stride, padding, dilation, ceil_m
 
 @torch.library.triton_op("robust_ops::_drop_max_pool2d_backward_triton", mutates_args=(), schema=BACKWARD_SCHEMA)
 def drop_max_pool2d_backward_triton(grad_output, indices, input_size):
-    op = "_drop_max_pool2d_backward"
-    torch._check(indices.dtype == torch.int64, lambda: f"{op}: expected indices to be int64, got {indices.dtype}")
-    torch._check(
-        grad_output.shape == indices.shape,
-        lambda: f"{op}: expected grad_output to have the shape of indices {tuple(indices.shape)}, "
-        f"got {tuple(grad_output.shape)}",
-    )
+    check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
     fmt = output_memory_format(grad_output)
     # float32 accumulation buffer (atomics); the grad_input itself when it is float32.
     acc = torch.empty(tuple(input_size), dtype=torch.float32, device=grad_output.device, memory_format=fmt).zero_()
