@@ -62,7 +62,10 @@ ATTACK_FNS = {
     "pgd": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.pgd(
         m, x, y, eps=eps, steps=4, norm=norm, generator=torch.Generator().manual_seed(seed))),
     "cw": (("linf",), lambda m, x, y, eps, norm, seed: attacks.cw_linf(m, x, y, eps=eps, steps=4)),
+    "noise": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.white_noise(
+        m, x, y, eps=eps, norm=norm, trials=4, generator=torch.Generator().manual_seed(seed))),
 }
+RANDOMIZED = {"noise"}  # one stream of draws per batch: a batch and its single samples draw different noise
 EPS = {"linf": 8 / 255, "l2": 0.5}
 CASES = [(name, norm) for name, (norms, _) in ATTACK_FNS.items() for norm in norms]
 
@@ -112,6 +115,8 @@ def test_budget_and_clip_range(name, norm, num_classes):
 
 @pytest.mark.parametrize("name,norm", CASES)
 def test_batch_equals_per_sample(name, norm):
+    if name in RANDOMIZED:
+        pytest.skip("randomized attack: draws depend on the batch (tested against a reference loop instead)")
     model = make_model(3, torch.float64)
     x, y = make_data(4, 3, torch.float64)
     fn = ATTACK_FNS[name][1]
@@ -179,6 +184,8 @@ def test_targeted_reaches_target(name, norm):
         "pgd": lambda: attacks.pgd(model, x, target, eps=eps, steps=10, norm=norm, targeted=True),
         "cw": lambda: attacks.cw_linf(model, x, target, eps=eps, steps=10, targeted=True, kappa=1.0),
     }
+    if name not in fns:
+        pytest.skip(f"{name} has no targeted mode")
     x_adv = fns[name]()
     assert torch.equal(model(x_adv).argmax(1), target)
 
@@ -435,3 +442,101 @@ def test_empty_batch():
     y = torch.zeros(0, dtype=torch.long)
     x_adv, its = attacks.pgd(model, x, y, eps=0.03, steps=2, emit=(1, 2))
     assert x_adv.shape == x.shape and its.shape == (2, 0, 1, 12, 12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# White noise
+
+
+def test_uniform_ball_distribution():
+    g = torch.Generator().manual_seed(0)
+    d, n = 3, 40000
+    noise = attacks.uniform_ball((n, d), 2.0, "l2", generator=g)
+    r = noise.norm(dim=1)
+    assert float(r.max()) <= 2.0 + 1e-6
+    # uniform in the ball: P(r <= 2 s) = s^d; mean radius d / (d + 1) * eps; direction mean ~ 0
+    assert abs(float(r.mean()) - 2.0 * d / (d + 1)) < 0.01
+    assert abs(float((r <= 1.0).float().mean()) - 0.5 ** d) < 0.01
+    assert float((noise / r[:, None]).mean(0).abs().max()) < 0.02
+    box = attacks.uniform_ball((n, d), torch.full((n,), 0.5), "linf", generator=g)
+    assert float(box.abs().max()) <= 0.5 and abs(float(box.abs().mean()) - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_white_noise_follows_ima_protocol(norm):
+    model = make_model(2)
+    x, y = make_data(8, 2)
+    y = model(x).argmax(1)
+    y[0] = 1 - y[0]  # misclassified already: its first trial fails
+    eps = {"linf": 0.3, "l2": 3.0}[norm]
+    trials = 6
+    got = attacks.white_noise(model, x, y, eps=eps, norm=norm, trials=trials,
+                              generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    expected = x.clone()
+    alive = torch.ones(8, dtype=torch.bool)
+    for _ in range(trials):  # plain reference loop
+        noisy = torch.clamp(x + attacks.uniform_ball(x.shape, eps, norm, generator=g), 0, 1)
+        ok = model(noisy).argmax(1) == y
+        expected[alive] = noisy[alive]
+        alive &= ok
+    assert_verbose_equal(got, expected, "white_noise")
+    robust = model(got).argmax(1) == y
+    assert torch.equal(robust, alive) and not robust[0]
+    with pytest.raises(ValueError, match="white_noise: expected trials to be an integer >= 1, got 0"):
+        attacks.white_noise(model, x, y, eps=eps, norm=norm, trials=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ensembles
+
+
+class Recording:
+    """Wraps an attack and records how many samples it was run on."""
+
+    def __init__(self, fn, name):
+        self.fn, self.name, self.sizes = fn, name, []
+
+    def __call__(self, x, y):
+        self.sizes.append(x.shape[0])
+        return self.fn(x, y)
+
+
+def test_ensemble_cascade_matches_full_run():
+    model = make_model(3)
+    x, y = make_data(12, 3)
+    y[:8] = model(x[:8]).argmax(1)  # most samples correct on clean inputs
+
+    def make():
+        return [Recording(lambda a, b: attacks.fgsm(model, a, b, eps=0.01), "fgsm"),
+                Recording(lambda a, b: attacks.pgd(model, a, b, eps=0.03, steps=5, random_start=False), "pgd"),
+                Recording(lambda a, b: attacks.cw_linf(model, a, b, eps=0.05, steps=5), "cw")]
+
+    fast, slow = make(), make()
+    res = attacks.ensemble(model, x, y, fast)
+    full = attacks.ensemble(model, x, y, slow, cascade=False)
+    assert torch.equal(res.robust, full.robust) and torch.equal(res.broken_by, full.broken_by)
+    assert torch.equal(res.x_adv, full.x_adv)
+    assert res.names == ("clean", "fgsm", "pgd", "cw")
+    clean_ok = model(x).argmax(1) == y
+    assert torch.equal(res.broken_by == 0, ~clean_ok)
+    assert torch.equal(res.x_adv[~clean_ok], x[~clean_ok])
+    still = int(clean_ok.sum())  # each attack ran on the samples still robust only
+    for j, rec in enumerate(fast):
+        assert sum(rec.sizes) == still
+        still -= int((res.broken_by == j + 1).sum())
+    assert all(sum(r.sizes) == 12 for r in slow)
+    x_adv, robust, broken_by = res
+    assert int(robust.sum()) == res.counts()["robust"] and res.robust_accuracy() == float(robust.float().mean())
+    assert torch.equal(model(x_adv).argmax(1) == y, robust)
+    chunked = attacks.ensemble(model, x, y, make(), batch_size=5)
+    assert torch.equal(chunked.broken_by, res.broken_by)
+
+
+def test_ensemble_errors():
+    model = make_model(2)
+    x, y = make_data(3, 2)
+    with pytest.raises(ValueError, match="ensemble: expected a non-empty list of attacks"):
+        attacks.ensemble(model, x, y, [])
+    with pytest.raises(ValueError, match=r"ensemble: attack 'bad' returned shape \(1, 1, 12, 12\) for inputs of shape"):
+        attacks.ensemble(model, x, y, [lambda a, b: a[:1]], names=["bad"])

@@ -7,12 +7,14 @@ Functions return ``x_adv`` (``pgd(..., emit=...)`` returns ``(x_adv, iterates)``
 from .base import Attack
 from .context import Normalized, attack_context
 from .core import PGDResult, run_pgd
+from .ensemble import EnsembleResult, ensemble
+from .noise import WhiteNoise, uniform_ball, white_noise
 from .pgd import BIM, CW, FGSM, PGD, PGDL2, bim, cw_linf, fgsm, ifgsm, pgd
 
 __all__ = [
     "Attack", "Normalized", "attack_context", "PGDResult", "run_pgd", "build", "ATTACKS",
-    "fgsm", "ifgsm", "bim", "pgd", "cw_linf",
-    "FGSM", "BIM", "PGD", "PGDL2", "CW",
+    "fgsm", "ifgsm", "bim", "pgd", "cw_linf", "white_noise", "uniform_ball", "ensemble", "EnsembleResult",
+    "FGSM", "BIM", "PGD", "PGDL2", "CW", "WhiteNoise",
 ]
 
 # CLI name -> (class, defaults). Defaults follow the papers: MIRST-DM evaluates FGSM, PGD-20 with step 0.001 and
@@ -23,6 +25,7 @@ ATTACKS = {
     "pgd": (PGD, dict(eps=5 / 255, alpha=0.001, steps=20)),
     "pgdl2": (PGDL2, dict(eps=0.3, alpha=0.0375, steps=20)),
     "cw": (CW, dict(eps=5 / 255, steps=10)),
+    "noise": (WhiteNoise, dict(eps=5 / 255, trials=10, seed=0)),
 }
 
 
