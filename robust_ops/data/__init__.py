@@ -10,8 +10,4 @@ from .medmnist import OFFICIAL_MD5, check_md5, find_medmnist, load_npz  # noqa: 
 from .splits import cross_validation  # noqa: F401
 from .synthetic import moons_splits, synthetic_splits, synthetic_ultrasound  # noqa: F401
 
-try:  # written by the IMA work (dataset ids for per-sample margins)
-    from .indexed import IndexedDataset  # noqa: F401
-except ModuleNotFoundError as _err:
-    if _err.name != f"{__name__}.indexed":
-        raise
+from .indexed import IndexedDataset  # noqa: F401  (dataset ids for IMA's per-sample margins)
