@@ -41,6 +41,7 @@ __all__ = [
     "soft_dice_loss",
     "search_rounds",
     "sample_distance",
+    "paper_eps_train",
 ]
 
 NORMS = ("l2", "linf")
@@ -688,13 +689,13 @@ class MarginTable:
 # The defense
 
 
-def _paper_eps_train(x, norm):
+def paper_eps_train(sample_shape, norm="l2"):
     """Default eps_train from the paper's per-pixel rule (Section 3.3, Eq. 5): the per-element noise of CIFAR10's
-    L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) (about 1.52 for 1x28x28); 8/255 for linf."""
+    L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) for d = prod(sample_shape) (about 1.52 for
+    1x28x28, 2.6 for PathMNIST's 3x28x28 which the paper rounds to 3); 8/255 for linf (no rule in the paper)."""
     if norm == "linf":
         return 8 / 255
-    d = x[0].numel() if x.shape[0] else 3072
-    return 3.0 * math.sqrt(d / 3072)
+    return 3.0 * math.sqrt(math.prod(sample_shape) / 3072)
 
 
 class IMA(Defense):
@@ -764,7 +765,7 @@ class IMA(Defense):
 
     def _resolve(self, x):
         if self.eps_train is None:
-            self.eps_train = _paper_eps_train(x, self.norm)
+            self.eps_train = paper_eps_train(tuple(x.shape[1:]), self.norm)
         if self.delta is None:
             self.delta = self.eps_train / 100
         if self.init_margin is None:
