@@ -164,7 +164,10 @@ def make_defense(name, options, train_size, info):
     params = inspect.signature(cls.__init__).parameters
     if "num_samples" in params and "num_samples" not in options:
         options["num_samples"] = train_size
-    if tuple(info.value_range) != (0.0, 1.0):
+    from .defenses._common import PGDDefense
+
+    takes_clip = "clip_min" in params or issubclass(cls, PGDDefense)
+    if tuple(info.value_range) != (0.0, 1.0) and takes_clip:
         options.setdefault("clip_min", info.value_range[0])
         options.setdefault("clip_max", info.value_range[1])
     try:
@@ -183,12 +186,16 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise CLIError(f"{path}: not a readable checkpoint (not a torch.save archive)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).splitlines()[0] if str(err) else "unsupported content"
+        lines = str(err).splitlines()
+        found = next((line.strip() for line in lines if "Unsupported global" in line), "unsupported content")
         raise CLIError(f"{path}: refusing to load: it holds objects that need pickle to run code (weights_only=True "
-                       f"allows tensors and plain values only; {first[:120]})") from None
+                       f"allows tensors and plain values only; {found[:120]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CLIError(f"{path}: not a readable checkpoint ({first[:160]})") from None
@@ -324,9 +331,9 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None):
     model_name = model or run.get("model")
     if data is None or model_name is None:
         raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass --data and --model")
+    state = read_checkpoint(ckpt)
     splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0))
     net = make_model(model_name, splits.info, dropmax or run.get("dropmax", "none"))
-    state = read_checkpoint(ckpt)
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise CLIError(f"{ckpt}: expected a fit checkpoint or a state_dict, got {type(state).__name__}")
