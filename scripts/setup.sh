@@ -9,15 +9,26 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 VPY=.venv/bin/python
-$VPY -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
-# Pinned in pyproject.toml; listed here too so pip resolves torch from the pinned build before anything else.
-$VPY -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
-$VPY -m pip install -q numpy scikit-learn tqdm matplotlib pyyaml ninja \
-  pytest pytest-benchmark hypothesis scipy requests 2>&1 | grep -v "^WARNING: Location" || true
-$VPY -m pip install -q --no-deps "torchattacks==3.5.1" 2>&1 | grep -v "^WARNING: Location" || true
+# pip, without the machine-config noise about absent local package folders; keeps pip's exit status.
+quiet_pip() {
+  "$VPY" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  return "${PIPESTATUS[0]}"
+}
+quiet_pip install -q --upgrade pip setuptools wheel
+# Pinned in pyproject.toml; installed first so nothing else can pull another torch build.
+quiet_pip install -q "torch==2.14.1" "torchvision==0.29.1"
+quiet_pip install -q "torch==2.14.1" numpy scikit-learn tqdm matplotlib pyyaml ninja \
+  pytest pytest-benchmark hypothesis scipy requests
+quiet_pip install -q --no-deps "torchattacks==3.5.1"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 export MAX_JOBS=${MAX_JOBS:-2}
-$VPY -m pip install --no-build-isolation --no-deps -e . 2>&1 | grep -E "robust_ops:|Successfully|error|Error" || true
+log=$(mktemp)
+if ! $VPY -m pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1; then
+  grep -E "error|Error" "$log" | head -40
+  echo "robust_ops: build failed (full log: $log)"
+  exit 1
+fi
+grep -E "^ *robust_ops: building" "$log" | head -1
 $VPY -c "import robust_ops; print('robust_ops', robust_ops.__version__, 'CUDA kernels:', robust_ops._extension.has_cuda_kernels())"

@@ -1,0 +1,154 @@
+"""One IMA training epoch on BreastMNIST: GenAdv with active-set compaction vs the masked full-batch baseline.
+
+Same run, same initial weights, same data order, same optimizer: the compacted epoch, the masked epoch (every forward
+and backward over the full batch) and the compacted k-ary variant (k = 4). Reports the median epoch time, the ratio
+to the masked baseline, the forward/backward passes GenAdv spent (batched calls and sample rows), and whether the
+margin tables agree afterwards.
+
+Scenarios (the speed-up depends on where the margins are, see docs/bench-ima.md):
+  init   -- the paper's first epoch: margins E(i) = delta for every sample;
+  spread -- margins uniform in [0, eps_train] (fixed seed): margins that have spread out during training, so
+            samples cross at different steps or not at all;
+  cap    -- margins at eps_train (the state once margins have expanded): every sample searches its full ball.
+The model is resnet18 (build_model("resnet18", 1, 2, 28)), first trained ``--pretrain-epochs`` standard epochs on
+the full training split so that its boundaries are those of a working classifier.
+
+    python benchmarks/bench_ima.py --quick          # 64 images (one batch), 1 repeat
+    python benchmarks/bench_ima.py                  # 546 images (the whole train split), 3 repeats
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import write_rows  # noqa: E402
+
+from robust_ops.ima import IMA, paper_eps_train  # noqa: E402
+from robust_ops.models import build_model  # noqa: E402
+
+
+def data_path():
+    env = os.environ.get("ROBUST_OPS_DATA")
+    candidates = []
+    if env:
+        candidates += [Path(env), Path(env) / "breastmnist.npz"]
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "breastmnist.npz")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise SystemExit("bench_ima: BreastMNIST not found; put breastmnist.npz in ../shared/data or set $ROBUST_OPS_DATA")
+
+
+def load_train():
+    with np.load(data_path(), allow_pickle=False) as d:
+        x = torch.from_numpy(d["train_images"].astype(np.float32) / 255.0).unsqueeze(1)
+        y = torch.from_numpy(d["train_labels"].astype(np.int64)).reshape(-1)
+    return x, y
+
+
+def batches(n, batch_size, seed):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def pretrain(model, x, y, epochs, batch_size):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for epoch in range(epochs):
+        for ids in batches(x.shape[0], batch_size, 100 + epoch):
+            opt.zero_grad()
+            F.cross_entropy(model(x[ids]), y[ids]).backward()
+            opt.step()
+
+
+def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario):
+    model = build_model("resnet18", 1, 2, 28)
+    model.load_state_dict(state)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    eps = paper_eps_train(tuple(x.shape[1:]), "l2")  # 3 sqrt(784/3072) = 1.52; delta = eps / 100 (IMA defaults)
+    defense = IMA(num_samples=x.shape[0], eps_train=eps, steps=args.steps, search_steps=args.search_steps,
+                  arity=arity, compact=compact, norm="l2")
+    margins = {
+        "init": torch.full((x.shape[0],), eps / 100),  # Algorithm 1: every E(i) starts at delta
+        "spread": torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps,
+        "cap": torch.full((x.shape[0],), eps),
+    }[scenario]
+    defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
+    crossed = seen = 0
+    start = time.perf_counter()
+    for ids in batches(ids_all.numel(), args.batch_size, 0):
+        ids = ids_all[ids]
+        opt.zero_grad()
+        out = defense(model, x[ids], y[ids], ids)
+        out.loss.backward()
+        opt.step()
+        crossed += out.metrics.get("crossed", 0.0) * ids.numel()
+        seen += ids.numel()
+    seconds = time.perf_counter() - start
+    return seconds, defense.margins.clone(), defense.counter.as_dict(), crossed / max(seen, 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64 images (one batch), 1 repeat")
+    parser.add_argument("--images", type=int, default=None, help="training images in the IMA epoch (default 546)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="K (paper: 20)")
+    parser.add_argument("--search-steps", type=int, default=10, help="N (paper: 10)")
+    parser.add_argument("--pretrain-epochs", type=int, default=1)
+    parser.add_argument("--scenarios", default="spread,cap,init")
+    args = parser.parse_args()
+    images = args.images or (64 if args.quick else 546)
+    repeats = args.repeats or (1 if args.quick else 3)
+
+    torch.manual_seed(0)
+    x, y = load_train()
+    model = build_model("resnet18", 1, 2, 28)
+    t = time.perf_counter()
+    pretrain(model, x, y, args.pretrain_epochs, args.batch_size)
+    print(f"pretrained {args.pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
+    state = copy.deepcopy(model.state_dict())
+    ids_all = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:images].sort().values
+
+    variants = [("masked", False, 2), ("compacted", True, 2), ("compacted k=4", True, 4)]
+    rows = []
+    for scenario in args.scenarios.split(","):
+        times = {v[0]: [] for v in variants}
+        results = {}
+        for r in range(repeats):
+            for name, compact, arity in variants:  # interleaved so the machine's load hits all alike
+                seconds, margins, counts, crossed = ima_epoch(state, x, y, ids_all, args, compact=compact,
+                                                              arity=arity, scenario=scenario)
+                times[name].append(seconds)
+                results[name] = (margins, counts, crossed)
+                print(f"{scenario} repeat {r} {name}: {seconds:.1f} s {counts} crossed {crossed:.2f}", flush=True)
+        base = statistics.median(times["masked"])
+        ref_margins = results["masked"][0]
+        for name, _, arity in variants:
+            margins, counts, crossed = results[name]
+            diff = (margins - ref_margins).abs()
+            med = statistics.median(times[name])
+            rows.append({
+                "scenario": scenario, "variant": name, "images": images, "K": args.steps, "N": args.search_steps,
+                "epoch_s_median": med, "speedup_vs_masked": base / med, **counts, "crossed_frac": crossed,
+                "margins_equal_to_masked": bool(torch.equal(margins, ref_margins)),
+                "margins_max_abs_diff": float(diff.max()), "margins_differing": int((diff > 0).sum()),
+            })
+    write_rows("ima", rows)
+
+
+if __name__ == "__main__":
+    main()

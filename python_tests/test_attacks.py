@@ -1,0 +1,674 @@
+"""Attacks: torchattacks parity, properties on tiny in-file models, the PGD core's extras, and input checks."""
+
+import pytest
+import torch
+from torch import nn
+
+from robust_ops import attacks
+from robust_ops.attacks import context
+from robust_ops.attacks.core import run_pgd
+
+from utils import TinyCNN, assert_verbose_equal
+
+torchattacks = pytest.importorskip("torchattacks")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: threads only add overhead, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(num_classes=2, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return TinyCNN(1, num_classes).to(dtype).eval()
+
+
+def make_data(n=6, num_classes=2, dtype=torch.float32, size=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=g, dtype=dtype)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return x, y
+
+
+class SingleLogit(nn.Module):
+    """Binary model with one output logit [N] (sigmoid; positive class when > 0)."""
+
+    def __init__(self, flat=False):
+        super().__init__()
+        self.body = TinyCNN(1, 1)
+        self.flat = flat
+
+    def forward(self, x):
+        out = self.body(x)
+        return out.reshape(-1) if self.flat else out
+
+
+class Linear(nn.Module):
+    """An easy model: linear logits of the 12x12 pixels."""
+
+    def __init__(self, num_classes=3, seed=0, scale=3.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(num_classes, 144, generator=g) * scale)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.t()
+
+
+def norm_of(d, norm):
+    d = d.flatten(1)
+    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+
+
+# Every attack as f(model, x, y, eps, norm, seed) -> x_adv; extended as attacks are added.
+ATTACK_FNS = {
+    "fgsm": (("linf",), lambda m, x, y, eps, norm, seed: attacks.fgsm(m, x, y, eps=eps)),
+    "ifgsm": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.ifgsm(m, x, y, eps=eps, steps=4, norm=norm)),
+    "pgd": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.pgd(
+        m, x, y, eps=eps, steps=4, norm=norm, generator=torch.Generator().manual_seed(seed))),
+    "cw": (("linf",), lambda m, x, y, eps, norm, seed: attacks.cw_linf(m, x, y, eps=eps, steps=4)),
+    "noise": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.white_noise(
+        m, x, y, eps=eps, norm=norm, trials=4, generator=torch.Generator().manual_seed(seed))),
+    "apgd": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.apgd(
+        m, x, y, eps=eps, norm=norm, steps=5, generator=torch.Generator().manual_seed(seed))),
+    "apgd-dlr": (("linf",), lambda m, x, y, eps, norm, seed: attacks.apgd(
+        m, x, y, eps=eps, norm=norm, steps=5, loss="dlr", n_restarts=2, generator=torch.Generator().manual_seed(seed))),
+    "apgd-t": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.apgd_t(
+        m, x, y, eps=eps, norm=norm, steps=4, n_target_classes=2, generator=torch.Generator().manual_seed(seed))),
+    "square": (("linf",), lambda m, x, y, eps, norm, seed: attacks.square(
+        m, x, y, eps=eps, n_queries=15, generator=torch.Generator().manual_seed(seed))),
+}
+# One stream of random draws per batch (as torchattacks and AutoAttack): a batch and its single samples draw
+# differently, so these are checked against reference loops / seeds instead of batch == per-sample.
+RANDOMIZED = {"noise", "apgd", "apgd-dlr", "apgd-t", "square"}  # one stream of draws per batch: a batch and its single samples draw different noise
+EPS = {"linf": 8 / 255, "l2": 0.5}
+CASES = [(name, norm) for name, (norms, _) in ATTACK_FNS.items() for norm in norms]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with torchattacks 3.5.1
+
+
+@pytest.mark.parametrize("num_classes", [2, 10])
+def test_parity_with_torchattacks(num_classes):
+    model = make_model(num_classes)
+    x, y = make_data(6, num_classes)
+    assert_verbose_equal(attacks.fgsm(model, x, y, eps=8 / 255), torchattacks.FGSM(model, eps=8 / 255)(x, y), "fgsm")
+    ours = attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False)
+    theirs = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False)(x, y)
+    assert_verbose_equal(ours, theirs, "pgd")
+    ours = attacks.pgd(model, x, y, eps=0.5, alpha=0.1, steps=5, norm="l2", random_start=False)
+    theirs = torchattacks.PGDL2(model, eps=0.5, alpha=0.1, steps=5, random_start=False)(x, y)
+    assert_verbose_equal(ours, theirs, "pgdl2")
+    # With a scalar eps the random start draws what torchattacks draws.
+    for ours_cls, theirs_cls, kw in ((attacks.PGD, torchattacks.PGD, dict(eps=8 / 255, alpha=2 / 255)),
+                                     (attacks.PGDL2, torchattacks.PGDL2, dict(eps=0.5, alpha=0.1))):
+        torch.manual_seed(7)
+        theirs = theirs_cls(model, steps=3, **kw)(x, y)
+        torch.manual_seed(7)
+        assert_verbose_equal(ours_cls(model, steps=3, **kw)(x, y), theirs, ours_cls.__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Properties of every attack
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+@pytest.mark.parametrize("num_classes", [2, 10])
+def test_budget_and_clip_range(name, norm, num_classes):
+    model = make_model(num_classes)
+    x, y = make_data(5, num_classes)
+    x[0] = 0.0  # samples at the edges of the clip range
+    x[1] = 1.0
+    eps = EPS[norm]
+    x_adv = ATTACK_FNS[name][1](model, x, y, eps, norm, 0)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert bool((norm_of(x_adv - x, norm) <= eps + 1e-6).all())
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    assert not x_adv.requires_grad
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_batch_equals_per_sample(name, norm):
+    if name in RANDOMIZED:
+        pytest.skip("randomized attack: draws depend on the batch (tested against a reference loop instead)")
+    model = make_model(3, torch.float64)
+    x, y = make_data(4, 3, torch.float64)
+    fn = ATTACK_FNS[name][1]
+    batch = fn(model, x, y, EPS[norm], norm, 0)
+    if name == "pgd":  # the random start draws per batch: compare from the same start instead
+        batch = attacks.pgd(model, x, y, eps=EPS[norm], steps=4, norm=norm, random_start=False)
+        single = [attacks.pgd(model, x[i:i + 1], y[i:i + 1], eps=EPS[norm], steps=4, norm=norm, random_start=False)
+                  for i in range(4)]
+    else:
+        single = [fn(model, x[i:i + 1], y[i:i + 1], EPS[norm], norm, 0) for i in range(4)]
+    # L2: torchattacks' g / (||g|| + 1e-10) with a mean loss scales ||g|| by the batch size (relative ~1e-9)
+    torch.testing.assert_close(batch, torch.cat(single), rtol=0, atol=1e-9 if norm == "linf" else 1e-7)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_deterministic_under_seed(name, norm):
+    model = make_model(2)
+    x, y = make_data(4, 2)
+    fn = ATTACK_FNS[name][1]
+    torch.manual_seed(123)
+    a = fn(model, x, y, EPS[norm], norm, 5)
+    torch.manual_seed(456)  # the global RNG must not matter once a seed/generator is given
+    b = fn(model, x, y, EPS[norm], norm, 5)
+    assert_verbose_equal(a, b, name)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_model_state_restored(name, norm, mode):
+    model = TinyCNN(1, 2)
+    model.train() if mode == "train" else model.eval()
+    model.head.weight.requires_grad_(False)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    grads = [p.grad.clone() for p in model.parameters()]
+    x, y = make_data(3, 2)
+    ATTACK_FNS[name][1](model, x, y, EPS[norm], norm, 0)
+    assert all(m.training == (mode == "train") for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == [p is not model.head.weight for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+
+
+def test_model_mode_option():
+    model = TinyCNN(1, 2).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    x, y = make_data(2, 2)
+    attacks.pgd(model, x, y, eps=0.03, steps=2, model_mode="train")
+    attacks.pgd(model, x, y, eps=0.03, steps=2, model_mode="keep")
+    assert seen == [True, True, False, False] and not model.training
+    with pytest.raises(ValueError, match="expected model_mode to be one of eval, train, keep, got 'test'"):
+        attacks.pgd(model, x, y, eps=0.03, steps=2, model_mode="test")
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_targeted_reaches_target(name, norm):
+    model = Linear(3).eval()
+    x, y = make_data(6, 3)
+    target = (model(x).argmax(1) + 1) % 3
+    eps = {"linf": 0.5, "l2": 8.0}[norm]
+    fns = {
+        "fgsm": lambda: attacks.fgsm(model, x, target, eps=eps, targeted=True),
+        "ifgsm": lambda: attacks.ifgsm(model, x, target, eps=eps, steps=10, norm=norm, targeted=True),
+        "pgd": lambda: attacks.pgd(model, x, target, eps=eps, steps=10, norm=norm, targeted=True),
+        "cw": lambda: attacks.cw_linf(model, x, target, eps=eps, steps=10, targeted=True, kappa=1.0),
+        "apgd": lambda: attacks.apgd(model, x, target, eps=eps, norm=norm, steps=10, targeted=True),
+        "apgd-dlr": lambda: attacks.apgd(model, x, target, eps=eps, steps=10, targeted=True, loss="dlr"),
+        "square": lambda: attacks.square(model, x, target, eps=eps, n_queries=300, targeted=True),
+    }
+    if name not in fns:
+        pytest.skip(f"{name} has no targeted mode")
+    x_adv = fns[name]()
+    assert torch.equal(model(x_adv).argmax(1), target)
+
+
+def test_untargeted_fools_easy_model():
+    model = Linear(3, scale=0.3).eval()  # small logits: no saturated softmax with zero gradients
+    x, y = make_data(8, 3)
+    y = model(x).argmax(1)
+    for x_adv in (attacks.pgd(model, x, y, eps=0.5, steps=10), attacks.cw_linf(model, x, y, eps=0.5, steps=10),
+                  attacks.pgd(model, x, y, eps=8.0, steps=10, norm="l2")):
+        assert bool((model(x_adv).argmax(1) != y).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The PGD core: emitted iterates, early stop, parameter gradients
+
+
+def reference_pgd_iterates(model, x, y, eps, alpha, steps, norm, start=None):
+    """A plain PGD loop (mean CE), returning every iterate x_1..x_steps."""
+    x_adv = x.clone() if start is None else start.clone()
+    out = []
+    for _ in range(steps):
+        xg = x_adv.detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(xg), y)
+        (g,) = torch.autograd.grad(loss, xg)
+        if norm == "linf":
+            x_adv = x_adv + alpha * g.sign()
+            x_adv = torch.clamp(x + torch.clamp(x_adv - x, -eps, eps), 0, 1)
+        else:
+            g = g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10)
+            d = x_adv + alpha * g - x
+            dn = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            d = d * torch.where(dn > eps, eps / dn, torch.ones_like(dn))
+            x_adv = torch.clamp(x + d, 0, 1)
+        out.append(x_adv.detach())
+    return out
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_emitted_iterates_match_reference_loop(norm):
+    model = make_model(3)
+    x, y = make_data(5, 3)
+    eps, alpha = (8 / 255, 1 / 255) if norm == "linf" else (0.5, 0.1)
+    x_adv, its = attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=10, norm=norm, random_start=False,
+                             emit=(2, 4, 6, 8))
+    ref = reference_pgd_iterates(model, x, y, eps, alpha, 10, norm)
+    assert its.shape == (4,) + x.shape
+    for j, k in enumerate((2, 4, 6, 8)):
+        torch.testing.assert_close(its[j], ref[k - 1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(x_adv, ref[-1], rtol=0, atol=1e-6)
+    # emit does not change the result, and the last step can be emitted
+    assert torch.equal(x_adv, attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=10, norm=norm, random_start=False))
+    x_last, its = attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=10, norm=norm, random_start=False, emit=(10,))
+    assert torch.equal(its[0], x_last)
+
+
+def test_per_sample_eps_and_alpha():
+    model = make_model(2)
+    x, y = make_data(4, 2)
+    eps = torch.tensor([0.0, 0.01, 0.02, 0.05])
+    x_adv = attacks.pgd(model, x, y, eps=eps, alpha=eps / 4, steps=5)
+    assert bool((norm_of(x_adv - x, "linf") <= eps + 1e-6).all())
+    assert torch.equal(x_adv[0], x[0])
+    single = attacks.pgd(model, x[2:3], y[2:3], eps=0.02, alpha=0.005, steps=5, random_start=False)
+    batch = attacks.pgd(model, x, y, eps=eps, alpha=eps / 4, steps=5, random_start=False)
+    torch.testing.assert_close(batch[2:3], single, rtol=0, atol=1e-6)
+
+
+def test_early_stop_freezes_fooled_samples():
+    model = Linear(3).eval()
+    x, y = make_data(8, 3)
+    y = model(x).argmax(1)
+    res = run_pgd(model, x, y, eps=0.5, alpha=0.05, steps=10, emit=tuple(range(1, 11)), early_stop=True)
+    its = torch.cat([x[None], res.iterates])
+    preds = torch.stack([model(it).argmax(1) for it in its])  # [11, N]
+    for i in range(8):
+        fooled = (preds[:, i] != y[i]).nonzero()
+        assert len(fooled), "the easy model should be fooled"
+        first = int(fooled[0])
+        for t in range(first + 1, 11):  # frozen from the first fooled iterate on
+            assert torch.equal(its[t, i], its[first, i])
+    # FAT: tau more steps after the first success, then frozen
+    tau = 2
+    res = run_pgd(model, x, y, eps=0.5, alpha=0.05, steps=10, emit=tuple(range(1, 11)), early_stop=tau)
+    its = torch.cat([x[None], res.iterates])
+    for i in range(8):
+        first = int((torch.stack([model(it).argmax(1) for it in its])[:, i] != y[i]).nonzero()[0])
+        if first + tau <= 10:
+            assert not torch.equal(its[first + tau, i], its[first, i])
+            for t in range(first + tau + 1, 11):
+                assert torch.equal(its[t, i], its[first + tau, i])
+
+
+def test_param_grad_weights_match_separate_backward():
+    model = make_model(3, torch.float64)
+    x, y = make_data(4, 3, torch.float64)
+    weights = {0: 0.5, 2: 1.0, 4: 0.25}
+    before = [p.requires_grad for p in model.parameters()]
+    res = run_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=4, emit=(2, 4), param_grad_weights=weights)
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert all(p.grad is None for p in model.parameters())
+    iterate = {0: x, 2: res.iterates[0], 4: res.iterates[1]}
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    losses = []
+    for j, w in weights.items():
+        loss = nn.functional.cross_entropy(model(iterate[j]), y)
+        losses.append(float(loss.detach()))
+        for e, g in zip(expected, torch.autograd.grad(loss, list(model.parameters()))):
+            e.add_(g, alpha=w)
+    for got, want in zip(res.param_grads, expected):
+        torch.testing.assert_close(got, want)
+    assert res.emitted_losses == pytest.approx(losses)
+    # Frozen parameters are left out, in order.
+    model.head.bias.requires_grad_(False)
+    res = run_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=2, param_grad_weights={0: 1.0})
+    assert len(res.param_grads) == len(list(model.parameters())) - 1
+    assert model.head.bias.requires_grad is False
+
+
+def test_custom_loss_callable():
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    per_sample = attacks.pgd(model, x, y, eps=0.03, steps=3, random_start=False,
+                             loss=lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"))
+    mean = attacks.pgd(model, x, y, eps=0.03, steps=3, random_start=False)
+    assert torch.equal(per_sample, mean)  # averaged: same sign gradients
+    with pytest.raises(ValueError, match="loss callable to return a scalar or a per-sample"):
+        attacks.pgd(model, x, y, eps=0.03, steps=1, loss=lambda out, y: out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Single-logit models and the CW margin
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("name,norm", CASES)
+def test_single_logit_models(flat, name, norm):
+    torch.manual_seed(0)
+    model = SingleLogit(flat).eval()
+    x, y = make_data(6, 2)
+    x_adv = ATTACK_FNS[name][1](model, x, y, EPS[norm], norm, 0)
+    assert bool((norm_of(x_adv - x, norm) <= EPS[norm] + 1e-6).all())
+
+
+def test_single_logit_ce_is_bce_and_equals_two_logit_model():
+    torch.manual_seed(0)
+    single = SingleLogit(flat=True).eval()
+    two = nn.Sequential()
+    two.forward = lambda x: context.two_logits(single(x))  # same classifier as [0, z] logits
+    x, y = make_data(5, 2)
+    # BCE(z, y) and CE([0, z], y) are the same function, so the sign of the gradient agrees
+    a = attacks.pgd(single, x, y, eps=0.03, steps=3, random_start=False)
+    b = attacks.pgd(two, x, y, eps=0.03, steps=3, random_start=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    c = attacks.cw_linf(single, x, y, eps=0.03, steps=3)
+    d = attacks.cw_linf(two, x, y, eps=0.03, steps=3)
+    torch.testing.assert_close(c, d, rtol=0, atol=1e-6)
+
+
+def test_cw_margin_with_all_negative_logits():
+    out = torch.tensor([[-5.0, -1.0, -3.0], [-2.0, -7.0, -4.0]])
+    y = torch.tensor([0, 0])
+    m = context.margin(out, y, kappa=float("inf"))
+    assert torch.equal(m, torch.tensor([-4.0, 2.0]))  # (1 - onehot) masking would give -5 - 0 and -2 - 0
+    assert torch.equal(context.margin(out, y, kappa=1.0), torch.tensor([-1.0, 2.0]))
+    # The attack's gradient flows to the best other logit, not a masked zero.
+    z = out.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(context.margin(z, y, kappa=float("inf")).sum(), z)
+    assert torch.equal(g, torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Classes and build
+
+
+def test_classes_and_build():
+    model = make_model(2)
+    x, y = make_data(3, 2)
+    atk = attacks.PGD(model, eps=0.03, alpha=0.01, steps=3, seed=1)
+    assert "eps=0.03" in repr(atk) and repr(atk).startswith("PGD(")
+    assert torch.equal(atk(x, y), atk(x, y))
+    assert torch.equal(attacks.FGSM(model, eps=0.03)(x, y), attacks.fgsm(model, x, y, eps=0.03))
+    assert attacks.BIM(model).set_mode_targeted_by_label().targeted
+    assert attacks.PGDL2(model).norm == "l2"
+    small = {"apgd-ce": dict(steps=3), "apgd-dlr": dict(steps=3), "apgd-t": dict(steps=3), "square": dict(steps=5),
+             "noise": dict(steps=3), "autoattack": dict(steps=3, n_queries=5)}
+    for name in attacks.ATTACKS:
+        atk = attacks.build(name, model, eps=0.03, **small.get(name, {}))
+        assert isinstance(atk, attacks.Attack) and atk.eps == 0.03
+        x_adv = atk(x, y)
+        assert x_adv.shape == x.shape
+    assert attacks.build("pgd", model, steps=7, norm="l2", eps=0.3).norm == "l2"
+    with pytest.raises(ValueError, match="attacks.build: unknown attack 'deepfool'; expected one of fgsm, "):
+        attacks.build("deepfool", model)
+    with pytest.raises(ValueError, match="attacks.build: bad options for 'fgsm'"):
+        attacks.build("fgsm", model, steps=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_input_errors():
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    kw = dict(eps=0.03, steps=2)
+    with pytest.raises(ValueError, match=r"pgd: expected x inside the clip range \[0.0, 1.0\], got values in"):
+        attacks.pgd(model, x * 2, y, **kw)
+    with pytest.raises(ValueError, match="fgsm: x contains NaN or Inf"):
+        attacks.fgsm(model, torch.where(x > 0.5, float("nan"), x), y, eps=0.03)
+    with pytest.raises(ValueError, match="pgd: x contains NaN or Inf"):
+        attacks.pgd(model, torch.where(x > 0.5, float("inf"), x), y, **kw)
+    with pytest.raises(ValueError, match="pgd: expected eps >= 0 and finite, got -0.1"):
+        attacks.pgd(model, x, y, eps=-0.1, alpha=0.01, steps=2)
+    with pytest.raises(ValueError, match=r"pgd: expected eps >= 0 and finite, got values in \[-1, 1\]"):
+        attacks.pgd(model, x, y, eps=torch.tensor([1.0, -1.0, 0.0, 0.0]), alpha=0.01, steps=2)
+    with pytest.raises(ValueError, match=r"pgd: expected eps to be a number or a tensor of shape \[4\], got shape"):
+        attacks.pgd(model, x, y, eps=torch.ones(3), alpha=0.01, steps=2)
+    with pytest.raises(ValueError, match="pgd: expected steps to be an integer >= 1, got 0"):
+        attacks.pgd(model, x, y, eps=0.03, alpha=0.01, steps=0)
+    with pytest.raises(ValueError, match="pgd: expected alpha >= 0 and finite, got -1"):
+        attacks.pgd(model, x, y, eps=0.03, alpha=-1, steps=2)
+    with pytest.raises(ValueError, match=r"pgd: expected emit step counts in \[1, steps=4\], got \(2, 5\)"):
+        attacks.pgd(model, x, y, eps=0.03, steps=4, emit=(2, 5))
+    with pytest.raises(ValueError, match=r"pgd: expected emit step counts in \[1, steps=4\], got \(0, 2\)"):
+        attacks.pgd(model, x, y, eps=0.03, steps=4, emit=(0, 2))
+    with pytest.raises(ValueError, match=r"pgd: expected emit sorted and without repeats, got \(3, 2\)"):
+        attacks.pgd(model, x, y, eps=0.03, steps=4, emit=(3, 2))
+    with pytest.raises(ValueError, match=r"pgd: expected emit sorted and without repeats, got \(2, 2\)"):
+        attacks.pgd(model, x, y, eps=0.03, steps=4, emit=(2, 2))
+    with pytest.raises(ValueError, match="pgd: expected norm to be one of linf, l2, got 'l1'"):
+        attacks.pgd(model, x, y, eps=0.03, steps=2, norm="l1")
+    with pytest.raises(ValueError, match="pgd: expected loss to be one of ce, cw or a callable"):
+        attacks.pgd(model, x, y, eps=0.03, steps=2, loss="dlr")
+    with pytest.raises(ValueError, match="pgd: expected early_stop to be False, True or an integer tau >= 0, got -1"):
+        attacks.pgd(model, x, y, eps=0.03, steps=2, early_stop=-1)
+    with pytest.raises(ValueError, match=r"pgd: expected y of shape \[4\], got \(4, 1\)"):
+        attacks.pgd(model, x, y[:, None], **kw)
+    with pytest.raises(TypeError, match="pgd: expected y to be an integer tensor of class labels, got torch.float32"):
+        attacks.pgd(model, x, y.float(), **kw)
+    with pytest.raises(ValueError, match=r"pgd: expected labels in \[0, 3\) for a model with 3 classes, got values"):
+        attacks.pgd(model, x, torch.tensor([0, 1, 2, 3]), **kw)
+    with pytest.raises(ValueError, match=r"pgd: expected labels in \[0, None\), got values in \[-1, 2\]"):
+        attacks.pgd(model, x, torch.tensor([0, 1, 2, -1]), **kw)
+    bad_model = nn.Sequential(nn.Flatten(), nn.Linear(144, 6), nn.Unflatten(1, (2, 3)))
+    with pytest.raises(ValueError, match=r"pgd: expected the model to output \[N, K\] logits or \[N\] single logits "
+                                         r"for N=4 inputs, got shape \(4, 2, 3\)"):
+        attacks.pgd(bad_model, x, y, **kw)
+    with pytest.raises(ValueError, match=r"run_pgd: expected param_grad_weights to be a dict"):
+        run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=2, param_grad_weights={3: 1.0})
+
+
+def test_empty_batch():
+    model = make_model(2)
+    x = torch.rand(0, 1, 12, 12)
+    y = torch.zeros(0, dtype=torch.long)
+    x_adv, its = attacks.pgd(model, x, y, eps=0.03, steps=2, emit=(1, 2))
+    assert x_adv.shape == x.shape and its.shape == (2, 0, 1, 12, 12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# White noise
+
+
+def test_uniform_ball_distribution():
+    g = torch.Generator().manual_seed(0)
+    d, n = 3, 40000
+    noise = attacks.uniform_ball((n, d), 2.0, "l2", generator=g)
+    r = noise.norm(dim=1)
+    assert float(r.max()) <= 2.0 + 1e-6
+    # uniform in the ball: P(r <= 2 s) = s^d; mean radius d / (d + 1) * eps; direction mean ~ 0
+    assert abs(float(r.mean()) - 2.0 * d / (d + 1)) < 0.01
+    assert abs(float((r <= 1.0).float().mean()) - 0.5 ** d) < 0.01
+    assert float((noise / r[:, None]).mean(0).abs().max()) < 0.02
+    box = attacks.uniform_ball((n, d), torch.full((n,), 0.5), "linf", generator=g)
+    assert float(box.abs().max()) <= 0.5 and abs(float(box.abs().mean()) - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_white_noise_follows_ima_protocol(norm):
+    model = make_model(2)
+    x, y = make_data(8, 2)
+    y = model(x).argmax(1)
+    y[0] = 1 - y[0]  # misclassified already: its first trial fails
+    eps = {"linf": 0.3, "l2": 3.0}[norm]
+    trials = 6
+    got = attacks.white_noise(model, x, y, eps=eps, norm=norm, trials=trials,
+                              generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    expected = x.clone()
+    alive = torch.ones(8, dtype=torch.bool)
+    for _ in range(trials):  # plain reference loop
+        noisy = torch.clamp(x + attacks.uniform_ball(x.shape, eps, norm, generator=g), 0, 1)
+        ok = model(noisy).argmax(1) == y
+        expected[alive] = noisy[alive]
+        alive &= ok
+    assert_verbose_equal(got, expected, "white_noise")
+    robust = model(got).argmax(1) == y
+    assert torch.equal(robust, alive) and not robust[0]
+    with pytest.raises(ValueError, match="white_noise: expected trials to be an integer >= 1, got 0"):
+        attacks.white_noise(model, x, y, eps=eps, norm=norm, trials=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ensembles
+
+
+class Recording:
+    """Wraps an attack and records how many samples it was run on."""
+
+    def __init__(self, fn, name):
+        self.fn, self.name, self.sizes = fn, name, []
+
+    def __call__(self, x, y):
+        self.sizes.append(x.shape[0])
+        return self.fn(x, y)
+
+
+def test_ensemble_cascade_matches_full_run():
+    model = make_model(3)
+    x, y = make_data(12, 3)
+    y[:8] = model(x[:8]).argmax(1)  # most samples correct on clean inputs
+
+    def make():
+        return [Recording(lambda a, b: attacks.fgsm(model, a, b, eps=0.01), "fgsm"),
+                Recording(lambda a, b: attacks.pgd(model, a, b, eps=0.03, steps=5, random_start=False), "pgd"),
+                Recording(lambda a, b: attacks.cw_linf(model, a, b, eps=0.05, steps=5), "cw")]
+
+    fast, slow = make(), make()
+    res = attacks.ensemble(model, x, y, fast)
+    full = attacks.ensemble(model, x, y, slow, cascade=False)
+    assert torch.equal(res.robust, full.robust) and torch.equal(res.broken_by, full.broken_by)
+    assert torch.equal(res.x_adv, full.x_adv)
+    assert res.names == ("clean", "fgsm", "pgd", "cw")
+    clean_ok = model(x).argmax(1) == y
+    assert torch.equal(res.broken_by == 0, ~clean_ok)
+    assert torch.equal(res.x_adv[~clean_ok], x[~clean_ok])
+    still = int(clean_ok.sum())  # each attack ran on the samples still robust only
+    for j, rec in enumerate(fast):
+        assert sum(rec.sizes) == still
+        still -= int((res.broken_by == j + 1).sum())
+    assert all(sum(r.sizes) == 12 for r in slow)
+    x_adv, robust, broken_by = res
+    assert int(robust.sum()) == res.counts()["robust"] and res.robust_accuracy() == float(robust.float().mean())
+    assert torch.equal(model(x_adv).argmax(1) == y, robust)
+    chunked = attacks.ensemble(model, x, y, make(), batch_size=5)
+    assert torch.equal(chunked.broken_by, res.broken_by)
+
+
+def test_ensemble_errors():
+    model = make_model(2)
+    x, y = make_data(3, 2)
+    with pytest.raises(ValueError, match="ensemble: expected a non-empty list of attacks"):
+        attacks.ensemble(model, x, y, [])
+    with pytest.raises(ValueError, match=r"ensemble: attack 'bad' returned shape \(1, 1, 12, 12\) for inputs of shape"):
+        attacks.ensemble(model, x, y, [lambda a, b: a[:1]], names=["bad"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# APGD, Square, AutoAttack on a small trained model
+
+
+def blobs(n, k, seed):
+    """Synthetic images: class c has a brighter 6x6 quadrant c."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = torch.rand(n, 1, 12, 12, generator=g) * 0.5
+    for c in range(k):
+        r, q = divmod(c, 2)
+        x[y == c, :, r * 6:r * 6 + 6, q * 6:q * 6 + 6] += 0.25
+    return x.clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TinyCNN(1, 3)
+    x, y = blobs(256, 3, 0)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(100):
+        idx = torch.randint(0, 256, (64,))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    model.eval().requires_grad_(False)
+    xt, yt = blobs(48, 3, 1)
+    return model, xt, yt
+
+
+def robust_acc(model, x_adv, y):
+    return float((model(x_adv).argmax(1) == y).float().mean())
+
+
+def test_apgd_at_least_as_strong_as_pgd(trained):
+    model, x, y = trained
+    assert robust_acc(model, x, y) > 0.9
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pgd_acc = robust_acc(model, attacks.pgd(model, x, y, eps=0.04, steps=10, generator=g()), y)
+    apgd_acc = robust_acc(model, attacks.apgd(model, x, y, eps=0.04, steps=10, generator=g()), y)
+    apgdt_acc = robust_acc(model, attacks.apgd_t(model, x, y, eps=0.04, steps=10, generator=g()), y)
+    assert apgd_acc <= pgd_acc < 1.0 and apgdt_acc <= pgd_acc
+    square_acc = robust_acc(model, attacks.square(model, x, y, eps=0.06, n_queries=60, generator=g()), y)
+    assert square_acc < robust_acc(model, x, y)
+    res = attacks.AutoAttack(model, eps=0.04, steps=10, n_queries=30).run(x, y)
+    assert res.robust_accuracy() <= apgd_acc and res.names == ("clean", "apgd-ce", "apgd-t", "square")
+    assert "AutoAttack(norm='linf'" in repr(attacks.AutoAttack(model))
+
+
+def test_apgd_schedule_and_losses():
+    # the paper's p_j = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 for 100 iterations
+    from robust_ops.attacks.apgd import checkpoint_schedule, dlr_loss, dlr_loss_targeted, effective_loss
+
+    assert checkpoint_schedule(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoint_schedule(5) == [1, 2, 3, 4, 5]
+    z = torch.tensor([[1.0, 4.0, 2.0, 0.0], [5.0, 1.0, 3.0, 2.0]])
+    y = torch.tensor([1, 0])
+    torch.testing.assert_close(dlr_loss(z, y), torch.tensor([-(4.0 - 2.0) / (4.0 - 1.0), -(5.0 - 3.0) / (5.0 - 2.0)]))
+    t = torch.tensor([2, 3])
+    torch.testing.assert_close(dlr_loss_targeted(z, y, t), torch.tensor([-(4.0 - 2.0) / (4.0 - 0.5), -(5.0 - 2.0) / (5.0 - 1.5)]))
+    assert effective_loss("dlr", 2, False) == "cw" and effective_loss("dlr", 3, False) == "dlr"
+    assert effective_loss("dlr", 3, True) == "cw" and effective_loss("dlr", 4, True) == "dlr"
+
+
+@pytest.mark.parametrize("model_kind", ["two", "single"])
+def test_apgd_dlr_falls_back_to_margin_for_binary(model_kind):
+    model = make_model(2) if model_kind == "two" else SingleLogit(flat=True).eval()
+    x, y = make_data(4, 2)
+    run = lambda loss: attacks.apgd(model, x, y, eps=0.05, steps=4, loss=loss,  # noqa: E731
+                                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run("dlr"), run("cw"))
+
+
+def test_square_query_budget_and_errors(trained):
+    model, x, y = trained
+    calls = []
+    model.register_forward_hook(lambda m, inp, out: calls.append(out.shape[0]))
+    x_adv = attacks.square(model, x[:8], y[:8], eps=0.1, n_queries=25, generator=torch.Generator().manual_seed(0))
+    model._forward_hooks.clear()
+    assert sum(calls) <= 8 * 25 and len(calls) <= 25
+    fooled = model(x_adv).argmax(1) != y[:8]
+    assert sum(calls) < 8 * 25 or not bool(fooled.any())  # fooled samples stop querying
+    from robust_ops.attacks.square import p_schedule
+
+    assert [p_schedule(0.8, it, 10000) for it in (0, 10, 11, 51, 201, 8001)] == [0.8, 0.8, 0.4, 0.2, 0.1, 0.8 / 512]
+    with pytest.raises(ValueError, match=r"square: expected images \[N, C, H, W\], got a 2-D tensor"):
+        attacks.square(model, x.flatten(1), y, eps=0.1)
+    with pytest.raises(ValueError, match="square: expected n_queries to be an integer >= 1, got 0"):
+        attacks.square(model, x, y, eps=0.1, n_queries=0)
+    with pytest.raises(ValueError, match=r"square: expected p_init in \(0, 1\], got 1.5"):
+        attacks.square(model, x, y, eps=0.1, p_init=1.5)
+    with pytest.raises(ValueError, match="square: only the Linf Square Attack is implemented, got norm='l2'"):
+        attacks.Square(model, norm="l2")
+    with pytest.raises(ValueError, match="apgd: expected loss to be one of ce, dlr, cw, got 'kl'"):
+        attacks.apgd(model, x, y, eps=0.1, loss="kl")
+    with pytest.raises(ValueError, match=r"apgd: expected rho in \(0, 1\], got 0"):
+        attacks.apgd(model, x, y, eps=0.1, rho=0)
+    with pytest.raises(ValueError, match="apgd_t: expected n_target_classes to be an integer >= 1, got 0"):
+        attacks.apgd_t(model, x, y, eps=0.1, n_target_classes=0)
+    with pytest.raises(ValueError, match="autoattack: expected version 'standard'"):
+        attacks.AutoAttack(model, version="plus")

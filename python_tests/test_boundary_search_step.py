@@ -1,0 +1,278 @@
+"""boundary_search_step_ (native CPU/CUDA kernels): bitwise equality with robust_ops.reference, search properties,
+opcheck, torch.compile and every argument check."""
+
+import pytest
+import torch
+
+import robust_ops
+from robust_ops import reference
+from robust_ops._meta import check_boundary_search_step_args
+
+from conftest import cpu_and_cuda
+from utils import TOLERANCES, assert_verbose_equal
+
+OP = torch.ops.robust_ops.boundary_search_step_
+ARITIES = (2, 3, 4, 8)
+
+
+def make_inputs(k, shape=(5, 3, 4), dtype=torch.float32, device="cpu", active=False, crossed=None, seed=0):
+    """lo, hi, points [k-1, ...] (the interior points of [lo, hi]), crossed_at covering every value, active mask."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0]
+    lo = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+    hi = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+    points = torch.stack([lo * w_lo + hi * w_hi for w_lo, w_hi in reference.interpolation_weights(k)])
+    if crossed is None:
+        crossed = torch.arange(n) % k  # every value 0..k-1 appears when n >= k
+    crossed_at = torch.as_tensor(crossed, dtype=torch.int64).to(device)
+    mask = (torch.arange(n) % 3 != 1).to(device) if active else None
+    return lo, hi, points, crossed_at, mask
+
+
+def run_both(op, lo, hi, points, crossed_at, active):
+    """Run op on clones of (lo, hi, points) and the reference on others; return both results."""
+    got = [t.clone() for t in (lo, hi, points)]
+    want = [t.clone() for t in (lo, hi, points)]
+    op(*got, crossed_at, active)
+    reference.boundary_search_step_(*want, crossed_at, active)
+    return got, want
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", ARITIES)
+@pytest.mark.parametrize("active", [False, True])
+def test_matches_reference_bitwise(device, dtype, k, active):
+    lo, hi, points, crossed_at, mask = make_inputs(k, shape=(2 * k + 1, 3, 5), dtype=dtype, device=device,
+                                                   active=active)
+    got, want = run_both(OP, lo, hi, points, crossed_at, mask)
+    for name, g, w in zip(("lo", "hi", "points"), got, want):
+        assert_verbose_equal(g, w, name)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("k", [2, 4])
+def test_random_points_and_special_values(device, k):
+    """Arbitrary (not interpolated) points, negative zeros, infinities and NaN propagate exactly like the reference."""
+    n = 4 * k
+    lo = torch.randn(n, 7, dtype=torch.float32)
+    hi = torch.randn(n, 7)
+    points = torch.randn(k - 1, n, 7)
+    lo[0, 0], hi[1, 1], points[0, 2, 2], lo[3, 3] = -0.0, float("inf"), float("nan"), float("-inf")
+    crossed_at = torch.randint(0, k, (n,))
+    mask = torch.rand(n) > 0.3
+    for m in (None, mask):
+        got, want = run_both(OP, lo.to(device), hi.to(device), points.to(device), crossed_at.to(device),
+                             None if m is None else m.to(device))
+        for name, g, w in zip(("lo", "hi", "points"), got, want):
+            assert_verbose_equal(g, w, name)
+            assert torch.equal(torch.signbit(g), torch.signbit(w)), name
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [2, 3])
+def test_reduced_precision(device, dtype, k):
+    lo, hi, points, crossed_at, mask = make_inputs(k, shape=(7, 2, 9), dtype=dtype, device=device, active=True)
+    got, want = run_both(OP, lo, hi, points, crossed_at, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOLERANCES[dtype])
+        if device == "cpu":  # the CPU kernel rounds exactly like eager (products rounded to the dtype, sum in float)
+            assert_verbose_equal(g, w)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("k", [2, 4])
+def test_non_contiguous(device, k):
+    """Permuted / strided lo, hi, points, crossed_at and active: results land in the original storage."""
+    n = 6
+    base = [torch.randn(4, 5, n, 2, device=device) for _ in range(2)]
+    lo, hi = (b.permute(2, 0, 1, 3)[..., 0] for b in base)  # [n, 4, 5], non-contiguous
+    points = torch.randn(4, n, k - 1, 5, device=device).permute(2, 1, 0, 3)  # [k-1, n, 4, 5]
+    crossed_at = (torch.arange(2 * n, device=device) % k)[::2]
+    active = (torch.arange(2 * n, device=device) % 4 != 2)[::2]
+    assert not (lo.is_contiguous() or hi.is_contiguous() or points.is_contiguous() or crossed_at.is_contiguous())
+    for mask in (None, active):
+        want = [t.clone() for t in (lo, hi, points)]
+        reference.boundary_search_step_(*want, crossed_at, mask)
+        got = [t.clone() for t in (base[0], base[1])]
+        lo_v, hi_v = (b.permute(2, 0, 1, 3)[..., 0] for b in got)
+        pts = points.clone().permute(1, 2, 0, 3).contiguous().permute(2, 0, 1, 3)  # another non-contiguous layout
+        OP(lo_v, hi_v, pts, crossed_at, mask)
+        for name, g, w in zip(("lo", "hi", "points"), (lo_v, hi_v, pts), want):
+            assert_verbose_equal(g, w, name)
+        assert torch.equal(got[0][..., 1], base[0][..., 1])  # the other half of the storage is untouched
+
+
+def test_large_batch_spans_parallel_chunks():
+    """Per-sample size not a multiple of the parallel grain: chunks split samples mid-way."""
+    lo, hi, points, crossed_at, mask = make_inputs(3, shape=(5, 13001), active=True)
+    got, want = run_both(OP, lo, hi, points, crossed_at, mask)
+    for name, g, w in zip(("lo", "hi", "points"), got, want):
+        assert_verbose_equal(g, w, name)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("shape", [(0, 3, 4), (3, 0), (4,)])
+def test_empty_and_1d(device, shape):
+    k = 3
+    lo, hi, points, _, _ = make_inputs(k, shape=shape, device=device)
+    crossed_at = (torch.arange(shape[0]) % k).to(device)
+    active = torch.ones(shape[0], dtype=torch.bool, device=device)
+    got, want = run_both(OP, lo, hi, points, crossed_at, active)
+    for g, w in zip(got, want):
+        assert_verbose_equal(g, w)
+
+
+def test_inactive_samples_untouched_and_active_moved():
+    k = 4
+    lo, hi, points, crossed_at, _ = make_inputs(k, shape=(8, 6))
+    active = torch.tensor([True, False] * 4)
+    before = [t.clone() for t in (lo, hi, points)]
+    OP(lo, hi, points, crossed_at, active)
+    for t, b in zip((lo, hi, points), before):
+        assert torch.equal(t[..., ~active, :] if t is points else t[~active], b[..., ~active, :] if t is points
+                           else b[~active])
+    for n in active.nonzero().flatten().tolist():
+        c = int(crossed_at[n])
+        stacked = torch.cat([before[0][None, n], before[2][:, n], before[1][None, n]])
+        assert torch.equal(lo[n], stacked[c]) and torch.equal(hi[n], stacked[c + 1])
+
+
+def classify(x, threshold):
+    """Synthetic 1-D classifier on [..., N, D]: a point has crossed the boundary iff its mean exceeds threshold[n]."""
+    return x.mean(-1) > threshold
+
+
+def first_crossed(points, threshold):
+    """crossed_at: index of the first crossed interior point in lo -> hi order, k-1 when none crossed."""
+    crossed = classify(points, threshold)  # [k-1, N]
+    km1 = points.shape[0]
+    order = torch.arange(km1).view(km1, 1).expand_as(crossed)
+    return torch.where(crossed, order, km1).amin(0)
+
+
+@pytest.mark.parametrize("k", ARITIES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_search_keeps_label_flip_and_shrinks_by_k(k, masked):
+    n, d, rounds = 16, 10, 6
+    g = torch.Generator().manual_seed(k)
+    threshold = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+    lo = torch.rand(n, d, generator=g, dtype=torch.float64) - 1.5  # mean < -0.5 <= threshold: not crossed
+    hi = torch.rand(n, d, generator=g, dtype=torch.float64) + 0.5  # mean > 0.5 > threshold: crossed
+    points = torch.stack([lo * a + hi * b for a, b in reference.interpolation_weights(k)])
+    active = torch.arange(n) % 2 == 0 if masked else None
+    width0 = (hi - lo).norm(dim=1)
+    lo0, hi0 = lo.clone(), hi.clone()
+    for r in range(1, rounds + 1):
+        robust_ops.boundary_search_step_(lo, hi, points, first_crossed(points, threshold), active, backend="native")
+        assert not classify(lo, threshold).any() and classify(hi, threshold).all()
+        width = (hi - lo).norm(dim=1)
+        expected = width0 / k**r if active is None else torch.where(active, width0 / k**r, width0)
+        torch.testing.assert_close(width, expected, rtol=1e-9, atol=1e-12)
+        # the interval stays on the original segment: lo/hi are lo0 + s * (hi0 - lo0)
+        s = ((lo - lo0) / (hi0 - lo0)).mean(1, keepdim=True)
+        torch.testing.assert_close(lo, lo0 + s * (hi0 - lo0), rtol=1e-9, atol=1e-9)
+
+
+def test_functional_wrapper_backends_agree():
+    lo, hi, points, crossed_at, mask = make_inputs(3, active=True)
+    a = [t.clone() for t in (lo, hi, points)]
+    b = [t.clone() for t in (lo, hi, points)]
+    out = robust_ops.boundary_search_step_(*a, crossed_at, mask, backend="native")
+    assert all(o is t for o, t in zip(out, a))
+    robust_ops.boundary_search_step_(*b, crossed_at, mask, backend="reference")
+    for x, y in zip(a, b):
+        assert_verbose_equal(x, y)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("active", [False, True])
+def test_opcheck(device, active):
+    lo, hi, points, crossed_at, mask = make_inputs(3, device=device, active=active)
+    torch.library.opcheck(OP, (lo, hi, points, crossed_at, mask))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(lo, hi, points, crossed_at, active):
+        OP(lo, hi, points, crossed_at, active)
+        return lo + hi
+
+    lo, hi, points, crossed_at, mask = make_inputs(4, device=device, active=True)
+    got = [t.clone() for t in (lo, hi, points)]
+    out = step(*got, crossed_at, mask)
+    want = [t.clone() for t in (lo, hi, points)]
+    reference.boundary_search_step_(*want, crossed_at, mask)
+    for g, w in zip(got, want):
+        assert_verbose_equal(g, w)
+    assert_verbose_equal(out, want[0] + want[1])
+
+
+def test_torch_compile_functional_wrapper():
+    torch._dynamo.reset()
+    step = torch.compile(robust_ops.boundary_search_step_, fullgraph=True, backend="aot_eager")
+    lo, hi, points, crossed_at, mask = make_inputs(2, active=True)
+    got = [t.clone() for t in (lo, hi, points)]
+    step(*got, crossed_at, mask)
+    want = [t.clone() for t in (lo, hi, points)]
+    reference.boundary_search_step_(*want, crossed_at, mask)
+    for g, w in zip(got, want):
+        assert_verbose_equal(g, w)
+
+
+def _bad_inputs():
+    lo = torch.zeros(4, 3)
+    hi = torch.zeros(4, 3)
+    pts = torch.zeros(1, 4, 3)
+    c = torch.zeros(4, dtype=torch.int64)
+    return [
+        ("lo to be a floating-point tensor", (lo.long(), hi.long(), pts.long(), c, None)),
+        ("lo to have a batch dimension", (torch.zeros(()), torch.zeros(()), torch.zeros(1), c, None)),
+        ("hi to have the shape and dtype of lo", (lo, torch.zeros(4, 2), pts, c, None)),
+        ("hi to have the shape and dtype of lo", (lo, hi.double(), pts, c, None)),
+        (r"points to be \[k-1, 4, 3\] with k >= 2", (lo, hi, torch.zeros(0, 4, 3), c, None)),
+        (r"points to be \[k-1, 4, 3\] with k >= 2", (lo, hi, torch.zeros(4, 3), c, None)),
+        (r"points to be \[k-1, 4, 3\] with k >= 2", (lo, hi, torch.zeros(2, 4, 2), c, None)),
+        (r"points to be \[k-1, 4, 3\] with k >= 2", (lo, hi, pts.half(), c, None)),
+        (r"crossed_at to be an int64 tensor of shape \[4\]", (lo, hi, pts, c.int(), None)),
+        (r"crossed_at to be an int64 tensor of shape \[4\]", (lo, hi, pts, c[:3], None)),
+        (r"active to be a bool tensor of shape \[4\]", (lo, hi, pts, c, torch.ones(4))),
+        (r"active to be a bool tensor of shape \[4\]", (lo, hi, pts, c, torch.ones(5, dtype=torch.bool))),
+    ]
+
+
+@pytest.mark.parametrize("match,args", _bad_inputs())
+def test_argument_errors_match_fake(match, args):
+    """Each check raises with the op and argument named, and with exactly the fake kernel's message."""
+    with pytest.raises(RuntimeError, match="boundary_search_step_: expected " + match) as native:
+        OP(*args)
+    with pytest.raises(RuntimeError) as fake:
+        check_boundary_search_step_args(*args)
+    assert str(native.value) == str(fake.value)
+    with pytest.raises(RuntimeError, match="boundary_search_step_: expected " + match):
+        robust_ops.boundary_search_step_(*args, backend="native")
+
+
+@pytest.mark.parametrize("k,bad", [(2, 2), (2, -1), (4, 4), (4, -3)])
+def test_crossed_at_out_of_range(k, bad):
+    lo, hi, points, crossed_at, _ = make_inputs(k)
+    crossed_at[3] = bad
+    before = [t.clone() for t in (lo, hi, points)]
+    with pytest.raises(ValueError, match=rf"boundary_search_step_: expected crossed_at in \[0, {k - 1}\].*got {bad} "
+                       r"for sample 3"):
+        OP(lo, hi, points, crossed_at, None)
+    for t, b in zip((lo, hi, points), before):  # nothing written before the check
+        assert torch.equal(t, b)
+    with pytest.raises(ValueError, match=rf"boundary_search_step_: expected crossed_at in \[0, {k - 1}\]"):
+        reference.boundary_search_step_(lo, hi, points, crossed_at)
+
+
+@pytest.mark.needs_cuda
+def test_device_mismatch():
+    lo, hi, points, crossed_at, _ = make_inputs(2, device="cuda")
+    with pytest.raises(RuntimeError, match="boundary_search_step_: expected crossed_at on the device of lo"):
+        OP(lo, hi, points, crossed_at.cpu(), None)

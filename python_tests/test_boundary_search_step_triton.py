@@ -1,0 +1,164 @@
+"""robust_ops::boundary_search_step_triton: equality with robust_ops.reference, the search properties, the schema
+and the argument checks. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow).
+opcheck and torch.compile need a GPU (triton_op cannot trace interpreted kernels)."""
+
+import pytest
+import torch
+
+import robust_ops
+from robust_ops import reference
+
+from test_boundary_search_step import ARITIES, _bad_inputs, classify, first_crossed, make_inputs, run_both
+from utils import TOLERANCES, assert_verbose_equal
+
+pytestmark = pytest.mark.triton
+
+TRITON_OP = torch.ops.robust_ops.boundary_search_step_triton
+NATIVE_OP = torch.ops.robust_ops.boundary_search_step_
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_schema_matches_native_apart_from_name():
+    native = NATIVE_OP.default._schema
+    triton = TRITON_OP.default._schema
+    assert triton.name == "robust_ops::boundary_search_step_triton"
+
+    def signature(schema):
+        return [
+            (a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments
+        ], [str(r.type) for r in schema.returns]
+
+    assert signature(triton) == signature(native)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("k", ARITIES)
+@pytest.mark.parametrize("active", [False, True])
+def test_matches_reference_bitwise(dtype, k, active):
+    lo, hi, points, crossed_at, mask = make_inputs(k, shape=(2 * k + 1, 3, 5), dtype=dtype, device=device(),
+                                                   active=active)
+    got, want = run_both(TRITON_OP, lo, hi, points, crossed_at, mask)
+    for name, g, w in zip(("lo", "hi", "points"), got, want):
+        assert_verbose_equal(g, w, name)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_bfloat16(k):
+    """Bitwise on GPU in principle; the interpreter truncates float32 -> bfloat16, so compare with tolerance."""
+    lo, hi, points, crossed_at, mask = make_inputs(k, shape=(9, 2, 7), dtype=torch.bfloat16, device=device(),
+                                                   active=True)
+    got, want = run_both(TRITON_OP, lo, hi, points, crossed_at, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOLERANCES[torch.bfloat16])
+
+
+def test_special_values():
+    k, n = 3, 9
+    lo, hi, points = torch.randn(n, 5), torch.randn(n, 5), torch.randn(k - 1, n, 5)
+    lo[0, 0], hi[1, 1], points[0, 2, 2], lo[3, 3] = -0.0, float("inf"), float("nan"), float("-inf")
+    crossed_at = torch.arange(n) % k
+    args = [t.to(device()) for t in (lo, hi, points, crossed_at)]
+    got, want = run_both(TRITON_OP, *args, None)
+    for g, w in zip(got, want):
+        assert_verbose_equal(g, w)
+        assert torch.equal(torch.signbit(g), torch.signbit(w))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_non_contiguous(k):
+    n, dev = 5, device()
+    lo = torch.randn(3, n, device=dev).t()
+    hi = torch.randn(n, 6, device=dev)[:, ::2]
+    points = torch.randn(3, n, k - 1, device=dev).permute(2, 1, 0)
+    crossed_at = (torch.arange(2 * n, device=dev) % k)[::2]
+    active = (torch.arange(2 * n, device=dev) % 3 != 0)[::2]
+    for mask in (None, active):
+        want = [t.clone() for t in (lo, hi, points)]
+        reference.boundary_search_step_(*want, crossed_at, mask)
+        lo_v = lo.t().clone().t()
+        hi_v = torch.empty(n, 6, device=dev)[:, ::2]
+        hi_v.copy_(hi)
+        pts_v = points.permute(2, 1, 0).clone().permute(2, 1, 0)
+        assert not (lo_v.is_contiguous() or hi_v.is_contiguous() or pts_v.is_contiguous())
+        TRITON_OP(lo_v, hi_v, pts_v, crossed_at, mask)
+        for name, g, w in zip(("lo", "hi", "points"), (lo_v, hi_v, pts_v), want):
+            assert_verbose_equal(g, w, name)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0)])
+def test_empty(shape):
+    lo, hi, points, _, _ = make_inputs(2, shape=shape, device=device())
+    crossed_at = torch.zeros(shape[0], dtype=torch.int64, device=device())
+    TRITON_OP(lo, hi, points, crossed_at, None)
+
+
+def test_spans_several_blocks_per_sample():
+    lo, hi, points, crossed_at, mask = make_inputs(3, shape=(4, 2500), device=device(), active=True)
+    got, want = run_both(TRITON_OP, lo, hi, points, crossed_at, mask)
+    for g, w in zip(got, want):
+        assert_verbose_equal(g, w)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_search_keeps_label_flip_and_shrinks_by_k(k):
+    n, d, rounds = 6, 8, 4
+    g = torch.Generator().manual_seed(k)
+    threshold = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+    lo = torch.rand(n, d, generator=g, dtype=torch.float64) - 1.5
+    hi = torch.rand(n, d, generator=g, dtype=torch.float64) + 0.5
+    points = torch.stack([lo * a + hi * b for a, b in reference.interpolation_weights(k)])
+    width0 = (hi - lo).norm(dim=1)
+    lo, hi, points, threshold = (t.to(device()) for t in (lo, hi, points, threshold))
+    for r in range(1, rounds + 1):
+        crossed_at = first_crossed(points.cpu(), threshold.cpu()).to(device())
+        robust_ops.boundary_search_step_(lo, hi, points, crossed_at, backend="triton")
+        assert not classify(lo, threshold).any() and classify(hi, threshold).all()
+        torch.testing.assert_close((hi - lo).norm(dim=1).cpu(), width0 / k**r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("match,args", _bad_inputs())
+def test_argument_errors(match, args):
+    args = tuple(a.to(device()) if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(RuntimeError, match="boundary_search_step_: expected " + match):
+        TRITON_OP(*args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the check is an asynchronous device assert")
+@pytest.mark.parametrize("k,bad", [(2, 2), (3, -1)])
+def test_crossed_at_out_of_range(k, bad):
+    lo, hi, points, crossed_at, _ = make_inputs(k)
+    crossed_at[1] = bad
+    before = [t.clone() for t in (lo, hi, points)]
+    with pytest.raises(RuntimeError, match=rf"boundary_search_step_: expected crossed_at in \[0, {k - 1}\]"):
+        TRITON_OP(lo, hi, points, crossed_at, None)
+    for t, b in zip((lo, hi, points), before):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("active", [False, True])
+def test_opcheck(active):
+    lo, hi, points, crossed_at, mask = make_inputs(3, device="cuda", active=active)
+    torch.library.opcheck(TRITON_OP, (lo, hi, points, crossed_at, mask))
+
+
+@pytest.mark.needs_cuda
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(lo, hi, points, crossed_at, active):
+        TRITON_OP(lo, hi, points, crossed_at, active)
+        return lo + hi
+
+    lo, hi, points, crossed_at, mask = make_inputs(4, device="cuda", active=True)
+    got = [t.clone() for t in (lo, hi, points)]
+    out = step(*got, crossed_at, mask)
+    want = [t.clone() for t in (lo, hi, points)]
+    reference.boundary_search_step_(*want, crossed_at, mask)
+    for g, w in zip(got, want):
+        assert_verbose_equal(g, w)
+    assert_verbose_equal(out, want[0] + want[1])

@@ -1,0 +1,461 @@
+"""IMA: gen_adv (Algorithms 2/3) against a per-sample loop, compaction vs masks, properties, k-ary search, the
+segmentation criterion, the margin table (Algorithm 1 update, checkpoint, errors, DDP sync) and the IMA defense."""
+
+import io
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_ops import reference
+from robust_ops.data import IndexedDataset
+from robust_ops.ima import (
+    IMA,
+    MarginTable,
+    PassCounter,
+    dice_criterion,
+    dice_score,
+    gen_adv,
+    gen_adv_masked,
+    sample_distance,
+    search_rounds,
+    soft_dice_loss,
+)
+
+from utils import TinyCNN
+
+
+@pytest.fixture(autouse=True)
+def _backend_with_kernels(monkeypatch):
+    """Use the native kernels when this build has them, the reference ops otherwise (kernels merged separately)."""
+    has = all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"robust_ops::{op}", "CPU")
+        for op in ("pgd_step_", "boundary_search_step_")
+    )
+    if not has and "ROBUST_OPS_BACKEND" not in os.environ:
+        monkeypatch.setenv("ROBUST_OPS_BACKEND", "reference")
+
+
+def make_problem(n=12, classes=3, norm="l2", seed=0, dtype=torch.float64):
+    """Eval-mode float64 CNN with a sharp head (so boundaries lie inside the balls), clean-correct labels except two
+    flipped, random margins with one zero."""
+    g = torch.Generator().manual_seed(seed)
+    model = TinyCNN(1, classes).to(dtype).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    x = torch.rand(n, 1, 10, 10, generator=g, dtype=dtype)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % classes
+    scale = 4.0 if norm == "l2" else 0.4
+    margin = torch.rand(n, generator=g, dtype=dtype) * scale
+    margin[2] = 0
+    return model, x, y, margin
+
+
+def correct(model, x, y):
+    with torch.no_grad():
+        return bool(model(x).argmax(1)[0] == y[0])
+
+
+def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm):
+    """Algorithms 2 and 3 written per sample, as in the paper (bisection landing on the correct side)."""
+    outs, crossed, taken = [], [], []
+    for i in range(x.shape[0]):
+        xi, yi, e = x[i:i + 1], y[i:i + 1], margin[i:i + 1]
+        if float(e) == 0 or not correct(model, xi, yi):
+            outs.append(xi.clone()), crossed.append(False), taken.append(0)
+            continue
+        alpha = 4 * e / steps
+        cur, bracket, t_cross = xi.clone(), None, steps
+        for t in range(steps):
+            z = cur.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(z), yi, reduction="sum"), z)
+            nxt = cur.clone()
+            reference.pgd_step_(nxt, xi, g, alpha, e, 0.0, 1.0, norm)
+            if algorithm == 2 and not correct(model, nxt, yi):
+                bracket, t_cross = (cur, nxt), t + 1
+                break
+            cur = nxt
+        if algorithm == 3 and not correct(model, cur, yi):
+            bracket = (xi.clone(), cur)
+        if bracket is None:
+            outs.append(cur), crossed.append(False), taken.append(t_cross)
+            continue
+        lo, hi = bracket
+        for _ in range(search_steps):
+            mid = (lo + hi) / 2
+            if correct(model, mid, yi):
+                lo = mid
+            else:
+                hi = mid
+        outs.append(lo), crossed.append(True), taken.append(t_cross)
+    return torch.cat(outs), torch.tensor(crossed), torch.tensor(taken)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("algorithm", [2, 3])
+def test_matches_per_sample_loop(norm, algorithm):
+    model, x, y, margin = make_problem(n=10, norm=norm)
+    x_adv, crossed, info = gen_adv(model, x, y, margin, steps=8, search_steps=6, norm=norm, algorithm=algorithm,
+                                   return_info=True)
+    x_ref, crossed_ref, steps_ref = loop_gen_adv(model, x, y, margin, 8, 6, norm, algorithm)
+    assert crossed.tolist() == crossed_ref.tolist()
+    assert 0 < int(crossed.sum()) < x.shape[0]  # the problem exercises both outcomes
+    torch.testing.assert_close(x_adv, x_ref, rtol=1e-9, atol=1e-9)
+    if algorithm == 2:
+        assert info.steps.tolist() == steps_ref.tolist()
+    assert info.clean_correct[:2].tolist() == [False, False] and bool(info.clean_correct[2:].all())
+
+
+@pytest.mark.parametrize("arity", [2, 4])
+@pytest.mark.parametrize("algorithm", [2, 3])
+def test_compacted_equals_masked_and_spends_less(algorithm, arity):
+    model, x, y, margin = make_problem(n=16, seed=1)
+    c_compact, c_masked = PassCounter(), PassCounter()
+    a, ca = gen_adv(model, x, y, margin, steps=10, search_steps=6, algorithm=algorithm, arity=arity, counter=c_compact)
+    b, cb = gen_adv_masked(model, x, y, margin, steps=10, search_steps=6, algorithm=algorithm, arity=arity,
+                           counter=c_masked)
+    assert ca.tolist() == cb.tolist()
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # batch composition may change the last bit
+    assert c_compact.forward_calls == c_masked.forward_calls
+    assert c_compact.forward_rows < c_masked.forward_rows
+    assert c_compact.backward_rows <= c_masked.backward_rows
+    assert c_masked.backward_rows == 10 * 16
+
+
+def test_pass_counts_follow_the_cost_model_and_model_state_is_restored():
+    model, x, y, margin = make_problem(n=12, seed=4)
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    k, n_search = 6, 4
+    counter = PassCounter()
+    _, crossed, info = gen_adv(model, x, y, margin, steps=k, search_steps=n_search, counter=counter, return_info=True)
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    moved = margin > 0
+    t = info.steps  # crossing step, K when never crossed, 0 for clean-misclassified samples
+    last = int(t.max())  # the last ascent iteration anyone reached
+    # Forwards at x_0..x_t, plus N search forwards for crossed samples.
+    assert counter.forward_rows == int((t + 1)[moved].sum()) + n_search * int(crossed.sum())
+    # The backward of iteration t carries every row of that forward, the just-finished ones included (zero
+    # gradient), unless nobody continues past t.
+    assert counter.backward_rows == int((t + (t < last).long())[moved].sum())
+    assert counter.forward_calls == last + 1 + n_search and counter.backward_calls == last
+    assert 0 < int(crossed.sum()) < int(info.clean_correct.sum())
+
+
+@pytest.mark.parametrize("algorithm", [2, 3])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_properties(norm, algorithm):
+    model, x, y, margin = make_problem(n=16, norm=norm, seed=2)
+    n_search = 7
+    x_adv, crossed, info = gen_adv(model, x, y, margin, steps=10, search_steps=n_search, norm=norm,
+                                   algorithm=algorithm, return_info=True)
+    tol = 1e-9
+    assert bool((sample_distance(x_adv, x, norm) <= margin * (1 + tol) + tol).all())
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    with torch.no_grad():
+        pred_adv = model(x_adv).argmax(1)
+        pred_far = model(info.far_point).argmax(1)
+    c = crossed
+    assert bool(c.any())
+    assert bool((pred_adv[c] == y[c]).all())  # landed on the correct side
+    assert bool((pred_far[c] != y[c]).all())  # ... within gap of a misclassified point
+    width = 2 * margin[c] / 2 ** n_search  # the bracket starts inside the ball: width <= its diameter
+    assert bool((info.gap[c] <= width * (1 + tol) + tol).all())
+    assert bool((info.gap[~c] == 0).all())
+    # Samples not crossed ended their ascent correctly classified (or were never moved).
+    assert bool((pred_adv[~c & info.clean_correct] == y[~c & info.clean_correct]).all())
+
+
+def test_margin_zero_and_wrong_clean_samples_stay_put():
+    model, x, y, margin = make_problem()
+    counter = PassCounter()
+    margin = margin.clone()
+    margin[:] = 0
+    x_adv, crossed = gen_adv(model, x, y, margin, counter=counter)
+    assert torch.equal(x_adv, x) and not bool(crossed.any())
+    assert counter.forward_rows == 0 and counter.backward_rows == 0  # margin-0 samples cost nothing
+    model, x, y, margin = make_problem()
+    x_adv, crossed = gen_adv(model, x, y, margin)
+    assert torch.equal(x_adv[:2], x[:2]) and not bool(crossed[:2].any())  # clean x already wrong
+
+
+def test_kary_search_is_at_least_as_precise():
+    model, x, y, margin = make_problem(n=16, seed=3)
+    c2, c4 = PassCounter(), PassCounter()
+    a2, cr2, i2 = gen_adv(model, x, y, margin, steps=10, search_steps=10, arity=2, return_info=True, counter=c2)
+    a4, cr4, i4 = gen_adv(model, x, y, margin, steps=10, search_steps=10, arity=4, return_info=True, counter=c4)
+    assert search_rounds(10, 4) == 5 and search_rounds(10, 3) == 7 and search_rounds(10, 2) == 10
+    assert cr2.tolist() == cr4.tolist() and bool(cr2.any())
+    assert bool((i4.gap <= i2.gap * (1 + 1e-9) + 1e-12).all())
+    with torch.no_grad():
+        assert bool((model(a4).argmax(1)[cr4] == y[cr4]).all())
+        assert bool((model(i4.far_point).argmax(1)[cr4] != y[cr4]).all())
+    # Both brackets contain the boundary point: the two answers agree within the bracket widths.
+    assert bool((sample_distance(a2, a4, "l2") <= i2.gap + i4.gap + 1e-9).all())
+    assert c4.forward_calls < c2.forward_calls  # fewer sequential rounds ...
+    assert c4.forward_rows > c2.forward_rows  # ... for more forward work
+
+
+def test_midpoint_search_result_and_single_logit_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1)).double().eval()
+    with torch.no_grad():
+        model[3].weight.mul_(10)
+    x = torch.rand(10, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = (model(x).squeeze(1) > 0).long()
+    margin = torch.full((10,), 2.0, dtype=torch.float64)
+    lo, crossed, info = gen_adv(model, x, y, margin, steps=10, return_info=True)
+    mid, crossed_mid = gen_adv(model, x, y, margin, steps=10, search_result="midpoint")
+    assert bool(crossed.any()) and crossed.tolist() == crossed_mid.tolist()
+    torch.testing.assert_close(mid[crossed], (lo[crossed] + info.far_point[crossed]) / 2)
+
+
+class TinySegNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 1, 3, padding=1))
+
+    def forward(self, x):
+        return self.body(x) * 10
+
+
+def test_dice_criterion_on_a_tiny_segmentation_net():
+    torch.manual_seed(0)
+    model = TinySegNet().double().eval()
+    x = torch.rand(8, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        target = (model(x) > 0).squeeze(1).long()  # the net's own masks: Dice 1 at x
+    keep = target.flatten(1).sum(1) > 0
+    x, target = x[keep], target[keep]
+    criterion = dice_criterion(0.6)
+    margin = torch.full((x.shape[0],), 3.0, dtype=torch.float64)
+    x_adv, crossed, info = gen_adv(model, x, target, margin, steps=10, is_correct=criterion, loss_fn=soft_dice_loss,
+                                   return_info=True)
+    assert bool(crossed.any())
+    with torch.no_grad():
+        d_adv, d_far = dice_score(model(x_adv), target), dice_score(model(info.far_point), target)
+    assert bool((d_adv[crossed] > 0.6).all()) and bool((d_far[crossed] <= 0.6).all())
+    # Dice values and the multi-class form.
+    out = torch.tensor([[[[1.0, -1.0], [1.0, -1.0]]]])
+    assert torch.allclose(dice_score(out, torch.tensor([[[1, 0], [0, 0]]])).float(), torch.tensor([2 / 3]))
+    assert dice_score(-torch.ones(1, 1, 2, 2), torch.zeros(1, 2, 2)).item() == 1.0
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1, 0, :] = 1
+    logits[0, 2, 1, :] = 1
+    labels = torch.tensor([[[1, 1], [2, 0]]])
+    assert torch.allclose(dice_score(logits, labels).float(), torch.tensor([(1.0 + 2 / 3) / 2]))
+    with pytest.raises(ValueError, match=r"dice_criterion: expected threshold in \[0, 1\)"):
+        dice_criterion(1.5)
+
+
+def test_gen_adv_errors():
+    model, x, y, margin = make_problem()
+    bad = margin.clone()
+    bad[3] = -0.1
+    with pytest.raises(ValueError, match=r"gen_adv: expected every margin to be finite and >= 0, got 1 bad value\(s\), "
+                                         r"e.g. margin\[3\] = -0.1"):
+        gen_adv(model, x, y, bad)
+    with pytest.raises(ValueError, match=r"gen_adv: expected margin to be a number or a tensor of shape \[12\]"):
+        gen_adv(model, x, y, margin[:3])
+    with pytest.raises(ValueError, match="gen_adv: expected norm to be one of l2, linf, got 'l1'"):
+        gen_adv(model, x, y, margin, norm="l1")
+    with pytest.raises(ValueError, match="gen_adv: expected algorithm to be 2"):
+        gen_adv(model, x, y, margin, algorithm=1)
+    with pytest.raises(ValueError, match="gen_adv: expected arity to be an integer >= 2, got 1"):
+        gen_adv(model, x, y, margin, arity=1)
+    with pytest.raises(ValueError, match="gen_adv: expected steps to be an integer >= 0, got -1"):
+        gen_adv(model, x, y, margin, steps=-1)
+    with pytest.raises(ValueError, match="gen_adv: expected search_result to be one of"):
+        gen_adv(model, x, y, margin, search_result="hi")
+    with pytest.raises(ValueError, match=r"gen_adv: expected x inside the clip range"):
+        gen_adv(model, x + 1, y, margin)
+    with pytest.raises(ValueError, match=r"gen_adv: expected is_correct\(output, y\) to return a bool tensor"):
+        gen_adv(model, x, y, margin, is_correct=lambda out, y: out.argmax(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Margin table
+
+
+def test_margin_table_update_rules_and_clip():
+    table = MarginTable(6, 0.5, 1.0, "l2")
+    ids = torch.tensor([4, 0, 2, 5])
+    new = table.update(ids, adv_correct=torch.tensor([True, True, False, False]),
+                       crossed=torch.tensor([False, True, True, False]),
+                       distance=torch.tensor([9.0, 0.3, 0.1, 9.0]), delta=0.25)
+    # id 4 expands, id 0 and 2 shrink to (d + E)/2, id 5 (adv wrong, no crossing) keeps its margin.
+    torch.testing.assert_close(new, torch.tensor([0.75, 0.4, 0.3, 0.5]))
+    torch.testing.assert_close(table.margins, torch.tensor([0.4, 0.5, 0.3, 0.5, 0.75, 0.5]))
+    for _ in range(5):
+        table.update(torch.tensor([4]), adv_correct=torch.tensor([True]), crossed=torch.tensor([False]),
+                     distance=torch.zeros(1), delta=0.25)
+    assert float(table.margins[4]) == 1.0  # clipped to max_margin
+    assert float(table.margins.min()) >= 0
+
+
+def test_margin_table_checkpoint_round_trip_is_exact():
+    table = MarginTable(50, 0.01, 3.0)
+    g = torch.Generator().manual_seed(0)
+    table.margins.copy_(torch.rand(50, generator=g) * 3)
+    buf = io.BytesIO()
+    torch.save(table.state_dict(), buf)
+    buf.seek(0)
+    other = MarginTable(50, 0.01, 3.0)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(other.margins, table.margins)
+    with pytest.raises(ValueError, match=r"MarginTable.load_state_dict: expected margins of shape \(40,\)"):
+        MarginTable(40, 0.01, 3.0).load_state_dict(table.state_dict())
+    with pytest.raises(ValueError, match="MarginTable.load_state_dict: expected a dict with the key 'margins'"):
+        other.load_state_dict({"m": table.margins})
+
+
+def test_margin_table_errors():
+    table = MarginTable(10, 0.1, 1.0)
+    with pytest.raises(IndexError, match=r"MarginTable: ids must lie in \[0, 10\) \(the margin table has 10 entries"):
+        table.get(torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match=r"MarginTable: expected distinct ids in one batch .* got 1 duplicate"):
+        table.get(torch.tensor([3, 3]))
+    with pytest.raises(TypeError, match="MarginTable: expected ids to be an integer tensor"):
+        table.get(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="MarginTable: expected init_margin to be a finite number >= 0, got -1"):
+        MarginTable(10, -1, 1.0)
+    with pytest.raises(ValueError, match="MarginTable: expected init_margin <= max_margin"):
+        MarginTable(10, 2.0, 1.0)
+    with pytest.raises(ValueError, match="MarginTable.update: expected crossed to be a bool tensor of shape"):
+        table.update(torch.tensor([1]), adv_correct=torch.tensor([True]), crossed=torch.tensor([1]),
+                     distance=torch.zeros(1), delta=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The IMA defense
+
+
+def ima_batch(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TinyCNN(1, 2)
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    x = torch.rand(n, 1, 10, 10, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = 1 - y[0]
+    return model, x, y
+
+
+def test_ima_defense_loss_and_margin_update():
+    model, x, y = ima_batch()
+    defense = IMA(num_samples=30, eps_train=2.0, delta=0.5, steps=6, search_steps=5)
+    ids = torch.arange(3, 15)
+    out = defense(model, x, y, ids)
+    out.loss.backward()
+    assert out.loss.dim() == 0 and math.isfinite(float(out.loss.detach()))
+    assert all(p.grad is not None for p in model.parameters())
+    m = defense.margins
+    assert float(m.min()) >= 0 and float(m.max()) <= 2.0
+    assert bool((m[:3] == 0.5).all()) and bool((m[15:] == 0.5).all())  # untouched ids keep the initial margin
+    assert float(m[3]) == 0.5  # clean-misclassified sample: margin unchanged
+    assert bool((m[4:15] != 0.5).any())
+    assert {"margin_mean", "clean_acc", "adv_acc", "crossed"} <= set(out.metrics)
+    # beta = 0 is plain training on clean data.
+    plain = IMA(num_samples=30, eps_train=2.0, beta=0.0, steps=2, search_steps=2)(model, x, y, ids).loss
+    torch.testing.assert_close(plain, F.cross_entropy(model(x), y))
+
+
+def test_ima_state_dict_round_trip_and_defaults():
+    model, x, y = ima_batch()
+    defense = IMA(num_samples=20, steps=3, search_steps=3)
+    defense(model, x, y, torch.arange(12))
+    assert defense.eps_train == pytest.approx(3 * math.sqrt(100 / 3072))  # the paper's per-pixel rule
+    assert defense.delta == pytest.approx(defense.eps_train / 100)
+    state = defense.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    restored = IMA(num_samples=20, steps=3, search_steps=3)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(restored.margins, defense.margins)
+    assert (restored.eps_train, restored.delta) == (defense.eps_train, defense.delta)
+    with pytest.raises(ValueError, match=r"IMA.load_state_dict: expected margins of shape \[21\]"):
+        IMA(num_samples=21).load_state_dict(state)
+
+
+def test_ima_errors():
+    model, x, y = ima_batch()
+    defense = IMA(num_samples=12, eps_train=1.0)
+    with pytest.raises(ValueError, match=r"IMA: needs the dataset ids of the batch \(wrap the dataset in "
+                                         r"robust_ops.data.IndexedDataset"):
+        defense(model, x, y)
+    with pytest.raises(ValueError, match=r"IMA: expected ids of shape \[12\] \(one id per sample\), got \(5,\)"):
+        defense(model, x, y, torch.arange(5))
+    with pytest.raises(IndexError, match=r"IMA: ids must lie in \[0, 12\) \(the margin table has 12 entries"):
+        defense(model, x, y, torch.arange(1, 13))
+    with pytest.raises(ValueError, match="IMA: the margin table needs the training set size"):
+        IMA(eps_train=1.0)(model, x, y, torch.arange(12))
+    with pytest.raises(ValueError, match=r"IMA: expected beta in \[0, 1\], got 2"):
+        IMA(beta=2)
+    with pytest.raises(ValueError, match="IMA: expected delta to be a finite number >= 0, got -0.1"):
+        IMA(delta=-0.1)
+
+
+def test_indexed_dataset():
+    base = torch.utils.data.TensorDataset(torch.rand(5, 1, 2, 2), torch.arange(5))
+    ds = IndexedDataset(base)
+    x, y, i = ds[3]
+    assert i == 3 and int(y) == 3 and len(ds) == 5
+    x, y, ids = next(iter(torch.utils.data.DataLoader(ds, batch_size=5, shuffle=True)))
+    assert ids.dtype == torch.int64 and torch.equal(y, ids)
+    with pytest.raises(IndexError, match="IndexedDataset: index 5 out of range for 5 samples"):
+        ds[5]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Margin sync across ranks
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, results):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        table = MarginTable(8, 0.5, 2.0)
+        # Each rank updates its own ids; id 7 is updated by both (DistributedSampler padding): highest rank wins.
+        ids = torch.tensor([0, 2, 7]) if rank == 0 else torch.tensor([1, 7])
+        n = ids.numel()
+        table.update(ids, adv_correct=torch.ones(n, dtype=torch.bool), crossed=torch.zeros(n, dtype=torch.bool),
+                     distance=torch.zeros(n), delta=0.25 * (rank + 1))
+        # A rank with nothing to update still takes part in the collective.
+        ids = torch.zeros(0, dtype=torch.int64) if rank == 0 else torch.tensor([3])
+        n = ids.numel()
+        table.update(ids, adv_correct=torch.ones(n, dtype=torch.bool), crossed=torch.zeros(n, dtype=torch.bool),
+                     distance=torch.zeros(n), delta=1.0)
+        results[rank] = table.margins.tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_margin_table_syncs_across_two_gloo_ranks():
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    expected = [0.75, 1.0, 0.75, 1.5, 0.5, 0.5, 0.5, 1.0]
+    assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)

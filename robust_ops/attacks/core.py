@@ -1,0 +1,330 @@
+"""The one PGD core every gradient attack, defense and IMA runs on.
+
+``run_pgd`` does forward + backward at the current iterate and one fused ``robust_ops.pgd_step_`` per step. The
+fused step also writes the requested iterates into a preallocated history buffer (``emit``), so emitting iterates
+costs no extra copy; it can reuse the attack's backward passes to produce parameter gradients
+(``param_grad_weights``, MIRST-DM); and it freezes samples once misclassified (``early_stop``, also FAT's tau) by
+zeroing their per-sample step size, so the fused step leaves them in place.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from .. import functional
+from .context import (
+    attack_context,
+    check_inputs,
+    check_output,
+    classification_loss,
+    is_single_logit,
+    margin,
+    num_classes_of,
+    predict_from_output,
+    two_logits,
+)
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "cw")
+
+
+@dataclass
+class PGDResult:
+    """What ``run_pgd`` returns.
+
+    x_adv: the final iterate [N, ...].
+    iterates: [len(emit), N, ...] with ``iterates[j]`` the iterate after ``emit[j]`` steps (None without emit).
+    param_grads: sum over ``param_grad_weights`` of ``w * d(loss)/d(theta)`` at those iterates, in the order of
+        ``[p for p in model.parameters() if p.requires_grad]`` (None without param_grad_weights).
+    emitted_losses: the attack loss (unweighted, as a float) at each iterate of ``param_grad_weights``, in
+        increasing iterate order (None without param_grad_weights).
+    """
+
+    x_adv: torch.Tensor
+    iterates: torch.Tensor = None
+    param_grads: list = None
+    emitted_losses: list = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Argument checks shared by the attacks
+
+
+def check_steps(name, steps, arg="steps", minimum=1):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
+        raise ValueError(f"{name}: expected {arg} to be an integer >= {minimum}, got {steps!r}")
+    return int(steps)
+
+
+def check_norm(name, norm, allowed=NORMS):
+    if norm not in allowed:
+        raise ValueError(f"{name}: expected norm to be one of {', '.join(allowed)}, got {norm!r}")
+    return norm
+
+
+def per_sample(name, arg, value, x, allow_zero=True):
+    """A float or a per-sample tensor [N] (finite, >= 0) as a tensor [N] in x's dtype on x's device."""
+    n = x.shape[0]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if torch.is_tensor(value):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(n)
+        if value.dim() != 1 or value.shape[0] != n:
+            raise ValueError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got shape "
+                             f"{tuple(value.shape)}")
+        t = value.detach().to(device=x.device, dtype=dtype)
+        if t.numel() and (not bool(torch.isfinite(t).all()) or bool((t < 0).any() if allow_zero else (t <= 0).any())):
+            raise ValueError(f"{name}: expected {arg} {'>= 0' if allow_zero else '> 0'} and finite, got values in "
+                             f"[{float(t.min()):.4g}, {float(t.max()):.4g}]")
+        return t.contiguous()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
+                        f"{type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected {arg} {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    return torch.full((n,), v, dtype=dtype, device=x.device)
+
+
+def check_emit(name, emit, steps):
+    """emit: a sorted tuple of distinct ints in [1, steps] (or None)."""
+    if emit is None:
+        return None
+    if isinstance(emit, numbers.Integral) and not isinstance(emit, bool):
+        emit = (emit,)
+    emit = tuple(emit)
+    if not emit or not all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in emit):
+        raise ValueError(f"{name}: expected emit to be a non-empty sorted tuple of step counts in [1, {steps}], "
+                         f"got {emit!r}")
+    if any(e < 1 or e > steps for e in emit):
+        raise ValueError(f"{name}: expected emit step counts in [1, steps={steps}], got {emit!r}")
+    if any(b <= a for a, b in zip(emit, emit[1:])):
+        raise ValueError(f"{name}: expected emit sorted and without repeats, got {emit!r}")
+    return tuple(int(e) for e in emit)
+
+
+def check_early_stop(name, early_stop):
+    """False -> None (off); True -> 0; an int tau >= 0 -> tau (FAT: tau more steps after the first misclassification)."""
+    if early_stop is False or early_stop is None:
+        return None
+    if early_stop is True:
+        return 0
+    if isinstance(early_stop, numbers.Integral) and early_stop >= 0:
+        return int(early_stop)
+    raise ValueError(f"{name}: expected early_stop to be False, True or an integer tau >= 0, got {early_stop!r}")
+
+
+def check_loss(name, loss):
+    if callable(loss) or loss in LOSSES:
+        return loss
+    raise ValueError(f"{name}: expected loss to be one of {', '.join(LOSSES)} or a callable (out, y) -> loss, "
+                     f"got {loss!r}")
+
+
+def forward(name, model, x):
+    return check_output(name, model(x), x.shape[0])
+
+
+def check_labels_against(name, y, out):
+    k = num_classes_of(out)
+    if y.numel() and int(y.max()) >= k:
+        raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} classes, got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+
+
+def random_start_(x_adv, x_nat, eps, eps_scalar, norm, clip_min, clip_max, generator=None):
+    """Random start, in place. For a scalar eps the draws are torchattacks' (Linf: uniform in the box; L2: Gaussian
+    direction scaled to radius eps*U(0, 1)), so a seeded run reproduces torchattacks' random start."""
+    n = x_adv.shape[0]
+    view = (n,) + (1,) * (x_adv.dim() - 1)
+    if norm == "linf":
+        if eps_scalar is not None:
+            noise = torch.empty_like(x_adv).uniform_(-eps_scalar, eps_scalar, generator=generator)
+        else:
+            noise = (torch.rand(x_adv.shape, generator=generator, device=x_adv.device, dtype=x_adv.dtype) * 2 - 1)
+            noise = noise * eps.view(view).to(x_adv.dtype)
+    else:
+        noise = torch.empty_like(x_adv).normal_(generator=generator)
+        norms = noise.reshape(n, -1).norm(p=2, dim=1).view(view)
+        r = torch.zeros_like(norms).uniform_(0, 1, generator=generator)
+        radius = eps_scalar if eps_scalar is not None else eps.view(view).to(x_adv.dtype)
+        noise = noise * (r / norms * radius)
+    x_adv.copy_(torch.clamp(x_nat + noise, min=clip_min, max=clip_max))
+
+
+def attack_loss(out, y, loss, targeted, kappa, reduction="mean"):
+    """The objective the attack ascends. "ce": mean CE (BCE-with-logits for a single logit), negated when targeted
+    (exactly torchattacks' reduction). "cw": -max(z_y - max_{j!=y} z_j, -kappa) untargeted (drive the true logit
+    below the best other one, up to confidence kappa); min(z_t - max_{j!=t} z_j, kappa) targeted. A callable gives a
+    scalar or a per-sample loss (averaged); it is negated when targeted."""
+    if loss == "ce":
+        value = classification_loss(out, y, reduction=reduction)
+        return -value if targeted else value
+    if loss == "cw":
+        if targeted:
+            per = torch.clamp(_target_margin(out, y), max=kappa)
+        else:
+            per = -margin(out, y, kappa)
+        return per.mean() if reduction == "mean" else per
+    value = loss(out, y)
+    if not torch.is_tensor(value) or value.dim() > 1:
+        raise ValueError(f"attack: expected the loss callable to return a scalar or a per-sample [N] tensor, got "
+                         f"{getattr(value, 'shape', type(value))}")
+    if value.dim() == 1 and reduction == "mean":
+        value = value.mean()
+    return -value if targeted else value
+
+
+def _target_margin(out, t):
+    """z_t - max_{j != t} z_j (positive once the target wins); the best other logit with -inf masking."""
+    z = two_logits(out) if is_single_logit(out) else out
+    true = z.gather(1, t.view(-1, 1)).squeeze(1)
+    other = z.masked_fill(torch.nn.functional.one_hot(t, z.shape[1]).bool(), float("-inf")).amax(1)
+    return true - other
+
+
+def succeeded(out, y, targeted):
+    """Per-sample success of the attack at this output: misclassified (untargeted) or the target reached."""
+    pred = predict_from_output(out)
+    return pred == y if targeted else pred != y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The core
+
+
+def run_pgd(
+    model,
+    x,
+    y,
+    *,
+    eps,
+    alpha,
+    steps,
+    norm="linf",
+    random_start=False,
+    loss="ce",
+    targeted=False,
+    kappa=0.0,
+    emit=None,
+    early_stop=False,
+    clip_min=0.0,
+    clip_max=1.0,
+    model_mode="eval",
+    param_grad_weights=None,
+    generator=None,
+    name="run_pgd",
+):
+    r"""Projected gradient descent (Madry et al. 2018, arXiv:1706.06083) on one fused step op.
+
+    Each step: forward and backward at the iterate, then ``robust_ops.pgd_step_``:
+    Linf ``x <- clip(x_nat + clamp(x + alpha*sign(g) - x_nat, -eps, eps))``,
+    L2 ``x <- clip(P_eps(x + alpha*g/||g||))``. With ``loss="ce"`` and no random start the iterates are bitwise those
+    of torchattacks 3.5.1 PGD / PGDL2 (mean cross-entropy).
+
+    Args:
+        model: ``[N, ...] -> [N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
+        x (Tensor[N, ...]): clean inputs inside ``[clip_min, clip_max]``. y (LongTensor[N]): labels (targets when
+            ``targeted``).
+        eps, alpha (float or Tensor[N]): radius and step size, per sample if a tensor.
+        steps (int >= 1): number of steps.
+        norm: "linf" or "l2". random_start (bool): start at a random point of the ball (torchattacks' draws).
+        loss: "ce", "cw" (margin with confidence ``kappa``) or a callable ``(out, y) -> scalar or [N]``.
+        targeted (bool): ``y`` are target labels; the loss is negated ("cw": the target margin is ascended).
+        emit (tuple of int): step counts in [1, steps], sorted; ``iterates[j]`` is the iterate after ``emit[j]`` steps.
+        early_stop: False; True: freeze a sample once the attack succeeds on it; int tau: FAT's rule, keep stepping
+            tau more steps after the first success, then freeze.
+        clip_min, clip_max (float): valid input range. model_mode: "eval" (default), "train" or "keep".
+        param_grad_weights (dict {j: w}): also accumulate ``w * d(loss)/d(theta)`` at the iterate after j steps
+            (j in [0, steps]) from the same backward pass the attack does there (one extra forward/backward for
+            j == steps). Parameter ``.grad`` is never touched.
+        generator (torch.Generator): for the random start.
+
+    Returns:
+        PGDResult(x_adv, iterates, param_grads, emitted_losses).
+    """
+    check_inputs(name, x, y, clip_min, clip_max)
+    steps = check_steps(name, steps)
+    norm = check_norm(name, norm)
+    loss = check_loss(name, loss)
+    emit = check_emit(name, emit, steps)
+    tau = check_early_stop(name, early_stop)
+    eps_scalar = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None
+    eps_t = per_sample(name, "eps", eps, x)
+    alpha_t = per_sample(name, "alpha", alpha, x)
+    if param_grad_weights is not None:
+        if not isinstance(param_grad_weights, dict) or not all(
+            isinstance(j, numbers.Integral) and not isinstance(j, bool) and 0 <= j <= steps
+            for j in param_grad_weights
+        ):
+            raise ValueError(f"{name}: expected param_grad_weights to be a dict {{iterate j in [0, {steps}]: weight}}, "
+                             f"got {param_grad_weights!r}")
+        params = [p for p in model.parameters() if p.requires_grad]  # before attack_context turns them off
+        param_grads = [torch.zeros_like(p) for p in params]
+        emitted_losses = []
+    else:
+        params, param_grads, emitted_losses = None, None, None
+
+    n = x.shape[0]
+    x_nat = x.detach()
+    x_adv = x_nat.clone()
+    iterates = x.new_empty((len(emit),) + tuple(x.shape)) if emit is not None else None
+    slot_of = {e: j for j, e in enumerate(emit)} if emit is not None else {}
+    if n == 0:
+        if iterates is not None:
+            iterates.copy_(x_adv.expand_as(iterates))
+        return PGDResult(x_adv, iterates, param_grads, emitted_losses)
+
+    if tau is not None:
+        alpha_t = alpha_t.clone()  # zeroed per sample as they freeze
+        first_success = torch.full((n,), -1, dtype=torch.long, device=x.device)
+
+    with attack_context(model, model_mode):
+        if random_start:
+            random_start_(x_adv, x_nat, eps_t, eps_scalar, norm, clip_min, clip_max, generator)
+        checked = False
+        for t in range(steps + 1):
+            want_params = param_grads is not None and t in param_grad_weights
+            if t == steps and not want_params:
+                break
+            xg = x_adv.detach().requires_grad_(True)
+            if want_params:
+                for p in params:
+                    p.requires_grad_(True)
+            try:
+                with torch.enable_grad():
+                    out = forward(name, model, xg)
+                    if not checked:
+                        check_labels_against(name, y, out)
+                        checked = True
+                    objective = attack_loss(out, y, loss, targeted, kappa)
+                    if want_params:
+                        grads = torch.autograd.grad(objective, [xg] + params)
+                        grad = grads[0]
+                        w = float(param_grad_weights[t])
+                        for acc, g in zip(param_grads, grads[1:]):
+                            acc.add_(g, alpha=w)
+                        emitted_losses.append(float(objective.detach()))
+                    else:
+                        (grad,) = torch.autograd.grad(objective, [xg])
+            finally:
+                if want_params:
+                    for p in params:
+                        p.requires_grad_(False)
+            if t == steps:
+                break
+            if tau is not None:
+                with torch.no_grad():
+                    ok = succeeded(out.detach(), y, targeted)
+                    first_success = torch.where(ok & (first_success < 0), torch.full_like(first_success, t),
+                                                first_success)
+                    frozen = (first_success >= 0) & (t - first_success >= tau)
+                    alpha_t.masked_fill_(frozen, 0.0)
+            slot = slot_of.get(t + 1)
+            functional.pgd_step_(
+                x_adv, x_nat, grad, alpha_t, eps_t, clip_min=clip_min, clip_max=clip_max, norm=norm,
+                history=iterates if slot is not None else None, slot=slot if slot is not None else 0,
+            )
+    return PGDResult(x_adv, iterates, param_grads, emitted_losses)

@@ -1,0 +1,143 @@
+"""AutoAttack-style cascades: run attacks one after another, each only on the samples still robust."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Attack
+from .core import check_labels_against, forward
+from .context import attack_context, check_inputs, predict_from_output
+
+
+@dataclass
+class EnsembleResult:
+    """x_adv: per sample the adversarial input of the first attack that broke it (the clean input if none did or if
+    it is misclassified already). robust: BoolTensor[N], correct on the clean input and under every attack.
+    broken_by: LongTensor[N]: -1 robust, 0 misclassified clean, j + 1 broken by attack j; ``names[broken_by]``
+    names it (names[0] == "clean"). Unpacks as ``x_adv, robust, broken_by = ensemble(...)``."""
+
+    x_adv: torch.Tensor
+    robust: torch.Tensor
+    broken_by: torch.Tensor
+    names: tuple
+
+    def __iter__(self):
+        return iter((self.x_adv, self.robust, self.broken_by))
+
+    def robust_accuracy(self):
+        return float(self.robust.float().mean()) if self.robust.numel() else float("nan")
+
+    def counts(self):
+        """{name: number of samples it broke} (plus "robust")."""
+        out = {name: int((self.broken_by == i).sum()) for i, name in enumerate(self.names)}
+        out["robust"] = int(self.robust.sum())
+        return out
+
+
+def _name(attack, i):
+    return getattr(attack, "name", None) or getattr(attack, "__name__", None) or f"attack{i}"
+
+
+@torch.no_grad()
+def _correct(model, x, y, model_mode, name):
+    with attack_context(model, model_mode):
+        out = forward(name, model, x)
+        check_labels_against(name, y, out)
+        return predict_from_output(out) == y
+
+
+def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=0.0, clip_max=1.0, batch_size=None,
+             names=None):
+    r"""Evaluate ``attacks`` in order, AutoAttack style (Croce & Hein 2020): each next attack runs only on the
+    samples that are still robust (``cascade=False`` runs every attack on every sample, for comparison; the
+    per-sample worst case is then the same for deterministic attacks).
+
+    Args:
+        model; x (Tensor[N, ...]) in the clip range; y (LongTensor[N]) true labels.
+        attacks (list): callables ``attack(x, y) -> x_adv`` such as :class:`APGD`, :class:`Square` or any
+            :class:`Attack`; their ``name`` attribute labels the result.
+        cascade (bool): default True. model_mode: for the robustness checks (each attack has its own).
+        batch_size (int, optional): attack at most this many samples at a time. names: labels overriding ``name``.
+
+    Returns:
+        :class:`EnsembleResult` ``(x_adv, robust, broken_by, names)``.
+    """
+    name = "ensemble"
+    check_inputs(name, x, y, clip_min, clip_max)
+    attacks = list(attacks)
+    if not attacks or not all(callable(a) for a in attacks):
+        raise ValueError(f"{name}: expected a non-empty list of attacks (callables (x, y) -> x_adv), got {attacks!r}")
+    labels = tuple(names) if names is not None else tuple(_name(a, i) for i, a in enumerate(attacks))
+    if len(labels) != len(attacks):
+        raise ValueError(f"{name}: expected {len(attacks)} names, got {len(labels)}")
+    x = x.detach()
+    n = x.shape[0]
+    x_adv = x.clone()
+    broken_by = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    if n:
+        broken_by[~_correct(model, x, y, model_mode, name)] = 0
+    for j, attack in enumerate(attacks):
+        idx = (broken_by == -1).nonzero().squeeze(1) if cascade else torch.arange(n, device=x.device)
+        if idx.numel() == 0:
+            break
+        step = batch_size or idx.numel()
+        for start in range(0, idx.numel(), step):
+            part = idx[start:start + step]
+            adv = attack(x[part], y[part]).detach()
+            if adv.shape != x[part].shape:
+                raise ValueError(f"{name}: attack {labels[j]!r} returned shape {tuple(adv.shape)} for inputs of "
+                                 f"shape {tuple(x[part].shape)}")
+            fooled = ~_correct(model, adv, y[part], model_mode, name)
+            new = fooled & (broken_by[part] == -1)  # the first attack that breaks a sample keeps it
+            x_adv[part[new]] = adv[new]
+            broken_by[part[new]] = j + 1
+    return EnsembleResult(x_adv, broken_by == -1, broken_by, ("clean",) + labels)
+
+
+class AutoAttack(Attack):
+    """AutoAttack-style evaluation (Croce & Hein 2020) as a cascade: ``AutoAttack(model, norm="linf", eps=8/255)``.
+
+    ``version="standard"``: APGD-CE, APGD-T (targeted DLR, 9 target classes) and, for Linf, Square (5000
+    queries) -- AutoAttack's standard set without FAB-T (not implemented here; see docs/attacks.md). ``attacks``
+    takes a custom list of CLI names (see :func:`robust_ops.attacks.build`) or attack objects instead.
+    ``__call__(x, y)`` returns x_adv; ``run(x, y)`` returns the full :class:`EnsembleResult`.
+    """
+
+    name = "autoattack"
+    supports_targeted = False
+
+    def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=100,
+                 n_target_classes=9, n_queries=5000, seed=0, model_mode="eval", clip_min=0.0, clip_max=1.0,
+                 cascade=True):
+        from . import build
+        from .apgd import APGD, APGDT
+        from .square import Square
+
+        if version != "standard":
+            raise ValueError(f"autoattack: expected version 'standard' (or a custom attacks list), got {version!r}")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"autoattack: expected norm to be one of linf, l2, got {norm!r}")
+        super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
+        self.norm, self.eps, self.version, self.cascade = norm, eps, version, cascade
+        common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
+        if attacks is None:
+            self.attacks = [
+                APGD(model, eps=eps, norm=norm, steps=steps, loss="ce", seed=seed, **common),
+                APGDT(model, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, seed=seed, **common),
+            ]
+            if norm == "linf":
+                self.attacks.append(Square(model, eps=eps, n_queries=n_queries, seed=seed, **common))
+        else:
+            self.attacks = [build(a, model, eps=eps, norm=norm, **common) if isinstance(a, str) else a
+                            for a in attacks]
+
+    def run(self, x, y):
+        return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
+                        clip_min=self.clip_min, clip_max=self.clip_max)
+
+    def forward(self, x, y):
+        return self.run(x, y).x_adv
+
+    def __repr__(self):
+        return (f"AutoAttack(norm={self.norm!r}, eps={self.eps!r}, version={self.version!r}, "
+                f"attacks=[{', '.join(getattr(a, 'name', repr(a)) for a in self.attacks)}])")

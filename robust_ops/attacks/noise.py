@@ -1,0 +1,85 @@
+"""Uniform white-noise attack (IMA's protocol, Ma et al. 2023): random noise in the Linf or L2 ball, repeated."""
+
+import torch
+
+from .base import Attack
+from .core import check_labels_against, check_norm, check_steps, forward, per_sample
+from .context import attack_context, check_inputs, predict_from_output
+from .pgd import make_generator
+
+
+def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.float32):
+    """Noise uniform in the ball of radius eps (float or Tensor[N]) around 0: Linf: every entry U(-eps, eps);
+    L2: uniform in the ball, i.e. a direction uniform on the sphere (normalized Gaussian) times eps * U^(1/d)
+    with d the number of entries per sample."""
+    n = shape[0]
+    view = (n,) + (1,) * (len(shape) - 1)
+    eps = eps.view(view).to(dtype) if torch.is_tensor(eps) else eps
+    if norm == "linf":
+        return (torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2 - 1) * eps
+    direction = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    direction = direction / direction.reshape(n, -1).norm(dim=1).clamp_min(torch.finfo(dtype).tiny).view(view)
+    d = direction[0].numel() if n else 1
+    radius = torch.rand(view, generator=generator, device=device, dtype=dtype) ** (1.0 / d)
+    return direction * radius * eps
+
+
+@torch.no_grad()
+def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_max=1.0, model_mode="eval",
+                generator=None):
+    r"""Uniform white-noise attack (the IMA paper's evaluation): ``trials`` draws of noise uniform in the Linf or L2
+    ball of radius eps, each added to the clean input and clipped to ``[clip_min, clip_max]``. A sample counts as
+    robust only if ALL trials keep it correctly classified.
+
+    Args:
+        model; x (Tensor[N, ...]) in the clip range; y (LongTensor[N]); eps (float or Tensor[N]);
+        norm: "linf" (default) or "l2" (uniform in the ball: direction uniform on the sphere, radius eps*U^(1/d));
+        trials (int): default 10; clip_min, clip_max; model_mode; generator (torch.Generator for the draws).
+
+    Returns:
+        x_adv (Tensor[N, ...]): per sample, the first noisy input that is misclassified, else the last trial.
+        Samples already misclassified stop being tried once a trial fails (the first failing input is kept).
+
+    Example::
+
+        >>> x_noisy = robust_ops.attacks.white_noise(model, x, y, eps=0.1, norm="l2", trials=10)
+    """
+    name = "white_noise"
+    check_inputs(name, x, y, clip_min, clip_max)
+    norm = check_norm(name, norm)
+    trials = check_steps(name, trials, "trials")
+    eps_t = per_sample(name, "eps", eps, x)
+    x_adv = x.detach().clone()
+    n = x.shape[0]
+    if n == 0:
+        return x_adv
+    alive = torch.ones(n, dtype=torch.bool, device=x.device)  # still robust: keep trying
+    with attack_context(model, model_mode):
+        for t in range(trials):
+            idx = alive.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            noise = uniform_ball(x.shape, eps_t, norm, generator=generator, device=x.device, dtype=x.dtype)
+            noisy = torch.clamp(x + noise, clip_min, clip_max)[idx]  # same draws whatever is still alive
+            out = forward(name, model, noisy)
+            if t == 0:
+                check_labels_against(name, y, out)
+            x_adv[idx] = noisy
+            alive[idx] = predict_from_output(out) == y[idx]
+    return x_adv
+
+
+class WhiteNoise(Attack):
+    """``WhiteNoise(model, eps=8/255, norm="linf", trials=10, seed=None)(x, y)``; see :func:`white_noise`."""
+
+    name = "noise"
+    supports_targeted = False
+
+    def __init__(self, model, eps=8 / 255, norm="linf", trials=10, *, seed=None, **options):
+        super().__init__(model, **options)
+        self.eps, self.norm, self.trials, self.seed = eps, norm, trials, seed
+
+    def forward(self, x, y):
+        return white_noise(self.model, x, y, eps=self.eps, norm=self.norm, trials=self.trials, clip_min=self.clip_min,
+                           clip_max=self.clip_max, model_mode=self.model_mode,
+                           generator=make_generator(self.seed, x.device))

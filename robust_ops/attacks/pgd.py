@@ -1,0 +1,188 @@
+"""Gradient attacks on the PGD core: FGSM, iterative FGSM (BIM), PGD (Linf / L2) and CW-Linf.
+
+All of them are ``run_pgd`` with particular settings; see docs/attacks.md for the defaults taken from the papers.
+"""
+
+import numbers
+
+import torch
+
+from .base import Attack
+from .core import check_steps, run_pgd
+
+
+def default_alpha(eps, steps, factor):
+    """factor * eps / steps (per sample when eps is a tensor)."""
+    return eps * (factor / steps) if torch.is_tensor(eps) else float(eps) * factor / steps
+
+
+def make_generator(seed, device):
+    """A torch.Generator seeded with ``seed`` on ``device`` (None: the global RNG)."""
+    if seed is None:
+        return None
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"attack: expected seed to be an int or None, got {type(seed).__name__}")
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def fgsm(model, x, y, *, eps, loss="ce", targeted=False, clip_min=0.0, clip_max=1.0, model_mode="eval"):
+    r"""Fast gradient sign method (Goodfellow et al. 2015, arXiv:1412.6572): ``x + eps * sign(grad)``, clipped.
+
+    One step of ``run_pgd`` with ``alpha = eps`` and no random start (the fused step's projection is then a no-op
+    up to rounding; results are bitwise those of torchattacks.FGSM). Threat model: white-box, Linf ball of radius eps.
+
+    Args: model; x (Tensor[N, ...]) in [clip_min, clip_max]; y (LongTensor[N]); eps (float or Tensor[N]);
+    loss ("ce", "cw" or a callable); targeted; clip_min, clip_max; model_mode. Returns x_adv (Tensor[N, ...]).
+
+    Example::
+
+        >>> x_adv = robust_ops.attacks.fgsm(model, x, y, eps=5 / 255)
+    """
+    return run_pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm="linf", loss=loss, targeted=targeted,
+                   clip_min=clip_min, clip_max=clip_max, model_mode=model_mode, name="fgsm").x_adv
+
+
+def pgd(model, x, y, *, eps, alpha=None, steps=10, norm="linf", random_start=True, loss="ce", targeted=False,
+        kappa=0.0, emit=None, early_stop=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
+    r"""Projected gradient descent (Madry et al. 2018, arXiv:1706.06083), Linf or L2.
+
+    Args:
+        model: ``[N, ...] -> [N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
+        x (Tensor[N, ...]): clean inputs in ``[clip_min, clip_max]``; y (LongTensor[N]): labels (targets if targeted).
+        eps (float or Tensor[N]): radius. alpha (float or Tensor[N]): step size; default ``2.5 * eps / steps``.
+        steps (int): default 10. norm: "linf" (default) or "l2". random_start (bool): default True.
+        loss: "ce" (default), "cw" (margin, confidence ``kappa``) or a callable ``(out, y) -> scalar or [N]``.
+        emit (tuple of int): also return the iterates after these step counts, stacked ``[len(emit), N, ...]``,
+            written by the fused step (no extra copy).
+        early_stop: False (default), True (freeze a sample once fooled) or an int tau (FAT).
+        clip_min, clip_max, model_mode ("eval" default, "train", "keep"), generator (for the random start).
+
+    Returns:
+        x_adv, or ``(x_adv, iterates)`` when emit is given.
+
+    Example::
+
+        >>> x_adv, its = robust_ops.attacks.pgd(model, x, y, eps=5 / 255, alpha=0.001, steps=10, emit=(2, 4, 6, 8))
+    """
+    steps = check_steps("pgd", steps)
+    if alpha is None:
+        alpha = default_alpha(eps, steps, 2.5)
+    res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, loss=loss,
+                  targeted=targeted, kappa=kappa, emit=emit, early_stop=early_stop, clip_min=clip_min,
+                  clip_max=clip_max, model_mode=model_mode, generator=generator, name="pgd")
+    return (res.x_adv, res.iterates) if emit is not None else res.x_adv
+
+
+def ifgsm(model, x, y, *, eps, alpha=None, steps=10, norm="linf", loss="ce", targeted=False, emit=None,
+          clip_min=0.0, clip_max=1.0, model_mode="eval"):
+    r"""Iterative FGSM / BIM (Kurakin et al. 2017, arXiv:1607.02533): PGD without random start.
+
+    Default ``alpha = eps / steps`` (the whole budget is reachable in ``steps`` steps). ``norm="l2"`` gives the L2
+    iterative gradient method DPAAT evaluates with (eps = 0.3). Returns x_adv, or ``(x_adv, iterates)`` with emit.
+    """
+    steps = check_steps("ifgsm", steps)
+    if alpha is None:
+        alpha = default_alpha(eps, steps, 1.0)
+    res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=False, loss=loss,
+                  targeted=targeted, emit=emit, clip_min=clip_min, clip_max=clip_max, model_mode=model_mode,
+                  name="ifgsm")
+    return (res.x_adv, res.iterates) if emit is not None else res.x_adv
+
+
+bim = ifgsm
+
+
+def cw_linf(model, x, y, *, eps, alpha=None, steps=10, kappa=0.0, random_start=False, targeted=False, emit=None,
+            early_stop=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
+    r"""Carlini-Wagner Linf attack as PGD on the CW margin loss (Carlini & Wagner 2017, arXiv:1608.04644; the
+    PGD form of Madry et al.): ascend ``-max(z_y - max_{j != y} z_j, -kappa)`` in the Linf ball (MIRST-DM: 10 steps
+    at eps = 5/255). The best other logit is taken with the true class masked to -inf, so it is right when all
+    logits are negative. Default ``alpha = 2.5 * eps / steps``, no random start.
+    Returns x_adv, or ``(x_adv, iterates)`` with emit.
+    """
+    steps = check_steps("cw_linf", steps)
+    if alpha is None:
+        alpha = default_alpha(eps, steps, 2.5)
+    res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm="linf", random_start=random_start,
+                  loss="cw", kappa=kappa, targeted=targeted, emit=emit, early_stop=early_stop, clip_min=clip_min,
+                  clip_max=clip_max, model_mode=model_mode, generator=generator, name="cw_linf")
+    return (res.x_adv, res.iterates) if emit is not None else res.x_adv
+
+
+class FGSM(Attack):
+    """``FGSM(model, eps=8/255)(x, y)``; see :func:`fgsm`."""
+
+    name = "fgsm"
+
+    def __init__(self, model, eps=8 / 255, *, loss="ce", **options):
+        super().__init__(model, **options)
+        self.eps, self.loss = eps, loss
+
+    def forward(self, x, y):
+        return fgsm(self.model, x, y, eps=self.eps, loss=self.loss, targeted=self.targeted, clip_min=self.clip_min,
+                    clip_max=self.clip_max, model_mode=self.model_mode)
+
+
+class BIM(Attack):
+    """``BIM(model, eps=8/255, alpha=None, steps=10, norm="linf")(x, y)``; see :func:`ifgsm`."""
+
+    name = "ifgsm"
+
+    def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *, norm="linf", loss="ce", **options):
+        super().__init__(model, **options)
+        self.eps, self.alpha, self.steps, self.norm, self.loss = eps, alpha, steps, norm, loss
+
+    def forward(self, x, y):
+        return ifgsm(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
+                     loss=self.loss, targeted=self.targeted, clip_min=self.clip_min, clip_max=self.clip_max,
+                     model_mode=self.model_mode)
+
+
+class PGD(Attack):
+    """``PGD(model, eps=8/255, alpha=2/255, steps=10, random_start=True)(x, y)`` (torchattacks' defaults);
+    ``seed`` makes the random start reproducible. See :func:`pgd`."""
+
+    name = "pgd"
+    default_norm = "linf"
+
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *, norm=None, loss="ce",
+                 kappa=0.0, early_stop=False, seed=None, **options):
+        super().__init__(model, **options)
+        self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
+        self.norm = norm or self.default_norm
+        self.loss, self.kappa, self.early_stop, self.seed = loss, kappa, early_stop, seed
+
+    def forward(self, x, y):
+        return pgd(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
+                   random_start=self.random_start, loss=self.loss, targeted=self.targeted, kappa=self.kappa,
+                   early_stop=self.early_stop, clip_min=self.clip_min, clip_max=self.clip_max,
+                   model_mode=self.model_mode, generator=make_generator(self.seed, x.device))
+
+
+class PGDL2(PGD):
+    """``PGDL2(model, eps=1.0, alpha=0.2, steps=10, random_start=True)(x, y)`` (torchattacks' defaults)."""
+
+    name = "pgdl2"
+    default_norm = "l2"
+
+    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, **options):
+        super().__init__(model, eps, alpha, steps, random_start, **options)
+
+
+class CW(Attack):
+    """CW-Linf: ``CW(model, eps=8/255, alpha=None, steps=10, kappa=0.0)(x, y)``, PGD on the CW margin loss (not
+    torchattacks' optimisation-based CW-L2). See :func:`cw_linf`."""
+
+    name = "cw"
+
+    def __init__(self, model, eps=8 / 255, alpha=None, steps=10, kappa=0.0, *, random_start=False, seed=None,
+                 **options):
+        super().__init__(model, **options)
+        self.eps, self.alpha, self.steps, self.kappa = eps, alpha, steps, kappa
+        self.random_start, self.seed = random_start, seed
+
+    def forward(self, x, y):
+        return cw_linf(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, kappa=self.kappa,
+                       random_start=self.random_start, targeted=self.targeted, clip_min=self.clip_min,
+                       clip_max=self.clip_max, model_mode=self.model_mode,
+                       generator=make_generator(self.seed, x.device))

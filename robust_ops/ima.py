@@ -1,0 +1,857 @@
+r"""Increasing-Margin Adversarial (IMA) training: Ma & Liang, "Increasing-Margin Adversarial (IMA) Training to Improve
+Adversarial Robustness of Neural Networks" (Algorithms 1-3). Semantics, choices and numbers: docs/ima.md.
+
+* :func:`gen_adv` -- Algorithm 2 (GenAdv: normalized-gradient ascent inside each sample's margin ball, stop at the
+  first misclassified iterate, then a boundary search between the last correct and the first wrong iterate) or
+  Algorithm 3 (ascent for all K steps, then search between the clean x and the final iterate). Batched with
+  active-set compaction: finished samples leave the working batch, so no forward or backward is spent on them.
+  ``compact=False`` runs the same algorithm over the full batch with masks (the baseline the benchmark compares).
+* :class:`MarginTable` -- the per-sample margins E(i) indexed by dataset id, updated per Algorithm 1, checkpointed,
+  synchronised across ranks.
+* :class:`IMA` -- the defense (Algorithm 1 for one mini-batch): loss ``(1 - beta) * L0 + beta * L1`` and the margin
+  update.
+* :func:`dice_criterion`, :func:`soft_dice_loss` -- the paper's segmentation extension (Dice > 0.6 counts as correct).
+"""
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from . import functional
+from .attacks.context import (
+    attack_context,
+    check_inputs,
+    check_output,
+    classification_loss,
+    predict_from_output,
+)
+from .defenses.base import Defense, DefenseOutput
+
+__all__ = [
+    "gen_adv",
+    "gen_adv_masked",
+    "GenAdvInfo",
+    "PassCounter",
+    "MarginTable",
+    "IMA",
+    "dice_criterion",
+    "soft_dice_loss",
+    "search_rounds",
+    "sample_distance",
+    "paper_eps_train",
+]
+
+NORMS = ("l2", "linf")
+ALGORITHMS = (2, 3)
+SEARCH_RESULTS = ("correct_side", "midpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Counting passes
+
+
+@dataclass
+class PassCounter:
+    """Forward/backward passes spent by :func:`gen_adv`: ``*_calls`` counts batched model calls (sequential launches),
+    ``*_rows`` counts the samples that went through them (the work)."""
+
+    forward_calls: int = 0
+    forward_rows: int = 0
+    backward_calls: int = 0
+    backward_rows: int = 0
+
+    def forward(self, rows):
+        self.forward_calls += 1
+        self.forward_rows += int(rows)
+
+    def backward(self, rows):
+        self.backward_calls += 1
+        self.backward_rows += int(rows)
+
+    def reset(self):
+        self.forward_calls = self.forward_rows = self.backward_calls = self.backward_rows = 0
+
+    def as_dict(self):
+        return dict(forward_calls=self.forward_calls, forward_rows=self.forward_rows,
+                    backward_calls=self.backward_calls, backward_rows=self.backward_rows)
+
+
+@dataclass
+class GenAdvInfo:
+    """Per-sample details of one :func:`gen_adv` call (``return_info=True``).
+
+    clean_correct: bool [N], the criterion held at the clean x (samples where it did not are returned unchanged).
+    steps: int64 [N], ascent steps taken (Algorithm 2: the step that crossed, else K; 0 for margin-0 or wrong x).
+    far_point: [N, ...] the far end of the final search bracket (a misclassified point for crossed samples; x_adv
+        otherwise).
+    gap: [N], the norm of ``far_point - x_adv`` (0 for samples that did not cross).
+    counter: the :class:`PassCounter` that was updated.
+    """
+
+    clean_correct: torch.Tensor
+    steps: torch.Tensor
+    far_point: torch.Tensor
+    gap: torch.Tensor
+    counter: PassCounter = field(default_factory=PassCounter)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Criteria and losses
+
+
+def _default_is_correct(out, y):
+    return predict_from_output(out) == y
+
+
+def _default_loss(out, y):
+    return classification_loss(out, y, reduction="none")
+
+
+def _seg_masks(out, y, name):
+    """Binary masks (pred, target) [N, P] for binary (one logit channel) or multi-class (C >= 2 channels) outputs;
+    multi-class returns one-hot masks [N, C, P]."""
+    n = out.shape[0]
+    if out.dim() >= 3 and out.shape[1] >= 2:  # [N, C, ...] class logits, y [N, ...] labels
+        c = out.shape[1]
+        pred = torch.nn.functional.one_hot(out.argmax(1).reshape(n, -1), c).transpose(1, 2)
+        target_labels = y.reshape(n, -1).long()
+        if target_labels.shape[1] != pred.shape[2]:
+            raise ValueError(f"{name}: expected y to have {pred.shape[2]} labels per sample to match the output "
+                             f"{tuple(out.shape)}, got {tuple(y.shape)}")
+        target = torch.nn.functional.one_hot(target_labels, c).transpose(1, 2)
+        return pred.bool(), target.bool()
+    pred = (out > 0).reshape(n, -1)
+    target = y.reshape(n, -1)
+    if target.shape[1] != pred.shape[1]:
+        raise ValueError(f"{name}: expected y of {pred.shape[1]} pixels per sample to match the output "
+                         f"{tuple(out.shape)}, got {tuple(y.shape)}")
+    return pred, target > 0.5 if target.is_floating_point() else target.bool()
+
+
+def dice_score(out, y):
+    """Dice per sample [N] of a segmentation output (logits) against the target mask y.
+
+    Binary: out [N, 1, H, W] or [N, H, W] logits (foreground where > 0), y a {0, 1} mask of the same pixel count.
+    Multi-class: out [N, C, H, W] (C >= 2, argmax) and y [N, H, W] labels; the mean Dice over the foreground classes
+    present in the prediction or the target. Empty prediction and empty target give Dice 1.
+    """
+    pred, target = _seg_masks(out, y, "dice_score")
+    inter = (pred & target).sum(-1).double()
+    total = (pred.sum(-1) + target.sum(-1)).double()
+    dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    if dice.dim() == 2:  # multi-class: foreground classes 1..C-1 that appear in prediction or target
+        present = total[:, 1:] > 0
+        fg = dice[:, 1:]
+        count = present.sum(1)
+        dice = torch.where(count > 0, (fg * present).sum(1) / count.clamp_min(1), torch.ones_like(count, dtype=fg.dtype))
+    return dice
+
+
+def dice_criterion(threshold=0.6):
+    """The paper's segmentation criterion (Section 3.5.2): a segmentation counts as correct when the Dice of the
+    thresholded output against the target mask exceeds ``threshold`` (0.6 in the paper). Use as ``is_correct``."""
+    if not (isinstance(threshold, numbers.Real) and 0 <= threshold < 1):
+        raise ValueError(f"dice_criterion: expected threshold in [0, 1), got {threshold!r}")
+
+    def is_correct(out, y):
+        return dice_score(out, y) > threshold
+
+    is_correct.threshold = threshold
+    return is_correct
+
+
+def soft_dice_loss(out, y, smooth=1.0):
+    """Per-sample soft Dice loss [N] for binary segmentation logits (sigmoid) against a {0, 1} mask: the ascent loss
+    to pair with :func:`dice_criterion` (as nnU-Net trains with Dice loss)."""
+    n = out.shape[0]
+    p = torch.sigmoid(out).reshape(n, -1)
+    t = y.reshape(n, -1).to(p.dtype)
+    return 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def search_rounds(search_steps, arity):
+    """Rounds a k-ary search needs for the precision of ``search_steps`` bisections: ceil(N log 2 / log k)."""
+    if arity == 2:
+        return search_steps
+    rounds = math.ceil(search_steps * math.log(2) / math.log(arity) - 1e-12)
+    return max(rounds, 0)
+
+
+def sample_distance(a, b, norm):
+    """Per-sample distance ||a - b||_p [N] (p = 2 or inf)."""
+    d = (a - b).reshape(a.shape[0], -1)
+    if d.shape[1] == 0:
+        return d.new_zeros(a.shape[0])
+    return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
+
+
+def _check_int(name, arg, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: expected {arg} to be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _margin_tensor(name, margin, x):
+    n = x.shape[0]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if torch.is_tensor(margin):
+        if margin.dim() == 0:
+            margin = margin.reshape(1).expand(n)
+        if margin.dim() != 1 or margin.shape[0] != n:
+            raise ValueError(f"{name}: expected margin to be a number or a tensor of shape [{n}], "
+                             f"got shape {tuple(margin.shape)}")
+        m = margin.detach().to(device=x.device, dtype=dtype)
+    elif isinstance(margin, numbers.Real) and not isinstance(margin, bool):
+        m = torch.full((n,), float(margin), dtype=dtype, device=x.device)
+    else:
+        raise TypeError(f"{name}: expected margin to be a number or a tensor, got {type(margin).__name__}")
+    bad = ~torch.isfinite(m) | (m < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}: expected every margin to be finite and >= 0, got {int(bad.sum())} bad value(s), "
+                         f"e.g. margin[{i}] = {float(m[i])}")
+    return m
+
+
+def _criterion_result(name, ok, n):
+    if not torch.is_tensor(ok) or ok.dtype != torch.bool or ok.shape != (n,):
+        got = f"{ok.dtype} {tuple(ok.shape)}" if torch.is_tensor(ok) else type(ok).__name__
+        raise ValueError(f"{name}: expected is_correct(output, y) to return a bool tensor of shape [{n}], got {got}")
+    return ok
+
+
+def _loss_result(name, loss, n):
+    if loss.shape != (n,):
+        raise ValueError(f"{name}: expected loss_fn(output, y) to return per-sample losses of shape [{n}], "
+                         f"got {tuple(loss.shape)}")
+    return loss
+
+
+class _Problem:
+    """Everything one gen_adv call needs, validated once."""
+
+    def __init__(self, name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
+                 clip_min, clip_max, search_result, backend):
+        if norm not in NORMS:
+            raise ValueError(f"{name}: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"{name}: expected algorithm to be 2 (GenAdv) or 3 (GenAdv with data augmentation), "
+                             f"got {algorithm!r}")
+        if search_result not in SEARCH_RESULTS:
+            raise ValueError(f"{name}: expected search_result to be one of {', '.join(SEARCH_RESULTS)}, "
+                             f"got {search_result!r}")
+        self.steps = _check_int(name, "steps", steps, 0)
+        self.search_steps = _check_int(name, "search_steps", search_steps, 0)
+        self.arity = _check_int(name, "arity", arity, 2)
+        if is_correct is None:
+            check_inputs(name, x, y, clip_min, clip_max)
+        else:
+            check_inputs(name, x, None, clip_min, clip_max)
+            if not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]:
+                raise ValueError(f"{name}: expected y with batch size {x.shape[0]}, got "
+                                 f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+        self.name, self.model, self.x, self.y = name, model, x, y
+        self.margin = _margin_tensor(name, margin, x)
+        self.norm, self.algorithm = norm, algorithm
+        self.is_correct = is_correct or _default_is_correct
+        self.default_criterion = is_correct is None
+        self.loss_fn = loss_fn or _default_loss
+        self.clip_min, self.clip_max = float(clip_min), float(clip_max)
+        self.search_result, self.backend = search_result, backend
+        self.rounds = search_rounds(self.search_steps, self.arity)
+        # Algorithm 2: alpha = 4 E(i) / K.
+        self.alpha = 4 * self.margin / self.steps if self.steps else torch.zeros_like(self.margin)
+
+    def correct(self, out, y):
+        if self.default_criterion:
+            check_output(self.name, out, y.shape[0])
+        return _criterion_result(self.name, self.is_correct(out, y), y.shape[0])
+
+    def forward(self, xs, counter, grad):
+        """Model output at xs (with a graph to xs when grad); one counted forward."""
+        counter.forward(xs.shape[0])
+        if grad:
+            xs = xs.detach().requires_grad_(True)
+            with torch.enable_grad():
+                return xs, self.model(xs)
+        with torch.no_grad():
+            return xs, self.model(xs)
+
+    def gradient(self, xs, out, y, weight, counter):
+        """Gradient of the per-sample loss at xs; rows with weight 0 get no gradient (their sample is done)."""
+        with torch.enable_grad():
+            loss = _loss_result(self.name, self.loss_fn(out, y), y.shape[0])
+            total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
+        counter.backward(xs.shape[0])
+        (grad,) = torch.autograd.grad(total, xs)
+        return grad
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The ascent and the search: compacted
+
+
+def _ascent_compact(p, counter):
+    """Algorithm 2/3 ascent over a working batch that holds only the unfinished samples.
+
+    Returns x_adv (final iterates for samples that ended without crossing), lo/hi (search brackets), crossed,
+    clean_correct and steps, all full-batch."""
+    x, y, n = p.x, p.y, p.x.shape[0]
+    x_adv = x.clone()
+    lo, hi = x.clone(), x.clone()
+    crossed = torch.zeros(n, dtype=torch.bool, device=x.device)
+    clean_correct = torch.ones(n, dtype=torch.bool, device=x.device)
+    steps = torch.zeros(n, dtype=torch.int64, device=x.device)
+    # Margin-0 samples: the ball is {x}; they do not move and cost nothing (x_adv = x, crossed False).
+    idx = (p.margin > 0).nonzero().squeeze(1)
+    cur = x.index_select(0, idx)  # working iterates x_t of the active samples
+    prev = cur  # x_{t-1} (Algorithm 2's x~1, the last correct iterate)
+    for t in range(p.steps + 1):
+        if idx.numel() == 0:
+            break
+        last = t == p.steps
+        ya = y.index_select(0, idx)
+        xs, out = p.forward(cur, counter, grad=not last)
+        ok = p.correct(out.detach(), ya)
+        if t == 0:
+            bad = ~ok  # clean x already wrong: returned unchanged, never searched
+            clean_correct.index_fill_(0, idx[bad], False)
+            done = bad
+        elif p.algorithm == 2:
+            done = ~ok  # first wrong iterate: bracket [x_{t-1}, x_t]
+            cidx = idx[done]
+            crossed.index_fill_(0, cidx, True)
+            lo.index_copy_(0, cidx, prev[done])
+            hi.index_copy_(0, cidx, cur[done])
+            steps.index_fill_(0, cidx, t)
+        else:
+            done = torch.zeros_like(ok)
+        if last:  # K steps taken: the rest ends here
+            rest = ~done
+            ridx = idx[rest]
+            steps.index_fill_(0, ridx, p.steps)
+            if p.algorithm == 3:  # Algorithm 3: bracket [x, x_K] when x_K is misclassified
+                wrong = rest & ~ok
+                widx = idx[wrong]
+                crossed.index_fill_(0, widx, True)
+                hi.index_copy_(0, widx, cur[wrong])
+                rest = rest & ok
+                ridx = idx[rest]
+            x_adv.index_copy_(0, ridx, cur[rest])
+            break
+        keep = ~done
+        if not bool(keep.any()):  # every sample finished at this step: no backward needed
+            break
+        grad = p.gradient(xs, out, ya, keep, counter)
+        idx, prev = idx[keep], cur[keep]
+        nxt = prev.clone()
+        functional.pgd_step_(nxt, x.index_select(0, idx), grad[keep], p.alpha.index_select(0, idx),
+                             p.margin.index_select(0, idx), clip_min=p.clip_min, clip_max=p.clip_max, norm=p.norm,
+                             backend=p.backend)
+        cur = nxt
+    return x_adv, lo, hi, crossed, clean_correct, steps
+
+
+def _search_start(p, lo, hi):
+    """Interior points of the first round: points = hi everywhere, then one search step with crossed_at = 0 keeps lo
+    and hi (stacked[0] = lo, stacked[1] = points[0] = hi) and writes the k-1 interior points with the kernel's own
+    arithmetic."""
+    points = hi.unsqueeze(0).expand((p.arity - 1,) + tuple(hi.shape)).clone()
+    zero = torch.zeros(lo.shape[0], dtype=torch.int64, device=lo.device)
+    functional.boundary_search_step_(lo, hi, points, zero, backend=p.backend)
+    return points
+
+
+def _first_crossed(p, out, y, k1, n):
+    """Index of the first interior point (lo -> hi order) past the boundary, k-1 when none is."""
+    ok = p.correct(out, y.repeat(k1, *([1] * (y.dim() - 1)))).view(k1, n)
+    wrong = ~ok
+    first = wrong.to(torch.uint8).argmax(0)  # first True (argmax returns the first maximal index)
+    return torch.where(wrong.any(0), first, torch.full_like(first, k1))
+
+
+def _search_compact(p, lo, hi, crossed, counter):
+    """k-ary boundary search on the crossed samples only (all of them need the same number of rounds)."""
+    idx = crossed.nonzero().squeeze(1)
+    n = idx.numel()
+    if n == 0 or p.rounds == 0:
+        return lo.index_select(0, idx), hi.index_select(0, idx), idx
+    lo_c, hi_c = lo.index_select(0, idx), hi.index_select(0, idx)
+    y_c = p.y.index_select(0, idx)
+    points = _search_start(p, lo_c, hi_c)
+    k1 = p.arity - 1
+    for _ in range(p.rounds):
+        _, out = p.forward(points.reshape((k1 * n,) + tuple(lo_c.shape[1:])), counter, grad=False)
+        crossed_at = _first_crossed(p, out, y_c, k1, n)
+        functional.boundary_search_step_(lo_c, hi_c, points, crossed_at, backend=p.backend)
+    return lo_c, hi_c, idx
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The same algorithm with masks over the full batch (the baseline)
+
+
+def _ascent_masked(p, counter):
+    x, y, n = p.x, p.y, p.x.shape[0]
+    dev = x.device
+    x_adv, lo, hi = x.clone(), x.clone(), x.clone()
+    crossed = torch.zeros(n, dtype=torch.bool, device=dev)
+    clean_correct = torch.ones(n, dtype=torch.bool, device=dev)
+    steps = torch.zeros(n, dtype=torch.int64, device=dev)
+    alive = p.margin > 0
+    cur, prev = x.clone(), x.clone()
+    view = (n,) + (1,) * (x.dim() - 1)
+    for t in range(p.steps + 1):
+        if not bool(alive.any()):
+            break
+        last = t == p.steps
+        xs, out = p.forward(cur, counter, grad=not last)
+        ok = p.correct(out.detach(), y)
+        if t == 0:
+            done = alive & ~ok
+            clean_correct &= ~done
+        elif p.algorithm == 2:
+            done = alive & ~ok
+            crossed |= done
+            lo = torch.where(done.view(view), prev, lo)
+            hi = torch.where(done.view(view), cur, hi)
+            steps = torch.where(done, torch.full_like(steps, t), steps)
+        else:
+            done = torch.zeros_like(alive)
+        alive = alive & ~done
+        if last:
+            steps = torch.where(alive, torch.full_like(steps, p.steps), steps)
+            if p.algorithm == 3:
+                wrong = alive & ~ok
+                crossed |= wrong
+                hi = torch.where(wrong.view(view), cur, hi)
+                alive = alive & ok
+            x_adv = torch.where(alive.view(view), cur, x_adv)
+            break
+        if not bool(alive.any()):
+            break
+        grad = p.gradient(xs, out, y, alive, counter)
+        nxt = cur.clone()
+        functional.pgd_step_(nxt, x, grad, p.alpha, p.margin, clip_min=p.clip_min, clip_max=p.clip_max, norm=p.norm,
+                             backend=p.backend)
+        prev = cur
+        cur = torch.where(alive.view(view), nxt, cur)
+    return x_adv, lo, hi, crossed, clean_correct, steps
+
+
+def _search_masked(p, lo, hi, crossed, counter):
+    n = lo.shape[0]
+    idx = crossed.nonzero().squeeze(1)
+    if n == 0 or p.rounds == 0 or idx.numel() == 0:
+        return lo.index_select(0, idx), hi.index_select(0, idx), idx
+    lo, hi = lo.clone(), hi.clone()
+    points = _search_start(p, lo, hi)
+    k1 = p.arity - 1
+    for _ in range(p.rounds):
+        _, out = p.forward(points.reshape((k1 * n,) + tuple(lo.shape[1:])), counter, grad=False)
+        crossed_at = _first_crossed(p, out, p.y, k1, n)
+        functional.boundary_search_step_(lo, hi, points, crossed_at, crossed, backend=p.backend)
+    return lo.index_select(0, idx), hi.index_select(0, idx), idx
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
+             clip_min, clip_max, model_mode, search_result, counter, return_info, backend):
+    p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
+                 clip_min, clip_max, search_result, backend)
+    counter = counter if counter is not None else PassCounter()
+    with attack_context(model, model_mode):
+        ascent, search = (_ascent_compact, _search_compact) if compact else (_ascent_masked, _search_masked)
+        x_adv, lo, hi, crossed, clean_correct, steps_taken = ascent(p, counter)
+        lo_c, hi_c, idx = search(p, lo, hi, crossed, counter)
+    # Land on the correct side (lo), or at the paper pseudo-code's final midpoint.
+    landed = lo_c if search_result == "correct_side" else lo_c * 0.5 + hi_c * 0.5
+    x_adv.index_copy_(0, idx, landed)
+    x_adv = x_adv.detach()
+    if not return_info:
+        return x_adv, crossed
+    far = x_adv.clone()
+    far.index_copy_(0, idx, hi_c)
+    info = GenAdvInfo(clean_correct=clean_correct, steps=steps_taken, far_point=far,
+                      gap=sample_distance(far, x_adv, p.norm), counter=counter)
+    return x_adv, crossed, info
+
+
+def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algorithm=2, is_correct=None, loss_fn=None,
+            arity=2, clip_min=0.0, clip_max=1.0, model_mode="eval", search_result="correct_side", compact=True,
+            counter=None, return_info=False, backend=None):
+    r"""IMA's GenAdv (Algorithm 2, or Algorithm 3 for data augmentation), batched with per-sample early exit.
+
+    Algorithm 2, per sample with margin E = E(i): from x_0 = x, up to K = ``steps`` normalized-gradient steps
+    ``x_t = Proj_E(x_{t-1} + alpha * h(grad L(f(x_{t-1}), y)))`` with alpha = 4E/K (h: g/||g||_2 for l2, sign for
+    linf; :func:`robust_ops.pgd_step_`). The first iterate x_t the criterion calls wrong stops the sample (crossed);
+    a boundary search between x_{t-1} (correct) and x_t (wrong) then runs ``search_steps`` bisections. Samples that
+    never cross return x_K. Algorithm 3 takes all K steps and searches between x and x_K when x_K is wrong.
+
+    The returned point of a crossed sample is the search's last correct point (``search_result="correct_side"``),
+    within ``(hi - lo) / 2**search_steps`` of a misclassified point; ``"midpoint"`` returns the final midpoint as
+    the paper's pseudo-code does (which may lie on either side). Samples whose clean x is already wrong, and
+    samples with margin 0 (the ball is {x}), are returned unchanged with ``crossed=False``; margin-0 samples cost no
+    forward pass.
+
+    Compaction: each forward and backward runs on the samples still in play only (gather, then scatter back), in the
+    ascent and in the search; the forward at x_t both checks x_t and gives the gradient for the next step, so a
+    sample that stops at step t costs t+1 forwards and t backwards. ``compact=False`` gives the same results with
+    every pass over the full batch (:func:`gen_adv_masked`).
+
+    Args:
+        model: classifier ([N, K] or single-logit output) or, with ``is_correct``, any model (e.g. segmentation).
+        x (Tensor[N, ...]): clean inputs inside [clip_min, clip_max].
+        y (Tensor[N] or Tensor[N, ...]): labels (or target masks for a custom criterion).
+        margin (float or Tensor[N]): per-sample radius E(i) >= 0 in the ``norm``.
+        steps (int): K, the maximum number of ascent steps. Default: 20.
+        norm (str): "l2" or "linf". Default: "l2".
+        search_steps (int): N, the bisection count of the boundary search. Default: 10.
+        algorithm (int): 2 (early exit, search between the last two iterates) or 3 (search between x and x_K).
+        is_correct (callable, optional): ``is_correct(output, y) -> BoolTensor[N]``; default ``argmax == y``
+            (single logit: ``logit > 0``). See :func:`dice_criterion` for segmentation.
+        loss_fn (callable, optional): per-sample loss ``loss_fn(output, y) -> Tensor[N]`` to ascend; default
+            cross-entropy (binary cross-entropy for single logits).
+        arity (int): k of the k-ary search: k-1 interior points per round in one batched forward, and
+            ``ceil(N log 2 / log k)`` rounds for the precision of N bisections; 2 is the paper's bisection.
+        clip_min, clip_max (float): valid input range. Default: [0, 1].
+        model_mode (str): "eval" (default), "train" or "keep" during the attack (restored afterwards). In train mode
+            batch-norm statistics couple the samples, so compaction changes results.
+        search_result (str): "correct_side" (default) or "midpoint" (see above).
+        compact (bool): shrink the working batch as samples finish (default) or mask over the full batch.
+        counter (PassCounter, optional): incremented with the forward/backward passes spent.
+        return_info (bool): also return a :class:`GenAdvInfo`.
+        backend (str, optional): backend of the pgd_step_ and boundary_search_step_ ops.
+
+    Returns:
+        ``(x_adv, crossed)`` (plus ``info`` with ``return_info``): x_adv [N, ...] detached, crossed BoolTensor[N]
+        (Algorithm 1's beta).
+
+    Example::
+
+        >>> x_adv, crossed = gen_adv(model, x, y, margins, steps=20, search_steps=10)
+    """
+    return _gen_adv("gen_adv", compact, model, x, y, margin, steps=steps, norm=norm, search_steps=search_steps,
+                    algorithm=algorithm, is_correct=is_correct, loss_fn=loss_fn, arity=arity, clip_min=clip_min,
+                    clip_max=clip_max, model_mode=model_mode, search_result=search_result, counter=counter,
+                    return_info=return_info, backend=backend)
+
+
+def gen_adv_masked(model, x, y, margin, **kwargs):
+    """:func:`gen_adv` without compaction: every forward and backward runs over the full batch and finished samples
+    are frozen by masks. Same results; the baseline for benchmarks and equivalence tests."""
+    kwargs["compact"] = False
+    return gen_adv(model, x, y, margin, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Margin table
+
+
+class MarginTable:
+    """Per-sample margins E(i), a float tensor [num_samples] indexed by dataset id (Algorithm 1).
+
+    ``update`` applies lines 13-19 for one batch: expand by ``delta`` where the adversarial sample is still correct
+    and no boundary was crossed; shrink to ``(||x - x_adv|| + E(i)) / 2`` where it crossed; clip into
+    ``[0, max_margin]`` (clipping each update equals the paper's end-of-epoch clip, since an epoch visits each id
+    once). Under torch.distributed (initialized, world size > 1, ``sync=True``) every update is followed by an
+    all_gather of the (id, new margin) pairs of all ranks, applied in rank order, so every rank holds the same
+    table; an id updated by two ranks in one step (DistributedSampler's padding) takes the highest rank's value.
+    """
+
+    def __init__(self, num_samples, init_margin, max_margin, norm="l2", *, device="cpu", dtype=torch.float32,
+                 sync=True, process_group=None):
+        _check_int("MarginTable", "num_samples", num_samples, 1)
+        for arg, v in (("init_margin", init_margin), ("max_margin", max_margin)):
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"MarginTable: expected {arg} to be a finite number >= 0, got {v!r}")
+        if init_margin > max_margin:
+            raise ValueError(f"MarginTable: expected init_margin <= max_margin, got {init_margin} > {max_margin}")
+        if norm not in NORMS:
+            raise ValueError(f"MarginTable: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
+        self.max_margin = float(max_margin)
+        self.norm = norm
+        self.sync = sync
+        self.process_group = process_group
+        self.margins = torch.full((int(num_samples),), float(init_margin), dtype=dtype, device=device)
+
+    def __len__(self):
+        return self.margins.shape[0]
+
+    def __repr__(self):
+        return f"MarginTable(num_samples={len(self)}, max_margin={self.max_margin}, norm={self.norm!r})"
+
+    def check_ids(self, ids, name="MarginTable"):
+        """ids as an int64 tensor on the table's device; errors for non-integer, out-of-range or duplicate ids."""
+        if not torch.is_tensor(ids) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"{name}: expected ids to be an integer tensor of dataset ids, got "
+                            f"{getattr(ids, 'dtype', type(ids).__name__)}")
+        if ids.dim() != 1:
+            raise ValueError(f"{name}: expected ids to be 1-D [N], got shape {tuple(ids.shape)}")
+        ids = ids.to(device=self.margins.device, dtype=torch.int64)
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= len(self):
+                raise IndexError(f"{name}: ids must lie in [0, {len(self)}) (the margin table has {len(self)} entries; "
+                                 f"size it with the dataset length), got ids in [{lo}, {hi}]")
+            if torch.unique(ids).numel() != ids.numel():
+                raise ValueError(f"{name}: expected distinct ids in one batch (each sample's margin is updated once), "
+                                 f"got {ids.numel() - torch.unique(ids).numel()} duplicate(s)")
+        return ids
+
+    def get(self, ids):
+        """Margins of ``ids`` (a copy)."""
+        return self.margins.index_select(0, self.check_ids(ids))
+
+    def __getitem__(self, ids):
+        return self.get(ids)
+
+    def new_margins(self, ids, *, adv_correct, crossed, distance, delta):
+        """Algorithm 1 lines 13-19 for ``ids``: the updated (clipped) margins, without writing them."""
+        ids = self.check_ids(ids)
+        n = ids.numel()
+        for arg, t in (("adv_correct", adv_correct), ("crossed", crossed)):
+            if not torch.is_tensor(t) or t.dtype != torch.bool or t.shape != (n,):
+                raise ValueError(f"MarginTable.update: expected {arg} to be a bool tensor of shape [{n}], got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if not torch.is_tensor(distance) or distance.shape != (n,):
+            raise ValueError(f"MarginTable.update: expected distance of shape [{n}], got "
+                             f"{tuple(getattr(distance, 'shape', ()))}")
+        if not (isinstance(delta, numbers.Real) and math.isfinite(delta) and delta >= 0):
+            raise ValueError(f"MarginTable.update: expected delta to be a finite number >= 0, got {delta!r}")
+        dev = self.margins.device
+        old = self.margins.index_select(0, ids)
+        adv_correct, crossed = adv_correct.to(dev), crossed.to(dev)
+        dist_ = distance.detach().to(device=dev, dtype=old.dtype)
+        new = torch.where(adv_correct & ~crossed, old + delta, old)
+        new = torch.where(crossed, (dist_ + old) / 2, new)
+        return new.clamp(0.0, self.max_margin)
+
+    def update(self, ids, *, adv_correct, crossed, distance, delta):
+        """Apply Algorithm 1's margin update for one batch (see the class docstring); returns the new margins."""
+        new = self.new_margins(ids, adv_correct=adv_correct, crossed=crossed, distance=distance, delta=delta)
+        ids = self.check_ids(ids)
+        self.margins.index_copy_(0, ids, new)
+        self._sync(ids, new)
+        return new
+
+    def _sync(self, ids, values):
+        if not (self.sync and dist.is_available() and dist.is_initialized()):
+            return
+        group = self.process_group
+        world = dist.get_world_size(group)
+        if world == 1:
+            return
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
+            torch.device("cpu")
+        size = torch.tensor([ids.numel()], dtype=torch.int64, device=comm)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        sizes = [int(s) for s in sizes]
+        m = max(sizes)
+        pad_ids = torch.full((m,), -1, dtype=torch.int64, device=comm)
+        pad_ids[: ids.numel()] = ids.to(comm)
+        pad_vals = torch.zeros(m, dtype=self.margins.dtype, device=comm)
+        pad_vals[: values.numel()] = values.to(comm)
+        all_ids = [torch.empty_like(pad_ids) for _ in range(world)]
+        all_vals = [torch.empty_like(pad_vals) for _ in range(world)]
+        dist.all_gather(all_ids, pad_ids, group=group)
+        dist.all_gather(all_vals, pad_vals, group=group)
+        for r in range(world):  # rank order: every rank applies the same writes in the same order
+            k = sizes[r]
+            self.margins.index_copy_(0, all_ids[r][:k].to(self.margins.device), all_vals[r][:k].to(self.margins.device))
+
+    def state_dict(self):
+        return {"margins": self.margins.clone()}
+
+    def load_state_dict(self, state):
+        if not isinstance(state, dict) or set(state) != {"margins"}:
+            raise ValueError(f"MarginTable.load_state_dict: expected a dict with the key 'margins', got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        m = state["margins"]
+        if not torch.is_tensor(m) or m.shape != self.margins.shape:
+            raise ValueError(f"MarginTable.load_state_dict: expected margins of shape {tuple(self.margins.shape)} "
+                             f"(one per dataset sample), got {tuple(getattr(m, 'shape', ()))}")
+        if not m.is_floating_point() or not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+            raise ValueError("MarginTable.load_state_dict: expected finite margins >= 0")
+        self.margins.copy_(m)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The defense
+
+
+def paper_eps_train(sample_shape, norm="l2"):
+    """Default eps_train from the paper's per-pixel rule (Section 3.3, Eq. 5): the per-element noise of CIFAR10's
+    L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) for d = prod(sample_shape) (about 1.52 for
+    1x28x28, 2.6 for PathMNIST's 3x28x28 which the paper rounds to 3); 8/255 for linf (no rule in the paper)."""
+    if norm == "linf":
+        return 8 / 255
+    return 3.0 * math.sqrt(math.prod(sample_shape) / 3072)
+
+
+class IMA(Defense):
+    r"""Increasing-Margin Adversarial training (Algorithm 1 for one mini-batch; Ma & Liang).
+
+    For the batch with dataset ids ``ids``: the clean forward z = f(x) (in the model's current mode) gives L0; samples
+    that z classifies correctly get x_adv = GenAdv(x, y, E(i)) (:func:`gen_adv`, attack in ``model_mode``) and L1 =
+    L(f(x_adv)); the others use L1 = L0. The loss is ``mean((1 - beta) * L0 + beta * L1)`` (beta = 0.5 is the
+    paper's (L0 + L1)/2). Margins: expand by ``delta`` when f(x_adv) is correct and no boundary was crossed; shrink to
+    ``(||x - x_adv|| + E(i))/2`` when one was crossed (``strict_shrink=True`` also requires f(x_adv) wrong, the
+    literal line 15, which with the correct-side search result rarely holds); clip into ``[0, eps_train]``.
+    Samples misclassified clean keep their margin.
+
+    Args:
+        num_samples (int, optional): dataset length (margin table size); or call :meth:`setup` before training.
+        eps_train (float, optional): the largest margin. Default: the paper's per-pixel rule, 3*sqrt(d/3072) for l2
+            (PathMNIST 3x28x28 -> 2.6, the paper rounds to 3; BreastMNIST 1x28x28 -> 1.52), 8/255 for linf.
+        delta (float, optional): the margin expansion step. Default: eps_train / 100 (the paper's CIFAR10 value 0.03
+            for eps_train 3; PathMNIST uses 0.04): margins can reach eps_train after 100 epochs.
+        init_margin (float, optional): initial E(i). Default: delta (Algorithm 1).
+        beta (float): weight of the adversarial loss. Default: 0.5.
+        norm (str): "l2" (default, the paper's classification setting) or "linf".
+        steps, search_steps, arity, algorithm: see :func:`gen_adv` (K = 20, N = 10, bisection, Algorithm 2).
+        model_mode (str): the model's mode during GenAdv. Default: "eval".
+        is_correct, loss_fn: criterion and per-sample loss (defaults: argmax == y and cross-entropy).
+        compact (bool): active-set compaction in GenAdv (default True).
+    """
+
+    name = "ima"
+    needs_ids = True
+
+    def __init__(self, num_samples=None, *, eps_train=None, delta=None, init_margin=None, beta=0.5, norm="l2",
+                 steps=20, search_steps=10, arity=2, algorithm=2, model_mode="eval", clip_min=0.0, clip_max=1.0,
+                 is_correct=None, loss_fn=None, strict_shrink=False, compact=True, search_result="correct_side",
+                 sync=True, backend=None):
+        if norm not in NORMS:
+            raise ValueError(f"IMA: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
+        if not (isinstance(beta, numbers.Real) and 0 <= beta <= 1):
+            raise ValueError(f"IMA: expected beta in [0, 1], got {beta!r}")
+        for arg, v in (("eps_train", eps_train), ("delta", delta), ("init_margin", init_margin)):
+            if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"IMA: expected {arg} to be a finite number >= 0, got {v!r}")
+        _check_int("IMA", "steps", steps, 0)
+        _check_int("IMA", "search_steps", search_steps, 0)
+        _check_int("IMA", "arity", arity, 2)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"IMA: expected algorithm to be 2 or 3, got {algorithm!r}")
+        self.eps_train = None if eps_train is None else float(eps_train)
+        self.delta = None if delta is None else float(delta)
+        self.init_margin = None if init_margin is None else float(init_margin)
+        self.beta, self.norm = float(beta), norm
+        self.steps, self.search_steps, self.arity, self.algorithm = steps, search_steps, arity, algorithm
+        self.model_mode, self.clip_min, self.clip_max = model_mode, clip_min, clip_max
+        self.strict_shrink, self.compact, self.search_result = strict_shrink, compact, search_result
+        self.sync, self.backend = sync, backend
+        self._is_correct, self._loss_fn = is_correct, loss_fn
+        self.num_samples = None if num_samples is None else _check_int("IMA", "num_samples", num_samples, 1)
+        self.table = None
+        self.counter = PassCounter()
+
+    def setup(self, num_samples):
+        """Size the margin table to the training set (``len(dataset)``); called by the trainer if not given."""
+        n = _check_int("IMA", "num_samples", num_samples, 1)
+        if self.table is not None and len(self.table) != n:
+            raise ValueError(f"IMA: the margin table holds {len(self.table)} samples, got num_samples={n}")
+        self.num_samples = n
+
+    def _resolve(self, x):
+        if self.eps_train is None:
+            self.eps_train = paper_eps_train(tuple(x.shape[1:]), self.norm)
+        if self.delta is None:
+            self.delta = self.eps_train / 100
+        if self.init_margin is None:
+            self.init_margin = min(self.delta, self.eps_train)
+        if self.table is None:
+            if self.num_samples is None:
+                raise ValueError("IMA: the margin table needs the training set size: pass num_samples=len(train_set) "
+                                 "or call defense.setup(len(train_set)) before the first batch")
+            self.table = MarginTable(self.num_samples, self.init_margin, self.eps_train, self.norm,
+                                     device=x.device, sync=self.sync)
+
+    @property
+    def margins(self):
+        return None if self.table is None else self.table.margins
+
+    def __call__(self, model, x, y, ids=None):
+        if ids is None:
+            raise ValueError("IMA: needs the dataset ids of the batch (wrap the dataset in "
+                             "robust_ops.data.IndexedDataset so batches are (x, y, ids))")
+        if not torch.is_tensor(ids) or ids.dim() != 1 or ids.shape[0] != x.shape[0]:
+            raise ValueError(f"IMA: expected ids of shape [{x.shape[0]}] (one id per sample), got "
+                             f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
+        self._resolve(x)
+        ids = self.table.check_ids(ids, "IMA").to(x.device)
+        loss_fn = self._loss_fn or _default_loss
+        criterion = self._is_correct or _default_is_correct
+
+        out = model(x)
+        l0 = _loss_result("IMA", loss_fn(out, y), x.shape[0])
+        clean_ok = _criterion_result("IMA", criterion(out.detach(), y), x.shape[0])
+        sel = clean_ok.nonzero().squeeze(1)
+        margins = self.table.get(ids).to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        l1 = l0
+        metrics = {"margin_mean": float(self.table.margins.mean()), "clean_acc": float(clean_ok.float().mean())}
+        if sel.numel():
+            xs, ys = x.index_select(0, sel), y.index_select(0, sel)
+            x_adv, crossed, info = gen_adv(
+                model, xs, ys, margins.index_select(0, sel), steps=self.steps, norm=self.norm,
+                search_steps=self.search_steps, algorithm=self.algorithm, is_correct=self._is_correct,
+                loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min, clip_max=self.clip_max,
+                model_mode=self.model_mode, search_result=self.search_result, compact=self.compact,
+                counter=self.counter, return_info=True, backend=self.backend,
+            )
+            # Samples the attack's mode finds wrong at x itself are treated as misclassified clean (L1 = L0).
+            keep = info.clean_correct
+            sel, xs, ys, x_adv, crossed = sel[keep], xs[keep], ys[keep], x_adv[keep], crossed[keep]
+        else:
+            crossed = torch.zeros(0, dtype=torch.bool, device=x.device)
+        if sel.numel():
+            out_adv = model(x_adv)
+            l1_sel = _loss_result("IMA", loss_fn(out_adv, ys), sel.numel())
+            l1 = l0.index_put((sel,), l1_sel)
+            adv_ok = _criterion_result("IMA", criterion(out_adv.detach(), ys), sel.numel())
+            shrink = crossed & ~adv_ok if self.strict_shrink else crossed
+            expand = adv_ok & ~crossed
+            distance = sample_distance(x_adv, xs, self.norm)
+            metrics.update(adv_acc=float(adv_ok.float().mean()), crossed=float(crossed.float().mean()))
+        else:
+            shrink = expand = torch.zeros(0, dtype=torch.bool, device=x.device)
+            distance = torch.zeros(0, device=x.device)
+        # Every rank calls update once per batch (possibly with no ids) so the margin sync stays collective.
+        self.table.update(ids[sel], adv_correct=expand, crossed=shrink, distance=distance, delta=self.delta)
+        loss = ((1 - self.beta) * l0 + self.beta * l1).mean()
+        return DefenseOutput(loss=loss, logits=out.detach(), metrics=metrics)
+
+    def state_dict(self):
+        if self.table is None:
+            return {}
+        return {"margins": self.table.margins.clone(), "eps_train": self.eps_train, "delta": self.delta,
+                "init_margin": self.init_margin}
+
+    def load_state_dict(self, state):
+        if not state:
+            return
+        missing = {"margins", "eps_train", "delta", "init_margin"} - set(state)
+        if missing:
+            raise ValueError(f"IMA.load_state_dict: missing keys {sorted(missing)}")
+        margins = state["margins"]
+        if self.num_samples is not None and margins.shape != (self.num_samples,):
+            raise ValueError(f"IMA.load_state_dict: expected margins of shape [{self.num_samples}] (the training set "
+                             f"size), got {tuple(margins.shape)}")
+        self.eps_train, self.delta, self.init_margin = (float(state["eps_train"]), float(state["delta"]),
+                                                        float(state["init_margin"]))
+        self.num_samples = margins.shape[0]
+        self.table = MarginTable(self.num_samples, self.init_margin, self.eps_train, self.norm,
+                                 device=margins.device, dtype=margins.dtype, sync=self.sync)
+        self.table.load_state_dict({"margins": margins})
