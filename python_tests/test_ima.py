@@ -116,25 +116,25 @@ def test_matches_per_sample_loop(norm, algorithm):
 @pytest.mark.parametrize("arity", [2, 4])
 @pytest.mark.parametrize("algorithm", [2, 3])
 def test_compacted_equals_masked_and_spends_less(algorithm, arity):
-    model, x, y, margin = make_problem(n=16, seed=1)
+    model, x, y, margin = make_problem(n=12, seed=1)
     c_compact, c_masked = PassCounter(), PassCounter()
-    a, ca = gen_adv(model, x, y, margin, steps=10, search_steps=6, algorithm=algorithm, arity=arity, counter=c_compact)
-    b, cb = gen_adv_masked(model, x, y, margin, steps=10, search_steps=6, algorithm=algorithm, arity=arity,
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity, counter=c_compact)
+    b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity,
                            counter=c_masked)
     assert ca.tolist() == cb.tolist()
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # batch composition may change the last bit
     assert c_compact.forward_calls == c_masked.forward_calls
     assert c_compact.forward_rows < c_masked.forward_rows
     assert c_compact.backward_rows <= c_masked.backward_rows
-    assert c_masked.backward_rows == 10 * 16
+    assert c_masked.backward_rows == 8 * 12
     # The naive form (no batch-level exit) pays every step and every search round for every sample.
     c_naive = PassCounter()
-    n, cn = gen_adv_masked(model, x, y, margin, steps=10, search_steps=6, algorithm=algorithm, arity=arity,
+    n, cn = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity,
                            counter=c_naive, batch_exit=False)
     assert cn.tolist() == ca.tolist()
     torch.testing.assert_close(n, a, rtol=1e-12, atol=1e-12)
-    assert c_naive.forward_rows == 11 * 16 + search_rounds(6, arity) * (arity - 1) * 16
-    assert c_naive.backward_rows == 10 * 16
+    assert c_naive.forward_rows == 9 * 12 + search_rounds(6, arity) * (arity - 1) * 12
+    assert c_naive.backward_rows == 8 * 12
 
 
 def test_pass_counts_follow_the_cost_model_and_model_state_is_restored():
