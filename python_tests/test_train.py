@@ -2,6 +2,7 @@
 NaN handling, DDP equivalence with a single process, and its input checks."""
 
 import json
+import math
 import os
 import socket
 
@@ -55,8 +56,10 @@ def test_fit_writes_history_metrics_and_a_weights_only_checkpoint(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("epochs_first", [1, 2])
-def test_resume_after_interruption_is_bitwise_identical(tmp_path, epochs_first):
+@pytest.mark.parametrize("defense_name,epochs_first", [("standard", 1), ("standard", 2), ("at", 1)])
+def test_resume_after_interruption_is_bitwise_identical(tmp_path, defense_name, epochs_first):
+    """Dropout and AT's random start consume the global RNG: both must continue exactly after a resume."""
+    kwargs = dict(steps=2) if defense_name == "at" else {}
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -64,16 +67,16 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path, epochs_first):
         ref = DropoutMLP()
         init = _weights(ref)
         sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.7)  # noqa: E731
-        fit(ref, defenses.Standard(), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
+        fit(ref, defenses.build(defense_name, **kwargs), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
             out_dir=tmp_path / "a", progress=False, seed=3)
 
         first = DropoutMLP()
         first.load_state_dict(init)
-        fit(first, defenses.Standard(), _data(), epochs=epochs_first, batch_size=8, lr=1e-2, scheduler=sched,
+        fit(first, defenses.build(defense_name, **kwargs), _data(), epochs=epochs_first, batch_size=8, lr=1e-2, scheduler=sched,
             out_dir=tmp_path / "b", progress=False, seed=3)
         torch.manual_seed(123)  # whatever happened in between must not matter
         resumed = DropoutMLP()  # a fresh (different) init: everything comes from the checkpoint
-        out = fit(resumed, defenses.Standard(), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
+        out = fit(resumed, defenses.build(defense_name, **kwargs), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
                   out_dir=tmp_path / "b", resume=True, progress=False, seed=3)
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -215,3 +218,53 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
             torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
         if name == "ima":
             torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SimCLR pretraining
+
+
+def test_nt_xent_matches_eq4():
+    from robust_ops.pretrain import nt_xent
+
+    z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n2, tau = 8, 0.3
+    total = 0.0
+    for i in range(n2):
+        j = (i + 4) % n2
+        denom = sum(torch.exp(z[i] @ z[k] / tau) for k in range(n2) if k != i)
+        total += -torch.log(torch.exp(z[i] @ z[j] / tau) / denom)
+    torch.testing.assert_close(nt_xent(z1, z2, tau), total / n2)
+    with pytest.raises(ValueError, match="nt_xent: expected temperature > 0, got 0"):
+        nt_xent(z1, z2, 0)
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def test_simclr_pretrains_the_backbone_and_keeps_the_head():
+    from robust_ops.pretrain import SimCLRAugment, simclr
+
+    x = torch.rand(16, 1, 12, 12)
+    aug = SimCLRAugment(12)(x)
+    assert aug.shape == x.shape and float(aug.min()) >= 0 and float(aug.max()) <= 1
+    model = TinyClassifier()
+    head = model.fc
+    before = _weights(model)
+    result = simclr(model, TensorDataset(x, torch.zeros(16).long()), epochs=2, batch_size=8, progress=False)
+    assert result.removed_head == "fc" and model.fc is head
+    assert len(result.history) == 2 and all(math.isfinite(r["loss"]) for r in result.history)
+    after = model.state_dict()
+    assert torch.equal(after["fc.weight"], before["fc.weight"])
+    assert not torch.equal(after["features.0.weight"], before["features.0.weight"])
+    with pytest.raises(ValueError, match=r"simclr: expected batch_size to be an integer >= 2 \(NT-Xent needs "
+                                         r"negatives\), got 1"):
+        simclr(model, TensorDataset(x), epochs=1, batch_size=1)
