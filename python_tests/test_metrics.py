@@ -25,6 +25,7 @@ def test_binary_matches_sklearn(positive):
     assert m["specificity"] == pytest.approx(skm.recall_score(Y, PRED, pos_label=neg))
     assert m["precision"] == pytest.approx(skm.precision_score(Y, PRED, pos_label=positive))
     assert m["auc"] == pytest.approx(skm.roc_auc_score(Y == positive, probs[:, positive]))
+    assert m["map"] == pytest.approx(np.mean([skm.average_precision_score(Y == c, probs[:, c]) for c in (0, 1)]))
     tn, fp, fn, tp = skm.confusion_matrix(Y == positive, PRED == positive).ravel()
     assert m["sensitivity"] == pytest.approx(tp / (tp + fn)) and m["specificity"] == pytest.approx(tn / (tn + fp))
 

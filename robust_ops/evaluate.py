@@ -342,7 +342,7 @@ def _json_safe(value):
     return value
 
 
-def results_document(rows, info, config=None, device="cpu", paper=None, notes=None):
+def results_document(rows, info, config=None, device="cpu", paper=None, notes=None, extra_fields=None):
     """The results.json document (plain JSON types; NaN becomes null)."""
     doc = {
         "schema": SCHEMA,
@@ -357,6 +357,7 @@ def results_document(rows, info, config=None, device="cpu", paper=None, notes=No
         doc["paper"] = paper
     if notes:
         doc["notes"] = notes
+    doc.update(extra_fields or {})
     return _json_safe(doc)
 
 
@@ -388,14 +389,14 @@ class AtomicOutput:
 
 
 def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None, notes=None, title=None,
-                  figures=True, saliency=None, extra_markdown=None):
+                  figures=True, saliency=None, extra_markdown=None, extra_fields=None):
     """Write results.json, report.md and the figures into ``out_dir`` atomically; returns the written paths.
 
     saliency: optional ``(models: {method: model}, x, y)`` for Grad-CAM / input-gradient maps of a few images.
     """
     from . import report
 
-    doc = results_document(rows, info, config, device, paper, notes)
+    doc = results_document(rows, info, config, device, paper, notes, extra_fields)
     with AtomicOutput(out_dir) as stage:
         with open(stage / "results.json", "w") as f:
             json.dump(doc, f, indent=2)

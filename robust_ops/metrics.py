@@ -3,8 +3,8 @@
 Binary tasks: ``sensitivity`` is the recall of ``positive_class`` (malignant), ``specificity`` the recall of the
 other class, ``precision`` / ``f1`` are those of the positive class, ``auc`` the ROC AUC of the positive class's
 probability. Multi-class tasks: sensitivity, specificity, precision and F1 are macro averages over classes
-(one-vs-rest), ``auc`` is the macro one-vs-rest ROC AUC and ``map`` the mean over classes of the average precision
-(DPAAT's mAP). Undefined values (AUC with one class present) are NaN (``null`` in results.json).
+(one-vs-rest) and ``auc`` is the macro one-vs-rest ROC AUC. ``map`` is the mean over classes of the one-vs-rest
+average precision (DPAAT's mAP), for binary tasks too (the mean of both classes' AP). Undefined values (AUC with one class present) are NaN (``null`` in results.json).
 """
 
 import math
@@ -14,8 +14,8 @@ import torch
 
 from .attacks.context import is_single_logit
 
-BINARY_METRICS = ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc")
-MULTICLASS_METRICS = BINARY_METRICS + ("map",)
+BINARY_METRICS = ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
+MULTICLASS_METRICS = BINARY_METRICS
 METRIC_LABELS = {
     "accuracy": "Accuracy", "f1": "F1", "sensitivity": "Sensitivity", "specificity": "Specificity",
     "precision": "Precision", "auc": "AUC", "map": "mAP",
@@ -70,9 +70,10 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         out["specificity"] = float(recall_score(y_true, y_pred, pos_label=neg, zero_division=0))
         out["precision"] = float(precision_score(y_true, y_pred, pos_label=positive_class, zero_division=0))
         if probs is None or len(np.unique(y_true)) < 2:
-            out["auc"] = math.nan
+            out["auc"] = out["map"] = math.nan
         else:
             out["auc"] = float(roc_auc_score(y_true == positive_class, probs[:, positive_class]))
+            out["map"] = float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in (0, 1)]))
         return out
     kw = dict(labels=labels, average="macro", zero_division=0)
     out["f1"] = float(f1_score(y_true, y_pred, **kw))

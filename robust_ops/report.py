@@ -35,7 +35,7 @@ def fmt(value, digits=3):
 
 def figure_metrics(info):
     """Curves worth drawing: accuracy always; F1 and sensitivity for binary tasks; mAP for multi-class."""
-    return ("accuracy", "f1", "sensitivity") if info.num_classes == 2 else ("accuracy", "f1", "map")
+    return ("accuracy", "f1", "sensitivity") if info.num_classes == 2 else ("accuracy", "f1", "map")  # noqa
 
 
 def _methods(rows):
@@ -89,18 +89,22 @@ def pivot_table(rows, metric, methods=None):
 
 
 def paper_comparison_table(ours, paper, metric_columns):
-    """Published numbers beside ours. ``paper`` rows: {method, attack, eps, <metric>: value, source}; ours are looked
-    up by (method, attack, eps). ``metric_columns``: metric keys to compare."""
+    """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value}; ours are looked
+    up by (method, attack, eps) and shown as mean ± std when several seeds or folds were run."""
     index = {(r["method"], r["attack"], round(r["eps"], 6)): r for r in ours}
-    head = ["method", "attack", "ε"]
+    head = ["method", "attack", "ε", "paper source"]
     for m in metric_columns:
         head += [f"{METRIC_LABELS.get(m, m)} (paper)", f"{METRIC_LABELS.get(m, m)} (ours)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in paper:
         r = index.get((p["method"], p["attack"], round(p["eps"], 6)), {})
-        cells = [p["method"], "no attack" if p["attack"] == "none" else p["attack"], format_eps(p["eps"])]
+        cells = [p["method"], "no attack" if p["attack"] == "none" else p["attack"], format_eps(p["eps"]),
+                 p.get("source", "")]
         for m in metric_columns:
-            cells += [fmt(p.get(m)), fmt(r.get(m))]
+            ours_text = fmt(r.get(m))
+            if r.get(f"{m}_std") is not None and ours_text != "–":
+                ours_text += f" ± {fmt(r[f'{m}_std'])}"
+            cells += [fmt(p.get(m)), ours_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
