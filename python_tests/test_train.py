@@ -137,10 +137,35 @@ def test_fit_input_errors(tmp_path):
     with pytest.raises(ValueError, match="fit: this defense needs dataset sample ids; wrap the dataset in "
                                          "robust_ops.data.IndexedDataset"):
         fit(model, NeedsIds(), _data(), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"fit: val_data is empty \(0 samples\); pass None to skip validation"):
+        fit(model, defenses.Standard(), _data(), TensorDataset(torch.zeros(0, 1, 4, 4)), epochs=1)
+    with pytest.raises(ValueError, match="fit: expected max_grad_norm > 0 or None, got -1"):
+        fit(model, defenses.Standard(), _data(), epochs=1, max_grad_norm=-1)
+    with pytest.raises(TypeError, match="fit: expected optimizer to be None, a torch.optim.Optimizer or a callable"):
+        fit(model, defenses.Standard(), _data(), epochs=1, optimizer="adam")
+    with pytest.raises(ValueError, match=r"fit: resume=True needs out_dir"):
+        fit(model, defenses.Standard(), _data(), epochs=1, resume=True)
+    with pytest.raises(TypeError, match="fit: expected integer class labels, got torch.float32"):
+        fit(model, defenses.Standard(), TensorDataset(torch.rand(4, 1, 4, 4), torch.rand(4)), epochs=1,
+            progress=False)
+    frozen = DropoutMLP()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="fit: the model has no trainable parameters"):
+        fit(frozen, defenses.Standard(), _data(), epochs=1)
+    with pytest.raises(ValueError, match="defenses.build: unknown defense 'nope'"):
+        fit(model, "nope", _data(), epochs=1)
     fit(model, defenses.Standard(), _data(), epochs=1, out_dir=tmp_path, progress=False, batch_size=8)
     with pytest.raises(ValueError, match="fit: cannot resume .* it was trained with batch_size=8, this call has "
                                          "batch_size=4"):
         fit(model, defenses.Standard(), _data(), epochs=2, out_dir=tmp_path, resume=True, batch_size=4)
+
+
+def test_fit_channels_last_and_a_defense_by_name():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    result = fit(model, "standard", _data(16), epochs=1, batch_size=8, channels_last=True, progress=False)
+    assert result.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert math.isfinite(result.history[0]["train_loss"])
 
 
 def test_global_batch_sampler_shares_cover_each_global_batch_once():
