@@ -73,21 +73,6 @@ def train_step(model, defense, x, y, ids, opt):
     opt.step()
 
 
-def time_steps(fn, device, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps (default: 2 + 7)")
@@ -105,7 +90,7 @@ def main(argv=None):
     y = torch.randint(0, 2, (args.batch,), generator=g).to(device)
     ids = torch.arange(args.batch, device=device)
 
-    rows, times = [], {}
+    steps = {}
     names = ["standard"] + [n for n in args.defenses if n != "standard"]
     for name in names:
         if not available(name):
@@ -119,14 +104,29 @@ def main(argv=None):
         model = model.to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         if defense is None:
-            fn = lambda: torchattacks_at_step(model, x, y, opt)  # noqa: E731
+            steps[name] = (lambda m=model, o=opt: torchattacks_at_step(m, x, y, o))
         else:
-            fn = lambda: train_step(model, defense, x, y, ids, opt)  # noqa: E731
-        med, lo, hi = time_steps(fn, device, warmup, reps)
-        times[name] = med
-        rows.append({"defense": name, "step_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3,
-                     "x_standard": med / times["standard"]})
-        print(f"{name:16s} {med * 1e3:9.1f} ms  ({med / times['standard']:.2f}x standard)", flush=True)
+            steps[name] = (lambda m=model, d=defense, o=opt: train_step(m, d, x, y, ids, o))
+
+    # Round-robin timing: every round times one step of each defense, so load changes on a shared machine hit all
+    # defenses alike; medians over rounds.
+    samples = {name: [] for name in steps}
+    for r in range(warmup + reps):
+        for name, fn in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= warmup:
+                samples[name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}/{warmup + reps} done", flush=True)
+    times = {name: statistics.median(v) for name, v in samples.items()}
+    rows = []
+    for name, med in times.items():
+        rows.append({"defense": name, "step_ms": med * 1e3, "min_ms": min(samples[name]) * 1e3,
+                     "max_ms": max(samples[name]) * 1e3, "x_standard": med / times["standard"]})
 
     if "mirst" in times and "mirst-plain" in times:
         print(f"\nMIRST reuse vs plain: {times['mirst-plain'] / times['mirst']:.2f}x faster (goal >= 1.25x)")

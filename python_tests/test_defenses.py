@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from robust_ops import defenses
-from robust_ops.attacks.context import classification_loss
 from robust_ops.defenses import MIRST, DPAAT, ARFL, synchronization_loss, robust_feature_loss
 
 NAMES = ("standard", "at", "sat", "trades", "rst", "gr", "llr", "mart", "fat", "amat", "mirst", "mirst-dm", "ima",

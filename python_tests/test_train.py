@@ -22,7 +22,8 @@ class DropoutMLP(nn.Module):
 
     def __init__(self, num_classes=2):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, num_classes))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.3),
+                                 nn.Linear(12, num_classes))
 
     def forward(self, x):
         return self.net(x)
@@ -72,11 +73,13 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path, defense_name, 
 
         first = DropoutMLP()
         first.load_state_dict(init)
-        fit(first, defenses.build(defense_name, **kwargs), _data(), epochs=epochs_first, batch_size=8, lr=1e-2, scheduler=sched,
+        fit(first, defenses.build(defense_name, **kwargs), _data(), epochs=epochs_first, batch_size=8, lr=1e-2,
+            scheduler=sched,
             out_dir=tmp_path / "b", progress=False, seed=3)
         torch.manual_seed(123)  # whatever happened in between must not matter
         resumed = DropoutMLP()  # a fresh (different) init: everything comes from the checkpoint
-        out = fit(resumed, defenses.build(defense_name, **kwargs), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
+        out = fit(resumed, defenses.build(defense_name, **kwargs), _data(), epochs=3, batch_size=8, lr=1e-2,
+                  scheduler=sched,
                   out_dir=tmp_path / "b", resume=True, progress=False, seed=3)
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -233,8 +236,8 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     process with the same global batch: same weights (fp tolerance) and the same IMA margins."""
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt")),
-                                nprocs=2, join=True)
+    args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"))
+    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     init = torch.load(tmp_path / "init.pt", weights_only=True)
     for name, kwargs in _cases():

@@ -65,7 +65,8 @@ class SimCLRAugment(nn.Module):
 
 def projection_head(in_features, out_features=128):
     """SimCLR's MLP projection head: Linear - ReLU - Linear."""
-    return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True), nn.Linear(in_features, out_features))
+    return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
+                         nn.Linear(in_features, out_features))
 
 
 @dataclass
