@@ -340,7 +340,8 @@ def fit(
         optimizer: None (Adam(lr)), an optimizer over ``model``'s parameters, or a callable ``params -> optimizer``.
         scheduler: None, an LR scheduler, or a callable ``optimizer -> scheduler``; stepped once per epoch
             (``ReduceLROnPlateau`` gets the validation loss).
-        out_dir (str or Path): folder for ``checkpoint.pt``, ``metrics.csv`` and ``metrics.json`` (None: nothing is written).
+        out_dir (str or Path): folder for ``checkpoint.pt``, ``metrics.csv`` and ``metrics.json``
+            (None: nothing is written).
         resume (bool or str): True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues from
             that file (which must exist).
         seed (int): seeds torch, numpy and python RNGs at a fresh start, and the epoch permutations.
