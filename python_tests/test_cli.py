@@ -176,6 +176,7 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
 
 
 def test_demo_quick_synthetic(tmp_path, capsys):
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     out = tmp_path / "demo"
     rc, stdout, err = run(["demo", "--quick", "--out", out, "--attacks", "fgsm,pgd:steps=3,cw:steps=3", "--eps",
                            "2/255,8/255", "--no-progress", "--device", "cpu", "--saliency", "2"], capsys)
@@ -215,6 +216,7 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reproduce_quick_mirst_bus(breastmnist, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
     out = tmp_path / "mirst"
     rc, _, err = run(["reproduce", "mirst-bus", "--quick", "--out", out, "--no-progress", "--device", "cpu"], capsys)
