@@ -6,8 +6,10 @@ to the masked baseline, the forward/backward passes GenAdv spent (batched calls 
 margin tables agree afterwards.
 
 Scenarios (the speed-up depends on where the margins are, see docs/bench-ima.md):
-  init -- the paper's first epoch: margins E(i) = delta for every sample;
-  cap  -- margins at eps_train (the state once margins have expanded): every sample searches its full ball.
+  init   -- the paper's first epoch: margins E(i) = delta for every sample;
+  spread -- margins uniform in [0, eps_train] (fixed seed): margins that have spread out during training, so
+            samples cross at different steps or not at all;
+  cap    -- margins at eps_train (the state once margins have expanded): every sample searches its full ball.
 The model is resnet18 (build_model("resnet18", 1, 2, 28)), first trained ``--pretrain-epochs`` standard epochs on
 the full training split so that its boundaries are those of a working classifier.
 
@@ -76,8 +78,14 @@ def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     eps = paper_eps_train(tuple(x.shape[1:]), "l2")  # 3 sqrt(784/3072) = 1.52; delta = eps / 100 (IMA defaults)
-    defense = IMA(num_samples=x.shape[0], eps_train=eps, init_margin=eps if scenario == "cap" else None,
-                  steps=args.steps, search_steps=args.search_steps, arity=arity, compact=compact, norm="l2")
+    defense = IMA(num_samples=x.shape[0], eps_train=eps, steps=args.steps, search_steps=args.search_steps,
+                  arity=arity, compact=compact, norm="l2")
+    margins = {
+        "init": torch.full((x.shape[0],), eps / 100),  # Algorithm 1: every E(i) starts at delta
+        "spread": torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps,
+        "cap": torch.full((x.shape[0],), eps),
+    }[scenario]
+    defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
     crossed = seen = 0
     start = time.perf_counter()
     for ids in batches(ids_all.numel(), args.batch_size, 0):
@@ -101,7 +109,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="K (paper: 20)")
     parser.add_argument("--search-steps", type=int, default=10, help="N (paper: 10)")
     parser.add_argument("--pretrain-epochs", type=int, default=1)
-    parser.add_argument("--scenarios", default="init,cap")
+    parser.add_argument("--scenarios", default="spread,cap,init")
     args = parser.parse_args()
     images = args.images or (64 if args.quick else 546)
     repeats = args.repeats or (1 if args.quick else 3)

@@ -100,7 +100,7 @@ def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 @pytest.mark.parametrize("algorithm", [2, 3])
 def test_matches_per_sample_loop(norm, algorithm):
-    model, x, y, margin = make_problem(norm=norm)
+    model, x, y, margin = make_problem(n=10, norm=norm)
     x_adv, crossed, info = gen_adv(model, x, y, margin, steps=8, search_steps=6, norm=norm, algorithm=algorithm,
                                    return_info=True)
     x_ref, crossed_ref, steps_ref = loop_gen_adv(model, x, y, margin, 8, 6, norm, algorithm)
@@ -126,6 +126,26 @@ def test_compacted_equals_masked_and_spends_less(algorithm, arity):
     assert c_compact.forward_rows < c_masked.forward_rows
     assert c_compact.backward_rows <= c_masked.backward_rows
     assert c_masked.backward_rows == 10 * 16
+
+
+def test_pass_counts_follow_the_cost_model_and_model_state_is_restored():
+    model, x, y, margin = make_problem(n=12, seed=4)
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    k, n_search = 6, 4
+    counter = PassCounter()
+    _, crossed, info = gen_adv(model, x, y, margin, steps=k, search_steps=n_search, counter=counter, return_info=True)
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    moved = margin > 0
+    t = info.steps  # crossing step, K when never crossed, 0 for clean-misclassified samples
+    last = int(t.max())  # the last ascent iteration anyone reached
+    # Forwards at x_0..x_t, plus N search forwards for crossed samples.
+    assert counter.forward_rows == int((t + 1)[moved].sum()) + n_search * int(crossed.sum())
+    # The backward of iteration t carries every row of that forward, the just-finished ones included (zero
+    # gradient), unless nobody continues past t.
+    assert counter.backward_rows == int((t + (t < last).long())[moved].sum())
+    assert counter.forward_calls == last + 1 + n_search and counter.backward_calls == last
+    assert 0 < int(crossed.sum()) < int(info.clean_correct.sum())
 
 
 @pytest.mark.parametrize("algorithm", [2, 3])

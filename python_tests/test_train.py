@@ -159,39 +159,59 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, init_path, out_path, defense_name, defense_kwargs):
+DDP_CASES = (("standard", {}), ("mirst", {"steps": 4, "emit": (2, 4), "beta": (0.6, 0.4)}), ("ima", {"steps": 3}))
+
+
+def _ima_available():
+    import importlib.util
+
+    return importlib.util.find_spec("robust_ops.ima") is not None and importlib.util.find_spec("robust_ops.data") \
+        is not None
+
+
+def _cases():
+    return [c for c in DDP_CASES if c[0] != "ima" or _ima_available()]
+
+
+def _train_case(name, kwargs, init):
+    from robust_ops.data import IndexedDataset
+
+    model = DropoutMLP()
+    model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
+    model.load_state_dict(init)
+    defense = defenses.build(name, **kwargs)
+    data = IndexedDataset(_data(36)) if defense.needs_ids else _data(36)
+    fit(model, defense, data, epochs=2, batch_size=12, lr=1e-2, progress=False, seed=1)
+    return {"model": model.state_dict(), "defense": defense.state_dict()}
+
+
+def _ddp_worker(rank, world, port, init_path, out_path):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = DropoutMLP()
-        model.net[3].p = 0.0
-        model.load_state_dict(torch.load(init_path, weights_only=True))
-        defense = defenses.build(defense_name, **defense_kwargs)
-        fit(model, defense, _data(36), epochs=2, batch_size=12, lr=1e-2, progress=False, seed=1)
+        init = torch.load(init_path, weights_only=True)
+        results = {name: _train_case(name, kwargs, init) for name, kwargs in _cases()}
         if rank == 0:
-            torch.save({"model": model.state_dict(), "defense": defense.state_dict()}, out_path)
+            torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
 
 
-def run_ddp_and_single(tmp_path, defense_name, **defense_kwargs):
-    """Weights (and defense state) after 2 epochs with 2 gloo processes, and with one process."""
-    torch.manual_seed(0)
-    model = DropoutMLP()
-    model.net[3].p = 0.0  # dropout masks depend on the per-process RNG streams
-    torch.save(model.state_dict(), tmp_path / "init.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"),
-                                                   defense_name, defense_kwargs), nprocs=2, join=True)
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    defense = defenses.build(defense_name, **defense_kwargs)
-    fit(model, defense, _data(36), epochs=2, batch_size=12, lr=1e-2, progress=False, seed=1)
-    return ddp, {"model": model.state_dict(), "defense": defense.state_dict()}
-
-
 def test_ddp_two_processes_match_a_single_process(tmp_path):
-    ddp, single = run_ddp_and_single(tmp_path, "standard")
-    for k, v in single["model"].items():
-        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-5, atol=1e-6)
+    """Standard, MIRST (extra_grads all-reduced) and IMA (margins synchronized) under 2 gloo processes, against one
+    process with the same global batch: same weights (fp tolerance) and the same IMA margins."""
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt")),
+                                nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    init = torch.load(tmp_path / "init.pt", weights_only=True)
+    for name, kwargs in _cases():
+        single = _train_case(name, kwargs, init)
+        for k, v in single["model"].items():
+            torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+        if name == "ima":
+            torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])

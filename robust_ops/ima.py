@@ -347,10 +347,10 @@ def _ascent_compact(p, counter):
             x_adv.index_copy_(0, ridx, cur[rest])
             break
         keep = ~done
+        if not bool(keep.any()):  # every sample finished at this step: no backward needed
+            break
         grad = p.gradient(xs, out, ya, keep, counter)
         idx, prev = idx[keep], cur[keep]
-        if idx.numel() == 0:
-            break
         nxt = prev.clone()
         functional.pgd_step_(nxt, x.index_select(0, idx), grad[keep], p.alpha.index_select(0, idx),
                              p.margin.index_select(0, idx), clip_min=p.clip_min, clip_max=p.clip_max, norm=p.norm,
@@ -434,6 +434,8 @@ def _ascent_masked(p, counter):
                 hi = torch.where(wrong.view(view), cur, hi)
                 alive = alive & ok
             x_adv = torch.where(alive.view(view), cur, x_adv)
+            break
+        if not bool(alive.any()):
             break
         grad = p.gradient(xs, out, y, alive, counter)
         nxt = cur.clone()

@@ -394,6 +394,9 @@ def fit(
         else:
             raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
 
+    setup = getattr(defense, "setup", None)
+    if setup is not None and getattr(defense, "num_samples", None) is None:  # IMA: margin table size
+        setup(len(train_data))
     prepare = getattr(defense, "prepare_model", None)
     if prepare is not None:  # MIRST-DM: drop-max pooling in place of the first max-pooling layer
         model = prepare(model)

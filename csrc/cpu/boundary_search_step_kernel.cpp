@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -72,8 +71,9 @@ void boundary_search_step_cpu(at::Tensor& lo, at::Tensor& hi, at::Tensor& points
   const int64_t* crossed_ptr = crossed.data_ptr<int64_t>();
   // Validate every index before touching the data, so a bad index leaves lo/hi/points unchanged.
   for (int64_t s = 0; s < n; ++s) {
-    TORCH_CHECK_VALUE(crossed_ptr[s] >= 0 && crossed_ptr[s] <= k - 1, "boundary_search_step_: expected crossed_at in [0, ",
-                      k - 1, "] (k = ", k, "), got ", crossed_ptr[s], " for sample ", s);
+    TORCH_CHECK_VALUE(crossed_ptr[s] >= 0 && crossed_ptr[s] <= k - 1,
+                      "boundary_search_step_: expected crossed_at in [0, ", k - 1, "] (k = ", k, "), got ",
+                      crossed_ptr[s], " for sample ", s);
   }
   if (lo.numel() == 0) return;
 
