@@ -13,6 +13,15 @@ from utils import TinyCNN, assert_verbose_equal
 torchattacks = pytest.importorskip("torchattacks")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: threads only add overhead, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(num_classes=2, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return TinyCNN(1, num_classes).to(dtype).eval()
@@ -57,15 +66,25 @@ def norm_of(d, norm):
 
 # Every attack as f(model, x, y, eps, norm, seed) -> x_adv; extended as attacks are added.
 ATTACK_FNS = {
-    "fgsm": (("linf",), lambda m, x, y, eps, norm, seed: attacks.fgsm(m, x, y, eps=eps)),
+    "fgsm": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.fgsm(m, x, y, eps=eps, norm=norm)),
     "ifgsm": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.ifgsm(m, x, y, eps=eps, steps=4, norm=norm)),
     "pgd": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.pgd(
         m, x, y, eps=eps, steps=4, norm=norm, generator=torch.Generator().manual_seed(seed))),
     "cw": (("linf",), lambda m, x, y, eps, norm, seed: attacks.cw_linf(m, x, y, eps=eps, steps=4)),
     "noise": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.white_noise(
         m, x, y, eps=eps, norm=norm, trials=4, generator=torch.Generator().manual_seed(seed))),
+    "apgd": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.apgd(
+        m, x, y, eps=eps, norm=norm, steps=5, generator=torch.Generator().manual_seed(seed))),
+    "apgd-dlr": (("linf",), lambda m, x, y, eps, norm, seed: attacks.apgd(
+        m, x, y, eps=eps, norm=norm, steps=5, loss="dlr", n_restarts=2, generator=torch.Generator().manual_seed(seed))),
+    "apgd-t": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.apgd_t(
+        m, x, y, eps=eps, norm=norm, steps=4, n_target_classes=2, generator=torch.Generator().manual_seed(seed))),
+    "square": (("linf",), lambda m, x, y, eps, norm, seed: attacks.square(
+        m, x, y, eps=eps, n_queries=15, generator=torch.Generator().manual_seed(seed))),
 }
-RANDOMIZED = {"noise"}  # one stream of draws per batch: a batch and its single samples draw different noise
+# One stream of random draws per batch (as torchattacks and AutoAttack): a batch and its single samples draw
+# differently, so these are checked against reference loops / seeds instead of batch == per-sample.
+RANDOMIZED = {"noise", "apgd", "apgd-dlr", "apgd-t", "square"}  # one stream of draws per batch: a batch and its single samples draw different noise
 EPS = {"linf": 8 / 255, "l2": 0.5}
 CASES = [(name, norm) for name, (norms, _) in ATTACK_FNS.items() for norm in norms]
 
@@ -179,10 +198,13 @@ def test_targeted_reaches_target(name, norm):
     target = (model(x).argmax(1) + 1) % 3
     eps = {"linf": 0.5, "l2": 8.0}[norm]
     fns = {
-        "fgsm": lambda: attacks.fgsm(model, x, target, eps=eps, targeted=True),
+        "fgsm": lambda: attacks.fgsm(model, x, target, eps=eps, norm=norm, targeted=True),
         "ifgsm": lambda: attacks.ifgsm(model, x, target, eps=eps, steps=10, norm=norm, targeted=True),
         "pgd": lambda: attacks.pgd(model, x, target, eps=eps, steps=10, norm=norm, targeted=True),
         "cw": lambda: attacks.cw_linf(model, x, target, eps=eps, steps=10, targeted=True, kappa=1.0),
+        "apgd": lambda: attacks.apgd(model, x, target, eps=eps, norm=norm, steps=10, targeted=True),
+        "apgd-dlr": lambda: attacks.apgd(model, x, target, eps=eps, steps=10, targeted=True, loss="dlr"),
+        "square": lambda: attacks.square(model, x, target, eps=eps, n_queries=300, targeted=True),
     }
     if name not in fns:
         pytest.skip(f"{name} has no targeted mode")
@@ -370,14 +392,22 @@ def test_classes_and_build():
     assert torch.equal(attacks.FGSM(model, eps=0.03)(x, y), attacks.fgsm(model, x, y, eps=0.03))
     assert attacks.BIM(model).set_mode_targeted_by_label().targeted
     assert attacks.PGDL2(model).norm == "l2"
+    small = {"apgd-ce": dict(steps=3), "apgd-dlr": dict(steps=3), "apgd-t": dict(steps=3), "square": dict(steps=5),
+             "noise": dict(steps=3), "autoattack": dict(steps=3, n_queries=5)}
     for name in attacks.ATTACKS:
-        atk = attacks.build(name, model, eps=0.03)
+        atk = attacks.build(name, model, eps=0.03, **small.get(name, {}))
         assert isinstance(atk, attacks.Attack) and atk.eps == 0.03
         x_adv = atk(x, y)
         assert x_adv.shape == x.shape
     assert attacks.build("pgd", model, steps=7, norm="l2", eps=0.3).norm == "l2"
+    l2 = attacks.AutoAttack(model, norm="l2", eps=0.5, steps=2)
+    assert [a.name for a in l2.attacks] == ["apgd-ce", "apgd-t"] and all(a.norm == "l2" for a in l2.attacks)
+    custom = attacks.AutoAttack(model, eps=0.03, attacks=["fgsm", "noise"])
+    assert [a.name for a in custom.attacks] == ["fgsm", "noise"] and custom.attacks[0].eps == 0.03
     with pytest.raises(ValueError, match="attacks.build: unknown attack 'deepfool'; expected one of fgsm, "):
         attacks.build("deepfool", model)
+    with pytest.raises(ValueError, match="cw: CW-Linf is defined for norm='linf' only, got norm='l2'"):
+        attacks.build("cw", model, norm="l2")
     with pytest.raises(ValueError, match="attacks.build: bad options for 'fgsm'"):
         attacks.build("fgsm", model, steps=3)
 
@@ -540,3 +570,111 @@ def test_ensemble_errors():
         attacks.ensemble(model, x, y, [])
     with pytest.raises(ValueError, match=r"ensemble: attack 'bad' returned shape \(1, 1, 12, 12\) for inputs of shape"):
         attacks.ensemble(model, x, y, [lambda a, b: a[:1]], names=["bad"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# APGD, Square, AutoAttack on a small trained model
+
+
+def blobs(n, k, seed):
+    """Synthetic images: class c has a brighter 6x6 quadrant c."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = torch.rand(n, 1, 12, 12, generator=g) * 0.5
+    for c in range(k):
+        r, q = divmod(c, 2)
+        x[y == c, :, r * 6:r * 6 + 6, q * 6:q * 6 + 6] += 0.25
+    return x.clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TinyCNN(1, 3)
+    x, y = blobs(256, 3, 0)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(100):
+        idx = torch.randint(0, 256, (64,))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    model.eval().requires_grad_(False)
+    xt, yt = blobs(48, 3, 1)
+    return model, xt, yt
+
+
+def robust_acc(model, x_adv, y):
+    return float((model(x_adv).argmax(1) == y).float().mean())
+
+
+def test_apgd_at_least_as_strong_as_pgd(trained):
+    model, x, y = trained
+    assert robust_acc(model, x, y) > 0.9
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pgd_acc = robust_acc(model, attacks.pgd(model, x, y, eps=0.04, steps=10, generator=g()), y)
+    apgd_acc = robust_acc(model, attacks.apgd(model, x, y, eps=0.04, steps=10, generator=g()), y)
+    apgdt_acc = robust_acc(model, attacks.apgd_t(model, x, y, eps=0.04, steps=10, generator=g()), y)
+    assert apgd_acc <= pgd_acc < 1.0 and apgdt_acc <= pgd_acc
+    square_acc = robust_acc(model, attacks.square(model, x, y, eps=0.06, n_queries=60, generator=g()), y)
+    assert square_acc < robust_acc(model, x, y)
+    res = attacks.AutoAttack(model, eps=0.04, steps=10, n_queries=30).run(x, y)
+    assert res.robust_accuracy() <= apgd_acc and res.names == ("clean", "apgd-ce", "apgd-t", "square")
+    assert "AutoAttack(norm='linf'" in repr(attacks.AutoAttack(model))
+
+
+def test_apgd_schedule_and_losses():
+    # the paper's p_j = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 for 100 iterations
+    from robust_ops.attacks.apgd import checkpoint_schedule, dlr_loss, dlr_loss_targeted, effective_loss
+
+    assert checkpoint_schedule(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoint_schedule(5) == [1, 2, 3, 4, 5]
+    z = torch.tensor([[1.0, 4.0, 2.0, 0.0], [5.0, 1.0, 3.0, 2.0]])
+    y = torch.tensor([1, 0])
+    torch.testing.assert_close(dlr_loss(z, y), torch.tensor([-(4.0 - 2.0) / (4.0 - 1.0), -(5.0 - 3.0) / (5.0 - 2.0)]))
+    t = torch.tensor([2, 3])
+    torch.testing.assert_close(dlr_loss_targeted(z, y, t), torch.tensor([-(4.0 - 2.0) / (4.0 - 0.5), -(5.0 - 2.0) / (5.0 - 1.5)]))
+    assert effective_loss("dlr", 2, False) == "cw" and effective_loss("dlr", 3, False) == "dlr"
+    assert effective_loss("dlr", 3, True) == "cw" and effective_loss("dlr", 4, True) == "dlr"
+
+
+@pytest.mark.parametrize("model_kind", ["two", "single"])
+def test_apgd_dlr_falls_back_to_margin_for_binary(model_kind):
+    model = make_model(2) if model_kind == "two" else SingleLogit(flat=True).eval()
+    x, y = make_data(4, 2)
+    run = lambda loss: attacks.apgd(model, x, y, eps=0.05, steps=4, loss=loss,  # noqa: E731
+                                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run("dlr"), run("cw"))
+
+
+def test_square_query_budget_and_errors(trained):
+    model, x, y = trained
+    calls = []
+    model.register_forward_hook(lambda m, inp, out: calls.append(out.shape[0]))
+    x_adv = attacks.square(model, x[:8], y[:8], eps=0.1, n_queries=25, generator=torch.Generator().manual_seed(0))
+    model._forward_hooks.clear()
+    assert sum(calls) <= 8 * 25 and len(calls) <= 25
+    fooled = model(x_adv).argmax(1) != y[:8]
+    assert sum(calls) < 8 * 25 or not bool(fooled.any())  # fooled samples stop querying
+    from robust_ops.attacks.square import p_schedule
+
+    assert [p_schedule(0.8, it, 10000) for it in (0, 10, 11, 51, 201, 8001)] == [0.8, 0.8, 0.4, 0.2, 0.1, 0.8 / 512]
+    with pytest.raises(ValueError, match=r"square: expected images \[N, C, H, W\], got a 2-D tensor"):
+        attacks.square(model, x.flatten(1), y, eps=0.1)
+    with pytest.raises(ValueError, match="square: expected n_queries to be an integer >= 1, got 0"):
+        attacks.square(model, x, y, eps=0.1, n_queries=0)
+    with pytest.raises(ValueError, match=r"square: expected p_init in \(0, 1\], got 1.5"):
+        attacks.square(model, x, y, eps=0.1, p_init=1.5)
+    with pytest.raises(ValueError, match="square: only the Linf Square Attack is implemented, got norm='l2'"):
+        attacks.Square(model, norm="l2")
+    with pytest.raises(ValueError, match="apgd: expected loss to be one of ce, dlr, cw, got 'kl'"):
+        attacks.apgd(model, x, y, eps=0.1, loss="kl")
+    with pytest.raises(ValueError, match=r"apgd: expected rho in \(0, 1\], got 0"):
+        attacks.apgd(model, x, y, eps=0.1, rho=0)
+    with pytest.raises(ValueError, match="apgd_t: expected n_target_classes to be an integer >= 1, got 0"):
+        attacks.apgd_t(model, x, y, eps=0.1, n_target_classes=0)
+    with pytest.raises(ValueError, match="autoattack: expected version 'standard'"):
+        attacks.AutoAttack(model, version="plus")

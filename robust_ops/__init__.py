@@ -18,11 +18,7 @@ try:
 except Exception as _err:  # triton missing or broken: the native kernels still work; backend="triton" says why
     _backend._triton_import_error = f"{type(_err).__name__}: {_err}"
 
-try:
-    from .nn import DropMax2d, replace_maxpool  # noqa: F401
-except ModuleNotFoundError as _err:
-    if _err.name != f"{__name__}.nn":
-        raise
+from .nn import DropMax2d, replace_maxpool  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

@@ -108,9 +108,11 @@ def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=
     alpha, eps: per-sample tensors [N]. The expressions and their order are those of torchattacks 3.5.1, so results
     are bitwise equal to torchattacks' PGD / PGDL2 in float32:
       linf: x <- clamp(x_nat + clamp(x + alpha*sign(g) - x_nat, -eps, eps), clip_min, clip_max)
-      l2:   x <- x + alpha * g / (||g||_2 + 1e-10);  d = x - x_nat;  d <- d * (eps/||d|| if ||d|| > eps else 1);
+      l2:   x <- x + alpha * g / (||g||_2 + 1e-10);  d = x - x_nat;  d <- d * min((1/||d||) * eps, 1);
             x <- clamp(x_nat + d, clip_min, clip_max)          (norms per sample)
-    A zero gradient leaves a sample where it is.
+    The factor is computed as torchattacks computes `eps / delta_norms` (Python float / tensor is
+    reciprocal(tensor) * float), except that eps = 0 gives factor 0 (torchattacks: 0 * inf = NaN for a zero delta).
+    A zero gradient leaves a sample where it is (up to the rounding of x_nat + (x - x_nat)); no NaN.
     """
     a = _per_sample(alpha, x_adv)
     e = _per_sample(eps, x_adv)
@@ -119,12 +121,15 @@ def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=
         delta = torch.clamp(stepped - x_nat, min=-e, max=e)
     elif norm == "l2":
         n = x_adv.shape[0]
-        grad_norm = torch.norm(grad.reshape(n, -1), p=2, dim=1) + 1e-10
+        # float16/bfloat16: norms and factors in float32; in float16 ||g|| + 1e-10 underflows to 0 (NaN for g = 0).
+        norm_dtype = torch.float32 if x_adv.dtype in (torch.float16, torch.bfloat16) else None
+        grad_norm = torch.norm(grad.reshape(n, -1), p=2, dim=1, dtype=norm_dtype) + 1e-10
         stepped = x_adv + a * (grad / grad_norm.view_as(a))
         delta = stepped - x_nat
-        delta_norm = torch.norm(delta.reshape(n, -1), p=2, dim=1)
-        eps_flat = eps.to(x_adv.dtype)
-        factor = torch.where(delta_norm > eps_flat, eps_flat / delta_norm, torch.ones_like(delta_norm))
+        delta_norm = torch.norm(delta.reshape(n, -1), p=2, dim=1, dtype=norm_dtype)
+        eps_flat = eps.to(delta_norm.dtype)
+        factor = torch.minimum(delta_norm.reciprocal() * eps_flat, torch.ones_like(delta_norm))
+        factor = torch.where(eps_flat == 0, torch.zeros_like(factor), factor)
         delta = delta * factor.view_as(a)
     else:
         raise ValueError(f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}")

@@ -5,12 +5,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <sstream>
-#include <string>
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "boundary_search_step_checks.h"
@@ -21,47 +20,41 @@ namespace {
 // Positions per parallel chunk; below this a single thread does the whole batch.
 constexpr int64_t kGrain = 32768;
 
+// Positions staged per block: both ends are copied to local buffers first (they may be points that the block then
+// overwrites), which also lets the compiler vectorize the per-point loop without aliasing checks.
+constexpr int64_t kBlock = 256;
+
 template <typename scalar_t>
 void interpolate_segment(const scalar_t* src_lo, const scalar_t* src_hi, scalar_t* lo, scalar_t* hi, scalar_t* points,
                          int64_t point_stride, int64_t count, bool write_lo, bool write_hi,
                          const std::vector<double>& w_lo, const std::vector<double>& w_hi) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t interior = static_cast<int64_t>(w_lo.size());
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    // float / double: vectorized, one rounding per product and one per sum, like the eager mul/mul/add.
-    using Vec = at::vec::Vectorized<scalar_t>;
-    constexpr int64_t V = Vec::size();
-    int64_t i = 0;
-    for (; i < count; i += V) {
-      const int64_t m = std::min<int64_t>(V, count - i);
-      // Load both ends before any store: src_lo / src_hi may be points that are overwritten below.
-      const Vec a = m == V ? Vec::loadu(src_lo + i) : Vec::loadu(src_lo + i, m);
-      const Vec b = m == V ? Vec::loadu(src_hi + i) : Vec::loadu(src_hi + i, m);
-      if (write_lo) a.store(lo + i, m);
-      if (write_hi) b.store(hi + i, m);
-      for (int64_t j = 0; j < interior; ++j) {
-        const Vec p = a * Vec(static_cast<scalar_t>(w_lo[j])) + b * Vec(static_cast<scalar_t>(w_hi[j]));
-        p.store(points + j * point_stride + i, m);
-      }
+  opmath_t a[kBlock];
+  opmath_t b[kBlock];
+  for (int64_t base = 0; base < count; base += kBlock) {
+    const int64_t m = std::min(kBlock, count - base);
+    for (int64_t i = 0; i < m; ++i) {
+      a[i] = static_cast<opmath_t>(src_lo[base + i]);
+      b[i] = static_cast<opmath_t>(src_hi[base + i]);
     }
-  } else {
-    // float16 / bfloat16: eager multiplies in float and rounds each product to the dtype, then adds in float.
-    std::vector<opmath_t> wl(interior), wh(interior);
+    // write_lo means src_lo is a points slice (and write_hi likewise): distinct memory, copied before it changes.
+    if (write_lo) std::memcpy(lo + base, src_lo + base, m * sizeof(scalar_t));
+    if (write_hi) std::memcpy(hi + base, src_hi + base, m * sizeof(scalar_t));
     for (int64_t j = 0; j < interior; ++j) {
-      wl[j] = static_cast<opmath_t>(w_lo[j]);
-      wh[j] = static_cast<opmath_t>(w_hi[j]);
-    }
-    for (int64_t i = 0; i < count; ++i) {
-      const scalar_t a = src_lo[i];
-      const scalar_t b = src_hi[i];
-      if (write_lo) lo[i] = a;
-      if (write_hi) hi[i] = b;
-      const opmath_t af = static_cast<opmath_t>(a);
-      const opmath_t bf = static_cast<opmath_t>(b);
-      for (int64_t j = 0; j < interior; ++j) {
-        const scalar_t pa = static_cast<scalar_t>(af * wl[j]);
-        const scalar_t pb = static_cast<scalar_t>(bf * wh[j]);
-        points[j * point_stride + i] = static_cast<scalar_t>(static_cast<opmath_t>(pa) + static_cast<opmath_t>(pb));
+      const opmath_t wl = static_cast<opmath_t>(w_lo[j]);
+      const opmath_t wh = static_cast<opmath_t>(w_hi[j]);
+      scalar_t* out = points + j * point_stride + base;
+      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+        // float / double: one rounding per product and one for the sum, like the eager mul, mul, add.
+        for (int64_t i = 0; i < m; ++i) out[i] = a[i] * wl + b[i] * wh;
+      } else {
+        // float16 / bfloat16: eager multiplies in float and rounds each product to the dtype, then adds in float.
+        for (int64_t i = 0; i < m; ++i) {
+          const scalar_t p_lo = static_cast<scalar_t>(a[i] * wl);
+          const scalar_t p_hi = static_cast<scalar_t>(b[i] * wh);
+          out[i] = static_cast<scalar_t>(static_cast<opmath_t>(p_lo) + static_cast<opmath_t>(p_hi));
+        }
       }
     }
   }
@@ -78,8 +71,9 @@ void boundary_search_step_cpu(at::Tensor& lo, at::Tensor& hi, at::Tensor& points
   const int64_t* crossed_ptr = crossed.data_ptr<int64_t>();
   // Validate every index before touching the data, so a bad index leaves lo/hi/points unchanged.
   for (int64_t s = 0; s < n; ++s) {
-    TORCH_CHECK_VALUE(crossed_ptr[s] >= 0 && crossed_ptr[s] <= k - 1, "boundary_search_step_: expected crossed_at in [0, ",
-                      k - 1, "] (k = ", k, "), got ", crossed_ptr[s], " for sample ", s);
+    TORCH_CHECK_VALUE(crossed_ptr[s] >= 0 && crossed_ptr[s] <= k - 1,
+                      "boundary_search_step_: expected crossed_at in [0, ", k - 1, "] (k = ", k, "), got ",
+                      crossed_ptr[s], " for sample ", s);
   }
   if (lo.numel() == 0) return;
 

@@ -7,14 +7,16 @@ Functions return ``x_adv`` (``pgd(..., emit=...)`` returns ``(x_adv, iterates)``
 from .base import Attack
 from .context import Normalized, attack_context
 from .core import PGDResult, run_pgd
-from .ensemble import EnsembleResult, ensemble
+from .apgd import APGD, APGDT, apgd, apgd_t
+from .ensemble import AutoAttack, EnsembleResult, ensemble
 from .noise import WhiteNoise, uniform_ball, white_noise
 from .pgd import BIM, CW, FGSM, PGD, PGDL2, bim, cw_linf, fgsm, ifgsm, pgd
+from .square import Square, square
 
 __all__ = [
     "Attack", "Normalized", "attack_context", "PGDResult", "run_pgd", "build", "ATTACKS",
-    "fgsm", "ifgsm", "bim", "pgd", "cw_linf", "white_noise", "uniform_ball", "ensemble", "EnsembleResult",
-    "FGSM", "BIM", "PGD", "PGDL2", "CW", "WhiteNoise",
+    "fgsm", "ifgsm", "bim", "pgd", "cw_linf", "apgd", "apgd_t", "square", "white_noise", "uniform_ball", "ensemble",
+    "EnsembleResult", "FGSM", "BIM", "PGD", "PGDL2", "CW", "APGD", "APGDT", "Square", "WhiteNoise", "AutoAttack",
 ]
 
 # CLI name -> (class, defaults). Defaults follow the papers: MIRST-DM evaluates FGSM, PGD-20 with step 0.001 and
@@ -25,17 +27,29 @@ ATTACKS = {
     "pgd": (PGD, dict(eps=5 / 255, alpha=0.001, steps=20)),
     "pgdl2": (PGDL2, dict(eps=0.3, alpha=0.0375, steps=20)),
     "cw": (CW, dict(eps=5 / 255, steps=10)),
+    "apgd-ce": (APGD, dict(eps=5 / 255, steps=100, loss="ce")),
+    "apgd-dlr": (APGD, dict(eps=5 / 255, steps=100, loss="dlr")),
+    "apgd-t": (APGDT, dict(eps=5 / 255, steps=100)),
+    "square": (Square, dict(eps=5 / 255, n_queries=5000)),
     "noise": (WhiteNoise, dict(eps=5 / 255, trials=10, seed=0)),
+    "autoattack": (AutoAttack, dict(eps=5 / 255)),
 }
+
+STEPS_ALIAS = {"square": "n_queries", "noise": "trials"}
 
 
 def build(name, model, **kwargs):
-    """Make the attack called ``name`` (fgsm, ifgsm, pgd, pgdl2, cw, ...) on ``model``; kwargs (eps, steps, alpha,
-    norm, ...) override the paper defaults in ``ATTACKS``."""
+    """Make the attack called ``name`` on ``model`` (names: the keys of ``ATTACKS``: fgsm, ifgsm, pgd, pgdl2, cw,
+    apgd-ce, apgd-dlr, apgd-t, square, noise, autoattack). kwargs (eps, steps, alpha, norm, seed, ...) override the
+    paper defaults in ``ATTACKS``; None values are ignored; ``steps`` means n_queries for square and trials for
+    noise. An option the attack does not take raises ValueError."""
     if name not in ATTACKS:
         raise ValueError(f"attacks.build: unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
     cls, defaults = ATTACKS[name]
-    options = {**defaults, **{k: v for k, v in kwargs.items() if v is not None}}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if "steps" in kwargs and name in STEPS_ALIAS:  # the CLI's --steps means queries / trials for these
+        kwargs[STEPS_ALIAS[name]] = kwargs.pop("steps")
+    options = {**defaults, **kwargs}
     try:
         return cls(model, **options)
     except TypeError as err:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import Attack
 from .core import check_labels_against, forward
 from .context import attack_context, check_inputs, predict_from_output
 
@@ -91,3 +92,52 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
             x_adv[part[new]] = adv[new]
             broken_by[part[new]] = j + 1
     return EnsembleResult(x_adv, broken_by == -1, broken_by, ("clean",) + labels)
+
+
+class AutoAttack(Attack):
+    """AutoAttack-style evaluation (Croce & Hein 2020) as a cascade: ``AutoAttack(model, norm="linf", eps=8/255)``.
+
+    ``version="standard"``: APGD-CE, APGD-T (targeted DLR, 9 target classes) and, for Linf, Square (5000
+    queries) -- AutoAttack's standard set without FAB-T (not implemented here; see docs/attacks.md). ``attacks``
+    takes a custom list of CLI names (see :func:`robust_ops.attacks.build`) or attack objects instead.
+    ``__call__(x, y)`` returns x_adv; ``run(x, y)`` returns the full :class:`EnsembleResult`.
+    """
+
+    name = "autoattack"
+    supports_targeted = False
+
+    def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=100,
+                 n_target_classes=9, n_queries=5000, seed=0, model_mode="eval", clip_min=0.0, clip_max=1.0,
+                 cascade=True):
+        from . import build
+        from .apgd import APGD, APGDT
+        from .square import Square
+
+        if version != "standard":
+            raise ValueError(f"autoattack: expected version 'standard' (or a custom attacks list), got {version!r}")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"autoattack: expected norm to be one of linf, l2, got {norm!r}")
+        super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
+        self.norm, self.eps, self.version, self.cascade = norm, eps, version, cascade
+        common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
+        if attacks is None:
+            self.attacks = [
+                APGD(model, eps=eps, norm=norm, steps=steps, loss="ce", seed=seed, **common),
+                APGDT(model, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, seed=seed, **common),
+            ]
+            if norm == "linf":
+                self.attacks.append(Square(model, eps=eps, n_queries=n_queries, seed=seed, **common))
+        else:
+            self.attacks = [build(a, model, eps=eps, norm=norm, **common) if isinstance(a, str) else a
+                            for a in attacks]
+
+    def run(self, x, y):
+        return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
+                        clip_min=self.clip_min, clip_max=self.clip_max)
+
+    def forward(self, x, y):
+        return self.run(x, y).x_adv
+
+    def __repr__(self):
+        return (f"AutoAttack(norm={self.norm!r}, eps={self.eps!r}, version={self.version!r}, "
+                f"attacks=[{', '.join(getattr(a, 'name', repr(a)) for a in self.attacks)}])")

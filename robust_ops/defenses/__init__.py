@@ -1,3 +1,50 @@
-"""Published defenses as small per-batch loss objects (see docs/design.md)."""
+"""Published defenses as small per-batch loss objects (see docs/design.md and docs/defenses/<name>.md).
 
+``build(name, **kwargs)`` makes one from its CLI name; each defense is also importable by class:
+Standard, AT, SAT, TRADES, RST, GR, LLR, MART, FAT, AMAT, MIRST, MIRSTDM, DPAAT, ARFL (IMA lives in robust_ops.ima).
+"""
+
+import importlib
+
+from .adaptive import AMAT, DPAAT, synchronization_loss  # noqa: F401
+from .adversarial import AT, FAT, RST, SAT, Standard  # noqa: F401
+from .arfl import ARFL, robust_feature_loss  # noqa: F401
 from .base import Defense, DefenseOutput  # noqa: F401
+from .mirst import MIRST, MIRST_BETA, MIRST_EMIT, MIRSTDM  # noqa: F401
+from .regularization import GR, LLR  # noqa: F401
+from .trades import MART, TRADES  # noqa: F401
+
+# name -> "module:Class"; IMA is imported lazily (robust_ops.ima imports the attacks and the search op).
+REGISTRY = {
+    "standard": f"{__name__}.adversarial:Standard",
+    "at": f"{__name__}.adversarial:AT",
+    "sat": f"{__name__}.adversarial:SAT",
+    "trades": f"{__name__}.trades:TRADES",
+    "rst": f"{__name__}.adversarial:RST",
+    "gr": f"{__name__}.regularization:GR",
+    "llr": f"{__name__}.regularization:LLR",
+    "mart": f"{__name__}.trades:MART",
+    "fat": f"{__name__}.adversarial:FAT",
+    "amat": f"{__name__}.adaptive:AMAT",
+    "mirst": f"{__name__}.mirst:MIRST",
+    "mirst-dm": f"{__name__}.mirst:MIRSTDM",
+    "ima": "robust_ops.ima:IMA",
+    "dpaat": f"{__name__}.adaptive:DPAAT",
+    "arfl": f"{__name__}.arfl:ARFL",
+}
+NAMES = tuple(REGISTRY)
+
+
+def defense_class(name):
+    """The class registered under ``name`` (one of NAMES)."""
+    key = name.lower().replace("_", "-") if isinstance(name, str) else name
+    if key not in REGISTRY:
+        raise ValueError(f"defenses.build: unknown defense {name!r}; expected one of {', '.join(NAMES)}")
+    module, cls = REGISTRY[key].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build(name, **kwargs):
+    """A defense from its name (standard, at, sat, trades, rst, gr, llr, mart, fat, amat, mirst, mirst-dm, ima, dpaat,
+    arfl) with its papers' defaults, overridden by ``kwargs``; unknown names raise ValueError listing the names."""
+    return defense_class(name)(**kwargs)

@@ -1,0 +1,167 @@
+"""Attack benchmarks: robust_ops.attacks.pgd vs torchattacks.PGD (same output), the cost of emitting iterates, and
+an ensemble with the cascade vs every attack on every sample.
+
+    python benchmarks/bench_attacks.py [--quick] [--device cpu|cuda] [--models small-resnet,resnet18]
+
+Models at 1x64x64, batch 32: a small ResNet-style CNN and torchvision resnet18 (robust_ops.models, 3x3 stem).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import median_seconds, write_rows  # noqa: E402
+
+from robust_ops import attacks  # noqa: E402
+from robust_ops._backend import resolve  # noqa: E402
+from robust_ops.models import build_model  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                      if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class SmallResNet(nn.Module):
+    """A small ResNet-style CNN: stem, three basic blocks (16, 32, 64 channels), global pooling, linear."""
+
+    def __init__(self, in_channels=1, num_classes=2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2))
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def make_model(name, device):
+    torch.manual_seed(0)
+    model = SmallResNet() if name == "small-resnet" else build_model(name, in_channels=1, num_classes=2, image_size=64)
+    return model.to(device).eval()
+
+
+def blobs(n, size, seed, device):
+    """Synthetic 2-class images: noise in [0, 0.5] plus a brighter top-left (class 0) or bottom-right (class 1)
+    quadrant -- enough for a model that is not constant, so attacks break some samples and not others."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.rand(n, 1, size, size, generator=g) * 0.5
+    h = size // 2
+    x[y == 0, :, :h, :h] += 0.25
+    x[y == 1, :, h:, h:] += 0.25
+    return x.clamp(0, 1).to(device), y.to(device)
+
+
+def train_briefly(model, steps, batch, size, device):
+    """A few Adam steps on blobs (an untrained CNN predicts one class everywhere and no attack changes that)."""
+    x, y = blobs(256, size, 0, device)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    model.train()
+    for i in range(steps):
+        idx = torch.arange(i * batch, (i + 1) * batch, device=device) % 256
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def timed_once(fn):
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short timing runs (noisy)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="small-resnet,resnet18")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--train-steps", type=int, default=None, help="Adam steps before the ensemble (default 30, "
+                        "--quick 12)")
+    args = parser.parse_args()
+    import torchattacks
+
+    run_time = 0.5 if args.quick else 3.0
+    device = torch.device(args.device)
+    backend = resolve("pgd_step_", device)
+    x, y = blobs(args.batch, args.size, 1, device)
+    train_steps = args.train_steps if args.train_steps is not None else (12 if args.quick else 30)
+    eps, alpha, steps = 8 / 255, 2 / 255, 10
+    rows = []
+    for name in args.models.split(","):
+        model = make_model(name, device)
+
+        def ours():
+            return attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False)
+
+        def ours_emit():
+            return attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False, emit=(2, 4, 6, 8))
+
+        ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+
+        def theirs():
+            return ta(x, y)
+
+        same = torch.equal(ours(), theirs())
+        t_ours = median_seconds(ours, run_time)
+        t_theirs = median_seconds(theirs, run_time)
+        t_emit = median_seconds(ours_emit, run_time)
+        rows.append(dict(model=name, case="pgd-10 vs torchattacks.PGD", ours_ms=t_ours * 1e3, peer_ms=t_theirs * 1e3,
+                         ratio=t_theirs / t_ours, images_per_s=args.batch / t_ours, same_output=same,
+                         backend=backend))
+        rows.append(dict(model=name, case="pgd-10 emit=(2,4,6,8) vs plain", ours_ms=t_emit * 1e3,
+                         peer_ms=t_ours * 1e3, ratio=t_emit / t_ours, images_per_s=args.batch / t_emit,
+                         same_output=torch.equal(ours_emit()[0], ours()), backend=backend))
+
+        # Ensemble on the briefly trained model: labels = clean predictions (clean accuracy 100%), three white-box
+        # attacks, weakest first, at the smallest eps of 2^k/255 where FGSM breaks at least a quarter of the batch.
+        train_briefly(model, train_steps, args.batch, args.size, device)
+        with torch.no_grad():
+            y_pred = model(x).argmax(1)
+        for k in range(8):
+            ens_eps = 2 ** k / 255
+            with torch.no_grad():
+                broken = float((model(attacks.fgsm(model, x, y_pred, eps=ens_eps)).argmax(1) != y_pred).float().mean())
+            if broken >= 0.25:
+                break
+        chain = [
+            attacks.FGSM(model, eps=ens_eps),
+            attacks.PGD(model, eps=ens_eps, alpha=ens_eps / 4, steps=10, random_start=False),
+            attacks.APGD(model, eps=ens_eps, steps=10, loss="ce", seed=0),
+        ]
+        cascade, t_cascade = timed_once(lambda: attacks.ensemble(model, x, y_pred, chain))
+        full, t_full = timed_once(lambda: attacks.ensemble(model, x, y_pred, chain, cascade=False))
+        rows.append(dict(model=name, case=f"ensemble fgsm>pgd-10>apgd-10 eps={ens_eps * 255:g}/255: cascade vs all", ours_ms=t_cascade * 1e3,
+                         peer_ms=t_full * 1e3, ratio=t_full / t_cascade, images_per_s=args.batch / t_cascade,
+                         same_output=cascade.robust_accuracy() == full.robust_accuracy(), backend=backend))
+        print(f"{name}: trained {train_steps} steps, clean accuracy {float((y_pred == y).float().mean()):.3f}; "
+              f"ensemble robust accuracy cascade {cascade.robust_accuracy():.3f}, all "
+              f"{full.robust_accuracy():.3f}; broken per attack {cascade.counts()}", flush=True)
+    write_rows("bench_attacks", rows)
+
+
+if __name__ == "__main__":
+    main()

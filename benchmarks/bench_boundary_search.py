@@ -1,0 +1,135 @@
+"""Benchmark boundary_search_step_: one search round, kernel vs the plain-PyTorch reference vs the memory roofline,
+and the kernel's share of a round once the model forwards are counted (the number that matters: the forwards of the
+k-1 interior points dominate).
+
+Per round of a k-ary search on a batch of N samples:
+  * kernel: boundary_search_step_ (native C++/CUDA; Triton too on CUDA)
+  * reference: robust_ops.reference.boundary_search_step_ (eager PyTorch)
+  * roofline: a same-size copy of the bytes the round moves as counted here: read lo, hi, points and write lo, hi,
+    points, i.e. 2 (k + 1) N D elements. (The kernel reads only the two bracketing tensors, so it can beat this.)
+  * forward: resnet18 (robust_ops.models, eval mode, no_grad) on the k-1 interior points, (k-1) N images
+    (with --quick on CPU: one forward of N images, times k-1).
+
+Usage: python benchmarks/bench_boundary_search.py [--quick] [--device cpu|cuda] [--threads T]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
+
+import robust_ops  # noqa: E402
+from robust_ops import reference  # noqa: E402
+from robust_ops.models import build_model  # noqa: E402
+
+SHAPES = ((32, 1, 28, 28), (32, 3, 224, 224))
+ARITIES = (2, 4)
+
+
+def make_round(shape, k, device, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.rand(shape, generator=gen).to(device, dtype)
+    hi = torch.rand(shape, generator=gen).to(device, dtype)
+    points = torch.stack([lo * a + hi * b for a, b in reference.interpolation_weights(k)])
+    crossed_at = torch.randint(0, k, (shape[0],), generator=gen).to(device)
+    active = (torch.rand(shape[0], generator=gen) < 0.75).to(device)
+    return lo, hi, points, crossed_at, active
+
+
+def check_against_reference(fn, args):
+    got = [t.clone() for t in args[:3]]
+    want = [t.clone() for t in args[:3]]
+    fn(*got, *args[3:])
+    reference.boundary_search_step_(*want, *args[3:])
+    for g, w in zip(got, want):
+        if not torch.equal(g, w):
+            raise AssertionError(f"{fn} differs from the reference")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_seconds(model, shape, batch, device, reps):
+    """Median wall time of reps no_grad forwards of batch images (after one warm-up)."""
+    x = torch.rand((batch,) + tuple(shape[1:]), device=device)
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(reps):
+            sync(device)
+            start = time.perf_counter()
+            model(x)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short timing runs (noisier)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    scaled_forward = args.quick and torch.device(device).type == "cpu"
+    min_time = 0.2 if args.quick else 1.0
+
+    providers = {"native": torch.ops.robust_ops.boundary_search_step_}
+    if torch.device(device).type == "cuda" and hasattr(torch.ops.robust_ops, "boundary_search_step_triton"):
+        providers["triton"] = torch.ops.robust_ops.boundary_search_step_triton
+
+    rows = []
+    for shape in SHAPES:
+        model = build_model("resnet18", in_channels=shape[1], num_classes=2, image_size=shape[2]).to(device).eval()
+        forward_cache = {}
+        for k in ARITIES:
+            args_ = make_round(shape, k, device)
+            for fn in providers.values():
+                check_against_reference(fn, args_)
+            numel = args_[0].numel()
+            nbytes = 2 * (k + 1) * numel * args_[0].element_size()
+
+            def timed(fn):
+                state = [t.clone() for t in args_[:3]]
+                return common.median_seconds(lambda: (fn(*state, *args_[3:]), sync(device)), min_time)
+
+            ref_s = timed(reference.boundary_search_step_)
+            roof_s = common.copy_roofline_seconds(nbytes, device, min_time)
+            batch = shape[0] if scaled_forward else (k - 1) * shape[0]
+            if batch not in forward_cache:
+                forward_cache[batch] = forward_seconds(model, shape, batch, device, 1 if args.quick else 3)
+            fwd_s = forward_cache[batch] * ((k - 1) if scaled_forward else 1)
+            for name, fn in providers.items():
+                kern_s = timed(fn)
+                rows.append({
+                    "shape": "x".join(map(str, shape)),
+                    "k": k,
+                    "provider": name,
+                    "kernel_ms": kern_s * 1e3,
+                    "reference_ms": ref_s * 1e3,
+                    "speedup_vs_ref": ref_s / kern_s,
+                    "roofline_ms": roof_s * 1e3,
+                    "GB/s": common.gbps(nbytes, kern_s),
+                    "pct_roofline": 100 * roof_s / kern_s,
+                    "forward_ms": fwd_s * 1e3,
+                    "kernel_share_of_round_pct": 100 * kern_s / (kern_s + fwd_s),
+                    "ref_share_of_round_pct": 100 * ref_s / (ref_s + fwd_s),
+                })
+                print(rows[-1], flush=True)
+    common.write_rows("boundary_search", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Benchmark of the fused PGD step (torch.ops.robust_ops.pgd_step_) against the eager chain it replaces.
+
+Providers, on [32, 3, 224, 224] float32 by default, L-inf and L2, with and without a history slot:
+  native     the fused C++ (CPU) / CUDA kernel
+  triton     robust_ops::pgd_step_triton (CUDA only)
+  eager      robust_ops.reference.pgd_step_: the torchattacks expression chain, op by op
+  compiled   the same chain under torch.compile (skip with --no-compile)
+  copy       a same-size copy of the minimum bytes a fused step must move (the memory roofline):
+             read x_adv, x_nat, grad + write x_adv (+ the history slot) = 16 (20) bytes per float32 element.
+Each provider is checked against the eager chain (torch.equal) before it is timed.
+
+    python benchmarks/bench_pgd_step.py --quick            # CPU, 2 threads
+    python benchmarks/bench_pgd_step.py --device cuda
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+
+import robust_ops  # noqa: E402,F401
+from robust_ops import reference  # noqa: E402
+
+
+def make_inputs(shape, dtype, device, alpha=2 / 255, eps=8 / 255):
+    gen = torch.Generator().manual_seed(0)
+    x_nat = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)
+    x_adv = (x_nat + (torch.rand(shape, generator=gen).to(device=device, dtype=dtype) - 0.5) * 2 * eps).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    n = shape[0]
+    per_sample = torch.promote_types(dtype, torch.float32)
+    alpha_t = torch.full((n,), alpha, dtype=per_sample, device=device)
+    eps_t = torch.full((n,), eps, dtype=per_sample, device=device)
+    return x_adv, x_nat, grad, alpha_t, eps_t
+
+
+def providers(device, use_compile):
+    out = {"native": torch.ops.robust_ops.pgd_step_}
+    if device.type == "cuda" and hasattr(torch.ops.robust_ops, "pgd_step_triton"):
+        out["triton"] = torch.ops.robust_ops.pgd_step_triton
+    out["eager"] = reference.pgd_step_
+    if use_compile:
+        out["compiled"] = torch.compile(reference.pgd_step_, fullgraph=True, dynamic=False)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--shape", default="32,3,224,224")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    min_run_time = 0.3 if args.quick else 1.0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, dtype, device)
+    numel = x_adv.numel()
+    element = x_adv.element_size()
+    history = torch.zeros((4,) + shape, dtype=dtype, device=device)
+    impls = providers(device, not args.no_compile)
+    rows = []
+    for norm in ("linf", "l2"):
+        for with_history in (False, True):
+            hist = history if with_history else None
+            nbytes = numel * element * (5 if with_history else 4)
+            copy_s = common.copy_roofline_seconds(nbytes, device=device, min_run_time=min_run_time)
+            expected = x_adv.clone()
+            reference.pgd_step_(expected, x_nat, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
+            eager_s = None
+            for name, fn in impls.items():
+                work = x_adv.clone()
+                try:
+                    fn(work, x_nat, grad, alpha, eps, 0.0, 1.0, norm, hist, 1)  # also warms up / compiles
+                    sync()
+                except Exception as err:  # torch.compile of the chain can fail (inductor bugs): report, go on
+                    print(f"{name} {norm} history={with_history}: failed: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120]}")
+                    continue
+                same = torch.equal(work, expected)
+
+                def step(fn=fn, work=work):
+                    fn(work, x_nat, grad, alpha, eps, 0.0, 1.0, norm, hist, 1)
+
+                seconds = common.median_seconds(step, min_run_time)
+                if name == "eager":
+                    eager_s = seconds
+                rows.append({
+                    "norm": norm, "history": with_history, "provider": name, "median_ms": seconds * 1e3,
+                    "equal_to_eager": same, "GB/s": common.gbps(nbytes, seconds), "pct_of_copy": 100 * copy_s / seconds,
+                    "speedup_vs_eager": None,
+                })
+            for row in rows:
+                if row["norm"] == norm and row["history"] == with_history:
+                    row["speedup_vs_eager"] = eager_s / (row["median_ms"] / 1e3)
+            rows.append({
+                "norm": norm, "history": with_history, "provider": "copy (roofline)", "median_ms": copy_s * 1e3,
+                "equal_to_eager": "", "GB/s": common.gbps(nbytes, copy_s), "pct_of_copy": 100.0,
+                "speedup_vs_eager": eager_s / copy_s,
+            })
+    print(f"pgd_step_ {list(shape)} {args.dtype} on {device}; bytes counted: read x_adv, x_nat, grad, write x_adv "
+          f"(+ history slot)\n")
+    common.write_rows(f"pgd_step_{device.type}", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,607 @@
+// Drop-max pooling (MIRST-DM) on CPU: forward (top-2 per window) and backward (scatter-add to the indices).
+//
+// Semantics are those of robust_ops.reference.drop_max_pool2d: per window (windows as F.max_pool2d), remove the
+// first occurrence (row-major window order) of the maximum and select the first occurrence of the largest remaining
+// value; a single valid element selects itself; a window holding NaN selects its first NaN.
+//
+// The top-2 update is written branch-free over a contiguous run of independent windows (along output width for
+// NCHW, along channels for channels_last) so the compiler vectorizes it. Window slots are tracked as int32 numbers
+// in row-major window order and turned into flat H*W indices through a per-window offset table at the end. Windows
+// that touch the padding (NCHW edges) or contain NaN take a scalar path with the same rule.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <cstring>
+#include <type_traits>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+
+namespace robust_ops {
+namespace {
+
+constexpr const char* kOp = "drop_max_pool2d";
+constexpr const char* kBackwardOp = "_drop_max_pool2d_backward";
+
+// The dtype as Python prints it (torch.int64), so messages equal the fake kernel's (robust_ops/_meta.py).
+std::string python_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// A list as Python prints a tuple: (3, 3), (5,), ().
+std::string python_tuple(c10::IntArrayRef v) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
+  if (v.size() == 1) s << ",";
+  s << ")";
+  return s.str();
+}
+
+// Same formula as reference.pool_output_size (ATen's pooling_output_shape).
+int64_t pool_output_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
+  const int64_t num = size + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
+  // Python floor division (num may be negative).
+  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
+  if (ceil_mode && (out - 1) * s >= size + p) --out;
+  return out;
+}
+
+struct Geometry {
+  int64_t N, C, H, W, OH, OW;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// The same checks, in the same order and with the same messages, as _meta.check_drop_max_pool2d_args.
+Geometry check_args(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                    c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), kOp,
+              ": expected input to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
+              python_dtype(input.scalar_type()));
+  TORCH_CHECK(input.dim() == 4, kOp, ": expected input to be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  const std::pair<const char*, c10::IntArrayRef> positive[] = {
+      {"kernel_size", kernel_size}, {"stride", stride}, {"dilation", dilation}};
+  for (const auto& [name, value] : positive) {
+    TORCH_CHECK(value.size() == 2 && value[0] > 0 && value[1] > 0, kOp, ": expected ", name,
+                " to be two positive integers, got ", python_tuple(value));
+  }
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, kOp,
+              ": expected padding to be two non-negative integers, got ", python_tuple(padding));
+  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, kOp,
+              ": expected padding to be at most half of kernel_size, got padding=", python_tuple(padding),
+              " for kernel_size=", python_tuple(kernel_size));
+  const int64_t h = input.size(2), w = input.size(3);
+  TORCH_CHECK(h > 0 && w > 0, kOp, ": expected input with non-zero height and width, got ", h, "x", w);
+  const int64_t oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode);
+  const int64_t ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode);
+  TORCH_CHECK(oh > 0 && ow > 0, kOp, ": expected kernel_size ", python_tuple(kernel_size), " with dilation ",
+              python_tuple(dilation), " to fit the padded input ", h + 2 * padding[0], "x", w + 2 * padding[1],
+              ", got output size ", oh, "x", ow);
+  return Geometry{input.size(0), input.size(1), h, w, oh, ow,
+                  kernel_size[0], kernel_size[1], stride[0], stride[1],
+                  padding[0], padding[1], dilation[0], dilation[1]};
+}
+
+// Window taps [lo, hi) of one dimension that fall inside the input, for a window starting at `start`.
+inline void valid_taps(int64_t start, int64_t k, int64_t d, int64_t size, int64_t& lo, int64_t& hi) {
+  lo = start < 0 ? (-start + d - 1) / d : 0;
+  const int64_t last = size - 1 - start;
+  hi = last < 0 ? 0 : std::min(k, last / d + 1);
+  if (lo > hi) lo = hi;
+}
+
+// Scalar selection for one window: base points at the (n, c) plane origin, sH/sW are element strides.
+// Returns the flat H*W index of the selected element, or -1 for a window without any input element (possible
+// only with dilation jumping over a tiny input; its output is -inf, like max_pool2d's).
+template <typename scalar_t>
+int64_t select_window(const scalar_t* base, int64_t sH, int64_t sW, const Geometry& g, int64_t oh, int64_t ow) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t hs = oh * g.sh - g.ph, ws = ow * g.sw - g.pw;
+  int64_t ki0, ki1, kj0, kj1;
+  valid_taps(hs, g.kh, g.dh, g.H, ki0, ki1);
+  valid_taps(ws, g.kw, g.dw, g.W, kj0, kj1);
+  acc_t m1 = 0, m2 = 0;
+  int64_t i1 = -1, i2 = -1, inan = -1;
+  for (int64_t ki = ki0; ki < ki1; ++ki) {
+    const int64_t h = hs + ki * g.dh;
+    for (int64_t kj = kj0; kj < kj1; ++kj) {
+      const int64_t w = ws + kj * g.dw;
+      const acc_t v = static_cast<acc_t>(base[h * sH + w * sW]);
+      const int64_t pos = h * g.W + w;
+      if (std::isnan(v)) {
+        if (inan < 0) inan = pos;
+      } else if (i1 < 0 || v > m1) {
+        m2 = m1;
+        i2 = i1;
+        m1 = v;
+        i1 = pos;
+      } else if (i2 < 0 || v > m2) {
+        m2 = v;
+        i2 = pos;
+      }
+    }
+  }
+  return inan >= 0 ? inan : (i2 >= 0 ? i2 : i1);
+}
+
+// Top-2 selection for `len` windows at once (lanes). Lane j's window holds the elements base[tap_off[t] + j * step]
+// for the taps t = 0..ntaps-1, given in row-major window order; tap_rel[t] is the tap's flat H*W position relative
+// to the window origin. Writes per lane the selected value out[j] (the first occurrence of the largest value left
+// after removing the first occurrence of the maximum, or the single element) and its flat index
+// idx[j] = origin + j * origin_step + tap_rel[selected]. Returns whether any element was NaN (the caller redoes
+// those windows with select_window). Positions are carried as acc_t (exact small integers) so every select uses one
+// mask width.
+template <typename acc_t, typename scalar_t>
+bool window_top2_scalar(const scalar_t* __restrict__ base, int64_t step, int64_t first, int64_t len,
+                        const int64_t* tap_off, const acc_t* tap_rel, int64_t ntaps, scalar_t* __restrict__ out,
+                        int64_t* __restrict__ idx, int64_t origin, int64_t origin_step) {
+  bool nan_seen = false;
+  for (int64_t j = first; j < len; ++j) {
+    acc_t a1 = 0, a2 = 0, t1 = -1, t2 = -1;
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const acc_t v = static_cast<acc_t>(base[tap_off[t] + j * step]);
+      if (t1 < 0 || v > a1) {
+        a2 = a1;
+        t2 = t1;
+        a1 = v;
+        t1 = tap_rel[t];
+      } else if (t2 < 0 || v > a2) {
+        a2 = v;
+        t2 = tap_rel[t];
+      }
+      nan_seen |= std::isnan(v);
+    }
+    out[j] = static_cast<scalar_t>(t2 >= 0 ? a2 : a1);
+    idx[j] = origin + j * origin_step + static_cast<int64_t>(t2 >= 0 ? t2 : t1);
+  }
+  return nan_seen;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define ROBUST_OPS_HAVE_AVX2_PATH 1
+// float32 with AVX2, chosen at run time: the extension is compiled for the x86-64 baseline, whose SSE2 lacks the
+// blend instructions this select-heavy loop needs (GCC leaves the plain loop scalar). 8 lanes per vector; a window's
+// state stays in registers across its taps, and kUnroll vectors run side by side because one vector's taps form a
+// dependency chain.
+#define ROBUST_OPS_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+struct Top2State {
+  __m256 a1, a2, t1, t2;
+};
+
+ROBUST_OPS_AVX2 __m256 load_lanes(const float* p, int64_t step, bool may_read_ahead) {
+  if (step == 1) return _mm256_loadu_ps(p);
+  if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 7's)
+    const __m256 lo = _mm256_loadu_ps(p), hi = _mm256_loadu_ps(p + 8);
+    const __m256 even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+  return _mm256_setr_ps(p[0], p[step], p[2 * step], p[3 * step], p[4 * step], p[5 * step], p[6 * step], p[7 * step]);
+}
+
+// The window's first element: the maximum so far, no second yet.
+ROBUST_OPS_AVX2 void top2_first(Top2State& st, __m256 v, __m256 s, __m256& nan_lanes) {
+  st.a1 = v;
+  st.t1 = s;
+  st.a2 = _mm256_setzero_ps();
+  st.t2 = _mm256_set1_ps(-1.0f);
+  nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+ROBUST_OPS_AVX2 void top2_step(Top2State& st, __m256 v, __m256 s, __m256& nan_lanes) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 gt1 = _mm256_cmp_ps(v, st.a1, _CMP_GT_OQ);
+  const __m256 gt2 = _mm256_or_ps(_mm256_cmp_ps(v, st.a2, _CMP_GT_OQ), _mm256_cmp_ps(st.t2, zero, _CMP_LT_OQ));
+  const __m256 c2 = _mm256_blendv_ps(st.a2, v, gt2), d2 = _mm256_blendv_ps(st.t2, s, gt2);
+  st.a2 = _mm256_blendv_ps(c2, st.a1, gt1);
+  st.t2 = _mm256_blendv_ps(d2, st.t1, gt1);
+  st.a1 = _mm256_blendv_ps(st.a1, v, gt1);
+  st.t1 = _mm256_blendv_ps(st.t1, s, gt1);
+  nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// Writes lanes [j, min(j + 8, len)): value and idx = origin + (j + lane) * origin_step + rel.
+ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, float* out, int64_t* idx, int64_t origin,
+                                int64_t origin_step, __m256i lane_step) {
+  const __m256 second = _mm256_cmp_ps(st.t2, _mm256_setzero_ps(), _CMP_GE_OQ);
+  const __m256 val = _mm256_blendv_ps(st.a1, st.a2, second);
+  const __m256i rel = _mm256_add_epi32(_mm256_cvttps_epi32(_mm256_blendv_ps(st.t1, st.t2, second)), lane_step);
+  const __m256i base_idx = _mm256_set1_epi64x(origin + j * origin_step);
+  const __m256i lo = _mm256_add_epi64(base_idx, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(rel)));
+  const __m256i hi = _mm256_add_epi64(base_idx, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(rel, 1)));
+  if (j + 8 <= len) {
+    _mm256_storeu_ps(out + j, val);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j + 4), hi);
+  } else {  // the last, partial vector: lanes past len belong to other windows
+    alignas(32) float tail_val[8];
+    alignas(32) int64_t tail_idx[8];
+    _mm256_store_ps(tail_val, val);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tail_idx), lo);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tail_idx + 4), hi);
+    for (int64_t l = 0; l < len - j; ++l) {
+      out[j + l] = tail_val[l];
+      idx[j + l] = tail_idx[l];
+    }
+  }
+}
+
+// Handles lanes [0, done) with done <= len, reading lanes below safe_len only; needs relative positions and
+// lane offsets below 2^24 (exact in float and int32).
+__attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ base, int64_t step, int64_t len,
+                                                      int64_t safe_len, const int64_t* tap_off, const float* tap_rel,
+                                                      int64_t ntaps, float* __restrict__ out,
+                                                      int64_t* __restrict__ idx, int64_t origin,
+                                                      int64_t origin_step, int64_t& done) {
+  constexpr int kUnroll = 3;
+  __m256 nan_lanes = _mm256_setzero_ps();
+  const __m256i lane_step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(static_cast<int32_t>(origin_step)));
+  int64_t j = 0;
+  for (; j < len && j + 8 * kUnroll <= safe_len; j += 8 * kUnroll) {
+    Top2State st[kUnroll];
+    {
+      const __m256 s = _mm256_set1_ps(tap_rel[0]);
+      const float* p = base + tap_off[0] + j * step;
+      for (int u = 0; u < kUnroll; ++u) {
+        top2_first(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
+      }
+    }
+    for (int64_t t = 1; t < ntaps; ++t) {
+      const __m256 s = _mm256_set1_ps(tap_rel[t]);
+      const float* p = base + tap_off[t] + j * step;
+      for (int u = 0; u < kUnroll; ++u) {
+        top2_step(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
+      }
+    }
+    for (int u = 0; u < kUnroll && j + 8 * u < len; ++u) {
+      top2_store(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
+    }
+  }
+  for (; j < len && j + 8 <= safe_len; j += 8) {
+    Top2State st;
+    top2_first(st, load_lanes(base + tap_off[0] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[0]),
+               nan_lanes);
+    for (int64_t t = 1; t < ntaps; ++t) {
+      top2_step(st, load_lanes(base + tap_off[t] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[t]),
+                nan_lanes);
+    }
+    top2_store(st, j, len, out, idx, origin, origin_step, lane_step);
+  }
+  done = std::min(j, len);
+  return _mm256_movemask_ps(nan_lanes) != 0;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+// `vector_ok`: relative positions and lane offsets fit the AVX2 path's exact float / int32 arithmetic.
+template <typename acc_t, typename scalar_t>
+bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_len, const int64_t* tap_off,
+                 const acc_t* tap_rel, int64_t ntaps, scalar_t* out, int64_t* idx, int64_t origin,
+                 int64_t origin_step, bool vector_ok) {
+  int64_t done = 0;
+  bool nan_seen = false;
+#ifdef ROBUST_OPS_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (vector_ok && cpu_has_avx2()) {
+      nan_seen = window_top2_avx2(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin, origin_step,
+                                  done);
+    }
+  }
+#endif
+  return window_top2_scalar<acc_t, scalar_t>(base, step, done, len, tap_off, tap_rel, ntaps, out, idx, origin,
+                                             origin_step) ||
+         nan_seen;
+}
+
+// Relative positions (flat H*W) and lane offsets stay below 2^24: exact in float32, no int32 overflow.
+bool fits_vector_path(const Geometry& g, int64_t lanes, int64_t origin_step) {
+  const int64_t limit = int64_t(1) << 24;
+  return g.kh * g.dh * g.W + g.kw * g.dw < limit && (lanes + 8) * origin_step < limit;
+}
+
+// NCHW: one (n, c) plane per task; per output row, the windows fully inside the input along the width are the lanes
+// of window_top2 (lane = output column, loads strided by the width stride); the edge columns and rows holding NaN
+// go through select_window.
+template <typename scalar_t>
+void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indices, const Geometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  int64_t* idx = indices.mutable_data_ptr<int64_t>();
+  // Output columns whose window lies fully inside [0, W): ow*sw - pw >= 0 and ow*sw - pw + (kw-1)*dw <= W-1.
+  const int64_t ow_lo = std::min(g.OW, (g.pw + g.sw - 1) / g.sw);
+  const int64_t right = g.W - 1 - (g.kw - 1) * g.dw + g.pw;
+  const int64_t ow_hi = std::max(ow_lo, right < 0 ? ow_lo : std::min(g.OW, right / g.sw + 1));
+  const int64_t len = ow_hi - ow_lo;
+  const int64_t planes = g.N * g.C, plane_in = g.H * g.W, plane_out = g.OH * g.OW;
+  const scalar_t* in_end = in + planes * plane_in;
+
+  const bool vector_ok = fits_vector_path(g, len, g.sw);
+
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tap_rel(g.kh * g.kw);
+    std::vector<int64_t> tap_off(g.kh * g.kw);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* base = in + p * plane_in;
+      scalar_t* o = out + p * plane_out;
+      int64_t* ix = idx + p * plane_out;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const int64_t hs = oh * g.sh - g.ph;
+        auto scalar_at = [&](int64_t ow) {
+          const int64_t pos = select_window(base, g.W, 1, g, oh, ow);
+          o[oh * g.OW + ow] = pos >= 0 ? base[pos] : -std::numeric_limits<scalar_t>::infinity();
+          ix[oh * g.OW + ow] = pos;
+        };
+        for (int64_t ow = 0; ow < ow_lo; ++ow) scalar_at(ow);
+        for (int64_t ow = ow_hi; ow < g.OW; ++ow) scalar_at(ow);
+        int64_t ki0, ki1;
+        valid_taps(hs, g.kh, g.dh, g.H, ki0, ki1);
+        if (len == 0 || ki0 == ki1) {
+          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) scalar_at(ow);
+          continue;
+        }
+        int64_t ntaps = 0;
+        for (int64_t ki = ki0; ki < ki1; ++ki)
+          for (int64_t kj = 0; kj < g.kw; ++kj) {
+            tap_off[ntaps] = ki * g.dh * g.W + kj * g.dw;
+            tap_rel[ntaps] = static_cast<acc_t>(tap_off[ntaps]);
+            ++ntaps;
+          }
+        const int64_t origin = hs * g.W + ow_lo * g.sw - g.pw;
+        const scalar_t* lane0 = base + origin;
+        // Lanes readable without leaving the tensor (extra lanes read further along the row and are ignored).
+        const int64_t safe_len = (in_end - (lane0 + tap_off[ntaps - 1]) - 1) / g.sw + 1;
+        const bool nan_seen =
+            window_top2<acc_t, scalar_t>(lane0, g.sw, len, safe_len, tap_off.data(), tap_rel.data(), ntaps,
+                                         o + oh * g.OW + ow_lo, ix + oh * g.OW + ow_lo, origin, g.sw, vector_ok);
+        if (nan_seen) {
+          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) scalar_at(ow);
+        }
+      }
+    }
+  });
+}
+
+// channels_last: one task per output row (n, oh); per output pixel the C channels are the lanes of window_top2.
+template <typename scalar_t>
+void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tensor& indices, const Geometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  int64_t* idx = indices.mutable_data_ptr<int64_t>();
+  const int64_t C = g.C;
+
+  const bool vector_ok = fits_vector_path(g, C, 0);
+
+  at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tap_rel(g.kh * g.kw);
+    std::vector<int64_t> tap_off(g.kh * g.kw);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.OH, oh = r % g.OH;
+      const scalar_t* sample = in + n * g.H * g.W * C;
+      const int64_t hs = oh * g.sh - g.ph;
+      int64_t ki0, ki1;
+      valid_taps(hs, g.kh, g.dh, g.H, ki0, ki1);
+      for (int64_t ow = 0; ow < g.OW; ++ow) {
+        scalar_t* o = out + ((n * g.OH + oh) * g.OW + ow) * C;
+        int64_t* ix = idx + ((n * g.OH + oh) * g.OW + ow) * C;
+        const int64_t ws = ow * g.sw - g.pw;
+        int64_t kj0, kj1;
+        valid_taps(ws, g.kw, g.dw, g.W, kj0, kj1);
+        if (ki0 == ki1 || kj0 == kj1) {
+          for (int64_t c = 0; c < C; ++c) {
+            o[c] = -std::numeric_limits<scalar_t>::infinity();
+            ix[c] = -1;
+          }
+          continue;
+        }
+        int64_t ntaps = 0;
+        for (int64_t ki = ki0; ki < ki1; ++ki)
+          for (int64_t kj = kj0; kj < kj1; ++kj) {
+            tap_off[ntaps] = ((hs + ki * g.dh) * g.W + ws + kj * g.dw) * C;
+            tap_rel[ntaps++] = static_cast<acc_t>(ki * g.dh * g.W + kj * g.dw);
+          }
+        const bool nan_seen = window_top2<acc_t, scalar_t>(sample, 1, C, C, tap_off.data(), tap_rel.data(), ntaps, o,
+                                                           ix, hs * g.W + ws, 0, vector_ok);
+        if (nan_seen) {
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t pos = select_window(sample + c, g.W * C, C, g, oh, ow);
+            o[c] = sample[pos * C + c];
+            ix[c] = pos;
+          }
+        }
+      }
+    }
+  });
+}
+
+bool is_channels_last(const at::Tensor& t) {
+  // The fake kernel's rule (_meta.output_memory_format): channels_last and not also plain contiguous.
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> drop_max_pool2d_cpu(const at::Tensor& input, c10::IntArrayRef kernel_size,
+                                                       c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                       c10::IntArrayRef dilation, bool ceil_mode) {
+  const Geometry g = check_args(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const bool channels_last = is_channels_last(input);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = input.contiguous(format);
+  at::Tensor output = at::empty({g.N, g.C, g.OH, g.OW}, input.options().memory_format(format));
+  at::Tensor indices = at::empty({g.N, g.C, g.OH, g.OW}, input.options().dtype(at::kLong).memory_format(format));
+  if (output.numel() == 0) return {output, indices};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "drop_max_pool2d_cpu", [&] {
+    if (channels_last) {
+      forward_channels_last<scalar_t>(x, output, indices, g);
+    } else {
+      forward_nchw<scalar_t>(x, output, indices, g);
+    }
+  });
+  return {output, indices};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward: grad_input[n, c, idx] += grad_output[n, c, oh, ow]. Windows overlap, so it accumulates; each task owns
+// whole (n, c) planes (NCHW) or a channel block of one sample (channels_last), so no two tasks write one element.
+// float16/bfloat16 accumulate in float and round once.
+
+template <typename scalar_t>
+void backward_nchw(const at::Tensor& grad_output, const at::Tensor& indices, at::Tensor& grad_input, int64_t HW,
+                   std::atomic<bool>& bad_index) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+  const int64_t planes = grad_output.size(0) * grad_output.size(1);
+  const int64_t L = grad_output.size(2) * grad_output.size(3);
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(std::is_same_v<acc_t, scalar_t> ? 0 : HW);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* g = go + p * L;
+      const int64_t* ix = idx + p * L;
+      acc_t* acc = std::is_same_v<acc_t, scalar_t> ? reinterpret_cast<acc_t*>(gi + p * HW) : scratch.data();
+      std::fill(acc, acc + HW, acc_t(0));
+      bool bad = false;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t i = ix[l];
+        if (static_cast<uint64_t>(i) < static_cast<uint64_t>(HW)) {
+          acc[i] += static_cast<acc_t>(g[l]);
+        } else if (i != -1) {  // -1: a window without input elements (output -inf), no gradient
+          bad = true;
+        }
+      }
+      if (bad) bad_index = true;
+      if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+        scalar_t* dst = gi + p * HW;
+        for (int64_t i = 0; i < HW; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const at::Tensor& grad_output, const at::Tensor& indices, at::Tensor& grad_input,
+                            int64_t HW, std::atomic<bool>& bad_index) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+  const int64_t N = grad_output.size(0), C = grad_output.size(1);
+  const int64_t L = grad_output.size(2) * grad_output.size(3);
+  // Channel blocks so that small batches still use every thread.
+  const int64_t threads = at::get_num_threads();
+  int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(C / 16, (4 * threads + N - 1) / N));
+  const int64_t block = (C + blocks - 1) / blocks;
+  blocks = (C + block - 1) / block;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, c0 = (t % blocks) * block, c1 = std::min(C, c0 + block), cb = c1 - c0;
+      const scalar_t* g = go + n * L * C + c0;
+      const int64_t* ix = idx + n * L * C + c0;
+      scalar_t* dst = gi + n * HW * C + c0;
+      // Accumulate into a dense [HW, cb] buffer: the output itself when the block spans all channels in full
+      // precision, else scratch.
+      const bool direct = std::is_same_v<acc_t, scalar_t> && cb == C;
+      if (!direct) scratch.assign(HW * cb, acc_t(0));
+      acc_t* acc = direct ? reinterpret_cast<acc_t*>(dst) : scratch.data();
+      if (direct) std::fill(acc, acc + HW * C, acc_t(0));
+      bool bad = false;
+      for (int64_t l = 0; l < L; ++l) {
+        const scalar_t* gl = g + l * C;
+        const int64_t* il = ix + l * C;
+        for (int64_t c = 0; c < cb; ++c) {
+          const int64_t i = il[c];
+          if (static_cast<uint64_t>(i) < static_cast<uint64_t>(HW)) {
+            acc[i * cb + c] += static_cast<acc_t>(gl[c]);
+          } else if (i != -1) {
+            bad = true;
+          }
+        }
+      }
+      if (bad) bad_index = true;
+      if (!direct) {
+        for (int64_t i = 0; i < HW; ++i)
+          for (int64_t c = 0; c < cb; ++c) dst[i * C + c] = static_cast<scalar_t>(acc[i * cb + c]);
+      }
+    }
+  });
+}
+
+at::Tensor drop_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices,
+                                        c10::IntArrayRef input_size) {
+  TORCH_CHECK(indices.scalar_type() == at::kLong, kBackwardOp, ": expected indices to be int64, got ",
+              python_dtype(indices.scalar_type()));
+  TORCH_CHECK(grad_output.sizes() == indices.sizes(), kBackwardOp,
+              ": expected grad_output to have the shape of indices ", python_tuple(indices.sizes()), ", got ",
+              python_tuple(grad_output.sizes()));
+  TORCH_CHECK(at::isFloatingType(grad_output.scalar_type()), kBackwardOp,
+              ": expected grad_output to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
+              python_dtype(grad_output.scalar_type()));
+  TORCH_CHECK(grad_output.dim() == 4, kBackwardOp, ": expected grad_output to be 4-D (N, C, H_out, W_out), got ",
+              grad_output.dim(), "-D");
+  TORCH_CHECK(input_size.size() == 4 && input_size[0] == grad_output.size(0) &&
+                  input_size[1] == grad_output.size(1) && input_size[2] > 0 && input_size[3] > 0,
+              kBackwardOp, ": expected input_size to be (N, C, H, W) = (", grad_output.size(0), ", ",
+              grad_output.size(1), ", H, W) with H, W > 0, got ", python_tuple(input_size));
+  const bool channels_last = is_channels_last(grad_output);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor go = grad_output.contiguous(format);
+  const at::Tensor ix = indices.contiguous(format);
+  at::Tensor grad_input = at::empty(input_size, grad_output.options().memory_format(format));
+  if (grad_input.numel() == 0) return grad_input;
+  const int64_t HW = input_size[2] * input_size[3];
+  std::atomic<bool> bad_index{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "drop_max_pool2d_backward_cpu", [&] {
+    if (channels_last) {
+      backward_channels_last<scalar_t>(go, ix, grad_input, HW, bad_index);
+    } else {
+      backward_nchw<scalar_t>(go, ix, grad_input, HW, bad_index);
+    }
+  });
+  TORCH_CHECK(!bad_index.load(), kBackwardOp, ": expected indices in [0, ", HW, ") (flat positions into H*W = ",
+              input_size[2], "*", input_size[3], "), got an index out of range");
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robust_ops, CPU, m) {
+  m.impl("drop_max_pool2d", &drop_max_pool2d_cpu);
+  m.impl("_drop_max_pool2d_backward", &drop_max_pool2d_backward_cpu);
+}
+
+}  // namespace robust_ops

@@ -1,0 +1,234 @@
+"""The robust-ops command line end to end (quick modes) and its one-line errors (exit status 2, no partial files)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from robust_ops import cli
+
+
+def run(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory):
+    """A small MedMNIST-layout file (not an official name, so no MD5 check)."""
+    from robust_ops.data import synthetic_ultrasound
+
+    path = tmp_path_factory.mktemp("data") / "smallbus.npz"
+    arrays = {}
+    for split, n, seed in (("train", 64, 0), ("val", 16, 1), ("test", 32, 2)):
+        x, y = synthetic_ultrasound(n, size=28, seed=seed)
+        arrays[f"{split}_images"] = (x[:, 0].numpy() * 255).round().astype(np.uint8)
+        arrays[f"{split}_labels"] = y.numpy().reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "std"
+    assert cli.main(["train", "--data", str(small_npz), "--epochs", "1", "--out", str(out), "--no-progress",
+                     "--device", "cpu"]) == 0
+    return out
+
+
+def test_help_shows_defaults(capsys):
+    for cmd in ("train", "eval", "demo", "bench", "reproduce"):
+        with pytest.raises(SystemExit) as ex:
+            cli.main([cmd, "--help"])
+        assert ex.value.code == 0
+        out = capsys.readouterr().out
+        assert "default" in out, cmd
+    r = subprocess.run([sys.executable, "-m", "robust_ops", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "train" in r.stdout and "reproduce" in r.stdout
+
+
+def test_train_writes_run_and_eval_end_to_end(trained_run, capsys):
+    run_json = json.loads((trained_run / "run.json").read_text())
+    assert run_json["defense"] == "standard" and run_json["dataset"]["positive_class"] == 1
+    assert (trained_run / "checkpoint.pt").is_file()
+    rc, out, err = run(["eval", trained_run, "--attacks", "fgsm,pgd:steps=3", "--eps", "1/255,4/255", "--saliency",
+                        "2", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    doc = json.loads((trained_run / "eval" / "results.json").read_text())
+    assert [r["attack"] for r in doc["rows"]][:2] == ["none", "fgsm"] and doc["synthetic"] is False
+    assert (trained_run / "eval" / "accuracy_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
+    assert (trained_run / "eval" / "saliency_standard.png").is_file()
+    assert "| F1: attack | ε | standard |" in out
+
+
+def test_eval_bad_eps_no_partial_files(trained_run, tmp_path, capsys):
+    out = tmp_path / "ev"
+    rc, _, err = run(["eval", trained_run, "--eps", "1/255,x", "--out", out], capsys)
+    one_line_error(rc, err, "robust-ops eval: error: --eps:", "'x'")
+    rc, _, err = run(["eval", trained_run, "--attacks", "fgsm,bogus", "--out", out], capsys)
+    one_line_error(rc, err, "--attacks:", "unknown attack 'bogus'")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_names(small_npz, tmp_path, capsys):
+    rc, _, err = run(["train", "--data", small_npz, "--defense", "nope", "--out", tmp_path / "a"], capsys)
+    one_line_error(rc, err, "--defense:", "unknown defense 'nope'")
+    rc, _, err = run(["train", "--data", small_npz, "--model", "resnet9000", "--out", tmp_path / "b"], capsys)
+    one_line_error(rc, err, "--model:", "unknown model 'resnet9000'")
+    rc, _, err = run(["train", "--data", small_npz, "--defense-opt", "eps", "--out", tmp_path / "c"], capsys)
+    one_line_error(rc, err, "--defense-opt:", "key=value")
+    rc, _, err = run(["demo", "--methods", "standard,zzz", "--out", tmp_path / "d"], capsys)
+    one_line_error(rc, err, "--methods:", "'zzz'")
+    rc, _, err = run(["train", "--epochs", "0", "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, "--epochs:")
+    rc, _, err = run(["reproduce", "nothing"], capsys)
+    one_line_error(rc, err, "invalid choice")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_data_files(tmp_path, capsys):
+    rc, _, err = run(["train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "r"], capsys)
+    one_line_error(rc, err, "--data:", "missing.npz: no such file")
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"garbage")
+    rc, _, err = run(["train", "--data", corrupt, "--out", tmp_path / "r"], capsys)
+    one_line_error(rc, err, "--data:", "not a readable .npz")
+    fake = tmp_path / "breastmnist.npz"
+    np.savez(fake, train_images=np.zeros((2, 28, 28), np.uint8))
+    rc, _, err = run(["train", "--data", fake, "--out", tmp_path / "r"], capsys)
+    one_line_error(rc, err, "--data:", "does not match the official breastmnist.npz")
+    nokeys = tmp_path / "nokeys.npz"
+    np.savez(nokeys, train_images=np.zeros((2, 28, 28), np.uint8))
+    rc, _, err = run(["train", "--data", nokeys, "--out", tmp_path / "r"], capsys)
+    one_line_error(rc, err, "--data:", "missing keys")
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_needing_pickle_is_refused(trained_run, tmp_path, capsys):
+    import argparse
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {}, "payload": argparse.Namespace(code="runs on load")}, bad)
+    rc, _, err = run(["eval", bad, "--data", "synthetic", "--model", "small_cnn"], capsys)
+    one_line_error(rc, err, "bad.pt: refusing to load", "weights_only=True")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 10)
+    rc, _, err = run(["eval", junk, "--data", "synthetic", "--model", "small_cnn"], capsys)
+    one_line_error(rc, err, "junk.pt: not a readable checkpoint")
+    rc, _, err = run(["eval", tmp_path / "nothing"], capsys)
+    one_line_error(rc, err, "no such run folder or checkpoint file")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_config_file(small_npz, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {small_npz}\nepochs: 1\nbatch-size: 16\nno_progress: true\ndevice: cpu\n")
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--config", cfg, "--out", out], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["batch_size"] == 16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epoch: 3\n")
+    rc, _, err = run(["train", "--config", bad, "--out", tmp_path / "x"], capsys)
+    one_line_error(rc, err, "bad.yaml: unknown option 'epoch'")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    rc, _, err = run(["train", "--config", broken], capsys)
+    one_line_error(rc, err, "broken.json: not valid JSON")
+
+
+def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
+    from robust_ops import train
+
+    real_fit = train.fit
+    out = tmp_path / "run"
+
+    def fit_then_interrupt(*args, **kwargs):
+        kwargs["epochs"] = 1
+        real_fit(*args, **kwargs)  # one finished epoch, checkpoint written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", fit_then_interrupt)
+    argv = ["train", "--data", small_npz, "--epochs", "2", "--out", out, "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 130 and "--resume" in err and (out / "checkpoint.pt").is_file()
+    monkeypatch.setattr(train, "fit", real_fit)
+    rc, _, err = run(argv + ["--resume"], capsys)
+    assert rc == 0, err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    rc, _, err = run(["train", "--data", small_npz, "--epochs", "3", "--out", out, "--resume", "--model", "mlp"],
+                     capsys)
+    one_line_error(rc, err, "--resume:", "model='small_cnn'")
+
+
+def test_demo_quick_synthetic(tmp_path, capsys):
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
+    out = tmp_path / "demo"
+    assert cli.DEMO_METHODS == ("standard", "rst", "mirst", "mirst-dm", "ima")  # the default set (all five)
+    rc, stdout, err = run(["demo", "--quick", "--methods", "standard,mirst-dm,ima", "--out", out, "--attacks",
+                           "fgsm,pgd:steps=2", "--eps", "2/255,8/255", "--no-progress", "--device", "cpu",
+                           "--saliency", "2"], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    methods = {r["method"] for r in doc["rows"]}
+    assert methods == {"Baseline", "MIRST-DM", "IMA"} and doc["synthetic"] is True
+    assert "SYNTHETIC DATA" in stdout and "Synthetic data" in (out / "report.md").read_text()
+    assert (out / "f1_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
+    run_json = json.loads((out / "runs" / "mirst-dm" / "run.json").read_text())
+    assert run_json["dropmax"] == "first"
+
+
+def test_eval_on_breastmnist(breastmnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
+    out = tmp_path / "bm"
+    rc, _, err = run(["train", "--data", "breastmnist", "--epochs", "1", "--out", out, "--no-progress", "--device",
+                      "cpu"], capsys)
+    assert rc == 0, err
+    rc, stdout, err = run(["eval", out, "--attacks", "fgsm", "--eps", "5/255", "--saliency", "0"], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "eval" / "results.json").read_text())
+    assert doc["dataset"]["name"] == "breastmnist" and doc["dataset"]["positive_class"] == 0
+    assert doc["rows"][0]["n"] == 156 and not doc["synthetic"]
+
+
+def test_reproduce_quick_arfl_moons(tmp_path, capsys):
+    out = tmp_path / "arfl"
+    rc, stdout, err = run(["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--out", out, "--no-progress",
+                           "--device", "cpu"], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["paper"] and {r["method"] for r in doc["rows"]} >= {"Standard training", "MIRST"}
+    text = (out / "report.md").read_text()
+    assert "Published numbers beside ours" in text and "QUICK MODE" in text and "| Standard training | FGSM" in text
+
+
+@pytest.mark.slow
+def test_reproduce_quick_mirst_bus(breastmnist, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
+    out = tmp_path / "mirst"
+    rc, _, err = run(["reproduce", "mirst-bus", "--quick", "--out", out, "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in doc["rows"]} == {"Baseline", "RST", "MIRST", "RST-DM", "MIRST-DM"}
+
+
+def test_bench_list_and_unknown(capsys):
+    rc, out, err = run(["bench", "--list"], capsys)
+    assert rc == 0 and "pgd_step" in out
+    rc, _, err = run(["bench", "--only", "nope"], capsys)
+    one_line_error(rc, err, "--only:", "unknown benchmark(s) nope")

@@ -1,0 +1,198 @@
+"""Dataset loaders: MedMNIST npz variants and their errors, BUSI folders, CSV layout, synthetic sets, k-fold."""
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from robust_ops.data import DataError, cross_validation, load_dataset, synthetic_ultrasound
+from robust_ops.data import medmnist as mm
+
+
+def write_npz(path, n=(12, 4, 6), shape=(28, 28), labels_2d=True, drop=None, classes=2, **overrides):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, k in zip(("train", "val", "test"), n):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(k, *shape), dtype=np.uint8)
+        lab = np.arange(k) % classes
+        arrays[f"{split}_labels"] = lab.reshape(-1, 1).astype(np.uint8) if labels_2d else lab.astype(np.int64)
+    arrays.update(overrides)
+    if drop:
+        arrays.pop(drop)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_breastmnist_real(breastmnist):
+    s = load_dataset(breastmnist)
+    assert [len(s.train), len(s.val), len(s.test)] == [546, 78, 156]
+    x, y = s.test.tensors
+    assert x.shape == (156, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+    assert s.info.positive_class == 0 and s.info.class_names[0] == "malignant" and not s.info.synthetic
+    assert int((y == 0).sum()) == 42
+
+
+def test_breastmnist_by_name(breastmnist, monkeypatch):
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
+    assert load_dataset("breastmnist").info.name == "breastmnist"
+
+
+def test_npz_variants_gray_rgb_labels(tmp_path):
+    s = load_dataset(write_npz(tmp_path / "a.npz"))
+    assert s.train.tensors[0].shape == (12, 1, 28, 28) and s.info.num_classes == 2 and s.info.positive_class == 1
+    s = load_dataset(write_npz(tmp_path / "b.npz", shape=(64, 64, 3), labels_2d=False, classes=3))
+    assert s.train.tensors[0].shape == (12, 3, 64, 64) and s.info.num_classes == 3 and s.info.positive_class is None
+
+
+def test_npz_missing_keys(tmp_path):
+    with pytest.raises(DataError, match=r"c\.npz: missing keys val_labels"):
+        load_dataset(write_npz(tmp_path / "c.npz", drop="val_labels"))
+
+
+def test_npz_mismatched_lengths(tmp_path):
+    bad = np.zeros((3, 1), np.uint8)
+    with pytest.raises(DataError, match=r"train_labels has 3 entries but the images have 12"):
+        load_dataset(write_npz(tmp_path / "d.npz", train_labels=bad))
+
+
+def test_npz_corrupt(tmp_path):
+    p = tmp_path / "e.npz"
+    p.write_bytes(b"not a zip file at all")
+    with pytest.raises(DataError, match=r"e\.npz: not a readable \.npz file"):
+        load_dataset(p)
+
+
+def test_npz_pickle_refused(tmp_path):
+    p = tmp_path / "f.npz"
+    obj = np.empty(2, dtype=object)
+    write_npz(p, train_images=obj)
+    with pytest.raises(DataError, match="refusing to load arrays that need pickle"):
+        load_dataset(p)
+
+
+def test_official_name_md5_mismatch(tmp_path):
+    p = write_npz(tmp_path / "breastmnist.npz")
+    with pytest.raises(DataError, match=r"breastmnist\.npz: MD5 [0-9a-f]{32} does not match the official"):
+        load_dataset(p)
+
+
+def test_official_md5_matches(breastmnist, tmp_path):
+    assert mm.check_md5(breastmnist) == mm.OFFICIAL_MD5["breastmnist.npz"]
+    assert hashlib.md5(breastmnist.read_bytes()).hexdigest() == "750601b1f35ba3300ea97c75c52ff8f6"
+
+
+def test_missing_medmnist_says_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DataError, match=r"dermamnist: dermamnist\.npz not found \(looked in .*\); download it"):
+        load_dataset("dermamnist", download=False)
+
+
+def test_unknown_spec():
+    with pytest.raises(DataError, match="no-such-thing: no such file or folder, and not a known dataset name"):
+        load_dataset("no-such-thing")
+
+
+def _png(path, size, value, mode="L"):
+    from PIL import Image
+
+    arr = np.full((size[1], size[0]) + (() if mode == "L" else (3,)), value, np.uint8)
+    Image.fromarray(arr, mode=mode).save(path)
+
+
+def test_busi_folder(tmp_path):
+    for c, v in (("benign", 50), ("malignant", 200), ("normal", 120)):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{c} ({i}).png", (40, 20), v)
+            _png(tmp_path / c / f"{c} ({i})_mask.png", (40, 20), 255)
+    s = load_dataset(tmp_path, size=16, classes=("benign", "malignant"))
+    assert s.info.class_names == ("benign", "malignant") and s.info.positive_class == 1
+    assert len(s.train) + len(s.val) + len(s.test) == 20  # masks ignored, normal left out
+    x, y = s.train.tensors
+    assert x.shape[1:] == (1, 16, 16)
+    # zero padding: a 40x20 image becomes 40x40 with black bands above and below
+    assert float(x[0, 0, 0].max()) == 0.0 and float(x[0, 0, 8].min()) > 0
+    assert torch.allclose(x[y == 1][:, :, 8, 8], torch.tensor(200 / 255))
+    s3 = load_dataset(tmp_path, size=16)
+    assert s3.info.class_names == ("benign", "malignant", "normal") and s3.info.positive_class is None
+
+
+def test_busi_missing_class(tmp_path):
+    (tmp_path / "benign").mkdir()
+    with pytest.raises(DataError, match="class folder.s. malignant not found"):
+        load_dataset(tmp_path, classes=("benign", "malignant"))
+
+
+def test_csv_layout(tmp_path):
+    rows = ["lesion_id,image_id,dx,age"]
+    (tmp_path / "part_1").mkdir()
+    for i in range(12):
+        dx = ("nv", "mel", "bkl")[i % 3]
+        rows.append(f"L{i},ISIC_{i:07d},{dx},50")
+        _png(tmp_path / "part_1" / f"ISIC_{i:07d}.jpg", (30, 24), 30 * (i % 3), mode="RGB")
+    (tmp_path / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
+    s = load_dataset(tmp_path / "HAM10000_metadata.csv", size=12)
+    assert s.info.class_names == ("bkl", "mel", "nv") and s.info.in_channels == 3
+    assert len(s.train) + len(s.val) + len(s.test) == 12
+    s2 = load_dataset(tmp_path / "HAM10000_metadata.csv", size=12, classes=("nv", "mel"))
+    assert s2.info.positive_class == 1 and s2.info.num_classes == 2
+
+
+def test_csv_errors(tmp_path):
+    (tmp_path / "m.csv").write_text("image_id,label\na,1\n")
+    with pytest.raises(DataError, match=r"m\.csv: missing column 'dx'"):
+        load_dataset(tmp_path / "m.csv")
+    (tmp_path / "n.csv").write_text("image_id,dx\nimg_a,nv\nimg_b,mel\n")
+    with pytest.raises(DataError, match=r"n\.csv: 2 image\(s\) listed but not found"):
+        load_dataset(tmp_path / "n.csv")
+
+
+def test_synthetic_deterministic_and_named():
+    a, b = load_dataset("synthetic", seed=3), load_dataset("synthetic", seed=3)
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0]) and torch.equal(a.test.tensors[1], b.test.tensors[1])
+    c = load_dataset("synthetic", seed=4)
+    assert not torch.equal(a.train.tensors[0], c.train.tensors[0])
+    assert a.info.synthetic and "synthetic" in a.info.name and a.info.positive_class == 1
+    x, y = a.train.tensors
+    assert x.shape[1:] == (1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert 0.25 < float(y.float().mean()) < 0.55
+    # train and test are different draws
+    assert not torch.equal(a.train.tensors[0][:5], a.test.tensors[0][:5])
+
+
+def test_synthetic_classes_differ():
+    """Malignant lesions cast posterior shadows: the region below the lesion is darker on average."""
+    x, y = synthetic_ultrasound(64, size=32, seed=0)
+    lower = x[:, 0, 22:, 10:22].mean((1, 2))
+    assert float(lower[y == 1].mean()) < float(lower[y == 0].mean())
+
+
+def test_moons():
+    s = load_dataset("moons")
+    assert len(s.train) == 10000 and len(s.test) == 1000 and s.train.tensors[0].shape == (10000, 2)
+    assert s.info.value_range == (-4.0, 4.0) and s.info.num_classes == 2
+
+
+def test_cross_validation_stratified():
+    s = load_dataset("synthetic")
+    folds = cross_validation(s, k=5, seed=0)
+    assert len(folds) == 5
+    total = len(s.train) + len(s.val) + len(s.test)
+    test_sizes = [len(f.test) for f in folds]
+    assert sum(test_sizes) == total
+    for f in folds:
+        assert len(f.train) + len(f.val) + len(f.test) == total
+        frac = float(f.test.tensors[1].float().mean())
+        assert abs(frac - float(torch.cat([s.train.tensors[1], s.val.tensors[1], s.test.tensors[1]]).float().mean())) < 0.05
+    with pytest.raises(DataError, match="expected k >= 2 folds"):
+        cross_validation(s, k=1)
+
+
+def test_copy_of_official_file_under_other_name_is_not_md5_checked(breastmnist, tmp_path):
+    p = tmp_path / "mybreast.npz"
+    shutil.copy(breastmnist, p)
+    assert load_dataset(p).info.name == "mybreast"

@@ -1,0 +1,373 @@
+"""drop_max_pool2d native kernels (CPU; CUDA when a GPU is visible) against robust_ops.reference, plus the
+DropMax2d module, replace_maxpool, autograd, opcheck, torch.compile and every error message."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import robust_ops
+from robust_ops import reference
+from robust_ops.reference import pool_output_size
+
+from conftest import cpu_and_cuda
+from utils import assert_verbose_equal
+
+op = torch.ops.robust_ops.drop_max_pool2d
+backward_op = torch.ops.robust_ops._drop_max_pool2d_backward
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def every_window_has_input(size, k, s, p, d, ceil_mode):
+    """False for the degenerate geometries (dilation jumping over a tiny input) where some window holds no input
+    element at all; the reference cannot select from an empty window."""
+    out = pool_output_size(size, k, s, p, d, ceil_mode)
+    for o in range(out):
+        if not any(0 <= o * s - p + j * d < size for j in range(k)):
+            return False
+    return True
+
+
+def layout(x, name):
+    if name == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if name == "permuted":  # non-contiguous in either format
+        return x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    return x.contiguous()
+
+
+def expected_format(x):
+    return torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) \
+        else torch.contiguous_format
+
+
+def check_against_reference(x, args):
+    out, idx = op(x, *args)
+    if x.numel() == 0:  # the reference's unfold cannot reshape empty batches; compare with max_pool2d's shape
+        (kh, kw), stride, padding, dilation, ceil_mode = args
+        assert out.shape == idx.shape == F.max_pool2d(x, (kh, kw), stride, padding, dilation, ceil_mode).shape
+        return out, idx
+    ref_out, ref_idx = reference.drop_max_pool2d(x, *args)
+    assert_verbose_equal(out, ref_out, "output")
+    assert_verbose_equal(idx, ref_idx, "indices")
+    fmt = expected_format(x)
+    assert out.is_contiguous(memory_format=fmt) and idx.is_contiguous(memory_format=fmt)
+    return out, idx
+
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ceil_mode = draw(st.booleans())
+    h, w = draw(st.integers(1, 11)), draw(st.integers(1, 11))
+    ok = all(
+        pool_output_size(size, k, s, p, d, ceil_mode) > 0 and every_window_has_input(size, k, s, p, d, ceil_mode)
+        for size, k, s, p, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw))
+    )
+    if not ok:
+        h, w, ceil_mode = (kh - 1) * dh + 1 + draw(st.integers(0, 4)), (kw - 1) * dw + 1 + draw(st.integers(0, 4)), False
+    n, c = draw(st.integers(0, 2)), draw(st.integers(1, 20))
+    values = draw(st.sampled_from(["integers", "normal"]))
+    fmt = draw(st.sampled_from(["contiguous", "channels_last", "permuted"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (n, c, h, w), ((kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode), values, fmt, seed
+
+
+def make_input(shape, values, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if values == "integers":  # few distinct values: many ties exercise the tie rule
+        return torch.randint(-3, 4, shape, generator=g).to(dtype)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pool_cases())
+def test_matches_reference_randomized(case):
+    shape, args, values, fmt, seed = case
+    x = layout(make_input(shape, values, seed), fmt)
+    out, _ = check_against_reference(x, args)
+    (kh, kw), stride, padding, dilation, ceil_mode = args
+    assert out.shape == F.max_pool2d(x, (kh, kw), stride, padding, dilation, ceil_mode).shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("values", ["integers", "normal"])
+def test_dtypes_match_reference(dtype, fmt, values):
+    args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    x = layout(make_input((2, 19, 13, 11), values, 1, dtype), fmt)
+    out, _ = check_against_reference(x, args)
+    assert out.dtype == dtype
+
+
+def test_odd_shape_wide_rows():
+    # Rows longer than one vector with ragged tails; stride 1 and 2 (deinterleaving loads) and 3 (gathers).
+    for stride in (1, 2, 3):
+        args = ((3, 2), (stride, stride), (1, 1), (1, 1), True)
+        x = make_input((2, 3, 21, 67), "integers", stride)
+        check_against_reference(x, args)
+        check_against_reference(layout(x, "channels_last"), args)
+
+
+def test_tie_rule_examples():
+    x = torch.tensor([[[[5.0, 5.0, 1.0]]]])
+    out, idx = op(x, (1, 3), (1, 3), (0, 0), (1, 1), False)
+    assert out.item() == 5.0 and idx.item() == 1  # the first 5 is dropped, the second selected
+    x = torch.tensor([[[[1.0, 5.0, 3.0, 3.0]]]])
+    out, idx = op(x, (1, 4), (1, 4), (0, 0), (1, 1), False)
+    assert out.item() == 3.0 and idx.item() == 2  # first occurrence of the runner-up
+    x = torch.tensor([[[[7.0]]]])
+    out, idx = op(x, (3, 3), (1, 1), (1, 1), (1, 1), False)
+    assert out.item() == 7.0 and idx.item() == 0  # a single valid element selects itself
+
+
+def test_nan_and_inf():
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[[[1.0, nan, -inf, -inf], [2.0, 0.0, -inf, -inf], [inf, inf, 4.0, -inf], [5.0, 6.0, nan, 1.0]]]])
+    for fmt in ("contiguous", "channels_last"):
+        for args in (((2, 2), (2, 2), (0, 0), (1, 1), False), ((3, 3), (1, 1), (1, 1), (1, 1), False)):
+            xx = layout(x.expand(2, 9, 4, 4), fmt)
+            out, idx = check_against_reference(xx, args)
+    out, idx = op(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
+    assert torch.isnan(out[0, 0, 0, 0]) and idx[0, 0, 0, 0] == 1  # NaN at its first position
+    assert out[0, 0, 0, 1] == -inf and idx[0, 0, 0, 1] == 3  # all -inf: the second -inf is selected
+    assert torch.isnan(out[0, 0, 1, 1]) and idx[0, 0, 1, 1] == 14
+    # NaN inside long rows (vector path): the whole row is redone on the scalar path.
+    y = make_input((1, 16, 9, 40), "normal", 3)
+    y[0, 3, 4, 17] = nan
+    y[0, 5, 0, 0] = nan
+    for fmt in ("contiguous", "channels_last"):
+        check_against_reference(layout(y, fmt), ((3, 3), (2, 2), (1, 1), (1, 1), False))
+
+
+def test_empty_batch_and_channels():
+    for shape in ((0, 3, 8, 8), (2, 0, 8, 8)):
+        for fmt in ("contiguous", "channels_last"):
+            x = layout(torch.randn(shape), fmt).requires_grad_()
+            out = robust_ops.drop_max_pool2d(x, 3, 2, 1)
+            assert out.shape == (shape[0], shape[1], 4, 4)
+            out.sum().backward()
+            assert x.grad.shape == x.shape
+
+
+def test_matches_functional_interface_defaults():
+    x = torch.randn(2, 3, 9, 9)
+    ref, _ = reference.drop_max_pool2d(x, (3, 3), (3, 3), (0, 0), (1, 1), False)
+    assert_verbose_equal(robust_ops.drop_max_pool2d(x, 3), ref)
+    out, idx = robust_ops.drop_max_pool2d(x[0], 3, return_indices=True)
+    assert out.shape == (3, 3, 3) and idx.shape == (3, 3, 3)
+    assert_verbose_equal(out, ref[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("seed, fmt", [(0, "contiguous"), (1, "channels_last"), (2, "permuted")])
+def test_gradcheck(device, seed, fmt):
+    g = torch.Generator().manual_seed(seed)
+    x = layout(torch.randn(1, 2, 5, 6, dtype=torch.float64, generator=g), fmt).to(device).requires_grad_()
+    args = [(3, 2), (2, 1), (1, 1), (1, 2), seed == 1]
+    assert torch.autograd.gradcheck(lambda t: op(t, *args)[0], (x,), fast_mode=True)
+    if seed == 0:  # double backward (gradient-regularization defenses differentiate through the backward)
+        assert torch.autograd.gradgradcheck(lambda t: op(t, *args)[0], (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_matches_reference_autograd(fmt, dtype):
+    args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    x = layout(make_input((2, 17, 15, 13), "normal", 5, dtype), fmt)
+    grad = make_input((2, 17, 8, 7), "normal", 6, dtype)
+    x1 = x.clone().requires_grad_()
+    op(x1, *args)[0].backward(grad)
+    x2 = x.clone().requires_grad_()
+    reference.drop_max_pool2d(x2, *args)[0].backward(grad)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-6)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+    assert x1.grad.is_contiguous(memory_format=expected_format(x))
+
+
+def test_backward_accumulates_overlapping_windows():
+    # Stride 1, kernel 3: an element selected by several windows gets the sum of their gradients.
+    x = torch.zeros(1, 1, 3, 3)
+    x[0, 0, 1, 1] = 2.0
+    x[0, 0, 0, 0] = 9.0
+    x.requires_grad_()
+    out, idx = op(x, (3, 3), (1, 1), (1, 1), (1, 1), False)
+    out.sum().backward()
+    expected = torch.zeros(9)
+    expected.index_add_(0, idx.flatten(), torch.ones(idx.numel()))
+    assert_verbose_equal(x.grad.flatten(), expected)
+
+
+def test_backward_rejects_out_of_range_indices():
+    idx = torch.tensor([[[[16]]]])
+    with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected indices in \[0, 16\)"):
+        backward_op(torch.ones(1, 1, 1, 1), idx, [1, 1, 4, 4])
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_opcheck(fmt):
+    x = layout(torch.randn(2, 3, 9, 8), fmt).requires_grad_()
+    torch.library.opcheck(op, (x, [3, 3], [2, 2], [1, 1], [1, 1], False))
+    out, idx = op(x.detach(), [3, 3], [2, 2], [1, 1], [1, 1], True)
+    grad = torch.randn_like(out).requires_grad_()
+    torch.library.opcheck(backward_op, (grad, idx, list(x.shape)))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), robust_ops.DropMax2d(3, 2, 1), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 12, 12)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    assert model[0].weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nn.Module drop-in
+
+
+def test_module_mirrors_maxpool2d():
+    for args, kwargs in (((3,), {}), ((3, 2, 1), {}), (((3, 2),), dict(stride=(2, 1), padding=(1, 0), dilation=2,
+                                                                          ceil_mode=True, return_indices=True))):
+        pool, drop = nn.MaxPool2d(*args, **kwargs), robust_ops.DropMax2d(*args, **kwargs)
+        assert repr(drop) == repr(pool).replace("MaxPool2d", "DropMax2d")
+        for name in ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"):
+            assert getattr(drop, name) == getattr(pool, name)
+        for shape in ((2, 4, 11, 10), (4, 11, 10)):
+            x = torch.randn(shape)
+            a, b = pool(x), drop(x)
+            if kwargs.get("return_indices"):
+                assert a[0].shape == b[0].shape and a[1].shape == b[1].shape
+            else:
+                assert a.shape == b.shape
+    assert "backend='reference'" in repr(robust_ops.DropMax2d(2, backend="reference"))
+
+
+def test_module_backend_keyword():
+    x = torch.randn(2, 3, 8, 8)
+    a = robust_ops.DropMax2d(2, backend="native")(x)
+    b = robust_ops.DropMax2d(2, backend="reference")(x)
+    assert_verbose_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16", "densenet121"])
+def test_replace_maxpool_torchvision(name):
+    torchvision = pytest.importorskip("torchvision")
+    model = getattr(torchvision.models, name)(weights=None)
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    first = pools[0]
+    assert robust_ops.replace_maxpool(model) is model
+    drops = [m for m in model.modules() if isinstance(m, robust_ops.DropMax2d)]
+    assert len(drops) == 1
+    assert repr(drops[0]) == repr(first).replace("MaxPool2d", "DropMax2d")
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == len(pools) - 1
+    if name == "vgg16":
+        robust_ops.replace_maxpool(model, which="all")
+        assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+        assert sum(isinstance(m, robust_ops.DropMax2d) for m in model.modules()) == len(pools)
+    if name == "resnet18":
+        model.eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_replace_maxpool_errors_and_shared_instances():
+    with pytest.raises(ValueError, match="replace_maxpool: Sequential has no nn.MaxPool2d layer"):
+        robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()))
+    with pytest.raises(ValueError, match="replace_maxpool: expected which to be 'first' or 'all', got 'last'"):
+        robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2)), which="last")
+    shared = nn.MaxPool2d(2)
+    model = nn.Sequential(shared, nn.Sequential(shared), nn.MaxPool2d(3))
+    robust_ops.replace_maxpool(model)
+    assert isinstance(model[0], robust_ops.DropMax2d) and model[1][0] is model[0]
+    assert isinstance(model[2], nn.MaxPool2d)
+    assert isinstance(robust_ops.replace_maxpool(nn.MaxPool2d(2)), robust_ops.DropMax2d)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: the C++ checks and the fake kernel's (torch.compile) say the same thing.
+
+ARGS = ([3, 3], [2, 2], [1, 1], [1, 1], False)
+
+
+@pytest.mark.parametrize(
+    "x, args, message",
+    [
+        (torch.zeros(1, 1, 4, 4, dtype=torch.int64), ARGS,
+         "drop_max_pool2d: expected input to be a floating-point tensor (float16, bfloat16, float32, float64), "
+         "got torch.int64"),
+        (torch.zeros(1, 1, 4, 4, dtype=torch.bool), ARGS, "got torch.bool"),
+        (torch.zeros(1, 4, 4), ARGS, "drop_max_pool2d: expected input to be 4-D (N, C, H, W), got 3-D"),
+        (torch.zeros(1, 1, 1, 4, 4), ARGS, "got 5-D"),
+        (torch.zeros(1, 1, 4, 4), ([0, 3], [1, 1], [0, 0], [1, 1], False),
+         "drop_max_pool2d: expected kernel_size to be two positive integers, got (0, 3)"),
+        (torch.zeros(1, 1, 4, 4), ([3, 3], [0, 1], [0, 0], [1, 1], False),
+         "drop_max_pool2d: expected stride to be two positive integers, got (0, 1)"),
+        (torch.zeros(1, 1, 4, 4), ([3, 3], [1, -2], [0, 0], [1, 1], False),
+         "drop_max_pool2d: expected stride to be two positive integers, got (1, -2)"),
+        (torch.zeros(1, 1, 4, 4), ([3, 3], [1, 1], [0, 0], [1, 0], False),
+         "drop_max_pool2d: expected dilation to be two positive integers, got (1, 0)"),
+        (torch.zeros(1, 1, 4, 4), ([3, 3], [1, 1], [-1, 0], [1, 1], False),
+         "drop_max_pool2d: expected padding to be two non-negative integers, got (-1, 0)"),
+        (torch.zeros(1, 1, 4, 4), ([3, 3], [1, 1], [2, 1], [1, 1], False),
+         "drop_max_pool2d: expected padding to be at most half of kernel_size, got padding=(2, 1) for "
+         "kernel_size=(3, 3)"),
+        (torch.zeros(1, 1, 0, 4), ARGS, "drop_max_pool2d: expected input with non-zero height and width, got 0x4"),
+        (torch.zeros(1, 1, 2, 2), ([5, 5], [1, 1], [1, 1], [1, 1], False),
+         "drop_max_pool2d: expected kernel_size (5, 5) with dilation (1, 1) to fit the padded input 4x4, got output "
+         "size 0x0"),
+        (torch.zeros(1, 1, 4, 4), ([5, 5], [1, 1], [0, 0], [2, 2], False),
+         "drop_max_pool2d: expected kernel_size (5, 5) with dilation (2, 2) to fit the padded input 4x4, got output "
+         "size -4x-4"),
+    ],
+)
+def test_error_messages(x, args, message):
+    with pytest.raises(RuntimeError) as native:
+        op(x, *args)
+    assert message in str(native.value)
+    first_line = str(native.value).splitlines()[0]
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        with pytest.raises(RuntimeError) as faked:
+            op(fake, *args)
+    assert message in str(faked.value)
+    assert first_line in str(faked.value)
+
+
+def test_functional_error_messages():
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: expected input to be 3-D \(C, H, W\) or 4-D"):
+        robust_ops.drop_max_pool2d(torch.zeros(4, 4), 2)
+    with pytest.raises(TypeError, match="drop_max_pool2d: expected kernel_size to be an int or a pair of ints"):
+        robust_ops.drop_max_pool2d(torch.zeros(1, 4, 4), 2.5)
+    with pytest.raises(RuntimeError, match="drop_max_pool2d: expected input to be a floating-point tensor"):
+        robust_ops.DropMax2d(2)(torch.zeros(1, 1, 4, 4, dtype=torch.int32))
+
+
+def test_backward_error_messages():
+    idx = torch.zeros(1, 1, 2, 2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected indices to be int64, got torch.int32"):
+        backward_op(torch.ones(1, 1, 2, 2), idx.int(), [1, 1, 4, 4])
+    with pytest.raises(RuntimeError, match=r"expected grad_output to have the shape of indices \(1, 1, 2, 2\), "
+                                           r"got \(1, 1, 2, 3\)"):
+        backward_op(torch.ones(1, 1, 2, 3), idx, [1, 1, 4, 4])
+    with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected input_size to be \(N, C, H, W\) = "
+                                           r"\(1, 1, H, W\) with H, W > 0, got \(2, 1, 4, 4\)"):
+        backward_op(torch.ones(1, 1, 2, 2), idx, [2, 1, 4, 4])
+    with pytest.raises(RuntimeError, match="_drop_max_pool2d_backward: expected grad_output to be a floating-point"):
+        backward_op(torch.ones(1, 1, 2, 2, dtype=torch.int64), idx, [1, 1, 4, 4])
+    # The fake kernel (torch.compile) says the same.
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError, match=r"expected input_size to be \(N, C, H, W\)"):
+            backward_op(mode.from_tensor(torch.ones(1, 1, 2, 2)), mode.from_tensor(idx), [2, 1, 4, 4])

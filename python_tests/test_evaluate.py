@@ -1,0 +1,177 @@
+"""Evaluation rows, the cascade, results.json schema, figures as valid PNGs, atomic writes, argument parsing."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from utils import TinyCNN
+
+from robust_ops import report
+from robust_ops.data import DatasetInfo
+from robust_ops.evaluate import EvalError, evaluate, parse_attacks, parse_eps, write_results
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+INFO = DatasetInfo("tiny", 2, 1, 12, ("benign", "malignant"), positive_class=1, synthetic=True, source="random")
+
+
+def tiny_data(n=24, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, size, size, generator=g)
+    y = (x[:, 0, :, : size // 2].mean((1, 2)) > x[:, 0, :, size // 2:].mean((1, 2))).long()
+    return TensorDataset(x, y)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return TinyCNN(1, 2, width=4)
+
+
+def test_parse_eps():
+    assert parse_eps("2/255, 1/255,0.03") == [1 / 255, 2 / 255, 0.03]
+    assert parse_eps([0.1, "1/10"]) == [0.1]
+    for bad in ("1/0", "a,b", "1/255,,x", "", "-1/255"):
+        with pytest.raises(EvalError, match="eps: ") as err:
+            parse_eps(bad)
+        assert err.value.arg == "eps" and "\n" not in str(err.value)
+
+
+def test_parse_attacks():
+    specs = parse_attacks("fgsm,pgd:steps=5:alpha=eps/4,noise:norm=l2")
+    assert [s.name for s in specs] == ["fgsm", "pgd", "noise"]
+    assert specs[1].options["steps"] == 5 and specs[1].options["alpha"](0.04) == pytest.approx(0.01)
+    assert specs[1].label == "pgd(steps=5,alpha=f(eps))" and specs[2].norm == "l2" and specs[0].norm == "linf"
+    with pytest.raises(EvalError, match="attacks: unknown attack 'bogus'; expected one of fgsm"):
+        parse_attacks("fgsm,bogus")
+    with pytest.raises(EvalError, match="expected key=value options"):
+        parse_attacks("pgd:steps")
+    with pytest.raises(EvalError, match="listed twice"):
+        parse_attacks("pgd,pgd")
+    with pytest.raises(EvalError, match="not an expression in eps"):
+        parse_attacks("pgd:alpha=eps.__class__")
+
+
+def test_rows_and_cascade():
+    data, model = tiny_data(), tiny_model()
+    rows = evaluate(model, data, INFO, attacks="fgsm,pgd:steps=3", eps="2/255,8/255,32/255", method="tiny")
+    assert [(r["attack"], round(r["eps"] * 255)) for r in rows] == [
+        ("none", 0), ("fgsm", 2), ("fgsm", 8), ("fgsm", 32), ("pgd(steps=3)", 2), ("pgd(steps=3)", 8),
+        ("pgd(steps=3)", 32), ("worst-case", 2), ("worst-case", 8), ("worst-case", 32)]
+    for r in rows:
+        assert set(r) >= {"method", "attack", "norm", "eps", "n", "accuracy", "f1", "sensitivity", "specificity",
+                          "precision", "auc"}
+        assert r["n"] == 24 and r["method"] == "tiny"
+    by = {(r["attack"], r["eps"]): r["accuracy"] for r in rows}
+    clean = rows[0]["accuracy"]
+    for attack in ("fgsm", "pgd(steps=3)", "worst-case"):
+        accs = [by[(attack, e)] for e in (2 / 255, 8 / 255, 32 / 255)]
+        assert all(a <= clean + 1e-9 for a in accs) and accs == sorted(accs, reverse=True)  # cascade: monotone
+    for e in (2 / 255, 8 / 255, 32 / 255):
+        assert by[("worst-case", e)] <= min(by[("fgsm", e)], by[("pgd(steps=3)", e)]) + 1e-9
+
+
+def test_worst_case_equals_per_sample_and():
+    """Worst-case accuracy equals the fraction of samples no attack fooled (computed independently)."""
+    from robust_ops import attacks
+
+    data, model = tiny_data(32, seed=1), tiny_model(1)
+    e = 16 / 255
+    rows = evaluate(model, data, INFO, attacks="fgsm,cw:steps=3", eps=[e], cascade=False)
+    x, y = data.tensors
+    model.eval()
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+        for name, kw in (("fgsm", {}), ("cw", {"steps": 3})):
+            adv = attacks.build(name, model, eps=e, **kw)(x, y)
+            ok &= model(adv).argmax(1) == y
+    worst = [r for r in rows if r["attack"] == "worst-case"][0]
+    assert worst["accuracy"] == pytest.approx(float(ok.float().mean()))
+
+
+def test_single_logit_model_and_ensemble():
+    class OneLogit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyCNN(1, 1, width=4)
+
+        def forward(self, x):
+            return self.net(x).squeeze(1)
+
+    torch.manual_seed(0)
+    rows = evaluate(OneLogit(), tiny_data(), INFO, attacks="fgsm,pgd:steps=2", eps=[4 / 255], ensemble=True)
+    assert [r["attack"] for r in rows] == ["none", "worst-case"]
+    assert 0 <= rows[1]["accuracy"] <= rows[0]["accuracy"]
+
+
+def test_multiclass_rows_have_map():
+    info = DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c"))
+    x = torch.rand(30, 1, 12, 12)
+    y = torch.arange(30) % 3
+    torch.manual_seed(0)
+    rows = evaluate(TinyCNN(1, 3, width=4), TensorDataset(x, y), info, attacks="fgsm", eps=[1 / 255])
+    assert "map" in rows[0] and len(rows) == 2  # no worst-case row for a single attack
+
+
+def test_out_of_range_inputs_rejected():
+    bad = TensorDataset(torch.full((4, 1, 12, 12), 2.0), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(EvalError, match=r"inputs outside the dataset's value range \[0.0, 1.0\]"):
+        evaluate(tiny_model(), bad, INFO, attacks="fgsm", eps=[0.1])
+
+
+def test_write_results_schema_and_pngs(tmp_path):
+    data, model = tiny_data(), tiny_model()
+    rows = evaluate(model, data, INFO, attacks="fgsm,pgd:steps=2", eps="4/255,8/255", method="a")
+    rows += evaluate(tiny_model(1), data, INFO, attacks="fgsm,pgd:steps=2", eps="4/255,8/255", method="b")
+    x, y = data.tensors
+    out = write_results(tmp_path / "run", rows, INFO, config={"attacks": "fgsm,pgd"},
+                        saliency=({"a": model}, x[:3], y[:3]))
+    doc = json.loads(out["results"].read_text())
+    assert doc["schema"] == "robust_ops.results/1" and doc["synthetic"] is True
+    assert doc["dataset"]["positive_class"] == 1 and doc["config"] == {"attacks": "fgsm,pgd"}
+    assert {"robust_ops", "torch", "git_revision", "date", "device"} <= set(doc["environment"])
+    assert len(doc["rows"]) == len(rows) and doc["rows"][1]["attack"] == "fgsm"
+    names = sorted(p.name for p in out["figures"])
+    assert names == ["accuracy_vs_eps.png", "f1_vs_eps.png", "saliency_a.png", "sensitivity_vs_eps.png"]
+    for p in out["figures"]:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        import matplotlib.image
+
+        assert matplotlib.image.imread(p).ndim == 3
+    text = out["report"].read_text()
+    assert "Synthetic data" in text and "| F1: attack | ε | a | b |" in text and "4/255" in text
+    assert sorted(p.name for p in (tmp_path).iterdir()) == ["run"]  # no staging folder left
+
+
+def test_nan_becomes_null(tmp_path):
+    rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "n": 2, "accuracy": 1.0, "auc": math.nan}]
+    out = write_results(tmp_path / "r", rows, INFO, figures=False)
+    assert json.loads(out["results"].read_text())["rows"][0]["auc"] is None
+
+
+def test_atomic_on_error(tmp_path, monkeypatch):
+    rows = evaluate(tiny_model(), tiny_data(), INFO, attacks="fgsm", eps=[4 / 255])
+
+    def boom(*a, **k):
+        raise RuntimeError("figure failed")
+
+    monkeypatch.setattr(report, "plot_metric_vs_radius", boom)
+    with pytest.raises(RuntimeError, match="figure failed"):
+        write_results(tmp_path / "run", rows, INFO)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_grad_cam_and_input_gradient_shapes():
+    model = tiny_model()
+    x, y = tiny_data(4).tensors
+    cam = report.grad_cam(model, x)
+    g = report.input_gradient(model, x, y)
+    assert cam.shape == (4, 12, 12) and g.shape == (4, 12, 12)
+    assert float(cam.max()) <= 1 + 1e-6 and float(cam.min()) >= 0 and float(g.max()) == pytest.approx(1.0)
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+def test_format_eps():
+    assert report.format_eps(5 / 255) == "5/255" and report.format_eps(0.3) == "0.3" and report.format_eps(0) == "0"
+    assert report.format_eps(0.2) == "0.2" and report.format_eps(2 / 255) == "2/255"

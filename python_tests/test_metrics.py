@@ -1,0 +1,73 @@
+"""Metrics equal scikit-learn's on fixed prediction sets, with the positive class explicit."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from robust_ops.metrics import classification_metrics, probabilities
+
+Y = np.array([0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1])
+P1 = np.array([0.1, 0.6, 0.3, 0.8, 0.4, 0.9, 0.7, 0.2, 0.55, 0.45, 0.35, 0.95])  # P(class 1)
+PRED = (P1 > 0.5).astype(int)
+
+
+@pytest.mark.parametrize("positive", [0, 1])
+def test_binary_matches_sklearn(positive):
+    probs = np.stack([1 - P1, P1], 1)
+    m = classification_metrics(Y, PRED, probs, num_classes=2, positive_class=positive)
+    neg = 1 - positive
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(Y, PRED))
+    assert m["f1"] == pytest.approx(skm.f1_score(Y, PRED, pos_label=positive))
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(Y, PRED, pos_label=positive))
+    assert m["specificity"] == pytest.approx(skm.recall_score(Y, PRED, pos_label=neg))
+    assert m["precision"] == pytest.approx(skm.precision_score(Y, PRED, pos_label=positive))
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(Y == positive, probs[:, positive]))
+    assert m["map"] == pytest.approx(np.mean([skm.average_precision_score(Y == c, probs[:, c]) for c in (0, 1)]))
+    tn, fp, fn, tp = skm.confusion_matrix(Y == positive, PRED == positive).ravel()
+    assert m["sensitivity"] == pytest.approx(tp / (tp + fn)) and m["specificity"] == pytest.approx(tn / (tn + fp))
+
+
+def test_breastmnist_convention_malignant_is_zero():
+    """Label 0 = malignant: sensitivity is the recall of label 0, not of label 1."""
+    y = np.array([0, 0, 0, 0, 1, 1])
+    pred = np.array([0, 1, 1, 1, 1, 1])
+    m = classification_metrics(y, pred, num_classes=2, positive_class=0)
+    assert m["sensitivity"] == pytest.approx(0.25) and m["specificity"] == pytest.approx(1.0)
+    assert math.isnan(m["auc"])  # no probabilities given
+
+
+def test_multiclass_matches_sklearn():
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 3
+    logits = rng.normal(size=(30, 3)) + 1.5 * np.eye(3)[y]
+    probs = torch.softmax(torch.tensor(logits), 1).numpy()
+    pred = probs.argmax(1)
+    m = classification_metrics(y, pred, probs, num_classes=3)
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred, average="macro"))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred, average="macro"))
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    onehot = np.eye(3)[y]
+    assert m["map"] == pytest.approx(np.mean([skm.average_precision_score(onehot[:, c], probs[:, c]) for c in range(3)]))
+    cm = skm.confusion_matrix(y, pred)
+    spec = [(cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c]) / (cm.sum() - cm[c].sum()) for c in range(3)]
+    assert m["specificity"] == pytest.approx(np.mean(spec))
+
+
+def test_single_class_auc_is_nan_and_empty():
+    m = classification_metrics([1, 1], [1, 0], np.array([[0.2, 0.8], [0.6, 0.4]]), num_classes=2, positive_class=1)
+    assert math.isnan(m["auc"]) and m["sensitivity"] == 0.5
+    e = classification_metrics([], [], None, num_classes=2, positive_class=1)
+    assert e["n"] == 0 and math.isnan(e["accuracy"])
+
+
+def test_probabilities_single_logit_and_errors():
+    p = probabilities(torch.tensor([0.0, 2.0]))
+    assert torch.allclose(p[:, 1], torch.sigmoid(torch.tensor([0.0, 2.0]))) and p.shape == (2, 2)
+    with pytest.raises(ValueError, match="binary tasks need positive_class 0 or 1, got None"):
+        classification_metrics([0, 1], [0, 1], num_classes=2)
+    with pytest.raises(ValueError, match=r"expected probs of shape \[2, 2\]"):
+        classification_metrics([0, 1], [0, 1], np.ones((2, 3)), num_classes=2, positive_class=1)

@@ -1,0 +1,395 @@
+"""torch.ops.robust_ops.pgd_step_ (native kernels): bitwise equality with robust_ops.reference.pgd_step_ and with the
+torchattacks 3.5.1 expression chains in float32/float64, tolerances for float16/bfloat16, in-place semantics for any
+strides, history slots, zero gradients, opcheck, torch.compile and every error message."""
+
+import pytest
+import torch
+
+import robust_ops
+from robust_ops import reference
+from robust_ops._meta import check_pgd_step_args
+
+from conftest import cpu_and_cuda
+from utils import TOLERANCES, assert_verbose_equal
+
+op = torch.ops.robust_ops.pgd_step_
+NORMS = ("linf", "l2")
+SHAPES = [(1,), (7,), (3, 5), (2, 3, 4, 5), (5, 1, 9, 13), (3, 2, 3, 4, 5)]
+
+
+def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0, clip=(0.0, 1.0), zero_grad=(), scale=0.05):
+    """x_nat in the clip range, x_adv near it (inside the clip range), a gradient, per-sample alpha/eps [N]."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = clip
+    n = shape[0]
+    x_nat = (torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo)
+    x_adv = (x_nat + scale * (hi - lo) * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(lo, hi)
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    for i in zero_grad:
+        grad[i] = 0
+    alpha = torch.rand(n, generator=gen, dtype=torch.float64) * 0.05 * (hi - lo) + 1e-3
+    eps = torch.rand(n, generator=gen, dtype=torch.float64) * 0.1 * (hi - lo)
+    per_sample_dtype = torch.promote_types(dtype, torch.float32)
+    to = dict(device=device, dtype=dtype)
+    return (x_adv.to(**to), x_nat.to(**to), grad.to(**to), alpha.to(device=device, dtype=per_sample_dtype),
+            eps.to(device=device, dtype=per_sample_dtype))
+
+
+def run_both(x_adv, x_nat, grad, alpha, eps, clip, norm, history=None, slot=0):
+    """Runs the op and the reference on copies; returns ((x_op, hist_op), (x_ref, hist_ref))."""
+    ours, ref = x_adv.clone(), x_adv.clone()
+    h_ours = None if history is None else history.clone()
+    h_ref = None if history is None else history.clone()
+    op(ours, x_nat, grad, alpha, eps, clip[0], clip[1], norm, h_ours, slot)
+    reference.pgd_step_(ref, x_nat, grad, alpha, eps, clip[0], clip[1], norm, h_ref, slot)
+    return (ours, h_ours), (ref, h_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact equality with the reference
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_exactly(device, dtype, norm, shape):
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, dtype, device, seed=sum(shape))
+    history = torch.full((3,) + shape, -7.0, dtype=dtype, device=device)
+    (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, slot=1)
+    assert_verbose_equal(ours, ref, "x_adv")
+    assert_verbose_equal(h_ours, h_ref, "history")
+    assert bool((h_ours[0] == -7).all()) and bool((h_ours[2] == -7).all()), "other history slots must be untouched"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", NORMS)
+def test_random_shapes_and_clip_ranges(dtype, norm):
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(6):
+        ndim = int(torch.randint(1, 5, (1,), generator=gen))
+        shape = tuple(int(s) for s in torch.randint(1, 9, (ndim,), generator=gen))
+        lo = float(torch.rand(1, generator=gen)) * 2 - 1
+        clip = (lo, lo + 0.1 + float(torch.rand(1, generator=gen)) * 3)
+        inputs = make_inputs(shape, dtype, seed=trial, clip=clip, scale=0.3)
+        (ours, _), (ref, _) = run_both(*inputs, clip, norm)
+        assert_verbose_equal(ours, ref, f"x_adv shape={shape} clip={clip}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_clip_range_is_applied(norm):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 8, 8), clip=(-1.0, 2.0), scale=0.5)
+    eps.fill_(10.0)
+    alpha.fill_(5.0)  # a step far beyond the clip range
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.25, 0.75), norm)
+    assert_verbose_equal(ours, ref)
+    assert float(ours.min()) >= 0.25 and float(ours.max()) <= 0.75
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_history_slots_receive_each_iterate(norm):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 5, 5))
+    history = torch.zeros((4,) + tuple(x_adv.shape))
+    ref = x_adv.clone()
+    for slot in range(4):
+        g = torch.randn_like(grad)
+        op(x_adv, x_nat, g, alpha, eps, 0.0, 1.0, norm, history, slot)
+        reference.pgd_step_(ref, x_nat, g, alpha, eps, 0.0, 1.0, norm)
+        assert_verbose_equal(history[slot], ref, f"history[{slot}]")
+    assert_verbose_equal(x_adv, ref)
+
+
+def test_float64_alpha_eps_for_float32_inputs():
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 6, 6))
+    for norm in NORMS:
+        (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha.double() / 3, eps.double() / 3, (0.0, 1.0), norm)
+        assert_verbose_equal(ours, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Strides, aliasing, in-place semantics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", NORMS)
+def test_non_contiguous_inputs_are_updated_in_place(dtype, norm):
+    shape = (4, 3, 6, 5)
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, dtype)
+    expected, _ = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)[1]
+    # x_adv channels_last, x_nat a strided slice, grad transposed, history with the batch dimension first.
+    x_cl = x_adv.contiguous(memory_format=torch.channels_last)
+    x_nat_big = torch.zeros((4, 3, 6, 10), dtype=dtype)
+    x_nat_big[..., ::2] = x_nat
+    x_nat_strided = x_nat_big[..., ::2]
+    grad_t = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    history = torch.zeros((4, 2) + shape[1:], dtype=dtype).transpose(0, 1)  # [2, 4, ...], not contiguous
+    assert not (x_cl.is_contiguous() or x_nat_strided.is_contiguous() or grad_t.is_contiguous()
+                or history[1].is_contiguous())
+    ptr = x_cl.data_ptr()
+    op(x_cl, x_nat_strided, grad_t, alpha, eps, 0.0, 1.0, norm, history, 1)
+    assert x_cl.data_ptr() == ptr and x_cl.is_contiguous(memory_format=torch.channels_last)
+    assert_verbose_equal(x_cl, expected, "x_adv")
+    assert_verbose_equal(history[1], expected, "history[1]")
+    assert bool((history[0] == 0).all())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_grad_with_batch_stride_matches_reference(norm):
+    """A grad whose reshape(N, -1) is a strided view (rows of a bigger buffer): the norms still match bitwise."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 7, 7))
+    big = torch.randn((8, 3, 7, 7))
+    big[::2] = grad
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, big[::2], alpha, eps, (0.0, 1.0), norm)
+    assert_verbose_equal(ours, ref)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_x_nat_aliasing_x_adv(norm):
+    """x_nat may be x_adv itself (the first step without random start); the result equals the unaliased one."""
+    x_adv, _, grad, alpha, eps = make_inputs((3, 2, 5, 5))
+    expected = x_adv.clone()
+    reference.pgd_step_(expected, x_adv.clone(), grad, alpha, eps, 0.0, 1.0, norm)
+    op(x_adv, x_adv, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
+    assert_verbose_equal(x_adv, expected)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_empty_batch(norm):
+    for shape in [(0, 3, 4, 4), (2, 0)]:
+        x = torch.zeros(shape)
+        alpha = torch.full((shape[0],), 0.1)
+        op(x, x.clone(), x.clone(), alpha, alpha, 0.0, 1.0, norm, torch.zeros((2,) + shape), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Zero gradients, eps = 0 (no NaN)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+def test_zero_gradient_sample_stays_put(dtype, norm):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 6, 6), dtype, zero_grad=(1, 3), scale=0.01)
+    eps.fill_(1.0)  # x_adv lies inside the ball: a zero step leaves it where it is
+    before = x_adv.clone()
+    op(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
+    assert not bool(torch.isnan(x_adv).any())
+    # Up to the rounding of x_nat + (x - x_nat), which the eager chain (and torchattacks) performs too: one ulp.
+    ulp = torch.finfo(dtype).eps
+    for i in (1, 3):
+        torch.testing.assert_close(x_adv[i], before[i], rtol=0, atol=ulp)
+    assert not torch.equal(x_adv[0], before[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", NORMS)
+def test_eps_zero_projects_onto_x_nat(dtype, norm):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 2, 5, 5), dtype, zero_grad=(2,))
+    eps.zero_()
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)
+    assert_verbose_equal(ours, ref)
+    assert_verbose_equal(ours, x_nat)
+    # Zero delta and eps = 0 together (x_adv already at x_nat, zero gradient): no 0/0.
+    ours = x_nat.clone()
+    op(ours, x_nat, torch.zeros_like(grad), alpha, eps, 0.0, 1.0, norm, None, 0)
+    assert_verbose_equal(ours, x_nat)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# float16 / bfloat16: float opmath, compared with the reference within the dtype's tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+def test_reduced_precision_close_to_reference(dtype, norm):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 9, 7), dtype, scale=0.02, zero_grad=(2,))
+    history = torch.zeros((2,) + tuple(x_adv.shape), dtype=dtype)
+    (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, 0)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol["rtol"], atol=2 * tol["atol"])
+    assert_verbose_equal(h_ours[0], ours)
+    # And against float64 arithmetic on the same inputs.
+    exact = x_adv.double()
+    reference.pgd_step_(exact, x_nat.double(), grad.double(), alpha.double(), eps.double(), 0.0, 1.0, norm)
+    torch.testing.assert_close(ours.double(), exact, rtol=tol["rtol"], atol=2 * tol["atol"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bitwise parity with the torchattacks 3.5.1 expression chains (PGD / PGDL2 step, Python-float alpha and eps)
+
+
+def torchattacks_pgd_step(adv_images, images, grad, alpha, eps):
+    adv_images = adv_images.detach() + alpha * grad.sign()
+    delta = torch.clamp(adv_images - images, min=-eps, max=eps)
+    return torch.clamp(images + delta, min=0, max=1).detach()
+
+
+def torchattacks_pgdl2_step(adv_images, images, grad, alpha, eps):
+    batch_size = len(images)
+    grad_norms = torch.norm(grad.view(batch_size, -1), p=2, dim=1) + 1e-10
+    grad = grad / grad_norms.view(batch_size, 1, 1, 1)
+    adv_images = adv_images.detach() + alpha * grad
+    delta = adv_images - images
+    delta_norms = torch.norm(delta.view(batch_size, -1), p=2, dim=1)
+    factor = eps / delta_norms
+    factor = torch.min(factor, torch.ones_like(delta_norms))
+    delta = delta * factor.view(-1, 1, 1, 1)
+    return torch.clamp(images + delta, min=0, max=1).detach()
+
+
+@pytest.mark.parametrize("norm,alpha,eps", [("linf", 2 / 255, 8 / 255), ("linf", 0.001, 5 / 255),
+                                            ("l2", 0.2, 1.0), ("l2", 0.1, 0.3)])
+def test_bitwise_equal_to_torchattacks_chain(norm, alpha, eps):
+    x_adv, x_nat, grad, _, _ = make_inputs((6, 3, 12, 12), scale=0.02, zero_grad=(4,))
+    chain = torchattacks_pgd_step if norm == "linf" else torchattacks_pgdl2_step
+    expected = x_adv
+    ours = x_adv.clone()
+    for _ in range(4):  # several steps, so projection and clipping are active
+        expected = chain(expected, x_nat, grad, alpha, eps)
+        robust_ops.pgd_step_(ours, x_nat, grad, alpha, eps, norm=norm, backend="native")
+        assert_verbose_equal(ours, expected)
+        grad = torch.randn_like(grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Functional wrapper, opcheck, torch.compile
+
+
+def test_functional_wrapper_scalars_and_backends():
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 4, 4))
+    for norm in NORMS:
+        native, ref = x_adv.clone(), x_adv.clone()
+        history = torch.zeros((2,) + tuple(x_adv.shape))
+        out = robust_ops.pgd_step_(native, x_nat, grad, 0.01, eps, norm=norm, history=history, slot=1,
+                                   backend="native")
+        assert out is native
+        robust_ops.pgd_step_(ref, x_nat, grad, torch.tensor(0.01), eps, norm=norm, backend="reference")
+        assert_verbose_equal(native, ref)
+        assert_verbose_equal(history[1], ref)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("with_history", [False, True])
+@pytest.mark.parametrize("norm", NORMS)
+def test_opcheck(device, with_history, norm):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 4, 4), device=device)
+    history = torch.zeros((2,) + tuple(x_adv.shape), device=device) if with_history else None
+    torch.library.opcheck(op, (x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 1))
+
+
+def _attack_steps(x_adv, x_nat, grad, alpha, eps, history):
+    for slot in range(2):
+        torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad * (slot + 1), alpha, eps, 0.0, 1.0, "linf", history, slot)
+    return x_adv
+
+
+def _check_compiled(backend):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4, 4))
+    compiled = torch.compile(_attack_steps, fullgraph=True, backend=backend)
+    h_eager = torch.zeros((2,) + tuple(x_adv.shape))
+    h_comp = h_eager.clone()
+    eager = _attack_steps(x_adv.clone(), x_nat, grad, alpha, eps, h_eager)
+    x_comp = x_adv.clone()
+    out = compiled(x_comp, x_nat, grad, alpha, eps, h_comp)
+    assert_verbose_equal(out, eager)
+    assert_verbose_equal(x_comp, eager, "x_adv mutated in place under compile")
+    assert_verbose_equal(h_comp, h_eager, "history")
+
+
+def test_compile_fullgraph():
+    """Dynamo + functionalization (auto_functionalized) + the fake kernel, without code generation."""
+    _check_compiled("aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    """The same through inductor (about 10-20 s of C++ code generation on 2 cores)."""
+    _check_compiled("inductor")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: the C++ messages are exactly those of the fake kernel's checks (robust_ops/_meta.py)
+
+
+def _good_args(shape=(2, 3, 4)):
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape)
+    return dict(x_adv=x_adv, x_nat=x_nat, grad=grad, alpha=alpha, eps=eps, clip_min=0.0, clip_max=1.0, norm="linf",
+                history=torch.zeros((2,) + shape), slot=0)
+
+
+BAD_ARGS = {
+    "x_adv dtype": (dict(x_adv=torch.zeros((2, 3, 4), dtype=torch.int64)),
+                    "expected x_adv to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.int64"),
+    "x_adv 0-D": (dict(x_adv=torch.tensor(0.5)), "expected x_adv to have a batch dimension, got a 0-D tensor"),
+    "x_nat shape": (dict(x_nat=torch.zeros((2, 3, 5))), "expected x_nat to have the shape of x_adv (2, 3, 4), got (2, 3, 5)"),
+    "x_nat dtype": (dict(x_nat=torch.zeros((2, 3, 4), dtype=torch.float64)),
+                    "expected x_nat to have the dtype of x_adv (torch.float32), got torch.float64"),
+    "grad shape": (dict(grad=torch.zeros((6,))), "expected grad to have the shape of x_adv (2, 3, 4), got (6,)"),
+    "grad dtype": (dict(grad=torch.zeros((2, 3, 4), dtype=torch.float16)),
+                   "expected grad to have the dtype of x_adv (torch.float32), got torch.float16"),
+    "alpha shape": (dict(alpha=torch.zeros(())), "expected alpha to be a 1-D tensor of 2 per-sample values, got shape ()"),
+    "alpha length": (dict(alpha=torch.zeros(3)), "expected alpha to be a 1-D tensor of 2 per-sample values, got shape (3,)"),
+    "alpha dtype": (dict(alpha=torch.zeros(2, dtype=torch.int32)),
+                    "expected alpha to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.int32"),
+    "eps shape": (dict(eps=torch.zeros((2, 1))), "expected eps to be a 1-D tensor of 2 per-sample values, got shape (2, 1)"),
+    "eps dtype": (dict(eps=torch.zeros(2, dtype=torch.bool)),
+                  "expected eps to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.bool"),
+    "clip order": (dict(clip_min=1.0, clip_max=0.0), "expected clip_min <= clip_max, got clip_min=1.0, clip_max=0.0"),
+    "clip repr": (dict(clip_min=0.30000000000000004, clip_max=1e-05),
+                  "expected clip_min <= clip_max, got clip_min=0.30000000000000004, clip_max=1e-05"),
+    "clip nan": (dict(clip_min=float("nan")), "expected clip_min <= clip_max, got clip_min=nan, clip_max=1.0"),
+    "norm": (dict(norm="l1"), "expected norm to be 'linf' or 'l2', got 'l1'"),
+    "history shape": (dict(history=torch.zeros((2, 2, 3, 5))), "expected history to have shape [m, 2, 3, 4], got (2, 2, 3, 5)"),
+    "history rank": (dict(history=torch.zeros((2, 3, 4))), "expected history to have shape [m, 2, 3, 4], got (2, 3, 4)"),
+    "history dtype": (dict(history=torch.zeros((2, 2, 3, 4), dtype=torch.float64)),
+                      "expected history to have the dtype of x_adv (torch.float32), got torch.float64"),
+    "slot high": (dict(slot=2), "expected slot in [0, 2) for a history of 2 slots, got 2"),
+    "slot negative": (dict(slot=-1), "expected slot in [0, 2) for a history of 2 slots, got -1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_error_messages_match_fake_checks(case):
+    changes, message = BAD_ARGS[case]
+    args = {**_good_args(), **changes}
+    with pytest.raises(RuntimeError) as fake_err:
+        check_pgd_step_args(**args)
+    with pytest.raises(RuntimeError) as native_err:
+        op(*args.values())
+    assert str(fake_err.value) == "pgd_step_: " + message
+    assert str(native_err.value) == "pgd_step_: " + message
+
+
+@pytest.mark.parametrize(
+    "name,values,message",
+    [
+        ("eps", [0.1, -0.5], "expected eps >= 0 for every sample, got eps[1]=-0.5"),
+        ("eps", [float("nan"), 0.1], "expected eps >= 0 for every sample, got eps[0]=nan"),
+        ("alpha", [float("inf"), 0.1], "expected alpha to be finite for every sample, got alpha[0]=inf"),
+        ("alpha", [0.1, float("nan")], "expected alpha to be finite for every sample, got alpha[1]=nan"),
+    ],
+)
+def test_data_dependent_checks(name, values, message):
+    args = {**_good_args(), name: torch.tensor(values)}
+    with pytest.raises(RuntimeError, match="^pgd_step_: " + message.replace("[", r"\[").replace("]", r"\]") + "$"):
+        op(*args.values())
+    before = args["x_adv"].clone()
+    assert torch.equal(args["x_adv"], before), "a rejected call must not modify x_adv"
+
+
+def test_alpha_overflowing_the_dtype_is_rejected():
+    args = {**_good_args(), "alpha": torch.tensor([1e39, 0.1], dtype=torch.float64)}
+    with pytest.raises(RuntimeError, match=r"pgd_step_: expected alpha to be finite for every sample, got alpha\[0\]=inf"):
+        op(*args.values())
+
+
+def test_overlapping_x_adv_is_rejected():
+    args = {**_good_args(), "x_adv": torch.zeros((1, 3, 4)).expand(2, 3, 4)}
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        op(*args.values())
+
+
+@pytest.mark.needs_cuda
+def test_device_mismatch_message():
+    args = {**_good_args(), "alpha": torch.zeros(2, device="cuda")}
+    with pytest.raises(RuntimeError, match=r"pgd_step_: expected alpha on the device of x_adv \(cpu\), got cuda:0"):
+        op(*args.values())

@@ -1,0 +1,163 @@
+"""robust_ops::pgd_step_triton: the same results as the reference (bitwise in float32/float64) and the same schema as the
+C++ op. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow)."""
+
+import pytest
+import torch
+
+from robust_ops import reference
+from robust_ops._meta import check_pgd_step_args
+from test_pgd_step import make_inputs, torchattacks_pgd_step, torchattacks_pgdl2_step
+from utils import TOLERANCES, assert_verbose_equal
+
+pytestmark = pytest.mark.triton
+
+NORMS = ("linf", "l2")
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_op():
+    return torch.ops.robust_ops.pgd_step_triton
+
+
+def run_both(x_adv, x_nat, grad, alpha, eps, clip, norm, history=None, slot=0):
+    ours, ref = x_adv.clone(), x_adv.clone()
+    h_ours = None if history is None else history.clone()
+    h_ref = None if history is None else history.clone()
+    triton_op()(ours, x_nat, grad, alpha, eps, clip[0], clip[1], norm, h_ours, slot)
+    reference.pgd_step_(ref, x_nat, grad, alpha, eps, clip[0], clip[1], norm, h_ref, slot)
+    return (ours, h_ours), (ref, h_ref)
+
+
+def test_schema_matches_native_apart_from_name():
+    native = torch.ops.robust_ops.pgd_step_.default._schema
+    ours = triton_op().default._schema
+    assert ours.name.endswith("pgd_step_triton") and native.name.endswith("pgd_step_")
+
+    def describe(schema):
+        args = [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments]
+        return args, [str(r.type) for r in schema.returns]
+
+    assert describe(ours) == describe(native)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", [(3,), (2, 3, 5, 7), (3, 1, 40, 33)])
+def test_matches_reference_exactly(dtype, norm, shape):
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, dtype, device(), seed=sum(shape), zero_grad=(1,))
+    history = torch.full((3,) + shape, -7.0, dtype=dtype, device=device())
+    (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, slot=2)
+    assert_verbose_equal(ours, ref, "x_adv")
+    assert_verbose_equal(h_ours, h_ref, "history")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_clip_range_and_eps_zero(norm):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 2, 6, 6), device=device(), clip=(-1.0, 2.0), scale=0.4)
+    eps[1] = 0
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (-0.5, 1.5), norm)
+    assert_verbose_equal(ours, ref)
+    assert_verbose_equal(ours[1], x_nat[1].clamp(-0.5, 1.5))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_non_contiguous_in_place(norm):
+    shape = (2, 3, 6, 5)
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, device=device())
+    _, (expected, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)
+    x_cl = x_adv.contiguous(memory_format=torch.channels_last)
+    grad_t = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    history = torch.zeros((2, 2) + shape[1:], device=device()).transpose(0, 1)
+    triton_op()(x_cl, x_nat, grad_t, alpha, eps, 0.0, 1.0, norm, history, 1)
+    assert x_cl.is_contiguous(memory_format=torch.channels_last)
+    assert_verbose_equal(x_cl, expected)
+    assert_verbose_equal(history[1], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+def test_reduced_precision(dtype, norm):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 5, 5), dtype, device(), scale=0.02)
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol["rtol"], atol=2 * tol["atol"])
+    # Zero gradient: no NaN (torchattacks' float16 chain gives NaN here: ||g|| + 1e-10 underflows to 0).
+    zero = x_adv.clone()
+    triton_op()(zero, x_nat, torch.zeros_like(grad), alpha, eps + 1, 0.0, 1.0, norm, None, 0)
+    assert not bool(torch.isnan(zero).any())
+    torch.testing.assert_close(zero, x_adv, rtol=0, atol=torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_bitwise_equal_to_torchattacks_chain(norm):
+    x_adv, x_nat, grad, _, _ = make_inputs((4, 3, 8, 8), device=device(), scale=0.02)
+    alpha, eps = (2 / 255, 8 / 255) if norm == "linf" else (0.1, 0.3)
+    chain = torchattacks_pgd_step if norm == "linf" else torchattacks_pgdl2_step
+    n = x_adv.shape[0]
+    alpha_t = torch.full((n,), alpha, device=device())
+    eps_t = torch.full((n,), eps, device=device())
+    expected, ours = x_adv, x_adv.clone()
+    for _ in range(3):
+        expected = chain(expected, x_nat, grad, alpha, eps)
+        triton_op()(ours, x_nat, grad, alpha_t, eps_t, 0.0, 1.0, norm, None, 0)
+        assert_verbose_equal(ours, expected)
+        grad = torch.randn_like(grad)
+
+
+def test_argument_errors_match_fake_checks():
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
+    cases = [
+        dict(norm="l1"),
+        dict(clip_min=1.0, clip_max=0.0),
+        dict(alpha=alpha[:1]),
+        dict(grad=grad.double()),
+        dict(history=torch.zeros((2, 2, 3, 4), device=device()), slot=2),
+    ]
+    for changes in cases:
+        args = dict(x_adv=x_adv, x_nat=x_nat, grad=grad, alpha=alpha, eps=eps, clip_min=0.0, clip_max=1.0,
+                    norm="linf", history=None, slot=0)
+        args.update(changes)
+        with pytest.raises(RuntimeError) as expected:
+            check_pgd_step_args(**args)
+        with pytest.raises(RuntimeError) as got:
+            triton_op()(*args.values())
+        assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="data-dependent checks run at once only on CPU tensors")
+def test_data_dependent_checks_on_cpu():
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
+    with pytest.raises(RuntimeError, match="pgd_step_: expected eps >= 0 for every sample"):
+        triton_op()(x_adv, x_nat, grad, alpha, -eps, 0.0, 1.0, "linf", None, 0)
+    with pytest.raises(RuntimeError, match="pgd_step_: expected alpha to be finite for every sample"):
+        triton_op()(x_adv, x_nat, grad, alpha / 0, eps, 0.0, 1.0, "linf", None, 0)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("with_history", [False, True])
+def test_opcheck_and_compile_on_cuda(with_history):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 8, 8), device="cuda")
+    history = torch.zeros((2,) + tuple(x_adv.shape), device="cuda") if with_history else None
+    for norm in NORMS:
+        torch.library.opcheck(triton_op(), (x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 1))
+
+    def step(x, x_nat, grad, alpha, eps, history):
+        torch.ops.robust_ops.pgd_step_triton(x, x_nat, grad, alpha, eps, 0.0, 1.0, "linf", history, 0)
+        return x
+
+    eager = step(x_adv.clone(), x_nat, grad, alpha, eps, None if history is None else history.clone())
+    compiled = torch.compile(step, fullgraph=True)(x_adv.clone(), x_nat, grad, alpha, eps, history)
+    assert_verbose_equal(compiled, eager)
+
+
+def test_functional_backend_triton():
+    import robust_ops
+
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4, 4), device=device())
+    ours, ref = x_adv.clone(), x_adv.clone()
+    robust_ops.pgd_step_(ours, x_nat, grad, 0.01, eps, norm="l2", backend="triton")
+    robust_ops.pgd_step_(ref, x_nat, grad, 0.01, eps, norm="l2", backend="reference")
+    assert_verbose_equal(ours, ref)

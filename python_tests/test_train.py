@@ -1,0 +1,298 @@
+"""The trainer: history and metrics files, atomic checkpoints that load with weights_only=True, bitwise-exact resume,
+NaN handling, DDP equivalence with a single process, and its input checks."""
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from robust_ops import defenses
+from robust_ops.defenses import Defense, DefenseOutput
+from robust_ops.attacks.context import classification_loss
+from robust_ops.train import GlobalBatchSampler, NonFiniteLossError, fit, load_checkpoint
+
+
+class DropoutMLP(nn.Module):
+    """Dropout consumes the global RNG, so exact resume needs the RNG state restored."""
+
+    def __init__(self, num_classes=2):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.3),
+                                 nn.Linear(12, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _data(n=40, num_classes=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 4, 4, generator=g)
+    y = (x.flatten(1).mean(1) > 0.5).long() if num_classes == 2 else torch.randint(0, num_classes, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_fit_writes_history_metrics_and_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = DropoutMLP()
+    result = fit(model, defenses.Standard(), _data(), _data(16, seed=1), epochs=2, batch_size=8, lr=1e-2,
+                 out_dir=tmp_path, progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert key in result.history[-1]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] + 0.05
+    state = load_checkpoint(result.checkpoint)  # weights_only=True
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert set(state["rng"]) >= {"torch", "numpy", "python"}
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
+    assert json.loads((tmp_path / "metrics.json").read_text())[1]["epoch"] == 2
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("defense_name,epochs_first", [("standard", 1), ("standard", 2), ("at", 1)])
+def test_resume_after_interruption_is_bitwise_identical(tmp_path, defense_name, epochs_first):
+    """Dropout and AT's random start consume the global RNG: both must continue exactly after a resume."""
+    kwargs = dict(steps=2) if defense_name == "at" else {}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(0)
+        ref = DropoutMLP()
+        init = _weights(ref)
+        sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.7)  # noqa: E731
+        fit(ref, defenses.build(defense_name, **kwargs), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
+            out_dir=tmp_path / "a", progress=False, seed=3)
+
+        first = DropoutMLP()
+        first.load_state_dict(init)
+        fit(first, defenses.build(defense_name, **kwargs), _data(), epochs=epochs_first, batch_size=8, lr=1e-2,
+            scheduler=sched,
+            out_dir=tmp_path / "b", progress=False, seed=3)
+        torch.manual_seed(123)  # whatever happened in between must not matter
+        resumed = DropoutMLP()  # a fresh (different) init: everything comes from the checkpoint
+        out = fit(resumed, defenses.build(defense_name, **kwargs), _data(), epochs=3, batch_size=8, lr=1e-2,
+                  scheduler=sched,
+                  out_dir=tmp_path / "b", resume=True, progress=False, seed=3)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for k, v in _weights(ref).items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert [r["epoch"] for r in out.history] == [1, 2, 3]
+
+
+class NaNAtEpoch(Defense):
+    """Standard loss that turns NaN from the given epoch on (counted in calls)."""
+
+    name = "nan-at"
+
+    def __init__(self, calls_before_nan):
+        self.calls = 0
+        self.calls_before_nan = calls_before_nan
+
+    def __call__(self, model, x, y, ids=None):
+        self.calls += 1
+        logits = model(x)
+        loss = classification_loss(logits, y)
+        if self.calls > self.calls_before_nan:
+            loss = loss * float("nan")
+        return DefenseOutput(loss=loss, logits=logits)
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = DropoutMLP()
+    with pytest.raises(NonFiniteLossError, match=r"fit: the nan-at loss is nan at epoch 2, step 2; stopped before "
+                                                 r"updating the weights \(last good checkpoint: .*checkpoint.pt\)"):
+        fit(model, NaNAtEpoch(calls_before_nan=6), _data(40), epochs=3, batch_size=8, out_dir=tmp_path,
+            progress=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step did not update the weights
+
+
+def test_fit_input_errors(tmp_path):
+    model = DropoutMLP()
+    with pytest.raises(ValueError, match=r"fit: train_data is empty \(0 samples\)"):
+        fit(model, defenses.Standard(), TensorDataset(torch.zeros(0, 1, 4, 4), torch.zeros(0).long()), epochs=1)
+    with pytest.raises(ValueError, match="fit: amp=True needs a CUDA device"):
+        fit(model, defenses.Standard(), _data(), epochs=1, amp=True, progress=False)
+    with pytest.raises(ValueError, match="fit: expected epochs to be an integer >= 1, got 0"):
+        fit(model, defenses.Standard(), _data(), epochs=0)
+    with pytest.raises(FileNotFoundError, match="fit: resume='nope.pt': no checkpoint file there"):
+        fit(model, defenses.Standard(), _data(), epochs=1, resume="nope.pt")
+    with pytest.raises(ValueError, match="arfl: defined for binary tasks only, got 5 classes"):
+        fit(DropoutMLP(5), defenses.build("arfl"), _data(num_classes=5), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"fit: expected labels in \[0, 2\) for a model with 2 outputs"):
+        fit(DropoutMLP(2), defenses.Standard(), _data(num_classes=5), epochs=1, progress=False)
+
+    class NeedsIds(defenses.Standard):
+        name = "needs-ids"
+        needs_ids = True
+
+    with pytest.raises(ValueError, match="fit: this defense needs dataset sample ids; wrap the dataset in "
+                                         "robust_ops.data.IndexedDataset"):
+        fit(model, NeedsIds(), _data(), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"fit: val_data is empty \(0 samples\); pass None to skip validation"):
+        fit(model, defenses.Standard(), _data(), TensorDataset(torch.zeros(0, 1, 4, 4)), epochs=1)
+    with pytest.raises(ValueError, match="fit: expected max_grad_norm > 0 or None, got -1"):
+        fit(model, defenses.Standard(), _data(), epochs=1, max_grad_norm=-1)
+    with pytest.raises(TypeError, match="fit: expected optimizer to be None, a torch.optim.Optimizer or a callable"):
+        fit(model, defenses.Standard(), _data(), epochs=1, optimizer="adam")
+    with pytest.raises(ValueError, match=r"fit: resume=True needs out_dir"):
+        fit(model, defenses.Standard(), _data(), epochs=1, resume=True)
+    with pytest.raises(TypeError, match="fit: expected integer class labels, got torch.float32"):
+        fit(model, defenses.Standard(), TensorDataset(torch.rand(4, 1, 4, 4), torch.rand(4)), epochs=1,
+            progress=False)
+    frozen = DropoutMLP()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="fit: the model has no trainable parameters"):
+        fit(frozen, defenses.Standard(), _data(), epochs=1)
+    with pytest.raises(ValueError, match="defenses.build: unknown defense 'nope'"):
+        fit(model, "nope", _data(), epochs=1)
+    fit(model, defenses.Standard(), _data(), epochs=1, out_dir=tmp_path, progress=False, batch_size=8)
+    with pytest.raises(ValueError, match="fit: cannot resume .* it was trained with batch_size=8, this call has "
+                                         "batch_size=4"):
+        fit(model, defenses.Standard(), _data(), epochs=2, out_dir=tmp_path, resume=True, batch_size=4)
+
+
+def test_fit_channels_last_and_a_defense_by_name():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    result = fit(model, "standard", _data(16), epochs=1, batch_size=8, channels_last=True, progress=False)
+    assert result.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_global_batch_sampler_shares_cover_each_global_batch_once():
+    single = list(GlobalBatchSampler(11, 4, seed=5))
+    shares = [list(GlobalBatchSampler(11, 4, seed=5, rank=r, world_size=2)) for r in range(2)]
+    assert [n for _, n in single] == [4, 4, 3]
+    for step, (indices, n) in enumerate(single):
+        assert sorted(shares[0][step][0] + shares[1][step][0]) == sorted(indices)
+        assert shares[0][step][1] == n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDP: 2 CPU processes (gloo, localhost) against one process with the same global batch
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_CASES = (("standard", {}), ("mirst", {"steps": 4, "emit": (2, 4), "beta": (0.6, 0.4)}), ("ima", {"steps": 3}))
+
+
+def _ima_available():
+    import importlib.util
+
+    return importlib.util.find_spec("robust_ops.ima") is not None and importlib.util.find_spec("robust_ops.data") \
+        is not None
+
+
+def _cases():
+    return [c for c in DDP_CASES if c[0] != "ima" or _ima_available()]
+
+
+def _train_case(name, kwargs, init):
+    from robust_ops.data import IndexedDataset
+
+    model = DropoutMLP()
+    model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
+    model.load_state_dict(init)
+    defense = defenses.build(name, **kwargs)
+    data = IndexedDataset(_data(36)) if defense.needs_ids else _data(36)
+    fit(model, defense, data, epochs=2, batch_size=12, lr=1e-2, progress=False, seed=1)
+    return {"model": model.state_dict(), "defense": defense.state_dict()}
+
+
+def _ddp_worker(rank, world, port, init_path, out_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        init = torch.load(init_path, weights_only=True)
+        results = {name: _train_case(name, kwargs, init) for name, kwargs in _cases()}
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_a_single_process(tmp_path):
+    """Standard, MIRST (extra_grads all-reduced) and IMA (margins synchronized) under 2 gloo processes, against one
+    process with the same global batch: same weights (fp tolerance) and the same IMA margins."""
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"))
+    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    init = torch.load(tmp_path / "init.pt", weights_only=True)
+    for name, kwargs in _cases():
+        single = _train_case(name, kwargs, init)
+        for k, v in single["model"].items():
+            torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+        if name == "ima":
+            torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SimCLR pretraining
+
+
+def test_nt_xent_matches_eq4():
+    from robust_ops.pretrain import nt_xent
+
+    z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n2, tau = 8, 0.3
+    total = 0.0
+    for i in range(n2):
+        j = (i + 4) % n2
+        denom = sum(torch.exp(z[i] @ z[k] / tau) for k in range(n2) if k != i)
+        total += -torch.log(torch.exp(z[i] @ z[j] / tau) / denom)
+    torch.testing.assert_close(nt_xent(z1, z2, tau), total / n2)
+    with pytest.raises(ValueError, match="nt_xent: expected temperature > 0, got 0"):
+        nt_xent(z1, z2, 0)
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def test_simclr_pretrains_the_backbone_and_keeps_the_head():
+    from robust_ops.pretrain import SimCLRAugment, simclr
+
+    x = torch.rand(16, 1, 12, 12)
+    aug = SimCLRAugment(12)(x)
+    assert aug.shape == x.shape and float(aug.min()) >= 0 and float(aug.max()) <= 1
+    model = TinyClassifier()
+    head = model.fc
+    before = _weights(model)
+    result = simclr(model, TensorDataset(x, torch.zeros(16).long()), epochs=2, batch_size=8, progress=False)
+    assert result.removed_head == "fc" and model.fc is head
+    assert len(result.history) == 2 and all(math.isfinite(r["loss"]) for r in result.history)
+    after = model.state_dict()
+    assert torch.equal(after["fc.weight"], before["fc.weight"])
+    assert not torch.equal(after["features.0.weight"], before["features.0.weight"])
+    with pytest.raises(ValueError, match=r"simclr: expected batch_size to be an integer >= 2 \(NT-Xent needs "
+                                         r"negatives\), got 1"):
+        simclr(model, TensorDataset(x), epochs=1, batch_size=1)

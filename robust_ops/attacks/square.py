@@ -1,0 +1,115 @@
+"""Square Attack, Linf (Andriushchenko et al., ECCV 2020, arXiv:1912.00049): score-based black-box random search."""
+
+import torch
+
+from .. import functional
+from .base import Attack
+from .context import attack_context, check_inputs, is_single_logit, two_logits
+from .core import check_labels_against, check_steps, forward, per_sample
+from .pgd import make_generator
+
+
+def p_schedule(p_init, it, n_queries):
+    """Fraction of pixels changed at iteration ``it``: p_init halved at iterations 10, 50, 200, 500, 1000, 2000,
+    4000, 6000, 8000 of a 10000-query budget, rescaled to ``n_queries`` (the schedule of the paper's code)."""
+    it = int(it / n_queries * 10000)
+    for bound, div in ((8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32), (500, 16), (200, 8),
+                       (50, 4), (10, 2)):
+        if it > bound:
+            return p_init / div
+    return p_init
+
+
+def _margin(out, y, targeted):
+    """Untargeted: z_y - max_{j != y} z_j; targeted: max_{j != t} z_j - z_t. A sample is done once it is <= 0
+    (AutoAttack's rule)."""
+    z = two_logits(out) if is_single_logit(out) else out
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    other = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
+    return other - zy if targeted else zy - other
+
+
+@torch.no_grad()
+def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip_min=0.0, clip_max=1.0,
+           model_mode="eval", generator=None):
+    r"""Square Attack (Linf): random search over square-shaped updates of size ``2 * eps`` (black-box: only model
+    outputs are used, no gradients).
+
+    Starts from vertical stripes of ``+-eps``; each iteration draws, per sample, a square of side
+    ``round(sqrt(p * H * W))`` at a random position with a random ``+-2 eps`` colour per channel, applies it with the
+    fused PGD step (projection and clipping), and keeps it if the margin loss decreased. ``p`` follows the paper's
+    schedule from ``p_init``. Samples stop once misclassified (targeted: once the target is predicted).
+
+    Args:
+        model; x (Tensor[N, C, H, W]) in the clip range; y (LongTensor[N]) labels (targets when targeted);
+        eps (float or Tensor[N]); n_queries (int): model queries per sample (default 5000);
+        p_init (float): default 0.8 (AutoAttack's); targeted; clip_min, clip_max; model_mode; generator.
+
+    Returns:
+        x_adv (Tensor[N, C, H, W]).
+    """
+    name = "square"
+    check_inputs(name, x, y, clip_min, clip_max)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected images [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    n_queries = check_steps(name, n_queries, "n_queries")
+    if not 0 < float(p_init) <= 1:
+        raise ValueError(f"{name}: expected p_init in (0, 1], got {p_init!r}")
+    eps_t = per_sample(name, "eps", eps, x)
+    x = x.detach()
+    n, c, h, w = x.shape
+    if n == 0:
+        return x.clone()
+    dev = x.device
+
+    def rand_sign(shape):
+        return torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
+
+    with attack_context(model, model_mode):
+        # vertical stripes start: +-eps per (sample, channel, column)
+        x_best = x.clone()
+        functional.pgd_step_(x_best, x, rand_sign((n, c, 1, w)).expand(n, c, h, w).contiguous(), eps_t, eps_t,
+                             clip_min=clip_min, clip_max=clip_max, norm="linf")
+        out = forward(name, model, x_best)
+        check_labels_against(name, y, out)
+        margin_best = _margin(out, y, targeted)
+        rows = torch.arange(h, device=dev)
+        cols = torch.arange(w, device=dev)
+        for it in range(n_queries - 1):
+            idx = (margin_best > 0).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            m = idx.numel()
+            p = p_schedule(p_init, it, n_queries)
+            s = min(max(int(round((p * h * w) ** 0.5)), 1), h, w)
+            vh = torch.randint(0, h - s + 1, (m,), generator=generator, device=dev)
+            vw = torch.randint(0, w - s + 1, (m,), generator=generator, device=dev)
+            colour = rand_sign((m, c, 1, 1))
+            inside = (((rows[None, :] >= vh[:, None]) & (rows[None, :] < vh[:, None] + s))[:, :, None]
+                      & ((cols[None, :] >= vw[:, None]) & (cols[None, :] < vw[:, None] + s))[:, None, :])
+            direction = inside[:, None].to(x.dtype) * colour  # sign pattern of the square update
+            x_new = x_best[idx]
+            functional.pgd_step_(x_new, x[idx], direction, 2 * eps_t[idx], eps_t[idx], clip_min=clip_min,
+                                 clip_max=clip_max, norm="linf")
+            margin = _margin(forward(name, model, x_new), y[idx], targeted)
+            improved = margin < margin_best[idx]
+            x_best[idx[improved]] = x_new[improved]
+            margin_best[idx[improved]] = margin[improved]
+    return x_best
+
+
+class Square(Attack):
+    """``Square(model, eps=8/255, n_queries=5000, p_init=0.8, seed=0)(x, y)``; see :func:`square`."""
+
+    name = "square"
+
+    def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf", **options):
+        super().__init__(model, **options)
+        if norm != "linf":
+            raise ValueError(f"square: only the Linf Square Attack is implemented, got norm={norm!r}")
+        self.eps, self.n_queries, self.p_init, self.seed, self.norm = eps, n_queries, p_init, seed, norm
+
+    def forward(self, x, y):
+        return square(self.model, x, y, eps=self.eps, n_queries=self.n_queries, p_init=self.p_init,
+                      targeted=self.targeted, clip_min=self.clip_min, clip_max=self.clip_max,
+                      model_mode=self.model_mode, generator=make_generator(self.seed, x.device))

@@ -1,0 +1,675 @@
+"""The ``robust-ops`` command line (also ``python -m robust_ops``): train, eval, bench, demo, reproduce.
+
+Every option can also come from a YAML or JSON file (``--config FILE``, keys are the long option names, e.g.
+``batch-size: 32``); flags on the command line win. Errors are one line naming the flag or file at fault, exit 2.
+Checkpoints load with ``torch.load(weights_only=True)`` and datasets with ``np.load(allow_pickle=False)``: a shared
+file can never run code, and a file that would need to is refused.
+"""
+
+import argparse
+import inspect
+import json
+import os
+import pickle
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+PROG = "robust-ops"
+DEMO_METHODS = ("standard", "rst", "mirst", "mirst-dm", "ima")
+DEMO_LABELS = {"standard": "Baseline", "rst": "RST", "mirst": "MIRST", "mirst-dm": "MIRST-DM", "ima": "IMA"}
+RUN_FILE = "run.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line ``robust-ops <command>: error: <message>``, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
+def _formatter(prog):
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32, width=110)
+
+
+# ----------------------------------------------------------------------------------------------- shared helpers
+
+
+def parse_key_values(items, flag):
+    """``["eps=5/255", "steps=10"]`` -> {"eps": 0.0196, "steps": 10}; values: numbers, fractions, booleans,
+    comma-separated lists of numbers, or strings."""
+    from .evaluate import parse_number
+
+    out = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"{flag}: expected key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = _value(value.strip(), parse_number)
+    return out
+
+
+def _value(text, parse_number):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if "," in text:
+        return tuple(_value(t.strip(), parse_number) for t in text.split(",") if t.strip())
+    try:
+        v = parse_number(text)
+        return int(v) if text.lstrip("+-").isdigit() else v
+    except ValueError:
+        return text
+
+
+def load_config_file(path):
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--config: {path}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:
+        raise CLIError(f"{path}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} "
+                       f"({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def apply_config(parser, args, argv):
+    """Re-parse ``argv`` with the config file's values as defaults (the command line wins)."""
+    if not getattr(args, "config", None):
+        return args
+    data = load_config_file(args.config)
+    dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests:
+            known = ", ".join(sorted(d.replace("_", "-") for d in dests))
+            raise CLIError(f"{args.config}: unknown option {key!r} (expected one of {known})")
+        action = dests[dest]
+        if isinstance(value, list):
+            value = value if action.nargs in ("*", "+") else ",".join(str(v) for v in value)
+        if action.type is not None and value is not None and not isinstance(value, (bool, list)):
+            try:
+                value = action.type(value) if isinstance(value, str) else action.type(str(value))
+            except (TypeError, ValueError) as err:
+                raise CLIError(f"{args.config}: option {key!r}: {err}") from None
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def pick_device(name):
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device: {name} requested but no CUDA GPU is visible")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise CLIError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    return name
+
+
+def load_data(spec, size=None, seed=0, flag="--data"):
+    from .data import DataError, load_dataset
+
+    try:
+        return load_dataset(spec, size=size, seed=seed)
+    except DataError as err:
+        raise CLIError(f"{flag}: {err}") from None
+
+
+def make_model(name, info, dropmax="none"):
+    from .models import build_model
+
+    try:
+        model = build_model(name, info.in_channels, info.num_classes, info.image_size)
+    except ValueError as err:
+        raise CLIError(f"--model: {err}") from None
+    if dropmax != "none":
+        from .nn import replace_maxpool
+
+        try:
+            model = replace_maxpool(model, which=dropmax)
+        except ValueError as err:
+            raise CLIError(f"--dropmax: {err}") from None
+    return model
+
+
+def make_defense(name, options, train_size, info):
+    from . import defenses
+
+    try:
+        cls = defenses.defense_class(name)
+    except ValueError as err:
+        raise CLIError(f"--defense: {err}") from None
+    options = dict(options)
+    params = inspect.signature(cls.__init__).parameters
+    if "num_samples" in params and "num_samples" not in options:
+        options["num_samples"] = train_size
+    from .defenses._common import PGDDefense
+
+    takes_clip = "clip_min" in params or issubclass(cls, PGDDefense)
+    if tuple(info.value_range) != (0.0, 1.0) and takes_clip:
+        options.setdefault("clip_min", info.value_range[0])
+        options.setdefault("clip_max", info.value_range[1])
+    try:
+        defense = cls(**options)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"--defense-opt: {name}: {err}") from None
+    if getattr(defense, "binary_only", False) and info.num_classes != 2:
+        raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has {info.num_classes} classes")
+    return defense
+
+
+def read_checkpoint(path):
+    """torch.load(weights_only=True); a file needing pickle to run code is refused with a clear message."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise CLIError(f"{path}: not a readable checkpoint (not a torch.save archive)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = str(err).splitlines()
+        found = next((line.strip() for line in lines if "Unsupported global" in line), "unsupported content")
+        raise CLIError(f"{path}: refusing to load: it holds objects that need pickle to run code (weights_only=True "
+                       f"allows tensors and plain values only; {found[:120]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(f"{path}: not a readable checkpoint ({first[:160]})") from None
+
+
+def write_json_atomic(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def add_train_options(p, defaults=True):
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic (embedded generated set), breastmnist (or another MedMNIST name), moons, or a "
+                        ".npz file / BUSI-style folder / .csv path")
+    p.add_argument("--size", type=int, default=None, help="image side length (default: the data's own size; 28 for "
+                                                          "synthetic, 224 for folders)")
+    p.add_argument("--model", default="small_cnn",
+                   help="resnet18, resnet50, vgg16, densenet121, small_cnn or mlp (adapted to channels and size)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MIRST-DM: 1e-4 at 100 epochs)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dropmax", choices=("none", "first", "all"), default="none",
+                   help="replace max-pooling layers with DropMax2d before training (mirst-dm does 'first' itself)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_train_parser(sub):
+    p = sub.add_parser("train", help="train a model with a defense", formatter_class=_formatter,
+                       description="Train --model on --data with --defense; checkpoints every epoch to RUN_DIR.")
+    p.add_argument("--defense", default="standard",
+                   help="standard, at, sat, trades, rst, gr, llr, mart, fat, amat, mirst, mirst-dm, ima, dpaat, arfl")
+    p.add_argument("--defense-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense option, repeatable (e.g. eps=5/255, steps=10, lam=10)")
+    add_train_options(p)
+    p.add_argument("--out", default="runs/train", help="RUN_DIR for checkpoint.pt, run.json, metrics.csv")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--config", help="YAML or JSON file of options (keys are long option names)")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
+              resume=False, dropmax="none", size=None, progress=True, splits=None, label=None):
+    """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history)."""
+    from . import train as trainer
+    from .data import IndexedDataset
+
+    splits = splits or load_data(data, size=size, seed=seed)
+    info = splits.info
+    if defense_name == "mirst-dm" and dropmax == "none":
+        dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
+    model = make_model(model_name, info, dropmax if defense_name != "mirst-dm" else "none")
+    defense = make_defense(defense_name, defense_options, len(splits.train), info)
+    out = Path(out)
+    run = {
+        "format": "robust_ops.run/1", "data": str(data), "size": size, "model": model_name,
+        "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
+                                                      for k, v in defense_options.items()},
+        "dropmax": dropmax, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "label": label or defense_name, "dataset": info.to_dict(),
+    }
+    if resume and (out / RUN_FILE).is_file():
+        old = json.loads((out / RUN_FILE).read_text())
+        for key in ("data", "model", "defense", "dropmax", "seed", "batch_size"):
+            if old.get(key) != run[key]:
+                raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={old.get(key)!r}, this command has "
+                               f"{key}={run[key]!r}")
+    write_json_atomic(out / RUN_FILE, run)
+    train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
+    try:
+        result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
+                             batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
+                             progress=progress)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise CLIError(f"{out}: training failed: {err}") from None
+    return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
+
+
+def cmd_train(args):
+    device = pick_device(args.device)
+    options = parse_key_values(args.defense_opt, "--defense-opt")
+    if args.epochs < 1:
+        raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    try:
+        _, splits, run, history = train_run(
+            data=args.data, defense_name=args.defense, defense_options=options, model_name=args.model,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=args.out,
+            resume=args.resume, dropmax=args.dropmax, size=args.size, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        ckpt = Path(args.out) / CHECKPOINT
+        where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
+        print(f"\n{PROG} train: interrupted; {where}; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    last = history[-1] if history else {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
+    print(f"trained {args.defense} on {splits.info.display_name} for {len(history)} epochs: {shown}")
+    print(f"run: {args.out} (evaluate with: {PROG} eval {args.out} --attacks fgsm,pgd,cw --eps 1/255,2/255,5/255)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def load_run(target, *, data=None, model=None, size=None, dropmax=None):
+    """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt) or a checkpoint file (run.json beside it, or
+    --data/--model given)."""
+    target = Path(target)
+    if target.is_dir():
+        ckpt, run_file = target / CHECKPOINT, target / RUN_FILE
+    elif target.exists():
+        ckpt, run_file = target, target.parent / RUN_FILE
+    else:
+        raise CLIError(f"{target}: no such run folder or checkpoint file")
+    run = {}
+    if run_file.is_file():
+        try:
+            run = json.loads(run_file.read_text())
+        except json.JSONDecodeError as err:
+            raise CLIError(f"{run_file}: not valid JSON ({err})") from None
+    data = data or run.get("data")
+    model_name = model or run.get("model")
+    if data is None or model_name is None:
+        raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass --data and --model")
+    state = read_checkpoint(ckpt)
+    splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0))
+    net = make_model(model_name, splits.info, dropmax or run.get("dropmax", "none"))
+    weights = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise CLIError(f"{ckpt}: expected a fit checkpoint or a state_dict, got {type(state).__name__}")
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} "
+                       f"({str(err).splitlines()[0][:160]})") from None
+    return net, splits, run
+
+
+def add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255"):
+    p.add_argument("--attacks", default=attacks,
+                   help="comma-separated attacks: fgsm, ifgsm, pgd, pgdl2, cw, noise (+ apgd-ce, apgd-dlr, square when "
+                        "available); options as name:key=value, e.g. pgd:steps=50, noise:norm=l2:trials=100")
+    p.add_argument("--eps", default=eps, help="comma-separated radii; fractions allowed (1/255)")
+    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--no-cascade", action="store_true",
+                   help="attack every sample at every radius (default: only samples still robust)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="AutoAttack-style: the attacks as one cascade per radius; report only the worst case")
+    p.add_argument("--saliency", type=int, default=4, help="test images in the Grad-CAM / input-gradient figure "
+                                                           "(0: none)")
+
+
+def cmd_eval_parser(sub):
+    p = sub.add_parser("eval", help="evaluate a trained model under attacks", formatter_class=_formatter,
+                       description="Evaluate RUN_DIR (or a checkpoint file) under --attacks at each --eps; writes "
+                                   "results.json, report.md and PNG figures.")
+    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
+    add_eval_options(p)
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    p.add_argument("--data", default=None, help="dataset (default: the one in run.json)")
+    p.add_argument("--model", default=None, help="architecture (default: the one in run.json)")
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--config", help="YAML or JSON file of options")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def evaluate_models(models, splits, args, device, out, title, config, extra_markdown=None, paper=None):
+    """Evaluate {label: model} on the test split, write everything atomically, print the tables; returns rows."""
+    from . import report
+    from .evaluate import EvalError, evaluate, parse_attacks, parse_eps, write_results
+
+    try:
+        specs = parse_attacks(args.attacks)
+        radii = parse_eps(args.eps)
+    except EvalError as err:
+        raise CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}") from None
+    if args.eval_batch_size < 1:
+        raise CLIError(f"--eval-batch-size: expected >= 1, got {args.eval_batch_size}")
+    test = splits.test if getattr(args, "split", "test") == "test" else splits.val
+    rows = []
+    for label, model in models.items():
+        try:
+            rows += evaluate(model, test, splits.info, attacks=specs, eps=radii, method=label,
+                             batch_size=args.eval_batch_size, device=device, cascade=not args.no_cascade,
+                             ensemble=args.ensemble, progress=lambda s: print("  " + s, flush=True))
+        except EvalError as err:
+            raise CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}") from None
+    saliency = None
+    if args.saliency > 0 and test.tensors[0].dim() == 4:
+        import torch
+
+        x, y = test.tensors
+        g = torch.Generator().manual_seed(0)
+        pick = torch.randperm(len(y), generator=g)[:args.saliency]
+        saliency = (models, x[pick], y[pick])
+    paths = write_results(out, rows, splits.info, config=config, device=device, title=title, saliency=saliency,
+                          extra_markdown=extra_markdown, paper=paper)
+    metrics = ("f1", "sensitivity", "accuracy") if splits.info.num_classes == 2 else ("accuracy", "f1", "map")
+    for m in metrics:
+        print()
+        print(report.pivot_table(rows, m))
+    print(f"\nwrote {paths['results']}, {paths['report']} and {len(paths['figures'])} figures"
+          + (" -- SYNTHETIC DATA" if splits.info.synthetic else ""))
+    return rows
+
+
+def cmd_eval(args):
+    device = pick_device(args.device)
+    model, splits, run = load_run(args.target, data=args.data, model=args.model, size=args.size)
+    target = Path(args.target)
+    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval"
+    label = args.method or run.get("label") or run.get("defense") or "model"
+    config = {"command": "eval", "target": str(args.target), "attacks": args.attacks, "eps": args.eps,
+              "cascade": not args.no_cascade, "ensemble": args.ensemble, "split": args.split, "run": run}
+    evaluate_models({label: model}, splits, args, device, out, f"Robustness of {label} on "
+                    f"{splits.info.display_name}", config)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo_parser(sub):
+    p = sub.add_parser("demo", help="the main job: train baseline, RST, MIRST, MIRST-DM and IMA, then compare",
+                       formatter_class=_formatter,
+                       description="Train each method briefly on --data (default: the embedded synthetic set), "
+                                   "evaluate them under no attack, FGSM, PGD and CW, print the table and write "
+                                   "results.json, report.md and figures to --out.")
+    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated defenses")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-size", type=int, default=256,
+                   help="training images drawn from the train split (0: all) -- keeps the demo within ~10 minutes "
+                        "on 2 CPU cores")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="2 epochs on a subset: a smoke run (tests, CI)")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML or JSON file of options")
+    p.set_defaults(func=cmd_demo)
+    return p
+
+
+def subset_splits(splits, n_train, n_test, seed=0):
+    """A stratified-enough random subset for quick runs (keeps info)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from .data import DatasetSplits
+
+    def take(ds, n, s):
+        if len(ds) <= n:
+            return ds
+        g = torch.Generator().manual_seed(s)
+        idx = torch.randperm(len(ds), generator=g)[:n]
+        return TensorDataset(*(t[idx] for t in ds.tensors))
+
+    return DatasetSplits(take(splits.train, n_train, seed), take(splits.val, max(n_test // 2, 1), seed + 1),
+                         take(splits.test, n_test, seed + 2), splits.info)
+
+
+def cmd_demo(args):
+    device = pick_device(args.device)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise CLIError("--methods: expected at least one defense")
+    from . import defenses
+
+    for m in methods:
+        if m not in defenses.NAMES:
+            raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}")
+    epochs = 2 if args.quick else args.epochs
+    if epochs < 1:
+        raise CLIError(f"--epochs: expected >= 1, got {epochs}")
+    from .evaluate import EvalError, parse_attacks, parse_eps
+
+    try:  # fail on a bad --attacks / --eps before any training
+        parse_attacks(args.attacks)
+        parse_eps(args.eps)
+    except EvalError as err:
+        raise CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}") from None
+    splits = load_data(args.data, size=args.size, seed=args.seed)
+    if args.train_size < 0:
+        raise CLIError(f"--train-size: expected >= 0, got {args.train_size}")
+    if args.quick:
+        splits = subset_splits(splits, 64, 32, args.seed)
+    elif args.train_size:
+        splits = subset_splits(splits, args.train_size, len(splits.test), args.seed)
+    out = Path(args.out)
+    print(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
+          f"{args.model}, {epochs} epochs, device {device}")
+    models, timings = {}, {}
+    try:
+        for m in methods:
+            label = DEMO_LABELS.get(m, m)
+            t0 = time.perf_counter()
+            print(f"training {label} ...", flush=True)
+            model, _, _, history = train_run(
+                data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
+                batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
+                resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label)
+            timings[label] = time.perf_counter() - t0
+            models[label] = model
+            last = history[-1] if history else {}
+            print(f"  {label}: {timings[label]:.0f} s, train loss {last.get('train_loss', float('nan')):.3f}")
+    except KeyboardInterrupt:
+        print(f"\n{PROG} demo: interrupted; finished runs are in {out / 'runs'}; rerun with --resume",
+              file=sys.stderr)
+        return 130
+    config = {"command": "demo", "methods": methods, "data": args.data, "model": args.model, "epochs": epochs,
+              "train_images": len(splits.train), "test_images": len(splits.test),
+              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
+              "eps": args.eps, "quick": args.quick, "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
+    args.split = "test"
+    evaluate_models(models, splits, args, device, out, f"Demo: defenses compared on {splits.info.display_name}",
+                    config)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+def cmd_bench_parser(sub):
+    p = sub.add_parser("bench", help="run the op and attack benchmarks (ratios against their references)",
+                       formatter_class=_formatter,
+                       description="Run benchmarks/bench_*.py (quick mode unless --full) and print their tables.")
+    p.add_argument("--only", default=None, help="comma-separated topics, e.g. pgd_step,drop_max_pool2d")
+    p.add_argument("--full", action="store_true", help="full shape sweeps (slow)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--bench-dir", default=None, help="folder holding bench_*.py (default: the repository's)")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def find_benchmarks(bench_dir=None):
+    if bench_dir:
+        d = Path(bench_dir)
+        if not d.is_dir():
+            raise CLIError(f"--bench-dir: {bench_dir}: no such folder")
+    else:
+        d = Path(__file__).resolve().parent.parent / "benchmarks"
+        if not d.is_dir():
+            raise CLIError("--bench-dir: the benchmarks/ folder is not beside the installed package (benchmarks ship "
+                           "with the source tree); pass its path")
+    return {p.stem[len("bench_"):]: p for p in sorted(d.glob("bench_*.py"))}
+
+
+def cmd_bench(args):
+    import subprocess
+
+    scripts = find_benchmarks(args.bench_dir)
+    if args.list:
+        for name, path in scripts.items():
+            print(f"{name}\t{path}")
+        return 0
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in scripts]
+        if unknown:
+            raise CLIError(f"--only: unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(scripts)}")
+        scripts = {w: scripts[w] for w in wanted}
+    if not scripts:
+        raise CLIError("--only: no benchmarks found")
+    status = 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    for name, path in scripts.items():
+        cmd = [sys.executable, str(path)] + ([] if args.full else ["--quick"])
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        rc = subprocess.call(cmd, cwd=path.parent.parent, env=env)
+        if rc != 0:
+            print(f"{PROG} bench: {name} exited with status {rc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+# ----------------------------------------------------------------------------------------------- reproduce
+
+
+def cmd_reproduce_parser(sub):
+    from .reproduce import PROTOCOLS
+
+    p = sub.add_parser("reproduce", help="scripted protocols of the seed papers", formatter_class=_formatter,
+                       description="Run a seed paper's protocol and write results.json and a report placing the "
+                                   "paper's published numbers beside ours. Protocols: "
+                                   + "; ".join(f"{k}: {v.summary}" for k, v in PROTOCOLS.items()))
+    p.add_argument("name", choices=tuple(PROTOCOLS), metavar="NAME", help=", ".join(PROTOCOLS))
+    p.add_argument("--quick", action="store_true", help="a smoke version (< 2 minutes on 2 CPU cores)")
+    p.add_argument("--data", default=None, help="dataset (default: the protocol's; breastmnist for *-bus)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML or JSON file of options")
+    p.set_defaults(func=cmd_reproduce)
+    return p
+
+
+def cmd_reproduce(args):
+    from .reproduce import PROTOCOLS, run_protocol
+
+    device = pick_device(args.device)
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
+    if args.epochs is not None and args.epochs < 1:
+        raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
+    if args.seeds is not None and args.seeds < 1:
+        raise CLIError(f"--seeds: expected >= 1, got {args.seeds}")
+    try:
+        run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
+                     seeds=args.seeds, device=device, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\n{PROG} reproduce: interrupted; no results were written", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def build_parser():
+    parser = Parser(prog=PROG, formatter_class=_formatter,
+                    description="Adversarially robust medical image classification: train with a defense, evaluate "
+                                "under attacks, compare, benchmark, reproduce the seed papers.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"robust_ops {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    parsers = {
+        "train": cmd_train_parser(sub), "eval": cmd_eval_parser(sub), "bench": cmd_bench_parser(sub),
+        "demo": cmd_demo_parser(sub), "reproduce": cmd_reproduce_parser(sub),
+    }
+    return parser, parsers
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser, parsers = build_parser()
+        args = parser.parse_args(argv)
+        if args.command in parsers and getattr(args, "config", None):
+            sub_argv = argv[argv.index(args.command) + 1:]
+            args = apply_config(parsers[args.command], parsers[args.command].parse_args(sub_argv), sub_argv)
+            args.command = command
+        return args.func(args) or 0
+    except CLIError as err:
+        prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
+        print(f"{prefix}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""Dataset containers shared by every loader, and the one entry point ``load_dataset``."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+
+class DataError(ValueError):
+    """A dataset could not be found, read or validated. The message names the file or spec at fault."""
+
+
+@dataclass
+class DatasetInfo:
+    """What a model and the metrics need to know about a dataset.
+
+    positive_class: the class whose recall is "sensitivity" (e.g. 0 = malignant in BreastMNIST); None for
+        multi-class sets, where per-class metrics are macro-averaged.
+    synthetic: True for generated data; every report and results.json says so.
+    value_range: the range inputs live in (attacks clip to it); images are always (0, 1).
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    class_names: tuple
+    positive_class: int = None
+    synthetic: bool = False
+    value_range: tuple = (0.0, 1.0)
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self):
+        return {
+            "name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels,
+            "image_size": self.image_size, "class_names": list(self.class_names),
+            "positive_class": self.positive_class, "synthetic": self.synthetic,
+            "value_range": list(self.value_range), "source": self.source, **self.extra,
+        }
+
+    @property
+    def display_name(self):
+        return f"{self.name} (synthetic)" if self.synthetic and "synthetic" not in self.name else self.name
+
+
+@dataclass
+class DatasetSplits:
+    """train / val / test TensorDatasets of float inputs and int64 labels, plus the DatasetInfo."""
+
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    info: DatasetInfo
+
+    def __iter__(self):  # allows ``train, val, test, info = load_dataset(...)``
+        return iter((self.train, self.val, self.test, self.info))
+
+
+def images_to_tensor(images, source):
+    """uint8 (N, H, W) or (N, H, W, C) images -> float32 [N, C, H, W] in [0, 1]."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4:
+        images = images.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"{source}: expected images of shape (N, H, W) or (N, H, W, C), got {images.shape}")
+    if images.dtype == np.uint8:
+        x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    elif np.issubdtype(images.dtype, np.floating):
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+            raise DataError(f"{source}: float images must lie in [0, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    else:
+        raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}")
+    return x
+
+
+def labels_to_tensor(labels, n, source, key="labels"):
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"{source}: expected {key} of shape (N,) or (N, 1), got {labels.shape} "
+                        "(multi-label sets are not supported)")
+    if labels.shape[0] != n:
+        raise DataError(f"{source}: {key} has {labels.shape[0]} entries but the images have {n}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{source}: expected integer {key}, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{source}: expected {key} >= 0, got {labels.min()}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def stratified_split(y, fractions, seed, source="dataset"):
+    """Split indices into len(fractions) stratified parts (fractions sum to 1), deterministic in seed."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(y)
+    idx = np.arange(len(y))
+    parts, rest, rest_frac = [], idx, 1.0
+    for frac in fractions[:-1]:
+        share = frac / rest_frac
+        if share >= 1.0:
+            parts.append(rest)
+            rest = rest[:0]
+            break
+        try:
+            take, rest = train_test_split(rest, train_size=share, stratify=y[rest], random_state=seed)
+        except ValueError:  # a class too small to stratify: fall back to a seeded random split
+            take, rest = train_test_split(rest, train_size=share, random_state=seed)
+        parts.append(np.sort(take))
+        rest_frac -= frac
+    parts.append(np.sort(rest))
+    if any(len(p) == 0 for p in parts):
+        raise DataError(f"{source}: too few samples ({len(y)}) for a train/val/test split")
+    return parts
+
+
+def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2)):
+    """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples."""
+    parts = stratified_split(y.numpy(), fractions, seed, info.source or info.name)
+    sets = [TensorDataset(x[p], y[p]) for p in parts]
+    return DatasetSplits(*sets, info)
+
+
+def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=True):
+    """Load a dataset by spec and return ``DatasetSplits(train, val, test, info)``.
+
+    spec:
+        ``"synthetic"`` -- the embedded procedural breast-ultrasound-like set (generated from ``seed``; default);
+        ``"moons"`` / ``"two-moons"`` -- scikit-learn two moons as in ARFL (10,000 train, 1,000 test, noise 0.2);
+        a MedMNIST name such as ``"breastmnist"`` (or ``"breastmnist_64"``) -- found via ``root``, ``$ROBUST_OPS_DATA``
+        or ``~/.medmnist`` (downloaded through the ``medmnist`` package if installed and online);
+        a path to an ``.npz`` file (MedMNIST layout), a BUSI-style folder (benign/malignant/normal subfolders), or a
+        ``.csv`` metadata file with an image folder beside it (HAM10000 layout: ``image_id``, ``dx`` columns).
+    size: image side length (folders and synthetic data are resized to it; MedMNIST picks the file of that size).
+    seed: generation seed (synthetic, moons) and the seed of stratified splits for sources without official splits.
+    classes: class folder / label names to keep, in label order (folders and CSV only).
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
+    text = str(spec)
+    low = text.lower()
+    from . import folders, medmnist, synthetic
+
+    if low in ("synthetic", "synthetic-bus", "synthetic_bus"):
+        return synthetic.synthetic_splits(size=size or 28, seed=seed)
+    if low in ("moons", "two-moons", "two_moons", "twomoons"):
+        return synthetic.moons_splits(seed=seed)
+    path = Path(text).expanduser()
+    if low.endswith(".npz"):
+        return medmnist.load_npz(path, size=size)
+    if low.endswith(".csv"):
+        return folders.load_csv(path, size=size or 224, seed=seed, classes=classes)
+    if path.is_dir():
+        return folders.load_busi(path, size=size or 224, seed=seed, classes=classes)
+    if medmnist.is_medmnist_name(low):
+        return medmnist.load_medmnist(low, root=root, size=size, download=download)
+    if path.exists():
+        raise DataError(f"{text}: not a dataset this library reads (expected an .npz file, a .csv file or a folder)")
+    raise DataError(
+        f"{text}: no such file or folder, and not a known dataset name (expected synthetic, moons, a MedMNIST name "
+        f"such as breastmnist, an .npz/.csv path or a BUSI-style folder)"
+    )

@@ -1,0 +1,186 @@
+"""MedMNIST ``.npz`` files: official-name MD5 checks, lookup in ``$ROBUST_OPS_DATA`` / ``~/.medmnist``, and loading
+with ``np.load(allow_pickle=False)`` so a shared file can never run code."""
+
+import hashlib
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import TensorDataset
+
+from .core import DataError, DatasetInfo, DatasetSplits, images_to_tensor, labels_to_tensor
+
+# MD5 checksums of the official MedMNIST v2 28x28 files, as published in MedMNIST's own dataset table (INFO, the
+# "MD5" field). Files of other sizes (``<name>_64.npz`` ...) are checked only for layout.
+OFFICIAL_MD5 = {
+    "pathmnist.npz": "a8b06965200029087d5bd730944a56c1",
+    "chestmnist.npz": "02c8a6516a18b556561a56cbdd36c4a8",
+    "dermamnist.npz": "0744692d530f8e62ec473284d019b0c7",
+    "octmnist.npz": "c68d92d5b585d8d81f7112f81e2d0842",
+    "pneumoniamnist.npz": "28209eda62fecd6e6a2d98b1501bb15f",
+    "retinamnist.npz": "bd4c0672f1bba3e3a89f0e4e876791e4",
+    "breastmnist.npz": "750601b1f35ba3300ea97c75c52ff8f6",
+    "bloodmnist.npz": "7053d0359d879ad8a5505303e11de1dc",
+    "tissuemnist.npz": "ebe78ee8b05294063de985d821c1c34b",
+    "organamnist.npz": "866b832ed4eeba67bfb9edee1d5544e6",
+    "organcmnist.npz": "0afa5834fb105f7705a7d93372119a21",
+    "organsmnist.npz": "e5c39f1af030238290b9557d9503af9d",
+}
+
+# Class names and the positive class ("sensitivity" = its recall) per MedMNIST set. BreastMNIST: 0 = malignant.
+CLASS_NAMES = {
+    "breastmnist": (("malignant", "normal or benign"), 0),
+    "pneumoniamnist": (("normal", "pneumonia"), 1),
+    "dermamnist": (("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"), None),
+    "bloodmnist": (("basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
+                    "platelet"), None),
+    "pathmnist": (("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                   "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"), None),
+}
+MEDMNIST_NAMES = tuple(name[:-4] for name in OFFICIAL_MD5 if name != "chestmnist.npz")  # chest: multi-label
+SPLITS = ("train", "val", "test")
+_NAME_RE = re.compile(r"^([a-z]+mnist)(?:_(28|64|128|224))?$")
+
+
+def is_medmnist_name(name):
+    m = _NAME_RE.match(name)
+    return bool(m) and m.group(1) in MEDMNIST_NAMES
+
+
+def file_md5(path, chunk=1 << 20):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_md5(path):
+    """Verify the MD5 of a file carrying an official MedMNIST name; other names are not checked."""
+    expected = OFFICIAL_MD5.get(Path(path).name)
+    if expected is None:
+        return None
+    got = file_md5(path)
+    if got != expected:
+        raise DataError(
+            f"{path}: MD5 {got} does not match the official {Path(path).name} ({expected}); the file is corrupt or "
+            "not the official release -- download it again, or rename it if it is a deliberate variant"
+        )
+    return got
+
+
+def _file_name(name, size):
+    return f"{name}.npz" if size in (None, 28) else f"{name}_{size}.npz"
+
+
+def candidate_dirs(root=None):
+    dirs = []
+    if root is not None:
+        dirs.append(Path(root).expanduser())
+    env = os.environ.get("ROBUST_OPS_DATA")
+    if env:
+        dirs.append(Path(env).expanduser())
+    dirs.append(Path.home() / ".medmnist")
+    return dirs
+
+
+def find_medmnist(name, root=None, size=None):
+    """Path of ``<name>[_<size>].npz`` in root, $ROBUST_OPS_DATA (a folder, or the file itself) or ~/.medmnist."""
+    fname = _file_name(name, size)
+    for d in candidate_dirs(root):
+        if d.is_file() and d.name == fname:
+            return d
+        if (d / fname).is_file():
+            return d / fname
+    return None
+
+
+def load_medmnist(spec, root=None, size=None, download=True):
+    m = _NAME_RE.match(spec)
+    name = m.group(1)
+    if m.group(2):
+        if size not in (None, int(m.group(2))):
+            raise DataError(f"{spec}: the name says size {m.group(2)} but size={size} was requested")
+        size = int(m.group(2))
+    path = find_medmnist(name, root, size)
+    if path is None and download:
+        path = _try_download(name, root, size)
+    if path is None:
+        where = ", ".join(str(d) for d in candidate_dirs(root))
+        raise DataError(
+            f"{spec}: {_file_name(name, size)} not found (looked in {where}); download it from MedMNIST v2 and put it "
+            "in one of those folders, set $ROBUST_OPS_DATA to its folder, or pass the .npz path"
+        )
+    return load_npz(path, size=size)
+
+
+def _try_download(name, root, size):
+    """Download through the ``medmnist`` package when it is installed (it needs network access)."""
+    try:
+        import medmnist  # noqa: F401
+        from medmnist import INFO
+    except ImportError:
+        return None
+    target = Path(root).expanduser() if root else Path.home() / ".medmnist"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        cls = getattr(__import__("medmnist"), INFO[name]["python_class"])
+        kwargs = {"size": size} if size not in (None, 28) else {}
+        cls(split="test", download=True, root=str(target), **kwargs)
+    except Exception:  # offline or an old medmnist without `size`: fall through to the "put the file here" message
+        return None
+    return find_medmnist(name, target, size)
+
+
+def load_npz(path, size=None, name=None):
+    """Load a MedMNIST-layout ``.npz`` (keys ``{train,val,test}_{images,labels}``), MD5-checked if officially named."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    check_md5(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # np.load would otherwise try to unpickle it
+        raise DataError(f"{path}: not a readable .npz file (not a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            needed = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+            missing = [k for k in needed if k not in keys]
+            if missing:
+                raise DataError(f"{path}: missing keys {', '.join(missing)} (a MedMNIST .npz has {', '.join(needed)})")
+            arrays = {k: npz[k] for k in needed}
+    except DataError:
+        raise
+    except ValueError as err:  # object arrays need pickle: refuse
+        raise DataError(f"{path}: refusing to load arrays that need pickle ({err})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    sets, shape = [], None
+    for s in SPLITS:
+        source = f"{path} [{s}]"
+        x = images_to_tensor(arrays[f"{s}_images"], source)
+        y = labels_to_tensor(arrays[f"{s}_labels"], x.shape[0], source, key=f"{s}_labels")
+        if shape is not None and x.shape[1:] != shape:
+            raise DataError(f"{path}: {s}_images have shape {tuple(x.shape[1:])}, train has {tuple(shape)}")
+        shape = x.shape[1:]
+        sets.append(TensorDataset(x, y))
+    if shape[1] != shape[2]:
+        raise DataError(f"{path}: expected square images, got {shape[1]}x{shape[2]}")
+    if size is not None and shape[1] != size:
+        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, but size={size} was requested")
+    stem = name or re.sub(r"_(28|64|128|224)$", "", path.stem).lower()
+    num_classes = int(max(int(t.tensors[1].max()) if len(t) else 0 for t in sets)) + 1
+    names, positive = CLASS_NAMES.get(stem, (None, None))
+    if names is None or len(names) < num_classes:
+        names = tuple(str(i) for i in range(num_classes))
+        positive = 1 if num_classes == 2 else None
+    else:
+        num_classes = len(names)
+    info = DatasetInfo(
+        name=stem, num_classes=num_classes, in_channels=int(shape[0]), image_size=int(shape[1]),
+        class_names=tuple(names), positive_class=positive, synthetic=False, source=str(path),
+    )
+    return DatasetSplits(*sets, info)

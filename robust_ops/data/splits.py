@@ -1,0 +1,49 @@
+"""Stratified k-fold cross-validation (MIRST-DM and ARFL report 5-fold means) with scikit-learn's StratifiedKFold."""
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, TensorDataset
+
+from .core import DataError, DatasetSplits, stratified_split
+
+
+def _tensors(dataset):
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors
+    if isinstance(dataset, ConcatDataset):
+        parts = [_tensors(d) for d in dataset.datasets]
+        return tuple(torch.cat(t) for t in zip(*parts))
+    raise DataError(f"cross_validation: expected TensorDatasets, got {type(dataset).__name__}")
+
+
+def pooled(splits):
+    """All samples of train, val and test as one (x, y) pair (k-fold protocols re-split the whole set)."""
+    parts = [_tensors(d) for d in (splits.train, splits.val, splits.test) if len(d)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
+    """k stratified folds over the pooled data: fold i tests on the i-th part, validates on a stratified
+    ``val_fraction`` of the rest and trains on the remainder. Returns a list of DatasetSplits (same info)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if not isinstance(k, int) or k < 2:
+        raise DataError(f"cross_validation: expected k >= 2 folds, got {k}")
+    x, y = pooled(splits)
+    counts = np.bincount(y.numpy())
+    if counts[counts > 0].min() < k:
+        raise DataError(f"cross_validation: the smallest class has {counts[counts > 0].min()} samples, fewer than "
+                        f"k={k} folds")
+    folds = []
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    for train_idx, test_idx in skf.split(np.zeros(len(y)), y.numpy()):
+        if val_fraction > 0:
+            tr, va = stratified_split(y[train_idx].numpy(), (1 - val_fraction, val_fraction), seed)
+            train_idx, val_idx = train_idx[tr], train_idx[va]
+        else:
+            val_idx = train_idx[:0]
+        folds.append(DatasetSplits(
+            TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx]),
+            TensorDataset(x[test_idx], y[test_idx]), splits.info,
+        ))
+    return folds

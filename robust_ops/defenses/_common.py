@@ -1,0 +1,116 @@
+"""What the defenses share: argument checks, unwrapping DDP for attacks, the PGD settings every adversarial defense
+takes (composed on robust_ops.attacks.core.run_pgd -- no defense has its own PGD loop), and small losses."""
+
+import contextlib
+import math
+import numbers
+
+import torch
+
+from ..attacks.context import MODEL_MODES, classification_loss, is_single_logit, two_logits
+from .base import Defense
+
+# MIRST-DM's threat model (Linf, eps = 5/255) with Madry's step-size rule (2.5 * eps / steps) is the default of the
+# defenses from MIRST-DM's comparison; DPAAT/AMAT and ARFL use their own papers' settings.
+DEFAULT_EPS = 5 / 255
+
+
+def unwrap(model):
+    """The module inside DistributedDataParallel / DataParallel: attacks run on it (no gradient-sync hooks)."""
+    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                              torch.nn.DataParallel)) else model
+
+
+def check_real(name, arg, value, minimum=None, maximum=None, allow_min=True, allow_max=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected {arg} to be a finite number, got {value!r}")
+    value = float(value)
+    low_bad = minimum is not None and (value < minimum if allow_min else value <= minimum)
+    high_bad = maximum is not None and (value > maximum if allow_max else value >= maximum)
+    if low_bad or high_bad:
+        lo = "" if minimum is None else f"{minimum} {'<=' if allow_min else '<'} "
+        hi = "" if maximum is None else f" {'<=' if allow_max else '<'} {maximum}"
+        raise ValueError(f"{name}: expected {lo}{arg}{hi}, got {value}")
+    return value
+
+
+def check_int(name, arg, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: expected {arg} to be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name, arg, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: expected {arg} to be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def per_sample_ce(out, y):
+    return classification_loss(out, y, reduction="none")
+
+
+def as_two_class(out):
+    """[N, K] logits unchanged; single logits as the equivalent [N, 2] logits (softmax == [1 - sigmoid, sigmoid])."""
+    return two_logits(out) if is_single_logit(out) else out
+
+
+def kl_per_sample(log_p, log_q):
+    """KL(p || q) per sample from log-probabilities [N, K]."""
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+@contextlib.contextmanager
+def model_mode(model, mode):
+    """Run differentiable forwards in ``mode`` ("train", "eval" or "keep"), restoring every module's mode."""
+    if mode not in MODEL_MODES:
+        raise ValueError(f"model_mode: expected one of {', '.join(MODEL_MODES)}, got {mode!r}")
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if mode == "train":
+            model.train()
+        elif mode == "eval":
+            model.eval()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class PGDDefense(Defense):
+    """A defense that crafts adversarial examples with run_pgd. Attack settings (all keyword arguments):
+
+    eps: radius (Linf or L2 per ``norm``); step_size: PGD step (default 2.5 * eps / steps, Madry's rule); steps;
+    norm: "linf" | "l2"; random_start; attack_mode: the model mode during the attack ("eval": BatchNorm uses its
+    running statistics and is not updated by the attack; "train"; "keep"); clip_min / clip_max: the valid input range.
+    """
+
+    default_eps = DEFAULT_EPS
+    default_steps = 10
+    default_norm = "linf"
+    default_random_start = True
+    default_attack_mode = "eval"
+
+    def __init__(self, *, eps=None, step_size=None, steps=None, norm=None, random_start=None, attack_mode=None,
+                 clip_min=0.0, clip_max=1.0):
+        n = self.name
+        self.eps = check_real(n, "eps", self.default_eps if eps is None else eps, minimum=0)
+        self.steps = check_int(n, "steps", self.default_steps if steps is None else steps)
+        self.step_size = check_real(n, "step_size", 2.5 * self.eps / self.steps if step_size is None else step_size,
+                                    minimum=0)
+        self.norm = check_choice(n, "norm", self.default_norm if norm is None else norm, ("linf", "l2"))
+        self.random_start = bool(self.default_random_start if random_start is None else random_start)
+        self.attack_mode = check_choice(n, "attack_mode", self.default_attack_mode if attack_mode is None
+                                        else attack_mode, MODEL_MODES)
+        self.clip_min = check_real(n, "clip_min", clip_min)
+        self.clip_max = check_real(n, "clip_max", clip_max, minimum=self.clip_min)
+
+    def attack(self, model, x, y, **overrides):
+        """run_pgd with this defense's settings (overridable per call); returns the PGDResult."""
+        from ..attacks.core import run_pgd
+
+        kwargs = dict(eps=self.eps, alpha=self.step_size, steps=self.steps, norm=self.norm,
+                      random_start=self.random_start, model_mode=self.attack_mode, clip_min=self.clip_min,
+                      clip_max=self.clip_max)
+        kwargs.update(overrides)
+        return run_pgd(unwrap(model), x, y, **kwargs)

@@ -1,0 +1,167 @@
+"""Per-sample perturbation radii: AMAT (loss-threshold margins, DPAAT eq. 5-7) and DPAAT (Dynamic Perturbation-Adaptive
+Adversarial Training, eqs. 11-16 and Alg. 1).
+
+Both craft x_adv with the fixed radius eps, derive a radius per sample from the losses, and craft a NEW x_adv with
+those radii (run_pgd with a per-sample eps tensor, step size scaled by the same factor, eps_i * step_size / eps).
+Defaults follow DPAAT's experiments: 7-step PGD, L2, eps = 0.3, step 0.15, no random start (eq. 9: x_0 = x).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..attacks.context import classification_loss
+from ._common import PGDDefense, as_two_class, check_choice, check_real, model_mode, per_sample_ce, unwrap
+from .base import DefenseOutput
+
+
+def perturbation_norms(x_adv, x, norm):
+    d = (x_adv - x).flatten(1)
+    return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
+
+
+class _AdaptiveRadius(PGDDefense):
+    default_eps = 0.3
+    default_steps = 7
+    default_norm = "l2"
+    default_random_start = False
+
+    def __init__(self, *, step_size=None, steps=None, eps=None, **attack):
+        steps = self.default_steps if steps is None else steps
+        eps = self.default_eps if eps is None else eps
+        step_size = 0.15 if step_size is None and eps == 0.3 else step_size  # DPAAT: step 0.15 at eps 0.3
+        super().__init__(eps=eps, step_size=step_size, steps=steps, **attack)
+
+    def _losses(self, model, x, x_adv, y):
+        """Per-sample clean and adversarial losses in the attack's mode, without gradients."""
+        with torch.no_grad(), model_mode(unwrap(model), self.attack_mode) as net:
+            return per_sample_ce(net(x), y).float(), per_sample_ce(net(x_adv), y).float()
+
+    def _attack_with_radii(self, model, x, y, radii):
+        ratio = self.step_size / self.eps if self.eps > 0 else 1.0
+        radii = radii.to(x.dtype)
+        return self.attack(model, x, y, eps=radii, alpha=radii * ratio).x_adv
+
+
+class AMAT(_AdaptiveRadius):
+    """Adaptive-margin AT as written in DPAAT eq. 5-7: per sample, eps_i = eps + delta_eps if its adversarial loss
+    L(x_adv_i) < xi (the sample is still robust: enlarge its margin), else (eps + ||x_adv_i - x_i||) / 2; a new x_adv
+    with radii eps_i; L = (L(x_adv) + L(x)) / 2. AMAT's thresholds came from an external network and are not given
+    in DPAAT; defaults here: xi = ln 2 (the adversarial example is still classified correctly with probability > 1/2
+    in the binary case) and delta_eps = eps / 2."""
+
+    name = "amat"
+
+    def __init__(self, xi=math.log(2.0), delta_eps=None, **attack):
+        super().__init__(**attack)
+        self.xi = check_real(self.name, "xi", xi, minimum=0)
+        self.delta_eps = check_real(self.name, "delta_eps", self.eps / 2 if delta_eps is None else delta_eps,
+                                    minimum=0)
+
+    def __call__(self, model, x, y, ids=None):
+        first = self.attack(model, x, y).x_adv
+        _, adv_losses = self._losses(model, x, first, y)
+        shrunk = 0.5 * (self.eps + perturbation_norms(first, x, self.norm).float())
+        radii = torch.where(adv_losses < self.xi, torch.full_like(shrunk, self.eps + self.delta_eps), shrunk)
+        x_adv = self._attack_with_radii(model, x, y, radii)
+        logits = model(x)
+        clean = classification_loss(logits, y)
+        adv = classification_loss(model(x_adv), y)
+        loss = 0.5 * (adv + clean)
+        return DefenseOutput(loss=loss, logits=logits, metrics={
+            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach()),
+            "radius_mean": float(radii.mean())})
+
+
+def synchronization_loss(logits, logits_adv, form="js"):
+    """Per-sample synchronization loss between the softmax outputs p (clean) and q (adversarial), DPAAT eq. 11.
+
+    form="printed": -1/2 * sum_k (p log(p/(p+q)) + q log(q/(p+q))) exactly as printed. It equals ln 2 - JS(p, q), so
+    it is LARGEST (ln 2) when p == q and minimizing it pushes the outputs apart -- the opposite of what the text says
+    ("smaller difference between y_ori and y_adv meant lower synchronization loss").
+    form="js" (default): JS(p, q) = ln 2 - printed, the Jensen-Shannon divergence: 0 when p == q, so minimizing it
+    aligns the outputs as the text intends (same gradient magnitude as the printed form, opposite sign)."""
+    p = F.softmax(as_two_class(logits).float(), 1)
+    q = F.softmax(as_two_class(logits_adv).float(), 1)
+    s = p + q
+    printed = -0.5 * (torch.xlogy(p, p / s.clamp_min(1e-30)) + torch.xlogy(q, q / s.clamp_min(1e-30))).sum(1)
+    return printed if form == "printed" else math.log(2.0) - printed
+
+
+class DPAAT(_AdaptiveRadius):
+    """DPAAT: L = alpha * L(x_adv) + (1 - alpha) * L(x) + beta * L_syn (eq. 12), with per-sample radii (eqs. 13-15):
+    dL_i = L(x_adv_i) - L(x_i), dL_avg their mini-batch mean (eq. 14), gamma_i = eps * |dL_i - dL_avg| / |dL_avg|,
+    eps_i = ||x_adv_i - x_i|| - gamma_i if dL_i > dL_avg else ||x_adv_i - x_i|| + gamma_i, then a new x_adv with radii
+    eps_i (Alg. 1 line 12).
+
+    Choices (docs/defenses/dpaat.md): |dL_avg| in the denominator (so a negative mean does not flip the rule);
+    |dL_avg| < guard -> gamma = 0 (radius unchanged); a negative radius means no perturbation (eps_i = 0);
+    max_radius (None: no cap, as in the paper) caps eps_i; reference="batch" (eq. 14) or "running" (an exponential
+    running mean of dL_avg over batches, momentum 0.1 -- the epoch-wide V of eq. 13); syn="js" (default) or "printed"
+    (see synchronization_loss). beta = 1 (the paper leaves it tunable). State (checkpointed): the running mean, the
+    number of batches and the mean radius of the last batch.
+    """
+
+    name = "dpaat"
+
+    def __init__(self, alpha=0.5, beta=1.0, guard=1e-6, max_radius=None, reference="batch", syn="js", momentum=0.1,
+                 **attack):
+        super().__init__(**attack)
+        n = self.name
+        self.alpha = check_real(n, "alpha", alpha, minimum=0, maximum=1)
+        self.beta = check_real(n, "beta", beta, minimum=0)
+        self.guard = check_real(n, "guard", guard, minimum=0)
+        self.max_radius = None if max_radius is None else check_real(n, "max_radius", max_radius, minimum=0)
+        self.reference = check_choice(n, "reference", reference, ("batch", "running"))
+        self.syn = check_choice(n, "syn", syn, ("js", "printed"))
+        self.momentum = check_real(n, "momentum", momentum, minimum=0, maximum=1, allow_min=False)
+        self._running_dl = 0.0
+        self._num_batches = 0
+        self._radius_mean = 0.0
+
+    def radii(self, norms, delta_losses):
+        """eps_DPAAT per sample (eq. 15) from the perturbation norms and the loss changes; updates the running mean."""
+        batch_avg = float(delta_losses.mean())
+        if self._num_batches == 0:
+            self._running_dl = batch_avg
+        else:
+            self._running_dl = (1 - self.momentum) * self._running_dl + self.momentum * batch_avg
+        self._num_batches += 1
+        avg = batch_avg if self.reference == "batch" else self._running_dl
+        if abs(avg) < self.guard:
+            gamma = torch.zeros_like(delta_losses)
+        else:
+            gamma = self.eps * (delta_losses - avg).abs() / abs(avg)
+        radii = torch.where(delta_losses > avg, norms - gamma, norms + gamma).clamp_min(0.0)
+        if self.max_radius is not None:
+            radii = radii.clamp_max(self.max_radius)
+        self._radius_mean = float(radii.mean())
+        return radii
+
+    def __call__(self, model, x, y, ids=None):
+        first = self.attack(model, x, y).x_adv
+        clean_l, adv_l = self._losses(model, x, first, y)
+        radii = self.radii(perturbation_norms(first, x, self.norm).float(), adv_l - clean_l)
+        x_adv = self._attack_with_radii(model, x, y, radii)
+        logits = model(x)
+        logits_adv = model(x_adv)
+        clean = classification_loss(logits, y)
+        adv = classification_loss(logits_adv, y)
+        syn = synchronization_loss(logits, logits_adv, self.syn).mean()
+        loss = self.alpha * adv + (1 - self.alpha) * clean + self.beta * syn
+        return DefenseOutput(loss=loss, logits=logits, metrics={
+            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach()),
+            "loss_syn": float(syn.detach()), "radius_mean": self._radius_mean})
+
+    def state_dict(self):
+        return {"running_delta_loss": float(self._running_dl), "num_batches": int(self._num_batches),
+                "radius_mean": float(self._radius_mean)}
+
+    def load_state_dict(self, state):
+        expected = {"running_delta_loss", "num_batches", "radius_mean"}
+        if set(state) != expected:
+            raise ValueError(f"{self.name}: expected state keys {sorted(expected)}, got {sorted(state)}")
+        self._running_dl = float(state["running_delta_loss"])
+        self._num_batches = int(state["num_batches"])
+        self._radius_mean = float(state["radius_mean"])

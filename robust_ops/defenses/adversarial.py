@@ -1,0 +1,89 @@
+"""Standard training and the adversarial-data baselines: AT (Madry), SAT / dual AT, supervised RST, FAT.
+
+Every loss is a batch mean of the per-sample classification loss (cross-entropy; BCE-with-logits for single-logit
+models). Attacks run on robust_ops.attacks.core.run_pgd with the settings of PGDDefense.
+"""
+
+from ..attacks.context import classification_loss
+from ._common import PGDDefense, check_int, check_real
+from .base import Defense, DefenseOutput
+
+
+class Standard(Defense):
+    """Standard training: L = L(x)."""
+
+    name = "standard"
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        loss = classification_loss(logits, y)
+        return DefenseOutput(loss=loss, logits=logits, metrics={"loss": float(loss.detach())})
+
+
+class AT(PGDDefense):
+    """Madry et al. adversarial training (arXiv:1706.06083): L = L(x_adv), x_adv = PGD(x) (random start)."""
+
+    name = "at"
+
+    def __call__(self, model, x, y, ids=None):
+        x_adv = self.attack(model, x, y).x_adv
+        loss = classification_loss(model(x_adv), y)
+        return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach()), "loss_adv": float(loss.detach())})
+
+
+class SAT(PGDDefense):
+    """Standard / dual adversarial training (DPAAT eq. 4): L = alpha * L(x_adv) + (1 - alpha) * L(x).
+
+    alpha = 0.5 (DPAAT's setting; ARFL's dual AT with ratio r = 1 - alpha). alpha = 1 is AT, alpha = 0 standard.
+    """
+
+    name = "sat"
+
+    def __init__(self, alpha=0.5, **attack):
+        super().__init__(**attack)
+        self.alpha = check_real(self.name, "alpha", alpha, minimum=0, maximum=1)
+
+    def __call__(self, model, x, y, ids=None):
+        x_adv = self.attack(model, x, y).x_adv if self.alpha > 0 else x
+        logits = model(x)
+        clean = classification_loss(logits, y)
+        adv = classification_loss(model(x_adv), y) if self.alpha > 0 else clean.detach() * 0
+        loss = self.alpha * adv + (1 - self.alpha) * clean
+        return DefenseOutput(loss=loss, logits=logits, metrics={
+            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach())})
+
+
+class RST(PGDDefense):
+    """Supervised robust self-training (MIRST-DM eq. 1): L = L_std(x) + lam * L_adv(x_adv); lam = 1 (MIRST-DM)."""
+
+    name = "rst"
+
+    def __init__(self, lam=1.0, **attack):
+        super().__init__(**attack)
+        self.lam = check_real(self.name, "lam", lam, minimum=0)
+
+    def __call__(self, model, x, y, ids=None):
+        x_adv = self.attack(model, x, y).x_adv
+        logits = model(x)
+        clean = classification_loss(logits, y)
+        adv = classification_loss(model(x_adv), y)
+        loss = clean + self.lam * adv
+        return DefenseOutput(loss=loss, logits=logits, metrics={
+            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach())})
+
+
+class FAT(PGDDefense):
+    """Friendly adversarial training (Zhang et al., ICML 2020): L = L(x_adv) with early-stopped PGD -- each sample
+    keeps stepping only ``tau`` steps after it is first misclassified (run_pgd(early_stop=tau)). tau = 0 (FAT's
+    default; the paper also ramps tau up during training, which a scheduler can do by setting ``defense.tau``)."""
+
+    name = "fat"
+
+    def __init__(self, tau=0, **attack):
+        super().__init__(**attack)
+        self.tau = check_int(self.name, "tau", tau, minimum=0)
+
+    def __call__(self, model, x, y, ids=None):
+        x_adv = self.attack(model, x, y, early_stop=int(self.tau)).x_adv
+        loss = classification_loss(model(x_adv), y)
+        return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach()), "loss_adv": float(loss.detach())})

@@ -1,0 +1,115 @@
+"""ARFL (Adversarially Robust Feature Learning): a feature-label correlation regularizer on the last convolutional
+feature map, combined with adversarial data at ratio r (binary tasks only).
+
+L_robust(x, y) = -(1/HW) * sum_ij sigmoid(|f_ij(x) * y|), y in {-1, +1}           (ARFL eq. 1)
+L_overall(x, y) = L_cls(x, y) + lam * L_robust(x, y)                              (eq. 2)
+L = r * L_overall(x, y) + (1 - r) * (L_cls(x_adv, y) + s * lam * L_robust(x_adv, y))   (eq. 5)
+
+s = +1 by default: the text says robust features are encouraged on both standard and adversarial data, while eq. 5 as
+printed subtracts lam * L_robust on adversarial data (s = -1, ``adv_sign="printed"``). Since |f * y| = |f| for
+y = +-1, the label only fixes the sign convention; the term rewards large feature magnitudes.
+
+Feature map: the output of the last nn.Conv2d (a forward hook); models without convolutions (the two-moons MLP) use
+the input of the last nn.Linear, i.e. the penultimate layer's features as in ARFL's synthetic experiment; or name a
+module with ``layer`` (its output). Channels: ``channel_reduction="mean"`` (default) treats every channel's map as a
+feature map and averages the per-position terms over channels and positions, -(1/CHW) sum_cij sigmoid(|f_cij y|);
+``"sum"`` first sums the channels (f_ij = sum_c f_cij, as MIRST-DM's residual maps), then applies eq. 1. [N, D]
+features count as a 1 x D map.
+"""
+
+import torch
+from torch import nn
+
+from ..attacks.context import classification_loss, num_classes_of
+from ._common import PGDDefense, check_choice, check_real, unwrap
+from .base import DefenseOutput
+
+
+def robust_feature_loss(features, y, channel_reduction="mean"):
+    """Per-sample L_robust (ARFL eq. 1) for features [N, C, H, W] or [N, D] and labels y in {0, 1}."""
+    sign = (2 * y - 1).to(features.dtype)
+    f = features.float()
+    if f.dim() == 2:
+        f = f[:, None, None, :]
+    elif f.dim() == 3:
+        f = f[:, :, None, :]
+    if channel_reduction == "sum":
+        f = f.sum(1, keepdim=True)
+    corr = torch.sigmoid((f * sign.float().view(-1, 1, 1, 1)).abs())
+    return -corr.flatten(1).mean(1)
+
+
+class ARFL(PGDDefense):
+    """Args: lam (10, the mammography setting; the paper uses 0.5 on two-moons), r (0.5: the share of standard data;
+    r = 1 standard training, r = 0 adversarial only), adv_sign ("text" or "printed", see the module docstring),
+    channel_reduction ("mean" or "sum"), layer (None: automatic, or a module name), plus the PGD settings
+    (7-step Linf PGD, eps 0.01 as in ARFL's mammography experiments; two-moons: steps=1, eps=0.05, step_size=0.05,
+    random_start=False is FGSM)."""
+
+    name = "arfl"
+    binary_only = True
+    default_eps = 0.01
+    default_steps = 7
+
+    def __init__(self, lam=10.0, r=0.5, adv_sign="text", channel_reduction="mean", layer=None, **attack):
+        super().__init__(**attack)
+        n = self.name
+        self.lam = check_real(n, "lam", lam, minimum=0)
+        self.r = check_real(n, "r", r, minimum=0, maximum=1)
+        self.adv_sign = check_choice(n, "adv_sign", adv_sign, ("text", "printed"))
+        self.channel_reduction = check_choice(n, "channel_reduction", channel_reduction, ("mean", "sum"))
+        if layer is not None and not isinstance(layer, str):
+            raise TypeError(f"{n}: expected layer to be None or a module name (str), got {type(layer).__name__}")
+        self.layer = layer
+
+    def feature_module(self, model):
+        """(module, "output" | "input"): where the feature map is read."""
+        if self.layer is not None:
+            modules = dict(model.named_modules())
+            if self.layer not in modules:
+                raise ValueError(f"{self.name}: no module named {self.layer!r} in the model")
+            return modules[self.layer], "output"
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        if convs:
+            return convs[-1], "output"
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if linears:
+            return linears[-1], "input"
+        raise ValueError(f"{self.name}: the model has no nn.Conv2d or nn.Linear layer to read features from; "
+                         "name one with layer=")
+
+    def _forward_with_features(self, model, x):
+        module, where = self.feature_module(unwrap(model))
+        captured = []
+        if where == "output":
+            handle = module.register_forward_hook(lambda m, i, o: captured.append(o))
+        else:
+            handle = module.register_forward_pre_hook(lambda m, i: captured.append(i[0]))
+        try:
+            logits = model(x)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"{self.name}: the feature layer was not called in the forward pass")
+        return logits, captured[-1]
+
+    def __call__(self, model, x, y, ids=None):
+        logits, feats = self._forward_with_features(model, x)
+        k = num_classes_of(logits)
+        if k != 2 or (y.numel() and int(y.max()) > 1):
+            got = f"{k} classes" if k != 2 else f"labels up to {int(y.max())}"
+            raise ValueError(f"{self.name}: defined for binary tasks only (labels 0/1, mapped to -1/+1), got {got}")
+        clean = classification_loss(logits, y)
+        robust = robust_feature_loss(feats, y, self.channel_reduction).mean()
+        metrics = {"loss_clean": float(clean.detach()), "loss_robust": float(robust.detach())}
+        loss = self.r * (clean + self.lam * robust)
+        if self.r < 1:
+            x_adv = self.attack(model, x, y).x_adv
+            logits_adv, feats_adv = self._forward_with_features(model, x_adv)
+            adv = classification_loss(logits_adv, y)
+            robust_adv = robust_feature_loss(feats_adv, y, self.channel_reduction).mean()
+            sign = 1.0 if self.adv_sign == "text" else -1.0
+            loss = loss + (1 - self.r) * (adv + sign * self.lam * robust_adv)
+            metrics.update(loss_adv=float(adv.detach()), loss_robust_adv=float(robust_adv.detach()))
+        metrics["loss"] = float(loss.detach())
+        return DefenseOutput(loss=loss, logits=logits, metrics=metrics)

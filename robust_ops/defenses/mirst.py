@@ -1,0 +1,108 @@
+"""MIRST and MIRST-DM (Sun et al., MICCAI 2022): multi-instance robust self-training, optionally on a model whose first
+max-pooling layer is replaced by drop-max pooling.
+
+Loss (MIRST-DM eq. 2): L = L(x) + alpha * sum_j beta_j * L(x_bar_j), x_bar_j the iterates after emit[j] steps of ONE
+PGD run from the clean image (eq. 3; x_bar_j = x^adv_{2j+1} with x^adv_1 = x, i.e. after 2, 4, 6, 8 steps), alpha = 1,
+beta = [0.34, 0.28, 0.22, 0.16].
+
+Reuse (default): the PGD attack already does a forward and a backward at every iterate. With
+``run_pgd(param_grad_weights={2: alpha*beta_0, 4: alpha*beta_1, ...})`` the attack's backward at x_bar_j also yields
+``alpha * beta_j * dL(x_bar_j)/dtheta`` (a positive weight does not change the sign of the input gradient, so the
+attack's path is unchanged). The defense returns the clean loss as ``loss`` and these gradients as ``extra_grads``;
+the trainer adds them to ``.grad``. No second forward/backward over the instances.
+
+The iterates after 2..8 steps do not depend on the number of steps that follow, and the paper's last two steps
+(9, 10) feed no term of the loss, so the attack stops after the forward/backward at the last emitted iterate.
+
+BatchNorm: the attack runs in ``attack_mode`` ("train" by default), so each instance is normalized with the statistics
+of its own PGD step's batch -- exactly as a separate training-mode forward of that instance batch would be. The
+running statistics are updated by every attack forward (as in Madry-style training-mode attacks). The plain
+formulation (``reuse=False``) runs the same attack, then forwards each instance batch separately in ``attack_mode``
+and back-propagates the full eq. 2; on models without batch-dependent layers (GroupNorm, eval-mode BatchNorm) both
+give the same parameter gradients up to floating-point rounding.
+"""
+
+from ..attacks.context import classification_loss
+from ._common import PGDDefense, check_int, check_real, model_mode, unwrap
+from .base import DefenseOutput
+
+MIRST_BETA = (0.34, 0.28, 0.22, 0.16)
+MIRST_EMIT = (2, 4, 6, 8)
+
+
+class MIRST(PGDDefense):
+    """Multi-instance RST (MIRST-DM eq. 2). Args: alpha (1.0), beta (4 weights, one per emitted iterate),
+    emit ((2, 4, 6, 8) steps), reuse (True: parameter gradients from the attack's own backward passes), plus the PGD
+    settings of PGDDefense (Linf eps 5/255, 10 steps as in the paper, step 2.5*eps/10, no random start -- eq. 3
+    starts at the clean image -- and attack_mode "train")."""
+
+    name = "mirst"
+    default_random_start = False
+    default_attack_mode = "train"
+
+    def __init__(self, alpha=1.0, beta=MIRST_BETA, emit=MIRST_EMIT, reuse=True, **attack):
+        super().__init__(**attack)
+        self.alpha = check_real(self.name, "alpha", alpha, minimum=0)
+        emit = tuple(emit)
+        for e in emit:
+            check_int(self.name, "each emit step", e, minimum=1)
+        if not emit or any(b <= a for a, b in zip(emit, emit[1:])) or emit[-1] > self.steps:
+            raise ValueError(f"{self.name}: expected emit to be increasing step counts in [1, steps={self.steps}], "
+                             f"got {emit}")
+        beta = tuple(float(b) for b in beta)
+        if len(beta) != len(emit):
+            raise ValueError(f"{self.name}: expected beta to have {len(emit)} weights (one per emitted iterate, "
+                             f"emit={emit}), got {len(beta)}: {beta}")
+        for b in beta:
+            check_real(self.name, "each beta weight", b, minimum=0)
+        self.emit, self.beta, self.reuse = emit, beta, bool(reuse)
+
+    def __call__(self, model, x, y, ids=None):
+        weights = [self.alpha * b for b in self.beta]
+        if self.reuse:
+            res = self.attack(model, x, y, steps=self.emit[-1],
+                              param_grad_weights={e: w for e, w in zip(self.emit, weights)})
+            logits = model(x)
+            clean = classification_loss(logits, y)
+            adv = sum(b * l for b, l in zip(self.beta, res.emitted_losses))
+            loss = clean
+            extra = res.param_grads
+            total = float(clean.detach()) + self.alpha * adv
+        else:
+            res = self.attack(model, x, y, steps=self.emit[-1], emit=self.emit)
+            logits = model(x)
+            clean = classification_loss(logits, y)
+            with model_mode(unwrap(model), self.attack_mode):
+                adv_terms = [classification_loss(model(res.iterates[j]), y) for j in range(len(self.emit))]
+            adv_t = sum(b * l for b, l in zip(self.beta, adv_terms))
+            loss = clean + self.alpha * adv_t
+            adv, extra, total = float(adv_t.detach()), None, float(loss.detach())
+        return DefenseOutput(loss=loss, logits=logits, extra_grads=extra, metrics={
+            "loss": total, "loss_clean": float(clean.detach()), "loss_adv": float(adv)})
+
+
+class MIRSTDM(MIRST):
+    """MIRST on a model whose FIRST max-pooling layer is drop-max pooling (robust_ops.replace_maxpool(model,
+    which="first")). ``prepare_model(model)`` does the replacement; ``fit`` calls it before building the optimizer."""
+
+    name = "mirst-dm"
+
+    def prepare_model(self, model):
+        from ..nn import replace_maxpool
+
+        if _has_drop_max(model):
+            return model
+        return replace_maxpool(model, which="first")
+
+    def __call__(self, model, x, y, ids=None):
+        if not _has_drop_max(unwrap(model)):
+            raise ValueError(f"{self.name}: the model has no drop-max layer; pass it through "
+                             "defense.prepare_model(model) (robust_ops.replace_maxpool(model, which='first')) first -- "
+                             "robust_ops.train.fit does this automatically")
+        return super().__call__(model, x, y, ids)
+
+
+def _has_drop_max(model):
+    from ..nn import DropMax2d
+
+    return any(isinstance(m, DropMax2d) for m in model.modules())

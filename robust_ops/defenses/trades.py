@@ -1,0 +1,66 @@
+"""Output-consistency defenses: TRADES (Zhang et al., ICML 2019) and MART (Wang et al., ICLR 2020)."""
+
+import torch
+import torch.nn.functional as F
+
+from ..attacks.context import classification_loss
+from ._common import PGDDefense, as_two_class, check_real, kl_per_sample, model_mode, unwrap
+from .base import DefenseOutput
+
+
+class TRADES(PGDDefense):
+    """L = L(x) + beta * KL(p(x) || p(x_adv)), x_adv maximizing the KL (PGD on the KL from a random start: the KL's
+    gradient vanishes at x_adv = x). beta = 1 (MIRST-DM's setting; the TRADES paper uses 6 on CIFAR-10).
+    KL is summed over classes and averaged over the batch (TRADES's "batchmean"); single logits are treated as two
+    classes."""
+
+    name = "trades"
+
+    def __init__(self, beta=1.0, **attack):
+        super().__init__(**attack)
+        self.beta = check_real(self.name, "beta", beta, minimum=0)
+
+    def __call__(self, model, x, y, ids=None):
+        with torch.no_grad(), model_mode(unwrap(model), self.attack_mode) as net:
+            log_p_nat = F.log_softmax(as_two_class(net(x)).float(), 1)
+
+        def kl_objective(out, _y):
+            return kl_per_sample(log_p_nat, F.log_softmax(as_two_class(out).float(), 1))
+
+        x_adv = self.attack(model, x, y, loss=kl_objective).x_adv
+        logits = model(x)
+        clean = classification_loss(logits, y)
+        kl = kl_per_sample(F.log_softmax(as_two_class(logits).float(), 1),
+                           F.log_softmax(as_two_class(model(x_adv)).float(), 1)).mean()
+        loss = clean + self.beta * kl
+        return DefenseOutput(loss=loss, logits=logits, metrics={
+            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "kl": float(kl.detach())})
+
+
+class MART(PGDDefense):
+    """Misclassification-aware adversarial training:
+    L = BCE(p(x_adv), y) + beta * mean_i KL(p(x_i) || p(x_adv_i)) * (1 - p_y(x_i)), where
+    BCE = -log p_y(x_adv) - log(1 - max_{k != y} p_k(x_adv)); beta = 6 (MART's default). x_adv: CE PGD."""
+
+    name = "mart"
+
+    def __init__(self, beta=6.0, **attack):
+        super().__init__(**attack)
+        self.beta = check_real(self.name, "beta", beta, minimum=0)
+
+    def __call__(self, model, x, y, ids=None):
+        x_adv = self.attack(model, x, y).x_adv
+        logits = model(x)
+        logits_adv = model(x_adv)
+        z_adv, z_nat = as_two_class(logits_adv).float(), as_two_class(logits).float()
+        adv_probs = F.softmax(z_adv, 1)
+        top2 = torch.argsort(adv_probs, 1)[:, -2:]
+        other = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+        loss_adv = F.cross_entropy(z_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), other)
+        nat_probs = F.softmax(z_nat, 1)
+        true_probs = nat_probs.gather(1, y.view(-1, 1)).squeeze(1)
+        kl = kl_per_sample(F.log_softmax(z_nat, 1), torch.log(adv_probs + 1e-12))
+        loss_robust = (kl * (1.0000001 - true_probs)).mean()
+        loss = loss_adv + self.beta * loss_robust
+        return DefenseOutput(loss=loss, logits=logits, metrics={
+            "loss": float(loss.detach()), "loss_adv": float(loss_adv.detach()), "kl": float(loss_robust.detach())})

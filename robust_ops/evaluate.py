@@ -1,0 +1,420 @@
+"""Robustness evaluation: a model, a test set, attacks x radii -> metric rows, results.json, a table and figures.
+
+Protocol (``evaluate``):
+
+* clean predictions first (row ``attack="none"``, ``eps=0``);
+* each attack at each radius, radii in ascending order, runs only on the samples that are still robust (cascade):
+  a sample misclassified on clean input, or already fooled by the same attack at a smaller radius, keeps that
+  input (an adversarial example inside a smaller ball is inside every larger one). Metrics (accuracy, F1,
+  sensitivity, specificity, precision, AUC, and mAP for multi-class) are computed on the inputs every sample ends
+  with. ``cascade=False`` attacks every sample at every radius (costlier; AUC then reflects the attack's effect on
+  the scores of already-misclassified samples too);
+* the per-sample worst case over all attacks at each radius (row ``attack="worst-case"``): a sample counts as
+  robust only if no attack fooled it; it takes the input of the first attack that did, else the one with the lowest
+  true-class probability;
+* ``ensemble=True`` instead runs the attacks as one AutoAttack-style cascade per radius (each attack only on samples
+  surviving the previous ones, :func:`robust_ops.attacks.ensemble`) and reports only the worst case.
+
+Attack specs are strings ``name[:key=value...]``: ``pgd``, ``pgd:steps=50``, ``noise:norm=l2:trials=100``,
+``pgd:alpha=eps/4`` (values may be numbers, fractions like ``1/255``, booleans, or expressions in ``eps``).
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .attacks.context import predict_from_output
+from .metrics import classification_metrics, metric_names, probabilities
+
+SCHEMA = "robust_ops.results/1"
+
+
+class EvalError(ValueError):
+    """Bad evaluation input; ``arg`` names the option at fault (e.g. "eps", "attacks")."""
+
+    def __init__(self, arg, message):
+        super().__init__(message)
+        self.arg = arg
+
+
+_NUMBER = re.compile(r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def parse_number(text, what="value"):
+    """A float from ``0.03``, ``1e-3`` or a fraction ``5/255``; raises ValueError naming ``what``."""
+    s = str(text).strip()
+    if "/" in s:
+        num, _, den = s.partition("/")
+        if _NUMBER.match(num) and _NUMBER.match(den) and float(den) != 0:
+            return float(num) / float(den)
+    elif _NUMBER.match(s):
+        return float(s)
+    raise ValueError(f"{what}: could not parse {text!r} as a number or a fraction like 5/255")
+
+
+def parse_eps(text):
+    """Radii from ``"1/255,2/255,0.03"`` (or a list); each must be finite and >= 0. Sorted, duplicates removed."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    if not items or all(str(i).strip() == "" for i in items):
+        raise EvalError("eps", "eps: expected a comma-separated list of radii such as 1/255,2/255, got an empty list")
+    values = []
+    for item in items:
+        try:
+            v = item if isinstance(item, (int, float)) else parse_number(item, "eps")
+        except ValueError:
+            raise EvalError("eps", f"eps: could not parse {str(item).strip()!r} in {text!r}; expected numbers or "
+                                   "fractions such as 1/255,2/255,0.03") from None
+        if not math.isfinite(v) or v < 0:
+            raise EvalError("eps", f"eps: expected finite radii >= 0, got {item!r}")
+        values.append(float(v))
+    return sorted(set(values))
+
+
+def _parse_option(name, key, value):
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if "eps" in low:
+        expr = low.replace(" ", "")
+        if not re.fullmatch(r"[0-9eps.+\-*/()]+", expr):
+            raise EvalError("attacks", f"attacks: option {key}={value!r} of {name!r} is not an expression in eps")
+        code = compile(expr, "<attack option>", "eval")
+        try:
+            eval(code, {"__builtins__": {}}, {"eps": 1.0})
+        except Exception:
+            raise EvalError("attacks", f"attacks: option {key}={value!r} of {name!r} is not an expression in eps") \
+                from None
+        return lambda eps, _c=code: float(eval(_c, {"__builtins__": {}}, {"eps": eps}))
+    try:
+        v = parse_number(value)
+        return int(v) if re.fullmatch(r"\s*[-+]?\d+\s*", value) else v
+    except ValueError:
+        return value.strip()
+
+
+@dataclass
+class AttackSpec:
+    """One attack configuration: ``name`` known to :func:`robust_ops.attacks.build`, ``options`` (values may be
+    callables of eps), and the ``label`` rows carry."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self):
+        if not self.label:
+            shown = [f"{k}={v}" for k, v in self.options.items() if not callable(v)]
+            shown += [f"{k}=f(eps)" for k, v in self.options.items() if callable(v)]
+            self.label = self.name + (f"({','.join(shown)})" if shown else "")
+
+    @property
+    def norm(self):
+        from . import attacks
+
+        cls = attacks.ATTACKS[self.name][0]
+        return self.options.get("norm") or getattr(cls, "default_norm", None) or "linf"
+
+    def build(self, model, eps, clip_min=0.0, clip_max=1.0):
+        from . import attacks
+
+        opts = {k: (v(eps) if callable(v) else v) for k, v in self.options.items()}
+        try:
+            return attacks.build(self.name, model, eps=eps, clip_min=clip_min, clip_max=clip_max, **opts)
+        except ValueError as err:
+            raise EvalError("attacks", f"attacks: {err}") from None
+
+
+def parse_attack(text):
+    from . import attacks
+
+    parts = [p for p in str(text).strip().split(":")]
+    name = parts[0].strip().lower()
+    if name not in attacks.ATTACKS:
+        raise EvalError("attacks", f"attacks: unknown attack {name!r}; expected one of {', '.join(attacks.ATTACKS)}")
+    options = {}
+    for p in parts[1:]:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise EvalError("attacks", f"attacks: expected key=value options after {name!r}, got {p!r}")
+        options[key.strip()] = _parse_option(name, key.strip(), value)
+    if "eps" in options:
+        raise EvalError("attacks", f"attacks: give radii with eps, not as an option of {name!r}")
+    return AttackSpec(name, options)
+
+
+def parse_attacks(text):
+    """AttackSpecs from ``"fgsm,pgd,cw"`` (or a list of names / specs)."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    specs = [s if isinstance(s, AttackSpec) else parse_attack(s) for s in items if str(s).strip()]
+    if not specs:
+        raise EvalError("attacks", "attacks: expected at least one attack name such as fgsm,pgd,cw")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise EvalError("attacks", f"attacks: the same attack is listed twice: {','.join(labels)}")
+    return specs
+
+
+def dataset_tensors(dataset):
+    """(x, y) of a TensorDataset, or stacked from any map-style dataset yielding (x, y, ...)."""
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors[0], dataset.tensors[1]
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([torch.as_tensor(i[0]) for i in items]), torch.as_tensor([int(i[1]) for i in items])
+
+
+@torch.no_grad()
+def predict_batches(model, x, batch_size=256, device="cpu"):
+    """(predictions [N], probabilities [N, K]) on CPU, computed in batches on ``device`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    preds, probs = [], []
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            out = model(x[start:start + batch_size].to(device))
+            preds.append(predict_from_output(out).cpu())
+            probs.append(probabilities(out).cpu())
+    finally:
+        model.train(was_training)
+    if not preds:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, 2)
+    return torch.cat(preds), torch.cat(probs)
+
+
+def _attack_subset(attack, model, x, y, idx, batch_size, device):
+    outs = []
+    for start in range(0, idx.numel(), batch_size):
+        part = idx[start:start + batch_size]
+        xb, yb = x[part].to(device), y[part].to(device)
+        adv = attack(xb, yb).detach()
+        outs.append(adv.cpu())
+    return torch.cat(outs) if outs else x[:0].clone()
+
+
+def _row(method, attack, norm, eps, y, pred, probs, info):
+    metrics = classification_metrics(y, pred, probs, num_classes=info.num_classes,
+                                     positive_class=info.positive_class if info.num_classes == 2 else None)
+    return {"method": method, "attack": attack, "norm": norm, "eps": float(eps), **metrics}
+
+
+def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",
+             batch_size=128, device="cpu", cascade=True, ensemble=False, progress=None):
+    """Evaluate ``model`` on ``dataset`` (TensorDataset of [N, ...] inputs and labels) under ``attacks`` at each
+    radius in ``eps``. ``info``: the dataset's DatasetInfo (number of classes, positive class, value range).
+
+    Returns a list of rows ``{method, attack, norm, eps, n, accuracy, f1, sensitivity, specificity, precision,
+    auc[, map]}``: one clean row, one per attack and radius, and a "worst-case" row per radius (when more than one
+    attack is given). ``progress``: optional callable(str) told about each step.
+    """
+    specs = parse_attacks(attacks)
+    radii = parse_eps(eps)
+    if batch_size < 1:
+        raise EvalError("batch_size", f"batch_size: expected >= 1, got {batch_size}")
+    x, y = dataset_tensors(dataset)
+    y = y.long()
+    lo, hi = info.value_range
+    if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
+        raise EvalError("data", f"data: inputs outside the dataset's value range [{lo}, {hi}]")
+    model = model.to(device)
+    pred0, probs0 = predict_batches(model, x, batch_size, device)
+    rows = [_row(method, "none", None, 0.0, y, pred0, probs0, info)]
+    say = progress or (lambda s: None)
+    say(f"{method}: clean accuracy {rows[0]['accuracy']:.3f}")
+    n = y.shape[0]
+    correct0 = pred0 == y
+    per_eps = {e: [] for e in radii}  # eps -> [(label, fooled, pred, probs)] for the worst case
+    if ensemble:
+        return rows + _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, say)
+    for spec in specs:
+        x_cur, pred, probs = x.clone(), pred0.clone(), probs0.clone()
+        fooled = ~correct0
+        for e in radii:
+            if e == 0:
+                idx = torch.arange(0)
+            else:
+                idx = (~fooled).nonzero().squeeze(1) if cascade else torch.arange(n)
+            if idx.numel():
+                attack = spec.build(model, e, lo, hi)
+                adv = _attack_subset(attack, model, x, y, idx, batch_size, device)
+                p_adv, pr_adv = predict_batches(model, adv, batch_size, device)
+                newly = p_adv != y[idx]
+                take = ~fooled[idx] | newly  # keep an earlier adversarial example unless this one also fools
+                sel = idx[take]
+                x_cur[sel], pred[sel], probs[sel] = adv[take], p_adv[take], pr_adv[take]
+                fooled[idx] = fooled[idx] | newly
+            row = _row(method, spec.label, spec.norm, e, y, pred, probs, info)
+            rows.append(row)
+            per_eps[e].append((fooled.clone(), pred.clone(), probs.clone(), spec.norm))
+            say(f"{method}: {spec.label} eps={e:.4g} accuracy {row['accuracy']:.3f}")
+    if len(specs) > 1:
+        for e in radii:
+            rows.append(_worst_case(method, e, y, per_eps[e], info))
+    return rows
+
+
+def _worst_case(method, e, y, results, info):
+    n = y.shape[0]
+    pred = results[-1][1].clone()
+    probs = results[-1][2].clone()
+    true_prob = probs.gather(1, y.view(-1, 1)).squeeze(1) if n else probs[:, 0]
+    decided = torch.zeros(n, dtype=torch.bool)
+    for fooled, p, pr, _ in results:  # the first attack that fools a sample provides its input
+        new = fooled & ~decided
+        pred[new], probs[new] = p[new], pr[new]
+        decided |= new
+    for fooled, p, pr, _ in results:  # robust samples: the attack output with the lowest true-class probability
+        tp = pr.gather(1, y.view(-1, 1)).squeeze(1) if n else pr[:, 0]
+        better = ~decided & (tp < true_prob)
+        pred[better], probs[better], true_prob[better] = p[better], pr[better], tp[better]
+    norms = {r[3] for r in results}
+    return _row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, probs, info)
+
+
+def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, say):
+    from .attacks import ensemble as run_ensemble
+
+    lo, hi = info.value_range
+    rows = []
+    for e in radii:
+        attacks = [s.build(model, e, lo, hi) for s in specs]
+        res = run_ensemble(model, x.to(device), y.to(device), attacks, cascade=True, clip_min=lo, clip_max=hi,
+                           batch_size=batch_size, names=[s.label for s in specs])
+        pred, probs = predict_batches(model, res.x_adv.cpu(), batch_size, device)
+        norms = {s.norm for s in specs}
+        rows.append(_row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, probs, info))
+        say(f"{method}: ensemble eps={e:.4g} robust accuracy {res.robust_accuracy():.3f}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- results files
+
+
+def git_revision():
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD"], cwd=here, stderr=subprocess.DEVNULL) != 0
+        return rev + ("-dirty" if dirty else "")
+    except Exception:
+        return None
+
+
+def environment(device="cpu"):
+    import numpy
+    import sklearn
+
+    from . import __version__
+
+    dev = str(device)
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        dev = f"{dev} ({torch.cuda.get_device_name(torch.device(dev))})"
+    return {
+        "robust_ops": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+        "scikit_learn": sklearn.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "device": dev, "threads": torch.get_num_threads(), "git_revision": git_revision(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if torch.is_tensor(value):
+        return _json_safe(value.tolist())
+    return value
+
+
+def results_document(rows, info, config=None, device="cpu", paper=None, notes=None, extra_fields=None):
+    """The results.json document (plain JSON types; NaN becomes null)."""
+    doc = {
+        "schema": SCHEMA,
+        "dataset": info.to_dict(),
+        "synthetic": bool(info.synthetic),
+        "metrics": list(metric_names(info.num_classes)),
+        "config": config or {},
+        "environment": environment(device),
+        "rows": rows,
+    }
+    if paper:
+        doc["paper"] = paper
+    if notes:
+        doc["notes"] = notes
+    doc.update(extra_fields or {})
+    return _json_safe(doc)
+
+
+class AtomicOutput:
+    """Collect output files in a staging folder beside ``out_dir`` and move them in only when everything was
+    written (``with AtomicOutput(out_dir) as stage: ...``); on an error nothing new is left in ``out_dir``."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+
+    def __enter__(self):
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        return self.stage
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                for path in sorted(self.stage.rglob("*")):
+                    rel = path.relative_to(self.stage)
+                    if path.is_dir():
+                        (self.out_dir / rel).mkdir(parents=True, exist_ok=True)
+                    else:
+                        os.replace(path, self.out_dir / rel)
+        finally:
+            shutil.rmtree(self.stage, ignore_errors=True)
+        return False
+
+
+def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None, notes=None, title=None,
+                  figures=True, saliency=None, extra_markdown=None, extra_fields=None):
+    """Write results.json, report.md and the figures into ``out_dir`` atomically; returns the written paths.
+
+    saliency: optional ``(models: {method: model}, x, y)`` for Grad-CAM / input-gradient maps of a few images.
+    """
+    from . import report
+
+    doc = results_document(rows, info, config, device, paper, notes, extra_fields)
+    with AtomicOutput(out_dir) as stage:
+        with open(stage / "results.json", "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        figure_names = []
+        if figures:
+            for metric in report.figure_metrics(info):
+                name = f"{metric}_vs_eps.png"
+                if report.plot_metric_vs_radius(rows, stage / name, metric=metric, info=info):
+                    figure_names.append(name)
+            if saliency is not None:
+                models, xs, ys = saliency
+                for method, model in models.items():
+                    name = f"saliency_{report.slug(method)}.png"
+                    if report.plot_saliency(model, xs, ys, stage / name, info=info, title=method):
+                        figure_names.append(name)
+        text = report.markdown_report(doc, title=title, figures=figure_names, extra=extra_markdown)
+        (stage / "report.md").write_text(text)
+    out = Path(out_dir)
+    return {"results": out / "results.json", "report": out / "report.md",
+            "figures": [out / n for n in figure_names]}

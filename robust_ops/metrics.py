@@ -1,0 +1,97 @@
+"""Classification metrics as the seed papers report them, computed with scikit-learn, with the positive class explicit.
+
+Binary tasks: ``sensitivity`` is the recall of ``positive_class`` (malignant), ``specificity`` the recall of the
+other class, ``precision`` / ``f1`` are those of the positive class, ``auc`` the ROC AUC of the positive class's
+probability. Multi-class tasks: sensitivity, specificity, precision and F1 are macro averages over classes
+(one-vs-rest) and ``auc`` is the macro one-vs-rest ROC AUC. ``map`` is the mean over classes of the one-vs-rest
+average precision (DPAAT's mAP), for binary tasks too (the mean of both classes' AP). Undefined values (AUC with one class present) are NaN (``null`` in results.json).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from .attacks.context import is_single_logit
+
+BINARY_METRICS = ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
+MULTICLASS_METRICS = BINARY_METRICS
+METRIC_LABELS = {
+    "accuracy": "Accuracy", "f1": "F1", "sensitivity": "Sensitivity", "specificity": "Specificity",
+    "precision": "Precision", "auc": "AUC", "map": "mAP",
+}
+
+
+def metric_names(num_classes):
+    return BINARY_METRICS if num_classes == 2 else MULTICLASS_METRICS
+
+
+def probabilities(out):
+    """Class probabilities [N, K] from [N, K] logits (softmax) or [N] / [N, 1] single logits (sigmoid -> K = 2)."""
+    out = out.detach().float()
+    if is_single_logit(out):
+        p = torch.sigmoid(out.reshape(-1))
+        return torch.stack([1 - p, p], 1)
+    return torch.softmax(out, 1)
+
+
+def _as_numpy(a):
+    if torch.is_tensor(a):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_class=None):
+    """Metrics dict for one prediction set. ``probs``: [N, K] class probabilities (needed for AUC and mAP)."""
+    from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score, precision_score,
+                                 recall_score, roc_auc_score)
+
+    y_true, y_pred = _as_numpy(y_true).astype(np.int64), _as_numpy(y_pred).astype(np.int64)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"classification_metrics: expected y_true and y_pred of the same shape [N], got "
+                         f"{y_true.shape} and {y_pred.shape}")
+    if probs is not None:
+        probs = _as_numpy(probs).astype(np.float64)
+        if probs.shape != (len(y_true), num_classes):
+            raise ValueError(f"classification_metrics: expected probs of shape [{len(y_true)}, {num_classes}], "
+                             f"got {probs.shape}")
+    n = len(y_true)
+    out = {"n": int(n)}
+    if n == 0:
+        return {**out, **{k: math.nan for k in metric_names(num_classes)}}
+    out["accuracy"] = float((y_true == y_pred).mean())
+    labels = list(range(num_classes))
+    if num_classes == 2:
+        if positive_class not in (0, 1):
+            raise ValueError(f"classification_metrics: binary tasks need positive_class 0 or 1, got {positive_class}")
+        neg = 1 - positive_class
+        out["f1"] = float(f1_score(y_true, y_pred, pos_label=positive_class, zero_division=0))
+        out["sensitivity"] = float(recall_score(y_true, y_pred, pos_label=positive_class, zero_division=0))
+        out["specificity"] = float(recall_score(y_true, y_pred, pos_label=neg, zero_division=0))
+        out["precision"] = float(precision_score(y_true, y_pred, pos_label=positive_class, zero_division=0))
+        if probs is None or len(np.unique(y_true)) < 2:
+            out["auc"] = out["map"] = math.nan
+        else:
+            out["auc"] = float(roc_auc_score(y_true == positive_class, probs[:, positive_class]))
+            out["map"] = float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in (0, 1)]))
+        return out
+    kw = dict(labels=labels, average="macro", zero_division=0)
+    out["f1"] = float(f1_score(y_true, y_pred, **kw))
+    out["sensitivity"] = float(recall_score(y_true, y_pred, **kw))
+    out["precision"] = float(precision_score(y_true, y_pred, **kw))
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    tn = cm.sum() - cm.sum(0) - cm.sum(1) + np.diag(cm)
+    fp = cm.sum(0) - np.diag(cm)
+    present = cm.sum(1) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spec = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), 0.0)
+    out["specificity"] = float(spec.mean())
+    if probs is None or present.sum() < 2:
+        out["auc"] = out["map"] = math.nan
+        return out
+    onehot = np.eye(num_classes)[y_true]
+    aucs = [roc_auc_score(onehot[:, c], probs[:, c]) for c in labels if 0 < onehot[:, c].sum() < n]
+    out["auc"] = float(np.mean(aucs)) if aucs else math.nan
+    aps = [average_precision_score(onehot[:, c], probs[:, c]) for c in labels if onehot[:, c].sum() > 0]
+    out["map"] = float(np.mean(aps)) if aps else math.nan
+    return out

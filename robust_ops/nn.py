@@ -1,0 +1,113 @@
+"""nn.Module front ends of the robust_ops kernels: DropMax2d and replace_maxpool."""
+
+from torch import nn
+
+from .functional import drop_max_pool2d
+
+__all__ = ["DropMax2d", "replace_maxpool"]
+
+
+class DropMax2d(nn.Module):
+    r"""Drop-max pooling (MIRST-DM, Sun et al., MICCAI 2022), a drop-in replacement for :class:`torch.nn.MaxPool2d`.
+
+    Per pooling window it removes ONE occurrence of the maximum and outputs the largest remaining value (the second
+    order statistic: window ``[5, 5, 1]`` gives 5). MIRST-DM puts it in place of the first max-pooling layer of a CNN
+    to drop the single most perturbation-sensitive activation of each window.
+
+    Windows are exactly those of :class:`~torch.nn.MaxPool2d` (-inf padding that is never selected, dilation,
+    ceil_mode). Ties: the removed maximum is its first occurrence in row-major window order and the output is the
+    first occurrence of the largest remaining value. A window with a single valid element returns it; a window
+    holding NaN returns NaN. The gradient flows to the selected element. See docs/ops/drop_max_pool2d.md.
+
+    Args:
+        kernel_size (int or (int, int)): window size.
+        stride (int or (int, int), optional): window stride. Default: ``kernel_size``.
+        padding (int or (int, int)): implicit -inf padding on both sides, at most ``kernel_size // 2``. Default: 0.
+        dilation (int or (int, int)): spacing between window elements. Default: 1.
+        return_indices (bool): also return the flat ``H * W`` indices of the selected elements (usable with
+            :class:`~torch.nn.MaxUnpool2d`). Default: False.
+        ceil_mode (bool): ceil instead of floor for the output size. Default: False.
+        backend (str, optional, keyword only): "auto", "native", "triton" or "reference"; default
+            ``$ROBUST_OPS_BACKEND`` or "auto".
+
+    Shape:
+        - Input: :math:`(N, C, H_{in}, W_{in})` or :math:`(C, H_{in}, W_{in})`, float16/bfloat16/float32/float64,
+          NCHW or channels_last.
+        - Output: :math:`(N, C, H_{out}, W_{out})` or :math:`(C, H_{out}, W_{out})`, sizes as for MaxPool2d; the
+          output keeps the input's memory format.
+
+    Example::
+
+        >>> pool = robust_ops.DropMax2d(3, stride=2, padding=1)
+        >>> pool(torch.randn(8, 64, 112, 112)).shape
+        torch.Size([8, 64, 56, 56])
+    """
+
+    __constants__ = ["kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"]
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False, *,
+                 backend=None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride if (stride is not None) else kernel_size
+        self.padding = padding
+        self.dilation = dilation
+        self.return_indices = return_indices
+        self.ceil_mode = ceil_mode
+        self.backend = backend
+
+    def forward(self, input):
+        return drop_max_pool2d(
+            input, self.kernel_size, self.stride, self.padding, self.dilation,
+            ceil_mode=self.ceil_mode, return_indices=self.return_indices, backend=self.backend,
+        )
+
+    def extra_repr(self):
+        text = (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
+        )
+        return text if self.backend is None else f"{text}, backend={self.backend!r}"
+
+
+def _from_maxpool(pool, backend):
+    return DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode,
+                     backend=backend)
+
+
+def replace_maxpool(model, which="first", *, backend=None):
+    """Swap ``nn.MaxPool2d`` layers of ``model`` for :class:`DropMax2d` with identical arguments, in place.
+
+    Args:
+        model (nn.Module): the network (e.g. a torchvision ResNet, VGG or DenseNet).
+        which (str): "first" -- the first MaxPool2d in module registration order (MIRST-DM replaces the first
+            pooling layer) -- or "all".
+        backend (str, optional): passed to every new DropMax2d.
+
+    Returns:
+        model itself, modified (a bare ``nn.MaxPool2d`` passed as model cannot change type in place: its
+        replacement is returned instead).
+
+    Raises:
+        ValueError: when ``which`` is not "first"/"all" or the model holds no ``nn.MaxPool2d``.
+    """
+    if which not in ("first", "all"):
+        raise ValueError(f"replace_maxpool: expected which to be 'first' or 'all', got {which!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"replace_maxpool: expected model to be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.MaxPool2d):
+        return _from_maxpool(model, backend)
+    pools = [m for _, m in model.named_modules() if isinstance(m, nn.MaxPool2d)]
+    if not pools:
+        raise ValueError(
+            f"replace_maxpool: {type(model).__name__} has no nn.MaxPool2d layer to replace "
+            "(looked through all submodules in registration order)"
+        )
+    targets = pools[:1] if which == "first" else pools
+    replacements = {id(pool): _from_maxpool(pool, backend) for pool in targets}
+    # A pool registered under several parents (shared instance) is replaced everywhere it appears.
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, name, replacements[id(child)])
+    return model

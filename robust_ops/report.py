@@ -1,0 +1,290 @@
+"""Reports: Markdown tables (our rows, and the papers' published numbers beside them), metric-vs-radius curves per
+method, and saliency maps (Grad-CAM as in DPAAT Fig. 4; input gradients as in ARFL Fig. 5). Figures use
+matplotlib's Agg backend (no display needed)."""
+
+import math
+import re
+
+import torch
+
+from .attacks.context import classification_loss
+from .metrics import METRIC_LABELS, metric_names
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "model"
+
+
+def format_eps(eps):
+    """``5/255`` when eps is a whole number of 255ths, else a short decimal; ``0`` for clean rows."""
+    if eps is None or eps == 0:
+        return "0"
+    short = f"{eps:g}"
+    if len(short) <= 5:  # 0.2, 0.05, 1.5 read better as decimals
+        return short
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and round(k) > 0:
+        return f"{int(round(k))}/255"
+    return f"{eps:.4g}"
+
+
+def fmt(value, digits=3):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def figure_metrics(info):
+    """Curves worth drawing: accuracy always; F1 and sensitivity for binary tasks; mAP for multi-class."""
+    return ("accuracy", "f1", "sensitivity") if info.num_classes == 2 else ("accuracy", "f1", "map")  # noqa
+
+
+def _methods(rows):
+    seen = []
+    for r in rows:
+        if r["method"] not in seen:
+            seen.append(r["method"])
+    return seen
+
+
+def _attacks(rows):
+    seen = []
+    for r in rows:
+        if r["attack"] not in ("none",) and r["attack"] not in seen:
+            seen.append(r["attack"])
+    return seen
+
+
+def markdown_table(rows, metrics=None):
+    """One line per row: method, attack, norm, eps, n and the metrics."""
+    if not rows:
+        return "(no rows)"
+    metrics = metrics or [m for m in ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
+                          if m in rows[0]]
+    head = ["method", "attack", "norm", "ε", "n"] + [METRIC_LABELS[m] for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], r["attack"], r.get("norm") or "–", format_eps(r["eps"]), str(r.get("n", ""))]
+        cells += [fmt(r.get(m)) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pivot_table(rows, metric, methods=None):
+    """The seed papers' layout: one line per (attack, eps), one column per method, for one metric."""
+    methods = methods or _methods(rows)
+    keys = []
+    for r in rows:
+        k = (r["attack"], r["eps"])
+        if k not in keys:
+            keys.append(k)
+    index = {(r["method"], r["attack"], r["eps"]): r for r in rows}
+    head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for attack, eps in keys:
+        label = "no attack" if attack == "none" else attack
+        cells = [label, format_eps(eps)]
+        cells += [fmt(index.get((m, attack, eps), {}).get(metric)) for m in methods]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paper_comparison_table(ours, paper, metric_columns):
+    """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value}; ours are looked
+    up by (method, attack, eps) and shown as mean ± std when several seeds or folds were run."""
+    index = {(r["method"], r["attack"], round(r["eps"], 6)): r for r in ours}
+    head = ["method", "attack", "ε", "paper source"]
+    for m in metric_columns:
+        head += [f"{METRIC_LABELS.get(m, m)} (paper)", f"{METRIC_LABELS.get(m, m)} (ours)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in paper:
+        r = index.get((p["method"], p["attack"], round(p["eps"], 6)), {})
+        cells = [p["method"], "no attack" if p["attack"] == "none" else p["attack"], format_eps(p["eps"]),
+                 p.get("source", "")]
+        for m in metric_columns:
+            ours_text = fmt(r.get(m))
+            if r.get(f"{m}_std") is not None and ours_text != "–":
+                ours_text += f" ± {fmt(r[f'{m}_std'])}"
+            cells += [fmt(p.get(m)), ours_text]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(doc, title=None, figures=(), extra=None):
+    info = doc["dataset"]
+    rows = doc["rows"]
+    env = doc["environment"]
+    name = info["name"]
+    lines = [f"# {title or 'Robustness evaluation'}", ""]
+    if doc.get("synthetic"):
+        lines += [f"> **Synthetic data** ({name}): {info.get('source', 'generated')}. These numbers say nothing "
+                  "about real patients.", ""]
+    pos = info.get("positive_class")
+    pos_text = f"positive class {pos} = {info['class_names'][pos]}" if pos is not None else "macro-averaged metrics"
+    lines += [f"Dataset: **{name}** ({info['num_classes']} classes, {pos_text}; sensitivity is the recall of the "
+              f"positive class). Test samples: {rows[0]['n'] if rows else 0}.", ""]
+    metrics = doc.get("metrics") or list(metric_names(info["num_classes"]))
+    binary = info["num_classes"] == 2
+    for metric in (("f1", "sensitivity", "accuracy", "auc") if binary else ("accuracy", "f1", "map")):
+        if metric in metrics:
+            lines += [pivot_table(rows, metric), ""]
+    if extra:
+        lines += [extra, ""]
+    lines += ["## All rows", "", markdown_table(rows, metrics), ""]
+    for fig in figures:
+        lines += [f"![{fig}]({fig})", ""]
+    cfg = doc.get("config") or {}
+    if cfg:
+        lines += ["## Configuration", "", "```", *(f"{k}: {v}" for k, v in cfg.items()), "```", ""]
+    lines += [f"robust_ops {env['robust_ops']}, torch {env['torch']}, {env['device']}, git "
+              f"{env.get('git_revision') or 'unknown'}, {env['date']}.", ""]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
+    """One panel per attack, one line per method: ``metric`` against the radius (clean value at eps = 0).
+    Returns False (nothing written) when no row carries the metric."""
+    attacks = _attacks(rows)
+    methods = _methods(rows)
+    if not attacks or not any(metric in r for r in rows):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.2), squeeze=False, sharey=True)
+    clean = {r["method"]: r.get(metric) for r in rows if r["attack"] == "none"}
+    for ax, attack in zip(axes[0], attacks):
+        for m in methods:
+            pts = sorted((r["eps"], r.get(metric)) for r in rows if r["method"] == m and r["attack"] == attack)
+            if m in clean and (not pts or pts[0][0] > 0):
+                pts = [(0.0, clean[m])] + pts
+            pts = [(e, v) for e, v in pts if v is not None and math.isfinite(v)]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_title(attack, fontsize=10)
+        ax.set_xlabel("ε")
+        ax.grid(alpha=0.3)
+        ticks = sorted({r["eps"] for r in rows if r["attack"] == attack} | {0.0})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([format_eps(t) for t in ticks], fontsize=7, rotation=45)
+    axes[0][0].set_ylabel(METRIC_LABELS.get(metric, metric))
+    axes[0][0].set_ylim(-0.02, 1.02)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    if info is not None:
+        tag = " — SYNTHETIC DATA" if info.synthetic else ""
+        fig.suptitle(f"{METRIC_LABELS.get(metric, metric)} vs radius on {info.name}{tag}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def last_conv(model):
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return convs[-1] if convs else None
+
+
+def grad_cam(model, x, target=None, layer=None):
+    """Grad-CAM (Selvaraju et al. 2017) maps [N, H, W] in [0, 1] for ``target`` classes (default: the predicted
+    ones) at ``layer`` (default: the last Conv2d), upsampled to the input size. Model mode and parameter flags are
+    left as they were."""
+    layer = layer or last_conv(model)
+    if layer is None:
+        raise ValueError("grad_cam: the model has no Conv2d layer; use input_gradient instead")
+    store = {}
+
+    def hook(_, __, out):
+        out.retain_grad()
+        store["a"] = out
+
+    handle = layer.register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            if out.dim() == 1 or out.shape[1] == 1:  # single logit: the positive class score is +z, negative -z
+                z = out.reshape(-1)
+                pred = (z > 0).long()
+                t = pred if target is None else target
+                score = torch.where(t == 1, z, -z).sum()
+            else:
+                t = out.argmax(1) if target is None else target
+                score = out.gather(1, t.view(-1, 1)).sum()
+            act = store["a"]
+            grad, = torch.autograd.grad(score, act)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    weights = grad.mean((2, 3), keepdim=True)
+    cam = torch.relu((weights * act).sum(1, keepdim=True)).detach()
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    return cam / peak
+
+
+def input_gradient(model, x, y):
+    """|∂ loss / ∂ x| summed over channels, normalised per image to [0, 1] (ARFL's feature saliency maps)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            loss = classification_loss(model(xg), y, reduction="sum")
+            grad, = torch.autograd.grad(loss, xg)
+    finally:
+        model.train(was_training)
+    sal = grad.abs().sum(1)
+    return sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+
+
+def plot_saliency(model, x, y, path, info=None, title=None):
+    """Rows of images: the input, its Grad-CAM overlay and its input-gradient map. Returns False for inputs that
+    are not images (e.g. two-moons features)."""
+    if x.dim() != 4 or x.shape[0] == 0:
+        return False
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    cams = grad_cam(model, x) if last_conv(model) is not None else None
+    grads = input_gradient(model, x, y)
+    with torch.no_grad():
+        out = model(x)
+    from .attacks.context import predict_from_output
+
+    pred = predict_from_output(out).cpu()
+    plt = _plt()
+    cols = 3 if cams is not None else 2
+    n = x.shape[0]
+    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    names = info.class_names if info is not None else None
+    for i in range(n):
+        img = x[i].detach().cpu()
+        img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+        cmap = "gray" if img.dim() == 2 else None
+        label = (lambda k: names[k] if names else str(k))
+        axes[i][0].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        axes[i][0].set_title(f"true {label(int(y[i]))}\npred {label(int(pred[i]))}", fontsize=7)
+        if cams is not None:
+            axes[i][1].imshow(img, cmap=cmap, vmin=0, vmax=1)
+            axes[i][1].imshow(cams[i].cpu(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axes[i][1].set_title("Grad-CAM", fontsize=7)
+        axes[i][cols - 1].imshow(grads[i].cpu(), cmap="hot", vmin=0, vmax=1)
+        axes[i][cols - 1].set_title("input gradient", fontsize=7)
+        for ax in axes[i]:
+            ax.axis("off")
+    if title or info is not None:
+        tag = " (synthetic data)" if info is not None and info.synthetic else ""
+        fig.suptitle(f"{title or ''}{tag}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,610 @@
+"""The trainer: ``fit(model, defense, train_data, ...)`` runs any defense epoch by epoch with validation, metrics files,
+an atomic checkpoint every epoch, exact resume, optional AMP / channels_last and multi-process data parallel (DDP).
+
+Semantics (docs/training.md):
+
+* Batches: every epoch draws a permutation of the training set from ``seed + epoch`` and cuts it into *global* batches
+  of ``batch_size``. In a single process a global batch is one step; under DDP each of the ``W`` processes takes a
+  contiguous share of it (sizes differ by at most one), and the local loss is scaled by ``W * n_local / n_global`` so
+  the averaged gradient is the gradient of the global batch mean -- a DDP run follows the single-process run with the
+  same ``batch_size`` (up to floating-point summation order). torch's DistributedSampler is not used: it pads the
+  epoch by repeating samples, which would double-count them (and their IMA margins).
+* One step: ``out = defense(model, x, y[, ids])``; a non-finite ``out.loss`` stops the run with an error naming the
+  epoch and step (the last good checkpoint stays on disk, the weights are not updated); ``out.loss.backward()``;
+  ``out.extra_grads`` (MIRST's reused attack gradients) are added to ``.grad`` (all-reduced and averaged under DDP);
+  optional gradient clipping; ``optimizer.step()``. The scheduler steps once per epoch.
+* Checkpoint ``out_dir/checkpoint.pt`` after every epoch, written to a temporary file in the same folder and renamed
+  with ``os.replace`` (a crash never leaves a half-written checkpoint). It holds tensors and plain values only, so
+  ``torch.load(path, weights_only=True)`` reads it: model, optimizer, scheduler, the RNG states (torch, CUDA, numpy,
+  python), the sampler state, ``defense.state_dict()``, the epoch and the history.
+* ``resume=True`` continues from ``out_dir/checkpoint.pt`` (fresh start if there is none; ``resume="path"`` requires
+  that file). On CPU with ``torch.use_deterministic_algorithms(True)`` a run interrupted after epoch k and resumed
+  ends with bitwise the same weights as an uninterrupted run.
+"""
+
+import csv
+import json
+import math
+import numbers
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class FitResult:
+    """history: one dict of floats per epoch (also in out_dir/metrics.csv and metrics.json); checkpoint: the path of
+    the last checkpoint (None without out_dir); model: the trained model (unwrapped from DDP)."""
+
+    history: list = field(default_factory=list)
+    checkpoint: str = None
+    model: nn.Module = None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the epoch and step and the last good checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's share of each global batch of an epoch.
+
+    The permutation depends on ``(seed, epoch)`` only, so it is the same in every process and after a resume.
+    ``rank``/``world_size`` split each global batch into contiguous shares (``torch.tensor_split``); under DDP a final
+    global batch with fewer samples than processes is dropped (every process must take part in every step).
+    """
+
+    def __init__(self, num_samples, batch_size, seed=0, rank=0, world_size=1, shuffle=True):
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def global_batches(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        batches = list(torch.split(order, self.batch_size))
+        if self.world_size > 1 and batches and len(batches[-1]) < self.world_size:
+            batches.pop()
+        return batches
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            share = torch.tensor_split(batch, self.world_size)[self.rank]
+            yield share.tolist(), len(batch)
+
+    def __len__(self):
+        return len(self.global_batches())
+
+    def state_dict(self):
+        return {"seed": self.seed, "epoch": self.epoch, "batch_size": self.batch_size, "shuffle": self.shuffle}
+
+
+def _collate(dataset, indices):
+    items = [dataset[i] for i in indices]
+    return torch.utils.data.default_collate(items)
+
+
+def _split_batch(name, batch, needs_ids):
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids), got "
+                         f"{type(batch).__name__} of length {len(batch) if isinstance(batch, (tuple, list)) else '?'}")
+    x, y = batch[0], batch[1]
+    ids = batch[2] if len(batch) == 3 else None
+    if needs_ids and ids is None:
+        raise ValueError(f"{name}: this defense needs dataset sample ids; wrap the dataset in "
+                         "robust_ops.data.IndexedDataset so it yields (x, y, ids)")
+    if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integer class labels, got {getattr(y, 'dtype', type(y))}")
+    return x, y.long().reshape(-1), ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG and checkpoint state (tensors and plain values only)
+
+
+def _rng_state(device):
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.random.get_rng_state(),
+        "numpy": {"name": np_state[0], "key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "internal": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _set_rng_state(state, device):
+    torch.random.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: the checkpoint is either the old one
+    or the new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return str(path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by fit (weights_only=True: tensors and plain values only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+def _distributed_context(device):
+    """(rank, world_size, initialized_here). Uses an initialized process group, or initializes one from torchrun's
+    environment (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and "RANK" in os.environ:
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _all_reduce_mean_(tensors, world):
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _sync_defense_state(defense, start_state, world):
+    """After an epoch under DDP each process has updated the defense state for its own samples. The merged state
+    takes, per tensor element, the value of the one process that changed it (per-sample tables such as IMA margins),
+    else the mean over processes (shared statistics such as DPAAT's running means). A defense may override this with
+    ``merge_distributed_state(states, start_state) -> state``."""
+    state = defense.state_dict()
+    if world == 1 or not state:
+        return
+    gathered = [None] * world
+    dist.all_gather_object(gathered, state)
+    merge = getattr(defense, "merge_distributed_state", None)
+    if merge is not None:
+        defense.load_state_dict(merge(gathered, start_state))
+        return
+
+    def combine(values, start):
+        first = values[0]
+        if torch.is_tensor(first):
+            stack = torch.stack([v.to(first.device) for v in values])
+            if start is not None and torch.is_tensor(start) and start.shape == first.shape:
+                changed = stack != start.to(first.device).unsqueeze(0)
+                count = changed.sum(0)
+                pick = (changed.to(stack.dtype) * stack).sum(0) if stack.is_floating_point() else (
+                    changed.long() * stack).sum(0).to(first.dtype)
+                mean = stack.float().mean(0).to(first.dtype) if stack.is_floating_point() else first
+                return torch.where(count == 1, pick, torch.where(count == 0, start.to(first.device), mean))
+            return stack.float().mean(0).to(first.dtype) if stack.is_floating_point() else first
+        if isinstance(first, dict):
+            start = start if isinstance(start, dict) else {}
+            return {k: combine([v[k] for v in values], start.get(k)) for k in first}
+        if isinstance(first, float):
+            return sum(values) / len(values)
+        return first
+
+    defense.load_state_dict(combine(gathered, start_state))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_positive_int(name, arg, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected {arg} to be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _make_optimizer(name, optimizer, params, lr):
+    if optimizer is None:
+        return torch.optim.Adam(params, lr=lr)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if callable(optimizer):
+        return optimizer(params)
+    raise TypeError(f"{name}: expected optimizer to be None, a torch.optim.Optimizer or a callable(params) -> "
+                    f"optimizer, got {type(optimizer).__name__}")
+
+
+def _make_scheduler(name, scheduler, optimizer):
+    if scheduler is None or hasattr(scheduler, "step"):
+        return scheduler
+    if callable(scheduler):
+        return scheduler(optimizer)
+    raise TypeError(f"{name}: expected scheduler to be None, a scheduler or a callable(optimizer) -> scheduler, "
+                    f"got {type(scheduler).__name__}")
+
+
+def _clean_metrics(metrics):
+    return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (numbers.Real, torch.Tensor))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False):
+    """Clean accuracy and mean classification loss of ``model`` on a dataset yielding (x, y[, ids])."""
+    was_training = model.training
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    try:
+        for start in range(0, len(data), batch_size):
+            batch = _collate(data, range(start, min(start + batch_size, len(data))))
+            x, y, _ = _split_batch("fit (validation)", batch, False)
+            x, y = x.to(device), y.to(device)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = check_output("fit (validation)", model(x), x.shape[0])
+            loss_sum += float(classification_loss(out.float(), y, reduction="sum"))
+            correct += int((predict_from_output(out) == y).sum())
+            total += y.numel()
+    finally:
+        model.train(was_training)
+    return {"val_loss": loss_sum / max(total, 1), "val_acc": correct / max(total, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fit
+
+
+def fit(
+    model,
+    defense,
+    train_data,
+    val_data=None,
+    *,
+    epochs,
+    batch_size=8,
+    lr=1e-4,
+    optimizer=None,
+    scheduler=None,
+    out_dir=None,
+    resume=False,
+    seed=0,
+    device="cpu",
+    amp=False,
+    channels_last=False,
+    progress=True,
+    max_grad_norm=None,
+    val_batch_size=64,
+):
+    """Train ``model`` with ``defense`` for ``epochs`` epochs.
+
+    Args:
+        model (nn.Module): outputs ``[N, K]`` logits or ``[N]`` single logits.
+        defense (robust_ops.defenses.Defense or str): a defense object, or a name for ``defenses.build``.
+        train_data, val_data (Dataset): yield ``(x, y)`` or ``(x, y, ids)`` (``robust_ops.data.IndexedDataset``,
+            required by defenses with ``needs_ids`` such as IMA).
+        epochs (int): total number of epochs (a resumed run continues up to this number).
+        batch_size (int): global batch size (split across processes under DDP). Default 8 (MIRST-DM's setting).
+        lr (float): learning rate of the default Adam optimizer. Default 1e-4 (MIRST-DM's setting).
+        optimizer: None (Adam(lr)), an optimizer over ``model``'s parameters, or a callable ``params -> optimizer``.
+        scheduler: None, an LR scheduler, or a callable ``optimizer -> scheduler``; stepped once per epoch
+            (``ReduceLROnPlateau`` gets the validation loss).
+        out_dir (str or Path): folder for ``checkpoint.pt``, ``metrics.csv`` and ``metrics.json``
+            (None: nothing is written).
+        resume (bool or str): True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues from
+            that file (which must exist).
+        seed (int): seeds torch, numpy and python RNGs at a fresh start, and the epoch permutations.
+        device (str or torch.device): where to train. Under DDP on CUDA, each process uses ``cuda:LOCAL_RANK``.
+        amp (bool): float16 autocast + GradScaler (CUDA only).
+        channels_last (bool): model and 4-D inputs in channels_last memory format.
+        progress (bool): tqdm progress bar (rank 0 only).
+        max_grad_norm (float, optional): clip the total gradient norm (after extra_grads are added).
+        val_batch_size (int): batch size for validation.
+
+    Returns:
+        FitResult(history, checkpoint, model).
+    """
+    name = "fit"
+    if isinstance(defense, str):
+        from . import defenses as _defenses
+
+        defense = _defenses.build(defense)
+    if not callable(defense) or not hasattr(defense, "state_dict"):
+        raise TypeError(f"{name}: expected defense to be a robust_ops.defenses.Defense or a defense name, got "
+                        f"{type(defense).__name__}")
+    epochs = _check_positive_int(name, "epochs", epochs)
+    batch_size = _check_positive_int(name, "batch_size", batch_size)
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, numbers.Real) and max_grad_norm > 0):
+        raise ValueError(f"{name}: expected max_grad_norm > 0 or None, got {max_grad_norm!r}")
+    if train_data is None or len(train_data) == 0:
+        raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
+    if val_data is not None and len(val_data) == 0:
+        raise ValueError(f"{name}: val_data is empty (0 samples); pass None to skip validation")
+
+    rank, world, initialized_here = _distributed_context(device)
+    device = torch.device(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if amp and device.type != "cuda":
+        raise ValueError(f"{name}: amp=True needs a CUDA device (float16 autocast + GradScaler), got device={device}")
+    if world > 1 and batch_size < world:
+        raise ValueError(f"{name}: expected batch_size >= the number of processes ({world}), got {batch_size}")
+
+    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    resume_path = None
+    if resume:
+        if isinstance(resume, (str, os.PathLike)):
+            resume_path = Path(resume)
+            if not resume_path.is_file():
+                raise FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
+        elif resume is True:
+            if ckpt_path is None:
+                raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
+            resume_path = ckpt_path if ckpt_path.is_file() else None
+        else:
+            raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
+
+    setup = getattr(defense, "setup", None)
+    if setup is not None and getattr(defense, "num_samples", None) is None:  # IMA: margin table size
+        setup(len(train_data))
+    prepare = getattr(defense, "prepare_model", None)
+    if prepare is not None:  # MIRST-DM: drop-max pooling in place of the first max-pooling layer
+        model = prepare(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{name}: the model has no trainable parameters")
+    optimizer = _make_optimizer(name, optimizer, params, lr)
+    scheduler = _make_scheduler(name, scheduler, optimizer)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    sampler = GlobalBatchSampler(len(train_data), batch_size, seed=seed, rank=rank, world_size=world)
+    history, start_epoch = [], 0
+    config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?")}
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, map_location=device)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{name}: {resume_path} is not a robust_ops fit checkpoint (format "
+                             f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT})")
+        for key in ("batch_size", "seed", "defense"):
+            if state["config"].get(key) != config[key]:
+                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}="
+                                 f"{state['config'].get(key)!r}, this call has {key}={config[key]!r}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        defense.load_state_dict(state["defense"])
+        _set_rng_state(state["rng"], device)
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+    else:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    needs_ids = bool(getattr(defense, "needs_ids", False))
+    num_classes = None
+    last_ckpt = str(resume_path) if resume_path is not None else None
+    if ckpt_path is not None and ckpt_path.is_file():
+        last_ckpt = str(ckpt_path)
+
+    try:
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch)
+            defense_start = defense.state_dict() if world > 1 else None
+            model.train()
+            t0 = time.perf_counter()
+            sums, count, correct, with_logits = {}, 0, 0, 0
+            steps = len(sampler)
+            bar = None
+            if progress and rank == 0:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+            for step, (indices, global_n) in enumerate(sampler):
+                batch = _collate(train_data, indices)
+                x, y, ids = _split_batch(name, batch, needs_ids)
+                x, y = x.to(device, non_blocking=True), y.to(device)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if num_classes is None:
+                    num_classes = _infer_num_classes(model, x)
+                    defense.check_labels(y, num_classes)
+                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                    raise ValueError(f"{name}: expected labels in [0, {num_classes}) for a model with {num_classes} "
+                                     f"outputs classes, got values in [{int(y.min())}, {int(y.max())}] "
+                                     f"(epoch {epoch + 1}, step {step + 1})")
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                    out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
+                loss = out.loss
+                if not bool(torch.isfinite(loss.detach()).all()):
+                    where = f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
+                    raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} loss is "
+                                             f"{float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
+                                             f"stopped before updating the weights{where}")
+                scale = world * len(indices) / global_n if world > 1 else 1.0
+                scaled = loss * scale if scale != 1.0 else loss
+                if scaler is not None:
+                    scaler.scale(scaled).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    scaled.backward()
+                if out.extra_grads is not None:
+                    _add_extra_grads(name, params, out.extra_grads, scale, world)
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+
+                n = y.numel()
+                count += n
+                metrics = _clean_metrics(out.metrics)
+                metrics.setdefault("loss", float(loss.detach()))
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * n
+                if out.logits is not None:
+                    correct += int((predict_from_output(out.logits.detach()) == y).sum())
+                    with_logits = 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if bar is not None:
+                bar.close()
+
+            if world > 1:
+                totals = torch.tensor([float(count), float(correct), float(with_logits)]
+                                      + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=device)
+                dist.all_reduce(totals)
+                count, correct, with_logits = int(totals[0]), int(totals[1]), int(totals[2])
+                sums = {k: float(v) for k, v in zip(sorted(sums), totals[3:].tolist())}
+                _sync_defense_state(defense, defense_start, world)
+
+            row = {"epoch": epoch + 1}
+            row.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
+            if with_logits:
+                row["train_acc"] = correct / max(count, 1)
+            if val_data is not None:
+                row.update(evaluate_clean(model, val_data, val_batch_size, device, channels_last))
+            row["lr"] = float(optimizer.param_groups[0]["lr"])
+            row["time_s"] = time.perf_counter() - t0
+            history.append(row)
+
+            if scheduler is not None:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(row.get("val_loss", row.get("train_loss")))
+                else:
+                    scheduler.step()
+
+            if rank == 0 and out_dir is not None:
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch + 1,
+                    "config": config,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "defense": defense.state_dict(),
+                    "rng": _rng_state(device),
+                    "sampler": sampler.state_dict(),
+                    "history": history,
+                }
+                last_ckpt = save_checkpoint(ckpt_path, state)
+                _write_metrics(Path(out_dir), history)
+            if world > 1:
+                dist.barrier()
+    finally:
+        if initialized_here:
+            dist.destroy_process_group()
+    return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
+                     else None, model=model)
+
+
+def _infer_num_classes(model, x):
+    """Number of classes from one eval-mode forward on a couple of samples (BatchNorm statistics untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = check_output("fit", model(x[:2]), min(2, x.shape[0]))
+    finally:
+        model.train(was_training)
+    return num_classes_of(out)
+
+
+def _add_extra_grads(name, params, extra_grads, scale, world):
+    if len(extra_grads) != len(params):
+        raise ValueError(f"{name}: the defense returned {len(extra_grads)} extra gradients for {len(params)} trainable "
+                         "parameters")
+    extra = [g.detach() * scale if scale != 1.0 else g.detach().clone() for g in extra_grads]
+    _all_reduce_mean_(extra, world)
+    for p, g in zip(params, extra):
+        if p.grad is None:
+            p.grad = g.to(p.dtype)
+        else:
+            p.grad.add_(g.to(p.grad.dtype))
+
+
+def _write_metrics(out_dir, history):
+    keys = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    tmp = out_dir / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row.get(k, "") for k in keys})
+    os.replace(tmp, out_dir / "metrics.csv")
+    tmp = out_dir / ".metrics.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump([{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in row.items()}
+                   for row in history], f, indent=1)
+    os.replace(tmp, out_dir / "metrics.json")

@@ -1,0 +1,173 @@
+"""pgd_step_ in Triton, registered as robust_ops::pgd_step_triton (same schema as the C++ op apart from the name).
+Semantics and rounding: robust_ops.reference.pgd_step_ (torchattacks 3.5.1's PGD / PGDL2 expressions).
+
+One program handles BLOCK elements of one sample, so alpha / eps / the L2 factors are loaded once per program.
+L-inf is one pass (reads x_adv, x_nat, grad; writes x_adv and the history slot). L2 takes the per-sample norms from
+torch.linalg.vector_norm, exactly as the eager chain computes them, around two fused passes. Every intermediate is
+rounded to the storage dtype like the eager op producing it (float32 opmath for float16/bfloat16, whose per-sample
+values stay in float32 so ||g|| + 1e-10 cannot underflow), with floating-point fusion off so no FMA changes a bit.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._meta import check_pgd_step_args
+from ._utils import launch
+
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    # torch.clamp / std::min(std::max(v, lo), hi): a NaN in v survives.
+    v = tl.where(v < lo, lo, v)
+    return tl.where(hi < v, hi, v)
+
+
+@triton.jit
+def _linf_kernel(
+    x_ptr, x_nat_ptr, grad_ptr, alpha_ptr, eps_ptr, bounds_ptr, hist_ptr,
+    per_sample, blocks_per_sample, hist_offset,
+    HAS_HISTORY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // blocks_per_sample
+    offs = (pid - n * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < per_sample
+    idx = n * per_sample + offs
+    alpha = tl.load(alpha_ptr + n)
+    eps = tl.load(eps_ptr + n)
+    clip_min = tl.load(bounds_ptr)
+    clip_max = tl.load(bounds_ptr + 1)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    x_nat = tl.load(x_nat_ptr + idx, mask=mask, other=0.0)
+    g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(alpha.dtype)
+    dtype = x.dtype
+    sign = (g > 0).to(alpha.dtype) - (g < 0).to(alpha.dtype)
+    step = (alpha * sign).to(dtype)
+    stepped = (x.to(alpha.dtype) + step.to(alpha.dtype)).to(dtype)
+    diff = (stepped.to(alpha.dtype) - x_nat.to(alpha.dtype)).to(dtype)
+    delta = _clamp(diff.to(alpha.dtype), -eps, eps)
+    moved = (x_nat.to(alpha.dtype) + delta).to(dtype)
+    out = _clamp(moved.to(alpha.dtype), clip_min, clip_max).to(dtype)
+    tl.store(x_ptr + idx, out, mask=mask)
+    if HAS_HISTORY:
+        tl.store(hist_ptr + hist_offset + idx, out, mask=mask)
+
+
+@triton.jit
+def _l2_delta_kernel(
+    x_ptr, x_nat_ptr, grad_ptr, alpha_ptr, grad_norm_ptr, delta_ptr,
+    per_sample, blocks_per_sample,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // blocks_per_sample
+    offs = (pid - n * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < per_sample
+    idx = n * per_sample + offs
+    alpha = tl.load(alpha_ptr + n)
+    grad_norm = tl.load(grad_norm_ptr + n)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    x_nat = tl.load(x_nat_ptr + idx, mask=mask, other=0.0)
+    g = tl.load(grad_ptr + idx, mask=mask, other=0.0)
+    dtype = x.dtype
+    unit = (g.to(alpha.dtype) / grad_norm).to(dtype)
+    step = (alpha * unit.to(alpha.dtype)).to(dtype)
+    stepped = (x.to(alpha.dtype) + step.to(alpha.dtype)).to(dtype)
+    delta = (stepped.to(alpha.dtype) - x_nat.to(alpha.dtype)).to(dtype)
+    tl.store(delta_ptr + idx, delta, mask=mask)
+
+
+@triton.jit
+def _l2_project_kernel(
+    x_ptr, x_nat_ptr, delta_ptr, factor_ptr, bounds_ptr, hist_ptr,
+    per_sample, blocks_per_sample, hist_offset,
+    HAS_HISTORY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // blocks_per_sample
+    offs = (pid - n * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < per_sample
+    idx = n * per_sample + offs
+    factor = tl.load(factor_ptr + n)
+    clip_min = tl.load(bounds_ptr)
+    clip_max = tl.load(bounds_ptr + 1)
+    delta = tl.load(delta_ptr + idx, mask=mask, other=0.0)
+    x_nat = tl.load(x_nat_ptr + idx, mask=mask, other=0.0)
+    dtype = delta.dtype
+    scaled = (delta.to(factor.dtype) * factor).to(dtype)
+    moved = (x_nat.to(factor.dtype) + scaled.to(factor.dtype)).to(dtype)
+    out = _clamp(moved.to(factor.dtype), clip_min, clip_max).to(dtype)
+    tl.store(x_ptr + idx, out, mask=mask)
+    if HAS_HISTORY:
+        tl.store(hist_ptr + hist_offset + idx, out, mask=mask)
+
+
+def _opmath(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sample_norms(t, n):
+    """Per-sample L2 norms as torch.norm(t.reshape(N, -1), p=2, dim=1) computes them (opmath dtype)."""
+    op_dtype = _opmath(t.dtype)
+    return torch.linalg.vector_norm(t.reshape(n, -1), 2, dim=1, dtype=None if op_dtype == t.dtype else op_dtype)
+
+
+@torch.library.triton_op("robust_ops::pgd_step_triton", mutates_args={"x_adv", "history"})
+def pgd_step_triton(
+    x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Tensor, eps: Tensor, clip_min: float, clip_max: float,
+    norm: str, history: Optional[Tensor], slot: int,
+) -> None:
+    check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot)
+    op_dtype = _opmath(x_adv.dtype)
+    alpha_c = alpha.to(op_dtype).contiguous()
+    eps_c = eps.to(op_dtype).contiguous()
+    if x_adv.device.type == "cpu":  # interpreter: checked at once, like the C++ CPU kernel (no device sync exists)
+        torch._assert_async(torch.isfinite(alpha_c).all(), "pgd_step_: expected alpha to be finite for every sample")
+        torch._assert_async((eps_c >= 0).all(), "pgd_step_: expected eps >= 0 for every sample")
+    n = x_adv.shape[0]
+    if x_adv.numel() == 0:
+        return
+    per_sample = x_adv.numel() // n
+    x = x_adv.contiguous()
+    x_nat_c = x_nat.contiguous()
+    grad_c = grad.contiguous()
+    bounds = torch.tensor([clip_min, clip_max], dtype=op_dtype, device=x_adv.device)
+    direct_history = history is not None and history.is_contiguous()
+    hist = history if direct_history else x  # never written when HAS_HISTORY is False
+    hist_offset = slot * x_adv.numel() if direct_history else 0
+    blocks_per_sample = triton.cdiv(per_sample, BLOCK)
+    grid = (n * blocks_per_sample,)
+    if norm == "linf":
+        launch(_linf_kernel)[grid](
+            x, x_nat_c, grad_c, alpha_c, eps_c, bounds, hist,
+            per_sample, blocks_per_sample, hist_offset,
+            HAS_HISTORY=direct_history, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
+    else:
+        # delta goes to its own buffer, so x_nat or grad may alias x_adv.
+        grad_norm = (_sample_norms(grad, n) + 1e-10).contiguous()
+        delta = torch.empty_like(x)
+        launch(_l2_delta_kernel)[grid](
+            x, x_nat_c, grad_c, alpha_c, grad_norm, delta,
+            per_sample, blocks_per_sample,
+            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
+        # min((1/||delta||) * eps, 1) as torchattacks computes eps / delta_norms; 0 where eps = 0 (no 0 * inf).
+        factor = torch.minimum(_sample_norms(delta, n).reciprocal() * eps_c, torch.ones_like(eps_c))
+        factor = torch.where(eps_c == 0, torch.zeros_like(factor), factor).contiguous()
+        launch(_l2_project_kernel)[grid](
+            x, x_nat_c, delta, factor, bounds, hist,
+            per_sample, blocks_per_sample, hist_offset,
+            HAS_HISTORY=direct_history, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
+    if x is not x_adv:
+        x_adv.copy_(x)
+    if history is not None and not direct_history:
+        history[slot].copy_(x)
