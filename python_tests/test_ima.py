@@ -396,6 +396,18 @@ def test_ima_state_dict_round_trip_and_defaults():
         IMA(num_samples=21).load_state_dict(state)
 
 
+def test_ima_merge_distributed_state_without_sync():
+    defense = IMA(num_samples=4, eps_train=2.0, delta=0.5, sync=False)
+    start = {"margins": torch.full((4,), 0.5), "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5}
+    rank0 = dict(start, margins=torch.tensor([1.0, 0.5, 0.5, 0.5]))
+    rank1 = dict(start, margins=torch.tensor([0.5, 0.25, 0.5, 2.0]))
+    merged = defense.merge_distributed_state([rank0, rank1], start)
+    assert merged["margins"].tolist() == [1.0, 0.25, 0.5, 2.0]
+    merged = defense.merge_distributed_state([rank0, rank1], {})  # table created during the epoch
+    assert merged["margins"].tolist() == [1.0, 0.25, 0.5, 2.0]
+    assert IMA(num_samples=4).merge_distributed_state([rank0, rank1], start)["margins"].tolist() == [1.0, 0.5, 0.5, 0.5]
+
+
 def test_ima_errors():
     model, x, y = ima_batch()
     defense = IMA(num_samples=12, eps_train=1.0)
@@ -453,6 +465,21 @@ def _ddp_worker(rank, world, port, results):
         table.update(ids, adv_correct=torch.ones(n, dtype=torch.bool), crossed=torch.zeros(n, dtype=torch.bool),
                      distance=torch.zeros(n), delta=1.0)
         results[rank] = table.margins.tolist()
+        # The IMA defense on a DDP model with batch norm: GenAdv's forwards differ in number between ranks (it runs
+        # on the inner module), the training forwards stay collective, and the margins end up equal on both ranks.
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                            nn.Flatten(), nn.Linear(16, 2))
+        with torch.no_grad():
+            net[-1].weight.mul_(20)
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.rand(6, 1, 6, 6, generator=g)
+        y = torch.randint(0, 2, (6,), generator=g)
+        defense = IMA(num_samples=12, eps_train=2.0, delta=0.5, init_margin=1.0, steps=4, search_steps=3)
+        out = defense(model, x, y, torch.arange(6) + 6 * rank)
+        out.loss.backward()
+        results[f"ima{rank}"] = defense.margins.tolist()
     finally:
         dist.destroy_process_group()
 
@@ -468,3 +495,4 @@ def test_margin_table_syncs_across_two_gloo_ranks():
     mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     expected = [0.75, 1.0, 0.75, 1.5, 0.5, 0.5, 0.5, 1.0]
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+    assert results["ima0"] == results["ima1"] and results["ima0"] != [1.0] * 12

@@ -467,8 +467,17 @@ def _search_masked(p, lo, hi, crossed, counter):
 # Public entry points
 
 
+def _unwrap_ddp(model):
+    """GenAdv runs on a DistributedDataParallel model's inner module: a DDP forward is a collective (buffer
+    broadcast), and ranks take different numbers of GenAdv forwards once samples finish at different steps."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
 def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
              clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit):
+    model = _unwrap_ddp(model)
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
                  clip_min, clip_max, search_result, backend)
     p.batch_exit = bool(batch_exit)
@@ -697,6 +706,10 @@ class MarginTable:
 # The defense
 
 
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def paper_eps_train(sample_shape, norm="l2"):
     """Default eps_train from the paper's per-pixel rule (Section 3.3, Eq. 5): the per-element noise of CIFAR10's
     L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) for d = prod(sample_shape) (about 1.52 for
@@ -824,6 +837,10 @@ class IMA(Defense):
             sel, xs, ys, x_adv, crossed = sel[keep], xs[keep], ys[keep], x_adv[keep], crossed[keep]
         else:
             crossed = torch.zeros(0, dtype=torch.bool, device=x.device)
+        if not sel.numel() and _distributed():
+            # Keep one adversarial forward per step on every rank (a DDP forward is a collective): a zero-weight
+            # forward of one clean sample when this rank has no correctly classified sample.
+            l1 = l0 + 0 * _loss_result("IMA", loss_fn(model(x[:1]), y[:1]), 1).sum()
         if sel.numel():
             out_adv = model(x_adv)
             l1_sel = _loss_result("IMA", loss_fn(out_adv, ys), sel.numel())
@@ -846,6 +863,23 @@ class IMA(Defense):
             return {}
         return {"margins": self.table.margins.clone(), "eps_train": self.eps_train, "delta": self.delta,
                 "init_margin": self.init_margin}
+
+    def merge_distributed_state(self, states, start_state):
+        """The trainer's end-of-epoch merge hook (robust_ops.train): with ``sync`` the tables already agree on every
+        rank; without it each margin takes the value of the rank that changed it (the highest such rank if several
+        did), as the per-update sync would have."""
+        merged = dict(states[0])
+        if self.sync or not merged:
+            return merged
+        start = start_state.get("margins") if start_state else None
+        if start is None:
+            start = torch.full_like(merged["margins"], merged["init_margin"])
+        result = start.clone()
+        for state in states:
+            m = state["margins"].to(start.device)
+            result = torch.where(m != start, m, result)
+        merged["margins"] = result
+        return merged
 
     def load_state_dict(self, state):
         if not state:
