@@ -362,3 +362,12 @@ def test_backward_error_messages():
     with pytest.raises(RuntimeError, match=r"expected grad_output to have the shape of indices \(1, 1, 2, 2\), "
                                            r"got \(1, 1, 2, 3\)"):
         backward_op(torch.ones(1, 1, 2, 3), idx, [1, 1, 4, 4])
+    with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected input_size to be \(N, C, H, W\) = "
+                                           r"\(1, 1, H, W\) with H, W > 0, got \(2, 1, 4, 4\)"):
+        backward_op(torch.ones(1, 1, 2, 2), idx, [2, 1, 4, 4])
+    with pytest.raises(RuntimeError, match="_drop_max_pool2d_backward: expected grad_output to be a floating-point"):
+        backward_op(torch.ones(1, 1, 2, 2, dtype=torch.int64), idx, [1, 1, 4, 4])
+    # The fake kernel (torch.compile) says the same.
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError, match=r"expected input_size to be \(N, C, H, W\)"):
+            backward_op(mode.from_tensor(torch.ones(1, 1, 2, 2)), mode.from_tensor(idx), [2, 1, 4, 4])

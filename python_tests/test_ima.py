@@ -1,6 +1,7 @@
 """IMA: gen_adv (Algorithms 2/3) against a per-sample loop, compaction vs masks, properties, k-ary search, the
 segmentation criterion, the margin table (Algorithm 1 update, checkpoint, errors, DDP sync) and the IMA defense."""
 
+import datetime
 import io
 import math
 import os
@@ -126,6 +127,14 @@ def test_compacted_equals_masked_and_spends_less(algorithm, arity):
     assert c_compact.forward_rows < c_masked.forward_rows
     assert c_compact.backward_rows <= c_masked.backward_rows
     assert c_masked.backward_rows == 10 * 16
+    # The naive form (no batch-level exit) pays every step and every search round for every sample.
+    c_naive = PassCounter()
+    n, cn = gen_adv_masked(model, x, y, margin, steps=10, search_steps=6, algorithm=algorithm, arity=arity,
+                           counter=c_naive, batch_exit=False)
+    assert cn.tolist() == ca.tolist()
+    torch.testing.assert_close(n, a, rtol=1e-12, atol=1e-12)
+    assert c_naive.forward_rows == 11 * 16 + search_rounds(6, arity) * (arity - 1) * 16
+    assert c_naive.backward_rows == 10 * 16
 
 
 def test_pass_counts_follow_the_cost_model_and_model_state_is_restored():
@@ -430,7 +439,7 @@ def _ddp_worker(rank, world, port, results):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         table = MarginTable(8, 0.5, 2.0)
         # Each rank updates its own ids; id 7 is updated by both (DistributedSampler padding): highest rank wins.

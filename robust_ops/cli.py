@@ -443,7 +443,10 @@ def cmd_demo_parser(sub):
     p.add_argument("--data", default="synthetic")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--model", default="small_cnn")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-size", type=int, default=256,
+                   help="training images drawn from the train split (0: all) -- keeps the demo within ~10 minutes "
+                        "on 2 CPU cores")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -497,8 +500,12 @@ def cmd_demo(args):
     except EvalError as err:
         raise CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}") from None
     splits = load_data(args.data, size=args.size, seed=args.seed)
+    if args.train_size < 0:
+        raise CLIError(f"--train-size: expected >= 0, got {args.train_size}")
     if args.quick:
-        splits = subset_splits(splits, 96, 48, args.seed)
+        splits = subset_splits(splits, 64, 32, args.seed)
+    elif args.train_size:
+        splits = subset_splits(splits, args.train_size, len(splits.test), args.seed)
     out = Path(args.out)
     print(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
           f"{args.model}, {epochs} epochs, device {device}")
@@ -521,6 +528,7 @@ def cmd_demo(args):
               file=sys.stderr)
         return 130
     config = {"command": "demo", "methods": methods, "data": args.data, "model": args.model, "epochs": epochs,
+              "train_images": len(splits.train), "test_images": len(splits.test),
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
               "eps": args.eps, "quick": args.quick, "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
     args.split = "test"
