@@ -175,7 +175,8 @@ def make_defense(name, options, train_size, info):
     except (TypeError, ValueError) as err:
         raise CLIError(f"--defense-opt: {name}: {err}") from None
     if getattr(defense, "binary_only", False) and info.num_classes != 2:
-        raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has {info.num_classes} classes")
+        raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has "
+                       f"{info.num_classes} classes")
     return defense
 
 
