@@ -176,13 +176,16 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
 
 
 def test_demo_quick_synthetic(tmp_path, capsys):
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     out = tmp_path / "demo"
-    rc, stdout, err = run(["demo", "--quick", "--out", out, "--attacks", "fgsm,pgd:steps=3,cw:steps=3", "--eps",
-                           "2/255,8/255", "--no-progress", "--device", "cpu", "--saliency", "2"], capsys)
+    assert cli.DEMO_METHODS == ("standard", "rst", "mirst", "mirst-dm", "ima")  # the default set (all five)
+    rc, stdout, err = run(["demo", "--quick", "--methods", "standard,mirst-dm,ima", "--out", out, "--attacks",
+                           "fgsm,pgd:steps=2", "--eps", "2/255,8/255", "--no-progress", "--device", "cpu",
+                           "--saliency", "2"], capsys)
     assert rc == 0, err
     doc = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in doc["rows"]}
-    assert methods == {"Baseline", "RST", "MIRST", "MIRST-DM", "IMA"} and doc["synthetic"] is True
+    assert methods == {"Baseline", "MIRST-DM", "IMA"} and doc["synthetic"] is True
     assert "SYNTHETIC DATA" in stdout and "Synthetic data" in (out / "report.md").read_text()
     assert (out / "f1_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
     run_json = json.loads((out / "runs" / "mirst-dm" / "run.json").read_text())
@@ -215,9 +218,31 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reproduce_quick_mirst_bus(breastmnist, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
     out = tmp_path / "mirst"
     rc, _, err = run(["reproduce", "mirst-bus", "--quick", "--out", out, "--no-progress", "--device", "cpu"], capsys)
     assert rc == 0, err
     doc = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in doc["rows"]} == {"Baseline", "RST", "MIRST", "RST-DM", "MIRST-DM"}
+
+
+def test_bench_list_and_unknown(capsys):
+    rc, out, err = run(["bench", "--list"], capsys)
+    assert rc == 0 and "pgd_step" in out
+    rc, _, err = run(["bench", "--only", "nope"], capsys)
+    one_line_error(rc, err, "--only:", "unknown benchmark(s) nope")
+
+
+def test_protocols_describe_and_quick_caps():
+    from robust_ops.reproduce import PROTOCOLS, QUICK_STEPS, _specs, describe
+
+    assert set(PROTOCOLS) == {"arfl-moons", "mirst-bus", "ima-bus", "dpaat-bus"}
+    for p in PROTOCOLS.values():
+        text = describe(p)
+        assert f"`{p.name}`" in text and "Published numbers" in text and p.paper_rows
+        for plan in p.evals:
+            for spec in _specs(plan, quick=True):
+                assert spec.options.get("steps", 0) <= QUICK_STEPS and spec.options.get("trials", 0) <= QUICK_STEPS
+    full = {s.label: s for plan in PROTOCOLS["mirst-bus"].evals for s in _specs(plan, quick=False)}
+    assert full["PGD"].options == {"steps": 20, "alpha": 0.001} and full["CW"].options["steps"] == 10

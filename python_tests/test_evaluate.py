@@ -174,3 +174,4 @@ def test_grad_cam_and_input_gradient_shapes():
 
 def test_format_eps():
     assert report.format_eps(5 / 255) == "5/255" and report.format_eps(0.3) == "0.3" and report.format_eps(0) == "0"
+    assert report.format_eps(0.2) == "0.2" and report.format_eps(2 / 255) == "2/255"

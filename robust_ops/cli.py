@@ -175,7 +175,8 @@ def make_defense(name, options, train_size, info):
     except (TypeError, ValueError) as err:
         raise CLIError(f"--defense-opt: {name}: {err}") from None
     if getattr(defense, "binary_only", False) and info.num_classes != 2:
-        raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has {info.num_classes} classes")
+        raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has "
+                       f"{info.num_classes} classes")
     return defense
 
 
@@ -443,7 +444,10 @@ def cmd_demo_parser(sub):
     p.add_argument("--data", default="synthetic")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--model", default="small_cnn")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-size", type=int, default=256,
+                   help="training images drawn from the train split (0: all) -- keeps the demo within ~10 minutes "
+                        "on 2 CPU cores")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -497,8 +501,12 @@ def cmd_demo(args):
     except EvalError as err:
         raise CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}") from None
     splits = load_data(args.data, size=args.size, seed=args.seed)
+    if args.train_size < 0:
+        raise CLIError(f"--train-size: expected >= 0, got {args.train_size}")
     if args.quick:
-        splits = subset_splits(splits, 96, 48, args.seed)
+        splits = subset_splits(splits, 64, 32, args.seed)
+    elif args.train_size:
+        splits = subset_splits(splits, args.train_size, len(splits.test), args.seed)
     out = Path(args.out)
     print(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
           f"{args.model}, {epochs} epochs, device {device}")
@@ -521,6 +529,7 @@ def cmd_demo(args):
               file=sys.stderr)
         return 130
     config = {"command": "demo", "methods": methods, "data": args.data, "model": args.model, "epochs": epochs,
+              "train_images": len(splits.train), "test_images": len(splits.test),
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
               "eps": args.eps, "quick": args.quick, "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
     args.split = "test"
@@ -618,9 +627,13 @@ def cmd_reproduce(args):
         raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
     if args.seeds is not None and args.seeds < 1:
         raise CLIError(f"--seeds: expected >= 1, got {args.seeds}")
+    from .evaluate import EvalError
+
     try:
         run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
                      seeds=args.seeds, device=device, progress=not args.no_progress)
+    except EvalError as err:
+        raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:
         print(f"\n{PROG} reproduce: interrupted; no results were written", file=sys.stderr)
         return 130

@@ -19,6 +19,9 @@ def format_eps(eps):
     """``5/255`` when eps is a whole number of 255ths, else a short decimal; ``0`` for clean rows."""
     if eps is None or eps == 0:
         return "0"
+    short = f"{eps:g}"
+    if len(short) <= 5:  # 0.2, 0.05, 1.5 read better as decimals
+        return short
     k = eps * 255
     if abs(k - round(k)) < 1e-6 and round(k) > 0:
         return f"{int(round(k))}/255"
