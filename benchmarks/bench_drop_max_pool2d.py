@@ -128,7 +128,8 @@ def main():
         print(f"\n{device}: goals (fp32 {shape}, k{k} s{s} p{p}, {torch.get_num_threads()} threads)")
         goals = [
             ("channels_last fwd+bwd <= 1.5x max_pool2d channels_last",
-             ratio(("native", "channels_last", "forward+backward"), ("max_pool2d", "channels_last", "forward+backward")),
+             ratio(("native", "channels_last", "forward+backward"),
+                   ("max_pool2d", "channels_last", "forward+backward")),
              1.5),
             ("channels_last forward <= 1.5x max_pool2d channels_last",
              ratio(("native", "channels_last", "forward"), ("max_pool2d", "channels_last", "forward")), 1.5),

@@ -70,7 +70,10 @@ def pool_cases(draw):
         for size, k, s, p, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw))
     )
     if not ok:
-        h, w, ceil_mode = (kh - 1) * dh + 1 + draw(st.integers(0, 4)), (kw - 1) * dw + 1 + draw(st.integers(0, 4)), False
+        # Fall back to an input at least one window large (no ceil_mode): always a valid geometry.
+        h = (kh - 1) * dh + 1 + draw(st.integers(0, 4))
+        w = (kw - 1) * dw + 1 + draw(st.integers(0, 4))
+        ceil_mode = False
     n, c = draw(st.integers(0, 2)), draw(st.integers(1, 20))
     values = draw(st.sampled_from(["integers", "normal"]))
     fmt = draw(st.sampled_from(["contiguous", "channels_last", "permuted"]))

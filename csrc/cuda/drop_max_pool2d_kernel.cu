@@ -210,8 +210,8 @@ at::Tensor drop_max_pool2d_backward_cuda(const at::Tensor& grad_output, const at
                   input_size[1] == grad_output.size(1) && input_size[2] > 0 && input_size[3] > 0,
               kBackwardOp, ": expected input_size to be (N, C, H, W) = (", grad_output.size(0), ", ",
               grad_output.size(1), ", H, W) with H, W > 0, got ", python_tuple(input_size));
-  TORCH_CHECK(indices.device() == grad_output.device(), kBackwardOp, ": expected indices on the device of grad_output (",
-              grad_output.device(), "), got ", indices.device());
+  TORCH_CHECK(indices.device() == grad_output.device(), kBackwardOp,
+              ": expected indices on the device of grad_output (", grad_output.device(), "), got ", indices.device());
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const auto format = is_channels_last(grad_output) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto acc_type = at::toOpMathType(grad_output.scalar_type());
