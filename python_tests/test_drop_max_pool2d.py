@@ -20,16 +20,6 @@ backward_op = torch.ops.robust_ops._drop_max_pool2d_backward
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def every_window_has_input(size, k, s, p, d, ceil_mode):
-    """False for the degenerate geometries (dilation jumping over a tiny input) where some window holds no input
-    element at all; the reference cannot select from an empty window."""
-    out = pool_output_size(size, k, s, p, d, ceil_mode)
-    for o in range(out):
-        if not any(0 <= o * s - p + j * d < size for j in range(k)):
-            return False
-    return True
-
-
 def layout(x, name):
     if name == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
@@ -45,10 +35,9 @@ def expected_format(x):
 
 def check_against_reference(x, args):
     out, idx = op(x, *args)
-    if x.numel() == 0:  # the reference's unfold cannot reshape empty batches; compare with max_pool2d's shape
+    if x.numel() == 0:
         (kh, kw), stride, padding, dilation, ceil_mode = args
         assert out.shape == idx.shape == F.max_pool2d(x, (kh, kw), stride, padding, dilation, ceil_mode).shape
-        return out, idx
     ref_out, ref_idx = reference.drop_max_pool2d(x, *args)
     assert_verbose_equal(out, ref_out, "output")
     assert_verbose_equal(idx, ref_idx, "indices")
@@ -66,7 +55,7 @@ def pool_cases(draw):
     ceil_mode = draw(st.booleans())
     h, w = draw(st.integers(1, 11)), draw(st.integers(1, 11))
     ok = all(
-        pool_output_size(size, k, s, p, d, ceil_mode) > 0 and every_window_has_input(size, k, s, p, d, ceil_mode)
+        pool_output_size(size, k, s, p, d, ceil_mode) > 0
         for size, k, s, p, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw))
     )
     if not ok:

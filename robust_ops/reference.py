@@ -41,13 +41,16 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
       * the output is the largest remaining value, at its first occurrence in row-major window order
         (window [5, 5, 1] gives the second 5);
       * a window with a single valid element returns that element;
-      * a window containing NaN returns NaN at its first NaN (NaN propagates, as in max_pool2d).
+      * a window containing NaN returns NaN at its first NaN (NaN propagates, as in max_pool2d);
+      * a window holding no input element at all (dilation stepping over a tiny input) returns -inf at index -1.
     indices are flat positions into H*W of the selected element, like max_pool2d's.
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     n, c, h, w = input.shape
     oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
     ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    if n * c == 0:
+        return input.new_empty((n, c, oh, ow)), torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device)
     # Pad so every window lies inside: padding on both sides, plus what ceil_mode windows need on the far side.
     need_h = (oh - 1) * sh + dh * (kh - 1) + 1
     need_w = (ow - 1) * sw + dw * (kw - 1) + 1
@@ -84,9 +87,11 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     chosen = torch.where(first_second == none, first_max, first_second)
     first_nan = torch.where(valid & ~not_nan, order, none).amin(1, keepdim=True)
     chosen = torch.where(first_nan != none, first_nan, chosen)
+    empty = chosen == none  # no input element in the window: -inf at index -1
+    chosen = torch.where(empty, 0, chosen)
 
-    out = vals.gather(1, chosen).reshape(n, c, oh, ow)
-    idx = pos.expand(n * c, -1, -1).gather(1, chosen).reshape(n, c, oh, ow)
+    out = vals.gather(1, chosen).masked_fill(empty, float("-inf")).reshape(n, c, oh, ow)
+    idx = pos.expand(n * c, -1, -1).gather(1, chosen).masked_fill(empty, -1).reshape(n, c, oh, ow)
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
         idx = idx.contiguous(memory_format=torch.channels_last)
