@@ -232,3 +232,17 @@ def test_bench_list_and_unknown(capsys):
     assert rc == 0 and "pgd_step" in out
     rc, _, err = run(["bench", "--only", "nope"], capsys)
     one_line_error(rc, err, "--only:", "unknown benchmark(s) nope")
+
+
+def test_protocols_describe_and_quick_caps():
+    from robust_ops.reproduce import PROTOCOLS, QUICK_STEPS, _specs, describe
+
+    assert set(PROTOCOLS) == {"arfl-moons", "mirst-bus", "ima-bus", "dpaat-bus"}
+    for p in PROTOCOLS.values():
+        text = describe(p)
+        assert f"`{p.name}`" in text and "Published numbers" in text and p.paper_rows
+        for plan in p.evals:
+            for spec in _specs(plan, quick=True):
+                assert spec.options.get("steps", 0) <= QUICK_STEPS and spec.options.get("trials", 0) <= QUICK_STEPS
+    full = {s.label: s for plan in PROTOCOLS["mirst-bus"].evals for s in _specs(plan, quick=False)}
+    assert full["PGD"].options == {"steps": 20, "alpha": 0.001} and full["CW"].options["steps"] == 10

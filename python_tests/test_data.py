@@ -187,7 +187,8 @@ def test_cross_validation_stratified():
     for f in folds:
         assert len(f.train) + len(f.val) + len(f.test) == total
         frac = float(f.test.tensors[1].float().mean())
-        assert abs(frac - float(torch.cat([s.train.tensors[1], s.val.tensors[1], s.test.tensors[1]]).float().mean())) < 0.05
+        overall = torch.cat([s.train.tensors[1], s.val.tensors[1], s.test.tensors[1]]).float().mean()
+        assert abs(frac - float(overall)) < 0.05
     with pytest.raises(DataError, match="expected k >= 2 folds"):
         cross_validation(s, k=1)
 

@@ -51,7 +51,8 @@ def test_multiclass_matches_sklearn():
     assert m["precision"] == pytest.approx(skm.precision_score(y, pred, average="macro"))
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
     onehot = np.eye(3)[y]
-    assert m["map"] == pytest.approx(np.mean([skm.average_precision_score(onehot[:, c], probs[:, c]) for c in range(3)]))
+    aps = [skm.average_precision_score(onehot[:, c], probs[:, c]) for c in range(3)]
+    assert m["map"] == pytest.approx(np.mean(aps))
     cm = skm.confusion_matrix(y, pred)
     spec = [(cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c]) / (cm.sum() - cm[c].sum()) for c in range(3)]
     assert m["specificity"] == pytest.approx(np.mean(spec))

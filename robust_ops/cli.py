@@ -175,7 +175,8 @@ def make_defense(name, options, train_size, info):
     except (TypeError, ValueError) as err:
         raise CLIError(f"--defense-opt: {name}: {err}") from None
     if getattr(defense, "binary_only", False) and info.num_classes != 2:
-        raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has {info.num_classes} classes")
+        raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has "
+                       f"{info.num_classes} classes")
     return defense
 
 
@@ -626,9 +627,13 @@ def cmd_reproduce(args):
         raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
     if args.seeds is not None and args.seeds < 1:
         raise CLIError(f"--seeds: expected >= 1, got {args.seeds}")
+    from .evaluate import EvalError
+
     try:
         run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
                      seeds=args.seeds, device=device, progress=not args.no_progress)
+    except EvalError as err:
+        raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:
         print(f"\n{PROG} reproduce: interrupted; no results were written", file=sys.stderr)
         return 130

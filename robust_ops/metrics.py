@@ -4,7 +4,8 @@ Binary tasks: ``sensitivity`` is the recall of ``positive_class`` (malignant), `
 other class, ``precision`` / ``f1`` are those of the positive class, ``auc`` the ROC AUC of the positive class's
 probability. Multi-class tasks: sensitivity, specificity, precision and F1 are macro averages over classes
 (one-vs-rest) and ``auc`` is the macro one-vs-rest ROC AUC. ``map`` is the mean over classes of the one-vs-rest
-average precision (DPAAT's mAP), for binary tasks too (the mean of both classes' AP). Undefined values (AUC with one class present) are NaN (``null`` in results.json).
+average precision (DPAAT's mAP), for binary tasks too (the mean of both classes' AP). Undefined values (AUC with
+one class present) are NaN (``null`` in results.json).
 """
 
 import math

@@ -160,7 +160,7 @@ def _ima_ensemble():
     from . import attacks
 
     specs = [AttackSpec("pgdl2", {"steps": 20, "alpha": "eps/4"}, "PGD-L2")]
-    for name in ("apgd-ce", "apgd-dlr", "square"):
+    for name in ("apgd-ce", "apgd-dlr"):  # Square is Linf-only here, so it is left out of this L2 ensemble
         if name in attacks.ATTACKS:
             specs.append(AttackSpec(name, {"norm": "l2"}, name.upper()))
     return specs
@@ -205,8 +205,9 @@ IMA_BUS = Protocol(
         "the shape of the trade-off, not for equality.",
         f"Training noise level: IMA's per-pixel rule gives eps_train = sqrt(28*28*1*3/1024) = {IMA_EPS_TRAIN:.3f} (L2) "
         "for 1x28x28 images, used by SAT (Madry AT, as IMA names it), TRADES and IMA alike.",
-        "AutoAttack-style: an ensemble cascade of the library's attacks (L2 PGD-20 with step eps/4, plus APGD-CE, "
-        "APGD-DLR and Square when available); white noise: uniform in the L2 ball, 100 draws, a sample counts as "
+        "AutoAttack-style: an ensemble cascade of the library's attacks (L2 PGD-20 with step eps/4, APGD-CE and "
+        "APGD-DLR; the library's Square attack is Linf-only, so it is left out); white noise: uniform in the L2 "
+        "ball, 100 draws, a sample counts as "
         "robust only if every draw leaves it correct.",
     ],
     quick={"epochs": 2, "repeats": 1, "n_train": 96, "n_test": 48, "model": "small_cnn"},
@@ -274,7 +275,38 @@ DPAAT_BUS = Protocol(
 PROTOCOLS = {p.name: p for p in (ARFL_MOONS, MIRST_BUS, IMA_BUS, DPAAT_BUS)}
 
 
+def describe(p):
+    """Markdown description of a protocol (docs/reproduce/<name>.md is generated from it)."""
+    from .report import format_eps, paper_comparison_table
+
+    split = f"{p.repeats}-fold stratified cross-validation" if p.split == "kfold" else f"{p.repeats} seed(s)"
+    lines = [f"# Reproduction: `{p.name}`", "", f"**{p.summary}.** Source: {p.paper}.", "", "```bash",
+             f"robust-ops reproduce {p.name}            # full protocol",
+             f"robust-ops reproduce {p.name} --quick    # smoke run", "```", "", "## Protocol as implemented", "",
+             f"* Data: `{p.data}`; model: `{p.model}` (quick: `{p.quick.get('model', p.model)}`); {p.epochs} epochs "
+             f"of Adam, lr {p.lr}, batch {p.batch_size}; {split}.", "* Methods:"]
+    for m in p.methods:
+        opts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.options.items())
+        lines.append(f"  * {m.label}: `{m.defense}`" + (f" ({opts})" if opts else "")
+                     + (f", drop-max `{m.dropmax}`" if m.dropmax != "none" else ""))
+    lines.append("* Evaluation:")
+    for e in p.evals:
+        if e.attacks == "ensemble":
+            att = "AutoAttack-style ensemble cascade (" + ", ".join(s.label for s in _ima_ensemble()) + ")"
+        else:
+            att = ", ".join(f"{a.label} (`{a.name}`" + "".join(f", {k}={v}" for k, v in a.options.items()) + ")"
+                            for a in e.attacks)
+        lines.append(f"  * {att} at ε = {', '.join(format_eps(x) for x in e.eps)}"
+                     + (" (worst case only)" if e.ensemble else ""))
+    lines += ["", "## Deviations from the paper", ""] + [f"* {n}" for n in p.notes]
+    lines += ["", "## Published numbers", "", paper_comparison_table([], p.paper_rows, p.paper_metrics), ""]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------- running
+
+
+QUICK_STEPS = 5
 
 
 def _specs(plan, quick):
@@ -282,8 +314,14 @@ def _specs(plan, quick):
     out = []
     for s in specs:
         opts = dict(s.options)
-        if quick:
+        if quick:  # smoke run: at most QUICK_STEPS attack steps / noise draws (labels keep the full protocol's names)
             opts.update(plan.quick_options.get(s.name, {}))
+            from . import attacks
+
+            defaults = attacks.ATTACKS[s.name][1]
+            for key in ("steps", "trials", "n_queries"):
+                if key in opts or key in defaults:
+                    opts[key] = min(opts.get(key, defaults.get(key, QUICK_STEPS)), QUICK_STEPS)
         opts = {k: (_eps_expr(v) if isinstance(v, str) and "eps" in v else v) for k, v in opts.items()}
         out.append(AttackSpec(s.name, opts, s.label))
     return out
@@ -370,7 +408,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     comparison = report.paper_comparison_table(rows, protocol.paper_rows, protocol.paper_metrics)
     notes = list(protocol.notes)
     if quick:
-        notes.insert(0, "QUICK MODE: a smoke run on small subsets for a few epochs; the numbers below mean nothing.")
+        notes.insert(0, f"QUICK MODE: a smoke run on small subsets for a few epochs, attacks capped at {QUICK_STEPS} "
+                        "steps / draws; the numbers below mean nothing.")
     extra = "\n".join(["## Published numbers beside ours", "", comparison, "", "## Notes", "",
                        *(f"- {n}" for n in notes)])
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "model": model_name,

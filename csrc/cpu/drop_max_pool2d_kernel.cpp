@@ -22,6 +22,7 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <limits>
@@ -300,9 +301,126 @@ __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ 
   return _mm256_movemask_ps(nan_lanes) != 0;
 }
 
+// The same with AVX-512 (16 lanes, compares into mask registers and single-uop masked moves instead of blends).
+// GCC 12's own intrinsic headers trip -Wmaybe-uninitialized here (their _mm512_undefined_* placeholders).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define ROBUST_OPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+
+struct Top2State16 {
+  __m512 a1, a2, t1, t2;
+};
+
+ROBUST_OPS_AVX512 __m512 load_lanes16(const float* p, int64_t step, bool may_read_ahead) {
+  if (step == 1) return _mm512_loadu_ps(p);
+  if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 15's)
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
+  }
+  alignas(64) float lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = p[l * step];
+  return _mm512_load_ps(lanes);
+}
+
+ROBUST_OPS_AVX512 void top2_first16(Top2State16& st, __m512 v, __m512 s, __mmask16& nan_lanes) {
+  st.a1 = v;
+  st.t1 = s;
+  st.a2 = _mm512_setzero_ps();
+  st.t2 = _mm512_set1_ps(-1.0f);
+  nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+}
+
+ROBUST_OPS_AVX512 void top2_step16(Top2State16& st, __m512 v, __m512 s, __mmask16& nan_lanes) {
+  const __mmask16 gt1 = _mm512_cmp_ps_mask(v, st.a1, _CMP_GT_OQ);
+  const __mmask16 gt2 =
+      _mm512_cmp_ps_mask(v, st.a2, _CMP_GT_OQ) | _mm512_cmp_ps_mask(st.t2, _mm512_setzero_ps(), _CMP_LT_OQ);
+  st.a2 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.a2, gt2, v), gt1, st.a1);
+  st.t2 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.t2, gt2, s), gt1, st.t1);
+  st.a1 = _mm512_mask_mov_ps(st.a1, gt1, v);
+  st.t1 = _mm512_mask_mov_ps(st.t1, gt1, s);
+  nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+}
+
+ROBUST_OPS_AVX512 void top2_store16(const Top2State16& st, int64_t j, int64_t len, float* out, int64_t* idx,
+                                    int64_t origin, int64_t origin_step, __m512i lane_step) {
+  const __mmask16 second = _mm512_cmp_ps_mask(st.t2, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 val = _mm512_mask_mov_ps(st.a1, second, st.a2);
+  const __m512i rel = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_mask_mov_ps(st.t1, second, st.t2)), lane_step);
+  const __m512i base_idx = _mm512_set1_epi64(origin + j * origin_step);
+  const __m512i lo = _mm512_add_epi64(base_idx, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(rel)));
+  const __m512i hi = _mm512_add_epi64(base_idx, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(rel, 1)));
+  const int64_t n = std::min<int64_t>(16, len - j);  // the last vector may be partial: masked stores
+  const __mmask16 keep = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  _mm512_mask_storeu_ps(out + j, keep, val);
+  _mm512_mask_storeu_epi64(idx + j, __mmask8(keep & 0xFF), lo);
+  _mm512_mask_storeu_epi64(idx + j + 8, __mmask8(keep >> 8), hi);
+}
+
+__attribute__((target("avx512f"))) bool window_top2_avx512(const float* __restrict__ base, int64_t step,
+                                                          int64_t len, int64_t safe_len, const int64_t* tap_off,
+                                                          const float* tap_rel, int64_t ntaps,
+                                                          float* __restrict__ out, int64_t* __restrict__ idx,
+                                                          int64_t origin, int64_t origin_step, int64_t& done) {
+  constexpr int kUnroll = 4;
+  __mmask16 nan_lanes = 0;
+  const __m512i lane_step =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int32_t>(origin_step)));
+  int64_t j = 0;
+  for (; j < len && j + 16 * kUnroll <= safe_len; j += 16 * kUnroll) {
+    Top2State16 st[kUnroll];
+    {
+      const __m512 s = _mm512_set1_ps(tap_rel[0]);
+      const float* p = base + tap_off[0] + j * step;
+      for (int u = 0; u < kUnroll; ++u)
+        top2_first16(st[u], load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len), s, nan_lanes);
+    }
+    for (int64_t t = 1; t < ntaps; ++t) {
+      const __m512 s = _mm512_set1_ps(tap_rel[t]);
+      const float* p = base + tap_off[t] + j * step;
+      for (int u = 0; u < kUnroll; ++u)
+        top2_step16(st[u], load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len), s, nan_lanes);
+    }
+    for (int u = 0; u < kUnroll && j + 16 * u < len; ++u)
+      top2_store16(st[u], j + 16 * u, len, out, idx, origin, origin_step, lane_step);
+  }
+  for (; j < len && j + 16 <= safe_len; j += 16) {
+    Top2State16 st;
+    top2_first16(st, load_lanes16(base + tap_off[0] + j * step, step, j + 16 < safe_len), _mm512_set1_ps(tap_rel[0]),
+                 nan_lanes);
+    for (int64_t t = 1; t < ntaps; ++t) {
+      top2_step16(st, load_lanes16(base + tap_off[t] + j * step, step, j + 16 < safe_len),
+                  _mm512_set1_ps(tap_rel[t]), nan_lanes);
+    }
+    top2_store16(st, j, len, out, idx, origin, origin_step, lane_step);
+  }
+  done = std::min(j, len);
+  return nan_lanes != 0;
+}
+
+#pragma GCC diagnostic pop
+
+// $ROBUST_OPS_CPU_ISA caps the instruction set the CPU kernel uses: "avx512" (default: the best available), "avx2"
+// or "scalar" -- for testing every path on one machine and for comparing them.
+int cpu_isa_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("ROBUST_OPS_CPU_ISA");
+    const std::string value = env ? env : "avx512";
+    TORCH_CHECK(value == "avx512" || value == "avx2" || value == "scalar", kOp,
+                ": expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got '", value, "'");
+    return value == "avx512" ? 2 : (value == "avx2" ? 1 : 0);
+  }();
+  return cap;
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has && cpu_isa_cap() >= 2;
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+  return has && cpu_isa_cap() >= 1;
 }
 #endif
 
@@ -315,7 +433,10 @@ bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_l
   bool nan_seen = false;
 #ifdef ROBUST_OPS_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (vector_ok && cpu_has_avx2()) {
+    if (vector_ok && cpu_has_avx512()) {
+      nan_seen = window_top2_avx512(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,
+                                    origin_step, done);
+    } else if (vector_ok && cpu_has_avx2()) {
       nan_seen = window_top2_avx2(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin, origin_step,
                                   done);
     }

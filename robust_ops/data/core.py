@@ -74,7 +74,8 @@ def images_to_tensor(images, source):
     elif np.issubdtype(images.dtype, np.floating):
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
-            raise DataError(f"{source}: float images must lie in [0, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+            lo, hi = float(x.min()), float(x.max())
+            raise DataError(f"{source}: float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
     else:
         raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}")
     return x

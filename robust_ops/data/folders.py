@@ -72,7 +72,8 @@ def load_busi(folder, size=224, seed=0, classes=None, mode="L"):
     classes = [c.lower() for c in classes]
     missing = [c for c in classes if c not in subdirs]
     if missing:
-        raise DataError(f"{folder}: class folder(s) {', '.join(missing)} not found (found: {', '.join(sorted(subdirs))})")
+        found = ", ".join(sorted(subdirs))
+        raise DataError(f"{folder}: class folder(s) {', '.join(missing)} not found (found: {found})")
     if len(classes) < 2:
         raise DataError(f"{folder}: expected at least two class folders (e.g. benign, malignant), got {classes}")
     arrays, labels = [], []
@@ -129,7 +130,8 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
                         f"e.g. {', '.join(missing[:3])}")
     if len(set(labels)) < 2:
-        raise DataError(f"{csv_path}: expected at least two classes in column {label_column!r}, got {sorted(set(labels))}")
+        raise DataError(f"{csv_path}: expected at least two classes in column {label_column!r}, "
+                        f"got {sorted(set(labels))}")
     x, y = _stack(arrays, labels)
     info = DatasetInfo(
         name=csv_path.stem, num_classes=len(names), in_channels=x.shape[1], image_size=size,
