@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_rows  # noqa: E402
 
-from robust_ops.ima import IMA, paper_eps_train  # noqa: E402
+from robust_ops.ima import IMA, gen_adv, paper_eps_train  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
 
 
@@ -103,6 +103,34 @@ def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exi
     return seconds, cpu_seconds, defense.margins.clone(), defense.counter.as_dict(), crossed / max(seen, 1)
 
 
+def lockstep(state, x, y, ids_all, args, scenario):
+    """Train with the compacted defense and, at every batch, also run GenAdv compacted and masked on the same
+    model state and margins: do they agree batch by batch (float32)?"""
+    model = build_model("resnet18", 1, 2, 28)
+    model.load_state_dict(state)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    eps = paper_eps_train(tuple(x.shape[1:]), "l2")
+    defense = IMA(num_samples=x.shape[0], eps_train=eps, steps=args.steps, search_steps=args.search_steps)
+    margins = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps
+    defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
+    flags_differ = samples = 0
+    max_diff = 0.0
+    for ids in batches(ids_all.numel(), args.batch_size, 0):
+        ids = ids_all[ids]
+        kw = dict(steps=args.steps, search_steps=args.search_steps, norm="l2")
+        a, ca = gen_adv(model, x[ids], y[ids], defense.table.get(ids), compact=True, **kw)
+        b, cb = gen_adv(model, x[ids], y[ids], defense.table.get(ids), compact=False, **kw)
+        flags_differ += int((ca != cb).sum())
+        samples += ids.numel()
+        max_diff = max(max_diff, float((a - b).abs().max()))
+        opt.zero_grad()
+        defense(model, x[ids], y[ids], ids).loss.backward()
+        opt.step()
+    print(f"lockstep ({scenario}, {samples} images): crossed flags differ for {flags_differ}, "
+          f"max |x_adv compacted - x_adv masked| = {max_diff:.3g}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 images (one batch), 1 repeat")
@@ -113,6 +141,9 @@ def main():
     parser.add_argument("--search-steps", type=int, default=10, help="N (paper: 10)")
     parser.add_argument("--pretrain-epochs", type=int, default=1)
     parser.add_argument("--scenarios", default="spread,cap,init")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="only check, batch by batch on the same model state, that compacted and masked GenAdv "
+                             "agree (spread margins)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 keeps OpenMP spin-waits out of the CPU time on a "
                              "shared machine")
@@ -133,6 +164,9 @@ def main():
 
     # (name, compact, arity, batch_exit): "masked" stops once the whole batch has finished; "naive" is the issue's
     # "every sample pays all K steps and N search forwards".
+    if args.lockstep:
+        lockstep(state, x, y, ids_all, args, "spread")
+        return
     variants = [("masked", False, 2, True), ("naive", False, 2, False), ("compacted", True, 2, True),
                 ("compacted k=4", True, 4, True)]
     rows = []

@@ -259,7 +259,7 @@ class _Problem:
             if not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]:
                 raise ValueError(f"{name}: expected y with batch size {x.shape[0]}, got "
                                  f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
-        self.name, self.model, self.x, self.y = name, model, x, y
+        self.name, self.model, self.x, self.y = name, model, x.detach(), y
         self.margin = _margin_tensor(name, margin, x)
         self.norm, self.algorithm = norm, algorithm
         self.is_correct = is_correct or _default_is_correct
