@@ -13,49 +13,33 @@
 #include "checks.h"
 
 namespace robust_ops {
-namespace detail {
-
-inline std::string py_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
-
-inline std::string py_shape(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  if (sizes.size() == 1) out << ",";
-  out << ")";
-  return out.str();
-}
-
-}  // namespace detail
 
 inline void check_boundary_search_step_args(const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& points,
                                             const at::Tensor& crossed_at, const std::optional<at::Tensor>& active) {
-  using detail::py_dtype;
-  using detail::py_shape;
   constexpr const char* op = "boundary_search_step_";
   TORCH_CHECK(at::isFloatingType(lo.scalar_type()), op,
               ": expected lo to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
               py_dtype(lo.scalar_type()));
   TORCH_CHECK(lo.dim() >= 1, op, ": expected lo to have a batch dimension, got a 0-D tensor");
   TORCH_CHECK(hi.sizes() == lo.sizes() && hi.scalar_type() == lo.scalar_type(), op,
-              ": expected hi to have the shape and dtype of lo (", py_shape(lo.sizes()), ", ",
-              py_dtype(lo.scalar_type()), "), got (", py_shape(hi.sizes()), ", ", py_dtype(hi.scalar_type()), ")");
+              ": expected hi to have the shape and dtype of lo (", py_tuple(lo.sizes()), ", ",
+              py_dtype(lo.scalar_type()), "), got (", py_tuple(hi.sizes()), ", ", py_dtype(hi.scalar_type()), ")");
   const bool points_ok = points.dim() == lo.dim() + 1 && points.sizes().slice(1) == lo.sizes() &&
                          points.size(0) >= 1 && points.scalar_type() == lo.scalar_type();
   if (!points_ok) {
     std::ostringstream want;
     for (int64_t d = 0; d < lo.dim(); ++d) want << (d ? ", " : "") << lo.size(d);
     TORCH_CHECK(false, op, ": expected points to be [k-1, ", want.str(), "] with k >= 2 and the dtype of lo, got ",
-                py_shape(points.sizes()), " ", py_dtype(points.scalar_type()));
+                py_tuple(points.sizes()), " ", py_dtype(points.scalar_type()));
   }
   const int64_t n = lo.size(0);
   TORCH_CHECK(crossed_at.scalar_type() == at::kLong && crossed_at.dim() == 1 && crossed_at.size(0) == n, op,
               ": expected crossed_at to be an int64 tensor of shape [", n, "], got ",
-              py_dtype(crossed_at.scalar_type()), " ", py_shape(crossed_at.sizes()));
+              py_dtype(crossed_at.scalar_type()), " ", py_tuple(crossed_at.sizes()));
   if (active.has_value()) {
     TORCH_CHECK(active->scalar_type() == at::kBool && active->dim() == 1 && active->size(0) == n, op,
                 ": expected active to be a bool tensor of shape [", n, "], got ", py_dtype(active->scalar_type()), " ",
-                py_shape(active->sizes()));
+                py_tuple(active->sizes()));
   }
   // Device checks (the dispatcher picks the kernel from the tensors' devices; a mix would read foreign memory).
   check_same_device(op, "hi", hi, "lo", lo);

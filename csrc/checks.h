@@ -1,9 +1,25 @@
 // TORCH_CHECK helpers that name the op and the argument, with what was expected and what came.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <sstream>
+#include <string>
+
 namespace robust_ops {
+
+// Messages spell dtypes and shapes as Python does (torch.float32, (2, 3), (5,)) so the C++ checks raise the same text
+// as the fake kernels in robust_ops/_meta.py.
+inline std::string py_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+inline std::string py_tuple(c10::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
+  s << (sizes.size() == 1 ? ",)" : ")");
+  return s.str();
+}
 
 // "<op>: expected <arg> to be a floating-point tensor (float16, bfloat16, float32, float64), got Long"
 inline void check_floating(const char* op, const char* arg, const at::Tensor& t) {

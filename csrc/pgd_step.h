@@ -5,6 +5,7 @@
 // operation by operation; every intermediate is rounded to the storage dtype as eager PyTorch does, so results are
 // bitwise equal to the eager chain (with FMA contraction off: setup.py passes -ffp-contract=off / --fmad=false).
 #pragma once
+#include "checks.h"
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
@@ -99,16 +100,6 @@ ROBUST_OPS_HOST_DEVICE scalar_t l2_project(scalar_t delta, scalar_t x_nat, opmat
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Messages spelled as robust_ops/_meta.py spells them (Python reprs), so eager and compiled calls raise the same text.
-
-inline std::string py_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
-
-inline std::string py_tuple(c10::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  s << (sizes.size() == 1 ? ",)" : ")");
-  return s.str();
-}
 
 // repr(float): shortest round-trip digits, fixed notation for 1e-4 <= |v| < 1e16, else d.ddde+XX.
 inline std::string py_float(double v) {

@@ -30,86 +30,10 @@
 #include <string>
 #include <vector>
 
-#include "checks.h"
+#include "drop_max_pool2d.h"
 
 namespace robust_ops {
 namespace {
-
-constexpr const char* kOp = "drop_max_pool2d";
-constexpr const char* kBackwardOp = "_drop_max_pool2d_backward";
-
-// The dtype as Python prints it (torch.int64), so messages equal the fake kernel's (robust_ops/_meta.py).
-std::string python_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    case at::kComplexFloat: return "torch.complex64";
-    case at::kComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-
-// A list as Python prints a tuple: (3, 3), (5,), ().
-std::string python_tuple(c10::IntArrayRef v) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
-  if (v.size() == 1) s << ",";
-  s << ")";
-  return s.str();
-}
-
-// Same formula as reference.pool_output_size (ATen's pooling_output_shape).
-int64_t pool_output_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
-  const int64_t num = size + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
-  // Python floor division (num may be negative).
-  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
-  if (ceil_mode && (out - 1) * s >= size + p) --out;
-  return out;
-}
-
-struct Geometry {
-  int64_t N, C, H, W, OH, OW;
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-};
-
-// The same checks, in the same order and with the same messages, as _meta.check_drop_max_pool2d_args.
-Geometry check_args(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                    c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), kOp,
-              ": expected input to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
-              python_dtype(input.scalar_type()));
-  TORCH_CHECK(input.dim() == 4, kOp, ": expected input to be 4-D (N, C, H, W), got ", input.dim(), "-D");
-  const std::pair<const char*, c10::IntArrayRef> positive[] = {
-      {"kernel_size", kernel_size}, {"stride", stride}, {"dilation", dilation}};
-  for (const auto& [name, value] : positive) {
-    TORCH_CHECK(value.size() == 2 && value[0] > 0 && value[1] > 0, kOp, ": expected ", name,
-                " to be two positive integers, got ", python_tuple(value));
-  }
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, kOp,
-              ": expected padding to be two non-negative integers, got ", python_tuple(padding));
-  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, kOp,
-              ": expected padding to be at most half of kernel_size, got padding=", python_tuple(padding),
-              " for kernel_size=", python_tuple(kernel_size));
-  const int64_t h = input.size(2), w = input.size(3);
-  TORCH_CHECK(h > 0 && w > 0, kOp, ": expected input with non-zero height and width, got ", h, "x", w);
-  const int64_t oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode);
-  const int64_t ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode);
-  TORCH_CHECK(oh > 0 && ow > 0, kOp, ": expected kernel_size ", python_tuple(kernel_size), " with dilation ",
-              python_tuple(dilation), " to fit the padded input ", h + 2 * padding[0], "x", w + 2 * padding[1],
-              ", got output size ", oh, "x", ow);
-  return Geometry{input.size(0), input.size(1), h, w, oh, ow,
-                  kernel_size[0], kernel_size[1], stride[0], stride[1],
-                  padding[0], padding[1], dilation[0], dilation[1]};
-}
 
 // Window taps [lo, hi) of one dimension that fall inside the input, for a window starting at `start`.
 inline void valid_taps(int64_t start, int64_t k, int64_t d, int64_t size, int64_t& lo, int64_t& hi) {
@@ -406,7 +330,7 @@ int cpu_isa_cap() {
   static const int cap = [] {
     const char* env = std::getenv("ROBUST_OPS_CPU_ISA");
     const std::string value = env ? env : "avx512";
-    TORCH_CHECK(value == "avx512" || value == "avx2" || value == "scalar", kOp,
+    TORCH_CHECK(value == "avx512" || value == "avx2" || value == "scalar", kDropMaxOp,
                 ": expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got '", value, "'");
     return value == "avx512" ? 2 : (value == "avx2" ? 1 : 0);
   }();
@@ -569,15 +493,10 @@ void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tens
   });
 }
 
-bool is_channels_last(const at::Tensor& t) {
-  // The fake kernel's rule (_meta.output_memory_format): channels_last and not also plain contiguous.
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> drop_max_pool2d_cpu(const at::Tensor& input, c10::IntArrayRef kernel_size,
                                                        c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                        c10::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g = check_args(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const Geometry g = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode);
   const bool channels_last = is_channels_last(input);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(format);
@@ -684,20 +603,7 @@ void backward_channels_last(const at::Tensor& grad_output, const at::Tensor& ind
 
 at::Tensor drop_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices,
                                         c10::IntArrayRef input_size) {
-  TORCH_CHECK(indices.scalar_type() == at::kLong, kBackwardOp, ": expected indices to be int64, got ",
-              python_dtype(indices.scalar_type()));
-  TORCH_CHECK(grad_output.sizes() == indices.sizes(), kBackwardOp,
-              ": expected grad_output to have the shape of indices ", python_tuple(indices.sizes()), ", got ",
-              python_tuple(grad_output.sizes()));
-  TORCH_CHECK(at::isFloatingType(grad_output.scalar_type()), kBackwardOp,
-              ": expected grad_output to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
-              python_dtype(grad_output.scalar_type()));
-  TORCH_CHECK(grad_output.dim() == 4, kBackwardOp, ": expected grad_output to be 4-D (N, C, H_out, W_out), got ",
-              grad_output.dim(), "-D");
-  TORCH_CHECK(input_size.size() == 4 && input_size[0] == grad_output.size(0) &&
-                  input_size[1] == grad_output.size(1) && input_size[2] > 0 && input_size[3] > 0,
-              kBackwardOp, ": expected input_size to be (N, C, H, W) = (", grad_output.size(0), ", ",
-              grad_output.size(1), ", H, W) with H, W > 0, got ", python_tuple(input_size));
+  check_drop_max_pool2d_backward_args(grad_output, indices, input_size);
   const bool channels_last = is_channels_last(grad_output);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor go = grad_output.contiguous(format);
@@ -713,7 +619,7 @@ at::Tensor drop_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at:
       backward_nchw<scalar_t>(go, ix, grad_input, HW, bad_index);
     }
   });
-  TORCH_CHECK(!bad_index.load(), kBackwardOp, ": expected indices in [0, ", HW, ") (flat positions into H*W = ",
+  TORCH_CHECK(!bad_index.load(), kDropMaxBackwardOp, ": expected indices in [0, ", HW, ") (flat positions into H*W = ",
               input_size[2], "*", input_size[3], "), got an index out of range");
   return grad_input;
 }

@@ -20,79 +20,10 @@
 #include <string>
 
 #include "cuda/cuda_helpers.cuh"
+#include "drop_max_pool2d.h"
 
 namespace robust_ops {
 namespace {
-
-constexpr const char* kOp = "drop_max_pool2d";
-constexpr const char* kBackwardOp = "_drop_max_pool2d_backward";
-
-std::string python_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-
-std::string python_tuple(c10::IntArrayRef v) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
-  if (v.size() == 1) s << ",";
-  s << ")";
-  return s.str();
-}
-
-int64_t pool_output_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
-  const int64_t num = size + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
-  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
-  if (ceil_mode && (out - 1) * s >= size + p) --out;
-  return out;
-}
-
-struct Geometry {
-  int64_t N, C, H, W, OH, OW;
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-};
-
-// The checks and messages of the CPU kernel and of _meta.check_drop_max_pool2d_args.
-Geometry check_args(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                    c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), kOp,
-              ": expected input to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
-              python_dtype(input.scalar_type()));
-  TORCH_CHECK(input.dim() == 4, kOp, ": expected input to be 4-D (N, C, H, W), got ", input.dim(), "-D");
-  const std::pair<const char*, c10::IntArrayRef> positive[] = {
-      {"kernel_size", kernel_size}, {"stride", stride}, {"dilation", dilation}};
-  for (const auto& [name, value] : positive) {
-    TORCH_CHECK(value.size() == 2 && value[0] > 0 && value[1] > 0, kOp, ": expected ", name,
-                " to be two positive integers, got ", python_tuple(value));
-  }
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, kOp,
-              ": expected padding to be two non-negative integers, got ", python_tuple(padding));
-  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, kOp,
-              ": expected padding to be at most half of kernel_size, got padding=", python_tuple(padding),
-              " for kernel_size=", python_tuple(kernel_size));
-  const int64_t h = input.size(2), w = input.size(3);
-  TORCH_CHECK(h > 0 && w > 0, kOp, ": expected input with non-zero height and width, got ", h, "x", w);
-  const int64_t oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode);
-  const int64_t ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode);
-  TORCH_CHECK(oh > 0 && ow > 0, kOp, ": expected kernel_size ", python_tuple(kernel_size), " with dilation ",
-              python_tuple(dilation), " to fit the padded input ", h + 2 * padding[0], "x", w + 2 * padding[1],
-              ", got output size ", oh, "x", ow);
-  return Geometry{input.size(0), input.size(1), h, w, oh, ow,
-                  kernel_size[0], kernel_size[1], stride[0], stride[1],
-                  padding[0], padding[1], dilation[0], dilation[1]};
-}
 
 struct Strides4 {
   int64_t n, c, h, w;
@@ -168,15 +99,11 @@ __global__ void drop_max_pool2d_backward_kernel(const scalar_t* __restrict__ gra
   }
 }
 
-bool is_channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> drop_max_pool2d_cuda(const at::Tensor& input, c10::IntArrayRef kernel_size,
                                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                         c10::IntArrayRef dilation, bool ceil_mode) {
   TORCH_INTERNAL_ASSERT(input.is_cuda());
-  const Geometry g = check_args(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const Geometry g = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto format = is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor output = at::empty({g.N, g.C, g.OH, g.OW}, input.options().memory_format(format));
@@ -196,22 +123,7 @@ std::tuple<at::Tensor, at::Tensor> drop_max_pool2d_cuda(const at::Tensor& input,
 at::Tensor drop_max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& indices,
                                          c10::IntArrayRef input_size) {
   TORCH_INTERNAL_ASSERT(grad_output.is_cuda());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, kBackwardOp, ": expected indices to be int64, got ",
-              python_dtype(indices.scalar_type()));
-  TORCH_CHECK(grad_output.sizes() == indices.sizes(), kBackwardOp,
-              ": expected grad_output to have the shape of indices ", python_tuple(indices.sizes()), ", got ",
-              python_tuple(grad_output.sizes()));
-  TORCH_CHECK(at::isFloatingType(grad_output.scalar_type()), kBackwardOp,
-              ": expected grad_output to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
-              python_dtype(grad_output.scalar_type()));
-  TORCH_CHECK(grad_output.dim() == 4, kBackwardOp, ": expected grad_output to be 4-D (N, C, H_out, W_out), got ",
-              grad_output.dim(), "-D");
-  TORCH_CHECK(input_size.size() == 4 && input_size[0] == grad_output.size(0) &&
-                  input_size[1] == grad_output.size(1) && input_size[2] > 0 && input_size[3] > 0,
-              kBackwardOp, ": expected input_size to be (N, C, H, W) = (", grad_output.size(0), ", ",
-              grad_output.size(1), ", H, W) with H, W > 0, got ", python_tuple(input_size));
-  TORCH_CHECK(indices.device() == grad_output.device(), kBackwardOp,
-              ": expected indices on the device of grad_output (", grad_output.device(), "), got ", indices.device());
+  check_drop_max_pool2d_backward_args(grad_output, indices, input_size);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const auto format = is_channels_last(grad_output) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto acc_type = at::toOpMathType(grad_output.scalar_type());

@@ -1,0 +1,84 @@
+// Shared by the CPU and CUDA drop-max kernels: pooling geometry and the argument checks, with the messages of
+// robust_ops/_meta.py (check_drop_max_pool2d_args / check_drop_max_pool2d_backward_args), so eager and compiled calls
+// fail alike.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "checks.h"
+
+namespace robust_ops {
+
+constexpr const char* kDropMaxOp = "drop_max_pool2d";
+constexpr const char* kDropMaxBackwardOp = "_drop_max_pool2d_backward";
+
+// Same formula as reference.pool_output_size (ATen's pooling_output_shape).
+inline int64_t pool_output_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
+  const int64_t num = size + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
+  // Python floor division (num may be negative).
+  int64_t out = (num >= 0 ? num / s : -((-num + s - 1) / s)) + 1;
+  if (ceil_mode && (out - 1) * s >= size + p) --out;
+  return out;
+}
+
+struct Geometry {
+  int64_t N, C, H, W, OH, OW;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// The same checks, in the same order and with the same messages, as _meta.check_drop_max_pool2d_args.
+inline Geometry check_drop_max_pool2d_args(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                    c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), kDropMaxOp,
+              ": expected input to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
+              py_dtype(input.scalar_type()));
+  TORCH_CHECK(input.dim() == 4, kDropMaxOp, ": expected input to be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  const std::pair<const char*, c10::IntArrayRef> positive[] = {
+      {"kernel_size", kernel_size}, {"stride", stride}, {"dilation", dilation}};
+  for (const auto& [name, value] : positive) {
+    TORCH_CHECK(value.size() == 2 && value[0] > 0 && value[1] > 0, kDropMaxOp, ": expected ", name,
+                " to be two positive integers, got ", py_tuple(value));
+  }
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, kDropMaxOp,
+              ": expected padding to be two non-negative integers, got ", py_tuple(padding));
+  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, kDropMaxOp,
+              ": expected padding to be at most half of kernel_size, got padding=", py_tuple(padding),
+              " for kernel_size=", py_tuple(kernel_size));
+  const int64_t h = input.size(2), w = input.size(3);
+  TORCH_CHECK(h > 0 && w > 0, kDropMaxOp, ": expected input with non-zero height and width, got ", h, "x", w);
+  const int64_t oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode);
+  const int64_t ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode);
+  TORCH_CHECK(oh > 0 && ow > 0, kDropMaxOp, ": expected kernel_size ", py_tuple(kernel_size), " with dilation ",
+              py_tuple(dilation), " to fit the padded input ", h + 2 * padding[0], "x", w + 2 * padding[1],
+              ", got output size ", oh, "x", ow);
+  return Geometry{input.size(0), input.size(1), h, w, oh, ow,
+                  kernel_size[0], kernel_size[1], stride[0], stride[1],
+                  padding[0], padding[1], dilation[0], dilation[1]};
+}
+
+inline void check_drop_max_pool2d_backward_args(const at::Tensor& grad_output, const at::Tensor& indices,
+                                                c10::IntArrayRef input_size) {
+  TORCH_CHECK(indices.scalar_type() == at::kLong, kDropMaxBackwardOp, ": expected indices to be int64, got ",
+              py_dtype(indices.scalar_type()));
+  TORCH_CHECK(grad_output.sizes() == indices.sizes(), kDropMaxBackwardOp,
+              ": expected grad_output to have the shape of indices ", py_tuple(indices.sizes()), ", got ",
+              py_tuple(grad_output.sizes()));
+  TORCH_CHECK(at::isFloatingType(grad_output.scalar_type()), kDropMaxBackwardOp,
+              ": expected grad_output to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
+              py_dtype(grad_output.scalar_type()));
+  TORCH_CHECK(grad_output.dim() == 4, kDropMaxBackwardOp, ": expected grad_output to be 4-D (N, C, H_out, W_out), got ",
+              grad_output.dim(), "-D");
+  TORCH_CHECK(input_size.size() == 4 && input_size[0] == grad_output.size(0) &&
+                  input_size[1] == grad_output.size(1) && input_size[2] > 0 && input_size[3] > 0,
+              kDropMaxBackwardOp, ": expected input_size to be (N, C, H, W) = (", grad_output.size(0), ", ",
+              grad_output.size(1), ", H, W) with H, W > 0, got ", py_tuple(input_size));
+  TORCH_CHECK(indices.device() == grad_output.device(), kDropMaxBackwardOp,
+              ": expected indices on the device of grad_output (", grad_output.device(), "), got ", indices.device());
+}
+
+// The fake kernel's rule (_meta.output_memory_format): channels_last and not also plain contiguous.
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+}  // namespace robust_ops
