@@ -489,7 +489,8 @@ def fit(
                 if bad:
                     where = f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
                     value = float(loss.detach()) if loss.numel() == 1 else math.nan
-                    what = f"is {value}" if world == 1 or not math.isfinite(value) else "is non-finite on another process"
+                    own = world == 1 or not math.isfinite(value)
+                    what = f"is {value}" if own else "is non-finite on another process"
                     raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} loss {what} at epoch "
                                              f"{epoch + 1}, step {step + 1}; stopped before updating the "
                                              f"weights{where}")
