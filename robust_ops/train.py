@@ -481,11 +481,19 @@ def fit(
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
                 loss = out.loss
-                if not bool(torch.isfinite(loss.detach()).all()):
+                bad = not bool(torch.isfinite(loss.detach()).all())
+                if world > 1:  # every process stops together (a lone raise would leave the others waiting)
+                    flag = torch.tensor([float(bad)], device=device)
+                    dist.all_reduce(flag)
+                    bad = bool(flag.item() > 0)
+                if bad:
                     where = f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
-                    raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} loss is "
-                                             f"{float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
-                                             f"stopped before updating the weights{where}")
+                    value = float(loss.detach()) if loss.numel() == 1 else math.nan
+                    own = world == 1 or not math.isfinite(value)
+                    what = f"is {value}" if own else "is non-finite on another process"
+                    raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} loss {what} at epoch "
+                                             f"{epoch + 1}, step {step + 1}; stopped before updating the "
+                                             f"weights{where}")
                 scale = world * len(indices) / global_n if world > 1 else 1.0
                 scaled = loss * scale if scale != 1.0 else loss
                 if scaler is not None:
