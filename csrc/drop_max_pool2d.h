@@ -3,6 +3,7 @@
 // fail alike.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include "checks.h"
@@ -75,6 +76,31 @@ inline void check_drop_max_pool2d_backward_args(const at::Tensor& grad_output, c
   TORCH_CHECK(indices.device() == grad_output.device(), kDropMaxBackwardOp,
               ": expected indices on the device of grad_output (", grad_output.device(), "), got ", indices.device());
 }
+
+// The drop-max selection rule for one window, fed its elements in row-major window order (CPU scalar path and CUDA):
+// remove the first occurrence of the maximum, keep the first occurrence of the largest remaining value; a single
+// element selects itself; a NaN selects the first NaN; no element at all selects -1.
+template <typename acc_t>
+struct WindowTop2 {
+  acc_t m1 = 0, m2 = 0;
+  int64_t i1 = -1, i2 = -1, inan = -1;
+
+  C10_HOST_DEVICE inline void push(acc_t v, int64_t pos) {
+    if (v != v) {  // NaN
+      if (inan < 0) inan = pos;
+    } else if (i1 < 0 || v > m1) {
+      m2 = m1;
+      i2 = i1;
+      m1 = v;
+      i1 = pos;
+    } else if (i2 < 0 || v > m2) {
+      m2 = v;
+      i2 = pos;
+    }
+  }
+
+  C10_HOST_DEVICE inline int64_t selected() const { return inan >= 0 ? inan : (i2 >= 0 ? i2 : i1); }
+};
 
 // The fake kernel's rule (_meta.output_memory_format): channels_last and not also plain contiguous.
 inline bool is_channels_last(const at::Tensor& t) {

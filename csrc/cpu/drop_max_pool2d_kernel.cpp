@@ -53,28 +53,15 @@ int64_t select_window(const scalar_t* base, int64_t sH, int64_t sW, const Geomet
   int64_t ki0, ki1, kj0, kj1;
   valid_taps(hs, g.kh, g.dh, g.H, ki0, ki1);
   valid_taps(ws, g.kw, g.dw, g.W, kj0, kj1);
-  acc_t m1 = 0, m2 = 0;
-  int64_t i1 = -1, i2 = -1, inan = -1;
+  WindowTop2<acc_t> top2;
   for (int64_t ki = ki0; ki < ki1; ++ki) {
     const int64_t h = hs + ki * g.dh;
     for (int64_t kj = kj0; kj < kj1; ++kj) {
       const int64_t w = ws + kj * g.dw;
-      const acc_t v = static_cast<acc_t>(base[h * sH + w * sW]);
-      const int64_t pos = h * g.W + w;
-      if (std::isnan(v)) {
-        if (inan < 0) inan = pos;
-      } else if (i1 < 0 || v > m1) {
-        m2 = m1;
-        i2 = i1;
-        m1 = v;
-        i1 = pos;
-      } else if (i2 < 0 || v > m2) {
-        m2 = v;
-        i2 = pos;
-      }
+      top2.push(static_cast<acc_t>(base[h * sH + w * sW]), h * g.W + w);
     }
   }
-  return inan >= 0 ? inan : (i2 >= 0 ? i2 : i1);
+  return top2.selected();
 }
 
 // Top-2 selection for `len` windows at once (lanes). Lane j's window holds the elements base[tap_off[t] + j * step]

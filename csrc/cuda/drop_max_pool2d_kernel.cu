@@ -45,30 +45,17 @@ __global__ void drop_max_pool2d_forward_kernel(const scalar_t* __restrict__ inpu
     const int64_t n = t / g.C;
     const scalar_t* plane = input + n * in_s.n + c * in_s.c;
     const int64_t hs = oh * g.sh - g.ph, ws = ow * g.sw - g.pw;
-    acc_t m1 = 0, m2 = 0;
-    int64_t i1 = -1, i2 = -1, inan = -1;
+    WindowTop2<acc_t> top2;
     for (int64_t ki = 0; ki < g.kh; ++ki) {
       const int64_t h = hs + ki * g.dh;
       if (h < 0 || h >= g.H) continue;
       for (int64_t kj = 0; kj < g.kw; ++kj) {
         const int64_t w = ws + kj * g.dw;
         if (w < 0 || w >= g.W) continue;
-        const acc_t v = static_cast<acc_t>(plane[h * in_s.h + w * in_s.w]);
-        const int64_t pos = h * g.W + w;
-        if (v != v) {
-          if (inan < 0) inan = pos;
-        } else if (i1 < 0 || v > m1) {
-          m2 = m1;
-          i2 = i1;
-          m1 = v;
-          i1 = pos;
-        } else if (i2 < 0 || v > m2) {
-          m2 = v;
-          i2 = pos;
-        }
+        top2.push(static_cast<acc_t>(plane[h * in_s.h + w * in_s.w]), h * g.W + w);
       }
     }
-    const int64_t sel = inan >= 0 ? inan : (i2 >= 0 ? i2 : i1);
+    const int64_t sel = top2.selected();
     const int64_t o = n * out_s.n + c * out_s.c + oh * out_s.h + ow * out_s.w;
     // Re-read the selected element: exact in the input dtype, NaN included.
     output[o] = sel >= 0 ? plane[(sel / g.W) * in_s.h + (sel % g.W) * in_s.w]
