@@ -57,7 +57,8 @@ ROBUST_OPS_HOST_DEVICE T sign_like_torch(T g) {
 
 // Per-sample values (alpha, eps, norms, factors) and the clip bounds come in opmath_t: for float32/float64 that is
 // the dtype itself, exactly as the eager chain sees them; for float16/bfloat16 it is float, which keeps ||g|| + 1e-10
-// from underflowing to 0 (the float16 eager chain turns a zero gradient into NaN there).
+// from underflowing to 0 (torchattacks' float16 chain turns a zero gradient into NaN there); the reference does the
+// same.
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 

@@ -66,7 +66,7 @@ def norm_of(d, norm):
 
 # Every attack as f(model, x, y, eps, norm, seed) -> x_adv; extended as attacks are added.
 ATTACK_FNS = {
-    "fgsm": (("linf",), lambda m, x, y, eps, norm, seed: attacks.fgsm(m, x, y, eps=eps)),
+    "fgsm": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.fgsm(m, x, y, eps=eps, norm=norm)),
     "ifgsm": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.ifgsm(m, x, y, eps=eps, steps=4, norm=norm)),
     "pgd": (("linf", "l2"), lambda m, x, y, eps, norm, seed: attacks.pgd(
         m, x, y, eps=eps, steps=4, norm=norm, generator=torch.Generator().manual_seed(seed))),
@@ -198,7 +198,7 @@ def test_targeted_reaches_target(name, norm):
     target = (model(x).argmax(1) + 1) % 3
     eps = {"linf": 0.5, "l2": 8.0}[norm]
     fns = {
-        "fgsm": lambda: attacks.fgsm(model, x, target, eps=eps, targeted=True),
+        "fgsm": lambda: attacks.fgsm(model, x, target, eps=eps, norm=norm, targeted=True),
         "ifgsm": lambda: attacks.ifgsm(model, x, target, eps=eps, steps=10, norm=norm, targeted=True),
         "pgd": lambda: attacks.pgd(model, x, target, eps=eps, steps=10, norm=norm, targeted=True),
         "cw": lambda: attacks.cw_linf(model, x, target, eps=eps, steps=10, targeted=True, kappa=1.0),
@@ -400,8 +400,14 @@ def test_classes_and_build():
         x_adv = atk(x, y)
         assert x_adv.shape == x.shape
     assert attacks.build("pgd", model, steps=7, norm="l2", eps=0.3).norm == "l2"
+    l2 = attacks.AutoAttack(model, norm="l2", eps=0.5, steps=2)
+    assert [a.name for a in l2.attacks] == ["apgd-ce", "apgd-t"] and all(a.norm == "l2" for a in l2.attacks)
+    custom = attacks.AutoAttack(model, eps=0.03, attacks=["fgsm", "noise"])
+    assert [a.name for a in custom.attacks] == ["fgsm", "noise"] and custom.attacks[0].eps == 0.03
     with pytest.raises(ValueError, match="attacks.build: unknown attack 'deepfool'; expected one of fgsm, "):
         attacks.build("deepfool", model)
+    with pytest.raises(ValueError, match="cw: CW-Linf is defined for norm='linf' only, got norm='l2'"):
+        attacks.build("cw", model, norm="l2")
     with pytest.raises(ValueError, match="attacks.build: bad options for 'fgsm'"):
         attacks.build("fgsm", model, steps=3)
 

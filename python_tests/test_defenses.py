@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from robust_ops import defenses
-from robust_ops.attacks.context import classification_loss
 from robust_ops.defenses import MIRST, DPAAT, ARFL, synchronization_loss, robust_feature_loss
 
 NAMES = ("standard", "at", "sat", "trades", "rst", "gr", "llr", "mart", "fat", "amat", "mirst", "mirst-dm", "ima",
@@ -67,14 +66,8 @@ def _build(name):
     if name == "arfl":
         small = dict(steps=2)
     if name == "ima":
-        return defenses.build(name, num_samples=8) if "num_samples" in _init_args(name) else defenses.build(name)
+        return defenses.build(name, num_samples=8, steps=3, search_steps=3)
     return defenses.build(name, **small)
-
-
-def _init_args(name):
-    import inspect
-
-    return inspect.signature(defenses.defense_class(name).__init__).parameters
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -262,8 +255,8 @@ def test_two_moons_adversarial_training_beats_standard_training():
     def train(defense):
         torch.manual_seed(1)
         model = MLP(2, 1, (10, 10))
-        opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-        for _ in range(300):
+        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+        for _ in range(150):
             _step(model, defense, opt, x, y)
         xa = run_pgd(model, xt, yt, eps=0.2, alpha=0.2, steps=1, **box).x_adv  # FGSM, eps_2 = 0.2
         return float((predict(model, xt) == yt).float().mean()), float((predict(model, xa) == yt).float().mean())
@@ -272,3 +265,20 @@ def test_two_moons_adversarial_training_beats_standard_training():
     at_clean, at_adv = train(defenses.AT(**fgsm_train))
     assert std_clean > 0.9 and at_clean > 0.85
     assert at_adv > std_adv + 0.05, (std_adv, at_adv)
+
+
+def test_mirst_dm_needs_and_prepares_a_drop_max_model():
+    pytest.importorskip("robust_ops.nn")
+    from robust_ops.nn import DropMax2d
+    from robust_ops.train import fit
+    from torch.utils.data import TensorDataset
+
+    defense = defenses.build("mirst-dm", steps=4, emit=(2, 4), beta=(0.5, 0.5))
+    x, y = _batch(4)
+    with pytest.raises(ValueError, match="mirst-dm: the model has no drop-max layer; pass it through "
+                                         r"defense.prepare_model\(model\)"):
+        defense(GNNet(), x, y)
+    model = fit(GNNet(), defense, TensorDataset(x, y), epochs=1, batch_size=4, progress=False).model
+    pools = [type(m) for m in model.modules() if isinstance(m, (nn.MaxPool2d, DropMax2d))]
+    assert pools == [DropMax2d]
+    assert defense.prepare_model(model) is model

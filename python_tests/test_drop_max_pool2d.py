@@ -362,3 +362,40 @@ def test_backward_error_messages():
     with pytest.raises(RuntimeError, match=r"expected grad_output to have the shape of indices \(1, 1, 2, 2\), "
                                            r"got \(1, 1, 2, 3\)"):
         backward_op(torch.ones(1, 1, 2, 3), idx, [1, 1, 4, 4])
+    with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected input_size to be \(N, C, H, W\) = "
+                                           r"\(1, 1, H, W\) with H, W > 0, got \(2, 1, 4, 4\)"):
+        backward_op(torch.ones(1, 1, 2, 2), idx, [2, 1, 4, 4])
+    with pytest.raises(RuntimeError, match="_drop_max_pool2d_backward: expected grad_output to be a floating-point"):
+        backward_op(torch.ones(1, 1, 2, 2, dtype=torch.int64), idx, [1, 1, 4, 4])
+    # The fake kernel (torch.compile) says the same.
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError, match=r"expected input_size to be \(N, C, H, W\)"):
+            backward_op(mode.from_tensor(torch.ones(1, 1, 2, 2)), mode.from_tensor(idx), [2, 1, 4, 4])
+
+
+_ISA_SCRIPT = """
+import torch, robust_ops
+from robust_ops import reference
+g = torch.Generator().manual_seed(0)
+x = torch.randint(-3, 4, (1, 17, 9, 41), generator=g).float()
+x[0, 2, 5, 9] = float("nan")
+for xx in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, :, ::2]):
+    for args in (((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 3), (1, 3), (1, 1), (2, 1), True)):
+        out, idx = torch.ops.robust_ops.drop_max_pool2d(xx, *args)
+        ref, ref_idx = reference.drop_max_pool2d(xx, *args)
+        assert torch.equal(idx, ref_idx) and torch.allclose(out, ref, equal_nan=True), args
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_every_cpu_instruction_set_path(isa):
+    # The CPU kernel picks AVX-512, AVX2 or scalar code at run time; $ROBUST_OPS_CPU_ISA caps it so every path runs
+    # here (the default run above uses the best one the machine has). A fresh process: the choice is made once.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ROBUST_OPS_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

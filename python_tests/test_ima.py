@@ -1,6 +1,7 @@
 """IMA: gen_adv (Algorithms 2/3) against a per-sample loop, compaction vs masks, properties, k-ary search, the
 segmentation criterion, the margin table (Algorithm 1 update, checkpoint, errors, DDP sync) and the IMA defense."""
 
+import datetime
 import io
 import math
 import os
@@ -115,17 +116,25 @@ def test_matches_per_sample_loop(norm, algorithm):
 @pytest.mark.parametrize("arity", [2, 4])
 @pytest.mark.parametrize("algorithm", [2, 3])
 def test_compacted_equals_masked_and_spends_less(algorithm, arity):
-    model, x, y, margin = make_problem(n=16, seed=1)
+    model, x, y, margin = make_problem(n=12, seed=1)
     c_compact, c_masked = PassCounter(), PassCounter()
-    a, ca = gen_adv(model, x, y, margin, steps=10, search_steps=6, algorithm=algorithm, arity=arity, counter=c_compact)
-    b, cb = gen_adv_masked(model, x, y, margin, steps=10, search_steps=6, algorithm=algorithm, arity=arity,
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity, counter=c_compact)
+    b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity,
                            counter=c_masked)
     assert ca.tolist() == cb.tolist()
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # batch composition may change the last bit
     assert c_compact.forward_calls == c_masked.forward_calls
     assert c_compact.forward_rows < c_masked.forward_rows
     assert c_compact.backward_rows <= c_masked.backward_rows
-    assert c_masked.backward_rows == 10 * 16
+    assert c_masked.backward_rows == 8 * 12
+    # The naive form (no batch-level exit) pays every step and every search round for every sample.
+    c_naive = PassCounter()
+    n, cn = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity,
+                           counter=c_naive, batch_exit=False)
+    assert cn.tolist() == ca.tolist()
+    torch.testing.assert_close(n, a, rtol=1e-12, atol=1e-12)
+    assert c_naive.forward_rows == 9 * 12 + search_rounds(6, arity) * (arity - 1) * 12
+    assert c_naive.backward_rows == 8 * 12
 
 
 def test_pass_counts_follow_the_cost_model_and_model_state_is_restored():
@@ -387,6 +396,18 @@ def test_ima_state_dict_round_trip_and_defaults():
         IMA(num_samples=21).load_state_dict(state)
 
 
+def test_ima_merge_distributed_state_without_sync():
+    defense = IMA(num_samples=4, eps_train=2.0, delta=0.5, sync=False)
+    start = {"margins": torch.full((4,), 0.5), "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5}
+    rank0 = dict(start, margins=torch.tensor([1.0, 0.5, 0.5, 0.5]))
+    rank1 = dict(start, margins=torch.tensor([0.5, 0.25, 0.5, 2.0]))
+    merged = defense.merge_distributed_state([rank0, rank1], start)
+    assert merged["margins"].tolist() == [1.0, 0.25, 0.5, 2.0]
+    merged = defense.merge_distributed_state([rank0, rank1], {})  # table created during the epoch
+    assert merged["margins"].tolist() == [1.0, 0.25, 0.5, 2.0]
+    assert IMA(num_samples=4).merge_distributed_state([rank0, rank1], start)["margins"].tolist() == [1.0, 0.5, 0.5, 0.5]
+
+
 def test_ima_errors():
     model, x, y = ima_batch()
     defense = IMA(num_samples=12, eps_train=1.0)
@@ -430,7 +451,7 @@ def _ddp_worker(rank, world, port, results):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         table = MarginTable(8, 0.5, 2.0)
         # Each rank updates its own ids; id 7 is updated by both (DistributedSampler padding): highest rank wins.
@@ -444,6 +465,21 @@ def _ddp_worker(rank, world, port, results):
         table.update(ids, adv_correct=torch.ones(n, dtype=torch.bool), crossed=torch.zeros(n, dtype=torch.bool),
                      distance=torch.zeros(n), delta=1.0)
         results[rank] = table.margins.tolist()
+        # The IMA defense on a DDP model with batch norm: GenAdv's forwards differ in number between ranks (it runs
+        # on the inner module), the training forwards stay collective, and the margins end up equal on both ranks.
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                            nn.Flatten(), nn.Linear(16, 2))
+        with torch.no_grad():
+            net[-1].weight.mul_(20)
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.rand(6, 1, 6, 6, generator=g)
+        y = torch.randint(0, 2, (6,), generator=g)
+        defense = IMA(num_samples=12, eps_train=2.0, delta=0.5, init_margin=1.0, steps=4, search_steps=3)
+        out = defense(model, x, y, torch.arange(6) + 6 * rank)
+        out.loss.backward()
+        results[f"ima{rank}"] = defense.margins.tolist()
     finally:
         dist.destroy_process_group()
 
@@ -459,3 +495,4 @@ def test_margin_table_syncs_across_two_gloo_ranks():
     mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     expected = [0.75, 1.0, 0.75, 1.5, 0.5, 0.5, 0.5, 1.0]
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+    assert results["ima0"] == results["ima1"] and results["ima0"] != [1.0] * 12

@@ -201,8 +201,7 @@ def test_eps_zero_projects_onto_x_nat(dtype, norm):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", NORMS)
 def test_reduced_precision_close_to_reference(dtype, norm):
-    # No zero-gradient samples: the float16 eager chain itself turns them into NaN (||g|| + 1e-10 underflows).
-    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 9, 7), dtype, scale=0.02)
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 9, 7), dtype, scale=0.02, zero_grad=(2,))
     history = torch.zeros((2,) + tuple(x_adv.shape), dtype=dtype)
     (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, 0)
     tol = TOLERANCES[dtype]
@@ -332,6 +331,8 @@ BAD_ARGS = {
     "alpha dtype": (dict(alpha=torch.zeros(2, dtype=torch.int32)),
                     "expected alpha to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.int32"),
     "eps shape": (dict(eps=torch.zeros((2, 1))), "expected eps to be a 1-D tensor of 2 per-sample values, got shape (2, 1)"),
+    "eps dtype": (dict(eps=torch.zeros(2, dtype=torch.bool)),
+                  "expected eps to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.bool"),
     "clip order": (dict(clip_min=1.0, clip_max=0.0), "expected clip_min <= clip_max, got clip_min=1.0, clip_max=0.0"),
     "clip repr": (dict(clip_min=0.30000000000000004, clip_max=1e-05),
                   "expected clip_min <= clip_max, got clip_min=0.30000000000000004, clip_max=1e-05"),

@@ -84,7 +84,7 @@ def test_reduced_precision(dtype, norm):
     (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(ours.float(), ref.float(), rtol=tol["rtol"], atol=2 * tol["atol"])
-    # Zero gradient: no NaN (the float16 eager chain gives NaN here: ||g|| + 1e-10 underflows to 0).
+    # Zero gradient: no NaN (torchattacks' float16 chain gives NaN here: ||g|| + 1e-10 underflows to 0).
     zero = x_adv.clone()
     triton_op()(zero, x_nat, torch.zeros_like(grad), alpha, eps + 1, 0.0, 1.0, norm, None, 0)
     assert not bool(torch.isnan(zero).any())

@@ -2,6 +2,7 @@
 NaN handling, DDP equivalence with a single process, and its input checks."""
 
 import json
+import math
 import os
 import socket
 
@@ -21,7 +22,8 @@ class DropoutMLP(nn.Module):
 
     def __init__(self, num_classes=2):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.3), nn.Linear(12, num_classes))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.3),
+                                 nn.Linear(12, num_classes))
 
     def forward(self, x):
         return self.net(x)
@@ -55,8 +57,10 @@ def test_fit_writes_history_metrics_and_a_weights_only_checkpoint(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("epochs_first", [1, 2])
-def test_resume_after_interruption_is_bitwise_identical(tmp_path, epochs_first):
+@pytest.mark.parametrize("defense_name,epochs_first", [("standard", 1), ("standard", 2), ("at", 1)])
+def test_resume_after_interruption_is_bitwise_identical(tmp_path, defense_name, epochs_first):
+    """Dropout and AT's random start consume the global RNG: both must continue exactly after a resume."""
+    kwargs = dict(steps=2) if defense_name == "at" else {}
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -64,16 +68,18 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path, epochs_first):
         ref = DropoutMLP()
         init = _weights(ref)
         sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.7)  # noqa: E731
-        fit(ref, defenses.Standard(), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
+        fit(ref, defenses.build(defense_name, **kwargs), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
             out_dir=tmp_path / "a", progress=False, seed=3)
 
         first = DropoutMLP()
         first.load_state_dict(init)
-        fit(first, defenses.Standard(), _data(), epochs=epochs_first, batch_size=8, lr=1e-2, scheduler=sched,
+        fit(first, defenses.build(defense_name, **kwargs), _data(), epochs=epochs_first, batch_size=8, lr=1e-2,
+            scheduler=sched,
             out_dir=tmp_path / "b", progress=False, seed=3)
         torch.manual_seed(123)  # whatever happened in between must not matter
         resumed = DropoutMLP()  # a fresh (different) init: everything comes from the checkpoint
-        out = fit(resumed, defenses.Standard(), _data(), epochs=3, batch_size=8, lr=1e-2, scheduler=sched,
+        out = fit(resumed, defenses.build(defense_name, **kwargs), _data(), epochs=3, batch_size=8, lr=1e-2,
+                  scheduler=sched,
                   out_dir=tmp_path / "b", resume=True, progress=False, seed=3)
     finally:
         torch.use_deterministic_algorithms(deterministic)
@@ -134,10 +140,35 @@ def test_fit_input_errors(tmp_path):
     with pytest.raises(ValueError, match="fit: this defense needs dataset sample ids; wrap the dataset in "
                                          "robust_ops.data.IndexedDataset"):
         fit(model, NeedsIds(), _data(), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"fit: val_data is empty \(0 samples\); pass None to skip validation"):
+        fit(model, defenses.Standard(), _data(), TensorDataset(torch.zeros(0, 1, 4, 4)), epochs=1)
+    with pytest.raises(ValueError, match="fit: expected max_grad_norm > 0 or None, got -1"):
+        fit(model, defenses.Standard(), _data(), epochs=1, max_grad_norm=-1)
+    with pytest.raises(TypeError, match="fit: expected optimizer to be None, a torch.optim.Optimizer or a callable"):
+        fit(model, defenses.Standard(), _data(), epochs=1, optimizer="adam")
+    with pytest.raises(ValueError, match=r"fit: resume=True needs out_dir"):
+        fit(model, defenses.Standard(), _data(), epochs=1, resume=True)
+    with pytest.raises(TypeError, match="fit: expected integer class labels, got torch.float32"):
+        fit(model, defenses.Standard(), TensorDataset(torch.rand(4, 1, 4, 4), torch.rand(4)), epochs=1,
+            progress=False)
+    frozen = DropoutMLP()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="fit: the model has no trainable parameters"):
+        fit(frozen, defenses.Standard(), _data(), epochs=1)
+    with pytest.raises(ValueError, match="defenses.build: unknown defense 'nope'"):
+        fit(model, "nope", _data(), epochs=1)
     fit(model, defenses.Standard(), _data(), epochs=1, out_dir=tmp_path, progress=False, batch_size=8)
     with pytest.raises(ValueError, match="fit: cannot resume .* it was trained with batch_size=8, this call has "
                                          "batch_size=4"):
         fit(model, defenses.Standard(), _data(), epochs=2, out_dir=tmp_path, resume=True, batch_size=4)
+
+
+def test_fit_channels_last_and_a_defense_by_name():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    result = fit(model, "standard", _data(16), epochs=1, batch_size=8, channels_last=True, progress=False)
+    assert result.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert math.isfinite(result.history[0]["train_loss"])
 
 
 def test_global_batch_sampler_shares_cover_each_global_batch_once():
@@ -205,8 +236,8 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     process with the same global batch: same weights (fp tolerance) and the same IMA margins."""
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt")),
-                                nprocs=2, join=True)
+    args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"))
+    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     init = torch.load(tmp_path / "init.pt", weights_only=True)
     for name, kwargs in _cases():
@@ -215,3 +246,53 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
             torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
         if name == "ima":
             torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SimCLR pretraining
+
+
+def test_nt_xent_matches_eq4():
+    from robust_ops.pretrain import nt_xent
+
+    z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    n2, tau = 8, 0.3
+    total = 0.0
+    for i in range(n2):
+        j = (i + 4) % n2
+        denom = sum(torch.exp(z[i] @ z[k] / tau) for k in range(n2) if k != i)
+        total += -torch.log(torch.exp(z[i] @ z[j] / tau) / denom)
+    torch.testing.assert_close(nt_xent(z1, z2, tau), total / n2)
+    with pytest.raises(ValueError, match="nt_xent: expected temperature > 0, got 0"):
+        nt_xent(z1, z2, 0)
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def test_simclr_pretrains_the_backbone_and_keeps_the_head():
+    from robust_ops.pretrain import SimCLRAugment, simclr
+
+    x = torch.rand(16, 1, 12, 12)
+    aug = SimCLRAugment(12)(x)
+    assert aug.shape == x.shape and float(aug.min()) >= 0 and float(aug.max()) <= 1
+    model = TinyClassifier()
+    head = model.fc
+    before = _weights(model)
+    result = simclr(model, TensorDataset(x, torch.zeros(16).long()), epochs=2, batch_size=8, progress=False)
+    assert result.removed_head == "fc" and model.fc is head
+    assert len(result.history) == 2 and all(math.isfinite(r["loss"]) for r in result.history)
+    after = model.state_dict()
+    assert torch.equal(after["fc.weight"], before["fc.weight"])
+    assert not torch.equal(after["features.0.weight"], before["features.0.weight"])
+    with pytest.raises(ValueError, match=r"simclr: expected batch_size to be an integer >= 2 \(NT-Xent needs "
+                                         r"negatives\), got 1"):
+        simclr(model, TensorDataset(x), epochs=1, batch_size=1)

@@ -68,8 +68,8 @@ def _drop_max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mo
     return out, idx
 
 
-@torch.library.register_fake("robust_ops::_drop_max_pool2d_backward")
-def _drop_max_pool2d_backward_fake(grad_output, indices, input_size):
+def check_drop_max_pool2d_backward_args(grad_output, indices, input_size):
+    """Checks of the backward op, shared by the fake and the Triton kernel; the C++ kernels say the same."""
     op = "_drop_max_pool2d_backward"
     torch._check(
         indices.dtype == torch.int64, lambda: f"{op}: expected indices to be int64, got {indices.dtype}"
@@ -79,6 +79,22 @@ def _drop_max_pool2d_backward_fake(grad_output, indices, input_size):
         lambda: f"{op}: expected grad_output to have the shape of indices {tuple(indices.shape)}, "
         f"got {tuple(grad_output.shape)}",
     )
+    _check_floating(op, "grad_output", grad_output)
+    torch._check(
+        grad_output.dim() == 4,
+        lambda: f"{op}: expected grad_output to be 4-D (N, C, H_out, W_out), got {grad_output.dim()}-D",
+    )
+    torch._check(
+        len(input_size) == 4 and input_size[0] == grad_output.shape[0] and input_size[1] == grad_output.shape[1]
+        and input_size[2] > 0 and input_size[3] > 0,
+        lambda: f"{op}: expected input_size to be (N, C, H, W) = ({grad_output.shape[0]}, {grad_output.shape[1]}, "
+        f"H, W) with H, W > 0, got {tuple(input_size)}",
+    )
+
+
+@torch.library.register_fake("robust_ops::_drop_max_pool2d_backward")
+def _drop_max_pool2d_backward_fake(grad_output, indices, input_size):
+    check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
     return torch.empty(
         tuple(input_size), dtype=grad_output.dtype, device=grad_output.device,
         memory_format=output_memory_format(grad_output),

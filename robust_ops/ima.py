@@ -38,6 +38,7 @@ __all__ = [
     "MarginTable",
     "IMA",
     "dice_criterion",
+    "dice_score",
     "soft_dice_loss",
     "search_rounds",
     "sample_distance",
@@ -146,7 +147,8 @@ def dice_score(out, y):
         present = total[:, 1:] > 0
         fg = dice[:, 1:]
         count = present.sum(1)
-        dice = torch.where(count > 0, (fg * present).sum(1) / count.clamp_min(1), torch.ones_like(count, dtype=fg.dtype))
+        mean_fg = (fg * present).sum(1) / count.clamp_min(1)
+        dice = torch.where(count > 0, mean_fg, torch.ones_like(mean_fg))
     return dice
 
 
@@ -409,7 +411,7 @@ def _ascent_masked(p, counter):
     cur, prev = x.clone(), x.clone()
     view = (n,) + (1,) * (x.dim() - 1)
     for t in range(p.steps + 1):
-        if not bool(alive.any()):
+        if p.batch_exit and not bool(alive.any()):
             break
         last = t == p.steps
         xs, out = p.forward(cur, counter, grad=not last)
@@ -435,7 +437,7 @@ def _ascent_masked(p, counter):
                 alive = alive & ok
             x_adv = torch.where(alive.view(view), cur, x_adv)
             break
-        if not bool(alive.any()):
+        if p.batch_exit and not bool(alive.any()):
             break
         grad = p.gradient(xs, out, y, alive, counter)
         nxt = cur.clone()
@@ -449,7 +451,7 @@ def _ascent_masked(p, counter):
 def _search_masked(p, lo, hi, crossed, counter):
     n = lo.shape[0]
     idx = crossed.nonzero().squeeze(1)
-    if n == 0 or p.rounds == 0 or idx.numel() == 0:
+    if n == 0 or p.rounds == 0 or (p.batch_exit and idx.numel() == 0):
         return lo.index_select(0, idx), hi.index_select(0, idx), idx
     lo, hi = lo.clone(), hi.clone()
     points = _search_start(p, lo, hi)
@@ -465,10 +467,20 @@ def _search_masked(p, lo, hi, crossed, counter):
 # Public entry points
 
 
+def _unwrap_ddp(model):
+    """GenAdv runs on a DistributedDataParallel model's inner module: a DDP forward is a collective (buffer
+    broadcast), and ranks take different numbers of GenAdv forwards once samples finish at different steps."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
 def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-             clip_min, clip_max, model_mode, search_result, counter, return_info, backend):
+             clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit):
+    model = _unwrap_ddp(model)
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
                  clip_min, clip_max, search_result, backend)
+    p.batch_exit = bool(batch_exit)
     counter = counter if counter is not None else PassCounter()
     with attack_context(model, model_mode):
         ascent, search = (_ascent_compact, _search_compact) if compact else (_ascent_masked, _search_masked)
@@ -489,7 +501,7 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
 
 def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algorithm=2, is_correct=None, loss_fn=None,
             arity=2, clip_min=0.0, clip_max=1.0, model_mode="eval", search_result="correct_side", compact=True,
-            counter=None, return_info=False, backend=None):
+            batch_exit=True, counter=None, return_info=False, backend=None):
     r"""IMA's GenAdv (Algorithm 2, or Algorithm 3 for data augmentation), batched with per-sample early exit.
 
     Algorithm 2, per sample with margin E = E(i): from x_0 = x, up to K = ``steps`` normalized-gradient steps
@@ -529,6 +541,9 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
             batch-norm statistics couple the samples, so compaction changes results.
         search_result (str): "correct_side" (default) or "midpoint" (see above).
         compact (bool): shrink the working batch as samples finish (default) or mask over the full batch.
+        batch_exit (bool): with ``compact=False``, stop once every sample has finished (default). False gives the
+            naive cost -- all K steps and N search rounds over the full batch, whatever has finished -- with the
+            same results. The compacted loop always ends with its working batch.
         counter (PassCounter, optional): incremented with the forward/backward passes spent.
         return_info (bool): also return a :class:`GenAdvInfo`.
         backend (str, optional): backend of the pgd_step_ and boundary_search_step_ ops.
@@ -544,7 +559,7 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
     return _gen_adv("gen_adv", compact, model, x, y, margin, steps=steps, norm=norm, search_steps=search_steps,
                     algorithm=algorithm, is_correct=is_correct, loss_fn=loss_fn, arity=arity, clip_min=clip_min,
                     clip_max=clip_max, model_mode=model_mode, search_result=search_result, counter=counter,
-                    return_info=return_info, backend=backend)
+                    return_info=return_info, backend=backend, batch_exit=batch_exit)
 
 
 def gen_adv_masked(model, x, y, margin, **kwargs):
@@ -691,6 +706,10 @@ class MarginTable:
 # The defense
 
 
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def paper_eps_train(sample_shape, norm="l2"):
     """Default eps_train from the paper's per-pixel rule (Section 3.3, Eq. 5): the per-element noise of CIFAR10's
     L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) for d = prod(sample_shape) (about 1.52 for
@@ -723,7 +742,8 @@ class IMA(Defense):
         steps, search_steps, arity, algorithm: see :func:`gen_adv` (K = 20, N = 10, bisection, Algorithm 2).
         model_mode (str): the model's mode during GenAdv. Default: "eval".
         is_correct, loss_fn: criterion and per-sample loss (defaults: argmax == y and cross-entropy).
-        compact (bool): active-set compaction in GenAdv (default True).
+        compact, batch_exit (bool): active-set compaction in GenAdv (default True); for the masked form, whether it
+            stops once the whole batch has finished (default True).
     """
 
     name = "ima"
@@ -732,7 +752,7 @@ class IMA(Defense):
     def __init__(self, num_samples=None, *, eps_train=None, delta=None, init_margin=None, beta=0.5, norm="l2",
                  steps=20, search_steps=10, arity=2, algorithm=2, model_mode="eval", clip_min=0.0, clip_max=1.0,
                  is_correct=None, loss_fn=None, strict_shrink=False, compact=True, search_result="correct_side",
-                 sync=True, backend=None):
+                 batch_exit=True, sync=True, backend=None):
         if norm not in NORMS:
             raise ValueError(f"IMA: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
         if not (isinstance(beta, numbers.Real) and 0 <= beta <= 1):
@@ -752,6 +772,7 @@ class IMA(Defense):
         self.steps, self.search_steps, self.arity, self.algorithm = steps, search_steps, arity, algorithm
         self.model_mode, self.clip_min, self.clip_max = model_mode, clip_min, clip_max
         self.strict_shrink, self.compact, self.search_result = strict_shrink, compact, search_result
+        self.batch_exit = batch_exit
         self.sync, self.backend = sync, backend
         self._is_correct, self._loss_fn = is_correct, loss_fn
         self.num_samples = None if num_samples is None else _check_int("IMA", "num_samples", num_samples, 1)
@@ -809,13 +830,17 @@ class IMA(Defense):
                 search_steps=self.search_steps, algorithm=self.algorithm, is_correct=self._is_correct,
                 loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min, clip_max=self.clip_max,
                 model_mode=self.model_mode, search_result=self.search_result, compact=self.compact,
-                counter=self.counter, return_info=True, backend=self.backend,
+                counter=self.counter, return_info=True, backend=self.backend, batch_exit=self.batch_exit,
             )
             # Samples the attack's mode finds wrong at x itself are treated as misclassified clean (L1 = L0).
             keep = info.clean_correct
             sel, xs, ys, x_adv, crossed = sel[keep], xs[keep], ys[keep], x_adv[keep], crossed[keep]
         else:
             crossed = torch.zeros(0, dtype=torch.bool, device=x.device)
+        if not sel.numel() and _distributed():
+            # Keep one adversarial forward per step on every rank (a DDP forward is a collective): a zero-weight
+            # forward of one clean sample when this rank has no correctly classified sample.
+            l1 = l0 + 0 * _loss_result("IMA", loss_fn(model(x[:1]), y[:1]), 1).sum()
         if sel.numel():
             out_adv = model(x_adv)
             l1_sel = _loss_result("IMA", loss_fn(out_adv, ys), sel.numel())
@@ -838,6 +863,23 @@ class IMA(Defense):
             return {}
         return {"margins": self.table.margins.clone(), "eps_train": self.eps_train, "delta": self.delta,
                 "init_margin": self.init_margin}
+
+    def merge_distributed_state(self, states, start_state):
+        """The trainer's end-of-epoch merge hook (robust_ops.train): with ``sync`` the tables already agree on every
+        rank; without it each margin takes the value of the rank that changed it (the highest such rank if several
+        did), as the per-update sync would have."""
+        merged = dict(states[0])
+        if self.sync or not merged:
+            return merged
+        start = start_state.get("margins") if start_state else None
+        if start is None:
+            start = torch.full_like(merged["margins"], merged["init_margin"])
+        result = start.clone()
+        for state in states:
+            m = state["margins"].to(start.device)
+            result = torch.where(m != start, m, result)
+        merged["margins"] = result
+        return merged
 
     def load_state_dict(self, state):
         if not state:

@@ -121,11 +121,13 @@ def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=
         delta = torch.clamp(stepped - x_nat, min=-e, max=e)
     elif norm == "l2":
         n = x_adv.shape[0]
-        grad_norm = torch.norm(grad.reshape(n, -1), p=2, dim=1) + 1e-10
+        # float16/bfloat16: norms and factors in float32; in float16 ||g|| + 1e-10 underflows to 0 (NaN for g = 0).
+        norm_dtype = torch.float32 if x_adv.dtype in (torch.float16, torch.bfloat16) else None
+        grad_norm = torch.norm(grad.reshape(n, -1), p=2, dim=1, dtype=norm_dtype) + 1e-10
         stepped = x_adv + a * (grad / grad_norm.view_as(a))
         delta = stepped - x_nat
-        delta_norm = torch.norm(delta.reshape(n, -1), p=2, dim=1)
-        eps_flat = eps.to(x_adv.dtype)
+        delta_norm = torch.norm(delta.reshape(n, -1), p=2, dim=1, dtype=norm_dtype)
+        eps_flat = eps.to(delta_norm.dtype)
         factor = torch.minimum(delta_norm.reciprocal() * eps_flat, torch.ones_like(delta_norm))
         factor = torch.where(eps_flat == 0, torch.zeros_like(factor), factor)
         delta = delta * factor.view_as(a)

@@ -233,7 +233,8 @@ def _sync_defense_state(defense, start_state, world):
                 return torch.where(count == 1, pick, torch.where(count == 0, start.to(first.device), mean))
             return stack.float().mean(0).to(first.dtype) if stack.is_floating_point() else first
         if isinstance(first, dict):
-            return {k: combine([v[k] for v in values], start.get(k) if isinstance(start, dict) else None) for k in first}
+            start = start if isinstance(start, dict) else {}
+            return {k: combine([v[k] for v in values], start.get(k)) for k in first}
         if isinstance(first, float):
             return sum(values) / len(values)
         return first
@@ -339,7 +340,8 @@ def fit(
         optimizer: None (Adam(lr)), an optimizer over ``model``'s parameters, or a callable ``params -> optimizer``.
         scheduler: None, an LR scheduler, or a callable ``optimizer -> scheduler``; stepped once per epoch
             (``ReduceLROnPlateau`` gets the validation loss).
-        out_dir (str or Path): folder for ``checkpoint.pt``, ``metrics.csv`` and ``metrics.json``. None: nothing written.
+        out_dir (str or Path): folder for ``checkpoint.pt``, ``metrics.csv`` and ``metrics.json``
+            (None: nothing is written).
         resume (bool or str): True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues from
             that file (which must exist).
         seed (int): seeds torch, numpy and python RNGs at a fresh start, and the epoch permutations.

@@ -22,6 +22,7 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <limits>
@@ -152,144 +153,328 @@ int64_t select_window(const scalar_t* base, int64_t sH, int64_t sW, const Geomet
   return inan >= 0 ? inan : (i2 >= 0 ? i2 : i1);
 }
 
-// One top-2 step for `len` independent windows (lanes), each receiving its element src[j * step] at window slot
-// `slot`. State per lane: a1/t1 the value and slot of the first occurrence of the maximum, a2/t2 those of the first
-// occurrence of the largest remaining value (t2 = -1 until a second element was seen). Slots are stored as acc_t
-// (exact small integers) so every select uses one mask width. Returns whether any element was NaN (those windows
-// are redone by select_window). Lanes from `first` on; the vector version handles the lanes before it.
+// Top-2 selection for `len` windows at once (lanes). Lane j's window holds the elements base[tap_off[t] + j * step]
+// for the taps t = 0..ntaps-1, given in row-major window order; tap_rel[t] is the tap's flat H*W position relative
+// to the window origin. Writes per lane the selected value out[j] (the first occurrence of the largest value left
+// after removing the first occurrence of the maximum, or the single element) and its flat index
+// idx[j] = origin + j * origin_step + tap_rel[selected]. Returns whether any element was NaN (the caller redoes
+// those windows with select_window). Positions are carried as acc_t (exact small integers) so every select uses one
+// mask width.
 template <typename acc_t, typename scalar_t>
-bool top2_update_scalar(const scalar_t* __restrict__ src, int64_t step, int64_t first, int64_t len, acc_t slot,
-                        acc_t* __restrict__ a1, acc_t* __restrict__ a2, acc_t* __restrict__ t1,
-                        acc_t* __restrict__ t2) {
+bool window_top2_scalar(const scalar_t* __restrict__ base, int64_t step, int64_t first, int64_t len,
+                        const int64_t* tap_off, const acc_t* tap_rel, int64_t ntaps, scalar_t* __restrict__ out,
+                        int64_t* __restrict__ idx, int64_t origin, int64_t origin_step) {
   bool nan_seen = false;
   for (int64_t j = first; j < len; ++j) {
-    const acc_t v = static_cast<acc_t>(src[j * step]);
-    if (v > a1[j]) {
-      a2[j] = a1[j];
-      t2[j] = t1[j];
-      a1[j] = v;
-      t1[j] = slot;
-    } else if (v > a2[j] || t2[j] < 0) {
-      a2[j] = v;
-      t2[j] = slot;
+    acc_t a1 = 0, a2 = 0, t1 = -1, t2 = -1;
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const acc_t v = static_cast<acc_t>(base[tap_off[t] + j * step]);
+      if (t1 < 0 || v > a1) {
+        a2 = a1;
+        t2 = t1;
+        a1 = v;
+        t1 = tap_rel[t];
+      } else if (t2 < 0 || v > a2) {
+        a2 = v;
+        t2 = tap_rel[t];
+      }
+      nan_seen |= std::isnan(v);
     }
-    nan_seen |= std::isnan(v);
+    out[j] = static_cast<scalar_t>(t2 >= 0 ? a2 : a1);
+    idx[j] = origin + j * origin_step + static_cast<int64_t>(t2 >= 0 ? t2 : t1);
   }
   return nan_seen;
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define ROBUST_OPS_HAVE_AVX2_PATH 1
-// float32 with AVX2, chosen at run time (the extension is compiled for the x86-64 baseline, whose SSE2 lacks the
-// blend instructions this select-heavy loop needs; GCC then leaves the plain loop scalar).
-__attribute__((target("avx2"))) bool top2_update_avx2(const float* __restrict__ src, int64_t step, int64_t len,
-                                                      float slot, float* __restrict__ a1, float* __restrict__ a2,
-                                                      float* __restrict__ t1, float* __restrict__ t2) {
-  const __m256 slot_v = _mm256_set1_ps(slot);
-  const __m256 zero = _mm256_setzero_ps();
-  __m256 nan_lanes = zero;
-  int64_t j = 0;
-  for (; j + 8 <= len; j += 8) {
-    __m256 v;
-    if (step == 1) {
-      v = _mm256_loadu_ps(src + j);
-    } else if (step == 2 && j + 8 < len) {  // deinterleave two loads; they stay below src[2 * (j + 8)]
-      const __m256 lo = _mm256_loadu_ps(src + 2 * j);
-      const __m256 hi = _mm256_loadu_ps(src + 2 * j + 8);
-      const __m256 even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6
-      v = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
-    } else {
-      const float* p = src + j * step;
-      v = _mm256_setr_ps(p[0], p[step], p[2 * step], p[3 * step], p[4 * step], p[5 * step], p[6 * step],
-                         p[7 * step]);
-    }
-    const __m256 o1 = _mm256_loadu_ps(a1 + j), o2 = _mm256_loadu_ps(a2 + j);
-    const __m256 u1 = _mm256_loadu_ps(t1 + j), u2 = _mm256_loadu_ps(t2 + j);
-    const __m256 gt1 = _mm256_cmp_ps(v, o1, _CMP_GT_OQ);
-    const __m256 gt2 = _mm256_or_ps(_mm256_cmp_ps(v, o2, _CMP_GT_OQ), _mm256_cmp_ps(u2, zero, _CMP_LT_OQ));
-    const __m256 c2 = _mm256_blendv_ps(o2, v, gt2), d2 = _mm256_blendv_ps(u2, slot_v, gt2);
-    _mm256_storeu_ps(a2 + j, _mm256_blendv_ps(c2, o1, gt1));
-    _mm256_storeu_ps(t2 + j, _mm256_blendv_ps(d2, u1, gt1));
-    _mm256_storeu_ps(a1 + j, _mm256_blendv_ps(o1, v, gt1));
-    _mm256_storeu_ps(t1 + j, _mm256_blendv_ps(u1, slot_v, gt1));
-    nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+// float32 with AVX2, chosen at run time: the extension is compiled for the x86-64 baseline, whose SSE2 lacks the
+// blend instructions this select-heavy loop needs (GCC leaves the plain loop scalar). 8 lanes per vector; a window's
+// state stays in registers across its taps, and kUnroll vectors run side by side because one vector's taps form a
+// dependency chain.
+#define ROBUST_OPS_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+struct Top2State {
+  __m256 a1, a2, t1, t2;
+};
+
+ROBUST_OPS_AVX2 __m256 load_lanes(const float* p, int64_t step, bool may_read_ahead) {
+  if (step == 1) return _mm256_loadu_ps(p);
+  if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 7's)
+    const __m256 lo = _mm256_loadu_ps(p), hi = _mm256_loadu_ps(p + 8);
+    const __m256 even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
   }
-  const bool nan_seen = _mm256_movemask_ps(nan_lanes) != 0;
-  return top2_update_scalar<float, float>(src, step, j, len, slot, a1, a2, t1, t2) || nan_seen;
+  return _mm256_setr_ps(p[0], p[step], p[2 * step], p[3 * step], p[4 * step], p[5 * step], p[6 * step], p[7 * step]);
+}
+
+// The window's first element: the maximum so far, no second yet.
+ROBUST_OPS_AVX2 void top2_first(Top2State& st, __m256 v, __m256 s, __m256& nan_lanes) {
+  st.a1 = v;
+  st.t1 = s;
+  st.a2 = _mm256_setzero_ps();
+  st.t2 = _mm256_set1_ps(-1.0f);
+  nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+ROBUST_OPS_AVX2 void top2_step(Top2State& st, __m256 v, __m256 s, __m256& nan_lanes) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 gt1 = _mm256_cmp_ps(v, st.a1, _CMP_GT_OQ);
+  const __m256 gt2 = _mm256_or_ps(_mm256_cmp_ps(v, st.a2, _CMP_GT_OQ), _mm256_cmp_ps(st.t2, zero, _CMP_LT_OQ));
+  const __m256 c2 = _mm256_blendv_ps(st.a2, v, gt2), d2 = _mm256_blendv_ps(st.t2, s, gt2);
+  st.a2 = _mm256_blendv_ps(c2, st.a1, gt1);
+  st.t2 = _mm256_blendv_ps(d2, st.t1, gt1);
+  st.a1 = _mm256_blendv_ps(st.a1, v, gt1);
+  st.t1 = _mm256_blendv_ps(st.t1, s, gt1);
+  nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+// Writes lanes [j, min(j + 8, len)): value and idx = origin + (j + lane) * origin_step + rel.
+ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, float* out, int64_t* idx, int64_t origin,
+                                int64_t origin_step, __m256i lane_step) {
+  const __m256 second = _mm256_cmp_ps(st.t2, _mm256_setzero_ps(), _CMP_GE_OQ);
+  const __m256 val = _mm256_blendv_ps(st.a1, st.a2, second);
+  const __m256i rel = _mm256_add_epi32(_mm256_cvttps_epi32(_mm256_blendv_ps(st.t1, st.t2, second)), lane_step);
+  const __m256i base_idx = _mm256_set1_epi64x(origin + j * origin_step);
+  const __m256i lo = _mm256_add_epi64(base_idx, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(rel)));
+  const __m256i hi = _mm256_add_epi64(base_idx, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(rel, 1)));
+  if (j + 8 <= len) {
+    _mm256_storeu_ps(out + j, val);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j + 4), hi);
+  } else {  // the last, partial vector: lanes past len belong to other windows
+    alignas(32) float tail_val[8];
+    alignas(32) int64_t tail_idx[8];
+    _mm256_store_ps(tail_val, val);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tail_idx), lo);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tail_idx + 4), hi);
+    for (int64_t l = 0; l < len - j; ++l) {
+      out[j + l] = tail_val[l];
+      idx[j + l] = tail_idx[l];
+    }
+  }
+}
+
+// Handles lanes [0, done) with done <= len, reading lanes below safe_len only; needs relative positions and
+// lane offsets below 2^24 (exact in float and int32).
+__attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ base, int64_t step, int64_t len,
+                                                      int64_t safe_len, const int64_t* tap_off, const float* tap_rel,
+                                                      int64_t ntaps, float* __restrict__ out,
+                                                      int64_t* __restrict__ idx, int64_t origin,
+                                                      int64_t origin_step, int64_t& done) {
+  constexpr int kUnroll = 3;
+  __m256 nan_lanes = _mm256_setzero_ps();
+  const __m256i lane_step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32(static_cast<int32_t>(origin_step)));
+  int64_t j = 0;
+  for (; j < len && j + 8 * kUnroll <= safe_len; j += 8 * kUnroll) {
+    Top2State st[kUnroll];
+    {
+      const __m256 s = _mm256_set1_ps(tap_rel[0]);
+      const float* p = base + tap_off[0] + j * step;
+      for (int u = 0; u < kUnroll; ++u) {
+        top2_first(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
+      }
+    }
+    for (int64_t t = 1; t < ntaps; ++t) {
+      const __m256 s = _mm256_set1_ps(tap_rel[t]);
+      const float* p = base + tap_off[t] + j * step;
+      for (int u = 0; u < kUnroll; ++u) {
+        top2_step(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
+      }
+    }
+    for (int u = 0; u < kUnroll && j + 8 * u < len; ++u) {
+      top2_store(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
+    }
+  }
+  for (; j < len && j + 8 <= safe_len; j += 8) {
+    Top2State st;
+    top2_first(st, load_lanes(base + tap_off[0] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[0]),
+               nan_lanes);
+    for (int64_t t = 1; t < ntaps; ++t) {
+      top2_step(st, load_lanes(base + tap_off[t] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[t]),
+                nan_lanes);
+    }
+    top2_store(st, j, len, out, idx, origin, origin_step, lane_step);
+  }
+  done = std::min(j, len);
+  return _mm256_movemask_ps(nan_lanes) != 0;
+}
+
+// The same with AVX-512 (16 lanes, compares into mask registers and single-uop masked moves instead of blends).
+// GCC 12's own intrinsic headers trip -Wmaybe-uninitialized here (their _mm512_undefined_* placeholders).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define ROBUST_OPS_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+
+struct Top2State16 {
+  __m512 a1, a2, t1, t2;
+};
+
+ROBUST_OPS_AVX512 __m512 load_lanes16(const float* p, int64_t step, bool may_read_ahead) {
+  if (step == 1) return _mm512_loadu_ps(p);
+  if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 15's)
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
+  }
+  alignas(64) float lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = p[l * step];
+  return _mm512_load_ps(lanes);
+}
+
+ROBUST_OPS_AVX512 void top2_first16(Top2State16& st, __m512 v, __m512 s, __mmask16& nan_lanes) {
+  st.a1 = v;
+  st.t1 = s;
+  st.a2 = _mm512_setzero_ps();
+  st.t2 = _mm512_set1_ps(-1.0f);
+  nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+}
+
+ROBUST_OPS_AVX512 void top2_step16(Top2State16& st, __m512 v, __m512 s, __mmask16& nan_lanes) {
+  const __mmask16 gt1 = _mm512_cmp_ps_mask(v, st.a1, _CMP_GT_OQ);
+  const __mmask16 gt2 =
+      _mm512_cmp_ps_mask(v, st.a2, _CMP_GT_OQ) | _mm512_cmp_ps_mask(st.t2, _mm512_setzero_ps(), _CMP_LT_OQ);
+  st.a2 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.a2, gt2, v), gt1, st.a1);
+  st.t2 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.t2, gt2, s), gt1, st.t1);
+  st.a1 = _mm512_mask_mov_ps(st.a1, gt1, v);
+  st.t1 = _mm512_mask_mov_ps(st.t1, gt1, s);
+  nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+}
+
+ROBUST_OPS_AVX512 void top2_store16(const Top2State16& st, int64_t j, int64_t len, float* out, int64_t* idx,
+                                    int64_t origin, int64_t origin_step, __m512i lane_step) {
+  const __mmask16 second = _mm512_cmp_ps_mask(st.t2, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 val = _mm512_mask_mov_ps(st.a1, second, st.a2);
+  const __m512i rel = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_mask_mov_ps(st.t1, second, st.t2)), lane_step);
+  const __m512i base_idx = _mm512_set1_epi64(origin + j * origin_step);
+  const __m512i lo = _mm512_add_epi64(base_idx, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(rel)));
+  const __m512i hi = _mm512_add_epi64(base_idx, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(rel, 1)));
+  const int64_t n = std::min<int64_t>(16, len - j);  // the last vector may be partial: masked stores
+  const __mmask16 keep = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  _mm512_mask_storeu_ps(out + j, keep, val);
+  _mm512_mask_storeu_epi64(idx + j, __mmask8(keep & 0xFF), lo);
+  _mm512_mask_storeu_epi64(idx + j + 8, __mmask8(keep >> 8), hi);
+}
+
+__attribute__((target("avx512f"))) bool window_top2_avx512(const float* __restrict__ base, int64_t step,
+                                                          int64_t len, int64_t safe_len, const int64_t* tap_off,
+                                                          const float* tap_rel, int64_t ntaps,
+                                                          float* __restrict__ out, int64_t* __restrict__ idx,
+                                                          int64_t origin, int64_t origin_step, int64_t& done) {
+  constexpr int kUnroll = 4;
+  __mmask16 nan_lanes = 0;
+  const __m512i lane_step =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int32_t>(origin_step)));
+  int64_t j = 0;
+  for (; j < len && j + 16 * kUnroll <= safe_len; j += 16 * kUnroll) {
+    Top2State16 st[kUnroll];
+    {
+      const __m512 s = _mm512_set1_ps(tap_rel[0]);
+      const float* p = base + tap_off[0] + j * step;
+      for (int u = 0; u < kUnroll; ++u)
+        top2_first16(st[u], load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len), s, nan_lanes);
+    }
+    for (int64_t t = 1; t < ntaps; ++t) {
+      const __m512 s = _mm512_set1_ps(tap_rel[t]);
+      const float* p = base + tap_off[t] + j * step;
+      for (int u = 0; u < kUnroll; ++u)
+        top2_step16(st[u], load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len), s, nan_lanes);
+    }
+    for (int u = 0; u < kUnroll && j + 16 * u < len; ++u)
+      top2_store16(st[u], j + 16 * u, len, out, idx, origin, origin_step, lane_step);
+  }
+  for (; j < len && j + 16 <= safe_len; j += 16) {
+    Top2State16 st;
+    top2_first16(st, load_lanes16(base + tap_off[0] + j * step, step, j + 16 < safe_len), _mm512_set1_ps(tap_rel[0]),
+                 nan_lanes);
+    for (int64_t t = 1; t < ntaps; ++t) {
+      top2_step16(st, load_lanes16(base + tap_off[t] + j * step, step, j + 16 < safe_len),
+                  _mm512_set1_ps(tap_rel[t]), nan_lanes);
+    }
+    top2_store16(st, j, len, out, idx, origin, origin_step, lane_step);
+  }
+  done = std::min(j, len);
+  return nan_lanes != 0;
+}
+
+#pragma GCC diagnostic pop
+
+// $ROBUST_OPS_CPU_ISA caps the instruction set the CPU kernel uses: "avx512" (default: the best available), "avx2"
+// or "scalar" -- for testing every path on one machine and for comparing them.
+int cpu_isa_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("ROBUST_OPS_CPU_ISA");
+    const std::string value = env ? env : "avx512";
+    TORCH_CHECK(value == "avx512" || value == "avx2" || value == "scalar", kOp,
+                ": expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got '", value, "'");
+    return value == "avx512" ? 2 : (value == "avx2" ? 1 : 0);
+  }();
+  return cap;
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has && cpu_isa_cap() >= 2;
 }
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
-  return has;
+  return has && cpu_isa_cap() >= 1;
 }
 #endif
 
+// `vector_ok`: relative positions and lane offsets fit the AVX2 path's exact float / int32 arithmetic.
 template <typename acc_t, typename scalar_t>
-bool top2_update(const scalar_t* src, int64_t step, int64_t len, acc_t slot, acc_t* a1, acc_t* a2, acc_t* t1,
-                 acc_t* t2) {
+bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_len, const int64_t* tap_off,
+                 const acc_t* tap_rel, int64_t ntaps, scalar_t* out, int64_t* idx, int64_t origin,
+                 int64_t origin_step, bool vector_ok) {
+  int64_t done = 0;
+  bool nan_seen = false;
 #ifdef ROBUST_OPS_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu_has_avx2()) return top2_update_avx2(src, step, len, slot, a1, a2, t1, t2);
+    if (vector_ok && cpu_has_avx512()) {
+      nan_seen = window_top2_avx512(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,
+                                    origin_step, done);
+    } else if (vector_ok && cpu_has_avx2()) {
+      nan_seen = window_top2_avx2(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin, origin_step,
+                                  done);
+    }
   }
 #endif
-  return top2_update_scalar<acc_t, scalar_t>(src, step, 0, len, slot, a1, a2, t1, t2);
+  return window_top2_scalar<acc_t, scalar_t>(base, step, done, len, tap_off, tap_rel, ntaps, out, idx, origin,
+                                             origin_step) ||
+         nan_seen;
 }
 
-// The running top-2 state of `len` independent windows, one per lane (see top2_update).
-template <typename acc_t>
-struct Top2 {
-  std::vector<acc_t> m1, m2, s1, s2;
-  explicit Top2(int64_t len) : m1(len), m2(len), s1(len), s2(len) {}
-
-  // The first element of every window. Returns whether any of them is NaN.
-  template <typename scalar_t>
-  bool init(const scalar_t* __restrict__ src, int64_t step, int64_t len, int32_t slot) {
-    bool nan_seen = false;
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t v = static_cast<acc_t>(src[j * step]);
-      m1[j] = v;
-      s1[j] = static_cast<acc_t>(slot);
-      s2[j] = acc_t(-1);
-      nan_seen |= std::isnan(v);
-    }
-    return nan_seen;
-  }
-
-  template <typename scalar_t>
-  bool update(const scalar_t* src, int64_t step, int64_t len, int32_t slot) {
-    return top2_update<acc_t, scalar_t>(src, step, len, static_cast<acc_t>(slot), m1.data(), m2.data(), s1.data(),
-                                        s2.data());
-  }
-
-  int64_t selected(int64_t j) const { return static_cast<int64_t>(s2[j] >= 0 ? s2[j] : s1[j]); }
-};
-
-// Offsets (in H*W positions) of every window slot relative to the window origin, row-major window order.
-std::vector<int64_t> slot_offsets(const Geometry& g) {
-  std::vector<int64_t> off(g.kh * g.kw);
-  for (int64_t ki = 0; ki < g.kh; ++ki)
-    for (int64_t kj = 0; kj < g.kw; ++kj) off[ki * g.kw + kj] = ki * g.dh * g.W + kj * g.dw;
-  return off;
+// Relative positions (flat H*W) and lane offsets stay below 2^24: exact in float32, no int32 overflow.
+bool fits_vector_path(const Geometry& g, int64_t lanes, int64_t origin_step) {
+  const int64_t limit = int64_t(1) << 24;
+  return g.kh * g.dh * g.W + g.kw * g.dw < limit && (lanes + 8) * origin_step < limit;
 }
 
-// NCHW: one (n, c) plane per task; per output row, the windows fully inside the input along the width run through
-// Top2 (lanes = output columns, strided loads), the edge columns through select_window.
+// NCHW: one (n, c) plane per task; per output row, the windows fully inside the input along the width are the lanes
+// of window_top2 (lane = output column, loads strided by the width stride); the edge columns and rows holding NaN
+// go through select_window.
 template <typename scalar_t>
 void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indices, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   int64_t* idx = indices.mutable_data_ptr<int64_t>();
-  const std::vector<int64_t> off = slot_offsets(g);
   // Output columns whose window lies fully inside [0, W): ow*sw - pw >= 0 and ow*sw - pw + (kw-1)*dw <= W-1.
   const int64_t ow_lo = std::min(g.OW, (g.pw + g.sw - 1) / g.sw);
   const int64_t right = g.W - 1 - (g.kw - 1) * g.dw + g.pw;
   const int64_t ow_hi = std::max(ow_lo, right < 0 ? ow_lo : std::min(g.OW, right / g.sw + 1));
   const int64_t len = ow_hi - ow_lo;
   const int64_t planes = g.N * g.C, plane_in = g.H * g.W, plane_out = g.OH * g.OW;
+  const scalar_t* in_end = in + planes * plane_in;
+
+  const bool vector_ok = fits_vector_path(g, len, g.sw);
 
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    Top2<acc_t> top(std::max<int64_t>(len, 1));
+    std::vector<acc_t> tap_rel(g.kh * g.kw);
+    std::vector<int64_t> tap_off(g.kh * g.kw);
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* base = in + p * plane_in;
       scalar_t* o = out + p * plane_out;
@@ -303,35 +488,26 @@ void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indic
         };
         for (int64_t ow = 0; ow < ow_lo; ++ow) scalar_at(ow);
         for (int64_t ow = ow_hi; ow < g.OW; ++ow) scalar_at(ow);
-        if (len == 0) continue;
         int64_t ki0, ki1;
         valid_taps(hs, g.kh, g.dh, g.H, ki0, ki1);
-        if (ki0 == ki1) {
+        if (len == 0 || ki0 == ki1) {
           for (int64_t ow = ow_lo; ow < ow_hi; ++ow) scalar_at(ow);
           continue;
         }
-        const int64_t ws0 = ow_lo * g.sw - g.pw;
-        bool nan_seen = false, first = true;
-        for (int64_t ki = ki0; ki < ki1; ++ki) {
-          const scalar_t* row = base + (hs + ki * g.dh) * g.W + ws0;
+        int64_t ntaps = 0;
+        for (int64_t ki = ki0; ki < ki1; ++ki)
           for (int64_t kj = 0; kj < g.kw; ++kj) {
-            const scalar_t* src = row + kj * g.dw;
-            const int32_t slot = static_cast<int32_t>(ki * g.kw + kj);
-            if (first) {
-              nan_seen |= top.init(src, g.sw, len, slot);
-              first = false;
-            } else {
-              nan_seen |= top.update(src, g.sw, len, slot);
-            }
+            tap_off[ntaps] = ki * g.dh * g.W + kj * g.dw;
+            tap_rel[ntaps] = static_cast<acc_t>(tap_off[ntaps]);
+            ++ntaps;
           }
-        }
-        const int64_t origin_row = hs * g.W;
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t ow = ow_lo + j;
-          const int64_t pos = origin_row + ws0 + j * g.sw + off[top.selected(j)];
-          o[oh * g.OW + ow] = base[pos];
-          ix[oh * g.OW + ow] = pos;
-        }
+        const int64_t origin = hs * g.W + ow_lo * g.sw - g.pw;
+        const scalar_t* lane0 = base + origin;
+        // Lanes readable without leaving the tensor (extra lanes read further along the row and are ignored).
+        const int64_t safe_len = (in_end - (lane0 + tap_off[ntaps - 1]) - 1) / g.sw + 1;
+        const bool nan_seen =
+            window_top2<acc_t, scalar_t>(lane0, g.sw, len, safe_len, tap_off.data(), tap_rel.data(), ntaps,
+                                         o + oh * g.OW + ow_lo, ix + oh * g.OW + ow_lo, origin, g.sw, vector_ok);
         if (nan_seen) {
           for (int64_t ow = ow_lo; ow < ow_hi; ++ow) scalar_at(ow);
         }
@@ -340,18 +516,20 @@ void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indic
   });
 }
 
-// channels_last: one task per output row (n, oh); per output pixel the C channels are the Top2 lanes (contiguous).
+// channels_last: one task per output row (n, oh); per output pixel the C channels are the lanes of window_top2.
 template <typename scalar_t>
 void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tensor& indices, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
   int64_t* idx = indices.mutable_data_ptr<int64_t>();
-  const std::vector<int64_t> off = slot_offsets(g);
   const int64_t C = g.C;
 
+  const bool vector_ok = fits_vector_path(g, C, 0);
+
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    Top2<acc_t> top(C);
+    std::vector<acc_t> tap_rel(g.kh * g.kw);
+    std::vector<int64_t> tap_off(g.kh * g.kw);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.OH, oh = r % g.OH;
       const scalar_t* sample = in + n * g.H * g.W * C;
@@ -371,25 +549,14 @@ void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tens
           }
           continue;
         }
-        bool nan_seen = false;
-        for (int64_t ki = ki0; ki < ki1; ++ki) {
-          const int64_t h = hs + ki * g.dh;
+        int64_t ntaps = 0;
+        for (int64_t ki = ki0; ki < ki1; ++ki)
           for (int64_t kj = kj0; kj < kj1; ++kj) {
-            const scalar_t* src = sample + (h * g.W + ws + kj * g.dw) * C;
-            const int32_t slot = static_cast<int32_t>(ki * g.kw + kj);
-            if (ki == ki0 && kj == kj0) {
-              nan_seen |= top.init(src, 1, C, slot);
-            } else {
-              nan_seen |= top.update(src, 1, C, slot);
-            }
+            tap_off[ntaps] = ((hs + ki * g.dh) * g.W + ws + kj * g.dw) * C;
+            tap_rel[ntaps++] = static_cast<acc_t>(ki * g.dh * g.W + kj * g.dw);
           }
-        }
-        const int64_t origin = hs * g.W + ws;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t pos = origin + off[top.selected(c)];
-          o[c] = sample[pos * C + c];
-          ix[c] = pos;
-        }
+        const bool nan_seen = window_top2<acc_t, scalar_t>(sample, 1, C, C, tap_off.data(), tap_rel.data(), ntaps, o,
+                                                           ix, hs * g.W + ws, 0, vector_ok);
         if (nan_seen) {
           for (int64_t c = 0; c < C; ++c) {
             const int64_t pos = select_window(sample + c, g.W * C, C, g, oh, ow);

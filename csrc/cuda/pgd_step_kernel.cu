@@ -1,4 +1,4 @@
-// pgd_step_ on CUDA: one fused grid-stride pass for L-inf; for L2 two fused passes around the per-sample norms, which
+// pgd_step_ on CUDA: one fused pass for L-inf; for L2 two fused passes around the per-sample norms, which
 // ATen computes exactly as the eager chain does. The element functions are those of the CPU kernel (csrc/pgd_step.h);
 // setup.py compiles with --fmad=false so no FMA changes a bit. alpha finite / eps >= 0 are not checked here: that
 // needs a device sync per step (the CPU kernel checks them).
@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "cuda/cuda_helpers.cuh"
 #include "pgd_step.h"
 
@@ -16,14 +18,33 @@ namespace {
 
 using namespace pgd_step;
 
+// Each block updates kElemsPerBlock consecutive elements of ONE sample, so the per-sample values are read once per
+// block and no thread divides a 64-bit index by the sample size.
+constexpr int64_t kElemsPerBlock = 4 * cuda::kThreads;
+
+struct SampleChunk {
+  int64_t sample, begin, end;  // flat element range [begin, end) inside `sample`
+};
+
+__device__ __forceinline__ SampleChunk block_chunk(int64_t per_sample, int64_t blocks_per_sample) {
+  const int64_t block = blockIdx.x;
+  const int64_t sample = block / blocks_per_sample;
+  const int64_t first = (block - sample * blocks_per_sample) * kElemsPerBlock;
+  const int64_t last = first + kElemsPerBlock < per_sample ? first + kElemsPerBlock : per_sample;
+  return {sample, sample * per_sample + first, sample * per_sample + last};
+}
+
 template <typename scalar_t>
 __global__ void linf_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ x_nat,
                             const scalar_t* __restrict__ g, const opmath_t<scalar_t>* __restrict__ alpha,
-                            const opmath_t<scalar_t>* __restrict__ eps, scalar_t* __restrict__ slot, int64_t numel,
-                            int64_t per_sample, opmath_t<scalar_t> clip_min, opmath_t<scalar_t> clip_max) {
-  ROBUST_OPS_KERNEL_LOOP(i, numel) {
-    const int64_t s = i / per_sample;
-    const scalar_t out = linf_update(x[i], x_nat[i], g[i], alpha[s], eps[s], clip_min, clip_max);
+                            const opmath_t<scalar_t>* __restrict__ eps, scalar_t* __restrict__ slot,
+                            int64_t per_sample, int64_t blocks_per_sample, opmath_t<scalar_t> clip_min,
+                            opmath_t<scalar_t> clip_max) {
+  const SampleChunk c = block_chunk(per_sample, blocks_per_sample);
+  const opmath_t<scalar_t> a = alpha[c.sample];
+  const opmath_t<scalar_t> e = eps[c.sample];
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+    const scalar_t out = linf_update(x[i], x_nat[i], g[i], a, e, clip_min, clip_max);
     x[i] = out;
     if (slot != nullptr) slot[i] = out;
   }
@@ -32,21 +53,23 @@ __global__ void linf_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict
 template <typename scalar_t>
 __global__ void l2_delta_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ x_nat,
                                 const scalar_t* __restrict__ g, const opmath_t<scalar_t>* __restrict__ alpha,
-                                const opmath_t<scalar_t>* __restrict__ grad_norm, int64_t numel, int64_t per_sample) {
-  ROBUST_OPS_KERNEL_LOOP(i, numel) {
-    const int64_t s = i / per_sample;
-    x[i] = l2_delta(x[i], x_nat[i], g[i], alpha[s], grad_norm[s]);
-  }
+                                const opmath_t<scalar_t>* __restrict__ grad_norm, int64_t per_sample,
+                                int64_t blocks_per_sample) {
+  const SampleChunk c = block_chunk(per_sample, blocks_per_sample);
+  const opmath_t<scalar_t> a = alpha[c.sample];
+  const opmath_t<scalar_t> gn = grad_norm[c.sample];
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) x[i] = l2_delta(x[i], x_nat[i], g[i], a, gn);
 }
 
 template <typename scalar_t>
 __global__ void l2_project_kernel(scalar_t* __restrict__ x, const scalar_t* __restrict__ x_nat,
                                   const opmath_t<scalar_t>* __restrict__ factor, scalar_t* __restrict__ slot,
-                                  int64_t numel, int64_t per_sample, opmath_t<scalar_t> clip_min,
+                                  int64_t per_sample, int64_t blocks_per_sample, opmath_t<scalar_t> clip_min,
                                   opmath_t<scalar_t> clip_max) {
-  ROBUST_OPS_KERNEL_LOOP(i, numel) {
-    const int64_t s = i / per_sample;
-    const scalar_t out = l2_project(x[i], x_nat[i], factor[s], clip_min, clip_max);
+  const SampleChunk c = block_chunk(per_sample, blocks_per_sample);
+  const opmath_t<scalar_t> f = factor[c.sample];
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+    const scalar_t out = l2_project(x[i], x_nat[i], f, clip_min, clip_max);
     x[i] = out;
     if (slot != nullptr) slot[i] = out;
   }
@@ -64,7 +87,12 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::T
 
   const Plan p = make_plan(x_adv, x_nat, grad, alpha, eps, history, slot);
   const bool l2 = norm_name == "l2";
-  const dim3 grid = cuda::grid_for(p.numel);
+  const int64_t blocks_per_sample = cuda::ceil_div(p.per_sample, kElemsPerBlock);
+  const int64_t blocks = p.n * blocks_per_sample;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), kOp, ": expected at most ",
+              std::numeric_limits<int32_t>::max() * kElemsPerBlock, " elements on CUDA, got ", p.numel);
+  const dim3 grid(static_cast<unsigned>(blocks));
+  const int64_t ps = p.per_sample;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "pgd_step_cuda", [&] {
     using op_t = opmath_t<scalar_t>;
     scalar_t* x = p.x.data_ptr<scalar_t>();
@@ -75,18 +103,18 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::T
     const op_t lo = static_cast<op_t>(clip_min);
     const op_t hi = static_cast<op_t>(clip_max);
     if (!l2) {
-      linf_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(x, xn, g, a, p.eps.const_data_ptr<op_t>(), out_slot,
-                                                                 p.numel, p.per_sample, lo, hi);
+      linf_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(x, xn, g, a, p.eps.const_data_ptr<op_t>(), out_slot, ps,
+                                                                 blocks_per_sample, lo, hi);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     const at::Tensor gnorm = grad_norms(grad, p.n).contiguous();
-    l2_delta_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(x, xn, g, a, gnorm.const_data_ptr<op_t>(),
-                                                                   p.numel, p.per_sample);
+    l2_delta_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(x, xn, g, a, gnorm.const_data_ptr<op_t>(), ps,
+                                                                   blocks_per_sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor factors = projection_factors(p.x, p.eps, p.n).contiguous();
     l2_project_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(x, xn, factors.const_data_ptr<op_t>(), out_slot,
-                                                                     p.numel, p.per_sample, lo, hi);
+                                                                     ps, blocks_per_sample, lo, hi);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   p.finish();

@@ -25,20 +25,23 @@ def make_generator(seed, device):
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def fgsm(model, x, y, *, eps, loss="ce", targeted=False, clip_min=0.0, clip_max=1.0, model_mode="eval"):
-    r"""Fast gradient sign method (Goodfellow et al. 2015, arXiv:1412.6572): ``x + eps * sign(grad)``, clipped.
+def fgsm(model, x, y, *, eps, norm="linf", loss="ce", targeted=False, clip_min=0.0, clip_max=1.0,
+         model_mode="eval"):
+    r"""Fast gradient sign method (Goodfellow et al. 2015, arXiv:1412.6572): ``x + eps * sign(grad)``, clipped;
+    with ``norm="l2"`` the fast gradient method ``x + eps * grad / ||grad||``.
 
     One step of ``run_pgd`` with ``alpha = eps`` and no random start (the fused step's projection is then a no-op
-    up to rounding; results are bitwise those of torchattacks.FGSM). Threat model: white-box, Linf ball of radius eps.
+    up to rounding; results are bitwise those of torchattacks.FGSM). Threat model: white-box, ball of radius eps.
 
     Args: model; x (Tensor[N, ...]) in [clip_min, clip_max]; y (LongTensor[N]); eps (float or Tensor[N]);
-    loss ("ce", "cw" or a callable); targeted; clip_min, clip_max; model_mode. Returns x_adv (Tensor[N, ...]).
+    norm ("linf" or "l2"); loss ("ce", "cw" or a callable); targeted; clip_min, clip_max; model_mode.
+    Returns x_adv (Tensor[N, ...]).
 
     Example::
 
         >>> x_adv = robust_ops.attacks.fgsm(model, x, y, eps=5 / 255)
     """
-    return run_pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm="linf", loss=loss, targeted=targeted,
+    return run_pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, loss=loss, targeted=targeted,
                    clip_min=clip_min, clip_max=clip_max, model_mode=model_mode, name="fgsm").x_adv
 
 
@@ -114,12 +117,12 @@ class FGSM(Attack):
 
     name = "fgsm"
 
-    def __init__(self, model, eps=8 / 255, *, loss="ce", **options):
+    def __init__(self, model, eps=8 / 255, *, norm="linf", loss="ce", **options):
         super().__init__(model, **options)
-        self.eps, self.loss = eps, loss
+        self.eps, self.norm, self.loss = eps, norm, loss
 
     def forward(self, x, y):
-        return fgsm(self.model, x, y, eps=self.eps, loss=self.loss, targeted=self.targeted, clip_min=self.clip_min,
+        return fgsm(self.model, x, y, eps=self.eps, norm=self.norm, loss=self.loss, targeted=self.targeted, clip_min=self.clip_min,
                     clip_max=self.clip_max, model_mode=self.model_mode)
 
 
@@ -176,8 +179,10 @@ class CW(Attack):
     name = "cw"
 
     def __init__(self, model, eps=8 / 255, alpha=None, steps=10, kappa=0.0, *, random_start=False, seed=None,
-                 **options):
+                 norm="linf", **options):
         super().__init__(model, **options)
+        if norm != "linf":
+            raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
         self.eps, self.alpha, self.steps, self.kappa = eps, alpha, steps, kappa
         self.random_start, self.seed = random_start, seed
 

@@ -6,7 +6,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from ..attacks.context import MODEL_MODES, classification_loss, is_single_logit, two_logits
 from .base import Defense

@@ -1,0 +1,143 @@
+"""One training step of every defense: time per step and the ratio to standard training.
+
+Goals (issue 5): MIRST with reuse (parameter gradients from the attack's own backward passes) >= 1.25x faster than the
+plain formulation (a second forward/backward over the 4 instances), and <= 1.35x the time of a PGD-10 AT step.
+Same run, resnet18 at 1x64x64, batch 32 by default. The peer row is a PGD-10 AT step with torchattacks' PGD.
+
+    python benchmarks/bench_defenses.py --quick              # 1 warm-up + 3 timed steps per defense
+    python benchmarks/bench_defenses.py --defenses mirst at  # a subset
+"""
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_rows  # noqa: E402
+
+from robust_ops import defenses  # noqa: E402
+from robust_ops.attacks.context import classification_loss  # noqa: E402
+from robust_ops.models import build_model  # noqa: E402
+
+ALL = ("standard", "at", "sat", "trades", "rst", "gr", "llr", "mart", "fat", "amat", "mirst", "mirst-plain", "mirst-dm",
+       "ima", "dpaat", "arfl", "at-torchattacks")
+
+
+def make_defense(name, num_samples):
+    if name == "mirst-plain":
+        return defenses.build("mirst", reuse=False)
+    if name == "at-torchattacks":
+        return None
+    if name == "ima":
+        return defenses.build("ima", num_samples=num_samples)
+    if name == "at":
+        return defenses.build("at", steps=10)
+    return defenses.build(name)
+
+
+def available(name):
+    if name == "mirst-dm":
+        return importlib.util.find_spec("robust_ops.nn") is not None
+    if name == "ima":
+        return importlib.util.find_spec("robust_ops.ima") is not None
+    if name == "at-torchattacks":
+        return importlib.util.find_spec("torchattacks") is not None
+    return True
+
+
+def torchattacks_at_step(model, x, y, opt):
+    import torchattacks
+
+    eps = defenses.AT().eps
+    attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / 10, steps=10, random_start=True)
+    x_adv = attack(x, y)  # torchattacks puts the model in eval mode for the attack and restores it
+    opt.zero_grad(set_to_none=True)
+    loss = classification_loss(model(x_adv), y)
+    loss.backward()
+    opt.step()
+
+
+def train_step(model, defense, x, y, ids, opt):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt.zero_grad(set_to_none=True)
+    out = defense(model, x, y, ids) if defense.needs_ids else defense(model, x, y)
+    out.loss.backward()
+    if out.extra_grads is not None:
+        for p, g in zip(params, out.extra_grads):
+            p.grad.add_(g)
+    opt.step()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps (default: 2 + 7)")
+    ap.add_argument("--defenses", nargs="*", default=list(ALL), choices=ALL)
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    warmup, reps = (1, 3) if args.quick else (2, 7)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 1, args.size, args.size, generator=g).to(device)
+    y = torch.randint(0, 2, (args.batch,), generator=g).to(device)
+    ids = torch.arange(args.batch, device=device)
+
+    steps = {}
+    names = ["standard"] + [n for n in args.defenses if n != "standard"]
+    for name in names:
+        if not available(name):
+            print(f"skip {name}: its module is not available in this checkout")
+            continue
+        torch.manual_seed(0)
+        model = build_model(args.model, in_channels=1, num_classes=2, image_size=args.size)
+        defense = make_defense(name, args.batch)
+        if defense is not None and hasattr(defense, "prepare_model"):
+            model = defense.prepare_model(model)
+        model = model.to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        if defense is None:
+            steps[name] = (lambda m=model, o=opt: torchattacks_at_step(m, x, y, o))
+        else:
+            steps[name] = (lambda m=model, d=defense, o=opt: train_step(m, d, x, y, ids, o))
+
+    # Round-robin timing: every round times one step of each defense, so load changes on a shared machine hit all
+    # defenses alike; medians over rounds.
+    samples = {name: [] for name in steps}
+    for r in range(warmup + reps):
+        for name, fn in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= warmup:
+                samples[name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}/{warmup + reps} done", flush=True)
+    times = {name: statistics.median(v) for name, v in samples.items()}
+    rows = []
+    for name, med in times.items():
+        rows.append({"defense": name, "step_ms": med * 1e3, "min_ms": min(samples[name]) * 1e3,
+                     "max_ms": max(samples[name]) * 1e3, "x_standard": med / times["standard"]})
+
+    if "mirst" in times and "mirst-plain" in times:
+        print(f"\nMIRST reuse vs plain: {times['mirst-plain'] / times['mirst']:.2f}x faster (goal >= 1.25x)")
+    if "mirst" in times and "at" in times:
+        print(f"MIRST reuse vs PGD-10 AT: {times['mirst'] / times['at']:.2f}x its time (goal <= 1.35x)")
+    if "at" in times and "at-torchattacks" in times:
+        print(f"AT (run_pgd) vs AT (torchattacks PGD): {times['at-torchattacks'] / times['at']:.2f}x faster")
+    for row in rows:
+        row.update(model=args.model, input=f"{args.batch}x1x{args.size}x{args.size}", reps=reps)
+    write_rows("defenses", rows)
+
+
+if __name__ == "__main__":
+    main()

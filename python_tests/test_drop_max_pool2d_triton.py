@@ -1,0 +1,112 @@
+"""Triton drop_max_pool2d kernels against robust_ops.reference: on CUDA, or on CPU under TRITON_INTERPRET=1
+(set before import). Small shapes: the interpreter is slow."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import robust_ops
+from robust_ops import reference
+
+from test_drop_max_pool2d import expected_format, layout, make_input, pool_cases
+from utils import assert_verbose_equal
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def triton_op():
+    return torch.ops.robust_ops.drop_max_pool2d_triton
+
+
+def check(x, args):
+    out, idx = triton_op()(x, *args)
+    if x.numel() == 0:
+        assert out.shape == idx.shape and out.shape[:2] == x.shape[:2]
+        return out, idx
+    ref_out, ref_idx = reference.drop_max_pool2d(x, *args)
+    assert_verbose_equal(out, ref_out, "output")
+    assert_verbose_equal(idx, ref_idx, "indices")
+    fmt = expected_format(x)
+    assert out.is_contiguous(memory_format=fmt) and idx.is_contiguous(memory_format=fmt)
+    return out, idx
+
+
+def test_schema_matches_native():
+    native = str(torch.ops.robust_ops.drop_max_pool2d.default._schema)
+    tri = str(triton_op().default._schema)
+    assert tri.replace("drop_max_pool2d_triton", "drop_max_pool2d") == native
+    native_bwd = str(torch.ops.robust_ops._drop_max_pool2d_backward.default._schema)
+    tri_bwd = str(torch.ops.robust_ops._drop_max_pool2d_backward_triton.default._schema)
+    assert tri_bwd.replace("_backward_triton", "_backward") == native_bwd
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pool_cases())
+def test_matches_reference_randomized(case):
+    shape, args, values, fmt, seed = case
+    check(layout(make_input(shape, values, seed), fmt).to(DEVICE), args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes(dtype):
+    args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    for fmt in ("contiguous", "channels_last"):
+        out, _ = check(layout(make_input((1, 5, 9, 7), "integers", 2, dtype), fmt).to(DEVICE), args)
+        assert out.dtype == dtype
+
+
+def test_nan_and_ties():
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[[[1.0, nan, -inf, -inf], [2.0, 0.0, -inf, -inf], [inf, inf, 4.0, -inf], [5.0, 6.0, nan, 1.0]]]])
+    for args in (((2, 2), (2, 2), (0, 0), (1, 1), False), ((3, 3), (1, 1), (1, 1), (1, 1), False)):
+        check(x.to(DEVICE), args)
+    x = torch.tensor([[[[5.0, 5.0, 1.0]]]], device=DEVICE)
+    out, idx = triton_op()(x, (1, 3), (1, 3), (0, 0), (1, 1), False)
+    assert out.item() == 5.0 and idx.item() == 1
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grad_matches_reference_autograd(fmt, dtype):
+    args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    x = layout(make_input((2, 3, 9, 7), "normal", 5, dtype), fmt).to(DEVICE)
+    grad = make_input((2, 3, 5, 4), "normal", 6, dtype).to(DEVICE)
+    x1 = x.clone().requires_grad_()
+    triton_op()(x1, *args)[0].backward(grad)
+    x2 = x.clone().requires_grad_()
+    reference.drop_max_pool2d(x2, *args)[0].backward(grad)
+    tol = 2e-3 if dtype == torch.float16 else 1e-6
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
+    assert x1.grad.is_contiguous(memory_format=expected_format(x))
+
+
+def test_gradcheck_float64():
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    args = [(3, 2), (2, 1), (1, 1), (1, 2), True]
+    assert torch.autograd.gradcheck(lambda t: triton_op()(t, *args)[0], (x,), fast_mode=True)
+
+
+def test_backend_triton_through_module():
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    a = robust_ops.DropMax2d(3, 2, 1, backend="triton")(x)
+    b = robust_ops.DropMax2d(3, 2, 1, backend="reference")(x)
+    assert_verbose_equal(a, b)
+
+
+def test_error_message_matches_native():
+    with pytest.raises(RuntimeError, match="drop_max_pool2d: expected input to be 4-D"):
+        triton_op()(torch.zeros(1, 4, 4, device=DEVICE), (2, 2), (2, 2), (0, 0), (1, 1), False)
+    with pytest.raises(RuntimeError, match="expected padding to be at most half of kernel_size"):
+        triton_op()(torch.zeros(1, 1, 4, 4, device=DEVICE), (2, 2), (2, 2), (2, 0), (1, 1), False)
+
+
+@pytest.mark.needs_cuda
+def test_opcheck_and_compile_cuda():
+    x = torch.randn(2, 3, 9, 8, device="cuda", requires_grad=True)
+    torch.library.opcheck(triton_op(), (x, [3, 3], [2, 2], [1, 1], [1, 1], False))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), robust_ops.DropMax2d(3, 2, 1, backend="triton"))
+    model = model.cuda()
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))

@@ -1,0 +1,172 @@
+"""SimCLR pretraining (Chen et al., ICML 2020) as used by MIRST-DM's Table 2: contrastive pretraining of the backbone
+with the NT-Xent loss (MIRST-DM eq. 4), before supervised / adversarial training with robust_ops.train.fit.
+
+    simclr(model, train_set, epochs=100, temperature=0.5)   # pretrains model's backbone in place
+    fit(model, defenses.build("mirst-dm"), train_set, ...)
+
+The classifier head (the model's last ``fc`` / ``classifier`` / ``head`` linear layer) is replaced by an identity while
+pretraining, so the representation is the backbone's pooled features; a 2-layer projection head maps them to the space
+where NT-Xent is computed (and is returned, then discarded as in SimCLR). The model's own head is put back untouched.
+"""
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_NAMES = ("fc", "classifier", "head")
+
+
+def nt_xent(z1, z2, temperature=0.5):
+    """NT-Xent (MIRST-DM eq. 4) averaged over all 2N anchors: for anchor i with positive j,
+    l(i, j) = -log(exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau)), sim the cosine similarity.
+
+    Args: z1, z2 (Tensor[N, D]): projections of the two views (row i of z1 and of z2 form a positive pair);
+    temperature (float > 0)."""
+    if z1.shape != z2.shape or z1.dim() != 2 or z1.shape[0] < 2:
+        raise ValueError(f"nt_xent: expected two [N, D] projections with N >= 2 and equal shapes, got "
+                         f"{tuple(z1.shape)} and {tuple(z2.shape)}")
+    if not (isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"nt_xent: expected temperature > 0, got {temperature!r}")
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = z @ z.t() / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, targets)
+
+
+class SimCLRAugment(nn.Module):
+    """SimCLR's augmentations for a batch of images in [0, 1], drawn independently per image: random resized crop
+    (scale 0.2-1, back to the input size), horizontal flip, color jitter with probability 0.8 (brightness and contrast
+    0.4 for grayscale; plus saturation 0.4 and hue 0.1 and random grayscale p=0.2 for RGB), Gaussian blur with
+    probability 0.5 (kernel ~ 10% of the size, sigma in [0.1, 2]). Uses the global torch RNG (seeded by simclr)."""
+
+    def __init__(self, size, channels=1, crop_scale=(0.2, 1.0)):
+        super().__init__()
+        from torchvision.transforms import v2
+
+        h, w = (size, size) if isinstance(size, numbers.Integral) else tuple(size)
+        kernel = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
+        ops = [v2.RandomResizedCrop((h, w), scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
+        if channels == 3:
+            ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        else:
+            ops += [v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
+        ops += [v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)]
+        self.transform = v2.Compose(ops)
+
+    def forward(self, x):
+        return torch.stack([self.transform(img).clamp(0, 1) for img in x])
+
+
+def projection_head(in_features, out_features=128):
+    """SimCLR's MLP projection head: Linear - ReLU - Linear."""
+    return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
+                         nn.Linear(in_features, out_features))
+
+
+@dataclass
+class PretrainResult:
+    """history: [{"epoch", "loss"}] per epoch; head: the trained projection head; removed_head: the name of the
+    classifier head that was bypassed (None if the model was used as a feature extractor as is)."""
+
+    history: list = field(default_factory=list)
+    head: nn.Module = None
+    removed_head: str = None
+
+
+def _classifier_head(model, head):
+    if head is None:
+        return None
+    if head != "auto":
+        if not isinstance(getattr(model, head, None), nn.Module):
+            raise ValueError(f"simclr: the model has no module attribute {head!r} to bypass")
+        return head
+    for name in HEAD_NAMES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Sequential) and len(module)
+                                             and isinstance(module[-1], nn.Linear)):
+            return name
+    return None
+
+
+def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3e-4, weight_decay=1e-6,
+           projection_dim=128, head="auto", augment=None, device="cpu", seed=0, progress=True):
+    """Pretrain ``model_backbone`` in place with SimCLR's NT-Xent loss on ``data`` (labels are ignored).
+
+    Args:
+        model_backbone (nn.Module): a feature extractor, or a classifier whose head (``fc``/``classifier``/``head``,
+            found with head="auto", or named) is bypassed during pretraining and left untouched.
+        data (Dataset): yields ``x`` or ``(x, y, ...)`` with images [C, H, W] in [0, 1].
+        epochs (int): passes over data. temperature (float): tau of eq. 4 (0.5).
+        batch_size (int): N pairs per step (the last incomplete batch is dropped; N >= 2).
+        lr, weight_decay: Adam settings. projection_dim: output size of the projection head.
+        head: "auto", a module attribute name, or None (use the model's output as the representation).
+        augment (callable, optional): batch -> augmented batch; default SimCLRAugment for the image size.
+        device, seed, progress: as for robust_ops.train.fit.
+
+    Returns:
+        PretrainResult(history, head, removed_head).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        raise ValueError(f"simclr: expected epochs to be an integer >= 1, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 2:
+        raise ValueError(f"simclr: expected batch_size to be an integer >= 2 (NT-Xent needs negatives), got "
+                         f"{batch_size!r}")
+    if len(data) < batch_size:
+        raise ValueError(f"simclr: data has {len(data)} samples, fewer than one batch of {batch_size}")
+    if not (isinstance(temperature, numbers.Real) and temperature > 0):
+        raise ValueError(f"simclr: expected temperature > 0, got {temperature!r}")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    first = data[0]
+    sample = first[0] if isinstance(first, (tuple, list)) else first
+    augment = augment if augment is not None else SimCLRAugment(tuple(sample.shape[-2:]), channels=sample.shape[0])
+
+    head_name = _classifier_head(model_backbone, head)
+    original_head = getattr(model_backbone, head_name) if head_name else None
+    model = model_backbone.to(device)
+    try:
+        if head_name:
+            setattr(model, head_name, nn.Identity())
+        model.train()
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            feat_dim = model(sample.unsqueeze(0).to(device)).flatten(1).shape[1]
+            model.train(was)
+        proj = projection_head(feat_dim, projection_dim).to(device)
+        params = list(model.parameters()) + list(proj.parameters())
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
+                                             generator=torch.Generator().manual_seed(seed))
+        history = []
+        for epoch in range(epochs):
+            total, steps = 0.0, 0
+            batches = loader
+            if progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(loader, desc=f"simclr {epoch + 1}/{epochs}", leave=False)
+            for batch in batches:
+                x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+                v1, v2 = augment(x), augment(x)
+                z = proj(model(torch.cat([v1, v2])).flatten(1))
+                loss = nt_xent(z[: x.shape[0]], z[x.shape[0]:], temperature)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"simclr: the NT-Xent loss is {float(loss)} at epoch {epoch + 1}, "
+                                             f"step {steps + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+            history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
+    finally:
+        if head_name:
+            setattr(model_backbone, head_name, original_head)
+    return PretrainResult(history=history, head=proj, removed_head=head_name)

@@ -1,0 +1,136 @@
+"""Triton drop-max pooling: robust_ops::drop_max_pool2d_triton and robust_ops::_drop_max_pool2d_backward_triton.
+
+Same schema and semantics as the C++ op (robust_ops.reference.drop_max_pool2d): per window the first occurrence of
+the largest value left after removing the first occurrence of the maximum (row-major window order); a single valid
+element selects itself; a window holding NaN selects its first NaN. The kernels index through the tensors' strides,
+so NCHW, channels_last and any other layout run without copies; outputs keep the input's memory format.
+
+Forward: one lane per output element, the window unrolled at compile time (kernel size is a constexpr).
+Backward: scatter-add of grad_output to the selected positions with atomics (windows overlap); float16/bfloat16
+accumulate in a float32 buffer. The backward op's schema carries no window geometry, so a gather formulation is not
+possible; with at most ceil(k/s)^2 contributions per element the float32 atomic order changes results by at most
+a rounding step between runs.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._autograd import register_drop_max_autograd
+from .._meta import check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, output_memory_format
+from ._utils import launch
+
+FORWARD_SCHEMA = (
+    "(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
+    "-> (Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = "(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor"
+BLOCK = 256
+
+
+@triton.jit
+def _drop_max_pool2d_fwd_kernel(
+    x_ptr, out_ptr, idx_ptr, total, C, H, W, OH, OW,
+    sxn, sxc, sxh, sxw, son, soc, soh, sow,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    ow = offs % OW
+    t = offs // OW
+    oh = t % OH
+    t = t // OH
+    c = t % C
+    n = t // C
+    hs = oh * SH - PH
+    ws = ow * SW - PW
+    base = n * sxn + c * sxc
+    a1 = tl.zeros([BLOCK], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK], dtype=tl.float32)
+    t1 = tl.full([BLOCK], -1, tl.int64)
+    t2 = tl.full([BLOCK], -1, tl.int64)
+    first_nan = tl.full([BLOCK], -1, tl.int64)
+    for ki in tl.static_range(KH):
+        h = hs + ki * DH
+        for kj in tl.static_range(KW):
+            w = ws + kj * DW
+            valid = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            v = tl.load(x_ptr + base + h * sxh + w * sxw, mask=valid, other=0.0).to(tl.float32)
+            pos = h * W + w
+            is_nan = v != v
+            ok = valid & (is_nan == 0)
+            gt1 = ok & ((t1 < 0) | (v > a1))
+            gt2 = ok & (gt1 == 0) & ((t2 < 0) | (v > a2))
+            a2 = tl.where(gt1, a1, tl.where(gt2, v, a2))
+            t2 = tl.where(gt1, t1, tl.where(gt2, pos, t2))
+            a1 = tl.where(gt1, v, a1)
+            t1 = tl.where(gt1, pos, t1)
+            first_nan = tl.where(valid & is_nan & (first_nan < 0), pos, first_nan)
+    sel = tl.where(first_nan >= 0, first_nan, tl.where(t2 >= 0, t2, t1))
+    found = mask & (sel >= 0)
+    # Re-read the selected element: exact in the input dtype, NaN payload included.
+    value = tl.load(x_ptr + base + (sel // W) * sxh + (sel % W) * sxw, mask=found, other=float("-inf"))
+    o = n * son + c * soc + oh * soh + ow * sow
+    tl.store(out_ptr + o, value, mask=mask)
+    tl.store(idx_ptr + o, sel, mask=mask)
+
+
+@triton.jit
+def _drop_max_pool2d_bwd_kernel(
+    go_ptr, idx_ptr, gi_ptr, total, C, OH, OW, HW, W,
+    sgn, sgc, sgh, sgw, sin, sic, sih, siw, sxn, sxc, sxh, sxw,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    ow = offs % OW
+    t = offs // OW
+    oh = t % OH
+    t = t // OH
+    c = t % C
+    n = t // C
+    sel = tl.load(idx_ptr + n * sin + c * sic + oh * sih + ow * siw, mask=mask, other=-1)
+    g = tl.load(go_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=mask, other=0.0).to(tl.float32)
+    ok = mask & (sel >= 0) & (sel < HW)  # -1: a window without input elements (output -inf), no gradient
+    tl.atomic_add(gi_ptr + n * sxn + c * sxc + (sel // W) * sxh + (sel % W) * sxw, g, mask=ok)
+
+
+@torch.library.triton_op("robust_ops::drop_max_pool2d_triton", mutates_args=(), schema=FORWARD_SCHEMA)
+def drop_max_pool2d_triton(input, kernel_size, stride, padding, dilation, ceil_mode):
+    oh, ow = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode)
+    n, c, h, w = input.shape
+    fmt = output_memory_format(input)
+    out = torch.empty((n, c, oh, ow), dtype=input.dtype, device=input.device, memory_format=fmt)
+    idx = torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device, memory_format=fmt)
+    total = out.numel()
+    if total == 0:
+        return out, idx
+    launch(_drop_max_pool2d_fwd_kernel)[(triton.cdiv(total, BLOCK),)](
+        input, out, idx, total, c, h, w, oh, ow,
+        *input.stride(), *out.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kernel_size[0], KW=kernel_size[1], BLOCK=BLOCK,
+    )
+    return out, idx
+
+
+@torch.library.triton_op("robust_ops::_drop_max_pool2d_backward_triton", mutates_args=(), schema=BACKWARD_SCHEMA)
+def drop_max_pool2d_backward_triton(grad_output, indices, input_size):
+    check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
+    fmt = output_memory_format(grad_output)
+    # float32 accumulation buffer (atomics); the grad_input itself when it is float32.
+    acc = torch.empty(tuple(input_size), dtype=torch.float32, device=grad_output.device, memory_format=fmt).zero_()
+    total = grad_output.numel()
+    if total > 0:
+        n, c, oh, ow = grad_output.shape
+        h, w = input_size[2], input_size[3]
+        launch(_drop_max_pool2d_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
+            grad_output, indices, acc, total, c, oh, ow, h * w, w,
+            *grad_output.stride(), *indices.stride(), *acc.stride(),
+            BLOCK=BLOCK,
+        )
+    return acc if grad_output.dtype == torch.float32 else acc.to(grad_output.dtype)
+
+
+register_drop_max_autograd("robust_ops::drop_max_pool2d_triton", "robust_ops::_drop_max_pool2d_backward_triton")
