@@ -28,6 +28,7 @@ from .attacks.context import (
     classification_loss,
     predict_from_output,
 )
+from .attacks.core import per_sample
 from .defenses.base import Defense, DefenseOutput
 
 __all__ = [
@@ -200,28 +201,6 @@ def _check_int(name, arg, value, minimum):
     return int(value)
 
 
-def _margin_tensor(name, margin, x):
-    n = x.shape[0]
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    if torch.is_tensor(margin):
-        if margin.dim() == 0:
-            margin = margin.reshape(1).expand(n)
-        if margin.dim() != 1 or margin.shape[0] != n:
-            raise ValueError(f"{name}: expected margin to be a number or a tensor of shape [{n}], "
-                             f"got shape {tuple(margin.shape)}")
-        m = margin.detach().to(device=x.device, dtype=dtype)
-    elif isinstance(margin, numbers.Real) and not isinstance(margin, bool):
-        m = torch.full((n,), float(margin), dtype=dtype, device=x.device)
-    else:
-        raise TypeError(f"{name}: expected margin to be a number or a tensor, got {type(margin).__name__}")
-    bad = ~torch.isfinite(m) | (m < 0)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}: expected every margin to be finite and >= 0, got {int(bad.sum())} bad value(s), "
-                         f"e.g. margin[{i}] = {float(m[i])}")
-    return m
-
-
 def _criterion_result(name, ok, n):
     if not torch.is_tensor(ok) or ok.dtype != torch.bool or ok.shape != (n,):
         got = f"{ok.dtype} {tuple(ok.shape)}" if torch.is_tensor(ok) else type(ok).__name__
@@ -260,7 +239,7 @@ class _Problem:
                 raise ValueError(f"{name}: expected y with batch size {x.shape[0]}, got "
                                  f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
         self.name, self.model, self.x, self.y = name, model, x.detach(), y
-        self.margin = _margin_tensor(name, margin, x)
+        self.margin = per_sample(name, "margin", margin, x)
         self.norm, self.algorithm = norm, algorithm
         self.is_correct = is_correct or _default_is_correct
         self.default_criterion = is_correct is None

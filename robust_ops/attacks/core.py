@@ -75,9 +75,11 @@ def per_sample(name, arg, value, x, allow_zero=True):
             raise ValueError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got shape "
                              f"{tuple(value.shape)}")
         t = value.detach().to(device=x.device, dtype=dtype)
-        if t.numel() and (not bool(torch.isfinite(t).all()) or bool((t < 0).any() if allow_zero else (t <= 0).any())):
-            raise ValueError(f"{name}: expected {arg} {'>= 0' if allow_zero else '> 0'} and finite, got values in "
-                             f"[{float(t.min()):.4g}, {float(t.max()):.4g}]")
+        bad = ~torch.isfinite(t) | ((t < 0) if allow_zero else (t <= 0))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}: expected every {arg} to be finite and {'>= 0' if allow_zero else '> 0'}, got "
+                             f"{int(bad.sum())} bad value(s), e.g. {arg}[{i}] = {float(t[i]):.4g}")
         return t.contiguous()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
