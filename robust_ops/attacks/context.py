@@ -17,26 +17,35 @@ MODEL_MODES = ("eval", "train", "keep")
 
 
 @contextlib.contextmanager
+def use_model_mode(model, mode):
+    """Run forwards in ``mode`` ("eval", "train" or "keep" the current modes), restoring every module's mode."""
+    if mode not in MODEL_MODES:
+        raise ValueError(f"attack: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {mode!r}")
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if mode == "eval":
+            model.eval()
+        elif mode == "train":
+            model.train()
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
 def attack_context(model, model_mode="eval"):
     """Run an attack on ``model`` in ``model_mode`` ("eval" default, "train", or "keep" the current modes) with
     parameter gradients off; every module's mode and every parameter's ``requires_grad`` are restored afterwards."""
-    if model_mode not in MODEL_MODES:
-        raise ValueError(f"attack: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {model_mode!r}")
-    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        if model_mode == "eval":
-            model.eval()
-        elif model_mode == "train":
-            model.train()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
+    with use_model_mode(model, model_mode):
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield model
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 class Normalized(torch.nn.Module):

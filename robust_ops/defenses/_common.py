@@ -1,13 +1,12 @@
 """What the defenses share: argument checks, unwrapping DDP for attacks, the PGD settings every adversarial defense
 takes (composed on robust_ops.attacks.core.run_pgd -- no defense has its own PGD loop), and small losses."""
 
-import contextlib
 import math
 import numbers
 
 import torch
 
-from ..attacks.context import MODEL_MODES, classification_loss, is_single_logit, two_logits
+from ..attacks.context import MODEL_MODES, classification_loss, is_single_logit, two_logits, use_model_mode
 from .base import Defense
 
 # MIRST-DM's threat model (Linf, eps = 5/255) with Madry's step-size rule (2.5 * eps / steps) is the default of the
@@ -58,23 +57,6 @@ def as_two_class(out):
 def kl_per_sample(log_p, log_q):
     """KL(p || q) per sample from log-probabilities [N, K]."""
     return (log_p.exp() * (log_p - log_q)).sum(1)
-
-
-@contextlib.contextmanager
-def model_mode(model, mode):
-    """Run differentiable forwards in ``mode`` ("train", "eval" or "keep"), restoring every module's mode."""
-    if mode not in MODEL_MODES:
-        raise ValueError(f"model_mode: expected one of {', '.join(MODEL_MODES)}, got {mode!r}")
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        if mode == "train":
-            model.train()
-        elif mode == "eval":
-            model.eval()
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class PGDDefense(Defense):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, as_two_class, check_choice, check_real, model_mode, per_sample_ce, unwrap
+from ._common import PGDDefense, as_two_class, check_choice, check_real, use_model_mode, per_sample_ce, unwrap
 from .base import DefenseOutput
 
 
@@ -35,7 +35,7 @@ class _AdaptiveRadius(PGDDefense):
 
     def _losses(self, model, x, x_adv, y):
         """Per-sample clean and adversarial losses in the attack's mode, without gradients."""
-        with torch.no_grad(), model_mode(unwrap(model), self.attack_mode) as net:
+        with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
             return per_sample_ce(net(x), y).float(), per_sample_ce(net(x_adv), y).float()
 
     def _attack_with_radii(self, model, x, y, radii):

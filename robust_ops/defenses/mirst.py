@@ -23,7 +23,7 @@ give the same parameter gradients up to floating-point rounding.
 """
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, check_int, check_real, model_mode, unwrap
+from ._common import PGDDefense, check_int, check_real, use_model_mode, unwrap
 from .base import DefenseOutput
 
 MIRST_BETA = (0.34, 0.28, 0.22, 0.16)
@@ -72,7 +72,7 @@ class MIRST(PGDDefense):
             res = self.attack(model, x, y, steps=self.emit[-1], emit=self.emit)
             logits = model(x)
             clean = classification_loss(logits, y)
-            with model_mode(unwrap(model), self.attack_mode):
+            with use_model_mode(unwrap(model), self.attack_mode):
                 adv_terms = [classification_loss(model(res.iterates[j]), y) for j in range(len(self.emit))]
             adv_t = sum(b * l for b, l in zip(self.beta, adv_terms))
             loss = clean + self.alpha * adv_t

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, as_two_class, check_real, kl_per_sample, model_mode, unwrap
+from ._common import PGDDefense, as_two_class, check_real, kl_per_sample, use_model_mode, unwrap
 from .base import DefenseOutput
 
 
@@ -21,7 +21,7 @@ class TRADES(PGDDefense):
         self.beta = check_real(self.name, "beta", beta, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
-        with torch.no_grad(), model_mode(unwrap(model), self.attack_mode) as net:
+        with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
             log_p_nat = F.log_softmax(as_two_class(net(x)).float(), 1)
 
         def kl_objective(out, _y):
