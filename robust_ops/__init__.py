@@ -23,7 +23,8 @@ from .nn import DropMax2d, replace_maxpool  # noqa: E402,F401
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "attacks", "ima", "defenses", "train", "data", "evaluate", "models", "metrics", "report", "pretrain", "cli", "reproduce",
+    "attacks", "ima", "defenses", "train", "data", "evaluate", "models", "metrics", "report", "pretrain", "cli",
+    "reproduce",
     "reference", "functional",
 )
 
