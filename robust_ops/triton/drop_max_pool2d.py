@@ -29,6 +29,16 @@ BLOCK = 256
 
 
 @triton.jit
+def _unravel_nchw(offs, C, OH, OW):
+    """(n, c, oh, ow) of flat row-major output positions."""
+    ow = offs % OW
+    t = offs // OW
+    oh = t % OH
+    t = t // OH
+    return t // C, t % C, oh, ow
+
+
+@triton.jit
 def _drop_max_pool2d_fwd_kernel(
     x_ptr, out_ptr, idx_ptr, total, C, H, W, OH, OW,
     sxn, sxc, sxh, sxw, son, soc, soh, sow,
@@ -37,12 +47,7 @@ def _drop_max_pool2d_fwd_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    ow = offs % OW
-    t = offs // OW
-    oh = t % OH
-    t = t // OH
-    c = t % C
-    n = t // C
+    n, c, oh, ow = _unravel_nchw(offs, C, OH, OW)
     hs = oh * SH - PH
     ws = ow * SW - PW
     base = n * sxn + c * sxc
@@ -84,12 +89,7 @@ def _drop_max_pool2d_bwd_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    ow = offs % OW
-    t = offs // OW
-    oh = t % OH
-    t = t // OH
-    c = t % C
-    n = t // C
+    n, c, oh, ow = _unravel_nchw(offs, C, OH, OW)
     sel = tl.load(idx_ptr + n * sin + c * sic + oh * sih + ow * siw, mask=mask, other=-1)
     g = tl.load(go_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=mask, other=0.0).to(tl.float32)
     ok = mask & (sel >= 0) & (sel < HW)  # -1: a window without input elements (output -inf), no gradient

@@ -30,16 +30,21 @@ def _clamp(v, lo, hi):
 
 
 @triton.jit
+def _sample_block(per_sample, blocks_per_sample, BLOCK: tl.constexpr):
+    """This program's sample n and its block of flat element indices (blocks never straddle two samples)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // blocks_per_sample
+    offs = (pid - n * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+    return n, n * per_sample + offs, offs < per_sample
+
+
+@triton.jit
 def _linf_kernel(
     x_ptr, x_nat_ptr, grad_ptr, alpha_ptr, eps_ptr, bounds_ptr, hist_ptr,
     per_sample, blocks_per_sample, hist_offset,
     HAS_HISTORY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // blocks_per_sample
-    offs = (pid - n * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < per_sample
-    idx = n * per_sample + offs
+    n, idx, mask = _sample_block(per_sample, blocks_per_sample, BLOCK)
     alpha = tl.load(alpha_ptr + n)
     eps = tl.load(eps_ptr + n)
     clip_min = tl.load(bounds_ptr)
@@ -66,11 +71,7 @@ def _l2_delta_kernel(
     per_sample, blocks_per_sample,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // blocks_per_sample
-    offs = (pid - n * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < per_sample
-    idx = n * per_sample + offs
+    n, idx, mask = _sample_block(per_sample, blocks_per_sample, BLOCK)
     alpha = tl.load(alpha_ptr + n)
     grad_norm = tl.load(grad_norm_ptr + n)
     x = tl.load(x_ptr + idx, mask=mask, other=0.0)
@@ -90,11 +91,7 @@ def _l2_project_kernel(
     per_sample, blocks_per_sample, hist_offset,
     HAS_HISTORY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // blocks_per_sample
-    offs = (pid - n * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < per_sample
-    idx = n * per_sample + offs
+    n, idx, mask = _sample_block(per_sample, blocks_per_sample, BLOCK)
     factor = tl.load(factor_ptr + n)
     clip_min = tl.load(bounds_ptr)
     clip_max = tl.load(bounds_ptr + 1)
