@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 import robust_ops
 from robust_ops import reference
 
-from test_drop_max_pool2d import expected_format, layout, make_input, pool_cases
+from test_drop_max_pool2d import check_against_reference, expected_format, layout, make_input, pool_cases
 from utils import assert_verbose_equal
 
 pytestmark = pytest.mark.triton
@@ -22,16 +22,7 @@ def triton_op():
 
 
 def check(x, args):
-    out, idx = triton_op()(x, *args)
-    if x.numel() == 0:
-        assert out.shape == idx.shape and out.shape[:2] == x.shape[:2]
-        return out, idx
-    ref_out, ref_idx = reference.drop_max_pool2d(x, *args)
-    assert_verbose_equal(out, ref_out, "output")
-    assert_verbose_equal(idx, ref_idx, "indices")
-    fmt = expected_format(x)
-    assert out.is_contiguous(memory_format=fmt) and idx.is_contiguous(memory_format=fmt)
-    return out, idx
+    return check_against_reference(x, args, triton_op())
 
 
 def test_schema_matches_native():
