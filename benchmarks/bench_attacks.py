@@ -7,6 +7,7 @@ Models at 1x64x64, batch 32: a small ResNet-style CNN and torchvision resnet18 (
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,10 +18,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import median_seconds, write_rows  # noqa: E402
+from common import interleaved_medians, write_rows  # noqa: E402
 
 from robust_ops import attacks  # noqa: E402
 from robust_ops._backend import resolve  # noqa: E402
+from robust_ops.memory import ENV_SWITCH as POOL_SWITCH  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
 
 
@@ -98,13 +100,13 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="small-resnet,resnet18")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, --quick 2)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=None, help="Adam steps before the ensemble (default 30, "
                         "--quick 12)")
     args = parser.parse_args()
     import torchattacks
 
-    run_time = 0.5 if args.quick else 3.0
     device = torch.device(args.device)
     backend = resolve("pgd_step_", device)
     x, y = blobs(args.batch, args.size, 1, device)
@@ -125,13 +127,24 @@ def main():
         def theirs():
             return ta(x, y)
 
-        same = torch.equal(ours(), theirs())
-        t_ours = median_seconds(ours, run_time)
-        t_theirs = median_seconds(theirs, run_time)
-        t_emit = median_seconds(ours_emit, run_time)
+        def ours_no_pool():
+            os.environ[POOL_SWITCH] = "0"
+            try:
+                return ours()
+            finally:
+                os.environ[POOL_SWITCH] = pool_setting
+
+        pool_setting = os.environ.get(POOL_SWITCH, "1")
+        same = torch.equal(ours(), theirs()) and torch.equal(ours_no_pool(), ours())
+        # Interleaved rounds: ours, torchattacks, ours without the CPU memory pool, ours with emit.
+        (t_ours, t_theirs, t_no_pool, t_emit), _ = interleaved_medians(
+            [ours, theirs, ours_no_pool, ours_emit], args.rounds or (2 if args.quick else 7))
         rows.append(dict(model=name, case="pgd-10 vs torchattacks.PGD", ours_ms=t_ours * 1e3, peer_ms=t_theirs * 1e3,
                          ratio=t_theirs / t_ours, images_per_s=args.batch / t_ours, same_output=same,
                          backend=backend))
+        rows.append(dict(model=name, case="pgd-10 without the CPU memory pool vs torchattacks.PGD",
+                         ours_ms=t_no_pool * 1e3, peer_ms=t_theirs * 1e3, ratio=t_theirs / t_no_pool,
+                         images_per_s=args.batch / t_no_pool, same_output=same, backend=backend))
         rows.append(dict(model=name, case="pgd-10 emit=(2,4,6,8) vs plain", ours_ms=t_emit * 1e3,
                          peer_ms=t_ours * 1e3, ratio=t_emit / t_ours, images_per_s=args.batch / t_emit,
                          same_output=torch.equal(ours_emit()[0], ours()), backend=backend))

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_rows  # noqa: E402
 
+from robust_ops.memory import cpu_memory_pool, pool_enabled_by_default  # noqa: E402
 from robust_ops.ima import IMA, gen_adv, paper_eps_train  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
 
@@ -75,14 +76,14 @@ def pretrain(model, x, y, epochs, batch_size):
             opt.step()
 
 
-def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True):
+def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True, min_rows=None):
     model = build_model("resnet18", 1, 2, 28)
     model.load_state_dict(state)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     eps = paper_eps_train(tuple(x.shape[1:]), "l2")  # 3 sqrt(784/3072) = 1.52; delta = eps / 100 (IMA defaults)
     defense = IMA(num_samples=x.shape[0], eps_train=eps, steps=args.steps, search_steps=args.search_steps,
-                  arity=arity, compact=compact, batch_exit=batch_exit, norm="l2")
+                  arity=arity, compact=compact, batch_exit=batch_exit, norm="l2", min_rows=min_rows)
     margins = {
         "init": torch.full((x.shape[0],), eps / 100),  # Algorithm 1: every E(i) starts at delta
         "spread": torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps,
@@ -91,14 +92,15 @@ def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exi
     defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
     crossed = seen = 0
     start, cpu_start = time.perf_counter(), time.process_time()
-    for ids in batches(ids_all.numel(), args.batch_size, 0):
-        ids = ids_all[ids]
-        opt.zero_grad()
-        out = defense(model, x[ids], y[ids], ids)
-        out.loss.backward()
-        opt.step()
-        crossed += out.metrics.get("crossed", 0.0) * ids.numel()
-        seen += ids.numel()
+    with cpu_memory_pool(pool_enabled_by_default()):  # as robust_ops.train.fit runs its epochs
+        for ids in batches(ids_all.numel(), args.batch_size, 0):
+            ids = ids_all[ids]
+            opt.zero_grad()
+            out = defense(model, x[ids], y[ids], ids)
+            out.loss.backward()
+            opt.step()
+            crossed += out.metrics.get("crossed", 0.0) * ids.numel()
+            seen += ids.numel()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return seconds, cpu_seconds, defense.margins.clone(), defense.counter.as_dict(), crossed / max(seen, 1)
 
@@ -141,6 +143,9 @@ def main():
     parser.add_argument("--search-steps", type=int, default=10, help="N (paper: 10)")
     parser.add_argument("--pretrain-epochs", type=int, default=1)
     parser.add_argument("--scenarios", default="spread,cap,init")
+    parser.add_argument("--variants", default=None,
+                        help="comma list of variants besides masked (default: all): naive, compacted, "
+                             "'compacted unpadded', 'compacted k=4'")
     parser.add_argument("--lockstep", action="store_true",
                         help="only check, batch by batch on the same model state, that compacted and masked GenAdv "
                              "agree (spread margins)")
@@ -162,23 +167,32 @@ def main():
     state = copy.deepcopy(model.state_dict())
     ids_all = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:images].sort().values
 
-    # (name, compact, arity, batch_exit): "masked" stops once the whole batch has finished; "naive" is the issue's
-    # "every sample pays all K steps and N search forwards".
+    # "masked" stops once the whole batch has finished; "naive" is the issue's "every sample pays all K steps and N
+    # search forwards".
     if args.lockstep:
         lockstep(state, x, y, ids_all, args, "spread")
         return
-    variants = [("masked", False, 2, True), ("naive", False, 2, False), ("compacted", True, 2, True),
-                ("compacted k=4", True, 4, True)]
+    # (name, compact, arity, batch_exit, min_rows). GenAdv pads its forwards to 16 rows by default (min_rows=None):
+    # from 16 rows on oneDNN's float32 results here no longer depend on the batch size, so compacted margins are
+    # bitwise the masked ones. "compacted unpadded" (min_rows=0) shows what the padding costs and why it is needed.
+    variants = [("masked", False, 2, True, None), ("naive", False, 2, False, None), ("compacted", True, 2, True, None),
+                ("compacted unpadded", True, 2, True, 0), ("compacted k=4", True, 4, True, None)]
+    if args.variants:
+        wanted = args.variants.split(",")
+        unknown = set(wanted) - {v[0] for v in variants}
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in variants]}")
+        variants = [v for v in variants if v[0] == "masked" or v[0] in wanted]
     rows = []
     for scenario in args.scenarios.split(","):
         times = {v[0]: [] for v in variants}
         cpu_times = {v[0]: [] for v in variants}
         results = {}
         for r in range(repeats):
-            for name, compact, arity, batch_exit in variants:  # interleaved: the machine's load hits all alike
+            for name, compact, arity, batch_exit, min_rows in variants:  # interleaved: load hits all alike
                 seconds, cpu, margins, counts, crossed = ima_epoch(state, x, y, ids_all, args, compact=compact,
                                                                    arity=arity, scenario=scenario,
-                                                                   batch_exit=batch_exit)
+                                                                   batch_exit=batch_exit, min_rows=min_rows)
                 times[name].append(seconds)
                 cpu_times[name].append(cpu)
                 results[name] = (margins, counts, crossed)

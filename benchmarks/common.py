@@ -22,6 +22,26 @@ def median_seconds(fn, min_run_time=1.0):
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def interleaved_medians(fns, rounds):
+    """For calls too slow to repeat in blocks (seconds each): one warm-up call each, then ``rounds`` rounds calling
+    every fn once in turn, so load on a shared machine hits all alike. Returns (median seconds per fn, per-round
+    times per fn)."""
+    import statistics
+    import time
+
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times], times
+
+
 def copy_roofline_seconds(nbytes, device="cpu", min_run_time=1.0):
     """Time of a same-size copy (read + write nbytes/2 each way counts as moving nbytes): the memory roofline."""
     n = max(1, nbytes // 8)  # float32 elements per side so read + write = nbytes

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_memory_pool.h"
+
 #ifdef WITH_CUDA
 #include <cuda.h>
 #endif
@@ -50,6 +52,11 @@ TORCH_LIBRARY(robust_ops, m) {
       "Tensor? active) -> ()");
 
   m.def("_cuda_version() -> int", &cuda_version);
+
+  // The scoped caching CPU allocator the attacks run under (csrc/cpu_memory_pool.h); not tensor ops.
+  m.def("_cpu_pool_enter() -> bool", &cpu_pool_enter);
+  m.def("_cpu_pool_exit() -> ()", &cpu_pool_exit);
+  m.def("_cpu_pool_stats() -> int[]", &cpu_pool_stats);
 }
 
 }  // namespace robust_ops

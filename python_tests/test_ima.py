@@ -118,9 +118,11 @@ def test_matches_per_sample_loop(norm, algorithm):
 def test_compacted_equals_masked_and_spends_less(algorithm, arity):
     model, x, y, margin = make_problem(n=12, seed=1)
     c_compact, c_masked = PassCounter(), PassCounter()
-    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity, counter=c_compact)
+    # min_rows=0: no padding, so the row counts show what compaction saves on this 12-sample batch
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity, counter=c_compact,
+                    min_rows=0)
     b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity,
-                           counter=c_masked)
+                           counter=c_masked, min_rows=0)
     assert ca.tolist() == cb.tolist()
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # batch composition may change the last bit
     assert c_compact.forward_calls == c_masked.forward_calls
@@ -130,11 +132,30 @@ def test_compacted_equals_masked_and_spends_less(algorithm, arity):
     # The naive form (no batch-level exit) pays every step and every search round for every sample.
     c_naive = PassCounter()
     n, cn = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, algorithm=algorithm, arity=arity,
-                           counter=c_naive, batch_exit=False)
+                           counter=c_naive, batch_exit=False, min_rows=0)
     assert cn.tolist() == ca.tolist()
     torch.testing.assert_close(n, a, rtol=1e-12, atol=1e-12)
     assert c_naive.forward_rows == 9 * 12 + search_rounds(6, arity) * (arity - 1) * 12
     assert c_naive.backward_rows == 8 * 12
+
+
+def test_min_rows_pads_forwards_without_changing_results():
+    model, x, y, margin = make_problem(n=12, seed=1)
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, min_rows=0)
+    counter = PassCounter()
+    b, cb = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter)  # default: 16 in eval mode
+    assert torch.equal(a, b) and torch.equal(ca, cb)
+    assert counter.forward_rows == 16 * counter.forward_calls  # every working batch (<= 12 rows) padded to 16
+    assert counter.backward_rows == 16 * counter.backward_calls
+    with pytest.raises(ValueError, match="min_rows pads batches"):
+        gen_adv(model, x, y, margin, steps=2, min_rows=16, model_mode="train")
+    counter = PassCounter()
+    gen_adv(model, x, y, margin, steps=2, search_steps=0, model_mode="train", counter=counter)  # default: no padding
+    assert counter.forward_rows < 16 * counter.forward_calls
+    with pytest.raises(ValueError, match="min_rows to be an integer >= 0"):
+        gen_adv(model, x, y, margin, steps=2, min_rows=-1)
+    with pytest.raises(ValueError, match="min_rows to be an integer >= 0"):
+        IMA(num_samples=4, min_rows=1.5)
 
 
 def test_pass_counts_follow_the_cost_model_and_model_state_is_restored():
@@ -143,7 +164,8 @@ def test_pass_counts_follow_the_cost_model_and_model_state_is_restored():
     flags = [p.requires_grad for p in model.parameters()]
     k, n_search = 6, 4
     counter = PassCounter()
-    _, crossed, info = gen_adv(model, x, y, margin, steps=k, search_steps=n_search, counter=counter, return_info=True)
+    _, crossed, info = gen_adv(model, x, y, margin, steps=k, search_steps=n_search, counter=counter, return_info=True,
+                               min_rows=0)
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     moved = margin > 0
     t = info.steps  # crossing step, K when never crossed, 0 for clean-misclassified samples

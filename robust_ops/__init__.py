@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "attacks", "ima", "defenses", "train", "data", "evaluate", "models", "metrics", "report", "pretrain", "cli",
-    "reproduce",
+    "reproduce", "memory",
     "reference", "functional",
 )
 

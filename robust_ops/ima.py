@@ -58,7 +58,7 @@ SEARCH_RESULTS = ("correct_side", "midpoint")
 @dataclass
 class PassCounter:
     """Forward/backward passes spent by :func:`gen_adv`: ``*_calls`` counts batched model calls (sequential launches),
-    ``*_rows`` counts the samples that went through them (the work)."""
+    ``*_rows`` counts the rows that went through them (the work, padding rows of ``min_rows`` included)."""
 
     forward_calls: int = 0
     forward_rows: int = 0
@@ -219,7 +219,7 @@ class _Problem:
     """Everything one gen_adv call needs, validated once."""
 
     def __init__(self, name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-                 clip_min, clip_max, search_result, backend):
+                 clip_min, clip_max, search_result, backend, model_mode="eval", min_rows=None):
         if norm not in NORMS:
             raise ValueError(f"{name}: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
         if algorithm not in ALGORITHMS:
@@ -246,6 +246,9 @@ class _Problem:
         self.loss_fn = loss_fn or _default_loss
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.search_result, self.backend = search_result, backend
+        if min_rows is None:
+            min_rows = 0 if _batch_coupled(model, model_mode) else DEFAULT_MIN_ROWS
+        self.min_rows = _check_int(name, "min_rows", min_rows, 0)
         self.rounds = search_rounds(self.search_steps, self.arity)
         # Algorithm 2: alpha = 4 E(i) / K.
         self.alpha = 4 * self.margin / self.steps if self.steps else torch.zeros_like(self.margin)
@@ -256,21 +259,24 @@ class _Problem:
         return _criterion_result(self.name, self.is_correct(out, y), y.shape[0])
 
     def forward(self, xs, counter, grad):
-        """Model output at xs (with a graph to xs when grad); one counted forward."""
-        counter.forward(xs.shape[0])
+        """Model output at xs (with a graph to xs when grad); one counted forward. Batches smaller than min_rows are
+        padded with copies of their first row (outside the graph) and the padding's outputs dropped."""
+        n = xs.shape[0]
+        pad = self.min_rows - n if n else 0
+        counter.forward(max(n, self.min_rows) if n else 0)
         if grad:
             xs = xs.detach().requires_grad_(True)
-            with torch.enable_grad():
-                return xs, self.model(xs)
-        with torch.no_grad():
-            return xs, self.model(xs)
+        with torch.set_grad_enabled(grad):
+            rows = torch.cat([xs, xs.detach()[:1].expand((pad,) + tuple(xs.shape[1:]))]) if pad > 0 else xs
+            out = self.model(rows)
+            return xs, (out[:n] if pad > 0 else out)
 
     def gradient(self, xs, out, y, weight, counter):
         """Gradient of the per-sample loss at xs; rows with weight 0 get no gradient (their sample is done)."""
         with torch.enable_grad():
             loss = _loss_result(self.name, self.loss_fn(out, y), y.shape[0])
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
-        counter.backward(xs.shape[0])
+        counter.backward(max(xs.shape[0], self.min_rows))
         (grad,) = torch.autograd.grad(total, xs)
         return grad
 
@@ -446,6 +452,16 @@ def _search_masked(p, lo, hi, crossed, counter):
 # Public entry points
 
 
+DEFAULT_MIN_ROWS = 16
+
+
+def _batch_coupled(model, model_mode):
+    """Whether the attack's forwards couple the samples of a batch (batch-norm in train mode)."""
+    if model_mode == "train":
+        return True
+    return model_mode == "keep" and any(m.training for m in model.modules())
+
+
 def _unwrap_ddp(model):
     """GenAdv runs on a DistributedDataParallel model's inner module: a DDP forward is a collective (buffer
     broadcast), and ranks take different numbers of GenAdv forwards once samples finish at different steps."""
@@ -455,10 +471,13 @@ def _unwrap_ddp(model):
 
 
 def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-             clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit):
+             clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit, min_rows=None):
     model = _unwrap_ddp(model)
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-                 clip_min, clip_max, search_result, backend)
+                 clip_min, clip_max, search_result, backend, model_mode, min_rows)
+    if p.min_rows and _batch_coupled(model, model_mode):
+        raise ValueError(f"{name}: min_rows pads batches with copies of a sample, which would change batch-norm "
+                         f"statistics when the attack runs in train mode; use model_mode='eval' or min_rows=0")
     p.batch_exit = bool(batch_exit)
     counter = counter if counter is not None else PassCounter()
     with attack_context(model, model_mode):
@@ -480,7 +499,7 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
 
 def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algorithm=2, is_correct=None, loss_fn=None,
             arity=2, clip_min=0.0, clip_max=1.0, model_mode="eval", search_result="correct_side", compact=True,
-            batch_exit=True, counter=None, return_info=False, backend=None):
+            batch_exit=True, counter=None, return_info=False, backend=None, min_rows=None):
     r"""IMA's GenAdv (Algorithm 2, or Algorithm 3 for data augmentation), batched with per-sample early exit.
 
     Algorithm 2, per sample with margin E = E(i): from x_0 = x, up to K = ``steps`` normalized-gradient steps
@@ -526,6 +545,13 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
         counter (PassCounter, optional): incremented with the forward/backward passes spent.
         return_info (bool): also return a :class:`GenAdvInfo`.
         backend (str, optional): backend of the pgd_step_ and boundary_search_step_ ops.
+        min_rows (int, optional): pad every forward to at least this many rows (copies of its first sample, outputs
+            dropped). CPU float32 convolutions pick kernels by batch size, so a sample's output can differ in the
+            last bit between a batch of 5 and one of 64, and compaction would change results; from 16 rows on
+            oneDNN's results no longer depend on the batch (AVX-512 and AVX2, see docs/ima.md), so with padding
+            compacted and masked GenAdv are bitwise equal. Default: 16 when the attack runs in eval mode (measured
+            free on CPU: rows below 16 cost nearly as much as 16), 0 in train mode (padding would change batch-norm
+            statistics, so min_rows > 0 is an error there). 0 turns padding off.
 
     Returns:
         ``(x_adv, crossed)`` (plus ``info`` with ``return_info``): x_adv [N, ...] detached, crossed BoolTensor[N]
@@ -538,7 +564,7 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
     return _gen_adv("gen_adv", compact, model, x, y, margin, steps=steps, norm=norm, search_steps=search_steps,
                     algorithm=algorithm, is_correct=is_correct, loss_fn=loss_fn, arity=arity, clip_min=clip_min,
                     clip_max=clip_max, model_mode=model_mode, search_result=search_result, counter=counter,
-                    return_info=return_info, backend=backend, batch_exit=batch_exit)
+                    return_info=return_info, backend=backend, batch_exit=batch_exit, min_rows=min_rows)
 
 
 def gen_adv_masked(model, x, y, margin, **kwargs):
@@ -723,6 +749,8 @@ class IMA(Defense):
         is_correct, loss_fn: criterion and per-sample loss (defaults: argmax == y and cross-entropy).
         compact, batch_exit (bool): active-set compaction in GenAdv (default True); for the masked form, whether it
             stops once the whole batch has finished (default True).
+        min_rows (int, optional): pad GenAdv's forwards to at least this many rows so their float32 results do not
+            depend on how many samples are still active (see :func:`gen_adv`). Default: 16 in eval mode, else 0.
     """
 
     name = "ima"
@@ -731,7 +759,7 @@ class IMA(Defense):
     def __init__(self, num_samples=None, *, eps_train=None, delta=None, init_margin=None, beta=0.5, norm="l2",
                  steps=20, search_steps=10, arity=2, algorithm=2, model_mode="eval", clip_min=0.0, clip_max=1.0,
                  is_correct=None, loss_fn=None, strict_shrink=False, compact=True, search_result="correct_side",
-                 batch_exit=True, sync=True, backend=None):
+                 batch_exit=True, sync=True, backend=None, min_rows=None):
         if norm not in NORMS:
             raise ValueError(f"IMA: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
         if not (isinstance(beta, numbers.Real) and 0 <= beta <= 1):
@@ -753,6 +781,7 @@ class IMA(Defense):
         self.strict_shrink, self.compact, self.search_result = strict_shrink, compact, search_result
         self.batch_exit = batch_exit
         self.sync, self.backend = sync, backend
+        self.min_rows = None if min_rows is None else _check_int("IMA", "min_rows", min_rows, 0)
         self._is_correct, self._loss_fn = is_correct, loss_fn
         self.num_samples = None if num_samples is None else _check_int("IMA", "num_samples", num_samples, 1)
         self.table = None
@@ -810,6 +839,7 @@ class IMA(Defense):
                 loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min, clip_max=self.clip_max,
                 model_mode=self.model_mode, search_result=self.search_result, compact=self.compact,
                 counter=self.counter, return_info=True, backend=self.backend, batch_exit=self.batch_exit,
+                min_rows=self.min_rows,
             )
             # Samples the attack's mode finds wrong at x itself are treated as misclassified clean (L1 = L0).
             keep = info.clean_correct

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .memory import cpu_memory_pool, pool_enabled_by_default
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -451,6 +452,9 @@ def fit(
     if ckpt_path is not None and ckpt_path.is_file():
         last_ckpt = str(ckpt_path)
 
+    # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory).
+    pool = cpu_memory_pool(device.type == "cpu" and pool_enabled_by_default())
+    pool.__enter__()
     try:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
@@ -569,6 +573,7 @@ def fit(
             if world > 1:
                 dist.barrier()
     finally:
+        pool.__exit__(None, None, None)
         if initialized_here:
             dist.destroy_process_group()
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()

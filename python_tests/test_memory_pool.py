@@ -1,0 +1,133 @@
+"""The scoped caching CPU allocator (robust_ops.memory): reuse inside, the default allocator outside, memory that
+crosses the boundary freed correctly, results unchanged."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import robust_ops
+from robust_ops import attacks
+from robust_ops.memory import cpu_memory_pool, cpu_memory_pool_stats, pool_enabled_by_default
+
+BIG = 1 << 16  # floats: 256 KiB, above the pool's 64 KiB threshold
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 3)).eval()
+
+
+def test_off_outside_and_reuses_inside():
+    assert cpu_memory_pool_stats().depth == 0
+    before = cpu_memory_pool_stats()
+    with cpu_memory_pool():
+        assert cpu_memory_pool_stats().depth == 1
+        for _ in range(5):
+            t = torch.empty(BIG)
+            t.fill_(1.0)
+            del t
+        inside = cpu_memory_pool_stats()
+        assert inside.hits - before.hits >= 4  # the first allocation misses, the rest reuse its block
+        assert inside.cached_bytes >= BIG * 4
+    after = cpu_memory_pool_stats()
+    assert after.depth == 0 and after.cached_bytes == 0
+    torch.empty(BIG)
+    assert cpu_memory_pool_stats().misses == after.misses  # allocations after the block bypass the pool
+
+
+def test_nesting_keeps_the_cache_until_the_outermost_exit():
+    with cpu_memory_pool():
+        with cpu_memory_pool():
+            del_me = torch.empty(BIG)
+            del del_me
+        assert cpu_memory_pool_stats().depth == 1
+        assert cpu_memory_pool_stats().cached_bytes > 0
+    assert cpu_memory_pool_stats().depth == 0
+    assert cpu_memory_pool_stats().cached_bytes == 0
+
+
+def test_disabled_context_does_nothing():
+    with cpu_memory_pool(enabled=False):
+        assert cpu_memory_pool_stats().depth == 0
+
+
+def test_tensors_crossing_the_boundary_stay_valid():
+    outside = torch.arange(BIG, dtype=torch.float32)  # default allocator, freed inside the pool
+    with cpu_memory_pool():
+        inside = torch.arange(BIG, dtype=torch.float32) * 2  # pool block, outlives the pool
+        del outside
+        small = torch.ones(10)  # below the threshold: the default allocator
+    assert torch.equal(inside, torch.arange(BIG, dtype=torch.float32) * 2)
+    del inside, small
+    with cpu_memory_pool():  # a fresh activation after blocks were freed outside it
+        x = torch.randn(4, 1, 32, 32)
+        m = small_cnn()
+        m(x).sum()
+
+
+def test_sizes_shrinking_reuse_larger_blocks():
+    with cpu_memory_pool():
+        del_me = torch.empty(BIG * 4)
+        del del_me
+        hits = cpu_memory_pool_stats().hits
+        t = torch.empty(BIG * 3)  # 3/4 of the cached block: served from it
+        assert cpu_memory_pool_stats().hits == hits + 1
+        t.fill_(0)
+
+
+def test_results_identical_with_and_without_pool(monkeypatch):
+    model = small_cnn()
+    torch.manual_seed(1)
+    x, y = torch.rand(6, 1, 32, 32), torch.randint(0, 3, (6,))
+    kwargs = dict(eps=8 / 255, alpha=2 / 255, steps=4, emit=(2, 4), random_start=False)
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL", "0")
+    assert not pool_enabled_by_default()
+    plain, plain_its = attacks.pgd(model, x, y, **kwargs)
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL", "1")
+    misses = cpu_memory_pool_stats().misses + cpu_memory_pool_stats().hits
+    pooled, pooled_its = attacks.pgd(model, x, y, **kwargs)
+    assert cpu_memory_pool_stats().misses + cpu_memory_pool_stats().hits > misses  # the attack ran in the pool
+    assert torch.equal(plain, pooled) and torch.equal(plain_its, pooled_its)
+    # A convolution's gradient (oneDNN buffers) inside and outside the pool
+    xg = x.clone().requires_grad_(True)
+    (g_out,) = torch.autograd.grad(model(xg).sum(), xg)
+    with cpu_memory_pool():
+        xg2 = x.clone().requires_grad_(True)
+        (g_in,) = torch.autograd.grad(model(xg2).sum(), xg2)
+    assert torch.equal(g_out, g_in)
+
+
+def test_bad_env_value(monkeypatch):
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL", "maybe")
+    with pytest.raises(ValueError, match="ROBUST_OPS_CPU_POOL"):
+        pool_enabled_by_default()
+
+
+def test_threads_allocate_concurrently():
+    errors = []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(50):
+                a = torch.rand(BIG + seed * 1000, generator=g)
+                b = a * 2
+                assert torch.equal(b / 2, a)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    with cpu_memory_pool():
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert cpu_memory_pool_stats().depth == 0
+
+
+def test_lazy_submodule():
+    assert robust_ops.memory.cpu_memory_pool is cpu_memory_pool

@@ -1,0 +1,70 @@
+"""A scoped caching allocator for CPU tensors, on by default inside every attack (semantics and numbers:
+docs/memory-pool.md).
+
+Each attack step allocates the model's activations and frees them after the backward pass. glibc hands large freed
+blocks back to the OS, so the next step page-faults and the kernel zeroes the memory again (measured here: ~700k minor
+faults, ~15% of the CPU time of a 10-step PGD on resnet18, batch 32, 1x64x64). Inside ``cpu_memory_pool()`` large CPU
+blocks (>= 64 KiB) freed by PyTorch are kept and reused for the next allocation of a similar size; on leaving the
+outermost block the previous allocator is restored and the cache is freed. Results are unchanged (same 64-byte
+alignment as PyTorch's allocator); only the time spent faulting memory in goes away.
+
+``ROBUST_OPS_CPU_POOL=0`` turns the attacks' use of the pool off; ``ROBUST_OPS_CPU_POOL_LIMIT_MB`` (default 4096) caps
+what is kept cached.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+ENV_SWITCH = "ROBUST_OPS_CPU_POOL"
+
+
+@dataclass
+class PoolStats:
+    """depth: active nesting level (0 = off); hits/misses: pooled allocations served from the cache / from the
+    system since the process started; cached_bytes: free blocks held now; in_use_bytes: pool blocks held by tensors."""
+
+    depth: int
+    hits: int
+    misses: int
+    cached_bytes: int
+    in_use_bytes: int
+
+
+def pool_enabled_by_default():
+    """Whether the attacks run under the pool: on unless ROBUST_OPS_CPU_POOL is 0/false/off."""
+    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if value in ("1", "true", "on", "yes", ""):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"robust_ops: expected {ENV_SWITCH} to be 0 or 1, got {value!r}")
+
+
+@torch.compiler.disable
+def _enter():
+    return bool(torch.ops.robust_ops._cpu_pool_enter())
+
+
+@torch.compiler.disable
+def _exit():
+    torch.ops.robust_ops._cpu_pool_exit()
+
+
+@contextlib.contextmanager
+def cpu_memory_pool(enabled=True):
+    """Reuse freed CPU tensor memory inside the block (nesting is fine; other devices are unaffected). With
+    ``enabled=False`` it does nothing, so callers can write ``with cpu_memory_pool(flag):``. When another library
+    has installed its own CPU allocator with a higher priority, the pool stays off."""
+    entered = _enter() if enabled else False
+    try:
+        yield
+    finally:
+        if entered:
+            _exit()
+
+
+def cpu_memory_pool_stats():
+    return PoolStats(*(int(v) for v in torch.ops.robust_ops._cpu_pool_stats()))
