@@ -131,3 +131,32 @@ def test_threads_allocate_concurrently():
 
 def test_lazy_submodule():
     assert robust_ops.memory.cpu_memory_pool is cpu_memory_pool
+
+
+class DepthProbe(nn.Module):
+    """Records the pool depth at every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 2)
+        self.depths = []
+
+    def forward(self, x):
+        self.depths.append(cpu_memory_pool_stats().depth)
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("switch, inside", [("1", True), ("0", False)])
+def test_fit_and_attacks_run_inside_the_pool(monkeypatch, switch, inside):
+    from torch.utils.data import TensorDataset
+
+    from robust_ops import defenses
+    from robust_ops.train import fit
+
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL", switch)
+    torch.manual_seed(0)
+    data = TensorDataset(torch.rand(8, 1, 4, 4), torch.randint(0, 2, (8,)))
+    model = DepthProbe()
+    fit(model, defenses.build("at", eps=0.1, step_size=0.05, steps=1), data, epochs=1, batch_size=4, progress=False)
+    assert model.depths and all((d >= 1) == inside for d in model.depths)
+    assert cpu_memory_pool_stats().depth == 0

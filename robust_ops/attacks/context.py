@@ -2,8 +2,8 @@
 output checks, and the losses attacks ascend.
 
 * ``attack_context`` puts the model in the requested mode and turns parameter ``requires_grad`` off for the attack
-  (measured: ~1.16x faster PGD on a small CNN than leaving it on), restoring both afterwards -- parameter ``.grad``
-  is never touched.
+  (so no weight gradient is ever computed, whatever loss the attack differentiates), restoring both afterwards --
+  parameter ``.grad`` is never touched.
 * ``attack_context`` also runs the attack under the scoped CPU memory pool (robust_ops.memory): the activations of
   each step reuse the previous step's memory instead of page-faulting fresh memory in (``ROBUST_OPS_CPU_POOL=0``
   turns it off).
