@@ -63,11 +63,15 @@ class PoolAllocator final : public c10::Allocator {
       TORCH_CHECK(posix_memalign(&block, kAlignment, capacity) == 0,
                   "robust_ops CPU memory pool: out of memory allocating ", nbytes, " bytes");
     }
+    size_t in_use = 0, reserved = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       owned_[block] = capacity;
       in_use_bytes_ += capacity;
+      in_use = in_use_bytes_;
+      reserved = in_use_bytes_ + cached_bytes_;
     }
+    report(block, int64_t(capacity), in_use, reserved);  // torch.profiler(profile_memory=True) sees pool blocks
     return {block, block, &PoolAllocator::delete_block, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -112,24 +116,35 @@ class PoolAllocator final : public c10::Allocator {
   }
 
  private:
+  static void report(void* block, int64_t delta, size_t in_use, size_t reserved) {
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(block, delta, in_use, reserved, c10::Device(c10::DeviceType::CPU));
+  }
+
   static void delete_block(void* block) {
     if (block == nullptr) return;
     PoolAllocator& pool = instance();
+    bool cached = false, ours = false;
+    size_t capacity = 0, in_use = 0, reserved = 0;
     {
       std::lock_guard<std::mutex> lock(pool.mutex_);
       auto it = pool.owned_.find(block);
       if (it != pool.owned_.end()) {
-        size_t capacity = it->second;
+        ours = true;
+        capacity = it->second;
         pool.owned_.erase(it);
         pool.in_use_bytes_ -= capacity;
         if (pool.depth_ > 0 && pool.cached_bytes_ + capacity <= pool.limit_) {
           pool.free_.emplace(capacity, block);
           pool.cached_bytes_ += capacity;
-          return;
+          cached = true;
         }
+        in_use = pool.in_use_bytes_;
+        reserved = pool.in_use_bytes_ + pool.cached_bytes_;
       }
     }
-    std::free(block);  // a block the pool forgot, or a default-allocator block (c10::free_cpu is free())
+    if (ours) report(block, -int64_t(capacity), in_use, reserved);
+    if (!cached) std::free(block);  // a block the pool forgot, or a default-allocator block (c10::free_cpu is free())
   }
 
   void release_cached() {

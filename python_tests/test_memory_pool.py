@@ -160,3 +160,14 @@ def test_fit_and_attacks_run_inside_the_pool(monkeypatch, switch, inside):
     fit(model, defenses.build("at", eps=0.1, step_size=0.05, steps=1), data, epochs=1, batch_size=4, progress=False)
     assert model.depths and all((d >= 1) == inside for d in model.depths)
     assert cpu_memory_pool_stats().depth == 0
+
+
+def test_memory_profiler_sees_pool_blocks():
+    from torch.profiler import ProfilerActivity, profile
+
+    with cpu_memory_pool():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            t = torch.empty(BIG)
+            del t
+    usage = {e.key: e.cpu_memory_usage for e in prof.key_averages()}
+    assert usage.get("aten::empty", 0) >= BIG * 4
