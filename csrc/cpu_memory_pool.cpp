@@ -5,9 +5,12 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
 #include <unordered_map>
 
 namespace robust_ops {
@@ -80,7 +83,11 @@ class PoolAllocator final : public c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
   static PoolAllocator& instance() {
-    static PoolAllocator* pool = new PoolAllocator();  // never destroyed: tensors may outlive static destructors
+    static PoolAllocator* pool = [] {
+      // A child forked while another thread held the lock (DataLoader workers fork mid-training) gets a fresh one.
+      pthread_atfork(nullptr, nullptr, [] { new (&instance().mutex_) std::mutex(); });
+      return new PoolAllocator();  // never destroyed: tensors may outlive static destructors
+    }();
     return *pool;
   }
 

@@ -171,3 +171,24 @@ def test_memory_profiler_sees_pool_blocks():
             del t
     usage = {e.key: e.cpu_memory_usage for e in prof.key_averages()}
     assert usage.get("aten::empty", 0) >= BIG * 4
+
+
+def _child_allocates(queue):
+    torch.set_num_threads(1)  # as DataLoader workers do: OpenMP is not fork-safe once the parent has used it
+    t = torch.arange(BIG, dtype=torch.float32) * 3
+    queue.put(float(t[-1]))
+
+
+def test_forked_child_inside_the_pool_allocates():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with cpu_memory_pool():
+        keep = torch.empty(BIG)  # pool blocks exist when the child is forked
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_allocates, args=(queue,))
+        child.start()
+        value = queue.get(timeout=60)
+        child.join(timeout=60)
+        del keep
+    assert child.exitcode == 0 and value == (BIG - 1) * 3
