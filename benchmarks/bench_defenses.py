@@ -22,7 +22,7 @@ from common import write_rows  # noqa: E402
 
 from robust_ops import defenses  # noqa: E402
 from robust_ops.attacks.context import classification_loss  # noqa: E402
-from robust_ops.memory import cpu_memory_pool, pool_enabled_by_default  # noqa: E402
+from robust_ops.memory import library_pool  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
 
 ALL = ("standard", "at", "sat", "trades", "rst", "gr", "llr", "mart", "fat", "amat", "mirst", "mirst-plain", "mirst-dm",
@@ -119,20 +119,18 @@ def main(argv=None):
     # defenses alike; medians over rounds. Every step runs inside the CPU memory pool, as robust_ops.train.fit runs
     # them (the torchattacks peer too).
     samples = {name: [] for name in steps}
-    pool = cpu_memory_pool(device.type == "cpu" and pool_enabled_by_default())
-    pool.__enter__()
-    for r in range(warmup + reps):
-        for name, fn in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r >= warmup:
-                samples[name].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{warmup + reps} done", flush=True)
-    pool.__exit__(None, None, None)
+    with library_pool(device):
+        for r in range(warmup + reps):
+            for name, fn in steps.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r >= warmup:
+                    samples[name].append(time.perf_counter() - t0)
+            print(f"round {r + 1}/{warmup + reps} done", flush=True)
     times = {name: statistics.median(v) for name, v in samples.items()}
     rows = []
     for name, med in times.items():

@@ -246,9 +246,13 @@ class _Problem:
         self.loss_fn = loss_fn or _default_loss
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.search_result, self.backend = search_result, backend
+        coupled = _batch_coupled(model, model_mode)
         if min_rows is None:
-            min_rows = 0 if _batch_coupled(model, model_mode) else DEFAULT_MIN_ROWS
+            min_rows = 0 if coupled else DEFAULT_MIN_ROWS
         self.min_rows = _check_int(name, "min_rows", min_rows, 0)
+        if self.min_rows and coupled:
+            raise ValueError(f"{name}: min_rows pads batches with copies of a sample, which would change batch-norm "
+                             f"statistics when the attack runs in train mode; use model_mode='eval' or min_rows=0")
         self.rounds = search_rounds(self.search_steps, self.arity)
         # Algorithm 2: alpha = 4 E(i) / K.
         self.alpha = 4 * self.margin / self.steps if self.steps else torch.zeros_like(self.margin)
@@ -475,9 +479,6 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
     model = _unwrap_ddp(model)
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
                  clip_min, clip_max, search_result, backend, model_mode, min_rows)
-    if p.min_rows and _batch_coupled(model, model_mode):
-        raise ValueError(f"{name}: min_rows pads batches with copies of a sample, which would change batch-norm "
-                         f"statistics when the attack runs in train mode; use model_mode='eval' or min_rows=0")
     p.batch_exit = bool(batch_exit)
     counter = counter if counter is not None else PassCounter()
     with attack_context(model, model_mode):

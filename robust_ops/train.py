@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .memory import cpu_memory_pool, pool_enabled_by_default
+from .memory import library_pool
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -453,7 +453,7 @@ def fit(
         last_ckpt = str(ckpt_path)
 
     # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory).
-    pool = cpu_memory_pool(device.type == "cpu" and pool_enabled_by_default())
+    pool = library_pool(device)
     pool.__enter__()
     try:
         for epoch in range(start_epoch, epochs):

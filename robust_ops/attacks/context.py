@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..memory import cpu_memory_pool, pool_enabled_by_default
+from ..memory import library_pool
 
 MODEL_MODES = ("eval", "train", "keep")
 
@@ -44,7 +44,7 @@ def attack_context(model, model_mode="eval"):
     parameter gradients off and the CPU memory pool on; every module's mode and every parameter's ``requires_grad``
     are restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    with use_model_mode(model, model_mode), cpu_memory_pool(pool_enabled_by_default()):
+    with use_model_mode(model, model_mode), library_pool():
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
