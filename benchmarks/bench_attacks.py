@@ -1,5 +1,6 @@
-"""Attack benchmarks: robust_ops.attacks.pgd vs torchattacks.PGD (same output), the cost of emitting iterates, and
-an ensemble with the cascade vs every attack on every sample.
+"""Attack benchmarks: robust_ops.attacks.pgd vs torchattacks.PGD (same output; also without the CPU memory pool and
+without native layers), the cost of emitting iterates, and an ensemble with the cascade vs every attack on every
+sample.
 
     python benchmarks/bench_attacks.py [--quick] [--device cpu|cuda] [--models small-resnet,resnet18]
 
@@ -23,6 +24,7 @@ from common import interleaved_medians, write_rows  # noqa: E402
 from robust_ops import attacks  # noqa: E402
 from robust_ops._backend import resolve  # noqa: E402
 from robust_ops.memory import ENV_SWITCH as POOL_SWITCH  # noqa: E402
+from robust_ops.native_layers import ENV_SWITCH as LAYERS_SWITCH  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
 
 
@@ -86,6 +88,19 @@ def train_briefly(model, steps, batch, size, device):
     return model.eval()
 
 
+def with_switch_off(env_var, fn):
+    """Run fn with a library switch ($ROBUST_OPS_CPU_POOL, $ROBUST_OPS_NATIVE_LAYERS) set to 0."""
+    before = os.environ.get(env_var)
+    os.environ[env_var] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ[env_var]
+        else:
+            os.environ[env_var] = before
+
+
 def timed_once(fn):
     start = time.perf_counter()
     out = fn()
@@ -128,23 +143,26 @@ def main():
             return ta(x, y)
 
         def ours_no_pool():
-            os.environ[POOL_SWITCH] = "0"
-            try:
-                return ours()
-            finally:
-                os.environ[POOL_SWITCH] = pool_setting
+            return with_switch_off(POOL_SWITCH, ours)
 
-        pool_setting = os.environ.get(POOL_SWITCH, "1")
-        same = torch.equal(ours(), theirs()) and torch.equal(ours_no_pool(), ours())
-        # Interleaved rounds: ours, torchattacks, ours without the CPU memory pool, ours with emit.
-        (t_ours, t_theirs, t_no_pool, t_emit), _ = interleaved_medians(
-            [ours, theirs, ours_no_pool, ours_emit], args.rounds or (2 if args.quick else 7))
+        def ours_no_native_layers():
+            return with_switch_off(LAYERS_SWITCH, ours)
+
+        same = (torch.equal(ours(), theirs()) and torch.equal(ours_no_pool(), ours())
+                and torch.equal(ours_no_native_layers(), ours()))
+        # Interleaved rounds: ours, torchattacks, ours without the CPU memory pool, ours with emit, ours without
+        # native layers.
+        (t_ours, t_theirs, t_no_pool, t_emit, t_no_layers), _ = interleaved_medians(
+            [ours, theirs, ours_no_pool, ours_emit, ours_no_native_layers], args.rounds or (2 if args.quick else 7))
         rows.append(dict(model=name, case="pgd-10 vs torchattacks.PGD", ours_ms=t_ours * 1e3, peer_ms=t_theirs * 1e3,
                          ratio=t_theirs / t_ours, images_per_s=args.batch / t_ours, same_output=same,
                          backend=backend))
         rows.append(dict(model=name, case="pgd-10 without the CPU memory pool vs torchattacks.PGD",
                          ours_ms=t_no_pool * 1e3, peer_ms=t_theirs * 1e3, ratio=t_theirs / t_no_pool,
                          images_per_s=args.batch / t_no_pool, same_output=same, backend=backend))
+        rows.append(dict(model=name, case="pgd-10 without native layers vs torchattacks.PGD",
+                         ours_ms=t_no_layers * 1e3, peer_ms=t_theirs * 1e3, ratio=t_theirs / t_no_layers,
+                         images_per_s=args.batch / t_no_layers, same_output=same, backend=backend))
         rows.append(dict(model=name, case="pgd-10 emit=(2,4,6,8) vs plain", ours_ms=t_emit * 1e3,
                          peer_ms=t_ours * 1e3, ratio=t_emit / t_ours, images_per_s=args.batch / t_emit,
                          same_output=torch.equal(ours_emit()[0], ours()), backend=backend))

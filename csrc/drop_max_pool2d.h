@@ -12,6 +12,8 @@ namespace robust_ops {
 
 constexpr const char* kDropMaxOp = "drop_max_pool2d";
 constexpr const char* kDropMaxBackwardOp = "_drop_max_pool2d_backward";
+// max_pool2d: the same windows and checks with the plain maximum (CPU only, see csrc/cpu/drop_max_pool2d_kernel.cpp).
+constexpr const char* kMaxPoolOp = "max_pool2d";
 
 // Same formula as reference.pool_output_size (ATen's pooling_output_shape).
 inline int64_t pool_output_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
@@ -27,29 +29,31 @@ struct Geometry {
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-// The same checks, in the same order and with the same messages, as _meta.check_drop_max_pool2d_args.
+// The same checks, in the same order and with the same messages, as _meta.check_drop_max_pool2d_args; `op` names the
+// calling op (drop_max_pool2d or max_pool2d).
 inline Geometry check_drop_max_pool2d_args(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
-                    c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), kDropMaxOp,
+                    c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
+                    const char* op = kDropMaxOp) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
               ": expected input to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
               py_dtype(input.scalar_type()));
-  TORCH_CHECK(input.dim() == 4, kDropMaxOp, ": expected input to be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ", input.dim(), "-D");
   const std::pair<const char*, c10::IntArrayRef> positive[] = {
       {"kernel_size", kernel_size}, {"stride", stride}, {"dilation", dilation}};
   for (const auto& [name, value] : positive) {
-    TORCH_CHECK(value.size() == 2 && value[0] > 0 && value[1] > 0, kDropMaxOp, ": expected ", name,
+    TORCH_CHECK(value.size() == 2 && value[0] > 0 && value[1] > 0, op, ": expected ", name,
                 " to be two positive integers, got ", py_tuple(value));
   }
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, kDropMaxOp,
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
               ": expected padding to be two non-negative integers, got ", py_tuple(padding));
-  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, kDropMaxOp,
+  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
               ": expected padding to be at most half of kernel_size, got padding=", py_tuple(padding),
               " for kernel_size=", py_tuple(kernel_size));
   const int64_t h = input.size(2), w = input.size(3);
-  TORCH_CHECK(h > 0 && w > 0, kDropMaxOp, ": expected input with non-zero height and width, got ", h, "x", w);
+  TORCH_CHECK(h > 0 && w > 0, op, ": expected input with non-zero height and width, got ", h, "x", w);
   const int64_t oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode);
   const int64_t ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode);
-  TORCH_CHECK(oh > 0 && ow > 0, kDropMaxOp, ": expected kernel_size ", py_tuple(kernel_size), " with dilation ",
+  TORCH_CHECK(oh > 0 && ow > 0, op, ": expected kernel_size ", py_tuple(kernel_size), " with dilation ",
               py_tuple(dilation), " to fit the padded input ", h + 2 * padding[0], "x", w + 2 * padding[1],
               ", got output size ", oh, "x", ow);
   return Geometry{input.size(0), input.size(1), h, w, oh, ow,

@@ -1,6 +1,6 @@
 // Every C++ schema of robust_ops, defined once. Kernels live in one file per dispatch key:
 // csrc/cpu/<op>_kernel.cpp (CPU) and csrc/cuda/<op>_kernel.cu (CUDA). Fake kernels and autograd are
-// registered in Python (robust_ops/_meta.py, robust_ops/_autograd.py). Semantics: docs/ops.md.
+// registered in Python (robust_ops/_meta.py, robust_ops/_autograd.py). Semantics: docs/ops/.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -36,6 +36,16 @@ TORCH_LIBRARY(robust_ops, m) {
       "drop_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
       "bool ceil_mode) -> (Tensor, Tensor)");
   m.def("_drop_max_pool2d_backward(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor");
+  // Max pooling with ATen's exact selection rule on the drop-max kernel's vectorized windows: bitwise equal to
+  // F.max_pool2d(return_indices=True), several times faster than ATen's NCHW CPU kernel. CPU kernel only (on CUDA
+  // torch's own pooling is already at memory bandwidth); its backward is _drop_max_pool2d_backward.
+  m.def(
+      "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> (Tensor, Tensor)");
+
+  // Input gradient of eval-mode batch norm, (grad_output * invstd[c]) * weight[c]: bitwise ATen's, without the
+  // per-channel reductions ATen's backward always runs. CPU kernel only (robust_ops.native_layers).
+  m.def("_eval_batch_norm_backward(Tensor grad_output, Tensor invstd, Tensor? weight) -> Tensor");
 
   // One fused PGD update, in place: x_adv <- clip(P_eps(x_adv + alpha * direction(grad))), per-sample alpha/eps [N];
   // norm is "linf" or "l2". When history is given, the new iterate is also written into history[slot].

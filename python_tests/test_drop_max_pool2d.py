@@ -13,7 +13,7 @@ from robust_ops import reference
 from robust_ops.reference import pool_output_size
 
 from conftest import cpu_and_cuda
-from utils import assert_verbose_equal
+from utils import assert_verbose_equal, run_with_cpu_isa
 
 op = torch.ops.robust_ops.drop_max_pool2d
 backward_op = torch.ops.robust_ops._drop_max_pool2d_backward
@@ -383,12 +383,5 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_every_cpu_instruction_set_path(isa):
-    # The CPU kernel picks AVX-512, AVX2 or scalar code at run time; $ROBUST_OPS_CPU_ISA caps it so every path runs
-    # here (the default run above uses the best one the machine has). A fresh process: the choice is made once.
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, ROBUST_OPS_CPU_ISA=isa)
-    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+    # The default run above uses the best path the machine has.
+    run_with_cpu_isa(_ISA_SCRIPT, isa)

@@ -11,6 +11,18 @@ TOLERANCES = {
 }
 
 
+def run_with_cpu_isa(script, isa):
+    """Run a Python script in a fresh process with $ROBUST_OPS_CPU_ISA=isa (the CPU kernels choose AVX-512, AVX2 or
+    scalar code once per process; the cap makes every path run on one machine); it must print "ok"."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ROBUST_OPS_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
 def assert_verbose_equal(actual, expected, name="tensor"):
     """Exact equality that prints the first mismatching indices (Liger's assert_verbose_allclose)."""
     if actual.shape != expected.shape:

@@ -1,7 +1,7 @@
 """robust_ops: fast native ops, attacks and defenses for adversarially robust medical image classification.
 
 Ops (torch.ops.robust_ops.*): drop_max_pool2d, pgd_step_, boundary_search_step_ -- each with a C++ CPU kernel, a CUDA
-kernel and a Triton kernel. Subpackages: attacks, ima, defenses, train, data, evaluate (imported on first use).
+kernel and a Triton kernel -- and max_pool2d, a CPU-only exact replacement for ATen's slow NCHW max pooling. Subpackages: attacks, ima, defenses, train, data, evaluate (imported on first use).
 """
 
 import importlib
@@ -11,7 +11,7 @@ from . import _extension
 _extension.load_library()
 
 from . import _autograd, _backend, _meta  # noqa: E402,F401  (register fake kernels and autograd)
-from .functional import boundary_search_step_, drop_max_pool2d, pgd_step_  # noqa: E402
+from .functional import boundary_search_step_, drop_max_pool2d, max_pool2d, pgd_step_  # noqa: E402
 
 try:
     from . import triton as _triton_kernels  # noqa: F401
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "attacks", "ima", "defenses", "train", "data", "evaluate", "models", "metrics", "report", "pretrain", "cli",
-    "reproduce", "memory",
+    "reproduce", "memory", "native_layers",
     "reference", "functional",
 )
 

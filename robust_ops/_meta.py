@@ -26,10 +26,9 @@ def output_memory_format(input):
     return torch.contiguous_format
 
 
-def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode):
-    """Checks shared by the fake kernel; the C++ kernel makes the same checks with the same messages.
-    Returns the output spatial size (oh, ow)."""
-    op = "drop_max_pool2d"
+def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode, op="drop_max_pool2d"):
+    """Checks shared by the fake kernels of drop_max_pool2d and max_pool2d (``op`` names the caller); the C++ kernel
+    makes the same checks with the same messages. Returns the output spatial size (oh, ow)."""
     _check_floating(op, "input", input)
     torch._check(input.dim() == 4, lambda: f"{op}: expected input to be 4-D (N, C, H, W), got {input.dim()}-D")
     for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
@@ -58,14 +57,23 @@ def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ce
     return oh, ow
 
 
-@torch.library.register_fake("robust_ops::drop_max_pool2d")
-def _drop_max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
-    oh, ow = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode)
+def _pool2d_fake(op, input, kernel_size, stride, padding, dilation, ceil_mode):
+    oh, ow = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode, op)
     shape = (input.shape[0], input.shape[1], oh, ow)
     fmt = output_memory_format(input)
     out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
     idx = torch.empty(shape, dtype=torch.int64, device=input.device, memory_format=fmt)
     return out, idx
+
+
+@torch.library.register_fake("robust_ops::drop_max_pool2d")
+def _drop_max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return _pool2d_fake("drop_max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@torch.library.register_fake("robust_ops::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return _pool2d_fake("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def check_drop_max_pool2d_backward_args(grad_output, indices, input_size):
@@ -99,6 +107,23 @@ def _drop_max_pool2d_backward_fake(grad_output, indices, input_size):
         tuple(input_size), dtype=grad_output.dtype, device=grad_output.device,
         memory_format=output_memory_format(grad_output),
     )
+
+
+@torch.library.register_fake("robust_ops::_eval_batch_norm_backward")
+def _eval_batch_norm_backward_fake(grad_output, invstd, weight):
+    op = "_eval_batch_norm_backward"
+    torch._check(
+        grad_output.dtype in (torch.float32, torch.float64),
+        lambda: f"{op}: expected grad_output to be float32 or float64, got {grad_output.dtype}",
+    )
+    torch._check(grad_output.dim() >= 2, lambda: f"{op}: expected grad_output to be (N, C, ...), got "
+                 f"{grad_output.dim()}-D")
+    c = grad_output.shape[1]
+    for name, t in (("invstd", invstd), ("weight", weight)):
+        if t is not None:
+            torch._check(t.dim() == 1 and t.shape[0] == c,
+                         lambda t=t, name=name: f"{op}: expected {name} of shape ({c},), got {tuple(t.shape)}")
+    return torch.empty(grad_output.shape, dtype=grad_output.dtype, device=grad_output.device)
 
 
 def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot):

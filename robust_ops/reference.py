@@ -1,7 +1,7 @@
 """Plain-PyTorch reference for every robust_ops op: readable, slow, and the oracle that tests and benchmarks import.
 
 Nothing here is optimized; each function states the exact semantics the native and Triton kernels must reproduce
-(see docs/ops.md). Shape helpers here are shared with the fake kernels in _meta.py.
+(see docs/ops/). Shape helpers here are shared with the fake kernels in _meta.py.
 """
 
 import torch
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 __all__ = [
     "pool_output_size",
     "drop_max_pool2d",
+    "max_pool2d",
     "pgd_step_",
     "boundary_search_step_",
     "interpolation_weights",
@@ -31,6 +32,12 @@ def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # drop_max_pool2d
+
+
+def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """Reference of robust_ops::max_pool2d: ATen's own max pooling, (output, indices) -- the op's definition is to
+    match it bit for bit (windows without any input element aside, see functional.max_pool2d)."""
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
 
 
 def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):

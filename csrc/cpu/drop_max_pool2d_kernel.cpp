@@ -1,4 +1,6 @@
-// Drop-max pooling (MIRST-DM) on CPU: forward (top-2 per window) and backward (scatter-add to the indices).
+// Drop-max pooling (MIRST-DM) on CPU: forward (top-2 per window) and backward (scatter-add to the indices); the same
+// forward with the plain maximum is robust_ops::max_pool2d (Select::kMax), bitwise equal to ATen's max_pool2d and
+// several times faster than ATen's NCHW kernel (docs/ops/max_pool2d.md).
 //
 // Semantics are those of robust_ops.reference.drop_max_pool2d: per window (windows as F.max_pool2d), remove the
 // first occurrence (row-major window order) of the maximum and select the first occurrence of the largest remaining
@@ -43,25 +45,48 @@ inline void valid_taps(int64_t start, int64_t k, int64_t d, int64_t size, int64_
   if (lo > hi) lo = hi;
 }
 
+// What a window selects: the drop-max element (WindowTop2) or the plain maximum (WindowMax).
+enum class Select { kDropMax, kMax };
+
+// ATen's max_pool2d rule, fed in row-major window order: the first occurrence of the maximum; a NaN is taken whenever
+// seen, so the LAST NaN wins (ATen's `val > maxval || isnan(val)`); a window of -inf selects its first element.
+template <typename acc_t>
+struct WindowMax {
+  acc_t m1 = 0;
+  int64_t i1 = -1;
+
+  inline void push(acc_t v, int64_t pos) {
+    if (i1 < 0 || v > m1 || v != v) {
+      m1 = v;
+      i1 = pos;
+    }
+  }
+
+  inline int64_t selected() const { return i1; }
+};
+
+template <Select rule, typename acc_t>
+using WindowRule = std::conditional_t<rule == Select::kMax, WindowMax<acc_t>, WindowTop2<acc_t>>;
+
 // Scalar selection for one window: base points at the (n, c) plane origin, sH/sW are element strides.
 // Returns the flat H*W index of the selected element, or -1 for a window without any input element (possible
 // only with dilation jumping over a tiny input; its output is -inf, like max_pool2d's).
-template <typename scalar_t>
+template <Select rule, typename scalar_t>
 int64_t select_window(const scalar_t* base, int64_t sH, int64_t sW, const Geometry& g, int64_t oh, int64_t ow) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t hs = oh * g.sh - g.ph, ws = ow * g.sw - g.pw;
   int64_t ki0, ki1, kj0, kj1;
   valid_taps(hs, g.kh, g.dh, g.H, ki0, ki1);
   valid_taps(ws, g.kw, g.dw, g.W, kj0, kj1);
-  WindowTop2<acc_t> top2;
+  WindowRule<rule, acc_t> window;
   for (int64_t ki = ki0; ki < ki1; ++ki) {
     const int64_t h = hs + ki * g.dh;
     for (int64_t kj = kj0; kj < kj1; ++kj) {
       const int64_t w = ws + kj * g.dw;
-      top2.push(static_cast<acc_t>(base[h * sH + w * sW]), h * g.W + w);
+      window.push(static_cast<acc_t>(base[h * sH + w * sW]), h * g.W + w);
     }
   }
-  return top2.selected();
+  return window.selected();
 }
 
 // Top-2 selection for `len` windows at once (lanes). Lane j's window holds the elements base[tap_off[t] + j * step]
@@ -70,8 +95,8 @@ int64_t select_window(const scalar_t* base, int64_t sH, int64_t sW, const Geomet
 // after removing the first occurrence of the maximum, or the single element) and its flat index
 // idx[j] = origin + j * origin_step + tap_rel[selected]. Returns whether any element was NaN (the caller redoes
 // those windows with select_window). Positions are carried as acc_t (exact small integers) so every select uses one
-// mask width.
-template <typename acc_t, typename scalar_t>
+// mask width. Select::kMax keeps only the first-order state: the first occurrence of the maximum.
+template <Select rule, typename acc_t, typename scalar_t>
 bool window_top2_scalar(const scalar_t* __restrict__ base, int64_t step, int64_t first, int64_t len,
                         const int64_t* tap_off, const acc_t* tap_rel, int64_t ntaps, scalar_t* __restrict__ out,
                         int64_t* __restrict__ idx, int64_t origin, int64_t origin_step) {
@@ -80,7 +105,12 @@ bool window_top2_scalar(const scalar_t* __restrict__ base, int64_t step, int64_t
     acc_t a1 = 0, a2 = 0, t1 = -1, t2 = -1;
     for (int64_t t = 0; t < ntaps; ++t) {
       const acc_t v = static_cast<acc_t>(base[tap_off[t] + j * step]);
-      if (t1 < 0 || v > a1) {
+      if constexpr (rule == Select::kMax) {
+        if (t1 < 0 || v > a1) {
+          a1 = v;
+          t1 = tap_rel[t];
+        }
+      } else if (t1 < 0 || v > a1) {
         a2 = a1;
         t2 = t1;
         a1 = v;
@@ -119,33 +149,47 @@ ROBUST_OPS_AVX2 __m256 load_lanes(const float* p, int64_t step, bool may_read_ah
   return _mm256_setr_ps(p[0], p[step], p[2 * step], p[3 * step], p[4 * step], p[5 * step], p[6 * step], p[7 * step]);
 }
 
-// The window's first element: the maximum so far, no second yet.
+// The window's first element: the maximum so far, no second yet. Select::kMax updates the first-order state only.
+template <Select rule>
 ROBUST_OPS_AVX2 void top2_first(Top2State& st, __m256 v, __m256 s, __m256& nan_lanes) {
   st.a1 = v;
   st.t1 = s;
-  st.a2 = _mm256_setzero_ps();
-  st.t2 = _mm256_set1_ps(-1.0f);
+  if constexpr (rule == Select::kDropMax) {
+    st.a2 = _mm256_setzero_ps();
+    st.t2 = _mm256_set1_ps(-1.0f);
+  }
   nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
+template <Select rule>
 ROBUST_OPS_AVX2 void top2_step(Top2State& st, __m256 v, __m256 s, __m256& nan_lanes) {
-  const __m256 zero = _mm256_setzero_ps();
   const __m256 gt1 = _mm256_cmp_ps(v, st.a1, _CMP_GT_OQ);
+  nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  if constexpr (rule == Select::kMax) {
+    st.a1 = _mm256_blendv_ps(st.a1, v, gt1);
+    st.t1 = _mm256_blendv_ps(st.t1, s, gt1);
+    return;
+  }
+  const __m256 zero = _mm256_setzero_ps();
   const __m256 gt2 = _mm256_or_ps(_mm256_cmp_ps(v, st.a2, _CMP_GT_OQ), _mm256_cmp_ps(st.t2, zero, _CMP_LT_OQ));
   const __m256 c2 = _mm256_blendv_ps(st.a2, v, gt2), d2 = _mm256_blendv_ps(st.t2, s, gt2);
   st.a2 = _mm256_blendv_ps(c2, st.a1, gt1);
   st.t2 = _mm256_blendv_ps(d2, st.t1, gt1);
   st.a1 = _mm256_blendv_ps(st.a1, v, gt1);
   st.t1 = _mm256_blendv_ps(st.t1, s, gt1);
-  nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
 // Writes lanes [j, min(j + 8, len)): value and idx = origin + (j + lane) * origin_step + rel.
+template <Select rule>
 ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, float* out, int64_t* idx, int64_t origin,
                                 int64_t origin_step, __m256i lane_step) {
-  const __m256 second = _mm256_cmp_ps(st.t2, _mm256_setzero_ps(), _CMP_GE_OQ);
-  const __m256 val = _mm256_blendv_ps(st.a1, st.a2, second);
-  const __m256i rel = _mm256_add_epi32(_mm256_cvttps_epi32(_mm256_blendv_ps(st.t1, st.t2, second)), lane_step);
+  __m256 val = st.a1, pos = st.t1;
+  if constexpr (rule == Select::kDropMax) {  // the second when there is one
+    const __m256 second = _mm256_cmp_ps(st.t2, _mm256_setzero_ps(), _CMP_GE_OQ);
+    val = _mm256_blendv_ps(st.a1, st.a2, second);
+    pos = _mm256_blendv_ps(st.t1, st.t2, second);
+  }
+  const __m256i rel = _mm256_add_epi32(_mm256_cvttps_epi32(pos), lane_step);
   const __m256i base_idx = _mm256_set1_epi64x(origin + j * origin_step);
   const __m256i lo = _mm256_add_epi64(base_idx, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(rel)));
   const __m256i hi = _mm256_add_epi64(base_idx, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(rel, 1)));
@@ -168,6 +212,7 @@ ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, flo
 
 // Handles lanes [0, done) with done <= len, reading lanes below safe_len only; needs relative positions and
 // lane offsets below 2^24 (exact in float and int32).
+template <Select rule>
 __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ base, int64_t step, int64_t len,
                                                       int64_t safe_len, const int64_t* tap_off, const float* tap_rel,
                                                       int64_t ntaps, float* __restrict__ out,
@@ -184,29 +229,29 @@ __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ 
       const __m256 s = _mm256_set1_ps(tap_rel[0]);
       const float* p = base + tap_off[0] + j * step;
       for (int u = 0; u < kUnroll; ++u) {
-        top2_first(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
+        top2_first<rule>(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
       }
     }
     for (int64_t t = 1; t < ntaps; ++t) {
       const __m256 s = _mm256_set1_ps(tap_rel[t]);
       const float* p = base + tap_off[t] + j * step;
       for (int u = 0; u < kUnroll; ++u) {
-        top2_step(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
+        top2_step<rule>(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s, nan_lanes);
       }
     }
     for (int u = 0; u < kUnroll && j + 8 * u < len; ++u) {
-      top2_store(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
+      top2_store<rule>(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
     }
   }
   for (; j < len && j + 8 <= safe_len; j += 8) {
     Top2State st;
-    top2_first(st, load_lanes(base + tap_off[0] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[0]),
+    top2_first<rule>(st, load_lanes(base + tap_off[0] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[0]),
                nan_lanes);
     for (int64_t t = 1; t < ntaps; ++t) {
-      top2_step(st, load_lanes(base + tap_off[t] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[t]),
+      top2_step<rule>(st, load_lanes(base + tap_off[t] + j * step, step, j + 8 < safe_len), _mm256_set1_ps(tap_rel[t]),
                 nan_lanes);
     }
-    top2_store(st, j, len, out, idx, origin, origin_step, lane_step);
+    top2_store<rule>(st, j, len, out, idx, origin, origin_step, lane_step);
   }
   done = std::min(j, len);
   return _mm256_movemask_ps(nan_lanes) != 0;
@@ -233,30 +278,44 @@ ROBUST_OPS_AVX512 __m512 load_lanes16(const float* p, int64_t step, bool may_rea
   return _mm512_load_ps(lanes);
 }
 
+template <Select rule>
 ROBUST_OPS_AVX512 void top2_first16(Top2State16& st, __m512 v, __m512 s, __mmask16& nan_lanes) {
   st.a1 = v;
   st.t1 = s;
-  st.a2 = _mm512_setzero_ps();
-  st.t2 = _mm512_set1_ps(-1.0f);
+  if constexpr (rule == Select::kDropMax) {
+    st.a2 = _mm512_setzero_ps();
+    st.t2 = _mm512_set1_ps(-1.0f);
+  }
   nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
 }
 
+template <Select rule>
 ROBUST_OPS_AVX512 void top2_step16(Top2State16& st, __m512 v, __m512 s, __mmask16& nan_lanes) {
   const __mmask16 gt1 = _mm512_cmp_ps_mask(v, st.a1, _CMP_GT_OQ);
+  nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  if constexpr (rule == Select::kMax) {
+    st.a1 = _mm512_mask_mov_ps(st.a1, gt1, v);
+    st.t1 = _mm512_mask_mov_ps(st.t1, gt1, s);
+    return;
+  }
   const __mmask16 gt2 =
       _mm512_cmp_ps_mask(v, st.a2, _CMP_GT_OQ) | _mm512_cmp_ps_mask(st.t2, _mm512_setzero_ps(), _CMP_LT_OQ);
   st.a2 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.a2, gt2, v), gt1, st.a1);
   st.t2 = _mm512_mask_mov_ps(_mm512_mask_mov_ps(st.t2, gt2, s), gt1, st.t1);
   st.a1 = _mm512_mask_mov_ps(st.a1, gt1, v);
   st.t1 = _mm512_mask_mov_ps(st.t1, gt1, s);
-  nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
 }
 
+template <Select rule>
 ROBUST_OPS_AVX512 void top2_store16(const Top2State16& st, int64_t j, int64_t len, float* out, int64_t* idx,
                                     int64_t origin, int64_t origin_step, __m512i lane_step) {
-  const __mmask16 second = _mm512_cmp_ps_mask(st.t2, _mm512_setzero_ps(), _CMP_GE_OQ);
-  const __m512 val = _mm512_mask_mov_ps(st.a1, second, st.a2);
-  const __m512i rel = _mm512_add_epi32(_mm512_cvttps_epi32(_mm512_mask_mov_ps(st.t1, second, st.t2)), lane_step);
+  __m512 val = st.a1, pos = st.t1;
+  if constexpr (rule == Select::kDropMax) {  // the second when there is one
+    const __mmask16 second = _mm512_cmp_ps_mask(st.t2, _mm512_setzero_ps(), _CMP_GE_OQ);
+    val = _mm512_mask_mov_ps(st.a1, second, st.a2);
+    pos = _mm512_mask_mov_ps(st.t1, second, st.t2);
+  }
+  const __m512i rel = _mm512_add_epi32(_mm512_cvttps_epi32(pos), lane_step);
   const __m512i base_idx = _mm512_set1_epi64(origin + j * origin_step);
   const __m512i lo = _mm512_add_epi64(base_idx, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(rel)));
   const __m512i hi = _mm512_add_epi64(base_idx, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(rel, 1)));
@@ -267,6 +326,7 @@ ROBUST_OPS_AVX512 void top2_store16(const Top2State16& st, int64_t j, int64_t le
   _mm512_mask_storeu_epi64(idx + j + 8, __mmask8(keep >> 8), hi);
 }
 
+template <Select rule>
 __attribute__((target("avx512f"))) bool window_top2_avx512(const float* __restrict__ base, int64_t step,
                                                           int64_t len, int64_t safe_len, const int64_t* tap_off,
                                                           const float* tap_rel, int64_t ntaps,
@@ -284,26 +344,26 @@ __attribute__((target("avx512f"))) bool window_top2_avx512(const float* __restri
       const __m512 s = _mm512_set1_ps(tap_rel[0]);
       const float* p = base + tap_off[0] + j * step;
       for (int u = 0; u < kUnroll; ++u)
-        top2_first16(st[u], load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len), s, nan_lanes);
+        top2_first16<rule>(st[u], load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len), s, nan_lanes);
     }
     for (int64_t t = 1; t < ntaps; ++t) {
       const __m512 s = _mm512_set1_ps(tap_rel[t]);
       const float* p = base + tap_off[t] + j * step;
       for (int u = 0; u < kUnroll; ++u)
-        top2_step16(st[u], load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len), s, nan_lanes);
+        top2_step16<rule>(st[u], load_lanes16(p + 16 * u * step, step, j + 16 * (u + 1) < safe_len), s, nan_lanes);
     }
     for (int u = 0; u < kUnroll && j + 16 * u < len; ++u)
-      top2_store16(st[u], j + 16 * u, len, out, idx, origin, origin_step, lane_step);
+      top2_store16<rule>(st[u], j + 16 * u, len, out, idx, origin, origin_step, lane_step);
   }
   for (; j < len && j + 16 <= safe_len; j += 16) {
     Top2State16 st;
-    top2_first16(st, load_lanes16(base + tap_off[0] + j * step, step, j + 16 < safe_len), _mm512_set1_ps(tap_rel[0]),
+    top2_first16<rule>(st, load_lanes16(base + tap_off[0] + j * step, step, j + 16 < safe_len), _mm512_set1_ps(tap_rel[0]),
                  nan_lanes);
     for (int64_t t = 1; t < ntaps; ++t) {
-      top2_step16(st, load_lanes16(base + tap_off[t] + j * step, step, j + 16 < safe_len),
+      top2_step16<rule>(st, load_lanes16(base + tap_off[t] + j * step, step, j + 16 < safe_len),
                   _mm512_set1_ps(tap_rel[t]), nan_lanes);
     }
-    top2_store16(st, j, len, out, idx, origin, origin_step, lane_step);
+    top2_store16<rule>(st, j, len, out, idx, origin, origin_step, lane_step);
   }
   done = std::min(j, len);
   return nan_lanes != 0;
@@ -336,7 +396,7 @@ bool cpu_has_avx2() {
 #endif
 
 // `vector_ok`: relative positions and lane offsets fit the AVX2 path's exact float / int32 arithmetic.
-template <typename acc_t, typename scalar_t>
+template <Select rule, typename acc_t, typename scalar_t>
 bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_len, const int64_t* tap_off,
                  const acc_t* tap_rel, int64_t ntaps, scalar_t* out, int64_t* idx, int64_t origin,
                  int64_t origin_step, bool vector_ok) {
@@ -345,15 +405,15 @@ bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_l
 #ifdef ROBUST_OPS_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (vector_ok && cpu_has_avx512()) {
-      nan_seen = window_top2_avx512(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,
+      nan_seen = window_top2_avx512<rule>(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,
                                     origin_step, done);
     } else if (vector_ok && cpu_has_avx2()) {
-      nan_seen = window_top2_avx2(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin, origin_step,
+      nan_seen = window_top2_avx2<rule>(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin, origin_step,
                                   done);
     }
   }
 #endif
-  return window_top2_scalar<acc_t, scalar_t>(base, step, done, len, tap_off, tap_rel, ntaps, out, idx, origin,
+  return window_top2_scalar<rule, acc_t, scalar_t>(base, step, done, len, tap_off, tap_rel, ntaps, out, idx, origin,
                                              origin_step) ||
          nan_seen;
 }
@@ -367,7 +427,7 @@ bool fits_vector_path(const Geometry& g, int64_t lanes, int64_t origin_step) {
 // NCHW: one (n, c) plane per task; per output row, the windows fully inside the input along the width are the lanes
 // of window_top2 (lane = output column, loads strided by the width stride); the edge columns and rows holding NaN
 // go through select_window.
-template <typename scalar_t>
+template <Select rule, typename scalar_t>
 void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indices, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in = input.const_data_ptr<scalar_t>();
@@ -393,7 +453,7 @@ void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indic
       for (int64_t oh = 0; oh < g.OH; ++oh) {
         const int64_t hs = oh * g.sh - g.ph;
         auto scalar_at = [&](int64_t ow) {
-          const int64_t pos = select_window(base, g.W, 1, g, oh, ow);
+          const int64_t pos = select_window<rule>(base, g.W, 1, g, oh, ow);
           o[oh * g.OW + ow] = pos >= 0 ? base[pos] : -std::numeric_limits<scalar_t>::infinity();
           ix[oh * g.OW + ow] = pos;
         };
@@ -417,7 +477,7 @@ void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indic
         // Lanes readable without leaving the tensor (extra lanes read further along the row and are ignored).
         const int64_t safe_len = (in_end - (lane0 + tap_off[ntaps - 1]) - 1) / g.sw + 1;
         const bool nan_seen =
-            window_top2<acc_t, scalar_t>(lane0, g.sw, len, safe_len, tap_off.data(), tap_rel.data(), ntaps,
+            window_top2<rule, acc_t, scalar_t>(lane0, g.sw, len, safe_len, tap_off.data(), tap_rel.data(), ntaps,
                                          o + oh * g.OW + ow_lo, ix + oh * g.OW + ow_lo, origin, g.sw, vector_ok);
         if (nan_seen) {
           for (int64_t ow = ow_lo; ow < ow_hi; ++ow) scalar_at(ow);
@@ -428,7 +488,7 @@ void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indic
 }
 
 // channels_last: one task per output row (n, oh); per output pixel the C channels are the lanes of window_top2.
-template <typename scalar_t>
+template <Select rule, typename scalar_t>
 void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tensor& indices, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in = input.const_data_ptr<scalar_t>();
@@ -466,11 +526,11 @@ void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tens
             tap_off[ntaps] = ((hs + ki * g.dh) * g.W + ws + kj * g.dw) * C;
             tap_rel[ntaps++] = static_cast<acc_t>(ki * g.dh * g.W + kj * g.dw);
           }
-        const bool nan_seen = window_top2<acc_t, scalar_t>(sample, 1, C, C, tap_off.data(), tap_rel.data(), ntaps, o,
+        const bool nan_seen = window_top2<rule, acc_t, scalar_t>(sample, 1, C, C, tap_off.data(), tap_rel.data(), ntaps, o,
                                                            ix, hs * g.W + ws, 0, vector_ok);
         if (nan_seen) {
           for (int64_t c = 0; c < C; ++c) {
-            const int64_t pos = select_window(sample + c, g.W * C, C, g, oh, ow);
+            const int64_t pos = select_window<rule>(sample + c, g.W * C, C, g, oh, ow);
             o[c] = sample[pos * C + c];
             ix[c] = pos;
           }
@@ -480,10 +540,12 @@ void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> drop_max_pool2d_cpu(const at::Tensor& input, c10::IntArrayRef kernel_size,
-                                                       c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                                       c10::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode);
+template <Select rule>
+std::tuple<at::Tensor, at::Tensor> pool2d_cpu(const at::Tensor& input, c10::IntArrayRef kernel_size,
+                                              c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                              c10::IntArrayRef dilation, bool ceil_mode) {
+  const Geometry g = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode,
+                                                rule == Select::kMax ? kMaxPoolOp : kDropMaxOp);
   const bool channels_last = is_channels_last(input);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(format);
@@ -492,9 +554,9 @@ std::tuple<at::Tensor, at::Tensor> drop_max_pool2d_cpu(const at::Tensor& input, 
   if (output.numel() == 0) return {output, indices};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "drop_max_pool2d_cpu", [&] {
     if (channels_last) {
-      forward_channels_last<scalar_t>(x, output, indices, g);
+      forward_channels_last<rule, scalar_t>(x, output, indices, g);
     } else {
-      forward_nchw<scalar_t>(x, output, indices, g);
+      forward_nchw<rule, scalar_t>(x, output, indices, g);
     }
   });
   return {output, indices};
@@ -614,7 +676,8 @@ at::Tensor drop_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_ops, CPU, m) {
-  m.impl("drop_max_pool2d", &drop_max_pool2d_cpu);
+  m.impl("drop_max_pool2d", &pool2d_cpu<Select::kDropMax>);
+  m.impl("max_pool2d", &pool2d_cpu<Select::kMax>);
   m.impl("_drop_max_pool2d_backward", &drop_max_pool2d_backward_cpu);
 }
 

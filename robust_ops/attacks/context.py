@@ -6,7 +6,8 @@ output checks, and the losses attacks ascend.
   parameter ``.grad`` is never touched.
 * ``attack_context`` also runs the attack under the scoped CPU memory pool (robust_ops.memory): the activations of
   each step reuse the previous step's memory instead of page-faulting fresh memory in (``ROBUST_OPS_CPU_POOL=0``
-  turns it off).
+  turns it off), and under ``native_layers`` (robust_ops.native_layers): max pooling on the native kernel and a
+  one-pass eval-mode batch-norm backward, bitwise the same results (``ROBUST_OPS_NATIVE_LAYERS=0`` turns it off).
 * Models may output ``[N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits (sigmoid, positive class when > 0).
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..memory import library_pool
+from ..native_layers import native_layers
 
 MODEL_MODES = ("eval", "train", "keep")
 
@@ -44,7 +46,7 @@ def attack_context(model, model_mode="eval"):
     parameter gradients off and the CPU memory pool on; every module's mode and every parameter's ``requires_grad``
     are restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    with use_model_mode(model, model_mode), library_pool():
+    with use_model_mode(model, model_mode), library_pool(), native_layers(model):
         try:
             for p, _ in flags:
                 p.requires_grad_(False)

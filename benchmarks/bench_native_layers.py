@@ -1,0 +1,113 @@
+"""Benchmark the ops behind robust_ops.native_layers against ATen (their reference and the peer a user runs anyway)
+and a same-size copy (the memory roofline), in one run, on resnet18's shapes from bench_attacks (1x64x64, batch 32).
+
+    python benchmarks/bench_native_layers.py [--quick] [--threads 2]
+
+* max_pool2d (k3 s2 p1 on [32, 64, 64, 64]): robust_ops.max_pool2d vs F.max_pool2d (NCHW, and channels_last --
+  ATen's fast layout), forward and forward+backward; bitwise equality is checked first.
+* eval-mode batch-norm input gradient on [32, C, S, S] for resnet18's four stages: _eval_batch_norm_backward vs
+  aten::native_batch_norm_backward(train=False, input gradient only); bitwise equality checked first.
+Bytes per pass are the minimum traffic: pooling forward reads the input, writes output + int64 indices; backward
+reads grad_output + indices, writes grad_input. Batch-norm backward reads grad_output and writes grad_input.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_roofline_seconds, gbps, median_seconds, write_rows  # noqa: E402
+
+import robust_ops  # noqa: E402
+from robust_ops import reference  # noqa: E402
+
+
+def pool_fn(provider, x, grad, backward):
+    leaf = x.detach().clone().requires_grad_(backward)
+    pool = robust_ops.max_pool2d if provider == "robust_ops.max_pool2d" else F.max_pool2d
+
+    def run():
+        out = pool(leaf, 3, 2, 1)
+        if backward:
+            torch.autograd.grad(out, leaf, grad)
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batch and short timing (smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n = 8 if args.quick else 32
+    run_time = 0.2 if args.quick else 1.0
+    rows = []
+
+    x = torch.randn(n, 64, 64, 64)
+    ref_out, ref_idx = reference.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1), False)
+    out, idx = torch.ops.robust_ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    if not (torch.equal(out, ref_out) and torch.equal(idx, ref_idx)):
+        raise SystemExit("max_pool2d disagrees with F.max_pool2d")
+    grad = torch.randn(ref_out.shape)
+    fwd_bytes = 4 * x.numel() + 12 * ref_out.numel()
+    copy_s = copy_roofline_seconds(2 * 4 * x.numel(), "cpu", run_time)
+    copy_gbps = gbps(2 * 4 * x.numel(), copy_s)
+    times = {}
+    for provider, layout in (("F.max_pool2d", "nchw"), ("F.max_pool2d", "channels_last"),
+                             ("robust_ops.max_pool2d", "nchw"), ("robust_ops.max_pool2d", "channels_last")):
+        xl = x if layout == "nchw" else x.contiguous(memory_format=torch.channels_last)
+        gl = grad if layout == "nchw" else grad.contiguous(memory_format=torch.channels_last)
+        for pass_name, backward, nbytes in (("forward", False, fwd_bytes), ("forward+backward", True, 2 * fwd_bytes)):
+            seconds = median_seconds(pool_fn(provider, xl, gl, backward), run_time)
+            times[(provider, layout, pass_name)] = seconds
+            rows.append({"op": "max_pool2d", "provider": provider, "layout": layout, "pass": pass_name,
+                         "shape": "x".join(map(str, x.shape)), "median_ms": seconds * 1e3,
+                         "x_aten_same_layout": "", "GB/s": gbps(nbytes, seconds),
+                         "roofline_%": 100 * gbps(nbytes, seconds) / copy_gbps})
+    for row in rows:
+        row["x_aten_same_layout"] = times[("F.max_pool2d", row["layout"], row["pass"])] / (row["median_ms"] / 1e3)
+    rows.append({"op": "max_pool2d", "provider": "copy (roofline)", "layout": "-", "pass": "copy_",
+                 "shape": "x".join(map(str, x.shape)), "median_ms": copy_s * 1e3, "x_aten_same_layout": "",
+                 "GB/s": copy_gbps, "roofline_%": 100.0})
+
+    for c, s in ((64, 32), (128, 16), (256, 8), (512, 4)):
+        bn = torch.nn.BatchNorm2d(c).eval()
+        bn.running_var.uniform_(0.5, 2)
+        bn.running_mean.normal_()
+        with torch.no_grad():
+            bn.weight.normal_()
+        xb, gb = torch.randn(n, c, s, s), torch.randn(n, c, s, s)
+        w, rm, rv = bn.weight.detach(), bn.running_mean, bn.running_var
+        ones = torch.ones(1, c, 1, 1)
+        invstd = torch.ops.aten.native_batch_norm_backward(ones, ones, None, rm, rv, None, None, False, bn.eps,
+                                                           [True, False, False])[0].reshape(-1)
+
+        def aten():
+            return torch.ops.aten.native_batch_norm_backward(gb, xb, w, rm, rv, None, None, False, bn.eps,
+                                                             [True, False, False])[0]
+
+        def ours():
+            return torch.ops.robust_ops._eval_batch_norm_backward(gb, invstd, w)
+
+        if not torch.equal(aten(), ours()):
+            raise SystemExit(f"_eval_batch_norm_backward disagrees with ATen at C={c}")
+        nbytes = 2 * 4 * gb.numel()
+        copy_s = copy_roofline_seconds(nbytes, "cpu", run_time)
+        t_aten, t_ours = median_seconds(aten, run_time), median_seconds(ours, run_time)
+        shape = "x".join(map(str, gb.shape))
+        for provider, seconds, ratio in (("aten native_batch_norm_backward", t_aten, 1.0),
+                                         ("robust_ops._eval_batch_norm_backward", t_ours, t_aten / t_ours),
+                                         ("copy (roofline)", copy_s, "")):
+            rows.append({"op": "eval batch-norm backward", "provider": provider, "layout": "nchw", "pass": "backward",
+                         "shape": shape, "median_ms": seconds * 1e3, "x_aten_same_layout": ratio,
+                         "GB/s": gbps(nbytes, seconds), "roofline_%": 100 * copy_s / seconds})
+    write_rows("bench_native_layers", rows)
+
+
+if __name__ == "__main__":
+    main()

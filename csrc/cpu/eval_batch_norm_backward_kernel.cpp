@@ -1,0 +1,66 @@
+// Input gradient of eval-mode batch norm on CPU: grad_input = (grad_output * invstd[c]) * weight[c], the two
+// multiplies in ATen's order so results are bitwise those of aten::native_batch_norm_backward(train=False). ATen
+// also reduces sum(grad) and sum(grad * x_hat) per channel for the weight gradients even when only the input
+// gradient is asked for; this is the one pass that remains (robust_ops.native_layers uses it during attacks).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "checks.h"
+
+namespace robust_ops {
+namespace {
+
+constexpr const char* kOp = "_eval_batch_norm_backward";
+
+at::Tensor eval_batch_norm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& invstd,
+                                        const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(grad_output.scalar_type() == at::kFloat || grad_output.scalar_type() == at::kDouble, kOp,
+              ": expected grad_output to be float32 or float64, got ", py_dtype(grad_output.scalar_type()));
+  TORCH_CHECK(grad_output.dim() >= 2, kOp, ": expected grad_output to be (N, C, ...), got ", grad_output.dim(),
+              "-D");
+  const int64_t C = grad_output.size(1);
+  TORCH_CHECK(invstd.dim() == 1 && invstd.size(0) == C, kOp, ": expected invstd of shape (", C, ",), got ",
+              py_tuple(invstd.sizes()));
+  check_same_dtype(kOp, "invstd", invstd, "grad_output", grad_output);
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, kOp, ": expected weight of shape (", C, ",), got ",
+                py_tuple(weight->sizes()));
+    check_same_dtype(kOp, "weight", *weight, "grad_output", grad_output);
+  }
+  const at::Tensor go = grad_output.contiguous();
+  at::Tensor grad_input = at::empty(go.sizes(), go.options());
+  if (go.numel() == 0) return grad_input;
+  const int64_t planes = go.size(0) * C, inner = go.numel() / planes;
+  const at::Tensor inv = invstd.contiguous();
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), kOp, [&] {
+    const scalar_t* g = go.const_data_ptr<scalar_t>();
+    const scalar_t* a = inv.const_data_ptr<scalar_t>();
+    const scalar_t* b = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    // Whole (n, c) planes per task, at least ~32K elements each so small planes do not drown in scheduling.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1));
+    at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % C;
+        const scalar_t s = a[c], t = b ? b[c] : scalar_t(1);
+        const scalar_t* gp = g + p * inner;
+        scalar_t* op = out + p * inner;
+        for (int64_t i = 0; i < inner; ++i) op[i] = (gp[i] * s) * t;  // two roundings, as ATen
+      }
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robust_ops, CPU, m) { m.impl("_eval_batch_norm_backward", &eval_batch_norm_backward_cpu); }
+
+}  // namespace robust_ops

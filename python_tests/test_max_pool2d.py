@@ -1,0 +1,203 @@
+"""robust_ops::max_pool2d (CPU) against ATen's F.max_pool2d: outputs, indices and gradients bitwise equal on random
+geometries, ties, NaN and -inf, both memory formats, every CPU instruction-set path; opcheck, gradcheck, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import robust_ops
+from robust_ops import reference
+from robust_ops.reference import pool_output_size
+
+from utils import assert_verbose_equal, run_with_cpu_isa
+
+op = torch.ops.robust_ops.max_pool2d
+backward_op = torch.ops.robust_ops._drop_max_pool2d_backward
+
+
+def every_window_has_input(shape, args):
+    """ATen returns an index outside the input for a window holding no input element (and its backward then writes
+    outside grad_input); robust_ops returns -1 there. Bitwise comparisons skip such geometries."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode = args
+    for size, k, s, p, d in ((shape[2], kh, sh, ph, dh), (shape[3], kw, sw, pw, dw)):
+        for o in range(pool_output_size(size, k, s, p, d, ceil_mode)):
+            if not any(0 <= o * s - p + t * d < size for t in range(k)):
+                return False
+    return True
+
+
+@st.composite
+def cases(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ceil_mode = draw(st.booleans())
+    h = draw(st.integers((kh - 1) * dh + 1, 14))
+    w = draw(st.integers((kw - 1) * dw + 1, 40))
+    n, c = draw(st.integers(1, 3), label="n"), draw(st.integers(1, 19), label="c")
+    values = draw(st.sampled_from(["integers", "normal", "nan", "-inf"]))
+    fmt = draw(st.sampled_from(["contiguous", "channels_last"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (n, c, h, w), ((kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode), values, fmt, dtype, seed
+
+
+def make_input(shape, values, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    if values == "integers":  # few distinct values: ties exercise the first-occurrence rule
+        return torch.randint(-3, 4, shape, generator=g).to(dtype)
+    x = torch.randn(shape, generator=g).to(dtype)
+    if values == "nan":  # several NaN per window: ATen keeps the last one
+        x[torch.rand(shape, generator=g) < 0.2] = float("nan")
+    elif values == "-inf":
+        x[torch.rand(shape, generator=g) < 0.4] = float("-inf")
+    return x
+
+
+def memory_format_of(t):
+    return torch.channels_last if (t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()) \
+        else torch.contiguous_format
+
+
+def check_bitwise(x, args):
+    out, idx = op(x, *args)
+    ref_out, ref_idx = reference.max_pool2d(x, *args)
+    assert_verbose_equal(out, ref_out, "output")
+    assert_verbose_equal(idx, ref_idx, "indices")
+    assert out.is_contiguous(memory_format=memory_format_of(ref_out))
+    grad = torch.randn(ref_out.shape, dtype=x.dtype).contiguous(memory_format=memory_format_of(ref_out))
+    (kh, kw), stride, padding, dilation, ceil_mode = args
+    ref_grad = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad, x, (kh, kw), stride, padding, dilation, ceil_mode, ref_idx)
+    # Overlapping windows add several gradients into one input element: the order must be ATen's too.
+    assert torch.equal(backward_op(grad, idx, list(x.shape)), ref_grad)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_bitwise_equal_to_aten_randomized(case):
+    shape, args, values, fmt, dtype, seed = case
+    if not every_window_has_input(shape, args):
+        return
+    x = make_input(shape, values, seed, dtype)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_bitwise(x, args)
+
+
+@pytest.mark.parametrize("shape", [(32, 64, 64, 64), (5, 7, 28, 29), (2, 3, 1, 50)])
+def test_resnet_geometry_and_wide_rows(shape):
+    x = torch.randn(shape)
+    x[0, 0, 0, :8] = 1.0  # a tie
+    args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    check_bitwise(x, args)
+    check_bitwise(x.contiguous(memory_format=torch.channels_last), args)
+
+
+def test_nan_rule_is_atens_last_nan():
+    x = torch.tensor([[[[1.0, float("nan"), 3.0, float("nan")]]]])
+    out, idx = op(x, [1, 4], [1, 4], [0, 0], [1, 1], False)
+    assert torch.isnan(out).all() and idx.item() == 3 == F.max_pool2d(x, (1, 4), return_indices=True)[1].item()
+
+
+def test_window_without_input_returns_minus_one():
+    # Dilation 2 with padding 1 over a single row: the window's taps fall on rows -1 and 1, outside the input.
+    x = torch.randn(1, 1, 1, 4)
+    out, idx = op(x, [2, 1], [1, 1], [1, 0], [2, 1], False)
+    assert out.shape == (1, 1, 1, 4) and bool((idx == -1).all()) and bool((out == float("-inf")).all())
+    assert torch.equal(backward_op(torch.ones_like(out), idx, [1, 1, 1, 4]), torch.zeros_like(x))
+
+
+def test_functional_matches_f_max_pool2d_defaults_and_unbatched():
+    x = torch.randn(3, 10, 11)
+    for kwargs in (dict(kernel_size=2), dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=(2, 3),
+                                                                                      ceil_mode=True)):
+        assert torch.equal(robust_ops.max_pool2d(x, **kwargs), F.max_pool2d(x, **kwargs))
+        out, idx = robust_ops.max_pool2d(x, return_indices=True, **kwargs)
+        ref, ref_idx = F.max_pool2d(x, return_indices=True, **kwargs)
+        assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+
+
+def test_functional_falls_back_to_torch_for_other_dtypes_and_devices():
+    x = torch.randn(1, 2, 6, 6, dtype=torch.bfloat16)
+    assert torch.equal(robust_ops.max_pool2d(x, 2), F.max_pool2d(x, 2))
+    meta = torch.empty(2, 3, 8, 8, device="meta")
+    assert robust_ops.max_pool2d(meta, 2).shape == (2, 3, 4, 4)
+
+
+def test_gradients_equal_through_autograd():
+    x = torch.randn(4, 6, 15, 15, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(4, 6, 8, 8)
+    out = robust_ops.max_pool2d(x, 3, 2, 1)
+    ref = F.max_pool2d(x_ref, 3, 2, 1)
+    (g,) = torch.autograd.grad(out, x, grad)
+    (g_ref,) = torch.autograd.grad(ref, x_ref, grad)
+    assert torch.equal(out, ref) and torch.equal(g, g_ref)
+
+
+def test_gradcheck_and_gradgradcheck():
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+
+    def f(t):
+        return op(t, [3, 3], [2, 2], [1, 1], [1, 1], False)[0]
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_opcheck(fmt):
+    x = torch.randn(2, 4, 9, 10, requires_grad=True)
+    if fmt == "channels_last":
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(op, (x, [3, 3], [2, 2], [1, 1], [1, 1], False))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (((3, 3), (2, 2), (2, 2), (1, 1), False), "max_pool2d: expected padding to be at most half of kernel_size"),
+        (((0, 3), (2, 2), (0, 0), (1, 1), False), r"max_pool2d: expected kernel_size to be two positive integers"),
+        (((9, 9), (1, 1), (0, 0), (1, 1), False), "max_pool2d: expected kernel_size \\(9, 9\\) with dilation"),
+    ],
+)
+def test_error_messages_name_the_op(args, message):
+    x = torch.randn(1, 1, 5, 5)
+    with pytest.raises(RuntimeError, match=message):
+        op(x, *args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError, match=message):
+            op(mode.from_tensor(x), *args)
+
+
+def test_functional_argument_errors():
+    with pytest.raises(TypeError, match="max_pool2d: expected kernel_size to be an int or a pair of ints"):
+        robust_ops.max_pool2d(torch.randn(1, 1, 4, 4), "2")
+    with pytest.raises(RuntimeError, match="max_pool2d: expected input to be a floating-point tensor"):
+        op(torch.ones(1, 1, 4, 4, dtype=torch.int64), [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+_ISA_SCRIPT = """
+import torch, robust_ops
+from robust_ops import reference
+g = torch.Generator().manual_seed(0)
+x = torch.randint(-3, 4, (2, 17, 9, 41), generator=g).float()
+x[0, 2, 5, 9] = float("nan")
+x[1, 3, 2, 2:6] = float("-inf")
+for xx in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, :, ::2]):
+    for args in (((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 3), (1, 3), (1, 1), (2, 1), True)):
+        out, idx = torch.ops.robust_ops.max_pool2d(xx, *args)
+        ref, ref_idx = reference.max_pool2d(xx, *args)
+        assert torch.equal(idx, ref_idx) and torch.equal(out.nan_to_num(), ref.nan_to_num()), args
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_every_cpu_instruction_set_path(isa):
+    # The default runs above use the best path the machine has.
+    run_with_cpu_isa(_ISA_SCRIPT, isa)

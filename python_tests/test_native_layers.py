@@ -1,0 +1,212 @@
+"""robust_ops.native_layers: max pooling and the eval-mode batch-norm backward on faster code with bitwise-identical
+results, applied only while active, nested safely, and never where it would change anything."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from robust_ops import attacks
+from robust_ops.native_layers import ENV_SWITCH, native_layers
+
+from utils import TinyCNN
+
+
+def patched(model):
+    return [m for m in model.modules() if "forward" in m.__dict__]
+
+
+def eval_bn(c, dtype=torch.float32, affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c, affine=affine).to(dtype)
+    bn.running_mean.copy_(torch.randn(c, generator=g))
+    bn.running_var.copy_(torch.rand(c, generator=g) * 3 + 1e-3)
+    if affine:
+        bn.weight.data.copy_(torch.randn(c, generator=g))
+        bn.bias.data.copy_(torch.randn(c, generator=g))
+        bn.weight.requires_grad_(False)
+        bn.bias.requires_grad_(False)
+    return bn.eval()
+
+
+def output_and_input_grad(model, x, grad):
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    (g,) = torch.autograd.grad(out, x, grad)
+    return out, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4, 5, 7, 9), (1, 3, 1, 1), (2, 64, 16, 16), (3, 17, 1, 33)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_batch_norm_backward_is_bitwise_atens(dtype, shape, affine):
+    bn = eval_bn(shape[1], dtype, affine)
+    x = torch.randn(shape, dtype=dtype) * 3
+    grad = torch.randn(shape, dtype=dtype)
+    ref_out, ref_grad = output_and_input_grad(bn, x, grad)
+    with native_layers(bn):
+        assert patched(bn) == [bn]
+        out, g = output_and_input_grad(bn, x, grad)
+        assert out.grad_fn is not None and "EvalBatchNorm" in type(out.grad_fn).__name__
+    assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+    assert patched(bn) == []
+
+
+def test_batch_norm_follows_parameter_and_statistics_updates():
+    bn = eval_bn(4)
+    x, grad = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    with native_layers(bn):
+        output_and_input_grad(bn, x, grad)
+        bn.weight.data.mul_(-2)  # in place: a new version of the same tensor
+        bn.running_var.mul_(1.7)
+        out, g = output_and_input_grad(bn, x, grad)
+    ref_out, ref_grad = output_and_input_grad(bn, x, grad)
+    assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+
+
+def test_batch_norm_falls_back_where_the_fast_path_would_differ():
+    bn = eval_bn(3)
+    x = torch.randn(2, 3, 4, 4)
+    with native_layers(bn):
+        bn.weight.requires_grad_(True)  # a weight gradient is wanted: ATen's full backward
+        out = bn(x.requires_grad_())
+        assert "EvalBatchNorm" not in type(out.grad_fn).__name__
+        bn.weight.requires_grad_(False)
+        bn.train()  # batch statistics
+        assert "EvalBatchNorm" not in type(bn(x).grad_fn).__name__
+        bn.eval()
+        cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        assert "EvalBatchNorm" not in type(bn(cl).grad_fn).__name__
+        with torch.no_grad():
+            assert torch.equal(bn(x), nn.BatchNorm2d.forward(bn, x))
+
+
+def test_max_pool_runs_the_native_op_with_identical_results():
+    pool = nn.MaxPool2d(3, 2, 1)
+    x = torch.randn(4, 8, 20, 21)
+    grad = torch.randn(4, 8, 10, 11)
+    ref_out, ref_grad = output_and_input_grad(pool, x, grad)
+    with native_layers(pool):
+        out, g = output_and_input_grad(pool, x, grad)
+        assert "max_pool2d" in type(out.grad_fn).__name__ and "robust_ops" in type(out.grad_fn).__name__
+        pool.return_indices = True
+        (o, i), (ro, ri) = pool(x), nn.MaxPool2d.forward(pool, x)
+        assert torch.equal(o, ro) and torch.equal(i, ri)
+    assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+
+
+def test_resnet18_gradients_bitwise_equal():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=2).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(16, 3, 40, 40)
+    grad = torch.randn(16, 2)
+    ref_out, ref_grad = output_and_input_grad(model, x, grad)
+    with native_layers(model):
+        assert len(patched(model)) == 21  # 1 max pool + 20 batch norms
+        out, g = output_and_input_grad(model, x, grad)
+    assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+    assert patched(model) == []
+
+
+def test_second_order_gradients_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), eval_bn(4, torch.float64), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.LazyLinear(2)).double()
+    model(torch.zeros(1, 1, 10, 10, dtype=torch.float64))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(3, 1, 10, 10, dtype=torch.float64)
+
+    def grad_penalty_grad():
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xx).square().sum(), xx, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), xx)[0]
+
+    ref = grad_penalty_grad()
+    with native_layers(model):
+        assert torch.allclose(grad_penalty_grad(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_nesting_and_exceptions_restore_the_modules():
+    model = TinyCNN()
+    with native_layers(model):
+        with native_layers(model):
+            assert len(patched(model)) == 1
+        assert len(patched(model)) == 1  # the outer block still holds it
+    assert patched(model) == []
+    with pytest.raises(ZeroDivisionError):
+        with native_layers(model):
+            1 / 0
+    assert patched(model) == []
+
+
+def test_leaves_user_forwards_subclasses_and_switch_alone(monkeypatch):
+    class MyPool(nn.MaxPool2d):
+        pass
+
+    own = nn.MaxPool2d(2)
+    own.forward = lambda x: x  # the user's own instance forward
+    model = nn.Sequential(own, MyPool(2))
+    with native_layers(model):
+        assert model[0].forward(torch.ones(1, 1, 2, 2)).shape == (1, 1, 2, 2)
+        assert "forward" not in model[1].__dict__
+    assert "forward" in own.__dict__  # still the user's
+    plain = TinyCNN()
+    with native_layers(plain, enabled=False):
+        assert patched(plain) == []
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    with native_layers(plain):
+        assert patched(plain) == []
+    monkeypatch.setenv(ENV_SWITCH, "yes")
+    with pytest.raises(ValueError, match=r"expected \$ROBUST_OPS_NATIVE_LAYERS to be 0 or 1"):
+        with native_layers(plain):
+            pass
+
+
+def test_attacks_identical_with_and_without_and_modules_restored(monkeypatch):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=2)
+    model.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    model.eval()
+    x = torch.rand(8, 1, 24, 24)
+    y = torch.randint(0, 2, (8,))
+    kwargs = dict(eps=8 / 255, alpha=2 / 255, steps=3, random_start=False)
+    fast = attacks.pgd(model, x, y, **kwargs)
+    assert patched(model) == [] and all(p.requires_grad for p in model.parameters())
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert torch.equal(attacks.pgd(model, x, y, **kwargs), fast)
+
+
+eval_bn_backward = torch.ops.robust_ops._eval_batch_norm_backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_batch_norm_backward_op(dtype):
+    c = 6
+    bn = eval_bn(c, dtype)
+    grad = torch.randn(3, c, 5, 7, dtype=dtype)
+    ref = torch.ops.aten.native_batch_norm_backward(grad, grad, bn.weight, bn.running_mean, bn.running_var, None,
+                                                    None, False, bn.eps, [True, False, False])[0]
+    invstd = (bn.running_var + bn.eps).rsqrt()
+    assert torch.equal(eval_bn_backward(grad, invstd, bn.weight), (grad * invstd.view(1, c, 1, 1)) * bn.weight.view(
+        1, c, 1, 1))
+    assert torch.allclose(eval_bn_backward(grad, invstd, bn.weight), ref)
+    torch.library.opcheck(eval_bn_backward, (grad.requires_grad_(), invstd, bn.weight))
+    torch.library.opcheck(eval_bn_backward, (grad[:, :, :, ::2], invstd, None))
+    # Linear in grad_output: the op's own gradient is the op.
+    assert torch.autograd.gradcheck(lambda g: eval_bn_backward(g, invstd.double(), None),
+                                    (torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True),))
+
+
+def test_eval_batch_norm_backward_errors():
+    g = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"_eval_batch_norm_backward: expected invstd of shape \(3,\), got \(4,\)"):
+        eval_bn_backward(g, torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="_eval_batch_norm_backward: expected grad_output to be float32 or float64"):
+        eval_bn_backward(g.half(), torch.ones(3).half(), None)
+    with pytest.raises(RuntimeError, match="expected weight to have the dtype of grad_output"):
+        eval_bn_backward(g, torch.ones(3), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="gradients with respect to invstd and weight are not implemented"):
+        eval_bn_backward(g, torch.ones(3), torch.ones(3, requires_grad=True)).sum().backward()

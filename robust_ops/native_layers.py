@@ -1,0 +1,143 @@
+"""Run a model's standard layers on faster CPU code with bitwise-identical results, while a ``with`` block lasts.
+
+``native_layers(model)`` gives, per module instance and only while active:
+
+* ``nn.MaxPool2d`` (exact type) -> :func:`robust_ops.functional.max_pool2d`: ATen's selection rule on the drop-max
+  kernel's vectorized windows. ATen's NCHW CPU max pooling walks every window element by element; at resnet18's
+  first pooling layer (1x64x64, batch 32) the forward is ~8x faster here. Outputs, indices and gradients are
+  bitwise those of ATen.
+* ``nn.BatchNorm2d`` (exact type) in eval mode with running statistics, affine parameters that need no gradient
+  (attacks freeze them) and a CPU NCHW input that needs one: the backward becomes one pass,
+  ``(grad * invstd[c]) * weight[c]`` (``torch.ops.robust_ops._eval_batch_norm_backward``, the two multiplies in
+  ATen's order). ATen's eval-mode backward also reduces ``sum(grad)`` and ``sum(grad * x_hat)`` per channel for
+  weight gradients nobody asked for. ``invstd`` is read off ATen's own backward (its gradient for a grad of ones
+  and no weight), so every bit matches. The forward is ``F.batch_norm`` itself.
+
+Everything else -- train-mode BN, parameters that need gradients, other devices and dtypes, channels_last BN
+inputs, subclasses, modules with their own instance ``forward`` -- runs the module's own forward. Attacks
+(``attack_context``) and CPU training (``train.fit``) run under it; ``$ROBUST_OPS_NATIVE_LAYERS=0`` turns it off.
+Nested and concurrent uses on one model are counted: the last exit restores the modules. Measured effect:
+docs/benchmarks.md (bench_attacks "without native layers").
+"""
+
+import contextlib
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import NATIVE_MAX_POOL_DTYPES, max_pool2d
+
+__all__ = ["native_layers", "native_layers_enabled_by_default", "ENV_SWITCH"]
+
+ENV_SWITCH = "ROBUST_OPS_NATIVE_LAYERS"
+
+_lock = threading.Lock()
+_patched = {}  # id(module) -> [module, depth]
+
+
+def native_layers_enabled_by_default():
+    value = os.environ.get(ENV_SWITCH, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"native_layers: expected ${ENV_SWITCH} to be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+class _EvalBatchNorm(torch.autograd.Function):
+    """Eval-mode batch norm whose input gradient is the one-pass _eval_batch_norm_backward."""
+
+    @staticmethod
+    def forward(ctx, input, bn, invstd):
+        ctx.invstd, ctx.weight = invstd, bn.weight
+        return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = None if ctx.weight is None else ctx.weight.detach()
+        return torch.ops.robust_ops._eval_batch_norm_backward(grad_output, ctx.invstd, weight), None, None
+
+
+def _eval_bn_invstd(bn, dtype, cache):
+    """ATen's eval-mode 1 / sqrt(running_var + eps) per channel, exactly as its backward computes it: the backward
+    for a gradient of ones and no weight is (1 * invstd) * 1. Cached until the running variance changes."""
+    key = (dtype, bn.eps, bn.running_var.data_ptr(), bn.running_var._version)
+    if cache.get("key") != key:
+        ones = torch.ones(1, bn.num_features, 1, 1, dtype=dtype)
+        with torch.no_grad():
+            invstd = torch.ops.aten.native_batch_norm_backward(
+                ones, ones, None, bn.running_mean, bn.running_var, None, None, False, bn.eps, [True, False, False],
+            )[0].reshape(-1)
+        cache.update(key=key, invstd=invstd)
+    return cache["invstd"]
+
+
+def _batch_norm_forward(bn):
+    cache = {}
+
+    def forward(input):
+        if (
+            bn.training
+            or bn.running_mean is None
+            or bn.running_var is None
+            or input.device.type != "cpu"
+            or input.dim() != 4
+            or input.dtype not in NATIVE_MAX_POOL_DTYPES
+            or any(p is not None and (p.dtype != input.dtype or p.requires_grad) for p in (bn.weight, bn.bias))
+            or bn.running_var.dtype != input.dtype
+            or not input.is_contiguous()
+            or not (torch.is_grad_enabled() and input.requires_grad)
+        ):
+            return nn.BatchNorm2d.forward(bn, input)
+        return _EvalBatchNorm.apply(input, bn, _eval_bn_invstd(bn, input.dtype, cache))
+
+    return forward
+
+
+def _max_pool_forward(pool):
+    def forward(input):
+        return max_pool2d(input, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                          pool.return_indices)
+
+    return forward
+
+
+_REPLACEMENTS = {nn.MaxPool2d: _max_pool_forward, nn.BatchNorm2d: _batch_norm_forward}
+
+
+@contextlib.contextmanager
+def native_layers(model, enabled=None):
+    """While active, run ``model``'s ``nn.MaxPool2d`` layers and the backward of its eval-mode ``nn.BatchNorm2d``
+    layers on faster CPU code with bitwise-identical results (module docstring). ``enabled`` defaults to
+    ``$ROBUST_OPS_NATIVE_LAYERS`` (on)."""
+    if enabled is None:
+        enabled = native_layers_enabled_by_default()
+    modules = []
+    # A torch.compile'd model (its modules live on in _orig_mod) keeps its own graph: changing forwards under it
+    # would only force recompiles.
+    if enabled and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
+        with _lock:
+            for module in model.modules():
+                make = _REPLACEMENTS.get(type(module))
+                if make is None:
+                    continue
+                entry = _patched.get(id(module))
+                if entry is not None:
+                    entry[1] += 1
+                elif "forward" in module.__dict__:
+                    continue  # the user's own instance forward: leave it alone
+                else:
+                    module.forward = make(module)
+                    _patched[id(module)] = [module, 1]
+                modules.append(module)
+    try:
+        yield model
+    finally:
+        with _lock:
+            for module in modules:
+                entry = _patched[id(module)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del module.__dict__["forward"]
+                    del _patched[id(module)]
