@@ -9,6 +9,7 @@ Same run, resnet18 at 1x64x64, batch 32 by default. The peer row is a PGD-10 AT 
 """
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import sys
@@ -23,6 +24,7 @@ from common import write_rows  # noqa: E402
 from robust_ops import defenses  # noqa: E402
 from robust_ops.attacks.context import classification_loss  # noqa: E402
 from robust_ops.memory import library_pool  # noqa: E402
+from robust_ops.native_layers import library_speedups  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
 
 ALL = ("standard", "at", "sat", "trades", "rst", "gr", "llr", "mart", "fat", "amat", "mirst", "mirst-plain", "mirst-dm",
@@ -74,6 +76,11 @@ def train_step(model, defense, x, y, ids, opt):
     opt.step()
 
 
+def as_fit_runs(model, step):
+    with library_speedups(model, next(model.parameters()).device):
+        return step()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps (default: 2 + 7)")
@@ -110,16 +117,15 @@ def main(argv=None):
             model = defense.prepare_model(model)
         model = model.to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        if defense is None:
-            steps[name] = (lambda m=model, o=opt: torchattacks_at_step(m, x, y, o))
-        else:
-            steps[name] = (lambda m=model, d=defense, o=opt: train_step(m, d, x, y, ids, o))
+        step = (functools.partial(torchattacks_at_step, model, x, y, opt) if defense is None
+                else functools.partial(train_step, model, defense, x, y, ids, opt))
+        steps[name] = functools.partial(as_fit_runs, model, step)
 
     # Round-robin timing: every round times one step of each defense, so load changes on a shared machine hit all
-    # defenses alike; medians over rounds. Every step runs inside the CPU memory pool, as robust_ops.train.fit runs
-    # them (the torchattacks peer too).
+    # defenses alike; medians over rounds. Every step runs under library_speedups (CPU memory pool, native layers),
+    # as robust_ops.train.fit runs them (the torchattacks peer too).
     samples = {name: [] for name in steps}
-    with library_pool(device):
+    with library_pool(device):  # held across steps, as fit holds it across epochs
         for r in range(warmup + reps):
             for name, fn in steps.items():
                 if device.type == "cuda":

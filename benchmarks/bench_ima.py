@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_rows  # noqa: E402
 
-from robust_ops.memory import library_pool  # noqa: E402
+from robust_ops.native_layers import library_speedups  # noqa: E402
 from robust_ops.ima import IMA, gen_adv, paper_eps_train  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
 
@@ -92,7 +92,7 @@ def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exi
     defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
     crossed = seen = 0
     start, cpu_start = time.perf_counter(), time.process_time()
-    with library_pool():  # as robust_ops.train.fit runs its epochs
+    with library_speedups(model):  # as robust_ops.train.fit runs its epochs
         for ids in batches(ids_all.numel(), args.batch_size, 0):
             ids = ids_all[ids]
             opt.zero_grad()

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import NATIVE_MAX_POOL_DTYPES, max_pool2d
+from .memory import library_pool
 
-__all__ = ["native_layers", "native_layers_enabled_by_default", "ENV_SWITCH"]
+__all__ = ["native_layers", "native_layers_enabled_by_default", "library_speedups", "ENV_SWITCH"]
 
 ENV_SWITCH = "ROBUST_OPS_NATIVE_LAYERS"
 
@@ -141,3 +142,12 @@ def native_layers(model, enabled=None):
                 if entry[1] == 0:
                     del module.__dict__["forward"]
                     del _patched[id(module)]
+
+
+@contextlib.contextmanager
+def library_speedups(model, device="cpu"):
+    """Everything robust_ops' attacks and CPU training run under, decided in one place: the CPU memory pool
+    (robust_ops.memory.library_pool, for CPU work) and native layers (CPU; on other devices the swapped modules
+    would only fall back)."""
+    with library_pool(device), native_layers(model, enabled=None if torch.device(device).type == "cpu" else False):
+        yield model

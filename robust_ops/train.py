@@ -39,8 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .memory import library_pool
-from .native_layers import native_layers
+from .native_layers import library_speedups
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -456,10 +455,8 @@ def fit(
 
     # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory),
     # and run max pooling on the native kernel (robust_ops.native_layers; same results bitwise).
-    cpu_speedups = contextlib.ExitStack()
-    cpu_speedups.enter_context(library_pool(device))
-    if device.type == "cpu":
-        cpu_speedups.enter_context(native_layers(model))
+    speedups = library_speedups(model, device)
+    speedups.__enter__()
     try:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
@@ -578,7 +575,7 @@ def fit(
             if world > 1:
                 dist.barrier()
     finally:
-        cpu_speedups.close()
+        speedups.__exit__(None, None, None)
         if initialized_here:
             dist.destroy_process_group()
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()

@@ -17,8 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..memory import library_pool
-from ..native_layers import native_layers
+from ..native_layers import library_speedups
 
 MODEL_MODES = ("eval", "train", "keep")
 
@@ -46,7 +45,7 @@ def attack_context(model, model_mode="eval"):
     parameter gradients off and the CPU memory pool on; every module's mode and every parameter's ``requires_grad``
     are restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    with use_model_mode(model, model_mode), library_pool(), native_layers(model):
+    with use_model_mode(model, model_mode), library_speedups(model):
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
