@@ -210,3 +210,23 @@ def test_eval_batch_norm_backward_errors():
         eval_bn_backward(g, torch.ones(3), torch.ones(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="gradients with respect to invstd and weight are not implemented"):
         eval_bn_backward(g, torch.ones(3), torch.ones(3, requires_grad=True)).sum().backward()
+
+
+def test_copies_taken_inside_use_their_own_statistics_and_pickle():
+    import copy
+    import pickle
+
+    model = nn.Sequential(eval_bn(3), nn.MaxPool2d(2))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with native_layers(model):
+        twin = copy.deepcopy(model)
+        pickle.loads(pickle.dumps(model))
+    twin[0].running_var.mul_(4)  # the copy's own statistics must be the ones used
+    twin[0].weight.mul_(-1)
+    plain = copy.deepcopy(twin)
+    for m in plain:
+        m.__dict__.pop("forward", None)
+    grad = torch.randn(2, 3, 3, 3)
+    out, g = output_and_input_grad(twin, x, grad)
+    ref_out, ref_grad = output_and_input_grad(plain, x, grad)
+    assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)

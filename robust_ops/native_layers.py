@@ -21,8 +21,10 @@ docs/benchmarks.md (bench_attacks "without native layers").
 """
 
 import contextlib
+import functools
 import os
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -60,51 +62,48 @@ class _EvalBatchNorm(torch.autograd.Function):
         return torch.ops.robust_ops._eval_batch_norm_backward(grad_output, ctx.invstd, weight), None, None
 
 
-def _eval_bn_invstd(bn, dtype, cache):
+def _eval_bn_invstd(bn, dtype):
     """ATen's eval-mode 1 / sqrt(running_var + eps) per channel, exactly as its backward computes it: the backward
-    for a gradient of ones and no weight is (1 * invstd) * 1. Cached until the running variance changes."""
+    for a gradient of ones and no weight is (1 * invstd) * 1. Cached per module until the running variance changes."""
     key = (dtype, bn.eps, bn.running_var.data_ptr(), bn.running_var._version)
-    if cache.get("key") != key:
+    cached = _invstd_cache.get(bn)
+    if cached is None or cached[0] != key:
         ones = torch.ones(1, bn.num_features, 1, 1, dtype=dtype)
         with torch.no_grad():
             invstd = torch.ops.aten.native_batch_norm_backward(
                 ones, ones, None, bn.running_mean, bn.running_var, None, None, False, bn.eps, [True, False, False],
             )[0].reshape(-1)
-        cache.update(key=key, invstd=invstd)
-    return cache["invstd"]
+        cached = _invstd_cache[bn] = (key, invstd)
+    return cached[1]
 
 
-def _batch_norm_forward(bn):
-    cache = {}
-
-    def forward(input):
-        if (
-            bn.training
-            or bn.running_mean is None
-            or bn.running_var is None
-            or input.device.type != "cpu"
-            or input.dim() != 4
-            or input.dtype not in NATIVE_MAX_POOL_DTYPES
-            or any(p is not None and (p.dtype != input.dtype or p.requires_grad) for p in (bn.weight, bn.bias))
-            or bn.running_var.dtype != input.dtype
-            or not input.is_contiguous()
-            or not (torch.is_grad_enabled() and input.requires_grad)
-        ):
-            return nn.BatchNorm2d.forward(bn, input)
-        return _EvalBatchNorm.apply(input, bn, _eval_bn_invstd(bn, input.dtype, cache))
-
-    return forward
+# The replacement forwards are module-level functions bound to their module with functools.partial, not closures:
+# a deepcopy taken while they are in place binds them to the copy (the partial's argument is copied with the
+# module), and the model still pickles.
+def _batch_norm_forward(bn, input):
+    if (
+        bn.training
+        or bn.running_mean is None
+        or bn.running_var is None
+        or input.device.type != "cpu"
+        or input.dim() != 4
+        or input.dtype not in NATIVE_MAX_POOL_DTYPES
+        or any(p is not None and (p.dtype != input.dtype or p.requires_grad) for p in (bn.weight, bn.bias))
+        or bn.running_var.dtype != input.dtype
+        or not input.is_contiguous()
+        or not (torch.is_grad_enabled() and input.requires_grad)
+    ):
+        return nn.BatchNorm2d.forward(bn, input)
+    return _EvalBatchNorm.apply(input, bn, _eval_bn_invstd(bn, input.dtype))
 
 
-def _max_pool_forward(pool):
-    def forward(input):
-        return max_pool2d(input, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
-                          pool.return_indices)
-
-    return forward
+def _max_pool_forward(pool, input):
+    return max_pool2d(input, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                      pool.return_indices)
 
 
 _REPLACEMENTS = {nn.MaxPool2d: _max_pool_forward, nn.BatchNorm2d: _batch_norm_forward}
+_invstd_cache = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -120,8 +119,8 @@ def native_layers(model, enabled=None):
     if enabled and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
         with _lock:
             for module in model.modules():
-                make = _REPLACEMENTS.get(type(module))
-                if make is None:
+                replacement = _REPLACEMENTS.get(type(module))
+                if replacement is None:
                     continue
                 entry = _patched.get(id(module))
                 if entry is not None:
@@ -129,7 +128,7 @@ def native_layers(model, enabled=None):
                 elif "forward" in module.__dict__:
                     continue  # the user's own instance forward: leave it alone
                 else:
-                    module.forward = make(module)
+                    module.forward = functools.partial(replacement, module)
                     _patched[id(module)] = [module, 1]
                 modules.append(module)
     try:
