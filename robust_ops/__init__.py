@@ -1,7 +1,8 @@
 """robust_ops: fast native ops, attacks and defenses for adversarially robust medical image classification.
 
 Ops (torch.ops.robust_ops.*): drop_max_pool2d, pgd_step_, boundary_search_step_ -- each with a C++ CPU kernel, a CUDA
-kernel and a Triton kernel -- and max_pool2d, a CPU-only exact replacement for ATen's slow NCHW max pooling. Subpackages: attacks, ima, defenses, train, data, evaluate (imported on first use).
+kernel and a Triton kernel -- and max_pool2d, a CPU-only exact replacement for ATen's slow NCHW max pooling.
+Subpackages: attacks, ima, defenses, train, data, evaluate (imported on first use).
 """
 
 import importlib

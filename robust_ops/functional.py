@@ -84,7 +84,8 @@ def drop_max_pool2d(
     return (out, idx) if return_indices else out
 
 
-NATIVE_MAX_POOL_DTYPES = (torch.float32, torch.float64)
+# What the CPU-only helper ops (max_pool2d, _eval_batch_norm_backward) run; other dtypes stay with ATen.
+NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -99,7 +100,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     (dilation stepping over a tiny input) returns index -1 and no gradient, where ATen returns an index outside the
     input. Arguments and shapes as for ``F.max_pool2d``; see docs/ops/max_pool2d.md.
     """
-    if input.device.type != "cpu" or input.dtype not in NATIVE_MAX_POOL_DTYPES or input.dim() not in (3, 4):
+    if input.device.type != "cpu" or input.dtype not in NATIVE_CPU_DTYPES or input.dim() not in (3, 4):
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
     kernel, stride, padding, dilation = _pool_args("max_pool2d", kernel_size, stride, padding, dilation)

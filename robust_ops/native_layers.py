@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import NATIVE_MAX_POOL_DTYPES, max_pool2d
+from .functional import NATIVE_CPU_DTYPES, max_pool2d
 from .memory import library_pool
 
 __all__ = ["native_layers", "native_layers_enabled_by_default", "library_speedups", "ENV_SWITCH"]
@@ -87,7 +87,7 @@ def _batch_norm_forward(bn, input):
         or bn.running_var is None
         or input.device.type != "cpu"
         or input.dim() != 4
-        or input.dtype not in NATIVE_MAX_POOL_DTYPES
+        or input.dtype not in NATIVE_CPU_DTYPES
         or any(p is not None and (p.dtype != input.dtype or p.requires_grad) for p in (bn.weight, bn.bias))
         or bn.running_var.dtype != input.dtype
         or not input.is_contiguous()

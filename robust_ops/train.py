@@ -22,7 +22,6 @@ Semantics (docs/training.md):
   ends with bitwise the same weights as an uninterrupted run.
 """
 
-import contextlib
 import csv
 import json
 import math
