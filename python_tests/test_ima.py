@@ -18,6 +18,7 @@ from robust_ops.ima import (
     IMA,
     MarginTable,
     PassCounter,
+    batch_invariant_sizes,
     dice_criterion,
     dice_score,
     gen_adv,
@@ -141,9 +142,10 @@ def test_compacted_equals_masked_and_spends_less(algorithm, arity):
 
 def test_min_rows_pads_forwards_without_changing_results():
     model, x, y, margin = make_problem(n=12, seed=1)
-    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, min_rows=0)
+    # Default: padded to a measured batch-invariant size (unpadded, a batch of one row can take another path).
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6)
     counter = PassCounter()
-    b, cb = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter)  # default: 16 in eval mode
+    b, cb = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter, min_rows=16)
     assert torch.equal(a, b) and torch.equal(ca, cb)
     assert counter.forward_rows == 16 * counter.forward_calls  # every working batch (<= 12 rows) padded to 16
     assert counter.backward_rows == 16 * counter.backward_calls
@@ -156,6 +158,114 @@ def test_min_rows_pads_forwards_without_changing_results():
         gen_adv(model, x, y, margin, steps=2, min_rows=-1)
     with pytest.raises(ValueError, match="min_rows to be an integer >= 0"):
         IMA(num_samples=4, min_rows=1.5)
+
+
+class BatchDependent(nn.Module):
+    """A linear classifier computed row by row (batch-invariant by construction) whose float32 result changes in
+    the last bits at batch sizes n where ``invariant(n)`` is False (as a math library picking another kernel
+    would), or at random (``noisy``). Counts its forward calls."""
+
+    def __init__(self, invariant=lambda n: True, noisy=False, features=100, classes=3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(classes, features) / features ** 0.5)
+        self.invariant, self.noisy, self.calls = invariant, noisy, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = (x.flatten(1).unsqueeze(1) * self.weight.to(x.dtype)).sum(-1)
+        if self.noisy:
+            return out * (1 + 2.0 ** -20 * torch.rand(()))
+        return out if self.invariant(x.shape[0]) else out * (1 + 2.0 ** -20)
+
+
+def test_batch_invariant_sizes_finds_the_sizes_and_caches_them():
+    x = torch.rand(4, 1, 10, 10)
+    assert batch_invariant_sizes(BatchDependent(lambda n: n >= 6).eval(), x) == tuple(range(6, 17))
+    assert batch_invariant_sizes(BatchDependent().eval(), x) == tuple(range(1, 17))  # no padding needed
+    tails = BatchDependent(lambda n: n % 4 == 0 or n >= 12).eval()  # MKL's small-matrix tails on the AVX2 machine
+    assert batch_invariant_sizes(tails, x) == (4, 8, 12, 13, 14, 15, 16)
+    assert batch_invariant_sizes(BatchDependent(lambda n: n == 32).eval(), x) == ()  # padding cannot help
+    assert batch_invariant_sizes(BatchDependent(noisy=True).eval(), x) == ()  # not deterministic
+    assert batch_invariant_sizes(BatchDependent(lambda n: n >= 3).eval(), x, max_rows=4) == (3, 4)
+    model = BatchDependent(lambda n: n >= 6).eval()
+    assert batch_invariant_sizes(model, x) == tuple(range(6, 17))
+    calls = model.calls
+    assert batch_invariant_sizes(model, torch.rand(7, 1, 10, 10)) == tuple(range(6, 17)) and model.calls == calls
+    assert batch_invariant_sizes(model, x.double()) == tuple(range(6, 17)) and model.calls > calls  # new dtype
+    with pytest.raises(ValueError, match="max_rows to be an integer >= 1"):
+        batch_invariant_sizes(model, x, max_rows=0)
+
+
+@pytest.mark.parametrize("sizes", ["from 6", "tails"])
+def test_default_padding_uses_the_measured_sizes(sizes):
+    torch.manual_seed(0)
+    invariant = (lambda n: n >= 6) if sizes == "from 6" else (lambda n: n % 4 == 0 or n >= 12)
+    model = BatchDependent(invariant).eval()
+    with torch.no_grad():
+        model.weight.mul_(20)
+    x = torch.rand(12, 1, 10, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    margin = torch.rand(12) * 4
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    counter, masked = PassCounter(), PassCounter()
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter)
+    hook.remove()
+    b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, counter=masked)
+    assert torch.equal(a, b) and torch.equal(ca, cb)  # float32, bitwise: every forward ran at an invariant size
+    assert 0 < int(ca.sum()) < 12
+    gen_adv_rows = rows[-counter.forward_calls:]  # after the probe's forwards
+    assert all(invariant(n) for n in gen_adv_rows) and sum(gen_adv_rows) == counter.forward_rows
+    assert counter.forward_rows < masked.forward_rows
+    assert model.training is False
+
+
+def test_batch_invariant_sizes_uses_random_output_gradients():
+    """An all-ones output gradient hides a backward whose result depends on the batch (here: a matrix multiply
+    that sums in another order below 6 rows, as BLAS kernels picked by size do)."""
+
+    class Head(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(w)
+            return x @ w.t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            (w,) = ctx.saved_tensors
+            if grad.shape[0] < 6:  # another summation order: (g0 w0 + g2 w2) + g1 w1
+                return (grad[:, ::2] @ w[::2]) + grad[:, 1:2] @ w[1:2], None
+            return grad @ w, None
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 100))
+
+        def forward(self, x):
+            return Head.apply(x.flatten(1), self.weight)
+
+    model = Model().eval()
+    x = torch.rand(4, 1, 10, 10)
+    assert batch_invariant_sizes(model, x) == tuple(range(6, 17))
+
+
+def test_batch_invariant_sizes_checks_more_than_one_batch_per_size():
+    """A float64 CPU CNN's single-row results differ from the batched ones only for some rows (a batch of one takes
+    another matrix-multiply path in the head); a probe of one row per size would call batch size 1 invariant."""
+    model = TinyCNN(1, 3).double().eval()
+    x = torch.rand(4, 1, 10, 10, dtype=torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.rand(32, 1, 10, 10, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        batched = model(rows)
+        single = torch.cat([model(rows[i:i + 1]) for i in range(16)])
+    if torch.equal(single, batched[:16]):
+        pytest.skip("this machine computes single rows as in a batch")
+    assert 1 not in batch_invariant_sizes(model, x)
 
 
 def test_pass_counts_follow_the_cost_model_and_model_state_is_restored():

@@ -64,6 +64,35 @@ def test_batch_norm_follows_parameter_and_statistics_updates():
     assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
 
 
+def test_batch_norm_follows_running_statistics_a_training_step_updates():
+    """A train-mode forward updates running_var in place without bumping its version counter: the eval-mode
+    backward of the next attack must still use the new statistics (as in IMA, where GenAdv runs between steps)."""
+    bn = eval_bn(4)
+    bn.weight.requires_grad_(True)
+    bn.bias.requires_grad_(True)
+    x, grad = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+
+    def attack_gradient():
+        bn.eval()
+        for p in bn.parameters():
+            p.requires_grad_(False)
+        try:
+            return output_and_input_grad(bn, x, grad)
+        finally:
+            for p in bn.parameters():
+                p.requires_grad_(True)
+
+    with native_layers(bn):
+        attack_gradient()  # fills the cache
+        version = bn.running_var._version
+        bn.train()
+        bn(torch.randn(8, 4, 3, 3) * 5).sum().backward()  # a training step's forward: new running statistics
+        assert bn.running_var._version == version  # (why a version-keyed cache went stale)
+        out, g = attack_gradient()
+    ref_out, ref_grad = attack_gradient()
+    assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+
+
 def test_batch_norm_falls_back_where_the_fast_path_would_differ():
     bn = eval_bn(3)
     x = torch.randn(2, 3, 4, 4)

@@ -15,6 +15,7 @@ Adversarial Robustness of Neural Networks" (Algorithms 1-3). Semantics, choices 
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ from .defenses.base import Defense, DefenseOutput
 __all__ = [
     "gen_adv",
     "gen_adv_masked",
+    "batch_invariant_sizes",
     "GenAdvInfo",
     "PassCounter",
     "MarginTable",
@@ -58,7 +60,7 @@ SEARCH_RESULTS = ("correct_side", "midpoint")
 @dataclass
 class PassCounter:
     """Forward/backward passes spent by :func:`gen_adv`: ``*_calls`` counts batched model calls (sequential launches),
-    ``*_rows`` counts the rows that went through them (the work, padding rows of ``min_rows`` included)."""
+    ``*_rows`` counts the rows that went through them (the work, padding rows included)."""
 
     forward_calls: int = 0
     forward_rows: int = 0
@@ -247,9 +249,11 @@ class _Problem:
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.search_result, self.backend = search_result, backend
         coupled = _batch_coupled(model, model_mode)
-        if min_rows is None:
-            min_rows = 0 if coupled else DEFAULT_MIN_ROWS
-        self.min_rows = _check_int(name, "min_rows", min_rows, 0)
+        if min_rows is None and coupled:
+            min_rows = 0
+        # None (eval mode): sizes measured per model by batch_invariant_sizes once the attack context is on.
+        self.min_rows = None if min_rows is None else _check_int(name, "min_rows", min_rows, 0)
+        self.invariant_sizes = None
         if self.min_rows and coupled:
             raise ValueError(f"{name}: min_rows pads batches with copies of a sample, which would change batch-norm "
                              f"statistics when the attack runs in train mode; use model_mode='eval' or min_rows=0")
@@ -262,12 +266,22 @@ class _Problem:
             check_output(self.name, out, y.shape[0])
         return _criterion_result(self.name, self.is_correct(out, y), y.shape[0])
 
+    def padded_rows(self, n):
+        """Rows a forward over n samples runs on: at least min_rows, or (auto) the next batch size whose results
+        are those of a large batch."""
+        if n == 0:
+            return 0
+        if self.invariant_sizes is None:
+            return max(n, self.min_rows)
+        return next((s for s in self.invariant_sizes if s >= n), n)
+
     def forward(self, xs, counter, grad):
-        """Model output at xs (with a graph to xs when grad); one counted forward. Batches smaller than min_rows are
-        padded with copies of their first row (outside the graph) and the padding's outputs dropped."""
+        """Model output at xs (with a graph to xs when grad); one counted forward. Batches are padded to
+        ``padded_rows`` with copies of their first row (outside the graph) and the padding's outputs dropped."""
         n = xs.shape[0]
-        pad = self.min_rows - n if n else 0
-        counter.forward(max(n, self.min_rows) if n else 0)
+        rows_needed = self.padded_rows(n)
+        pad = rows_needed - n
+        counter.forward(rows_needed)
         if grad:
             xs = xs.detach().requires_grad_(True)
         with torch.set_grad_enabled(grad):
@@ -280,7 +294,7 @@ class _Problem:
         with torch.enable_grad():
             loss = _loss_result(self.name, self.loss_fn(out, y), y.shape[0])
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
-        counter.backward(max(xs.shape[0], self.min_rows))
+        counter.backward(self.padded_rows(xs.shape[0]))
         (grad,) = torch.autograd.grad(total, xs)
         return grad
 
@@ -456,7 +470,76 @@ def _search_masked(p, lo, hi, crossed, counter):
 # Public entry points
 
 
-DEFAULT_MIN_ROWS = 16
+MAX_PROBED_ROWS = 16
+_INVARIANT_SIZES = weakref.WeakKeyDictionary()  # model -> {input signature: batch sizes}
+
+
+def _probe_signature(x):
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return tuple(x.shape[1:]), x.dtype, x.device, channels_last, torch.get_num_threads()
+
+
+def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_PROBED_ROWS):
+    """The batch sizes n <= ``max_rows`` at which ``model`` computes a sample's result bitwise as inside a large
+    batch: outputs (with and without grad) and input gradients (under random output gradients) of n rows equal those
+    of the same rows inside a batch of ``2 * max_rows``. Returns a sorted tuple that ends with ``max_rows``, or
+    ``()`` when ``max_rows`` rows already differ (or the model is not deterministic): padding cannot help then.
+    Batches larger than ``max_rows`` are taken to be invariant.
+
+    Why: CPU and GPU math libraries pick kernels by batch size (measured for resnet18 on 1x28x28: on this
+    project's AVX-512 machine results settle from 16 rows; on its AVX2 machine from 12, and at 4 and 8, because
+    MKL's small matrix multiply in the classifier's backward sums a row tail in another order), so :func:`gen_adv`
+    pads each shrinking working batch to the next size listed here and returns bitwise what the full-batch
+    computation returns. Measured once per model, sample shape, dtype, device, memory format, thread count and
+    clip range (random inputs in [clip_min, clip_max], the model in its current mode -- run it inside the attack's
+    mode), then cached for the model's lifetime. Each size is checked on several disjoint batches covering
+    ``max_rows`` rows: about ``max_rows * (max_rows + 4)`` sample forwards and backwards (3 s for resnet18 on
+    1x28x28 on 2 CPU cores). Changing the model's layers afterwards is not detected."""
+    max_rows = _check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
+    if not torch.is_tensor(x) or x.dim() < 1:
+        raise ValueError(f"batch_invariant_sizes: expected x to be a batch tensor [N, ...], got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    key = _probe_signature(x) + (max_rows, float(clip_min), float(clip_max))
+    cache = _INVARIANT_SIZES.setdefault(model, {})
+    if key in cache:
+        return cache[key]
+    g = torch.Generator().manual_seed(0)
+    probe = torch.rand((2 * max_rows,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64)
+    probe = (clip_min + (clip_max - clip_min) * probe).to(dtype=x.dtype, device=x.device)
+    if key[3]:
+        probe = probe.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out_shape = model(probe[:1]).shape[1:]
+    # Random output gradients: all-ones ones can hide a batch-dependent matrix multiply in the backward.
+    weights = torch.rand((probe.shape[0],) + tuple(out_shape), generator=g, dtype=torch.float64)
+    weights = weights.to(dtype=x.dtype, device=x.device)
+
+    def run(start, stop):
+        rows = probe[start:stop].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = model(rows)
+            (grad,) = torch.autograd.grad(out, rows, weights[start:stop])
+        with torch.no_grad():
+            plain = model(rows.detach())
+        return out.detach(), grad, plain
+
+    reference = run(0, probe.shape[0])
+
+    def invariant(n):
+        # Several disjoint batches of n rows: one row's few logits can agree by chance when another kernel ran
+        # (measured: 1 of 8 single rows of a float64 CNN differed).
+        for start in range(0, max(max_rows // n, 1) * n, n):
+            got = run(start, start + n)
+            if not all(torch.equal(a, b[start:start + n]) for a, b in zip(got, reference)):
+                return False
+        return True
+
+    sizes = ()
+    deterministic = all(torch.equal(a, b) for a, b in zip(run(0, probe.shape[0]), reference))
+    if deterministic and invariant(max_rows):
+        sizes = tuple(n for n in range(1, max_rows) if invariant(n)) + (max_rows,)
+    cache[key] = sizes
+    return sizes
 
 
 def _batch_coupled(model, model_mode):
@@ -482,6 +565,8 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
     p.batch_exit = bool(batch_exit)
     counter = counter if counter is not None else PassCounter()
     with attack_context(model, model_mode):
+        if p.min_rows is None:
+            p.invariant_sizes = batch_invariant_sizes(model, p.x, clip_min=p.clip_min, clip_max=p.clip_max)
         ascent, search = (_ascent_compact, _search_compact) if compact else (_ascent_masked, _search_masked)
         x_adv, lo, hi, crossed, clean_correct, steps_taken = ascent(p, counter)
         lo_c, hi_c, idx = search(p, lo, hi, crossed, counter)
@@ -547,12 +632,13 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
         return_info (bool): also return a :class:`GenAdvInfo`.
         backend (str, optional): backend of the pgd_step_ and boundary_search_step_ ops.
         min_rows (int, optional): pad every forward to at least this many rows (copies of its first sample, outputs
-            dropped). CPU float32 convolutions pick kernels by batch size, so a sample's output can differ in the
-            last bit between a batch of 5 and one of 64, and compaction would change results; from 16 rows on
-            oneDNN's results no longer depend on the batch (AVX-512 and AVX2, see docs/ima.md), so with padding
-            compacted and masked GenAdv are bitwise equal. Default: 16 when the attack runs in eval mode (measured:
-            ~7% of a compacted IMA epoch on CPU, since a call on 4 rows already costs 45% of one on 16), 0 in train
-            mode (padding would change batch-norm statistics, so min_rows > 0 is an error there). 0 turns it off.
+            dropped). Math libraries pick kernels by batch size, so a sample's float32 result can differ in the
+            last bit between a batch of 5 and one of 64, and compaction would change results. Default (None), in
+            eval mode: pad each batch to the next size :func:`batch_invariant_sizes` measured (once per model) to
+            give large-batch results -- on the AVX2 machine here 4, 8, 12 and up for resnet18; on an AVX-512 one
+            16 and up (docs/ima.md) -- so compacted and masked GenAdv are bitwise equal at the least padding this
+            machine needs. In train mode the default is 0 (padding would change batch-norm statistics, so
+            min_rows > 0 is an error there). 0 turns padding off.
 
     Returns:
         ``(x_adv, crossed)`` (plus ``info`` with ``return_info``): x_adv [N, ...] detached, crossed BoolTensor[N]
@@ -751,7 +837,8 @@ class IMA(Defense):
         compact, batch_exit (bool): active-set compaction in GenAdv (default True); for the masked form, whether it
             stops once the whole batch has finished (default True).
         min_rows (int, optional): pad GenAdv's forwards to at least this many rows so their float32 results do not
-            depend on how many samples are still active (see :func:`gen_adv`). Default: 16 in eval mode, else 0.
+            depend on how many samples are still active (see :func:`gen_adv`). Default: measured per model in eval
+            mode (:func:`batch_invariant_sizes`), else 0.
     """
 
     name = "ima"

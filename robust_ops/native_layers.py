@@ -64,17 +64,19 @@ class _EvalBatchNorm(torch.autograd.Function):
 
 def _eval_bn_invstd(bn, dtype):
     """ATen's eval-mode 1 / sqrt(running_var + eps) per channel, exactly as its backward computes it: the backward
-    for a gradient of ones and no weight is (1 * invstd) * 1. Cached per module until the running variance changes."""
-    key = (dtype, bn.eps, bn.running_var.data_ptr(), bn.running_var._version)
+    for a gradient of ones and no weight is (1 * invstd) * 1. Cached per module while the running variance holds the
+    same values: compared by content, because a train-mode forward updates it in place without bumping its version
+    counter (the cache keyed on the version served a stale invstd to attacks run between training steps)."""
     cached = _invstd_cache.get(bn)
-    if cached is None or cached[0] != key:
+    var = bn.running_var
+    if cached is None or cached[0] != (dtype, bn.eps) or not torch.equal(cached[1], var):
         ones = torch.ones(1, bn.num_features, 1, 1, dtype=dtype)
         with torch.no_grad():
             invstd = torch.ops.aten.native_batch_norm_backward(
-                ones, ones, None, bn.running_mean, bn.running_var, None, None, False, bn.eps, [True, False, False],
+                ones, ones, None, bn.running_mean, var, None, None, False, bn.eps, [True, False, False],
             )[0].reshape(-1)
-        cached = _invstd_cache[bn] = (key, invstd)
-    return cached[1]
+        cached = _invstd_cache[bn] = ((dtype, bn.eps), var.detach().clone(), invstd)
+    return cached[2]
 
 
 # The replacement forwards are module-level functions bound to their module with functools.partial, not closures:
