@@ -146,10 +146,13 @@ def main():
     parser.add_argument("--quick", action="store_true", help="64 images (one batch), 1 repeat")
     parser.add_argument("--images", type=int, default=None, help="training images in the IMA epoch (default 546)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="IMA epoch batch (64 here; the paper trains its 28x28 ResNet-18 with 128)")
     parser.add_argument("--steps", type=int, default=20, help="K (paper: 20)")
     parser.add_argument("--search-steps", type=int, default=10, help="N (paper: 10)")
     parser.add_argument("--pretrain-epochs", type=int, default=1)
+    parser.add_argument("--pretrain-batch-size", type=int, default=64,
+                        help="batch of the standard pretraining (fixed, so --batch-size changes only the IMA epoch)")
     parser.add_argument("--scenarios", default="spread,cap,init")
     parser.add_argument("--variants", default=None,
                         help="comma list of variants besides masked (default: all): naive, compacted, "
@@ -170,7 +173,7 @@ def main():
     x, y = load_train()
     model = build_model("resnet18", 1, 2, 28)
     t = time.perf_counter()
-    pretrain(model, x, y, args.pretrain_epochs, args.batch_size)
+    pretrain(model, x, y, args.pretrain_epochs, args.pretrain_batch_size)
     print(f"pretrained {args.pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
     state = copy.deepcopy(model.state_dict())
     ids_all = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:images].sort().values
