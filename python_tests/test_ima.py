@@ -192,6 +192,12 @@ def test_batch_invariant_sizes_finds_the_sizes_and_caches_them():
     calls = model.calls
     assert batch_invariant_sizes(model, torch.rand(7, 1, 10, 10)) == tuple(range(6, 17)) and model.calls == calls
     assert batch_invariant_sizes(model, x.double()) == tuple(range(6, 17)) and model.calls > calls  # new dtype
+    calls = model.calls
+    two_channels = torch.rand(4, 2, 5, 10)
+    assert batch_invariant_sizes(model, two_channels) == tuple(range(6, 17)) and model.calls > calls  # new shape
+    calls = model.calls
+    channels_last = two_channels.contiguous(memory_format=torch.channels_last)
+    assert batch_invariant_sizes(model, channels_last) == tuple(range(6, 17)) and model.calls > calls  # new format
     with pytest.raises(ValueError, match="max_rows to be an integer >= 1"):
         batch_invariant_sizes(model, x, max_rows=0)
 

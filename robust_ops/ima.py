@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import functional
+from ._meta import output_memory_format
 from .attacks.context import (
     attack_context,
     check_inputs,
@@ -475,8 +476,7 @@ _INVARIANT_SIZES = weakref.WeakKeyDictionary()  # model -> {input signature: bat
 
 
 def _probe_signature(x):
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return tuple(x.shape[1:]), x.dtype, x.device, channels_last, torch.get_num_threads()
+    return tuple(x.shape[1:]), x.dtype, x.device, output_memory_format(x), torch.get_num_threads()
 
 
 def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_PROBED_ROWS):
@@ -506,8 +506,7 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     g = torch.Generator().manual_seed(0)
     probe = torch.rand((2 * max_rows,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64)
     probe = (clip_min + (clip_max - clip_min) * probe).to(dtype=x.dtype, device=x.device)
-    if key[3]:
-        probe = probe.contiguous(memory_format=torch.channels_last)
+    probe = probe.contiguous(memory_format=key[3])
     with torch.no_grad():
         out_shape = model(probe[:1]).shape[1:]
     # Random output gradients: all-ones ones can hide a batch-dependent matrix multiply in the backward.
