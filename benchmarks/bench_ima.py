@@ -146,8 +146,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="64 images (one batch), 1 repeat")
     parser.add_argument("--images", type=int, default=None, help="training images in the IMA epoch (default 546)")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="IMA epoch batch (64 here; the paper trains its 28x28 ResNet-18 with 128)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="IMA epoch batch (default 128, the paper's batch for its 28x28 ResNet-18)")
     parser.add_argument("--steps", type=int, default=20, help="K (paper: 20)")
     parser.add_argument("--search-steps", type=int, default=10, help="N (paper: 10)")
     parser.add_argument("--pretrain-epochs", type=int, default=1)
