@@ -12,6 +12,7 @@ Scenarios (the speed-up depends on where the margins are, see docs/bench-ima.md)
   spread -- margins uniform in [0, eps_train] (fixed seed): margins that have spread out during training, so
             samples cross at different steps or not at all;
   cap    -- margins at eps_train (the state once margins have expanded): every sample searches its full ball.
+Variants "masked channels_last" and "compacted channels_last" run the same epochs on a channels_last copy of the model.
 The model is resnet18 (build_model("resnet18", 1, 2, 28)), first trained ``--pretrain-epochs`` standard epochs on
 the full training split so that its boundaries are those of a working classifier.
 
@@ -77,9 +78,12 @@ def pretrain(model, x, y, epochs, batch_size):
             opt.step()
 
 
-def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True, min_rows=None):
+def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True, min_rows=None,
+              channels_last=False):
     model = build_model("resnet18", 1, 2, 28)
     model.load_state_dict(state)
+    if channels_last:  # oneDNN then skips its per-layer activation reorders (docs/benchmarks.md)
+        model = model.to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     eps = paper_eps_train(tuple(x.shape[1:]), "l2")  # 3 sqrt(784/3072) = 1.52; delta = eps / 100 (IMA defaults)
@@ -183,13 +187,17 @@ def main():
     if args.lockstep:
         lockstep(state, x, y, ids_all, args, "spread")
         return
-    # (name, compact, arity, batch_exit, min_rows). By default (min_rows=None) GenAdv pads each working batch to the
-    # next batch size from which this machine's float32 results no longer depend on the batch (measured once per
-    # model, ima.batch_invariant_sizes), so compacted margins are bitwise the masked ones. "compacted min_rows=16"
-    # is the earlier fixed padding; "compacted unpadded" (min_rows=0) shows why padding is needed.
-    variants = [("masked", False, 2, True, None), ("naive", False, 2, False, None), ("compacted", True, 2, True, None),
-                ("compacted min_rows=16", True, 2, True, 16), ("compacted unpadded", True, 2, True, 0),
-                ("compacted k=4", True, 4, True, None)]
+    # (name, compact, arity, batch_exit, min_rows, channels_last). By default (min_rows=None) GenAdv pads each
+    # working batch to the next batch size from which this machine's float32 results no longer depend on the batch
+    # (measured once per model, ima.batch_invariant_sizes), so compacted margins are bitwise the masked ones.
+    # "compacted min_rows=16" is the earlier fixed padding; "compacted unpadded" (min_rows=0) shows why padding is
+    # needed. The channels_last pair runs the same epochs on a channels_last model: other convolution kernels, so
+    # their margins match each other bitwise, not the NCHW ones.
+    variants = [("masked", False, 2, True, None, False), ("naive", False, 2, False, None, False),
+                ("compacted", True, 2, True, None, False), ("compacted min_rows=16", True, 2, True, 16, False),
+                ("compacted unpadded", True, 2, True, 0, False), ("compacted k=4", True, 4, True, None, False),
+                ("masked channels_last", False, 2, True, None, True),
+                ("compacted channels_last", True, 2, True, None, True)]
     if args.variants:
         wanted = args.variants.split(",")
         unknown = set(wanted) - {v[0] for v in variants}
@@ -202,10 +210,11 @@ def main():
         cpu_times = {v[0]: [] for v in variants}
         results = {}
         for r in range(repeats):
-            for name, compact, arity, batch_exit, min_rows in variants:  # interleaved: load hits all alike
+            for name, compact, arity, batch_exit, min_rows, channels_last in variants:  # interleaved
                 seconds, cpu, margins, counts, crossed = ima_epoch(state, x, y, ids_all, args, compact=compact,
                                                                    arity=arity, scenario=scenario,
-                                                                   batch_exit=batch_exit, min_rows=min_rows)
+                                                                   batch_exit=batch_exit, min_rows=min_rows,
+                                                                   channels_last=channels_last)
                 times[name].append(seconds)
                 cpu_times[name].append(cpu)
                 results[name] = (margins, counts, crossed)
@@ -214,16 +223,20 @@ def main():
         base = statistics.median(times["masked"])
         cpu_base = statistics.median(cpu_times["masked"])
         ref_margins = results["masked"][0]
-        for name, *_ in variants:
+        for name, *_, channels_last in variants:
             margins, counts, crossed = results[name]
             diff = (margins - ref_margins).abs()
             med, cpu_med = statistics.median(times[name]), statistics.median(cpu_times[name])
+            # The masked epoch of the same memory format: compaction's own speed-up and margin check.
+            same = "masked channels_last" if channels_last and "masked channels_last" in results else "masked"
             rows.append({
                 "scenario": scenario, "variant": name, "images": images, "K": args.steps, "N": args.search_steps,
                 "epoch_s_median": med, "speedup_vs_masked": base / med, "epoch_cpu_s_median": cpu_med,
                 "cpu_speedup_vs_masked": cpu_base / cpu_med, **counts, "crossed_frac": crossed,
                 "margins_equal_to_masked": bool(torch.equal(margins, ref_margins)),
                 "margins_max_abs_diff": float(diff.max()), "margins_differing": int((diff > 0).sum()),
+                "speedup_vs_masked_same_layout": statistics.median(times[same]) / med,
+                "margins_equal_to_masked_same_layout": bool(torch.equal(margins, results[same][0])),
             })
     write_rows("ima", rows)
 

@@ -5,8 +5,9 @@ and a same-size copy (the memory roofline), in one run, on resnet18's shapes fro
 
 * max_pool2d (k3 s2 p1 on [32, 64, 64, 64]): robust_ops.max_pool2d vs F.max_pool2d (NCHW, and channels_last --
   ATen's fast layout), forward and forward+backward; bitwise equality is checked first.
-* eval-mode batch-norm input gradient on [32, C, S, S] for resnet18's four stages: _eval_batch_norm_backward vs
-  aten::native_batch_norm_backward(train=False, input gradient only); bitwise equality checked first.
+* eval-mode batch-norm input gradient on [32, C, S, S] for resnet18's four stages, NCHW and channels_last:
+  _eval_batch_norm_backward vs aten::native_batch_norm_backward(train=False, input gradient only); bitwise equality
+  (values and strides) checked first.
 Bytes per pass are the minimum traffic: pooling forward reads the input, writes output + int64 indices; backward
 reads grad_output + indices, writes grad_input. Batch-norm backward reads grad_output and writes grad_input.
 Everything is timed inside the CPU memory pool, as attacks and fit run these layers (outside it, each call's fresh
@@ -84,13 +85,16 @@ def measure():
                  "shape": "x".join(map(str, x.shape)), "median_ms": copy_s * 1e3, "x_aten_same_layout": "",
                  "GB/s": copy_gbps, "roofline_%": 100.0})
 
-    for c, s in ((64, 32), (128, 16), (256, 8), (512, 4)):
+    for (c, s), layout in ((cs, layout) for cs in ((64, 32), (128, 16), (256, 8), (512, 4))
+                           for layout in ("nchw", "channels_last")):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         bn = torch.nn.BatchNorm2d(c).eval()
         bn.running_var.uniform_(0.5, 2)
         bn.running_mean.normal_()
         with torch.no_grad():
             bn.weight.normal_()
-        xb, gb = torch.randn(n, c, s, s), torch.randn(n, c, s, s)
+        xb = torch.randn(n, c, s, s).contiguous(memory_format=fmt)
+        gb = torch.randn(n, c, s, s).contiguous(memory_format=fmt)
         w, rm, rv = bn.weight.detach(), bn.running_mean, bn.running_var
         ones = torch.ones(1, c, 1, 1)
         invstd = torch.ops.aten.native_batch_norm_backward(ones, ones, None, rm, rv, None, None, False, bn.eps,
@@ -103,8 +107,8 @@ def measure():
         def ours():
             return torch.ops.robust_ops._eval_batch_norm_backward(gb, invstd, w)
 
-        if not torch.equal(aten(), ours()):
-            raise SystemExit(f"_eval_batch_norm_backward disagrees with ATen at C={c}")
+        if not torch.equal(aten(), ours()) or aten().stride() != ours().stride():
+            raise SystemExit(f"_eval_batch_norm_backward disagrees with ATen at C={c}, {layout}")
         nbytes = 2 * 4 * gb.numel()
         copy_s = copy_roofline_seconds(nbytes, "cpu", run_time)
         t_aten, t_ours = median_seconds(aten, run_time), median_seconds(ours, run_time)
@@ -112,8 +116,8 @@ def measure():
         for provider, seconds, ratio in (("aten native_batch_norm_backward", t_aten, 1.0),
                                          ("robust_ops._eval_batch_norm_backward", t_ours, t_aten / t_ours),
                                          ("copy (roofline)", copy_s, "")):
-            rows.append({"op": "eval batch-norm backward", "provider": provider, "layout": "nchw", "pass": "backward",
-                         "shape": shape, "median_ms": seconds * 1e3, "x_aten_same_layout": ratio,
+            rows.append({"op": "eval batch-norm backward", "provider": provider, "layout": layout,
+                         "pass": "backward", "shape": shape, "median_ms": seconds * 1e3, "x_aten_same_layout": ratio,
                          "GB/s": gbps(nbytes, seconds), "roofline_%": 100 * copy_s / seconds})
     return rows
 

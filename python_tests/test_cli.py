@@ -175,6 +175,25 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     one_line_error(rc, err, "--resume:", "model='small_cnn'")
 
 
+def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_path, capsys):
+    out = tmp_path / "cl"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv + ["--channels-last"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["channels_last"] is True
+    # Resuming in the other memory format would change the numerics mid-run: refused.
+    rc, _, err = run(argv[:4] + ["2"] + argv[5:] + ["--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "channels_last=True")
+    model, _, run_doc = cli.load_run(out)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and run_doc["channels_last"] is True
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "eval" / "results.json").read_text())
+    assert doc["config"]["channels_last"] is True and [r["attack"] for r in doc["rows"]] == ["none", "fgsm"]
+
+
 def test_demo_quick_synthetic(tmp_path, capsys):
     pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     out = tmp_path / "demo"

@@ -140,6 +140,17 @@ def test_compacted_equals_masked_and_spends_less(algorithm, arity):
     assert c_naive.backward_rows == 8 * 12
 
 
+def test_channels_last_model_compacted_equals_masked_bitwise():
+    # A channels_last float32 model (fit(channels_last=True)) runs other convolution kernels; the default padding
+    # measures its batch-invariant sizes like any model's, so compaction still changes no bit.
+    model, x, y, margin = make_problem(n=12, seed=1, dtype=torch.float32)
+    model = model.to(memory_format=torch.channels_last)
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6)
+    b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6)
+    assert ca.tolist() == cb.tolist() and bool(ca.any())
+    assert torch.equal(a, b)
+
+
 def test_min_rows_pads_forwards_without_changing_results():
     model, x, y, margin = make_problem(n=12, seed=1)
     # Default: padded to a measured batch-invariant size (unpadded, a batch of one row can take another path).

@@ -39,16 +39,18 @@ def output_and_input_grad(model, x, grad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(4, 5, 7, 9), (1, 3, 1, 1), (2, 64, 16, 16), (3, 17, 1, 33)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_eval_batch_norm_backward_is_bitwise_atens(dtype, shape, affine):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_eval_batch_norm_backward_is_bitwise_atens(dtype, shape, affine, layout):
     bn = eval_bn(shape[1], dtype, affine)
-    x = torch.randn(shape, dtype=dtype) * 3
-    grad = torch.randn(shape, dtype=dtype)
+    x = (torch.randn(shape, dtype=dtype) * 3).contiguous(memory_format=layout)
+    grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=layout)
     ref_out, ref_grad = output_and_input_grad(bn, x, grad)
     with native_layers(bn):
         assert patched(bn) == [bn]
         out, g = output_and_input_grad(bn, x, grad)
         assert out.grad_fn is not None and "EvalBatchNorm" in type(out.grad_fn).__name__
     assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+    assert g.stride() == ref_grad.stride()  # channels_last stays channels_last, as ATen's
     assert patched(bn) == []
 
 
@@ -104,8 +106,8 @@ def test_batch_norm_falls_back_where_the_fast_path_would_differ():
         bn.train()  # batch statistics
         assert "EvalBatchNorm" not in type(bn(x).grad_fn).__name__
         bn.eval()
-        cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-        assert "EvalBatchNorm" not in type(bn(cl).grad_fn).__name__
+        strided = torch.randn(2, 3, 4, 8)[..., ::2].requires_grad_()  # neither NCHW nor channels_last
+        assert "EvalBatchNorm" not in type(bn(strided).grad_fn).__name__
         with torch.no_grad():
             assert torch.equal(bn(x), nn.BatchNorm2d.forward(bn, x))
 
@@ -124,9 +126,10 @@ def test_max_pool_runs_the_native_op_with_identical_results():
     assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
 
 
-def test_resnet18_gradients_bitwise_equal():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_resnet18_gradients_bitwise_equal(layout):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=2).eval()
+    model = torchvision.models.resnet18(num_classes=2).eval().to(memory_format=layout)
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.rand(16, 3, 40, 40)
@@ -224,6 +227,12 @@ def test_eval_batch_norm_backward_op(dtype):
     assert torch.allclose(eval_bn_backward(grad, invstd, bn.weight), ref)
     torch.library.opcheck(eval_bn_backward, (grad.requires_grad_(), invstd, bn.weight))
     torch.library.opcheck(eval_bn_backward, (grad[:, :, :, ::2], invstd, None))
+    cl = grad.detach().contiguous(memory_format=torch.channels_last)
+    got = eval_bn_backward(cl, invstd, bn.weight)
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, eval_bn_backward(grad, invstd,
+                                                                                                       bn.weight))
+    assert torch.equal(eval_bn_backward(cl, invstd, None), eval_bn_backward(grad.detach(), invstd, None))
+    torch.library.opcheck(eval_bn_backward, (cl.requires_grad_(), invstd, bn.weight))
     # Linear in grad_output: the op's own gradient is the op.
     assert torch.autograd.gradcheck(lambda g: eval_bn_backward(g, invstd.double(), None),
                                     (torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True),))

@@ -20,7 +20,8 @@ def _check_floating(op, arg, t):
 
 
 def output_memory_format(input):
-    """Pooling outputs keep channels_last when the input is channels_last (and not also plain contiguous)."""
+    """Pooling and eval-batch-norm-backward outputs keep channels_last when the input is channels_last (and not also
+    plain contiguous)."""
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -123,7 +124,8 @@ def _eval_batch_norm_backward_fake(grad_output, invstd, weight):
         if t is not None:
             torch._check(t.dim() == 1 and t.shape[0] == c,
                          lambda t=t, name=name: f"{op}: expected {name} of shape ({c},), got {tuple(t.shape)}")
-    return torch.empty(grad_output.shape, dtype=grad_output.dtype, device=grad_output.device)
+    return torch.empty(grad_output.shape, dtype=grad_output.dtype, device=grad_output.device,
+                       memory_format=output_memory_format(grad_output))
 
 
 def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot):

@@ -11,10 +11,11 @@
   ``(grad * invstd[c]) * weight[c]`` (``torch.ops.robust_ops._eval_batch_norm_backward``, the two multiplies in
   ATen's order). ATen's eval-mode backward also reduces ``sum(grad)`` and ``sum(grad * x_hat)`` per channel for
   weight gradients nobody asked for. ``invstd`` is read off ATen's own backward (its gradient for a grad of ones
-  and no weight), so every bit matches. The forward is ``F.batch_norm`` itself.
+  and no weight), so every bit matches. The forward is ``F.batch_norm`` itself. NCHW and channels_last inputs (a
+  channels_last model's batch norms: ATen's channels_last backward costs ~5x a copy there).
 
-Everything else -- train-mode BN, parameters that need gradients, other devices and dtypes, channels_last BN
-inputs, subclasses, modules with their own instance ``forward`` -- runs the module's own forward. Attacks
+Everything else -- train-mode BN, parameters that need gradients, other devices and dtypes, inputs in other
+layouts, subclasses, modules with their own instance ``forward`` -- runs the module's own forward. Attacks
 (``attack_context``) and CPU training (``train.fit``) run under it; ``$ROBUST_OPS_NATIVE_LAYERS=0`` turns it off.
 Nested and concurrent uses on one model are counted: the last exit restores the modules. Measured effect:
 docs/benchmarks.md (bench_attacks "without native layers").
@@ -92,7 +93,7 @@ def _batch_norm_forward(bn, input):
         or input.dtype not in NATIVE_CPU_DTYPES
         or any(p is not None and (p.dtype != input.dtype or p.requires_grad) for p in (bn.weight, bn.bias))
         or bn.running_var.dtype != input.dtype
-        or not input.is_contiguous()
+        or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or not (torch.is_grad_enabled() and input.requires_grad)
     ):
         return nn.BatchNorm2d.forward(bn, input)

@@ -2,6 +2,7 @@
 // multiplies in ATen's order so results are bitwise those of aten::native_batch_norm_backward(train=False). ATen
 // also reduces sum(grad) and sum(grad * x_hat) per channel for the weight gradients even when only the input
 // gradient is asked for; this is the one pass that remains (robust_ops.native_layers uses it during attacks).
+// NCHW and channels_last grad_output keep their layout; any other strides are made contiguous first.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -33,12 +34,40 @@ at::Tensor eval_batch_norm_backward_cpu(const at::Tensor& grad_output, const at:
                 py_tuple(weight->sizes()));
     check_same_dtype(kOp, "weight", *weight, "grad_output", grad_output);
   }
+  const at::Tensor inv = invstd.contiguous();
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  // channels_last grad_output (a channels_last model's batch norms): keep its layout, channels innermost.
+  const bool channels_last = grad_output.dim() == 4 && !grad_output.is_contiguous() &&
+                             grad_output.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (channels_last) {
+    at::Tensor grad_input =
+        at::empty(grad_output.sizes(), grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (grad_output.numel() == 0) return grad_input;
+    const int64_t rows = grad_output.numel() / C;
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), kOp, [&] {
+      const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+      const scalar_t* a = inv.const_data_ptr<scalar_t>();
+      const scalar_t* b = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t* gp = g + r * C;
+          scalar_t* op = out + r * C;
+          if (b) {
+            for (int64_t c = 0; c < C; ++c) op[c] = (gp[c] * a[c]) * b[c];  // two roundings, as ATen
+          } else {
+            for (int64_t c = 0; c < C; ++c) op[c] = gp[c] * a[c];
+          }
+        }
+      });
+    });
+    return grad_input;
+  }
   const at::Tensor go = grad_output.contiguous();
   at::Tensor grad_input = at::empty(go.sizes(), go.options());
   if (go.numel() == 0) return grad_input;
   const int64_t planes = go.size(0) * C, inner = go.numel() / planes;
-  const at::Tensor inv = invstd.contiguous();
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), kOp, [&] {
     const scalar_t* g = go.const_data_ptr<scalar_t>();
     const scalar_t* a = inv.const_data_ptr<scalar_t>();
