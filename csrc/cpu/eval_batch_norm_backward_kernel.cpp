@@ -39,18 +39,19 @@ at::Tensor eval_batch_norm_backward_cpu(const at::Tensor& grad_output, const at:
   // channels_last grad_output (a channels_last model's batch norms): keep its layout, channels innermost.
   const bool channels_last = grad_output.dim() == 4 && !grad_output.is_contiguous() &&
                              grad_output.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (channels_last) {
-    at::Tensor grad_input =
-        at::empty(grad_output.sizes(), grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
-    if (grad_output.numel() == 0) return grad_input;
-    const int64_t rows = grad_output.numel() / C;
-    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), kOp, [&] {
-      const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
-      const scalar_t* a = inv.const_data_ptr<scalar_t>();
-      const scalar_t* b = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  const at::Tensor go = channels_last ? grad_output : grad_output.contiguous();
+  at::Tensor grad_input = at::empty(
+      go.sizes(), go.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous));
+  if (go.numel() == 0) return grad_input;
+  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), kOp, [&] {
+    const scalar_t* g = go.const_data_ptr<scalar_t>();
+    const scalar_t* a = inv.const_data_ptr<scalar_t>();
+    const scalar_t* b = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    if (channels_last) {  // rows of C channels, ~32K elements per task
+      const int64_t rows = go.numel() / C;
+      at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const scalar_t* gp = g + r * C;
           scalar_t* op = out + r * C;
@@ -61,18 +62,9 @@ at::Tensor eval_batch_norm_backward_cpu(const at::Tensor& grad_output, const at:
           }
         }
       });
-    });
-    return grad_input;
-  }
-  const at::Tensor go = grad_output.contiguous();
-  at::Tensor grad_input = at::empty(go.sizes(), go.options());
-  if (go.numel() == 0) return grad_input;
-  const int64_t planes = go.size(0) * C, inner = go.numel() / planes;
-  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), kOp, [&] {
-    const scalar_t* g = go.const_data_ptr<scalar_t>();
-    const scalar_t* a = inv.const_data_ptr<scalar_t>();
-    const scalar_t* b = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+      return;
+    }
+    const int64_t planes = go.size(0) * C, inner = go.numel() / planes;
     // Whole (n, c) planes per task, at least ~32K elements each so small planes do not drown in scheduling.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1));
     at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
