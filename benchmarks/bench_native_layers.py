@@ -107,7 +107,8 @@ def measure():
         def ours():
             return torch.ops.robust_ops._eval_batch_norm_backward(gb, invstd, w)
 
-        if not torch.equal(aten(), ours()) or aten().stride() != ours().stride():
+        expected, got = aten(), ours()
+        if not torch.equal(expected, got) or expected.stride() != got.stride():
             raise SystemExit(f"_eval_batch_norm_backward disagrees with ATen at C={c}, {layout}")
         nbytes = 2 * 4 * gb.numel()
         copy_s = copy_roofline_seconds(nbytes, "cpu", run_time)
