@@ -1,5 +1,6 @@
 """Attack benchmarks: robust_ops.attacks.pgd vs torchattacks.PGD (same output; also without the CPU memory pool,
-without native layers, and on a channels_last copy of the model), the cost of emitting iterates, and an ensemble
+without native layers, on a channels_last copy of the model, and with prepacked convolutions on either), the cost
+of emitting iterates, and an ensemble
 with the cascade vs every attack on every sample.
 
     python benchmarks/bench_attacks.py [--quick] [--device cpu|cuda] [--models small-resnet,resnet18]
@@ -27,6 +28,7 @@ from robust_ops._backend import resolve  # noqa: E402
 from robust_ops.memory import ENV_SWITCH as POOL_SWITCH  # noqa: E402
 from robust_ops.native_layers import ENV_SWITCH as LAYERS_SWITCH  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
+from robust_ops.prepacked_conv import prepacked_conv  # noqa: E402
 
 
 class Block(nn.Module):
@@ -156,14 +158,26 @@ def main():
         def ours_channels_last():
             return attacks.pgd(model_cl, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False)
 
+        # robust_ops.prepacked_conv: weights packed once per attack, oneDNN inference convolutions (not bitwise).
+        def ours_prepacked():
+            with prepacked_conv(model, True):
+                return ours()
+
+        def ours_channels_last_prepacked():
+            with prepacked_conv(model_cl, True):
+                return ours_channels_last()
+
         plain = ours()  # each resnet18 PGD call takes seconds: compute the reference output once
         same = (torch.equal(plain, theirs()) and torch.equal(ours_no_pool(), plain)
                 and torch.equal(ours_no_native_layers(), plain))
         cl_diff = float((ours_channels_last() - plain).abs().max())
+        packed_diff = float((ours_prepacked() - plain).abs().max())
+        cl_packed_diff = float((ours_channels_last_prepacked() - plain).abs().max())
         # Interleaved rounds: ours, torchattacks, ours without the CPU memory pool, ours with emit, ours without
-        # native layers, ours on the channels_last model.
-        (t_ours, t_theirs, t_no_pool, t_emit, t_no_layers, t_cl), _ = interleaved_medians(
-            [ours, theirs, ours_no_pool, ours_emit, ours_no_native_layers, ours_channels_last],
+        # native layers, ours on the channels_last model, both with prepacked convolutions.
+        (t_ours, t_theirs, t_no_pool, t_emit, t_no_layers, t_cl, t_packed, t_cl_packed), _ = interleaved_medians(
+            [ours, theirs, ours_no_pool, ours_emit, ours_no_native_layers, ours_channels_last, ours_prepacked,
+             ours_channels_last_prepacked],
             args.rounds or (2 if args.quick else 7))
         rows.append(dict(model=name, case="pgd-10 vs torchattacks.PGD", ours_ms=t_ours * 1e3, peer_ms=t_theirs * 1e3,
                          ratio=t_theirs / t_ours, images_per_s=args.batch / t_ours, same_output=same,
@@ -178,6 +192,12 @@ def main():
                          case=f"pgd-10 on a channels_last model vs torchattacks.PGD (max diff {cl_diff:.2g})",
                          ours_ms=t_cl * 1e3, peer_ms=t_theirs * 1e3, ratio=t_theirs / t_cl,
                          images_per_s=args.batch / t_cl, same_output=cl_diff == 0.0, backend=backend))
+        for label, t_variant, diff in (("", t_packed, packed_diff),
+                                       (" on a channels_last model", t_cl_packed, cl_packed_diff)):
+            rows.append(dict(model=name, case=f"pgd-10 with prepacked convolutions{label} vs torchattacks.PGD (max "
+                                              f"diff {diff:.2g})",
+                             ours_ms=t_variant * 1e3, peer_ms=t_theirs * 1e3, ratio=t_theirs / t_variant,
+                             images_per_s=args.batch / t_variant, same_output=diff == 0.0, backend=backend))
         rows.append(dict(model=name, case="pgd-10 emit=(2,4,6,8) vs plain", ours_ms=t_emit * 1e3,
                          peer_ms=t_ours * 1e3, ratio=t_emit / t_ours, images_per_s=args.batch / t_emit,
                          same_output=torch.equal(ours_emit()[0], plain), backend=backend))

@@ -12,7 +12,8 @@ Scenarios (the speed-up depends on where the margins are, see docs/bench-ima.md)
   spread -- margins uniform in [0, eps_train] (fixed seed): margins that have spread out during training, so
             samples cross at different steps or not at all;
   cap    -- margins at eps_train (the state once margins have expanded): every sample searches its full ball.
-Variants "masked channels_last" and "compacted channels_last" run the same epochs on a channels_last copy of the model.
+Variants "masked channels_last" and "compacted channels_last" run the same epochs on a channels_last copy of the model;
+"masked prepacked" and "compacted prepacked" run them under robust_ops.prepacked_conv.
 The model is resnet18 (build_model("resnet18", 1, 2, 28)), first trained ``--pretrain-epochs`` standard epochs on
 the full training split so that its boundaries are those of a working classifier.
 
@@ -42,6 +43,7 @@ from robust_ops.native_layers import library_speedups  # noqa: E402
 from robust_ops.attacks.context import attack_context  # noqa: E402
 from robust_ops.ima import IMA, batch_invariant_sizes, gen_adv, paper_eps_train  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
+from robust_ops.prepacked_conv import prepacked_conv  # noqa: E402
 
 
 def data_path():
@@ -79,7 +81,7 @@ def pretrain(model, x, y, epochs, batch_size):
 
 
 def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True, min_rows=None,
-              channels_last=False):
+              channels_last=False, prepacked=False):
     model = build_model("resnet18", 1, 2, 28)
     model.load_state_dict(state)
     if channels_last:  # oneDNN then skips its per-layer activation reorders (docs/benchmarks.md)
@@ -95,6 +97,11 @@ def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exi
         "cap": torch.full((x.shape[0],), eps),
     }[scenario]
     defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
+    with prepacked_conv(model, prepacked):  # the probe too: its kernels set the padding sizes
+        return _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows)
+
+
+def _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
     crossed = seen = 0
     probe_seconds = 0.0
     if min_rows is None:  # GenAdv's padding sizes: measured once per training run, so outside the epoch's timer
@@ -160,7 +167,8 @@ def main():
     parser.add_argument("--scenarios", default="spread,cap,init")
     parser.add_argument("--variants", default=None,
                         help="comma list of variants besides masked (default: all): naive, compacted, "
-                             "'compacted min_rows=16', 'compacted unpadded', 'compacted k=4'")
+                             "'compacted min_rows=16', 'compacted unpadded', 'compacted k=4', and masked / compacted "
+                             "with ' channels_last', ' prepacked' or ' channels_last prepacked'")
     parser.add_argument("--lockstep", action="store_true",
                         help="only check, batch by batch on the same model state, that compacted and masked GenAdv "
                              "agree (spread margins)")
@@ -187,17 +195,25 @@ def main():
     if args.lockstep:
         lockstep(state, x, y, ids_all, args, "spread")
         return
-    # (name, compact, arity, batch_exit, min_rows, channels_last). By default (min_rows=None) GenAdv pads each
-    # working batch to the next batch size from which this machine's float32 results no longer depend on the batch
-    # (measured once per model, ima.batch_invariant_sizes), so compacted margins are bitwise the masked ones.
+    # (name, compact, arity, batch_exit, min_rows, channels_last, prepacked). By default (min_rows=None) GenAdv pads
+    # each working batch to the next batch size from which this machine's float32 results no longer depend on the
+    # batch (measured once per model, ima.batch_invariant_sizes), so compacted margins are bitwise the masked ones.
     # "compacted min_rows=16" is the earlier fixed padding; "compacted unpadded" (min_rows=0) shows why padding is
     # needed. The channels_last pair runs the same epochs on a channels_last model: other convolution kernels, so
-    # their margins match each other bitwise, not the NCHW ones.
-    variants = [("masked", False, 2, True, None, False), ("naive", False, 2, False, None, False),
-                ("compacted", True, 2, True, None, False), ("compacted min_rows=16", True, 2, True, 16, False),
-                ("compacted unpadded", True, 2, True, 0, False), ("compacted k=4", True, 4, True, None, False),
-                ("masked channels_last", False, 2, True, None, True),
-                ("compacted channels_last", True, 2, True, None, True)]
+    # their margins match each other bitwise, not the NCHW ones. The prepacked pair runs them with
+    # robust_ops.prepacked_conv (oneDNN inference convolutions on weights packed once per GenAdv call): other kernels
+    # on NCHW, compared with each other; the channels_last prepacked pair, with both.
+    variants = [("masked", False, 2, True, None, False, False), ("naive", False, 2, False, None, False, False),
+                ("compacted", True, 2, True, None, False, False),
+                ("compacted min_rows=16", True, 2, True, 16, False, False),
+                ("compacted unpadded", True, 2, True, 0, False, False),
+                ("compacted k=4", True, 4, True, None, False, False),
+                ("masked channels_last", False, 2, True, None, True, False),
+                ("compacted channels_last", True, 2, True, None, True, False),
+                ("masked prepacked", False, 2, True, None, False, True),
+                ("compacted prepacked", True, 2, True, None, False, True),
+                ("masked channels_last prepacked", False, 2, True, None, True, True),
+                ("compacted channels_last prepacked", True, 2, True, None, True, True)]
     if args.variants:
         wanted = args.variants.split(",")
         unknown = set(wanted) - {v[0] for v in variants}
@@ -210,11 +226,11 @@ def main():
         cpu_times = {v[0]: [] for v in variants}
         results = {}
         for r in range(repeats):
-            for name, compact, arity, batch_exit, min_rows, channels_last in variants:  # interleaved
+            for name, compact, arity, batch_exit, min_rows, channels_last, prepacked in variants:  # interleaved
                 seconds, cpu, margins, counts, crossed = ima_epoch(state, x, y, ids_all, args, compact=compact,
                                                                    arity=arity, scenario=scenario,
                                                                    batch_exit=batch_exit, min_rows=min_rows,
-                                                                   channels_last=channels_last)
+                                                                   channels_last=channels_last, prepacked=prepacked)
                 times[name].append(seconds)
                 cpu_times[name].append(cpu)
                 results[name] = (margins, counts, crossed)
@@ -223,12 +239,15 @@ def main():
         base = statistics.median(times["masked"])
         cpu_base = statistics.median(cpu_times["masked"])
         ref_margins = results["masked"][0]
-        for name, *_, channels_last in variants:
+        for name, *_, channels_last, prepacked in variants:
             margins, counts, crossed = results[name]
             diff = (margins - ref_margins).abs()
             med, cpu_med = statistics.median(times[name]), statistics.median(cpu_times[name])
-            # The masked epoch of the same memory format: compaction's own speed-up and margin check.
-            same = "masked channels_last" if channels_last and "masked channels_last" in results else "masked"
+            # The masked epoch on the same convolution kernels (memory format, prepacking): compaction's own
+            # speed-up and margin check.
+            same = {(True, False): "masked channels_last", (False, True): "masked prepacked",
+                    (True, True): "masked channels_last prepacked"}.get((channels_last, prepacked), "masked")
+            same = same if same in results else "masked"
             rows.append({
                 "scenario": scenario, "variant": name, "images": images, "K": args.steps, "N": args.search_steps,
                 "epoch_s_median": med, "speedup_vs_masked": base / med, "epoch_cpu_s_median": cpu_med,

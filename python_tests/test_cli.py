@@ -194,6 +194,30 @@ def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_pa
     assert doc["config"]["channels_last"] is True and [r["attack"] for r in doc["rows"]] == ["none", "fgsm"]
 
 
+def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_path, capsys, monkeypatch):
+    from robust_ops import prepacked_conv
+
+    packed = []
+    real_pack = prepacked_conv._pack
+    monkeypatch.setattr(prepacked_conv, "_pack", lambda *a: packed.append(1) or real_pack(*a))
+    out = tmp_path / "packed"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu",
+            "--defense", "at", "--defense-opt", "steps=2"]
+    rc, _, err = run(argv + ["--prepacked-conv"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["prepacked_conv"] is True
+    assert packed  # AT's PGD ran on packed convolutions
+    rc, _, err = run(argv[:4] + ["2"] + argv[5:] + ["--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "prepacked_conv=True")
+    packed.clear()
+    rc, _, err = run(["eval", out, "--attacks", "pgd:steps=2", "--eps", "2/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0, err
+    assert json.loads((out / "eval" / "results.json").read_text())["config"]["prepacked_conv"] is True
+    assert packed  # eval follows the run
+    assert all("forward" not in m.__dict__ for m in cli.load_run(out)[0].modules())
+
+
 def test_demo_quick_synthetic(tmp_path, capsys):
     pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     out = tmp_path / "demo"

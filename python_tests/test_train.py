@@ -171,6 +171,23 @@ def test_fit_channels_last_and_a_defense_by_name():
     assert math.isfinite(result.history[0]["train_loss"])
 
 
+def test_fit_prepacked_conv_packs_in_attacks_and_trains_on_atens_convolutions(monkeypatch):
+    from robust_ops import prepacked_conv
+
+    packed = []
+    real_pack = prepacked_conv._pack
+    monkeypatch.setattr(prepacked_conv, "_pack", lambda *a: packed.append(1) or real_pack(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    before = _weights(model)
+    result = fit(model, defenses.build("at", steps=2), _data(16), epochs=1, batch_size=8, prepacked_conv=True,
+                 progress=False)
+    assert packed  # the PGD of every step: one forward pack per attack at least
+    assert not torch.equal(result.model[0].weight, before["0.weight"])  # the training steps' weight gradients
+    assert "forward" not in model[0].__dict__ and math.isfinite(result.history[0]["train_loss"])
+
+
 def test_global_batch_sampler_shares_cover_each_global_batch_once():
     single = list(GlobalBatchSampler(11, 4, seed=5))
     shares = [list(GlobalBatchSampler(11, 4, seed=5, rank=r, world_size=2)) for r in range(2)]

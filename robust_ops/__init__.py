@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "attacks", "ima", "defenses", "train", "data", "evaluate", "models", "metrics", "report", "pretrain", "cli",
-    "reproduce", "memory", "native_layers",
+    "reproduce", "memory", "native_layers", "prepacked_conv",
     "reference", "functional",
 )
 

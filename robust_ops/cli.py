@@ -233,6 +233,9 @@ def add_train_options(p, defaults=True):
     p.add_argument("--channels-last", action="store_true",
                    help="train the model in channels_last memory format (on CPU: IMA epochs 1.3x and PGD "
                         "1.1-1.3x faster, docs/benchmarks.md; results differ from NCHW in the last bits)")
+    p.add_argument("--prepacked-conv", action="store_true",
+                   help="run the attacks inside training on convolutions packed once per attack (CPU: IMA epochs "
+                        "1.2-1.3x faster, docs/prepacked-conv.md; results differ in the last bits)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -252,7 +255,8 @@ def cmd_train_parser(sub):
 
 
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
-              resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False):
+              resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
+              prepacked_conv=False):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history)."""
     from . import train as trainer
     from .data import IndexedDataset
@@ -268,13 +272,15 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         "format": "robust_ops.run/1", "data": str(data), "size": size, "model": model_name,
         "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
                                                       for k, v in defense_options.items()},
-        "dropmax": dropmax, "channels_last": bool(channels_last), "epochs": epochs, "batch_size": batch_size,
+        "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
+        "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "seed": seed, "label": label or defense_name, "dataset": info.to_dict(),
     }
     if resume and (out / RUN_FILE).is_file():
         old = json.loads((out / RUN_FILE).read_text())
-        old.setdefault("channels_last", False)  # runs written before the option trained NCHW
-        for key in ("data", "model", "defense", "dropmax", "seed", "batch_size", "channels_last"):
+        old.setdefault("channels_last", False)  # runs written before the options trained NCHW, on ATen's convolutions
+        old.setdefault("prepacked_conv", False)
+        for key in ("data", "model", "defense", "dropmax", "seed", "batch_size", "channels_last", "prepacked_conv"):
             if old.get(key) != run[key]:
                 raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={old.get(key)!r}, this command has "
                                f"{key}={run[key]!r}")
@@ -283,7 +289,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     try:
         result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
                              batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
-                             channels_last=channels_last, progress=progress)
+                             channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise CLIError(f"{out}: training failed: {err}") from None
     return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
@@ -301,7 +307,7 @@ def cmd_train(args):
             data=args.data, defense_name=args.defense, defense_options=options, model_name=args.model,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=args.out,
             resume=args.resume, dropmax=args.dropmax, size=args.size, progress=not args.no_progress,
-            channels_last=args.channels_last)
+            channels_last=args.channels_last, prepacked_conv=args.prepacked_conv)
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
@@ -383,6 +389,9 @@ def cmd_eval_parser(sub):
     p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")
     p.add_argument("--channels-last", action="store_true",
                    help="attack the model in channels_last memory format (default: as the run was trained)")
+    p.add_argument("--prepacked-conv", action="store_true",
+                   help="attack on convolutions packed once per attack (faster on CPU, last-bit differences; "
+                        "default: as the run was trained)")
     p.add_argument("--device", default="auto")
     p.add_argument("--config", help="YAML or JSON file of options")
     p.set_defaults(func=cmd_eval)
@@ -438,9 +447,13 @@ def cmd_eval(args):
     label = args.method or run.get("label") or run.get("defense") or "model"
     config = {"command": "eval", "target": str(args.target), "attacks": args.attacks, "eps": args.eps,
               "cascade": not args.no_cascade, "ensemble": args.ensemble, "split": args.split,
-              "channels_last": bool(args.channels_last or run.get("channels_last")), "run": run}
-    evaluate_models({label: model}, splits, args, device, out, f"Robustness of {label} on "
-                    f"{splits.info.display_name}", config)
+              "channels_last": bool(args.channels_last or run.get("channels_last")),
+              "prepacked_conv": bool(args.prepacked_conv or run.get("prepacked_conv")), "run": run}
+    from .prepacked_conv import prepacked_conv
+
+    with prepacked_conv(model, enabled=True if config["prepacked_conv"] else None):
+        evaluate_models({label: model}, splits, args, device, out, f"Robustness of {label} on "
+                        f"{splits.info.display_name}", config)
     return 0
 
 

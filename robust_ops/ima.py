@@ -32,6 +32,7 @@ from .attacks.context import (
 )
 from .attacks.core import per_sample
 from .defenses.base import Defense, DefenseOutput
+from .prepacked_conv import prepacked_conv_active
 
 __all__ = [
     "gen_adv",
@@ -475,8 +476,9 @@ MAX_PROBED_ROWS = 16
 _INVARIANT_SIZES = weakref.WeakKeyDictionary()  # model -> {input signature: batch sizes}
 
 
-def _probe_signature(x):
-    return tuple(x.shape[1:]), x.dtype, x.device, output_memory_format(x), torch.get_num_threads()
+def _probe_signature(model, x):
+    return (tuple(x.shape[1:]), x.dtype, x.device, output_memory_format(x), torch.get_num_threads(),
+            prepacked_conv_active(model))
 
 
 def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_PROBED_ROWS):
@@ -490,16 +492,16 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     project's AVX-512 machine results settle from 16 rows; on its AVX2 machine from 12, and at 4 and 8, because
     MKL's small matrix multiply in the classifier's backward sums a row tail in another order), so :func:`gen_adv`
     pads each shrinking working batch to the next size listed here and returns bitwise what the full-batch
-    computation returns. Measured once per model, sample shape, dtype, device, memory format, thread count and
-    clip range (random inputs in [clip_min, clip_max], the model in its current mode -- run it inside the attack's
-    mode), then cached for the model's lifetime. Each size is checked on several disjoint batches covering
-    ``max_rows`` rows: about ``max_rows * (max_rows + 4)`` sample forwards and backwards (3 s for resnet18 on
-    1x28x28 on 2 CPU cores). Changing the model's layers afterwards is not detected."""
+    computation returns. Measured once per model, sample shape, dtype, device, memory format, thread count,
+    prepacked-convolution mode (robust_ops.prepacked_conv) and clip range (random inputs in [clip_min, clip_max],
+    the model in its current mode -- run it inside the attack's mode), then cached for the model's lifetime. Each
+    size is checked on several disjoint batches covering ``max_rows`` rows: about ``max_rows * (max_rows + 4)``
+    sample forwards and backwards (3 s for resnet18 on 1x28x28 on 2 CPU cores). Changing the model's layers afterwards is not detected."""
     max_rows = _check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError(f"batch_invariant_sizes: expected x to be a batch tensor [N, ...], got "
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-    key = _probe_signature(x) + (max_rows, float(clip_min), float(clip_max))
+    key = _probe_signature(model, x) + (max_rows, float(clip_min), float(clip_max))
     cache = _INVARIANT_SIZES.setdefault(model, {})
     if key in cache:
         return cache[key]

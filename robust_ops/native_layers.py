@@ -22,9 +22,7 @@ docs/benchmarks.md (bench_attacks "without native layers").
 """
 
 import contextlib
-import functools
 import os
-import threading
 import weakref
 
 import torch
@@ -32,14 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import NATIVE_CPU_DTYPES, max_pool2d
+from ._patching import patched_forwards
 from .memory import library_pool
+from .prepacked_conv import prepacked_conv as _prepacked_conv
 
 __all__ = ["native_layers", "native_layers_enabled_by_default", "library_speedups", "ENV_SWITCH"]
 
 ENV_SWITCH = "ROBUST_OPS_NATIVE_LAYERS"
-
-_lock = threading.Lock()
-_patched = {}  # id(module) -> [module, depth]
 
 
 def native_layers_enabled_by_default():
@@ -116,40 +113,17 @@ def native_layers(model, enabled=None):
     ``$ROBUST_OPS_NATIVE_LAYERS`` (on)."""
     if enabled is None:
         enabled = native_layers_enabled_by_default()
-    modules = []
-    # A torch.compile'd model (its modules live on in _orig_mod) keeps its own graph: changing forwards under it
-    # would only force recompiles.
-    if enabled and isinstance(model, nn.Module) and not hasattr(model, "_orig_mod"):
-        with _lock:
-            for module in model.modules():
-                replacement = _REPLACEMENTS.get(type(module))
-                if replacement is None:
-                    continue
-                entry = _patched.get(id(module))
-                if entry is not None:
-                    entry[1] += 1
-                elif "forward" in module.__dict__:
-                    continue  # the user's own instance forward: leave it alone
-                else:
-                    module.forward = functools.partial(replacement, module)
-                    _patched[id(module)] = [module, 1]
-                modules.append(module)
-    try:
+    with patched_forwards(model, _REPLACEMENTS if enabled else {}):
         yield model
-    finally:
-        with _lock:
-            for module in modules:
-                entry = _patched[id(module)]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del module.__dict__["forward"]
-                    del _patched[id(module)]
 
 
 @contextlib.contextmanager
-def library_speedups(model, device="cpu"):
+def library_speedups(model, device="cpu", prepacked_conv=None):
     """Everything robust_ops' attacks and CPU training run under, decided in one place: the CPU memory pool
-    (robust_ops.memory.library_pool, for CPU work) and native layers (CPU; on other devices the swapped modules
-    would only fall back)."""
-    with library_pool(device), native_layers(model, enabled=None if torch.device(device).type == "cpu" else False):
+    (robust_ops.memory.library_pool, for CPU work), native layers and prepacked convolutions
+    (robust_ops.prepacked_conv; ``prepacked_conv`` None follows ``$ROBUST_OPS_PREPACKED_CONV``, off by default).
+    Both swaps are CPU only: on other devices the swapped modules would only fall back."""
+    cpu = torch.device(device).type == "cpu"
+    with library_pool(device), native_layers(model, enabled=None if cpu else False), \
+            _prepacked_conv(model, enabled=prepacked_conv if cpu else False):
         yield model

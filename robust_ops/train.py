@@ -324,6 +324,7 @@ def fit(
     device="cpu",
     amp=False,
     channels_last=False,
+    prepacked_conv=False,
     progress=True,
     max_grad_norm=None,
     val_batch_size=64,
@@ -349,6 +350,9 @@ def fit(
         device (str or torch.device): where to train. Under DDP on CUDA, each process uses ``cuda:LOCAL_RANK``.
         amp (bool): float16 autocast + GradScaler (CUDA only).
         channels_last (bool): model and 4-D inputs in channels_last memory format.
+        prepacked_conv (bool): True runs the attacks inside training (IMA's GenAdv, PGD of AT, ...) on
+            convolutions packed once per attack (robust_ops.prepacked_conv: CPU, faster, last-bit differences);
+            False leaves it to ``$ROBUST_OPS_PREPACKED_CONV`` (off by default). Training steps are unaffected.
         progress (bool): tqdm progress bar (rank 0 only).
         max_grad_norm (float, optional): clip the total gradient norm (after extra_grads are added).
         val_batch_size (int): batch size for validation.
@@ -454,7 +458,7 @@ def fit(
 
     # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory),
     # and run max pooling on the native kernel (robust_ops.native_layers; same results bitwise).
-    speedups = library_speedups(model, device)
+    speedups = library_speedups(model, device, prepacked_conv=True if prepacked_conv else None)
     speedups.__enter__()
     try:
         for epoch in range(start_epoch, epochs):

@@ -7,7 +7,9 @@ output checks, and the losses attacks ascend.
 * ``attack_context`` also runs the attack under the scoped CPU memory pool (robust_ops.memory): the activations of
   each step reuse the previous step's memory instead of page-faulting fresh memory in (``ROBUST_OPS_CPU_POOL=0``
   turns it off), and under ``native_layers`` (robust_ops.native_layers): max pooling on the native kernel and a
-  one-pass eval-mode batch-norm backward, bitwise the same results (``ROBUST_OPS_NATIVE_LAYERS=0`` turns it off).
+  one-pass eval-mode batch-norm backward, bitwise the same results (``ROBUST_OPS_NATIVE_LAYERS=0`` turns it off);
+  and, when switched on (``ROBUST_OPS_PREPACKED_CONV=1``, off by default: last-bit differences), convolutions on
+  weights packed once per attack (robust_ops.prepacked_conv).
 * Models may output ``[N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits (sigmoid, positive class when > 0).
 """
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..native_layers import library_speedups
+from ..prepacked_conv import weight_pack_scope
 
 MODEL_MODES = ("eval", "train", "keep")
 
@@ -49,7 +52,8 @@ def attack_context(model, model_mode="eval"):
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
-            yield model
+            with weight_pack_scope():  # frozen weights: prepacked convolutions may reuse their packs
+                yield model
         finally:
             for p, flag in flags:
                 p.requires_grad_(flag)

@@ -1,0 +1,232 @@
+"""robust_ops.prepacked_conv: convolutions on weights packed once per attack -- close to ATen's results, packs
+reused only while the weights are frozen, off by default, fallbacks wherever it does not apply, and IMA's
+compaction still bitwise equal to the masked form with it on."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from robust_ops import attacks
+from robust_ops import prepacked_conv as pc
+from robust_ops.attacks.context import attack_context
+from robust_ops.ima import batch_invariant_sizes, gen_adv, gen_adv_masked
+
+from utils import TinyCNN
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch built with oneDNN")
+
+# Other oneDNN kernels than ATen's: sums in another order, so float32 agrees to rounding, not bitwise.
+CLOSE = dict(rtol=2e-5, atol=2e-5)
+
+
+def output_and_input_grad(model, x, grad=None):
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out) if grad is None else grad)
+    return out.detach(), g
+
+
+def frozen(module):
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, input gradient from the packed transposed kernel?)
+CONFIGS = [
+    (3, 8, 3, 1, 1, 1, 1, True, True),
+    (3, 8, 3, 1, 0, 1, 1, False, True),
+    (4, 6, 5, 1, 2, 1, 1, True, True),
+    (4, 6, 3, 1, 2, 2, 1, True, True),  # dilated
+    (4, 8, 1, 1, 0, 1, 1, False, True),
+    (4, 8, 3, 2, 1, 1, 1, True, False),  # strided: ATen's convolution_backward
+    (4, 8, 1, 2, 0, 1, 1, False, False),
+    (4, 8, 3, 1, 1, 1, 2, True, False),  # grouped
+    (4, 8, (3, 1), (1, 2), (1, 0), 1, 1, True, False),
+    (2, 4, 3, 1, 3, 1, 1, True, False),  # padding beyond the kernel's reach
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_forward_and_input_gradient_match_aten(config, layout, batch):
+    cin, cout, k, stride, padding, dilation, groups, bias, packed_backward = config
+    torch.manual_seed(batch)
+    conv = frozen(nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias))
+    assert (pc._input_gradient_padding(conv) is not None) == packed_backward
+    if layout is torch.channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, cin, 11, 9).contiguous(memory_format=layout)
+    out_shape = F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation, groups).shape
+    grad = torch.randn(out_shape).contiguous(memory_format=layout)
+    ref_out, ref_grad = output_and_input_grad(conv, x, grad)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        out, g = output_and_input_grad(conv, x, grad)
+        assert type(conv(x.requires_grad_()).grad_fn).__name__ == "_PrepackedConv2dBackward"
+    torch.testing.assert_close(out, ref_out, **CLOSE)
+    torch.testing.assert_close(g, ref_grad, **CLOSE)
+    assert g.shape == x.shape
+
+
+def test_resnet18_outputs_and_gradients_close_in_both_layouts():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with attack_context(model):
+        ref = output_and_input_grad(model, x)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        net = model.to(memory_format=layout)
+        with pc.prepacked_conv(net, True), attack_context(net):
+            got = output_and_input_grad(net, x.contiguous(memory_format=layout))
+            again = output_and_input_grad(net, x.contiguous(memory_format=layout))
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))  # deterministic, packs reused
+
+
+def count_packs(monkeypatch):
+    calls = []
+    real = pc._pack
+
+    def counting(*args):
+        calls.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(pc, "_pack", counting)
+    return calls
+
+
+def test_packs_once_per_attack_and_after_weight_changes(monkeypatch):
+    calls = count_packs(monkeypatch)
+    model = TinyCNN(1, 3).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    x = torch.rand(3, 1, 8, 8)
+    with pc.prepacked_conv(model, True):
+        with attack_context(model):
+            for _ in range(4):
+                output_and_input_grad(model, x)
+            # one forward pack and one input-gradient pack per (stride-1) convolution, however many calls
+            assert len(calls) == 2 * len(convs)
+            with torch.no_grad():
+                convs[0].weight.mul_(2)  # an in-place update bumps the version: repacked
+            changed = output_and_input_grad(model, x)
+            assert len(calls) == 2 * len(convs) + 2
+        with attack_context(model):  # a new attack starts with fresh packs
+            output_and_input_grad(model, x)
+            assert len(calls) == 4 * len(convs) + 2
+    with attack_context(model):
+        ref = output_and_input_grad(model, x)  # ATen's, with the doubled weight
+    torch.testing.assert_close(changed[0], ref[0], **CLOSE)
+    torch.testing.assert_close(changed[1], ref[1], **CLOSE)
+
+
+def test_falls_back_outside_attacks_and_where_it_does_not_apply(monkeypatch):
+    calls = count_packs(monkeypatch)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    with pc.prepacked_conv(conv, True):
+        assert pc.prepacked_conv_active(conv)
+        # Training: weights need gradients, and no attack scope -- ATen's convolution, bitwise.
+        out = conv(x)
+        assert torch.equal(out, F.conv2d(x, conv.weight, conv.bias, padding=1))
+        out.sum().backward()
+        assert conv.weight.grad is not None
+        frozen(conv)
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))  # no attack scope
+        with pc.weight_pack_scope():
+            for odd in (x.double(), x.transpose(2, 3), x[:0], x.to(torch.bfloat16)):
+                conv_odd = conv.to(odd.dtype) if odd.is_floating_point() else conv
+                expected = F.conv2d(odd, conv_odd.weight, conv_odd.bias, padding=1)
+                assert torch.equal(conv_odd(odd), expected)
+                conv.float()
+            same = nn.Conv2d(3, 4, 3, padding="same")
+            frozen(same)
+            with pc.prepacked_conv(same, True):
+                assert torch.equal(same(x), F.conv2d(x, same.weight, same.bias, padding="same"))
+            circular = frozen(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"))
+            with pc.prepacked_conv(circular, True):
+                assert torch.equal(circular(x), circular._conv_forward(x, circular.weight, circular.bias))
+    assert calls == []
+    assert not pc.prepacked_conv_active(conv)
+
+
+def test_double_backward_matches_atens():
+    # create_graph=True (gradient penalties): the input gradient is then ATen's differentiable one.
+    torch.manual_seed(0)
+    conv = frozen(nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(2, 2, 5, 5)
+
+    def second_order():
+        leaf = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(conv(leaf).square().sum(), leaf, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), leaf)[0]
+
+    expected = second_order()
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        got = second_order()
+    torch.testing.assert_close(got, expected, **CLOSE)
+
+
+def test_off_by_default_and_switched_by_the_environment(monkeypatch):
+    model = TinyCNN(1, 3).eval()
+    monkeypatch.delenv(pc.ENV_SWITCH, raising=False)
+    with attack_context(model):
+        assert not pc.prepacked_conv_active(model)
+    monkeypatch.setenv(pc.ENV_SWITCH, "1")
+    with attack_context(model):
+        assert pc.prepacked_conv_active(model)
+    assert not pc.prepacked_conv_active(model)
+    monkeypatch.setenv(pc.ENV_SWITCH, "yes")
+    with pytest.raises(ValueError, match="ROBUST_OPS_PREPACKED_CONV to be 0 or 1"):
+        with attack_context(model):
+            pass
+
+
+def test_pgd_close_to_atens_and_model_restored():
+    torch.manual_seed(0)
+    model = TinyCNN(1, 3).eval()
+    x, y = torch.rand(6, 1, 12, 12), torch.randint(0, 3, (6,))
+    ref = attacks.PGD(model, eps=0.1, alpha=0.02, steps=5, random_start=False)(x, y)
+    with pc.prepacked_conv(model, True):
+        got = attacks.PGD(model, eps=0.1, alpha=0.02, steps=5, random_start=False)(x, y)
+    # sign steps: a gradient entry within rounding of zero may step the other way
+    assert (got - ref).abs().gt(1e-6).float().mean() < 0.01
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_ima_compacted_equals_masked_bitwise_with_prepacked_convolutions():
+    g = torch.Generator().manual_seed(1)
+    model = TinyCNN(1, 3).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    x = torch.rand(12, 1, 10, 10, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    margin = torch.rand(12, generator=g) * 4
+    with pc.prepacked_conv(model, True):
+        a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6)
+        b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6)
+        with attack_context(model):
+            sizes_on = batch_invariant_sizes(model, x)
+    assert ca.tolist() == cb.tolist() and bool(ca.any())
+    assert torch.equal(a, b)
+    # The padding sizes are measured per convolution mode: switching it re-probes instead of reusing.
+    with attack_context(model):
+        sizes_off = batch_invariant_sizes(model, x)
+    keys = list(next(v for k, v in batch_invariant_sizes.__globals__["_INVARIANT_SIZES"].items() if k is model))
+    assert len(keys) == 2 and sizes_on and sizes_off
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_nests_and_restores_with_native_layers(enabled):
+    model = TinyCNN(1, 3)
+    with pc.prepacked_conv(model, enabled), attack_context(model), pc.prepacked_conv(model, True):
+        assert pc.prepacked_conv_active(model)
+    assert not pc.prepacked_conv_active(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
