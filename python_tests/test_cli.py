@@ -194,6 +194,18 @@ def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_pa
     assert doc["config"]["channels_last"] is True and [r["attack"] for r in doc["rows"]] == ["none", "fgsm"]
 
 
+def test_train_with_the_same_seed_gives_the_same_weights(small_npz, tmp_path, capsys):
+    states = []
+    for name in ("a", "b"):
+        torch.randn(3)  # a different global RNG state before each run: --seed must fix the initial weights itself
+        argv = ["train", "--data", small_npz, "--epochs", "1", "--out", tmp_path / name, "--no-progress",
+                "--device", "cpu", "--seed", "3"]
+        rc, _, err = run(argv, capsys)
+        assert rc == 0, err
+        states.append(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_path, capsys, monkeypatch):
     from robust_ops import prepacked_conv
 

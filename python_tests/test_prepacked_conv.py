@@ -123,6 +123,17 @@ def test_packs_once_per_attack_and_after_weight_changes(monkeypatch):
     torch.testing.assert_close(changed[1], ref[1], **CLOSE)
 
 
+def test_backward_after_an_in_place_weight_update_is_refused():
+    conv = frozen(nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        out = conv(x)
+        with torch.no_grad():
+            conv.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="prepacked_conv: the weight of Conv2d.* was modified in place"):
+            out.sum().backward()
+
+
 def test_falls_back_outside_attacks_and_where_it_does_not_apply(monkeypatch):
     calls = count_packs(monkeypatch)
     torch.manual_seed(0)

@@ -265,6 +265,10 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     info = splits.info
     if defense_name == "mirst-dm" and dropmax == "none":
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
+    import torch
+
+    # --seed fixes the initial weights too (fit seeds only once the model exists; the process's own seed is random)
+    torch.manual_seed(seed)
     model = make_model(model_name, info, dropmax if defense_name != "mirst-dm" else "none")
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
     out = Path(out)

@@ -99,7 +99,7 @@ class _Packs:
 class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, conv, packs):
-        ctx.conv, ctx.packs = conv, packs
+        ctx.conv, ctx.packs, ctx.weight_key = conv, packs, (conv.weight.data_ptr(), conv.weight._version)
         ctx.input_shape, ctx.memory_format = input.shape, _memory_format(input)
         if _input_gradient_padding(conv) is None:
             ctx.save_for_backward(input)
@@ -110,6 +110,10 @@ class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         conv, packs = ctx.conv, ctx.packs
+        if (conv.weight.data_ptr(), conv.weight._version) != ctx.weight_key:
+            # what autograd says for a saved tensor modified in place: the forward's weight is gone
+            raise RuntimeError(f"prepacked_conv: the weight of {conv} was modified in place after the forward "
+                               f"(a backward through an attack's graph after a training step?); rerun the forward")
         if torch.is_grad_enabled():  # create_graph=True: ATen's input gradient, which autograd differentiates again
             return torch.nn.grad.conv2d_input(ctx.input_shape, conv.weight.detach(), grad_output, conv.stride,
                                               conv.padding, conv.dilation, conv.groups), None, None
