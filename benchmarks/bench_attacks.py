@@ -1,7 +1,6 @@
 """Attack benchmarks: robust_ops.attacks.pgd vs torchattacks.PGD (same output; also without the CPU memory pool,
 without native layers, on a channels_last copy of the model, and with prepacked convolutions on either), the cost
-of emitting iterates, and an ensemble
-with the cascade vs every attack on every sample.
+of emitting iterates, and an ensemble with the cascade vs every attack on every sample.
 
     python benchmarks/bench_attacks.py [--quick] [--device cpu|cuda] [--models small-resnet,resnet18]
 
@@ -188,14 +187,11 @@ def main():
         rows.append(dict(model=name, case="pgd-10 without native layers vs torchattacks.PGD",
                          ours_ms=t_no_layers * 1e3, peer_ms=t_theirs * 1e3, ratio=t_theirs / t_no_layers,
                          images_per_s=args.batch / t_no_layers, same_output=same, backend=backend))
-        rows.append(dict(model=name,
-                         case=f"pgd-10 on a channels_last model vs torchattacks.PGD (max diff {cl_diff:.2g})",
-                         ours_ms=t_cl * 1e3, peer_ms=t_theirs * 1e3, ratio=t_theirs / t_cl,
-                         images_per_s=args.batch / t_cl, same_output=cl_diff == 0.0, backend=backend))
-        for label, t_variant, diff in (("", t_packed, packed_diff),
-                                       (" on a channels_last model", t_cl_packed, cl_packed_diff)):
-            rows.append(dict(model=name, case=f"pgd-10 with prepacked convolutions{label} vs torchattacks.PGD (max "
-                                              f"diff {diff:.2g})",
+        for label, t_variant, diff in (("on a channels_last model", t_cl, cl_diff),
+                                       ("with prepacked convolutions", t_packed, packed_diff),
+                                       ("with prepacked convolutions on a channels_last model", t_cl_packed,
+                                        cl_packed_diff)):
+            rows.append(dict(model=name, case=f"pgd-10 {label} vs torchattacks.PGD (max diff {diff:.2g})",
                              ours_ms=t_variant * 1e3, peer_ms=t_theirs * 1e3, ratio=t_theirs / t_variant,
                              images_per_s=args.batch / t_variant, same_output=diff == 0.0, backend=backend))
         rows.append(dict(model=name, case="pgd-10 emit=(2,4,6,8) vs plain", ours_ms=t_emit * 1e3,

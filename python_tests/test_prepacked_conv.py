@@ -92,7 +92,7 @@ def count_packs(monkeypatch):
     real = pc._pack
 
     def counting(*args):
-        calls.append(args[1])
+        calls.append(tuple(args[0].shape))
         return real(*args)
 
     monkeypatch.setattr(pc, "_pack", counting)

@@ -235,7 +235,7 @@ def add_train_options(p, defaults=True):
                         "1.1-1.3x faster, docs/benchmarks.md; results differ from NCHW in the last bits)")
     p.add_argument("--prepacked-conv", action="store_true",
                    help="run the attacks inside training on convolutions packed once per attack (CPU: IMA epochs "
-                        "1.2-1.3x faster, docs/prepacked-conv.md; results differ in the last bits)")
+                        "1.3x faster, docs/prepacked-conv.md; results differ in the last bits on NCHW models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -496,7 +496,8 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     prepacked-convolution mode (robust_ops.prepacked_conv) and clip range (random inputs in [clip_min, clip_max],
     the model in its current mode -- run it inside the attack's mode), then cached for the model's lifetime. Each
     size is checked on several disjoint batches covering ``max_rows`` rows: about ``max_rows * (max_rows + 4)``
-    sample forwards and backwards (3 s for resnet18 on 1x28x28 on 2 CPU cores). Changing the model's layers afterwards is not detected."""
+    sample forwards and backwards (3 s for resnet18 on 1x28x28 on 2 CPU cores). Changing the model's layers
+    afterwards is not detected."""
     max_rows = _check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError(f"batch_invariant_sizes: expected x to be a batch tensor [N, ...], got "

@@ -72,7 +72,7 @@ def _current_packs():
     return stack[-1] if stack else None
 
 
-def _pack(weight, conv, padding, stride, dilation, groups, input_shape):
+def _pack(weight, padding, stride, dilation, groups, input_shape):
     return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), padding, stride, dilation, groups,
                                                      list(input_shape))
 
@@ -99,7 +99,7 @@ class _Packs:
 class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, conv, packs):
-        ctx.conv, ctx.packs, ctx.weight_key = conv, packs, (conv.weight.data_ptr(), conv.weight._version)
+        ctx.conv, ctx.packs = conv, packs
         ctx.input_shape, ctx.memory_format = input.shape, _memory_format(input)
         if _input_gradient_padding(conv) is None:
             ctx.save_for_backward(input)
@@ -110,7 +110,7 @@ class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         conv, packs = ctx.conv, ctx.packs
-        if (conv.weight.data_ptr(), conv.weight._version) != ctx.weight_key:
+        if (conv.weight.data_ptr(), conv.weight._version) != packs.key[:2]:
             # what autograd says for a saved tensor modified in place: the forward's weight is gone
             raise RuntimeError(f"prepacked_conv: the weight of {conv} was modified in place after the forward "
                                f"(a backward through an attack's graph after a training step?); rerun the forward")
@@ -122,7 +122,7 @@ class _PrepackedConv2d(torch.autograd.Function):
             padding = _input_gradient_padding(conv)
             if padding is not None:
                 flipped = conv.weight.detach().transpose(0, 1).flip(2, 3)
-                packs.backward = _pack(flipped, conv, padding, [1, 1], list(conv.dilation), 1, grad_output.shape)
+                packs.backward = _pack(flipped, padding, [1, 1], list(conv.dilation), 1, grad_output.shape)
                 packs.backward_padding = padding
             packs.backward_ready = True
         if packs.backward is not None:
@@ -159,11 +159,10 @@ def _conv_forward(conv, input):
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
     ):
         return nn.Conv2d.forward(conv, input)
-    key = (weight.data_ptr(), weight._version, tuple(input.shape[1:]))
+    key = (weight.data_ptr(), weight._version, tuple(input.shape[1:]))  # the backward checks the first two again
     entry = packs.get(conv)
     if entry is None or entry.key != key:
-        forward = _pack(weight, conv, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                        input.shape)
+        forward = _pack(weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, input.shape)
         entry = packs[conv] = _Packs(key, forward)
     return _PrepackedConv2d.apply(input, conv, entry)
 
