@@ -11,7 +11,7 @@ from torch import nn
 from robust_ops import attacks
 from robust_ops import prepacked_conv as pc
 from robust_ops.attacks.context import attack_context
-from robust_ops.ima import batch_invariant_sizes, gen_adv, gen_adv_masked
+from robust_ops.ima import _INVARIANT_SIZES, batch_invariant_sizes, gen_adv, gen_adv_masked
 
 from utils import TinyCNN
 
@@ -150,9 +150,8 @@ def test_falls_back_outside_attacks_and_where_it_does_not_apply(monkeypatch):
         assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))  # no attack scope
         with pc.weight_pack_scope():
             for odd in (x.double(), x.transpose(2, 3), x[:0], x.to(torch.bfloat16)):
-                conv_odd = conv.to(odd.dtype) if odd.is_floating_point() else conv
-                expected = F.conv2d(odd, conv_odd.weight, conv_odd.bias, padding=1)
-                assert torch.equal(conv_odd(odd), expected)
+                conv.to(odd.dtype)  # float64 / bfloat16 weights for those inputs (in place)
+                assert torch.equal(conv(odd), F.conv2d(odd, conv.weight, conv.bias, padding=1))
                 conv.float()
             same = nn.Conv2d(3, 4, 3, padding="same")
             frozen(same)
@@ -229,7 +228,7 @@ def test_ima_compacted_equals_masked_bitwise_with_prepacked_convolutions():
     # The padding sizes are measured per convolution mode: switching it re-probes instead of reusing.
     with attack_context(model):
         sizes_off = batch_invariant_sizes(model, x)
-    keys = list(next(v for k, v in batch_invariant_sizes.__globals__["_INVARIANT_SIZES"].items() if k is model))
+    keys = list(_INVARIANT_SIZES[model])
     assert len(keys) == 2 and sizes_on and sizes_off
 
 

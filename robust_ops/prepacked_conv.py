@@ -32,6 +32,7 @@ import threading
 import torch
 from torch import nn
 
+from ._meta import output_memory_format
 from ._patching import patched_forwards
 
 __all__ = ["prepacked_conv", "prepacked_conv_enabled_by_default", "prepacked_conv_active", "weight_pack_scope",
@@ -100,7 +101,7 @@ class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, conv, packs):
         ctx.conv, ctx.packs = conv, packs
-        ctx.input_shape, ctx.memory_format = input.shape, _memory_format(input)
+        ctx.input_shape, ctx.memory_format = input.shape, output_memory_format(input)
         if _input_gradient_padding(conv) is None:
             ctx.save_for_backward(input)
         return torch.ops.mkldnn._convolution_pointwise(
@@ -135,10 +136,6 @@ class _PrepackedConv2d(torch.autograd.Function):
                 grad_output, input, conv.weight.detach(), None, list(conv.stride), list(conv.padding),
                 list(conv.dilation), False, [0, 0], conv.groups, [True, False, False])[0]
         return grad_input, None, None
-
-
-def _memory_format(input):
-    return torch.contiguous_format if input.is_contiguous() else torch.channels_last
 
 
 def _conv_forward(conv, input):
