@@ -123,6 +123,25 @@ def test_packs_once_per_attack_and_after_weight_changes(monkeypatch):
     torch.testing.assert_close(changed[1], ref[1], **CLOSE)
 
 
+def test_single_row_and_larger_batches_keep_their_own_packs(monkeypatch):
+    # oneDNN lays out a one-row pack differently: sharing one would reorder the weight at every call of the other
+    # kind (the IMA padding probe alternates 1 row and more).
+    calls = count_packs(monkeypatch)
+    model = TinyCNN(1, 3).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    one, three = torch.rand(1, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    with pc.prepacked_conv(model, True), attack_context(model):
+        for _ in range(3):
+            got_one = output_and_input_grad(model, one)
+            got_three = output_and_input_grad(model, three)
+        assert len(calls) == 4 * len(convs)  # forward + input-gradient packs, for each kind, once
+    with attack_context(model):
+        for got, x in ((got_one, one), (got_three, three)):
+            ref = output_and_input_grad(model, x)
+            torch.testing.assert_close(got[0], ref[0], **CLOSE)
+            torch.testing.assert_close(got[1], ref[1], **CLOSE)
+
+
 def test_backward_after_an_in_place_weight_update_is_refused():
     conv = frozen(nn.Conv2d(2, 3, 3, padding=1))
     x = torch.randn(2, 2, 5, 5, requires_grad=True)
