@@ -20,6 +20,7 @@ the full training split so that its boundaries are those of a working classifier
     python benchmarks/bench_ima.py --quick          # 64 images (one batch), 1 repeat
     python benchmarks/bench_ima.py                  # 546 images (the whole train split), 3 repeats
     add --threads 1 on a shared machine (see docs/bench-ima.md)
+    python benchmarks/bench_ima.py --device cuda    # on a GPU (the default when one is visible)
 """
 
 import argparse
@@ -80,9 +81,15 @@ def pretrain(model, x, y, epochs, batch_size):
             opt.step()
 
 
+def synchronize(device):
+    """Wait for the device's queued work, so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True, min_rows=None,
               channels_last=False, prepacked=False):
-    model = build_model("resnet18", 1, 2, 28)
+    model = build_model("resnet18", 1, 2, 28).to(x.device)
     model.load_state_dict(state)
     if channels_last:  # oneDNN then skips its per-layer activation reorders (docs/benchmarks.md)
         model = model.to(memory_format=torch.channels_last)
@@ -95,7 +102,7 @@ def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exi
         "init": torch.full((x.shape[0],), eps / 100),  # Algorithm 1: every E(i) starts at delta
         "spread": torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps,
         "cap": torch.full((x.shape[0],), eps),
-    }[scenario]
+    }[scenario].to(x.device)
     defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
     with prepacked_conv(model, prepacked):  # the probe too: its kernels set the padding sizes
         return _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows)
@@ -108,9 +115,11 @@ def _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
         with attack_context(model):
             probe_start = time.perf_counter()
             batch_invariant_sizes(model, x[:1])
+            synchronize(x.device)
             probe_seconds = time.perf_counter() - probe_start
+    synchronize(x.device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    with library_speedups(model):  # as robust_ops.train.fit runs its epochs
+    with library_speedups(model, x.device):  # as robust_ops.train.fit runs its epochs
         for ids in batches(ids_all.numel(), args.batch_size, 0):
             ids = ids_all[ids]
             opt.zero_grad()
@@ -119,6 +128,7 @@ def _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
             opt.step()
             crossed += out.metrics.get("crossed", 0.0) * ids.numel()
             seen += ids.numel()
+    synchronize(x.device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     counts = dict(defense.counter.as_dict(), probe_s=round(probe_seconds, 2))
     return seconds, cpu_seconds, defense.margins.clone(), counts, crossed / max(seen, 1)
@@ -127,13 +137,13 @@ def _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
 def lockstep(state, x, y, ids_all, args, scenario):
     """Train with the compacted defense and, at every batch, also run GenAdv compacted and masked on the same
     model state and margins: do they agree batch by batch (float32)?"""
-    model = build_model("resnet18", 1, 2, 28)
+    model = build_model("resnet18", 1, 2, 28).to(x.device)
     model.load_state_dict(state)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     eps = paper_eps_train(tuple(x.shape[1:]), "l2")
     defense = IMA(num_samples=x.shape[0], eps_train=eps, steps=args.steps, search_steps=args.search_steps)
-    margins = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps
+    margins = (torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps).to(x.device)
     defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
     flags_differ = samples = 0
     max_diff = 0.0
@@ -172,6 +182,9 @@ def main():
     parser.add_argument("--lockstep", action="store_true",
                         help="only check, batch by batch on the same model state, that compacted and masked GenAdv "
                              "agree (spread margins)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the epochs run (default: cuda when a GPU is visible); the 'prepacked' variants "
+                             "are CPU-only and equal their plain twins elsewhere")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 keeps OpenMP spin-waits out of the CPU time on a "
                              "shared machine")
@@ -182,8 +195,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     x, y = load_train()
-    model = build_model("resnet18", 1, 2, 28)
+    x, y = x.to(device), y.to(device)
+    model = build_model("resnet18", 1, 2, 28).to(device)
     t = time.perf_counter()
     pretrain(model, x, y, args.pretrain_epochs, args.pretrain_batch_size)
     print(f"pretrained {args.pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
@@ -249,8 +264,8 @@ def main():
                     (True, True): "masked channels_last prepacked"}.get((channels_last, prepacked), "masked")
             same = same if same in results else "masked"
             rows.append({
-                "scenario": scenario, "variant": name, "images": images, "K": args.steps, "N": args.search_steps,
-                "epoch_s_median": med, "speedup_vs_masked": base / med, "epoch_cpu_s_median": cpu_med,
+                "scenario": scenario, "variant": name, "ran_on": args.device, "images": images, "K": args.steps,
+                "N": args.search_steps, "epoch_s_median": med, "speedup_vs_masked": base / med, "epoch_cpu_s_median": cpu_med,
                 "cpu_speedup_vs_masked": cpu_base / cpu_med, **counts, "crossed_frac": crossed,
                 "margins_equal_to_masked": bool(torch.equal(margins, ref_margins)),
                 "margins_max_abs_diff": float(diff.max()), "margins_differing": int((diff > 0).sum()),
