@@ -265,8 +265,8 @@ def main():
             same = same if same in results else "masked"
             rows.append({
                 "scenario": scenario, "variant": name, "ran_on": args.device, "images": images, "K": args.steps,
-                "N": args.search_steps, "epoch_s_median": med, "speedup_vs_masked": base / med, "epoch_cpu_s_median": cpu_med,
-                "cpu_speedup_vs_masked": cpu_base / cpu_med, **counts, "crossed_frac": crossed,
+                "N": args.search_steps, "epoch_s_median": med, "speedup_vs_masked": base / med,
+                "epoch_cpu_s_median": cpu_med, "cpu_speedup_vs_masked": cpu_base / cpu_med, **counts, "crossed_frac": crossed,
                 "margins_equal_to_masked": bool(torch.equal(margins, ref_margins)),
                 "margins_max_abs_diff": float(diff.max()), "margins_differing": int((diff > 0).sum()),
                 "speedup_vs_masked_same_layout": statistics.median(times[same]) / med,
