@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import write_rows  # noqa: E402
+from common import synchronize, write_rows  # noqa: E402
 
 from robust_ops.native_layers import library_speedups  # noqa: E402
 from robust_ops.attacks.context import attack_context  # noqa: E402
@@ -79,12 +79,6 @@ def pretrain(model, x, y, epochs, batch_size):
             opt.zero_grad()
             F.cross_entropy(model(x[ids]), y[ids]).backward()
             opt.step()
-
-
-def synchronize(device):
-    """Wait for the device's queued work, so that a wall-clock reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True, min_rows=None,

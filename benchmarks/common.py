@@ -22,6 +22,16 @@ def median_seconds(fn, min_run_time=1.0):
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def synchronize(device=None):
+    """Wait for queued GPU work (``device``'s, or every visible GPU's when None), so that a wall-clock reading
+    covers it; nothing to wait for on CPU."""
+    if device is None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    elif torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def interleaved_medians(fns, rounds):
     """For calls too slow to repeat in blocks (seconds each): one warm-up call each, then ``rounds`` rounds calling
     every fn once in turn, so load on a shared machine hits all alike. Returns (median seconds per fn, per-round
@@ -36,8 +46,7 @@ def interleaved_medians(fns, rounds):
         for fn, out in zip(fns, times):
             start = time.perf_counter()
             fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            synchronize()
             out.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times], times
 
