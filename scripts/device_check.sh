@@ -10,50 +10,62 @@
 #
 # BreastMNIST is read from $ROBUST_OPS_DATA (a folder or the file); ../shared does not travel to a device machine,
 # so copy breastmnist.npz into an ignored folder of the checkout and carry it (docs/testing.md). Each stage's
-# status is printed and the script exits non-zero if any failed; later stages still run.
+# status is printed and the script exits non-zero if any failed; later stages still run. Each stage has its own time
+# limit (STAGE_LIMITS) so one slow stage cannot eat a short lease, and the stages run in the order of what a lease
+# most needs (the build, the CUDA kernels' tests, the IMA epoch, Triton, the op benchmarks). The device tool brings
+# back at most 8 files, so the logs and CSVs are written to $WORK and packed into $OUT/device_check.tgz after every
+# stage: a run cut short still returns what it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/robust_ops_device}
+WORK=${WORK:-/tmp/robust_ops_device_work}
 STAGES=${STAGES:-build tests ima ops}
 DEVICE=${DEVICE:-cuda}
-mkdir -p "$OUT"
+# seconds per stage: build, each test stage, the IMA epochs, each op benchmark
+read -r LIMIT_BUILD LIMIT_TESTS LIMIT_IMA LIMIT_OPS <<<"${STAGE_LIMITS:-240 150 200 60}"
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export ROBUST_OPS_BENCH_DIR="$OUT"
+export ROBUST_OPS_BENCH_DIR="$WORK"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 
 failed=()
-stage() {  # stage NAME COMMAND...: run it, its output in $OUT/NAME.log, one status line
-  local name=$1 start=$SECONDS
-  shift
-  "$@" >"$OUT/$name.log" 2>&1
+stage() {  # stage NAME LIMIT_S COMMAND...: run it, its output in $WORK/NAME.log, one status line, repack $OUT
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
-  echo "device_check: $name rc=$rc ($((SECONDS - start)) s; last lines of $OUT/$name.log:)"
-  tail -n 15 "$OUT/$name.log" | sed 's/^/    /'
+  [ $rc -eq 124 ] && echo "(stopped at its ${limit} s limit)" >>"$WORK/$name.log"
+  echo "device_check: $name rc=$rc ($((SECONDS - start)) s; last lines of $name.log:)"
+  tail -n 15 "$WORK/$name.log" | sed 's/^/    /'
   [ $rc -eq 0 ] || failed+=("$name")
+  tar czf "$OUT/device_check.tgz.part" -C "$WORK" . && mv "$OUT/device_check.tgz.part" "$OUT/device_check.tgz"
 }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu',
-  torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
+  triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null
 if wants build; then
-  stage build "$PY" setup.py build_ext --inplace
+  stage build "$LIMIT_BUILD" "$PY" setup.py build_ext --inplace
 fi
 if wants tests; then
   # -k cuda: the ("cpu", "cuda") parametrizations' CUDA halves; the CPU suite is CI's job.
-  stage tests_cuda "$PY" -m pytest -q -m "not triton" python_tests -k cuda -p no:cacheprovider
-  stage tests_triton "$PY" -m pytest -q -m triton python_tests -p no:cacheprovider
+  stage tests_cuda "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -m "not triton" python_tests -k cuda -p no:cacheprovider
 fi
 if wants ima; then
-  stage ima "$PY" benchmarks/bench_ima.py --device "$DEVICE" --scenarios spread,cap,init \
-    --variants "compacted,compacted k=4,compacted unpadded" ${IMA_ARGS:---repeats 1}
+  stage ima "$LIMIT_IMA" "$PY" benchmarks/bench_ima.py --device "$DEVICE" --scenarios spread,cap,init \
+    --variants "compacted,compacted k=4,compacted unpadded" ${IMA_ARGS:---repeats 2}
+fi
+if wants tests; then
+  stage tests_triton "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -m triton python_tests -p no:cacheprovider
 fi
 if wants ops; then
-  stage bench_pgd_step "$PY" benchmarks/bench_pgd_step.py --device "$DEVICE"
-  stage bench_boundary_search "$PY" benchmarks/bench_boundary_search.py --device "$DEVICE"
-  stage bench_drop_max_pool2d "$PY" benchmarks/bench_drop_max_pool2d.py  # CPU, then CUDA when visible
+  stage bench_pgd_step "$LIMIT_OPS" "$PY" benchmarks/bench_pgd_step.py --device "$DEVICE"
+  stage bench_boundary_search "$LIMIT_OPS" "$PY" benchmarks/bench_boundary_search.py --device "$DEVICE"
+  stage bench_drop_max_pool2d "$LIMIT_OPS" "$PY" benchmarks/bench_drop_max_pool2d.py  # CPU, then CUDA when visible
 fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "device_check: failed stages: ${failed[*]}"
