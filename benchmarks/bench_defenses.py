@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
 from common import write_rows  # noqa: E402
 
 from robust_ops import defenses  # noqa: E402

@@ -182,12 +182,19 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 keeps OpenMP spin-waits out of the CPU time on a "
                              "shared machine")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch.use_deterministic_algorithms(True) (and cuDNN's deterministic algorithms): on a "
+                             "GPU the default algorithms use atomics, so even two masked epochs differ")
     args = parser.parse_args()
     images = args.images or (64 if args.quick else 546)
     repeats = args.repeats or (1 if args.quick else 3)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts; required by the flag
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(0)
     device = torch.device(args.device)
     x, y = load_train()
@@ -258,7 +265,8 @@ def main():
                     (True, True): "masked channels_last prepacked"}.get((channels_last, prepacked), "masked")
             same = same if same in results else "masked"
             rows.append({
-                "scenario": scenario, "variant": name, "ran_on": args.device, "images": images, "K": args.steps,
+                "scenario": scenario, "variant": name, "ran_on": args.device, "deterministic": args.deterministic,
+                "images": images, "K": args.steps,
                 "N": args.search_steps, "epoch_s_median": med, "speedup_vs_masked": base / med,
                 "epoch_cpu_s_median": cpu_med, "cpu_speedup_vs_masked": cpu_base / cpu_med, **counts, "crossed_frac": crossed,
                 "margins_equal_to_masked": bool(torch.equal(margins, ref_margins)),
@@ -266,7 +274,7 @@ def main():
                 "speedup_vs_masked_same_layout": statistics.median(times[same]) / med,
                 "margins_equal_to_masked_same_layout": bool(torch.equal(margins, results[same][0])),
             })
-    write_rows("ima", rows)
+    write_rows("ima_deterministic" if args.deterministic else "ima", rows)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
 from common import copy_roofline_seconds, gbps, median_seconds, write_rows  # noqa: E402
 
 import robust_ops  # noqa: E402

@@ -66,12 +66,14 @@ def test_cuda_tensor_on_cpu_only_build(monkeypatch):
         _backend.resolve("drop_max_pool2d", torch.device("cuda"), "native")
 
 
-def test_cuda_with_kernels_resolves_native(monkeypatch):
+def test_cuda_auto_prefers_native_kernels_then_triton(monkeypatch):
     monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: True)
     monkeypatch.setattr(_backend, "_triton_reason", lambda op, device: "no GPU Triton in this test")
     assert _backend.resolve("drop_max_pool2d", torch.device("cuda"), "auto") == "native"
     monkeypatch.setattr(_backend, "_triton_reason", lambda op, device: None)
-    assert _backend.resolve("drop_max_pool2d", torch.device("cuda"), "auto") == "triton"
+    assert _backend.resolve("drop_max_pool2d", torch.device("cuda"), "auto") == "native"  # faster on an H200
+    monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: False)
+    assert _backend.resolve("drop_max_pool2d", torch.device("cuda"), "auto") == "triton"  # a CPU-only build
 
 
 def test_unsupported_device():

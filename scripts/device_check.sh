@@ -5,7 +5,8 @@
 # k-ary (issue 4's open measurement) and the op benchmarks. Logs and CSVs go to $OUT.
 #
 #   bash scripts/device_check.sh                       # stages: build tests ima ops
-#   STAGES="build ima" bash scripts/device_check.sh    # a subset
+#   STAGES="build ima" bash scripts/device_check.sh    # a subset: groups build tests ima ops, or single stages
+#                                                      # (tests_cuda tests_triton ima ima_deterministic bench_*)
 #   DEVICE=cpu PYTHON=.venv/bin/python STAGES="tests ima" IMA_ARGS=--quick bash scripts/device_check.sh  # dry run
 #
 # BreastMNIST is read from $ROBUST_OPS_DATA (a folder or the file); ../shared does not travel to a device machine,
@@ -43,30 +44,32 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run it, its output in $WORK/NAME.log
   [ $rc -eq 0 ] || failed+=("$name")
   tar czf "$OUT/device_check.tgz.part" -C "$WORK" . && mv "$OUT/device_check.tgz.part" "$OUT/device_check.tgz"
 }
-wants() { [[ " $STAGES " == *" $1 "* ]]; }
+wants() {  # wants STAGE GROUP: STAGES names the stage itself or its group
+  [[ " $STAGES " == *" $1 "* || " $STAGES " == *" $2 "* ]]
+}
 
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
   triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null
-if wants build; then
+if wants build build; then
   stage build "$LIMIT_BUILD" "$PY" setup.py build_ext --inplace
 fi
-if wants tests; then
-  # -k cuda: the ("cpu", "cuda") parametrizations' CUDA halves; the CPU suite is CI's job.
-  stage tests_cuda "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -m "not triton" python_tests -k cuda -p no:cacheprovider
-fi
-if wants ima; then
-  stage ima "$LIMIT_IMA" "$PY" benchmarks/bench_ima.py --device "$DEVICE" --scenarios spread,cap,init \
-    --variants "compacted,compacted k=4,compacted unpadded" ${IMA_ARGS:---repeats 2}
-fi
-if wants tests; then
-  stage tests_triton "$LIMIT_TESTS" "$PY" -m pytest -q -rfE -m triton python_tests -p no:cacheprovider
-fi
-if wants ops; then
-  stage bench_pgd_step "$LIMIT_OPS" "$PY" benchmarks/bench_pgd_step.py --device "$DEVICE"
-  stage bench_boundary_search "$LIMIT_OPS" "$PY" benchmarks/bench_boundary_search.py --device "$DEVICE"
-  stage bench_drop_max_pool2d "$LIMIT_OPS" "$PY" benchmarks/bench_drop_max_pool2d.py  # CPU, then CUDA when visible
-fi
+# -k cuda: the ("cpu", "cuda") parametrizations' CUDA halves; the CPU suite is CI's job.
+wants tests_cuda tests && stage tests_cuda "$LIMIT_TESTS" \
+  "$PY" -m pytest -q -rfE -m "not triton" python_tests -k cuda -p no:cacheprovider
+IMA_VARIANTS="compacted,compacted k=4,compacted unpadded"
+wants ima ima && stage ima "$LIMIT_IMA" "$PY" benchmarks/bench_ima.py --device "$DEVICE" \
+  --scenarios spread,cap,init --variants "$IMA_VARIANTS" ${IMA_ARGS:---repeats 2}
+# The same with deterministic algorithms: whether compacted margins can equal masked ones on this device at all.
+wants ima_deterministic ima && stage ima_deterministic "$LIMIT_IMA" "$PY" benchmarks/bench_ima.py \
+  --device "$DEVICE" --deterministic --scenarios spread --variants "$IMA_VARIANTS" ${IMA_ARGS:---repeats 1}
+wants tests_triton tests && stage tests_triton "$LIMIT_TESTS" \
+  "$PY" -m pytest -q -rfE -m triton python_tests -p no:cacheprovider
+for bench in pgd_step boundary_search; do
+  wants "bench_$bench" ops && stage "bench_$bench" "$LIMIT_OPS" "$PY" "benchmarks/bench_$bench.py" --device "$DEVICE"
+done
+# CPU, then CUDA when visible
+wants bench_drop_max_pool2d ops && stage bench_drop_max_pool2d "$LIMIT_OPS" "$PY" benchmarks/bench_drop_max_pool2d.py
 if [ ${#failed[@]} -gt 0 ]; then
   echo "device_check: failed stages: ${failed[*]}"
   exit 1

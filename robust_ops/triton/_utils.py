@@ -3,9 +3,37 @@
 import os
 
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# triton.jit decides at import time whether kernels are interpreted (TRITON_INTERPRET=1, tests on CPU).
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def launch(kernel):
     """The callable to launch a @triton.jit kernel with: wrapped for torch.compile on real GPUs, raw under the
     interpreter (torch.library.wrap_triton rejects interpreted kernels, pytorch#152868)."""
     return kernel if os.environ.get("TRITON_INTERPRET") == "1" else torch.library.wrap_triton(kernel)
+
+
+@triton.jit
+def mul_rn(a, b):
+    """a * b rounded once, never contracted with a following add into an FMA. The eager launches also pass
+    enable_fp_fusion=False, but torch.compile launches a wrapped kernel itself and drops that option (torch 2.11 on an
+    H200: 1-ulp differences in boundary_search_step_ under torch.compile), so the kernels must not depend on it.
+    float32/float64 only; the interpreter computes in numpy, which never fuses."""
+    if _INTERPRETED:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
+@triton.jit
+def div_rn(a, b):
+    """a / b correctly rounded, as torch divides: Triton lowers float32 "/" to div.full.f32 (up to 2 ulp off);
+    float64 "/" is already div.rn.f64 (tl.math.div_rn takes float32 only)."""
+    if a.dtype == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b

@@ -4,7 +4,8 @@ name). Semantics and rounding: robust_ops.reference.boundary_search_step_ and in
 One program handles BLOCK positions of one sample, so crossed_at / active are loaded once per program and only the two
 bracketing tensors are read (masked loads touch no memory). Interior points are rounded like the eager expression
 lo * w_lo + hi * w_hi: each product rounded to the dtype, then the sum (float32 opmath for float16/bfloat16), with
-floating-point fusion off so no FMA changes the last bit.
+products through mul_rn so no FMA changes the last bit (also under torch.compile, which drops the launch's
+enable_fp_fusion=False).
 """
 
 from typing import Optional
@@ -15,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._meta import check_boundary_search_step_args
-from ._utils import launch
+from ._utils import launch, mul_rn
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -61,8 +62,8 @@ def _boundary_search_step_kernel(
         t = tl.cast(j + 1, tl.float64) / k_f64
         w_lo = (1.0 - t).to(af.dtype)
         w_hi = t.to(af.dtype)
-        p_lo = (af * w_lo).to(dtype)
-        p_hi = (bf * w_hi).to(dtype)
+        p_lo = mul_rn(af, w_lo).to(dtype)
+        p_hi = mul_rn(bf, w_hi).to(dtype)
         tl.store(out_ptr, (p_lo.to(af.dtype) + p_hi.to(af.dtype)).to(dtype), mask=mask)
         out_ptr += total
 

@@ -12,9 +12,12 @@ possible; with at most ceil(k/s)^2 contributions per element the float32 atomic 
 a rounding step between runs.
 """
 
+from typing import List, Tuple
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .._autograd import register_drop_max_autograd
 from .._meta import check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, output_memory_format
@@ -25,6 +28,9 @@ FORWARD_SCHEMA = (
     "-> (Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = "(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor"
+# torch.library.triton_op of torch 2.11 (seen on a GPU machine) and earlier ignores `schema` and infers one from the
+# annotations: the annotations below infer the same schema except int[2] -> SymInt[], which only loses the scalar
+# broadcast that robust_ops.drop_max_pool2d already does before calling the op.
 BLOCK = 256
 
 
@@ -97,7 +103,8 @@ def _drop_max_pool2d_bwd_kernel(
 
 
 @torch.library.triton_op("robust_ops::drop_max_pool2d_triton", mutates_args=(), schema=FORWARD_SCHEMA)
-def drop_max_pool2d_triton(input, kernel_size, stride, padding, dilation, ceil_mode):
+def drop_max_pool2d_triton(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+                           dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
     oh, ow = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     n, c, h, w = input.shape
     fmt = output_memory_format(input)
@@ -116,7 +123,7 @@ def drop_max_pool2d_triton(input, kernel_size, stride, padding, dilation, ceil_m
 
 
 @torch.library.triton_op("robust_ops::_drop_max_pool2d_backward_triton", mutates_args=(), schema=BACKWARD_SCHEMA)
-def drop_max_pool2d_backward_triton(grad_output, indices, input_size):
+def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_size: List[int]) -> Tensor:
     check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
     fmt = output_memory_format(grad_output)
     # float32 accumulation buffer (atomics); the grad_input itself when it is float32.

@@ -5,7 +5,9 @@ One program handles BLOCK elements of one sample, so alpha / eps / the L2 factor
 L-inf is one pass (reads x_adv, x_nat, grad; writes x_adv and the history slot). L2 takes the per-sample norms from
 torch.linalg.vector_norm, exactly as the eager chain computes them, around two fused passes. Every intermediate is
 rounded to the storage dtype like the eager op producing it (float32 opmath for float16/bfloat16, whose per-sample
-values stay in float32 so ||g|| + 1e-10 cannot underflow), with floating-point fusion off so no FMA changes a bit.
+values stay in float32 so ||g|| + 1e-10 cannot underflow), with products that feed an add through mul_rn so no FMA
+changes a bit, also under torch.compile (the L-inf step's alpha * sign is exact and needs none), and the L2
+normalization through div_rn (IEEE division, as torch divides).
 """
 
 from typing import Optional
@@ -16,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._meta import check_pgd_step_args
-from ._utils import launch
+from ._utils import div_rn, launch, mul_rn
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -78,8 +80,8 @@ def _l2_delta_kernel(
     x_nat = tl.load(x_nat_ptr + idx, mask=mask, other=0.0)
     g = tl.load(grad_ptr + idx, mask=mask, other=0.0)
     dtype = x.dtype
-    unit = (g.to(alpha.dtype) / grad_norm).to(dtype)
-    step = (alpha * unit.to(alpha.dtype)).to(dtype)
+    unit = div_rn(g.to(alpha.dtype), grad_norm).to(dtype)
+    step = mul_rn(alpha, unit.to(alpha.dtype)).to(dtype)
     stepped = (x.to(alpha.dtype) + step.to(alpha.dtype)).to(dtype)
     delta = (stepped.to(alpha.dtype) - x_nat.to(alpha.dtype)).to(dtype)
     tl.store(delta_ptr + idx, delta, mask=mask)
@@ -98,7 +100,7 @@ def _l2_project_kernel(
     delta = tl.load(delta_ptr + idx, mask=mask, other=0.0)
     x_nat = tl.load(x_nat_ptr + idx, mask=mask, other=0.0)
     dtype = delta.dtype
-    scaled = (delta.to(factor.dtype) * factor).to(dtype)
+    scaled = mul_rn(delta.to(factor.dtype), factor).to(dtype)
     moved = (x_nat.to(factor.dtype) + scaled.to(factor.dtype)).to(dtype)
     out = _clamp(moved.to(factor.dtype), clip_min, clip_max).to(dtype)
     tl.store(x_ptr + idx, out, mask=mask)
