@@ -1,0 +1,75 @@
+"""The Triton kernels' floating-point instructions, checked without a GPU by compiling them for sm_90.
+
+Bitwise parity with the eager expressions needs correctly rounded products and quotients that are never contracted:
+torch.compile launches the kernels itself and drops enable_fp_fusion=False (seen on an H200, torch 2.11), and
+float32 "/" lowers to the approximate div.full.f32. The interpreted runs of the other Triton tests cannot see either,
+so this compiles the real kernels (in a subprocess: TRITON_INTERPRET=1 decides at import time) and reads the PTX.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+COMPILE = textwrap.dedent("""
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from robust_ops.triton import boundary_search_step, pgd_step
+
+    def ptx(fn, signature, constexprs):
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+    def report(name, dtype, text):
+        ops = sorted(set(re.findall(r"\\b(fma\\.[a-z0-9.]+|div\\.[a-z0-9.]+f(?:32|64)|mul\\.[a-z0-9.]*f(?:32|64))", text)))
+        print(name, dtype, " ".join(ops))
+
+    for dtype in ("fp32", "fp64"):
+        ptr = "*" + dtype
+        report("boundary_search_step", dtype, ptx(boundary_search_step._boundary_search_step_kernel, {
+            "lo_ptr": ptr, "hi_ptr": ptr, "points_ptr": ptr, "crossed_ptr": "*i64", "active_ptr": "*i64",
+            "per_sample": "i64", "total": "i64", "k": "i32", "blocks_per_sample": "i64",
+            "HAS_ACTIVE": "constexpr", "BLOCK": "constexpr"}, {"HAS_ACTIVE": False, "BLOCK": 1024}))
+        report("pgd_l2_delta", dtype, ptx(pgd_step._l2_delta_kernel, {
+            "x_ptr": ptr, "x_nat_ptr": ptr, "grad_ptr": ptr, "alpha_ptr": ptr, "grad_norm_ptr": ptr,
+            "delta_ptr": ptr, "per_sample": "i64", "blocks_per_sample": "i64", "BLOCK": "constexpr"},
+            {"BLOCK": 1024}))
+        report("pgd_l2_project", dtype, ptx(pgd_step._l2_project_kernel, {
+            "x_ptr": ptr, "x_nat_ptr": ptr, "delta_ptr": ptr, "factor_ptr": ptr, "bounds_ptr": ptr,
+            "hist_ptr": ptr, "per_sample": "i64", "blocks_per_sample": "i64", "hist_offset": "i64",
+            "HAS_HISTORY": "constexpr", "BLOCK": "constexpr"}, {"HAS_HISTORY": True, "BLOCK": 1024}))
+""")
+
+
+@pytest.fixture(scope="module")
+def float_ops():
+    """{(kernel, dtype): set of the floating-point fma/div/mul instructions in its sm_90 PTX}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0 and "ptxas" in done.stderr.lower() and "not found" in done.stderr.lower():
+        pytest.skip(f"triton cannot compile for sm_90 here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = {}
+    for line in done.stdout.splitlines():
+        name, dtype, *ops = line.split()
+        found[(name, dtype)] = set(ops)
+    assert len(found) == 6, done.stdout
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+@pytest.mark.parametrize("kernel", ["boundary_search_step", "pgd_l2_delta", "pgd_l2_project"])
+def test_no_contracted_or_approximate_float_math(float_ops, kernel, dtype):
+    ops = float_ops[(kernel, dtype)]
+    assert not [op for op in ops if op.startswith("fma.")], f"{kernel} {dtype}: FMA in the PTX: {sorted(ops)}"
+    assert not [op for op in ops if op.startswith("div.") and ".rn." not in op], (
+        f"{kernel} {dtype}: division not correctly rounded: {sorted(ops)}")
+    assert [op for op in ops if op.startswith("mul.rn.")], f"{kernel} {dtype}: products not via mul_rn: {sorted(ops)}"
