@@ -60,12 +60,12 @@ def resolve(op_name, device, backend=None):
         return "reference"
     if requested == "auto":
         reason = _native_reason(op_name, device)
+        if reason is None:
+            return "native"
         # Interpreted Triton is for tests only: auto never picks it on CPU.
-        if reason is not None and device.type == "cuda" and _triton_reason(op_name, device) is None:
+        if device.type == "cuda" and _triton_reason(op_name, device) is None:
             return "triton"
-        if reason is not None:
-            raise RuntimeError(reason)
-        return "native"
+        raise RuntimeError(reason)
     reason = _triton_reason(op_name, device) if requested == "triton" else _native_reason(op_name, device)
     if reason is not None:
         raise RuntimeError(f"{op_name}: backend={requested!r} is not available: {reason}")
