@@ -12,6 +12,9 @@ Scenarios (the speed-up depends on where the margins are, see docs/bench-ima.md)
   spread -- margins uniform in [0, eps_train] (fixed seed): margins that have spread out during training, so
             samples cross at different steps or not at all;
   cap    -- margins at eps_train (the state once margins have expanded): every sample searches its full ball.
+  trained -- (with --state) the weights and margins of a real IMA training run: a robust_ops fit checkpoint, e.g.
+            runs/.../checkpoint.pt from `robust-ops train --defense ima` or `robust-ops reproduce ima-bus`; no
+            pretraining then, and the checkpoint's own eps_train and delta.
 Variants "masked channels_last" and "compacted channels_last" run the same epochs on a channels_last copy of the model;
 "masked prepacked" and "compacted prepacked" run them under robust_ops.prepacked_conv.
 The model is resnet18 (build_model("resnet18", 1, 2, 28)), first trained ``--pretrain-epochs`` standard epochs on
@@ -21,6 +24,7 @@ the full training split so that its boundaries are those of a working classifier
     python benchmarks/bench_ima.py                  # 546 images (the whole train split), 3 repeats
     add --threads 1 on a shared machine (see docs/bench-ima.md)
     python benchmarks/bench_ima.py --device cuda    # on a GPU (the default when one is visible)
+    python benchmarks/bench_ima.py --state RUN/checkpoint.pt   # scenario "trained": a real run's model and margins
 """
 
 import argparse
@@ -81,8 +85,25 @@ def pretrain(model, x, y, epochs, batch_size):
             opt.step()
 
 
+def load_trained_state(path, num_samples):
+    """(model state, IMA defense state) from a robust_ops fit checkpoint of an IMA run on the full training split."""
+    from robust_ops.train import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "defense" not in ckpt:
+        raise SystemExit(f"bench_ima: --state {path}: not a robust_ops fit checkpoint (needs 'model' and 'defense')")
+    margins = ckpt["defense"].get("margins") if isinstance(ckpt["defense"], dict) else None
+    if margins is None:
+        raise SystemExit(f"bench_ima: --state {path}: the checkpoint's defense has no IMA margins (train with "
+                         f"--defense ima)")
+    if margins.shape != (num_samples,):
+        raise SystemExit(f"bench_ima: --state {path}: {margins.numel()} margins, but the BreastMNIST training split "
+                         f"has {num_samples} images (train on the full split, e.g. `robust-ops reproduce ima-bus`)")
+    return ckpt["model"], ckpt["defense"]
+
+
 def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True, min_rows=None,
-              channels_last=False, prepacked=False):
+              channels_last=False, prepacked=False, defense_state=None):
     model = build_model("resnet18", 1, 2, 28).to(x.device)
     model.load_state_dict(state)
     if channels_last:  # oneDNN then skips its per-layer activation reorders (docs/benchmarks.md)
@@ -92,12 +113,15 @@ def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exi
     eps = paper_eps_train(tuple(x.shape[1:]), "l2")  # 3 sqrt(784/3072) = 1.52; delta = eps / 100 (IMA defaults)
     defense = IMA(num_samples=x.shape[0], eps_train=eps, steps=args.steps, search_steps=args.search_steps,
                   arity=arity, compact=compact, batch_exit=batch_exit, norm="l2", min_rows=min_rows)
-    margins = {
-        "init": torch.full((x.shape[0],), eps / 100),  # Algorithm 1: every E(i) starts at delta
-        "spread": torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps,
-        "cap": torch.full((x.shape[0],), eps),
-    }[scenario].to(x.device)
-    defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
+    if scenario == "trained":  # the run's own margins, eps_train and delta
+        defense.load_state_dict({k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in defense_state.items()})
+    else:
+        margins = {
+            "init": torch.full((x.shape[0],), eps / 100),  # Algorithm 1: every E(i) starts at delta
+            "spread": torch.rand(x.shape[0], generator=torch.Generator().manual_seed(2)) * eps,
+            "cap": torch.full((x.shape[0],), eps),
+        }[scenario].to(x.device)
+        defense.load_state_dict({"margins": margins, "eps_train": eps, "delta": eps / 100, "init_margin": eps / 100})
     with prepacked_conv(model, prepacked):  # the probe too: its kernels set the padding sizes
         return _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows)
 
@@ -168,7 +192,12 @@ def main():
     parser.add_argument("--pretrain-epochs", type=int, default=1)
     parser.add_argument("--pretrain-batch-size", type=int, default=64,
                         help="batch of the standard pretraining (fixed, so --batch-size changes only the IMA epoch)")
-    parser.add_argument("--scenarios", default="spread,cap,init")
+    parser.add_argument("--scenarios", default=None,
+                        help="comma list of init, spread, cap (default: all three) and, with --state, trained "
+                             "(the default then)")
+    parser.add_argument("--state", default=None, metavar="CHECKPOINT",
+                        help="a robust_ops fit checkpoint of an IMA run on the full training split: its weights and "
+                             "margins are scenario 'trained' (no pretraining)")
     parser.add_argument("--variants", default=None,
                         help="comma list of variants besides masked (default: all): naive, compacted, "
                              "'compacted min_rows=16', 'compacted unpadded', 'compacted k=4', and masked / compacted "
@@ -199,11 +228,23 @@ def main():
     device = torch.device(args.device)
     x, y = load_train()
     x, y = x.to(device), y.to(device)
-    model = build_model("resnet18", 1, 2, 28).to(device)
-    t = time.perf_counter()
-    pretrain(model, x, y, args.pretrain_epochs, args.pretrain_batch_size)
-    print(f"pretrained {args.pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
-    state = copy.deepcopy(model.state_dict())
+    scenarios = (args.scenarios or ("trained" if args.state else "spread,cap,init")).split(",")
+    unknown = set(scenarios) - {"init", "spread", "cap", "trained"}
+    if unknown:
+        parser.error(f"--scenarios: unknown {sorted(unknown)}; choose from init, spread, cap, trained")
+    if "trained" in scenarios and not args.state:
+        parser.error("--scenarios trained needs --state CHECKPOINT (an IMA run's checkpoint)")
+    defense_state = None
+    if args.state:
+        state, defense_state = load_trained_state(args.state, x.shape[0])
+        if images != x.shape[0] and "trained" in scenarios:
+            parser.error("--state: the trained scenario runs the whole training split (drop --images / --quick)")
+    else:
+        model = build_model("resnet18", 1, 2, 28).to(device)
+        t = time.perf_counter()
+        pretrain(model, x, y, args.pretrain_epochs, args.pretrain_batch_size)
+        print(f"pretrained {args.pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
+        state = copy.deepcopy(model.state_dict())
     ids_all = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:images].sort().values
 
     # "masked" stops once the whole batch has finished; "naive" is the issue's "every sample pays all K steps and N
@@ -237,7 +278,7 @@ def main():
             parser.error(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in variants]}")
         variants = [v for v in variants if v[0] == "masked" or v[0] in wanted]
     rows = []
-    for scenario in args.scenarios.split(","):
+    for scenario in scenarios:
         times = {v[0]: [] for v in variants}
         cpu_times = {v[0]: [] for v in variants}
         results = {}
@@ -246,7 +287,8 @@ def main():
                 seconds, cpu, margins, counts, crossed = ima_epoch(state, x, y, ids_all, args, compact=compact,
                                                                    arity=arity, scenario=scenario,
                                                                    batch_exit=batch_exit, min_rows=min_rows,
-                                                                   channels_last=channels_last, prepacked=prepacked)
+                                                                   channels_last=channels_last, prepacked=prepacked,
+                                                                   defense_state=defense_state)
                 times[name].append(seconds)
                 cpu_times[name].append(cpu)
                 results[name] = (margins, counts, crossed)
