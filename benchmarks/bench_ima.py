@@ -197,7 +197,8 @@ def main():
                              "(the default then)")
     parser.add_argument("--state", default=None, metavar="CHECKPOINT",
                         help="a robust_ops fit checkpoint of an IMA run on the full training split: its weights and "
-                             "margins are scenario 'trained' (no pretraining)")
+                             "margins are scenario 'trained'; no pretraining, so the other scenarios then run on its "
+                             "weights too")
     parser.add_argument("--variants", default=None,
                         help="comma list of variants besides masked (default: all): naive, compacted, "
                              "'compacted min_rows=16', 'compacted unpadded', 'compacted k=4', and masked / compacted "
