@@ -144,6 +144,23 @@ def test_write_results_schema_and_pngs(tmp_path):
     assert sorted(p.name for p in (tmp_path).iterdir()) == ["run"]  # no staging folder left
 
 
+def test_radius_plot_keeps_norms_apart(tmp_path, monkeypatch):
+    # the worst-case row of an L-inf plan and of an L2 plan share a name; their radii are not one axis
+    def row(attack, norm, eps, acc):
+        return {"method": "m", "attack": attack, "norm": norm, "eps": eps, "n": 4, "accuracy": acc}
+
+    rows = [row("none", None, 0.0, 0.9), row("fgsm", "linf", 1 / 255, 0.8), row("worst-case", "linf", 1 / 255, 0.7),
+            row("pgd", "l2", 0.3, 0.5), row("worst-case", "l2", 0.3, 0.4)]
+    figures = []
+    plt = report._plt()
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert report.plot_metric_vs_radius(rows, tmp_path / "acc.png")
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert titles == ["fgsm", "worst-case (linf)", "pgd", "worst-case (l2)"]
+    l2_panel = figures[0].axes[3].get_lines()[0]
+    assert list(l2_panel.get_xdata()) == [0.0, 0.3] and list(l2_panel.get_ydata()) == [0.9, 0.4]
+
+
 def test_nan_becomes_null(tmp_path):
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "n": 2, "accuracy": 1.0, "auc": math.nan}]
     out = write_results(tmp_path / "r", rows, INFO, figures=False)

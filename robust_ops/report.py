@@ -49,11 +49,14 @@ def _methods(rows):
     return seen
 
 
-def _attacks(rows):
+def _attack_panels(rows):
+    """(attack, norm) pairs in order of appearance: radii of different norms are not one axis, so an attack name run
+    under two norms (e.g. the worst-case row of an L-inf and of an L2 plan) gets one panel per norm."""
     seen = []
     for r in rows:
-        if r["attack"] not in ("none",) and r["attack"] not in seen:
-            seen.append(r["attack"])
+        key = (r["attack"], r.get("norm"))
+        if r["attack"] != "none" and key not in seen:
+            seen.append(key)
     return seen
 
 
@@ -155,25 +158,27 @@ def _plt():
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     """One panel per attack, one line per method: ``metric`` against the radius (clean value at eps = 0).
     Returns False (nothing written) when no row carries the metric."""
-    attacks = _attacks(rows)
+    panels = _attack_panels(rows)
     methods = _methods(rows)
-    if not attacks or not any(metric in r for r in rows):
+    if not panels or not any(metric in r for r in rows):
         return False
+    several_norms = {a for a, _ in panels if sum(1 for b, _ in panels if b == a) > 1}
     plt = _plt()
-    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks), 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False, sharey=True)
     clean = {r["method"]: r.get(metric) for r in rows if r["attack"] == "none"}
-    for ax, attack in zip(axes[0], attacks):
+    for ax, (attack, norm) in zip(axes[0], panels):
+        in_panel = [r for r in rows if r["attack"] == attack and r.get("norm") == norm]
         for m in methods:
-            pts = sorted((r["eps"], r.get(metric)) for r in rows if r["method"] == m and r["attack"] == attack)
+            pts = sorted((r["eps"], r.get(metric)) for r in in_panel if r["method"] == m)
             if m in clean and (not pts or pts[0][0] > 0):
                 pts = [(0.0, clean[m])] + pts
             pts = [(e, v) for e, v in pts if v is not None and math.isfinite(v)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        ax.set_title(attack, fontsize=10)
+        ax.set_title(f"{attack} ({norm})" if attack in several_norms else attack, fontsize=10)
         ax.set_xlabel("ε")
         ax.grid(alpha=0.3)
-        ticks = sorted({r["eps"] for r in rows if r["attack"] == attack} | {0.0})
+        ticks = sorted({r["eps"] for r in in_panel} | {0.0})
         ax.set_xticks(ticks)
         ax.set_xticklabels([format_eps(t) for t in ticks], fontsize=7, rotation=45)
     axes[0][0].set_ylabel(METRIC_LABELS.get(metric, metric))
