@@ -4,6 +4,7 @@ matplotlib's Agg backend (no display needed)."""
 
 import math
 import re
+from collections import Counter
 
 import torch
 
@@ -156,13 +157,13 @@ def _plt():
 
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
-    """One panel per attack, one line per method: ``metric`` against the radius (clean value at eps = 0).
+    """One panel per (attack, norm), one line per method: ``metric`` against the radius (clean value at eps = 0).
     Returns False (nothing written) when no row carries the metric."""
     panels = _attack_panels(rows)
     methods = _methods(rows)
     if not panels or not any(metric in r for r in rows):
         return False
-    several_norms = {a for a, _ in panels if sum(1 for b, _ in panels if b == a) > 1}
+    several_norms = {a for a, count in Counter(a for a, _ in panels).items() if count > 1}
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False, sharey=True)
     clean = {r["method"]: r.get(metric) for r in rows if r["attack"] == "none"}
