@@ -60,6 +60,23 @@ def test_help_shows_defaults(capsys):
     assert r.returncode == 0 and "train" in r.stdout and "reproduce" in r.stdout
 
 
+def test_help_explains_every_option_once(capsys):
+    from robust_ops.attacks import ATTACKS
+
+    _, parsers = cli.build_parser()
+    for cmd, parser in parsers.items():
+        for action in parser._actions:
+            assert action.help, f"{cmd} {action.option_strings or action.dest}: no help text"
+        with pytest.raises(SystemExit):
+            cli.main([cmd, "--help"])
+        out = capsys.readouterr().out
+        for block in out.split("\n  -")[1:]:  # one option's help, wrapped over lines
+            assert block.count("(default") <= 1, f"{cmd}: default stated twice in {block!r}"
+        if cmd in ("eval", "demo"):
+            listed = parser._option_string_actions["--attacks"].help
+            assert all(name in listed for name in ATTACKS), listed
+
+
 def test_train_writes_run_and_eval_end_to_end(trained_run, capsys):
     run_json = json.loads((trained_run / "run.json").read_text())
     assert run_json["defense"] == "standard" and run_json["dataset"]["positive_class"] == 1

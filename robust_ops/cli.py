@@ -32,8 +32,18 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see {self.prog} --help)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not state its default already and X says something (not
+    None, False or an empty list)."""
+
+    def _get_help_string(self, action):
+        if "(default" in action.help or action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _formatter(prog):
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32, width=110)
+    return _HelpFormatter(prog, max_help_position=32, width=110)
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers
@@ -215,7 +225,8 @@ def write_json_atomic(path, data):
 # ----------------------------------------------------------------------------------------------- train
 
 
-def add_train_options(p, defaults=True):
+def add_data_model_options(p, epochs):
+    """Options `train` and `demo` share: what to train on, which model, and the optimiser's settings."""
     p.add_argument("--data", default="synthetic",
                    help="synthetic (embedded generated set), breastmnist (or another MedMNIST name), moons, or a "
                         ".npz file / BUSI-style folder / .csv path")
@@ -223,11 +234,15 @@ def add_train_options(p, defaults=True):
                                                           "synthetic, 224 for folders)")
     p.add_argument("--model", default="small_cnn",
                    help="resnet18, resnet50, vgg16, densenet121, small_cnn or mlp (adapted to channels and size)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="training mini-batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MIRST-DM: 1e-4 at 100 epochs)")
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def add_train_options(p):
+    add_data_model_options(p, epochs=10)
     p.add_argument("--dropmax", choices=("none", "first", "all"), default="none",
                    help="replace max-pooling layers with DropMax2d before training (mirst-dm does 'first' itself)")
     p.add_argument("--channels-last", action="store_true",
@@ -366,11 +381,13 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
 
 
 def add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255"):
+    from .attacks import ATTACKS
+
     p.add_argument("--attacks", default=attacks,
-                   help="comma-separated attacks: fgsm, ifgsm, pgd, pgdl2, cw, noise (+ apgd-ce, apgd-dlr, square when "
-                        "available); options as name:key=value, e.g. pgd:steps=50, noise:norm=l2:trials=100")
+                   help=f"comma-separated attacks: {', '.join(ATTACKS)}; options as name:key=value, e.g. "
+                        "pgd:steps=50, noise:norm=l2:trials=100")
     p.add_argument("--eps", default=eps, help="comma-separated radii; fractions allowed (1/255)")
-    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=128, help="test images attacked at a time")
     p.add_argument("--no-cascade", action="store_true",
                    help="attack every sample at every radius (default: only samples still robust)")
     p.add_argument("--ensemble", action="store_true",
@@ -383,20 +400,21 @@ def cmd_eval_parser(sub):
     p = sub.add_parser("eval", help="evaluate a trained model under attacks", formatter_class=_formatter,
                        description="Evaluate RUN_DIR (or a checkpoint file) under --attacks at each --eps; writes "
                                    "results.json, report.md and PNG figures.")
-    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT",
+                   help="a `robust-ops train` output folder, or its checkpoint.pt")
     add_eval_options(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
     p.add_argument("--data", default=None, help="dataset (default: the one in run.json)")
     p.add_argument("--model", default=None, help="architecture (default: the one in run.json)")
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--size", type=int, default=None, help="image side length (default: the one in run.json)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
     p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")
     p.add_argument("--channels-last", action="store_true",
                    help="attack the model in channels_last memory format (default: as the run was trained)")
     p.add_argument("--prepacked-conv", action="store_true",
                    help="attack on convolutions packed once per attack (faster on CPU, last-bit differences; "
                         "default: as the run was trained)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--config", help="YAML or JSON file of options")
     p.set_defaults(func=cmd_eval)
     return p
@@ -471,22 +489,15 @@ def cmd_demo_parser(sub):
                                    "evaluate them under no attack, FGSM, PGD and CW, print the table and write "
                                    "results.json, report.md and figures to --out.")
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated defenses")
-    p.add_argument("--data", default="synthetic")
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--model", default="small_cnn")
-    p.add_argument("--epochs", type=int, default=8)
+    add_data_model_options(p, epochs=8)
     p.add_argument("--train-size", type=int, default=256,
                    help="training images drawn from the train split (0: all) -- keeps the demo within ~10 minutes "
                         "on 2 CPU cores")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="output folder (runs, results.json, report.md, figures)")
     p.add_argument("--quick", action="store_true", help="2 epochs on a subset: a smoke run (tests, CI)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--config", help="YAML or JSON file of options")
     p.set_defaults(func=cmd_demo)
     return p
@@ -641,8 +652,8 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--config", help="YAML or JSON file of options")
     p.set_defaults(func=cmd_reproduce)
     return p
