@@ -408,8 +408,11 @@ def test_classes_and_build():
         attacks.build("deepfool", model)
     with pytest.raises(ValueError, match="cw: CW-Linf is defined for norm='linf' only, got norm='l2'"):
         attacks.build("cw", model, norm="l2")
-    with pytest.raises(ValueError, match="attacks.build: bad options for 'fgsm'"):
+    with pytest.raises(ValueError, match="attacks.build: fgsm: unknown option 'steps'; it takes eps, norm, loss, "
+                                         "targeted, model_mode, clip_min, clip_max$"):
         attacks.build("fgsm", model, steps=3)
+    with pytest.raises(ValueError, match="attacks.build: pgd: unknown options 'stepz', 'alfa'; it takes eps, alpha, "):
+        attacks.build("pgd", model, stepz=3, alfa=0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

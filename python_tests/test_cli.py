@@ -111,6 +111,14 @@ def test_unknown_names(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "--methods:", "'zzz'")
     rc, _, err = run(["train", "--epochs", "0", "--out", tmp_path / "e"], capsys)
     one_line_error(rc, err, "--epochs:")
+    rc, _, err = run(["train", "--defense", "at", "--defense-opt", "stepz=2", "--out", tmp_path / "f"], capsys)
+    one_line_error(rc, err, "--defense-opt: at: unknown option 'stepz'; it takes eps, step_size, steps")
+    for flag, value in (("--lr", "-1"), ("--lr", "nan"), ("--seed", "-1"), ("--batch-size", "0")):
+        for cmd in ("train", "demo"):
+            rc, _, err = run([cmd, flag, value, "--out", tmp_path / "g"], capsys)
+            one_line_error(rc, err, f"{flag}: expected", value)
+    rc, _, err = run(["demo", "--attacks", "fgsm,pgd:stepz=3", "--out", tmp_path / "h"], capsys)  # before training
+    one_line_error(rc, err, "--attacks:", "pgd: unknown option 'stepz'; it takes eps, alpha, steps")
     rc, _, err = run(["reproduce", "nothing"], capsys)
     one_line_error(rc, err, "invalid choice")
     assert list(tmp_path.iterdir()) == []

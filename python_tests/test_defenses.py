@@ -98,6 +98,10 @@ def test_build_registry_names_and_unknown_name():
     with pytest.raises(ValueError, match="defenses.build: unknown defense 'pgd-at'; expected one of standard, at, sat, "
                                          "trades, rst, gr, llr, mart, fat, amat, mirst, mirst-dm, ima, dpaat, arfl"):
         defenses.build("pgd-at")
+    with pytest.raises(ValueError, match="gr: unknown option 'eps'; it takes lam, norm$"):
+        defenses.build("gr", eps=0.1)
+    with pytest.raises(ValueError, match="sat: unknown option 'stepsize'; it takes alpha, eps, step_size, steps, "):
+        defenses.build("sat", stepsize=0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -181,9 +181,9 @@ def make_defense(name, options, train_size, info):
         options.setdefault("clip_min", info.value_range[0])
         options.setdefault("clip_max", info.value_range[1])
     try:
-        defense = cls(**options)
+        defense = defenses.build(name, **options)
     except (TypeError, ValueError) as err:
-        raise CLIError(f"--defense-opt: {name}: {err}") from None
+        raise CLIError(f"--defense-opt: {err}") from None
     if getattr(defense, "binary_only", False) and info.num_classes != 2:
         raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has "
                        f"{info.num_classes} classes")
@@ -239,6 +239,20 @@ def add_data_model_options(p, epochs):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MIRST-DM: 1e-4 at 100 epochs)")
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def check_data_model_options(args):
+    """One-line errors for the shared options' values, before any data is loaded."""
+    import math
+
+    if args.epochs < 1:
+        raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CLIError(f"--lr: expected a finite learning rate > 0, got {args.lr}")
+    if args.seed < 0:
+        raise CLIError(f"--seed: expected >= 0, got {args.seed}")
 
 
 def add_train_options(p):
@@ -317,10 +331,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
 def cmd_train(args):
     device = pick_device(args.device)
     options = parse_key_values(args.defense_opt, "--defense-opt")
-    if args.epochs < 1:
-        raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    check_data_model_options(args)
     try:
         _, splits, run, history = train_run(
             data=args.data, defense_name=args.defense, defense_options=options, model_name=args.model,
@@ -531,9 +542,8 @@ def cmd_demo(args):
     for m in methods:
         if m not in defenses.NAMES:
             raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}")
+    check_data_model_options(args)
     epochs = 2 if args.quick else args.epochs
-    if epochs < 1:
-        raise CLIError(f"--epochs: expected >= 1, got {epochs}")
     from .evaluate import EvalError, parse_attacks, parse_eps
 
     try:  # fail on a bad --attacks / --eps before any training

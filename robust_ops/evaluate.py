@@ -151,7 +151,9 @@ def parse_attack(text):
         options[key.strip()] = _parse_option(name, key.strip(), value)
     if "eps" in options:
         raise EvalError("attacks", f"attacks: give radii with eps, not as an option of {name!r}")
-    return AttackSpec(name, options)
+    spec = AttackSpec(name, options)
+    spec.build(torch.nn.Identity(), eps=1.0)  # an option the attack does not take fails here, not after training
+    return spec
 
 
 def parse_attacks(text):

@@ -4,6 +4,7 @@ Functions return ``x_adv`` (``pgd(..., emit=...)`` returns ``(x_adv, iterates)``
 ``PGD(model, eps=...)(x, y)``; ``build(name, **kwargs)`` makes an attack from a CLI name.
 """
 
+from .._options import check_options
 from .base import Attack
 from .context import Normalized, attack_context
 from .core import PGDResult, run_pgd
@@ -49,8 +50,5 @@ def build(name, model, **kwargs):
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if "steps" in kwargs and name in STEPS_ALIAS:  # the CLI's --steps means queries / trials for these
         kwargs[STEPS_ALIAS[name]] = kwargs.pop("steps")
-    options = {**defaults, **kwargs}
-    try:
-        return cls(model, **options)
-    except TypeError as err:
-        raise ValueError(f"attacks.build: bad options for {name!r}: {err}") from None
+    check_options(f"attacks.build: {name}", cls, kwargs)
+    return cls(model, **{**defaults, **kwargs})

@@ -6,6 +6,7 @@ Standard, AT, SAT, TRADES, RST, GR, LLR, MART, FAT, AMAT, MIRST, MIRSTDM, DPAAT,
 
 import importlib
 
+from .._options import check_options
 from .adaptive import AMAT, DPAAT, synchronization_loss  # noqa: F401
 from .adversarial import AT, FAT, RST, SAT, Standard  # noqa: F401
 from .arfl import ARFL, robust_feature_loss  # noqa: F401
@@ -46,5 +47,8 @@ def defense_class(name):
 
 def build(name, **kwargs):
     """A defense from its name (standard, at, sat, trades, rst, gr, llr, mart, fat, amat, mirst, mirst-dm, ima, dpaat,
-    arfl) with its papers' defaults, overridden by ``kwargs``; unknown names raise ValueError listing the names."""
-    return defense_class(name)(**kwargs)
+    arfl) with its papers' defaults, overridden by ``kwargs``; unknown names and options raise ValueError listing the
+    known ones."""
+    cls = defense_class(name)
+    check_options(name, cls, kwargs)
+    return cls(**kwargs)
