@@ -119,6 +119,10 @@ def test_unknown_names(small_npz, tmp_path, capsys):
             one_line_error(rc, err, f"{flag}: expected", value)
     rc, _, err = run(["demo", "--attacks", "fgsm,pgd:stepz=3", "--out", tmp_path / "h"], capsys)  # before training
     one_line_error(rc, err, "--attacks:", "pgd: unknown option 'stepz'; it takes eps, alpha, steps")
+    rc, _, err = run(["demo", "--eval-batch-size", "0", "--out", tmp_path / "i"], capsys)  # before training
+    one_line_error(rc, err, "--eval-batch-size: expected >= 1")
+    rc, _, err = run(["eval", tmp_path / "no-run", "--attacks", "cw:stepz=3"], capsys)  # before loading the run
+    one_line_error(rc, err, "--attacks:", "cw: unknown option 'stepz'")
     rc, _, err = run(["reproduce", "nothing"], capsys)
     one_line_error(rc, err, "invalid choice")
     assert list(tmp_path.iterdir()) == []

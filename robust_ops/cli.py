@@ -431,18 +431,32 @@ def cmd_eval_parser(sub):
     return p
 
 
-def evaluate_models(models, splits, args, device, out, title, config, extra_markdown=None, paper=None):
-    """Evaluate {label: model} on the test split, write everything atomically, print the tables; returns rows."""
-    from . import report
-    from .evaluate import EvalError, evaluate, parse_attacks, parse_eps, write_results
+def _flag_error(err):
+    """An evaluate.EvalError as the CLI's one-line error, led by the flag it names (``--attacks: ...``)."""
+    return CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}")
+
+
+def parse_eval_options(args):
+    """(attack specs, radii) from --attacks and --eps; one-line errors for them and --eval-batch-size. Commands call
+    it before loading data or training, so a typo fails at once."""
+    from .evaluate import EvalError, parse_attacks, parse_eps
 
     try:
         specs = parse_attacks(args.attacks)
         radii = parse_eps(args.eps)
     except EvalError as err:
-        raise CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}") from None
+        raise _flag_error(err) from None
     if args.eval_batch_size < 1:
         raise CLIError(f"--eval-batch-size: expected >= 1, got {args.eval_batch_size}")
+    return specs, radii
+
+
+def evaluate_models(models, splits, args, device, out, title, config, extra_markdown=None, paper=None):
+    """Evaluate {label: model} on the test split, write everything atomically, print the tables; returns rows."""
+    from . import report
+    from .evaluate import EvalError, evaluate, write_results
+
+    specs, radii = parse_eval_options(args)
     test = splits.test if getattr(args, "split", "test") == "test" else splits.val
     rows = []
     for label, model in models.items():
@@ -451,7 +465,7 @@ def evaluate_models(models, splits, args, device, out, title, config, extra_mark
                              batch_size=args.eval_batch_size, device=device, cascade=not args.no_cascade,
                              ensemble=args.ensemble, progress=lambda s: print("  " + s, flush=True))
         except EvalError as err:
-            raise CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}") from None
+            raise _flag_error(err) from None
     saliency = None
     if args.saliency > 0 and test.tensors[0].dim() == 4:
         import torch
@@ -472,6 +486,7 @@ def evaluate_models(models, splits, args, device, out, title, config, extra_mark
 
 
 def cmd_eval(args):
+    parse_eval_options(args)
     device = pick_device(args.device)
     model, splits, run = load_run(args.target, data=args.data, model=args.model, size=args.size,
                                   channels_last=args.channels_last)
@@ -544,13 +559,7 @@ def cmd_demo(args):
             raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}")
     check_data_model_options(args)
     epochs = 2 if args.quick else args.epochs
-    from .evaluate import EvalError, parse_attacks, parse_eps
-
-    try:  # fail on a bad --attacks / --eps before any training
-        parse_attacks(args.attacks)
-        parse_eps(args.eps)
-    except EvalError as err:
-        raise CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}") from None
+    parse_eval_options(args)
     splits = load_data(args.data, size=args.size, seed=args.seed)
     if args.train_size < 0:
         raise CLIError(f"--train-size: expected >= 0, got {args.train_size}")
