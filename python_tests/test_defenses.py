@@ -100,6 +100,8 @@ def test_build_registry_names_and_unknown_name():
         defenses.build("pgd-at")
     with pytest.raises(ValueError, match="gr: unknown option 'eps'; it takes lam, norm$"):
         defenses.build("gr", eps=0.1)
+    with pytest.raises(ValueError, match="standard: unknown option 'eps'; it takes no options$"):
+        defenses.build("standard", eps=0.1)
     with pytest.raises(ValueError, match="sat: unknown option 'stepsize'; it takes alpha, eps, step_size, steps, "):
         defenses.build("sat", stepsize=0.1)
 

@@ -26,5 +26,6 @@ def check_options(owner, cls, options):
     accepted = accepted_options(cls)
     unknown = [k for k in options if k not in accepted]
     if unknown:
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
         raise ValueError(f"{owner}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                         f"it takes {', '.join(accepted)}")
+                         f"{takes}")
