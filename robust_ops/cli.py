@@ -451,12 +451,13 @@ def parse_eval_options(args):
     return specs, radii
 
 
-def evaluate_models(models, splits, args, device, out, title, config, extra_markdown=None, paper=None):
-    """Evaluate {label: model} on the test split, write everything atomically, print the tables; returns rows."""
+def evaluate_models(models, splits, args, specs, radii, device, out, title, config, extra_markdown=None,
+                    paper=None):
+    """Evaluate {label: model} on the test split under ``specs`` at ``radii`` (from :func:`parse_eval_options`),
+    write everything atomically, print the tables; returns rows."""
     from . import report
     from .evaluate import EvalError, evaluate, write_results
 
-    specs, radii = parse_eval_options(args)
     test = splits.test if getattr(args, "split", "test") == "test" else splits.val
     rows = []
     for label, model in models.items():
@@ -486,7 +487,7 @@ def evaluate_models(models, splits, args, device, out, title, config, extra_mark
 
 
 def cmd_eval(args):
-    parse_eval_options(args)
+    specs, radii = parse_eval_options(args)
     device = pick_device(args.device)
     model, splits, run = load_run(args.target, data=args.data, model=args.model, size=args.size,
                                   channels_last=args.channels_last)
@@ -500,7 +501,7 @@ def cmd_eval(args):
     from .prepacked_conv import prepacked_conv
 
     with prepacked_conv(model, enabled=True if config["prepacked_conv"] else None):
-        evaluate_models({label: model}, splits, args, device, out, f"Robustness of {label} on "
+        evaluate_models({label: model}, splits, args, specs, radii, device, out, f"Robustness of {label} on "
                         f"{splits.info.display_name}", config)
     return 0
 
@@ -559,7 +560,7 @@ def cmd_demo(args):
             raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}")
     check_data_model_options(args)
     epochs = 2 if args.quick else args.epochs
-    parse_eval_options(args)
+    specs, radii = parse_eval_options(args)
     splits = load_data(args.data, size=args.size, seed=args.seed)
     if args.train_size < 0:
         raise CLIError(f"--train-size: expected >= 0, got {args.train_size}")
@@ -593,8 +594,8 @@ def cmd_demo(args):
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
               "eps": args.eps, "quick": args.quick, "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
     args.split = "test"
-    evaluate_models(models, splits, args, device, out, f"Demo: defenses compared on {splits.info.display_name}",
-                    config)
+    evaluate_models(models, splits, args, specs, radii, device, out,
+                    f"Demo: defenses compared on {splits.info.display_name}", config)
     return 0
 
 
