@@ -300,6 +300,41 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
     assert "Published numbers beside ours" in text and "QUICK MODE" in text and "| Standard training | FGSM" in text
 
 
+def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
+    from robust_ops.reproduce import EVAL_CACHE_FILE
+
+    out = tmp_path / "arfl"
+    argv = ["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--out", out, "--no-progress", "--device", "cpu"]
+    rc, first, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "evaluation reused" not in first
+    rows = json.loads((out / "results.json").read_text())["per_run_rows"]
+    caches = sorted(out.glob(f"runs-quick/*/seed0/{EVAL_CACHE_FILE}"))
+    assert len(caches) == 8  # one per method
+    rc, second, err = run(argv, capsys)  # the runs resume as finished: their evaluations are reused
+    assert rc == 0, err
+    assert second.count("evaluation reused") == 8 and "training" in second
+    assert json.loads((out / "results.json").read_text())["per_run_rows"] == rows
+
+    # a changed model is evaluated again (its weights are part of the key); so is everything under --reevaluate
+    cache = caches[0]
+    doc = json.loads(cache.read_text())
+    doc["entries"][0]["key"]["model_sha256"] = "0" * 64
+    cache.write_text(json.dumps(doc))
+    rc, third, err = run(argv, capsys)
+    assert rc == 0, err
+    assert third.count("evaluation reused") == 7
+    assert len(json.loads(cache.read_text())["entries"]) == 2  # the stale entry stays beside the fresh one
+    cache.write_text("{not json")
+    rc, fourth, err = run(argv, capsys)
+    assert rc == 0, err
+    assert fourth.count("evaluation reused") == 7 and "unreadable evaluation cache" in fourth
+    rc, fifth, err = run(argv + ["--reevaluate"], capsys)
+    assert rc == 0, err
+    assert "evaluation reused" not in fifth
+    assert json.loads((out / "results.json").read_text())["per_run_rows"] == rows
+
+
 @pytest.mark.slow
 def test_reproduce_quick_mirst_bus(breastmnist, tmp_path, capsys, monkeypatch):
     pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")

@@ -674,6 +674,9 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="attack every trained run again instead of reusing the evaluation kept beside its "
+                        "checkpoint (it is reused only while the weights, test set and attacks are unchanged)")
     p.add_argument("--config", help="YAML or JSON file of options")
     p.set_defaults(func=cmd_reproduce)
     return p
@@ -692,7 +695,7 @@ def cmd_reproduce(args):
 
     try:
         run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
-                     seeds=args.seeds, device=device, progress=not args.no_progress)
+                     seeds=args.seeds, device=device, progress=not args.no_progress, reevaluate=args.reevaluate)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:

@@ -7,12 +7,15 @@ and the report repeats them. ``--quick`` is a smoke run (subsets, 2 epochs, smal
 end to end; its numbers mean nothing.
 """
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .evaluate import AttackSpec
 
@@ -333,6 +336,64 @@ def _eps_expr(text):
     return _parse_option("reproduce", "alpha", text)
 
 
+EVAL_CACHE_FILE = "eval.json"
+
+
+def _digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def eval_key(model, dataset, specs, eps, ensemble, method):
+    """What an evaluation's rows depend on, as JSON-able values: the model's parameters and buffers, the test set,
+    the attacks with their options resolved at every radius, the radii, the library and torch versions."""
+    from . import __version__
+    from .evaluate import dataset_tensors, parse_eps
+
+    radii = parse_eps(eps)
+    attacks = [[s.name, s.label, {k: ([v(e) for e in radii] if callable(v) else v) for k, v in s.options.items()}]
+               for s in specs]
+    state = model.state_dict()
+    return {"method": method, "model_sha256": _digest(state[k] for k in sorted(state)),
+            "test_sha256": _digest(dataset_tensors(dataset)), "attacks": attacks, "eps": radii,
+            "ensemble": bool(ensemble), "robust_ops": __version__, "torch": torch.__version__}
+
+
+class EvalCache:
+    """Evaluation rows of one trained run, kept in a JSON file (written atomically) and looked up by ``eval_key``."""
+
+    def __init__(self, path, enabled=True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.entries = []
+        if self.path.exists():
+            try:
+                doc = json.loads(self.path.read_text())
+                self.entries = [e for e in doc.get("entries", []) if "key" in e and "rows" in e]
+            except (ValueError, AttributeError) as err:  # unreadable: evaluate again and overwrite it
+                print(f"{self.path}: unreadable evaluation cache ({err}); evaluating again", flush=True)
+
+    def get(self, key):
+        if not self.enabled:
+            return None
+        key = json.loads(json.dumps(key))  # compare as stored (tuples become lists)
+        for e in self.entries:
+            if e["key"] == key:
+                return json.loads(json.dumps(e["rows"]))  # a copy: the caller relabels rows
+        return None
+
+    def put(self, key, rows):
+        from .cli import write_json_atomic
+
+        key = json.loads(json.dumps(key))
+        self.entries = [e for e in self.entries if e["key"] != key] + [{"key": key, "rows": json.loads(json.dumps(rows))}]
+        write_json_atomic(self.path, {"format": "robust_ops.eval_cache/1", "entries": self.entries})
+
+
 def aggregate(rows, metrics):
     """Mean and sample std over repeats for each (method, attack, norm, eps)."""
     groups = {}
@@ -350,8 +411,13 @@ def aggregate(rows, metrics):
     return out
 
 
-def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, device="cpu", progress=True):
-    """Run ``protocol`` and write its results into ``out``; returns the aggregated rows."""
+def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, device="cpu", progress=True,
+                 reevaluate=False):
+    """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
+
+    Training resumes from each run's checkpoint. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside
+    its checkpoint, keyed by the model's weights, the test set and the attack plan, and reused when all three are
+    unchanged (a resumed protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import report
     from .cli import load_data, subset_splits, train_run
     from .data import cross_validation
@@ -392,9 +458,18 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 progress=progress, splits=splits, label=method.label)
             models[method.label] = model
             seen_clean = False
+            cache = EvalCache(runs_dir / report.slug(method.label) / tag / EVAL_CACHE_FILE, enabled=not reevaluate)
             for plan in protocol.evals:
-                rows = evaluate(model, splits.test, info, attacks=_specs(plan, quick), eps=plan.eps,
-                                method=method.label, device=device, ensemble=plan.ensemble)
+                specs = _specs(plan, quick)
+                key = eval_key(model, splits.test, specs, plan.eps, plan.ensemble, method.label)
+                rows = cache.get(key)
+                if rows is None:
+                    rows = evaluate(model, splits.test, info, attacks=specs, eps=plan.eps,
+                                    method=method.label, device=device, ensemble=plan.ensemble)
+                    cache.put(key, rows)
+                else:
+                    print(f"[{tag}] {method.label}: evaluation reused from {cache.path} (--reevaluate to redo it)",
+                          flush=True)
                 for r in rows:
                     if r["attack"] == "none":
                         if seen_clean:
