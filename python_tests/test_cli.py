@@ -313,7 +313,7 @@ def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     assert len(caches) == 8  # one per method
     rc, second, err = run(argv, capsys)  # the runs resume as finished: their evaluations are reused
     assert rc == 0, err
-    assert second.count("evaluation reused") == 8 and "training" in second
+    assert second.count("evaluation reused") == 8 and second.count("loading (already trained)") == 8
     assert json.loads((out / "results.json").read_text())["per_run_rows"] == rows
 
     # a changed model is evaluated again (its weights are part of the key); so is everything under --reevaluate

@@ -339,6 +339,14 @@ def _eps_expr(text):
 EVAL_CACHE_FILE = "eval.json"
 
 
+def _epochs_done(run_dir):
+    """Epochs a run folder's metrics.json records (written with each checkpoint); only for the progress message."""
+    try:
+        return len(json.loads((Path(run_dir) / "metrics.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def _digest(tensors):
     h = hashlib.sha256()
     for t in tensors:
@@ -450,15 +458,19 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             options = dict(method.options)
             if method.defense == "ima" and "delta" not in options:
                 options["delta"] = options.get("eps_train", 1.0) / max(epochs, 1)  # margins can reach eps_train
-            print(f"[{tag}] training {method.label} ({method.defense}, {epochs} epochs) ...", flush=True)
+            run_dir = runs_dir / report.slug(method.label) / tag
+            done = _epochs_done(run_dir)
+            doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < epochs
+                     else "loading (already trained)")
+            print(f"[{tag}] {doing} {method.label} ({method.defense}, {epochs} epochs) ...", flush=True)
             model, _, _, _ = train_run(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
-                out=runs_dir / report.slug(method.label) / tag, resume=True, dropmax=method.dropmax,
+                out=run_dir, resume=True, dropmax=method.dropmax,
                 progress=progress, splits=splits, label=method.label)
             models[method.label] = model
             seen_clean = False
-            cache = EvalCache(runs_dir / report.slug(method.label) / tag / EVAL_CACHE_FILE, enabled=not reevaluate)
+            cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate)
             for plan in protocol.evals:
                 specs = _specs(plan, quick)
                 key = eval_key(model, splits.test, specs, plan.eps, plan.ensemble, method.label)
