@@ -356,19 +356,31 @@ def _digest(tensors):
     return h.hexdigest()
 
 
-def eval_key(model, dataset, specs, eps, ensemble, method):
-    """What an evaluation's rows depend on, as JSON-able values: the model's parameters and buffers, the test set,
-    the attacks with their options resolved at every radius, the radii, the library and torch versions."""
+def run_fingerprint(model, dataset, method):
+    """The part of an evaluation's key fixed by the trained run: the model's parameters and buffers, the test set,
+    the library and torch versions."""
     from . import __version__
-    from .evaluate import dataset_tensors, parse_eps
+    from .evaluate import dataset_tensors
+
+    state = model.state_dict()
+    return {"method": method, "model_sha256": _digest(state[k] for k in sorted(state)),
+            "test_sha256": _digest(dataset_tensors(dataset)), "robust_ops": __version__, "torch": torch.__version__}
+
+
+def eval_key(fingerprint, specs, eps, ensemble):
+    """What one evaluation plan's rows depend on, as stored JSON values: the run's ``fingerprint``, the attacks
+    with their options resolved at every radius, the radii."""
+    from .evaluate import parse_eps
 
     radii = parse_eps(eps)
     attacks = [[s.name, s.label, {k: ([v(e) for e in radii] if callable(v) else v) for k, v in s.options.items()}]
                for s in specs]
-    state = model.state_dict()
-    return {"method": method, "model_sha256": _digest(state[k] for k in sorted(state)),
-            "test_sha256": _digest(dataset_tensors(dataset)), "attacks": attacks, "eps": radii,
-            "ensemble": bool(ensemble), "robust_ops": __version__, "torch": torch.__version__}
+    return _json_copy({**fingerprint, "attacks": attacks, "eps": radii, "ensemble": bool(ensemble)})
+
+
+def _json_copy(value):
+    """``value`` as it reads back from JSON (tuples become lists); also a deep copy."""
+    return json.loads(json.dumps(value))
 
 
 class EvalCache:
@@ -388,17 +400,15 @@ class EvalCache:
     def get(self, key):
         if not self.enabled:
             return None
-        key = json.loads(json.dumps(key))  # compare as stored (tuples become lists)
         for e in self.entries:
             if e["key"] == key:
-                return json.loads(json.dumps(e["rows"]))  # a copy: the caller relabels rows
+                return _json_copy(e["rows"])  # a copy: the caller relabels rows
         return None
 
     def put(self, key, rows):
         from .cli import write_json_atomic
 
-        key = json.loads(json.dumps(key))
-        self.entries = [e for e in self.entries if e["key"] != key] + [{"key": key, "rows": json.loads(json.dumps(rows))}]
+        self.entries = [e for e in self.entries if e["key"] != key] + [{"key": key, "rows": _json_copy(rows)}]
         write_json_atomic(self.path, {"format": "robust_ops.eval_cache/1", "entries": self.entries})
 
 
@@ -471,9 +481,10 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate)
+            fingerprint = run_fingerprint(model, splits.test, method.label)
             for plan in protocol.evals:
                 specs = _specs(plan, quick)
-                key = eval_key(model, splits.test, specs, plan.eps, plan.ensemble, method.label)
+                key = eval_key(fingerprint, specs, plan.eps, plan.ensemble)
                 rows = cache.get(key)
                 if rows is None:
                     rows = evaluate(model, splits.test, info, attacks=specs, eps=plan.eps,
