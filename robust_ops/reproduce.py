@@ -340,9 +340,11 @@ EVAL_CACHE_FILE = "eval.json"
 
 
 def _epochs_done(run_dir):
-    """Epochs a run folder's metrics.json records (written with each checkpoint); only for the progress message."""
+    """Epochs a run folder's history records (written with each checkpoint); only for the progress message."""
+    from .train import HISTORY_NAME
+
     try:
-        return len(json.loads((Path(run_dir) / "metrics.json").read_text()))
+        return len(json.loads((Path(run_dir) / HISTORY_NAME).read_text()))
     except (OSError, ValueError, TypeError):
         return 0
 

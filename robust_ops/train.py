@@ -42,6 +42,7 @@ from .native_layers import library_speedups
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output
 
 CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_NAME = "metrics.json"  # the per-epoch history, rewritten with each checkpoint
 CHECKPOINT_FORMAT = 1
 
 
@@ -621,8 +622,8 @@ def _write_metrics(out_dir, history):
         for row in history:
             writer.writerow({k: row.get(k, "") for k in keys})
     os.replace(tmp, out_dir / "metrics.csv")
-    tmp = out_dir / ".metrics.json.tmp"
+    tmp = out_dir / f".{HISTORY_NAME}.tmp"
     with open(tmp, "w") as f:
         json.dump([{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in row.items()}
                    for row in history], f, indent=1)
-    os.replace(tmp, out_dir / "metrics.json")
+    os.replace(tmp, out_dir / HISTORY_NAME)
