@@ -653,6 +653,31 @@ def test_apgd_dlr_falls_back_to_margin_for_binary(model_kind):
     assert torch.equal(run("dlr"), run("cw"))
 
 
+def test_square_redraws_colours_that_would_not_move_the_point():
+    # A model blind to its input never improves the margin, so x_best stays the stripes start and every query
+    # should differ from it; on one channel half the colour draws repeat the stripe once the squares are 1 pixel.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    eps = torch.tensor([0.05, 0.05, 0.0, 0.05])  # eps 0: no colour can move the point, the query is spent as is
+    for resample in (True, False):
+        queried = []
+        hook = model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
+        x_adv = attacks.square(model, x, y, eps=eps, n_queries=60, resample_unchanged=resample,
+                               generator=torch.Generator().manual_seed(0))
+        hook.remove()
+        start, queries = queried[0], torch.stack(queried[1:])
+        assert len(queried) == 60 and torch.equal(x_adv, start)
+        repeats = (queries == start).flatten(2).all(2)  # [query, sample]: the query re-scored the start point
+        assert repeats[:, 2].all()
+        if resample:
+            assert not repeats[:, [0, 1, 3]].any()
+        else:
+            assert repeats[:, [0, 1, 3]].sum() > 20
+
+
 def test_square_query_budget_and_errors(trained):
     model, x, y = trained
     calls = []

@@ -29,9 +29,14 @@ def _margin(out, y, targeted):
     return other - zy if targeted else zy - other
 
 
+# Bound on the redraws of one query's colour: with eps > 0 at most one colour per sample leaves its square unchanged,
+# so more rounds only happen when eps is below float resolution at x.
+MAX_COLOUR_REDRAWS = 32
+
+
 @torch.no_grad()
 def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip_min=0.0, clip_max=1.0,
-           model_mode="eval", generator=None):
+           model_mode="eval", generator=None, resample_unchanged=True):
     r"""Square Attack (Linf): random search over square-shaped updates of size ``2 * eps`` (black-box: only model
     outputs are used, no gradients).
 
@@ -39,11 +44,16 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
     ``round(sqrt(p * H * W))`` at a random position with a random ``+-2 eps`` colour per channel, applies it with the
     fused PGD step (projection and clipping), and keeps it if the margin loss decreased. ``p`` follows the paper's
     schedule from ``p_init``. Samples stop once misclassified (targeted: once the target is predicted).
+    With ``resample_unchanged`` (default), a colour that would leave the square as it is (so the query would
+    re-score the current point; on single-channel images half the draws once squares are small) is drawn again,
+    as the paper's reference code does; ``False`` spends the query anyway, as AutoAttack's and torchattacks'
+    PyTorch versions do.
 
     Args:
         model; x (Tensor[N, C, H, W]) in the clip range; y (LongTensor[N]) labels (targets when targeted);
         eps (float or Tensor[N]); n_queries (int): model queries per sample (default 5000);
-        p_init (float): default 0.8 (AutoAttack's); targeted; clip_min, clip_max; model_mode; generator.
+        p_init (float): default 0.8 (AutoAttack's); targeted; clip_min, clip_max; model_mode; generator;
+        resample_unchanged (bool): draw a colour again when it would not change the point (default True).
 
     Returns:
         x_adv (Tensor[N, C, H, W]).
@@ -84,13 +94,27 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
             s = min(max(int(round((p * h * w) ** 0.5)), 1), h, w)
             vh = torch.randint(0, h - s + 1, (m,), generator=generator, device=dev)
             vw = torch.randint(0, w - s + 1, (m,), generator=generator, device=dev)
-            colour = rand_sign((m, c, 1, 1))
             inside = (((rows[None, :] >= vh[:, None]) & (rows[None, :] < vh[:, None] + s))[:, :, None]
                       & ((cols[None, :] >= vw[:, None]) & (cols[None, :] < vw[:, None] + s))[:, None, :])
-            direction = inside[:, None].to(x.dtype) * colour  # sign pattern of the square update
-            x_new = x_best[idx]
-            functional.pgd_step_(x_new, x[idx], direction, 2 * eps_t[idx], eps_t[idx], clip_min=clip_min,
-                                 clip_max=clip_max, norm="linf")
+            inside = inside[:, None].to(x.dtype)
+
+            def paint(rows_at):
+                """x_best with the square of ``rows_at`` (positions in idx) set to a fresh random colour."""
+                x_painted = x_best[idx[rows_at]]
+                colour = rand_sign((rows_at.numel(), c, 1, 1))  # sign of the update per channel
+                functional.pgd_step_(x_painted, x[idx[rows_at]], inside[rows_at] * colour, 2 * eps_t[idx[rows_at]],
+                                     eps_t[idx[rows_at]], clip_min=clip_min, clip_max=clip_max, norm="linf")
+                return x_painted
+
+            everyone = torch.arange(m, device=dev)
+            x_new = paint(everyone)
+            if resample_unchanged:
+                redraw = everyone[eps_t[idx] > 0]
+                for _ in range(MAX_COLOUR_REDRAWS):
+                    redraw = redraw[(x_new[redraw] == x_best[idx[redraw]]).flatten(1).all(1)]
+                    if redraw.numel() == 0:
+                        break
+                    x_new[redraw] = paint(redraw)
             margin = _margin(forward(name, model, x_new), y[idx], targeted)
             improved = margin < margin_best[idx]
             x_best[idx[improved]] = x_new[improved]
@@ -103,13 +127,16 @@ class Square(Attack):
 
     name = "square"
 
-    def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf", **options):
+    def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf", resample_unchanged=True,
+                 **options):
         super().__init__(model, **options)
         if norm != "linf":
             raise ValueError(f"square: only the Linf Square Attack is implemented, got norm={norm!r}")
         self.eps, self.n_queries, self.p_init, self.seed, self.norm = eps, n_queries, p_init, seed, norm
+        self.resample_unchanged = resample_unchanged
 
     def forward(self, x, y):
         return square(self.model, x, y, eps=self.eps, n_queries=self.n_queries, p_init=self.p_init,
                       targeted=self.targeted, clip_min=self.clip_min, clip_max=self.clip_max,
-                      model_mode=self.model_mode, generator=make_generator(self.seed, x.device))
+                      model_mode=self.model_mode, generator=make_generator(self.seed, x.device),
+                      resample_unchanged=self.resample_unchanged)
