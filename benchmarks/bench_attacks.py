@@ -1,8 +1,10 @@
 """Attack benchmarks: robust_ops.attacks.pgd vs torchattacks.PGD (same output; also without the CPU memory pool,
 without native layers, on a channels_last copy of the model, and with prepacked convolutions on either), the cost
-of emitting iterates, and an ensemble with the cascade vs every attack on every sample.
+of emitting iterates, an ensemble with the cascade vs every attack on every sample, and every other attack against
+its torchattacks counterpart and against itself on the plain-PyTorch reference ops (bench_attacks_peers.csv).
 
     python benchmarks/bench_attacks.py [--quick] [--device cpu|cuda] [--models small-resnet,resnet18]
+                                       [--peers-only] [--peer-rounds N]
 
 Models at 1x64x64, batch 32: a small ResNet-style CNN and torchvision resnet18 (robust_ops.models, 3x3 stem).
 """
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import interleaved_medians, write_rows  # noqa: E402
 
 from robust_ops import attacks  # noqa: E402
-from robust_ops._backend import resolve  # noqa: E402
+from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
 from robust_ops.memory import ENV_SWITCH as POOL_SWITCH  # noqa: E402
 from robust_ops.native_layers import ENV_SWITCH as LAYERS_SWITCH  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
@@ -90,10 +92,10 @@ def train_briefly(model, steps, batch, size, device):
     return model.eval()
 
 
-def with_switch_off(env_var, fn):
-    """Run fn with a library switch ($ROBUST_OPS_CPU_POOL, $ROBUST_OPS_NATIVE_LAYERS) set to 0."""
+def with_env(env_var, value, fn):
+    """Run fn with the environment variable env_var set to value (the library reads its switches per call)."""
     before = os.environ.get(env_var)
-    os.environ[env_var] = "0"
+    os.environ[env_var] = value
     try:
         return fn()
     finally:
@@ -103,12 +105,94 @@ def with_switch_off(env_var, fn):
             os.environ[env_var] = before
 
 
+def with_switch_off(env_var, fn):
+    """Run fn with a library switch ($ROBUST_OPS_CPU_POOL, $ROBUST_OPS_NATIVE_LAYERS) set to 0."""
+    return with_env(env_var, "0", fn)
+
+
 def timed_once(fn):
     start = time.perf_counter()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, time.perf_counter() - start
+
+
+def peer_cases(model, eps, steps, queries):
+    """(case, ours, torchattacks counterpart or None, why there is none) for every attack besides PGD-Linf, with the
+    same settings on both sides. The bench models are binary, as most medical sets are."""
+    import torchattacks
+
+    eps_l2 = eps * 8  # an L2 radius of the same order on 64x64 inputs
+    apgd_kw = dict(eps=eps, steps=steps, n_restarts=1, seed=0)
+    return [
+        ("fgsm", lambda x, y: attacks.fgsm(model, x, y, eps=eps), torchattacks.FGSM(model, eps=eps), ""),
+        (f"bim-{steps}", lambda x, y: attacks.bim(model, x, y, eps=eps, alpha=eps / 4, steps=steps),
+         torchattacks.BIM(model, eps=eps, alpha=eps / 4, steps=steps), ""),
+        (f"pgdl2-{steps}", lambda x, y: attacks.pgd(model, x, y, eps=eps_l2, alpha=eps_l2 / 4, steps=steps,
+                                                    norm="l2", random_start=False),
+         torchattacks.PGDL2(model, eps=eps_l2, alpha=eps_l2 / 4, steps=steps, random_start=False), ""),
+        (f"cw-linf-{steps}", lambda x, y: attacks.cw_linf(model, x, y, eps=eps, alpha=eps / 4, steps=steps), None,
+         "torchattacks' CW is the L2 optimisation attack, not CW-Linf"),
+        (f"apgd-ce-{steps}", lambda x, y: attacks.APGD(model, loss="ce", **apgd_kw)(x, y),
+         torchattacks.APGD(model, loss="ce", **apgd_kw), ""),
+        (f"apgd-t-{steps}", lambda x, y: attacks.APGDT(model, n_target_classes=1, **apgd_kw)(x, y), None,
+         "torchattacks' targeted DLR reads the 3rd and 4th largest logits: fails on a binary model"),
+        (f"square-{queries}", lambda x, y: attacks.Square(model, eps=eps, n_queries=queries, seed=0)(x, y),
+         torchattacks.Square(model, eps=eps, n_queries=queries, seed=0), ""),
+        ("white noise x10", lambda x, y: attacks.white_noise(model, x, y, eps=eps, trials=10,
+                                                             generator=torch.Generator(x.device).manual_seed(0)),
+         None, "torchattacks' GN adds one Gaussian draw, not uniform noise with all-trials-must-hold"),
+        (f"cascade apgd-ce-{steps}>square-{queries}",
+         lambda x, y: attacks.ensemble(model, x, y, [attacks.APGD(model, loss="ce", **apgd_kw),
+                                                     attacks.Square(model, eps=eps, n_queries=queries, seed=0)]).x_adv,
+         torchattacks.MultiAttack([torchattacks.APGD(model, loss="ce", **apgd_kw),
+                                   torchattacks.Square(model, eps=eps, n_queries=queries, seed=0)]), ""),
+    ]
+
+
+def bench_peers(name, model, x, y, eps, args, backend):
+    """Each attack of peer_cases: ours, its torchattacks counterpart and ours on the reference ops
+    ($ROBUST_OPS_BACKEND=reference), in interleaved rounds; bitwise equality and the robust accuracy each reaches."""
+    steps, queries = (5, 40) if args.quick else (20, 200)
+    rows = []
+    for case, ours, peer, why_none in peer_cases(model, eps, steps, queries):
+        def run_ours():
+            return ours(x, y)
+
+        def run_reference():
+            return with_env(BACKEND_SWITCH, "reference", run_ours)
+
+        fns = [run_ours, run_reference] + ([lambda: peer(x, y)] if peer is not None else [])
+        outputs = [fn() for fn in fns]
+        times, _ = interleaved_medians(fns, args.peer_rounds or (1 if args.quick else 3))
+        with torch.no_grad():
+            robust = [float((model(out).argmax(1) == y).float().mean()) for out in outputs]
+        rows.append(dict(
+            model=name, attack=case, eps=f"{eps * 255:g}/255", ours_ms=times[0] * 1e3,
+            reference_ops_ms=times[1] * 1e3, reference_ratio=times[1] / times[0],
+            peer=f"torchattacks.{type(peer).__name__}" if peer is not None else f"none: {why_none}",
+            peer_ms=times[2] * 1e3 if peer is not None else float("nan"),
+            peer_ratio=times[2] / times[0] if peer is not None else float("nan"),
+            same_as_reference_ops=torch.equal(outputs[0], outputs[1]),
+            same_as_peer=torch.equal(outputs[0], outputs[2]) if peer is not None else "n/a",
+            robust_acc_ours=robust[0], robust_acc_peer=robust[2] if peer is not None else float("nan"),
+            backend=backend))
+        print(f"{name} {case}: ours {times[0] * 1e3:.0f} ms, robust accuracy {robust[0]:.3f}"
+              + (f"; {rows[-1]['peer']} {times[2] * 1e3:.0f} ms ({times[2] / times[0]:.2f}x), {robust[2]:.3f}"
+                 if peer is not None else ""), flush=True)
+    return rows
+
+
+def pick_ensemble_eps(model, x, y):
+    """The smallest eps of 2^k/255 (k <= 4) at which FGSM breaks a quarter of the batch."""
+    for k in range(5):
+        eps = 2 ** k / 255
+        with torch.no_grad():
+            broken = float((model(attacks.fgsm(model, x, y, eps=eps)).argmax(1) != y).float().mean())
+        if broken >= 0.25:
+            break
+    return eps
 
 
 def main():
@@ -121,6 +205,9 @@ def main():
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=None, help="Adam steps before the ensemble (default 30, "
                         "--quick 12)")
+    parser.add_argument("--peers-only", action="store_true", help="only the table of attacks vs torchattacks")
+    parser.add_argument("--peer-rounds", type=int, default=None, help="interleaved rounds per attack in that table "
+                        "(default 3, --quick 1)")
     args = parser.parse_args()
     import torchattacks
 
@@ -129,9 +216,15 @@ def main():
     x, y = blobs(args.batch, args.size, 1, device)
     train_steps = args.train_steps if args.train_steps is not None else (12 if args.quick else 30)
     eps, alpha, steps = 8 / 255, 2 / 255, 10
-    rows = []
+    rows, peer_rows = [], []
     for name in args.models.split(","):
         model = make_model(name, device)
+        if args.peers_only:
+            train_briefly(model, train_steps, args.batch, args.size, device)
+            with torch.no_grad():
+                y_pred = model(x).argmax(1)
+            peer_rows += bench_peers(name, model, x, y_pred, pick_ensemble_eps(model, x, y_pred), args, backend)
+            continue
 
         def ours():
             return attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False)
@@ -203,12 +296,7 @@ def main():
         train_briefly(model, train_steps, args.batch, args.size, device)
         with torch.no_grad():
             y_pred = model(x).argmax(1)
-        for k in range(5):
-            ens_eps = 2 ** k / 255
-            with torch.no_grad():
-                broken = float((model(attacks.fgsm(model, x, y_pred, eps=ens_eps)).argmax(1) != y_pred).float().mean())
-            if broken >= 0.25:
-                break
+        ens_eps = pick_ensemble_eps(model, x, y_pred)
         chain = [
             attacks.FGSM(model, eps=ens_eps),
             attacks.PGD(model, eps=ens_eps, alpha=ens_eps / 4, steps=10, random_start=False),
@@ -222,7 +310,10 @@ def main():
         print(f"{name}: trained {train_steps} steps, clean accuracy {float((y_pred == y).float().mean()):.3f}; "
               f"ensemble robust accuracy cascade {cascade.robust_accuracy():.3f}, all "
               f"{full.robust_accuracy():.3f}; broken per attack {cascade.counts()}", flush=True)
-    write_rows("bench_attacks", rows)
+        peer_rows += bench_peers(name, model, x, y_pred, ens_eps, args, backend)
+    if rows:
+        write_rows("bench_attacks", rows)
+    write_rows("bench_attacks_peers", peer_rows)
 
 
 if __name__ == "__main__":
