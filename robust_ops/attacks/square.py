@@ -97,21 +97,22 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
             inside = (((rows[None, :] >= vh[:, None]) & (rows[None, :] < vh[:, None] + s))[:, :, None]
                       & ((cols[None, :] >= vw[:, None]) & (cols[None, :] < vw[:, None] + s))[:, None, :])
             inside = inside[:, None].to(x.dtype)
+            x_cur, x_best_cur, eps_cur = x[idx], x_best[idx], eps_t[idx]
 
             def paint(rows_at):
-                """x_best with the square of ``rows_at`` (positions in idx) set to a fresh random colour."""
-                x_painted = x_best[idx[rows_at]]
+                """x_best_cur[rows_at] with its square set to a fresh random colour."""
+                x_painted = x_best_cur[rows_at]
                 colour = rand_sign((rows_at.numel(), c, 1, 1))  # sign of the update per channel
-                functional.pgd_step_(x_painted, x[idx[rows_at]], inside[rows_at] * colour, 2 * eps_t[idx[rows_at]],
-                                     eps_t[idx[rows_at]], clip_min=clip_min, clip_max=clip_max, norm="linf")
+                functional.pgd_step_(x_painted, x_cur[rows_at], inside[rows_at] * colour, 2 * eps_cur[rows_at],
+                                     eps_cur[rows_at], clip_min=clip_min, clip_max=clip_max, norm="linf")
                 return x_painted
 
             everyone = torch.arange(m, device=dev)
             x_new = paint(everyone)
             if resample_unchanged:
-                redraw = everyone[eps_t[idx] > 0]
+                redraw = everyone[eps_cur > 0]
                 for _ in range(MAX_COLOUR_REDRAWS):
-                    redraw = redraw[(x_new[redraw] == x_best[idx[redraw]]).flatten(1).all(1)]
+                    redraw = redraw[(x_new[redraw] == x_best_cur[redraw]).flatten(1).all(1)]
                     if redraw.numel() == 0:
                         break
                     x_new[redraw] = paint(redraw)
