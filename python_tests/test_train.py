@@ -118,6 +118,39 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step did not update the weights
 
 
+class NaNExtraGrads(Defense):
+    """A clean loss that stays finite with extra gradients (as MIRST returns its adversarial terms) that turn NaN."""
+
+    name = "nan-extra"
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        extra = [torch.zeros_like(p) for p in params]
+        extra[-1] = extra[-1] + float("nan")
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits, extra_grads=extra)
+
+
+def test_non_finite_extra_grads_stop_before_updating_the_weights():
+    model = DropoutMLP()
+    before = _weights(model)
+    with pytest.raises(NonFiniteLossError, match=r"fit: the nan-extra extra gradients \(its adversarial terms, "
+                                                 r"returned as extra_grads\) are non-finite at epoch 1, step 1; "
+                                                 r"stopped before updating the weights \(no checkpoint written yet\)"):
+        fit(model, NaNExtraGrads(), _data(16), epochs=1, batch_size=8, progress=False)
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_checkpoint_gets_a_plain_files_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path, progress=False)
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
+
+
 def test_fit_input_errors(tmp_path):
     model = DropoutMLP()
     with pytest.raises(ValueError, match=r"fit: train_data is empty \(0 samples\)"):
@@ -128,9 +161,21 @@ def test_fit_input_errors(tmp_path):
         fit(model, defenses.Standard(), _data(), epochs=0)
     with pytest.raises(FileNotFoundError, match="fit: resume='nope.pt': no checkpoint file there"):
         fit(model, defenses.Standard(), _data(), epochs=1, resume="nope.pt")
+    with pytest.raises(ValueError, match="fit: resume='' names no checkpoint"):
+        fit(model, defenses.Standard(), _data(), epochs=1, resume="")
+    with pytest.raises(ValueError, match="fit: expected val_batch_size to be an integer >= 1, got 0"):
+        fit(model, defenses.Standard(), _data(), _data(8), epochs=1, val_batch_size=0)
+    with pytest.raises(ValueError, match="fit: expected seed to be an integer, got 1.5"):
+        fit(model, defenses.Standard(), _data(), epochs=1, seed=1.5)
+    other = torch.optim.SGD(DropoutMLP().parameters(), lr=1.0)
+    with pytest.raises(ValueError, match="fit: the optimizer holds tensors that are not the model's parameters"):
+        fit(model, defenses.Standard(), _data(), epochs=1, optimizer=other, progress=False)
+    with pytest.raises(ValueError, match="fit: the scheduler was built over another optimizer"):
+        fit(model, defenses.Standard(), _data(), epochs=1, scheduler=torch.optim.lr_scheduler.StepLR(other, 1),
+            progress=False)
     with pytest.raises(ValueError, match="arfl: defined for binary tasks only, got 5 classes"):
         fit(DropoutMLP(5), defenses.build("arfl"), _data(num_classes=5), epochs=1, progress=False)
-    with pytest.raises(ValueError, match=r"fit: expected labels in \[0, 2\) for a model with 2 outputs"):
+    with pytest.raises(ValueError, match=r"fit: expected labels in \[0, 2\) for a model with 2 output classes"):
         fit(DropoutMLP(2), defenses.Standard(), _data(num_classes=5), epochs=1, progress=False)
 
     class NeedsIds(defenses.Standard):
@@ -207,7 +252,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-DDP_CASES = (("standard", {}), ("mirst", {"steps": 4, "emit": (2, 4), "beta": (0.6, 0.4)}), ("ima", {"steps": 3}))
+DDP_CASES = (("standard", {}), ("mirst", {"steps": 4, "emit": (2, 4), "beta": (0.6, 0.4)}), ("ima", {"steps": 3}),
+             ("dpaat", {"steps": 2}))
 
 
 def _ima_available():
@@ -249,8 +295,9 @@ def _ddp_worker(rank, world, port, init_path, out_path):
 
 
 def test_ddp_two_processes_match_a_single_process(tmp_path):
-    """Standard, MIRST (extra_grads all-reduced) and IMA (margins synchronized) under 2 gloo processes, against one
-    process with the same global batch: same weights (fp tolerance) and the same IMA margins."""
+    """Standard, MIRST (extra_grads all-reduced), IMA (margins synchronized) and DPAAT (dL_avg over the global batch)
+    under 2 gloo processes, against one process with the same global batch: same weights (fp tolerance) and the same
+    IMA margins."""
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"))
@@ -263,6 +310,45 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
             torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
         if name == "ima":
             torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
+
+
+def _ddp_resume_worker(rank, world, port, init_path, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        init = torch.load(init_path, weights_only=True)
+        data = _data(39)  # the last global batch (3 samples) splits 2 / 1: the processes' dropout draws differ
+        final = {}
+        for run, stops in (("whole", (3,)), ("interrupted", (1, 3))):
+            model = DropoutMLP()
+            model.load_state_dict(init)
+            for epochs in stops:
+                fit(model, defenses.build("at", steps=2), data, epochs=epochs, batch_size=12, lr=1e-2,
+                    out_dir=os.path.join(out_dir, run), resume=True, progress=False, seed=5)
+            final[run] = _weights(model)
+        rank_states = load_checkpoint(os.path.join(out_dir, "whole", "checkpoint.pt"))["rng_ranks"]
+        torch.save({"final": final, "streams_differ": not torch.equal(rank_states[0]["torch"], rank_states[1]["torch"])},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_resume_continues_every_process_own_rng_streams(tmp_path):
+    """Dropout and AT's random start under 2 processes with unequal shares: every process checkpoints and resumes its
+    own RNG streams, so an interrupted run ends with bitwise the weights of an uninterrupted one."""
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path))
+    torch.multiprocessing.spawn(_ddp_resume_worker, args=args, nprocs=2, join=True)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert out["streams_differ"]
+        for k, v in out["final"]["whole"].items():
+            assert torch.equal(out["final"]["interrupted"][k], v), f"rank {rank}: {k}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

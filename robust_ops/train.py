@@ -144,6 +144,12 @@ def _rng_state(device):
     return state
 
 
+def _rank_seed(seed, rank):
+    """Rank 0 seeds with ``seed`` (the stream of a one-process run); every other process gets its own stream, so
+    dropout masks and random starts are not repeated across processes."""
+    return seed + 1_000_003 * rank
+
+
 def _set_rng_state(state, device):
     torch.random.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -161,6 +167,7 @@ def save_checkpoint(path, state):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a checkpoint gets a plain file's permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -171,6 +178,12 @@ def save_checkpoint(path, state):
             os.unlink(tmp)
         raise
     return str(path)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -254,10 +267,14 @@ def _check_positive_int(name, arg, value):
     return int(value)
 
 
-def _make_optimizer(name, optimizer, params, lr):
+def _make_optimizer(name, optimizer, model, params, lr):
     if optimizer is None:
         return torch.optim.Adam(params, lr=lr)
     if isinstance(optimizer, torch.optim.Optimizer):
+        own = {id(p) for p in model.parameters()}
+        if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(f"{name}: the optimizer holds tensors that are not the model's parameters (it would "
+                             "step them, not the model); build it over model.parameters() of the model passed to fit")
         return optimizer
     if callable(optimizer):
         return optimizer(params)
@@ -266,8 +283,13 @@ def _make_optimizer(name, optimizer, params, lr):
 
 
 def _make_scheduler(name, scheduler, optimizer):
-    if scheduler is None or hasattr(scheduler, "step"):
+    if scheduler is not None and hasattr(scheduler, "step"):
+        if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+            raise ValueError(f"{name}: the scheduler was built over another optimizer than the one being trained; pass "
+                             "the optimizer it schedules as optimizer=, or scheduler as a callable(optimizer)")
         return scheduler
+    if scheduler is None:
+        return None
     if callable(scheduler):
         return scheduler(optimizer)
     raise TypeError(f"{name}: expected scheduler to be None, a scheduler or a callable(optimizer) -> scheduler, "
@@ -371,6 +393,9 @@ def fit(
                         f"{type(defense).__name__}")
     epochs = _check_positive_int(name, "epochs", epochs)
     batch_size = _check_positive_int(name, "batch_size", batch_size)
+    val_batch_size = _check_positive_int(name, "val_batch_size", val_batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
     if max_grad_norm is not None and not (isinstance(max_grad_norm, numbers.Real) and max_grad_norm > 0):
         raise ValueError(f"{name}: expected max_grad_norm > 0 or None, got {max_grad_norm!r}")
     if train_data is None or len(train_data) == 0:
@@ -390,17 +415,19 @@ def fit(
 
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     resume_path = None
-    if resume:
-        if isinstance(resume, (str, os.PathLike)):
-            resume_path = Path(resume)
-            if not resume_path.is_file():
-                raise FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
-        elif resume is True:
-            if ckpt_path is None:
-                raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
-            resume_path = ckpt_path if ckpt_path.is_file() else None
-        else:
-            raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
+    if isinstance(resume, (str, os.PathLike)):
+        if not os.fspath(resume):
+            raise ValueError(f"{name}: resume='' names no checkpoint; pass a checkpoint path, True "
+                             f"(out_dir/{CHECKPOINT_NAME} when it exists) or False")
+        resume_path = Path(resume)
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
+    elif resume is True:
+        if ckpt_path is None:
+            raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
+        resume_path = ckpt_path if ckpt_path.is_file() else None
+    elif resume is not False and resume is not None:
+        raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
 
     setup = getattr(defense, "setup", None)
     if setup is not None and getattr(defense, "num_samples", None) is None:  # IMA: margin table size
@@ -414,7 +441,7 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{name}: the model has no trainable parameters")
-    optimizer = _make_optimizer(name, optimizer, params, lr)
+    optimizer = _make_optimizer(name, optimizer, model, params, lr)
     scheduler = _make_scheduler(name, scheduler, optimizer)
     scaler = torch.amp.GradScaler("cuda") if amp else None
 
@@ -437,13 +464,17 @@ def fit(
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         defense.load_state_dict(state["defense"])
-        _set_rng_state(state["rng"], device)
+        rank_states = state.get("rng_ranks") or []
+        # Each process continues its own streams; a checkpoint from another number of processes has no stream for
+        # this rank and gives it rank 0's (the run then differs from an uninterrupted one).
+        _set_rng_state(rank_states[rank] if len(rank_states) == world else state["rng"], device)
         history = list(state["history"])
         start_epoch = int(state["epoch"])
     else:
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+        rank_seed = _rank_seed(seed, rank)
+        torch.manual_seed(rank_seed)
+        np.random.seed(rank_seed % 2**32)
+        random.seed(rank_seed)
 
     train_model = model
     if world > 1:
@@ -485,23 +516,30 @@ def fit(
                     defense.check_labels(y, num_classes)
                 if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
                     raise ValueError(f"{name}: expected labels in [0, {num_classes}) for a model with {num_classes} "
-                                     f"outputs classes, got values in [{int(y.min())}, {int(y.max())}] "
+                                     f"output classes, got values in [{int(y.min())}, {int(y.max())}] "
                                      f"(epoch {epoch + 1}, step {step + 1})")
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
                 loss = out.loss
-                bad = not bool(torch.isfinite(loss.detach()).all())
+                # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and outside GradScaler's check)
+                own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
+                                       _any_non_finite(out.extra_grads).to(device)])
+                bad = own_bad.clone()
                 if world > 1:  # every process stops together (a lone raise would leave the others waiting)
-                    flag = torch.tensor([float(bad)], device=device)
-                    dist.all_reduce(flag)
-                    bad = bool(flag.item() > 0)
-                if bad:
+                    bad = bad.to(device=device, dtype=torch.float32)
+                    dist.all_reduce(bad)
+                bad_loss, bad_extra = (bool(b > 0) for b in bad.tolist())
+                if bad_loss or bad_extra:
                     where = f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
-                    value = float(loss.detach()) if loss.numel() == 1 else math.nan
-                    own = world == 1 or not math.isfinite(value)
-                    what = f"is {value}" if own else "is non-finite on another process"
-                    raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} loss {what} at epoch "
+                    own_loss, own_extra = own_bad.tolist()
+                    if bad_loss:
+                        value = float(loss.detach()) if loss.numel() == 1 else math.nan
+                        what = f"loss is {value}" if own_loss else "loss is non-finite on another process"
+                    else:
+                        what = "extra gradients (its adversarial terms, returned as extra_grads) are non-finite" + (
+                            "" if own_extra else " on another process")
+                    raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} {what} at epoch "
                                              f"{epoch + 1}, step {step + 1}; stopped before updating the "
                                              f"weights{where}")
                 scale = world * len(indices) / global_n if world > 1 else 1.0
@@ -560,6 +598,10 @@ def fit(
                 else:
                     scheduler.step()
 
+            rank_states = None
+            if world > 1 and out_dir is not None:  # every process's RNG streams, so each resumes its own
+                rank_states = [None] * world
+                dist.all_gather_object(rank_states, _rng_state(device))
             if rank == 0 and out_dir is not None:
                 state = {
                     "format": CHECKPOINT_FORMAT,
@@ -571,6 +613,7 @@ def fit(
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "defense": defense.state_dict(),
                     "rng": _rng_state(device),
+                    "rng_ranks": rank_states,
                     "sampler": sampler.state_dict(),
                     "history": history,
                 }
@@ -596,6 +639,13 @@ def _infer_num_classes(model, x):
     finally:
         model.train(was_training)
     return num_classes_of(out)
+
+
+def _any_non_finite(tensors):
+    """A 0-d bool tensor: does any of ``tensors`` (or None) hold a NaN or Inf (one device sync for all of them)."""
+    if not tensors:
+        return torch.tensor(False)
+    return torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
 
 
 def _add_extra_grads(name, params, extra_grads, scale, world):

@@ -9,11 +9,22 @@ Defaults follow DPAAT's experiments: 7-step PGD, L2, eps = 0.3, step 0.15, no ra
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
 from ._common import PGDDefense, as_two_class, check_choice, check_real, use_model_mode, per_sample_ce, unwrap
 from .base import DefenseOutput
+
+
+def _global_mean(values):
+    """The mean of ``values`` over all processes' shares of the batch (this process's mean outside DDP)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return float(values.mean())
+    total = torch.stack([values.sum().double(), torch.tensor(float(values.numel()), dtype=torch.float64,
+                                                            device=values.device)])
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
 
 
 def perturbation_norms(x_adv, x, norm):
@@ -121,8 +132,9 @@ class DPAAT(_AdaptiveRadius):
         self._radius_mean = 0.0
 
     def radii(self, norms, delta_losses):
-        """eps_DPAAT per sample (eq. 15) from the perturbation norms and the loss changes; updates the running mean."""
-        batch_avg = float(delta_losses.mean())
+        """eps_DPAAT per sample (eq. 15) from the perturbation norms and the loss changes; updates the running mean.
+        Under torch.distributed each process holds a share of the batch: dL_avg is the mean over the whole batch."""
+        batch_avg = _global_mean(delta_losses)
         if self._num_batches == 0:
             self._running_dl = batch_avg
         else:
