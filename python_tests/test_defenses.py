@@ -151,6 +151,32 @@ def test_mirst_beta_of_the_wrong_length():
 # DPAAT / AMAT
 
 
+@pytest.mark.parametrize("attack_mode", ["eval", "train"])
+def test_llr_linearity_gap_vanishes_at_the_clean_point_in_the_attack_mode(monkeypatch, attack_mode):
+    """g(0) = 0 in the mode the inner maximum runs in, also when eval-mode BatchNorm differs from the training forward
+    (running statistics far from the batch's)."""
+    from robust_ops.attacks.context import use_model_mode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 2))
+    model[1].running_mean.fill_(0.5)
+    model[1].running_var.fill_(3.0)
+    model.train()
+    llr = defenses.build("llr", steps=1, attack_mode=attack_mode)
+    attack, gaps = type(llr).attack, []
+
+    def spy(self, gap_model, x, y, **kwargs):
+        with torch.no_grad(), use_model_mode(gap_model, self.attack_mode):
+            gaps.append(gap_model(x))
+        return attack(self, gap_model, x, y, **kwargs)
+
+    monkeypatch.setattr(type(llr), "attack", spy)
+    llr(model, *_batch())
+    assert model.training and len(gaps) == 1
+    assert float(gaps[0].abs().max()) < 1e-5
+
+
 def test_dpaat_radius_rule_and_guard():
     d = DPAAT()
     norms = torch.tensor([0.3, 0.3, 0.3])

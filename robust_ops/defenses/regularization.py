@@ -3,17 +3,17 @@
 import torch
 from torch import nn
 
-from ._common import PGDDefense, check_choice, check_real, per_sample_ce, unwrap
+from ._common import PGDDefense, check_choice, check_real, per_sample_ce, unwrap, use_model_mode
 from .base import Defense, DefenseOutput
 
 
-def _input_gradient(model, x, y):
+def _input_gradient(model, x, y, create_graph=True):
     """Per-sample losses, logits and d l_i / d x_i (the gradient of the summed per-sample losses; create_graph so the
     regularizer is differentiable in the parameters)."""
     xg = x.detach().requires_grad_(True)
     logits = model(xg)
     losses = per_sample_ce(logits, y)
-    (grad,) = torch.autograd.grad(losses.sum(), xg, create_graph=True)
+    (grad,) = torch.autograd.grad(losses.sum(), xg, create_graph=create_graph)
     return logits, losses, grad, xg
 
 
@@ -76,7 +76,15 @@ class LLR(PGDDefense):
 
     def __call__(self, model, x, y, ids=None):
         logits, losses, grad, _ = _input_gradient(model, x, y)
-        gap_model = _LinearityGap(unwrap(model), x.detach(), y, losses.detach(), grad.detach())
+        net = unwrap(model)
+        ref_losses, ref_grad = losses.detach(), grad.detach()
+        if self.attack_mode != "keep" and (self.attack_mode == "train") != net.training:
+            # g must vanish at delta = 0 in the mode the inner maximum runs in (eval-mode BatchNorm differs from
+            # the training forward above), so its l(x) and grad are taken again in that mode.
+            with use_model_mode(net, self.attack_mode):
+                _, ref_losses, ref_grad, _ = _input_gradient(net, x, y, create_graph=False)
+            ref_losses, ref_grad = ref_losses.detach(), ref_grad.detach()
+        gap_model = _LinearityGap(net, x.detach(), y, ref_losses, ref_grad)
         # The objective ignores labels; dummy zeros keep run_pgd's label check happy for the [N] gap "output".
         x_adv = self.attack(gap_model, x, y.new_zeros(y.shape), loss=lambda out, _y: out).x_adv
         delta = (x_adv - x).detach()
