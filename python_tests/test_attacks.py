@@ -1,5 +1,8 @@
 """Attacks: torchattacks parity, properties on tiny in-file models, the PGD core's extras, and input checks."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -415,6 +418,55 @@ def test_classes_and_build():
         attacks.build("pgd", model, stepz=3, alfa=0.1)
 
 
+def test_build_pgdl2_alpha_follows_eps_and_steps():
+    # DPAAT's alpha = 2.5 * eps / steps: a fixed 0.0375 would leave alpha * steps < eps once eps is overridden
+    model = make_model(3)
+    x, y = make_data(4, 3)
+
+    def reference(eps, steps, alpha):
+        return attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm="l2",
+                           generator=torch.Generator().manual_seed(0))
+
+    default = attacks.build("pgdl2", model, seed=0)
+    assert default.alpha is None and default.eps == 0.3 and default.steps == 20
+    assert 2.5 * 0.3 / 20 == 0.0375  # the defaults give the alpha build used to fix, so the default run is unchanged
+    assert_verbose_equal(default(x, y), reference(0.3, 20, 0.0375), "pgdl2 default")
+    assert_verbose_equal(attacks.build("pgdl2", model, eps=3.0, seed=0)(x, y), reference(3.0, 20, 2.5 * 3.0 / 20),
+                         "pgdl2 eps=3")
+    assert_verbose_equal(attacks.build("pgdl2", model, eps=3.0, steps=10, seed=0)(x, y),
+                         reference(3.0, 10, 2.5 * 3.0 / 10), "pgdl2 eps=3 steps=10")
+    assert attacks.build("pgdl2", model, eps=3.0, alpha=0.5).alpha == 0.5
+
+
+def test_autoattack_options():
+    model = make_model(3)
+    standard = attacks.AutoAttack(model, eps=0.03)
+    apgd_ce, apgd_t, square = standard.attacks
+    assert (apgd_ce.steps, apgd_t.steps, apgd_t.n_target_classes, square.n_queries) == (100, 100, 9, 5000)
+    assert apgd_ce.seed == apgd_t.seed == square.seed == 0
+    assert square.rescale_schedule is False and attacks.Square(model).rescale_schedule is True
+    apgd_ce, apgd_t, square = attacks.AutoAttack(model, steps=7, n_target_classes=2, n_queries=11, seed=5).attacks
+    assert (apgd_ce.steps, apgd_t.steps, apgd_t.n_target_classes, square.n_queries) == (7, 7, 2, 11)
+    assert apgd_ce.seed == apgd_t.seed == square.seed == 5
+    # a custom list: each option goes to the named attacks that take it, under its own name
+    names = ["apgd-ce", "apgd-t", "square", "noise", "pgd", "fgsm"]
+    custom = attacks.AutoAttack(model, eps=0.03, attacks=names, steps=7, n_queries=11, seed=5, n_target_classes=2)
+    ce, t, sq, noise, pgd, fgsm = custom.attacks
+    assert (ce.steps, t.steps, t.n_target_classes, sq.n_queries, noise.trials, pgd.steps) == (7, 7, 2, 11, 10, 7)
+    assert ce.seed == t.seed == sq.seed == noise.seed == pgd.seed == 5 and sq.rescale_schedule is True
+    # options not given keep build's defaults, as before
+    ce, t, sq, noise, pgd, fgsm = attacks.AutoAttack(model, eps=0.03, attacks=names).attacks
+    assert (ce.steps, t.steps, t.n_target_classes, sq.n_queries, noise.trials, pgd.steps) == (100, 100, 9, 5000, 10, 20)
+    assert (ce.seed, sq.seed, noise.seed, pgd.seed) == (0, 0, 0, None)
+    with pytest.raises(ValueError, match=r"autoattack: steps=3 applies to none of the attacks named in "
+                                         r"attacks=\['fgsm', 'noise'\] \(attack objects are used as given\); "
+                                         r"expected steps=None$"):
+        attacks.AutoAttack(model, attacks=["fgsm", "noise"], steps=3)
+    with pytest.raises(ValueError, match=r"autoattack: n_queries=20 applies to none of the attacks named in "
+                                         r"attacks=\['square'\]"):
+        attacks.AutoAttack(model, attacks=[attacks.Square(model, n_queries=5)], n_queries=20)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 
@@ -467,6 +519,100 @@ def test_input_errors():
         attacks.pgd(bad_model, x, y, **kw)
     with pytest.raises(ValueError, match=r"run_pgd: expected param_grad_weights to be a dict"):
         run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=2, param_grad_weights={3: 1.0})
+    with pytest.raises(TypeError, match="pgd: expected y to be an integer tensor of class labels, got torch.bool"):
+        attacks.pgd(model, x, y > 0, **kw)
+
+
+@pytest.mark.parametrize("fn", [attacks.pgd, attacks.ifgsm, attacks.cw_linf])
+@pytest.mark.parametrize("eps", [[0.03] * 4, np.full(4, 0.03)])
+def test_eps_type_checked_before_default_alpha(fn, eps):
+    # with alpha=None the default alpha is computed from eps: a list or array must fail on eps, not inside float()
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    name = fn.__name__
+    with pytest.raises(TypeError, match=rf"{name}: expected eps to be a number or a tensor of shape \[4\], got "
+                                        rf"{type(eps).__name__}$"):
+        fn(model, x, y, eps=eps, steps=2)
+    with pytest.raises(TypeError, match=rf"{name}: expected eps to be a number or a tensor of shape \[4\], got "
+                                        rf"{type(eps).__name__}$"):
+        fn(model, x, y, eps=eps, alpha=0.01, steps=2)  # the same message when alpha is given
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_input_requiring_grad_does_not_warn(name, norm):
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    expected = ATTACK_FNS[name][1](model, x, y, EPS[norm], norm, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "Converting a tensor with requires_grad=True to a scalar"
+        got = ATTACK_FNS[name][1](model, x.clone().requires_grad_(True), y, EPS[norm], norm, 0)
+    assert_verbose_equal(got, expected, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("name,norm", CASES)
+def test_integer_label_dtypes(dtype, name, norm):
+    # cross-entropy, one_hot and gather take int64 labels only: other integer labels are converted after the check
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    expected = ATTACK_FNS[name][1](model, x, y, EPS[norm], norm, 0)
+    assert_verbose_equal(ATTACK_FNS[name][1](model, x, y.to(dtype), EPS[norm], norm, 0), expected, name)
+
+
+def test_integer_label_dtypes_in_classes_and_ensemble():
+    model = make_model(3)
+    x, y = make_data(6, 3)
+    y32 = y.to(torch.int32)
+    for atk in (attacks.PGD(model, steps=2, seed=0), attacks.CW(model, steps=2), attacks.Square(model, n_queries=5),
+                attacks.APGDT(model, steps=2, n_target_classes=2)):
+        assert_verbose_equal(atk(x, y32), atk(x, y), atk.name)
+    pgd = attacks.PGD(model, eps=0.1, steps=3, seed=0)
+    got, expected = attacks.ensemble(model, x, y32, [pgd]), attacks.ensemble(model, x, y, [pgd])
+    assert torch.equal(got.broken_by, expected.broken_by) and torch.equal(got.x_adv, expected.x_adv)
+    run = attacks.AutoAttack(model, eps=0.1, steps=2, n_queries=5).run
+    assert torch.equal(run(x, y32).broken_by, run(x, y).broken_by)
+    with pytest.raises(ValueError, match=r"pgd: expected labels in \[0, 3\) for a model with 3 classes, got values "
+                                         r"in \[0, 3\]"):
+        attacks.pgd(model, x[:4], torch.tensor([0, 1, 2, 3], dtype=torch.uint8), eps=0.03, steps=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalized
+
+
+def test_normalized_images_flat_inputs_and_dtype():
+    torch.manual_seed(0)
+    images = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.rand(4, 3, 6, 6)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    wrapped = attacks.Normalized(images, mean, std)
+    ref = images((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    assert torch.equal(wrapped(x), ref)
+    assert wrapped.mean.shape == (1, 3, 1, 1)  # the stored layout (state dicts) is unchanged
+    # flat [N, D] inputs: one value, or one per feature, along dim 1 (was broadcast to [1, N, 1, D] before)
+    flat = nn.Linear(5, 3)
+    xf = torch.rand(6, 5)
+    assert torch.equal(attacks.Normalized(flat, [0.5], [0.25])(xf), flat((xf - 0.5) / 0.25))
+    per_feature = torch.linspace(0.1, 0.5, 5)
+    got = attacks.Normalized(flat, per_feature, 2 * per_feature)(xf)
+    assert torch.equal(got, flat((xf - per_feature) / (2 * per_feature)))
+    x_adv = attacks.pgd(attacks.Normalized(flat, [0.5], [0.25]), xf, torch.tensor([0, 1, 2, 0, 1, 2]), eps=0.03,
+                        steps=2)
+    assert x_adv.shape == xf.shape
+    with pytest.raises(ValueError, match=r"Normalized: expected x with 3 channels in dim 1 to match mean, got x of "
+                                         r"shape \(4, 1, 6, 6\)"):
+        wrapped(torch.rand(4, 1, 6, 6))
+    with pytest.raises(ValueError, match=r"Normalized: expected x with 2 channels in dim 1 to match std, got x of "
+                                         r"shape \(4, 3, 6, 6\)"):
+        attacks.Normalized(images, [0.5], [0.2, 0.3])(x)
+    with pytest.raises(ValueError, match=r"Normalized: expected x with 3 channels in dim 1 to match mean, got x of "
+                                         r"shape \(4,\)"):
+        wrapped(torch.rand(4))
+    # the (float32) buffers follow the input's dtype (and device)
+    x64 = x.double()
+    assert torch.equal(attacks.Normalized(images.double(), mean, std)(x64),
+                       images((x64 - torch.tensor(mean).double().view(1, 3, 1, 1))
+                              / torch.tensor(std).double().view(1, 3, 1, 1)))
 
 
 def test_empty_batch():
@@ -573,6 +719,11 @@ def test_ensemble_errors():
         attacks.ensemble(model, x, y, [])
     with pytest.raises(ValueError, match=r"ensemble: attack 'bad' returned shape \(1, 1, 12, 12\) for inputs of shape"):
         attacks.ensemble(model, x, y, [lambda a, b: a[:1]], names=["bad"])
+    # a negative batch size made the loop over chunks empty: every sample was reported robust
+    for bad in (-1, 0, 2.5, True, "2"):
+        with pytest.raises(ValueError, match=f"ensemble: expected batch_size to be an integer >= 1, got {bad!r}$"):
+            attacks.ensemble(model, x, y, [attacks.FGSM(model)], batch_size=bad)
+    assert attacks.ensemble(model, x, y, [attacks.FGSM(model)], batch_size=np.int64(2)).x_adv.shape == x.shape
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -706,3 +857,66 @@ def test_square_query_budget_and_errors(trained):
         attacks.apgd_t(model, x, y, eps=0.1, n_target_classes=0)
     with pytest.raises(ValueError, match="autoattack: expected version 'standard'"):
         attacks.AutoAttack(model, version="plus")
+    with pytest.raises(TypeError, match="square: expected rescale_schedule to be a bool, got int"):
+        attacks.square(model, x, y, eps=0.1, rescale_schedule=1)
+
+
+def autoattack_p_selection(p_init, it, n_queries, resc_schedule):
+    """AutoAttack's SquareAttack.p_selection, transcribed (square.py of fra31/auto-attack)."""
+    if resc_schedule:
+        it = int(it / n_queries * 10000)
+    if 10 < it <= 50:
+        return p_init / 2
+    elif 50 < it <= 200:
+        return p_init / 4
+    elif 200 < it <= 500:
+        return p_init / 8
+    elif 500 < it <= 1000:
+        return p_init / 16
+    elif 1000 < it <= 2000:
+        return p_init / 32
+    elif 2000 < it <= 4000:
+        return p_init / 64
+    elif 4000 < it <= 6000:
+        return p_init / 128
+    elif 6000 < it <= 8000:
+        return p_init / 256
+    elif 8000 < it:
+        return p_init / 512
+    return p_init
+
+
+def test_square_schedule_rescaled_or_not(monkeypatch):
+    import sys
+
+    from robust_ops.attacks.square import p_schedule
+
+    square_module = sys.modules["robust_ops.attacks.square"]  # the package's ``square`` attribute is the function
+
+    # AutoAttack's standard run keeps the 10000-query schedule on 5000 queries: p falls half as fast
+    assert p_schedule(0.8, 900, 5000, rescale=False) == 0.8 / 16 == 0.05
+    assert p_schedule(0.8, 900, 5000) == p_schedule(0.8, 900, 5000, rescale=True) == 0.8 / 32 == 0.025
+    assert p_schedule(0.8, 4999, 5000, rescale=False) == 0.8 / 128 and p_schedule(0.8, 4999, 5000) == 0.8 / 512
+    for n_queries in (100, 5000, 10000):
+        for it in (0, 5, 10, 11, 26, 50, 51, 101, 201, 251, 501, 900, 1001, 2001, 3001, 4001, 4999, 6001, 8001, 9999):
+            if it >= n_queries:
+                continue
+            for rescale in (True, False):
+                assert p_schedule(0.8, it, n_queries, rescale) == autoattack_p_selection(0.8, it, n_queries, rescale)
+    # the option reaches the schedule; the default is unchanged (rescaled)
+    seen = []
+    monkeypatch.setattr(square_module, "p_schedule", lambda p, it, n, rescale=True: seen.append(rescale) or p)
+    x, _ = make_data(2, 2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 2)).eval()  # blind to its input: never fooled, all queries run
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    y = torch.zeros(2, dtype=torch.long)
+    attacks.square(model, x, y, eps=0.05, n_queries=4, generator=torch.Generator().manual_seed(0))
+    assert seen == [True] * 3
+    seen.clear()
+    attacks.Square(model, eps=0.05, n_queries=4, rescale_schedule=False)(x, y)
+    assert seen == [False] * 3
+    seen.clear()
+    attacks.AutoAttack(model, eps=0.05, steps=1, n_queries=4).run(x, y)
+    assert seen == [False] * 3

@@ -343,6 +343,14 @@ def test_margin_zero_and_wrong_clean_samples_stay_put():
     assert torch.equal(x_adv[:2], x[:2]) and not bool(crossed[:2].any())  # clean x already wrong
 
 
+def test_integer_labels_of_any_width_give_the_int64_result():
+    model, x, y, margin = make_problem()
+    expected = gen_adv(model, x, y, margin)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        for got, want in zip(gen_adv(model, x, y.to(dtype), margin), expected):
+            assert torch.equal(got, want), dtype
+
+
 def test_kary_search_is_at_least_as_precise():
     model, x, y, margin = make_problem(n=16, seed=3)
     c2, c4 = PassCounter(), PassCounter()

@@ -236,7 +236,7 @@ class _Problem:
         self.search_steps = _check_int(name, "search_steps", search_steps, 0)
         self.arity = _check_int(name, "arity", arity, 2)
         if is_correct is None:
-            check_inputs(name, x, y, clip_min, clip_max)
+            y = check_inputs(name, x, y, clip_min, clip_max)  # as int64: cross-entropy takes no other label type
         else:
             check_inputs(name, x, None, clip_min, clip_max)
             if not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]:

@@ -21,12 +21,13 @@ __all__ = [
 ]
 
 # CLI name -> (class, defaults). Defaults follow the papers: MIRST-DM evaluates FGSM, PGD-20 with step 0.001 and
-# CW-Linf-10 at eps = 5/255; DPAAT uses L2 eps = 0.3.
+# CW-Linf-10 at eps = 5/255; DPAAT uses L2 eps = 0.3. pgdl2's alpha None is pgd()'s 2.5 * eps / steps of the eps and
+# steps in use (0.0375 for the defaults), so overriding eps or steps keeps the whole ball reachable.
 ATTACKS = {
     "fgsm": (FGSM, dict(eps=5 / 255)),
     "ifgsm": (BIM, dict(eps=5 / 255, steps=10)),
     "pgd": (PGD, dict(eps=5 / 255, alpha=0.001, steps=20)),
-    "pgdl2": (PGDL2, dict(eps=0.3, alpha=0.0375, steps=20)),
+    "pgdl2": (PGDL2, dict(eps=0.3, alpha=None, steps=20)),
     "cw": (CW, dict(eps=5 / 255, steps=10)),
     "apgd-ce": (APGD, dict(eps=5 / 255, steps=100, loss="ce")),
     "apgd-dlr": (APGD, dict(eps=5 / 255, steps=100, loss="dlr")),

@@ -176,8 +176,9 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
 
 
 def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max):
-    """The argument checks APGD and APGD-T share; returns (norm, steps, n_restarts, eps as a per-sample tensor)."""
-    check_inputs(name, x, y, clip_min, clip_max)
+    """The argument checks APGD and APGD-T share; returns (y as int64, norm, steps, n_restarts, eps as a per-sample
+    tensor)."""
+    y = check_inputs(name, x, y, clip_min, clip_max)
     norm = check_norm(name, norm)
     steps = check_steps(name, steps)
     n_restarts = check_steps(name, n_restarts, "n_restarts")
@@ -185,7 +186,7 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
         raise ValueError(f"{name}: expected loss to be one of {', '.join(APGD_LOSSES)}, got {loss!r}")
     if not isinstance(rho, numbers.Real) or not 0 < rho <= 1:
         raise ValueError(f"{name}: expected rho in (0, 1], got {rho!r}")
-    return norm, steps, n_restarts, per_sample(name, "eps", eps, x)
+    return y, norm, steps, n_restarts, per_sample(name, "eps", eps, x)
 
 
 def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False, n_restarts=1, rho=0.75,
@@ -207,8 +208,8 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
         the clean input there).
     """
     name = "apgd"
-    norm, steps, n_restarts, eps_t = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho,
-                                                      clip_min, clip_max)
+    y, norm, steps, n_restarts, eps_t = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho,
+                                                         clip_min, clip_max)
     x = x.detach()
     x_adv = x.clone()
     if x.shape[0] == 0:
@@ -248,8 +249,8 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
     on the samples still correctly classified. y are TRUE labels; success means any misclassification.
     With fewer classes the number of targets is capped at K - 1. Returns x_adv as :func:`apgd`."""
     name = "apgd_t"
-    norm, steps, n_restarts, eps_t = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho,
-                                                      clip_min, clip_max)
+    y, norm, steps, n_restarts, eps_t = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho,
+                                                         clip_min, clip_max)
     n_target_classes = check_steps(name, n_target_classes, "n_target_classes")
     x = x.detach()
     x_adv = x.clone()

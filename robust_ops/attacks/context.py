@@ -66,11 +66,20 @@ class Normalized(torch.nn.Module):
     def __init__(self, model, mean, std):
         super().__init__()
         self.model = model
+        # stored as [1, C, 1, 1] (the layout of saved state dicts); reshaped to the input's rank at each forward
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    def _per_channel(self, arg, t, x):
+        """``t`` broadcast along dim 1 of ``x`` ([N, C, ...] or flat [N, D]), on x's device and dtype."""
+        c = t.numel()
+        if c != 1 and (x.dim() < 2 or x.shape[1] != c):
+            raise ValueError(f"Normalized: expected x with {c} channels in dim 1 to match {arg}, got x of shape "
+                             f"{tuple(x.shape)}")
+        return t.reshape((1, -1) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (-1,)).to(x)
+
     def forward(self, x):
-        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        return self.model((x - self._per_channel("mean", self.mean, x)) / self._per_channel("std", self.std, x))
 
 
 def is_single_logit(out):
@@ -123,7 +132,8 @@ def margin(out, y, kappa=0.0):
 
 
 def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
-    """Inputs must be finite and inside the clip range; labels int64 [N] in range. Nothing is clamped silently."""
+    """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
+    silently. Returns y as int64 (None without y): callers attack with the returned labels."""
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise TypeError(f"{name}: expected x to be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 1:
@@ -131,23 +141,27 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
     if not math.isfinite(clip_min) or not math.isfinite(clip_max) or clip_min > clip_max:
         raise ValueError(f"{name}: expected finite clip_min <= clip_max, got [{clip_min}, {clip_max}]")
     if x.numel():
-        if not bool(torch.isfinite(x).all()):
+        xd = x.detach()  # reading values of an input that requires grad would warn
+        if not bool(torch.isfinite(xd).all()):
             raise ValueError(f"{name}: x contains NaN or Inf")
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(xd.min()), float(xd.max())
         if lo < clip_min or hi > clip_max:
             raise ValueError(
                 f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in [{lo:.4g}, {hi:.4g}]"
                 " (normalize inside the model, e.g. with robust_ops.attacks.Normalized)"
             )
     if y is not None:
-        if not torch.is_tensor(y) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got {getattr(y, 'dtype', type(y))}")
+        if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
+                            f"{getattr(y, 'dtype', type(y))}")
+        y = y.long()  # cross-entropy, one_hot and gather take int64 only; a no-op (same tensor) for int64
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"{name}: expected y of shape [{x.shape[0]}], got {tuple(y.shape)}")
         if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
             raise ValueError(
                 f"{name}: expected labels in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
             )
+    return y
 
 
 def check_positive(name, arg, value, allow_zero=True):

@@ -247,7 +247,7 @@ def run_pgd(
     Returns:
         PGDResult(x_adv, iterates, param_grads, emitted_losses).
     """
-    check_inputs(name, x, y, clip_min, clip_max)
+    y = check_inputs(name, x, y, clip_min, clip_max)
     steps = check_steps(name, steps)
     norm = check_norm(name, norm)
     loss = check_loss(name, loss)

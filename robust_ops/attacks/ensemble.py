@@ -5,8 +5,12 @@ from dataclasses import dataclass
 import torch
 
 from .base import Attack
-from .core import check_labels_against, forward
+from .core import check_labels_against, check_steps, forward
 from .context import attack_context, check_inputs, predict_from_output
+
+
+# AutoAttack's standard settings (Croce & Hein 2020), for the options not given
+STANDARD = dict(steps=100, n_target_classes=9, n_queries=5000, seed=0)
 
 
 @dataclass
@@ -63,13 +67,15 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         :class:`EnsembleResult` ``(x_adv, robust, broken_by, names)``.
     """
     name = "ensemble"
-    check_inputs(name, x, y, clip_min, clip_max)
+    y = check_inputs(name, x, y, clip_min, clip_max)
     attacks = list(attacks)
     if not attacks or not all(callable(a) for a in attacks):
         raise ValueError(f"{name}: expected a non-empty list of attacks (callables (x, y) -> x_adv), got {attacks!r}")
     labels = tuple(names) if names is not None else tuple(_name(a, i) for i, a in enumerate(attacks))
     if len(labels) != len(attacks):
         raise ValueError(f"{name}: expected {len(attacks)} names, got {len(labels)}")
+    if batch_size is not None:  # a negative step would skip every attack and report every sample robust
+        batch_size = check_steps(name, batch_size, "batch_size")
     x = x.detach()
     n = x.shape[0]
     x_adv = x.clone()
@@ -98,18 +104,23 @@ class AutoAttack(Attack):
     """AutoAttack-style evaluation (Croce & Hein 2020) as a cascade: ``AutoAttack(model, norm="linf", eps=8/255)``.
 
     ``version="standard"``: APGD-CE, APGD-T (targeted DLR, 9 target classes) and, for Linf, Square (5000
-    queries) -- AutoAttack's standard set without FAB-T (not implemented here; see docs/attacks.md). ``attacks``
-    takes a custom list of CLI names (see :func:`robust_ops.attacks.build`) or attack objects instead.
+    queries, p schedule not rescaled, as AutoAttack's) -- AutoAttack's standard set without FAB-T (not implemented
+    here; see docs/attacks.md); ``steps`` (100), ``n_target_classes`` (9), ``n_queries`` (5000) and ``seed`` (0)
+    set its attacks. ``attacks`` takes a custom list of CLI names (see :func:`robust_ops.attacks.build`) or attack
+    objects instead: the options given (not None) are passed to the named attacks that take them (``steps``:
+    apgd-*, pgd, pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t; ``seed``), the others
+    keep ``build``'s defaults; attack objects are used as they are. An option no named attack takes is an error.
     ``__call__(x, y)`` returns x_adv; ``run(x, y)`` returns the full :class:`EnsembleResult`.
     """
 
     name = "autoattack"
     supports_targeted = False
 
-    def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=100,
-                 n_target_classes=9, n_queries=5000, seed=0, model_mode="eval", clip_min=0.0, clip_max=1.0,
+    def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=None,
+                 n_target_classes=None, n_queries=None, seed=None, model_mode="eval", clip_min=0.0, clip_max=1.0,
                  cascade=True):
-        from . import build
+        from . import ATTACKS, build
+        from .._options import accepted_options
         from .apgd import APGD, APGDT
         from .square import Square
 
@@ -120,16 +131,31 @@ class AutoAttack(Attack):
         super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
         self.norm, self.eps, self.version, self.cascade = norm, eps, version, cascade
         common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
+        options = dict(steps=steps, n_target_classes=n_target_classes, n_queries=n_queries, seed=seed)
         if attacks is None:
+            steps, n_target_classes, n_queries, seed = (STANDARD[k] if v is None else v for k, v in options.items())
             self.attacks = [
                 APGD(model, eps=eps, norm=norm, steps=steps, loss="ce", seed=seed, **common),
                 APGDT(model, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, seed=seed, **common),
             ]
-            if norm == "linf":
-                self.attacks.append(Square(model, eps=eps, n_queries=n_queries, seed=seed, **common))
+            if norm == "linf":  # AutoAttack's standard Square keeps the 10000-query schedule (resc_schedule=False)
+                self.attacks.append(Square(model, eps=eps, n_queries=n_queries, seed=seed, rescale_schedule=False,
+                                           **common))
         else:
-            self.attacks = [build(a, model, eps=eps, norm=norm, **common) if isinstance(a, str) else a
-                            for a in attacks]
+            attacks = list(attacks)
+            takes = {a: accepted_options(ATTACKS[a][0]) if a in ATTACKS else [] for a in attacks if isinstance(a, str)}
+            # build() reads steps as n_queries / trials for square / noise: pass each option only under its own name
+            self.attacks = [
+                build(a, model, eps=eps, norm=norm, **common,
+                      **{k: v for k, v in options.items() if v is not None and k in takes[a]})
+                if isinstance(a, str) else a
+                for a in attacks
+            ]
+            for key, value in options.items():
+                if value is not None and not any(key in t for t in takes.values()):
+                    shown = [a if isinstance(a, str) else _name(a, i) for i, a in enumerate(attacks)]
+                    raise ValueError(f"autoattack: {key}={value!r} applies to none of the attacks named in "
+                                     f"attacks={shown} (attack objects are used as given); expected {key}=None")
 
     def run(self, x, y):
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,

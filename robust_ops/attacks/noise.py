@@ -45,7 +45,7 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
         >>> x_noisy = robust_ops.attacks.white_noise(model, x, y, eps=0.1, norm="l2", trials=10)
     """
     name = "white_noise"
-    check_inputs(name, x, y, clip_min, clip_max)
+    y = check_inputs(name, x, y, clip_min, clip_max)
     norm = check_norm(name, norm)
     trials = check_steps(name, trials, "trials")
     eps_t = per_sample(name, "eps", eps, x)

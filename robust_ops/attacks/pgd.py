@@ -11,9 +11,15 @@ from .base import Attack
 from .core import check_steps, run_pgd
 
 
-def default_alpha(eps, steps, factor):
-    """factor * eps / steps (per sample when eps is a tensor)."""
-    return eps * (factor / steps) if torch.is_tensor(eps) else float(eps) * factor / steps
+def default_alpha(name, eps, steps, factor, x):
+    """factor * eps / steps (per sample when eps is a tensor). eps is type-checked here, before float() would fail
+    on a list or array with a message about scalars; its values are checked with alpha's by run_pgd."""
+    if torch.is_tensor(eps):
+        return eps * (factor / steps)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        n = x.shape[0] if torch.is_tensor(x) and x.dim() else "N"
+        raise TypeError(f"{name}: expected eps to be a number or a tensor of shape [{n}], got {type(eps).__name__}")
+    return float(eps) * factor / steps
 
 
 def make_generator(seed, device):
@@ -69,7 +75,7 @@ def pgd(model, x, y, *, eps, alpha=None, steps=10, norm="linf", random_start=Tru
     """
     steps = check_steps("pgd", steps)
     if alpha is None:
-        alpha = default_alpha(eps, steps, 2.5)
+        alpha = default_alpha("pgd", eps, steps, 2.5, x)
     res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, loss=loss,
                   targeted=targeted, kappa=kappa, emit=emit, early_stop=early_stop, clip_min=clip_min,
                   clip_max=clip_max, model_mode=model_mode, generator=generator, name="pgd")
@@ -85,7 +91,7 @@ def ifgsm(model, x, y, *, eps, alpha=None, steps=10, norm="linf", loss="ce", tar
     """
     steps = check_steps("ifgsm", steps)
     if alpha is None:
-        alpha = default_alpha(eps, steps, 1.0)
+        alpha = default_alpha("ifgsm", eps, steps, 1.0, x)
     res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=False, loss=loss,
                   targeted=targeted, emit=emit, clip_min=clip_min, clip_max=clip_max, model_mode=model_mode,
                   name="ifgsm")
@@ -105,7 +111,7 @@ def cw_linf(model, x, y, *, eps, alpha=None, steps=10, kappa=0.0, random_start=F
     """
     steps = check_steps("cw_linf", steps)
     if alpha is None:
-        alpha = default_alpha(eps, steps, 2.5)
+        alpha = default_alpha("cw_linf", eps, steps, 2.5, x)
     res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm="linf", random_start=random_start,
                   loss="cw", kappa=kappa, targeted=targeted, emit=emit, early_stop=early_stop, clip_min=clip_min,
                   clip_max=clip_max, model_mode=model_mode, generator=generator, name="cw_linf")

@@ -9,10 +9,13 @@ from .core import check_labels_against, check_steps, forward, per_sample
 from .pgd import make_generator
 
 
-def p_schedule(p_init, it, n_queries):
+def p_schedule(p_init, it, n_queries, rescale=True):
     """Fraction of pixels changed at iteration ``it``: p_init halved at iterations 10, 50, 200, 500, 1000, 2000,
-    4000, 6000, 8000 of a 10000-query budget, rescaled to ``n_queries`` (the schedule of the paper's code)."""
-    it = int(it / n_queries * 10000)
+    4000, 6000, 8000 of a 10000-query budget, rescaled to ``n_queries`` (the schedule of the paper's code;
+    AutoAttack's ``resc_schedule``). ``rescale=False`` applies those iterations as they are, whatever the budget
+    (AutoAttack's standard evaluation: 5000 queries, so p never goes below p_init / 128)."""
+    if rescale:
+        it = int(it / n_queries * 10000)
     for bound, div in ((8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32), (500, 16), (200, 8),
                        (50, 4), (10, 2)):
         if it > bound:
@@ -36,14 +39,16 @@ MAX_COLOUR_REDRAWS = 32
 
 @torch.no_grad()
 def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip_min=0.0, clip_max=1.0,
-           model_mode="eval", generator=None, resample_unchanged=True):
+           model_mode="eval", generator=None, resample_unchanged=True, rescale_schedule=True):
     r"""Square Attack (Linf): random search over square-shaped updates of size ``2 * eps`` (black-box: only model
     outputs are used, no gradients).
 
     Starts from vertical stripes of ``+-eps``; each iteration draws, per sample, a square of side
     ``round(sqrt(p * H * W))`` at a random position with a random ``+-2 eps`` colour per channel, applies it with the
     fused PGD step (projection and clipping), and keeps it if the margin loss decreased. ``p`` follows the paper's
-    schedule from ``p_init``. Samples stop once misclassified (targeted: once the target is predicted).
+    schedule from ``p_init``, its iterations rescaled to ``n_queries`` (``rescale_schedule=True``, the default, as
+    torchattacks' Square) or taken as they are (``False``, as AutoAttack's standard run). Samples stop once
+    misclassified (targeted: once the target is predicted).
     With ``resample_unchanged`` (default), a colour that would leave the square as it is (so the query would
     re-score the current point; on single-channel images half the draws once squares are small) is drawn again,
     as the paper's reference code does; ``False`` spends the query anyway, as AutoAttack's and torchattacks'
@@ -54,17 +59,20 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
         eps (float or Tensor[N]); n_queries (int): model queries per sample (default 5000);
         p_init (float): default 0.8 (AutoAttack's); targeted; clip_min, clip_max; model_mode; generator;
         resample_unchanged (bool): draw a colour again when it would not change the point (default True).
+        rescale_schedule (bool): rescale the p schedule's iterations from 10000 to ``n_queries`` (default True).
 
     Returns:
         x_adv (Tensor[N, C, H, W]).
     """
     name = "square"
-    check_inputs(name, x, y, clip_min, clip_max)
+    y = check_inputs(name, x, y, clip_min, clip_max)
     if x.dim() != 4:
         raise ValueError(f"{name}: expected images [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     n_queries = check_steps(name, n_queries, "n_queries")
     if not 0 < float(p_init) <= 1:
         raise ValueError(f"{name}: expected p_init in (0, 1], got {p_init!r}")
+    if not isinstance(rescale_schedule, bool):
+        raise TypeError(f"{name}: expected rescale_schedule to be a bool, got {type(rescale_schedule).__name__}")
     eps_t = per_sample(name, "eps", eps, x)
     x = x.detach()
     n, c, h, w = x.shape
@@ -90,7 +98,7 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
             if idx.numel() == 0:
                 break
             m = idx.numel()
-            p = p_schedule(p_init, it, n_queries)
+            p = p_schedule(p_init, it, n_queries, rescale_schedule)
             s = min(max(int(round((p * h * w) ** 0.5)), 1), h, w)
             vh = torch.randint(0, h - s + 1, (m,), generator=generator, device=dev)
             vw = torch.randint(0, w - s + 1, (m,), generator=generator, device=dev)
@@ -124,20 +132,21 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
 
 
 class Square(Attack):
-    """``Square(model, eps=8/255, n_queries=5000, p_init=0.8, seed=0)(x, y)``; see :func:`square`."""
+    """``Square(model, eps=8/255, n_queries=5000, p_init=0.8, seed=0, rescale_schedule=True)(x, y)``; see
+    :func:`square`."""
 
     name = "square"
 
     def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf", resample_unchanged=True,
-                 **options):
+                 rescale_schedule=True, **options):
         super().__init__(model, **options)
         if norm != "linf":
             raise ValueError(f"square: only the Linf Square Attack is implemented, got norm={norm!r}")
         self.eps, self.n_queries, self.p_init, self.seed, self.norm = eps, n_queries, p_init, seed, norm
-        self.resample_unchanged = resample_unchanged
+        self.resample_unchanged, self.rescale_schedule = resample_unchanged, rescale_schedule
 
     def forward(self, x, y):
         return square(self.model, x, y, eps=self.eps, n_queries=self.n_queries, p_init=self.p_init,
                       targeted=self.targeted, clip_min=self.clip_min, clip_max=self.clip_max,
                       model_mode=self.model_mode, generator=make_generator(self.seed, x.device),
-                      resample_unchanged=self.resample_unchanged)
+                      resample_unchanged=self.resample_unchanged, rescale_schedule=self.rescale_schedule)
