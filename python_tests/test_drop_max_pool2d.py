@@ -138,12 +138,13 @@ def test_nan_and_inf():
         check_against_reference(layout(y, fmt), ((3, 3), (2, 2), (1, 1), (1, 1), False))
 
 
-def test_empty_batch_and_channels():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_empty_batch_and_channels(backend):
     for shape in ((0, 3, 8, 8), (2, 0, 8, 8)):
         for fmt in ("contiguous", "channels_last"):
             x = layout(torch.randn(shape), fmt).requires_grad_()
-            out = robust_ops.drop_max_pool2d(x, 3, 2, 1)
-            assert out.shape == (shape[0], shape[1], 4, 4)
+            out = robust_ops.drop_max_pool2d(x, 3, 2, 1, backend=backend)
+            assert out.shape == (shape[0], shape[1], 4, 4) and out.dtype == x.dtype
             out.sum().backward()
             assert x.grad.shape == x.shape
 
@@ -170,6 +171,36 @@ def test_gradcheck(device, seed, fmt):
     assert torch.autograd.gradcheck(lambda t: op(t, *args)[0], (x,), fast_mode=True)
     if seed == 0:  # double backward (gradient-regularization defenses differentiate through the backward)
         assert torch.autograd.gradgradcheck(lambda t: op(t, *args)[0], (x,), fast_mode=True)
+
+
+def check_double_backward_without_input(pool, backward, device="cpu"):
+    """Double backward where windows hold no input element (index -1), shared with the max_pool2d and Triton tests:
+    it must skip index -1 as the first backward does, not gather out of bounds."""
+    # Dilation 2 over a one-row input with padding: every window misses the input (output -inf, index -1).
+    x = torch.randn(1, 2, 1, 3, dtype=torch.float64, device=device, requires_grad=True)
+    args = ([2, 2], [1, 1], [1, 1], [2, 2], False)
+    assert bool((pool(x, *args)[1] == -1).all())
+
+    def f(t):  # clamp: finite outputs for gradcheck; its backward feeds the pooling backward a graph-connected zero
+        return pool(t, *args)[0].clamp(min=-1.0)
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+    w = torch.tensor(2.0, dtype=torch.float64, device=device, requires_grad=True)
+    (gx,) = torch.autograd.grad((f(x) * w).sum(), x, create_graph=True)
+    x_ref = x.detach().clone().requires_grad_()
+    (gx_ref,) = torch.autograd.grad((reference.drop_max_pool2d(x_ref, *args)[0].clamp(min=-1.0) * w).sum(), x_ref,
+                                    create_graph=True)
+    assert_verbose_equal(torch.autograd.grad(gx.pow(2).sum(), w)[0], torch.autograd.grad(gx_ref.pow(2).sum(), w)[0])
+    # The backward op's own derivative on indices mixing -1 and positions (including a repeated one).
+    idx = torch.tensor([[[[-1, 2, 0, 2, -1]]]], device=device)
+    go = torch.randn(1, 1, 1, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g: backward(g, idx, [1, 1, 1, 3]), (go,))
+    assert torch.autograd.gradgradcheck(lambda g: backward(g, idx, [1, 1, 1, 3]), (go,))
+
+
+def test_double_backward_through_windows_without_input():
+    check_double_backward_without_input(op, backward_op)
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])

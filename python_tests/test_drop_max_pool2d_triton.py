@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 import robust_ops
 from robust_ops import reference
 
-from test_drop_max_pool2d import check_against_reference, expected_format, layout, make_input, pool_cases
+from test_drop_max_pool2d import (check_against_reference, check_double_backward_without_input, expected_format, layout,
+                                  make_input, pool_cases)
 from utils import assert_verbose_equal
 
 pytestmark = pytest.mark.triton
@@ -96,6 +97,33 @@ def test_gradcheck_float64():
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
     args = [(3, 2), (2, 1), (1, 1), (1, 2), True]
     assert torch.autograd.gradcheck(lambda t: triton_op()(t, *args)[0], (x,), fast_mode=True)
+
+
+def test_float64_compares_and_accumulates_in_float64():
+    # Distinct values closer than float32 resolution (or beyond its range): compared in float32 they would tie (or
+    # all become inf) and another element would be selected.
+    g = torch.Generator().manual_seed(0)
+    x = 1.0 + torch.randperm(20, generator=g).to(torch.float64).reshape(1, 1, 4, 5) * 1e-12
+    for args in (((1, 2), (1, 2), (0, 0), (1, 1), True), ((3, 3), (1, 1), (1, 1), (1, 1), False)):
+        check(x.to(DEVICE), args)
+        check((x * 1e300).to(DEVICE), args)
+    out, idx = triton_op()(torch.tensor([[[[1.0, 1.0 + 1e-12]]]], device=DEVICE, dtype=torch.float64),
+                           (1, 2), (1, 2), (0, 0), (1, 1), False)
+    assert out.item() == 1.0 and idx.item() == 0
+    # Backward: overlapping windows sum gradients that differ below float32 resolution.
+    args = ((3, 3), (1, 1), (1, 1), (1, 1), False)
+    grad = 1.0 + torch.randperm(20, generator=g).to(torch.float64).reshape(1, 1, 4, 5) * 1e-12
+    x1 = x.to(DEVICE).detach().requires_grad_()
+    triton_op()(x1, *args)[0].backward(grad.to(DEVICE))
+    x2 = x.clone().requires_grad_()
+    reference.drop_max_pool2d(x2, *args)[0].backward(grad)
+    # Atomics may add in another order (a rounding step); float32 sums would be off by ~1e-12.
+    torch.testing.assert_close(x1.grad.cpu(), x2.grad, rtol=1e-15, atol=0)
+    assert x1.grad.dtype == torch.float64
+
+
+def test_double_backward_through_windows_without_input():
+    check_double_backward_without_input(triton_op(), torch.ops.robust_ops._drop_max_pool2d_backward_triton, DEVICE)
 
 
 def test_backend_triton_through_module():

@@ -11,6 +11,7 @@ import robust_ops
 from robust_ops import reference
 from robust_ops.reference import pool_output_size
 
+from test_drop_max_pool2d import check_double_backward_without_input
 from utils import assert_verbose_equal, run_with_cpu_isa
 
 op = torch.ops.robust_ops.max_pool2d
@@ -109,6 +110,10 @@ def test_window_without_input_returns_minus_one():
     out, idx = op(x, [2, 1], [1, 1], [1, 0], [2, 1], False)
     assert out.shape == (1, 1, 1, 4) and bool((idx == -1).all()) and bool((out == float("-inf")).all())
     assert torch.equal(backward_op(torch.ones_like(out), idx, [1, 1, 1, 4]), torch.zeros_like(x))
+
+
+def test_double_backward_through_windows_without_input():
+    check_double_backward_without_input(op, backward_op)
 
 
 def test_functional_matches_f_max_pool2d_defaults_and_unbatched():

@@ -11,9 +11,11 @@ import torch
 
 def _gather_at(grad_input, indices):
     """Double backward of the pooling backward: d(grad_input)/d(grad_output) is a gather at indices."""
-    n, c = indices.shape[:2]
-    flat = grad_input.reshape(n, c, -1)
-    return flat.gather(2, indices.reshape(n, c, -1)).reshape(indices.shape)
+    # flatten, not reshape(n, c, -1): -1 cannot be inferred for an empty batch.
+    idx = indices.flatten(2)
+    picked = grad_input.flatten(2).gather(2, idx.clamp_min(0))
+    # Index -1 (a window without input elements) took no gradient in the backward, so it gives none back here.
+    return picked.masked_fill(idx < 0, 0).reshape(indices.shape)
 
 
 def register_drop_max_autograd(forward_name, backward_name):

@@ -57,7 +57,9 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
     ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
     if n * c == 0:
-        return input.new_empty((n, c, oh, ow)), torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device)
+        # Derived from input (not new_empty) so the output stays on the autograd graph, as the native op's does.
+        out = input.flatten().clone().view(n, c, oh, ow)
+        return out, torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device)
     # Pad so every window lies inside: padding on both sides, plus what ceil_mode windows need on the far side.
     need_h = (oh - 1) * sh + dh * (kh - 1) + 1
     need_w = (ow - 1) * sw + dw * (kw - 1) + 1

@@ -6,10 +6,11 @@ element selects itself; a window holding NaN selects its first NaN. The kernels 
 so NCHW, channels_last and any other layout run without copies; outputs keep the input's memory format.
 
 Forward: one lane per output element, the window unrolled at compile time (kernel size is a constexpr).
-Backward: scatter-add of grad_output to the selected positions with atomics (windows overlap); float16/bfloat16
-accumulate in a float32 buffer. The backward op's schema carries no window geometry, so a gather formulation is not
-possible; with at most ceil(k/s)^2 contributions per element the float32 atomic order changes results by at most
-a rounding step between runs.
+Comparisons and gradient sums run in ACC: float64 for float64 tensors, float32 otherwise (float16/bfloat16 are
+compared in float32 and their gradients accumulate in a float32 buffer).
+Backward: scatter-add of grad_output to the selected positions with atomics (windows overlap). The backward op's
+schema carries no window geometry, so a gather formulation is not possible; with at most ceil(k/s)^2 contributions
+per element the atomic order changes results by at most a rounding step between runs.
 """
 
 from typing import List, Tuple
@@ -34,6 +35,12 @@ BACKWARD_SCHEMA = "(Tensor grad_output, Tensor indices, int[] input_size) -> Ten
 BLOCK = 256
 
 
+def _acc_dtype(dtype):
+    """Kernel compute type: float64 keeps its precision (float32 would merge close values into ties and round
+    gradient sums); the half types compute in float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @triton.jit
 def _unravel_nchw(offs, C, OH, OW):
     """(n, c, oh, ow) of flat row-major output positions."""
@@ -49,7 +56,7 @@ def _drop_max_pool2d_fwd_kernel(
     x_ptr, out_ptr, idx_ptr, total, C, H, W, OH, OW,
     sxn, sxc, sxh, sxw, son, soc, soh, sow,
     SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
@@ -57,8 +64,8 @@ def _drop_max_pool2d_fwd_kernel(
     hs = oh * SH - PH
     ws = ow * SW - PW
     base = n * sxn + c * sxc
-    a1 = tl.zeros([BLOCK], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK], dtype=ACC)
+    a2 = tl.zeros([BLOCK], dtype=ACC)
     t1 = tl.full([BLOCK], -1, tl.int64)
     t2 = tl.full([BLOCK], -1, tl.int64)
     first_nan = tl.full([BLOCK], -1, tl.int64)
@@ -67,7 +74,7 @@ def _drop_max_pool2d_fwd_kernel(
         for kj in tl.static_range(KW):
             w = ws + kj * DW
             valid = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            v = tl.load(x_ptr + base + h * sxh + w * sxw, mask=valid, other=0.0).to(tl.float32)
+            v = tl.load(x_ptr + base + h * sxh + w * sxw, mask=valid, other=0.0).to(ACC)
             pos = h * W + w
             is_nan = v != v
             ok = valid & (is_nan == 0)
@@ -91,13 +98,13 @@ def _drop_max_pool2d_fwd_kernel(
 def _drop_max_pool2d_bwd_kernel(
     go_ptr, idx_ptr, gi_ptr, total, C, OH, OW, HW, W,
     sgn, sgc, sgh, sgw, sin, sic, sih, siw, sxn, sxc, sxh, sxw,
-    BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     n, c, oh, ow = _unravel_nchw(offs, C, OH, OW)
     sel = tl.load(idx_ptr + n * sin + c * sic + oh * sih + ow * siw, mask=mask, other=-1)
-    g = tl.load(go_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(go_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=mask, other=0.0).to(ACC)
     ok = mask & (sel >= 0) & (sel < HW)  # -1: a window without input elements (output -inf), no gradient
     tl.atomic_add(gi_ptr + n * sxn + c * sxc + (sel // W) * sxh + (sel % W) * sxw, g, mask=ok)
 
@@ -117,7 +124,7 @@ def drop_max_pool2d_triton(input: Tensor, kernel_size: List[int], stride: List[i
         input, out, idx, total, c, h, w, oh, ow,
         *input.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=kernel_size[0], KW=kernel_size[1], BLOCK=BLOCK,
+        KH=kernel_size[0], KW=kernel_size[1], ACC=_acc_dtype(input.dtype), BLOCK=BLOCK,
     )
     return out, idx
 
@@ -126,8 +133,9 @@ def drop_max_pool2d_triton(input: Tensor, kernel_size: List[int], stride: List[i
 def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_size: List[int]) -> Tensor:
     check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
     fmt = output_memory_format(grad_output)
-    # float32 accumulation buffer (atomics); the grad_input itself when it is float32.
-    acc = torch.empty(tuple(input_size), dtype=torch.float32, device=grad_output.device, memory_format=fmt).zero_()
+    # Accumulation buffer for the atomics: float64 for float64, else float32; the grad_input itself unless half.
+    acc_dtype = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
+    acc = torch.empty(tuple(input_size), dtype=acc_dtype, device=grad_output.device, memory_format=fmt).zero_()
     total = grad_output.numel()
     if total > 0:
         n, c, oh, ow = grad_output.shape
@@ -135,9 +143,9 @@ def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_
         launch(_drop_max_pool2d_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
             grad_output, indices, acc, total, c, oh, ow, h * w, w,
             *grad_output.stride(), *indices.stride(), *acc.stride(),
-            BLOCK=BLOCK,
+            ACC=_acc_dtype(grad_output.dtype), BLOCK=BLOCK,
         )
-    return acc if grad_output.dtype == torch.float32 else acc.to(grad_output.dtype)
+    return acc if grad_output.dtype == acc_dtype else acc.to(grad_output.dtype)
 
 
 register_drop_max_autograd("robust_ops::drop_max_pool2d_triton", "robust_ops::_drop_max_pool2d_backward_triton")
