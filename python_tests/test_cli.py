@@ -179,6 +179,65 @@ def test_config_file(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "broken.json: not valid JSON")
 
 
+def _config_args(command, argv):
+    parser, parsers = cli.build_parser()
+    sub = parsers[command]
+    return cli.apply_config(sub, sub.parse_args(argv), argv)
+
+
+@pytest.mark.parametrize("text", ["defense-opt: [eps=2/255, steps=3]\n", "defense-opt: eps=2/255\n",
+                                  "defense-opt: {eps: 2/255, steps: 3}\n"])
+def test_config_defense_opt_is_a_list(tmp_path, text):
+    """An append option from a file stays a list (one value: a one-item list), read as --defense-opt is."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    args = _config_args("train", ["--config", str(cfg)])
+    assert args.defense_opt[0] == "eps=2/255"
+    options = cli.parse_key_values(args.defense_opt, "--defense-opt")
+    assert options["eps"] == pytest.approx(2 / 255) and options.get("steps", 3) == 3
+
+
+def test_config_defense_opt_with_command_line_ones(small_npz, tmp_path, capsys):
+    """--defense-opt on the command line is appended after the file's: its keys win, the file's others stay."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {small_npz}\nepochs: 1\nno-progress: true\ndevice: cpu\ndefense: at\n"
+                   "defense-opt: [eps=2/255, steps=3]\n")
+    args = _config_args("train", ["--config", str(cfg), "--defense-opt", "steps=1"])
+    assert args.defense_opt == ["eps=2/255", "steps=3", "steps=1"]
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--config", cfg, "--defense-opt", "steps=1", "--out", out], capsys)
+    assert rc == 0, err
+    options = json.loads((out / "run.json").read_text())["defense_options"]
+    assert options["steps"] == 1 and options["eps"] == pytest.approx(2 / 255)
+    assert _config_args("train", ["--defense-opt", "steps=1"]).defense_opt == ["steps=1"]  # no file: unchanged
+
+
+@pytest.mark.parametrize("command, text, needle", [
+    ("eval", "split: train", "option 'split': invalid choice 'train' (expected one of test, val)"),
+    ("train", "dropmax: some", "option 'dropmax': invalid choice 'some'"),
+    ("train", "epochs: 1.5", "option 'epochs': invalid int value: '1.5'"),
+    ("train", "lr: fast", "option 'lr': invalid float value: 'fast'"),
+    ("train", "no-progress: 3", "option 'no-progress': expected true or false, got 3"),
+    ("train", "defense-opt: [[eps, 1]]", "option 'defense-opt': expected a single value, got a list"),
+])
+def test_config_values_are_checked_like_flags(tmp_path, capsys, command, text, needle):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text + "\n")
+    argv = [command] + ([tmp_path / "no-run"] if command == "eval" else []) + ["--config", cfg, "--out", tmp_path]
+    rc, _, err = run(argv, capsys)
+    one_line_error(rc, err, f"robust-ops {command}: error: {cfg}: {needle}")
+    cfg.write_text("split: val\nsize: 28\n" if command == "eval" else "lr: 1e-3\nsize: 28\n")
+    args = _config_args(command, ([str(tmp_path)] if command == "eval" else []) + ["--config", str(cfg)])
+    assert args.size == 28 and (args.split == "val" if command == "eval" else args.lr == 1e-3)
+
+
+def test_evaluate_models_rejects_unknown_split():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="unknown split 'train'; expected 'test' or 'val'"):
+        cli.evaluate_models({}, None, SimpleNamespace(split="train"), [], [], "cpu", None, "t", {})
+
+
 def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     from robust_ops import train
 

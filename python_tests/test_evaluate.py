@@ -167,6 +167,21 @@ def test_nan_becomes_null(tmp_path):
     assert json.loads(out["results"].read_text())["rows"][0]["auc"] is None
 
 
+def test_test_set_without_positives_reports_undefined_metrics(tmp_path):
+    """No positive sample: sensitivity is undefined, shown as null / "–", not as 0; means over repeats skip it."""
+    x, _ = tiny_data().tensors
+    rows = evaluate(tiny_model(), TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), INFO, attacks="fgsm",
+                    eps=[4 / 255], method="m")
+    assert all(math.isnan(r["sensitivity"]) for r in rows) and all(0 <= r["specificity"] <= 1 for r in rows)
+    out = write_results(tmp_path / "r", rows, INFO, figures=False)
+    assert all(r["sensitivity"] is None for r in json.loads(out["results"].read_text())["rows"])
+    assert "| no attack | 0 | – |" in out["report"].read_text().split("| Sensitivity: attack")[1]
+    from robust_ops.reproduce import aggregate
+
+    folds = [dict(rows[0], sensitivity=0.5), dict(rows[0], sensitivity=0.7), rows[0]]
+    assert aggregate(folds, ["sensitivity"])[0]["sensitivity"] == pytest.approx(0.6)
+
+
 def test_atomic_on_error(tmp_path, monkeypatch):
     rows = evaluate(tiny_model(), tiny_data(), INFO, attacks="fgsm", eps=[4 / 255])
 

@@ -72,3 +72,51 @@ def test_probabilities_single_logit_and_errors():
         classification_metrics([0, 1], [0, 1], num_classes=2)
     with pytest.raises(ValueError, match=r"expected probs of shape \[2, 2\]"):
         classification_metrics([0, 1], [0, 1], np.ones((2, 3)), num_classes=2, positive_class=1)
+
+
+def _nan(v):
+    return isinstance(v, float) and math.isnan(v)
+
+
+@pytest.mark.parametrize("y, pred", [([0, 0, 0], [0, 0, 0]), ([0, 0, 0], [0, 1, 0]), ([1, 1, 0], [0, 0, 0]),
+                                     ([1, 1], [1, 0]), ([0, 1, 1, 0], [0, 1, 0, 0])])
+def test_binary_undefined_values_are_nan_as_sklearn(y, pred):
+    """0/0 is NaN, not 0: the values equal scikit-learn's with zero_division=np.nan."""
+    m = classification_metrics(y, pred, num_classes=2, positive_class=1)
+    nan = dict(zero_division=np.nan)
+    expected = {"f1": skm.f1_score(y, pred, pos_label=1, **nan), "precision": skm.precision_score(y, pred, **nan),
+                "sensitivity": skm.recall_score(y, pred, pos_label=1, **nan),
+                "specificity": skm.recall_score(y, pred, pos_label=0, **nan)}
+    for k, v in expected.items():
+        assert (_nan(m[k]) and math.isnan(v)) or m[k] == v, (k, m[k], v)
+
+
+def test_binary_positive_class_absent():
+    m = classification_metrics([0, 0, 0], [0, 0, 0], num_classes=2, positive_class=1)
+    assert all(_nan(m[k]) for k in ("sensitivity", "precision", "f1")) and m["specificity"] == 1.0
+    m = classification_metrics([0, 0, 0], [0, 1, 0], num_classes=2, positive_class=1)
+    assert _nan(m["sensitivity"]) and m["precision"] == 0.0 and m["f1"] == 0.0  # a false positive is defined
+    m = classification_metrics([1, 1, 0], [0, 0, 0], num_classes=2, positive_class=1)
+    assert _nan(m["precision"]) and m["sensitivity"] == 0.0 and m["f1"] == 0.0  # nothing predicted positive
+    m = classification_metrics([1, 1], [1, 0], num_classes=2, positive_class=1)
+    assert _nan(m["specificity"])  # no negatives
+
+
+def test_multiclass_macro_averages_over_present_classes():
+    y = np.array([0, 1, 0, 1, 0, 1])
+    m = classification_metrics(y, y, num_classes=3)  # class 2 absent, perfect predictions
+    assert all(m[k] == 1.0 for k in ("f1", "sensitivity", "precision", "specificity", "accuracy"))
+    pred = np.array([0, 1, 2, 1, 0, 0])  # class 2 absent from y_true but predicted once
+    m = classification_metrics(y, pred, num_classes=3)
+    per = {k: f(y, pred, labels=[0, 1], average=None, zero_division=np.nan)
+           for k, f in (("f1", skm.f1_score), ("sensitivity", skm.recall_score), ("precision", skm.precision_score))}
+    for k, v in per.items():
+        assert m[k] == pytest.approx(np.mean(v)), k
+    cm = skm.confusion_matrix(y, pred, labels=[0, 1, 2])
+    spec = [(cm.sum() - cm[c].sum() - cm[:, c].sum() + cm[c, c]) / (cm.sum() - cm[c].sum()) for c in (0, 1)]
+    assert m["specificity"] == pytest.approx(np.mean(spec))
+    y3, p3 = np.array([0, 1, 2, 0, 1, 2]), np.array([0, 0, 0, 0, 1, 1])  # class 2 never predicted: precision undefined
+    m = classification_metrics(y3, p3, num_classes=3)
+    assert m["precision"] == pytest.approx(np.mean([0.5, 0.5])) and m["sensitivity"] == pytest.approx(0.5)
+    m = classification_metrics([2, 2], [2, 1], num_classes=3)  # only one class: no negatives for it
+    assert _nan(m["specificity"]) and m["sensitivity"] == 0.5

@@ -101,7 +101,9 @@ def load_config_file(path):
 
 
 def apply_config(parser, args, argv):
-    """Re-parse ``argv`` with the config file's values as defaults (the command line wins)."""
+    """Re-parse ``argv`` with the config file's values as defaults (the command line wins). Values are checked and
+    converted as the same option's command-line text would be (type, choices); a repeatable option takes a list or
+    one value, and its command-line occurrences are appended after the file's."""
     if not getattr(args, "config", None):
         return args
     data = load_config_file(args.config)
@@ -112,17 +114,46 @@ def apply_config(parser, args, argv):
         if dest not in dests:
             known = ", ".join(sorted(d.replace("_", "-") for d in dests))
             raise CLIError(f"{args.config}: unknown option {key!r} (expected one of {known})")
-        action = dests[dest]
-        if isinstance(value, list):
-            value = value if action.nargs in ("*", "+") else ",".join(str(v) for v in value)
-        if action.type is not None and value is not None and not isinstance(value, (bool, list)):
-            try:
-                value = action.type(value) if isinstance(value, str) else action.type(str(value))
-            except (TypeError, ValueError) as err:
-                raise CLIError(f"{args.config}: option {key!r}: {err}") from None
-        defaults[dest] = value
+        defaults[dest] = _config_value(parser, dests[dest], value, f"{args.config}: option {key!r}")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def _config_value(parser, action, value, where):
+    """A config file's value for ``action``, as argparse would store the same option given on the command line
+    (argparse runs neither type nor choices on defaults that are not strings, so it is done here)."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true-style flags
+        if not isinstance(value, bool):
+            parser.error(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        if isinstance(value, dict):  # defense-opt: {eps: 2/255} reads as eps=2/255
+            value = [f"{k}={v}" for k, v in value.items()]
+        # a list default, never a string: argparse appends command-line occurrences to it
+        return [_config_item(parser, action, v, where) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list):  # comma-separated options (--attacks, --eps, --methods) also take YAML lists
+        value = ",".join(str(v) for v in value)
+    return _config_item(parser, action, value, where)
+
+
+def _config_item(parser, action, value, where):
+    if isinstance(value, (dict, list)):
+        parser.error(f"{where}: expected a single value, got a {'mapping' if isinstance(value, dict) else 'list'}")
+    text = value if isinstance(value, str) else str(value)
+    if action.type is None:
+        value = text  # what the command line would give
+    else:
+        try:
+            value = action.type(text)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"{where}: {err}")
+        except (TypeError, ValueError):
+            parser.error(f"{where}: invalid {getattr(action.type, '__name__', 'value')} value: {text!r}")
+    if action.choices is not None and value not in action.choices:
+        parser.error(f"{where}: invalid choice {value!r} (expected one of {', '.join(map(str, action.choices))})")
+    return value
 
 
 def pick_device(name):
@@ -458,7 +489,10 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     from . import report
     from .evaluate import EvalError, evaluate, write_results
 
-    test = splits.test if getattr(args, "split", "test") == "test" else splits.val
+    split = getattr(args, "split", "test")
+    if split not in ("test", "val"):  # never fall back to another split silently
+        raise ValueError(f"evaluate_models: unknown split {split!r}; expected 'test' or 'val'")
+    test = splits.test if split == "test" else splits.val
     rows = []
     for label, model in models.items():
         try:

@@ -4,8 +4,13 @@ Binary tasks: ``sensitivity`` is the recall of ``positive_class`` (malignant), `
 other class, ``precision`` / ``f1`` are those of the positive class, ``auc`` the ROC AUC of the positive class's
 probability. Multi-class tasks: sensitivity, specificity, precision and F1 are macro averages over classes
 (one-vs-rest) and ``auc`` is the macro one-vs-rest ROC AUC. ``map`` is the mean over classes of the one-vs-rest
-average precision (DPAAT's mAP), for binary tasks too (the mean of both classes' AP). Undefined values (AUC with
-one class present) are NaN (``null`` in results.json).
+average precision (DPAAT's mAP), for binary tasks too (the mean of both classes' AP).
+
+Undefined values are NaN (``null`` in results.json, "–" in reports), as scikit-learn's ``zero_division=np.nan``
+gives them: sensitivity (recall) of a class absent from ``y_true``, specificity when ``y_true`` holds no negatives,
+precision of a class never predicted, F1 = 2TP / (2TP + FP + FN) when that denominator is 0, AUC with one class
+present. Macro averages run over the classes present in ``y_true`` and skip a class whose value is undefined (an absent
+class would otherwise count as 0 and a perfect prediction score below 1); they are NaN when no class has a value.
 """
 
 import math
@@ -66,27 +71,33 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         if positive_class not in (0, 1):
             raise ValueError(f"classification_metrics: binary tasks need positive_class 0 or 1, got {positive_class}")
         neg = 1 - positive_class
-        out["f1"] = float(f1_score(y_true, y_pred, pos_label=positive_class, zero_division=0))
-        out["sensitivity"] = float(recall_score(y_true, y_pred, pos_label=positive_class, zero_division=0))
-        out["specificity"] = float(recall_score(y_true, y_pred, pos_label=neg, zero_division=0))
-        out["precision"] = float(precision_score(y_true, y_pred, pos_label=positive_class, zero_division=0))
+        nan = dict(zero_division=np.nan)  # 0/0 is undefined, not 0 (module docstring)
+        out["f1"] = float(f1_score(y_true, y_pred, pos_label=positive_class, **nan))
+        out["sensitivity"] = float(recall_score(y_true, y_pred, pos_label=positive_class, **nan))
+        out["specificity"] = float(recall_score(y_true, y_pred, pos_label=neg, **nan))
+        out["precision"] = float(precision_score(y_true, y_pred, pos_label=positive_class, **nan))
         if probs is None or len(np.unique(y_true)) < 2:
             out["auc"] = out["map"] = math.nan
         else:
             out["auc"] = float(roc_auc_score(y_true == positive_class, probs[:, positive_class]))
             out["map"] = float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in (0, 1)]))
         return out
-    kw = dict(labels=labels, average="macro", zero_division=0)
-    out["f1"] = float(f1_score(y_true, y_pred, **kw))
-    out["sensitivity"] = float(recall_score(y_true, y_pred, **kw))
-    out["precision"] = float(precision_score(y_true, y_pred, **kw))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
+    present = cm.sum(1) > 0
+
+    def macro(per_class):
+        vals = per_class[present & ~np.isnan(per_class)]
+        return float(vals.mean()) if vals.size else math.nan
+
+    kw = dict(labels=labels, average=None, zero_division=np.nan)
+    out["f1"] = macro(f1_score(y_true, y_pred, **kw))
+    out["sensitivity"] = macro(recall_score(y_true, y_pred, **kw))
+    out["precision"] = macro(precision_score(y_true, y_pred, **kw))
     tn = cm.sum() - cm.sum(0) - cm.sum(1) + np.diag(cm)
     fp = cm.sum(0) - np.diag(cm)
-    present = cm.sum(1) > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        spec = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), 0.0)
-    out["specificity"] = float(spec.mean())
+        spec = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), math.nan)
+    out["specificity"] = macro(spec)
     if probs is None or present.sum() < 2:
         out["auc"] = out["map"] = math.nan
         return out
