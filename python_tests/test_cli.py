@@ -261,6 +261,18 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     rc, _, err = run(["train", "--data", small_npz, "--epochs", "3", "--out", out, "--resume", "--model", "mlp"],
                      capsys)
     one_line_error(rc, err, "--resume:", "model='small_cnn'")
+    run_json = (out / "run.json").read_text()
+    # settings the weights depend on cannot change on resume, and the record is left as it was
+    for extra, expected in ((["--lr", "0.5"], "lr="), (["--defense", "at"], "defense='standard'"),
+                            (["--epochs", "1"], "holds 2 epochs of training, more than --epochs 1")):
+        rc, _, err = run(argv + ["--resume"] + extra, capsys)
+        one_line_error(rc, err, "--resume:", expected)
+        assert (out / "run.json").read_text() == run_json
+    at = ["train", "--data", small_npz, "--epochs", "1", "--out", tmp_path / "at", "--no-progress", "--device", "cpu",
+          "--defense", "at", "--defense-opt", "steps=1"]
+    assert run(at, capsys)[0] == 0
+    rc, _, err = run(at[:-1] + ["steps=2", "--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "defense_options={'steps': 1}")
 
 
 def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_path, capsys):

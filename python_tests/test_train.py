@@ -88,6 +88,20 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path, defense_name, 
     assert [r["epoch"] for r in out.history] == [1, 2, 3]
 
 
+def test_resume_refuses_another_lr_or_fewer_epochs(tmp_path):
+    """The optimizer state (lr included) comes from the checkpoint, so another lr would be ignored silently."""
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, lr=1e-2, out_dir=tmp_path,
+        progress=False)
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with lr=0.01, this "
+                                         r"call has lr=0.5"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, lr=0.5, out_dir=tmp_path,
+            resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it holds 2 epochs of training, more "
+                                         r"than epochs=1"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, lr=1e-2, out_dir=tmp_path,
+            resume=True, progress=False)
+
+
 class NaNAtEpoch(Defense):
     """Standard loss that turns NaN from the given epoch on (counted in calls)."""
 

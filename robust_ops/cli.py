@@ -344,10 +344,15 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         old = json.loads((out / RUN_FILE).read_text())
         old.setdefault("channels_last", False)  # runs written before the options trained NCHW, on ATen's convolutions
         old.setdefault("prepacked_conv", False)
-        for key in ("data", "model", "defense", "dropmax", "seed", "batch_size", "channels_last", "prepacked_conv"):
+        # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
+        for key in ("data", "model", "defense", "defense_options", "dropmax", "seed", "batch_size", "lr",
+                    "channels_last", "prepacked_conv"):
             if old.get(key) != run[key]:
                 raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={old.get(key)!r}, this command has "
                                f"{key}={run[key]!r}")
+        done = trainer.epochs_done(out)
+        if done > epochs:
+            raise CLIError(f"--resume: {out} holds {done} epochs of training, more than --epochs {epochs}")
     write_json_atomic(out / RUN_FILE, run)
     train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
     try:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .evaluate import AttackSpec
+from .train import epochs_done
 
 
 @dataclass
@@ -339,16 +340,6 @@ def _eps_expr(text):
 EVAL_CACHE_FILE = "eval.json"
 
 
-def _epochs_done(run_dir):
-    """Epochs a run folder's history records (written with each checkpoint); only for the progress message."""
-    from .train import HISTORY_NAME
-
-    try:
-        return len(json.loads((Path(run_dir) / HISTORY_NAME).read_text()))
-    except (OSError, ValueError, TypeError):
-        return 0
-
-
 def _digest(tensors):
     h = hashlib.sha256()
     for t in tensors:
@@ -471,7 +462,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             if method.defense == "ima" and "delta" not in options:
                 options["delta"] = options.get("eps_train", 1.0) / max(epochs, 1)  # margins can reach eps_train
             run_dir = runs_dir / report.slug(method.label) / tag
-            done = _epochs_done(run_dir)
+            done = epochs_done(run_dir)
             doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < epochs
                      else "loading (already trained)")
             print(f"[{tag}] {doing} {method.label} ({method.defense}, {epochs} epochs) ...", flush=True)

@@ -186,6 +186,14 @@ def _umask():
     return mask
 
 
+def epochs_done(out_dir):
+    """Epochs an out_dir's history records (metrics.json, rewritten after each checkpoint); 0 without one."""
+    try:
+        return len(json.loads((Path(out_dir) / HISTORY_NAME).read_text()))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by fit (weights_only=True: tensors and plain values only)."""
     return torch.load(path, map_location=map_location, weights_only=True)
@@ -441,22 +449,30 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{name}: the model has no trainable parameters")
+    own_optimizer = optimizer is None
     optimizer = _make_optimizer(name, optimizer, model, params, lr)
     scheduler = _make_scheduler(name, scheduler, optimizer)
     scaler = torch.amp.GradScaler("cuda") if amp else None
 
     sampler = GlobalBatchSampler(len(train_data), batch_size, seed=seed, rank=rank, world_size=world)
     history, start_epoch = [], 0
-    config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?")}
+    config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
+              "lr": lr if own_optimizer else None}
     if resume_path is not None:
         state = load_checkpoint(resume_path, map_location=device)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{name}: {resume_path} is not a robust_ops fit checkpoint (format "
                              f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT})")
-        for key in ("batch_size", "seed", "defense"):
-            if state["config"].get(key) != config[key]:
-                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}="
-                                 f"{state['config'].get(key)!r}, this call has {key}={config[key]!r}")
+        # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored
+        # (checkpoints written before lr was recorded pass)
+        for key in ("batch_size", "seed", "defense", "lr"):
+            saved = state["config"].get(key, config[key] if key == "lr" else None)
+            if saved != config[key]:
+                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
+                                 f"call has {key}={config[key]!r}")
+        if int(state["epoch"]) > epochs:
+            raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
+                             f"more than epochs={epochs}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
