@@ -117,8 +117,12 @@ def test_busi_folder(tmp_path):
     # zero padding: a 40x20 image becomes 40x40 with black bands above and below
     assert float(x[0, 0, 0].max()) == 0.0 and float(x[0, 0, 8].min()) > 0
     assert torch.allclose(x[y == 1][:, :, 8, 8], torch.tensor(200 / 255))
+    assert s.info.extra == {"excluded_samples": 10, "excluded_labels": {"normal": 10}}  # the filter is recorded
     s3 = load_dataset(tmp_path, size=16)
     assert s3.info.class_names == ("benign", "malignant", "normal") and s3.info.positive_class is None
+    assert s3.info.extra["excluded_samples"] == 0
+    with pytest.raises(DataError, match=r"classes lists benign more than once"):
+        load_dataset(tmp_path, classes=("benign", "Benign"))
 
 
 def test_busi_missing_class(tmp_path):
@@ -149,6 +153,65 @@ def test_csv_errors(tmp_path):
     (tmp_path / "n.csv").write_text("image_id,dx\nimg_a,nv\nimg_b,mel\n")
     with pytest.raises(DataError, match=r"n\.csv: 2 image\(s\) listed but not found"):
         load_dataset(tmp_path / "n.csv")
+
+
+def _ham(tmp_path, labels, name="meta.csv", images=True):
+    rows = ["image_id,dx"] + [f"im{i},{dx}" for i, dx in enumerate(labels)]
+    (tmp_path / name).write_text("\n".join(rows) + "\n")
+    if images:
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        for i in range(len(labels)):
+            _png(tmp_path / "imgs" / f"im{i}.jpg", (8, 8), 8 * i % 256, mode="RGB")
+    return tmp_path / name
+
+
+def test_csv_requested_class_without_rows(tmp_path):
+    """The review's repro: 'BKL' (labels are case-sensitive) must not become an empty third class."""
+    path = _ham(tmp_path, ["mel", "nv", "bkl"] * 10)
+    with pytest.raises(DataError, match=r"meta\.csv: requested class\(es\) 'BKL' have no rows in column 'dx' "
+                                        r"\(labels present: bkl, mel, nv\)$"):
+        load_dataset(path, size=8, classes=("mel", "nv", "BKL"))
+    many = _ham(tmp_path, [f"c{i:02d}" for i in range(15)], name="many.csv", images=False)
+    with pytest.raises(DataError, match=r"'zz' have no rows .*c00, c01, .*c11, \.\.\. \(3 more\)\)$"):
+        load_dataset(many, classes=("c00", "zz"))
+
+
+def test_csv_subset_filter_is_recorded(tmp_path):
+    path = _ham(tmp_path, ["mel", "nv", "bkl"] * 10)
+    (tmp_path / "imgs" / "im2.jpg").unlink()  # an excluded row's image need not exist
+    s = load_dataset(path, size=8, classes=("nv", "mel"))
+    assert s.info.class_names == ("nv", "mel") and len(s.train) + len(s.val) + len(s.test) == 20
+    assert s.info.extra == {"excluded_samples": 10, "excluded_labels": {"bkl": 10}}
+    assert s.info.to_dict()["excluded_labels"] == {"bkl": 10}  # so run.json / results.json show it
+    with pytest.raises(DataError, match=r"1 image\(s\) listed but not found"):
+        load_dataset(path, size=8)
+    (tmp_path / "imgs" / "im2.jpg").touch()
+    with pytest.raises(DataError, match=r"im2\.jpg: not a readable image"):
+        load_dataset(path, size=8)
+
+
+def test_csv_malformed_rows_and_classes(tmp_path):
+    (tmp_path / "d.csv").write_text("image_id,dx\na,nv\nb,mel\na,mel\n")
+    with pytest.raises(DataError, match=r"d\.csv: 1 image_id\(s\) listed more than once, e\.g\. a; expected one"):
+        load_dataset(tmp_path / "d.csv")
+    (tmp_path / "e.csv").write_text("image_id,dx\na,nv\nb,\n")
+    with pytest.raises(DataError, match=r"e\.csv: line 3: empty 'dx'; expected a value in every row"):
+        load_dataset(tmp_path / "e.csv")
+    (tmp_path / "f.csv").write_text("image_id,age,dx\na,50,nv\nb,60\n")
+    with pytest.raises(DataError, match=r"f\.csv: line 3: empty 'dx'"):
+        load_dataset(tmp_path / "f.csv")
+    path = _ham(tmp_path, ["mel", "nv"] * 4)
+    for bad, msg in (("mel", r"expected classes to be a sequence of names .* got the string 'mel'"),
+                     (("mel", "nv", "mel"), r"classes lists mel more than once")):
+        with pytest.raises(DataError, match=msg):
+            load_dataset(path, size=8, classes=bad)
+    (tmp_path / "copy").mkdir()
+    _png(tmp_path / "copy" / "im3.png", (8, 8), 0, mode="RGB")
+    with pytest.raises(DataError,
+                       match=r"1 image_id\(s\) match several files.*copy/im3\.png and .*imgs/im3\.jpg; pass image_dir"):
+        load_dataset(path, size=8)
+    from robust_ops.data import load_csv
+    assert len(load_csv(path, size=8, image_dir=tmp_path / "imgs").train) > 0
 
 
 def test_synthetic_deterministic_and_named():

@@ -6,6 +6,7 @@ Neither source has official splits: train/val/test are a stratified 7:1:2 split 
 """
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,36 +60,70 @@ def _positive(class_names):
     return 1
 
 
+def _listing(items, cap=12):
+    """``a, b, c`` -- at most ``cap`` items, then how many more, so an error stays one readable line."""
+    items = [str(i) for i in items]
+    more = f", ... ({len(items) - cap} more)" if len(items) > cap else ""
+    return (", ".join(items[:cap]) or "none") + more
+
+
+def _class_list(classes, where, fold=None):
+    """Validate an explicit ``classes`` argument: a sequence of distinct names (a bare string would be split into
+    letters; a repeated name would give one set of samples two labels)."""
+    if isinstance(classes, (str, bytes)):
+        raise DataError(f"{where}: expected classes to be a sequence of names such as ('benign', 'malignant'), "
+                        f"got the string {classes!r}")
+    names = [fold(c) if fold else c for c in classes]
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise DataError(f"{where}: classes lists {_listing(dup)} more than once; expected distinct names")
+    return names
+
+
 def load_busi(folder, size=224, seed=0, classes=None, mode="L"):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
 
     classes: which class folders to use, in label order (default: those of benign/malignant/normal present, in that
-    order, then any others alphabetically). MIRST-DM uses ``("benign", "malignant")``.
+    order, then any others alphabetically). MIRST-DM uses ``("benign", "malignant")``. Names match folders
+    case-insensitively; a requested folder that is missing or holds no images is an error. Folders not requested are
+    left out, as a filter, and recorded in ``info.extra``: ``excluded_labels`` (folder -> image count) and
+    ``excluded_samples`` (their total).
     """
     folder = Path(folder)
-    subdirs = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
+    subdirs = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_dir():
+            if p.name.lower() in subdirs:  # one of them would be dropped silently
+                raise DataError(f"{folder}: class folders {subdirs[p.name.lower()].name} and {p.name} differ only "
+                                "in case; expected one folder per class")
+            subdirs[p.name.lower()] = p
     if classes is None:
         classes = [c for c in BUSI_ORDER if c in subdirs] + sorted(c for c in subdirs if c not in BUSI_ORDER)
-    classes = [c.lower() for c in classes]
+    classes = _class_list(classes, f"load_busi({folder})", fold=str.lower)
     missing = [c for c in classes if c not in subdirs]
     if missing:
         found = ", ".join(sorted(subdirs))
         raise DataError(f"{folder}: class folder(s) {', '.join(missing)} not found (found: {found})")
     if len(classes) < 2:
         raise DataError(f"{folder}: expected at least two class folders (e.g. benign, malignant), got {classes}")
+
+    def images(d):
+        return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower())
+
     arrays, labels = [], []
     for label, c in enumerate(classes):
-        files = sorted(p for p in subdirs[c].iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower())
+        files = images(subdirs[c])
         if not files:
             raise DataError(f"{subdirs[c]}: no images found")
         for p in files:
             arrays.append(read_image(p, size, mode))
             labels.append(label)
+    excluded = {c: len(images(d)) for c, d in sorted(subdirs.items()) if c not in classes}
     x, y = _stack(arrays, labels)
     info = DatasetInfo(
         name=folder.name or "busi", num_classes=len(classes), in_channels=x.shape[1], image_size=size,
         class_names=tuple(classes), positive_class=_positive(classes), synthetic=False, source=str(folder),
+        extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded},
     )
     return splits_from_arrays(x, y, info, seed)
 
@@ -96,45 +131,73 @@ def load_busi(folder, size=224, seed=0, classes=None, mode="L"):
 def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
              mode="RGB"):
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
-    ``<image_id>.jpg`` anywhere under the CSV's folder, e.g. HAM10000_images_part_1/ and _part_2/)."""
+    ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
+    _part_2/).
+
+    classes: label names to use, in label order (default: every label in the CSV, sorted). Labels match exactly
+    (case-sensitive). Every requested class must have at least one row, else DataError naming the labels present.
+    Rows with other labels are left out -- a subset filter, like choosing class folders -- and recorded in
+    ``info.extra``: ``excluded_labels`` (label -> row count) and ``excluded_samples`` (their total); their images
+    need not exist. Each image_id must appear once and match exactly one image file; an empty id or label is an
+    error.
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such file")
+    rows = []
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         for col in (id_column, label_column):
             if col not in fields:
                 raise DataError(f"{csv_path}: missing column {col!r} (found: {', '.join(fields) or 'none'})")
-        rows = [(r[id_column], r[label_column]) for r in reader]
+        for r in reader:
+            image_id, label = r[id_column], r[label_column]
+            if not image_id or not label:  # None: a short row; "" would otherwise become a class or an id
+                col = id_column if not image_id else label_column
+                raise DataError(f"{csv_path}: line {reader.line_num}: empty {col!r}; expected a value in every row")
+            rows.append((image_id, label))
     if not rows:
         raise DataError(f"{csv_path}: no rows")
-    root = Path(image_dir) if image_dir else csv_path.parent
-    index = {}
-    for p in root.rglob("*"):
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            index.setdefault(p.stem, p)
-    names = sorted({label for _, label in rows}) if classes is None else list(classes)
+    seen = Counter(image_id for image_id, _ in rows)
+    dup = sorted(i for i, n in seen.items() if n > 1)
+    if dup:  # the same image twice could land in both train and test
+        raise DataError(f"{csv_path}: {len(dup)} image_id(s) listed more than once, e.g. {_listing(dup, 3)}; "
+                        f"expected one row per image")
+    counts = Counter(label for _, label in rows)
+    if classes is None:
+        names = sorted(counts)
+    else:
+        names = _class_list(classes, f"load_csv({csv_path})")
+        empty = [n for n in names if n not in counts]
+        if empty:
+            raise DataError(f"{csv_path}: requested class(es) {_listing(map(repr, empty))} have no rows in column "
+                            f"{label_column!r} (labels present: {_listing(sorted(counts))})")
+    if len(names) < 2:
+        raise DataError(f"{csv_path}: expected at least two classes in column {label_column!r}, got {names}")
     lookup = {n: i for i, n in enumerate(names)}
-    arrays, labels, missing = [], [], []
-    for image_id, label in rows:
-        if label not in lookup:
-            continue
-        p = index.get(image_id)
-        if p is None:
-            missing.append(image_id)
-            continue
-        arrays.append(read_image(p, size, mode))
-        labels.append(lookup[label])
+    excluded = {label: n for label, n in sorted(counts.items()) if label not in lookup}
+    kept = [(image_id, lookup[label]) for image_id, label in rows if label in lookup]
+    root = Path(image_dir) if image_dir else csv_path.parent
+    wanted = {image_id for image_id, _ in kept}
+    index = {}
+    for p in sorted(root.rglob("*")):
+        if p.stem in wanted and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            index.setdefault(p.stem, []).append(p)
+    missing = [image_id for image_id, _ in kept if image_id not in index]
     if missing:
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
                         f"e.g. {', '.join(missing[:3])}")
-    if len(set(labels)) < 2:
-        raise DataError(f"{csv_path}: expected at least two classes in column {label_column!r}, "
-                        f"got {sorted(set(labels))}")
-    x, y = _stack(arrays, labels)
+    ambiguous = sorted(i for i, ps in index.items() if len(ps) > 1)
+    if ambiguous:  # which copy would be read depended on the file-system order
+        first = index[ambiguous[0]]
+        raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
+                        f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
+    arrays = [read_image(index[image_id][0], size, mode) for image_id, _ in kept]
+    x, y = _stack(arrays, [label for _, label in kept])
     info = DatasetInfo(
         name=csv_path.stem, num_classes=len(names), in_channels=x.shape[1], image_size=size,
         class_names=tuple(names), positive_class=_positive(names), synthetic=False, source=str(csv_path),
+        extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded},
     )
     return splits_from_arrays(x, y, info, seed)
