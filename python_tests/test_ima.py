@@ -238,6 +238,57 @@ def test_default_padding_uses_the_measured_sizes(sizes):
     assert model.training is False
 
 
+def test_batch_invariant_sizes_finds_the_period_above_the_probed_sizes():
+    x = torch.rand(4, 1, 10, 10)
+    sizes = batch_invariant_sizes(BatchDependent(lambda n: n % 4 == 0).eval(), x)  # a row tail at every size
+    assert sizes == (4, 8, 12, 16) and sizes.period == 4
+    assert batch_invariant_sizes(BatchDependent(lambda n: n >= 6).eval(), x).period == 1  # 17 rows are invariant
+    # 8 and 16 are listed but 24 rows differ: only the multiples of max_rows are left.
+    sizes = batch_invariant_sizes(BatchDependent(lambda n: 6 <= n <= 16 or n % 16 == 0).eval(), x)
+    assert sizes == tuple(range(6, 17)) and sizes.period == 16
+    assert batch_invariant_sizes(BatchDependent(lambda n: n % 3 == 0).eval(), x, max_rows=6).period == 3
+
+
+def test_default_padding_above_the_probed_sizes_keeps_compaction_bitwise():
+    torch.manual_seed(0)
+    invariant = lambda n: n % 4 == 0  # noqa: E731 -- as the float64 CNN below computes its input gradients
+    model = BatchDependent(invariant).eval()
+    with torch.no_grad():
+        model.weight.mul_(20)
+    x = torch.rand(41, 1, 10, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    margin = torch.rand(41) * 4
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    counter = PassCounter()
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter)
+    gen_adv_rows = rows[-counter.forward_calls:]
+    b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6)  # 41 rows: padded to 44 as well
+    hook.remove()
+    assert torch.equal(a, b) and torch.equal(ca, cb) and 0 < int(ca.sum()) < 41
+    assert all(invariant(n) for n in gen_adv_rows) and max(gen_adv_rows) == 44
+
+
+def test_float64_cnn_compacted_equals_masked_bitwise_above_the_probed_sizes():
+    """A float64 CPU CNN's input gradient can depend on the batch size at every size (measured here: unless it is a
+    multiple of 4, MKL's float64 matrix multiply in the head's backward); working batches above the probed 16 rows
+    are padded to the period the probe found, so compaction changes no bit."""
+    model, x, y, margin = make_problem(n=40, seed=0)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    counter = PassCounter()
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter)
+    gen_adv_rows = rows[-counter.forward_calls:]
+    b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6)
+    hook.remove()
+    assert torch.equal(ca, cb) and 0 < int(ca.sum()) < 40
+    assert torch.equal(a, b)
+    sizes = batch_invariant_sizes(model, x)  # cached: what gen_adv padded to
+    above = [n for n in gen_adv_rows if n > 16]
+    assert len(above) > 1 and all(n % sizes.period == 0 for n in above)
+
+
 def test_batch_invariant_sizes_uses_random_output_gradients():
     """An all-ones output gradient hides a backward whose result depends on the batch (here: a matrix multiply
     that sums in another order below 6 rows, as BLAS kernels picked by size do)."""
@@ -421,6 +472,48 @@ def test_dice_criterion_on_a_tiny_segmentation_net():
         dice_criterion(1.5)
 
 
+def test_dice_accepts_each_documented_output_layout():
+    g = torch.Generator().manual_seed(0)
+    masks = (torch.rand(2, 8, 8, generator=g) > 0.5).long()
+    logits = masks.double() * 2 - 1  # perfect binary logits
+    logits[1, 0, :] = -logits[1, 0, :]  # sample 1: its first row wrong
+    inter = masks[1, 1:].sum()
+    expected = torch.tensor([1.0, float(2 * inter / (masks[1].sum() + inter + (1 - masks[1, 0]).sum()))],
+                            dtype=torch.float64)
+    criterion = dice_criterion(0.99)
+    for out in (logits, logits.unsqueeze(1)):  # binary [N, H, W] and [N, 1, H, W]
+        for target in (masks, masks.unsqueeze(1), masks.bool(), masks.double()):
+            torch.testing.assert_close(dice_score(out, target), expected, rtol=0, atol=1e-12)
+            assert criterion(out, target).tolist() == [True, False]
+    # Multi-class [N, C, H, W] against labels [N, H, W], also with C = H = W.
+    labels = torch.randint(0, 8, (2, 8, 8), generator=g)
+    one_hot = F.one_hot(labels, 8).permute(0, 3, 1, 2).double()
+    assert dice_score(one_hot, labels).tolist() == [1.0, 1.0] and criterion(one_hot, labels).tolist() == [True, True]
+    wrong = one_hot.clone()
+    wrong[1] = one_hot[1].roll(1, dims=0)  # every pixel of sample 1 one class off
+    assert dice_score(wrong, labels).tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match=r"dice_score: expected y of 64 pixels per sample to match the binary output "
+                                         r"\(2, 8, 8\) .* got \(2, 4, 4\)"):
+        dice_score(logits, masks[:, :4, :4])
+    with pytest.raises(ValueError, match=r"dice_score: expected y to have 64 labels per sample to match the "
+                                         r"multi-class output \(2, 8, 8, 8\), got \(2, 4, 4\)"):
+        dice_score(one_hot, labels[:, :4, :4])
+    # GenAdv with the [N, H, W] output of a segmentation net.
+    torch.manual_seed(0)
+    net = TinySegNet().double().eval()
+    model = nn.Sequential(net, nn.Flatten(1, 2))  # [N, 1, H, W] -> [N, H, W]
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        target = (model(x) > 0).long()
+    keep = target.flatten(1).sum(1) > 0
+    margin = torch.full((int(keep.sum()),), 3.0, dtype=torch.float64)
+    kwargs = dict(steps=10, is_correct=dice_criterion(), loss_fn=soft_dice_loss)
+    squeezed = gen_adv(model, x[keep], target[keep], margin, **kwargs)
+    unsqueezed = gen_adv(net, x[keep], target[keep], margin, **kwargs)
+    assert bool(squeezed[1].any()) and torch.equal(squeezed[1], unsqueezed[1])
+    torch.testing.assert_close(squeezed[0], unsqueezed[0], rtol=0, atol=1e-12)
+
+
 def test_gen_adv_errors():
     model, x, y, margin = make_problem()
     bad = margin.clone()
@@ -551,6 +644,52 @@ def test_ima_state_dict_round_trip_and_defaults():
     assert (restored.eps_train, restored.delta) == (defense.eps_train, defense.delta)
     with pytest.raises(ValueError, match=r"IMA.load_state_dict: expected margins of shape \[21\]"):
         IMA(num_samples=21).load_state_dict(state)
+
+
+def test_ima_load_state_dict_refuses_other_given_eps_train_or_delta():
+    model, x, y = ima_batch()
+    defense = IMA(num_samples=20, eps_train=2.0, delta=0.5, steps=3, search_steps=3)
+    defense(model, x, y, torch.arange(12))
+    state = defense.state_dict()
+    same = IMA(num_samples=20, eps_train=2.0, delta=0.5)
+    same.load_state_dict(state)
+    assert torch.equal(same.margins, defense.margins)
+    # A resume with other settings (e.g. reproduce's delta = eps_train / epochs after changing --epochs) would
+    # silently train with the checkpoint's values.
+    with pytest.raises(ValueError, match=r"IMA.load_state_dict: the checkpoint was trained with delta=0.5, this "
+                                         r"defense has delta=0.25; pass the checkpoint's value"):
+        IMA(num_samples=20, eps_train=2.0, delta=0.25).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"IMA.load_state_dict: the checkpoint was trained with eps_train=2.0, this "
+                                         r"defense has eps_train=1.0"):
+        IMA(num_samples=20, eps_train=1.0, delta=0.5).load_state_dict(state)
+    # Unset (automatic) values are the checkpoint's, even once resolved from a batch.
+    for restored in (IMA(num_samples=20), IMA(num_samples=20, eps_train=2.0), IMA(num_samples=20, delta=0.5)):
+        restored.load_state_dict(state)
+        assert (restored.eps_train, restored.delta) == (2.0, 0.5) and torch.equal(restored.margins, defense.margins)
+    resolved = IMA(num_samples=20, steps=1, search_steps=1)
+    resolved(model, x, y, torch.arange(12))
+    assert resolved.eps_train != 2.0
+    resolved.load_state_dict(state)
+    assert (resolved.eps_train, resolved.delta) == (2.0, 0.5)
+
+
+def test_checkpoints_refuse_margins_above_eps_train():
+    state = {"margins": torch.tensor([0.5, 2.5, 1.0]), "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5}
+    with pytest.raises(ValueError, match=r"IMA.load_state_dict: expected margins in \[0, eps_train=2.0\], got 2.5"):
+        IMA(num_samples=3).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"MarginTable.load_state_dict: expected margins in \[0, max_margin=2.0\], "
+                                         r"got 2.5"):
+        MarginTable(3, 0.5, 2.0).load_state_dict({"margins": state["margins"]})
+    # Margins clipped at an eps_train that float32 rounds (the paper's rule for 1x28x28) load back.
+    eps = 3 * math.sqrt(784 / 3072)
+    table = MarginTable(3, 0.5, eps)
+    table.update(torch.arange(3), adv_correct=torch.ones(3, dtype=torch.bool), crossed=torch.zeros(3, dtype=torch.bool),
+                 distance=torch.zeros(3), delta=10.0)
+    assert bool((table.margins == table.max_margin).all()) and float(table.margins[0]) != eps
+    MarginTable(3, 0.5, eps).load_state_dict(table.state_dict())
+    restored = IMA(num_samples=3, eps_train=eps)
+    restored.load_state_dict({"margins": table.margins, "eps_train": eps, "delta": eps / 100, "init_margin": 0.5})
+    assert torch.equal(restored.margins, table.margins)
 
 
 def test_ima_merge_distributed_state_without_sync():

@@ -38,6 +38,7 @@ __all__ = [
     "gen_adv",
     "gen_adv_masked",
     "batch_invariant_sizes",
+    "InvariantSizes",
     "GenAdvInfo",
     "PassCounter",
     "MarginTable",
@@ -117,23 +118,25 @@ def _default_loss(out, y):
 
 
 def _seg_masks(out, y, name):
-    """Binary masks (pred, target) [N, P] for binary (one logit channel) or multi-class (C >= 2 channels) outputs;
-    multi-class returns one-hot masks [N, C, P]."""
+    """Boolean masks (pred, target): [N, P] for binary outputs, one-hot [N, C, P] for multi-class ones. Multi-class
+    means class logits out [N, C, ...] (C >= 2) against labels y [N, ...], i.e. one dimension more than y; anything
+    else is binary logits with y's pixel count ([N, H, W] or [N, 1, H, W] against a [N, H, W] or [N, 1, H, W] mask)."""
     n = out.shape[0]
-    if out.dim() >= 3 and out.shape[1] >= 2:  # [N, C, ...] class logits, y [N, ...] labels
+    if out.dim() == y.dim() + 1 and out.dim() >= 3 and out.shape[1] >= 2:
         c = out.shape[1]
         pred = torch.nn.functional.one_hot(out.argmax(1).reshape(n, -1), c).transpose(1, 2)
         target_labels = y.reshape(n, -1).long()
         if target_labels.shape[1] != pred.shape[2]:
-            raise ValueError(f"{name}: expected y to have {pred.shape[2]} labels per sample to match the output "
-                             f"{tuple(out.shape)}, got {tuple(y.shape)}")
+            raise ValueError(f"{name}: expected y to have {pred.shape[2]} labels per sample to match the multi-class "
+                             f"output {tuple(out.shape)}, got {tuple(y.shape)}")
         target = torch.nn.functional.one_hot(target_labels, c).transpose(1, 2)
         return pred.bool(), target.bool()
     pred = (out > 0).reshape(n, -1)
     target = y.reshape(n, -1)
     if target.shape[1] != pred.shape[1]:
-        raise ValueError(f"{name}: expected y of {pred.shape[1]} pixels per sample to match the output "
-                         f"{tuple(out.shape)}, got {tuple(y.shape)}")
+        raise ValueError(f"{name}: expected y of {pred.shape[1]} pixels per sample to match the binary output "
+                         f"{tuple(out.shape)} (multi-class outputs [N, C, ...] take labels y [N, ...]), "
+                         f"got {tuple(y.shape)}")
     return pred, target > 0.5 if target.is_floating_point() else target.bool()
 
 
@@ -141,8 +144,9 @@ def dice_score(out, y):
     """Dice per sample [N] of a segmentation output (logits) against the target mask y.
 
     Binary: out [N, 1, H, W] or [N, H, W] logits (foreground where > 0), y a {0, 1} mask of the same pixel count.
-    Multi-class: out [N, C, H, W] (C >= 2, argmax) and y [N, H, W] labels; the mean Dice over the foreground classes
-    present in the prediction or the target. Empty prediction and empty target give Dice 1.
+    Multi-class: out [N, C, H, W] (C >= 2, argmax) and y [N, H, W] labels (out has one dimension more than y); the
+    mean Dice over the foreground classes present in the prediction or the target. Empty prediction and empty
+    target give Dice 1.
     """
     pred, target = _seg_masks(out, y, "dice_score")
     inter = (pred & target).sum(-1).double()
@@ -270,12 +274,16 @@ class _Problem:
 
     def padded_rows(self, n):
         """Rows a forward over n samples runs on: at least min_rows, or (auto) the next batch size whose results
-        are those of a large batch."""
+        are those of a large batch (above the probed sizes: the next multiple of their period)."""
         if n == 0:
             return 0
-        if self.invariant_sizes is None:
+        sizes = self.invariant_sizes
+        if sizes is None:
             return max(n, self.min_rows)
-        return next((s for s in self.invariant_sizes if s >= n), n)
+        if not sizes or n <= sizes[-1]:
+            return next((s for s in sizes if s >= n), n)
+        period = getattr(sizes, "period", 1)
+        return -(-n // period) * period
 
     def forward(self, xs, counter, grad):
         """Model output at xs (with a graph to xs when grad); one counted forward. Batches are padded to
@@ -476,6 +484,19 @@ MAX_PROBED_ROWS = 16
 _INVARIANT_SIZES = weakref.WeakKeyDictionary()  # model -> {input signature: batch sizes}
 
 
+class InvariantSizes(tuple):
+    """What :func:`batch_invariant_sizes` returns: the invariant batch sizes up to ``max_rows`` (a sorted tuple), and
+    ``period``: batches above ``max_rows`` are taken to be invariant at the multiples of ``period`` (1: every size)."""
+
+    def __new__(cls, sizes=(), period=1):
+        self = super().__new__(cls, sizes)
+        self.period = int(period)
+        return self
+
+    def __repr__(self):
+        return f"InvariantSizes({tuple(self)!r}, period={self.period})"
+
+
 def _probe_signature(model, x):
     return (tuple(x.shape[1:]), x.dtype, x.device, output_memory_format(x), torch.get_num_threads(),
             prepacked_conv_active(model))
@@ -486,7 +507,12 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     batch: outputs (with and without grad) and input gradients (under random output gradients) of n rows equal those
     of the same rows inside a batch of ``2 * max_rows``. Returns a sorted tuple that ends with ``max_rows``, or
     ``()`` when ``max_rows`` rows already differ (or the model is not deterministic): padding cannot help then.
-    Batches larger than ``max_rows`` are taken to be invariant.
+    The tuple's ``period`` (:class:`InvariantSizes`) covers larger batches: 1 when ``max_rows + 1`` rows are
+    invariant (every larger size is then taken to be), else the smallest listed p whose multiples up to
+    ``max_rows`` are all listed and for which ``max_rows + p`` rows are invariant (at worst ``max_rows``): larger
+    batches are invariant at the multiples of p. Measured: a float64 CPU CNN's input gradient sums a row tail of 1-3
+    rows in another order at every batch size (MKL's float64 matrix multiply in the classifier's backward; sizes
+    4, 8, 12, 16, period 4).
 
     Why: CPU and GPU math libraries pick kernels by batch size (measured for resnet18 on 1x28x28: on this
     project's AVX-512 machine results settle from 16 rows; on its AVX2 machine from 12, and at 4 and 8, because
@@ -495,9 +521,10 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     computation returns. Measured once per model, sample shape, dtype, device, memory format, thread count,
     prepacked-convolution mode (robust_ops.prepacked_conv) and clip range (random inputs in [clip_min, clip_max],
     the model in its current mode -- run it inside the attack's mode), then cached for the model's lifetime. Each
-    size is checked on several disjoint batches covering ``max_rows`` rows: about ``max_rows * (max_rows + 4)``
-    sample forwards and backwards (3 s for resnet18 on 1x28x28 on 2 CPU cores). Changing the model's layers
-    afterwards is not detected."""
+    size is checked on several disjoint batches covering ``max_rows`` rows, and the sizes above ``max_rows`` on
+    batches at both ends of the large one: about ``max_rows * (max_rows + 6)`` sample forwards and backwards (up to
+    ``max_rows * (max_rows + 10)`` when a period is found; 3 s for resnet18 on 1x28x28 on 2 CPU cores). Sizes
+    above ``2 * max_rows`` are not measured. Changing the model's layers afterwards is not detected."""
     max_rows = _check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError(f"batch_invariant_sizes: expected x to be a batch tensor [N, ...], got "
@@ -527,19 +554,33 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
 
     reference = run(0, probe.shape[0])
 
-    def invariant(n):
-        # Several disjoint batches of n rows: one row's few logits can agree by chance when another kernel ran
-        # (measured: 1 of 8 single rows of a float64 CNN differed).
-        for start in range(0, max(max_rows // n, 1) * n, n):
+    def agrees(n, starts):
+        for start in starts:
             got = run(start, start + n)
             if not all(torch.equal(a, b[start:start + n]) for a, b in zip(got, reference)):
                 return False
         return True
 
-    sizes = ()
+    def invariant(n):
+        # Several disjoint batches of n rows: one row's few logits can agree by chance when another kernel ran
+        # (measured: 1 of 8 single rows of a float64 CNN differed).
+        return agrees(n, range(0, max(max_rows // n, 1) * n, n))
+
+    def invariant_above(n):
+        # max_rows < n <= 2 * max_rows: one batch at each end of the reference, so two different rows form the tail.
+        return agrees(n, sorted({0, 2 * max_rows - n}))
+
+    sizes = InvariantSizes()
     deterministic = all(torch.equal(a, b) for a, b in zip(run(0, probe.shape[0]), reference))
     if deterministic and invariant(max_rows):
-        sizes = tuple(n for n in range(1, max_rows) if invariant(n)) + (max_rows,)
+        small = tuple(n for n in range(1, max_rows) if invariant(n)) + (max_rows,)
+        period = 1
+        if not invariant_above(max_rows + 1):
+            # A row tail computed in another order at every size: pad to a period the small sizes show, checked
+            # once above max_rows; max_rows itself always qualifies (2 * max_rows rows are the reference).
+            period = next((p for p in small if max_rows % p == 0 and set(range(p, max_rows + 1, p)) <= set(small)
+                           and invariant_above(max_rows + p)), max_rows)
+        sizes = InvariantSizes(small, period)
     cache[key] = sizes
     return sizes
 
@@ -637,10 +678,11 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
             dropped). Math libraries pick kernels by batch size, so a sample's float32 result can differ in the
             last bit between a batch of 5 and one of 64, and compaction would change results. Default (None), in
             eval mode: pad each batch to the next size :func:`batch_invariant_sizes` measured (once per model) to
-            give large-batch results -- on the AVX2 machine here 4, 8, 12 and up for resnet18; on an AVX-512 one
-            16 and up (docs/ima.md) -- so compacted and masked GenAdv are bitwise equal at the least padding this
-            machine needs. In train mode the default is 0 (padding would change batch-norm statistics, so
-            min_rows > 0 is an error there). 0 turns padding off.
+            give large-batch results -- on the AVX2 machine here 4, 8, 12 and up for resnet18, the multiples of 4
+            at every size for a float64 CNN (batches above the probed sizes go to the next multiple of the measured
+            period); on an AVX-512 one 16 and up (docs/ima.md) -- so compacted and masked GenAdv are bitwise equal
+            at the least padding this machine needs. In train mode the default is 0 (padding would change
+            batch-norm statistics, so min_rows > 0 is an error there). 0 turns padding off.
 
     Returns:
         ``(x_adv, crossed)`` (plus ``info`` with ``return_info``): x_adv [N, ...] detached, crossed BoolTensor[N]
@@ -665,6 +707,16 @@ def gen_adv_masked(model, x, y, margin, **kwargs):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Margin table
+
+
+def _above_max(margins, max_margin, dtype):
+    """The largest margin when one exceeds ``max_margin`` as ``dtype`` stores it (update's clamp rounds it so), else
+    None."""
+    m = margins.detach().to(dtype)
+    top = m.max() if m.numel() else None
+    if top is None or not bool(top > torch.tensor(max_margin, dtype=dtype, device=m.device)):
+        return None
+    return float(top)
 
 
 class MarginTable:
@@ -793,6 +845,10 @@ class MarginTable:
                              f"(one per dataset sample), got {tuple(getattr(m, 'shape', ()))}")
         if not m.is_floating_point() or not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
             raise ValueError("MarginTable.load_state_dict: expected finite margins >= 0")
+        above = _above_max(m, self.max_margin, self.margins.dtype)
+        if above is not None:
+            raise ValueError(f"MarginTable.load_state_dict: expected margins in [0, max_margin={self.max_margin}], got "
+                             f"{above} (a checkpoint of a run with a larger max_margin?)")
         self.margins.copy_(m)
 
 
@@ -864,6 +920,8 @@ class IMA(Defense):
             raise ValueError(f"IMA: expected algorithm to be 2 or 3, got {algorithm!r}")
         self.eps_train = None if eps_train is None else float(eps_train)
         self.delta = None if delta is None else float(delta)
+        # Given values must match a checkpoint's; automatic ones (None) are taken from it (load_state_dict).
+        self._given = {"eps_train": self.eps_train, "delta": self.delta}
         self.init_margin = None if init_margin is None else float(init_margin)
         self.beta, self.norm = float(beta), norm
         self.steps, self.search_steps, self.arity, self.algorithm = steps, search_steps, arity, algorithm
@@ -987,10 +1045,23 @@ class IMA(Defense):
         if missing:
             raise ValueError(f"IMA.load_state_dict: missing keys {sorted(missing)}")
         margins = state["margins"]
+        if not torch.is_tensor(margins) or not margins.is_floating_point() or margins.dim() != 1:
+            got = f"{margins.dtype} {tuple(margins.shape)}" if torch.is_tensor(margins) else type(margins).__name__
+            raise ValueError(f"IMA.load_state_dict: expected margins to be a 1-D float tensor, got {got}")
         if self.num_samples is not None and margins.shape != (self.num_samples,):
             raise ValueError(f"IMA.load_state_dict: expected margins of shape [{self.num_samples}] (the training set "
                              f"size), got {tuple(margins.shape)}")
-        self.eps_train, self.delta, self.init_margin = (float(state["eps_train"]), float(state["delta"]),
+        for arg, given in self._given.items():
+            # A resumed run continues with the checkpoint's values: refuse to train silently with other ones.
+            if given is not None and float(state[arg]) != given:
+                raise ValueError(f"IMA.load_state_dict: the checkpoint was trained with {arg}={float(state[arg])!r}, "
+                                 f"this defense has {arg}={given!r}; pass the checkpoint's value (or leave {arg} "
+                                 f"unset to take it)")
+        eps_train = float(state["eps_train"])
+        above = _above_max(margins, eps_train, margins.dtype)
+        if above is not None:
+            raise ValueError(f"IMA.load_state_dict: expected margins in [0, eps_train={eps_train!r}], got {above}")
+        self.eps_train, self.delta, self.init_margin = (eps_train, float(state["delta"]),
                                                         float(state["init_margin"]))
         self.num_samples = margins.shape[0]
         self.table = MarginTable(self.num_samples, self.init_margin, self.eps_train, self.norm,
