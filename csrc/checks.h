@@ -42,7 +42,7 @@ inline void check_same_shape(const char* op, const char* arg, const at::Tensor& 
 inline void check_same_dtype(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
                              const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected ", arg, " to have the dtype of ", ref_arg, " (",
-              ref.scalar_type(), "), got ", t.scalar_type());
+              py_dtype(ref.scalar_type()), "), got ", py_dtype(t.scalar_type()));
 }
 
 inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,

@@ -7,6 +7,7 @@
 
 #include <pthread.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -33,8 +34,15 @@ size_t size_class(size_t n) {
 size_t cache_limit_bytes() {
   // ROBUST_OPS_CPU_POOL_LIMIT_MB caps what the pool keeps cached (default 4096 MB); blocks beyond it are freed.
   const char* env = std::getenv("ROBUST_OPS_CPU_POOL_LIMIT_MB");
-  long long mb = env ? std::atoll(env) : 4096;
-  return mb > 0 ? size_t(mb) << 20 : 0;
+  if (env == nullptr) return size_t(4096) << 20;
+  char* end = nullptr;
+  errno = 0;
+  long long mb = std::strtoll(env, &end, 10);
+  // A typo must not turn caching off (or cap it at a prefix) silently.
+  TORCH_CHECK(end != env && *end == '\0' && errno == 0 && mb >= 0 && mb < (1LL << 43),
+              "ROBUST_OPS_CPU_POOL_LIMIT_MB: expected a whole number of megabytes >= 0 (0 caches nothing), got '", env,
+              "'");
+  return size_t(mb) << 20;
 }
 
 // Every block is a plain posix_memalign pointer with no header, because memory crosses allocators: oneDNN (ideep)
@@ -97,9 +105,10 @@ class PoolAllocator final : public c10::Allocator {
       // Only in place of PyTorch's default allocator, whose blocks free() releases: another library's allocator
       // (installed with SetCPUAllocator) stays as it is and the pool stays off.
       if (c10::GetCPUAllocator() != c10::GetDefaultCPUAllocator()) return false;
+      const size_t limit = cache_limit_bytes();  // may throw: before the allocator is swapped
       c10::SetCPUAllocator(this, 0);
       if (c10::GetCPUAllocator() != this) return false;
-      limit_ = cache_limit_bytes();
+      limit_ = limit;
     }
     ++depth_;
     return true;

@@ -35,7 +35,9 @@ TORCH_LIBRARY(robust_ops, m) {
   m.def(
       "drop_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
       "bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("_drop_max_pool2d_backward(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor");
+  // SymInt[]: under torch.compile the input size stays symbolic (int[] would guard on, and recompile for, every
+  // batch size); the kernels read it as plain integers.
+  m.def("_drop_max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[] input_size) -> Tensor");
   // Max pooling with ATen's exact selection rule on the drop-max kernel's vectorized windows: bitwise equal to
   // F.max_pool2d(return_indices=True), several times faster than ATen's NCHW CPU kernel. CPU kernel only (on CUDA
   // torch's own pooling is already at memory bandwidth); its backward is _drop_max_pool2d_backward.

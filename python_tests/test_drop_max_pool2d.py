@@ -258,6 +258,24 @@ def test_torch_compile_fullgraph():
     assert model[0].weight.grad is not None
 
 
+def test_torch_compile_backward_does_not_recompile_per_batch_size():
+    """The backward's input_size is SymInt[]: a compiled graph with its backward stays dynamic in the batch size
+    (int[] guarded on it, one recompile per size)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda x: robust_ops.drop_max_pool2d(x, 2).square().sum(), fullgraph=True, backend=counter)
+    for n in (2, 3, 4, 5):
+        x = torch.randn(n, 2, 6, 6, requires_grad=True)
+        f(x).backward()
+        x_eager = x.detach().requires_grad_()
+        robust_ops.drop_max_pool2d(x_eager, 2).square().sum().backward()
+        torch.testing.assert_close(x.grad, x_eager.grad)
+    assert counter.frame_count <= 2  # the first (static) shape, then one dynamic graph
+    assert "SymInt[] input_size" in str(torch.ops.robust_ops._drop_max_pool2d_backward.default._schema)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # nn.Module drop-in
 

@@ -46,11 +46,22 @@ def test_schema_matches_native():
     tri = str(triton_op().default._schema)
     native_bwd = str(torch.ops.robust_ops._drop_max_pool2d_backward.default._schema)
     tri_bwd = str(torch.ops.robust_ops._drop_max_pool2d_backward_triton.default._schema)
-    if not triton_op_takes_schema():  # inferred from the annotations: int[2] and int[] read SymInt[]
+    if not triton_op_takes_schema():  # inferred from the annotations: int[2] reads SymInt[]
         native = native.replace("int[2]", "SymInt[]")
-        native_bwd = native_bwd.replace("int[]", "SymInt[]")
     assert tri.replace("drop_max_pool2d_triton", "drop_max_pool2d") == native
     assert tri_bwd.replace("_backward_triton", "_backward") == native_bwd
+
+
+def test_backward_refuses_indices_outside_the_input():
+    """As the C++ kernels: an index past H*W is an error, never skipped (-1, a window without input, is allowed)."""
+    backward = torch.ops.robust_ops._drop_max_pool2d_backward_triton
+    grad = torch.ones(1, 1, 1, 2, device=DEVICE)
+    ok = backward(grad, torch.tensor([[[[0, -1]]]], device=DEVICE), [1, 1, 2, 2])
+    assert ok.flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected indices in \[0, 4\)"):
+        backward(grad, torch.tensor([[[[0, 999]]]], device=DEVICE), [1, 1, 2, 2])
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

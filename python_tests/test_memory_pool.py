@@ -106,6 +106,18 @@ def test_bad_env_value(monkeypatch):
         pool_enabled_by_default()
 
 
+@pytest.mark.parametrize("value", ["", "abc", "-5", "4GB"])
+def test_bad_cache_limit_is_refused_before_the_pool_starts(monkeypatch, value):
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", value)
+    with pytest.raises(RuntimeError, match="ROBUST_OPS_CPU_POOL_LIMIT_MB: expected a whole number of megabytes"):
+        with cpu_memory_pool():
+            pass
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", "0")  # valid: nothing is cached, the pool still works
+    with cpu_memory_pool():
+        torch.empty(BIG).fill_(1)
+    assert torch.empty(BIG).fill_(2).sum() == 2 * BIG  # the default allocator is back
+
+
 def test_threads_allocate_concurrently():
     errors = []
 

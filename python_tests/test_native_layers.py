@@ -244,8 +244,17 @@ def test_eval_batch_norm_backward_errors():
         eval_bn_backward(g, torch.ones(4), None)
     with pytest.raises(RuntimeError, match="_eval_batch_norm_backward: expected grad_output to be float32 or float64"):
         eval_bn_backward(g.half(), torch.ones(3).half(), None)
-    with pytest.raises(RuntimeError, match="expected weight to have the dtype of grad_output"):
+    with pytest.raises(RuntimeError, match=r"expected weight to have the dtype of grad_output \(torch.float32\), got "
+                                           r"torch.float64"):
         eval_bn_backward(g, torch.ones(3), torch.ones(3, dtype=torch.float64))
+    # the fake kernel (torch.compile) refuses what the C++ kernel refuses
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fake_g, fake_invstd = mode.from_tensor(g.double()), mode.from_tensor(torch.ones(3))
+    with mode, pytest.raises(RuntimeError, match=r"expected invstd to have the dtype of grad_output "
+                                                 r"\(torch.float64\), got torch.float32"):
+        eval_bn_backward(fake_g, fake_invstd, None)
     with pytest.raises(RuntimeError, match="gradients with respect to invstd and weight are not implemented"):
         eval_bn_backward(g, torch.ones(3), torch.ones(3, requires_grad=True)).sum().backward()
 

@@ -122,6 +122,8 @@ def _eval_batch_norm_backward_fake(grad_output, invstd, weight):
     c = grad_output.shape[1]
     for name, t in (("invstd", invstd), ("weight", weight)):
         if t is not None:
+            torch._check(t.dtype == grad_output.dtype, lambda t=t, name=name: f"{op}: expected {name} to have the "
+                         f"dtype of grad_output ({grad_output.dtype}), got {t.dtype}")
             torch._check(t.dim() == 1 and t.shape[0] == c,
                          lambda t=t, name=name: f"{op}: expected {name} of shape ({c},), got {tuple(t.shape)}")
     return torch.empty(grad_output.shape, dtype=grad_output.dtype, device=grad_output.device,

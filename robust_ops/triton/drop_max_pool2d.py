@@ -28,10 +28,12 @@ FORWARD_SCHEMA = (
     "(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
     "-> (Tensor, Tensor)"
 )
-BACKWARD_SCHEMA = "(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor"
+# input_size is SymInt[] as in the native schema: int[] would make torch.compile guard on (and recompile for) every
+# batch size of the backward.
+BACKWARD_SCHEMA = "(Tensor grad_output, Tensor indices, SymInt[] input_size) -> Tensor"
 # torch.library.triton_op of torch 2.11 (seen on a GPU machine) and earlier ignores `schema` and infers one from the
-# annotations: the annotations below infer the same schema except int[2] -> SymInt[], which only loses the scalar
-# broadcast that robust_ops.drop_max_pool2d already does before calling the op.
+# annotations (int[2] -> SymInt[], which only loses the scalar broadcast that robust_ops.drop_max_pool2d already
+# does before calling the op); torch 2.14 uses it.
 BLOCK = 256
 
 
@@ -137,9 +139,16 @@ def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_
     acc_dtype = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
     acc = torch.empty(tuple(input_size), dtype=acc_dtype, device=grad_output.device, memory_format=fmt).zero_()
     total = grad_output.numel()
+    h, w = input_size[2], input_size[3]
+    # An index outside the input is an error, as in the C++ kernels, never skipped: an asynchronous check (no host
+    # sync), raised at the next sync on CUDA and at once on CPU. -1 marks a window without input elements.
+    torch._assert_async(
+        ((indices >= -1) & (indices < h * w)).all(),
+        f"_drop_max_pool2d_backward: expected indices in [0, {h * w}) (flat positions into H*W = {h}*{w}), got an "
+        "index out of range",
+    )
     if total > 0:
         n, c, oh, ow = grad_output.shape
-        h, w = input_size[2], input_size[3]
         launch(_drop_max_pool2d_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
             grad_output, indices, acc, total, c, oh, ow, h * w, w,
             *grad_output.stride(), *indices.stride(), *acc.stride(),
