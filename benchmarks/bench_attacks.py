@@ -1,7 +1,8 @@
 """Attack benchmarks: robust_ops.attacks.pgd vs torchattacks.PGD (same output; also without the CPU memory pool,
 without native layers, on a channels_last copy of the model, and with prepacked convolutions on either), the cost
-of emitting iterates, an ensemble with the cascade vs every attack on every sample, and every other attack against
-its torchattacks counterpart and against itself on the plain-PyTorch reference ops (bench_attacks_peers.csv).
+of emitting iterates, an ensemble with the cascade vs every attack on every sample, and every attack against its
+torchattacks counterpart, against itself on the plain-PyTorch reference ops and against the memory roofline of its
+own updates (one same-size copy of the batch per iteration) (bench_attacks_peers.csv).
 
     python benchmarks/bench_attacks.py [--quick] [--device cpu|cuda] [--models small-resnet,resnet18]
                                        [--peers-only] [--peer-rounds N]
@@ -22,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_medians, write_rows  # noqa: E402
+from common import copy_roofline_seconds, interleaved_medians, write_rows  # noqa: E402
 
 from robust_ops import attacks  # noqa: E402
 from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
@@ -119,44 +120,56 @@ def timed_once(fn):
 
 
 def peer_cases(model, eps, steps, queries):
-    """(case, ours, torchattacks counterpart or None, why there is none) for every attack besides PGD-Linf, with the
-    same settings on both sides. The bench models are binary, as most medical sets are."""
+    """(case, ours, torchattacks counterpart or None, why there is none, iterations) for every attack, with the same
+    settings on both sides; iterations: the attack's sequential updates of the batch (steps, queries, trials). The
+    bench models are binary, as most medical sets are."""
     import torchattacks
 
     eps_l2 = eps * 8  # an L2 radius of the same order on 64x64 inputs
     apgd_kw = dict(eps=eps, steps=steps, n_restarts=1, seed=0)
     return [
-        ("fgsm", lambda x, y: attacks.fgsm(model, x, y, eps=eps), torchattacks.FGSM(model, eps=eps), ""),
+        ("fgsm", lambda x, y: attacks.fgsm(model, x, y, eps=eps), torchattacks.FGSM(model, eps=eps), "", 1),
+        (f"pgd-{steps}", lambda x, y: attacks.pgd(model, x, y, eps=eps, alpha=eps / 4, steps=steps,
+                                                  random_start=False),
+         torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=False), "", steps),
         (f"bim-{steps}", lambda x, y: attacks.bim(model, x, y, eps=eps, alpha=eps / 4, steps=steps),
-         torchattacks.BIM(model, eps=eps, alpha=eps / 4, steps=steps), ""),
+         torchattacks.BIM(model, eps=eps, alpha=eps / 4, steps=steps), "", steps),
         (f"pgdl2-{steps}", lambda x, y: attacks.pgd(model, x, y, eps=eps_l2, alpha=eps_l2 / 4, steps=steps,
                                                     norm="l2", random_start=False),
-         torchattacks.PGDL2(model, eps=eps_l2, alpha=eps_l2 / 4, steps=steps, random_start=False), ""),
+         torchattacks.PGDL2(model, eps=eps_l2, alpha=eps_l2 / 4, steps=steps, random_start=False), "", steps),
         (f"cw-linf-{steps}", lambda x, y: attacks.cw_linf(model, x, y, eps=eps, alpha=eps / 4, steps=steps), None,
-         "torchattacks' CW is the L2 optimisation attack, not CW-Linf"),
+         "torchattacks' CW is the L2 optimisation attack, not CW-Linf", steps),
         (f"apgd-ce-{steps}", lambda x, y: attacks.APGD(model, loss="ce", **apgd_kw)(x, y),
-         torchattacks.APGD(model, loss="ce", **apgd_kw), ""),
+         torchattacks.APGD(model, loss="ce", **apgd_kw), "", steps),
         (f"apgd-t-{steps}", lambda x, y: attacks.APGDT(model, n_target_classes=1, **apgd_kw)(x, y), None,
-         "torchattacks' targeted DLR reads the 3rd and 4th largest logits: fails on a binary model"),
+         "torchattacks' targeted DLR reads the 3rd and 4th largest logits: fails on a binary model", steps),
         (f"square-{queries}", lambda x, y: attacks.Square(model, eps=eps, n_queries=queries, seed=0)(x, y),
-         torchattacks.Square(model, eps=eps, n_queries=queries, seed=0), ""),
+         torchattacks.Square(model, eps=eps, n_queries=queries, seed=0), "", queries),
         ("white noise x10", lambda x, y: attacks.white_noise(model, x, y, eps=eps, trials=10,
                                                              generator=torch.Generator(x.device).manual_seed(0)),
-         None, "torchattacks' GN adds one Gaussian draw, not uniform noise with all-trials-must-hold"),
+         None, "torchattacks' GN adds one Gaussian draw, not uniform noise with all-trials-must-hold", 10),
         (f"cascade apgd-ce-{steps}>square-{queries}",
          lambda x, y: attacks.ensemble(model, x, y, [attacks.APGD(model, loss="ce", **apgd_kw),
                                                      attacks.Square(model, eps=eps, n_queries=queries, seed=0)]).x_adv,
          torchattacks.MultiAttack([torchattacks.APGD(model, loss="ce", **apgd_kw),
-                                   torchattacks.Square(model, eps=eps, n_queries=queries, seed=0)]), ""),
+                                   torchattacks.Square(model, eps=eps, n_queries=queries, seed=0)]), "",
+         steps + queries),
+        (f"autoattack apgd-ce-{steps}>apgd-t-{steps}>square-{queries}",
+         lambda x, y: attacks.AutoAttack(model, eps=eps, steps=steps, n_queries=queries)(x, y), None,
+         "torchattacks' AutoAttack runs its targeted DLR, which fails on a binary model (see apgd-t)",
+         2 * steps + queries),
     ]
 
 
 def bench_peers(name, model, x, y, eps, args, backend):
     """Each attack of peer_cases: ours, its torchattacks counterpart and ours on the reference ops
-    ($ROBUST_OPS_BACKEND=reference), in interleaved rounds; bitwise equality and the robust accuracy each reaches."""
+    ($ROBUST_OPS_BACKEND=reference), in interleaved rounds; bitwise equality and the robust accuracy each reaches.
+    Roofline: one same-size copy of the batch per iteration (read and write the iterate), the least memory traffic
+    an attack's own update can do -- the model's passes come on top."""
     steps, queries = (5, 40) if args.quick else (20, 200)
+    copy_s = copy_roofline_seconds(2 * x.numel() * x.element_size(), x.device, 0.05 if args.quick else 0.5)
     rows = []
-    for case, ours, peer, why_none in peer_cases(model, eps, steps, queries):
+    for case, ours, peer, why_none, iterations in peer_cases(model, eps, steps, queries):
         def run_ours():
             return ours(x, y)
 
@@ -174,6 +187,7 @@ def bench_peers(name, model, x, y, eps, args, backend):
             peer=f"torchattacks.{type(peer).__name__}" if peer is not None else f"none: {why_none}",
             peer_ms=times[2] * 1e3 if peer is not None else float("nan"),
             peer_ratio=times[2] / times[0] if peer is not None else float("nan"),
+            roofline_ms=iterations * copy_s * 1e3, ours_over_roofline=times[0] / (iterations * copy_s),
             same_as_reference_ops=torch.equal(outputs[0], outputs[1]),
             same_as_peer=torch.equal(outputs[0], outputs[2]) if peer is not None else "n/a",
             robust_acc_ours=robust[0], robust_acc_peer=robust[2] if peer is not None else float("nan"),
