@@ -307,7 +307,7 @@ def cmd_train_parser(sub):
     p.add_argument("--defense-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="defense option, repeatable (e.g. eps=5/255, steps=10, lam=10)")
     add_train_options(p)
-    p.add_argument("--out", default="runs/train", help="RUN_DIR for checkpoint.pt, run.json, metrics.csv")
+    p.add_argument("--out", default="runs/train", help="RUN_DIR for checkpoint.pt, run.json, metrics.csv, metrics.json")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--config", help="YAML or JSON file of options (keys are long option names)")
     p.set_defaults(func=cmd_train)
@@ -557,8 +557,8 @@ def cmd_demo_parser(sub):
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated defenses")
     add_data_model_options(p, epochs=8)
     p.add_argument("--train-size", type=int, default=256,
-                   help="training images drawn from the train split (0: all) -- keeps the demo within ~10 minutes "
-                        "on 2 CPU cores")
+                   help="training images drawn from the train split (0: all) -- keeps the demo to ~4 minutes on 2 "
+                        "CPU cores (docs/cli.md)")
     add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255")
     p.add_argument("--out", default="runs/demo", help="output folder (runs, results.json, report.md, figures)")
     p.add_argument("--quick", action="store_true", help="2 epochs on a subset: a smoke run (tests, CI)")
