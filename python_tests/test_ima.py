@@ -213,19 +213,26 @@ def test_batch_invariant_sizes_finds_the_sizes_and_caches_them():
         batch_invariant_sizes(model, x, max_rows=0)
 
 
-@pytest.mark.parametrize("sizes", ["from 6", "tails"])
-def test_default_padding_uses_the_measured_sizes(sizes):
+def batch_dependent_problem(invariant, n):
+    """A BatchDependent model (results depend on the batch size unless invariant(rows)), n samples labelled by it,
+    margins in [0, 4), and a hook recording the rows of every forward: (model, x, y, margin, rows, hook)."""
     torch.manual_seed(0)
-    invariant = (lambda n: n >= 6) if sizes == "from 6" else (lambda n: n % 4 == 0 or n >= 12)
     model = BatchDependent(invariant).eval()
     with torch.no_grad():
         model.weight.mul_(20)
-    x = torch.rand(12, 1, 10, 10)
+    x = torch.rand(n, 1, 10, 10)
     with torch.no_grad():
         y = model(x).argmax(1)
-    margin = torch.rand(12) * 4
+    margin = torch.rand(n) * 4
     rows = []
     hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    return model, x, y, margin, rows, hook
+
+
+@pytest.mark.parametrize("sizes", ["from 6", "tails"])
+def test_default_padding_uses_the_measured_sizes(sizes):
+    invariant = (lambda n: n >= 6) if sizes == "from 6" else (lambda n: n % 4 == 0 or n >= 12)
+    model, x, y, margin, rows, hook = batch_dependent_problem(invariant, 12)
     counter, masked = PassCounter(), PassCounter()
     a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter)
     hook.remove()
@@ -250,17 +257,8 @@ def test_batch_invariant_sizes_finds_the_period_above_the_probed_sizes():
 
 
 def test_default_padding_above_the_probed_sizes_keeps_compaction_bitwise():
-    torch.manual_seed(0)
     invariant = lambda n: n % 4 == 0  # noqa: E731 -- as the float64 CNN below computes its input gradients
-    model = BatchDependent(invariant).eval()
-    with torch.no_grad():
-        model.weight.mul_(20)
-    x = torch.rand(41, 1, 10, 10)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    margin = torch.rand(41) * 4
-    rows = []
-    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    model, x, y, margin, rows, hook = batch_dependent_problem(invariant, 41)
     counter = PassCounter()
     a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter)
     gen_adv_rows = rows[-counter.forward_calls:]
