@@ -31,6 +31,7 @@ from .attacks.context import (
     predict_from_output,
 )
 from .attacks.core import per_sample
+from .defenses._common import distributed_run
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
 
@@ -856,10 +857,6 @@ class MarginTable:
 # The defense
 
 
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def paper_eps_train(sample_shape, norm="l2"):
     """Default eps_train from the paper's per-pixel rule (Section 3.3, Eq. 5): the per-element noise of CIFAR10's
     L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) for d = prod(sample_shape) (about 1.52 for
@@ -994,7 +991,7 @@ class IMA(Defense):
             sel, xs, ys, x_adv, crossed = sel[keep], xs[keep], ys[keep], x_adv[keep], crossed[keep]
         else:
             crossed = torch.zeros(0, dtype=torch.bool, device=x.device)
-        if not sel.numel() and _distributed():
+        if not sel.numel() and distributed_run():
             # Keep one adversarial forward per step on every rank (a DDP forward is a collective): a zero-weight
             # forward of one clean sample when this rank has no correctly classified sample.
             l1 = l0 + 0 * _loss_result("IMA", loss_fn(model(x[:1]), y[:1]), 1).sum()

@@ -291,13 +291,13 @@ def _make_optimizer(name, optimizer, model, params, lr):
 
 
 def _make_scheduler(name, scheduler, optimizer):
-    if scheduler is not None and hasattr(scheduler, "step"):
+    if scheduler is None:
+        return None
+    if hasattr(scheduler, "step"):
         if getattr(scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError(f"{name}: the scheduler was built over another optimizer than the one being trained; pass "
                              "the optimizer it schedules as optimizer=, or scheduler as a callable(optimizer)")
         return scheduler
-    if scheduler is None:
-        return None
     if callable(scheduler):
         return scheduler(optimizer)
     raise TypeError(f"{name}: expected scheduler to be None, a scheduler or a callable(optimizer) -> scheduler, "
@@ -541,9 +541,9 @@ def fit(
                 # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and outside GradScaler's check)
                 own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
                                        _any_non_finite(out.extra_grads).to(device)])
-                bad = own_bad.clone()
+                bad = own_bad
                 if world > 1:  # every process stops together (a lone raise would leave the others waiting)
-                    bad = bad.to(device=device, dtype=torch.float32)
+                    bad = own_bad.to(dtype=torch.float32)  # a copy: own_bad still says which process it was
                     dist.all_reduce(bad)
                 bad_loss, bad_extra = (bool(b > 0) for b in bad.tolist())
                 if bad_loss or bad_extra:

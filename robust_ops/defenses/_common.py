@@ -5,6 +5,7 @@ import math
 import numbers
 
 import torch
+import torch.distributed as dist
 
 from ..attacks.context import MODEL_MODES, classification_loss, is_single_logit, two_logits, use_model_mode
 from .base import Defense
@@ -12,6 +13,12 @@ from .base import Defense
 # MIRST-DM's threat model (Linf, eps = 5/255) with Madry's step-size rule (2.5 * eps / steps) is the default of the
 # defenses from MIRST-DM's comparison; DPAAT/AMAT and ARFL use their own papers' settings.
 DEFAULT_EPS = 5 / 255
+
+
+def distributed_run():
+    """Whether a torch.distributed group of more than one process is running (DDP): per-process shares of a batch
+    must then be combined."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def unwrap(model):

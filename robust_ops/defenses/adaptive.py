@@ -13,13 +13,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, as_two_class, check_choice, check_real, use_model_mode, per_sample_ce, unwrap
+from ._common import (PGDDefense, as_two_class, check_choice, check_real, distributed_run, per_sample_ce, unwrap,
+                      use_model_mode)
 from .base import DefenseOutput
 
 
 def _global_mean(values):
     """The mean of ``values`` over all processes' shares of the batch (this process's mean outside DDP)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed_run():
         return float(values.mean())
     total = torch.stack([values.sum().double(), torch.tensor(float(values.numel()), dtype=torch.float64,
                                                             device=values.device)])
