@@ -104,6 +104,9 @@ def test_parity_with_torchattacks(num_classes):
     ours = attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False)
     theirs = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False)(x, y)
     assert_verbose_equal(ours, theirs, "pgd")
+    # BIM is PGD without random start (torchattacks' own BIM clips with other arithmetic: equal only to the last bit).
+    ours = attacks.BIM(model, eps=8 / 255, alpha=2 / 255, steps=5)(x, y)
+    assert_verbose_equal(ours, theirs, "bim = pgd without random start")
     ours = attacks.pgd(model, x, y, eps=0.5, alpha=0.1, steps=5, norm="l2", random_start=False)
     theirs = torchattacks.PGDL2(model, eps=0.5, alpha=0.1, steps=5, random_start=False)(x, y)
     assert_verbose_equal(ours, theirs, "pgdl2")

@@ -176,10 +176,14 @@ def test_test_set_without_positives_reports_undefined_metrics(tmp_path):
     out = write_results(tmp_path / "r", rows, INFO, figures=False)
     assert all(r["sensitivity"] is None for r in json.loads(out["results"].read_text())["rows"])
     assert "| no attack | 0 | – |" in out["report"].read_text().split("| Sensitivity: attack")[1]
+    from robust_ops.report import paper_comparison_table
     from robust_ops.reproduce import aggregate
 
     folds = [dict(rows[0], sensitivity=0.5), dict(rows[0], sensitivity=0.7), rows[0]]
-    assert aggregate(folds, ["sensitivity"])[0]["sensitivity"] == pytest.approx(0.6)
+    (mean,) = aggregate(folds, ["sensitivity"])
+    assert mean["sensitivity"] == pytest.approx(0.6) and mean["sensitivity_runs"] == 2 and mean["repeats"] == 3
+    paper = [{"method": mean["method"], "attack": mean["attack"], "eps": mean["eps"], "sensitivity": 0.9}]
+    assert "(2 of 3 runs)" in paper_comparison_table([mean], paper, ["sensitivity"])
 
 
 def test_atomic_on_error(tmp_path, monkeypatch):

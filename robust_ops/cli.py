@@ -1,7 +1,8 @@
 """The ``robust-ops`` command line (also ``python -m robust_ops``): train, eval, bench, demo, reproduce.
 
-Every option can also come from a YAML or JSON file (``--config FILE``, keys are the long option names, e.g.
-``batch-size: 32``); flags on the command line win. Errors are one line naming the flag or file at fault, exit 2.
+Every option of train, eval, demo and reproduce can also come from a YAML or JSON file (``--config FILE``, keys are
+the long option names, e.g. ``batch-size: 32``); flags on the command line win (bench takes no config file).
+Errors are one line naming the flag or file at fault, exit 2.
 Checkpoints load with ``torch.load(weights_only=True)`` and datasets with ``np.load(allow_pickle=False)``: a shared
 file can never run code, and a file that would need to is refused.
 """

@@ -97,7 +97,8 @@ def pivot_table(rows, metric, methods=None):
 
 def paper_comparison_table(ours, paper, metric_columns):
     """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value}; ours are looked
-    up by (method, attack, eps) and shown as mean ± std when several seeds or folds were run."""
+    up by (method, attack, eps) and shown as mean ± std when several seeds or folds were run, with "(k of n runs)"
+    when the metric was undefined (NaN) in some of them."""
     index = {(r["method"], r["attack"], round(r["eps"], 6)): r for r in ours}
     head = ["method", "attack", "ε", "paper source"]
     for m in metric_columns:
@@ -111,6 +112,9 @@ def paper_comparison_table(ours, paper, metric_columns):
             ours_text = fmt(r.get(m))
             if r.get(f"{m}_std") is not None and ours_text != "–":
                 ours_text += f" ± {fmt(r[f'{m}_std'])}"
+            defined, repeats = r.get(f"{m}_runs"), r.get("repeats")
+            if defined is not None and repeats is not None and 0 < defined < repeats:
+                ours_text += f" ({defined} of {repeats} runs)"
             cells += [fmt(p.get(m)), ours_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -406,7 +406,10 @@ class EvalCache:
 
 
 def aggregate(rows, metrics):
-    """Mean and sample std over repeats for each (method, attack, norm, eps)."""
+    """Mean and sample std over repeats for each (method, attack, norm, eps).
+
+    A metric undefined in a run (NaN: e.g. sensitivity with no positive sample in a fold) is left out of that
+    metric's mean and std; ``<metric>_runs`` counts the runs that did define it, ``repeats`` all runs."""
     groups = {}
     for r in rows:
         groups.setdefault((r["method"], r["attack"], r["norm"], r["eps"]), []).append(r)
@@ -418,6 +421,7 @@ def aggregate(rows, metrics):
             vals = vals[np.isfinite(vals)]
             row[m] = float(vals.mean()) if vals.size else math.nan
             row[f"{m}_std"] = float(vals.std(ddof=1)) if vals.size > 1 else None
+            row[f"{m}_runs"] = int(vals.size)
         out.append(row)
     return out
 
