@@ -3,8 +3,9 @@ medical images, plus tiny models for tests and two-moons.
 
 Adaptation (documented in docs/getting-started.md): the first convolution takes ``in_channels``; for images of at most
 64 pixels a ResNet's 7x7/2 stem becomes 3x3/1 (as for CIFAR-sized inputs) so 28x28 images keep spatial detail, while the
-first max-pooling layer is kept -- MIRST-DM replaces exactly that layer with drop-max pooling. The classifier head
-outputs ``num_classes`` logits. No weights are downloaded.
+first max-pooling layer is kept -- MIRST-DM replaces exactly that layer with drop-max pooling. VGG-16 drops the
+2x2 max-pools that would shrink its map below 1x1 (the last one at 28x28). The MLP flattens the image. The classifier
+head outputs ``num_classes`` logits. No weights are downloaded.
 """
 
 import torch
@@ -56,7 +57,9 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=16):
     if name == "small_cnn":
         return SmallCNN(in_channels, num_classes, width=width)
     if name == "mlp":
-        return MLP(in_channels, 1 if num_classes == 2 else num_classes)
+        # image_size 0 = a feature vector of in_channels values (two-moons); else the flattened image
+        in_features = in_channels * image_size * image_size if image_size else in_channels
+        return MLP(in_features, 1 if num_classes == 2 else num_classes)
     if name in ("resnet18", "resnet50"):
         model = getattr(tvm, name)(weights=None, num_classes=num_classes)
         if image_size <= 64:
@@ -67,10 +70,22 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=16):
     if name == "vgg16":
         model = tvm.vgg16_bn(weights=None, num_classes=num_classes)
         model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
+        # Five 2x2 max-pools need 32 pixels; below that, the pools that would shrink the map under 1x1 are dropped
+        # (28x28 keeps four: 28 -> 14 -> 7 -> 3 -> 1).
+        size = image_size
+        for i, layer in enumerate(model.features):
+            if isinstance(layer, nn.MaxPool2d):
+                if size < 2:
+                    model.features[i] = nn.Identity()
+                else:
+                    size //= 2
         model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         model.classifier = nn.Sequential(nn.Linear(512, 256), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(256, num_classes))
         return model
     if name == "densenet121":
+        if 0 < image_size < 16:
+            # its max-pool and three 2x2 average-pool transitions halve the map four times
+            raise ValueError(f"densenet121 needs images of at least 16x16 pixels, got image_size={image_size}")
         model = tvm.densenet121(weights=None, num_classes=num_classes)
         model.features.conv0 = nn.Conv2d(
             in_channels, 64, kernel_size=3 if image_size <= 64 else 7, stride=1 if image_size <= 64 else 2,
