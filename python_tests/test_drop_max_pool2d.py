@@ -338,6 +338,13 @@ def test_replace_maxpool_errors_and_shared_instances():
     assert isinstance(robust_ops.replace_maxpool(nn.MaxPool2d(2)), robust_ops.DropMax2d)
 
 
+def test_replace_maxpool_keeps_the_train_flag():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.MaxPool2d(2)).eval()
+    robust_ops.replace_maxpool(model, which="all")
+    assert not any(m.training for m in model.modules())
+    assert robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2)).train())[0].training
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors: the C++ checks and the fake kernel's (torch.compile) say the same thing.
 

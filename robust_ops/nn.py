@@ -71,8 +71,9 @@ class DropMax2d(nn.Module):
 
 
 def _from_maxpool(pool, backend):
-    return DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode,
-                     backend=backend)
+    drop_max = DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
+                         pool.ceil_mode, backend=backend)
+    return drop_max.train(pool.training)  # an eval() model stays in eval mode
 
 
 def replace_maxpool(model, which="first", *, backend=None):
