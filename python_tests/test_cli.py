@@ -100,6 +100,22 @@ def test_eval_bad_eps_no_partial_files(trained_run, tmp_path, capsys):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_download_only_with_the_flag(tmp_path, capsys, monkeypatch):
+    import robust_ops.data
+
+    asked = []
+
+    def fake_load_dataset(spec, **kwargs):
+        asked.append(kwargs["download"])
+        raise robust_ops.data.DataError(f"{spec}: stop here")
+
+    monkeypatch.setattr(robust_ops.data, "load_dataset", fake_load_dataset)
+    for extra in ([], ["--download"]):
+        rc, _, err = run(["train", "--data", "dermamnist", "--out", tmp_path / "a", *extra], capsys)
+        one_line_error(rc, err, "--data: dermamnist: stop here")
+    assert asked == [False, True] and cli._allow_download is False
+
+
 def test_unknown_names(small_npz, tmp_path, capsys):
     rc, _, err = run(["train", "--data", small_npz, "--defense", "nope", "--out", tmp_path / "a"], capsys)
     one_line_error(rc, err, "--defense:", "unknown defense 'nope'")

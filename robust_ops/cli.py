@@ -169,11 +169,18 @@ def pick_device(name):
     return name
 
 
+# Set by main() from the command's --download flag for the duration of one command.
+_allow_download = False
+
+DOWNLOAD_HELP = ("let a MedMNIST name missing locally be downloaded through the optional medmnist package (default: "
+                 "never download; the error says where to put the file)")
+
+
 def load_data(spec, size=None, seed=0, flag="--data"):
     from .data import DataError, load_dataset
 
     try:
-        return load_dataset(spec, size=size, seed=seed)
+        return load_dataset(spec, size=size, seed=seed, download=_allow_download)
     except DataError as err:
         raise CLIError(f"{flag}: {err}") from None
 
@@ -270,6 +277,7 @@ def add_data_model_options(p, epochs):
     p.add_argument("--batch-size", type=int, default=32, help="training mini-batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MIRST-DM: 1e-4 at 100 epochs)")
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
@@ -453,6 +461,7 @@ def cmd_eval_parser(sub):
     add_eval_options(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
     p.add_argument("--data", default=None, help="dataset (default: the one in run.json)")
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--model", default=None, help="architecture (default: the one in run.json)")
     p.add_argument("--size", type=int, default=None, help="image side length (default: the one in run.json)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
@@ -709,6 +718,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("name", choices=tuple(PROTOCOLS), metavar="NAME", help=", ".join(PROTOCOLS))
     p.add_argument("--quick", action="store_true", help="a smoke version (< 2 minutes on 2 CPU cores)")
     p.add_argument("--data", default=None, help="dataset (default: the protocol's; breastmnist for *-bus)")
+    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
@@ -773,7 +783,12 @@ def main(argv=None):
             sub_argv = argv[argv.index(args.command) + 1:]
             args = apply_config(parsers[args.command], parsers[args.command].parse_args(sub_argv), sub_argv)
             args.command = command
-        return args.func(args) or 0
+        global _allow_download
+        _allow_download = bool(getattr(args, "download", False))
+        try:
+            return args.func(args) or 0
+        finally:
+            _allow_download = False
     except CLIError as err:
         prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
         print(f"{prefix}: error: {err}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Dataset containers shared by every loader, and the one entry point ``load_dataset``."""
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def images_to_tensor(images, source):
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4:
+        if images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+            raise DataError(f"{source}: images of shape {images.shape} look channels-first; expected (N, H, W) or "
+                            "(N, H, W, C) -- transpose them to channels-last")
         images = images.transpose(0, 3, 1, 2)
     else:
         raise DataError(f"{source}: expected images of shape (N, H, W) or (N, H, W, C), got {images.shape}")
@@ -73,6 +77,9 @@ def images_to_tensor(images, source):
         x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
     elif np.issubdtype(images.dtype, np.floating):
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(f"{source}: float images contain NaN or infinite values ({int((~torch.isfinite(x)).sum())} "
+                            "pixels)")
         if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
             lo, hi = float(x.min()), float(x.max())
             raise DataError(f"{source}: float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
@@ -103,7 +110,7 @@ def stratified_split(y, fractions, seed, source="dataset"):
 
     y = np.asarray(y)
     idx = np.arange(len(y))
-    parts, rest, rest_frac = [], idx, 1.0
+    parts, rest, rest_frac, stratified = [], idx, 1.0, True
     for frac in fractions[:-1]:
         share = frac / rest_frac
         if share >= 1.0:
@@ -112,31 +119,49 @@ def stratified_split(y, fractions, seed, source="dataset"):
             break
         try:
             take, rest = train_test_split(rest, train_size=share, stratify=y[rest], random_state=seed)
-        except ValueError:  # a class too small to stratify: fall back to a seeded random split
+        except ValueError:  # a class too small to stratify: a seeded random split, checked below
             take, rest = train_test_split(rest, train_size=share, random_state=seed)
+            stratified = False
         parts.append(np.sort(take))
         rest_frac -= frac
     parts.append(np.sort(rest))
     if any(len(p) == 0 for p in parts):
         raise DataError(f"{source}: too few samples ({len(y)}) for a train/val/test split")
+    missing = missing_classes(y, parts)
+    if not stratified and missing:
+        warnings.warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split; the "
+                      f"seeded random split leaves out {missing} (part index: classes)", stacklevel=3)
     return parts
+
+
+def missing_classes(y, parts):
+    """{part index: [classes of y absent from that part]} for the parts that miss one."""
+    classes = set(np.unique(y).tolist())
+    missing = {i: sorted(classes - set(np.unique(y[p]).tolist())) for i, p in enumerate(parts)}
+    return {i: c for i, c in missing.items() if c}
 
 
 def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2)):
     """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples."""
     parts = stratified_split(y.numpy(), fractions, seed, info.source or info.name)
+    missing = missing_classes(y.numpy(), parts)
+    if missing:  # recorded in results.json: a metric of an absent class is undefined there
+        names = ("train", "val", "test")
+        info.extra["classes_missing_from_split"] = {names[i]: [info.class_names[c] for c in cs]
+                                                    for i, cs in missing.items()}
     sets = [TensorDataset(x[p], y[p]) for p in parts]
     return DatasetSplits(*sets, info)
 
 
-def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=True):
+def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False):
     """Load a dataset by spec and return ``DatasetSplits(train, val, test, info)``.
 
     spec:
         ``"synthetic"`` -- the embedded procedural breast-ultrasound-like set (generated from ``seed``; default);
         ``"moons"`` / ``"two-moons"`` -- scikit-learn two moons as in ARFL (10,000 train, 1,000 test, noise 0.2);
         a MedMNIST name such as ``"breastmnist"`` (or ``"breastmnist_64"``) -- found via ``root``, ``$ROBUST_OPS_DATA``
-        or ``~/.medmnist`` (downloaded through the ``medmnist`` package if installed and online);
+        or ``~/.medmnist`` (with ``download=True``, a missing file is downloaded through the ``medmnist`` package
+        when it is installed and online; never by default);
         a path to an ``.npz`` file (MedMNIST layout), a BUSI-style folder (benign/malignant/normal subfolders), or a
         ``.csv`` metadata file with an image folder beside it (HAM10000 layout: ``image_id``, ``dx`` columns).
     size: image side length (folders and synthetic data are resized to it; MedMNIST picks the file of that size).
@@ -149,17 +174,19 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     low = text.lower()
     from . import folders, medmnist, synthetic
 
+    if classes is not None and not (low.endswith(".csv") or Path(text).expanduser().is_dir()):
+        raise DataError(f"{text}: classes= selects class folders or CSV labels; this source has fixed classes")
     if low in ("synthetic", "synthetic-bus", "synthetic_bus"):
-        return synthetic.synthetic_splits(size=size or 28, seed=seed)
+        return synthetic.synthetic_splits(size=28 if size is None else size, seed=seed)
     if low in ("moons", "two-moons", "two_moons", "twomoons"):
         return synthetic.moons_splits(seed=seed)
     path = Path(text).expanduser()
     if low.endswith(".npz"):
         return medmnist.load_npz(path, size=size)
     if low.endswith(".csv"):
-        return folders.load_csv(path, size=size or 224, seed=seed, classes=classes)
+        return folders.load_csv(path, size=224 if size is None else size, seed=seed, classes=classes)
     if path.is_dir():
-        return folders.load_busi(path, size=size or 224, seed=seed, classes=classes)
+        return folders.load_busi(path, size=224 if size is None else size, seed=seed, classes=classes)
     if medmnist.is_medmnist_name(low):
         return medmnist.load_medmnist(low, root=root, size=size, download=download)
     if path.exists():

@@ -97,7 +97,7 @@ def find_medmnist(name, root=None, size=None):
     return None
 
 
-def load_medmnist(spec, root=None, size=None, download=True):
+def load_medmnist(spec, root=None, size=None, download=False):
     m = _NAME_RE.match(spec)
     name = m.group(1)
     if m.group(2):
@@ -109,9 +109,11 @@ def load_medmnist(spec, root=None, size=None, download=True):
         path = _try_download(name, root, size)
     if path is None:
         where = ", ".join(str(d) for d in candidate_dirs(root))
+        how = ("the medmnist package could not download it (not installed, or offline)" if download else
+               "or allow a download through the medmnist package: download=True, CLI --download")
         raise DataError(
             f"{spec}: {_file_name(name, size)} not found (looked in {where}); download it from MedMNIST v2 and put it "
-            "in one of those folders, set $ROBUST_OPS_DATA to its folder, or pass the .npz path"
+            f"in one of those folders, set $ROBUST_OPS_DATA to its folder, or pass the .npz path ({how})"
         )
     return load_npz(path, size=size)
 
