@@ -4,7 +4,8 @@ and a same-size copy (the memory roofline), in one run, on resnet18's shapes fro
     python benchmarks/bench_native_layers.py [--quick] [--threads 2]
 
 * max_pool2d (k3 s2 p1 on [32, 64, 64, 64]): robust_ops.max_pool2d vs F.max_pool2d (NCHW, and channels_last --
-  ATen's fast layout), forward and forward+backward; bitwise equality is checked first.
+  ATen's fast layout), forward and forward+backward; bitwise equality with F.max_pool2d (output, indices, strides,
+  input gradient, both layouts) is checked first.
 * eval-mode batch-norm input gradient on [32, C, S, S] for resnet18's four stages, NCHW and channels_last:
   _eval_batch_norm_backward vs aten::native_batch_norm_backward(train=False, input gradient only); bitwise equality
   (values and strides) checked first.
@@ -42,6 +43,22 @@ def pool_fn(provider, x, grad, backward):
     return run
 
 
+def check_max_pool2d(x, grad):
+    """robust_ops.max_pool2d == F.max_pool2d bitwise in both layouts -- output, indices, strides, input gradient --
+    before anything is timed."""
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl, gl = x.contiguous(memory_format=layout), grad.contiguous(memory_format=layout)
+        results = []
+        for pool in (F.max_pool2d, robust_ops.max_pool2d):
+            leaf = xl.detach().clone().requires_grad_(True)
+            out, idx = pool(leaf, 3, 2, 1, return_indices=True)
+            (grad_input,) = torch.autograd.grad(out, leaf, gl)
+            results.append((out, idx, grad_input))
+        for what, theirs, ours in zip(("output", "indices", "input gradient"), *results):
+            if not (torch.equal(ours, theirs) and ours.stride() == theirs.stride()):
+                raise SystemExit(f"robust_ops.max_pool2d disagrees with F.max_pool2d ({layout}, {what})")
+
+
 def main():
     with cpu_memory_pool():
         rows = measure()
@@ -61,10 +78,8 @@ def measure():
 
     x = torch.randn(n, 64, 64, 64)
     ref_out, ref_idx = reference.max_pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1), False)
-    out, idx = torch.ops.robust_ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
-    if not (torch.equal(out, ref_out) and torch.equal(idx, ref_idx)):
-        raise SystemExit("max_pool2d disagrees with F.max_pool2d")
     grad = torch.randn(ref_out.shape)
+    check_max_pool2d(x, grad)
     fwd_bytes = 4 * x.numel() + 12 * ref_out.numel()
     copy_s = copy_roofline_seconds(2 * 4 * x.numel(), "cpu", run_time)
     copy_gbps = gbps(2 * 4 * x.numel(), copy_s)
