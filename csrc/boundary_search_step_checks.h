@@ -46,6 +46,10 @@ inline void check_boundary_search_step_args(const at::Tensor& lo, const at::Tens
   check_same_device(op, "points", points, "lo", lo);
   check_same_device(op, "crossed_at", crossed_at, "lo", lo);
   if (active.has_value()) check_same_device(op, "active", *active, "lo", lo);
+  // Before any write: the kernels update lo/hi/points in place (an expanded lo used to fail only at the copy back).
+  check_no_internal_overlap(op, "lo", lo);
+  check_no_internal_overlap(op, "hi", hi);
+  check_no_internal_overlap(op, "points", points);
 }
 
 }  // namespace robust_ops

@@ -1,5 +1,6 @@
 // TORCH_CHECK helpers that name the op and the argument, with what was expected and what came.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
@@ -49,6 +50,14 @@ inline void check_same_device(const char* op, const char* arg, const at::Tensor&
                               const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), op, ": expected ", arg, " on the device of ", ref_arg, " (", ref.device(),
               "), got ", t.device());
+}
+
+// A tensor written in place must not have internal overlap (an expanded tensor); checked before any write so that a
+// rejected call changes nothing. ATen's assert_no_internal_overlap text, naming the op and argument (as _meta.py).
+inline void check_no_internal_overlap(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": expected ", arg,
+              " without internal overlap (more than one element of the written-to tensor refers to a single memory "
+              "location); clone() it first");
 }
 
 }  // namespace robust_ops

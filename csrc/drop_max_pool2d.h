@@ -6,6 +6,8 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include <string_view>
+
 #include "checks.h"
 
 namespace robust_ops {
@@ -51,6 +53,9 @@ inline Geometry check_drop_max_pool2d_args(const at::Tensor& input, c10::IntArra
               " for kernel_size=", py_tuple(kernel_size));
   const int64_t h = input.size(2), w = input.size(3);
   TORCH_CHECK(h > 0 && w > 0, op, ": expected input with non-zero height and width, got ", h, "x", w);
+  // ATen's max_pool2d refuses C = 0 (N = 0 is fine); drop_max_pool2d returns an empty output there.
+  TORCH_CHECK(op != std::string_view(kMaxPoolOp) || input.size(1) > 0, op,
+              ": expected input with non-zero channels, as F.max_pool2d, got ", py_tuple(input.sizes()));
   const int64_t oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode);
   const int64_t ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode);
   TORCH_CHECK(oh > 0 && ow > 0, op, ": expected kernel_size ", py_tuple(kernel_size), " with dilation ",

@@ -58,8 +58,9 @@ ROBUST_OPS_HOST_DEVICE T sign_like_torch(T g) {
 
 // Per-sample values (alpha, eps, norms, factors) and the clip bounds come in opmath_t: for float32/float64 that is
 // the dtype itself, exactly as the eager chain sees them; for float16/bfloat16 it is float, which keeps ||g|| + 1e-10
-// from underflowing to 0 (torchattacks' float16 chain turns a zero gradient into NaN there); the reference does the
-// same.
+// from underflowing to 0 (torchattacks' float16 chain turns a zero gradient into NaN there). The reference differs:
+// only its L2 norms, eps and factors are float32; it rounds alpha, and the L-inf eps, to the tensor dtype, so an L-inf
+// eps the dtype cannot represent (8/255 in float16) clamps at another radius: equal within tolerance, not bitwise.
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 
@@ -137,8 +138,7 @@ inline void check_floating(const char* arg, const at::Tensor& t) {
               " to be a floating-point tensor (float16, bfloat16, float32, float64), got ", py_dtype(t.scalar_type()));
 }
 
-// The checks of robust_ops/_meta.py:check_pgd_step_args, in the same order with the same messages, plus the
-// device checks the fake kernel cannot make.
+// The checks of robust_ops/_meta.py:check_pgd_step_args, in the same order with the same messages.
 inline void check_args(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad, const at::Tensor& alpha,
                        const at::Tensor& eps, double clip_min, double clip_max, std::string_view norm,
                        const std::optional<at::Tensor>& history, int64_t slot) {
@@ -182,6 +182,8 @@ inline void check_args(const at::Tensor& x_adv, const at::Tensor& x_nat, const a
   same_device("alpha", alpha);
   same_device("eps", eps);
   if (history.has_value()) same_device("history", *history);
+  check_no_internal_overlap(kOp, "x_adv", x_adv);
+  if (history.has_value()) check_no_internal_overlap(kOp, "history", *history);
 }
 
 // Data-dependent checks (CPU only: on CUDA they would cost a device sync per step), on the values the kernel uses
@@ -230,8 +232,7 @@ inline bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 inline Plan make_plan(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad,
                       const at::Tensor& alpha, const at::Tensor& eps, const std::optional<at::Tensor>& history,
                       int64_t slot) {
-  at::assert_no_internal_overlap(x_adv);
-  Plan p;
+  Plan p;  // check_args rejected internal overlap of x_adv and history
   p.x_adv = x_adv;
   p.n = x_adv.size(0);
   p.numel = x_adv.numel();
@@ -244,7 +245,6 @@ inline Plan make_plan(const at::Tensor& x_adv, const at::Tensor& x_nat, const at
   p.alpha = alpha.to(op_type).contiguous();
   p.eps = eps.to(op_type).contiguous();
   if (history.has_value()) {
-    at::assert_no_internal_overlap(*history);
     p.slot = history->select(0, slot);
     const bool direct = p.slot.is_contiguous() && !overlaps(p.slot, p.x) && !overlaps(p.slot, p.x_nat) &&
                         !overlaps(p.slot, p.grad);

@@ -276,3 +276,37 @@ def test_device_mismatch():
     lo, hi, points, crossed_at, _ = make_inputs(2, device="cuda")
     with pytest.raises(RuntimeError, match="boundary_search_step_: expected crossed_at on the device of lo"):
         OP(lo, hi, points, crossed_at.cpu(), None)
+
+
+@pytest.mark.parametrize("name", ["lo", "hi", "points"])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_internal_overlap_rejected_before_any_write(name, backend):
+    """An expanded lo, hi or points (several elements, one memory location) is refused before anything is written;
+    the kernels used to update hi/points in place and fail only when copying back into an expanded lo."""
+    lo, hi, points, crossed_at, _ = make_inputs(2, shape=(4, 3))  # crossed_at 0, 1, 0, 1: every tensor is written
+    args = {"lo": lo, "hi": hi, "points": points}
+    args[name] = args[name][..., :1].expand_as(args[name])
+    before = {k: v.clone() for k, v in args.items()}
+    with pytest.raises(RuntimeError, match=f"boundary_search_step_: expected {name} without internal overlap") as got:
+        robust_ops.boundary_search_step_(*args.values(), crossed_at, backend=backend)
+    for k, v in args.items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(RuntimeError) as fake:
+        check_boundary_search_step_args(*args.values(), crossed_at, None)
+    assert str(got.value) == str(fake.value)
+    # ATen's own text (what the reference's copy_ raises) is part of the message.
+    assert "more than one element of the written-to tensor refers to a single memory location" in str(got.value)
+
+
+@pytest.mark.parametrize("name", ["hi", "points", "crossed_at", "active"])
+def test_device_mismatch_in_the_shared_checks(name):
+    """The fake kernel and the Triton launcher share these checks, with csrc/checks.h's messages (a meta tensor stands
+    in for another device; the native op dispatches it to the fake kernel)."""
+    lo, hi, points, crossed_at, active = make_inputs(2, shape=(4, 3), active=True)
+    args = {"lo": lo, "hi": hi, "points": points, "crossed_at": crossed_at, "active": active}
+    args[name] = args[name].to("meta")
+    match = rf"boundary_search_step_: expected {name} on the device of lo \(cpu\), got meta"
+    with pytest.raises(RuntimeError, match=match):
+        check_boundary_search_step_args(*args.values())
+    with pytest.raises(RuntimeError, match=match):
+        OP(*args.values())

@@ -162,3 +162,31 @@ def test_torch_compile_fullgraph():
     for g, w in zip(got, want):
         assert_verbose_equal(g, w)
     assert_verbose_equal(out, want[0] + want[1])
+
+
+@pytest.mark.parametrize("name", ["lo", "hi", "points"])
+def test_internal_overlap_rejected_before_any_write(name):
+    """As the native kernels: an expanded lo/hi/points is refused up front (the launcher used to write hi and points,
+    then fail copying back into an expanded lo)."""
+    lo, hi, points, crossed_at, _ = make_inputs(2, shape=(4, 3), device=device())
+    args = {"lo": lo, "hi": hi, "points": points}
+    args[name] = args[name][..., :1].expand_as(args[name])
+    before = {k: v.clone() for k, v in args.items()}
+    with pytest.raises(RuntimeError, match=f"boundary_search_step_: expected {name} without internal overlap") as got:
+        TRITON_OP(*args.values(), crossed_at, None)
+    for k, v in args.items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(RuntimeError) as native:
+        NATIVE_OP(*(t.cpu() for t in args.values()), crossed_at.cpu(), None)
+    assert str(got.value) == str(native.value)
+
+
+@pytest.mark.parametrize("name", ["hi", "points", "crossed_at", "active"])
+def test_device_mismatch(name):
+    """The C++ kernels' device checks, same messages (a meta tensor stands in for another device)."""
+    lo, hi, points, crossed_at, active = make_inputs(2, shape=(4, 3), device=device(), active=True)
+    args = {"lo": lo, "hi": hi, "points": points, "crossed_at": crossed_at, "active": active}
+    args[name] = args[name].to("meta")
+    with pytest.raises(RuntimeError, match=rf"boundary_search_step_: expected {name} on the device of lo \({lo.device}"
+                       r"\), got meta"):
+        TRITON_OP(*args.values())

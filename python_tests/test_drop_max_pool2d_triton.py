@@ -2,6 +2,7 @@
 (set before import). Small shapes: the interpreter is slow."""
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -158,3 +159,44 @@ def test_opcheck_and_compile_cuda():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), robust_ops.DropMax2d(3, 2, 1, backend="triton"))
     model = model.cuda()
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
+def test_backward_device_mismatch_matches_native():
+    """The C++ device check (a meta tensor stands in for another device; the native op dispatches it to the fake)."""
+    grad = torch.ones(1, 1, 2, 2, device=DEVICE)
+    indices = torch.zeros(1, 1, 2, 2, dtype=torch.int64, device="meta")
+    match = rf"_drop_max_pool2d_backward: expected indices on the device of grad_output \({grad.device}\), got meta"
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.robust_ops._drop_max_pool2d_backward_triton(grad, indices, [1, 1, 4, 4])
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.robust_ops._drop_max_pool2d_backward(grad, indices, [1, 1, 4, 4])
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_backward_alerts_nondeterminism_on_cuda_only(backend, warn_only):
+    """The CUDA and Triton backwards add with float atomics: on CUDA torch.use_deterministic_algorithms(True) refuses
+    them (warn_only=True: a warning), as ATen's max_pool2d backward. The CPU kernel (and the interpreter, which runs
+    programs in order) is deterministic and stays silent."""
+    if backend == "native" and DEVICE == "cuda" and not robust_ops._extension.has_cuda_kernels():
+        pytest.skip("robust_ops built without CUDA kernels")
+    backward = getattr(torch.ops.robust_ops, "_drop_max_pool2d_backward" + ("_triton" if backend == "triton" else ""))
+    grad = torch.ones(1, 2, 3, 3, device=DEVICE)
+    indices = torch.zeros(1, 2, 3, 3, dtype=torch.int64, device=DEVICE)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        message = "_drop_max_pool2d_backward.* does not have a deterministic implementation"
+        if DEVICE == "cpu":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                out = backward(grad, indices, [1, 2, 5, 5])
+            assert out[0, :, 0, 0].tolist() == [9.0, 9.0]
+        elif warn_only:
+            with pytest.warns(UserWarning, match=message):
+                backward(grad, indices, [1, 2, 5, 5])
+        else:
+            with pytest.raises(RuntimeError, match=message):
+                backward(grad, indices, [1, 2, 5, 5])
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])

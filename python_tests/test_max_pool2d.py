@@ -179,6 +179,27 @@ def test_error_messages_name_the_op(args, message):
             op(mode.from_tensor(x), *args)
 
 
+def test_zero_channels_refused_like_aten_empty_batch_accepted():
+    """F.max_pool2d refuses C = 0 ("Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size"); the op
+    used to return a (2, 0, 2, 2) output. The fake kernel raises the same message."""
+    x = torch.randn(2, 0, 4, 4)
+    args = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="optional 0 dim batch size"):
+        F.max_pool2d(x, 2)
+    message = r"max_pool2d: expected input with non-zero channels, as F.max_pool2d, got \(2, 0, 4, 4\)"
+    with pytest.raises(RuntimeError, match=message):
+        op(x, *args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError, match=message):
+            op(mode.from_tensor(x), *args)
+    with pytest.raises(RuntimeError, match="max_pool2d: expected input with non-zero channels"):
+        robust_ops.max_pool2d(torch.randn(0, 4, 4), 2)  # unbatched (C, H, W), as F.max_pool2d refuses it
+    empty_batch = torch.randn(0, 3, 4, 4)
+    out, idx = op(empty_batch, *args)
+    ref, ref_idx = F.max_pool2d(empty_batch, 2, return_indices=True)
+    assert out.shape == ref.shape == (0, 3, 2, 2) and idx.shape == ref_idx.shape
+
+
 def test_functional_argument_errors():
     with pytest.raises(TypeError, match="max_pool2d: expected kernel_size to be an int or a pair of ints"):
         robust_ops.max_pool2d(torch.randn(1, 1, 4, 4), "2")

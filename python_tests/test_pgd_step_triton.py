@@ -115,6 +115,14 @@ def test_argument_errors_match_fake_checks():
         dict(alpha=alpha[:1]),
         dict(grad=grad.double()),
         dict(history=torch.zeros((2, 2, 3, 4), device=device()), slot=2),
+        # The C++ device checks (a meta tensor stands in for another device) and overlap checks.
+        dict(x_nat=x_nat.to("meta")),
+        dict(grad=grad.to("meta")),
+        dict(alpha=alpha.to("meta")),
+        dict(eps=eps.to("meta")),
+        dict(history=torch.zeros((2, 2, 3, 4), device="meta")),
+        dict(x_adv=x_adv[:1].expand(2, 3, 4)),
+        dict(history=torch.zeros((1, 2, 3, 4), device=device()).expand(2, 2, 3, 4)),
     ]
     for changes in cases:
         args = dict(x_adv=x_adv, x_nat=x_nat, grad=grad, alpha=alpha, eps=eps, clip_min=0.0, clip_max=1.0,
@@ -125,6 +133,38 @@ def test_argument_errors_match_fake_checks():
         with pytest.raises(RuntimeError) as got:
             triton_op()(*args.values())
         assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("name", ["x_nat", "grad", "alpha", "eps", "history"])
+def test_device_mismatch_names_the_argument(name):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
+    args = dict(x_adv=x_adv, x_nat=x_nat, grad=grad, alpha=alpha, eps=eps, clip_min=0.0, clip_max=1.0, norm="linf",
+                history=torch.zeros((2, 2, 3, 4), device=device()), slot=0)
+    args[name] = args[name].to("meta")
+    with pytest.raises(RuntimeError, match=rf"pgd_step_: expected {name} on the device of x_adv \({x_adv.device}\), "
+                       "got meta"):
+        triton_op()(*args.values())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("overlapping", ["x_adv", "history"])
+def test_internal_overlap_rejected_before_any_write(norm, overlapping):
+    """As the C++ op (docs/ops/pgd_step.md: a rejected call leaves x_adv untouched): the launcher used to write
+    history[slot] and fail only when copying back into an expanded x_adv."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 4), device=device())
+    history = torch.zeros((2, 3, 4), device=device())
+    if overlapping == "x_adv":
+        x_adv = x_adv[:1].expand(3, 4)
+    else:
+        history = history[:1].expand(2, 3, 4)
+    base, hist_before = x_adv.clone(), history.clone()
+    with pytest.raises(RuntimeError, match=f"pgd_step_: expected {overlapping} without internal overlap") as got:
+        triton_op()(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 0)
+    assert torch.equal(x_adv, base) and torch.equal(history, hist_before)
+    with pytest.raises(RuntimeError) as native:
+        torch.ops.robust_ops.pgd_step_(x_adv.cpu(), x_nat.cpu(), grad.cpu(), alpha.cpu(), eps.cpu(), 0.0, 1.0, norm,
+                                       history.cpu(), 0)
+    assert str(got.value) == str(native.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="data-dependent checks run at once only on CPU tensors")

@@ -1,7 +1,7 @@
 """Fake (meta) kernels for every C++ op: shapes and argument checks only, never data.
 
-The messages are the same as the C++ TORCH_CHECKs (csrc/cpu/*_kernel.cpp), so a user sees one error whether the op
-runs eagerly or under torch.compile.
+The messages are the same as the C++ TORCH_CHECKs (csrc/*.h), so a user sees one error whether the op runs eagerly
+or under torch.compile. The check_* functions are also the Triton launchers' checks (device and overlap included).
 """
 
 import torch
@@ -16,6 +16,24 @@ def _check_floating(op, arg, t):
         t.dtype in FLOATING,
         lambda: f"{op}: expected {arg} to be a floating-point tensor (float16, bfloat16, float32, float64), "
         f"got {t.dtype}",
+    )
+
+
+def check_same_device(op, arg, t, ref_arg, ref):
+    """csrc/checks.h check_same_device: a kernel launched for ref's device would read t's memory as its own."""
+    torch._check(
+        t.device == ref.device,
+        lambda: f"{op}: expected {arg} on the device of {ref_arg} ({ref.device}), got {t.device}",
+    )
+
+
+def check_no_internal_overlap(op, arg, t):
+    """A tensor written in place must not have internal overlap (an expanded tensor): checked before any write, so a
+    rejected call changes nothing. Contains ATen's assert_no_internal_overlap text; same check in csrc/checks.h."""
+    torch._check(
+        torch._debug_has_internal_overlap(t) != 1,  # 1 = MemOverlap::Yes; 2 (TooHard) passes, as in ATen
+        lambda: f"{op}: expected {arg} without internal overlap (more than one element of the written-to tensor "
+        "refers to a single memory location); clone() it first",
     )
 
 
@@ -48,6 +66,11 @@ def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ce
     )
     h, w = input.shape[2], input.shape[3]
     torch._check(h > 0 and w > 0, lambda: f"{op}: expected input with non-zero height and width, got {h}x{w}")
+    if op == "max_pool2d":  # ATen's max_pool2d refuses C = 0 (N = 0 is fine); drop_max_pool2d returns empty
+        torch._check(
+            input.shape[1] > 0,
+            lambda: f"{op}: expected input with non-zero channels, as F.max_pool2d, got {tuple(input.shape)}",
+        )
     oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
     ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
     torch._check(
@@ -99,6 +122,7 @@ def check_drop_max_pool2d_backward_args(grad_output, indices, input_size):
         lambda: f"{op}: expected input_size to be (N, C, H, W) = ({grad_output.shape[0]}, {grad_output.shape[1]}, "
         f"H, W) with H, W > 0, got {tuple(input_size)}",
     )
+    check_same_device(op, "indices", indices, "grad_output", grad_output)
 
 
 @torch.library.register_fake("robust_ops::_drop_max_pool2d_backward")
@@ -171,6 +195,12 @@ def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm
             lambda: f"{op}: expected slot in [0, {history.shape[0]}) for a history of {history.shape[0]} slots, "
             f"got {slot}",
         )
+    for name, t in (("x_nat", x_nat), ("grad", grad), ("alpha", alpha), ("eps", eps), ("history", history)):
+        if t is not None:
+            check_same_device(op, name, t, "x_adv", x_adv)
+    check_no_internal_overlap(op, "x_adv", x_adv)
+    if history is not None:
+        check_no_internal_overlap(op, "history", history)
 
 
 @torch.library.register_fake("robust_ops::pgd_step_")
@@ -205,6 +235,11 @@ def check_boundary_search_step_args(lo, hi, points, crossed_at, active):
             active.dtype == torch.bool and active.dim() == 1 and active.shape[0] == n,
             lambda: f"{op}: expected active to be a bool tensor of shape [{n}], got {active.dtype} {tuple(active.shape)}",
         )
+    for name, t in (("hi", hi), ("points", points), ("crossed_at", crossed_at), ("active", active)):
+        if t is not None:
+            check_same_device(op, name, t, "lo", lo)
+    for name, t in (("lo", lo), ("hi", hi), ("points", points)):
+        check_no_internal_overlap(op, name, t)
 
 
 @torch.library.register_fake("robust_ops::boundary_search_step_")

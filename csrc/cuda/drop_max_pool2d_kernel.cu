@@ -6,6 +6,7 @@
 // valid element selects itself; a window holding NaN selects its first NaN. The kernels index through strides, so
 // NCHW, channels_last and other layouts need no copy; outputs keep the input's memory format (channels_last iff the
 // input is channels_last and not also contiguous, as the fake kernel in robust_ops/_meta.py says).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -111,6 +112,9 @@ at::Tensor drop_max_pool2d_backward_cuda(const at::Tensor& grad_output, const at
                                          c10::IntArrayRef input_size) {
   TORCH_INTERNAL_ASSERT(grad_output.is_cuda());
   check_drop_max_pool2d_backward_args(grad_output, indices, input_size);
+  // Float atomics: the summation order of overlapping windows varies between runs (ATen's max_pool2d backward alerts
+  // too); an error under torch.use_deterministic_algorithms(True), a warning with warn_only=True.
+  at::globalContext().alertNotDeterministic("_drop_max_pool2d_backward_cuda");
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const auto format = is_channels_last(grad_output) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto acc_type = at::toOpMathType(grad_output.scalar_type());

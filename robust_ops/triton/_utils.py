@@ -1,5 +1,6 @@
 """Helpers shared by the Triton kernels."""
 
+import contextlib
 import os
 
 import torch
@@ -15,6 +16,12 @@ def launch(kernel):
     """The callable to launch a @triton.jit kernel with: wrapped for torch.compile on real GPUs, raw under the
     interpreter (torch.library.wrap_triton rejects interpreted kernels, pytorch#152868)."""
     return kernel if _INTERPRETED.value else torch.library.wrap_triton(kernel)
+
+
+def on_device_of(t):
+    """Context for a launch on t's device: Triton launches on the current CUDA device and its current stream, not on
+    the tensors' device. No-op for CPU tensors (TRITON_INTERPRET=1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._meta import check_boundary_search_step_args
-from ._utils import launch, mul_rn
+from ._utils import launch, mul_rn, on_device_of
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -88,12 +88,13 @@ def boundary_search_step_triton(lo: Tensor, hi: Tensor, points: Tensor, crossed_
     crossed_c = crossed_at.contiguous()
     active_c = active.contiguous() if active is not None else crossed_c  # never read when HAS_ACTIVE is False
     blocks_per_sample = triton.cdiv(per_sample, BLOCK)
-    launch(_boundary_search_step_kernel)[(n * blocks_per_sample,)](
-        lo_c, hi_c, points_c, crossed_c, active_c,
-        per_sample, total, k, blocks_per_sample,
-        HAS_ACTIVE=active is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
-    )
+    with on_device_of(lo):
+        launch(_boundary_search_step_kernel)[(n * blocks_per_sample,)](
+            lo_c, hi_c, points_c, crossed_c, active_c,
+            per_sample, total, k, blocks_per_sample,
+            HAS_ACTIVE=active is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
     if lo_c is not lo:
         lo.copy_(lo_c)
     if hi_c is not hi:

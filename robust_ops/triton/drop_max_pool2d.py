@@ -10,7 +10,9 @@ Comparisons and gradient sums run in ACC: float64 for float64 tensors, float32 o
 compared in float32 and their gradients accumulate in a float32 buffer).
 Backward: scatter-add of grad_output to the selected positions with atomics (windows overlap). The backward op's
 schema carries no window geometry, so a gather formulation is not possible; with at most ceil(k/s)^2 contributions
-per element the atomic order changes results by at most a rounding step between runs.
+per element the atomic order changes results by at most a rounding step between runs. On CUDA it therefore raises
+under torch.use_deterministic_algorithms(True) (warns with warn_only=True), as the CUDA kernel and ATen's max_pool2d
+backward do.
 """
 
 from typing import List, Tuple
@@ -19,10 +21,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._prims_common import alert_not_deterministic  # torch's Python twin of alertNotDeterministic
 
 from .._autograd import register_drop_max_autograd
 from .._meta import check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, output_memory_format
-from ._utils import launch
+from ._utils import launch, on_device_of
 
 FORWARD_SCHEMA = (
     "(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
@@ -122,18 +125,21 @@ def drop_max_pool2d_triton(input: Tensor, kernel_size: List[int], stride: List[i
     total = out.numel()
     if total == 0:
         return out, idx
-    launch(_drop_max_pool2d_fwd_kernel)[(triton.cdiv(total, BLOCK),)](
-        input, out, idx, total, c, h, w, oh, ow,
-        *input.stride(), *out.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=kernel_size[0], KW=kernel_size[1], ACC=_acc_dtype(input.dtype), BLOCK=BLOCK,
-    )
+    with on_device_of(input):
+        launch(_drop_max_pool2d_fwd_kernel)[(triton.cdiv(total, BLOCK),)](
+            input, out, idx, total, c, h, w, oh, ow,
+            *input.stride(), *out.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            KH=kernel_size[0], KW=kernel_size[1], ACC=_acc_dtype(input.dtype), BLOCK=BLOCK,
+        )
     return out, idx
 
 
 @torch.library.triton_op("robust_ops::_drop_max_pool2d_backward_triton", mutates_args=(), schema=BACKWARD_SCHEMA)
 def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_size: List[int]) -> Tensor:
     check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
+    if grad_output.is_cuda:  # float atomics: run-to-run sums differ (the CPU interpreter runs programs in order)
+        alert_not_deterministic("_drop_max_pool2d_backward_triton")
     fmt = output_memory_format(grad_output)
     # Accumulation buffer for the atomics: float64 for float64, else float32; the grad_input itself unless half.
     acc_dtype = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
@@ -149,11 +155,12 @@ def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_
     )
     if total > 0:
         n, c, oh, ow = grad_output.shape
-        launch(_drop_max_pool2d_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
-            grad_output, indices, acc, total, c, oh, ow, h * w, w,
-            *grad_output.stride(), *indices.stride(), *acc.stride(),
-            ACC=_acc_dtype(grad_output.dtype), BLOCK=BLOCK,
-        )
+        with on_device_of(grad_output):
+            launch(_drop_max_pool2d_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
+                grad_output, indices, acc, total, c, oh, ow, h * w, w,
+                *grad_output.stride(), *indices.stride(), *acc.stride(),
+                ACC=_acc_dtype(grad_output.dtype), BLOCK=BLOCK,
+            )
     return acc if grad_output.dtype == acc_dtype else acc.to(grad_output.dtype)
 
 

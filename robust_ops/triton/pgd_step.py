@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._meta import check_pgd_step_args
-from ._utils import div_rn, launch, mul_rn
+from ._utils import div_rn, launch, mul_rn, on_device_of
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -143,29 +143,30 @@ def pgd_step_triton(
     hist_offset = slot * x_adv.numel() if direct_history else 0
     blocks_per_sample = triton.cdiv(per_sample, BLOCK)
     grid = (n * blocks_per_sample,)
-    if norm == "linf":
-        launch(_linf_kernel)[grid](
-            x, x_nat_c, grad_c, alpha_c, eps_c, bounds, hist,
-            per_sample, blocks_per_sample, hist_offset,
-            HAS_HISTORY=direct_history, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )
-    else:
-        # delta goes to its own buffer, so x_nat or grad may alias x_adv.
-        grad_norm = (_sample_norms(grad, n) + 1e-10).contiguous()
-        delta = torch.empty_like(x)
-        launch(_l2_delta_kernel)[grid](
-            x, x_nat_c, grad_c, alpha_c, grad_norm, delta,
-            per_sample, blocks_per_sample,
-            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )
-        # min((1/||delta||) * eps, 1) as torchattacks computes eps / delta_norms; 0 where eps = 0 (no 0 * inf).
-        factor = torch.minimum(_sample_norms(delta, n).reciprocal() * eps_c, torch.ones_like(eps_c))
-        factor = torch.where(eps_c == 0, torch.zeros_like(factor), factor).contiguous()
-        launch(_l2_project_kernel)[grid](
-            x, x_nat_c, delta, factor, bounds, hist,
-            per_sample, blocks_per_sample, hist_offset,
-            HAS_HISTORY=direct_history, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )
+    with on_device_of(x_adv):
+        if norm == "linf":
+            launch(_linf_kernel)[grid](
+                x, x_nat_c, grad_c, alpha_c, eps_c, bounds, hist,
+                per_sample, blocks_per_sample, hist_offset,
+                HAS_HISTORY=direct_history, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
+        else:
+            # delta goes to its own buffer, so x_nat or grad may alias x_adv.
+            grad_norm = (_sample_norms(grad, n) + 1e-10).contiguous()
+            delta = torch.empty_like(x)
+            launch(_l2_delta_kernel)[grid](
+                x, x_nat_c, grad_c, alpha_c, grad_norm, delta,
+                per_sample, blocks_per_sample,
+                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
+            # min((1/||delta||) * eps, 1) as torchattacks computes eps / delta_norms; 0 where eps = 0 (no 0 * inf).
+            factor = torch.minimum(_sample_norms(delta, n).reciprocal() * eps_c, torch.ones_like(eps_c))
+            factor = torch.where(eps_c == 0, torch.zeros_like(factor), factor).contiguous()
+            launch(_l2_project_kernel)[grid](
+                x, x_nat_c, delta, factor, bounds, hist,
+                per_sample, blocks_per_sample, hist_offset,
+                HAS_HISTORY=direct_history, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
     if x is not x_adv:
         x_adv.copy_(x)
     if history is not None and not direct_history:
