@@ -100,10 +100,28 @@ def test_results_identical_with_and_without_pool(monkeypatch):
     assert torch.equal(g_out, g_in)
 
 
-def test_bad_env_value(monkeypatch):
-    monkeypatch.setenv("ROBUST_OPS_CPU_POOL", "maybe")
-    with pytest.raises(ValueError, match="ROBUST_OPS_CPU_POOL"):
-        pool_enabled_by_default()
+def env_switches():
+    from robust_ops import native_layers, prepacked_conv
+
+    return [("ROBUST_OPS_CPU_POOL", pool_enabled_by_default, True),
+            (native_layers.ENV_SWITCH, native_layers.native_layers_enabled_by_default, True),
+            (prepacked_conv.ENV_SWITCH, prepacked_conv.prepacked_conv_enabled_by_default, False)]
+
+
+@pytest.mark.parametrize("index", range(3), ids=["pool", "native_layers", "prepacked_conv"])
+def test_env_switches_parse_alike(monkeypatch, index):
+    name, enabled, default = env_switches()[index]
+    monkeypatch.delenv(name, raising=False)
+    assert enabled() is default
+    for value, expected in [("", default), (" ", default), ("1", True), ("true", True), ("On", True), ("YES", True),
+                            ("0", False), ("false", False), (" off ", False), ("No", False)]:
+        monkeypatch.setenv(name, value)
+        assert enabled() is expected, value
+    for value in ("maybe", "2", "enabled"):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=rf"^robust_ops: expected \${name} to be one of 1/true/on/yes \(on\) "
+                                             rf"or 0/false/off/no \(off\), got '{value}'$"):
+            enabled()
 
 
 @pytest.mark.parametrize("value", ["", "abc", "-5", "4GB"])

@@ -191,8 +191,8 @@ def test_leaves_user_forwards_subclasses_and_switch_alone(monkeypatch):
     monkeypatch.setenv(ENV_SWITCH, "0")
     with native_layers(plain):
         assert patched(plain) == []
-    monkeypatch.setenv(ENV_SWITCH, "yes")
-    with pytest.raises(ValueError, match=r"expected \$ROBUST_OPS_NATIVE_LAYERS to be 0 or 1"):
+    monkeypatch.setenv(ENV_SWITCH, "maybe")  # the switches' shared parser: test_memory_pool.py
+    with pytest.raises(ValueError, match=r"expected \$ROBUST_OPS_NATIVE_LAYERS to be one of"):
         with native_layers(plain):
             pass
 
@@ -277,3 +277,45 @@ def test_copies_taken_inside_use_their_own_statistics_and_pickle():
     out, g = output_and_input_grad(twin, x, grad)
     ref_out, ref_grad = output_and_input_grad(plain, x, grad)
     assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+    with native_layers(twin):  # a later swap of the copy restores it like any model
+        assert len(patched(twin)) == 2
+    assert patched(twin) == []
+
+
+def test_copies_taken_inside_run_the_plain_forward(monkeypatch):
+    import copy
+
+    from robust_ops import native_layers as nl
+
+    calls = []
+    real = nl.max_pool2d
+    monkeypatch.setattr(nl, "max_pool2d", lambda *args: calls.append(1) or real(*args))
+    model = nn.Sequential(eval_bn(3), nn.MaxPool2d(2))
+    x = torch.randn(2, 3, 6, 6)
+    with native_layers(model):
+        twin = copy.deepcopy(model)
+        twin(x)
+        assert calls == []  # not registered: the copy's modules are not swapped
+        model(x)
+        assert calls == [1]
+    twin(x)
+    assert calls == [1]
+    with native_layers(twin):
+        twin(x)
+    assert calls == [1, 1]
+
+
+def test_in_place_weight_update_before_the_backward_is_refused_as_by_aten():
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    for fast in (False, True):
+        bn = eval_bn(3)
+        with native_layers(bn, enabled=fast):
+            out = bn(x)
+            with torch.no_grad():
+                bn.weight.mul_(2)
+            match = "native_layers: the weight of BatchNorm2d.* was modified in place" if fast else "inplace operation"
+            with pytest.raises(RuntimeError, match=match):
+                out.sum().backward()
+    bn = eval_bn(3, affine=False)  # no weight to check
+    with native_layers(bn):
+        bn(x).sum().backward()

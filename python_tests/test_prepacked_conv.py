@@ -183,6 +183,74 @@ def test_falls_back_outside_attacks_and_where_it_does_not_apply(monkeypatch):
     assert not pc.prepacked_conv_active(conv)
 
 
+def error_of(fn):
+    try:
+        fn()
+    except RuntimeError as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+# (module arguments, input shape) ATen refuses; oneDNN's own errors said "could not create a primitive descriptor"
+REFUSED = [
+    ((3, 8, 3, 1, 1), (2, 4, 8, 8)),  # channels
+    ((3, 8, 3, 1, 1), (2, 0, 8, 8)),
+    ((4, 8, 3, 1, 1, 1, 2), (2, 2, 8, 8)),  # grouped: in_channels is the total
+    ((3, 8, 3), (2, 3, 1, 1)),  # the kernel is larger than the padded input
+    ((3, 8, 3, 1, 0, 2), (2, 3, 4, 4)),  # ... than its dilated extent
+    ((3, 8, 1, 1, 1), (2, 3, 0, 4)),  # empty height: oneDNN computed an output
+    ((3, 8, 3, -1), (2, 3, 8, 8)),
+    ((3, 8, 3, 1, -1), (2, 3, 8, 8)),
+    ((3, 8, 3, 1, 1, 0), (2, 3, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("args, shape", REFUSED, ids=str)
+def test_inputs_aten_refuses_raise_atens_message(args, shape):
+    conv = frozen(nn.Conv2d(*args))
+    x = torch.randn(*shape)
+    expected = error_of(lambda: conv(x))
+    assert expected is not None
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        error_of(lambda: conv(torch.randn(*shape[:1], conv.in_channels, 9, 9)))  # a pack for a valid input first
+        assert error_of(lambda: conv(x)) == expected
+
+
+def test_stride_zero_raises_atens_message_instead_of_killing_the_process():
+    import subprocess
+    import sys
+
+    code = ("import torch; from torch import nn; from robust_ops import prepacked_conv as pc\n"
+            "conv = nn.Conv2d(3, 8, 3, 0).requires_grad_(False)\n"
+            "with pc.prepacked_conv(conv, True), pc.weight_pack_scope():\n"
+            "    try: conv(torch.randn(2, 3, 8, 8))\n"
+            "    except RuntimeError as err: print(err)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "non-positive stride is not supported" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
+def test_copy_taken_inside_runs_atens_convolutions():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = frozen(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)))
+    x = torch.randn(4, 3, 16, 16)
+    expected = model(x)
+    with pc.prepacked_conv(model, True):
+        twin = copy.deepcopy(model)
+        pickled = pickle.loads(pickle.dumps(model))
+        assert pc.prepacked_conv_active(model) and not pc.prepacked_conv_active(twin)
+        with pc.weight_pack_scope():
+            assert torch.equal(twin(x), expected)
+    assert not pc.prepacked_conv_active(twin) and not pc.prepacked_conv_active(pickled)
+    with pc.weight_pack_scope():
+        assert torch.equal(twin(x), expected) and torch.equal(pickled(x), expected)
+    with pc.prepacked_conv(twin, True):  # the copy can be switched on and off again like any model
+        assert pc.prepacked_conv_active(twin)
+    assert all("forward" not in m.__dict__ for m in twin.modules())
+
+
 def test_double_backward_matches_atens():
     # create_graph=True (gradient penalties): the input gradient is then ATen's differentiable one.
     torch.manual_seed(0)
@@ -209,8 +277,11 @@ def test_off_by_default_and_switched_by_the_environment(monkeypatch):
     with attack_context(model):
         assert pc.prepacked_conv_active(model)
     assert not pc.prepacked_conv_active(model)
-    monkeypatch.setenv(pc.ENV_SWITCH, "yes")
-    with pytest.raises(ValueError, match="ROBUST_OPS_PREPACKED_CONV to be 0 or 1"):
+    monkeypatch.setenv(pc.ENV_SWITCH, "yes")  # the switches' shared parser: test_memory_pool.py
+    with attack_context(model):
+        assert pc.prepacked_conv_active(model)
+    monkeypatch.setenv(pc.ENV_SWITCH, "maybe")
+    with pytest.raises(ValueError, match=r"expected \$ROBUST_OPS_PREPACKED_CONV to be one of"):
         with attack_context(model):
             pass
 

@@ -7,7 +7,39 @@ import threading
 from torch import nn
 
 _lock = threading.Lock()
-_patched = {}  # id(module) -> [module, depth]
+_patched = {}  # id(module) -> [module, depth, replacement]
+
+
+def _dispatch(module, *args, **kwargs):
+    # The installed forward. A copy.deepcopy or pickle of a patched module copies this partial along, but the copy
+    # is not in the registry, so nothing would ever remove it: it runs the class's own forward instead.
+    entry = _patched.get(id(module))
+    if entry is not None and entry[0] is module:
+        return entry[2](module, *args, **kwargs)
+    return type(module).forward(module, *args, **kwargs)
+
+
+def _is_installed(forward):
+    return isinstance(forward, functools.partial) and forward.func is _dispatch
+
+
+def active_replacement(module):
+    """The replacement forward ``module`` runs now, or None."""
+    entry = _patched.get(id(module))
+    return entry[2] if entry is not None and entry[0] is module else None
+
+
+def check_unmodified(tensor, saved, what):
+    """Raise, as autograd does for a saved tensor, when ``tensor`` (a module's parameter that a replacement's
+    autograd.Function reads again in its backward) no longer is what the forward saw: ``saved`` is
+    ``saved_state(tensor)`` taken in the forward; ``what`` names it in the message."""
+    if saved_state(tensor) != saved:
+        raise RuntimeError(f"{what} was modified in place after the forward (version {tensor._version}, the forward "
+                           f"used {saved[1]}), so the gradient would be wrong; rerun the forward after the update")
+
+
+def saved_state(tensor):
+    return tensor.data_ptr(), tensor._version
 
 
 @contextlib.contextmanager
@@ -27,11 +59,11 @@ def patched_forwards(model, replacements):
                 entry = _patched.get(id(module))
                 if entry is not None:
                     entry[1] += 1
-                elif "forward" in module.__dict__:
-                    continue  # the user's own instance forward: leave it alone
+                elif "forward" in module.__dict__ and not _is_installed(module.__dict__["forward"]):
+                    continue  # the user's own instance forward: leave it alone (ours may come with a copy)
                 else:
-                    module.forward = functools.partial(replacement, module)
-                    _patched[id(module)] = [module, 1]
+                    module.forward = functools.partial(_dispatch, module)
+                    _patched[id(module)] = [module, 1, replacement]
                 modules.append(module)
     try:
         yield model

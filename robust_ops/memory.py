@@ -8,15 +8,16 @@ blocks (>= 64 KiB) freed by PyTorch are kept and reused for the next allocation 
 outermost block the previous allocator is restored and the cache is freed. Results are unchanged (same 64-byte
 alignment as PyTorch's allocator); only the time spent faulting memory in goes away.
 
-``ROBUST_OPS_CPU_POOL=0`` turns the attacks' use of the pool off; ``ROBUST_OPS_CPU_POOL_LIMIT_MB`` (default 4096) caps
-what is kept cached.
+``ROBUST_OPS_CPU_POOL=0`` (or false/off/no) turns the attacks' use of the pool off; ``ROBUST_OPS_CPU_POOL_LIMIT_MB``
+(default 4096) caps what is kept cached.
 """
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ._options import env_switch
 
 ENV_SWITCH = "ROBUST_OPS_CPU_POOL"
 
@@ -34,13 +35,8 @@ class PoolStats:
 
 
 def pool_enabled_by_default():
-    """Whether the attacks run under the pool: on unless ROBUST_OPS_CPU_POOL is 0/false/off."""
-    value = os.environ.get(ENV_SWITCH, "1").strip().lower()
-    if value in ("1", "true", "on", "yes", ""):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"robust_ops: expected {ENV_SWITCH} to be 0 or 1, got {value!r}")
+    """Whether the attacks run under the pool: on unless $ROBUST_OPS_CPU_POOL is off (_options.env_switch)."""
+    return env_switch(ENV_SWITCH, True)
 
 
 @torch.compiler.disable

@@ -22,7 +22,6 @@ docs/benchmarks.md (bench_attacks "without native layers").
 """
 
 import contextlib
-import os
 import weakref
 
 import torch
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import NATIVE_CPU_DTYPES, max_pool2d
-from ._patching import patched_forwards
+from ._options import env_switch
+from ._patching import check_unmodified, patched_forwards, saved_state
 from .memory import library_pool
 from .prepacked_conv import prepacked_conv as _prepacked_conv
 
@@ -40,10 +40,7 @@ ENV_SWITCH = "ROBUST_OPS_NATIVE_LAYERS"
 
 
 def native_layers_enabled_by_default():
-    value = os.environ.get(ENV_SWITCH, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"native_layers: expected ${ENV_SWITCH} to be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_switch(ENV_SWITCH, True)
 
 
 class _EvalBatchNorm(torch.autograd.Function):
@@ -51,12 +48,16 @@ class _EvalBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, bn, invstd):
-        ctx.invstd, ctx.weight = invstd, bn.weight
+        ctx.invstd, ctx.bn, ctx.weight = invstd, bn, bn.weight
+        ctx.weight_state = None if bn.weight is None else saved_state(bn.weight)
         return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight = None if ctx.weight is None else ctx.weight.detach()
+        weight = ctx.weight
+        if weight is not None:  # ATen saves the weight for its backward: refuse an in-place change as autograd does
+            check_unmodified(weight, ctx.weight_state, f"native_layers: the weight of {ctx.bn}")
+            weight = weight.detach()
         return torch.ops.robust_ops._eval_batch_norm_backward(grad_output, ctx.invstd, weight), None, None
 
 
@@ -77,9 +78,6 @@ def _eval_bn_invstd(bn, dtype):
     return cached[2]
 
 
-# The replacement forwards are module-level functions bound to their module with functools.partial, not closures:
-# a deepcopy taken while they are in place binds them to the copy (the partial's argument is copied with the
-# module), and the model still pickles.
 def _batch_norm_forward(bn, input):
     if (
         bn.training

@@ -18,7 +18,7 @@ Semantics:
   one for larger ones (oneDNN lays them out differently). Outside an attack -- training
   steps, plain user code -- and for weights that need gradients, the module's own forward runs.
 * Only float32 CPU inputs of 4 dimensions, contiguous or channels_last, ``padding_mode="zeros"`` and numeric
-  padding; anything else runs the module's own forward.
+  padding; anything else runs the module's own forward, and so do inputs and settings ATen refuses (for its message).
 * On NCHW models the results are not bitwise ATen's (other kernels sum in another order: relative differences ~1e-6
   in logits; on channels_last models they were bitwise equal on the development machine), so it is off by default:
   ``$ROBUST_OPS_PREPACKED_CONV=1``, ``prepacked_conv(model)``, ``fit(prepacked_conv=True)`` or
@@ -27,14 +27,14 @@ Semantics:
 """
 
 import contextlib
-import os
 import threading
 
 import torch
 from torch import nn
 
 from ._meta import output_memory_format
-from ._patching import patched_forwards
+from ._options import env_switch
+from ._patching import active_replacement, check_unmodified, patched_forwards, saved_state
 
 __all__ = ["prepacked_conv", "prepacked_conv_enabled_by_default", "prepacked_conv_active", "weight_pack_scope",
            "ENV_SWITCH"]
@@ -45,10 +45,7 @@ _local = threading.local()
 
 
 def prepacked_conv_enabled_by_default():
-    value = os.environ.get(ENV_SWITCH, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"prepacked_conv: expected ${ENV_SWITCH} to be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_switch(ENV_SWITCH, False)
 
 
 def _available():
@@ -112,10 +109,7 @@ class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         conv, packs = ctx.conv, ctx.packs
-        if (conv.weight.data_ptr(), conv.weight._version) != packs.key[:2]:
-            # what autograd says for a saved tensor modified in place: the forward's weight is gone
-            raise RuntimeError(f"prepacked_conv: the weight of {conv} was modified in place after the forward "
-                               f"(a backward through an attack's graph after a training step?); rerun the forward")
+        check_unmodified(conv.weight, packs.key[:2], f"prepacked_conv: the weight of {conv}")  # the packs are stale
         if torch.is_grad_enabled():  # create_graph=True: ATen's input gradient, which autograd differentiates again
             return torch.nn.grad.conv2d_input(ctx.input_shape, conv.weight.detach(), grad_output, conv.stride,
                                               conv.padding, conv.dilation, conv.groups), None, None
@@ -139,6 +133,16 @@ class _PrepackedConv2d(torch.autograd.Function):
         return grad_input, None, None
 
 
+def _refused_by_aten(conv, shape):
+    """Whether ATen refuses a 4-D input of ``shape`` (other channels, an empty or too small padded size) or the
+    module's settings (non-positive stride or dilation, negative padding): it says why, while oneDNN says ``could
+    not create a primitive descriptor`` or, for stride 0, kills the process (SIGFPE)."""
+    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = conv.padding, conv.stride, conv.dilation, conv.kernel_size
+    return (shape[1] != conv.in_channels or not shape[2] or not shape[3]
+            or shape[2] + 2 * ph < dh * (kh - 1) + 1 or shape[3] + 2 * pw < dw * (kw - 1) + 1
+            or ph < 0 or pw < 0 or sh < 1 or sw < 1 or dh < 1 or dw < 1)
+
+
 def _conv_forward(conv, input):
     packs = _current_packs()
     weight, bias = conv.weight, conv.bias
@@ -157,13 +161,15 @@ def _conv_forward(conv, input):
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
     ):
         return nn.Conv2d.forward(conv, input)
-    key = (weight.data_ptr(), weight._version, tuple(input.shape[1:]))  # the backward checks the first two again
+    key = (*saved_state(weight), tuple(input.shape[1:]))  # the backward checks the first two again
     # oneDNN packs for one row and for several differently: a pack made for the other kind costs a reorder of the
     # whole weight at every call (7 ms for a 128-channel 3x3 conv against 0.3 ms of convolution), so each kind keeps
     # its own.
     slot = (conv, input.shape[0] == 1)
     entry = packs.get(slot)
     if entry is None or entry.key != key:
+        if _refused_by_aten(conv, input.shape):  # checked per new pack only: the key holds the sample shape
+            return nn.Conv2d.forward(conv, input)
         forward = _pack(weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, input.shape)
         entry = packs[slot] = _Packs(key, forward)
     return _PrepackedConv2d.apply(input, conv, entry)
@@ -184,5 +190,4 @@ def prepacked_conv(model, enabled=None):
 
 def prepacked_conv_active(model):
     """Whether any ``nn.Conv2d`` of ``model`` currently runs through :func:`prepacked_conv`."""
-    return any(type(m) is nn.Conv2d and getattr(m.__dict__.get("forward"), "func", None) is _conv_forward
-               for m in model.modules())
+    return any(type(m) is nn.Conv2d and active_replacement(m) is _conv_forward for m in model.modules())
