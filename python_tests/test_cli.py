@@ -452,3 +452,134 @@ def test_protocols_describe_and_quick_caps():
                 assert spec.options.get("steps", 0) <= QUICK_STEPS and spec.options.get("trials", 0) <= QUICK_STEPS
     full = {s.label: s for plan in PROTOCOLS["mirst-bus"].evals for s in _specs(plan, quick=False)}
     assert full["PGD"].options == {"steps": 20, "alpha": 0.001} and full["CW"].options["steps"] == 10
+
+
+def test_bad_attack_values_fail_before_any_work(trained_run, tmp_path, capsys):
+    out = tmp_path / "never"
+    for flags, needle in ((["--attacks", "pgd:steps=2.5"], "expected an integer"),
+                          (["--attacks", "fgsm:norm=l3"], "norm to be one of"),
+                          (["--attacks", "pgd:random_start=maybe"], "expected true or false"),
+                          (["--saliency", "-2"], "--saliency: expected >= 0, got -2"),
+                          (["--ensemble", "--no-cascade"], "--no-cascade: --ensemble always")):
+        rc, _, err = run(["eval", trained_run, "--out", out] + flags, capsys)
+        one_line_error(rc, err, "robust-ops eval: error:", needle)
+        rc, stdout, err = run(["demo", "--quick", "--methods", "standard", "--out", out, "--device", "cpu"] + flags,
+                              capsys)
+        one_line_error(rc, err, "robust-ops demo: error:", needle)
+        assert "training" not in stdout
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_fails_first(trained_run, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for argv in (["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255"],
+                 ["demo", "--quick", "--methods", "standard", "--device", "cpu"],
+                 ["reproduce", "arfl-moons", "--quick", "--device", "cpu"],
+                 ["train", "--epochs", "1", "--device", "cpu"]):
+        rc, stdout, err = run(argv + ["--out", afile], capsys)
+        one_line_error(rc, err, f"--out: {afile} exists and is not a folder")
+        assert "training" not in stdout and "clean accuracy" not in stdout
+    assert afile.read_text() == "keep me"
+
+
+def test_eval_of_an_empty_split_or_a_nan_checkpoint(trained_run, tmp_path, capsys):
+    path = tmp_path / "noval.npz"
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 8, dtype=np.uint8).reshape(-1, 1)
+    np.savez(path, train_images=rng.integers(0, 255, (16, 28, 28), dtype=np.uint8), train_labels=labels,
+             val_images=np.zeros((0, 28, 28), np.uint8), val_labels=np.zeros((0, 1), np.uint8),
+             test_images=rng.integers(0, 255, (16, 28, 28), dtype=np.uint8), test_labels=labels)
+    rc, _, err = run(["eval", trained_run, "--data", path, "--split", "val", "--attacks", "fgsm", "--out",
+                      tmp_path / "ev"], capsys)
+    one_line_error(rc, err, f"--split: the val split of {path} has no samples")
+    nan_run = tmp_path / "nan"
+    nan_run.mkdir()
+    (nan_run / "run.json").write_text((trained_run / "run.json").read_text())
+    state = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    weights = state.get("model", state)
+    last = [k for k in weights if k.endswith("weight")][-1]
+    weights[last].fill_(float("nan"))
+    torch.save(state, nan_run / "checkpoint.pt")
+    rc, _, err = run(["eval", nan_run, "--attacks", "fgsm", "--eps", "1/255", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "model outputs NaN/Inf for 32 of 32 samples; check the checkpoint")
+    assert not (nan_run / "eval").exists()
+
+
+def _tiny_protocol(split, methods, quick=None):
+    from robust_ops.evaluate import AttackSpec
+    from robust_ops.reproduce import EvalPlan, Method, Protocol
+
+    plans = [EvalPlan([AttackSpec("fgsm", {}, "FGSM")], [1 / 255])]
+    return Protocol(name=f"tiny-{split}", summary="s", paper="p", data="unused", model="small_cnn",
+                    methods=[Method(*m) for m in methods], evals=plans,
+                    epochs=1, batch_size=32, lr=1e-3, repeats=2, split=split, quick=quick or {})
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys, quick):
+    """run.json records the k-fold split: `eval OUT/runs/METHOD/foldK` attacks fold K's held-out images, not the
+    data's own test split (which holds images fold K trained on)."""
+    from robust_ops.data import cross_validation
+    from robust_ops.reproduce import run_protocol
+
+    q = {"epochs": 1, "repeats": 2, "n_train": 40, "n_test": 12, "model": "small_cnn"}
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")], q)
+    out = tmp_path / "cv"
+    run_protocol(proto, out=out, quick=quick, data=str(small_npz), seeds=2, progress=False)
+    folds = cross_validation(cli.load_data(str(small_npz), seed=0), k=2, seed=0)
+    for k, fold in enumerate(folds):
+        if quick:
+            fold = cli.subset_splits(fold, 40, 12, k)
+        run_dir = out / ("runs-quick" if quick else "runs") / "baseline" / f"fold{k}"
+        assert json.loads((run_dir / "run.json").read_text())["split"]["kind"] == "kfold"
+        _, splits, _ = cli.load_run(run_dir)
+        for got, want in ((splits.train, fold.train), (splits.test, fold.test)):
+            assert all(torch.equal(a, b) for a, b in zip(got.tensors, want.tensors))
+    capsys.readouterr()
+    rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0"], capsys)
+    assert rc == 0, err
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["rows"][0]["n"] == len(fold.test)
+    # a fold run whose run.json predates the record cannot be rebuilt: refused, not evaluated on the wrong images
+    doc = json.loads((run_dir / "run.json").read_text())
+    del doc["split"]
+    (run_dir / "run.json").write_text(json.dumps(doc))
+    rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e2"], capsys)
+    one_line_error(rc, err, "predates the split record")
+
+
+def test_reproduce_resume_checks_every_run_first(small_npz, tmp_path, capsys):
+    from robust_ops.cli import CLIError
+    from robust_ops.reproduce import run_protocol
+    from robust_ops.train import epochs_done
+
+    proto = _tiny_protocol("seeds", [("STD", "standard"), ("IMA", "ima", {"eps_train": 0.5})])
+    out = tmp_path / "ima"
+    run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
+    with pytest.raises(CLIError) as err:
+        run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False)
+    msg = str(err.value)
+    assert msg.startswith("--epochs: ") and "--epochs 1" in msg and "delete" in msg and "--resume" not in msg
+    assert epochs_done(out / "runs" / "std" / "seed0") == 1  # nothing trained further before the refusal
+    assert json.loads((out / "runs" / "std" / "seed0" / "run.json").read_text())["epochs"] == 1
+    proto.methods = proto.methods[:1]
+    run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False)
+    with pytest.raises(CLIError, match=r"^--epochs: .* holds 2 epochs of training, more than --epochs 1; rerun with "
+                                       r"--epochs 2"):
+        run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
+
+
+def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys):
+    from robust_ops.reproduce import run_protocol
+
+    q = {"epochs": 1, "repeats": 2, "n_train": 200, "n_test": 100, "model": "mlp"}
+    proto = _tiny_protocol("seeds", [("STD", "standard")], q)
+    proto.model = "mlp"
+    out = tmp_path / "moons"
+    run_protocol(proto, out=out, quick=True, data="moons", progress=False)
+    doc = json.loads((out / "results.json").read_text())
+    assert "seeds 0, 1" in doc["dataset"]["source"] and "seed 1" not in doc["dataset"]["source"]
+    assert doc["rows"][0]["n"] == 200 and doc["rows"][0]["n_max"] == 100
+    _, splits, _ = cli.load_run(out / "runs-quick" / "std" / "seed1")  # the quick subset is rebuilt too
+    want = cli.subset_splits(cli.load_data("moons", seed=1), 200, 100, 1)
+    assert torch.equal(splits.test.tensors[0], want.test.tensors[0])

@@ -169,11 +169,13 @@ def test_csv_layout(tmp_path):
         rows.append(f"L{i},ISIC_{i:07d},{dx},50")
         _png(tmp_path / "part_1" / f"ISIC_{i:07d}.jpg", (30, 24), 30 * (i % 3), mode="RGB")
     (tmp_path / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
-    s = load_dataset(tmp_path / "HAM10000_metadata.csv", size=12)
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(tmp_path / "HAM10000_metadata.csv", size=12)
     assert s.info.class_names == ("bkl", "mel", "nv") and s.info.in_channels == 3
     assert len(s.train) + len(s.val) + len(s.test) == 12
     assert s.info.extra["classes_missing_from_split"] == {"val": ["mel", "nv"]}  # 12 images: val holds one
-    s2 = load_dataset(tmp_path / "HAM10000_metadata.csv", size=12, classes=("nv", "mel"))
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s2 = load_dataset(tmp_path / "HAM10000_metadata.csv", size=12, classes=("nv", "mel"))
     assert s2.info.positive_class == 1 and s2.info.num_classes == 2
 
 
@@ -242,7 +244,8 @@ def test_csv_malformed_rows_and_classes(tmp_path):
                        match=r"1 image_id\(s\) match several files.*copy/im3\.png and .*imgs/im3\.jpg; pass image_dir"):
         load_dataset(path, size=8)
     from robust_ops.data import load_csv
-    assert len(load_csv(path, size=8, image_dir=tmp_path / "imgs").train) > 0
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        assert len(load_csv(path, size=8, image_dir=tmp_path / "imgs").train) > 0
 
 
 def test_synthetic_deterministic_and_named():

@@ -211,3 +211,80 @@ def test_grad_cam_and_input_gradient_shapes():
 def test_format_eps():
     assert report.format_eps(5 / 255) == "5/255" and report.format_eps(0.3) == "0.3" and report.format_eps(0) == "0"
     assert report.format_eps(0.2) == "0.2" and report.format_eps(2 / 255) == "2/255"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("pgd:steps=2.5", "expected an integer"), ("pgd:steps=abc", "expected an integer"),
+    ("pgd:steps=", "expected an integer"), ("pgd:steps=-1", "steps to be an integer >= 1"),
+    ("ifgsm:steps=0", "steps to be an integer >= 1"), ("pgd:norm=l3", "norm to be one of linf, l2"),
+    ("noise:trials=0", "trials to be an integer >= 1"), ("square:n_queries=1.5", "expected an integer"),
+    ("cw:kappa=x", "expected a number"), ("pgd:random_start=maybe", "expected true or false"),
+    ("pgd:loss=foo", "expected loss to be one of"), ("apgd-ce:rho=2", "rho in (0, 1]"),
+    ("pgd:clip_min=0.5", "value range"),
+])
+def test_bad_attack_option_values_fail_when_parsed(text, needle):
+    """Option values an attack checks only when run fail at parse time (before any training), as one line."""
+    with pytest.raises(EvalError, match="attacks: ") as err:
+        parse_attacks(text)
+    assert err.value.arg == "attacks" and needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_attack_option_values_are_typed():
+    state = torch.get_rng_state()
+    specs = parse_attacks("pgd:steps=1e1:random_start=0:early_stop=3,fgsm:norm=L2,noise:trials=2:seed=none")
+    assert torch.equal(state, torch.get_rng_state())  # the dry run leaves the global RNG alone
+    assert specs[0].options == {"steps": 10, "random_start": False, "early_stop": 3}
+    assert isinstance(specs[0].options["steps"], int) and specs[1].norm == "l2"
+    assert parse_attacks("pgd:random_start=true:seed=3")[0].options == {"random_start": True, "seed": 3}
+    assert parse_attacks("cw:kappa=1/10")[0].options["kappa"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_attack_errors_at_other_radii_are_eval_errors(ensemble):
+    """A value fine at the dry run's eps but not at a real radius (alpha = eps - 0.5 < 0 at eps 0.1; 1/(eps-0.5) at
+    eps 0.5) ends as an EvalError, not a traceback from inside the attack."""
+    data, model = tiny_data(8), tiny_model()
+    for attacks, eps in (("pgd:alpha=eps-0.5:steps=2", [0.1]), ("pgd:alpha=1/(eps-0.5):steps=2", [0.5])):
+        with pytest.raises(EvalError, match="attacks: ") as err:
+            evaluate(model, data, INFO, attacks=attacks + ",fgsm", eps=eps, ensemble=ensemble)
+        assert err.value.arg == "attacks"
+
+
+def test_empty_split_is_refused():
+    info3 = DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c"))
+    empty = TensorDataset(torch.rand(0, 1, 12, 12), torch.zeros(0, dtype=torch.long))
+    for model, info in ((TinyCNN(1, 3, width=4), info3), (tiny_model(), INFO)):
+        with pytest.raises(EvalError, match="no samples") as err:
+            evaluate(model, empty, info, attacks="fgsm", eps=[0.1])
+        assert err.value.arg == "split"
+
+
+def test_non_finite_inputs_and_outputs_are_refused():
+    x, y = tiny_data(8).tensors
+    x = x.clone()
+    x[0, 0, 0, 0] = float("nan")
+    x[3, 0, 1, 1] = float("inf")
+    with pytest.raises(EvalError, match="data: 2 of 8 inputs contain NaN or Inf") as err:
+        evaluate(tiny_model(), TensorDataset(x, y), INFO, attacks="fgsm", eps=[0.1])
+    assert err.value.arg == "data"
+    model = tiny_model()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(EvalError, match="tiny: model outputs NaN/Inf for 8 of 8 samples; check the checkpoint") as e:
+        evaluate(model, tiny_data(8), INFO, attacks="fgsm", eps=[0.1], method="tiny")
+    assert e.value.arg == "model"
+
+
+def test_aggregate_n_and_partially_defined_metrics_in_every_table():
+    from robust_ops.reproduce import aggregate
+
+    base = dict(method="M", attack="none", norm=None, eps=0.0)
+    runs = [dict(base, n=157, accuracy=0.9, precision=0.8), dict(base, n=156, accuracy=0.7, precision=math.nan),
+            dict(base, n=155, accuracy=0.8, precision=math.nan)]
+    rows = aggregate(runs, ["accuracy", "precision"])
+    assert (rows[0]["n"], rows[0]["n_min"], rows[0]["n_max"], rows[0]["precision_runs"]) == (468, 155, 157, 1)
+    assert "0.800 (1 of 3 runs)" in report.markdown_table(rows, ["accuracy", "precision"])
+    assert "0.800 (1 of 3 runs)" in report.pivot_table(rows, "precision")
+    assert "(1 of 3 runs)" not in report.pivot_table(rows, "accuracy")
+    paper = [{"method": "M", "attack": "none", "eps": 0.0, "precision": 0.7}]
+    assert "0.800 (1 of 3 runs)" in report.paper_comparison_table(rows, paper, ["precision"])

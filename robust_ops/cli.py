@@ -323,17 +323,69 @@ def cmd_train_parser(sub):
     return p
 
 
+RESUME_KEYS = ("data", "model", "defense", "defense_options", "dropmax", "seed", "batch_size", "lr", "channels_last",
+               "prepacked_conv", "split")
+
+
+def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
+               dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None):
+    """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
+    rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split."""
+    if defense_name == "mirst-dm" and dropmax == "none":
+        dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
+    run = {
+        "format": "robust_ops.run/1", "data": str(data), "size": size, "model": model_name,
+        "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
+                                                      for k, v in defense_options.items()},
+        "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
+        "epochs": epochs, "batch_size": batch_size,
+        "lr": lr, "seed": seed, "label": label or defense_name, "dataset": info.to_dict() if info else None,
+    }
+    if split is not None:
+        run["split"] = split
+    return run
+
+
+def resume_conflict(out, run):
+    """Why RUN_DIR ``out`` cannot be resumed as ``run`` (a run_record): ``(key, old value, new value)`` for a
+    setting its weights depend on, ``("epochs", epochs done, run's epochs)`` when it trained for more epochs;
+    None when it can (or holds no run)."""
+    from . import train as trainer
+
+    out = Path(out)
+    if not (out / RUN_FILE).is_file():
+        return None
+    try:
+        old = json.loads((out / RUN_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{out / RUN_FILE}: not valid JSON ({err})") from None
+    old.setdefault("channels_last", False)  # runs written before the options trained NCHW, on ATen's convolutions
+    old.setdefault("prepacked_conv", False)
+    old.setdefault("split", run.get("split"))  # runs written before run.json recorded the split: same data, seed
+    # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
+    for key in RESUME_KEYS:
+        if old.get(key) != run.get(key):
+            return key, old.get(key), run.get(key)
+    done = trainer.epochs_done(out)
+    if done > run["epochs"]:
+        return "epochs", done, run["epochs"]
+    return None
+
+
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
-              prepacked_conv=False):
-    """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history)."""
+              prepacked_conv=False, split=None):
+    """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
+    ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
     from . import train as trainer
     from .data import IndexedDataset
 
     splits = splits or load_data(data, size=size, seed=seed)
     info = splits.info
-    if defense_name == "mirst-dm" and dropmax == "none":
-        dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
+    run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
+                     epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
+                     channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split)
+    dropmax = run["dropmax"]
     import torch
 
     # --seed fixes the initial weights too (fit seeds only once the model exists; the process's own seed is random)
@@ -341,27 +393,13 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     model = make_model(model_name, info, dropmax if defense_name != "mirst-dm" else "none")
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
     out = Path(out)
-    run = {
-        "format": "robust_ops.run/1", "data": str(data), "size": size, "model": model_name,
-        "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
-                                                      for k, v in defense_options.items()},
-        "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
-        "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "seed": seed, "label": label or defense_name, "dataset": info.to_dict(),
-    }
-    if resume and (out / RUN_FILE).is_file():
-        old = json.loads((out / RUN_FILE).read_text())
-        old.setdefault("channels_last", False)  # runs written before the options trained NCHW, on ATen's convolutions
-        old.setdefault("prepacked_conv", False)
-        # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
-        for key in ("data", "model", "defense", "defense_options", "dropmax", "seed", "batch_size", "lr",
-                    "channels_last", "prepacked_conv"):
-            if old.get(key) != run[key]:
-                raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={old.get(key)!r}, this command has "
-                               f"{key}={run[key]!r}")
-        done = trainer.epochs_done(out)
-        if done > epochs:
-            raise CLIError(f"--resume: {out} holds {done} epochs of training, more than --epochs {epochs}")
+    if resume:
+        conflict = resume_conflict(out, run)
+        if conflict and conflict[0] == "epochs":
+            raise CLIError(f"--resume: {out} holds {conflict[1]} epochs of training, more than --epochs {epochs}")
+        if conflict:
+            key, was, now = conflict
+            raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
     write_json_atomic(out / RUN_FILE, run)
     train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
     try:
@@ -374,6 +412,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
 
 
 def cmd_train(args):
+    check_out(args.out)
     device = pick_device(args.device)
     options = parse_key_values(args.defense_opt, "--defense-opt")
     check_data_model_options(args)
@@ -419,7 +458,17 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     if data is None or model_name is None:
         raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass --data and --model")
     state = read_checkpoint(ckpt)
-    splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0))
+    same_data = data == run.get("data") and (size is None or size == run.get("size"))
+    if run.get("split") and same_data:  # a reproduce run: its own fold / subset, not the data's train/val/test
+        from .reproduce import rebuild_splits
+
+        splits = rebuild_splits(data, run["split"])
+    elif same_data and _looks_like_kfold_run(target if target.is_dir() else target.parent):
+        raise CLIError(f"{target}: a reproduce k-fold run whose {RUN_FILE} predates the split record, so its held-out "
+                       f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
+                       "without retraining), or pass --data to attack that data's own test split")
+    else:
+        splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0))
     net = make_model(model_name, splits.info, dropmax or run.get("dropmax", "none"))
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
@@ -434,6 +483,14 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
 
         net = net.to(memory_format=torch.channels_last)
     return net, splits, run
+
+
+def _looks_like_kfold_run(run_dir):
+    """OUT/runs[-quick]/METHOD/foldK: where reproduce keeps its k-fold runs."""
+    import re
+
+    run_dir = Path(run_dir).resolve()
+    return bool(re.fullmatch(r"fold\d+", run_dir.name)) and run_dir.parent.parent.name in ("runs", "runs-quick")
 
 
 def add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255"):
@@ -479,7 +536,15 @@ def cmd_eval_parser(sub):
 
 def _flag_error(err):
     """An evaluate.EvalError as the CLI's one-line error, led by the flag it names (``--attacks: ...``)."""
+    if err.arg == "model":  # NaN/Inf outputs: the checkpoint is at fault, not --model
+        return CLIError(str(err))
     return CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}")
+
+
+def check_out(out, flag="--out"):
+    """Before any work: ``out`` must be a folder or not exist yet (results written at the end would be lost)."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise CLIError(f"{flag}: {out} exists and is not a folder")
 
 
 def parse_eval_options(args):
@@ -494,6 +559,10 @@ def parse_eval_options(args):
         raise _flag_error(err) from None
     if args.eval_batch_size < 1:
         raise CLIError(f"--eval-batch-size: expected >= 1, got {args.eval_batch_size}")
+    if args.saliency < 0:
+        raise CLIError(f"--saliency: expected >= 0, got {args.saliency}")
+    if args.ensemble and args.no_cascade:  # the ensemble is a cascade by definition; results.json would claim not
+        raise CLIError("--no-cascade: --ensemble always runs its attacks as a cascade; drop one of the two flags")
     return specs, radii
 
 
@@ -508,6 +577,9 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     if split not in ("test", "val"):  # never fall back to another split silently
         raise ValueError(f"evaluate_models: unknown split {split!r}; expected 'test' or 'val'")
     test = splits.test if split == "test" else splits.val
+    if len(test) == 0:
+        data = getattr(args, "data", None) or splits.info.name
+        raise CLIError(f"--split: the {split} split of {data} has no samples")
     rows = []
     for label, model in models.items():
         try:
@@ -537,11 +609,12 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
 
 def cmd_eval(args):
     specs, radii = parse_eval_options(args)
+    target = Path(args.target)
+    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval"
+    check_out(out)
     device = pick_device(args.device)
     model, splits, run = load_run(args.target, data=args.data, model=args.model, size=args.size,
                                   channels_last=args.channels_last)
-    target = Path(args.target)
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval"
     label = args.method or run.get("label") or run.get("defense") or "model"
     config = {"command": "eval", "target": str(args.target), "attacks": args.attacks, "eps": args.eps,
               "cascade": not args.no_cascade, "ensemble": args.ensemble, "split": args.split,
@@ -610,6 +683,7 @@ def cmd_demo(args):
     check_data_model_options(args)
     epochs = 2 if args.quick else args.epochs
     specs, radii = parse_eval_options(args)
+    check_out(args.out)
     splits = load_data(args.data, size=args.size, seed=args.seed)
     if args.train_size < 0:
         raise CLIError(f"--train-size: expected >= 0, got {args.train_size}")
@@ -737,6 +811,7 @@ def cmd_reproduce(args):
 
     device = pick_device(args.device)
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
+    check_out(out)
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
     if args.seeds is not None and args.seeds < 1:

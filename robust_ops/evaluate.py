@@ -16,10 +16,12 @@ Protocol (``evaluate``):
   surviving the previous ones, :func:`robust_ops.attacks.ensemble`) and reports only the worst case.
 
 Attack specs are strings ``name[:key=value...]``: ``pgd``, ``pgd:steps=50``, ``noise:norm=l2:trials=100``,
-``pgd:alpha=eps/4`` (values may be numbers, fractions like ``1/255``, booleans, or expressions in ``eps``).
+``pgd:alpha=eps/4`` (values may be numbers, fractions like ``1/255``, booleans, or expressions in ``eps``; each is
+read as the type its option takes, and the attack is run once on a tiny dummy model, so a bad value fails when parsed).
 """
 
 import datetime
+import inspect
 import json
 import math
 import os
@@ -80,13 +82,48 @@ def parse_eps(text):
     return sorted(set(values))
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# Option kinds where the constructor's default (None) does not tell; the rest follow the defaults' types.
+_NONE_DEFAULT_KINDS = {"alpha": float, "seed": int, "steps": int, "n_queries": int, "n_target_classes": int,
+                       "norm": str}
+
+
+def _option_kind(name, key):
+    """bool, int, float or str for option ``key`` of attack ``name`` (from its defaults), else None."""
+    from . import attacks
+
+    cls, defaults = attacks.ATTACKS.get(name, (None, {}))
+    default = defaults.get(key)
+    for klass in (cls.__mro__ if cls is not None and default is None else ()):
+        init = klass.__dict__.get("__init__")
+        if init is not None and klass is not object:
+            param = inspect.signature(init).parameters.get(key)
+            if param is not None and param.default not in (None, inspect.Parameter.empty):
+                default = param.default
+                break
+    if default is None:
+        return _NONE_DEFAULT_KINDS.get(key)
+    return next((t for t in (bool, int, float, str) if isinstance(default, t)), None)
+
+
 def _parse_option(name, key, value):
+    """An attack option's text as the type the option takes (bool, int, float, str), or a callable of eps."""
+    def bad(expected):
+        return EvalError("attacks", f"attacks: option {key}={value!r} of {name!r}: expected {expected}")
+
+    kind = _option_kind(name, key)
     low = value.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
     if low in ("none", "null"):
         return None
-    if "eps" in low:
+    if kind is bool:
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        if key == "early_stop" and re.fullmatch(r"\d+", low):  # early_stop also takes a step count tau >= 0
+            return int(low)
+        raise bad("true or false (also 1/0, yes/no, on/off)")
+    if low in _TRUE[:1] + _FALSE[:1] and kind is not str:
+        return low == "true"
+    if "eps" in low and kind in (float, None):
         expr = low.replace(" ", "")
         if not re.fullmatch(r"[0-9eps.+\-*/()]+", expr):
             raise EvalError("attacks", f"attacks: option {key}={value!r} of {name!r} is not an expression in eps")
@@ -99,9 +136,58 @@ def _parse_option(name, key, value):
         return lambda eps, _c=code: float(eval(_c, {"__builtins__": {}}, {"eps": eps}))
     try:
         v = parse_number(value)
-        return int(v) if re.fullmatch(r"\s*[-+]?\d+\s*", value) else v
     except ValueError:
+        if kind in (int, float):
+            raise bad("an integer" if kind is int else "a number, a fraction like 1/255 or an expression in eps") \
+                from None
+        return value.strip().lower() if key == "norm" else value.strip()  # norm=L2 reads as l2
+    if kind is int:
+        if not (math.isfinite(v) and v == int(v)):
+            raise bad("an integer")
+        return int(v)
+    if kind is str:
         return value.strip()
+    return int(v) if kind is None and re.fullmatch(r"\s*[-+]?\d+\s*", value) else v
+
+
+class _DryRunDone(Exception):
+    """Raised by the dry-run model after a few forward passes: the attack accepted its options."""
+
+
+class _DryRunModel(torch.nn.Module):
+    def __init__(self, calls=4):
+        super().__init__()
+        self.calls = calls
+        self.weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 32).view(2, 16))
+
+    def forward(self, x):
+        self.calls -= 1
+        if self.calls < 0:
+            raise _DryRunDone
+        return x.flatten(1)[:, :16] @ self.weight.t()
+
+
+def _dry_run(spec):
+    """Run ``spec`` on a tiny model and input at eps=1, stopped after a few forward passes: option values an attack
+    only checks when called (steps=-1, norm=l3) fail here, before any training, not after it."""
+    with torch.random.fork_rng(devices=[]):  # the global RNG stays as it was
+        torch.manual_seed(0)
+        x = torch.rand(2, 1, 4, 4)
+        y = torch.tensor([0, 1])
+        attack = spec.build(_DryRunModel(), eps=1.0)
+        try:
+            run_attack(attack, x, y)
+        except _DryRunDone:
+            pass
+
+
+def run_attack(attack, xb, yb):
+    """``attack(xb, yb)`` with a ValueError/TypeError (a bad option value the attack checks only when run) as an
+    EvalError."""
+    try:
+        return attack(xb, yb)
+    except (ValueError, TypeError) as err:
+        raise EvalError("attacks", f"attacks: {err}") from None
 
 
 @dataclass
@@ -129,10 +215,13 @@ class AttackSpec:
     def build(self, model, eps, clip_min=0.0, clip_max=1.0):
         from . import attacks
 
-        opts = {k: (v(eps) if callable(v) else v) for k, v in self.options.items()}
+        try:
+            opts = {k: (v(eps) if callable(v) else v) for k, v in self.options.items()}
+        except (ArithmeticError, ValueError) as err:  # e.g. alpha=1/(eps-0.5) at eps 0.5
+            raise EvalError("attacks", f"attacks: an option of {self.name!r} fails at eps={eps:g} ({err})") from None
         try:
             return attacks.build(self.name, model, eps=eps, clip_min=clip_min, clip_max=clip_max, **opts)
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise EvalError("attacks", f"attacks: {err}") from None
 
 
@@ -151,8 +240,11 @@ def parse_attack(text):
         options[key.strip()] = _parse_option(name, key.strip(), value)
     if "eps" in options:
         raise EvalError("attacks", f"attacks: give radii with eps, not as an option of {name!r}")
+    if "clip_min" in options or "clip_max" in options:
+        raise EvalError("attacks", f"attacks: clip_min/clip_max of {name!r} come from the dataset's value range, not "
+                                   "from attack options")
     spec = AttackSpec(name, options)
-    spec.build(torch.nn.Identity(), eps=1.0)  # an option the attack does not take fails here, not after training
+    _dry_run(spec)  # an option the attack does not take, or a bad value, fails here, not after training
     return spec
 
 
@@ -191,7 +283,11 @@ def predict_batches(model, x, batch_size=256, device="cpu"):
         model.train(was_training)
     if not preds:
         return torch.empty(0, dtype=torch.long), torch.empty(0, 2)
-    return torch.cat(preds), torch.cat(probs)
+    preds, probs = torch.cat(preds), torch.cat(probs)
+    bad = int((~torch.isfinite(probs).all(1)).sum())
+    if bad:  # argmax of NaN is meaningless and the metrics would fail on it
+        raise EvalError("model", f"model outputs NaN/Inf for {bad} of {len(preds)} samples; check the checkpoint")
+    return preds, probs
 
 
 def _attack_subset(attack, model, x, y, idx, batch_size, device):
@@ -199,7 +295,7 @@ def _attack_subset(attack, model, x, y, idx, batch_size, device):
     for start in range(0, idx.numel(), batch_size):
         part = idx[start:start + batch_size]
         xb, yb = x[part].to(device), y[part].to(device)
-        adv = attack(xb, yb).detach()
+        adv = run_attack(attack, xb, yb).detach()
         outs.append(adv.cpu())
     return torch.cat(outs) if outs else x[:0].clone()
 
@@ -225,11 +321,21 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         raise EvalError("batch_size", f"batch_size: expected >= 1, got {batch_size}")
     x, y = dataset_tensors(dataset)
     y = y.long()
+    if y.shape[0] == 0:
+        raise EvalError("split", "split: the evaluated split has no samples")
     lo, hi = info.value_range
+    bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum()) if x.is_floating_point() else 0
+    if bad:  # NaN passes the range check below (every comparison with NaN is False)
+        raise EvalError("data", f"data: {bad} of {x.shape[0]} inputs contain NaN or Inf")
     if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
         raise EvalError("data", f"data: inputs outside the dataset's value range [{lo}, {hi}]")
     model = model.to(device)
-    pred0, probs0 = predict_batches(model, x, batch_size, device)
+    try:
+        pred0, probs0 = predict_batches(model, x, batch_size, device)
+    except EvalError as err:
+        if err.arg == "model":
+            raise EvalError("model", f"{method}: {err}") from None
+        raise
     rows = [_row(method, "none", None, 0.0, y, pred0, probs0, info)]
     say = progress or (lambda s: None)
     say(f"{method}: clean accuracy {rows[0]['accuracy']:.3f}")
@@ -290,8 +396,13 @@ def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, 
     rows = []
     for e in radii:
         attacks = [s.build(model, e, lo, hi) for s in specs]
-        res = run_ensemble(model, x.to(device), y.to(device), attacks, cascade=True, clip_min=lo, clip_max=hi,
-                           batch_size=batch_size, names=[s.label for s in specs])
+        try:
+            res = run_ensemble(model, x.to(device), y.to(device), attacks, cascade=True, clip_min=lo, clip_max=hi,
+                               batch_size=batch_size, names=[s.label for s in specs])
+        except EvalError:
+            raise
+        except (ValueError, TypeError) as err:  # a bad option value an attack checks only when run
+            raise EvalError("attacks", f"attacks: {err}") from None
         pred, probs = predict_batches(model, res.x_adv.cpu(), batch_size, device)
         norms = {s.norm for s in specs}
         rows.append(_row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, probs, info))

@@ -37,6 +37,15 @@ def fmt(value, digits=3):
     return str(value)
 
 
+def runs_mark(row, metric):
+    """" (k of n runs)" when ``row`` is a mean over n runs of which only k defined ``metric`` (reproduce.aggregate's
+    ``<metric>_runs`` and ``repeats``), else ""."""
+    defined, repeats = row.get(f"{metric}_runs"), row.get("repeats")
+    if defined is not None and repeats is not None and 0 < defined < repeats:
+        return f" ({defined} of {repeats} runs)"
+    return ""
+
+
 def figure_metrics(info):
     """Curves worth drawing: accuracy always; F1 and sensitivity for binary tasks; mAP for multi-class."""
     return ("accuracy", "f1", "sensitivity") if info.num_classes == 2 else ("accuracy", "f1", "map")  # noqa
@@ -71,7 +80,7 @@ def markdown_table(rows, metrics=None):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], r["attack"], r.get("norm") or "–", format_eps(r["eps"]), str(r.get("n", ""))]
-        cells += [fmt(r.get(m)) for m in metrics]
+        cells += [fmt(r.get(m)) + runs_mark(r, m) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -90,7 +99,8 @@ def pivot_table(rows, metric, methods=None):
     for attack, eps in keys:
         label = "no attack" if attack == "none" else attack
         cells = [label, format_eps(eps)]
-        cells += [fmt(index.get((m, attack, eps), {}).get(metric)) for m in methods]
+        cells += [fmt(index.get((m, attack, eps), {}).get(metric)) + runs_mark(index.get((m, attack, eps), {}), metric)
+                  for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -112,9 +122,7 @@ def paper_comparison_table(ours, paper, metric_columns):
             ours_text = fmt(r.get(m))
             if r.get(f"{m}_std") is not None and ours_text != "–":
                 ours_text += f" ± {fmt(r[f'{m}_std'])}"
-            defined, repeats = r.get(f"{m}_runs"), r.get("repeats")
-            if defined is not None and repeats is not None and 0 < defined < repeats:
-                ours_text += f" ({defined} of {repeats} runs)"
+            ours_text += runs_mark(r, m)
             cells += [fmt(p.get(m)), ours_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -131,8 +139,12 @@ def markdown_report(doc, title=None, figures=(), extra=None):
                   "about real patients.", ""]
     pos = info.get("positive_class")
     pos_text = f"positive class {pos} = {info['class_names'][pos]}" if pos is not None else "macro-averaged metrics"
+    first = rows[0] if rows else {}
+    tested = f"Test samples: {first.get('n', 0)}"
+    if first.get("repeats", 1) > 1:  # reproduce means: n is the total over the runs
+        tested += f" over {first['repeats']} runs ({first.get('n_min')}–{first.get('n_max')} per run)"
     lines += [f"Dataset: **{name}** ({info['num_classes']} classes, {pos_text}; sensitivity is the recall of the "
-              f"positive class). Test samples: {rows[0]['n'] if rows else 0}.", ""]
+              f"positive class). {tested}.", ""]
     metrics = doc.get("metrics") or list(metric_names(info["num_classes"]))
     binary = info["num_classes"] == 2
     for metric in (("f1", "sensitivity", "accuracy", "auc") if binary else ("accuracy", "f1", "map")):

@@ -145,7 +145,7 @@ MIRST_BUS = Protocol(
     epochs=30, batch_size=32, lr=1e-3, repeats=5, split="kfold",
     paper_rows=_mirst_rows(), paper_metrics=("f1", "sensitivity"),
     notes=[
-        "The paper: ResNet50 pretrained on ImageNet (CE, Table 1) or SimCLR (Table 3), BUSI+BUSIS (1,190 images, "
+        "The paper: ResNet50 pretrained on ImageNet (CE, Table 1) or SimCLR (Tables 2-3), BUSI+BUSIS (1,190 images, "
         "224x224), 100 epochs of Adam lr 1e-4, batch 8. Ours: ResNet-18 from scratch on BreastMNIST (780 images, "
         "28x28, malignant = positive class), 30 epochs of Adam lr 1e-3, batch 32, so absolute numbers differ.",
         "5-fold stratified cross-validation over all 780 images (10% of each training part held out for "
@@ -408,14 +408,18 @@ class EvalCache:
 def aggregate(rows, metrics):
     """Mean and sample std over repeats for each (method, attack, norm, eps).
 
-    A metric undefined in a run (NaN: e.g. sensitivity with no positive sample in a fold) is left out of that
-    metric's mean and std; ``<metric>_runs`` counts the runs that did define it, ``repeats`` all runs."""
+    ``n`` is the total number of test samples over the runs (folds differ in size by one or two), ``n_min`` and
+    ``n_max`` the smallest and largest run's. A metric undefined in a run (NaN: e.g. sensitivity with no positive
+    sample in a fold) is left out of that metric's mean and std; ``<metric>_runs`` counts the runs that did define
+    it, ``repeats`` all runs."""
     groups = {}
     for r in rows:
         groups.setdefault((r["method"], r["attack"], r["norm"], r["eps"]), []).append(r)
     out = []
     for (method, attack, norm, eps), rs in groups.items():
-        row = {"method": method, "attack": attack, "norm": norm, "eps": eps, "n": rs[0]["n"], "repeats": len(rs)}
+        sizes = [int(r["n"]) for r in rs]
+        row = {"method": method, "attack": attack, "norm": norm, "eps": eps, "n": sum(sizes), "n_min": min(sizes),
+               "n_max": max(sizes), "repeats": len(rs)}
         for m in metrics:
             vals = np.array([r.get(m, math.nan) for r in rs], dtype=float)
             vals = vals[np.isfinite(vals)]
@@ -426,15 +430,86 @@ def aggregate(rows, metrics):
     return out
 
 
+CV_SEED = 0  # the k-fold split's seed (fixed: every seed of a protocol sees the same folds)
+
+
+def split_record(protocol, k, quick_sizes=None):
+    """run.json's record of repeat ``k``'s data split, enough for :func:`rebuild_splits` (``robust-ops eval`` on a
+    reproduce run) to rebuild the exact train/val/test sets it was trained and tested on."""
+    if protocol.split == "kfold":
+        record = {"kind": "kfold", "k": max(protocol.repeats, 2), "fold": k, "cv_seed": CV_SEED, "data_seed": 0}
+    else:
+        record = {"kind": "seeds", "data_seed": k}
+    if quick_sizes:
+        record["subset"] = {"n_train": quick_sizes[0], "n_test": quick_sizes[1], "seed": k}
+    return record
+
+
+def rebuild_splits(data, record, base=None, folds=None):
+    """The DatasetSplits a reproduce run used, from its run.json ``split`` record (see :func:`split_record`).
+    ``base`` / ``folds``: the loaded data / its folds, when the caller has them already."""
+    from .cli import CLIError, load_data, subset_splits
+    from .data import cross_validation
+
+    kind = record.get("kind")
+    if kind == "kfold":
+        if folds is None:
+            base = base if base is not None else load_data(data, seed=record.get("data_seed", 0))
+            folds = cross_validation(base, k=record["k"], seed=record["cv_seed"])
+        splits = folds[record["fold"]]
+    elif kind == "seeds":
+        splits = base if base is not None else load_data(data, seed=record["data_seed"])
+    else:
+        raise CLIError(f"run.json: unknown split record {record!r}; expected kind 'kfold' or 'seeds'")
+    sub = record.get("subset")
+    if sub:
+        splits = subset_splits(splits, sub["n_train"], sub["n_test"], sub["seed"])
+    return splits
+
+
+def _resume_error(protocol, run_dir, conflict, epochs):
+    """A reproduce-specific one-line error for a run that cannot continue under this command's settings."""
+    from .cli import CLIError
+
+    key, was, now = conflict
+    way_out = f"delete {run_dir} or use another --out"
+    if key == "epochs":
+        return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than --epochs {now}; rerun with "
+                        f"--epochs {was}, or {way_out}")
+    old_epochs = None
+    try:
+        old_epochs = json.loads((Path(run_dir) / "run.json").read_text()).get("epochs")
+    except (OSError, ValueError):
+        pass
+    if key == "defense_options" and "delta" in (was or {}) and old_epochs != epochs:
+        return CLIError(f"--epochs: {run_dir} was trained with --epochs {old_epochs}, and IMA's delta = eps_train / "
+                        f"epochs follows it ({was['delta']:.4g} there, {now['delta']:.4g} now); rerun with "
+                        f"--epochs {old_epochs}, or {way_out}")
+    return CLIError(f"{protocol.name}: {run_dir} was trained with {key}={was!r}, this command has {key}={now!r}; "
+                    f"rerun with its settings, or {way_out}")
+
+
+def _sources_over(info, repeats, kind):
+    """``info`` with its source text naming every seed the means are over, not only the last run's."""
+    import dataclasses
+    import re
+
+    seeds = ", ".join(str(k) for k in range(repeats))
+    if kind != "seeds" or repeats == 1:
+        return info
+    return dataclasses.replace(info, source=re.sub(r"\bseed \d+", f"seeds {seeds}", info.source))
+
+
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, device="cpu", progress=True,
                  reevaluate=False):
     """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
 
-    Training resumes from each run's checkpoint. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside
-    its checkpoint, keyed by the model's weights, the test set and the attack plan, and reused when all three are
-    unchanged (a resumed protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
+    Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
+    before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
+    by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
+    protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import report
-    from .cli import load_data, subset_splits, train_run
+    from .cli import load_data, resume_conflict, run_record, train_run
     from .data import cross_validation
     from .evaluate import evaluate, write_results
     from .metrics import metric_names
@@ -448,24 +523,37 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     runs_dir = out / ("runs-quick" if quick else "runs")
     t_start = time.perf_counter()
     base = load_data(data, seed=0) if protocol.split == "kfold" else None
-    folds = cross_validation(base, k=max(protocol.repeats, 2), seed=0) if base is not None else None
+    folds = cross_validation(base, k=max(protocol.repeats, 2), seed=CV_SEED) if base is not None else None
     if folds is not None and repeats > len(folds):
         from .cli import CLIError
 
         raise CLIError(f"--seeds: {protocol.name} has {len(folds)} folds, got {repeats}")
-    all_rows, models, splits = [], {}, None
-    print(f"reproduce {protocol.name}{' --quick' if quick else ''}: {protocol.paper}")
+    quick_sizes = (q["n_train"], q["n_test"]) if quick else None
+    plan = []  # (k, tag, split record, splits, [(method, options, run_dir)]): all checked before training any
     for k in range(repeats):
-        splits = folds[k] if folds is not None else load_data(data, seed=k)
-        if quick:
-            splits = subset_splits(splits, q["n_train"], q["n_test"], k)
+        record = split_record(protocol, k, quick_sizes)
+        splits = rebuild_splits(data, record, base=None if folds is not None else load_data(data, seed=k),
+                                folds=folds)
         tag = f"fold{k}" if folds is not None else f"seed{k}"
-        info = splits.info
+        runs = []
         for method in protocol.methods:
             options = dict(method.options)
             if method.defense == "ima" and "delta" not in options:
                 options["delta"] = options.get("eps_train", 1.0) / max(epochs, 1)  # margins can reach eps_train
             run_dir = runs_dir / report.slug(method.label) / tag
+            conflict = resume_conflict(run_dir, run_record(
+                data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
+                epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, dropmax=method.dropmax,
+                label=method.label, split=record))
+            if conflict:
+                raise _resume_error(protocol, run_dir, conflict, epochs)
+            runs.append((method, options, run_dir))
+        plan.append((k, tag, record, splits, runs))
+    all_rows, models, splits = [], {}, None
+    print(f"reproduce {protocol.name}{' --quick' if quick else ''}: {protocol.paper}")
+    for k, tag, record, splits, runs in plan:
+        info = splits.info
+        for method, options, run_dir in runs:
             done = epochs_done(run_dir)
             doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < epochs
                      else "loading (already trained)")
@@ -474,7 +562,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
                 out=run_dir, resume=True, dropmax=method.dropmax,
-                progress=progress, splits=splits, label=method.label)
+                progress=progress, splits=splits, label=method.label, split=record)
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate)
@@ -515,7 +603,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     x, y = splits.test.tensors
     if x.dim() == 4:
         saliency = (models, x[:4], y[:4])
-    paths = write_results(out, rows, splits.info, config=config, device=device, paper=protocol.paper_rows,
+    info = _sources_over(splits.info, repeats, protocol.split)  # the means are over every seed, not the last one
+    paths = write_results(out, rows, info, config=config, device=device, paper=protocol.paper_rows,
                           notes=notes, title=f"Reproduction: {protocol.paper}", saliency=saliency,
                           extra_markdown=extra, extra_fields={"per_run_rows": all_rows})
     print()
