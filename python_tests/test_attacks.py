@@ -1,5 +1,6 @@
 """Attacks: torchattacks parity, properties on tiny in-file models, the PGD core's extras, and input checks."""
 
+import re
 import warnings
 
 import numpy as np
@@ -822,8 +823,9 @@ def test_square_redraws_colours_that_would_not_move_the_point():
         x_adv = attacks.square(model, x, y, eps=eps, n_queries=60, resample_unchanged=resample,
                                generator=torch.Generator().manual_seed(0))
         hook.remove()
-        start, queries = queried[0], torch.stack(queried[1:])
-        assert len(queried) == 60 and torch.equal(x_adv, start)
+        # queried[0]: the clean inputs (which samples are fooled already), not counted in n_queries
+        start, queries = queried[1], torch.stack(queried[2:])
+        assert len(queried) == 61 and torch.equal(queried[0], x) and torch.equal(x_adv, start)
         repeats = (queries == start).flatten(2).all(2)  # [query, sample]: the query re-scored the start point
         assert repeats[:, 2].all()
         if resample:
@@ -838,6 +840,8 @@ def test_square_query_budget_and_errors(trained):
     model.register_forward_hook(lambda m, inp, out: calls.append(out.shape[0]))
     x_adv = attacks.square(model, x[:8], y[:8], eps=0.1, n_queries=25, generator=torch.Generator().manual_seed(0))
     model._forward_hooks.clear()
+    assert calls[0] == 8  # the clean check, not counted in n_queries
+    calls = calls[1:]
     assert sum(calls) <= 8 * 25 and len(calls) <= 25
     fooled = model(x_adv).argmax(1) != y[:8]
     assert sum(calls) < 8 * 25 or not bool(fooled.any())  # fooled samples stop querying
@@ -923,3 +927,98 @@ def test_square_schedule_rescaled_or_not(monkeypatch):
     seen.clear()
     attacks.AutoAttack(model, eps=0.05, steps=1, n_queries=4).run(x, y)
     assert seen == [False] * 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Regressions
+
+
+def test_cw_kappa_checked():
+    # a negative kappa clamped the margin above 0 (flat loss: CW-Linf silently never moved); NaN made it NaN
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    for bad in (-1.0, float("nan"), float("inf"), True, "0"):
+        with pytest.raises(ValueError, match=f"cw_linf: expected kappa to be a finite number >= 0, got {bad!r}$"):
+            attacks.cw_linf(model, x, y, eps=0.03, steps=2, kappa=bad)
+    with pytest.raises(ValueError, match="pgd: expected kappa to be a finite number >= 0, got -0.5"):
+        attacks.PGD(model, steps=2, loss="cw", kappa=-0.5)(x, y)
+    with pytest.raises(ValueError, match="run_pgd: expected kappa"):
+        run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=1, loss="cw", kappa=-1)
+    assert not torch.equal(attacks.cw_linf(model, x, y, eps=0.03, steps=2, kappa=np.float64(0.5)), x)
+
+
+def near_boundary_linear(seed=0):
+    """A linear 3-class model on 12x12 images, strongly input-dependent: small squares flip its decisions."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(3, 144, generator=g))
+        model[1].bias.zero_()
+    return model, torch.rand(64, 1, 12, 12, generator=g)
+
+
+def test_square_leaves_samples_fooled_on_clean_inputs_clean():
+    # Labelled with the runner-up class, every clean input is misclassified; the stripes start used to be returned
+    # (2 of 64 samples then classified correctly: robust accuracy above clean accuracy). AutoAttack returns them clean.
+    model, x = near_boundary_linear()
+    with torch.no_grad():
+        out = model(x)
+    runner_up = out.sort(1)[1][:, -2]
+    for q in (1, 3):
+        x_adv = attacks.square(model, x, runner_up, eps=0.1, n_queries=q, generator=torch.Generator().manual_seed(0))
+        assert_verbose_equal(x_adv, x, "square on samples fooled already")
+    # targeted: samples already predicted as their target are left alone; a mixed batch attacks only the rest
+    assert torch.equal(attacks.Square(model, eps=0.1, n_queries=3, targeted=True)(x, out.argmax(1)), x)
+    y = runner_up.clone()
+    y[::2] = out.argmax(1)[::2]
+    x_adv = attacks.square(model, x, y, eps=0.1, n_queries=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x_adv[1::2], x[1::2]) and not torch.equal(x_adv[::2], x[::2])
+    assert robust_acc(model, x_adv, y) <= robust_acc(model, x, y)
+
+
+def test_ensemble_and_autoattack_take_per_sample_eps():
+    # the cascade and batch_size attack subsets: a per-sample eps [N] used to fail with a shape error there
+    model, x = near_boundary_linear()
+    x = x[:8]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3  # misclassified already
+    eps = torch.linspace(0.0, 0.1, 8)
+    res = attacks.ensemble(model, x, y, [attacks.PGD(model, eps=eps, alpha=eps / 2, steps=3, random_start=False)],
+                           batch_size=3)
+    full = attacks.pgd(model, x, y, eps=eps, alpha=eps / 2, steps=3, random_start=False)
+    fooled = model(full).argmax(1) != y
+    assert torch.equal(res.broken_by[2:] == 1, fooled[2:]) and bool(fooled[2:].any()) and not bool(fooled[2:].all())
+    broken = res.broken_by == 1
+    torch.testing.assert_close(res.x_adv[broken], full[broken], rtol=0, atol=1e-6)
+    aa = attacks.AutoAttack(model, eps=eps, steps=3, n_queries=5)
+    out = aa.run(x, y)
+    assert torch.equal(out.broken_by[:2], torch.zeros(2, dtype=torch.long))
+    assert bool((norm_of(out.x_adv - x, "linf") <= eps + 1e-6).all())
+    assert aa.eps is eps and all(a.eps is eps for a in aa.attacks)  # the attack objects are not changed
+
+
+def test_autoattack_set_model_mode_reaches_its_attacks():
+    # torchattacks' AutoAttack passes set_model_training_mode on; here only the robustness checks switched
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    aa = attacks.AutoAttack(model, eps=0.03, steps=2, n_queries=3).set_model_mode("train")
+    assert [a.model_mode for a in aa.attacks] == ["train"] * 3
+    aa.run(x, y)
+    assert seen and all(seen) and not model.training
+    given = attacks.FGSM(model)
+    custom = attacks.AutoAttack(model, eps=0.03, attacks=["pgd", given]).set_model_mode("keep")
+    assert custom.attacks[0].model_mode == "keep" and given.model_mode == "eval"  # objects are used as given
+
+
+def test_normalized_std_and_square_p_init_checked():
+    model = make_model(3)
+    for mean, std in (([0.5], [0.0]), ([0.5], [-1.0]), ([0.5], [float("nan")]), ([float("inf")], [0.2])):
+        with pytest.raises(ValueError, match=r"Normalized: expected finite mean and finite std > 0, got mean="):
+            attacks.Normalized(model, mean, std)
+    x, y = make_data(2, 3)
+    for bad in ("0.5", None, True, float("nan")):
+        with pytest.raises(ValueError, match=rf"square: expected p_init in \(0, 1\], got {re.escape(repr(bad))}$"):
+            attacks.square(model, x, y, eps=0.1, p_init=bad)

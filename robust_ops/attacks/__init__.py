@@ -21,8 +21,10 @@ __all__ = [
 ]
 
 # CLI name -> (class, defaults). Defaults follow the papers: MIRST-DM evaluates FGSM, PGD-20 with step 0.001 and
-# CW-Linf-10 at eps = 5/255; DPAAT uses L2 eps = 0.3. pgdl2's alpha None is pgd()'s 2.5 * eps / steps of the eps and
-# steps in use (0.0375 for the defaults), so overriding eps or steps keeps the whole ball reachable.
+# CW-Linf-10 at eps = 5/255; DPAAT uses L2 eps = 0.3. CW's step is not the paper's 0.001 (10 such steps reach only
+# half of the 5/255 ball, a weaker default attack) but 2.5 * eps / steps; `cw:alpha=0.001` and reproduce's protocols
+# give the paper's. pgdl2's alpha None is pgd()'s 2.5 * eps / steps of the eps and steps in use (0.0375 for the
+# defaults), so overriding eps or steps keeps the whole ball reachable.
 ATTACKS = {
     "fgsm": (FGSM, dict(eps=5 / 255)),
     "ifgsm": (BIM, dict(eps=5 / 255, steps=10)),

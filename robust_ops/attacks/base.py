@@ -29,7 +29,8 @@ class Attack:
 
     def set_model_mode(self, model_mode):
         if model_mode not in MODEL_MODES:
-            raise ValueError(f"{self.name}: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {model_mode!r}")
+            raise ValueError(f"{self.name}: expected model_mode to be one of {', '.join(MODEL_MODES)}, "
+                             f"got {model_mode!r}")
         self.model_mode = model_mode
         return self
 

@@ -66,6 +66,11 @@ class Normalized(torch.nn.Module):
     def __init__(self, model, mean, std):
         super().__init__()
         self.model = model
+        m, sd = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        # std 0 fed the model inf (and NaN at x == mean), so the attack ran on garbage without a word
+        if not bool(torch.isfinite(m).all()) or not bool(torch.isfinite(sd).all()) or not bool((sd > 0).all()):
+            raise ValueError(f"Normalized: expected finite mean and finite std > 0, got mean={m.tolist()}, "
+                             f"std={sd.tolist()}")
         # stored as [1, C, 1, 1] (the layout of saved state dicts); reshaped to the input's rank at each forward
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))

@@ -108,7 +108,8 @@ def check_emit(name, emit, steps):
 
 
 def check_early_stop(name, early_stop):
-    """False -> None (off); True -> 0; an int tau >= 0 -> tau (FAT: tau more steps after the first misclassification)."""
+    """False -> None (off); True -> 0; an int tau >= 0 -> tau (FAT: tau more steps after the first
+    misclassification)."""
     if early_stop is False or early_stop is None:
         return None
     if early_stop is True:
@@ -116,6 +117,14 @@ def check_early_stop(name, early_stop):
     if isinstance(early_stop, numbers.Integral) and early_stop >= 0:
         return int(early_stop)
     raise ValueError(f"{name}: expected early_stop to be False, True or an integer tau >= 0, got {early_stop!r}")
+
+
+def check_kappa(name, kappa):
+    """kappa: a finite number >= 0. A negative kappa clamps the CW margin at a positive value, so the loss is flat
+    on both sides of the boundary and the attack never moves; NaN makes every gradient NaN."""
+    if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not math.isfinite(kappa) or kappa < 0:
+        raise ValueError(f"{name}: expected kappa to be a finite number >= 0, got {kappa!r}")
+    return float(kappa)
 
 
 def check_loss(name, loss):
@@ -251,6 +260,7 @@ def run_pgd(
     steps = check_steps(name, steps)
     norm = check_norm(name, norm)
     loss = check_loss(name, loss)
+    kappa = check_kappa(name, kappa)
     emit = check_emit(name, emit, steps)
     tau = check_early_stop(name, early_stop)
     eps_scalar = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None

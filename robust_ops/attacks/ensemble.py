@@ -1,5 +1,6 @@
 """AutoAttack-style cascades: run attacks one after another, each only on the samples still robust."""
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,24 @@ def _name(attack, i):
     return getattr(attack, "name", None) or getattr(attack, "__name__", None) or f"attack{i}"
 
 
+def _on_samples(attack, part, n):
+    """``attack`` for the samples ``part`` of a batch of ``n``: a shallow copy of an :class:`Attack` with its
+    per-sample tensor options ([n]: eps, alpha; also inside an AutoAttack's list) cut to ``part``, since the cascade
+    and ``batch_size`` attack subsets. Other callables are used as given."""
+    if not isinstance(attack, Attack):
+        return attack
+    cut = {k: v[part.to(v.device)] for k, v in vars(attack).items()
+           if torch.is_tensor(v) and v.dim() == 1 and v.shape[0] == n}
+    inner = vars(attack).get("attacks")
+    if isinstance(inner, list):
+        cut["attacks"] = [_on_samples(a, part, n) for a in inner]
+    if not cut:
+        return attack
+    sub = copy.copy(attack)
+    vars(sub).update(cut)
+    return sub
+
+
 @torch.no_grad()
 def _correct(model, x, y, model_mode, name):
     with attack_context(model, model_mode):
@@ -59,7 +78,8 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     Args:
         model; x (Tensor[N, ...]) in the clip range; y (LongTensor[N]) true labels.
         attacks (list): callables ``attack(x, y) -> x_adv`` such as :class:`APGD`, :class:`Square` or any
-            :class:`Attack`; their ``name`` attribute labels the result.
+            :class:`Attack`; their ``name`` attribute labels the result. A per-sample ``eps`` / ``alpha`` tensor [N]
+            of an :class:`Attack` is cut to the samples each call attacks; other callables get only the subset.
         cascade (bool): default True. model_mode: for the robustness checks (each attack has its own).
         batch_size (int, optional): attack at most this many samples at a time. names: labels overriding ``name``.
 
@@ -89,7 +109,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         step = batch_size or idx.numel()
         for start in range(0, idx.numel(), step):
             part = idx[start:start + step]
-            adv = attack(x[part], y[part]).detach()
+            adv = _on_samples(attack, part, n)(x[part], y[part]).detach()
             if adv.shape != x[part].shape:
                 raise ValueError(f"{name}: attack {labels[j]!r} returned shape {tuple(adv.shape)} for inputs of "
                                  f"shape {tuple(x[part].shape)}")
@@ -141,6 +161,7 @@ class AutoAttack(Attack):
             if norm == "linf":  # AutoAttack's standard Square keeps the 10000-query schedule (resc_schedule=False)
                 self.attacks.append(Square(model, eps=eps, n_queries=n_queries, seed=seed, rescale_schedule=False,
                                            **common))
+            self._built = list(self.attacks)
         else:
             attacks = list(attacks)
             takes = {a: accepted_options(ATTACKS[a][0]) if a in ATTACKS else [] for a in attacks if isinstance(a, str)}
@@ -151,11 +172,20 @@ class AutoAttack(Attack):
                 if isinstance(a, str) else a
                 for a in attacks
             ]
+            self._built = [b for a, b in zip(attacks, self.attacks) if isinstance(a, str)]
             for key, value in options.items():
                 if value is not None and not any(key in t for t in takes.values()):
                     shown = [a if isinstance(a, str) else _name(a, i) for i, a in enumerate(attacks)]
                     raise ValueError(f"autoattack: {key}={value!r} applies to none of the attacks named in "
                                      f"attacks={shown} (attack objects are used as given); expected {key}=None")
+
+    def set_model_mode(self, model_mode):
+        """Also for the attacks built here (as torchattacks' AutoAttack passes it on); objects given in ``attacks``
+        keep their own mode, as they keep every other option."""
+        super().set_model_mode(model_mode)
+        for a in getattr(self, "_built", ()):  # absent while Attack.__init__ sets the first mode
+            a.set_model_mode(model_mode)
+        return self
 
     def run(self, x, y):
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,

@@ -128,8 +128,8 @@ class FGSM(Attack):
         self.eps, self.norm, self.loss = eps, norm, loss
 
     def forward(self, x, y):
-        return fgsm(self.model, x, y, eps=self.eps, norm=self.norm, loss=self.loss, targeted=self.targeted, clip_min=self.clip_min,
-                    clip_max=self.clip_max, model_mode=self.model_mode)
+        return fgsm(self.model, x, y, eps=self.eps, norm=self.norm, loss=self.loss, targeted=self.targeted,
+                    clip_min=self.clip_min, clip_max=self.clip_max, model_mode=self.model_mode)
 
 
 class BIM(Attack):

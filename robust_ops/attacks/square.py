@@ -1,5 +1,7 @@
 """Square Attack, Linf (Andriushchenko et al., ECCV 2020, arXiv:1912.00049): score-based black-box random search."""
 
+import numbers
+
 import torch
 
 from .. import functional
@@ -48,7 +50,8 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
     fused PGD step (projection and clipping), and keeps it if the margin loss decreased. ``p`` follows the paper's
     schedule from ``p_init``, its iterations rescaled to ``n_queries`` (``rescale_schedule=True``, the default, as
     torchattacks' Square) or taken as they are (``False``, as AutoAttack's standard run). Samples stop once
-    misclassified (targeted: once the target is predicted).
+    misclassified (targeted: once the target is predicted); samples the clean input already fools are returned
+    unchanged, after one forward on the clean inputs that ``n_queries`` does not count (as AutoAttack).
     With ``resample_unchanged`` (default), a colour that would leave the square as it is (so the query would
     re-score the current point; on single-channel images half the draws once squares are small) is drawn again,
     as the paper's reference code does; ``False`` spends the query anyway, as AutoAttack's and torchattacks'
@@ -62,14 +65,15 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
         rescale_schedule (bool): rescale the p schedule's iterations from 10000 to ``n_queries`` (default True).
 
     Returns:
-        x_adv (Tensor[N, C, H, W]).
+        x_adv (Tensor[N, C, H, W]): the clean input where it already fools the model, else the first point that
+        fools it, else the lowest-margin point found (AutoAttack returns the clean input there).
     """
     name = "square"
     y = check_inputs(name, x, y, clip_min, clip_max)
     if x.dim() != 4:
         raise ValueError(f"{name}: expected images [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     n_queries = check_steps(name, n_queries, "n_queries")
-    if not 0 < float(p_init) <= 1:
+    if isinstance(p_init, bool) or not isinstance(p_init, numbers.Real) or not 0 < float(p_init) <= 1:
         raise ValueError(f"{name}: expected p_init in (0, 1], got {p_init!r}")
     if not isinstance(rescale_schedule, bool):
         raise TypeError(f"{name}: expected rescale_schedule to be a bool, got {type(rescale_schedule).__name__}")
@@ -84,13 +88,20 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
         return torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
 
     with attack_context(model, model_mode):
-        # vertical stripes start: +-eps per (sample, channel, column)
-        x_best = x.clone()
-        functional.pgd_step_(x_best, x, rand_sign((n, c, 1, w)).expand(n, c, h, w).contiguous(), eps_t, eps_t,
-                             clip_min=clip_min, clip_max=clip_max, norm="linf")
-        out = forward(name, model, x_best)
+        # Samples the clean input already fools stay clean (AutoAttack, torchattacks): searching from the stripes
+        # could end on a correctly classified point. This forward is not counted in n_queries (as AutoAttack).
+        out = forward(name, model, x)
         check_labels_against(name, y, out)
         margin_best = _margin(out, y, targeted)
+        todo = (margin_best > 0).nonzero().squeeze(1)
+        # vertical stripes start: +-eps per (sample, channel, column)
+        stripes = x.clone()
+        functional.pgd_step_(stripes, x, rand_sign((n, c, 1, w)).expand(n, c, h, w).contiguous(), eps_t, eps_t,
+                             clip_min=clip_min, clip_max=clip_max, norm="linf")
+        x_best = x.clone()
+        if todo.numel():
+            x_best[todo] = stripes[todo]
+            margin_best[todo] = _margin(forward(name, model, x_best[todo]), y[todo], targeted)
         rows = torch.arange(h, device=dev)
         cols = torch.arange(w, device=dev)
         for it in range(n_queries - 1):
@@ -137,8 +148,8 @@ class Square(Attack):
 
     name = "square"
 
-    def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf", resample_unchanged=True,
-                 rescale_schedule=True, **options):
+    def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf",
+                 resample_unchanged=True, rescale_schedule=True, **options):
         super().__init__(model, **options)
         if norm != "linf":
             raise ValueError(f"square: only the Linf Square Attack is implemented, got norm={norm!r}")
