@@ -222,6 +222,56 @@ def test_fit_input_errors(tmp_path):
         fit(model, defenses.Standard(), _data(), epochs=2, out_dir=tmp_path, resume=True, batch_size=4)
 
 
+
+def test_fit_refuses_labels_that_are_not_one_per_sample():
+    """[N, K] integer (one-hot) labels were flattened to N*K labels, which failed later inside the loss."""
+    x = torch.rand(8, 1, 4, 4)
+    onehot = torch.nn.functional.one_hot((x.flatten(1).mean(1) > 0.5).long(), 2)
+    with pytest.raises(ValueError, match=r"fit: expected one class label per sample \(y of shape \[N\] or \[N, 1\]\), "
+                                         r"got y of shape \(8, 2\) for 8 samples"):
+        fit(DropoutMLP(), defenses.Standard(), TensorDataset(x, onehot), epochs=1, batch_size=8, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), TensorDataset(x, onehot.argmax(1, keepdim=True)), epochs=1, batch_size=8,
+        progress=False)  # [N, 1] labels are fine
+
+
+def test_evaluate_clean_restores_every_module_mode_and_checks_labels():
+    """A submodule the caller keeps in eval mode (frozen BatchNorm) inside a training-mode model stays in eval mode;
+    validation labels out of the model's range are refused (a single logit took label 2 as a BCE target)."""
+    from robust_ops.train import evaluate_clean
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    model.train()
+    model[2].eval()
+    evaluate_clean(model, _data(8))
+    assert model.training and model[1].training and not model[2].training
+    bad = TensorDataset(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 1]))
+    with pytest.raises(ValueError, match=r"fit \(validation\): expected labels in \[0, 2\) for a model with 2 output "
+                                         r"classes, got values in \[0, 2\]"):
+        evaluate_clean(model, bad)
+    assert model.training and not model[2].training
+    with pytest.raises(ValueError, match=r"fit \(validation\): expected labels in \[0, 2\)"):
+        fit(model, defenses.Standard(), _data(8), bad, epochs=1, batch_size=8, progress=False)
+
+
+@pytest.mark.needs_cuda
+def test_resume_on_cuda_restores_the_rng_states(tmp_path):
+    """The checkpoint is loaded with map_location=device: its RNG states (CPU ByteTensors) came back as CUDA tensors,
+    which torch.random.set_rng_state refuses, so no CUDA run could resume."""
+    torch.manual_seed(0)
+    init = _weights(DropoutMLP())
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False, seed=3, device="cuda")
+    ref = DropoutMLP()
+    ref.load_state_dict(init)
+    fit(ref, defenses.Standard(), _data(24), epochs=2, out_dir=tmp_path / "a", **kwargs)
+    first = DropoutMLP()
+    first.load_state_dict(init)
+    fit(first, defenses.Standard(), _data(24), epochs=1, out_dir=tmp_path / "b", **kwargs)
+    resumed = DropoutMLP()
+    fit(resumed, defenses.Standard(), _data(24), epochs=2, out_dir=tmp_path / "b", resume=True, **kwargs)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+
+
 def test_fit_channels_last_and_a_defense_by_name():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 2))
@@ -363,6 +413,91 @@ def test_ddp_resume_continues_every_process_own_rng_streams(tmp_path):
         assert out["streams_differ"]
         for k, v in out["final"]["whole"].items():
             assert torch.equal(out["final"]["interrupted"][k], v), f"rank {rank}: {k}"
+
+
+class BNMLP(nn.Module):
+    """Training-mode BatchNorm: each process updates its own running statistics between DDP's buffer broadcasts."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CountingDefense(Defense):
+    """Standard loss; counts how often each sample was seen in a per-sample table whose state_dict is the live tensor
+    (as nn.Module.state_dict returns), merged across processes by the trainer's generic rule."""
+
+    name = "counting"
+    needs_ids = True
+
+    def __init__(self, num_samples):
+        self.table = torch.zeros(num_samples)
+
+    def __call__(self, model, x, y, ids=None):
+        self.table[ids] += 1
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
+
+    def state_dict(self):
+        return {"table": self.table}
+
+    def load_state_dict(self, state):
+        self.table.copy_(state["table"])
+
+
+def _ddp_buffers_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    from robust_ops.data import IndexedDataset
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        init = BNMLP().state_dict()
+        final, val = {}, {}
+        for run, stops in (("whole", (3,)), ("interrupted", (1, 3))):
+            model = BNMLP()
+            model.load_state_dict(init)
+            for epochs in stops:
+                result = fit(model, defenses.build("at", steps=2), _data(40), _data(10, seed=3), epochs=epochs,
+                             batch_size=12, lr=1e-2, out_dir=os.path.join(out_dir, run), resume=True, progress=False,
+                             seed=5)
+            final[run], val[run] = _weights(model), [row["val_loss"] for row in result.history]
+        counting = CountingDefense(36)
+        fit(DropoutMLP(), counting, IndexedDataset(_data(36)), epochs=1, batch_size=12, progress=False)
+        try:
+            fit(DropoutMLP(), defenses.Standard(), _data(1), epochs=1, batch_size=2, progress=False)
+            tiny = "no error"
+        except ValueError as e:
+            tiny = str(e)
+        torch.save({"final": final, "val": val, "counts": counting.table, "tiny": tiny},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_buffers_validation_and_defense_state_agree_across_processes(tmp_path):
+    """Under 2 gloo processes: (1) training-mode BatchNorm statistics differed per process at the end of an epoch
+    (DDP broadcasts rank 0's only at its next forward), so validation, the returned models and an eval-mode attack
+    after a resume (rank 0's checkpoint) disagreed: an interrupted run did not end bitwise equal to a whole one;
+    (2) the generic merge of a live per-sample table lost every update; (3) fewer samples than processes trained
+    nothing silently."""
+    args = (2, _free_port(), str(tmp_path))
+    torch.multiprocessing.spawn(_ddp_buffers_worker, args=args, nprocs=2, join=True)
+    out = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for rank in range(2):
+        for k, v in out[rank]["final"]["whole"].items():
+            assert torch.equal(out[rank]["final"]["interrupted"][k], v), f"rank {rank}: {k}"
+            assert torch.equal(out[0]["final"]["whole"][k], v), f"rank {rank}: {k}"
+        assert out[rank]["val"]["whole"] == out[0]["val"]["whole"] == out[rank]["val"]["interrupted"]
+        assert torch.equal(out[rank]["counts"], torch.ones(36)), out[rank]["counts"]
+        assert out[rank]["tiny"] == ("fit: train_data has 1 sample(s), fewer than the 2 processes; every process "
+                                     "needs at least one sample per step")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .native_layers import library_speedups
-from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output
+from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "metrics.json"  # the per-epoch history, rewritten with each checkpoint
@@ -123,6 +123,10 @@ def _split_batch(name, batch, needs_ids):
                          "robust_ops.data.IndexedDataset so it yields (x, y, ids)")
     if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype == torch.bool:
         raise TypeError(f"{name}: expected integer class labels, got {getattr(y, 'dtype', type(y))}")
+    n = x.shape[0] if torch.is_tensor(x) and x.dim() else None
+    if n is not None and y.numel() != n:  # reshape(-1) would silently turn [N, K] (one-hot) labels into N*K labels
+        raise ValueError(f"{name}: expected one class label per sample (y of shape [N] or [N, 1]), got y of shape "
+                         f"{tuple(y.shape)} for {n} samples")
     return x, y.long().reshape(-1), ids
 
 
@@ -151,13 +155,15 @@ def _rank_seed(seed, rank):
 
 
 def _set_rng_state(state, device):
-    torch.random.set_rng_state(state["torch"])
+    # RNG states must be CPU ByteTensors, whatever map_location the checkpoint was loaded with
+    torch.random.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["name"], n["key"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
 
 
 def save_checkpoint(path, state):
@@ -314,23 +320,26 @@ def _clean_metrics(metrics):
 
 @torch.no_grad()
 def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False):
-    """Clean accuracy and mean classification loss of ``model`` on a dataset yielding (x, y[, ids])."""
-    was_training = model.training
-    model.eval()
+    """Clean accuracy and mean classification loss of ``model`` on a dataset yielding (x, y[, ids]). Every module's
+    train/eval mode is restored afterwards."""
+    name = "fit (validation)"
     total, correct, loss_sum = 0, 0, 0.0
-    try:
+    # per-module restore: model.train(was_training) would also flip submodules the caller froze in eval mode
+    with use_model_mode(model, "eval"):
         for start in range(0, len(data), batch_size):
             batch = _collate(data, range(start, min(start + batch_size, len(data))))
-            x, y, _ = _split_batch("fit (validation)", batch, False)
+            x, y, _ = _split_batch(name, batch, False)
             x, y = x.to(device), y.to(device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = check_output("fit (validation)", model(x), x.shape[0])
+            out = check_output(name, model(x), x.shape[0])
+            k = num_classes_of(out)
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):  # BCE would take label 2 as a target silently
+                raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} output classes, got "
+                                 f"values in [{int(y.min())}, {int(y.max())}]")
             loss_sum += float(classification_loss(out.float(), y, reduction="sum"))
             correct += int((predict_from_output(out) == y).sum())
             total += y.numel()
-    finally:
-        model.train(was_training)
     return {"val_loss": loss_sum / max(total, 1), "val_acc": correct / max(total, 1)}
 
 
@@ -455,11 +464,14 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if amp else None
 
     sampler = GlobalBatchSampler(len(train_data), batch_size, seed=seed, rank=rank, world_size=world)
+    if len(sampler) == 0:  # every global batch would be dropped: epochs without a single step
+        raise ValueError(f"{name}: train_data has {len(train_data)} sample(s), fewer than the {world} processes; "
+                         "every process needs at least one sample per step")
     history, start_epoch = [], 0
     config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
               "lr": lr if own_optimizer else None}
     if resume_path is not None:
-        state = load_checkpoint(resume_path, map_location=device)
+        state = load_checkpoint(resume_path, map_location=device)  # _set_rng_state takes the RNG states back to CPU
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{name}: {resume_path} is not a robust_ops fit checkpoint (format "
                              f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT})")
@@ -511,7 +523,8 @@ def fit(
     try:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
-            defense_start = defense.state_dict() if world > 1 else None
+            # a copy: a state_dict may return the live tensors, which the epoch then changes in place
+            defense_start = _snapshot(defense.state_dict()) if world > 1 else None
             model.train()
             t0 = time.perf_counter()
             sums, count, correct, with_logits = {}, 0, 0, 0
@@ -591,6 +604,14 @@ def fit(
                 bar.close()
 
             if world > 1:
+                # DDP broadcasts rank 0's buffers (BatchNorm statistics) only at its next forward: until then each
+                # process holds its own, which validation, the next epoch's first attack (on the unwrapped module),
+                # the returned model and a resume (rank 0's checkpoint) would otherwise disagree on.
+                for b in model.buffers():
+                    flat = b if b.is_contiguous() else b.contiguous()
+                    dist.broadcast(flat, src=0)
+                    if flat is not b:
+                        b.copy_(flat)
                 totals = torch.tensor([float(count), float(correct), float(with_logits)]
                                       + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=device)
                 dist.all_reduce(totals)
@@ -647,14 +668,20 @@ def fit(
 
 def _infer_num_classes(model, x):
     """Number of classes from one eval-mode forward on a couple of samples (BatchNorm statistics untouched)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = check_output("fit", model(x[:2]), min(2, x.shape[0]))
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), use_model_mode(model, "eval"):
+        out = check_output("fit", model(x[:2]), min(2, x.shape[0]))
     return num_classes_of(out)
+
+
+def _snapshot(state):
+    """A copy of a state dict whose tensors no longer alias the defense's."""
+    if torch.is_tensor(state):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_snapshot(v) for v in state)
+    return state
 
 
 def _any_non_finite(tensors):
