@@ -392,6 +392,18 @@ def test_margin_zero_and_wrong_clean_samples_stay_put():
     assert torch.equal(x_adv[:2], x[:2]) and not bool(crossed[:2].any())  # clean x already wrong
 
 
+def test_empty_batch_returns_empty_results():
+    # reshape(0, -1) is ambiguous: sample_distance (return_info's gap) and the Dice helpers failed on N = 0.
+    model, x, y, margin = make_problem()
+    for fn in (gen_adv, gen_adv_masked):
+        x_adv, crossed, info = fn(model, x[:0], y[:0], margin[:0], return_info=True)
+        assert x_adv.shape == (0, 1, 10, 10) and crossed.shape == (0,) and info.gap.shape == (0,)
+    assert sample_distance(x[:0], x[:0], "l2").shape == (0,) and sample_distance(x[:0], x[:0], "linf").shape == (0,)
+    assert dice_score(torch.zeros(0, 1, 4, 4), torch.zeros(0, 4, 4)).shape == (0,)
+    assert dice_score(torch.zeros(0, 3, 4, 4), torch.zeros(0, 4, 4, dtype=torch.long)).shape == (0,)
+    assert soft_dice_loss(torch.zeros(0, 1, 4, 4), torch.zeros(0, 4, 4)).shape == (0,)
+
+
 def test_integer_labels_of_any_width_give_the_int64_result():
     model, x, y, margin = make_problem()
     expected = gen_adv(model, x, y, margin)
@@ -688,6 +700,41 @@ def test_checkpoints_refuse_margins_above_eps_train():
     restored = IMA(num_samples=3, eps_train=eps)
     restored.load_state_dict({"margins": table.margins, "eps_train": eps, "delta": eps / 100, "init_margin": 0.5})
     assert torch.equal(restored.margins, table.margins)
+
+
+def test_refused_checkpoints_name_the_bad_margin_and_leave_the_defense_unchanged():
+    model, x, y = ima_batch()
+    defense = IMA(num_samples=20, steps=3, search_steps=3)
+    defense(model, x, y, torch.arange(12))
+    before = (defense.margins.clone(), defense.eps_train, defense.delta, defense.init_margin, defense.table)
+    good = {"margins": torch.full((20,), 0.5), "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5}
+    for value, shown in ((-0.5, "-0.5"), (float("nan"), "nan")):
+        margins = good["margins"].clone()
+        margins[3] = value
+        with pytest.raises(ValueError, match=rf"IMA.load_state_dict: expected finite margins >= 0, got 1 bad "
+                                             rf"value\(s\), e.g. margins\[3\] = {shown}"):
+            defense.load_state_dict(dict(good, margins=margins))
+        with pytest.raises(ValueError, match=rf"MarginTable.load_state_dict: expected finite margins >= 0, got 1 bad "
+                                             rf"value\(s\), e.g. margins\[3\] = {shown}"):
+            MarginTable(20, 0.5, 2.0).load_state_dict({"margins": margins})
+    with pytest.raises(ValueError, match="MarginTable: expected init_margin <= max_margin"):
+        defense.load_state_dict(dict(good, init_margin=3.0))
+    # Formerly the table was replaced (margins reset to init_margin) and eps_train/delta changed before the refusal.
+    assert defense.table is before[4] and torch.equal(defense.margins, before[0])
+    assert (defense.eps_train, defense.delta, defense.init_margin) == before[1:4]
+    defense.load_state_dict(good)
+    assert torch.equal(defense.margins, good["margins"]) and defense.eps_train == 2.0
+
+
+@pytest.mark.needs_cuda
+def test_ima_load_state_dict_keeps_the_table_on_its_device():
+    # The trainer's epoch merge (all_gather_object) hands every rank rank 0's margins, on rank 0's device.
+    state = {"margins": torch.full((4,), 0.5), "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5}
+    defense = IMA(num_samples=4)
+    defense.load_state_dict(dict(state, margins=state["margins"].cuda()))
+    assert defense.margins.is_cuda
+    defense.load_state_dict(dict(state, margins=torch.full((4,), 1.0)))
+    assert defense.margins.is_cuda and defense.margins.tolist() == [1.0] * 4
 
 
 def test_ima_merge_distributed_state_without_sync():

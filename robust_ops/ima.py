@@ -118,22 +118,26 @@ def _default_loss(out, y):
     return classification_loss(out, y, reduction="none")
 
 
+def _flat(t):
+    """[N, ...] -> [N, D]; unlike reshape(N, -1), also for an empty batch (N = 0)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 def _seg_masks(out, y, name):
     """Boolean masks (pred, target): [N, P] for binary outputs, one-hot [N, C, P] for multi-class ones. Multi-class
     means class logits out [N, C, ...] (C >= 2) against labels y [N, ...], i.e. one dimension more than y; anything
     else is binary logits with y's pixel count ([N, H, W] or [N, 1, H, W] against a [N, H, W] or [N, 1, H, W] mask)."""
-    n = out.shape[0]
     if out.dim() == y.dim() + 1 and out.dim() >= 3 and out.shape[1] >= 2:
         c = out.shape[1]
-        pred = torch.nn.functional.one_hot(out.argmax(1).reshape(n, -1), c).transpose(1, 2)
-        target_labels = y.reshape(n, -1).long()
+        pred = torch.nn.functional.one_hot(_flat(out.argmax(1)), c).transpose(1, 2)
+        target_labels = _flat(y).long()
         if target_labels.shape[1] != pred.shape[2]:
             raise ValueError(f"{name}: expected y to have {pred.shape[2]} labels per sample to match the multi-class "
                              f"output {tuple(out.shape)}, got {tuple(y.shape)}")
         target = torch.nn.functional.one_hot(target_labels, c).transpose(1, 2)
         return pred.bool(), target.bool()
-    pred = (out > 0).reshape(n, -1)
-    target = y.reshape(n, -1)
+    pred = _flat(out > 0)
+    target = _flat(y)
     if target.shape[1] != pred.shape[1]:
         raise ValueError(f"{name}: expected y of {pred.shape[1]} pixels per sample to match the binary output "
                          f"{tuple(out.shape)} (multi-class outputs [N, C, ...] take labels y [N, ...]), "
@@ -178,9 +182,8 @@ def dice_criterion(threshold=0.6):
 def soft_dice_loss(out, y, smooth=1.0):
     """Per-sample soft Dice loss [N] for binary segmentation logits (sigmoid) against a {0, 1} mask: the ascent loss
     to pair with :func:`dice_criterion` (as nnU-Net trains with Dice loss)."""
-    n = out.shape[0]
-    p = torch.sigmoid(out).reshape(n, -1)
-    t = y.reshape(n, -1).to(p.dtype)
+    p = _flat(torch.sigmoid(out))
+    t = _flat(y).to(p.dtype)
     return 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
 
 
@@ -198,7 +201,7 @@ def search_rounds(search_steps, arity):
 
 def sample_distance(a, b, norm):
     """Per-sample distance ||a - b||_p [N] (p = 2 or inf)."""
-    d = (a - b).reshape(a.shape[0], -1)
+    d = _flat(a - b)
     if d.shape[1] == 0:
         return d.new_zeros(a.shape[0])
     return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
@@ -646,7 +649,8 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
 
     Compaction: each forward and backward runs on the samples still in play only (gather, then scatter back), in the
     ascent and in the search; the forward at x_t both checks x_t and gives the gradient for the next step, so a
-    sample that stops at step t costs t+1 forwards and t backwards. ``compact=False`` gives the same results with
+    sample that stops at step t costs t+1 forward rows and t+1 backward rows (the batched backward of step t still
+    carries its row; t when it stops at x_K or nobody continues past t). ``compact=False`` gives the same results with
     every pass over the full batch (:func:`gen_adv_masked`).
 
     Args:
@@ -708,6 +712,16 @@ def gen_adv_masked(model, x, y, margin, **kwargs):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Margin table
+
+
+def _bad_margins(margins):
+    """How many margins are negative or not finite, with the first one, e.g. "2 bad value(s), e.g. margins[3] =
+    -0.5"; None when every margin is finite and >= 0."""
+    bad = ~torch.isfinite(margins) | (margins < 0)
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0, 0])
+    return f"{int(bad.sum())} bad value(s), e.g. margins[{i}] = {float(margins[i]):.4g}"
 
 
 def _above_max(margins, max_margin, dtype):
@@ -844,8 +858,11 @@ class MarginTable:
         if not torch.is_tensor(m) or m.shape != self.margins.shape:
             raise ValueError(f"MarginTable.load_state_dict: expected margins of shape {tuple(self.margins.shape)} "
                              f"(one per dataset sample), got {tuple(getattr(m, 'shape', ()))}")
-        if not m.is_floating_point() or not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
-            raise ValueError("MarginTable.load_state_dict: expected finite margins >= 0")
+        if not m.is_floating_point():
+            raise ValueError(f"MarginTable.load_state_dict: expected floating-point margins, got {m.dtype}")
+        bad = _bad_margins(m)
+        if bad is not None:
+            raise ValueError(f"MarginTable.load_state_dict: expected finite margins >= 0, got {bad}")
         above = _above_max(m, self.max_margin, self.margins.dtype)
         if above is not None:
             raise ValueError(f"MarginTable.load_state_dict: expected margins in [0, max_margin={self.max_margin}], got "
@@ -1055,12 +1072,19 @@ class IMA(Defense):
                                  f"this defense has {arg}={given!r}; pass the checkpoint's value (or leave {arg} "
                                  f"unset to take it)")
         eps_train = float(state["eps_train"])
+        bad = _bad_margins(margins)
+        if bad is not None:
+            raise ValueError(f"IMA.load_state_dict: expected finite margins >= 0, got {bad}")
         above = _above_max(margins, eps_train, margins.dtype)
         if above is not None:
             raise ValueError(f"IMA.load_state_dict: expected margins in [0, eps_train={eps_train!r}], got {above}")
-        self.eps_train, self.delta, self.init_margin = (eps_train, float(state["delta"]),
-                                                        float(state["init_margin"]))
-        self.num_samples = margins.shape[0]
-        self.table = MarginTable(self.num_samples, self.init_margin, self.eps_train, self.norm,
-                                 device=margins.device, dtype=margins.dtype, sync=self.sync)
-        self.table.load_state_dict({"margins": margins})
+        delta, init_margin = float(state["delta"]), float(state["init_margin"])
+        # An existing table keeps its device: all_gather_object (the trainer's epoch merge) unpickles rank 0's
+        # margins onto rank 0's GPU on every rank.
+        device = margins.device if self.table is None else self.table.margins.device
+        # Build the new table before changing anything, so a refused checkpoint leaves this defense as it was.
+        table = MarginTable(margins.shape[0], init_margin, eps_train, self.norm, device=device, dtype=margins.dtype,
+                            sync=self.sync)
+        table.load_state_dict({"margins": margins})
+        self.eps_train, self.delta, self.init_margin = eps_train, delta, init_margin
+        self.num_samples, self.table = margins.shape[0], table
