@@ -288,3 +288,14 @@ def test_aggregate_n_and_partially_defined_metrics_in_every_table():
     assert "(1 of 3 runs)" not in report.pivot_table(rows, "accuracy")
     paper = [{"method": "M", "attack": "none", "eps": 0.0, "precision": 0.7}]
     assert "0.800 (1 of 3 runs)" in report.paper_comparison_table(rows, paper, ["precision"])
+
+
+def test_predict_batches_restores_every_module_mode():
+    """A submodule the caller froze in eval mode stays in eval mode (model.train(was) would flip it back)."""
+    from robust_ops.evaluate import predict_batches
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model.train()
+    model[2].eval()
+    predict_batches(model, torch.rand(5, 1, 2, 2))
+    assert model.training and model[1].training and not model[2].training

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .attacks.context import predict_from_output
+from .attacks.context import predict_from_output, use_model_mode
 from .metrics import classification_metrics, metric_names, probabilities
 
 SCHEMA = "robust_ops.results/1"
@@ -271,16 +271,12 @@ def dataset_tensors(dataset):
 @torch.no_grad()
 def predict_batches(model, x, batch_size=256, device="cpu"):
     """(predictions [N], probabilities [N, K]) on CPU, computed in batches on ``device`` in eval mode."""
-    was_training = model.training
-    model.eval()
     preds, probs = [], []
-    try:
+    with use_model_mode(model, "eval"):  # restores each module's own mode (a frozen submodule stays in eval)
         for start in range(0, x.shape[0], batch_size):
             out = model(x[start:start + batch_size].to(device))
             preds.append(predict_from_output(out).cpu())
             probs.append(probabilities(out).cpu())
-    finally:
-        model.train(was_training)
     if not preds:
         return torch.empty(0, dtype=torch.long), torch.empty(0, 2)
     preds, probs = torch.cat(preds), torch.cat(probs)
