@@ -120,3 +120,105 @@ def test_multiclass_macro_averages_over_present_classes():
     assert m["precision"] == pytest.approx(np.mean([0.5, 0.5])) and m["sensitivity"] == pytest.approx(0.5)
     m = classification_metrics([2, 2], [2, 1], num_classes=3)  # only one class: no negatives for it
     assert _nan(m["specificity"]) and m["sensitivity"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# randomized parity with scikit-learn, input validation, single-logit probabilities
+
+
+def _same(a, b):
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_binary_random_parity_with_sklearn(seed):
+    """Small random sets with tied scores and 0/0 cases, both positive classes."""
+    rng = np.random.default_rng(seed)
+    nan = dict(zero_division=np.nan)
+    for _ in range(40):
+        n, pos = int(rng.integers(1, 10)), int(rng.integers(0, 2))
+        y, pred = rng.integers(0, 2, n), rng.integers(0, 2, n)
+        p1 = rng.integers(0, 4, n) / 3  # few distinct values: ties in the ROC / PR curves
+        probs = np.stack([1 - p1, p1], 1)
+        m = classification_metrics(y, pred, probs, num_classes=2, positive_class=pos)
+        exp = {"accuracy": skm.accuracy_score(y, pred), "f1": skm.f1_score(y, pred, pos_label=pos, **nan),
+               "sensitivity": skm.recall_score(y, pred, pos_label=pos, **nan),
+               "specificity": skm.recall_score(y, pred, pos_label=1 - pos, **nan),
+               "precision": skm.precision_score(y, pred, pos_label=pos, **nan), "auc": math.nan, "map": math.nan}
+        if len(set(y)) == 2:
+            exp["auc"] = skm.roc_auc_score(y == pos, probs[:, pos])
+            exp["map"] = np.mean([skm.average_precision_score(y == c, probs[:, c]) for c in (0, 1)])
+        for k, v in exp.items():
+            assert _same(m[k], float(v)), (k, y, pred, pos, m[k], v)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_multiclass_random_parity_with_sklearn(seed):
+    """Macro averages equal scikit-learn's over the classes present in y_true (labels=present)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        n, k = int(rng.integers(2, 12)), int(rng.integers(3, 5))
+        y, pred = rng.integers(0, k, n), rng.integers(0, k, n)
+        probs = torch.softmax(torch.tensor(rng.integers(0, 3, (n, k)).astype(float)), 1).numpy()  # tied scores
+        m = classification_metrics(y, pred, probs, num_classes=k)
+        present = sorted(set(y.tolist()))
+        kw = dict(labels=present, average="macro", zero_division=np.nan)
+        exp = {"f1": skm.f1_score(y, pred, **kw), "sensitivity": skm.recall_score(y, pred, **kw),
+               "precision": skm.precision_score(y, pred, **kw), "auc": math.nan, "map": math.nan}
+        if len(present) >= 2:
+            onehot = np.eye(k)[y]
+            exp["auc"] = np.mean([skm.roc_auc_score(onehot[:, c], probs[:, c]) for c in present])
+            exp["map"] = np.mean([skm.average_precision_score(onehot[:, c], probs[:, c]) for c in present])
+            if len(present) == k:
+                assert exp["auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr"))
+        for key, v in exp.items():
+            assert _same(m[key], float(v)), (key, y, pred, m[key], v)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # out-of-range labels used to be dropped by the confusion matrix (or wrapped by one-hot: -1 -> last class)
+    (dict(y_true=[0, -1, 2], y_pred=[0, 1, 2], num_classes=3), r"expected y_true in \[0, 3\), got values in \[-1, 2\]"),
+    (dict(y_true=[0, 1, 2], y_pred=[0, 5, 2], num_classes=3), r"expected y_pred in \[0, 3\), got values in \[0, 5\]"),
+    (dict(y_true=[0, 2, 1], y_pred=[0, 1, 1], num_classes=2, positive_class=1), r"expected y_true in \[0, 2\)"),
+    (dict(y_true=[0.0, 0.7], y_pred=[0, 1], num_classes=2, positive_class=1),
+     "expected y_true to hold integer class labels, got dtype float64"),
+    (dict(y_true=[0, 1], y_pred=[0, 1], probs=np.array([[np.nan, np.nan], [0.2, 0.8]]), num_classes=2,
+          positive_class=1), r"probs holds 1 row\(s\) with NaN/Inf"),
+    (dict(y_true=[0, 0], y_pred=[0, 0], num_classes=1), "expected num_classes to be an integer >= 2, got 1"),
+    (dict(y_true=[], y_pred=[], num_classes=2), "binary tasks need positive_class 0 or 1, got None"),
+    (dict(y_true=[0, 1], y_pred=[0, 1], num_classes=2, positive_class=True),
+     "binary tasks need positive_class 0 or 1, got True"),
+    (dict(y_true=[0, 1, 2], y_pred=[0, 1, 2], num_classes=3, positive_class=2),
+     r"positive_class is only for binary tasks \(num_classes=3 uses macro averages\), got 2"),
+])
+def test_classification_metrics_rejects_bad_inputs(kwargs, match):
+    with pytest.raises(ValueError, match="classification_metrics: " + match):
+        classification_metrics(**kwargs)
+
+
+def test_integer_valued_float_and_tensor_labels_are_accepted():
+    m = classification_metrics(torch.tensor([0.0, 1.0, 1.0]), np.array([0, 1, 0]), num_classes=2, positive_class=1)
+    assert m["sensitivity"] == 0.5 and m["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_single_logit_probabilities_keep_class_zero_resolution():
+    """1 - sigmoid(z) rounds to 0 for z > ~17 in float32: confident predictions tied in class 0's column, so the AUC
+    of positive_class=0 (BreastMNIST's malignant) differed from the AUC of the logits themselves."""
+    z = torch.tensor([18.0, 20.0, 25.0, 30.0, -3.0])
+    y = np.array([0, 1, 0, 1, 0])
+    p = probabilities(z)
+    assert torch.equal(p, probabilities(z[:, None])) and p.shape == (5, 2)
+    torch.testing.assert_close(p, torch.softmax(torch.stack([torch.zeros(5), z], 1), 1))  # [0, z] two-logit model
+    assert len(set(p[:, 0].tolist())) == 5  # no ties
+    m = classification_metrics(y, (z > 0).long(), p, num_classes=2, positive_class=0)
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y == 0, -z.numpy()))
+
+
+def test_probabilities_rejects_bad_shapes_and_keeps_float64():
+    with pytest.raises(ValueError, match=r"probabilities: expected out to be \[N, K\] logits or \[N\] / \[N, 1\] "
+                                         r"single logits, got 3-D"):
+        probabilities(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="probabilities: .* got 0-D"):
+        probabilities(torch.tensor(1.0))
+    assert probabilities(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float64
+    assert probabilities(torch.zeros(2, 3, dtype=torch.float16)).dtype == torch.float32

@@ -8,12 +8,16 @@ average precision (DPAAT's mAP), for binary tasks too (the mean of both classes'
 
 Undefined values are NaN (``null`` in results.json, "–" in reports), as scikit-learn's ``zero_division=np.nan``
 gives them: sensitivity (recall) of a class absent from ``y_true``, specificity when ``y_true`` holds no negatives,
-precision of a class never predicted, F1 = 2TP / (2TP + FP + FN) when that denominator is 0, AUC with one class
-present. Macro averages run over the classes present in ``y_true`` and skip a class whose value is undefined (an absent
-class would otherwise count as 0 and a perfect prediction score below 1); they are NaN when no class has a value.
+precision of a class never predicted, F1 = 2TP / (2TP + FP + FN) when that denominator is 0, AUC and mAP with one
+class present. Macro averages run over the classes present in ``y_true`` and skip a class whose value is undefined
+(an absent class would otherwise count as 0 and a perfect prediction score below 1); they are NaN when no class has
+a value.
+
+Labels must be integers in [0, num_classes) and ``probs`` finite; anything else is a ValueError naming the argument.
 """
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -34,10 +38,16 @@ def metric_names(num_classes):
 
 def probabilities(out):
     """Class probabilities [N, K] from [N, K] logits (softmax) or [N] / [N, 1] single logits (sigmoid -> K = 2)."""
-    out = out.detach().float()
+    if not torch.is_tensor(out) or out.dim() not in (1, 2):
+        got = f"{out.dim()}-D" if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"probabilities: expected out to be [N, K] logits or [N] / [N, 1] single logits, got {got}")
+    out = out.detach()
+    out = out if out.dtype == torch.float64 else out.float()
     if is_single_logit(out):
-        p = torch.sigmoid(out.reshape(-1))
-        return torch.stack([1 - p, p], 1)
+        z = out.reshape(-1)
+        # sigmoid(-z), not 1 - sigmoid(z): the latter rounds to 0 for z > ~17 in float32, tying confident
+        # predictions in class 0's column (BreastMNIST's positive class) and so changing its AUC
+        return torch.stack([torch.sigmoid(-z), torch.sigmoid(z)], 1)
     return torch.softmax(out, 1)
 
 
@@ -47,12 +57,35 @@ def _as_numpy(a):
     return np.asarray(a)
 
 
+def _labels(name, a, num_classes):
+    """Integer class labels in [0, num_classes): a float label would be truncated and an out-of-range one dropped
+    by the confusion matrix (or wrapped, -1 -> the last class) without a word."""
+    a = _as_numpy(a)
+    if a.size and not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
+        if not np.issubdtype(a.dtype, np.floating) or not (np.isfinite(a).all() and (a == np.round(a)).all()):
+            raise ValueError(f"classification_metrics: expected {name} to hold integer class labels, got dtype "
+                             f"{a.dtype} with non-integer values")
+    a = a.astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() >= num_classes):
+        raise ValueError(f"classification_metrics: expected {name} in [0, {num_classes}), got values in "
+                         f"[{a.min()}, {a.max()}]")
+    return a
+
+
 def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_class=None):
     """Metrics dict for one prediction set. ``probs``: [N, K] class probabilities (needed for AUC and mAP)."""
     from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score, precision_score,
                                  recall_score, roc_auc_score)
 
-    y_true, y_pred = _as_numpy(y_true).astype(np.int64), _as_numpy(y_pred).astype(np.int64)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+        raise ValueError(f"classification_metrics: expected num_classes to be an integer >= 2, got {num_classes!r}")
+    # checked before anything else, so an empty set fails the same way as a full one
+    if num_classes == 2 and (isinstance(positive_class, bool) or positive_class not in (0, 1)):
+        raise ValueError(f"classification_metrics: binary tasks need positive_class 0 or 1, got {positive_class}")
+    if num_classes > 2 and positive_class is not None:  # multi-class metrics are macro averages, never one class's
+        raise ValueError(f"classification_metrics: positive_class is only for binary tasks (num_classes={num_classes} "
+                         f"uses macro averages), got {positive_class!r}")
+    y_true, y_pred = _labels("y_true", y_true, num_classes), _labels("y_pred", y_pred, num_classes)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"classification_metrics: expected y_true and y_pred of the same shape [N], got "
                          f"{y_true.shape} and {y_pred.shape}")
@@ -61,6 +94,9 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         if probs.shape != (len(y_true), num_classes):
             raise ValueError(f"classification_metrics: expected probs of shape [{len(y_true)}, {num_classes}], "
                              f"got {probs.shape}")
+        if not np.isfinite(probs).all():
+            raise ValueError(f"classification_metrics: probs holds {int((~np.isfinite(probs)).any(1).sum())} "
+                             f"row(s) with NaN/Inf")
     n = len(y_true)
     out = {"n": int(n)}
     if n == 0:
@@ -68,8 +104,6 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
     out["accuracy"] = float((y_true == y_pred).mean())
     labels = list(range(num_classes))
     if num_classes == 2:
-        if positive_class not in (0, 1):
-            raise ValueError(f"classification_metrics: binary tasks need positive_class 0 or 1, got {positive_class}")
         neg = 1 - positive_class
         nan = dict(zero_division=np.nan)  # 0/0 is undefined, not 0 (module docstring)
         out["f1"] = float(f1_score(y_true, y_pred, pos_label=positive_class, **nan))

@@ -6,7 +6,8 @@ with the NT-Xent loss (MIRST-DM eq. 4), before supervised / adversarial training
 
 The classifier head (the model's last ``fc`` / ``classifier`` / ``head`` linear layer) is replaced by an identity while
 pretraining, so the representation is the backbone's pooled features; a 2-layer projection head maps them to the space
-where NT-Xent is computed (and is returned, then discarded as in SimCLR). The model's own head is put back untouched.
+where NT-Xent is computed (and is returned, then discarded as in SimCLR). The model's own head is put back untouched
+and every module's train/eval mode restored, also when pretraining fails.
 """
 
 import math
@@ -29,7 +30,8 @@ def nt_xent(z1, z2, temperature=0.5):
     if z1.shape != z2.shape or z1.dim() != 2 or z1.shape[0] < 2:
         raise ValueError(f"nt_xent: expected two [N, D] projections with N >= 2 and equal shapes, got "
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
-    if not (isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature)):
+    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and temperature > 0
+                                                and math.isfinite(temperature)):
         raise ValueError(f"nt_xent: expected temperature > 0, got {temperature!r}")
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
@@ -49,6 +51,8 @@ class SimCLRAugment(nn.Module):
         super().__init__()
         from torchvision.transforms import v2
 
+        if channels not in (1, 3):  # torchvision's colour ops take 1 or 3 channels and would fail mid-training
+            raise ValueError(f"SimCLRAugment: expected channels to be 1 or 3, got {channels!r}")
         h, w = (size, size) if isinstance(size, numbers.Integral) else tuple(size)
         kernel = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
         ops = [v2.RandomResizedCrop((h, w), scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
@@ -119,8 +123,15 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                          f"{batch_size!r}")
     if len(data) < batch_size:
         raise ValueError(f"simclr: data has {len(data)} samples, fewer than one batch of {batch_size}")
-    if not (isinstance(temperature, numbers.Real) and temperature > 0):
-        raise ValueError(f"simclr: expected temperature > 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and temperature > 0
+                                                and math.isfinite(temperature)):
+        raise ValueError(f"simclr: expected temperature to be a finite number > 0, got {temperature!r}")
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"simclr: expected lr to be a finite number > 0, got {lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"simclr: expected seed to be an integer, got {seed!r}")
+    if not (head is None or isinstance(head, str)):
+        raise ValueError(f"simclr: expected head to be 'auto', a module attribute name or None, got {head!r}")
     device = torch.device(device)
     torch.manual_seed(seed)
     first = data[0]
@@ -130,6 +141,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     head_name = _classifier_head(model_backbone, head)
     original_head = getattr(model_backbone, head_name) if head_name else None
     model = model_backbone.to(device)
+    modes = [(m, m.training) for m in model.modules()]  # per module: a submodule frozen in eval stays so
     try:
         if head_name:
             setattr(model, head_name, nn.Identity())
@@ -158,15 +170,18 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                 z = proj(model(torch.cat([v1, v2])).flatten(1))
                 loss = nt_xent(z[: x.shape[0]], z[x.shape[0]:], temperature)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"simclr: the NT-Xent loss is {float(loss)} at epoch {epoch + 1}, "
-                                             f"step {steps + 1}")
+                    raise FloatingPointError(f"simclr: the NT-Xent loss is {float(loss.detach())} at epoch "
+                                             f"{epoch + 1}, step {steps + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach())
                 steps += 1
             history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
+        opt.zero_grad(set_to_none=True)  # the last step's gradients belong to pretraining, not to the caller
     finally:
         if head_name:
             setattr(model_backbone, head_name, original_head)
+        for m, training in modes:
+            m.training = training
     return PretrainResult(history=history, head=proj, removed_head=head_name)

@@ -1,0 +1,147 @@
+"""SimCLR pretraining: NT-Xent against the SimCLR paper's definition, and what simclr leaves behind on the model.
+(The eq. 4 loop test and the basic head / backbone test live in test_train.py.)"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from robust_ops.pretrain import SimCLRAugment, nt_xent, simclr
+
+
+def _nt_xent_paper(z1, z2, tau):
+    """SimCLR Algorithm 1: for each of the 2N anchors, its positive against the 2N - 2 other images' views."""
+    z = nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
+    n2 = z.shape[0]
+    losses = []
+    for i in range(n2):
+        j = (i + n2 // 2) % n2
+        negatives = [k for k in range(n2) if k not in (i, j)]
+        assert len(negatives) == n2 - 2
+        pos = z[i] @ z[j] / tau
+        neg = torch.stack([z[i] @ z[k] / tau for k in negatives])
+        losses.append(-pos + torch.logsumexp(torch.cat([pos[None], neg]), 0))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("n, d, tau", [(2, 3, 0.5), (5, 4, 0.1), (3, 7, 1.0)])
+def test_nt_xent_matches_simclr_algorithm_1(n, d, tau):
+    g = torch.Generator().manual_seed(n * 100 + d)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    loss = nt_xent(z1, z2, tau)
+    torch.testing.assert_close(loss.double(), _nt_xent_paper(z1, z2, tau), rtol=1e-5, atol=1e-5)
+    # symmetric in the two views, invariant to the projections' scale (cosine similarity) and to the pair order
+    torch.testing.assert_close(nt_xent(z2, z1, tau), loss)
+    torch.testing.assert_close(nt_xent(3 * z1, 0.5 * z2, tau), loss)
+    perm = torch.randperm(n, generator=g)
+    torch.testing.assert_close(nt_xent(z1[perm], z2[perm], tau), loss)
+
+
+def test_nt_xent_gradients_reach_both_views():
+    z1, z2 = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    nt_xent(z1, z2).backward()
+    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tau", [0, -1.0, math.inf, math.nan, True, "0.5"])
+def test_nt_xent_rejects_bad_temperature(tau):
+    with pytest.raises(ValueError, match="nt_xent: expected temperature > 0, got"):
+        nt_xent(torch.randn(2, 3), torch.randn(2, 3), tau)
+
+
+def test_nt_xent_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"nt_xent: expected two \[N, D\] projections with N >= 2 and equal shapes, "
+                                         r"got \(1, 3\) and \(1, 3\)"):
+        nt_xent(torch.randn(1, 3), torch.randn(1, 3))
+
+
+def test_augment_grayscale_views_are_random_and_in_range():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 12, 12)
+    aug = SimCLRAugment(12, channels=1)
+    v1, v2 = aug(x), aug(x)
+    assert v1.shape == x.shape and float(v1.min()) >= 0 and float(v1.max()) <= 1
+    assert not torch.equal(v1, v2)  # two independent draws per image
+    assert SimCLRAugment(12, channels=3)(torch.rand(2, 3, 12, 12)).shape == (2, 3, 12, 12)
+    # torchvision's colour ops take 1 or 3 channels: used to fail with a TypeError at the first training step
+    with pytest.raises(ValueError, match="SimCLRAugment: expected channels to be 1 or 3, got 2"):
+        SimCLRAugment(12, channels=2)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def _data(n=16):
+    return TensorDataset(torch.rand(n, 1, 10, 10, generator=torch.Generator().manual_seed(1)), torch.zeros(n).long())
+
+
+def _model():
+    torch.manual_seed(7)
+    return Tiny()
+
+
+def test_simclr_restores_every_module_mode_and_leaves_no_gradients():
+    model = _model()
+    model.eval()
+    head = model.fc
+    head_state = {k: v.clone() for k, v in head.state_dict().items()}
+    simclr(model, _data(), epochs=1, batch_size=8, progress=False)
+    assert not any(m.training for m in model.modules())  # was left in train mode
+    assert model.fc is head and all(torch.equal(head.state_dict()[k], v) for k, v in head_state.items())
+    assert all(p.grad is None for p in model.parameters())  # no stale pretraining gradients on the model
+    model.train()
+    model.features[1].eval()  # a frozen batch norm stays frozen
+    simclr(model, _data(), epochs=1, batch_size=8, progress=False)
+    assert model.training and model.features[0].training and not model.features[1].training
+
+
+def test_simclr_restores_head_and_modes_after_a_failure():
+    model = _model()
+    model.eval()
+    head = model.fc
+
+    def bad_augment(x):
+        return torch.full_like(x, math.nan)
+
+    with pytest.raises(FloatingPointError, match="simclr: the NT-Xent loss is nan at epoch 1, step 1"):
+        simclr(model, _data(), epochs=1, batch_size=8, augment=bad_augment, progress=False)
+    assert model.fc is head and not any(m.training for m in model.modules())
+
+
+def test_simclr_is_deterministic_with_a_seed():
+    runs = []
+    for seed in (3, 3, 4):
+        model = _model()
+        res = simclr(model, _data(), epochs=1, batch_size=8, seed=seed, progress=False)
+        runs.append((res.history[0]["loss"], model.state_dict()))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    assert runs[0][0] != runs[2][0]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=math.inf), "simclr: expected temperature to be a finite number > 0, got inf"),
+    (dict(temperature=True), "simclr: expected temperature to be a finite number > 0, got True"),
+    (dict(lr=-1.0), "simclr: expected lr to be a finite number > 0, got -1.0"),
+    (dict(seed=None), "simclr: expected seed to be an integer, got None"),
+    (dict(head=5), "simclr: expected head to be 'auto', a module attribute name or None, got 5"),
+    (dict(head="missing"), "simclr: the model has no module attribute 'missing' to bypass"),
+    (dict(epochs=0), "simclr: expected epochs to be an integer >= 1, got 0"),
+    (dict(batch_size=32), "simclr: data has 16 samples, fewer than one batch of 32"),
+])
+def test_simclr_bad_arguments(kwargs, match):
+    model = _model()
+    model.eval()
+    args = {"epochs": 1, "batch_size": 8, "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        simclr(model, _data(), **args)
+    assert not any(m.training for m in model.modules())
