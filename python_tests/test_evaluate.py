@@ -299,3 +299,32 @@ def test_predict_batches_restores_every_module_mode():
     model[2].eval()
     predict_batches(model, torch.rand(5, 1, 2, 2))
     assert model.training and model[1].training and not model[2].training
+
+
+def test_predict_batches_empty_input_keeps_the_class_count():
+    from robust_ops.evaluate import predict_batches
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    preds, probs = predict_batches(model, torch.rand(0, 1, 2, 2))
+    assert preds.shape == (0,) and probs.shape == (0, 3)
+
+
+def test_pivot_and_paper_tables_keep_norms_apart():
+    rows = [{"method": "AT", "attack": "worst-case", "norm": "linf", "eps": 0.5, "n": 4, "accuracy": 0.2},
+            {"method": "AT", "attack": "worst-case", "norm": "l2", "eps": 0.5, "n": 4, "accuracy": 0.7}]
+    table = report.pivot_table(rows, "accuracy")
+    assert "worst-case (linf)" in table and "worst-case (l2)" in table and "0.200" in table and "0.700" in table
+    paper = [{"method": "AT", "attack": "worst-case", "eps": 0.5, "source": "T1", "accuracy": 0.3, "norm": "l2"}]
+    assert "0.700" in report.paper_comparison_table(rows, paper, ["accuracy"])
+    with pytest.raises(ValueError, match="give the paper row a 'norm'"):
+        report.paper_comparison_table(rows, [{k: v for k, v in paper[0].items() if k != "norm"}], ["accuracy"])
+
+
+def test_saliency_maps_restore_every_module_mode():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 16, 2))
+    model.train()
+    model[1].eval()
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
+    report.grad_cam(model, x, layer=model[0])
+    report.input_gradient(model, x, y)
+    assert model.training and model[0].training and not model[1].training

@@ -273,12 +273,11 @@ def predict_batches(model, x, batch_size=256, device="cpu"):
     """(predictions [N], probabilities [N, K]) on CPU, computed in batches on ``device`` in eval mode."""
     preds, probs = [], []
     with use_model_mode(model, "eval"):  # restores each module's own mode (a frozen submodule stays in eval)
-        for start in range(0, x.shape[0], batch_size):
+        # an empty x still gets one (empty) forward: its output says how many classes the probabilities have
+        for start in range(0, max(x.shape[0], 1), batch_size):
             out = model(x[start:start + batch_size].to(device))
             preds.append(predict_from_output(out).cpu())
             probs.append(probabilities(out).cpu())
-    if not preds:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, 2)
     preds, probs = torch.cat(preds), torch.cat(probs)
     bad = int((~torch.isfinite(probs).all(1)).sum())
     if bad:  # argmax of NaN is meaningless and the metrics would fail on it

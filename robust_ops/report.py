@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-from .attacks.context import classification_loss
+from .attacks.context import classification_loss, use_model_mode
 from .metrics import METRIC_LABELS, metric_names
 
 
@@ -90,32 +90,51 @@ def pivot_table(rows, metric, methods=None):
     methods = methods or _methods(rows)
     keys = []
     for r in rows:
-        k = (r["attack"], r["eps"])
+        k = (r["attack"], r.get("norm"), r["eps"])  # the norm too: an L-inf and an L2 row at one eps are two lines
         if k not in keys:
             keys.append(k)
-    index = {(r["method"], r["attack"], r["eps"]): r for r in rows}
+    norms_of = {}
+    for attack, norm, _ in keys:
+        norms_of.setdefault(attack, set()).add(norm)
+    index = {(r["method"], r["attack"], r.get("norm"), r["eps"]): r for r in rows}
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for attack, eps in keys:
+    for attack, norm, eps in keys:
         label = "no attack" if attack == "none" else attack
+        if len(norms_of[attack]) > 1:
+            label += f" ({norm or '–'})"
         cells = [label, format_eps(eps)]
-        cells += [fmt(index.get((m, attack, eps), {}).get(metric)) + runs_mark(index.get((m, attack, eps), {}), metric)
-                  for m in methods]
+        found = [index.get((m, attack, norm, eps), {}) for m in methods]
+        cells += [fmt(r.get(metric)) + runs_mark(r, metric) for r in found]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _paper_match(candidates, paper_row):
+    """Our row for a paper row: the one with the paper row's norm when it names one; a ValueError when rows of
+    several norms match and the paper row does not say which (the last one would silently win)."""
+    if "norm" in paper_row:
+        candidates = [r for r in candidates if r.get("norm") == paper_row["norm"]]
+    if len({r.get("norm") for r in candidates}) > 1:
+        raise ValueError(f"paper_comparison_table: rows of norms {sorted({str(r.get('norm')) for r in candidates})} "
+                         f"match the paper row {paper_row['method']} / {paper_row['attack']} at eps "
+                         f"{paper_row['eps']:g}; give the paper row a 'norm'")
+    return candidates[-1] if candidates else {}
+
+
 def paper_comparison_table(ours, paper, metric_columns):
-    """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value}; ours are looked
-    up by (method, attack, eps) and shown as mean ± std when several seeds or folds were run, with "(k of n runs)"
+    """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value[, norm]}; ours are
+    looked up by (method, attack, eps[, norm]) and shown as mean ± std when several seeds or folds were run, with "(k of n runs)"
     when the metric was undefined (NaN) in some of them."""
-    index = {(r["method"], r["attack"], round(r["eps"], 6)): r for r in ours}
+    index = {}
+    for r in ours:
+        index.setdefault((r["method"], r["attack"], round(r["eps"], 6)), []).append(r)
     head = ["method", "attack", "ε", "paper source"]
     for m in metric_columns:
         head += [f"{METRIC_LABELS.get(m, m)} (paper)", f"{METRIC_LABELS.get(m, m)} (ours)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in paper:
-        r = index.get((p["method"], p["attack"], round(p["eps"], 6)), {})
+        r = _paper_match(index.get((p["method"], p["attack"], round(p["eps"], 6)), []), p)
         cells = [p["method"], "no attack" if p["attack"] == "none" else p["attack"], format_eps(p["eps"]),
                  p.get("source", "")]
         for m in metric_columns:
@@ -229,10 +248,8 @@ def grad_cam(model, x, target=None, layer=None):
         store["a"] = out
 
     handle = layer.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), use_model_mode(model, "eval"):  # each module's own mode comes back
             out = model(x)
             if out.dim() == 1 or out.shape[1] == 1:  # single logit: the positive class score is +z, negative -z
                 z = out.reshape(-1)
@@ -246,7 +263,6 @@ def grad_cam(model, x, target=None, layer=None):
             grad, = torch.autograd.grad(score, act)
     finally:
         handle.remove()
-        model.train(was_training)
     weights = grad.mean((2, 3), keepdim=True)
     cam = torch.relu((weights * act).sum(1, keepdim=True)).detach()
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -256,15 +272,10 @@ def grad_cam(model, x, target=None, layer=None):
 
 def input_gradient(model, x, y):
     """|∂ loss / ∂ x| summed over channels, normalised per image to [0, 1] (ARFL's feature saliency maps)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            xg = x.detach().clone().requires_grad_(True)
-            loss = classification_loss(model(xg), y, reduction="sum")
-            grad, = torch.autograd.grad(loss, xg)
-    finally:
-        model.train(was_training)
+    with torch.enable_grad(), use_model_mode(model, "eval"):  # each module's own mode comes back
+        xg = x.detach().clone().requires_grad_(True)
+        loss = classification_loss(model(xg), y, reduction="sum")
+        grad, = torch.autograd.grad(loss, xg)
     sal = grad.abs().sum(1)
     return sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
 
