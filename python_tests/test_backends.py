@@ -25,10 +25,24 @@ def test_explicit_backends(monkeypatch):
 
 def test_triton_on_cpu_under_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "_triton_interpreted_at_import", True)
     if _backend._triton_import_error is not None:
         pytest.skip(f"triton not importable: {_backend._triton_import_error}")
     assert _backend.resolve("drop_max_pool2d", "cpu", "triton") == "triton"
     assert _backend.resolve("drop_max_pool2d", "cpu", "auto") == "native"  # auto never picks interpreted Triton
+
+
+def test_triton_interpreter_enabled_after_import(monkeypatch):
+    """triton.jit reads TRITON_INTERPRET at import: a later setting used to pass and then fail inside triton with
+    "0 active drivers ([]). There should only be one."
+    """
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "_triton_interpreted_at_import", False)
+    if _backend._triton_import_error is not None:
+        pytest.skip(f"triton not importable: {_backend._triton_import_error}")
+    with pytest.raises(RuntimeError, match="drop_max_pool2d: backend='triton' is not available: TRITON_INTERPRET=1 "
+                                           "was set after robust_ops was imported"):
+        robust_ops.drop_max_pool2d(torch.randn(1, 1, 4, 4), 2, backend="triton")
 
 
 def test_triton_import_error_is_reported(monkeypatch):
@@ -77,5 +91,11 @@ def test_cuda_auto_prefers_native_kernels_then_triton(monkeypatch):
 
 
 def test_unsupported_device():
-    with pytest.raises(RuntimeError, match="drop_max_pool2d: no native kernel for device type 'meta'"):
-        _backend.resolve("drop_max_pool2d", torch.device("meta"), "native")
+    with pytest.raises(RuntimeError, match="drop_max_pool2d: no native kernel for device type 'mps'"):
+        _backend.resolve("drop_max_pool2d", torch.device("mps"), "native")
+
+
+def test_meta_device_runs_the_fake_kernels():
+    # Shape inference on meta tensors, as torch's own pooling allows; it used to be refused.
+    for backend in ("auto", "native"):
+        assert _backend.resolve("drop_max_pool2d", torch.device("meta"), backend) == "native"

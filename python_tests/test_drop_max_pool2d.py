@@ -1,6 +1,9 @@
 """drop_max_pool2d native kernels (CPU; CUDA when a GPU is visible) against robust_ops.reference, plus the
 DropMax2d module, replace_maxpool, autograd, opcheck, torch.compile and every error message."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,6 +279,21 @@ def test_torch_compile_backward_does_not_recompile_per_batch_size():
     assert "SymInt[] input_size" in str(torch.ops.robust_ops._drop_max_pool2d_backward.default._schema)
 
 
+def test_reference_backend_compiles_fullgraph_and_exports():
+    """backend="reference" (or $ROBUST_OPS_BACKEND=reference) under fullgraph compile used to fail: dynamo refused the
+    eager argument checks' message closures."""
+    torch._dynamo.reset()
+    pool = robust_ops.DropMax2d(3, 2, 1, return_indices=True, backend="reference")
+    for x in (torch.randn(2, 3, 9, 8), torch.randn(3, 9, 8)):
+        out, idx = torch.compile(pool, fullgraph=True, backend="eager")(x)
+        ref, ref_idx = pool(x)
+        assert_verbose_equal(out, ref)
+        assert_verbose_equal(idx, ref_idx)
+    x = torch.randn(2, 3, 9, 8)
+    exported = torch.export.export(robust_ops.DropMax2d(3, 2, 1, backend="reference"), (x,), strict=True)
+    assert_verbose_equal(exported.module()(x), robust_ops.drop_max_pool2d(x, 3, 2, 1))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # nn.Module drop-in
 
@@ -302,6 +320,71 @@ def test_module_backend_keyword():
     a = robust_ops.DropMax2d(2, backend="native")(x)
     b = robust_ops.DropMax2d(2, backend="reference")(x)
     assert_verbose_equal(a, b)
+
+
+def test_module_rejects_unknown_backend_at_construction():
+    # It used to fail only at the first forward, e.g. long after replace_maxpool built the model.
+    message = "DropMax2d: expected backend to be one of auto, native, triton, reference, got 'cuda'"
+    with pytest.raises(ValueError, match=message):
+        robust_ops.DropMax2d(2, backend="cuda")
+    model = nn.Sequential(nn.MaxPool2d(2))
+    with pytest.raises(ValueError, match=message):
+        robust_ops.replace_maxpool(model, backend="cuda")
+    assert isinstance(model[0], nn.MaxPool2d)  # unchanged
+
+
+def test_meta_tensors_like_maxpool2d():
+    """nn.MaxPool2d runs on meta tensors (shape inference, torch.device("meta") init); the backend resolver used to
+    refuse them although the fake kernels compute the shapes."""
+    x = torch.empty(2, 3, 11, 10, device="meta", requires_grad=True)
+    out = robust_ops.DropMax2d(3, 2, 1)(x)
+    assert out.device.type == "meta" and out.shape == nn.MaxPool2d(3, 2, 1)(x).shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    out, idx = robust_ops.drop_max_pool2d(x[0], (3, 2), return_indices=True, backend="native")
+    assert out.shape == idx.shape == (3, 3, 5) and idx.dtype == torch.int64
+    with torch.device("meta"):
+        model = robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(3, 2, 1)))
+        assert model(torch.empty(2, 3, 8, 8)).shape == (2, 4, 4, 4)
+
+
+def test_torch_fx_symbolic_trace():
+    """nn.MaxPool2d is an fx leaf; DropMax2d's forward used to be traced into, and the functional's input.dim()
+    check raised "symbolically traced variables cannot be used as inputs to control flow"."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), robust_ops.DropMax2d(3, 2, 1))
+
+    class Functional(nn.Module):
+        def forward(self, x):
+            return robust_ops.drop_max_pool2d(x, 2) + robust_ops.functional.drop_max_pool2d(x, 2, backend="reference")
+
+    x = torch.randn(2, 3, 9, 9)
+    for module in (model, Functional()):
+        traced = torch.fx.symbolic_trace(module)
+        assert any(n.op == "call_function" and n.target is robust_ops.functional.drop_max_pool2d
+                   for n in traced.graph.nodes)
+        assert_verbose_equal(traced(x), module(x))
+
+
+def test_torchvision_feature_extraction_after_replace_maxpool():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = robust_ops.replace_maxpool(torchvision.models.resnet18(weights=None)).eval()
+    extractor = create_feature_extractor(model, {"maxpool": "pool", "layer1": "layer1"})
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        features = extractor(x)
+        assert_verbose_equal(features["pool"], model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+    assert features["layer1"].shape == (1, 64, 8, 8)
+
+
+def test_dropmax_any_cnn_model_snippet_runs(capsys):
+    """docs/dropmax-any-cnn.md "Writing it into a model" runs as written (it held a literal `...` inside
+    nn.Sequential, a TypeError). The first block runs in test_docs.py."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "dropmax-any-cnn.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    exec(blocks[1], {})
+    assert capsys.readouterr().out.strip() == "torch.Size([8, 64, 7, 7])"
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16", "densenet121"])
@@ -441,3 +524,20 @@ print("ok")
 def test_every_cpu_instruction_set_path(isa):
     # The default run above uses the best path the machine has.
     run_with_cpu_isa(_ISA_SCRIPT, isa)
+
+
+def test_replace_maxpool_twice_is_a_no_op_and_keeps_hooks():
+    """A second call must not move on to the next pool (VGG) or raise (ResNet); hooks on the pool keep running."""
+    seen = []
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Conv2d(2, 2, 1), nn.MaxPool2d(2))
+    model[1].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    robust_ops.replace_maxpool(model)
+    robust_ops.replace_maxpool(model)
+    assert isinstance(model[1], robust_ops.DropMax2d) and type(model[3]) is nn.MaxPool2d
+    model(torch.rand(1, 1, 10, 10))
+    assert seen == ["DropMax2d"]
+    robust_ops.replace_maxpool(model, "all")
+    robust_ops.replace_maxpool(model, "all")
+    assert isinstance(model[3], robust_ops.DropMax2d)
+    with pytest.raises(ValueError, match="no nn.MaxPool2d"):
+        robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 2, 3)))

@@ -133,6 +133,19 @@ def test_functional_falls_back_to_torch_for_other_dtypes_and_devices():
     assert robust_ops.max_pool2d(meta, 2).shape == (2, 3, 4, 4)
 
 
+def test_torch_fx_symbolic_trace():
+    # robust_ops.max_pool2d branches on device, dtype and dim: an fx leaf, as F.max_pool2d is.
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            return robust_ops.max_pool2d(x, 3, 2, 1) + robust_ops.functional.max_pool2d(x, 3, 2, 1)
+
+    traced = torch.fx.symbolic_trace(Pool())
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert targets.count(robust_ops.functional.max_pool2d) == 2
+    x = torch.randn(2, 3, 9, 9)
+    assert torch.equal(traced(x), 2 * F.max_pool2d(x, 3, 2, 1))
+
+
 def test_gradients_equal_through_autograd():
     x = torch.randn(4, 6, 15, 15, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()

@@ -7,12 +7,18 @@ Subpackages: attacks, ima, defenses, train, data, evaluate (imported on first us
 
 import importlib
 
+import torch
+
 from . import _extension
 
 _extension.load_library()
 
 from . import _autograd, _backend, _meta  # noqa: E402,F401  (register fake kernels and autograd)
 from .functional import boundary_search_step_, drop_max_pool2d, max_pool2d, pgd_step_  # noqa: E402
+
+# torch.fx leaves also when called as robust_ops.drop_max_pool2d (fx patches the globals of the calling module).
+torch.fx.wrap("drop_max_pool2d")
+torch.fx.wrap("max_pool2d")
 
 try:
     from . import triton as _triton_kernels  # noqa: F401

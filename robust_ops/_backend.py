@@ -25,6 +25,10 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# triton.jit decides at import whether kernels are interpreted; robust_ops imports them right after this module.
+_triton_interpreted_at_import = triton_interpreted()
+
+
 def triton_op_name(op_name):
     """Triton variants are registered as robust_ops::<op>_triton (pgd_step_ -> pgd_step_triton)."""
     return op_name.rstrip("_") + "_triton"
@@ -38,11 +42,14 @@ def _triton_reason(op_name, device):
         return f"no Triton kernel is registered for {op_name}"
     if device.type != "cuda" and not triton_interpreted():
         return f"Triton kernels run on CUDA tensors (got {device.type}); on CPU only under TRITON_INTERPRET=1"
+    if device.type != "cuda" and not _triton_interpreted_at_import:  # else triton fails with "0 active drivers"
+        return ("TRITON_INTERPRET=1 was set after robust_ops was imported; triton.jit reads it at import, so set it "
+                "before importing robust_ops")
     return None
 
 
 def _native_reason(op_name, device):
-    if device.type == "cpu":
+    if device.type in ("cpu", "meta"):  # meta (shape inference, deferred init): the fake kernels of _meta.py run
         return None
     if device.type == "cuda":
         return None if _extension.has_cuda_kernels() else _extension.no_cuda_kernels_message(op_name)

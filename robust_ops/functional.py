@@ -77,12 +77,18 @@ def drop_max_pool2d(
     else:
         from ._meta import check_drop_max_pool2d_args
 
-        check_drop_max_pool2d_args(x, kernel, stride, padding, dilation, bool(ceil_mode))
+        # Dynamo refuses the checks' message closures (they hold the tensor): eager only, so that
+        # backend="reference" still compiles with fullgraph=True.
+        if not torch.compiler.is_compiling():
+            check_drop_max_pool2d_args(x, kernel, stride, padding, dilation, bool(ceil_mode))
         out, idx = reference.drop_max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
     if unbatched:
         out, idx = out.squeeze(0), idx.squeeze(0)
     return (out, idx) if return_indices else out
 
+
+# A leaf for torch.fx (torchvision's create_feature_extractor): tracing into it branches on input.dim().
+torch.fx.wrap("drop_max_pool2d")
 
 # What the CPU-only helper ops (max_pool2d, _eval_batch_norm_backward) run; other dtypes stay with ATen.
 NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
@@ -110,6 +116,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if unbatched:
         out, idx = out.squeeze(0), idx.squeeze(0)
     return (out, idx) if return_indices else out
+
+
+torch.fx.wrap("max_pool2d")  # as drop_max_pool2d: it branches on the input's device, dtype and dim
 
 
 def _per_sample_tensor(name, value, like):

@@ -1,10 +1,15 @@
 """nn.Module front ends of the robust_ops kernels: DropMax2d and replace_maxpool."""
 
+import torch
 from torch import nn
 
+from . import _backend
 from .functional import drop_max_pool2d
 
 __all__ = ["DropMax2d", "replace_maxpool"]
+
+# torch.fx traces DropMax2d.forward (not a torch.nn leaf module): keep the call as one node, as nn.MaxPool2d is.
+torch.fx.wrap("drop_max_pool2d")
 
 
 class DropMax2d(nn.Module):
@@ -48,6 +53,10 @@ class DropMax2d(nn.Module):
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False, *,
                  backend=None):
         super().__init__()
+        if backend is not None and backend not in _backend.BACKENDS:  # fail here, not at the first forward
+            raise ValueError(
+                f"DropMax2d: expected backend to be one of {', '.join(_backend.BACKENDS)}, got {backend!r}"
+            )
         self.kernel_size = kernel_size
         self.stride = stride if (stride is not None) else kernel_size
         self.padding = padding
@@ -73,7 +82,12 @@ class DropMax2d(nn.Module):
 def _from_maxpool(pool, backend):
     drop_max = DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
                          pool.ceil_mode, backend=backend)
-    return drop_max.train(pool.training)  # an eval() model stays in eval mode
+    drop_max.train(pool.training)  # an eval() model stays in eval mode
+    # hooks registered on the pool keep running on its replacement (a feature extractor's hook, say)
+    for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                 "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"):
+        getattr(drop_max, name).update(getattr(pool, name))
+    return drop_max
 
 
 def replace_maxpool(model, which="first", *, backend=None):
@@ -82,7 +96,9 @@ def replace_maxpool(model, which="first", *, backend=None):
     Args:
         model (nn.Module): the network (e.g. a torchvision ResNet, VGG or DenseNet).
         which (str): "first" -- the first MaxPool2d in module registration order (MIRST-DM replaces the first
-            pooling layer) -- or "all".
+            pooling layer) -- or "all". Calling it again is a no-op: "first" leaves the model alone when its first
+            max/drop-max pool is a DropMax2d already (it never moves on to the second pool), "all" when no
+            MaxPool2d is left but DropMax2d layers are.
         backend (str, optional): passed to every new DropMax2d.
 
     Returns:
@@ -98,7 +114,11 @@ def replace_maxpool(model, which="first", *, backend=None):
         raise TypeError(f"replace_maxpool: expected model to be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.MaxPool2d):
         return _from_maxpool(model, backend)
-    pools = [m for _, m in model.named_modules() if isinstance(m, nn.MaxPool2d)]
+    pooling = [m for _, m in model.named_modules() if isinstance(m, (nn.MaxPool2d, DropMax2d))]
+    considered = pooling[:1] if which == "first" else pooling
+    if considered and all(isinstance(m, DropMax2d) for m in considered):
+        return model  # replaced already
+    pools = [m for m in pooling if isinstance(m, nn.MaxPool2d)]
     if not pools:
         raise ValueError(
             f"replace_maxpool: {type(model).__name__} has no nn.MaxPool2d layer to replace "
