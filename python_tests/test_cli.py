@@ -480,6 +480,9 @@ def test_out_that_is_a_file_fails_first(trained_run, tmp_path, capsys):
         rc, stdout, err = run(argv + ["--out", afile], capsys)
         one_line_error(rc, err, f"--out: {afile} exists and is not a folder")
         assert "training" not in stdout and "clean accuracy" not in stdout
+        rc, stdout, err = run(argv + ["--out", afile / "sub"], capsys)  # a folder that could never be made
+        one_line_error(rc, err, f"--out: {afile / 'sub'}: {afile} is a file, not a folder")
+        assert "training" not in stdout and "clean accuracy" not in stdout
     assert afile.read_text() == "keep me"
 
 
@@ -583,3 +586,109 @@ def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys):
     _, splits, _ = cli.load_run(out / "runs-quick" / "std" / "seed1")  # the quick subset is rebuilt too
     want = cli.subset_splits(cli.load_data("moons", seed=1), 200, 100, 1)
     assert torch.equal(splits.test.tensors[0], want.test.tensors[0])
+
+
+def test_fresh_train_replaces_the_old_checkpoint(small_npz, tmp_path, capsys, monkeypatch):
+    """A fresh run into an old RUN_DIR, interrupted before its first epoch, must not leave the old run's checkpoint
+    under its own run.json: --resume would continue the old weights as the new run."""
+    from robust_ops import train
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu",
+            "--defense", "at", "--defense-opt", "steps=1"]
+    assert run(argv, capsys)[0] == 0
+    monkeypatch.setattr(train, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, _, err = run(argv + ["--defense-opt", "eps=8/255"], capsys)
+    assert rc == 130 and "no epoch finished yet" in err, err
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+    assert json.loads((out / "run.json").read_text())["defense_options"]["eps"] == 8 / 255
+
+
+def test_resume_refuses_another_image_size(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu", "--model", "mlp"]
+    assert run(argv + ["--size", "20"], capsys)[0] == 0
+    run_json = (out / "run.json").read_text()
+    rc, _, err = run(argv + ["--resume"], capsys)  # synthetic's own size is 28
+    one_line_error(rc, err, "--resume:", "size=20", "size=28")
+    assert (out / "run.json").read_text() == run_json
+    out2 = tmp_path / "own"  # --size equal to the data's own size is the same run
+    assert run(argv[:4] + [out2] + argv[5:], capsys)[0] == 0
+    rc, _, err = run(argv[:2] + ["2"] + argv[3:4] + [out2] + argv[5:] + ["--size", "28", "--resume"], capsys)
+    assert rc == 0, err
+
+
+def test_demo_resume_refuses_another_training_subset(small_npz, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "standard,ima", "--epochs", "1", "--out", out, "--attacks",
+            "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv + ["--train-size", "32"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "runs" / "ima" / "run.json").read_text())["train_samples"] == 32
+    # every run is checked before any is trained: the conflict in ima's run stops standard's from starting
+    for p in (out / "runs" / "standard").iterdir():
+        p.unlink()
+    rc, _, err = run(argv + ["--train-size", "48", "--resume"], capsys)
+    one_line_error(rc, err, "--train-size:", "trained on 32 training images, this command draws 48")
+    assert list((out / "runs" / "standard").iterdir()) == []
+    quick = [a for a in argv if a not in ("--epochs", "1")] + ["--quick"]  # --quick: 2 epochs on 64 images
+    rc, _, err = run(quick + ["--resume"], capsys)
+    one_line_error(rc, err, "--train-size:", "draws 64 (--quick)")
+    for extra in (["--epochs", "1"], ["--train-size", "32"]):  # --quick would ignore them
+        rc, _, err = run(quick + extra, capsys)
+        one_line_error(rc, err, f"{extra[0]}: --quick sets its own")
+
+
+def test_device_values(monkeypatch, capsys, tmp_path):
+    rc, _, err = run(["train", "--device", "cudax", "--out", tmp_path / "a"], capsys)
+    one_line_error(rc, err, "--device: expected cpu, cuda, cuda:N or auto, got 'cudax'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in ("train", "demo"):
+        rc, _, err = run([cmd, "--device", "cuda", "--out", tmp_path / "a"], capsys)
+        one_line_error(rc, err, f"robust-ops {cmd}: error: --device: cuda requested but no CUDA GPU is visible")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.pick_device("cuda:0") == "cuda:0" and cli.pick_device("cuda") == "cuda"
+    with pytest.raises(cli.CLIError, match=r"--device: cuda:1 requested but only 1 CUDA GPU\(s\) are visible"):
+        cli.pick_device("cuda:1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_model_on_feature_vectors_is_refused(tmp_path, capsys):
+    rc, _, err = run(["train", "--data", "moons", "--out", tmp_path / "m", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "--model: small_cnn takes images", "use --model mlp")
+    assert not (tmp_path / "m").exists()
+
+
+def test_bench_empty_dir_and_interrupt(tmp_path, capsys, monkeypatch):
+    import subprocess as sp
+
+    rc, _, err = run(["bench", "--bench-dir", tmp_path], capsys)
+    one_line_error(rc, err, "--bench-dir:", "holds no bench_*.py scripts")
+    (tmp_path / "bench_x.py").write_text("")
+    rc, _, err = run(["bench", "--bench-dir", tmp_path, "--only", ","], capsys)
+    one_line_error(rc, err, "--only: expected comma-separated topics")
+    monkeypatch.setattr(sp, "call", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, _, err = run(["bench", "--bench-dir", tmp_path], capsys)
+    assert rc == 130 and err.strip() == "robust-ops bench: interrupted", err
+
+
+def test_non_finite_loss_is_a_one_line_error(small_npz, tmp_path, capsys):
+    rc, _, err = run(["train", "--data", small_npz, "--epochs", "1", "--out", tmp_path / "r", "--no-progress",
+                      "--device", "cpu", "--defense", "trades", "--defense-opt", "beta=1e300",
+                      "--defense-opt", "steps=1"], capsys)
+    one_line_error(rc, err, "training failed: fit: the trades loss is inf at epoch 1, step 1")
+
+
+def test_resumed_train_equals_an_uninterrupted_one(small_npz, tmp_path, capsys):
+    """docs/getting-started.md: --resume continues with the same result as an uninterrupted run (RNG streams of the
+    attack's random start included)."""
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--defense", "at",
+            "--defense-opt", "steps=1", "--batch-size", "16"]
+    assert run(base + ["--epochs", "2", "--out", tmp_path / "full"], capsys)[0] == 0
+    assert run(base + ["--epochs", "1", "--out", tmp_path / "part"], capsys)[0] == 0
+    assert run(base + ["--epochs", "2", "--out", tmp_path / "part", "--resume"], capsys)[0] == 0
+    full, part = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("full", "part"))
+    assert part["epoch"] == 2 and all(torch.equal(full["model"][k], part["model"][k]) for k in full["model"])
+    drop_time = [{k: v for k, v in row.items() if k != "time_s"} for row in full["history"]]
+    assert drop_time == [{k: v for k, v in row.items() if k != "time_s"} for row in part["history"]]

@@ -162,10 +162,17 @@ def pick_device(name):
 
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device: {name} requested but no CUDA GPU is visible")
-    if not (name == "cpu" or name.startswith("cuda")):
+    import re
+
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not (name == "cpu" or match):
         raise CLIError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    if match and not torch.cuda.is_available():
+        raise CLIError(f"--device: {name} requested but no CUDA GPU is visible")
+    # an index past the last GPU would otherwise fail deep inside training with "invalid device ordinal"
+    if match and match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise CLIError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                       f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return name
 
 
@@ -188,6 +195,9 @@ def load_data(spec, size=None, seed=0, flag="--data"):
 def make_model(name, info, dropmax="none"):
     from .models import build_model
 
+    if not info.image_size and name != "mlp":  # image_size 0: feature vectors (two-moons); a CNN fails mid-training
+        raise CLIError(f"--model: {name} takes images, but {info.display_name} holds feature vectors of "
+                       f"{info.in_channels} values; use --model mlp")
     try:
         model = build_model(name, info.in_channels, info.num_classes, info.image_size)
     except ValueError as err:
@@ -264,7 +274,7 @@ def write_json_atomic(path, data):
 # ----------------------------------------------------------------------------------------------- train
 
 
-def add_data_model_options(p, epochs):
+def add_data_model_options(p, epochs, epochs_help="training epochs"):
     """Options `train` and `demo` share: what to train on, which model, and the optimiser's settings."""
     p.add_argument("--data", default="synthetic",
                    help="synthetic (embedded generated set), breastmnist (or another MedMNIST name), moons, or a "
@@ -273,7 +283,7 @@ def add_data_model_options(p, epochs):
                                                           "synthetic, 224 for folders)")
     p.add_argument("--model", default="small_cnn",
                    help="resnet18, resnet50, vgg16, densenet121, small_cnn or mlp (adapted to channels and size)")
-    p.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     p.add_argument("--batch-size", type=int, default=32, help="training mini-batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MIRST-DM: 1e-4 at 100 epochs)")
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
@@ -328,9 +338,11 @@ RESUME_KEYS = ("data", "model", "defense", "defense_options", "dropmax", "seed",
 
 
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
-               dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None):
+               dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
+               train_samples=None):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
-    rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split."""
+    rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
+    ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume."""
     if defense_name == "mirst-dm" and dropmax == "none":
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
     run = {
@@ -343,6 +355,8 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
     }
     if split is not None:
         run["split"] = split
+    if train_samples is not None:
+        run["train_samples"] = int(train_samples)
     return run
 
 
@@ -366,6 +380,13 @@ def resume_conflict(out, run):
     for key in RESUME_KEYS:
         if old.get(key) != run.get(key):
             return key, old.get(key), run.get(key)
+    # Known only once the data is loaded (reproduce's pre-check has neither) and absent from older run.json files;
+    # the image size is the loaded one, so --size 28 on 28x28 data equals no --size.
+    for key, value in (("size", lambda r: (r.get("dataset") or {}).get("image_size")),
+                       ("train_samples", lambda r: r.get("train_samples"))):
+        was, now = value(old), value(run)
+        if was is not None and now is not None and was != now:
+            return key, was, now
     done = trainer.epochs_done(out)
     if done > run["epochs"]:
         return "epochs", done, run["epochs"]
@@ -384,7 +405,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     info = splits.info
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
-                     channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split)
+                     channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
+                     train_samples=len(splits.train))
     dropmax = run["dropmax"]
     import torch
 
@@ -400,13 +422,16 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         if conflict:
             key, was, now = conflict
             raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
+    else:  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed under this run.json
+        for name in (CHECKPOINT, "metrics.csv", trainer.HISTORY_NAME):
+            (out / name).unlink(missing_ok=True)
     write_json_atomic(out / RUN_FILE, run)
     train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
     try:
         result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
                              batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
                              channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf loss
         raise CLIError(f"{out}: training failed: {err}") from None
     return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
 
@@ -545,6 +570,10 @@ def check_out(out, flag="--out"):
     """Before any work: ``out`` must be a folder or not exist yet (results written at the end would be lost)."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise CLIError(f"{flag}: {out} exists and is not a folder")
+    if out is not None:  # a file above it: the folder could never be made (raw NotADirectoryError at the end)
+        above = next((p for p in Path(out).parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise CLIError(f"{flag}: {out}: {above} is a file, not a folder")
 
 
 def parse_eval_options(args):
@@ -638,10 +667,11 @@ def cmd_demo_parser(sub):
                                    "evaluate them under no attack, FGSM, PGD and CW, print the table and write "
                                    "results.json, report.md and figures to --out.")
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated defenses")
-    add_data_model_options(p, epochs=8)
-    p.add_argument("--train-size", type=int, default=256,
-                   help="training images drawn from the train split (0: all) -- keeps the demo to ~4 minutes on 2 "
-                        "CPU cores (docs/cli.md)")
+    # None: not given, so --quick can tell its own settings from conflicting ones
+    add_data_model_options(p, epochs=None, epochs_help="training epochs per method (default: 8; --quick: 2)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training images drawn from the train split (0: all; default: 256, --quick: 64) -- keeps "
+                        "the demo to ~1 minute on 2 CPU cores (docs/cli.md)")
     add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255")
     p.add_argument("--out", default="runs/demo", help="output folder (runs, results.json, report.md, figures)")
     p.add_argument("--quick", action="store_true", help="2 epochs on a subset: a smoke run (tests, CI)")
@@ -670,6 +700,18 @@ def subset_splits(splits, n_train, n_test, seed=0):
                          take(splits.test, n_test, seed + 2), splits.info)
 
 
+def _demo_resume_error(run_dir, conflict, args, epochs):
+    key, was, now = conflict
+    if key == "epochs":
+        return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than the {epochs} of this command"
+                        f"{' (--quick)' if args.quick else ''}; rerun with --epochs {was} or use another --out")
+    if key == "train_samples":  # the subset changes with --train-size and --quick: another training set
+        return CLIError(f"--train-size: {run_dir} was trained on {was} training images, this command draws {now}"
+                        f"{' (--quick)' if args.quick else ''}; rerun with the --train-size / --quick it was made "
+                        "with, or use another --out")
+    return CLIError(f"--resume: {run_dir / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
+
+
 def cmd_demo(args):
     device = pick_device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -680,18 +722,31 @@ def cmd_demo(args):
     for m in methods:
         if m not in defenses.NAMES:
             raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}")
+    for flag, value in (("--epochs", args.epochs), ("--train-size", args.train_size)):
+        if args.quick and value is not None:  # it would be ignored silently
+            raise CLIError(f"{flag}: --quick sets its own (2 epochs on 64 training images); drop one of the two")
+    epochs = args.epochs = 2 if args.quick else 8 if args.epochs is None else args.epochs
+    train_size = 256 if args.train_size is None else args.train_size
     check_data_model_options(args)
-    epochs = 2 if args.quick else args.epochs
+    if train_size < 0:
+        raise CLIError(f"--train-size: expected >= 0, got {train_size}")
     specs, radii = parse_eval_options(args)
     check_out(args.out)
     splits = load_data(args.data, size=args.size, seed=args.seed)
-    if args.train_size < 0:
-        raise CLIError(f"--train-size: expected >= 0, got {args.train_size}")
     if args.quick:
         splits = subset_splits(splits, 64, 32, args.seed)
-    elif args.train_size:
-        splits = subset_splits(splits, args.train_size, len(splits.test), args.seed)
+    elif train_size:
+        splits = subset_splits(splits, train_size, len(splits.test), args.seed)
     out = Path(args.out)
+    if args.resume:  # every method's run is checked before any is trained, not halfway through the list
+        for m in methods:
+            run_dir = out / "runs" / m
+            conflict = resume_conflict(run_dir, run_record(
+                data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
+                batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=DEMO_LABELS.get(m, m),
+                info=splits.info, train_samples=len(splits.train)))
+            if conflict:
+                raise _demo_resume_error(run_dir, conflict, args, epochs)
     print(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
           f"{args.model}, {epochs} epochs, device {device}")
     models, timings = {}, {}
@@ -747,7 +802,10 @@ def find_benchmarks(bench_dir=None):
         if not d.is_dir():
             raise CLIError("--bench-dir: the benchmarks/ folder is not beside the installed package (benchmarks ship "
                            "with the source tree); pass its path")
-    return {p.stem[len("bench_"):]: p for p in sorted(d.glob("bench_*.py"))}
+    scripts = {p.stem[len("bench_"):]: p for p in sorted(d.glob("bench_*.py"))}
+    if not scripts:
+        raise CLIError(f"--bench-dir: {d} holds no bench_*.py scripts")
+    return scripts
 
 
 def cmd_bench(args):
@@ -760,12 +818,12 @@ def cmd_bench(args):
         return 0
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        if not wanted:
+            raise CLIError(f"--only: expected comma-separated topics, got {args.only!r}")
         unknown = [w for w in wanted if w not in scripts]
         if unknown:
             raise CLIError(f"--only: unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(scripts)}")
         scripts = {w: scripts[w] for w in wanted}
-    if not scripts:
-        raise CLIError("--only: no benchmarks found")
     status = 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                                      os.environ.get("PYTHONPATH")]))}
@@ -868,6 +926,10 @@ def main(argv=None):
         prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
         print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where no command says more (eval, bench, demo's evaluation): no traceback
+        prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
+        print(f"\n{prefix}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
