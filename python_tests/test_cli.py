@@ -692,3 +692,20 @@ def test_resumed_train_equals_an_uninterrupted_one(small_npz, tmp_path, capsys):
     assert part["epoch"] == 2 and all(torch.equal(full["model"][k], part["model"][k]) for k in full["model"])
     drop_time = [{k: v for k, v in row.items() if k != "time_s"} for row in full["history"]]
     assert drop_time == [{k: v for k, v in row.items() if k != "time_s"} for row in part["history"]]
+
+
+def test_demo_methods_checked_before_training(tmp_path, capsys):
+    """Repeated methods and a binary-only defense on a multi-class set are --methods errors, before any training."""
+    path = tmp_path / "three.npz"
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 24), ("val", 6), ("test", 9)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 3).reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    argv = ["demo", "--data", path, "--out", tmp_path / "d", "--no-progress", "--device", "cpu", "--quick"]
+    rc, _, err = run(argv + ["--methods", "standard,arfl"], capsys)
+    one_line_error(rc, err, "--methods: arfl is defined for binary tasks only", "3 classes")
+    rc, _, err = run(argv + ["--methods", "standard,at,standard"], capsys)
+    one_line_error(rc, err, "--methods: standard given more than once")
+    assert not (tmp_path / "d").exists()

@@ -4,6 +4,7 @@ NaN handling, DDP equivalence with a single process, and its input checks."""
 import json
 import math
 import os
+import re
 import socket
 
 import pytest
@@ -201,8 +202,10 @@ def test_fit_input_errors(tmp_path):
         fit(model, NeedsIds(), _data(), epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"fit: val_data is empty \(0 samples\); pass None to skip validation"):
         fit(model, defenses.Standard(), _data(), TensorDataset(torch.zeros(0, 1, 4, 4)), epochs=1)
-    with pytest.raises(ValueError, match="fit: expected max_grad_norm > 0 or None, got -1"):
-        fit(model, defenses.Standard(), _data(), epochs=1, max_grad_norm=-1)
+    for bad in (-1, True, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"fit: expected max_grad_norm to be a finite number > 0 or None, got "
+                                             f"{re.escape(repr(bad))}"):
+            fit(model, defenses.Standard(), _data(), epochs=1, max_grad_norm=bad)
     with pytest.raises(TypeError, match="fit: expected optimizer to be None, a torch.optim.Optimizer or a callable"):
         fit(model, defenses.Standard(), _data(), epochs=1, optimizer="adam")
     with pytest.raises(ValueError, match=r"fit: resume=True needs out_dir"):

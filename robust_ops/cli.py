@@ -454,7 +454,7 @@ def cmd_train(args):
         return 130
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
-    print(f"trained {args.defense} on {splits.info.display_name} for {len(history)} epochs: {shown}")
+    print(f"trained {args.defense} on {splits.info.display_name} for {len(history)} epoch{'s' if len(history) != 1 else ''}: {shown}")
     print(f"run: {args.out} (evaluate with: {PROG} eval {args.out} --attacks fgsm,pgd,cw --eps 1/255,2/255,5/255)")
     return 0
 
@@ -722,6 +722,9 @@ def cmd_demo(args):
     for m in methods:
         if m not in defenses.NAMES:
             raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:  # each method has one run folder: a second entry would only train the same run again
+        raise CLIError(f"--methods: {', '.join(repeated)} given more than once")
     for flag, value in (("--epochs", args.epochs), ("--train-size", args.train_size)):
         if args.quick and value is not None:  # it would be ignored silently
             raise CLIError(f"{flag}: --quick sets its own (2 epochs on 64 training images); drop one of the two")
@@ -737,6 +740,10 @@ def cmd_demo(args):
         splits = subset_splits(splits, 64, 32, args.seed)
     elif train_size:
         splits = subset_splits(splits, train_size, len(splits.test), args.seed)
+    for m in methods:  # before any training, and named as demo's flag (train_run would say --defense)
+        if getattr(defenses.defense_class(m), "binary_only", False) and splits.info.num_classes != 2:
+            raise CLIError(f"--methods: {m} is defined for binary tasks only; {splits.info.name} has "
+                           f"{splits.info.num_classes} classes")
     out = Path(args.out)
     if args.resume:  # every method's run is checked before any is trained, not halfway through the list
         for m in methods:

@@ -413,8 +413,9 @@ def fit(
     val_batch_size = _check_positive_int(name, "val_batch_size", val_batch_size)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, numbers.Real) and max_grad_norm > 0):
-        raise ValueError(f"{name}: expected max_grad_norm > 0 or None, got {max_grad_norm!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not (  # True would clip at 1.0
+            isinstance(max_grad_norm, numbers.Real) and math.isfinite(max_grad_norm) and max_grad_norm > 0)):
+        raise ValueError(f"{name}: expected max_grad_norm to be a finite number > 0 or None, got {max_grad_norm!r}")
     if train_data is None or len(train_data) == 0:
         raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
     if val_data is not None and len(val_data) == 0:
