@@ -1,7 +1,7 @@
 """Adversarial attacks on one shared PGD core (see docs/design.md and docs/attacks.md).
 
 Functions return ``x_adv`` (``pgd(..., emit=...)`` returns ``(x_adv, iterates)``); classes follow torchattacks:
-``PGD(model, eps=...)(x, y)``; ``build(name, **kwargs)`` makes an attack from a CLI name.
+``PGD(model, eps=...)(x, y)``; ``build(name, model, **kwargs)`` makes an attack from a CLI name.
 """
 
 from .._options import check_options
