@@ -35,3 +35,31 @@ def test_dropmax_any_cnn_example_runs(tmp_path):
     block = python_blocks("docs/dropmax-any-cnn.md")[0]
     out = run_python(block, tmp_path)
     assert out.startswith("DropMax2d(kernel_size=3, stride=2, padding=1"), out
+
+
+def _slug(heading):
+    """GitHub's anchor for a heading: lower case, link targets and punctuation but - and _ dropped, spaces to -."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_relative_links_and_anchors_resolve():
+    """Every relative link in README.md and docs/ names an existing file, and every #anchor a heading of it (three
+    broken anchors had drifted in unnoticed)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links inside code are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # http:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", dest.read_text(), flags=re.S | re.M),
+                                      flags=re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{page.relative_to(REPO)}: {target} (no heading with that anchor)")
+    assert not broken, "\n".join(broken)
