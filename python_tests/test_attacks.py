@@ -1,6 +1,7 @@
 """Attacks: torchattacks parity, properties on tiny in-file models, the PGD core's extras, and input checks."""
 
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -1022,3 +1023,191 @@ def test_normalized_std_and_square_p_init_checked():
     for bad in ("0.5", None, True, float("nan")):
         with pytest.raises(ValueError, match=rf"square: expected p_init in \(0, 1\], got {re.escape(repr(bad))}$"):
             attacks.square(model, x, y, eps=0.1, p_init=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Default steps, APGD's step-size schedule and restarts, APGD-T's targets, Square's updates
+
+
+def test_ifgsm_default_step_is_eps_over_steps():
+    """BIM / I-FGSM (Kurakin et al.): the default step alpha = eps / steps, so the whole budget is just reachable
+    in ``steps`` steps (not PGD's 2.5 * eps / steps)."""
+    model = make_model(3)
+    x, y = make_data(6, 3)
+    for norm, eps in (("linf", 0.05), ("l2", 0.5)):
+        got = attacks.ifgsm(model, x, y, eps=eps, steps=4, norm=norm)
+        want = run_pgd(model, x, y, eps=eps, alpha=eps / 4, steps=4, norm=norm).x_adv
+        assert torch.equal(got, want), norm
+
+
+class Scripted(nn.Module):
+    """Logits [0, z + slope * sum(x)] for every sample, z (and slope, if a list) replayed from a script, one value
+    per forward call (the last repeats): class 0 is predicted while z < 0, the cross-entropy of label 0 grows with z,
+    and a tiny slope gives the gradient a sign without changing which step increased the loss."""
+
+    def __init__(self, losses, slope=0.0):
+        super().__init__()
+        self.losses, self.calls = losses, 0
+        self.slopes = slope if isinstance(slope, (list, tuple)) else [slope]
+
+    def forward(self, x):
+        z = self.losses[min(self.calls, len(self.losses) - 1)]
+        slope = self.slopes[min(self.calls, len(self.slopes) - 1)]
+        self.calls += 1
+        lin = slope * x.flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(lin), torch.full_like(lin, z) + lin], 1)
+
+
+def _apgd_steps(monkeypatch, model, x, y, eps, steps, rho=0.75):
+    """The per-sample step sizes of APGD's gradient steps (pgd_step_ calls with a nonzero step)."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
+
+    sizes, original = [], apgd_module.functional.pgd_step_
+
+    def spy(x_adv, x_nat, grad, alpha, eps_t, **kw):
+        if bool((alpha != 0).any()):
+            sizes.append(alpha.clone())
+        return original(x_adv, x_nat, grad, alpha, eps_t, **kw)
+
+    monkeypatch.setattr(apgd_module.functional, "pgd_step_", spy)
+    attacks.apgd(model, x, y, eps=eps, steps=steps, rho=rho, generator=torch.Generator().manual_seed(0))
+    return [float(s[0]) for s in sizes]
+
+
+def test_apgd_step_size_starts_at_2eps_and_halves_at_checkpoints_without_progress(monkeypatch):
+    """APGD (Croce & Hein 2020): eta starts at 2 * eps; at a checkpoint it is halved when the loss increased in at
+    most rho of the steps since the last one (here never: a flat loss), so it halves at every checkpoint."""
+    x = torch.full((2, 1, 4, 4), 0.5)
+    y = torch.zeros(2, dtype=torch.long)
+    eps, steps = 0.1, 10
+    from robust_ops.attacks.apgd import checkpoint_schedule
+
+    got = _apgd_steps(monkeypatch, Scripted([-3.0]), x, y, eps, steps)
+    checks = checkpoint_schedule(steps)
+    want = [2 * eps / 2 ** sum(c <= i for c in checks) for i in range(steps)]
+    assert got == pytest.approx(want)
+
+
+def test_apgd_halves_when_at_most_rho_of_the_steps_increased(monkeypatch):
+    """The oscillation condition is "the loss increased in at most rho * k of the k steps since the last checkpoint"
+    (<=, as AutoAttack). The first checkpoint of 18 steps comes after k = 3: 3 increases of 3 keep the step, 2 of 3
+    halve it at rho = 0.75 and at rho = 2/3 (2 <= 2/3 * 3)."""
+    from robust_ops.attacks.apgd import checkpoint_schedule
+
+    assert checkpoint_schedule(18)[0] == 3
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    # forward calls: the clean check, the start point, then one per step (z < 0: class 0 stays predicted)
+    three_of_three = [-5.0, -5.0, -4.0, -3.0, -2.0]
+    two_of_three = [-5.0, -5.0, -4.0, -3.0, -3.5]
+    sizes = {}
+    for name, script, rho in (("3/3", three_of_three, 0.75), ("2/3", two_of_three, 0.75),
+                              ("2/3 at rho 2/3", two_of_three, 2 / 3)):
+        sizes[name] = _apgd_steps(monkeypatch, Scripted(script), x, y, 0.1, 18, rho=rho)[3]
+        monkeypatch.undo()
+    assert sizes == pytest.approx({"3/3": 0.2, "2/3": 0.1, "2/3 at rho 2/3": 0.1})
+
+
+def test_apgd_t_attacks_each_of_the_top_classes_below_the_predicted_one(monkeypatch):
+    """APGD-T targets the classes with the 2nd, 3rd, ... highest clean logits, n_target_classes of them, capped at
+    K - 1."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
+
+    targets = []
+
+    def fake_run(model, x, y, target, *args, **kwargs):
+        targets.append(target.tolist())
+        n = x.shape[0]
+        return x.clone(), torch.zeros(n, dtype=torch.bool), x.clone()
+
+    monkeypatch.setattr(apgd_module, "_apgd_run", fake_run)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 4.0, 1.0, 3.0, 2.0]))
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([1, 1])
+    attacks.apgd_t(model, x, y, eps=0.1, steps=2)
+    assert targets == [[3, 3], [4, 4], [2, 2], [0, 0]]
+    targets.clear()
+    attacks.apgd_t(model, x, y, eps=0.1, steps=2, n_target_classes=2)
+    assert targets == [[3, 3], [4, 4]]
+
+
+def test_square_queries_are_vertices_of_the_linf_ball():
+    """Square Attack (Linf): updates of size 2 * eps from a vertex keep every query on a vertex of the ball
+    (|x_q - x| = eps per pixel, away from the clip range)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))  # blind to its input: never fooled, every query runs
+    x = 0.25 + 0.5 * torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(3, dtype=torch.long)
+    queried = []
+    hook = model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
+    attacks.square(model, x, y, eps=0.05, n_queries=20, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    for q in queried[1:]:
+        torch.testing.assert_close((q - x).abs(), torch.full_like(x, 0.05), rtol=0, atol=1e-6)
+
+
+def test_apgd_restarts_from_the_best_point_when_it_halves_the_step(monkeypatch):
+    """At a checkpoint that halves the step, APGD continues from the highest-loss point found (x_best, with its
+    gradient), not from the current iterate: the next step is taken from x_best with momentum as AutoAttack's."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    # clean check, start (the best loss), steps 1-3 (2 increases of 3: halve at the first checkpoint), step 4
+    model = Scripted([-5.0, -1.0, -4.0, -3.0, -2.0, -2.0], slope=1e-3)  # d loss / dx > 0: steps go up
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    attacks.apgd(model, x, y, eps=0.1, steps=18, generator=torch.Generator().manual_seed(0))
+    start, after_step2 = queried[1], queried[3]
+    assert torch.equal(after_step2, torch.full_like(x, 0.6))  # two steps of 0.2 saturate the ball
+    stepped = torch.minimum(start + 0.1, torch.full_like(x, 0.6))  # the halved step 0.1 from x_best = start
+    want = (start + (stepped - start) * 0.75 + (start - after_step2) * 0.25).clamp(0.4, 0.6)
+    torch.testing.assert_close(queried[5], want, rtol=0, atol=1e-6)
+
+
+def test_apgd_halves_at_a_checkpoint_without_progress_since_the_last_unhalved_one(monkeypatch):
+    """The second halving condition: the step was NOT halved at the previous checkpoint and the best loss has not
+    improved since. With rho = 0.4 (so 1 increase of 2 is not oscillation) and 18 steps (checkpoints after 3 and 5
+    steps): 3 increases keep the step at the first; at the second the best loss is unchanged -> halve."""
+    from robust_ops.attacks.apgd import checkpoint_schedule
+
+    assert checkpoint_schedule(18)[:2] == [3, 5]
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    script = [-9.0, -8.0, -7.0, -6.0, -5.0, -6.0, -5.5]  # clean, start, steps 1-5 (best -5 after step 3)
+    sizes = _apgd_steps(monkeypatch, Scripted(script), x, y, 0.1, 18, rho=0.4)
+    assert sizes[:6] == pytest.approx([0.2] * 5 + [0.1])
+
+
+def test_apgd_momentum_combines_the_step_with_the_previous_move(monkeypatch):
+    """APGD's momentum (alpha = 0.75): x_{k+1} = P(x_k + 0.75 (z_{k+1} - x_k) + 0.25 (x_k - x_{k-1})), z_{k+1} the
+    projected gradient step; none on the first step."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    # the gradient's sign flips at the first iterate: the second step goes down while the momentum goes up
+    model = Scripted([-5.0], slope=[1e-3, 1e-3, -1e-3])
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    attacks.apgd(model, x, y, eps=0.1, steps=18, generator=torch.Generator().manual_seed(0))
+    start, first = queried[1], queried[2]
+    assert torch.equal(first, torch.full_like(x, 0.6))  # no momentum on the first step: 0.2 up, saturated
+    want = (first + (torch.full_like(x, 0.4) - first) * 0.75 + (first - start) * 0.25).clamp(0.4, 0.6)
+    torch.testing.assert_close(queried[3], want, rtol=0, atol=1e-6)
+
+
+def test_cw_loss_is_clamped_at_the_confidence_kappa():
+    """The CW objective: untargeted -max(z_y - max_{j != y} z_j, -kappa); targeted min(z_t - max_{j != t} z_j,
+    kappa) -- flat (zero gradient) once the target wins by kappa, so the attack stops pushing."""
+    from robust_ops.attacks.core import attack_loss
+
+    out = torch.tensor([[3.0, 0.0, -1.0], [0.0, 0.5, 0.2]])
+    t = torch.tensor([0, 0])
+    got = attack_loss(out, t, "cw", targeted=True, kappa=1.0, reduction="none")
+    torch.testing.assert_close(got, torch.tensor([1.0, -0.5]))
+    got = attack_loss(out, t, "cw", targeted=False, kappa=1.0, reduction="none")
+    torch.testing.assert_close(got, torch.tensor([-3.0, 0.5]))
+    got = attack_loss(-out, t, "cw", targeted=False, kappa=1.0, reduction="none")  # margins -4 (clamped), 0.2
+    torch.testing.assert_close(got, torch.tensor([1.0, -0.2]))
+

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robust_ops import defenses
@@ -314,3 +315,220 @@ def test_mirst_dm_needs_and_prepares_a_drop_max_model():
     pools = [type(m) for m in model.modules() if isinstance(m, (nn.MaxPool2d, DropMax2d))]
     assert pools == [DropMax2d]
     assert defense.prepare_model(model) is model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Each defense's loss recomputed by hand at the x_adv it crafted, and the papers' defaults
+
+
+@pytest.fixture
+def crafted(monkeypatch):
+    """Records every PGDResult a PGDDefense's attack returns (in call order)."""
+    from robust_ops.defenses._common import PGDDefense
+
+    results = []
+    original = PGDDefense.attack
+
+    def spy(self, model, x, y, **overrides):
+        res = original(self, model, x, y, **overrides)
+        results.append((overrides, res))
+        return res
+
+    monkeypatch.setattr(PGDDefense, "attack", spy)
+    return results
+
+
+def _model_and_batch(num_classes=3, n=6, sharp=1.0):
+    torch.manual_seed(0)
+    model = GNNet(num_classes=num_classes)
+    with torch.no_grad():
+        model.head.weight.mul_(sharp)
+    return model, *_batch(n, num_classes=num_classes)
+
+
+def test_trades_loss_is_ce_plus_beta_kl_of_clean_to_adversarial(crafted):
+    """TRADES: L = CE(f(x)) + beta * mean_i KL(p(x_i) || p(x_adv_i)) -- the KL's direction (clean distribution
+    first) and the sign of the regularizer are the paper's; beta is the one given."""
+    model, x, y = _model_and_batch(sharp=30.0)
+    out = defenses.TRADES(beta=2.5, steps=3, eps=0.3)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    with torch.no_grad():
+        log_p, log_q = F.log_softmax(model(x), 1), F.log_softmax(model(x_adv), 1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(1).mean()
+        reverse = (log_q.exp() * (log_q - log_p)).sum(1).mean()
+        expected = F.cross_entropy(model(x), y) + 2.5 * kl
+    assert float(kl) > 1e-2 and abs(float(kl - reverse)) > 1e-3
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert out.metrics["kl"] == pytest.approx(float(kl), rel=1e-4)
+
+
+def test_mart_loss_is_boosted_ce_plus_misclassification_weighted_kl(crafted):
+    """MART (Wang et al. 2020): L = mean_i [-log p_y(x_adv) - log(1.0001 - max_{k != y} p_k(x_adv))]
+    + beta * mean_i KL(p(x_i) || p(x_adv_i)) * (1 - p_y(x_i)) (1.0001 as in MART's code); both the margin term of
+    BCE and the (1 - p_y) weighting are what distinguish MART from TRADES."""
+    model, x, y = _model_and_batch(sharp=30.0)
+    out = defenses.MART(beta=3.0, steps=3, eps=0.3)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    with torch.no_grad():
+        p, q = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
+        q_y = q.gather(1, y[:, None]).squeeze(1)
+        q_other = q.masked_fill(F.one_hot(y, 3).bool(), -1.0).amax(1)
+        bce = (-q_y.log() - (1.0001 - q_other).log()).mean()
+        kl = (p * (p.log() - q.log())).sum(1)
+        p_y = p.gather(1, y[:, None]).squeeze(1)
+        robust = (kl * (1 - p_y)).mean()
+    assert float(robust) > 1e-3 and abs(float((kl * p_y).mean() - robust)) > 1e-3
+    torch.testing.assert_close(out.loss.detach(), bce + 3.0 * robust, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8])
+def test_sat_weighs_adversarial_by_alpha_and_clean_by_one_minus_alpha(crafted, alpha):
+    """SAT / dual AT (DPAAT eq. 4): L = alpha * L(x_adv) + (1 - alpha) * L(x)."""
+    model, x, y = _model_and_batch()
+    out = defenses.SAT(alpha=alpha, steps=2)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    with torch.no_grad():
+        expected = alpha * F.cross_entropy(model(x_adv), y) + (1 - alpha) * F.cross_entropy(model(x), y)
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_rst_weighs_the_adversarial_loss_by_lam(crafted):
+    """Supervised RST (MIRST-DM eq. 1): L = L(x) + lam * L(x_adv)."""
+    model, x, y = _model_and_batch()
+    out = defenses.RST(lam=0.25, steps=2)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y) + 0.25 * F.cross_entropy(model(x_adv), y)
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_dpaat_loss_weights_and_js_synchronization_term(crafted):
+    """DPAAT eq. 12: L = alpha * L(x_adv) + (1 - alpha) * L(x) + beta * JS(p(x), p(x_adv)), x_adv from the second
+    (per-sample radius) attack; the default synchronization form is the Jensen-Shannon divergence."""
+    model, x, y = _model_and_batch()
+    out = DPAAT(alpha=0.3, beta=0.7, steps=2)(model, x, y)
+    assert len(crafted) == 2 and torch.is_tensor(crafted[1][0]["eps"])
+    x_adv = crafted[1][1].x_adv
+    with torch.no_grad():
+        p, q = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
+        m = (p + q) / 2
+        js = (0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)).mean()
+        expected = 0.3 * F.cross_entropy(model(x_adv), y) + 0.7 * F.cross_entropy(model(x), y) + 0.7 * js
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_amat_radius_rule_and_step_scaling(crafted):
+    """AMAT (DPAAT eq. 5-7): eps_i = eps + delta_eps where the first x_adv's loss is below xi (still robust), else
+    (eps + ||x_adv_i - x_i||) / 2; the second attack's step is scaled with the radius (eps_i * step_size / eps)."""
+    model, x, y = _model_and_batch(num_classes=2, n=8)
+    amat = defenses.AMAT(steps=2, xi=0.69)
+    out = amat(model, x, y)
+    first = crafted[0][1].x_adv
+    with torch.no_grad():
+        adv_losses = F.cross_entropy(model(first), y, reduction="none")
+    norms = (first - x).flatten(1).norm(dim=1)
+    expected = torch.where(adv_losses < 0.69, torch.full_like(norms, 0.3 + 0.15), 0.5 * (0.3 + norms))
+    assert bool((adv_losses < 0.69).any()) and bool((adv_losses >= 0.69).any())
+    overrides = crafted[1][0]
+    torch.testing.assert_close(overrides["eps"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(overrides["alpha"], expected * (0.15 / 0.3), rtol=1e-5, atol=1e-6)
+    assert out.metrics["radius_mean"] == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_gr_penalizes_the_l2_norm_of_the_input_gradient():
+    """GR (double backpropagation): L = L(x) + lam * mean_i ||d l_i / d x_i||_2 (norm="l2", the default)."""
+    model, x, y = _model_and_batch()
+    out = defenses.GR(lam=0.5)(model, x, y)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y) + 0.5 * g.flatten(1).norm(dim=1).mean()
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_llr_loss_has_both_regularizers():
+    """LLR (Qin et al. 2019): L = L(x) + lam * linearity + mu * mean_i |delta_i . grad_i| (lam 3, mu 4)."""
+    model, x, y = _model_and_batch()
+    out = defenses.LLR(steps=2)(model, x, y)
+    m = out.metrics
+    assert m["grad_term"] > 0 and m["linearity"] > 0
+    assert m["loss"] == pytest.approx(m["loss_clean"] + 3.0 * m["linearity"] + 4.0 * m["grad_term"], rel=1e-5)
+    torch.testing.assert_close(out.loss.detach(), torch.tensor(m["loss"]), rtol=1e-5, atol=1e-7)
+
+
+def test_fat_freezes_samples_misclassified_from_the_start(crafted):
+    """FAT with tau = 0 (its default): a sample the model misclassifies where PGD starts takes no step (friendly
+    adversarial data), while the others move."""
+    model, x, y = _model_and_batch(num_classes=2, n=8)
+    with torch.no_grad():
+        wrong = model(x).argmax(1) != y
+    assert bool(wrong.any()) and bool((~wrong).any())
+    defenses.FAT(steps=3, random_start=False, eps=0.1)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    assert torch.equal(x_adv[wrong], x[wrong])
+    assert bool((x_adv[~wrong] != x[~wrong]).flatten(1).any(1).all())
+
+
+def test_mirst_alpha_scales_the_instance_gradients_in_both_formulations():
+    """MIRST-DM eq. 2 with alpha != 1: the reused attack backward passes carry alpha * beta_j (as the plain
+    formulation's alpha * sum_j beta_j L(x_bar_j))."""
+    torch.manual_seed(0)
+    model = GNNet(num_classes=3)
+    x, y = _batch(6, num_classes=3)
+    grads = {}
+    for reuse in (True, False):
+        for p in model.parameters():
+            p.grad = None
+        out = MIRST(alpha=0.3, reuse=reuse, steps=4, emit=(2, 4), beta=(0.6, 0.4))(model, x, y)
+        out.loss.backward()
+        if out.extra_grads is not None:
+            for p, g in zip(_params(model), out.extra_grads):
+                p.grad.add_(g)
+        grads[reuse] = [p.grad.clone() for p in model.parameters()]
+        grads[(reuse, "loss")] = out.metrics["loss"]
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert grads[(True, "loss")] == pytest.approx(grads[(False, "loss")], rel=1e-5)
+
+
+def test_paper_defaults():
+    """The defaults the papers (or docs/defenses) fix: Madry step 2.5 * eps / steps at MIRST-DM's Linf 5/255 and 10
+    steps; TRADES beta 1 (MIRST-DM), MART beta 6; MIRST starts PGD at the clean image (eq. 3) in train mode with
+    beta (0.34, 0.28, 0.22, 0.16) at steps (2, 4, 6, 8); DPAAT/AMAT 7-step L2 PGD, eps 0.3, step 0.15, no random
+    start, alpha 0.5, beta 1, AMAT xi ln 2 and delta_eps eps / 2; ARFL lam 10, r 0.5, 7-step Linf eps 0.01."""
+    at = defenses.AT()
+    assert (at.eps, at.steps, at.norm, at.random_start, at.attack_mode) == (5 / 255, 10, "linf", True, "eval")
+    assert at.step_size == pytest.approx(2.5 * (5 / 255) / 10)
+    assert defenses.AT(eps=0.1, steps=4).step_size == pytest.approx(2.5 * 0.1 / 4)
+    assert defenses.TRADES().beta == 1.0 and defenses.MART().beta == 6.0
+    assert defenses.SAT().alpha == 0.5 and defenses.RST().lam == 1.0 and defenses.FAT().tau == 0
+    mirst = MIRST()
+    assert (mirst.random_start, mirst.attack_mode, mirst.alpha) == (False, "train", 1.0)
+    assert mirst.beta == (0.34, 0.28, 0.22, 0.16) and mirst.emit == (2, 4, 6, 8) and mirst.steps == 10
+    for cls in (DPAAT, defenses.AMAT):
+        d = cls()
+        assert (d.eps, d.step_size, d.steps, d.norm, d.random_start) == (0.3, 0.15, 7, "l2", False)
+    dp = DPAAT()
+    assert (dp.alpha, dp.beta, dp.syn, dp.reference) == (0.5, 1.0, "js", "batch")
+    amat = defenses.AMAT()
+    assert amat.xi == pytest.approx(math.log(2)) and amat.delta_eps == pytest.approx(0.15)
+    arfl = ARFL()
+    assert (arfl.lam, arfl.r, arfl.eps, arfl.steps, arfl.norm, arfl.adv_sign) == (10.0, 0.5, 0.01, 7, "linf", "text")
+    gr, llr = defenses.GR(), defenses.LLR()
+    assert (gr.lam, gr.norm, llr.lam, llr.mu) == (1.0, "l2", 3.0, 4.0)
+
+
+def test_dpaat_negative_mean_loss_change_and_running_reference():
+    """DPAAT's documented choices: |dL_avg| in gamma's denominator, so a negative mean does not flip the rule (a
+    sample whose loss rose more than the mean still shrinks), and reference="running": an exponential running mean
+    of dL_avg over batches, m <- (1 - momentum) * m + momentum * dL_avg (the first batch sets it)."""
+    norms = torch.tensor([0.3, 0.3, 0.3])
+    r = DPAAT().radii(norms, torch.tensor([-1.0, -2.0, -3.0]))  # mean -2: gamma = 0.3 * [1, 0, 1] / 2
+    torch.testing.assert_close(r, torch.tensor([0.3 - 0.15, 0.3, 0.3 + 0.15]))
+    d = DPAAT(reference="running", momentum=0.1)
+    d.radii(norms, torch.tensor([1.0, 2.0, 3.0]))
+    assert d.state_dict()["running_delta_loss"] == pytest.approx(2.0)
+    r = d.radii(norms, torch.tensor([4.0, 5.0, 6.0]))  # running mean 0.9 * 2 + 0.1 * 5 = 2.3
+    assert d.state_dict()["running_delta_loss"] == pytest.approx(2.3)
+    gamma = 0.3 * (torch.tensor([4.0, 5.0, 6.0]) - 2.3) / 2.3
+    torch.testing.assert_close(r, (norms - gamma).clamp_min(0))

@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from utils import TinyCNN
 
-from robust_ops import report
+from robust_ops import attacks, report
 from robust_ops.data import DatasetInfo
 from robust_ops.evaluate import EvalError, evaluate, parse_attacks, parse_eps, write_results
 
@@ -328,3 +329,49 @@ def test_saliency_maps_restore_every_module_mode():
     report.grad_cam(model, x, layer=model[0])
     report.input_gradient(model, x, y)
     assert model.training and model[0].training and not model[1].training
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What each row's metrics are computed on
+
+
+@pytest.mark.parametrize("seed, eps255, case", [(0, 4, "robust samples"), (3, 48, "samples fooled by both")])
+def test_rows_use_each_samples_final_input_and_the_worst_case_picks_per_sample(monkeypatch, seed, eps255, case):
+    """The probabilities behind each row (so AUC and the other scores): an attack row uses the attack's output for
+    every sample it attacked -- the robust ones too -- and the clean input for samples misclassified clean; the
+    worst-case row takes, per sample, the first attack that fooled it, else the attack output with the lowest
+    true-class probability. Two batches: one with robust samples on both sides of that comparison, one with
+    samples both attacks fool (differently)."""
+    module = sys.modules["robust_ops.evaluate"]
+    seen, original = {}, module._row
+
+    def spy(method, attack, norm, eps, y, pred, probs, info):
+        seen[attack] = probs.clone()
+        return original(method, attack, norm, eps, y, pred, probs, info)
+
+    monkeypatch.setattr(module, "_row", spy)
+    data, model = tiny_data(48, seed=seed), tiny_model(seed)
+    with torch.no_grad():
+        model.head.weight.mul_(5)
+    e = eps255 / 255
+    evaluate(model, data, INFO, attacks="fgsm,cw:steps=3", eps=[e])
+    x, y = data.tensors
+    model.eval()
+    with torch.no_grad():
+        clean = torch.softmax(model(x), 1)
+        ok = clean.argmax(1) == y
+        probs, fooled = [], []
+        for name, label, kw in (("fgsm", "fgsm", {}), ("cw", "cw(steps=3)", {"steps": 3})):
+            p = torch.softmax(model(attacks.build(name, model, eps=e, **kw)(x, y)), 1)
+            probs.append(torch.where(ok[:, None], p, clean))
+            fooled.append(~ok | (p.argmax(1) != y))
+            torch.testing.assert_close(seen[label], probs[-1], rtol=1e-4, atol=1e-5)
+    (f, c), lower = probs, (probs[0].gather(1, y[:, None]) < probs[1].gather(1, y[:, None]))[:, 0]
+    if case == "robust samples":
+        robust = ~fooled[0] & ~fooled[1]
+        assert bool((robust & lower).any()) and bool((robust & ~lower).any())
+    else:
+        by_both = ok & fooled[0] & fooled[1] & ((f - c).abs().amax(1) > 1e-3)
+        assert bool(by_both.any())
+    want = torch.where((fooled[0] | (~fooled[1] & lower))[:, None], f, c)
+    torch.testing.assert_close(seen["worst-case"], want, rtol=1e-4, atol=1e-5)

@@ -837,3 +837,48 @@ def test_margin_table_syncs_across_two_gloo_ranks():
     expected = [0.75, 1.0, 0.75, 1.5, 0.5, 0.5, 0.5, 1.0]
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
     assert results["ima0"] == results["ima1"] and results["ima0"] != [1.0] * 12
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The IMA defense: which samples' margins are updated
+
+
+def test_ima_strict_shrink_shrinks_only_crossed_samples_whose_adversarial_point_is_misclassified():
+    """strict_shrink=True is Algorithm 1's literal line 15: shrink E(i) only when a boundary was crossed AND f(x_adv)
+    is wrong. With the correct-side search result f(x_adv) of a crossed sample is correct, so no margin shrinks
+    (nor expands: the sample crossed); the default shrinks every crossed sample's margin."""
+    model, x, y = ima_batch()
+    ids = torch.arange(12)
+    margins = {}
+    for strict in (False, True):
+        defense = IMA(num_samples=12, eps_train=4.0, delta=0.25, init_margin=3.0, steps=6, search_steps=5,
+                      strict_shrink=strict, min_rows=0)
+        out = defense(model, x, y, ids)
+        margins[strict] = defense.margins.clone()
+        assert out.metrics["crossed"] > 0
+    assert bool((margins[False] < 3.0).any())
+    assert bool((margins[True] >= 3.0).all())
+    crossed = margins[False] < 3.0
+    assert bool((margins[True][crossed] == 3.0).all())
+
+
+def test_ima_samples_wrong_in_the_attack_mode_keep_their_margin():
+    """A sample the training-mode forward classifies correctly but the attack's mode (eval) does not is treated as
+    misclassified clean: GenAdv leaves it alone, L1 = L0, and its margin is not updated (Algorithm 1 updates only
+    samples GenAdv attacked)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2), nn.BatchNorm1d(2, affine=False)).train()
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([5.0, 0.0]))  # eval mode (running stats ~ 0/1): class 0 everywhere
+    x = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # train mode: batch statistics remove the bias
+        model[2].reset_running_stats()
+    eval_wrong = y == 1
+    assert bool(eval_wrong.any()) and bool((~eval_wrong).any())
+    defense = IMA(num_samples=10, eps_train=1.0, delta=0.25, init_margin=0.5, steps=3, search_steps=2,
+                  min_rows=0)
+    defense(model, x, y, torch.arange(10))
+    assert bool((defense.margins[eval_wrong] == 0.5).all())

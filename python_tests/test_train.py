@@ -4,17 +4,21 @@ NaN handling, DDP equivalence with a single process, and its input checks."""
 import json
 import math
 import os
+import random
 import re
 import socket
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from robust_ops import defenses
+from robust_ops.data import IndexedDataset
 from robust_ops.defenses import Defense, DefenseOutput
 from robust_ops.attacks.context import classification_loss
+from robust_ops.ima import IMA
 from robust_ops.train import GlobalBatchSampler, NonFiniteLossError, fit, load_checkpoint
 
 
@@ -551,3 +555,62 @@ def test_simclr_pretrains_the_backbone_and_keeps_the_head():
     with pytest.raises(ValueError, match=r"simclr: expected batch_size to be an integer >= 2 \(NT-Xent needs "
                                          r"negatives\), got 1"):
         simclr(model, TensorDataset(x), epochs=1, batch_size=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume: the Python and NumPy RNGs and the defense state
+
+
+class _PythonAndNumpyNoise(Defense):
+    """A user's defense that draws from Python's and NumPy's global RNGs (e.g. an augmentation)."""
+
+    name = "noisy"
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        scale = (1 + random.random()) * (1 + float(np.random.rand()))
+        loss = classification_loss(logits, y) * scale
+        return DefenseOutput(loss=loss, logits=logits, metrics={"loss": float(loss.detach())})
+
+
+def _resume_equals_uninterrupted(tmp_path, make_defense, data, **options):
+    torch.manual_seed(0)
+    ref = DropoutMLP()
+    init = _weights(ref)
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False, seed=3, **options)
+    ref_defense = make_defense()
+    fit(ref, ref_defense, data, epochs=3, out_dir=tmp_path / "a", **kwargs)
+    first = DropoutMLP()
+    first.load_state_dict(init)
+    fit(first, make_defense(), data, epochs=1, out_dir=tmp_path / "b", **kwargs)
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)  # whatever happened in between must not matter
+    resumed, resumed_defense = DropoutMLP(), make_defense()
+    fit(resumed, resumed_defense, data, epochs=3, out_dir=tmp_path / "b", resume=True, **kwargs)
+    for k, v in _weights(ref).items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    return ref_defense, resumed_defense
+
+
+def test_resume_restores_the_python_and_numpy_rngs(tmp_path):
+    """The checkpoint's Python and NumPy RNG states are restored on resume (train.py's checkpoint contract), so a
+    defense or augmentation drawing from them continues exactly."""
+    _resume_equals_uninterrupted(tmp_path, _PythonAndNumpyNoise, _data())
+
+
+def test_resume_restores_the_defense_state(tmp_path):
+    """A resumed IMA run continues from the checkpoint's margin table (defense.state_dict()), not a fresh one: the
+    margins and the weights equal those of the uninterrupted run."""
+    make = lambda: IMA(eps_train=1.0, delta=0.2, steps=2, search_steps=2)  # noqa: E731
+    ref, resumed = _resume_equals_uninterrupted(tmp_path, make, IndexedDataset(_data()))
+    assert not bool((ref.margins == 0.2).all())
+    assert torch.equal(ref.margins, resumed.margins)
+
+
+
+def test_resume_restores_a_closed_form_scheduler(tmp_path):
+    """The scheduler's state (its epoch count) comes from the checkpoint: a closed-form schedule such as LambdaLR
+    (lr = base_lr * f(epoch)) would otherwise restart at f(0), which a chainable one like StepLR hides."""
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)  # noqa: E731
+    _resume_equals_uninterrupted(tmp_path, defenses.Standard, _data(), scheduler=schedule)
