@@ -111,6 +111,26 @@ def test_build_registry_names_and_unknown_name():
 # MIRST: reuse of the attack's backward passes
 
 
+def _assert_mirst_reuse_matches_plain(model, **options):
+    """MIRST with reuse=True (the attack's backward passes carry the instance gradients) and reuse=False (the
+    plain formulation) give the same parameter gradients and loss."""
+    x, y = _batch(6, num_classes=3)
+    grads = {}
+    for reuse in (True, False):
+        for p in model.parameters():
+            p.grad = None
+        out = MIRST(reuse=reuse, **options)(model, x, y)
+        out.loss.backward()
+        if out.extra_grads is not None:
+            for p, g in zip(_params(model), out.extra_grads):
+                p.grad.add_(g)
+        grads[reuse] = [p.grad.clone() for p in model.parameters()]
+        grads[(reuse, "loss")] = out.metrics["loss"]
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert grads[(True, "loss")] == pytest.approx(grads[(False, "loss")], rel=1e-5)
+
+
 @pytest.mark.parametrize("eval_bn", [False, True])
 def test_mirst_reuse_gives_the_plain_formulation_gradients(eval_bn):
     torch.manual_seed(0)
@@ -123,21 +143,7 @@ def test_mirst_reuse_gives_the_plain_formulation_gradients(eval_bn):
     else:
         model = GNNet(num_classes=3)
         kwargs = {}
-    x, y = _batch(6, num_classes=3)
-    grads = {}
-    for reuse in (True, False):
-        for p in model.parameters():
-            p.grad = None
-        out = MIRST(reuse=reuse, **kwargs)(model, x, y)
-        out.loss.backward()
-        if out.extra_grads is not None:
-            for p, g in zip(_params(model), out.extra_grads):
-                p.grad.add_(g)
-        grads[reuse] = [p.grad.clone() for p in model.parameters()]
-        grads[(reuse, "loss")] = out.metrics["loss"]
-    for a, b in zip(grads[True], grads[False]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert grads[(True, "loss")] == pytest.approx(grads[(False, "loss")], rel=1e-5)
+    _assert_mirst_reuse_matches_plain(model, **kwargs)
 
 
 def test_mirst_beta_of_the_wrong_length():
@@ -474,21 +480,7 @@ def test_mirst_alpha_scales_the_instance_gradients_in_both_formulations():
     formulation's alpha * sum_j beta_j L(x_bar_j))."""
     torch.manual_seed(0)
     model = GNNet(num_classes=3)
-    x, y = _batch(6, num_classes=3)
-    grads = {}
-    for reuse in (True, False):
-        for p in model.parameters():
-            p.grad = None
-        out = MIRST(alpha=0.3, reuse=reuse, steps=4, emit=(2, 4), beta=(0.6, 0.4))(model, x, y)
-        out.loss.backward()
-        if out.extra_grads is not None:
-            for p, g in zip(_params(model), out.extra_grads):
-                p.grad.add_(g)
-        grads[reuse] = [p.grad.clone() for p in model.parameters()]
-        grads[(reuse, "loss")] = out.metrics["loss"]
-    for a, b in zip(grads[True], grads[False]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert grads[(True, "loss")] == pytest.approx(grads[(False, "loss")], rel=1e-5)
+    _assert_mirst_reuse_matches_plain(model, alpha=0.3, steps=4, emit=(2, 4), beta=(0.6, 0.4))
 
 
 def test_paper_defaults():
