@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attacks.context import use_model_mode
+
 HEAD_NAMES = ("fc", "classifier", "head")
 
 
@@ -141,47 +143,42 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     head_name = _classifier_head(model_backbone, head)
     original_head = getattr(model_backbone, head_name) if head_name else None
     model = model_backbone.to(device)
-    modes = [(m, m.training) for m in model.modules()]  # per module: a submodule frozen in eval stays so
-    try:
-        if head_name:
-            setattr(model, head_name, nn.Identity())
-        model.train()
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            feat_dim = model(sample.unsqueeze(0).to(device)).flatten(1).shape[1]
-            model.train(was)
-        proj = projection_head(feat_dim, projection_dim).to(device)
-        params = list(model.parameters()) + list(proj.parameters())
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                                             generator=torch.Generator().manual_seed(seed))
-        history = []
-        for epoch in range(epochs):
-            total, steps = 0.0, 0
-            batches = loader
-            if progress:
-                from tqdm.auto import tqdm
+    with use_model_mode(model, "keep"):  # per module: a submodule frozen in eval stays so, also on failure
+        try:
+            if head_name:
+                setattr(model, head_name, nn.Identity())
+            model.train()
+            with torch.no_grad(), use_model_mode(model, "eval"):
+                feat_dim = model(sample.unsqueeze(0).to(device)).flatten(1).shape[1]
+            proj = projection_head(feat_dim, projection_dim).to(device)
+            params = list(model.parameters()) + list(proj.parameters())
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+            loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
+                                                 generator=torch.Generator().manual_seed(seed))
+            history = []
+            for epoch in range(epochs):
+                total, steps = 0.0, 0
+                batches = loader
+                if progress:
+                    from tqdm.auto import tqdm
 
-                batches = tqdm(loader, desc=f"simclr {epoch + 1}/{epochs}", leave=False)
-            for batch in batches:
-                x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
-                v1, v2 = augment(x), augment(x)
-                z = proj(model(torch.cat([v1, v2])).flatten(1))
-                loss = nt_xent(z[: x.shape[0]], z[x.shape[0]:], temperature)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"simclr: the NT-Xent loss is {float(loss.detach())} at epoch "
-                                             f"{epoch + 1}, step {steps + 1}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach())
-                steps += 1
-            history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
-        opt.zero_grad(set_to_none=True)  # the last step's gradients belong to pretraining, not to the caller
-    finally:
-        if head_name:
-            setattr(model_backbone, head_name, original_head)
-        for m, training in modes:
-            m.training = training
+                    batches = tqdm(loader, desc=f"simclr {epoch + 1}/{epochs}", leave=False)
+                for batch in batches:
+                    x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
+                    v1, v2 = augment(x), augment(x)
+                    z = proj(model(torch.cat([v1, v2])).flatten(1))
+                    loss = nt_xent(z[: x.shape[0]], z[x.shape[0]:], temperature)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"simclr: the NT-Xent loss is {float(loss.detach())} at epoch "
+                                                 f"{epoch + 1}, step {steps + 1}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach())
+                    steps += 1
+                history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
+            opt.zero_grad(set_to_none=True)  # the last step's gradients belong to pretraining, not to the caller
+        finally:
+            if head_name:
+                setattr(model_backbone, head_name, original_head)
     return PretrainResult(history=history, head=proj, removed_head=head_name)

@@ -72,8 +72,8 @@ class Normalized(torch.nn.Module):
             raise ValueError(f"Normalized: expected finite mean and finite std > 0, got mean={m.tolist()}, "
                              f"std={sd.tolist()}")
         # stored as [1, C, 1, 1] (the layout of saved state dicts); reshaped to the input's rank at each forward
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("mean", m.view(1, -1, 1, 1))
+        self.register_buffer("std", sd.view(1, -1, 1, 1))
 
     def _per_channel(self, arg, t, x):
         """``t`` broadcast along dim 1 of ``x`` ([N, C, ...] or flat [N, D]), on x's device and dtype."""
