@@ -4,6 +4,7 @@ rules; ARFL's loss and options; the registry and the input checks."""
 
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -259,7 +260,7 @@ def test_arfl_is_binary_only():
 
 
 def test_defense_argument_errors():
-    with pytest.raises(ValueError, match=r"sat: expected 0 <= alpha <= 1, got 1.5"):
+    with pytest.raises(ValueError, match=r"sat: expected alpha to be a finite number with 0 <= alpha <= 1, got 1.5"):
         defenses.SAT(alpha=1.5)
     with pytest.raises(ValueError, match="at: expected norm to be one of 'linf', 'l2', got 'l3'"):
         defenses.AT(norm="l3")
@@ -269,6 +270,24 @@ def test_defense_argument_errors():
         ARFL(adv_sign="minus")
     with pytest.raises(ValueError, match="fat: expected tau to be an integer >= 0, got -1"):
         defenses.FAT(tau=-1)
+
+
+def test_shared_number_checks():
+    """The one checker every class and function uses (robust_ops._options): bools and non-finite values refused,
+    exclusive bounds, optional None, and the value returned as a float."""
+    from robust_ops._options import check_real
+
+    assert check_real("f", "a", 3, minimum=0) == 3.0 and type(check_real("f", "a", 3)) is float
+    assert check_real("f", "a", None, optional=True) is None
+    for bad in (True, float("nan"), float("inf"), "1", None):
+        with pytest.raises(ValueError, match=f"f: expected a to be a finite number >= 0, got {re.escape(repr(bad))}$"):
+            check_real("f", "a", bad, minimum=0)
+    with pytest.raises(ValueError, match=r"f: expected a to be a finite number > 0 or None, got 0$"):
+        check_real("f", "a", 0, minimum=0, allow_min=False, optional=True)
+    with pytest.raises(ValueError, match=r"f: expected a to be a finite number with 0 < a < 1, got 1\.0$"):
+        check_real("f", "a", 1.0, minimum=0, maximum=1, allow_min=False, allow_max=False)
+    with pytest.raises(ValueError, match=r"f: expected a to be a finite number <= 2, got 3$"):
+        check_real("f", "a", 3, maximum=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -761,9 +761,9 @@ def test_ima_errors():
         defense(model, x, y, torch.arange(1, 13))
     with pytest.raises(ValueError, match="IMA: the margin table needs the training set size"):
         IMA(eps_train=1.0)(model, x, y, torch.arange(12))
-    with pytest.raises(ValueError, match=r"IMA: expected beta in \[0, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"IMA: expected beta to be a finite number with 0 <= beta <= 1, got 2"):
         IMA(beta=2)
-    with pytest.raises(ValueError, match="IMA: expected delta to be a finite number >= 0, got -0.1"):
+    with pytest.raises(ValueError, match="IMA: expected delta to be a finite number >= 0 or None, got -0.1"):
         IMA(delta=-0.1)
 
 

@@ -47,7 +47,7 @@ def test_nt_xent_gradients_reach_both_views():
 
 @pytest.mark.parametrize("tau", [0, -1.0, math.inf, math.nan, True, "0.5"])
 def test_nt_xent_rejects_bad_temperature(tau):
-    with pytest.raises(ValueError, match="nt_xent: expected temperature > 0, got"):
+    with pytest.raises(ValueError, match="nt_xent: expected temperature to be a finite number > 0, got"):
         nt_xent(torch.randn(2, 3), torch.randn(2, 3), tau)
 
 

@@ -523,7 +523,7 @@ def test_nt_xent_matches_eq4():
         denom = sum(torch.exp(z[i] @ z[k] / tau) for k in range(n2) if k != i)
         total += -torch.log(torch.exp(z[i] @ z[j] / tau) / denom)
     torch.testing.assert_close(nt_xent(z1, z2, tau), total / n2)
-    with pytest.raises(ValueError, match="nt_xent: expected temperature > 0, got 0"):
+    with pytest.raises(ValueError, match="nt_xent: expected temperature to be a finite number > 0, got 0"):
         nt_xent(z1, z2, 0)
 
 

@@ -1,8 +1,11 @@
-"""Options, checked with messages that name the fix: which keyword options a class's constructor takes, so that
+"""Options, checked with messages that name the fix: numbers, integers and choices (one wording for every class and
+function of the library); which keyword options a class's constructor takes, so that
 ``build(name, **options)`` can name a misspelt option and list the right ones instead of Python's bare ``unexpected
 keyword argument``; and the library's on/off environment switches, all parsed alike."""
 
 import inspect
+import math
+import numbers
 import os
 
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -31,6 +34,39 @@ def check_options(owner, cls, options):
         takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
         raise ValueError(f"{owner}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                          f"{takes}")
+
+
+def check_real(name, arg, value, minimum=None, maximum=None, allow_min=True, allow_max=True, optional=False):
+    """``value`` as a float: a finite real number (not a bool: True would pass as 1.0) within the optional bounds
+    (inclusive unless ``allow_min`` / ``allow_max`` is False); None passes through when ``optional``. ValueError
+    naming ``name``, ``arg`` and the accepted range otherwise."""
+    if optional and value is None:
+        return None
+    finite = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    low_ok = minimum is None or (finite and (value >= minimum if allow_min else value > minimum))
+    high_ok = maximum is None or (finite and (value <= maximum if allow_max else value < maximum))
+    if finite and low_ok and high_ok:
+        return float(value)
+    low = "" if minimum is None else f"{'>=' if allow_min else '>'} {minimum}"
+    high = "" if maximum is None else f"{'<=' if allow_max else '<'} {maximum}"
+    if low and high:
+        wanted = f"a finite number with {minimum} {'<=' if allow_min else '<'} {arg} {high}"
+    else:
+        wanted = f"a finite number {low or high}".rstrip()
+    raise ValueError(f"{name}: expected {arg} to be {wanted}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_int(name, arg, value, minimum=1):
+    """``value`` as an int >= ``minimum`` (not a bool); ValueError naming ``name`` and ``arg`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: expected {arg} to be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name, arg, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: expected {arg} to be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 _ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")

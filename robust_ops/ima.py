@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from . import functional
 from ._meta import output_memory_format
+from ._options import check_int, check_real
 from .attacks.context import (
     attack_context,
     check_inputs,
@@ -207,12 +208,6 @@ def sample_distance(a, b, norm):
     return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
 
 
-def _check_int(name, arg, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}: expected {arg} to be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _criterion_result(name, ok, n):
     if not torch.is_tensor(ok) or ok.dtype != torch.bool or ok.shape != (n,):
         got = f"{ok.dtype} {tuple(ok.shape)}" if torch.is_tensor(ok) else type(ok).__name__
@@ -240,9 +235,9 @@ class _Problem:
         if search_result not in SEARCH_RESULTS:
             raise ValueError(f"{name}: expected search_result to be one of {', '.join(SEARCH_RESULTS)}, "
                              f"got {search_result!r}")
-        self.steps = _check_int(name, "steps", steps, 0)
-        self.search_steps = _check_int(name, "search_steps", search_steps, 0)
-        self.arity = _check_int(name, "arity", arity, 2)
+        self.steps = check_int(name, "steps", steps, 0)
+        self.search_steps = check_int(name, "search_steps", search_steps, 0)
+        self.arity = check_int(name, "arity", arity, 2)
         if is_correct is None:
             y = check_inputs(name, x, y, clip_min, clip_max)  # as int64: cross-entropy takes no other label type
         else:
@@ -262,7 +257,7 @@ class _Problem:
         if min_rows is None and coupled:
             min_rows = 0
         # None (eval mode): sizes measured per model by batch_invariant_sizes once the attack context is on.
-        self.min_rows = None if min_rows is None else _check_int(name, "min_rows", min_rows, 0)
+        self.min_rows = None if min_rows is None else check_int(name, "min_rows", min_rows, 0)
         self.invariant_sizes = None
         if self.min_rows and coupled:
             raise ValueError(f"{name}: min_rows pads batches with copies of a sample, which would change batch-norm "
@@ -529,7 +524,7 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     batches at both ends of the large one: about ``max_rows * (max_rows + 6)`` sample forwards and backwards (up to
     ``max_rows * (max_rows + 10)`` when a period is found; 3 s for resnet18 on 1x28x28 on 2 CPU cores). Sizes
     above ``2 * max_rows`` are not measured. Changing the model's layers afterwards is not detected."""
-    max_rows = _check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
+    max_rows = check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError(f"batch_invariant_sizes: expected x to be a batch tensor [N, ...], got "
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
@@ -747,10 +742,9 @@ class MarginTable:
 
     def __init__(self, num_samples, init_margin, max_margin, norm="l2", *, device="cpu", dtype=torch.float32,
                  sync=True, process_group=None):
-        _check_int("MarginTable", "num_samples", num_samples, 1)
+        check_int("MarginTable", "num_samples", num_samples, 1)
         for arg, v in (("init_margin", init_margin), ("max_margin", max_margin)):
-            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"MarginTable: expected {arg} to be a finite number >= 0, got {v!r}")
+            check_real("MarginTable", arg, v, minimum=0)
         if init_margin > max_margin:
             raise ValueError(f"MarginTable: expected init_margin <= max_margin, got {init_margin} > {max_margin}")
         if norm not in NORMS:
@@ -803,8 +797,7 @@ class MarginTable:
         if not torch.is_tensor(distance) or distance.shape != (n,):
             raise ValueError(f"MarginTable.update: expected distance of shape [{n}], got "
                              f"{tuple(getattr(distance, 'shape', ()))}")
-        if not (isinstance(delta, numbers.Real) and math.isfinite(delta) and delta >= 0):
-            raise ValueError(f"MarginTable.update: expected delta to be a finite number >= 0, got {delta!r}")
+        check_real("MarginTable.update", "delta", delta, minimum=0)
         dev = self.margins.device
         old = self.margins.index_select(0, ids)
         adv_correct, crossed = adv_correct.to(dev), crossed.to(dev)
@@ -922,14 +915,12 @@ class IMA(Defense):
                  batch_exit=True, sync=True, backend=None, min_rows=None):
         if norm not in NORMS:
             raise ValueError(f"IMA: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
-        if not (isinstance(beta, numbers.Real) and 0 <= beta <= 1):
-            raise ValueError(f"IMA: expected beta in [0, 1], got {beta!r}")
+        check_real("IMA", "beta", beta, minimum=0, maximum=1)
         for arg, v in (("eps_train", eps_train), ("delta", delta), ("init_margin", init_margin)):
-            if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"IMA: expected {arg} to be a finite number >= 0, got {v!r}")
-        _check_int("IMA", "steps", steps, 0)
-        _check_int("IMA", "search_steps", search_steps, 0)
-        _check_int("IMA", "arity", arity, 2)
+            check_real("IMA", arg, v, minimum=0, optional=True)
+        check_int("IMA", "steps", steps, 0)
+        check_int("IMA", "search_steps", search_steps, 0)
+        check_int("IMA", "arity", arity, 2)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"IMA: expected algorithm to be 2 or 3, got {algorithm!r}")
         self.eps_train = None if eps_train is None else float(eps_train)
@@ -943,15 +934,15 @@ class IMA(Defense):
         self.strict_shrink, self.compact, self.search_result = strict_shrink, compact, search_result
         self.batch_exit = batch_exit
         self.sync, self.backend = sync, backend
-        self.min_rows = None if min_rows is None else _check_int("IMA", "min_rows", min_rows, 0)
+        self.min_rows = None if min_rows is None else check_int("IMA", "min_rows", min_rows, 0)
         self._is_correct, self._loss_fn = is_correct, loss_fn
-        self.num_samples = None if num_samples is None else _check_int("IMA", "num_samples", num_samples, 1)
+        self.num_samples = None if num_samples is None else check_int("IMA", "num_samples", num_samples, 1)
         self.table = None
         self.counter = PassCounter()
 
     def setup(self, num_samples):
         """Size the margin table to the training set (``len(dataset)``); called by the trainer if not given."""
-        n = _check_int("IMA", "num_samples", num_samples, 1)
+        n = check_int("IMA", "num_samples", num_samples, 1)
         if self.table is not None and len(self.table) != n:
             raise ValueError(f"IMA: the margin table holds {len(self.table)} samples, got num_samples={n}")
         self.num_samples = n

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._options import check_real
 from .attacks.context import use_model_mode
 
 HEAD_NAMES = ("fc", "classifier", "head")
@@ -32,9 +33,7 @@ def nt_xent(z1, z2, temperature=0.5):
     if z1.shape != z2.shape or z1.dim() != 2 or z1.shape[0] < 2:
         raise ValueError(f"nt_xent: expected two [N, D] projections with N >= 2 and equal shapes, got "
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
-    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and temperature > 0
-                                                and math.isfinite(temperature)):
-        raise ValueError(f"nt_xent: expected temperature > 0, got {temperature!r}")
+    check_real("nt_xent", "temperature", temperature, minimum=0, allow_min=False)
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     sim = z @ z.t() / temperature
@@ -125,11 +124,8 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                          f"{batch_size!r}")
     if len(data) < batch_size:
         raise ValueError(f"simclr: data has {len(data)} samples, fewer than one batch of {batch_size}")
-    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and temperature > 0
-                                                and math.isfinite(temperature)):
-        raise ValueError(f"simclr: expected temperature to be a finite number > 0, got {temperature!r}")
-    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"simclr: expected lr to be a finite number > 0, got {lr!r}")
+    check_real("simclr", "temperature", temperature, minimum=0, allow_min=False)
+    check_real("simclr", "lr", lr, minimum=0, allow_min=False)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"simclr: expected seed to be an integer, got {seed!r}")
     if not (head is None or isinstance(head, str)):

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._options import check_int, check_real
 from .native_layers import library_speedups
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
 
@@ -275,12 +276,6 @@ def _sync_defense_state(defense, start_state, world):
 # Checks
 
 
-def _check_positive_int(name, arg, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}: expected {arg} to be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def _make_optimizer(name, optimizer, model, params, lr):
     if optimizer is None:
         return torch.optim.Adam(params, lr=lr)
@@ -408,14 +403,12 @@ def fit(
     if not callable(defense) or not hasattr(defense, "state_dict"):
         raise TypeError(f"{name}: expected defense to be a robust_ops.defenses.Defense or a defense name, got "
                         f"{type(defense).__name__}")
-    epochs = _check_positive_int(name, "epochs", epochs)
-    batch_size = _check_positive_int(name, "batch_size", batch_size)
-    val_batch_size = _check_positive_int(name, "val_batch_size", val_batch_size)
+    epochs = check_int(name, "epochs", epochs)
+    batch_size = check_int(name, "batch_size", batch_size)
+    val_batch_size = check_int(name, "val_batch_size", val_batch_size)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
-    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not (  # True would clip at 1.0
-            isinstance(max_grad_norm, numbers.Real) and math.isfinite(max_grad_norm) and max_grad_norm > 0)):
-        raise ValueError(f"{name}: expected max_grad_norm to be a finite number > 0 or None, got {max_grad_norm!r}")
+    max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
     if train_data is None or len(train_data) == 0:
         raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
     if val_data is not None and len(val_data) == 0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional
+from .._options import check_real
 from .context import (
     attack_context,
     check_inputs,
@@ -122,9 +123,7 @@ def check_early_stop(name, early_stop):
 def check_kappa(name, kappa):
     """kappa: a finite number >= 0. A negative kappa clamps the CW margin at a positive value, so the loss is flat
     on both sides of the boundary and the attack never moves; NaN makes every gradient NaN."""
-    if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not math.isfinite(kappa) or kappa < 0:
-        raise ValueError(f"{name}: expected kappa to be a finite number >= 0, got {kappa!r}")
-    return float(kappa)
+    return check_real(name, "kappa", kappa, minimum=0)
 
 
 def check_loss(name, loss):

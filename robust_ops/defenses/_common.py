@@ -1,12 +1,10 @@
 """What the defenses share: argument checks, unwrapping DDP for attacks, the PGD settings every adversarial defense
 takes (composed on robust_ops.attacks.core.run_pgd -- no defense has its own PGD loop), and small losses."""
 
-import math
-import numbers
-
 import torch
 import torch.distributed as dist
 
+from .._options import check_choice, check_int, check_real  # noqa: F401  (the defenses import them from here)
 from ..attacks.context import MODEL_MODES, classification_loss, is_single_logit, two_logits, use_model_mode
 from .base import Defense
 
@@ -25,31 +23,6 @@ def unwrap(model):
     """The module inside DistributedDataParallel / DataParallel: attacks run on it (no gradient-sync hooks)."""
     return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
                                               torch.nn.DataParallel)) else model
-
-
-def check_real(name, arg, value, minimum=None, maximum=None, allow_min=True, allow_max=True):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected {arg} to be a finite number, got {value!r}")
-    value = float(value)
-    low_bad = minimum is not None and (value < minimum if allow_min else value <= minimum)
-    high_bad = maximum is not None and (value > maximum if allow_max else value >= maximum)
-    if low_bad or high_bad:
-        lo = "" if minimum is None else f"{minimum} {'<=' if allow_min else '<'} "
-        hi = "" if maximum is None else f" {'<=' if allow_max else '<'} {maximum}"
-        raise ValueError(f"{name}: expected {lo}{arg}{hi}, got {value}")
-    return value
-
-
-def check_int(name, arg, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}: expected {arg} to be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_choice(name, arg, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name}: expected {arg} to be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
 
 
 def per_sample_ce(out, y):
