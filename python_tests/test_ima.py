@@ -600,6 +600,18 @@ def test_margin_table_errors():
     with pytest.raises(ValueError, match="MarginTable.update: expected crossed to be a bool tensor of shape"):
         table.update(torch.tensor([1]), adv_correct=torch.tensor([True]), crossed=torch.tensor([1]),
                      distance=torch.zeros(1), delta=0.1)
+    # A crossed sample's distance becomes its margin: NaN, inf or negative is refused and nothing is written; a
+    # non-crossed sample's distance is unused.
+    before = table.margins.clone()
+    for bad in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match=r"MarginTable.update: expected finite distances >= 0 for crossed samples, "
+                                             r"got 1 bad value\(s\), e.g. distance\[1\] = .* \(id 4\)"):
+            table.update(torch.tensor([2, 4]), adv_correct=torch.tensor([False, False]),
+                         crossed=torch.tensor([True, True]), distance=torch.tensor([0.2, bad]), delta=0.1)
+        assert torch.equal(table.margins, before)
+    table.update(torch.tensor([2, 4]), adv_correct=torch.tensor([True, True]), crossed=torch.tensor([True, False]),
+                 distance=torch.tensor([0.3, float("nan")]), delta=0.1)
+    assert table.margins[2].item() == pytest.approx(0.2) and table.margins[4].item() == pytest.approx(0.2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -806,6 +818,13 @@ def _ddp_worker(rank, world, port, results):
         table.update(ids, adv_correct=torch.ones(n, dtype=torch.bool), crossed=torch.zeros(n, dtype=torch.bool),
                      distance=torch.zeros(n), delta=1.0)
         results[rank] = table.margins.tolist()
+        # One rank's refused update (a NaN distance) raises on both ranks instead of leaving the other in the sync.
+        try:
+            table.update(torch.tensor([4 + rank]), adv_correct=torch.tensor([False]), crossed=torch.tensor([True]),
+                         distance=torch.tensor([float("nan") if rank == 1 else 0.1]), delta=1.0)
+        except ValueError as e:
+            results[f"refused{rank}"] = str(e)
+        assert table.margins.tolist() == results[rank]
         # The IMA defense on a DDP model with batch norm: GenAdv's forwards differ in number between ranks (it runs
         # on the inner module), the training forwards stay collective, and the margins end up equal on both ranks.
         torch.manual_seed(0)
@@ -836,6 +855,9 @@ def test_margin_table_syncs_across_two_gloo_ranks():
     mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     expected = [0.75, 1.0, 0.75, 1.5, 0.5, 0.5, 0.5, 1.0]
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+    assert results["refused0"] == ("MarginTable.update: refused on rank(s) 1 (non-finite or negative distances of "
+                                   "crossed samples there)")
+    assert results["refused1"].startswith("MarginTable.update: expected finite distances >= 0 for crossed samples")
     assert results["ima0"] == results["ima1"] and results["ima0"] != [1.0] * 12
 
 

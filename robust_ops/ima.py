@@ -810,23 +810,41 @@ class MarginTable:
         """Apply Algorithm 1's margin update for one batch (see the class docstring); returns the new margins."""
         new = self.new_margins(ids, adv_correct=adv_correct, crossed=crossed, distance=distance, delta=delta)
         ids = self.check_ids(ids)
-        self.margins.index_copy_(0, ids, new)
-        self._sync(ids, new)
+        # A crossed sample's distance becomes half its margin: NaN/inf/negative ones (a diverged model) are refused
+        # before anything is written -- under DDP on every rank at once, so that no rank waits in the sync.
+        bad = (~torch.isfinite(distance.detach()) | (distance.detach() < 0)) & crossed.to(distance.device)
+        problem = None
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            problem = (f"MarginTable.update: expected finite distances >= 0 for crossed samples, got {int(bad.sum())} "
+                       f"bad value(s), e.g. distance[{i}] = {float(distance[i]):.4g} (id {int(ids[i])})")
+        if not self._synchronised():
+            if problem:
+                raise ValueError(problem)
+            self.margins.index_copy_(0, ids, new)
+        else:
+            self._sync(ids, new, problem)
         return new
 
-    def _sync(self, ids, values):
-        if not (self.sync and dist.is_available() and dist.is_initialized()):
-            return
+    def _synchronised(self):
+        return (self.sync and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def _sync(self, ids, values, problem):
+        """Every rank's (id, margin) pairs written on every rank in rank order; ValueError on every rank when any
+        rank's update was refused (``problem``)."""
         group = self.process_group
         world = dist.get_world_size(group)
-        if world == 1:
-            return
         comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
             torch.device("cpu")
-        size = torch.tensor([ids.numel()], dtype=torch.int64, device=comm)
+        size = torch.tensor([ids.numel(), problem is not None], dtype=torch.int64, device=comm)
         sizes = [torch.zeros_like(size) for _ in range(world)]
         dist.all_gather(sizes, size, group=group)
-        sizes = [int(s) for s in sizes]
+        refused = [r for r in range(world) if int(sizes[r][1])]
+        if refused:
+            raise ValueError(problem or f"MarginTable.update: refused on rank(s) {', '.join(map(str, refused))} "
+                                        "(non-finite or negative distances of crossed samples there)")
+        sizes = [int(s[0]) for s in sizes]
         m = max(sizes)
         pad_ids = torch.full((m,), -1, dtype=torch.int64, device=comm)
         pad_ids[: ids.numel()] = ids.to(comm)
