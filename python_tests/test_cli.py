@@ -438,6 +438,9 @@ def test_bench_list_and_unknown(capsys):
     assert rc == 0 and "pgd_step" in out
     rc, _, err = run(["bench", "--only", "nope"], capsys)
     one_line_error(rc, err, "--only:", "unknown benchmark(s) nope")
+    # argparse reports a subcommand's unknown option from the top-level parser; the hint names the command's help
+    rc, _, err = run(["bench", "--config", "x"], capsys)
+    one_line_error(rc, err, "robust-ops bench: error: unrecognized arguments: --config x (see robust-ops bench --help)")
 
 
 def test_protocols_describe_and_quick_caps():

@@ -931,7 +931,11 @@ def main(argv=None):
             _allow_download = False
     except CLIError as err:
         prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
-        print(f"{prefix}: error: {err}", file=sys.stderr)
+        message = str(err)
+        if prefix != PROG and message.endswith(f"(see {PROG} --help)"):
+            # argparse reports a subcommand's unknown options from the top-level parser: point at the command's help
+            message = message[: -len(f"(see {PROG} --help)")] + f"(see {prefix} --help)"
+        print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no command says more (eval, bench, demo's evaluation): no traceback
         prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
