@@ -294,3 +294,91 @@ def test_copy_of_official_file_under_other_name_is_not_md5_checked(breastmnist, 
     p = tmp_path / "mybreast.npz"
     shutil.copy(breastmnist, p)
     assert load_dataset(p).info.name == "mybreast"
+
+
+def test_current_organ_release_md5_is_official(tmp_path, monkeypatch):
+    """MedMNIST v3 re-released the 28x28 Organ{A,C,S}MNIST files; their new checksums are official too."""
+    p = write_npz(tmp_path / "organamnist.npz", classes=11)
+    monkeypatch.setattr(mm, "file_md5", lambda path: "68e3f8846a6bd62f0c9bf841c0d9eacc")
+    assert load_dataset(p).info.name == "organamnist"
+    monkeypatch.setattr(mm, "file_md5", lambda path: mm.OFFICIAL_MD5["organamnist.npz"])  # the v2 file
+    assert load_dataset(p).info.name == "organamnist"
+    monkeypatch.setattr(mm, "file_md5", lambda path: "0" * 32)
+    with pytest.raises(DataError, match="does not match the official organamnist.npz"):
+        load_dataset(p)
+
+
+def test_medmnist_name_errors_say_what_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DataError, match=r"breastmnist: MedMNIST images come in sizes 28, 64, 128, 224, got size=100"):
+        load_dataset("breastmnist", size=100)  # not "breastmnist_100.npz not found"
+    with pytest.raises(DataError, match=r"chestmnist: a multi-label MedMNIST set .* only single-label sets"):
+        load_dataset("chestmnist")  # not "not a known dataset name"
+
+
+def test_too_few_samples_to_split_is_a_data_error():
+    from robust_ops.data.core import stratified_split
+
+    for y in ([0, 1], [0, 1, 0, 1]):  # scikit-learn raised its own ValueError from the fallback split
+        with pytest.raises(DataError, match=r"too few samples \(\d\) for a 0.7/0.1/0.2 split"):
+            stratified_split(np.array(y), (0.7, 0.1, 0.2), seed=0)
+
+
+def test_seed_and_size_a_source_cannot_use_are_refused():
+    with pytest.raises(DataError, match=r"load_dataset: expected seed to be an integer >= 0, got -1"):
+        load_dataset("synthetic", seed=-1)
+    with pytest.raises(DataError, match=r"moons: size= resizes images; two-moons holds 2-d points"):
+        load_dataset("moons", size=64)
+    from robust_ops.data import synthetic_splits
+    with pytest.raises(DataError, match=r"sizes has unknown split\(s\) 'tran'; expected keys train, val, test"):
+        synthetic_splits(sizes={"tran": 10})
+
+
+def test_busi_16_bit_images_are_scaled_not_clamped(tmp_path):
+    from PIL import Image
+
+    for c, levels in (("benign", (0, 10, 20, 30, 40)), ("malignant", (50, 100, 150, 200, 250))):
+        (tmp_path / c).mkdir()
+        for v in levels:  # 16-bit PNGs (I;16): Pillow's convert("L") turned every value above 255 white
+            Image.fromarray(np.full((8, 8), 257 * v, np.uint16)).save(tmp_path / c / f"{v}.png")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(tmp_path, size=8)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    values = sorted({round(float(v) * 255) for v in x[:, 0, 4, 4]})
+    assert values == [0, 10, 20, 30, 40, 50, 100, 150, 200, 250]
+    with pytest.raises(DataError, match=r"load_busi\(.*\): expected size to be a positive number of pixels, got 0"):
+        load_dataset(tmp_path, size=0)
+
+
+def test_csv_byte_order_mark_whitespace_and_encoding(tmp_path):
+    path = _ham(tmp_path, ["mel", "nv"] * 5)
+    text = path.read_text().replace("nv\n", "nv \n")  # a stray space must not make a class "nv " beside "nv"
+    path.write_bytes(("\ufeff" + text).encode("utf-8"))  # spreadsheet exports start with a byte-order mark
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(path, size=8)
+    assert s.info.class_names == ("mel", "nv") and len(s.train) + len(s.val) + len(s.test) == 10
+    path.write_bytes(b"image_id,dx\nim0,caf\xe9\n")
+    with pytest.raises(DataError, match=r"meta\.csv: not UTF-8 text \(invalid continuation byte at byte \d+\); save"):
+        load_dataset(path, size=8)
+    with pytest.raises(DataError, match=r"expected size to be a positive number of pixels, got -1"):
+        load_dataset(path, size=-1)
+
+
+def test_cross_validation_argument_errors():
+    s = load_dataset("synthetic")
+    assert len(cross_validation(s, k=np.int64(3))) == 3  # was "expected k >= 2 folds, got 3"
+    for bad in (1.0, -0.1):
+        with pytest.raises(DataError, match=rf"expected 0 <= val_fraction < 1, got {bad}"):
+            cross_validation(s, k=3, val_fraction=bad)
+
+
+def test_cross_validation_folds_describe_themselves(tmp_path):
+    """A fold's info must not carry the 7:1:2 split's classes_missing_from_split (run.json records it)."""
+    s = load_dataset("synthetic")
+    s.info.extra["classes_missing_from_split"] = {"val": ["malignant"]}  # as splits_from_arrays records it
+    folds = cross_validation(s, k=3, seed=0)
+    assert all("classes_missing_from_split" not in f.info.extra for f in folds)
+    assert s.info.extra["classes_missing_from_split"] == {"val": ["malignant"]}  # the base info is left alone
+    folds[0].info.extra["note"] = 1
+    assert "note" not in folds[1].info.extra and folds[0].info.name == s.info.name

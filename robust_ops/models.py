@@ -11,6 +11,8 @@ head outputs ``num_classes`` logits. No weights are downloaded.
 import torch
 from torch import nn
 
+from ._options import check_int
+
 MODELS = ("resnet18", "resnet50", "vgg16", "densenet121", "small_cnn", "mlp")
 
 
@@ -19,6 +21,10 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels=1, num_classes=2, width=16):
         super().__init__()
+        # torch accepts 0 channels or 0 classes silently (the model fails later, mid-training): refused here
+        check_int("SmallCNN", "in_channels", in_channels, 1)
+        check_int("SmallCNN", "num_classes", num_classes, 2)
+        check_int("SmallCNN", "width", width, 1)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
@@ -38,6 +44,10 @@ class MLP(nn.Module):
 
     def __init__(self, in_features=2, num_outputs=1, hidden=(10, 10)):
         super().__init__()
+        check_int("MLP", "in_features", in_features, 1)
+        check_int("MLP", "num_outputs", num_outputs, 1)  # 1: a single logit (binary)
+        for h in hidden:
+            check_int("MLP", "every hidden width", h, 1)
         layers, width = [], in_features
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
@@ -54,6 +64,12 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=16):
     """A freshly initialised model by name (one of MODELS); raises ValueError naming the known models otherwise."""
     import torchvision.models as tvm
 
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    check_int(name, "in_channels", in_channels, 1)
+    check_int(name, "num_classes", num_classes, 2)
+    # image_size 0 stands for feature vectors, which only the MLP takes
+    check_int(name, "image_size", image_size, 0 if name == "mlp" else 1)
     if name == "small_cnn":
         return SmallCNN(in_channels, num_classes, width=width)
     if name == "mlp":

@@ -1,5 +1,6 @@
 """Dataset containers shared by every loader, and the one entry point ``load_dataset``."""
 
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ def stratified_split(y, fractions, seed, source="dataset"):
     y = np.asarray(y)
     idx = np.arange(len(y))
     parts, rest, rest_frac, stratified = [], idx, 1.0, True
+    too_few = DataError(f"{source}: too few samples ({len(y)}) for a {'/'.join(map(str, fractions))} split; "
+                        "expected at least one sample per part")
     for frac in fractions[:-1]:
         share = frac / rest_frac
         if share >= 1.0:
@@ -120,13 +123,16 @@ def stratified_split(y, fractions, seed, source="dataset"):
         try:
             take, rest = train_test_split(rest, train_size=share, stratify=y[rest], random_state=seed)
         except ValueError:  # a class too small to stratify: a seeded random split, checked below
-            take, rest = train_test_split(rest, train_size=share, random_state=seed)
+            try:
+                take, rest = train_test_split(rest, train_size=share, random_state=seed)
+            except ValueError:  # a part would be empty: scikit-learn's traceback would not name the dataset
+                raise too_few from None
             stratified = False
         parts.append(np.sort(take))
         rest_frac -= frac
     parts.append(np.sort(rest))
     if any(len(p) == 0 for p in parts):
-        raise DataError(f"{source}: too few samples ({len(y)}) for a train/val/test split")
+        raise too_few
     missing = missing_classes(y, parts)
     if not stratified and missing:
         warnings.warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split; the "
@@ -170,6 +176,8 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # numpy: "non-negative integer"
+        raise DataError(f"load_dataset: expected seed to be an integer >= 0, got {seed!r}")
     text = str(spec)
     low = text.lower()
     from . import folders, medmnist, synthetic
@@ -179,6 +187,8 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if low in ("synthetic", "synthetic-bus", "synthetic_bus"):
         return synthetic.synthetic_splits(size=28 if size is None else size, seed=seed)
     if low in ("moons", "two-moons", "two_moons", "twomoons"):
+        if size is not None:  # would be ignored: the points are 2-d feature vectors, not images
+            raise DataError(f"{text}: size= resizes images; two-moons holds 2-d points -- leave size unset")
         return synthetic.moons_splits(seed=seed)
     path = Path(text).expanduser()
     if low.endswith(".npz"):

@@ -6,6 +6,7 @@ Neither source has official splits: train/val/test are a stratified 7:1:2 split 
 """
 
 import csv
+import numbers
 from collections import Counter
 from pathlib import Path
 
@@ -31,12 +32,28 @@ def pad_to_square_and_resize(img, size):
     return canvas.resize((size, size), Image.BILINEAR)
 
 
+def _to_8bit(img, path):
+    """16-bit and 32-bit grayscale images as 8-bit: Pillow's convert("L") clamps every value above 255 to white."""
+    from PIL import Image
+
+    if not img.mode.startswith("I") and img.mode != "F":
+        return img
+    arr = np.asarray(img)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 255 and not img.mode.startswith("I;16"):  # 8-bit values in a wider type: nothing to scale
+        return img
+    if lo < 0 or hi > 65535 or img.mode == "F":
+        raise DataError(f"{path}: {img.mode} image with values in [{lo:g}, {hi:g}]; expected 8- or 16-bit "
+                        "intensities -- save it as an 8- or 16-bit image")
+    return Image.fromarray(np.round(arr.astype(np.float64) / 257.0).astype(np.uint8))  # 65535 -> 255, mode L
+
+
 def read_image(path, size, mode):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            img = _to_8bit(img, path).convert(mode)
             img = pad_to_square_and_resize(img, size)
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
@@ -80,6 +97,12 @@ def _class_list(classes, where, fold=None):
     return names
 
 
+def _check_size(size, where):
+    """A clear error for a size Pillow would reject mid-way ("height and width must be > 0")."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise DataError(f"{where}: expected size to be a positive number of pixels, got {size!r}")
+
+
 def load_busi(folder, size=224, seed=0, classes=None, mode="L"):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
 
@@ -90,6 +113,9 @@ def load_busi(folder, size=224, seed=0, classes=None, mode="L"):
     ``excluded_samples`` (their total).
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    _check_size(size, f"load_busi({folder})")
     subdirs = {}
     for p in sorted(folder.iterdir()):
         if p.is_dir():
@@ -144,19 +170,28 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such file")
+    _check_size(size, f"load_csv({csv_path})")
     rows = []
-    with open(csv_path, newline="") as f:
+    # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise hide the first column's name
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        for col in (id_column, label_column):
-            if col not in fields:
-                raise DataError(f"{csv_path}: missing column {col!r} (found: {', '.join(fields) or 'none'})")
-        for r in reader:
-            image_id, label = r[id_column], r[label_column]
-            if not image_id or not label:  # None: a short row; "" would otherwise become a class or an id
-                col = id_column if not image_id else label_column
-                raise DataError(f"{csv_path}: line {reader.line_num}: empty {col!r}; expected a value in every row")
-            rows.append((image_id, label))
+        try:
+            fields = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = fields
+            for col in (id_column, label_column):
+                if col not in fields:
+                    raise DataError(f"{csv_path}: missing column {col!r} (found: {', '.join(fields) or 'none'})")
+            for r in reader:
+                # stripped: "mel " would otherwise become a class of its own beside "mel"
+                image_id, label = (r[id_column] or "").strip(), (r[label_column] or "").strip()
+                if not image_id or not label:  # None: a short row; "" would otherwise become a class or an id
+                    col = id_column if not image_id else label_column
+                    raise DataError(f"{csv_path}: line {reader.line_num}: empty {col!r}; expected a value in every "
+                                    "row")
+                rows.append((image_id, label))
+        except UnicodeDecodeError as err:
+            where = f"{err.reason} at byte {err.start}"
+            raise DataError(f"{csv_path}: not UTF-8 text ({where}); save it as UTF-8") from None
     if not rows:
         raise DataError(f"{csv_path}: no rows")
     seen = Counter(image_id for image_id, _ in rows)

@@ -1,10 +1,13 @@
 """Stratified k-fold cross-validation (MIRST-DM and ARFL report 5-fold means) with scikit-learn's StratifiedKFold."""
 
+import dataclasses
+import numbers
+
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
-from .core import DataError, DatasetSplits, stratified_split
+from .core import DataError, DatasetSplits, missing_classes, stratified_split
 
 
 def _tensors(dataset):
@@ -27,8 +30,11 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
     ``val_fraction`` of the rest and trains on the remainder. Returns a list of DatasetSplits (same info)."""
     from sklearn.model_selection import StratifiedKFold
 
-    if not isinstance(k, int) or k < 2:
-        raise DataError(f"cross_validation: expected k >= 2 folds, got {k}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2:  # numbers: numpy ints count too
+        raise DataError(f"cross_validation: expected k >= 2 folds, got {k!r}")
+    if not 0 <= val_fraction < 1:  # a negative one would silently mean 0, 1 leaves no training data
+        raise DataError(f"cross_validation: expected 0 <= val_fraction < 1, got {val_fraction!r}")
+    k = int(k)
     x, y = pooled(splits)
     counts = np.bincount(y.numpy())
     if counts[counts > 0].min() < k:
@@ -44,6 +50,17 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
             val_idx = train_idx[:0]
         folds.append(DatasetSplits(
             TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx]),
-            TensorDataset(x[test_idx], y[test_idx]), splits.info,
+            TensorDataset(x[test_idx], y[test_idx]), _fold_info(splits.info, y, (train_idx, val_idx, test_idx)),
         ))
     return folds
+
+
+def _fold_info(info, y, parts):
+    """The base info, but classes_missing_from_split describing this fold rather than the 7:1:2 split it came from
+    (run.json records it), and a copy, so one fold's info cannot change another's."""
+    extra = {k: v for k, v in info.extra.items() if k != "classes_missing_from_split"}
+    missing = missing_classes(y.numpy(), [p for p in parts if len(p)])  # an empty val (val_fraction=0) is deliberate
+    names = [n for n, p in zip(("train", "val", "test"), parts) if len(p)]
+    if missing:
+        extra["classes_missing_from_split"] = {names[i]: [info.class_names[c] for c in cs] for i, cs in missing.items()}
+    return dataclasses.replace(info, extra=extra)

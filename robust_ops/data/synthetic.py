@@ -104,6 +104,10 @@ def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTI
 
 def synthetic_splits(size=28, seed=0, sizes=None):
     """The embedded default dataset: train/val/test drawn from independent streams of one seed."""
+    unknown = sorted(set(sizes or {}) - set(SYNTHETIC_SIZES))
+    if unknown:  # a misspelt split would otherwise keep its default size silently
+        raise DataError(f"synthetic: sizes has unknown split(s) {', '.join(map(repr, unknown))}; expected keys "
+                        f"{', '.join(SYNTHETIC_SIZES)}")
     sizes = {**SYNTHETIC_SIZES, **(sizes or {})}
     sets = []
     for k, split in enumerate(("train", "val", "test")):
