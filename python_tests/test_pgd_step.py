@@ -376,6 +376,61 @@ def test_data_dependent_checks(name, values, message):
     assert torch.equal(args["x_adv"], before), "a rejected call must not modify x_adv"
 
 
+@pytest.mark.parametrize(
+    "name,values,message",
+    [
+        ("eps", [0.1, -0.5], "expected eps >= 0 for every sample, got eps[1]=-0.5"),
+        ("eps", [float("nan"), 0.1], "expected eps >= 0 for every sample, got eps[0]=nan"),
+        ("alpha", [float("inf"), 0.1], "expected alpha to be finite for every sample, got alpha[0]=inf"),
+        ("alpha", [1e39, 0.1], "expected alpha to be finite for every sample, got alpha[0]=inf"),
+    ],
+)
+@pytest.mark.parametrize("norm", NORMS)
+def test_reference_backend_checks_values_like_the_cpu_kernel(name, values, message, norm):
+    """backend="reference" used to skip the CPU kernels' value checks: a negative or NaN eps stepped (NaN output)."""
+    args = _good_args()
+    per_sample = {"alpha": args["alpha"], "eps": args["eps"], name: torch.tensor(values, dtype=torch.float64)}
+    for backend in ("native", "reference"):
+        x_adv = args["x_adv"].clone()
+        with pytest.raises(RuntimeError) as err:
+            robust_ops.pgd_step_(x_adv, args["x_nat"], args["grad"], per_sample["alpha"], per_sample["eps"],
+                                 norm=norm, backend=backend)
+        assert str(err.value) == "pgd_step_: " + message, backend
+        assert torch.equal(x_adv, args["x_adv"]), backend
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize(
+    "changes,error,message",
+    [
+        (dict(x_adv=torch.tensor(0.5)), RuntimeError, "expected x_adv to have a batch dimension, got a 0-D tensor"),
+        (dict(slot=1.5), TypeError, "expected slot to be an int, got 1.5"),
+        (dict(slot=torch.tensor(1.0)), TypeError, "expected slot to be an int, got tensor(1.)"),
+        (dict(clip_min=None), TypeError, "expected clip_min to be a number, got NoneType"),
+        (dict(clip_max="1"), TypeError, "expected clip_max to be a number, got str"),
+    ],
+)
+def test_functional_argument_errors(backend, changes, error, message):
+    """One-line errors naming the argument: a 0-D x_adv used to fail with an IndexError, slot=1.5 silently wrote slot
+    1 (int(1.5)), clip_min=None raised float()'s TypeError."""
+    args = {**_good_args(), **changes}
+    x_adv = args.pop("x_adv")
+    with pytest.raises(error) as err:
+        robust_ops.pgd_step_(x_adv, args.pop("x_nat"), args.pop("grad"), args.pop("alpha"), args.pop("eps"), **args,
+                             backend=backend)
+    assert str(err.value) == "pgd_step_: " + message
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_reference_empty_batch(norm):
+    """The reference's L2 norms used grad.reshape(0, -1), an error for an empty batch (the kernels return)."""
+    x = torch.zeros((0, 3, 4))
+    alpha = torch.zeros(0)
+    for backend in ("native", "reference"):
+        robust_ops.pgd_step_(x, x.clone(), x.clone(), alpha, alpha, norm=norm, history=torch.zeros((2, 0, 3, 4)),
+                             slot=1, backend=backend)
+
+
 def test_alpha_overflowing_the_dtype_is_rejected():
     args = {**_good_args(), "alpha": torch.tensor([1e39, 0.1], dtype=torch.float64)}
     with pytest.raises(RuntimeError, match=r"pgd_step_: expected alpha to be finite for every sample, got alpha\[0\]=inf"):

@@ -167,13 +167,50 @@ def test_internal_overlap_rejected_before_any_write(norm, overlapping):
     assert str(got.value) == str(native.value)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shared", ["x_nat", "grad", "history"])
+def test_partial_overlap_with_what_is_written(norm, shared):
+    """x_nat / grad / history[slot] sharing memory with what the kernel writes, one sample apart, as the C++ op handles
+    it (it copies): programs of the launcher used to read x_nat or grad values that other programs had already
+    overwritten with their step (or with their history slot)."""
+    buf = torch.rand((4, 6), dtype=torch.float64, device=device()) * 2 - 1
+    x_adv, other = buf[1:], buf[:-1]
+    _, x_nat, grad, alpha, eps = make_inputs((3, 6), torch.float64, device(), scale=0.3)
+    history = None
+    if shared == "x_nat":
+        x_nat = other
+    elif shared == "grad":
+        grad = other
+    else:  # history[0] is x_nat shifted by one sample
+        hist_buf = torch.rand((4, 6), dtype=torch.float64, device=device())
+        x_nat, history = hist_buf[:3], hist_buf[1:].unsqueeze(0)
+    expected_buf = buf.clone()
+    exp_x_nat = expected_buf[:-1] if shared == "x_nat" else x_nat.clone()
+    exp_grad = expected_buf[:-1] if shared == "grad" else grad
+    exp_history = None if history is None else history.clone()
+    reference.pgd_step_(expected_buf[1:], exp_x_nat, exp_grad, alpha, eps, -1.0, 1.0, norm, exp_history, 0)
+    triton_op()(x_adv, x_nat, grad, alpha, eps, -1.0, 1.0, norm, history, 0)
+    assert_verbose_equal(buf, expected_buf, "x_adv")
+    if history is not None:
+        assert_verbose_equal(history, exp_history, "history")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="data-dependent checks run at once only on CPU tensors")
 def test_data_dependent_checks_on_cpu():
+    """The C++ CPU kernel's messages, which name the sample and value (the launcher's used to stop at "sample")."""
     x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
-    with pytest.raises(RuntimeError, match="pgd_step_: expected eps >= 0 for every sample"):
-        triton_op()(x_adv, x_nat, grad, alpha, -eps, 0.0, 1.0, "linf", None, 0)
-    with pytest.raises(RuntimeError, match="pgd_step_: expected alpha to be finite for every sample"):
-        triton_op()(x_adv, x_nat, grad, alpha / 0, eps, 0.0, 1.0, "linf", None, 0)
+    bad_eps = torch.tensor([0.1, -0.5])
+    big_alpha = torch.tensor([0.1, 1e39], dtype=torch.float64)  # inf once converted to float32, as the kernel uses it
+    for a, e, message in [(alpha, bad_eps, "expected eps >= 0 for every sample, got eps[1]=-0.5"),
+                          (alpha / 0, eps, "expected alpha to be finite for every sample, got alpha[0]=inf"),
+                          (big_alpha, eps, "expected alpha to be finite for every sample, got alpha[1]=inf")]:
+        before = x_adv.clone()
+        with pytest.raises(RuntimeError) as got:
+            triton_op()(x_adv, x_nat, grad, a, e, 0.0, 1.0, "linf", None, 0)
+        with pytest.raises(RuntimeError) as native:
+            torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, a, e, 0.0, 1.0, "linf", None, 0)
+        assert str(got.value) == str(native.value) == "pgd_step_: " + message
+        assert torch.equal(x_adv, before)
 
 
 @pytest.mark.needs_cuda

@@ -4,6 +4,8 @@ The messages are the same as the C++ TORCH_CHECKs (csrc/*.h), so a user sees one
 or under torch.compile. The check_* functions are also the Triton launchers' checks (device and overlap included).
 """
 
+import math
+
 import torch
 
 from .reference import pool_output_size
@@ -201,6 +203,20 @@ def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm
     check_no_internal_overlap(op, "x_adv", x_adv)
     if history is not None:
         check_no_internal_overlap(op, "history", history)
+
+
+def check_pgd_step_values(alpha, eps, x_dtype):
+    """csrc/pgd_step.h check_values, with its messages: alpha finite and eps >= 0 for every sample, on the values the
+    kernels use (converted to the opmath dtype of x_adv). Reads the values on the host: for CPU tensors only (the
+    Triton launcher under the interpreter and backend="reference"); on CUDA it would cost a sync per step."""
+    op_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
+    alphas, epss = alpha.to(op_dtype).tolist(), eps.to(op_dtype).tolist()
+    for i, (a, e) in enumerate(zip(alphas, epss)):
+        torch._check(
+            math.isfinite(a),
+            lambda i=i, a=a: f"pgd_step_: expected alpha to be finite for every sample, got alpha[{i}]={a!r}",
+        )
+        torch._check(e >= 0.0, lambda i=i, e=e: f"pgd_step_: expected eps >= 0 for every sample, got eps[{i}]={e!r}")
 
 
 @torch.library.register_fake("robust_ops::pgd_step_")

@@ -1,6 +1,7 @@
 """Public functional API of the robust_ops kernels. Semantics: docs/ops/; the oracle: robust_ops.reference."""
 
 import numbers
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,25 @@ def _per_sample_tensor(name, value, like):
     raise TypeError(f"pgd_step_: expected {name} to be a number or a tensor, got {type(value).__name__}")
 
 
+def _real(name, value):
+    """A clip bound as a Python float: a real number or a 0-D tensor, never None or a string."""
+    if (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
+        isinstance(value, torch.Tensor) and value.dim() == 0
+    ):
+        return float(value)
+    raise TypeError(f"pgd_step_: expected {name} to be a number, got {type(value).__name__}")
+
+
+def _index(name, value):
+    """An int (or a 0-D integer tensor), never truncated: int(1.5) used to pick slot 1 silently."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"pgd_step_: expected {name} to be an int, got {value!r}")
+
+
 def pgd_step_(
     x_adv, x_nat, grad, alpha, eps, *, clip_min=0.0, clip_max=1.0, norm="linf", history=None, slot=0, backend=None
 ):
@@ -157,22 +177,29 @@ def pgd_step_(
         history (Tensor[m, N, ...], optional): buffer that also receives the new iterate in slot ``slot``.
         backend (str, optional): as for :func:`drop_max_pool2d`.
     """
+    if not isinstance(x_adv, torch.Tensor):
+        raise TypeError(f"pgd_step_: expected x_adv to be a tensor, got {type(x_adv).__name__}")
+    if x_adv.dim() == 0:  # the op's own message, raised before x_adv.shape[0] below fails with an IndexError
+        raise RuntimeError("pgd_step_: expected x_adv to have a batch dimension, got a 0-D tensor")
     alpha_t = _per_sample_tensor("alpha", alpha, x_adv)
     eps_t = _per_sample_tensor("eps", eps, x_adv)
+    clip_min, clip_max = _real("clip_min", clip_min), _real("clip_max", clip_max)
+    slot = _index("slot", slot)
     which = _backend.resolve("pgd_step_", x_adv.device, backend)
     with torch.no_grad():
         if which == "native":
-            torch.ops.robust_ops.pgd_step_(
-                x_adv, x_nat, grad, alpha_t, eps_t, float(clip_min), float(clip_max), norm, history, int(slot)
-            )
+            torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)
         elif which == "triton":
             torch.ops.robust_ops.pgd_step_triton(
-                x_adv, x_nat, grad, alpha_t, eps_t, float(clip_min), float(clip_max), norm, history, int(slot)
+                x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot
             )
         else:
-            from ._meta import check_pgd_step_args
+            from ._meta import check_pgd_step_args, check_pgd_step_values
 
             check_pgd_step_args(x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)
+            # As the CPU kernels (skipped on CUDA: a sync per step; and while compiling: they read values).
+            if x_adv.device.type == "cpu" and not torch.compiler.is_compiling():
+                check_pgd_step_values(alpha_t, eps_t, x_adv.dtype)
             reference.pgd_step_(x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)
     return x_adv
 

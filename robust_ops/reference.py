@@ -128,6 +128,10 @@ def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=
     reciprocal(tensor) * float), except that eps = 0 gives factor 0 (torchattacks: 0 * inf = NaN for a zero delta).
     A zero gradient leaves a sample where it is (up to the rounding of x_nat + (x - x_nat)); no NaN.
     """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}")
+    if x_adv.numel() == 0:  # nothing to update (and grad.reshape(0, -1) below is ambiguous for an empty batch)
+        return
     a = _per_sample(alpha, x_adv)
     e = _per_sample(eps, x_adv)
     if norm == "linf":
@@ -145,8 +149,6 @@ def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=
         factor = torch.minimum(delta_norm.reciprocal() * eps_flat, torch.ones_like(delta_norm))
         factor = torch.where(eps_flat == 0, torch.zeros_like(factor), factor)
         delta = delta * factor.view_as(a)
-    else:
-        raise ValueError(f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}")
     new = torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
     x_adv.copy_(new)
     if history is not None:

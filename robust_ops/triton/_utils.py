@@ -24,6 +24,21 @@ def on_device_of(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def may_overlap(a, b):
+    """Whether a and b may share memory (csrc/pgd_step.h `overlaps`: at::get_overlap_status(a, b) != No): views of one
+    storage whose element spans intersect. Interleaved views count as overlapping, as ATen's TooHard does."""
+    if a.numel() == 0 or b.numel() == 0 or not torch._C._overlaps(a, b):  # _overlaps: the same storage
+        return False
+
+    def span(t):
+        first = t.storage_offset() * t.element_size()
+        last = first + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        return first, last
+
+    (a_first, a_last), (b_first, b_last) = span(a), span(b)
+    return a_first < b_last and b_first < a_last
+
+
 @triton.jit
 def mul_rn(a, b):
     """a * b rounded once, never contracted with a following add into an FMA. The eager launches also pass

@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-from .._meta import check_pgd_step_args
-from ._utils import div_rn, launch, mul_rn, on_device_of
+from .._meta import check_pgd_step_args, check_pgd_step_values
+from ._utils import div_rn, launch, may_overlap, mul_rn, on_device_of
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -127,18 +128,22 @@ def pgd_step_triton(
     op_dtype = _opmath(x_adv.dtype)
     alpha_c = alpha.to(op_dtype).contiguous()
     eps_c = eps.to(op_dtype).contiguous()
-    if x_adv.device.type == "cpu":  # interpreter: checked at once, like the C++ CPU kernel (no device sync exists)
-        torch._assert_async(torch.isfinite(alpha_c).all(), "pgd_step_: expected alpha to be finite for every sample")
-        torch._assert_async((eps_c >= 0).all(), "pgd_step_: expected eps >= 0 for every sample")
+    if x_adv.device.type == "cpu" and not is_fake(alpha_c):  # interpreter: the C++ CPU kernel's checks and messages
+        check_pgd_step_values(alpha, eps, x_adv.dtype)
     n = x_adv.shape[0]
     if x_adv.numel() == 0:
         return
     per_sample = x_adv.numel() // n
     x = x_adv.contiguous()
-    x_nat_c = x_nat.contiguous()
-    grad_c = grad.contiguous()
+    # As the C++ kernels: programs write x before others have read x_nat / grad, and the history slot before others
+    # have read the inputs, so nothing written may share memory with what is read (x_adv = buf[1:] with
+    # x_nat = buf[:-1] read values already stepped).
+    x_nat_c = x_nat.clone(memory_format=torch.contiguous_format) if may_overlap(x_nat, x_adv) else x_nat.contiguous()
+    grad_c = grad.clone(memory_format=torch.contiguous_format) if may_overlap(grad, x_adv) else grad.contiguous()
     bounds = torch.tensor([clip_min, clip_max], dtype=op_dtype, device=x_adv.device)
-    direct_history = history is not None and history.is_contiguous()
+    direct_history = history is not None and history.is_contiguous() and not any(
+        may_overlap(history[slot], t) for t in (x, x_nat_c, grad_c)
+    )
     hist = history if direct_history else x  # never written when HAS_HISTORY is False
     hist_offset = slot * x_adv.numel() if direct_history else 0
     blocks_per_sample = triton.cdiv(per_sample, BLOCK)
