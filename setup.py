@@ -3,7 +3,9 @@
 Environment switches:
   ROBUST_OPS_CPU_ONLY=1   skip the CUDA kernels even when they could be built
   FORCE_CUDA=1            build the CUDA kernels (fails with an explanation when no toolkit is found)
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "9.0" when unset: without a GPU torch cannot detect one)
+                          A CUDA build (forced or not) fails with an explanation when the toolkit's CUDA major.minor
+                          differs from torch.version.cuda: robust_ops would refuse to load such kernels.
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "9.0" when unset or empty: without a GPU torch cannot detect one)
   NVCC_FLAGS              extra nvcc flags
   DEBUG=1                 -O0 -g
 Install for development with `pip install --no-build-isolation -e .` (build isolation would fetch another torch).
@@ -11,6 +13,8 @@ Install for development with `pip install --no-build-isolation -e .` (build isol
 
 import glob
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import setup
@@ -34,6 +38,32 @@ def _cuda_home():
     return None
 
 
+def _nvcc_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, or None when it cannot be run or read."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _check_toolkit(cuda_home):
+    """Refuse a CUDA build whose kernels robust_ops would refuse to load (robust_ops/_extension.py compares the CUDA
+    major.minor of the kernels with torch.version.cuda); torch itself only errors on a major mismatch."""
+    if torch.version.cuda is None:
+        sys.exit(f"robust_ops: FORCE_CUDA=1 but torch {torch.__version__} is a CPU build (torch.version.cuda is None); "
+                 "install a CUDA build of torch, or unset FORCE_CUDA")
+    toolkit = _nvcc_version(cuda_home)
+    wanted = tuple(int(part) for part in torch.version.cuda.split(".")[:2])
+    if toolkit is not None and toolkit != wanted:
+        sys.exit(f"robust_ops: the CUDA toolkit at {cuda_home} is CUDA {toolkit[0]}.{toolkit[1]} but torch "
+                 f"{torch.__version__} was built with CUDA {torch.version.cuda}; the CUDA kernels must be compiled "
+                 f"with the same CUDA version. Set CUDA_HOME to a CUDA {wanted[0]}.{wanted[1]} toolkit, or build "
+                 "without the CUDA kernels: ROBUST_OPS_CPU_ONLY=1")
+
+
 def _build_config():
     """Decide CUDA from torch.version.cuda and the toolkit -- never torch.cuda.is_available(), which is False on
     GPU-less build machines even when the kernels could be compiled."""
@@ -43,11 +73,13 @@ def _build_config():
     if _flag("FORCE_CUDA"):
         if cuda_home is None:
             sys.exit("robust_ops: FORCE_CUDA=1 but no CUDA toolkit found (set CUDA_HOME to a folder with bin/nvcc)")
+        _check_toolkit(cuda_home)
         return True, cuda_home, "FORCE_CUDA=1"
     if torch.version.cuda is None:
         return False, None, f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
     if cuda_home is None:
         return False, None, f"no CUDA toolkit found (CUDA_HOME unset, no nvcc); torch.version.cuda={torch.version.cuda}"
+    _check_toolkit(cuda_home)
     return True, cuda_home, f"torch.version.cuda={torch.version.cuda} and toolkit at {cuda_home}"
 
 
@@ -55,6 +87,13 @@ def _extension():
     build_cuda, cuda_home, why = _build_config()
     debug = _flag("DEBUG")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # Headers and the CUDA sources whichever build this is: they trigger rebuilds, and setuptools puts ext.depends
+    # in the sdist (without them a wheel built from the sdist, as `python -m build` does, would not compile).
+    depends = sorted(
+        path
+        for pattern in ("*.h", "*.cuh", "*.cu")
+        for path in glob.glob(os.path.join("csrc", "**", pattern), recursive=True)
+    )
     # -ffp-contract=off: kernels must round exactly like the eager PyTorch expressions they replace (bitwise parity
     # with torchattacks), so no fused multiply-add contraction. -fopenmp in compile AND link flags, or
     # at::parallel_for silently runs on one thread.
@@ -69,7 +108,8 @@ def _extension():
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
         # Without a GPU torch cannot detect an architecture and the build crashes; default to Hopper.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # unset or empty: torch would try to detect a GPU
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
         nvcc = ["-O0" if debug else "-O3", "-std=c++20", "--fmad=false", "-lineinfo"]
@@ -97,6 +137,7 @@ def _extension():
     return ext_cls(
         "robust_ops._C",
         sources,
+        depends=depends,
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,

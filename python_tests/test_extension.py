@@ -1,9 +1,16 @@
 """The build and load checks: the compiled library, CUDA-version mismatch and missing-build messages."""
 
 import importlib
+import os
+import runpy
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+import setuptools
 import torch
+from torch.utils import cpp_extension
 
 import robust_ops
 from robust_ops import _extension
@@ -52,3 +59,103 @@ def test_lazy_submodules():
     assert robust_ops.models.build_model("small_cnn", 1, 2, 28) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         robust_ops.nope
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _setup_py(monkeypatch):
+    """setup.py's functions, without building: setuptools.setup is stubbed, the module-level extension CPU-only."""
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.setenv("ROBUST_OPS_CPU_ONLY", "1")
+    namespace = runpy.run_path(str(REPO / "setup.py"))
+    monkeypatch.delenv("ROBUST_OPS_CPU_ONLY")
+    return namespace
+
+
+def _fake_toolkit(folder, release):
+    nvcc = folder / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True, exist_ok=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    return str(folder)
+
+
+def test_setup_refuses_a_toolkit_of_another_cuda_version(monkeypatch, tmp_path):
+    build_config = _setup_py(monkeypatch)["_build_config"]
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("CUDA_HOME", _fake_toolkit(tmp_path, "13.2"))
+    for force in ("0", "1"):  # found or forced: either way the kernels would not load
+        monkeypatch.setenv("FORCE_CUDA", force)
+        with pytest.raises(SystemExit, match=r"toolkit at .* is CUDA 13\.2 but torch .* built with CUDA 13\.0.*"
+                                              r"ROBUST_OPS_CPU_ONLY=1"):
+            build_config()
+    _fake_toolkit(tmp_path, "13.0")
+    assert build_config()[:2] == (True, str(tmp_path))
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(SystemExit, match=r"FORCE_CUDA=1 but torch .* is a CPU build"):
+        build_config()
+    monkeypatch.setenv("FORCE_CUDA", "0")
+    assert build_config()[0] is False
+
+
+def test_setup_ships_every_native_source_in_the_sdist(monkeypatch):
+    """setuptools puts ext.sources and ext.depends in the sdist: together they must cover csrc/, CUDA files included
+    even for a CPU-only build (otherwise a wheel built from the sdist would not compile)."""
+    extension = _setup_py(monkeypatch)["_extension"]
+    monkeypatch.setenv("ROBUST_OPS_CPU_ONLY", "1")
+    monkeypatch.chdir(REPO)
+    ext = extension()
+    shipped = {Path(path).as_posix() for path in [*ext.sources, *ext.depends]}
+    on_disk = {path.relative_to(REPO).as_posix() for path in (REPO / "csrc").rglob("*") if path.is_file()}
+    assert on_disk and on_disk <= shipped, sorted(on_disk - shipped)
+
+
+@pytest.mark.parametrize("arch_list", [None, ""])  # unset or empty: torch would look for a GPU and fail
+def test_setup_defaults_the_cuda_architectures_without_a_gpu(monkeypatch, tmp_path, arch_list):
+    extension = _setup_py(monkeypatch)["_extension"]
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # _extension sets it; restored after
+    monkeypatch.setenv("CUDA_HOME", _fake_toolkit(tmp_path, "13.0"))
+    monkeypatch.chdir(REPO)  # setup.py globs csrc/ relative to the working directory, as pip runs it
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")  # recorded, so the value _extension sets is undone
+    if arch_list is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    ext = extension()
+    assert any(src.endswith(".cu") for src in ext.sources)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+def _fake_checkout(tmp_path, python_body):
+    """scripts/*.sh beside a fake .venv/bin/python (a shell script), so their exit statuses can be checked cheaply."""
+    (tmp_path / "scripts").mkdir()
+    for name in ("setup.sh", "test.sh"):
+        shutil.copy(REPO / "scripts" / name, tmp_path / "scripts" / name)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/bash\n" + python_body)
+    python.chmod(0o755)
+
+
+def _run_script(tmp_path, name):
+    return subprocess.run(["bash", str(tmp_path / "scripts" / name)], capture_output=True, text=True, timeout=120)
+
+
+def test_setup_sh_reports_a_failed_build_and_its_log(tmp_path):
+    # the build (pip install ... -e .) fails with a long log: head -40 closes the pipe early (SIGPIPE)
+    _fake_checkout(tmp_path, 'case " $* " in *" -e "*) seq 1 200000 | sed "s/^/error: /"; exit 1;; esac\nexit 0\n')
+    result = _run_script(tmp_path, "setup.sh")
+    assert result.returncode == 1, result.stderr
+    assert "robust_ops: build failed (full log: " in result.stdout
+    assert "error: 1\n" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "first, second, expected",
+    [(0, 0, 0), (5, 0, 0), (0, 5, 0), (1, 0, 1), (1, 5, 1), (5, 1, 1), (0, 2, 2), (1, 2, 1), (5, 5, 5)],
+)
+def test_test_sh_exit_status(tmp_path, first, second, expected):
+    """The CPU session's failure is never masked by the Triton session; "no tests collected" (5) in one session is
+    not a failure, in both it is."""
+    _fake_checkout(tmp_path, f'[ -n "${{TRITON_INTERPRET:-}}" ] && exit {second}\nexit {first}\n')
+    assert _run_script(tmp_path, "test.sh").returncode == expected

@@ -26,9 +26,11 @@ fi
 export MAX_JOBS=${MAX_JOBS:-2}
 log=$(mktemp)
 if ! $VPY -m pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1; then
-  grep -E "error|Error" "$log" | head -40
+  # `|| true`: under `set -e -o pipefail` a log without matches, or head closing the pipe (SIGPIPE, 141), would end
+  # the script here, before it says where the log is.
+  grep -E "error|Error" "$log" | head -40 || true
   echo "robust_ops: build failed (full log: $log)"
   exit 1
 fi
-grep -E "^ *robust_ops: building" "$log" | head -1
+grep -E "^ *robust_ops: building" "$log" | head -1 || true
 $VPY -c "import robust_ops; print('robust_ops', robust_ops.__version__, 'CUDA kernels:', robust_ops._extension.has_cuda_kernels())"
