@@ -17,9 +17,7 @@ namespace robust_ops {
 inline void check_boundary_search_step_args(const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& points,
                                             const at::Tensor& crossed_at, const std::optional<at::Tensor>& active) {
   constexpr const char* op = "boundary_search_step_";
-  TORCH_CHECK(at::isFloatingType(lo.scalar_type()), op,
-              ": expected lo to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
-              py_dtype(lo.scalar_type()));
+  check_floating(op, "lo", lo);
   TORCH_CHECK(lo.dim() >= 1, op, ": expected lo to have a batch dimension, got a 0-D tensor");
   TORCH_CHECK(hi.sizes() == lo.sizes() && hi.scalar_type() == lo.scalar_type(), op,
               ": expected hi to have the shape and dtype of lo (", py_tuple(lo.sizes()), ", ",

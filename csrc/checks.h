@@ -22,12 +22,13 @@ inline std::string py_tuple(c10::IntArrayRef sizes) {
   return s.str();
 }
 
-// "<op>: expected <arg> to be a floating-point tensor (float16, bfloat16, float32, float64), got Long"
+// "<op>: expected <arg> to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.int64". Exactly
+// the four dtypes the kernels dispatch on (_meta.FLOATING): at::isFloatingType also admits the float8 types, which
+// would pass here and then fail in dispatch with another message (and disagree with the fake kernels).
 inline void check_floating(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(
-      at::isFloatingType(t.scalar_type()),
-      op, ": expected ", arg, " to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
-      t.scalar_type());
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, op, ": expected ", arg,
+              " to be a floating-point tensor (float16, bfloat16, float32, float64), got ", py_dtype(s));
 }
 
 inline void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim, const char* layout) {

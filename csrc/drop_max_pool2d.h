@@ -36,9 +36,7 @@ struct Geometry {
 inline Geometry check_drop_max_pool2d_args(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                     c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
                     const char* op = kDropMaxOp) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
-              ": expected input to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
-              py_dtype(input.scalar_type()));
+  check_floating(op, "input", input);
   TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ", input.dim(), "-D");
   const std::pair<const char*, c10::IntArrayRef> positive[] = {
       {"kernel_size", kernel_size}, {"stride", stride}, {"dilation", dilation}};
@@ -73,9 +71,7 @@ inline void check_drop_max_pool2d_backward_args(const at::Tensor& grad_output, c
   TORCH_CHECK(grad_output.sizes() == indices.sizes(), kDropMaxBackwardOp,
               ": expected grad_output to have the shape of indices ", py_tuple(indices.sizes()), ", got ",
               py_tuple(grad_output.sizes()));
-  TORCH_CHECK(at::isFloatingType(grad_output.scalar_type()), kDropMaxBackwardOp,
-              ": expected grad_output to be a floating-point tensor (float16, bfloat16, float32, float64), got ",
-              py_dtype(grad_output.scalar_type()));
+  check_floating(kDropMaxBackwardOp, "grad_output", grad_output);
   TORCH_CHECK(grad_output.dim() == 4, kDropMaxBackwardOp, ": expected grad_output to be 4-D (N, C, H_out, W_out), got ",
               grad_output.dim(), "-D");
   TORCH_CHECK(input_size.size() == 4 && input_size[0] == grad_output.size(0) &&

@@ -133,16 +133,11 @@ inline std::string py_float(double v) {
   return negative ? "-" + out : out;
 }
 
-inline void check_floating(const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), kOp, ": expected ", arg,
-              " to be a floating-point tensor (float16, bfloat16, float32, float64), got ", py_dtype(t.scalar_type()));
-}
-
 // The checks of robust_ops/_meta.py:check_pgd_step_args, in the same order with the same messages.
 inline void check_args(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad, const at::Tensor& alpha,
                        const at::Tensor& eps, double clip_min, double clip_max, std::string_view norm,
                        const std::optional<at::Tensor>& history, int64_t slot) {
-  check_floating("x_adv", x_adv);
+  check_floating(kOp, "x_adv", x_adv);
   TORCH_CHECK(x_adv.dim() >= 1, kOp, ": expected x_adv to have a batch dimension, got a 0-D tensor");
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"x_nat", &x_nat}, {"grad", &grad}}) {
     TORCH_CHECK(t->sizes() == x_adv.sizes(), kOp, ": expected ", name, " to have the shape of x_adv ",
@@ -154,7 +149,7 @@ inline void check_args(const at::Tensor& x_adv, const at::Tensor& x_nat, const a
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"alpha", &alpha}, {"eps", &eps}}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n, kOp, ": expected ", name, " to be a 1-D tensor of ", n,
                 " per-sample values, got shape ", py_tuple(t->sizes()));
-    check_floating(name, *t);
+    check_floating(kOp, name, *t);
   }
   TORCH_CHECK(clip_min <= clip_max, kOp, ": expected clip_min <= clip_max, got clip_min=", py_float(clip_min),
               ", clip_max=", py_float(clip_max));

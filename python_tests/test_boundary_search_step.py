@@ -231,6 +231,8 @@ def _bad_inputs():
     c = torch.zeros(4, dtype=torch.int64)
     return [
         ("lo to be a floating-point tensor", (lo.long(), hi.long(), pts.long(), c, None)),
+        (r"lo to be a floating-point tensor \(float16, bfloat16, float32, float64\), got torch.float8_e4m3fn",
+         tuple(t.to(torch.float8_e4m3fn) for t in (lo, hi, pts)) + (c, None)),
         ("lo to have a batch dimension", (torch.zeros(()), torch.zeros(()), torch.zeros(1), c, None)),
         ("hi to have the shape and dtype of lo", (lo, torch.zeros(4, 2), pts, c, None)),
         ("hi to have the shape and dtype of lo", (lo, hi.double(), pts, c, None)),

@@ -333,6 +333,13 @@ BAD_ARGS = {
     "eps shape": (dict(eps=torch.zeros((2, 1))), "expected eps to be a 1-D tensor of 2 per-sample values, got shape (2, 1)"),
     "eps dtype": (dict(eps=torch.zeros(2, dtype=torch.bool)),
                   "expected eps to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.bool"),
+    # float8 passed at::isFloatingType: eager and the fake kernel disagreed
+    "x_adv float8": (dict(x_adv=torch.zeros((2, 3, 4), dtype=torch.float8_e5m2)),
+                     "expected x_adv to be a floating-point tensor (float16, bfloat16, float32, float64), "
+                     "got torch.float8_e5m2"),
+    "alpha float8": (dict(alpha=torch.zeros(2, dtype=torch.float8_e4m3fn)),
+                     "expected alpha to be a floating-point tensor (float16, bfloat16, float32, float64), "
+                     "got torch.float8_e4m3fn"),
     "clip order": (dict(clip_min=1.0, clip_max=0.0), "expected clip_min <= clip_max, got clip_min=1.0, clip_max=0.0"),
     "clip repr": (dict(clip_min=0.30000000000000004, clip_max=1e-05),
                   "expected clip_min <= clip_max, got clip_min=0.30000000000000004, clip_max=1e-05"),

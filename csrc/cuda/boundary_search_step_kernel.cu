@@ -3,6 +3,7 @@
 // two bracketing tensors are loaded. Interior points are lo * w_lo + hi * w_hi with explicitly rounded multiplies and
 // adds (__fmul_rn / __fadd_rn: never contracted into an FMA), both products rounded to the dtype like the eager
 // expression (opmath float for float16 / bfloat16).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -75,7 +76,16 @@ void boundary_search_step_cuda(at::Tensor& lo, at::Tensor& hi, at::Tensor& point
   const c10::cuda::CUDAGuard guard(lo.device());
   const int64_t k = points.size(0) + 1;
   const int64_t n = lo.size(0);
-  if (lo.numel() == 0) return;
+  if (lo.numel() == 0) {
+    // No tile runs, so the kernel's per-sample check would not either: an asynchronous one (no host sync), as the
+    // Triton launcher; CPU checks on the host.
+    if (n > 0) {
+      const std::string message = "boundary_search_step_: expected crossed_at in [0, " + std::to_string(k - 1) +
+                                  "] (k = " + std::to_string(k) + "), got a value outside that range";
+      at::_assert_async(at::logical_and(crossed_at >= 0, crossed_at <= k - 1).all(), message);
+    }
+    return;
+  }
   const int64_t per_sample = lo.numel() / n;
 
   at::Tensor lo_c = lo.contiguous();
