@@ -14,7 +14,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,13 +22,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import copy_roofline_seconds, interleaved_medians, write_rows  # noqa: E402
+from common import (copy_roofline_seconds, device_arg, interleaved_medians, nonnegative_int,  # noqa: E402
+                    positive_int, write_rows)
 
 from robust_ops import attacks  # noqa: E402
 from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
 from robust_ops.memory import ENV_SWITCH as POOL_SWITCH  # noqa: E402
 from robust_ops.native_layers import ENV_SWITCH as LAYERS_SWITCH  # noqa: E402
-from robust_ops.models import build_model  # noqa: E402
+from robust_ops.models import MODELS, build_model  # noqa: E402
 from robust_ops.prepacked_conv import prepacked_conv  # noqa: E402
 
 
@@ -111,14 +111,6 @@ def with_switch_off(env_var, fn):
     return with_env(env_var, "0", fn)
 
 
-def timed_once(fn):
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
 def peer_cases(model, eps, steps, queries):
     """(case, ours, torchattacks counterpart or None, why there is none, iterations) for every attack, with the same
     settings on both sides; iterations: the attack's sequential updates of the batch (steps, queries, trials). The
@@ -178,7 +170,7 @@ def bench_peers(name, model, x, y, eps, args, backend):
 
         fns = [run_ours, run_reference] + ([lambda: peer(x, y)] if peer is not None else [])
         outputs = [fn() for fn in fns]
-        times, _ = interleaved_medians(fns, args.peer_rounds or (1 if args.quick else 3))
+        times, _ = interleaved_medians(fns, args.peer_rounds or (1 if args.quick else 3), x.device)
         with torch.no_grad():
             robust = [float((model(out).argmax(1) == y).float().mean()) for out in outputs]
         rows.append(dict(
@@ -206,22 +198,35 @@ def pick_ensemble_eps(model, x, y):
             broken = float((model(attacks.fgsm(model, x, y, eps=eps)).argmax(1) != y).float().mean())
         if broken >= 0.25:
             break
+    else:
+        print(f"FGSM breaks {broken:.3f} (< 0.25) of the batch even at 16/255; using eps = 16/255", flush=True)
     return eps
+
+
+def model_names(text):
+    """argparse type: a comma list of small-resnet and robust_ops.models names."""
+    names = text.split(",")
+    unknown = [m for m in names if m != "small-resnet" and m not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; expected small-resnet or "
+                                         f"{', '.join(MODELS)}")
+    return names
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short timing runs (noisy)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", default="small-resnet,resnet18")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, --quick 2)")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--train-steps", type=int, default=None, help="Adam steps before the ensemble (default 30, "
-                        "--quick 12)")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", type=model_names, default="small-resnet,resnet18")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="interleaved timing rounds (default 7, --quick 2)")
+    parser.add_argument("--size", type=positive_int, default=64)
+    parser.add_argument("--train-steps", type=nonnegative_int, default=None,
+                        help="Adam steps before the ensemble (default 30, --quick 12)")
     parser.add_argument("--peers-only", action="store_true", help="only the table of attacks vs torchattacks")
-    parser.add_argument("--peer-rounds", type=int, default=None, help="interleaved rounds per attack in that table "
-                        "(default 3, --quick 1)")
+    parser.add_argument("--peer-rounds", type=positive_int, default=None,
+                        help="interleaved rounds per attack in that table (default 3, --quick 1)")
     args = parser.parse_args()
     import torchattacks
 
@@ -231,7 +236,7 @@ def main():
     train_steps = args.train_steps if args.train_steps is not None else (12 if args.quick else 30)
     eps, alpha, steps = 8 / 255, 2 / 255, 10
     rows, peer_rows = [], []
-    for name in args.models.split(","):
+    for name in args.models:
         model = make_model(name, device)
         if args.peers_only:
             train_briefly(model, train_steps, args.batch, args.size, device)
@@ -284,7 +289,7 @@ def main():
         (t_ours, t_theirs, t_no_pool, t_emit, t_no_layers, t_cl, t_packed, t_cl_packed), _ = interleaved_medians(
             [ours, theirs, ours_no_pool, ours_emit, ours_no_native_layers, ours_channels_last, ours_prepacked,
              ours_channels_last_prepacked],
-            args.rounds or (2 if args.quick else 7))
+            args.rounds or (2 if args.quick else 7), device)
         rows.append(dict(model=name, case="pgd-10 vs torchattacks.PGD", ours_ms=t_ours * 1e3, peer_ms=t_theirs * 1e3,
                          ratio=t_theirs / t_ours, images_per_s=args.batch / t_ours, same_output=same,
                          backend=backend))
@@ -316,18 +321,27 @@ def main():
             attacks.PGD(model, eps=ens_eps, alpha=ens_eps / 4, steps=10, random_start=False),
             attacks.APGD(model, eps=ens_eps, steps=10, loss="ce", seed=0),
         ]
-        cascade, t_cascade = timed_once(lambda: attacks.ensemble(model, x, y_pred, chain))
-        full, t_full = timed_once(lambda: attacks.ensemble(model, x, y_pred, chain, cascade=False))
-        rows.append(dict(model=name, case=f"ensemble fgsm>pgd-10>apgd-10 eps={ens_eps * 255:g}/255: cascade vs all", ours_ms=t_cascade * 1e3,
-                         peer_ms=t_full * 1e3, ratio=t_full / t_cascade, images_per_s=args.batch / t_cascade,
+
+        def run_cascade():
+            return attacks.ensemble(model, x, y_pred, chain)
+
+        def run_all():
+            return attacks.ensemble(model, x, y_pred, chain, cascade=False)
+
+        cascade, full = run_cascade(), run_all()
+        (t_cascade, t_full), _ = interleaved_medians([run_cascade, run_all], args.rounds or (2 if args.quick else 7),
+                                                     device)
+        rows.append(dict(model=name, case=f"ensemble fgsm>pgd-10>apgd-10 eps={ens_eps * 255:g}/255: cascade vs all",
+                         ours_ms=t_cascade * 1e3, peer_ms=t_full * 1e3, ratio=t_full / t_cascade,
+                         images_per_s=args.batch / t_cascade,
                          same_output=cascade.robust_accuracy() == full.robust_accuracy(), backend=backend))
         print(f"{name}: trained {train_steps} steps, clean accuracy {float((y_pred == y).float().mean()):.3f}; "
               f"ensemble robust accuracy cascade {cascade.robust_accuracy():.3f}, all "
               f"{full.robust_accuracy():.3f}; broken per attack {cascade.counts()}", flush=True)
         peer_rows += bench_peers(name, model, x, y_pred, ens_eps, args, backend)
     if rows:
-        write_rows("bench_attacks", rows)
-    write_rows("bench_attacks_peers", peer_rows)
+        write_rows("bench_attacks", rows, device)
+    write_rows("bench_attacks_peers", peer_rows, device)
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ def forward_seconds(model, shape, batch, device, reps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short timing runs (noisier)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--device", type=common.device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=common.positive_int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,6 +100,9 @@ def main(argv=None):
     providers = {"native": torch.ops.robust_ops.boundary_search_step_}
     if torch.device(device).type == "cuda" and hasattr(torch.ops.robust_ops, "boundary_search_step_triton"):
         providers["triton"] = torch.ops.robust_ops.boundary_search_step_triton
+    elif torch.device(device).type == "cuda":
+        print("triton: skipped, robust_ops::boundary_search_step_triton is not registered (Triton missing or not "
+              "importable)")
 
     rows = []
     for shape in SHAPES:
@@ -143,7 +146,7 @@ def main(argv=None):
                     "ref_share_of_round_pct": 100 * ref_s / (ref_s + fwd_s),
                 })
                 print(rows[-1], flush=True)
-    common.write_rows("boundary_search", rows)
+    common.write_rows("boundary_search", rows, device)
 
 
 if __name__ == "__main__":

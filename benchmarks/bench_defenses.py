@@ -20,13 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import write_rows  # noqa: E402
+from common import device_arg, positive_int, write_rows  # noqa: E402
 
 from robust_ops import defenses  # noqa: E402
 from robust_ops.attacks.context import classification_loss  # noqa: E402
 from robust_ops.memory import library_pool  # noqa: E402
 from robust_ops.native_layers import library_speedups  # noqa: E402
-from robust_ops.models import build_model  # noqa: E402
+from robust_ops.models import MODELS, build_model  # noqa: E402
 
 ALL = ("standard", "at", "sat", "trades", "rst", "gr", "llr", "mart", "fat", "amat", "mirst", "mirst-plain", "mirst-dm",
        "ima", "dpaat", "arfl", "at-torchattacks")
@@ -86,10 +86,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps (default: 2 + 7)")
     ap.add_argument("--defenses", nargs="*", default=list(ALL), choices=ALL)
-    ap.add_argument("--model", default="resnet18")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="resnet18", choices=MODELS)
+    ap.add_argument("--size", type=positive_int, default=64)
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, help="warm-up rounds (default 1 with --quick, else 2)")
     ap.add_argument("--rounds", type=int, help="timed rounds (default 3 with --quick, else 7)")
     args = ap.parse_args(argv)
@@ -152,7 +152,7 @@ def main(argv=None):
         print(f"AT (run_pgd) vs AT (torchattacks PGD): {times['at-torchattacks'] / times['at']:.2f}x faster")
     for row in rows:
         row.update(model=args.model, input=f"{args.batch}x1x{args.size}x{args.size}", reps=reps)
-    write_rows("defenses", rows)
+    write_rows("defenses", rows, device)
 
 
 if __name__ == "__main__":

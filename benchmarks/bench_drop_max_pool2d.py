@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import copy_roofline_seconds, gbps, median_seconds, write_rows  # noqa: E402
+from common import copy_roofline_seconds, gbps, median_seconds, positive_int, write_rows  # noqa: E402
 
 import robust_ops  # noqa: E402
 from robust_ops import reference  # noqa: E402
@@ -57,8 +57,8 @@ def check_equal(x, k, s, p, backend):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape and short timing (smoke run)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"))
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--shape", type=positive_int, nargs=4, default=None, metavar=("N", "C", "H", "W"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = tuple(args.shape) if args.shape else ((2, 16, 56, 56) if args.quick else (8, 64, 112, 112))
@@ -67,6 +67,7 @@ def main():
     torch.manual_seed(0)
 
     rows = []
+    print("reference: NCHW only (it works on planes); channels_last rows' speedup_vs_reference is against it")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         x = torch.randn(shape, device=device)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import synchronize, write_rows  # noqa: E402
+from common import device_arg, nonnegative_int, positive_int, synchronize, write_rows  # noqa: E402
 
 from robust_ops.native_layers import library_speedups  # noqa: E402
 from robust_ops.attacks.context import attack_context  # noqa: E402
@@ -152,6 +152,12 @@ def _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
     return seconds, cpu_seconds, defense.margins.clone(), counts, crossed / max(seen, 1)
 
 
+def same_kernels_masked(channels_last, prepacked):
+    """The masked variant that runs the same convolution kernels (memory format, prepacking) as a variant."""
+    return {(True, False): "masked channels_last", (False, True): "masked prepacked",
+            (True, True): "masked channels_last prepacked"}.get((channels_last, prepacked), "masked")
+
+
 def lockstep(state, x, y, ids_all, args, scenario):
     """Train with the compacted defense and, at every batch, also run GenAdv compacted and masked on the same
     model state and margins: do they agree batch by batch (float32)?"""
@@ -183,14 +189,15 @@ def lockstep(state, x, y, ids_all, args, scenario):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 images (one batch), 1 repeat")
-    parser.add_argument("--images", type=int, default=None, help="training images in the IMA epoch (default 546)")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=128,
+    parser.add_argument("--images", type=positive_int, default=None,
+                        help="training images in the IMA epoch (default 546)")
+    parser.add_argument("--repeats", type=positive_int, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="IMA epoch batch (default 128, the paper's batch for its 28x28 ResNet-18)")
-    parser.add_argument("--steps", type=int, default=20, help="K (paper: 20)")
-    parser.add_argument("--search-steps", type=int, default=10, help="N (paper: 10)")
-    parser.add_argument("--pretrain-epochs", type=int, default=1)
-    parser.add_argument("--pretrain-batch-size", type=int, default=64,
+    parser.add_argument("--steps", type=positive_int, default=20, help="K (paper: 20)")
+    parser.add_argument("--search-steps", type=positive_int, default=10, help="N (paper: 10)")
+    parser.add_argument("--pretrain-epochs", type=nonnegative_int, default=1)
+    parser.add_argument("--pretrain-batch-size", type=positive_int, default=64,
                         help="batch of the standard pretraining (fixed, so --batch-size changes only the IMA epoch)")
     parser.add_argument("--scenarios", default=None,
                         help="comma list of init, spread, cap (default: all three) and, with --state, trained "
@@ -206,10 +213,10 @@ def main():
     parser.add_argument("--lockstep", action="store_true",
                         help="only check, batch by batch on the same model state, that compacted and masked GenAdv "
                              "agree (spread margins)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the epochs run (default: cuda when a GPU is visible); the 'prepacked' variants "
                              "are CPU-only and equal their plain twins elsewhere")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: torch's); 1 keeps OpenMP spin-waits out of the CPU time on a "
                              "shared machine")
     parser.add_argument("--deterministic", action="store_true",
@@ -229,6 +236,8 @@ def main():
     device = torch.device(args.device)
     x, y = load_train()
     x, y = x.to(device), y.to(device)
+    if images > x.shape[0]:
+        parser.error(f"--images: the BreastMNIST training split has {x.shape[0]} images, got {images}")
     scenarios = (args.scenarios or ("trained" if args.state else "spread,cap,init")).split(",")
     unknown = set(scenarios) - {"init", "spread", "cap", "trained"}
     if unknown:
@@ -303,21 +312,25 @@ def main():
             diff = (margins - ref_margins).abs()
             med, cpu_med = statistics.median(times[name]), statistics.median(cpu_times[name])
             # The masked epoch on the same convolution kernels (memory format, prepacking): compaction's own
-            # speed-up and margin check.
-            same = {(True, False): "masked channels_last", (False, True): "masked prepacked",
-                    (True, True): "masked channels_last prepacked"}.get((channels_last, prepacked), "masked")
-            same = same if same in results else "masked"
+            # speed-up and margin check; "n/a" when --variants left that masked twin out.
+            same = same_kernels_masked(channels_last, prepacked)
+            if same not in results:
+                print(f"{scenario} {name}: no {same!r} in --variants, so its *_same_layout columns are n/a",
+                      flush=True)
             rows.append({
                 "scenario": scenario, "variant": name, "ran_on": args.device, "deterministic": args.deterministic,
                 "images": images, "K": args.steps,
                 "N": args.search_steps, "epoch_s_median": med, "speedup_vs_masked": base / med,
-                "epoch_cpu_s_median": cpu_med, "cpu_speedup_vs_masked": cpu_base / cpu_med, **counts, "crossed_frac": crossed,
+                "epoch_cpu_s_median": cpu_med, "cpu_speedup_vs_masked": cpu_base / cpu_med, **counts,
+                "crossed_frac": crossed,
                 "margins_equal_to_masked": bool(torch.equal(margins, ref_margins)),
                 "margins_max_abs_diff": float(diff.max()), "margins_differing": int((diff > 0).sum()),
-                "speedup_vs_masked_same_layout": statistics.median(times[same]) / med,
-                "margins_equal_to_masked_same_layout": bool(torch.equal(margins, results[same][0])),
+                "speedup_vs_masked_same_layout": (statistics.median(times[same]) / med if same in results
+                                                  else "n/a"),
+                "margins_equal_to_masked_same_layout": (bool(torch.equal(margins, results[same][0]))
+                                                        if same in results else "n/a"),
             })
-    write_rows("ima_deterministic" if args.deterministic else "ima", rows)
+    write_rows("ima_deterministic" if args.deterministic else "ima", rows, device)
 
 
 if __name__ == "__main__":

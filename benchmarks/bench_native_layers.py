@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import copy_roofline_seconds, gbps, median_seconds, write_rows  # noqa: E402
+from common import copy_roofline_seconds, gbps, median_seconds, positive_int, write_rows  # noqa: E402
 
 import robust_ops  # noqa: E402
 from robust_ops import reference  # noqa: E402
@@ -62,13 +62,13 @@ def check_max_pool2d(x, grad):
 def main():
     with cpu_memory_pool():
         rows = measure()
-    write_rows("bench_native_layers", rows)
+    write_rows("bench_native_layers", rows, "cpu")
 
 
 def measure():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batch and short timing (smoke run)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

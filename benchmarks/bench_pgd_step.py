@@ -62,6 +62,8 @@ def providers(device, use_compile):
     out = {"native": torch.ops.robust_ops.pgd_step_}
     if device.type == "cuda" and hasattr(torch.ops.robust_ops, "pgd_step_triton"):
         out["triton"] = torch.ops.robust_ops.pgd_step_triton
+    elif device.type == "cuda":
+        print("triton: skipped, robust_ops::pgd_step_triton is not registered (Triton missing or not importable)")
     out["eager"] = reference.pgd_step_
     if use_compile:
         out["compiled"] = torch.compile(reference.pgd_step_, fullgraph=True, dynamic=False)
@@ -71,9 +73,9 @@ def providers(device, use_compile):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter timing runs")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--shape", default="32,3,224,224")
+    parser.add_argument("--device", type=common.device_arg, default="cpu")
+    parser.add_argument("--threads", type=common.positive_int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--shape", type=common.positive_int_list, default="32,3,224,224")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     args = parser.parse_args()
@@ -81,7 +83,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = tuple(args.shape)
     min_run_time = 0.3 if args.quick else 1.0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -120,7 +122,8 @@ def main():
                     eager_s = seconds
                 rows.append({
                     "norm": norm, "history": with_history, "provider": name, "median_ms": seconds * 1e3,
-                    "equal_to_eager": same if same else "within tolerance", "GB/s": common.gbps(nbytes, seconds), "pct_of_copy": 100 * copy_s / seconds,
+                    "equal_to_eager": same if same else "within tolerance", "GB/s": common.gbps(nbytes, seconds),
+                    "pct_of_copy": 100 * copy_s / seconds,
                     "speedup_vs_eager": None,
                 })
             for row in rows:
@@ -133,7 +136,7 @@ def main():
             })
     print(f"pgd_step_ {list(shape)} {args.dtype} on {device}; bytes counted: read x_adv, x_nat, grad, write x_adv "
           f"(+ history slot)\n")
-    common.write_rows(f"pgd_step_{device.type}", rows)
+    common.write_rows(f"pgd_step_{device.type}", rows, device)
 
 
 if __name__ == "__main__":

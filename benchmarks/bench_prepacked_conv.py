@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import copy_roofline_seconds, interleaved_medians, write_rows  # noqa: E402
+from common import (copy_roofline_seconds, interleaved_medians, positive_int, positive_int_list,  # noqa: E402
+                    write_rows)
 
 from robust_ops.attacks.context import attack_context  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
@@ -48,13 +49,13 @@ def forward_backward_fn(model, x, grad):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batches 4 and 16, 3 rounds (smoke run)")
-    parser.add_argument("--batches", default=None, help="comma list (default 4,16,64,128)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 3)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batches", type=positive_int_list, default=None, help="comma list (default 4,16,64,128)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (default 9, --quick 3)")
+    parser.add_argument("--threads", type=positive_int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = [int(b) for b in (args.batches or ("4,16" if args.quick else "4,16,64,128")).split(",")]
+    batches = args.batches or ([4, 16] if args.quick else [4, 16, 64, 128])
     rounds = args.rounds or (3 if args.quick else 9)
     torch.manual_seed(0)
     base = build_model("resnet18", 1, 2, 28).eval()
@@ -74,14 +75,14 @@ def main():
                                         ("forward + input gradient", lambda m: forward_backward_fn(m, x, grad))):
                     aten, packed = make(aten_model), make(packed_model)
                     diff = max(float((a - b).abs().max()) for a, b in zip(aten(), packed()))
-                    (t_aten, t_packed), _ = interleaved_medians([aten, packed], rounds)
+                    (t_aten, t_packed), _ = interleaved_medians([aten, packed], rounds, "cpu")
                     for provider, seconds in (("ATen convolutions", t_aten), ("prepacked_conv", t_packed)):
                         rows.append({"layout": layout_name, "batch": n, "pass": pass_name, "provider": provider,
                                      "median_ms": seconds * 1e3, "x_aten": t_aten / seconds,
                                      "max_abs_diff": diff if provider == "prepacked_conv" else 0.0})
     rows.append({"layout": "-", "batch": "-", "pass": f"copy of the conv weights ({weight_bytes / 1e6:.1f} MB)",
                  "provider": "copy (roofline)", "median_ms": copy_ms, "x_aten": "", "max_abs_diff": ""})
-    write_rows("bench_prepacked_conv", rows)
+    write_rows("bench_prepacked_conv", rows, "cpu")
 
 
 if __name__ == "__main__":

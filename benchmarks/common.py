@@ -3,6 +3,7 @@
 Timing uses torch.utils.benchmark (handles warm-up and CUDA sync). Report medians and ratios: the machine is shared.
 """
 
+import argparse
 import csv
 import os
 import platform
@@ -32,10 +33,11 @@ def synchronize(device=None):
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(fns, rounds):
+def interleaved_medians(fns, rounds, device=None):
     """For calls too slow to repeat in blocks (seconds each): one warm-up call each, then ``rounds`` rounds calling
-    every fn once in turn, so load on a shared machine hits all alike. Returns (median seconds per fn, per-round
-    times per fn)."""
+    every fn once in turn, so load on a shared machine hits all alike. ``device``: where the calls run (waits for
+    its queued GPU work after each call; pass it, or a CPU run on a GPU machine syncs, and first initialises, CUDA
+    inside the timed calls). Returns (median seconds per fn, per-round times per fn)."""
     import statistics
     import time
 
@@ -46,9 +48,52 @@ def interleaved_medians(fns, rounds):
         for fn, out in zip(fns, times):
             start = time.perf_counter()
             fn()
-            synchronize()
+            synchronize(device)
             out.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times], times
+
+
+def _int_at_least(text, minimum):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (a bad value is a one-line usage error, not a traceback)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text):
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def positive_int_list(text):
+    """argparse type: a comma list of integers >= 1, e.g. 32,3,224,224."""
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}") from None
+
+
+def device_arg(text):
+    """argparse type: a torch device this machine has (cpu, or cuda[:i] when a GPU is visible)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (expected cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
 
 
 def copy_roofline_seconds(nbytes, device="cpu", min_run_time=1.0):
@@ -71,8 +116,13 @@ def git_sha():
         return "unknown"
 
 
-def environment():
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}"
+def environment(device=None):
+    """Where and with what the rows were measured. ``device``: where the benchmark ran (default: the GPU when one is
+    visible); a CPU run on a GPU machine names the CPU, not the GPU it did not use."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
     try:
         import triton
 
@@ -90,10 +140,11 @@ def environment():
     }
 
 
-def write_rows(name, rows):
-    """Write rows (list of dicts) to benchmarks/results/<name>.csv and print them as a Markdown table."""
+def write_rows(name, rows, device=None):
+    """Write rows (list of dicts) to benchmarks/results/<name>.csv and print them as a Markdown table. ``device``:
+    where they were measured (see environment)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = environment(device)
     rows = [{**row, **env} for row in rows]
     path = RESULTS_DIR / f"{name}.csv"
     with open(path, "w", newline="") as f:

@@ -33,3 +33,89 @@ def test_attack_peer_table_runs_and_matches_where_it_should(tmp_path):
     # the roofline is one batch copy per iteration: a floor far below any attack that runs a model
     assert all(0 < float(row["roofline_ms"]) < float(row["ours_ms"]) for row in rows.values())
     assert float(rows["square-40"]["roofline_ms"]) == pytest.approx(40 * float(rows["fgsm"]["roofline_ms"]))
+
+
+BAD_FLAGS = [
+    ("bench_drop_max_pool2d", ["--threads", "0"]),
+    ("bench_drop_max_pool2d", ["--shape", "0", "1", "4", "4"]),
+    ("bench_pgd_step", ["--shape", "abc"]),
+    ("bench_pgd_step", ["--threads", "0"]),
+    ("bench_pgd_step", ["--device", "bogus"]),
+    ("bench_boundary_search", ["--device", "bogus"]),
+    ("bench_boundary_search", ["--threads", "-1"]),
+    ("bench_native_layers", ["--threads", "-1"]),
+    ("bench_prepacked_conv", ["--batches", "4,x"]),
+    ("bench_prepacked_conv", ["--rounds", "0"]),
+    ("bench_defenses", ["--model", "nope"]),
+    ("bench_defenses", ["--batch", "0"]),
+    ("bench_attacks", ["--models", "small-resnet,nope"]),
+    ("bench_attacks", ["--rounds", "0"]),
+    ("bench_attacks", ["--peer-rounds", "0"]),
+    ("bench_ima", ["--images", "0"]),
+    ("bench_ima", ["--repeats", "0"]),
+]
+
+
+@pytest.mark.parametrize("script,argv", BAD_FLAGS, ids=[f"{s}{''.join(a)}" for s, a in BAD_FLAGS])
+def test_bad_flags_are_one_usage_error_before_any_work(script, argv, monkeypatch, capsys):
+    """A bad value is argparse's usage error (exit status 2), not a traceback later on, nor silently the default
+    (``--rounds 0`` used to mean 7 rounds)."""
+    import argparse
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = importlib.import_module(script)
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_or_stop(self, *a, **kw):
+        parse_args(self, *a, **kw)
+        raise AssertionError(f"{script} {' '.join(argv)}: accepted")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_or_stop)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"] + argv)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_cuda_device_flag_without_a_gpu_is_a_usage_error(monkeypatch, capsys):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import common
+
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", type=common.device_arg, default="cpu")
+    assert parser.parse_args([]).device == common.torch.device("cpu")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--device", "cuda"])
+    assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_interleaved_medians_on_cpu_leaves_cuda_alone(monkeypatch):
+    """A CPU run on a GPU machine must not synchronize (and so initialise) CUDA inside its timed calls."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import common
+
+    def no_sync(*_):
+        raise AssertionError("torch.cuda.synchronize called in a CPU benchmark")
+
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "synchronize", no_sync)
+    calls = []
+    medians, times = common.interleaved_medians([lambda: calls.append("a"), lambda: calls.append("b")], 3, "cpu")
+    assert calls == ["a", "b"] * 4  # one warm-up call each, then 3 timed rounds, interleaved
+    assert len(medians) == 2 and [len(t) for t in times] == [3, 3]
+
+
+def test_rows_of_a_cpu_run_on_a_gpu_machine_name_the_cpu(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import common
+
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "get_device_name", lambda *_: "Some GPU")
+    assert common.environment("cpu")["device"] != "Some GPU"
+    assert common.environment("cuda")["device"] == "Some GPU"
