@@ -20,7 +20,7 @@ Variants "masked channels_last" and "compacted channels_last" run the same epoch
 The model is resnet18 (build_model("resnet18", 1, 2, 28)), first trained ``--pretrain-epochs`` standard epochs on
 the full training split so that its boundaries are those of a working classifier.
 
-    python benchmarks/bench_ima.py --quick          # 64 images (one batch), 1 repeat
+    python benchmarks/bench_ima.py --quick          # 64 images (one batch), 1 repeat, spread, masked vs compacted
     python benchmarks/bench_ima.py                  # 546 images (the whole train split), 3 repeats
     add --threads 1 on a shared machine (see docs/bench-ima.md)
     python benchmarks/bench_ima.py --device cuda    # on a GPU (the default when one is visible)
@@ -188,7 +188,9 @@ def lockstep(state, x, y, ids_all, args, scenario):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="64 images (one batch), 1 repeat")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 64 images (one batch), 1 repeat, scenario spread, masked vs compacted only "
+                             "(unless --scenarios / --variants say otherwise)")
     parser.add_argument("--images", type=positive_int, default=None,
                         help="training images in the IMA epoch (default 546)")
     parser.add_argument("--repeats", type=positive_int, default=None)
@@ -238,7 +240,9 @@ def main():
     x, y = x.to(device), y.to(device)
     if images > x.shape[0]:
         parser.error(f"--images: the BreastMNIST training split has {x.shape[0]} images, got {images}")
-    scenarios = (args.scenarios or ("trained" if args.state else "spread,cap,init")).split(",")
+    # --quick is `robust-ops bench`'s smoke run: all 3 scenarios x 12 variants took many minutes even at 64 images
+    default_scenarios = "trained" if args.state else ("spread" if args.quick else "spread,cap,init")
+    scenarios = (args.scenarios or default_scenarios).split(",")
     unknown = set(scenarios) - {"init", "spread", "cap", "trained"}
     if unknown:
         parser.error(f"--scenarios: unknown {sorted(unknown)}; choose from init, spread, cap, trained")
@@ -281,8 +285,8 @@ def main():
                 ("compacted prepacked", True, 2, True, None, False, True),
                 ("masked channels_last prepacked", False, 2, True, None, True, True),
                 ("compacted channels_last prepacked", True, 2, True, None, True, True)]
-    if args.variants:
-        wanted = args.variants.split(",")
+    if args.variants or args.quick:
+        wanted = args.variants.split(",") if args.variants else ["compacted"]
         unknown = set(wanted) - {v[0] for v in variants}
         if unknown:
             parser.error(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in variants]}")
