@@ -331,6 +331,87 @@ def test_saliency_maps_restore_every_module_mode():
     assert model.training and model[0].training and not model[1].training
 
 
+def test_saliency_figure_takes_two_eval_forwards_and_leaves_batch_norm_alone(tmp_path, monkeypatch):
+    """Grad-CAM and the input gradient each need a forward; the predictions in the titles come from the input
+    gradient's eval-mode one, not from a third forward in the model's current (after fit: train) mode, which
+    normalised the few images with their own batch statistics and moved the running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(2 * 16, 2))
+    model.train()
+    x, y = torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 1])
+    stats = [model[1].running_mean.clone(), model[1].running_var.clone(), model[1].num_batches_tracked.clone()]
+    calls = []
+    model.register_forward_hook(lambda m, inp, out: calls.append((m.training, out.detach().clone())))
+    titles = []
+    real_plt = report._plt()
+
+    class Recorder:  # records the title texts the figure gets
+        def __getattr__(self, name):
+            return getattr(real_plt, name)
+
+        def subplots(self, *args, **kwargs):
+            fig, axes = real_plt.subplots(*args, **kwargs)
+            for ax in axes.flat:
+                set_title = ax.set_title
+                ax.set_title = lambda text, *a, _f=set_title, **k: (titles.append(text), _f(text, *a, **k))[1]
+            return fig, axes
+
+    monkeypatch.setattr(report, "_plt", lambda: Recorder())
+    assert report.plot_saliency(model, x, y, tmp_path / "s.png", info=INFO, title="m")
+    assert len(calls) == 2 and not any(training for training, _ in calls)
+    assert all(torch.equal(a, b) for a, b in zip(stats, [model[1].running_mean, model[1].running_var,
+                                                         model[1].num_batches_tracked]))
+    assert model.training and model[1].training
+    pred = calls[-1][1].argmax(1)
+    shown = [t.split("pred ")[1] for t in titles if "pred " in t]
+    assert shown == [INFO.class_names[int(k)] for k in pred]
+    assert (tmp_path / "s.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("num_classes, positive_class", [(2, 1), (2, 0), (4, None)])
+def test_metrics_take_one_precision_recall_pass_with_the_separate_scorers_values(monkeypatch, num_classes,
+                                                                                 positive_class):
+    """Every row's F1, sensitivity, specificity and precision come from one precision_recall_fscore_support call
+    (f1_score, recall_score and precision_score each recounted the same confusion matrix), with the values those
+    scorers give, undefined (0/0) ones included."""
+    import numpy as np
+    import sklearn.metrics as skm
+
+    from robust_ops.metrics import classification_metrics
+
+    calls = []
+    real = skm.precision_recall_fscore_support
+    monkeypatch.setattr(skm, "precision_recall_fscore_support", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    g = torch.Generator().manual_seed(1)
+    random_labels = [torch.randint(0, num_classes, (30,), generator=g) for _ in range(2)]
+    for y, pred in [random_labels,
+                    (torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long)),  # one class: 0/0 values
+                    (torch.arange(6) % 2, torch.ones(6, dtype=torch.long))]:
+        probs = torch.softmax(torch.randn(len(y), num_classes, generator=g), 1)
+        calls.clear()
+        got = classification_metrics(y, pred, probs, num_classes=num_classes, positive_class=positive_class)
+        assert len(calls) == 1
+        nan = dict(zero_division=np.nan)
+        if num_classes == 2:
+            want = {"f1": skm.f1_score(y, pred, pos_label=positive_class, **nan),
+                    "sensitivity": skm.recall_score(y, pred, pos_label=positive_class, **nan),
+                    "specificity": skm.recall_score(y, pred, pos_label=1 - positive_class, **nan),
+                    "precision": skm.precision_score(y, pred, pos_label=positive_class, **nan)}
+        else:
+            present = np.bincount(y.numpy(), minlength=num_classes) > 0
+            kw = dict(labels=list(range(num_classes)), average=None, **nan)
+
+            def macro(v):
+                v = v[present & ~np.isnan(v)]
+                return float(v.mean()) if v.size else math.nan
+
+            want = {"f1": macro(skm.f1_score(y, pred, **kw)), "sensitivity": macro(skm.recall_score(y, pred, **kw)),
+                    "precision": macro(skm.precision_score(y, pred, **kw))}
+        for key, value in want.items():
+            assert (math.isnan(got[key]) and math.isnan(value)) or got[key] == float(value), key
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # What each row's metrics are computed on
 

@@ -74,8 +74,8 @@ def _labels(name, a, num_classes):
 
 def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_class=None):
     """Metrics dict for one prediction set. ``probs``: [N, K] class probabilities (needed for AUC and mAP)."""
-    from sklearn.metrics import (average_precision_score, confusion_matrix, f1_score, precision_score,
-                                 recall_score, roc_auc_score)
+    from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_fscore_support,
+                                 roc_auc_score)
 
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"classification_metrics: expected num_classes to be an integer >= 2, got {num_classes!r}")
@@ -103,13 +103,17 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         return {**out, **{k: math.nan for k in metric_names(num_classes)}}
     out["accuracy"] = float((y_true == y_pred).mean())
     labels = list(range(num_classes))
+    # Every class's precision, recall and F1 in one call (0/0 is undefined, not 0: module docstring): separate
+    # f1_score / recall_score / precision_score calls each re-validate and recount the same confusion matrix, and
+    # evaluation computes these for every row. Element for element the same values as those calls.
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None,
+                                                               zero_division=np.nan)
     if num_classes == 2:
         neg = 1 - positive_class
-        nan = dict(zero_division=np.nan)  # 0/0 is undefined, not 0 (module docstring)
-        out["f1"] = float(f1_score(y_true, y_pred, pos_label=positive_class, **nan))
-        out["sensitivity"] = float(recall_score(y_true, y_pred, pos_label=positive_class, **nan))
-        out["specificity"] = float(recall_score(y_true, y_pred, pos_label=neg, **nan))
-        out["precision"] = float(precision_score(y_true, y_pred, pos_label=positive_class, **nan))
+        out["f1"] = float(f1[positive_class])
+        out["sensitivity"] = float(recall[positive_class])
+        out["specificity"] = float(recall[neg])
+        out["precision"] = float(precision[positive_class])
         if probs is None or len(np.unique(y_true)) < 2:
             out["auc"] = out["map"] = math.nan
         else:
@@ -123,10 +127,9 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         vals = per_class[present & ~np.isnan(per_class)]
         return float(vals.mean()) if vals.size else math.nan
 
-    kw = dict(labels=labels, average=None, zero_division=np.nan)
-    out["f1"] = macro(f1_score(y_true, y_pred, **kw))
-    out["sensitivity"] = macro(recall_score(y_true, y_pred, **kw))
-    out["precision"] = macro(precision_score(y_true, y_pred, **kw))
+    out["f1"] = macro(f1)
+    out["sensitivity"] = macro(recall)
+    out["precision"] = macro(precision)
     tn = cm.sum() - cm.sum(0) - cm.sum(1) + np.diag(cm)
     fp = cm.sum(0) - np.diag(cm)
     with np.errstate(invalid="ignore", divide="ignore"):

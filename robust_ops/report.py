@@ -272,12 +272,18 @@ def grad_cam(model, x, target=None, layer=None):
 
 def input_gradient(model, x, y):
     """|∂ loss / ∂ x| summed over channels, normalised per image to [0, 1] (ARFL's feature saliency maps)."""
+    return _input_gradient(model, x, y)[0]
+
+
+def _input_gradient(model, x, y):
+    """(input_gradient's maps, the eval-mode model output at x it was taken from)."""
     with torch.enable_grad(), use_model_mode(model, "eval"):  # each module's own mode comes back
         xg = x.detach().clone().requires_grad_(True)
-        loss = classification_loss(model(xg), y, reduction="sum")
+        out = model(xg)
+        loss = classification_loss(out, y, reduction="sum")
         grad, = torch.autograd.grad(loss, xg)
     sal = grad.abs().sum(1)
-    return sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    return sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), out.detach()
 
 
 def plot_saliency(model, x, y, path, info=None, title=None):
@@ -288,9 +294,10 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     cams = grad_cam(model, x) if last_conv(model) is not None else None
-    grads = input_gradient(model, x, y)
-    with torch.no_grad():
-        out = model(x)
+    # The predictions shown come from the input gradient's own eval-mode forward: no third forward, and not one in
+    # the model's current mode (after fit, train mode: batch-norm statistics of these few images, running stats
+    # updated).
+    grads, out = _input_gradient(model, x, y)
     from .attacks.context import predict_from_output
 
     pred = predict_from_output(out).cpu()
