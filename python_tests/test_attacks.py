@@ -705,7 +705,7 @@ def test_ensemble_cascade_matches_full_run():
     clean_ok = model(x).argmax(1) == y
     assert torch.equal(res.broken_by == 0, ~clean_ok)
     assert torch.equal(res.x_adv[~clean_ok], x[~clean_ok])
-    still = int(clean_ok.sum())  # each attack ran on the samples still robust only
+    still = still_0 = int(clean_ok.sum())  # each attack ran on the samples still robust only
     for j, rec in enumerate(fast):
         assert sum(rec.sizes) == still
         still -= int((res.broken_by == j + 1).sum())
@@ -713,8 +713,14 @@ def test_ensemble_cascade_matches_full_run():
     x_adv, robust, broken_by = res
     assert int(robust.sum()) == res.counts()["robust"] and res.robust_accuracy() == float(robust.float().mean())
     assert torch.equal(model(x_adv).argmax(1) == y, robust)
-    chunked = attacks.ensemble(model, x, y, make(), batch_size=5)
+    counts = res.counts()  # {name: samples it broke} + robust: misclassified clean inputs count under "clean"
+    assert counts["clean"] == int((~clean_ok).sum()) and counts["robust"] == int(res.robust.sum())
+    assert [counts[k] for k in ("fgsm", "pgd", "cw")] == [int((res.broken_by == j).sum()) for j in (1, 2, 3)]
+    assert sum(counts.values()) == 12 and counts["clean"] != counts["robust"]
+    chunks = make()
+    chunked = attacks.ensemble(model, x, y, chunks, batch_size=5)
     assert torch.equal(chunked.broken_by, res.broken_by)
+    assert max(chunks[0].sizes) == 5 and sum(chunks[0].sizes) == still_0 > 5  # at most batch_size at a time
 
 
 def test_ensemble_errors():
@@ -833,6 +839,41 @@ def test_square_redraws_colours_that_would_not_move_the_point():
             assert not repeats[:, [0, 1, 3]].any()
         else:
             assert repeats[:, [0, 1, 3]].sum() > 20
+
+
+def test_square_updates_are_squares_of_the_scheduled_side_anywhere_in_the_image():
+    # A blind model never improves the margin: each query is the stripes start with one square repainted, so the
+    # rows it changes are exactly the square's rows (stripes are constant down a column) and its columns lie inside.
+    from robust_ops.attacks.square import p_schedule
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    x, y = torch.full((2, 3, 8, 8), 0.5), torch.zeros(2, dtype=torch.long)
+    queried = []
+    hook = model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
+    attacks.square(model, x, y, eps=0.1, n_queries=200, p_init=1.0, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    start = queried[1].view(2, 3, 8, 8)
+    # vertical stripes of +-eps: one sign per (sample, channel, column)
+    torch.testing.assert_close((start - x).abs(), torch.full_like(x, 0.1))
+    assert torch.equal(start, start[:, :, :1].expand_as(start))
+    sides, single_pixels = [], set()
+    for it, q in enumerate(queried[2:]):
+        changed = (q.view(2, 3, 8, 8) != start).any(1)
+        side = min(max(round((p_schedule(1.0, it, 200) * 64) ** 0.5), 1), 8)
+        sides.append(side)
+        for i in range(2):
+            rows = changed[i].any(1).nonzero().squeeze(1).tolist()
+            cols = changed[i].any(0).nonzero().squeeze(1).tolist()
+            assert rows == list(range(rows[0], rows[0] + side)), (it, side, rows)
+            assert cols and cols[-1] - cols[0] < side, (it, side, cols)
+            if side == 1:
+                single_pixels.add((rows[0], cols[0]))
+    assert sides[:3] == [8, 6, 4] and sides[-1] == 1  # p_init = 1: the first square is the whole image
+    # 1-pixel squares land anywhere, the last row and column included
+    assert {r for r, _ in single_pixels} == set(range(8)) and {c for _, c in single_pixels} == set(range(8))
 
 
 def test_square_query_budget_and_errors(trained):
@@ -977,6 +1018,28 @@ def test_square_leaves_samples_fooled_on_clean_inputs_clean():
     assert robust_acc(model, x_adv, y) <= robust_acc(model, x, y)
 
 
+def test_noise_and_square_classes_use_their_documented_defaults_and_seed():
+    # WhiteNoise(..., seed=s): 10 trials drawn from a generator seeded with s; Square: p_init=0.8, seed 0
+    model, x = near_boundary_linear()
+    x = x[:16]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+
+    def noise(**kw):
+        return attacks.white_noise(model, x, y, eps=0.3, generator=torch.Generator().manual_seed(4), **kw)
+
+    got = attacks.WhiteNoise(model, eps=0.3, seed=4)(x, y)
+    assert torch.equal(got, noise(trials=10)) and not torch.equal(got, noise(trials=1))
+    assert torch.equal(attacks.WhiteNoise(model, eps=0.3, norm="l2", trials=2, seed=4)(x, y),
+                       noise(norm="l2", trials=2))
+
+    def sq(**kw):
+        return attacks.square(model, x, y, eps=0.05, n_queries=6, generator=torch.Generator().manual_seed(0), **kw)
+
+    got = attacks.Square(model, eps=0.05, n_queries=6)(x, y)
+    assert torch.equal(got, sq(p_init=0.8)) and not torch.equal(got, sq(p_init=0.5))
+
+
 def test_ensemble_and_autoattack_take_per_sample_eps():
     # the cascade and batch_size attack subsets: a per-sample eps [N] used to fail with a shape error there
     model, x = near_boundary_linear()
@@ -997,6 +1060,28 @@ def test_ensemble_and_autoattack_take_per_sample_eps():
     assert torch.equal(out.broken_by[:2], torch.zeros(2, dtype=torch.long))
     assert bool((norm_of(out.x_adv - x, "linf") <= eps + 1e-6).all())
     assert aa.eps is eps and all(a.eps is eps for a in aa.attacks)  # the attack objects are not changed
+
+
+def test_autoattack_inside_an_ensemble_gets_its_subset_and_keeps_cascade_false():
+    # An AutoAttack with a per-sample eps [N] inside a cascade / batch_size: its inner attacks' eps is cut as well
+    model, x = near_boundary_linear()
+    x = x[:8]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3  # misclassified already: the AutoAttack runs on 6 samples, 4 at a time
+    eps = torch.linspace(0.01, 0.1, 8)
+    aa = attacks.AutoAttack(model, eps=eps, steps=2, n_queries=3)
+    res = attacks.ensemble(model, x, y, [aa], batch_size=4)
+    assert torch.equal(res.broken_by[:2], torch.zeros(2, dtype=torch.long))
+    assert bool((norm_of(res.x_adv - x, "linf") <= eps + 1e-6).all())
+    assert aa.eps is eps and all(a.eps is eps for a in aa.attacks)
+    # cascade=False: every attack of the AutoAttack runs on every sample
+    recs = [Recording(lambda a, b: a, "noop"), Recording(lambda a, b: a, "noop2")]
+    attacks.AutoAttack(model, eps=0.03, attacks=recs, cascade=False).run(x, y)
+    assert [r.sizes for r in recs] == [[8], [8]]
+    recs = [Recording(lambda a, b: a, "noop"), Recording(lambda a, b: a, "noop2")]
+    attacks.AutoAttack(model, eps=0.03, attacks=recs).run(x, y)
+    assert [r.sizes for r in recs] == [[6], [6]]
 
 
 def test_autoattack_set_model_mode_reaches_its_attacks():

@@ -382,3 +382,95 @@ def test_cross_validation_folds_describe_themselves(tmp_path):
     assert s.info.extra["classes_missing_from_split"] == {"val": ["malignant"]}  # the base info is left alone
     folds[0].info.extra["note"] = 1
     assert "note" not in folds[1].info.extra and folds[0].info.name == s.info.name
+
+
+def test_npz_images_and_labels_keep_their_values(tmp_path):
+    # uint8 channels-last images -> float [N, C, H, W] / 255, pixel for pixel (H and W not swapped)
+    path = write_npz(tmp_path / "v.npz", shape=(8, 8, 3), labels_2d=True, classes=3)
+    s = load_dataset(path)
+    with np.load(path) as raw:
+        images, labels = raw["train_images"], raw["train_labels"]
+    x, y = s.train.tensors
+    expected = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-7)
+    assert torch.equal(y, torch.from_numpy(labels[:, 0].astype(np.int64)))
+    # float images are taken as they are, but only inside [0, 1]
+    floats = np.random.default_rng(1).random((12, 28, 28)).astype(np.float32)
+    s = load_dataset(write_npz(tmp_path / "f.npz", train_images=floats))
+    assert torch.equal(s.train.tensors[0][:, 0], torch.from_numpy(floats))
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[0, 1.5\]"):
+        load_dataset(write_npz(tmp_path / "g.npz", train_images=np.where(floats > 0.5, 1.5, 0.0).astype(np.float32)))
+    # multi-label (N, 2) and negative labels are refused, not silently reshaped / kept
+    with pytest.raises(DataError, match=r"expected train_labels of shape \(N,\) or \(N, 1\), got \(12, 2\)"):
+        load_dataset(write_npz(tmp_path / "m.npz", train_labels=np.zeros((12, 2), np.int64)))
+    with pytest.raises(DataError, match="expected train_labels >= 0, got -1"):
+        load_dataset(write_npz(tmp_path / "n.npz", train_labels=np.full(12, -1, np.int64)))
+
+
+def test_display_name_marks_only_synthetic_sets():
+    from robust_ops.data import DatasetInfo
+
+    def info(name, synthetic):
+        return DatasetInfo(name, 2, 1, 28, ("a", "b"), synthetic=synthetic)
+
+    assert info("breastmnist", False).display_name == "breastmnist"
+    assert info("bus", True).display_name == "bus (synthetic)"
+    assert info("synthetic-bus", True).display_name == "synthetic-bus"
+
+
+def _indexed_splits(counts=(30, 20, 10)):
+    """Pooled samples whose x is their index (train given as a ConcatDataset, as folders' loaders may)."""
+    from torch.utils.data import ConcatDataset, TensorDataset
+
+    from robust_ops.data import DatasetInfo, DatasetSplits
+
+    y = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    x = torch.arange(len(y), dtype=torch.float32)[:, None]
+    part = lambda a, b: TensorDataset(x[a:b], y[a:b])  # noqa: E731
+    train = ConcatDataset([part(0, 20), part(20, 40)])
+    info = DatasetInfo("toy", len(counts), 1, 1, tuple(f"c{k}" for k in range(len(counts))))
+    return DatasetSplits(train, part(40, 48), part(48, len(y)), info), y
+
+
+def test_cross_validation_folds_partition_the_pooled_data():
+    from sklearn.model_selection import StratifiedKFold
+
+    splits, y = _indexed_splits()
+    n = len(y)
+    folds = cross_validation(splits, k=5, seed=3)
+    expected_tests = [sorted(t.tolist()) for _, t in
+                      StratifiedKFold(5, shuffle=True, random_state=3).split(np.zeros(n), y.numpy())]
+    seen_in_test = []
+    for f, expected_test in zip(folds, expected_tests):
+        ids = {}
+        for part in ("train", "val", "test"):
+            xs, ys = getattr(f, part).tensors
+            ids[part] = xs[:, 0].long().tolist()
+            assert torch.equal(ys, y[xs[:, 0].long()])  # every sample keeps its own label
+        assert sorted(ids["test"]) == expected_test  # scikit-learn's StratifiedKFold with the seed
+        assert sorted(ids["train"] + ids["val"] + ids["test"]) == list(range(n))  # disjoint, nothing lost
+        rest = n - len(ids["test"])
+        assert len(ids["val"]) == round(0.1 * rest)  # default val_fraction=0.1 of the non-test samples
+        assert sorted(set(y[ids["val"]].tolist())) == [0, 1, 2]  # stratified: every class in val
+        seen_in_test += ids["test"]
+    assert sorted(seen_in_test) == list(range(n))  # each sample is tested exactly once
+    # the seed picks the folds and the validation samples; the same seed gives the same folds
+    again = cross_validation(splits, k=5, seed=3)
+    assert all(torch.equal(a.val.tensors[0], b.val.tensors[0]) for a, b in zip(folds, again))
+    other = cross_validation(splits, k=5, seed=4)
+    assert any(not torch.equal(a.test.tensors[0], b.test.tensors[0]) for a, b in zip(folds, other))
+    # val: the seeded stratified val_fraction of the samples not tested
+    from robust_ops.data.core import stratified_split
+
+    train_ids = torch.cat([folds[0].train.tensors[0], folds[0].val.tensors[0]])[:, 0].long().sort()[0]
+    _, va = stratified_split(y[train_ids].numpy(), (0.9, 0.1), 3)
+    assert sorted(folds[0].val.tensors[0][:, 0].long().tolist()) == train_ids[va].tolist()
+    # val_fraction=0: no validation set, everything not tested trains
+    for f in cross_validation(splits, k=4, seed=0, val_fraction=0):
+        assert len(f.val) == 0 and len(f.train) + len(f.test) == n
+    # the smallest class must have a sample for every test fold
+    small, _ = _indexed_splits((30, 20, 4))
+    assert len(cross_validation(small, k=4)) == 4
+    with pytest.raises(DataError, match="the smallest class has 4 samples, fewer than k=5 folds"):
+        cross_validation(small, k=5)

@@ -104,6 +104,7 @@ def test_single_logit_model_and_ensemble():
     rows = evaluate(OneLogit(), tiny_data(), INFO, attacks="fgsm,pgd:steps=2", eps=[4 / 255], ensemble=True)
     assert [r["attack"] for r in rows] == ["none", "worst-case"]
     assert 0 <= rows[1]["accuracy"] <= rows[0]["accuracy"]
+    assert rows[1]["norm"] == "linf"  # both attacks are Linf: not "mixed"
 
 
 def test_multiclass_rows_have_map():
@@ -456,3 +457,92 @@ def test_rows_use_each_samples_final_input_and_the_worst_case_picks_per_sample(m
         assert bool(by_both.any())
     want = torch.where((fooled[0] | (~fooled[1] & lower))[:, None], f, c)
     torch.testing.assert_close(seen["worst-case"], want, rtol=1e-4, atol=1e-5)
+
+
+class _PixelModel(nn.Module):
+    """Two logits from pixel 1 of a [N, 1, 1, 2] input: class 1 when it is above 0.5 (pixel 0 holds a sample id)."""
+
+    def forward(self, x):
+        v = x.flatten(1)[:, 1]
+        return torch.stack([0.5 - v, v - 0.5], 1) * 10
+
+
+def test_without_cascade_each_radius_keeps_the_first_fooling_input_and_takes_later_ones(monkeypatch):
+    # A scripted attack: at each radius it sets pixel 1 of sample i to table[eps][i] (> 0.5 fools label 0).
+    # cascade=False attacks every sample at every radius: an input that fools replaces the earlier one (also for a
+    # sample misclassified clean); one that does not fool never replaces an earlier fooling input, and the sample
+    # stays fooled at every larger radius.
+    module = sys.modules["robust_ops.evaluate"]
+    table = {0.1: [0.9, 0.3, 0.3, 0.9], 0.2: [0.4, 0.7, 0.45, 0.7], 0.3: [0.4, 0.4, 0.4, 0.4]}
+
+    def scripted(spec, model, eps, clip_min=0.0, clip_max=1.0):
+        def attack(x, y):
+            out = x.clone()
+            if eps in table:
+                ids = (out.flatten(1)[:, 0] * 10).round().long()
+                out.view(out.shape[0], -1)[:, 1] = torch.tensor(table[eps])[ids]
+            return out
+        return attack
+
+    monkeypatch.setattr(module.AttackSpec, "build", scripted)
+    seen, original = {}, module._row
+
+    def spy(method, attack, norm, eps, y, pred, probs, info):
+        seen[eps] = probs[:, 1].clone()
+        return original(method, attack, norm, eps, y, pred, probs, info)
+
+    monkeypatch.setattr(module, "_row", spy)
+    x = torch.tensor([[0.0, 0.2], [0.1, 0.2], [0.2, 0.2], [0.3, 0.8]]).view(4, 1, 1, 2)  # sample 3: wrong clean
+    data = TensorDataset(x, torch.zeros(4, dtype=torch.long))
+    rows = evaluate(_PixelModel(), data, INFO, attacks="fgsm", eps=[0.1, 0.2, 0.3], cascade=False, batch_size=3)
+    assert [r["accuracy"] for r in rows] == [0.75, 0.5, 0.25, 0.25]
+    p1 = lambda v: torch.softmax(torch.tensor([0.5 - v, v - 0.5]) * 10, 0)[1]  # noqa: E731
+    for eps, inputs in ((0.1, [0.9, 0.3, 0.3, 0.9]), (0.2, [0.9, 0.7, 0.45, 0.7]), (0.3, [0.9, 0.7, 0.4, 0.7])):
+        torch.testing.assert_close(seen[eps], torch.stack([p1(v) for v in inputs]), msg=f"eps {eps}")
+
+
+def test_evaluate_batches_every_forward_and_checks_batch_size():
+    data, model = tiny_data(11), tiny_model()
+    sizes = []
+    model.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    rows = evaluate(model, data, INFO, attacks="pgd:steps=2", eps=[8 / 255], batch_size=4)
+    assert max(sizes) == 4 and rows[0]["n"] == rows[1]["n"] == 11
+    with pytest.raises(EvalError, match="batch_size: expected >= 1, got 0"):
+        evaluate(model, data, INFO, attacks="fgsm", eps=[0.1], batch_size=0)
+
+
+def test_predict_batches_covers_the_last_partial_batch_and_refuses_any_non_finite_score():
+    from robust_ops.evaluate import predict_batches
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(5, 1, 2, 2)
+    preds, probs = predict_batches(model, x, batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(probs, torch.softmax(model(x), 1))
+    assert torch.equal(preds, probs.argmax(1))
+
+    class OneInfinite(nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 2)
+            out[0, 0] = float("inf")  # one sample's scores are NaN
+            return out
+
+    with pytest.raises(EvalError, match="model outputs NaN/Inf for 1 of 3 samples"):
+        predict_batches(OneInfinite(), torch.rand(3, 1, 2, 2))
+
+
+def test_predictions_use_eval_mode_and_the_label_tensor_of_a_dataset():
+    from robust_ops.evaluate import dataset_tensors, predict_batches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Dropout(0.5)).train()
+    x = torch.rand(6, 1, 2, 2)
+    _, probs = predict_batches(model, x, batch_size=4)
+    assert model.training
+    with torch.no_grad():
+        torch.testing.assert_close(probs, torch.softmax(model.eval()(x), 1))  # running stats, no dropout
+    y, ids = torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(10, 16)
+    got_x, got_y = dataset_tensors(TensorDataset(x, y, ids))  # (x, y, ...): extra tensors are not labels
+    assert got_x is x and torch.equal(got_y, y)
+    got_x, got_y = dataset_tensors([(x[i], int(y[i]), "extra") for i in range(6)])
+    assert torch.equal(got_x, x) and torch.equal(got_y, y)

@@ -614,3 +614,20 @@ def test_resume_restores_a_closed_form_scheduler(tmp_path):
     (lr = base_lr * f(epoch)) would otherwise restart at f(0), which a chainable one like StepLR hides."""
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)  # noqa: E731
     _resume_equals_uninterrupted(tmp_path, defenses.Standard, _data(), scheduler=schedule)
+
+
+def test_history_rows_record_the_epochs_validation_scores_and_current_lr():
+    torch.manual_seed(0)
+    model = DropoutMLP()
+    val = _data(15, seed=1)
+    step = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
+    result = fit(model, defenses.Standard(), _data(20), val, epochs=2, batch_size=8, lr=1e-2, scheduler=step,
+                 progress=False)
+    assert [row["lr"] for row in result.history] == [1e-2, 5e-3]  # the lr the epoch trained with
+    model.eval()
+    with torch.no_grad():
+        out = model(val.tensors[0])
+    last = result.history[-1]
+    assert last["val_acc"] == int((out.argmax(1) == val.tensors[1]).sum()) / 15
+    assert last["val_loss"] == pytest.approx(float(classification_loss(out, val.tensors[1])), rel=1e-5)
+    assert 0 < last["train_acc"] <= 1 and 0 < last["train_loss"] < 5  # means over the samples, not sums

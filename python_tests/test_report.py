@@ -1,0 +1,122 @@
+"""Report formatting: radii, numbers, run marks, table layouts, figure titles, Grad-CAM and input-gradient maps."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robust_ops import report
+from robust_ops.data import DatasetInfo
+
+
+def test_format_eps_and_fmt():
+    assert report.format_eps(4 / 255) == "4/255" and report.format_eps(0.0157) == "0.0157"  # 4.0035/255: not 4/255
+    assert report.format_eps(0.0156) == "0.0156" and report.format_eps(0.123456) == "0.1235"
+    assert report.format_eps(1.23456) == "1.235" and report.format_eps(None) == "0"
+    assert report.fmt(0.5) == "0.500" and report.fmt(2) == "2" and report.fmt(0.12345, 2) == "0.12"
+    assert report.fmt(math.nan) == report.fmt(math.inf) == report.fmt(None) == "–"
+
+
+def test_runs_mark_only_for_partially_defined_means():
+    assert report.runs_mark({"auc_runs": 2, "repeats": 3}, "auc") == " (2 of 3 runs)"
+    assert report.runs_mark({"auc_runs": 3, "repeats": 3}, "auc") == ""
+    assert report.runs_mark({"auc_runs": 0, "repeats": 3}, "auc") == ""  # undefined everywhere: the cell says –
+    assert report.runs_mark({"auc": 0.5}, "auc") == ""
+
+
+def test_figure_metrics_by_task():
+    binary = DatasetInfo("b", 2, 1, 8, ("a", "b"), positive_class=1)
+    multi = DatasetInfo("m", 3, 1, 8, ("a", "b", "c"))
+    assert report.figure_metrics(binary) == ("accuracy", "f1", "sensitivity")
+    assert report.figure_metrics(multi) == ("accuracy", "f1", "map")
+
+
+def test_markdown_table_and_paper_table_cells():
+    rows = [{"method": "AT", "attack": "none", "norm": None, "eps": 0.0, "n": 156, "accuracy": 0.25,
+             "accuracy_std": 0.01, "auc": math.nan, "auc_std": 0.2},
+            {"method": "AT", "attack": "pgd", "norm": "linf", "eps": 2 / 255, "n": 156, "accuracy": 0.125,
+             "auc": 0.75}]
+    lines = report.markdown_table(rows, ["accuracy", "auc"]).splitlines()
+    assert lines[2] == "| AT | none | – | 0 | 156 | 0.250 | – |"
+    assert lines[3] == "| AT | pgd | linf | 2/255 | 156 | 0.125 | 0.750 |"
+    paper = [{"method": "AT", "attack": "none", "eps": 0.0, "source": "T1", "accuracy": 0.3, "auc": 0.9}]
+    line = report.paper_comparison_table(rows, paper, ["accuracy", "auc"]).splitlines()[2]
+    # paper value, then ours (± std over runs; no std beside an undefined mean)
+    assert line == "| AT | no attack | 0 | T1 | 0.300 | 0.250 ± 0.010 | 0.900 | – |"
+
+
+def _doc(rows, synthetic=False, num_classes=2):
+    info = DatasetInfo("d", num_classes, 1, 8, tuple("abc"[:num_classes]), positive_class=1, synthetic=synthetic)
+    return {"dataset": info.to_dict(), "synthetic": synthetic, "rows": rows, "metrics": None, "config": {},
+            "environment": {"robust_ops": "x", "torch": "y", "device": "cpu", "date": "today"}}
+
+
+def test_markdown_report_pivots_and_run_counts():
+    base = dict(method="M", norm=None, eps=0.0, n=300, n_min=100, n_max=100, repeats=3, accuracy=0.8, f1=0.7,
+                sensitivity=0.6, specificity=0.5, precision=0.4, auc=0.9)
+    text = report.markdown_report(_doc([dict(base, attack="none")]))
+    for header in ("| F1: attack |", "| Sensitivity: attack |", "| Accuracy: attack |", "| AUC: attack |"):
+        assert header in text
+    assert "Test samples: 300 over 3 runs (100–100 per run)." in text
+    text = report.markdown_report(_doc([dict(base, attack="none", repeats=2)]))
+    assert "Test samples: 300 over 2 runs" in text and "Synthetic data" not in text
+    assert "Synthetic data" in report.markdown_report(_doc([dict(base, attack="none")], synthetic=True))
+
+
+def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
+    rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9},
+            {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5}]
+    figures = []
+    monkeypatch.setattr(report._plt(), "close", figures.append)
+    for synthetic in (True, False):
+        info = DatasetInfo("d", 2, 1, 8, ("a", "b"), synthetic=synthetic)
+        assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", info=info)
+    assert figures[0]._suptitle.get_text() == "Accuracy vs radius on d — SYNTHETIC DATA"
+    assert figures[1]._suptitle.get_text() == "Accuracy vs radius on d"
+
+
+class _Net(nn.Module):
+    """conv -> linear; ``single``: one logit z, else the two logits (-z/2, z/2) (the same decision, half scale)."""
+
+    def __init__(self, single):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16, 1)
+        self.single = single
+
+    def forward(self, x):
+        z = self.fc(self.conv(x).flatten(1))[:, 0]
+        return z if self.single else torch.stack([-z / 2, z / 2], 1)
+
+
+def test_grad_cam_and_input_gradient_values():
+    x = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 1, 0, 1])
+    two = _Net(single=False)
+    # Grad-CAM by hand: channel weights = spatial mean of d score / d activation; ReLU of the weighted sum; per-image
+    # peak normalisation (4x4 activations: the upsampling is the identity)
+    act = two.conv(x)
+    z = two.fc(act.flatten(1))[:, 0]
+    score = torch.stack([-z / 2, z / 2], 1).gather(1, target[:, None]).sum()
+    grad, = torch.autograd.grad(score, act)
+    cam = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1)).detach()
+    want = cam / cam.flatten(1).amax(1).view(-1, 1, 1)
+    torch.testing.assert_close(report.grad_cam(two, x, target=target), want)
+    assert bool((want == 0).any())  # the ReLU cut something
+    # a single-logit model: class 0's score is -z, so its map equals the two-logit model's
+    torch.testing.assert_close(report.grad_cam(_Net(single=True), x, target=target), want)
+    # input gradient: |d loss / d x| summed over channels (not |sum|), peak-normalised per image
+    xg = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad(nn.functional.cross_entropy(two(xg), target, reduction="sum"), xg)
+    sal = g.abs().sum(1)
+    torch.testing.assert_close(report.input_gradient(two, x, target), sal / sal.flatten(1).amax(1).view(-1, 1, 1))
+
+
+def test_plot_saliency_refuses_non_images(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 2))
+    assert report.plot_saliency(model, torch.rand(3, 2), torch.tensor([0, 1, 0]), tmp_path / "s.png") is False
+    assert not (tmp_path / "s.png").exists()
+    with pytest.raises(ValueError, match="no Conv2d layer"):
+        report.grad_cam(model, torch.rand(3, 2))
