@@ -56,10 +56,11 @@ def check_real(name, arg, value, minimum=None, maximum=None, allow_min=True, all
     raise ValueError(f"{name}: expected {arg} to be {wanted}{' or None' if optional else ''}, got {value!r}")
 
 
-def check_int(name, arg, value, minimum=1):
-    """``value`` as an int >= ``minimum`` (not a bool); ValueError naming ``name`` and ``arg`` otherwise."""
+def check_int(name, arg, value, minimum=1, error=ValueError):
+    """``value`` as an int >= ``minimum`` (not a bool); ``error`` (a ValueError subclass such as the data loaders'
+    DataError) naming ``name`` and ``arg`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}: expected {arg} to be an integer >= {minimum}, got {value!r}")
+        raise error(f"{name}: expected {arg} to be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 

@@ -1,6 +1,5 @@
 """Dataset containers shared by every loader, and the one entry point ``load_dataset``."""
 
-import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -9,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+
+from .._options import check_int
 
 
 class DataError(ValueError):
@@ -176,8 +177,7 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # numpy: "non-negative integer"
-        raise DataError(f"load_dataset: expected seed to be an integer >= 0, got {seed!r}")
+    check_int("load_dataset", "seed", seed, 0, error=DataError)  # else numpy's "expected non-negative integer"
     text = str(spec)
     low = text.lower()
     from . import folders, medmnist, synthetic
