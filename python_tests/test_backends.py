@@ -1,6 +1,12 @@
 """Backend resolution (robust_ops._backend): auto / native / triton / reference, $ROBUST_OPS_BACKEND, and the errors
 of an explicitly requested backend that cannot run."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -23,32 +29,76 @@ def test_explicit_backends(monkeypatch):
         _backend.resolve("drop_max_pool2d", "cpu", "triton")
 
 
-def test_triton_on_cpu_under_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_backend, "_triton_interpreted_at_import", True)
-    if _backend._triton_import_error is not None:
-        pytest.skip(f"triton not importable: {_backend._triton_import_error}")
+@pytest.mark.triton
+def test_triton_on_cpu_under_interpreter():
+    # The triton session sets TRITON_INTERPRET=1 before import: the kernels were imported then, interpreted.
+    assert _backend.triton_kernels_loaded() and _backend.triton_kernels_interpreted()
     assert _backend.resolve("drop_max_pool2d", "cpu", "triton") == "triton"
     assert _backend.resolve("drop_max_pool2d", "cpu", "auto") == "native"  # auto never picks interpreted Triton
 
 
-def test_triton_interpreter_enabled_after_import(monkeypatch):
-    """triton.jit reads TRITON_INTERPRET at import: a later setting used to pass and then fail inside triton with
-    "0 active drivers ([]). There should only be one."
+def _run_without_gpu(code):
+    """Runs code in a fresh interpreter with no visible GPU and no TRITON_INTERPRET: where import robust_ops skips the
+    Triton kernels (their import costs ~1 s)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_triton_kernels_are_imported_on_first_use_without_gpu():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    out = _run_without_gpu("""
+        import os, sys
+        import torch
+        import robust_ops
+        from robust_ops import _backend
+        print("at import:", _backend.triton_kernels_loaded(), "torch._inductor" in sys.modules)
+        try:
+            robust_ops.drop_max_pool2d(torch.randn(1, 1, 4, 4), 2, backend="triton")
+        except RuntimeError as err:
+            print("refused:", err)
+        print("after refusal:", _backend.triton_kernels_loaded())
+        os.environ["TRITON_INTERPRET"] = "1"  # after import robust_ops: fine, the kernels are not imported yet
+        x = torch.randn(2, 3, 6, 6)
+        same = torch.equal(robust_ops.drop_max_pool2d(x, 2, backend="triton"), robust_ops.drop_max_pool2d(x, 2))
+        print("interpreted:", _backend.triton_kernels_loaded(), _backend.triton_kernels_interpreted(), same)
+    """)
+    assert "at import: False False" in out
+    assert "refused: drop_max_pool2d: backend='triton' is not available: Triton kernels run on CUDA tensors" in out
+    assert "after refusal: False" in out
+    assert "interpreted: True True True" in out
+
+
+def test_triton_interpreter_enabled_after_the_kernels_were_imported():
+    """triton.jit reads TRITON_INTERPRET when the kernels are imported: a later setting used to pass and then fail
+    inside triton with "0 active drivers ([]). There should only be one."
     """
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(_backend, "_triton_interpreted_at_import", False)
-    if _backend._triton_import_error is not None:
-        pytest.skip(f"triton not importable: {_backend._triton_import_error}")
-    with pytest.raises(RuntimeError, match="drop_max_pool2d: backend='triton' is not available: TRITON_INTERPRET=1 "
-                                           "was set after robust_ops was imported"):
-        robust_ops.drop_max_pool2d(torch.randn(1, 1, 4, 4), 2, backend="triton")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    out = _run_without_gpu("""
+        import os
+        import torch
+        import robust_ops, robust_ops.triton  # imported explicitly: compiled (not interpreted) kernels
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            robust_ops.drop_max_pool2d(torch.randn(1, 1, 4, 4), 2, backend="triton")
+        except RuntimeError as err:
+            print("refused:", err)
+    """)
+    assert ("refused: drop_max_pool2d: backend='triton' is not available: TRITON_INTERPRET=1 was set after "
+            "robust_ops imported its Triton kernels") in out
 
 
 def test_triton_import_error_is_reported(monkeypatch):
     monkeypatch.setattr(_backend, "_triton_import_error", "ModuleNotFoundError: No module named 'triton'")
-    with pytest.raises(RuntimeError, match="the Triton kernels could not be imported"):
-        _backend.resolve("drop_max_pool2d", "cpu", "triton")
+    monkeypatch.setattr(_backend, "triton_kernels_loaded", lambda: False)
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: backend='triton' is not available: the Triton kernels "
+                                           r"could not be imported \(ModuleNotFoundError: No module named 'triton'\)"):
+        _backend.resolve("drop_max_pool2d", torch.device("cuda"), "triton")
 
 
 def test_environment_variable(monkeypatch):

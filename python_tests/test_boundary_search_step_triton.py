@@ -13,8 +13,11 @@ from utils import TOLERANCES, assert_verbose_equal
 
 pytestmark = pytest.mark.triton
 
-TRITON_OP = torch.ops.robust_ops.boundary_search_step_triton
 NATIVE_OP = torch.ops.robust_ops.boundary_search_step_
+
+
+def triton_op():  # registered at import robust_ops only where Triton can run (here: under TRITON_INTERPRET=1)
+    return torch.ops.robust_ops.boundary_search_step_triton
 
 
 def device():
@@ -23,7 +26,7 @@ def device():
 
 def test_schema_matches_native_apart_from_name():
     native = NATIVE_OP.default._schema
-    triton = TRITON_OP.default._schema
+    triton = triton_op().default._schema
     assert triton.name == "robust_ops::boundary_search_step_triton"
 
     def signature(schema):
@@ -40,7 +43,7 @@ def test_schema_matches_native_apart_from_name():
 def test_matches_reference_bitwise(dtype, k, active):
     lo, hi, points, crossed_at, mask = make_inputs(k, shape=(2 * k + 1, 3, 5), dtype=dtype, device=device(),
                                                    active=active)
-    got, want = run_both(TRITON_OP, lo, hi, points, crossed_at, mask)
+    got, want = run_both(triton_op(), lo, hi, points, crossed_at, mask)
     for name, g, w in zip(("lo", "hi", "points"), got, want):
         assert_verbose_equal(g, w, name)
 
@@ -50,7 +53,7 @@ def test_bfloat16(k):
     """Bitwise on GPU in principle; the interpreter truncates float32 -> bfloat16, so compare with tolerance."""
     lo, hi, points, crossed_at, mask = make_inputs(k, shape=(9, 2, 7), dtype=torch.bfloat16, device=device(),
                                                    active=True)
-    got, want = run_both(TRITON_OP, lo, hi, points, crossed_at, mask)
+    got, want = run_both(triton_op(), lo, hi, points, crossed_at, mask)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOLERANCES[torch.bfloat16])
 
@@ -61,7 +64,7 @@ def test_special_values():
     lo[0, 0], hi[1, 1], points[0, 2, 2], lo[3, 3] = -0.0, float("inf"), float("nan"), float("-inf")
     crossed_at = torch.arange(n) % k
     args = [t.to(device()) for t in (lo, hi, points, crossed_at)]
-    got, want = run_both(TRITON_OP, *args, None)
+    got, want = run_both(triton_op(), *args, None)
     for g, w in zip(got, want):
         assert_verbose_equal(g, w)
         assert torch.equal(torch.signbit(g), torch.signbit(w))
@@ -83,7 +86,7 @@ def test_non_contiguous(k):
         hi_v.copy_(hi)
         pts_v = points.permute(2, 1, 0).clone().permute(2, 1, 0)
         assert not (lo_v.is_contiguous() or hi_v.is_contiguous() or pts_v.is_contiguous())
-        TRITON_OP(lo_v, hi_v, pts_v, crossed_at, mask)
+        triton_op()(lo_v, hi_v, pts_v, crossed_at, mask)
         for name, g, w in zip(("lo", "hi", "points"), (lo_v, hi_v, pts_v), want):
             assert_verbose_equal(g, w, name)
 
@@ -92,12 +95,12 @@ def test_non_contiguous(k):
 def test_empty(shape):
     lo, hi, points, _, _ = make_inputs(2, shape=shape, device=device())
     crossed_at = torch.zeros(shape[0], dtype=torch.int64, device=device())
-    TRITON_OP(lo, hi, points, crossed_at, None)
+    triton_op()(lo, hi, points, crossed_at, None)
 
 
 def test_spans_several_blocks_per_sample():
     lo, hi, points, crossed_at, mask = make_inputs(3, shape=(4, 2500), device=device(), active=True)
-    got, want = run_both(TRITON_OP, lo, hi, points, crossed_at, mask)
+    got, want = run_both(triton_op(), lo, hi, points, crossed_at, mask)
     for g, w in zip(got, want):
         assert_verbose_equal(g, w)
 
@@ -123,7 +126,7 @@ def test_search_keeps_label_flip_and_shrinks_by_k(k):
 def test_argument_errors(match, args):
     args = tuple(a.to(device()) if isinstance(a, torch.Tensor) else a for a in args)
     with pytest.raises(RuntimeError, match="boundary_search_step_: expected " + match):
-        TRITON_OP(*args)
+        triton_op()(*args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the check is an asynchronous device assert")
@@ -133,7 +136,7 @@ def test_crossed_at_out_of_range(k, bad):
     crossed_at[1] = bad
     before = [t.clone() for t in (lo, hi, points)]
     with pytest.raises(RuntimeError, match=rf"boundary_search_step_: expected crossed_at in \[0, {k - 1}\]"):
-        TRITON_OP(lo, hi, points, crossed_at, None)
+        triton_op()(lo, hi, points, crossed_at, None)
     for t, b in zip((lo, hi, points), before):
         assert torch.equal(t, b)
 
@@ -142,7 +145,7 @@ def test_crossed_at_out_of_range(k, bad):
 @pytest.mark.parametrize("active", [False, True])
 def test_opcheck(active):
     lo, hi, points, crossed_at, mask = make_inputs(3, device="cuda", active=active)
-    torch.library.opcheck(TRITON_OP, (lo, hi, points, crossed_at, mask))
+    torch.library.opcheck(triton_op(), (lo, hi, points, crossed_at, mask))
 
 
 @pytest.mark.needs_cuda
@@ -151,7 +154,7 @@ def test_torch_compile_fullgraph():
 
     @torch.compile(fullgraph=True)
     def step(lo, hi, points, crossed_at, active):
-        TRITON_OP(lo, hi, points, crossed_at, active)
+        triton_op()(lo, hi, points, crossed_at, active)
         return lo + hi
 
     lo, hi, points, crossed_at, mask = make_inputs(4, device="cuda", active=True)
@@ -173,7 +176,7 @@ def test_internal_overlap_rejected_before_any_write(name):
     args[name] = args[name][..., :1].expand_as(args[name])
     before = {k: v.clone() for k, v in args.items()}
     with pytest.raises(RuntimeError, match=f"boundary_search_step_: expected {name} without internal overlap") as got:
-        TRITON_OP(*args.values(), crossed_at, None)
+        triton_op()(*args.values(), crossed_at, None)
     for k, v in args.items():
         assert torch.equal(v, before[k]), k
     with pytest.raises(RuntimeError) as native:
@@ -189,4 +192,4 @@ def test_device_mismatch(name):
     args[name] = args[name].to("meta")
     with pytest.raises(RuntimeError, match=rf"boundary_search_step_: expected {name} on the device of lo \({lo.device}"
                        r"\), got meta"):
-        TRITON_OP(*args.values())
+        triton_op()(*args.values())

@@ -20,10 +20,8 @@ from .functional import boundary_search_step_, drop_max_pool2d, max_pool2d, pgd_
 torch.fx.wrap("drop_max_pool2d")
 torch.fx.wrap("max_pool2d")
 
-try:
-    from . import triton as _triton_kernels  # noqa: F401
-except Exception as _err:  # triton missing or broken: the native kernels still work; backend="triton" says why
-    _backend._triton_import_error = f"{type(_err).__name__}: {_err}"
+if _backend.should_load_triton_kernels_at_import():  # else on the first backend="triton" call (docs/backends.md)
+    _backend.load_triton_kernels()
 
 from .nn import DropMax2d, replace_maxpool  # noqa: E402,F401
 

@@ -9,24 +9,56 @@ raises and says why.
 The default comes from $ROBUST_OPS_BACKEND, else "auto".
 """
 
+import importlib
 import os
+import sys
 
 import torch
 
 from . import _extension
+from ._compile import disable_dynamo
 
 BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "ROBUST_OPS_BACKEND"
 
-_triton_import_error = None  # set by robust_ops/__init__.py when the Triton kernels could not be imported
+_triton_import_error = None  # why robust_ops.triton could not be imported; set by load_triton_kernels
+TRITON_MODULE = "robust_ops.triton"
 
 
 def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# triton.jit decides at import whether kernels are interpreted; robust_ops imports them right after this module.
-_triton_interpreted_at_import = triton_interpreted()
+def triton_kernels_loaded():
+    return TRITON_MODULE in sys.modules  # a failed import leaves no entry
+
+
+def triton_kernels_interpreted():
+    """Whether the imported Triton kernels run interpreted: triton.jit reads TRITON_INTERPRET when their module is
+    imported, not when they run. None before they are imported."""
+    utils = sys.modules.get(TRITON_MODULE + "._utils")
+    return None if utils is None or not triton_kernels_loaded() else bool(utils._INTERPRETED.value)
+
+
+def should_load_triton_kernels_at_import():
+    """Where the Triton kernels can run: a visible CUDA device, or TRITON_INTERPRET=1 (tests on CPU). Elsewhere
+    robust_ops skips their ~1 s import (torch.library.triton_op imports torch._inductor) until a backend="triton" call
+    needs them. device_count() asks NVML first, so unlike is_available() it does not initialise CUDA in this process
+    on a GPU machine (a CUDA-initialised parent breaks forked children that use CUDA)."""
+    return triton_interpreted() or torch.cuda.device_count() > 0
+
+
+@disable_dynamo  # may run while torch.compile traces resolve(): dynamo must not trace the import
+def load_triton_kernels():
+    """Imports robust_ops.triton once (registers robust_ops::<op>_triton); returns None, or why the import failed.
+    `import robust_ops.triton` does the same."""
+    global _triton_import_error
+    if _triton_import_error is None and not triton_kernels_loaded():
+        try:
+            importlib.import_module(TRITON_MODULE)
+        except Exception as err:  # triton missing or broken: the native kernels still work; backend="triton" says why
+            _triton_import_error = f"{type(err).__name__}: {err}"
+    return _triton_import_error
 
 
 def triton_op_name(op_name):
@@ -36,15 +68,17 @@ def triton_op_name(op_name):
 
 def _triton_reason(op_name, device):
     """Why the Triton kernel of op_name cannot run on device, or None when it can."""
-    if _triton_import_error is not None:
-        return f"the Triton kernels could not be imported ({_triton_import_error})"
-    if not hasattr(torch.ops.robust_ops, triton_op_name(op_name)):
-        return f"no Triton kernel is registered for {op_name}"
     if device.type != "cuda" and not triton_interpreted():
         return f"Triton kernels run on CUDA tensors (got {device.type}); on CPU only under TRITON_INTERPRET=1"
-    if device.type != "cuda" and not _triton_interpreted_at_import:  # else triton fails with "0 active drivers"
-        return ("TRITON_INTERPRET=1 was set after robust_ops was imported; triton.jit reads it at import, so set it "
-                "before importing robust_ops")
+    if not triton_kernels_loaded():
+        error = load_triton_kernels()  # after a failed import: the recorded error, no second try
+        if error is not None:
+            return f"the Triton kernels could not be imported ({error})"
+    if not hasattr(torch.ops.robust_ops, triton_op_name(op_name)):
+        return f"no Triton kernel is registered for {op_name}"
+    if device.type != "cuda" and not triton_kernels_interpreted():  # else triton fails with "0 active drivers"
+        return ("TRITON_INTERPRET=1 was set after robust_ops imported its Triton kernels; triton.jit reads it at "
+                "import, so set it before importing robust_ops")
     return None
 
 

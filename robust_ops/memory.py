@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._compile import disable_dynamo
 from ._options import env_switch
 
 ENV_SWITCH = "ROBUST_OPS_CPU_POOL"
@@ -39,12 +40,12 @@ def pool_enabled_by_default():
     return env_switch(ENV_SWITCH, True)
 
 
-@torch.compiler.disable
+@disable_dynamo
 def _enter():
     return bool(torch.ops.robust_ops._cpu_pool_enter())
 
 
-@torch.compiler.disable
+@disable_dynamo
 def _exit():
     torch.ops.robust_ops._cpu_pool_exit()
 
