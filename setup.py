@@ -17,12 +17,18 @@ import re
 import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
 
 import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# pyproject.toml's SPDX `license` string needs setuptools 77 (its table form is deprecated); with
+# --no-build-isolation pip does not enforce build-system.requires, so an older one would fail on that field's schema.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"robust_ops: building needs setuptools>=77 (found {setuptools.__version__}): pip install -U setuptools")
 
 
 def _flag(name):

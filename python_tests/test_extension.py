@@ -73,6 +73,16 @@ def _setup_py(monkeypatch):
     return namespace
 
 
+def test_setup_refuses_a_setuptools_older_than_the_pyproject_license_field(monkeypatch):
+    # --no-build-isolation skips build-system.requires: without this check setuptools 64-76 would fail on the SPDX
+    # `license` string with a schema error instead of naming the fix.
+    monkeypatch.setattr(setuptools, "__version__", "76.1.0")
+    with pytest.raises(SystemExit, match=r"needs setuptools>=77 \(found 76\.1\.0\): pip install -U setuptools"):
+        _setup_py(monkeypatch)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in pyproject and '"setuptools>=77"' in pyproject
+
+
 def _fake_toolkit(folder, release):
     nvcc = folder / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True, exist_ok=True)
