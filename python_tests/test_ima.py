@@ -23,6 +23,7 @@ from robust_ops.ima import (
     dice_score,
     gen_adv,
     gen_adv_masked,
+    paper_eps_train,
     sample_distance,
     search_rounds,
     soft_dice_loss,
@@ -64,8 +65,9 @@ def correct(model, x, y):
         return bool(model(x).argmax(1)[0] == y[0])
 
 
-def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm):
-    """Algorithms 2 and 3 written per sample, as in the paper (bisection landing on the correct side)."""
+def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm, arity=2):
+    """Algorithms 2 and 3 written per sample, as in the paper (bisection landing on the correct side; with arity k,
+    ceil(N log 2 / log k) rounds over the k-1 interior points, moving to the two around the first wrong one)."""
     outs, crossed, taken = [], [], []
     for i in range(x.shape[0]):
         xi, yi, e = x[i:i + 1], y[i:i + 1], margin[i:i + 1]
@@ -89,12 +91,21 @@ def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm):
             outs.append(cur), crossed.append(False), taken.append(t_cross)
             continue
         lo, hi = bracket
-        for _ in range(search_steps):
-            mid = (lo + hi) / 2
-            if correct(model, mid, yi):
-                lo = mid
-            else:
-                hi = mid
+        if arity == 2:
+            for _ in range(search_steps):
+                mid = (lo + hi) / 2
+                if correct(model, mid, yi):
+                    lo = mid
+                else:
+                    hi = mid
+        else:
+            for _ in range(math.ceil(search_steps * math.log(2) / math.log(arity) - 1e-9)):
+                points = [lo * (1 - j / arity) + hi * (j / arity) for j in range(1, arity)]
+                wrong = [j for j, point in enumerate(points) if not correct(model, point, yi)]
+                if wrong:
+                    lo, hi = ([lo] + points)[wrong[0]], points[wrong[0]]
+                else:
+                    lo = points[-1]
         outs.append(lo), crossed.append(True), taken.append(t_cross)
     return torch.cat(outs), torch.tensor(crossed), torch.tensor(taken)
 
@@ -837,9 +848,19 @@ def _ddp_worker(rank, world, port, results):
         x = torch.rand(6, 1, 6, 6, generator=g)
         y = torch.randint(0, 2, (6,), generator=g)
         defense = IMA(num_samples=12, eps_train=2.0, delta=0.5, init_margin=1.0, steps=4, search_steps=3)
+        calls = []
+        model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
         out = defense(model, x, y, torch.arange(6) + 6 * rank)
         out.loss.backward()
         results[f"ima{rank}"] = defense.margins.tolist()
+        # Through DDP only the clean and the adversarial forward; on rank 1 no sample is classified correctly in the
+        # next step, and a zero-weight forward of one sample stands in for the adversarial one.
+        if rank == 1:
+            with torch.no_grad():
+                y = 1 - net(x).argmax(1)
+        out = defense(model, x, y, torch.arange(6) + 6 * rank)
+        out.loss.backward()
+        results[f"calls{rank}"] = calls
     finally:
         dist.destroy_process_group()
 
@@ -859,6 +880,7 @@ def test_margin_table_syncs_across_two_gloo_ranks():
                                    "crossed samples there)")
     assert results["refused1"].startswith("MarginTable.update: expected finite distances >= 0 for crossed samples")
     assert results["ima0"] == results["ima1"] and results["ima0"] != [1.0] * 12
+    assert len(results["calls0"]) == len(results["calls1"]) == 4 and results["calls1"][-1] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -904,3 +926,293 @@ def test_ima_samples_wrong_in_the_attack_mode_keep_their_margin():
                   min_rows=0)
     defense(model, x, y, torch.arange(10))
     assert bool((defense.margins[eval_wrong] == 0.5).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pins found by mutation testing (each fails when the named behaviour is changed)
+
+
+def test_sample_distance_values():
+    # linf is the largest |difference| (a negative one included), l2 the Euclidean norm of the difference.
+    a = torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.1, 0.1]], dtype=torch.float64)
+    b = torch.tensor([[0.2, 0.6, 0.9], [0.1, 0.1, 0.1]], dtype=torch.float64)
+    assert sample_distance(a, b, "l2").tolist() == pytest.approx([0.5, 0.0], abs=1e-15)
+    assert sample_distance(a, b, "linf").tolist() == pytest.approx([0.4, 0.0], abs=1e-15)
+    assert sample_distance(b, a, "linf").tolist() == pytest.approx([0.4, 0.0], abs=1e-15)
+
+
+def test_gen_adv_refuses_a_criterion_or_loss_of_the_wrong_shape():
+    model, x, y, _ = make_problem()
+    with pytest.raises(ValueError, match=r"gen_adv: expected is_correct\(output, y\) to return a bool tensor of shape "
+                                         r"\[12\], got torch.bool \(12, 1\)"):
+        gen_adv(model, x, y, 1.0, is_correct=lambda out, y: (out.argmax(1) == y).unsqueeze(1))
+    with pytest.raises(ValueError, match=r"gen_adv: expected loss_fn\(output, y\) to return per-sample losses of shape "
+                                         r"\[12\], got \(\)"):
+        gen_adv(model, x, y, 1.0, loss_fn=lambda out, y: F.cross_entropy(out, y))
+
+
+def test_kary_search_matches_per_sample_loop():
+    # Labels of several classes among the crossed samples: each interior point is judged against its own label.
+    model, x, y, margin, rows, hook = batch_dependent_problem(lambda n: True, 12)
+    hook.remove()
+    model, x = model.double(), x.double()
+    margin = torch.full((12,), 4.0, dtype=torch.float64)
+    for arity in (3, 4):
+        x_adv, crossed, info = gen_adv(model, x, y, margin, steps=8, search_steps=6, arity=arity, return_info=True)
+        x_ref, crossed_ref, _ = loop_gen_adv(model, x, y, margin, 8, 6, "l2", 2, arity=arity)
+        assert crossed.tolist() == crossed_ref.tolist() and len(set(y[crossed].tolist())) > 1
+        torch.testing.assert_close(x_adv, x_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_train_mode_default_pads_nothing():
+    # Padding would change batch-norm statistics in train mode ("train", or "keep" with a training model): the
+    # default there is min_rows=0, not measured sizes (this float64 CNN's are the multiples of 4; 11 samples active).
+    model, x, y, margin = make_problem(n=12, seed=1)
+    model.train()
+    for mode in ("train", "keep"):
+        counts = []
+        for min_rows in (None, 0):
+            counter = PassCounter()
+            gen_adv(model, x, y, margin, steps=4, search_steps=2, model_mode=mode, counter=counter, min_rows=min_rows)
+            counts.append(counter.as_dict())
+        assert counts[0] == counts[1], mode
+        with pytest.raises(ValueError, match="min_rows pads batches"):
+            gen_adv(model, x, y, margin, steps=2, min_rows=16, model_mode=mode)
+
+
+def test_default_padding_goes_to_the_smallest_invariant_size():
+    # Invariant from 6 rows: 6 and 8 active samples run as they are, 3 are padded to 6 (not to a larger size).
+    for active, expected in ((6, 6), (8, 8), (3, 6)):
+        model, x, y, margin, rows, hook = batch_dependent_problem(lambda n: n >= 6, 12)
+        margin[active:] = 0
+        counter = PassCounter()
+        gen_adv(model, x, y, margin, steps=4, search_steps=2, counter=counter)
+        hook.remove()
+        assert rows[-counter.forward_calls] == expected
+
+
+def test_no_backward_once_every_sample_has_crossed():
+    # Every sample crosses within a few of the K = 20 steps: the forward that finds the last crossing needs no
+    # backward, and the masked form with batch_exit=False (the naive cost) still pays every step and search round.
+    model, x, y, margin, rows, hook = batch_dependent_problem(lambda n: True, 12)
+    hook.remove()
+    margin[:] = 4.0
+    counter = PassCounter()
+    _, crossed, info = gen_adv(model, x, y, margin, steps=20, search_steps=5, counter=counter, return_info=True,
+                               min_rows=0)
+    last = int(info.steps.max())
+    assert bool(crossed.all()) and last < 20
+    assert counter.backward_calls == last and counter.forward_calls == last + 1 + 5
+    masked = PassCounter()
+    gen_adv_masked(model, x, y, margin, steps=20, search_steps=5, counter=masked, min_rows=0)
+    assert (masked.forward_calls, masked.backward_calls) == (last + 1 + 5, last)
+    naive = PassCounter()
+    gen_adv_masked(model, x, y, margin, steps=20, search_steps=5, counter=naive, min_rows=0, batch_exit=False)
+    assert naive.as_dict() == dict(forward_calls=21 + 5, forward_rows=(21 + 5) * 12, backward_calls=20,
+                                   backward_rows=20 * 12)
+
+
+def test_masked_form_spends_nothing_on_margin_zero_and_returns_the_same_info():
+    model, x, y, margin = make_problem(n=12, seed=1)
+    counter = PassCounter()
+    x_adv, crossed = gen_adv_masked(model, x, y, torch.zeros_like(margin), counter=counter)
+    assert torch.equal(x_adv, x) and not bool(crossed.any()) and counter.forward_calls == 0
+    _, _, a = gen_adv(model, x, y, margin, steps=8, search_steps=6, return_info=True)
+    _, _, b = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, return_info=True)
+    assert a.clean_correct.tolist() == b.clean_correct.tolist() == [False, False] + [True] * 10
+    assert torch.equal(a.steps, b.steps) and torch.equal(a.far_point, b.far_point) and torch.equal(a.gap, b.gap)
+
+
+def test_naive_masked_form_on_an_empty_batch():
+    model, x, y, margin = make_problem()
+    counter = PassCounter()
+    x_adv, crossed = gen_adv_masked(model, x[:0], y[:0], margin[:0], batch_exit=False, counter=counter)
+    assert x_adv.shape == (0, 1, 10, 10) and crossed.shape == (0,) and counter.forward_rows == 0
+
+
+def test_batch_invariant_sizes_period_cases():
+    x = torch.rand(4, 1, 10, 10)
+    # 17 rows differ but 18 agree (a tail at odd sizes above 16): period 2, not 1.
+    sizes = batch_invariant_sizes(BatchDependent(lambda n: n <= 16 or n % 2 == 0).eval(), x)
+    assert sizes == tuple(range(1, 17)) and sizes.period == 2
+    # A period must divide max_rows, so that the multiples above it are max_rows + p, 2p, ...: with 5, 10, 15 and
+    # 21 = 16 + 5 invariant, 17 rows would be padded to 20, which is not; only max_rows itself qualifies.
+    sizes = batch_invariant_sizes(BatchDependent(lambda n: n in (5, 10, 15, 16, 21, 32)).eval(), x)
+    assert sizes == (5, 10, 15, 16) and sizes.period == 16
+
+
+def test_batch_invariant_sizes_checks_both_ends_above_the_probed_sizes():
+    """A row tail above max_rows can agree by chance in one batch: here 17 rows agree when they start at the
+    reference's first row, not at its other end, so 17 rows are not taken as invariant."""
+
+    class ChanceTail(BatchDependent):
+        def forward(self, x):
+            out = super().forward(x)
+            if x.shape[0] == 32:
+                self.first_row = x[0].detach().clone()
+            elif x.shape[0] == 17 and not torch.equal(x[0], self.first_row):
+                return out * (1 + 2.0 ** -20)
+            return out
+
+    sizes = batch_invariant_sizes(ChanceTail().eval(), torch.rand(4, 1, 10, 10))
+    assert sizes == tuple(range(1, 17)) and sizes.period == 2
+
+
+def test_batch_invariant_sizes_are_measured_per_thread_count():
+    # The kernels a math library picks depend on the thread count, so the cache key includes it.
+    model = BatchDependent(lambda n: n >= 6).eval()
+    x = torch.rand(4, 1, 10, 10)
+    threads = torch.get_num_threads()
+    batch_invariant_sizes(model, x)
+    calls = model.calls
+    torch.set_num_threads(threads + 1)
+    try:
+        assert batch_invariant_sizes(model, x) == tuple(range(6, 17)) and model.calls > calls
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("norm, strict", [("l2", False), ("linf", False), ("l2", True)])
+def test_ima_loss_and_margins_follow_algorithm_1(norm, strict):
+    """The defense against Algorithm 1 spelled out with gen_adv: loss mean((1 - beta) L0 + beta L1), L1 at x_adv for
+    the clean-correct samples; expand by delta (f(x_adv) correct, no crossing), shrink to (||x - x_adv||_p + E) / 2
+    (crossed; with strict_shrink also f(x_adv) wrong, here with the midpoint search result), clip to eps_train."""
+    model, x, y = ima_batch(seed=2)
+    eps_train, delta = (2.0, 0.5) if norm == "l2" else (0.3, 0.1)
+    search_result = "midpoint" if strict else "correct_side"
+    kwargs = dict(steps=6, search_steps=4, norm=norm, search_result=search_result, min_rows=0)
+    defense = IMA(num_samples=20, eps_train=eps_train, delta=delta, beta=0.25, strict_shrink=strict, **kwargs)
+    start = torch.rand(20, generator=torch.Generator().manual_seed(0)) * eps_train
+    defense.load_state_dict({"margins": start, "eps_train": eps_train, "delta": delta, "init_margin": delta})
+    ids = torch.arange(12) + 5
+    out = defense(model, x, y, ids)
+    with torch.no_grad():
+        logits = model(x)
+        l0 = F.cross_entropy(logits, y, reduction="none")
+        sel = (logits.argmax(1) == y).nonzero().squeeze(1)
+        x_adv, crossed = gen_adv(model, x[sel], y[sel], start[ids][sel], **kwargs)
+        adv_logits = model(x_adv)
+        l1 = l0.clone()
+        l1[sel] = F.cross_entropy(adv_logits, y[sel], reduction="none")
+    torch.testing.assert_close(out.loss.detach(), (0.75 * l0 + 0.25 * l1).mean())
+    adv_ok = adv_logits.argmax(1) == y[sel]
+    shrink = crossed & ~adv_ok if strict else crossed
+    expand = adv_ok & ~crossed
+    old = start[ids][sel]
+    assert bool(shrink.any()) and bool(expand.any())
+    expected = start.clone()
+    new = torch.where(expand, old + delta, old)
+    new = torch.where(shrink, (sample_distance(x_adv, x[sel], norm) + old) / 2, new)
+    expected[ids[sel]] = new.clamp(0, eps_train)
+    torch.testing.assert_close(defense.margins, expected)
+    assert out.metrics["clean_acc"] == pytest.approx(sel.numel() / 12)
+    assert out.metrics["adv_acc"] == pytest.approx(float(adv_ok.float().mean()))
+    assert out.metrics["crossed"] == pytest.approx(float(crossed.float().mean()))
+    if norm == "linf":  # the attack ran in the linf ball
+        assert bool((sample_distance(x_adv, x[sel], "linf") <= old + 1e-6).all())
+
+
+def test_ima_skips_samples_the_training_forward_misclassifies():
+    """Algorithm 1 attacks only the samples z = f(x) (training mode) classifies correctly: one the attack's eval mode
+    would call correct is still left alone (L1 = L0, margin unchanged)."""
+    torch.manual_seed(0)
+    # momentum 0: the running statistics stay 0/1, so eval mode (the attack's) says class 0 everywhere
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2), nn.BatchNorm1d(2, affine=False, momentum=0.0)).train()
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([5.0, 0.0]))
+    x = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(10, dtype=torch.int64)
+    with torch.no_grad():
+        logits = model(x)  # train mode: batch statistics remove the bias
+    sel = (logits.argmax(1) == 0).nonzero().squeeze(1)
+    assert 0 < sel.numel() < 10
+    defense = IMA(num_samples=10, eps_train=4.0, delta=0.25, init_margin=0.5, steps=3, search_steps=2, min_rows=0)
+    out = defense(model, x, y, torch.arange(10))
+    x_adv, _ = gen_adv(model, x[sel], y[sel], 0.5, steps=3, search_steps=2, min_rows=0)
+    with torch.no_grad():
+        l0 = F.cross_entropy(logits, y, reduction="none")
+        l1 = l0.index_put((sel,), F.cross_entropy(model(x_adv), y[sel], reduction="none"))
+    torch.testing.assert_close(out.loss.detach(), (0.5 * l0 + 0.5 * l1).mean())
+    train_wrong = logits.argmax(1) != 0
+    assert bool((defense.margins[train_wrong] == 0.5).all())
+
+
+def test_margin_table_edge_values():
+    table = MarginTable(6, 1.0, 1.0)  # init_margin may equal max_margin
+    with pytest.raises(IndexError, match=r"MarginTable: ids must lie in \[0, 6\) .* got ids in \[-1, 2\]"):
+        table.get(torch.tensor([-1, 2]))
+    with pytest.raises(ValueError, match=r"MarginTable: expected ids to be 1-D \[N\], got shape \(1, 2\)"):
+        table.get(torch.tensor([[1, 2]]))
+    # A crossed sample at distance 0 (x_adv = x) is valid: its margin halves.
+    table.update(torch.tensor([3]), adv_correct=torch.tensor([False]), crossed=torch.tensor([True]),
+                 distance=torch.zeros(1), delta=0.1)
+    assert float(table.margins[3]) == 0.5
+    # Margins of 0 are valid in checkpoints (the ball is {x}); integer margins are not.
+    zeros = {"margins": torch.zeros(6)}
+    table.load_state_dict(zeros)
+    assert torch.equal(table.margins, zeros["margins"])
+    restored = IMA(num_samples=6)
+    restored.load_state_dict(dict(zeros, eps_train=1.0, delta=0.1, init_margin=0.1))
+    assert torch.equal(restored.margins, zeros["margins"])
+    with pytest.raises(ValueError, match="MarginTable.load_state_dict: expected floating-point margins, got "
+                                         "torch.int64"):
+        table.load_state_dict({"margins": torch.zeros(6, dtype=torch.int64)})
+    with pytest.raises(ValueError, match=r"IMA.load_state_dict: expected margins to be a 1-D float tensor, got "
+                                         r"torch.float32 \(2, 3\)"):
+        IMA().load_state_dict(dict(zeros, margins=torch.zeros(2, 3), eps_train=1.0, delta=0.1, init_margin=0.1))
+    with pytest.raises(ValueError, match=r"IMA.load_state_dict: missing keys \['delta', 'init_margin'\]"):
+        IMA().load_state_dict(dict(zeros, eps_train=1.0))
+
+
+def test_ima_defaults_setup_and_state_snapshot():
+    assert paper_eps_train((3, 32, 32)) == pytest.approx(3.0)  # CIFAR10's eps, the rule's anchor
+    assert paper_eps_train((1, 28, 28)) == pytest.approx(1.5155, abs=1e-4)
+    assert paper_eps_train((1, 28, 28), "linf") == 8 / 255
+    model, x, y = ima_batch()
+    defense = IMA(num_samples=20, norm="linf", steps=2, search_steps=2)
+    defense(model, x, y, torch.arange(12))
+    assert defense.eps_train == 8 / 255 and defense.delta == pytest.approx(8 / 255 / 100)
+    # An init margin above eps_train starts clipped to it.
+    clipped = IMA(num_samples=20, eps_train=0.5, delta=1.0, steps=2, search_steps=2)
+    state = clipped.state_dict()
+    clipped(model, x, y, torch.arange(12))
+    assert clipped.init_margin == 0.5 and bool((clipped.margins[12:] == 0.5).all())
+    assert state == {}  # no table before the first batch
+    # state_dict is a snapshot: later updates do not change it.
+    state = defense.state_dict()
+    before = state["margins"].clone()
+    defense(model, x, y, torch.arange(12))
+    assert torch.equal(state["margins"], before) and not torch.equal(defense.margins, before)
+    with pytest.raises(ValueError, match=r"IMA: the margin table holds 20 samples, got num_samples=30"):
+        defense.setup(30)
+    defense.setup(20)
+
+
+def test_ima_merge_without_sync_takes_the_highest_rank_that_changed_a_margin():
+    defense = IMA(num_samples=3, eps_train=2.0, delta=0.5, sync=False)
+    start = {"margins": torch.full((3,), 0.5), "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5}
+    ranks = [dict(start, margins=torch.tensor([1.0, 0.75, 0.5])), dict(start, margins=torch.tensor([0.5, 0.25, 0.5]))]
+    assert defense.merge_distributed_state(ranks, start)["margins"].tolist() == [1.0, 0.25, 0.5]
+
+
+def test_dice_threshold_and_pixel_edges():
+    # Dice "> 0.6" (Section 3.5.2): exactly 0.6 is wrong. 5 predicted, 5 target pixels, 3 shared: 2*3/10.
+    out = torch.tensor([[1.0] * 5 + [-1.0] * 5])
+    y = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0, 0]])
+    assert dice_score(out, y).item() == pytest.approx(0.6)
+    assert dice_criterion(0.6)(out, y).tolist() == [False]
+    # A logit of exactly 0 is background ("> 0").
+    assert dice_score(torch.tensor([[0.0, 1.0]]), torch.tensor([[0, 1]])).item() == 1.0
+    # Multi-class: the mean runs over the foreground classes present; absent class 2 does not count.
+    logits = torch.zeros(1, 3, 1, 4)
+    logits[0, 1, 0, :2] = 1
+    labels = torch.tensor([[[1, 0, 0, 0]]])
+    assert dice_score(logits, labels).item() == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"dice_criterion: expected threshold in \[0, 1\), got 1"):
+        dice_criterion(1)
+    # Soft Dice loss: 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) with p = sigmoid(out).
+    out = torch.tensor([[0.0, 2.0, -1.0]])
+    p = torch.sigmoid(out)
+    t = torch.tensor([[1.0, 1.0, 0.0]])
+    expected = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    torch.testing.assert_close(soft_dice_loss(out, t), expected.reshape(1))
