@@ -1296,3 +1296,144 @@ def test_cw_loss_is_clamped_at_the_confidence_kappa():
     got = attack_loss(-out, t, "cw", targeted=False, kappa=1.0, reduction="none")  # margins -4 (clamped), 0.2
     torch.testing.assert_close(got, torch.tensor([1.0, -0.2]))
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mutation pass three (the PGD core, pgd.py, context.py): values pinned from the docs / torchattacks semantics
+
+
+def test_per_sample_eps_random_start_and_default_alpha_match_a_scalar_eps():
+    """A tensor eps of equal values is the scalar attack: the same random start (Linf: uniform in [-eps, eps]; L2:
+    Gaussian direction at radius eps * U(0, 1)) and the same default step 2.5 * eps / steps."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5)):
+        got = attacks.pgd(model, x, y, eps=torch.full((4,), eps), steps=3, norm=norm,
+                          generator=torch.Generator().manual_seed(2))
+        want = attacks.pgd(model, x, y, eps=eps, steps=3, norm=norm, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=norm)
+
+
+def test_zero_dim_tensor_and_zero_eps():
+    """eps / alpha as 0-d tensors act as the numbers; eps = 0 (>= 0 is allowed) leaves the inputs unchanged."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    want = attacks.pgd(model, x, y, eps=0.03, alpha=0.01, steps=2, random_start=False)
+    got = attacks.pgd(model, x, y, eps=torch.tensor(0.03), alpha=torch.tensor(0.01), steps=2, random_start=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(attacks.pgd(model, x, y, eps=0.0, alpha=0.01, steps=2), x)
+    assert torch.equal(attacks.fgsm(model, x, y, eps=0.0), x)
+
+
+def test_targeted_custom_loss_callable_is_negated():
+    # a callable is negated when targeted, as "ce" is: descending the per-sample CE towards the target
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    target = (y + 1) % 3
+    per_sample = attacks.pgd(model, x, target, eps=0.03, steps=3, random_start=False, targeted=True,
+                             loss=lambda out, t: nn.functional.cross_entropy(out, t, reduction="none"))
+    ce = attacks.pgd(model, x, target, eps=0.03, steps=3, random_start=False, targeted=True)
+    assert torch.equal(per_sample, ce)
+
+
+def test_targeted_early_stop_freezes_once_the_target_is_reached():
+    """Targeted success is pred == target (not pred != target): a sample whose target is already predicted never
+    moves, the others move until the first iterate that predicts the target, then stay there."""
+    model = Linear(3).eval()
+    x, y = make_data(8, 3)
+    pred = model(x).argmax(1)
+    target = (pred + 1) % 3
+    target[0] = pred[0]
+    res = run_pgd(model, x, target, eps=0.5, alpha=0.1, steps=10, targeted=True, early_stop=True,
+                  emit=tuple(range(1, 11)))
+    its = torch.cat([x[None], res.iterates])
+    preds = torch.stack([model(it).argmax(1) for it in its])  # [11, N]
+    assert bool((its[:, 0] == x[0]).all())
+    for i in range(1, 8):
+        reached = (preds[:, i] == target[i]).nonzero()
+        assert len(reached), "the easy model should reach every target"
+        first = int(reached[0])
+        assert first > 0 and not torch.equal(its[1, i], x[i])
+        for t in range(first + 1, 11):
+            assert torch.equal(its[t, i], its[first, i])
+
+
+def test_fat_tau_counts_from_a_sample_misclassified_at_the_start():
+    """FAT's tau: a sample misclassified at the clean point (first success at iterate 0) takes exactly tau steps."""
+    model = Linear(3).eval()
+    x, y = make_data(6, 3)
+    y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 3  # misclassified from the start
+    res = run_pgd(model, x, y, eps=0.5, alpha=0.02, steps=6, early_stop=2, emit=tuple(range(1, 7)))
+    its = torch.cat([x[None], res.iterates])
+    assert not torch.equal(its[1, 0], its[0, 0]) and not torch.equal(its[2, 0], its[1, 0])
+    for t in range(3, 7):
+        assert torch.equal(its[t, 0], its[2, 0])
+
+
+def test_early_stop_leaves_a_tensor_alpha_unchanged():
+    # the per-sample step sizes are zeroed as samples freeze: on a copy, never on the caller's tensor
+    model = Linear(3).eval()
+    x, y = make_data(8, 3)
+    y = model(x).argmax(1)
+    alpha = torch.full((8,), 0.05)
+    run_pgd(model, x, y, eps=0.5, alpha=alpha, steps=10, early_stop=True)
+    assert torch.equal(alpha, torch.full((8,), 0.05))
+
+
+def test_default_mode_is_eval_with_parameter_gradients_off_during_the_attack():
+    """Attacks run the model in eval mode by default (run_pgd too) with every parameter's requires_grad off during
+    the forwards; both are restored afterwards."""
+    model = TinyCNN(1, 2).train()
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append((m.training, any(p.requires_grad
+                                                                                 for p in m.parameters()))))
+    x, y = make_data(2, 2)
+    attacks.pgd(model, x, y, eps=0.03, steps=2)
+    run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=2)
+    assert seen == [(False, False)] * 4
+    assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+
+
+def test_cw_target_margin_with_all_negative_logits():
+    # the targeted CW margin z_t - max_{j != t} z_j masks the target with -inf: (1 - onehot) would give max(.., 0)
+    from robust_ops.attacks.core import attack_loss
+
+    out = torch.tensor([[-5.0, -1.0, -3.0], [-2.0, -7.0, -4.0]])
+    t = torch.tensor([0, 0])
+    got = attack_loss(out, t, "cw", targeted=True, kappa=10.0, reduction="none")
+    torch.testing.assert_close(got, torch.tensor([-4.0, 2.0]))
+
+
+def test_single_logit_prediction_at_zero_is_the_negative_class():
+    # positive class when z > 0: z = 0 is the [0, 0] tie of the equivalent two-logit model, whose argmax is class 0
+    z = torch.tensor([0.0, 1e-4, -1e-4])
+    assert torch.equal(context.predict_from_output(z), torch.tensor([0, 1, 0]))
+    assert torch.equal(context.predict_from_output(z[:, None]), context.predict_from_output(context.two_logits(z)))
+
+
+def test_cw_linf_default_step_is_madrys():
+    # CW-Linf's default alpha = 2.5 * eps / steps (docs/attacks.md), as PGD's
+    model = make_model(3)
+    x, y = make_data(6, 3)
+    got = attacks.cw_linf(model, x, y, eps=0.05, steps=4)
+    assert torch.equal(got, run_pgd(model, x, y, eps=0.05, alpha=2.5 * 0.05 / 4, steps=4, loss="cw").x_adv)
+
+
+def test_attack_classes_pass_their_options_and_use_torchattacks_defaults():
+    model = Linear(3, scale=0.3).eval()
+    x, y = make_data(8, 3)
+    y = model(x).argmax(1)
+    kw = dict(eps=0.3, alpha=0.05, steps=6, random_start=False)
+    for opts in (dict(loss="cw", kappa=2.0), dict(early_stop=True)):
+        got = attacks.PGD(model, **kw, **opts)(x, y)
+        assert torch.equal(got, attacks.pgd(model, x, y, **kw, **opts)), opts
+        assert not torch.equal(got, attacks.pgd(model, x, y, **kw, loss=opts.get("loss", "ce"))), opts
+    got = attacks.CW(model, eps=0.3, steps=6, kappa=2.0, random_start=True, seed=3)(x, y)
+    assert torch.equal(got, attacks.cw_linf(model, x, y, eps=0.3, steps=6, kappa=2.0, random_start=True,
+                                            generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(attacks.FGSM(model, eps=0.1, loss="cw")(x, y), attacks.fgsm(model, x, y, eps=0.1, loss="cw"))
+    for ours, theirs in ((attacks.PGD(model), torchattacks.PGD(model)),
+                         (attacks.PGDL2(model), torchattacks.PGDL2(model))):
+        got = (ours.eps, ours.alpha, ours.steps, ours.random_start)
+        assert got == (theirs.eps, theirs.alpha, theirs.steps, theirs.random_start), type(ours).__name__

@@ -326,7 +326,6 @@ def test_two_moons_adversarial_training_beats_standard_training():
 
 
 def test_mirst_dm_needs_and_prepares_a_drop_max_model():
-    pytest.importorskip("robust_ops.nn")
     from robust_ops.nn import DropMax2d
     from robust_ops.train import fit
     from torch.utils.data import TensorDataset
@@ -543,3 +542,98 @@ def test_dpaat_negative_mean_loss_change_and_running_reference():
     assert d.state_dict()["running_delta_loss"] == pytest.approx(2.3)
     gamma = 0.3 * (torch.tensor([4.0, 5.0, 6.0]) - 2.3) / 2.3
     torch.testing.assert_close(r, (norms - gamma).clamp_min(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mutation pass three (ARFL, MIRST / MIRST-DM): each term recomputed by hand
+
+
+def test_arfl_feature_map_shapes_per_channel_reduction():
+    """docs/defenses/arfl.md: [N, D] features are one 1 x D map, so "sum" has a single channel to sum (sigmoid of
+    each feature's magnitude); [N, C, L] features are C maps of 1 x L, summed over the channels by "sum"."""
+    s = torch.sigmoid
+    flat = torch.tensor([[1.0, -1.0]])
+    torch.testing.assert_close(robust_feature_loss(flat, torch.tensor([1]), "sum"), -s(torch.tensor([1.0])))
+    seq = torch.tensor([[[1.0, -1.0], [2.0, 3.0]]])  # [1, C=2, L=2]: channel sums 3, 2
+    want = -(s(torch.tensor(3.0)) + s(torch.tensor(2.0))).reshape(1) / 2
+    torch.testing.assert_close(robust_feature_loss(seq, torch.tensor([0]), "sum"), want)
+
+
+def test_arfl_loss_terms_at_the_crafted_x_adv(crafted):
+    """ARFL eq. 5 with r != 1/2 and the "sum" reduction: L = r (L_cls(x) + lam L_rob(x)) + (1 - r) (L_cls(x_adv) +
+    lam L_rob(x_adv)), L_rob read from the LAST conv layer's output at each term's own input, x_adv from the
+    defense's own PGD settings."""
+    from robust_ops.attacks.core import run_pgd
+
+    model, x, y = _model_and_batch(num_classes=2)
+    out = ARFL(r=0.2, lam=3.0, channel_reduction="sum", eps=0.2, steps=2, random_start=False)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    assert torch.equal(x_adv, run_pgd(model, x, y, eps=0.2, alpha=2.5 * 0.2 / 2, steps=2).x_adv)
+    with torch.no_grad():
+        clean, adv = F.cross_entropy(model(x), y), F.cross_entropy(model(x_adv), y)
+        rob, rob_adv = (robust_feature_loss(model.features[:5](v), y, "sum").mean() for v in (x, x_adv))
+    assert abs(float(adv - clean)) > 1e-3 and abs(float(rob_adv - rob)) > 1e-4  # distinct terms
+    m = out.metrics
+    got = [m["loss_clean"], m["loss_adv"], m["loss_robust"], m["loss_robust_adv"]]
+    assert got == pytest.approx([float(clean), float(adv), float(rob), float(rob_adv)], rel=1e-5)
+    expected = 0.2 * (clean + 3.0 * rob) + 0.8 * (adv + 3.0 * rob_adv)
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_arfl_r_one_is_standard_training_plus_the_regularizer_and_layer_choice(crafted):
+    """r = 1: L_cls(x) + lam L_rob(x), no attack. Features: a named module's output; without convolutions the
+    input of the last nn.Linear (the two-moons MLP's penultimate features)."""
+    from robust_ops.models import MLP
+
+    model, x, y = _model_and_batch(num_classes=2)
+    out = ARFL(r=1.0, lam=2.0, layer="features.0")(model, x, y)
+    assert not crafted and "loss_adv" not in out.metrics
+    with torch.no_grad():
+        rob = robust_feature_loss(model.features[0](x), y).mean()
+        expected = F.cross_entropy(model(x), y) + 2.0 * rob
+    assert out.metrics["loss_robust"] == pytest.approx(float(rob), rel=1e-6)
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    torch.manual_seed(0)
+    mlp = MLP(2, 1, (10, 6))
+    xm = torch.rand(8, 2)
+    ym = torch.tensor([0, 1] * 4)
+    out = ARFL(r=1.0)(mlp, xm, ym)
+    with torch.no_grad():
+        want = robust_feature_loss(mlp.net[:4](xm), ym).mean()  # ReLU(Linear(ReLU(Linear(x)))): [8, 6]
+    assert out.metrics["loss_robust"] == pytest.approx(float(want), rel=1e-6)
+
+
+def test_arfl_rejects_labels_above_one_on_a_two_class_model():
+    model, x, y = _model_and_batch(num_classes=2, n=4)
+    with pytest.raises(ValueError, match="arfl: defined for binary tasks only .* got labels up to 2"):
+        ARFL(r=1.0)(model, x, torch.tensor([0, 1, 2, 0]))
+
+
+def test_mirst_runs_emit_last_steps_with_instances_in_the_attack_mode():
+    """docs/defenses/mirst.md: the attack stops after the forward/backward at the last emitted iterate (emit[-1] = 8
+    steps of the paper's T = 10): reuse runs 9 attack forwards (iterates 0..8) and the clean one; the plain
+    formulation 8 attack forwards, the clean one and one per instance batch. Attack and instance forwards run in
+    attack_mode ("train"), the clean forward in the model's own mode (eval here)."""
+    torch.manual_seed(0)
+    model = GNNet().eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    x, y = _batch(4)
+    MIRST()(model, x, y)
+    assert seen == [True] * 9 + [False]
+    seen.clear()
+    MIRST(reuse=False)(model, x, y)
+    assert seen == [True] * 8 + [False] + [True] * 4
+    assert not any(m.training for m in model.modules())
+
+
+def test_mirst_emit_must_be_strictly_increasing_and_dm_replaces_only_the_first_pool():
+    # a repeated step would collapse in reuse's {step: weight} dict, silently dropping one beta weight
+    with pytest.raises(ValueError, match=r"mirst: expected emit to be increasing step counts"):
+        MIRST(emit=(2, 2, 4), beta=(0.3, 0.3, 0.4))
+    from robust_ops.nn import DropMax2d
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(2, 2, 3, padding=1),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2))
+    model = defenses.MIRSTDM().prepare_model(model)
+    assert [type(m) for m in model if isinstance(m, (nn.MaxPool2d, DropMax2d))] == [DropMax2d, nn.MaxPool2d]
