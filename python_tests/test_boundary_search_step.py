@@ -312,3 +312,19 @@ def test_device_mismatch_in_the_shared_checks(name):
         check_boundary_search_step_args(*args.values())
     with pytest.raises(RuntimeError, match=match):
         OP(*args.values())
+
+
+def test_functional_wrapper_forwards_backend(monkeypatch):
+    # native and reference agree bitwise: only the request itself shows that backend= reaches the resolver
+    requested = []
+    resolve = robust_ops._backend.resolve
+
+    def spy(op, device, backend=None):
+        requested.append((op, backend))
+        return resolve(op, device, backend)
+
+    monkeypatch.setattr(robust_ops._backend, "resolve", spy)
+    lo, hi, points, crossed_at, mask = make_inputs(3, active=True)
+    for backend in ("reference", "native"):
+        robust_ops.boundary_search_step_(lo.clone(), hi.clone(), points.clone(), crossed_at, mask, backend=backend)
+    assert requested == [("boundary_search_step_", "reference"), ("boundary_search_step_", "native")]

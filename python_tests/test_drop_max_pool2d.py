@@ -543,3 +543,84 @@ def test_replace_maxpool_twice_is_a_no_op_and_keeps_hooks():
     assert isinstance(model[3], robust_ops.DropMax2d)
     with pytest.raises(ValueError, match="no nn.MaxPool2d"):
         robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 2, 3)))
+
+
+def test_module_forwards_ceil_mode_and_backend(monkeypatch):
+    # 8x8, kernel 3, stride 2: nn.MaxPool2d gives 3x3 with floor and 4x4 with ceil_mode; DropMax2d must do the same
+    x = torch.randn(1, 2, 8, 8)
+    for ceil_mode in (False, True):
+        expected = nn.MaxPool2d(3, 2, ceil_mode=ceil_mode)(x).shape
+        assert robust_ops.DropMax2d(3, 2, ceil_mode=ceil_mode)(x).shape == expected
+        assert robust_ops.drop_max_pool2d(x, 3, 2, ceil_mode=ceil_mode, backend="reference").shape == expected
+    # the backend keyword reaches the backend resolver (native and reference agree, so compare the request itself)
+    requested = []
+    resolve = robust_ops._backend.resolve
+
+    def spy(op, device, backend=None):
+        requested.append(backend)
+        return resolve(op, device, backend)
+
+    monkeypatch.setattr(robust_ops._backend, "resolve", spy)
+    robust_ops.DropMax2d(2, backend="reference")(x)
+    robust_ops.drop_max_pool2d(x, 2, backend="native")
+    assert requested == ["reference", "native"]
+
+
+def test_functional_argument_forms_like_max_pool2d():
+    # As F.max_pool2d: a 1-element tuple stands for both dimensions and an empty stride means stride = kernel_size.
+    x = torch.randn(1, 2, 9, 8)
+    expected = robust_ops.drop_max_pool2d(x, 3)
+    for kwargs in (dict(kernel_size=(3,)), dict(kernel_size=3, stride=[]), dict(kernel_size=[3, 3], stride=(3,))):
+        assert F.max_pool2d(x, **kwargs).shape == expected.shape
+        assert_verbose_equal(robust_ops.drop_max_pool2d(x, **kwargs), expected)
+    # a bool is not a window size (True would silently mean 1)
+    with pytest.raises(TypeError, match="expected kernel_size to be an int or a pair of ints, got True"):
+        robust_ops.drop_max_pool2d(x, True)
+
+
+def test_reference_backend_checks_arguments_like_native():
+    # The reference backend must refuse what the kernels refuse (here: padding above kernel_size // 2), same message.
+    x = torch.randn(1, 1, 6, 6)
+    message = "drop_max_pool2d: expected padding to be at most half of kernel_size"
+    for backend in ("native", "reference"):
+        with pytest.raises(RuntimeError, match=message):
+            robust_ops.drop_max_pool2d(x, 3, padding=2, backend=backend)
+
+
+def test_replace_maxpool_copies_every_argument():
+    for return_indices, ceil_mode in ((True, False), (False, True)):  # unequal flags: a swap must show
+        pool = nn.MaxPool2d((3, 2), (2, 1), (1, 0), (2, 1), return_indices=return_indices, ceil_mode=ceil_mode)
+        drop = robust_ops.replace_maxpool(nn.Sequential(pool), backend="reference")[0]
+        for name in ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"):
+            assert getattr(drop, name) == getattr(pool, name), name
+        assert drop.backend == "reference"
+    with pytest.raises(TypeError, match="replace_maxpool: expected model to be an nn.Module, got list"):
+        robust_ops.replace_maxpool([pool])
+
+
+def test_replace_maxpool_keeps_forward_hooks_of_every_kind():
+    seen = []
+    pool = nn.MaxPool2d(2)
+    pool.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    pool.register_forward_pre_hook(lambda m, args, kwargs: seen.append("pre_kwargs"), with_kwargs=True)
+    pool.register_forward_hook(lambda m, args, kwargs, out: seen.append("kwargs"), with_kwargs=True)
+    pool.register_forward_hook(lambda m, args, out: seen.append("always"), always_call=True)
+    pool.register_full_backward_pre_hook(lambda m, grad_out: seen.append("backward_pre"))
+    model = robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 1, 1), pool))
+    model(torch.rand(1, 1, 4, 4)).sum().backward()
+    assert seen == ["pre", "pre_kwargs", "kwargs", "always", "backward_pre"]
+    seen.clear()
+    with pytest.raises(RuntimeError, match="floating-point"):  # an always_call hook runs also when forward raises
+        model[1](torch.zeros(1, 1, 4, 4, dtype=torch.int32))
+    assert seen == ["pre", "pre_kwargs", "always"]
+
+
+def test_replace_maxpool_keeps_full_backward_hooks():
+    # Copying the hook dict is not enough: without the pool's _is_full_backward_hook flag torch skipped the hook
+    # silently (found by the mutation pass, 2026-12-01).
+    seen = []
+    pool = nn.MaxPool2d(2)
+    pool.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(type(m).__name__))
+    model = robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 1, 1), pool))
+    model(torch.rand(1, 1, 4, 4)).sum().backward()
+    assert seen == ["DropMax2d"]

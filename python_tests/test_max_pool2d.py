@@ -240,3 +240,11 @@ print("ok")
 def test_every_cpu_instruction_set_path(isa):
     # The default runs above use the best path the machine has.
     run_with_cpu_isa(_ISA_SCRIPT, isa)
+
+
+def test_fallback_for_integer_inputs_keeps_every_argument():
+    # Integer inputs (the kernels take floating point only) and bfloat16 run F.max_pool2d, ceil_mode and indices too.
+    for x in (torch.randint(-5, 5, (1, 2, 7, 7)), torch.randn(1, 2, 7, 7, dtype=torch.bfloat16)):
+        out, idx = robust_ops.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
+        ref, ref_idx = F.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
+        assert out.shape == (1, 2, 4, 4) and torch.equal(out, ref) and torch.equal(idx, ref_idx)

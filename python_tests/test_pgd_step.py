@@ -413,6 +413,7 @@ def test_reference_backend_checks_values_like_the_cpu_kernel(name, values, messa
         (dict(x_adv=torch.tensor(0.5)), RuntimeError, "expected x_adv to have a batch dimension, got a 0-D tensor"),
         (dict(slot=1.5), TypeError, "expected slot to be an int, got 1.5"),
         (dict(slot=torch.tensor(1.0)), TypeError, "expected slot to be an int, got tensor(1.)"),
+        (dict(slot=True), TypeError, "expected slot to be an int, got True"),  # a bool is not a slot number
         (dict(clip_min=None), TypeError, "expected clip_min to be a number, got NoneType"),
         (dict(clip_max="1"), TypeError, "expected clip_max to be a number, got str"),
     ],
@@ -455,3 +456,40 @@ def test_device_mismatch_message():
     args = {**_good_args(), "alpha": torch.zeros(2, device="cuda")}
     with pytest.raises(RuntimeError, match=r"pgd_step_: expected alpha on the device of x_adv \(cpu\), got cuda:0"):
         op(*args.values())
+
+
+def test_functional_wrapper_forwards_backend(monkeypatch):
+    # native and reference agree bitwise: only the request itself shows that backend= reaches the resolver
+    requested = []
+    resolve = robust_ops._backend.resolve
+
+    def spy(op, device, backend=None):
+        requested.append((op, backend))
+        return resolve(op, device, backend)
+
+    monkeypatch.setattr(robust_ops._backend, "resolve", spy)
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3))
+    for backend in ("reference", "native"):
+        robust_ops.pgd_step_(x_adv.clone(), x_nat, grad, alpha, eps, backend=backend)
+    assert requested == [("pgd_step_", "reference"), ("pgd_step_", "native")]
+
+
+def test_zero_dim_alpha_eps_are_float32_for_half_inputs():
+    # A 0-D alpha/eps becomes a per-sample float32 (opmath) value as a Python float does: 7e4 overflows float16 only.
+    x_adv, x_nat, grad, _, _ = make_inputs((2, 3), dtype=torch.float16)
+    a, b = x_adv.clone(), x_adv.clone()
+    robust_ops.pgd_step_(a, x_nat, grad, 7e4, 0.1)
+    robust_ops.pgd_step_(b, x_nat, grad, torch.tensor(7e4), torch.tensor(0.1))
+    assert_verbose_equal(a, b)
+
+
+def test_steps_a_leaf_that_requires_grad():
+    # Attacks keep x_adv.requires_grad_() across iterations: the in-place step runs outside autograd.
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3))
+    expected = x_adv.clone()
+    robust_ops.pgd_step_(expected, x_nat, grad, alpha, eps)
+    for backend in ("native", "reference"):
+        x = x_adv.clone().requires_grad_()
+        robust_ops.pgd_step_(x, x_nat, grad, alpha, eps, backend=backend)
+        assert x.requires_grad and x.grad_fn is None
+        assert_verbose_equal(x.detach(), expected)

@@ -145,3 +145,110 @@ def test_simclr_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         simclr(model, _data(), **args)
     assert not any(m.training for m in model.modules())
+
+
+def test_augment_uses_simclr_parameters():
+    # SimCLRAugment's docstring (SimCLR's recipe): crop scale 0.2-1, jitter p=0.8 (0.4/0.4/0.4/0.1 for RGB),
+    # grayscale p=0.2, blur p=0.5 with kernel ~10% of the size (odd, >= 3) and sigma in [0.1, 2].
+    from torchvision.transforms import v2
+
+    def parts(aug):
+        return {type(t).__name__ + (type(t.transforms[0]).__name__ if isinstance(t, v2.RandomApply) else ""): t
+                for t in aug.transform.transforms}
+
+    rgb = parts(SimCLRAugment((64, 40), channels=3))
+    assert tuple(rgb["RandomResizedCrop"].size) == (64, 40) and rgb["RandomResizedCrop"].scale == (0.2, 1.0)
+    jitter = rgb["RandomApplyColorJitter"]
+    assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue == (-0.1, 0.1)
+    assert jitter.transforms[0].saturation == (0.6, 1.4) and rgb["RandomGrayscale"].p == 0.2
+    blur = rgb["RandomApplyGaussianBlur"]
+    assert blur.p == 0.5 and tuple(blur.transforms[0].kernel_size) == (5, 5)
+    assert list(blur.transforms[0].sigma) == [0.1, 2.0]
+    gray = parts(SimCLRAugment(12, channels=1))
+    jitter = gray["RandomApplyColorJitter"]
+    assert jitter.p == 0.8 and jitter.transforms[0].contrast == (0.6, 1.4) and jitter.transforms[0].saturation is None
+    assert "RandomGrayscale" not in gray and tuple(gray["RandomApplyGaussianBlur"].transforms[0].kernel_size) == (3, 3)
+
+
+class TinySequentialHead(Tiny):
+    def __init__(self):
+        super().__init__()
+        del self.fc
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_simclr_training_loop_wiring(monkeypatch):
+    """What simclr hands NT-Xent: temperature, two augmented views of full (drop_last) shuffled batches, the model in
+    train mode; the history is the mean step loss; Adam gets lr and weight_decay."""
+    import robust_ops.pretrain as pretrain
+
+    steps, optimizers = [], []
+    model = _model()
+    model.eval()
+
+    def spy_nt_xent(z1, z2, temperature):
+        loss = nt_xent(z1, z2, temperature)
+        steps.append((temperature, z1.shape[0], model.training, model.features[1].training, float(loss.detach())))
+        return loss
+
+    class SpyAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    augmented = []
+
+    def augment(x):
+        augmented.append(x.clone())
+        return torch.rand_like(x)
+
+    monkeypatch.setattr(pretrain, "nt_xent", spy_nt_xent)
+    monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
+    data = _data(20)  # 20 samples, batches of 8: two full batches per epoch, the last 4 samples dropped
+    res = simclr(model, data, epochs=2, temperature=0.2, batch_size=8, lr=1e-3, weight_decay=0.01, projection_dim=16,
+                 augment=augment, progress=False)
+    assert [s[:4] for s in steps] == [(0.2, 8, True, True)] * 4
+    assert len(augmented) == 8 and all(torch.equal(a, b) for a, b in zip(augmented[::2], augmented[1::2]))
+    assert not torch.equal(augmented[0], data.tensors[0][:8])  # shuffled
+    assert [h["loss"] for h in res.history] == [(steps[0][4] + steps[1][4]) / 2, (steps[2][4] + steps[3][4]) / 2]
+    assert optimizers[0].defaults["lr"] == 1e-3 and optimizers[0].defaults["weight_decay"] == 0.01
+    assert res.head[-1].out_features == 16
+    # the feature-size probe runs in eval mode: only the 4 training steps update the batch-norm statistics
+    assert int(model.features[1].num_batches_tracked) == 4
+    # a classifier head given as Sequential(..., Linear) is found by head="auto"
+    assert simclr(TinySequentialHead(), data, epochs=1, batch_size=8, progress=False).removed_head == "classifier"
+
+
+def test_nt_xent_rejects_unpaired_or_flat_views():
+    # Row i of z1 pairs with row i of z2: unequal batches or 1-D projections have no such pairing.
+    for a, b in (((2, 3), (3, 3)), ((4,), (4,))):
+        with pytest.raises(ValueError, match=r"nt_xent: expected two \[N, D\] projections"):
+            nt_xent(torch.randn(a), torch.randn(b))
+
+
+def test_simclr_head_none_uses_the_model_output():
+    # head=None: nothing is bypassed, the classifier's 2 logits are the representation the projection head takes
+    res = simclr(_model(), _data(), epochs=1, batch_size=8, head=None, progress=False)
+    assert res.removed_head is None and res.head[0].in_features == 2
+
+
+def test_simclr_seed_also_fixes_the_augmentations():
+    # simclr seeds the global RNG that SimCLRAugment and the projection head draw from: the caller's state must not
+    # matter (_model() reseeds it, which hid this from the seed test above)
+    losses = []
+    for outer in (0, 1):
+        model = _model()
+        torch.manual_seed(outer)
+        losses.append(simclr(model, _data(), epochs=1, batch_size=8, seed=3, progress=False).history[0]["loss"])
+    assert losses[0] == losses[1]
+
+
+def test_augment_output_stays_in_range_for_saturated_images():
+    # Resize and blur of an all-ones image round to 1.0000002 in float32: the views are clamped back into [0, 1].
+    torch.manual_seed(0)
+    for channels in (1, 3):
+        views = SimCLRAugment(32, channels=channels)(torch.ones(32, channels, 32, 32))
+        assert float(views.max()) <= 1.0 and float(views.min()) >= 0.0

@@ -87,6 +87,8 @@ def _from_maxpool(pool, backend):
     for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                  "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"):
         getattr(drop_max, name).update(getattr(pool, name))
+    # which kind the backward hooks are (full or the old register_backward_hook): without it torch skips them silently
+    drop_max._is_full_backward_hook = pool._is_full_backward_hook
     return drop_max
 
 
