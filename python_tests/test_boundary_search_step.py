@@ -9,7 +9,7 @@ from robust_ops import reference
 from robust_ops._meta import check_boundary_search_step_args
 
 from conftest import cpu_and_cuda
-from utils import TOLERANCES, assert_verbose_equal
+from utils import TOLERANCES, assert_verbose_equal, record_backend_requests
 
 OP = torch.ops.robust_ops.boundary_search_step_
 ARITIES = (2, 3, 4, 8)
@@ -315,15 +315,7 @@ def test_device_mismatch_in_the_shared_checks(name):
 
 
 def test_functional_wrapper_forwards_backend(monkeypatch):
-    # native and reference agree bitwise: only the request itself shows that backend= reaches the resolver
-    requested = []
-    resolve = robust_ops._backend.resolve
-
-    def spy(op, device, backend=None):
-        requested.append((op, backend))
-        return resolve(op, device, backend)
-
-    monkeypatch.setattr(robust_ops._backend, "resolve", spy)
+    requested = record_backend_requests(monkeypatch)
     lo, hi, points, crossed_at, mask = make_inputs(3, active=True)
     for backend in ("reference", "native"):
         robust_ops.boundary_search_step_(lo.clone(), hi.clone(), points.clone(), crossed_at, mask, backend=backend)

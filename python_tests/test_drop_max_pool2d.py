@@ -16,7 +16,7 @@ from robust_ops import reference
 from robust_ops.reference import pool_output_size
 
 from conftest import cpu_and_cuda
-from utils import assert_verbose_equal, run_with_cpu_isa
+from utils import assert_verbose_equal, record_backend_requests, run_with_cpu_isa
 
 op = torch.ops.robust_ops.drop_max_pool2d
 backward_op = torch.ops.robust_ops._drop_max_pool2d_backward
@@ -552,18 +552,10 @@ def test_module_forwards_ceil_mode_and_backend(monkeypatch):
         expected = nn.MaxPool2d(3, 2, ceil_mode=ceil_mode)(x).shape
         assert robust_ops.DropMax2d(3, 2, ceil_mode=ceil_mode)(x).shape == expected
         assert robust_ops.drop_max_pool2d(x, 3, 2, ceil_mode=ceil_mode, backend="reference").shape == expected
-    # the backend keyword reaches the backend resolver (native and reference agree, so compare the request itself)
-    requested = []
-    resolve = robust_ops._backend.resolve
-
-    def spy(op, device, backend=None):
-        requested.append(backend)
-        return resolve(op, device, backend)
-
-    monkeypatch.setattr(robust_ops._backend, "resolve", spy)
+    requested = record_backend_requests(monkeypatch)
     robust_ops.DropMax2d(2, backend="reference")(x)
     robust_ops.drop_max_pool2d(x, 2, backend="native")
-    assert requested == ["reference", "native"]
+    assert requested == [("drop_max_pool2d", "reference"), ("drop_max_pool2d", "native")]
 
 
 def test_functional_argument_forms_like_max_pool2d():

@@ -10,7 +10,7 @@ from robust_ops import reference
 from robust_ops._meta import check_pgd_step_args
 
 from conftest import cpu_and_cuda
-from utils import TOLERANCES, assert_verbose_equal
+from utils import TOLERANCES, assert_verbose_equal, record_backend_requests
 
 op = torch.ops.robust_ops.pgd_step_
 NORMS = ("linf", "l2")
@@ -459,15 +459,7 @@ def test_device_mismatch_message():
 
 
 def test_functional_wrapper_forwards_backend(monkeypatch):
-    # native and reference agree bitwise: only the request itself shows that backend= reaches the resolver
-    requested = []
-    resolve = robust_ops._backend.resolve
-
-    def spy(op, device, backend=None):
-        requested.append((op, backend))
-        return resolve(op, device, backend)
-
-    monkeypatch.setattr(robust_ops._backend, "resolve", spy)
+    requested = record_backend_requests(monkeypatch)
     x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3))
     for backend in ("reference", "native"):
         robust_ops.pgd_step_(x_adv.clone(), x_nat, grad, alpha, eps, backend=backend)

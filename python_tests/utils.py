@@ -11,6 +11,22 @@ TOLERANCES = {
 }
 
 
+def record_backend_requests(monkeypatch):
+    """The (op, backend) pairs robust_ops._backend.resolve is asked for from now on: native and reference agree
+    bitwise, so only the request shows that a backend= argument reached the resolver."""
+    from robust_ops import _backend
+
+    requested = []
+    resolve = _backend.resolve
+
+    def spy(op, device, backend=None):
+        requested.append((op, backend))
+        return resolve(op, device, backend)
+
+    monkeypatch.setattr(_backend, "resolve", spy)
+    return requested
+
+
 def run_with_cpu_isa(script, isa):
     """Run a Python script in a fresh process with $ROBUST_OPS_CPU_ISA=isa (the CPU kernels choose AVX-512, AVX2 or
     scalar code once per process; the cap makes every path run on one machine); it must print "ok"."""
