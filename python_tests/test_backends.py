@@ -3,8 +3,6 @@ of an explicitly requested backend that cannot run."""
 
 import importlib.util
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 
 import robust_ops
 from robust_ops import _backend, _extension
+from utils import run_python
 
 
 def test_auto_on_cpu_is_native(monkeypatch):
@@ -42,10 +41,7 @@ def _run_without_gpu(code):
     Triton kernels (their import costs ~1 s)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return run_python(textwrap.dedent(code), env)
 
 
 def test_triton_kernels_are_imported_on_first_use_without_gpu():

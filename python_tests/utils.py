@@ -27,16 +27,23 @@ def record_backend_requests(monkeypatch):
     return requested
 
 
+def run_python(script, env=None):
+    """Run a Python script in a fresh process (env: its environment, default this one's); it must exit 0. Returns
+    what it printed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    return done.stdout
+
+
 def run_with_cpu_isa(script, isa):
     """Run a Python script in a fresh process with $ROBUST_OPS_CPU_ISA=isa (the CPU kernels choose AVX-512, AVX2 or
     scalar code once per process; the cap makes every path run on one machine); it must print "ok"."""
     import os
-    import subprocess
-    import sys
 
-    env = dict(os.environ, ROBUST_OPS_CPU_ISA=isa)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+    assert "ok" in run_python(script, dict(os.environ, ROBUST_OPS_CPU_ISA=isa))
 
 
 def assert_verbose_equal(actual, expected, name="tensor"):

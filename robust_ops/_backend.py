@@ -70,7 +70,7 @@ def _triton_reason(op_name, device):
     """Why the Triton kernel of op_name cannot run on device, or None when it can."""
     if device.type != "cuda" and not triton_interpreted():
         return f"Triton kernels run on CUDA tensors (got {device.type}); on CPU only under TRITON_INTERPRET=1"
-    if not triton_kernels_loaded():
+    if not triton_kernels_loaded():  # checked here too: calling the dynamo-disabled loader breaks a compiled graph
         error = load_triton_kernels()  # after a failed import: the recorded error, no second try
         if error is not None:
             return f"the Triton kernels could not be imported ({error})"
