@@ -290,6 +290,34 @@ def test_shared_number_checks():
         check_real("f", "a", 3, maximum=2)
 
 
+def test_shared_integer_choice_and_option_checks():
+    import numpy as np
+
+    from robust_ops._options import accepted_options, check_choice, check_int, check_options
+
+    assert type(check_int("f", "n", np.int64(3))) is int
+    with pytest.raises(ValueError, match=r"^f: expected n to be an integer >= 1, got True$"):
+        check_int("f", "n", True)
+    with pytest.raises(ValueError, match=r"^f: expected a to be one of '1', '2', got 1$"):
+        check_choice("f", "a", 1, ("1", "2"))
+
+    class Base:
+        def __init__(self, model, eps=1, steps=2):
+            pass
+
+    class PassesOn(Base):
+        def __init__(self, model, eps=3, alpha=1, **kwargs):
+            super().__init__(model, eps, **kwargs)
+
+    class Stops(Base):
+        def __init__(self, alpha=1):
+            super().__init__(None)
+
+    assert accepted_options(PassesOn) == ["eps", "alpha", "steps"]  # followed into the base, each name once
+    with pytest.raises(ValueError, match=r"^f: unknown option 'steps'; it takes alpha$"):  # no **kwargs passed on
+        check_options("f", Stops, {"steps": 1})
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Two-moons (ARFL's synthetic benchmark): MLP 2-10-10-1, FGSM
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import robust_ops
 from robust_ops import attacks
-from robust_ops.memory import cpu_memory_pool, cpu_memory_pool_stats, pool_enabled_by_default
+from robust_ops.memory import cpu_memory_pool, cpu_memory_pool_stats, library_pool, pool_enabled_by_default
 
 BIG = 1 << 16  # floats: 256 KiB, above the pool's 64 KiB threshold
 
@@ -52,6 +52,19 @@ def test_nesting_keeps_the_cache_until_the_outermost_exit():
 def test_disabled_context_does_nothing():
     with cpu_memory_pool(enabled=False):
         assert cpu_memory_pool_stats().depth == 0
+
+
+def test_an_error_inside_leaves_the_pool():
+    with pytest.raises(ZeroDivisionError), cpu_memory_pool():
+        1 / 0
+    assert cpu_memory_pool_stats().depth == 0
+
+
+@pytest.mark.parametrize("device, depth", [("cpu", 1), ("cuda", 0)])  # (no GPU needed: the device only decides)
+def test_library_pool_is_for_cpu_work(monkeypatch, device, depth):
+    monkeypatch.delenv("ROBUST_OPS_CPU_POOL", raising=False)
+    with library_pool(device):
+        assert cpu_memory_pool_stats().depth == depth
 
 
 def test_tensors_crossing_the_boundary_stay_valid():
@@ -117,7 +130,7 @@ def test_env_switches_parse_alike(monkeypatch, index):
                             ("0", False), ("false", False), (" off ", False), ("No", False)]:
         monkeypatch.setenv(name, value)
         assert enabled() is expected, value
-    for value in ("maybe", "2", "enabled"):
+    for value in ("maybe", "2", "enabled", " Off!"):  # the message quotes the value as set
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=rf"^robust_ops: expected \${name} to be one of 1/true/on/yes \(on\) "
                                              rf"or 0/false/off/no \(off\), got '{value}'$"):

@@ -1,13 +1,17 @@
 """robust_ops.native_layers: max pooling and the eval-mode batch-norm backward on faster code with bitwise-identical
 results, applied only while active, nested safely, and never where it would change anything."""
 
+import functools
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from robust_ops import attacks
-from robust_ops.native_layers import ENV_SWITCH, native_layers
+from robust_ops.memory import cpu_memory_pool_stats
+from robust_ops.native_layers import ENV_SWITCH, library_speedups, native_layers
+from robust_ops.prepacked_conv import prepacked_conv_active
 
 from utils import TinyCNN
 
@@ -54,16 +58,25 @@ def test_eval_batch_norm_backward_is_bitwise_atens(dtype, shape, affine, layout)
     assert patched(bn) == []
 
 
-def test_batch_norm_follows_parameter_and_statistics_updates():
+def test_batch_norm_follows_parameter_statistics_eps_and_dtype_updates():
     bn = eval_bn(4)
     x, grad = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
-    with native_layers(bn):
-        output_and_input_grad(bn, x, grad)
-        bn.weight.data.mul_(-2)  # in place: a new version of the same tensor
-        bn.running_var.mul_(1.7)
-        out, g = output_and_input_grad(bn, x, grad)
-    ref_out, ref_grad = output_and_input_grad(bn, x, grad)
-    assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+
+    def assert_native_is_atens():
+        with native_layers(bn):
+            out, g = output_and_input_grad(bn, x, grad)
+        ref_out, ref_grad = output_and_input_grad(bn, x, grad)
+        assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+
+    assert_native_is_atens()
+    bn.weight.data.mul_(-2)  # in place: a new version of the same tensor
+    bn.running_var.mul_(1.7)
+    assert_native_is_atens()
+    bn.eps = 0.1  # the cached invstd depends on eps too
+    assert_native_is_atens()
+    bn.double()  # the same variance values in float64 (torch.equal across dtypes holds): not the float32 invstd
+    x, grad = x.double(), grad.double()
+    assert_native_is_atens()
 
 
 def test_batch_norm_follows_running_statistics_a_training_step_updates():
@@ -112,14 +125,52 @@ def test_batch_norm_falls_back_where_the_fast_path_would_differ():
             assert torch.equal(bn(x), nn.BatchNorm2d.forward(bn, x))
 
 
-def test_max_pool_runs_the_native_op_with_identical_results():
-    pool = nn.MaxPool2d(3, 2, 1)
+def batch_norm_outcome(bn, x):
+    """The batch norm's output and input gradient (for a gradient of ones), or the first line of its error."""
+    try:
+        return output_and_input_grad(bn, x, torch.ones_like(x))
+    except (RuntimeError, ValueError) as err:
+        return str(err).splitlines()[0]
+
+
+def test_batch_norm_cases_it_does_not_take_give_atens_results_and_errors():
+    x = torch.randn(2, 3, 4, 4)
+    float64_statistics = eval_bn(3)
+    float64_statistics.running_mean = float64_statistics.running_mean.double()
+    float64_statistics.running_var = float64_statistics.running_var.double()
+    cases = {
+        "3-D input": (eval_bn(3), x[0]),
+        "bfloat16": (eval_bn(3, torch.bfloat16), x.bfloat16()),
+        "no running statistics": (nn.BatchNorm2d(3, track_running_stats=False).eval().requires_grad_(False), x),
+        "float64 running statistics": (float64_statistics, x),
+    }
+    for name, (bn, inp) in cases.items():
+        expected = batch_norm_outcome(bn, inp)
+        with native_layers(bn):
+            got = batch_norm_outcome(bn, inp)
+        if isinstance(expected, str):
+            assert got == expected, name
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), name
+
+
+def test_batch_norm_on_other_devices_runs_its_own_forward():
+    bn = eval_bn(3).to("meta")  # any device but the CPU; meta needs no GPU
+    x = torch.randn(2, 3, 4, 4, device="meta", requires_grad=True)
+    with native_layers(bn):
+        out = bn(x)
+    assert "EvalBatchNorm" not in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True)], ids=str)
+def test_max_pool_runs_the_native_op_with_identical_results(pool):
     x = torch.randn(4, 8, 20, 21)
-    grad = torch.randn(4, 8, 10, 11)
+    grad = torch.randn(pool(x).shape)
     ref_out, ref_grad = output_and_input_grad(pool, x, grad)
     with native_layers(pool):
         out, g = output_and_input_grad(pool, x, grad)
         assert "max_pool2d" in type(out.grad_fn).__name__ and "robust_ops" in type(out.grad_fn).__name__
+        assert torch.equal(pool(input=x), ref_out)  # keyword arguments reach the replacement
         pool.return_indices = True
         (o, i), (ro, ri) = pool(x), nn.MaxPool2d.forward(pool, x)
         assert torch.equal(o, ro) and torch.equal(i, ri)
@@ -179,14 +230,20 @@ def test_leaves_user_forwards_subclasses_and_switch_alone(monkeypatch):
         pass
 
     own = nn.MaxPool2d(2)
-    own.forward = lambda x: x  # the user's own instance forward
+    own.forward = functools.partial(torch.clone)  # the user's own instance forward (a partial, like the swap's)
     model = nn.Sequential(own, MyPool(2))
     with native_layers(model):
         assert model[0].forward(torch.ones(1, 1, 2, 2)).shape == (1, 1, 2, 2)
         assert "forward" not in model[1].__dict__
-    assert "forward" in own.__dict__  # still the user's
+    assert own.forward.func is torch.clone  # still the user's
     plain = TinyCNN()
     with native_layers(plain, enabled=False):
+        assert patched(plain) == []
+    compiled = nn.Module()  # as torch.compile's OptimizedModule holds the model, without importing dynamo (4 s)
+    compiled._orig_mod = plain
+    with native_layers(compiled):  # compiled models keep their graphs
+        assert patched(plain) == []
+    with native_layers(plain.forward):  # a plain callable: nothing to swap
         assert patched(plain) == []
     monkeypatch.setenv(ENV_SWITCH, "0")
     with native_layers(plain):
@@ -319,3 +376,17 @@ def test_in_place_weight_update_before_the_backward_is_refused_as_by_aten():
     bn = eval_bn(3, affine=False)  # no weight to check
     with native_layers(bn):
         bn(x).sum().backward()
+
+
+@pytest.mark.parametrize("device, swapped", [("cpu", True), ("cuda", False)])
+def test_library_speedups_swap_and_pool_for_cpu_work_only(monkeypatch, device, swapped):
+    # (no GPU needed: the device only decides; the swapped modules would fall back on another device)
+    for switch in (ENV_SWITCH, "ROBUST_OPS_CPU_POOL"):
+        monkeypatch.delenv(switch, raising=False)
+    model = TinyCNN()
+    prepacked = swapped and torch.backends.mkldnn.is_available()
+    with library_speedups(model, device, prepacked_conv=True):
+        assert len(patched(model)) == swapped + 2 * prepacked  # the max pool; the two convolutions
+        assert prepacked_conv_active(model) == prepacked
+        assert (cpu_memory_pool_stats().depth > 0) == swapped
+    assert patched(model) == []

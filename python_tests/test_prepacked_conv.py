@@ -2,6 +2,8 @@
 reused only while the weights are frozen, off by default, fallbacks wherever it does not apply, and IMA's
 compaction still bitwise equal to the masked form with it on."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,38 @@ def test_forward_and_input_gradient_match_aten(config, layout, batch):
     torch.testing.assert_close(out, ref_out, **CLOSE)
     torch.testing.assert_close(g, ref_grad, **CLOSE)
     assert g.shape == x.shape
+
+
+@pytest.mark.parametrize("stride", [1, 2], ids=["packed-input-gradient", "atens-input-gradient"])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_outputs_and_input_gradients_come_in_atens_memory_format(stride, in_channels):
+    # oneDNN's inference primitive writes channels_last whatever the input: an NCHW model's .view(n, -1) after a
+    # convolution failed inside attacks. ATen: channels_last when the input's or the weight's strides suggest it --
+    # for a 1-channel input (contiguous in both layouts) its strides decide, so strides are compared, not layouts.
+    torch.manual_seed(0)
+    formats = (torch.contiguous_format, torch.channels_last)
+    for input_format, weight_format, grad_format in itertools.product(formats, repeat=3):
+        conv = frozen(nn.Conv2d(in_channels, 8, 3, stride, padding=1)).to(memory_format=weight_format)
+        x = torch.randn(2, in_channels, 6, 6).contiguous(memory_format=input_format)
+        grad = torch.randn(conv(x).shape).contiguous(memory_format=grad_format)
+        ref_out, ref_grad = output_and_input_grad(conv, x, grad)
+        with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+            out, g = output_and_input_grad(conv, x, grad)
+        case = (input_format, weight_format, grad_format)
+        assert out.stride() == ref_out.stride(), case
+        assert g.stride() == ref_grad.stride(), case
+        torch.testing.assert_close(g, ref_grad, **CLOSE)
+
+
+def test_an_in_place_op_after_a_packed_convolution_runs():
+    # the strides are fixed by a copy, not an as_strided view: a custom Function's view output refuses in-place ops
+    torch.manual_seed(0)
+    model = frozen(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(inplace=True)))  # 1-channel NCHW output: restrided
+    x = torch.randn(2, 1, 5, 5)
+    ref = output_and_input_grad(model, x)
+    with pc.prepacked_conv(model, True), pc.weight_pack_scope():
+        got = output_and_input_grad(model, x)
+    torch.testing.assert_close(got, ref, **CLOSE)
 
 
 def test_resnet18_outputs_and_gradients_close_in_both_layouts():
@@ -142,13 +176,22 @@ def test_single_row_and_larger_batches_keep_their_own_packs(monkeypatch):
             torch.testing.assert_close(got[1], ref[1], **CLOSE)
 
 
-def test_backward_after_an_in_place_weight_update_is_refused():
+def double_in_place(weight):
+    with torch.no_grad():
+        weight.mul_(2)
+
+
+def double_by_data_swap(weight):
+    weight.data = weight.data * 2  # new storage, same version counter
+
+
+@pytest.mark.parametrize("update", [double_in_place, double_by_data_swap], ids=lambda f: f.__name__)
+def test_backward_after_an_in_place_weight_update_is_refused(update):
     conv = frozen(nn.Conv2d(2, 3, 3, padding=1))
     x = torch.randn(2, 2, 5, 5, requires_grad=True)
     with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
         out = conv(x)
-        with torch.no_grad():
-            conv.weight.mul_(2)
+        update(conv.weight)
         with pytest.raises(RuntimeError, match="prepacked_conv: the weight of Conv2d.* was modified in place"):
             out.sum().backward()
 
@@ -168,14 +211,25 @@ def test_falls_back_outside_attacks_and_where_it_does_not_apply(monkeypatch):
         frozen(conv)
         assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))  # no attack scope
         with pc.weight_pack_scope():
-            for odd in (x.double(), x.transpose(2, 3), x[:0], x.to(torch.bfloat16)):
+            unbatched = x[0, :, :3].contiguous()  # height = in_channels: read as a batch, the channels match
+            for odd in (x.double(), x.transpose(2, 3), x[:0], x.to(torch.bfloat16), unbatched):
                 conv.to(odd.dtype)  # float64 / bfloat16 weights for those inputs (in place)
                 assert torch.equal(conv(odd), F.conv2d(odd, conv.weight, conv.bias, padding=1))
                 conv.float()
+            for trained in (conv.weight, conv.bias):  # a parameter that needs a gradient: ATen's, which gives it
+                trained.requires_grad_(True)
+                out = conv(x)
+                assert torch.equal(out, F.conv2d(x, conv.weight, conv.bias, padding=1))
+                out.sum().backward()
+                assert trained.grad is not None
+                trained.requires_grad_(False)
             same = nn.Conv2d(3, 4, 3, padding="same")
             frozen(same)
             with pc.prepacked_conv(same, True):
                 assert torch.equal(same(x), F.conv2d(x, same.weight, same.bias, padding="same"))
+            meta = frozen(nn.Conv2d(3, 4, 3)).to("meta")  # any device but the CPU; meta needs no GPU
+            with pc.prepacked_conv(meta, True):
+                assert meta(x.to("meta")).shape == (2, 4, 4, 4)
             circular = frozen(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"))
             with pc.prepacked_conv(circular, True):
                 assert torch.equal(circular(x), circular._conv_forward(x, circular.weight, circular.bias))
@@ -202,6 +256,12 @@ REFUSED = [
     ((3, 8, 3, -1), (2, 3, 8, 8)),
     ((3, 8, 3, 1, -1), (2, 3, 8, 8)),
     ((3, 8, 3, 1, 1, 0), (2, 3, 8, 8)),
+    ((3, 8, 3), (2, 3, 1, 8)),  # only the height, or only the width, is too small
+    ((3, 8, 3), (2, 3, 8, 1)),
+    ((3, 8, 1, 1, 1), (2, 3, 4, 0)),  # empty width
+    ((3, 8, 3, (1, -1)), (2, 3, 8, 8)),  # the second of stride, padding and dilation
+    ((3, 8, 3, 1, (1, -1)), (2, 3, 8, 8)),
+    ((3, 8, 3, 1, 1, (1, 0)), (2, 3, 8, 8)),
 ]
 
 
@@ -214,6 +274,57 @@ def test_inputs_aten_refuses_raise_atens_message(args, shape):
     with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
         error_of(lambda: conv(torch.randn(*shape[:1], conv.in_channels, 9, 9)))  # a pack for a valid input first
         assert error_of(lambda: conv(x)) == expected
+
+
+def test_mixed_dtypes_raise_atens_message():
+    x = torch.randn(2, 3, 8, 8)
+    for name in ("weight", "bias"):
+        conv = frozen(nn.Conv2d(3, 8, 3))
+        getattr(conv, name).data = getattr(conv, name).data.double()
+        expected = error_of(lambda: conv(x))
+        assert expected is not None
+        with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+            assert error_of(lambda: conv(x)) == expected, name
+
+
+def test_smallest_valid_input_is_packed(monkeypatch):
+    calls = count_packs(monkeypatch)
+    conv = frozen(nn.Conv2d(3, 8, 3, padding=1))
+    x = torch.randn(2, 3, 1, 1)  # padded to exactly the kernel's size
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        out = conv(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, padding=1), **CLOSE)
+
+
+def test_pack_scopes_nest_empty_and_close_on_errors(monkeypatch):
+    calls = count_packs(monkeypatch)
+    conv = frozen(nn.Conv2d(3, 8, 3))
+    x = torch.randn(2, 3, 6, 6)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        conv(x)
+        with pc.weight_pack_scope():
+            conv(x)
+            assert len(calls) == 2  # a nested scope starts empty
+        with pytest.raises(ZeroDivisionError), pc.weight_pack_scope():
+            1 / 0
+        conv(x)
+        assert len(calls) == 2  # the outer scope's pack again: the failed inner scope was closed
+    with pytest.raises(ZeroDivisionError), pc.weight_pack_scope():
+        1 / 0
+    assert pc._current_packs() is None
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch.backends.mkldnn.flags
+def test_onednn_switched_off_runs_atens_convolution(monkeypatch):
+    calls = count_packs(monkeypatch)
+    conv = frozen(nn.Conv2d(3, 8, 3))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.backends.mkldnn.flags(enabled=False), pc.prepacked_conv(conv, True):
+        assert not pc.prepacked_conv_active(conv)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope(), torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias))
+    assert calls == []
 
 
 def test_stride_zero_raises_atens_message_instead_of_killing_the_process():
@@ -250,7 +361,7 @@ def test_copy_taken_inside_runs_atens_convolutions():
 def test_double_backward_matches_atens():
     # create_graph=True (gradient penalties): the input gradient is then ATen's differentiable one.
     torch.manual_seed(0)
-    conv = frozen(nn.Conv2d(2, 3, 3, padding=1))
+    conv = frozen(nn.Conv2d(2, 3, 3, padding=2, dilation=3))  # distinct padding and dilation
     x = torch.randn(2, 2, 5, 5)
 
     def second_order():

@@ -31,8 +31,8 @@ import threading
 
 import torch
 from torch import nn
+from torch._prims_common import suggest_memory_format
 
-from ._meta import output_memory_format
 from ._options import env_switch
 from ._patching import active_replacement, check_unmodified, patched_forwards, saved_state
 
@@ -95,16 +95,35 @@ class _Packs:
         self.backward_ready = False
 
 
+def _aten_memory_format(input, weight):
+    """The layout of ATen's (oneDNN) convolution output and input gradient: channels_last when the input's or the
+    weight's strides suggest it (``Tensor.suggest_memory_format``, which also reads the strides of a 1-channel
+    input). oneDNN's inference primitive writes channels_last whatever the input, and an NCHW model's ``.view(n, -1)``
+    after a convolution then failed inside attacks."""
+    channels_last = torch.channels_last in (suggest_memory_format(input), suggest_memory_format(weight))
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _in_layout(t, memory_format):
+    """``t`` with the strides ATen allocates in ``memory_format``, those of size-1 dimensions included: they decide
+    the layout the next convolution suggests (a 1-channel gradient is contiguous either way)."""
+    t = t.contiguous(memory_format=memory_format)
+    want = torch.empty(t.shape, device="meta", memory_format=memory_format).stride()
+    # a copy, not an as_strided view: a custom Function's output that is a view refuses in-place ops (ReLU(inplace))
+    return t if t.stride() == want else torch.empty_strided(t.shape, want, dtype=t.dtype).copy_(t)
+
+
 class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, conv, packs):
         ctx.conv, ctx.packs = conv, packs
-        ctx.input_shape, ctx.memory_format = input.shape, output_memory_format(input)
+        ctx.input_shape, ctx.memory_format = input.shape, _aten_memory_format(input, conv.weight)
         if _input_gradient_padding(conv) is None:
             ctx.save_for_backward(input)
-        return torch.ops.mkldnn._convolution_pointwise(
+        output = torch.ops.mkldnn._convolution_pointwise(
             input, packs.forward, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
             "none", [], None)
+        return _in_layout(output, ctx.memory_format)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -125,6 +144,7 @@ class _PrepackedConv2d(torch.autograd.Function):
             grad_input = torch.ops.mkldnn._convolution_pointwise(
                 grad_output, packs.backward, None, packs.backward_padding, [1, 1], list(conv.dilation), 1, "none", [],
                 None)
+            grad_input = _in_layout(grad_input, ctx.memory_format)
         else:
             (input,) = ctx.saved_tensors
             grad_input = torch.ops.aten.convolution_backward(
