@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,11 +126,13 @@ def test_unknown_names(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "--defense-opt:", "key=value")
     rc, _, err = run(["demo", "--methods", "standard,zzz", "--out", tmp_path / "d"], capsys)
     one_line_error(rc, err, "--methods:", "'zzz'")
+    rc, _, err = run(["demo", "--methods", " , ", "--out", tmp_path / "d"], capsys)
+    one_line_error(rc, err, "--methods: expected at least one defense")
     rc, _, err = run(["train", "--epochs", "0", "--out", tmp_path / "e"], capsys)
     one_line_error(rc, err, "--epochs:")
     rc, _, err = run(["train", "--defense", "at", "--defense-opt", "stepz=2", "--out", tmp_path / "f"], capsys)
     one_line_error(rc, err, "--defense-opt: at: unknown option 'stepz'; it takes eps, step_size, steps")
-    for flag, value in (("--lr", "-1"), ("--lr", "nan"), ("--seed", "-1"), ("--batch-size", "0")):
+    for flag, value in (("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--seed", "-1"), ("--batch-size", "0")):
         for cmd in ("train", "demo"):
             rc, _, err = run([cmd, flag, value, "--out", tmp_path / "g"], capsys)
             one_line_error(rc, err, f"{flag}: expected", value)
@@ -141,6 +144,9 @@ def test_unknown_names(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "--attacks:", "cw: unknown option 'stepz'")
     rc, _, err = run(["reproduce", "nothing"], capsys)
     one_line_error(rc, err, "invalid choice")
+    for flag in ("--epochs", "--seeds"):  # 0 would otherwise fall back to the protocol's own value silently
+        rc, _, err = run(["reproduce", "arfl-moons", "--quick", flag, "0", "--out", tmp_path / "j"], capsys)
+        one_line_error(rc, err, f"robust-ops reproduce: error: {flag}: expected >= 1, got 0")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -195,6 +201,18 @@ def test_config_file(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "broken.json: not valid JSON")
 
 
+def test_defense_opt_values():
+    """--defense-opt values: integers, fractions, booleans, none, comma lists; dashed keys read as underscores."""
+    options = cli.parse_key_values(["steps=10", "eps=5/255", "random_start=True", "reuse=false", "max-radius=none",
+                                    "emit=2, 4", "norm=l2"], "--defense-opt")
+    assert options == {"steps": 10, "eps": 5 / 255, "random_start": True, "reuse": False, "max_radius": None,
+                       "emit": (2, 4), "norm": "l2"}
+    assert type(options["steps"]) is int
+    for bad in ("=5", " =5", "eps"):
+        with pytest.raises(cli.CLIError, match=f"--defense-opt: expected key=value, got {bad!r}"):
+            cli.parse_key_values([bad], "--defense-opt")
+
+
 def _config_args(command, argv):
     parser, parsers = cli.build_parser()
     sub = parsers[command]
@@ -245,6 +263,18 @@ def test_config_values_are_checked_like_flags(tmp_path, capsys, command, text, n
     cfg.write_text("split: val\nsize: 28\n" if command == "eval" else "lr: 1e-3\nsize: 28\n")
     args = _config_args(command, ([str(tmp_path)] if command == "eval" else []) + ["--config", str(cfg)])
     assert args.size == 28 and (args.split == "val" if command == "eval" else args.lr == 1e-3)
+
+
+def test_config_lists_and_numbers_read_as_the_flags_text(tmp_path):
+    """docs/cli.md: comma-separated options also take YAML lists; a YAML number is the text the flag would get."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("eps: [1/255, 0.1]\nattacks: [fgsm, 'pgd:steps=3']\n")
+    args = _config_args("eval", [str(tmp_path), "--config", str(cfg)])
+    assert (args.eps, args.attacks) == ("1/255,0.1", "fgsm,pgd:steps=3")
+    cfg.write_text("eps: 0.1\nmethod: 7\n")
+    args = _config_args("eval", [str(tmp_path), "--config", str(cfg)])
+    assert (args.eps, args.method) == ("0.1", "7")
+    assert cli.parse_eval_options(args)[1] == [0.1]
 
 
 def test_evaluate_models_rejects_unknown_split():
@@ -398,6 +428,7 @@ def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     rows = json.loads((out / "results.json").read_text())["per_run_rows"]
     caches = sorted(out.glob(f"runs-quick/*/seed0/{EVAL_CACHE_FILE}"))
     assert len(caches) == 8  # one per method
+    first_history = torch.load(caches[0].parent / "checkpoint.pt", weights_only=True)["history"]
     rc, second, err = run(argv, capsys)  # the runs resume as finished: their evaluations are reused
     assert rc == 0, err
     assert second.count("evaluation reused") == 8 and second.count("loading (already trained)") == 8
@@ -411,6 +442,8 @@ def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     rc, third, err = run(argv, capsys)
     assert rc == 0, err
     assert third.count("evaluation reused") == 7
+    # a finished run is loaded, not trained again (its history keeps the first run's epoch times)
+    assert torch.load(cache.parent / "checkpoint.pt", weights_only=True)["history"] == first_history
     assert len(json.loads(cache.read_text())["entries"]) == 2  # the stale entry stays beside the fresh one
     cache.write_text("{not json")
     rc, fourth, err = run(argv, capsys)
@@ -444,6 +477,7 @@ def test_bench_list_and_unknown(capsys):
 
 
 def test_protocols_describe_and_quick_caps():
+    from robust_ops.attacks import ATTACKS
     from robust_ops.reproduce import PROTOCOLS, QUICK_STEPS, _specs, describe
 
     assert set(PROTOCOLS) == {"arfl-moons", "mirst-bus", "ima-bus", "dpaat-bus"}
@@ -451,10 +485,17 @@ def test_protocols_describe_and_quick_caps():
         text = describe(p)
         assert f"`{p.name}`" in text and "Published numbers" in text and p.paper_rows
         for plan in p.evals:
-            for spec in _specs(plan, quick=True):
-                assert spec.options.get("steps", 0) <= QUICK_STEPS and spec.options.get("trials", 0) <= QUICK_STEPS
+            for spec in _specs(plan, quick=True):  # the cap covers an attack's own defaults (APGD's steps) too
+                capped = {"steps", "trials", "n_queries"} & (set(spec.options) | set(ATTACKS[spec.name][1]))
+                assert all(spec.options[key] <= QUICK_STEPS for key in capped), spec
     full = {s.label: s for plan in PROTOCOLS["mirst-bus"].evals for s in _specs(plan, quick=False)}
     assert full["PGD"].options == {"steps": 20, "alpha": 0.001} and full["CW"].options["steps"] == 10
+    dpaat = {s.label: s for plan in PROTOCOLS["dpaat-bus"].evals for s in _specs(plan, quick=False)}
+    assert dpaat["20-PGD"].options["alpha"](0.3) == pytest.approx(0.075)  # "eps/4" resolved per radius
+    # "docs/reproduce/<name>.md is generated from it": a protocol setting changed in code alone fails here
+    docs = Path(cli.__file__).resolve().parents[1] / "docs" / "reproduce"
+    for p in PROTOCOLS.values():
+        assert (docs / f"{p.name}.md").read_text().startswith(describe(p)), f"regenerate docs/reproduce/{p.name}.md"
 
 
 def test_bad_attack_values_fail_before_any_work(trained_run, tmp_path, capsys):
@@ -508,7 +549,7 @@ def test_eval_of_an_empty_split_or_a_nan_checkpoint(trained_run, tmp_path, capsy
     weights[last].fill_(float("nan"))
     torch.save(state, nan_run / "checkpoint.pt")
     rc, _, err = run(["eval", nan_run, "--attacks", "fgsm", "--eps", "1/255", "--device", "cpu"], capsys)
-    one_line_error(rc, err, "model outputs NaN/Inf for 32 of 32 samples; check the checkpoint")
+    one_line_error(rc, err, "error: standard: model outputs NaN/Inf for 32 of 32 samples; check the checkpoint")
     assert not (nan_run / "eval").exists()
 
 
@@ -548,10 +589,19 @@ def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys,
     assert json.loads((run_dir / "eval" / "results.json").read_text())["rows"][0]["n"] == len(fold.test)
     # a fold run whose run.json predates the record cannot be rebuilt: refused, not evaluated on the wrong images
     doc = json.loads((run_dir / "run.json").read_text())
-    del doc["split"]
+    doc_split = doc.pop("split")
     (run_dir / "run.json").write_text(json.dumps(doc))
     rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e2"], capsys)
-    one_line_error(rc, err, "predates the split record")
+    one_line_error(rc, err, "predates the split record", "or pass --data to attack that data's own test split")
+    rc, _, err = run(["eval", run_dir, "--data", small_npz, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0",
+                      "--out", tmp_path / "e3"], capsys)  # the way out the error offers
+    assert rc == 0, err
+    assert json.loads((tmp_path / "e3" / "results.json").read_text())["rows"][0]["n"] == 32  # small_npz's test split
+    # docs/cli.md: rerunning the same reproduce command records it, without retraining
+    history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
+    run_protocol(proto, out=out, quick=quick, data=str(small_npz), seeds=2, progress=False)
+    assert json.loads((run_dir / "run.json").read_text())["split"] == doc_split
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"] == history
 
 
 def test_reproduce_resume_checks_every_run_first(small_npz, tmp_path, capsys):
@@ -586,9 +636,43 @@ def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     assert "seeds 0, 1" in doc["dataset"]["source"] and "seed 1" not in doc["dataset"]["source"]
     assert doc["rows"][0]["n"] == 200 and doc["rows"][0]["n_max"] == 100
-    _, splits, _ = cli.load_run(out / "runs-quick" / "std" / "seed1")  # the quick subset is rebuilt too
+    _, splits, run_doc = cli.load_run(out / "runs-quick" / "std" / "seed1")  # the quick subset is rebuilt too
+    assert run_doc["seed"] == 1  # the seed fixes the initial weights and batches too, not only the data split
     want = cli.subset_splits(cli.load_data("moons", seed=1), 200, 100, 1)
     assert torch.equal(splits.test.tensors[0], want.test.tensors[0])
+
+
+def test_aggregate_mean_and_sample_std():
+    """results.json's mean rows: mean and sample std (ddof=1) over the runs; no std from a single run."""
+    from robust_ops.reproduce import aggregate
+
+    base = dict(method="M", attack="none", norm=None, eps=0.0, n=10)
+    (row,) = aggregate([dict(base, accuracy=0.5), dict(base, accuracy=0.7)], ["accuracy"])
+    assert row["accuracy"] == pytest.approx(0.6) and row["accuracy_std"] == pytest.approx(0.02 ** 0.5)
+    assert aggregate([dict(base, accuracy=0.5)], ["accuracy"])[0]["accuracy_std"] is None
+
+
+def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys):
+    """Several evaluation plans: one clean row per run, renamed worst-case rows, rows keyed by repeat; plans that
+    differ only in their radii are cached apart."""
+    from robust_ops.evaluate import AttackSpec
+    from robust_ops.reproduce import EvalPlan, rebuild_splits, run_fingerprint, run_protocol
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    attacks = [AttackSpec("fgsm", {}, "FGSM"), AttackSpec("pgd", {"steps": 1}, "PGD")]
+    proto.evals = [EvalPlan(attacks, [1 / 255], ensemble=True, rename="Worst (Linf)"),
+                   EvalPlan(attacks, [2 / 255], ensemble=True)]
+    out = tmp_path / "plans"
+    run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
+    doc = json.loads((out / "results.json").read_text())
+    per_run = [(r["attack"], r["eps"], r["repeat"]) for r in doc["per_run_rows"]]
+    assert per_run == [("none", 0.0, 0), ("Worst (Linf)", 1 / 255, 0), ("worst-case", 2 / 255, 0)]
+    assert [r["repeats"] for r in doc["rows"]] == [1, 1, 1] and doc["config"]["repeats"] == 1
+    model, splits, _ = cli.load_run(out / "runs" / "std" / "seed0")
+    same, other = (run_fingerprint(model, ds, "STD") for ds in (splits.test, splits.val))
+    assert same["test_sha256"] != other["test_sha256"]  # another test set is evaluated again
+    with pytest.raises(cli.CLIError, match="run.json: unknown split record .*; expected kind 'kfold' or 'seeds'"):
+        rebuild_splits(str(small_npz), {"kind": "bootstrap"})
 
 
 def test_fresh_train_replaces_the_old_checkpoint(small_npz, tmp_path, capsys, monkeypatch):
@@ -652,9 +736,30 @@ def test_device_values(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert cli.pick_device("cuda:0") == "cuda:0" and cli.pick_device("cuda") == "cuda"
+    assert cli.pick_device("auto") == "cuda" and cli.pick_device(None) == "cuda"
     with pytest.raises(cli.CLIError, match=r"--device: cuda:1 requested but only 1 CUDA GPU\(s\) are visible"):
         cli.pick_device("cuda:1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_defenses_on_feature_vectors_clip_to_the_data_range():
+    """Two-moons points are not images in [0, 1]: PGD-based defenses get the data's value range as clip range."""
+    info = cli.load_data("moons").info
+    assert tuple(info.value_range) != (0.0, 1.0)
+    for name in ("at", "trades", "arfl"):
+        defense = cli.make_defense(name, {}, 100, info)
+        assert (defense.clip_min, defense.clip_max) == tuple(info.value_range), name
+    assert cli.make_defense("at", {"clip_min": -1.0}, 100, info).clip_min == -1.0  # an explicit option wins
+
+
+def test_eval_rebuilds_the_data_of_the_runs_seed(tmp_path, capsys):
+    """The synthetic set is generated from --seed: eval attacks the test split the run was made with."""
+    out = tmp_path / "synthetic"
+    rc, _, err = run(["train", "--model", "mlp", "--size", "8", "--seed", "1", "--epochs", "1", "--out", out,
+                      "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    _, splits, _ = cli.load_run(out)
+    assert torch.equal(splits.test.tensors[0], cli.load_data("synthetic", size=8, seed=1).test.tensors[0])
 
 
 def test_image_model_on_feature_vectors_is_refused(tmp_path, capsys):
@@ -712,3 +817,122 @@ def test_demo_methods_checked_before_training(tmp_path, capsys):
     rc, _, err = run(argv + ["--methods", "standard,at,standard"], capsys)
     one_line_error(rc, err, "--methods: standard given more than once")
     assert not (tmp_path / "d").exists()
+    rc, _, err = run(["train", "--data", path, "--out", tmp_path / "t", "--device", "cpu", "--defense", "arfl"], capsys)
+    one_line_error(rc, err, "--defense: arfl is defined for binary tasks only", "3 classes")
+
+
+@pytest.fixture
+def evaluate_calls(monkeypatch):
+    """The keyword arguments of every robust_ops.evaluate.evaluate call (which still runs)."""
+    import robust_ops.evaluate
+
+    calls, real_evaluate = [], robust_ops.evaluate.evaluate
+
+    def spy(model, *args, **kwargs):
+        calls.append(dict(kwargs, model=model))
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(robust_ops.evaluate, "evaluate", spy)
+    return calls
+
+
+def test_train_options_reach_the_run(small_npz, tmp_path, capsys):
+    """--seed, --dropmax, --channels-last and the validation split reach training; eval rebuilds the architecture;
+    --resume refuses another seed, batch size, data or drop-max setting (docs/cli.md)."""
+    from robust_ops.nn import DropMax2d
+
+    out = tmp_path / "run"
+    options = {"--data": small_npz, "--seed": 2, "--dropmax": "first", "--batch-size": 32}
+
+    def train(changes=(), extra=()):
+        given = {**options, **dict(changes)}
+        return run(["train", "--out", out, "--no-progress", "--device", "cpu", "--channels-last", *extra]
+                   + [a for flag, value in given.items() for a in (flag, value)], capsys)
+
+    rc, _, err = train(extra=["--epochs", "1"])
+    assert rc == 0, err
+    run_doc = json.loads((out / "run.json").read_text())
+    assert (run_doc["seed"], run_doc["dropmax"], run_doc["batch_size"]) == (2, "first", 32)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {"val_loss", "val_acc"} <= set(state["history"][0])
+    convs = [w for w in state["model"].values() if w.dim() == 4 and w.shape[1] > 1]
+    assert convs and all(not w.is_contiguous() for w in convs)  # trained in channels_last, not converted afterwards
+    assert any(isinstance(m, DropMax2d) for m in cli.load_run(out)[0].modules())  # DropMax2d has no weights to check
+    for flag, value, needle in (("--seed", 3, "seed=2"), ("--batch-size", 16, "batch_size=32"),
+                                ("--dropmax", "all", "dropmax='first'"), ("--data", "synthetic", "data=")):
+        rc, _, err = train({flag: value}, ["--epochs", "2", "--resume"])
+        one_line_error(rc, err, "--resume:", needle)
+        assert json.loads((out / "run.json").read_text()) == run_doc
+
+
+def test_eval_options_reach_the_evaluation(trained_run, tmp_path, capsys, monkeypatch, evaluate_calls):
+    """--method, --no-cascade, --eval-batch-size, --ensemble, --channels-last, --prepacked-conv and --saliency are
+    applied, not only recorded; a checkpoint file's default --out is RUN_DIR/eval (docs/cli.md)."""
+    import shutil
+
+    import robust_ops.evaluate
+    from robust_ops import prepacked_conv
+
+    saliency_images, real_write = [], robust_ops.evaluate.write_results
+
+    def write_without_figures(*args, saliency=None, **kwargs):  # the figures themselves are tested elsewhere
+        saliency_images.append(len(saliency[1]))
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(robust_ops.evaluate, "write_results", write_without_figures)
+    packed = []
+    real_pack = prepacked_conv._pack
+    monkeypatch.setattr(prepacked_conv, "_pack", lambda *a: packed.append(1) or real_pack(*a))
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("eval"))
+    assert not json.loads((run_dir / "run.json").read_text())["channels_last"]
+    rc, _, err = run(["eval", run_dir / "checkpoint.pt", "--attacks", "fgsm", "--eps", "2/255", "--saliency", "3",
+                      "--device", "cpu", "--method", "Mine", "--no-cascade", "--eval-batch-size", "7",
+                      "--channels-last", "--prepacked-conv"], capsys)
+    assert rc == 0, err
+    (call,) = evaluate_calls
+    assert (call["method"], call["cascade"], call["batch_size"], call["ensemble"]) == ("Mine", False, 7, False)
+    conv = next(m for m in call["model"].modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and packed and saliency_images == [3]
+    assert {r["method"] for r in json.loads((run_dir / "eval" / "results.json").read_text())["rows"]} == {"Mine"}
+    rc, _, err = run(["eval", run_dir, "--attacks", "fgsm,pgd:steps=1", "--eps", "2/255", "--saliency", "1",
+                      "--device", "cpu", "--ensemble", "--out", tmp_path / "ens"], capsys)
+    assert rc == 0, err
+    assert evaluate_calls[-1]["ensemble"] is True and evaluate_calls[-1]["cascade"] is True
+
+
+def test_demo_options_reach_training_and_evaluation(small_npz, tmp_path, capsys, monkeypatch, evaluate_calls):
+    from robust_ops import train
+
+    fit_resume, real_fit = [], train.fit
+    monkeypatch.setattr(train, "fit", lambda *a, **k: fit_resume.append(k["resume"]) or real_fit(*a, **k))
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "standard", "--epochs", "1", "--out", out, "--attacks", "fgsm",
+            "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv + ["--train-size", "0", "--lr", "0.01", "--batch-size", "16", "--seed", "2",
+                             "--eval-batch-size", "7", "--no-cascade", "--resume"], capsys)
+    assert rc == 0, err
+    run_doc = json.loads((out / "runs" / "standard" / "run.json").read_text())
+    assert (run_doc["lr"], run_doc["batch_size"], run_doc["seed"], run_doc["epochs"]) == (0.01, 16, 2, 1)
+    assert run_doc["train_samples"] == 64 and fit_resume == [True]  # --train-size 0: the whole train split
+    (call,) = evaluate_calls
+    assert (call["batch_size"], call["cascade"]) == (7, False)
+    rc, _, err = run(argv + ["--train-size", "-1"], capsys)
+    one_line_error(rc, err, "--train-size: expected >= 0, got -1")
+    monkeypatch.setattr(train, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, _, err = run(argv + ["--out", tmp_path / "stopped"], capsys)
+    assert rc == 130 and "rerun with --resume" in err, err
+
+
+def test_bench_runs_the_chosen_scripts_and_reports_failures(tmp_path, capsys):
+    """--only runs just those topics, --full drops --quick, and a failing script makes the exit status 1."""
+    for name, status in (("a", 3), ("b", 0)):
+        (tmp_path / f"bench_{name}.py").write_text(
+            f"import pathlib, sys\npathlib.Path(__file__).with_suffix('.args').write_text(repr(sys.argv[1:]))\n"
+            f"sys.exit({status})\n")
+    rc, _, err = run(["bench", "--bench-dir", tmp_path, "--only", "a"], capsys)
+    assert rc == 1 and "bench: a exited with status 3" in err, err
+    assert (tmp_path / "bench_a.args").read_text() == "['--quick']" and not (tmp_path / "bench_b.args").exists()
+    rc, _, err = run(["bench", "--bench-dir", tmp_path, "--only", "b", "--full"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "bench_b.args").read_text() == "[]"

@@ -478,6 +478,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
             run = json.loads(run_file.read_text())
         except json.JSONDecodeError as err:
             raise CLIError(f"{run_file}: not valid JSON ({err})") from None
+    explicit_data = data is not None  # the refusal below offers --data as the way to the data's own test split
     data = data or run.get("data")
     model_name = model or run.get("model")
     if data is None or model_name is None:
@@ -488,7 +489,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         from .reproduce import rebuild_splits
 
         splits = rebuild_splits(data, run["split"])
-    elif same_data and _looks_like_kfold_run(target if target.is_dir() else target.parent):
+    elif same_data and not explicit_data and _looks_like_kfold_run(target if target.is_dir() else target.parent):
         raise CLIError(f"{target}: a reproduce k-fold run whose {RUN_FILE} predates the split record, so its held-out "
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
