@@ -256,9 +256,11 @@ def test_synthetic_deterministic_and_named():
     assert a.info.synthetic and "synthetic" in a.info.name and a.info.positive_class == 1
     x, y = a.train.tensors
     assert x.shape[1:] == (1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
-    assert 0.25 < float(y.float().mean()) < 0.55
-    # train and test are different draws
+    assert 0.33 < float(y.float().mean()) < 0.47  # MALIGNANT_FRACTION 0.4 (384 draws: standard deviation 0.025)
+    assert torch.equal(x * 255, (x * 255).round())  # on the 8-bit grid, as real images are
+    # train and test are different draws, from independent streams (not one stream's prefix)
     assert not torch.equal(a.train.tensors[0][:5], a.test.tensors[0][:5])
+    assert not torch.equal(a.train.tensors[1][:128], a.test.tensors[1])
 
 
 def test_synthetic_classes_differ():
@@ -266,6 +268,12 @@ def test_synthetic_classes_differ():
     x, y = synthetic_ultrasound(64, size=32, seed=0)
     lower = x[:, 0, 22:, 10:22].mean((1, 2))
     assert float(lower[y == 1].mean()) < float(lower[y == 0].mean())
+    # malignant: taller than wide -- the dark region's (lesion plus shadow) height over width is larger
+    dark = x[:, 0] < 0.2
+    aspect = dark.any(2).sum(1).float() / dark.any(1).sum(1).float().clamp_min(1)
+    assert float(aspect[y == 1].mean()) > float(aspect[y == 0].mean()) + 0.15
+    # multiplicative speckle: neighbouring pixels differ (0.08 on average; 0.03 without speckle)
+    assert float((x[..., 1:] - x[..., :-1]).abs().mean()) > 0.05
 
 
 def test_moons():
@@ -474,3 +482,155 @@ def test_cross_validation_folds_partition_the_pooled_data():
     assert len(cross_validation(small, k=4)) == 4
     with pytest.raises(DataError, match="the smallest class has 4 samples, fewer than k=5 folds"):
         cross_validation(small, k=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mutation pass (data): MedMNIST lookup and layout checks, folder discovery, seeds
+
+
+def test_medmnist_lookup_order_and_file_names(tmp_path, monkeypatch):
+    """root, then $ROBUST_OPS_DATA (a folder or that very file), then ~/.medmnist; the 28x28 file has no size suffix;
+    a size in the name must agree with size=."""
+    root, env_dir, home = tmp_path / "root", tmp_path / "env", tmp_path / "home"
+    for d in (root, env_dir, home / ".medmnist"):
+        d.mkdir(parents=True)
+        (d / "breastmnist.npz").touch()
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(env_dir))
+    monkeypatch.setenv("HOME", str(home))
+    assert mm.find_medmnist("breastmnist", root) == root / "breastmnist.npz"
+    assert mm.find_medmnist("breastmnist") == env_dir / "breastmnist.npz"
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(env_dir / "breastmnist.npz"))  # a file: used only for its own name
+    assert mm.find_medmnist("breastmnist") == env_dir / "breastmnist.npz"
+    assert mm.find_medmnist("pneumoniamnist") is None
+    monkeypatch.setattr(mm, "load_npz", lambda path, size=None: (path, size))
+    assert load_dataset("breastmnist_28") == (env_dir / "breastmnist.npz", 28)  # not breastmnist_28.npz
+    with pytest.raises(DataError, match=r"breastmnist_64: the name says size 64 but size=28 was requested"):
+        load_dataset("breastmnist_64", size=28)
+    assert "chestmnist" not in mm.MEDMNIST_NAMES  # the multi-label error must not suggest it
+
+
+def test_npz_layout_errors_name_the_mismatch(tmp_path):
+    with pytest.raises(DataError, match=r"a\.npz: val_images have shape \(1, 14, 14\), train has \(1, 28, 28\)"):
+        load_dataset(write_npz(tmp_path / "a.npz", val_images=np.zeros((4, 14, 14), np.uint8)))
+    with pytest.raises(DataError, match=r"b\.npz: expected square images, got 28x20"):
+        load_dataset(write_npz(tmp_path / "b.npz", shape=(28, 20)))
+    with pytest.raises(DataError, match=r"c\.npz: images are 28x28, but size=64 was requested"):
+        load_dataset(write_npz(tmp_path / "c.npz"), size=64)
+    with pytest.raises(DataError, match=r"absent\.npz: no such file"):
+        load_dataset(tmp_path / "absent.npz")
+    # the class count covers every split, even a one-sample test split holding the highest label
+    s = load_dataset(write_npz(tmp_path / "d.npz", shape=(8, 8, 3), test_labels=np.array([[2]]), n=(12, 4, 1)))
+    assert (s.info.num_classes, s.info.in_channels, s.info.image_size) == (3, 3, 8)
+
+
+def test_medmnist_names_with_a_size_keep_their_classes(tmp_path):
+    """breastmnist_64.npz is BreastMNIST: 0 = malignant is the positive class; a DermaMNIST file whose labels
+    happen to stop early still has DermaMNIST's seven classes."""
+    s = load_dataset(write_npz(tmp_path / "breastmnist_64.npz", shape=(64, 64)))
+    assert s.info.name == "breastmnist" and s.info.positive_class == 0 and s.info.class_names[0] == "malignant"
+    s = load_dataset(write_npz(tmp_path / "dermamnist_64.npz", shape=(64, 64), classes=4))
+    assert s.info.num_classes == 7 and s.info.class_names[6] == "vasc" and s.info.positive_class is None
+
+
+def test_busi_pads_tall_images_on_both_sides_and_resizes_bilinearly(tmp_path):
+    for c in ("left", "right"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            _png(tmp_path / c / f"{i}.png", (10, 20), 200)  # 10 wide, 20 tall: black bands left and right
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(tmp_path, size=10)
+    row = s.train.tensors[0][0, 0, 5] * 255
+    assert float(row[0]) == 0 and float(row[-1]) == 0 and float(row[5]) == pytest.approx(200)
+    assert 0 < float(row[2]) < 200  # bilinear: the band's edge blends (nearest-neighbour would give 0 or 200)
+    assert s.info.positive_class == 1  # two classes, none malignant-like: label 1
+
+
+def test_busi_class_discovery_and_file_filters(tmp_path):
+    """Default class order: benign, malignant, normal, then others alphabetically; image suffixes match in any case;
+    *_mask* files (any case) are skipped; the split is drawn from seed, the same for the same seed."""
+    for c in ("malignant", "benign", "abnormal"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{c}{i}.png", (8, 8), 10 * i)
+    _png(tmp_path / "benign" / "extra.PNG", (8, 8), 7)
+    _png(tmp_path / "benign" / "benign0_Mask.png", (8, 8), 255)
+    s = load_dataset(tmp_path, size=8)
+    assert s.info.class_names == ("benign", "malignant", "abnormal")
+    benign_count = sum(int((part.tensors[1] == 0).sum()) for part in (s.train, s.val, s.test))
+    assert benign_count == 11  # the .PNG counts, the mask does not
+    again, other = load_dataset(tmp_path, size=8), load_dataset(tmp_path, size=8, seed=1)
+    assert torch.equal(s.train.tensors[0], again.train.tensors[0])
+    assert not torch.equal(s.train.tensors[0], other.train.tensors[0])
+    with pytest.raises(DataError, match=r"expected at least two class folders \(e\.g\. benign, malignant\)"):
+        load_dataset(tmp_path, classes=("benign",))
+    with pytest.raises(DataError, match=r"expected size to be a positive number of pixels, got True"):
+        load_dataset(tmp_path, size=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no images found"):
+        load_dataset(tmp_path, size=8, classes=("benign", "empty"))
+    (tmp_path / "Benign").mkdir()
+    with pytest.raises(DataError, match=r"class folders Benign and benign differ only in case"):
+        load_dataset(tmp_path, size=8)
+
+
+def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
+    path = _ham(tmp_path, ["mel", "nv"] * 10)
+    path.write_text(path.read_text().replace("image_id,dx", "image_id, dx"))  # "dx" after a space still matches
+    (tmp_path / "imgs" / "im0.jpg").rename(tmp_path / "imgs" / "im0.JPG")
+    s = load_dataset(path, size=8)
+    assert s.info.class_names == ("mel", "nv") and sum(len(part) for part in (s.train, s.val, s.test)) == 20
+    assert s.info.positive_class == 0  # mel (melanoma) is the positive class wherever it stands
+    other = load_dataset(path, size=8, seed=1)
+    assert not torch.equal(s.train.tensors[0], other.train.tensors[0])
+    (tmp_path / "one.csv").write_text("image_id,dx\nim0,mel\nim1,mel\n")
+    with pytest.raises(DataError, match=r"one\.csv: expected at least two classes in column 'dx', got \['mel'\]"):
+        load_dataset(tmp_path / "one.csv", size=8)
+    (tmp_path / "none.csv").write_text("image_id,dx\n")
+    with pytest.raises(DataError, match=r"none\.csv: no rows"):
+        load_dataset(tmp_path / "none.csv", size=8)
+    jpeg = (tmp_path / "imgs" / "im1.jpg").read_bytes()
+    (tmp_path / "imgs" / "im1.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # truncated: Pillow raises OSError
+    with pytest.raises(DataError, match=r"im1\.jpg: not a readable image"):
+        load_dataset(path, size=8)
+
+
+def test_busi_16_bit_dark_and_float_images(tmp_path):
+    """A 16-bit image is on the 16-bit scale even when all its values are <= 255; float images above 255 are refused
+    (their scale is unknown)."""
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / c / f"{i}.png")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(tmp_path, size=8)
+    assert round(float(s.train.tensors[0].max()) * 255) == 1  # 200 / 257 -> 1, not 200
+    Image.fromarray(np.full((8, 8), 300.0, np.float32)).save(tmp_path / "benign" / "f.tif")
+    with pytest.raises(DataError, match=r"f\.tif: F image with values in \[300, 300\]; expected 8- or 16-bit"):
+        load_dataset(tmp_path, size=8)
+
+
+def test_synthetic_sizes_and_small_arguments():
+    from robust_ops.data import synthetic_splits
+
+    s = synthetic_splits(size=12, seed=0, sizes={"train": 3, "val": 2, "test": 0})
+    assert [len(s.train), len(s.val), len(s.test)] == [3, 2, 0] and s.train.tensors[0].shape == (3, 1, 12, 12)
+    assert s.info.image_size == 12
+    with pytest.raises(DataError, match="size >= 8, got n=1, size=7"):
+        synthetic_ultrasound(1, size=7)
+
+
+def test_moons_streams_noise_and_range():
+    from robust_ops.data.synthetic import moons_splits
+
+    s = moons_splits(seed=0, n_train=30, n_val=20, n_test=40)
+    assert [len(s.train), len(s.val), len(s.test)] == [30, 20, 40] and s.info.positive_class == 1
+    same_sizes = moons_splits(seed=0, n_train=30, n_val=20, n_test=20)
+    assert not torch.equal(same_sizes.val.tensors[0], same_sizes.test.tensors[0])  # independent streams per split
+    assert not torch.equal(s.train.tensors[0], moons_splits(seed=1, n_train=30).train.tensors[0])
+    exact = moons_splits(seed=0, n_train=30, noise=0.0).train  # noise 0: the upper moon lies on the unit circle
+    x, y = exact.tensors
+    torch.testing.assert_close(x[y == 0].norm(dim=1), torch.ones(int((y == 0).sum())))
+    with pytest.raises(DataError, match=r"moons: a point fell outside \(-4\.0, 4\.0\); lower the noise"):
+        moons_splits(noise=5.0, n_train=200)

@@ -548,6 +548,7 @@ def test_paper_defaults():
         assert (d.eps, d.step_size, d.steps, d.norm, d.random_start) == (0.3, 0.15, 7, "l2", False)
     dp = DPAAT()
     assert (dp.alpha, dp.beta, dp.syn, dp.reference) == (0.5, 1.0, "js", "batch")
+    assert (dp.guard, dp.max_radius, dp.momentum) == (1e-6, None, 0.1)  # docs/defenses/dpaat.md
     amat = defenses.AMAT()
     assert amat.xi == pytest.approx(math.log(2)) and amat.delta_eps == pytest.approx(0.15)
     arfl = ARFL()
@@ -665,3 +666,116 @@ def test_mirst_emit_must_be_strictly_increasing_and_dm_replaces_only_the_first_p
                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2))
     model = defenses.MIRSTDM().prepare_model(model)
     assert [type(m) for m in model if isinstance(m, (nn.MaxPool2d, DropMax2d))] == [DropMax2d, nn.MaxPool2d]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mutation pass (data/models/defenses): AT and AMAT losses, DPAAT's radii from its own attack, shared PGD settings
+
+
+def test_at_and_amat_losses_at_the_crafted_x_adv(crafted):
+    """AT: L = L(x_adv); AMAT (DPAAT eq. 7): L = (L(x_adv) + L(x)) / 2 with x_adv from the per-sample-radius attack."""
+    model, x, y = _model_and_batch(sharp=30.0)
+    out = defenses.AT(steps=2, eps=0.3)(model, x, y)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(crafted[-1][1].x_adv), y)
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    out = defenses.AMAT(steps=2)(model, x, y)
+    with torch.no_grad():
+        expected = 0.5 * (F.cross_entropy(model(crafted[-1][1].x_adv), y) + F.cross_entropy(model(x), y))
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm,eps,step", [("l2", 0.3, 0.15), ("linf", 0.05, 0.02)])
+def test_dpaat_radii_come_from_the_first_attack_loss_changes_and_norms(crafted, norm, eps, step):
+    """Alg. 1: dL_i = L(x_adv_i) - L(x_i) at the fixed-eps x_adv, norms in the attack's norm; the second attack gets
+    those radii (step scaled by eps_i / eps). syn="printed" is the loss's synchronization term."""
+    model, x, y = _model_and_batch(num_classes=2, n=8, sharp=30.0)
+    out = DPAAT(steps=2, norm=norm, eps=eps, step_size=step, syn="printed", beta=0.5)(model, x, y)
+    first = crafted[0][1].x_adv
+    with torch.no_grad():
+        delta = F.cross_entropy(model(first), y, reduction="none") - F.cross_entropy(model(x), y, reduction="none")
+        logits, logits_adv = model(x), model(crafted[1][1].x_adv)
+    d = (first - x).flatten(1)
+    norms = d.norm(dim=1) if norm == "l2" else d.abs().amax(1)
+    expected = DPAAT(eps=eps).radii(norms, delta)
+    torch.testing.assert_close(crafted[1][0]["eps"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(crafted[1][0]["alpha"], expected * step / eps, rtol=1e-5, atol=1e-6)
+    syn = synchronization_loss(logits, logits_adv, "printed").mean()  # about ln 2: the beta weight shows
+    assert out.metrics["loss_syn"] == pytest.approx(float(syn), rel=1e-5)
+    expected_loss = 0.5 * F.cross_entropy(logits_adv, y) + 0.5 * F.cross_entropy(logits, y) + 0.5 * syn
+    torch.testing.assert_close(out.loss.detach(), expected_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_pgd_settings_reach_the_attack_and_are_checked():
+    from robust_ops.defenses._common import unwrap
+
+    model, x, y = _model_and_batch()
+    x = 0.3 + 0.2 * x  # inside the clip range [0.2, 0.6]
+    x_adv = defenses.AT(eps=1.0, steps=2, clip_min=0.2, clip_max=0.6).attack(model, x, y).x_adv
+    assert float(x_adv.min()) == pytest.approx(0.2) and float(x_adv.max()) == pytest.approx(0.6)
+    assert unwrap(nn.DataParallel(model)) is model  # attacks run on the wrapped module
+    with pytest.raises(ValueError, match=r"at: expected clip_max to be a finite number >= 0.5, got 0.1"):
+        defenses.AT(clip_min=0.5, clip_max=0.1)
+    with pytest.raises(ValueError, match=r"at: expected eps to be a finite number >= 0, got -0.1"):
+        defenses.AT(eps=-0.1)
+
+
+def test_dpaat_max_radius_caps_and_losses_run_in_the_attack_mode():
+    """max_radius caps eps_i; dL is computed in the attack's mode ("eval": BatchNorm running statistics are neither
+    used nor updated), so only the two loss forwards update them."""
+    capped = DPAAT(max_radius=0.35)
+    r = capped.radii(torch.tensor([0.3, 0.3, 0.3]), torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(r, torch.tensor([0.35, 0.3, 0.15]))
+    assert capped.state_dict()["radius_mean"] == pytest.approx(0.8 / 3)  # the last batch's mean radius
+    with pytest.raises(ValueError, match=r"dpaat: expected momentum to be a finite number with 0 < momentum <= 1"):
+        DPAAT(momentum=0)  # the running reference would never move from the first batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, 2)).train()
+    DPAAT(steps=1)(model, *_batch())
+    assert int(model[1].num_batches_tracked) == 2
+
+
+def test_amat_threshold_reads_the_adversarial_loss_not_the_clean_one(crafted):
+    """xi is compared with L(x_adv_i) (eq. 6): with xi between a sample's clean and adversarial losses the sample
+    is not "still robust" and its radius shrinks to (eps + ||x_adv_i - x_i||) / 2."""
+    model, x, y = _model_and_batch(num_classes=2, n=8, sharp=30.0)
+    defenses.AMAT(steps=2)(model, x, y)
+    first = crafted[0][1].x_adv
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), y, reduction="none")
+        adv = F.cross_entropy(model(first), y, reduction="none")
+    i = int((adv - clean).argmax())
+    xi = float(clean[i] + adv[i]) / 2
+    assert float(clean[i]) < xi < float(adv[i])
+    defenses.AMAT(steps=2, xi=xi)(model, x, y)
+    norms = (first - x).flatten(1).norm(dim=1)
+    with pytest.raises(ValueError, match=r"amat: expected delta_eps to be a finite number >= 0, got -1"):
+        defenses.AMAT(delta_eps=-1)
+    expected = torch.where(adv < xi, torch.full_like(norms, 0.45), 0.5 * (0.3 + norms))
+    torch.testing.assert_close(crafted[-1][0]["eps"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["standard", "sat", "rst", "amat", "dpaat"])
+def test_defenses_that_run_the_clean_forward_return_its_logits(name):
+    """fit's training accuracy reads DefenseOutput.logits: a defense that computes the clean logits returns them."""
+    model, x, y = _model_and_batch()
+    out = defenses.build(name, **({} if name == "standard" else {"steps": 1}))(model, x, y)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits.detach(), model(x))
+
+
+def test_synchronization_loss_reads_single_logits_as_two_classes():
+    z, w = torch.randn(5), torch.randn(5)
+    as_pairs = lambda t: torch.stack([torch.zeros_like(t), t], 1)  # noqa: E731  softmax = [1 - sigmoid, sigmoid]
+    for form in ("js", "printed"):
+        torch.testing.assert_close(synchronization_loss(z[:, None], w[:, None], form),
+                                   synchronization_loss(as_pairs(z), as_pairs(w), form))
+    underflow = torch.tensor([[0.0, -200.0]])  # p = q = 0 for class 1: 0 * log(0 / 0) must count as 0, not NaN
+    assert float(synchronization_loss(underflow, underflow)) == 0.0
+
+
+@pytest.mark.parametrize("cls", [DPAAT, defenses.AMAT])
+def test_adaptive_radius_step_defaults_to_half_the_radius(cls):
+    # DPAAT's step 0.15 at eps 0.3 as a ratio: the default once jumped to 2.5*eps/steps off eps = 0.3 exactly
+    assert [cls(eps=eps).step_size for eps in (0.3, 0.31, 1.0)] == [0.15, 0.155, 0.5]
+    assert cls(eps=0.31, step_size=0.01).step_size == 0.01

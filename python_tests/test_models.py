@@ -17,7 +17,9 @@ def test_every_model_runs_on_small_images(name, in_channels, image_size):
 
 def test_vgg16_keeps_the_pools_that_fit():
     pools = lambda m: sum(isinstance(layer, torch.nn.MaxPool2d) for layer in m.features)  # noqa: E731
-    assert pools(build_model("vgg16", 1, 2, 28)) == 4 and pools(build_model("vgg16", 3, 2, 32)) == 5
+    small = build_model("vgg16", 1, 2, 28)
+    assert pools(small) == 4 and pools(build_model("vgg16", 3, 2, 32)) == 5
+    assert small.classifier[-1].out_features == 2  # the head has num_classes outputs (the others test 3)
 
 
 def test_mlp_on_images_and_on_feature_vectors():
@@ -50,3 +52,28 @@ def test_small_cnn_and_mlp_validate_their_own_arguments():
         SmallCNN(1, 0)
     with pytest.raises(ValueError, match="MLP: expected every hidden width to be an integer >= 1, got 0"):
         MLP(2, 1, hidden=(10, 0))
+
+
+def test_stems_follow_the_image_size_and_channel_count():
+    """docs/getting-started.md: up to 64 pixels a 3x3/1 stem (max-pool kept, MIRST-DM replaces it); above, the
+    7x7/2 stem, rebuilt for a channel count other than 3."""
+    stem = lambda conv: (conv.in_channels, conv.kernel_size, conv.stride, conv.padding)  # noqa: E731
+    small, large = build_model("resnet18", 1, 2, 64), build_model("resnet18", 1, 2, 65)
+    assert stem(small.conv1) == (1, (3, 3), (1, 1), (1, 1)) and isinstance(small.maxpool, torch.nn.MaxPool2d)
+    assert stem(large.conv1) == (1, (7, 7), (2, 2), (3, 3))
+    assert small.training and large.training  # freshly built: in train mode, like any new nn.Module
+    assert stem(build_model("densenet121", 2, 2, 64).features.conv0) == (2, (3, 3), (1, 1), (1, 1))
+    assert stem(build_model("densenet121", 2, 2, 65).features.conv0) == (2, (7, 7), (2, 2), (3, 3))
+    pools = [m for m in build_model("small_cnn", 1, 2, 28).modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == 2  # SmallCNN: conv-ReLU-maxpool x2
+    with pytest.raises(ValueError, match=r"^resnet18: expected image_size to be an integer >= 1, got 0"):
+        build_model("resnet18", 1, 2, 0)  # 0 (feature vectors) is for the MLP only
+
+
+def test_predict_single_logits_and_class_scores():
+    from robust_ops.models import predict
+
+    logits = torch.tensor([-1.0, 0.0, 2.0])  # a zero logit is probability 1/2: not positive
+    assert predict(torch.nn.Identity(), logits).tolist() == [0, 0, 1]
+    assert predict(torch.nn.Identity(), logits[:, None]).tolist() == [0, 0, 1]
+    assert predict(torch.nn.Identity(), torch.tensor([[0.1, 0.9, 0.0], [2.0, 1.0, 0.0]])).tolist() == [1, 0]
