@@ -100,8 +100,15 @@ def _aten_memory_format(input, weight):
     weight's strides suggest it (``Tensor.suggest_memory_format``, which also reads the strides of a 1-channel
     input). oneDNN's inference primitive writes channels_last whatever the input, and an NCHW model's ``.view(n, -1)``
     after a convolution then failed inside attacks."""
-    channels_last = torch.channels_last in (suggest_memory_format(input), suggest_memory_format(weight))
+    channels_last = _suggests_channels_last(input) or _suggests_channels_last(weight)
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _suggests_channels_last(t):
+    channels_last, contiguous = t.is_contiguous(memory_format=torch.channels_last), t.is_contiguous()
+    if channels_last != contiguous:
+        return channels_last
+    return suggest_memory_format(t) == torch.channels_last  # both or neither (e.g. 1 channel): 25 us, strides decide
 
 
 def _in_layout(t, memory_format):
