@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional
-from .._options import check_real
+from .._options import check_int, check_real
 from .context import (
     attack_context,
     check_inputs,
@@ -54,9 +54,7 @@ class PGDResult:
 
 
 def check_steps(name, steps, arg="steps", minimum=1):
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
-        raise ValueError(f"{name}: expected {arg} to be an integer >= {minimum}, got {steps!r}")
-    return int(steps)
+    return check_int(name, arg, steps, minimum)
 
 
 def check_norm(name, norm, allowed=NORMS):
