@@ -313,8 +313,8 @@ def add_train_options(p):
                    help="train the model in channels_last memory format (on CPU: IMA epochs 1.3x and PGD "
                         "1.1-1.3x faster, docs/benchmarks.md; results differ from NCHW in the last bits)")
     p.add_argument("--prepacked-conv", action="store_true",
-                   help="run the attacks inside training on convolutions packed once per attack (CPU: IMA epochs "
-                        "1.3x faster, docs/prepacked-conv.md; results differ in the last bits on NCHW models)")
+                   help="run the attacks inside training on convolutions packed once per attack (CPU; best with "
+                        "--channels-last, docs/prepacked-conv.md; results differ in the last bits on NCHW models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
