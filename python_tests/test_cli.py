@@ -583,6 +583,8 @@ def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys,
         _, splits, _ = cli.load_run(run_dir)
         for got, want in ((splits.train, fold.train), (splits.test, fold.test)):
             assert all(torch.equal(a, b) for a, b in zip(got.tensors, want.tensors))
+    _, other, run_doc = cli.load_run(run_dir, data="synthetic")  # other data: its own splits, not the run's folds
+    assert torch.equal(other.test.tensors[0], cli.load_data("synthetic", seed=run_doc["seed"]).test.tensors[0])
     capsys.readouterr()
     rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0"], capsys)
     assert rc == 0, err
