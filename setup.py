@@ -37,8 +37,9 @@ def _flag(name):
 
 def _cuda_home():
     """The toolkit to use. torch's auto-detection picks /usr/local when nvcc is not on PATH, so prefer
-    $CUDA_HOME, then /usr/local/cuda, and only then torch's guess."""
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", cpp_extension.CUDA_HOME):
+    $CUDA_HOME, then $CUDA_PATH, then /usr/local/cuda, and only then torch's guess."""
+    candidates = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", cpp_extension.CUDA_HOME)
+    for candidate in candidates:
         if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
             return candidate
     return None

@@ -89,7 +89,8 @@ ATTACK_FNS = {
 }
 # One stream of random draws per batch (as torchattacks and AutoAttack): a batch and its single samples draw
 # differently, so these are checked against reference loops / seeds instead of batch == per-sample.
-RANDOMIZED = {"noise", "apgd", "apgd-dlr", "apgd-t", "square"}  # one stream of draws per batch: a batch and its single samples draw different noise
+# one stream of draws per batch: a batch and its single samples draw different noise
+RANDOMIZED = {"noise", "apgd", "apgd-dlr", "apgd-t", "square"}
 EPS = {"linf": 8 / 255, "l2": 0.5}
 CASES = [(name, norm) for name, (norms, _) in ATTACK_FNS.items() for norm in norms]
 
@@ -488,7 +489,9 @@ def test_input_errors():
         attacks.pgd(model, torch.where(x > 0.5, float("inf"), x), y, **kw)
     with pytest.raises(ValueError, match="pgd: expected eps >= 0 and finite, got -0.1"):
         attacks.pgd(model, x, y, eps=-0.1, alpha=0.01, steps=2)
-    with pytest.raises(ValueError, match=r"pgd: expected every eps to be finite and >= 0, got 1 bad value\(s\), e.g. eps\[1\] = -1"):
+    with pytest.raises(ValueError,
+                       match=r"pgd: expected every eps to be finite and >= 0, got 1 bad value\(s\), "
+                             r"e.g. eps\[1\] = -1"):
         attacks.pgd(model, x, y, eps=torch.tensor([1.0, -1.0, 0.0, 0.0]), alpha=0.01, steps=2)
     with pytest.raises(ValueError, match=r"pgd: expected eps to be a number or a tensor of shape \[4\], got shape"):
         attacks.pgd(model, x, y, eps=torch.ones(3), alpha=0.01, steps=2)
@@ -801,7 +804,8 @@ def test_apgd_schedule_and_losses():
     y = torch.tensor([1, 0])
     torch.testing.assert_close(dlr_loss(z, y), torch.tensor([-(4.0 - 2.0) / (4.0 - 1.0), -(5.0 - 3.0) / (5.0 - 2.0)]))
     t = torch.tensor([2, 3])
-    torch.testing.assert_close(dlr_loss_targeted(z, y, t), torch.tensor([-(4.0 - 2.0) / (4.0 - 0.5), -(5.0 - 2.0) / (5.0 - 1.5)]))
+    torch.testing.assert_close(dlr_loss_targeted(z, y, t),
+                               torch.tensor([-(4.0 - 2.0) / (4.0 - 0.5), -(5.0 - 2.0) / (5.0 - 1.5)]))
     assert effective_loss("dlr", 2, False) == "cw" and effective_loss("dlr", 3, False) == "dlr"
     assert effective_loss("dlr", 3, True) == "cw" and effective_loss("dlr", 4, True) == "dlr"
 

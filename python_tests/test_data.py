@@ -117,7 +117,8 @@ def test_missing_medmnist_says_where(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(DataError, match=r"dermamnist: dermamnist\.npz not found \(looked in .*\); download it"):
         load_dataset("dermamnist")  # never downloads unless asked
-    with pytest.raises(DataError, match=r"allow a download through the medmnist package: download=True, CLI --download"):
+    with pytest.raises(DataError,
+                       match=r"allow a download through the medmnist package: download=True, CLI --download"):
         load_dataset("dermamnist")
 
 

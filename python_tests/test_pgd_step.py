@@ -318,19 +318,26 @@ def _good_args(shape=(2, 3, 4)):
 
 BAD_ARGS = {
     "x_adv dtype": (dict(x_adv=torch.zeros((2, 3, 4), dtype=torch.int64)),
-                    "expected x_adv to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.int64"),
+                    "expected x_adv to be a floating-point tensor (float16, bfloat16, float32, float64), "
+                    "got torch.int64"),
     "x_adv 0-D": (dict(x_adv=torch.tensor(0.5)), "expected x_adv to have a batch dimension, got a 0-D tensor"),
-    "x_nat shape": (dict(x_nat=torch.zeros((2, 3, 5))), "expected x_nat to have the shape of x_adv (2, 3, 4), got (2, 3, 5)"),
+    "x_nat shape": (dict(x_nat=torch.zeros((2, 3, 5))),
+                    "expected x_nat to have the shape of x_adv (2, 3, 4), got (2, 3, 5)"),
     "x_nat dtype": (dict(x_nat=torch.zeros((2, 3, 4), dtype=torch.float64)),
                     "expected x_nat to have the dtype of x_adv (torch.float32), got torch.float64"),
-    "grad shape": (dict(grad=torch.zeros((6,))), "expected grad to have the shape of x_adv (2, 3, 4), got (6,)"),
+    "grad shape": (dict(grad=torch.zeros((6,))),
+                   "expected grad to have the shape of x_adv (2, 3, 4), got (6,)"),
     "grad dtype": (dict(grad=torch.zeros((2, 3, 4), dtype=torch.float16)),
                    "expected grad to have the dtype of x_adv (torch.float32), got torch.float16"),
-    "alpha shape": (dict(alpha=torch.zeros(())), "expected alpha to be a 1-D tensor of 2 per-sample values, got shape ()"),
-    "alpha length": (dict(alpha=torch.zeros(3)), "expected alpha to be a 1-D tensor of 2 per-sample values, got shape (3,)"),
+    "alpha shape": (dict(alpha=torch.zeros(())),
+                    "expected alpha to be a 1-D tensor of 2 per-sample values, got shape ()"),
+    "alpha length": (dict(alpha=torch.zeros(3)),
+                     "expected alpha to be a 1-D tensor of 2 per-sample values, got shape (3,)"),
     "alpha dtype": (dict(alpha=torch.zeros(2, dtype=torch.int32)),
-                    "expected alpha to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.int32"),
-    "eps shape": (dict(eps=torch.zeros((2, 1))), "expected eps to be a 1-D tensor of 2 per-sample values, got shape (2, 1)"),
+                    "expected alpha to be a floating-point tensor (float16, bfloat16, float32, float64), "
+                    "got torch.int32"),
+    "eps shape": (dict(eps=torch.zeros((2, 1))),
+                  "expected eps to be a 1-D tensor of 2 per-sample values, got shape (2, 1)"),
     "eps dtype": (dict(eps=torch.zeros(2, dtype=torch.bool)),
                   "expected eps to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.bool"),
     # float8 passed at::isFloatingType: eager and the fake kernel disagreed
@@ -345,8 +352,10 @@ BAD_ARGS = {
                   "expected clip_min <= clip_max, got clip_min=0.30000000000000004, clip_max=1e-05"),
     "clip nan": (dict(clip_min=float("nan")), "expected clip_min <= clip_max, got clip_min=nan, clip_max=1.0"),
     "norm": (dict(norm="l1"), "expected norm to be 'linf' or 'l2', got 'l1'"),
-    "history shape": (dict(history=torch.zeros((2, 2, 3, 5))), "expected history to have shape [m, 2, 3, 4], got (2, 2, 3, 5)"),
-    "history rank": (dict(history=torch.zeros((2, 3, 4))), "expected history to have shape [m, 2, 3, 4], got (2, 3, 4)"),
+    "history shape": (dict(history=torch.zeros((2, 2, 3, 5))),
+                      "expected history to have shape [m, 2, 3, 4], got (2, 2, 3, 5)"),
+    "history rank": (dict(history=torch.zeros((2, 3, 4))),
+                     "expected history to have shape [m, 2, 3, 4], got (2, 3, 4)"),
     "history dtype": (dict(history=torch.zeros((2, 2, 3, 4), dtype=torch.float64)),
                       "expected history to have the dtype of x_adv (torch.float32), got torch.float64"),
     "slot high": (dict(slot=2), "expected slot in [0, 2) for a history of 2 slots, got 2"),
@@ -441,7 +450,8 @@ def test_reference_empty_batch(norm):
 
 def test_alpha_overflowing_the_dtype_is_rejected():
     args = {**_good_args(), "alpha": torch.tensor([1e39, 0.1], dtype=torch.float64)}
-    with pytest.raises(RuntimeError, match=r"pgd_step_: expected alpha to be finite for every sample, got alpha\[0\]=inf"):
+    with pytest.raises(RuntimeError,
+                       match=r"pgd_step_: expected alpha to be finite for every sample, got alpha\[0\]=inf"):
         op(*args.values())
 
 

@@ -1,5 +1,5 @@
-"""robust_ops::pgd_step_triton: the same results as the reference (bitwise in float32/float64) and the same schema as the
-C++ op. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow)."""
+"""robust_ops::pgd_step_triton: the same results as the reference (bitwise in float32/float64) and the same schema as
+the C++ op. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow)."""
 
 import pytest
 import torch

@@ -402,8 +402,8 @@ def _ddp_resume_worker(rank, world, port, init_path, out_dir):
                     out_dir=os.path.join(out_dir, run), resume=True, progress=False, seed=5)
             final[run] = _weights(model)
         rank_states = load_checkpoint(os.path.join(out_dir, "whole", "checkpoint.pt"))["rng_ranks"]
-        torch.save({"final": final, "streams_differ": not torch.equal(rank_states[0]["torch"], rank_states[1]["torch"])},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        streams_differ = not torch.equal(rank_states[0]["torch"], rank_states[1]["torch"])
+        torch.save({"final": final, "streams_differ": streams_differ}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

@@ -27,7 +27,8 @@ COMPILE = textwrap.dedent("""
         return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
     def report(name, dtype, text):
-        ops = sorted(set(re.findall(r"\\b(fma\\.[a-z0-9.]+|div\\.[a-z0-9.]+f(?:32|64)|mul\\.[a-z0-9.]*f(?:32|64))", text)))
+        arithmetic = r"\\b(fma\\.[a-z0-9.]+|div\\.[a-z0-9.]+f(?:32|64)|mul\\.[a-z0-9.]*f(?:32|64))"
+        ops = sorted(set(re.findall(arithmetic, text)))
         print(name, dtype, " ".join(ops))
 
     for dtype in ("fp32", "fp64"):

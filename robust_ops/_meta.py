@@ -179,7 +179,8 @@ def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm
         )
         _check_floating(op, name, t)
     torch._check(
-        clip_min <= clip_max, lambda: f"{op}: expected clip_min <= clip_max, got clip_min={clip_min}, clip_max={clip_max}"
+        clip_min <= clip_max,
+        lambda: f"{op}: expected clip_min <= clip_max, got clip_min={clip_min}, clip_max={clip_max}",
     )
     torch._check(norm in ("linf", "l2"), lambda: f"{op}: expected norm to be 'linf' or 'l2', got {norm!r}")
     if history is not None:
@@ -249,7 +250,8 @@ def check_boundary_search_step_args(lo, hi, points, crossed_at, active):
     if active is not None:
         torch._check(
             active.dtype == torch.bool and active.dim() == 1 and active.shape[0] == n,
-            lambda: f"{op}: expected active to be a bool tensor of shape [{n}], got {active.dtype} {tuple(active.shape)}",
+            lambda: f"{op}: expected active to be a bool tensor of shape [{n}], "
+            f"got {active.dtype} {tuple(active.shape)}",
         )
     for name, t in (("hi", hi), ("points", points), ("crossed_at", crossed_at), ("active", active)):
         if t is not None:

@@ -454,7 +454,8 @@ def cmd_train(args):
         return 130
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
-    print(f"trained {args.defense} on {splits.info.display_name} for {len(history)} epoch{'s' if len(history) != 1 else ''}: {shown}")
+    epochs = f"{len(history)} epoch{'s' if len(history) != 1 else ''}"
+    print(f"trained {args.defense} on {splits.info.display_name} for {epochs}: {shown}")
     print(f"run: {args.out} (evaluate with: {PROG} eval {args.out} --attacks fgsm,pgd,cw --eps 1/255,2/255,5/255)")
     return 0
 

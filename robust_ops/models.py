@@ -96,7 +96,8 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=16):
                 else:
                     size //= 2
         model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        model.classifier = nn.Sequential(nn.Linear(512, 256), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(256, num_classes))
+        model.classifier = nn.Sequential(nn.Linear(512, 256), nn.ReLU(True), nn.Dropout(0.5),
+                                         nn.Linear(256, num_classes))
         return model
     if name == "densenet121":
         if 0 < image_size < 16:

@@ -124,8 +124,8 @@ def _paper_match(candidates, paper_row):
 
 def paper_comparison_table(ours, paper, metric_columns):
     """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value[, norm]}; ours are
-    looked up by (method, attack, eps[, norm]) and shown as mean ± std when several seeds or folds were run, with "(k of n runs)"
-    when the metric was undefined (NaN) in some of them."""
+    looked up by (method, attack, eps[, norm]) and shown as mean ± std when several seeds or folds were run, with
+    "(k of n runs)" when the metric was undefined (NaN) in some of them."""
     index = {}
     for r in ours:
         index.setdefault((r["method"], r["attack"], round(r["eps"], 6)), []).append(r)
