@@ -295,7 +295,7 @@ def test_cross_validation_stratified():
         frac = float(f.test.tensors[1].float().mean())
         overall = torch.cat([s.train.tensors[1], s.val.tensors[1], s.test.tensors[1]]).float().mean()
         assert abs(frac - float(overall)) < 0.05
-    with pytest.raises(DataError, match="expected k >= 2 folds"):
+    with pytest.raises(DataError, match=r"cross_validation: expected k \(the number of folds\) to be an integer >= 2"):
         cross_validation(s, k=1)
 
 
@@ -356,7 +356,7 @@ def test_busi_16_bit_images_are_scaled_not_clamped(tmp_path):
     x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
     values = sorted({round(float(v) * 255) for v in x[:, 0, 4, 4]})
     assert values == [0, 10, 20, 30, 40, 50, 100, 150, 200, 250]
-    with pytest.raises(DataError, match=r"load_busi\(.*\): expected size to be a positive number of pixels, got 0"):
+    with pytest.raises(DataError, match=r"load_busi\(.*\): expected size \(pixels\) to be an integer >= 1, got 0"):
         load_dataset(tmp_path, size=0)
 
 
@@ -370,13 +370,13 @@ def test_csv_byte_order_mark_whitespace_and_encoding(tmp_path):
     path.write_bytes(b"image_id,dx\nim0,caf\xe9\n")
     with pytest.raises(DataError, match=r"meta\.csv: not UTF-8 text \(invalid continuation byte at byte \d+\); save"):
         load_dataset(path, size=8)
-    with pytest.raises(DataError, match=r"expected size to be a positive number of pixels, got -1"):
+    with pytest.raises(DataError, match=r"expected size \(pixels\) to be an integer >= 1, got -1"):
         load_dataset(path, size=-1)
 
 
 def test_cross_validation_argument_errors():
     s = load_dataset("synthetic")
-    assert len(cross_validation(s, k=np.int64(3))) == 3  # was "expected k >= 2 folds, got 3"
+    assert len(cross_validation(s, k=np.int64(3))) == 3  # numpy ints count (numbers.Integral)
     for bad in (1.0, -0.1):
         with pytest.raises(DataError, match=rf"expected 0 <= val_fraction < 1, got {bad}"):
             cross_validation(s, k=3, val_fraction=bad)
@@ -564,7 +564,7 @@ def test_busi_class_discovery_and_file_filters(tmp_path):
     assert not torch.equal(s.train.tensors[0], other.train.tensors[0])
     with pytest.raises(DataError, match=r"expected at least two class folders \(e\.g\. benign, malignant\)"):
         load_dataset(tmp_path, classes=("benign",))
-    with pytest.raises(DataError, match=r"expected size to be a positive number of pixels, got True"):
+    with pytest.raises(DataError, match=r"expected size \(pixels\) to be an integer >= 1, got True"):
         load_dataset(tmp_path, size=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: no images found"):

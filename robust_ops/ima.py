@@ -871,13 +871,17 @@ class MarginTable:
                              f"(one per dataset sample), got {tuple(getattr(m, 'shape', ()))}")
         if not m.is_floating_point():
             raise ValueError(f"MarginTable.load_state_dict: expected floating-point margins, got {m.dtype}")
+        self._load_margins(m, "MarginTable.load_state_dict", "max_margin")
+
+    def _load_margins(self, m, caller, limit_name):
+        """Copy checked margins in; ``caller`` and ``limit_name`` (what the caller calls max_margin) word the errors."""
         bad = _bad_margins(m)
         if bad is not None:
-            raise ValueError(f"MarginTable.load_state_dict: expected finite margins >= 0, got {bad}")
+            raise ValueError(f"{caller}: expected finite margins >= 0, got {bad}")
         above = _above_max(m, self.max_margin, self.margins.dtype)
         if above is not None:
-            raise ValueError(f"MarginTable.load_state_dict: expected margins in [0, max_margin={self.max_margin}], got "
-                             f"{above} (a checkpoint of a run with a larger max_margin?)")
+            raise ValueError(f"{caller}: expected margins in [0, {limit_name}={self.max_margin!r}], got {above} "
+                             f"(a checkpoint of a run with a larger {limit_name}?)")
         self.margins.copy_(m)
 
 
@@ -1081,12 +1085,6 @@ class IMA(Defense):
                                  f"this defense has {arg}={given!r}; pass the checkpoint's value (or leave {arg} "
                                  f"unset to take it)")
         eps_train = float(state["eps_train"])
-        bad = _bad_margins(margins)
-        if bad is not None:
-            raise ValueError(f"IMA.load_state_dict: expected finite margins >= 0, got {bad}")
-        above = _above_max(margins, eps_train, margins.dtype)
-        if above is not None:
-            raise ValueError(f"IMA.load_state_dict: expected margins in [0, eps_train={eps_train!r}], got {above}")
         delta, init_margin = float(state["delta"]), float(state["init_margin"])
         # An existing table keeps its device: all_gather_object (the trainer's epoch merge) unpickles rank 0's
         # margins onto rank 0's GPU on every rank.
@@ -1094,6 +1092,6 @@ class IMA(Defense):
         # Build the new table before changing anything, so a refused checkpoint leaves this defense as it was.
         table = MarginTable(margins.shape[0], init_margin, eps_train, self.norm, device=device, dtype=margins.dtype,
                             sync=self.sync)
-        table.load_state_dict({"margins": margins})
+        table._load_margins(margins, "IMA.load_state_dict", "eps_train")
         self.eps_train, self.delta, self.init_margin = eps_train, delta, init_margin
         self.num_samples, self.table = margins.shape[0], table

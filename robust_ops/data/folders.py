@@ -6,13 +6,13 @@ Neither source has official splits: train/val/test are a stratified 7:1:2 split 
 """
 
 import csv
-import numbers
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._options import check_int
 from .core import DataError, DatasetInfo, splits_from_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -99,8 +99,7 @@ def _class_list(classes, where, fold=None):
 
 def _check_size(size, where):
     """A clear error for a size Pillow would reject mid-way ("height and width must be > 0")."""
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise DataError(f"{where}: expected size to be a positive number of pixels, got {size!r}")
+    check_int(where, "size (pixels)", size, minimum=1, error=DataError)
 
 
 def load_busi(folder, size=224, seed=0, classes=None, mode="L"):

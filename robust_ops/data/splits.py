@@ -1,12 +1,12 @@
 """Stratified k-fold cross-validation (MIRST-DM and ARFL report 5-fold means) with scikit-learn's StratifiedKFold."""
 
 import dataclasses
-import numbers
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
+from .._options import check_int
 from .core import DataError, DatasetSplits, missing_classes, stratified_split
 
 
@@ -30,11 +30,9 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
     ``val_fraction`` of the rest and trains on the remainder. Returns a list of DatasetSplits (same info)."""
     from sklearn.model_selection import StratifiedKFold
 
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2:  # numbers: numpy ints count too
-        raise DataError(f"cross_validation: expected k >= 2 folds, got {k!r}")
+    k = check_int("cross_validation", "k (the number of folds)", k, minimum=2, error=DataError)
     if not 0 <= val_fraction < 1:  # a negative one would silently mean 0, 1 leaves no training data
         raise DataError(f"cross_validation: expected 0 <= val_fraction < 1, got {val_fraction!r}")
-    k = int(k)
     x, y = pooled(splits)
     counts = np.bincount(y.numpy())
     if counts[counts > 0].min() < k:
