@@ -2,6 +2,7 @@
 DropMax2d module, replace_maxpool, autograd, opcheck, torch.compile and every error message."""
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,24 @@ def test_reference_backend_compiles_fullgraph_and_exports():
     x = torch.randn(2, 3, 9, 8)
     exported = torch.export.export(robust_ops.DropMax2d(3, 2, 1, backend="reference"), (x,), strict=True)
     assert_verbose_equal(exported.module()(x), robust_ops.drop_max_pool2d(x, 3, 2, 1))
+
+
+def test_native_module_exports_and_traces(tmp_path):
+    """The default backend exports as one robust_ops::drop_max_pool2d node, and torch.jit.trace records the op, so a
+    traced model saves and loads (with robust_ops imported); docs/ops/drop_max_pool2d.md says so."""
+    x = torch.randn(2, 3, 9, 8)
+    expected = robust_ops.drop_max_pool2d(x, 3, 2, 1)
+    exported = torch.export.export(robust_ops.DropMax2d(3, 2, 1), (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert torch.ops.robust_ops.drop_max_pool2d.default in targets
+    assert_verbose_equal(exported.module()(x), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        traced = torch.jit.trace(robust_ops.DropMax2d(3, 2, 1), x)
+        torch.jit.save(traced, tmp_path / "pool.pt")
+        loaded = torch.jit.load(tmp_path / "pool.pt")
+    assert "robust_ops::drop_max_pool2d" in str(loaded.graph)
+    assert_verbose_equal(loaded(x + 1), robust_ops.drop_max_pool2d(x + 1, 3, 2, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
