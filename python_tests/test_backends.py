@@ -3,6 +3,7 @@ of an explicitly requested backend that cannot run."""
 
 import importlib.util
 import os
+import sys
 import textwrap
 
 import pytest
@@ -34,6 +35,13 @@ def test_triton_on_cpu_under_interpreter():
     assert _backend.triton_kernels_loaded() and _backend.triton_kernels_interpreted()
     assert _backend.resolve("drop_max_pool2d", "cpu", "triton") == "triton"
     assert _backend.resolve("drop_max_pool2d", "cpu", "auto") == "native"  # auto never picks interpreted Triton
+    with pytest.raises(RuntimeError, match=r"^drop_max_pool2d: no native kernel for device type 'mps'"):
+        _backend.resolve("drop_max_pool2d", torch.device("mps"), "auto")  # nor on another device
+    with pytest.raises(RuntimeError, match="backend='triton' is not available: no Triton kernel is registered for "
+                                           "no_such_op"):
+        _backend.resolve("no_such_op", "cpu", "triton")
+    assert _backend.triton_op_name("pgd_step_") == "pgd_step_triton"
+    assert _backend.resolve("pgd_step_", "cpu", "triton") == "triton"
 
 
 def _run_without_gpu(code):
@@ -52,7 +60,8 @@ def test_triton_kernels_are_imported_on_first_use_without_gpu():
         import torch
         import robust_ops
         from robust_ops import _backend
-        print("at import:", _backend.triton_kernels_loaded(), "torch._inductor" in sys.modules)
+        print("at import:", _backend.triton_kernels_loaded(), "torch._inductor" in sys.modules,
+              "torch._dynamo" in sys.modules)
         try:
             robust_ops.drop_max_pool2d(torch.randn(1, 1, 4, 4), 2, backend="triton")
         except RuntimeError as err:
@@ -63,7 +72,7 @@ def test_triton_kernels_are_imported_on_first_use_without_gpu():
         same = torch.equal(robust_ops.drop_max_pool2d(x, 2, backend="triton"), robust_ops.drop_max_pool2d(x, 2))
         print("interpreted:", _backend.triton_kernels_loaded(), _backend.triton_kernels_interpreted(), same)
     """)
-    assert "at import: False False" in out
+    assert "at import: False False False" in out  # nor torch._dynamo (robust_ops uses torch._disable_dynamo)
     assert "refused: drop_max_pool2d: backend='triton' is not available: Triton kernels run on CUDA tensors" in out
     assert "after refusal: False" in out
     assert "interpreted: True True True" in out
@@ -120,7 +129,7 @@ def test_cuda_tensor_on_cpu_only_build(monkeypatch):
     monkeypatch.setattr(_backend, "_triton_reason", lambda op, device: "no GPU Triton in this test")
     message = ("drop_max_pool2d: robust_ops was built without CUDA kernels; reinstall with FORCE_CUDA=1 and a CUDA "
                "toolkit")
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(RuntimeError, match="^" + message):  # auto raises the native reason as it is
         _backend.resolve("drop_max_pool2d", torch.device("cuda"), "auto")
     with pytest.raises(RuntimeError, match="backend='native' is not available: " + message):
         _backend.resolve("drop_max_pool2d", torch.device("cuda"), "native")
@@ -145,3 +154,87 @@ def test_meta_device_runs_the_fake_kernels():
     # Shape inference on meta tensors, as torch's own pooling allows; it used to be refused.
     for backend in ("auto", "native"):
         assert _backend.resolve("drop_max_pool2d", torch.device("meta"), backend) == "native"
+
+
+def test_triton_interpreted_reads_the_variable_as_triton_does(monkeypatch):
+    """triton.jit interprets for 1/true/yes/on/y in any case; robust_ops must agree, or backend="triton" would refuse
+    kernels that run interpreted."""
+    for value in ("0", "false", "off", "2", "", " 1"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert not _backend.triton_interpreted(), value
+    with pytest.raises(RuntimeError, match=r"Triton kernels run on CUDA tensors \(got cpu\)"):
+        _backend.resolve("drop_max_pool2d", "cpu", "triton")
+    for value in ("1", "true", "True", "YES", "on", "y"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert _backend.triton_interpreted(), value
+    if importlib.util.find_spec("triton") is not None:
+        from triton._C.libtriton import getenv_bool  # triton's own reading, the rule above copies
+
+        for value in ("0", "false", "off", "2", "", " 1", "1", "true", "True", "YES", "on", "y"):
+            monkeypatch.setenv("TRITON_INTERPRET", value)
+            assert getenv_bool("TRITON_INTERPRET", False) == _backend.triton_interpreted(), value
+
+
+def test_where_the_triton_kernels_load_at_import(monkeypatch):
+    """A visible GPU or TRITON_INTERPRET=1 (docs/backends.md), nowhere else."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for count, expected in ((0, False), (1, True)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        assert _backend.should_load_triton_kernels_at_import() is expected
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.should_load_triton_kernels_at_import()
+
+
+def test_triton_kernels_interpreted_follows_the_imported_kernels(monkeypatch):
+    class Utils:
+        _INTERPRETED = type("Constexpr", (), {"value": True})
+
+    monkeypatch.setitem(sys.modules, _backend.TRITON_MODULE + "._utils", Utils)
+    monkeypatch.setattr(_backend, "triton_kernels_loaded", lambda: False)
+    assert _backend.triton_kernels_interpreted() is None  # _utils alone: the package's import failed
+    monkeypatch.setattr(_backend, "triton_kernels_loaded", lambda: True)
+    assert _backend.triton_kernels_interpreted() is True
+    monkeypatch.setattr(Utils._INTERPRETED, "value", False)
+    assert _backend.triton_kernels_interpreted() is False
+
+
+def test_failed_triton_import_is_recorded_once(monkeypatch):
+    """The error names its type; after a failure load_triton_kernels returns it without importing again."""
+    attempts = []
+
+    def fail(name):
+        attempts.append(name)
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(_backend, "_triton_import_error", None)
+    monkeypatch.setattr(_backend, "TRITON_MODULE", "robust_ops._no_such_triton")  # never in sys.modules
+    monkeypatch.setattr(_backend.importlib, "import_module", fail)
+    expected = "ModuleNotFoundError: No module named 'robust_ops._no_such_triton'"
+    assert _backend.load_triton_kernels() == expected
+    assert _backend.load_triton_kernels() == expected
+    assert attempts == ["robust_ops._no_such_triton"]
+
+
+def test_cuda_default_backend_is_auto(monkeypatch):
+    """Without backend= or $ROBUST_OPS_BACKEND: auto, so a CPU-only build takes Triton on a GPU."""
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: False)
+    monkeypatch.setattr(_backend, "_triton_reason", lambda op, device: None)
+    assert _backend.resolve("drop_max_pool2d", torch.device("cuda")) == "triton"
+
+
+def test_reference_runs_anywhere():
+    assert _backend.resolve("drop_max_pool2d", torch.device("mps"), "reference") == "reference"
+
+
+def test_load_triton_kernels_is_not_traced_by_dynamo():
+    """resolve() may import the Triton kernels while torch.compile traces it: dynamo must run the loader eagerly (a
+    graph break, which fullgraph refuses by the loader's name), not trace into the import."""
+    import torch._dynamo
+
+    def f(x):
+        _backend.load_triton_kernels()
+        return x + 1
+
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="`load_triton_kernels`"):
+        torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2))

@@ -119,3 +119,120 @@ def test_rows_of_a_cpu_run_on_a_gpu_machine_name_the_cpu(monkeypatch):
     monkeypatch.setattr(common.torch.cuda, "get_device_name", lambda *_: "Some GPU")
     assert common.environment("cpu")["device"] != "Some GPU"
     assert common.environment("cuda")["device"] == "Some GPU"
+    assert common.environment()["device"] == "Some GPU"  # the default: the GPU when one is visible
+
+
+def _common(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import common
+
+    return common
+
+
+def test_median_seconds_is_the_median_of_blocked_autorange(monkeypatch):
+    common = _common(monkeypatch)
+    asked = []
+
+    class Measurement:
+        median, mean = 2.0, 3.0
+
+    class Timer:
+        def __init__(self, stmt, globals, num_threads):
+            asked.append((globals["fn"], num_threads))
+
+        def blocked_autorange(self, min_run_time):
+            asked.append(min_run_time)
+            return Measurement
+
+    monkeypatch.setattr(common.tbench, "Timer", Timer)
+    fn = object()
+    monkeypatch.setattr(common.torch, "get_num_threads", lambda: 3)  # timed with the threads the run set
+    assert common.median_seconds(fn, min_run_time=0.25) == 2.0
+    assert asked == [(fn, 3), 0.25]
+
+
+def test_interleaved_medians_time_each_call_with_its_sync(monkeypatch):
+    """Medians (not means) of per-round times, each covering the call and the wait for ``device``'s GPU work, on a
+    fake clock."""
+    import time
+
+    common = _common(monkeypatch)
+    now = [0.0]
+    synced = []
+
+    def sync(device=None):
+        synced.append(device)
+        now[0] += 0.5  # queued GPU work finishing: part of the call's time
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(common, "synchronize", sync)
+
+    def call(durations):
+        return lambda: now.__setitem__(0, now[0] + durations.pop(0))
+
+    # First duration of each: the warm-up call, never timed.
+    fns = [call([100.0, 1.0, 1.0, 10.0]), call([100.0, 2.0, 3.0, 2.0])]
+    medians, times = common.interleaved_medians(fns, 3, "cuda:1")
+    assert times == [[1.5, 1.5, 10.5], [2.5, 3.5, 2.5]]
+    assert medians == [1.5, 2.5]
+    assert synced == ["cuda:1"] * 6
+
+
+def test_synchronize_waits_for_the_named_gpu_only(monkeypatch):
+    common = _common(monkeypatch)
+    calls = []
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "synchronize", lambda *args: calls.append(args))
+    common.synchronize("cpu")
+    assert calls == []
+    common.synchronize("cuda:1")
+    assert calls == [("cuda:1",)]
+    common.synchronize()
+    assert calls == [("cuda:1",), ()]
+
+
+def test_copy_roofline_moves_the_given_bytes(monkeypatch):
+    """read + write of float32 elements = nbytes (at least one element); gbps in 1e9 bytes per second."""
+    common = _common(monkeypatch)
+    monkeypatch.setattr(common, "median_seconds", lambda fn, min_run_time: fn().numel())  # the copy's size
+    assert common.copy_roofline_seconds(800) == 100
+    assert common.copy_roofline_seconds(4) == 1
+    assert common.gbps(3e9, 1.5) == 2.0
+
+
+def test_write_rows_csv_and_markdown(monkeypatch, tmp_path, capsys):
+    common = _common(monkeypatch)
+    env = {"device": "cpu-x", "threads": 2, "torch": "2.x", "git": "abc"}
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(common, "environment", lambda device=None: dict(env))
+    path = common.write_rows("demo", [{"op": "a", "ms": 1.23456}, {"op": "b", "ms": 2.0}])
+    assert path == tmp_path / "results" / "demo.csv"
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert rows == [["op", "ms", "device", "threads", "torch", "git"], ["a", "1.23456", "cpu-x", "2", "2.x", "abc"],
+                    ["b", "2.0", "cpu-x", "2", "2.x", "abc"]]
+    table = capsys.readouterr().out.splitlines()
+    assert table[:4] == ["| op | ms |", "|---|---|", "| a | 1.235 |", "| b | 2 |"]
+
+
+def test_argparse_types_accept_their_bounds(monkeypatch):
+    import argparse
+
+    common = _common(monkeypatch)
+    assert common.positive_int("1") == 1 and common.nonnegative_int("0") == 0
+    assert common.positive_int_list("32,1") == [32, 1]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^expected a comma list of integers >= 1, got '4,0'$"):
+        common.positive_int_list("4,0")
+
+
+def test_device_arg_refuses_a_cuda_index_past_the_visible_gpus(monkeypatch):
+    import argparse
+
+    common = _common(monkeypatch)
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 1)
+    assert common.device_arg("cuda:0") == common.torch.device("cuda:0")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'cuda:1': only 1 CUDA device\(s\) visible"):
+        common.device_arg("cuda:1")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected cpu or cuda, got 'meta'"):
+        common.device_arg("meta")

@@ -59,10 +59,14 @@ def test_backward_refuses_indices_outside_the_input():
     grad = torch.ones(1, 1, 1, 2, device=DEVICE)
     ok = backward(grad, torch.tensor([[[[0, -1]]]], device=DEVICE), [1, 1, 2, 2])
     assert ok.flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
-    with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected indices in \[0, 4\)"):
-        backward(grad, torch.tensor([[[[0, 999]]]], device=DEVICE), [1, 1, 2, 2])
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+    for bad in (999, 4, -2):  # 4 = H*W: one past the last element
+        with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected indices in \[0, 4\)"):
+            backward(grad, torch.tensor([[[[0, bad]]]], device=DEVICE), [1, 1, 2, 2])
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+    # -1 adds nowhere, not at flat position -1 (channel 1's would be channel 0's last element).
+    two = backward(torch.ones(1, 2, 1, 1, device=DEVICE), torch.tensor([[[[0]], [[-1]]]], device=DEVICE), [1, 2, 2, 2])
+    assert two.flatten().tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -88,6 +92,10 @@ def test_nan_and_ties():
     x = torch.tensor([[[[5.0, 5.0, 1.0]]]], device=DEVICE)
     out, idx = triton_op()(x, (1, 3), (1, 3), (0, 0), (1, 1), False)
     assert out.item() == 5.0 and idx.item() == 1
+    # Several NaN in one window: the first one (row-major).
+    x = torch.tensor([[[[1.0, nan], [nan, 2.0]]]], device=DEVICE)
+    out, idx = check(x, ((2, 2), (1, 1), (0, 0), (1, 1), False))
+    assert bool(torch.isnan(out).all()) and idx.item() == 1
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
@@ -103,6 +111,24 @@ def test_grad_matches_reference_autograd(fmt, dtype):
     tol = 2e-3 if dtype == torch.float16 else 1e-6
     torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
     assert x1.grad.is_contiguous(memory_format=expected_format(x))
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_op_returns_the_native_dtype_and_layout(fmt, dtype):
+    """Called directly (autograd would cast and restride what it returns): grad_input in grad_output's dtype and
+    memory format, as the native backward returns it."""
+    args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    x = make_input((1, 3, 7, 6), "normal", 3, dtype).to(DEVICE)
+    _, idx = triton_op()(x, *args)
+    grad = layout(make_input(tuple(idx.shape), "normal", 4, dtype), fmt).to(DEVICE)
+    idx = layout(idx, fmt)
+    got = torch.ops.robust_ops._drop_max_pool2d_backward_triton(grad, idx, list(x.shape))
+    want = torch.ops.robust_ops._drop_max_pool2d_backward(grad.cpu(), idx.cpu(), list(x.shape))
+    assert got.dtype == want.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
 
 
 def test_gradcheck_float64():

@@ -195,6 +195,61 @@ def test_partial_overlap_with_what_is_written(norm, shared):
         assert_verbose_equal(history, exp_history, "history")
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_signed_zero_and_nan_pass_the_clamps_as_torch_clamp(norm):
+    """torch.clamp returns its input on a tie (-0.0 clamped to max=0.0 stays -0.0) and propagates NaN; eps = 0 with
+    a step that does not move (L2: 1/||delta|| = inf) gives factor 0, never NaN."""
+    x_nat = torch.full((3, 4), -0.0, device=device())
+    x_adv = torch.full((3, 4), -0.5, device=device())
+    x_adv[1, 0] = float("nan")
+    x_adv[2] = x_nat[2]
+    grad = torch.zeros((3, 4), device=device())
+    grad[1] = 1.0
+    alpha = torch.full((3,), 0.25, device=device())
+    eps = torch.tensor([0.0, 0.1, 0.0], device=device())
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (-1.0, 0.0), norm)
+    assert_verbose_equal(ours, ref)
+    assert torch.equal(torch.signbit(ours), torch.signbit(ref))
+    assert bool(torch.signbit(ours[0]).all()) and bool(torch.isnan(ours[1, 0]))
+    assert not bool(torch.isnan(ours[2]).any())
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0)])
+def test_empty(shape):
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, device=device())
+    history = torch.zeros((2,) + shape, device=device())
+    for norm in NORMS:
+        triton_op()(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 1)
+    assert x_adv.shape == shape
+
+
+def test_may_overlap_compares_element_spans():
+    """As at::get_overlap_status(a, b) != No: views of one storage whose element spans intersect (interleaved views
+    count), not adjacent or empty ones, nor other storages."""
+    from robust_ops.triton._utils import may_overlap
+
+    buf = torch.arange(12.0, device=device())
+    rows = buf.view(3, 4)
+    assert may_overlap(buf[0:3], buf[2:5])  # one shared element
+    assert not may_overlap(buf[0:3], buf[3:6])  # adjacent
+    assert not may_overlap(rows[0:1], rows[1:2])
+    assert may_overlap(rows[:, 0], rows[:, 1])  # interleaved
+    assert not may_overlap(buf[:0], buf) and not may_overlap(buf, buf[5:5])
+    assert not may_overlap(buf[:6], torch.arange(12.0, device=device())[6:])
+
+
+def test_launches_run_under_the_tensors_cuda_device():
+    """Triton launches on the current CUDA device: the launchers enter the tensor's device first (no-op on CPU)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from robust_ops.triton._utils import on_device_of
+
+    guard = on_device_of(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))  # not entered: no GPU needed
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(on_device_of(torch.zeros(1)), contextlib.nullcontext)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="data-dependent checks run at once only on CPU tensors")
 def test_data_dependent_checks_on_cpu():
     """The C++ CPU kernel's messages, which name the sample and value (the launcher's used to stop at "sample")."""

@@ -25,8 +25,13 @@ _triton_import_error = None  # why robust_ops.triton could not be imported; set 
 TRITON_MODULE = "robust_ops.triton"
 
 
+# The values triton itself reads as "set" (its getenv_bool): TRITON_INTERPRET=true interprets as =1 does.
+_TRITON_TRUE = ("1", "true", "yes", "on", "y")
+
+
 def triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether $TRITON_INTERPRET asks triton.jit for interpreted kernels, read as triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_TRUE
 
 
 def triton_kernels_loaded():

@@ -1,15 +1,16 @@
 """Helpers shared by the Triton kernels."""
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .._backend import triton_interpreted
+
 # triton.jit decides at import time whether kernels are interpreted (TRITON_INTERPRET=1, tests on CPU).
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRETED = tl.constexpr(triton_interpreted())
 
 
 def launch(kernel):
