@@ -1286,6 +1286,302 @@ def test_apgd_momentum_combines_the_step_with_the_previous_move(monkeypatch):
     torch.testing.assert_close(queried[3], want, rtol=0, atol=1e-6)
 
 
+def test_apgd_per_sample_objectives():
+    """The per-sample objectives APGD ascends: untargeted CE, DLR and the CW margin max_{j != y} z_j - z_y;
+    targeted -CE(z, t), targeted DLR (without true labels z_y is the best non-target logit) and
+    z_t - max_{j != t} z_j; single logits as the two logits [0, z]."""
+    from robust_ops.attacks.apgd import per_sample_loss
+
+    z = torch.tensor([[1.0, 4.0, 2.0, 0.0], [5.0, 1.0, 3.0, 2.0]])
+    y, t = torch.tensor([1, 0]), torch.tensor([2, 3])
+    ce = nn.functional.cross_entropy
+    torch.testing.assert_close(per_sample_loss(z, "ce", y, None), ce(z, y, reduction="none"))
+    torch.testing.assert_close(per_sample_loss(z, "dlr", y, None), torch.tensor([-2.0 / 3.0, -2.0 / 3.0]))
+    torch.testing.assert_close(per_sample_loss(z, "cw", y, None), torch.tensor([-2.0, -2.0]))
+    torch.testing.assert_close(per_sample_loss(z, "ce", None, t), -ce(z, t, reduction="none"))
+    torch.testing.assert_close(per_sample_loss(z, "cw", y, t), torch.tensor([-2.0, -3.0]))
+    torch.testing.assert_close(per_sample_loss(z, "dlr", y, t), torch.tensor([-2.0 / 3.5, -3.0 / 3.5]))
+    # without labels z_y = max_{j != t} z_j: 4 (the top logit) and 5
+    torch.testing.assert_close(per_sample_loss(z, "dlr", None, t), torch.tensor([-2.0 / 3.5, -3.0 / 3.5]))
+    # a target already on top: z_y = 2, the best other logit, not the target's own 4
+    torch.testing.assert_close(per_sample_loss(z[:1], "dlr", None, torch.tensor([1])), torch.tensor([2.0 / 3.5]))
+    negative = torch.tensor([[-1.0, -4.0, -2.0, -3.0]])  # the best other logit is -2, not 0
+    torch.testing.assert_close(per_sample_loss(negative, "cw", torch.tensor([0]), None), torch.tensor([-1.0]))
+    single = torch.tensor([1.5, -0.5])
+    torch.testing.assert_close(per_sample_loss(single, "cw", torch.tensor([1, 1]), None), torch.tensor([-1.5, 0.5]))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_random_start_is_on_the_boundary_of_the_ball(norm):
+    """AutoAttack's start: Linf x + eps * t / max|t|, t ~ U(-1, 1) (largest entry exactly eps, both signs); L2 a point
+    on the sphere of radius eps; then clipped to the valid range."""
+    x = torch.full((3, 1, 8, 8), 0.5)
+    x[2, 0, 0] = 0.0  # a row at the clip boundary
+    y = torch.zeros(3, dtype=torch.long)
+    queried = []
+    model = Scripted([-5.0])
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    eps = {"linf": 0.1, "l2": 0.5}[norm]
+    attacks.apgd(model, x, y, eps=eps, norm=norm, steps=1, generator=torch.Generator().manual_seed(0))
+    start = queried[1]
+    assert float(start.min()) >= 0.0 and float(start.max()) <= 1.0
+    d = (start - x)[:2].flatten(1)
+    if norm == "linf":
+        torch.testing.assert_close(d.abs().amax(1), torch.full((2,), eps))
+        assert bool((d.amin(1) < -0.8 * eps).all())
+    else:
+        torch.testing.assert_close(d.norm(dim=1), torch.full((2,), eps))
+        assert bool((d.amin(1) < 0).all() and (d.amax(1) > 0).all())  # a Gaussian direction
+
+
+def test_apgd_returns_the_first_successful_iterate(monkeypatch):
+    """A sample broken at several iterates comes back as the first one that succeeded, not a later one."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    # clean check and start correct (z < 0); every step fooled (z > 0); the gradient flips at the first iterate, so
+    # the second iterate differs from the first
+    model = Scripted([-5.0, -1.0, 1.0, 2.0, 3.0], slope=[1e-3, 1e-3, -1e-3])
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd(model, x, y, eps=0.1, steps=3, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(queried[2], queried[3])
+    assert torch.equal(x_adv, queried[2])
+
+
+class _FlatLoss(nn.Module):
+    """Logits [0, -5 + slope * (sum(x) - sum(x).detach())]: the same loss at every point, gradient slope."""
+
+    def forward(self, x):
+        s = x.flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(s), -5.0 + 1e-3 * (s - s.detach())], 1)
+
+
+def test_apgd_keeps_the_earliest_of_equal_loss_points():
+    """The best point changes only on a strict loss increase (as AutoAttack), within a run and across restarts: with
+    a flat loss the unbroken sample comes back at the first restart's random start, although the steps move it."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    model = _FlatLoss()
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd(model, x, y, eps=0.1, steps=3, n_restarts=2, generator=torch.Generator().manual_seed(0))
+    # queried: the clean check, per restart the start, 3 steps and the x_best evaluation
+    assert len(queried) == 11 and not torch.equal(queried[1], queried[2]) and not torch.equal(queried[1], queried[6])
+    assert torch.equal(x_adv, queried[1])
+
+
+def test_apgd_keeps_the_step_at_the_first_checkpoint_without_a_better_point(monkeypatch):
+    """The no-progress condition needs a checkpoint that did NOT halve; before the first checkpoint the step counts
+    as halved (AutoAttack's reduced_last_check starts at ones): at rho = 0.5, 2 increases of 3 keep the step at the
+    first checkpoint even though the best loss is still the random start's."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    script = [-9.0, -1.0, -5.0, -4.0, -3.0]  # clean, start (the best loss), steps 1-3: down, up, up
+    sizes = _apgd_steps(monkeypatch, Scripted(script), x, y, 0.1, 18, rho=0.5)
+    assert sizes[:4] == pytest.approx([0.2] * 4)
+
+
+def test_apgd_counts_the_increases_since_the_last_checkpoint_only(monkeypatch):
+    """At the second checkpoint of 18 steps (after 5) the window is the k = 2 steps since the first one: both
+    increased (2 > 0.75 * 2), so the step is kept, although 2 of the last 3 steps increased."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    # clean, start, steps 1-3 (2 increases of 3: halve at the first checkpoint), steps 4-5 (both increase)
+    script = [-9.0, -8.0, -7.0, -6.0, -6.5, -5.0, -4.0]
+    sizes = _apgd_steps(monkeypatch, Scripted(script), x, y, 0.1, 18)
+    assert sizes[:6] == pytest.approx([0.2] * 3 + [0.1] * 3)
+
+
+def test_apgd_restarts_from_the_best_point_with_its_own_gradient(monkeypatch):
+    """x_best's gradient is stored with it and restored with it when a checkpoint halves the step: the best point is
+    the first iterate (gradient up) while the start's and the later iterates' point down, and after the halving
+    checkpoint the step from x_best goes up."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    # clean, start, steps 1-3 (up, down, up: halve at the first checkpoint), step 4
+    model = Scripted([-9.0, -5.0, -1.0, -4.0, -3.0, -3.0], slope=[1e-3, -1e-3, 1e-3, -1e-3])
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    attacks.apgd(model, x, y, eps=0.1, steps=18, generator=torch.Generator().manual_seed(0))
+    best, after_step2 = queried[2], queried[3]
+    assert torch.equal(best, torch.full_like(x, 0.4))  # the first step went down 0.2 from the start: saturated
+    stepped = best + 0.1  # the halved step, up
+    want = (best + (stepped - best) * 0.75 + (best - after_step2) * 0.25).clamp(0.4, 0.6)
+    torch.testing.assert_close(queried[5], want, rtol=0, atol=1e-6)
+
+
+def test_apgd_leaves_samples_already_misclassified_untouched():
+    """Only the samples the model gets right (targeted: not yet predicted as the target) are attacked; the others
+    come back as the clean input, as AutoAttack's."""
+    model = Linear(3).eval()
+    x, _ = make_data(6, 3)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    wrong = torch.tensor([True, False, True, False, False, True])
+    y = torch.where(wrong, (pred + 1) % 3, pred)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for x_adv, done in ((attacks.apgd(model, x, y, eps=0.1, steps=2, generator=g()), wrong),
+                        (attacks.apgd(model, x, y, eps=0.1, steps=2, targeted=True, generator=g()), ~wrong),
+                        (attacks.apgd_t(model, x, y, eps=0.1, steps=2, generator=g()), wrong)):
+        assert torch.equal(x_adv[done], x[done])
+        assert bool((x_adv[~done] != x[~done]).flatten(1).any(1).all())
+
+
+def test_apgd_restarts_only_the_samples_not_yet_broken():
+    """A sample broken in the first restart is not attacked again: the second restart has nothing to do, and the
+    first successful iterate (here the random start) is returned."""
+    x = torch.full((2, 1, 4, 4), 0.5)
+    y = torch.zeros(2, dtype=torch.long)
+    model = Scripted([-5.0, 1.0])  # correct on the clean input, fooled everywhere else
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd(model, x, y, eps=0.1, steps=1, n_restarts=2, generator=torch.Generator().manual_seed(0))
+    assert len(queried) == 4  # the clean check, the start, one step, the x_best evaluation: one restart only
+    assert torch.equal(x_adv, queried[1])
+
+
+def test_apgd_restarts_keep_the_highest_loss_point_of_all_restarts():
+    """Unbroken samples keep the best point over all restarts: a restart whose loss is below the best so far (but
+    above the one just before) does not replace it."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    # per restart (1 step): start, step, x_best evaluation; restart losses -3, -7, -5
+    model = Scripted([-9.0, -3.0, -4.0, -3.0, -7.0, -8.0, -7.0, -5.0, -6.0, -5.0])
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd(model, x, y, eps=0.1, steps=1, n_restarts=3, generator=torch.Generator().manual_seed(0))
+    assert len(queried) == 10 and not torch.equal(queried[1], queried[7])
+    assert torch.equal(x_adv, queried[1])
+
+
+class _FarFromClean(nn.Module):
+    """Three classes: 0 on the clean input x0 (z = [0, -0.5, -1]); class 2 wins anywhere away from it."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.register_buffer("x0", x0)
+
+    def forward(self, x):
+        d = 1000.0 * (x - self.x0).abs().flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(d), torch.full_like(d, -0.5), d - 1.0], 1)
+
+
+def test_apgd_t_success_is_any_misclassification_not_only_the_target():
+    """APGD-T's first target is class 1 (the runner-up); its random start is classified as class 2, which already
+    breaks the sample: it is returned and no other target is attacked."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    model = _FarFromClean(x.clone())
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd_t(model, x, torch.zeros(1, dtype=torch.long), eps=0.1, steps=1,
+                           generator=torch.Generator().manual_seed(0))
+    assert len(queried) == 4  # clean check, start, one step, x_best evaluation: the first target only
+    assert torch.equal(x_adv, queried[1]) and int(model(x_adv).argmax(1)) == 2
+
+
+def test_apgd_t_keeps_the_first_success_and_the_best_point_over_targets_and_restarts(monkeypatch):
+    """APGD-T's bookkeeping around its runs: a sample fooled by one target returns that run's first successful
+    point and is not attacked for the next targets; an unbroken one keeps the highest-loss point of all runs."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[1] = 1.0 / 16  # z_1 = 4 + mean(x): the targeted DLR loss falls as x grows
+        model[1].bias.copy_(torch.tensor([0.0, 4.0, 1.0, 3.0, 2.0]))
+    x, y = torch.full((2, 1, 4, 4), 0.5), torch.tensor([1, 1])
+    calls, shifts, fooled_first = [], [], [True]
+
+    def fake_run(model, x, y, target, *args, **kwargs):
+        calls.append(x.shape[0])
+        n, shift = x.shape[0], shifts[len(calls) - 1]
+        fooled = torch.zeros(n, dtype=torch.bool)
+        if fooled_first[0] and len(calls) == 1:
+            fooled[0] = True
+        return x + shift, fooled, x - 0.3
+
+    monkeypatch.setattr(apgd_module, "_apgd_run", fake_run)
+    shifts[:] = [-0.1, 0.3, 0.1, 0.2]  # targets 3, 4, 2, 0: the first run has the highest loss
+    x_adv = attacks.apgd_t(model, x, y, eps=0.5, steps=2)
+    assert calls == [2, 1, 1, 1]
+    torch.testing.assert_close(x_adv, torch.stack([x[0] - 0.3, x[1] - 0.1]))
+    # one target, three restarts: losses high, lowest, between: the first run's point stays
+    calls.clear()
+    fooled_first[0] = False
+    shifts[:] = [0.0, 0.4, 0.2]
+    x_adv = attacks.apgd_t(model, x, y, eps=0.5, steps=2, n_target_classes=1, n_restarts=3)
+    assert calls == [2, 2, 2]
+    torch.testing.assert_close(x_adv, x)
+
+
+def test_apgd_classes_pass_their_options_and_defaults(monkeypatch):
+    import inspect
+
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
+    seen = {}
+    monkeypatch.setattr(apgd_module, "apgd", lambda model, x, y, **kw: seen.setdefault("apgd", kw) and x)
+    monkeypatch.setattr(apgd_module, "apgd_t", lambda model, x, y, **kw: seen.setdefault("apgd_t", kw) and x)
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    default = attacks.APGD(model)
+    assert (default.eps, default.norm, default.steps, default.loss, default.n_restarts, default.rho) == (
+        8 / 255, "linf", 100, "ce", 1, 0.75) and default.name == "apgd-ce"
+    attacks.APGD(model, eps=0.1, norm="l2", steps=7, loss="dlr", n_restarts=3, rho=0.5)(x, y)
+    attacks.APGDT(model, eps=0.1, norm="l2", steps=7, n_target_classes=2, loss="cw", n_restarts=3, rho=0.5)(x, y)
+    common = dict(eps=0.1, norm="l2", steps=7, loss=None, n_restarts=3, rho=0.5)
+    assert {k: seen["apgd"][k] for k in common} == dict(common, loss="dlr")
+    assert {k: seen["apgd_t"][k] for k in common} == dict(common, loss="cw")
+    assert seen["apgd_t"]["n_target_classes"] == 2
+    for fn in (attacks.apgd, attacks.apgd_t):
+        params = inspect.signature(fn).parameters
+        assert (params["steps"].default, params["n_restarts"].default, params["rho"].default) == (100, 1, 0.75)
+
+
+def test_apgd_a_no_progress_halving_counts_as_halved_at_the_next_checkpoint(monkeypatch):
+    """A checkpoint that halved for lack of progress (not oscillation) counts as halved: at the next one the
+    no-progress condition is off. 18 steps, checkpoints after 3, 5 and 6 steps, rho = 0.4: keep at the first,
+    halve at the second (no better point), keep at the third (its one step increased, the best loss unchanged)."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    script = [-9.0, -8.0, -7.0, -6.0, -5.0, -6.0, -5.5, -5.2]  # clean, start, steps 1-6
+    sizes = _apgd_steps(monkeypatch, Scripted(script), x, y, 0.1, 18, rho=0.4)
+    assert sizes[:7] == pytest.approx([0.2] * 5 + [0.1] * 2)
+
+
+def test_apgd_success_is_kept_once_reached():
+    """A sample fooled at the first step, correct again at the second and fooled again at the third is returned at
+    the first step's point (success is sticky) and is not restarted."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    model = Scripted([-5.0, -1.0, 1.0, -0.5, 2.0, 2.0], slope=[1e-3, 1e-3, -1e-3])
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd(model, x, y, eps=0.1, steps=3, n_restarts=2, generator=torch.Generator().manual_seed(0))
+    assert len(queried) == 6  # the clean check, the start, 3 steps, the x_best evaluation: no second restart
+    assert not torch.equal(queried[2], queried[4]) and torch.equal(x_adv, queried[2])
+
+
+def test_apgd_checks_labels_against_the_model():
+    model = make_model(3)
+    x, _ = make_data(2, 3)
+    y = torch.tensor([0, 3])
+    for fn in (attacks.apgd, attacks.apgd_t):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: expected labels in \[0, 3\) for a model with 3 "):
+            fn(model, x, y, eps=0.1, steps=1)
+
+
+def test_apgd_rho_and_n_restarts_bounds():
+    """rho in (0, 1] (1 included: halve unless every step since the last checkpoint increased); n_restarts >= 1."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    x_adv = attacks.apgd(model, x, y, eps=0.1, steps=2, rho=1, generator=torch.Generator().manual_seed(0))
+    assert x_adv.shape == x.shape
+    with pytest.raises(ValueError, match=r"apgd: expected rho in \(0, 1\], got 1.5"):
+        attacks.apgd(model, x, y, eps=0.1, rho=1.5)
+    for fn in (attacks.apgd, attacks.apgd_t):
+        with pytest.raises(ValueError, match=f"{fn.__name__}: expected n_restarts to be an integer >= 1, got 0"):
+            fn(model, x, y, eps=0.1, n_restarts=0)
+
+
 def test_cw_loss_is_clamped_at_the_confidence_kappa():
     """The CW objective: untargeted -max(z_y - max_{j != y} z_j, -kappa); targeted min(z_t - max_{j != t} z_j,
     kappa) -- flat (zero gradient) once the target wins by kappa, so the attack stops pushing."""

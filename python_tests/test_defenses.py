@@ -508,6 +508,131 @@ def test_llr_loss_has_both_regularizers():
     torch.testing.assert_close(out.loss.detach(), torch.tensor(m["loss"]), rtol=1e-5, atol=1e-7)
 
 
+def test_trades_attack_ascends_the_kl_from_the_clean_distribution_in_the_attack_mode(crafted):
+    """TRADES's inner maximum is PGD on KL(p(x) || p(x')) per sample, the clean p(x) taken in the attack's mode
+    (eval: BatchNorm on running statistics), so the objective is 0 at x' = x in that mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3))
+    model[1].running_mean.fill_(0.5)
+    model[1].running_var.fill_(3.0)
+    model.train()
+    x, y = _batch(6, num_classes=3)
+    with torch.no_grad():  # before the training forwards update the running statistics
+        clean = model.eval()(x)
+        other = clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    defenses.TRADES(steps=1, eps=0.1)(model.train(), x, y)
+    overrides = crafted[-1][0]
+    assert "loss" in overrides and model.training
+    log_p, log_q = F.log_softmax(clean, 1), F.log_softmax(other, 1)
+    torch.testing.assert_close(overrides["loss"](clean, y), torch.zeros(6), rtol=0, atol=1e-6)
+    torch.testing.assert_close(overrides["loss"](other, y), (log_p.exp() * (log_p - log_q)).sum(1))
+
+
+def test_trades_treats_single_logits_as_two_classes(crafted):
+    """A single-logit model's p(x) is [1 - sigmoid(z), sigmoid(z)], in the attack's objective and in the loss."""
+    torch.manual_seed(0)
+    model = GNNet(num_classes=1)
+    x, y = _batch(6, num_classes=2)
+    out = defenses.TRADES(steps=2, eps=0.3)(model, x, y)
+    loss_fn, x_adv = crafted[-1][0]["loss"], crafted[-1][1].x_adv
+
+    def bernoulli_kl(z_p, z_q):
+        p, q = torch.sigmoid(z_p), torch.sigmoid(z_q)
+        return p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+
+    with torch.no_grad():
+        z, z_adv = model(x).reshape(-1), model(x_adv).reshape(-1)
+        other = z + torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(loss_fn(other[:, None], y), bernoulli_kl(z, other), rtol=1e-4, atol=1e-6)
+        kl = bernoulli_kl(z, z_adv).mean()
+    assert float(kl) > 1e-4
+    assert out.metrics["kl"] == pytest.approx(float(kl), rel=1e-3, abs=1e-7)
+
+
+def test_trades_regularizer_is_differentiated_through_both_distributions(crafted):
+    """As TRADES's code (KLDivLoss of log p(x_adv) against p(x), neither detached), the KL term's parameter gradient
+    flows through the clean and the adversarial distributions."""
+    model, x, y = _model_and_batch(sharp=30.0)
+    out = defenses.TRADES(beta=2.0, steps=3, eps=0.3)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    got = torch.autograd.grad(out.loss, _params(model))
+    log_p, log_q = F.log_softmax(model(x), 1), F.log_softmax(model(x_adv), 1)
+    expected = F.cross_entropy(model(x), y) + 2.0 * (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    for g, e in zip(got, torch.autograd.grad(expected, _params(model))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    assert out.metrics["loss_clean"] == pytest.approx(float(F.cross_entropy(model(x), y).detach()), rel=1e-5)
+
+
+def test_gr_squared_l2_and_l1_penalties():
+    """GR's other norms: "l2sq" penalizes mean_i ||g_i||_2^2 (Ross & Doshi-Velez), "l1" mean_i ||g_i||_1."""
+    model, x, y = _model_and_batch()
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), y)
+    for norm, penalty in (("l2sq", g.flatten(1).pow(2).sum(1)), ("l1", g.flatten(1).abs().sum(1))):
+        out = defenses.GR(lam=0.5, norm=norm)(model, x, y)
+        torch.testing.assert_close(out.loss.detach(), clean + 0.5 * penalty.mean(), rtol=1e-5, atol=1e-7)
+        assert out.metrics["grad_norm"] == pytest.approx(float(penalty.mean()), rel=1e-5)
+        assert out.metrics["loss_clean"] == pytest.approx(float(clean), rel=1e-5)
+
+
+def test_trades_gr_and_llr_weights_and_the_gr_norm_are_checked():
+    for make, match in ((lambda: defenses.TRADES(beta=-1.0), "trades: expected beta to be a finite number >= 0"),
+                        (lambda: defenses.GR(lam=-1.0), "gr: expected lam to be a finite number >= 0"),
+                        (lambda: defenses.LLR(lam=-1.0), "llr: expected lam to be a finite number >= 0"),
+                        (lambda: defenses.LLR(mu=-1.0), "llr: expected mu to be a finite number >= 0"),
+                        (lambda: defenses.GR(norm="linf"), "gr: expected norm to be one of 'l2', 'l2sq', 'l1'")):
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+def test_llr_inner_maximum_ascends_the_linearity_gap(monkeypatch):
+    """LLR's attack maximizes g(x') = |l(x') - l(x) - (x' - x) . grad l(x)| itself (the loss callable returns the
+    wrapper's output unchanged), with l(x) and grad l(x) of the clean point."""
+    model, x, y = _model_and_batch()
+    llr = defenses.LLR(steps=1, eps=0.1)
+    attack, seen = type(llr).attack, []
+
+    def spy(self, gap_model, x_in, y_in, **kwargs):
+        seen.append((gap_model, kwargs["loss"]))
+        return attack(self, gap_model, x_in, y_in, **kwargs)
+
+    monkeypatch.setattr(type(llr), "attack", spy)
+    llr(model, x, y)
+    gap_model, loss = seen[0]
+    xg = x.clone().requires_grad_(True)
+    losses = F.cross_entropy(model(xg), y, reduction="none")
+    (g,) = torch.autograd.grad(losses.sum(), xg)
+    x_other = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    with torch.no_grad():
+        gap = gap_model(x_other)
+        want = (F.cross_entropy(model(x_other), y, reduction="none") - losses - ((x_other - x) * g).flatten(1).sum(1))
+    torch.testing.assert_close(gap, want.abs(), rtol=1e-4, atol=1e-6)
+    assert bool((want < 0).any()) and torch.equal(loss(gap, y), gap)
+
+
+def test_llr_loss_and_gradients_at_the_crafted_delta(crafted):
+    """LLR's outer terms recomputed at the crafted delta: mean_i |l(x_i + delta_i) - l(x_i) - delta_i . grad_i| and
+    mean_i |delta_i . grad_i| (per-sample absolute values), both differentiated through grad_i (double backprop) and
+    through l(x + delta)."""
+    model, x, y = _model_and_batch()
+    out = defenses.LLR(steps=2, eps=0.3)(model, x, y)
+    delta = crafted[-1][1].x_adv - x
+    got = torch.autograd.grad(out.loss, _params(model))
+    xg = x.clone().requires_grad_(True)
+    losses = F.cross_entropy(model(xg), y, reduction="none")
+    (g,) = torch.autograd.grad(losses.sum(), xg, create_graph=True)
+    first_order = (delta * g).flatten(1).sum(1)
+    linearity = (F.cross_entropy(model(x + delta), y, reduction="none") - losses - first_order).abs().mean()
+    expected = losses.mean() + 3.0 * linearity + 4.0 * first_order.abs().mean()
+    assert bool((first_order > 0).any()) and bool((first_order < 0).any())
+    torch.testing.assert_close(out.loss.detach(), expected.detach(), rtol=1e-5, atol=1e-7)
+    for a, b in zip(got, torch.autograd.grad(expected, _params(model))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_fat_freezes_samples_misclassified_from_the_start(crafted):
     """FAT with tau = 0 (its default): a sample the model misclassifies where PGD starts takes no step (friendly
     adversarial data), while the others move."""
