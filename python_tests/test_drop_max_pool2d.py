@@ -48,6 +48,8 @@ def check_against_reference(x, args, pool=op):
     assert_verbose_equal(idx, ref_idx, "indices")
     fmt = expected_format(x)
     assert out.is_contiguous(memory_format=fmt) and idx.is_contiguous(memory_format=fmt)
+    # The reference (backend="reference") follows the same layout rule (found untested by the mutation pass).
+    assert ref_out.is_contiguous(memory_format=fmt) and ref_idx.is_contiguous(memory_format=fmt)
     return out, idx
 
 
@@ -142,6 +144,26 @@ def test_nan_and_inf():
         check_against_reference(layout(y, fmt), ((3, 3), (2, 2), (1, 1), (1, 1), False))
 
 
+def test_windows_with_several_nan_and_without_input():
+    """Hand-checked against docs/ops/drop_max_pool2d.md, for the kernel and the reference (the oracle of every other
+    test): a window holding several NaN returns its FIRST NaN (max_pool2d's rule is the last); a window holding no
+    input element returns -inf at index -1. Neither occurred in the randomized cases (mutation pass, 2026-12-01)."""
+    nan = float("nan")
+    x = torch.tensor([[[[1.0, nan, 3.0, nan], [nan, 2.0, nan, 0.0]]]])
+    for pool in (op, reference.drop_max_pool2d):
+        out, idx = pool(x, (2, 2), (2, 2), (0, 0), (1, 1), False)
+        assert bool(torch.isnan(out).all()) and idx.flatten().tolist() == [1, 3]
+        out, idx = pool(x, (1, 4), (1, 4), (0, 0), (1, 1), False)
+        assert bool(torch.isnan(out).all()) and idx.flatten().tolist() == [1, 4]
+    # Dilation 2 over a one-row input with padding 1: rows -1 and 1 of every window are outside the input.
+    x = torch.randn(2, 3, 1, 5)
+    args = ((2, 3), (1, 1), (1, 1), (2, 1), False)
+    for pool in (op, reference.drop_max_pool2d):
+        out, idx = pool(x, *args)
+        assert out.shape == (2, 3, 1, 5) and bool((out == float("-inf")).all()) and bool((idx == -1).all())
+    check_against_reference(layout(x, "channels_last"), args)
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_empty_batch_and_channels(backend):
     for shape in ((0, 3, 8, 8), (2, 0, 8, 8)):
@@ -180,22 +202,26 @@ def test_gradcheck(device, seed, fmt):
 def check_double_backward_without_input(pool, backward, device="cpu"):
     """Double backward where windows hold no input element (index -1), shared with the max_pool2d and Triton tests:
     it must skip index -1 as the first backward does, not gather out of bounds."""
-    # Dilation 2 over a one-row input with padding: every window misses the input (output -inf, index -1).
-    x = torch.randn(1, 2, 1, 3, dtype=torch.float64, device=device, requires_grad=True)
+    # Dilation 2 over a one-row input with padding: every window misses the input (output -inf, index -1). A 1x1
+    # input too: there index -1 must not be read as any other position (|-1| = 1 is out of range, found by the
+    # mutation pass, 2026-12-01).
     args = ([2, 2], [1, 1], [1, 1], [2, 2], False)
-    assert bool((pool(x, *args)[1] == -1).all())
+    for width in (3, 1):
+        x = torch.randn(1, 2, 1, width, dtype=torch.float64, device=device, requires_grad=True)
+        assert bool((pool(x, *args)[1] == -1).all())
 
-    def f(t):  # clamp: finite outputs for gradcheck; its backward feeds the pooling backward a graph-connected zero
-        return pool(t, *args)[0].clamp(min=-1.0)
+        def f(t):  # clamp: finite outputs for gradcheck; its backward feeds the pooling backward a graph-connected 0
+            return pool(t, *args)[0].clamp(min=-1.0)
 
-    assert torch.autograd.gradcheck(f, (x,))
-    assert torch.autograd.gradgradcheck(f, (x,))
-    w = torch.tensor(2.0, dtype=torch.float64, device=device, requires_grad=True)
-    (gx,) = torch.autograd.grad((f(x) * w).sum(), x, create_graph=True)
-    x_ref = x.detach().clone().requires_grad_()
-    (gx_ref,) = torch.autograd.grad((reference.drop_max_pool2d(x_ref, *args)[0].clamp(min=-1.0) * w).sum(), x_ref,
-                                    create_graph=True)
-    assert_verbose_equal(torch.autograd.grad(gx.pow(2).sum(), w)[0], torch.autograd.grad(gx_ref.pow(2).sum(), w)[0])
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradgradcheck(f, (x,))
+        w = torch.tensor(2.0, dtype=torch.float64, device=device, requires_grad=True)
+        (gx,) = torch.autograd.grad((f(x) * w).sum(), x, create_graph=True)
+        x_ref = x.detach().clone().requires_grad_()
+        (gx_ref,) = torch.autograd.grad((reference.drop_max_pool2d(x_ref, *args)[0].clamp(min=-1.0) * w).sum(), x_ref,
+                                        create_graph=True)
+        assert_verbose_equal(torch.autograd.grad(gx.pow(2).sum(), w)[0],
+                             torch.autograd.grad(gx_ref.pow(2).sum(), w)[0])
     # The backward op's own derivative on indices mixing -1 and positions (including a repeated one).
     idx = torch.tensor([[[[-1, 2, 0, 2, -1]]]], device=device)
     go = torch.randn(1, 1, 1, 5, dtype=torch.float64, device=device, requires_grad=True)
@@ -484,6 +510,19 @@ ARGS = ([3, 3], [2, 2], [1, 1], [1, 1], False)
         (torch.zeros(1, 1, 4, 4), ([5, 5], [1, 1], [0, 0], [2, 2], False),
          "drop_max_pool2d: expected kernel_size (5, 5) with dilation (2, 2) to fit the padded input 4x4, got output "
          "size -4x-4"),
+        # The second element of each pair and the width are checked too (found by the mutation pass, 2026-12-01):
+        # the cases above are all symmetric or fail in the first element, so a fake kernel checking only [0] passed.
+        (torch.zeros(1, 1, 4, 4), ([3, 3, 3], [1, 1], [0, 0], [1, 1], False),
+         "drop_max_pool2d: expected kernel_size to be two positive integers, got (3, 3, 3)"),
+        (torch.zeros(1, 1, 4, 4), ([3, 3], [1, 1], [0, -1], [1, 1], False),
+         "drop_max_pool2d: expected padding to be two non-negative integers, got (0, -1)"),
+        (torch.zeros(1, 1, 4, 4), ([3, 3], [1, 1], [1, 2], [1, 1], False),
+         "drop_max_pool2d: expected padding to be at most half of kernel_size, got padding=(1, 2) for "
+         "kernel_size=(3, 3)"),
+        (torch.zeros(1, 1, 4, 0), ARGS, "drop_max_pool2d: expected input with non-zero height and width, got 4x0"),
+        (torch.zeros(1, 1, 4, 1), ([3, 5], [1, 1], [0, 1], [1, 1], False),
+         "drop_max_pool2d: expected kernel_size (3, 5) with dilation (1, 1) to fit the padded input 4x3, got output "
+         "size 2x-1"),
     ],
 )
 def test_error_messages(x, args, message):
@@ -524,6 +563,56 @@ def test_backward_error_messages():
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         with pytest.raises(RuntimeError, match=r"expected input_size to be \(N, C, H, W\)"):
             backward_op(mode.from_tensor(torch.ones(1, 1, 2, 2)), mode.from_tensor(idx), [2, 1, 4, 4])
+
+
+_IDX = torch.zeros(1, 1, 2, 2, dtype=torch.int64)
+_SIZE = "expected input_size to be (N, C, H, W) = (1, 1, H, W) with H, W > 0, got "
+
+
+@pytest.mark.parametrize(
+    "grad, idx, input_size, message",
+    [
+        (torch.ones(1, 1, 2, 2), _IDX.int(), [1, 1, 4, 4], "expected indices to be int64, got torch.int32"),
+        (torch.ones(1, 1, 2, 3), _IDX, [1, 1, 4, 4],
+         "expected grad_output to have the shape of indices (1, 1, 2, 2), got (1, 1, 2, 3)"),
+        (torch.ones(1, 1, 2, 2, dtype=torch.int64), _IDX, [1, 1, 4, 4],
+         "expected grad_output to be a floating-point tensor"),
+        (torch.ones(1, 2, 2), _IDX[0], [1, 2, 4, 4], "expected grad_output to be 4-D (N, C, H_out, W_out), got 3-D"),
+        (torch.ones(1, 1, 2, 2), _IDX, [1, 2, 4, 4], _SIZE + "(1, 2, 4, 4)"),
+        (torch.ones(1, 1, 2, 2), _IDX, [1, 1, 4, 0], _SIZE + "(1, 1, 4, 0)"),
+        (torch.ones(1, 1, 2, 2), _IDX, [1, 1, 0, 4], _SIZE + "(1, 1, 0, 4)"),
+        (torch.ones(1, 1, 2, 2), _IDX, [1, 1, 4], _SIZE + "(1, 1, 4)"),
+    ],
+)
+def test_backward_fake_kernel_refuses_what_the_kernel_refuses(grad, idx, input_size, message):
+    """Every check of the backward op, eager and fake (torch.compile), with the same first line (the mutation pass of
+    2026-12-01 found the fake kernel's index dtype, shape and input_size checks untested)."""
+    with pytest.raises(RuntimeError) as native:
+        backward_op(grad, idx, input_size)
+    assert "_drop_max_pool2d_backward: " + message in str(native.value)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError) as faked:
+            backward_op(mode.from_tensor(grad), mode.from_tensor(idx), input_size)
+    assert str(native.value).splitlines()[0] in str(faked.value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", [((2, 3, 7, 6), "contiguous"), ((2, 3, 7, 6), "channels_last"),
+                                        ((2, 3, 7, 6), "permuted"), ((2, 1, 7, 6), "channels_last"),
+                                        ((2, 3, 1, 1), "channels_last"), ((2, 3, 1, 1), "contiguous")])
+def test_fake_outputs_match_eager_outputs(dtype, shape, fmt):
+    """Fake kernels give the eager outputs' shape, dtype and strides, forward and backward. (2, 3, 1, 1) is contiguous
+    in both formats and gives a 2x2 output (kernel 2, padding 1): it must stay NCHW, as the kernel's output does."""
+    x = layout(make_input(shape, "normal", 0, dtype), fmt)
+    args = ([2, 3], [1, 2], [1, 1], [1, 1], False)
+    out, idx = op(x, *args)
+    grad = torch.ones_like(out)
+    grad_input = backward_op(grad, idx, list(x.shape))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_out, fake_idx = op(mode.from_tensor(x), *args)
+        fake_grad_input = backward_op(mode.from_tensor(grad), mode.from_tensor(idx), list(x.shape))
+    for name, real, fake in (("out", out, fake_out), ("indices", idx, fake_idx), ("grad", grad_input, fake_grad_input)):
+        assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride()), name
 
 
 _ISA_SCRIPT = """

@@ -46,12 +46,57 @@ def test_cuda_version_mismatch_message(monkeypatch):
         _extension._check_cuda_version()
 
 
+@pytest.mark.parametrize(
+    "built, torch_cuda, message",
+    [
+        (13010, "13.0", "compiled with CUDA 13.1 but torch uses CUDA 13.0"),  # same major: the minor counts too
+        (12080, "12.6", "compiled with CUDA 12.8 but torch uses CUDA 12.6"),
+        (13000, "13.0", None),
+        (12060, "12.6.3", None),  # torch.version.cuda may carry a patch level
+        (-1, "13.0", None),  # a CPU-only build next to a CUDA torch: nothing to compare
+        (13000, None, None),  # CUDA kernels next to a CPU torch: they are never launched
+    ],
+)
+def test_cuda_version_check_cases(monkeypatch, built, torch_cuda, message):
+    """Found by the mutation pass (2026-12-01): only a major-version mismatch was tested."""
+    monkeypatch.setattr(_extension, "cuda_version", lambda: built)
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    if message is None:
+        _extension._check_cuda_version()
+    else:
+        with pytest.raises(RuntimeError, match=message):
+            _extension._check_cuda_version()
+
+
+def test_load_library_checks_the_cuda_version(monkeypatch):
+    monkeypatch.setattr(importlib, "import_module", lambda name: None)
+    monkeypatch.setattr(_extension, "cuda_version", lambda: 11080)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(RuntimeError, match="compiled with CUDA 11.8 but torch uses CUDA 13.0"):
+        _extension.load_library()
+
+
+def test_no_cuda_kernels_message_says_how_to_get_them():
+    assert _extension.no_cuda_kernels_message("pgd_step_") == (
+        "pgd_step_: robust_ops was built without CUDA kernels; reinstall with FORCE_CUDA=1 and a CUDA toolkit "
+        "(`FORCE_CUDA=1 pip install --no-build-isolation -e .`) or use backend='triton'"
+    )
+
+
 def test_missing_build_message(monkeypatch):
     def fail(name):
         raise ImportError("No module named 'robust_ops._C'")
 
     monkeypatch.setattr(importlib, "import_module", fail)
-    with pytest.raises(ImportError, match=r"couldn't load the compiled ops \(robust_ops._C\).*pip install"):
+    with pytest.raises(ImportError, match=r"couldn't load the compiled ops \(robust_ops._C\).*pip install") as err:
+        _extension.load_library()
+    assert "No module named 'robust_ops._C'" in str(err.value) and isinstance(err.value.__cause__, ImportError)
+
+    def fail_to_link(name):  # an ImportError that is not a ModuleNotFoundError: a _C.so built against another torch
+        raise ImportError("_C.so: undefined symbol: _ZN3c10")
+
+    monkeypatch.setattr(importlib, "import_module", fail_to_link)
+    with pytest.raises(ImportError, match="built against another torch than the one installed"):
         _extension.load_library()
 
 

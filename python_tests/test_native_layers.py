@@ -290,9 +290,10 @@ def test_eval_batch_norm_backward_op(dtype):
                                                                                                        bn.weight))
     assert torch.equal(eval_bn_backward(cl, invstd, None), eval_bn_backward(grad.detach(), invstd, None))
     torch.library.opcheck(eval_bn_backward, (cl.requires_grad_(), invstd, bn.weight))
-    # Linear in grad_output: the op's own gradient is the op.
-    assert torch.autograd.gradcheck(lambda g: eval_bn_backward(g, invstd.double(), None),
-                                    (torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True),))
+    # Linear in grad_output: the op's own gradient is the op (with the weight too: mutation pass, 2026-12-01).
+    for weight in (None, bn.weight.detach().double()):
+        assert torch.autograd.gradcheck(lambda g: eval_bn_backward(g, invstd.double(), weight),
+                                        (torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True),))
 
 
 def test_eval_batch_norm_backward_errors():
@@ -314,6 +315,36 @@ def test_eval_batch_norm_backward_errors():
         eval_bn_backward(fake_g, fake_invstd, None)
     with pytest.raises(RuntimeError, match="gradients with respect to invstd and weight are not implemented"):
         eval_bn_backward(g, torch.ones(3), torch.ones(3, requires_grad=True)).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "grad, invstd, weight, message",
+    [
+        (torch.ones(2, 3, 4), torch.ones(4), None, "expected invstd of shape (3,), got (4,)"),
+        (torch.ones(2, 3, 4, dtype=torch.float16), torch.ones(3, dtype=torch.float16), None,
+         "expected grad_output to be float32 or float64, got torch.float16"),
+        (torch.ones(2, 3, 4, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16), None,
+         "expected grad_output to be float32 or float64, got torch.bfloat16"),
+        (torch.ones(2, 3, 4), torch.ones(3), torch.ones(4), "expected weight of shape (3,), got (4,)"),
+        (torch.ones(2, 3, 4), torch.ones(3), torch.ones(1, 3), "expected weight of shape (3,), got (1, 3)"),
+        (torch.ones(2, 3, 4), torch.ones(3), torch.ones(3).double(),
+         "expected weight to have the dtype of grad_output (torch.float32), got torch.float64"),
+        (torch.ones(3), torch.ones(3), None, "expected grad_output to be (N, C, ...), got 1-D"),
+    ],
+)
+def test_eval_batch_norm_backward_fake_kernel_refuses_what_the_kernel_refuses(grad, invstd, weight, message):
+    """Each check, eager and fake (torch.compile), with the same text: the fake kernel's half-dtype and weight-shape
+    checks were untested (mutation pass, 2026-12-01)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(RuntimeError) as native:
+        eval_bn_backward(grad, invstd, weight)
+    assert "_eval_batch_norm_backward: " + message in str(native.value)
+    with FakeTensorMode() as mode:
+        fake = [None if t is None else mode.from_tensor(t) for t in (grad, invstd, weight)]
+        with pytest.raises(RuntimeError) as faked:
+            eval_bn_backward(*fake)
+    assert str(native.value).splitlines()[0] in str(faked.value)
 
 
 def test_copies_taken_inside_use_their_own_statistics_and_pickle():

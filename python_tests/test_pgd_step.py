@@ -7,7 +7,7 @@ import torch
 
 import robust_ops
 from robust_ops import reference
-from robust_ops._meta import check_pgd_step_args
+from robust_ops._meta import check_pgd_step_args, check_pgd_step_values
 
 from conftest import cpu_and_cuda
 from utils import TOLERANCES, assert_verbose_equal, record_backend_requests
@@ -188,10 +188,12 @@ def test_eps_zero_projects_onto_x_nat(dtype, norm):
     (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)
     assert_verbose_equal(ours, ref)
     assert_verbose_equal(ours, x_nat)
-    # Zero delta and eps = 0 together (x_adv already at x_nat, zero gradient): no 0/0.
-    ours = x_nat.clone()
-    op(ours, x_nat, torch.zeros_like(grad), alpha, eps, 0.0, 1.0, norm, None, 0)
-    assert_verbose_equal(ours, x_nat)
+    # Zero delta and eps = 0 together (x_adv already at x_nat, zero gradient): no 0/0, in the kernel and in the
+    # reference (whose zero-delta case no other test reached: mutation pass, 2026-12-01).
+    for step in (op, reference.pgd_step_):
+        ours = x_nat.clone()
+        step(ours, x_nat, torch.zeros_like(grad), alpha, eps, 0.0, 1.0, norm, None, 0)
+        assert_verbose_equal(ours, x_nat)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -360,6 +362,9 @@ BAD_ARGS = {
                       "expected history to have the dtype of x_adv (torch.float32), got torch.float64"),
     "slot high": (dict(slot=2), "expected slot in [0, 2) for a history of 2 slots, got 2"),
     "slot negative": (dict(slot=-1), "expected slot in [0, 2) for a history of 2 slots, got -1"),
+    "history overlap": (dict(history=torch.zeros((2, 1, 3, 4)).expand(2, 2, 3, 4)),
+                        "expected history without internal overlap (more than one element of the written-to tensor "
+                        "refers to a single memory location); clone() it first"),
 }
 
 
@@ -390,6 +395,34 @@ def test_data_dependent_checks(name, values, message):
         op(*args.values())
     before = args["x_adv"].clone()
     assert torch.equal(args["x_adv"], before), "a rejected call must not modify x_adv"
+
+
+def test_boundary_values_are_accepted():
+    """clip_min == clip_max and eps = 0 are valid (the checks are <= and >=, not < and >), by the fake kernel's checks,
+    the kernel and backend="reference"; found untested by the mutation pass (2026-12-01)."""
+    args = {**_good_args(), "clip_min": 0.5, "clip_max": 0.5}
+    check_pgd_step_args(**args)
+    check_pgd_step_values(args["alpha"], torch.zeros(2), torch.float32)
+    for backend in ("native", "reference"):
+        for norm in NORMS:
+            x_adv = args["x_adv"].clone()
+            robust_ops.pgd_step_(x_adv, args["x_nat"], args["grad"], args["alpha"], 0.0, clip_min=0.5, clip_max=0.5,
+                                 norm=norm, backend=backend)
+            assert bool((x_adv == 0.5).all()), (backend, norm)
+
+
+def test_value_checks_use_the_opmath_dtype_of_x_adv():
+    """check_pgd_step_values (the Triton launcher's and backend="reference"'s value check) converts alpha to the
+    opmath dtype of x_adv as the CPU kernel does: a float64 alpha of 1e39 is inf for float32 / float16 inputs, finite
+    for float64 ones. The functional wrapper converts alpha itself, so only a direct call shows the conversion."""
+    alpha, eps = torch.tensor([1e39, 0.1], dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        with pytest.raises(RuntimeError, match=r"^pgd_step_: expected alpha to be finite for every sample, got "
+                                               r"alpha\[0\]=inf$"):
+            check_pgd_step_values(alpha, eps, dtype)
+    check_pgd_step_values(alpha, eps, torch.float64)
+    with pytest.raises(RuntimeError, match=r"^pgd_step_: expected eps >= 0 for every sample, got eps\[1\]=-1e-300$"):
+        check_pgd_step_values(alpha[[1, 1]], torch.tensor([0.0, -1e-300], dtype=torch.float64), torch.float64)
 
 
 @pytest.mark.parametrize(
