@@ -112,6 +112,22 @@ def test_large_batch_spans_parallel_chunks():
         assert_verbose_equal(g, w, name)
 
 
+def test_parallel_chunks_split_a_sample_between_threads():
+    """The test above with two threads (it runs on one under OMP_NUM_THREADS=1): 5 * 13001 positions make two
+    chunks of the 32768 grain, the first ending inside sample 2 (crossed_at = k-1, so it rewrites lo and the points
+    it reads). A chunk must stop at its own end: the other chunk updates the rest of that sample."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        lo, hi, points, crossed_at, _ = make_inputs(3, shape=(5, 13001))
+        assert crossed_at[2] == 2 and 2 * 13001 < 32768 < 3 * 13001
+        got, want = run_both(OP, lo, hi, points, crossed_at, None)
+    finally:
+        torch.set_num_threads(threads)
+    for name, g, w in zip(("lo", "hi", "points"), got, want):
+        assert_verbose_equal(g, w, name)
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("shape", [(0, 3, 4), (3, 0), (4,)])
 def test_empty_and_1d(device, shape):

@@ -104,6 +104,18 @@ def test_dtypes_match_reference(dtype, fmt, values):
     assert out.dtype == dtype
 
 
+def test_input_contiguous_in_both_formats_gives_contiguous_output():
+    # A 1x1 input with C > 1 is contiguous and channels_last at once: it counts as contiguous (the fake kernel's rule),
+    # so the 2x2 output of kernel 2, padding 1 must be contiguous as well, like F.max_pool2d's.
+    x = torch.randn(2, 3, 1, 1)
+    assert x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    args = ((2, 2), (1, 1), (1, 1), (1, 1), False)
+    out, idx = check_against_reference(x, args)
+    assert out.shape == (2, 3, 2, 2) and out.is_contiguous() and idx.is_contiguous()
+    out, idx = torch.ops.robust_ops.max_pool2d(x, *args)
+    assert out.stride() == F.max_pool2d(x, *args[:4]).stride() and idx.is_contiguous()
+
+
 def test_odd_shape_wide_rows():
     # Rows longer than one vector with ragged tails; stride 1 and 2 (deinterleaving loads) and 3 (gathers).
     for stride in (1, 2, 3):
@@ -162,6 +174,18 @@ def test_windows_with_several_nan_and_without_input():
         out, idx = pool(x, *args)
         assert out.shape == (2, 3, 1, 5) and bool((out == float("-inf")).all()) and bool((idx == -1).all())
     check_against_reference(layout(x, "channels_last"), args)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_with_several_nans_selects_the_first(fmt, dtype):
+    # Row-major window order: (0, 3) comes before (1, 0), which comes before (1, 2); max_pool2d (ATen) takes the last.
+    nan = float("nan")
+    x = torch.tensor([[1.0, 2.0, 0.0, nan], [nan, 3.0, nan, 4.0]], dtype=dtype).expand(2, 3, 2, 4)
+    out, idx = check_against_reference(layout(x, fmt), ((2, 4), (2, 4), (0, 0), (1, 1), False))
+    assert bool(out.isnan().all()) and bool((idx == 3).all())
+    out, idx = check_against_reference(layout(x, fmt), ((2, 3), (1, 1), (1, 1), (1, 1), False))  # padded windows too
+    assert int(idx[0, 0, 1, 2]) == 3 and int(idx[0, 0, 1, 0]) == 4
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -229,6 +253,24 @@ def check_double_backward_without_input(pool, backward, device="cpu"):
     assert torch.autograd.gradgradcheck(lambda g: backward(g, idx, [1, 1, 1, 3]), (go,))
 
 
+@pytest.mark.parametrize("pool", [op, torch.ops.robust_ops.max_pool2d], ids=["drop_max", "max"])
+@pytest.mark.parametrize("axis", ["height", "width"])
+def test_windows_without_input_channels_last(pool, axis):
+    """Dilation 2 with padding 1 over a one-row (one-column) input: the windows miss the input. The channels_last
+    kernel returns -inf and index -1 there, as the NCHW kernel does, and its backward skips them."""
+    if axis == "height":
+        shape, args = (2, 3, 1, 4), ([2, 1], [1, 1], [1, 0], [2, 1], False)
+    else:
+        shape, args = (2, 3, 4, 1), ([1, 2], [1, 1], [0, 1], [1, 2], False)
+    x = torch.randn(shape)
+    outs = [pool(layout(x, fmt), *args) for fmt in ("contiguous", "channels_last")]
+    for out, idx in outs:
+        assert out.shape == shape and bool((idx == -1).all()) and bool((out == float("-inf")).all())
+        grad = torch.ones_like(out)
+        assert torch.equal(backward_op(grad, idx, list(shape)), torch.zeros(shape))
+    assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_double_backward_through_windows_without_input():
     check_double_backward_without_input(op, backward_op)
 
@@ -265,6 +307,38 @@ def test_backward_rejects_out_of_range_indices():
     idx = torch.tensor([[[[16]]]])
     with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected indices in \[0, 16\)"):
         backward_op(torch.ones(1, 1, 1, 1), idx, [1, 1, 4, 4])
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bad", [16, 17, -2])
+def test_backward_rejects_out_of_range_indices_in_either_layout(fmt, bad):
+    # -1 (a window without input) is skipped; any other index outside [0, H*W) is refused, in both kernels.
+    idx = torch.zeros(1, 2, 2, 2, dtype=torch.int64)
+    idx[0, 1, 1, 0] = bad
+    idx[0, 0, 0, 1] = -1
+    grad = torch.ones(1, 2, 2, 2)
+    grad, idx = layout(grad, fmt), layout(idx, fmt)
+    assert grad.is_contiguous(memory_format=expected_format(grad)) and expected_format(grad) == expected_format(idx)
+    with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected indices in \[0, 16\)"):
+        backward_op(grad, idx, [1, 2, 4, 4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_channels_last_channel_blocks(dtype):
+    # The channels_last backward splits 40 channels of a one-sample batch into two blocks (small batches use every
+    # thread); each block must accumulate at its own channel offset and stride. Integer gradients: exact sums.
+    n, c, h, w = 1, 40, 6, 5
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(-1, h * w, (n, c, 4, 3), generator=g)
+    grad = torch.randint(-4, 5, (n, c, 4, 3), generator=g).to(dtype)
+    expected = torch.zeros(n, c, h * w + 1, dtype=torch.float64)
+    expected.scatter_add_(2, (idx % (h * w + 1)).flatten(2), grad.double().flatten(2))  # -1 lands in the extra slot
+    expected = expected[:, :, : h * w].reshape(n, c, h, w).to(dtype)
+    cl = torch.channels_last
+    got = backward_op(grad.contiguous(memory_format=cl), idx.contiguous(memory_format=cl), [n, c, h, w])
+    assert got.is_contiguous(memory_format=cl)
+    assert_verbose_equal(got, expected, "grad_input")
+    assert_verbose_equal(backward_op(grad, idx, [n, c, h, w]), expected, "grad_input (contiguous)")
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
@@ -504,6 +578,7 @@ ARGS = ([3, 3], [2, 2], [1, 1], [1, 1], False)
          "drop_max_pool2d: expected padding to be at most half of kernel_size, got padding=(2, 1) for "
          "kernel_size=(3, 3)"),
         (torch.zeros(1, 1, 0, 4), ARGS, "drop_max_pool2d: expected input with non-zero height and width, got 0x4"),
+        (torch.zeros(1, 1, 4, 0), ARGS, "drop_max_pool2d: expected input with non-zero height and width, got 4x0"),
         (torch.zeros(1, 1, 2, 2), ([5, 5], [1, 1], [1, 1], [1, 1], False),
          "drop_max_pool2d: expected kernel_size (5, 5) with dilation (1, 1) to fit the padded input 4x4, got output "
          "size 0x0"),
@@ -557,6 +632,10 @@ def test_backward_error_messages():
     with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected input_size to be \(N, C, H, W\) = "
                                            r"\(1, 1, H, W\) with H, W > 0, got \(2, 1, 4, 4\)"):
         backward_op(torch.ones(1, 1, 2, 2), idx, [2, 1, 4, 4])
+    for bad in ([1, 2, 4, 4], [1, 1, 0, 4], [1, 1, 4, 0]):  # C of grad_output, and H, W > 0
+        with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected input_size to be \(N, C, H, W\) = "
+                                               r"\(1, 1, H, W\) with H, W > 0, got " + re.escape(str(tuple(bad)))):
+            backward_op(torch.ones(1, 1, 2, 2), idx, bad)
     with pytest.raises(RuntimeError, match="_drop_max_pool2d_backward: expected grad_output to be a floating-point"):
         backward_op(torch.ones(1, 1, 2, 2, dtype=torch.int64), idx, [1, 1, 4, 4])
     # The fake kernel (torch.compile) says the same.

@@ -330,6 +330,16 @@ def test_eval_batch_norm_backward_errors():
         (torch.ones(2, 3, 4), torch.ones(3), torch.ones(3).double(),
          "expected weight to have the dtype of grad_output (torch.float32), got torch.float64"),
         (torch.ones(3), torch.ones(3), None, "expected grad_output to be (N, C, ...), got 1-D"),
+        # a (C, 1) invstd or weight holds C values but is not (C,)
+        (torch.ones(2, 3, 4), torch.ones(3, 1), None, "expected invstd of shape (3,), got (3, 1)"),
+        (torch.ones(2, 3, 4), torch.ones(3), torch.ones(3, 1), "expected weight of shape (3,), got (3, 1)"),
+        (torch.ones(2, 3, 4), torch.ones(3).double(), None,
+         "expected invstd to have the dtype of grad_output (torch.float32), got torch.float64"),
+        # wrong dtype and shape: the dtype is checked first, by the C++ kernel as by the fake kernel
+        (torch.ones(2, 3, 4), torch.ones(4).double(), None,
+         "expected invstd to have the dtype of grad_output (torch.float32), got torch.float64"),
+        (torch.ones(2, 3, 4), torch.ones(3), torch.ones(4).double(),
+         "expected weight to have the dtype of grad_output (torch.float32), got torch.float64"),
     ],
 )
 def test_eval_batch_norm_backward_fake_kernel_refuses_what_the_kernel_refuses(grad, invstd, weight, message):

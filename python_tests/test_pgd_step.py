@@ -86,6 +86,30 @@ def test_clip_range_is_applied(norm):
     assert float(ours.min()) >= 0.25 and float(ours.max()) <= 0.75
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", NORMS)
+def test_nan_propagates_like_torch_clamp(dtype, norm):
+    """A NaN in x_adv or x_nat stays NaN, as torch.clamp keeps NaN: it is not clamped to eps or the clip range."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 4, 5), dtype)
+    x_adv[0, 1, 2, 3] = float("nan")
+    x_nat[2, 0, 1, 1] = float("nan")
+    history = torch.zeros((1,) + tuple(x_adv.shape), dtype=dtype)
+    (ours, h_ours), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history)
+    assert_verbose_equal(ours, ref, "x_adv")
+    assert_verbose_equal(h_ours[0], ref, "history")
+    assert bool(ours[0, 1, 2, 3].isnan()) and bool(ours[2, 0, 1, 1].isnan())
+    assert not bool(ours[1].isnan().any())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_equal_clip_bounds_are_accepted(norm):
+    """clip_min <= clip_max admits a single-point clip range: every element lands on it (no error)."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4))
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.5, 0.5), norm)
+    assert_verbose_equal(ours, ref)
+    assert bool((ours == 0.5).all())
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_history_slots_receive_each_iterate(norm):
     x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 5, 5))
@@ -213,6 +237,43 @@ def test_reduced_precision_close_to_reference(dtype, norm):
     exact = x_adv.double()
     reference.pgd_step_(exact, x_nat.double(), grad.double(), alpha.double(), eps.double(), 0.0, 1.0, norm)
     torch.testing.assert_close(ours.double(), exact, rtol=tol["rtol"], atol=2 * tol["atol"])
+
+
+def opmath_chain(x, x_nat, g, alpha, eps, clip, norm):
+    """docs/ops/pgd_step.md for float16/bfloat16, written out: each elementwise op in float32, its result rounded to
+    the storage dtype; alpha, eps, the norms and the L2 factors stay float32."""
+    dt, f = x.dtype, torch.float32
+    view = (-1,) + (1,) * (x.dim() - 1)
+    a, e = alpha.to(f).view(view), eps.to(f).view(view)
+    if norm == "linf":
+        step = (a * g.to(f).sign()).to(dt)
+        stepped = (x.to(f) + step.to(f)).to(dt)
+        diff = (stepped.to(f) - x_nat.to(f)).to(dt)
+        moved = (x_nat.to(f) + torch.clamp(diff.to(f), -e, e)).to(dt)
+    else:
+        n = x.shape[0]
+        grad_norm = torch.linalg.vector_norm(g.reshape(n, -1), 2, dim=1, dtype=f) + 1e-10
+        unit = (g.to(f) / grad_norm.view(view)).to(dt)
+        stepped = (x.to(f) + (a * unit.to(f)).to(dt).to(f)).to(dt)
+        delta = (stepped.to(f) - x_nat.to(f)).to(dt)
+        delta_norm = torch.linalg.vector_norm(delta.reshape(n, -1), 2, dim=1, dtype=f)
+        factor = torch.minimum(delta_norm.reciprocal() * eps.to(f), torch.ones_like(delta_norm))
+        factor = torch.where(eps.to(f) == 0, torch.zeros_like(factor), factor)
+        scaled = (delta.to(f) * factor.view(view)).to(dt)
+        moved = (x_nat.to(f) + scaled.to(f)).to(dt)
+    return moved.to(f).clamp(*clip).to(dt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+def test_reduced_precision_rounds_each_intermediate(dtype, norm):
+    """Bitwise: every intermediate (step, stepped, difference, scaled delta, moved) is rounded to the dtype."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((6, 3, 16, 16), dtype, scale=0.02, zero_grad=(2,))
+    expected = opmath_chain(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)
+    ours = x_adv.clone()
+    op(ours, x_nat, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
+    assert_verbose_equal(ours, expected)
+    assert not torch.equal(ours, x_adv)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -391,10 +452,11 @@ def test_error_messages_match_fake_checks(case):
 )
 def test_data_dependent_checks(name, values, message):
     args = {**_good_args(), name: torch.tensor(values)}
+    before = args["x_adv"].clone()  # taken before the call (it used to be taken after, comparing x_adv with itself)
     with pytest.raises(RuntimeError, match="^pgd_step_: " + message.replace("[", r"\[").replace("]", r"\]") + "$"):
         op(*args.values())
-    before = args["x_adv"].clone()
     assert torch.equal(args["x_adv"], before), "a rejected call must not modify x_adv"
+    assert not args["history"].any(), "a rejected call must not write the history slot"
 
 
 def test_boundary_values_are_accepted():
@@ -486,6 +548,19 @@ def test_alpha_overflowing_the_dtype_is_rejected():
     with pytest.raises(RuntimeError,
                        match=r"pgd_step_: expected alpha to be finite for every sample, got alpha\[0\]=inf"):
         op(*args.values())
+
+
+def test_overlapping_history_is_rejected_before_any_write():
+    """An expanded history (its slots share memory) is refused, like the fake kernel, before x_adv changes."""
+    args = {**_good_args(), "history": torch.zeros((1, 2, 3, 4)).expand(2, 2, 3, 4)}
+    before = args["x_adv"].clone()
+    message = "pgd_step_: expected history without internal overlap"
+    with pytest.raises(RuntimeError, match=message) as native_err:
+        op(*args.values())
+    with pytest.raises(RuntimeError) as fake_err:
+        check_pgd_step_args(**args)
+    assert str(native_err.value) == str(fake_err.value)
+    assert torch.equal(args["x_adv"], before)
 
 
 def test_overlapping_x_adv_is_rejected():
