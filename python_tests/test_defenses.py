@@ -159,18 +159,24 @@ def test_mirst_beta_of_the_wrong_length():
 # DPAAT / AMAT
 
 
+def _bn_model_off_its_statistics(num_classes):
+    """A small CNN in train mode whose BatchNorm running statistics are far from a batch's: eval-mode and training
+    forwards differ, so a test sees which mode a defense's attack runs in."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, num_classes))
+    model[1].running_mean.fill_(0.5)
+    model[1].running_var.fill_(3.0)
+    return model.train()
+
+
 @pytest.mark.parametrize("attack_mode", ["eval", "train"])
 def test_llr_linearity_gap_vanishes_at_the_clean_point_in_the_attack_mode(monkeypatch, attack_mode):
     """g(0) = 0 in the mode the inner maximum runs in, also when eval-mode BatchNorm differs from the training forward
     (running statistics far from the batch's)."""
     from robust_ops.attacks.context import use_model_mode
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 8 * 8, 2))
-    model[1].running_mean.fill_(0.5)
-    model[1].running_var.fill_(3.0)
-    model.train()
+    model = _bn_model_off_its_statistics(2)
     llr = defenses.build("llr", steps=1, attack_mode=attack_mode)
     attack, gaps = type(llr).attack, []
 
@@ -511,12 +517,7 @@ def test_llr_loss_has_both_regularizers():
 def test_trades_attack_ascends_the_kl_from_the_clean_distribution_in_the_attack_mode(crafted):
     """TRADES's inner maximum is PGD on KL(p(x) || p(x')) per sample, the clean p(x) taken in the attack's mode
     (eval: BatchNorm on running statistics), so the objective is 0 at x' = x in that mode."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 8 * 8, 3))
-    model[1].running_mean.fill_(0.5)
-    model[1].running_var.fill_(3.0)
-    model.train()
+    model = _bn_model_off_its_statistics(3)
     x, y = _batch(6, num_classes=3)
     with torch.no_grad():  # before the training forwards update the running statistics
         clean = model.eval()(x)
