@@ -871,17 +871,18 @@ class MarginTable:
                              f"(one per dataset sample), got {tuple(getattr(m, 'shape', ()))}")
         if not m.is_floating_point():
             raise ValueError(f"MarginTable.load_state_dict: expected floating-point margins, got {m.dtype}")
-        self._load_margins(m, "MarginTable.load_state_dict", "max_margin")
+        self._load_margins(m, "MarginTable.load_state_dict", "max_margin",
+                           hint=" (a checkpoint of a run with a larger max_margin?)")
 
-    def _load_margins(self, m, caller, limit_name):
-        """Copy checked margins in; ``caller`` and ``limit_name`` (what the caller calls max_margin) word the errors."""
+    def _load_margins(self, m, caller, limit_name, hint=""):
+        """Copy checked margins in; ``caller``, ``limit_name`` (what the caller calls max_margin) and ``hint`` word
+        the errors."""
         bad = _bad_margins(m)
         if bad is not None:
             raise ValueError(f"{caller}: expected finite margins >= 0, got {bad}")
         above = _above_max(m, self.max_margin, self.margins.dtype)
         if above is not None:
-            raise ValueError(f"{caller}: expected margins in [0, {limit_name}={self.max_margin!r}], got {above} "
-                             f"(a checkpoint of a run with a larger {limit_name}?)")
+            raise ValueError(f"{caller}: expected margins in [0, {limit_name}={self.max_margin!r}], got {above}{hint}")
         self.margins.copy_(m)
 
 
