@@ -1,6 +1,8 @@
-"""The self-contained Python examples of README.md and docs/ run as written (in a fresh interpreter, as a user would
-paste them). The other docs snippets are fragments over a user's own model and data."""
+"""The Python in README.md and docs/ is the code's: the self-contained examples run as written (in a fresh interpreter,
+as a user would paste them), the fragments over a user's own model and data run on small stand-ins for them, and the
+signature blocks list exactly the code's arguments."""
 
+import inspect
 import json
 import re
 import subprocess
@@ -63,3 +65,150 @@ def test_relative_links_and_anchors_resolve():
                 if anchor not in {_slug(h) for h in headings}:
                     broken.append(f"{page.relative_to(REPO)}: {target} (no heading with that anchor)")
     assert not broken, "\n".join(broken)
+
+
+# The fragments over a user's own model and data run on small stand-ins for them, so a renamed function or argument
+# cannot drift into the docs unnoticed. Each entry: (page, block index) -> substitutions applied to the block (fewer
+# epochs, the synthetic set for BreastMNIST) and code appended to check what the block computed.
+STAND_INS = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+import robust_ops
+from robust_ops.data import load_dataset
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(4 * 14 * 14, 2)).eval()
+x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 0, 1])
+_synthetic = load_dataset("synthetic")
+train_set, val_set = _synthetic.train, _synthetic.val
+margins = torch.full((4,), 0.5)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+path = "checkpoint.pt"
+steps = 3
+grad_output, invstd, weight = torch.randn(4, 1, 28, 28), torch.rand(1) + 0.5, torch.randn(1)
+adv, grad, alpha, eps = torch.rand(4, 1, 28, 28), torch.randn(4, 1, 28, 28), 2 / 255, 8 / 255
+adv_before = adv.clone()
+"""
+
+FRAGMENTS = {
+    ("docs/attacks.md", 0): ({}, "assert robust.shape == (4,) and atk is not None"),
+    ("docs/getting-started.md", 0): ({'"breastmnist"': '"synthetic"', '"resnet18"': '"small_cnn"',
+                                      "epochs=30": "epochs=1", '"1/255,2/255,5/255"': '"2/255"'},
+                                     "assert len(rows) > 0 and (Path(tmp) / 'runs/mirst-dm/eval').exists()"),
+    ("docs/ima.md", 0): ({}, "assert x_adv.shape == (4, 1, 28, 28) and crossed.shape == (4,)\n"
+                             "assert torch.load(path)['defense']['margins'].shape == (len(train_set),)"),
+    ("docs/memory-pool.md", 0): ({}, ""),
+    ("docs/profile-attacks.md", 0): ({"model = ...": "", "x, y = ...": "", "min_run_time=2": "min_run_time=0.1"}, ""),
+    ("docs/training.md", 0): ({"epochs=100": "epochs=1"},
+                              "assert len(result.history) == 1 and Path(result.checkpoint).exists()"),
+    ("docs/ops/boundary_search_step.md", 1): ({}, """
+def halves(z):  # class 1 where the mean pixel is >= 0.5
+    m = z.flatten(1).mean(1)
+    return torch.stack([0.5 - m, m - 0.5], 1)
+lo, hi = boundary_search(halves, torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4), torch.tensor([0, 0]))
+assert (halves(lo).argmax(1) == 0).all() and (halves(hi).argmax(1) == 1).all()  # lo correct, hi wrong
+assert ((hi - lo).abs().max() <= 2 ** -10), (hi - lo).abs().max()
+"""),
+    ("docs/ops/drop_max_pool2d.md", 0): (
+        {}, "assert repr(model.maxpool).startswith('DropMax2d(kernel_size=3, stride=2, padding=1')\n"
+            "assert out.shape == y.shape"),
+    ("docs/ops/max_pool2d.md", 0): ({}, "assert torch.equal(out, y) and torch.equal(g, grad_output * invstd * weight)"),
+    ("docs/ops/pgd_step.md", 1): ({}, """
+kernel = robust_ops.pgd_step_(adv_before.clone(), x, grad, torch.full((4,), alpha), torch.full((4,), eps))
+assert torch.equal(kernel, adv)  # the kernel rounds as torchattacks' step does
+"""),
+    ("docs/dropmax-any-cnn.md", 1): ({}, "assert features(torch.randn(8, 1, 28, 28)).shape == (8, 64, 7, 7)"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page, index", sorted(FRAGMENTS))
+def test_doc_fragment_runs_on_stand_ins(page, index, tmp_path, monkeypatch):
+    substitutions, check = FRAGMENTS[page, index]
+    block = python_blocks(page)[index]
+    for old, new in substitutions.items():
+        assert old in block, f"{page} block {index} no longer contains {old!r}: update FRAGMENTS"
+        block = block.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(STAND_INS + block + "\n" + check, f"{page}[{index}]", "exec"), {"Path": Path, "tmp": str(tmp_path)})
+
+
+def test_every_doc_python_block_is_run_or_checked():
+    """A new docs block is either in FRAGMENTS, run whole by the tests above, or a signature checked below."""
+    covered = set(FRAGMENTS) | {("docs/dropmax-any-cnn.md", 0)} | set(SIGNATURES)
+    blocks = {(str(p.relative_to(REPO)), i) for p in sorted((REPO / "docs").rglob("*.md"))
+              for i, _ in enumerate(python_blocks(p.relative_to(REPO)))}
+    assert blocks - covered == set(), "docs python blocks neither run nor checked: add them to FRAGMENTS or SIGNATURES"
+    assert covered - blocks == set(), "FRAGMENTS / SIGNATURES name blocks that no longer exist"
+
+
+def _documented_arguments(block, call):
+    """The parenthesised argument list written after `call` in a docs block, whitespace-normalised, "..." quotes."""
+    start = block.index(call + "(") + len(call)
+    depth = 0
+    for end in range(start, len(block)):
+        depth += {"(": 1, ")": -1}.get(block[end], 0)
+        if depth == 0:
+            return re.sub(r"\s+", " ", block[start:end + 1]).replace("( ", "(")
+    raise AssertionError(f"unbalanced parentheses after {call}")
+
+
+def _python_signature(fn):
+    return str(inspect.signature(fn)).replace("'", '"')
+
+
+def _op_arguments(op):
+    return "(" + ", ".join(a.name for a in op.default._schema.arguments) + ")"
+
+
+def _check_defense_sketch(block):
+    import dataclasses
+
+    from robust_ops import defenses
+
+    sketch, output = block.split("@dataclass")
+    fields = [f.name for f in dataclasses.fields(defenses.DefenseOutput)]
+    assert re.findall(r"^    (\w+):", output, flags=re.M) == fields
+    for name, default in re.findall(r"^    (\w+): \w+ = (\w+)", sketch, flags=re.M):
+        assert repr(getattr(defenses.Defense, name)) == default, name
+    assert "name" in re.findall(r"^    (\w+):", sketch, flags=re.M) and isinstance(defenses.Defense.name, str)
+    for method in re.findall(r"^    def (\w+)", sketch, flags=re.M):
+        assert callable(getattr(defenses.Defense, method)), method
+    assert _documented_arguments(sketch, "def __call__") == _python_signature(defenses.Defense.__call__)
+
+
+def _signatures():
+    import torch
+
+    import robust_ops
+    from robust_ops.attacks import run_pgd
+
+    ops = torch.ops.robust_ops
+    return {
+        ("docs/attacks.md", 1): [("run_pgd", _python_signature(run_pgd))],
+        ("docs/ops/pgd_step.md", 0): [("robust_ops.pgd_step_", _python_signature(robust_ops.pgd_step_)),
+                                       ("torch.ops.robust_ops.pgd_step_", _op_arguments(ops.pgd_step_))],
+        ("docs/ops/boundary_search_step.md", 0): [
+            ("robust_ops.boundary_search_step_", _python_signature(robust_ops.boundary_search_step_)),
+            ("torch.ops.robust_ops.boundary_search_step_", _op_arguments(ops.boundary_search_step_)),
+            # documented as "same schema"; the Triton op registers only where Triton kernels can run
+            ("torch.ops.robust_ops.boundary_search_step_triton", _op_arguments(ops.boundary_search_step_))],
+        ("docs/design.md", 0): _check_defense_sketch,
+    }
+
+
+SIGNATURES = [("docs/attacks.md", 1), ("docs/ops/pgd_step.md", 0), ("docs/ops/boundary_search_step.md", 0),
+              ("docs/design.md", 0)]
+
+
+@pytest.mark.parametrize("page, index", SIGNATURES)
+def test_documented_signatures_are_the_code(page, index):
+    """The signature blocks list exactly the arguments, order and defaults the code has."""
+    block = python_blocks(page)[index]
+    expected = _signatures()[page, index]
+    if callable(expected):
+        expected(block)
+        return
+    for call, arguments in expected:
+        assert _documented_arguments(block, call) == arguments, f"{page}: {call}"
