@@ -212,3 +212,21 @@ def test_documented_signatures_are_the_code(page, index):
         return
     for call, arguments in expected:
         assert _documented_arguments(block, call) == arguments, f"{page}: {call}"
+
+
+def test_documented_cli_flags_exist():
+    """Every `robust-ops COMMAND --flag` written in README.md or docs/ names a command and flags its parser has."""
+    from robust_ops import cli
+
+    _, parsers = cli.build_parser()
+    unknown = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        for line in page.read_text().splitlines():
+            for command, rest in re.findall(r"robust-ops ([a-z]+)([^`|#]*)", line):
+                if command not in parsers:
+                    unknown.append(f"{page.relative_to(REPO)}: robust-ops {command}")
+                    continue
+                known = {s for action in parsers[command]._actions for s in action.option_strings}
+                unknown += [f"{page.relative_to(REPO)}: robust-ops {command} {flag}"
+                            for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest) if flag not in known]
+    assert not unknown, "\n".join(unknown)
