@@ -230,3 +230,39 @@ def test_documented_cli_flags_exist():
                 unknown += [f"{page.relative_to(REPO)}: robust-ops {command} {flag}"
                             for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest) if flag not in known]
     assert not unknown, "\n".join(unknown)
+
+
+def _public_callables():
+    import importlib
+
+    names = {}
+    for module in ("robust_ops", "robust_ops.attacks", "robust_ops.defenses", "robust_ops.train", "robust_ops.ima",
+                   "robust_ops.data", "robust_ops.evaluate", "robust_ops.report", "robust_ops.models",
+                   "robust_ops.memory", "robust_ops.metrics", "robust_ops.native_layers", "robust_ops.prepacked_conv",
+                   "robust_ops.reference"):
+        mod = importlib.import_module(module)
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "").startswith("robust_ops"):
+                names.setdefault(name, []).append(obj)
+    return names
+
+
+def test_documented_keyword_arguments_exist():
+    """Inline calls in the prose, `fit(channels_last=True)`, name keywords the function takes (one of the functions
+    of that name, for names defined twice: robust_ops.drop_max_pool2d and its reference)."""
+    api = _public_callables()
+    checked, unknown = 0, []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        prose = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for span in re.findall(r"`([^`\n]+)`", prose):
+            for owner, name, args in re.findall(r"(?:^|[^\w.])((?:\w+\.)*)(\w+)\(([^()]*)\)", span):
+                keywords = re.findall(r"(?<![\w.])(\w+)=(?!=)", args)
+                if name not in api or not keywords or owner.split(".")[0] in ("F", "torch", "nn"):
+                    continue
+                signatures = [inspect.signature(fn).parameters for fn in api[name]]
+                checked += 1
+                takes_any = [any(p.kind == p.VAR_KEYWORD for p in params.values()) for params in signatures]
+                if not any(any_ or all(k in params for k in keywords) for any_, params in zip(takes_any, signatures)):
+                    unknown.append(f"{page.relative_to(REPO)}: `{span}`")
+    assert checked >= 30 and not unknown, "\n".join(unknown)
