@@ -266,3 +266,53 @@ def test_documented_keyword_arguments_exist():
                 if not any(any_ or all(k in params for k in keywords) for any_, params in zip(takes_any, signatures)):
                     unknown.append(f"{page.relative_to(REPO)}: `{span}`")
     assert checked >= 30 and not unknown, "\n".join(unknown)
+
+
+def _split_arguments(text):
+    """Top-level comma-separated parts of "(a=1, b=(2, 3), **c)"."""
+    parts, depth, current = [], 0, ""
+    for ch in text[1:-1]:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return [p for p in parts + [current.strip()] if p]
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (REPO / "docs/defenses").glob("*.md") if p.name != "index.md"))
+def test_defense_page_defaults_are_the_code(page):
+    """Each docs/defenses page opens with the constructor and its defaults (attack settings included, written as
+    formulas like step_size=2.5*eps/steps); a defense built with no arguments has exactly those values."""
+    import math
+
+    from robust_ops import defenses
+
+    text = (REPO / "docs/defenses" / page).read_text()
+    name = re.search(r"`robust_ops\.defenses\.(\w+)\(", text).group(1)
+    arguments = _documented_arguments(text, f"robust_ops.defenses.{name}")
+    defense = getattr(defenses, name)()
+    parameters = inspect.signature(getattr(defenses, name)).parameters
+    written = {}
+    for part in _split_arguments(arguments):
+        if part.startswith("**"):
+            assert any(p.kind == p.VAR_KEYWORD for p in parameters.values()), f"{name} takes no {part}"
+        else:
+            key, _, value = part.partition("=")
+            written[key] = value.replace("ln 2", "math.log(2)")
+    documented = {}
+    while len(documented) < len(written):  # formulas may name settings written after them (AMAT's eps/2)
+        progress = len(documented)
+        for key, value in written.items():
+            try:
+                documented.setdefault(key, eval(value, {"math": math}, dict(documented)))
+            except NameError:
+                pass
+        assert len(documented) > progress, f"{name}: cannot evaluate {set(written) - set(documented)}"
+    for key, value in documented.items():
+        actual = getattr(defense, key)
+        if isinstance(actual, float):
+            assert actual == pytest.approx(value, rel=1e-12), f"{name}.{key}"
+        else:
+            assert actual == value, f"{name}.{key}"
