@@ -938,3 +938,69 @@ def test_bench_runs_the_chosen_scripts_and_reports_failures(tmp_path, capsys):
     rc, _, err = run(["bench", "--bench-dir", tmp_path, "--only", "b", "--full"], capsys)
     assert rc == 0, err
     assert (tmp_path / "bench_b.args").read_text() == "[]"
+
+
+def _folder(root, n=10, classes=("benign", "malignant")):
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            value = 10 * i + (100 if c == "malignant" else 0)
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_folder_run_is_found_from_elsewhere_and_changed_data_is_refused(tmp_path, capsys, monkeypatch):
+    """run.json keeps an absolute --data, so eval from another directory reads the same folder; a folder that gained
+    an image would be split differently (test images trained on), so eval and --resume refuse it."""
+    _folder(tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--data", "d", "--size", "8", "--model", "mlp", "--epochs", "1", "--out", tmp_path / "run",
+            "--no-progress", "--device", "cpu"]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "classes: benign = 0, malignant = 1 (positive)" in out
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == str(tmp_path / "d")
+    monkeypatch.chdir(tmp_path / "run")
+    assert cli.load_run(tmp_path / "run")[1].info.source == str(tmp_path / "d")
+    (tmp_path / "d" / "benign" / "9.png").rename(tmp_path / "d" / "malignant" / "extra.png")
+    rc, _, err = run(["eval", tmp_path / "run", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, "run.json: data:", "now holds 20 images (benign 9, malignant 11)",
+                   "trained when it held 20 images (benign 10, malignant 10)")
+    assert not (tmp_path / "e").exists()
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(argv[:8] + ["2"] + argv[9:] + ["--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "class_counts=")
+
+
+def test_reproduce_on_own_folder_with_size(tmp_path, capsys):
+    """--size reaches the protocol's runs and their split record (eval rebuilds the same images), and the report
+    says the data is not the protocol's."""
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")])
+    run_protocol(proto, out=tmp_path / "o", data=str(_folder(tmp_path / "d")), seeds=1, size=8, progress=False)
+    run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
+    assert json.loads((run_dir / "run.json").read_text())["split"]["size"] == 8
+    _, splits, _ = cli.load_run(run_dir)
+    assert splits.info.image_size == 8 and splits.test.tensors[0].shape[-1] == 8
+    assert "DATA: this run used " in (tmp_path / "o" / "report.md").read_text()
+    # a binary-only defense on 3 classes is refused before the methods ahead of it are trained
+    proto = _tiny_protocol("kfold", [("Baseline", "standard"), ("ARFL", "arfl")])
+    three = _folder(tmp_path / "three", classes=("benign", "malignant", "normal"))
+    with pytest.raises(cli.CLIError, match=r"ARFL \(arfl\) is defined for binary tasks only; three has 3 classes"):
+        run_protocol(proto, out=tmp_path / "o3", data=str(three), seeds=1, size=8, progress=False)
+    assert not (tmp_path / "o3").exists()
+
+
+def test_warnings_are_one_line(tmp_path, capsys):
+    _folder(tmp_path / "d")
+    _folder(tmp_path / "d", n=1, classes=("normal",))
+    rc, out, err = run(["train", "--data", tmp_path / "d", "--size", "8", "--model", "mlp", "--epochs", "1", "--out",
+                        tmp_path / "run", "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert err.strip().splitlines() == [f"robust-ops train: warning: {tmp_path / 'd'}: a class is too small to "
+                                        "stratify the 0.7/0.1/0.2 split; the seeded random split leaves out normal "
+                                        "from train; benign, normal from val"]
+    assert "classes: benign = 0, malignant = 1, normal = 2; metrics macro-averaged over classes" in out

@@ -148,7 +148,8 @@ def test_busi_folder(tmp_path):
     # zero padding: a 40x20 image becomes 40x40 with black bands above and below
     assert float(x[0, 0, 0].max()) == 0.0 and float(x[0, 0, 8].min()) > 0
     assert torch.allclose(x[y == 1][:, :, 8, 8], torch.tensor(200 / 255))
-    assert s.info.extra == {"excluded_samples": 10, "excluded_labels": {"normal": 10}}  # the filter is recorded
+    assert s.info.extra == {"excluded_samples": 10, "excluded_labels": {"normal": 10},  # the filter is recorded
+                            "class_counts": {"benign": 10, "malignant": 10}}
     s3 = load_dataset(tmp_path, size=16)
     assert s3.info.class_names == ("benign", "malignant", "normal") and s3.info.positive_class is None
     assert s3.info.extra["excluded_samples"] == 0
@@ -215,7 +216,8 @@ def test_csv_subset_filter_is_recorded(tmp_path):
     (tmp_path / "imgs" / "im2.jpg").unlink()  # an excluded row's image need not exist
     s = load_dataset(path, size=8, classes=("nv", "mel"))
     assert s.info.class_names == ("nv", "mel") and len(s.train) + len(s.val) + len(s.test) == 20
-    assert s.info.extra == {"excluded_samples": 10, "excluded_labels": {"bkl": 10}}
+    assert s.info.extra == {"excluded_samples": 10, "excluded_labels": {"bkl": 10},
+                            "class_counts": {"nv": 10, "mel": 10}}
     assert s.info.to_dict()["excluded_labels"] == {"bkl": 10}  # so run.json / results.json show it
     with pytest.raises(DataError, match=r"1 image\(s\) listed but not found"):
         load_dataset(path, size=8)
@@ -596,17 +598,23 @@ def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
 
 
 def test_busi_16_bit_dark_and_float_images(tmp_path):
-    """A 16-bit image is on the 16-bit scale even when all its values are <= 255; float images above 255 are refused
-    (their scale is unknown)."""
+    """A 16-bit image is on the 16-bit scale even when all its values are <= 255 (when another image of the set uses
+    the 16-bit range; a set whose 16-bit images all would come out black is refused); float images above 255 are
+    refused (their scale is unknown)."""
     from PIL import Image
 
     for c in ("benign", "malignant"):
         (tmp_path / c).mkdir()
         for i in range(5):
             Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / c / f"{i}.png")
+    with pytest.raises(DataError, match=r"every 16-bit image holds values <= 200 only .*save them as 8-bit images"):
+        load_dataset(tmp_path, size=8)
+    Image.fromarray(np.full((8, 8), 60000, np.uint16)).save(tmp_path / "benign" / "bright.png")
     with pytest.warns(UserWarning, match="too small to stratify"):
         s = load_dataset(tmp_path, size=8)
-    assert round(float(s.train.tensors[0].max()) * 255) == 1  # 200 / 257 -> 1, not 200
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert sorted({round(float(v) * 255) for v in x.flatten()}) == [1, 233]  # 200 / 257 -> 1, not 200
+    (tmp_path / "benign" / "bright.png").unlink()
     Image.fromarray(np.full((8, 8), 300.0, np.float32)).save(tmp_path / "benign" / "f.tif")
     with pytest.raises(DataError, match=r"f\.tif: F image with values in \[300, 300\]; expected 8- or 16-bit"):
         load_dataset(tmp_path, size=8)
@@ -635,3 +643,83 @@ def test_moons_streams_noise_and_range():
     torch.testing.assert_close(x[y == 0].norm(dim=1), torch.ones(int((y == 0).sum())))
     with pytest.raises(DataError, match=r"moons: a point fell outside \(-4\.0, 4\.0\); lower the noise"):
         moons_splits(noise=5.0, n_train=200)
+
+
+def _class_folders(root, classes=("benign", "malignant"), n=5, size=(8, 8), mode="L"):
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            _png(root / c / f"{i}.png", size, 7 * i + 40, mode=mode)
+    return root
+
+
+def test_busi_images_it_would_not_read_are_errors(tmp_path):
+    """A .gif beside the PNGs, or a patient subfolder, must not make a class silently smaller."""
+    from PIL import Image
+
+    root = _class_folders(tmp_path / "d")
+    Image.new("L", (8, 8), 90).save(root / "benign" / "extra.gif")
+    with pytest.raises(DataError, match=r"benign/extra\.gif: \.gif files are not read \(expected \.png, .*\); "
+                                        r"convert it"):
+        load_dataset(root, size=8)
+    (root / "benign" / "extra.gif").unlink()
+    (root / "benign" / "patient7").mkdir()
+    _png(root / "benign" / "patient7" / "p.png", (8, 8), 90)
+    with pytest.raises(DataError, match=r"benign/patient7: a subfolder holding images; only the images directly in"):
+        load_dataset(root, size=8)
+
+
+def test_busi_colour_images_keep_their_colour(tmp_path):
+    """Colour images are read as RGB; grayscale saved as RGB (BUSI's PNGs) stays one channel."""
+    from PIL import Image
+
+    grey = _class_folders(tmp_path / "grey", mode="RGB")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        assert load_dataset(grey, size=8).info.in_channels == 1
+    colour = _class_folders(tmp_path / "colour")
+    Image.fromarray(np.dstack([np.full((8, 8), v, np.uint8) for v in (200, 100, 0)])).save(colour / "benign" / "c.png")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(colour, size=8)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert s.info.in_channels == 3 and x.shape[1] == 3
+    assert any(torch.allclose(img[:, 4, 4], torch.tensor([200, 100, 0]) / 255) for img in x)
+
+
+@pytest.mark.parametrize("classes, positive", [(("disease", "healthy"), "disease"),
+                                               (("abnormal", "normal"), "abnormal"), (("tumour", "control"), "tumour"),
+                                               (("0", "1"), "1")])
+def test_binary_positive_class_without_a_malignant_name(tmp_path, classes, positive):
+    """Label 1 alone would make "healthy" the positive class of disease/healthy."""
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(_class_folders(tmp_path, classes), size=8)
+    assert s.info.class_names[s.info.positive_class] == positive
+
+
+def test_csv_labels_in_two_cases_and_numeric_labels(tmp_path):
+    path = _ham(tmp_path, ["mel", "nv", "Mel"] * 4)
+    with pytest.raises(DataError, match=r"meta\.csv: labels 'Mel' and 'mel' in column 'dx' differ only in case"):
+        load_dataset(path, size=8)
+    path = _ham(tmp_path, [str(i % 12) for i in range(24)], name="num.csv")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(path, size=8)
+    assert s.info.class_names == tuple(str(i) for i in range(12))  # "2" before "10": label k is class "k"
+
+
+def test_csv_hints_for_other_separators_and_file_names_as_ids(tmp_path):
+    _ham(tmp_path, ["mel", "nv"] * 4)
+    (tmp_path / "semi.csv").write_text("image_id;dx\nim0;mel\n")
+    with pytest.raises(DataError, match=r"missing column 'image_id' \(found: image_id;dx\); the header looks "
+                                        r"';'-separated: save the file comma-separated$"):
+        load_dataset(tmp_path / "semi.csv", size=8)
+    (tmp_path / "ext.csv").write_text("image_id,dx\nimgs/im0.jpg,mel\nim1.jpg,nv\n")
+    with pytest.raises(DataError, match=r"2 image\(s\) listed but not found .*; 'image_id' holds file names without "
+                                        r"folder or extension"):
+        load_dataset(tmp_path / "ext.csv", size=8)
+
+
+def test_a_class_too_small_to_stratify_is_named(tmp_path):
+    root = _class_folders(tmp_path, n=20)
+    _class_folders(tmp_path, ("normal",), n=1)
+    with pytest.warns(UserWarning, match=r"leaves out normal from val; normal from test$"):
+        s = load_dataset(root, size=8)
+    assert s.info.extra["classes_missing_from_split"] == {"val": ["normal"], "test": ["normal"]}

@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -192,6 +193,24 @@ def load_data(spec, size=None, seed=0, flag="--data"):
         raise CLIError(f"{flag}: {err}") from None
 
 
+def data_spec(spec):
+    """``--data`` as run.json records it: a file or folder path made absolute, so `eval` and `--resume` run from
+    another working directory read the same data (names such as synthetic or breastmnist stay as they are)."""
+    from .data.core import MOONS_NAMES, SYNTHETIC_NAMES
+
+    if spec is None or str(spec).lower() in SYNTHETIC_NAMES + MOONS_NAMES:  # load_dataset reads these as names
+        return spec
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir() or (text.lower().endswith((".npz", ".csv")) and path.exists()):
+        return os.path.abspath(path)
+    return text
+
+
+def _counts(counts):
+    return f"{sum(counts.values())} images ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+
+
 def make_model(name, info, dropmax="none"):
     from .models import build_model
 
@@ -346,7 +365,7 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
     if defense_name == "mirst-dm" and dropmax == "none":
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
     run = {
-        "format": "robust_ops.run/1", "data": str(data), "size": size, "model": model_name,
+        "format": "robust_ops.run/1", "data": str(data_spec(data)), "size": size, "model": model_name,
         "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
                                                       for k, v in defense_options.items()},
         "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
@@ -376,6 +395,8 @@ def resume_conflict(out, run):
     old.setdefault("channels_last", False)  # runs written before the options trained NCHW, on ATen's convolutions
     old.setdefault("prepacked_conv", False)
     old.setdefault("split", run.get("split"))  # runs written before run.json recorded the split: same data, seed
+    if old.get("data") is not None:  # runs written before paths were made absolute: relative to this directory
+        old["data"] = str(data_spec(old["data"]))
     # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
     for key in RESUME_KEYS:
         if old.get(key) != run.get(key):
@@ -383,6 +404,7 @@ def resume_conflict(out, run):
     # Known only once the data is loaded (reproduce's pre-check has neither) and absent from older run.json files;
     # the image size is the loaded one, so --size 28 on 28x28 data equals no --size.
     for key, value in (("size", lambda r: (r.get("dataset") or {}).get("image_size")),
+                       ("class_counts", lambda r: (r.get("dataset") or {}).get("class_counts")),
                        ("train_samples", lambda r: r.get("train_samples"))):
         was, now = value(old), value(run)
         if was is not None and now is not None and was != now:
@@ -436,6 +458,16 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
 
 
+def describe_classes(info):
+    """``benign = 0, malignant = 1 (positive)``: the label each class got and the class sensitivity is about."""
+    if not info.class_names:
+        return "none"
+    names = [f"{name} = {i}" + (" (positive)" if i == info.positive_class else "")
+             for i, name in enumerate(info.class_names)]
+    rule = "" if info.positive_class is not None else "; metrics macro-averaged over classes"
+    return ", ".join(names) + rule
+
+
 def cmd_train(args):
     check_out(args.out)
     device = pick_device(args.device)
@@ -456,6 +488,7 @@ def cmd_train(args):
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
     epochs = f"{len(history)} epoch{'s' if len(history) != 1 else ''}"
     print(f"trained {args.defense} on {splits.info.display_name} for {epochs}: {shown}")
+    print(f"classes: {describe_classes(splits.info)}")
     print(f"run: {args.out} (evaluate with: {PROG} eval {args.out} --attacks fgsm,pgd,cw --eps 1/255,2/255,5/255)")
     return 0
 
@@ -481,11 +514,12 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
             raise CLIError(f"{run_file}: not valid JSON ({err})") from None
     explicit_data = data is not None  # the refusal below offers --data as the way to the data's own test split
     data = data or run.get("data")
+    flag = "--data" if explicit_data else f"{run_file}: data"  # an error names where the path came from
     model_name = model or run.get("model")
     if data is None or model_name is None:
         raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass --data and --model")
     state = read_checkpoint(ckpt)
-    same_data = data == run.get("data") and (size is None or size == run.get("size"))
+    same_data = data_spec(data) == data_spec(run.get("data")) and (size is None or size == run.get("size"))
     if run.get("split") and same_data:  # a reproduce run: its own fold / subset, not the data's train/val/test
         from .reproduce import rebuild_splits
 
@@ -495,7 +529,13 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
     else:
-        splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0))
+        splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0), flag=flag)
+    was = (run.get("dataset") or {}).get("class_counts")
+    now = splits.info.extra.get("class_counts")
+    if same_data and was and now is not None and was != now:  # the seeded split would differ: train images in test
+        raise CLIError(f"{flag}: {data} now holds {_counts(now)}, but the run was trained when it held "
+                       f"{_counts(was)}; its split would differ and could test on training images -- restore the "
+                       "data or train again")
     net = make_model(model_name, splits.info, dropmax or run.get("dropmax", "none"))
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
@@ -758,6 +798,7 @@ def cmd_demo(args):
                 raise _demo_resume_error(run_dir, conflict, args, epochs)
     print(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
           f"{args.model}, {epochs} epochs, device {device}")
+    print(f"classes: {describe_classes(splits.info)}")
     models, timings = {}, {}
     try:
         for m in methods:
@@ -859,6 +900,8 @@ def cmd_reproduce_parser(sub):
     p.add_argument("name", choices=tuple(PROTOCOLS), metavar="NAME", help=", ".join(PROTOCOLS))
     p.add_argument("--quick", action="store_true", help="a smoke version (< 2 minutes on 2 CPU cores)")
     p.add_argument("--data", default=None, help="dataset (default: the protocol's; breastmnist for *-bus)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side length for a folder / CSV --data (default: 224) or a MedMNIST size variant")
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
@@ -887,7 +930,8 @@ def cmd_reproduce(args):
 
     try:
         run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
-                     seeds=args.seeds, device=device, progress=not args.no_progress, reevaluate=args.reevaluate)
+                     seeds=args.seeds, size=args.size, device=device, progress=not args.no_progress,
+                     reevaluate=args.reevaluate)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:
@@ -928,7 +972,11 @@ def main(argv=None):
         global _allow_download
         _allow_download = bool(getattr(args, "download", False))
         try:
-            return args.func(args) or 0
+            with warnings.catch_warnings():  # restores the caller's warning display afterwards
+                # one line like the errors, not Python's two (file:line and a source line from inside the library)
+                warnings.showwarning = lambda message, *_a, **_k: print(
+                    f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
+                return args.func(args) or 0
         finally:
             _allow_download = False
     except CLIError as err:

@@ -433,13 +433,15 @@ def aggregate(rows, metrics):
 CV_SEED = 0  # the k-fold split's seed (fixed: every seed of a protocol sees the same folds)
 
 
-def split_record(protocol, k, quick_sizes=None):
+def split_record(protocol, k, quick_sizes=None, size=None):
     """run.json's record of repeat ``k``'s data split, enough for :func:`rebuild_splits` (``robust-ops eval`` on a
     reproduce run) to rebuild the exact train/val/test sets it was trained and tested on."""
     if protocol.split == "kfold":
         record = {"kind": "kfold", "k": max(protocol.repeats, 2), "fold": k, "cv_seed": CV_SEED, "data_seed": 0}
     else:
         record = {"kind": "seeds", "data_seed": k}
+    if size is not None:  # --size: the loaded image size (absent: the data's own / 224 for folders)
+        record["size"] = size
     if quick_sizes:
         record["subset"] = {"n_train": quick_sizes[0], "n_test": quick_sizes[1], "seed": k}
     return record
@@ -454,11 +456,12 @@ def rebuild_splits(data, record, base=None, folds=None):
     kind = record.get("kind")
     if kind == "kfold":
         if folds is None:
-            base = base if base is not None else load_data(data, seed=record.get("data_seed", 0))
+            base = base if base is not None else load_data(data, size=record.get("size"),
+                                                           seed=record.get("data_seed", 0))
             folds = cross_validation(base, k=record["k"], seed=record["cv_seed"])
         splits = folds[record["fold"]]
     elif kind == "seeds":
-        splits = base if base is not None else load_data(data, seed=record["data_seed"])
+        splits = base if base is not None else load_data(data, size=record.get("size"), seed=record["data_seed"])
     else:
         raise CLIError(f"run.json: unknown split record {record!r}; expected kind 'kfold' or 'seeds'")
     sub = record.get("subset")
@@ -500,16 +503,16 @@ def _sources_over(info, repeats, kind):
     return dataclasses.replace(info, source=re.sub(r"\bseed \d+", f"seeds {seeds}", info.source))
 
 
-def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, device="cpu", progress=True,
-                 reevaluate=False):
+def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
+                 progress=True, reevaluate=False):
     """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
 
     Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
     before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
-    from . import report
-    from .cli import load_data, resume_conflict, run_record, train_run
+    from . import defenses, report
+    from .cli import CLIError, load_data, resume_conflict, run_record, train_run
     from .data import cross_validation
     from .evaluate import evaluate, write_results
     from .metrics import metric_names
@@ -522,29 +525,31 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     out = Path(out)
     runs_dir = out / ("runs-quick" if quick else "runs")
     t_start = time.perf_counter()
-    base = load_data(data, seed=0) if protocol.split == "kfold" else None
+    base = load_data(data, size=size, seed=0) if protocol.split == "kfold" else None
     folds = cross_validation(base, k=max(protocol.repeats, 2), seed=CV_SEED) if base is not None else None
     if folds is not None and repeats > len(folds):
-        from .cli import CLIError
-
         raise CLIError(f"--seeds: {protocol.name} has {len(folds)} folds, got {repeats}")
     quick_sizes = (q["n_train"], q["n_test"]) if quick else None
     plan = []  # (k, tag, split record, splits, [(method, options, run_dir)]): all checked before training any
     for k in range(repeats):
-        record = split_record(protocol, k, quick_sizes)
-        splits = rebuild_splits(data, record, base=None if folds is not None else load_data(data, seed=k),
+        record = split_record(protocol, k, quick_sizes, size)
+        splits = rebuild_splits(data, record, base=None if folds is not None else load_data(data, size=size, seed=k),
                                 folds=folds)
         tag = f"fold{k}" if folds is not None else f"seed{k}"
         runs = []
         for method in protocol.methods:
+            if getattr(defenses.defense_class(method.defense), "binary_only", False) and splits.info.num_classes != 2:
+                # before any run is trained, not after the methods listed ahead of it
+                raise CLIError(f"--data: {protocol.name}'s {method.label} ({method.defense}) is defined for binary "
+                               f"tasks only; {splits.info.name} has {splits.info.num_classes} classes")
             options = dict(method.options)
             if method.defense == "ima" and "delta" not in options:
                 options["delta"] = options.get("eps_train", 1.0) / max(epochs, 1)  # margins can reach eps_train
             run_dir = runs_dir / report.slug(method.label) / tag
             conflict = resume_conflict(run_dir, run_record(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
-                epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, dropmax=method.dropmax,
-                label=method.label, split=record))
+                epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
+                dropmax=method.dropmax, label=method.label, split=record))
             if conflict:
                 raise _resume_error(protocol, run_dir, conflict, epochs)
             runs.append((method, options, run_dir))
@@ -561,7 +566,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             model, _, _, _ = train_run(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
-                out=run_dir, resume=True, dropmax=method.dropmax,
+                out=run_dir, resume=True, dropmax=method.dropmax, size=size,
                 progress=progress, splits=splits, label=method.label, split=record)
             models[method.label] = model
             seen_clean = False
@@ -590,14 +595,22 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     rows = aggregate(all_rows, metrics)
     comparison = report.paper_comparison_table(rows, protocol.paper_rows, protocol.paper_metrics)
     notes = list(protocol.notes)
+    if protocol.data not in (data, splits.info.name):  # its notes describe its own data (BreastMNIST's 780 images)
+        inf = splits.info
+        pos = (f"positive class {inf.class_names[inf.positive_class]}" if inf.positive_class is not None
+               else "macro-averaged metrics")
+        shape = f"{inf.image_size}x{inf.image_size}" if inf.image_size else "feature vectors"
+        notes.insert(0, f"DATA: this run used {data} ({inf.num_classes} classes: {', '.join(map(str, inf.class_names))}"
+                        f"; {shape}; {pos}) instead of the protocol's {protocol.data}; "
+                        f"what the notes below say about {protocol.data} does not describe it.")
     if quick:
         notes.insert(0, f"QUICK MODE: a smoke run on small subsets for a few epochs, attacks capped at {QUICK_STEPS} "
                         "steps / draws; the numbers below mean nothing.")
     extra = "\n".join(["## Published numbers beside ours", "", comparison, "", "## Notes", "",
                        *(f"- {n}" for n in notes)])
-    config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "model": model_name,
-              "epochs": epochs, "batch_size": protocol.batch_size, "lr": protocol.lr, "repeats": repeats,
-              "split": protocol.split, "methods": [vars(m) for m in protocol.methods],
+    config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
+              "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": protocol.lr,
+              "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in protocol.methods],
               "seconds": round(time.perf_counter() - t_start, 1)}
     saliency = None
     x, y = splits.test.tensors

@@ -106,8 +106,10 @@ def labels_to_tensor(labels, n, source, key="labels"):
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def stratified_split(y, fractions, seed, source="dataset"):
-    """Split indices into len(fractions) stratified parts (fractions sum to 1), deterministic in seed."""
+def stratified_split(y, fractions, seed, source="dataset", class_names=None):
+    """Split indices into len(fractions) stratified parts (fractions sum to 1), deterministic in seed.
+    class_names: label -> name, so the warning about a class too small to stratify names it and the parts (train,
+    val, test in that order)."""
     from sklearn.model_selection import train_test_split
 
     y = np.asarray(y)
@@ -136,8 +138,13 @@ def stratified_split(y, fractions, seed, source="dataset"):
         raise too_few
     missing = missing_classes(y, parts)
     if not stratified and missing:
+        where = f"{missing} (part index: classes)"
+        if class_names is not None:  # readable: "normal from test" rather than "{2: [2]}"
+            parts_named = ("train", "val", "test")  # k-fold splits a fold's training part into train and val
+            where = "; ".join(f"{', '.join(str(class_names[c]) for c in cs)} from {parts_named[i]}"
+                              for i, cs in missing.items())
         warnings.warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split; the "
-                      f"seeded random split leaves out {missing} (part index: classes)", stacklevel=3)
+                      f"seeded random split leaves out {where}", stacklevel=3)
     return parts
 
 
@@ -150,7 +157,7 @@ def missing_classes(y, parts):
 
 def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2)):
     """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples."""
-    parts = stratified_split(y.numpy(), fractions, seed, info.source or info.name)
+    parts = stratified_split(y.numpy(), fractions, seed, info.source or info.name, info.class_names)
     missing = missing_classes(y.numpy(), parts)
     if missing:  # recorded in results.json: a metric of an absent class is undefined there
         names = ("train", "val", "test")
@@ -158,6 +165,11 @@ def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2)):
                                                     for i, cs in missing.items()}
     sets = [TensorDataset(x[p], y[p]) for p in parts]
     return DatasetSplits(*sets, info)
+
+
+# Names load_dataset reads as generated sets, never as paths (any case).
+SYNTHETIC_NAMES = ("synthetic", "synthetic-bus", "synthetic_bus")
+MOONS_NAMES = ("moons", "two-moons", "two_moons", "twomoons")
 
 
 def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False):
@@ -184,9 +196,9 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
 
     if classes is not None and not (low.endswith(".csv") or Path(text).expanduser().is_dir()):
         raise DataError(f"{text}: classes= selects class folders or CSV labels; this source has fixed classes")
-    if low in ("synthetic", "synthetic-bus", "synthetic_bus"):
+    if low in SYNTHETIC_NAMES:
         return synthetic.synthetic_splits(size=28 if size is None else size, seed=seed)
-    if low in ("moons", "two-moons", "two_moons", "twomoons"):
+    if low in MOONS_NAMES:
         if size is not None:  # would be ignored: the points are 2-d feature vectors, not images
             raise DataError(f"{text}: size= resizes images; two-moons holds 2-d points -- leave size unset")
         return synthetic.moons_splits(seed=seed)

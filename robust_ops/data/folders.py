@@ -6,6 +6,7 @@ Neither source has official splits: train/val/test are a stratified 7:1:2 split 
 """
 
 import csv
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -16,9 +17,15 @@ from .._options import check_int
 from .core import DataError, DatasetInfo, splits_from_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Image files this loader does not read: refused, so a class folder is never silently smaller than it looks.
+OTHER_IMAGE_SUFFIXES = (".gif", ".webp", ".jp2", ".j2k", ".heic", ".pgm", ".ppm", ".pnm", ".dcm", ".dicom", ".nii",
+                        ".nrrd", ".mha")
 BUSI_ORDER = ("benign", "malignant", "normal")
 # Classes treated as "positive" (their recall is the sensitivity) when present.
 POSITIVE_NAMES = ("malignant", "mel", "melanoma", "cancer", "positive")
+# Binary sets without one of those: the class that is not one of these is positive (e.g. "abnormal" vs "normal",
+# which label 1 alone would get wrong when the negative class sorts second, as "disease" / "healthy" does).
+NEGATIVE_NAMES = ("benign", "normal", "healthy", "negative", "control")
 
 
 def pad_to_square_and_resize(img, size):
@@ -32,7 +39,7 @@ def pad_to_square_and_resize(img, size):
     return canvas.resize((size, size), Image.BILINEAR)
 
 
-def _to_8bit(img, path):
+def _to_8bit(img, path, stats=None):
     """16-bit and 32-bit grayscale images as 8-bit: Pillow's convert("L") clamps every value above 255 to white."""
     from PIL import Image
 
@@ -42,23 +49,47 @@ def _to_8bit(img, path):
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if lo >= 0 and hi <= 255 and not img.mode.startswith("I;16"):  # 8-bit values in a wider type: nothing to scale
         return img
+    if stats is not None:  # the loader refuses a set whose 16-bit images would all come out black
+        stats["max16"] = max(stats.get("max16", 0.0), hi)
     if lo < 0 or hi > 65535 or img.mode == "F":
         raise DataError(f"{path}: {img.mode} image with values in [{lo:g}, {hi:g}]; expected 8- or 16-bit "
                         "intensities -- save it as an 8- or 16-bit image")
     return Image.fromarray(np.round(arr.astype(np.float64) / 257.0).astype(np.uint8))  # 65535 -> 255, mode L
 
 
-def read_image(path, size, mode):
+def read_image(path, size, mode, stats=None):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = _to_8bit(img, path).convert(mode)
+            img = _to_8bit(img, path, stats).convert(mode)
             img = pad_to_square_and_resize(img, size)
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
     arr = np.asarray(img, dtype=np.uint8)
     return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+def _has_colour(path):
+    """Whether an image's channels differ anywhere (grayscale saved as RGB, as BUSI's images are, does not count)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("1", "L", "LA", "F") or img.mode.startswith("I"):
+                return False
+            rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError):  # read_image reports it
+        return False
+    return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def _check_16_bit(stats, where):
+    """One dark 16-bit image is fine; a set whose 16-bit images all hold values <= 255 is 8-bit data saved in 16 bits,
+    and scaled from 16 bits it would be black (every pixel 0 or 1 of 255)."""
+    if "max16" in stats and stats["max16"] <= 255:
+        raise DataError(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (8-bit values saved in "
+                        "16 bits?); scaled from 16 bits they would all be black -- save them as 8-bit images")
 
 
 def _stack(arrays, labels):
@@ -74,6 +105,9 @@ def _positive(class_names):
     for name in POSITIVE_NAMES:
         if name in low:
             return low.index(name)
+    negative = [i for i, c in enumerate(low) if c in NEGATIVE_NAMES]
+    if len(negative) == 1:
+        return 1 - negative[0]
     return 1
 
 
@@ -102,14 +136,18 @@ def _check_size(size, where):
     check_int(where, "size (pixels)", size, minimum=1, error=DataError)
 
 
-def load_busi(folder, size=224, seed=0, classes=None, mode="L"):
+def load_busi(folder, size=224, seed=0, classes=None, mode=None):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
+
+    mode: Pillow mode the images are read in; None: grayscale ("L", one channel), or "RGB" when any image of the
+    requested classes has colour (so colour is never dropped silently). Image files of other formats (.gif, .dcm,
+    ...) and subfolders holding images are errors: only the images directly in each class folder would be read.
 
     classes: which class folders to use, in label order (default: those of benign/malignant/normal present, in that
     order, then any others alphabetically). MIRST-DM uses ``("benign", "malignant")``. Names match folders
     case-insensitively; a requested folder that is missing or holds no images is an error. Folders not requested are
     left out, as a filter, and recorded in ``info.extra``: ``excluded_labels`` (folder -> image count) and
-    ``excluded_samples`` (their total).
+    ``excluded_samples`` (their total); ``class_counts`` holds each class's image count.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -135,22 +173,46 @@ def load_busi(folder, size=224, seed=0, classes=None, mode="L"):
     def images(d):
         return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower())
 
-    arrays, labels = [], []
-    for label, c in enumerate(classes):
-        files = images(subdirs[c])
-        if not files:
+    def check_unread(d):
+        for p in sorted(d.iterdir()):
+            if p.is_file() and p.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+                raise DataError(f"{p}: {p.suffix} files are not read (expected {', '.join(IMAGE_SUFFIXES)}); convert "
+                                f"it or move it out of {d}")
+            if p.is_dir() and any(q.suffix.lower() in IMAGE_SUFFIXES + OTHER_IMAGE_SUFFIXES for q in p.rglob("*")):
+                raise DataError(f"{p}: a subfolder holding images; only the images directly in {d} are read -- move "
+                                "them up or out of the class folder")
+
+    files = {}
+    for c in classes:
+        check_unread(subdirs[c])
+        files[c] = images(subdirs[c])
+        if not files[c]:
             raise DataError(f"{subdirs[c]}: no images found")
-        for p in files:
-            arrays.append(read_image(p, size, mode))
+    if mode is None:
+        mode = "RGB" if any(_has_colour(p) for c in classes for p in files[c]) else "L"
+    arrays, labels, stats = [], [], {}
+    for label, c in enumerate(classes):
+        for p in files[c]:
+            arrays.append(read_image(p, size, mode, stats))
             labels.append(label)
+    _check_16_bit(stats, folder)
     excluded = {c: len(images(d)) for c, d in sorted(subdirs.items()) if c not in classes}
     x, y = _stack(arrays, labels)
     info = DatasetInfo(
         name=folder.name or "busi", num_classes=len(classes), in_channels=x.shape[1], image_size=size,
         class_names=tuple(classes), positive_class=_positive(classes), synthetic=False, source=str(folder),
-        extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded},
+        extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
+               "class_counts": {c: len(files[c]) for c in classes}},  # eval checks the data is unchanged
     )
     return splits_from_arrays(x, y, info, seed)
+
+
+def _label_order(labels):
+    """Sort key for CSV labels: numeric when every label is an integer ("2" before "10", so label k keeps index k
+    for 0..n-1), else by text."""
+    if all(re.fullmatch(r"-?[0-9]+", label) for label in labels):
+        return lambda label: (int(label), label)
+    return str
 
 
 def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
@@ -159,7 +221,8 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
     _part_2/).
 
-    classes: label names to use, in label order (default: every label in the CSV, sorted). Labels match exactly
+    classes: label names to use, in label order (default: every label in the CSV, sorted; numerically when all are
+    integers, so "2" comes before "10"). Labels match exactly
     (case-sensitive). Every requested class must have at least one row, else DataError naming the labels present.
     Rows with other labels are left out -- a subset filter, like choosing class folders -- and recorded in
     ``info.extra``: ``excluded_labels`` (label -> row count) and ``excluded_samples`` (their total); their images
@@ -179,7 +242,10 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
             reader.fieldnames = fields
             for col in (id_column, label_column):
                 if col not in fields:
-                    raise DataError(f"{csv_path}: missing column {col!r} (found: {', '.join(fields) or 'none'})")
+                    sep = next((c for c in ";\t|" if len(fields) == 1 and c in fields[0]), None)
+                    hint = f"; the header looks {sep!r}-separated: save the file comma-separated" if sep else ""
+                    raise DataError(f"{csv_path}: missing column {col!r} (found: {', '.join(fields) or 'none'})"
+                                    + hint)
             for r in reader:
                 # stripped: "mel " would otherwise become a class of its own beside "mel"
                 image_id, label = (r[id_column] or "").strip(), (r[label_column] or "").strip()
@@ -199,8 +265,15 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         raise DataError(f"{csv_path}: {len(dup)} image_id(s) listed more than once, e.g. {_listing(dup, 3)}; "
                         f"expected one row per image")
     counts = Counter(label for _, label in rows)
+    folded = {}
+    for label in sorted(counts):
+        folded.setdefault(label.casefold(), []).append(label)
+    clash = next((v for v in folded.values() if len(v) > 1), None)
+    if clash:  # "Malignant" beside "malignant" would silently become a class of its own
+        raise DataError(f"{csv_path}: labels {' and '.join(map(repr, clash))} in column {label_column!r} differ only "
+                        "in case and would be separate classes; write each label one way")
     if classes is None:
-        names = sorted(counts)
+        names = sorted(counts, key=_label_order(counts))
     else:
         names = _class_list(classes, f"load_csv({csv_path})")
         empty = [n for n in names if n not in counts]
@@ -220,18 +293,25 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
             index.setdefault(p.stem, []).append(p)
     missing = [image_id for image_id, _ in kept if image_id not in index]
     if missing:
+        hint = ""
+        if any("/" in i or "\\" in i or Path(i).suffix.lower() in IMAGE_SUFFIXES for i in missing[:3]):
+            hint = (f"; {id_column!r} holds file names without folder or extension (img1 for images/img1.png), "
+                    "matched anywhere under the CSV's folder")
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
-                        f"e.g. {', '.join(missing[:3])}")
+                        f"e.g. {', '.join(missing[:3])}{hint}")
     ambiguous = sorted(i for i, ps in index.items() if len(ps) > 1)
     if ambiguous:  # which copy would be read depended on the file-system order
         first = index[ambiguous[0]]
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
-    arrays = [read_image(index[image_id][0], size, mode) for image_id, _ in kept]
+    stats = {}
+    arrays = [read_image(index[image_id][0], size, mode, stats) for image_id, _ in kept]
+    _check_16_bit(stats, csv_path)
     x, y = _stack(arrays, [label for _, label in kept])
     info = DatasetInfo(
         name=csv_path.stem, num_classes=len(names), in_channels=x.shape[1], image_size=size,
         class_names=tuple(names), positive_class=_positive(names), synthetic=False, source=str(csv_path),
-        extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded},
+        extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
+               "class_counts": {n: counts[n] for n in names}},  # eval checks the data is unchanged
     )
     return splits_from_arrays(x, y, info, seed)

@@ -40,9 +40,10 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
                         f"k={k} folds")
     folds = []
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for train_idx, test_idx in skf.split(np.zeros(len(y)), y.numpy()):
+    for i, (train_idx, test_idx) in enumerate(skf.split(np.zeros(len(y)), y.numpy())):
         if val_fraction > 0:
-            tr, va = stratified_split(y[train_idx].numpy(), (1 - val_fraction, val_fraction), seed)
+            tr, va = stratified_split(y[train_idx].numpy(), (1 - val_fraction, val_fraction), seed,
+                                      f"{splits.info.source or splits.info.name} (fold {i})", splits.info.class_names)
             train_idx, val_idx = train_idx[tr], train_idx[va]
         else:
             val_idx = train_idx[:0]
