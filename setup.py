@@ -38,6 +38,11 @@ def _flag(name):
 def _cuda_home():
     """The toolkit to use. torch's auto-detection picks /usr/local when nvcc is not on PATH, so prefer
     $CUDA_HOME, then $CUDA_PATH, then /usr/local/cuda, and only then torch's guess."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(name)
+        if value and not os.path.exists(os.path.join(value, "bin", "nvcc")):
+            # Said aloud: otherwise another toolkit is used (or blamed in a version error) without a word.
+            print(f"robust_ops: ignoring {name}={value} (no bin/nvcc there)", file=sys.stderr, flush=True)
     candidates = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", cpp_extension.CUDA_HOME)
     for candidate in candidates:
         if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
@@ -64,7 +69,11 @@ def _check_toolkit(cuda_home):
                  "install a CUDA build of torch, or unset FORCE_CUDA")
     toolkit = _nvcc_version(cuda_home)
     wanted = tuple(int(part) for part in torch.version.cuda.split(".")[:2])
-    if toolkit is not None and toolkit != wanted:
+    if toolkit is None:
+        # Not fatal (a broken nvcc fails the build anyway), but the mismatch check is skipped, so say so.
+        print(f"robust_ops: could not read the CUDA version of {cuda_home}/bin/nvcc; not compared with torch's "
+              f"CUDA {torch.version.cuda}", file=sys.stderr, flush=True)
+    elif toolkit != wanted:
         sys.exit(f"robust_ops: the CUDA toolkit at {cuda_home} is CUDA {toolkit[0]}.{toolkit[1]} but torch "
                  f"{torch.__version__} was built with CUDA {torch.version.cuda}; the CUDA kernels must be compiled "
                  f"with the same CUDA version. Set CUDA_HOME to a CUDA {wanted[0]}.{wanted[1]} toolkit, or build "
@@ -81,7 +90,7 @@ def _build_config():
         if cuda_home is None:
             sys.exit("robust_ops: FORCE_CUDA=1 but no CUDA toolkit found (set CUDA_HOME to a folder with bin/nvcc)")
         _check_toolkit(cuda_home)
-        return True, cuda_home, "FORCE_CUDA=1"
+        return True, cuda_home, f"FORCE_CUDA=1, toolkit at {cuda_home}"
     if torch.version.cuda is None:
         return False, None, f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
     if cuda_home is None:
@@ -110,7 +119,6 @@ def _extension():
     extra = {"cxx": cxx}
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
-    kwargs = {}
     if build_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
@@ -122,12 +130,13 @@ def _extension():
         nvcc = ["-O0" if debug else "-O3", "-std=c++20", "--fmad=false", "-lineinfo"]
         nvcc += os.environ.get("NVCC_FLAGS", "").split()
         extra["nvcc"] = nvcc
-        # The pip CUDA wheels keep headers such as cusparse.h in site-packages/nvidia/cu13/include.
+        # The pip CUDA wheels keep headers such as cusparse.h in site-packages/nvidia/cu13/include. Only torch's
+        # CUDA major (the toolkit's, see _check_toolkit): another major's headers would not match its libraries.
+        sub = "cu" + torch.version.cuda.split(".")[0]
         for site in sys.path:
-            for sub in ("cu13", "cu12"):
-                inc = os.path.join(site, "nvidia", sub, "include")
-                if os.path.isdir(inc):
-                    include_dirs.append(inc)
+            inc = os.path.join(site, "nvidia", sub, "include")
+            if os.path.isdir(inc) and inc not in include_dirs:
+                include_dirs.append(inc)
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
@@ -149,7 +158,6 @@ def _extension():
         define_macros=define_macros,
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
-        **kwargs,
     )
 
 

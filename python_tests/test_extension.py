@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -112,6 +113,11 @@ REPO = Path(__file__).resolve().parent.parent
 def _setup_py(monkeypatch):
     """setup.py's functions, without building: setuptools.setup is stubbed, the module-level extension CPU-only."""
     monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    # The caller's build switches must not steer the tests; set then deleted, so what _extension writes is undone.
+    for name in ("FORCE_CUDA", "CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST", "NVCC_FLAGS", "DEBUG"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # _extension sets it
     monkeypatch.setenv("ROBUST_OPS_CPU_ONLY", "1")
     namespace = runpy.run_path(str(REPO / "setup.py"))
     monkeypatch.delenv("ROBUST_OPS_CPU_ONLY")
@@ -126,6 +132,8 @@ def test_setup_refuses_a_setuptools_older_than_the_pyproject_license_field(monke
         _setup_py(monkeypatch)
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'license = "Apache-2.0"' in pyproject and '"setuptools>=77"' in pyproject
+    monkeypatch.setattr(setuptools, "__version__", "77.0.3")  # the first one that reads the field
+    assert "_extension" in _setup_py(monkeypatch)
 
 
 def _fake_toolkit(folder, release):
@@ -143,7 +151,7 @@ def test_setup_refuses_a_toolkit_of_another_cuda_version(monkeypatch, tmp_path):
     for force in ("0", "1"):  # found or forced: either way the kernels would not load
         monkeypatch.setenv("FORCE_CUDA", force)
         with pytest.raises(SystemExit, match=r"toolkit at .* is CUDA 13\.2 but torch .* built with CUDA 13\.0.*"
-                                              r"ROBUST_OPS_CPU_ONLY=1"):
+                                              r"Set CUDA_HOME to a CUDA 13\.0 toolkit.*ROBUST_OPS_CPU_ONLY=1"):
             build_config()
     _fake_toolkit(tmp_path, "13.0")
     assert build_config()[:2] == (True, str(tmp_path))
@@ -152,6 +160,80 @@ def test_setup_refuses_a_toolkit_of_another_cuda_version(monkeypatch, tmp_path):
         build_config()
     monkeypatch.setenv("FORCE_CUDA", "0")
     assert build_config()[0] is False
+
+
+def test_setup_switch_values(monkeypatch):
+    flag = _setup_py(monkeypatch)["_flag"]
+    assert flag("FORCE_CUDA") is False  # unset
+    for value, on in [("", False), ("0", False), ("false", False), ("no", False), ("off", False), ("1", True),
+                      ("true", True), ("TRUE", True), ("yes", True), ("On", True)]:
+        monkeypatch.setenv("FORCE_CUDA", value)
+        assert flag("FORCE_CUDA") is on, value
+
+
+def test_setup_looks_for_the_toolkit_in_order(monkeypatch, tmp_path, capsys):
+    """$CUDA_HOME, then $CUDA_PATH, then /usr/local/cuda, then torch's guess; a folder without bin/nvcc is skipped,
+    an explicitly named one with a note."""
+    cuda_home = _setup_py(monkeypatch)["_cuda_home"]
+    home, path, guess = (str(tmp_path / name) for name in ("home", "path", "guess"))
+    monkeypatch.setenv("CUDA_HOME", home)
+    monkeypatch.setenv("CUDA_PATH", path)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", guess)
+    present = {os.path.join(folder, "bin", "nvcc") for folder in (home, path, "/usr/local/cuda", guess)}
+    monkeypatch.setattr(os.path, "exists", lambda p: p in present)  # this machine's own toolkit must not count
+    notes = []
+    for expected in (home, path, "/usr/local/cuda", guess):
+        assert cuda_home() == expected
+        notes.append(capsys.readouterr().err)
+        present.remove(os.path.join(expected, "bin", "nvcc"))
+    assert cuda_home() is None
+    notes.append(capsys.readouterr().err)
+    assert notes[:2] == ["", f"robust_ops: ignoring CUDA_HOME={home} (no bin/nvcc there)\n"]
+    assert f"ignoring CUDA_PATH={path}" in notes[2]
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.delenv("CUDA_PATH")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert cuda_home() is None and capsys.readouterr().err == ""
+
+
+def test_setup_reads_the_nvcc_release(monkeypatch, tmp_path):
+    nvcc_version = _setup_py(monkeypatch)["_nvcc_version"]
+    toolkit = _fake_toolkit(tmp_path, "12.8")
+    assert nvcc_version(toolkit) == (12, 8)
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\necho 'no version here'\n")
+    assert nvcc_version(toolkit) is None
+    assert nvcc_version(str(tmp_path / "missing")) is None  # cannot run: OSError
+    calls = []
+
+    def hang(args, **kwargs):
+        calls.append(kwargs)
+        raise subprocess.TimeoutExpired(args, kwargs["timeout"])
+
+    monkeypatch.setattr(subprocess, "run", hang)
+    assert nvcc_version(toolkit) is None and calls[0]["timeout"]  # a hung nvcc must not hang the build
+
+
+def test_setup_build_config_cases(monkeypatch, tmp_path, capsys):
+    build_config = _setup_py(monkeypatch)["_build_config"]
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    toolkit = _fake_toolkit(tmp_path, "13.0")
+    monkeypatch.setenv("CUDA_HOME", toolkit)
+    assert build_config() == (True, toolkit, f"torch.version.cuda=13.0 and toolkit at {toolkit}")
+    monkeypatch.setenv("ROBUST_OPS_CPU_ONLY", "1")
+    for force in ("0", "1"):  # CPU-only wins, even over FORCE_CUDA
+        monkeypatch.setenv("FORCE_CUDA", force)
+        assert build_config() == (False, None, "ROBUST_OPS_CPU_ONLY=1")
+    monkeypatch.setenv("ROBUST_OPS_CPU_ONLY", "0")
+    assert build_config() == (True, toolkit, f"FORCE_CUDA=1, toolkit at {toolkit}")  # the log names the toolkit
+    # An unreadable version is not fatal, but the skipped check is said aloud.
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    assert build_config()[:2] == (True, toolkit)
+    assert f"could not read the CUDA version of {toolkit}/bin/nvcc" in capsys.readouterr().err
+    monkeypatch.setitem(build_config.__globals__, "_cuda_home", lambda: None)
+    with pytest.raises(SystemExit, match=r"FORCE_CUDA=1 but no CUDA toolkit found \(set CUDA_HOME to a folder"):
+        build_config()
+    monkeypatch.setenv("FORCE_CUDA", "0")
+    assert build_config() == (False, None, "no CUDA toolkit found (CUDA_HOME unset, no nvcc); torch.version.cuda=13.0")
 
 
 def test_setup_ships_every_native_source_in_the_sdist(monkeypatch):
@@ -181,6 +263,67 @@ def test_setup_defaults_the_cuda_architectures_without_a_gpu(monkeypatch, tmp_pa
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
 
 
+# Exact flag lists: each is deliberate (see setup.py), so a dropped or changed one should be a visible diff.
+CXX = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
+
+
+def test_setup_cpu_extension(monkeypatch, capsys):
+    extension = _setup_py(monkeypatch)["_extension"]
+    monkeypatch.setenv("ROBUST_OPS_CPU_ONLY", "1")
+    monkeypatch.chdir(REPO)
+    ext = extension()
+    assert ext.name == "robust_ops._C" and ext.extra_compile_args == {"cxx": CXX}
+    assert ext.extra_link_args == ["-fopenmp"]  # compile AND link, or at::parallel_for runs on one thread
+    assert ext.define_macros == [] and "torch_cuda" not in ext.libraries
+    assert not any(src.endswith(".cu") for src in ext.sources)
+    assert "building CPU-only (ROBUST_OPS_CPU_ONLY=1)" in capsys.readouterr().out
+    monkeypatch.setenv("DEBUG", "1")
+    assert extension().extra_compile_args["cxx"] == ["-O0", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-g"]
+    assert "Set FORCE_CUDA=1 with a CUDA toolkit to build them." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("version", ["12.8", "13.0"])
+def test_setup_cuda_extension(monkeypatch, tmp_path, capsys, version):
+    extension = _setup_py(monkeypatch)["_extension"]
+    monkeypatch.setattr(torch.version, "cuda", version)
+    toolkit = _fake_toolkit(tmp_path / "toolkit", version)
+    monkeypatch.setenv("CUDA_PATH", toolkit)  # found there, so _extension must export it as CUDA_HOME itself
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    monkeypatch.setenv("NVCC_FLAGS", "-Xptxas -v")
+    for sub in ("cu12", "cu13"):  # a site-packages holding the pip CUDA wheels' headers of two majors
+        (tmp_path / "site" / "nvidia" / sub / "include").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))  # listed twice (as sys.path can be): one -I is enough
+    monkeypatch.chdir(REPO)
+    ext = extension()
+    assert os.environ["CUDA_HOME"] == toolkit and cpp_extension.CUDA_HOME == toolkit  # what BuildExtension reads
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"  # a chosen list is kept
+    assert ext.extra_compile_args == {"cxx": CXX, "nvcc": ["-O3", "-std=c++20", "--fmad=false", "-lineinfo",
+                                                           "-Xptxas", "-v"]}
+    assert ext.extra_link_args == ["-fopenmp"]
+    assert ext.define_macros == [("WITH_CUDA", None)] and "torch_cuda" in ext.libraries
+    assert str(REPO / "csrc") in ext.include_dirs
+    wheel_headers = [path for path in ext.include_dirs if path.startswith(str(tmp_path / "site"))]
+    major = version.split(".")[0]
+    assert wheel_headers == [str(tmp_path / "site" / "nvidia" / f"cu{major}" / "include")]  # torch's major only
+    cu = sorted(str(path.relative_to(REPO)) for path in (REPO / "csrc" / "cuda").glob("*.cu"))
+    assert cu and [src for src in ext.sources if src.endswith(".cu")] == cu
+    assert f"building CPU + CUDA (torch.version.cuda={version} and toolkit at {toolkit})" in capsys.readouterr().out
+
+
+def test_setup_hands_the_extension_and_build_ext_to_setuptools(monkeypatch):
+    _setup_py(monkeypatch)  # clears the build switches
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.setenv("ROBUST_OPS_CPU_ONLY", "1")
+    monkeypatch.chdir(REPO)
+    runpy.run_path(str(REPO / "setup.py"))
+    assert [ext.name for ext in captured["ext_modules"]] == ["robust_ops._C"]
+    build_ext = captured["cmdclass"]["build_ext"](setuptools.Distribution())
+    assert isinstance(build_ext, cpp_extension.BuildExtension)
+    assert build_ext.no_python_abi_suffix  # robust_ops/_C.so: the name CMakeLists.txt's drop-in has too
+
+
 def _fake_checkout(tmp_path, python_body):
     """scripts/*.sh beside a fake .venv/bin/python (a shell script), so their exit statuses can be checked cheaply."""
     (tmp_path / "scripts").mkdir()
@@ -192,8 +335,11 @@ def _fake_checkout(tmp_path, python_body):
     python.chmod(0o755)
 
 
-def _run_script(tmp_path, name):
-    return subprocess.run(["bash", str(tmp_path / "scripts" / name)], capture_output=True, text=True, timeout=120)
+def _run_script(tmp_path, name, *args, **env):
+    # TMPDIR: setup.sh's build log (mktemp) stays in tmp_path; TRITON_INTERPRET: test.sh alone decides it.
+    environ = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return subprocess.run(["bash", str(tmp_path / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=120, env={**environ, "TMPDIR": str(tmp_path), **env})
 
 
 def test_setup_sh_reports_a_failed_build_and_its_log(tmp_path):
@@ -214,3 +360,44 @@ def test_test_sh_exit_status(tmp_path, first, second, expected):
     not a failure, in both it is."""
     _fake_checkout(tmp_path, f'[ -n "${{TRITON_INTERPRET:-}}" ] && exit {second}\nexit {first}\n')
     assert _run_script(tmp_path, "test.sh").returncode == expected
+
+
+def test_test_sh_runs_both_sessions_with_the_arguments(tmp_path):
+    log = tmp_path / "calls.log"
+    _fake_checkout(tmp_path, f'echo "TRITON_INTERPRET=${{TRITON_INTERPRET:-}} $*" >> {log}\n')
+    assert _run_script(tmp_path, "test.sh", "-k", "pgd").returncode == 0
+    assert log.read_text().splitlines() == [
+        "TRITON_INTERPRET= -m pytest -q -m not triton python_tests -k pgd",
+        "TRITON_INTERPRET=1 -m pytest -q -m triton python_tests -k pgd",  # set before triton is imported
+    ]
+
+
+def _pip_calls(log):
+    return [line.split()[3:] for line in log.read_text().splitlines() if line.startswith("-m pip install")]
+
+
+def test_setup_sh_installs_what_pyproject_pins(tmp_path):
+    tomllib = pytest.importorskip("tomllib")
+    log = tmp_path / "calls.log"
+    _fake_checkout(tmp_path, f'echo "$*" >> {log}\n')
+    # .venv/bin/python exists: a rerun must keep that venv (a missing $PYTHON would fail the script)
+    result = _run_script(tmp_path, "setup.sh", PYTHON=str(tmp_path / "missing-python"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = _pip_calls(log)
+    assert ["-q", "--no-deps", "torchattacks==3.5.1"] in calls  # with its dependencies it would replace torch
+    assert calls[-1] == ["-v", "--no-build-isolation", "--no-deps", "-e", "."]  # isolation would fetch another torch
+    args = {arg for call in calls for arg in call}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"] + project["optional-dependencies"]["test"]:
+        name = re.split(r"[<>=!~ ]", requirement)[0]
+        assert (requirement in args) if "==" in requirement else (name in args), requirement
+
+
+def test_setup_sh_stops_when_pip_fails(tmp_path):
+    log = tmp_path / "calls.log"
+    _fake_checkout(tmp_path, f'echo "$*" >> {log}\necho "WARNING: Location x"\n'
+                   'case "$*" in *torchvision*) echo "ERROR: no such version"; exit 3;; esac\n')
+    result = _run_script(tmp_path, "setup.sh")
+    assert result.returncode == 3 and "ERROR: no such version" in result.stdout
+    assert "WARNING: Location" not in result.stdout  # pip's machine-config noise is filtered
+    assert not any("-e" in call for call in _pip_calls(log))  # nothing after the failed install ran
