@@ -32,7 +32,11 @@ if int(setuptools.__version__.split(".")[0]) < 77:
 
 
 def _flag(name):
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+    value = os.environ.get(name, "").strip().lower()
+    if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        # FORCE_CUDA=y read as off would build without CUDA and only say so in the build log
+        sys.exit(f"robust_ops: {name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off")
+    return value in ("1", "true", "yes", "on")
 
 
 def _cuda_home():

@@ -166,9 +166,13 @@ def test_setup_switch_values(monkeypatch):
     flag = _setup_py(monkeypatch)["_flag"]
     assert flag("FORCE_CUDA") is False  # unset
     for value, on in [("", False), ("0", False), ("false", False), ("no", False), ("off", False), ("1", True),
-                      ("true", True), ("TRUE", True), ("yes", True), ("On", True)]:
+                      ("true", True), ("TRUE", True), ("yes", True), ("On", True), (" 1 ", True)]:
         monkeypatch.setenv("FORCE_CUDA", value)
         assert flag("FORCE_CUDA") is on, value
+    for value in ("y", "2", "enable"):  # not silently off
+        monkeypatch.setenv("FORCE_CUDA", value)
+        with pytest.raises(SystemExit, match=f"FORCE_CUDA='{value}': expected 1/true/yes/on or 0/false/no/off"):
+            flag("FORCE_CUDA")
 
 
 def test_setup_looks_for_the_toolkit_in_order(monkeypatch, tmp_path, capsys):
