@@ -353,6 +353,7 @@ def test_setup_sh_reports_a_failed_build_and_its_log(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "robust_ops: build failed (full log: " in result.stdout
     assert "error: 1\n" in result.stdout
+    assert Path(re.search(r"full log: (\S+)\)", result.stdout).group(1)).exists()
 
 
 @pytest.mark.parametrize(
@@ -387,6 +388,7 @@ def test_setup_sh_installs_what_pyproject_pins(tmp_path):
     # .venv/bin/python exists: a rerun must keep that venv (a missing $PYTHON would fail the script)
     result = _run_script(tmp_path, "setup.sh", PYTHON=str(tmp_path / "missing-python"))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not list(tmp_path.glob("tmp.*"))  # the build log is kept only when the build failed
     calls = _pip_calls(log)
     assert ["-q", "--no-deps", "torchattacks==3.5.1"] in calls  # with its dependencies it would replace torch
     assert calls[-1] == ["-v", "--no-build-isolation", "--no-deps", "-e", "."]  # isolation would fetch another torch

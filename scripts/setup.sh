@@ -33,4 +33,5 @@ if ! $VPY -m pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1; th
   exit 1
 fi
 grep -E "^ *robust_ops: building" "$log" | head -1 || true
+rm -f "$log"  # kept only when the build failed, for its path printed above
 $VPY -c "import robust_ops; print('robust_ops', robust_ops.__version__, 'CUDA kernels:', robust_ops._extension.has_cuda_kernels())"
