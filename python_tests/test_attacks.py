@@ -1737,3 +1737,112 @@ def test_attack_classes_pass_their_options_and_use_torchattacks_defaults():
                          (attacks.PGDL2(model), torchattacks.PGDL2(model))):
         got = (ours.eps, ours.alpha, ours.steps, ours.random_start)
         assert got == (theirs.eps, theirs.alpha, theirs.steps, theirs.random_start), type(ours).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Porting torchattacks / AutoAttack code
+
+
+class _TupleOut(nn.Module):
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.body, self.as_dict = TinyCNN(1, 2), as_dict
+
+    def forward(self, x):
+        out = self.body(x)
+        return {"logits": out} if self.as_dict else (out, x.mean())
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_model_returning_tuple_or_dict_is_one_clear_error(as_dict):
+    x, y = make_data(n=2)
+    for atk in (attacks.PGD(_TupleOut(as_dict), steps=1), attacks.APGD(_TupleOut(as_dict), steps=1)):
+        kind = "dict" if as_dict else "tuple"
+        with pytest.raises(ValueError, match=rf"expected the model to return a logits tensor, got a {kind}; wrap"):
+            atk(x, y)
+
+
+def test_unknown_option_of_an_attack_class_names_the_class_and_its_options():
+    with pytest.raises(ValueError, match=r"^PGD: unknown option 'foo'; it takes eps, alpha, steps, .*clip_max$"):
+        attacks.PGD(make_model(), eps=8 / 255, foo=1)
+    with pytest.raises(ValueError, match=r"^APGD: unknown option 'verbose'; it takes eps"):
+        attacks.APGD(make_model(), verbose=False)
+    with pytest.raises(ValueError, match=r"^AutoAttack: unknown options 'n_classes', 'verbose'; it takes norm, eps"):
+        attacks.AutoAttack(make_model(), norm="linf", eps=8 / 255, version="standard", n_classes=10, verbose=False)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: attacks.PGD(m, eps=8, alpha=2 / 255, steps=1), lambda m: attacks.FGSM(m, eps=8),
+    lambda m: attacks.APGD(m, eps=8, steps=1), lambda m: attacks.Square(m, eps=8, n_queries=1),
+    lambda m: attacks.WhiteNoise(m, eps=8, trials=1)])
+def test_linf_eps_in_0_255_units_is_refused(make):
+    x, y = make_data(n=2)
+    with pytest.raises(ValueError, match=r"expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 8 "
+                                         r"\(eps in 0-255 units\? pass e.g. 8/255\)"):
+        make(make_model())(x, y)
+
+
+def test_linf_alpha_in_0_255_units_is_refused_but_large_l2_radii_and_alpha_above_eps_are_not():
+    model = make_model()
+    x, y = make_data(n=2)
+    with pytest.raises(ValueError, match=r"^pgd: expected alpha <= clip_max - clip_min = 1 for norm='linf', got alpha "
+                                         r"up to 2 \(alpha in 0-255 units\? pass e.g. 2/255\)$"):
+        attacks.PGD(model, eps=8 / 255, alpha=2, steps=1)(x, y)
+    # legitimate: L2 radii beyond 1, a step above eps (FGSM-RS: 1.25 eps), eps equal to the whole range
+    attacks.PGDL2(model, eps=3.0, alpha=1.0, steps=1)(x, y)
+    attacks.PGD(model, eps=4 / 255, alpha=5 / 255, steps=1)(x, y)
+    attacks.PGD(model, eps=1.0, alpha=1.25, steps=1)(x, y)
+    attacks.PGD(model, eps=0.5, alpha=0.1, steps=1, clip_min=-1.0, clip_max=1.0)(x, y)
+
+
+def test_set_normalization_used_is_refused_with_the_fix():
+    # torchattacks' takes and returns normalized inputs; ours work in pixel space: no silent mix-up of the two
+    for atk in (attacks.PGD(make_model()), attacks.AutoAttack(make_model())):
+        with pytest.raises(ValueError, match=r"set_normalization_used is not supported \(torchattacks' takes "
+                                             r"and returns normalized inputs\); wrap the model instead"):
+            atk.set_normalization_used(mean=[0.5], std=[0.5])
+
+
+def test_targeted_random_least_likely_and_by_function_modes():
+    model = Linear(num_classes=4)
+    x, y = make_data(n=8, num_classes=4)
+    kw = dict(eps=0.3, alpha=0.05, steps=2, random_start=False)
+    for kth in (1, 2):
+        atk = attacks.PGD(model, **kw).set_mode_targeted_least_likely(kth_min=kth, quiet=True)
+        ta = torchattacks.PGD(model, **kw)
+        ta.set_mode_targeted_least_likely(kth_min=kth, quiet=True)
+        assert torch.equal(atk._targets(x, y.int()), ta.get_least_likely_label(x, y))
+        assert torch.equal(atk(x, y), ta(x, y))
+    with pytest.raises(ValueError, match=r"^pgd: expected kth_min <= 3 \(classes other than the label\), got 4$"):
+        attacks.PGD(model, **kw).set_mode_targeted_least_likely(kth_min=4)(x, y)
+    atk = attacks.PGD(model, **kw).set_mode_targeted_random()
+    torch.manual_seed(0)
+    t = atk._targets(x, y)
+    assert atk.targeted and bool((t != y).all()) and bool(((t >= 0) & (t < 4)).all())
+    atk.set_mode_targeted_by_function(lambda x, y: (y + 1) % 4)
+    assert torch.equal(atk(x, y), attacks.pgd(model, x, (y + 1) % 4, targeted=True, **kw))
+    assert not atk.set_mode_default().targeted and atk._target_rule is None
+    with pytest.raises(ValueError, match="autoattack: this attack has no targeted mode"):
+        attacks.AutoAttack(model).set_mode_targeted_random()
+
+
+def test_torchattacks_device_and_training_mode_switches():
+    model = make_model()
+    atk = attacks.PGD(model)
+    assert atk.device == torch.device("cpu")
+    assert atk.set_model_training_mode(model_training=True, batchnorm_training=True,
+                                       dropout_training=True).model_mode == "train"
+    assert atk.set_model_training_mode().model_mode == "eval"
+    with pytest.raises(ValueError, match=r"^pgd: set_model_training_mode\(model_training=True\) with batchnorm_"
+                                         r"training=False, dropout_training=False has no model_mode; put the model"):
+        atk.set_model_training_mode(model_training=True)
+
+
+def test_run_standard_evaluation_is_run_with_bs():
+    model = Linear(num_classes=3)
+    x, y = make_data(n=5, num_classes=3)
+    aa = attacks.AutoAttack(model, eps=0.05, steps=2, n_queries=2, n_target_classes=1)
+    assert torch.equal(aa.run_standard_evaluation(x, y, bs=2), aa.run(x, y, batch_size=2).x_adv)
+    with pytest.raises(ValueError, match=r"^autoattack.run_standard_evaluation: expected bs to be an integer >= 1, "
+                                         r"got 0$"):
+        aa.run_standard_evaluation(x, y, bs=0)

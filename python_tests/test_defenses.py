@@ -837,7 +837,8 @@ def test_pgd_settings_reach_the_attack_and_are_checked():
 
     model, x, y = _model_and_batch()
     x = 0.3 + 0.2 * x  # inside the clip range [0.2, 0.6]
-    x_adv = defenses.AT(eps=1.0, steps=2, clip_min=0.2, clip_max=0.6).attack(model, x, y).x_adv
+    # eps as wide as the clip range (a wider Linf eps is refused as 0-255 units): every step reaches a bound
+    x_adv = defenses.AT(eps=0.4, steps=2, clip_min=0.2, clip_max=0.6).attack(model, x, y).x_adv
     assert float(x_adv.min()) == pytest.approx(0.2) and float(x_adv.max()) == pytest.approx(0.6)
     assert unwrap(nn.DataParallel(model)) is model  # attacks run on the wrapped module
     with pytest.raises(ValueError, match=r"at: expected clip_max to be a finite number >= 0.5, got 0.1"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import functional
 from .base import Attack
 from .context import attack_context, check_inputs, is_single_logit, predict_from_output, two_logits
-from .core import check_labels_against, check_norm, check_steps, forward, per_sample
+from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
 from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
@@ -186,7 +186,9 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
         raise ValueError(f"{name}: expected loss to be one of {', '.join(APGD_LOSSES)}, got {loss!r}")
     if not isinstance(rho, numbers.Real) or not 0 < rho <= 1:
         raise ValueError(f"{name}: expected rho in (0, 1], got {rho!r}")
-    return y, norm, steps, n_restarts, per_sample(name, "eps", eps, x)
+    eps_t = per_sample(name, "eps", eps, x)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max)
+    return y, norm, steps, n_restarts, eps_t
 
 
 def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False, n_restarts=1, rho=0.75,

@@ -1,8 +1,12 @@
 """torchattacks-style attack objects: ``Attack(model, **options)(x, y) -> x_adv``, thin wrappers of the functions."""
 
+import itertools
+
 import torch
 
-from .context import MODEL_MODES
+from .._options import check_options
+from .context import MODEL_MODES, attack_context, check_inputs, is_single_logit, two_logits
+from .core import check_labels_against, forward
 
 
 class Attack:
@@ -13,14 +17,23 @@ class Attack:
       * ``targeted``: labels given to ``__call__`` are target classes; ``set_mode_targeted_by_label()`` /
         ``set_mode_default()`` switch it.
       * ``clip_min``, ``clip_max``: the valid input range (default [0, 1]).
+
+    torchattacks' ``set_mode_targeted_random()``, ``set_mode_targeted_least_likely(kth_min)``,
+    ``set_mode_targeted_by_function(fn)``, ``set_model_training_mode(...)`` and ``device`` work as there;
+    ``set_normalization_used`` raises (wrap the model with :class:`Normalized`). See docs/attacks.md, "Porting
+    torchattacks / AutoAttack code".
     """
 
     name = "attack"
     supports_targeted = True
 
-    def __init__(self, model, *, targeted=False, model_mode="eval", clip_min=0.0, clip_max=1.0):
+    def __init__(self, model, *, targeted=False, model_mode="eval", clip_min=0.0, clip_max=1.0, **unknown):
+        if unknown:  # Python's own error named Attack.__init__, not the class called, and listed nothing
+            check_options(type(self).__name__, type(self), unknown)
         self.model = model
         self.targeted = False
+        self._target_rule = None  # None: labels are targets; "random", "least_likely" or a callable: made from them
+        self._kth_min = 1
         if targeted:
             self.set_mode_targeted_by_label()
         self.set_model_mode(model_mode)
@@ -34,20 +47,93 @@ class Attack:
         self.model_mode = model_mode
         return self
 
-    def set_mode_targeted_by_label(self):
-        if not self.supports_targeted:
-            raise ValueError(f"{self.name}: this attack has no targeted mode")
-        self.targeted = True
+    def set_model_training_mode(self, model_training=False, batchnorm_training=False, dropout_training=False):
+        """torchattacks' switch, mapped to ``model_mode``: eval, or train with BatchNorm and Dropout training too.
+        torchattacks' default train mode (BatchNorm / Dropout kept in eval) is a state of the model, not a mode:
+        set it on the model and use ``set_model_mode("keep")``."""
+        if not model_training:
+            return self.set_model_mode("eval")
+        if batchnorm_training and dropout_training:
+            return self.set_model_mode("train")
+        raise ValueError(f"{self.name}: set_model_training_mode(model_training=True) with batchnorm_training="
+                         f"{batchnorm_training}, dropout_training={dropout_training} has no model_mode; put the "
+                         "model in that state yourself and call set_model_mode('keep')")
+
+    def set_normalization_used(self, mean, std):
+        """Refused: torchattacks' takes normalized inputs and returns normalized adversarial inputs, while every
+        attack here works on pixel inputs in [clip_min, clip_max]; a method that did either silently would hand back
+        inputs in the other space."""
+        raise ValueError(f"{self.name}: set_normalization_used is not supported (torchattacks' takes and returns "
+                         "normalized inputs); wrap the model instead, attacks.Normalized(model, mean, std), and pass "
+                         "inputs in [0, 1]")
+
+    @property
+    def device(self):
+        """The device of the model's first parameter or buffer (cpu for a model without any), as torchattacks."""
+        first = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def set_mode_targeted_by_label(self, quiet=False):
+        """Labels given to the call are the targets. ``quiet`` is torchattacks' (nothing is printed here)."""
+        self._set_targeted(None)
         return self
 
-    def set_mode_default(self):
-        self.targeted = False
+    def set_mode_targeted_random(self, quiet=False):
+        """Targets drawn uniformly among the classes other than each label, from the global RNG."""
+        self._set_targeted("random")
         return self
+
+    def set_mode_targeted_least_likely(self, kth_min=1, quiet=False):
+        """Target: the class with the ``kth_min``-th lowest clean logit among those other than the label."""
+        if isinstance(kth_min, bool) or not isinstance(kth_min, int) or kth_min < 1:
+            raise ValueError(f"{self.name}: expected kth_min to be an integer >= 1, got {kth_min!r}")
+        self._set_targeted("least_likely")
+        self._kth_min = kth_min
+        return self
+
+    def set_mode_targeted_by_function(self, target_map_function, quiet=False):
+        """Targets ``target_map_function(x, y)`` (e.g. ``lambda x, y: (y + 1) % 10``), as torchattacks."""
+        if not callable(target_map_function):
+            raise ValueError(f"{self.name}: expected target_map_function to be a callable (x, y) -> targets, got "
+                             f"{type(target_map_function).__name__}")
+        self._set_targeted(target_map_function)
+        return self
+
+    def _set_targeted(self, rule):
+        if not self.supports_targeted:
+            raise ValueError(f"{self.name}: this attack has no targeted mode")
+        self.targeted, self._target_rule = True, rule
+
+    def set_mode_default(self):
+        self.targeted, self._target_rule = False, None
+        return self
+
+    def _targets(self, x, y):
+        """Targets of ``set_mode_targeted_random`` / ``_least_likely`` / ``_by_function`` for labels ``y``; the first
+        two from one clean forward in eval mode without gradients (as torchattacks: a train-mode forward would move
+        BatchNorm's running statistics)."""
+        y = check_inputs(self.name, x, y, self.clip_min, self.clip_max)
+        if callable(self._target_rule):
+            return self._target_rule(x, y)
+        with torch.no_grad(), attack_context(self.model, "eval"):
+            out = forward(self.name, self.model, x.detach())
+        check_labels_against(self.name, y, out)
+        z = two_logits(out) if is_single_logit(out) else out
+        k = z.shape[1]
+        if self._target_rule == "random":
+            return (y + torch.randint(1, k, y.shape, device=y.device)) % k
+        if self._kth_min > k - 1:
+            raise ValueError(f"{self.name}: expected kth_min <= {k - 1} (classes other than the label), got "
+                             f"{self._kth_min}")
+        # the label sorts last; a stable sort keeps ties in class order, so the choice is deterministic
+        return z.detach().float().scatter(1, y[:, None], float("inf")).sort(dim=1, stable=True)[1][:, self._kth_min - 1]
 
     def forward(self, x, y):
         raise NotImplementedError
 
     def __call__(self, x, y):
+        if self.targeted and self._target_rule is not None:
+            y = self._targets(x, y)
         return self.forward(x, y)
 
     def _options(self):

@@ -93,6 +93,9 @@ def is_single_logit(out):
 
 def check_output(name, out, n):
     """Model outputs must be [N, K] logits (K >= 2) or [N] / [N, 1] single logits."""
+    if not torch.is_tensor(out):  # a tuple or dict (aux outputs, HF-style) failed with "'tuple' has no attribute dim"
+        raise ValueError(f"{name}: expected the model to return a logits tensor, got a {type(out).__name__}; wrap it "
+                         "in an nn.Module whose forward returns only the [N, K] logits")
     ok = (out.dim() == 1 and out.shape[0] == n) or (out.dim() == 2 and out.shape[0] == n and out.shape[1] >= 1)
     if not ok:
         raise ValueError(

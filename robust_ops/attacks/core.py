@@ -89,6 +89,23 @@ def per_sample(name, arg, value, x, allow_zero=True):
     return torch.full((n,), v, dtype=dtype, device=x.device)
 
 
+def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None):
+    """Linf: an eps (or a step while eps fits) wider than the clip range is eps=8 meant as 8/255 (0-255 units); it
+    ran as an unbounded attack without a word. Per-sample tensors [N] as ``per_sample`` returns them."""
+    width = clip_max - clip_min
+    if norm != "linf" or eps_t.numel() == 0:
+        return
+    slack = 1e-5 * max(width, 1e-12)  # eps == width in float32 (0.4 vs 0.6 - 0.2) is not 0-255 units
+    if float(eps_t.max()) > width + slack:
+        raise ValueError(f"{name}: expected eps <= clip_max - clip_min = {width:g} for norm='linf', got eps up to "
+                         f"{float(eps_t.max()):.4g} (eps in 0-255 units? pass e.g. 8/255)")
+    if alpha_t is not None:
+        bad = (alpha_t > width + slack) & (eps_t < width - slack)
+        if bool(bad.any()):
+            raise ValueError(f"{name}: expected alpha <= clip_max - clip_min = {width:g} for norm='linf', got alpha "
+                             f"up to {float(alpha_t[bad].max()):.4g} (alpha in 0-255 units? pass e.g. 2/255)")
+
+
 def check_emit(name, emit, steps):
     """emit: a sorted tuple of distinct ints in [1, steps] (or None)."""
     if emit is None:
@@ -263,6 +280,7 @@ def run_pgd(
     eps_scalar = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None
     eps_t = per_sample(name, "eps", eps, x)
     alpha_t = per_sample(name, "alpha", alpha, x)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
     if param_grad_weights is not None:
         if not isinstance(param_grad_weights, dict) or not all(
             isinstance(j, numbers.Integral) and not isinstance(j, bool) and 0 <= j <= steps

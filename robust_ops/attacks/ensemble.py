@@ -130,7 +130,8 @@ class AutoAttack(Attack):
     objects instead: the options given (not None) are passed to the named attacks that take them (``steps``:
     apgd-*, pgd, pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t; ``seed``), the others
     keep ``build``'s defaults; attack objects are used as they are. An option no named attack takes is an error.
-    ``__call__(x, y)`` returns x_adv; ``run(x, y)`` returns the full :class:`EnsembleResult`.
+    ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv; ``run(x, y, batch_size=None)``
+    returns the full :class:`EnsembleResult`.
     """
 
     name = "autoattack"
@@ -138,7 +139,7 @@ class AutoAttack(Attack):
 
     def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=None,
                  n_target_classes=None, n_queries=None, seed=None, model_mode="eval", clip_min=0.0, clip_max=1.0,
-                 cascade=True):
+                 cascade=True, **unknown):
         from . import ATTACKS, build
         from .._options import accepted_options
         from .apgd import APGD, APGDT
@@ -148,7 +149,7 @@ class AutoAttack(Attack):
             raise ValueError(f"autoattack: expected version 'standard' (or a custom attacks list), got {version!r}")
         if norm not in ("linf", "l2"):
             raise ValueError(f"autoattack: expected norm to be one of linf, l2, got {norm!r}")
-        super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
+        super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max, **unknown)
         self.norm, self.eps, self.version, self.cascade = norm, eps, version, cascade
         common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
         options = dict(steps=steps, n_target_classes=n_target_classes, n_queries=n_queries, seed=seed)
@@ -187,9 +188,15 @@ class AutoAttack(Attack):
             a.set_model_mode(model_mode)
         return self
 
-    def run(self, x, y):
+    def run(self, x, y, batch_size=None):
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
-                        clip_min=self.clip_min, clip_max=self.clip_max)
+                        clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size)
+
+    def run_standard_evaluation(self, x, y, bs=None):
+        """AutoAttack's entry point: x_adv (the clean input where no attack succeeded), ``bs`` samples at a time."""
+        if bs is not None:  # named as the caller wrote it, not as ensemble's batch_size
+            bs = check_steps("autoattack.run_standard_evaluation", bs, "bs")
+        return self.run(x, y, batch_size=bs).x_adv
 
     def forward(self, x, y):
         return self.run(x, y).x_adv

@@ -3,7 +3,7 @@
 import torch
 
 from .base import Attack
-from .core import check_labels_against, check_norm, check_steps, forward, per_sample
+from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
 from .context import attack_context, check_inputs, predict_from_output
 from .pgd import make_generator
 
@@ -49,6 +49,7 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
     norm = check_norm(name, norm)
     trials = check_steps(name, trials, "trials")
     eps_t = per_sample(name, "eps", eps, x)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max)
     x_adv = x.detach().clone()
     n = x.shape[0]
     if n == 0:

@@ -7,7 +7,7 @@ import torch
 from .. import functional
 from .base import Attack
 from .context import attack_context, check_inputs, is_single_logit, two_logits
-from .core import check_labels_against, check_steps, forward, per_sample
+from .core import check_labels_against, check_linf_budget, check_steps, forward, per_sample
 from .pgd import make_generator
 
 
@@ -78,6 +78,7 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, targeted=False, clip
     if not isinstance(rescale_schedule, bool):
         raise TypeError(f"{name}: expected rescale_schedule to be a bool, got {type(rescale_schedule).__name__}")
     eps_t = per_sample(name, "eps", eps, x)
+    check_linf_budget(name, "linf", eps_t, clip_min, clip_max)
     x = x.detach()
     n, c, h, w = x.shape
     if n == 0:
