@@ -781,6 +781,10 @@ def test_ima_errors():
         defense(model, x, y)
     with pytest.raises(ValueError, match=r"IMA: expected ids of shape \[12\] \(one id per sample\), got \(5,\)"):
         defense(model, x, y, torch.arange(5))
+    with pytest.raises(ValueError, match=r"IMA: expected y of shape \[12\], got \(12, 1\)"):
+        defense(model, x, y[:, None], torch.arange(12))  # fit reshapes [N, 1] labels; an own loop must
+    with pytest.raises(TypeError, match=r"IMA: expected y to be an integer tensor of class labels, got torch.float32"):
+        defense(model, x, y.float(), torch.arange(12))
     with pytest.raises(IndexError, match=r"IMA: ids must lie in \[0, 12\) \(the margin table has 12 entries"):
         defense(model, x, y, torch.arange(1, 13))
     with pytest.raises(ValueError, match="IMA: the margin table needs the training set size"):
@@ -789,6 +793,66 @@ def test_ima_errors():
         IMA(beta=2)
     with pytest.raises(ValueError, match="IMA: expected delta to be a finite number >= 0 or None, got -0.1"):
         IMA(delta=-0.1)
+
+
+def test_ima_load_state_dict_refuses_another_norm():
+    # Margins are radii in the checkpoint's norm: an l2 eps_train of 1.5 taken as linf covers the whole image.
+    model, x, y = ima_batch()
+    defense = IMA(num_samples=12, steps=2, search_steps=2, min_rows=0)
+    defense(model, x, y, torch.arange(12))
+    buf = io.BytesIO()
+    torch.save(defense.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["norm"] == "l2"
+    with pytest.raises(ValueError, match=r"IMA.load_state_dict: the checkpoint's margins are l2 radii, this defense "
+                                         r"has norm='linf'; pass norm='l2'"):
+        IMA(num_samples=12, norm="linf").load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "norm"}  # written before the norm was recorded
+    restored = IMA(num_samples=12)
+    restored.load_state_dict(old)
+    assert torch.equal(restored.margins, defense.margins)
+
+
+def test_ima_options_are_checked_when_built():
+    with pytest.raises(ValueError, match="IMA: expected search_result to be one of correct_side, midpoint, got 'mid'"):
+        IMA(num_samples=4, search_result="mid")
+    with pytest.raises(ValueError, match="IMA: expected model_mode to be one of eval, train, keep, got 'evl'"):
+        IMA(num_samples=4, model_mode="evl")
+    with pytest.raises(ValueError, match="IMA: expected clip_max to be a finite number >= 1.0, got 0.0"):
+        IMA(num_samples=4, clip_min=1.0, clip_max=0.0)
+    # read wrongly or only once used: a backend name (first step), a threshold as criterion, the string "False"
+    with pytest.raises(ValueError, match="IMA: expected backend to be one of auto, native, triton, reference or None, "
+                                         "got 'bogus'"):
+        IMA(num_samples=4, backend="bogus")
+    with pytest.raises(TypeError, match=r"IMA: expected is_correct to be a callable\(output, y\) or None, got float "
+                                        r"0.6 \(a Dice threshold goes to dice_criterion\(threshold\)\)"):
+        IMA(num_samples=4, is_correct=0.6)
+    with pytest.raises(TypeError, match="IMA: expected compact to be True or False, got 'False'"):
+        IMA(num_samples=4, compact="False")
+    model, x, y = ima_batch(4)
+    with pytest.raises(ValueError, match="gen_adv: expected model_mode to be one of eval, train, keep, got 'evl'"):
+        gen_adv(model, x, y, 0.5, model_mode="evl")
+    with pytest.raises(ValueError, match="gen_adv: expected backend to be one of auto, native, triton, reference"):
+        gen_adv(model, x, y, 0.0, backend="bogus")  # margin 0: no step would have used it
+    with pytest.raises(TypeError, match="gen_adv: expected batch_exit to be True or False, got 'no'"):
+        gen_adv(model, x, y, 0.5, batch_exit="no")
+    # an L-inf radius wider than the clip range is 8 meant as 8/255 (it would run unbounded); l2 radii may be larger
+    with pytest.raises(ValueError, match=r"IMA: expected eps_train <= clip_max - clip_min = 1 for norm='linf', got 8 "
+                                         r"\(eps_train in 0-255 units\? pass e.g. 8/255\)"):
+        IMA(num_samples=4, norm="linf", eps_train=8)
+    with pytest.raises(ValueError, match=r"gen_adv: expected margin <= clip_max - clip_min = 1 for norm='linf', got 8"):
+        gen_adv(model, x, y, torch.tensor([0.1, 8.0, 0.0, 1.0]), norm="linf")
+    IMA(num_samples=4, norm="linf", eps_train=1.0)
+    IMA(num_samples=4, eps_train=8)
+
+
+def test_soft_dice_loss_refuses_multi_class_outputs():
+    out, y = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    with pytest.raises(ValueError, match=r"soft_dice_loss: expected binary logits \(\[N, 1, H, W\] or \[N, H, W\]\) "
+                                         r"and a \{0, 1\} mask of the same pixel count, got output \(2, 3, 4, 4\)"):
+        soft_dice_loss(out, y)
+    assert soft_dice_loss(out[:, :1], (y > 0).float()).shape == (2,)
 
 
 def test_indexed_dataset():

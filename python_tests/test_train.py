@@ -107,6 +107,69 @@ def test_resume_refuses_another_lr_or_fewer_epochs(tmp_path):
             resume=True, progress=False)
 
 
+def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_path):
+    """channels_last / prepacked_conv run other convolution kernels: switching mid-run would silently end elsewhere
+    than the uninterrupted run."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, **kwargs)
+    for key in ("channels_last", "prepacked_conv"):
+        with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with {key}=False, "
+                                             rf"this call has {key}=True"):
+            fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **{key: True}, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["channels_last"], state["config"]["prepacked_conv"]  # a checkpoint from before they were kept
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, lr=1e-2, progress=False,
+        channels_last=True, resume=tmp_path / "old.pt")
+
+
+class _ExtraField(torch.utils.data.Dataset):
+    """(x, y, field): a third field that is not the item's index (a patient id, or an id of a larger set)."""
+
+    def __init__(self, base, field):
+        self.base, self.field = base, field
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return self.field(i, x, y)
+
+
+def test_fit_refuses_ids_that_are_not_the_items_positions_and_other_item_layouts():
+    """IMA's margin table is keyed by position in train_data: any other third field would silently update other
+    samples' margins; dict items and extra fields are named with the fix."""
+    base = _data(12)
+    ima = lambda **kw: IMA(eps_train=1.0, steps=1, search_steps=1, min_rows=0, **kw)  # noqa: E731
+    run = lambda data, defense=None, **kw: fit(DropoutMLP(), defense or ima(), data, epochs=1,  # noqa: E731
+                                               batch_size=4, progress=False, **kw)
+    wrong = [_ExtraField(base, lambda i, x, y: (x, y, (i * 5) % 12)),  # in range, distinct: no other check sees it
+             torch.utils.data.Subset(IndexedDataset(_data(24)), range(12, 24))]
+    for data in wrong:
+        with pytest.raises(ValueError, match=r"fit: expected the third field of each item to be its index in "
+                                             r"train_data .* wrap train_data itself \(the outermost dataset\) in "
+                                             r"robust_ops.data.IndexedDataset"):
+            run(data)
+    dicts = _ExtraField(base, lambda i, x, y: {"image": x, "label": y})
+    for data in (dicts, IndexedDataset(dicts)):
+        with pytest.raises(ValueError, match=r"fit: expected the dataset to yield \(x, y\) or \(x, y, ids\) tuples, "
+                                             r"got dict items \(keys \['image', 'label'\]\); make its items"):
+            run(data)
+    extra = IndexedDataset(_ExtraField(base, lambda i, x, y: (x, y, "patient")))
+    with pytest.raises(ValueError, match=r"fit: expected .* got list of length 4; make its items \(image, label\)"):
+        run(extra)
+    with pytest.raises(ValueError, match=r"fit: the ima defense was sized for num_samples=20, but train_data has 12 "
+                                         r"samples; pass num_samples=len\(train_data\)"):
+        run(IndexedDataset(base), ima(num_samples=20))
+    with pytest.raises(ValueError, match=r"fit: lr=0.5 sets the default Adam's learning rate only, and optimizer= "
+                                         r"was given; set the learning rate in that optimizer instead"):
+        run(IndexedDataset(base), lr=0.5, optimizer=lambda params: torch.optim.SGD(params, 0.1))
+    # the documented ways pass: positions as ids (also of a Subset wrapped outermost), a caller's optimizer alone
+    run(IndexedDataset(torch.utils.data.Subset(_data(24), range(12, 24))), ima(num_samples=12))
+    run(IndexedDataset(base), optimizer=lambda params: torch.optim.SGD(params, 0.1))
+
+
 class NaNAtEpoch(Defense):
     """Standard loss that turns NaN from the given epoch on (counted in calls)."""
 

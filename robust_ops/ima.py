@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import functional
+from . import _backend, functional
 from ._meta import output_memory_format
 from ._options import check_int, check_real
 from .attacks.context import (
+    MODEL_MODES,
     attack_context,
     check_inputs,
     check_output,
@@ -185,6 +186,11 @@ def soft_dice_loss(out, y, smooth=1.0):
     to pair with :func:`dice_criterion` (as nnU-Net trains with Dice loss)."""
     p = _flat(torch.sigmoid(out))
     t = _flat(y).to(p.dtype)
+    if p.shape[1] != t.shape[1]:
+        # e.g. multi-class logits [N, C, H, W] against labels [N, H, W]: sigmoid per channel is not their Dice
+        raise ValueError(f"soft_dice_loss: expected binary logits ([N, 1, H, W] or [N, H, W]) and a {{0, 1}} mask of "
+                         f"the same pixel count, got output {tuple(out.shape)} and y {tuple(y.shape)}; for "
+                         f"multi-class outputs pass your own per-sample loss_fn")
     return 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
 
 
@@ -206,6 +212,37 @@ def sample_distance(a, b, norm):
     if d.shape[1] == 0:
         return d.new_zeros(a.shape[0])
     return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
+
+
+def _check_options(name, backend, is_correct, loss_fn, flags, search_result=None, model_mode=None):
+    """Options that would otherwise be read wrongly or only when first used: a backend name (used only once a sample
+    takes a step), callables (``is_correct=0.6`` is the threshold of dice_criterion), real booleans (the string
+    "False" is true), and (when given) the search result and model mode, which IMA checks when built."""
+    if search_result is not None and search_result not in SEARCH_RESULTS:
+        raise ValueError(f"{name}: expected search_result to be one of {', '.join(SEARCH_RESULTS)}, "
+                         f"got {search_result!r}")
+    if model_mode is not None and model_mode not in MODEL_MODES:
+        raise ValueError(f"{name}: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {model_mode!r}")
+    if backend is not None and backend not in _backend.BACKENDS:
+        raise ValueError(f"{name}: expected backend to be one of {', '.join(_backend.BACKENDS)} or None, "
+                         f"got {backend!r}")
+    for arg, fn in (("is_correct", is_correct), ("loss_fn", loss_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}: expected {arg} to be a callable(output, y) or None, got {type(fn).__name__} "
+                            f"{fn!r}" + (" (a Dice threshold goes to dice_criterion(threshold))"
+                                         if arg == "is_correct" else ""))
+    for arg, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected {arg} to be True or False, got {flag!r}")
+
+
+def _check_linf_radius(name, arg, norm, radius, clip_min, clip_max):
+    """An L-inf radius wider than the clip range is 8 meant as 8/255: it would run unbounded without a word (as the
+    attacks refuse it, robust_ops.attacks.core.check_linf_budget)."""
+    width = clip_max - clip_min
+    if norm == "linf" and radius > width + 1e-5 * max(width, 1e-12):
+        raise ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {radius:.4g} "
+                         f"({arg} in 0-255 units? pass e.g. 8/255)")
 
 
 def _criterion_result(name, ok, n):
@@ -232,9 +269,7 @@ class _Problem:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"{name}: expected algorithm to be 2 (GenAdv) or 3 (GenAdv with data augmentation), "
                              f"got {algorithm!r}")
-        if search_result not in SEARCH_RESULTS:
-            raise ValueError(f"{name}: expected search_result to be one of {', '.join(SEARCH_RESULTS)}, "
-                             f"got {search_result!r}")
+        _check_options(name, backend, is_correct, loss_fn, {}, search_result, model_mode)
         self.steps = check_int(name, "steps", steps, 0)
         self.search_steps = check_int(name, "search_steps", search_steps, 0)
         self.arity = check_int(name, "arity", arity, 2)
@@ -247,6 +282,8 @@ class _Problem:
                                  f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
         self.name, self.model, self.x, self.y = name, model, x.detach(), y
         self.margin = per_sample(name, "margin", margin, x)
+        _check_linf_radius(name, "margin", norm, float(self.margin.max()) if self.margin.numel() else 0.0, clip_min,
+                           clip_max)
         self.norm, self.algorithm = norm, algorithm
         self.is_correct = is_correct or _default_is_correct
         self.default_criterion = is_correct is None
@@ -602,6 +639,7 @@ def _unwrap_ddp(model):
 def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
              clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit, min_rows=None):
     model = _unwrap_ddp(model)
+    _check_options(name, None, None, None, {"compact": compact, "batch_exit": batch_exit, "return_info": return_info})
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
                  clip_min, clip_max, search_result, backend, model_mode, min_rows)
     p.batch_exit = bool(batch_exit)
@@ -946,6 +984,14 @@ class IMA(Defense):
         check_int("IMA", "arity", arity, 2)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"IMA: expected algorithm to be 2 or 3, got {algorithm!r}")
+        # Checked here rather than at the first batch, where the error would name gen_adv.
+        check_real("IMA", "clip_min", clip_min)
+        check_real("IMA", "clip_max", clip_max, minimum=clip_min)
+        if eps_train is not None:
+            _check_linf_radius("IMA", "eps_train", norm, float(eps_train), float(clip_min), float(clip_max))
+        _check_options("IMA", backend, is_correct, loss_fn, {"strict_shrink": strict_shrink, "compact": compact,
+                                                             "batch_exit": batch_exit, "sync": sync},
+                       search_result, model_mode)
         self.eps_train = None if eps_train is None else float(eps_train)
         self.delta = None if delta is None else float(delta)
         # Given values must match a checkpoint's; automatic ones (None) are taken from it (load_state_dict).
@@ -995,6 +1041,9 @@ class IMA(Defense):
         if not torch.is_tensor(ids) or ids.dim() != 1 or ids.shape[0] != x.shape[0]:
             raise ValueError(f"IMA: expected ids of shape [{x.shape[0]}] (one id per sample), got "
                              f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
+        if self._is_correct is None and self._loss_fn is None:
+            # class labels [N] (int64), checked before the clean loss, whose own error names neither IMA nor y
+            y = check_inputs("IMA", x, y, self.clip_min, self.clip_max)
         self._resolve(x)
         ids = self.table.check_ids(ids, "IMA").to(x.device)
         loss_fn = self._loss_fn or _default_loss
@@ -1047,7 +1096,7 @@ class IMA(Defense):
         if self.table is None:
             return {}
         return {"margins": self.table.margins.clone(), "eps_train": self.eps_train, "delta": self.delta,
-                "init_margin": self.init_margin}
+                "init_margin": self.init_margin, "norm": self.norm}
 
     def merge_distributed_state(self, states, start_state):
         """The trainer's end-of-epoch merge hook (robust_ops.train): with ``sync`` the tables already agree on every
@@ -1079,6 +1128,11 @@ class IMA(Defense):
         if self.num_samples is not None and margins.shape != (self.num_samples,):
             raise ValueError(f"IMA.load_state_dict: expected margins of shape [{self.num_samples}] (the training set "
                              f"size), got {tuple(margins.shape)}")
+        # Margins are radii in the checkpoint's norm: an l2 eps_train of 1.5 read as linf covers the whole image.
+        # (Checkpoints written before the norm was recorded have no "norm" and pass.)
+        if state.get("norm", self.norm) != self.norm:
+            raise ValueError(f"IMA.load_state_dict: the checkpoint's margins are {state['norm']} radii, this defense "
+                             f"has norm={self.norm!r}; pass norm={state['norm']!r}")
         for arg, given in self._given.items():
             # A resumed run continues with the checkpoint's values: refuse to train silently with other ones.
             if given is not None and float(state[arg]) != given:

@@ -45,6 +45,7 @@ from .attacks.context import check_output, classification_loss, num_classes_of, 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "metrics.json"  # the per-epoch history, rewritten with each checkpoint
 CHECKPOINT_FORMAT = 1
+DEFAULT_LR = 1e-4  # MIRST-DM's Adam learning rate
 
 
 @dataclass
@@ -113,12 +114,27 @@ def _collate(dataset, indices):
     return torch.utils.data.default_collate(items)
 
 
-def _split_batch(name, batch, needs_ids):
+def _split_batch(name, batch, needs_ids, indices=None):
+    """(x, y, ids) of a collated batch; ``indices``: the positions in the dataset the batch was read from, which the
+    ids of a ``needs_ids`` defense must equal (its per-sample table is sized to the dataset and keyed by them)."""
+    if isinstance(batch, dict) or (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], dict)):
+        keys = sorted(batch if isinstance(batch, dict) else batch[0])
+        raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids) tuples, got dict items "
+                         f"(keys {keys}); make its items (image, label) tuples (IndexedDataset then adds the index)")
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-        raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids), got "
-                         f"{type(batch).__name__} of length {len(batch) if isinstance(batch, (tuple, list)) else '?'}")
+        fields = len(batch) if isinstance(batch, (tuple, list)) else "?"
+        raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids), got {type(batch).__name__} of "
+                         f"length {fields}; make its items (image, label) (IndexedDataset then adds the index)")
     x, y = batch[0], batch[1]
     ids = batch[2] if len(batch) == 3 else None
+    if needs_ids and ids is not None and indices is not None:
+        got = ids.tolist() if torch.is_tensor(ids) else ids
+        if got != list(indices):
+            # A third field that is not the index (a patient id, a Subset of an IndexedDataset over a larger set)
+            # would key the margins of other samples without a word.
+            raise ValueError(f"{name}: expected the third field of each item to be its index in train_data (the key "
+                             f"of the defense's per-sample table), got {got[:4]} for items {list(indices)[:4]} (first "
+                             f"4); wrap train_data itself (the outermost dataset) in robust_ops.data.IndexedDataset")
     if needs_ids and ids is None:
         raise ValueError(f"{name}: this defense needs dataset sample ids; wrap the dataset in "
                          "robust_ops.data.IndexedDataset so it yields (x, y, ids)")
@@ -350,7 +366,7 @@ def fit(
     *,
     epochs,
     batch_size=8,
-    lr=1e-4,
+    lr=DEFAULT_LR,
     optimizer=None,
     scheduler=None,
     out_dir=None,
@@ -373,10 +389,11 @@ def fit(
             required by defenses with ``needs_ids`` such as IMA).
         epochs (int): total number of epochs (a resumed run continues up to this number).
         batch_size (int): global batch size (split across processes under DDP). Default 8 (MIRST-DM's setting).
-        lr (float): learning rate of the default Adam optimizer. Default 1e-4 (MIRST-DM's setting).
+        lr (float): learning rate of the default Adam optimizer (with ``optimizer`` given, another lr is an error).
+            Default 1e-4 (MIRST-DM's setting).
         optimizer: None (Adam(lr)), an optimizer over ``model``'s parameters, or a callable ``params -> optimizer``.
         scheduler: None, an LR scheduler, or a callable ``optimizer -> scheduler``; stepped once per epoch
-            (``ReduceLROnPlateau`` gets the validation loss).
+            (``ReduceLROnPlateau`` gets the validation loss, the training loss without ``val_data``).
         out_dir (str or Path): folder for ``checkpoint.pt``, ``metrics.csv`` and ``metrics.json``
             (None: nothing is written).
         resume (bool or str): True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues from
@@ -443,6 +460,12 @@ def fit(
     setup = getattr(defense, "setup", None)
     if setup is not None and getattr(defense, "num_samples", None) is None:  # IMA: margin table size
         setup(len(train_data))
+    elif setup is not None and defense.num_samples != len(train_data):
+        # ids are positions in train_data: a larger table would keep (and average into its metrics) margins of
+        # samples that do not exist, a smaller one fail mid-epoch
+        raise ValueError(f"{name}: the {getattr(defense, 'name', 'defense')} defense was sized for num_samples="
+                         f"{defense.num_samples}, but train_data has {len(train_data)} samples; pass "
+                         f"num_samples=len(train_data) or leave it unset")
     prepare = getattr(defense, "prepare_model", None)
     if prepare is not None:  # MIRST-DM: drop-max pooling in place of the first max-pooling layer
         model = prepare(model)
@@ -453,6 +476,9 @@ def fit(
     if not params:
         raise ValueError(f"{name}: the model has no trainable parameters")
     own_optimizer = optimizer is None
+    if not own_optimizer and lr != DEFAULT_LR:
+        raise ValueError(f"{name}: lr={lr!r} sets the default Adam's learning rate only, and optimizer= was given; "
+                         "set the learning rate in that optimizer instead")
     optimizer = _make_optimizer(name, optimizer, model, params, lr)
     scheduler = _make_scheduler(name, scheduler, optimizer)
     scaler = torch.amp.GradScaler("cuda") if amp else None
@@ -463,16 +489,18 @@ def fit(
                          "every process needs at least one sample per step")
     history, start_epoch = [], 0
     config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
-              "lr": lr if own_optimizer else None}
+              "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
+              "prepacked_conv": bool(prepacked_conv)}
     if resume_path is not None:
         state = load_checkpoint(resume_path, map_location=device)  # _set_rng_state takes the RNG states back to CPU
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{name}: {resume_path} is not a robust_ops fit checkpoint (format "
                              f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT})")
-        # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored
-        # (checkpoints written before lr was recorded pass)
-        for key in ("batch_size", "seed", "defense", "lr"):
-            saved = state["config"].get(key, config[key] if key == "lr" else None)
+        # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored;
+        # layouts: other convolution kernels, so a switched run would silently differ from an uninterrupted one.
+        # Checkpoints written before lr and the layouts were recorded pass.
+        for key in ("batch_size", "seed", "defense", "lr", "channels_last", "prepacked_conv"):
+            saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
             if saved != config[key]:
                 raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
                                  f"call has {key}={config[key]!r}")
@@ -530,7 +558,7 @@ def fit(
                 bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
             for step, (indices, global_n) in enumerate(sampler):
                 batch = _collate(train_data, indices)
-                x, y, ids = _split_batch(name, batch, needs_ids)
+                x, y, ids = _split_batch(name, batch, needs_ids, indices)
                 x, y = x.to(device, non_blocking=True), y.to(device)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -8,7 +8,9 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     With the default collate a batch is ``(x, y, ids)`` with ``ids`` an int64 tensor of dataset indices, the key of
     :class:`robust_ops.ima.MarginTable`. Ids are positions in the wrapped dataset, stable across epochs, shuffling
-    and DistributedSampler shards.
+    and DistributedSampler shards. A dict item becomes ``(item, i)`` (a batch ``(dict_of_batches, ids)`` for your own
+    loop); ``robust_ops.train.fit`` takes ``(x, y)`` items only, and refuses ids that are not positions in its
+    ``train_data``, so wrap the outermost dataset (after any ``Subset``).
 
     Example::
 
