@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import device_arg, positive_int, write_rows  # noqa: E402
+from common import device_arg, nonnegative_int, positive_int, write_rows  # noqa: E402
 
 from robust_ops import defenses  # noqa: E402
 from robust_ops.attacks.context import classification_loss  # noqa: E402
@@ -90,15 +90,13 @@ def main(argv=None):
     ap.add_argument("--size", type=positive_int, default=64)
     ap.add_argument("--batch", type=positive_int, default=32)
     ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--warmup", type=int, help="warm-up rounds (default 1 with --quick, else 2)")
-    ap.add_argument("--rounds", type=int, help="timed rounds (default 3 with --quick, else 7)")
+    ap.add_argument("--warmup", type=nonnegative_int, help="warm-up rounds (default 1 with --quick, else 2)")
+    ap.add_argument("--rounds", type=positive_int, help="timed rounds (default 3 with --quick, else 7)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     warmup, reps = (1, 3) if args.quick else (2, 7)
     warmup = warmup if args.warmup is None else args.warmup
     reps = reps if args.rounds is None else args.rounds
-    if reps < 1 or warmup < 0:
-        raise SystemExit(f"bench_defenses: expected --rounds >= 1 and --warmup >= 0, got {reps} and {warmup}")
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 1, args.size, args.size, generator=g).to(device)

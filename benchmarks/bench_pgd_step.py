@@ -103,6 +103,8 @@ def main():
             eager_s = None
             for name, fn in impls.items():
                 work = x_adv.clone()
+                if hist is not None:  # not what the previous provider wrote: a provider must write the slot itself
+                    hist.fill_(float("nan"))
                 try:
                     fn(work, x_nat, grad, alpha, eps, 0.0, 1.0, norm, hist, 1)  # also warms up / compiles
                     sync()

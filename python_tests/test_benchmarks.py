@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,8 @@ BAD_FLAGS = [
     ("bench_prepacked_conv", ["--rounds", "0"]),
     ("bench_defenses", ["--model", "nope"]),
     ("bench_defenses", ["--batch", "0"]),
+    ("bench_defenses", ["--rounds", "0"]),
+    ("bench_defenses", ["--warmup", "-1"]),
     ("bench_attacks", ["--models", "small-resnet,nope"]),
     ("bench_attacks", ["--rounds", "0"]),
     ("bench_attacks", ["--peer-rounds", "0"]),
@@ -236,3 +239,926 @@ def test_device_arg_refuses_a_cuda_index_past_the_visible_gpus(monkeypatch):
         common.device_arg("cuda:1")
     with pytest.raises(argparse.ArgumentTypeError, match="expected cpu or cuda, got 'meta'"):
         common.device_arg("meta")
+
+
+# In-process runs of each script's main() on tiny inputs, with its timers replaced by fakes that first run the call
+# they were given (spies record what it did) and then return a time that encodes it: every CSV column can then be
+# checked against what its row says was timed, and every ratio against its two times.
+
+
+def _script(monkeypatch, name, argv):
+    """(module, rows written per CSV name, torch.set_num_threads calls) for benchmarks/<name>.py run with ``argv``."""
+    import importlib
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = importlib.import_module(name)
+    common = importlib.import_module("common")
+    written = {}
+
+    def capture(csv_name, rows, device=None):
+        written[csv_name] = rows
+
+    def copy_seconds(nbytes, device="cpu", min_run_time=1.0):
+        return nbytes * 1e-9  # a 1 GB/s copy
+
+    for target in (module, common):
+        for attr, fake in (("write_rows", capture), ("copy_roofline_seconds", copy_seconds)):
+            if hasattr(target, attr):
+                monkeypatch.setattr(target, attr, fake)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # record, and leave this process's threads alone
+    monkeypatch.setattr(sys, "argv", [f"{name}.py"] + argv)
+    return module, written, threads
+
+
+def _layout(t):
+    return "nchw" if t.is_contiguous() else "channels_last"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pgd_step_rows_time_each_provider_on_its_own_case(monkeypatch, dtype):
+    import torch
+
+    from robust_ops import reference
+
+    mod, written, threads = _script(monkeypatch, "bench_pgd_step",
+                                    ["--shape", "2,3,4,4", "--no-compile", "--threads", "1", "--dtype", dtype])
+    log = []
+
+    def spy(name, real):
+        def call(x_adv, x_nat, grad, alpha, eps, lo, hi, norm, hist, slot):
+            log.append((name, norm, hist is not None, tuple(x_adv.shape), x_adv.dtype))
+            return real(x_adv, x_nat, grad, alpha, eps, lo, hi, norm, hist, slot)
+        return call
+
+    monkeypatch.setattr(torch.ops.robust_ops, "pgd_step_", spy("native", torch.ops.robust_ops.pgd_step_))
+    monkeypatch.setattr(reference, "pgd_step_", spy("eager", reference.pgd_step_))
+
+    def seconds(provider, norm, history):
+        return {"native": 1, "eager": 5}[provider] * (2 if norm == "l2" else 1) * (3 if history else 1) * 1e-3
+
+    def fake_median(fn, min_run_time=1.0):
+        del log[:]
+        fn()
+        (call,) = log
+        assert call[3:] == ((2, 3, 4, 4), getattr(torch, dtype))
+        return seconds(*call[:3])
+
+    monkeypatch.setattr(mod.common, "median_seconds", fake_median)
+    mod.main()
+    assert threads == [1]
+    rows = written["pgd_step_cpu"]
+    assert [(r["norm"], r["history"], r["provider"]) for r in rows] == [
+        (n, h, p) for n in ("linf", "l2") for h in (False, True) for p in ("native", "eager", "copy (roofline)")]
+    element = 4 if dtype == "float32" else 8
+    for r in rows:
+        nbytes = 2 * 3 * 4 * 4 * element * (5 if r["history"] else 4)
+        copy_s = nbytes * 1e-9
+        copy = r["provider"] == "copy (roofline)"
+        s = copy_s if copy else seconds(r["provider"], r["norm"], r["history"])
+        assert r["median_ms"] == pytest.approx(s * 1e3)
+        assert r["GB/s"] == pytest.approx(nbytes / s / 1e9)
+        assert r["pct_of_copy"] == pytest.approx(100 * copy_s / s)
+        assert r["speedup_vs_eager"] == pytest.approx(seconds("eager", r["norm"], r["history"]) / s)
+        assert r["equal_to_eager"] == ("" if copy else True)
+
+
+@pytest.mark.parametrize("fault", ["x_adv", "history"])
+def test_pgd_step_stops_at_a_provider_that_differs_from_eager(monkeypatch, fault):
+    """Also a provider checked after others, which never writes the history slot: the slot must not still hold
+    what an earlier provider wrote there."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", "2,3,4,4", "--no-compile"])
+    real_providers = mod.providers
+
+    def broken(x_adv, x_nat, grad, alpha, eps, lo, hi, norm, hist, slot):
+        torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, lo, hi, norm,
+                                       None if fault == "history" else hist, slot)
+        if fault == "x_adv":
+            x_adv.add_(1e-3)
+
+    monkeypatch.setattr(mod, "providers", lambda device, use_compile: {**real_providers(device, use_compile),
+                                                                        "broken": broken})
+    monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
+    what = "x_adv" if fault == "x_adv" else r"history\[1\]"
+    with pytest.raises(SystemExit, match=rf"^broken: {what} differs from the eager chain"):
+        mod.main()
+    assert not written
+
+
+def _log_backward(out, log):
+    """Log the layout of the gradient that reaches ``out`` (or its first element) in a backward pass."""
+    first = out[0] if isinstance(out, tuple) else out
+    if first.requires_grad:
+        first.register_hook(lambda g: log.append(("backward", _layout(g))))
+
+
+def _timed_case(log):
+    """(provider, layout, backward?) of the one call in ``log``, checking its shape, arguments and gradient."""
+    calls = [c for c in log if c[0] != "backward"]
+    backward = [c[1] for c in log if c[0] == "backward"]
+    assert len(calls) == 1 and backward in ([], [calls[0][1]]), log
+    return calls[0][0], calls[0][1], bool(backward)
+
+
+def _drop_max_spies(monkeypatch, mod, log, fault=None):
+    import types
+
+    import torch.nn.functional as F
+
+    import robust_ops
+    from robust_ops import reference
+
+    def spy(provider, real):
+        def call(x, *args, **kw):
+            log.append((kw.get("backend", provider), _layout(x), tuple(x.shape), args))
+            out = real(x, *args, **kw)
+            _log_backward(out, log)
+            if fault and kw.get("return_indices") and _layout(x) in fault:
+                out = (out[0] + 1, out[1]) if fault.startswith("output") else (out[0], out[1].flip(-1))
+            return out
+        return call
+
+    monkeypatch.setattr(mod, "F", types.SimpleNamespace(max_pool2d=spy("max_pool2d", F.max_pool2d)))
+    monkeypatch.setattr(mod, "robust_ops", types.SimpleNamespace(drop_max_pool2d=spy("?", robust_ops.drop_max_pool2d)))
+    monkeypatch.setattr(mod, "reference", types.SimpleNamespace(
+        drop_max_pool2d=spy("reference", reference.drop_max_pool2d)))
+
+
+def test_drop_max_pool2d_rows_time_what_they_name(monkeypatch):
+    import torch
+
+    mod, written, threads = _script(monkeypatch, "bench_drop_max_pool2d",
+                                    ["--quick", "--threads", "1", "--shape", "2", "3", "6", "6"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    log = []
+    _drop_max_spies(monkeypatch, mod, log)
+
+    def seconds(provider, layout, backward):
+        return ({"max_pool2d": 1, "native": 3, "reference": 40}[provider] * (2 if layout == "channels_last" else 1)
+                * (5 if backward else 1) * 1e-3)
+
+    def fake_median(fn, min_run_time=1.0):
+        del log[:]
+        fn()
+        assert log[0][2:] == ((2, 3, 6, 6), {"reference": ((3, 3), (2, 2), (1, 1), (1, 1), False)}.get(
+            log[0][0], (3, 2, 1)))
+        return seconds(*_timed_case(log))
+
+    monkeypatch.setattr(mod, "median_seconds", fake_median)
+    mod.main()
+    assert threads == [1]
+    rows = written["drop_max_pool2d"]
+    cases = [(p, layout, pass_name) for layout in ("nchw", "channels_last")
+             for p in ("max_pool2d", "native", "reference") if not (p == "reference" and layout == "channels_last")
+             for pass_name in ("forward", "forward+backward")]
+    assert [(r["provider"], r["layout"], r["pass"]) for r in rows] == cases + [("copy (roofline)", "-", "copy_")]
+    n_in, n_out = 2 * 3 * 6 * 6, 2 * 3 * 3 * 3
+    for r in rows[:-1]:
+        backward = r["pass"] == "forward+backward"
+        s = seconds(r["provider"], r["layout"], backward)
+        nbytes = (4 * n_in + 12 * n_out) * (2 if backward else 1)
+        assert (r["dev"], r["shape"], r["median_ms"]) == ("cpu", "2x3x6x6", pytest.approx(s * 1e3))
+        assert r["GB/s"] == pytest.approx(nbytes / s / 1e9)
+        assert r["roofline_%"] == pytest.approx(100 * nbytes / s / 1e9)  # the fake copy runs at 1 GB/s
+        assert r["x_maxpool_same_layout"] == pytest.approx(s / seconds("max_pool2d", r["layout"], backward))
+        assert r["x_maxpool_cl"] == pytest.approx(s / seconds("max_pool2d", "channels_last", backward))
+        assert r["speedup_vs_reference"] == pytest.approx(seconds("reference", "nchw", backward) / s)
+        assert r["peak_MiB"] == ""
+    copy = rows[-1]
+    assert (copy["median_ms"], copy["GB/s"], copy["roofline_%"]) == (pytest.approx(8 * n_in * 1e-6), pytest.approx(1),
+                                                                    100.0)
+    assert copy["x_maxpool_same_layout"] == copy["speedup_vs_reference"] == ""
+
+
+@pytest.mark.parametrize("fault", ["output nchw", "indices nchw", "output channels_last"])
+def test_drop_max_pool2d_stops_when_the_kernel_disagrees_with_the_reference(monkeypatch, fault):
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_drop_max_pool2d", ["--quick", "--shape", "2", "3", "6", "6"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _drop_max_spies(monkeypatch, mod, [], fault)
+    monkeypatch.setattr(mod, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
+    with pytest.raises(SystemExit, match=r"^drop_max_pool2d backend=native disagrees with the reference on "
+                                         r"\(2, 3, 6, 6\)$"):
+        mod.main()
+    assert not written
+
+
+def _native_layers_spies(monkeypatch, mod, log, fault=None):
+    import types
+
+    import torch.nn.functional as F
+
+    import robust_ops
+
+    def spy(provider, real):
+        def call(x, *args, **kw):
+            log.append((provider, _layout(x), tuple(x.shape), args))
+            out = real(x, *args, **kw)
+            _log_backward(out, log)
+            if fault and provider == "robust_ops.max_pool2d" and kw.get("return_indices") and _layout(x) in fault:
+                if fault.startswith("output"):
+                    out = (out[0] * 2, out[1])
+                elif fault.startswith("indices"):
+                    out = (out[0], out[1].flip(-1))
+                else:  # the right values in NCHW strides
+                    out = (out[0].contiguous(), out[1])
+            return out
+        return call
+
+    monkeypatch.setattr(mod, "F", types.SimpleNamespace(max_pool2d=spy("F.max_pool2d", F.max_pool2d)))
+    monkeypatch.setattr(mod, "robust_ops", types.SimpleNamespace(
+        max_pool2d=spy("robust_ops.max_pool2d", robust_ops.max_pool2d)))
+
+
+def test_native_layers_rows_time_what_they_name(monkeypatch):
+    mod, written, threads = _script(monkeypatch, "bench_native_layers", ["--quick", "--threads", "1"])
+    log = []
+    _native_layers_spies(monkeypatch, mod, log)
+
+    def pool_seconds(provider, layout, backward):
+        return ({"F.max_pool2d": 4, "robust_ops.max_pool2d": 1}[provider] * (2 if layout == "channels_last" else 1)
+                * (3 if backward else 1) * 1e-3)
+
+    def bn_seconds(name, c, layout):
+        return {"aten": 8, "ours": 2}[name] * c * (2 if layout == "channels_last" else 1) * 1e-6
+
+    def fake_median(fn, min_run_time=1.0):
+        del log[:]
+        out = fn()
+        if fn.__name__ in ("aten", "ours"):  # the batch-norm backward pair
+            assert not log and out.shape[0] == 8
+            return bn_seconds(fn.__name__, out.shape[1], _layout(out))
+        assert log[0][2:] == ((8, 64, 64, 64), (3, 2, 1))
+        return pool_seconds(*_timed_case(log))
+
+    monkeypatch.setattr(mod, "median_seconds", fake_median)
+    mod.main()
+    assert threads == [1]
+    rows = written["bench_native_layers"]
+    pool_rows, copy, bn_rows = rows[:8], rows[8], rows[9:]
+    assert [(r["provider"], r["layout"], r["pass"]) for r in pool_rows] == [
+        (p, layout, pass_name) for p in ("F.max_pool2d", "robust_ops.max_pool2d")
+        for layout in ("nchw", "channels_last") for pass_name in ("forward", "forward+backward")]
+    n_in, n_out = 8 * 64 * 64 * 64, 8 * 64 * 32 * 32
+    for r in pool_rows:
+        backward = r["pass"] == "forward+backward"
+        s = pool_seconds(r["provider"], r["layout"], backward)
+        nbytes = (4 * n_in + 12 * n_out) * (2 if backward else 1)
+        assert (r["shape"], r["median_ms"]) == ("8x64x64x64", pytest.approx(s * 1e3))
+        assert r["x_aten_same_layout"] == pytest.approx(pool_seconds("F.max_pool2d", r["layout"], backward) / s)
+        assert r["GB/s"] == pytest.approx(nbytes / s / 1e9) and r["roofline_%"] == pytest.approx(r["GB/s"] * 100)
+    assert (copy["provider"], copy["median_ms"], copy["GB/s"]) == ("copy (roofline)", pytest.approx(8e-6 * n_in),
+                                                                   pytest.approx(1))
+    cases = [(c, s, layout) for c, s in ((64, 32), (128, 16), (256, 8), (512, 4))
+             for layout in ("nchw", "channels_last")]
+    assert len(bn_rows) == 3 * len(cases)
+    for (c, s, layout), trio in zip(cases, zip(*[iter(bn_rows)] * 3)):
+        nbytes = 8 * 8 * c * s * s
+        want = [("aten native_batch_norm_backward", bn_seconds("aten", c, layout), 1.0),
+                ("robust_ops._eval_batch_norm_backward", bn_seconds("ours", c, layout), 4.0),
+                ("copy (roofline)", nbytes * 1e-9, "")]
+        for r, (provider, seconds, ratio) in zip(trio, want):
+            assert (r["provider"], r["layout"], r["shape"]) == (provider, layout, f"8x{c}x{s}x{s}")
+            assert r["median_ms"] == pytest.approx(seconds * 1e3) and r["x_aten_same_layout"] == pytest.approx(ratio)
+            assert r["GB/s"] == pytest.approx(nbytes / seconds / 1e9)
+            assert r["roofline_%"] == pytest.approx(100 * nbytes * 1e-9 / seconds)
+
+
+@pytest.mark.parametrize("fault", ["output nchw", "indices nchw", "output channels_last", "strides channels_last",
+                                   "batch-norm values", "batch-norm strides"])
+def test_native_layers_stop_when_an_op_disagrees_with_aten(monkeypatch, fault):
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_native_layers", ["--quick"])
+    _native_layers_spies(monkeypatch, mod, [], None if fault.startswith("batch-norm") else fault)
+    real_bn = torch.ops.robust_ops._eval_batch_norm_backward
+
+    def bn(grad, invstd, weight):
+        out = real_bn(grad, invstd, weight)
+        return out * 1.5 if fault == "batch-norm values" else out.contiguous()  # NCHW strides on channels_last
+
+    monkeypatch.setattr(torch.ops.robust_ops, "_eval_batch_norm_backward", bn)
+    monkeypatch.setattr(mod, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
+    if fault.startswith("batch-norm"):
+        message = "_eval_batch_norm_backward disagrees with ATen at C=64, " + (
+            "nchw" if fault == "batch-norm values" else "channels_last")
+    else:
+        layout = {"nchw": "contiguous_format", "channels_last": "channels_last"}[fault.split()[1]]
+        what = "indices" if fault.startswith("indices") else "output"
+        message = rf"robust_ops.max_pool2d disagrees with F.max_pool2d \(torch.{layout}, {what}\)"
+    with pytest.raises(SystemExit, match=f"^{message}$"):
+        mod.main()
+    assert not written
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_boundary_search_rows_time_what_they_name(monkeypatch, quick):
+    import torch
+
+    from robust_ops import reference
+
+    mod, written, threads = _script(monkeypatch, "bench_boundary_search", [])
+    shape = (3, 2, 8, 8)
+    monkeypatch.setattr(mod, "SHAPES", (shape,))
+    log, forwards = [], []
+
+    def spy(name, real):
+        def call(lo, hi, points, crossed_at, active):
+            log.append((name, points.shape[0] + 1, tuple(lo.shape)))
+            return real(lo, hi, points, crossed_at, active)
+        return call
+
+    monkeypatch.setattr(torch.ops.robust_ops, "boundary_search_step_",
+                        spy("native", torch.ops.robust_ops.boundary_search_step_))
+    monkeypatch.setattr(reference, "boundary_search_step_", spy("reference", reference.boundary_search_step_))
+
+    def fake_median(fn, min_run_time=1.0):
+        del log[:]
+        fn()
+        (call,) = log
+        assert call[2] == shape
+        return {"native": 1, "reference": 7}[call[0]] * call[1] * 1e-3
+
+    def fake_forward(model, shape_, batch, device, reps):
+        forwards.append((batch, reps))
+        return batch * 1e-3  # 1 ms per image
+
+    monkeypatch.setattr(mod.common, "median_seconds", fake_median)
+    monkeypatch.setattr(mod, "forward_seconds", fake_forward)
+    mod.main((["--quick"] if quick else []) + ["--threads", "1", "--device", "cpu"])
+    assert threads == [1]
+    # --quick on CPU: one forward of N images, times k-1; else (k-1) N images
+    assert forwards == ([(3, 1)] if quick else [(3, 3), (9, 3)])
+    rows = written["boundary_search"]
+    assert [(r["shape"], r["k"], r["provider"]) for r in rows] == [("3x2x8x8", 2, "native"), ("3x2x8x8", 4, "native")]
+    d = 2 * 8 * 8
+    for r in rows:
+        k = r["k"]
+        kern, ref, fwd = 1e-3 * k, 7e-3 * k, (k - 1) * 3e-3
+        _, _, _, crossed_at, active = mod.make_round(shape, k, "cpu")
+        min_bytes = 4 * d * sum(2 + (c > 0) + (c < k - 1) + (k - 1) for c, a in zip(crossed_at.tolist(), active) if a)
+        all_bytes = 4 * 2 * (k + 1) * 3 * d
+        assert (r["kernel_ms"], r["reference_ms"], r["forward_ms"]) == pytest.approx((kern * 1e3, ref * 1e3, fwd * 1e3))
+        assert r["speedup_vs_ref"] == pytest.approx(7)
+        assert r["roofline_min_ms"] == pytest.approx(min_bytes * 1e-6)
+        assert r["pct_roofline_min"] == pytest.approx(100 * min_bytes * 1e-9 / kern)
+        assert r["GB/s_min"] == pytest.approx(min_bytes / kern / 1e9)
+        assert r["roofline_all_ms"] == pytest.approx(all_bytes * 1e-6)
+        assert r["pct_roofline_all"] == pytest.approx(100 * all_bytes * 1e-9 / kern)
+        assert r["kernel_share_of_round_pct"] == pytest.approx(100 * kern / (kern + fwd))
+        assert r["ref_share_of_round_pct"] == pytest.approx(100 * ref / (ref + fwd))
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_boundary_search_stops_when_the_kernel_disagrees_with_the_reference(monkeypatch, which):
+    """Any of lo, hi and the points written differently stops the run."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_boundary_search", [])
+    monkeypatch.setattr(mod, "SHAPES", ((3, 2, 8, 8),))
+    real = torch.ops.robust_ops.boundary_search_step_
+
+    def broken(*args):
+        real(*args)
+        args[which].add_(1)
+
+    monkeypatch.setattr(torch.ops.robust_ops, "boundary_search_step_", broken)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        mod.main(["--quick", "--device", "cpu"])
+    assert not written
+
+
+def test_prepacked_conv_rows_time_what_they_name(monkeypatch):
+    import types
+
+    import torch
+
+    from robust_ops import prepacked_conv as pc
+    from robust_ops.models import build_model
+
+    mod, written, threads = _script(monkeypatch, "bench_prepacked_conv", ["--batches", "2", "--rounds", "2",
+                                                                          "--threads", "1"])
+    packed_models, seen = [], []
+
+    def off(module, inputs, out):
+        """Outputs 0.5 more and input gradients 100 * (the row's output gradient sum) more than ATen's."""
+        x = inputs[0]
+        return out + 0.5 + 100 * (x - x.detach()).flatten(1).sum(1, keepdim=True)
+
+    def prepack(model, on):
+        packed_models.append(model)
+        model.register_forward_hook(off)  # a difference max_abs_diff must show
+        return pc.prepacked_conv(model, on)
+
+    monkeypatch.setattr(mod, "pc", types.SimpleNamespace(prepacked_conv=prepack))
+
+    def case(fn):
+        """(prepacked?, layout, pass, batch) of a timed call, from what it closes over."""
+        cells = [c.cell_contents for c in fn.__closure__]
+        (model,) = [c for c in cells if isinstance(c, torch.nn.Module)]
+        (x,) = [c for c in cells if torch.is_tensor(c) and c.dim() == 4]
+        backward = fn.__qualname__.startswith("forward_backward_fn")
+        assert model.training is False and pc.prepacked_conv_active(model) == (model is packed_models[-1])
+        assert not any(p.requires_grad for p in model.parameters())  # inside an attack: frozen weights
+        return model is packed_models[-1], _layout(model.layer1[0].conv1.weight), backward, x.shape[0]
+
+    def seconds(packed, layout, backward, batch):
+        return (1 if packed else 4) * (2 if layout == "channels_last" else 1) * (3 if backward else 1) * batch * 1e-3
+
+    def fake_interleaved(fns, rounds, device=None):
+        cases = [case(fn) for fn in fns]
+        assert (rounds, device, [c[0] for c in cases]) == (2, "cpu", [False, True]) and cases[0][1:] == cases[1][1:]
+        seen.append(cases[0][1:])
+        return [seconds(*c) for c in cases], None
+
+    monkeypatch.setattr(mod, "interleaved_medians", fake_interleaved)
+    mod.main()
+    assert threads == [1]
+    assert [_layout(m.layer1[0].conv1.weight) for m in packed_models] == ["nchw", "channels_last"]
+    rows = written["bench_prepacked_conv"]
+    passes = {False: "forward (no graph)", True: "forward + input gradient"}
+    assert [(r["layout"], r["batch"], r["pass"]) for r in rows[:-1:2]] == [(c[0], c[2], passes[c[1]]) for c in seen]
+    assert len(seen) == 4 and len(rows) == 9
+    for r in rows[:-1]:
+        key = (r["layout"], r["pass"] == passes[True], r["batch"])
+        packed = r["provider"] == "prepacked_conv"
+        s = seconds(packed, *key)
+        assert r["median_ms"] == pytest.approx(s * 1e3)
+        assert r["x_aten"] == pytest.approx(seconds(False, *key) / s)
+        if key[1]:  # the script's output gradient for this batch: after x, from a generator seeded with the batch
+            g = torch.Generator().manual_seed(2)
+            torch.rand(2, 1, 28, 28, generator=g)
+            want = max(0.5, 100 * float(torch.randn(2, 2, generator=g).sum(1).abs().max()))
+        else:
+            want = 0.5
+        assert r["max_abs_diff"] == (pytest.approx(want, rel=1e-3) if packed else 0.0)
+    weight_bytes = sum(4 * m.weight.numel() for m in build_model("resnet18", 1, 2, 28).modules()
+                       if isinstance(m, torch.nn.Conv2d))
+    assert rows[-1]["median_ms"] == pytest.approx(2 * weight_bytes * 1e-6)
+
+
+@pytest.mark.parametrize("flags", [["--quick", "--warmup", "2"], ["--rounds", "3"]])  # 2 warm-ups by default
+def test_defenses_rows_are_medians_of_the_timed_rounds_of_each_defense(monkeypatch, flags):
+    """Warm-up rounds untimed; per defense the median, min and max of its own timed steps; ratio to standard."""
+    import types
+
+    mod, written, _ = _script(monkeypatch, "bench_defenses", [])
+    clock, models, calls = [0.0], [], []
+    real_runs = mod.as_fit_runs
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def spy(model, step):
+        if model not in models:
+            models.append(model)
+        i = models.index(model)
+        func = step.func.__name__
+        defense = step.args[1] if func == "train_step" else None
+        calls.append((i, func, type(defense).__name__, getattr(defense, "steps", None)))
+        assert model.training
+        real_runs(model, step)
+        n = sum(c[0] == i for c in calls)
+        clock[0] += 100.0 if n <= 2 else (i + 1) * {3: 1.0, 4: 3.0, 5: 2.0}[n]  # 2 warm-ups, then 3 timed steps
+
+    monkeypatch.setattr(mod, "as_fit_runs", spy)
+    mod.main(flags + ["--defenses", "at-torchattacks", "at", "--model", "small_cnn", "--size", "8", "--batch", "2",
+                      "--device", "cpu"])
+    kinds = [(0, "train_step", "Standard", None), (1, "torchattacks_at_step", "NoneType", None),
+             (2, "train_step", "AT", 10)]
+    assert calls == kinds * 5
+    rows = written["defenses"]
+    assert [r["defense"] for r in rows] == ["standard", "at-torchattacks", "at"]
+    for i, r in enumerate(rows):
+        assert (r["step_ms"], r["min_ms"], r["max_ms"]) == pytest.approx((2000 * (i + 1), 1000 * (i + 1),
+                                                                         3000 * (i + 1)))
+        assert r["x_standard"] == pytest.approx(i + 1)
+        assert (r["model"], r["input"], r["reps"]) == ("small_cnn", "2x1x8x8", 3)
+
+
+def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 7)):
+    """bench_attacks with its peer table cut to ``cases`` of peer_cases (fgsm, pgd, cw-linf, square by default)."""
+    pytest.importorskip("torchattacks")
+    mod, written, _ = _script(monkeypatch, "bench_attacks", argv)
+    real_cases = mod.peer_cases
+    monkeypatch.setattr(mod, "peer_cases", lambda *a: [real_cases(*a)[i] for i in cases])
+    return mod, written
+
+
+def test_attacks_rows_time_what_they_name(monkeypatch, capsys):
+    """The pgd-10 comparison and ensemble rows: each time from the call its row names (switches, layout, prepacking,
+    emit), ratios the peer's time over ours, same_output from the outputs compared."""
+    import torch
+
+    from robust_ops import attacks
+    from robust_ops.prepacked_conv import prepacked_conv_active
+
+    mod, written = _attacks_script(monkeypatch, ["--models", "small-resnet", "--batch", "4", "--size", "16",
+                                                 "--train-steps", "2", "--rounds", "2", "--peer-rounds", "2",
+                                                 "--device", "cpu"])
+    log, trained, timed = [], [], []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(attacks, name)
+
+        def pgd(self, model, x, y, **kw):
+            log.append((os.environ.get(mod.POOL_SWITCH), os.environ.get(mod.LAYERS_SWITCH),
+                        _layout(model.blocks[1].conv1.weight), prepacked_conv_active(model), kw.get("emit"),
+                        tuple(x.shape)))
+            return attacks.pgd(model, x, y, **kw)
+
+    monkeypatch.setattr(mod, "attacks", Spy())
+    real_train = mod.train_briefly
+    monkeypatch.setattr(mod, "train_briefly", lambda model, steps, *a: (trained.append(steps),
+                                                                         real_train(model, steps, *a))[1])
+    plain = (None, None, "nchw", False, None, (4, 1, 16, 16))
+    pgd_calls = {"ours": plain, "theirs": None, "ours_no_pool": ("0",) + plain[1:],
+                 "ours_emit": plain[:4] + ((2, 4, 6, 8),) + plain[5:], "ours_no_native_layers": (None, "0") + plain[2:],
+                 "ours_channels_last": plain[:2] + ("channels_last",) + plain[3:], "ours_prepacked": plain[:3] + (True,)
+                 + plain[4:], "ours_channels_last_prepacked": plain[:2] + ("channels_last", True) + plain[4:]}
+    ms = {name: i + 1 for i, name in enumerate(list(pgd_calls) + ["run_cascade", "run_all", "run_ours",
+                                                                  "run_reference", "<lambda>"])}
+
+    def fake_interleaved(fns, rounds, device=None):
+        names = [fn.__name__ for fn in fns]
+        timed.append((names, rounds, device))
+        for fn in fns:
+            if fn.__name__ in pgd_calls:
+                del log[:]
+                fn()
+                assert log == ([pgd_calls[fn.__name__]] if pgd_calls[fn.__name__] else []), fn.__name__
+        return [ms[n] * 1e-3 for n in names], None
+
+    monkeypatch.setattr(mod, "interleaved_medians", fake_interleaved)
+    mod.main()
+    assert trained == [2]
+    cpu = torch.device("cpu")
+    assert timed[:2] == [(list(pgd_calls), 2, cpu), (["run_cascade", "run_all"], 2, cpu)]
+    assert [t[1:] for t in timed[2:]] == [(2, cpu)] * 4
+    rows = written["bench_attacks"]
+    names = ["ours", "ours_no_pool", "ours_no_native_layers", "ours_channels_last", "ours_prepacked",
+             "ours_channels_last_prepacked"]
+    for r, name in zip(rows, names):
+        assert (r["ours_ms"], r["peer_ms"], r["ratio"]) == pytest.approx((ms[name], ms["theirs"],
+                                                                          ms["theirs"] / ms[name]))
+        assert r["images_per_s"] == pytest.approx(4 / (ms[name] * 1e-3))
+    assert [r["same_output"] for r in rows[:3]] == [True] * 3  # bitwise: the pool and native layers change nothing
+    for r in rows[3:6]:
+        assert r["same_output"] == (float(r["case"].split("max diff ")[1].rstrip(")")) == 0)
+    emit, ensemble = rows[6], rows[7]
+    assert "emit" in emit["case"] and emit["same_output"] is True
+    assert (emit["ours_ms"], emit["peer_ms"], emit["ratio"]) == pytest.approx((ms["ours_emit"], ms["ours"],
+                                                                               ms["ours_emit"] / ms["ours"]))
+    assert "cascade vs all" in ensemble["case"] and ensemble["same_output"] is True
+    assert (ensemble["ours_ms"], ensemble["peer_ms"], ensemble["ratio"]) == pytest.approx(
+        (ms["run_cascade"], ms["run_all"], ms["run_all"] / ms["run_cascade"]))
+    assert len(rows) == 8 and len(written["bench_attacks_peers"]) == 4
+    assert "small-resnet: trained 2 steps" in capsys.readouterr().out
+
+
+def test_attack_peer_rows_time_and_compare_what_they_name(monkeypatch):
+    import math
+
+    mod, written = _attacks_script(monkeypatch, ["--peers-only", "--models", "small-resnet", "--batch", "4", "--size",
+                                                 "16", "--train-steps", "2", "--quick"])
+    ms = {"run_ours": 2, "run_reference": 3, "<lambda>": 5}
+    monkeypatch.setattr(mod, "interleaved_medians", lambda fns, rounds, device=None: (
+        [ms[fn.__name__] * 1e-3 for fn in fns], None))
+    mod.main()
+    assert "bench_attacks" not in written
+    rows = written["bench_attacks_peers"]
+    assert [r["attack"] for r in rows] == ["fgsm", "pgd-5", "cw-linf-5", "square-40"]
+    copy_s = 2 * 4 * 16 * 16 * 4 * 1e-9  # the fake copy: 1 GB/s; one read and one write of the batch
+    for r, iterations in zip(rows, (1, 5, 5, 40)):
+        assert (r["ours_ms"], r["reference_ops_ms"], r["reference_ratio"]) == pytest.approx((2, 3, 1.5))
+        assert (r["roofline_ms"], r["ours_over_roofline"]) == pytest.approx((iterations * copy_s * 1e3,
+                                                                            2e-3 / (iterations * copy_s)))
+        assert r["same_as_reference_ops"] is True and 0 <= r["robust_acc_ours"] <= 1
+        if r["attack"] == "cw-linf-5":
+            assert r["same_as_peer"] == "n/a" and math.isnan(r["peer_ms"]) and math.isnan(r["peer_ratio"])
+            assert math.isnan(r["robust_acc_peer"])
+        else:
+            assert (r["peer_ms"], r["peer_ratio"]) == pytest.approx((5, 2.5))
+            if r["same_as_peer"]:
+                assert r["robust_acc_peer"] == r["robust_acc_ours"]
+    assert [r["same_as_peer"] for r in rows[:2]] == [True, True]
+
+
+IMA_VARIANTS = ["masked", "naive", "compacted", "compacted unpadded", "compacted k=4", "masked channels_last",
+                "compacted channels_last", "compacted prepacked"]
+
+
+def test_ima_rows_aggregate_each_variants_epochs_against_its_masked_twins(monkeypatch):
+    """Medians over repeats, ratios masked / variant, margins compared with the masked epoch and with the masked one
+    on the same kernels ("n/a" when --variants leaves that one out); each variant's epoch runs what its name says."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_ima", [
+        "--quick", "--variants", ",".join(IMA_VARIANTS[1:]), "--repeats", "3", "--scenarios", "cap,init",
+        "--images", "10",
+        "--steps", "2", "--search-steps", "3", "--pretrain-epochs", "0", "--deterministic", "--device", "cpu"])
+    monkeypatch.setattr(mod, "load_train", lambda: (torch.rand(10, 1, 28, 28), torch.randint(0, 2, (10,))))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    t = dict(zip(IMA_VARIANTS, (10, 20, 4, 3, 5, 8, 2, 6)))
+    changed = {"naive": [7], "compacted unpadded": [1, 4], "masked channels_last": [0, 2, 3],
+               "compacted channels_last": [0, 2, 3], "compacted prepacked": [5]}
+    scenario_factor = {"cap": 1, "init": 2}
+    epochs = []
+
+    def fake_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit, min_rows, channels_last,
+                   prepacked, defense_state):
+        flags = dict(compact=compact, arity=arity, batch_exit=batch_exit, min_rows=min_rows,
+                     channels_last=channels_last, prepacked=prepacked)
+        (name,) = [n for n in IMA_VARIANTS if flags == dict(
+            compact="compacted" in n, arity=4 if "k=4" in n else 2, batch_exit=n != "naive",
+            min_rows=0 if "unpadded" in n else None, channels_last="channels_last" in n, prepacked="prepacked" in n)]
+        assert (ids_all.numel(), args.steps, args.search_steps, defense_state) == (10, 2, 3, None)
+        r = sum(e == (scenario, name) for e in epochs)
+        epochs.append((scenario, name))
+        margins = torch.arange(10.0)
+        margins[changed.get(name, [])] += 0.5
+        s = t[name] * scenario_factor[scenario] * (1, 3, 2)[r]
+        return s, s + 1, margins, {"forward_calls": t[name], "probe_s": 0.5}, 0.1 * r
+
+    monkeypatch.setattr(mod, "ima_epoch", fake_epoch)
+    mod.main()
+    assert epochs == [(s, n) for s in ("cap", "init") for _ in range(3) for n in IMA_VARIANTS]  # interleaved
+    rows = written["ima_deterministic"]
+    assert [(r["scenario"], r["variant"]) for r in rows] == [(s, n) for s in ("cap", "init") for n in IMA_VARIANTS]
+    for r in rows:
+        name, f = r["variant"], scenario_factor[r["scenario"]]
+        med, base = 2 * t[name] * f, 2 * t["masked"] * f
+        assert (r["ran_on"], r["deterministic"], r["images"], r["K"], r["N"]) == (torch.device("cpu"), True, 10, 2, 3)
+        assert (r["epoch_s_median"], r["speedup_vs_masked"]) == pytest.approx((med, base / med))
+        assert (r["epoch_cpu_s_median"], r["cpu_speedup_vs_masked"]) == pytest.approx((med + 1, (base + 1) / (med + 1)))
+        assert (r["forward_calls"], r["probe_s"], r["crossed_frac"]) == (t[name], 0.5, pytest.approx(0.2))
+        diff = len(changed.get(name, []))
+        assert (r["margins_equal_to_masked"], r["margins_max_abs_diff"], r["margins_differing"]) == (
+            diff == 0, 0.5 if diff else 0.0, diff)
+        twin = "masked channels_last" if "channels_last" in name else "masked"
+        if name == "compacted prepacked":  # its twin "masked prepacked" was left out
+            assert r["speedup_vs_masked_same_layout"] == r["margins_equal_to_masked_same_layout"] == "n/a"
+        else:
+            assert r["speedup_vs_masked_same_layout"] == pytest.approx(2 * t[twin] * f / med)
+            assert r["margins_equal_to_masked_same_layout"] == (changed.get(name) == changed.get(twin))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--images", "11"], "--images: the BreastMNIST training split has 10 images, got 11"),
+    (["--images", "4", "--scenarios", "spread,bogus"], r"--scenarios: unknown \['bogus'\]"),
+    (["--images", "4", "--scenarios", "trained"], "--scenarios trained needs --state CHECKPOINT"),
+    (["--images", "4", "--variants", "compacted,nope"], r"unknown variants \['nope'\]"),
+])
+def test_ima_bad_choices_are_usage_errors_before_any_epoch(monkeypatch, capsys, argv, message):
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_ima", argv + ["--pretrain-epochs", "0", "--device", "cpu"])
+    monkeypatch.setattr(mod, "load_train", lambda: (torch.rand(10, 1, 28, 28), torch.randint(0, 2, (10,))))
+    monkeypatch.setattr(mod, "ima_epoch", lambda *a, **kw: pytest.fail("an epoch ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main()
+    assert exit_info.value.code == 2 and not written
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_defenses_train_step_adds_the_extra_gradients_and_steps_once(monkeypatch):
+    import types
+
+    import torch
+
+    mod, _, _ = _script(monkeypatch, "bench_defenses", [])
+    model = torch.nn.Linear(2, 1, bias=False)
+    model.weight.data.fill_(1.0)
+    seen = []
+
+    class Defense:
+        needs_ids = True
+
+        def __call__(self, model, x, y, ids):
+            seen.append(ids)
+            return types.SimpleNamespace(loss=model(x).sum(), extra_grads=[torch.full((1, 2), 10.0)])
+
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, ids = torch.tensor([[1.0, 2.0]]), torch.tensor([7])
+    for _ in range(2):  # the gradient of each step is its own: zeroed first
+        mod.train_step(model, Defense(), x, None, ids, opt)
+    assert torch.equal(model.weight, torch.tensor([[1.0 - 2 * 11, 1.0 - 2 * 12]])) and seen == [ids, ids]
+
+
+def test_attacks_ensemble_eps_is_the_smallest_power_of_two_that_breaks_a_quarter(monkeypatch, capsys):
+    import types
+
+    import torch
+
+    mod, _, _ = _script(monkeypatch, "bench_attacks", [])
+    monkeypatch.setattr(mod, "attacks", types.SimpleNamespace(fgsm=lambda model, x, y, eps: x + eps))
+
+    def model_breaking_above(thresholds):
+        """Predicts 1 for sample i once its input exceeds thresholds[i] / 255."""
+        thresholds = torch.tensor(thresholds)[:, None]
+        return lambda z: torch.cat([torch.zeros_like(z), z * 255 - thresholds], 1)
+
+    x, y = torch.zeros(4, 1), torch.zeros(4, dtype=torch.long)
+    assert mod.pick_ensemble_eps(model_breaking_above([0.5, 1.5, 100, 100]), x, y) == 1 / 255  # a quarter at 1/255
+    assert mod.pick_ensemble_eps(model_breaking_above([2.5, 3.5, 8.5, 100]), x, y) == 4 / 255
+    assert mod.pick_ensemble_eps(model_breaking_above([15.5, 100, 100, 100]), x, y) == 16 / 255
+    assert "using eps" not in capsys.readouterr().out
+    assert mod.pick_ensemble_eps(model_breaking_above([100] * 4), x, y) == 16 / 255
+    assert "FGSM breaks 0.000 (< 0.25) of the batch even at 16/255" in capsys.readouterr().out
+
+
+def test_attack_peer_rows_report_outputs_that_differ(monkeypatch):
+    """same_as_* can be False, each from its own pair of outputs; robust accuracies of each side's own output."""
+    import torch
+
+    mod, written = _attacks_script(monkeypatch, ["--peers-only", "--models", "small-resnet", "--batch", "4", "--size",
+                                                 "16", "--train-steps", "0", "--quick"], cases=())
+
+    class Same:
+        def __call__(self, x, y):
+            return x.clone()
+
+    class Shift(Same):
+        def __call__(self, x, y):
+            return x + 100  # the fake model below: class 1
+
+    def ours(x, y):
+        return x.clone()
+
+    def ours_off_on_reference(x, y):
+        return x + 1e-3 if os.environ.get(mod.BACKEND_SWITCH) == "reference" else x.clone()
+
+    monkeypatch.setattr(mod, "peer_cases", lambda *a: [("reference differs", ours_off_on_reference, Same(), "", 3),
+                                                       ("peer differs", ours, Shift(), "", 3)])
+    monkeypatch.setattr(mod, "interleaved_medians", lambda fns, rounds, device=None: ([1.0] * len(fns), None))
+    trained, peers = [], []
+    monkeypatch.setattr(mod, "train_briefly", lambda model, steps, *a: trained.append(steps))
+    real_peers = mod.bench_peers
+
+    def bench_peers(name, model, x, y, *rest):
+        peers.append((model, x, y))
+
+        def class_1_above_10(z):
+            return torch.stack([torch.zeros(len(z)), z.flatten(1)[:, 0] - 10], 1)
+
+        return real_peers(name, class_1_above_10, x, torch.zeros_like(y), *rest)
+
+    monkeypatch.setattr(mod, "bench_peers", bench_peers)
+    mod.main()
+    (model, x, y), = peers
+    assert trained == [0] and torch.equal(y, model(x).argmax(1))  # labels: the clean predictions
+    rows = written["bench_attacks_peers"]
+    assert [(r["same_as_reference_ops"], r["same_as_peer"], r["peer"]) for r in rows] == [
+        (False, True, "torchattacks.Same"), (True, False, "torchattacks.Shift")]
+    assert [(r["robust_acc_ours"], r["robust_acc_peer"]) for r in rows] == [(1.0, 1.0), (1.0, 0.0)]
+
+
+def test_boundary_search_forward_seconds_is_the_median_of_timed_forwards_after_a_warm_up(monkeypatch):
+    import types
+
+    import torch
+
+    mod, _, _ = _script(monkeypatch, "bench_boundary_search", [])
+    clock, batches = [0.0], []
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def model(x):
+        assert not torch.is_grad_enabled()
+        batches.append(tuple(x.shape))
+        clock[0] += [100.0, 1.0, 5.0, 2.0][len(batches) - 1]
+
+    assert mod.forward_seconds(model, (7, 2, 8, 8), 6, "cpu", 3) == 2.0
+    assert batches == [(6, 2, 8, 8)] * 4
+
+
+def test_pgd_step_half_precision_rows_say_within_tolerance(monkeypatch):
+    """float16: a provider off by a rounding step is timed, and its rows say so rather than "True"."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step",
+                              ["--shape", "2,3,4,4", "--no-compile", "--dtype", "float16"])
+    real_providers = mod.providers
+
+    def close(x_adv, x_nat, grad, alpha, eps, lo, hi, norm, hist, slot):
+        torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, lo, hi, norm, hist, slot)
+        x_adv.add_(1e-3)  # about two float16 rounding steps at 0.5; the tolerance is 2e-3
+        if hist is not None:
+            hist[slot].copy_(x_adv)
+
+    monkeypatch.setattr(mod, "providers", lambda device, use_compile: {"eager": real_providers(device, use_compile)[
+        "eager"], "close": close})
+    monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
+    mod.main()
+    rows = written["pgd_step_cpu"]
+    assert [r["equal_to_eager"] for r in rows] == [True, "within tolerance", ""] * 4
+
+
+def test_pgd_step_compiled_provider_is_there_unless_no_compile(monkeypatch):
+    import torch
+
+    from robust_ops import reference
+
+    mod, _, _ = _script(monkeypatch, "bench_pgd_step", [])
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: ("compiled", fn, options))
+    assert mod.providers(torch.device("cpu"), True) == {
+        "native": torch.ops.robust_ops.pgd_step_, "eager": reference.pgd_step_,
+        "compiled": ("compiled", reference.pgd_step_, {"fullgraph": True, "dynamic": False})}
+    assert list(mod.providers(torch.device("cpu"), False)) == ["native", "eager"]
+
+
+@pytest.mark.parametrize("scenario,channels_last,prepacked", [("init", False, True), ("cap", True, False),
+                                                              ("spread", True, True)])
+def test_ima_epoch_runs_the_defense_and_model_its_variant_names(monkeypatch, scenario, channels_last, prepacked):
+    import argparse
+
+    import torch
+
+    from robust_ops.ima import paper_eps_train
+    from robust_ops.models import build_model
+    from robust_ops.prepacked_conv import prepacked_conv_active
+
+    mod, _, _ = _script(monkeypatch, "bench_ima", [])
+    seen = []
+
+    def fake_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
+        seen.append((_layout(model.layer1[0].conv1.weight), prepacked_conv_active(model), model.training, min_rows))
+        return defense
+
+    monkeypatch.setattr(mod, "_ima_epoch", fake_epoch)
+    torch.manual_seed(0)
+    state = build_model("resnet18", 1, 2, 28).state_dict()
+    x, y = torch.rand(5, 1, 28, 28), torch.zeros(5, dtype=torch.long)
+    args = argparse.Namespace(steps=3, search_steps=4, batch_size=2)
+    defense = mod.ima_epoch(state, x, y, torch.arange(5), args, compact=True, arity=4, scenario=scenario,
+                            batch_exit=False, min_rows=16, channels_last=channels_last, prepacked=prepacked)
+    assert seen == [("channels_last" if channels_last else "nchw", prepacked, True, 16)]
+    assert (defense.compact, defense.arity, defense.batch_exit, defense.min_rows, defense.norm) == (True, 4, False, 16,
+                                                                                                   "l2")
+    assert (defense.steps, defense.search_steps, defense.num_samples) == (3, 4, 5)
+    eps = paper_eps_train((1, 28, 28), "l2")
+    assert defense.eps_train == pytest.approx(eps) and defense.delta == pytest.approx(eps / 100)
+    margins = defense.margins
+    if scenario == "spread":
+        assert margins.min() >= 0 and margins.max() <= eps and len(set(margins.tolist())) == 5
+    else:
+        assert torch.allclose(margins, torch.full((5,), eps if scenario == "cap" else eps / 100))
+
+
+@pytest.mark.parametrize("fault", ["torchattacks", "no pool", "no native layers", "variants"])
+def test_attacks_same_output_columns_can_say_false(monkeypatch, fault):
+    """Each equality in the pgd-10 and ensemble rows compares the outputs its row names: one side made to differ,
+    its row says so."""
+    import types
+
+    import torch
+    import torchattacks
+
+    from robust_ops import attacks
+    from robust_ops.prepacked_conv import prepacked_conv_active
+
+    mod, written = _attacks_script(monkeypatch, ["--models", "small-resnet", "--batch", "2", "--size", "8",
+                                                 "--train-steps", "0", "--rounds", "1", "--device", "cpu"], cases=())
+    monkeypatch.setattr(mod, "interleaved_medians", lambda fns, rounds, device=None: ([1.0] * len(fns), None))
+    variants = fault == "variants"
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(attacks, name)
+
+        def pgd(self, model, x, y, **kw):
+            out = attacks.pgd(model, x, y, **kw)
+            cl, packed = _layout(model.blocks[1].conv1.weight) == "channels_last", prepacked_conv_active(model)
+            offset = {"no pool": os.environ.get(mod.POOL_SWITCH) == "0",
+                      "no native layers": os.environ.get(mod.LAYERS_SWITCH) == "0"}.get(fault, False) * 1e-3
+            if variants:
+                offset += 2e-3 * cl + 4e-3 * packed
+            if kw.get("emit"):
+                return out[0] + 1e-3 * variants, out[1]
+            return out + offset
+
+        def ensemble(self, model, x, y, chain, cascade=True):
+            result = attacks.ensemble(model, x, y, chain, cascade=cascade)
+            if cascade or not variants:
+                return result
+            return types.SimpleNamespace(robust_accuracy=lambda: result.robust_accuracy() + 0.25)
+
+    class PGD(torchattacks.PGD):
+        def __call__(self, x, y):
+            return super().__call__(x, y) + 1e-3 * (fault == "torchattacks")
+
+    monkeypatch.setattr(mod, "attacks", Spy())
+    monkeypatch.setattr(torchattacks, "PGD", PGD)
+    mod.main()
+    rows = written["bench_attacks"]
+    assert [r["same_output"] for r in rows[:3]] == [variants] * 3  # one flag for the three bitwise comparisons
+    diffs = [float(r["case"].split("max diff ")[1].rstrip(")")) for r in rows[3:6]]
+    if variants:
+        assert diffs == pytest.approx([2e-3, 4e-3, 6e-3], abs=1e-4)  # 2 significant digits
+    assert [r["same_output"] for r in rows[3:6]] == [d == 0 for d in diffs]
+    assert [r["same_output"] for r in rows[6:8]] == [not variants] * 2
