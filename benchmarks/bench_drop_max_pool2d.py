@@ -47,11 +47,19 @@ def forward_backward_fn(provider, x, grad, k, s, p):
     return run
 
 
-def check_equal(x, k, s, p, backend):
-    out, idx = robust_ops.drop_max_pool2d(x, k, s, p, return_indices=True, backend=backend)
-    ref_out, ref_idx = reference.drop_max_pool2d(x, (k, k), (s, s), (p, p), (1, 1), False)
+def check_equal(x, grad, k, s, p, backend):
+    """Forward bitwise, backward to float32 summation order (overlapping windows add in another order), before
+    either pass is timed."""
+    leaf, ref_leaf = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    out, idx = robust_ops.drop_max_pool2d(leaf, k, s, p, return_indices=True, backend=backend)
+    ref_out, ref_idx = reference.drop_max_pool2d(ref_leaf, (k, k), (s, s), (p, p), (1, 1), False)
     if not (torch.equal(out, ref_out) and torch.equal(idx, ref_idx)):
         raise SystemExit(f"drop_max_pool2d backend={backend} disagrees with the reference on {tuple(x.shape)}")
+    out.backward(grad)
+    ref_out.backward(grad)
+    if not torch.allclose(leaf.grad, ref_leaf.grad, rtol=1e-6, atol=1e-6):
+        raise SystemExit(f"drop_max_pool2d backend={backend}: its gradient disagrees with the reference's on "
+                         f"{tuple(x.shape)}")
 
 
 def main():
@@ -90,7 +98,7 @@ def main():
                     continue  # the reference works on planes; one layout is enough for the 10x goal
                 if provider in ("native", "triton"):
                     try:
-                        check_equal(xl, k, s, p, provider)
+                        check_equal(xl, gl, k, s, p, provider)
                     except RuntimeError as err:  # e.g. a CPU-only build on a GPU machine
                         print(f"skipping {provider} on {device}: {err}")
                         continue

@@ -378,7 +378,10 @@ def _drop_max_spies(monkeypatch, mod, log, fault=None):
             out = real(x, *args, **kw)
             _log_backward(out, log)
             if fault and kw.get("return_indices") and _layout(x) in fault:
-                out = (out[0] + 1, out[1]) if fault.startswith("output") else (out[0], out[1].flip(-1))
+                if fault.startswith("gradient"):  # the same values (2a - a == a), twice the gradient
+                    out = (out[0] * 2 - out[0].detach(), out[1])
+                else:
+                    out = (out[0] + 1, out[1]) if fault.startswith("output") else (out[0], out[1].flip(-1))
             return out
         return call
 
@@ -434,7 +437,8 @@ def test_drop_max_pool2d_rows_time_what_they_name(monkeypatch):
     assert copy["x_maxpool_same_layout"] == copy["speedup_vs_reference"] == ""
 
 
-@pytest.mark.parametrize("fault", ["output nchw", "indices nchw", "output channels_last"])
+@pytest.mark.parametrize("fault", ["output nchw", "indices nchw", "output channels_last", "gradient nchw",
+                                   "gradient channels_last"])
 def test_drop_max_pool2d_stops_when_the_kernel_disagrees_with_the_reference(monkeypatch, fault):
     import torch
 
@@ -442,8 +446,9 @@ def test_drop_max_pool2d_stops_when_the_kernel_disagrees_with_the_reference(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _drop_max_spies(monkeypatch, mod, [], fault)
     monkeypatch.setattr(mod, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
-    with pytest.raises(SystemExit, match=r"^drop_max_pool2d backend=native disagrees with the reference on "
-                                         r"\(2, 3, 6, 6\)$"):
+    message = ("its gradient disagrees with the reference's on" if fault.startswith("gradient") else
+               "disagrees with the reference on")
+    with pytest.raises(SystemExit, match=rf"^drop_max_pool2d backend=native:? {message} \(2, 3, 6, 6\)$"):
         mod.main()
     assert not written
 
