@@ -233,7 +233,7 @@ def test_bad_attack_option_values_fail_when_parsed(text, needle):
 
 def test_attack_option_values_are_typed():
     state = torch.get_rng_state()
-    specs = parse_attacks("pgd:steps=1e1:random_start=0:early_stop=3,fgsm:norm=L2,noise:trials=2:seed=none")
+    specs = parse_attacks("pgd:steps=1e1:random_start=0:early_stop=3,fgsm:norm=L2,noise:trials=2")
     assert torch.equal(state, torch.get_rng_state())  # the dry run leaves the global RNG alone
     assert specs[0].options == {"steps": 10, "random_start": False, "early_stop": 3}
     assert isinstance(specs[0].options["steps"], int) and specs[1].norm == "l2"
@@ -546,3 +546,42 @@ def test_predictions_use_eval_mode_and_the_label_tensor_of_a_dataset():
     assert got_x is x and torch.equal(got_y, y)
     got_x, got_y = dataset_tensors([(x[i], int(y[i]), "extra") for i in range(6)])
     assert torch.equal(got_x, x) and torch.equal(got_y, y)
+
+
+def test_attack_option_given_twice_is_refused():
+    # pgd:steps=3:steps=4 used to run steps=4 and drop steps=3 without a word
+    with pytest.raises(EvalError, match="option 'steps' of 'pgd' is given twice"):
+        parse_attacks("pgd:steps=3:steps=4")
+
+
+def test_write_results_refuses_two_rows_under_one_key(tmp_path):
+    # two runs evaluated under the same method label: the pivot tables kept only the last run's numbers
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0, f1=1.0, sensitivity=1.0,
+               specificity=1.0, precision=1.0, auc=1.0, map=1.0)
+    with pytest.raises(EvalError, match="two rows for method 'M', attack 'none', eps 0; give each run its own"):
+        write_results(tmp_path / "out", [row, dict(row, accuracy=0.5)], INFO, figures=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_linf_radius_wider_than_value_range_is_refused():
+    # --eps 8 meant as 8/255 ran every L-inf attack with a ball covering the whole image range
+    x, y = torch.rand(4, 1, 12, 12), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(EvalError, match=r"eps: 8 is an L-inf radius \(fgsm\) wider than the inputs' value range"):
+        evaluate(TinyCNN(), TensorDataset(x, y), INFO, attacks="fgsm", eps="8,1/255")  # the widest, in any order
+    rows = evaluate(TinyCNN(), TensorDataset(x, y), INFO, attacks="noise:norm=l2:trials=1", eps="2")  # L2: fine
+    assert rows[-1]["eps"] == 2.0
+
+
+@pytest.mark.parametrize("expr", ["eps/", "(eps", "eps*1e", "eps..2"])
+def test_malformed_eps_expression_is_a_one_line_error(expr):
+    # compile() raised SyntaxError outside the try: the CLI printed a traceback
+    with pytest.raises(EvalError, match=r"option alpha='.*' of 'pgd' is not an expression in eps"):
+        parse_attacks(f"pgd:alpha={expr}")
+
+
+@pytest.mark.parametrize("text", ["noise:seed=none", "pgd:alpha=None", "pgd:steps=null"])
+def test_attack_option_none_is_refused(text):
+    # build drops None values: noise:seed=none ran seeded with 0 and pgd:alpha=none with alpha 0.001, under labels
+    # saying None
+    with pytest.raises(EvalError, match="would be ignored .the attack's default applies.; give a value or leave"):
+        parse_attacks(text)

@@ -120,3 +120,22 @@ def test_plot_saliency_refuses_non_images(tmp_path):
     assert not (tmp_path / "s.png").exists()
     with pytest.raises(ValueError, match="no Conv2d layer"):
         report.grad_cam(model, torch.rand(3, 2))
+
+
+def test_markdown_report_notes_undefined_metrics():
+    # a test set without positives: sensitivity and AUC are NaN; the report must say why, not only show "–"
+    base = dict(method="M", attack="none", norm=None, eps=0.0, n=20, accuracy=0.9, f1=0.0, sensitivity=math.nan,
+                specificity=0.9, precision=0.0, auc=None)
+    text = report.markdown_report(_doc([base]))
+    assert "Undefined metrics" in text and "Sensitivity in 1 of 1 rows, AUC in 1 of 1 rows" in text
+    assert "sensitivity without positive-class samples" in text
+    defined = dict(base, sensitivity=0.5, auc=0.7)
+    assert "Undefined metrics" not in report.markdown_report(_doc([defined]))
+
+
+def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):
+    # sensitivity on a test set without positives: an empty figure used to be written (and listed in report.md)
+    rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "sensitivity": math.nan},
+            {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "sensitivity": None}]
+    assert not report.plot_metric_vs_radius(rows, tmp_path / "s.png", metric="sensitivity")
+    assert not (tmp_path / "s.png").exists()

@@ -778,6 +778,12 @@ def cmd_demo(args):
     specs, radii = parse_eval_options(args)
     check_out(args.out)
     splits = load_data(args.data, size=args.size, seed=args.seed)
+    from .evaluate import EvalError, check_radii
+
+    try:  # before any training: the radii's units are known once the data is
+        check_radii(specs, radii, splits.info)
+    except EvalError as err:
+        raise _flag_error(err) from None
     if args.quick:
         splits = subset_splits(splits, 64, 32, args.seed)
     elif train_size:

@@ -113,8 +113,9 @@ def _parse_option(name, key, value):
 
     kind = _option_kind(name, key)
     low = value.strip().lower()
-    if low in ("none", "null"):
-        return None
+    if low in ("none", "null"):  # attacks.build drops None values, so the attack's default would run instead
+        raise EvalError("attacks", f"attacks: option {key}={value.strip()} of {name!r} would be ignored (the attack's "
+                                   f"default applies); give a value or leave {key} out")
     if kind is bool:
         if low in _TRUE or low in _FALSE:
             return low in _TRUE
@@ -127,8 +128,8 @@ def _parse_option(name, key, value):
         expr = low.replace(" ", "")
         if not re.fullmatch(r"[0-9eps.+\-*/()]+", expr):
             raise EvalError("attacks", f"attacks: option {key}={value!r} of {name!r} is not an expression in eps")
-        code = compile(expr, "<attack option>", "eval")
-        try:
+        try:  # compile inside: a malformed expression (`eps/`, `(eps`) is a SyntaxError, not a traceback
+            code = compile(expr, "<attack option>", "eval")
             eval(code, {"__builtins__": {}}, {"eps": 1.0})
         except Exception:
             raise EvalError("attacks", f"attacks: option {key}={value!r} of {name!r} is not an expression in eps") \
@@ -237,6 +238,9 @@ def parse_attack(text):
         key, sep, value = p.partition("=")
         if not sep or not key.strip():
             raise EvalError("attacks", f"attacks: expected key=value options after {name!r}, got {p!r}")
+        if key.strip() in options:  # the later value would silently replace the earlier one
+            raise EvalError("attacks", f"attacks: option {key.strip()!r} of {name!r} is given twice in {text!r}; "
+                                       "keep one")
         options[key.strip()] = _parse_option(name, key.strip(), value)
     if "eps" in options:
         raise EvalError("attacks", f"attacks: give radii with eps, not as an option of {name!r}")
@@ -301,6 +305,17 @@ def _row(method, attack, norm, eps, y, pred, probs, info):
     return {"method": method, "attack": attack, "norm": norm, "eps": float(eps), **metrics}
 
 
+def check_radii(specs, radii, info):
+    """Refuse an L-inf radius wider than the inputs' value range (``--eps 8`` meant as 8/255): that ball reaches
+    every input, so the rows would silently measure something else."""
+    lo, hi = info.value_range
+    widest = max(radii, default=0.0)
+    for spec in specs:
+        if spec.norm == "linf" and widest > hi - lo:
+            raise EvalError("eps", f"eps: {widest:g} is an L-inf radius ({spec.label}) wider than the inputs' value "
+                                   f"range [{lo:g}, {hi:g}]; give radii in its units, e.g. 8/255, not 8")
+
+
 def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",
              batch_size=128, device="cpu", cascade=True, ensemble=False, progress=None):
     """Evaluate ``model`` on ``dataset`` (TensorDataset of [N, ...] inputs and labels) under ``attacks`` at each
@@ -319,6 +334,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if y.shape[0] == 0:
         raise EvalError("split", "split: the evaluated split has no samples")
     lo, hi = info.value_range
+    check_radii(specs, radii, info)
     bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum()) if x.is_floating_point() else 0
     if bad:  # NaN passes the range check below (every comparison with NaN is False)
         raise EvalError("data", f"data: {bad} of {x.shape[0]} inputs contain NaN or Inf")
@@ -452,6 +468,13 @@ def _json_safe(value):
 
 def results_document(rows, info, config=None, device="cpu", paper=None, notes=None, extra_fields=None):
     """The results.json document (plain JSON types; NaN becomes null)."""
+    seen = set()
+    for r in rows:  # two rows under one key: the tables and figures would show only the last one
+        key = (r["method"], r["attack"], r.get("norm"), r["eps"])
+        if key in seen:
+            raise EvalError("method", f"method: two rows for method {r['method']!r}, attack {r['attack']!r}, "
+                                      f"eps {r['eps']:g}; give each run its own method label")
+        seen.add(key)
     doc = {
         "schema": SCHEMA,
         "dataset": info.to_dict(),

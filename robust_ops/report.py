@@ -147,6 +147,23 @@ def paper_comparison_table(ours, paper, metric_columns):
     return "\n".join(lines)
 
 
+def _undefined(value):
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
+def undefined_note(rows, metrics):
+    """A line saying which metrics are undefined ("–") in how many rows, and why, or "" when all are defined: a bare
+    dash would leave the reader guessing whether it is a bug or, e.g., a test set without positives."""
+    missing = [(m, sum(_undefined(r.get(m)) for r in rows)) for m in metrics if any(m in r for r in rows)]
+    missing = [(m, k) for m, k in missing if k]
+    if not missing:
+        return ""
+    which = ", ".join(f"{METRIC_LABELS.get(m, m)} in {k} of {len(rows)} rows" for m, k in missing)
+    return (f"> **Undefined metrics** (–, `null` in results.json): {which}. A value is undefined when it is 0/0: "
+            "sensitivity without positive-class samples, specificity without negatives, precision without positive "
+            "predictions, F1 with neither, AUC and mAP with one class in the evaluated set.")
+
+
 def markdown_report(doc, title=None, figures=(), extra=None):
     info = doc["dataset"]
     rows = doc["rows"]
@@ -169,6 +186,9 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     for metric in (("f1", "sensitivity", "accuracy", "auc") if binary else ("accuracy", "f1", "map")):
         if metric in metrics:
             lines += [pivot_table(rows, metric), ""]
+    note = undefined_note(rows, metrics)
+    if note:
+        lines += [note, ""]
     if extra:
         lines += [extra, ""]
     lines += ["## All rows", "", markdown_table(rows, metrics), ""]
@@ -193,10 +213,11 @@ def _plt():
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     """One panel per (attack, norm), one line per method: ``metric`` against the radius (clean value at eps = 0).
-    Returns False (nothing written) when no row carries the metric."""
+    Returns False (nothing written) when no row has a defined value of the metric (an empty figure would say
+    nothing; the report's note says why the metric is undefined)."""
     panels = _attack_panels(rows)
     methods = _methods(rows)
-    if not panels or not any(metric in r for r in rows):
+    if not panels or all(_undefined(r.get(metric)) for r in rows):
         return False
     several_norms = {a for a, count in Counter(a for a, _ in panels).items() if count > 1}
     plt = _plt()
