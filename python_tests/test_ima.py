@@ -838,10 +838,11 @@ def test_ima_options_are_checked_when_built():
     with pytest.raises(TypeError, match="gen_adv: expected batch_exit to be True or False, got 'no'"):
         gen_adv(model, x, y, 0.5, batch_exit="no")
     # an L-inf radius wider than the clip range is 8 meant as 8/255 (it would run unbounded); l2 radii may be larger
-    with pytest.raises(ValueError, match=r"IMA: expected eps_train <= clip_max - clip_min = 1 for norm='linf', got 8 "
-                                         r"\(eps_train in 0-255 units\? pass e.g. 8/255\)"):
+    with pytest.raises(ValueError, match=r"IMA: expected eps_train <= clip_max - clip_min = 1 for norm='linf', got "
+                                         r"eps_train up to 8 \(eps_train in 0-255 units\? pass e.g. 8/255\)"):
         IMA(num_samples=4, norm="linf", eps_train=8)
-    with pytest.raises(ValueError, match=r"gen_adv: expected margin <= clip_max - clip_min = 1 for norm='linf', got 8"):
+    with pytest.raises(ValueError, match=r"gen_adv: expected margin <= clip_max - clip_min = 1 for norm='linf', got "
+                                         r"margin up to 8"):
         gen_adv(model, x, y, torch.tensor([0.1, 8.0, 0.0, 1.0]), norm="linf")
     IMA(num_samples=4, norm="linf", eps_train=1.0)
     IMA(num_samples=4, eps_train=8)

@@ -308,10 +308,12 @@ def _row(method, attack, norm, eps, y, pred, probs, info):
 def check_radii(specs, radii, info):
     """Refuse an L-inf radius wider than the inputs' value range (``--eps 8`` meant as 8/255): that ball reaches
     every input, so the rows would silently measure something else."""
+    from .attacks.core import linf_wider_than_range
+
     lo, hi = info.value_range
     widest = max(radii, default=0.0)
     for spec in specs:
-        if spec.norm == "linf" and widest > hi - lo:
+        if spec.norm == "linf" and linf_wider_than_range(widest, lo, hi):
             raise EvalError("eps", f"eps: {widest:g} is an L-inf radius ({spec.label}) wider than the inputs' value "
                                    f"range [{lo:g}, {hi:g}]; give radii in its units, e.g. 8/255, not 8")
 

@@ -32,7 +32,7 @@ from .attacks.context import (
     classification_loss,
     predict_from_output,
 )
-from .attacks.core import per_sample
+from .attacks.core import check_linf_budget, per_sample
 from .defenses._common import distributed_run
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
@@ -236,15 +236,6 @@ def _check_options(name, backend, is_correct, loss_fn, flags, search_result=None
             raise TypeError(f"{name}: expected {arg} to be True or False, got {flag!r}")
 
 
-def _check_linf_radius(name, arg, norm, radius, clip_min, clip_max):
-    """An L-inf radius wider than the clip range is 8 meant as 8/255: it would run unbounded without a word (as the
-    attacks refuse it, robust_ops.attacks.core.check_linf_budget)."""
-    width = clip_max - clip_min
-    if norm == "linf" and radius > width + 1e-5 * max(width, 1e-12):
-        raise ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {radius:.4g} "
-                         f"({arg} in 0-255 units? pass e.g. 8/255)")
-
-
 def _criterion_result(name, ok, n):
     if not torch.is_tensor(ok) or ok.dtype != torch.bool or ok.shape != (n,):
         got = f"{ok.dtype} {tuple(ok.shape)}" if torch.is_tensor(ok) else type(ok).__name__
@@ -282,8 +273,7 @@ class _Problem:
                                  f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
         self.name, self.model, self.x, self.y = name, model, x.detach(), y
         self.margin = per_sample(name, "margin", margin, x)
-        _check_linf_radius(name, "margin", norm, float(self.margin.max()) if self.margin.numel() else 0.0, clip_min,
-                           clip_max)
+        check_linf_budget(name, norm, self.margin, clip_min, clip_max, arg="margin")
         self.norm, self.algorithm = norm, algorithm
         self.is_correct = is_correct or _default_is_correct
         self.default_criterion = is_correct is None
@@ -988,7 +978,8 @@ class IMA(Defense):
         check_real("IMA", "clip_min", clip_min)
         check_real("IMA", "clip_max", clip_max, minimum=clip_min)
         if eps_train is not None:
-            _check_linf_radius("IMA", "eps_train", norm, float(eps_train), float(clip_min), float(clip_max))
+            check_linf_budget("IMA", norm, torch.tensor([float(eps_train)]), float(clip_min), float(clip_max),
+                              arg="eps_train")
         _check_options("IMA", backend, is_correct, loss_fn, {"strict_shrink": strict_shrink, "compact": compact,
                                                              "batch_exit": batch_exit, "sync": sync},
                        search_result, model_mode)

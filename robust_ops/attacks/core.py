@@ -89,17 +89,30 @@ def per_sample(name, arg, value, x, allow_zero=True):
     return torch.full((n,), v, dtype=dtype, device=x.device)
 
 
-def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None):
-    """Linf: an eps (or a step while eps fits) wider than the clip range is eps=8 meant as 8/255 (0-255 units); it
-    ran as an unbounded attack without a word. Per-sample tensors [N] as ``per_sample`` returns them."""
+def linf_wider_than_range(radius, clip_min, clip_max):
+    """Whether an L-inf radius (or step) exceeds the clip range: eps=8 meant as 8/255 (0-255 units), which would run
+    as an unbounded attack without a word. A relative slack of 1e-5 lets eps == width through in float32 (0.4 vs
+    0.6 - 0.2). The one rule of the attacks, IMA's radii and the evaluation's radii."""
     width = clip_max - clip_min
+    return radius > width + _linf_slack(width)
+
+
+def _linf_slack(width):
+    return 1e-5 * max(width, 1e-12)
+
+
+def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="eps"):
+    """Linf: an ``arg`` (or a step while it fits) wider than the clip range is refused (:func:`linf_wider_than_range`).
+    Per-sample tensors [N] as ``per_sample`` returns them."""
     if norm != "linf" or eps_t.numel() == 0:
         return
-    slack = 1e-5 * max(width, 1e-12)  # eps == width in float32 (0.4 vs 0.6 - 0.2) is not 0-255 units
-    if float(eps_t.max()) > width + slack:
-        raise ValueError(f"{name}: expected eps <= clip_max - clip_min = {width:g} for norm='linf', got eps up to "
-                         f"{float(eps_t.max()):.4g} (eps in 0-255 units? pass e.g. 8/255)")
+    width = clip_max - clip_min
+    widest = float(eps_t.max())
+    if linf_wider_than_range(widest, clip_min, clip_max):
+        raise ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {arg} up to "
+                         f"{widest:.4g} ({arg} in 0-255 units? pass e.g. 8/255)")
     if alpha_t is not None:
+        slack = _linf_slack(width)
         bad = (alpha_t > width + slack) & (eps_t < width - slack)
         if bool(bad.any()):
             raise ValueError(f"{name}: expected alpha <= clip_max - clip_min = {width:g} for norm='linf', got alpha "
