@@ -336,3 +336,10 @@ def test_functional_wrapper_forwards_backend(monkeypatch):
     for backend in ("reference", "native"):
         robust_ops.boundary_search_step_(lo.clone(), hi.clone(), points.clone(), crossed_at, mask, backend=backend)
     assert requested == [("boundary_search_step_", "reference"), ("boundary_search_step_", "native")]
+
+
+def test_functional_wrapper_refuses_a_non_tensor_lo_by_name():
+    # lo.device used to fail first, with an AttributeError naming neither the op nor the argument.
+    with pytest.raises(TypeError, match="boundary_search_step_: expected lo to be a tensor, got list"):
+        robust_ops.boundary_search_step_([0.0], torch.zeros(1, 1), torch.zeros(1, 1, 1),
+                                         torch.zeros(1, dtype=torch.long))

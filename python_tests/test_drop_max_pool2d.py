@@ -621,6 +621,37 @@ def test_functional_error_messages():
     with pytest.raises(RuntimeError, match="drop_max_pool2d: expected input to be a floating-point tensor"):
         robust_ops.DropMax2d(2)(torch.zeros(1, 1, 4, 4, dtype=torch.int32))
 
+    with pytest.raises(TypeError, match="drop_max_pool2d: expected input to be a tensor, got list"):
+        robust_ops.drop_max_pool2d([[[1.0]]], 1)
+
+
+def test_torch_func_transforms_are_refused_by_name_or_run_on_reference():
+    """register_autograd has no forward-mode formula: jvp used to return a zero tangent silently, and
+    torch.func.grad failed with torch's message about setup_context, naming neither the op nor a way out."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, jvp, vmap
+
+    x = torch.rand(1, 2, 4, 4, dtype=torch.float64)
+    v = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: forward-mode AD .* backend='native'.*'reference'"):
+        jvp(lambda t: robust_ops.drop_max_pool2d(t, 2), (x,), (v,))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="drop_max_pool2d: forward-mode AD"):
+        robust_ops.drop_max_pool2d(fwAD.make_dual(x, v), 2)
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: torch.func.grad/vjp/jacrev is not supported"):
+        grad(lambda t: robust_ops.drop_max_pool2d(t, 2).sum())(x)
+    # The reference is plain torch ops: every transform works there, and agrees with torch.autograd on the native op.
+    _, tangent = jvp(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="reference"), (x,), (v,))
+    _, idx = op(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    assert torch.equal(tangent, v.flatten(2).gather(2, idx.flatten(2)).view_as(tangent))
+    g_ref = grad(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="reference").pow(2).sum())(x)
+    xg = x.clone().requires_grad_()
+    assert torch.equal(g_ref, torch.autograd.grad(robust_ops.drop_max_pool2d(xg, 2).pow(2).sum(), xg)[0])
+    # vmap needs no gradient: the native op runs through torch's per-sample fallback (it warns about speed).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = vmap(lambda t: robust_ops.drop_max_pool2d(t, 2))(x.unsqueeze(1))
+    assert torch.equal(batched.squeeze(1), robust_ops.drop_max_pool2d(x, 2))
+
 
 def test_backward_error_messages():
     idx = torch.zeros(1, 1, 2, 2, dtype=torch.int64)

@@ -226,3 +226,15 @@ def test_backward_alerts_nondeterminism_on_cuda_only(backend, warn_only):
                 backward(grad, indices, [1, 2, 5, 5])
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+def test_torch_func_transforms_are_refused_by_name():
+    # As for the native op (test_drop_max_pool2d): register_autograd has no forward-mode formula (a zero tangent
+    # silently) and torch.func.grad refuses its autograd.Function without naming the op.
+    from torch.func import grad, jvp
+
+    x = torch.rand(1, 1, 4, 4, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: forward-mode AD .* backend='triton'"):
+        jvp(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="triton"), (x,), (torch.ones_like(x),))
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: torch.func.grad/vjp/jacrev .* backend='triton'"):
+        grad(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="triton").sum())(x)

@@ -133,6 +133,20 @@ def test_functional_falls_back_to_torch_for_other_dtypes_and_devices():
     assert robust_ops.max_pool2d(meta, 2).shape == (2, 3, 4, 4)
 
 
+def test_functorch_transforms_fall_back_to_torch():
+    """The native op's register_autograd has no forward-mode formula (jvp used to give a zero tangent silently)
+    and is refused by torch.func.grad; F.max_pool2d supports both, with the same values."""
+    from torch.func import grad, jvp
+
+    x = torch.rand(1, 2, 5, 5, dtype=torch.float64)
+    v = torch.randn_like(x)
+    out, tangent = jvp(lambda t: robust_ops.max_pool2d(t, 2), (x,), (v,))
+    assert torch.equal(tangent, jvp(lambda t: F.max_pool2d(t, 2), (x,), (v,))[1])
+    assert tangent.abs().sum() > 0
+    g = grad(lambda t: robust_ops.max_pool2d(t, 3, 2, 1).pow(2).sum())(x)
+    assert torch.equal(g, grad(lambda t: F.max_pool2d(t, 3, 2, 1).pow(2).sum())(x))
+
+
 def test_torch_fx_symbolic_trace():
     # robust_ops.max_pool2d branches on device, dtype and dim: an fx leaf, as F.max_pool2d is.
     class Pool(torch.nn.Module):

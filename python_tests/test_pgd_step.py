@@ -576,6 +576,17 @@ def test_device_mismatch_message():
         op(*args.values())
 
 
+def test_functional_wrapper_refuses_per_sample_values_on_another_device():
+    # A [N] alpha/eps used to be copied to x_adv's device silently (meta: torch's "Cannot copy out of meta tensor").
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3))
+    before = x_adv.clone()
+    for name in ("alpha", "eps"):
+        values = {"alpha": alpha, "eps": eps, name: torch.full((2,), 0.1, device="meta")}
+        with pytest.raises(RuntimeError, match=rf"pgd_step_: expected {name} on the device of x_adv \(cpu\), got meta"):
+            robust_ops.pgd_step_(x_adv, x_nat, grad, values["alpha"], values["eps"])
+    assert torch.equal(x_adv, before)
+
+
 def test_functional_wrapper_forwards_backend(monkeypatch):
     requested = record_backend_requests(monkeypatch)
     x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3))

@@ -4,6 +4,7 @@ import numbers
 import operator
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from . import _backend, reference
@@ -27,6 +28,19 @@ def _pool_args(op, kernel_size, stride, padding, dilation):
         "stride", stride, op
     )
     return kernel, stride, _pair("padding", padding, op), _pair("dilation", dilation, op)
+
+
+def _functorch_autodiff(x):
+    """Which differentiating transform sees x: the native/Triton ops' autograd (torch.library.register_autograd) has
+    no forward-mode formula, so a jvp/forward_ad tangent would be dropped silently (zero), and torch.func.grad
+    refuses the generated autograd.Function with a message that names neither the op nor a way out."""
+    if torch.compiler.is_compiling():  # fake tensors; the transforms are dynamo's business there
+        return None
+    if fwAD.unpack_dual(x).tangent is not None:
+        return "forward-mode AD (torch.func.jvp, torch.autograd.forward_ad)"
+    if torch._C._functorch.is_gradtrackingtensor(x):
+        return "torch.func.grad/vjp/jacrev"
+    return None
 
 
 def drop_max_pool2d(
@@ -63,6 +77,8 @@ def drop_max_pool2d(
         >>> robust_ops.drop_max_pool2d(x, 2)
         tensor([[[[5.]]]])
     """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"drop_max_pool2d: expected input to be a tensor, got {type(input).__name__}")
     if input.dim() not in (3, 4):
         raise RuntimeError(
             f"drop_max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D"
@@ -71,6 +87,13 @@ def drop_max_pool2d(
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     which = _backend.resolve("drop_max_pool2d", x.device, backend)
+    transform = None if which == "reference" else _functorch_autodiff(x)
+    if transform is not None:
+        raise RuntimeError(
+            f"drop_max_pool2d: {transform} is not supported by backend={which!r}: its autograd is "
+            "torch.library.register_autograd (reverse mode, torch.autograd only); use torch.autograd.grad, or "
+            "backend='reference'"
+        )
     if which == "native":
         out, idx = torch.ops.robust_ops.drop_max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
     elif which == "triton":
@@ -107,7 +130,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     (dilation stepping over a tiny input) returns index -1 and no gradient, where ATen returns an index outside the
     input. Arguments and shapes as for ``F.max_pool2d``; see docs/ops/max_pool2d.md.
     """
-    if input.device.type != "cpu" or input.dtype not in NATIVE_CPU_DTYPES or input.dim() not in (3, 4):
+    if (input.device.type != "cpu" or input.dtype not in NATIVE_CPU_DTYPES or input.dim() not in (3, 4)
+            or _functorch_autodiff(input) is not None):  # ATen's has forward AD and torch.func support
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
     kernel, stride, padding, dilation = _pool_args("max_pool2d", kernel_size, stride, padding, dilation)
@@ -133,7 +157,9 @@ def _per_sample_tensor(name, value, like):
             raise ValueError(
                 f"pgd_step_: expected {name} to be a scalar or a tensor of shape [{n}], got shape {tuple(value.shape)}"
             )
-        return value.to(device=like.device, dtype=dtype)
+        if value.device != like.device:  # the op's own message; .to() moved it silently (or failed unnamed: meta)
+            raise RuntimeError(f"pgd_step_: expected {name} on the device of x_adv ({like.device}), got {value.device}")
+        return value.to(dtype=dtype)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return torch.full((n,), float(value), dtype=dtype, device=like.device)
     raise TypeError(f"pgd_step_: expected {name} to be a number or a tensor, got {type(value).__name__}")
@@ -217,6 +243,8 @@ def boundary_search_step_(lo, hi, points, crossed_at, active=None, *, backend=No
         crossed_at (LongTensor[N]): index of the first crossed interior point, in [0, k-1].
         active (BoolTensor[N], optional): samples to update. Default: all.
     """
+    if not isinstance(lo, torch.Tensor):  # lo.device below would fail with an AttributeError naming no op
+        raise TypeError(f"boundary_search_step_: expected lo to be a tensor, got {type(lo).__name__}")
     which = _backend.resolve("boundary_search_step_", lo.device, backend)
     with torch.no_grad():
         if which == "native":
