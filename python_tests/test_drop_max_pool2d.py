@@ -625,6 +625,7 @@ def test_functional_error_messages():
         robust_ops.drop_max_pool2d([[[1.0]]], 1)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
 def test_torch_func_transforms_are_refused_by_name_or_run_on_reference():
     """register_autograd has no forward-mode formula: jvp used to return a zero tangent silently, and
     torch.func.grad failed with torch's message about setup_context, naming neither the op nor a way out."""

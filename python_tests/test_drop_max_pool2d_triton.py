@@ -228,6 +228,7 @@ def test_backward_alerts_nondeterminism_on_cuda_only(backend, warn_only):
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
 def test_torch_func_transforms_are_refused_by_name():
     # As for the native op (test_drop_max_pool2d): register_autograd has no forward-mode formula (a zero tangent
     # silently) and torch.func.grad refuses its autograd.Function without naming the op.
