@@ -165,6 +165,8 @@ def test_fit_refuses_ids_that_are_not_the_items_positions_and_other_item_layouts
     with pytest.raises(ValueError, match=r"fit: lr=0.5 sets the default Adam's learning rate only, and optimizer= "
                                          r"was given; set the learning rate in that optimizer instead"):
         run(IndexedDataset(base), lr=0.5, optimizer=lambda params: torch.optim.SGD(params, 0.1))
+    with pytest.raises(ValueError, match=r"fit: lr=0.0001 sets the default Adam's"):  # the default's value, given
+        run(IndexedDataset(base), lr=1e-4, optimizer=lambda params: torch.optim.SGD(params, 0.1))
     # the documented ways pass: positions as ids (also of a Subset wrapped outermost), a caller's optimizer alone
     run(IndexedDataset(torch.utils.data.Subset(_data(24), range(12, 24))), ima(num_samples=12))
     run(IndexedDataset(base), optimizer=lambda params: torch.optim.SGD(params, 0.1))
