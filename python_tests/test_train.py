@@ -123,6 +123,49 @@ def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_p
         channels_last=True, resume=tmp_path / "old.pt")
 
 
+def test_resume_refuses_other_defense_options_and_passes_checkpoints_without_them(tmp_path):
+    """A resumed run with another beta, attack budget or IMA search would silently differ from the uninterrupted run
+    (the CLI compares run.json's options; this is the Python API's check)."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+
+    def trades(**options):
+        return defenses.TRADES(**{"beta": 6.0, "steps": 2, "step_size": 0.01, **options})
+
+    fit(DropoutMLP(), trades(), _data(16), epochs=1, **kwargs)
+    for other, message in ((trades(beta=1.0), "beta=6.0, this call's defense has beta=1.0"),
+                           (trades(steps=3, step_size=0.02),
+                            "step_size=0.01, steps=2, this call's defense has step_size=0.02, steps=3")):
+        with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with the trades "
+                                             rf"defense's {re.escape(message)}$"):
+            fit(DropoutMLP(), other, _data(16), epochs=2, resume=True, **kwargs)
+    fit(DropoutMLP(), trades(), _data(16), epochs=2, resume=True, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["config"]["defense_options"]["beta"] == 6.0
+    del state["config"]["defense_options"]  # a checkpoint from before they were kept
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP(), trades(beta=1.0), _data(16), epochs=3, batch_size=8, lr=1e-2, progress=False,
+        resume=tmp_path / "old.pt")
+
+    ima_dir = tmp_path / "ima"
+    data = IndexedDataset(_data(16))
+    fit(DropoutMLP(), IMA(16, steps=2, search_steps=2), data, epochs=1, batch_size=8, lr=1e-2, out_dir=ima_dir,
+        progress=False)
+    with pytest.raises(ValueError, match=r"the ima defense's search_steps=2, this call's defense has search_steps=3"):
+        fit(DropoutMLP(), IMA(16, steps=2, search_steps=3), data, epochs=2, batch_size=8, lr=1e-2, out_dir=ima_dir,
+            resume=True, progress=False)
+    # eps_train / delta left unset are taken from the checkpoint (IMA.load_state_dict), not compared here
+    fit(DropoutMLP(), IMA(16, steps=2, search_steps=2), data, epochs=2, batch_size=8, lr=1e-2, out_dir=ima_dir,
+        resume=True, progress=False)
+
+
+def test_defense_options_are_plain_settings():
+    mirst = defenses.MIRST(emit=[2, 4], beta=[0.5, 0.5], steps=4)
+    assert mirst.options()["emit"] == (2, 4) == defenses.MIRST(emit=(2, 4), beta=(0.5, 0.5), steps=4).options()["emit"]
+    ima = IMA(10, eps_train=1.0, is_correct=lambda out, y: out.argmax(1) == y)
+    assert not {"eps_train", "delta", "init_margin", "num_samples", "table", "counter"} & set(ima.options())
+    assert ima.options()["steps"] == 20 and all(not callable(v) for v in ima.options().values())
+
+
 class _ExtraField(torch.utils.data.Dataset):
     """(x, y, field): a third field that is not the item's index (a patient id, or an id of a larger set)."""
 

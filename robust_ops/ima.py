@@ -959,6 +959,9 @@ class IMA(Defense):
 
     name = "ima"
     needs_ids = True
+    # eps_train / delta are compared (or taken when not given) by load_state_dict; init_margin only seeds a new
+    # table; num_samples is checked by fit; table and counter are state.
+    _not_options = ("eps_train", "delta", "init_margin", "num_samples", "table", "counter")
 
     def __init__(self, num_samples=None, *, eps_train=None, delta=None, init_margin=None, beta=0.5, norm="l2",
                  steps=20, search_steps=10, arity=2, algorithm=2, model_mode="eval", clip_min=0.0, clip_max=1.0,

@@ -492,6 +492,8 @@ def fit(
     config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
               "prepacked_conv": bool(prepacked_conv)}
+    # before load_state_dict, which may take settings from the checkpoint
+    defense_options = defense.options() if hasattr(defense, "options") else {}
     if resume_path is not None:
         state = load_checkpoint(resume_path, map_location=device)  # _set_rng_state takes the RNG states back to CPU
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -505,6 +507,15 @@ def fit(
             if saved != config[key]:
                 raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
                                  f"call has {key}={config[key]!r}")
+        # Checkpoints written before the defense's options were recorded pass.
+        saved_options = state["config"].get("defense_options", defense_options)
+        changed = [k for k in sorted(set(saved_options) | set(defense_options))
+                   if saved_options.get(k, "unset") != defense_options.get(k, "unset")]
+        if changed:
+            def shown(options):
+                return ", ".join(f"{k}={options.get(k, 'unset')!r}" for k in changed)
+            raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with the {config['defense']} "
+                             f"defense's {shown(saved_options)}, this call's defense has {shown(defense_options)}")
         if int(state["epoch"]) > epochs:
             raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
                              f"more than epochs={epochs}")
@@ -666,7 +677,7 @@ def fit(
                 state = {
                     "format": CHECKPOINT_FORMAT,
                     "epoch": epoch + 1,
-                    "config": config,
+                    "config": {**config, "defense_options": defense_options},
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,

@@ -22,6 +22,16 @@ class DefenseOutput:
     metrics: dict = field(default_factory=dict)
 
 
+def _plain(value):
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _as_tuples(value):  # emit=[2, 4] and emit=(2, 4) are the same setting
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
 class Defense:
     """Base class. Subclasses set ``name`` and implement ``__call__(model, x, y, ids=None) -> DefenseOutput``."""
 
@@ -43,6 +53,15 @@ class Defense:
     def load_state_dict(self, state):
         if state:
             raise ValueError(f"{self.name}: this defense keeps no state, got keys {sorted(state)}")
+
+    def options(self):
+        """The settings that shape training, as plain values: public attributes holding a number, string, bool, None or
+        a tuple/list of these. ``fit`` records them in its checkpoints and refuses to resume under other ones;
+        callables, modules and tensors given as options are not compared."""
+        return {k: _as_tuples(v) for k, v in vars(self).items() if not k.startswith("_") and k not in self._not_options
+                and _plain(v)}
+
+    _not_options = ()  # public attributes that are state or checked elsewhere, not settings to compare
 
     def __repr__(self):
         fields = {k: v for k, v in vars(self).items() if not k.startswith("_") and not torch.is_tensor(v)}
