@@ -7,7 +7,7 @@ Environment switches:
                           differs from torch.version.cuda: robust_ops would refuse to load such kernels.
   TORCH_CUDA_ARCH_LIST    GPU architectures (default "9.0" when unset or empty: without a GPU torch cannot detect one)
   NVCC_FLAGS              extra nvcc flags
-  DEBUG=1                 -O0 -g
+  DEBUG=1                 -O0 -g (C++ and nvcc's host code)
 Install for development with `pip install --no-build-isolation -e .` (build isolation would fetch another torch).
 """
 
@@ -131,7 +131,8 @@ def _extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
-        nvcc = ["-O0" if debug else "-O3", "-std=c++20", "--fmad=false", "-lineinfo"]
+        # -g: host-side debug info as the C++ files get; not -G (device debug changes the kernels' code and speed)
+        nvcc = ["-O0" if debug else "-O3", "-std=c++20", "--fmad=false", "-lineinfo"] + (["-g"] if debug else [])
         nvcc += os.environ.get("NVCC_FLAGS", "").split()
         extra["nvcc"] = nvcc
         # The pip CUDA wheels keep headers such as cusparse.h in site-packages/nvidia/cu13/include. Only torch's

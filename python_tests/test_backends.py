@@ -112,6 +112,10 @@ def test_environment_variable(monkeypatch):
     assert _backend.resolve("drop_max_pool2d", "cpu", "native") == "native"  # an explicit argument wins
     x = torch.randn(1, 2, 6, 6)
     torch.testing.assert_close(robust_ops.drop_max_pool2d(x, 2), robust_ops.drop_max_pool2d(x, 2, backend="native"))
+    monkeypatch.setenv(_backend.ENV_VAR, " Reference")
+    assert _backend.resolve("drop_max_pool2d", "cpu") == "reference"
+    monkeypatch.setenv(_backend.ENV_VAR, "")  # empty reads as unset, as for the on/off switches
+    assert _backend.resolve("drop_max_pool2d", "cpu") == _backend.resolve("drop_max_pool2d", "cpu", "auto")
     monkeypatch.setenv(_backend.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=r"drop_max_pool2d: expected \$ROBUST_OPS_BACKEND to be one of auto, native, "
                                          r"triton, reference, got 'fast'"):

@@ -313,6 +313,9 @@ def test_setup_cuda_extension(monkeypatch, tmp_path, capsys, version):
     cu = sorted(str(path.relative_to(REPO)) for path in (REPO / "csrc" / "cuda").glob("*.cu"))
     assert cu and [src for src in ext.sources if src.endswith(".cu")] == cu
     assert f"building CPU + CUDA (torch.version.cuda={version} and toolkit at {toolkit})" in capsys.readouterr().out
+    monkeypatch.setenv("DEBUG", "1")
+    assert extension().extra_compile_args["nvcc"] == ["-O0", "-std=c++20", "--fmad=false", "-lineinfo", "-g",
+                                                      "-Xptxas", "-v"]
 
 
 def test_setup_hands_the_extension_and_build_ext_to_setuptools(monkeypatch):
@@ -375,6 +378,21 @@ def test_test_sh_runs_both_sessions_with_the_arguments(tmp_path):
         "TRITON_INTERPRET= -m pytest -q -m not triton python_tests -k pgd",
         "TRITON_INTERPRET=1 -m pytest -q -m triton python_tests -k pgd",  # set before triton is imported
     ]
+
+
+def test_test_sh_runs_only_the_files_named(tmp_path):
+    """`test.sh python_tests/test_x.py` ran the whole suite (python_tests was always passed as well)."""
+    log = tmp_path / "calls.log"
+    _fake_checkout(tmp_path, f'echo "$*" >> {log}\n')
+    (tmp_path / "python_tests").mkdir()
+    (tmp_path / "python_tests" / "test_x.py").write_text("")
+    for args in (["python_tests/test_x.py"], ["python_tests/test_x.py::test_a", "-k", "a"],
+                 ["-k", "python_tests"]):
+        log.unlink(missing_ok=True)
+        subprocess.run(["bash", str(tmp_path / "scripts" / "test.sh"), *args], cwd=tmp_path, check=True, timeout=60)
+        selected = "python_tests " if args[0] == "-k" else ""
+        assert log.read_text().splitlines() == [f"-m pytest -q -m not triton {selected}{' '.join(args)}",
+                                                f"-m pytest -q -m triton {selected}{' '.join(args)}"], args
 
 
 def _pip_calls(log):

@@ -97,7 +97,8 @@ def _native_reason(op_name, device):
 
 def resolve(op_name, device, backend=None):
     """The backend that will run op_name on device: "native", "triton" or "reference"."""
-    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    # The environment is read as the on/off switches are: case and spaces ignored, empty as unset.
+    requested = backend if backend is not None else os.environ.get(ENV_VAR, "").strip().lower() or "auto"
     if requested not in BACKENDS:
         where = f"${ENV_VAR}" if backend is None else "backend"
         raise ValueError(f"{op_name}: expected {where} to be one of {', '.join(BACKENDS)}, got {requested!r}")

@@ -4,9 +4,20 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VPY=.venv/bin/python
+# A file, folder or node id among the arguments selects the tests; otherwise the whole of python_tests runs.
+# (The value of an option such as -k python_tests is not a selection.)
+where=python_tests
+previous=
+for arg in "$@"; do
+  case "$previous" in
+    -k|-m|-p|-o|-c|-W|--deselect|--ignore|--rootdir|--confcutdir|--basetemp) ;;
+    *) if [[ "$arg" != -* ]] && [ -e "${arg%%::*}" ]; then where=; fi ;;
+  esac
+  previous=$arg
+done
 status=0
-$VPY -m pytest -q -m "not triton" python_tests "$@" || status=$?
-TRITON_INTERPRET=1 $VPY -m pytest -q -m triton python_tests "$@"
+$VPY -m pytest -q -m "not triton" $where "$@" || status=$?
+TRITON_INTERPRET=1 $VPY -m pytest -q -m triton $where "$@"
 triton_status=$?
 if [ $status -eq 5 ] && [ $triton_status -eq 5 ]; then
   echo "test.sh: no tests collected in either session" >&2
