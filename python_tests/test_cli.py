@@ -374,6 +374,16 @@ def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_p
     assert json.loads((out / "eval" / "results.json").read_text())["config"]["prepacked_conv"] is True
     assert packed  # eval follows the run
     assert all("forward" not in m.__dict__ for m in cli.load_run(out)[0].modules())
+    # the variable without the flag: run.json records what ran, and a resume without the variable is refused
+    monkeypatch.setenv("ROBUST_OPS_PREPACKED_CONV", "1")
+    packed.clear()
+    env_out = tmp_path / "env"
+    rc, _, err = run(argv[:6] + [env_out] + argv[7:], capsys)
+    assert rc == 0, err
+    assert json.loads((env_out / "run.json").read_text())["prepacked_conv"] is True and packed
+    monkeypatch.delenv("ROBUST_OPS_PREPACKED_CONV")
+    rc, _, err = run(argv[:4] + ["2"] + argv[5:6] + [env_out] + argv[7:] + ["--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "prepacked_conv=True")
 
 
 def test_demo_quick_synthetic(tmp_path, capsys):

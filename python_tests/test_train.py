@@ -166,6 +166,22 @@ def test_defense_options_are_plain_settings():
     assert ima.options()["steps"] == 20 and all(not callable(v) for v in ima.options().values())
 
 
+def test_prepacked_conv_follows_the_environment_only_when_not_given(tmp_path, monkeypatch):
+    """The checkpoint records what ran: under $ROBUST_OPS_PREPACKED_CONV=1 a run with prepacked_conv=False recorded
+    False yet ran prepacked, and a resume without the variable passed."""
+    monkeypatch.setenv("ROBUST_OPS_PREPACKED_CONV", "1")
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path / "env", **kwargs)
+    assert load_checkpoint(tmp_path / "env" / "checkpoint.pt")["config"]["prepacked_conv"] is True
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path / "off", prepacked_conv=False,
+        **kwargs)
+    assert load_checkpoint(tmp_path / "off" / "checkpoint.pt")["config"]["prepacked_conv"] is False
+    monkeypatch.delenv("ROBUST_OPS_PREPACKED_CONV")
+    with pytest.raises(ValueError, match=r"it was trained with prepacked_conv=True, this call has "
+                                         r"prepacked_conv=False"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path / "env", resume=True, **kwargs)
+
+
 class _ExtraField(torch.utils.data.Dataset):
     """(x, y, field): a third field that is not the item's index (a patient id, or an id of a larger set)."""
 

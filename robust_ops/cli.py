@@ -423,6 +423,10 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     from . import train as trainer
     from .data import IndexedDataset
 
+    from .prepacked_conv import prepacked_conv_enabled_by_default
+
+    # what will run ($ROBUST_OPS_PREPACKED_CONV=1 turns it on without the flag), so --resume compares that
+    prepacked_conv = bool(prepacked_conv) or prepacked_conv_enabled_by_default()
     splits = splits or load_data(data, size=size, seed=seed)
     info = splits.info
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,

@@ -40,6 +40,7 @@ from torch import nn
 
 from ._options import check_int, check_real
 from .native_layers import library_speedups
+from .prepacked_conv import prepacked_conv_enabled_by_default
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -375,7 +376,7 @@ def fit(
     device="cpu",
     amp=False,
     channels_last=False,
-    prepacked_conv=False,
+    prepacked_conv=None,
     progress=True,
     max_grad_norm=None,
     val_batch_size=64,
@@ -402,9 +403,10 @@ def fit(
         device (str or torch.device): where to train. Under DDP on CUDA, each process uses ``cuda:LOCAL_RANK``.
         amp (bool): float16 autocast + GradScaler (CUDA only).
         channels_last (bool): model and 4-D inputs in channels_last memory format.
-        prepacked_conv (bool): True runs the attacks inside training (IMA's GenAdv, PGD of AT, ...) on
+        prepacked_conv (bool, optional): True runs the attacks inside training (IMA's GenAdv, PGD of AT, ...) on
             convolutions packed once per attack (robust_ops.prepacked_conv: CPU, faster, last-bit differences);
-            False leaves it to ``$ROBUST_OPS_PREPACKED_CONV`` (off by default). Training steps are unaffected.
+            False does not; None follows ``$ROBUST_OPS_PREPACKED_CONV`` (off by default). The checkpoint records
+            what ran. Training steps are unaffected.
         progress (bool): tqdm progress bar (rank 0 only).
         max_grad_norm (float, optional): clip the total gradient norm (after extra_grads are added).
         val_batch_size (int): batch size for validation.
@@ -488,6 +490,8 @@ def fit(
     if len(sampler) == 0:  # every global batch would be dropped: epochs without a single step
         raise ValueError(f"{name}: train_data has {len(train_data)} sample(s), fewer than the {world} processes; "
                          "every process needs at least one sample per step")
+    # recorded as it runs, so a resume under another $ROBUST_OPS_PREPACKED_CONV is refused
+    prepacked_conv = prepacked_conv_enabled_by_default() if prepacked_conv is None else bool(prepacked_conv)
     history, start_epoch = [], 0
     config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
@@ -552,7 +556,7 @@ def fit(
 
     # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory),
     # and run max pooling on the native kernel (robust_ops.native_layers; same results bitwise).
-    speedups = library_speedups(model, device, prepacked_conv=True if prepacked_conv else None)
+    speedups = library_speedups(model, device, prepacked_conv=prepacked_conv)
     speedups.__enter__()
     try:
         for epoch in range(start_epoch, epochs):
