@@ -133,6 +133,7 @@ def test_functional_falls_back_to_torch_for_other_dtypes_and_devices():
     assert robust_ops.max_pool2d(meta, 2).shape == (2, 3, 4, 4)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
 def test_functorch_transforms_fall_back_to_torch():
     """The native op's register_autograd has no forward-mode formula (jvp used to give a zero tangent silently)
     and is refused by torch.func.grad; F.max_pool2d supports both, with the same values."""
