@@ -1103,6 +1103,24 @@ def test_autoattack_set_model_mode_reaches_its_attacks():
     assert custom.attacks[0].model_mode == "keep" and given.model_mode == "eval"  # objects are used as given
 
 
+def test_autoattack_refuses_build_options_set_afterwards():
+    """eps, norm, steps, ... are baked into the attacks when they are built: `aa.eps = 4/255` (torchattacks style) or
+    AutoAttack's `aa.attacks_to_run = [...]` were ignored silently."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    aa = attacks.AutoAttack(model, eps=0.03, steps=2, n_queries=3)
+    for key, value, spelt in (("eps", 4 / 255, "eps"), ("steps", 5, "steps"),
+                              ("attacks_to_run", ["apgd-ce"], "attacks")):
+        with pytest.raises(AttributeError, match=rf"autoattack: {key} is read when the attacks are built, so setting "
+                                                 rf"it afterwards would be ignored; build a new AutoAttack\(model, "
+                                                 rf"\.\.\., {spelt}=\.\.\.\)"):
+            setattr(aa, key, value)
+    assert aa.eps == 0.03 and aa.attacks[0].steps == 2
+    aa.cascade = False  # read when it runs
+    result = aa.run(x, y)
+    assert result.x_adv.shape == x.shape
+
+
 def test_normalized_std_and_square_p_init_checked():
     model = make_model(3)
     for mean, std in (([0.5], [0.0]), ([0.5], [-1.0]), ([0.5], [float("nan")]), ([float("inf")], [0.2])):

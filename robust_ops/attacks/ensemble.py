@@ -136,6 +136,17 @@ class AutoAttack(Attack):
 
     name = "autoattack"
     supports_targeted = False
+    # Options baked into the attacks when they are built: setting one afterwards would be ignored silently.
+    # attacks_to_run is AutoAttack's own spelling of ``attacks``.
+    _BUILD_OPTIONS = ("norm", "eps", "version", "steps", "n_target_classes", "n_queries", "seed", "clip_min",
+                      "clip_max", "attacks_to_run")
+
+    def __setattr__(self, key, value):
+        if key in self._BUILD_OPTIONS and vars(self).get("_built") is not None:
+            spelt = "attacks" if key == "attacks_to_run" else key
+            raise AttributeError(f"autoattack: {key} is read when the attacks are built, so setting it afterwards "
+                                 f"would be ignored; build a new AutoAttack(model, ..., {spelt}=...)")
+        super().__setattr__(key, value)
 
     def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=None,
                  n_target_classes=None, n_queries=None, seed=None, model_mode="eval", clip_min=0.0, clip_max=1.0,
