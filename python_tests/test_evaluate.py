@@ -116,6 +116,29 @@ def test_multiclass_rows_have_map():
     assert "map" in rows[0] and len(rows) == 2  # no worst-case row for a single attack
 
 
+def test_multiclass_positive_class_is_refused_not_ignored():
+    """A positive class on a 3-class set was dropped silently: the rows held macro averages while results.json and
+    the report named the class and called sensitivity its recall."""
+    info = DatasetInfo("tiny3", 3, 1, 12, ("benign", "malignant", "normal"), positive_class=1)
+    data = TensorDataset(torch.rand(6, 1, 12, 12), torch.arange(6) % 3)
+    with pytest.raises(EvalError, match=r"^data: info.positive_class=1 is for binary tasks; this 3-class set gets "
+                                        r"macro-averaged metrics \(set it to None\)$") as err:
+        evaluate(TinyCNN(1, 3, width=4), data, info, attacks="fgsm", eps=[1 / 255])
+    assert err.value.arg == "data"
+
+
+def test_labels_of_shape_n_by_1_are_taken_as_fit_takes_them():
+    """MedMNIST's labels are [N, 1]: fit took them and evaluate failed inside the metrics."""
+    info = DatasetInfo("tiny", 2, 1, 12, ("a", "b"), positive_class=1)
+    x, y = torch.rand(6, 1, 12, 12), torch.arange(6) % 2
+    model = TinyCNN(1, 2, width=4)
+    flat = evaluate(model, TensorDataset(x, y), info, attacks="fgsm", eps=[1 / 255])
+    assert evaluate(model, TensorDataset(x, y[:, None]), info, attacks="fgsm", eps=[1 / 255]) == flat
+    with pytest.raises(EvalError, match=r"^data: expected one class label per sample \(labels of shape \[N\] or "
+                                        r"\[N, 1\]\), got labels of shape \(6, 2\)$"):
+        evaluate(model, TensorDataset(x, torch.nn.functional.one_hot(y)), info, attacks="fgsm", eps=[1 / 255])
+
+
 def test_out_of_range_inputs_rejected():
     bad = TensorDataset(torch.full((4, 1, 12, 12), 2.0), torch.zeros(4, dtype=torch.long))
     with pytest.raises(EvalError, match=r"inputs outside the dataset's value range \[0.0, 1.0\]"):

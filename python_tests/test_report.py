@@ -64,6 +64,20 @@ def test_markdown_report_pivots_and_run_counts():
     assert "Synthetic data" in report.markdown_report(_doc([dict(base, attack="none")], synthetic=True))
 
 
+def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
+    """A multi-class report has no positive class: its metrics are macro averages (robust_ops.metrics)."""
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=30, accuracy=0.8, f1=0.7, sensitivity=0.6,
+               specificity=0.5, precision=0.4, auc=0.9, map=0.8)
+    doc = _doc([row], num_classes=3)
+    doc["dataset"]["positive_class"] = None
+    text = report.markdown_report(doc)
+    assert "(3 classes, macro-averaged metrics over the classes present; sensitivity is the mean per-class recall)" \
+        in text
+    assert "positive class" not in text
+    text = report.markdown_report(_doc([row]))
+    assert "(2 classes, positive class 1 = b; sensitivity is the recall of the positive class)" in text
+
+
 def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9},
             {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5}]

@@ -755,3 +755,72 @@ def test_history_rows_record_the_epochs_validation_scores_and_current_lr():
     assert last["val_acc"] == int((out.argmax(1) == val.tensors[1]).sum()) / 15
     assert last["val_loss"] == pytest.approx(float(classification_loss(out, val.tensors[1])), rel=1e-5)
     assert 0 < last["train_acc"] <= 1 and 0 < last["train_loss"] < 5  # means over the samples, not sums
+
+
+class _SometimesReports(Defense):
+    """Reports ``adv_acc`` (always 1.0) only for batches whose first label is 0, as IMA reports it only for batches
+    with a correctly classified sample to attack."""
+
+    name = "sometimes"
+
+    def __call__(self, model, x, y, ids=None):
+        out = model(x)
+        loss = classification_loss(out, y)
+        metrics = {"loss": float(loss.detach())}
+        if int(y[0]) == 0:
+            metrics["adv_acc"] = 1.0
+        return DefenseOutput(loss=loss, logits=out, metrics=metrics)
+
+
+def test_history_averages_a_metric_over_the_batches_that_reported_it():
+    """A metric a batch does not report was counted as 0 for that batch's samples: adv_acc 1.0 came out as 0.5."""
+    x = torch.rand(16, 1, 4, 4)
+    y = torch.tensor([0] * 8 + [1] * 8)
+    torch.manual_seed(0)
+    result = fit(DropoutMLP(), _SometimesReports(), TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
+    row = result.history[0]
+    assert row["train_adv_acc"] == 1.0
+    assert 0 < row["train_loss"] < 5
+
+
+class _PerRankMetrics(Defense):
+    """Each process reports a metric the other never does (as IMA reports adv_acc only where it attacked)."""
+
+    name = "per-rank"
+
+    def __call__(self, model, x, y, ids=None):
+        import torch.distributed as dist
+
+        out = model(x)
+        loss = classification_loss(out, y)
+        rank = dist.get_rank()
+        metrics = {f"only_rank{rank}": 1.0 + 2.0 * rank}
+        if rank == 1:
+            metrics["extra"] = 5.0  # one more key on one process: vectors of different lengths
+        return DefenseOutput(loss=loss, logits=out, metrics=metrics)
+
+
+def _ddp_metrics_worker(rank, world, port, out_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        result = fit(DropoutMLP(), _PerRankMetrics(), _data(16), epochs=1, batch_size=8, progress=False)
+        torch.save(result.history, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_history_sums_each_metric_over_the_processes_that_reported_it(tmp_path):
+    """The metric sums were all-reduced as one vector per process in sorted-key order: other keys on another process
+    summed misaligned (only_rank0 came out 2.0), and another number of keys failed or hung."""
+    out = str(tmp_path / "history")
+    torch.multiprocessing.spawn(_ddp_metrics_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    rows = [torch.load(f"{out}.{rank}", weights_only=True)[0] for rank in range(2)]
+    without_time = [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    assert without_time[0] == without_time[1]  # every process records the same history
+    assert (rows[0]["train_only_rank0"], rows[0]["train_only_rank1"], rows[0]["train_extra"]) == (1.0, 3.0, 5.0)
+

@@ -333,10 +333,18 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         raise EvalError("batch_size", f"batch_size: expected >= 1, got {batch_size}")
     x, y = dataset_tensors(dataset)
     y = y.long()
+    if y.dim() == 2 and y.shape[1] == 1:  # MedMNIST's [N, 1] labels, which fit takes too
+        y = y.reshape(-1)
+    elif y.dim() != 1:  # [N, K] one-hot labels would otherwise fail deep inside the metrics
+        raise EvalError("data", f"data: expected one class label per sample (labels of shape [N] or [N, 1]), got "
+                                f"labels of shape {tuple(y.shape)}")
     if y.shape[0] == 0:
         raise EvalError("split", "split: the evaluated split has no samples")
     lo, hi = info.value_range
     check_radii(specs, radii, info)
+    if info.num_classes != 2 and info.positive_class is not None:  # ignored, the report would still name it
+        raise EvalError("data", f"data: info.positive_class={info.positive_class!r} is for binary tasks; this "
+                                f"{info.num_classes}-class set gets macro-averaged metrics (set it to None)")
     bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum()) if x.is_floating_point() else 0
     if bad:  # NaN passes the range check below (every comparison with NaN is False)
         raise EvalError("data", f"data: {bad} of {x.shape[0]} inputs contain NaN or Inf")

@@ -174,13 +174,15 @@ def markdown_report(doc, title=None, figures=(), extra=None):
         lines += [f"> **Synthetic data** ({name}): {info.get('source', 'generated')}. These numbers say nothing "
                   "about real patients.", ""]
     pos = info.get("positive_class")
-    pos_text = f"positive class {pos} = {info['class_names'][pos]}" if pos is not None else "macro-averaged metrics"
+    if pos is not None:
+        pos_text = f"positive class {pos} = {info['class_names'][pos]}; sensitivity is the recall of the positive class"
+    else:  # multi-class: no positive class; each metric is a one-vs-rest macro average (robust_ops.metrics)
+        pos_text = "macro-averaged metrics over the classes present; sensitivity is the mean per-class recall"
     first = rows[0] if rows else {}
     tested = f"Test samples: {first.get('n', 0)}"
     if first.get("repeats", 1) > 1:  # reproduce means: n is the total over the runs
         tested += f" over {first['repeats']} runs ({first.get('n_min')}–{first.get('n_max')} per run)"
-    lines += [f"Dataset: **{name}** ({info['num_classes']} classes, {pos_text}; sensitivity is the recall of the "
-              f"positive class). {tested}.", ""]
+    lines += [f"Dataset: **{name}** ({info['num_classes']} classes, {pos_text}). {tested}.", ""]
     metrics = doc.get("metrics") or list(metric_names(info["num_classes"]))
     binary = info["num_classes"] == 2
     for metric in (("f1", "sensitivity", "accuracy", "auc") if binary else ("accuracy", "f1", "map")):

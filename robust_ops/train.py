@@ -566,6 +566,7 @@ def fit(
             model.train()
             t0 = time.perf_counter()
             sums, count, correct, with_logits = {}, 0, 0, 0
+            seen = {}  # samples in the batches that reported each metric (IMA has adv_acc only when it attacked)
             steps = len(sampler)
             bar = None
             if progress and rank == 0:
@@ -632,6 +633,7 @@ def fit(
                 metrics.setdefault("loss", float(loss.detach()))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * n
+                    seen[k] = seen.get(k, 0) + n
                 if out.logits is not None:
                     correct += int((predict_from_output(out.logits.detach()) == y).sum())
                     with_logits = 1
@@ -650,15 +652,22 @@ def fit(
                     dist.broadcast(flat, src=0)
                     if flat is not b:
                         b.copy_(flat)
+                # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum
+                # over the union of their keys, or the vectors would differ in length or be summed misaligned.
+                key_sets = [None] * world
+                dist.all_gather_object(key_sets, sorted(sums))
+                keys = sorted(set().union(*key_sets))
                 totals = torch.tensor([float(count), float(correct), float(with_logits)]
-                                      + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=device)
+                                      + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
+                                      dtype=torch.float64, device=device)
                 dist.all_reduce(totals)
                 count, correct, with_logits = int(totals[0]), int(totals[1]), int(totals[2])
-                sums = {k: float(v) for k, v in zip(sorted(sums), totals[3:].tolist())}
+                sums = {k: float(v) for k, v in zip(keys, totals[3:3 + len(keys)].tolist())}
+                seen = {k: int(v) for k, v in zip(keys, totals[3 + len(keys):].tolist())}
                 _sync_defense_state(defense, defense_start, world)
 
             row = {"epoch": epoch + 1}
-            row.update({f"train_{k}": v / max(count, 1) for k, v in sums.items()})
+            row.update({f"train_{k}": v / max(seen[k], 1) for k, v in sums.items()})
             if with_logits:
                 row["train_acc"] = correct / max(count, 1)
             if val_data is not None:
