@@ -61,6 +61,18 @@ def test_help_shows_defaults(capsys):
     assert r.returncode == 0 and "train" in r.stdout and "reproduce" in r.stdout
 
 
+def test_option_names_are_exact_not_prefixes(tmp_path, capsys, monkeypatch):
+    """argparse's prefix matching took `reproduce ... --seed 1` (train's and demo's RNG seed) as --seeds 1, the number
+    of seeds / folds, and `train --epoch 2` as --epochs: a mistyped option is refused like an unknown config key."""
+    monkeypatch.chdir(tmp_path)  # where the default --out folders would go if a command ran
+    for argv, given in ((["reproduce", "mirst-bus", "--quick", "--seed", "1"], "--seed 1"),
+                        (["train", "--epoch", "2"], "--epoch 2"), (["demo", "--method", "rst"], "--method rst"),
+                        (["eval", "RUN", "--ep", "1/255"], "--ep 1/255")):
+        rc, _, err = run(argv, capsys)
+        one_line_error(rc, err, f"robust-ops {argv[0]}: error: unrecognized arguments: {given} "
+                                f"(see robust-ops {argv[0]} --help)")
+
+
 def test_help_explains_every_option_once(capsys):
     from robust_ops.attacks import ATTACKS
 
@@ -90,6 +102,20 @@ def test_train_writes_run_and_eval_end_to_end(trained_run, capsys):
     assert (trained_run / "eval" / "accuracy_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
     assert (trained_run / "eval" / "saliency_standard.png").is_file()
     assert "| F1: attack | ε | standard |" in out
+
+
+def test_eval_on_data_with_other_classes_warns(trained_run, tmp_path, capsys):
+    """--data whose classes are not the run's (synthetic's benign = 0, malignant = 1 for a model trained on labels
+    0, 1 of another set): the predictions are scored against labels that may mean other classes -- said in one
+    warning line, not silently."""
+    argv = ["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    rc, _, err = run(argv + ["--data", "synthetic", "--out", tmp_path / "other"], capsys)
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and lines[0].startswith("robust-ops eval: warning: --data: synthetic labels its classes "
+                                                   "benign = 0, malignant = 1, but the run was trained on 0 = 0"), err
+    rc, _, err = run(argv + ["--out", tmp_path / "own"], capsys)
+    assert rc == 0 and "warning" not in err, err
 
 
 def test_eval_bad_eps_no_partial_files(trained_run, tmp_path, capsys):
@@ -386,6 +412,26 @@ def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_p
     one_line_error(rc, err, "--resume:", "prepacked_conv=True")
 
 
+def test_mirst_dm_with_dropmax_all_trains_what_run_json_records(small_npz, tmp_path, capsys, monkeypatch):
+    """--defense mirst-dm --dropmax all: every max-pooling of the trained model is drop-max, as run.json records and
+    eval rebuilds (the option was dropped: mirst-dm replaced only the first, and eval attacked another model)."""
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
+    from robust_ops import train
+    from robust_ops.nn import DropMax2d
+
+    trained, fit = [], train.fit
+    monkeypatch.setattr(train, "fit", lambda model, *a, **k: trained.append(model) or fit(model, *a, **k))
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu",
+            "--defense", "mirst-dm"]
+    for dropmax, expected in (("all", 2), ("none", 1)):  # small_cnn has two max-poolings; mirst-dm's own: the first
+        rc, _, err = run(argv + ["--dropmax", dropmax], capsys)
+        assert rc == 0, err
+        assert sum(isinstance(m, DropMax2d) for m in trained[-1].modules()) == expected
+        assert sum(isinstance(m, DropMax2d) for m in cli.load_run(out)[0].modules()) == expected
+        assert json.loads((out / "run.json").read_text())["dropmax"] == ("all" if expected == 2 else "first")
+
+
 def test_demo_quick_synthetic(tmp_path, capsys):
     pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     out = tmp_path / "demo"
@@ -593,7 +639,8 @@ def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys,
         _, splits, _ = cli.load_run(run_dir)
         for got, want in ((splits.train, fold.train), (splits.test, fold.test)):
             assert all(torch.equal(a, b) for a, b in zip(got.tensors, want.tensors))
-    _, other, run_doc = cli.load_run(run_dir, data="synthetic")  # other data: its own splits, not the run's folds
+    with pytest.warns(UserWarning, match="synthetic labels its classes benign = 0, malignant = 1, but the run was"):
+        _, other, run_doc = cli.load_run(run_dir, data="synthetic")  # other data: its own splits, not the run's folds
     assert torch.equal(other.test.tensors[0], cli.load_data("synthetic", seed=run_doc["seed"]).test.tensors[0])
     capsys.readouterr()
     rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0"], capsys)
@@ -701,6 +748,46 @@ def test_fresh_train_replaces_the_old_checkpoint(small_npz, tmp_path, capsys, mo
     assert rc == 130 and "no epoch finished yet" in err, err
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
     assert json.loads((out / "run.json").read_text())["defense_options"]["eps"] == 8 / 255
+
+
+def test_defense_options_training_would_refuse_are_refused_before_run_json(small_npz, tmp_path, capsys):
+    """--defense-opt eps=8 (meant as 8/255) on [0, 1] images, or an IMA num_samples other than the training set's:
+    refused naming the option before anything is written, not as a 'training failed' after run.json was written."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu"]
+    for defense, option, needle in (("at", "eps=8", "at: expected eps <= clip_max - clip_min = 1"),
+                                    ("trades", "eps=8", "trades: expected eps <= clip_max"),
+                                    ("at", "step_size=3", "at: expected step_size <= clip_max")):
+        rc, _, err = run(argv + ["--defense", defense, "--defense-opt", option], capsys)
+        one_line_error(rc, err, "--defense-opt:", needle, "0-255 units")
+        assert not out.exists()
+    rc, _, err = run(argv + ["--defense", "ima", "--defense-opt", "num_samples=5"], capsys)  # set automatically
+    one_line_error(rc, err, "--defense-opt: num_samples=5, but the training set has 64 samples; leave")
+    assert not out.exists()
+    rc, _, err = run(argv + ["--defense", "at", "--defense-opt", "norm=l2", "--defense-opt", "eps=3",
+                             "--defense-opt", "steps=1"], capsys)
+    assert rc == 0, err  # an L2 radius may exceed the value range
+
+
+def test_resume_of_a_run_stopped_before_its_first_epoch_takes_new_settings(small_npz, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A RUN_DIR holding run.json but no checkpoint (interrupted or failed before epoch 1) has nothing to continue:
+    --resume with corrected settings starts afresh instead of being refused as 'trained with' the old ones."""
+    from robust_ops import train
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu",
+            "--defense", "at", "--defense-opt", "steps=1"]
+    fit = train.fit
+    monkeypatch.setattr(train, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run(argv + ["--defense-opt", "eps=4/255"], capsys)[0] == 130
+    assert (out / "run.json").is_file() and not (out / "checkpoint.pt").exists()
+    monkeypatch.setattr(train, "fit", fit)
+    rc, _, err = run(argv + ["--defense-opt", "eps=2/255", "--resume"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["defense_options"]["eps"] == 2 / 255
+    rc, _, err = run(argv + ["--defense-opt", "eps=4/255", "--resume"], capsys)  # now it holds an epoch: refused
+    one_line_error(rc, err, "--resume:", "defense_options")
 
 
 def test_resume_refuses_another_image_size(tmp_path, capsys):

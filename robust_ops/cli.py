@@ -30,6 +30,11 @@ class CLIError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # no prefixes of option names: reproduce's --seeds took a mistyped --seed 3 (train's RNG seed) as 3 seeds
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line instead of usage + message
         raise CLIError(f"{message} (see {self.prog} --help)")
 
@@ -242,6 +247,9 @@ def make_defense(name, options, train_size, info):
     params = inspect.signature(cls.__init__).parameters
     if "num_samples" in params and "num_samples" not in options:
         options["num_samples"] = train_size
+    elif "num_samples" in params and options["num_samples"] != train_size:  # else refused by fit after run.json
+        raise CLIError(f"--defense-opt: num_samples={options['num_samples']!r}, but the training set has {train_size} "
+                       "samples; leave num_samples unset (it is set to the training-set size)")
     from .defenses._common import PGDDefense
 
     takes_clip = "clip_min" in params or issubclass(cls, PGDDefense)
@@ -388,6 +396,8 @@ def resume_conflict(out, run):
     out = Path(out)
     if not (out / RUN_FILE).is_file():
         return None
+    if not (out / CHECKPOINT).is_file():  # stopped or failed before its first epoch: nothing to continue, a fresh start
+        return None
     try:
         old = json.loads((out / RUN_FILE).read_text())
     except json.JSONDecodeError as err:
@@ -438,7 +448,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
 
     # --seed fixes the initial weights too (fit seeds only once the model exists; the process's own seed is random)
     torch.manual_seed(seed)
-    model = make_model(model_name, info, dropmax if defense_name != "mirst-dm" else "none")
+    # mirst-dm replaces the first max-pooling itself (prepare_model); a --dropmax all must still reach the model
+    model = make_model(model_name, info, "none" if defense_name == "mirst-dm" and dropmax == "first" else dropmax)
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
     out = Path(out)
     if resume:
@@ -540,6 +551,14 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         raise CLIError(f"{flag}: {data} now holds {_counts(now)}, but the run was trained when it held "
                        f"{_counts(was)}; its split would differ and could test on training images -- restore the "
                        "data or train again")
+    trained, names = (run.get("dataset") or {}).get("class_names"), splits.info.class_names
+    if trained and names and list(trained) != list(names):  # label i may be another class: metrics would be swapped
+
+        def labels(classes):
+            return ", ".join(f"{name} = {i}" for i, name in enumerate(classes))
+
+        warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
+                      f"{labels(trained)}; its predictions are scored against labels that may mean other classes")
     net = make_model(model_name, splits.info, dropmax or run.get("dropmax", "none"))
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):

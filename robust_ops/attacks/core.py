@@ -101,7 +101,7 @@ def _linf_slack(width):
     return 1e-5 * max(width, 1e-12)
 
 
-def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="eps"):
+def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="eps", alpha_arg="alpha"):
     """Linf: an ``arg`` (or a step while it fits) wider than the clip range is refused (:func:`linf_wider_than_range`).
     Per-sample tensors [N] as ``per_sample`` returns them."""
     if norm != "linf" or eps_t.numel() == 0:
@@ -115,8 +115,9 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
         slack = _linf_slack(width)
         bad = (alpha_t > width + slack) & (eps_t < width - slack)
         if bool(bad.any()):
-            raise ValueError(f"{name}: expected alpha <= clip_max - clip_min = {width:g} for norm='linf', got alpha "
-                             f"up to {float(alpha_t[bad].max()):.4g} (alpha in 0-255 units? pass e.g. 2/255)")
+            raise ValueError(f"{name}: expected {alpha_arg} <= clip_max - clip_min = {width:g} for norm='linf', got "
+                             f"{alpha_arg} up to {float(alpha_t[bad].max()):.4g} ({alpha_arg} in 0-255 units? pass "
+                             "e.g. 2/255)")
 
 
 def check_emit(name, emit, steps):

@@ -66,6 +66,12 @@ class PGDDefense(Defense):
                                         else attack_mode, MODEL_MODES)
         self.clip_min = check_real(n, "clip_min", clip_min)
         self.clip_max = check_real(n, "clip_max", clip_max, minimum=self.clip_min)
+        from ..attacks.core import check_linf_budget
+
+        # Checked here rather than at the first batch (as IMA does), where the error would name run_pgd only after
+        # the CLI had written run.json: eps=8 meant as 8/255 is refused before anything runs.
+        check_linf_budget(n, self.norm, torch.tensor([float(self.eps)]), self.clip_min, self.clip_max,
+                          torch.tensor([float(self.step_size)]), alpha_arg="step_size")
 
     def attack(self, model, x, y, **overrides):
         """run_pgd with this defense's settings (overridable per call); returns the PGDResult."""
