@@ -769,6 +769,36 @@ def test_defense_options_training_would_refuse_are_refused_before_run_json(small
     assert rc == 0, err  # an L2 radius may exceed the value range
 
 
+def test_sigterm_stops_train_like_ctrl_c_and_resume_continues(small_npz, tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, a batch scheduler's stop) ended a command with status 143 and no word; now it says, as Ctrl-C
+    does, which epoch the checkpoint holds and how to continue. The handler is the caller's again afterwards."""
+    import os
+    import signal
+
+    from robust_ops import train
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "2", "--out", out, "--no-progress", "--device", "cpu"]
+    fit = train.fit
+
+    def one_epoch_then_sigterm(*args, **kwargs):
+        fit(*args, **{**kwargs, "epochs": 1})
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(train, "fit", one_epoch_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, _, err = run(argv, capsys)
+    assert rc == 143, err
+    assert err.strip() == (f"robust-ops train: interrupted; {out / 'checkpoint.pt'} holds the last finished epoch; "
+                           "continue with the same command and --resume")
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(train, "fit", fit)
+    rc, _, err = run(argv + ["--resume"], capsys)
+    assert rc == 0, err
+    assert len(json.loads((out / "metrics.json").read_text())) == 2
+
+
 def test_resume_of_a_run_stopped_before_its_first_epoch_takes_new_settings(small_npz, tmp_path, capsys,
                                                                            monkeypatch):
     """A RUN_DIR holding run.json but no checkpoint (interrupted or failed before epoch 1) has nothing to continue:

@@ -8,11 +8,14 @@ file can never run code, and a file that would need to is refused.
 """
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -988,7 +991,33 @@ def build_parser():
     return parser, parsers
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (`kill`, a batch scheduler's stop) ends a command as Ctrl-C does -- the finished epochs' checkpoint
+    kept, a message saying how to continue -- instead of silently; ``state["terminated"]`` tells main to exit 143."""
+    state = {"terminated": False}
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield state
+        return
+
+    def interrupt(signum, frame):
+        state["terminated"] = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
+    with _sigterm_as_interrupt() as sigterm:
+        status = _main(argv)
+    return 143 if sigterm["terminated"] and status == 130 else status  # 128 + SIGTERM, as the shell reports it
+
+
+def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
