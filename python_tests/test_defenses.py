@@ -906,3 +906,269 @@ def test_adaptive_radius_step_defaults_to_half_the_radius(cls):
     # DPAAT's step 0.15 at eps 0.3 as a ratio: the default once jumped to 2.5*eps/steps off eps = 0.3 exactly
     assert [cls(eps=eps).step_size for eps in (0.3, 0.31, 1.0)] == [0.15, 0.155, 0.5]
     assert cls(eps=0.31, step_size=0.01).step_size == 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mutation pass (defense loss formulas): parameter gradients recomputed from the documented formulas
+
+
+def test_mart_gradients_flow_through_both_distributions_and_the_weight(crafted):
+    """As MART's code: the BCE, the KL(p(x) || p(x_adv)) and its (1 - p_y(x)) weight are all differentiated (no
+    term is detached), the margin class read from p(x_adv)."""
+    model, x, y = _model_and_batch(sharp=30.0)
+    out = defenses.MART(beta=3.0, steps=3, eps=0.3)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    got = torch.autograd.grad(out.loss, _params(model))
+    p, q = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
+    q_other = q.masked_fill(F.one_hot(y, 3).bool(), -1.0).amax(1)
+    bce = F.cross_entropy(model(x_adv), y) - (1.0001 - q_other + 1e-12).log().mean()
+    kl = (p * (p.log() - (q + 1e-12).log())).sum(1)
+    expected = bce + 3.0 * (kl * (1.0000001 - p.gather(1, y[:, None]).squeeze(1))).mean()
+    torch.testing.assert_close(out.loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for g, e in zip(got, torch.autograd.grad(expected, _params(model))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_gr_penalty_is_back_propagated_through_the_input_gradient():
+    """docs/defenses/gr.md: the input gradient is taken with create_graph=True and the penalty differentiated
+    through it (double backpropagation), for every norm."""
+    model, x, y = _model_and_batch()
+    for norm in ("l2", "l2sq", "l1"):
+        out = defenses.GR(lam=0.5, norm=norm)(model, x, y)
+        got = torch.autograd.grad(out.loss, _params(model))
+        xg = x.clone().requires_grad_(True)
+        losses = F.cross_entropy(model(xg), y, reduction="none")
+        (g,) = torch.autograd.grad(losses.sum(), xg, create_graph=True)
+        g = g.flatten(1)
+        penalty = {"l2": g.norm(dim=1), "l2sq": g.pow(2).sum(1), "l1": g.abs().sum(1)}[norm]
+        expected = losses.mean() + 0.5 * penalty.mean()
+        for a, b in zip(got, torch.autograd.grad(expected, _params(model))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dpaat_synchronization_term_is_differentiated_through_both_outputs(crafted):
+    """DPAAT eq. 12's L_syn compares the clean and the adversarial outputs; neither is detached, so its parameter
+    gradient flows through both (beta large enough for the term to dominate)."""
+    model, x, y = _model_and_batch()
+    out = DPAAT(alpha=0.3, beta=5.0, steps=2)(model, x, y)
+    x_adv = crafted[1][1].x_adv
+    got = torch.autograd.grad(out.loss, _params(model))
+    logits, logits_adv = model(x), model(x_adv)
+    p, q = F.softmax(logits, 1), F.softmax(logits_adv, 1)
+    m = (p + q) / 2
+    js = (0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)).mean()
+    expected = 0.3 * F.cross_entropy(logits_adv, y) + 0.7 * F.cross_entropy(logits, y) + 5.0 * js
+    for a, b in zip(got, torch.autograd.grad(expected, _params(model))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attacks_run_on_the_module_inside_a_data_parallel_wrapper(monkeypatch):
+    """_common.PGDDefense.attack hands run_pgd the unwrapped module (no DDP gradient-sync hooks in the attack) with
+    every PGD setting of the defense."""
+    import robust_ops.attacks.core as core
+
+    model, x, y = _model_and_batch()
+    seen = []
+    monkeypatch.setattr(core, "run_pgd", lambda m, *a, **k: seen.append((m, k)))
+    defenses.AT(eps=0.2, steps=4, step_size=0.07, norm="l2", random_start=False, attack_mode="train",
+                clip_min=0.1, clip_max=0.9).attack(nn.DataParallel(model), x, y, steps=3)
+    assert seen[0][0] is model
+    assert seen[0][1] == dict(eps=0.2, alpha=0.07, steps=3, norm="l2", random_start=False, model_mode="train",
+                              clip_min=0.1, clip_max=0.9)
+
+
+@pytest.fixture
+def fixed_x_adv(monkeypatch):
+    """Makes every PGDDefense attack return the x_adv the test stores in the returned list (first element), so a
+    loss can be checked at an arbitrary (x, x_adv) pair."""
+    from types import SimpleNamespace
+
+    from robust_ops.defenses._common import PGDDefense
+
+    store = []
+    monkeypatch.setattr(PGDDefense, "attack", lambda self, model, x, y, **kw: SimpleNamespace(x_adv=store[0]))
+    return store
+
+
+def _mart_reference(z, z_adv, y, beta):
+    p, q = F.softmax(z, 1), F.softmax(z_adv, 1)
+    q_other = q.masked_fill(F.one_hot(y, z.shape[1]).bool(), -1.0).amax(1)
+    bce = F.cross_entropy(z_adv, y) - (1.0001 - q_other + 1e-12).log().mean()
+    kl = (p * (p.log() - (q + 1e-12).log())).sum(1)
+    return bce + beta * (kl * (1.0000001 - p.gather(1, y[:, None]).squeeze(1))).mean()
+
+
+def test_mart_margin_class_is_the_adversarial_runner_up_and_log_guard(fixed_x_adv):
+    """MART's BCE margin term uses max_{k != y} p_k(x_adv) -- the runner-up of the ADVERSARIAL distribution, also
+    where the clean one ranks the classes differently; and log(p(x_adv) + 1e-12) keeps the KL finite where an
+    adversarial probability underflows to 0."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.mul_(6.0)
+    x, x_adv = torch.randn(16, 4), torch.randn(16, 4)
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))
+    fixed_x_adv.append(x_adv)
+    z, z_adv = model(x), model(x_adv)
+    masked = lambda t: t.masked_fill(F.one_hot(y, 3).bool(), -1e9).argmax(1)  # noqa: E731
+    assert bool((masked(z) != masked(z_adv)).any())
+    out = defenses.MART(beta=2.0)(model, x, y)
+    torch.testing.assert_close(out.loss.detach(), _mart_reference(z, z_adv, y, 2.0).detach(), rtol=1e-5, atol=1e-6)
+    # an adversarial probability of exactly 0 (logit gap > 200): the guarded KL is finite
+    lin = nn.Linear(1, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0], [250.0], [-250.0]]))
+        lin.bias.zero_()
+    x1, y1 = torch.zeros(2, 1), torch.tensor([0, 1])
+    fixed_x_adv[0] = torch.ones(2, 1)
+    with torch.no_grad():
+        assert float(F.softmax(lin(fixed_x_adv[0]), 1).min()) == 0.0
+    out = defenses.MART(beta=1.0)(lin, x1, y1)
+    assert math.isfinite(float(out.loss.detach()))
+    torch.testing.assert_close(out.loss.detach(), _mart_reference(lin(x1), lin(fixed_x_adv[0]), y1, 1.0).detach(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,expected", [("at", {}), ("sat", {}), ("rst", {}), ("mart", {}), ("arfl", {}),
+                                           ("fat", {"early_stop": 2}), ("amat", {}), ("dpaat", {}), ("trades", {}),
+                                           ("llr", {})])
+def test_defenses_attack_with_their_own_settings(crafted, name, expected):
+    """The (first) attack of each defense runs with the defense's own PGD settings (random start included): no
+    per-call override but FAT's early stop (tau) and the objectives of TRADES (KL) and LLR (linearity gap)."""
+    model, x, y = _model_and_batch(num_classes=2)
+    defenses.build(name, steps=2, **({"tau": 2} if name == "fat" else {}))(model, x, y)
+    overrides = dict(crafted[0][0])
+    assert callable(overrides.pop("loss")) if name in ("trades", "llr") else "loss" not in overrides
+    assert overrides == expected
+
+
+def test_standard_fat_and_sat_at_alpha_zero_losses(crafted):
+    """Standard: L = L(x); FAT: L = L(x_adv) at its early-stopped x_adv; SAT with alpha = 0 is standard training
+    (no attack, no adversarial forward)."""
+    model, x, y = _model_and_batch(sharp=30.0)
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), y)
+    torch.testing.assert_close(defenses.Standard()(model, x, y).loss.detach(), clean, rtol=1e-6, atol=1e-7)
+    out = defenses.FAT(steps=2, eps=0.3, tau=1)(model, x, y)
+    with torch.no_grad():
+        adv = F.cross_entropy(model(crafted[-1][1].x_adv), y)
+    assert abs(float(adv - clean)) > 1e-3
+    torch.testing.assert_close(out.loss.detach(), adv, rtol=1e-5, atol=1e-7)
+    crafted.clear()
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, inp: calls.append(1))
+    out = defenses.SAT(alpha=0.0, steps=2)(model, x, y)
+    handle.remove()
+    assert not crafted and len(calls) == 1
+    torch.testing.assert_close(out.loss.detach(), clean, rtol=1e-6, atol=1e-7)
+
+
+def test_gr_l2_penalty_is_differentiable_where_the_input_gradient_vanishes():
+    """docs/defenses/gr.md: the l2 norm is sqrt(sum g^2 + 1e-12), so its gradient stays finite at g = 0 (a zero
+    head gives an input gradient of exactly 0)."""
+    model, x, y = _model_and_batch()
+    with torch.no_grad():
+        model.head.weight.zero_()
+    out = defenses.GR()(model, x, y)
+    assert out.metrics["grad_norm"] == pytest.approx(1e-6)
+    grads = torch.autograd.grad(out.loss, _params(model), allow_unused=True)
+    assert all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
+
+
+def test_dpaat_reference_is_the_mean_loss_change_of_an_asymmetric_batch():
+    """eq. 14: dL_avg is the batch MEAN of dL (here 1.0; the median would be 0.5), gamma_i = eps |dL_i - dL_avg| /
+    |dL_avg| and eq. 15 subtracts gamma from the samples above the mean, adds it to the others."""
+    norms = torch.tensor([0.3, 0.2, 0.9])
+    r = DPAAT(eps=0.3).radii(norms, torch.tensor([0.0, 0.5, 2.5]))
+    torch.testing.assert_close(r, torch.tensor([0.3 + 0.3, 0.2 + 0.15, 0.9 - 0.45]))
+    # the guard zeroes gamma only strictly below it (|dL_avg| < guard, docs/defenses/dpaat.md)
+    r = DPAAT(eps=0.3, guard=0.5).radii(torch.tensor([0.3, 0.3]), torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(r, torch.tensor([0.3 + 0.15, 0.3 - 0.15]))
+
+
+def test_mirst_plain_loss_is_eq2_with_instances_after_emit_steps_from_the_clean_image():
+    """MIRST-DM eq. 2-3: L = L(x) + alpha * sum_j beta_j L(x_bar_j), x_bar_j the PGD iterate after emit[j] steps
+    from the clean image (no random start), each recomputed here with its own run_pgd of emit[j] steps."""
+    from robust_ops.attacks.core import run_pgd
+
+    model, x, y = _model_and_batch(sharp=10.0)
+    eps, steps = 0.2, 4
+    out = MIRST(alpha=0.5, beta=(0.7, 0.3), emit=(1, 3), eps=eps, steps=steps, reuse=False)(model, x, y)
+    with torch.no_grad():
+        inst = [F.cross_entropy(model(run_pgd(model, x, y, eps=eps, alpha=2.5 * eps / steps, steps=e).x_adv), y)
+                for e in (1, 3)]
+        clean = F.cross_entropy(model(x), y)
+        expected = clean + 0.5 * (0.7 * inst[0] + 0.3 * inst[1])
+    assert abs(float(inst[1] - inst[0])) > 1e-3
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert out.metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_stateless_defenses_refuse_state_and_only_arfl_is_binary_only():
+    """base.Defense: a stateless defense loads {} and refuses any key; check_labels refuses non-binary tasks only
+    for binary-only defenses (ARFL)."""
+    at = defenses.AT()
+    assert at.state_dict() == {}
+    at.load_state_dict({})
+    with pytest.raises(ValueError, match=r"at: this defense keeps no state, got keys \['x'\]"):
+        at.load_state_dict({"x": 1})
+    y = torch.tensor([0, 3, 4])
+    for name in ("standard", "at", "trades", "mirst", "dpaat"):
+        defenses.build(name).check_labels(y, 5)
+    ARFL().check_labels(torch.tensor([0, 1]), 2)
+
+
+def test_amat_shrinks_with_the_perturbation_norm_of_its_own_norm(crafted):
+    """AMAT eq. 5 with an Linf attack: the shrunk radius is (eps + ||x_adv_i - x_i||_inf) / 2."""
+    model, x, y = _model_and_batch(num_classes=2, n=8, sharp=30.0)
+    defenses.AMAT(steps=2, norm="linf", eps=0.05, step_size=0.02, random_start=True, xi=0.0)(model, x, y)
+    first = crafted[0][1].x_adv
+    norms = (first - x).flatten(1).abs().amax(1)
+    assert bool(((first - x).flatten(1).norm(dim=1) > 2 * norms).all())  # the L2 norm would differ
+    torch.testing.assert_close(crafted[1][0]["eps"], 0.5 * (0.05 + norms), rtol=1e-5, atol=1e-6)
+
+
+def _independent_rob(model, v, y):
+    """ARFL eq. 1 with the default "mean" channel reduction, from GNNet's last conv output."""
+    f = model.features[:5](v)
+    return -torch.sigmoid((f * (2 * y - 1).float().view(-1, 1, 1, 1)).abs()).flatten(1).mean(1).mean()
+
+
+_GRADIENT_CASES = {
+    "at": (dict(), lambda m, x, a, y: F.cross_entropy(m(a), y)),
+    "fat": (dict(tau=1), lambda m, x, a, y: F.cross_entropy(m(a), y)),
+    "sat": (dict(alpha=0.3), lambda m, x, a, y: 0.3 * F.cross_entropy(m(a), y) + 0.7 * F.cross_entropy(m(x), y)),
+    "rst": (dict(lam=0.25), lambda m, x, a, y: F.cross_entropy(m(x), y) + 0.25 * F.cross_entropy(m(a), y)),
+    "amat": (dict(), lambda m, x, a, y: 0.5 * (F.cross_entropy(m(a), y) + F.cross_entropy(m(x), y))),
+    "arfl": (dict(r=0.3, lam=2.0, eps=0.2), lambda m, x, a, y: 0.3 * (F.cross_entropy(m(x), y) + 2 * _independent_rob(
+        m, x, y)) + 0.7 * (F.cross_entropy(m(a), y) + 2 * _independent_rob(m, a, y))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_GRADIENT_CASES))
+def test_loss_gradients_match_the_documented_formula_at_the_crafted_x_adv(crafted, name):
+    """Every term of AT, FAT, SAT, RST, AMAT and ARFL is differentiated (no term detached, ARFL's feature maps
+    included): the parameter gradients equal those of the documented formula recomputed at the defense's x_adv."""
+    kwargs, formula = _GRADIENT_CASES[name]
+    model, x, y = _model_and_batch(num_classes=2, sharp=10.0)
+    out = defenses.build(name, steps=2, **kwargs)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    expected = formula(model, x, x_adv, y)
+    torch.testing.assert_close(out.loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(out.loss, _params(model)), torch.autograd.grad(expected, _params(model))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mart_treats_single_logits_as_two_classes(fixed_x_adv):
+    """docs/defenses/mart.md: a single-logit model's p is [1 - sigmoid(z), sigmoid(z)] in the BCE and the KL."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    with torch.no_grad():
+        model.weight.mul_(4.0)
+    x, y = torch.randn(8, 4), torch.tensor([0, 1] * 4)
+    fixed_x_adv.append(torch.randn(8, 4))
+    pairs = lambda z: torch.cat([torch.zeros_like(z), z], 1)  # noqa: E731
+    with torch.no_grad():
+        expected = _mart_reference(pairs(model(x)), pairs(model(fixed_x_adv[0])), y, 6.0)
+        out = defenses.MART()(model, x, y)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
