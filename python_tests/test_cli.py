@@ -902,7 +902,11 @@ def test_bench_empty_dir_and_interrupt(tmp_path, capsys, monkeypatch):
 
     rc, _, err = run(["bench", "--bench-dir", tmp_path], capsys)
     one_line_error(rc, err, "--bench-dir:", "holds no bench_*.py scripts")
+    rc, _, err = run(["bench", "--bench-dir", tmp_path / "missing"], capsys)
+    one_line_error(rc, err, "missing: no such folder")
     (tmp_path / "bench_x.py").write_text("")
+    rc, _, err = run(["bench", "--bench-dir", tmp_path / "bench_x.py"], capsys)
+    one_line_error(rc, err, "bench_x.py: not a folder")
     rc, _, err = run(["bench", "--bench-dir", tmp_path, "--only", ","], capsys)
     one_line_error(rc, err, "--only: expected comma-separated topics")
     monkeypatch.setattr(sp, "call", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -878,7 +878,7 @@ def find_benchmarks(bench_dir=None):
     if bench_dir:
         d = Path(bench_dir)
         if not d.is_dir():
-            raise CLIError(f"--bench-dir: {bench_dir}: no such folder")
+            raise CLIError(f"--bench-dir: {bench_dir}: {'not a folder' if d.exists() else 'no such folder'}")
     else:
         d = Path(__file__).resolve().parent.parent / "benchmarks"
         if not d.is_dir():
