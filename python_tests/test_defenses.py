@@ -758,6 +758,27 @@ def test_arfl_r_one_is_standard_training_plus_the_regularizer_and_layer_choice(c
     assert out.metrics["loss_robust"] == pytest.approx(float(want), rel=1e-6)
 
 
+def test_arfl_penultimate_features_before_the_activation_via_layer():
+    """docs/defenses/arfl.md: the paper's "penultimate layer" does not say before or after the activation; the default
+    reads the two-moons MLP's ReLU output, ``layer="net.2"`` the second Linear's output before it (negative values
+    included, so the two readings differ)."""
+    from robust_ops.models import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(2, 1, (10, 10))
+    x = torch.randn(16, 2)
+    y = torch.tensor([0, 1] * 8)
+    with torch.no_grad():
+        pre = mlp.net[:3](x)
+        post = mlp.net[:4](x)
+    assert bool((pre < 0).any())
+    got_pre = ARFL(r=1.0, lam=0.5, layer="net.2")(mlp, x, y).metrics["loss_robust"]
+    got_post = ARFL(r=1.0, lam=0.5)(mlp, x, y).metrics["loss_robust"]
+    assert got_pre == pytest.approx(float(-torch.sigmoid(pre.abs()).mean()), rel=1e-6)
+    assert got_post == pytest.approx(float(-torch.sigmoid(post.abs()).mean()), rel=1e-6)
+    assert got_pre != pytest.approx(got_post, rel=1e-4)
+
+
 def test_arfl_rejects_labels_above_one_on_a_two_class_model():
     model, x, y = _model_and_batch(num_classes=2, n=4)
     with pytest.raises(ValueError, match="arfl: defined for binary tasks only .* got labels up to 2"):

@@ -1282,3 +1282,20 @@ def test_dice_threshold_and_pixel_edges():
     t = torch.tensor([[1.0, 1.0, 0.0]])
     expected = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
     torch.testing.assert_close(soft_dice_loss(out, t), expected.reshape(1))
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_projection_is_onto_the_margin_ball_around_the_clean_x(norm):
+    """Paper, Eq. 3 and the note under Algorithm 2: "Pi_eps(.) ensures that ||x~ - x||_p <= eps" with x the clean
+    sample (docs/ima.md, "centre of the projection"). K steps of 4E/K along a constant ascent direction that never
+    crosses end exactly on the E-ball around the clean x, not up to 4E away (a ball re-centred at every iterate)."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2).double()
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([5.0, -5.0], dtype=torch.float64))  # class 0 everywhere near x
+    x = torch.full((3, 6), 0.5, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    margin = torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64)
+    x_adv, crossed, info = gen_adv(model, x, y, margin, steps=20, norm=norm, return_info=True, min_rows=0)
+    assert not bool(crossed.any()) and info.steps.tolist() == [20, 20, 20]
+    torch.testing.assert_close(sample_distance(x_adv, x, norm), margin, rtol=1e-9, atol=1e-12)
