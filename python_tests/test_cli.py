@@ -554,6 +554,36 @@ def test_protocols_describe_and_quick_caps():
         assert (docs / f"{p.name}.md").read_text().startswith(describe(p)), f"regenerate docs/reproduce/{p.name}.md"
 
 
+def test_dpaat_table_ii_map_is_clean_and_marp_is_under_20_pgd():
+    # DPAAT: mAP is "a more precise expression for generalization" (clean test set), mARP the "mean average precision
+    # on adversarial dataset crafted from the testing dataset"; Table II's adversarial set is 20-step PGD
+    from robust_ops.reproduce import PROTOCOLS
+
+    rows = [r for r in PROTOCOLS["dpaat-bus"].paper_rows if r["source"].startswith("Table II")]
+    by = {(r["method"], r["attack"]): r for r in rows}
+    assert len(rows) == len(by) == 8
+    assert by[("DPAAT", "none")]["map"] == 0.8317 and by[("DPAAT", "none")]["eps"] == 0.0
+    assert by[("DPAAT", "20-PGD")]["map"] == 0.8150 and by[("DPAAT", "20-PGD")]["eps"] == 0.3
+    assert [by[(m, "20-PGD")]["map"] for m in ("AT", "SAT", "AMAT")] == [0.6150, 0.6717, 0.5800]
+    assert [by[(m, "none")]["map"] for m in ("AT", "SAT", "AMAT")] == [0.6750, 0.7350, 0.6400]
+    assert by[("DPAAT", "20-PGD")]["f1"] == 0.7160 and "f1" not in by[("DPAAT", "none")]
+
+
+def test_dpaat_protocol_trains_every_method_with_the_papers_pgd_from_x():
+    # DPAAT: "7-step PGD training adversary, with l2-norm, eps = 0.3, and step size of 0.15" for all models; eq. 9
+    # starts PGD at x_0 = x, so AT and SAT must not take the library's random start
+    from robust_ops import defenses
+    from robust_ops.reproduce import PROTOCOLS
+
+    for m in PROTOCOLS["dpaat-bus"].methods:
+        if m.defense == "standard":
+            continue
+        d = defenses.build(m.defense, **m.options)
+        assert (d.norm, d.eps, d.steps, d.step_size, d.random_start) == ("l2", 0.3, 7, 0.15, False), m.label
+        if m.defense in ("sat", "dpaat"):
+            assert d.alpha == 0.5
+
+
 def test_bad_attack_values_fail_before_any_work(trained_run, tmp_path, capsys):
     out = tmp_path / "never"
     for flags, needle in ((["--attacks", "pgd:steps=2.5"], "expected an integer"),

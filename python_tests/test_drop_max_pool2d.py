@@ -835,3 +835,19 @@ def test_replace_maxpool_keeps_full_backward_hooks():
     model = robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 1, 1), pool))
     model(torch.rand(1, 1, 4, 4)).sum().backward()
     assert seen == ["DropMax2d"]
+
+
+def test_drop_max_layer_is_the_same_in_train_and_eval_mode():
+    # MIRST-DM: "the drop-max layer removes the maximum value and selects the second largest value into the next
+    # layer" -- it replaces the first max-pooling layer, so it acts at test time too (Table 3 evaluates it in place)
+    model = robust_ops.replace_maxpool(nn.Sequential(nn.Identity(), nn.MaxPool2d(2), nn.MaxPool2d(2)))
+    x = torch.tensor([[1.0, 4.0, 0.0, 0.0], [3.0, 2.0, 0.0, 0.0], [5.0, 5.0, 7.0, 6.0], [1.0, 0.0, 8.0, 9.0]])
+    x = x.view(1, 1, 4, 4)
+    first = model[1]
+    assert isinstance(first, robust_ops.DropMax2d) and isinstance(model[2], nn.MaxPool2d)
+    expected = torch.tensor([[[[3.0, 0.0], [5.0, 8.0]]]])  # second largest per window; [5, 5, 1, 0] gives 5
+    train_out = first.train()(x)
+    eval_out = first.eval()(x)
+    torch.testing.assert_close(train_out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(eval_out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.eval()(x), torch.tensor([[[[8.0]]]]), rtol=0, atol=0)
