@@ -824,3 +824,80 @@ def test_ddp_history_sums_each_metric_over_the_processes_that_reported_it(tmp_pa
     assert without_time[0] == without_time[1]  # every process records the same history
     assert (rows[0]["train_only_rank0"], rows[0]["train_only_rank1"], rows[0]["train_extra"]) == (1.0, 3.0, 5.0)
 
+
+
+def _ddp_one_rank_error_worker(rank, world, port, out_path):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    try:
+        data = _data(16)
+        bad = GlobalBatchSampler(16, 8, seed=0, rank=1, world_size=2).global_batches()[1][-1]  # rank 1, step 2
+        data.tensors[1][bad] = 7
+        try:
+            fit(DropoutMLP(), defenses.Standard(), data, epochs=1, batch_size=8, progress=False)
+            message = "no error"
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+        torch.save(message, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_a_bad_label_in_one_process_share_stops_every_process_with_a_clear_error(tmp_path):
+    """A label outside the model's classes in one process's share of a global batch raised there only: the other
+    process waited in DDP's gradient all-reduce until the peer went away or the timeout ("Connection closed by
+    peer"), or hung while the failing process lived on."""
+    out = str(tmp_path / "error")
+    torch.multiprocessing.spawn(_ddp_one_rank_error_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert re.fullmatch(r"ValueError: fit: expected labels in \[0, 2\) for a model with 2 output classes, got "
+                        r"values in \[[01], 7\] \(epoch 1, step 2\)", messages[1]), messages[1]
+    assert messages[0] == ("RuntimeError: fit: another process failed to read or check its share of the batch at "
+                           "epoch 1, step 2 (its error names the problem); stopped here too"), messages[0]
+
+
+def _ddp_checkpoint_errors_worker(rank, world, port, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    messages = []
+    try:
+        not_a_folder = os.path.join(out_dir, "a-file")
+        for run_dir, calls_before_nan in ((os.path.join(out_dir, "nan"), 2 if rank == 1 else 100), (not_a_folder, 100)):
+            try:  # 2 steps per epoch: rank 1's loss turns NaN at epoch 2, step 1
+                fit(DropoutMLP(), NaNAtEpoch(calls_before_nan), _data(16), epochs=2, batch_size=8, out_dir=run_dir,
+                    progress=False)
+                messages.append("no error")
+            except Exception as e:
+                messages.append(f"{type(e).__name__}: {e}")
+        torch.save(messages, os.path.join(out_dir, f"messages.{rank}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_errors_around_process_0s_checkpoint_are_clear_on_every_process(tmp_path):
+    """Only process 0 writes the checkpoint: (1) a NaN loss on another process after epoch 1 said "no checkpoint
+    written yet" there; (2) when process 0's write failed (out_dir is a file), the others waited in the barrier until
+    it went away ("Connection closed by peer") or hung."""
+    (tmp_path / "a-file").write_text("")
+    torch.multiprocessing.spawn(_ddp_checkpoint_errors_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                                join=True)
+    nan0, file0 = torch.load(tmp_path / "messages.0", weights_only=True)
+    nan1, file1 = torch.load(tmp_path / "messages.1", weights_only=True)
+    ckpt = tmp_path / "nan" / "checkpoint.pt"
+    assert nan0.endswith(f"non-finite on another process at epoch 2, step 1; stopped before updating the weights "
+                         f"(last good checkpoint: {ckpt})"), nan0
+    assert nan1.endswith(f"loss is nan at epoch 2, step 1; stopped before updating the weights (last good "
+                         f"checkpoint: {ckpt})"), nan1
+    assert file0.startswith("FileExistsError"), file0
+    assert file1 == (f"RuntimeError: fit: process 0 failed to write the checkpoint or metrics to {tmp_path / 'a-file'} "
+                     "after epoch 1 (its error names the problem); stopped here too"), file1

@@ -574,18 +574,31 @@ def fit(
 
                 bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
             for step, (indices, global_n) in enumerate(sampler):
-                batch = _collate(train_data, indices)
-                x, y, ids = _split_batch(name, batch, needs_ids, indices)
-                x, y = x.to(device, non_blocking=True), y.to(device)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if num_classes is None:
-                    num_classes = _infer_num_classes(model, x)
-                    defense.check_labels(y, num_classes)
-                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-                    raise ValueError(f"{name}: expected labels in [0, {num_classes}) for a model with {num_classes} "
-                                     f"output classes, got values in [{int(y.min())}, {int(y.max())}] "
-                                     f"(epoch {epoch + 1}, step {step + 1})")
+                error = None
+                try:
+                    batch = _collate(train_data, indices)
+                    x, y, ids = _split_batch(name, batch, needs_ids, indices)
+                    x, y = x.to(device, non_blocking=True), y.to(device)
+                    if channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    if num_classes is None:
+                        num_classes = _infer_num_classes(model, x)
+                        defense.check_labels(y, num_classes)
+                    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                        raise ValueError(f"{name}: expected labels in [0, {num_classes}) for a model with "
+                                         f"{num_classes} output classes, got values in [{int(y.min())}, "
+                                         f"{int(y.max())}] (epoch {epoch + 1}, step {step + 1})")
+                except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
+                    error = e
+                if world > 1:  # a bad sample sits in one process's share: a lone raise leaves the others waiting
+                    failed = torch.tensor([float(error is not None)], device=device)
+                    dist.all_reduce(failed)
+                    if error is None and failed.item() > 0:
+                        raise RuntimeError(f"{name}: another process failed to read or check its share of the batch "
+                                           f"at epoch {epoch + 1}, step {step + 1} (its error names the problem); "
+                                           "stopped here too")
+                if error is not None:
+                    raise error
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
@@ -682,7 +695,7 @@ def fit(
                 else:
                     scheduler.step()
 
-            rank_states = None
+            rank_states, save_error = None, None
             if world > 1 and out_dir is not None:  # every process's RNG streams, so each resumes its own
                 rank_states = [None] * world
                 dist.all_gather_object(rank_states, _rng_state(device))
@@ -701,10 +714,21 @@ def fit(
                     "sampler": sampler.state_dict(),
                     "history": history,
                 }
-                last_ckpt = save_checkpoint(ckpt_path, state)
-                _write_metrics(Path(out_dir), history)
-            if world > 1:
-                dist.barrier()
+                try:
+                    save_checkpoint(ckpt_path, state)
+                    _write_metrics(Path(out_dir), history)
+                except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
+                    save_error = e
+            if world > 1:  # the barrier before the next epoch also tells the others whether process 0's write failed
+                failed = torch.tensor([float(save_error is not None)], device=device)
+                dist.all_reduce(failed)
+                if save_error is None and failed.item() > 0:
+                    raise RuntimeError(f"{name}: process 0 failed to write the checkpoint or metrics to {out_dir} "
+                                       f"after epoch {epoch + 1} (its error names the problem); stopped here too")
+            if save_error is not None:
+                raise save_error
+            if out_dir is not None:  # on every process: a later NonFiniteLossError names the last good checkpoint
+                last_ckpt = str(ckpt_path)
     finally:
         speedups.__exit__(None, None, None)
         if initialized_here:
