@@ -1135,6 +1135,37 @@ def test_folder_run_is_found_from_elsewhere_and_changed_data_is_refused(tmp_path
     one_line_error(rc, err, "--resume:", "class_counts=")
 
 
+def test_classes_select_folders_and_reach_run_json_eval_resume_and_demo(tmp_path, capsys):
+    """--classes (Python's load_dataset(classes=)) on the command line: a binary task out of a 3-class folder, in the
+    given label order; eval rebuilds the same classes and split from run.json; --resume refuses other classes."""
+    _folder(tmp_path / "d", classes=("benign", "malignant", "normal"))
+    out = tmp_path / "run"
+    argv = ["train", "--data", tmp_path / "d", "--size", "8", "--model", "mlp", "--epochs", "1", "--out", out,
+            "--no-progress", "--device", "cpu", "--classes", "malignant,normal"]
+    rc, stdout, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "classes: malignant = 0 (positive), normal = 1" in stdout
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["classes"] == ["malignant", "normal"] and sum(doc["dataset"]["class_counts"].values()) == 20
+    _, splits, _ = cli.load_run(out)
+    assert splits.info.class_names == ("malignant", "normal") and len(splits.test) == 4
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0 and "warning" not in err, err
+    assert json.loads((out / "eval" / "results.json").read_text())["rows"][0]["n"] == 4
+    rc, _, err = run(argv[:-1] + ["benign,normal", "--epochs", "2", "--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "classes=['malignant', 'normal'], this command has classes=['benign', "
+                                         "'normal']")
+    rc, _, err = run(argv[:-1] + ["malignant,,normal"], capsys)
+    one_line_error(rc, err, "argument --classes: expected comma-separated class names")
+    rc, _, err = run(["demo", "--data", tmp_path / "d", "--size", "8", "--model", "mlp", "--quick", "--methods",
+                      "standard", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "demo", "--no-progress",
+                      "--device", "cpu", "--classes", "normal,malignant"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "demo" / "runs" / "standard" / "run.json").read_text())["classes"] == [
+        "normal", "malignant"]
+
+
 # 10 images per class: a fold's 9:1 train/val split of its 10 training images cannot hold both classes in val
 @pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
 def test_reproduce_on_own_folder_with_size(tmp_path, capsys):

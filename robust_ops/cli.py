@@ -192,11 +192,11 @@ DOWNLOAD_HELP = ("let a MedMNIST name missing locally be downloaded through the 
                  "never download; the error says where to put the file)")
 
 
-def load_data(spec, size=None, seed=0, flag="--data"):
+def load_data(spec, size=None, seed=0, flag="--data", classes=None):
     from .data import DataError, load_dataset
 
     try:
-        return load_dataset(spec, size=size, seed=seed, download=_allow_download)
+        return load_dataset(spec, size=size, seed=seed, classes=classes, download=_allow_download)
     except DataError as err:
         raise CLIError(f"{flag}: {err}") from None
 
@@ -311,6 +311,9 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
                         ".npz file / BUSI-style folder / .csv path")
     p.add_argument("--size", type=int, default=None, help="image side length (default: the data's own size; 28 for "
                                                           "synthetic, 224 for folders)")
+    p.add_argument("--classes", type=parse_classes, default=None,
+                   help="comma-separated class folders / CSV labels to keep, in label order (e.g. nv,mel: mel, not "
+                        "benign/normal/..., is the positive class); folders and CSV only (default: all)")
     p.add_argument("--model", default="small_cnn",
                    help="resnet18, resnet50, vgg16, densenet121, small_cnn or mlp (adapted to channels and size)")
     p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
@@ -319,6 +322,15 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def parse_classes(text):
+    """``--classes nv,mel`` -> ("nv", "mel"); names as load_dataset's ``classes=`` takes them."""
+    names = tuple(name.strip() for name in str(text).split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names such as benign,malignant, got "
+                                         f"{text!r}")
+    return names
 
 
 def check_data_model_options(args):
@@ -363,20 +375,21 @@ def cmd_train_parser(sub):
     return p
 
 
-RESUME_KEYS = ("data", "model", "defense", "defense_options", "dropmax", "seed", "batch_size", "lr", "channels_last",
-               "prepacked_conv", "split")
+RESUME_KEYS = ("data", "classes", "model", "defense", "defense_options", "dropmax", "seed", "batch_size", "lr",
+               "channels_last", "prepacked_conv", "split")
 
 
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
-               train_samples=None):
+               train_samples=None, classes=None):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
     rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
     ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume."""
     if defense_name == "mirst-dm" and dropmax == "none":
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
     run = {
-        "format": "robust_ops.run/1", "data": str(data_spec(data)), "size": size, "model": model_name,
+        "format": "robust_ops.run/1", "data": str(data_spec(data)), "size": size,
+        "classes": list(classes) if classes is not None else None, "model": model_name,
         "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
                                                       for k, v in defense_options.items()},
         "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
@@ -408,6 +421,7 @@ def resume_conflict(out, run):
     old.setdefault("channels_last", False)  # runs written before the options trained NCHW, on ATen's convolutions
     old.setdefault("prepacked_conv", False)
     old.setdefault("split", run.get("split"))  # runs written before run.json recorded the split: same data, seed
+    old.setdefault("classes", None)  # runs written before --classes kept every class
     if old.get("data") is not None:  # runs written before paths were made absolute: relative to this directory
         old["data"] = str(data_spec(old["data"]))
     # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
@@ -430,7 +444,7 @@ def resume_conflict(out, run):
 
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
-              prepacked_conv=False, split=None):
+              prepacked_conv=False, split=None, classes=None):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
     from . import train as trainer
@@ -440,12 +454,12 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
 
     # what will run ($ROBUST_OPS_PREPACKED_CONV=1 turns it on without the flag), so --resume compares that
     prepacked_conv = bool(prepacked_conv) or prepacked_conv_enabled_by_default()
-    splits = splits or load_data(data, size=size, seed=seed)
+    splits = splits or load_data(data, size=size, seed=seed, classes=classes)
     info = splits.info
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
                      channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
-                     train_samples=len(splits.train))
+                     train_samples=len(splits.train), classes=classes)
     dropmax = run["dropmax"]
     import torch
 
@@ -496,7 +510,7 @@ def cmd_train(args):
             data=args.data, defense_name=args.defense, defense_options=options, model_name=args.model,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=args.out,
             resume=args.resume, dropmax=args.dropmax, size=args.size, progress=not args.no_progress,
-            channels_last=args.channels_last, prepacked_conv=args.prepacked_conv)
+            channels_last=args.channels_last, prepacked_conv=args.prepacked_conv, classes=args.classes)
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
@@ -514,7 +528,7 @@ def cmd_train(args):
 # ----------------------------------------------------------------------------------------------- eval
 
 
-def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=False):
+def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=False, classes=None):
     """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt) or a checkpoint file (run.json beside it, or
     --data/--model given)."""
     target = Path(target)
@@ -537,7 +551,11 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     if data is None or model_name is None:
         raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass --data and --model")
     state = read_checkpoint(ckpt)
-    same_data = data_spec(data) == data_spec(run.get("data")) and (size is None or size == run.get("size"))
+    same_source = data_spec(data) == data_spec(run.get("data"))
+    # the run's class selection applies to its own data; another selection is another split, as other data is
+    classes = classes if classes is not None else run.get("classes") if same_source else None
+    same_data = same_source and (size is None or size == run.get("size")) and (
+        classes is None or list(classes) == run.get("classes"))
     if run.get("split") and same_data:  # a reproduce run: its own fold / subset, not the data's train/val/test
         from .reproduce import rebuild_splits
 
@@ -547,7 +565,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
     else:
-        splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0), flag=flag)
+        splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0), flag=flag, classes=classes)
     was = (run.get("dataset") or {}).get("class_counts")
     now = splits.info.extra.get("class_counts")
     if same_data and was and now is not None and was != now:  # the seeded split would differ: train images in test
@@ -614,6 +632,8 @@ def cmd_eval_parser(sub):
     p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
     p.add_argument("--model", default=None, help="architecture (default: the one in run.json)")
     p.add_argument("--size", type=int, default=None, help="image side length (default: the one in run.json)")
+    p.add_argument("--classes", type=parse_classes, default=None,
+                   help="class folders / CSV labels to keep, in label order (default: the ones in run.json)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
     p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")
     p.add_argument("--channels-last", action="store_true",
@@ -711,7 +731,7 @@ def cmd_eval(args):
     check_out(out)
     device = pick_device(args.device)
     model, splits, run = load_run(args.target, data=args.data, model=args.model, size=args.size,
-                                  channels_last=args.channels_last)
+                                  channels_last=args.channels_last, classes=args.classes)
     label = args.method or run.get("label") or run.get("defense") or "model"
     config = {"command": "eval", "target": str(args.target), "attacks": args.attacks, "eps": args.eps,
               "cascade": not args.no_cascade, "ensemble": args.ensemble, "split": args.split,
@@ -803,7 +823,7 @@ def cmd_demo(args):
         raise CLIError(f"--train-size: expected >= 0, got {train_size}")
     specs, radii = parse_eval_options(args)
     check_out(args.out)
-    splits = load_data(args.data, size=args.size, seed=args.seed)
+    splits = load_data(args.data, size=args.size, seed=args.seed, classes=args.classes)
     from .evaluate import EvalError, check_radii
 
     try:  # before any training: the radii's units are known once the data is
@@ -840,7 +860,8 @@ def cmd_demo(args):
             model, _, _, history = train_run(
                 data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
-                resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label)
+                resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
+                classes=args.classes)
             timings[label] = time.perf_counter() - t0
             models[label] = model
             last = history[-1] if history else {}
