@@ -590,15 +590,9 @@ def fit(
                                          f"{int(y.max())}] (epoch {epoch + 1}, step {step + 1})")
                 except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
                     error = e
-                if world > 1:  # a bad sample sits in one process's share: a lone raise leaves the others waiting
-                    failed = torch.tensor([float(error is not None)], device=device)
-                    dist.all_reduce(failed)
-                    if error is None and failed.item() > 0:
-                        raise RuntimeError(f"{name}: another process failed to read or check its share of the batch "
-                                           f"at epoch {epoch + 1}, step {step + 1} (its error names the problem); "
-                                           "stopped here too")
-                if error is not None:
-                    raise error
+                # a bad sample sits in one process's share
+                _raise_on_every_process(error, world, device, f"{name}: another process failed to read or check its "
+                                        f"share of the batch at epoch {epoch + 1}, step {step + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                     out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
@@ -719,14 +713,9 @@ def fit(
                     _write_metrics(Path(out_dir), history)
                 except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
                     save_error = e
-            if world > 1:  # the barrier before the next epoch also tells the others whether process 0's write failed
-                failed = torch.tensor([float(save_error is not None)], device=device)
-                dist.all_reduce(failed)
-                if save_error is None and failed.item() > 0:
-                    raise RuntimeError(f"{name}: process 0 failed to write the checkpoint or metrics to {out_dir} "
-                                       f"after epoch {epoch + 1} (its error names the problem); stopped here too")
-            if save_error is not None:
-                raise save_error
+            # also the barrier before the next epoch
+            _raise_on_every_process(save_error, world, device, f"{name}: process 0 failed to write the checkpoint or "
+                                    f"metrics to {out_dir} after epoch {epoch + 1}")
             if out_dir is not None:  # on every process: a later NonFiniteLossError names the last good checkpoint
                 last_ckpt = str(ckpt_path)
     finally:
@@ -735,6 +724,18 @@ def fit(
             dist.destroy_process_group()
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
                      else None, model=model)
+
+
+def _raise_on_every_process(error, world, device, elsewhere):
+    """Raise ``error`` (None: nothing failed here) so that every process stops together: under DDP a lone raise
+    leaves the others waiting in their next collective. The processes without an error raise ``elsewhere``."""
+    if world > 1:
+        failed = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(failed)
+        if error is None and failed.item() > 0:
+            raise RuntimeError(f"{elsewhere} (its error names the problem); stopped here too")
+    if error is not None:
+        raise error
 
 
 def _infer_num_classes(model, x):
