@@ -449,7 +449,6 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
     from . import train as trainer
     from .data import IndexedDataset
-
     from .prepacked_conv import prepacked_conv_enabled_by_default
 
     # what will run ($ROBUST_OPS_PREPACKED_CONV=1 turns it on without the flag), so --resume compares that
