@@ -12,7 +12,6 @@ Models at 1x64x64, batch 32: a small ResNet-style CNN and torchvision resnet18 (
 
 import argparse
 import copy
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (copy_roofline_seconds, device_arg, interleaved_medians, nonnegative_int,  # noqa: E402
-                    positive_int, write_rows)
+                    positive_int, with_env, write_rows)
 
 from robust_ops import attacks  # noqa: E402
 from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
@@ -91,19 +90,6 @@ def train_briefly(model, steps, batch, size, device):
         loss.backward()
         opt.step()
     return model.eval()
-
-
-def with_env(env_var, value, fn):
-    """Run fn with the environment variable env_var set to value (the library reads its switches per call)."""
-    before = os.environ.get(env_var)
-    os.environ[env_var] = value
-    try:
-        return fn()
-    finally:
-        if before is None:
-            del os.environ[env_var]
-        else:
-            os.environ[env_var] = before
 
 
 def with_switch_off(env_var, fn):

@@ -2,7 +2,8 @@
 
 Goals (issue 5): MIRST with reuse (parameter gradients from the attack's own backward passes) >= 1.25x faster than the
 plain formulation (a second forward/backward over the 4 instances), and <= 1.35x the time of a PGD-10 AT step.
-Same run, resnet18 at 1x64x64, batch 32 by default. The peer row is a PGD-10 AT step with torchattacks' PGD.
+Same run, resnet18 at 1x64x64, batch 32 by default. The peer row is a PGD-10 AT step with torchattacks' PGD; the
+reference row the same AT step on the library's plain-PyTorch reference ops ($ROBUST_OPS_BACKEND=reference).
 
     python benchmarks/bench_defenses.py --quick              # 1 warm-up + 3 timed steps per defense
     python benchmarks/bench_defenses.py --defenses mirst at  # a subset
@@ -20,16 +21,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import device_arg, nonnegative_int, positive_int, write_rows  # noqa: E402
+from common import device_arg, nonnegative_int, positive_int, with_env, write_rows  # noqa: E402
 
 from robust_ops import defenses  # noqa: E402
+from robust_ops._backend import ENV_VAR as BACKEND_SWITCH  # noqa: E402
 from robust_ops.attacks.context import classification_loss  # noqa: E402
 from robust_ops.memory import library_pool  # noqa: E402
 from robust_ops.native_layers import library_speedups  # noqa: E402
 from robust_ops.models import MODELS, build_model  # noqa: E402
 
 ALL = ("standard", "at", "sat", "trades", "rst", "gr", "llr", "mart", "fat", "amat", "mirst", "mirst-plain", "mirst-dm",
-       "ima", "dpaat", "arfl", "at-torchattacks")
+       "ima", "dpaat", "arfl", "at-torchattacks", "at-reference-ops")
 
 
 def make_defense(name, num_samples):
@@ -39,7 +41,7 @@ def make_defense(name, num_samples):
         return None
     if name == "ima":
         return defenses.build("ima", num_samples=num_samples)
-    if name == "at":
+    if name in ("at", "at-reference-ops"):
         return defenses.build("at", steps=10)
     return defenses.build(name)
 
@@ -82,6 +84,11 @@ def as_fit_runs(model, step):
         return step()
 
 
+def on_reference_ops(step):
+    """step with the library's ops (pgd_step_, ...) on their plain-PyTorch references, robust_ops/reference.py."""
+    return with_env(BACKEND_SWITCH, "reference", step)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps (default: 2 + 7)")
@@ -118,6 +125,8 @@ def main(argv=None):
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         step = (functools.partial(torchattacks_at_step, model, x, y, opt) if defense is None
                 else functools.partial(train_step, model, defense, x, y, ids, opt))
+        if name == "at-reference-ops":
+            step = functools.partial(on_reference_ops, step)
         steps[name] = functools.partial(as_fit_runs, model, step)
 
     # Round-robin timing: every round times one step of each defense, so load changes on a shared machine hit all
@@ -148,6 +157,8 @@ def main(argv=None):
         print(f"MIRST reuse vs PGD-10 AT: {times['mirst'] / times['at']:.2f}x its time (goal <= 1.35x)")
     if "at" in times and "at-torchattacks" in times:
         print(f"AT (run_pgd) vs AT (torchattacks PGD): {times['at-torchattacks'] / times['at']:.2f}x faster")
+    if "at" in times and "at-reference-ops" in times:
+        print(f"AT (native ops) vs AT (reference ops): {times['at-reference-ops'] / times['at']:.2f}x faster")
     for row in rows:
         row.update(model=args.model, input=f"{args.batch}x1x{args.size}x{args.size}", reps=reps)
     write_rows("defenses", rows, device)

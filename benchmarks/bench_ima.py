@@ -89,7 +89,14 @@ def load_trained_state(path, num_samples):
     """(model state, IMA defense state) from a robust_ops fit checkpoint of an IMA run on the full training split."""
     from robust_ops.train import load_checkpoint
 
-    ckpt = load_checkpoint(path)
+    if not Path(path).is_file():
+        raise SystemExit(f"bench_ima: --state {path}: {'not a file' if Path(path).exists() else 'no such file'} "
+                         f"(pass a fit checkpoint, e.g. RUN_DIR/checkpoint.pt)")
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as err:  # torch.load's errors for a file that is not a checkpoint are multi-line tracebacks
+        raise SystemExit(f"bench_ima: --state {path}: not a readable checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "defense" not in ckpt:
         raise SystemExit(f"bench_ima: --state {path}: not a robust_ops fit checkpoint (needs 'model' and 'defense')")
     margins = ckpt["defense"].get("margins") if isinstance(ckpt["defense"], dict) else None

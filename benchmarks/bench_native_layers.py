@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import copy_roofline_seconds, gbps, median_seconds, positive_int, write_rows  # noqa: E402
+from common import (copy_roofline_seconds, default_threads, gbps, median_seconds, positive_int,  # noqa: E402
+                    write_rows)
 
 import robust_ops  # noqa: E402
 from robust_ops import reference  # noqa: E402
@@ -68,7 +69,8 @@ def main():
 def measure():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batch and short timing (smoke run)")
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=default_threads(),
+                        help="CPU threads (default: $OMP_NUM_THREADS, else 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -74,7 +74,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter timing runs")
     parser.add_argument("--device", type=common.device_arg, default="cpu")
-    parser.add_argument("--threads", type=common.positive_int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--threads", type=common.positive_int, default=common.default_threads(),
+                        help="CPU threads (torch.set_num_threads; default: $OMP_NUM_THREADS, else 2)")
     parser.add_argument("--shape", type=common.positive_int_list, default="32,3,224,224")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")

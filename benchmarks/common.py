@@ -53,6 +53,26 @@ def interleaved_medians(fns, rounds, device=None):
     return [statistics.median(t) for t in times], times
 
 
+def with_env(env_var, value, fn):
+    """Run fn with the environment variable env_var set to value (the library reads its switches, e.g.
+    $ROBUST_OPS_BACKEND, per call), then restore it."""
+    before = os.environ.get(env_var)
+    os.environ[env_var] = value
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ[env_var]
+        else:
+            os.environ[env_var] = before
+
+
+def default_threads(fallback=2):
+    """--threads default of the op benchmarks: what $OMP_NUM_THREADS gave torch when it is set (a user pinning
+    threads on a shared machine must not get ``fallback`` instead), else ``fallback`` (the docs' 2-thread numbers)."""
+    return torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else fallback
+
+
 def _int_at_least(text, minimum):
     try:
         value = int(text)
@@ -108,12 +128,31 @@ def gbps(nbytes, seconds):
     return nbytes / seconds / 1e9
 
 
-def git_sha():
+def git_sha(cwd=None):
+    """The checkout's short commit, with "-dirty" when tracked files differ from it (the rows then measured code
+    that commit does not hold); "unknown" outside a git checkout."""
+    cwd = cwd or Path(__file__).resolve().parent
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parent, stderr=subprocess.DEVNULL).strip()
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=cwd,
+                                      stderr=subprocess.DEVNULL).strip()
+        changed = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True,
+                                          cwd=cwd, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
+    return f"{sha}-dirty" if changed else sha
+
+
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name (Linux /proc/cpuinfo; else platform.processor(), which is often empty on Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def environment(device=None):
@@ -122,7 +161,7 @@ def environment(device=None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     try:
         import triton
 
@@ -137,6 +176,8 @@ def environment(device=None):
         "cuda": torch.version.cuda or "n/a",
         "git": git_sha(),
         "python": sys.version.split()[0],
+        # a --quick smoke run writes the same file as a full run: the flags tell them apart
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
 
 
@@ -147,10 +188,17 @@ def write_rows(name, rows, device=None):
     env = environment(device)
     rows = [{**row, **env} for row in rows]
     path = RESULTS_DIR / f"{name}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
+    # Written beside the file and moved over it: a Ctrl-C or crash mid-write leaves the previous results, never half
+    # a table.
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(staging, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
     print(markdown_table(rows, exclude=env.keys()))
     print(f"\n({env['device']}, {env['threads']} threads, torch {env['torch']}, git {env['git']}; csv: {path})")
     return path

@@ -83,6 +83,37 @@ def test_bad_flags_are_one_usage_error_before_any_work(script, argv, monkeypatch
     assert "error: argument" in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
+@pytest.mark.parametrize("script", ["bench_drop_max_pool2d", "bench_native_layers", "bench_pgd_step"])
+@pytest.mark.parametrize("omp", [None, "1", "3"])
+def test_op_benchmarks_default_threads_follow_omp_num_threads(script, omp, monkeypatch):
+    """OMP_NUM_THREADS=1 (a shared machine) is what the run uses unless --threads says otherwise; unset: 2 threads,
+    as the docs' numbers were taken."""
+    import argparse
+    import importlib
+
+    import torch
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: int(omp or 99))  # what torch read at start-up
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = importlib.import_module(script)
+    parse_args, parsed = argparse.ArgumentParser.parse_args, []
+
+    def parse_and_stop(self, *a, **kw):
+        parsed.append(parse_args(self, *a, **kw))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    for argv, expected in (([], int(omp) if omp else 2), (["--threads", "5"], 5)):
+        monkeypatch.setattr(sys, "argv", [f"{script}.py"] + argv)
+        with pytest.raises(SystemExit):
+            module.main()
+        assert parsed[-1].threads == expected
+
+
 def test_cuda_device_flag_without_a_gpu_is_a_usage_error(monkeypatch, capsys):
     import argparse
 
@@ -216,6 +247,58 @@ def test_write_rows_csv_and_markdown(monkeypatch, tmp_path, capsys):
                     ["b", "2.0", "cpu-x", "2", "2.x", "abc"]]
     table = capsys.readouterr().out.splitlines()
     assert table[:4] == ["| op | ms |", "|---|---|", "| a | 1.235 |", "| b | 2 |"]
+
+
+def test_write_rows_leaves_the_previous_results_when_interrupted_mid_write(monkeypatch, tmp_path):
+    """The CSV is staged beside the file and moved over it: a Ctrl-C while writing keeps the last complete table."""
+    common = _common(monkeypatch)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    env = {"device": "cpu-x", "threads": 2, "torch": "2.x", "git": "abc"}
+    monkeypatch.setattr(common, "environment", lambda device=None: dict(env))
+    path = common.write_rows("demo", [{"op": "old"}])
+    before = path.read_text()
+
+    def interrupted(self, rows):
+        self.writerow(rows[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.csv.DictWriter, "writerows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_rows("demo", [{"op": "new"}, {"op": "newer"}])
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.csv"]  # no staging file left behind
+
+
+def test_environment_names_the_cpu_model_the_commit_and_the_command(monkeypatch, tmp_path):
+    """Rows say which CPU they ran on (platform.processor() is empty on many Linux machines), which commit -- marked
+    dirty when tracked files differ from it -- and the command line (a --quick run writes the same file)."""
+    common = _common(monkeypatch)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9999 64-Core Processor\n")
+    assert common.cpu_name(str(cpuinfo)) == "AMD EPYC 9999 64-Core Processor"
+    monkeypatch.setattr(common.platform, "processor", lambda: "")
+    monkeypatch.setattr(common.platform, "machine", lambda: "x86_64")
+    assert common.cpu_name(str(tmp_path / "missing")) == "x86_64"
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
+    (repo / "f.py").write_text("a\n")
+    subprocess.run(git + ["add", "f.py"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "m"], cwd=repo, check=True)
+    sha = common.git_sha(repo)
+    assert re.fullmatch(r"[0-9a-f]{4,}", sha)
+    (repo / "results.csv").write_text("untracked output\n")
+    assert common.git_sha(repo) == sha  # untracked files (results) do not change what was measured
+    (repo / "f.py").write_text("b\n")
+    assert common.git_sha(repo) == f"{sha}-dirty"
+    assert common.git_sha(tmp_path) == "unknown"
+
+    monkeypatch.setattr(common, "cpu_name", lambda: "Some CPU")
+    monkeypatch.setattr(common.sys, "argv", ["/x/benchmarks/bench_demo.py", "--quick", "--threads", "1"])
+    env = common.environment("cpu")
+    assert env["device"] == "Some CPU" and env["command"] == "bench_demo.py --quick --threads 1"
 
 
 def test_argparse_types_accept_their_bounds(monkeypatch):
@@ -633,7 +716,9 @@ def test_boundary_search_stops_when_the_kernel_disagrees_with_the_reference(monk
         args[which].add_(1)
 
     monkeypatch.setattr(torch.ops.robust_ops, "boundary_search_step_", broken)
-    with pytest.raises(AssertionError, match="differs from the reference"):
+    # a one-line message naming the provider and the tensor (SystemExit: no traceback), not a bare AssertionError
+    what = ("lo", "hi", "points")[which]
+    with pytest.raises(SystemExit, match=f"native: {what} differs from the reference on \\(3, 2, 8, 8\\)"):
         mod.main(["--quick", "--device", "cpu"])
     assert not written
 
@@ -742,6 +827,26 @@ def test_defenses_rows_are_medians_of_the_timed_rounds_of_each_defense(monkeypat
                                                                          3000 * (i + 1)))
         assert r["x_standard"] == pytest.approx(i + 1)
         assert (r["model"], r["input"], r["reps"]) == ("small_cnn", "2x1x8x8", 3)
+
+
+def test_defenses_reference_row_is_the_at_step_on_the_reference_ops(monkeypatch, capsys):
+    """at-reference-ops: the same PGD-10 AT step, run with $ROBUST_OPS_BACKEND=reference (restored afterwards), so
+    the table compares the native ops with their plain-PyTorch references in the same run."""
+    mod, written, _ = _script(monkeypatch, "bench_defenses", [])
+    monkeypatch.delenv(mod.BACKEND_SWITCH, raising=False)
+    seen, real_step = [], mod.train_step
+
+    def spy(model, defense, *args):
+        seen.append((type(defense).__name__, getattr(defense, "steps", None), os.environ.get(mod.BACKEND_SWITCH)))
+        return real_step(model, defense, *args)
+
+    monkeypatch.setattr(mod, "train_step", spy)
+    mod.main(["--defenses", "at", "at-reference-ops", "--model", "small_cnn", "--size", "8", "--batch", "2",
+              "--device", "cpu", "--warmup", "0", "--rounds", "1"])
+    assert seen == [("Standard", None, None), ("AT", 10, None), ("AT", 10, "reference")]
+    assert mod.BACKEND_SWITCH not in os.environ
+    assert [r["defense"] for r in written["defenses"]] == ["standard", "at", "at-reference-ops"]
+    assert "AT (native ops) vs AT (reference ops)" in capsys.readouterr().out
 
 
 def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 7)):
@@ -930,6 +1035,23 @@ def test_ima_bad_choices_are_usage_errors_before_any_epoch(monkeypatch, capsys, 
         mod.main()
     assert exit_info.value.code == 2 and not written
     assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("state,message", [("missing.pt", "no such file"), (".", "not a file"),
+                                           ("garbage.pt", "not a readable checkpoint")])
+def test_ima_state_that_is_not_a_checkpoint_is_a_one_line_error(monkeypatch, tmp_path, state, message):
+    """A mistyped --state stops with one line naming the flag, not torch.load's traceback."""
+    import torch
+
+    (tmp_path / "garbage.pt").write_text("not a checkpoint\n")
+    path = str(tmp_path / state)
+    mod, written, _ = _script(monkeypatch, "bench_ima", ["--state", path, "--images", "10", "--device", "cpu"])
+    monkeypatch.setattr(mod, "load_train", lambda: (torch.rand(10, 1, 28, 28), torch.randint(0, 2, (10,))))
+    monkeypatch.setattr(mod, "ima_epoch", lambda *a, **kw: pytest.fail("an epoch ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main()
+    text = str(exit_info.value.code)
+    assert text.startswith(f"bench_ima: --state {path}: {message}") and "\n" not in text and not written
 
 
 def test_defenses_train_step_adds_the_extra_gradients_and_steps_once(monkeypatch):
