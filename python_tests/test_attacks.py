@@ -507,7 +507,8 @@ def test_input_errors():
         attacks.pgd(model, x, y, eps=0.03, steps=4, emit=(3, 2))
     with pytest.raises(ValueError, match=r"pgd: expected emit sorted and without repeats, got \(2, 2\)"):
         attacks.pgd(model, x, y, eps=0.03, steps=4, emit=(2, 2))
-    with pytest.raises(ValueError, match="pgd: expected norm to be one of linf, l2, got 'l1'"):
+    with pytest.raises(ValueError, match=r"pgd: expected norm to be one of linf, l2 \(any case, e.g. 'Linf', 'L2'\), "
+                                         r"got 'l1'"):
         attacks.pgd(model, x, y, eps=0.03, steps=2, norm="l1")
     with pytest.raises(ValueError, match="pgd: expected loss to be one of ce, cw or a callable"):
         attacks.pgd(model, x, y, eps=0.03, steps=2, loss="dlr")
@@ -529,6 +530,85 @@ def test_input_errors():
         run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=2, param_grad_weights={3: 1.0})
     with pytest.raises(TypeError, match="pgd: expected y to be an integer tensor of class labels, got torch.bool"):
         attacks.pgd(model, x, y > 0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Norm spellings: AutoAttack's and torchattacks' 'Linf' / 'L2', in any case, are 'linf' / 'l2' from where they enter
+
+SPELLINGS = {"linf": ("Linf", "LINF"), "l2": ("L2",)}
+# cw_linf and square take no norm argument (their classes are tested below)
+SPELT_CASES = [(name, norm, spelt) for name, norm in CASES if name not in ("cw", "square") for spelt in SPELLINGS[norm]]
+
+
+@pytest.mark.parametrize("name,norm,spelt", SPELT_CASES)
+def test_norm_spellings_give_the_canonical_norms_result_bitwise(name, norm, spelt):
+    fn = ATTACK_FNS[name][1]
+    model, (x, y) = make_model(), make_data()
+    assert torch.equal(fn(model, x, y, EPS[norm], spelt, 0), fn(model, x, y, EPS[norm], norm, 0))
+
+
+@pytest.mark.parametrize("make,spelt", [
+    (lambda m, norm: attacks.FGSM(m, norm=norm), "Linf"),
+    (lambda m, norm: attacks.BIM(m, steps=2, norm=norm), "L2"),
+    (lambda m, norm: attacks.PGD(m, steps=2, norm=norm, seed=0), "LINF"),
+    (lambda m, norm: attacks.PGDL2(m, steps=2, norm=norm, seed=0), "L2"),
+    (lambda m, norm: attacks.APGD(m, norm=norm, steps=3), "L2"),
+    (lambda m, norm: attacks.APGDT(m, norm=norm, steps=3, n_target_classes=1), "Linf"),
+    (lambda m, norm: attacks.WhiteNoise(m, norm=norm, trials=2, seed=0), "L2"),
+    (lambda m, norm: attacks.Square(m, norm=norm, n_queries=5), "Linf"),
+    (lambda m, norm: attacks.build("pgd", m, steps=2, seed=0, norm=norm), "L2"),
+    (lambda m, norm: attacks.AutoAttack(m, norm=norm, eps=8 / 255, steps=2, n_queries=5), "Linf"),
+    (lambda m, norm: attacks.AutoAttack(m, norm=norm, eps=0.5, steps=2), "L2"),
+    (lambda m, norm: attacks.AutoAttack(m, norm=norm, attacks=["pgd", "noise"], steps=2), "LINF"),
+])
+def test_attack_classes_store_the_canonical_norm(make, spelt):
+    """The attribute, hence the repr (and AutoAttack's choice of attacks: Square for Linf only), holds the
+    canonical norm, and the attack gives the canonical norm's result bitwise."""
+    canonical = spelt.lower()
+    model, (x, y) = make_model(), make_data()
+    spelt_attack, canonical_attack = make(model, spelt), make(model, canonical)
+    assert spelt_attack.norm == canonical and f"norm={canonical!r}" in repr(spelt_attack)
+    assert repr(spelt_attack) == repr(canonical_attack)
+    assert torch.equal(spelt_attack(x, y), canonical_attack(x, y))
+
+
+def test_autoattack_accepts_autoattacks_own_call():
+    """AutoAttack's documented call, norm='Linf', runs APGD-CE, APGD-T and Square on 'linf'."""
+    model, (x, y) = make_model(), make_data()
+    aa = attacks.AutoAttack(model, norm="Linf", eps=8 / 255, version="standard", steps=2, n_queries=5)
+    assert aa.norm == "linf" and [a.name for a in aa.attacks] == ["apgd-ce", "apgd-t", "square"]
+    assert all(a.norm == "linf" for a in aa.attacks)
+    x_adv = aa.run_standard_evaluation(x, y, bs=4)
+    assert float((x_adv - x).abs().max()) <= 8 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("bad", ["L1", "l0", "inf", "Linf ", 2])
+def test_unimplemented_norms_are_refused_listing_the_accepted_spellings(bad):
+    model, (x, y) = make_model(), make_data()
+    calls = {
+        "pgd": lambda: attacks.pgd(model, x, y, eps=0.03, steps=1, norm=bad),
+        "apgd": lambda: attacks.apgd(model, x, y, eps=0.03, steps=1, norm=bad),
+        "white_noise": lambda: attacks.white_noise(model, x, y, eps=0.03, norm=bad),
+        "uniform_ball": lambda: attacks.uniform_ball(x.shape, 0.03, bad),
+        "pgd ": lambda: attacks.PGD(model, norm=bad),
+        "apgd-t": lambda: attacks.APGDT(model, norm=bad),
+        "cw": lambda: attacks.CW(model, norm=bad),
+        "square": lambda: attacks.Square(model, norm=bad),
+        "autoattack": lambda: attacks.AutoAttack(model, norm=bad),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name.strip()}: expected norm to be one of linf, l2 \(any case, e.g. "
+                                             rf"'Linf', 'L2'\), got {re.escape(repr(bad))}$"):
+            call()
+
+
+def test_linf_only_attacks_name_the_norm_they_got():
+    model = make_model()
+    with pytest.raises(ValueError, match="cw: CW-Linf is defined for norm='linf' only, got norm='L2'"):
+        attacks.CW(model, norm="L2")
+    with pytest.raises(ValueError, match="square: only the Linf Square Attack is implemented, got norm='L2'"):
+        attacks.Square(model, norm="L2")
+    assert not hasattr(attacks.CW(model, norm="LINF"), "norm")  # CW-Linf has no other norm to record
 
 
 @pytest.mark.parametrize("fn", [attacks.pgd, attacks.ifgsm, attacks.cw_linf])

@@ -600,6 +600,53 @@ def test_bad_attack_values_fail_before_any_work(trained_run, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_norm_spellings_are_recorded_canonical_and_resume_as_the_same_run(small_npz, tmp_path, capsys):
+    """AutoAttack's 'Linf' in a config file's defense-opt: run.json and the checkpoint record 'linf', so a resume
+    spelling it 'linf' or 'LINF' on the command line is the same run; an unimplemented norm is a one-line error."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {small_npz}\nepochs: 1\nno-progress: true\ndevice: cpu\ndefense: at\n"
+                   "defense-opt: [norm=Linf, steps=1]\n")
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--config", cfg, "--out", out], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["defense_options"] == {"norm": "linf", "steps": 1}
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["config"]["defense_options"]["norm"] == "linf"
+    again = ["train", "--data", small_npz, "--out", out, "--no-progress", "--device", "cpu", "--defense", "at",
+             "--defense-opt", "steps=1", "--resume"]
+    for epochs, spelt in ((2, "linf"), (3, "LINF")):
+        rc, _, err = run(again + ["--epochs", epochs, "--defense-opt", f"norm={spelt}"], capsys)
+        assert rc == 0, err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    rc, _, err = run(again + ["--epochs", 3, "--defense-opt", "norm=L2"], capsys)  # another norm is another run
+    one_line_error(rc, err, "--resume:", "defense_options={'steps': 1, 'norm': 'l2'}")
+    rc, _, err = run(["train", "--data", small_npz, "--out", tmp_path / "never", "--defense", "at",
+                      "--defense-opt", "norm=L1"], capsys)
+    one_line_error(rc, err, "--defense-opt: at: expected norm to be one of linf, l2 (any case, e.g. 'Linf', 'L2'), "
+                            "got 'L1'")
+    assert not (tmp_path / "never").exists()
+
+
+def test_attack_norm_spellings_reach_results_canonical(trained_run, tmp_path, capsys):
+    """--attacks pgd:norm=Linf (and noise:norm=L2) evaluate as linf (l2): labels and rows carry one spelling."""
+    from robust_ops.evaluate import AttackSpec, parse_attacks
+
+    spelt, canonical = (parse_attacks(text) for text in ("pgd:norm=Linf:steps=1,noise:norm=L2",
+                                                         "pgd:norm=linf:steps=1,noise:norm=l2"))
+    assert [(s.label, s.norm) for s in spelt] == [(s.label, s.norm) for s in canonical] == [
+        ("pgd(norm=linf,steps=1)", "linf"), ("noise(norm=l2)", "l2")]
+    assert AttackSpec("apgd-ce", {"norm": "L2"}).norm == "l2"  # Python API too
+    out = tmp_path / "eval"
+    rc, _, err = run(["eval", trained_run, "--attacks", "pgd:norm=LINF:steps=1", "--eps", "2/255", "--saliency", "0",
+                      "--device", "cpu", "--out", out], capsys)
+    assert rc == 0, err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["attack"], r["norm"]) for r in rows if r["attack"] != "none"] == [("pgd(norm=linf,steps=1)", "linf")]
+    rc, _, err = run(["eval", trained_run, "--attacks", "fgsm:norm=L1", "--out", tmp_path / "never"], capsys)
+    one_line_error(rc, err, "robust-ops eval: error:", "fgsm: expected norm to be one of linf, l2 (any case, e.g. "
+                                                       "'Linf', 'L2'), got 'L1'")  # as the user spelt it
+
+
 def test_out_that_is_a_file_fails_first(trained_run, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("keep me")

@@ -268,7 +268,8 @@ def test_arfl_is_binary_only():
 def test_defense_argument_errors():
     with pytest.raises(ValueError, match=r"sat: expected alpha to be a finite number with 0 <= alpha <= 1, got 1.5"):
         defenses.SAT(alpha=1.5)
-    with pytest.raises(ValueError, match="at: expected norm to be one of 'linf', 'l2', got 'l3'"):
+    with pytest.raises(ValueError, match=r"at: expected norm to be one of linf, l2 \(any case, e.g. 'Linf', 'L2'\), "
+                                         r"got 'l3'"):
         defenses.AT(norm="l3")
     with pytest.raises(ValueError, match="dpaat: expected syn to be one of 'js', 'printed', got 'x'"):
         DPAAT(syn="x")
@@ -866,6 +867,35 @@ def test_pgd_settings_reach_the_attack_and_are_checked():
         defenses.AT(clip_min=0.5, clip_max=0.1)
     with pytest.raises(ValueError, match=r"at: expected eps to be a finite number >= 0, got -0.1"):
         defenses.AT(eps=-0.1)
+
+
+@pytest.mark.parametrize("name,spelt", [("at", "Linf"), ("trades", "L2"), ("mirst", "LINF"), ("amat", "Linf"),
+                                         ("dpaat", "L2")])
+def test_norm_spellings_are_stored_canonical_and_train_as_the_canonical_norm(name, spelt):
+    """AutoAttack's / torchattacks' 'Linf' / 'L2' are stored as 'linf' / 'l2': options() (what fit records in its
+    checkpoints and compares on resume) and the repr are those of the canonical spelling, and so is the loss."""
+    canonical = spelt.lower()
+    steps = 8 if name == "mirst" else 2  # MIRST emits the iterates after 2, 4, 6 and 8 steps
+    spelt_defense, canonical_defense = (defenses.build(name, norm=n, steps=steps) for n in (spelt, canonical))
+    assert spelt_defense.norm == canonical and spelt_defense.options() == canonical_defense.options()
+    assert repr(spelt_defense) == repr(canonical_defense)
+    x, y = _batch()
+    losses = []
+    for defense in (spelt_defense, canonical_defense):
+        torch.manual_seed(0)
+        model = GNNet()
+        torch.manual_seed(1)  # the random starts
+        losses.append(defense(model, x, y).loss)
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_unimplemented_attack_norms_are_refused_and_gr_keeps_its_own_norms():
+    with pytest.raises(ValueError, match=r"^at: expected norm to be one of linf, l2 \(any case, e.g. 'Linf', 'L2'\), "
+                                         r"got 'L1'$"):
+        defenses.AT(norm="L1")
+    # GR's norm is the penalty's (l2, l2sq, l1), not an attack's threat model: its spellings stay exact
+    with pytest.raises(ValueError, match="gr: expected norm to be one of 'l2', 'l2sq', 'l1', got 'L2'"):
+        defenses.GR(norm="L2")
 
 
 def test_dpaat_max_radius_caps_and_losses_run_in_the_attack_mode():

@@ -544,7 +544,8 @@ def test_gen_adv_errors():
         gen_adv(model, x, y, bad)
     with pytest.raises(ValueError, match=r"gen_adv: expected margin to be a number or a tensor of shape \[12\]"):
         gen_adv(model, x, y, margin[:3])
-    with pytest.raises(ValueError, match="gen_adv: expected norm to be one of l2, linf, got 'l1'"):
+    with pytest.raises(ValueError, match=r"gen_adv: expected norm to be one of linf, l2 \(any case, e.g. 'Linf', "
+                                         r"'L2'\), got 'l1'"):
         gen_adv(model, x, y, margin, norm="l1")
     with pytest.raises(ValueError, match="gen_adv: expected algorithm to be 2"):
         gen_adv(model, x, y, margin, algorithm=1)
@@ -793,6 +794,41 @@ def test_ima_errors():
         IMA(beta=2)
     with pytest.raises(ValueError, match="IMA: expected delta to be a finite number >= 0 or None, got -0.1"):
         IMA(delta=-0.1)
+
+
+@pytest.mark.parametrize("spelt", ["L2", "Linf", "LINF"])
+def test_norm_spellings_are_the_canonical_norm(spelt):
+    """AutoAttack's / torchattacks' 'Linf' / 'L2' in any case: gen_adv gives the canonical norm's result bitwise, and
+    IMA, MarginTable, sample_distance and paper_eps_train take them as the canonical norm (IMA records it so:
+    options(), the repr and the checkpoint's "norm", which load_state_dict compares)."""
+    canonical = spelt.lower()
+    model, x, y, margin = make_problem(norm=canonical)
+    spelt_run = gen_adv(model, x, y, margin, norm=spelt, steps=4, search_steps=3, return_info=True)
+    canonical_run = gen_adv(model, x, y, margin, norm=canonical, steps=4, search_steps=3, return_info=True)
+    assert torch.equal(spelt_run[0], canonical_run[0]) and torch.equal(spelt_run[1], canonical_run[1])
+    assert torch.equal(spelt_run[2].gap, canonical_run[2].gap)
+    assert torch.equal(sample_distance(x, x.flip(0), spelt), sample_distance(x, x.flip(0), canonical))
+    assert paper_eps_train((1, 28, 28), spelt) == paper_eps_train((1, 28, 28), canonical)
+    assert MarginTable(4, 0.1, 1.0, norm=spelt).norm == canonical
+    spelt_ima, canonical_ima = IMA(num_samples=12, norm=spelt), IMA(num_samples=12, norm=canonical)
+    assert spelt_ima.norm == canonical and spelt_ima.options() == canonical_ima.options()
+    assert repr(spelt_ima) == repr(canonical_ima)
+    model, x, y = ima_batch()
+    spelt_ima(model, x, y, torch.arange(12))
+    assert spelt_ima.state_dict()["norm"] == canonical
+    canonical_ima.load_state_dict(spelt_ima.state_dict())  # the same norm: no "another norm" error
+
+
+def test_unimplemented_norms_are_refused_by_every_ima_entry_point():
+    model, x, y, margin = make_problem()
+    accepted = r"expected norm to be one of linf, l2 \(any case, e.g. 'Linf', 'L2'\), got 'L1'$"
+    for name, call in (("gen_adv", lambda: gen_adv(model, x, y, margin, norm="L1")),
+                       ("IMA", lambda: IMA(norm="L1")),
+                       ("MarginTable", lambda: MarginTable(4, 0.1, 1.0, norm="L1")),
+                       ("sample_distance", lambda: sample_distance(x, x, "L1")),  # was an Linf distance silently
+                       ("paper_eps_train", lambda: paper_eps_train((1, 28, 28), "L1"))):  # was the L2 rule
+        with pytest.raises(ValueError, match=f"^{name}: {accepted}"):
+            call()
 
 
 def test_ima_load_state_dict_refuses_another_norm():

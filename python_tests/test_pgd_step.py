@@ -415,6 +415,8 @@ BAD_ARGS = {
                   "expected clip_min <= clip_max, got clip_min=0.30000000000000004, clip_max=1e-05"),
     "clip nan": (dict(clip_min=float("nan")), "expected clip_min <= clip_max, got clip_min=nan, clip_max=1.0"),
     "norm": (dict(norm="l1"), "expected norm to be 'linf' or 'l2', got 'l1'"),
+    # the op is the low-level contract: only the attacks' Python API takes AutoAttack's 'Linf' / 'L2'
+    "norm capitalised": (dict(norm="Linf"), "expected norm to be 'linf' or 'l2', got 'Linf'"),
     "history shape": (dict(history=torch.zeros((2, 2, 3, 5))),
                       "expected history to have shape [m, 2, 3, 4], got (2, 2, 3, 5)"),
     "history rank": (dict(history=torch.zeros((2, 3, 4))),

@@ -467,6 +467,9 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     # mirst-dm replaces the first max-pooling itself (prepare_model); a --dropmax all must still reach the model
     model = make_model(model_name, info, "none" if defense_name == "mirst-dm" and dropmax == "first" else dropmax)
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
+    if "norm" in run["defense_options"] and isinstance(getattr(defense, "norm", None), str):
+        # as the defense stores it ("Linf" -> "linf"): a resume that spells the norm otherwise is the same run
+        run["defense_options"]["norm"] = defense.norm
     out = Path(out)
     if resume:
         conflict = resume_conflict(out, run)

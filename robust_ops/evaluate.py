@@ -141,7 +141,7 @@ def _parse_option(name, key, value):
         if kind in (int, float):
             raise bad("an integer" if kind is int else "a number, a fraction like 1/255 or an expression in eps") \
                 from None
-        return value.strip().lower() if key == "norm" else value.strip()  # norm=L2 reads as l2
+        return value.strip()  # a norm's spelling (norm=L2) is made canonical by AttackSpec
     if kind is int:
         if not (math.isfinite(v) and v == int(v)):
             raise bad("an integer")
@@ -201,6 +201,13 @@ class AttackSpec:
     label: str = ""
 
     def __post_init__(self):
+        if "norm" in self.options:  # canonical ("Linf" -> "linf"), so labels, rows and radius checks see one spelling
+            from .attacks.core import check_norm
+
+            try:
+                self.options = {**self.options, "norm": check_norm(self.name, self.options["norm"])}
+            except ValueError as err:
+                raise EvalError("attacks", f"attacks: {err}") from None
         if not self.label:
             shown = [f"{k}={v}" for k, v in self.options.items() if not callable(v)]
             shown += [f"{k}=f(eps)" for k, v in self.options.items() if callable(v)]

@@ -32,7 +32,7 @@ from .attacks.context import (
     classification_loss,
     predict_from_output,
 )
-from .attacks.core import check_linf_budget, per_sample
+from .attacks.core import check_linf_budget, check_norm, per_sample
 from .defenses._common import distributed_run
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
@@ -54,7 +54,6 @@ __all__ = [
     "paper_eps_train",
 ]
 
-NORMS = ("l2", "linf")
 ALGORITHMS = (2, 3)
 SEARCH_RESULTS = ("correct_side", "midpoint")
 
@@ -208,6 +207,7 @@ def search_rounds(search_steps, arity):
 
 def sample_distance(a, b, norm):
     """Per-sample distance ||a - b||_p [N] (p = 2 or inf)."""
+    norm = check_norm("sample_distance", norm)
     d = _flat(a - b)
     if d.shape[1] == 0:
         return d.new_zeros(a.shape[0])
@@ -255,8 +255,7 @@ class _Problem:
 
     def __init__(self, name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
                  clip_min, clip_max, search_result, backend, model_mode="eval", min_rows=None):
-        if norm not in NORMS:
-            raise ValueError(f"{name}: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
+        norm = check_norm(name, norm)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"{name}: expected algorithm to be 2 (GenAdv) or 3 (GenAdv with data augmentation), "
                              f"got {algorithm!r}")
@@ -682,7 +681,7 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
         y (Tensor[N] or Tensor[N, ...]): labels (or target masks for a custom criterion).
         margin (float or Tensor[N]): per-sample radius E(i) >= 0 in the ``norm``.
         steps (int): K, the maximum number of ascent steps. Default: 20.
-        norm (str): "l2" or "linf". Default: "l2".
+        norm (str): "l2" or "linf" (any case). Default: "l2".
         search_steps (int): N, the bisection count of the boundary search. Default: 10.
         algorithm (int): 2 (early exit, search between the last two iterates) or 3 (search between x and x_K).
         is_correct (callable, optional): ``is_correct(output, y) -> BoolTensor[N]``; default ``argmax == y``
@@ -775,10 +774,8 @@ class MarginTable:
             check_real("MarginTable", arg, v, minimum=0)
         if init_margin > max_margin:
             raise ValueError(f"MarginTable: expected init_margin <= max_margin, got {init_margin} > {max_margin}")
-        if norm not in NORMS:
-            raise ValueError(f"MarginTable: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
         self.max_margin = float(max_margin)
-        self.norm = norm
+        self.norm = check_norm("MarginTable", norm)
         self.sync = sync
         self.process_group = process_group
         self.margins = torch.full((int(num_samples),), float(init_margin), dtype=dtype, device=device)
@@ -922,7 +919,7 @@ def paper_eps_train(sample_shape, norm="l2"):
     """Default eps_train from the paper's per-pixel rule (Section 3.3, Eq. 5): the per-element noise of CIFAR10's
     L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) for d = prod(sample_shape) (about 1.52 for
     1x28x28, 2.6 for PathMNIST's 3x28x28 which the paper rounds to 3); 8/255 for linf (no rule in the paper)."""
-    if norm == "linf":
+    if check_norm("paper_eps_train", norm) == "linf":
         return 8 / 255
     return 3.0 * math.sqrt(math.prod(sample_shape) / 3072)
 
@@ -946,7 +943,7 @@ class IMA(Defense):
             for eps_train 3; PathMNIST uses 0.04): margins can reach eps_train after 100 epochs.
         init_margin (float, optional): initial E(i). Default: delta (Algorithm 1).
         beta (float): weight of the adversarial loss. Default: 0.5.
-        norm (str): "l2" (default, the paper's classification setting) or "linf".
+        norm (str): "l2" (default, the paper's classification setting) or "linf" (any case).
         steps, search_steps, arity, algorithm: see :func:`gen_adv` (K = 20, N = 10, bisection, Algorithm 2).
         model_mode (str): the model's mode during GenAdv. Default: "eval".
         is_correct, loss_fn: criterion and per-sample loss (defaults: argmax == y and cross-entropy).
@@ -967,8 +964,7 @@ class IMA(Defense):
                  steps=20, search_steps=10, arity=2, algorithm=2, model_mode="eval", clip_min=0.0, clip_max=1.0,
                  is_correct=None, loss_fn=None, strict_shrink=False, compact=True, search_result="correct_side",
                  batch_exit=True, sync=True, backend=None, min_rows=None):
-        if norm not in NORMS:
-            raise ValueError(f"IMA: expected norm to be one of {', '.join(NORMS)}, got {norm!r}")
+        norm = check_norm("IMA", norm)
         check_real("IMA", "beta", beta, minimum=0, maximum=1)
         for arg, v in (("eps_train", eps_train), ("delta", delta), ("init_margin", init_margin)):
             check_real("IMA", arg, v, minimum=0, optional=True)

@@ -294,7 +294,7 @@ class APGD(Attack):
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, loss="ce", n_restarts=1, *, rho=0.75, seed=0,
                  **options):
         super().__init__(model, **options)
-        self.eps, self.norm, self.steps, self.loss = eps, norm, steps, loss
+        self.eps, self.norm, self.steps, self.loss = eps, check_norm(self.name, norm), steps, loss
         self.n_restarts, self.rho, self.seed = n_restarts, rho, seed
         self.name = f"apgd-{loss}"
 
@@ -314,7 +314,8 @@ class APGDT(Attack):
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, loss="dlr",
                  n_restarts=1, rho=0.75, seed=0, **options):
         super().__init__(model, **options)
-        self.eps, self.norm, self.steps, self.n_target_classes = eps, norm, steps, n_target_classes
+        self.eps, self.norm, self.steps = eps, check_norm(self.name, norm), steps
+        self.n_target_classes = n_target_classes
         self.loss, self.n_restarts, self.rho, self.seed = loss, n_restarts, rho, seed
 
     def forward(self, x, y):

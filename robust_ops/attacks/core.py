@@ -57,10 +57,16 @@ def check_steps(name, steps, arg="steps", minimum=1):
     return check_int(name, arg, steps, minimum)
 
 
-def check_norm(name, norm, allowed=NORMS):
-    if norm not in allowed:
-        raise ValueError(f"{name}: expected norm to be one of {', '.join(allowed)}, got {norm!r}")
-    return norm
+def check_norm(name, norm):
+    """``norm`` in its canonical spelling, "linf" or "l2". Any case is accepted ("Linf", "L2": AutoAttack's and
+    torchattacks' spellings) where a norm enters the Python API, and only the canonical value is passed on, so reprs,
+    options, checkpoints and results record one spelling. The ops (``robust_ops.pgd_step_``) take only "linf"/"l2"."""
+    canonical = norm.lower() if isinstance(norm, str) else None
+    if canonical not in NORMS:
+        spellings = ", ".join(repr(n.capitalize()) for n in NORMS)
+        raise ValueError(f"{name}: expected norm to be one of {', '.join(NORMS)} (any case, e.g. {spellings}), "
+                         f"got {norm!r}")
+    return canonical
 
 
 def per_sample(name, arg, value, x, allow_zero=True):
@@ -269,7 +275,7 @@ def run_pgd(
             ``targeted``).
         eps, alpha (float or Tensor[N]): radius and step size, per sample if a tensor.
         steps (int >= 1): number of steps.
-        norm: "linf" or "l2". random_start (bool): start at a random point of the ball (torchattacks' draws).
+        norm: "linf" or "l2" (any case). random_start (bool): start at a random point of the ball (torchattacks' draws).
         loss: "ce", "cw" (margin with confidence ``kappa``) or a callable ``(out, y) -> scalar or [N]``.
         targeted (bool): ``y`` are target labels; the loss is negated ("cw": the target margin is ascended).
         emit (tuple of int): step counts in [1, steps], sorted; ``iterates[j]`` is the iterate after ``emit[j]`` steps.

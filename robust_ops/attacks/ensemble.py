@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Attack
-from .core import check_labels_against, check_steps, forward
+from .core import check_labels_against, check_norm, check_steps, forward
 from .context import attack_context, check_inputs, predict_from_output
 
 
@@ -158,8 +158,7 @@ class AutoAttack(Attack):
 
         if version != "standard":
             raise ValueError(f"autoattack: expected version 'standard' (or a custom attacks list), got {version!r}")
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"autoattack: expected norm to be one of linf, l2, got {norm!r}")
+        norm = check_norm(self.name, norm)  # AutoAttack's own spellings 'Linf' / 'L2' are accepted
         super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max, **unknown)
         self.norm, self.eps, self.version, self.cascade = norm, eps, version, cascade
         common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)

@@ -12,6 +12,7 @@ def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.f
     """Noise uniform in the ball of radius eps (float or Tensor[N]) around 0: Linf: every entry U(-eps, eps);
     L2: uniform in the ball, i.e. a direction uniform on the sphere (normalized Gaussian) times eps * U^(1/d)
     with d the number of entries per sample."""
+    norm = check_norm("uniform_ball", norm)
     n = shape[0]
     view = (n,) + (1,) * (len(shape) - 1)
     eps = eps.view(view).to(dtype) if torch.is_tensor(eps) else eps
@@ -78,7 +79,7 @@ class WhiteNoise(Attack):
 
     def __init__(self, model, eps=8 / 255, norm="linf", trials=10, *, seed=None, **options):
         super().__init__(model, **options)
-        self.eps, self.norm, self.trials, self.seed = eps, norm, trials, seed
+        self.eps, self.norm, self.trials, self.seed = eps, check_norm(self.name, norm), trials, seed
 
     def forward(self, x, y):
         return white_noise(self.model, x, y, eps=self.eps, norm=self.norm, trials=self.trials, clip_min=self.clip_min,

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from .base import Attack
-from .core import check_steps, run_pgd
+from .core import check_norm, check_steps, run_pgd
 
 
 def default_alpha(name, eps, steps, factor, x):
@@ -125,7 +125,7 @@ class FGSM(Attack):
 
     def __init__(self, model, eps=8 / 255, *, norm="linf", loss="ce", **options):
         super().__init__(model, **options)
-        self.eps, self.norm, self.loss = eps, norm, loss
+        self.eps, self.norm, self.loss = eps, check_norm(self.name, norm), loss
 
     def forward(self, x, y):
         return fgsm(self.model, x, y, eps=self.eps, norm=self.norm, loss=self.loss, targeted=self.targeted,
@@ -139,7 +139,8 @@ class BIM(Attack):
 
     def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *, norm="linf", loss="ce", **options):
         super().__init__(model, **options)
-        self.eps, self.alpha, self.steps, self.norm, self.loss = eps, alpha, steps, norm, loss
+        self.eps, self.alpha, self.steps, self.loss = eps, alpha, steps, loss
+        self.norm = check_norm(self.name, norm)
 
     def forward(self, x, y):
         return ifgsm(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
@@ -158,7 +159,7 @@ class PGD(Attack):
                  kappa=0.0, early_stop=False, seed=None, **options):
         super().__init__(model, **options)
         self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
-        self.norm = norm or self.default_norm
+        self.norm = check_norm(self.name, self.default_norm if norm is None else norm)
         self.loss, self.kappa, self.early_stop, self.seed = loss, kappa, early_stop, seed
 
     def forward(self, x, y):
@@ -187,7 +188,7 @@ class CW(Attack):
     def __init__(self, model, eps=8 / 255, alpha=None, steps=10, kappa=0.0, *, random_start=False, seed=None,
                  norm="linf", **options):
         super().__init__(model, **options)
-        if norm != "linf":
+        if check_norm(self.name, norm) != "linf":
             raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
         self.eps, self.alpha, self.steps, self.kappa = eps, alpha, steps, kappa
         self.random_start, self.seed = random_start, seed

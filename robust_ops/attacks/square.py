@@ -7,7 +7,7 @@ import torch
 from .. import functional
 from .base import Attack
 from .context import attack_context, check_inputs, is_single_logit, two_logits
-from .core import check_labels_against, check_linf_budget, check_steps, forward, per_sample
+from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
 from .pgd import make_generator
 
 
@@ -152,9 +152,9 @@ class Square(Attack):
     def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf",
                  resample_unchanged=True, rescale_schedule=True, **options):
         super().__init__(model, **options)
-        if norm != "linf":
+        if check_norm(self.name, norm) != "linf":
             raise ValueError(f"square: only the Linf Square Attack is implemented, got norm={norm!r}")
-        self.eps, self.n_queries, self.p_init, self.seed, self.norm = eps, n_queries, p_init, seed, norm
+        self.eps, self.n_queries, self.p_init, self.seed, self.norm = eps, n_queries, p_init, seed, "linf"
         self.resample_unchanged, self.rescale_schedule = resample_unchanged, rescale_schedule
 
     def forward(self, x, y):

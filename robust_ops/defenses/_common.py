@@ -43,8 +43,9 @@ class PGDDefense(Defense):
     """A defense that crafts adversarial examples with run_pgd. Attack settings (all keyword arguments):
 
     eps: radius (Linf or L2 per ``norm``); step_size: PGD step (default 2.5 * eps / steps, Madry's rule); steps;
-    norm: "linf" | "l2"; random_start; attack_mode: the model mode during the attack ("eval": BatchNorm uses its
-    running statistics and is not updated by the attack; "train"; "keep"); clip_min / clip_max: the valid input range.
+    norm: "linf" | "l2" (any case, stored lowercase); random_start; attack_mode: the model mode during the attack
+    ("eval": BatchNorm uses its running statistics and is not updated by the attack; "train"; "keep"); clip_min /
+    clip_max: the valid input range.
     """
 
     default_eps = DEFAULT_EPS
@@ -55,19 +56,19 @@ class PGDDefense(Defense):
 
     def __init__(self, *, eps=None, step_size=None, steps=None, norm=None, random_start=None, attack_mode=None,
                  clip_min=0.0, clip_max=1.0):
+        from ..attacks.core import check_linf_budget, check_norm
+
         n = self.name
         self.eps = check_real(n, "eps", self.default_eps if eps is None else eps, minimum=0)
         self.steps = check_int(n, "steps", self.default_steps if steps is None else steps)
         self.step_size = check_real(n, "step_size", 2.5 * self.eps / self.steps if step_size is None else step_size,
                                     minimum=0)
-        self.norm = check_choice(n, "norm", self.default_norm if norm is None else norm, ("linf", "l2"))
+        self.norm = check_norm(n, self.default_norm if norm is None else norm)  # "Linf" is stored as "linf"
         self.random_start = bool(self.default_random_start if random_start is None else random_start)
         self.attack_mode = check_choice(n, "attack_mode", self.default_attack_mode if attack_mode is None
                                         else attack_mode, MODEL_MODES)
         self.clip_min = check_real(n, "clip_min", clip_min)
         self.clip_max = check_real(n, "clip_max", clip_max, minimum=self.clip_min)
-        from ..attacks.core import check_linf_budget
-
         # Checked here rather than at the first batch (as IMA does), where the error would name run_pgd only after
         # the CLI had written run.json: eps=8 meant as 8/255 is refused before anything runs.
         check_linf_budget(n, self.norm, torch.tensor([float(self.eps)]), self.clip_min, self.clip_max,
