@@ -32,7 +32,7 @@ from .attacks.context import (
     classification_loss,
     predict_from_output,
 )
-from .attacks.core import check_linf_budget, check_norm, per_sample
+from .attacks.core import check_linf_budget, check_norm, per_sample, sample_distance
 from .defenses._common import distributed_run
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
@@ -203,15 +203,6 @@ def search_rounds(search_steps, arity):
         return search_steps
     rounds = math.ceil(search_steps * math.log(2) / math.log(arity) - 1e-12)
     return max(rounds, 0)
-
-
-def sample_distance(a, b, norm):
-    """Per-sample distance ||a - b||_p [N] (p = 2 or inf)."""
-    norm = check_norm("sample_distance", norm)
-    d = _flat(a - b)
-    if d.shape[1] == 0:
-        return d.new_zeros(a.shape[0])
-    return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
 
 
 def _check_options(name, backend, is_correct, loss_fn, flags, search_result=None, model_mode=None):

@@ -69,6 +69,15 @@ def check_norm(name, norm):
     return canonical
 
 
+def sample_distance(a, b, norm):
+    """Per-sample distance ||a - b||_p [N] (p = 2 or inf; any shape [N, ...], also N = 0 or empty samples)."""
+    norm = check_norm("sample_distance", norm)
+    d = (a - b).reshape(a.shape[0], math.prod(a.shape[1:]))
+    if d.shape[1] == 0:
+        return d.new_zeros(a.shape[0])
+    return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
+
+
 def per_sample(name, arg, value, x, allow_zero=True):
     """A float or a per-sample tensor [N] (finite, >= 0) as a tensor [N] in x's dtype on x's device."""
     n = x.shape[0]

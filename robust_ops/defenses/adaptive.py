@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
+from ..attacks.core import sample_distance
 from ._common import (PGDDefense, as_two_class, check_choice, check_real, distributed_run, per_sample_ce, unwrap,
                       use_model_mode)
 from .base import DefenseOutput
@@ -26,11 +27,6 @@ def _global_mean(values):
                                                             device=values.device)])
     dist.all_reduce(total)
     return float(total[0] / total[1])
-
-
-def perturbation_norms(x_adv, x, norm):
-    d = (x_adv - x).flatten(1)
-    return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
 
 
 class _AdaptiveRadius(PGDDefense):
@@ -76,7 +72,7 @@ class AMAT(_AdaptiveRadius):
     def __call__(self, model, x, y, ids=None):
         first = self.attack(model, x, y).x_adv
         _, adv_losses = self._losses(model, x, first, y)
-        shrunk = 0.5 * (self.eps + perturbation_norms(first, x, self.norm).float())
+        shrunk = 0.5 * (self.eps + sample_distance(first, x, self.norm).float())
         radii = torch.where(adv_losses < self.xi, torch.full_like(shrunk, self.eps + self.delta_eps), shrunk)
         x_adv = self._attack_with_radii(model, x, y, radii)
         logits = model(x)
@@ -157,7 +153,7 @@ class DPAAT(_AdaptiveRadius):
     def __call__(self, model, x, y, ids=None):
         first = self.attack(model, x, y).x_adv
         clean_l, adv_l = self._losses(model, x, first, y)
-        radii = self.radii(perturbation_norms(first, x, self.norm).float(), adv_l - clean_l)
+        radii = self.radii(sample_distance(first, x, self.norm).float(), adv_l - clean_l)
         x_adv = self._attack_with_radii(model, x, y, radii)
         logits = model(x)
         logits_adv = model(x_adv)
