@@ -183,10 +183,12 @@ def environment(device=None):
 
 def write_rows(name, rows, device=None):
     """Write rows (list of dicts) to benchmarks/results/<name>.csv and print them as a Markdown table. ``device``:
-    where they were measured (see environment)."""
+    where they were measured (see environment); a row with its own "dev" (a benchmark that measures CPU and GPU in one
+    run) is described by that device instead."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    rows = [{**row, **env} for row in rows]
+    envs = {}
+    rows = [{**row, **(envs.setdefault(row["dev"], environment(row["dev"])) if "dev" in row else env)} for row in rows]
     path = RESULTS_DIR / f"{name}.csv"
     # Written beside the file and moved over it: a Ctrl-C or crash mid-write leaves the previous results, never half
     # a table.

@@ -249,6 +249,18 @@ def test_write_rows_csv_and_markdown(monkeypatch, tmp_path, capsys):
     assert table[:4] == ["| op | ms |", "|---|---|", "| a | 1.235 |", "| b | 2 |"]
 
 
+def test_write_rows_describes_each_row_by_its_own_device(monkeypatch, tmp_path):
+    """A benchmark measuring CPU and GPU in one run (drop_max_pool2d) labels each row with the device it ran on."""
+    common = _common(monkeypatch)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(common, "environment",
+                        lambda device=None: {"device": f"name of {device}", "threads": 2, "torch": "2.x", "git": "abc"})
+    path = common.write_rows("demo", [{"dev": "cpu", "op": "a"}, {"dev": "cuda", "op": "a"}, {"dev": "cpu", "op": "b"}],
+                             device="cuda")
+    with open(path) as f:
+        assert [row["device"] for row in csv.DictReader(f)] == ["name of cpu", "name of cuda", "name of cpu"]
+
+
 def test_write_rows_leaves_the_previous_results_when_interrupted_mid_write(monkeypatch, tmp_path):
     """The CSV is staged beside the file and moved over it: a Ctrl-C while writing keeps the last complete table."""
     common = _common(monkeypatch)
