@@ -1242,6 +1242,96 @@ def test_warnings_are_one_line(tmp_path, capsys):
                         tmp_path / "run", "--no-progress", "--device", "cpu"], capsys)
     assert rc == 0, err
     assert err.strip().splitlines() == [f"robust-ops train: warning: {tmp_path / 'd'}: a class is too small to "
-                                        "stratify the 0.7/0.1/0.2 split; the seeded random split leaves out normal "
-                                        "from train; benign, normal from val"]
+                                        "stratify the 0.7/0.1/0.2 split (smallest: normal, 1 sample); the split is "
+                                        "seeded random instead and leaves out normal from train; benign, normal "
+                                        "from val"]
     assert "classes: benign = 0, malignant = 1, normal = 2; metrics macro-averaged over classes" in out
+
+
+def test_saliency_on_feature_vectors(tmp_path, capsys):
+    """Saliency maps are drawn over images: on two-moons points the default makes none (docs/cli.md), an explicit
+    --saliency N > 0 is an error (it gave no figure without a word), before demo trains anything."""
+    out = tmp_path / "m"
+    rc, _, err = run(["train", "--data", "moons", "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress",
+                      "--device", "cpu"], capsys)
+    assert rc == 0, err
+    evaluate = ["eval", out, "--attacks", "fgsm", "--eps", "0.1", "--device", "cpu"]
+    rc, _, err = run(evaluate + ["--saliency", "2", "--out", tmp_path / "e1"], capsys)
+    one_line_error(rc, err, "--saliency: two-moons (synthetic) holds feature vectors of 2 values, not images; "
+                            "saliency maps need image inputs -- drop --saliency (or set it to 0)")
+    assert not (tmp_path / "e1").exists()
+    for extra in ([], ["--saliency", "0"]):  # the default, and an explicit none: no figure, no word
+        rc, _, err = run(evaluate + extra + ["--out", tmp_path / "e2"], capsys)
+        assert rc == 0 and err == "", err
+        assert not list((tmp_path / "e2").glob("saliency*"))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("saliency: 4\n")  # a config file's value is asked for, as the flag is
+    rc, _, err = run(["demo", "--config", cfg, "--data", "moons", "--model", "mlp", "--quick", "--methods",
+                      "standard", "--attacks", "fgsm", "--eps", "0.1", "--out", tmp_path / "d", "--device", "cpu"],
+                     capsys)
+    one_line_error(rc, err, "--saliency: two-moons (synthetic) holds feature vectors")
+    assert not (tmp_path / "d" / "runs").exists()
+
+
+def test_saliency_default_on_images_is_four():
+    info = cli.load_data("synthetic", size=8).info
+    args = _config_args("eval", ["run"])
+    assert args.saliency is None and cli.saliency_count(args, info) == 4
+    assert cli.saliency_count(_config_args("eval", ["run", "--saliency", "2"]), info) == 2
+
+
+def test_switches_a_config_file_sets_can_be_turned_off(tmp_path):
+    """quick: true in a demo config could not be undone on the command line (store_true): every on/off flag a
+    config file can set has its opposite (--quick / --no-quick, --no-progress / --progress), the command line wins."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("quick: true\nno-progress: true\nensemble: true\nresume: true\n")
+    assert _config_args("demo", ["--config", str(cfg)]).quick is True
+    args = _config_args("demo", ["--config", str(cfg), "--no-quick", "--progress", "--no-ensemble", "--no-resume"])
+    assert (args.quick, args.no_progress, args.ensemble, args.resume) == (False, False, False, False)
+    assert _config_args("demo", ["--no-quick", "--quick"]).quick is True  # the last one given wins, as for any flag
+    for command, argv in (("train", []), ("eval", ["run"]), ("demo", []), ("reproduce", ["arfl-moons"])):
+        parser = cli.build_parser()[1][command]
+        switches = [a for a in parser._actions if a.nargs == 0 and a.dest not in ("help", "version")]
+        assert switches and all(isinstance(a, cli.Switch) for a in switches), command
+        for action in switches:
+            flag = action.option_strings[0]
+            args = _config_args(command, argv + [flag])
+            assert getattr(args, action.dest) is True, flag
+            opposite = action.option_strings[-1]
+            assert getattr(_config_args(command, argv + [flag, opposite]), action.dest) is False, opposite
+    cfg.write_text("quick: true\n")  # demo's --quick-versus---epochs refusal names the way out
+    with pytest.raises(cli.CLIError, match=r"--epochs: --quick sets its own .* \(--no-quick turns off a config "):
+        cli.cmd_demo(_config_args("demo", ["--config", str(cfg), "--epochs", "3", "--device", "cpu"]))
+    args = _config_args("demo", ["--config", str(cfg), "--no-quick", "--epochs", "3"])
+    assert (args.quick, args.epochs) == (False, 3)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--data", "moons", "--size", "28"], "--size: moons: --size resizes images; two-moons holds 2-d points -- "
+                                          "drop --size"),
+    (["--data", "synthetic", "--classes", "a,b"],
+     "--classes: synthetic: --classes selects class folders or CSV labels"),
+    (["--data", "breastmnist", "--size", "30"], "--size: breastmnist: MedMNIST images come in sizes 28, 64, 128, 224, "
+                                                "got --size 30; pick one of those"),
+    (["--data", "synthetic", "--size", "4"], "--size: synthetic: expected size >= 8, got --size 4"),
+])
+def test_data_errors_name_the_flag(argv, needle, tmp_path, capsys):
+    """The data layer's messages name load_dataset's keywords (size=, classes=); the command line names its flags."""
+    rc, _, err = run(["train", *argv, "--out", tmp_path / "r", "--device", "cpu"], capsys)
+    line = one_line_error(rc, err, f"robust-ops train: error: {needle}")
+    assert "size=" not in line and "classes=" not in line
+
+
+def test_data_errors_name_the_flag_for_folders(small_npz, tmp_path, capsys):
+    _folder(tmp_path / "d")
+    for argv, needle in ((["--data", small_npz, "--size", "64"], f"--size: {small_npz}: images are 28x28, but "
+                                                                 "--size 64 was requested"),
+                         (["--data", tmp_path / "d", "--size", "0"], "--size: load_busi("),
+                         (["--data", tmp_path / "d", "--classes", "benign,benign"], "--classes: load_busi("),
+                         (["--data", tmp_path / "d", "--classes", "benign,normal"], "--classes: "),
+                         (["--data", tmp_path / "d", "--classes", "benign"], "--classes: ")):
+        rc, _, err = run(["train", *argv, "--out", tmp_path / "r", "--device", "cpu"], capsys)
+        line = one_line_error(rc, err, needle)
+        assert "size=" not in line and "classes=" not in line, line
+    rc, _, err = run(["train", "--data", tmp_path / "missing", "--out", tmp_path / "r", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "--data: ")  # not about a keyword: still the --data flag

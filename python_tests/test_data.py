@@ -2,6 +2,7 @@
 
 import hashlib
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_arguments_a_source_cannot_honour_are_refused(tmp_path):
         load_dataset("synthetic", classes=["malignant"])
     with pytest.raises(DataError, match="classes= selects class folders or CSV labels"):
         load_dataset(write_npz(tmp_path / "g.npz"), classes=["a"])
-    with pytest.raises(DataError, match="size >= 8, got n=384, size=0"):
+    with pytest.raises(DataError, match="synthetic: expected size >= 8, got size=0"):
         load_dataset("synthetic", size=0)  # 0 is not "the default size"
 
 
@@ -70,9 +71,15 @@ def test_a_class_too_small_to_stratify_is_reported():
     from robust_ops.data.core import stratified_split
 
     # Unstratifiable: the seeded random split leaves class 1 out of the test part for this seed -- said, not silent.
-    with pytest.warns(UserWarning, match=r"too small to stratify the 0.7/0.1/0.2 split; .* leaves out \{2: \[1\]\}"):
+    with pytest.warns(UserWarning, match=r"too small to stratify the 0.7/0.1/0.2 split \(smallest: 1, 2 samples\); "
+                                         r".* leaves out \{2: \[1\]\}"):
         parts = stratified_split(np.array([0] * 20 + [1] * 2), (0.7, 0.1, 0.2), seed=2)
     assert sum(map(len, parts)) == 22
+    # the warning names the smallest class and its size, so the user knows which class to collect more of
+    y = np.array([0] * 40 + [1] * 40 + [2] * 4)
+    with pytest.warns(UserWarning, match=r"^toy: a class is too small to stratify the 0.7/0.1/0.2 split \(smallest: c, "
+                                         r"4 samples\); the split is seeded random instead and leaves out c from "):
+        stratified_split(y, (0.7, 0.1, 0.2), seed=0, source="toy", class_names=("a", "b", "c"))
 
 
 def test_npz_missing_keys(tmp_path):
@@ -153,7 +160,7 @@ def test_busi_folder(tmp_path):
     s3 = load_dataset(tmp_path, size=16)
     assert s3.info.class_names == ("benign", "malignant", "normal") and s3.info.positive_class is None
     assert s3.info.extra["excluded_samples"] == 0
-    with pytest.raises(DataError, match=r"classes lists benign more than once"):
+    with pytest.raises(DataError, match=r"classes= lists benign more than once"):
         load_dataset(tmp_path, classes=("benign", "Benign"))
 
 
@@ -238,7 +245,7 @@ def test_csv_malformed_rows_and_classes(tmp_path):
         load_dataset(tmp_path / "f.csv")
     path = _ham(tmp_path, ["mel", "nv"] * 4)
     for bad, msg in (("mel", r"expected classes to be a sequence of names .* got the string 'mel'"),
-                     (("mel", "nv", "mel"), r"classes lists mel more than once")):
+                     (("mel", "nv", "mel"), r"classes= lists mel more than once")):
         with pytest.raises(DataError, match=msg):
             load_dataset(path, size=8, classes=bad)
     (tmp_path / "copy").mkdir()
@@ -597,6 +604,26 @@ def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
         load_dataset(path, size=8)
 
 
+def test_12_bit_data_in_16_bit_files_is_said(tmp_path):
+    """CT / X-ray PNGs often hold 12-bit values (0..4095) in 16-bit files: scaled from 65535 they come out 16 times
+    darker -- loaded as they are, but said, with how to fix it; a set reaching above 4095 is 16-bit data, silently."""
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 4095 - 100 * i, np.uint16)).save(tmp_path / c / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"every 16-bit image holds values <= 4095 only \(12-bit data\?\); scaled "
+                                         r"from the full 16-bit range they come out dark \(at most 16 of 255\) -- "
+                                         r"multiply them by 16 or save them as 8-bit images"):
+        s = load_dataset(tmp_path, size=8)
+    assert float(s.train.tensors[0].max()) == pytest.approx(16 / 255)  # loaded as before: the warning changes nothing
+    Image.fromarray(np.full((8, 8), 4096, np.uint16)).save(tmp_path / "benign" / "9.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(tmp_path, size=8)
+
+
 def test_busi_16_bit_dark_and_float_images(tmp_path):
     """A 16-bit image is on the 16-bit scale even when all its values are <= 255 (when another image of the set uses
     the 16-bit range; a set whose 16-bit images all would come out black is refused); float images above 255 are
@@ -626,7 +653,7 @@ def test_synthetic_sizes_and_small_arguments():
     s = synthetic_splits(size=12, seed=0, sizes={"train": 3, "val": 2, "test": 0})
     assert [len(s.train), len(s.val), len(s.test)] == [3, 2, 0] and s.train.tensors[0].shape == (3, 1, 12, 12)
     assert s.info.image_size == 12
-    with pytest.raises(DataError, match="size >= 8, got n=1, size=7"):
+    with pytest.raises(DataError, match="synthetic: expected size >= 8, got size=7"):
         synthetic_ultrasound(1, size=7)
 
 

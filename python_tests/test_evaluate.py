@@ -135,8 +135,12 @@ def test_labels_of_shape_n_by_1_are_taken_as_fit_takes_them():
     flat = evaluate(model, TensorDataset(x, y), info, attacks="fgsm", eps=[1 / 255])
     assert evaluate(model, TensorDataset(x, y[:, None]), info, attacks="fgsm", eps=[1 / 255]) == flat
     with pytest.raises(EvalError, match=r"^data: expected one class label per sample \(labels of shape \[N\] or "
-                                        r"\[N, 1\]\), got labels of shape \(6, 2\)$"):
+                                        r"\[N, 1\]\), got labels of shape \(6, 2\) for 6 samples; for one-hot "
+                                        r"labels pass their argmax\(1\)$"):
         evaluate(model, TensorDataset(x, torch.nn.functional.one_hot(y)), info, attacks="fgsm", eps=[1 / 255])
+    # fit's rule (one helper): float labels would be truncated (0.7 -> 0) silently
+    with pytest.raises(EvalError, match=r"^data: expected integer class labels, got labels of dtype torch.float32$"):
+        evaluate(model, TensorDataset(x, y.float()), info, attacks="fgsm", eps=[1 / 255])
 
 
 def test_out_of_range_inputs_rejected():

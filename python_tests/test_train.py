@@ -338,7 +338,7 @@ def test_fit_input_errors(tmp_path):
         fit(model, defenses.Standard(), _data(), epochs=1, optimizer="adam")
     with pytest.raises(ValueError, match=r"fit: resume=True needs out_dir"):
         fit(model, defenses.Standard(), _data(), epochs=1, resume=True)
-    with pytest.raises(TypeError, match="fit: expected integer class labels, got torch.float32"):
+    with pytest.raises(TypeError, match="fit: expected integer class labels, got y of dtype torch.float32"):
         fit(model, defenses.Standard(), TensorDataset(torch.rand(4, 1, 4, 4), torch.rand(4)), epochs=1,
             progress=False)
     frozen = DropoutMLP()
@@ -359,8 +359,16 @@ def test_fit_refuses_labels_that_are_not_one_per_sample():
     x = torch.rand(8, 1, 4, 4)
     onehot = torch.nn.functional.one_hot((x.flatten(1).mean(1) > 0.5).long(), 2)
     with pytest.raises(ValueError, match=r"fit: expected one class label per sample \(y of shape \[N\] or \[N, 1\]\), "
-                                         r"got y of shape \(8, 2\) for 8 samples"):
+                                         r"got y of shape \(8, 2\) for 8 samples; for one-hot labels pass "
+                                         r"their argmax\(1\)"):
         fit(DropoutMLP(), defenses.Standard(), TensorDataset(x, onehot), epochs=1, batch_size=8, progress=False)
+    # evaluate's rule (one helper): [N, 1, 1] is not [N] or [N, 1]
+    with pytest.raises(ValueError, match=r"fit: expected one class label per sample .*got y of shape \(8, 1, 1\)"):
+        fit(DropoutMLP(), defenses.Standard(), TensorDataset(x, onehot.argmax(1)[:, None, None]), epochs=1,
+            batch_size=8, progress=False)
+    with pytest.raises(TypeError, match=r"fit: expected integer class labels, got y of dtype torch.float32"):
+        fit(DropoutMLP(), defenses.Standard(), TensorDataset(x, onehot.argmax(1).float()), epochs=1, batch_size=8,
+            progress=False)
     fit(DropoutMLP(), defenses.Standard(), TensorDataset(x, onehot.argmax(1, keepdim=True)), epochs=1, batch_size=8,
         progress=False)  # [N, 1] labels are fine
 

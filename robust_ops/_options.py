@@ -1,5 +1,5 @@
-"""Options, checked with messages that name the fix: numbers, integers and choices (one wording for every class and
-function of the library); which keyword options a class's constructor takes, so that
+"""Options, checked with messages that name the fix: numbers, integers, choices and class labels (one wording for
+every class and function of the library); which keyword options a class's constructor takes, so that
 ``build(name, **options)`` can name a misspelt option and list the right ones instead of Python's bare ``unexpected
 keyword argument``; and the library's on/off environment switches, all parsed alike."""
 
@@ -7,6 +7,8 @@ import inspect
 import math
 import numbers
 import os
+
+import torch
 
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
@@ -62,6 +64,22 @@ def check_int(name, arg, value, minimum=1, error=ValueError):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise error(f"{name}: expected {arg} to be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def class_labels(name, y, n, what="y"):
+    """``y`` as int64 class labels of shape [N] for ``n`` samples (None: not checked), the one label rule of fit and
+    evaluate: shape [N] or [N, 1] (MedMNIST's); one-hot [N, C] and other shapes are a ValueError, float or bool
+    labels a TypeError (converting them would turn 0.7 into 0 silently), each naming ``name`` and ``what``."""
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integer class labels, got {what} of dtype {y.dtype}")
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if y.dim() != 1 or (n is not None and y.shape[0] != n):
+        onehot = y.dim() == 2 and n in (None, y.shape[0])
+        raise ValueError(f"{name}: expected one class label per sample ({what} of shape [N] or [N, 1]), got {what} of "
+                         f"shape {tuple(y.shape)}" + (f" for {n} samples" if n is not None else "")
+                         + ("; for one-hot labels pass their argmax(1)" if onehot else ""))
+    return y.long()
 
 
 def check_choice(name, arg, value, choices):

@@ -56,6 +56,19 @@ def _formatter(prog):
     return _HelpFormatter(prog, max_help_position=32, width=110)
 
 
+class Switch(argparse.Action):
+    """An on/off flag, off by default, that also takes its opposite (``--quick`` / ``--no-quick``, ``--no-progress`` /
+    ``--progress``): a config file's ``quick: true`` can then be turned off on the command line, which wins."""
+
+    def __init__(self, option_strings, dest, default=False, help=None):
+        flag = option_strings[0]
+        opposite = f"--{flag[len('--no-'):]}" if flag.startswith("--no-") else f"--no-{flag[2:]}"
+        super().__init__([*option_strings, opposite], dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string != self.option_strings[-1])
+
+
 # ----------------------------------------------------------------------------------------------- shared helpers
 
 
@@ -198,7 +211,20 @@ def load_data(spec, size=None, seed=0, flag="--data", classes=None):
     try:
         return load_dataset(spec, size=size, seed=seed, classes=classes, download=_allow_download)
     except DataError as err:
-        raise CLIError(f"{flag}: {err}") from None
+        raise _data_error(err, flag) from None
+
+
+def _data_error(err, flag):
+    """A DataError as the CLI's one-line error: led by the flag of the keyword argument it names, written as that
+    flag (``size=64`` -> ``--size 64``, ``classes=`` -> ``--classes``), else by ``flag``."""
+    import re
+
+    if not err.arg:
+        return CLIError(f"{flag}: {err}")
+    option = f"--{err.arg.replace('_', '-')}"
+    text = re.sub(rf"\b{err.arg}=(?=[^\s;,)])", f"{option} ", str(err))  # size=64 -> --size 64
+    text = re.sub(rf"\b{err.arg}=", option, text)  # size= resizes -> --size resizes
+    return CLIError(f"{option}: {text}")
 
 
 def data_spec(spec):
@@ -320,7 +346,7 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
     p.add_argument("--batch-size", type=int, default=32, help="training mini-batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MIRST-DM: 1e-4 at 100 epochs)")
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
-    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
+    p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
@@ -351,13 +377,13 @@ def add_train_options(p):
     add_data_model_options(p, epochs=10)
     p.add_argument("--dropmax", choices=("none", "first", "all"), default="none",
                    help="replace max-pooling layers with DropMax2d before training (mirst-dm does 'first' itself)")
-    p.add_argument("--channels-last", action="store_true",
+    p.add_argument("--channels-last", action=Switch,
                    help="train the model in channels_last memory format (on CPU: IMA epochs 1.3x and PGD "
                         "1.1-1.3x faster, docs/benchmarks.md; results differ from NCHW in the last bits)")
-    p.add_argument("--prepacked-conv", action="store_true",
+    p.add_argument("--prepacked-conv", action=Switch,
                    help="run the attacks inside training on convolutions packed once per attack (CPU; best with "
                         "--channels-last, docs/prepacked-conv.md; results differ in the last bits on NCHW models)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action=Switch, help="no progress bars")
 
 
 def cmd_train_parser(sub):
@@ -369,7 +395,7 @@ def cmd_train_parser(sub):
                    help="defense option, repeatable (e.g. eps=5/255, steps=10, lam=10)")
     add_train_options(p)
     p.add_argument("--out", default="runs/train", help="RUN_DIR for checkpoint.pt, run.json, metrics.csv, metrics.json")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--resume", action=Switch, help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--config", help="YAML or JSON file of options (keys are long option names)")
     p.set_defaults(func=cmd_train)
     return p
@@ -614,12 +640,14 @@ def add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255"):
                         "pgd:steps=50, noise:norm=l2:trials=100")
     p.add_argument("--eps", default=eps, help="comma-separated radii; fractions allowed (1/255)")
     p.add_argument("--eval-batch-size", type=int, default=128, help="test images attacked at a time")
-    p.add_argument("--no-cascade", action="store_true",
+    p.add_argument("--no-cascade", action=Switch,
                    help="attack every sample at every radius (default: only samples still robust)")
-    p.add_argument("--ensemble", action="store_true",
+    p.add_argument("--ensemble", action=Switch,
                    help="AutoAttack-style: the attacks as one cascade per radius; report only the worst case")
-    p.add_argument("--saliency", type=int, default=4, help="test images in the Grad-CAM / input-gradient figure "
-                                                           "(0: none)")
+    # None: not given, so saliency_count can tell the default from an explicit request on feature vectors
+    p.add_argument("--saliency", type=int, default=None,
+                   help="test images in the Grad-CAM / input-gradient figure (0: none; default: 4 on images, none on "
+                        "feature vectors such as moons, where an N > 0 is an error)")
 
 
 def cmd_eval_parser(sub):
@@ -631,16 +659,17 @@ def cmd_eval_parser(sub):
     add_eval_options(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
     p.add_argument("--data", default=None, help="dataset (default: the one in run.json)")
-    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
+    p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--model", default=None, help="architecture (default: the one in run.json)")
     p.add_argument("--size", type=int, default=None, help="image side length (default: the one in run.json)")
     p.add_argument("--classes", type=parse_classes, default=None,
                    help="class folders / CSV labels to keep, in label order (default: the ones in run.json)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
     p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="attack the model in channels_last memory format (default: as the run was trained)")
-    p.add_argument("--prepacked-conv", action="store_true",
+    p.add_argument("--channels-last", action=Switch,
+                   help="attack the model in channels_last memory format (default: as the run was trained; "
+                        "--no-channels-last only turns off a config file's true)")
+    p.add_argument("--prepacked-conv", action=Switch,
                    help="attack on convolutions packed once per attack (faster on CPU, last-bit differences; "
                         "default: as the run was trained)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -678,11 +707,22 @@ def parse_eval_options(args):
         raise _flag_error(err) from None
     if args.eval_batch_size < 1:
         raise CLIError(f"--eval-batch-size: expected >= 1, got {args.eval_batch_size}")
-    if args.saliency < 0:
+    if args.saliency is not None and args.saliency < 0:
         raise CLIError(f"--saliency: expected >= 0, got {args.saliency}")
     if args.ensemble and args.no_cascade:  # the ensemble is a cascade by definition; results.json would claim not
         raise CLIError("--no-cascade: --ensemble always runs its attacks as a cascade; drop one of the two flags")
     return specs, radii
+
+
+def saliency_count(args, info):
+    """How many test images the saliency figure shows: ``--saliency``, else 4 on images and none on feature vectors
+    (two-moons), where an explicit N > 0 is an error: the maps are drawn over images, no figure would come."""
+    if not info.image_size:
+        if args.saliency:
+            raise CLIError(f"--saliency: {info.display_name} holds feature vectors of {info.in_channels} values, not "
+                           "images; saliency maps need image inputs -- drop --saliency (or set it to 0)")
+        return 0
+    return 4 if args.saliency is None else args.saliency
 
 
 def evaluate_models(models, splits, args, specs, radii, device, out, title, config, extra_markdown=None,
@@ -699,6 +739,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     if len(test) == 0:
         data = getattr(args, "data", None) or splits.info.name
         raise CLIError(f"--split: the {split} split of {data} has no samples")
+    count = saliency_count(args, splits.info)  # before the attacks: an explicit --saliency on feature vectors fails
     rows = []
     for label, model in models.items():
         try:
@@ -708,12 +749,12 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
         except EvalError as err:
             raise _flag_error(err) from None
     saliency = None
-    if args.saliency > 0 and test.tensors[0].dim() == 4:
+    if count > 0:
         import torch
 
         x, y = test.tensors
         g = torch.Generator().manual_seed(0)
-        pick = torch.randperm(len(y), generator=g)[:args.saliency]
+        pick = torch.randperm(len(y), generator=g)[:count]
         saliency = (models, x[pick], y[pick])
     paths = write_results(out, rows, splits.info, config=config, device=device, title=title, saliency=saliency,
                           extra_markdown=extra_markdown, paper=paper)
@@ -764,9 +805,9 @@ def cmd_demo_parser(sub):
                         "the demo to ~1 minute on 2 CPU cores (docs/cli.md)")
     add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255")
     p.add_argument("--out", default="runs/demo", help="output folder (runs, results.json, report.md, figures)")
-    p.add_argument("--quick", action="store_true", help="2 epochs on a subset: a smoke run (tests, CI)")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quick", action=Switch, help="2 epochs on a subset: a smoke run (tests, CI)")
+    p.add_argument("--resume", action=Switch, help="reuse finished runs in --out")
+    p.add_argument("--no-progress", action=Switch, help="no progress bars")
     p.add_argument("--config", help="YAML or JSON file of options")
     p.set_defaults(func=cmd_demo)
     return p
@@ -817,7 +858,8 @@ def cmd_demo(args):
         raise CLIError(f"--methods: {', '.join(repeated)} given more than once")
     for flag, value in (("--epochs", args.epochs), ("--train-size", args.train_size)):
         if args.quick and value is not None:  # it would be ignored silently
-            raise CLIError(f"{flag}: --quick sets its own (2 epochs on 64 training images); drop one of the two")
+            raise CLIError(f"{flag}: --quick sets its own (2 epochs on 64 training images); drop one of the two "
+                           "(--no-quick turns off a config file's quick: true)")
     epochs = args.epochs = 2 if args.quick else 8 if args.epochs is None else args.epochs
     train_size = 256 if args.train_size is None else args.train_size
     check_data_model_options(args)
@@ -832,6 +874,7 @@ def cmd_demo(args):
         check_radii(specs, radii, splits.info)
     except EvalError as err:
         raise _flag_error(err) from None
+    saliency_count(args, splits.info)  # before any training, as the radii
     if args.quick:
         splits = subset_splits(splits, 64, 32, args.seed)
     elif train_size:
@@ -953,17 +996,17 @@ def cmd_reproduce_parser(sub):
                                    "paper's published numbers beside ours. Protocols: "
                                    + "; ".join(f"{k}: {v.summary}" for k, v in PROTOCOLS.items()))
     p.add_argument("name", choices=tuple(PROTOCOLS), metavar="NAME", help=", ".join(PROTOCOLS))
-    p.add_argument("--quick", action="store_true", help="a smoke version (< 2 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action=Switch, help="a smoke version (< 2 minutes on 2 CPU cores)")
     p.add_argument("--data", default=None, help="dataset (default: the protocol's; breastmnist for *-bus)")
     p.add_argument("--size", type=int, default=None,
                    help="image side length for a folder / CSV --data (default: 224) or a MedMNIST size variant")
-    p.add_argument("--download", action="store_true", help=DOWNLOAD_HELP)
+    p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--reevaluate", action="store_true",
+    p.add_argument("--no-progress", action=Switch, help="no progress bars")
+    p.add_argument("--reevaluate", action=Switch,
                    help="attack every trained run again instead of reusing the evaluation kept beside its "
                         "checkpoint (it is reused only while the weights, test set and attacks are unchanged)")
     p.add_argument("--config", help="YAML or JSON file of options")

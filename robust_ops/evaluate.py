@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ._options import class_labels
 from .attacks.context import predict_from_output, use_model_mode
 from .metrics import classification_metrics, metric_names, probabilities
 
@@ -339,12 +340,10 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if batch_size < 1:
         raise EvalError("batch_size", f"batch_size: expected >= 1, got {batch_size}")
     x, y = dataset_tensors(dataset)
-    y = y.long()
-    if y.dim() == 2 and y.shape[1] == 1:  # MedMNIST's [N, 1] labels, which fit takes too
-        y = y.reshape(-1)
-    elif y.dim() != 1:  # [N, K] one-hot labels would otherwise fail deep inside the metrics
-        raise EvalError("data", f"data: expected one class label per sample (labels of shape [N] or [N, 1]), got "
-                                f"labels of shape {tuple(y.shape)}")
+    try:  # fit's rule: [N] or MedMNIST's [N, 1]; one-hot [N, K] would otherwise fail deep inside the metrics
+        y = class_labels("data", y, x.shape[0], what="labels")
+    except (TypeError, ValueError) as err:
+        raise EvalError("data", str(err)) from None
     if y.shape[0] == 0:
         raise EvalError("split", "split: the evaluated split has no samples")
     lo, hi = info.value_range

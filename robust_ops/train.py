@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._options import check_int, check_real
+from ._options import check_int, check_real, class_labels
 from .native_layers import library_speedups
 from .prepacked_conv import prepacked_conv_enabled_by_default
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
@@ -139,13 +139,10 @@ def _split_batch(name, batch, needs_ids, indices=None):
     if needs_ids and ids is None:
         raise ValueError(f"{name}: this defense needs dataset sample ids; wrap the dataset in "
                          "robust_ops.data.IndexedDataset so it yields (x, y, ids)")
-    if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise TypeError(f"{name}: expected integer class labels, got {getattr(y, 'dtype', type(y))}")
+    if not torch.is_tensor(y):
+        raise TypeError(f"{name}: expected integer class labels, got {type(y).__name__}")
     n = x.shape[0] if torch.is_tensor(x) and x.dim() else None
-    if n is not None and y.numel() != n:  # reshape(-1) would silently turn [N, K] (one-hot) labels into N*K labels
-        raise ValueError(f"{name}: expected one class label per sample (y of shape [N] or [N, 1]), got y of shape "
-                         f"{tuple(y.shape)} for {n} samples")
-    return x, y.long().reshape(-1), ids
+    return x, class_labels(name, y, n), ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------

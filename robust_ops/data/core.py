@@ -13,7 +13,13 @@ from .._options import check_int
 
 
 class DataError(ValueError):
-    """A dataset could not be found, read or validated. The message names the file or spec at fault."""
+    """A dataset could not be found, read or validated. The message names the file or spec at fault; ``arg`` names
+    the keyword argument at fault ("size", "classes") when it is one, as ``size=`` in the message, so the command
+    line can name its flag instead (``--size``)."""
+
+    def __init__(self, message, arg=None):
+        super().__init__(message)
+        self.arg = arg
 
 
 @dataclass
@@ -136,15 +142,19 @@ def stratified_split(y, fractions, seed, source="dataset", class_names=None):
     parts.append(np.sort(rest))
     if any(len(p) == 0 for p in parts):
         raise too_few
-    missing = missing_classes(y, parts)
-    if not stratified and missing:
+    if not stratified:  # no class kept its share; scikit-learn refuses only splits that leave a class out of a part
+        labels, counts = np.unique(y, return_counts=True)
+        smallest = [str(class_names[c] if class_names is not None else c) for c in labels[counts == counts.min()]]
+        size = f"{int(counts.min())} sample{'s' if counts.min() != 1 else ''}"
+        missing = missing_classes(y, parts)
         where = f"{missing} (part index: classes)"
         if class_names is not None:  # readable: "normal from test" rather than "{2: [2]}"
             parts_named = ("train", "val", "test")  # k-fold splits a fold's training part into train and val
             where = "; ".join(f"{', '.join(str(class_names[c]) for c in cs)} from {parts_named[i]}"
                               for i, cs in missing.items())
-        warnings.warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split; the "
-                      f"seeded random split leaves out {where}", stacklevel=3)
+        warnings.warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split "
+                      f"(smallest: {', '.join(smallest)}, {size}); the split is seeded random instead"
+                      + (f" and leaves out {where}" if missing else ""), stacklevel=3)
     return parts
 
 
@@ -195,12 +205,13 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     from . import folders, medmnist, synthetic
 
     if classes is not None and not (low.endswith(".csv") or Path(text).expanduser().is_dir()):
-        raise DataError(f"{text}: classes= selects class folders or CSV labels; this source has fixed classes")
+        raise DataError(f"{text}: classes= selects class folders or CSV labels; this source has fixed classes",
+                        arg="classes")
     if low in SYNTHETIC_NAMES:
         return synthetic.synthetic_splits(size=28 if size is None else size, seed=seed)
     if low in MOONS_NAMES:
         if size is not None:  # would be ignored: the points are 2-d feature vectors, not images
-            raise DataError(f"{text}: size= resizes images; two-moons holds 2-d points -- leave size unset")
+            raise DataError(f"{text}: size= resizes images; two-moons holds 2-d points -- drop size=", arg="size")
         return synthetic.moons_splits(seed=seed)
     path = Path(text).expanduser()
     if low.endswith(".npz"):

@@ -7,6 +7,7 @@ Neither source has official splits: train/val/test are a stratified 7:1:2 split 
 
 import csv
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -86,10 +87,15 @@ def _has_colour(path):
 
 def _check_16_bit(stats, where):
     """One dark 16-bit image is fine; a set whose 16-bit images all hold values <= 255 is 8-bit data saved in 16 bits,
-    and scaled from 16 bits it would be black (every pixel 0 or 1 of 255)."""
+    and scaled from 16 bits it would be black (every pixel 0 or 1 of 255). One whose values all stay <= 4095 is
+    12-bit data (CT, X-ray): still usable, but 16 times darker than it should be, so it is said."""
     if "max16" in stats and stats["max16"] <= 255:
         raise DataError(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (8-bit values saved in "
                         "16 bits?); scaled from 16 bits they would all be black -- save them as 8-bit images")
+    if "max16" in stats and stats["max16"] <= 4095:
+        warnings.warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (12-bit data?); scaled "
+                      f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
+                      "multiply them by 16 or save them as 8-bit images", stacklevel=3)
 
 
 def _stack(arrays, labels):
@@ -123,17 +129,18 @@ def _class_list(classes, where, fold=None):
     letters; a repeated name would give one set of samples two labels)."""
     if isinstance(classes, (str, bytes)):
         raise DataError(f"{where}: expected classes to be a sequence of names such as ('benign', 'malignant'), "
-                        f"got the string {classes!r}")
+                        f"got the string {classes!r}", arg="classes")
     names = [fold(c) if fold else c for c in classes]
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
-        raise DataError(f"{where}: classes lists {_listing(dup)} more than once; expected distinct names")
+        raise DataError(f"{where}: classes= lists {_listing(dup)} more than once; expected distinct names",
+                        arg="classes")
     return names
 
 
 def _check_size(size, where):
     """A clear error for a size Pillow would reject mid-way ("height and width must be > 0")."""
-    check_int(where, "size (pixels)", size, minimum=1, error=DataError)
+    check_int(where, "size (pixels)", size, minimum=1, error=lambda message: DataError(message, arg="size"))
 
 
 def load_busi(folder, size=224, seed=0, classes=None, mode=None):
@@ -160,15 +167,18 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None):
                 raise DataError(f"{folder}: class folders {subdirs[p.name.lower()].name} and {p.name} differ only "
                                 "in case; expected one folder per class")
             subdirs[p.name.lower()] = p
+    chosen = classes is not None  # an error about the classes then names the classes= argument (--classes)
     if classes is None:
         classes = [c for c in BUSI_ORDER if c in subdirs] + sorted(c for c in subdirs if c not in BUSI_ORDER)
     classes = _class_list(classes, f"load_busi({folder})", fold=str.lower)
     missing = [c for c in classes if c not in subdirs]
     if missing:
         found = ", ".join(sorted(subdirs))
-        raise DataError(f"{folder}: class folder(s) {', '.join(missing)} not found (found: {found})")
+        raise DataError(f"{folder}: class folder(s) {', '.join(missing)} not found (found: {found})",
+                        arg="classes" if chosen else None)
     if len(classes) < 2:
-        raise DataError(f"{folder}: expected at least two class folders (e.g. benign, malignant), got {classes}")
+        raise DataError(f"{folder}: expected at least two class folders (e.g. benign, malignant), got {classes}",
+                        arg="classes" if chosen else None)
 
     def images(d):
         return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower())
@@ -279,9 +289,10 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         empty = [n for n in names if n not in counts]
         if empty:
             raise DataError(f"{csv_path}: requested class(es) {_listing(map(repr, empty))} have no rows in column "
-                            f"{label_column!r} (labels present: {_listing(sorted(counts))})")
+                            f"{label_column!r} (labels present: {_listing(sorted(counts))})", arg="classes")
     if len(names) < 2:
-        raise DataError(f"{csv_path}: expected at least two classes in column {label_column!r}, got {names}")
+        raise DataError(f"{csv_path}: expected at least two classes in column {label_column!r}, got {names}",
+                        arg="classes" if classes is not None else None)
     lookup = {n: i for i, n in enumerate(names)}
     excluded = {label: n for label, n in sorted(counts.items()) if label not in lookup}
     kept = [(image_id, lookup[label]) for image_id, label in rows if label in lookup]

@@ -114,11 +114,11 @@ def load_medmnist(spec, root=None, size=None, download=False):
                         f"supported, e.g. {', '.join(MEDMNIST_NAMES[:3])}")
     if m.group(2):
         if size not in (None, int(m.group(2))):
-            raise DataError(f"{spec}: the name says size {m.group(2)} but size={size} was requested")
+            raise DataError(f"{spec}: the name says size {m.group(2)} but size={size} was requested", arg="size")
         size = int(m.group(2))
     if size is not None and size not in MEDMNIST_SIZES:  # else "<name>_<size>.npz not found", a file never released
         raise DataError(f"{spec}: MedMNIST images come in sizes {', '.join(map(str, MEDMNIST_SIZES))}, got "
-                        f"size={size}; pick one of those")
+                        f"size={size}; pick one of those", arg="size")
     path = find_medmnist(name, root, size)
     if path is None and download:
         path = _try_download(name, root, size)
@@ -187,7 +187,7 @@ def load_npz(path, size=None, name=None):
     if shape[1] != shape[2]:
         raise DataError(f"{path}: expected square images, got {shape[1]}x{shape[2]}")
     if size is not None and shape[1] != size:
-        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, but size={size} was requested")
+        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, but size={size} was requested", arg="size")
     stem = name or re.sub(r"_(28|64|128|224)$", "", path.stem).lower()
     num_classes = int(max(int(t.tensors[1].max()) if len(t) else 0 for t in sets)) + 1
     names, positive = CLASS_NAMES.get(stem, (None, None))

@@ -83,8 +83,10 @@ def _lesion(rng, yy, xx, malignant):
 
 def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTION):
     """``n`` procedural breast-ultrasound-like images [n, 1, size, size] in [0, 1] and labels (1 = malignant)."""
-    if n < 0 or size < 8:
-        raise DataError(f"synthetic: expected n >= 0 and size >= 8, got n={n}, size={size}")
+    if n < 0:
+        raise DataError(f"synthetic: expected n >= 0, got n={n}")
+    if size < 8:
+        raise DataError(f"synthetic: expected size >= 8, got size={size}", arg="size")
     rng = np.random.default_rng(seed)
     render = 2 * size
     coords = (np.arange(render) + 0.5) / render
