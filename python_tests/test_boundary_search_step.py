@@ -343,3 +343,64 @@ def test_functional_wrapper_refuses_a_non_tensor_lo_by_name():
     with pytest.raises(TypeError, match="boundary_search_step_: expected lo to be a tensor, got list"):
         robust_ops.boundary_search_step_([0.0], torch.zeros(1, 1), torch.zeros(1, 1, 1),
                                          torch.zeros(1, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Autograd: no gradient (tensors requiring grad refused under grad mode), version counter bumped
+# (robust_ops._autograd.register_in_place_without_gradient; the Triton tests reuse these checks)
+
+
+def search_step_arguments(device="cpu"):
+    lo, hi, points, crossed_at, active = make_inputs(3, device=device, active=True)
+    return dict(lo=lo, hi=hi, points=points, crossed_at=crossed_at, active=active)
+
+
+def check_refuses_argument_requiring_grad(op, name, argument, device="cpu"):
+    args = search_step_arguments(device)
+    args[argument] = args[argument].clone().requires_grad_()
+    before = [args[key].detach().clone() for key in ("lo", "hi", "points")]
+    with pytest.raises(RuntimeError) as error:
+        op(*args.values())
+    assert str(error.value) == (f"{name}: {argument} requires grad, but {name} is an in-place update without a "
+                                f"gradient -- call it under torch.no_grad() or pass {argument}.detach()")
+    for key, old in zip(("lo", "hi", "points"), before):
+        assert torch.equal(args[key].detach(), old), key  # refused before the kernel wrote anything
+
+
+def check_runs_without_grad_mode_and_bumps_versions(op, device="cpu"):
+    expected = search_step_arguments(device)
+    op(*expected.values())
+    modes = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad mode": torch.enable_grad}
+    for mode, context in modes.items():
+        args = search_step_arguments(device)
+        if mode != "grad mode":
+            args["lo"].requires_grad_()
+        versions = {key: value._version for key, value in args.items()}
+        with context():
+            op(*args.values())
+        for key in ("lo", "hi", "points"):
+            assert_verbose_equal(args[key].detach(), expected[key], f"{key} ({mode})")
+        bumped = {key for key, version in versions.items() if args[key]._version > version}
+        assert bumped == {"lo", "hi", "points"}, mode
+
+
+def check_backward_sees_the_mutation(op, device="cpu"):
+    args = search_step_arguments(device)
+    weight = torch.ones_like(args["hi"], requires_grad=True)
+    product = (weight * args["hi"]).sum()  # mul saves hi for weight's gradient
+    op(*args.values())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.backward()
+
+
+@pytest.mark.parametrize("argument", ["lo", "hi", "points"])
+def test_refuses_an_argument_requiring_grad_under_grad_mode(argument):
+    check_refuses_argument_requiring_grad(OP, "boundary_search_step_", argument)
+
+
+def test_runs_without_grad_mode_and_bumps_versions():
+    check_runs_without_grad_mode_and_bumps_versions(OP)
+
+
+def test_backward_sees_the_mutation():
+    check_backward_sees_the_mutation(OP)

@@ -8,7 +8,17 @@ import torch
 import robust_ops
 from robust_ops import reference
 
-from test_boundary_search_step import ARITIES, _bad_inputs, classify, first_crossed, make_inputs, run_both
+from test_boundary_search_step import (
+    ARITIES,
+    _bad_inputs,
+    check_backward_sees_the_mutation,
+    check_refuses_argument_requiring_grad,
+    check_runs_without_grad_mode_and_bumps_versions,
+    classify,
+    first_crossed,
+    make_inputs,
+    run_both,
+)
 from utils import TOLERANCES, assert_verbose_equal
 
 pytestmark = pytest.mark.triton
@@ -193,3 +203,16 @@ def test_device_mismatch(name):
     with pytest.raises(RuntimeError, match=rf"boundary_search_step_: expected {name} on the device of lo \({lo.device}"
                        r"\), got meta"):
         triton_op()(*args.values())
+
+
+@pytest.mark.parametrize("argument", ["lo", "hi", "points"])
+def test_refuses_an_argument_requiring_grad_under_grad_mode(argument):
+    check_refuses_argument_requiring_grad(triton_op(), "boundary_search_step_triton", argument, device())
+
+
+def test_runs_without_grad_mode_and_bumps_versions():
+    check_runs_without_grad_mode_and_bumps_versions(triton_op(), device())
+
+
+def test_backward_sees_the_mutation():
+    check_backward_sees_the_mutation(triton_op(), device())

@@ -31,6 +31,18 @@ def test_mutating_ops_declare_their_mutated_arguments():
     assert mutated == ["lo", "hi", "points"] and len(schema.returns) == 0
 
 
+def test_every_mutating_op_has_the_in_place_kernels():
+    # torch.library leaves a C++ op's Autograd key to the autograd fallback (silent for an op returning nothing) and its
+    # ADInplaceOrView key to a fallthrough (no version bump): a new mutating op must call
+    # _autograd.register_in_place_without_gradient (behaviour: test_pgd_step.py, test_boundary_search_step.py).
+    names = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("robust_ops::")]
+    mutating = [name for name in names if torch._library.utils.lookup_op(name)._schema.is_mutable]
+    assert {"robust_ops::pgd_step_", "robust_ops::boundary_search_step_"} <= set(mutating)
+    for name in mutating:
+        for key in ("Autograd", "ADInplaceOrView"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (name, key)
+
+
 def test_cuda_version_matches_torch_or_cpu_only():
     built = _extension.cuda_version()
     if built == -1:

@@ -616,3 +616,101 @@ def test_steps_a_leaf_that_requires_grad():
         robust_ops.pgd_step_(x, x_nat, grad, alpha, eps, backend=backend)
         assert x.requires_grad and x.grad_fn is None
         assert_verbose_equal(x.detach(), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Autograd: no gradient (tensors requiring grad refused under grad mode), version counter bumped
+# (robust_ops._autograd.register_in_place_without_gradient; the Triton tests reuse these checks)
+
+PGD_TENSOR_ARGUMENTS = ("x_adv", "x_nat", "grad", "alpha", "eps", "history")
+
+
+def pgd_step_arguments(device="cpu"):
+    """The op's ten positional arguments, with a history buffer, as a dict by schema name."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device)
+    history = torch.zeros((2,) + tuple(x_adv.shape), device=device)
+    return dict(x_adv=x_adv, x_nat=x_nat, grad=grad, alpha=alpha, eps=eps, clip_min=0.0, clip_max=1.0, norm="linf",
+                history=history, slot=1)
+
+
+def check_refuses_argument_requiring_grad(op, name, argument, device="cpu"):
+    args = pgd_step_arguments(device)
+    args[argument] = args[argument].clone().requires_grad_()
+    before = args["x_adv"].detach().clone()
+    with pytest.raises(RuntimeError) as error:
+        op(*args.values())
+    assert str(error.value) == (f"{name}: {argument} requires grad, but {name} is an in-place update without a "
+                                f"gradient -- call it under torch.no_grad() or pass {argument}.detach()")
+    assert torch.equal(args["x_adv"].detach(), before)  # refused before the kernel wrote anything
+
+
+def check_refuses_a_non_leaf_x_adv(op, name, device="cpu"):
+    # It used to run, and backward then saw y as x * 2 still: x.grad was 2 everywhere, silently wrong.
+    args = pgd_step_arguments(device)
+    x = args["x_adv"].clone().requires_grad_()
+    args["x_adv"] = x * 2
+    with pytest.raises(RuntimeError, match=f"^{name}: x_adv requires grad"):
+        op(*args.values())
+
+
+def check_runs_without_grad_mode_and_bumps_versions(op, device="cpu"):
+    expected = pgd_step_arguments(device)
+    op(*expected.values())
+    modes = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad mode": torch.enable_grad}
+    for mode, context in modes.items():
+        args = pgd_step_arguments(device)
+        if mode != "grad mode":  # outside grad mode a leaf that requires grad is stepped, like an optimizer's update
+            args["x_adv"].requires_grad_()
+        versions = {key: value._version for key, value in args.items() if isinstance(value, torch.Tensor)}
+        with context():
+            op(*args.values())
+        assert_verbose_equal(args["x_adv"].detach(), expected["x_adv"], mode)
+        assert_verbose_equal(args["history"], expected["history"], mode)
+        bumped = {key for key, version in versions.items() if args[key]._version > version}
+        assert bumped == {"x_adv", "history"}, mode
+
+
+def check_backward_sees_the_mutation(op, device="cpu"):
+    # A tensor another op saved for backward and this op then overwrote: PyTorch's usual error, not a stale gradient.
+    args = pgd_step_arguments(device)
+    weight = torch.ones_like(args["x_adv"], requires_grad=True)
+    product = (weight * args["x_adv"]).sum()  # mul saves x_adv for weight's gradient
+    op(*args.values())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.backward()
+
+
+@pytest.mark.parametrize("argument", PGD_TENSOR_ARGUMENTS)
+def test_refuses_an_argument_requiring_grad_under_grad_mode(argument):
+    check_refuses_argument_requiring_grad(op, "pgd_step_", argument)
+
+
+def test_refuses_a_non_leaf_x_adv():
+    check_refuses_a_non_leaf_x_adv(op, "pgd_step_")
+
+
+def test_runs_without_grad_mode_and_bumps_versions():
+    check_runs_without_grad_mode_and_bumps_versions(op)
+
+
+def test_backward_sees_the_mutation():
+    check_backward_sees_the_mutation(op)
+
+
+def test_refuses_a_tensor_requiring_grad_under_compile():
+    torch._dynamo.reset()
+    args = pgd_step_arguments()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x_adv):
+        op(x_adv, *list(args.values())[1:])
+        return x_adv + 0
+
+    with pytest.raises(Exception, match="pgd_step_: x_adv requires grad"):
+        step(args["x_adv"].clone().requires_grad_())
+    with torch.no_grad():
+        x = args["x_adv"].clone().requires_grad_()
+        step(x)
+    expected = pgd_step_arguments()
+    op(*expected.values())
+    assert_verbose_equal(x.detach(), expected["x_adv"])

@@ -6,7 +6,16 @@ import torch
 
 from robust_ops import reference
 from robust_ops._meta import check_pgd_step_args
-from test_pgd_step import make_inputs, torchattacks_pgd_step, torchattacks_pgdl2_step
+from test_pgd_step import (
+    PGD_TENSOR_ARGUMENTS,
+    check_backward_sees_the_mutation,
+    check_refuses_a_non_leaf_x_adv,
+    check_refuses_argument_requiring_grad,
+    check_runs_without_grad_mode_and_bumps_versions,
+    make_inputs,
+    torchattacks_pgd_step,
+    torchattacks_pgdl2_step,
+)
 from utils import TOLERANCES, assert_verbose_equal
 
 pytestmark = pytest.mark.triton
@@ -293,3 +302,20 @@ def test_functional_backend_triton():
     robust_ops.pgd_step_(ours, x_nat, grad, 0.01, eps, norm="l2", backend="triton")
     robust_ops.pgd_step_(ref, x_nat, grad, 0.01, eps, norm="l2", backend="reference")
     assert_verbose_equal(ours, ref)
+
+
+@pytest.mark.parametrize("argument", PGD_TENSOR_ARGUMENTS)
+def test_refuses_an_argument_requiring_grad_under_grad_mode(argument):
+    check_refuses_argument_requiring_grad(triton_op(), "pgd_step_triton", argument, device())
+
+
+def test_refuses_a_non_leaf_x_adv():
+    check_refuses_a_non_leaf_x_adv(triton_op(), "pgd_step_triton", device())
+
+
+def test_runs_without_grad_mode_and_bumps_versions():
+    check_runs_without_grad_mode_and_bumps_versions(triton_op(), device())
+
+
+def test_backward_sees_the_mutation():
+    check_backward_sees_the_mutation(triton_op(), device())

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._autograd import register_in_place_without_gradient
 from .._meta import check_boundary_search_step_args
 from ._utils import launch, mul_rn, on_device_of
 
@@ -101,3 +102,6 @@ def boundary_search_step_triton(lo: Tensor, hi: Tensor, points: Tensor, crossed_
         hi.copy_(hi_c)
     if points_c is not points:
         points.copy_(points_c)
+
+
+register_in_place_without_gradient("robust_ops::boundary_search_step_triton")

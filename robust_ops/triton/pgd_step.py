@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from .._autograd import register_in_place_without_gradient
 from .._meta import check_pgd_step_args, check_pgd_step_values
 from ._utils import div_rn, launch, may_overlap, mul_rn, on_device_of
 
@@ -176,3 +177,6 @@ def pgd_step_triton(
         x_adv.copy_(x)
     if history is not None and not direct_history:
         history[slot].copy_(x)
+
+
+register_in_place_without_gradient("robust_ops::pgd_step_triton")
