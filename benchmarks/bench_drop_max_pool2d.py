@@ -1,8 +1,8 @@
 """Benchmark drop-max pooling (robust_ops.DropMax2d) against F.max_pool2d (the floor), the unfold+topk reference and a
 same-size copy (the memory roofline), all in one run.
 
-    python benchmarks/bench_drop_max_pool2d.py            # fp32 [8, 64, 112, 112], k3 s2 p1, 2 threads
-    python benchmarks/bench_drop_max_pool2d.py --quick    # small shape, short timing: a smoke run
+    python benchmarks/bench_drop_max_pool2d.py  # fp32 [8, 64, 112, 112], k3 s2 p1, $OMP_NUM_THREADS or 2 threads
+    python benchmarks/bench_drop_max_pool2d.py --quick  # small shape, short timing: a smoke run
 
 Medians of forward and forward+backward for NCHW and channels_last input; ratios against max_pool2d in the same
 layout and in channels_last (its fast path), speedup over the reference, and achieved GB/s against the copy.
@@ -64,7 +64,7 @@ def check_equal(x, grad, k, s, p, backend):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shape and short timing (smoke run)")
     parser.add_argument("--threads", type=positive_int, default=default_threads(),
                         help="CPU threads (default: $OMP_NUM_THREADS, else 2)")

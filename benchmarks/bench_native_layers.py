@@ -1,7 +1,7 @@
 """Benchmark the ops behind robust_ops.native_layers against ATen (their reference and the peer a user runs anyway)
 and a same-size copy (the memory roofline), in one run, on resnet18's shapes from bench_attacks (1x64x64, batch 32).
 
-    python benchmarks/bench_native_layers.py [--quick] [--threads 2]
+    python benchmarks/bench_native_layers.py [--quick] [--threads N]
 
 * max_pool2d (k3 s2 p1 on [32, 64, 64, 64]): robust_ops.max_pool2d vs F.max_pool2d (NCHW, and channels_last --
   ATen's fast layout), forward and forward+backward; bitwise equality with F.max_pool2d (output, indices, strides,
@@ -67,7 +67,7 @@ def main():
 
 
 def measure():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller batch and short timing (smoke run)")
     parser.add_argument("--threads", type=positive_int, default=default_threads(),
                         help="CPU threads (default: $OMP_NUM_THREADS, else 2)")

@@ -10,7 +10,7 @@ Providers, on [32, 3, 224, 224] float32 by default, L-inf and L2, with and witho
 Each provider is checked against the eager chain before it is timed -- x_adv and the history slot, bitwise in
 float32/float64, within the tests' tolerance in float16/bfloat16 -- and a provider that disagrees stops the run.
 
-    python benchmarks/bench_pgd_step.py --quick            # CPU, 2 threads
+    python benchmarks/bench_pgd_step.py --quick            # CPU, $OMP_NUM_THREADS or 2 threads
     python benchmarks/bench_pgd_step.py --device cuda
 """
 

@@ -47,11 +47,12 @@ def forward_backward_fn(model, x, grad):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batches 4 and 16, 3 rounds (smoke run)")
     parser.add_argument("--batches", type=positive_int_list, default=None, help="comma list (default 4,16,64,128)")
     parser.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (default 9, --quick 3)")
-    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (default: torch's: $OMP_NUM_THREADS, else the cores)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

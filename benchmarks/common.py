@@ -182,9 +182,9 @@ def environment(device=None):
 
 
 def write_rows(name, rows, device=None):
-    """Write rows (list of dicts) to benchmarks/results/<name>.csv and print them as a Markdown table. ``device``:
-    where they were measured (see environment); a row with its own "dev" (a benchmark that measures CPU and GPU in one
-    run) is described by that device instead."""
+    """Write rows (list of dicts) to RESULTS_DIR/<name>.csv (benchmarks/results/, or $ROBUST_OPS_BENCH_DIR) and print
+    them as a Markdown table. ``device``: where they were measured (see environment); a row with its own "dev" (a
+    benchmark that measures CPU and GPU in one run) is described by that device instead."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     envs = {}

@@ -1301,3 +1301,16 @@ def test_attacks_same_output_columns_can_say_false(monkeypatch, fault):
         assert diffs == pytest.approx([2e-3, 4e-3, 6e-3], abs=1e-4)  # 2 significant digits
     assert [r["same_output"] for r in rows[3:6]] == [d == 0 for d in diffs]
     assert [r["same_output"] for r in rows[6:8]] == [not variants] * 2
+
+
+def test_help_descriptions_are_whole_sentences():
+    """`--help` opened with the docstring's first line, which for four scripts stopped mid-sentence ("... and a")."""
+    import ast
+
+    for path in sorted((REPO / "benchmarks").glob("bench_*.py")):
+        source = path.read_text()
+        (expression,) = re.findall(r"ArgumentParser\(description=(__doc__[^,)]*(?:\)\[0\])?)", source)
+        if expression == "__doc__":  # the whole docstring, usage lines and all
+            continue
+        description = eval(expression, {"__doc__": ast.get_docstring(ast.parse(source), clean=False)})
+        assert description.rstrip().endswith((".", ":")), f"{path.name}: {description!r}"

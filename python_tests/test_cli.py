@@ -1306,6 +1306,16 @@ def test_switches_a_config_file_sets_can_be_turned_off(tmp_path):
     assert (args.quick, args.epochs) == (False, 3)
 
 
+def test_usage_line_shows_both_names_of_a_switch(capsys):
+    """`--help`'s usage line listed only `[--quick]`: a user reading it could not know `--no-quick` exists."""
+    for command, pair in (("demo", "[--quick | --no-quick]"), ("train", "[--no-progress | --progress]"),
+                          ("eval", "[--no-cascade | --cascade]"), ("reproduce", "[--reevaluate | --no-reevaluate]")):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        usage = capsys.readouterr().out.split("\n\n")[0]
+        assert pair in " ".join(usage.split()), (command, usage)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--data", "moons", "--size", "28"], "--size: moons: --size resizes images; two-moons holds 2-d points -- "
                                           "drop --size"),

@@ -222,7 +222,11 @@ def test_documented_cli_flags_exist():
     unknown = []
     for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
         for line in page.read_text().splitlines():
-            for command, rest in re.findall(r"robust-ops ([a-z]+)([^`|#]*)", line):
+            # outside code a | ends a table cell; inside `...` it is the command's own (`--data a|b [--quick]`)
+            commands = re.findall(r"robust-ops ([a-z]+)([^`|#]*)", re.sub(r"`[^`]*`", "", line))
+            commands += [c for span in re.findall(r"`([^`]*)`", line)
+                         for c in re.findall(r"robust-ops ([a-z]+)([^#]*)", span)]
+            for command, rest in commands:
                 if command not in parsers:
                     unknown.append(f"{page.relative_to(REPO)}: robust-ops {command}")
                     continue
@@ -230,6 +234,54 @@ def test_documented_cli_flags_exist():
                 unknown += [f"{page.relative_to(REPO)}: robust-ops {command} {flag}"
                             for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest) if flag not in known]
     assert not unknown, "\n".join(unknown)
+
+
+def test_documented_benchmark_flags_exist():
+    """Every `python benchmarks/bench_X.py --flag` written in README.md, docs/ or a benchmark's own docstring names a
+    script and flags it defines (read from its add_argument calls: the parsers are built inside main)."""
+    import ast
+
+    scripts = {p.stem: p for p in (REPO / "benchmarks").glob("bench_*.py")}
+    flags = {name: set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", p.read_text())) | {"--help"}
+             for name, p in scripts.items()}
+    texts = [(p, p.read_text()) for p in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]]
+    texts += [(p, ast.get_docstring(ast.parse(p.read_text())) or "") for p in scripts.values()]
+    unknown = []
+    for page, text in texts:
+        for line in text.splitlines():
+            for script, rest in re.findall(r"benchmarks/(bench_\w+)\.py([^`|#]*)", line):
+                if script not in scripts:
+                    unknown.append(f"{page.relative_to(REPO)}: benchmarks/{script}.py (no such script)")
+                    continue
+                unknown += [f"{page.relative_to(REPO)}: {script}.py {flag}"
+                            for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", rest) if flag not in flags[script]]
+    assert not unknown, "\n".join(unknown)
+
+
+def test_cli_tables_list_every_option_of_their_command():
+    """Each command's table in docs/cli.md names only options its parser has, and every one it has (a new flag, or a
+    renamed one, cannot drift past the table); every name of an option, the opposites of on/off flags included
+    (`--no-quick`, `--progress`), appears on the page."""
+    from robust_ops import cli
+
+    _, parsers = cli.build_parser()
+    page = (REPO / "docs/cli.md").read_text()
+    sections = dict(re.findall(r"^## (\w+)\n(.*?)(?=^## |\Z)", page, flags=re.S | re.M))
+    problems = []
+    for command, parser in parsers.items():
+        assert command in sections, f"docs/cli.md has no section ## {command}"
+        cells = re.findall(r"^\| (`[^|]*`) \|", sections[command], flags=re.M)  # each row's option column
+        listed = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", " ".join(cells)))
+        known = {s for action in parser._actions for s in action.option_strings}
+        problems += [f"{command}: the table lists {flag}, which {command} does not take" for flag in listed - known]
+        for action in parser._actions:
+            if not action.option_strings or action.option_strings[0] in ("-h", "--help"):
+                continue
+            if action.option_strings[0] not in listed:
+                problems.append(f"{command}: {action.option_strings[0]} is not in its table")
+            problems += [f"{command}: {name} is not on the page" for name in action.option_strings
+                         if not re.search(rf"`{re.escape(name)}[` ]", page)]
+    assert not problems, "\n".join(problems)
 
 
 def _public_callables():

@@ -1,7 +1,8 @@
 """The ``robust-ops`` command line (also ``python -m robust_ops``): train, eval, bench, demo, reproduce.
 
 Every option of train, eval, demo and reproduce can also come from a YAML or JSON file (``--config FILE``, keys are
-the long option names, e.g. ``batch-size: 32``); flags on the command line win (bench takes no config file).
+the long option names, e.g. ``batch-size: 32``); flags on the command line win (bench takes no config file), and
+every on/off flag of those four commands takes its opposite (``--quick`` / ``--no-quick``) to turn a file's off.
 Errors are one line naming the flag or file at fault, exit 2.
 Checkpoints load with ``torch.load(weights_only=True)`` and datasets with ``np.load(allow_pickle=False)``: a shared
 file can never run code, and a file that would need to is refused.
@@ -67,6 +68,9 @@ class Switch(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, option_string != self.option_strings[-1])
+
+    def format_usage(self):
+        return " | ".join(self.option_strings)  # usage: [--quick | --no-quick], as argparse.BooleanOptionalAction
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers
@@ -671,7 +675,7 @@ def cmd_eval_parser(sub):
                         "--no-channels-last only turns off a config file's true)")
     p.add_argument("--prepacked-conv", action=Switch,
                    help="attack on convolutions packed once per attack (faster on CPU, last-bit differences; "
-                        "default: as the run was trained)")
+                        "default: as the run was trained; --no-prepacked-conv only turns off a config file's true)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--config", help="YAML or JSON file of options")
     p.set_defaults(func=cmd_eval)

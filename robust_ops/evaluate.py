@@ -18,6 +18,7 @@ Protocol (``evaluate``):
 Attack specs are strings ``name[:key=value...]``: ``pgd``, ``pgd:steps=50``, ``noise:norm=l2:trials=100``,
 ``pgd:alpha=eps/4`` (values may be numbers, fractions like ``1/255``, booleans, or expressions in ``eps``; each is
 read as the type its option takes, and the attack is run once on a tiny dummy model, so a bad value fails when parsed).
+A norm may be spelt in any case (``pgd:norm=Linf``): labels, rows and results hold the canonical ``linf`` / ``l2``.
 """
 
 import datetime
@@ -329,7 +330,9 @@ def check_radii(specs, radii, info):
 def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",
              batch_size=128, device="cpu", cascade=True, ensemble=False, progress=None):
     """Evaluate ``model`` on ``dataset`` (TensorDataset of [N, ...] inputs and labels) under ``attacks`` at each
-    radius in ``eps``. ``info``: the dataset's DatasetInfo (number of classes, positive class, value range).
+    radius in ``eps``. ``info``: the dataset's DatasetInfo (number of classes, positive class, value range). Labels
+    follow ``fit``'s rule: one integer class per sample, [N] or MedMNIST's [N, 1]; one-hot, float or bool labels are
+    an EvalError naming ``data``.
 
     Returns a list of rows ``{method, attack, norm, eps, n, accuracy, f1, sensitivity, specificity, precision,
     auc[, map]}``: one clean row, one per attack and radius, and a "worst-case" row per radius (when more than one

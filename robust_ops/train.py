@@ -384,7 +384,9 @@ def fit(
         model (nn.Module): outputs ``[N, K]`` logits or ``[N]`` single logits.
         defense (robust_ops.defenses.Defense or str): a defense object, or a name for ``defenses.build``.
         train_data, val_data (Dataset): yield ``(x, y)`` or ``(x, y, ids)`` (``robust_ops.data.IndexedDataset``,
-            required by defenses with ``needs_ids`` such as IMA).
+            required by defenses with ``needs_ids`` such as IMA); ``y`` one integer class label per sample, batches
+            of shape [N] or [N, 1] (one-hot, float or bool labels are refused; the rule of
+            ``robust_ops.evaluate.evaluate`` too).
         epochs (int): total number of epochs (a resumed run continues up to this number).
         batch_size (int): global batch size (split across processes under DDP). Default 8 (MIRST-DM's setting).
         lr (float): learning rate of the default Adam optimizer; None: 1e-4 (MIRST-DM's setting). With ``optimizer``

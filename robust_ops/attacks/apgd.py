@@ -198,7 +198,8 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
     Args:
         model: ``[N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
         x (Tensor[N, ...]) in the clip range; y (LongTensor[N]): true labels, or target labels when ``targeted``.
-        eps (float or Tensor[N]); norm: "linf" (default) or "l2"; steps (int): iterations per restart (default 100).
+        eps (float or Tensor[N]); norm: "linf" (default) or "l2" (any case); steps (int): iterations per restart
+            (default 100).
         loss: "ce" (default), "dlr" (difference of logits ratio) or "cw" (margin). DLR is undefined below 3
             classes (targeted: 4): it then falls back to the CW margin loss (binary and single-logit models).
         targeted (bool): y are targets; success means the target is predicted.

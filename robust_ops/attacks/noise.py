@@ -34,7 +34,8 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
 
     Args:
         model; x (Tensor[N, ...]) in the clip range; y (LongTensor[N]); eps (float or Tensor[N]);
-        norm: "linf" (default) or "l2" (uniform in the ball: direction uniform on the sphere, radius eps*U^(1/d));
+        norm: "linf" (default) or "l2", any case (uniform in the ball: direction uniform on the sphere, radius
+            eps*U^(1/d));
         trials (int): default 10; clip_min, clip_max; model_mode; generator (torch.Generator for the draws).
 
     Returns:

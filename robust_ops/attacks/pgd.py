@@ -40,7 +40,7 @@ def fgsm(model, x, y, *, eps, norm="linf", loss="ce", targeted=False, clip_min=0
     up to rounding; results are bitwise those of torchattacks.FGSM). Threat model: white-box, ball of radius eps.
 
     Args: model; x (Tensor[N, ...]) in [clip_min, clip_max]; y (LongTensor[N]); eps (float or Tensor[N]);
-    norm ("linf" or "l2"); loss ("ce", "cw" or a callable); targeted; clip_min, clip_max; model_mode.
+    norm ("linf" or "l2", any case); loss ("ce", "cw" or a callable); targeted; clip_min, clip_max; model_mode.
     Returns x_adv (Tensor[N, ...]).
 
     Example::
@@ -59,7 +59,7 @@ def pgd(model, x, y, *, eps, alpha=None, steps=10, norm="linf", random_start=Tru
         model: ``[N, ...] -> [N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
         x (Tensor[N, ...]): clean inputs in ``[clip_min, clip_max]``; y (LongTensor[N]): labels (targets if targeted).
         eps (float or Tensor[N]): radius. alpha (float or Tensor[N]): step size; default ``2.5 * eps / steps``.
-        steps (int): default 10. norm: "linf" (default) or "l2". random_start (bool): default True.
+        steps (int): default 10. norm: "linf" (default) or "l2" (any case). random_start (bool): default True.
         loss: "ce" (default), "cw" (margin, confidence ``kappa``) or a callable ``(out, y) -> scalar or [N]``.
         emit (tuple of int): also return the iterates after these step counts, stacked ``[len(emit), N, ...]``,
             written by the fused step (no extra copy).
