@@ -407,6 +407,12 @@ def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_p
     rc, _, err = run(argv[:6] + [env_out] + argv[7:], capsys)
     assert rc == 0, err
     assert json.loads((env_out / "run.json").read_text())["prepacked_conv"] is True and packed
+    # ... and --no-prepacked-conv turns the variable's default off, as fit(prepacked_conv=False) does
+    packed.clear()
+    off_out = tmp_path / "off"
+    rc, _, err = run(argv[:6] + [off_out] + argv[7:] + ["--no-prepacked-conv"], capsys)
+    assert rc == 0, err
+    assert json.loads((off_out / "run.json").read_text())["prepacked_conv"] is False and not packed
     monkeypatch.delenv("ROBUST_OPS_PREPACKED_CONV")
     rc, _, err = run(argv[:4] + ["2"] + argv[5:6] + [env_out] + argv[7:] + ["--resume"], capsys)
     one_line_error(rc, err, "--resume:", "prepacked_conv=True")

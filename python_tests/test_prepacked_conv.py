@@ -393,6 +393,46 @@ def test_off_by_default_and_switched_by_the_environment(monkeypatch):
             pass
 
 
+def test_attacks_follow_an_enclosing_explicit_setting_over_the_environment(monkeypatch):
+    """Each attack opens its own prepacked_conv(model) (enabled None); inside an explicit prepacked_conv(model, False)
+    -- fit(prepacked_conv=False) -- it stays off under $ROBUST_OPS_PREPACKED_CONV=1, inside an explicit True it stays
+    on without it; the innermost explicit setting wins, and the decisions close with their contexts (errors too)."""
+    model = TinyCNN(1, 3).eval()
+    monkeypatch.setenv(pc.ENV_SWITCH, "1")
+    with pc.prepacked_conv(model, False):
+        with attack_context(model):
+            assert not pc.prepacked_conv_active(model)
+        with pc.prepacked_conv(model, True), attack_context(model):
+            assert pc.prepacked_conv_active(model)
+        with attack_context(model):
+            assert not pc.prepacked_conv_active(model)
+    with attack_context(model):
+        assert pc.prepacked_conv_active(model)  # the variable again
+    monkeypatch.delenv(pc.ENV_SWITCH)
+    with pytest.raises(KeyError):
+        with pc.prepacked_conv(model, True):
+            with attack_context(model):
+                assert pc.prepacked_conv_active(model)
+            raise KeyError("inside")
+    with attack_context(model):
+        assert not pc.prepacked_conv_active(model)
+    assert not pc._decisions
+
+
+def test_fit_with_prepacked_conv_false_packs_nothing_under_the_environment(monkeypatch):
+    from robust_ops import defenses
+    from robust_ops.train import fit
+
+    calls = count_packs(monkeypatch)
+    monkeypatch.setenv(pc.ENV_SWITCH, "1")
+    data = torch.utils.data.TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,)))
+    result = fit(TinyCNN(1, 3), defenses.build("at", steps=2), data, epochs=1, batch_size=4, prepacked_conv=False,
+                 progress=False)
+    assert not calls and result is not None
+    fit(TinyCNN(1, 3), defenses.build("at", steps=2), data, epochs=1, batch_size=4, progress=False)
+    assert calls  # None follows the variable
+
+
 def test_pgd_close_to_atens_and_model_restored():
     torch.manual_seed(0)
     model = TinyCNN(1, 3).eval()

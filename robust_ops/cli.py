@@ -384,9 +384,11 @@ def add_train_options(p):
     p.add_argument("--channels-last", action=Switch,
                    help="train the model in channels_last memory format (on CPU: IMA epochs 1.3x and PGD "
                         "1.1-1.3x faster, docs/benchmarks.md; results differ from NCHW in the last bits)")
-    p.add_argument("--prepacked-conv", action=Switch,
+    # None: not given, so $ROBUST_OPS_PREPACKED_CONV decides, and --no-prepacked-conv can turn it off (fit's rule)
+    p.add_argument("--prepacked-conv", action=Switch, default=None,
                    help="run the attacks inside training on convolutions packed once per attack (CPU; best with "
-                        "--channels-last, docs/prepacked-conv.md; results differ in the last bits on NCHW models)")
+                        "--channels-last, docs/prepacked-conv.md; results differ in the last bits on NCHW models; "
+                        "default: $ROBUST_OPS_PREPACKED_CONV)")
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
 
 
@@ -474,15 +476,15 @@ def resume_conflict(out, run):
 
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
-              prepacked_conv=False, split=None, classes=None):
+              prepacked_conv=None, split=None, classes=None):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
     from . import train as trainer
     from .data import IndexedDataset
     from .prepacked_conv import prepacked_conv_enabled_by_default
 
-    # what will run ($ROBUST_OPS_PREPACKED_CONV=1 turns it on without the flag), so --resume compares that
-    prepacked_conv = bool(prepacked_conv) or prepacked_conv_enabled_by_default()
+    # what will run (None: $ROBUST_OPS_PREPACKED_CONV decides, as in fit), so --resume compares that
+    prepacked_conv = prepacked_conv_enabled_by_default() if prepacked_conv is None else bool(prepacked_conv)
     splits = splits or load_data(data, size=size, seed=seed, classes=classes)
     info = splits.info
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
