@@ -254,6 +254,25 @@ def test_leaves_user_forwards_subclasses_and_switch_alone(monkeypatch):
             pass
 
 
+def test_attacks_inside_an_explicit_setting_follow_it_over_the_environment(monkeypatch):
+    """An attack opens native_layers(model) itself (enabled None): inside native_layers(model, False) it runs
+    without them although the variable is on (the default), inside an explicit True with the variable off it runs
+    with them -- the shared rule of the switches (prepacked_conv's is tested in test_prepacked_conv.py)."""
+    from robust_ops.attacks.context import attack_context
+
+    model = TinyCNN()
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    with native_layers(model, enabled=False), attack_context(model):
+        assert patched(model) == []
+    with attack_context(model):
+        assert patched(model) != []
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    with native_layers(model, enabled=True), attack_context(model):
+        assert patched(model) != []
+    with attack_context(model):
+        assert patched(model) == []
+
+
 def test_attacks_identical_with_and_without_and_modules_restored(monkeypatch):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=2)

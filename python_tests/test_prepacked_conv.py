@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from robust_ops import attacks
+from robust_ops import _patching
 from robust_ops import prepacked_conv as pc
 from robust_ops.attacks.context import attack_context
 from robust_ops.ima import _INVARIANT_SIZES, batch_invariant_sizes, gen_adv, gen_adv_masked
@@ -416,7 +417,7 @@ def test_attacks_follow_an_enclosing_explicit_setting_over_the_environment(monke
             raise KeyError("inside")
     with attack_context(model):
         assert not pc.prepacked_conv_active(model)
-    assert not pc._decisions
+    assert not _patching._decisions
 
 
 def test_fit_with_prepacked_conv_false_packs_nothing_under_the_environment(monkeypatch):

@@ -1,4 +1,5 @@
-"""Swapping module forwards while a ``with`` block lasts: shared by native_layers and prepacked_conv."""
+"""Swapping module forwards while a ``with`` block lasts, and which setting of such a switch applies: shared by
+native_layers and prepacked_conv."""
 
 import contextlib
 import functools
@@ -8,6 +9,8 @@ from torch import nn
 
 _lock = threading.Lock()
 _patched = {}  # id(module) -> [module, depth, replacement]
+# Explicit settings of the switch contexts now open: (switch, id(module)) -> [module, [enabled, ...]]
+_decisions = {}
 
 
 def _dispatch(module, *args, **kwargs):
@@ -75,3 +78,30 @@ def patched_forwards(model, replacements):
                 if entry[1] == 0:
                     del module.__dict__["forward"]
                     del _patched[id(module)]
+
+
+@contextlib.contextmanager
+def switch_setting(switch, model, enabled, default, types):
+    """The setting (bool) of ``switch`` for ``model``'s modules of ``types`` in a ``with`` block. Every attack opens
+    the switches itself with ``enabled=None``: that follows the innermost enclosing explicit setting for the same
+    modules (``fit(prepacked_conv=False)``, ``with native_layers(model, False):``), else ``default()`` (the switch's
+    environment variable). An explicit True/False is recorded for the contexts nested in this one."""
+    modules = [m for m in model.modules() if type(m) in types] if isinstance(model, nn.Module) else []
+    if enabled is None:
+        with _lock:
+            enclosing = [entry[1][-1] for m in modules
+                         if (entry := _decisions.get((switch, id(m)))) is not None and entry[0] is m]
+        yield enclosing[0] if enclosing else bool(default())
+        return
+    with _lock:
+        for m in modules:
+            _decisions.setdefault((switch, id(m)), [m, []])[1].append(bool(enabled))
+    try:
+        yield bool(enabled)
+    finally:
+        with _lock:
+            for m in modules:
+                stack = _decisions[(switch, id(m))][1]
+                stack.pop()
+                if not stack:
+                    del _decisions[(switch, id(m))]

@@ -30,7 +30,7 @@ from torch import nn
 
 from .functional import NATIVE_CPU_DTYPES, max_pool2d
 from ._options import env_switch
-from ._patching import check_unmodified, patched_forwards, saved_state
+from ._patching import check_unmodified, patched_forwards, saved_state, switch_setting
 from .memory import library_pool
 from .prepacked_conv import prepacked_conv as _prepacked_conv
 
@@ -107,12 +107,12 @@ _invstd_cache = weakref.WeakKeyDictionary()
 @contextlib.contextmanager
 def native_layers(model, enabled=None):
     """While active, run ``model``'s ``nn.MaxPool2d`` layers and the backward of its eval-mode ``nn.BatchNorm2d``
-    layers on faster CPU code with bitwise-identical results (module docstring). ``enabled`` defaults to
-    ``$ROBUST_OPS_NATIVE_LAYERS`` (on)."""
-    if enabled is None:
-        enabled = native_layers_enabled_by_default()
-    with patched_forwards(model, _REPLACEMENTS if enabled else {}):
-        yield model
+    layers on faster CPU code with bitwise-identical results (module docstring). ``enabled`` None follows the
+    innermost enclosing ``native_layers(model, enabled=True or False)`` (an attack inside ``with native_layers(model,
+    False):`` runs without them), else ``$ROBUST_OPS_NATIVE_LAYERS`` (on)."""
+    with switch_setting(ENV_SWITCH, model, enabled, native_layers_enabled_by_default, _REPLACEMENTS) as on:
+        with patched_forwards(model, _REPLACEMENTS if on else {}):
+            yield model
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 
 from ._options import env_switch
-from ._patching import active_replacement, check_unmodified, patched_forwards, saved_state
+from ._patching import active_replacement, check_unmodified, patched_forwards, saved_state, switch_setting
 
 __all__ = ["prepacked_conv", "prepacked_conv_enabled_by_default", "prepacked_conv_active", "weight_pack_scope",
            "ENV_SWITCH"]
@@ -205,47 +205,14 @@ def _conv_forward(conv, input):
 _REPLACEMENTS = {nn.Conv2d: _conv_forward}
 
 
-# Explicit decisions of the prepacked_conv contexts now open, per convolution: id(conv) -> [conv, [enabled, ...]].
-# Every attack opens its own prepacked_conv(model) (enabled None, through library_speedups); it must follow the
-# decision of an enclosing fit(prepacked_conv=False) rather than $ROBUST_OPS_PREPACKED_CONV.
-_decisions = {}
-_decisions_lock = threading.Lock()
-
-
-def _enclosing_decision(model):
-    for module in model.modules():
-        entry = _decisions.get(id(module)) if type(module) is nn.Conv2d else None
-        if entry is not None and entry[0] is module:
-            return entry[1][-1]
-    return None
-
-
 @contextlib.contextmanager
 def prepacked_conv(model, enabled=None):
     """While active, ``model``'s ``nn.Conv2d`` layers run on once-per-attack packed oneDNN weights inside attacks
     (module docstring). ``enabled`` None follows the innermost enclosing ``prepacked_conv(model, enabled=True or
     False)`` (``fit``'s setting reaches the attacks inside it), else ``$ROBUST_OPS_PREPACKED_CONV`` (off)."""
-    convs = []
-    if enabled is None:
-        with _decisions_lock:
-            enabled = _enclosing_decision(model) if isinstance(model, nn.Module) else None
-        if enabled is None:
-            enabled = prepacked_conv_enabled_by_default()
-    elif isinstance(model, nn.Module):
-        convs = [m for m in model.modules() if type(m) is nn.Conv2d]
-        with _decisions_lock:
-            for conv in convs:
-                _decisions.setdefault(id(conv), [conv, []])[1].append(bool(enabled))
-    try:
-        with patched_forwards(model, _REPLACEMENTS if enabled and _available() else {}):
+    with switch_setting(ENV_SWITCH, model, enabled, prepacked_conv_enabled_by_default, _REPLACEMENTS) as on:
+        with patched_forwards(model, _REPLACEMENTS if on and _available() else {}):
             yield model
-    finally:
-        with _decisions_lock:
-            for conv in convs:
-                stack = _decisions[id(conv)][1]
-                stack.pop()
-                if not stack:
-                    del _decisions[id(conv)]
 
 
 def prepacked_conv_active(model):
