@@ -909,3 +909,107 @@ def test_ddp_errors_around_process_0s_checkpoint_are_clear_on_every_process(tmp_
     assert file0.startswith("FileExistsError"), file0
     assert file1 == (f"RuntimeError: fit: process 0 failed to write the checkpoint or metrics to {tmp_path / 'a-file'} "
                      "after epoch 1 (its error names the problem); stopped here too"), file1
+
+
+class FailsOnOneProcess(Defense):
+    """Standard loss that raises on process ``rank`` ("every": on each) at its ``call``-th step: in the defense, or
+    in backward."""
+
+    name = "fails-on-one"
+
+    def __init__(self, rank, call, in_backward=False):
+        self.rank, self.call, self.in_backward, self.calls = rank, call, in_backward, 0
+
+    def __call__(self, model, x, y, ids=None):
+        import torch.distributed as dist
+
+        self.calls += 1
+        failing = self.rank in (dist.get_rank(), "every") and self.calls == self.call
+        if failing and not self.in_backward:
+            raise ValueError(f"boom on process {dist.get_rank()}")
+        logits = model(x)
+        loss = classification_loss(logits, y)
+        return DefenseOutput(loss=RaiseInBackward.apply(loss) if failing else loss, logits=logits)
+
+
+class RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise ValueError("boom in backward")
+
+
+def _ddp_one_process_raises_worker(rank, world, port, out_path, failing_rank, in_backward, stay_alive):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # the timeout bounds the wait of a process whose peer failed and stays alive (nothing else releases it)
+    timeout = datetime.timedelta(seconds=10 if stay_alive else 15)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    try:
+        messages = []
+        # first a fit whose defense fails on every process at step 1 (each must raise its own error), whose record
+        # must not name the failure of the second, on one process at step 2 (2 steps an epoch)
+        for defense in (FailsOnOneProcess("every", 1), FailsOnOneProcess(failing_rank, 2, in_backward)):
+            try:
+                fit(DropoutMLP(), defense, _data(16), epochs=1, batch_size=8, progress=False)
+                messages.append("no error")
+            except Exception as e:
+                messages.append(f"{type(e).__name__}: {e}")
+        torch.save(messages, f"{out_path}.{rank}")
+        if stay_alive:  # a caller that catches the error: the failing process lives on until the others are done
+            store = dist.group.WORLD.get_group_store()
+            if rank == failing_rank:
+                store.wait(["test.done"], datetime.timedelta(seconds=60))
+            else:
+                store.set("test.done", "1")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_within(seconds, worker, args, nprocs=2):
+    """torch.multiprocessing.spawn, failing the test (not hanging it) when the processes run past ``seconds``."""
+    import time
+
+    context = torch.multiprocessing.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the processes still ran after {seconds} s")
+
+
+@pytest.mark.parametrize("failing, in_backward, stay_alive",
+                         [(1, False, False), (1, False, True), (1, True, False), (0, False, True)],
+                         ids=["defense-exits", "defense-stays-alive", "backward-exits", "process-0-stays-alive"])
+def test_ddp_an_error_inside_one_process_step_names_that_process_on_the_others(tmp_path, failing, in_backward,
+                                                                              stay_alive):
+    """An error inside the defense or backward on one process only: the other waited in DDP's gradient all-reduce
+    and died with "Connection closed by peer" once the failing process exited, or at the timeout while it lived on.
+    An error on every process stays each one's own."""
+    out = str(tmp_path / "error")
+    _spawn_within(60, _ddp_one_process_raises_worker, (2, _free_port(), out, failing, in_backward, stay_alive))
+    firsts, messages = zip(*[torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)])
+    assert firsts == ("ValueError: boom on process 0", "ValueError: boom on process 1"), firsts
+    error = "ValueError: boom in backward" if in_backward else f"ValueError: boom on process {failing}"
+    assert messages[failing] == error, messages[failing]
+    assert messages[1 - failing] == (f"RuntimeError: fit: process {failing} failed at epoch 1, step 2: {error}; "
+                                     "stopped here too"), messages[1 - failing]
+
+
+def test_ddp_an_error_on_the_process_holding_the_store_still_ends_every_process(tmp_path):
+    """Process 0 holds the store of an init_process_group(MASTER_ADDR) group: once it has exited with its error, the
+    others may find the store gone with it and then end with their collective's own error (not a hang on the store);
+    while it lives on, they read its record."""
+    out = str(tmp_path / "error")
+    _spawn_within(60, _ddp_one_process_raises_worker, (2, _free_port(), out, 0, False, False))
+    messages = [torch.load(f"{out}.{rank}", weights_only=True)[1] for rank in range(2)]
+    assert messages[0] == "ValueError: boom on process 0", messages[0]
+    assert messages[1].startswith("RuntimeError: "), messages[1]

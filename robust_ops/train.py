@@ -542,6 +542,7 @@ def fit(
         random.seed(rank_seed)
 
     train_model = model
+    failures = _OneProcessFailures(name, rank, world, device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -589,21 +590,23 @@ def fit(
                                          f"{int(y.max())}] (epoch {epoch + 1}, step {step + 1})")
                 except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
                     error = e
+                failures.where = f"epoch {epoch + 1}, step {step + 1}"
                 # a bad sample sits in one process's share
                 _raise_on_every_process(error, world, device, f"{name}: another process failed to read or check its "
-                                        f"share of the batch at epoch {epoch + 1}, step {step + 1}")
+                                        f"share of the batch at epoch {epoch + 1}, step {step + 1}", failures)
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-                    out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
-                loss = out.loss
-                # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and outside GradScaler's check)
-                own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
-                                       _any_non_finite(out.extra_grads).to(device)])
-                bad = own_bad
-                if world > 1:  # every process stops together (a lone raise would leave the others waiting)
-                    bad = own_bad.to(dtype=torch.float32)  # a copy: own_bad still says which process it was
-                    dist.all_reduce(bad)
-                bad_loss, bad_extra = (bool(b > 0) for b in bad.tolist())
+                with failures:
+                    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                        out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
+                    loss = out.loss
+                    # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
+                    own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
+                                           _any_non_finite(out.extra_grads).to(device)])
+                    bad = own_bad
+                    if world > 1:  # every process stops together (a lone raise would leave the others waiting)
+                        bad = own_bad.to(dtype=torch.float32)  # a copy: own_bad still says which process it was
+                        dist.all_reduce(bad)
+                    bad_loss, bad_extra = (bool(b > 0) for b in bad.tolist())
                 if bad_loss or bad_extra:
                     where = f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
                     own_loss, own_extra = own_bad.tolist()
@@ -618,20 +621,21 @@ def fit(
                                              f"weights{where}")
                 scale = world * len(indices) / global_n if world > 1 else 1.0
                 scaled = loss * scale if scale != 1.0 else loss
-                if scaler is not None:
-                    scaler.scale(scaled).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    scaled.backward()
-                if out.extra_grads is not None:
-                    _add_extra_grads(name, params, out.extra_grads, scale, world)
-                if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                with failures:
+                    if scaler is not None:
+                        scaler.scale(scaled).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        scaled.backward()
+                    if out.extra_grads is not None:
+                        _add_extra_grads(name, params, out.extra_grads, scale, world)
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
 
                 n = y.numel()
                 count += n
@@ -649,28 +653,30 @@ def fit(
             if bar is not None:
                 bar.close()
 
-            if world > 1:
-                # DDP broadcasts rank 0's buffers (BatchNorm statistics) only at its next forward: until then each
-                # process holds its own, which validation, the next epoch's first attack (on the unwrapped module),
-                # the returned model and a resume (rank 0's checkpoint) would otherwise disagree on.
-                for b in model.buffers():
-                    flat = b if b.is_contiguous() else b.contiguous()
-                    dist.broadcast(flat, src=0)
-                    if flat is not b:
-                        b.copy_(flat)
-                # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum
-                # over the union of their keys, or the vectors would differ in length or be summed misaligned.
-                key_sets = [None] * world
-                dist.all_gather_object(key_sets, sorted(sums))
-                keys = sorted(set().union(*key_sets))
-                totals = torch.tensor([float(count), float(correct), float(with_logits)]
-                                      + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
-                                      dtype=torch.float64, device=device)
-                dist.all_reduce(totals)
-                count, correct, with_logits = int(totals[0]), int(totals[1]), int(totals[2])
-                sums = {k: float(v) for k, v in zip(keys, totals[3:3 + len(keys)].tolist())}
-                seen = {k: int(v) for k, v in zip(keys, totals[3 + len(keys):].tolist())}
-                _sync_defense_state(defense, defense_start, world)
+            failures.where = f"the end of epoch {epoch + 1}"
+            with failures:  # a process that failed at its last step leaves the others waiting here
+                if world > 1:
+                    # DDP broadcasts rank 0's buffers (BatchNorm statistics) only at its next forward: until then each
+                    # process holds its own, which validation, the next epoch's first attack (on the unwrapped module),
+                    # the returned model and a resume (rank 0's checkpoint) would otherwise disagree on.
+                    for b in model.buffers():
+                        flat = b if b.is_contiguous() else b.contiguous()
+                        dist.broadcast(flat, src=0)
+                        if flat is not b:
+                            b.copy_(flat)
+                    # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum
+                    # over the union of their keys, or the vectors would differ in length or be summed misaligned.
+                    key_sets = [None] * world
+                    dist.all_gather_object(key_sets, sorted(sums))
+                    keys = sorted(set().union(*key_sets))
+                    totals = torch.tensor([float(count), float(correct), float(with_logits)]
+                                          + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
+                                          dtype=torch.float64, device=device)
+                    dist.all_reduce(totals)
+                    count, correct, with_logits = int(totals[0]), int(totals[1]), int(totals[2])
+                    sums = {k: float(v) for k, v in zip(keys, totals[3:3 + len(keys)].tolist())}
+                    seen = {k: int(v) for k, v in zip(keys, totals[3 + len(keys):].tolist())}
+                    _sync_defense_state(defense, defense_start, world)
 
             row = {"epoch": epoch + 1}
             row.update({f"train_{k}": v / max(seen[k], 1) for k, v in sums.items()})
@@ -691,7 +697,8 @@ def fit(
             rank_states, save_error = None, None
             if world > 1 and out_dir is not None:  # every process's RNG streams, so each resumes its own
                 rank_states = [None] * world
-                dist.all_gather_object(rank_states, _rng_state(device))
+                with failures:
+                    dist.all_gather_object(rank_states, _rng_state(device))
             if rank == 0 and out_dir is not None:
                 state = {
                     "format": CHECKPOINT_FORMAT,
@@ -714,7 +721,7 @@ def fit(
                     save_error = e
             # also the barrier before the next epoch
             _raise_on_every_process(save_error, world, device, f"{name}: process 0 failed to write the checkpoint or "
-                                    f"metrics to {out_dir} after epoch {epoch + 1}")
+                                    f"metrics to {out_dir} after epoch {epoch + 1}", failures)
             if out_dir is not None:  # on every process: a later NonFiniteLossError names the last good checkpoint
                 last_ckpt = str(ckpt_path)
     finally:
@@ -725,16 +732,66 @@ def fit(
                      else None, model=model)
 
 
-def _raise_on_every_process(error, world, device, elsewhere):
+def _raise_on_every_process(error, world, device, elsewhere, failures):
     """Raise ``error`` (None: nothing failed here) so that every process stops together: under DDP a lone raise
-    leaves the others waiting in their next collective. The processes without an error raise ``elsewhere``."""
+    leaves the others waiting in their next collective. The processes without an error raise ``elsewhere``.
+    ``failures`` (an _OneProcessFailures) guards the exchange against a process that failed before reaching it."""
     if world > 1:
         failed = torch.tensor([float(error is not None)], device=device)
-        dist.all_reduce(failed)
+        with failures:
+            dist.all_reduce(failed)
         if error is None and failed.item() > 0:
             raise RuntimeError(f"{elsewhere} (its error names the problem); stopped here too")
     if error is not None:
         raise error
+
+
+class _OneProcessFailures:
+    """Under DDP, an error raised on one process only (inside a defense, an attack, backward: code that cannot agree
+    on it with a flag exchange first, because the others are then inside another collective) is recorded in the
+    process group's store, keyed by this fit call; a process whose collective then fails finds the record and raises
+    one line naming the failing process and its error. The failing process raises its own error unchanged.
+
+    Use as ``with failures:`` around code that runs collectives or may fail on one process; set ``where`` (the epoch
+    and step) as the run goes. A collective fails when the failing process exits or at the group's timeout:
+    measured with gloo (torch 2.14), neither ``ProcessGroup.abort()``/``shutdown()`` nor ``destroy_process_group()``
+    on the failing process releases the others while it lives (DDP's reducer, hooked on the model, keeps the group
+    alive), so a failing process that stays alive holds them until the timeout given to ``init_process_group``. No
+    cost per step beyond the ``with``: the store is read and written only after an exception."""
+
+    def __init__(self, name, rank, world, device):
+        self.name, self.rank, self.world = name, rank, world
+        self.where = "the start"
+        self.store = self.key = None
+        if world > 1:
+            self.store = dist.group.WORLD.get_group_store()
+            # one key per fit call, the same on every process: an earlier fit's record must not name this one's
+            call = torch.tensor([self.store.add("robust_ops.fit.calls", 1) if rank == 0 else 0], device=device)
+            dist.broadcast(call, src=0)
+            self.key = f"robust_ops.fit.{int(call.item())}.error"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if self.world == 1 or error is None or not isinstance(error, Exception):
+            return False  # a KeyboardInterrupt or SystemExit is not this process failing on its own
+        try:  # the store lives in rank 0's process unless torchrun's agent holds it: rank 0 may be gone
+            recorded = self.store.get(self.key).decode() if self.store.check([self.key]) else None
+        except Exception:  # noqa: BLE001 -- no record to be had (nor to leave): the error stands unchanged
+            return False
+        message = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+        if recorded is not None:
+            # A failed collective raises a RuntimeError: any other error, or the one recorded (a defense failing on
+            # every process), is this process's own.
+            if isinstance(error, RuntimeError) and not recorded.endswith(f": {message}"):
+                raise RuntimeError(f"{self.name}: {recorded}; stopped here too") from error
+            return False
+        try:  # compare_set: when two processes fail at once, the first record stays
+            self.store.compare_set(self.key, "", f"process {self.rank} failed at {self.where}: {message}")
+        except Exception:  # noqa: BLE001 -- this process's own error matters more than the record of it
+            pass
+        return False
 
 
 def _infer_num_classes(model, x):
