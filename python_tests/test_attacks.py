@@ -582,7 +582,7 @@ def test_autoattack_accepts_autoattacks_own_call():
     assert float((x_adv - x).abs().max()) <= 8 / 255 + 1e-6
 
 
-@pytest.mark.parametrize("bad", ["L1", "l0", "inf", "Linf ", 2])
+@pytest.mark.parametrize("bad", ["L1", "l0", "inf", "Linf ", 2, ""])  # "": not the default norm
 def test_unimplemented_norms_are_refused_listing_the_accepted_spellings(bad):
     model, (x, y) = make_model(), make_data()
     calls = {

@@ -281,6 +281,31 @@ def test_write_rows_leaves_the_previous_results_when_interrupted_mid_write(monke
     assert [p.name for p in tmp_path.iterdir()] == ["demo.csv"]  # no staging file left behind
 
 
+def test_write_rows_of_two_processes_at_once_stage_in_files_of_their_own(monkeypatch, tmp_path):
+    """Two runs writing the same CSV at once (one finishing while the other writes) each move their own staging file;
+    a shared one would be moved away under the other, which would then fail. The last move wins."""
+    common = _common(monkeypatch)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(common, "environment",
+                        lambda device=None: {"device": "cpu-x", "threads": 2, "torch": "2.x", "git": "abc"})
+    pid = [1]
+    monkeypatch.setattr(common.os, "getpid", lambda: pid[0])
+    writerows = common.csv.DictWriter.writerows
+
+    def other_process_writes_meanwhile(self, rows):
+        if pid[0] == 1:
+            pid[0] = 2
+            common.write_rows("demo", [{"op": "other"}])
+            pid[0] = 1
+        writerows(self, rows)
+
+    monkeypatch.setattr(common.csv.DictWriter, "writerows", other_process_writes_meanwhile)
+    path = common.write_rows("demo", [{"op": "mine"}])
+    with open(path) as f:
+        assert [row["op"] for row in csv.DictReader(f)] == ["mine"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.csv"]
+
+
 def test_environment_names_the_cpu_model_the_commit_and_the_command(monkeypatch, tmp_path):
     """Rows say which CPU they ran on (platform.processor() is empty on many Linux machines), which commit -- marked
     dirty when tracked files differ from it -- and the command line (a --quick run writes the same file)."""
@@ -291,6 +316,8 @@ def test_environment_names_the_cpu_model_the_commit_and_the_command(monkeypatch,
     monkeypatch.setattr(common.platform, "processor", lambda: "")
     monkeypatch.setattr(common.platform, "machine", lambda: "x86_64")
     assert common.cpu_name(str(tmp_path / "missing")) == "x86_64"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: \n")  # an empty model name is no name: the fallback
+    assert common.cpu_name(str(cpuinfo)) == "x86_64"
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -1314,3 +1341,20 @@ def test_help_descriptions_are_whole_sentences():
             continue
         description = eval(expression, {"__doc__": ast.get_docstring(ast.parse(source), clean=False)})
         assert description.rstrip().endswith((".", ":")), f"{path.name}: {description!r}"
+
+
+def test_with_env_sets_the_variable_for_the_call_and_restores_it(monkeypatch):
+    """Set or unset before, the variable is as it was afterwards, also when the call raises."""
+    common = _common(monkeypatch)
+    monkeypatch.delenv("ROBUST_OPS_TEST_SWITCH", raising=False)
+    assert common.with_env("ROBUST_OPS_TEST_SWITCH", "1", lambda: os.environ["ROBUST_OPS_TEST_SWITCH"]) == "1"
+    assert "ROBUST_OPS_TEST_SWITCH" not in os.environ
+    monkeypatch.setenv("ROBUST_OPS_TEST_SWITCH", "before")
+
+    def fails():
+        assert os.environ["ROBUST_OPS_TEST_SWITCH"] == "0"
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        common.with_env("ROBUST_OPS_TEST_SWITCH", "0", fails)
+    assert os.environ["ROBUST_OPS_TEST_SWITCH"] == "before"

@@ -1,6 +1,7 @@
 """The robust-ops command line end to end (quick modes) and its one-line errors (exit status 2, no partial files)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -595,7 +596,7 @@ def test_bad_attack_values_fail_before_any_work(trained_run, tmp_path, capsys):
     for flags, needle in ((["--attacks", "pgd:steps=2.5"], "expected an integer"),
                           (["--attacks", "fgsm:norm=l3"], "norm to be one of"),
                           (["--attacks", "pgd:random_start=maybe"], "expected true or false"),
-                          (["--saliency", "-2"], "--saliency: expected >= 0, got -2"),
+                          (["--saliency", "-1"], "--saliency: expected >= 0, got -1"),
                           (["--ensemble", "--no-cascade"], "--no-cascade: --ensemble always")):
         rc, _, err = run(["eval", trained_run, "--out", out] + flags, capsys)
         one_line_error(rc, err, "robust-ops eval: error:", needle)
@@ -631,6 +632,10 @@ def test_norm_spellings_are_recorded_canonical_and_resume_as_the_same_run(small_
     one_line_error(rc, err, "--defense-opt: at: expected norm to be one of linf, l2 (any case, e.g. 'Linf', 'L2'), "
                             "got 'L1'")
     assert not (tmp_path / "never").exists()
+    rc, _, err = run(["train", "--data", small_npz, "--out", tmp_path / "unset", "--epochs", 1, "--no-progress",
+                      "--device", "cpu", "--defense", "at", "--defense-opt", "steps=1"], capsys)
+    assert rc == 0, err  # a norm not given is not recorded: run.json keeps the options as given
+    assert json.loads((tmp_path / "unset" / "run.json").read_text())["defense_options"] == {"steps": 1}
 
 
 def test_attack_norm_spellings_reach_results_canonical(trained_run, tmp_path, capsys):
@@ -1186,6 +1191,10 @@ def test_folder_run_is_found_from_elsewhere_and_changed_data_is_refused(tmp_path
     monkeypatch.chdir(tmp_path)
     rc, _, err = run(argv[:8] + ["2"] + argv[9:] + ["--resume"], capsys)
     one_line_error(rc, err, "--resume:", "class_counts=")
+    shutil.rmtree(tmp_path / "d" / "malignant")  # an error loading the run's data names run.json, not --data
+    rc, _, err = run(["eval", tmp_path / "run", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, f"robust-ops eval: error: {tmp_path / 'run' / 'run.json'}: data: {tmp_path / 'd'}: "
+                            "expected at least two class folders")
 
 
 def test_classes_select_folders_and_reach_run_json_eval_resume_and_demo(tmp_path, capsys):
@@ -1286,6 +1295,27 @@ def test_saliency_default_on_images_is_four():
     assert cli.saliency_count(_config_args("eval", ["run", "--saliency", "2"]), info) == 2
 
 
+def test_evaluate_models_draws_as_many_saliency_images_as_asked(tmp_path, monkeypatch):
+    """--saliency N puts N test images in the figure (4 by default, none for 0)."""
+    import robust_ops.evaluate
+    import robust_ops.report
+
+    drawn = []
+
+    def write_results(out, rows, info, saliency=None, **kwargs):
+        drawn.append(None if saliency is None else len(saliency[1]))
+        return {"results": "results.json", "report": "report.md", "figures": []}
+
+    monkeypatch.setattr(robust_ops.evaluate, "evaluate", lambda *args, **kwargs: [])
+    monkeypatch.setattr(robust_ops.evaluate, "write_results", write_results)
+    monkeypatch.setattr(robust_ops.report, "pivot_table", lambda rows, metric: "")
+    splits = cli.load_data("synthetic", size=8)
+    for extra in ([], ["--saliency", "2"], ["--saliency", "0"]):
+        args = _config_args("eval", ["run", *extra])
+        cli.evaluate_models({"m": None}, splits, args, [], [], "cpu", tmp_path, "title", {})
+    assert drawn == [4, 2, None]
+
+
 def test_switches_a_config_file_sets_can_be_turned_off(tmp_path):
     """quick: true in a demo config could not be undone on the command line (store_true): every on/off flag a
     config file can set has its opposite (--quick / --no-quick, --no-progress / --progress), the command line wins."""
@@ -1330,6 +1360,8 @@ def test_usage_line_shows_both_names_of_a_switch(capsys):
     (["--data", "breastmnist", "--size", "30"], "--size: breastmnist: MedMNIST images come in sizes 28, 64, 128, 224, "
                                                 "got --size 30; pick one of those"),
     (["--data", "synthetic", "--size", "4"], "--size: synthetic: expected size >= 8, got --size 4"),
+    (["--data", "breastmnist_64", "--size", "28"], "--size: breastmnist_64: the name says size 64 but --size 28 was "
+                                                   "requested"),
 ])
 def test_data_errors_name_the_flag(argv, needle, tmp_path, capsys):
     """The data layer's messages name load_dataset's keywords (size=, classes=); the command line names its flags."""
@@ -1351,3 +1383,7 @@ def test_data_errors_name_the_flag_for_folders(small_npz, tmp_path, capsys):
         assert "size=" not in line and "classes=" not in line, line
     rc, _, err = run(["train", "--data", tmp_path / "missing", "--out", tmp_path / "r", "--device", "cpu"], capsys)
     one_line_error(rc, err, "--data: ")  # not about a keyword: still the --data flag
+    # only the keyword itself is rewritten, not a folder name that ends in it
+    folder = _folder(tmp_path / "a_size=8" / "img_size=")
+    rc, _, err = run(["train", "--data", folder, "--size", "0", "--out", tmp_path / "r", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "--size: load_busi(", "a_size=8/img_size=)")

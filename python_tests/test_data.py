@@ -653,8 +653,12 @@ def test_synthetic_sizes_and_small_arguments():
     s = synthetic_splits(size=12, seed=0, sizes={"train": 3, "val": 2, "test": 0})
     assert [len(s.train), len(s.val), len(s.test)] == [3, 2, 0] and s.train.tensors[0].shape == (3, 1, 12, 12)
     assert s.info.image_size == 12
-    with pytest.raises(DataError, match="synthetic: expected size >= 8, got size=7"):
+    with pytest.raises(DataError, match="synthetic: expected size >= 8, got size=7") as info:
         synthetic_ultrasound(1, size=7)
+    assert info.value.arg == "size"
+    with pytest.raises(DataError, match=r"^synthetic: expected n >= 0, got n=-1$") as info:
+        synthetic_ultrasound(-1)
+    assert info.value.arg is None  # n is no argument of load_dataset: the CLI must not name --size
 
 
 def test_moons_streams_noise_and_range():
@@ -750,3 +754,60 @@ def test_a_class_too_small_to_stratify_is_named(tmp_path):
     with pytest.warns(UserWarning, match=r"leaves out normal from val; normal from test$"):
         s = load_dataset(root, size=8)
     assert s.info.extra["classes_missing_from_split"] == {"val": ["normal"], "test": ["normal"]}
+
+
+def test_data_errors_name_the_classes_argument_only_when_it_was_given(tmp_path):
+    """DataError.arg is "classes" (the CLI's --classes) only for an error about classes= the caller passed; a source
+    that holds a single class by itself is an error about the data (--data)."""
+    root = _class_folders(tmp_path / "one", ("benign",))
+    for classes, arg in ((None, None), (["benign"], "classes")):
+        with pytest.raises(DataError, match="expected at least two class folders") as info:
+            load_dataset(root, size=8, classes=classes)
+        assert info.value.arg == arg, classes
+    with pytest.raises(DataError, match="expected classes to be a sequence of names") as info:
+        load_dataset(root, size=8, classes="benign")
+    assert info.value.arg == "classes"
+    path = _ham(tmp_path, ["mel"] * 4)
+    for classes, arg in ((None, None), (["mel"], "classes")):
+        with pytest.raises(DataError, match="expected at least two classes in column 'dx'") as info:
+            load_dataset(path, size=8, classes=classes)
+        assert info.value.arg == arg, classes
+    with pytest.raises(DataError, match="requested class") as info:
+        load_dataset(path, size=8, classes=["mel", "nv"])
+    assert info.value.arg == "classes"
+
+
+def test_the_unstratified_split_names_every_smallest_class(tmp_path):
+    from robust_ops.data.core import stratified_split
+
+    y = np.array([0] * 40 + [1] * 2 + [2] * 2)
+    with pytest.warns(UserWarning, match=r"\(smallest: b, c, 2 samples\)"):
+        stratified_split(y, (0.7, 0.1, 0.2), seed=0, class_names=("a", "b", "c"))
+
+
+def test_the_12_bit_warning_points_at_the_caller_and_gives_the_8_bit_maximum(tmp_path):
+    """A 16-bit value v is v / 257 of 255 (65535 -> 255): 3982 is 15.49, said as 15; the warning is attributed to
+    the code that called the loader, not to the library."""
+    from PIL import Image
+
+    from robust_ops.data.folders import load_busi
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 3982 - 100 * i, np.uint16)).save(tmp_path / c / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"\(at most 15 of 255\)") as caught:
+        load_busi(tmp_path, size=8)
+    assert [w.filename for w in caught] == [__file__]
+
+
+def test_16_bit_images_reaching_exactly_255_are_8_bit_data(tmp_path):
+    """255 is still an 8-bit value: a set whose 16-bit images reach 255 and no more is refused like one reaching 200."""
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 255 - i, np.uint16)).save(tmp_path / c / f"{i}.png")
+    with pytest.raises(DataError, match=r"every 16-bit image holds values <= 255 only"):
+        load_dataset(tmp_path, size=8)

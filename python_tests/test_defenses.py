@@ -1169,14 +1169,16 @@ def test_stateless_defenses_refuse_state_and_only_arfl_is_binary_only():
     ARFL().check_labels(torch.tensor([0, 1]), 2)
 
 
-def test_amat_shrinks_with_the_perturbation_norm_of_its_own_norm(crafted):
-    """AMAT eq. 5 with an Linf attack: the shrunk radius is (eps + ||x_adv_i - x_i||_inf) / 2."""
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.5)])
+def test_amat_shrinks_with_the_perturbation_norm_of_its_own_norm(crafted, norm, eps):
+    """AMAT eq. 5: the shrunk radius is (eps + ||x_adv_i - x_i||) / 2 in the attack's own norm (Linf or L2)."""
     model, x, y = _model_and_batch(num_classes=2, n=8, sharp=30.0)
-    defenses.AMAT(steps=2, norm="linf", eps=0.05, step_size=0.02, random_start=True, xi=0.0)(model, x, y)
+    defenses.AMAT(steps=2, norm=norm, eps=eps, step_size=0.4 * eps, random_start=True, xi=0.0)(model, x, y)
     first = crafted[0][1].x_adv
-    norms = (first - x).flatten(1).abs().amax(1)
-    assert bool(((first - x).flatten(1).norm(dim=1) > 2 * norms).all())  # the L2 norm would differ
-    torch.testing.assert_close(crafted[1][0]["eps"], 0.5 * (0.05 + norms), rtol=1e-5, atol=1e-6)
+    linf, l2 = (first - x).flatten(1).abs().amax(1), (first - x).flatten(1).norm(dim=1)
+    assert bool((l2 > 2 * linf).all())  # the other norm would differ
+    norms = linf if norm == "linf" else l2
+    torch.testing.assert_close(crafted[1][0]["eps"], 0.5 * (eps + norms), rtol=1e-5, atol=1e-6)
 
 
 def _independent_rob(model, v, y):

@@ -12,7 +12,7 @@ from utils import TinyCNN
 
 from robust_ops import attacks, report
 from robust_ops.data import DatasetInfo
-from robust_ops.evaluate import EvalError, evaluate, parse_attacks, parse_eps, write_results
+from robust_ops.evaluate import AttackSpec, EvalError, evaluate, parse_attacks, parse_eps, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INFO = DatasetInfo("tiny", 2, 1, 12, ("benign", "malignant"), positive_class=1, synthetic=True, source="random")
@@ -266,6 +266,10 @@ def test_attack_option_values_are_typed():
     assert isinstance(specs[0].options["steps"], int) and specs[1].norm == "l2"
     assert parse_attacks("pgd:random_start=true:seed=3")[0].options == {"random_start": True, "seed": 3}
     assert parse_attacks("cw:kappa=1/10")[0].options["kappa"] == pytest.approx(0.1)
+    spaced = parse_attacks("fgsm:norm= L2 ,pgd:loss= cw ")  # text values are stripped as numbers are
+    options = {"norm": "L2"}
+    assert AttackSpec("fgsm", options).options == {"norm": "l2"} and options == {"norm": "L2"}  # the caller's dict
+    assert (spaced[0].options, spaced[1].options) == ({"norm": "l2"}, {"loss": "cw"})
 
 
 @pytest.mark.parametrize("ensemble", [False, True])

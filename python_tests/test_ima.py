@@ -1043,6 +1043,13 @@ def test_sample_distance_values():
     assert sample_distance(b, a, "linf").tolist() == pytest.approx([0.4, 0.0], abs=1e-15)
 
 
+def test_sample_distance_of_samples_with_no_entries_is_zero_per_sample():
+    # [N, 0] samples (and [N, 3, 0]) have distance 0 in both norms, one per sample: amax over no entries would raise.
+    for shape in ((3, 0), (3, 3, 0)):
+        for norm in ("l2", "linf"):
+            assert sample_distance(torch.zeros(shape), torch.ones(shape), norm).tolist() == [0.0, 0.0, 0.0], norm
+
+
 def test_gen_adv_refuses_a_criterion_or_loss_of_the_wrong_shape():
     model, x, y, _ = make_problem()
     with pytest.raises(ValueError, match=r"gen_adv: expected is_correct\(output, y\) to return a bool tensor of shape "

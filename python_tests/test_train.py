@@ -1013,3 +1013,35 @@ def test_ddp_an_error_on_the_process_holding_the_store_still_ends_every_process(
     messages = [torch.load(f"{out}.{rank}", weights_only=True)[1] for rank in range(2)]
     assert messages[0] == "ValueError: boom on process 0", messages[0]
     assert messages[1].startswith("RuntimeError: "), messages[1]
+
+
+def test_class_labels_rule_without_a_sample_count():
+    """class_labels is fit's and evaluate's one label rule: [N, 1] and narrower integer labels come back as int64 [N];
+    complex labels are refused as float ones are; without a sample count (n=None) the message names no count and
+    still suggests argmax(1) for one-hot labels."""
+    from robust_ops._options import class_labels
+
+    y = class_labels("f", torch.tensor([[1], [0]], dtype=torch.int32), 2)
+    assert y.dtype == torch.int64 and y.tolist() == [1, 0]
+    for labels in (torch.tensor([1j, 0j]), torch.tensor([True, False])):  # 0.7 or True would become 0 or 1 silently
+        with pytest.raises(TypeError, match=rf"^f: expected integer class labels, got y of dtype {labels.dtype}$"):
+            class_labels("f", labels, 2)
+    with pytest.raises(ValueError, match=r"^f: expected one class label per sample .*, got y of shape \(3,\) for 2 "
+                                         r"samples$"):
+        class_labels("f", torch.tensor([0, 1, 0]), 2)
+    with pytest.raises(ValueError, match=r"got y of shape \(3, 2\) for 2 samples$"):  # not one row per sample: no hint
+        class_labels("f", torch.zeros(3, 2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"^f: expected one class label per sample \(y of shape \[N\] or \[N, 1\]\), "
+                                         r"got y of shape \(2, 2\); for one-hot labels pass their argmax\(1\)$"):
+        class_labels("f", torch.tensor([[0, 1], [1, 0]]), None)
+    with pytest.raises(ValueError, match=r"got y of shape \(2, 1, 1\)$"):
+        class_labels("f", torch.zeros(2, 1, 1, dtype=torch.long), None)
+
+
+def test_split_batch_refuses_labels_that_are_not_a_tensor():
+    from robust_ops.train import _split_batch
+
+    with pytest.raises(TypeError, match=r"^fit: expected integer class labels, got list$"):
+        _split_batch("fit", (torch.zeros(2, 3), [0, 1]), False)
+    x = torch.tensor(0.5)  # no batch dimension (a custom collate): no count to check the labels against
+    assert _split_batch("fit", (x, torch.tensor([[1], [0]])), False)[1].tolist() == [1, 0]
