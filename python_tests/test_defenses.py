@@ -1225,3 +1225,29 @@ def test_mart_treats_single_logits_as_two_classes(fixed_x_adv):
         expected = _mart_reference(pairs(model(x)), pairs(model(fixed_x_adv[0])), y, 6.0)
         out = defenses.MART()(model, x, y)
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_own_defense_subclasses_the_exported_pgd_defense():
+    """docs/defenses/index.md, "Your own defense": PGDDefense is public, and a subclass gets the checked attack
+    settings under its own name and its own plain attributes as options (recorded by fit, compared on resume)."""
+    from robust_ops.defenses import DefenseOutput, PGDDefense
+
+    class Noisy(PGDDefense):
+        name = "noisy"
+
+        def __init__(self, sigma=0.1, **attack):
+            super().__init__(**attack)
+            self.sigma = sigma
+
+        def __call__(self, model, x, y, ids=None):
+            x_adv = self.attack(model, x, y).x_adv
+            return DefenseOutput(loss=F.cross_entropy(model(x_adv), y))
+
+    noisy = Noisy(eps=2 / 255, steps=2)
+    assert noisy.options() == {"eps": 2 / 255, "steps": 2, "step_size": 2.5 / 255, "norm": "linf",
+                               "random_start": True, "attack_mode": "eval", "clip_min": 0.0, "clip_max": 1.0,
+                               "sigma": 0.1}
+    with pytest.raises(ValueError, match="^noisy: .*eps"):  # 8 meant as 8/255, named as the user's defense
+        Noisy(eps=8)
+    model = nn.Linear(2, 2)
+    assert defenses.unwrap(nn.DataParallel(model)) is model and defenses.unwrap(model) is model

@@ -93,6 +93,14 @@ adv_before = adv.clone()
 
 FRAGMENTS = {
     ("docs/attacks.md", 0): ({}, "assert robust.shape == (4,) and atk is not None"),
+    ("docs/attacks.md", 2): ({}, """
+del robust_ops.attacks.ATTACKS["mifgsm"]  # the registration would otherwise outlive this test
+assert float((x_adv - x).abs().max()) <= 5 / 255 + 1e-6 and not torch.equal(x_adv, x)
+"""),
+    ("docs/defenses/index.md", 0): ({"epochs=2": "epochs=1", "epochs=3": "epochs=2"}, """
+assert [h["epoch"] for h in result.history] == [1, 2]
+assert torch.load("runs/noisy-at/checkpoint.pt")["config"]["defense_options"]["sigma"] == 0.02
+"""),
     ("docs/getting-started.md", 0): ({'"breastmnist"': '"synthetic"', '"resnet18"': '"small_cnn"',
                                       "epochs=30": "epochs=1", '"1/255,2/255,5/255"': '"2/255"'},
                                      "assert len(rows) > 0 and (Path(tmp) / 'runs/mirst-dm/eval').exists()"),
@@ -132,6 +140,26 @@ def test_doc_fragment_runs_on_stand_ins(page, index, tmp_path, monkeypatch):
         block = block.replace(old, new)
     monkeypatch.chdir(tmp_path)
     exec(compile(STAND_INS + block + "\n" + check, f"{page}[{index}]", "exec"), {"Path": Path, "tmp": str(tmp_path)})
+
+
+def test_own_attack_example_is_torchattacks_mifgsm():
+    """docs/attacks.md's MI-FGSM on the shared step op gives torchattacks 3.5.1's MIFGSM bitwise, as it says."""
+    torchattacks = pytest.importorskip("torchattacks")
+    import torch
+
+    from robust_ops import attacks
+
+    namespace = {}
+    block = python_blocks("docs/attacks.md")[2].split('attacks.ATTACKS["mifgsm"]')[0]  # define, do not register
+    exec(compile(block, "docs/attacks.md[2]", "exec"), namespace)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 2)).eval()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 2, (16,))
+    ours = namespace["MIFGSM"](model, eps=8 / 255, alpha=2 / 255, steps=5)(x, y)
+    theirs = torchattacks.MIFGSM(model, eps=8 / 255, alpha=2 / 255, steps=5, decay=1.0)(x, y)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, x)
+    assert "mifgsm" not in attacks.ATTACKS
 
 
 def test_every_doc_python_block_is_run_or_checked():

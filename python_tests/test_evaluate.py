@@ -54,6 +54,45 @@ def test_parse_attacks():
         parse_attacks("pgd:alpha=eps.__class__")
 
 
+def test_unknown_attack_spec_and_attack_objects_are_one_line_errors():
+    """AttackSpec("bogus") failed later with a bare KeyError from .norm; an attack class in the list was lower-cased
+    into a name such as "<class '__main__.mifgsm'>" with no word on how to evaluate it."""
+    with pytest.raises(EvalError, match="attacks: unknown attack 'bogus'; expected one of fgsm.*robust_ops.attacks."
+                                        "ATTACKS") as err:
+        AttackSpec("bogus")
+    assert err.value.arg == "attacks" and "\n" not in str(err.value)
+    with pytest.raises(EvalError, match=r"unknown attack <class .*PGD'> \(attacks are given by name\).*ATTACKS"):
+        parse_attacks(["fgsm", attacks.PGD])
+    with pytest.raises(EvalError) as err:  # a command line cannot register attacks: no hint there
+        parse_attacks("bogus")
+    assert "ATTACKS" not in str(err.value)
+
+
+class _Halfway(attacks.Attack):
+    """A user's attack: one step of half the radius against the gradient of the true-class logit."""
+
+    name = "halfway"
+
+    def __init__(self, model, eps=8 / 255, **options):
+        super().__init__(model, **options)
+        self.eps = eps
+
+    def forward(self, x, y):
+        return attacks.fgsm(self.model, x, y, eps=self.eps / 2)
+
+
+def test_registered_attack_is_evaluated_by_name(monkeypatch):
+    """docs/attacks.md, "Your own attack": a class added to attacks.ATTACKS works in specs, with its options."""
+    monkeypatch.setitem(attacks.ATTACKS, "halfway", (_Halfway, dict(eps=5 / 255)))
+    data, model = tiny_data(), tiny_model()
+    rows = evaluate(model, data, INFO, attacks="halfway", eps="8/255")
+    fgsm_rows = evaluate(model, data, INFO, attacks="fgsm", eps="4/255")
+    assert rows[1]["attack"] == "halfway" and rows[1]["norm"] == "linf"
+    assert rows[1]["accuracy"] == fgsm_rows[1]["accuracy"]  # half of 8/255 is FGSM at 4/255
+    with pytest.raises(EvalError, match="unknown option"):
+        parse_attacks("halfway:steps=3")
+
+
 def test_rows_and_cascade():
     data, model = tiny_data(), tiny_model()
     rows = evaluate(model, data, INFO, attacks="fgsm,pgd:steps=3", eps="2/255,8/255,32/255", method="tiny")

@@ -1045,3 +1045,64 @@ def test_split_batch_refuses_labels_that_are_not_a_tensor():
         _split_batch("fit", (torch.zeros(2, 3), [0, 1]), False)
     x = torch.tensor(0.5)  # no batch dimension (a custom collate): no count to check the labels against
     assert _split_batch("fit", (x, torch.tensor([[1], [0]])), False)[1].tolist() == [1, 0]
+
+
+class _OwnDefense(Defense):
+    """A user's defense whose output is built by ``make(model, x, y)``."""
+
+    name = "own"
+
+    def __init__(self, make):
+        self._make = make
+
+    def __call__(self, model, x, y, ids=None):
+        return self._make(model, x, y)
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda m, x, y: classification_loss(m(x), y), "the own defense returned Tensor; return robust_ops.defenses."
+                                                   "DefenseOutput"),
+    (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y, reduction="none")),
+     r"the own defense returned a loss of shape \(8,\); expected a scalar tensor"),
+    (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y).detach()),
+     "the own defense returned a loss that does not depend on the model's parameters"),
+    (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y), metrics={"note": "adv"}),
+     "the own defense's metric 'note' is str 'adv'; metrics must be numbers"),
+])
+def test_a_wrong_defense_output_is_a_one_line_error_before_any_update(make, error):
+    """A user's defense returning the loss itself, per-sample losses, a detached loss or a text metric stopped with
+    torch's own error (naming no defense) or, for the metric, was silently left out of the history."""
+    model = DropoutMLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises((TypeError, ValueError), match="^fit: " + error) as err:
+        fit(model, _OwnDefense(make), _data(), epochs=1, progress=False)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # stopped at the first step
+
+
+def _extra_grads_of(shapes):
+    def make(m, x, y):
+        return DefenseOutput(loss=classification_loss(m(x), y), extra_grads=[torch.zeros(s) for s in shapes(m)])
+    return make
+
+
+@pytest.mark.parametrize("shapes, error", [
+    (lambda m: [()],
+     r"the defense returned 1 extra gradients for 4 trainable parameters; expected one per \[p for p in"),
+    (lambda m: [p.shape for p in m.parameters()][:-1] + [(1,)],
+     r"the defense.s extra gradient 3 has shape \(1,\), its parameter shape \(2,\); expected one per"),
+])
+def test_extra_grads_of_the_wrong_count_or_shape_are_refused(shapes, error):
+    """A [1]-shaped extra gradient was broadcast into the parameter's .grad by add_, silently."""
+    model = DropoutMLP()
+    with pytest.raises(ValueError, match="^fit: " + error):
+        fit(model, _OwnDefense(_extra_grads_of(shapes)), _data(), epochs=1, progress=False)
+
+
+def test_defense_metrics_may_be_one_element_tensors():
+    def make(m, x, y):
+        loss = classification_loss(m(x), y)
+        return DefenseOutput(loss=loss, metrics={"twice": 2 * loss})  # not detached: float() of it is the value
+
+    result = fit(DropoutMLP(), _OwnDefense(make), _data(), epochs=1, progress=False)
+    assert result.history[0]["train_twice"] == pytest.approx(2 * result.history[0]["train_loss"])

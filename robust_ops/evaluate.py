@@ -203,6 +203,10 @@ class AttackSpec:
     label: str = ""
 
     def __post_init__(self):
+        from . import attacks
+
+        if self.name not in attacks.ATTACKS:  # else a bare KeyError from .norm or build, far from the cause
+            raise EvalError("attacks", unknown_attack_message(self.name))
         if "norm" in self.options:  # canonical ("Linf" -> "linf"), so labels, rows and radius checks see one spelling
             from .attacks.core import check_norm
 
@@ -235,13 +239,25 @@ class AttackSpec:
             raise EvalError("attacks", f"attacks: {err}") from None
 
 
+def unknown_attack_message(name, python=True):
+    """The error for an attack name not in robust_ops.attacks.ATTACKS; ``python``: also say how to register one (a
+    command line cannot see a registration made in the user's own code)."""
+    from . import attacks
+
+    what = repr(name) if isinstance(name, str) else f"{name!r} (attacks are given by name)"
+    hint = " (your own attack class: register it in robust_ops.attacks.ATTACKS, docs/attacks.md)" if python else ""
+    return f"attacks: unknown attack {what}; expected one of {', '.join(attacks.ATTACKS)}{hint}"
+
+
 def parse_attack(text):
     from . import attacks
 
-    parts = [p for p in str(text).strip().split(":")]
+    if not isinstance(text, str):  # an attack class or object: str() of it would be lower-cased into a bogus name
+        raise EvalError("attacks", unknown_attack_message(text))
+    parts = [p for p in text.strip().split(":")]
     name = parts[0].strip().lower()
     if name not in attacks.ATTACKS:
-        raise EvalError("attacks", f"attacks: unknown attack {name!r}; expected one of {', '.join(attacks.ATTACKS)}")
+        raise EvalError("attacks", unknown_attack_message(name, python=False))
     options = {}
     for p in parts[1:]:
         key, sep, value = p.partition("=")

@@ -319,8 +319,32 @@ def _make_scheduler(name, scheduler, optimizer):
                     f"got {type(scheduler).__name__}")
 
 
-def _clean_metrics(metrics):
-    return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (numbers.Real, torch.Tensor))}
+def _checked_output(name, defense, out):
+    """``out`` if it is a DefenseOutput with a one-element loss; else a one-line error naming the defense and the fix,
+    not torch's "grad can be implicitly created only for scalar outputs" or an AttributeError."""
+    who = _defense_named(name, defense)
+    if not hasattr(out, "loss"):
+        raise TypeError(f"{who} returned {type(out).__name__}; return robust_ops.defenses.DefenseOutput(loss=...)")
+    if not torch.is_tensor(out.loss) or out.loss.numel() != 1:
+        got = f"shape {tuple(out.loss.shape)}" if torch.is_tensor(out.loss) else type(out.loss).__name__
+        raise ValueError(f"{who} returned a loss of {got}; expected a scalar tensor (average per-sample losses)")
+    return out
+
+
+def _defense_named(name, defense):
+    return f"{name}: the {getattr(defense, 'name', type(defense).__name__)} defense"
+
+
+def _clean_metrics(name, defense, metrics):
+    """The defense's metrics as floats; anything else is refused rather than left out of the history unseen."""
+    clean = {}
+    for key, value in (metrics or {}).items():
+        one_number = (isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1))
+        if not one_number:
+            raise ValueError(f"{_defense_named(name, defense)}'s metric {key!r} is {type(value).__name__} "
+                             f"{value!r:.60}; metrics must be numbers (floats for the history and metrics.csv)")
+        clean[key] = float(value.detach() if torch.is_tensor(value) else value)
+    return clean
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -598,7 +622,8 @@ def fit(
                 with failures:
                     with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                         out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
-                    loss = out.loss
+                    loss = _checked_output(name, defense, out).loss
+                    metrics = _clean_metrics(name, defense, out.metrics)  # refused before the weights change
                     # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
                     own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
                                            _any_non_finite(out.extra_grads).to(device)])
@@ -622,6 +647,9 @@ def fit(
                 scale = world * len(indices) / global_n if world > 1 else 1.0
                 scaled = loss * scale if scale != 1.0 else loss
                 with failures:
+                    if not loss.requires_grad:  # else torch's "element 0 of tensors does not require grad"
+                        raise ValueError(f"{_defense_named(name, defense)} returned a loss that does not depend on "
+                                         "the model's parameters (computed under torch.no_grad() or detached?)")
                     if scaler is not None:
                         scaler.scale(scaled).backward()
                         scaler.unscale_(optimizer)
@@ -639,7 +667,6 @@ def fit(
 
                 n = y.numel()
                 count += n
-                metrics = _clean_metrics(out.metrics)
                 metrics.setdefault("loss", float(loss.detach()))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * n
@@ -820,9 +847,15 @@ def _any_non_finite(tensors):
 
 
 def _add_extra_grads(name, params, extra_grads, scale, world):
+    order = "one per [p for p in model.parameters() if p.requires_grad], in that order"
     if len(extra_grads) != len(params):
         raise ValueError(f"{name}: the defense returned {len(extra_grads)} extra gradients for {len(params)} trainable "
-                         "parameters")
+                         f"parameters; expected {order}")
+    for i, (p, g) in enumerate(zip(params, extra_grads)):
+        if not torch.is_tensor(g) or g.shape != p.shape:  # add_ would broadcast a [1] or [C] tensor silently
+            got = f"shape {tuple(g.shape)}" if torch.is_tensor(g) else type(g).__name__
+            raise ValueError(f"{name}: the defense's extra gradient {i} has {got}, its parameter shape "
+                             f"{tuple(p.shape)}; expected {order}")
     extra = [g.detach() * scale if scale != 1.0 else g.detach().clone() for g in extra_grads]
     _all_reduce_mean_(extra, world)
     for p, g in zip(params, extra):

@@ -2,11 +2,13 @@
 
 ``build(name, **kwargs)`` makes one from its CLI name; each defense is also importable by class:
 Standard, AT, SAT, TRADES, RST, GR, LLR, MART, FAT, AMAT, MIRST, MIRSTDM, DPAAT, ARFL (IMA lives in robust_ops.ima).
+Your own defense subclasses Defense, or PGDDefense for the shared attack settings (docs/defenses/index.md).
 """
 
 import importlib
 
 from .._options import check_options
+from ._common import PGDDefense, unwrap  # noqa: F401  (for your own defense: docs/defenses/index.md)
 from .adaptive import AMAT, DPAAT, synchronization_loss  # noqa: F401
 from .adversarial import AT, FAT, RST, SAT, Standard  # noqa: F401
 from .arfl import ARFL, robust_feature_loss  # noqa: F401

@@ -13,7 +13,7 @@ class DefenseOutput:
     logits: clean logits when the defense computed them (used for the training accuracy), else None.
     extra_grads: parameter gradients computed already (MIRST's reuse of the attack's backward passes), in the order
         of ``[p for p in model.parameters() if p.requires_grad]``; the trainer adds them to ``.grad``. None if unused.
-    metrics: plain floats for the progress bar and the metrics CSV.
+    metrics: numbers (floats or one-element tensors) for the progress bar and the metrics CSV; fit refuses others.
     """
 
     loss: torch.Tensor
