@@ -1944,3 +1944,32 @@ def test_run_standard_evaluation_is_run_with_bs():
     with pytest.raises(ValueError, match=r"^autoattack.run_standard_evaluation: expected bs to be an integer >= 1, "
                                          r"got 0$"):
         aa.run_standard_evaluation(x, y, bs=0)
+
+
+def test_run_pgd_grad_transform_moves_each_step_along_what_it_returns():
+    """grad_transform(grad, step) is what step `step` moves along: the identity is bitwise the plain loop, a negated
+    gradient descends the loss, the steps come 0..steps-1 with the input gradient; wrong returns are named."""
+    torch.manual_seed(0)
+    model = TinyCNN(1, 3).eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    kwargs = dict(eps=8 / 255, alpha=2 / 255, steps=3)
+    seen = []
+
+    def identity(grad, step):
+        seen.append((step, grad.shape))
+        return grad
+
+    plain = run_pgd(model, x, y, **kwargs).x_adv
+    assert torch.equal(run_pgd(model, x, y, grad_transform=identity, **kwargs).x_adv, plain)
+    assert seen == [(t, x.shape) for t in range(3)]
+    descended = run_pgd(model, x, y, grad_transform=lambda g, t: -g, **kwargs).x_adv
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert loss(model(descended), y) < loss(model(x), y) < loss(model(plain), y)
+    with pytest.raises(ValueError, match=r"run_pgd: grad_transform returned shape \(4,\) at step 0; expected a tensor "
+                                         r"of the gradient's shape \(4, 1, 8, 8\)"):
+        run_pgd(model, x, y, grad_transform=lambda g, t: g.sum((1, 2, 3)), **kwargs)
+    with pytest.raises(ValueError, match="grad_transform returned NoneType at step 0"):
+        run_pgd(model, x, y, grad_transform=lambda g, t: None, **kwargs)
+    with pytest.raises(TypeError, match="expected grad_transform to be a callable"):
+        run_pgd(model, x, y, grad_transform=1.0, **kwargs)

@@ -269,6 +269,7 @@ def run_pgd(
     model_mode="eval",
     param_grad_weights=None,
     generator=None,
+    grad_transform=None,
     name="run_pgd",
 ):
     r"""Projected gradient descent (Madry et al. 2018, arXiv:1706.06083) on one fused step op.
@@ -295,6 +296,9 @@ def run_pgd(
             (j in [0, steps]) from the same backward pass the attack does there (one extra forward/backward for
             j == steps). Parameter ``.grad`` is never touched.
         generator (torch.Generator): for the random start.
+        grad_transform (callable ``(grad, t) -> Tensor``): what the step ``t`` (0-based) moves along instead of the
+            input gradient ``grad`` (same shape; e.g. MI-FGSM's momentum, input-gradient smoothing): attacks that
+            change the gradient between steps keep the checks, modes and fused step of this loop (docs/attacks.md).
 
     Returns:
         PGDResult(x_adv, iterates, param_grads, emitted_losses).
@@ -310,6 +314,9 @@ def run_pgd(
     eps_t = per_sample(name, "eps", eps, x)
     alpha_t = per_sample(name, "alpha", alpha, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
+    if grad_transform is not None and not callable(grad_transform):
+        raise TypeError(f"{name}: expected grad_transform to be a callable (grad, step) -> tensor, got "
+                        f"{type(grad_transform).__name__}")
     if param_grad_weights is not None:
         if not isinstance(param_grad_weights, dict) or not all(
             isinstance(j, numbers.Integral) and not isinstance(j, bool) and 0 <= j <= steps
@@ -378,6 +385,13 @@ def run_pgd(
                                                 first_success)
                     frozen = (first_success >= 0) & (t - first_success >= tau)
                     alpha_t.masked_fill_(frozen, 0.0)
+            if grad_transform is not None:
+                moved = grad_transform(grad, t)
+                if not torch.is_tensor(moved) or moved.shape != grad.shape:
+                    got = f"shape {tuple(moved.shape)}" if torch.is_tensor(moved) else type(moved).__name__
+                    raise ValueError(f"{name}: grad_transform returned {got} at step {t}; expected a tensor of the "
+                                     f"gradient's shape {tuple(grad.shape)}")
+                grad = moved
             slot = slot_of.get(t + 1)
             functional.pgd_step_(
                 x_adv, x_nat, grad, alpha_t, eps_t, clip_min=clip_min, clip_max=clip_max, norm=norm,
