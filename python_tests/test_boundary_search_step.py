@@ -9,7 +9,9 @@ from robust_ops import reference
 from robust_ops._meta import check_boundary_search_step_args
 
 from conftest import cpu_and_cuda
-from utils import TOLERANCES, assert_verbose_equal, record_backend_requests
+from utils import (TOLERANCES, assert_verbose_equal, check_in_place_op_mutation_is_seen_by_backward,
+                   check_in_place_op_refuses_argument_requiring_grad,
+                   check_in_place_op_runs_outside_grad_mode_and_bumps_versions, record_backend_requests)
 
 OP = torch.ops.robust_ops.boundary_search_step_
 ARITIES = (2, 3, 4, 8)
@@ -355,42 +357,21 @@ def search_step_arguments(device="cpu"):
     return dict(lo=lo, hi=hi, points=points, crossed_at=crossed_at, active=active)
 
 
+SEARCH_MUTATED = ("lo", "hi", "points")
+
+
 def check_refuses_argument_requiring_grad(op, name, argument, device="cpu"):
-    args = search_step_arguments(device)
-    args[argument] = args[argument].clone().requires_grad_()
-    before = [args[key].detach().clone() for key in ("lo", "hi", "points")]
-    with pytest.raises(RuntimeError) as error:
-        op(*args.values())
-    assert str(error.value) == (f"{name}: {argument} requires grad, but {name} is an in-place update without a "
-                                f"gradient -- call it under torch.no_grad() or pass {argument}.detach()")
-    for key, old in zip(("lo", "hi", "points"), before):
-        assert torch.equal(args[key].detach(), old), key  # refused before the kernel wrote anything
+    check_in_place_op_refuses_argument_requiring_grad(op, name, lambda: search_step_arguments(device),
+                                                      SEARCH_MUTATED, argument)
 
 
 def check_runs_without_grad_mode_and_bumps_versions(op, device="cpu"):
-    expected = search_step_arguments(device)
-    op(*expected.values())
-    modes = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad mode": torch.enable_grad}
-    for mode, context in modes.items():
-        args = search_step_arguments(device)
-        if mode != "grad mode":
-            args["lo"].requires_grad_()
-        versions = {key: value._version for key, value in args.items()}
-        with context():
-            op(*args.values())
-        for key in ("lo", "hi", "points"):
-            assert_verbose_equal(args[key].detach(), expected[key], f"{key} ({mode})")
-        bumped = {key for key, version in versions.items() if args[key]._version > version}
-        assert bumped == {"lo", "hi", "points"}, mode
+    check_in_place_op_runs_outside_grad_mode_and_bumps_versions(op, lambda: search_step_arguments(device),
+                                                                SEARCH_MUTATED)
 
 
 def check_backward_sees_the_mutation(op, device="cpu"):
-    args = search_step_arguments(device)
-    weight = torch.ones_like(args["hi"], requires_grad=True)
-    product = (weight * args["hi"]).sum()  # mul saves hi for weight's gradient
-    op(*args.values())
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        product.backward()
+    check_in_place_op_mutation_is_seen_by_backward(op, lambda: search_step_arguments(device), "hi")
 
 
 @pytest.mark.parametrize("argument", ["lo", "hi", "points"])

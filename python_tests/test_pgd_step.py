@@ -10,7 +10,9 @@ from robust_ops import reference
 from robust_ops._meta import check_pgd_step_args, check_pgd_step_values
 
 from conftest import cpu_and_cuda
-from utils import TOLERANCES, assert_verbose_equal, record_backend_requests
+from utils import (TOLERANCES, assert_verbose_equal, check_in_place_op_mutation_is_seen_by_backward,
+                   check_in_place_op_refuses_argument_requiring_grad,
+                   check_in_place_op_runs_outside_grad_mode_and_bumps_versions, record_backend_requests)
 
 op = torch.ops.robust_ops.pgd_step_
 NORMS = ("linf", "l2")
@@ -623,6 +625,7 @@ def test_steps_a_leaf_that_requires_grad():
 # (robust_ops._autograd.register_in_place_without_gradient; the Triton tests reuse these checks)
 
 PGD_TENSOR_ARGUMENTS = ("x_adv", "x_nat", "grad", "alpha", "eps", "history")
+PGD_MUTATED = ("x_adv", "history")
 
 
 def pgd_step_arguments(device="cpu"):
@@ -634,14 +637,8 @@ def pgd_step_arguments(device="cpu"):
 
 
 def check_refuses_argument_requiring_grad(op, name, argument, device="cpu"):
-    args = pgd_step_arguments(device)
-    args[argument] = args[argument].clone().requires_grad_()
-    before = args["x_adv"].detach().clone()
-    with pytest.raises(RuntimeError) as error:
-        op(*args.values())
-    assert str(error.value) == (f"{name}: {argument} requires grad, but {name} is an in-place update without a "
-                                f"gradient -- call it under torch.no_grad() or pass {argument}.detach()")
-    assert torch.equal(args["x_adv"].detach(), before)  # refused before the kernel wrote anything
+    check_in_place_op_refuses_argument_requiring_grad(op, name, lambda: pgd_step_arguments(device), PGD_MUTATED,
+                                                      argument)
 
 
 def check_refuses_a_non_leaf_x_adv(op, name, device="cpu"):
@@ -654,30 +651,11 @@ def check_refuses_a_non_leaf_x_adv(op, name, device="cpu"):
 
 
 def check_runs_without_grad_mode_and_bumps_versions(op, device="cpu"):
-    expected = pgd_step_arguments(device)
-    op(*expected.values())
-    modes = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad mode": torch.enable_grad}
-    for mode, context in modes.items():
-        args = pgd_step_arguments(device)
-        if mode != "grad mode":  # outside grad mode a leaf that requires grad is stepped, like an optimizer's update
-            args["x_adv"].requires_grad_()
-        versions = {key: value._version for key, value in args.items() if isinstance(value, torch.Tensor)}
-        with context():
-            op(*args.values())
-        assert_verbose_equal(args["x_adv"].detach(), expected["x_adv"], mode)
-        assert_verbose_equal(args["history"], expected["history"], mode)
-        bumped = {key for key, version in versions.items() if args[key]._version > version}
-        assert bumped == {"x_adv", "history"}, mode
+    check_in_place_op_runs_outside_grad_mode_and_bumps_versions(op, lambda: pgd_step_arguments(device), PGD_MUTATED)
 
 
 def check_backward_sees_the_mutation(op, device="cpu"):
-    # A tensor another op saved for backward and this op then overwrote: PyTorch's usual error, not a stale gradient.
-    args = pgd_step_arguments(device)
-    weight = torch.ones_like(args["x_adv"], requires_grad=True)
-    product = (weight * args["x_adv"]).sum()  # mul saves x_adv for weight's gradient
-    op(*args.values())
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        product.backward()
+    check_in_place_op_mutation_is_seen_by_backward(op, lambda: pgd_step_arguments(device), "x_adv")
 
 
 @pytest.mark.parametrize("argument", PGD_TENSOR_ARGUMENTS)

@@ -72,3 +72,52 @@ class TinyCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x).flatten(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The in-place ops' autograd rule (robust_ops._autograd.register_in_place_without_gradient), checked alike for
+# pgd_step_, boundary_search_step_ and their Triton variants. ``make_args()`` returns the op's arguments as a dict in
+# schema order; ``mutated`` names the arguments it writes.
+
+
+def check_in_place_op_refuses_argument_requiring_grad(op, name, make_args, mutated, argument):
+    import pytest
+
+    args = make_args()
+    args[argument] = args[argument].clone().requires_grad_()
+    before = {key: args[key].detach().clone() for key in mutated}
+    with pytest.raises(RuntimeError) as error:
+        op(*args.values())
+    assert str(error.value) == (f"{name}: {argument} requires grad, but {name} is an in-place update without a "
+                                f"gradient -- call it under torch.no_grad() or pass {argument}.detach()")
+    for key, old in before.items():
+        assert torch.equal(args[key].detach(), old), key  # refused before the kernel wrote anything
+
+
+def check_in_place_op_runs_outside_grad_mode_and_bumps_versions(op, make_args, mutated):
+    expected = make_args()
+    op(*expected.values())
+    modes = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad mode": torch.enable_grad}
+    for mode, context in modes.items():
+        args = make_args()
+        if mode != "grad mode":  # outside grad mode a leaf that requires grad is stepped, like an optimizer's update
+            args[mutated[0]].requires_grad_()
+        versions = {key: value._version for key, value in args.items() if isinstance(value, torch.Tensor)}
+        with context():
+            op(*args.values())
+        for key in mutated:
+            assert_verbose_equal(args[key].detach(), expected[key], f"{key} ({mode})")
+        bumped = {key for key, version in versions.items() if args[key]._version > version}
+        assert bumped == set(mutated), mode
+
+
+def check_in_place_op_mutation_is_seen_by_backward(op, make_args, argument):
+    # A tensor another op saved for backward and this op then overwrote: PyTorch's usual error, not a stale gradient.
+    import pytest
+
+    args = make_args()
+    weight = torch.ones_like(args[argument], requires_grad=True)
+    product = (weight * args[argument]).sum()  # mul saves the argument for weight's gradient
+    op(*args.values())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.backward()
