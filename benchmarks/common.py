@@ -187,8 +187,10 @@ def write_rows(name, rows, device=None):
     benchmark that measures CPU and GPU in one run) is described by that device instead."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    envs = {}
-    rows = [{**row, **(envs.setdefault(row["dev"], environment(row["dev"])) if "dev" in row else env)} for row in rows]
+    envs = {}  # one environment() (two git calls) per device, not per row
+    for dev in {row["dev"] for row in rows if "dev" in row}:
+        envs[dev] = environment(dev)
+    rows = [{**row, **(envs[row["dev"]] if "dev" in row else env)} for row in rows]
     path = RESULTS_DIR / f"{name}.csv"
     # Written beside the file and moved over it: a Ctrl-C or crash mid-write leaves the previous results, never half
     # a table.
