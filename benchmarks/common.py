@@ -5,6 +5,7 @@ Timing uses torch.utils.benchmark (handles warm-up and CUDA sync). Report median
 
 import argparse
 import csv
+import logging
 import os
 import platform
 import subprocess
@@ -12,7 +13,22 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as tbench
+
+
+def _import_torch_benchmark():
+    # torch.utils.benchmark imports cpp_extension, which on a machine without CUDA logs "No CUDA runtime is found,
+    # using CUDA_HOME=..." at import: about compiling extensions, which no benchmark does.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.benchmark as benchmark
+    finally:
+        log.setLevel(level)
+    return benchmark
+
+
+tbench = _import_torch_benchmark()
 
 RESULTS_DIR = Path(os.environ.get("ROBUST_OPS_BENCH_DIR", Path(__file__).resolve().parent / "results"))
 

@@ -240,6 +240,26 @@ def test_defense_opt_values():
             cli.parse_key_values([bad], "--defense-opt")
 
 
+def test_defense_opt_key_given_twice_is_refused(tmp_path):
+    """A key given twice on the command line (or twice in the file) would lose its first value: refused, naming both;
+    the command line's key still overrides the file's."""
+    with pytest.raises(cli.CLIError, match=r"--defense-opt: eps is given twice \('eps=2/255' and 'eps=4/255'\); "
+                                           "give it once"):
+        cli.parse_key_values(["eps=2/255", "steps=3", "eps=4/255"], "--defense-opt")
+    with pytest.raises(cli.CLIError, match="max_radius is given twice"):  # dashes read as underscores
+        cli.parse_key_values(["max-radius=1", "max_radius=2"], "--defense-opt")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("defense-opt: [eps=2/255, eps=3/255]\n")
+    with pytest.raises(cli.CLIError, match="eps is given twice"):
+        cli.parse_key_values(_config_args("train", ["--config", str(cfg)]).defense_opt, "--defense-opt")
+    cfg.write_text("defense-opt: [eps=2/255]\n")
+    args = _config_args("train", ["--config", str(cfg), "--defense-opt", "eps=3/255"])
+    assert cli.parse_key_values(args.defense_opt, "--defense-opt")["eps"] == pytest.approx(3 / 255)
+    args = _config_args("train", ["--config", str(cfg), "--defense-opt", "eps=3/255", "--defense-opt", "eps=4/255"])
+    with pytest.raises(cli.CLIError, match=r"eps is given twice \('eps=3/255' and 'eps=4/255'\)"):
+        cli.parse_key_values(args.defense_opt, "--defense-opt")
+
+
 def _config_args(command, argv):
     parser, parsers = cli.build_parser()
     sub = parsers[command]

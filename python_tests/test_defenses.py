@@ -898,6 +898,29 @@ def test_unimplemented_attack_norms_are_refused_and_gr_keeps_its_own_norms():
         defenses.GR(norm="L2")
 
 
+def test_dpaat_means_span_every_process_share(monkeypatch):
+    """Under DDP dL_avg and the recorded mean radius are over the whole batch, also when the shares are uneven: a
+    fake second process holding one sample (dL 4.0, then radius 0.0) joins every all-reduce of (sum, count)."""
+    from robust_ops.defenses import adaptive
+
+    other = iter([torch.tensor([4.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)])
+    reduced = []
+
+    def all_reduce(total):
+        reduced.append(total.clone())
+        total += next(other)
+
+    monkeypatch.setattr(adaptive, "distributed_run", lambda: True)
+    monkeypatch.setattr(adaptive.dist, "all_reduce", all_reduce)
+    dpaat = DPAAT(eps=0.5)
+    r = dpaat.radii(torch.tensor([0.3, 0.3]), torch.tensor([1.0, 3.0]))
+    # dL_avg = (1 + 3 + 4) / 3 = 8/3: gamma = 0.5 * |dL - 8/3| / (8/3)
+    torch.testing.assert_close(r, torch.tensor([0.3 + 0.5 * (5 / 3) / (8 / 3), 0.3 - 0.5 * (1 / 3) / (8 / 3)]))
+    assert len(reduced) == 2
+    assert dpaat.state_dict()["radius_mean"] == pytest.approx(float(r.sum()) / 3)  # not r.mean(): 3 samples in all
+    assert dpaat.state_dict()["running_delta_loss"] == pytest.approx(8 / 3)
+
+
 def test_dpaat_max_radius_caps_and_losses_run_in_the_attack_mode():
     """max_radius caps eps_i; dL is computed in the attack's mode ("eval": BatchNorm running statistics are neither
     used nor updated), so only the two loss forwards update them."""

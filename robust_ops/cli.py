@@ -76,17 +76,27 @@ class Switch(argparse.Action):
 # ----------------------------------------------------------------------------------------------- shared helpers
 
 
+class ConfigItem(str):
+    """A repeatable option's value that came from a --config file: the command line's own may override its keys."""
+
+
 def parse_key_values(items, flag):
     """``["eps=5/255", "steps=10"]`` -> {"eps": 0.0196, "steps": 10}; values: numbers, fractions, booleans,
-    comma-separated lists of numbers, or strings."""
+    comma-separated lists of numbers, or strings. A key given twice on the command line (or twice in the config file)
+    is an error -- the first value would be lost; a command-line key overrides the config file's (ConfigItem)."""
     from .evaluate import parse_number
 
-    out = {}
+    out, given = {}, {}
     for item in items or []:
         key, sep, value = str(item).partition("=")
         if not sep or not key.strip():
             raise CLIError(f"{flag}: expected key=value, got {item!r}")
-        out[key.strip().replace("-", "_")] = _value(value.strip(), parse_number)
+        key = key.strip().replace("-", "_")
+        source = "config" if isinstance(item, ConfigItem) else "command line"
+        if given.get(key, (None,))[0] == source:
+            raise CLIError(f"{flag}: {key} is given twice ({given[key][1]!r} and {str(item)!r}); give it once")
+        given[key] = (source, str(item))
+        out[key] = _value(value.strip(), parse_number)
     return out
 
 
@@ -159,7 +169,8 @@ def _config_value(parser, action, value, where):
         if isinstance(value, dict):  # defense-opt: {eps: 2/255} reads as eps=2/255
             value = [f"{k}={v}" for k, v in value.items()]
         # a list default, never a string: argparse appends command-line occurrences to it
-        return [_config_item(parser, action, v, where) for v in (value if isinstance(value, list) else [value])]
+        items = [_config_item(parser, action, v, where) for v in (value if isinstance(value, list) else [value])]
+        return [ConfigItem(v) if isinstance(v, str) else v for v in items]
     if isinstance(value, list):  # comma-separated options (--attacks, --eps, --methods) also take YAML lists
         value = ",".join(str(v) for v in value)
     return _config_item(parser, action, value, where)
@@ -481,10 +492,10 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
     from . import train as trainer
     from .data import IndexedDataset
-    from .prepacked_conv import prepacked_conv_enabled_by_default
+    from .prepacked_conv import prepacked_conv_resolved
 
     # what will run (None: $ROBUST_OPS_PREPACKED_CONV decides, as in fit), so --resume compares that
-    prepacked_conv = prepacked_conv_enabled_by_default() if prepacked_conv is None else bool(prepacked_conv)
+    prepacked_conv = prepacked_conv_resolved(prepacked_conv)
     splits = splits or load_data(data, size=size, seed=seed, classes=classes)
     info = splits.info
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,

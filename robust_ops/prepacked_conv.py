@@ -36,8 +36,8 @@ from torch._prims_common import suggest_memory_format
 from ._options import env_switch
 from ._patching import active_replacement, check_unmodified, patched_forwards, saved_state, switch_setting
 
-__all__ = ["prepacked_conv", "prepacked_conv_enabled_by_default", "prepacked_conv_active", "weight_pack_scope",
-           "ENV_SWITCH"]
+__all__ = ["prepacked_conv", "prepacked_conv_enabled_by_default", "prepacked_conv_resolved", "prepacked_conv_active",
+           "weight_pack_scope", "ENV_SWITCH"]
 
 ENV_SWITCH = "ROBUST_OPS_PREPACKED_CONV"
 
@@ -46,6 +46,11 @@ _local = threading.local()
 
 def prepacked_conv_enabled_by_default():
     return env_switch(ENV_SWITCH, False)
+
+
+def prepacked_conv_resolved(enabled):
+    """Whether a run given ``enabled`` packs (None: $ROBUST_OPS_PREPACKED_CONV decides), as fit and the CLI record it."""
+    return prepacked_conv_enabled_by_default() if enabled is None else bool(enabled)
 
 
 def _available():

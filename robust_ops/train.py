@@ -40,7 +40,7 @@ from torch import nn
 
 from ._options import check_int, check_real, class_labels
 from .native_layers import library_speedups
-from .prepacked_conv import prepacked_conv_enabled_by_default
+from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -514,7 +514,7 @@ def fit(
         raise ValueError(f"{name}: train_data has {len(train_data)} sample(s), fewer than the {world} processes; "
                          "every process needs at least one sample per step")
     # recorded as it runs, so a resume under another $ROBUST_OPS_PREPACKED_CONV is refused
-    prepacked_conv = prepacked_conv_enabled_by_default() if prepacked_conv is None else bool(prepacked_conv)
+    prepacked_conv = prepacked_conv_resolved(prepacked_conv)
     history, start_epoch = [], 0
     config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),

@@ -132,7 +132,8 @@ class DPAAT(_AdaptiveRadius):
 
     def radii(self, norms, delta_losses):
         """eps_DPAAT per sample (eq. 15) from the perturbation norms and the loss changes; updates the running mean.
-        Under torch.distributed each process holds a share of the batch: dL_avg is the mean over the whole batch."""
+        Under torch.distributed each process holds a share of the batch: dL_avg and the recorded mean radius are
+        means over the whole batch."""
         batch_avg = _global_mean(delta_losses)
         if self._num_batches == 0:
             self._running_dl = batch_avg
@@ -147,7 +148,7 @@ class DPAAT(_AdaptiveRadius):
         radii = torch.where(delta_losses > avg, norms - gamma, norms + gamma).clamp_min(0.0)
         if self.max_radius is not None:
             radii = radii.clamp_max(self.max_radius)
-        self._radius_mean = float(radii.mean())
+        self._radius_mean = _global_mean(radii)  # over the whole batch: shares may be uneven (2 / 1)
         return radii
 
     def __call__(self, model, x, y, ids=None):
