@@ -49,7 +49,8 @@ def prepacked_conv_enabled_by_default():
 
 
 def prepacked_conv_resolved(enabled):
-    """Whether a run given ``enabled`` packs (None: $ROBUST_OPS_PREPACKED_CONV decides), as fit and the CLI record it."""
+    """Whether a run given ``enabled`` packs (None: $ROBUST_OPS_PREPACKED_CONV decides), as fit and the CLI
+    record it."""
     return prepacked_conv_enabled_by_default() if enabled is None else bool(enabled)
 
 
