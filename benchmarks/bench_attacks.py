@@ -210,7 +210,10 @@ def main():
     parser.add_argument("--size", type=positive_int, default=64)
     parser.add_argument("--train-steps", type=nonnegative_int, default=None,
                         help="Adam steps before the ensemble (default 30, --quick 12)")
-    parser.add_argument("--peers-only", action="store_true", help="only the table of attacks vs torchattacks")
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument("--peers-only", action="store_true", help="only the table of attacks vs torchattacks")
+    peers.add_argument("--no-peers", action="store_true",
+                       help="skip that table (the longest part; bench_attacks_peers.csv is then left as it was)")
     parser.add_argument("--peer-rounds", type=positive_int, default=None,
                         help="interleaved rounds per attack in that table (default 3, --quick 1)")
     args = parser.parse_args()
@@ -324,10 +327,12 @@ def main():
         print(f"{name}: trained {train_steps} steps, clean accuracy {float((y_pred == y).float().mean()):.3f}; "
               f"ensemble robust accuracy cascade {cascade.robust_accuracy():.3f}, all "
               f"{full.robust_accuracy():.3f}; broken per attack {cascade.counts()}", flush=True)
-        peer_rows += bench_peers(name, model, x, y_pred, ens_eps, args, backend)
+        if not args.no_peers:
+            peer_rows += bench_peers(name, model, x, y_pred, ens_eps, args, backend)
     if rows:
         write_rows("bench_attacks", rows, device)
-    write_rows("bench_attacks_peers", peer_rows, device)
+    if not args.no_peers:
+        write_rows("bench_attacks_peers", peer_rows, device)
 
 
 if __name__ == "__main__":

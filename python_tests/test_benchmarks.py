@@ -54,6 +54,7 @@ BAD_FLAGS = [
     ("bench_attacks", ["--models", "small-resnet,nope"]),
     ("bench_attacks", ["--rounds", "0"]),
     ("bench_attacks", ["--peer-rounds", "0"]),
+    ("bench_attacks", ["--peers-only", "--no-peers"]),
     ("bench_ima", ["--images", "0"]),
     ("bench_ima", ["--repeats", "0"]),
 ]
@@ -967,6 +968,15 @@ def test_attacks_rows_time_what_they_name(monkeypatch, capsys):
         (ms["run_cascade"], ms["run_all"], ms["run_all"] / ms["run_cascade"]))
     assert len(rows) == 8 and len(written["bench_attacks_peers"]) == 4
     assert "small-resnet: trained 2 steps" in capsys.readouterr().out
+
+
+def test_attacks_no_peers_skips_the_peer_table_and_leaves_its_csv(monkeypatch):
+    mod, written = _attacks_script(monkeypatch, ["--no-peers", "--models", "small-resnet", "--batch", "4", "--size",
+                                                 "16", "--train-steps", "2", "--quick"])
+    monkeypatch.setattr(mod, "interleaved_medians", lambda fns, rounds, device=None: ([1e-3] * len(fns), None))
+    monkeypatch.setattr(mod, "bench_peers", lambda *a: pytest.fail("--no-peers ran the peer table"))
+    mod.main()
+    assert len(written["bench_attacks"]) == 8 and "bench_attacks_peers" not in written
 
 
 def test_attack_peer_rows_time_and_compare_what_they_name(monkeypatch):
