@@ -98,6 +98,17 @@ def test_nan_and_ties():
     assert bool(torch.isnan(out).all()) and idx.item() == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_windows_without_input_elements(dtype):
+    """Windows that miss the input (dilation 2 over one row, with padding) output -inf with index -1, as in the
+    reference: the double-backward test clamps those outputs, so a kernel writing 0 there passed (found by the
+    mutation pass)."""
+    args = ((2, 2), (1, 1), (1, 1), (2, 2), False)
+    x = make_input((2, 2, 1, 3), "normal", 7, dtype).to(DEVICE)
+    out, idx = check(x, args)
+    assert bool((idx == -1).all()) and bool((out == float("-inf")).all())
+
+
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_grad_matches_reference_autograd(fmt, dtype):

@@ -13,6 +13,7 @@ from test_pgd_step import (
     check_refuses_argument_requiring_grad,
     check_runs_without_grad_mode_and_bumps_versions,
     make_inputs,
+    opmath_chain,
     torchattacks_pgd_step,
     torchattacks_pgdl2_step,
 )
@@ -64,12 +65,36 @@ def test_matches_reference_exactly(dtype, norm, shape):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+def test_samples_of_whole_blocks(norm):
+    """Per-sample sizes that fill their blocks (BLOCK = 1024): a block start off by one still covers 1320 elements in
+    two blocks, not 2048 (found by the mutation pass)."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 1024), device=device(), seed=5, zero_grad=(1,))
+    history = torch.full((2, 3, 2, 1024), -7.0, device=device())
+    (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, slot=1)
+    assert_verbose_equal(ours, ref, "x_adv")
+    assert_verbose_equal(h_ours, h_ref, "history")
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_clip_range_and_eps_zero(norm):
     x_adv, x_nat, grad, alpha, eps = make_inputs((4, 2, 6, 6), device=device(), clip=(-1.0, 2.0), scale=0.4)
     eps[1] = 0
     (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (-0.5, 1.5), norm)
     assert_verbose_equal(ours, ref)
     assert_verbose_equal(ours[1], x_nat[1].clamp(-0.5, 1.5))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_history_slot_holds_the_clipped_result(norm):
+    """Steps that leave the clip range: history[slot] gets the clipped x_adv (a kernel storing the unclipped sum in
+    the slot passed every other test, found by the mutation pass)."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 2, 6, 6), device=device(), clip=(-1.0, 2.0), scale=0.4)
+    alpha, eps = alpha * 10, eps * 10
+    history = torch.full((2, 4, 2, 6, 6), -7.0, device=device())
+    (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (-0.5, 1.5), norm, history, slot=1)
+    assert_verbose_equal(ours, ref, "x_adv")
+    assert_verbose_equal(h_ours, h_ref, "history")
+    assert bool(((ref == -0.5) | (ref == 1.5)).any())
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -98,6 +123,21 @@ def test_reduced_precision(dtype, norm):
     triton_op()(zero, x_nat, torch.zeros_like(grad), alpha, eps + 1, 0.0, 1.0, norm, None, 0)
     assert not bool(torch.isnan(zero).any())
     torch.testing.assert_close(zero, x_adv, rtol=0, atol=torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_float16_rounds_each_intermediate(norm):
+    """Bitwise against test_pgd_step's opmath_chain (each intermediate rounded to float16, as the C++ op): the
+    tolerance of test_reduced_precision let a dropped rounding of step, stepped, diff, moved or the scaled delta pass
+    (found by the mutation pass). float16 only: the interpreter truncates float32 -> bfloat16 instead of rounding."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 8, 8), torch.float16, device(), seed=3, zero_grad=(2,),
+                                                 scale=0.02)
+    for clip in ((0.0, 1.0), (0.25, 0.75)):
+        expected = opmath_chain(x_adv, x_nat, grad, alpha, eps, clip, norm)
+        ours = x_adv.clone()
+        triton_op()(ours, x_nat, grad, alpha, eps, clip[0], clip[1], norm, None, 0)
+        assert_verbose_equal(ours, expected)
+        assert not torch.equal(ours, x_adv)
 
 
 @pytest.mark.parametrize("norm", NORMS)
