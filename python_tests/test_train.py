@@ -482,6 +482,18 @@ def _train_case(name, kwargs, init):
     return {"model": model.state_dict(), "defense": defense.state_dict()}
 
 
+def _gloo_threads():
+    """Names of this process's gloo threads (Linux; none elsewhere)."""
+    names = []
+    for task in (os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [n for n in names if "gloo" in n]
+
+
 def _ddp_worker(rank, world, port, init_path, out_path):
     import torch.distributed as dist
 
@@ -495,6 +507,8 @@ def _ddp_worker(rank, world, port, init_path, out_path):
             torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
+    with open(f"{out_path}.threads{rank}", "w") as f:
+        f.write(" ".join(_gloo_threads()))
 
 
 def test_ddp_two_processes_match_a_single_process(tmp_path):
@@ -505,6 +519,10 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"))
     torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2, join=True)
+    for rank in range(2):
+        # fit used DDP: destroy_process_group() must still join gloo's threads, or one may abort the process at exit
+        # (robust_ops/__init__.py imports torch.distributed.nn.functional before any group for this)
+        assert (tmp_path / f"ddp.pt.threads{rank}").read_text() == "", f"process {rank}: gloo threads left running"
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     init = torch.load(tmp_path / "init.pt", weights_only=True)
     for name, kwargs in _cases():
@@ -513,6 +531,18 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
             torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
         if name == "ima":
             torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
+
+
+def test_import_binds_no_process_group_into_torch_distributed_defaults():
+    """torch.distributed.nn.functional, imported by DDP's first use, evaluates group.WORLD into its functions'
+    defaults: imported while a group exists, it keeps that group alive after destroy_process_group(). robust_ops
+    imports it up front, before a group normally exists (a fresh interpreter: this one has imported it already)."""
+    import subprocess
+    import sys
+
+    code = "import sys, robust_ops; print('torch.distributed.nn.functional' in sys.modules)"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert probe.stdout.strip() == "True", probe.stderr[-2000:]
 
 
 def _ddp_resume_worker(rank, world, port, init_path, out_dir):
@@ -1002,6 +1032,39 @@ def test_ddp_an_error_inside_one_process_step_names_that_process_on_the_others(t
     assert messages[failing] == error, messages[failing]
     assert messages[1 - failing] == (f"RuntimeError: fit: process {failing} failed at epoch 1, step 2: {error}; "
                                      "stopped here too"), messages[1 - failing]
+
+
+def _ddp_failing_process_destroys_group_worker(rank, world, port, out_path):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a timeout past the test's deadline: only the failing process's destroy_process_group() can release the other
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        fit(DropoutMLP(), FailsOnOneProcess(1, 2), _data(16), epochs=1, batch_size=8, progress=False)
+        message = "no error"
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"  # the exception itself is not kept: its traceback holds the group
+    if rank == 1:
+        dist.destroy_process_group()
+        while not os.path.exists(f"{out_path}.0"):  # alive until the other is released (a notebook's process)
+            time.sleep(0.05)
+    else:
+        torch.save(message, f"{out_path}.0")
+        dist.destroy_process_group()
+
+
+def test_ddp_failing_process_that_destroys_the_group_releases_the_others_at_once(tmp_path):
+    """A caller that catches fit's error, keeps its process alive and calls destroy_process_group() releases the
+    others at once (not at the group's timeout): nothing of fit's keeps the group alive once the exception is gone."""
+    out = str(tmp_path / "error")
+    _spawn_within(60, _ddp_failing_process_destroys_group_worker, (2, _free_port(), out))
+    assert torch.load(f"{out}.0", weights_only=True) == ("RuntimeError: fit: process 1 failed at epoch 1, step 2: "
+                                                         "ValueError: boom on process 1; stopped here too")
 
 
 def test_ddp_an_error_on_the_process_holding_the_store_still_ends_every_process(tmp_path):

@@ -9,6 +9,14 @@ import importlib
 
 import torch
 
+if torch.distributed.is_available():
+    # torch.distributed.nn.functional binds group.WORLD into its functions' defaults when first imported, which
+    # DDP's first use does (through torch._dynamo): imported inside fit, with a process group up, those defaults
+    # held the group, so destroy_process_group() never joined gloo's worker threads; one still releasing a work
+    # object at interpreter exit aborts the process ("terminate called without an active exception", seen in CI).
+    # Imported here, normally before any group exists, the defaults are None (the default group, when called).
+    import torch.distributed.nn.functional  # noqa: F401
+
 from . import _extension
 
 _extension.load_library()

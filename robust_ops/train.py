@@ -780,11 +780,11 @@ class _OneProcessFailures:
     one line naming the failing process and its error. The failing process raises its own error unchanged.
 
     Use as ``with failures:`` around code that runs collectives or may fail on one process; set ``where`` (the epoch
-    and step) as the run goes. A collective fails when the failing process exits or at the group's timeout:
-    measured with gloo (torch 2.14), neither ``ProcessGroup.abort()``/``shutdown()`` nor ``destroy_process_group()``
-    on the failing process releases the others while it lives (DDP's reducer, hooked on the model, keeps the group
-    alive), so a failing process that stays alive holds them until the timeout given to ``init_process_group``. No
-    cost per step beyond the ``with``: the store is read and written only after an exception."""
+    and step) as the run goes. A collective fails when the failing process exits, destroys the group, or at the
+    group's timeout: measured with gloo (torch 2.14), ``ProcessGroup.abort()``/``shutdown()`` do not release the
+    others, ``destroy_process_group()`` does unless something still holds the group (a kept exception's traceback
+    holds the DDP wrapper). No cost per step beyond the ``with``: the store is read and written only after an
+    exception."""
 
     def __init__(self, name, rank, world, device):
         self.name, self.rank, self.world = name, rank, world
