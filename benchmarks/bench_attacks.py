@@ -216,7 +216,10 @@ def main():
                        help="skip that table (the longest part; bench_attacks_peers.csv is then left as it was)")
     parser.add_argument("--peer-rounds", type=positive_int, default=None,
                         help="interleaved rounds per attack in that table (default 3, --quick 1)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import torchattacks
 
     device = torch.device(args.device)

@@ -99,7 +99,10 @@ def main(argv=None):
     ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=nonnegative_int, help="warm-up rounds (default 1 with --quick, else 2)")
     ap.add_argument("--rounds", type=positive_int, help="timed rounds (default 3 with --quick, else 7)")
+    ap.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warmup, reps = (1, 3) if args.quick else (2, 7)
     warmup = warmup if args.warmup is None else args.warmup

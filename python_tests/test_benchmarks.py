@@ -55,6 +55,8 @@ BAD_FLAGS = [
     ("bench_attacks", ["--rounds", "0"]),
     ("bench_attacks", ["--peer-rounds", "0"]),
     ("bench_attacks", ["--peers-only", "--no-peers"]),
+    ("bench_attacks", ["--threads", "0"]),
+    ("bench_defenses", ["--threads", "0"]),
     ("bench_ima", ["--images", "0"]),
     ("bench_ima", ["--repeats", "0"]),
 ]
@@ -977,6 +979,20 @@ def test_attacks_no_peers_skips_the_peer_table_and_leaves_its_csv(monkeypatch):
     monkeypatch.setattr(mod, "bench_peers", lambda *a: pytest.fail("--no-peers ran the peer table"))
     mod.main()
     assert len(written["bench_attacks"]) == 8 and "bench_attacks_peers" not in written
+
+
+@pytest.mark.parametrize("script,argv", [("bench_attacks", ["--peers-only", "--models", "small-resnet", "--batch",
+                                                            "2", "--size", "8", "--train-steps", "0", "--quick"]),
+                                         ("bench_defenses", ["--quick", "--defenses", "standard", "--model", "mlp",
+                                                             "--size", "8", "--batch", "2"])])
+def test_attack_and_defense_benchmarks_take_threads(script, argv, monkeypatch):
+    """--threads N sets torch's threads before anything is timed (the op benchmarks' flag); without it, torch's."""
+    for extra, expected in (([], []), (["--threads", "3"], [3])):
+        mod, _, threads = _script(monkeypatch, script, argv + extra)
+        if script == "bench_attacks":
+            monkeypatch.setattr(mod, "peer_cases", lambda *a: [])  # nothing to time: the flag is what is tested
+        mod.main()
+        assert threads == expected
 
 
 def test_attack_peer_rows_time_and_compare_what_they_name(monkeypatch):

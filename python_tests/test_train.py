@@ -979,7 +979,7 @@ def _ddp_one_process_raises_worker(rank, world, port, out_path, failing_rank, in
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    # the timeout bounds the wait of a process whose peer failed and stays alive (nothing else releases it)
+    # the timeout bounds the wait of a process whose peer failed and stays alive without destroying the group first
     timeout = datetime.timedelta(seconds=10 if stay_alive else 15)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
