@@ -149,8 +149,8 @@ def main(argv=None):
                     "kernel_share_of_round_pct": 100 * kern_s / (kern_s + fwd_s),
                     "ref_share_of_round_pct": 100 * ref_s / (ref_s + fwd_s),
                 })
-                print(f"{rows[-1]['shape']} k={k} {name}: kernel {kern_s * 1e3:.3f} ms, reference {ref_s * 1e3:.3f} ms, "
-                      f"forward {fwd_s * 1e3:.1f} ms", flush=True)  # progress; the table follows
+                print(f"{rows[-1]['shape']} k={k} {name}: kernel {kern_s * 1e3:.3f} ms, "
+                      f"reference {ref_s * 1e3:.3f} ms, forward {fwd_s * 1e3:.1f} ms", flush=True)  # progress
     common.write_rows("boundary_search", rows, device)
 
 

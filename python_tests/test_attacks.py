@@ -1973,3 +1973,17 @@ def test_run_pgd_grad_transform_moves_each_step_along_what_it_returns():
         run_pgd(model, x, y, grad_transform=lambda g, t: None, **kwargs)
     with pytest.raises(TypeError, match="expected grad_transform to be a callable"):
         run_pgd(model, x, y, grad_transform=1.0, **kwargs)
+
+
+def test_gradient_attacks_under_inference_mode_are_refused_by_name_and_run_under_no_grad():
+    """A notebook cell wrapped in torch.inference_mode() cannot take the input gradient (enable_grad does not lift
+    it): a one-line error naming the attack, not autograd's "element 0 of tensors does not require grad"."""
+    model, (x, y) = make_model(), make_data()
+    expected = attacks.pgd(model, x, y, eps=4 / 255, steps=2, random_start=False)
+    with torch.no_grad():
+        assert torch.equal(attacks.pgd(model, x, y, eps=4 / 255, steps=2, random_start=False), expected)
+    for name, attack in [("run_pgd", lambda: run_pgd(model, x, y, eps=4 / 255, alpha=1 / 255, steps=2)),
+                         ("apgd", lambda: attacks.apgd(model, x, y, eps=4 / 255, steps=2))]:
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=f"{name}: gradient-based attacks cannot run "
+                                                                       r"under torch.inference_mode\(\)"):
+            attack()

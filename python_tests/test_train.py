@@ -771,6 +771,89 @@ def test_resume_restores_the_defense_state(tmp_path):
 
 
 
+@pytest.mark.parametrize("make", [lambda: IMA(steps=2, search_steps=2),
+                                  lambda: defenses.build("dpaat", steps=2, reference="running")],
+                         ids=["ima", "dpaat"])
+def test_a_defense_reused_from_an_earlier_fit_is_refused_until_reset(make, tmp_path):
+    """A notebook cell that runs fit again with the same defense object: a fresh run from the earlier run's margins /
+    running means would silently differ from one with a new defense (and resetting them silently would drop state
+    loaded on purpose), so it is refused; after reset_state() the run equals one with a newly built defense. Resuming
+    from a checkpoint takes the checkpoint's state instead."""
+    data = IndexedDataset(_data(16))
+
+    def run(defense, **kwargs):
+        torch.manual_seed(0)
+        model = DropoutMLP()
+        fit(model, defense, data, epochs=1, batch_size=8, lr=1e-2, progress=False, **kwargs)
+        return _weights(model), defense.state_dict()
+
+    reused = make()
+    assert not reused.holds_state()
+    run(reused, out_dir=tmp_path)
+    assert reused.holds_state()
+    with pytest.raises(ValueError, match=rf"^fit: the {reused.name} defense holds state from an earlier run "
+                                         r"\(e.g. a fit before\); pass a newly built defense, call its reset_state\(\) "
+                                         "first, or resume that run from its checkpoint$"):
+        run(reused)
+    run(reused, out_dir=tmp_path, resume=True)  # the checkpoint's state replaces it
+    reused.reset_state()
+    assert not reused.holds_state()
+    weights, state = run(reused)
+    new_weights, new_state = run(make())
+    for k, v in new_weights.items():
+        assert torch.equal(v, weights[k]), k
+    assert state.keys() == new_state.keys()
+    for k, v in new_state.items():
+        assert torch.equal(v, state[k]) if torch.is_tensor(v) else v == state[k], k
+
+
+def test_an_ima_defense_reset_after_an_earlier_fit_trains_on_another_set():
+    """fit sized the unset num_samples to the first training set; after reset_state() it is sized again for another
+    one (a notebook cell with other data), while a num_samples given to the constructor is still checked."""
+    defense = IMA(steps=2, search_steps=2)
+    fit(DropoutMLP(), defense, IndexedDataset(_data(8)), epochs=1, batch_size=8, progress=False)
+    defense.reset_state()
+    fit(DropoutMLP(), defense, IndexedDataset(_data(16)), epochs=1, batch_size=8, progress=False)
+    assert defense.num_samples == 16 and defense.margins.shape == (16,)
+    with pytest.raises(ValueError, match="was sized for num_samples=8"):
+        fit(DropoutMLP(), IMA(8, steps=2), IndexedDataset(_data(16)), epochs=1, progress=False)
+
+
+def test_an_interrupted_fit_closes_its_progress_bar():
+    """A KeyboardInterrupt mid-epoch, its traceback kept (as a notebook keeps sys.last_traceback): the epoch's tqdm
+    bar is closed anyway, not left open to push every later bar one line down."""
+    from tqdm.auto import tqdm
+
+    class Interrupted(defenses.Standard):
+        def __call__(self, model, x, y, ids=None):
+            if self.calls == 1:
+                raise KeyboardInterrupt
+            self.calls += 1
+            return super().__call__(model, x, y)
+
+    defense, before = Interrupted(), len(getattr(tqdm, "_instances", ()))
+    defense.calls = 0
+    with pytest.raises(KeyboardInterrupt) as kept:
+        fit(DropoutMLP(), defense, _data(16), epochs=1, batch_size=4, progress=True)
+    assert kept.tb is not None and len(getattr(tqdm, "_instances", ())) == before
+
+
+def test_an_interrupt_while_writing_the_metrics_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside the metrics.json write (after epoch 2) leaves epoch 1's files and no .tmp file."""
+    import robust_ops.train as train
+
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path, progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path, progress=False, resume=True)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "metrics.csv", "metrics.json"]
+    assert len(json.loads((tmp_path / "metrics.json").read_text())) == 1
+
+
 def test_resume_restores_a_closed_form_scheduler(tmp_path):
     """The scheduler's state (its epoch count) comes from the checkpoint: a closed-form schedule such as LambdaLR
     (lr = base_lr * f(epoch)) would otherwise restart at f(0), which a chainable one like StepLR hides."""

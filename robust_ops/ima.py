@@ -27,6 +27,7 @@ from ._options import check_int, check_real
 from .attacks.context import (
     MODEL_MODES,
     attack_context,
+    check_gradients_possible,
     check_inputs,
     check_output,
     classification_loss,
@@ -254,6 +255,7 @@ class _Problem:
         self.steps = check_int(name, "steps", steps, 0)
         self.search_steps = check_int(name, "search_steps", search_steps, 0)
         self.arity = check_int(name, "arity", arity, 2)
+        check_gradients_possible(name)
         if is_correct is None:
             y = check_inputs(name, x, y, clip_min, clip_max)  # as int64: cross-entropy takes no other label type
         else:
@@ -978,6 +980,7 @@ class IMA(Defense):
         # Given values must match a checkpoint's; automatic ones (None) are taken from it (load_state_dict).
         self._given = {"eps_train": self.eps_train, "delta": self.delta}
         self.init_margin = None if init_margin is None else float(init_margin)
+        self._given_init_margin = self.init_margin
         self.beta, self.norm = float(beta), norm
         self.steps, self.search_steps, self.arity, self.algorithm = steps, search_steps, arity, algorithm
         self.model_mode, self.clip_min, self.clip_max = model_mode, clip_min, clip_max
@@ -987,6 +990,7 @@ class IMA(Defense):
         self.min_rows = None if min_rows is None else check_int("IMA", "min_rows", min_rows, 0)
         self._is_correct, self._loss_fn = is_correct, loss_fn
         self.num_samples = None if num_samples is None else check_int("IMA", "num_samples", num_samples, 1)
+        self._given_num_samples = self.num_samples  # fit's setup() sizes an unset one to its train_data
         self.table = None
         self.counter = PassCounter()
 
@@ -1072,6 +1076,18 @@ class IMA(Defense):
         self.table.update(ids[sel], adv_correct=expand, crossed=shrink, distance=distance, delta=self.delta)
         loss = ((1 - self.beta) * l0 + self.beta * l1).mean()
         return DefenseOutput(loss=loss, logits=out.detach(), metrics=metrics)
+
+    def holds_state(self):
+        """A margin table, or settings resolved by an earlier run (a num_samples fit sized, eps_train from a batch)."""
+        return self.table is not None or (self.num_samples, self.eps_train, self.delta, self.init_margin) != (
+            self._given_num_samples, self._given["eps_train"], self._given["delta"], self._given_init_margin)
+
+    def reset_state(self):
+        """No margin table and the num_samples / eps_train / delta / init_margin given to the constructor (unset ones
+        are sized or resolved again from the next training set and batch): the state of a newly built IMA."""
+        self.table, self.num_samples = None, self._given_num_samples
+        self.eps_train, self.delta = self._given["eps_train"], self._given["delta"]
+        self.init_margin = self._given_init_margin
 
     def state_dict(self):
         if self.table is None:

@@ -184,15 +184,23 @@ def _set_rng_state(state, device):
 def save_checkpoint(path, state):
     """torch.save to a temporary file in the same folder, fsync, then os.replace: the checkpoint is either the old one
     or the new one, never a partial file."""
+    return _replace_atomically(path, lambda f: torch.save(state, f), binary=True, fsync=True)
+
+
+def _replace_atomically(path, write, binary=False, fsync=False, newline=None):
+    """``write(file)`` to a temporary file in ``path``'s folder, then os.replace: ``path`` is either the old file or
+    the new one, never a partial file; an error or interrupt on the way (a notebook's KeyboardInterrupt) removes the
+    temporary file. Returns ``path`` as a string."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a checkpoint gets a plain file's permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; these get a plain file's permissions
+        with os.fdopen(fd, "wb" if binary else "w", newline=newline) as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -482,6 +490,15 @@ def fit(
     elif resume is not False and resume is not None:
         raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
 
+    # A defense reused from an earlier fit (a notebook cell run again) holds that run's state (IMA's margins and the
+    # table size fit gave it): a fresh run from it would silently differ from one with a new defense, and resetting
+    # it would silently drop state a caller loaded on purpose -- so it is refused, unless a checkpoint replaces it.
+    if resume_path is not None:
+        getattr(defense, "reset_state", lambda: None)()
+    elif getattr(defense, "holds_state", lambda: False)():
+        raise ValueError(f"{name}: the {getattr(defense, 'name', 'given')} defense holds state from an earlier run "
+                         "(e.g. a fit before); pass a newly built defense, call its reset_state() first, or resume "
+                         "that run from its checkpoint")
     setup = getattr(defense, "setup", None)
     if setup is not None and getattr(defense, "num_samples", None) is None:  # IMA: margin table size
         setup(len(train_data))
@@ -582,6 +599,7 @@ def fit(
     # and run max pooling on the native kernel (robust_ops.native_layers; same results bitwise).
     speedups = library_speedups(model, device, prepacked_conv=prepacked_conv)
     speedups.__enter__()
+    bar = None
     try:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
@@ -752,6 +770,8 @@ def fit(
             if out_dir is not None:  # on every process: a later NonFiniteLossError names the last good checkpoint
                 last_ckpt = str(ckpt_path)
     finally:
+        if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, would push the next down
+            bar.close()
         speedups.__exit__(None, None, None)
         if initialized_here:
             dist.destroy_process_group()
@@ -869,15 +889,15 @@ def _write_metrics(out_dir, history):
     keys = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    tmp = out_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for row in history:
             writer.writerow({k: row.get(k, "") for k in keys})
-    os.replace(tmp, out_dir / "metrics.csv")
-    tmp = out_dir / f".{HISTORY_NAME}.tmp"
-    with open(tmp, "w") as f:
-        json.dump([{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in row.items()}
-                   for row in history], f, indent=1)
-    os.replace(tmp, out_dir / HISTORY_NAME)
+
+    _replace_atomically(out_dir / "metrics.csv", write_csv, newline="")
+    _replace_atomically(out_dir / HISTORY_NAME, lambda f: json.dump(
+        [{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in row.items()}
+         for row in history], f, indent=1))
+

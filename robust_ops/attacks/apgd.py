@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .. import functional
 from .base import Attack
-from .context import attack_context, check_inputs, is_single_logit, predict_from_output, two_logits
+from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
+                      two_logits)
 from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
 from .pgd import make_generator
 
@@ -178,6 +179,7 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
 def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max):
     """The argument checks APGD and APGD-T share; returns (y as int64, norm, steps, n_restarts, eps as a per-sample
     tensor)."""
+    check_gradients_possible(name)
     y = check_inputs(name, x, y, clip_min, clip_max)
     norm = check_norm(name, norm)
     steps = check_steps(name, steps)

@@ -172,6 +172,15 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
     return y
 
 
+def check_gradients_possible(name):
+    """Gradient attacks differentiate the model inside ``torch.enable_grad()``, which ``torch.no_grad()`` allows but
+    ``torch.inference_mode()`` does not (its tensors never record a graph): refuse it by name, not with autograd's
+    "element 0 of tensors does not require grad" from inside the attack."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{name}: gradient-based attacks cannot run under torch.inference_mode(); call it outside "
+                           "that block (torch.no_grad() is fine: the attack enables gradients itself)")
+
+
 def check_positive(name, arg, value, allow_zero=True):
     bad = value < 0 if allow_zero else value <= 0
     if torch.is_tensor(value):

@@ -17,6 +17,7 @@ from .. import functional
 from .._options import check_int, check_real
 from .context import (
     attack_context,
+    check_gradients_possible,
     check_inputs,
     check_output,
     classification_loss,
@@ -303,6 +304,7 @@ def run_pgd(
     Returns:
         PGDResult(x_adv, iterates, param_grads, emitted_losses).
     """
+    check_gradients_possible(name)
     y = check_inputs(name, x, y, clip_min, clip_max)
     steps = check_steps(name, steps)
     norm = check_norm(name, norm)

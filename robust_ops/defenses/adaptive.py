@@ -166,6 +166,12 @@ class DPAAT(_AdaptiveRadius):
             "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach()),
             "loss_syn": float(syn.detach()), "radius_mean": self._radius_mean})
 
+    def holds_state(self):
+        return self._num_batches > 0
+
+    def reset_state(self):
+        self._running_dl, self._num_batches, self._radius_mean = 0.0, 0, 0.0
+
     def state_dict(self):
         return {"running_delta_loss": float(self._running_dl), "num_batches": int(self._num_batches),
                 "radius_mean": float(self._radius_mean)}

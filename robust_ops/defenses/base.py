@@ -54,6 +54,15 @@ class Defense:
         if state:
             raise ValueError(f"{self.name}: this defense keeps no state, got keys {sorted(state)}")
 
+    def holds_state(self):
+        """Whether this object holds run state (IMA's margins, DPAAT's running mean) from an earlier run: ``fit``
+        refuses to start a fresh run from it (it resumes from a checkpoint's instead). Stateless defenses: never."""
+        return False
+
+    def reset_state(self):
+        """Back to the state of a newly built defense (``holds_state()`` then False); stateless defenses have
+        nothing to do."""
+
     def options(self):
         """The settings that shape training, as plain values: public attributes holding a number, string, bool, None or
         a tuple/list of these. ``fit`` records them in its checkpoints and refuses to resume under other ones;
