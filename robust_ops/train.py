@@ -496,7 +496,7 @@ def fit(
     if resume_path is not None:
         getattr(defense, "reset_state", lambda: None)()
     elif getattr(defense, "holds_state", lambda: False)():
-        raise ValueError(f"{name}: the {getattr(defense, 'name', 'given')} defense holds state from an earlier run "
+        raise ValueError(f"{_defense_named(name, defense)} holds state from an earlier run "
                          "(e.g. a fit before); pass a newly built defense, call its reset_state() first, or resume "
                          "that run from its checkpoint")
     setup = getattr(defense, "setup", None)
@@ -505,7 +505,7 @@ def fit(
     elif setup is not None and defense.num_samples != len(train_data):
         # ids are positions in train_data: a larger table would keep (and average into its metrics) margins of
         # samples that do not exist, a smaller one fail mid-epoch
-        raise ValueError(f"{name}: the {getattr(defense, 'name', 'defense')} defense was sized for num_samples="
+        raise ValueError(f"{_defense_named(name, defense)} was sized for num_samples="
                          f"{defense.num_samples}, but train_data has {len(train_data)} samples; pass "
                          f"num_samples=len(train_data) or leave it unset")
     prepare = getattr(defense, "prepare_model", None)
