@@ -208,17 +208,15 @@ def write_rows(name, rows, device=None):
         envs[dev] = environment(dev)
     rows = [{**row, **(envs[row["dev"]] if "dev" in row else env)} for row in rows]
     path = RESULTS_DIR / f"{name}.csv"
-    # Written beside the file and moved over it: a Ctrl-C or crash mid-write leaves the previous results, never half
-    # a table.
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(staging, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+    from robust_ops._files import replace_atomically
+
+    def write_csv(f):
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    # a Ctrl-C or crash mid-write leaves the previous results, never half a table
+    replace_atomically(path, write_csv, newline="")
     print(markdown_table(rows, exclude=env.keys()))
     print(f"\n({env['device']}, {env['threads']} threads, torch {env['torch']}, git {env['git']}; csv: {path})")
     return path

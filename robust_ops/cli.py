@@ -333,13 +333,9 @@ def read_checkpoint(path):
 
 
 def write_json_atomic(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from ._files import replace_atomically
+
+    replace_atomically(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
 
 
 # ----------------------------------------------------------------------------------------------- train

@@ -28,7 +28,6 @@ import math
 import numbers
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._files import replace_atomically
 from ._options import check_int, check_real, class_labels
 from .native_layers import library_speedups
 from .prepacked_conv import prepacked_conv_resolved
@@ -184,35 +184,7 @@ def _set_rng_state(state, device):
 def save_checkpoint(path, state):
     """torch.save to a temporary file in the same folder, fsync, then os.replace: the checkpoint is either the old one
     or the new one, never a partial file."""
-    return _replace_atomically(path, lambda f: torch.save(state, f), binary=True, fsync=True)
-
-
-def _replace_atomically(path, write, binary=False, fsync=False, newline=None):
-    """``write(file)`` to a temporary file in ``path``'s folder, then os.replace: ``path`` is either the old file or
-    the new one, never a partial file; an error or interrupt on the way (a notebook's KeyboardInterrupt) removes the
-    temporary file. Returns ``path`` as a string."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; these get a plain file's permissions
-        with os.fdopen(fd, "wb" if binary else "w", newline=newline) as f:
-            write(f)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return str(path)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return replace_atomically(path, lambda f: torch.save(state, f), binary=True, fsync=True)
 
 
 def epochs_done(out_dir):
@@ -896,8 +868,8 @@ def _write_metrics(out_dir, history):
         for row in history:
             writer.writerow({k: row.get(k, "") for k in keys})
 
-    _replace_atomically(out_dir / "metrics.csv", write_csv, newline="")
-    _replace_atomically(out_dir / HISTORY_NAME, lambda f: json.dump(
+    replace_atomically(out_dir / "metrics.csv", write_csv, newline="")
+    replace_atomically(out_dir / HISTORY_NAME, lambda f: json.dump(
         [{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in row.items()}
          for row in history], f, indent=1))
 
