@@ -518,6 +518,13 @@ def test_input_errors():
         attacks.pgd(model, x, y[:, None], **kw)
     with pytest.raises(TypeError, match="pgd: expected y to be an integer tensor of class labels, got torch.float32"):
         attacks.pgd(model, x, y.float(), **kw)
+    for masks in (torch.zeros(4, 12, 12), torch.zeros(4, 1, 12, 12, dtype=torch.long)):  # as masks, whatever dtype
+        for attack in (attacks.pgd, attacks.white_noise):
+            with pytest.raises(ValueError, match=rf"^{attack.__name__}: expected y of shape \[4\], got "
+                                                 rf"{re.escape(str(tuple(masks.shape)))}: segmentation masks\? the "
+                                                 r"attacks are for classifiers only \(segmentation: docs/ima.md, "
+                                                 r"Segmentation\)$"):
+                attack(model, x, masks, eps=0.03)
     with pytest.raises(ValueError, match=r"pgd: expected labels in \[0, 3\) for a model with 3 classes, got values"):
         attacks.pgd(model, x, torch.tensor([0, 1, 2, 3]), **kw)
     with pytest.raises(ValueError, match=r"pgd: expected labels in \[0, None\), got values in \[-1, 2\]"):

@@ -91,6 +91,24 @@ adv, grad, alpha, eps = torch.rand(4, 1, 28, 28), torch.randn(4, 1, 28, 28), 2 /
 adv_before = adv.clone()
 """
 
+# docs/ima.md's segmentation block: tiny binary and 3-class nets, their own segmentations of x as the targets.
+SEGMENTATION_STAND_INS = """
+class _TinySegNet(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, classes, 3, padding=1))
+
+    def forward(self, x):
+        return self.body(x) * 10
+
+seg_model, mc_model = _TinySegNet(1).eval(), _TinySegNet(3).eval()
+with torch.no_grad():
+    masks, labels = (seg_model(x) > 0).squeeze(1).long(), mc_model(x).argmax(1)
+margins = torch.full((4,), 3.0)
+seg_train_set = torch.utils.data.TensorDataset(x, masks)
+optimizer = torch.optim.SGD(seg_model.parameters(), lr=0.01)
+"""
+
 FRAGMENTS = {
     ("docs/attacks.md", 0): ({}, "assert robust.shape == (4,) and atk is not None"),
     ("docs/attacks.md", 2): ({}, """
@@ -106,6 +124,13 @@ assert torch.load("runs/noisy-at/checkpoint.pt")["config"]["defense_options"]["s
                                      "assert len(rows) > 0 and (Path(tmp) / 'runs/mirst-dm/eval').exists()"),
     ("docs/ima.md", 0): ({}, "assert x_adv.shape == (4, 1, 28, 28) and crossed.shape == (4,)\n"
                              "assert torch.load(path)['defense']['margins'].shape == (len(train_set),)"),
+    ("docs/ima.md", 1): ({"import torch\n": "import torch\n" + SEGMENTATION_STAND_INS}, """
+assert x_adv.shape == x.shape and bool(crossed.any())  # the multi-class loss moved samples across Dice 0.6
+with torch.no_grad():
+    assert bool(dice_criterion()(mc_model(x_adv), labels)[crossed].all())  # landed on the correct side
+assert defense.margins.shape == (4,) and noise_dice.shape == (4,)
+assert bool(((0 <= noise_dice) & (noise_dice <= 1)).all())
+"""),
     ("docs/memory-pool.md", 0): ({}, ""),
     ("docs/profile-attacks.md", 0): ({"model = ...": "", "x, y = ...": "", "min_run_time=2": "min_run_time=0.1"}, ""),
     ("docs/training.md", 0): ({"epochs=100": "epochs=1"},

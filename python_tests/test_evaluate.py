@@ -177,6 +177,10 @@ def test_labels_of_shape_n_by_1_are_taken_as_fit_takes_them():
                                         r"\[N, 1\]\), got labels of shape \(6, 2\) for 6 samples; for one-hot "
                                         r"labels pass their argmax\(1\)$"):
         evaluate(model, TensorDataset(x, torch.nn.functional.one_hot(y)), info, attacks="fgsm", eps=[1 / 255])
+    with pytest.raises(EvalError, match=r"^data: .*got labels of shape \(6, 12, 12\): segmentation masks\? fit "
+                                        r"and evaluate are for classifiers only \(segmentation: docs/ima.md, "
+                                        r"Segmentation\)$"):
+        evaluate(model, TensorDataset(x, (x[:, 0] > 0.5).long()), info, attacks="fgsm", eps=[1 / 255])
     # fit's rule (one helper): float labels would be truncated (0.7 -> 0) silently
     with pytest.raises(EvalError, match=r"^data: expected integer class labels, got labels of dtype torch.float32$"):
         evaluate(model, TensorDataset(x, y.float()), info, attacks="fgsm", eps=[1 / 255])

@@ -5,6 +5,7 @@ import datetime
 import io
 import math
 import os
+import re
 import socket
 
 import pytest
@@ -456,9 +457,9 @@ def test_midpoint_search_result_and_single_logit_model():
 
 
 class TinySegNet(nn.Module):
-    def __init__(self):
+    def __init__(self, classes=1):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 1, 3, padding=1))
+        self.body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, classes, 3, padding=1))
 
     def forward(self, x):
         return self.body(x) * 10
@@ -533,6 +534,114 @@ def test_dice_accepts_each_documented_output_layout():
     unsqueezed = gen_adv(net, x[keep], target[keep], margin, **kwargs)
     assert bool(squeezed[1].any()) and torch.equal(squeezed[1], unsqueezed[1])
     torch.testing.assert_close(squeezed[0], unsqueezed[0], rtol=0, atol=1e-12)
+
+
+def multiclass_soft_dice_loss(out, y, smooth=1.0):
+    """docs/ima.md's example of a multi-class loss_fn: soft Dice averaged over the foreground classes."""
+    p = out.softmax(1).flatten(2)[:, 1:]
+    t = F.one_hot(y, out.shape[1]).movedim(-1, 1).flatten(2)[:, 1:].to(p.dtype)
+    return 1 - ((2 * (p * t).sum(2) + smooth) / (p.sum(2) + t.sum(2) + smooth)).mean(1)
+
+
+def segmentation_problem(classes, n=12, seed=0):
+    """A tiny segmentation net and its own segmentations of x as targets (Dice 1 at x): binary {0, 1} masks
+    [N, H, W] for one output channel, labels [N, H, W] for several."""
+    torch.manual_seed(seed)
+    model = TinySegNet(classes).double().eval()
+    x = torch.rand(n, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    target = (out > 0).squeeze(1).long() if classes == 1 else out.argmax(1)
+    return model, x, target
+
+
+@pytest.mark.parametrize("algorithm", [2, 3])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("classes", [1, 3])
+def test_segmentation_properties(classes, norm, algorithm):
+    # docs/ima.md, Segmentation: binary logits with soft_dice_loss, multi-class logits and labels with a loss of the
+    # user's own (the docs' example); the promises of test_properties, judged by the Dice criterion.
+    model, x, target = segmentation_problem(classes)
+    criterion = dice_criterion()
+    loss_fn = soft_dice_loss if classes == 1 else multiclass_soft_dice_loss
+    widest = {(1, "l2"): 4.0, (1, "linf"): 0.5, (3, "l2"): 1.0, (3, "linf"): 0.1}[classes, norm]
+    margin = torch.linspace(0.0, widest, x.shape[0], dtype=torch.float64)  # the wider ones cross
+    n_search = 7
+    x_adv, crossed, info = gen_adv(model, x, target, margin, steps=10, search_steps=n_search, norm=norm,
+                                   algorithm=algorithm, is_correct=criterion, loss_fn=loss_fn, return_info=True)
+    tol = 1e-9
+    assert bool((sample_distance(x_adv, x, norm) <= margin * (1 + tol) + tol).all())
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    with torch.no_grad():
+        ok_adv, ok_far = criterion(model(x_adv), target), criterion(model(info.far_point), target)
+    c = crossed
+    assert bool(info.clean_correct.all()) and bool(c.any()) and not bool(c.all())
+    assert bool(ok_adv[c].all()) and not bool(ok_far[c].any())  # Dice > 0.6, within gap of a point with <= 0.6
+    assert bool((info.gap[c] <= 2 * margin[c] / 2 ** n_search * (1 + tol) + tol).all())
+    assert bool(ok_adv[~c].all())
+    masked = gen_adv_masked(model, x, target, margin, steps=10, search_steps=n_search, norm=norm,
+                            algorithm=algorithm, is_correct=criterion, loss_fn=loss_fn)
+    assert torch.equal(masked[0], x_adv) and torch.equal(masked[1], crossed)
+
+
+def test_default_criterion_and_loss_with_segmentation_name_the_option_to_pass():
+    # The defaults are for classifiers: the loss failed inside cross-entropy ("Target 1 is out of bounds") for binary
+    # logits and named a loss_fn never passed for multi-class ones; IMA named an is_correct never passed.
+    for classes in (1, 3):
+        model, x, target = segmentation_problem(classes, n=4)
+        with pytest.raises(ValueError, match=r"^gen_adv: expected the model to output \[N, K\] logits .* got shape "
+                                             rf"\(4, {classes}, 8, 8\); the default loss_fn is for classifiers: for "
+                                             r"segmentation pass loss_fn=soft_dice_loss \(binary masks\) or a "
+                                             r"per-sample loss of your own$"):
+            gen_adv(model, x, target, 1.0, is_correct=dice_criterion())
+        with pytest.raises(ValueError, match=r"^IMA: expected the model to output .*; the default loss_fn is for "
+                                             r"classifiers"):
+            IMA(num_samples=4, is_correct=dice_criterion())(model, x, target, torch.arange(4))
+        for layout in (target, target.unsqueeze(1)):  # masks [N, H, W] or [N, 1, H, W]
+            match = (r"expected class labels y of shape \[N\] for the default is_correct \(argmax == y\), got "
+                     rf"{re.escape(str(tuple(layout.shape)))}; for segmentation masks pass "
+                     r"is_correct=dice_criterion\(\) and loss_fn=soft_dice_loss \(binary masks\) or a per-sample "
+                     r"loss of your own$")
+            with pytest.raises(ValueError, match="^gen_adv: " + match):
+                gen_adv(model, x, layout, 1.0)
+            with pytest.raises(ValueError, match="^gen_adv: " + match):
+                gen_adv(model, x, layout, 1.0, loss_fn=soft_dice_loss)
+            for loss_fn in (None, soft_dice_loss):
+                with pytest.raises(ValueError, match="^IMA: " + match):
+                    IMA(num_samples=4, loss_fn=loss_fn)(model, x, layout, torch.arange(4))
+    # A criterion of one's own with the default loss on a classifier stays fine.
+    model, x, y, margin = make_problem()
+    gen_adv(model, x, y, margin, is_correct=lambda out, y: out.argmax(1) == y)
+
+
+def test_soft_dice_loss_refuses_masks_outside_0_1():
+    # A 0/255 mask (as image files store it) gave a negative loss that is no Dice: IMA trained on it silently.
+    out = torch.randn(2, 1, 4, 4)
+    mask = (torch.rand(2, 4, 4) > 0.5).long()
+    with pytest.raises(ValueError, match=r"^soft_dice_loss: expected a mask with values in \[0, 1\], got values in "
+                                         r"\[0, 255\] \(a 0/255 mask: divide it by 255\)$"):
+        soft_dice_loss(out, mask * 255)
+    with pytest.raises(ValueError, match=r"got values in \[-1, 1\]"):
+        soft_dice_loss(out, mask * 2 - 1)
+    torch.testing.assert_close(soft_dice_loss(out, mask * 255 / 255), soft_dice_loss(out, mask))
+    assert soft_dice_loss(out, mask * 0.5).shape == (2,)  # soft masks in [0, 1] stay allowed
+    assert bool((soft_dice_loss(out, mask) >= 0).all())
+
+
+def test_ima_trains_a_segmentation_net_and_checkpoints_its_margins():
+    # docs/ima.md's own loop (fit is for classifiers): margins move per Algorithm 1 and travel with state_dict.
+    model, x, target = segmentation_problem(1, n=8)
+    defense = IMA(num_samples=8, eps_train=3.0, delta=1.0, init_margin=2.0, is_correct=dice_criterion(),
+                  loss_fn=soft_dice_loss, steps=10)
+    out = defense(model, x, target, torch.arange(8))
+    assert out.loss.requires_grad and out.logits.shape == (8, 1, 8, 8)
+    assert out.metrics["clean_acc"] == 1.0 and 0 < out.metrics["crossed"] < 1
+    margins = defense.margins
+    crossed = margins < 2.0  # shrunk to (||x - x_adv|| + E) / 2 < E; the others expanded by delta to 3.0
+    assert bool(crossed.any()) and bool((margins[~crossed] == 3.0).all())
+    resumed = IMA(is_correct=dice_criterion(), loss_fn=soft_dice_loss)
+    resumed.load_state_dict(defense.state_dict())
+    assert torch.equal(resumed.margins, margins)
 
 
 def test_gen_adv_errors():

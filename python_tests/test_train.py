@@ -1184,6 +1184,22 @@ def test_class_labels_rule_without_a_sample_count():
         class_labels("f", torch.zeros(2, 1, 1, dtype=torch.long), None)
 
 
+def test_fit_and_evaluate_refuse_segmentation_masks_naming_them():
+    """Per-pixel masks are refused as masks, float ones too: their dtype error came first and sent a segmentation user
+    to convert them, only to meet the shape error, neither saying fit and evaluate are for classifiers only."""
+    from robust_ops._options import class_labels
+
+    for masks in (torch.zeros(2, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long), torch.zeros(2, 4, 4, 3)):
+        with pytest.raises(ValueError, match=r"^f: expected one class label per sample \(y of shape \[N\] or "
+                                             rf"\[N, 1\]\), got y of shape {re.escape(str(tuple(masks.shape)))}: "
+                                             r"segmentation masks\? fit and evaluate are for classifiers only "
+                                             r"\(segmentation: docs/ima.md, Segmentation\)$"):
+            class_labels("f", masks, 2)
+    with pytest.raises(ValueError, match=r"^fit: .*got y of shape \(4, 4, 4\): segmentation masks\? fit and evaluate"):
+        fit(DropoutMLP(), defenses.Standard(), TensorDataset(torch.rand(4, 1, 4, 4), torch.rand(4, 4, 4).round()),
+            epochs=1, progress=False)
+
+
 def test_split_batch_refuses_labels_that_are_not_a_tensor():
     from robust_ops.train import _split_batch
 

@@ -66,10 +66,22 @@ def check_int(name, arg, value, minimum=1, error=ValueError):
     return int(value)
 
 
+def segmentation_masks(y):
+    """Whether labels ``y`` look like per-pixel masks ([N, H, W] or [N, 1, H, W]) rather than one class per sample:
+    the classification-only entry points say so instead of only refusing the shape."""
+    return torch.is_tensor(y) and y.dim() >= 3 and math.prod(y.shape[1:]) > 1
+
+
 def class_labels(name, y, n, what="y"):
     """``y`` as int64 class labels of shape [N] for ``n`` samples (None: not checked), the one label rule of fit and
     evaluate: shape [N] or [N, 1] (MedMNIST's); one-hot [N, C] and other shapes are a ValueError, float or bool
-    labels a TypeError (converting them would turn 0.7 into 0 silently), each naming ``name`` and ``what``."""
+    labels a TypeError (converting them would turn 0.7 into 0 silently), each naming ``name`` and ``what``.
+    Per-pixel masks ([N, H, W], [N, 1, H, W], any dtype) are refused first, saying fit and evaluate are for
+    classifiers: a float mask's dtype error sent a segmentation user to convert it, only to meet the shape error."""
+    if segmentation_masks(y):
+        raise ValueError(f"{name}: expected one class label per sample ({what} of shape [N] or [N, 1]), got {what} of "
+                         f"shape {tuple(y.shape)}: segmentation masks? fit and evaluate are for classifiers only "
+                         f"(segmentation: docs/ima.md, Segmentation)")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name}: expected integer class labels, got {what} of dtype {y.dtype}")
     if y.dim() == 2 and y.shape[1] == 1:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import _backend, functional
 from ._meta import output_memory_format
-from ._options import check_int, check_real
+from ._options import check_int, check_real, segmentation_masks
 from .attacks.context import (
     MODEL_MODES,
     attack_context,
@@ -120,6 +120,30 @@ def _default_loss(out, y):
     return classification_loss(out, y, reduction="none")
 
 
+# What a segmentation user passes instead of each classification default (docs/ima.md, Segmentation).
+_SEGMENTATION_CHOICE = {"is_correct": "is_correct=dice_criterion()",
+                        "loss_fn": "loss_fn=soft_dice_loss (binary masks) or a per-sample loss of your own"}
+
+
+def _check_default_output(name, out, n, arg):
+    """The default ``is_correct`` / ``loss_fn`` read classifier outputs ([N, K] or single logits): a segmentation
+    output there failed inside cross-entropy ("Target 1 is out of bounds") or named an option never passed."""
+    try:
+        check_output(name, out, n)
+    except ValueError as err:
+        raise ValueError(f"{err}; the default {arg} is for classifiers: for segmentation pass "
+                         f"{_SEGMENTATION_CHOICE[arg]}") from None
+
+
+def _check_default_labels(name, y):
+    """The default criterion compares the argmax with one class label per sample: name the segmentation options
+    when y looks like masks ([N, H, W] or [N, 1, H, W]) instead of only refusing its shape."""
+    if segmentation_masks(y):
+        raise ValueError(f"{name}: expected class labels y of shape [N] for the default is_correct (argmax == y), "
+                         f"got {tuple(y.shape)}; for segmentation masks pass {_SEGMENTATION_CHOICE['is_correct']} "
+                         f"and {_SEGMENTATION_CHOICE['loss_fn']}")
+
+
 def _flat(t):
     """[N, ...] -> [N, D]; unlike reshape(N, -1), also for an empty batch (N = 0)."""
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))
@@ -182,15 +206,21 @@ def dice_criterion(threshold=0.6):
 
 
 def soft_dice_loss(out, y, smooth=1.0):
-    """Per-sample soft Dice loss [N] for binary segmentation logits (sigmoid) against a {0, 1} mask: the ascent loss
-    to pair with :func:`dice_criterion` (as nnU-Net trains with Dice loss)."""
+    """Per-sample soft Dice loss [N] for binary segmentation logits (sigmoid) against a mask with values in [0, 1]
+    (a {0, 1} mask, or a soft one; a 0/255 mask is refused): the ascent loss to pair with :func:`dice_criterion` (as
+    nnU-Net trains with Dice loss). Multi-class outputs take a loss of your own (docs/ima.md, Segmentation)."""
     p = _flat(torch.sigmoid(out))
     t = _flat(y).to(p.dtype)
     if p.shape[1] != t.shape[1]:
         # e.g. multi-class logits [N, C, H, W] against labels [N, H, W]: sigmoid per channel is not their Dice
         raise ValueError(f"soft_dice_loss: expected binary logits ([N, 1, H, W] or [N, H, W]) and a {{0, 1}} mask of "
                          f"the same pixel count, got output {tuple(out.shape)} and y {tuple(y.shape)}; for "
-                         f"multi-class outputs pass your own per-sample loss_fn")
+                         f"multi-class outputs pass your own per-sample loss_fn (docs/ima.md, Segmentation)")
+    low, high = (float(v) for v in torch.aminmax(t.detach())) if t.numel() else (0.0, 0.0)
+    if low < 0 or high > 1:
+        # A 0/255 mask (as stored in image files) gave a negative loss whose ascent and descent are not Dice's.
+        raise ValueError(f"soft_dice_loss: expected a mask with values in [0, 1], got values in [{low:g}, {high:g}] "
+                         f"(a 0/255 mask: divide it by 255)")
     return 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
 
 
@@ -257,6 +287,7 @@ class _Problem:
         self.arity = check_int(name, "arity", arity, 2)
         check_gradients_possible(name)
         if is_correct is None:
+            _check_default_labels(name, y)
             y = check_inputs(name, x, y, clip_min, clip_max)  # as int64: cross-entropy takes no other label type
         else:
             check_inputs(name, x, None, clip_min, clip_max)
@@ -270,6 +301,7 @@ class _Problem:
         self.is_correct = is_correct or _default_is_correct
         self.default_criterion = is_correct is None
         self.loss_fn = loss_fn or _default_loss
+        self.default_loss = loss_fn is None
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.search_result, self.backend = search_result, backend
         coupled = _batch_coupled(model, model_mode)
@@ -287,7 +319,7 @@ class _Problem:
 
     def correct(self, out, y):
         if self.default_criterion:
-            check_output(self.name, out, y.shape[0])
+            _check_default_output(self.name, out, y.shape[0], "is_correct")
         return _criterion_result(self.name, self.is_correct(out, y), y.shape[0])
 
     def padded_rows(self, n):
@@ -319,6 +351,8 @@ class _Problem:
 
     def gradient(self, xs, out, y, weight, counter):
         """Gradient of the per-sample loss at xs; rows with weight 0 get no gradient (their sample is done)."""
+        if self.default_loss:
+            _check_default_output(self.name, out, y.shape[0], "loss_fn")
         with torch.enable_grad():
             loss = _loss_result(self.name, self.loss_fn(out, y), y.shape[0])
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
@@ -671,7 +705,8 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
     Args:
         model: classifier ([N, K] or single-logit output) or, with ``is_correct``, any model (e.g. segmentation).
         x (Tensor[N, ...]): clean inputs inside [clip_min, clip_max].
-        y (Tensor[N] or Tensor[N, ...]): labels (or target masks for a custom criterion).
+        y (Tensor[N] or Tensor[N, ...]): class labels, or with ``is_correct`` and ``loss_fn`` e.g. segmentation
+            masks (:func:`dice_criterion`, :func:`soft_dice_loss`; the defaults are for classifiers).
         margin (float or Tensor[N]): per-sample radius E(i) >= 0 in the ``norm``.
         steps (int): K, the maximum number of ascent steps. Default: 20.
         norm (str): "l2" or "linf" (any case). Default: "l2".
@@ -1026,6 +1061,8 @@ class IMA(Defense):
         if not torch.is_tensor(ids) or ids.dim() != 1 or ids.shape[0] != x.shape[0]:
             raise ValueError(f"IMA: expected ids of shape [{x.shape[0]}] (one id per sample), got "
                              f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
+        if self._is_correct is None:
+            _check_default_labels("IMA", y)
         if self._is_correct is None and self._loss_fn is None:
             # class labels [N] (int64), checked before the clean loss, whose own error names neither IMA nor y
             y = check_inputs("IMA", x, y, self.clip_min, self.clip_max)
@@ -1035,6 +1072,9 @@ class IMA(Defense):
         criterion = self._is_correct or _default_is_correct
 
         out = model(x)
+        for arg, given in (("is_correct", self._is_correct), ("loss_fn", self._loss_fn)):
+            if given is None:
+                _check_default_output("IMA", out, x.shape[0], arg)
         l0 = _loss_result("IMA", loss_fn(out, y), x.shape[0])
         clean_ok = _criterion_result("IMA", criterion(out.detach(), y), x.shape[0])
         sel = clean_ok.nonzero().squeeze(1)

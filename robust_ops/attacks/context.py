@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._options import segmentation_masks
 from ..native_layers import library_speedups
 from ..prepacked_conv import weight_pack_scope
 
@@ -159,6 +160,9 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
                 " (normalize inside the model, e.g. with robust_ops.attacks.Normalized)"
             )
     if y is not None:
+        if segmentation_masks(y):  # before the dtype: a float mask's dtype error only led to the shape error
+            raise ValueError(f"{name}: expected y of shape [{x.shape[0]}], got {tuple(y.shape)}: segmentation masks? "
+                             "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
         if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
             raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
                             f"{getattr(y, 'dtype', type(y))}")
