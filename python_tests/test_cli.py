@@ -457,6 +457,12 @@ def test_mirst_dm_with_dropmax_all_trains_what_run_json_records(small_npz, tmp_p
         assert sum(isinstance(m, DropMax2d) for m in trained[-1].modules()) == expected
         assert sum(isinstance(m, DropMax2d) for m in cli.load_run(out)[0].modules()) == expected
         assert json.loads((out / "run.json").read_text())["dropmax"] == ("all" if expected == 2 else "first")
+    # a checkpoint without its run.json was rebuilt without drop-max and evaluated as another model
+    (out / "run.json").rename(tmp_path / "run.json")
+    with pytest.raises(cli.CLIError, match=r"checkpoint.pt: was trained with DropMax2d layers \['features.3'\], the "
+                                           r"model has \[\] \(rebuilt as small_cnn with dropmax 'none'\); put the "
+                                           r"run's run.json, which records its dropmax, beside the checkpoint$"):
+        cli.load_run(out / "checkpoint.pt", data=small_npz, model="small_cnn")
 
 
 def test_demo_quick_synthetic(tmp_path, capsys):

@@ -1,9 +1,11 @@
 """The trainer: history and metrics files, atomic checkpoints that load with weights_only=True, bitwise-exact resume,
 NaN handling, DDP equivalence with a single process, and its input checks."""
 
+import copy
 import json
 import math
 import os
+import pickle
 import random
 import re
 import socket
@@ -14,12 +16,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import robust_ops
 from robust_ops import defenses
 from robust_ops.data import IndexedDataset
 from robust_ops.defenses import Defense, DefenseOutput
 from robust_ops.attacks.context import classification_loss
 from robust_ops.ima import IMA
-from robust_ops.train import GlobalBatchSampler, NonFiniteLossError, fit, load_checkpoint
+from robust_ops.train import GlobalBatchSampler, NonFiniteLossError, fit, load_checkpoint, load_weights
 
 
 class DropoutMLP(nn.Module):
@@ -121,6 +124,52 @@ def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_p
     torch.save(state, tmp_path / "old.pt")
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, lr=1e-2, progress=False,
         channels_last=True, resume=tmp_path / "old.pt")
+
+
+def _pooling_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
+                         nn.Linear(16, 2))
+
+
+def test_load_weights_refuses_an_architecture_without_the_trained_drop_max_layers(tmp_path):
+    """A state dict cannot show DropMax2d (pooling has no parameters): a drop-max checkpoint loaded into the plain
+    nn.MaxPool2d architecture computed other outputs silently. The checkpoint records the layers; load_weights and
+    a resume refuse another set, checkpoints from before the record load unchecked."""
+    torch.manual_seed(0)
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    trained = robust_ops.replace_maxpool(_pooling_cnn())  # RST-DM style: drop-max put in by the caller
+    fit(trained, defenses.Standard(), _data(16), epochs=1, **kwargs)
+    path = tmp_path / "checkpoint.pt"
+    state = load_checkpoint(path)
+    assert state["config"]["drop_max_layers"] == ["2"]
+    x = torch.rand(3, 1, 4, 4)
+    expected = trained.eval()(x)
+    assert torch.equal(load_weights(robust_ops.replace_maxpool(_pooling_cnn()), path).eval()(x), expected)
+    plain = _pooling_cnn()
+    plain.load_state_dict(state["model"])  # what load_weights refuses: it loads, and computes something else
+    assert not torch.equal(plain.eval()(x), expected)
+    with pytest.raises(ValueError, match=r"^load_weights: .*checkpoint.pt was trained with DropMax2d layers \['2'\], "
+                                         r"the model has \[\]; rebuild the trained architecture"):
+        load_weights(_pooling_cnn(), path)
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with "
+                                         r"drop_max_layers=\['2'\], this call has drop_max_layers=\[\]"):
+        fit(_pooling_cnn(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=r"^load_weights: .*weights.pt is not a robust_ops fit checkpoint"):
+        load_weights(trained, tmp_path / "weights.pt")
+    del state["config"]["drop_max_layers"]  # a checkpoint from before they were recorded
+    torch.save(state, tmp_path / "old.pt")
+    load_weights(_pooling_cnn(), tmp_path / "old.pt")
+    fit(_pooling_cnn(), defenses.Standard(), _data(16), epochs=2, batch_size=8, lr=1e-2, progress=False,
+        resume=tmp_path / "old.pt")
+    # MIRST-DM's prepare_model puts the layer in itself: recorded too
+    mirst = fit(_pooling_cnn(), defenses.build("mirst-dm", steps=2, emit=(1, 2), beta=(0.5, 0.5)), _data(16),
+                epochs=1, batch_size=8, out_dir=tmp_path / "mirst", progress=False, prepacked_conv=True).model
+    assert load_checkpoint(tmp_path / "mirst" / "checkpoint.pt")["config"]["drop_max_layers"] == ["2"]
+    # nothing of the attacks' speedups stays on the returned model: copies compute what it computes
+    expected = mirst.eval()(x)
+    for twin in (copy.deepcopy(mirst), pickle.loads(pickle.dumps(mirst))):
+        assert torch.equal(twin(x), expected)
 
 
 def test_resume_refuses_other_defense_options_and_passes_checkpoints_without_them(tmp_path):

@@ -621,7 +621,8 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
 
         warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
                       f"{labels(trained)}; its predictions are scored against labels that may mean other classes")
-    net = make_model(model_name, splits.info, dropmax or run.get("dropmax", "none"))
+    dropmax = dropmax or run.get("dropmax", "none")
+    net = make_model(model_name, splits.info, dropmax)
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise CLIError(f"{ckpt}: expected a fit checkpoint or a state_dict, got {type(state).__name__}")
@@ -630,6 +631,12 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     except RuntimeError as err:
         raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} "
                        f"({str(err).splitlines()[0][:160]})") from None
+    from .train import drop_max_mismatch
+
+    mismatch = drop_max_mismatch(net, state)
+    if mismatch is not None:  # the weights loaded, but the model would compute other outputs than the trained one
+        raise CLIError(f"{ckpt}: {mismatch} (rebuilt as {model_name} with dropmax {dropmax!r}); put the run's "
+                       f"{RUN_FILE}, which records its dropmax, beside the checkpoint")
     if channels_last or run.get("channels_last"):
         import torch
 

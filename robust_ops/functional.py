@@ -102,8 +102,9 @@ def drop_max_pool2d(
         from ._meta import check_drop_max_pool2d_args
 
         # Dynamo refuses the checks' message closures (they hold the tensor): eager only, so that
-        # backend="reference" still compiles with fullgraph=True.
-        if not torch.compiler.is_compiling():
+        # backend="reference" still compiles with fullgraph=True. torch.jit.trace turns sizes into tensors, which
+        # torch._check refuses ("cond must be a bool"): a plain-PyTorch trace is checked by the ops it records.
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             check_drop_max_pool2d_args(x, kernel, stride, padding, dilation, bool(ceil_mode))
         out, idx = reference.drop_max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
     if unbatched:

@@ -71,6 +71,14 @@ class DropMax2d(nn.Module):
             ceil_mode=self.ceil_mode, return_indices=self.return_indices, backend=self.backend,
         )
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: without it the script compiler failed
+        # inside functional.py on the keyword-only backend, and a second try said "Can't redefine method: forward".
+        raise RuntimeError(
+            "DropMax2d: torch.jit.script is not supported (deprecated in torch); use torch.export.export or "
+            "torch.jit.trace, which record the robust_ops::drop_max_pool2d op (docs/ops/drop_max_pool2d.md)"
+        )
+
     def extra_repr(self):
         text = (
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "

@@ -40,6 +40,7 @@ from torch import nn
 from ._files import replace_atomically
 from ._options import check_int, check_real, class_labels
 from .native_layers import library_speedups
+from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
 
@@ -198,6 +199,41 @@ def epochs_done(out_dir):
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by fit (weights_only=True: tensors and plain values only)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def drop_max_layers(model):
+    """The names of ``model``'s DropMax2d layers, as a checkpoint records them: its state dict cannot show them
+    (pooling has no parameters), so the weights load into the plain nn.MaxPool2d architecture as well."""
+    return [name for name, module in model.named_modules() if isinstance(module, DropMax2d)]
+
+
+def load_weights(model, path, map_location="cpu"):
+    """Load the weights of fit's checkpoint at ``path`` into ``model``, rebuilt with the architecture it was trained
+    with (MIRST-DM: ``robust_ops.replace_maxpool(model, "first")`` first), and return ``model``. A model whose
+    DropMax2d layers are not the recorded ones is refused: it would load and silently compute other outputs.
+    Checkpoints written before the layers were recorded load unchecked."""
+    state = load_checkpoint(path, map_location)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"load_weights: {path} is not a robust_ops fit checkpoint (expected format "
+                         f"{CHECKPOINT_FORMAT}); a bare state dict loads with model.load_state_dict")
+    mismatch = drop_max_mismatch(model, state)
+    if mismatch is not None:
+        raise ValueError(f"load_weights: {path} {mismatch}; rebuild the trained architecture "
+                         "(robust_ops.replace_maxpool(model, 'first') for MIRST-DM), else the weights load but its "
+                         "outputs differ")
+    model.load_state_dict(state["model"])
+    return model
+
+
+def drop_max_mismatch(model, state):
+    """How ``model``'s DropMax2d layers differ from those fit's checkpoint ``state`` records, or None (also for
+    checkpoints written before they were recorded, and for bare state dicts)."""
+    config = state.get("config")
+    trained_with = config.get("drop_max_layers") if isinstance(config, dict) else None
+    has = drop_max_layers(model)
+    if trained_with is None or has == trained_with:
+        return None
+    return f"was trained with DropMax2d layers {trained_with}, the model has {has}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -507,7 +543,7 @@ def fit(
     history, start_epoch = [], 0
     config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
-              "prepacked_conv": bool(prepacked_conv)}
+              "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model)}
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
     if resume_path is not None:
@@ -516,9 +552,9 @@ def fit(
             raise ValueError(f"{name}: {resume_path} is not a robust_ops fit checkpoint (format "
                              f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT})")
         # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored;
-        # layouts: other convolution kernels, so a switched run would silently differ from an uninterrupted one.
-        # Checkpoints written before lr and the layouts were recorded pass.
-        for key in ("batch_size", "seed", "defense", "lr", "channels_last", "prepacked_conv"):
+        # layouts: other convolution kernels, and drop-max layers: another architecture, so a switched run would
+        # silently differ from an uninterrupted one. Checkpoints written before these were recorded pass.
+        for key in ("batch_size", "seed", "defense", "lr", "channels_last", "prepacked_conv", "drop_max_layers"):
             saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
             if saved != config[key]:
                 raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
