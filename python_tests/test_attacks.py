@@ -1994,3 +1994,11 @@ def test_gradient_attacks_under_inference_mode_are_refused_by_name_and_run_under
         with torch.inference_mode(), pytest.raises(RuntimeError, match=f"{name}: gradient-based attacks cannot run "
                                                                        r"under torch.inference_mode\(\)"):
             attack()
+
+
+def test_labels_that_are_not_a_tensor_are_a_type_error():
+    # the mask check comes first in check_inputs: it must not fail on a list with an AttributeError
+    model, (x, y) = make_model(), make_data()
+    with pytest.raises(TypeError, match=r"^pgd: expected y to be an integer tensor of class labels, got "
+                                        r"<class 'list'>$"):
+        attacks.pgd(model, x, y.tolist(), eps=0.03)

@@ -1413,3 +1413,35 @@ def test_data_errors_name_the_flag_for_folders(small_npz, tmp_path, capsys):
     folder = _folder(tmp_path / "a_size=8" / "img_size=")
     rc, _, err = run(["train", "--data", folder, "--size", "0", "--out", tmp_path / "r", "--device", "cpu"], capsys)
     one_line_error(rc, err, "--size: load_busi(", "a_size=8/img_size=)")
+
+
+def test_write_json_atomic_ends_in_a_newline_and_keeps_the_old_file_on_an_interrupt(tmp_path, monkeypatch):
+    """run.json and the eval caches: the old file until the new one is complete, no temporary file left behind."""
+    from robust_ops import _files
+
+    path = tmp_path / "run.json"
+    cli.write_json_atomic(path, {"a": 1})
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_files.os, "replace", interrupted)  # the new file is written, not yet in place
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_json_atomic(path, {"a": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_a_bare_state_dict_loads_unchecked_as_the_model_named(trained_run, small_npz, tmp_path):
+    """A bare state dict (torch.save(model.state_dict()), no run.json) records no DropMax2d layers: it loads as
+    --model, unchecked, rather than failing in the drop-max check."""
+    import torch
+
+    weights = torch.load(trained_run / "checkpoint.pt", weights_only=True)["model"]
+    torch.save(weights, tmp_path / "weights.pt")
+    model_name = json.loads((trained_run / "run.json").read_text())["model"]
+    net = cli.load_run(tmp_path / "weights.pt", data=small_npz, model=model_name)[0]
+    assert net.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())

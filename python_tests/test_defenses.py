@@ -1274,3 +1274,12 @@ def test_own_defense_subclasses_the_exported_pgd_defense():
         Noisy(eps=8)
     model = nn.Linear(2, 2)
     assert defenses.unwrap(nn.DataParallel(model)) is model and defenses.unwrap(model) is model
+
+
+def test_dpaat_reset_state_gives_a_newly_built_defenses_state():
+    """Not only num_batches: the running mean and the recorded radius go back too (state_dict and checkpoints)."""
+    dpaat = DPAAT(eps=0.5, reference="running")
+    dpaat.radii(torch.tensor([0.3, 0.3]), torch.tensor([1.0, 3.0]))
+    assert dpaat.holds_state() and dpaat.state_dict() != DPAAT().state_dict()
+    dpaat.reset_state()
+    assert not dpaat.holds_state() and dpaat.state_dict() == DPAAT().state_dict()

@@ -1451,3 +1451,41 @@ def test_projection_is_onto_the_margin_ball_around_the_clean_x(norm):
     x_adv, crossed, info = gen_adv(model, x, y, margin, steps=20, norm=norm, return_info=True, min_rows=0)
     assert not bool(crossed.any()) and info.steps.tolist() == [20, 20, 20]
     torch.testing.assert_close(sample_distance(x_adv, x, norm), margin, rtol=1e-9, atol=1e-12)
+
+
+def test_ima_holds_state_tells_each_piece_of_run_state_and_reset_state_clears_it():
+    """holds_state(): a margin table (also with every setting given), or a num_samples fit's setup() sized; settings
+    given to the constructor are no state. reset_state() gives back a newly built IMA's state_dict ({})."""
+    model, x, y, _ = make_problem(n=4)
+    given = IMA(4, eps_train=1.0, delta=0.2, init_margin=0.1, steps=2, search_steps=2)
+    assert not given.holds_state()
+    given(model, x, y, torch.arange(4))
+    assert given.holds_state()  # only the table tells: every setting was given
+    given.reset_state()
+    assert not given.holds_state() and given.state_dict() == {}
+    sized = IMA(steps=2)
+    sized.setup(8)  # as fit does for an unset num_samples, before any batch
+    assert sized.holds_state()
+    sized.reset_state()
+    assert not sized.holds_state() and sized.num_samples is None
+
+
+def test_gen_adv_under_inference_mode_is_refused_by_name():
+    # IMA's ascent needs the input gradient, which inference_mode never records (as for the attacks)
+    model, x, y, margin = make_problem(n=4)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^gen_adv: gradient-based attacks cannot run "
+                                                                    r"under torch.inference_mode\(\)"):
+        gen_adv(model, x, y, margin)
+
+
+def test_the_default_criterion_on_a_segmentation_output_names_is_correct():
+    # Class labels [N] pass the mask check; a segmentation output then reaches the default is_correct's check.
+    model, x, _ = segmentation_problem(1, n=4)
+    y = torch.zeros(4, dtype=torch.long)
+    match = (r"expected the model to output .*; the default is_correct is for classifiers: for segmentation pass "
+             r"is_correct=dice_criterion\(\)$")
+    pixel_sum = lambda out, y: out.flatten(1).sum(1)  # noqa: E731
+    with pytest.raises(ValueError, match="^gen_adv: " + match):
+        gen_adv(model, x, y, 1.0, loss_fn=pixel_sum)
+    with pytest.raises(ValueError, match="^IMA: " + match):
+        IMA(num_samples=4, loss_fn=pixel_sum)(model, x, y, torch.arange(4))

@@ -1317,3 +1317,76 @@ def test_defense_metrics_may_be_one_element_tensors():
 
     result = fit(DropoutMLP(), _OwnDefense(make), _data(), epochs=1, progress=False)
     assert result.history[0]["train_twice"] == pytest.approx(2 * result.history[0]["train_loss"])
+
+
+def test_resuming_with_a_defense_reused_from_another_run_takes_the_checkpoints_state(tmp_path):
+    """A defense sized by an earlier fit on 8 samples resumes a 16-sample run: fit resets it before loading the
+    checkpoint's state, else it failed with 'was sized for num_samples=8' (a num_samples never passed)."""
+    data = IndexedDataset(_data(16))
+    fit(DropoutMLP(), IMA(steps=2, search_steps=2), data, epochs=1, batch_size=8, out_dir=tmp_path, progress=False)
+    reused = IMA(steps=2, search_steps=2)
+    fit(DropoutMLP(), reused, IndexedDataset(_data(8)), epochs=1, batch_size=8, progress=False)
+    fit(DropoutMLP(), reused, data, epochs=2, batch_size=8, out_dir=tmp_path, resume=True, progress=False)
+    assert reused.num_samples == 16 and reused.margins.shape == (16,)
+
+
+def test_a_defense_without_holds_state_fits_again():
+    """fit asks holds_state() only of defenses that have it: a defense of one's own that is not a Defense subclass
+    (callable, state_dict, check_labels) is not refused as holding state."""
+    class Own:
+        name = "own"
+
+        def __call__(self, model, x, y):
+            out = model(x)
+            return DefenseOutput(loss=classification_loss(out, y), logits=out.detach())
+
+        def state_dict(self):
+            return {}
+
+        def check_labels(self, y, num_classes):
+            pass
+
+    own = Own()
+    for _ in range(2):
+        fit(DropoutMLP(), own, _data(8), epochs=1, batch_size=8, progress=False)
+
+
+def test_replace_atomically_fsyncs_the_whole_file_and_keeps_the_old_one_on_an_interrupt(tmp_path, monkeypatch):
+    """A checkpoint is flushed and fsynced in full before the rename; an interrupt while writing leaves the old
+    file and no temporary one; the folder is made and the path comes back as a string."""
+    from robust_ops import _files
+    from robust_ops.train import save_checkpoint
+
+    synced_sizes, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced_sizes.append(os.fstat(fd).st_size)  # what the disk gets: all of it only if flushed first
+        real_fsync(fd)
+
+    monkeypatch.setattr(_files.os, "fsync", fsync)
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert save_checkpoint(path, {"w": torch.arange(1000)}) == str(path)
+    assert synced_sizes == [path.stat().st_size]
+    small = _files.replace_atomically(tmp_path / "run" / "small.txt", lambda f: f.write("x" * 100), fsync=True)
+    assert synced_sizes[-1] == 100 and open(small).read() == "x" * 100  # a write shorter than the file's buffer
+
+    def interrupted(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _files.replace_atomically(path, interrupted, binary=True)
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000))
+    assert sorted(os.listdir(path.parent)) == ["checkpoint.pt", "small.txt"]
+
+
+def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
+    """Missing or unexpected keys are torch's error, not a partial load."""
+    from robust_ops.train import CHECKPOINT_FORMAT, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"format": CHECKPOINT_FORMAT, "model": DropoutMLP().state_dict(),
+                                                        "config": {"drop_max_layers": []}})
+    grown = DropoutMLP()
+    grown.extra = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"extra.weight\""):
+        load_weights(grown, path)
