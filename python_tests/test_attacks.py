@@ -2002,3 +2002,19 @@ def test_labels_that_are_not_a_tensor_are_a_type_error():
     with pytest.raises(TypeError, match=r"^pgd: expected y to be an integer tensor of class labels, got "
                                         r"<class 'list'>$"):
         attacks.pgd(model, x, y.tolist(), eps=0.03)
+
+
+def test_ensemble_checks_clean_inputs_batch_size_at_a_time():
+    """The clean forward that decides who is misclassified already took all N samples at once whatever batch_size
+    said: evaluate --ensemble on 200 CT slices at 512x512 ran resnet18 on 200 images in one batch (its first
+    activation alone is 3.4 GB), so memory followed the split's size rather than the batch size."""
+    model = make_model(2)
+    x, y = make_data(11, 2)
+    sizes = []
+    model.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    batched = attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.1)], batch_size=4)
+    assert sizes and max(sizes) == 4
+    whole = attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.1)])
+    assert torch.equal(batched.broken_by, whole.broken_by) and torch.equal(batched.x_adv, whole.x_adv)
+    empty = attacks.ensemble(model, x[:0], y[:0], [attacks.FGSM(model, eps=0.1)], batch_size=4)
+    assert empty.x_adv.shape == (0,) + x.shape[1:] and empty.broken_by.numel() == 0

@@ -912,3 +912,14 @@ def test_drop_max_layer_is_the_same_in_train_and_eval_mode():
     torch.testing.assert_close(train_out, expected, rtol=0, atol=0)
     torch.testing.assert_close(eval_out, expected, rtol=0, atol=0)
     torch.testing.assert_close(model.eval()(x), torch.tensor([[[[8.0]]]]), rtol=0, atol=0)
+
+
+def test_backward_keeps_only_the_int64_indices():
+    """What docs/ops/drop_max_pool2d.md states for large images: the backward keeps the int64 indices of the
+    output's shape (as max_pool2d's) and not the input, which nn.MaxPool2d also keeps."""
+    x = torch.rand(2, 3, 17, 16, requires_grad=True)
+    for module, expected in ((nn.MaxPool2d(3, 2, 1), [(x.shape, torch.float32)]), (robust_ops.DropMax2d(3, 2, 1), [])):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.shape, t.dtype)) or t, lambda t: t):
+            out = module(x)
+        assert sorted(saved, key=str) == sorted(expected + [(out.shape, torch.int64)], key=str), type(module).__name__

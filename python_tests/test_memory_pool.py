@@ -91,6 +91,45 @@ def test_sizes_shrinking_reuse_larger_blocks():
         t.fill_(0)
 
 
+@pytest.mark.parametrize("limit_mb, cached_mb", [(None, 1.5), ("1", 0.75)])
+def test_growing_sizes_keep_the_smaller_blocks_up_to_the_limit(monkeypatch, limit_mb, cached_mb):
+    """The cost docs/memory-pool.md states: a growing request finds every cached block too small, so each size
+    gets a new block and the older ones stay cached until the block ends; ROBUST_OPS_CPU_POOL_LIMIT_MB bounds
+    them (measured there: 517 MB cached after batches 4..16, 127 MB with the limit at 128)."""
+    if limit_mb is None:
+        monkeypatch.delenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", raising=False)
+    else:
+        monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", limit_mb)
+    with cpu_memory_pool():
+        misses = cpu_memory_pool_stats().misses
+        for blocks in (1, 2, 3):  # 256, 512, 768 KiB: none fits in a smaller cached block
+            torch.empty(BIG * blocks).fill_(0)
+        inside = cpu_memory_pool_stats()
+        assert inside.misses == misses + 3 and inside.cached_bytes == int(cached_mb * (1 << 20))
+    assert cpu_memory_pool_stats().cached_bytes == 0
+
+
+def test_an_attack_and_fit_leave_nothing_cached_or_held():
+    """What docs/memory-pool.md promises after an attack or fit returns: the cache freed and no pool block held."""
+    from torch.utils.data import TensorDataset
+
+    from robust_ops import defenses
+    from robust_ops.train import fit
+
+    model = small_cnn()
+    x, y = torch.rand(16, 1, 32, 32), torch.randint(0, 3, (16,))
+    hits = cpu_memory_pool_stats().hits
+    attacks.pgd(model, x, y, eps=0.1, steps=2)
+    after_attack = cpu_memory_pool_stats()
+    assert after_attack.hits > hits  # the attack did use the pool
+    assert (after_attack.depth, after_attack.cached_bytes, after_attack.in_use_bytes) == (0, 0, 0)
+    fit(model, defenses.build("at", eps=0.1, step_size=0.05, steps=1), TensorDataset(x, y), epochs=1, batch_size=8,
+        progress=False)
+    after_fit = cpu_memory_pool_stats()
+    assert after_fit.hits > after_attack.hits
+    assert (after_fit.depth, after_fit.cached_bytes, after_fit.in_use_bytes) == (0, 0, 0)
+
+
 def test_results_identical_with_and_without_pool(monkeypatch):
     model = small_cnn()
     torch.manual_seed(1)

@@ -315,13 +315,18 @@ def predict_batches(model, x, batch_size=256, device="cpu"):
 
 
 def _attack_subset(attack, model, x, y, idx, batch_size, device):
-    outs = []
+    """(predictions, probabilities) on the adversarial inputs of the samples ``idx``, attacked ``batch_size`` at a
+    time. Each batch's adversarial inputs are scored and dropped before the next, so memory follows the batch size:
+    holding them all cost a copy of the attacked split per attack and radius (docs/cli.md, "Memory")."""
+    preds, probs = [], []
     for start in range(0, idx.numel(), batch_size):
         part = idx[start:start + batch_size]
         xb, yb = x[part].to(device), y[part].to(device)
         adv = run_attack(attack, xb, yb).detach()
-        outs.append(adv.cpu())
-    return torch.cat(outs) if outs else x[:0].clone()
+        p_adv, pr_adv = predict_batches(model, adv, batch_size, device)
+        preds.append(p_adv)
+        probs.append(pr_adv)
+    return torch.cat(preds), torch.cat(probs)
 
 
 def _row(method, attack, norm, eps, y, pred, probs, info):
@@ -370,7 +375,9 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if info.num_classes != 2 and info.positive_class is not None:  # ignored, the report would still name it
         raise EvalError("data", f"data: info.positive_class={info.positive_class!r} is for binary tasks; this "
                                 f"{info.num_classes}-class set gets macro-averaged metrics (set it to None)")
-    bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum()) if x.is_floating_point() else 0
+    # batch by batch: isfinite builds float and bool temporaries the size of what it checks
+    chunks = x.split(batch_size) if x.is_floating_point() else ()
+    bad = sum(int((~torch.isfinite(c.reshape(c.shape[0], math.prod(x.shape[1:])))).any(1).sum()) for c in chunks)
     if bad:  # NaN passes the range check below (every comparison with NaN is False)
         raise EvalError("data", f"data: {bad} of {x.shape[0]} inputs contain NaN or Inf")
     if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
@@ -391,7 +398,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if ensemble:
         return rows + _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, say)
     for spec in specs:
-        x_cur, pred, probs = x.clone(), pred0.clone(), probs0.clone()
+        pred, probs = pred0.clone(), probs0.clone()
         fooled = ~correct0
         for e in radii:
             if e == 0:
@@ -400,12 +407,11 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
                 idx = (~fooled).nonzero().squeeze(1) if cascade else torch.arange(n)
             if idx.numel():
                 attack = spec.build(model, e, lo, hi)
-                adv = _attack_subset(attack, model, x, y, idx, batch_size, device)
-                p_adv, pr_adv = predict_batches(model, adv, batch_size, device)
+                p_adv, pr_adv = _attack_subset(attack, model, x, y, idx, batch_size, device)
                 newly = p_adv != y[idx]
                 take = ~fooled[idx] | newly  # keep an earlier adversarial example unless this one also fools
                 sel = idx[take]
-                x_cur[sel], pred[sel], probs[sel] = adv[take], p_adv[take], pr_adv[take]
+                pred[sel], probs[sel] = p_adv[take], pr_adv[take]
                 fooled[idx] = fooled[idx] | newly
             row = _row(method, spec.label, spec.norm, e, y, pred, probs, info)
             rows.append(row)

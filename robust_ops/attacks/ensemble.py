@@ -81,7 +81,8 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
             :class:`Attack`; their ``name`` attribute labels the result. A per-sample ``eps`` / ``alpha`` tensor [N]
             of an :class:`Attack` is cut to the samples each call attacks; other callables get only the subset.
         cascade (bool): default True. model_mode: for the robustness checks (each attack has its own).
-        batch_size (int, optional): attack at most this many samples at a time. names: labels overriding ``name``.
+        batch_size (int, optional): attack (and check on clean inputs) at most this many samples at a time; None:
+            all at once. names: labels overriding ``name``.
 
     Returns:
         :class:`EnsembleResult` ``(x_adv, robust, broken_by, names)``.
@@ -101,7 +102,8 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     x_adv = x.clone()
     broken_by = torch.full((n,), -1, dtype=torch.long, device=x.device)
     if n:
-        broken_by[~_correct(model, x, y, model_mode, name)] = 0
+        for part in torch.arange(n, device=x.device).split(batch_size or n):  # the clean check batched too
+            broken_by[part[~_correct(model, x[part], y[part], model_mode, name)]] = 0
     for j, attack in enumerate(attacks):
         idx = (broken_by == -1).nonzero().squeeze(1) if cascade else torch.arange(n, device=x.device)
         if idx.numel() == 0:
