@@ -122,6 +122,32 @@ def test_parity_with_torchattacks(num_classes):
         assert_verbose_equal(ours_cls(model, steps=3, **kw)(x, y), theirs, ours_cls.__name__)
 
 
+def test_apgd_and_apgd_t_break_the_samples_torchattacks_breaks():
+    """Same seed, same samples broken as torchattacks' APGD (DLR) and APGDT: 10 DLR steps on a 10-class model.
+    Comparing the first step's loss with the start loss (instead of AutoAttack's zero history entry) halved the
+    step less often on DLR's negative losses: over seeds 0-7 torchattacks then broke 13 (APGDT: 14) of these
+    samples that ours did not, ours 1 (2) that theirs did not."""
+    model = make_model(10)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, _ = make_data(16, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample starts correct
+    broken = 0
+    for seed in range(2):
+        for ours, theirs in (
+                (attacks.APGD(model, eps=0.15, steps=10, loss="dlr", seed=seed),
+                 torchattacks.APGD(model, eps=0.15, steps=10, loss="dlr", seed=seed)),
+                (attacks.APGDT(model, eps=0.15, steps=10, seed=seed),
+                 torchattacks.APGDT(model, eps=0.15, steps=10, seed=seed, n_classes=10))):
+            with torch.no_grad():
+                ours_robust = model(ours(x, y)).argmax(1) == y
+                theirs_robust = model(theirs(x, y)).argmax(1) == y
+            assert torch.equal(ours_robust, theirs_robust), (type(ours).__name__, seed)
+            broken += int((~ours_robust).sum())
+    assert broken > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Properties of every attack
 
@@ -1349,8 +1375,9 @@ def test_apgd_restarts_from_the_best_point_when_it_halves_the_step(monkeypatch):
     gradient), not from the current iterate: the next step is taken from x_best with momentum as AutoAttack's."""
     x = torch.full((1, 1, 4, 4), 0.5)
     y = torch.zeros(1, dtype=torch.long)
-    # clean check, start (the best loss), steps 1-3 (2 increases of 3: halve at the first checkpoint), step 4
-    model = Scripted([-5.0, -1.0, -4.0, -3.0, -2.0, -2.0], slope=1e-3)  # d loss / dx > 0: steps go up
+    # clean check, start (the best loss), steps 1-3 (2 increases of 3: halve at the first checkpoint; step 1 counts,
+    # its CE being positive, AutoAttack's rule), step 4
+    model = Scripted([-5.0, -1.0, -4.0, -3.0, -3.5, -2.0], slope=1e-3)  # d loss / dx > 0: steps go up
     queried = []
     model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
     attacks.apgd(model, x, y, eps=0.1, steps=18, generator=torch.Generator().manual_seed(0))
@@ -1481,7 +1508,8 @@ def test_apgd_keeps_the_step_at_the_first_checkpoint_without_a_better_point(monk
     first checkpoint even though the best loss is still the random start's."""
     x = torch.full((1, 1, 4, 4), 0.5)
     y = torch.zeros(1, dtype=torch.long)
-    script = [-9.0, -1.0, -5.0, -4.0, -3.0]  # clean, start (the best loss), steps 1-3: down, up, up
+    # clean, start (the best loss), steps 1-3: an increase (a positive CE: AutoAttack's first-checkpoint rule), up, down
+    script = [-9.0, -1.0, -5.0, -4.0, -4.5]
     sizes = _apgd_steps(monkeypatch, Scripted(script), x, y, 0.1, 18, rho=0.5)
     assert sizes[:4] == pytest.approx([0.2] * 4)
 

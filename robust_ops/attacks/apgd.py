@@ -4,8 +4,9 @@ untargeted, targeted and APGD-T (AutoAttack's top-k target classes), Linf and L2
 Schedule (as in the paper and AutoAttack's code): step size starts at 2*eps per sample; checkpoints at
 p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) of the iterations; at a checkpoint a sample's
 step size is halved (and it restarts from its best point) if the loss increased in at most rho = 0.75 of the steps
-since the last checkpoint, or if its step size was not halved last time and its best loss did not improve.
-Momentum 0.75 (none on the first step). Restarts run on the samples still robust.
+since the last checkpoint (the first step counting as AutoAttack's code counts it: an increase when its loss is
+positive), or if its step size was not halved last time and its best loss did not improve. Momentum 0.75 (none
+on the first step). Restarts run on the samples still robust.
 
 Every gradient step goes through the fused ``robust_ops.pgd_step_``; the momentum combination is projected with the
 same op (zero step), so APGD shares the PGD core's projection and clipping exactly.
@@ -132,8 +133,11 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
     success = ok.clone()
     x_best_adv = torch.where(ok.view(-1, *([1] * (x.dim() - 1))), x_adv, x)
     x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss_now.clone()
+    # loss_steps[j]: the loss after j steps. Entry 0 stays 0, not the start loss: AutoAttack's oscillation check
+    # compares the first step's loss with that unfilled entry, and with the start loss instead the DLR losses
+    # (negative until a sample breaks) halved the step less often and broke fewer samples in short runs
+    # (docs/attacks.md, "Differences from torchattacks and AutoAttack").
     loss_steps = torch.zeros(steps + 1, n, dtype=loss_now.dtype, device=x.device)
-    loss_steps[0] = loss_now
     step_size = 2.0 * eps_t.clone()
     x_old = x_adv.clone()
     checkpoints = set(checkpoint_schedule(steps))
