@@ -121,8 +121,15 @@ def peer_cases(model, eps, steps, queries):
          torchattacks.APGD(model, loss="ce", **apgd_kw), "", steps),
         (f"apgd-t-{steps}", lambda x, y: attacks.APGDT(model, n_target_classes=1, **apgd_kw)(x, y), None,
          "torchattacks' targeted DLR reads the 3rd and 4th largest logits: fails on a binary model", steps),
+        # FAB-T as AutoAttack runs it (9 targets, capped at K - 1 = 1 here); torchattacks' multi-targeted FAB takes
+        # n_classes - 1 targets. Each step: one forward and backward for the boundary, one forward to check it.
+        (f"fab-t-{steps}", lambda x, y: attacks.FABT(model, eps=eps, steps=steps, seed=0)(x, y),
+         torchattacks.FAB(model, eps=eps, steps=steps, multi_targeted=True, n_classes=2, seed=0), "", steps),
         (f"square-{queries}", lambda x, y: attacks.Square(model, eps=eps, n_queries=queries, seed=0)(x, y),
          torchattacks.Square(model, eps=eps, n_queries=queries, seed=0), "", queries),
+        (f"square-l2-{queries}",
+         lambda x, y: attacks.Square(model, eps=eps_l2, norm="l2", n_queries=queries, seed=0)(x, y),
+         torchattacks.Square(model, norm="L2", eps=eps_l2, n_queries=queries, seed=0), "", queries),
         ("white noise x10", lambda x, y: attacks.white_noise(model, x, y, eps=eps, trials=10,
                                                              generator=torch.Generator(x.device).manual_seed(0)),
          None, "torchattacks' GN adds one Gaussian draw, not uniform noise with all-trials-must-hold", 10),
@@ -132,10 +139,10 @@ def peer_cases(model, eps, steps, queries):
          torchattacks.MultiAttack([torchattacks.APGD(model, loss="ce", **apgd_kw),
                                    torchattacks.Square(model, eps=eps, n_queries=queries, seed=0)]), "",
          steps + queries),
-        (f"autoattack apgd-ce-{steps}>apgd-t-{steps}>square-{queries}",
+        (f"autoattack apgd-ce-{steps}>apgd-t-{steps}>fab-t-{steps}>square-{queries}",
          lambda x, y: attacks.AutoAttack(model, eps=eps, steps=steps, n_queries=queries)(x, y), None,
          "torchattacks' AutoAttack runs its targeted DLR, which fails on a binary model (see apgd-t)",
-         2 * steps + queries),
+         3 * steps + queries),
     ]
 
 

@@ -566,6 +566,7 @@ def test_bench_list_and_unknown(capsys):
 
 
 def test_protocols_describe_and_quick_caps():
+    from robust_ops import attacks
     from robust_ops.attacks import ATTACKS
     from robust_ops.reproduce import PROTOCOLS, QUICK_STEPS, _specs, describe
 
@@ -579,6 +580,12 @@ def test_protocols_describe_and_quick_caps():
                 assert all(spec.options[key] <= QUICK_STEPS for key in capped), spec
     full = {s.label: s for plan in PROTOCOLS["mirst-bus"].evals for s in _specs(plan, quick=False)}
     assert full["PGD"].options == {"steps": 20, "alpha": 0.001} and full["CW"].options["steps"] == 10
+    # IMA evaluates with AutoAttack's standard cascade (Section 3.1): the same attacks and settings AutoAttack builds
+    ima = _specs(PROTOCOLS["ima-bus"].evals[0], quick=False)
+    standard = attacks.AutoAttack(torch.nn.Linear(4, 2), norm="l2", eps=0.3).attacks
+    assert [s.name for s in ima] == [a.name for a in standard] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    for spec, built in zip(ima, standard):
+        assert all(getattr(built, key) == value for key, value in spec.options.items()), spec
     dpaat = {s.label: s for plan in PROTOCOLS["dpaat-bus"].evals for s in _specs(plan, quick=False)}
     assert dpaat["20-PGD"].options["alpha"](0.3) == pytest.approx(0.075)  # "eps/4" resolved per radius
     # "docs/reproduce/<name>.md is generated from it": a protocol setting changed in code alone fails here

@@ -87,7 +87,7 @@ def parse_eps(text):
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 # Option kinds where the constructor's default (None) does not tell; the rest follow the defaults' types.
 _NONE_DEFAULT_KINDS = {"alpha": float, "seed": int, "steps": int, "n_queries": int, "n_target_classes": int,
-                       "norm": str}
+                       "norm": str, "resample_unchanged": bool}
 
 
 def _option_kind(name, key):

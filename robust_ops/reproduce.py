@@ -171,13 +171,12 @@ IMA_EPS_TRAIN = math.sqrt(28 * 28 * 1 * 3 / (32 * 32))  # IMA's per-pixel rule (
 
 
 def _ima_ensemble():
-    from . import attacks
-
-    specs = [AttackSpec("pgdl2", {"steps": 20, "alpha": "eps/4"}, "PGD-L2")]
-    for name in ("apgd-ce", "apgd-dlr"):  # Square is Linf-only here, so it is left out of this L2 ensemble
-        if name in attacks.ATTACKS:
-            specs.append(AttackSpec(name, {"norm": "l2"}, name.upper()))
-    return specs
+    """IMA's evaluation (Section 3.1): AutoAttack's standard cascade, in L2, with AutoAttack's settings (as
+    ``attacks.AutoAttack(model, norm="l2")`` builds it)."""
+    return [AttackSpec("apgd-ce", {"norm": "l2", "steps": 100, "seed": 0}, "APGD-CE"),
+            AttackSpec("apgd-t", {"norm": "l2", "steps": 100, "n_target_classes": 9, "seed": 0}, "APGD-T"),
+            AttackSpec("fab-t", {"norm": "l2", "steps": 100, "n_target_classes": 9, "seed": 0}, "FAB-T"),
+            AttackSpec("square", {"norm": "l2", "n_queries": 5000, "rescale_schedule": False, "seed": 0}, "Square")]
 
 
 def _ima_rows():
@@ -219,9 +218,10 @@ IMA_BUS = Protocol(
         "the shape of the trade-off, not for equality.",
         f"Training noise level: IMA's per-pixel rule gives eps_train = sqrt(28*28*1*3/1024) = {IMA_EPS_TRAIN:.3f} (L2) "
         "for 1x28x28 images, used by SAT (Madry AT, as IMA names it), TRADES and IMA alike.",
-        "AutoAttack-style: an ensemble cascade of the library's attacks (L2 PGD-20 with step eps/4, APGD-CE and "
-        "APGD-DLR; the library's Square attack is Linf-only, so it is left out); white noise: uniform in the L2 "
-        "ball, 100 draws, a sample counts as "
+        "AutoAttack-style: the library's cascade of AutoAttack's standard attacks in L2 (APGD-CE, APGD-T, FAB-T, "
+        "Square with 5000 queries; as the paper's Section 3.1, with AutoAttack's settings; until 2026-12-02 it was "
+        "L2 PGD-20, APGD-CE and APGD-DLR, as FAB-T and the L2 Square were not built); white noise: uniform in the "
+        "L2 ball, 100 draws, a sample counts as "
         "robust only if every draw leaves it correct (the paper's \"100 iterations to get a stable result\" may "
         "also mean the accuracy averaged over the draws, which is never lower).",
         "Training: the paper trains PathMNIST for 150 epochs of SGD with MMA's settings (Sections 3.4.1-3.4.2; batch "

@@ -10,14 +10,16 @@ from .context import Normalized, attack_context
 from .core import PGDResult, run_pgd
 from .apgd import APGD, APGDT, apgd, apgd_t
 from .ensemble import AutoAttack, EnsembleResult, ensemble
+from .fab import FAB, FABT, fab, fab_t
 from .noise import WhiteNoise, uniform_ball, white_noise
 from .pgd import BIM, CW, FGSM, PGD, PGDL2, bim, cw_linf, fgsm, ifgsm, pgd
 from .square import Square, square
 
 __all__ = [
     "Attack", "Normalized", "attack_context", "PGDResult", "run_pgd", "build", "ATTACKS",
-    "fgsm", "ifgsm", "bim", "pgd", "cw_linf", "apgd", "apgd_t", "square", "white_noise", "uniform_ball", "ensemble",
-    "EnsembleResult", "FGSM", "BIM", "PGD", "PGDL2", "CW", "APGD", "APGDT", "Square", "WhiteNoise", "AutoAttack",
+    "fgsm", "ifgsm", "bim", "pgd", "cw_linf", "apgd", "apgd_t", "fab", "fab_t", "square", "white_noise", "uniform_ball",
+    "ensemble", "EnsembleResult", "FGSM", "BIM", "PGD", "PGDL2", "CW", "APGD", "APGDT", "FAB", "FABT", "Square",
+    "WhiteNoise", "AutoAttack",
 ]
 
 # CLI name -> (class, defaults). Defaults follow the papers: MIRST-DM evaluates FGSM, PGD-20 with step 0.001 and
@@ -34,6 +36,8 @@ ATTACKS = {
     "apgd-ce": (APGD, dict(eps=5 / 255, steps=100, loss="ce")),
     "apgd-dlr": (APGD, dict(eps=5 / 255, steps=100, loss="dlr")),
     "apgd-t": (APGDT, dict(eps=5 / 255, steps=100)),
+    "fab": (FAB, dict(eps=5 / 255, steps=100)),
+    "fab-t": (FABT, dict(eps=5 / 255, steps=100)),
     "square": (Square, dict(eps=5 / 255, n_queries=5000)),
     "noise": (WhiteNoise, dict(eps=5 / 255, trials=10, seed=0)),
     "autoattack": (AutoAttack, dict(eps=5 / 255)),
@@ -44,9 +48,9 @@ STEPS_ALIAS = {"square": "n_queries", "noise": "trials"}
 
 def build(name, model, **kwargs):
     """Make the attack called ``name`` on ``model`` (names: the keys of ``ATTACKS``: fgsm, ifgsm, pgd, pgdl2, cw,
-    apgd-ce, apgd-dlr, apgd-t, square, noise, autoattack). kwargs (eps, steps, alpha, norm, seed, ...) override the
-    paper defaults in ``ATTACKS``; None values are ignored; ``steps`` means n_queries for square and trials for
-    noise. An option the attack does not take raises ValueError."""
+    apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, noise, autoattack). kwargs (eps, steps, alpha, norm, seed, ...)
+    override the paper defaults in ``ATTACKS``; None values are ignored; ``steps`` means n_queries for square and
+    trials for noise. An option the attack does not take raises ValueError."""
     if name not in ATTACKS:
         raise ValueError(f"attacks.build: unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
     cls, defaults = ATTACKS[name]

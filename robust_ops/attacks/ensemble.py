@@ -125,12 +125,13 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
 class AutoAttack(Attack):
     """AutoAttack-style evaluation (Croce & Hein 2020) as a cascade: ``AutoAttack(model, norm="linf", eps=8/255)``.
 
-    ``version="standard"``: APGD-CE, APGD-T (targeted DLR, 9 target classes) and, for Linf, Square (5000
-    queries, p schedule not rescaled, as AutoAttack's) -- AutoAttack's standard set without FAB-T (not implemented
-    here; see docs/attacks.md); ``steps`` (100), ``n_target_classes`` (9), ``n_queries`` (5000) and ``seed`` (0)
+    ``version="standard"``: AutoAttack's standard set for Linf and L2 -- APGD-CE, APGD-T (targeted DLR, 9 target
+    classes), FAB-T (9 target classes, 1 restart) and Square (5000 queries, p schedule not rescaled, as AutoAttack's);
+    ``steps`` (100: APGD's and FAB-T's iterations), ``n_target_classes`` (9), ``n_queries`` (5000) and ``seed`` (0)
     set its attacks. ``attacks`` takes a custom list of CLI names (see :func:`robust_ops.attacks.build`) or attack
     objects instead: the options given (not None) are passed to the named attacks that take them (``steps``:
-    apgd-*, pgd, pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t; ``seed``), the others
+    apgd-*, fab, fab-t, pgd, pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t, fab-t;
+    ``seed``), the others
     keep ``build``'s defaults; attack objects are used as they are. An option no named attack takes is an error.
     ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv; ``run(x, y, batch_size=None)``
     returns the full :class:`EnsembleResult`.
@@ -156,6 +157,7 @@ class AutoAttack(Attack):
         from . import ATTACKS, build
         from .._options import accepted_options
         from .apgd import APGD, APGDT
+        from .fab import FABT
         from .square import Square
 
         if version != "standard":
@@ -167,13 +169,14 @@ class AutoAttack(Attack):
         options = dict(steps=steps, n_target_classes=n_target_classes, n_queries=n_queries, seed=seed)
         if attacks is None:
             steps, n_target_classes, n_queries, seed = (STANDARD[k] if v is None else v for k, v in options.items())
+            # AutoAttack's standard order and settings for both norms: FAB-T with 1 restart and steps iterations;
+            # Square keeps AutoAttack's 10000-query p schedule (resc_schedule=False)
             self.attacks = [
                 APGD(model, eps=eps, norm=norm, steps=steps, loss="ce", seed=seed, **common),
                 APGDT(model, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, seed=seed, **common),
+                FABT(model, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, seed=seed, **common),
+                Square(model, eps=eps, norm=norm, n_queries=n_queries, seed=seed, rescale_schedule=False, **common),
             ]
-            if norm == "linf":  # AutoAttack's standard Square keeps the 10000-query schedule (resc_schedule=False)
-                self.attacks.append(Square(model, eps=eps, n_queries=n_queries, seed=seed, rescale_schedule=False,
-                                           **common))
             self._built = list(self.attacks)
         else:
             attacks = list(attacks)

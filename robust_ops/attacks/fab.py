@@ -1,0 +1,370 @@
+"""FAB, the Fast Adaptive Boundary attack (Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive
+boundary attack", ICML 2020, arXiv:1907.02044), untargeted and FAB-T (AutoAttack's targeted version), Linf and L2.
+
+Follows AutoAttack's ``FABAttack_PT`` (fab_base.py / fab_pt.py) and torchattacks 3.5.1's ``FAB`` (both MIT-licensed),
+step for step: per iteration the decision boundary of the chosen class is linearised at the iterate, the iterate
+and the original point are projected onto that hyperplane intersected with the box [clip_min, clip_max]
+(``projection_linf`` / ``projection_l2``: the reference's batched, sort-and-bisect solvers), the step is the
+overshot (``eta``) convex combination of both projections, biased towards the original point by
+``alpha = min(|d_x| / (|d_x| + |d_orig|), alpha_max)``, and once the iterate is adversarial it is recorded if it is
+the closest so far and pulled back towards the original point by ``beta``. The result is a minimal-norm attack; as
+AutoAttack, a sample counts as broken only when its closest adversarial lies within ``eps``.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._options import check_real
+from .base import Attack
+from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
+                      two_logits)
+from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
+from .pgd import make_generator
+
+# "no adversarial found yet" as the reference writes it: any real distance is smaller
+NOT_FOUND = 1e10
+
+
+def projection_linf(points, w, b):
+    """Per row: the displacement ``d`` of least Linf norm with ``w . (points + d) = b`` and ``points + d`` in the
+    box [0, 1]^D (or the best feasible one towards the hyperplane). Rows [M, D]; AutoAttack's ``projection_linf``:
+    the optimal displacement is ``+-lambda`` clipped to the box, with lambda found by sorting the coordinates by the
+    ``lambda`` at which they hit the box and bisecting over that order, for every row at once."""
+    t, w, b = points, w.clone(), b.clone()
+    sign = 2 * ((w * t).sum(1) - b >= 0) - 1
+    w.mul_(sign.unsqueeze(1))
+    b.mul_(sign)
+
+    a = (w < 0).to(t.dtype)
+    d = (a - t) * (w != 0).to(t.dtype)
+    p = a - t * (2 * a - 1)
+    indp = torch.argsort(p, dim=1)
+    b = b - (w * t).sum(1)
+    b0 = (w * d).sum(1)
+
+    indp2 = indp.flip((1,))
+    ws = w.gather(1, indp2)
+    bs2 = -ws * d.gather(1, indp2)
+    s = torch.cumsum(ws.abs(), dim=1)
+    sb = torch.cumsum(bs2, dim=1) + b0.unsqueeze(1)
+
+    b2 = sb[:, -1] - s[:, -1] * p.gather(1, indp[:, 0:1]).squeeze(1)
+    c_l = b - b2 > 0
+    c2 = (b - b0 > 0) & (~c_l)
+    lb = torch.zeros(int(c2.sum()), device=t.device)
+    ub = torch.full_like(lb, w.shape[1] - 1)
+    indp_, sb_, s_, p_, b_ = indp[c2], sb[c2], s[c2], p[c2], b[c2]
+    for _ in range(math.ceil(math.log2(w.shape[1]))):
+        mid = torch.floor((lb + ub) / 2)
+        mid_index = mid.long().unsqueeze(1)
+        indcurr = indp_.gather(1, indp_.size(1) - 1 - mid_index)
+        b2 = (sb_.gather(1, mid_index) - s_.gather(1, mid_index) * p_.gather(1, indcurr)).squeeze(1)
+        c = b_ - b2 > 0
+        lb = torch.where(c, mid, lb)
+        ub = torch.where(c, ub, mid)
+    lb = lb.long()
+
+    if c_l.any():
+        lmbd_opt = torch.clamp_min((b[c_l] - sb[c_l, -1]) / (-s[c_l, -1]), min=0).unsqueeze(-1)
+        d[c_l] = (2 * a[c_l] - 1) * lmbd_opt
+    lmbd_opt = torch.clamp_min((b[c2] - sb[c2, lb]) / (-s[c2, lb]), min=0).unsqueeze(-1)
+    d[c2] = torch.min(lmbd_opt, d[c2]) * a[c2] + torch.max(-lmbd_opt, d[c2]) * (1 - a[c2])
+    return d * (w != 0).to(t.dtype)
+
+
+def projection_l2(points, w, b):
+    """As :func:`projection_linf` for the L2 norm (AutoAttack's ``projection_l2``): the displacement is ``-lambda * w``
+    clipped to the box; the coordinates are sorted by the ``lambda`` at which they hit it and the right ``lambda``
+    found by bisection, for every row at once."""
+    t, w = points, w.clone()
+    c = (w * t).sum(1) - b
+    ind2 = 2 * (c >= 0) - 1
+    w.mul_(ind2.unsqueeze(1))
+    c.mul_(ind2)
+
+    r = torch.max(t / w, (t - 1) / w).clamp(min=-1e12, max=1e12)
+    r.masked_fill_(w.abs() < 1e-8, 1e12)
+    r[r == -1e12] *= -1
+    rs, indr = torch.sort(r, dim=1)
+    rs2 = F.pad(rs[:, 1:], (0, 1))
+    rs.masked_fill_(rs == 1e12, 0)
+    rs2.masked_fill_(rs2 == 1e12, 0)
+
+    w3s = (w ** 2).gather(1, indr)
+    w5 = w3s.sum(dim=1, keepdim=True)
+    ws = w5 - torch.cumsum(w3s, dim=1)
+    d = -(r * w)
+    d.mul_((w.abs() > 1e-8).to(t.dtype))
+    s = torch.cat((-w5 * rs[:, 0:1], torch.cumsum((-rs2 + rs) * ws, dim=1) - w5 * rs[:, 0:1]), 1)
+
+    c4 = s[:, 0] + c < 0
+    c3 = (d * w).sum(dim=1) + c > 0
+    c2 = ~(c4 | c3)
+    lb = torch.zeros(int(c2.sum()), device=t.device)
+    ub = torch.full_like(lb, w.shape[1] - 1)
+    s_, c_ = s[c2], c[c2]
+    for _ in range(math.ceil(math.log2(w.shape[1]))):
+        mid = torch.floor((lb + ub) / 2)
+        above = s_.gather(1, mid.long().unsqueeze(1)).squeeze(1) + c_ > 0
+        lb = torch.where(above, mid, lb)
+        ub = torch.where(above, ub, mid)
+    lb = lb.long()
+
+    if c4.any():
+        alpha = c[c4] / w5[c4].squeeze(-1)
+        d[c4] = -alpha.unsqueeze(-1) * w[c4]
+    if c2.any():
+        alpha = (s[c2, lb] + c[c2]) / ws[c2, lb] + rs[c2, lb]
+        alpha[ws[c2, lb] == 0] = 0
+        c5 = (alpha.unsqueeze(-1) > r[c2]).to(t.dtype)
+        d[c2] = d[c2] * c5 - alpha.unsqueeze(-1) * w[c2] * (1 - c5)
+    return d * (w.abs() > 1e-8).to(t.dtype)
+
+
+PROJECTIONS = {"linf": projection_linf, "l2": projection_l2}
+
+
+def project_onto_boundary(points, w, b, norm, clip_min, clip_max):
+    """:func:`projection_linf` / :func:`projection_l2` for the box [clip_min, clip_max]: the solvers assume [0, 1],
+    so the problem is rescaled to it (exact: both norms scale with the box, and for [0, 1] every operation below
+    is the identity, so the reference's bits are kept)."""
+    width = clip_max - clip_min
+    if clip_min == 0.0 and clip_max == 1.0:
+        return PROJECTIONS[norm](points, w, b)
+    # w . (lo + width * t') = b  <=>  (width * w) . t' = b - lo * sum(w); the displacement scales back by width
+    d = PROJECTIONS[norm]((points - clip_min) / width, w * width, b - clip_min * w.sum(1))
+    return d * width
+
+
+def _norm_rows(d, norm):
+    return d.abs().amax(1) if norm == "linf" else (d ** 2).sum(1).sqrt()
+
+
+def _boundary_untargeted(name, model, x1, y):
+    """Logit differences ``z_k - z_y`` [n, K] (``1e10`` at k = y, never chosen) and their input gradients
+    [n, K, D] at ``x1``: one backward per class, as the reference (K is small for medical tasks)."""
+    n = x1.shape[0]
+    xg = x1.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = forward(name, model, xg)
+        z = two_logits(out) if is_single_logit(out) else out
+        # a one-hot output gradient per class (the reference's), not z[:, k].sum(): no indexing in the graph
+        picks = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+        grads = [torch.autograd.grad(z, [xg], picks[k].expand_as(z), retain_graph=k + 1 < z.shape[1])[0]
+                 for k in range(z.shape[1])]
+    g = torch.stack(grads, 1).reshape(n, z.shape[1], -1)
+    rows = torch.arange(n, device=x1.device)
+    z = z.detach()
+    df = z - z[rows, y].unsqueeze(1)
+    dg = g - g[rows, y].unsqueeze(1)
+    df[rows, y] = NOT_FOUND
+    return df, dg
+
+
+def _boundary_targeted(name, model, x1, y, target):
+    """The target's logit difference ``z_t - z_y`` [n, 1] and its input gradient [n, 1, D] at ``x1``."""
+    n = x1.shape[0]
+    rows = torch.arange(n, device=x1.device)
+    xg = x1.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = forward(name, model, xg)
+        z = two_logits(out) if is_single_logit(out) else out
+        diff = -(z[rows, y] - z[rows, target])  # the reference's arithmetic, for its bits
+        (g,) = torch.autograd.grad(diff.sum(), [xg])
+    return diff.detach().unsqueeze(1), g.reshape(n, 1, -1)
+
+
+def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
+    """The reference's restart point: a random direction scaled to half of eps (Linf: max entry eps / 2; L2: a point
+    on the sphere of radius eps / 2), clipped to the box."""
+    n = x.shape[0]
+    view = (n,) + (1,) * (x.dim() - 1)
+    radius = eps_t.view(view).to(x.dtype)
+    if norm == "linf":
+        t = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+        x1 = x + radius * t / t.reshape(n, -1).abs().amax(1).view(view) * 0.5
+    else:
+        t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x1 = x + radius * t / (t ** 2).reshape(n, -1).sum(-1).sqrt().view(view) * 0.5
+    return x1.clamp(clip_min, clip_max)
+
+
+def _fab_run(model, x, y, target, eps_t, norm, steps, alpha_max, eta, beta, clip_min, clip_max, random_start,
+             generator, name):
+    """One FAB run on correctly classified samples ``x`` (labels ``y``; ``target`` None: untargeted). Returns
+    ``(x_best, dist_best)``: the closest adversarial found (``x`` where none) and its distance (``NOT_FOUND``)."""
+    n = x.shape[0]
+    view = (n,) + (1,) * (x.dim() - 1)
+    rows = torch.arange(n, device=x.device)
+    x0 = x.reshape(n, -1)
+    x_best = x.clone()
+    dist_best = torch.full((n,), NOT_FOUND, dtype=x.dtype, device=x.device)
+    x1 = _random_start(x, eps_t, norm, clip_min, clip_max, generator) if random_start else x.clone()
+    for _ in range(steps):
+        if target is None:
+            df, dg = _boundary_untargeted(name, model, x1, y)
+        else:
+            df, dg = _boundary_targeted(name, model, x1, y, target)
+        with torch.no_grad():
+            # the closest linearised boundary: |f_k| / ||grad f_k||_* (dual norm: L1 for Linf, L2 for L2)
+            dual = dg.abs().sum(-1) if norm == "linf" else (dg ** 2).sum(-1).sqrt()
+            closest = (df.abs() / (1e-12 + dual)).min(dim=1)[1]
+            w = dg[rows, closest]
+            x1_flat = x1.reshape(n, -1)
+            b = -df[rows, closest] + (w * x1_flat).sum(-1)
+            # project the iterate and the original point in one batch, as the reference
+            d = project_onto_boundary(torch.cat((x1_flat, x0), 0), torch.cat((w, w), 0), torch.cat((b, b), 0),
+                                      norm, clip_min, clip_max)
+            d_iterate, d_orig = d[:n].reshape(x.shape), d[n:].reshape(x.shape)
+            size = torch.clamp_min(_norm_rows(d, norm), 1e-8).view(-1, *view[1:])
+            size_iterate, size_orig = size[:n], size[n:]
+            alpha = torch.clamp(size_iterate / (size_iterate + size_orig), min=0, max=alpha_max)
+            x1 = ((x1 + eta * d_iterate) * (1 - alpha) + (x + d_orig * eta) * alpha).clamp(clip_min, clip_max)
+            adversarial = predict_from_output(forward(name, model, x1)) != y
+            if adversarial.any():
+                found = adversarial.nonzero().squeeze(1)
+                dist = _norm_rows((x1[found] - x[found]).reshape(found.numel(), -1), norm)
+                closer = dist < dist_best[found]
+                x_best[found[closer]] = x1[found[closer]]
+                dist_best[found[closer]] = dist[closer]
+                # backward step: restart the search closer to the original point
+                x1[found] = x[found] + (x1[found] - x[found]) * beta
+    return x_best, dist_best
+
+
+def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, beta, n_target_classes, clip_min,
+                    clip_max):
+    check_gradients_possible(name)
+    y = check_inputs(name, x, y, clip_min, clip_max)
+    norm = check_norm(name, norm)
+    steps = check_steps(name, steps)
+    n_restarts = check_steps(name, n_restarts, "n_restarts")
+    n_target_classes = check_steps(name, n_target_classes, "n_target_classes")
+    alpha_max = check_real(name, "alpha_max", alpha_max, minimum=0, allow_min=False, maximum=1)
+    eta = check_real(name, "eta", eta, minimum=1)
+    beta = check_real(name, "beta", beta, minimum=0, allow_min=False, maximum=1)
+    eps_t = per_sample(name, "eps", eps, x)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max)
+    return y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t
+
+
+def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
+        targeted=False, n_target_classes=9, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
+    r"""FAB (Croce & Hein 2020), untargeted or FAB-T, Linf or L2: a minimal-norm attack, reported within ``eps``.
+
+    ``y`` are the TRUE labels in both modes. Untargeted (``targeted=False``, torchattacks' ``FAB`` default): each
+    step linearises the boundary of the class closest under that linearisation (one backward per class).
+    ``targeted=True`` is FAB-T, AutoAttack's standard: for each of the ``n_target_classes`` classes ranked 2nd, 3rd,
+    ... by the clean logits (capped at K - 1; binary and single-logit models: one target) a run pushes towards that
+    class only (one backward per step) on the samples not yet broken; success is any misclassification, as in
+    :func:`apgd_t`. ``n_restarts`` runs per target (untargeted: in all); the first starts at the clean input, later
+    ones from a random point at half of eps (the reference's ``use_rand_start = counter > 0``), drawn from
+    ``generator``.
+
+    Args:
+        model: ``[N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
+        x (Tensor[N, ...]) in the clip range; y (LongTensor[N]): true labels.
+        eps (float >= 0 or Tensor[N]): the radius a found adversarial must lie within to count (0: the sample
+            is returned unchanged, not attacked).
+        norm: "linf" (default) or "l2" (any case). steps (int): iterations per run (default 100, AutoAttack's).
+        n_restarts (int): runs per target class (default 1). alpha_max (float in (0, 1]): cap on the bias towards
+            the original point (0.1). eta (float >= 1): overshoot of the projection (1.05). beta (float in (0, 1]):
+            backward step once adversarial (0.9). targeted (bool): FAB-T. n_target_classes (int): FAB-T's targets (9).
+        clip_min, clip_max, model_mode, generator (random restarts only).
+
+    Returns:
+        x_adv: per sample the closest adversarial found if within ``eps``, else the clean input (also for samples
+        misclassified on the clean input), as AutoAttack.
+    """
+    name = "fab"
+    y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t = _check_fab_args(
+        name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, beta, n_target_classes, clip_min, clip_max)
+    x = x.detach()
+    x_adv = x.clone()
+    if x.shape[0] == 0 or clip_max == clip_min:  # an empty box: no point other than x exists
+        return x_adv
+    with attack_context(model, model_mode):
+        with torch.no_grad():
+            out = forward(name, model, x)
+        check_labels_against(name, y, out)
+        z = two_logits(out) if is_single_logit(out) else out
+        # samples still to attack: correct on the clean input, with a radius any adversarial could lie within
+        robust = (predict_from_output(out) == y) & (eps_t > 0)
+        if targeted:
+            order = z.sort(dim=1)[1]  # ascending: the runner-up classes are last but one, ...
+            ranks = range(2, min(n_target_classes, z.shape[1] - 1) + 2)
+        else:
+            ranks = [None]
+        for rank in ranks:
+            for restart in range(n_restarts):
+                idx = robust.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+                target = None if rank is None else order[idx, -rank]
+                x_best, _ = _fab_run(model, x[idx], y[idx], target, eps_t[idx], norm, steps, alpha_max, eta, beta,
+                                     clip_min, clip_max, restart > 0, generator, name)
+                with torch.no_grad():
+                    # the reference's acceptance: misclassified by a fresh forward and within eps
+                    fooled = predict_from_output(forward(name, model, x_best)) != y[idx]
+                    dist = _norm_rows((x_best - x[idx]).reshape(idx.numel(), -1), norm)
+                    broken = fooled & (dist <= eps_t[idx])
+                x_adv[idx[broken]] = x_best[broken]
+                robust[idx[broken]] = False
+    return x_adv
+
+
+def fab_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, **options):
+    """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (y are true labels)."""
+    return fab(model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, targeted=True,
+               **options)
+
+
+class FAB(Attack):
+    """``FAB(model, eps=8/255, norm="linf", steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
+    multi_targeted=False, n_classes=None, seed=0)(x, y)``: torchattacks' ``FAB`` (y are true labels); see :func:`fab`.
+    ``multi_targeted=True`` is FAB-T over ``n_classes - 1`` targets (torchattacks' rule; ``n_classes=None``: every
+    class other than the top one, whatever the model's K). No targeted-by-label mode (torchattacks' indexes its
+    targets by the wrong batch once a sample is misclassified)."""
+
+    name = "fab"
+    supports_targeted = False
+
+    def __init__(self, model, eps=8 / 255, norm="linf", steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
+                 multi_targeted=False, n_classes=None, *, seed=0, **options):
+        super().__init__(model, **options)
+        if n_classes is not None:
+            check_steps(self.name, n_classes, "n_classes", minimum=2)
+        self.eps, self.norm, self.steps, self.n_restarts = eps, check_norm(self.name, norm), steps, n_restarts
+        self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
+        self.multi_targeted, self.n_classes, self.seed = bool(multi_targeted), n_classes, seed
+
+    def forward(self, x, y):
+        # n_classes None: as many targets as any model can have; fab caps them at K - 1
+        n_targets = self.n_classes - 1 if self.n_classes is not None else 2 ** 31 - 1
+        return fab(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, n_restarts=self.n_restarts,
+                   alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, targeted=self.multi_targeted,
+                   n_target_classes=n_targets, clip_min=self.clip_min, clip_max=self.clip_max,
+                   model_mode=self.model_mode, generator=make_generator(self.seed, x.device))
+
+
+class FABT(Attack):
+    """``FABT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, seed=0)(x, y)``: AutoAttack's FAB-T
+    (y are true labels); see :func:`fab`."""
+
+    name = "fab-t"
+    supports_targeted = False
+
+    def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, n_restarts=1,
+                 alpha_max=0.1, eta=1.05, beta=0.9, seed=0, **options):
+        super().__init__(model, **options)
+        self.eps, self.norm, self.steps = eps, check_norm(self.name, norm), steps
+        self.n_target_classes, self.n_restarts = n_target_classes, n_restarts
+        self.alpha_max, self.eta, self.beta, self.seed = alpha_max, eta, beta, seed
+
+    def forward(self, x, y):
+        return fab(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, n_restarts=self.n_restarts,
+                   alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, targeted=True,
+                   n_target_classes=self.n_target_classes, clip_min=self.clip_min, clip_max=self.clip_max,
+                   model_mode=self.model_mode, generator=make_generator(self.seed, x.device))
