@@ -1,4 +1,5 @@
-"""Adversarial attacks on one shared PGD core (see docs/design.md and docs/attacks.md).
+"""Adversarial attacks; the PGD family, APGD and Square on one shared PGD core, FAB on its own boundary projections
+(see docs/design.md and docs/attacks.md).
 
 Functions return ``x_adv`` (``pgd(..., emit=...)`` returns ``(x_adv, iterates)``); classes follow torchattacks:
 ``PGD(model, eps=...)(x, y)``; ``build(name, model, **kwargs)`` makes an attack from a CLI name.
