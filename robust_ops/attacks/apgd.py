@@ -21,7 +21,8 @@ from .. import functional
 from .base import Attack
 from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
                       two_logits)
-from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
+from .core import (check_labels_against, check_linf_budget, check_norm, check_steps, clean_logits, forward,
+                   per_sample, runner_up_targets)
 from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
@@ -266,21 +267,15 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
     if x.shape[0] == 0:
         return x_adv
     with attack_context(model, model_mode):
-        with torch.no_grad():
-            out = forward(name, model, x)
-        check_labels_against(name, y, out)
-        z = two_logits(out) if is_single_logit(out) else out
-        k = z.shape[1]
-        used = effective_loss(loss, k, True)
-        order = z.sort(dim=1)[1]  # ascending
-        robust = predict_from_output(out) == y
+        z, robust = clean_logits(name, model, x, y)
+        used = effective_loss(loss, z.shape[1], True)
         best_loss = torch.full((x.shape[0],), float("-inf"), dtype=eps_t.dtype, device=x.device)
-        for rank in range(2, min(n_target_classes, k - 1) + 2):
+        for targets in runner_up_targets(z, n_target_classes):
             for _ in range(n_restarts):
                 idx = robust.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
-                yi, ti = y[idx], order[idx, -rank]
+                yi, ti = y[idx], targets[idx]
                 x_best, fooled, x_best_adv = _apgd_run(model, x[idx], yi, ti, used, eps_t[idx], norm, steps, rho,
                                                        clip_min, clip_max, generator, name, success_is_target=False)
                 with torch.no_grad():

@@ -189,6 +189,22 @@ def check_labels_against(name, y, out):
                          f"[{int(y.min())}, {int(y.max())}]")
 
 
+@torch.no_grad()
+def clean_logits(name, model, x, y):
+    """One forward on the clean inputs: labels checked against it; returns the logits ``[N, K]`` (a single logit as
+    the two logits ``[0, z]``) and which samples are classified correctly."""
+    out = forward(name, model, x)
+    check_labels_against(name, y, out)
+    return (two_logits(out) if is_single_logit(out) else out), predict_from_output(out) == y
+
+
+def runner_up_targets(z, n_target_classes):
+    """AutoAttack's targets for APGD-T and FAB-T: per sample, the classes ranked 2nd, 3rd, ... by the clean logits
+    ``z``, ``n_target_classes`` of them at most and K - 1 at most; a list of LongTensor[N], one per rank."""
+    order = z.sort(dim=1)[1]  # ascending: the runner-up is last but one
+    return [order[:, -rank] for rank in range(2, min(n_target_classes, z.shape[1] - 1) + 2)]
+
+
 def random_start_(x_adv, x_nat, eps, eps_scalar, norm, clip_min, clip_max, generator=None):
     """Random start, in place. For a scalar eps the draws are torchattacks' (Linf: uniform in the box; L2: Gaussian
     direction scaled to radius eps*U(0, 1)), so a seeded run reproduces torchattacks' random start."""

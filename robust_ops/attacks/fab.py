@@ -20,7 +20,8 @@ from .._options import check_real
 from .base import Attack
 from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
                       two_logits)
-from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
+from .core import (check_linf_budget, check_norm, check_steps, clean_logits, forward, per_sample,
+                   runner_up_targets)
 from .pgd import make_generator
 
 # "no adversarial found yet" as the reference writes it: any real distance is smaller
@@ -286,23 +287,15 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
     if x.shape[0] == 0 or clip_max == clip_min:  # an empty box: no point other than x exists
         return x_adv
     with attack_context(model, model_mode):
-        with torch.no_grad():
-            out = forward(name, model, x)
-        check_labels_against(name, y, out)
-        z = two_logits(out) if is_single_logit(out) else out
+        z, correct = clean_logits(name, model, x, y)
         # samples still to attack: correct on the clean input, with a radius any adversarial could lie within
-        robust = (predict_from_output(out) == y) & (eps_t > 0)
-        if targeted:
-            order = z.sort(dim=1)[1]  # ascending: the runner-up classes are last but one, ...
-            ranks = range(2, min(n_target_classes, z.shape[1] - 1) + 2)
-        else:
-            ranks = [None]
-        for rank in ranks:
+        robust = correct & (eps_t > 0)
+        for targets in runner_up_targets(z, n_target_classes) if targeted else [None]:
             for restart in range(n_restarts):
                 idx = robust.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
-                target = None if rank is None else order[idx, -rank]
+                target = None if targets is None else targets[idx]
                 x_best, _ = _fab_run(model, x[idx], y[idx], target, eps_t[idx], norm, steps, alpha_max, eta, beta,
                                      clip_min, clip_max, restart > 0, generator, name)
                 with torch.no_grad():
