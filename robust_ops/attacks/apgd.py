@@ -21,8 +21,8 @@ from .. import functional
 from .base import Attack
 from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
                       two_logits)
-from .core import (check_labels_against, check_linf_budget, check_norm, check_steps, clean_logits, forward,
-                   per_sample, runner_up_targets)
+from .core import (check_linf_budget, check_norm, check_steps, clean_logits, forward, per_sample,
+                   runner_up_targets)
 from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
@@ -225,13 +225,9 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
     if x.shape[0] == 0:
         return x_adv
     with attack_context(model, model_mode):
-        with torch.no_grad():
-            out = forward(name, model, x)
-        check_labels_against(name, y, out)
-        k = 2 if is_single_logit(out) else out.shape[1]
-        used = effective_loss(loss, k, targeted)
-        pred = predict_from_output(out)
-        todo = (pred != y) if targeted else (pred == y)
+        z, correct = clean_logits(name, model, x, y)
+        used = effective_loss(loss, z.shape[1], targeted)
+        todo = ~correct if targeted else correct
         best_loss = torch.full((x.shape[0],), float("-inf"), dtype=eps_t.dtype, device=x.device)
         for _ in range(n_restarts):
             idx = todo.nonzero().squeeze(1)
