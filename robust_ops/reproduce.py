@@ -172,11 +172,15 @@ IMA_EPS_TRAIN = math.sqrt(28 * 28 * 1 * 3 / (32 * 32))  # IMA's per-pixel rule (
 
 def _ima_ensemble():
     """IMA's evaluation (Section 3.1): AutoAttack's standard cascade, in L2, with AutoAttack's settings (as
-    ``attacks.AutoAttack(model, norm="l2")`` builds it)."""
-    return [AttackSpec("apgd-ce", {"norm": "l2", "steps": 100, "seed": 0}, "APGD-CE"),
-            AttackSpec("apgd-t", {"norm": "l2", "steps": 100, "n_target_classes": 9, "seed": 0}, "APGD-T"),
-            AttackSpec("fab-t", {"norm": "l2", "steps": 100, "n_target_classes": 9, "seed": 0}, "FAB-T"),
-            AttackSpec("square", {"norm": "l2", "n_queries": 5000, "rescale_schedule": False, "seed": 0}, "Square")]
+    ``attacks.AutoAttack(model, norm="l2")`` builds it, from the same ``STANDARD`` settings)."""
+    from .attacks.ensemble import STANDARD
+
+    steps, targets, seed = STANDARD["steps"], STANDARD["n_target_classes"], STANDARD["seed"]
+    return [AttackSpec("apgd-ce", {"norm": "l2", "steps": steps, "seed": seed}, "APGD-CE"),
+            AttackSpec("apgd-t", {"norm": "l2", "steps": steps, "n_target_classes": targets, "seed": seed}, "APGD-T"),
+            AttackSpec("fab-t", {"norm": "l2", "steps": steps, "n_target_classes": targets, "seed": seed}, "FAB-T"),
+            AttackSpec("square", {"norm": "l2", "n_queries": STANDARD["n_queries"], "rescale_schedule": False,
+                                  "seed": seed}, "Square")]
 
 
 def _ima_rows():
@@ -223,8 +227,7 @@ IMA_BUS = Protocol(
         "L2 PGD-20, APGD-CE and APGD-DLR, as FAB-T and the L2 Square were not built; on a CPU Square's 5000 queries "
         "are most of the evaluation: a forward of 100 rows of resnet18 at 28x28 takes ~125 ms on the 2-core "
         "development machine, so ~10 min per model and radius with 100 samples left robust); white noise: uniform "
-        "in the "
-        "L2 ball, 100 draws, a sample counts as "
+        "in the L2 ball, 100 draws, a sample counts as "
         "robust only if every draw leaves it correct (the paper's \"100 iterations to get a stable result\" may "
         "also mean the accuracy averaged over the draws, which is never lower).",
         "Training: the paper trains PathMNIST for 150 epochs of SGD with MMA's settings (Sections 3.4.1-3.4.2; batch "
