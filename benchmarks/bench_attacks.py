@@ -119,6 +119,9 @@ def peer_cases(model, eps, steps, queries):
          "torchattacks' CW is the L2 optimisation attack, not CW-Linf", steps),
         (f"apgd-ce-{steps}", lambda x, y: attacks.APGD(model, loss="ce", **apgd_kw)(x, y),
          torchattacks.APGD(model, loss="ce", **apgd_kw), "", steps),
+        # EOT as AutoAttack's rand version runs it (20 passes there; 4 keep the row affordable): passes x steps
+        (f"apgd-ce-{steps} eot-4", lambda x, y: attacks.APGD(model, loss="ce", eot_iter=4, **apgd_kw)(x, y),
+         torchattacks.APGD(model, loss="ce", eot_iter=4, **apgd_kw), "", 4 * steps),
         (f"apgd-t-{steps}", lambda x, y: attacks.APGDT(model, n_target_classes=1, **apgd_kw)(x, y), None,
          "torchattacks' targeted DLR reads the 3rd and 4th largest logits: fails on a binary model", steps),
         # FAB-T as AutoAttack runs it (9 targets, capped at K - 1 = 1 here); torchattacks' multi-targeted FAB takes

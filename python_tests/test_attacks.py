@@ -508,6 +508,149 @@ def test_autoattack_options():
         attacks.AutoAttack(model, attacks=[attacks.Square(model, n_queries=5)], n_queries=20)
 
 
+def test_autoattack_versions_build_autoattacks_sets():
+    """AutoAttack's set_version: plus = APGD-CE, APGD-DLR (5 restarts each), FAB (5 restarts), Square, APGD-T, FAB-T;
+    rand = APGD-CE, APGD-DLR with 20 EOT passes per step, 1 restart. AutoAttack's 100 steps for APGD and FAB
+    (torchattacks' AutoAttack leaves its classes' 10)."""
+    model = make_model(10)
+    plus = attacks.AutoAttack(model, norm="L2", eps=0.5, version="plus")
+    assert [a.name for a in plus.attacks] == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    ce, dlr, fab, square, apgd_t, fab_t = plus.attacks
+    assert (ce.n_restarts, dlr.n_restarts, fab.n_restarts, apgd_t.n_restarts, fab_t.n_restarts) == (5, 5, 5, 1, 1)
+    assert (ce.steps, dlr.steps, fab.steps, apgd_t.steps, fab_t.steps) == (100,) * 5
+    assert fab.multi_targeted is False and (apgd_t.n_target_classes, fab_t.n_target_classes) == (9, 9)
+    assert (square.n_queries, square.rescale_schedule, ce.eot_iter) == (5000, False, 1)
+    assert all(a.norm == "l2" and a.eps == 0.5 and a.seed == 0 for a in plus.attacks)
+    rand = attacks.AutoAttack(model, eps=8 / 255, version="rand")
+    assert [(a.name, a.n_restarts, a.eot_iter, a.steps) for a in rand.attacks] == [("apgd-ce", 1, 20, 100),
+                                                                                   ("apgd-dlr", 1, 20, 100)]
+    ce, dlr = attacks.AutoAttack(model, version="rand", steps=3, eot_iter=2, seed=4).attacks
+    assert (ce.steps, ce.eot_iter, dlr.seed) == (3, 2, 4)
+    assert [a.eot_iter for a in attacks.AutoAttack(model, eot_iter=3).attacks[:2]] == [3, 3]  # APGD-CE, APGD-T
+    assert "version='rand'" in repr(rand)
+    with pytest.raises(ValueError, match=r"^autoattack: n_queries=50 applies to none of version 'rand''s attacks "
+                                         r"\(apgd-ce, apgd-dlr\); expected None$"):
+        attacks.AutoAttack(model, version="rand", n_queries=50)
+    with pytest.raises(ValueError, match=r"^autoattack: expected version to be one of 'standard', 'plus', 'rand', "
+                                         r"'custom', got 'Plus'$"):
+        attacks.AutoAttack(model, version="Plus")
+    with pytest.raises(ValueError, match=r"^autoattack: version='plus' runs its own attacks, so the attacks list "
+                                         r"would be ignored; give version='custom' with the list, or no list$"):
+        attacks.AutoAttack(model, version="plus", attacks=["pgd"])
+    with pytest.raises(ValueError, match=r"^autoattack: version='custom' needs the attacks to run"):
+        attacks.AutoAttack(model, version="custom")
+    # AutoAttack's spelling of a custom list
+    custom = attacks.AutoAttack(model, version="custom", attacks_to_run=["apgd-ce", "square"], eot_iter=2)
+    assert [a.name for a in custom.attacks] == ["apgd-ce", "square"] and custom.attacks[0].eot_iter == 2
+    assert custom.version == "custom" and attacks.AutoAttack(model, attacks=["pgd"]).version == "custom"
+    with pytest.raises(ValueError, match=r"^autoattack: got both attacks and attacks_to_run"):
+        attacks.AutoAttack(model, attacks=["pgd"], attacks_to_run=["pgd"])
+    with pytest.raises(ValueError, match=r"^autoattack: eot_iter=2 applies to none of the attacks named in "
+                                         r"attacks=\['square'\]"):
+        attacks.AutoAttack(model, attacks=["square"], eot_iter=2)
+
+
+@pytest.mark.parametrize("version", ["plus", "rand"])
+def test_autoattack_versions_run_within_the_ball(version):
+    model = make_model(4)
+    x, y = make_data(8, 4)
+    eps = 0.1
+    options = dict(steps=3, eot_iter=2) if version == "rand" else dict(steps=3, n_queries=10, n_target_classes=2)
+    aa = attacks.AutoAttack(model, eps=eps, version=version, **options)
+    result = aa.run(x, y)
+    assert bool((norm_of(result.x_adv - x, "linf") <= eps + 1e-6).all())
+    assert set(result.counts()) == {"clean", *(a.name for a in aa.attacks), "robust"}
+    with torch.no_grad():
+        fooled = model(result.x_adv).argmax(1) != y
+    assert torch.equal(fooled, ~result.robust)
+
+
+def test_autoattack_individual_runs_each_attack_on_every_sample():
+    """AutoAttack's run_standard_evaluation_individual: {name: x_adv}, each attack alone on the clean-correct
+    samples; a repeated name is numbered rather than overwritten."""
+    model = make_model(3)
+    x, y = make_data(8, 3)
+    aa = attacks.AutoAttack(model, eps=0.1, steps=3, n_queries=10)
+    out = aa.run_standard_evaluation_individual(x, y, bs=3)
+    assert list(out) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    for attack in aa.attacks:
+        alone = attacks.ensemble(model, x, y, [attack], batch_size=3).x_adv
+        assert torch.equal(out[attack.name], alone), attack.name
+    twice = attacks.AutoAttack(model, eps=0.1, attacks=["pgd", "pgd", "fgsm"], steps=2)
+    assert list(twice.run_standard_evaluation_individual(x, y)) == ["pgd", "pgd #2", "fgsm"]
+
+
+def test_apgd_eot_averages_the_gradient_over_passes(monkeypatch):
+    """eot_iter passes per step, their input gradients averaged (AutoAttack's sum then division); loss and success
+    from the last pass. A model whose weights change at every call shows the average."""
+
+    class Drifting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.weights = [torch.randn(3, 144, generator=g) for _ in range(5)]
+            self.calls = 0
+
+        def forward(self, x):
+            w = self.weights[self.calls % len(self.weights)]
+            self.calls += 1
+            return x.flatten(1) @ w.t()
+
+    x, _ = make_data(4, 3)
+    model = Drifting()
+    y = (x.flatten(1) @ model.weights[0].t()).argmax(1)  # correct at the clean check (call 0): all attacked
+    grads = []
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
+    real_step = apgd_module.functional.pgd_step_
+
+    def spy(z, x_nat, grad, *args, **kwargs):
+        grads.append(grad.clone())
+        return real_step(z, x_nat, grad, *args, **kwargs)
+
+    monkeypatch.setattr(apgd_module.functional, "pgd_step_", spy)
+    gen = torch.Generator().manual_seed(0)
+    attacks.apgd(model, x, y, eps=0.05, steps=2, eot_iter=3, generator=gen)
+    # the start point is drawn first; replay the draw and the passes the first step's gradient came from
+    start = apgd_module._random_start(x, torch.full((4,), 0.05), "linf", 0.0, 1.0,
+                                       torch.Generator().manual_seed(0)).requires_grad_(True)
+    expected = torch.zeros_like(x)
+    for w in model.weights[1:4]:  # call 0 was the clean check
+        loss = nn.functional.cross_entropy(start.flatten(1) @ w.t(), y, reduction="none").sum()
+        expected += torch.autograd.grad(loss, [start])[0]
+    torch.testing.assert_close(grads[0], expected / 3.0, rtol=0, atol=0)
+    # clean check + (1 start + 2 steps) x 3 passes + the best point's loss
+    assert model.calls == 1 + 3 * 3 + 1
+
+
+@pytest.mark.parametrize("cls", [attacks.APGD, attacks.APGDT])
+def test_apgd_eot_on_a_deterministic_model_keeps_linf_points(cls):
+    """On a deterministic model the averaged gradient has the one pass's signs, so Linf iterates are unchanged."""
+    model = make_model(10)
+    x, _ = make_data(8, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    one = cls(model, eps=0.1, steps=6, seed=1, n_restarts=2)(x, y)
+    three = cls(model, eps=0.1, steps=6, seed=1, n_restarts=2, eot_iter=3)(x, y)
+    assert torch.equal(one, three)
+    with pytest.raises(ValueError, match="apgd: expected eot_iter"):
+        attacks.apgd(model, x, y, eps=0.1, eot_iter=0)
+
+
+def test_apgd_eot_breaks_the_samples_torchattacks_breaks():
+    """eot_iter=3 against torchattacks' APGD with eot_iter=3, same seed: the same samples broken."""
+    model = make_model(10)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, _ = make_data(16, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    for loss in ("ce", "dlr"):
+        ours = attacks.APGD(model, eps=0.15, steps=10, loss=loss, seed=0, eot_iter=3)(x, y)
+        theirs = torchattacks.APGD(model, eps=0.15, steps=10, loss=loss, seed=0, eot_iter=3)(x, y)
+        with torch.no_grad():
+            assert torch.equal(model(ours).argmax(1) == y, model(theirs).argmax(1) == y), loss
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 
@@ -1031,8 +1174,8 @@ def test_square_query_budget_and_errors(trained):
         attacks.apgd(model, x, y, eps=0.1, rho=0)
     with pytest.raises(ValueError, match="apgd_t: expected n_target_classes to be an integer >= 1, got 0"):
         attacks.apgd_t(model, x, y, eps=0.1, n_target_classes=0)
-    with pytest.raises(ValueError, match="autoattack: expected version 'standard'"):
-        attacks.AutoAttack(model, version="plus")
+    with pytest.raises(ValueError, match="autoattack: expected version to be one of 'standard', 'plus'"):
+        attacks.AutoAttack(model, version="l1")
     with pytest.raises(TypeError, match="square: expected rescale_schedule to be a bool, got int"):
         attacks.square(model, x, y, eps=0.1, rescale_schedule=1)
 

@@ -21,8 +21,8 @@ def test_attack_peer_table_runs_and_matches_where_it_should(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp_path / "bench_attacks_peers.csv") as f:
         rows = {row["attack"]: row for row in csv.DictReader(f)}
-    assert list(rows) == ["fgsm", "pgd-5", "bim-5", "pgdl2-5", "cw-linf-5", "apgd-ce-5", "apgd-t-5", "fab-t-5",
-                          "square-40", "square-l2-40", "white noise x10", "cascade apgd-ce-5>square-40",
+    assert list(rows) == ["fgsm", "pgd-5", "bim-5", "pgdl2-5", "cw-linf-5", "apgd-ce-5", "apgd-ce-5 eot-4", "apgd-t-5",
+                          "fab-t-5", "square-40", "square-l2-40", "white noise x10", "cascade apgd-ce-5>square-40",
                           "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"]
     # The reference ops compute what the native ones do, bit for bit, in every attack.
     assert all(row["same_as_reference_ops"] == "True" for row in rows.values())
@@ -893,7 +893,7 @@ def test_defenses_reference_row_is_the_at_step_on_the_reference_ops(monkeypatch,
     assert "AT (native ops) vs AT (reference ops)" in capsys.readouterr().out
 
 
-def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 8)):
+def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 9)):
     """bench_attacks with its peer table cut to ``cases`` of peer_cases (fgsm, pgd, cw-linf, square by default)."""
     pytest.importorskip("torchattacks")
     mod, written, _ = _script(monkeypatch, "bench_attacks", argv)

@@ -110,10 +110,11 @@ def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
 
 
 def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip_max, generator, name,
-              success_is_target=None):
+              success_is_target=None, eot_iter=1):
     """One APGD run. Returns (x_best, success, x_best_adv): the highest-loss point, the per-sample success and the
     first successful iterate (x where none). Success: the target is predicted (targeted with user targets) or the
-    true label is not (untargeted, and APGD-T: ``success_is_target=False``)."""
+    true label is not (untargeted, and APGD-T: ``success_is_target=False``). ``eot_iter`` > 1: the gradient is the
+    mean over that many forward/backward passes (Expectation over Transformation, for randomized models)."""
     n = x.shape[0]
     momentum = 0.75
     x_adv = _random_start(x, eps_t, norm, clip_min, clip_max, generator)
@@ -123,10 +124,16 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
 
     def evaluate(point):
         xg = point.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = forward(name, model, xg)
-            per = per_sample_loss(out, loss, y, target)
-            (g,) = torch.autograd.grad(per.sum(), [xg])
+        g = None
+        for _ in range(eot_iter):
+            with torch.enable_grad():
+                out = forward(name, model, xg)
+                per = per_sample_loss(out, loss, y, target)
+                (g_pass,) = torch.autograd.grad(per.sum(), [xg])
+            g = g_pass if g is None else g + g_pass
+        if eot_iter > 1:  # AutoAttack's arithmetic, a sum then one division: a deterministic model gives its points
+            g = g / float(eot_iter)
+        # loss and success from the last pass, as AutoAttack's
         pred = predict_from_output(out.detach())
         return per.detach(), g, (pred == label) if success_is_target else (pred != label)
 
@@ -181,25 +188,26 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
     return x_best, success, x_best_adv
 
 
-def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max):
+def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter):
     """The argument checks APGD and APGD-T share; returns (y as int64, norm, steps, n_restarts, eps as a per-sample
-    tensor)."""
+    tensor, eot_iter)."""
     check_gradients_possible(name)
     y = check_inputs(name, x, y, clip_min, clip_max)
     norm = check_norm(name, norm)
     steps = check_steps(name, steps)
     n_restarts = check_steps(name, n_restarts, "n_restarts")
+    eot_iter = check_steps(name, eot_iter, "eot_iter")
     if loss not in APGD_LOSSES:
         raise ValueError(f"{name}: expected loss to be one of {', '.join(APGD_LOSSES)}, got {loss!r}")
     if not isinstance(rho, numbers.Real) or not 0 < rho <= 1:
         raise ValueError(f"{name}: expected rho in (0, 1], got {rho!r}")
     eps_t = per_sample(name, "eps", eps, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max)
-    return y, norm, steps, n_restarts, eps_t
+    return y, norm, steps, n_restarts, eps_t, eot_iter
 
 
 def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False, n_restarts=1, rho=0.75,
-         clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
+         eot_iter=1, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
     r"""Auto-PGD (Croce & Hein 2020), untargeted or targeted, Linf or L2.
 
     Args:
@@ -211,6 +219,10 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
             classes (targeted: 4): it then falls back to the CW margin loss (binary and single-logit models).
         targeted (bool): y are targets; success means the target is predicted.
         n_restarts (int): random restarts, each on the samples not yet broken. rho: checkpoint threshold (0.75).
+        eot_iter (int): forward/backward passes per step whose gradients are averaged (Expectation over
+            Transformation, for randomized models: AutoAttack's ``rand`` version uses 20); default 1. The loss and
+            the success check of a step are those of its last pass, as AutoAttack's. The model's own randomness
+            draws from torch's global generator (seed it with ``torch.manual_seed``), not from ``generator``.
         clip_min, clip_max, model_mode, generator (random starts).
 
     Returns:
@@ -218,8 +230,8 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
         the clean input there).
     """
     name = "apgd"
-    y, norm, steps, n_restarts, eps_t = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho,
-                                                         clip_min, clip_max)
+    y, norm, steps, n_restarts, eps_t, eot_iter = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss,
+                                                                   rho, clip_min, clip_max, eot_iter)
     x = x.detach()
     x_adv = x.clone()
     if x.shape[0] == 0:
@@ -236,7 +248,7 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
             yi = y[idx]
             x_best, success, x_best_adv = _apgd_run(
                 model, x[idx], None if targeted else yi, yi if targeted else None, used, eps_t[idx], norm, steps,
-                rho, clip_min, clip_max, generator, name)
+                rho, clip_min, clip_max, generator, name, eot_iter=eot_iter)
             with torch.no_grad():
                 z = forward(name, model, x_best)
                 lb = per_sample_loss(z, used, None if targeted else yi, yi if targeted else None)
@@ -249,14 +261,15 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
 
 
 def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss="dlr", n_restarts=1, rho=0.75,
-           clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
+           eot_iter=1, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
     r"""APGD-T, AutoAttack's targeted APGD: for each of the ``n_target_classes`` classes with the highest clean
     logits after the top one, a targeted APGD (targeted DLR loss; falls back to the CW margin below 4 classes) runs
     on the samples still correctly classified. y are TRUE labels; success means any misclassification.
-    With fewer classes the number of targets is capped at K - 1. Returns x_adv as :func:`apgd`."""
+    With fewer classes the number of targets is capped at K - 1. ``eot_iter`` as :func:`apgd`. Returns x_adv as
+    :func:`apgd`."""
     name = "apgd_t"
-    y, norm, steps, n_restarts, eps_t = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho,
-                                                         clip_min, clip_max)
+    y, norm, steps, n_restarts, eps_t, eot_iter = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss,
+                                                                   rho, clip_min, clip_max, eot_iter)
     n_target_classes = check_steps(name, n_target_classes, "n_target_classes")
     x = x.detach()
     x_adv = x.clone()
@@ -273,7 +286,8 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
                     break
                 yi, ti = y[idx], targets[idx]
                 x_best, fooled, x_best_adv = _apgd_run(model, x[idx], yi, ti, used, eps_t[idx], norm, steps, rho,
-                                                       clip_min, clip_max, generator, name, success_is_target=False)
+                                                       clip_min, clip_max, generator, name, success_is_target=False,
+                                                       eot_iter=eot_iter)
                 with torch.no_grad():
                     lb = per_sample_loss(forward(name, model, x_best), used, yi, ti)
                 keep = fooled | (lb > best_loss[idx])
@@ -285,39 +299,41 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
 
 
 class APGD(Attack):
-    """``APGD(model, eps=8/255, norm="linf", steps=100, loss="ce", n_restarts=1, seed=0)(x, y)``; see :func:`apgd`."""
+    """``APGD(model, eps=8/255, norm="linf", steps=100, loss="ce", n_restarts=1, seed=0, eot_iter=1)(x, y)``; see
+    :func:`apgd`."""
 
     name = "apgd"
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, loss="ce", n_restarts=1, *, rho=0.75, seed=0,
-                 **options):
+                 eot_iter=1, **options):
         super().__init__(model, **options)
         self.eps, self.norm, self.steps, self.loss = eps, check_norm(self.name, norm), steps, loss
-        self.n_restarts, self.rho, self.seed = n_restarts, rho, seed
+        self.n_restarts, self.rho, self.seed, self.eot_iter = n_restarts, rho, seed, eot_iter
         self.name = f"apgd-{loss}"
 
     def forward(self, x, y):
         return apgd(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, loss=self.loss,
-                    targeted=self.targeted, n_restarts=self.n_restarts, rho=self.rho, clip_min=self.clip_min,
-                    clip_max=self.clip_max, model_mode=self.model_mode, generator=make_generator(self.seed, x.device))
+                    targeted=self.targeted, n_restarts=self.n_restarts, rho=self.rho, eot_iter=self.eot_iter,
+                    clip_min=self.clip_min, clip_max=self.clip_max, model_mode=self.model_mode,
+                    generator=make_generator(self.seed, x.device))
 
 
 class APGDT(Attack):
-    """``APGDT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, seed=0)(x, y)``: AutoAttack's APGD-T
-    (y are true labels); see :func:`apgd_t`."""
+    """``APGDT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, seed=0, eot_iter=1)(x, y)``:
+    AutoAttack's APGD-T (y are true labels); see :func:`apgd_t`."""
 
     name = "apgd-t"
     supports_targeted = False
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, loss="dlr",
-                 n_restarts=1, rho=0.75, seed=0, **options):
+                 n_restarts=1, rho=0.75, seed=0, eot_iter=1, **options):
         super().__init__(model, **options)
         self.eps, self.norm, self.steps = eps, check_norm(self.name, norm), steps
         self.n_target_classes = n_target_classes
-        self.loss, self.n_restarts, self.rho, self.seed = loss, n_restarts, rho, seed
+        self.loss, self.n_restarts, self.rho, self.seed, self.eot_iter = loss, n_restarts, rho, seed, eot_iter
 
     def forward(self, x, y):
         return apgd_t(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps,
                       n_target_classes=self.n_target_classes, loss=self.loss, n_restarts=self.n_restarts,
-                      rho=self.rho, clip_min=self.clip_min, clip_max=self.clip_max, model_mode=self.model_mode,
-                      generator=make_generator(self.seed, x.device))
+                      rho=self.rho, eot_iter=self.eot_iter, clip_min=self.clip_min, clip_max=self.clip_max,
+                      model_mode=self.model_mode, generator=make_generator(self.seed, x.device))

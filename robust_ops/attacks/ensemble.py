@@ -12,6 +12,11 @@ from .context import attack_context, check_inputs, predict_from_output
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
 STANDARD = dict(steps=100, n_target_classes=9, n_queries=5000, seed=0)
+# AutoAttack's versions: "standard"; "plus" (restarts for APGD-CE, APGD-DLR and untargeted FAB); "rand" (APGD-CE and
+# APGD-DLR with the gradient averaged over EOT_ITER_RAND passes, for randomized defenses). "custom": a list given.
+VERSIONS = ("standard", "plus", "rand", "custom")
+RESTARTS_PLUS = 5
+EOT_ITER_RAND = 20
 
 
 @dataclass
@@ -122,27 +127,64 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     return EnsembleResult(x_adv, broken_by == -1, broken_by, ("clean",) + labels)
 
 
+def autoattack_version(version, model, *, norm, eps, steps, n_target_classes, n_queries, seed, eot_iter, **common):
+    """The attacks of AutoAttack's ``version`` ("standard", "plus" or "rand") with its settings; an option given as
+    None takes AutoAttack's value. Returns ``(attacks, unused)``: the attack objects in cascade order and the names
+    of the given options none of them takes (n_target_classes and n_queries in "rand")."""
+    from .apgd import APGD, APGDT
+    from .fab import FAB, FABT
+    from .square import Square
+
+    given = dict(n_target_classes=n_target_classes, n_queries=n_queries)
+    steps, n_target_classes, n_queries, seed = (STANDARD[k] if v is None else v for k, v in (
+        ("steps", steps), ("n_target_classes", n_target_classes), ("n_queries", n_queries), ("seed", seed)))
+    eot = eot_iter if eot_iter is not None else (EOT_ITER_RAND if version == "rand" else 1)
+    shared = dict(eps=eps, norm=norm, steps=steps, seed=seed, **common)
+
+    def apgd(loss, n_restarts):
+        return APGD(model, loss=loss, n_restarts=n_restarts, eot_iter=eot, **shared)
+
+    if version == "rand":  # its APGD-CE and APGD-DLR take neither target classes nor queries
+        return [apgd("ce", 1), apgd("dlr", 1)], [k for k, v in given.items() if v is not None]
+    apgd_t = APGDT(model, n_target_classes=n_target_classes, eot_iter=eot, **shared)
+    fab_t = FABT(model, n_target_classes=n_target_classes, **shared)  # AutoAttack's FAB-T: 1 restart
+    # AutoAttack's Square keeps its 10000-query p schedule whatever the budget (resc_schedule=False)
+    square = Square(model, eps=eps, norm=norm, n_queries=n_queries, seed=seed, rescale_schedule=False, **common)
+    if version == "standard":
+        return [apgd("ce", 1), apgd_t, fab_t, square], []
+    return [apgd("ce", RESTARTS_PLUS), apgd("dlr", RESTARTS_PLUS), FAB(model, n_restarts=RESTARTS_PLUS, **shared),
+            square, apgd_t, fab_t], []
+
+
 class AutoAttack(Attack):
     """AutoAttack-style evaluation (Croce & Hein 2020) as a cascade: ``AutoAttack(model, norm="linf", eps=8/255)``.
 
-    ``version="standard"``: AutoAttack's standard set for Linf and L2 -- APGD-CE, APGD-T (targeted DLR, 9 target
-    classes), FAB-T (9 target classes, 1 restart) and Square (5000 queries, p schedule not rescaled, as AutoAttack's);
-    ``steps`` (100: APGD's and FAB-T's iterations), ``n_target_classes`` (9), ``n_queries`` (5000) and ``seed`` (0)
-    set its attacks. ``attacks`` takes a custom list of CLI names (see :func:`robust_ops.attacks.build`) or attack
-    objects instead: the options given (not None) are passed to the named attacks that take them (``steps``:
-    apgd-*, fab, fab-t, pgd, pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t, fab-t;
-    ``seed``), the others
-    keep ``build``'s defaults; attack objects are used as they are. An option no named attack takes is an error.
-    ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv; ``run(x, y, batch_size=None)``
-    returns the full :class:`EnsembleResult`.
+    ``version`` (AutoAttack's versions and settings, for Linf and L2 alike):
+
+    * ``"standard"`` (default): APGD-CE, APGD-T (targeted DLR, 9 target classes), FAB-T (9 target classes, 1 restart)
+      and Square (5000 queries, p schedule not rescaled, as AutoAttack's).
+    * ``"plus"``: APGD-CE and APGD-DLR with 5 restarts each, untargeted FAB with 5 restarts, Square, APGD-T, FAB-T.
+    * ``"rand"``, for randomized defenses: APGD-CE and APGD-DLR, 1 restart, each step's gradient averaged over
+      ``eot_iter`` = 20 forward/backward passes (Expectation over Transformation).
+    * ``"custom"`` with ``attacks`` (or AutoAttack's ``attacks_to_run``): a list of CLI names (see
+      :func:`robust_ops.attacks.build`) or attack objects; a list given with the default version is custom too.
+
+    ``steps`` (100: APGD's and FAB's iterations), ``n_target_classes`` (9), ``n_queries`` (5000), ``seed`` (0) and
+    ``eot_iter`` (APGD's passes per step; 20 in "rand", else 1) set the version's attacks. With a custom list the
+    options given (not None) are passed to the named attacks that take them (``steps``: apgd-*, fab, fab-t, pgd,
+    pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t, fab-t; ``eot_iter``: apgd-*; ``seed``),
+    the others keep ``build``'s defaults; attack objects are used as they are. An option no attack takes is an
+    error. ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv;
+    ``run_standard_evaluation_individual(x, y, bs=None)`` runs each attack on every sample, {name: x_adv};
+    ``run(x, y, batch_size=None)`` returns the full :class:`EnsembleResult`.
     """
 
     name = "autoattack"
     supports_targeted = False
     # Options baked into the attacks when they are built: setting one afterwards would be ignored silently.
     # attacks_to_run is AutoAttack's own spelling of ``attacks``.
-    _BUILD_OPTIONS = ("norm", "eps", "version", "steps", "n_target_classes", "n_queries", "seed", "clip_min",
-                      "clip_max", "attacks_to_run")
+    _BUILD_OPTIONS = ("norm", "eps", "version", "steps", "n_target_classes", "n_queries", "seed", "eot_iter",
+                      "clip_min", "clip_max", "attacks_to_run")
 
     def __setattr__(self, key, value):
         if key in self._BUILD_OPTIONS and vars(self).get("_built") is not None:
@@ -152,32 +194,38 @@ class AutoAttack(Attack):
         super().__setattr__(key, value)
 
     def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=None,
-                 n_target_classes=None, n_queries=None, seed=None, model_mode="eval", clip_min=0.0, clip_max=1.0,
-                 cascade=True, **unknown):
+                 n_target_classes=None, n_queries=None, seed=None, eot_iter=None, attacks_to_run=None,
+                 model_mode="eval", clip_min=0.0, clip_max=1.0, cascade=True, **unknown):
         from . import ATTACKS, build
         from .._options import accepted_options
-        from .apgd import APGD, APGDT
-        from .fab import FABT
-        from .square import Square
 
-        if version != "standard":
-            raise ValueError(f"autoattack: expected version 'standard' (or a custom attacks list), got {version!r}")
+        if version not in VERSIONS:
+            raise ValueError(f"autoattack: expected version to be one of {', '.join(map(repr, VERSIONS))}, "
+                             f"got {version!r}")
+        if attacks_to_run is not None:  # AutoAttack's spelling
+            if attacks is not None:
+                raise ValueError("autoattack: got both attacks and attacks_to_run (the same list); give one")
+            attacks = attacks_to_run
+        if attacks is not None and version in ("plus", "rand"):
+            raise ValueError(f"autoattack: version={version!r} runs its own attacks, so the attacks list would be "
+                             "ignored; give version='custom' with the list, or no list")
+        if attacks is None and version == "custom":
+            raise ValueError("autoattack: version='custom' needs the attacks to run: attacks=[...] (CLI names or "
+                             "attack objects)")
         norm = check_norm(self.name, norm)  # AutoAttack's own spellings 'Linf' / 'L2' are accepted
         super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max, **unknown)
-        self.norm, self.eps, self.version, self.cascade = norm, eps, version, cascade
+        self.version = "custom" if attacks is not None else version
+        self.norm, self.eps, self.cascade = norm, eps, cascade
         common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
-        options = dict(steps=steps, n_target_classes=n_target_classes, n_queries=n_queries, seed=seed)
+        options = dict(steps=steps, n_target_classes=n_target_classes, n_queries=n_queries, seed=seed,
+                       eot_iter=eot_iter)
         if attacks is None:
-            steps, n_target_classes, n_queries, seed = (STANDARD[k] if v is None else v for k, v in options.items())
-            # AutoAttack's standard order and settings for both norms: FAB-T with 1 restart and steps iterations;
-            # Square keeps AutoAttack's 10000-query p schedule (resc_schedule=False)
-            self.attacks = [
-                APGD(model, eps=eps, norm=norm, steps=steps, loss="ce", seed=seed, **common),
-                APGDT(model, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, seed=seed, **common),
-                FABT(model, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, seed=seed, **common),
-                Square(model, eps=eps, norm=norm, n_queries=n_queries, seed=seed, rescale_schedule=False, **common),
-            ]
+            self.attacks, unused = autoattack_version(version, model, norm=norm, eps=eps, **options, **common)
             self._built = list(self.attacks)
+            if unused:
+                raise ValueError(f"autoattack: {', '.join(f'{k}={options[k]!r}' for k in unused)} applies to none "
+                                 f"of version {version!r}'s attacks ({', '.join(a.name for a in self.attacks)}); "
+                                 "expected None")
         else:
             attacks = list(attacks)
             takes = {a: accepted_options(ATTACKS[a][0]) if a in ATTACKS else [] for a in attacks if isinstance(a, str)}
@@ -212,6 +260,19 @@ class AutoAttack(Attack):
         if bs is not None:  # named as the caller wrote it, not as ensemble's batch_size
             bs = check_steps("autoattack.run_standard_evaluation", bs, "bs")
         return self.run(x, y, batch_size=bs).x_adv
+
+    def run_standard_evaluation_individual(self, x, y, bs=None):
+        """AutoAttack's: each attack on every sample on its own (no cascade); {attack name: x_adv}, x_adv the clean
+        input where that attack did not succeed. A name a custom list repeats is keyed "name #2", "name #3", ..."""
+        if bs is not None:
+            bs = check_steps("autoattack.run_standard_evaluation_individual", bs, "bs")
+        out = {}
+        for i, attack in enumerate(self.attacks):
+            name = _name(attack, i)
+            key = name if name not in out else f"{name} #{sum(k.split(' #')[0] == name for k in out) + 1}"
+            out[key] = ensemble(self.model, x, y, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
+                                clip_max=self.clip_max, batch_size=bs, names=[name]).x_adv
+        return out
 
     def forward(self, x, y):
         return self.run(x, y).x_adv
