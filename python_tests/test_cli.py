@@ -385,6 +385,16 @@ def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_pa
     assert rc == 0, err
     doc = json.loads((out / "eval" / "results.json").read_text())
     assert doc["config"]["channels_last"] is True and [r["attack"] for r in doc["rows"]] == ["none", "fgsm"]
+    # --no-channels-last attacks the channels_last run in NCHW (until 2026-12-02 it only undid a config file's true)
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--device", "cpu",
+                      "--no-channels-last", "--out", tmp_path / "nchw"], capsys)
+    assert rc == 0, err
+    nchw = json.loads((tmp_path / "nchw" / "results.json").read_text())
+    assert nchw["config"]["channels_last"] is False
+    assert [r["attack"] for r in nchw["rows"]] == [r["attack"] for r in doc["rows"]]
+    conv = next(m for m in cli.load_run(out, channels_last=False)[0].modules()
+                if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_train_with_the_same_seed_gives_the_same_weights(small_npz, tmp_path, capsys):
@@ -420,6 +430,12 @@ def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_p
     assert rc == 0, err
     assert json.loads((out / "eval" / "results.json").read_text())["config"]["prepacked_conv"] is True
     assert packed  # eval follows the run
+    packed.clear()  # ... unless told otherwise
+    rc, _, err = run(["eval", out, "--attacks", "pgd:steps=2", "--eps", "2/255", "--saliency", "0", "--device", "cpu",
+                      "--no-prepacked-conv", "--out", tmp_path / "unpacked"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "unpacked" / "results.json").read_text())["config"]["prepacked_conv"] is False
+    assert not packed
     assert all("forward" not in m.__dict__ for m in cli.load_run(out)[0].modules())
     # the variable without the flag: run.json records what ran, and a resume without the variable is refused
     monkeypatch.setenv("ROBUST_OPS_PREPACKED_CONV", "1")

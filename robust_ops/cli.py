@@ -569,9 +569,9 @@ def cmd_train(args):
 # ----------------------------------------------------------------------------------------------- eval
 
 
-def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=False, classes=None):
+def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=None, classes=None):
     """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt) or a checkpoint file (run.json beside it, or
-    --data/--model given)."""
+    --data/--model given). ``channels_last`` None: the memory format the run trained in; True / False: that one."""
     target = Path(target)
     if target.is_dir():
         ckpt, run_file = target / CHECKPOINT, target / RUN_FILE
@@ -637,7 +637,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     if mismatch is not None:  # the weights loaded, but the model would compute other outputs than the trained one
         raise CLIError(f"{ckpt}: {mismatch} (rebuilt as {model_name} with dropmax {dropmax!r}); put the run's "
                        f"{RUN_FILE}, which records its dropmax, beside the checkpoint")
-    if channels_last or run.get("channels_last"):
+    if channels_last if channels_last is not None else run.get("channels_last"):
         import torch
 
         net = net.to(memory_format=torch.channels_last)
@@ -686,12 +686,14 @@ def cmd_eval_parser(sub):
                    help="class folders / CSV labels to keep, in label order (default: the ones in run.json)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
     p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")
-    p.add_argument("--channels-last", action=Switch,
+    # default None: as the run was trained (run.json); either flag, or a config file's value, overrides the run
+    p.add_argument("--channels-last", action=Switch, default=None,
                    help="attack the model in channels_last memory format (default: as the run was trained; "
-                        "--no-channels-last only turns off a config file's true)")
-    p.add_argument("--prepacked-conv", action=Switch,
+                        "--no-channels-last attacks a channels_last run in NCHW)")
+    p.add_argument("--prepacked-conv", action=Switch, default=None,
                    help="attack on convolutions packed once per attack (faster on CPU, last-bit differences; "
-                        "default: as the run was trained; --no-prepacked-conv only turns off a config file's true)")
+                        "default: as the run was trained, else $ROBUST_OPS_PREPACKED_CONV; --no-prepacked-conv "
+                        "turns it off for a run trained with it)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--config", help="YAML or JSON file of options")
     p.set_defaults(func=cmd_eval)
@@ -798,11 +800,14 @@ def cmd_eval(args):
     label = args.method or run.get("label") or run.get("defense") or "model"
     config = {"command": "eval", "target": str(args.target), "attacks": args.attacks, "eps": args.eps,
               "cascade": not args.no_cascade, "ensemble": args.ensemble, "split": args.split,
-              "channels_last": bool(args.channels_last or run.get("channels_last")),
-              "prepacked_conv": bool(args.prepacked_conv or run.get("prepacked_conv")), "run": run}
-    from .prepacked_conv import prepacked_conv
+              "channels_last": bool(args.channels_last if args.channels_last is not None
+                                    else run.get("channels_last")), "run": run}
+    from .prepacked_conv import prepacked_conv, prepacked_conv_resolved
 
-    with prepacked_conv(model, enabled=True if config["prepacked_conv"] else None):
+    # not given: on if the run trained with it, else as $ROBUST_OPS_PREPACKED_CONV says (None)
+    prepacked = args.prepacked_conv if args.prepacked_conv is not None else (run.get("prepacked_conv") or None)
+    config["prepacked_conv"] = prepacked_conv_resolved(prepacked)
+    with prepacked_conv(model, enabled=prepacked):
         evaluate_models({label: model}, splits, args, specs, radii, device, out, f"Robustness of {label} on "
                         f"{splits.info.display_name}", config)
     return 0
