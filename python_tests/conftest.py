@@ -1,7 +1,9 @@
-"""Test configuration: device markers, Triton interpreter gating, data location, RNG isolation."""
+"""Test configuration: device markers, Triton interpreter gating, data location, RNG isolation, a user's own
+defense and attack package."""
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +85,73 @@ def _isolate_rng():
 
 def cpu_and_cuda():
     return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
+
+
+
+# Your own defense and attack by dotted import path (docs/defenses/index.md, docs/attacks.md): a package outside the
+# library, as a user's own code would be.
+USER_PACKAGE = "my_robust_extras"
+
+_USER_MODULE_SOURCE = '''
+import torch
+import torch.nn.functional as F
+
+from robust_ops import attacks
+from robust_ops.defenses import DefenseOutput, PGDDefense
+
+
+class NoisyAT(PGDDefense):
+    """docs/defenses/index.md's example: AT from a Gaussian-noise start."""
+
+    name = "noisy-at"
+
+    def __init__(self, sigma=0.02, **attack):
+        super().__init__(**attack)
+        self.sigma = float(sigma)
+
+    def __call__(self, model, x, y, ids=None):
+        x_noisy = (x + self.sigma * torch.randn_like(x)).clamp(self.clip_min, self.clip_max)
+        x_adv = self.attack(model, x_noisy, y).x_adv
+        loss = F.cross_entropy(model(x_adv), y)
+        return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach())})
+
+
+class EvenBIM(attacks.Attack):
+    """BIM in steps of eps / steps: the points of the registered ifgsm:alpha=eps/steps."""
+
+    name = "even-bim"
+
+    def __init__(self, model, eps=8 / 255, steps=10, norm="linf", **options):
+        super().__init__(model, **options)
+        self.eps, self.steps, self.norm = eps, steps, norm
+
+    def forward(self, x, y):
+        return attacks.ifgsm(self.model, x, y, eps=self.eps, alpha=self.eps / self.steps, steps=self.steps,
+                             norm=self.norm, clip_min=self.clip_min, clip_max=self.clip_max,
+                             model_mode=self.model_mode)
+
+
+class EvenBIML2(EvenBIM):
+    default_norm = "l2"
+
+    def __init__(self, model, eps=0.5, steps=10, norm="l2", **options):
+        super().__init__(model, eps=eps, steps=steps, norm=norm, **options)
+
+
+def not_a_class():
+    pass
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """The dotted name of a user's module (USER_PACKAGE.defs: NoisyAT, EvenBIM, EvenBIML2, not_a_class) written into
+    ``tmp_path`` and put on sys.path; it leaves sys.modules afterwards, so each test imports its own copy."""
+    package = tmp_path / USER_PACKAGE
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "defs.py").write_text(_USER_MODULE_SOURCE)
+    monkeypatch.syspath_prepend(tmp_path)
+    yield f"{USER_PACKAGE}.defs"
+    for name in (f"{USER_PACKAGE}.defs", USER_PACKAGE):
+        sys.modules.pop(name, None)

@@ -368,6 +368,58 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     one_line_error(rc, err, "--resume:", "defense_options={'steps': 1}")
 
 
+def test_own_defense_and_attack_by_dotted_import_path(user_module, small_npz, tmp_path, capsys):
+    """train --defense and eval --attacks take your own classes' dotted import paths: run.json records the path and
+    --resume takes it (refusing another defense, named); a path that does not resolve is a one-line error naming it,
+    before anything is written or trained."""
+    defense = f"{user_module}.NoisyAT"
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu",
+            "--defense", defense, "--defense-opt", "steps=1"]
+    rc, stdout, err = run(argv, capsys)
+    assert rc == 0 and f"trained {defense} on" in stdout, err
+    run_json = json.loads((out / "run.json").read_text())
+    assert (run_json["defense"], run_json["defense_options"], run_json["label"]) == (defense, {"steps": 1}, defense)
+    rc, _, err = run(argv[:4] + ["2"] + argv[5:] + ["--resume"], capsys)
+    assert rc == 0, err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    rc, _, err = run(argv[:4] + ["3"] + argv[5:10] + ["--resume"], capsys)  # the default defense, standard
+    one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with defense={defense!r}, this command has "
+                            "defense='standard'")
+    attack = f"{user_module}.EvenBIM"
+    rc, _, err = run(["eval", out, "--attacks", f"{attack}:steps=2,fgsm", "--eps", "2/255", "--saliency", "0",
+                      "--device", "cpu"], capsys)
+    assert rc == 0, err
+    rows = json.loads((out / "eval" / "results.json").read_text())["rows"]
+    assert [r["attack"] for r in rows] == ["none", f"{attack}(steps=2)", "fgsm", "worst-case"]
+    assert rows[0]["method"] == defense
+    for argv, message in (
+            (["train", "--data", small_npz, "--defense", "no_such_pkg.defs.NoisyAT"],
+             "robust-ops train: error: --defense: defenses.build: cannot import module 'no_such_pkg.defs' for defense "
+             "'no_such_pkg.defs.NoisyAT' (No module named 'no_such_pkg'); is it on PYTHONPATH?"),
+            (["train", "--data", small_npz, "--defense", f"{user_module}.Nope"],
+             f"robust-ops train: error: --defense: defenses.build: module '{user_module}' has no attribute 'Nope' "
+             f"(for defense '{user_module}.Nope')"),
+            (["train", "--data", small_npz, "--defense", attack],
+             f"robust-ops train: error: --defense: defenses.build: defense '{attack}' is a class but not a subclass "
+             "of robust_ops.defenses.Defense"),
+            (["eval", out, "--attacks", f"fgsm,{defense}:steps=2"],
+             f"robust-ops eval: error: --attacks: attacks.build: attack '{defense}' is a class but not a subclass of "
+             "robust_ops.attacks.Attack"),
+            (["eval", out, "--attacks", "no_such_pkg.mod.EvenBIM"],
+             "robust-ops eval: error: --attacks: attacks.build: cannot import module 'no_such_pkg.mod' for attack "
+             "'no_such_pkg.mod.EvenBIM' (No module named 'no_such_pkg'); is it on PYTHONPATH?"),
+            (["demo", "--quick", "--methods", f"standard,{user_module}.Nope"],
+             f"robust-ops demo: error: --methods: defenses.build: module '{user_module}' has no attribute 'Nope' "
+             f"(for defense '{user_module}.Nope')")):
+        rc, _, err = run(argv + ["--out", tmp_path / "never", "--device", "cpu"], capsys)
+        assert one_line_error(rc, err) == message
+    rc, _, err = run(["train", "--data", small_npz, "--defense", "nope", "--out", tmp_path / "never"], capsys)
+    one_line_error(rc, err, "--defense: defenses.build: unknown defense 'nope'; expected one of standard, ",
+                   "arfl, or a dotted import path of your own class (package.module.Class)")
+    assert not (tmp_path / "never").exists()
+
+
 def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_path, capsys):
     out = tmp_path / "cl"
     argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu"]

@@ -108,6 +108,48 @@ def test_build_registry_names_and_unknown_name():
         defenses.build("sat", stepsize=0.1)
 
 
+
+def test_own_defense_by_dotted_import_path(user_module):
+    """docs/defenses/index.md, "By name": build and fit take your own Defense subclass's dotted import path (kept as
+    written, not lower-cased); one that does not import, names nothing or names no Defense subclass is a one-line
+    ValueError naming it."""
+    from torch.utils.data import TensorDataset
+
+    from robust_ops import train
+
+    path = f"{user_module}.NoisyAT"
+    defense = defenses.build(path, eps=2 / 255, steps=1, sigma=0.05)
+    assert type(defense) is defenses.defense_class(path) and type(defense).__module__ == user_module
+    assert (defense.sigma, defense.steps, defense.eps) == (0.05, 1, 2 / 255)
+    x, y = _batch(16)
+    result = train.fit(GNNet(), path, TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
+    errors = {
+        "no_such_pkg.defs.NoisyAT": "defenses.build: cannot import module 'no_such_pkg.defs' for defense "
+                                    "'no_such_pkg.defs.NoisyAT' (No module named 'no_such_pkg'); is it on PYTHONPATH?",
+        f"{user_module}.Nope": f"defenses.build: module '{user_module}' has no attribute 'Nope' (for defense "
+                               f"'{user_module}.Nope')",
+        f"{user_module}.noisyat": f"defenses.build: module '{user_module}' has no attribute 'noisyat' (for defense "
+                                  f"'{user_module}.noisyat')",
+        f"{user_module}.not_a_class": f"defenses.build: defense '{user_module}.not_a_class' is a function, not a "
+                                      "subclass of robust_ops.defenses.Defense",
+        f"{user_module}.EvenBIM": f"defenses.build: defense '{user_module}.EvenBIM' is a class but not a subclass of "
+                                  "robust_ops.defenses.Defense",
+        f"{user_module}..NoisyAT": f"defenses.build: defense '{user_module}..NoisyAT' is not a dotted import path "
+                                   "package.module.Class",
+    }
+    for bad, message in errors.items():
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            defenses.build(bad)
+    with pytest.raises(ValueError, match=f"^{re.escape(path)}: unknown option 'sigmaa'; it takes sigma, eps, "):
+        defenses.build(path, sigmaa=0.1)
+    with pytest.raises(ValueError, match="^defenses.build: cannot import module 'no_such_pkg.defs'"):
+        train.fit(GNNet(), "no_such_pkg.defs.NoisyAT", TensorDataset(x, y), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"unknown defense 'nope'; expected one of standard, .*, arfl, or a dotted "
+                                         r"import path of your own class \(package.module.Class\)$"):
+        defenses.build("nope")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # MIRST: reuse of the attack's backward passes
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import sys
 import weakref
 
@@ -94,6 +95,48 @@ def test_registered_attack_is_evaluated_by_name(monkeypatch):
     assert rows[1]["accuracy"] == fgsm_rows[1]["accuracy"]  # half of 8/255 is FGSM at 4/255
     with pytest.raises(EvalError, match="unknown option"):
         parse_attacks("halfway:steps=3")
+
+
+def test_own_attack_by_dotted_import_path(user_module):
+    """docs/attacks.md, "Your own attack": an Attack subclass's dotted import path works wherever a registered name
+    does (attacks.build, specs with typed options and the dry run, labels, default_norm, AutoAttack's list), kept as
+    written; one that does not import, names nothing or names no Attack subclass is a one-line error naming it."""
+    path = f"{user_module}.EvenBIM"
+    data, model = tiny_data(), tiny_model()
+    attack = attacks.build(path, model, steps=3)
+    assert type(attack).__name__ == "EvenBIM" and (attack.steps, attack.eps) == (3, 8 / 255)
+    rows = evaluate(model, data, INFO, attacks=f"{path}:steps=2", eps="8/255")
+    same = evaluate(model, data, INFO, attacks="ifgsm:steps=2:alpha=eps/2", eps="8/255")
+    assert rows[1]["attack"] == f"{path}(steps=2)" and rows[1]["norm"] == "linf"
+    assert {**rows[1], "attack": None} == {**same[1], "attack": None}
+    assert parse_attacks(f"{path}:steps=2")[0].options == {"steps": 2}
+    assert AttackSpec(f"{user_module}.EvenBIML2").norm == "l2"
+    assert attacks.AutoAttack(model, attacks=[path, "fgsm"], steps=2).attacks[0].steps == 2
+    with pytest.raises(EvalError, match=f"^attacks: option steps='2.5' of '{re.escape(path)}': expected an integer$"):
+        parse_attacks(f"{path}:steps=2.5")  # typed from the class's own default, steps=10
+    with pytest.raises(EvalError, match=f"^attacks: attacks.build: {re.escape(path)}: unknown option 'stepz'; it "
+                                        "takes eps, steps, norm, targeted, "):
+        parse_attacks(f"{path}:stepz=2")  # the dry run
+    errors = {
+        "no_such_pkg.mod.EvenBIM": "attacks.build: cannot import module 'no_such_pkg.mod' for attack "
+                                   "'no_such_pkg.mod.EvenBIM' (No module named 'no_such_pkg'); is it on PYTHONPATH?",
+        f"{user_module}.evenbim": f"attacks.build: module '{user_module}' has no attribute 'evenbim' (for attack "
+                                  f"'{user_module}.evenbim')",
+        f"{user_module}.not_a_class": f"attacks.build: attack '{user_module}.not_a_class' is a function, not a "
+                                      "subclass of robust_ops.attacks.Attack",
+        f"{user_module}.NoisyAT": f"attacks.build: attack '{user_module}.NoisyAT' is a class but not a subclass of "
+                                  "robust_ops.attacks.Attack",
+    }
+    for bad, message in errors.items():
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            attacks.build(bad, model)
+        for make in (parse_attacks, AttackSpec):
+            with pytest.raises(EvalError, match=f"^attacks: {re.escape(message)}$") as err:
+                make(bad)
+            assert err.value.arg == "attacks"
+    with pytest.raises(EvalError, match=r"unknown attack 'bogus'; expected one of fgsm, .*, autoattack, or a dotted "
+                                        r"import path of your own class \(package.module.Class\)$"):
+        parse_attacks("Bogus")
 
 
 def test_rows_and_cascade():

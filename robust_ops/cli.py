@@ -403,7 +403,8 @@ def cmd_train_parser(sub):
     p = sub.add_parser("train", help="train a model with a defense", formatter_class=_formatter,
                        description="Train --model on --data with --defense; checkpoints every epoch to RUN_DIR.")
     p.add_argument("--defense", default="standard",
-                   help="standard, at, sat, trades, rst, gr, llr, mart, fat, amat, mirst, mirst-dm, ima, dpaat, arfl")
+                   help="standard, at, sat, trades, rst, gr, llr, mart, fat, amat, mirst, mirst-dm, ima, dpaat, arfl, "
+                        "or your own Defense subclass as package.module.Class (imported from PYTHONPATH)")
     p.add_argument("--defense-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="defense option, repeatable (e.g. eps=5/255, steps=10, lam=10)")
     add_train_options(p)
@@ -656,7 +657,8 @@ def add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255"):
     from .attacks import ATTACKS
 
     p.add_argument("--attacks", default=attacks,
-                   help=f"comma-separated attacks: {', '.join(ATTACKS)}; options as name:key=value, e.g. "
+                   help=f"comma-separated attacks: {', '.join(ATTACKS)}, or your own Attack subclass as "
+                        "package.module.Class (imported from PYTHONPATH); options as name:key=value, e.g. "
                         "pgd:steps=50, noise:norm=l2:trials=100")
     p.add_argument("--eps", default=eps, help="comma-separated radii; fractions allowed (1/255)")
     p.add_argument("--eval-batch-size", type=int, default=128, help="test images attacked at a time")
@@ -822,7 +824,8 @@ def cmd_demo_parser(sub):
                        description="Train each method briefly on --data (default: the embedded synthetic set), "
                                    "evaluate them under no attack, FGSM, PGD and CW, print the table and write "
                                    "results.json, report.md and figures to --out.")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated defenses")
+    p.add_argument("--methods", default=",".join(DEMO_METHODS),
+                   help="comma-separated defenses (names or package.module.Class, as train's --defense)")
     # None: not given, so --quick can tell its own settings from conflicting ones
     add_data_model_options(p, epochs=None, epochs_help="training epochs per method (default: 8; --quick: 2)")
     p.add_argument("--train-size", type=int, default=None,
@@ -874,10 +877,17 @@ def cmd_demo(args):
     if not methods:
         raise CLIError("--methods: expected at least one defense")
     from . import defenses
+    from ._import_path import PATH_HINT, is_import_path
 
     for m in methods:
-        if m not in defenses.NAMES:
-            raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}")
+        if is_import_path(m):  # your own class: imported now, so a wrong path fails before any training
+            try:
+                defenses.defense_class(m)
+            except ValueError as err:
+                raise CLIError(f"--methods: {err}") from None
+        elif m not in defenses.NAMES:
+            raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}, "
+                           f"{PATH_HINT}")
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:  # each method has one run folder: a second entry would only train the same run again
         raise CLIError(f"--methods: {', '.join(repeated)} given more than once")

@@ -16,8 +16,9 @@ Protocol (``evaluate``):
   surviving the previous ones, :func:`robust_ops.attacks.ensemble`) and reports only the worst case.
 
 Attack specs are strings ``name[:key=value...]``: ``pgd``, ``pgd:steps=50``, ``noise:norm=l2:trials=100``,
-``pgd:alpha=eps/4`` (values may be numbers, fractions like ``1/255``, booleans, or expressions in ``eps``; each is
-read as the type its option takes, and the attack is run once on a tiny dummy model, so a bad value fails when parsed).
+``pgd:alpha=eps/4``, ``mypkg.attacks.MIFGSM:steps=5`` (your own Attack subclass by dotted import path). Values may
+be numbers, fractions like ``1/255``, booleans, or expressions in ``eps``; each is read as the type its option takes,
+and the attack is run once on a tiny dummy model, so a bad value fails when parsed.
 A norm may be spelt in any case (``pgd:norm=Linf``): labels, rows and results hold the canonical ``linf`` / ``l2``.
 """
 
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from ._import_path import PATH_HINT, is_import_path
 from ._options import class_labels
 from .attacks.context import predict_from_output, use_model_mode
 from .metrics import classification_metrics, metric_names, probabilities
@@ -94,7 +96,7 @@ def _option_kind(name, key):
     """bool, int, float or str for option ``key`` of attack ``name`` (from its defaults), else None."""
     from . import attacks
 
-    cls, defaults = attacks.ATTACKS.get(name, (None, {}))
+    cls, defaults = _attack_at_path(name) if is_import_path(name) else attacks.ATTACKS.get(name, (None, {}))
     default = defaults.get(key)
     for klass in (cls.__mro__ if cls is not None and default is None else ()):
         init = klass.__dict__.get("__init__")
@@ -106,6 +108,17 @@ def _option_kind(name, key):
     if default is None:
         return _NONE_DEFAULT_KINDS.get(key)
     return next((t for t in (bool, int, float, str) if isinstance(default, t)), None)
+
+
+def _attack_at_path(path):
+    """(class, defaults) of your own attack at dotted import path ``path``; an EvalError naming the path if it does not
+    import or is no Attack subclass."""
+    from . import attacks
+
+    try:
+        return attacks.attack_entry(path)
+    except ValueError as err:
+        raise EvalError("attacks", f"attacks: {err}") from None
 
 
 def _parse_option(name, key, value):
@@ -205,7 +218,9 @@ class AttackSpec:
     def __post_init__(self):
         from . import attacks
 
-        if self.name not in attacks.ATTACKS:  # else a bare KeyError from .norm or build, far from the cause
+        if is_import_path(self.name):  # imported now: a wrong path fails here, not when the first radius runs
+            _attack_at_path(self.name)
+        elif self.name not in attacks.ATTACKS:  # else a bare KeyError from .norm or build, far from the cause
             raise EvalError("attacks", unknown_attack_message(self.name))
         if "norm" in self.options:  # canonical ("Linf" -> "linf"), so labels, rows and radius checks see one spelling
             from .attacks.core import check_norm
@@ -223,7 +238,7 @@ class AttackSpec:
     def norm(self):
         from . import attacks
 
-        cls = attacks.ATTACKS[self.name][0]
+        cls = attacks.attack_entry(self.name)[0]  # checked in __post_init__
         return self.options.get("norm") or getattr(cls, "default_norm", None) or "linf"
 
     def build(self, model, eps, clip_min=0.0, clip_max=1.0):
@@ -240,13 +255,13 @@ class AttackSpec:
 
 
 def unknown_attack_message(name, python=True):
-    """The error for an attack name not in robust_ops.attacks.ATTACKS; ``python``: also say how to register one (a
-    command line cannot see a registration made in the user's own code)."""
+    """The error for an attack name not in robust_ops.attacks.ATTACKS; ``python``: also say that one can be
+    registered there (a command line cannot see a registration made in the user's own code; a dotted path it can)."""
     from . import attacks
 
     what = repr(name) if isinstance(name, str) else f"{name!r} (attacks are given by name)"
-    hint = " (your own attack class: register it in robust_ops.attacks.ATTACKS, docs/attacks.md)" if python else ""
-    return f"attacks: unknown attack {what}; expected one of {', '.join(attacks.ATTACKS)}{hint}"
+    hint = "; or register your own attack class in robust_ops.attacks.ATTACKS (docs/attacks.md)" if python else ""
+    return f"attacks: unknown attack {what}; expected one of {', '.join(attacks.ATTACKS)}, {PATH_HINT}{hint}"
 
 
 def parse_attack(text):
@@ -255,9 +270,13 @@ def parse_attack(text):
     if not isinstance(text, str):  # an attack class or object: str() of it would be lower-cased into a bogus name
         raise EvalError("attacks", unknown_attack_message(text))
     parts = [p for p in text.strip().split(":")]
-    name = parts[0].strip().lower()
-    if name not in attacks.ATTACKS:
-        raise EvalError("attacks", unknown_attack_message(name, python=False))
+    name = parts[0].strip()
+    if is_import_path(name):  # your own class, imported now; module and class names keep their case
+        _attack_at_path(name)
+    else:
+        name = name.lower()
+        if name not in attacks.ATTACKS:
+            raise EvalError("attacks", unknown_attack_message(name, python=False))
     options = {}
     for p in parts[1:]:
         key, sep, value = p.partition("=")

@@ -355,7 +355,7 @@ def _specs(plan, quick):
             opts.update(plan.quick_options.get(s.name, {}))
             from . import attacks
 
-            defaults = attacks.ATTACKS[s.name][1]
+            defaults = attacks.attack_entry(s.name)[1]
             for key in ("steps", "trials", "n_queries"):
                 if key in opts or key in defaults:
                     opts[key] = min(opts.get(key, defaults.get(key, QUICK_STEPS)), QUICK_STEPS)

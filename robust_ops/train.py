@@ -422,7 +422,8 @@ def fit(
 
     Args:
         model (nn.Module): outputs ``[N, K]`` logits or ``[N]`` single logits.
-        defense (robust_ops.defenses.Defense or str): a defense object, or a name for ``defenses.build``.
+        defense (robust_ops.defenses.Defense or str): a defense object, or a name or dotted import path
+            (package.module.Class) for ``defenses.build``.
         train_data, val_data (Dataset): yield ``(x, y)`` or ``(x, y, ids)`` (``robust_ops.data.IndexedDataset``,
             required by defenses with ``needs_ids`` such as IMA); ``y`` one integer class label per sample, batches
             of shape [N] or [N, 1] (one-hot, float or bool labels are refused; the rule of

@@ -2,9 +2,11 @@
 (see docs/design.md and docs/attacks.md).
 
 Functions return ``x_adv`` (``pgd(..., emit=...)`` returns ``(x_adv, iterates)``); classes follow torchattacks:
-``PGD(model, eps=...)(x, y)``; ``build(name, model, **kwargs)`` makes an attack from a CLI name.
+``PGD(model, eps=...)(x, y)``; ``build(name, model, **kwargs)`` makes an attack from a CLI name (or your own
+Attack subclass's dotted import path, package.module.Class).
 """
 
+from .._import_path import PATH_HINT, class_from_path, is_import_path
 from .._options import check_options
 from .base import Attack
 from .context import Normalized, attack_context
@@ -17,7 +19,7 @@ from .pgd import BIM, CW, FGSM, PGD, PGDL2, bim, cw_linf, fgsm, ifgsm, pgd
 from .square import Square, square
 
 __all__ = [
-    "Attack", "Normalized", "attack_context", "PGDResult", "run_pgd", "build", "ATTACKS",
+    "Attack", "Normalized", "attack_context", "PGDResult", "run_pgd", "build", "attack_entry", "ATTACKS",
     "fgsm", "ifgsm", "bim", "pgd", "cw_linf", "apgd", "apgd_t", "fab", "fab_t", "square", "white_noise", "uniform_ball",
     "ensemble", "EnsembleResult", "FGSM", "BIM", "PGD", "PGDL2", "CW", "APGD", "APGDT", "FAB", "FABT", "Square",
     "WhiteNoise", "AutoAttack",
@@ -47,14 +49,24 @@ ATTACKS = {
 STEPS_ALIAS = {"square": "n_queries", "noise": "trials"}
 
 
+def attack_entry(name):
+    """(class, defaults) of the attack ``name``: its ``ATTACKS`` entry, or for a dotted import path
+    (package.module.Class; its module is imported) that Attack subclass with no defaults (its constructor's apply).
+    ValueError naming the name or path otherwise."""
+    if is_import_path(name):  # as given: module and class names are case-sensitive
+        return class_from_path("attacks.build", "attack", name, Attack, "robust_ops.attacks.Attack"), {}
+    if name not in ATTACKS:
+        raise ValueError(f"attacks.build: unknown attack {name!r}; expected one of {', '.join(ATTACKS)}, {PATH_HINT}")
+    return ATTACKS[name]
+
+
 def build(name, model, **kwargs):
     """Make the attack called ``name`` on ``model`` (names: the keys of ``ATTACKS``: fgsm, ifgsm, pgd, pgdl2, cw,
-    apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, noise, autoattack). kwargs (eps, steps, alpha, norm, seed, ...)
-    override the paper defaults in ``ATTACKS``; None values are ignored; ``steps`` means n_queries for square and
-    trials for noise. An option the attack does not take raises ValueError."""
-    if name not in ATTACKS:
-        raise ValueError(f"attacks.build: unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
-    cls, defaults = ATTACKS[name]
+    apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, noise, autoattack; or the dotted import path of your own Attack
+    subclass, package.module.Class). kwargs (eps, steps, alpha, norm, seed, ...) override the paper defaults in
+    ``ATTACKS``; None values are ignored; ``steps`` means n_queries for square and trials for noise. An option the
+    attack does not take raises ValueError."""
+    cls, defaults = attack_entry(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if "steps" in kwargs and name in STEPS_ALIAS:  # the CLI's --steps means queries / trials for these
         kwargs[STEPS_ALIAS[name]] = kwargs.pop("steps")

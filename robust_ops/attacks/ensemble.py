@@ -196,7 +196,7 @@ class AutoAttack(Attack):
     def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=None,
                  n_target_classes=None, n_queries=None, seed=None, eot_iter=None, attacks_to_run=None,
                  model_mode="eval", clip_min=0.0, clip_max=1.0, cascade=True, **unknown):
-        from . import ATTACKS, build
+        from . import attack_entry, build
         from .._options import accepted_options
 
         if version not in VERSIONS:
@@ -228,7 +228,8 @@ class AutoAttack(Attack):
                                  "expected None")
         else:
             attacks = list(attacks)
-            takes = {a: accepted_options(ATTACKS[a][0]) if a in ATTACKS else [] for a in attacks if isinstance(a, str)}
+            # a name or dotted path it cannot resolve fails here with build's own error
+            takes = {a: accepted_options(attack_entry(a)[0]) for a in attacks if isinstance(a, str)}
             # build() reads steps as n_queries / trials for square / noise: pass each option only under its own name
             self.attacks = [
                 build(a, model, eps=eps, norm=norm, **common,

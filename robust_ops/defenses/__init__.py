@@ -1,12 +1,14 @@
 """Published defenses as small per-batch loss objects (see docs/design.md and docs/defenses/<name>.md).
 
-``build(name, **kwargs)`` makes one from its CLI name; each defense is also importable by class:
+``build(name, **kwargs)`` makes one from its CLI name (or your own class's dotted import path, package.module.Class);
+each defense is also importable by class:
 Standard, AT, SAT, TRADES, RST, GR, LLR, MART, FAT, AMAT, MIRST, MIRSTDM, DPAAT, ARFL (IMA lives in robust_ops.ima).
 Your own defense subclasses Defense, or PGDDefense for the shared attack settings (docs/defenses/index.md).
 """
 
 import importlib
 
+from .._import_path import PATH_HINT, class_from_path, is_import_path
 from .._options import check_options
 from ._common import PGDDefense, unwrap  # noqa: F401  (for your own defense: docs/defenses/index.md)
 from .adaptive import AMAT, DPAAT, synchronization_loss  # noqa: F401
@@ -39,18 +41,21 @@ NAMES = tuple(REGISTRY)
 
 
 def defense_class(name):
-    """The class registered under ``name`` (one of NAMES)."""
+    """The class registered under ``name`` (one of NAMES), or the Defense subclass at the dotted import path ``name``
+    (package.module.Class; its module is imported)."""
+    if is_import_path(name):  # as given: module and class names are case-sensitive
+        return class_from_path("defenses.build", "defense", name, Defense, "robust_ops.defenses.Defense")
     key = name.lower().replace("_", "-") if isinstance(name, str) else name
     if key not in REGISTRY:
-        raise ValueError(f"defenses.build: unknown defense {name!r}; expected one of {', '.join(NAMES)}")
+        raise ValueError(f"defenses.build: unknown defense {name!r}; expected one of {', '.join(NAMES)}, {PATH_HINT}")
     module, cls = REGISTRY[key].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def build(name, **kwargs):
     """A defense from its name (standard, at, sat, trades, rst, gr, llr, mart, fat, amat, mirst, mirst-dm, ima, dpaat,
-    arfl) with its papers' defaults, overridden by ``kwargs``; unknown names and options raise ValueError listing the
-    known ones."""
+    arfl) or your own class's dotted import path (package.module.Class, a Defense subclass) with its papers' defaults,
+    overridden by ``kwargs``; unknown names and options raise ValueError listing the known ones."""
     cls = defense_class(name)
     check_options(name, cls, kwargs)
     return cls(**kwargs)
