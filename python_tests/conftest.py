@@ -87,7 +87,6 @@ def cpu_and_cuda():
     return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
 
 
-
 # Your own defense and attack by dotted import path (docs/defenses/index.md, docs/attacks.md): a package outside the
 # library, as a user's own code would be.
 USER_PACKAGE = "my_robust_extras"
@@ -155,3 +154,21 @@ def user_module(tmp_path, monkeypatch):
     yield f"{USER_PACKAGE}.defs"
     for name in (f"{USER_PACKAGE}.defs", USER_PACKAGE):
         sys.modules.pop(name, None)
+
+
+def import_path_errors(owner, what, base_name, user_module, own, other):
+    """{bad dotted path: the exact one-line error ``owner`` gives} for each way a path to ``what`` (defense, attack)
+    can fail: a missing module, a missing attribute (``own`` in the wrong case), a function, a class of the other
+    kind (``other``), a malformed path."""
+    missing = f"no_such_pkg.mod.{own}"
+    return {
+        missing: f"{owner}: cannot import module 'no_such_pkg.mod' for {what} '{missing}' (No module named "
+                 "'no_such_pkg'); is it on PYTHONPATH?",
+        f"{user_module}.{own.lower()}": f"{owner}: module '{user_module}' has no attribute '{own.lower()}' (for {what} "
+                                        f"'{user_module}.{own.lower()}')",
+        f"{user_module}.not_a_class": f"{owner}: {what} '{user_module}.not_a_class' is a function, not a subclass of "
+                                      f"{base_name}",
+        f"{user_module}.{other}": f"{owner}: {what} '{user_module}.{other}' is a class but not a subclass of {base_name}",
+        f"{user_module}..{own}": f"{owner}: {what} '{user_module}..{own}' is not a dotted import path "
+                                 "package.module.Class",
+    }

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import import_path_errors
 from robust_ops import defenses
 from robust_ops.defenses import MIRST, DPAAT, ARFL, synchronization_loss, robust_feature_loss
 
@@ -124,27 +125,15 @@ def test_own_defense_by_dotted_import_path(user_module):
     x, y = _batch(16)
     result = train.fit(GNNet(), path, TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
     assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
-    errors = {
-        "no_such_pkg.defs.NoisyAT": "defenses.build: cannot import module 'no_such_pkg.defs' for defense "
-                                    "'no_such_pkg.defs.NoisyAT' (No module named 'no_such_pkg'); is it on PYTHONPATH?",
-        f"{user_module}.Nope": f"defenses.build: module '{user_module}' has no attribute 'Nope' (for defense "
-                               f"'{user_module}.Nope')",
-        f"{user_module}.noisyat": f"defenses.build: module '{user_module}' has no attribute 'noisyat' (for defense "
-                                  f"'{user_module}.noisyat')",
-        f"{user_module}.not_a_class": f"defenses.build: defense '{user_module}.not_a_class' is a function, not a "
-                                      "subclass of robust_ops.defenses.Defense",
-        f"{user_module}.EvenBIM": f"defenses.build: defense '{user_module}.EvenBIM' is a class but not a subclass of "
-                                  "robust_ops.defenses.Defense",
-        f"{user_module}..NoisyAT": f"defenses.build: defense '{user_module}..NoisyAT' is not a dotted import path "
-                                   "package.module.Class",
-    }
+    errors = import_path_errors("defenses.build", "defense", "robust_ops.defenses.Defense", user_module, "NoisyAT",
+                                "EvenBIM")
     for bad, message in errors.items():
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             defenses.build(bad)
     with pytest.raises(ValueError, match=f"^{re.escape(path)}: unknown option 'sigmaa'; it takes sigma, eps, "):
         defenses.build(path, sigmaa=0.1)
-    with pytest.raises(ValueError, match="^defenses.build: cannot import module 'no_such_pkg.defs'"):
-        train.fit(GNNet(), "no_such_pkg.defs.NoisyAT", TensorDataset(x, y), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="^defenses.build: cannot import module 'no_such_pkg.mod'"):
+        train.fit(GNNet(), "no_such_pkg.mod.NoisyAT", TensorDataset(x, y), epochs=1, progress=False)
     with pytest.raises(ValueError, match=r"unknown defense 'nope'; expected one of standard, .*, arfl, or a dotted "
                                          r"import path of your own class \(package.module.Class\)$"):
         defenses.build("nope")

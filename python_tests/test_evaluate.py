@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
+
+from conftest import import_path_errors
 from utils import TinyCNN
 
 from robust_ops import attacks, report
@@ -117,16 +119,8 @@ def test_own_attack_by_dotted_import_path(user_module):
     with pytest.raises(EvalError, match=f"^attacks: attacks.build: {re.escape(path)}: unknown option 'stepz'; it "
                                         "takes eps, steps, norm, targeted, "):
         parse_attacks(f"{path}:stepz=2")  # the dry run
-    errors = {
-        "no_such_pkg.mod.EvenBIM": "attacks.build: cannot import module 'no_such_pkg.mod' for attack "
-                                   "'no_such_pkg.mod.EvenBIM' (No module named 'no_such_pkg'); is it on PYTHONPATH?",
-        f"{user_module}.evenbim": f"attacks.build: module '{user_module}' has no attribute 'evenbim' (for attack "
-                                  f"'{user_module}.evenbim')",
-        f"{user_module}.not_a_class": f"attacks.build: attack '{user_module}.not_a_class' is a function, not a "
-                                      "subclass of robust_ops.attacks.Attack",
-        f"{user_module}.NoisyAT": f"attacks.build: attack '{user_module}.NoisyAT' is a class but not a subclass of "
-                                  "robust_ops.attacks.Attack",
-    }
+    errors = import_path_errors("attacks.build", "attack", "robust_ops.attacks.Attack", user_module, "EvenBIM",
+                                "NoisyAT")
     for bad, message in errors.items():
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             attacks.build(bad, model)
