@@ -168,7 +168,8 @@ def import_path_errors(owner, what, base_name, user_module, own, other):
                                         f"'{user_module}.{own.lower()}')",
         f"{user_module}.not_a_class": f"{owner}: {what} '{user_module}.not_a_class' is a function, not a subclass of "
                                       f"{base_name}",
-        f"{user_module}.{other}": f"{owner}: {what} '{user_module}.{other}' is a class but not a subclass of {base_name}",
+        f"{user_module}.{other}": f"{owner}: {what} '{user_module}.{other}' is a class but not a subclass of "
+                                  f"{base_name}",
         f"{user_module}..{own}": f"{owner}: {what} '{user_module}..{own}' is not a dotted import path "
                                  "package.module.Class",
     }
