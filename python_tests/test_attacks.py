@@ -784,9 +784,13 @@ def test_unimplemented_norms_are_refused_listing_the_accepted_spellings(bad):
         "square": lambda: attacks.Square(model, norm=bad),
         "autoattack": lambda: attacks.AutoAttack(model, norm=bad),
     }
+    with_l1 = {"apgd", "apgd-t", "autoattack"}  # L1-APGD and AutoAttack's L1 version
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=rf"^{name.strip()}: expected norm to be one of linf, l2 \(any case, e.g. "
-                                             rf"'Linf', 'L2'\), got {re.escape(repr(bad))}$"):
+        if name in with_l1 and bad == "L1":
+            continue
+        listed, spelt = ("linf, l2, l1", "'Linf', 'L2', 'L1'") if name in with_l1 else ("linf, l2", "'Linf', 'L2'")
+        with pytest.raises(ValueError, match=rf"^{name.strip()}: expected norm to be one of {listed} \(any case, "
+                                             rf"e.g. {spelt}\), got {re.escape(repr(bad))}$"):
             call()
 
 
@@ -2239,6 +2243,283 @@ def test_apgd_rho_and_n_restarts_bounds():
     for fn in (attacks.apgd, attacks.apgd_t):
         with pytest.raises(ValueError, match=f"{fn.__name__}: expected n_restarts to be an integer >= 1, got 0"):
             fn(model, x, y, eps=0.1, n_restarts=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# L1-APGD (Croce & Hein 2021, "Mind the box") and AutoAttack's L1 version
+
+
+def l1_projection_by_bisection(x, point, eps, lo, hi):
+    """An independent solver of the projection onto the L1 ball and the box, per sample: the smallest soft-threshold
+    level lam >= 0 with ||d(lam)||_1 <= eps, d_j(lam) = clip(sign(y_j) max(|y_j| - lam, 0), box), y = point - x,
+    found by bisection in float64."""
+    out = []
+    for xi, yi, e in zip(x.double().flatten(1), (point - x).double().flatten(1), eps.double()):
+        def d(lam):
+            return torch.clamp(torch.sign(yi) * (yi.abs() - lam).clamp_min(0), lo - xi, hi - xi)
+
+        below, above = 0.0, float(yi.abs().max())
+        if float(d(0.0).abs().sum()) > e:
+            for _ in range(100):
+                mid = 0.5 * (below + above)
+                below, above = (mid, above) if float(d(mid).abs().sum()) > e else (below, mid)
+        else:
+            above = 0.0
+        out.append(xi + d(above))
+    return torch.stack(out).view(x.shape)
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (-1.0, 2.0)])
+def test_project_l1_matches_a_bisection_on_the_soft_threshold_level(lo, hi):
+    from robust_ops.attacks.core import project_l1
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n, f = 5, int(torch.randint(1, 40, (1,), generator=g))
+        x = lo + (hi - lo) * torch.rand(n, 1, f, generator=g)
+        x[:, :, :f // 3] = hi if trial % 2 else lo  # coordinates on the box's edges
+        point = x + torch.randn(n, 1, f, generator=g) * (hi - lo) * 2 * float(torch.rand(1, generator=g))
+        eps = torch.rand(n, generator=g) * f * 0.3  # per sample
+        eps[0], eps[1] = 0.0, 1e3  # radius 0; a radius only the box binds
+        got = project_l1(x, point, eps, lo, hi)
+        torch.testing.assert_close(got.double(), l1_projection_by_bisection(x, point, eps, lo, hi), atol=1e-5, rtol=0)
+        assert torch.equal(got[0], x[0])  # radius 0: the center exactly
+        assert bool(((got - x).flatten(1).abs().sum(1) <= eps * (1 + 1e-6) + 1e-6).all())
+        assert float(got.min()) >= lo and float(got.max()) <= hi
+    x = lo + (hi - lo) * (0.25 + 0.5 * torch.rand(n, 1, 20, generator=g))
+    inside = x + 0.01 * torch.sign(torch.randn(n, 1, 20, generator=g))  # inside the box and the ball: kept
+    torch.testing.assert_close(project_l1(x, inside, torch.full((n,), 1.0), lo, hi), inside)
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (-1.0, 2.0)])
+@pytest.mark.parametrize("use_largereps", [False, True])
+def test_apgd_l1_points_lie_in_the_ball_and_the_clip_range(lo, hi, use_largereps):
+    model = make_model(4)
+    x, _ = make_data(6, 4)
+    x = lo + (hi - lo) * x
+    x[0, :, :3], x[1, :, :3] = lo, hi  # rows on the box's edges
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample attacked
+    eps = torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0, 8.0])
+    for fn, options in ((attacks.apgd, dict(n_restarts=2)), (attacks.apgd_t, dict(n_target_classes=2))):
+        x_adv = fn(model, x, y, eps=eps, norm="L1", steps=5, use_largereps=use_largereps, clip_min=lo, clip_max=hi,
+                   generator=torch.Generator().manual_seed(0), **options)
+        l1 = (x_adv - x).flatten(1).abs().sum(1)
+        assert bool((l1 <= eps * (1 + 1e-5) + 1e-6).all()), (fn.__name__, l1)
+        assert float(x_adv.min()) >= lo and float(x_adv.max()) <= hi
+        assert float(l1[0]) == 0 and bool((l1[1:] > 0).all())
+
+
+def test_apgd_l1_first_step_moves_the_top_fifth_of_the_coordinates_by_eps_in_all(monkeypatch):
+    """The first L1 step moves along the gradient's signs on the 20% of the coordinates with the largest |gradient|
+    (144 - int(0.8 * 144) = 29 here: a linear model's gradient has no ties), eps shared equally among them, before
+    the projection."""
+    from robust_ops.attacks.context import classification_loss
+
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
+    calls, original = [], apgd_module.project_l1
+
+    def spy(x_nat, point, eps_t, lo, hi):
+        out = original(x_nat, point, eps_t, lo, hi)
+        calls.append((point.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(apgd_module, "project_l1", spy)
+    model = Linear(3, scale=0.3)
+    x, _ = make_data(4, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    attacks.apgd(model, x, y, eps=1.0, norm="l1", steps=1, generator=torch.Generator().manual_seed(0))
+    (_, start), (stepped, _) = calls  # the random start's projection, then the first step's
+    move = (stepped - start).flatten(1)
+    assert (move != 0).sum(1).tolist() == [29] * 4
+    torch.testing.assert_close(move.abs().sum(1), torch.ones(4))
+    xg = start.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(classification_loss(model(xg), y, reduction="none").sum(), [xg])
+    grad = grad.flatten(1)
+    moved = move != 0
+    assert torch.equal(torch.sign(move[moved]), torch.sign(grad[moved]))
+    for g, m in zip(grad.abs(), moved):
+        assert float(g[m].min()) > float(g[~m].max())
+
+
+def test_apgd_l1_checkpoints_every_4_percent_reset_or_shrink_the_step(monkeypatch):
+    """L1 checkpoints after every max(int(0.04 * steps), 1) steps. The step size starts at eps; at the first checkpoint
+    the best point (here the sparse random start: the loss is flat) is sparser than 95% of the dense reference, so the
+    step goes back to eps; afterwards its sparsity stays, so the step shrinks by 1.5 per checkpoint down to eps / 10."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    sizes, original = [], apgd_module._l1_step
+
+    def spy(x_adv, x, grad, step_size, *rest):
+        sizes.append(float(step_size[0]))
+        return original(x_adv, x, grad, step_size, *rest)
+
+    monkeypatch.setattr(apgd_module, "_l1_step", spy)
+    x = torch.full((1, 1, 12, 12), 0.5)
+    eps, steps = 1.0, 50  # checkpoints after 2, 4, 6, ... steps
+    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=eps, norm="l1", steps=steps,
+                 generator=torch.Generator().manual_seed(0))
+    want, size = [], eps
+    for i in range(steps):
+        want.append(size)
+        if (i + 1) % 2 == 0:
+            size = eps if i + 1 == 2 else max(size / 1.5, eps / 10)
+    assert sizes == pytest.approx(want)
+
+
+def test_apgd_l1_use_largereps_runs_autoattacks_three_stages(monkeypatch):
+    """use_largereps (AutoAttack's decr_eps_pgd): ceil(0.3 n), ceil(0.3 n) and the rest of the n steps at 3, 2 and 1
+    x eps, each stage from the previous stage's highest-loss point (the first from a random point)."""
+    from robust_ops.attacks.apgd import largereps_schedule
+
+    assert largereps_schedule(100) == [(3.0, 30), (2.0, 30), (1.0, 40)]
+    assert [k for _, k in largereps_schedule(10)] == [3, 3, 4] and [k for _, k in largereps_schedule(7)] == [3, 3, 1]
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    runs, original = [], apgd_module._apgd_run
+
+    def spy(*args, **kw):
+        out = original(*args, **kw)
+        runs.append(dict(eps=args[5].clone(), steps=args[7], x_init=kw.get("x_init"), x_best=out[0]))
+        return out
+
+    monkeypatch.setattr(apgd_module, "_apgd_run", spy)
+    model = make_model(3)
+    x, _ = make_data(3, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = torch.tensor([0.5, 1.0, 2.0])
+    for fn in (attacks.apgd, attacks.apgd_t):
+        runs.clear()
+        extra = dict(n_target_classes=1) if fn is attacks.apgd_t else {}
+        fn(model, x, y, eps=eps, norm="l1", steps=10, use_largereps=True, generator=torch.Generator().manual_seed(0),
+           **extra)
+        assert [r["steps"] for r in runs] == [3, 3, 4]
+        for run, scale in zip(runs, (3.0, 2.0, 1.0)):
+            torch.testing.assert_close(run["eps"], eps * scale)
+        assert runs[0]["x_init"] is not None
+        assert torch.equal(runs[1]["x_init"], runs[0]["x_best"]) and torch.equal(runs[2]["x_init"], runs[1]["x_best"])
+
+
+def test_apgd_l1_restarts_run_on_the_samples_not_yet_broken(monkeypatch):
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    seen, original = [], apgd_module._apgd_stages
+
+    def spy(model, x, *args, **kw):
+        x_best, success, x_best_adv = original(model, x, *args, **kw)
+        seen.append((x.shape[0], kw["use_largereps"]))
+        if len(seen) == 1:  # the first sample counts as broken by the first restart
+            success = success.clone()
+            success[0] = True
+        return x_best, success, x_best_adv
+
+    monkeypatch.setattr(apgd_module, "_apgd_stages", spy)
+    model = make_model(3)
+    x, _ = make_data(4, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    attacks.apgd(model, x, y, eps=0.01, norm="l1", steps=3, n_restarts=3, use_largereps=True,
+                 generator=torch.Generator().manual_seed(0))
+    assert seen == [(4, True), (3, True), (3, True)]
+
+
+def test_apgd_l1_breaks_more_samples_than_random_sparse_points_of_the_ball(trained):
+    """Strength sanity: L1-APGD-CE (and APGD-T with use_largereps) at L1 radius 2 break at least as many samples of
+    the small trained model as 100 random sparse points of the same ball (1, 4 or 16 coordinates moved by eps / k
+    each, random signs, then projected into the range)."""
+    from robust_ops.attacks.core import project_l1
+
+    model, x, y = trained
+    eps, n, features = 2.0, x.shape[0], x[0].numel()
+    g = torch.Generator().manual_seed(0)
+    broken_by_noise = torch.zeros(n, dtype=torch.bool)
+    for trial in range(100):
+        k = (1, 4, 16)[trial % 3]
+        picked = torch.rand(n, features, generator=g).argsort(1)[:, :k]
+        signs = torch.randint(0, 2, (n, k), generator=g) * 2.0 - 1.0
+        d = torch.zeros(n, features).scatter_(1, picked, signs * eps / k)
+        point = project_l1(x, x + d.view_as(x), torch.full((n,), eps), 0.0, 1.0)
+        broken_by_noise |= model(point).argmax(1) != y
+    noise = int(broken_by_noise.sum())
+    for x_adv in (attacks.apgd(model, x, y, eps=eps, norm="l1", steps=10, generator=torch.Generator().manual_seed(0)),
+                  attacks.apgd_t(model, x, y, eps=eps, norm="l1", steps=10, n_target_classes=2, use_largereps=True,
+                                 generator=torch.Generator().manual_seed(0))):
+        assert float((x_adv - x).flatten(1).abs().sum(1).max()) <= eps * (1 + 1e-5)
+        broken = int((model(x_adv).argmax(1) != y).sum())
+        assert broken >= max(noise, 1), (broken, noise)
+
+
+def test_apgd_l1_classes_options_and_errors(monkeypatch):
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    for cls, fn in ((attacks.APGD, "apgd"), (attacks.APGDT, "apgd_t")):
+        atk = cls(model, eps=3.0, norm="L1", use_largereps=True)
+        assert (atk.norm, atk.use_largereps) == ("l1", True)
+        seen = {}
+        monkeypatch.setattr(apgd_module, fn, lambda model, x, y, **kw: seen.update(kw) or x)
+        atk(x, y)
+        assert (seen["norm"], seen["use_largereps"], seen["eps"]) == ("l1", True, 3.0)
+        assert cls(model).use_largereps is False
+    monkeypatch.undo()
+    built = attacks.build("apgd-t", model, norm="L1", use_largereps=True)
+    assert (built.norm, built.use_largereps) == ("l1", True)
+    with pytest.raises(ValueError, match=r"^apgd: use_largereps is AutoAttack's schedule for norm='l1' only, got "
+                                         r"norm='linf'$"):
+        attacks.apgd(model, x, y, eps=0.03, use_largereps=True)
+    with pytest.raises(ValueError, match=r"^apgd: use_largereps is AutoAttack's schedule for norm='l1' only, got "
+                                         r"norm='l2'$"):
+        attacks.APGD(model, norm="L2", use_largereps=True)
+    with pytest.raises(ValueError, match=r"^apgd_t: use_largereps splits steps=4 into 2, 2, 0 iterations at 3, 2, "
+                                         r"1 x eps, none at eps; expected steps = 3 or >= 5$"):
+        attacks.apgd_t(model, x, y, eps=1.0, norm="l1", steps=4, use_largereps=True)
+    with pytest.raises(ValueError, match=r"^apgd: expected use_largereps to be True or False, got 'yes'$"):
+        attacks.apgd(model, x, y, eps=1.0, norm="l1", use_largereps="yes")
+    refused = {  # L1 is APGD's, APGD-T's and AutoAttack's only
+        "pgd": lambda: attacks.pgd(model, x, y, eps=1.0, norm="L1"), "square": lambda: attacks.Square(model, norm="l1"),
+        "fab": lambda: attacks.fab(model, x, y, eps=1.0, norm="L1"), "fab-t": lambda: attacks.FABT(model, norm="L1"),
+        "white_noise": lambda: attacks.white_noise(model, x, y, eps=1.0, norm="l1"),
+    }
+    for name, call in refused.items():
+        with pytest.raises(ValueError, match=rf"^{name}: expected norm to be one of linf, l2 \(any case, e.g. 'Linf', "
+                                             r"'L2'\), got '[lL]1'$"):
+            call()
+
+
+def test_autoattack_l1_standard_is_autoattacks_l1_set():
+    """AutoAttack's set_version for L1: APGD-CE with 5 restarts and APGD-T with 5 target classes and 1 restart, both
+    with use_largereps; no FAB-T, no Square. "plus" and "rand" are Linf / L2 versions here."""
+    model = make_model(10)
+    aa = attacks.AutoAttack(model, norm="L1", eps=5.0)
+    assert aa.norm == "l1" and [a.name for a in aa.attacks] == ["apgd-ce", "apgd-t"]
+    ce, apgd_t = aa.attacks
+    assert (ce.n_restarts, apgd_t.n_restarts, apgd_t.n_target_classes) == (5, 1, 5)
+    assert all(a.use_largereps and a.norm == "l1" and a.eps == 5.0 and (a.steps, a.seed, a.eot_iter) == (100, 0, 1)
+               for a in aa.attacks)
+    assert attacks.AutoAttack(model, norm="l1", n_target_classes=3, steps=7).attacks[1].n_target_classes == 3
+    assert "AutoAttack(norm='l1', eps=5.0, version='standard', attacks=[apgd-ce, apgd-t])" == repr(aa)
+    for version in ("plus", "rand"):
+        with pytest.raises(ValueError, match=rf"^autoattack: version='{version}' is defined for norm 'linf' and 'l2' "
+                                             r"here; for norm='l1' give version='standard' \(APGD-CE, APGD-T\) or a "
+                                             r"custom list$"):
+            attacks.AutoAttack(model, norm="L1", version=version)
+    with pytest.raises(ValueError, match=r"^autoattack: n_queries=50 applies to none of version 'standard''s attacks "
+                                         r"for norm='l1' \(apgd-ce, apgd-t\); expected None$"):
+        attacks.AutoAttack(model, norm="l1", n_queries=50)
+    custom = attacks.AutoAttack(model, norm="l1", attacks=["apgd-dlr", "apgd-t"], steps=5)
+    assert [(a.name, a.norm, a.use_largereps) for a in custom.attacks] == [("apgd-dlr", "l1", False),
+                                                                          ("apgd-t", "l1", False)]
+    with pytest.raises(ValueError, match=r"^square: expected norm to be one of linf, l2 \(any case, e.g. 'Linf', "
+                                         r"'L2'\), got 'l1'$"):
+        attacks.AutoAttack(model, norm="l1", attacks=["apgd-ce", "square"])
+    model4 = make_model(4)
+    x, y = make_data(8, 4)
+    eps = torch.linspace(0.5, 4.0, 8)  # per sample
+    result = attacks.AutoAttack(model4, norm="l1", eps=eps, steps=5).run(x, y)
+    assert bool(((result.x_adv - x).flatten(1).abs().sum(1) <= eps * (1 + 1e-5)).all())
+    assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
+    with torch.no_grad():
+        fooled = model4(result.x_adv).argmax(1) != y
+    assert torch.equal(fooled, ~result.robust)
 
 
 def test_cw_loss_is_clamped_at_the_confidence_kappa():

@@ -686,6 +686,24 @@ def test_linf_radius_wider_than_value_range_is_refused():
     assert rows[-1]["eps"] == 2.0
 
 
+def test_l1_specs_parse_for_apgd_and_autoattack_and_their_rows_say_l1():
+    """norm=L1 (any case) is APGD's, APGD-T's and AutoAttack's (canonical "l1" in labels and rows); an L1 radius
+    wider than the value range is no L-inf mistake, so it is evaluated; other attacks refuse L1 when parsed."""
+    specs = parse_attacks(["apgd-ce:norm=L1:steps=3", "apgd-t:norm=l1:use_largereps=true:steps=3",
+                           "autoattack:norm=L1:steps=3"])
+    assert [(s.label, s.norm) for s in specs] == [("apgd-ce(norm=l1,steps=3)", "l1"),
+                                                  ("apgd-t(norm=l1,use_largereps=True,steps=3)", "l1"),
+                                                  ("autoattack(norm=l1,steps=3)", "l1")]
+    with pytest.raises(EvalError, match=r"^attacks: pgd: expected norm to be one of linf, l2 \(any case"):
+        parse_attacks("pgd:norm=l1")
+    with pytest.raises(EvalError, match=r"^attacks: apgd: use_largereps is AutoAttack's schedule for norm='l1'"):
+        parse_attacks("apgd-ce:use_largereps=true")
+    rows = evaluate(tiny_model(), tiny_data(8), INFO, attacks=specs[:2], eps="4")
+    assert [(r["attack"], r["norm"], r["eps"]) for r in rows[1:]] == [
+        ("apgd-ce(norm=l1,steps=3)", "l1", 4.0), ("apgd-t(norm=l1,use_largereps=True,steps=3)", "l1", 4.0),
+        ("worst-case", "l1", 4.0)]
+
+
 @pytest.mark.parametrize("expr", ["eps/", "(eps", "eps*1e", "eps..2"])
 def test_malformed_eps_expression_is_a_one_line_error(expr):
     # compile() raised SyntaxError outside the try: the CLI printed a traceback

@@ -19,7 +19,8 @@ Attack specs are strings ``name[:key=value...]``: ``pgd``, ``pgd:steps=50``, ``n
 ``pgd:alpha=eps/4``, ``mypkg.attacks.MIFGSM:steps=5`` (your own Attack subclass by dotted import path). Values may
 be numbers, fractions like ``1/255``, booleans, or expressions in ``eps``; each is read as the type its option takes,
 and the attack is run once on a tiny dummy model, so a bad value fails when parsed.
-A norm may be spelt in any case (``pgd:norm=Linf``): labels, rows and results hold the canonical ``linf`` / ``l2``.
+A norm may be spelt in any case (``pgd:norm=Linf``): labels, rows and results hold the canonical ``linf`` / ``l2``
+(``l1`` for the attacks that take it: ``apgd-ce:norm=l1``, ``apgd-t:norm=l1``, ``autoattack:norm=l1``).
 """
 
 import datetime
@@ -223,10 +224,11 @@ class AttackSpec:
         elif self.name not in attacks.ATTACKS:  # else a bare KeyError from .norm or build, far from the cause
             raise EvalError("attacks", unknown_attack_message(self.name))
         if "norm" in self.options:  # canonical ("Linf" -> "linf"), so labels, rows and radius checks see one spelling
-            from .attacks.core import check_norm
+            from .attacks.core import NORMS, check_norm
 
+            takes = getattr(attacks.attack_entry(self.name)[0], "norms", NORMS)  # "l1": apgd-*, autoattack
             try:
-                self.options = {**self.options, "norm": check_norm(self.name, self.options["norm"])}
+                self.options = {**self.options, "norm": check_norm(self.name, self.options["norm"], takes)}
             except ValueError as err:
                 raise EvalError("attacks", f"attacks: {err}") from None
         if not self.label:

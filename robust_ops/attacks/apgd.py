@@ -1,5 +1,6 @@
 """Auto-PGD (Croce & Hein, ICML 2020, arXiv:2003.01690): step-size-free PGD with momentum, CE / DLR losses,
-untargeted, targeted and APGD-T (AutoAttack's top-k target classes), Linf and L2.
+untargeted, targeted and APGD-T (AutoAttack's top-k target classes), Linf, L2 and L1 (Croce & Hein, ICML 2021,
+"Mind the box": a sparse step and the projection onto the L1 ball and the box; ``use_largereps``).
 
 Schedule (as in the paper and AutoAttack's code): step size starts at 2*eps per sample; checkpoints at
 p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) of the iterations; at a checkpoint a sample's
@@ -8,10 +9,12 @@ since the last checkpoint (the first step counting as AutoAttack's code counts i
 positive), or if its step size was not halved last time and its best loss did not improve. Momentum 0.75 (none
 on the first step). Restarts run on the samples still robust.
 
-Every gradient step goes through the fused ``robust_ops.pgd_step_``; the momentum combination is projected with the
-same op (zero step), so APGD shares the PGD core's projection and clipping exactly.
+Every Linf / L2 gradient step goes through the fused ``robust_ops.pgd_step_``; the momentum combination is projected
+with the same op (zero step), so APGD shares the PGD core's projection and clipping exactly. The L1 step (no momentum,
+as AutoAttack's) is torch ops and ``core.project_l1``; see :func:`_apgd_run` for its schedule.
 """
 
+import math
 import numbers
 
 import torch
@@ -21,11 +24,16 @@ from .. import functional
 from .base import Attack
 from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
                       two_logits)
-from .core import (check_linf_budget, check_norm, check_steps, clean_logits, forward, per_sample,
-                   runner_up_targets)
+from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, forward, per_sample,
+                   project_l1, runner_up_targets)
 from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
+# L1-APGD (Croce & Hein 2021, AutoAttack's constants): step size eps (alpha = 1), at first a step along the top 20% of
+# the gradient's coordinates, checkpoints every 4% of the iterations; use_largereps: stages at 3, 2, 1 x eps
+L1_TOPK_START, L1_CHECK_EVERY, L1_SPARSER, L1_TOPK_DIVISOR, L1_STEP_DIVISOR, L1_STEP_MIN_DIVISOR = (
+    0.2, 0.04, 0.95, 1.5, 1.5, 10.0)
+LARGEREPS_SCALES, LARGEREPS_FRACTIONS = (3.0, 2.0, 1.0), (0.3, 0.3)
 
 
 def dlr_loss(z, y):
@@ -88,6 +96,33 @@ def checkpoint_schedule(steps):
     return out
 
 
+def l0_norm(d):
+    """Nonzero coordinates per sample [N] (AutoAttack's L0_norm)."""
+    return (d.reshape(d.shape[0], -1) != 0).sum(1)
+
+
+def largereps_schedule(steps):
+    """AutoAttack's ``use_largereps`` stages as (eps factor, iterations): 3 x eps for ceil(0.3 steps), 2 x eps for
+    ceil(0.3 steps), then eps for the rest (math.ceil(0.3 * steps), as AutoAttack computes it)."""
+    first = [math.ceil(f * steps) for f in LARGEREPS_FRACTIONS]
+    return list(zip(LARGEREPS_SCALES, first + [steps - sum(first)]))
+
+
+def _l1_step(x_adv, x, grad, step_size, topk, eps_t, clip_min, clip_max):
+    """L1-APGD's sparse step: along the signs of the coordinates whose |gradient| reaches the per-sample (1 - topk)
+    quantile (ties included), step_size shared equally among them, then the projection onto the ball and the range."""
+    n = x.shape[0]
+    g = grad.reshape(n, -1)
+    features = g.shape[1]
+    if features == 0:
+        return x_adv.clone()
+    rank = ((1.0 - topk) * features).clamp(0, features - 1).long()
+    threshold = g.abs().sort(dim=1)[0].gather(1, rank.view(n, 1))
+    direction = torch.sign(g) * (g.abs() >= threshold)
+    step = step_size.view(n, 1) * direction / (direction.abs().sum(1, keepdim=True) + 1e-10)
+    return project_l1(x, x_adv + step.view_as(x_adv).to(x_adv.dtype), eps_t, clip_min, clip_max)
+
+
 def _project_(z, x_nat, eps_t, norm, clip_min, clip_max):
     """Projection onto the ball and the clip range: the fused PGD step with a zero step."""
     zeros = torch.zeros(z.shape[0], dtype=eps_t.dtype, device=z.device)
@@ -97,9 +132,13 @@ def _project_(z, x_nat, eps_t, norm, clip_min, clip_max):
 
 
 def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
-    """AutoAttack's start: Linf x + eps * t / max|t| with t ~ U(-1, 1); L2 a point on the sphere of radius eps."""
+    """AutoAttack's start: Linf x + eps * t / max|t| with t ~ U(-1, 1); L2 a point on the sphere of radius eps; L1
+    x + t with t ~ N(0, 1) projected onto the ball and the clip range."""
     n = x.shape[0]
     view = (n,) + (1,) * (x.dim() - 1)
+    if norm == "l1":
+        t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return project_l1(x, x + t, eps_t, clip_min, clip_max)
     if norm == "linf":
         t = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
         t = t / t.reshape(n, -1).abs().amax(1).clamp_min(1e-12).view(view)
@@ -110,14 +149,23 @@ def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
 
 
 def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip_max, generator, name,
-              success_is_target=None, eot_iter=1):
+              success_is_target=None, eot_iter=1, x_init=None):
     """One APGD run. Returns (x_best, success, x_best_adv): the highest-loss point, the per-sample success and the
     first successful iterate (x where none). Success: the target is predicted (targeted with user targets) or the
     true label is not (untargeted, and APGD-T: ``success_is_target=False``). ``eot_iter`` > 1: the gradient is the
-    mean over that many forward/backward passes (Expectation over Transformation, for randomized models)."""
+    mean over that many forward/backward passes (Expectation over Transformation, for randomized models).
+
+    L1 (Croce & Hein 2021): the sparse step of :func:`_l1_step` without momentum, step size eps, checkpoints every
+    max(int(0.04 steps), 1) steps where a sample whose best point got >= 5% sparser restarts from it with step eps
+    and the others' step shrinks by 1.5 (to eps / 10 at least); topk follows the best point's sparsity / 1.5; rho is
+    not used. ``x_init`` (L1, use_largereps' stages): the start, projected onto this run's ball, instead of a random
+    one; topk then starts from its sparsity."""
     n = x.shape[0]
     momentum = 0.75
-    x_adv = _random_start(x, eps_t, norm, clip_min, clip_max, generator)
+    if x_init is None:
+        x_adv = _random_start(x, eps_t, norm, clip_min, clip_max, generator)
+    else:
+        x_adv = project_l1(x, x_init, eps_t, clip_min, clip_max)
     if success_is_target is None:
         success_is_target = y is None
     label = target if success_is_target else y
@@ -146,9 +194,21 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
     # (negative until a sample breaks) halved the step less often and broke fewer samples in short runs
     # (docs/attacks.md, "Differences from torchattacks and AutoAttack").
     loss_steps = torch.zeros(steps + 1, n, dtype=loss_now.dtype, device=x.device)
-    step_size = 2.0 * eps_t.clone()
     x_old = x_adv.clone()
-    checkpoints = set(checkpoint_schedule(steps))
+    if norm == "l1":
+        step_size = eps_t.clone()
+        features = math.prod(x.shape[1:])
+        every = max(int(L1_CHECK_EVERY * steps), 1)
+        checkpoints = set(range(every, steps + 1, every))
+        if x_init is None:
+            topk = torch.full((n,), L1_TOPK_START, dtype=torch.float32, device=x.device)
+            sparsity_last = torch.full((n,), features, dtype=torch.long, device=x.device)
+        else:
+            sparsity_last = l0_norm(x_adv - x)
+            topk = sparsity_last / features / L1_TOPK_DIVISOR
+    else:
+        step_size = 2.0 * eps_t.clone()
+        checkpoints = set(checkpoint_schedule(steps))
     last_check = 0
     loss_best_last_check = loss_best.clone()
     reduced_last_check = torch.ones(n, dtype=torch.bool, device=x.device)
@@ -156,11 +216,15 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
 
     for i in range(steps):
         with torch.no_grad():
-            stepped = x_adv.clone()
-            functional.pgd_step_(stepped, x, grad, step_size, eps_t, clip_min=clip_min, clip_max=clip_max, norm=norm)
-            if i > 0:
-                stepped = x_adv + (stepped - x_adv) * momentum + (x_adv - x_old) * (1 - momentum)
-                _project_(stepped, x, eps_t, norm, clip_min, clip_max)
+            if norm == "l1":
+                stepped = _l1_step(x_adv, x, grad, step_size, topk, eps_t, clip_min, clip_max)
+            else:
+                stepped = x_adv.clone()
+                functional.pgd_step_(stepped, x, grad, step_size, eps_t, clip_min=clip_min, clip_max=clip_max,
+                                     norm=norm)
+                if i > 0:
+                    stepped = x_adv + (stepped - x_adv) * momentum + (x_adv - x_old) * (1 - momentum)
+                    _project_(stepped, x, eps_t, norm, clip_min, clip_max)
             x_old, x_adv = x_adv, stepped
         loss_now, grad, ok = evaluate(x_adv)
         with torch.no_grad():
@@ -172,7 +236,17 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
             x_best[better] = x_adv[better]
             grad_best[better] = grad[better]
             loss_best = torch.where(better, loss_now, loss_best)
-            if i + 1 in checkpoints:
+            if i + 1 in checkpoints and norm == "l1":
+                sparsity = l0_norm(x_best - x)
+                sparser = sparsity / sparsity_last < L1_SPARSER  # 0 / 0 is NaN: not sparser, as AutoAttack's
+                topk = sparsity / features / L1_TOPK_DIVISOR
+                step_size = torch.where(sparser, eps_t, step_size / L1_STEP_DIVISOR)
+                step_size = torch.minimum(torch.maximum(step_size, eps_t / L1_STEP_MIN_DIVISOR), eps_t)
+                sparsity_last = sparsity
+                hv = sparser.view(view)
+                x_adv = torch.where(hv, x_best, x_adv)
+                grad = torch.where(hv, grad_best, grad)
+            elif i + 1 in checkpoints:
                 k = i + 1 - last_check
                 increased = (loss_steps[last_check + 1:i + 2] > loss_steps[last_check:i + 1]).sum(0)
                 oscillating = increased.to(loss_best.dtype) <= k * rho
@@ -188,13 +262,44 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
     return x_best, success, x_best_adv
 
 
-def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter):
+def _apgd_stages(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip_max, generator, name,
+                 success_is_target=None, eot_iter=1, use_largereps=False):
+    """:func:`_apgd_run`, or with ``use_largereps`` AutoAttack's decreasing radii (:func:`largereps_schedule`): each
+    stage starts from the previous stage's highest-loss point (the first from x + N(0, 1)) projected onto its ball.
+    The success and the points returned are the last stage's, the only one inside the eps ball."""
+    run = dict(success_is_target=success_is_target, eot_iter=eot_iter)
+    if not use_largereps:
+        return _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip_max, generator, name,
+                         **run)
+    point = x + torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    for scale, stage_steps in largereps_schedule(steps):
+        point, success, x_best_adv = _apgd_run(model, x, y, target, loss, eps_t * scale, norm, stage_steps, rho,
+                                               clip_min, clip_max, generator, name, x_init=point, **run)
+    return point, success, x_best_adv
+
+
+def check_largereps(name, use_largereps, norm, steps=None):
+    """``use_largereps`` is True or False, with norm "l1" only (AutoAttack's decr_eps_pgd asserts L1) and steps
+    (checked ones; None: not known yet) leaving the last stage (at eps) at least one iteration."""
+    if not isinstance(use_largereps, bool):
+        raise ValueError(f"{name}: expected use_largereps to be True or False, got {use_largereps!r}")
+    if use_largereps and norm != "l1":
+        raise ValueError(f"{name}: use_largereps is AutoAttack's schedule for norm='l1' only, got norm={norm!r}")
+    if use_largereps and steps is not None and largereps_schedule(steps)[-1][1] < 1:
+        split = ", ".join(str(k) for _, k in largereps_schedule(steps))
+        raise ValueError(f"{name}: use_largereps splits steps={steps} into {split} iterations at 3, 2, 1 x eps, none "
+                         "at eps; expected steps = 3 or >= 5")
+
+
+def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter,
+                     use_largereps=False):
     """The argument checks APGD and APGD-T share; returns (y as int64, norm, steps, n_restarts, eps as a per-sample
     tensor, eot_iter)."""
     check_gradients_possible(name)
     y = check_inputs(name, x, y, clip_min, clip_max)
-    norm = check_norm(name, norm)
+    norm = check_norm(name, norm, NORMS_WITH_L1)
     steps = check_steps(name, steps)
+    check_largereps(name, use_largereps, norm, steps)
     n_restarts = check_steps(name, n_restarts, "n_restarts")
     eot_iter = check_steps(name, eot_iter, "eot_iter")
     if loss not in APGD_LOSSES:
@@ -207,14 +312,14 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
 
 
 def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False, n_restarts=1, rho=0.75,
-         eot_iter=1, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
-    r"""Auto-PGD (Croce & Hein 2020), untargeted or targeted, Linf or L2.
+         eot_iter=1, use_largereps=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
+    r"""Auto-PGD (Croce & Hein 2020), untargeted or targeted, Linf, L2 or L1 (Croce & Hein 2021's L1-APGD).
 
     Args:
         model: ``[N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
         x (Tensor[N, ...]) in the clip range; y (LongTensor[N]): true labels, or target labels when ``targeted``.
-        eps (float or Tensor[N]); norm: "linf" (default) or "l2" (any case); steps (int): iterations per restart
-            (default 100).
+        eps (float or Tensor[N]); norm: "linf" (default), "l2" or "l1" (any case); steps (int): iterations per
+            restart (default 100).
         loss: "ce" (default), "dlr" (difference of logits ratio) or "cw" (margin). DLR is undefined below 3
             classes (targeted: 4): it then falls back to the CW margin loss (binary and single-logit models).
         targeted (bool): y are targets; success means the target is predicted.
@@ -223,6 +328,9 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
             Transformation, for randomized models: AutoAttack's ``rand`` version uses 20); default 1. The loss and
             the success check of a step are those of its last pass, as AutoAttack's. The model's own randomness
             draws from torch's global generator (seed it with ``torch.manual_seed``), not from ``generator``.
+        use_largereps (bool, norm "l1" only): AutoAttack's schedule, each restart runs ceil(0.3 steps) iterations at
+            3 x eps, ceil(0.3 steps) at 2 x eps and the rest at eps, each stage from the previous one's best point;
+            only the last stage counts. Default False (AutoAttack's standard L1 version sets it).
         clip_min, clip_max, model_mode, generator (random starts).
 
     Returns:
@@ -231,7 +339,7 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
     """
     name = "apgd"
     y, norm, steps, n_restarts, eps_t, eot_iter = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss,
-                                                                   rho, clip_min, clip_max, eot_iter)
+                                                                   rho, clip_min, clip_max, eot_iter, use_largereps)
     x = x.detach()
     x_adv = x.clone()
     if x.shape[0] == 0:
@@ -246,9 +354,9 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
             if idx.numel() == 0:
                 break
             yi = y[idx]
-            x_best, success, x_best_adv = _apgd_run(
+            x_best, success, x_best_adv = _apgd_stages(
                 model, x[idx], None if targeted else yi, yi if targeted else None, used, eps_t[idx], norm, steps,
-                rho, clip_min, clip_max, generator, name, eot_iter=eot_iter)
+                rho, clip_min, clip_max, generator, name, eot_iter=eot_iter, use_largereps=use_largereps)
             with torch.no_grad():
                 z = forward(name, model, x_best)
                 lb = per_sample_loss(z, used, None if targeted else yi, yi if targeted else None)
@@ -261,15 +369,15 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
 
 
 def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss="dlr", n_restarts=1, rho=0.75,
-           eot_iter=1, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
+           eot_iter=1, use_largereps=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
     r"""APGD-T, AutoAttack's targeted APGD: for each of the ``n_target_classes`` classes with the highest clean
     logits after the top one, a targeted APGD (targeted DLR loss; falls back to the CW margin below 4 classes) runs
     on the samples still correctly classified. y are TRUE labels; success means any misclassification.
-    With fewer classes the number of targets is capped at K - 1. ``eot_iter`` as :func:`apgd`. Returns x_adv as
-    :func:`apgd`."""
+    With fewer classes the number of targets is capped at K - 1. ``norm`` ("linf", "l2", "l1"), ``eot_iter`` and
+    ``use_largereps`` as :func:`apgd`. Returns x_adv as :func:`apgd`."""
     name = "apgd_t"
     y, norm, steps, n_restarts, eps_t, eot_iter = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss,
-                                                                   rho, clip_min, clip_max, eot_iter)
+                                                                   rho, clip_min, clip_max, eot_iter, use_largereps)
     n_target_classes = check_steps(name, n_target_classes, "n_target_classes")
     x = x.detach()
     x_adv = x.clone()
@@ -285,9 +393,9 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
                 if idx.numel() == 0:
                     break
                 yi, ti = y[idx], targets[idx]
-                x_best, fooled, x_best_adv = _apgd_run(model, x[idx], yi, ti, used, eps_t[idx], norm, steps, rho,
-                                                       clip_min, clip_max, generator, name, success_is_target=False,
-                                                       eot_iter=eot_iter)
+                x_best, fooled, x_best_adv = _apgd_stages(model, x[idx], yi, ti, used, eps_t[idx], norm, steps, rho,
+                                                          clip_min, clip_max, generator, name, success_is_target=False,
+                                                          eot_iter=eot_iter, use_largereps=use_largereps)
                 with torch.no_grad():
                     lb = per_sample_loss(forward(name, model, x_best), used, yi, ti)
                 keep = fooled | (lb > best_loss[idx])
@@ -299,41 +407,49 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
 
 
 class APGD(Attack):
-    """``APGD(model, eps=8/255, norm="linf", steps=100, loss="ce", n_restarts=1, seed=0, eot_iter=1)(x, y)``; see
-    :func:`apgd`."""
+    """``APGD(model, eps=8/255, norm="linf", steps=100, loss="ce", n_restarts=1, seed=0, eot_iter=1,
+    use_largereps=False)(x, y)``; norm "linf", "l2" or "l1"; see :func:`apgd`."""
 
     name = "apgd"
+    norms = NORMS_WITH_L1  # the norms it takes, for callers that check a norm before building (evaluate's specs)
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, loss="ce", n_restarts=1, *, rho=0.75, seed=0,
-                 eot_iter=1, **options):
+                 eot_iter=1, use_largereps=False, **options):
         super().__init__(model, **options)
-        self.eps, self.norm, self.steps, self.loss = eps, check_norm(self.name, norm), steps, loss
+        self.eps, self.norm, self.steps, self.loss = eps, check_norm(self.name, norm, self.norms), steps, loss
         self.n_restarts, self.rho, self.seed, self.eot_iter = n_restarts, rho, seed, eot_iter
+        self.use_largereps = use_largereps
+        check_largereps(self.name, use_largereps, self.norm)  # here, not at the first call
         self.name = f"apgd-{loss}"
 
     def forward(self, x, y):
         return apgd(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, loss=self.loss,
                     targeted=self.targeted, n_restarts=self.n_restarts, rho=self.rho, eot_iter=self.eot_iter,
-                    clip_min=self.clip_min, clip_max=self.clip_max, model_mode=self.model_mode,
-                    generator=make_generator(self.seed, x.device))
+                    use_largereps=self.use_largereps, clip_min=self.clip_min, clip_max=self.clip_max,
+                    model_mode=self.model_mode, generator=make_generator(self.seed, x.device))
 
 
 class APGDT(Attack):
-    """``APGDT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, seed=0, eot_iter=1)(x, y)``:
-    AutoAttack's APGD-T (y are true labels); see :func:`apgd_t`."""
+    """``APGDT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, seed=0, eot_iter=1,
+    use_largereps=False)(x, y)``: AutoAttack's APGD-T (y are true labels); norm "linf", "l2" or "l1"; see
+    :func:`apgd_t`."""
 
     name = "apgd-t"
     supports_targeted = False
+    norms = NORMS_WITH_L1
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, loss="dlr",
-                 n_restarts=1, rho=0.75, seed=0, eot_iter=1, **options):
+                 n_restarts=1, rho=0.75, seed=0, eot_iter=1, use_largereps=False, **options):
         super().__init__(model, **options)
-        self.eps, self.norm, self.steps = eps, check_norm(self.name, norm), steps
+        self.eps, self.norm, self.steps = eps, check_norm(self.name, norm, self.norms), steps
         self.n_target_classes = n_target_classes
         self.loss, self.n_restarts, self.rho, self.seed, self.eot_iter = loss, n_restarts, rho, seed, eot_iter
+        self.use_largereps = use_largereps
+        check_largereps(self.name, use_largereps, self.norm)  # here, not at the first call
 
     def forward(self, x, y):
         return apgd_t(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps,
                       n_target_classes=self.n_target_classes, loss=self.loss, n_restarts=self.n_restarts,
-                      rho=self.rho, eot_iter=self.eot_iter, clip_min=self.clip_min, clip_max=self.clip_max,
-                      model_mode=self.model_mode, generator=make_generator(self.seed, x.device))
+                      rho=self.rho, eot_iter=self.eot_iter, use_largereps=self.use_largereps, clip_min=self.clip_min,
+                      clip_max=self.clip_max, model_mode=self.model_mode,
+                      generator=make_generator(self.seed, x.device))

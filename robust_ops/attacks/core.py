@@ -29,6 +29,8 @@ from .context import (
 )
 
 NORMS = ("linf", "l2")
+# APGD, APGD-T and AutoAttack also take the L1 ball (Croce & Hein 2021's L1-APGD); every other attack refuses it
+NORMS_WITH_L1 = NORMS + ("l1",)
 LOSSES = ("ce", "cw")
 
 
@@ -58,14 +60,15 @@ def check_steps(name, steps, arg="steps", minimum=1):
     return check_int(name, arg, steps, minimum)
 
 
-def check_norm(name, norm):
-    """``norm`` in its canonical spelling, "linf" or "l2". Any case is accepted ("Linf", "L2": AutoAttack's and
-    torchattacks' spellings) where a norm enters the Python API, and only the canonical value is passed on, so reprs,
-    options, checkpoints and results record one spelling. The ops (``robust_ops.pgd_step_``) take only "linf"/"l2"."""
+def check_norm(name, norm, allowed=NORMS):
+    """``norm`` in its canonical spelling, one of ``allowed`` ("linf", "l2"; APGD, APGD-T and AutoAttack pass
+    ``NORMS_WITH_L1``). Any case is accepted ("Linf", "L2", "L1": AutoAttack's and torchattacks' spellings) where a
+    norm enters the Python API, and only the canonical value is passed on, so reprs, options, checkpoints and results
+    record one spelling. The ops (``robust_ops.pgd_step_``) take only "linf"/"l2"."""
     canonical = norm.lower() if isinstance(norm, str) else None
-    if canonical not in NORMS:
-        spellings = ", ".join(repr(n.capitalize()) for n in NORMS)
-        raise ValueError(f"{name}: expected norm to be one of {', '.join(NORMS)} (any case, e.g. {spellings}), "
+    if canonical not in allowed:
+        spellings = ", ".join(repr(n.capitalize()) for n in allowed)
+        raise ValueError(f"{name}: expected norm to be one of {', '.join(allowed)} (any case, e.g. {spellings}), "
                          f"got {norm!r}")
     return canonical
 
@@ -77,6 +80,40 @@ def sample_distance(a, b, norm):
     if d.shape[1] == 0:
         return d.new_zeros(a.shape[0])
     return d.norm(p=2, dim=1) if norm == "l2" else d.abs().amax(1)
+
+
+def project_l1(x_nat, point, eps_t, clip_min, clip_max):
+    """Euclidean projection of ``point`` onto {x_nat + d : ||d||_1 <= eps_i, clip_min <= x_nat + d <= clip_max}, per
+    sample: AutoAttack's ``L1_projection`` (Croce & Hein 2021) for any clip range and per-sample eps [N].
+
+    The solution is d_j = sign(y_j) * min(max(|y_j| - lam, 0), room_j) with y = point - x_nat, room_j how far the box
+    lets coordinate j move along sign(y_j), and lam >= 0 the smallest level with ||d||_1 <= eps_i. ||d(lam)||_1 is
+    piecewise linear in lam, so lam is solved exactly between its sorted breakpoints (in float64: a cumulative sum over
+    2 * features terms would drift in float32)."""
+    n = x_nat.shape[0]
+    y = (point - x_nat).reshape(n, -1)
+    if y.numel() == 0:
+        return point.clone()
+    xf = x_nat.reshape(n, -1)
+    room = torch.where(y > 0, clip_max - xf, xf - clip_min).clamp_min(0)
+    size, room64 = y.abs().double(), room.double()
+    # |d_j(lam)| is room_j up to lam = size_j - room_j, then shrinks with slope -1 until it reaches 0 at lam = size_j
+    breaks, order = torch.cat((size - room64, size), 1).sort(dim=1)
+    shrinking = torch.where(order < y.shape[1], 1.0, -1.0).to(torch.float64).cumsum(1)  # just after each breakpoint
+    drops = (shrinking[:, :-1] * breaks.diff(dim=1)).cumsum(1)
+    l1_at = room64.sum(1, keepdim=True) - torch.cat((drops.new_zeros(n, 1), drops), 1)  # ||d||_1 at each breakpoint
+    eps64 = eps_t.to(device=y.device, dtype=torch.float64).view(n, 1)
+    over = (l1_at > eps64).sum(1, keepdim=True)  # breakpoints where the L1 norm is still above eps: a prefix
+    last = over.clamp(1, breaks.shape[1] - 1) - 1  # the segment [last, last + 1] where the norm reaches eps
+    start, rate = breaks.gather(1, last), shrinking.gather(1, last).clamp_min(1.0)
+    lam = start + (l1_at.gather(1, last) - eps64) / rate
+    lam = torch.minimum(lam, breaks.gather(1, last + 1)).clamp_min(0.0)
+    lam = torch.where(over == 0, torch.zeros_like(lam), lam)  # the box alone keeps the point inside the ball
+    # eps 0, or a norm still above eps at the last breakpoint (rounding in the sums): every coordinate to 0 exactly
+    lam = torch.where((eps64 == 0) | (over == breaks.shape[1]), breaks[:, -1:], lam)
+    d = torch.sign(y) * torch.minimum((size - lam).clamp_min(0.0), room64).to(y.dtype)
+    # x_nat + (clip_max - x_nat) may round past clip_max; clamping moves a coordinate only towards x_nat
+    return (xf + d).clamp(clip_min, clip_max).view_as(point)
 
 
 def per_sample(name, arg, value, x, allow_zero=True):

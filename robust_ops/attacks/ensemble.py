@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Attack
-from .core import check_labels_against, check_norm, check_steps, forward
+from .core import NORMS_WITH_L1, check_labels_against, check_norm, check_steps, forward
 from .context import attack_context, check_inputs, predict_from_output
 
 
@@ -17,6 +17,9 @@ STANDARD = dict(steps=100, n_target_classes=9, n_queries=5000, seed=0)
 VERSIONS = ("standard", "plus", "rand", "custom")
 RESTARTS_PLUS = 5
 EOT_ITER_RAND = 20
+# AutoAttack's standard version for L1: APGD-CE with 5 restarts and APGD-T with 5 target classes, both with
+# use_largereps (no FAB-T, no Square); "plus" and "rand" are defined for Linf and L2 only
+L1_STANDARD = dict(apgd_restarts=5, n_target_classes=5)
 
 
 @dataclass
@@ -128,14 +131,26 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
 
 
 def autoattack_version(version, model, *, norm, eps, steps, n_target_classes, n_queries, seed, eot_iter, **common):
-    """The attacks of AutoAttack's ``version`` ("standard", "plus" or "rand") with its settings; an option given as
-    None takes AutoAttack's value. Returns ``(attacks, unused)``: the attack objects in cascade order and the names
-    of the given options none of them takes (n_target_classes and n_queries in "rand")."""
+    """The attacks of AutoAttack's ``version`` ("standard", "plus" or "rand"; for norm "l1" "standard" only) with its
+    settings; an option given as None takes AutoAttack's value. Returns ``(attacks, unused)``: the attack objects in
+    cascade order and the names of the given options none of them takes (n_target_classes and n_queries in "rand",
+    n_queries in L1's "standard")."""
     from .apgd import APGD, APGDT
     from .fab import FAB, FABT
     from .square import Square
 
+    if norm == "l1" and version != "standard":
+        raise ValueError(f"autoattack: version={version!r} is defined for norm 'linf' and 'l2' here; for norm='l1' "
+                         "give version='standard' (APGD-CE, APGD-T) or a custom list")
     given = dict(n_target_classes=n_target_classes, n_queries=n_queries)
+    if norm == "l1":  # AutoAttack's set_version for L1
+        targets = L1_STANDARD["n_target_classes"] if n_target_classes is None else n_target_classes
+        steps, seed = (STANDARD[k] if v is None else v for k, v in (("steps", steps), ("seed", seed)))
+        shared = dict(eps=eps, norm=norm, steps=steps, seed=seed, eot_iter=1 if eot_iter is None else eot_iter,
+                      use_largereps=True, **common)
+        unused = ["n_queries"] if n_queries is not None else []  # no Square in the L1 set
+        return [APGD(model, loss="ce", n_restarts=L1_STANDARD["apgd_restarts"], **shared),
+                APGDT(model, n_target_classes=targets, n_restarts=1, **shared)], unused
     steps, n_target_classes, n_queries, seed = (STANDARD[k] if v is None else v for k, v in (
         ("steps", steps), ("n_target_classes", n_target_classes), ("n_queries", n_queries), ("seed", seed)))
     eot = eot_iter if eot_iter is not None else (EOT_ITER_RAND if version == "rand" else 1)
@@ -159,19 +174,20 @@ def autoattack_version(version, model, *, norm, eps, steps, n_target_classes, n_
 class AutoAttack(Attack):
     """AutoAttack-style evaluation (Croce & Hein 2020) as a cascade: ``AutoAttack(model, norm="linf", eps=8/255)``.
 
-    ``version`` (AutoAttack's versions and settings, for Linf and L2 alike):
+    ``version`` (AutoAttack's versions and settings, for Linf and L2 alike; norm "l1": "standard" and "custom"):
 
     * ``"standard"`` (default): APGD-CE, APGD-T (targeted DLR, 9 target classes), FAB-T (9 target classes, 1 restart)
-      and Square (5000 queries, p schedule not rescaled, as AutoAttack's).
+      and Square (5000 queries, p schedule not rescaled, as AutoAttack's). For norm "l1", AutoAttack's L1 set:
+      APGD-CE with 5 restarts and APGD-T (5 target classes, 1 restart), both with ``use_largereps``.
     * ``"plus"``: APGD-CE and APGD-DLR with 5 restarts each, untargeted FAB with 5 restarts, Square, APGD-T, FAB-T.
     * ``"rand"``, for randomized defenses: APGD-CE and APGD-DLR, 1 restart, each step's gradient averaged over
       ``eot_iter`` = 20 forward/backward passes (Expectation over Transformation).
     * ``"custom"`` with ``attacks`` (or AutoAttack's ``attacks_to_run``): a list of CLI names (see
       :func:`robust_ops.attacks.build`) or attack objects; a list given with the default version is custom too.
 
-    ``steps`` (100: APGD's and FAB's iterations), ``n_target_classes`` (9), ``n_queries`` (5000), ``seed`` (0) and
-    ``eot_iter`` (APGD's passes per step; 20 in "rand", else 1) set the version's attacks. With a custom list the
-    options given (not None) are passed to the named attacks that take them (``steps``: apgd-*, fab, fab-t, pgd,
+    ``steps`` (100: APGD's and FAB's iterations), ``n_target_classes`` (9; L1: 5), ``n_queries`` (5000), ``seed``
+    (0) and ``eot_iter`` (APGD's passes per step; 20 in "rand", else 1) set the version's attacks. With a custom list
+    the options given (not None) are passed to the named attacks that take them (``steps``: apgd-*, fab, fab-t, pgd,
     pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t, fab-t; ``eot_iter``: apgd-*; ``seed``),
     the others keep ``build``'s defaults; attack objects are used as they are. An option no attack takes is an
     error. ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv;
@@ -181,6 +197,7 @@ class AutoAttack(Attack):
 
     name = "autoattack"
     supports_targeted = False
+    norms = NORMS_WITH_L1  # "l1": the standard version's APGD-CE and APGD-T, or a custom list
     # Options baked into the attacks when they are built: setting one afterwards would be ignored silently.
     # attacks_to_run is AutoAttack's own spelling of ``attacks``.
     _BUILD_OPTIONS = ("norm", "eps", "version", "steps", "n_target_classes", "n_queries", "seed", "eot_iter",
@@ -212,7 +229,7 @@ class AutoAttack(Attack):
         if attacks is None and version == "custom":
             raise ValueError("autoattack: version='custom' needs the attacks to run: attacks=[...] (CLI names or "
                              "attack objects)")
-        norm = check_norm(self.name, norm)  # AutoAttack's own spellings 'Linf' / 'L2' are accepted
+        norm = check_norm(self.name, norm, self.norms)  # AutoAttack's own spellings 'Linf' / 'L2' / 'L1' too
         super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max, **unknown)
         self.version = "custom" if attacks is not None else version
         self.norm, self.eps, self.cascade = norm, eps, cascade
@@ -223,9 +240,9 @@ class AutoAttack(Attack):
             self.attacks, unused = autoattack_version(version, model, norm=norm, eps=eps, **options, **common)
             self._built = list(self.attacks)
             if unused:
+                scope = f"version {version!r}'s attacks" + (f" for norm={norm!r}" if norm == "l1" else "")
                 raise ValueError(f"autoattack: {', '.join(f'{k}={options[k]!r}' for k in unused)} applies to none "
-                                 f"of version {version!r}'s attacks ({', '.join(a.name for a in self.attacks)}); "
-                                 "expected None")
+                                 f"of {scope} ({', '.join(a.name for a in self.attacks)}); expected None")
         else:
             attacks = list(attacks)
             # a name or dotted path it cannot resolve fails here with build's own error
