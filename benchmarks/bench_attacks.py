@@ -122,6 +122,10 @@ def peer_cases(model, eps, steps, queries):
         # EOT as AutoAttack's rand version runs it (20 passes there; 4 keep the row affordable): passes x steps
         (f"apgd-ce-{steps} eot-4", lambda x, y: attacks.APGD(model, loss="ce", eot_iter=4, **apgd_kw)(x, y),
          torchattacks.APGD(model, loss="ce", eot_iter=4, **apgd_kw), "", 4 * steps),
+        # L1-APGD as AutoAttack's L1 version runs it (use_largereps); an L1 radius of the order of the L2 one x 8
+        (f"apgd-ce-{steps} l1", lambda x, y: attacks.APGD(model, loss="ce", **{**apgd_kw, "eps": eps_l2 * 8},
+                                                          norm="l1", use_largereps=True)(x, y), None,
+         "torchattacks has no L1 APGD", steps),
         (f"apgd-t-{steps}", lambda x, y: attacks.APGDT(model, n_target_classes=1, **apgd_kw)(x, y), None,
          "torchattacks' targeted DLR reads the 3rd and 4th largest logits: fails on a binary model", steps),
         # FAB-T as AutoAttack runs it (9 targets, capped at K - 1 = 1 here); torchattacks' multi-targeted FAB takes
