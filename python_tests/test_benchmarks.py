@@ -29,7 +29,8 @@ def test_attack_peer_table_runs_and_matches_where_it_should(tmp_path):
     # torchattacks' FGSM, PGDL2 and FAB (FAB-T) are bitwise ours; every attack without a counterpart says why.
     assert rows["fgsm"]["same_as_peer"] == rows["pgd-5"]["same_as_peer"] == rows["pgdl2-5"]["same_as_peer"] == "True"
     assert rows["fab-t-5"]["same_as_peer"] == "True" and rows["fab-t-5"]["peer"] == "torchattacks.FAB"
-    for case in ("cw-linf-5", "apgd-ce-5 l1", "apgd-t-5", "white noise x10", "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"):
+    for case in ("cw-linf-5", "apgd-ce-5 l1", "apgd-t-5", "white noise x10",
+                 "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"):
         assert rows[case]["peer"].startswith("none: ") and rows[case]["same_as_peer"] == "n/a"
     assert rows["square-40"]["peer"] == rows["square-l2-40"]["peer"] == "torchattacks.Square"
     assert all(float(row["ours_ms"]) > 0 for row in rows.values())
