@@ -132,6 +132,10 @@ def peer_cases(model, eps, steps, queries):
         # n_classes - 1 targets. Each step: one forward and backward for the boundary, one forward to check it.
         (f"fab-t-{steps}", lambda x, y: attacks.FABT(model, eps=eps, steps=steps, seed=0)(x, y),
          torchattacks.FAB(model, eps=eps, steps=steps, multi_targeted=True, n_classes=2, seed=0), "", steps),
+        # L1 FAB-T at the L1-APGD row's radius; bitwise torchattacks' L1 iterations in the tests
+        (f"fab-t-{steps} l1", lambda x, y: attacks.FABT(model, eps=eps_l2 * 8, norm="l1", steps=steps, seed=0)(x, y),
+         None, "torchattacks 3.5.1's FAB(norm='L1') raises UnboundLocalError in its final check (no L1 distance)",
+         steps),
         (f"square-{queries}", lambda x, y: attacks.Square(model, eps=eps, n_queries=queries, seed=0)(x, y),
          torchattacks.Square(model, eps=eps, n_queries=queries, seed=0), "", queries),
         (f"square-l2-{queries}",

@@ -22,14 +22,15 @@ def test_attack_peer_table_runs_and_matches_where_it_should(tmp_path):
     with open(tmp_path / "bench_attacks_peers.csv") as f:
         rows = {row["attack"]: row for row in csv.DictReader(f)}
     assert list(rows) == ["fgsm", "pgd-5", "bim-5", "pgdl2-5", "cw-linf-5", "apgd-ce-5", "apgd-ce-5 eot-4",
-                          "apgd-ce-5 l1", "apgd-t-5", "fab-t-5", "square-40", "square-l2-40", "white noise x10",
-                          "cascade apgd-ce-5>square-40", "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"]
+                          "apgd-ce-5 l1", "apgd-t-5", "fab-t-5", "fab-t-5 l1", "square-40", "square-l2-40",
+                          "white noise x10", "cascade apgd-ce-5>square-40",
+                          "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"]
     # The reference ops compute what the native ones do, bit for bit, in every attack.
     assert all(row["same_as_reference_ops"] == "True" for row in rows.values())
     # torchattacks' FGSM, PGDL2 and FAB (FAB-T) are bitwise ours; every attack without a counterpart says why.
     assert rows["fgsm"]["same_as_peer"] == rows["pgd-5"]["same_as_peer"] == rows["pgdl2-5"]["same_as_peer"] == "True"
     assert rows["fab-t-5"]["same_as_peer"] == "True" and rows["fab-t-5"]["peer"] == "torchattacks.FAB"
-    for case in ("cw-linf-5", "apgd-ce-5 l1", "apgd-t-5", "white noise x10",
+    for case in ("cw-linf-5", "apgd-ce-5 l1", "apgd-t-5", "fab-t-5 l1", "white noise x10",
                  "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"):
         assert rows[case]["peer"].startswith("none: ") and rows[case]["same_as_peer"] == "n/a"
     assert rows["square-40"]["peer"] == rows["square-l2-40"]["peer"] == "torchattacks.Square"
@@ -894,7 +895,7 @@ def test_defenses_reference_row_is_the_at_step_on_the_reference_ops(monkeypatch,
     assert "AT (native ops) vs AT (reference ops)" in capsys.readouterr().out
 
 
-def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 10)):
+def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 11)):
     """bench_attacks with its peer table cut to ``cases`` of peer_cases (fgsm, pgd, cw-linf, square by default)."""
     pytest.importorskip("torchattacks")
     mod, written, _ = _script(monkeypatch, "bench_attacks", argv)

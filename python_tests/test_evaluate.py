@@ -687,8 +687,9 @@ def test_linf_radius_wider_than_value_range_is_refused():
 
 
 def test_l1_specs_parse_for_apgd_and_autoattack_and_their_rows_say_l1():
-    """norm=L1 (any case) is APGD's, APGD-T's and AutoAttack's (canonical "l1" in labels and rows); an L1 radius
-    wider than the value range is no L-inf mistake, so it is evaluated; other attacks refuse L1 when parsed."""
+    """norm=L1 (any case) is APGD's, APGD-T's, FAB's, FAB-T's and AutoAttack's (canonical "l1" in labels and rows);
+    an L1 radius wider than the value range is no L-inf mistake, so it is evaluated; other attacks refuse L1 when
+    parsed."""
     specs = parse_attacks(["apgd-ce:norm=L1:steps=3", "apgd-t:norm=l1:use_largereps=true:steps=3",
                            "autoattack:norm=L1:steps=3"])
     assert [(s.label, s.norm) for s in specs] == [("apgd-ce(norm=l1,steps=3)", "l1"),
@@ -696,6 +697,8 @@ def test_l1_specs_parse_for_apgd_and_autoattack_and_their_rows_say_l1():
                                                   ("autoattack(norm=l1,steps=3)", "l1")]
     with pytest.raises(EvalError, match=r"^attacks: pgd: expected norm to be one of linf, l2 \(any case"):
         parse_attacks("pgd:norm=l1")
+    fab_specs = parse_attacks(["fab:norm=l1:steps=3", "fab-t:norm=L1"])  # FAB / FAB-T take L1 too
+    assert [(s.label, s.norm) for s in fab_specs] == [("fab(norm=l1,steps=3)", "l1"), ("fab-t(norm=l1)", "l1")]
     with pytest.raises(EvalError, match=r"^attacks: apgd: use_largereps is AutoAttack's schedule for norm='l1'"):
         parse_attacks("apgd-ce:use_largereps=true")
     rows = evaluate(tiny_model(), tiny_data(8), INFO, attacks=specs[:2], eps="4")

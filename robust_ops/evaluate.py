@@ -20,7 +20,8 @@ Attack specs are strings ``name[:key=value...]``: ``pgd``, ``pgd:steps=50``, ``n
 be numbers, fractions like ``1/255``, booleans, or expressions in ``eps``; each is read as the type its option takes,
 and the attack is run once on a tiny dummy model, so a bad value fails when parsed.
 A norm may be spelt in any case (``pgd:norm=Linf``): labels, rows and results hold the canonical ``linf`` / ``l2``
-(``l1`` for the attacks that take it: ``apgd-ce:norm=l1``, ``apgd-t:norm=l1``, ``autoattack:norm=l1``).
+(``l1`` for the attacks that take it: ``apgd-ce:norm=l1``, ``apgd-t:norm=l1``, ``fab:norm=l1``, ``fab-t:norm=l1``,
+``autoattack:norm=l1``).
 """
 
 import datetime
@@ -226,7 +227,7 @@ class AttackSpec:
         if "norm" in self.options:  # canonical ("Linf" -> "linf"), so labels, rows and radius checks see one spelling
             from .attacks.core import NORMS, check_norm
 
-            takes = getattr(attacks.attack_entry(self.name)[0], "norms", NORMS)  # "l1": apgd-*, autoattack
+            takes = getattr(attacks.attack_entry(self.name)[0], "norms", NORMS)  # "l1": apgd-*, fab*, autoattack
             try:
                 self.options = {**self.options, "norm": check_norm(self.name, self.options["norm"], takes)}
             except ValueError as err:

@@ -29,7 +29,7 @@ from .context import (
 )
 
 NORMS = ("linf", "l2")
-# APGD, APGD-T and AutoAttack also take the L1 ball (Croce & Hein 2021's L1-APGD); every other attack refuses it
+# APGD, APGD-T (Croce & Hein 2021's L1-APGD), FAB, FAB-T and AutoAttack also take L1; every other attack refuses it
 NORMS_WITH_L1 = NORMS + ("l1",)
 LOSSES = ("ce", "cw")
 
@@ -61,8 +61,8 @@ def check_steps(name, steps, arg="steps", minimum=1):
 
 
 def check_norm(name, norm, allowed=NORMS):
-    """``norm`` in its canonical spelling, one of ``allowed`` ("linf", "l2"; APGD, APGD-T and AutoAttack pass
-    ``NORMS_WITH_L1``). Any case is accepted ("Linf", "L2", "L1": AutoAttack's and torchattacks' spellings) where a
+    """``norm`` in its canonical spelling, one of ``allowed`` ("linf", "l2"; APGD, APGD-T, FAB, FAB-T and AutoAttack
+    pass ``NORMS_WITH_L1``). Any case is accepted ("Linf", "L2", "L1": AutoAttack's and torchattacks' spellings) where a
     norm enters the Python API, and only the canonical value is passed on, so reprs, options, checkpoints and results
     record one spelling. The ops (``robust_ops.pgd_step_``) take only "linf"/"l2"."""
     canonical = norm.lower() if isinstance(norm, str) else None

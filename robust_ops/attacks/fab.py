@@ -1,14 +1,17 @@
 """FAB, the Fast Adaptive Boundary attack (Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive
-boundary attack", ICML 2020, arXiv:1907.02044), untargeted and FAB-T (AutoAttack's targeted version), Linf and L2.
+boundary attack", ICML 2020, arXiv:1907.02044), untargeted and FAB-T (AutoAttack's targeted version), Linf, L2
+and L1.
 
 Follows AutoAttack's ``FABAttack_PT`` (fab_base.py / fab_pt.py) and torchattacks 3.5.1's ``FAB`` (both MIT-licensed),
 step for step: per iteration the decision boundary of the chosen class is linearised at the iterate, the iterate
 and the original point are projected onto that hyperplane intersected with the box [clip_min, clip_max]
-(``projection_linf`` / ``projection_l2``: the reference's batched, sort-and-bisect solvers), the step is the
-overshot (``eta``) convex combination of both projections, biased towards the original point by
+(``projection_linf`` / ``projection_l2`` / ``projection_l1``: the reference's batched, sort-and-bisect solvers), the
+step is the overshot (``eta``) convex combination of both projections, biased towards the original point by
 ``alpha = min(|d_x| / (|d_x| + |d_orig|), alpha_max)``, and once the iterate is adversarial it is recorded if it is
 the closest so far and pulled back towards the original point by ``beta``. The result is a minimal-norm attack; as
-AutoAttack, a sample counts as broken only when its closest adversarial lies within ``eps``.
+AutoAttack, a sample counts as broken only when its closest adversarial lies within ``eps``. L1: torchattacks 3.5.1
+runs the L1 iterations but its final check computes no L1 distance (``FAB(norm='L1')`` raises UnboundLocalError);
+the acceptance here is AutoAttack's (``||x_adv - x||_1 <= eps``).
 """
 
 import math
@@ -20,8 +23,8 @@ from .._options import check_real
 from .base import Attack
 from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
                       two_logits)
-from .core import (check_linf_budget, check_norm, check_steps, clean_logits, forward, per_sample,
-                   runner_up_targets)
+from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, forward,
+                   per_sample, runner_up_targets)
 from .pgd import make_generator
 
 # "no adversarial found yet" as the reference writes it: any real distance is smaller
@@ -124,13 +127,57 @@ def projection_l2(points, w, b):
     return d * (w.abs() > 1e-8).to(t.dtype)
 
 
-PROJECTIONS = {"linf": projection_linf, "l2": projection_l2}
+def projection_l1(points, w, b):
+    """As :func:`projection_linf` for the L1 norm (AutoAttack's ``projection_l1``): the cheapest L1 move spends on
+    the coordinates with the largest ``|w|`` first, each up to its box face, so the coordinates are sorted by
+    ``1 / |w|``, the first ones (found by bisection on the cumulative reach) are moved to the box and the last one
+    covers the rest of the distance to the hyperplane, for every row at once."""
+    t, w = points, w.clone()
+    c = (w * t).sum(1) - b
+    ind2 = 2 * (c >= 0) - 1
+    w.mul_(ind2.unsqueeze(1))
+    c.mul_(ind2)
+
+    r = (1 / w).abs().clamp_max(1e12)
+    indr = torch.argsort(r, dim=1)
+    indr_rev = torch.argsort(indr)
+
+    c6 = (w < 0).to(t.dtype)
+    d = (-t + c6) * (w != 0).to(t.dtype)
+    ds = torch.min(-w * t, w * (1 - t)).gather(1, indr)
+    ds2 = torch.cat((c.unsqueeze(-1), ds), 1)
+    s = torch.cumsum(ds2, dim=1)
+
+    c2 = s[:, -1] < 0
+    lb = torch.zeros(int(c2.sum()), device=t.device)
+    ub = torch.full_like(lb, s.shape[1])
+    s_ = s[c2]
+    for _ in range(math.ceil(math.log2(w.shape[1]))):
+        mid = torch.floor((lb + ub) / 2)
+        above = s_.gather(1, mid.long().unsqueeze(1)).squeeze(1) > 0
+        lb = torch.where(above, mid, lb)
+        ub = torch.where(above, ub, mid)
+    lb2 = lb.long()
+
+    if c2.any():
+        last = indr[c2].gather(1, lb2.unsqueeze(1)).squeeze(1)  # per row: the coordinate that covers the rest
+        rows = torch.arange(0, w.shape[0], device=t.device).unsqueeze(1)
+        positions = torch.arange(0, w.shape[1], device=t.device, dtype=t.dtype).unsqueeze(0)
+        alpha = -s[c2, lb2] / w[c2, last]
+        before = positions < lb.unsqueeze(-1)  # sorted positions moved to the box; the reference's float lb
+        keep = before[rows[: before.shape[0]], indr_rev[c2]]
+        d[c2] = d[c2] * keep.to(t.dtype)
+        d[c2, last] = alpha
+    return d * (w.abs() > 1e-8).to(t.dtype)
+
+
+PROJECTIONS = {"linf": projection_linf, "l2": projection_l2, "l1": projection_l1}
 
 
 def project_onto_boundary(points, w, b, norm, clip_min, clip_max):
-    """:func:`projection_linf` / :func:`projection_l2` for the box [clip_min, clip_max]: the solvers assume [0, 1],
-    so the problem is rescaled to it (exact: both norms scale with the box, and for [0, 1] every operation below
-    is the identity, so the reference's bits are kept)."""
+    """:func:`projection_linf` / :func:`projection_l2` / :func:`projection_l1` for the box [clip_min, clip_max]: the
+    solvers assume [0, 1], so the problem is rescaled to it (exact: every norm scales with the box, and for [0, 1]
+    every operation below is the identity, so the reference's bits are kept)."""
     width = clip_max - clip_min
     if clip_min == 0.0 and clip_max == 1.0:
         return PROJECTIONS[norm](points, w, b)
@@ -140,6 +187,8 @@ def project_onto_boundary(points, w, b, norm, clip_min, clip_max):
 
 
 def _norm_rows(d, norm):
+    if norm == "l1":
+        return d.abs().sum(1)
     return d.abs().amax(1) if norm == "linf" else (d ** 2).sum(1).sqrt()
 
 
@@ -178,17 +227,20 @@ def _boundary_targeted(name, model, x1, y, target):
 
 
 def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
-    """The reference's restart point: a random direction scaled to half of eps (Linf: max entry eps / 2; L2: a point
-    on the sphere of radius eps / 2), clipped to the box."""
+    """The reference's restart point: a random direction scaled to half of eps (Linf: max entry eps / 2; L2 / L1: a
+    Gaussian point on the L2 / L1 sphere of radius eps / 2), clipped to the box."""
     n = x.shape[0]
     view = (n,) + (1,) * (x.dim() - 1)
     radius = eps_t.view(view).to(x.dtype)
     if norm == "linf":
         t = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
         x1 = x + radius * t / t.reshape(n, -1).abs().amax(1).view(view) * 0.5
-    else:
+    elif norm == "l2":
         t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x1 = x + radius * t / (t ** 2).reshape(n, -1).sum(-1).sqrt().view(view) * 0.5
+    else:
+        t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x1 = x + radius * t / t.abs().reshape(n, -1).sum(-1).view(view) / 2
     return x1.clamp(clip_min, clip_max)
 
 
@@ -210,8 +262,11 @@ def _fab_run(model, x, y, target, eps_t, norm, steps, alpha_max, eta, beta, clip
         else:
             df, dg = _boundary_targeted(name, model, x1, y, target)
         with torch.no_grad():
-            # the closest linearised boundary: |f_k| / ||grad f_k||_* (dual norm: L1 for Linf, L2 for L2)
-            dual = dg.abs().sum(-1) if norm == "linf" else (dg ** 2).sum(-1).sqrt()
+            # the closest linearised boundary: |f_k| / ||grad f_k||_* (dual norm: L1 for Linf, L2 for L2, Linf for L1)
+            if norm == "l1":
+                dual = dg.abs().amax(-1)
+            else:
+                dual = dg.abs().sum(-1) if norm == "linf" else (dg ** 2).sum(-1).sqrt()
             closest = (df.abs() / (1e-12 + dual)).min(dim=1)[1]
             w = dg[rows, closest]
             x1_flat = x1.reshape(n, -1)
@@ -240,7 +295,7 @@ def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, be
                     clip_max):
     check_gradients_possible(name)
     y = check_inputs(name, x, y, clip_min, clip_max)
-    norm = check_norm(name, norm)
+    norm = check_norm(name, norm, NORMS_WITH_L1)
     steps = check_steps(name, steps)
     n_restarts = check_steps(name, n_restarts, "n_restarts")
     n_target_classes = check_steps(name, n_target_classes, "n_target_classes")
@@ -254,7 +309,7 @@ def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, be
 
 def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
         targeted=False, n_target_classes=9, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
-    r"""FAB (Croce & Hein 2020), untargeted or FAB-T, Linf or L2: a minimal-norm attack, reported within ``eps``.
+    r"""FAB (Croce & Hein 2020), untargeted or FAB-T, Linf, L2 or L1: a minimal-norm attack, reported within ``eps``.
 
     ``y`` are the TRUE labels in both modes. Untargeted (``targeted=False``, torchattacks' ``FAB`` default): each
     step linearises the boundary of the class closest under that linearisation (one backward per class).
@@ -270,7 +325,7 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
         x (Tensor[N, ...]) in the clip range; y (LongTensor[N]): true labels.
         eps (float >= 0 or Tensor[N]): the radius a found adversarial must lie within to count (0: the sample
             is returned unchanged, not attacked).
-        norm: "linf" (default) or "l2" (any case). steps (int): iterations per run (default 100, AutoAttack's).
+        norm: "linf" (default), "l2" or "l1" (any case). steps (int): iterations per run (default 100, AutoAttack's).
         n_restarts (int): runs per target class (default 1). alpha_max (float in (0, 1]): cap on the bias towards
             the original point (0.1). eta (float >= 1): overshoot of the projection (1.05). beta (float in (0, 1]):
             backward step once adversarial (0.9). targeted (bool): FAB-T. n_target_classes (int): FAB-T's targets (9).
@@ -324,13 +379,15 @@ class FAB(Attack):
 
     name = "fab"
     supports_targeted = False
+    norms = NORMS_WITH_L1  # the norms it takes, for callers that check a norm before building (evaluate's specs)
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
                  multi_targeted=False, n_classes=None, *, seed=0, **options):
         super().__init__(model, **options)
         if n_classes is not None:
             check_steps(self.name, n_classes, "n_classes", minimum=2)
-        self.eps, self.norm, self.steps, self.n_restarts = eps, check_norm(self.name, norm), steps, n_restarts
+        self.eps, self.norm = eps, check_norm(self.name, norm, self.norms)
+        self.steps, self.n_restarts = steps, n_restarts
         self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
         self.multi_targeted, self.n_classes, self.seed = bool(multi_targeted), n_classes, seed
 
@@ -349,11 +406,12 @@ class FABT(Attack):
 
     name = "fab-t"
     supports_targeted = False
+    norms = NORMS_WITH_L1
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, n_restarts=1,
                  alpha_max=0.1, eta=1.05, beta=0.9, seed=0, **options):
         super().__init__(model, **options)
-        self.eps, self.norm, self.steps = eps, check_norm(self.name, norm), steps
+        self.eps, self.norm, self.steps = eps, check_norm(self.name, norm, self.norms), steps
         self.n_target_classes, self.n_restarts = n_target_classes, n_restarts
         self.alpha_max, self.eta, self.beta, self.seed = alpha_max, eta, beta, seed
 
