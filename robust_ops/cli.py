@@ -638,7 +638,9 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     if mismatch is not None:  # the weights loaded, but the model would compute other outputs than the trained one
         raise CLIError(f"{ckpt}: {mismatch} (rebuilt as {model_name} with dropmax {dropmax!r}); put the run's "
                        f"{RUN_FILE}, which records its dropmax, beside the checkpoint")
-    if channels_last if channels_last is not None else run.get("channels_last"):
+    if channels_last is None:  # as the run trained
+        channels_last = bool(run.get("channels_last"))
+    if channels_last:
         import torch
 
         net = net.to(memory_format=torch.channels_last)

@@ -225,9 +225,9 @@ class AttackSpec:
         elif self.name not in attacks.ATTACKS:  # else a bare KeyError from .norm or build, far from the cause
             raise EvalError("attacks", unknown_attack_message(self.name))
         if "norm" in self.options:  # canonical ("Linf" -> "linf"), so labels, rows and radius checks see one spelling
-            from .attacks.core import NORMS, check_norm
+            from .attacks.core import check_norm
 
-            takes = getattr(attacks.attack_entry(self.name)[0], "norms", NORMS)  # "l1": apgd-*, fab*, autoattack
+            takes = attacks.attack_entry(self.name)[0].norms  # "l1": apgd-*, fab*, autoattack
             try:
                 self.options = {**self.options, "norm": check_norm(self.name, self.options["norm"], takes)}
             except ValueError as err:

@@ -411,7 +411,7 @@ class APGD(Attack):
     use_largereps=False)(x, y)``; norm "linf", "l2" or "l1"; see :func:`apgd`."""
 
     name = "apgd"
-    norms = NORMS_WITH_L1  # the norms it takes, for callers that check a norm before building (evaluate's specs)
+    norms = NORMS_WITH_L1
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, loss="ce", n_restarts=1, *, rho=0.75, seed=0,
                  eot_iter=1, use_largereps=False, **options):

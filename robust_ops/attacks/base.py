@@ -6,7 +6,7 @@ import torch
 
 from .._options import check_options
 from .context import MODEL_MODES, attack_context, check_inputs, is_single_logit, two_logits
-from .core import check_labels_against, forward
+from .core import NORMS, check_labels_against, forward
 
 
 class Attack:
@@ -26,6 +26,9 @@ class Attack:
 
     name = "attack"
     supports_targeted = True
+    # The norms the attack takes (NORMS_WITH_L1 where L1 is implemented), read before an attack is built
+    # (evaluate's specs check a spec's norm with it)
+    norms = NORMS
 
     def __init__(self, model, *, targeted=False, model_mode="eval", clip_min=0.0, clip_max=1.0, **unknown):
         if unknown:  # Python's own error named Attack.__init__, not the class called, and listed nothing

@@ -143,25 +143,21 @@ def autoattack_version(version, model, *, norm, eps, steps, n_target_classes, n_
         raise ValueError(f"autoattack: version={version!r} is defined for norm 'linf' and 'l2' here; for norm='l1' "
                          "give version='standard' (APGD-CE, APGD-T) or a custom list")
     given = dict(n_target_classes=n_target_classes, n_queries=n_queries)
-    if norm == "l1":  # AutoAttack's set_version for L1
-        targets = L1_STANDARD["n_target_classes"] if n_target_classes is None else n_target_classes
-        steps, seed = (STANDARD[k] if v is None else v for k, v in (("steps", steps), ("seed", seed)))
-        shared = dict(eps=eps, norm=norm, steps=steps, seed=seed, eot_iter=1 if eot_iter is None else eot_iter,
-                      use_largereps=True, **common)
-        unused = ["n_queries"] if n_queries is not None else []  # no Square in the L1 set
-        return [APGD(model, loss="ce", n_restarts=L1_STANDARD["apgd_restarts"], **shared),
-                APGDT(model, n_target_classes=targets, n_restarts=1, **shared)], unused
-    steps, n_target_classes, n_queries, seed = (STANDARD[k] if v is None else v for k, v in (
+    defaults = {**STANDARD, **({"n_target_classes": L1_STANDARD["n_target_classes"]} if norm == "l1" else {})}
+    steps, n_target_classes, n_queries, seed = (defaults[k] if v is None else v for k, v in (
         ("steps", steps), ("n_target_classes", n_target_classes), ("n_queries", n_queries), ("seed", seed)))
     eot = eot_iter if eot_iter is not None else (EOT_ITER_RAND if version == "rand" else 1)
     shared = dict(eps=eps, norm=norm, steps=steps, seed=seed, **common)
+    largereps = dict(use_largereps=True) if norm == "l1" else {}  # AutoAttack's L1 stages
 
     def apgd(loss, n_restarts):
-        return APGD(model, loss=loss, n_restarts=n_restarts, eot_iter=eot, **shared)
+        return APGD(model, loss=loss, n_restarts=n_restarts, eot_iter=eot, **largereps, **shared)
 
     if version == "rand":  # its APGD-CE and APGD-DLR take neither target classes nor queries
         return [apgd("ce", 1), apgd("dlr", 1)], [k for k, v in given.items() if v is not None]
-    apgd_t = APGDT(model, n_target_classes=n_target_classes, eot_iter=eot, **shared)
+    apgd_t = APGDT(model, n_target_classes=n_target_classes, eot_iter=eot, **largereps, **shared)
+    if norm == "l1":  # AutoAttack's set_version for L1; no Square in it
+        return [apgd("ce", L1_STANDARD["apgd_restarts"]), apgd_t], [k for k in ("n_queries",) if given[k] is not None]
     fab_t = FABT(model, n_target_classes=n_target_classes, **shared)  # AutoAttack's FAB-T: 1 restart
     # AutoAttack's Square keeps its 10000-query p schedule whatever the budget (resc_schedule=False)
     square = Square(model, eps=eps, norm=norm, n_queries=n_queries, seed=seed, rescale_schedule=False, **common)
@@ -284,10 +280,11 @@ class AutoAttack(Attack):
         input where that attack did not succeed. A name a custom list repeats is keyed "name #2", "name #3", ..."""
         if bs is not None:
             bs = check_steps("autoattack.run_standard_evaluation_individual", bs, "bs")
-        out = {}
+        out, seen = {}, {}
         for i, attack in enumerate(self.attacks):
             name = _name(attack, i)
-            key = name if name not in out else f"{name} #{sum(k.split(' #')[0] == name for k in out) + 1}"
+            seen[name] = seen.get(name, 0) + 1
+            key = name if seen[name] == 1 else f"{name} #{seen[name]}"
             out[key] = ensemble(self.model, x, y, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
                                 clip_max=self.clip_max, batch_size=bs, names=[name]).x_adv
         return out

@@ -379,7 +379,7 @@ class FAB(Attack):
 
     name = "fab"
     supports_targeted = False
-    norms = NORMS_WITH_L1  # the norms it takes, for callers that check a norm before building (evaluate's specs)
+    norms = NORMS_WITH_L1
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
                  multi_targeted=False, n_classes=None, *, seed=0, **options):
