@@ -574,6 +574,21 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
     assert "Published numbers beside ours" in text and "QUICK MODE" in text and "| Standard training | FGSM" in text
 
 
+def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):
+    out = tmp_path / "arfl"
+    argv = ["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--out", out, "--no-progress", "--device", "cpu"]
+    rc, stdout, err = run(argv + ["--methods", "mirst,Standard training"], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in doc["rows"]} == {"Standard training", "MIRST"}
+    assert [m["label"] for m in doc["config"]["methods"]] == ["Standard training", "MIRST"]  # the protocol's order
+    assert sorted(p.parent.name for p in out.glob("runs-quick/*/seed0")) == ["mirst", "standard-training"]
+    assert "METHODS: this run trained and evaluated Standard training, MIRST only" in (out / "report.md").read_text()
+    for methods, named in (("MIRST,nope", "nope"), ("", "(none given)")):
+        rc, _, err = run(argv + ["--methods", methods], capsys)
+        one_line_error(rc, err, f"--methods: arfl-moons has no method {named}; choose from Standard training, ")
+
+
 def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     from robust_ops.reproduce import EVAL_CACHE_FILE
 

@@ -1041,6 +1041,8 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method labels to run, e.g. STD,IMA (default: all of the protocol's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
     p.add_argument("--reevaluate", action=Switch,
@@ -1066,7 +1068,7 @@ def cmd_reproduce(args):
     try:
         run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
                      seeds=args.seeds, size=args.size, device=device, progress=not args.no_progress,
-                     reevaluate=args.reevaluate)
+                     reevaluate=args.reevaluate, methods=args.methods.split(",") if args.methods is not None else None)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:

@@ -536,9 +536,28 @@ def _sources_over(info, repeats, kind):
     return dataclasses.replace(info, source=re.sub(r"\bseed \d+", f"seeds {seeds}", info.source))
 
 
+def pick_methods(protocol, labels):
+    """The protocol's methods named in ``labels`` (their table labels, any case), in the protocol's order; all of
+    them for ``labels=None``."""
+    if labels is None:
+        return list(protocol.methods)
+    by_label = {m.label.lower(): m for m in protocol.methods}
+    wanted = [label.strip().lower() for label in labels]
+    unknown = [label for label in wanted if label not in by_label]
+    if unknown or not wanted:
+        from .cli import CLIError
+
+        raise CLIError(f"--methods: {protocol.name} has no method {', '.join(unknown) or '(none given)'}; "
+                       f"choose from {', '.join(m.label for m in protocol.methods)}")
+    return [m for m in protocol.methods if m.label.lower() in wanted]
+
+
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
-                 progress=True, reevaluate=False):
+                 progress=True, reevaluate=False, methods=None):
     """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
+
+    ``methods``: the labels of the methods to train and evaluate (default: all of the protocol's); the report shows
+    the published numbers of the others beside no numbers of ours.
 
     Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
     before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
@@ -551,6 +570,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     from .metrics import metric_names
 
     q = protocol.quick if quick else {}
+    chosen = pick_methods(protocol, methods)
     data = data or protocol.data
     model_name = q.get("model", protocol.model)
     epochs = epochs or q.get("epochs", protocol.epochs)
@@ -570,7 +590,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                                 folds=folds)
         tag = f"fold{k}" if folds is not None else f"seed{k}"
         runs = []
-        for method in protocol.methods:
+        for method in chosen:
             if getattr(defenses.defense_class(method.defense), "binary_only", False) and splits.info.num_classes != 2:
                 # before any run is trained, not after the methods listed ahead of it
                 raise CLIError(f"--data: {protocol.name}'s {method.label} ({method.defense}) is defined for binary "
@@ -636,6 +656,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         notes.insert(0, f"DATA: this run used {data} ({inf.num_classes} classes: {', '.join(map(str, inf.class_names))}"
                         f"; {shape}; {pos}) instead of the protocol's {protocol.data}; "
                         f"what the notes below say about {protocol.data} does not describe it.")
+    if len(chosen) < len(protocol.methods):
+        notes.insert(0, f"METHODS: this run trained and evaluated {', '.join(m.label for m in chosen)} only "
+                        f"(--methods); the protocol's other methods have no numbers of ours here.")
     if quick:
         notes.insert(0, f"QUICK MODE: a smoke run on small subsets for a few epochs, attacks capped at {QUICK_STEPS} "
                         "steps / draws; the numbers below mean nothing.")
@@ -643,7 +666,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                        *(f"- {n}" for n in notes)])
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
               "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": protocol.lr,
-              "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in protocol.methods],
+              "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in chosen],
               "seconds": round(time.perf_counter() - t_start, 1)}
     saliency = None
     x, y = splits.test.tensors
