@@ -46,7 +46,7 @@ from common import device_arg, nonnegative_int, positive_int, synchronize, write
 
 from robust_ops.native_layers import library_speedups  # noqa: E402
 from robust_ops.attacks.context import attack_context  # noqa: E402
-from robust_ops.ima import IMA, batch_invariant_sizes, gen_adv, paper_eps_train  # noqa: E402
+from robust_ops.ima import IMA, batch_invariant_sizes, gen_adv, paper_eps_train, probe_rows  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
 from robust_ops.prepacked_conv import prepacked_conv  # noqa: E402
 
@@ -139,7 +139,9 @@ def _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
     if min_rows is None:  # GenAdv's padding sizes: measured once per training run, so outside the epoch's timer
         with attack_context(model):
             probe_start = time.perf_counter()
-            batch_invariant_sizes(model, x[:1])
+            for rows in {min(args.batch_size, x.shape[0]), x.shape[0] % args.batch_size} - {0}:
+                max_rows, reference_rows = probe_rows(rows)  # as gen_adv probes a full batch and the last one
+                batch_invariant_sizes(model, x[:1], max_rows=max_rows, reference_rows=reference_rows)
             synchronize(x.device)
             probe_seconds = time.perf_counter() - probe_start
     synchronize(x.device)

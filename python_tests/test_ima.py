@@ -25,6 +25,7 @@ from robust_ops.ima import (
     gen_adv,
     gen_adv_masked,
     paper_eps_train,
+    probe_rows,
     sample_distance,
     search_rounds,
     soft_dice_loss,
@@ -257,6 +258,32 @@ def test_default_padding_uses_the_measured_sizes(sizes):
     assert model.training is False
 
 
+def test_small_batches_probe_against_a_small_reference():
+    assert [probe_rows(n) for n in (1, 2, 5, 8, 9, 16, 17, 32, 33, 128)] == [
+        (1, 1), (2, 2), (8, 8), (8, 8), (16, 16), (16, 16), (16, 32), (16, 32), (16, 32), (16, 32)]
+    tails = lambda n: n % 4 == 0 or n >= 12  # noqa: E731 -- MKL's small-matrix tails on the AVX2 machine
+    x = torch.rand(4, 1, 10, 10)
+    sizes = batch_invariant_sizes(BatchDependent(tails).eval(), x, max_rows=10, reference_rows=10)
+    assert sizes == (1, 2, 3, 5, 6, 7, 9, 10) and sizes.period == 10  # the sizes computing as 10 rows do
+    sizes = batch_invariant_sizes(BatchDependent(tails).eval(), x, max_rows=8, reference_rows=8)
+    assert sizes == (4, 8) and sizes.period == 8  # nothing above max_rows inside the reference
+    sizes = batch_invariant_sizes(BatchDependent(lambda n: n % 4 == 0).eval(), x, max_rows=8, reference_rows=12)
+    assert sizes == (4, 8) and sizes.period == 4  # 12 rows (8 + 4) checked inside the reference
+    with pytest.raises(ValueError, match="reference_rows to be an integer >= 8, got 7"):
+        batch_invariant_sizes(BatchDependent().eval(), x, max_rows=8, reference_rows=7)
+    # A batch of n rows probes against probe_rows(n)'s reference: no forward runs more rows than that (the probe's
+    # included; the fixed 32-row reference did), and compaction stays bitwise.
+    for n in (3, 6, 10, 23):
+        model, x, y, margin, rows, hook = batch_dependent_problem(tails, n)
+        counter, masked = PassCounter(), PassCounter()
+        a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6, counter=counter)
+        hook.remove()
+        b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, counter=masked)
+        assert torch.equal(a, b) and torch.equal(ca, cb), n
+        assert max(rows) == probe_rows(n)[1]
+        assert counter.forward_rows <= masked.forward_rows
+
+
 def test_batch_invariant_sizes_finds_the_period_above_the_probed_sizes():
     x = torch.rand(4, 1, 10, 10)
     sizes = batch_invariant_sizes(BatchDependent(lambda n: n % 4 == 0).eval(), x)  # a row tail at every size
@@ -300,10 +327,11 @@ def test_float64_cnn_compacted_equals_masked_bitwise_above_the_probed_sizes():
 
 
 def test_batch_invariant_sizes_uses_random_output_gradients():
-    """An all-ones output gradient hides a backward whose result depends on the batch (here: a matrix multiply
-    that sums in another order below 6 rows, as BLAS kernels picked by size do). The forward is a per-row
-    multiply-and-sum, invariant at every size on any CPU (a BLAS matrix multiply forward is not: on the 2026-12-02
-    Intel Xeon its results settle only from 11 rows), so the sizes found are the backward's alone."""
+    """An all-ones output gradient hides a backward whose result depends on the batch (here: a product that sums
+    in another order below 6 rows, as BLAS kernels picked by size do). Forward and backward are per-row
+    multiply-and-sums in a fixed order, invariant at every size on any CPU (a BLAS matrix multiply is not: on the
+    2026-12-02 Intel Xeon its forward's results settle only from 11 rows, on the AVX2 AMD EPYC the backward's
+    [n, 3] @ [3, 100] from 4), so the sizes found are the deliberate reordering's alone."""
 
     class Head(torch.autograd.Function):
         @staticmethod
@@ -315,9 +343,10 @@ def test_batch_invariant_sizes_uses_random_output_gradients():
         @staticmethod
         def backward(ctx, grad):
             (w,) = ctx.saved_tensors
+            terms = grad[:, :, None] * w[None]  # per-row products summed in a fixed order (no BLAS: see above)
             if ctx.small_rows_reordered and grad.shape[0] < 6:  # another summation order: (g0 w0 + g2 w2) + g1 w1
-                return (grad[:, ::2] @ w[::2]) + grad[:, 1:2] @ w[1:2], None, None
-            return grad @ w, None, None
+                return (terms[:, 0] + terms[:, 2]) + terms[:, 1], None, None
+            return (terms[:, 0] + terms[:, 1]) + terms[:, 2], None, None
 
     class Model(nn.Module):
         def __init__(self, small_rows_reordered):

@@ -14,7 +14,7 @@ from robust_ops import attacks
 from robust_ops import _patching
 from robust_ops import prepacked_conv as pc
 from robust_ops.attacks.context import attack_context
-from robust_ops.ima import _INVARIANT_SIZES, batch_invariant_sizes, gen_adv, gen_adv_masked
+from robust_ops.ima import _INVARIANT_SIZES, batch_invariant_sizes, gen_adv, gen_adv_masked, probe_rows
 
 from utils import TinyCNN, run_python
 
@@ -456,16 +456,17 @@ def test_ima_compacted_equals_masked_bitwise_with_prepacked_convolutions():
     with torch.no_grad():
         y = model(x).argmax(1)
     margin = torch.rand(12, generator=g) * 4
+    max_rows, reference_rows = probe_rows(x.shape[0])  # as gen_adv probes: the same cache entry
     with pc.prepacked_conv(model, True):
         a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6)
         b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6)
         with attack_context(model):
-            sizes_on = batch_invariant_sizes(model, x)
+            sizes_on = batch_invariant_sizes(model, x, max_rows=max_rows, reference_rows=reference_rows)
     assert ca.tolist() == cb.tolist() and bool(ca.any())
     assert torch.equal(a, b)
     # The padding sizes are measured per convolution mode: switching it re-probes instead of reusing.
     with attack_context(model):
-        sizes_off = batch_invariant_sizes(model, x)
+        sizes_off = batch_invariant_sizes(model, x, max_rows=max_rows, reference_rows=reference_rows)
     keys = list(_INVARIANT_SIZES[model])
     assert len(keys) == 2 and sizes_on and sizes_off
 

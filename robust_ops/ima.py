@@ -42,6 +42,7 @@ __all__ = [
     "gen_adv",
     "gen_adv_masked",
     "batch_invariant_sizes",
+    "probe_rows",
     "InvariantSizes",
     "GenAdvInfo",
     "PassCounter",
@@ -554,17 +555,30 @@ def _probe_signature(model, x):
             prepacked_conv_active(model))
 
 
-def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_PROBED_ROWS):
+def probe_rows(rows):
+    """``(max_rows, reference_rows)`` for :func:`batch_invariant_sizes` as :func:`gen_adv` probes a batch of
+    ``rows``: the reference is the next power of two >= rows, at most ``2 * MAX_PROBED_ROWS``. A small batch thus
+    runs no forward, the probe's included, on more than twice its rows (against a fixed 32-row reference a batch of
+    8 ran every GenAdv forward padded to 16 on a machine whose results settle from 16 rows, and on large images the
+    probe's 32 rows, not the training step, set the peak memory), while the few powers of two keep the probes few:
+    IMA's working batches (the clean-correct samples of a batch) vary in size from batch to batch."""
+    reference = min(2 * MAX_PROBED_ROWS, 1 << max(int(rows) - 1, 0).bit_length())
+    return min(MAX_PROBED_ROWS, reference), reference
+
+
+def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_PROBED_ROWS,
+                          reference_rows=None):
     """The batch sizes n <= ``max_rows`` at which ``model`` computes a sample's result bitwise as inside a large
     batch: outputs (with and without grad) and input gradients (under random output gradients) of n rows equal those
-    of the same rows inside a batch of ``2 * max_rows``. Returns a sorted tuple that ends with ``max_rows``, or
-    ``()`` when ``max_rows`` rows already differ (or the model is not deterministic): padding cannot help then.
-    The tuple's ``period`` (:class:`InvariantSizes`) covers larger batches: 1 when ``max_rows + 1`` rows are
-    invariant (every larger size is then taken to be), else the smallest listed p whose multiples up to
-    ``max_rows`` are all listed and for which ``max_rows + p`` rows are invariant (at worst ``max_rows``): larger
-    batches are invariant at the multiples of p. Measured: a float64 CPU CNN's input gradient sums a row tail of 1-3
-    rows in another order at every batch size (MKL's float64 matrix multiply in the classifier's backward; sizes
-    4, 8, 12, 16, period 4).
+    of the same rows inside a batch of ``reference_rows`` (default ``2 * max_rows``; at least ``max_rows``). Returns
+    a sorted tuple that ends with ``max_rows``, or ``()`` when ``max_rows`` rows already differ (or the model is not
+    deterministic): padding cannot help then. The tuple's ``period`` (:class:`InvariantSizes`) covers larger
+    batches: 1 when ``max_rows + 1`` rows are invariant (every larger size is then taken to be), else the smallest
+    listed p whose multiples up to ``max_rows`` are all listed and for which ``max_rows + p`` rows are invariant (at
+    worst ``max_rows``): larger batches are invariant at the multiples of p; sizes above ``max_rows`` are checked
+    within the reference only (none when ``reference_rows == max_rows``: the period is then ``max_rows``). Measured:
+    a float64 CPU CNN's input gradient sums a row tail of 1-3 rows in another order at every batch size (MKL's
+    float64 matrix multiply in the classifier's backward; sizes 4, 8, 12, 16, period 4).
 
     Why: CPU and GPU math libraries pick kernels by batch size (measured for resnet18 on 1x28x28: on this
     project's AVX-512 machine results settle from 16 rows; on its AVX2 machine from 12, and at 4 and 8, because
@@ -576,17 +590,21 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     size is checked on several disjoint batches covering ``max_rows`` rows, and the sizes above ``max_rows`` on
     batches at both ends of the large one: about ``max_rows * (max_rows + 6)`` sample forwards and backwards (up to
     ``max_rows * (max_rows + 10)`` when a period is found; 3 s for resnet18 on 1x28x28 on 2 CPU cores). Sizes
-    above ``2 * max_rows`` are not measured. Changing the model's layers afterwards is not detected."""
+    above ``reference_rows`` are not measured. Changing the model's layers afterwards is not detected.
+
+    :func:`gen_adv` probes with :func:`probe_rows` of its batch: a small batch gets a small reference."""
     max_rows = check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
+    reference_rows = 2 * max_rows if reference_rows is None else check_int(
+        "batch_invariant_sizes", "reference_rows", reference_rows, max_rows)
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError(f"batch_invariant_sizes: expected x to be a batch tensor [N, ...], got "
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-    key = _probe_signature(model, x) + (max_rows, float(clip_min), float(clip_max))
+    key = _probe_signature(model, x) + (max_rows, reference_rows, float(clip_min), float(clip_max))
     cache = _INVARIANT_SIZES.setdefault(model, {})
     if key in cache:
         return cache[key]
     g = torch.Generator().manual_seed(0)
-    probe = torch.rand((2 * max_rows,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64)
+    probe = torch.rand((reference_rows,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64)
     probe = (clip_min + (clip_max - clip_min) * probe).to(dtype=x.dtype, device=x.device)
     probe = probe.contiguous(memory_format=key[3])
     with torch.no_grad():
@@ -619,8 +637,8 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
         return agrees(n, range(0, max(max_rows // n, 1) * n, n))
 
     def invariant_above(n):
-        # max_rows < n <= 2 * max_rows: one batch at each end of the reference, so two different rows form the tail.
-        return agrees(n, sorted({0, 2 * max_rows - n}))
+        # max_rows < n <= reference_rows: a batch at each end of the reference, so two different rows form the tail.
+        return n <= reference_rows and agrees(n, sorted({0, reference_rows - n}))
 
     sizes = InvariantSizes()
     deterministic = all(torch.equal(a, b) for a, b in zip(run(0, probe.shape[0]), reference))
@@ -629,7 +647,7 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
         period = 1
         if not invariant_above(max_rows + 1):
             # A row tail computed in another order at every size: pad to a period the small sizes show, checked
-            # once above max_rows; max_rows itself always qualifies (2 * max_rows rows are the reference).
+            # once above max_rows; max_rows itself always qualifies (its multiples are taken as large batches).
             period = next((p for p in small if max_rows % p == 0 and set(range(p, max_rows + 1, p)) <= set(small)
                            and invariant_above(max_rows + p)), max_rows)
         sizes = InvariantSizes(small, period)
@@ -661,8 +679,10 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
     p.batch_exit = bool(batch_exit)
     counter = counter if counter is not None else PassCounter()
     with attack_context(model, model_mode):
-        if p.min_rows is None:
-            p.invariant_sizes = batch_invariant_sizes(model, p.x, clip_min=p.clip_min, clip_max=p.clip_max)
+        if p.min_rows is None and p.x.shape[0]:
+            max_rows, reference_rows = probe_rows(p.x.shape[0])
+            p.invariant_sizes = batch_invariant_sizes(model, p.x, clip_min=p.clip_min, clip_max=p.clip_max,
+                                                      max_rows=max_rows, reference_rows=reference_rows)
         ascent, search = (_ascent_compact, _search_compact) if compact else (_ascent_masked, _search_masked)
         x_adv, lo, hi, crossed, clean_correct, steps_taken = ascent(p, counter)
         lo_c, hi_c, idx = search(p, lo, hi, crossed, counter)
