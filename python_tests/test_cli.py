@@ -584,6 +584,10 @@ def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):
     assert [m["label"] for m in doc["config"]["methods"]] == ["Standard training", "MIRST"]  # the protocol's order
     assert sorted(p.parent.name for p in out.glob("runs-quick/*/seed0")) == ["mirst", "standard-training"]
     assert "METHODS: this run trained and evaluated Standard training, MIRST only" in (out / "report.md").read_text()
+    rc, more, err = run(argv + ["--methods", "MIRST,TRADES"], capsys)  # a later run with more: MIRST's is reused
+    assert rc == 0, err
+    assert "loading (already trained) MIRST" in more and "MIRST: evaluation reused" in more
+    assert {r["method"] for r in json.loads((out / "results.json").read_text())["rows"]} == {"TRADES", "MIRST"}
     for methods, named in (("MIRST,nope", "nope"), ("", "(none given)")):
         rc, _, err = run(argv + ["--methods", methods], capsys)
         one_line_error(rc, err, f"--methods: arfl-moons has no method {named}; choose from Standard training, ")
