@@ -541,9 +541,9 @@ def pick_methods(protocol, labels):
     them for ``labels=None``."""
     if labels is None:
         return list(protocol.methods)
-    by_label = {m.label.lower(): m for m in protocol.methods}
+    known = {m.label.lower() for m in protocol.methods}
     wanted = [label.strip().lower() for label in labels]
-    unknown = [label for label in wanted if label not in by_label]
+    unknown = [label for label in wanted if label not in known]
     if unknown or not wanted:
         from .cli import CLIError
 
