@@ -137,10 +137,11 @@ def _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
     crossed = seen = 0
     probe_seconds = 0.0
     if min_rows is None:  # GenAdv's padding sizes: measured once per training run, so outside the epoch's timer
+        largest = min(args.batch_size, x.shape[0])
         with attack_context(model):
             probe_start = time.perf_counter()
-            for rows in {min(args.batch_size, x.shape[0]), x.shape[0] % args.batch_size} - {0}:
-                max_rows, reference_rows = probe_rows(rows)  # as gen_adv probes a full batch and the last one
+            # IMA probes a batch's clean-correct samples, any number up to the batch size: warm every probe they map to
+            for max_rows, reference_rows in sorted({probe_rows(rows) for rows in range(1, largest + 1)}):
                 batch_invariant_sizes(model, x[:1], max_rows=max_rows, reference_rows=reference_rows)
             synchronize(x.device)
             probe_seconds = time.perf_counter() - probe_start

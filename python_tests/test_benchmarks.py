@@ -1388,3 +1388,39 @@ def test_with_env_sets_the_variable_for_the_call_and_restores_it(monkeypatch):
     with pytest.raises(RuntimeError, match="inside"):
         common.with_env("ROBUST_OPS_TEST_SWITCH", "0", fails)
     assert os.environ["ROBUST_OPS_TEST_SWITCH"] == "before"
+
+
+@pytest.mark.parametrize("batch_size", [4, 40])
+def test_ima_epoch_probes_before_its_timer_whatever_a_batch_leaves_correct(monkeypatch, batch_size):
+    """IMA probes a batch's clean-correct samples, any number of them: the epoch's warm-up probes every size that
+    can take, so no probe runs inside the timer (a model that gets a different number right in every batch)."""
+    import argparse
+    import contextlib
+
+    import torch
+
+    from robust_ops import ima
+    from robust_ops.ima import IMA
+
+    mod, _, _ = _script(monkeypatch, "bench_ima", [])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    n = 45
+    x = torch.rand(n, 1, 2, 2)
+    y = model(x).argmax(1)
+    y[torch.rand(n) < 0.5] ^= 1  # about half of each batch starts misclassified: the probed subsets vary in size
+    cache_sizes = []
+
+    @contextlib.contextmanager
+    def timed_loop(model_, device):
+        cache_sizes.append(len(ima._INVARIANT_SIZES[model_]))
+        yield
+        cache_sizes.append(len(ima._INVARIANT_SIZES[model_]))
+
+    monkeypatch.setattr(mod, "library_speedups", timed_loop)
+    defense = IMA(num_samples=n, eps_train=0.5, steps=2, search_steps=2, norm="l2")
+    args = argparse.Namespace(batch_size=batch_size)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    counts = mod._ima_epoch(model, opt, defense, x, y, torch.arange(n), args, None)[3]
+    warmed = {ima.probe_rows(rows) for rows in range(1, batch_size + 1)}
+    assert cache_sizes == [len(warmed)] * 2 and counts["probe_s"] > 0
