@@ -1346,6 +1346,77 @@ def test_classes_select_folders_and_reach_run_json_eval_resume_and_demo(tmp_path
     assert rc == 0, err
     assert json.loads((tmp_path / "demo" / "runs" / "standard" / "run.json").read_text())["classes"] == [
         "normal", "malignant"]
+    rc, _, err = run(["demo", "--data", tmp_path / "d", "--size", "8", "--model", "mlp", "--quick", "--methods",
+                      "standard", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "demo", "--no-progress",
+                      "--device", "cpu", "--classes", "normal,malignant", "--resume"], capsys)
+    assert rc == 0, err  # demo's check before training compared the run's classes with none
+
+
+def _folder_16_bit(root, top=4095, n=10):
+    """12-bit (CT-like) images saved as 16-bit PNGs, values up to ``top``."""
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            value = top - top // 20 * i - (top // 4 if c == "benign" else 0)
+            Image.fromarray(np.full((8, 8), value, np.uint16)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_bit_depth_reaches_run_json_eval_resume_and_reproduce(tmp_path, capsys):
+    """--bit-depth (load_dataset(bit_depth=)): 12-bit PNGs read on the 12-bit scale, recorded in run.json so eval
+    and --resume read the same images; --resume refuses another bit depth; errors name --bit-depth."""
+    data = _folder_16_bit(tmp_path / "ct")
+    out = tmp_path / "run"
+    argv = ["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress",
+            "--device", "cpu", "--bit-depth", "12"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0 and "12-bit data?" not in err, err
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["bit_depth"] == 12 and doc["dataset"]["bit_depth"] == 12
+    _, splits, _ = cli.load_run(out)
+    assert float(splits.train.tensors[0].max()) == 1.0  # 4095 -> 255, not 16 of 255
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0 and "warning" not in err, err
+    rc, _, err = run(argv[:-1] + ["16", "--epochs", "2", "--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "was trained with bit_depth=12, this command has bit_depth=16")
+    rc, _, err = run(argv[:-2] + ["--out", tmp_path / "plain"], capsys)  # without it: said, with the flag to use
+    assert rc == 0 and "12-bit data?" in err and "--bit-depth 12" in err, err
+    for bits, message in (("11", "--bit-depth: " + str(data / "benign" / "0.png") + ": holds the value 3072, above "
+                                 "the 11-bit maximum 2047 (--bit-depth 11); give the bit depth the images were saved "
+                                 "with"),
+                          ("4", f"--bit-depth: load_busi({data}): expected bit_depth to be an integer >= 8, got 4")):
+        rc, _, err = run(argv[:-1] + [bits, "--out", tmp_path / f"bad{bits}"], capsys)
+        one_line_error(rc, err, message)
+    rc, _, err = run(["train", "--data", "synthetic", "--bit-depth", "12", "--out", tmp_path / "s", "--device", "cpu"],
+                     capsys)
+    one_line_error(rc, err, "--bit-depth: synthetic: --bit-depth scales 16-bit image files (class folders and CSV); "
+                            "this source has none -- drop --bit-depth")
+    eight = tmp_path / "eight"
+    _folder_16_bit(eight, top=255, n=2)
+    rc, _, err = run(["train", "--data", eight, "--size", "8", "--out", tmp_path / "e", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "--bit-depth:", "save them as 8-bit images or pass --bit-depth 8")
+
+
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
+def test_reproduce_reads_16_bit_folders_at_the_bit_depth_given(tmp_path):
+    """--bit-depth reaches the protocol's runs and their split record, so eval rebuilds the same 12-bit images."""
+    from robust_ops.reproduce import run_protocol
+
+    data = _folder_16_bit(tmp_path / "ct")
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")])
+    run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False, bit_depth=12)
+    run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
+    doc = json.loads((run_dir / "run.json").read_text())
+    assert doc["split"]["bit_depth"] == doc["bit_depth"] == 12
+    _, splits, _ = cli.load_run(run_dir)
+    x = torch.cat([splits.train.tensors[0], splits.val.tensors[0], splits.test.tensors[0]])
+    assert float(x.max()) == 1.0
+    with pytest.raises(cli.CLIError, match=r"was trained with bit_depth=12, this command has bit_depth=None"), \
+            pytest.warns(UserWarning, match="12-bit data"):
+        run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False)
 
 
 # 10 images per class: a fold's 9:1 train/val split of its 10 training images cannot hold both classes in val

@@ -615,13 +615,77 @@ def test_12_bit_data_in_16_bit_files_is_said(tmp_path):
             Image.fromarray(np.full((8, 8), 4095 - 100 * i, np.uint16)).save(tmp_path / c / f"{i}.png")
     with pytest.warns(UserWarning, match=r"every 16-bit image holds values <= 4095 only \(12-bit data\?\); scaled "
                                          r"from the full 16-bit range they come out dark \(at most 16 of 255\) -- "
-                                         r"multiply them by 16 or save them as 8-bit images"):
+                                         r"pass bit_depth=12 \(--bit-depth 12\) to scale 4095 to 255$"):
         s = load_dataset(tmp_path, size=8)
     assert float(s.train.tensors[0].max()) == pytest.approx(16 / 255)  # loaded as before: the warning changes nothing
+    assert "bit_depth" not in s.info.extra
     Image.fromarray(np.full((8, 8), 4096, np.uint16)).save(tmp_path / "benign" / "9.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_dataset(tmp_path, size=8)
+
+
+def test_bit_depth_scales_16_bit_files_by_the_bits_they_hold(tmp_path):
+    """bit_depth=12 reads 12-bit data in 16-bit files on its own scale (4095 -> 255, no warning), refuses a value
+    above it naming the file, and is recorded in the dataset's info; bit_depth=8 reads 8-bit values saved in 16 bits
+    (refused without it); 8-bit files are read as they are whatever the bit depth."""
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 4095 - 100 * i, np.uint16)).save(tmp_path / c / f"{i}.png")
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "benign" / "eight.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = load_dataset(tmp_path, size=8, bit_depth=12)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    expected = sorted({round((4095 - 100 * i) * 255 / 4095) for i in range(10)} | {77})
+    assert sorted({round(float(v) * 255) for v in x[:, 0, 4, 4]}) == expected and float(x.max()) == 1.0
+    assert s.info.extra["bit_depth"] == 12
+    Image.fromarray(np.full((8, 8), 4096, np.uint16)).save(tmp_path / "malignant" / "over.png")
+    with pytest.raises(DataError, match=r"over\.png: holds the value 4096, above the 12-bit maximum 4095 "
+                                        r"\(bit_depth=12\); give the bit depth the images were saved with$") as info:
+        load_dataset(tmp_path, size=8, bit_depth=12)
+    assert info.value.arg == "bit_depth"
+    s = load_dataset(tmp_path, size=8, bit_depth=13)  # 4096 fits 13 bits: 8191 -> 255
+    assert float(torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]]).max()) == pytest.approx(
+        round(4096 * 255 / 8191) / 255)
+
+    eight = tmp_path / "eight_in_16"
+    for c in ("benign", "malignant"):
+        (eight / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 200 + i, np.uint16)).save(eight / c / f"{i}.png")
+    with pytest.raises(DataError, match=r"save them as 8-bit images or pass bit_depth=8$") as info:
+        load_dataset(eight, size=8)
+    assert info.value.arg == "bit_depth"
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(eight, size=8, bit_depth=8)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert sorted({round(float(v) * 255) for v in x.flatten()}) == [200, 201, 202, 203, 204]  # as the values say
+
+
+def test_bit_depth_reaches_csv_sets_and_is_refused_where_it_means_nothing(tmp_path):
+    from PIL import Image
+
+    path = _ham(tmp_path, ["mel", "nv"] * 5)
+    for image in sorted((tmp_path / "imgs").iterdir()):
+        image.unlink()
+        Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(image.with_suffix(".png"))
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(path, size=8, bit_depth=10)  # 1023 -> 255
+    assert float(s.train.tensors[0].max()) == pytest.approx(round(1000 * 255 / 1023) / 255)
+    assert s.info.extra["bit_depth"] == 10
+    for bad in (7, 17, True, 12.0, "12"):
+        with pytest.raises(DataError, match=r"load_csv\(.*\): expected bit_depth to be an integer") as info:
+            load_dataset(path, size=8, bit_depth=bad)
+        assert info.value.arg == "bit_depth"
+    for spec in ("synthetic", "moons", tmp_path / "x.npz", "breastmnist"):
+        with pytest.raises(DataError, match=r": bit_depth= scales 16-bit image files \(class folders and CSV\); "
+                                            r"this source has none -- drop bit_depth=$") as info:
+            load_dataset(spec, bit_depth=12)
+        assert info.value.arg == "bit_depth"
 
 
 def test_busi_16_bit_dark_and_float_images(tmp_path):

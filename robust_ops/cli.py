@@ -220,26 +220,32 @@ DOWNLOAD_HELP = ("let a MedMNIST name missing locally be downloaded through the 
                  "never download; the error says where to put the file)")
 
 
-def load_data(spec, size=None, seed=0, flag="--data", classes=None):
+def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None):
     from .data import DataError, load_dataset
 
     try:
-        return load_dataset(spec, size=size, seed=seed, classes=classes, download=_allow_download)
+        return load_dataset(spec, size=size, seed=seed, classes=classes, download=_allow_download,
+                            bit_depth=bit_depth)
     except DataError as err:
         raise _data_error(err, flag) from None
 
 
+# load_dataset's keyword arguments that are command-line flags: a DataError naming one is written as the flag
+DATA_FLAG_ARGS = ("size", "classes", "bit_depth")
+
+
 def _data_error(err, flag):
-    """A DataError as the CLI's one-line error: led by the flag of the keyword argument it names, written as that
-    flag (``size=64`` -> ``--size 64``, ``classes=`` -> ``--classes``), else by ``flag``."""
+    """A DataError as the CLI's one-line error: led by the flag of the keyword argument it names, else by ``flag``;
+    the keyword arguments it mentions written as their flags (``size=64`` -> ``--size 64``, ``classes=`` ->
+    ``--classes``, ``bit_depth=8`` -> ``--bit-depth 8``)."""
     import re
 
-    if not err.arg:
-        return CLIError(f"{flag}: {err}")
-    option = f"--{err.arg.replace('_', '-')}"
-    text = re.sub(rf"\b{err.arg}=(?=[^\s;,)])", f"{option} ", str(err))  # size=64 -> --size 64
-    text = re.sub(rf"\b{err.arg}=", option, text)  # size= resizes -> --size resizes
-    return CLIError(f"{option}: {text}")
+    text = str(err)
+    for arg in DATA_FLAG_ARGS:
+        option = f"--{arg.replace('_', '-')}"
+        text = re.sub(rf"\b{arg}=(?=[^\s;,)])", f"{option} ", text)  # size=64 -> --size 64
+        text = re.sub(rf"\b{arg}=", option, text)  # size= resizes -> --size resizes
+    return CLIError(f"--{err.arg.replace('_', '-')}: {text}" if err.arg else f"{flag}: {text}")
 
 
 def data_spec(spec):
@@ -351,6 +357,7 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
     p.add_argument("--classes", type=parse_classes, default=None,
                    help="comma-separated class folders / CSV labels to keep, in label order (e.g. nv,mel: mel, not "
                         "benign/normal/..., is the positive class); folders and CSV only (default: all)")
+    add_bit_depth_option(p, "the full 16 bits")
     p.add_argument("--model", default="small_cnn",
                    help="resnet18, resnet50, vgg16, densenet121, small_cnn or mlp (adapted to channels and size)")
     p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
@@ -359,6 +366,12 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def add_bit_depth_option(p, default):
+    p.add_argument("--bit-depth", type=int, default=None,
+                   help="bits of 16-bit image files that hold the intensity, 8 to 16 (12: CT and X-ray PNGs, 4095 is "
+                        f"white); folders and CSV only (default: {default})")
 
 
 def parse_classes(text):
@@ -415,13 +428,13 @@ def cmd_train_parser(sub):
     return p
 
 
-RESUME_KEYS = ("data", "classes", "model", "defense", "defense_options", "dropmax", "seed", "batch_size", "lr",
-               "channels_last", "prepacked_conv", "split")
+RESUME_KEYS = ("data", "classes", "bit_depth", "model", "defense", "defense_options", "dropmax", "seed", "batch_size",
+               "lr", "channels_last", "prepacked_conv", "split")
 
 
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
-               train_samples=None, classes=None):
+               train_samples=None, classes=None, bit_depth=None):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
     rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
     ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume."""
@@ -429,7 +442,7 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
     run = {
         "format": "robust_ops.run/1", "data": str(data_spec(data)), "size": size,
-        "classes": list(classes) if classes is not None else None, "model": model_name,
+        "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "model": model_name,
         "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
                                                       for k, v in defense_options.items()},
         "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
@@ -484,7 +497,7 @@ def resume_conflict(out, run):
 
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
-              prepacked_conv=None, split=None, classes=None):
+              prepacked_conv=None, split=None, classes=None, bit_depth=None):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
     from . import train as trainer
@@ -493,12 +506,12 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
 
     # what will run (None: $ROBUST_OPS_PREPACKED_CONV decides, as in fit), so --resume compares that
     prepacked_conv = prepacked_conv_resolved(prepacked_conv)
-    splits = splits or load_data(data, size=size, seed=seed, classes=classes)
+    splits = splits or load_data(data, size=size, seed=seed, classes=classes, bit_depth=bit_depth)
     info = splits.info
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
                      channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
-                     train_samples=len(splits.train), classes=classes)
+                     train_samples=len(splits.train), classes=classes, bit_depth=bit_depth)
     dropmax = run["dropmax"]
     import torch
 
@@ -552,7 +565,8 @@ def cmd_train(args):
             data=args.data, defense_name=args.defense, defense_options=options, model_name=args.model,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=args.out,
             resume=args.resume, dropmax=args.dropmax, size=args.size, progress=not args.no_progress,
-            channels_last=args.channels_last, prepacked_conv=args.prepacked_conv, classes=args.classes)
+            channels_last=args.channels_last, prepacked_conv=args.prepacked_conv, classes=args.classes,
+            bit_depth=args.bit_depth)
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
@@ -570,7 +584,8 @@ def cmd_train(args):
 # ----------------------------------------------------------------------------------------------- eval
 
 
-def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=None, classes=None):
+def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=None, classes=None,
+             bit_depth=None):
     """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt) or a checkpoint file (run.json beside it, or
     --data/--model given). ``channels_last`` None: the memory format the run trained in; True / False: that one."""
     target = Path(target)
@@ -596,8 +611,9 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     same_source = data_spec(data) == data_spec(run.get("data"))
     # the run's class selection applies to its own data; another selection is another split, as other data is
     classes = classes if classes is not None else run.get("classes") if same_source else None
+    bit_depth = bit_depth if bit_depth is not None else run.get("bit_depth") if same_source else None
     same_data = same_source and (size is None or size == run.get("size")) and (
-        classes is None or list(classes) == run.get("classes"))
+        classes is None or list(classes) == run.get("classes")) and bit_depth == run.get("bit_depth")
     if run.get("split") and same_data:  # a reproduce run: its own fold / subset, not the data's train/val/test
         from .reproduce import rebuild_splits
 
@@ -607,7 +623,8 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
     else:
-        splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0), flag=flag, classes=classes)
+        splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0), flag=flag, classes=classes,
+                           bit_depth=bit_depth)
     was = (run.get("dataset") or {}).get("class_counts")
     now = splits.info.extra.get("class_counts")
     if same_data and was and now is not None and was != now:  # the seeded split would differ: train images in test
@@ -688,6 +705,7 @@ def cmd_eval_parser(sub):
     p.add_argument("--size", type=int, default=None, help="image side length (default: the one in run.json)")
     p.add_argument("--classes", type=parse_classes, default=None,
                    help="class folders / CSV labels to keep, in label order (default: the ones in run.json)")
+    add_bit_depth_option(p, "the one in run.json")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
     p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")
     # default None: as the run was trained (run.json); either flag, or a config file's value, overrides the run
@@ -800,7 +818,7 @@ def cmd_eval(args):
     check_out(out)
     device = pick_device(args.device)
     model, splits, run = load_run(args.target, data=args.data, model=args.model, size=args.size,
-                                  channels_last=args.channels_last, classes=args.classes)
+                                  channels_last=args.channels_last, classes=args.classes, bit_depth=args.bit_depth)
     label = args.method or run.get("label") or run.get("defense") or "model"
     config = {"command": "eval", "target": str(args.target), "attacks": args.attacks, "eps": args.eps,
               "cascade": not args.no_cascade, "ensemble": args.ensemble, "split": args.split,
@@ -904,7 +922,7 @@ def cmd_demo(args):
         raise CLIError(f"--train-size: expected >= 0, got {train_size}")
     specs, radii = parse_eval_options(args)
     check_out(args.out)
-    splits = load_data(args.data, size=args.size, seed=args.seed, classes=args.classes)
+    splits = load_data(args.data, size=args.size, seed=args.seed, classes=args.classes, bit_depth=args.bit_depth)
     from .evaluate import EvalError, check_radii
 
     try:  # before any training: the radii's units are known once the data is
@@ -927,7 +945,7 @@ def cmd_demo(args):
             conflict = resume_conflict(run_dir, run_record(
                 data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=DEMO_LABELS.get(m, m),
-                info=splits.info, train_samples=len(splits.train)))
+                info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth))
             if conflict:
                 raise _demo_resume_error(run_dir, conflict, args, epochs)
     print(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
@@ -943,7 +961,7 @@ def cmd_demo(args):
                 data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
                 resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
-                classes=args.classes)
+                classes=args.classes, bit_depth=args.bit_depth)
             timings[label] = time.perf_counter() - t0
             models[label] = model
             last = history[-1] if history else {}
@@ -1037,6 +1055,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--data", default=None, help="dataset (default: the protocol's; breastmnist for *-bus)")
     p.add_argument("--size", type=int, default=None,
                    help="image side length for a folder / CSV --data (default: 224) or a MedMNIST size variant")
+    add_bit_depth_option(p, "the full 16 bits")
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
@@ -1067,7 +1086,8 @@ def cmd_reproduce(args):
 
     try:
         run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
-                     seeds=args.seeds, size=args.size, device=device, progress=not args.no_progress,
+                     seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, device=device,
+                     progress=not args.no_progress,
                      reevaluate=args.reevaluate, methods=args.methods.split(",") if args.methods is not None else None)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None

@@ -466,7 +466,7 @@ def aggregate(rows, metrics):
 CV_SEED = 0  # the k-fold split's seed (fixed: every seed of a protocol sees the same folds)
 
 
-def split_record(protocol, k, quick_sizes=None, size=None):
+def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None):
     """run.json's record of repeat ``k``'s data split, enough for :func:`rebuild_splits` (``robust-ops eval`` on a
     reproduce run) to rebuild the exact train/val/test sets it was trained and tested on."""
     if protocol.split == "kfold":
@@ -475,6 +475,8 @@ def split_record(protocol, k, quick_sizes=None, size=None):
         record = {"kind": "seeds", "data_seed": k}
     if size is not None:  # --size: the loaded image size (absent: the data's own / 224 for folders)
         record["size"] = size
+    if bit_depth is not None:  # --bit-depth: the scale 16-bit images were read on
+        record["bit_depth"] = bit_depth
     if quick_sizes:
         record["subset"] = {"n_train": quick_sizes[0], "n_test": quick_sizes[1], "seed": k}
     return record
@@ -490,11 +492,13 @@ def rebuild_splits(data, record, base=None, folds=None):
     if kind == "kfold":
         if folds is None:
             base = base if base is not None else load_data(data, size=record.get("size"),
-                                                           seed=record.get("data_seed", 0))
+                                                           seed=record.get("data_seed", 0),
+                                                           bit_depth=record.get("bit_depth"))
             folds = cross_validation(base, k=record["k"], seed=record["cv_seed"])
         splits = folds[record["fold"]]
     elif kind == "seeds":
-        splits = base if base is not None else load_data(data, size=record.get("size"), seed=record["data_seed"])
+        splits = base if base is not None else load_data(data, size=record.get("size"), seed=record["data_seed"],
+                                                         bit_depth=record.get("bit_depth"))
     else:
         raise CLIError(f"run.json: unknown split record {record!r}; expected kind 'kfold' or 'seeds'")
     sub = record.get("subset")
@@ -553,11 +557,12 @@ def pick_methods(protocol, labels):
 
 
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
-                 progress=True, reevaluate=False, methods=None):
+                 progress=True, reevaluate=False, methods=None, bit_depth=None):
     """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
 
     ``methods``: the labels of the methods to train and evaluate (default: all of the protocol's); the report shows
-    the published numbers of the others beside no numbers of ours.
+    the published numbers of the others beside no numbers of ours. ``bit_depth``: the scale of 16-bit image files
+    in a folder / CSV ``data`` (:func:`robust_ops.data.load_dataset`).
 
     Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
     before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
@@ -578,16 +583,16 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     out = Path(out)
     runs_dir = out / ("runs-quick" if quick else "runs")
     t_start = time.perf_counter()
-    base = load_data(data, size=size, seed=0) if protocol.split == "kfold" else None
+    base = load_data(data, size=size, seed=0, bit_depth=bit_depth) if protocol.split == "kfold" else None
     folds = cross_validation(base, k=max(protocol.repeats, 2), seed=CV_SEED) if base is not None else None
     if folds is not None and repeats > len(folds):
         raise CLIError(f"--seeds: {protocol.name} has {len(folds)} folds, got {repeats}")
     quick_sizes = (q["n_train"], q["n_test"]) if quick else None
     plan = []  # (k, tag, split record, splits, [(method, options, run_dir)]): all checked before training any
     for k in range(repeats):
-        record = split_record(protocol, k, quick_sizes, size)
-        splits = rebuild_splits(data, record, base=None if folds is not None else load_data(data, size=size, seed=k),
-                                folds=folds)
+        record = split_record(protocol, k, quick_sizes, size, bit_depth)
+        splits = rebuild_splits(data, record, folds=folds, base=None if folds is not None else load_data(
+            data, size=size, seed=k, bit_depth=bit_depth))
         tag = f"fold{k}" if folds is not None else f"seed{k}"
         runs = []
         for method in chosen:
@@ -602,7 +607,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             conflict = resume_conflict(run_dir, run_record(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
-                dropmax=method.dropmax, label=method.label, split=record))
+                dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth))
             if conflict:
                 raise _resume_error(protocol, run_dir, conflict, epochs)
             runs.append((method, options, run_dir))
@@ -620,7 +625,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
                 out=run_dir, resume=True, dropmax=method.dropmax, size=size,
-                progress=progress, splits=splits, label=method.label, split=record)
+                progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth)
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate)

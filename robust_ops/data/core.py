@@ -182,7 +182,7 @@ SYNTHETIC_NAMES = ("synthetic", "synthetic-bus", "synthetic_bus")
 MOONS_NAMES = ("moons", "two-moons", "two_moons", "twomoons")
 
 
-def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False):
+def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False, bit_depth=None):
     """Load a dataset by spec and return ``DatasetSplits(train, val, test, info)``.
 
     spec:
@@ -196,6 +196,9 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     size: image side length (folders and synthetic data are resized to it; MedMNIST picks the file of that size).
     seed: generation seed (synthetic, moons) and the seed of stratified splits for sources without official splits.
     classes: class folder / label names to keep, in label order (folders and CSV only).
+    bit_depth: how many bits of 16-bit image files hold the intensity (folders and CSV only): None (default) the full
+        16 bits (65535 -> 255); 8 to 16 that many (12 for most CT and X-ray PNGs: 4095 -> 255), a value above it an
+        error naming the file.
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
@@ -204,9 +207,13 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     low = text.lower()
     from . import folders, medmnist, synthetic
 
-    if classes is not None and not (low.endswith(".csv") or Path(text).expanduser().is_dir()):
+    image_files = low.endswith(".csv") or Path(text).expanduser().is_dir()
+    if classes is not None and not image_files:
         raise DataError(f"{text}: classes= selects class folders or CSV labels; this source has fixed classes",
                         arg="classes")
+    if bit_depth is not None and not image_files:  # would be ignored
+        raise DataError(f"{text}: bit_depth= scales 16-bit image files (class folders and CSV); this source has "
+                        "none -- drop bit_depth=", arg="bit_depth")
     if low in SYNTHETIC_NAMES:
         return synthetic.synthetic_splits(size=28 if size is None else size, seed=seed)
     if low in MOONS_NAMES:
@@ -217,9 +224,11 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if low.endswith(".npz"):
         return medmnist.load_npz(path, size=size)
     if low.endswith(".csv"):
-        return folders.load_csv(path, size=224 if size is None else size, seed=seed, classes=classes)
+        return folders.load_csv(path, size=224 if size is None else size, seed=seed, classes=classes,
+                                bit_depth=bit_depth)
     if path.is_dir():
-        return folders.load_busi(path, size=224 if size is None else size, seed=seed, classes=classes)
+        return folders.load_busi(path, size=224 if size is None else size, seed=seed, classes=classes,
+                                 bit_depth=bit_depth)
     if medmnist.is_medmnist_name(low):
         return medmnist.load_medmnist(low, root=root, size=size, download=download)
     if path.exists():

@@ -6,6 +6,7 @@ Neither source has official splits: train/val/test are a stratified 7:1:2 split 
 """
 
 import csv
+import functools
 import re
 import warnings
 from collections import Counter
@@ -40,30 +41,49 @@ def pad_to_square_and_resize(img, size):
     return canvas.resize((size, size), Image.BILINEAR)
 
 
-def _to_8bit(img, path, stats=None):
-    """16-bit and 32-bit grayscale images as 8-bit: Pillow's convert("L") clamps every value above 255 to white."""
+def _check_bit_depth(bit_depth, where):
+    """``bit_depth`` (None, or 8..16) as an int: how many bits of a 16-bit image file hold the intensity."""
+    if bit_depth is None:
+        return None
+    error = functools.partial(DataError, arg="bit_depth")
+    bit_depth = check_int(where, "bit_depth", bit_depth, minimum=8, error=error)
+    if bit_depth > 16:
+        raise error(f"{where}: expected bit_depth to be an integer from 8 to 16 (the bits of a 16-bit image that hold "
+                    f"the intensity, 12 for most CT and X-ray PNGs), got {bit_depth}")
+    return bit_depth
+
+
+def _to_8bit(img, path, stats=None, bit_depth=None):
+    """16-bit and 32-bit grayscale images as 8-bit: Pillow's convert("L") clamps every value above 255 to white.
+    ``bit_depth`` None: 16-bit intensities on the full 16-bit scale (65535 -> 255); 8..16: on that many bits'
+    scale (12: 4095 -> 255), a value above it an error."""
     from PIL import Image
 
     if not img.mode.startswith("I") and img.mode != "F":
         return img
     arr = np.asarray(img)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-    if lo >= 0 and hi <= 255 and not img.mode.startswith("I;16"):  # 8-bit values in a wider type: nothing to scale
+    wide_int = img.mode.startswith("I;16") or (img.mode.startswith("I") and bit_depth is not None)
+    if lo >= 0 and hi <= 255 and not wide_int:  # 8-bit values in a wider type: nothing to scale
         return img
     if stats is not None:  # the loader refuses a set whose 16-bit images would all come out black
         stats["max16"] = max(stats.get("max16", 0.0), hi)
     if lo < 0 or hi > 65535 or img.mode == "F":
         raise DataError(f"{path}: {img.mode} image with values in [{lo:g}, {hi:g}]; expected 8- or 16-bit "
                         "intensities -- save it as an 8- or 16-bit image")
-    return Image.fromarray(np.round(arr.astype(np.float64) / 257.0).astype(np.uint8))  # 65535 -> 255, mode L
+    top = 65535 if bit_depth is None else (1 << bit_depth) - 1
+    if hi > top:
+        raise DataError(f"{path}: holds the value {hi:g}, above the {bit_depth}-bit maximum {top} "
+                        f"(bit_depth={bit_depth}); give the bit depth the images were saved with", arg="bit_depth")
+    return Image.fromarray(np.round(arr.astype(np.float64) / (top / 255.0)).astype(np.uint8))  # top -> 255, mode L
 
 
-def read_image(path, size, mode, stats=None):
+def read_image(path, size, mode, stats=None, bit_depth=None):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = _to_8bit(img, path, stats).convert(mode)
+            img = _to_8bit(img, path, stats, bit_depth).convert(mode)
             img = pad_to_square_and_resize(img, size)
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
@@ -85,17 +105,27 @@ def _has_colour(path):
     return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
-def _check_16_bit(stats, where):
+def _check_16_bit(stats, where, bit_depth=None):
     """One dark 16-bit image is fine; a set whose 16-bit images all hold values <= 255 is 8-bit data saved in 16 bits,
     and scaled from 16 bits it would be black (every pixel 0 or 1 of 255). One whose values all stay <= 4095 is
-    12-bit data (CT, X-ray): still usable, but 16 times darker than it should be, so it is said."""
+    12-bit data (CT, X-ray): still usable, but 16 times darker than it should be, so it is said. With ``bit_depth``
+    given the scale is the caller's (values above it were refused image by image)."""
+    if bit_depth is not None:
+        return
     if "max16" in stats and stats["max16"] <= 255:
         raise DataError(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (8-bit values saved in "
-                        "16 bits?); scaled from 16 bits they would all be black -- save them as 8-bit images")
+                        "16 bits?); scaled from 16 bits they would all be black -- save them as 8-bit images or "
+                        "pass bit_depth=8", arg="bit_depth")
     if "max16" in stats and stats["max16"] <= 4095:
         warnings.warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (12-bit data?); scaled "
                       f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
-                      "multiply them by 16 or save them as 8-bit images", stacklevel=3)
+                      "pass bit_depth=12 (--bit-depth 12) to scale 4095 to 255", stacklevel=3)
+
+
+def _bit_depth_record(bit_depth):
+    """``info.extra``'s record of a bit depth given (none when not: the dataset records of earlier runs stay as
+    they were)."""
+    return {} if bit_depth is None else {"bit_depth": bit_depth}
 
 
 def _stack(arrays, labels):
@@ -143,7 +173,7 @@ def _check_size(size, where):
     check_int(where, "size (pixels)", size, minimum=1, error=lambda message: DataError(message, arg="size"))
 
 
-def load_busi(folder, size=224, seed=0, classes=None, mode=None):
+def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
 
     mode: Pillow mode the images are read in; None: grayscale ("L", one channel), or "RGB" when any image of the
@@ -155,11 +185,15 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None):
     case-insensitively; a requested folder that is missing or holds no images is an error. Folders not requested are
     left out, as a filter, and recorded in ``info.extra``: ``excluded_labels`` (folder -> image count) and
     ``excluded_samples`` (their total); ``class_counts`` holds each class's image count.
+
+    bit_depth: None (default) reads 16-bit images on the full 16-bit scale (65535 -> 255); 8 to 16 on that many
+    bits' scale (12, CT and X-ray PNGs: 4095 -> 255), a value above it an error; recorded in ``info.extra``.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     _check_size(size, f"load_busi({folder})")
+    bit_depth = _check_bit_depth(bit_depth, f"load_busi({folder})")
     subdirs = {}
     for p in sorted(folder.iterdir()):
         if p.is_dir():
@@ -203,16 +237,17 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None):
     arrays, labels, stats = [], [], {}
     for label, c in enumerate(classes):
         for p in files[c]:
-            arrays.append(read_image(p, size, mode, stats))
+            arrays.append(read_image(p, size, mode, stats, bit_depth))
             labels.append(label)
-    _check_16_bit(stats, folder)
+    _check_16_bit(stats, folder, bit_depth)
     excluded = {c: len(images(d)) for c, d in sorted(subdirs.items()) if c not in classes}
     x, y = _stack(arrays, labels)
     info = DatasetInfo(
         name=folder.name or "busi", num_classes=len(classes), in_channels=x.shape[1], image_size=size,
         class_names=tuple(classes), positive_class=_positive(classes), synthetic=False, source=str(folder),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
-               "class_counts": {c: len(files[c]) for c in classes}},  # eval checks the data is unchanged
+               "class_counts": {c: len(files[c]) for c in classes},  # eval checks the data is unchanged
+               **_bit_depth_record(bit_depth)},
     )
     return splits_from_arrays(x, y, info, seed)
 
@@ -226,7 +261,7 @@ def _label_order(labels):
 
 
 def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
-             mode="RGB"):
+             mode="RGB", bit_depth=None):
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
     _part_2/).
@@ -237,12 +272,13 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     Rows with other labels are left out -- a subset filter, like choosing class folders -- and recorded in
     ``info.extra``: ``excluded_labels`` (label -> row count) and ``excluded_samples`` (their total); their images
     need not exist. Each image_id must appear once and match exactly one image file; an empty id or label is an
-    error.
+    error. bit_depth: the scale of 16-bit images, as for :func:`load_busi`.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such file")
     _check_size(size, f"load_csv({csv_path})")
+    bit_depth = _check_bit_depth(bit_depth, f"load_csv({csv_path})")
     rows = []
     # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise hide the first column's name
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -316,13 +352,14 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
     stats = {}
-    arrays = [read_image(index[image_id][0], size, mode, stats) for image_id, _ in kept]
-    _check_16_bit(stats, csv_path)
+    arrays = [read_image(index[image_id][0], size, mode, stats, bit_depth) for image_id, _ in kept]
+    _check_16_bit(stats, csv_path, bit_depth)
     x, y = _stack(arrays, [label for _, label in kept])
     info = DatasetInfo(
         name=csv_path.stem, num_classes=len(names), in_channels=x.shape[1], image_size=size,
         class_names=tuple(names), positive_class=_positive(names), synthetic=False, source=str(csv_path),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
-               "class_counts": {n: counts[n] for n in names}},  # eval checks the data is unchanged
+               "class_counts": {n: counts[n] for n in names},  # eval checks the data is unchanged
+               **_bit_depth_record(bit_depth)},
     )
     return splits_from_arrays(x, y, info, seed)
