@@ -1610,3 +1610,28 @@ def test_a_bare_state_dict_loads_unchecked_as_the_model_named(trained_run, small
     net = cli.load_run(tmp_path / "weights.pt", data=small_npz, model=model_name)[0]
     assert net.state_dict().keys() == weights.keys()
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
+def test_demo_and_reproduce_resume_under_the_prepacked_conv_variable(tmp_path, capsys, monkeypatch):
+    """$ROBUST_OPS_PREPACKED_CONV=1: training packs and run.json records prepacked_conv true; the checks of demo
+    --resume and of a rerun reproduce, made before any training, compared it with false and refused the same
+    command."""
+    from robust_ops.reproduce import run_protocol
+
+    monkeypatch.setenv("ROBUST_OPS_PREPACKED_CONV", "1")
+    data = _folder(tmp_path / "d")
+    argv = ["demo", "--data", data, "--size", "8", "--model", "mlp", "--quick", "--methods", "standard", "--attacks",
+            "fgsm", "--eps", "1/255", "--saliency", "0", "--out", tmp_path / "demo", "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "demo" / "runs" / "standard" / "run.json").read_text())["prepacked_conv"] is True
+    rc, _, err = run(argv + ["--resume"], capsys)
+    assert rc == 0, err
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    proto.model = "mlp"
+    run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False)
+    run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False)  # the same command again
+    monkeypatch.delenv("ROBUST_OPS_PREPACKED_CONV")  # another setting: still refused
+    rc, _, err = run(argv + ["--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "prepacked_conv=True, this command has prepacked_conv=False")

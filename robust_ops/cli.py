@@ -940,12 +940,16 @@ def cmd_demo(args):
                            f"{splits.info.num_classes} classes")
     out = Path(args.out)
     if args.resume:  # every method's run is checked before any is trained, not halfway through the list
+        from .prepacked_conv import prepacked_conv_resolved
+
         for m in methods:
             run_dir = out / "runs" / m
+            # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
             conflict = resume_conflict(run_dir, run_record(
                 data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=DEMO_LABELS.get(m, m),
-                info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth))
+                info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth,
+                prepacked_conv=prepacked_conv_resolved(None)))
             if conflict:
                 raise _demo_resume_error(run_dir, conflict, args, epochs)
     print(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "

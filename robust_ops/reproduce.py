@@ -573,6 +573,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     from .data import cross_validation
     from .evaluate import evaluate, write_results
     from .metrics import metric_names
+    from .prepacked_conv import prepacked_conv_resolved
 
     q = protocol.quick if quick else {}
     chosen = pick_methods(protocol, methods)
@@ -604,10 +605,12 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             if method.defense == "ima" and "delta" not in options:
                 options["delta"] = options.get("eps_train", 1.0) / max(epochs, 1)  # margins can reach eps_train
             run_dir = runs_dir / report.slug(method.label) / tag
+            # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
             conflict = resume_conflict(run_dir, run_record(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
-                dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth))
+                dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth,
+                prepacked_conv=prepacked_conv_resolved(None)))
             if conflict:
                 raise _resume_error(protocol, run_dir, conflict, epochs)
             runs.append((method, options, run_dir))
