@@ -1635,3 +1635,23 @@ def test_demo_and_reproduce_resume_under_the_prepacked_conv_variable(tmp_path, c
     monkeypatch.delenv("ROBUST_OPS_PREPACKED_CONV")  # another setting: still refused
     rc, _, err = run(argv + ["--resume"], capsys)
     one_line_error(rc, err, "--resume:", "prepacked_conv=True, this command has prepacked_conv=False")
+
+
+def test_defense_spelled_otherwise_is_recorded_as_the_registry_names_it(tmp_path, capsys):
+    """--defense MIRST-DM (or mirst_dm) trains mirst-dm, which makes the first max-pooling drop-max; run.json
+    recorded the name as typed and dropmax none, so eval rebuilt plain max-pooling and refused the run's own
+    checkpoint. The registered name is recorded, so eval rebuilds the model trained and --resume with either
+    spelling is the same run."""
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
+    out = tmp_path / "run"
+    argv = ["train", "--data", _folder(tmp_path / "d"), "--size", "8", "--epochs", "1", "--out", out, "--no-progress",
+            "--device", "cpu", "--defense", "MIRST-DM"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "run.json").read_text())
+    assert (doc["defense"], doc["dropmax"], doc["label"]) == ("mirst-dm", "first", "mirst-dm")
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0, err
+    rc, _, err = run(argv[:-1] + ["mirst_dm", "--epochs", "2", "--resume"], capsys)
+    assert rc == 0, err

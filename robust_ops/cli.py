@@ -286,6 +286,16 @@ def make_model(name, info, dropmax="none"):
     return model
 
 
+def defense_key(name):
+    """A registered defense's name as the registry spells it (``MIRST_DM`` -> ``mirst-dm``, as defenses.build reads
+    it); a dotted import path, or an unknown name (refused later), as given."""
+    from . import defenses
+    from ._import_path import is_import_path
+
+    key = name.lower().replace("_", "-") if isinstance(name, str) and not is_import_path(name) else name
+    return key if key in defenses.NAMES else name
+
+
 def make_defense(name, options, train_size, info):
     from . import defenses
 
@@ -506,6 +516,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
 
     # what will run (None: $ROBUST_OPS_PREPACKED_CONV decides, as in fit), so --resume compares that
     prepacked_conv = prepacked_conv_resolved(prepacked_conv)
+    # as the registry names it: run_record's mirst-dm -> dropmax "first" (eval's architecture) and --resume compare it
+    defense_name = defense_key(defense_name)
     splits = splits or load_data(data, size=size, seed=seed, classes=classes, bit_depth=bit_depth)
     info = splits.info
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
