@@ -1655,3 +1655,14 @@ def test_defense_spelled_otherwise_is_recorded_as_the_registry_names_it(tmp_path
     assert rc == 0, err
     rc, _, err = run(argv[:-1] + ["mirst_dm", "--epochs", "2", "--resume"], capsys)
     assert rc == 0, err
+
+
+def test_reproduce_methods_with_an_empty_entry(capsys):
+    """--methods STD, (a trailing or doubled comma) was refused as 'has no method (none given)' although STD was
+    given; empty entries are skipped, as demo's --methods skips them."""
+    from robust_ops.reproduce import PROTOCOLS, pick_methods
+
+    assert [m.label for m in pick_methods(PROTOCOLS["ima-bus"], "STD,,ima,".split(","))] == ["STD", "IMA"]
+    for methods in (",", " "):
+        rc, _, err = run(["reproduce", "ima-bus", "--methods", methods, "--device", "cpu"], capsys)
+        one_line_error(rc, err, "--methods: ima-bus has no method (none given); choose from STD, SAT, TRADES, IMA")

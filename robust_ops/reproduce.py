@@ -546,7 +546,7 @@ def pick_methods(protocol, labels):
     if labels is None:
         return list(protocol.methods)
     known = {m.label.lower() for m in protocol.methods}
-    wanted = [label.strip().lower() for label in labels]
+    wanted = [label.strip().lower() for label in labels if label.strip()]  # STD, or STD,,IMA: as demo's --methods
     unknown = [label for label in wanted if label not in known]
     if unknown or not wanted:
         from .cli import CLIError
