@@ -1666,3 +1666,19 @@ def test_reproduce_methods_with_an_empty_entry(capsys):
     for methods in (",", " "):
         rc, _, err = run(["reproduce", "ima-bus", "--methods", methods, "--device", "cpu"], capsys)
         one_line_error(rc, err, "--methods: ima-bus has no method (none given); choose from STD, SAT, TRADES, IMA")
+
+
+def test_demo_methods_take_train_defense_spellings(tmp_path, capsys):
+    """docs/cli.md: demo's --methods takes any train --defense value; train takes MIRST-DM / mirst_dm (the registry
+    reads names in any case, _ for -), but demo refused them as unknown defenses."""
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
+    argv = ["demo", "--data", _folder(tmp_path / "d"), "--size", "8", "--quick", "--attacks", "fgsm", "--eps",
+            "1/255", "--saliency", "0", "--out", tmp_path / "demo", "--no-progress", "--device", "cpu", "--methods"]
+    rc, _, err = run(argv + ["Standard,MIRST_DM"], capsys)
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "demo" / "runs" / "mirst-dm" / "run.json").read_text())
+    assert (doc["defense"], doc["dropmax"], doc["label"]) == ("mirst-dm", "first", "MIRST-DM")
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["config"]["methods"] == ["standard",
+                                                                                                 "mirst-dm"]
+    rc, _, err = run(argv + ["standard,STANDARD", "--out", tmp_path / "again"], capsys)
+    one_line_error(rc, err, "--methods: standard given more than once")

@@ -905,7 +905,8 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
 
 def cmd_demo(args):
     device = pick_device(args.device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    # as train's --defense reads them (MIRST_DM is mirst-dm): one run folder and label per defense
+    methods = [defense_key(m.strip()) for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise CLIError("--methods: expected at least one defense")
     from . import defenses
