@@ -1682,3 +1682,20 @@ def test_demo_methods_take_train_defense_spellings(tmp_path, capsys):
                                                                                                  "mirst-dm"]
     rc, _, err = run(argv + ["standard,STANDARD", "--out", tmp_path / "again"], capsys)
     one_line_error(rc, err, "--methods: standard given more than once")
+
+
+def test_eval_size_equal_to_the_runs_image_size_is_the_runs_data(small_npz, tmp_path, capsys):
+    """eval --size 28 on a run trained on 28x28 images without --size is the run's data (as --resume takes it): it
+    attacked the data's own test split instead of a reproduce run's held-out fold (images that fold trained on)."""
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")])
+    proto.model = "mlp"
+    run_protocol(proto, out=tmp_path / "cv", data=str(small_npz), seeds=1, progress=False)
+    run_dir = tmp_path / "cv" / "runs" / "baseline" / "fold0"
+    n_fold = len(cli.load_run(run_dir)[1].test)
+    assert n_fold != 32  # small_npz's own test split
+    rc, _, err = run(["eval", run_dir, "--size", "28", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0",
+                      "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["rows"][0]["n"] == n_fold

@@ -621,6 +621,9 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass --data and --model")
     state = read_checkpoint(ckpt)
     same_source = data_spec(data) == data_spec(run.get("data"))
+    if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
+        # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
+        size = run.get("size")
     # the run's class selection applies to its own data; another selection is another split, as other data is
     classes = classes if classes is not None else run.get("classes") if same_source else None
     bit_depth = bit_depth if bit_depth is not None else run.get("bit_depth") if same_source else None
