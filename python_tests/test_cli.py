@@ -1699,3 +1699,23 @@ def test_eval_size_equal_to_the_runs_image_size_is_the_runs_data(small_npz, tmp_
                       "--device", "cpu"], capsys)
     assert rc == 0, err
     assert json.loads((run_dir / "eval" / "results.json").read_text())["rows"][0]["n"] == n_fold
+
+
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
+def test_reproduce_rerun_with_size_equal_to_the_loaded_size_resumes(tmp_path):
+    """reproduce on a folder without --size (read at 224), rerun with --size 224: the same images, resumed as train
+    --resume resumes it; the split record's size was compared as given and the rerun refused. Another size is still
+    refused, before any training."""
+    from robust_ops.reproduce import run_protocol
+    from robust_ops.train import epochs_done
+
+    data = str(_folder(tmp_path / "d"))
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")])
+    proto.model = "mlp"
+    run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, progress=False)
+    run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, epochs=2, size=224, progress=False)
+    run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
+    assert epochs_done(run_dir) == 2
+    with pytest.raises(cli.CLIError, match=r"was trained with size=224, this command has size=8"):
+        run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, epochs=3, size=8, progress=False)
+    assert epochs_done(run_dir) == 2

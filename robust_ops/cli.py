@@ -489,7 +489,10 @@ def resume_conflict(out, run):
         old["data"] = str(data_spec(old["data"]))
     # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
     for key in RESUME_KEYS:
-        if old.get(key) != run.get(key):
+        was, now = old.get(key), run.get(key)
+        if key == "split" and was and now:  # its size as given; the loaded image size is compared below
+            was, now = ({k: v for k, v in record.items() if k != "size"} for record in (was, now))
+        if was != now:
             return key, old.get(key), run.get(key)
     # Known only once the data is loaded (reproduce's pre-check has neither) and absent from older run.json files;
     # the image size is the loaded one, so --size 28 on 28x28 data equals no --size.

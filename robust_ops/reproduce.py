@@ -610,7 +610,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
                 dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth,
-                prepacked_conv=prepacked_conv_resolved(None)))
+                prepacked_conv=prepacked_conv_resolved(None), info=splits.info))  # info: image size, class counts
             if conflict:
                 raise _resume_error(protocol, run_dir, conflict, epochs)
             runs.append((method, options, run_dir))
