@@ -1719,3 +1719,18 @@ def test_reproduce_rerun_with_size_equal_to_the_loaded_size_resumes(tmp_path):
     with pytest.raises(cli.CLIError, match=r"was trained with size=224, this command has size=8"):
         run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, epochs=3, size=8, progress=False)
     assert epochs_done(run_dir) == 2
+
+
+def test_own_mirst_dm_subclass_by_path_records_its_drop_max(tmp_path, capsys):
+    """A MIRST-DM class given by dotted path (a subclass of yours, or the library's own) replaces the first
+    max-pooling as mirst-dm does; run.json recorded dropmax none (only the name mirst-dm was looked for), so eval
+    rebuilt plain max-pooling and refused the run's own checkpoint, telling to put run.json beside it."""
+    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", _folder(tmp_path / "d"), "--size", "8", "--epochs", "1", "--out", out,
+                      "--no-progress", "--device", "cpu", "--defense", "robust_ops.defenses.mirst.MIRSTDM"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["dropmax"] == "first"
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0, err

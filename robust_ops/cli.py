@@ -442,13 +442,25 @@ RESUME_KEYS = ("data", "classes", "bit_depth", "model", "defense", "defense_opti
                "lr", "channels_last", "prepacked_conv", "split")
 
 
+def makes_first_drop_max(defense_name):
+    """Whether the defense replaces the first max-pooling itself: MIRST-DM by any spelling of its name, or by the
+    dotted path of it or a subclass (a name that does not resolve: False, refused where the defense is built)."""
+    from . import defenses
+    from .defenses.mirst import MIRSTDM
+
+    try:
+        return issubclass(defenses.defense_class(defense_name), MIRSTDM)
+    except ValueError:
+        return False
+
+
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
                train_samples=None, classes=None, bit_depth=None):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
     rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
     ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume."""
-    if defense_name == "mirst-dm" and dropmax == "none":
+    if dropmax == "none" and makes_first_drop_max(defense_name):
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
     run = {
         "format": "robust_ops.run/1", "data": str(data_spec(data)), "size": size,
@@ -533,7 +545,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     # --seed fixes the initial weights too (fit seeds only once the model exists; the process's own seed is random)
     torch.manual_seed(seed)
     # mirst-dm replaces the first max-pooling itself (prepare_model); a --dropmax all must still reach the model
-    model = make_model(model_name, info, "none" if defense_name == "mirst-dm" and dropmax == "first" else dropmax)
+    own = dropmax == "first" and makes_first_drop_max(defense_name)
+    model = make_model(model_name, info, "none" if own else dropmax)
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
     if "norm" in run["defense_options"] and isinstance(getattr(defense, "norm", None), str):
         # as the defense stores it ("Linf" -> "linf"): a resume that spells the norm otherwise is the same run
