@@ -1734,3 +1734,19 @@ def test_own_mirst_dm_subclass_by_path_records_its_drop_max(tmp_path, capsys):
     rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
                      capsys)
     assert rc == 0, err
+
+
+def test_mirst_dm_on_a_model_without_max_pooling_is_refused_first(tmp_path, capsys):
+    """mirst-dm replaces the first max-pooling layer; on --model mlp (none) it failed inside training as
+    'RUN_DIR: training failed: replace_maxpool: ...', after run.json was written -- and demo had trained the methods
+    before it. Refused first, naming the flag."""
+    data = _folder(tmp_path / "d")
+    rc, _, err = run(["train", "--data", data, "--size", "8", "--model", "mlp", "--defense", "mirst-dm", "--out",
+                      tmp_path / "run", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "robust-ops train: error: --defense: mirst-dm replaces the first max-pooling layer with "
+                            "drop-max pooling, and --model mlp has none")
+    assert not (tmp_path / "run").exists()
+    rc, _, err = run(["demo", "--data", data, "--size", "8", "--model", "mlp", "--quick", "--methods",
+                      "standard,mirst-dm", "--out", tmp_path / "demo", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "robust-ops demo: error: --methods: mirst-dm replaces the first max-pooling layer")
+    assert not (tmp_path / "demo").exists()

@@ -454,6 +454,16 @@ def makes_first_drop_max(defense_name):
         return False
 
 
+def check_max_pool(model, model_name, defense_name, flag):
+    """A defense that replaces the first max-pooling (MIRST-DM) on a model without one fails inside training, after
+    run.json is written (in demo, after the methods before it): refused first, naming ``flag``."""
+    import torch.nn as nn
+
+    if not any(isinstance(m, nn.MaxPool2d) for m in model.modules()):
+        raise CLIError(f"{flag}: {defense_name} replaces the first max-pooling layer with drop-max pooling, and "
+                       f"--model {model_name} has none; use a model with max pooling (e.g. small_cnn or resnet18)")
+
+
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
                train_samples=None, classes=None, bit_depth=None):
@@ -547,6 +557,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     # mirst-dm replaces the first max-pooling itself (prepare_model); a --dropmax all must still reach the model
     own = dropmax == "first" and makes_first_drop_max(defense_name)
     model = make_model(model_name, info, "none" if own else dropmax)
+    if own:
+        check_max_pool(model, model_name, defense_name, "--defense")
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
     if "norm" in run["defense_options"] and isinstance(getattr(defense, "norm", None), str):
         # as the defense stores it ("Linf" -> "linf"): a resume that spells the norm otherwise is the same run
@@ -970,6 +982,9 @@ def cmd_demo(args):
         if getattr(defenses.defense_class(m), "binary_only", False) and splits.info.num_classes != 2:
             raise CLIError(f"--methods: {m} is defined for binary tasks only; {splits.info.name} has "
                            f"{splits.info.num_classes} classes")
+    drop_max = [m for m in methods if makes_first_drop_max(m)]
+    if drop_max:  # before any training, as the binary-only check (train_run checks it after the methods before it)
+        check_max_pool(make_model(args.model, splits.info), args.model, drop_max[0], "--methods")
     out = Path(args.out)
     if args.resume:  # every method's run is checked before any is trained, not halfway through the list
         from .prepacked_conv import prepacked_conv_resolved
