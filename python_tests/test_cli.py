@@ -1655,6 +1655,13 @@ def test_defense_spelled_otherwise_is_recorded_as_the_registry_names_it(tmp_path
     assert rc == 0, err
     rc, _, err = run(argv[:-1] + ["mirst_dm", "--epochs", "2", "--resume"], capsys)
     assert rc == 0, err
+    # a run.json written before: the name as typed, dropmax none -- eval and the same command's --resume take it
+    (out / "run.json").write_text(json.dumps({**doc, "defense": "MIRST-DM", "dropmax": "none", "epochs": 2}))
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu",
+                      "--out", tmp_path / "old"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(argv + ["--epochs", "3", "--resume"], capsys)
+    assert rc == 0, err
 
 
 def test_reproduce_methods_with_an_empty_entry(capsys):

@@ -507,6 +507,10 @@ def resume_conflict(out, run):
     old.setdefault("prepacked_conv", False)
     old.setdefault("split", run.get("split"))  # runs written before run.json recorded the split: same data, seed
     old.setdefault("classes", None)  # runs written before --classes kept every class
+    if old.get("defense") is not None:  # runs written before the registry's spelling was recorded (MIRST-DM)
+        old["defense"] = defense_key(old["defense"])
+        if old.get("dropmax", "none") == "none" and old["defense"] == "mirst-dm":
+            old["dropmax"] = "first"  # what fit's prepare_model trained
     if old.get("data") is not None:  # runs written before paths were made absolute: relative to this directory
         old["data"] = str(data_spec(old["data"]))
     # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
@@ -683,6 +687,8 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
                       f"{labels(trained)}; its predictions are scored against labels that may mean other classes")
     dropmax = dropmax or run.get("dropmax", "none")
+    if dropmax == "none" and run.get("defense") and defense_key(run["defense"]) == "mirst-dm":
+        dropmax = "first"  # a run.json written before MIRST-DM spelled otherwise was recorded so: what fit trained
     net = make_model(model_name, splits.info, dropmax)
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
