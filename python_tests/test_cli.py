@@ -1757,3 +1757,19 @@ def test_mirst_dm_on_a_model_without_max_pooling_is_refused_first(tmp_path, caps
                       "standard,mirst-dm", "--out", tmp_path / "demo", "--device", "cpu"], capsys)
     one_line_error(rc, err, "robust-ops demo: error: --methods: mirst-dm replaces the first max-pooling layer")
     assert not (tmp_path / "demo").exists()
+
+
+def test_data_names_spelled_otherwise_are_the_same_run(tmp_path, capsys):
+    """run.json records a dataset name as load_dataset reads it: --resume with another spelling of the same set
+    (synthetic-bus for synthetic; BreastMNIST for breastmnist) continues; eval reads it back."""
+    assert [cli.data_spec(s) for s in ("Synthetic-Bus", "two_moons", "BreastMNIST", "breastmnist_64")] == [
+        "synthetic", "moons", "breastmnist", "breastmnist_64"]
+    out = tmp_path / "run"
+    argv = ["train", "--data", "synthetic-bus", "--size", "8", "--model", "mlp", "--out", out, "--no-progress",
+            "--device", "cpu"]
+    rc, _, err = run(argv + ["--epochs", "1"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["data"] == "synthetic"
+    rc, _, err = run(["train", "--data", "SYNTHETIC"] + argv[3:] + ["--epochs", "2", "--resume"], capsys)
+    assert rc == 0, err
+    assert cli.load_run(out, data="Synthetic_Bus")[1].info.image_size == 8  # the run's own data and size

@@ -250,16 +250,23 @@ def _data_error(err, flag):
 
 def data_spec(spec):
     """``--data`` as run.json records it: a file or folder path made absolute, so `eval` and `--resume` run from
-    another working directory read the same data (names such as synthetic or breastmnist stay as they are)."""
+    another working directory read the same data; a dataset name as load_dataset reads it, whatever its spelling
+    (``synthetic-bus`` -> ``synthetic``, ``BreastMNIST`` -> ``breastmnist``), so `--resume` with another spelling is
+    the same run."""
     from .data.core import MOONS_NAMES, SYNTHETIC_NAMES
+    from .data.medmnist import is_medmnist_name
 
-    if spec is None or str(spec).lower() in SYNTHETIC_NAMES + MOONS_NAMES:  # load_dataset reads these as names
+    if spec is None:
         return spec
     text = str(spec)
+    low = text.lower()
+    for names in (SYNTHETIC_NAMES, MOONS_NAMES):  # load_dataset reads these as names, never as paths
+        if low in names:
+            return names[0]
     path = Path(text).expanduser()
-    if path.is_dir() or (text.lower().endswith((".npz", ".csv")) and path.exists()):
+    if path.is_dir() or (low.endswith((".npz", ".csv")) and path.exists()):
         return os.path.abspath(path)
-    return text
+    return low if is_medmnist_name(low) else text  # load_dataset reads a MedMNIST name in lower case
 
 
 def _counts(counts):
