@@ -126,6 +126,23 @@ def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_p
         channels_last=True, resume=tmp_path / "old.pt")
 
 
+def test_resume_refuses_another_max_grad_norm_and_passes_checkpoints_without_one(tmp_path):
+    """Gradient clipping shapes every step: a resume with another (or no) max_grad_norm silently trained on with
+    other updates than the uninterrupted run."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, max_grad_norm=0.01, **kwargs)
+    for other in (None, 1.0):
+        with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with "
+                                             rf"max_grad_norm=0.01, this call has max_grad_norm={other}$"):
+            fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, max_grad_norm=other, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, max_grad_norm=0.01, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["max_grad_norm"]  # a checkpoint from before it was recorded
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, lr=1e-2, progress=False,
+        resume=tmp_path / "old.pt")
+
+
 def _pooling_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
                          nn.Linear(16, 2))
