@@ -143,6 +143,31 @@ def test_resume_refuses_another_max_grad_norm_and_passes_checkpoints_without_one
         resume=tmp_path / "old.pt")
 
 
+def test_resume_refuses_another_scheduler_and_passes_checkpoints_without_one(tmp_path):
+    """A scheduler left out on resume stopped the schedule, one added started a fresh schedule at the run's middle,
+    and another class loaded the checkpoint's state into its own rule: all three trained on silently."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    step = lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)  # noqa: E731
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, scheduler=step, **kwargs)
+    saved = "'torch.optim.lr_scheduler.StepLR'"
+    for other, shown in ((None, "None"), (lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.5),
+                                          "'torch.optim.lr_scheduler.ExponentialLR'")):
+        with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with "
+                                             rf"scheduler={saved}, this call has scheduler={shown}$"):
+            fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=other, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=step, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path / "none", batch_size=8, lr=1e-2,
+        progress=False)
+    with pytest.raises(ValueError, match=rf"it was trained with scheduler=None, this call has scheduler={saved}$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path / "none", batch_size=8, lr=1e-2,
+            progress=False, resume=True, scheduler=step)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["scheduler"]  # a checkpoint from before it was recorded
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, lr=1e-2, progress=False,
+        resume=tmp_path / "old.pt")
+
+
 def _pooling_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
                          nn.Linear(16, 2))
