@@ -168,6 +168,25 @@ def test_resume_refuses_another_scheduler_and_passes_checkpoints_without_one(tmp
         resume=tmp_path / "old.pt")
 
 
+def test_resume_refuses_another_optimizer_class_and_passes_checkpoints_without_one(tmp_path):
+    """An optimizer of another class loaded the checkpoint's state and failed at its first step with a bare
+    KeyError ('momentum', 'betas'); the class is compared before anything is loaded."""
+    kwargs = dict(batch_size=8, out_dir=tmp_path, progress=False)
+    adam = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, optimizer=adam, **kwargs)
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with "
+                                         r"optimizer='torch.optim.adam.Adam', this call has "
+                                         r"optimizer='torch.optim.sgd.SGD'$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True,
+            optimizer=lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9), **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, optimizer=adam, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["optimizer"]  # a checkpoint from before it was recorded
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, optimizer=adam, progress=False,
+        resume=tmp_path / "old.pt")
+
+
 def _pooling_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
                          nn.Linear(16, 2))
