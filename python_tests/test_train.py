@@ -187,6 +187,22 @@ def test_resume_refuses_another_optimizer_class_and_passes_checkpoints_without_o
         resume=tmp_path / "old.pt")
 
 
+def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without_one(tmp_path):
+    """The epoch permutations are drawn over len(train_data): a resume on a training set of another size silently
+    trained on another data order (and other data) than the uninterrupted run."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, **kwargs)
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with num_samples=16, "
+                                         r"this call has num_samples=24$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(24), epochs=2, resume=True, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["num_samples"]  # a checkpoint from before it was recorded
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP(), defenses.Standard(), _data(24), epochs=3, batch_size=8, lr=1e-2, progress=False,
+        resume=tmp_path / "old.pt")
+
+
 def _pooling_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
                          nn.Linear(16, 2))
