@@ -262,6 +262,29 @@ def test_amat_and_dpaat_use_per_sample_radii():
     assert 0 <= out.metrics["radius_mean"] <= 0.4 + 1e-6
 
 
+@pytest.mark.parametrize("name", ["amat", "dpaat"])
+def test_amat_and_dpaat_linf_radii_wider_than_the_value_range_run_as_the_whole_range(name):
+    """An L-inf radius eps_i the rules derive (AMAT's eps + delta_eps, DPAAT's norm + gamma) may exceed the clip
+    range although eps fits in it: run_pgd refused it mid-training ("eps in 0-255 units?"). The box then binds,
+    so the radius is the range's width: the same x_adv, the step size still eps_i * step_size / eps."""
+    from robust_ops.attacks.core import run_pgd
+
+    torch.manual_seed(0)
+    model = GNNet()
+    x, y = _batch(6)
+    x = x * 0.25  # data in [0, 0.25]
+    defense = defenses.build(name, norm="linf", eps=0.2, steps=2, clip_min=0.0, clip_max=0.25,
+                             **({"xi": 100.0} if name == "amat" else {}))  # AMAT: every radius eps + eps/2 = 0.3
+    out = defense(model, x, y)
+    assert math.isfinite(float(out.loss))
+    if name == "amat":
+        assert out.metrics["radius_mean"] == pytest.approx(0.3)
+    radii = torch.full((6,), 0.6)
+    expected = run_pgd(model, x, y, eps=torch.full((6,), 0.25), alpha=radii * (defense.step_size / defense.eps),
+                       steps=2, norm="linf", clip_min=0.0, clip_max=0.25).x_adv
+    assert torch.equal(defense._attack_with_radii(model, x, y, radii), expected)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # ARFL
 

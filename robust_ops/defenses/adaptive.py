@@ -51,7 +51,12 @@ class _AdaptiveRadius(PGDDefense):
     def _attack_with_radii(self, model, x, y, radii):
         ratio = self.step_size / self.eps if self.eps > 0 else 1.0
         radii = radii.to(x.dtype)
-        return self.attack(model, x, y, eps=radii, alpha=radii * ratio).x_adv
+        eps = radii
+        if self.norm == "linf":
+            # A radius past the range's width (eps + delta_eps, norm + gamma) would be refused by run_pgd mid-training;
+            # the box binds there, so the width gives the same x_adv. The step keeps the rule's radius.
+            eps = radii.clamp_max(self.clip_max - self.clip_min)
+        return self.attack(model, x, y, eps=eps, alpha=radii * ratio).x_adv
 
 
 class AMAT(_AdaptiveRadius):
