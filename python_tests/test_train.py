@@ -143,6 +143,20 @@ def test_resume_refuses_another_max_grad_norm_and_passes_checkpoints_without_one
         resume=tmp_path / "old.pt")
 
 
+def test_resume_refuses_another_amp_setting(tmp_path):
+    """amp (CUDA only) switched on resume would train on in another precision with a fresh GradScaler: a checkpoint
+    that says amp=True is refused by a call without it (here, on CPU, by editing the record)."""
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["config"]["amp"] is False
+    state["config"]["amp"] = True
+    torch.save(state, tmp_path / "amp.pt")
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*amp\.pt: it was trained with amp=True, this call has "
+                                         r"amp=False$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "amp.pt", **kwargs)
+
+
 def test_resume_refuses_another_scheduler_and_passes_checkpoints_without_one(tmp_path):
     """A scheduler left out on resume stopped the schedule, one added started a fresh schedule at the run's middle,
     and another class loaded the checkpoint's state into its own rule: all three trained on silently."""

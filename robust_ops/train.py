@@ -551,7 +551,7 @@ def fit(
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
               "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model),
               "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer), "scheduler": _class_path(scheduler),
-              "num_samples": len(train_data)}
+              "num_samples": len(train_data), "amp": bool(amp)}
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
     if resume_path is not None:
@@ -564,9 +564,10 @@ def fit(
         # silently differ from an uninterrupted one; so would other gradient clipping, and a scheduler left out,
         # added (a fresh schedule) or of another class (the checkpoint's state read by another rule); an optimizer of
         # another class fails on the loaded state with a bare KeyError; a training set of another size gets other
-        # epoch permutations (drawn over its length). Checkpoints written before these were recorded pass.
+        # epoch permutations (drawn over its length); amp switched would compute in another precision, with a fresh
+        # GradScaler. Checkpoints written before these were recorded pass.
         for key in ("batch_size", "seed", "defense", "lr", "channels_last", "prepacked_conv", "drop_max_layers",
-                    "max_grad_norm", "optimizer", "scheduler", "num_samples"):
+                    "max_grad_norm", "optimizer", "scheduler", "num_samples", "amp"):
             saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
             if saved != config[key]:
                 raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
