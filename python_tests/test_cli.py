@@ -1335,6 +1335,14 @@ def test_classes_select_folders_and_reach_run_json_eval_resume_and_demo(tmp_path
                      capsys)
     assert rc == 0 and "warning" not in err, err
     assert json.loads((out / "eval" / "results.json").read_text())["rows"][0]["n"] == 4
+    for other in ("normal,malignant", "malignant,normal,benign"):  # another order or selection: another split
+        rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--classes", other, "--out",
+                          tmp_path / "other"], capsys)
+        one_line_error(rc, err, f"--classes: {tmp_path / 'd'} is the run's own data, trained on malignant = 0, "
+                                "normal = 1;", "could hold images the run trained on -- drop --classes")
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--classes",
+                      "Malignant,Normal", "--out", tmp_path / "same", "--device", "cpu"], capsys)
+    assert rc == 0 and "warning" not in err, err  # the run's own classes, spelled otherwise
     rc, _, err = run(argv[:-1] + ["benign,normal", "--epochs", "2", "--resume"], capsys)
     one_line_error(rc, err, "--resume:", "classes=['malignant', 'normal'], this command has classes=['benign', "
                                          "'normal']")

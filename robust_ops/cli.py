@@ -691,6 +691,10 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         def labels(classes):
             return ", ".join(f"{name} = {i}" for i, name in enumerate(classes))
 
+        if same_source:  # other labels on the run's own images: the seeded split differs, training images in test
+            raise CLIError(f"--classes: {data} is the run's own data, trained on {labels(trained)}; {labels(names)} "
+                           "splits it otherwise, so its test split could hold images the run trained on -- drop "
+                           "--classes")
         warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
                       f"{labels(trained)}; its predictions are scored against labels that may mean other classes")
     dropmax = dropmax or run.get("dropmax", "none")
