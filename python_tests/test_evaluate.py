@@ -99,6 +99,17 @@ def test_registered_attack_is_evaluated_by_name(monkeypatch):
         parse_attacks("halfway:steps=3")
 
 
+def test_evaluate_runs_where_the_model_is_by_default():
+    """device=None (the default) is the model's device: a default of "cpu" moved a GPU model to the CPU in place."""
+    from robust_ops.evaluate import model_device
+
+    data, model = tiny_data(), tiny_model()
+    assert evaluate(model, data, INFO, attacks="fgsm", eps="4/255") == evaluate(model, data, INFO, attacks="fgsm",
+                                                                               eps="4/255", device="cpu")
+    assert model_device(nn.Linear(2, 2, device="meta")).type == "meta"
+    assert model_device(nn.Flatten()) == torch.device("cpu")
+
+
 def test_own_attack_by_dotted_import_path(user_module):
     """docs/attacks.md, "Your own attack": an Attack subclass's dotted import path works wherever a registered name
     does (attacks.build, specs with typed options and the dry run, labels, default_norm, AutoAttack's list), kept as

@@ -26,6 +26,7 @@ A norm may be spelt in any case (``pgd:norm=Linf``): labels, rows and results ho
 
 import datetime
 import inspect
+import itertools
 import json
 import math
 import os
@@ -370,8 +371,13 @@ def check_radii(specs, radii, info):
                                    f"range [{lo:g}, {hi:g}]; give radii in its units, e.g. 8/255, not 8")
 
 
+def model_device(model):
+    """The device of ``model``'s first parameter or buffer (CPU for a model without any)."""
+    return next((t.device for t in itertools.chain(model.parameters(), model.buffers())), torch.device("cpu"))
+
+
 def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",
-             batch_size=128, device="cpu", cascade=True, ensemble=False, progress=None):
+             batch_size=128, device=None, cascade=True, ensemble=False, progress=None):
     """Evaluate ``model`` on ``dataset`` (TensorDataset of [N, ...] inputs and labels) under ``attacks`` at each
     radius in ``eps``. ``info``: the dataset's DatasetInfo (number of classes, positive class, value range). Labels
     follow ``fit``'s rule: one integer class per sample, [N] or MedMNIST's [N, 1]; one-hot, float or bool labels are
@@ -379,7 +385,8 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
 
     Returns a list of rows ``{method, attack, norm, eps, n, accuracy, f1, sensitivity, specificity, precision,
     auc[, map]}``: one clean row, one per attack and radius, and a "worst-case" row per radius (when more than one
-    attack is given). ``progress``: optional callable(str) told about each step.
+    attack is given). ``progress``: optional callable(str) told about each step. ``device``: where to run (default:
+    the model's device, as torchattacks runs; a model elsewhere is moved there with ``model.to(device)``, in place).
     """
     specs = parse_attacks(attacks)
     radii = parse_eps(eps)
@@ -404,6 +411,8 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         raise EvalError("data", f"data: {bad} of {x.shape[0]} inputs contain NaN or Inf")
     if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
         raise EvalError("data", f"data: inputs outside the dataset's value range [{lo}, {hi}]")
+    if device is None:  # a default of "cpu" moved a GPU model to the CPU, in place, and left it there
+        device = model_device(model)
     model = model.to(device)
     try:
         pred0, probs0 = predict_batches(model, x, batch_size, device)
