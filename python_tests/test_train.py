@@ -110,6 +110,17 @@ def test_resume_refuses_another_lr_or_fewer_epochs(tmp_path):
             resume=True, progress=False)
 
 
+def _resume_from_before(tmp_path, *keys, data=None, epochs=3, **kwargs):
+    """Resume from a copy of tmp_path's checkpoint without ``keys`` in its config (one written before they were
+    recorded): it must pass the checks those keys feed."""
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    for key in keys:
+        del state["config"][key]
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP(), defenses.Standard(), data or _data(16), epochs=epochs, batch_size=8, progress=False,
+        resume=tmp_path / "old.pt", **kwargs)
+
+
 def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_path):
     """channels_last / prepacked_conv run other convolution kernels: switching mid-run would silently end elsewhere
     than the uninterrupted run."""
@@ -119,11 +130,7 @@ def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_p
         with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with {key}=False, "
                                              rf"this call has {key}=True"):
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **{key: True}, **kwargs)
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    del state["config"]["channels_last"], state["config"]["prepacked_conv"]  # a checkpoint from before they were kept
-    torch.save(state, tmp_path / "old.pt")
-    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, lr=1e-2, progress=False,
-        channels_last=True, resume=tmp_path / "old.pt")
+    _resume_from_before(tmp_path, "channels_last", "prepacked_conv", epochs=2, lr=1e-2, channels_last=True)
 
 
 def test_resume_refuses_another_max_grad_norm_and_passes_checkpoints_without_one(tmp_path):
@@ -136,11 +143,7 @@ def test_resume_refuses_another_max_grad_norm_and_passes_checkpoints_without_one
                                              rf"max_grad_norm=0.01, this call has max_grad_norm={other}$"):
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, max_grad_norm=other, **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, max_grad_norm=0.01, **kwargs)
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    del state["config"]["max_grad_norm"]  # a checkpoint from before it was recorded
-    torch.save(state, tmp_path / "old.pt")
-    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, lr=1e-2, progress=False,
-        resume=tmp_path / "old.pt")
+    _resume_from_before(tmp_path, "max_grad_norm", lr=1e-2)
 
 
 def test_resume_refuses_another_amp_setting(tmp_path):
@@ -175,11 +178,7 @@ def test_resume_refuses_another_scheduler_and_passes_checkpoints_without_one(tmp
     with pytest.raises(ValueError, match=rf"it was trained with scheduler=None, this call has scheduler={saved}$"):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path / "none", batch_size=8, lr=1e-2,
             progress=False, resume=True, scheduler=step)
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    del state["config"]["scheduler"]  # a checkpoint from before it was recorded
-    torch.save(state, tmp_path / "old.pt")
-    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, lr=1e-2, progress=False,
-        resume=tmp_path / "old.pt")
+    _resume_from_before(tmp_path, "scheduler", lr=1e-2)
 
 
 def test_resume_refuses_another_optimizer_class_and_passes_checkpoints_without_one(tmp_path):
@@ -194,11 +193,7 @@ def test_resume_refuses_another_optimizer_class_and_passes_checkpoints_without_o
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True,
             optimizer=lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9), **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, optimizer=adam, **kwargs)
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    del state["config"]["optimizer"]  # a checkpoint from before it was recorded
-    torch.save(state, tmp_path / "old.pt")
-    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, optimizer=adam, progress=False,
-        resume=tmp_path / "old.pt")
+    _resume_from_before(tmp_path, "optimizer", optimizer=adam)
 
 
 def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without_one(tmp_path):
@@ -210,11 +205,7 @@ def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without
                                          r"this call has num_samples=24$"):
         fit(DropoutMLP(), defenses.Standard(), _data(24), epochs=2, resume=True, **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
-    del state["config"]["num_samples"]  # a checkpoint from before it was recorded
-    torch.save(state, tmp_path / "old.pt")
-    fit(DropoutMLP(), defenses.Standard(), _data(24), epochs=3, batch_size=8, lr=1e-2, progress=False,
-        resume=tmp_path / "old.pt")
+    _resume_from_before(tmp_path, "num_samples", data=_data(24), lr=1e-2)
 
 
 def _pooling_cnn():
