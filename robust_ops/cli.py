@@ -461,6 +461,14 @@ def makes_first_drop_max(defense_name):
         return False
 
 
+def trained_dropmax(run):
+    """The drop-max layers of a run's model from its run.json: files written before MIRST-DM spelled otherwise was
+    recorded as mirst-dm say "none" where fit's prepare_model replaced the first max-pooling (by name only: reading a
+    run imports no defense module)."""
+    dropmax = run.get("dropmax", "none")
+    return "first" if dropmax == "none" and defense_key(run.get("defense")) == "mirst-dm" else dropmax
+
+
 def check_max_pool(model, model_name, defense_name, flag):
     """A defense that replaces the first max-pooling (MIRST-DM) on a model without one fails inside training, after
     run.json is written (in demo, after the methods before it): refused first, naming ``flag``."""
@@ -516,8 +524,7 @@ def resume_conflict(out, run):
     old.setdefault("classes", None)  # runs written before --classes kept every class
     if old.get("defense") is not None:  # runs written before the registry's spelling was recorded (MIRST-DM)
         old["defense"] = defense_key(old["defense"])
-        if old.get("dropmax", "none") == "none" and old["defense"] == "mirst-dm":
-            old["dropmax"] = "first"  # what fit's prepare_model trained
+        old["dropmax"] = trained_dropmax(old)
     if old.get("data") is not None:  # runs written before paths were made absolute: relative to this directory
         old["data"] = str(data_spec(old["data"]))
     # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
@@ -697,9 +704,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                            "--classes")
         warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
                       f"{labels(trained)}; its predictions are scored against labels that may mean other classes")
-    dropmax = dropmax or run.get("dropmax", "none")
-    if dropmax == "none" and run.get("defense") and defense_key(run["defense"]) == "mirst-dm":
-        dropmax = "first"  # a run.json written before MIRST-DM spelled otherwise was recorded so: what fit trained
+    dropmax = dropmax or trained_dropmax(run)
     net = make_model(model_name, splits.info, dropmax)
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
