@@ -572,7 +572,7 @@ def test_rows_use_each_samples_final_input_and_the_worst_case_picks_per_sample(m
             p = torch.softmax(model(attacks.build(name, model, eps=e, **kw)(x, y)), 1)
             probs.append(torch.where(ok[:, None], p, clean))
             fooled.append(~ok | (p.argmax(1) != y))
-            torch.testing.assert_close(seen[label], probs[-1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(seen[label].float(), probs[-1], rtol=1e-4, atol=1e-5)
     (f, c), lower = probs, (probs[0].gather(1, y[:, None]) < probs[1].gather(1, y[:, None]))[:, 0]
     if case == "robust samples":
         robust = ~fooled[0] & ~fooled[1]
@@ -581,7 +581,7 @@ def test_rows_use_each_samples_final_input_and_the_worst_case_picks_per_sample(m
         by_both = ok & fooled[0] & fooled[1] & ((f - c).abs().amax(1) > 1e-3)
         assert bool(by_both.any())
     want = torch.where((fooled[0] | (~fooled[1] & lower))[:, None], f, c)
-    torch.testing.assert_close(seen["worst-case"], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen["worst-case"].float(), want, rtol=1e-4, atol=1e-5)
 
 
 class _PixelModel(nn.Module):
@@ -623,7 +623,23 @@ def test_without_cascade_each_radius_keeps_the_first_fooling_input_and_takes_lat
     assert [r["accuracy"] for r in rows] == [0.75, 0.5, 0.25, 0.25]
     p1 = lambda v: torch.softmax(torch.tensor([0.5 - v, v - 0.5]) * 10, 0)[1]  # noqa: E731
     for eps, inputs in ((0.1, [0.9, 0.3, 0.3, 0.9]), (0.2, [0.9, 0.7, 0.45, 0.7]), (0.3, [0.9, 0.7, 0.4, 0.7])):
-        torch.testing.assert_close(seen[eps], torch.stack([p1(v) for v in inputs]), msg=f"eps {eps}")
+        torch.testing.assert_close(seen[eps].float(), torch.stack([p1(v) for v in inputs]), msg=f"eps {eps}")
+
+
+
+def test_rows_rank_confident_predictions_by_their_scores():
+    """Probabilities were float32: past a logit margin of ~17 the predicted class's rounds to 1.0, so confident
+    predictions of the positive class tied and the rows' AUC (0.667 here) was not the model's scores' (0.833)."""
+    class Confident(nn.Module):
+        def forward(self, x):
+            z = (x.flatten(1)[:, 0] - 0.5) * 160  # class 1's logit margin
+            return torch.stack([torch.zeros_like(z), z], 1)
+
+    margins = torch.tensor([18.0, 20.0, 25.0, 30.0, -3.0])
+    x = (margins / 160 + 0.5).view(5, 1, 1, 1)
+    y = torch.tensor([0, 1, 0, 1, 0])  # the two most confident predictions are the positives (INFO: class 1)
+    rows = evaluate(Confident(), TensorDataset(x, y), INFO, attacks="fgsm", eps=[0.0])
+    assert rows[0]["auc"] == pytest.approx(5 / 6)
 
 
 def test_evaluate_batches_every_forward_and_checks_batch_size():
@@ -643,7 +659,7 @@ def test_predict_batches_covers_the_last_partial_batch_and_refuses_any_non_finit
     x = torch.rand(5, 1, 2, 2)
     preds, probs = predict_batches(model, x, batch_size=2)
     with torch.no_grad():
-        torch.testing.assert_close(probs, torch.softmax(model(x), 1))
+        torch.testing.assert_close(probs.float(), torch.softmax(model(x), 1))
     assert torch.equal(preds, probs.argmax(1))
 
     class OneInfinite(nn.Module):
@@ -665,7 +681,7 @@ def test_predictions_use_eval_mode_and_the_label_tensor_of_a_dataset():
     _, probs = predict_batches(model, x, batch_size=4)
     assert model.training
     with torch.no_grad():
-        torch.testing.assert_close(probs, torch.softmax(model.eval()(x), 1))  # running stats, no dropout
+        torch.testing.assert_close(probs.float(), torch.softmax(model.eval()(x), 1))  # running stats, no dropout
     y, ids = torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(10, 16)
     got_x, got_y = dataset_tensors(TensorDataset(x, y, ids))  # (x, y, ...): extra tensors are not labels
     assert got_x is x and torch.equal(got_y, y)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
+from robust_ops.attacks.context import predict_from_output as predict
 from robust_ops.metrics import classification_metrics, probabilities
 
 Y = np.array([0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1])
@@ -67,7 +68,7 @@ def test_single_class_auc_is_nan_and_empty():
 
 def test_probabilities_single_logit_and_errors():
     p = probabilities(torch.tensor([0.0, 2.0]))
-    assert torch.allclose(p[:, 1], torch.sigmoid(torch.tensor([0.0, 2.0]))) and p.shape == (2, 2)
+    assert torch.allclose(p[:, 1], torch.sigmoid(torch.tensor([0.0, 2.0], dtype=torch.float64))) and p.shape == (2, 2)
     with pytest.raises(ValueError, match="binary tasks need positive_class 0 or 1, got None"):
         classification_metrics([0, 1], [0, 1], num_classes=2)
     with pytest.raises(ValueError, match=r"expected probs of shape \[2, 2\]"):
@@ -208,7 +209,8 @@ def test_single_logit_probabilities_keep_class_zero_resolution():
     y = np.array([0, 1, 0, 1, 0])
     p = probabilities(z)
     assert torch.equal(p, probabilities(z[:, None])) and p.shape == (5, 2)
-    torch.testing.assert_close(p, torch.softmax(torch.stack([torch.zeros(5), z], 1), 1))  # [0, z] two-logit model
+    two = torch.stack([torch.zeros(5), z], 1).double()
+    torch.testing.assert_close(p, torch.softmax(two, 1))  # [0, z] two-logit model
     assert len(set(p[:, 0].tolist())) == 5  # no ties
     m = classification_metrics(y, (z > 0).long(), p, num_classes=2, positive_class=0)
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y == 0, -z.numpy()))
@@ -221,4 +223,31 @@ def test_probabilities_rejects_bad_shapes_and_keeps_float64():
     with pytest.raises(ValueError, match="probabilities: .* got 0-D"):
         probabilities(torch.tensor(1.0))
     assert probabilities(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float64
-    assert probabilities(torch.zeros(2, 3, dtype=torch.float16)).dtype == torch.float32
+    assert probabilities(torch.zeros(2, 3, dtype=torch.float16)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["single-logit", "two-logits"])
+@pytest.mark.parametrize("positive", [0, 1])
+def test_confident_predictions_of_the_positive_class_stay_ranked(single, positive):
+    """In float32 the predicted class's probability rounds to 1.0 past a logit margin of ~17: confident predictions
+    of the positive class tied in its column, and AUC and mAP were not those of the model's scores (0.667 here
+    instead of 0.833; sigmoid(-z) only kept confident class-1 predictions apart in class 0's column)."""
+    margin = torch.tensor([18.0, 20.0, 25.0, 30.0, -3.0])  # z_positive - z_other, float32 logits
+    y = np.where(np.array([0, 1, 0, 1, 0]) == 1, positive, 1 - positive)  # the two most confident are positives
+    z = margin if positive == 1 else -margin  # single logit z: class 1's
+    out = z if single else torch.stack([torch.zeros(5), z], 1)
+    p = probabilities(out)
+    assert len(set(p[:, positive].tolist())) == 5  # no ties
+    m = classification_metrics(y, predict(out), p, num_classes=2, positive_class=positive)
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y == positive, margin.numpy())) == pytest.approx(5 / 6)
+    aps = [skm.average_precision_score(y == c, margin.numpy() * (1 if c == positive else -1)) for c in (0, 1)]
+    assert m["map"] == pytest.approx(np.mean(aps))
+
+
+def test_confident_multiclass_predictions_stay_ranked():
+    logits = torch.tensor([[30.0, 0, 0], [25.0, 0, 0], [20.0, 0, 0], [18.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0]])
+    y = np.array([1, 0, 2, 0, 1, 2])
+    m = classification_metrics(y, logits.argmax(1), probabilities(logits), num_classes=3)
+    scores = torch.log_softmax(logits.double(), 1).numpy()  # the same ranking, never saturated here
+    assert m["auc"] == pytest.approx(np.mean([skm.roc_auc_score(y == c, scores[:, c]) for c in range(3)]))
+    assert m["map"] == pytest.approx(np.mean([skm.average_precision_score(y == c, scores[:, c]) for c in range(3)]))
