@@ -153,3 +153,32 @@ def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):
             {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "sensitivity": None}]
     assert not report.plot_metric_vs_radius(rows, tmp_path / "s.png", metric="sensitivity")
     assert not (tmp_path / "s.png").exists()
+
+
+def test_radius_figure_gives_each_method_one_colour_and_legend_entry(tmp_path, monkeypatch):
+    # F1 on a test set without positives: A predicts none (F1 undefined) on clean inputs and under FGSM. Each panel
+    # coloured its own lines in turn, so under FGSM B took A's colour, and the legend (the last panel's lines) said
+    # B was orange while B's FGSM line was blue.
+    nan = math.nan
+    rows = [{"method": "A", "attack": "none", "norm": None, "eps": 0.0, "f1": nan},
+            {"method": "A", "attack": "fgsm", "norm": "linf", "eps": 0.1, "f1": nan},
+            {"method": "A", "attack": "pgd", "norm": "linf", "eps": 0.1, "f1": 0.0},
+            {"method": "B", "attack": "none", "norm": None, "eps": 0.0, "f1": 0.0},
+            {"method": "B", "attack": "fgsm", "norm": "linf", "eps": 0.1, "f1": 0.0},
+            {"method": "B", "attack": "pgd", "norm": "linf", "eps": 0.1, "f1": 0.0}]
+    figures = []
+    monkeypatch.setattr(report._plt(), "close", figures.append)
+    assert report.plot_metric_vs_radius(rows, tmp_path / "f1.png", metric="f1")
+    fgsm, pgd = figures[0].axes
+    colour = {line.get_label(): line.get_color() for ax in (fgsm, pgd) for line in ax.get_lines()}
+    assert [line.get_label() for line in fgsm.get_lines()] == ["B"]
+    assert fgsm.get_lines()[0].get_color() == pgd.get_lines()[1].get_color() == colour["B"] != colour["A"]
+    legend = pgd.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["A", "B"]
+    assert [h.get_color() for h in legend.legend_handles] == [colour["A"], colour["B"]]
+
+    rows = [r for r in rows if r["attack"] != "pgd"]  # A has no line at all: B keeps its colour, A no legend entry
+    report.plot_metric_vs_radius(rows, tmp_path / "f1.png", metric="f1")
+    ax, = figures[1].axes
+    assert ax.get_lines()[0].get_color() == colour["B"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B"]

@@ -225,15 +225,19 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False, sharey=True)
     clean = {r["method"]: r.get(metric) for r in rows if r["attack"] == "none"}
+    lines = {}  # method -> its first line, for the one legend
     for ax, (attack, norm) in zip(axes[0], panels):
         in_panel = [r for r in rows if r["attack"] == attack and r.get("norm") == norm]
-        for m in methods:
+        for i, m in enumerate(methods):
             pts = sorted((r["eps"], r.get(metric)) for r in in_panel if r["method"] == m)
             if m in clean and (not pts or pts[0][0] > 0):
                 pts = [(0.0, clean[m])] + pts
             pts = [(e, v) for e, v in pts if v is not None and math.isfinite(v)]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                # one colour per method in every panel: each panel's own colour cycle gave the next method the
+                # colour of one left out of it (no defined value there), unlike the legend
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=f"C{i % 10}")
+                lines.setdefault(m, line)
         ax.set_title(f"{attack} ({norm})" if attack in several_norms else attack, fontsize=10)
         ax.set_xlabel("ε")
         ax.grid(alpha=0.3)
@@ -242,7 +246,8 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
         ax.set_xticklabels([format_eps(t) for t in ticks], fontsize=7, rotation=45)
     axes[0][0].set_ylabel(METRIC_LABELS.get(metric, metric))
     axes[0][0].set_ylim(-0.02, 1.02)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    # every method drawn in any panel (the last panel's own lines left out one without a value there)
+    axes[0][-1].legend(handles=[lines[m] for m in methods if m in lines], fontsize=7, loc="best")
     if info is not None:
         tag = " — SYNTHETIC DATA" if info.synthetic else ""
         fig.suptitle(f"{METRIC_LABELS.get(metric, metric)} vs radius on {info.name}{tag}", fontsize=10)
