@@ -1424,3 +1424,22 @@ def test_ima_epoch_probes_before_its_timer_whatever_a_batch_leaves_correct(monke
     counts = mod._ima_epoch(model, opt, defense, x, y, torch.arange(n), args, None)[3]
     warmed = {ima.probe_rows(rows) for rows in range(1, batch_size + 1)}
     assert cache_sizes == [len(warmed)] * 2 and counts["probe_s"] > 0
+
+
+def test_bench_cli_runs_the_scripts_in_the_callers_folder(tmp_path, monkeypatch, capsys):
+    """A relative --bench-dir with a parent folder failed every script ("can't open file", run from the bench dir's
+    parent), and a relative $ROBUST_OPS_BENCH_DIR / $ROBUST_OPS_DATA was read from there, not from where the user
+    stood."""
+    from robust_ops import cli
+
+    (tmp_path / "sub" / "benches").mkdir(parents=True)
+    (tmp_path / "sub" / "benches" / "bench_a.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['ROBUST_OPS_BENCH_DIR']).mkdir()\n"
+        "(pathlib.Path(os.environ['ROBUST_OPS_BENCH_DIR']) / 'a.csv').write_text(os.getcwd())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROBUST_OPS_BENCH_DIR", "results")
+    rc = cli.main(["bench", "--bench-dir", "sub/benches"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert (tmp_path / "results" / "a.csv").read_text() == str(tmp_path)

@@ -1106,7 +1106,9 @@ def cmd_bench(args):
     for name, path in scripts.items():
         cmd = [sys.executable, str(path)] + ([] if args.full else ["--quick"])
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        rc = subprocess.call(cmd, cwd=path.parent.parent, env=env)
+        # in the caller's folder: a relative --bench-dir, $ROBUST_OPS_BENCH_DIR or $ROBUST_OPS_DATA means what it
+        # says there (the scripts find their own files from __file__)
+        rc = subprocess.call(cmd, env=env)
         if rc != 0:
             print(f"{PROG} bench: {name} exited with status {rc}", file=sys.stderr)
             status = 1
