@@ -30,7 +30,21 @@ def _import_torch_benchmark():
 
 tbench = _import_torch_benchmark()
 
-RESULTS_DIR = Path(os.environ.get("ROBUST_OPS_BENCH_DIR", Path(__file__).resolve().parent / "results"))
+
+
+def _results_dir():
+    """benchmarks/results/, or $ROBUST_OPS_BENCH_DIR. Checked when a benchmark starts: a file in the way would
+    otherwise only fail when the rows are written, after minutes of timing."""
+    d = Path(os.environ.get("ROBUST_OPS_BENCH_DIR", Path(__file__).resolve().parent / "results"))
+    blocker = next((p for p in (d, *d.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = f"{d}" if blocker == d else f"{d}: {blocker}"
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: $ROBUST_OPS_BENCH_DIR: {where} is a file, not a folder (the "
+                         f"CSVs go there)")
+    return d
+
+
+RESULTS_DIR = _results_dir()
 
 
 def median_seconds(fn, min_run_time=1.0):
@@ -201,7 +215,6 @@ def write_rows(name, rows, device=None):
     """Write rows (list of dicts) to RESULTS_DIR/<name>.csv (benchmarks/results/, or $ROBUST_OPS_BENCH_DIR) and print
     them as a Markdown table. ``device``: where they were measured (see environment); a row with its own "dev" (a
     benchmark that measures CPU and GPU in one run) is described by that device instead."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     envs = {}  # one environment() (two git calls) per device, not per row
     for dev in {row["dev"] for row in rows if "dev" in row}:
@@ -215,9 +228,14 @@ def write_rows(name, rows, device=None):
         writer.writeheader()
         writer.writerows(rows)
 
-    # a Ctrl-C or crash mid-write leaves the previous results, never half a table
-    replace_atomically(path, write_csv, newline="")
+    # the table first: a folder that cannot be written (full disk, permissions) costs the CSV, not the run's numbers
     print(markdown_table(rows, exclude=env.keys()))
+    try:
+        # a Ctrl-C or crash mid-write leaves the previous results, never half a table
+        replace_atomically(path, write_csv, newline="")
+    except OSError as err:
+        raise SystemExit(f"cannot write {path} ({err.strerror or err}); the table above is all this run kept "
+                         f"(set $ROBUST_OPS_BENCH_DIR to a writable folder)") from None
     print(f"\n({env['device']}, {env['threads']} threads, torch {env['torch']}, git {env['git']}; csv: {path})")
     return path
 

@@ -1443,3 +1443,42 @@ def test_bench_cli_runs_the_scripts_in_the_callers_folder(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert rc == 0, err
     assert (tmp_path / "results" / "a.csv").read_text() == str(tmp_path)
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_results_dir_that_is_a_file_stops_a_benchmark_at_start(tmp_path, under):
+    """$ROBUST_OPS_BENCH_DIR naming a file (or a path under one) failed only when the rows were written, minutes of
+    timing later, with a FileExistsError traceback and without printing the table."""
+    (tmp_path / "afile").write_text("")
+    target = tmp_path / "afile" / "sub" if under else tmp_path / "afile"
+    env = {**os.environ, "ROBUST_OPS_BENCH_DIR": str(target), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pgd_step.py"), "--quick"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == (f"bench_pgd_step: $ROBUST_OPS_BENCH_DIR: {target}{f': {tmp_path}/afile' * under} "
+                                f"is a file, not a folder (the CSVs go there)")
+
+
+def test_write_rows_prints_the_table_before_a_write_that_fails(monkeypatch, tmp_path, capsys):
+    """A results folder that turns unwritable during the run costs the CSV, not the table: printed first, then one
+    line naming the file."""
+    common = _common(monkeypatch)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "afile")
+    monkeypatch.setattr(common, "environment",
+                        lambda device=None: {"device": "cpu-x", "threads": 2, "torch": "2.x", "git": "abc"})
+    with pytest.raises(SystemExit, match=r"^cannot write .*afile/demo\.csv \(.*\); the table above is all"):
+        common.write_rows("demo", [{"op": "a", "ms": 1.0}])
+    assert capsys.readouterr().out.splitlines()[:3] == ["| op | ms |", "|---|---|", "| a | 1 |"]
+
+
+def test_bench_cli_refuses_a_results_dir_that_is_a_file_before_running_anything(tmp_path, monkeypatch, capsys):
+    from robust_ops import cli
+
+    (tmp_path / "bench_a.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').write_text('')\n")
+    monkeypatch.setenv("ROBUST_OPS_BENCH_DIR", str(tmp_path / "bench_a.py"))
+    rc = cli.main(["bench", "--bench-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == (f"robust-ops bench: error: $ROBUST_OPS_BENCH_DIR: {tmp_path}/bench_a.py exists "
+                                       f"and is not a folder"), err
+    assert not (tmp_path / "bench_a.ran").exists()

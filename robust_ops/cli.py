@@ -1100,6 +1100,8 @@ def cmd_bench(args):
         if unknown:
             raise CLIError(f"--only: unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(scripts)}")
         scripts = {w: scripts[w] for w in wanted}
+    # once here, not once per script (each would stop on it at start)
+    check_out(os.environ.get("ROBUST_OPS_BENCH_DIR"), "$ROBUST_OPS_BENCH_DIR")
     status = 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                                      os.environ.get("PYTHONPATH")]))}
