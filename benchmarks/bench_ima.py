@@ -52,15 +52,17 @@ from robust_ops.prepacked_conv import prepacked_conv  # noqa: E402
 
 
 def data_path():
-    env = os.environ.get("ROBUST_OPS_DATA")
-    candidates = []
-    if env:
-        candidates += [Path(env), Path(env) / "breastmnist.npz"]
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "breastmnist.npz")
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise SystemExit("bench_ima: BreastMNIST not found; put breastmnist.npz in ../shared/data or set $ROBUST_OPS_DATA")
+    """breastmnist.npz where the library looks ($ROBUST_OPS_DATA: its folder or the file itself; ~/.medmnist), else
+    ../shared/data. Another .npz in $ROBUST_OPS_DATA is not BreastMNIST: the epochs would run on other images."""
+    from robust_ops.data.medmnist import candidate_dirs, find_medmnist
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = find_medmnist("breastmnist") or find_medmnist("breastmnist", root=shared)
+    if path is None:
+        where = ", ".join(str(d) for d in [*candidate_dirs(), shared])
+        raise SystemExit(f"bench_ima: breastmnist.npz not found (looked in {where}); set $ROBUST_OPS_DATA to its "
+                         f"folder")
+    return path
 
 
 def load_train():

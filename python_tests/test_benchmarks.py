@@ -1482,3 +1482,23 @@ def test_bench_cli_refuses_a_results_dir_that_is_a_file_before_running_anything(
     assert rc == 2 and err.strip() == (f"robust-ops bench: error: $ROBUST_OPS_BENCH_DIR: {tmp_path}/bench_a.py exists "
                                        f"and is not a folder"), err
     assert not (tmp_path / "bench_a.ran").exists()
+
+
+def test_ima_reads_breastmnist_where_the_library_finds_it(monkeypatch, tmp_path):
+    """bench_ima took any file $ROBUST_OPS_DATA named as BreastMNIST (a user's pneumoniamnist.npz: epochs on other
+    images, labelled BreastMNIST) and never looked in ~/.medmnist, the library's own default folder."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_ima
+
+    (tmp_path / "home" / ".medmnist").mkdir(parents=True)
+    (tmp_path / "home" / ".medmnist" / "breastmnist.npz").write_bytes(b"")
+    (tmp_path / "pneumoniamnist.npz").write_bytes(b"")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path / "pneumoniamnist.npz"))
+    assert bench_ima.data_path() == tmp_path / "home" / ".medmnist" / "breastmnist.npz"
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path / "home" / ".medmnist"))
+    assert bench_ima.data_path() == tmp_path / "home" / ".medmnist" / "breastmnist.npz"
+    (tmp_path / "home" / ".medmnist" / "breastmnist.npz").unlink()
+    monkeypatch.setattr(bench_ima, "__file__", str(tmp_path / "a" / "b" / "bench_ima.py"))  # no ../shared/data
+    with pytest.raises(SystemExit, match=r"^bench_ima: breastmnist\.npz not found \(looked in .*\.medmnist, "):
+        bench_ima.data_path()
