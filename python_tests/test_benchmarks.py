@@ -1502,3 +1502,43 @@ def test_ima_reads_breastmnist_where_the_library_finds_it(monkeypatch, tmp_path)
     monkeypatch.setattr(bench_ima, "__file__", str(tmp_path / "a" / "b" / "bench_ima.py"))  # no ../shared/data
     with pytest.raises(SystemExit, match=r"^bench_ima: breastmnist\.npz not found \(looked in .*\.medmnist, "):
         bench_ima.data_path()
+
+
+def test_pgd_step_a_provider_that_raises_stops_the_run_unless_it_is_torch_compile(monkeypatch, capsys):
+    """Every provider's exception was reported as one "failed" line and skipped, so a native or Triton kernel that
+    raised left a table without its rows and exit status 0; and an exception with an empty message (inductor's bare
+    AssertionError) crashed the report with an IndexError. A kernel the build lacks (NotImplementedError from the
+    dispatcher) is still reported and skipped."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", "2,3,4,4", "--no-compile"])
+    real_providers = mod.providers
+
+    def compiled(*args):
+        raise AssertionError()
+
+    monkeypatch.setattr(mod, "providers", lambda device, use_compile: {**real_providers(device, use_compile),
+                                                                        "compiled": compiled})
+    monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
+    mod.main()
+    assert capsys.readouterr().out.count("compiled linf history=False: failed: AssertionError: \n") == 1
+    assert {r["provider"] for r in written["pgd_step_cpu"]} == {"native", "eager", "copy (roofline)"}
+
+    def missing(*args):
+        raise NotImplementedError("Could not run 'robust_ops::pgd_step_' with arguments from the 'CUDA' backend.\n...")
+
+    def broken(*args):
+        raise RuntimeError("pgd_step_: eps must be >= 0\n...")
+
+    written.clear()
+    monkeypatch.setattr(mod, "providers", lambda device, use_compile: {**real_providers(device, use_compile),
+                                                                        "missing": missing})
+    mod.main()
+    assert "missing linf history=False: failed: NotImplementedError: Could not run" in capsys.readouterr().out
+    assert "missing" not in {r["provider"] for r in written["pgd_step_cpu"]}
+    written.clear()
+    monkeypatch.setattr(mod, "providers", lambda device, use_compile: {"broken": broken, "eager": torch.add})
+    with pytest.raises(SystemExit, match=r"^broken linf history=False: failed: RuntimeError: pgd_step_: eps must be "
+                                         r">= 0; not timing a failing kernel$"):
+        mod.main()
+    assert not written
