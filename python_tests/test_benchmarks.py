@@ -1542,3 +1542,25 @@ def test_pgd_step_a_provider_that_raises_stops_the_run_unless_it_is_torch_compil
                                          r">= 0; not timing a failing kernel$"):
         mod.main()
     assert not written
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pgd_step_half_precision_provider_beyond_tolerance_stops_with_one_line(monkeypatch, dtype):
+    """float16/bfloat16: a provider off by more than the tolerance stopped the run with assert_close's AssertionError,
+    a traceback and a multi-line report, where float32 stops with one line."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", "2,3,4,4", "--no-compile", "--dtype", dtype])
+    real_providers = mod.providers
+
+    def far(x_adv, x_nat, grad, alpha, eps, lo, hi, norm, hist, slot):
+        torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, lo, hi, norm, hist, slot)
+        x_adv.add_(0.125)
+
+    monkeypatch.setattr(mod, "providers", lambda device, use_compile: {**real_providers(device, use_compile),
+                                                                        "far": far})
+    monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
+    with pytest.raises(SystemExit, match=rf"^far: x_adv differs from the eager chain beyond the torch\.{dtype} "
+                                         r"tolerance \(max \|diff\| 0\.12\d\); not timing a wrong kernel$"):
+        mod.main()
+    assert not written
