@@ -1564,3 +1564,16 @@ def test_pgd_step_half_precision_provider_beyond_tolerance_stops_with_one_line(m
                                          r"tolerance \(max \|diff\| 0\.12\d\); not timing a wrong kernel$"):
         mod.main()
     assert not written
+
+
+def test_bench_cli_list_shows_what_only_picks(tmp_path, capsys):
+    """--list ignored --only: it listed every benchmark, and an unknown topic passed without a word."""
+    from robust_ops import cli
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"bench_{name}.py").write_text("")
+    assert cli.main(["bench", "--bench-dir", str(tmp_path), "--list", "--only", "c,a"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"c\t{tmp_path}/bench_c.py", f"a\t{tmp_path}/bench_a.py"]
+    assert cli.main(["bench", "--bench-dir", str(tmp_path), "--list", "--only", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == ("robust-ops bench: error: --only: unknown benchmark(s) nope; expected "
+                                               "some of a, b, c")

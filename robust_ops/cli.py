@@ -1062,7 +1062,7 @@ def cmd_bench_parser(sub):
                        description="Run benchmarks/bench_*.py (quick mode unless --full) and print their tables.")
     p.add_argument("--only", default=None, help="comma-separated topics, e.g. pgd_step,drop_max_pool2d")
     p.add_argument("--full", action="store_true", help="full shape sweeps (slow)")
-    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--list", action="store_true", help="list the benchmarks (those --only picks) and exit")
     p.add_argument("--bench-dir", default=None, help="folder holding bench_*.py (default: the repository's)")
     p.set_defaults(func=cmd_bench)
     return p
@@ -1088,10 +1088,6 @@ def cmd_bench(args):
     import subprocess
 
     scripts = find_benchmarks(args.bench_dir)
-    if args.list:
-        for name, path in scripts.items():
-            print(f"{name}\t{path}")
-        return 0
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         if not wanted:
@@ -1100,6 +1096,10 @@ def cmd_bench(args):
         if unknown:
             raise CLIError(f"--only: unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(scripts)}")
         scripts = {w: scripts[w] for w in wanted}
+    if args.list:  # what a run with the same --only would run
+        for name, path in scripts.items():
+            print(f"{name}\t{path}")
+        return 0
     # once here, not once per script (each would stop on it at start)
     check_out(os.environ.get("ROBUST_OPS_BENCH_DIR"), "$ROBUST_OPS_BENCH_DIR")
     status = 0
