@@ -60,9 +60,11 @@ class SmallResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def make_model(name, device):
+def make_model(name, device, size):
     torch.manual_seed(0)
-    model = SmallResNet() if name == "small-resnet" else build_model(name, in_channels=1, num_classes=2, image_size=64)
+    # built for the images it gets (--size), as build_model builds it for training: the stem and pools depend on it
+    model = SmallResNet() if name == "small-resnet" else build_model(name, in_channels=1, num_classes=2,
+                                                                     image_size=size)
     return model.to(device).eval()
 
 
@@ -248,7 +250,7 @@ def main():
     eps, alpha, steps = 8 / 255, 2 / 255, 10
     rows, peer_rows = [], []
     for name in args.models:
-        model = make_model(name, device)
+        model = make_model(name, device, args.size)
         if args.peers_only:
             train_briefly(model, train_steps, args.batch, args.size, device)
             with torch.no_grad():

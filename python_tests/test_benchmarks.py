@@ -1577,3 +1577,18 @@ def test_bench_cli_list_shows_what_only_picks(tmp_path, capsys):
     assert cli.main(["bench", "--bench-dir", str(tmp_path), "--list", "--only", "nope"]) == 2
     assert capsys.readouterr().err.strip() == ("robust-ops bench: error: --only: unknown benchmark(s) nope; expected "
                                                "some of a, b, c")
+
+
+def test_attacks_builds_each_model_for_the_size_of_its_images(monkeypatch):
+    """The models were built for 64x64 whatever --size said: vgg16 at --size 8 kept five 2x2 pools and crashed on its
+    first forward, resnet18 at --size 128 kept the small-image 3x3 stem (another network than build_model and
+    `robust-ops train --size 128` use)."""
+    mod, written = _attacks_script(monkeypatch, ["--peers-only", "--models", "vgg16", "--batch", "2", "--size", "8",
+                                                 "--train-steps", "0", "--quick"], cases=())
+    built = []
+    real_build = mod.build_model
+    monkeypatch.setattr(mod, "build_model", lambda name, **kw: (built.append((name, kw["image_size"])),
+                                                                real_build(name, **kw))[1])
+    mod.main()
+    assert built == [("vgg16", 8)] and written["bench_attacks_peers"] == []
+    assert mod.make_model("resnet18", "cpu", 128).conv1.kernel_size == (7, 7)
