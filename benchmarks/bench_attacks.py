@@ -211,12 +211,16 @@ def pick_ensemble_eps(model, x, y):
 
 
 def model_names(text):
-    """argparse type: a comma list of small-resnet and robust_ops.models names."""
+    """argparse type: a comma list of small-resnet and robust_ops.models' image classifiers with a logit per class."""
     names = text.split(",")
+    known = [m for m in MODELS if m != "mlp"]
     unknown = [m for m in names if m != "small-resnet" and m not in MODELS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; expected small-resnet or "
-                                         f"{', '.join(MODELS)}")
+                                         f"{', '.join(known)}")
+    if "mlp" in names:  # build_model's mlp: one logit for two classes; torchattacks' cross-entropy needs one per class
+        raise argparse.ArgumentTypeError(f"mlp gives one logit for two classes, which torchattacks' attacks cannot "
+                                         f"take; expected small-resnet or {', '.join(known)}")
     return names
 
 
