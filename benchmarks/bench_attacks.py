@@ -243,6 +243,11 @@ def main():
                         help="interleaved rounds per attack in that table (default 3, --quick 1)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    for name in args.models:  # before any work: a model that cannot take --size images (densenet121 below 16x16)
+        try:
+            make_model(name, "cpu", args.size)
+        except ValueError as err:
+            parser.error(f"--size {args.size}: {err}")
     if args.threads:
         torch.set_num_threads(args.threads)
     import torchattacks
