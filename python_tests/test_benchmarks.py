@@ -1607,3 +1607,18 @@ def test_a_model_that_cannot_take_the_size_is_a_usage_error_before_any_work(scri
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"{script}.py: error: --size 8: densenet121 needs images of at least 16x16 pixels, got "
                        f"image_size=8") and "Traceback" not in "".join(err)
+
+
+def test_defenses_skip_what_the_model_cannot_run_with_a_line_saying_why(monkeypatch, capsys):
+    """--model mlp with the default defenses crashed: MIRST-DM's prepare_model raised a ValueError traceback (no
+    max-pool to replace) while setting up, and the torchattacks AT step one in torchattacks' cross-entropy (one
+    logit for two classes) in the first timed round."""
+    pytest.importorskip("torchattacks")
+    mod, written, _ = _script(monkeypatch, "bench_defenses", ["--model", "mlp", "--size", "8", "--batch", "2",
+                                                              "--warmup", "0", "--rounds", "1", "--defenses", "at",
+                                                              "mirst-dm", "at-torchattacks"])
+    mod.main()
+    assert [r["defense"] for r in written["defenses"]] == ["standard", "at"]
+    out = capsys.readouterr().out
+    assert "skip mirst-dm: replace_maxpool: MLP has no nn.MaxPool2d layer" in out
+    assert "skip at-torchattacks: torchattacks' PGD needs a logit per class" in out
