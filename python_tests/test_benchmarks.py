@@ -1397,6 +1397,7 @@ def test_ima_epoch_probes_before_its_timer_whatever_a_batch_leaves_correct(monke
     can take, so no probe runs inside the timer (a model that gets a different number right in every batch)."""
     import argparse
     import contextlib
+    import itertools
 
     import torch
 
@@ -1422,6 +1423,8 @@ def test_ima_epoch_probes_before_its_timer_whatever_a_batch_leaves_correct(monke
     defense = IMA(num_samples=n, eps_train=0.5, steps=2, search_steps=2, norm="l2")
     args = argparse.Namespace(batch_size=batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    clock = itertools.count()  # a second per reading: the tiny probes' real time rounded to probe_s = 0.0 at times
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: float(next(clock)))
     counts = mod._ima_epoch(model, opt, defense, x, y, torch.arange(n), args, None)[3]
     warmed = {ima.probe_rows(rows) for rows in range(1, batch_size + 1)}
     assert cache_sizes == [len(warmed)] * 2 and counts["probe_s"] > 0
