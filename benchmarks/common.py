@@ -31,7 +31,6 @@ def _import_torch_benchmark():
 tbench = _import_torch_benchmark()
 
 
-
 def _results_dir():
     """benchmarks/results/, or $ROBUST_OPS_BENCH_DIR. Checked when a benchmark starts: a file in the way would
     otherwise only fail when the rows are written, after minutes of timing."""

@@ -583,6 +583,39 @@ def test_drop_max_pool2d_stops_when_the_kernel_disagrees_with_the_reference(monk
     assert not written
 
 
+def test_drop_max_pool2d_skips_only_a_backend_the_library_cannot_run(monkeypatch, capsys):
+    """A native kernel that raised (any RuntimeError, a TORCH_CHECK included) was printed as "skipping native" and its
+    rows dropped, exit status 0; only a backend the library reports unavailable (a CPU-only build on a GPU) is
+    skipped now, with the library's reason."""
+    import torch
+
+    import robust_ops
+
+    mod, written, _ = _script(monkeypatch, "bench_drop_max_pool2d", ["--quick", "--shape", "2", "3", "6", "6"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mod, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
+    real = robust_ops.drop_max_pool2d
+
+    def broken(x, *args, backend=None, **kw):
+        if backend == "native":
+            raise RuntimeError("drop_max_pool2d: expected ... (a kernel check)")
+        return real(x, *args, backend=backend, **kw)
+
+    monkeypatch.setattr(mod.robust_ops, "drop_max_pool2d", broken)
+    with pytest.raises(RuntimeError, match="a kernel check"):
+        mod.main()
+    assert not written
+
+    monkeypatch.setattr(mod.robust_ops, "drop_max_pool2d", real)
+    assert mod.backend_unavailable("native", "cpu") is None
+    assert "backend='native' is not available" in mod.backend_unavailable("native", "xpu")
+    monkeypatch.setattr(mod, "backend_unavailable",
+                        lambda backend, device: "no CUDA kernels in this build" if backend == "native" else None)
+    mod.main()
+    assert "skipping native on cpu: no CUDA kernels in this build" in capsys.readouterr().out
+    assert "native" not in {r["provider"] for r in written["drop_max_pool2d"]}
+
+
 def _native_layers_spies(monkeypatch, mod, log, fault=None):
     import types
 
