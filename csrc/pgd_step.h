@@ -178,7 +178,13 @@ inline void check_args(const at::Tensor& x_adv, const at::Tensor& x_nat, const a
   same_device("eps", eps);
   if (history.has_value()) same_device("history", *history);
   check_no_internal_overlap(kOp, "x_adv", x_adv);
-  if (history.has_value()) check_no_internal_overlap(kOp, "history", *history);
+  if (history.has_value()) {
+    check_no_internal_overlap(kOp, "history", *history);
+    // The slot is written after x_adv (Plan::finish): a partial overlap would overwrite part of the step just written.
+    TORCH_CHECK(at::get_overlap_status(history->select(0, slot), x_adv) != at::MemOverlapStatus::Partial, kOp,
+                ": expected history[", slot, "] to be x_adv itself or apart from it, got a slot that partly overlaps "
+                "x_adv; clone() one of them first");
+  }
 }
 
 // Data-dependent checks (CPU only: on CUDA they would cost a device sync per step), on the values the kernel uses

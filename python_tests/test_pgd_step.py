@@ -567,6 +567,47 @@ def test_overlapping_history_is_rejected_before_any_write():
     assert torch.equal(args["x_adv"], before)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_history_slot_partly_overlapping_x_adv_is_rejected_before_any_write(norm, backend):
+    """history[slot] sharing part of x_adv's memory (x_adv = buf[1:], history[0] = buf[:3]): the kernel wrote x_adv,
+    then failed in the copy to the slot with ATen's "unsupported operation: some elements of the input tensor and the
+    written-to tensor refer to a single memory location" (the reference wrote both, the slot over part of the step).
+    Refused first now, with one message on every path; a slot that is x_adv itself still works."""
+    buf = torch.rand((4, 3, 4))
+    x_adv, history = buf[1:], buf[:3].unsqueeze(0)
+    _, x_nat, grad, alpha, eps = make_inputs((3, 3, 4))
+    before = buf.clone()
+    message = (r"pgd_step_: expected history\[0\] to be x_adv itself or apart from it, got a slot that partly overlaps "
+               r"x_adv; clone\(\) one of them first")
+    with pytest.raises(RuntimeError, match=message):
+        robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, norm=norm, history=history, slot=0, backend=backend)
+    assert torch.equal(buf, before)
+    with pytest.raises(RuntimeError, match=message):
+        check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 0)
+    # the same span with other strides is a partial overlap too (ATen's rule); x_adv itself as the slot is not
+    square = torch.rand((3, 3))
+    with pytest.raises(RuntimeError, match=message):
+        robust_ops.pgd_step_(square, torch.rand(3, 3), torch.rand(3, 3), alpha, eps, norm=norm,
+                             history=square.t().unsqueeze(0), slot=0, backend=backend)
+    expected = x_adv.clone()
+    reference.pgd_step_(expected, x_nat, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
+    robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, norm=norm, history=x_adv.unsqueeze(0), slot=0,
+                         backend=backend)
+    assert torch.equal(x_adv, expected)
+
+
+def test_partly_overlaps_follows_atens_overlap_status():
+    from robust_ops._meta import partly_overlaps
+
+    buf = torch.zeros(10)
+    assert partly_overlaps(buf[0:3], buf[2:5]) and not partly_overlaps(buf[0:3], buf[3:6])
+    assert not partly_overlaps(buf[2:5], buf[2:5]) and not partly_overlaps(buf, torch.zeros(10))
+    assert not partly_overlaps(buf[:0], buf) and not partly_overlaps(buf[::2], buf[:5])  # empty; not dense: TooHard
+    m = torch.zeros(3, 3)
+    assert partly_overlaps(m, m.t()) and not partly_overlaps(m.to("meta"), m.to("meta"))
+
+
 def test_overlapping_x_adv_is_rejected():
     args = {**_good_args(), "x_adv": torch.zeros((1, 3, 4)).expand(2, 3, 4)}
     with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):

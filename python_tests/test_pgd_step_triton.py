@@ -245,6 +245,23 @@ def test_partial_overlap_with_what_is_written(norm, shared):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+def test_history_slot_partly_overlapping_x_adv_is_rejected_before_any_write(norm):
+    """As the C++ op: the launcher wrote x_adv, then failed copying into a history slot that shares part of it."""
+    buf = torch.rand((4, 6), device=device())
+    _, x_nat, grad, alpha, eps = make_inputs((3, 6), device=device())
+    before = buf.clone()
+    with pytest.raises(RuntimeError, match=r"pgd_step_: expected history\[0\] to be x_adv itself or apart from it, "
+                                           r"got a slot that partly overlaps x_adv") as got:
+        triton_op()(buf[1:], x_nat, grad, alpha, eps, 0.0, 1.0, norm, buf[:3].unsqueeze(0), 0)
+    assert torch.equal(buf, before)
+    cpu = buf.cpu()
+    with pytest.raises(RuntimeError) as native:
+        torch.ops.robust_ops.pgd_step_(cpu[1:], x_nat.cpu(), grad.cpu(), alpha.cpu(), eps.cpu(), 0.0, 1.0, norm,
+                                       cpu[:3].unsqueeze(0), 0)
+    assert str(got.value) == str(native.value)
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_signed_zero_and_nan_pass_the_clamps_as_torch_clamp(norm):
     """torch.clamp returns its input on a tie (-0.0 clamped to max=0.0 stays -0.0) and propagates NaN; eps = 0 with
     a step that does not move (L2: 1/||delta|| = inf) gives factor 0, never NaN."""

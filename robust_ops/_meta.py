@@ -39,6 +39,33 @@ def check_no_internal_overlap(op, arg, t):
     )
 
 
+def _non_overlapping_and_dense(t):
+    """ATen's is_non_overlapping_and_dense: some order of the dimensions (size-1 ones ignored) is contiguous."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def partly_overlaps(a, b):
+    """ATen's get_overlap_status(a, b) == Partial (csrc/pgd_step.h check_args): views of one storage whose bytes
+    intersect without being the same elements (the same span with other strides counts as partial). Fake and meta
+    tensors have no addresses and pass, as do views that are not dense (ATen's TooHard)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if a.numel() == 0 or b.numel() == 0 or a.device.type == "meta" or is_fake(a) or is_fake(b):
+        return False
+    if not (_non_overlapping_and_dense(a) and _non_overlapping_and_dense(b)) or not torch._C._overlaps(a, b):
+        return False
+    a_begin, b_begin = a.data_ptr(), b.data_ptr()
+    a_end, b_end = a_begin + a.numel() * a.element_size(), b_begin + b.numel() * b.element_size()
+    if (a_begin, a_end) == (b_begin, b_end):
+        return a.stride() != b.stride()
+    return a_begin < b_end and b_begin < a_end
+
+
 def output_memory_format(input):
     """Pooling and eval-batch-norm-backward outputs keep channels_last when the input is channels_last (and not also
     plain contiguous)."""
@@ -204,6 +231,12 @@ def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm
     check_no_internal_overlap(op, "x_adv", x_adv)
     if history is not None:
         check_no_internal_overlap(op, "history", history)
+        # the slot is written after x_adv: a partial overlap would overwrite part of the step just written
+        torch._check(
+            not partly_overlaps(history[slot], x_adv),
+            lambda: f"{op}: expected history[{slot}] to be x_adv itself or apart from it, got a slot that partly "
+            "overlaps x_adv; clone() one of them first",
+        )
 
 
 def check_pgd_step_values(alpha, eps, x_dtype):
