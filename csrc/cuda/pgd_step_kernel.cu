@@ -89,8 +89,11 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::T
   const bool l2 = norm_name == "l2";
   const int64_t blocks_per_sample = cuda::ceil_div(p.per_sample, kElemsPerBlock);
   const int64_t blocks = p.n * blocks_per_sample;
+  // Blocks never straddle two samples, so the limit is on N * ceil(per_sample / kElemsPerBlock), not on the elements.
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), kOp, ": expected at most ",
-              std::numeric_limits<int32_t>::max() * kElemsPerBlock, " elements on CUDA, got ", p.numel);
+              std::numeric_limits<int32_t>::max(), " blocks of ", kElemsPerBlock, " elements (one sample's elements ",
+              "per block, rounded up) on CUDA, got ", blocks, " for ", p.n, " samples of ", p.per_sample,
+              " elements; split the batch");
   const dim3 grid(static_cast<unsigned>(blocks));
   const int64_t ps = p.per_sample;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "pgd_step_cuda", [&] {
