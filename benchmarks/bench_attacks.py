@@ -243,6 +243,11 @@ def main():
                         help="interleaved rounds per attack in that table (default 3, --quick 1)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    # an option the chosen tables never read is an error, not silently the default
+    if args.peers_only and args.rounds is not None:
+        parser.error("argument --rounds: not used with --peers-only (the peer table's rounds are --peer-rounds)")
+    if args.no_peers and args.peer_rounds is not None:
+        parser.error("argument --peer-rounds: not used with --no-peers (no peer table is run)")
     for name in args.models:  # before any work: a model that cannot take --size images (densenet121 below 16x16)
         try:
             make_model(name, "cpu", args.size)

@@ -237,6 +237,12 @@ def main():
                         help="torch.use_deterministic_algorithms(True) (and cuDNN's deterministic algorithms): on a "
                              "GPU the default algorithms use atomics, so even two masked epochs differ")
     args = parser.parse_args()
+    if args.lockstep:  # it checks the spread scenario's masked / compacted pair once: these would be ignored
+        ignored = [flag for flag, value in (("--scenarios", args.scenarios), ("--variants", args.variants),
+                                            ("--repeats", args.repeats)) if value is not None]
+        if ignored:
+            parser.error(f"argument --lockstep: {', '.join(ignored)} not used with it (it compares masked and "
+                         "compacted GenAdv on the spread scenario, once)")
     images = args.images or (64 if args.quick else 546)
     repeats = args.repeats or (1 if args.quick else 3)
 

@@ -34,7 +34,8 @@ tbench = _import_torch_benchmark()
 def _results_dir():
     """benchmarks/results/, or $ROBUST_OPS_BENCH_DIR. Checked when a benchmark starts: a file in the way would
     otherwise only fail when the rows are written, after minutes of timing."""
-    d = Path(os.environ.get("ROBUST_OPS_BENCH_DIR", Path(__file__).resolve().parent / "results"))
+    # empty counts as unset, as the library's environment switches (Path("") would be the current folder)
+    d = Path(os.environ.get("ROBUST_OPS_BENCH_DIR") or Path(__file__).resolve().parent / "results")
     blocker = next((p for p in (d, *d.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         where = f"{d}" if blocker == d else f"{d}: {blocker}"

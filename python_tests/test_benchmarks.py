@@ -1658,3 +1658,35 @@ def test_defenses_skip_what_the_model_cannot_run_with_a_line_saying_why(monkeypa
     out = capsys.readouterr().out
     assert "skip mirst-dm: replace_maxpool: MLP has no nn.MaxPool2d layer" in out
     assert "skip at-torchattacks: torchattacks' PGD needs a logit per class" in out
+
+
+def test_an_empty_results_dir_variable_is_unset(monkeypatch):
+    """ROBUST_OPS_BENCH_DIR= (empty) wrote the CSVs into whatever folder the benchmark ran in (Path("") is ".");
+    empty counts as unset, as the library's other environment switches."""
+    common = _common(monkeypatch)
+    monkeypatch.setenv("ROBUST_OPS_BENCH_DIR", "")
+    assert common._results_dir() == REPO / "benchmarks" / "results"
+
+
+BAD_COMBINATIONS = [
+    ("bench_attacks", ["--peers-only", "--rounds", "3"], "argument --rounds: not used with --peers-only"),
+    ("bench_attacks", ["--no-peers", "--peer-rounds", "2"], "argument --peer-rounds: not used with --no-peers"),
+    ("bench_ima", ["--lockstep", "--scenarios", "cap"], "argument --lockstep: --scenarios not used with it"),
+    ("bench_ima", ["--lockstep", "--variants", "naive", "--repeats", "2"],
+     "argument --lockstep: --variants, --repeats not used with it"),
+]
+
+
+@pytest.mark.parametrize("script,argv,message", BAD_COMBINATIONS, ids=[" ".join(a) for _, a, _ in BAD_COMBINATIONS])
+def test_options_the_run_would_ignore_are_a_usage_error(script, argv, message, monkeypatch, capsys):
+    """bench_attacks --peers-only timed with the peer rounds whatever --rounds said (and --no-peers ignored
+    --peer-rounds); bench_ima --lockstep ran its one spread check whatever --scenarios / --variants / --repeats said."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"] + argv)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    assert f": error: {message}" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1101,7 +1101,7 @@ def cmd_bench(args):
             print(f"{name}\t{path}")
         return 0
     # once here, not once per script (each would stop on it at start)
-    check_out(os.environ.get("ROBUST_OPS_BENCH_DIR"), "$ROBUST_OPS_BENCH_DIR")
+    check_out(os.environ.get("ROBUST_OPS_BENCH_DIR") or None, "$ROBUST_OPS_BENCH_DIR")
     status = 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                                      os.environ.get("PYTHONPATH")]))}
