@@ -898,6 +898,29 @@ def test_replace_maxpool_keeps_full_backward_hooks():
     assert seen == ["DropMax2d"]
 
 
+def test_replace_maxpool_hook_handles_still_remove_their_hooks():
+    # The hooks move to the DropMax2d, and so must their handles: with the hook dicts copied, handle.remove() after
+    # the swap removed the hook from the discarded pool only, and it kept running on the DropMax2d.
+    seen = []
+    pool = nn.MaxPool2d(2)
+    handles = [
+        pool.register_forward_pre_hook(lambda m, args: seen.append("pre")),
+        pool.register_forward_pre_hook(lambda m, args, kwargs: seen.append("pre_kwargs"), with_kwargs=True),
+        pool.register_forward_hook(lambda m, args, kwargs, out: seen.append("kwargs"), with_kwargs=True),
+        pool.register_forward_hook(lambda m, args, out: seen.append("always"), always_call=True),
+        pool.register_full_backward_pre_hook(lambda m, grad_out: seen.append("backward_pre")),
+        pool.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append("backward")),
+    ]
+    model = robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 1, 1), pool))
+    model(torch.rand(1, 1, 4, 4)).sum().backward()
+    assert seen == ["pre", "pre_kwargs", "kwargs", "always", "backward_pre", "backward"]
+    seen.clear()
+    for handle in handles:
+        handle.remove()
+    model(torch.rand(1, 1, 4, 4)).sum().backward()
+    assert seen == []
+
+
 def test_drop_max_layer_is_the_same_in_train_and_eval_mode():
     # MIRST-DM: "the drop-max layer removes the maximum value and selects the second largest value into the next
     # layer" -- it replaces the first max-pooling layer, so it acts at test time too (Table 3 evaluates it in place)

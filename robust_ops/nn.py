@@ -91,10 +91,12 @@ def _from_maxpool(pool, backend):
     drop_max = DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
                          pool.ceil_mode, backend=backend)
     drop_max.train(pool.training)  # an eval() model stays in eval mode
-    # hooks registered on the pool keep running on its replacement (a feature extractor's hook, say)
+    # hooks registered on the pool keep running on its replacement (a feature extractor's hook, say). The dicts
+    # themselves move, not copies: a hook's RemovableHandle holds (weak references to) them, so handle.remove()
+    # still removes it (with copies it kept firing on the DropMax2d).
     for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                  "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"):
-        getattr(drop_max, name).update(getattr(pool, name))
+        setattr(drop_max, name, getattr(pool, name))
     # which kind the backward hooks are (full or the old register_backward_hook): without it torch skips them silently
     drop_max._is_full_backward_hook = pool._is_full_backward_hook
     return drop_max
