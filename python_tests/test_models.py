@@ -33,6 +33,17 @@ def test_too_small_for_densenet_is_a_clear_error():
         build_model("densenet121", 1, 2, 8)
 
 
+def test_too_small_for_small_cnn_is_a_clear_error():
+    # It was built, and its forward failed in the second max-pool (torch's "Output size is too small"): mid-training
+    # for the trainer, mid-run for bench_defenses --size 2.
+    for size in (1, 2):
+        with pytest.raises(ValueError, match=f"small_cnn needs images of at least 3x3 pixels, got image_size={size}"):
+            build_model("small_cnn", 1, 2, size)
+    model = build_model("small_cnn", 1, 2, 3).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 3, 3)).shape == (2, 2)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_bad_channels_classes_and_size_are_clear_errors(name):
     for kwargs, msg in ((dict(in_channels=0), "in_channels to be an integer >= 1, got 0"),

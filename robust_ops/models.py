@@ -71,6 +71,9 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=16):
     # image_size 0 stands for feature vectors, which only the MLP takes
     check_int(name, "image_size", image_size, 0 if name == "mlp" else 1)
     if name == "small_cnn":
+        if image_size < 3:
+            # its 3x3/2 (padding 1) and 2x2 max-pools need 3 pixels; below, forward failed in the second pool
+            raise ValueError(f"small_cnn needs images of at least 3x3 pixels, got image_size={image_size}")
         return SmallCNN(in_channels, num_classes, width=width)
     if name == "mlp":
         # image_size 0 = a feature vector of in_channels values (two-moons); else the flattened image
