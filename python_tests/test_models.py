@@ -56,6 +56,20 @@ def test_bad_channels_classes_and_size_are_clear_errors(name):
             build_model(name, **{"in_channels": 1, "num_classes": 2, "image_size": 28, **kwargs})
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_width_is_small_cnns_and_refused_elsewhere(name):
+    """build_model(name, ..., width=64) built the architecture's own widths for every model but small_cnn, without a
+    word."""
+    if name == "small_cnn":
+        assert build_model(name, width=8).state_dict().keys() == build_model(name).state_dict().keys()
+        assert sum(p.numel() for p in build_model(name, width=8).parameters()) < sum(
+            p.numel() for p in build_model(name).parameters())
+        return
+    with pytest.raises(ValueError,
+                       match=f"^{name}: width= applies to small_cnn only \\(got width=64\\); leave it unset$"):
+        build_model(name, width=64)
+
+
 def test_small_cnn_and_mlp_validate_their_own_arguments():
     from robust_ops.models import MLP, SmallCNN
 

@@ -60,12 +60,15 @@ class MLP(nn.Module):
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 
-def build_model(name, in_channels=1, num_classes=2, image_size=28, width=16):
-    """A freshly initialised model by name (one of MODELS); raises ValueError naming the known models otherwise."""
+def build_model(name, in_channels=1, num_classes=2, image_size=28, width=None):
+    """A freshly initialised model by name (one of MODELS); raises ValueError naming the known models otherwise.
+    ``width``: small_cnn's channel width (default 16); the other models have their architecture's own widths."""
     import torchvision.models as tvm
 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    if width is not None and name != "small_cnn":  # it was ignored silently
+        raise ValueError(f"{name}: width= applies to small_cnn only (got width={width!r}); leave it unset")
     check_int(name, "in_channels", in_channels, 1)
     check_int(name, "num_classes", num_classes, 2)
     # image_size 0 stands for feature vectors, which only the MLP takes
@@ -74,7 +77,7 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=16):
         if image_size < 3:
             # its 3x3/2 (padding 1) and 2x2 max-pools need 3 pixels; below, forward failed in the second pool
             raise ValueError(f"small_cnn needs images of at least 3x3 pixels, got image_size={image_size}")
-        return SmallCNN(in_channels, num_classes, width=width)
+        return SmallCNN(in_channels, num_classes, width=16 if width is None else width)
     if name == "mlp":
         # image_size 0 = a feature vector of in_channels values (two-moons); else the flattened image
         in_features = in_channels * image_size * image_size if image_size else in_channels
