@@ -6,9 +6,9 @@ Protocol (``evaluate``):
 * each attack at each radius, radii in ascending order, runs only on the samples that are still robust (cascade):
   a sample misclassified on clean input, or already fooled by the same attack at a smaller radius, keeps that
   input (an adversarial example inside a smaller ball is inside every larger one). Metrics (accuracy, F1,
-  sensitivity, specificity, precision, AUC, and mAP for multi-class) are computed on the inputs every sample ends
-  with. ``cascade=False`` attacks every sample at every radius (costlier; AUC then reflects the attack's effect on
-  the scores of already-misclassified samples too);
+  sensitivity, specificity, precision, AUC and mAP, binary and multi-class alike) are computed on the inputs every
+  sample ends with. ``cascade=False`` attacks every sample at every radius (costlier; AUC then reflects the
+  attack's effect on the scores of already-misclassified samples too);
 * the per-sample worst case over all attacks at each radius (row ``attack="worst-case"``): a sample counts as
   robust only if no attack fooled it; it takes the input of the first attack that did, else the one with the lowest
   true-class probability;
@@ -384,7 +384,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     an EvalError naming ``data``.
 
     Returns a list of rows ``{method, attack, norm, eps, n, accuracy, f1, sensitivity, specificity, precision,
-    auc[, map]}``: one clean row, one per attack and radius, and a "worst-case" row per radius (when more than one
+    auc, map}``: one clean row, one per attack and radius, and a "worst-case" row per radius (when more than one
     attack is given). ``progress``: optional callable(str) told about each step. ``device``: where to run (default:
     the model's device, as torchattacks runs; a model elsewhere is moved there with ``model.to(device)``, in place).
     """

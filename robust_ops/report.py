@@ -47,7 +47,7 @@ def runs_mark(row, metric):
 
 
 def figure_metrics(info):
-    """Curves worth drawing: accuracy always; F1 and sensitivity for binary tasks; mAP for multi-class."""
+    """Curves worth drawing: accuracy and F1 always; sensitivity for binary tasks, mAP for multi-class."""
     return ("accuracy", "f1", "sensitivity") if info.num_classes == 2 else ("accuracy", "f1", "map")  # noqa
 
 
