@@ -26,6 +26,7 @@ from ._meta import output_memory_format
 from ._options import check_int, check_real, segmentation_masks
 from .attacks.context import (
     MODEL_MODES,
+    InputGradScale,
     attack_context,
     check_gradients_possible,
     check_inputs,
@@ -305,6 +306,7 @@ class _Problem:
         self.default_loss = loss_fn is None
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.search_result, self.backend = search_result, backend
+        self.grad_scale = InputGradScale()  # loss scaling under float16 autocast (fit(amp=True)); a no-op otherwise
         coupled = _batch_coupled(model, model_mode)
         if min_rows is None and coupled:
             min_rows = 0
@@ -358,7 +360,7 @@ class _Problem:
             loss = _loss_result(self.name, self.loss_fn(out, y), y.shape[0])
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
         counter.backward(self.padded_rows(xs.shape[0]))
-        (grad,) = torch.autograd.grad(total, xs)
+        (grad,) = self.grad_scale.grad(total, [xs])
         return grad
 
 
@@ -418,6 +420,7 @@ def _ascent_compact(p, counter):
         if not bool(keep.any()):  # every sample finished at this step: no backward needed
             break
         grad = p.gradient(xs, out, ya, keep, counter)
+        del out  # a graph retained under float16 autocast goes now, not after the next forward
         idx, prev = idx[keep], cur[keep]
         nxt = prev.clone()
         functional.pgd_step_(nxt, x.index_select(0, idx), grad[keep], p.alpha.index_select(0, idx),
@@ -506,6 +509,7 @@ def _ascent_masked(p, counter):
         if p.batch_exit and not bool(alive.any()):
             break
         grad = p.gradient(xs, out, y, alive, counter)
+        del out  # a graph retained under float16 autocast goes now, not after the next forward
         nxt = cur.clone()
         functional.pgd_step_(nxt, x, grad, p.alpha, p.margin, clip_min=p.clip_min, clip_max=p.clip_max, norm=p.norm,
                              backend=p.backend)

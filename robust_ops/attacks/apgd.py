@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from .. import functional
 from .base import Attack
-from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
-                      two_logits)
+from .context import (InputGradScale, attack_context, check_gradients_possible, check_inputs, is_single_logit,
+                      predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, forward, per_sample,
                    project_l1, runner_up_targets)
 from .pgd import make_generator
@@ -170,6 +170,8 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
         success_is_target = y is None
     label = target if success_is_target else y
 
+    grad_scale = InputGradScale()  # loss scaling under float16 autocast; a no-op otherwise
+
     def evaluate(point):
         xg = point.detach().requires_grad_(True)
         g = None
@@ -177,7 +179,9 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
             with torch.enable_grad():
                 out = forward(name, model, xg)
                 per = per_sample_loss(out, loss, y, target)
-                (g_pass,) = torch.autograd.grad(per.sum(), [xg])
+                (g_pass,) = grad_scale.grad(per.sum(), [xg])
+                # under float16 autocast the graph was retained: freed here, not after the next pass's forward
+                out, per = out.detach(), per.detach()
             g = g_pass if g is None else g + g_pass
         if eot_iter > 1:  # AutoAttack's arithmetic, a sum then one division: a deterministic model gives its points
             g = g / float(eot_iter)

@@ -16,6 +16,7 @@ import torch
 from .. import functional
 from .._options import check_int, check_real
 from .context import (
+    InputGradScale,
     attack_context,
     check_gradients_possible,
     check_inputs,
@@ -403,6 +404,7 @@ def run_pgd(
         if random_start:
             random_start_(x_adv, x_nat, eps_t, eps_scalar, norm, clip_min, clip_max, generator)
         checked = False
+        grad_scale = InputGradScale()  # loss scaling under float16 autocast (fit(amp=True)); a no-op otherwise
         for t in range(steps + 1):
             want_params = param_grads is not None and t in param_grad_weights
             if t == steps and not want_params:
@@ -419,14 +421,16 @@ def run_pgd(
                         checked = True
                     objective = attack_loss(out, y, loss, targeted, kappa)
                     if want_params:
-                        grads = torch.autograd.grad(objective, [xg] + params)
+                        grads = grad_scale.grad(objective, [xg] + params)
                         grad = grads[0]
                         w = float(param_grad_weights[t])
                         for acc, g in zip(param_grads, grads[1:]):
                             acc.add_(g, alpha=w)
                         emitted_losses.append(float(objective.detach()))
                     else:
-                        (grad,) = torch.autograd.grad(objective, [xg])
+                        (grad,) = grad_scale.grad(objective, [xg])
+                    # under float16 autocast the graph was retained: freed here, not after the next step's forward
+                    out, objective = out.detach(), None
             finally:
                 if want_params:
                     for p in params:

@@ -3,17 +3,19 @@
 import torch
 from torch import nn
 
+from ..attacks.context import InputGradScale
 from ._common import PGDDefense, check_choice, check_real, per_sample_ce, unwrap, use_model_mode
 from .base import Defense, DefenseOutput
 
 
 def _input_gradient(model, x, y, create_graph=True):
     """Per-sample losses, logits and d l_i / d x_i (the gradient of the summed per-sample losses; create_graph so the
-    regularizer is differentiable in the parameters)."""
+    regularizer is differentiable in the parameters). Loss-scaled under float16 autocast (``InputGradScale``): GR's
+    penalty and LLR's first-order term would otherwise see underflowed gradients."""
     xg = x.detach().requires_grad_(True)
     logits = model(xg)
     losses = per_sample_ce(logits, y)
-    (grad,) = torch.autograd.grad(losses.sum(), xg, create_graph=create_graph)
+    (grad,) = InputGradScale().grad(losses.sum(), [xg], create_graph=create_graph)
     return logits, losses, grad, xg
 
 

@@ -1,0 +1,182 @@
+"""Attacks under float16 autocast (what fit(amp=True) runs them in): the input gradients are loss-scaled
+(attacks.context.InputGradScale), so a confident model's gradient no longer underflows to 0; float32 is unchanged.
+CPU float16 autocast stands in for CUDA's here."""
+
+import pytest
+import torch
+from torch import nn
+
+from robust_ops.attacks import context
+from robust_ops.attacks.context import InputGradScale
+from robust_ops.attacks.core import run_pgd
+from robust_ops.defenses import GR
+from robust_ops.ima import gen_adv
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Threshold(nn.Module):
+    """Logits (-k, k) * (mean(x) - 0.5): confident (margin 2k * 0.02 = 20, 1 - p_y ~ 2e-9 on the data below) yet one
+    8/255 step from the boundary. Conv, pooling and head run in float16 under autocast, as in a real network."""
+
+    def __init__(self, k=500.0):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.head.weight.copy_(torch.tensor([[-k], [k]]))
+            self.head.bias.copy_(torch.tensor([k / 2, -k / 2]))
+
+    def forward(self, x):
+        return self.head(self.pool(self.conv(x)).flatten(1))
+
+
+def confident_data(n=16, offset=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    side = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    noise = 0.1 * (torch.rand(n, 1, 12, 12, generator=g) - 0.5)
+    noise = noise - noise.mean((1, 2, 3), keepdim=True)  # every mean exactly 0.5 + side * offset
+    x = 0.5 + side.view(n, 1, 1, 1) * offset + noise
+    return x, (side > 0).long()
+
+
+def fp16():
+    return torch.autocast("cpu", dtype=torch.float16)
+
+
+def pgd(model, x, y, steps=10, **kw):
+    return run_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=steps, **kw)
+
+
+def success(model, x_adv, y):
+    with torch.no_grad():
+        return int((model(x_adv).argmax(1) != y).sum())
+
+
+@pytest.fixture
+def unscaled(monkeypatch):
+    """The code before loss scaling: a scale of 1 is the plain float16 backward."""
+    monkeypatch.setattr(InputGradScale, "initial", 1.0)
+
+
+def test_the_model_is_confident_and_float32_pgd_breaks_every_sample():
+    model, (x, y) = Threshold().eval(), confident_data()
+    with torch.no_grad():
+        p_wrong = model(x).softmax(1).gather(1, (1 - y).view(-1, 1))
+    assert float(p_wrong.max()) < 1e-8
+    assert success(model, pgd(model, x, y).x_adv, y) == 16
+
+
+def test_unscaled_float16_gradient_underflows_and_pgd_leaves_samples_unattacked(unscaled):
+    model, (x, y) = Threshold().eval(), confident_data()
+    xg = x.clone().requires_grad_(True)
+    with fp16():
+        (grad,) = InputGradScale().grad(nn.functional.cross_entropy(model(xg), y), [xg])
+    assert bool((grad == 0).all())  # dL/dlogit ~1e-10 is below float16's smallest subnormal (6e-8)
+    with fp16():
+        x_adv = pgd(model, x, y).x_adv
+    assert torch.equal(x_adv, x) and success(model, x_adv, y) == 0
+
+
+def test_scaled_float16_pgd_attacks_like_float32():
+    model, (x, y) = Threshold().eval(), confident_data()
+    xg = x.clone().requires_grad_(True)
+    (g32,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg), y), [xg])
+    scale = InputGradScale()
+    with fp16():
+        (g16,) = scale.grad(nn.functional.cross_entropy(model(xg), y), [xg])
+    assert g16.dtype == torch.float32 and scale.retries == 0
+    assert torch.equal(g16.sign(), g32.sign())
+    torch.testing.assert_close(g16, g32, rtol=0.05, atol=0)
+    with fp16():
+        x_adv = pgd(model, x, y).x_adv
+    assert success(model, x_adv, y) == 16
+    assert torch.equal(x_adv, pgd(model, x, y).x_adv)  # every sign step as in float32
+
+
+def test_parameter_gradients_come_back_unscaled():
+    model, (x, y) = Threshold().eval(), confident_data()
+    x, y = x[y == 1], y[y == 1]  # one class: the parameter gradients sum without cancelling
+    with fp16():
+        got = pgd(model, x, y, param_grad_weights={0: 1.0, 1: 0.5})
+    # exactly the float16 backward of the objective times 2**16, divided by 2**16
+    params = list(model.parameters())
+    xg = x.clone().requires_grad_(True)
+    with fp16():
+        scaled = torch.autograd.grad(nn.functional.cross_entropy(model(xg), y).float() * 2.0 ** 16, [xg] + params)
+    with fp16():
+        step0 = pgd(model, x, y, param_grad_weights={0: 1.0}, steps=1)
+    assert all(torch.equal(a, b / 2.0 ** 16) for a, b in zip(step0.param_grads, scaled[1:]))
+    # and close to float32 (float16 logits set the tolerance; a scale left over would be off by 2**16)
+    ref = pgd(model, x, y, param_grad_weights={0: 1.0, 1: 0.5})
+    for a, b in zip(got.param_grads, ref.param_grads):
+        torch.testing.assert_close(a, b, rtol=0.3, atol=0)
+    torch.testing.assert_close(torch.tensor(got.emitted_losses), torch.tensor(ref.emitted_losses), rtol=0.3, atol=0)
+
+
+def test_overflow_halves_the_scale_and_redoes_the_backward():
+    # one sample near the boundary: dL/dlogit ~0.5, times 2**16 and the head's 500 overflows float16 (max 65504)
+    model, (x, y) = Threshold().eval(), confident_data(n=1, offset=0.0005)
+    xg = x.clone().requires_grad_(True)
+    (g32,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg), y), [xg])
+    scale = InputGradScale()
+    with fp16():
+        (g16,) = scale.grad(nn.functional.cross_entropy(model(xg), y), [xg])
+    assert scale.retries > 0 and scale.value < InputGradScale.initial
+    assert bool(torch.isfinite(g16).all()) and torch.equal(g16.sign(), g32.sign())
+    torch.testing.assert_close(g16, g32, rtol=0.05, atol=0)
+
+
+def test_float32_is_the_plain_autograd_grad(monkeypatch):
+    model, (x, y) = Threshold(k=5.0).eval(), confident_data(offset=0.1)
+    kw = dict(param_grad_weights={0: 1.0, 10: 0.25}, random_start=True, generator=torch.Generator().manual_seed(3))
+    got = pgd(model, x, y, **kw)
+    monkeypatch.setattr(InputGradScale, "grad", lambda self, objective, inputs, create_graph=False:
+                        torch.autograd.grad(objective, list(inputs), create_graph=create_graph))
+    kw["generator"] = torch.Generator().manual_seed(3)
+    ref = pgd(model, x, y, **kw)
+    assert torch.equal(got.x_adv, ref.x_adv)
+    assert all(torch.equal(a, b) for a, b in zip(got.param_grads, ref.param_grads))
+    assert got.emitted_losses == ref.emitted_losses
+    assert not context.fp16_autocast("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not context.fp16_autocast("cpu")  # bfloat16 has float32's range: nothing to scale
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_ima_gen_adv_under_float16(monkeypatch, scaled):
+    if not scaled:
+        monkeypatch.setattr(InputGradScale, "initial", 1.0)
+    model, (x, y) = Threshold().eval(), confident_data()
+    margin = torch.full((16,), 0.05)
+    ref_adv, ref_crossed = gen_adv(model, x, y, margin, steps=10, norm="linf", min_rows=0)
+    assert bool(ref_crossed.all())
+    with fp16():
+        x_adv, crossed = gen_adv(model, x, y, margin, steps=10, norm="linf", min_rows=0)
+    if scaled:
+        assert torch.equal(crossed, ref_crossed)
+    else:
+        assert not bool(crossed.any()) and torch.equal(x_adv, x)  # underflow: no sample moved
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_gr_penalty_under_float16(monkeypatch, scaled):
+    if not scaled:
+        monkeypatch.setattr(InputGradScale, "initial", 1.0)
+    model, (x, y) = Threshold().eval(), confident_data()
+    ref = GR(norm="l1")(model, x, y).metrics["grad_norm"]  # l1: "l2" adds 1e-12 under its root, above these norms
+    with fp16():
+        out = GR(norm="l1")(model, x, y)
+    out.loss.backward()  # double backpropagation through the scaled gradient
+    if scaled:
+        assert out.metrics["grad_norm"] == pytest.approx(ref, rel=0.05)
+    else:
+        assert out.metrics["grad_norm"] == 0.0
