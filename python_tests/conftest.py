@@ -68,6 +68,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_triton)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny tensors: threads only add overhead, and the test machine is shared);
+    modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_rng():
     """Each test starts from the same seeds and leaves the global RNG state as it found it."""

@@ -17,14 +17,7 @@ from utils import TinyCNN, assert_verbose_equal
 
 torchattacks = pytest.importorskip("torchattacks")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads only add overhead, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(num_classes=2, dtype=torch.float32, seed=0):

@@ -13,12 +13,7 @@ from robust_ops.defenses import GR
 from robust_ops.ima import gen_adv
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Threshold(nn.Module):
