@@ -946,3 +946,23 @@ def test_backward_keeps_only_the_int64_indices():
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.shape, t.dtype)) or t, lambda t: t):
             out = module(x)
         assert sorted(saved, key=str) == sorted(expected + [(out.shape, torch.int64)], key=str), type(module).__name__
+
+
+def test_replace_maxpool_refuses_a_subclass_with_its_own_forward():
+    # It was swapped silently, so what the subclass' forward did was lost without a word.
+    class ScaledPool(nn.MaxPool2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class RenamedPool(nn.MaxPool2d):  # no forward of its own: nothing to lose
+        pass
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(ScaledPool(2)))
+    with pytest.raises(ValueError, match=r"replace_maxpool: '1\.0' is a ScaledPool, an nn.MaxPool2d subclass with its "
+                       r"own forward, which a DropMax2d would not run; swap it yourself"):
+        robust_ops.replace_maxpool(model)
+    assert type(model[1][0]) is ScaledPool
+    with pytest.raises(ValueError, match="replace_maxpool: model is a ScaledPool"):
+        robust_ops.replace_maxpool(ScaledPool(2))
+    model = robust_ops.replace_maxpool(nn.Sequential(RenamedPool(2), ScaledPool(2)))  # "first" stops at the first
+    assert isinstance(model[0], robust_ops.DropMax2d) and type(model[1]) is ScaledPool

@@ -102,6 +102,14 @@ def _from_maxpool(pool, backend):
     return drop_max
 
 
+def _check_plain_pool(where, pool):
+    if type(pool).forward is not nn.MaxPool2d.forward:
+        raise ValueError(
+            f"replace_maxpool: {where} is a {type(pool).__name__}, an nn.MaxPool2d subclass with its own forward, "
+            "which a DropMax2d would not run; swap it yourself (robust_ops.DropMax2d takes MaxPool2d's arguments)"
+        )
+
+
 def replace_maxpool(model, which="first", *, backend=None):
     """Swap ``nn.MaxPool2d`` layers of ``model`` for :class:`DropMax2d` with identical arguments, in place.
 
@@ -118,13 +126,15 @@ def replace_maxpool(model, which="first", *, backend=None):
         replacement is returned instead).
 
     Raises:
-        ValueError: when ``which`` is not "first"/"all" or the model holds no ``nn.MaxPool2d``.
+        ValueError: when ``which`` is not "first"/"all", the model holds no ``nn.MaxPool2d``, or a pool to replace
+            is a subclass with its own ``forward`` (the swap would drop what that forward does).
     """
     if which not in ("first", "all"):
         raise ValueError(f"replace_maxpool: expected which to be 'first' or 'all', got {which!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"replace_maxpool: expected model to be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.MaxPool2d):
+        _check_plain_pool("model", model)
         return _from_maxpool(model, backend)
     pooling = [m for _, m in model.named_modules() if isinstance(m, (nn.MaxPool2d, DropMax2d))]
     considered = pooling[:1] if which == "first" else pooling
@@ -137,6 +147,9 @@ def replace_maxpool(model, which="first", *, backend=None):
             "(looked through all submodules in registration order)"
         )
     targets = pools[:1] if which == "first" else pools
+    names = {id(m): name for name, m in model.named_modules()}
+    for pool in targets:
+        _check_plain_pool(repr(names[id(pool)]), pool)
     replacements = {id(pool): _from_maxpool(pool, backend) for pool in targets}
     # A pool registered under several parents (shared instance) is replaced everywhere it appears.
     for parent in model.modules():
