@@ -58,6 +58,17 @@ def test_npz_bad_images_are_refused(tmp_path):
         load_dataset(write_npz(tmp_path / "f.npz", train_images=channels_first))
 
 
+def test_npz_volumes_and_other_channel_counts_are_refused(tmp_path):
+    """A MedMNIST3D-style volume (N, D, H, W) must not load as D-channel 2D images (D = H = W = 28 looked square)."""
+    volume = np.zeros((12, 28, 28, 28), np.uint8)
+    with pytest.raises(DataError, match=r"v\.npz \[train\]: images of shape \(12, 28, 28, 28\) have 28 channels; "
+                                        r"expected \(N, H, W\) or \(N, H, W, C\) with C 1 or 3 \(3D volumes"):
+        load_dataset(write_npz(tmp_path / "v.npz", train_images=volume))
+    with pytest.raises(DataError, match=r"have 4 channels; expected"):
+        load_dataset(write_npz(tmp_path / "rgba.npz", shape=(28, 28, 4)))
+    assert load_dataset(write_npz(tmp_path / "one.npz", shape=(28, 28, 1))).train.tensors[0].shape == (12, 1, 28, 28)
+
+
 def test_arguments_a_source_cannot_honour_are_refused(tmp_path):
     with pytest.raises(DataError, match="synthetic: classes= selects class folders or CSV labels"):
         load_dataset("synthetic", classes=["malignant"])

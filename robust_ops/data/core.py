@@ -70,7 +70,7 @@ class DatasetSplits:
 
 
 def images_to_tensor(images, source):
-    """uint8 (N, H, W) or (N, H, W, C) images -> float32 [N, C, H, W] in [0, 1]."""
+    """uint8 (N, H, W) or (N, H, W, C) images, C 1 or 3 -> float32 [N, C, H, W] in [0, 1]."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[:, None]
@@ -78,6 +78,10 @@ def images_to_tensor(images, source):
         if images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
             raise DataError(f"{source}: images of shape {images.shape} look channels-first; expected (N, H, W) or "
                             "(N, H, W, C) -- transpose them to channels-last")
+        if images.shape[3] not in (1, 3):  # else a 3D volume (N, D, H, W) would load as D-channel 2D images
+            raise DataError(f"{source}: images of shape {images.shape} have {images.shape[3]} channels; expected "
+                            "(N, H, W) or (N, H, W, C) with C 1 or 3 (3D volumes such as MedMNIST3D's (N, D, H, W) "
+                            "are not supported)")
         images = images.transpose(0, 3, 1, 2)
     else:
         raise DataError(f"{source}: expected images of shape (N, H, W) or (N, H, W, C), got {images.shape}")
