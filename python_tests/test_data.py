@@ -722,6 +722,25 @@ def test_busi_16_bit_dark_and_float_images(tmp_path):
         load_dataset(tmp_path, size=8)
 
 
+def test_busi_float_images_in_0_1_are_refused_not_read_black(tmp_path):
+    """Pillow's convert("L") truncates float (mode F) pixels: a float TIFF in [0, 1] came out all black."""
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 90.0 + i, np.float32)).save(tmp_path / c / f"{i}.tif")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(tmp_path, size=8)  # whole numbers in [0, 255]: 8-bit values in a float file, as they are
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert sorted({round(float(v) * 255) for v in x.flatten()}) == [90, 91, 92, 93, 94]
+    Image.fromarray(np.full((8, 8), 0.75, np.float32)).save(tmp_path / "benign" / "0.tif")
+    with pytest.raises(DataError, match=r"0\.tif: F \(32-bit float\) image with fractional values in \[0\.75, 0\.75\]; "
+                                        r"expected 8- or 16-bit intensities \(values in \[0, 1\] would come out "
+                                        r"black\) -- save it as an 8- or 16-bit image$"):
+        load_dataset(tmp_path, size=8)
+
+
 def test_synthetic_sizes_and_small_arguments():
     from robust_ops.data import synthetic_splits
 

@@ -63,6 +63,10 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
         return img
     arr = np.asarray(img)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if img.mode == "F" and not np.array_equal(arr, np.round(arr)):  # convert("L") truncates: [0, 1] data -> black
+        raise DataError(f"{path}: F (32-bit float) image with fractional values in [{lo:g}, {hi:g}]; expected 8- or "
+                        "16-bit intensities (values in [0, 1] would come out black) -- save it as an 8- or 16-bit "
+                        "image")
     wide_int = img.mode.startswith("I;16") or (img.mode.startswith("I") and bit_depth is not None)
     if lo >= 0 and hi <= 255 and not wide_int:  # 8-bit values in a wider type: nothing to scale
         return img
