@@ -741,6 +741,44 @@ def test_busi_float_images_in_0_1_are_refused_not_read_black(tmp_path):
         load_dataset(tmp_path, size=8)
 
 
+def _png_16_bit_colour(path, rgb):
+    """A 48-bit PNG (16 bits per channel): Pillow writes none, so the chunks are written here."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = rgb.shape[:2]
+    raw = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_busi_16_bit_colour_images_get_the_16_bit_checks(tmp_path):
+    """Pillow reads a 48-bit PNG as 8-bit RGB (the top 8 bits): bit_depth=12 was ignored without a word (4095 -> 15)
+    and neither the dark (12-bit) warning nor the black (8-bit values) refusal happened."""
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(10):  # 10 a class: a stratified split, no warning beside the 16-bit one
+            rgb = np.zeros((8, 8, 3), np.uint16)
+            rgb[..., 0] = 4000 + i
+            _png_16_bit_colour(tmp_path / c / f"{i}.png", rgb)
+    with pytest.raises(DataError, match=r"0\.png: a 16-bit colour \(or grey \+ alpha\) image; Pillow reads only "
+                                        r"the top 8 bits of each channel, so bit_depth=12 cannot scale it") as info:
+        load_dataset(tmp_path, size=8, bit_depth=12)
+    assert info.value.arg == "bit_depth"
+    with pytest.warns(UserWarning, match=r"every 16-bit image holds values <= 4095 only \(12-bit data\?\)"):
+        s = load_dataset(tmp_path, size=8)
+    assert s.info.in_channels == 3 and round(float(s.train.tensors[0].max()) * 255) == 4000 // 256
+    for c in ("benign", "malignant"):
+        for i in range(10):
+            _png_16_bit_colour(tmp_path / c / f"{i}.png", np.full((8, 8, 3), 200, np.uint16))
+    with pytest.raises(DataError, match=r"every 16-bit image holds values <= 255 only .*pass bit_depth=8$"):
+        load_dataset(tmp_path, size=8)
+
+
 def test_synthetic_sizes_and_small_arguments():
     from robust_ops.data import synthetic_splits
 

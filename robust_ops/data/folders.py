@@ -53,12 +53,30 @@ def _check_bit_depth(bit_depth, where):
     return bit_depth
 
 
+def _colour_16_bit(img):
+    """Whether a colour (or grey + alpha) image file holds 16 bits a channel: Pillow reads only the top 8 of each."""
+    if img.mode.startswith("I") or img.mode == "F" or not getattr(img, "tile", None):
+        return False
+    raw = img.tile[0][3]  # the decoder's raw mode, "RGB;16B" for a 48-bit PNG
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    return isinstance(raw, str) and ";16" in raw
+
+
 def _to_8bit(img, path, stats=None, bit_depth=None):
     """16-bit and 32-bit grayscale images as 8-bit: Pillow's convert("L") clamps every value above 255 to white.
     ``bit_depth`` None: 16-bit intensities on the full 16-bit scale (65535 -> 255); 8..16: on that many bits'
     scale (12: 4095 -> 255), a value above it an error."""
     from PIL import Image
 
+    if _colour_16_bit(img):  # already 8-bit: the top 8 bits, the full 16-bit scale (65535 -> 255)
+        if bit_depth not in (None, 16):
+            raise DataError(f"{path}: a 16-bit colour (or grey + alpha) image; Pillow reads only the top 8 bits "
+                            f"of each channel, so bit_depth={bit_depth} cannot scale it -- save it as 16-bit grayscale "
+                            "or 8-bit colour", arg="bit_depth")
+        if stats is not None:  # the top 8 bits bound the 16-bit values: the dark and black set checks still apply
+            top = np.asarray(img.convert("RGB"))
+            stats["max16"] = max(stats.get("max16", 0.0), float(top.max()) * 256 + 255 if top.size else 0.0)
+        return img
     if not img.mode.startswith("I") and img.mode != "F":
         return img
     arr = np.asarray(img)
