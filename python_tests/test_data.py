@@ -779,6 +779,24 @@ def test_busi_16_bit_colour_images_get_the_16_bit_checks(tmp_path):
         load_dataset(tmp_path, size=8)
 
 
+def test_busi_image_above_pillows_size_limit_is_a_data_error(tmp_path):
+    """Pillow's DecompressionBombError is no OSError: a huge image gave a PIL traceback, not a DataError."""
+    import struct
+    import zlib
+
+    root = _class_folders(tmp_path / "d")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 4e8 pixels: twice Pillow's limit; no pixel data
+    (root / "benign" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                              + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=r"benign/big\.png: too large to read \(Image size \(400000000 pixels\) "
+                                        r"exceeds limit .*\); downscale it$"):
+        load_dataset(root, size=8)
+
+
 def test_synthetic_sizes_and_small_arguments():
     from robust_ops.data import synthetic_splits
 

@@ -109,6 +109,8 @@ def read_image(path, size, mode, stats=None, bit_depth=None):
             img = pad_to_square_and_resize(img, size)
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
+    except Image.DecompressionBombError as err:  # Pillow's guard against huge images: not an OSError
+        raise DataError(f"{path}: too large to read ({err}); downscale it") from None
     arr = np.asarray(img, dtype=np.uint8)
     return arr if arr.ndim == 3 else arr[:, :, None]
 
@@ -122,7 +124,7 @@ def _has_colour(path):
             if img.mode in ("1", "L", "LA", "F") or img.mode.startswith("I"):
                 return False
             rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError):  # read_image reports it
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):  # read_image reports it
         return False
     return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
