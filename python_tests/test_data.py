@@ -69,6 +69,20 @@ def test_npz_volumes_and_other_channel_counts_are_refused(tmp_path):
     assert load_dataset(write_npz(tmp_path / "one.npz", shape=(28, 28, 1))).train.tensors[0].shape == (12, 1, 28, 28)
 
 
+def test_npz_labels_must_be_class_indices(tmp_path):
+    """A label no class list explains (255 as "unknown") made every value up to it a class: a binary set became
+    256 classes, most without a sample; one class alone was a one-output classifier."""
+    labels = (np.arange(12) % 2).reshape(-1, 1).astype(np.uint8)
+    labels[5] = 255
+    with pytest.raises(DataError, match=r"s\.npz: labels run from 0 to 255, but 253 of those 256 classes have no "
+                                        r"sample \(the first: 2\); expected class indices 0 to K-1 -- relabel them$"):
+        load_dataset(write_npz(tmp_path / "s.npz", train_labels=labels))
+    with pytest.raises(DataError, match=r"o\.npz: expected at least two classes, got 1 \(labels: 0\)$"):
+        load_dataset(write_npz(tmp_path / "o.npz", classes=1))
+    s = load_dataset(write_npz(tmp_path / "breastmnist_64.npz", classes=1))  # named: the class list says 2
+    assert s.info.num_classes == 2 and s.info.class_names[0] == "malignant"
+
+
 def test_arguments_a_source_cannot_honour_are_refused(tmp_path):
     with pytest.raises(DataError, match="synthetic: classes= selects class folders or CSV labels"):
         load_dataset("synthetic", classes=["malignant"])

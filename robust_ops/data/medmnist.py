@@ -192,6 +192,7 @@ def load_npz(path, size=None, name=None):
     num_classes = int(max(int(t.tensors[1].max()) if len(t) else 0 for t in sets)) + 1
     names, positive = CLASS_NAMES.get(stem, (None, None))
     if names is None or len(names) < num_classes:
+        _check_class_indices(path, sets, num_classes)
         names = tuple(str(i) for i in range(num_classes))
         positive = 1 if num_classes == 2 else None
     else:
@@ -201,3 +202,17 @@ def load_npz(path, size=None, name=None):
         class_names=tuple(names), positive_class=positive, synthetic=False, source=str(path),
     )
     return DatasetSplits(*sets, info)
+
+
+def _check_class_indices(path, sets, num_classes):
+    """Labels without class names are class indices 0..K-1, K >= 2: a stray value (255 as "unknown", 10**7) would
+    otherwise add classes no sample has -- a binary set read as 256 classes, or a model too large to build."""
+    present = {int(v) for t in sets for v in t.tensors[1].unique()}
+    if len(present) < 2:
+        raise DataError(f"{path}: expected at least two classes, got {len(present)} (labels: "
+                        f"{', '.join(map(str, sorted(present))) or 'none'})")
+    if len(present) < num_classes:
+        first = next(i for i in range(num_classes) if i not in present)
+        raise DataError(f"{path}: labels run from 0 to {num_classes - 1}, but {num_classes - len(present)} of those "
+                        f"{num_classes} classes have no sample (the first: {first}); expected class indices 0 to "
+                        f"K-1 -- relabel them")
