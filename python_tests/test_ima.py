@@ -1043,6 +1043,9 @@ def test_indexed_dataset():
     assert ids.dtype == torch.int64 and torch.equal(y, ids)
     with pytest.raises(IndexError, match="IndexedDataset: index 5 out of range for 5 samples"):
         ds[5]
+    assert ds[-2][2] == 3  # the id is the position, however the index was written
+    with pytest.raises(IndexError, match="IndexedDataset: index -6 out of range for 5 samples"):  # not "-1"
+        ds[-6]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -28,10 +28,10 @@ class IndexedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        if not -len(self) <= index < len(self):  # checked before wrapping: the message names the index given
+            raise IndexError(f"IndexedDataset: index {index} out of range for {len(self)} samples")
         if index < 0:
             index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"IndexedDataset: index {index} out of range for {len(self)} samples")
         item = self.dataset[index]
         if isinstance(item, (tuple, list)):
             return (*item, index)
