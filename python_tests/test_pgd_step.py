@@ -632,6 +632,22 @@ def test_functional_wrapper_refuses_per_sample_values_on_another_device():
     assert torch.equal(x_adv, before)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("value", [torch.tensor([True, False]), torch.tensor([1, 0]), torch.tensor(1),
+                                   torch.tensor([0.1j, 0.1j])], ids=["bool", "int", "int 0-D", "complex"])
+def test_functional_wrapper_refuses_per_sample_values_that_are_not_floating_point(backend, value):
+    # The op refuses them; the wrapper used to convert them first: a bool mask became steps of 1.0, a complex tensor
+    # lost its imaginary part (with only torch's cast warning).
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3))
+    before = x_adv.clone()
+    for name in ("alpha", "eps"):
+        values = {"alpha": alpha, "eps": eps, name: value}
+        with pytest.raises(RuntimeError, match=rf"^pgd_step_: expected {name} to be a floating-point tensor "
+                           rf"\(float16, bfloat16, float32, float64\), got {value.dtype}$"):
+            robust_ops.pgd_step_(x_adv, x_nat, grad, values["alpha"], values["eps"], backend=backend)
+    assert torch.equal(x_adv, before)
+
+
 def test_functional_wrapper_forwards_backend(monkeypatch):
     requested = record_backend_requests(monkeypatch)
     x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3))

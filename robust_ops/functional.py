@@ -8,6 +8,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from . import _backend, reference
+from ._meta import _check_floating
 
 __all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_"]
 
@@ -152,6 +153,9 @@ def _per_sample_tensor(name, value, like):
     n = like.shape[0]
     dtype = torch.promote_types(like.dtype, torch.float32)
     if isinstance(value, torch.Tensor):
+        # The op's own dtype check: the conversion below turned a bool mask into steps of 1.0 and dropped the
+        # imaginary part of a complex tensor, silently.
+        _check_floating("pgd_step_", name, value)
         if value.dim() == 0:
             return value.to(device=like.device, dtype=dtype).expand(n).contiguous()
         if value.dim() != 1 or value.shape[0] != n:
