@@ -850,6 +850,20 @@ def test_functional_argument_forms_like_max_pool2d():
         robust_ops.drop_max_pool2d(x, True)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("ceil_mode", ["False", 1, None])
+def test_ceil_mode_must_be_a_bool_like_max_pool2d(backend, ceil_mode):
+    # F.max_pool2d refuses these; bool(ceil_mode) made "False" mean True here (a 5x5 input gave 3x3, not 2x2).
+    x = torch.randn(1, 1, 5, 5)
+    with pytest.raises(TypeError, match="must be bool"):
+        F.max_pool2d(x, 2, ceil_mode=ceil_mode)
+    message = f"^drop_max_pool2d: expected ceil_mode to be a bool, got {re.escape(repr(ceil_mode))}$"
+    with pytest.raises(TypeError, match=message):
+        robust_ops.drop_max_pool2d(x, 2, ceil_mode=ceil_mode, backend=backend)
+    with pytest.raises(TypeError, match=message):
+        robust_ops.DropMax2d(2, ceil_mode=ceil_mode, backend=backend)(x)
+
+
 def test_reference_backend_checks_arguments_like_native():
     # The reference backend must refuse what the kernels refuse (here: padding above kernel_size // 2), same message.
     x = torch.randn(1, 1, 6, 6)

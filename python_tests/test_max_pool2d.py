@@ -233,6 +233,9 @@ def test_functional_argument_errors():
         robust_ops.max_pool2d(torch.randn(1, 1, 4, 4), "2")
     with pytest.raises(RuntimeError, match="max_pool2d: expected input to be a floating-point tensor"):
         op(torch.ones(1, 1, 4, 4, dtype=torch.int64), [2, 2], [2, 2], [0, 0], [1, 1], False)
+    # as F.max_pool2d (the path for other dtypes and devices): bool("False") used to mean ceil_mode=True here
+    with pytest.raises(TypeError, match=r"^max_pool2d: expected ceil_mode to be a bool, got 'False'$"):
+        robust_ops.max_pool2d(torch.randn(1, 1, 5, 5), 2, ceil_mode="False")
 
 
 _ISA_SCRIPT = """

@@ -23,6 +23,13 @@ def _pair(name, value, op="drop_max_pool2d"):
     raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
 
 
+def _bool(op, name, value):
+    """A flag as F.max_pool2d takes it: a bool, never coerced (bool("False") is True)."""
+    if isinstance(value, bool):
+        return value
+    raise TypeError(f"{op}: expected {name} to be a bool, got {value!r}")
+
+
 def _pool_args(op, kernel_size, stride, padding, dilation):
     kernel = _pair("kernel_size", kernel_size, op)
     stride = kernel if (stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)) else _pair(
@@ -85,6 +92,7 @@ def drop_max_pool2d(
             f"drop_max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D"
         )
     kernel, stride, padding, dilation = _pool_args("drop_max_pool2d", kernel_size, stride, padding, dilation)
+    ceil_mode = _bool("drop_max_pool2d", "ceil_mode", ceil_mode)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     which = _backend.resolve("drop_max_pool2d", x.device, backend)
@@ -96,9 +104,9 @@ def drop_max_pool2d(
             "backend='reference'"
         )
     if which == "native":
-        out, idx = torch.ops.robust_ops.drop_max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
+        out, idx = torch.ops.robust_ops.drop_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     elif which == "triton":
-        out, idx = torch.ops.robust_ops.drop_max_pool2d_triton(x, kernel, stride, padding, dilation, bool(ceil_mode))
+        out, idx = torch.ops.robust_ops.drop_max_pool2d_triton(x, kernel, stride, padding, dilation, ceil_mode)
     else:
         from ._meta import check_drop_max_pool2d_args
 
@@ -106,8 +114,8 @@ def drop_max_pool2d(
         # backend="reference" still compiles with fullgraph=True. torch.jit.trace turns sizes into tensors, which
         # torch._check refuses ("cond must be a bool"): a plain-PyTorch trace is checked by the ops it records.
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-            check_drop_max_pool2d_args(x, kernel, stride, padding, dilation, bool(ceil_mode))
-        out, idx = reference.drop_max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
+            check_drop_max_pool2d_args(x, kernel, stride, padding, dilation, ceil_mode)
+        out, idx = reference.drop_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     if unbatched:
         out, idx = out.squeeze(0), idx.squeeze(0)
     return (out, idx) if return_indices else out
@@ -137,9 +145,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
     kernel, stride, padding, dilation = _pool_args("max_pool2d", kernel_size, stride, padding, dilation)
+    ceil_mode = _bool("max_pool2d", "ceil_mode", ceil_mode)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    out, idx = torch.ops.robust_ops.max_pool2d(x, kernel, stride, padding, dilation, bool(ceil_mode))
+    out, idx = torch.ops.robust_ops.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     if unbatched:
         out, idx = out.squeeze(0), idx.squeeze(0)
     return (out, idx) if return_indices else out
