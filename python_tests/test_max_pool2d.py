@@ -228,6 +228,19 @@ def test_zero_channels_refused_like_aten_empty_batch_accepted():
     assert out.shape == ref.shape == (0, 3, 2, 2) and idx.shape == ref_idx.shape
 
 
+def test_output_layout_as_aten_for_a_channel_slice_of_a_channels_last_input():
+    # ATen picks the layout with suggest_memory_format: channels_last for these non-dense inputs; the op's own rule
+    # (channels_last-contiguous inputs only) gave NCHW outputs and gradients here.
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)[:, ::2].requires_grad_()
+    out, ref = robust_ops.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1)
+    assert_verbose_equal(out, ref)
+    assert out.stride() == ref.stride()
+    grad = torch.randn(ref.shape).contiguous(memory_format=torch.channels_last)
+    (ours,), (theirs,) = torch.autograd.grad(out, x, grad), torch.autograd.grad(ref, x, grad)
+    assert_verbose_equal(ours, theirs)
+    assert ours.stride() == theirs.stride()
+
+
 def test_functional_argument_errors():
     with pytest.raises(TypeError, match="max_pool2d: expected kernel_size to be an int or a pair of ints"):
         robust_ops.max_pool2d(torch.randn(1, 1, 4, 4), "2")
