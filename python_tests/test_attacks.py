@@ -1551,6 +1551,54 @@ def test_square_leaves_samples_fooled_on_clean_inputs_clean():
     assert robust_acc(model, x_adv, y) <= robust_acc(model, x, y)
 
 
+class _BiasFreeLogit(nn.Module):
+    """A single logit without bias: exactly 0 (a tie, predicted class 0) on a blank image."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 1, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.linspace(-1, 1, 64)[None])
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class _TiedLogits(nn.Module):
+    """Logits [0, w.x, -5]: classes 0 and 1 tie on a blank image, where argmax predicts 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.linspace(-1, 1, 64)
+
+    def forward(self, x):
+        v = (x.flatten(1) * self.w).sum(1, keepdim=True)
+        return torch.cat([torch.zeros_like(v), v, torch.full_like(v, -5.0)], 1)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
+def test_square_attacks_correctly_classified_samples_whose_logits_tie(norm, eps):
+    # A margin of exactly 0 (tied logits, a single logit of 0) was taken as "fooled already": the sample was never
+    # queried and an ensemble of Square counted it robust, while argmax (the library's prediction, AutoAttack's clean
+    # rule) predicts y. A gradient-masking model (ReLU on its logits: all 0) looked robust that way.
+    x = torch.zeros(4, 1, 8, 8)
+    for model in (_BiasFreeLogit(), _TiedLogits()):
+        y = torch.zeros(4, dtype=torch.long)
+        with torch.no_grad():
+            assert torch.equal(context.predict_from_output(model(x)), y)
+        x_adv = attacks.square(model, x, y, eps=eps, norm=norm, n_queries=20, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (context.predict_from_output(model(x_adv)) != y).all(), (type(model).__name__, norm)
+        res = attacks.ensemble(model, x, y, [attacks.Square(model, eps=eps, norm=norm, n_queries=20)])
+        assert not res.robust.any()
+    # targeted: the target 1 ties with class 0 and loses the tie (argmax takes 0), so the sample is not done yet
+    model = _TiedLogits()
+    x_adv = attacks.square(model, x, torch.ones(4, dtype=torch.long), eps=eps, norm=norm, n_queries=20, targeted=True,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1) == 1).all()
+
+
 def test_noise_and_square_classes_use_their_documented_defaults_and_seed():
     # WhiteNoise(..., seed=s): 10 trials drawn from a generator seeded with s; Square: p_init=0.8, seed 0
     model, x = near_boundary_linear()

@@ -8,7 +8,7 @@ import torch
 
 from .. import functional
 from .base import Attack
-from .context import attack_context, check_inputs, is_single_logit, two_logits
+from .context import attack_context, check_inputs, is_single_logit, predict_from_output, two_logits
 from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
 from .pgd import make_generator
 
@@ -28,12 +28,19 @@ def p_schedule(p_init, it, n_queries, rescale=True):
 
 
 def _margin(out, y, targeted):
-    """Untargeted: z_y - max_{j != y} z_j; targeted: max_{j != t} z_j - z_t. A sample is done once it is <= 0
-    (AutoAttack's rule)."""
+    """Untargeted: z_y - max_{j != y} z_j; targeted: max_{j != t} z_j - z_t. The loss proposals must lower; whether a
+    sample is done is :func:`_fooled`'s (at a margin of exactly 0 the prediction decides)."""
     z = two_logits(out) if is_single_logit(out) else out
     zy = z.gather(1, y[:, None]).squeeze(1)
     other = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
     return other - zy if targeted else zy - other
+
+
+def _fooled(out, y, targeted):
+    """Done by the library's prediction rule (argmax, first index on a tie; a single logit > 0): a margin of 0 -- tied
+    logits, a single logit of 0 -- is fooled only when the tie goes against y. AutoAttack's clean rule (argmax)."""
+    predicted = predict_from_output(out)
+    return predicted == y if targeted else predicted != y
 
 
 # Bound on the redraws of one query's colour: with eps > 0 at most one colour per sample leaves its square unchanged,
@@ -210,7 +217,8 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         out = forward(name, model, x)
         check_labels_against(name, y, out)
         margin_best = _margin(out, y, targeted)
-        todo = (margin_best > 0).nonzero().squeeze(1)
+        fooled = _fooled(out, y, targeted)
+        todo = (~fooled).nonzero().squeeze(1)
         if norm == "linf":  # vertical stripes start: +-eps per (sample, channel, column)
             start = x.clone()
             functional.pgd_step_(start, x, rand_sign((n, c, 1, w)).expand(n, c, h, w).contiguous(), eps_t, eps_t,
@@ -220,12 +228,14 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         x_best = x.clone()
         if todo.numel():
             x_best[todo] = start[todo]
-            margin_best[todo] = _margin(forward(name, model, x_best[todo]), y[todo], targeted)
+            out = forward(name, model, x_best[todo])
+            margin_best[todo] = _margin(out, y[todo], targeted)
+            fooled[todo] = _fooled(out, y[todo], targeted)
         rows = torch.arange(h, device=dev)
         cols = torch.arange(w, device=dev)
         windows = {}  # L2: side -> pseudo-gaussian window, built once per side
         for it in range(n_queries - 1):
-            idx = (margin_best > 0).nonzero().squeeze(1)
+            idx = (~fooled).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             m = idx.numel()
@@ -263,10 +273,12 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
                         if redraw.numel() == 0:
                             break
                         x_new[redraw] = paint(redraw)
-            margin = _margin(forward(name, model, x_new), y[idx], targeted)
+            out = forward(name, model, x_new)
+            margin = _margin(out, y[idx], targeted)
             improved = margin < margin_best[idx]
             x_best[idx[improved]] = x_new[improved]
             margin_best[idx[improved]] = margin[improved]
+            fooled[idx[improved]] = _fooled(out[improved], y[idx[improved]], targeted)
     return x_best
 
 
