@@ -802,6 +802,25 @@ print("ok")
 """
 
 
+@pytest.mark.parametrize("pool, dtype, channels, fmt", [
+    (op, torch.float16, 1, "contiguous"), (op, torch.float16, 2, "channels_last"),
+    (torch.ops.robust_ops.max_pool2d, torch.float32, 1, "contiguous"),
+], ids=["drop_max", "drop_max-channels_last", "max"])
+def test_indices_exact_for_taps_past_float_precision(pool, dtype, channels, fmt):
+    # A window's second row lies dh * W = 4095 * 4099 = 16785405 (odd, > 2^24) positions past its first. The CPU
+    # kernel carried tap positions as float (its opmath type): every index came out one too high, and the backward
+    # sent each gradient to the neighbouring element.
+    dh, w, sw = 4095, 4099, 64
+    x = torch.zeros(1, channels, dh + 1, w, dtype=dtype)
+    # drop-max: row 0 holds the maximum (dropped), row dh is selected; max pooling: row dh holds the maximum
+    x[:, :, dh if pool is torch.ops.robust_ops.max_pool2d else 0] = 1
+    x = layout(x, fmt)
+    _, idx = pool(x, [2, 1], [1, sw], [0, 0], [dh, 1], False)
+    expected = dh * w + torch.arange(0, w, sw)
+    assert idx.shape == (1, channels, 1, expected.numel())
+    assert torch.equal(idx, expected.expand_as(idx))
+
+
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
 def test_every_cpu_instruction_set_path(isa):
     # The default run above uses the best path the machine has.

@@ -90,39 +90,41 @@ int64_t select_window(const scalar_t* base, int64_t sH, int64_t sW, const Geomet
 }
 
 // Top-2 selection for `len` windows at once (lanes). Lane j's window holds the elements base[tap_off[t] + j * step]
-// for the taps t = 0..ntaps-1, given in row-major window order; tap_rel[t] is the tap's flat H*W position relative
+// for the taps t = 0..ntaps-1, given in row-major window order; tap_pos[t] is the tap's flat H*W position relative
 // to the window origin. Writes per lane the selected value out[j] (the first occurrence of the largest value left
 // after removing the first occurrence of the maximum, or the single element) and its flat index
-// idx[j] = origin + j * origin_step + tap_rel[selected]. Returns whether any element was NaN (the caller redoes
-// those windows with select_window). Positions are carried as acc_t (exact small integers) so every select uses one
-// mask width. Select::kMax keeps only the first-order state: the first occurrence of the maximum.
+// idx[j] = origin + j * origin_step + tap_pos[selected]. Returns whether any element was NaN (the caller redoes
+// those windows with select_window). The selected taps are tracked by number and their positions read from the int64
+// table: positions carried as acc_t were rounded once they passed 2^24 in float (window extent (kh-1)*dh*W beyond it),
+// which moved the indices silently. Select::kMax keeps only the first-order state: the first occurrence of the maximum.
 template <Select rule, typename acc_t, typename scalar_t>
 bool window_top2_scalar(const scalar_t* __restrict__ base, int64_t step, int64_t first, int64_t len,
-                        const int64_t* tap_off, const acc_t* tap_rel, int64_t ntaps, scalar_t* __restrict__ out,
+                        const int64_t* tap_off, const int64_t* tap_pos, int64_t ntaps, scalar_t* __restrict__ out,
                         int64_t* __restrict__ idx, int64_t origin, int64_t origin_step) {
   bool nan_seen = false;
   for (int64_t j = first; j < len; ++j) {
-    acc_t a1 = 0, a2 = 0, t1 = -1, t2 = -1;
+    acc_t a1 = 0, a2 = 0;
+    int64_t t1 = -1, t2 = -1;
     for (int64_t t = 0; t < ntaps; ++t) {
       const acc_t v = static_cast<acc_t>(base[tap_off[t] + j * step]);
       if constexpr (rule == Select::kMax) {
         if (t1 < 0 || v > a1) {
           a1 = v;
-          t1 = tap_rel[t];
+          t1 = t;
         }
       } else if (t1 < 0 || v > a1) {
         a2 = a1;
         t2 = t1;
         a1 = v;
-        t1 = tap_rel[t];
+        t1 = t;
       } else if (t2 < 0 || v > a2) {
         a2 = v;
-        t2 = tap_rel[t];
+        t2 = t;
       }
       nan_seen |= std::isnan(v);
     }
     out[j] = static_cast<scalar_t>(t2 >= 0 ? a2 : a1);
-    idx[j] = origin + j * origin_step + static_cast<int64_t>(t2 >= 0 ? t2 : t1);
+    idx[j] = origin + j * origin_step + tap_pos[t2 >= 0 ? t2 : t1];
   }
   return nan_seen;
 }
@@ -395,11 +397,12 @@ bool cpu_has_avx2() {
 }
 #endif
 
-// `vector_ok`: relative positions and lane offsets fit the AVX2 path's exact float / int32 arithmetic.
+// `vector_ok`: relative positions and lane offsets fit the AVX2 path's exact float / int32 arithmetic; the vector
+// paths read the positions as floats (tap_rel), the scalar path as int64 (tap_pos).
 template <Select rule, typename acc_t, typename scalar_t>
 bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_len, const int64_t* tap_off,
-                 const acc_t* tap_rel, int64_t ntaps, scalar_t* out, int64_t* idx, int64_t origin,
-                 int64_t origin_step, bool vector_ok) {
+                 const acc_t* tap_rel, const int64_t* tap_pos, int64_t ntaps, scalar_t* out, int64_t* idx,
+                 int64_t origin, int64_t origin_step, bool vector_ok) {
   int64_t done = 0;
   bool nan_seen = false;
 #ifdef ROBUST_OPS_HAVE_AVX2_PATH
@@ -413,7 +416,7 @@ bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_l
     }
   }
 #endif
-  return window_top2_scalar<rule, acc_t, scalar_t>(base, step, done, len, tap_off, tap_rel, ntaps, out, idx, origin,
+  return window_top2_scalar<rule, acc_t, scalar_t>(base, step, done, len, tap_off, tap_pos, ntaps, out, idx, origin,
                                              origin_step) ||
          nan_seen;
 }
@@ -476,9 +479,11 @@ void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indic
         const scalar_t* lane0 = base + origin;
         // Lanes readable without leaving the tensor (extra lanes read further along the row and are ignored).
         const int64_t safe_len = (in_end - (lane0 + tap_off[ntaps - 1]) - 1) / g.sw + 1;
+        // NCHW: tap_off is also the tap's relative H*W position, the scalar path's tap_pos.
         const bool nan_seen =
-            window_top2<rule, acc_t, scalar_t>(lane0, g.sw, len, safe_len, tap_off.data(), tap_rel.data(), ntaps,
-                                         o + oh * g.OW + ow_lo, ix + oh * g.OW + ow_lo, origin, g.sw, vector_ok);
+            window_top2<rule, acc_t, scalar_t>(lane0, g.sw, len, safe_len, tap_off.data(), tap_rel.data(),
+                                               tap_off.data(), ntaps, o + oh * g.OW + ow_lo, ix + oh * g.OW + ow_lo,
+                                               origin, g.sw, vector_ok);
         if (nan_seen) {
           for (int64_t ow = ow_lo; ow < ow_hi; ++ow) scalar_at(ow);
         }
@@ -500,6 +505,7 @@ void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tens
 
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tap_rel(g.kh * g.kw);
+    std::vector<int64_t> tap_pos(g.kh * g.kw);
     std::vector<int64_t> tap_off(g.kh * g.kw);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.OH, oh = r % g.OH;
@@ -524,10 +530,13 @@ void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tens
         for (int64_t ki = ki0; ki < ki1; ++ki)
           for (int64_t kj = kj0; kj < kj1; ++kj) {
             tap_off[ntaps] = ((hs + ki * g.dh) * g.W + ws + kj * g.dw) * C;
-            tap_rel[ntaps++] = static_cast<acc_t>(ki * g.dh * g.W + kj * g.dw);
+            tap_pos[ntaps] = ki * g.dh * g.W + kj * g.dw;
+            tap_rel[ntaps] = static_cast<acc_t>(tap_pos[ntaps]);
+            ++ntaps;
           }
-        const bool nan_seen = window_top2<rule, acc_t, scalar_t>(sample, 1, C, C, tap_off.data(), tap_rel.data(), ntaps, o,
-                                                           ix, hs * g.W + ws, 0, vector_ok);
+        const bool nan_seen = window_top2<rule, acc_t, scalar_t>(sample, 1, C, C, tap_off.data(), tap_rel.data(),
+                                                                 tap_pos.data(), ntaps, o, ix, hs * g.W + ws, 0,
+                                                                 vector_ok);
         if (nan_seen) {
           for (int64_t c = 0; c < C; ++c) {
             const int64_t pos = select_window<rule>(sample + c, g.W * C, C, g, oh, ow);
