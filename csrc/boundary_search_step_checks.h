@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <utility>
 #include <sstream>
 #include <string>
 
@@ -48,6 +49,17 @@ inline void check_boundary_search_step_args(const at::Tensor& lo, const at::Tens
   check_no_internal_overlap(op, "lo", lo);
   check_no_internal_overlap(op, "hi", hi);
   check_no_internal_overlap(op, "points", points);
+  // All three are written: two that share memory (hi passed as lo, overlapping views of one buffer) have no single
+  // result, and the backends wrote them in different orders. Views ATen cannot judge (not dense: TooHard) pass.
+  const std::pair<const char*, const at::Tensor*> written[] = {{"lo", &lo}, {"hi", &hi}, {"points", &points}};
+  for (int i = 0; i < 3; ++i) {
+    for (int j = i + 1; j < 3; ++j) {
+      const at::MemOverlapStatus status = at::get_overlap_status(*written[i].second, *written[j].second);
+      TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": expected ",
+                  written[i].first, " and ", written[j].first, " not to share memory (both are written in place); "
+                  "clone() one of them first");
+    }
+  }
 }
 
 }  // namespace robust_ops

@@ -1,6 +1,8 @@
 """boundary_search_step_ (native CPU/CUDA kernels): bitwise equality with robust_ops.reference, search properties,
 opcheck, torch.compile and every argument check."""
 
+import re
+
 import pytest
 import torch
 
@@ -316,6 +318,34 @@ def test_internal_overlap_rejected_before_any_write(name, backend):
     assert str(got.value) == str(fake.value)
     # ATen's own text (what the reference's copy_ raises) is part of the message.
     assert "more than one element of the written-to tensor refers to a single memory location" in str(got.value)
+
+
+def _sharing(case):
+    """lo, hi, points (k = 2, N = 4) where two of the written tensors share memory."""
+    lo, hi, points, _, _ = make_inputs(2, shape=(4, 3))
+    if case == "hi is lo":
+        return lo, lo, points, ("lo", "hi")
+    if case == "lo and hi overlap":  # two views of one buffer, rows 2..3 of lo are rows 0..1 of hi
+        buf = torch.cat([lo, hi[2:]])
+        return buf[:4], buf[2:], points, ("lo", "hi")
+    return lo, points[0], points, ("hi", "points")  # "hi is points[0]"
+
+
+@pytest.mark.parametrize("case", ["hi is lo", "lo and hi overlap", "hi is points[0]"])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_written_tensors_sharing_memory_rejected_before_any_write(case, backend):
+    """lo, hi and points are all written in place: two sharing memory have no single result (hi passed as lo gave
+    the native kernel's lo and the reference's hi), so they are refused, as pgd_step_ refuses a partly shared slot."""
+    lo, hi, points, (first, second) = _sharing(case)
+    crossed_at = torch.tensor([0, 1, 0, 1])
+    before = [t.clone() for t in (lo, hi, points)]
+    message = (f"boundary_search_step_: expected {first} and {second} not to share memory (both are written in "
+               "place); clone() one of them first")
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        robust_ops.boundary_search_step_(lo, hi, points, crossed_at, backend=backend)
+    assert all(torch.equal(t, b) for t, b in zip((lo, hi, points), before))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        check_boundary_search_step_args(lo, hi, points, crossed_at, None)
 
 
 @pytest.mark.parametrize("name", ["hi", "points", "crossed_at", "active"])

@@ -49,10 +49,9 @@ def _non_overlapping_and_dense(t):
     return True
 
 
-def partly_overlaps(a, b):
-    """ATen's get_overlap_status(a, b) == Partial (csrc/pgd_step.h check_args): views of one storage whose bytes
-    intersect without being the same elements (the same span with other strides counts as partial). Fake and meta
-    tensors have no addresses and pass, as do views that are not dense (ATen's TooHard)."""
+def shares_memory(a, b):
+    """ATen's get_overlap_status(a, b) is Full or Partial: dense views of one storage whose bytes intersect. Fake and
+    meta tensors have no addresses and pass, as do views that are not dense (ATen's TooHard)."""
     from torch._subclasses.fake_tensor import is_fake
 
     if a.numel() == 0 or b.numel() == 0 or a.device.type == "meta" or is_fake(a) or is_fake(b):
@@ -61,9 +60,16 @@ def partly_overlaps(a, b):
         return False
     a_begin, b_begin = a.data_ptr(), b.data_ptr()
     a_end, b_end = a_begin + a.numel() * a.element_size(), b_begin + b.numel() * b.element_size()
-    if (a_begin, a_end) == (b_begin, b_end):
-        return a.stride() != b.stride()
     return a_begin < b_end and b_begin < a_end
+
+
+def partly_overlaps(a, b):
+    """ATen's get_overlap_status(a, b) == Partial (csrc/pgd_step.h check_args): views of one storage whose bytes
+    intersect without being the same elements (the same span with other strides counts as partial)."""
+    if not shares_memory(a, b):
+        return False
+    same_span = a.data_ptr() == b.data_ptr() and a.numel() * a.element_size() == b.numel() * b.element_size()
+    return not same_span or a.stride() != b.stride()
 
 
 def output_memory_format(input):
@@ -289,8 +295,17 @@ def check_boundary_search_step_args(lo, hi, points, crossed_at, active):
     for name, t in (("hi", hi), ("points", points), ("crossed_at", crossed_at), ("active", active)):
         if t is not None:
             check_same_device(op, name, t, "lo", lo)
-    for name, t in (("lo", lo), ("hi", hi), ("points", points)):
+    written = (("lo", lo), ("hi", hi), ("points", points))
+    for name, t in written:
         check_no_internal_overlap(op, name, t)
+    # csrc/boundary_search_step_checks.h: two written tensors sharing memory have no single result
+    for i, (name, t) in enumerate(written):
+        for other_name, other in written[i + 1:]:
+            torch._check(
+                not shares_memory(t, other),
+                lambda name=name, other_name=other_name: f"{op}: expected {name} and {other_name} not to share memory "
+                "(both are written in place); clone() one of them first",
+            )
 
 
 @torch.library.register_fake("robust_ops::boundary_search_step_")
