@@ -451,6 +451,16 @@ def test_classes_and_build():
         attacks.build("pgd", model, stepz=3, alfa=0.1)
 
 
+def test_build_refuses_steps_beside_the_option_it_stands_for():
+    # steps means n_queries for square and trials for noise; given both, steps silently won (7 queries, not 50)
+    model = TinyCNN()
+    for name, key in (("square", "n_queries"), ("noise", "trials")):
+        with pytest.raises(ValueError, match=f"attacks.build: {name}: steps means {key} here; give one of them, "
+                                             "not both"):
+            attacks.build(name, model, steps=7, **{key: 50})
+    assert attacks.build("square", model, steps=7).n_queries == 7
+
+
 def test_build_pgdl2_alpha_follows_eps_and_steps():
     # DPAAT's alpha = 2.5 * eps / steps: a fixed 0.0375 would leave alpha * steps < eps once eps is overridden
     model = make_model(3)

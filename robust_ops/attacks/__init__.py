@@ -69,6 +69,8 @@ def build(name, model, **kwargs):
     cls, defaults = attack_entry(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if "steps" in kwargs and name in STEPS_ALIAS:  # the CLI's --steps means queries / trials for these
+        if STEPS_ALIAS[name] in kwargs:  # one would silently replace the other
+            raise ValueError(f"attacks.build: {name}: steps means {STEPS_ALIAS[name]} here; give one of them, not both")
         kwargs[STEPS_ALIAS[name]] = kwargs.pop("steps")
     check_options(f"attacks.build: {name}", cls, kwargs)
     return cls(model, **{**defaults, **kwargs})
