@@ -778,3 +778,12 @@ def test_evaluate_memory_follows_the_batch_size_not_the_split(monkeypatch):
         evaluate(model, data, INFO, attacks="fgsm,pgd:steps=2", eps=[8 / 255, 16 / 255], batch_size=4)
     assert len(alive_at_call) > 4 and max(alive_at_call) <= 1  # only the previous batch's, until it is replaced
     assert max(largest) < data.tensors[0].numel()  # no float tensor the size of the split
+
+
+def test_parse_attacks_refuses_targeted_specs_that_would_aim_at_the_true_labels():
+    # Evaluation passes the true labels: pgd:targeted=true pushed towards them, so robust accuracy could only rise.
+    for text in ("pgd:targeted=true", "apgd-ce:targeted=true", "square:targeted=true"):
+        with pytest.raises(EvalError, match=r"attacks: targeted=true of '[a-z-]+' would take the true labels evaluation "
+                                            r"passes as targets, pushing towards them; use apgd-t or fab-t"):
+            parse_attacks(text)
+    assert parse_attacks("pgd:targeted=false")[0].options["targeted"] is False

@@ -295,6 +295,9 @@ def parse_attack(text):
     if "clip_min" in options or "clip_max" in options:
         raise EvalError("attacks", f"attacks: clip_min/clip_max of {name!r} come from the dataset's value range, not "
                                    "from attack options")
+    if options.get("targeted") is True:  # apgd-t and fab-t aim at the other classes, taking the true labels
+        raise EvalError("attacks", f"attacks: targeted=true of {name!r} would take the true labels evaluation passes as "
+                                   "targets, pushing towards them; use apgd-t or fab-t for targeted evaluation")
     spec = AttackSpec(name, options)
     _dry_run(spec)  # an option the attack does not take, or a bad value, fails here, not after training
     return spec
