@@ -2667,6 +2667,25 @@ def test_per_sample_eps_random_start_and_default_alpha_match_a_scalar_eps():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=norm)
 
 
+@pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_random_start_does_not_depend_on_the_memory_layout(norm, eps):
+    # empty_like filled a channels_last x in memory order: the same seed gave another start (up to 2 eps apart), and
+    # a scalar eps no longer matched an equal eps tensor (whose draws were in logical order).
+    from robust_ops.attacks.core import random_start_
+
+    x = torch.rand(2, 3, 5, 4)
+    starts = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x_nat = x.contiguous(memory_format=layout)
+        for eps_scalar, eps_t in ((eps, None), (None, torch.full((2,), eps))):
+            x_adv = torch.empty_like(x_nat)
+            random_start_(x_adv, x_nat, eps_t, eps_scalar, norm, 0.0, 1.0, torch.Generator().manual_seed(3))
+            starts.append(x_adv)
+    for start in starts[1:]:
+        torch.testing.assert_close(start, starts[0], rtol=0, atol=1e-6)
+    assert torch.equal(starts[2], starts[0])  # scalar eps: the same bits in both layouts
+
+
 def test_zero_dim_tensor_and_zero_eps():
     """eps / alpha as 0-d tensors act as the numbers; eps = 0 (>= 0 is allowed) leaves the inputs unchanged."""
     model = make_model(3)

@@ -248,14 +248,17 @@ def random_start_(x_adv, x_nat, eps, eps_scalar, norm, clip_min, clip_max, gener
     direction scaled to radius eps*U(0, 1)), so a seeded run reproduces torchattacks' random start."""
     n = x_adv.shape[0]
     view = (n,) + (1,) * (x_adv.dim() - 1)
+    # Drawn in logical (contiguous) order, so a seed gives one start whatever x's memory layout: empty_like would fill
+    # a channels_last x in memory order (torchattacks' draws for contiguous inputs, the only ones it sees alike).
+    fresh = dict(dtype=x_adv.dtype, device=x_adv.device)
     if norm == "linf":
         if eps_scalar is not None:
-            noise = torch.empty_like(x_adv).uniform_(-eps_scalar, eps_scalar, generator=generator)
+            noise = torch.empty(x_adv.shape, **fresh).uniform_(-eps_scalar, eps_scalar, generator=generator)
         else:
-            noise = (torch.rand(x_adv.shape, generator=generator, device=x_adv.device, dtype=x_adv.dtype) * 2 - 1)
+            noise = torch.rand(x_adv.shape, generator=generator, **fresh) * 2 - 1
             noise = noise * eps.view(view).to(x_adv.dtype)
     else:
-        noise = torch.empty_like(x_adv).normal_(generator=generator)
+        noise = torch.empty(x_adv.shape, **fresh).normal_(generator=generator)
         norms = noise.reshape(n, -1).norm(p=2, dim=1).view(view)
         r = torch.zeros_like(norms).uniform_(0, 1, generator=generator)
         radius = eps_scalar if eps_scalar is not None else eps.view(view).to(x_adv.dtype)
