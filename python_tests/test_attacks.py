@@ -2985,3 +2985,29 @@ def test_ensemble_checks_clean_inputs_batch_size_at_a_time():
     assert torch.equal(batched.broken_by, whole.broken_by) and torch.equal(batched.x_adv, whole.x_adv)
     empty = attacks.ensemble(model, x[:0], y[:0], [attacks.FGSM(model, eps=0.1)], batch_size=4)
     assert empty.x_adv.shape == (0,) + x.shape[1:] and empty.broken_by.numel() == 0
+
+
+def test_half_precision_inputs_fab_and_l2_square_refused_before_any_attack_runs():
+    # float16 FAB / FAB-T died inside with "value cannot be converted to type c10::Half without overflow" (1e10),
+    # float16 / bfloat16 L2 Square with an index_put dtype error -- AutoAttack on half inputs after its APGD runs.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    y = torch.tensor([0, 1, 2, 0])
+    calls = []
+    for dtype, norm, culprit in ((torch.float16, "linf", "fab-t"), (torch.float16, "l2", "fab-t"),
+                                 (torch.bfloat16, "l2", "square")):
+        half = model.to(dtype)
+        x = torch.rand(4, 1, 8, 8).to(dtype)
+        aa = attacks.AutoAttack(half, norm=norm, eps=0.1, steps=2, n_queries=3)
+        first = aa.attacks[0]
+        first.forward = lambda *a: calls.append(1)  # APGD-CE must not run before the refusal
+        with pytest.raises(TypeError, match=f"{culprit}: {dtype} inputs are not supported .*; give float32 inputs"):
+            aa.run(x, y)
+        assert not calls
+    with pytest.raises(TypeError, match="fab: torch.float16 inputs are not supported"):
+        attacks.fab(model.half(), torch.rand(2, 64).half(), torch.tensor([0, 1]), eps=0.1, steps=1)
+    with pytest.raises(TypeError, match="square: torch.float16 inputs are not supported"):
+        attacks.square(model.half(), torch.rand(2, 1, 8, 8).half(), torch.tensor([0, 1]), eps=0.5, norm="l2")
+    # bfloat16 runs FAB and Linf Square (and float32 is untouched)
+    model = model.to(torch.bfloat16)
+    x = torch.rand(4, 1, 8, 8).to(torch.bfloat16)
+    attacks.AutoAttack(model, norm="linf", eps=8 / 255, steps=2, n_queries=3).run(x, y)

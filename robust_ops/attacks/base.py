@@ -43,6 +43,10 @@ class Attack:
         self.clip_min = float(clip_min)
         self.clip_max = float(clip_max)
 
+    def check_input_dtype(self, x):
+        """Raise when this attack cannot run on ``x``'s dtype; ensembles ask every attack before running any (so a
+        cascade does not fail at its third attack after minutes of the first two). Default: every float dtype."""
+
     def set_model_mode(self, model_mode):
         if model_mode not in MODEL_MODES:
             raise ValueError(f"{self.name}: expected model_mode to be one of {', '.join(MODEL_MODES)}, "

@@ -142,6 +142,17 @@ def margin(out, y, kappa=0.0):
     return torch.clamp(true - other, min=-kappa)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_not_half(name, x, why, dtypes=HALF_DTYPES):
+    """A TypeError for inputs of ``dtypes`` (float16 / bfloat16), for attacks whose arithmetic needs more range or
+    precision (``why``); under torch.autocast a half model takes float32 inputs, and every attack runs."""
+    if torch.is_tensor(x) and x.dtype in dtypes:
+        raise TypeError(f"{name}: {x.dtype} inputs are not supported ({why}); give float32 inputs -- a half-precision "
+                        "model runs them under torch.autocast")
+
+
 def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
     """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
     silently. Returns y as int64 (None without y): callers attack with the returned labels."""

@@ -105,6 +105,10 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         raise ValueError(f"{name}: expected {len(attacks)} names, got {len(labels)}")
     if batch_size is not None:  # a negative step would skip every attack and report every sample robust
         batch_size = check_steps(name, batch_size, "batch_size")
+    for attack in attacks:  # before any attack runs: the cascade would otherwise stop minutes in
+        check_dtype = getattr(attack, "check_input_dtype", None)
+        if check_dtype is not None:
+            check_dtype(x)
     x = x.detach()
     n = x.shape[0]
     x_adv = x.clone()

@@ -21,14 +21,15 @@ import torch.nn.functional as F
 
 from .._options import check_real
 from .base import Attack
-from .context import (attack_context, check_gradients_possible, check_inputs, is_single_logit, predict_from_output,
-                      two_logits)
+from .context import (attack_context, check_gradients_possible, check_inputs, check_not_half, is_single_logit,
+                      predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, forward,
                    per_sample, runner_up_targets)
 from .pgd import make_generator
 
 # "no adversarial found yet" as the reference writes it: any real distance is smaller
 NOT_FOUND = 1e10
+FLOAT16_UNSUPPORTED = "FAB's distances and thresholds (1e10, 1e12, 1e-8) lie outside float16's range"
 
 
 def projection_linf(points, w, b):
@@ -294,6 +295,7 @@ def _fab_run(model, x, y, target, eps_t, norm, steps, alpha_max, eta, beta, clip
 def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, beta, n_target_classes, clip_min,
                     clip_max):
     check_gradients_possible(name)
+    check_not_half(name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
     y = check_inputs(name, x, y, clip_min, clip_max)
     norm = check_norm(name, norm, NORMS_WITH_L1)
     steps = check_steps(name, steps)
@@ -391,6 +393,9 @@ class FAB(Attack):
         self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
         self.multi_targeted, self.n_classes, self.seed = bool(multi_targeted), n_classes, seed
 
+    def check_input_dtype(self, x):
+        check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
+
     def forward(self, x, y):
         # n_classes None: as many targets as any model can have; fab caps them at K - 1
         n_targets = self.n_classes - 1 if self.n_classes is not None else 2 ** 31 - 1
@@ -414,6 +419,9 @@ class FABT(Attack):
         self.eps, self.norm, self.steps = eps, check_norm(self.name, norm, self.norms), steps
         self.n_target_classes, self.n_restarts = n_target_classes, n_restarts
         self.alpha_max, self.eta, self.beta, self.seed = alpha_max, eta, beta, seed
+
+    def check_input_dtype(self, x):
+        check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
 
     def forward(self, x, y):
         return fab(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, n_restarts=self.n_restarts,

@@ -8,7 +8,7 @@ import torch
 
 from .. import functional
 from .base import Attack
-from .context import attack_context, check_inputs, is_single_logit, predict_from_output, two_logits
+from .context import attack_context, check_inputs, check_not_half, is_single_logit, predict_from_output, two_logits
 from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
 from .pgd import make_generator
 
@@ -41,6 +41,11 @@ def _fooled(out, y, targeted):
     logits, a single logit of 0 -- is fooled only when the tie goes against y. AutoAttack's clean rule (argmax)."""
     predicted = predict_from_output(out)
     return predicted == y if targeted else predicted != y
+
+
+def _check_dtype(name, norm, x):
+    if norm == "l2":
+        check_not_half(name, x, "the L2 proposal's arithmetic (1e-12 guards, float32 radii) is written for float32")
 
 
 # Bound on the redraws of one query's colour: with eps > 0 at most one colour per sample leaves its square unchanged,
@@ -192,6 +197,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
     name = "square"
     norm = check_norm(name, norm)
     resample_unchanged = _resample_rule(name, norm, resample_unchanged)
+    _check_dtype(name, norm, x)
     y = check_inputs(name, x, y, clip_min, clip_max)
     if x.dim() != 4:
         raise ValueError(f"{name}: expected images [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
@@ -295,6 +301,9 @@ class Square(Attack):
         self.norm = check_norm(self.name, norm)
         self.resample_unchanged = _resample_rule(self.name, self.norm, resample_unchanged)
         self.rescale_schedule = rescale_schedule
+
+    def check_input_dtype(self, x):
+        _check_dtype(self.name, self.norm, x)
 
     def forward(self, x, y):
         return square(self.model, x, y, eps=self.eps, norm=self.norm, n_queries=self.n_queries, p_init=self.p_init,
