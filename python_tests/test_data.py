@@ -975,3 +975,18 @@ def test_16_bit_images_reaching_exactly_255_are_8_bit_data(tmp_path):
             Image.fromarray(np.full((8, 8), 255 - i, np.uint16)).save(tmp_path / c / f"{i}.png")
     with pytest.raises(DataError, match=r"every 16-bit image holds values <= 255 only"):
         load_dataset(tmp_path, size=8)
+
+
+def test_load_dataset_refuses_a_bare_medmnist_name_that_is_also_a_folder_and_root_for_paths(tmp_path, monkeypatch):
+    # `--data breastmnist` beside a folder named breastmnist read the folder ("expected at least two class folders"),
+    # and root= was ignored silently for paths and synthetic names.
+    monkeypatch.chdir(tmp_path)
+    _class_folders(tmp_path / "breastmnist", n=10)
+    with pytest.raises(DataError, match=r"breastmnist: names a MedMNIST set and a folder here; write ./breastmnist "
+                                        r"for the folder, or the .npz file's path"):
+        load_dataset("breastmnist", size=8)
+    assert load_dataset("./breastmnist", size=8).info.num_classes == 2
+    for spec in ("synthetic", "./breastmnist"):
+        with pytest.raises(DataError, match=r"root= is where MedMNIST files are looked up by name; this source is not "
+                                            r"one -- drop root="):
+            load_dataset(spec, root=tmp_path, size=8)

@@ -218,6 +218,10 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if bit_depth is not None and not image_files:  # would be ignored
         raise DataError(f"{text}: bit_depth= scales 16-bit image files (class folders and CSV); this source has "
                         "none -- drop bit_depth=", arg="bit_depth")
+    medmnist_name = medmnist.is_medmnist_name(low)
+    if root is not None and not medmnist_name:  # would be ignored (download= is a permission, not a request)
+        raise DataError(f"{text}: root= is where MedMNIST files are looked up by name; this source is not one -- "
+                        "drop root=", arg="root")
     if low in SYNTHETIC_NAMES:
         return synthetic.synthetic_splits(size=28 if size is None else size, seed=seed)
     if low in MOONS_NAMES:
@@ -225,6 +229,9 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
             raise DataError(f"{text}: size= resizes images; two-moons holds 2-d points -- drop size=", arg="size")
         return synthetic.moons_splits(seed=seed)
     path = Path(text).expanduser()
+    if medmnist_name and text == path.name and path.is_dir():  # a bare name: neither reading is safe to guess
+        raise DataError(f"{text}: names a MedMNIST set and a folder here; write ./{text} for the folder, or the .npz "
+                        "file's path for the MedMNIST set")
     if low.endswith(".npz"):
         return medmnist.load_npz(path, size=size)
     if low.endswith(".csv"):
@@ -233,7 +240,7 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if path.is_dir():
         return folders.load_busi(path, size=224 if size is None else size, seed=seed, classes=classes,
                                  bit_depth=bit_depth)
-    if medmnist.is_medmnist_name(low):
+    if medmnist_name:
         return medmnist.load_medmnist(low, root=root, size=size, download=download)
     if path.exists():
         raise DataError(f"{text}: not a dataset this library reads (expected an .npz file, a .csv file or a folder)")
