@@ -898,6 +898,11 @@ def test_csv_labels_in_two_cases_and_numeric_labels(tmp_path):
     with pytest.warns(UserWarning, match="too small to stratify"):
         s = load_dataset(path, size=8)
     assert s.info.class_names == tuple(str(i) for i in range(12))  # "2" before "10": label k is class "k"
+    # "01" beside "1" made two classes that sort alike (both 1)
+    path = _ham(tmp_path, ["0", "1", "01"] * 4, name="zeros.csv")
+    with pytest.raises(DataError, match=r"zeros\.csv: labels '01' and '1' in column 'dx' differ only in case or "
+                                        r"leading zeros"):
+        load_dataset(path, size=8)
 
 
 def test_csv_hints_for_other_separators_and_file_names_as_ids(tmp_path):

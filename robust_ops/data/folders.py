@@ -337,11 +337,12 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     counts = Counter(label for _, label in rows)
     folded = {}
     for label in sorted(counts):
-        folded.setdefault(label.casefold(), []).append(label)
+        key = str(int(label)) if re.fullmatch(r"-?[0-9]+", label) else label.casefold()
+        folded.setdefault(key, []).append(label)
     clash = next((v for v in folded.values() if len(v) > 1), None)
-    if clash:  # "Malignant" beside "malignant" would silently become a class of its own
+    if clash:  # "Malignant" beside "malignant", or "01" beside "1", would silently become a class of its own
         raise DataError(f"{csv_path}: labels {' and '.join(map(repr, clash))} in column {label_column!r} differ only "
-                        "in case and would be separate classes; write each label one way")
+                        "in case or leading zeros and would be separate classes; write each label one way")
     if classes is None:
         names = sorted(counts, key=_label_order(counts))
     else:
