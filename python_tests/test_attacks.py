@@ -2686,6 +2686,17 @@ def test_random_start_does_not_depend_on_the_memory_layout(norm, eps):
     assert torch.equal(starts[2], starts[0])  # scalar eps: the same bits in both layouts
 
 
+def test_bool_and_complex_eps_tensors_are_refused():
+    # torch.tensor([True, False]) ran as radii 1 and 0 (a Python bool is refused); a complex one lost its imaginary part
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    for eps in (torch.tensor([True, False]), torch.tensor(True), torch.tensor([0.1, 0.2], dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=f"pgd: expected eps to be a real tensor, got {eps.dtype}"):
+            attacks.pgd(model, x, y, eps=eps, steps=1)
+    with pytest.raises(TypeError, match="pgd: expected alpha to be a real tensor, got torch.bool"):
+        attacks.pgd(model, x, y, eps=0.1, alpha=torch.tensor([True, True]), steps=1)
+
+
 def test_zero_dim_tensor_and_zero_eps():
     """eps / alpha as 0-d tensors act as the numbers; eps = 0 (>= 0 is allowed) leaves the inputs unchanged."""
     model = make_model(3)

@@ -122,6 +122,8 @@ def per_sample(name, arg, value, x, allow_zero=True):
     n = x.shape[0]
     dtype = torch.promote_types(x.dtype, torch.float32)
     if torch.is_tensor(value):
+        if value.dtype == torch.bool or value.is_complex():  # as a Python bool: True would be a radius of 1
+            raise TypeError(f"{name}: expected {arg} to be a real tensor, got {value.dtype}")
         if value.dim() == 0:
             value = value.reshape(1).expand(n)
         if value.dim() != 1 or value.shape[0] != n:
