@@ -524,6 +524,9 @@ def test_reference_backend_checks_values_like_the_cpu_kernel(name, values, messa
         (dict(slot=True), TypeError, "expected slot to be an int, got True"),  # a bool is not a slot number
         (dict(clip_min=None), TypeError, "expected clip_min to be a number, got NoneType"),
         (dict(clip_max="1"), TypeError, "expected clip_max to be a number, got str"),
+        # a 0-D bool tensor ran as 1.0 (a Python bool is refused)
+        (dict(clip_max=torch.tensor(True)), TypeError, "expected clip_max to be a number, got a torch.bool tensor"),
+        (dict(clip_min=torch.tensor(0j)), TypeError, "expected clip_min to be a number, got a torch.complex64 tensor"),
     ],
 )
 def test_functional_argument_errors(backend, changes, error, message):

@@ -187,10 +187,11 @@ def _per_sample_tensor(name, value, like):
 def _real(name, value):
     """A clip bound as a Python float: a real number or a 0-D tensor, never None or a string."""
     if (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
-        isinstance(value, torch.Tensor) and value.dim() == 0
+        isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
     ):
         return float(value)
-    raise TypeError(f"pgd_step_: expected {name} to be a number, got {type(value).__name__}")
+    kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+    raise TypeError(f"pgd_step_: expected {name} to be a number, got {kind}")
 
 
 def _index(name, value):
