@@ -1525,3 +1525,20 @@ def test_the_default_criterion_on_a_segmentation_output_names_is_correct():
         gen_adv(model, x, y, 1.0, loss_fn=pixel_sum)
     with pytest.raises(ValueError, match="^IMA: " + match):
         IMA(num_samples=4, loss_fn=pixel_sum)(model, x, y, torch.arange(4))
+
+
+def test_labels_past_the_models_classes_are_refused():
+    # A binary single-logit model with 1/2 labels: gen_adv called every label-2 sample misclassified and IMA trained
+    # on a BCE target of 2 without a word; labels = K of a K-class model read as misclassified everywhere.
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    for classes, y in ((1, torch.tensor([1, 2, 1, 2])), (3, torch.tensor([3, 3, 3, 3]))):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, classes))
+        k = max(classes, 2)
+        match = rf"expected labels in \[0, {k}\) for a model with {k} classes"
+        with pytest.raises(ValueError, match="^gen_adv: " + match):
+            gen_adv(model, x, y, 0.5)
+        with pytest.raises(ValueError, match="^gen_adv: " + match):  # the default loss alone reads class labels too
+            gen_adv(model, x, y, 0.5, is_correct=lambda out, t: torch.ones(t.shape[0], dtype=torch.bool))
+        with pytest.raises(ValueError, match="^IMA: " + match):
+            IMA(num_samples=4)(model, x, y, torch.arange(4))

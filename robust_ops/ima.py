@@ -34,7 +34,7 @@ from .attacks.context import (
     classification_loss,
     predict_from_output,
 )
-from .attacks.core import check_linf_budget, check_norm, per_sample, sample_distance
+from .attacks.core import check_labels_against, check_linf_budget, check_norm, per_sample, sample_distance
 from .defenses._common import distributed_run
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
@@ -304,6 +304,7 @@ class _Problem:
         self.default_criterion = is_correct is None
         self.loss_fn = loss_fn or _default_loss
         self.default_loss = loss_fn is None
+        self.labels_checked = False
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.search_result, self.backend = search_result, backend
         self.grad_scale = InputGradScale()  # loss scaling under float16 autocast (fit(amp=True)); a no-op otherwise
@@ -323,6 +324,13 @@ class _Problem:
     def correct(self, out, y):
         if self.default_criterion:
             _check_default_output(self.name, out, y.shape[0], "is_correct")
+        if (self.default_criterion or self.default_loss) and not self.labels_checked:
+            # Labels past the model's classes (1-based, or a binary 1/2) read as misclassified everywhere, and a
+            # single logit's BCE took a target of 2 without a word: checked once, against the first output.
+            if not self.default_criterion:  # a segmentation output: name loss_fn, not the label range
+                _check_default_output(self.name, out, y.shape[0], "loss_fn")
+            check_labels_against(self.name, self.y, out)
+            self.labels_checked = True
         return _criterion_result(self.name, self.is_correct(out, y), y.shape[0])
 
     def padded_rows(self, n):
@@ -1099,6 +1107,8 @@ class IMA(Defense):
         for arg, given in (("is_correct", self._is_correct), ("loss_fn", self._loss_fn)):
             if given is None:
                 _check_default_output("IMA", out, x.shape[0], arg)
+        if self._is_correct is None or self._loss_fn is None:
+            check_labels_against("IMA", y, out)  # a binary model's 1/2 labels trained on a BCE target of 2
         l0 = _loss_result("IMA", loss_fn(out, y), x.shape[0])
         clean_ok = _criterion_result("IMA", criterion(out.detach(), y), x.shape[0])
         sel = clean_ok.nonzero().squeeze(1)
