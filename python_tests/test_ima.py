@@ -1200,9 +1200,23 @@ def test_gen_adv_refuses_a_criterion_or_loss_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"gen_adv: expected is_correct\(output, y\) to return a bool tensor of shape "
                                          r"\[12\], got torch.bool \(12, 1\)"):
         gen_adv(model, x, y, 1.0, is_correct=lambda out, y: (out.argmax(1) == y).unsqueeze(1))
-    with pytest.raises(ValueError, match=r"gen_adv: expected loss_fn\(output, y\) to return per-sample losses of shape "
-                                         r"\[12\], got \(\)"):
+    with pytest.raises(ValueError, match=r"gen_adv: expected loss_fn\(output, y\) to return per-sample floating-point "
+                                         r"losses of shape \[12\], got torch.float64 \(\)"):
         gen_adv(model, x, y, 1.0, loss_fn=lambda out, y: F.cross_entropy(out, y))
+
+
+def test_gen_adv_refuses_a_loss_that_is_no_tensor_or_has_no_gradient():
+    # Formerly AttributeError ("'list' object has no attribute 'shape'") and autograd's "element 0 of tensors does
+    # not require grad", naming neither gen_adv nor loss_fn.
+    model, x, y, _ = make_problem()
+    with pytest.raises(ValueError, match=r"^gen_adv: expected loss_fn\(output, y\) to return per-sample floating-point "
+                                         r"losses of shape \[12\], got list$"):
+        gen_adv(model, x, y, 1.0, loss_fn=lambda out, y: [0.0] * 12)
+    with pytest.raises(ValueError, match=r"^gen_adv: expected loss_fn\(output, y\) to be differentiable in the output"):
+        gen_adv(model, x, y, 1.0, loss_fn=lambda out, y: (out.argmax(1) != y).double())
+    with pytest.raises(ValueError, match=r"^IMA: expected loss_fn\(output, y\) to return per-sample floating-point "
+                                         r"losses of shape \[12\], got torch.int64 \(12,\)"):
+        IMA(num_samples=12, loss_fn=lambda out, y: (out.argmax(1) != y).long())(model, x, y, torch.arange(12))
 
 
 def test_kary_search_matches_per_sample_loop():

@@ -268,9 +268,10 @@ def _criterion_result(name, ok, n):
 
 
 def _loss_result(name, loss, n):
-    if loss.shape != (n,):
-        raise ValueError(f"{name}: expected loss_fn(output, y) to return per-sample losses of shape [{n}], "
-                         f"got {tuple(loss.shape)}")
+    if not torch.is_tensor(loss) or not loss.is_floating_point() or loss.shape != (n,):
+        got = f"{loss.dtype} {tuple(loss.shape)}" if torch.is_tensor(loss) else type(loss).__name__
+        raise ValueError(f"{name}: expected loss_fn(output, y) to return per-sample floating-point losses of shape "
+                         f"[{n}], got {got}")
     return loss
 
 
@@ -366,6 +367,9 @@ class _Problem:
             _check_default_output(self.name, out, y.shape[0], "loss_fn")
         with torch.enable_grad():
             loss = _loss_result(self.name, self.loss_fn(out, y), y.shape[0])
+            if not loss.requires_grad:  # autograd's own error ("element 0 of tensors ...") named neither
+                raise ValueError(f"{self.name}: expected loss_fn(output, y) to be differentiable in the output, got a "
+                                 f"loss without a gradient (computed from argmax, comparisons or .detach()?)")
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
         counter.backward(self.padded_rows(xs.shape[0]))
         (grad,) = self.grad_scale.grad(total, [xs])
