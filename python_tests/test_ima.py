@@ -1556,3 +1556,15 @@ def test_labels_past_the_models_classes_are_refused():
             gen_adv(model, x, y, 0.5, is_correct=lambda out, t: torch.ones(t.shape[0], dtype=torch.bool))
         with pytest.raises(ValueError, match="^IMA: " + match):
             IMA(num_samples=4)(model, x, y, torch.arange(4))
+
+
+def test_ima_refuses_an_init_margin_above_eps_train_by_its_own_names():
+    # Formerly accepted when built and refused by MarginTable at the first batch, naming max_margin.
+    match = (r"^IMA: expected init_margin <= eps_train \(margins are clipped into \[0, eps_train\]\), got "
+             r"init_margin=2.0")
+    with pytest.raises(ValueError, match=match + r" > eps_train=1.0$"):
+        IMA(num_samples=4, eps_train=1.0, init_margin=2.0)
+    model, x, y, _ = make_problem(n=4)
+    defense = IMA(num_samples=4, init_margin=2.0)  # eps_train from the paper's rule: 3 * sqrt(100 / 3072) = 0.54
+    with pytest.raises(ValueError, match=match + r" > eps_train=0.54"):
+        defense(model, x, y, torch.arange(4))

@@ -988,6 +988,14 @@ def paper_eps_train(sample_shape, norm="l2"):
     return 3.0 * math.sqrt(math.prod(sample_shape) / 3072)
 
 
+def _check_init_margin(init_margin, eps_train):
+    """Margins start at init_margin and are clipped into [0, eps_train]: one above it was refused by MarginTable at
+    the first batch, naming max_margin, an argument IMA does not have."""
+    if init_margin is not None and init_margin > eps_train:
+        raise ValueError(f"IMA: expected init_margin <= eps_train (margins are clipped into [0, eps_train]), got "
+                         f"init_margin={init_margin!r} > eps_train={eps_train!r}")
+
+
 class IMA(Defense):
     r"""Increasing-Margin Adversarial training (Algorithm 1 for one mini-batch; Ma & Liang).
 
@@ -1043,6 +1051,7 @@ class IMA(Defense):
         if eps_train is not None:
             check_linf_budget("IMA", norm, torch.tensor([float(eps_train)]), float(clip_min), float(clip_max),
                               arg="eps_train")
+            _check_init_margin(init_margin, eps_train)
         _check_options("IMA", backend, is_correct, loss_fn, {"strict_shrink": strict_shrink, "compact": compact,
                                                              "batch_exit": batch_exit, "sync": sync},
                        search_result, model_mode)
@@ -1079,6 +1088,7 @@ class IMA(Defense):
             self.delta = self.eps_train / 100
         if self.init_margin is None:
             self.init_margin = min(self.delta, self.eps_train)
+        _check_init_margin(self.init_margin, self.eps_train)
         if self.table is None:
             if self.num_samples is None:
                 raise ValueError("IMA: the margin table needs the training set size: pass num_samples=len(train_set) "
