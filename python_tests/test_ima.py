@@ -1568,3 +1568,17 @@ def test_ima_refuses_an_init_margin_above_eps_train_by_its_own_names():
     defense = IMA(num_samples=4, init_margin=2.0)  # eps_train from the paper's rule: 3 * sqrt(100 / 3072) = 0.54
     with pytest.raises(ValueError, match=match + r" > eps_train=0.54"):
         defense(model, x, y, torch.arange(4))
+
+
+def test_dice_refuses_multiclass_labels_outside_the_output_classes():
+    # Labels 1..C of a C-channel output (background forgotten) raised one_hot's "Class values must be smaller than
+    # num_classes", naming neither dice_score nor y.
+    out = torch.randn(2, 3, 4, 4)
+    for labels, got in ((torch.randint(1, 4, (2, 4, 4)), r"\[1, 3\]"), (-torch.ones(2, 4, 4, dtype=torch.long),
+                                                                         r"\[-1, -1\]")):
+        labels[0, 0, 0] = labels.max()  # at least one label at the top of its range
+        with pytest.raises(ValueError, match=r"^dice_score: expected labels y in \[0, 3\) for the 3-class output "
+                                             rf"\(2, 3, 4, 4\), got values in {got}$"):
+            dice_score(out, labels)
+        with pytest.raises(ValueError, match=r"^dice_score: expected labels y in \[0, 3\)"):
+            dice_criterion()(out, labels)

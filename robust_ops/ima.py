@@ -162,6 +162,10 @@ def _seg_masks(out, y, name):
         if target_labels.shape[1] != pred.shape[2]:
             raise ValueError(f"{name}: expected y to have {pred.shape[2]} labels per sample to match the multi-class "
                              f"output {tuple(out.shape)}, got {tuple(y.shape)}")
+        if target_labels.numel() and (int(target_labels.min()) < 0 or int(target_labels.max()) >= c):
+            # one_hot's own error ("Class values must be smaller than num_classes") named neither y nor the output
+            raise ValueError(f"{name}: expected labels y in [0, {c}) for the {c}-class output {tuple(out.shape)}, got "
+                             f"values in [{int(target_labels.min())}, {int(target_labels.max())}]")
         target = torch.nn.functional.one_hot(target_labels, c).transpose(1, 2)
         return pred.bool(), target.bool()
     pred = _flat(out > 0)
