@@ -1472,3 +1472,39 @@ def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
     grown.extra = nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"extra.weight\""):
         load_weights(grown, path)
+
+
+def test_resume_restores_fats_tau_set_by_a_scheduler(tmp_path):
+    """FAT's dynamic tau, set from a scheduler as docs/defenses/fat.md says: the checkpoint keeps the current tau, so
+    the resumed epoch runs with the scheduled tau (it ran with the constructor's tau = 0 and ended elsewhere)."""
+    def make():
+        defense = defenses.FAT(steps=4, eps=0.2)
+
+        def scheduler(optimizer):
+            def ramp(epoch):
+                defense.tau = min(epoch, 3)
+                return 1.0
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, ramp)
+        return defense, scheduler
+
+    torch.manual_seed(0)
+    init = _weights(DropoutMLP())
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False, seed=3)
+    models, taus = [], []
+    for out, epochs_first in (("a", 4), ("b", 2)):
+        model = DropoutMLP()
+        model.load_state_dict(init)
+        defense, scheduler = make()
+        fit(model, defense, _data(), epochs=epochs_first, scheduler=scheduler, out_dir=tmp_path / out, **kwargs)
+        if epochs_first < 4:
+            model, (defense, scheduler) = DropoutMLP(), make()
+            fit(model, defense, _data(), epochs=4, scheduler=scheduler, out_dir=tmp_path / out, resume=True, **kwargs)
+        models.append(model)
+        taus.append(defense.tau)
+    assert taus == [3, 3]
+    for k, v in _weights(models[0]).items():
+        assert torch.equal(v, models[1].state_dict()[k]), k
+    # the tau the defense is built with stays an option: another one is refused
+    with pytest.raises(ValueError, match="tau=0, this call's defense has tau=1"):
+        fit(DropoutMLP(), defenses.FAT(steps=4, eps=0.2, tau=1), _data(), epochs=5, scheduler=make()[1],
+            out_dir=tmp_path / "b", resume=True, **kwargs)

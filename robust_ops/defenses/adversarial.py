@@ -75,13 +75,25 @@ class RST(PGDDefense):
 class FAT(PGDDefense):
     """Friendly adversarial training (Zhang et al., ICML 2020): L = L(x_adv) with early-stopped PGD -- each sample
     keeps stepping only ``tau`` steps after it is first misclassified (run_pgd(early_stop=tau)). tau = 0 (FAT's
-    default; the paper also ramps tau up during training, which a scheduler can do by setting ``defense.tau``)."""
+    default; the paper also ramps tau up during training, which a scheduler can do by setting ``defense.tau``).
+    The current tau is also the defense's state: like the optimizer's scheduled lr, a resume takes it from the
+    checkpoint (the tau given to the constructor is an option, compared on resume)."""
 
     name = "fat"
 
     def __init__(self, tau=0, **attack):
         super().__init__(**attack)
         self.tau = check_int(self.name, "tau", tau, minimum=0)
+
+    def state_dict(self):
+        return {"tau": int(self.tau)}
+
+    def load_state_dict(self, state):
+        if not state:  # checkpoints written before tau was kept: the defense's own tau
+            return
+        if set(state) != {"tau"}:
+            raise ValueError(f"{self.name}: expected state keys ['tau'], got {sorted(state)}")
+        self.tau = check_int(self.name, "tau", state["tau"], minimum=0)
 
     def __call__(self, model, x, y, ids=None):
         x_adv = self.attack(model, x, y, early_stop=int(self.tau)).x_adv
