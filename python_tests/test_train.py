@@ -196,6 +196,43 @@ def test_resume_refuses_another_optimizer_class_and_passes_checkpoints_without_o
     _resume_from_before(tmp_path, "optimizer", optimizer=adam)
 
 
+def test_resume_refuses_other_optimizer_or_scheduler_settings_and_passes_checkpoints_without_them(tmp_path):
+    """The checkpoint's optimizer and scheduler states replace the settings of those built for the resume: another
+    lr, momentum or weight decay of a caller's optimizer, or another T_max or milestones of its scheduler, trained on
+    silently with the checkpoint's (a cosine schedule resumed with T_max=10 kept T_max=2)."""
+    kwargs = dict(batch_size=8, out_dir=tmp_path, progress=False)
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    cosine = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2)  # noqa: E731
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, optimizer=sgd, scheduler=cosine, **kwargs)
+    for optimizer, shown in ((lambda params: torch.optim.SGD(params, lr=0.01), "lr=0.1, this call's has lr=0.01"),
+                             (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4),
+                              "momentum=0, weight_decay=0, this call's has momentum=0.9, weight_decay=0.0001")):
+        with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with an optimizer "
+                                             rf"of {shown} \(the checkpoint's"):
+            fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, optimizer=optimizer,
+                scheduler=cosine, **kwargs)
+    with pytest.raises(ValueError, match=r"it was trained with a scheduler of T_max=2, this call's has T_max=10 "):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, optimizer=sgd,
+            scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10), **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, optimizer=sgd, scheduler=cosine, **kwargs)
+    _resume_from_before(tmp_path, "optimizer_settings", "scheduler_settings", optimizer=sgd,
+                        scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10))
+    # milestones (a Counter) are compared too; a scheduler object reused after it stepped (a notebook) still resumes
+    multi = lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 3])  # noqa: E731
+    model = DropoutMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = multi(optimizer)
+    fit(model, defenses.Standard(), _data(16), epochs=2, optimizer=optimizer, scheduler=scheduler,
+        **{**kwargs, "out_dir": tmp_path / "multi"})
+    with pytest.raises(ValueError, match=r"a scheduler of milestones=\(\(1, 1\), \(3, 1\)\), this call's has "
+                                         r"milestones=\(\(2, 1\),\)"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, optimizer=sgd, resume=True,
+            scheduler=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2]),
+            **{**kwargs, "out_dir": tmp_path / "multi"})
+    fit(model, defenses.Standard(), _data(16), epochs=3, optimizer=optimizer, scheduler=scheduler, resume=True,
+        **{**kwargs, "out_dir": tmp_path / "multi"})
+
+
 def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without_one(tmp_path):
     """The epoch permutations are drawn over len(train_data): a resume on a training set of another size silently
     trained on another data order (and other data) than the uninterrupted run."""

@@ -43,6 +43,7 @@ from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
+from .defenses.base import _as_tuples, _plain
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "metrics.json"  # the per-epoch history, rewritten with each checkpoint
@@ -326,6 +327,24 @@ def _class_path(obj):
     return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+# Scheduler state that counts progress rather than setting the schedule (CosineAnnealingWarmRestarts' T_cur / T_i,
+# ReduceLROnPlateau's best and counters): a scheduler object reused after it stepped (a notebook) still resumes.
+_SCHEDULER_PROGRESS = ("last_epoch", "T_cur", "T_i", "best", "num_bad_epochs", "cooldown_counter")
+
+
+def _settings(state, skip=()):
+    """The plain-valued settings of an optimizer's ``defaults`` or a scheduler's ``state_dict()`` (public keys not in
+    ``skip``; a dict of plain values, MultiStepLR's milestones Counter, as sorted pairs), as a checkpoint records them:
+    the checkpoint's optimizer and scheduler states replace those of the ones built for a resume."""
+    settings = {}
+    for key, value in state.items():
+        if isinstance(value, dict) and all(_plain(k) and _plain(v) for k, v in value.items()):
+            value = tuple(sorted(value.items()))
+        if not key.startswith("_") and key not in skip and _plain(value):
+            settings[key] = _as_tuples(value)
+    return settings
+
+
 def _make_scheduler(name, scheduler, optimizer):
     if scheduler is None:
         return None
@@ -551,7 +570,9 @@ def fit(
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
               "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model),
               "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer), "scheduler": _class_path(scheduler),
-              "num_samples": len(train_data), "amp": bool(amp)}
+              "num_samples": len(train_data), "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
+              "scheduler_settings": None if scheduler is None else _settings(scheduler.state_dict(),
+                                                                             _SCHEDULER_PROGRESS)}
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
     if resume_path is not None:
@@ -572,6 +593,18 @@ def fit(
             if saved != config[key]:
                 raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
                                  f"call has {key}={config[key]!r}")
+        # The checkpoint's optimizer and scheduler states replace the settings of those built here (a caller's
+        # optimizer with another lr or momentum, a cosine schedule with another T_max would be ignored silently).
+        # Checkpoints written before the settings were recorded pass.
+        for key, what in (("optimizer_settings", "an optimizer"), ("scheduler_settings", "a scheduler")):
+            saved, now = state["config"].get(key), config[key]
+            changed = [] if saved is None or now is None else sorted(
+                k for k in set(saved) | set(now) if saved.get(k, "unset") != now.get(k, "unset"))
+            if changed:
+                def shown(settings):
+                    return ", ".join(f"{k}={settings.get(k, 'unset')!r}" for k in changed)
+                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {what} of {shown(saved)}, "
+                                 f"this call's has {shown(now)} (the checkpoint's would replace them silently)")
         # Checkpoints written before the defense's options were recorded pass.
         saved_options = state["config"].get("defense_options", defense_options)
         changed = [k for k in sorted(set(saved_options) | set(defense_options))
