@@ -1545,3 +1545,29 @@ def test_resume_restores_fats_tau_set_by_a_scheduler(tmp_path):
     with pytest.raises(ValueError, match="tau=0, this call's defense has tau=1"):
         fit(DropoutMLP(), defenses.FAT(steps=4, eps=0.2, tau=1), _data(), epochs=5, scheduler=make()[1],
             out_dir=tmp_path / "b", resume=True, **kwargs)
+
+
+def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_line_errors(tmp_path):
+    """resume= or load_weights on the wrong file: an empty one raised a bare EOFError (no message), a torch file of
+    another content AttributeError ('list' object has no attribute 'get'), a JSON file torch's advice to load it
+    with weights_only=False, a cut one miniz's error; now one line naming the file."""
+    import argparse
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "metrics.json").write_text("[{}]")
+    torch.save([1, 2], tmp_path / "list.pt")
+    torch.save({"model": {}, "payload": argparse.Namespace(code="runs on load")}, tmp_path / "pickled.pt")
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path / "run", progress=False)
+    whole = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:len(whole) // 2])
+    unreadable = "not a readable checkpoint"
+    cases = [("empty.pt", unreadable), ("metrics.json", rf"{unreadable} \(not a torch.save file"),
+             ("cut.pt", unreadable),
+             ("pickled.pt", "refusing to load: it holds objects that need pickle to run code"),
+             ("list.pt", "is not a robust_ops fit checkpoint")]
+    for file, message in cases:
+        path = re.escape(str(tmp_path / file))
+        with pytest.raises(ValueError, match=rf"^fit: {path}:? {message}"):
+            fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / file, progress=False)
+        with pytest.raises(ValueError, match=rf"^load_weights: {path}:? {message}"):
+            load_weights(DropoutMLP(), tmp_path / file)

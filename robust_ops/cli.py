@@ -13,13 +13,11 @@ import contextlib
 import inspect
 import json
 import os
-import pickle
 import signal
 import sys
 import threading
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 PROG = "robust-ops"
@@ -343,14 +341,13 @@ def read_checkpoint(path):
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":
             raise CLIError(f"{path}: not a readable checkpoint (not a torch.save archive)")
+    from .train import load_checkpoint
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = str(err).splitlines()
-        found = next((line.strip() for line in lines if "Unsupported global" in line), "unsupported content")
-        raise CLIError(f"{path}: refusing to load: it holds objects that need pickle to run code (weights_only=True "
-                       f"allows tensors and plain values only; {found[:120]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        return load_checkpoint(path)
+    except ValueError as err:  # names the file and what is wrong with it
+        raise CLIError(str(err)) from None
+    except OSError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CLIError(f"{path}: not a readable checkpoint ({first[:160]})") from None
 

@@ -27,8 +27,10 @@ import json
 import math
 import numbers
 import os
+import pickle
 import random
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,8 +200,41 @@ def epochs_done(out_dir):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by fit (weights_only=True: tensors and plain values only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint written by fit (weights_only=True: tensors and plain values only). A file torch.load cannot
+    read so (empty, cut short, not a torch.save file, or holding objects that need pickle) is a ValueError naming it:
+    torch's own errors are a bare EOFError for an empty file, or advice to load a JSON file with weights_only=False.
+    A missing or unreadable file keeps its OSError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = str(err).splitlines()
+        found = next((line.strip() for line in lines if "Unsupported global" in line), None)
+        if found is None:  # not a pickle at all (a JSON file): torch's text suggests weights_only=False regardless
+            after = [line.strip() for line in lines[1 + next((i for i, line in enumerate(lines)
+                                                               if "WeightsUnpickler error" in line), len(lines)):]]
+            detail = next((line for line in after if line), "unreadable content")
+            raise ValueError(f"{path}: not a readable checkpoint (not a torch.save file: {detail[:120]})") from None
+        raise ValueError(f"{path}: refusing to load: it holds objects that need pickle to run code (weights_only=True "
+                         f"allows tensors and plain values only; {found[:120]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise  # no file to read, not a file of the wrong content
+        first = str(err).splitlines()[0] if str(err) else f"{type(err).__name__}: the file ends early"
+        raise ValueError(f"{path}: not a readable checkpoint ({first[:160]})") from None
+
+
+def _fit_checkpoint(name, path, map_location):
+    """load_checkpoint for ``name`` (fit's resume, load_weights): errors name it, and a file holding something else
+    than a dict of fit's format is refused."""
+    try:
+        state = load_checkpoint(path, map_location)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        got = f"format {state.get('format')!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ValueError(f"{name}: {path} is not a robust_ops fit checkpoint ({got}, expected format "
+                         f"{CHECKPOINT_FORMAT}); a bare state dict loads with model.load_state_dict")
+    return state
 
 
 def drop_max_layers(model):
@@ -213,10 +248,7 @@ def load_weights(model, path, map_location="cpu"):
     with (MIRST-DM: ``robust_ops.replace_maxpool(model, "first")`` first), and return ``model``. A model whose
     DropMax2d layers are not the recorded ones is refused: it would load and silently compute other outputs.
     Checkpoints written before the layers were recorded load unchecked."""
-    state = load_checkpoint(path, map_location)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"load_weights: {path} is not a robust_ops fit checkpoint (expected format "
-                         f"{CHECKPOINT_FORMAT}); a bare state dict loads with model.load_state_dict")
+    state = _fit_checkpoint("load_weights", path, map_location)
     mismatch = drop_max_mismatch(model, state)
     if mismatch is not None:
         raise ValueError(f"load_weights: {path} {mismatch}; rebuild the trained architecture "
@@ -576,10 +608,7 @@ def fit(
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
     if resume_path is not None:
-        state = load_checkpoint(resume_path, map_location=device)  # _set_rng_state takes the RNG states back to CPU
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{name}: {resume_path} is not a robust_ops fit checkpoint (format "
-                             f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT})")
+        state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
         # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored;
         # layouts: other convolution kernels, and drop-max layers: another architecture, so a switched run would
         # silently differ from an uninterrupted one; so would other gradient clipping, and a scheduler left out,
