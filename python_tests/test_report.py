@@ -182,3 +182,21 @@ def test_radius_figure_gives_each_method_one_colour_and_legend_entry(tmp_path, m
     ax, = figures[1].axes
     assert ax.get_lines()[0].get_color() == colour["B"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B"]
+
+
+@pytest.mark.parametrize("frozen", ["all", "features"])
+def test_grad_cam_on_a_model_with_frozen_convolutions(tmp_path, frozen):
+    """A model frozen for evaluation, or fine-tuned head only, has activations that do not require grad: grad_cam
+    failed with "can't retain_grad on Tensor that has requires_grad=False", and write_results (saliency) then wrote
+    nothing. The maps are the trainable model's, and the parameter flags stay as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x, y = torch.rand(3, 1, 6, 6), torch.tensor([0, 1, 0])
+    want = report.grad_cam(model, x)
+    frozen_params = list(model.parameters()) if frozen == "all" else list(model[0].parameters())
+    for p in frozen_params:
+        p.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    torch.testing.assert_close(report.grad_cam(model, x), want)
+    assert [p.requires_grad for p in model.parameters()] == flags and not x.requires_grad
+    assert report.plot_saliency(model, x, y, tmp_path / "s.png")

@@ -278,7 +278,9 @@ def grad_cam(model, x, target=None, layer=None):
     handle = layer.register_forward_hook(hook)
     try:
         with torch.enable_grad(), use_model_mode(model, "eval"):  # each module's own mode comes back
-            out = model(x)
+            # an input that requires grad: with the layers up to ``layer`` frozen (a head-only fine-tune, a model
+            # frozen for evaluation) the activation would not, and retain_grad / autograd.grad failed on it
+            out = model(x.detach().requires_grad_(True))
             if out.dim() == 1 or out.shape[1] == 1:  # single logit: the positive class score is +z, negative -z
                 z = out.reshape(-1)
                 pred = (z > 0).long()
