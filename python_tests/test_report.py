@@ -200,3 +200,18 @@ def test_grad_cam_on_a_model_with_frozen_convolutions(tmp_path, frozen):
     torch.testing.assert_close(report.grad_cam(model, x), want)
     assert [p.requires_grad for p in model.parameters()] == flags and not x.requires_grad
     assert report.plot_saliency(model, x, y, tmp_path / "s.png")
+
+
+@pytest.mark.parametrize("channels", [2, 4, 5])
+def test_saliency_figure_of_images_with_other_channel_counts(tmp_path, monkeypatch, channels):
+    """matplotlib draws 1 or 3 channels: 2 or 5 raised "Invalid shape (H, W, C) for image data" (write_results then
+    wrote nothing) and a 4th was taken as transparency. Such images are shown as their channel mean, titled so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x, y = torch.rand(2, channels, 6, 6), torch.tensor([0, 1])
+    figures = []
+    monkeypatch.setattr(report._plt(), "close", figures.append)
+    assert report.plot_saliency(model, x, y, tmp_path / "s.png")
+    first = figures[0].axes[0]
+    torch.testing.assert_close(torch.as_tensor(first.get_images()[0].get_array()), x[0].mean(0))
+    assert first.get_title().endswith(f"mean of {channels} channels")

@@ -338,11 +338,15 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     names = info.class_names if info is not None else None
     for i in range(n):
         img = x[i].detach().cpu()
-        img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+        channels = img.shape[0]
+        # matplotlib draws 1 (gray) or 3 (RGB) channels; it refused 2 or 5+ and took a 4th as transparency, so other
+        # counts (e.g. MRI sequences) are shown as their mean, and the title says so
+        img = img.permute(1, 2, 0) if channels == 3 else img.mean(0)
         cmap = "gray" if img.dim() == 2 else None
         label = (lambda k: names[k] if names else str(k))
+        shown = f"\nmean of {channels} channels" if channels not in (1, 3) else ""
         axes[i][0].imshow(img, cmap=cmap, vmin=0, vmax=1)
-        axes[i][0].set_title(f"true {label(int(y[i]))}\npred {label(int(pred[i]))}", fontsize=7)
+        axes[i][0].set_title(f"true {label(int(y[i]))}\npred {label(int(pred[i]))}{shown}", fontsize=7)
         if cams is not None:
             axes[i][1].imshow(img, cmap=cmap, vmin=0, vmax=1)
             axes[i][1].imshow(cams[i].cpu(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
