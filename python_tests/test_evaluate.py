@@ -787,3 +787,15 @@ def test_parse_attacks_refuses_targeted_specs_that_would_aim_at_the_true_labels(
                                             r"passes as targets, pushing towards them; use apgd-t or fab-t"):
             parse_attacks(text)
     assert parse_attacks("pgd:targeted=false")[0].options["targeted"] is False
+
+
+def test_a_model_built_for_another_class_count_is_refused_naming_both():
+    """A 3-class model on a binary set (or a binary one on a 3-class set) failed in the metrics with "expected probs
+    of shape [24, 2], got (24, 3)", an argument the caller never passed."""
+    info3 = DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c"), synthetic=True, source="random")
+    torch.manual_seed(0)
+    for model, info, want in ((TinyCNN(1, 3, width=4), INFO, "scores 3 classes .* but tiny has 2"),
+                              (TinyCNN(1, 1, width=4), info3, "scores 2 classes .* but tiny3 has 3")):
+        with pytest.raises(EvalError, match=f"^m: the model {want}; build it for") as err:
+            evaluate(model, tiny_data(8), info, attacks="fgsm", eps=[0.1], method="m")
+        assert err.value.arg == "model" and "\n" not in str(err.value)

@@ -423,6 +423,9 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         if err.arg == "model":
             raise EvalError("model", f"{method}: {err}") from None
         raise
+    if probs0.shape[1] != info.num_classes:  # else the metrics refuse "probs", which the caller never passed
+        raise EvalError("model", f"{method}: the model scores {probs0.shape[1]} classes (a single logit counts as "
+                                 f"2), but {info.name} has {info.num_classes}; build it for this dataset's classes")
     rows = [_row(method, "none", None, 0.0, y, pred0, probs0, info)]
     say = progress or (lambda s: None)
     say(f"{method}: clean accuracy {rows[0]['accuracy']:.3f}")
