@@ -799,3 +799,18 @@ def test_a_model_built_for_another_class_count_is_refused_naming_both():
         with pytest.raises(EvalError, match=f"^m: the model {want}; build it for") as err:
             evaluate(model, tiny_data(8), info, attacks="fgsm", eps=[0.1], method="m")
         assert err.value.arg == "model" and "\n" not in str(err.value)
+
+
+def test_write_results_removes_its_own_figures_that_a_later_write_does_not_draw(tmp_path):
+    """A second write into the same folder left the first one's f1 / sensitivity curves (metrics now undefined in
+    every row) and saliency maps beside results and a report.md that do not show them. Other files stay."""
+    data, model = tiny_data(), tiny_model()
+    rows = evaluate(model, data, INFO, attacks="fgsm", eps="4/255", method="a")
+    x, y = data.tensors
+    write_results(tmp_path, rows, INFO, saliency=({"a": model}, x[:2], y[:2]))
+    (tmp_path / "notes.png").write_bytes(PNG_MAGIC)
+    undefined = [dict(r, f1=math.nan, sensitivity=math.nan) for r in rows]
+    out = write_results(tmp_path, undefined, INFO)
+    assert [p.name for p in out["figures"]] == ["accuracy_vs_eps.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_eps.png", "notes.png", "report.md",
+                                                           "results.json"]

@@ -43,7 +43,7 @@ import torch
 from ._import_path import PATH_HINT, is_import_path
 from ._options import class_labels
 from .attacks.context import predict_from_output, use_model_mode
-from .metrics import classification_metrics, metric_names, probabilities
+from .metrics import METRIC_LABELS, classification_metrics, metric_names, probabilities
 
 SCHEMA = "robust_ops.results/1"
 
@@ -599,7 +599,8 @@ class AtomicOutput:
 
 def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None, notes=None, title=None,
                   figures=True, saliency=None, extra_markdown=None, extra_fields=None):
-    """Write results.json, report.md and the figures into ``out_dir`` atomically; returns the written paths.
+    """Write results.json, report.md and the figures into ``out_dir`` atomically; returns the written paths. Figures
+    an earlier write left there (``<metric>_vs_eps.png``, ``saliency_*.png``) that this one does not draw are removed.
 
     saliency: optional ``(models: {method: model}, x, y)`` for Grad-CAM / input-gradient maps of a few images.
     """
@@ -625,5 +626,11 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
         text = report.markdown_report(doc, title=title, figures=figure_names, extra=extra_markdown)
         (stage / "report.md").write_text(text)
     out = Path(out_dir)
+    # figures an earlier write left here that this one did not draw (a metric now undefined in every row, another
+    # method's saliency map) would stand beside results they do not show
+    drawn_by_us = {f"{metric}_vs_eps.png" for metric in METRIC_LABELS}
+    for path in out.glob("*.png"):
+        if path.name not in figure_names and (path.name in drawn_by_us or path.name.startswith("saliency_")):
+            path.unlink()
     return {"results": out / "results.json", "report": out / "report.md",
             "figures": [out / n for n in figure_names]}
