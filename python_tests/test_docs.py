@@ -421,3 +421,18 @@ def test_defense_page_defaults_are_the_code(page):
             assert actual == pytest.approx(value, rel=1e-12), f"{name}.{key}"
         else:
             assert actual == value, f"{name}.{key}"
+
+
+def test_documented_radius_figures_are_the_ones_written():
+    """getting-started's file table listed accuracy, F1 and sensitivity curves only; multi-class tasks get mAP."""
+    from robust_ops.data import DatasetInfo
+    from robust_ops.report import figure_metrics
+
+    row = next(line for line in (REPO / "docs/getting-started.md").read_text().splitlines()
+               if line.startswith("| `accuracy_vs_eps.png`"))
+    files, _, rest = row[2:].partition(" | ")
+    binary, _, multi = files.partition("(multi-class:")
+    assert re.findall(r"`(\w+)_vs_eps.png`", binary) == list(figure_metrics(DatasetInfo("b", 2, 1, 8, ("a", "b"))))
+    three = figure_metrics(DatasetInfo("m", 3, 1, 8, ("a", "b", "c")))
+    assert set(re.findall(r"`(\w+)_vs_eps.png`", multi)) == set(three) - set(figure_metrics(
+        DatasetInfo("b", 2, 1, 8, ("a", "b"))))
