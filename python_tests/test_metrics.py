@@ -185,6 +185,12 @@ def test_multiclass_random_parity_with_sklearn(seed):
      "expected y_true to hold integer class labels, got dtype float64"),
     (dict(y_true=[0, 1], y_pred=[0, 1], probs=np.array([[np.nan, np.nan], [0.2, 0.8]]), num_classes=2,
           positive_class=1), r"probs holds 1 row\(s\) with NaN/Inf"),
+    # logits as probs ranked the samples otherwise: AUC 0.61 instead of 0.44 on 40 random two-logit outputs
+    (dict(y_true=[0, 1], y_pred=[1, 1], probs=np.array([[-0.3, 1.2], [0.5, 0.6]]), num_classes=2, positive_class=1),
+     r"expected probs to hold class probabilities \(rows in \[0, 1\] summing to 1\), got 2 row\(s\) that do not; "
+     r"for logits pass robust_ops.metrics.probabilities\(logits\)"),
+    (dict(y_true=[0, 1, 2], y_pred=[0, 1, 2], probs=np.eye(3) * 0.9, num_classes=3),
+     r"expected probs .* got 3 row\(s\)"),
     (dict(y_true=[0, 0], y_pred=[0, 0], num_classes=1), "expected num_classes to be an integer >= 2, got 1"),
     (dict(y_true=[], y_pred=[], num_classes=2), "binary tasks need positive_class 0 or 1, got None"),
     (dict(y_true=[0, 1], y_pred=[0, 1], num_classes=2, positive_class=True),

@@ -13,7 +13,8 @@ class present. Macro averages run over the classes present in ``y_true`` and ski
 (an absent class would otherwise count as 0 and a perfect prediction score below 1); they are NaN when no class has
 a value.
 
-Labels must be integers in [0, num_classes) and ``probs`` finite; anything else is a ValueError naming the argument.
+Labels must be integers in [0, num_classes) and ``probs`` rows of class probabilities (finite, in [0, 1], summing
+to 1: logits would rank the samples otherwise); anything else is a ValueError naming the argument.
 """
 
 import math
@@ -100,6 +101,13 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         if not np.isfinite(probs).all():
             raise ValueError(f"classification_metrics: probs holds {int((~np.isfinite(probs)).any(1).sum())} "
                              f"row(s) with NaN/Inf")
+        # logits or other scores passed here rank the samples otherwise (AUC and mAP change without a word); the
+        # tolerance covers float32 softmax rows
+        off = (probs < 0).any(1) | (probs > 1).any(1) | (np.abs(probs.sum(1) - 1) > 1e-4)
+        if off.any():
+            raise ValueError(f"classification_metrics: expected probs to hold class probabilities (rows in [0, 1] "
+                             f"summing to 1), got {int(off.sum())} row(s) that do not; for logits pass "
+                             "robust_ops.metrics.probabilities(logits)")
     n = len(y_true)
     out = {"n": int(n)}
     if n == 0:
