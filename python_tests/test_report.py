@@ -215,3 +215,19 @@ def test_saliency_figure_of_images_with_other_channel_counts(tmp_path, monkeypat
     first = figures[0].axes[0]
     torch.testing.assert_close(torch.as_tensor(first.get_images()[0].get_array()), x[0].mean(0))
     assert first.get_title().endswith(f"mean of {channels} channels")
+
+
+def test_tables_escape_a_pipe_in_labels():
+    """A method label with a "|" (--method "AT|eps=2") split its cell: every value after it moved one column right,
+    under the wrong header, in the all-rows, pivot and paper tables alike."""
+    import re
+
+    rows = [{"method": "AT|eps=2", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": 0.9},
+            {"method": "AT|eps=2", "attack": "fgsm", "norm": "linf", "eps": 1 / 255, "n": 4, "accuracy": 0.5}]
+    paper = [{"method": "AT|eps=2", "attack": "fgsm", "eps": 1 / 255, "source": "T1", "accuracy": 0.6}]
+    for table in (report.markdown_table(rows, ["accuracy"]), report.pivot_table(rows, "accuracy"),
+                  report.paper_comparison_table(rows, paper, ["accuracy"])):
+        lines = table.splitlines()
+        cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines]
+        assert len({len(c) for c in cells}) == 1, table
+        assert "AT\\|eps=2" in table

@@ -51,6 +51,12 @@ def figure_metrics(info):
     return ("accuracy", "f1", "sensitivity") if info.num_classes == 2 else ("accuracy", "f1", "map")  # noqa
 
 
+def _table_line(cells):
+    """One Markdown table line; a ``|`` in a cell (a method label such as ``AT|eps=2``) is escaped, else it split
+    the cell and shifted every value after it into the next column (a line break would end the row)."""
+    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
 def _methods(rows):
     seen = []
     for r in rows:
@@ -77,11 +83,11 @@ def markdown_table(rows, metrics=None):
     metrics = metrics or [m for m in ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
                           if m in rows[0]]
     head = ["method", "attack", "norm", "ε", "n"] + [METRIC_LABELS[m] for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [_table_line(head), "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], r["attack"], r.get("norm") or "–", format_eps(r["eps"]), str(r.get("n", ""))]
         cells += [fmt(r.get(m)) + runs_mark(r, m) for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_line(cells))
     return "\n".join(lines)
 
 
@@ -98,7 +104,7 @@ def pivot_table(rows, metric, methods=None):
         norms_of.setdefault(attack, set()).add(norm)
     index = {(r["method"], r["attack"], r.get("norm"), r["eps"]): r for r in rows}
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [_table_line(head), "|" + "---|" * len(head)]
     for attack, norm, eps in keys:
         label = "no attack" if attack == "none" else attack
         if len(norms_of[attack]) > 1:
@@ -106,7 +112,7 @@ def pivot_table(rows, metric, methods=None):
         cells = [label, format_eps(eps)]
         found = [index.get((m, attack, norm, eps), {}) for m in methods]
         cells += [fmt(r.get(metric)) + runs_mark(r, metric) for r in found]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_line(cells))
     return "\n".join(lines)
 
 
@@ -132,7 +138,7 @@ def paper_comparison_table(ours, paper, metric_columns):
     head = ["method", "attack", "ε", "paper source"]
     for m in metric_columns:
         head += [f"{METRIC_LABELS.get(m, m)} (paper)", f"{METRIC_LABELS.get(m, m)} (ours)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [_table_line(head), "|" + "---|" * len(head)]
     for p in paper:
         r = _paper_match(index.get((p["method"], p["attack"], round(p["eps"], 6)), []), p)
         cells = [p["method"], "no attack" if p["attack"] == "none" else p["attack"], format_eps(p["eps"]),
@@ -143,7 +149,7 @@ def paper_comparison_table(ours, paper, metric_columns):
                 ours_text += f" ± {fmt(r[f'{m}_std'])}"
             ours_text += runs_mark(r, m)
             cells += [fmt(p.get(m)), ours_text]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_line(cells))
     return "\n".join(lines)
 
 
