@@ -231,3 +231,16 @@ def test_tables_escape_a_pipe_in_labels():
         cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines]
         assert len({len(c) for c in cells}) == 1, table
         assert "AT\\|eps=2" in table
+
+
+def test_saliency_figure_takes_labels_of_shape_n_by_1(tmp_path, monkeypatch):
+    """evaluate takes MedMNIST's [N, 1] labels; the saliency figure of the same tensors failed in the loss ("0D or 1D
+    target tensor expected"), and write_results then wrote nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x, y = torch.rand(2, 1, 6, 6), torch.tensor([[1], [0]], dtype=torch.uint8)
+    figures = []
+    monkeypatch.setattr(report._plt(), "close", figures.append)
+    assert report.plot_saliency(model, x, y, tmp_path / "s.png")
+    titles = [figures[0].axes[3 * i].get_title() for i in range(2)]
+    assert titles[0].startswith("true 1\n") and titles[1].startswith("true 0\n")

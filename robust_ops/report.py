@@ -327,6 +327,10 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     are not images (e.g. two-moons features)."""
     if x.dim() != 4 or x.shape[0] == 0:
         return False
+    from ._options import class_labels
+
+    # evaluate's label rule: MedMNIST's [N, 1] labels failed in the loss ("0D or 1D target tensor expected")
+    y = class_labels("plot_saliency", torch.as_tensor(y), x.shape[0])
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
     cams = grad_cam(model, x) if last_conv(model) is not None else None
