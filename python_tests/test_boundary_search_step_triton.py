@@ -2,6 +2,8 @@
 and the argument checks. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow).
 opcheck and torch.compile need a GPU (triton_op cannot trace interpreted kernels)."""
 
+import re
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from robust_ops import reference
 
 from test_boundary_search_step import (
     ARITIES,
+    SHARING_CASES,
     _bad_inputs,
+    _sharing,
     check_backward_sees_the_mutation,
     check_refuses_argument_requiring_grad,
     check_runs_without_grad_mode_and_bumps_versions,
@@ -192,6 +196,20 @@ def test_internal_overlap_rejected_before_any_write(name):
     with pytest.raises(RuntimeError) as native:
         NATIVE_OP(*(t.cpu() for t in args.values()), crossed_at.cpu(), None)
     assert str(got.value) == str(native.value)
+
+
+@pytest.mark.parametrize("case", SHARING_CASES)
+def test_written_tensors_sharing_memory_rejected_before_any_write(case):
+    """As the native kernels: two of lo, hi, points sharing memory are refused up front, also one tensor passed as
+    both lo and hi when it is not dense (the launcher's check skipped non-dense views and wrote lo, then hi)."""
+    lo, hi, points, (first, second) = _sharing(case, device())
+    crossed_at = torch.tensor([0, 1, 0, 1], device=device())
+    before = [t.clone() for t in (lo, hi, points)]
+    message = (f"boundary_search_step_: expected {first} and {second} not to share memory (both are written in "
+               "place); clone() one of them first")
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        triton_op()(lo, hi, points, crossed_at, None)
+    assert all(torch.equal(t, b) for t, b in zip((lo, hi, points), before))
 
 
 @pytest.mark.parametrize("name", ["hi", "points", "crossed_at", "active"])

@@ -50,10 +50,13 @@ def _non_overlapping_and_dense(t):
 
 
 def shares_memory(a, b):
-    """ATen's get_overlap_status(a, b) is Full or Partial: dense views of one storage whose bytes intersect. Fake and
-    meta tensors have no addresses and pass, as do views that are not dense (ATen's TooHard)."""
+    """ATen's get_overlap_status(a, b) is Full or Partial: one tensor passed twice (whatever its layout or size, as
+    ATen checks that first), or dense views of one storage whose bytes intersect. Fake and meta tensors have no
+    addresses and pass, as do distinct views that are not dense (ATen's TooHard)."""
     from torch._subclasses.fake_tensor import is_fake
 
+    if a is b:
+        return True
     if a.numel() == 0 or b.numel() == 0 or a.device.type == "meta" or is_fake(a) or is_fake(b):
         return False
     if not (_non_overlapping_and_dense(a) and _non_overlapping_and_dense(b)) or not torch._C._overlaps(a, b):
