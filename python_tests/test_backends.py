@@ -44,6 +44,20 @@ def test_triton_on_cpu_under_interpreter():
     assert _backend.resolve("pgd_step_", "cpu", "triton") == "triton"
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_triton_under_interpreter_refuses_devices_other_than_cpu(device):
+    """The interpreter runs kernels on CPU tensors only: under TRITON_INTERPRET=1 a meta tensor used to reach it and
+    fail with NotImplementedError: Cannot copy out of meta tensor; no data!"""
+    message = (r"^drop_max_pool2d: backend='triton' is not available: Triton kernels run on CUDA tensors "
+               rf"\(got {device}\)")
+    with pytest.raises(RuntimeError, match=message):
+        _backend.resolve("drop_max_pool2d", torch.device(device), "triton")
+    if device == "meta":
+        with pytest.raises(RuntimeError, match=message):
+            robust_ops.drop_max_pool2d(torch.empty(1, 1, 4, 4, device="meta"), 2, backend="triton")
+
+
 def _run_without_gpu(code):
     """Runs code in a fresh interpreter with no visible GPU and no TRITON_INTERPRET: where import robust_ops skips the
     Triton kernels (their import costs ~1 s)."""

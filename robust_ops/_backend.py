@@ -73,7 +73,8 @@ def triton_op_name(op_name):
 
 def _triton_reason(op_name, device):
     """Why the Triton kernel of op_name cannot run on device, or None when it can."""
-    if device.type != "cuda" and not triton_interpreted():
+    # The interpreter runs kernels on CPU tensors only: a meta tensor failed in its copy ("Cannot copy out of meta").
+    if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
         return f"Triton kernels run on CUDA tensors (got {device.type}); on CPU only under TRITON_INTERPRET=1"
     if not triton_kernels_loaded():  # checked here too: calling the dynamo-disabled loader breaks a compiled graph
         error = load_triton_kernels()  # after a failed import: the recorded error, no second try
