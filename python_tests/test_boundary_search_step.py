@@ -369,6 +369,15 @@ def test_device_mismatch_in_the_shared_checks(name):
         OP(*args.values())
 
 
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_meta_tensors(backend):
+    """Shape inference as for drop_max_pool2d (the native op runs its fake kernel); the reference read crossed_at's
+    values for its range check and failed with torch's "Tensor.item() cannot be called on meta tensors"."""
+    lo, hi, points, crossed_at, active = (t.to("meta") for t in make_inputs(3, shape=(2, 3), active=True))
+    out = robust_ops.boundary_search_step_(lo, hi, points, crossed_at, active, backend=backend)
+    assert [t.shape for t in out] == [(2, 3), (2, 3), (2, 2, 3)] and all(t.is_meta for t in out)
+
 def test_functional_wrapper_forwards_backend(monkeypatch):
     requested = record_backend_requests(monkeypatch)
     lo, hi, points, crossed_at, mask = make_inputs(3, active=True)
