@@ -393,6 +393,20 @@ def test_functional_wrapper_refuses_a_non_tensor_lo_by_name():
                                          torch.zeros(1, dtype=torch.long))
 
 
+@pytest.mark.parametrize("name,value,kind", [("hi", [1.0], "a tensor"), ("points", 0.5, "a tensor"),
+                                             ("crossed_at", [0, 1], "a tensor"), ("active", [True, False],
+                                                                                  "a tensor or None")])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_functional_wrapper_refuses_non_tensors_by_name(name, value, kind, backend):
+    """The same TypeError on every backend: backend="reference" raised AttributeError ('list' object has no attribute
+    'shape'), naming neither op nor argument; the native op its schema's text."""
+    lo, hi, points, crossed_at, active = make_inputs(2, shape=(2, 3), active=True)
+    args = {"lo": lo, "hi": hi, "points": points, "crossed_at": crossed_at, "active": active, name: value}
+    message = f"boundary_search_step_: expected {name} to be {kind}, got {type(value).__name__}"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        robust_ops.boundary_search_step_(*args.values(), backend=backend)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Autograd: no gradient (tensors requiring grad refused under grad mode), version counter bumped
 # (robust_ops._autograd.register_in_place_without_gradient; the Triton tests reuse these checks)

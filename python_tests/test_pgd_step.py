@@ -527,6 +527,10 @@ def test_reference_backend_checks_values_like_the_cpu_kernel(name, values, messa
         # a 0-D bool tensor ran as 1.0 (a Python bool is refused)
         (dict(clip_max=torch.tensor(True)), TypeError, "expected clip_max to be a number, got a torch.bool tensor"),
         (dict(clip_min=torch.tensor(0j)), TypeError, "expected clip_min to be a number, got a torch.complex64 tensor"),
+        # backend="reference" raised AttributeError ('list' object has no attribute 'shape'), naming no argument
+        (dict(x_nat=[0.5]), TypeError, "expected x_nat to be a tensor, got list"),
+        (dict(grad=0.5), TypeError, "expected grad to be a tensor, got float"),
+        (dict(history=[0.5]), TypeError, "expected history to be a tensor or None, got list"),
     ],
 )
 def test_functional_argument_errors(backend, changes, error, message):

@@ -39,6 +39,14 @@ def _pool_args(op, kernel_size, stride, padding, dilation):
     return kernel, stride, _pair("padding", padding, op), _pair("dilation", dilation, op)
 
 
+def _check_tensor(op, name, value, optional=False):
+    """A tensor argument (or None where optional), refused by name before any backend runs: backend="reference"
+    failed on a list with an AttributeError naming neither op nor argument, the ops' schemas with their own text."""
+    if not (isinstance(value, torch.Tensor) or (optional and value is None)):
+        kind = "a tensor or None" if optional else "a tensor"
+        raise TypeError(f"{op}: expected {name} to be {kind}, got {type(value).__name__}")
+
+
 def _functorch_autodiff(x):
     """Which differentiating transform sees x: the native/Triton ops' autograd (torch.library.register_autograd) has
     no forward-mode formula, so a jvp/forward_ad tangent would be dropped silently (zero), and torch.func.grad
@@ -86,8 +94,7 @@ def drop_max_pool2d(
         >>> robust_ops.drop_max_pool2d(x, 2)
         tensor([[[[5.]]]])
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"drop_max_pool2d: expected input to be a tensor, got {type(input).__name__}")
+    _check_tensor("drop_max_pool2d", "input", input)
     if input.dim() not in (3, 4):
         raise RuntimeError(
             f"drop_max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D"
@@ -223,8 +230,9 @@ def pgd_step_(
         history (Tensor[m, N, ...], optional): buffer that also receives the new iterate in slot ``slot``.
         backend (str, optional): as for :func:`drop_max_pool2d`.
     """
-    if not isinstance(x_adv, torch.Tensor):
-        raise TypeError(f"pgd_step_: expected x_adv to be a tensor, got {type(x_adv).__name__}")
+    for name, value in (("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad)):
+        _check_tensor("pgd_step_", name, value)
+    _check_tensor("pgd_step_", "history", history, optional=True)
     if x_adv.dim() == 0:  # the op's own message, raised before x_adv.shape[0] below fails with an IndexError
         raise RuntimeError("pgd_step_: expected x_adv to have a batch dimension, got a 0-D tensor")
     alpha_t = _per_sample_tensor("alpha", alpha, x_adv)
@@ -263,8 +271,9 @@ def boundary_search_step_(lo, hi, points, crossed_at, active=None, *, backend=No
         crossed_at (LongTensor[N]): index of the first crossed interior point, in [0, k-1].
         active (BoolTensor[N], optional): samples to update. Default: all.
     """
-    if not isinstance(lo, torch.Tensor):  # lo.device below would fail with an AttributeError naming no op
-        raise TypeError(f"boundary_search_step_: expected lo to be a tensor, got {type(lo).__name__}")
+    for name, value in (("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at)):
+        _check_tensor("boundary_search_step_", name, value)
+    _check_tensor("boundary_search_step_", "active", active, optional=True)
     which = _backend.resolve("boundary_search_step_", lo.device, backend)
     with torch.no_grad():
         if which == "native":
