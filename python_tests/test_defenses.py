@@ -644,6 +644,21 @@ def test_trades_gr_and_llr_weights_and_the_gr_norm_are_checked():
             make()
 
 
+def test_trades_and_llr_refuse_to_start_their_attack_at_the_clean_point():
+    """TRADES's KL and LLR's linearity gap have a zero input gradient at x: started there, the attack moved along
+    round-off noise (TRADES: about half of the samples took a full FGSM step in a random direction) or not at all
+    (LLR: delta = 0, the regularizer vanished). random_start=False is refused, and every protocol builds them."""
+    from robust_ops.reproduce import PROTOCOLS
+
+    for cls in (defenses.TRADES, defenses.LLR):
+        with pytest.raises(ValueError, match=f"{cls.name}: expected random_start=True: the attack's objective has a "
+                                             "zero gradient at x"):
+            cls(eps=0.05, steps=1, step_size=0.05, random_start=False)
+    for protocol in PROTOCOLS.values():
+        for method in protocol.methods:
+            defenses.build(method.defense, **method.options)
+
+
 def test_llr_inner_maximum_ascends_the_linearity_gap(monkeypatch):
     """LLR's attack maximizes g(x') = |l(x') - l(x) - (x' - x) . grad l(x)| itself (the loss callable returns the
     wrapper's output unchanged), with l(x) and grad l(x) of the clean point."""

@@ -85,7 +85,8 @@ ARFL_MOONS = Protocol(
         Method("Adversarial training + ARFL", "arfl", {"lam": 0.5, "r": 0.0, **_FGSM_005}),
         Method("Dual adversarial training", "sat", {"alpha": 0.5, **_FGSM_005}),
         Method("Dual adversarial training + ARFL", "arfl", {"lam": 0.5, "r": 0.5, **_FGSM_005}),
-        Method("TRADES", "trades", dict(_FGSM_005)),
+        # a random start in the ball, then the FGSM step: TRADES's KL has a zero gradient at x (refused without)
+        Method("TRADES", "trades", {**_FGSM_005, "random_start": True}),
         Method("MIRST", "mirst", {"eps": 0.05}),
     ],
     evals=[EvalPlan([AttackSpec("fgsm", {}, "FGSM")], [0.2])],
@@ -100,7 +101,9 @@ ARFL_MOONS = Protocol(
         "Dual adversarial training = SAT with alpha 0.5 (1:1 clean and FGSM data); ARFL rows use lam = 0.5 and "
         "r = 1 / 0 / 0.5 as in the paper; features from the penultimate layer (the ReLU output that feeds the last "
         "layer; the paper names no activation).",
-        "TRADES and MIRST use the same training budget eps 0.05 (MIRST: 10-step PGD iterates).",
+        "TRADES and MIRST use the same training budget eps 0.05 (MIRST: 10-step PGD iterates). TRADES's KL attack "
+        "starts at a random point of the ball (its gradient is zero at x), then takes the one step of 0.05; until "
+        "2026-12-03 it started at x and its step followed round-off noise.",
     ],
     quick={"epochs": 2, "repeats": 2, "n_train": 1500, "n_test": 400},
 )

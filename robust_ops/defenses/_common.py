@@ -53,6 +53,9 @@ class PGDDefense(Defense):
     default_norm = "linf"
     default_random_start = True
     default_attack_mode = "eval"
+    # True for objectives whose input gradient is zero at x (TRADES's KL, LLR's linearity gap): started at x, the
+    # attack would move only along round-off noise, or not at all, so random_start=False is refused
+    flat_at_x = False
 
     def __init__(self, *, eps=None, step_size=None, steps=None, norm=None, random_start=None, attack_mode=None,
                  clip_min=0.0, clip_max=1.0):
@@ -65,6 +68,9 @@ class PGDDefense(Defense):
                                     minimum=0)
         self.norm = check_norm(n, self.default_norm if norm is None else norm)  # "Linf" is stored as "linf"
         self.random_start = bool(self.default_random_start if random_start is None else random_start)
+        if self.flat_at_x and not self.random_start:
+            raise ValueError(f"{n}: expected random_start=True: the attack's objective has a zero gradient at x, so "
+                             "from x it would move only along round-off noise or not at all; got random_start=False")
         self.attack_mode = check_choice(n, "attack_mode", self.default_attack_mode if attack_mode is None
                                         else attack_mode, MODEL_MODES)
         self.clip_min = check_real(n, "clip_min", clip_min)

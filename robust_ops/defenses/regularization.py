@@ -67,9 +67,10 @@ class LLR(PGDDefense):
     g_i(delta) = |l(x_i + delta) - l(x_i) - delta . grad_i| (the local linearity measure), grad_i = d l_i / d x_i and
     delta_i = argmax_{||delta|| <= eps} g_i(delta) found by PGD on g from a random start (g's gradient vanishes at
     delta = 0). lam = 3 and mu = 4 as in MIRST-DM's setup. Both regularizers are differentiated through grad_i
-    (double backpropagation)."""
+    (double backpropagation). random_start=False is refused (g's gradient is zero at delta = 0)."""
 
     name = "llr"
+    flat_at_x = True
 
     def __init__(self, lam=3.0, mu=4.0, **attack):
         super().__init__(**attack)

@@ -12,9 +12,10 @@ class TRADES(PGDDefense):
     """L = L(x) + beta * KL(p(x) || p(x_adv)), x_adv maximizing the KL (PGD on the KL from a random start: the KL's
     gradient vanishes at x_adv = x). beta = 1 (MIRST-DM's setting; the TRADES paper uses 6 on CIFAR-10).
     KL is summed over classes and averaged over the batch (TRADES's "batchmean"); single logits are treated as two
-    classes."""
+    classes. random_start=False is refused (the attack would start where the KL's gradient is zero)."""
 
     name = "trades"
+    flat_at_x = True
 
     def __init__(self, beta=1.0, **attack):
         super().__init__(**attack)
