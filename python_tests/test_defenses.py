@@ -851,8 +851,22 @@ def test_arfl_penultimate_features_before_the_activation_via_layer():
 
 def test_arfl_rejects_labels_above_one_on_a_two_class_model():
     model, x, y = _model_and_batch(num_classes=2, n=4)
-    with pytest.raises(ValueError, match="arfl: defined for binary tasks only .* got labels up to 2"):
+    with pytest.raises(ValueError, match=r"arfl: defined for binary tasks only .* got labels in \[0, 2\]"):
         ARFL(r=1.0)(model, x, torch.tensor([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("num_classes,r", [(1, 1.0), (1, 0.5), (2, 1.0)])
+def test_arfl_rejects_the_papers_minus_one_plus_one_labels(num_classes, r):
+    """Eq. 1 writes y in {-1, +1}; passed as labels, a single-logit model at r = 1 trained on BCE targets of -1 and a
+    correlation sign 2y - 1 = -3 without a word, and the other cases failed elsewhere (run_pgd, cross_entropy)."""
+    from robust_ops.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(2, num_classes, hidden=(10, 10))
+    x = torch.rand(8, 2)
+    with pytest.raises(ValueError, match=r"arfl: defined for binary tasks only \(labels 0/1, mapped to -1/\+1\), "
+                                         r"got labels in \[-1, 1\]"):
+        ARFL(r=r)(model, x, torch.tensor([1, -1] * 4))
 
 
 def test_mirst_runs_emit_last_steps_with_instances_in_the_attack_mode():

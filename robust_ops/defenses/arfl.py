@@ -96,8 +96,9 @@ class ARFL(PGDDefense):
     def __call__(self, model, x, y, ids=None):
         logits, feats = self._forward_with_features(model, x)
         k = num_classes_of(logits)
-        if k != 2 or (y.numel() and int(y.max()) > 1):
-            got = f"{k} classes" if k != 2 else f"labels up to {int(y.max())}"
+        # -1/+1 labels (eq. 1's y) included: BCE took -1 as a target and 2y - 1 = -3 without a word
+        if k != 2 or (y.numel() and (int(y.max()) > 1 or int(y.min()) < 0)):
+            got = f"{k} classes" if k != 2 else f"labels in [{int(y.min())}, {int(y.max())}]"
             raise ValueError(f"{self.name}: defined for binary tasks only (labels 0/1, mapped to -1/+1), got {got}")
         clean = classification_loss(logits, y)
         robust = robust_feature_loss(feats, y, self.channel_reduction).mean()
