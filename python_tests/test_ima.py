@@ -1101,13 +1101,28 @@ def _ddp_worker(rank, world, port, results):
         out.loss.backward()
         results[f"ima{rank}"] = defense.margins.tolist()
         # Through DDP only the clean and the adversarial forward; on rank 1 no sample is classified correctly in the
-        # next step, and a zero-weight forward of one sample stands in for the adversarial one.
+        # next step, and a zero-weight forward of its clean batch stands in for the adversarial one.
         if rank == 1:
             with torch.no_grad():
                 y = 1 - net(x).argmax(1)
         out = defense(model, x, y, torch.arange(6) + 6 * rank)
         out.loss.backward()
         results[f"calls{rank}"] = calls
+        # The same with training-mode BatchNorm1d: the stand-in forward was of one sample, which it refuses ("Expected
+        # more than 1 value per channel"), while a single process training on both batches never forwards one.
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        with torch.no_grad():
+            y = net(x).argmax(1)
+        if rank == 1:
+            y = 1 - y
+        defense = IMA(num_samples=12, eps_train=2.0, delta=0.5, init_margin=1.0, steps=4, search_steps=3)
+        try:
+            defense(model, x, y, torch.arange(6) + 6 * rank).loss.backward()
+            results[f"bn1d{rank}"] = "ok"
+        except Exception as e:  # noqa: BLE001 -- the message is the result
+            results[f"bn1d{rank}"] = f"{type(e).__name__}: {e}"
     finally:
         dist.destroy_process_group()
 
@@ -1127,7 +1142,8 @@ def test_margin_table_syncs_across_two_gloo_ranks():
                                    "crossed samples there)")
     assert results["refused1"].startswith("MarginTable.update: expected finite distances >= 0 for crossed samples")
     assert results["ima0"] == results["ima1"] and results["ima0"] != [1.0] * 12
-    assert len(results["calls0"]) == len(results["calls1"]) == 4 and results["calls1"][-1] == 1
+    assert len(results["calls0"]) == len(results["calls1"]) == 4 and results["calls1"][-1] == 6
+    assert results["bn1d0"] == results["bn1d1"] == "ok", (results["bn1d0"], results["bn1d1"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

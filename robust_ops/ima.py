@@ -1150,8 +1150,9 @@ class IMA(Defense):
             crossed = torch.zeros(0, dtype=torch.bool, device=x.device)
         if not sel.numel() and distributed_run():
             # Keep one adversarial forward per step on every rank (a DDP forward is a collective): a zero-weight
-            # forward of one clean sample when this rank has no correctly classified sample.
-            l1 = l0 + 0 * _loss_result("IMA", loss_fn(model(x[:1]), y[:1]), 1).sum()
+            # forward of the clean batch when this rank has no correctly classified sample (not of one sample:
+            # training-mode BatchNorm1d refuses a batch of one, which the single-process run never forwards).
+            l1 = l0 + 0 * _loss_result("IMA", loss_fn(model(x), y), x.shape[0]).sum()
         if sel.numel():
             out_adv = model(x_adv)
             l1_sel = _loss_result("IMA", loss_fn(out_adv, ys), sel.numel())
