@@ -837,6 +837,56 @@ def test_ddp_buffers_validation_and_defense_state_agree_across_processes(tmp_pat
                                      "needs at least one sample per step")
 
 
+class RunningMinimum(Defense):
+    """Standard loss; a per-sample table of the smallest value seen (here the id), filled with ``fill`` (inf or NaN:
+    not seen yet), merged across processes by the trainer's generic rule."""
+
+    name = "running-minimum"
+    needs_ids = True
+
+    def __init__(self, num_samples, fill):
+        self.table = torch.full((num_samples,), fill)
+
+    def __call__(self, model, x, y, ids=None):
+        self.table[ids] = torch.fmin(self.table[ids], ids.float())  # fmin: a NaN fill gives way too
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
+
+    def state_dict(self):
+        return {"table": self.table}
+
+    def load_state_dict(self, state):
+        self.table.copy_(state["table"])
+
+
+def _ddp_generic_merge_worker(rank, world, port, out_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tables = {}
+        for fill in ("inf", "nan"):
+            defense = RunningMinimum(8, float(fill))
+            fit(DropoutMLP(), defense, IndexedDataset(_data(8)), epochs=1, batch_size=4, progress=False)
+            tables[fill] = defense.table.tolist()
+        torch.save(tables, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_generic_merge_keeps_updates_of_a_table_filled_with_inf_or_nan(tmp_path):
+    """The end-of-epoch merge picked the one process's change as a sum of mask * value: 0 * inf is NaN, so every
+    entry of an inf-filled table (a running minimum) became NaN; and NaN != NaN counted an untouched NaN fill as a
+    change on every process, so the mean with it was NaN too."""
+    out = str(tmp_path / "tables")
+    torch.multiprocessing.spawn(_ddp_generic_merge_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for rank in range(2):
+        tables = torch.load(f"{out}.{rank}", weights_only=True)
+        assert tables == {"inf": list(range(8)), "nan": list(range(8))}, (rank, tables)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # SimCLR pretraining
 

@@ -318,12 +318,15 @@ def _sync_defense_state(defense, start_state, world):
         if torch.is_tensor(first):
             stack = torch.stack([v.to(first.device) for v in values])
             if start is not None and torch.is_tensor(start) and start.shape == first.shape:
-                changed = stack != start.to(first.device).unsqueeze(0)
+                start = start.to(first.device).unsqueeze(0)
+                changed = stack != start
+                if stack.is_floating_point():  # a NaN left as it was (a "not seen yet" fill) is unchanged
+                    changed &= ~(stack.isnan() & start.isnan())
                 count = changed.sum(0)
-                pick = (changed.to(stack.dtype) * stack).sum(0) if stack.is_floating_point() else (
-                    changed.long() * stack).sum(0).to(first.dtype)
+                # where, not a product with the 0/1 mask: 0 * inf is NaN (an inf fill, as a running minimum starts)
+                pick = torch.where(changed, stack, torch.zeros_like(stack)).sum(0).to(first.dtype)
                 mean = stack.float().mean(0).to(first.dtype) if stack.is_floating_point() else first
-                return torch.where(count == 1, pick, torch.where(count == 0, start.to(first.device), mean))
+                return torch.where(count == 1, pick, torch.where(count == 0, start[0], mean))
             return stack.float().mean(0).to(first.dtype) if stack.is_floating_point() else first
         if isinstance(first, dict):
             start = start if isinstance(start, dict) else {}
