@@ -859,6 +859,26 @@ class RunningMinimum(Defense):
         self.table.copy_(state["table"])
 
 
+class SharedStatistic(Defense):
+    """Standard loss; a float64 statistic every process sets to the same value (as an all-reduced one would be)."""
+
+    name = "shared-statistic"
+
+    def __init__(self):
+        self.value = torch.zeros((), dtype=torch.float64)
+
+    def __call__(self, model, x, y, ids=None):
+        self.value.fill_(0.1)
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value.copy_(state["value"])
+
+
 def _ddp_generic_merge_worker(rank, world, port, out_path):
     import torch.distributed as dist
 
@@ -871,20 +891,24 @@ def _ddp_generic_merge_worker(rank, world, port, out_path):
             defense = RunningMinimum(8, float(fill))
             fit(DropoutMLP(), defense, IndexedDataset(_data(8)), epochs=1, batch_size=4, progress=False)
             tables[fill] = defense.table.tolist()
+        statistic = SharedStatistic()
+        fit(DropoutMLP(), statistic, _data(8), epochs=1, batch_size=4, progress=False)
+        tables["float64"] = statistic.value.item()
         torch.save(tables, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_generic_merge_keeps_updates_of_a_table_filled_with_inf_or_nan(tmp_path):
+def test_ddp_generic_merge_keeps_inf_or_nan_filled_tables_and_float64_precision(tmp_path):
     """The end-of-epoch merge picked the one process's change as a sum of mask * value: 0 * inf is NaN, so every
     entry of an inf-filled table (a running minimum) became NaN; and NaN != NaN counted an untouched NaN fill as a
-    change on every process, so the mean with it was NaN too."""
+    change on every process, so the mean with it was NaN too. A float64 statistic was averaged in float32 (0.1 came
+    back as 0.10000000149011612)."""
     out = str(tmp_path / "tables")
     torch.multiprocessing.spawn(_ddp_generic_merge_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     for rank in range(2):
         tables = torch.load(f"{out}.{rank}", weights_only=True)
-        assert tables == {"inf": list(range(8)), "nan": list(range(8))}, (rank, tables)
+        assert tables == {"inf": list(range(8)), "nan": list(range(8)), "float64": 0.1}, (rank, tables)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

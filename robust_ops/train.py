@@ -317,6 +317,9 @@ def _sync_defense_state(defense, start_state, world):
         first = values[0]
         if torch.is_tensor(first):
             stack = torch.stack([v.to(first.device) for v in values])
+            # float16/bfloat16 averaged in float32, float64 in float64 (float() rounded it to float32)
+            mean = stack.to(torch.promote_types(stack.dtype, torch.float32)).mean(0).to(first.dtype) \
+                if stack.is_floating_point() else first
             if start is not None and torch.is_tensor(start) and start.shape == first.shape:
                 start = start.to(first.device).unsqueeze(0)
                 changed = stack != start
@@ -325,9 +328,8 @@ def _sync_defense_state(defense, start_state, world):
                 count = changed.sum(0)
                 # where, not a product with the 0/1 mask: 0 * inf is NaN (an inf fill, as a running minimum starts)
                 pick = torch.where(changed, stack, torch.zeros_like(stack)).sum(0).to(first.dtype)
-                mean = stack.float().mean(0).to(first.dtype) if stack.is_floating_point() else first
                 return torch.where(count == 1, pick, torch.where(count == 0, start[0], mean))
-            return stack.float().mean(0).to(first.dtype) if stack.is_floating_point() else first
+            return mean
         if isinstance(first, dict):
             start = start if isinstance(start, dict) else {}
             return {k: combine([v[k] for v in values], start.get(k)) for k in first}
