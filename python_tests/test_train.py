@@ -1266,6 +1266,41 @@ def test_ddp_errors_around_process_0s_checkpoint_are_clear_on_every_process(tmp_
                      "after epoch 1 (its error names the problem); stopped here too"), file1
 
 
+def _ddp_node_local_resume_worker(rank, world, port, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    try:
+        run_dir = os.path.join(out_dir, f"node{rank}")  # node-local storage: only process 0's folder gets a checkpoint
+        model = DropoutMLP()
+        fit(model, defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=run_dir, progress=False)
+        try:
+            fit(model, defenses.Standard(), _data(16), epochs=3, batch_size=8, out_dir=run_dir, resume=True,
+                progress=False)
+            message = "no error"
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+        torch.save(message, os.path.join(out_dir, f"message.{rank}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_resume_refuses_processes_that_would_start_from_different_checkpoints(tmp_path):
+    """resume=True with an out_dir each node has its own of: process 0 resumed after epoch 1, process 1 found no
+    checkpoint and started afresh (other epochs' batches, its own optimizer state); process 0 returned "trained"
+    and process 1 failed in a collective once it had gone."""
+    _spawn_within(60, _ddp_node_local_resume_worker, (2, _free_port(), str(tmp_path)))
+    for rank in range(2):
+        assert torch.load(tmp_path / f"message.{rank}", weights_only=True) == (
+            "ValueError: fit: the processes would start from different checkpoints (process 0 after epoch 1, process 1 "
+            f"from scratch; this is process {rank}); resume from a checkpoint every process reads: an out_dir on "
+            "storage all nodes share")
+
+
 class FailsOnOneProcess(Defense):
     """Standard loss that raises on process ``rank`` ("every": on each) at its ``call``-th step: in the defense, or
     in backward."""

@@ -669,6 +669,8 @@ def fit(
         torch.manual_seed(rank_seed)
         np.random.seed(rank_seed % 2**32)
         random.seed(rank_seed)
+    if world > 1:
+        _check_same_start(name, start_epoch, rank, world, device)
 
     train_model = model
     failures = _OneProcessFailures(name, rank, world, device)
@@ -865,6 +867,20 @@ def fit(
             dist.destroy_process_group()
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
                      else None, model=model)
+
+
+def _check_same_start(name, start_epoch, rank, world, device):
+    """Every process reads the checkpoint itself: with a node-local out_dir only process 0's folder holds it, and the
+    others started afresh, ran other epochs' batches with their own optimizer state, and failed in a collective once
+    process 0 had finished. Refused on every process (one all_gather when fit starts)."""
+    starts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(starts, torch.tensor([start_epoch], dtype=torch.int64, device=device))
+    starts = [int(s) for s in starts]
+    if len(set(starts)) > 1:
+        each = ", ".join(f"process {r} {f'after epoch {e}' if e else 'from scratch'}" for r, e in enumerate(starts))
+        raise ValueError(f"{name}: the processes would start from different checkpoints ({each}; this is process "
+                         f"{rank}); resume from a checkpoint every process reads: an out_dir on storage all nodes "
+                         "share")
 
 
 def _raise_on_every_process(error, world, device, elsewhere, failures):
