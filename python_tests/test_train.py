@@ -1301,6 +1301,55 @@ def test_ddp_resume_refuses_processes_that_would_start_from_different_checkpoint
             "storage all nodes share")
 
 
+class WithUnusedHead(nn.Module):
+    """A classifier with a second head its forward does not use (trainable parameters the loss never reaches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        self.aux = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _ddp_unused_parameters_worker(rank, world, port, out_path):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    try:
+        torch.manual_seed(0)
+        model = WithUnusedHead()
+        try:  # one step: DDP's own error would come only at the next forward
+            fit(model, defenses.Standard(), _data(4), epochs=1, batch_size=4, progress=False,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+            message = "no error"
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+        torch.save((message, _weights(model)), f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_refuses_trainable_parameters_the_loss_does_not_use(tmp_path):
+    """A trainable parameter outside the loss left DDP's gradient bucket unreduced: a one-step run returned models that
+    differed between the processes (each stepped with its own share's gradient), a longer one failed at the next
+    forward advising find_unused_parameters=True for the DistributedDataParallel that fit builds."""
+    out = str(tmp_path / "unused")
+    _spawn_within(60, _ddp_unused_parameters_worker, (2, _free_port(), out))
+    results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    for message, _ in results:
+        assert message == ("ValueError: fit: under DDP every trainable parameter must take part in the loss; "
+                           "aux.weight, aux.bias got no gradient at epoch 1, step 1: freeze them "
+                           "(requires_grad_(False)) or leave them out of the model"), message
+    for k, v in results[0][1].items():  # stopped before the step: the processes still agree
+        assert torch.equal(results[1][1][k], v), k
+
+
 class FailsOnOneProcess(Defense):
     """Standard loss that raises on process ``rank`` ("every": on each) at its ``call``-th step: in the defense, or
     in backward."""

@@ -763,6 +763,8 @@ def fit(
                         scaler.unscale_(optimizer)
                     else:
                         scaled.backward()
+                    if world > 1:
+                        _check_every_parameter_got_a_gradient(name, model, f"epoch {epoch + 1}, step {step + 1}")
                     if out.extra_grads is not None:
                         _add_extra_grads(name, params, out.extra_grads, scale, world)
                     if max_grad_norm is not None:
@@ -968,6 +970,17 @@ def _any_non_finite(tensors):
     if not tensors:
         return torch.tensor(False)
     return torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
+
+
+def _check_every_parameter_got_a_gradient(name, model, where):
+    """Under DDP a trainable parameter the loss did not use left its gradient bucket unreduced: the step applied the
+    bucket's other gradients unaveraged, and the next forward raised DDP's advice to pass find_unused_parameters=True
+    to a DistributedDataParallel that fit builds. Refused before the step (the same on every process)."""
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        shown = ", ".join(unused[:4]) + (f" (and {len(unused) - 4} more)" if len(unused) > 4 else "")
+        raise ValueError(f"{name}: under DDP every trainable parameter must take part in the loss; {shown} got no "
+                         f"gradient at {where}: freeze them (requires_grad_(False)) or leave them out of the model")
 
 
 def _add_extra_grads(name, params, extra_grads, scale, world):
