@@ -1296,9 +1296,49 @@ def test_ddp_resume_refuses_processes_that_would_start_from_different_checkpoint
     _spawn_within(60, _ddp_node_local_resume_worker, (2, _free_port(), str(tmp_path)))
     for rank in range(2):
         assert torch.load(tmp_path / f"message.{rank}", weights_only=True) == (
-            "ValueError: fit: the processes would start from different checkpoints (process 0 after epoch 1, process 1 "
-            f"from scratch; this is process {rank}); resume from a checkpoint every process reads: an out_dir on "
-            "storage all nodes share")
+            "ValueError: fit: the processes differ in the checkpoint they resume (process 0: after epoch 1, process 1: "
+            f"none (from scratch); this is process {rank}); resume from a checkpoint every process reads: an out_dir "
+            "on storage all nodes share")
+
+
+def _ddp_settings_differ_worker(rank, world, port, out_path):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    try:
+        messages = []
+        # a seed per process (a habit from DistributedSampler loops), then a training set of another length on each
+        for kwargs, n in (({"seed": 10 + rank}, 16), ({}, 16 + 4 * rank)):
+            counting = CountingDefense(n)
+            try:
+                fit(DropoutMLP(), counting, IndexedDataset(_data(n)), epochs=1, batch_size=4, progress=False,
+                    **kwargs)
+                messages.append(f"no error, samples seen {counting.table.tolist()}")
+            except Exception as e:
+                messages.append(f"{type(e).__name__}: {e}")
+        torch.save(messages, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_refuses_processes_given_other_seeds_or_training_set_lengths(tmp_path):
+    """Another seed on each process cut other permutations into the global batches: 4 of 16 samples were never seen
+    in the epoch and others twice, silently; training sets of other lengths took other numbers of steps and waited
+    in a collective until the group's timeout."""
+    out = str(tmp_path / "settings")
+    _spawn_within(60, _ddp_settings_differ_worker, (2, _free_port(), out))
+    fix = ("pass every process the same ones, and the whole train_data (not a shard): fit cuts one permutation of it "
+           "into global batches and gives each process its share, and seeds each process's own random streams itself")
+    for rank in range(2):
+        assert torch.load(f"{out}.{rank}", weights_only=True) == [
+            f"ValueError: fit: the processes differ in seed (process 0: 10, process 1: 11; this is process {rank}); "
+            + fix,
+            f"ValueError: fit: the processes differ in len(train_data) (process 0: 16, process 1: 20; this is process "
+            f"{rank}); " + fix]
 
 
 class WithUnusedHead(nn.Module):

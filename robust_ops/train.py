@@ -539,6 +539,12 @@ def fit(
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
+    if world > 1:  # before any check that would then raise on some processes only
+        _check_processes_agree(name, {"seed": int(seed), "len(train_data)": len(train_data), "batch_size": batch_size,
+                                      "epochs": epochs}, rank, world,
+                               "pass every process the same ones, and the whole train_data (not a shard): fit cuts "
+                               "one permutation of it into global batches and gives each process its share, and "
+                               "seeds each process's own random streams itself")
     if amp and device.type != "cuda":
         raise ValueError(f"{name}: amp=True needs a CUDA device (float16 autocast + GradScaler), got device={device}")
     if world > 1 and batch_size < world:
@@ -669,8 +675,10 @@ def fit(
         torch.manual_seed(rank_seed)
         np.random.seed(rank_seed % 2**32)
         random.seed(rank_seed)
-    if world > 1:
-        _check_same_start(name, start_epoch, rank, world, device)
+    if world > 1:  # every process reads the checkpoint itself: a node-local out_dir holds one on process 0's node only
+        _check_processes_agree(name, {"the checkpoint they resume": f"after epoch {start_epoch}" if start_epoch
+                                      else "none (from scratch)"}, rank, world,
+                               "resume from a checkpoint every process reads: an out_dir on storage all nodes share")
 
     train_model = model
     failures = _OneProcessFailures(name, rank, world, device)
@@ -871,18 +879,18 @@ def fit(
                      else None, model=model)
 
 
-def _check_same_start(name, start_epoch, rank, world, device):
-    """Every process reads the checkpoint itself: with a node-local out_dir only process 0's folder holds it, and the
-    others started afresh, ran other epochs' batches with their own optimizer state, and failed in a collective once
-    process 0 had finished. Refused on every process (one all_gather when fit starts)."""
-    starts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(starts, torch.tensor([start_epoch], dtype=torch.int64, device=device))
-    starts = [int(s) for s in starts]
-    if len(set(starts)) > 1:
-        each = ", ".join(f"process {r} {f'after epoch {e}' if e else 'from scratch'}" for r, e in enumerate(starts))
-        raise ValueError(f"{name}: the processes would start from different checkpoints ({each}; this is process "
-                         f"{rank}); resume from a checkpoint every process reads: an out_dir on storage all nodes "
-                         "share")
+def _check_processes_agree(name, values, rank, world, fix):
+    """Refuse, on every process, settings that differ between the processes (one all_gather_object): processes
+    given other seeds cut other permutations into the global batches (samples seen twice or never, silently);
+    other lengths or batch sizes take other numbers of steps (a hang in a collective); processes resuming different
+    checkpoints train out of step. ``values``: {what: this process's value}; ``fix``: what to do instead."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, values)
+    for key in values:
+        seen = [g[key] for g in gathered]
+        if len(set(map(repr, seen))) > 1:
+            each = ", ".join(f"process {r}: {v}" for r, v in enumerate(seen))
+            raise ValueError(f"{name}: the processes differ in {key} ({each}; this is process {rank}); {fix}")
 
 
 def _raise_on_every_process(error, world, device, elsewhere, failures):
