@@ -1311,8 +1311,9 @@ def _ddp_settings_differ_worker(rank, world, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
     try:
         messages = []
-        # a seed per process (a habit from DistributedSampler loops), then a training set of another length on each
-        for kwargs, n in (({"seed": 10 + rank}, 16), ({}, 16 + 4 * rank)):
+        # a seed per process (a habit from DistributedSampler loops), then a training set of another length on each,
+        # then a validation shard per process
+        for kwargs, n in (({"seed": 10 + rank}, 16), ({}, 16 + 4 * rank), ({"val_data": _data(6 + 2 * rank)}, 16)):
             counting = CountingDefense(n)
             try:
                 fit(DropoutMLP(), counting, IndexedDataset(_data(n)), epochs=1, batch_size=4, progress=False,
@@ -1328,16 +1329,20 @@ def _ddp_settings_differ_worker(rank, world, port, out_path):
 def test_ddp_refuses_processes_given_other_seeds_or_training_set_lengths(tmp_path):
     """Another seed on each process cut other permutations into the global batches: 4 of 16 samples were never seen
     in the epoch and others twice, silently; training sets of other lengths took other numbers of steps and waited
-    in a collective until the group's timeout."""
+    in a collective until the group's timeout; a validation shard per process gave each its own val_loss (rank 0's
+    alone in the metrics files)."""
     out = str(tmp_path / "settings")
     _spawn_within(60, _ddp_settings_differ_worker, (2, _free_port(), out))
-    fix = ("pass every process the same ones, and the whole train_data (not a shard): fit cuts one permutation of it "
-           "into global batches and gives each process its share, and seeds each process's own random streams itself")
+    fix = ("pass every process the same ones, and the whole train_data and val_data (not shards): fit cuts one "
+           "permutation of train_data into global batches and gives each process its share, and seeds each process's "
+           "own random streams itself")
     for rank in range(2):
         assert torch.load(f"{out}.{rank}", weights_only=True) == [
             f"ValueError: fit: the processes differ in seed (process 0: 10, process 1: 11; this is process {rank}); "
             + fix,
             f"ValueError: fit: the processes differ in len(train_data) (process 0: 16, process 1: 20; this is process "
+            f"{rank}); " + fix,
+            f"ValueError: fit: the processes differ in len(val_data) (process 0: 6, process 1: 8; this is process "
             f"{rank}); " + fix]
 
 

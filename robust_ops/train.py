@@ -540,11 +540,13 @@ def fit(
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     if world > 1:  # before any check that would then raise on some processes only
+        # every process validates on the whole val_data: shards of it would give each process (and rank 0's metrics
+        # files, and a ReduceLROnPlateau) its own validation numbers
         _check_processes_agree(name, {"seed": int(seed), "len(train_data)": len(train_data), "batch_size": batch_size,
-                                      "epochs": epochs}, rank, world,
-                               "pass every process the same ones, and the whole train_data (not a shard): fit cuts "
-                               "one permutation of it into global batches and gives each process its share, and "
-                               "seeds each process's own random streams itself")
+                                      "epochs": epochs, "len(val_data)": None if val_data is None else len(val_data)},
+                               rank, world, "pass every process the same ones, and the whole train_data and val_data "
+                               "(not shards): fit cuts one permutation of train_data into global batches and gives "
+                               "each process its share, and seeds each process's own random streams itself")
     if amp and device.type != "cuda":
         raise ValueError(f"{name}: amp=True needs a CUDA device (float16 autocast + GradScaler), got device={device}")
     if world > 1 and batch_size < world:
