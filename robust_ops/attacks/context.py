@@ -183,9 +183,9 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"{name}: expected y of shape [{x.shape[0]}], got {tuple(y.shape)}")
         if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
-            raise ValueError(
-                f"{name}: expected labels in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
-            )
+            # without num_classes only the lower bound is known here (the model's output checks the upper one)
+            bound = f"in [0, {num_classes})" if num_classes is not None else "non-negative"
+            raise ValueError(f"{name}: expected labels {bound}, got values in [{int(y.min())}, {int(y.max())}]")
     return y
 
 
