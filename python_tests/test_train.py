@@ -1774,3 +1774,16 @@ def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_li
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / file, progress=False)
         with pytest.raises(ValueError, match=rf"^load_weights: {path}:? {message}"):
             load_weights(DropoutMLP(), tmp_path / file)
+
+
+def test_large_and_negative_seeds_draw_the_permutations_torch_would():
+    # seed * 1_000_003 left torch's seed range past seed ~ 2**44 ("Overflow when unpacking long long"); torch reads
+    # seeds modulo 2**64, so a seed it accepted keeps its permutation
+    for seed in (2**50, 2**70):
+        assert sorted(i for b, _ in GlobalBatchSampler(10, 4, seed=seed) for i in b) == list(range(10))
+    for seed in (-1, 3):
+        expected = torch.randperm(10, generator=torch.Generator().manual_seed(seed * 1_000_003))
+        assert [i for b, _ in GlobalBatchSampler(10, 4, seed=seed) for i in b] == expected.tolist()
+    data = torch.utils.data.TensorDataset(torch.rand(6, 1, 4, 4), torch.tensor([0, 1] * 3))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    fit(model, "standard", data, epochs=1, batch_size=3, lr=0.1, seed=2**70, progress=False)
