@@ -1787,3 +1787,31 @@ def test_large_and_negative_seeds_draw_the_permutations_torch_would():
     data = torch.utils.data.TensorDataset(torch.rand(6, 1, 4, 4), torch.tensor([0, 1] * 3))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
     fit(model, "standard", data, epochs=1, batch_size=3, lr=0.1, seed=2**70, progress=False)
+
+
+def _torchrun_setup_error_worker(rank, world, port, out_path):
+    import torch.distributed as dist
+
+    # torchrun's environment: fit initializes the group itself
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        fit(DropoutMLP(), "standard", _data(16), epochs=1, batch_size=8, amp=True, progress=False)
+        message = "no error"
+    except ValueError as e:
+        message = str(e)
+    left_open = dist.is_initialized()
+    if left_open:
+        dist.destroy_process_group()
+    torch.save((message, left_open), f"{out_path}.{rank}")
+
+
+def test_fit_destroys_the_group_it_initialized_when_its_setup_raises(tmp_path):
+    """A group fit initialized from torchrun's environment stayed open after an error in fit's setup (here amp on
+    CPU), and a later fit in the process adopted it as the caller's."""
+    out = str(tmp_path / "setup")
+    _spawn_within(60, _torchrun_setup_error_worker, (2, _free_port(), out))
+    for rank in range(2):
+        message, left_open = torch.load(f"{out}.{rank}", weights_only=True)
+        assert message.startswith("fit: amp=True needs a CUDA device"), message
+        assert not left_open

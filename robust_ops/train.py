@@ -23,6 +23,7 @@ Semantics (docs/training.md):
 """
 
 import csv
+import functools
 import json
 import math
 import numbers
@@ -463,6 +464,25 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
 # fit
 
 
+def _closes_its_process_group_on_error(fit_function):
+    """fit destroys a process group it initialized from torchrun's environment when it returns, and in its training
+    loop's cleanup; an error in its setup (a refused resume, amp on CPU, processes that disagree) came before that
+    cleanup and left the group open, and a later fit in the process took it for the caller's and never closed it."""
+
+    @functools.wraps(fit_function)
+    def fit_closing_its_group(*args, **kwargs):
+        had_group = dist.is_available() and dist.is_initialized()
+        try:
+            return fit_function(*args, **kwargs)
+        except BaseException:
+            if not had_group and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            raise
+
+    return fit_closing_its_group
+
+
+@_closes_its_process_group_on_error
 def fit(
     model,
     defense,
