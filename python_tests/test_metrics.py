@@ -195,6 +195,8 @@ def test_multiclass_random_parity_with_sklearn(seed):
     (dict(y_true=[], y_pred=[], num_classes=2), "binary tasks need positive_class 0 or 1, got None"),
     (dict(y_true=[0, 1], y_pred=[0, 1], num_classes=2, positive_class=True),
      "binary tasks need positive_class 0 or 1, got True"),
+    (dict(y_true=[0, 1], y_pred=[0, 1], num_classes=2, positive_class=1.0),
+     r"binary tasks need positive_class 0 or 1, got 1\.0"),
     (dict(y_true=[0, 1, 2], y_pred=[0, 1, 2], num_classes=3, positive_class=2),
      r"positive_class is only for binary tasks \(num_classes=3 uses macro averages\), got 2"),
 ])

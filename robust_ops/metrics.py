@@ -84,7 +84,9 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"classification_metrics: expected num_classes to be an integer >= 2, got {num_classes!r}")
     # checked before anything else, so an empty set fails the same way as a full one
-    if num_classes == 2 and (isinstance(positive_class, bool) or positive_class not in (0, 1)):
+    # an int: 1.0 == 1 passed the membership test and then failed as an index
+    if num_classes == 2 and (isinstance(positive_class, bool) or not isinstance(positive_class, numbers.Integral)
+                             or positive_class not in (0, 1)):
         raise ValueError(f"classification_metrics: binary tasks need positive_class 0 or 1, got {positive_class}")
     if num_classes > 2 and positive_class is not None:  # multi-class metrics are macro averages, never one class's
         raise ValueError(f"classification_metrics: positive_class is only for binary tasks (num_classes={num_classes} "
