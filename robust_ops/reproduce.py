@@ -225,6 +225,9 @@ IMA_BUS = Protocol(
         "the shape of the trade-off, not for equality.",
         f"Training noise level: IMA's per-pixel rule gives eps_train = sqrt(28*28*1*3/1024) = {IMA_EPS_TRAIN:.3f} (L2) "
         "for 1x28x28 images, used by SAT (Madry AT, as IMA names it), TRADES and IMA alike.",
+        "TRADES: beta = 1, the library's default (MIRST-DM's setting). The IMA paper runs the other methods with their "
+        "own papers' settings, which for TRADES is beta = 6 (robustness weighted more): defenses.build(\"trades\", "
+        "beta=6) for that reading.",
         "AutoAttack-style: the library's cascade of AutoAttack's standard attacks in L2 (APGD-CE, APGD-T, FAB-T, "
         "Square with 5000 queries; as the paper's Section 3.1, with AutoAttack's settings; until 2026-12-02 it was "
         "L2 PGD-20, APGD-CE and APGD-DLR, as FAB-T and the L2 Square were not built; on a CPU Square's 5000 queries "
