@@ -763,9 +763,29 @@ class BNMLP(nn.Module):
         return self.net(x)
 
 
-class CountingDefense(Defense):
-    """Standard loss; counts how often each sample was seen in a per-sample table whose state_dict is the live tensor
+class _TensorStateDefense(Defense):
+    """Standard loss; ``update(ids)`` changes one tensor, ``self.<state_key>``, whose state_dict is the live tensor
     (as nn.Module.state_dict returns), merged across processes by the trainer's generic rule."""
+
+    state_key = "table"
+
+    def update(self, ids):
+        raise NotImplementedError
+
+    def __call__(self, model, x, y, ids=None):
+        self.update(ids)
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
+
+    def state_dict(self):
+        return {self.state_key: getattr(self, self.state_key)}
+
+    def load_state_dict(self, state):
+        getattr(self, self.state_key).copy_(state[self.state_key])
+
+
+class CountingDefense(_TensorStateDefense):
+    """Counts how often each sample was seen in a per-sample table."""
 
     name = "counting"
     needs_ids = True
@@ -773,16 +793,8 @@ class CountingDefense(Defense):
     def __init__(self, num_samples):
         self.table = torch.zeros(num_samples)
 
-    def __call__(self, model, x, y, ids=None):
+    def update(self, ids):
         self.table[ids] += 1
-        logits = model(x)
-        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
-
-    def state_dict(self):
-        return {"table": self.table}
-
-    def load_state_dict(self, state):
-        self.table.copy_(state["table"])
 
 
 def _ddp_buffers_worker(rank, world, port, out_dir):
@@ -837,9 +849,8 @@ def test_ddp_buffers_validation_and_defense_state_agree_across_processes(tmp_pat
                                      "needs at least one sample per step")
 
 
-class RunningMinimum(Defense):
-    """Standard loss; a per-sample table of the smallest value seen (here the id), filled with ``fill`` (inf or NaN:
-    not seen yet), merged across processes by the trainer's generic rule."""
+class RunningMinimum(_TensorStateDefense):
+    """A per-sample table of the smallest value seen (here the id), filled with ``fill`` (inf or NaN: not seen yet)."""
 
     name = "running-minimum"
     needs_ids = True
@@ -847,36 +858,21 @@ class RunningMinimum(Defense):
     def __init__(self, num_samples, fill):
         self.table = torch.full((num_samples,), fill)
 
-    def __call__(self, model, x, y, ids=None):
+    def update(self, ids):
         self.table[ids] = torch.fmin(self.table[ids], ids.float())  # fmin: a NaN fill gives way too
-        logits = model(x)
-        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
-
-    def state_dict(self):
-        return {"table": self.table}
-
-    def load_state_dict(self, state):
-        self.table.copy_(state["table"])
 
 
-class SharedStatistic(Defense):
-    """Standard loss; a float64 statistic every process sets to the same value (as an all-reduced one would be)."""
+class SharedStatistic(_TensorStateDefense):
+    """A float64 statistic every process sets to the same value (as an all-reduced one would be)."""
 
     name = "shared-statistic"
+    state_key = "value"
 
     def __init__(self):
         self.value = torch.zeros((), dtype=torch.float64)
 
-    def __call__(self, model, x, y, ids=None):
+    def update(self, ids):
         self.value.fill_(0.1)
-        logits = model(x)
-        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, state):
-        self.value.copy_(state["value"])
 
 
 def _ddp_generic_merge_worker(rank, world, port, out_path):
