@@ -1799,15 +1799,16 @@ def _torchrun_setup_error_worker(rank, world, port, out_path):
     left_open = dist.is_initialized()
     if left_open:
         dist.destroy_process_group()
-    torch.save((message, left_open), f"{out_path}.{rank}")
+    result = fit(DropoutMLP(), "standard", _data(16), epochs=1, batch_size=8, progress=False)  # a new group
+    torch.save((message, left_open, len(result.history), dist.is_initialized()), f"{out_path}.{rank}")
 
 
 def test_fit_destroys_the_group_it_initialized_when_its_setup_raises(tmp_path):
     """A group fit initialized from torchrun's environment stayed open after an error in fit's setup (here amp on
-    CPU), and a later fit in the process adopted it as the caller's."""
+    CPU), and a later fit in the process adopted it as the caller's; one that trains closes its group too."""
     out = str(tmp_path / "setup")
     _spawn_within(60, _torchrun_setup_error_worker, (2, _free_port(), out))
     for rank in range(2):
-        message, left_open = torch.load(f"{out}.{rank}", weights_only=True)
+        message, left_open, epochs, open_after_training = torch.load(f"{out}.{rank}", weights_only=True)
         assert message.startswith("fit: amp=True needs a CUDA device"), message
-        assert not left_open
+        assert not left_open and epochs == 1 and not open_after_training

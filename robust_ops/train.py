@@ -281,16 +281,16 @@ def drop_max_mismatch(model, state):
 
 
 def _distributed_context(device):
-    """(rank, world_size, initialized_here). Uses an initialized process group, or initializes one from torchrun's
-    environment (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
+    """(rank, world_size). Uses an initialized process group, or initializes one from torchrun's environment
+    (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
+        return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available() and "RANK" in os.environ:
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _all_reduce_mean_(tensors, world):
@@ -464,25 +464,24 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
 # fit
 
 
-def _closes_its_process_group_on_error(fit_function):
-    """fit destroys a process group it initialized from torchrun's environment when it returns, and in its training
-    loop's cleanup; an error in its setup (a refused resume, amp on CPU, processes that disagree) came before that
-    cleanup and left the group open, and a later fit in the process took it for the caller's and never closed it."""
+def _closes_the_process_group_it_initialized(fit_function):
+    """A process group fit initialized from torchrun's environment is destroyed when fit returns or raises, its
+    setup's errors included (a refused resume, amp on CPU, processes that disagree): left open, a later fit in the
+    process took it for the caller's and never closed it. A group the caller initialized stays."""
 
     @functools.wraps(fit_function)
     def fit_closing_its_group(*args, **kwargs):
         had_group = dist.is_available() and dist.is_initialized()
         try:
             return fit_function(*args, **kwargs)
-        except BaseException:
+        finally:
             if not had_group and dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
-            raise
 
     return fit_closing_its_group
 
 
-@_closes_its_process_group_on_error
+@_closes_the_process_group_it_initialized
 def fit(
     model,
     defense,
@@ -560,7 +559,7 @@ def fit(
     if val_data is not None and len(val_data) == 0:
         raise ValueError(f"{name}: val_data is empty (0 samples); pass None to skip validation")
 
-    rank, world, initialized_here = _distributed_context(device)
+    rank, world = _distributed_context(device)  # a group initialized here is destroyed by the decorator
     device = torch.device(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -901,8 +900,6 @@ def fit(
         if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, would push the next down
             bar.close()
         speedups.__exit__(None, None, None)
-        if initialized_here:
-            dist.destroy_process_group()
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
                      else None, model=model)
 
