@@ -94,7 +94,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def global_batches(self):
         if self.shuffle:
-            g = torch.Generator().manual_seed(torch_seed(self.seed * 1_000_003 + self.epoch))
+            g = torch.Generator().manual_seed(_torch_seed(self.seed * 1_000_003 + self.epoch))
             order = torch.randperm(self.num_samples, generator=g)
         else:
             order = torch.arange(self.num_samples)
@@ -168,7 +168,7 @@ def _rng_state(device):
     return state
 
 
-def torch_seed(value):
+def _torch_seed(value):
     """``value`` as torch's seeds take it: torch reads a seed modulo 2**64 but refuses one past [-2**63, 2**64)
     ("Overflow when unpacking long long"), which a large seed times the epoch stride reached."""
     return value % 2**64
@@ -699,7 +699,7 @@ def fit(
         start_epoch = int(state["epoch"])
     else:
         rank_seed = _rank_seed(seed, rank)
-        torch.manual_seed(torch_seed(rank_seed))
+        torch.manual_seed(_torch_seed(rank_seed))
         np.random.seed(rank_seed % 2**32)
         random.seed(rank_seed)
     if world > 1:  # every process reads the checkpoint itself: a node-local out_dir holds one on process 0's node only
