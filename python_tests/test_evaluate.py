@@ -211,9 +211,23 @@ def test_multiclass_positive_class_is_refused_not_ignored():
     the report named the class and called sensitivity its recall."""
     info = DatasetInfo("tiny3", 3, 1, 12, ("benign", "malignant", "normal"), positive_class=1)
     data = TensorDataset(torch.rand(6, 1, 12, 12), torch.arange(6) % 3)
-    with pytest.raises(EvalError, match=r"^data: info.positive_class=1 is for binary tasks; this 3-class set gets "
-                                        r"macro-averaged metrics \(set it to None\)$") as err:
+    with pytest.raises(EvalError, match=r"^data: info: positive_class is only for binary tasks \(num_classes=3 "
+                                        r"uses macro averages\), got 1$") as err:
         evaluate(TinyCNN(1, 3, width=4), data, info, attacks="fgsm", eps=[1 / 255])
+    assert err.value.arg == "data"
+
+
+@pytest.mark.parametrize("positive", [None, 2, 1.0, True])
+def test_binary_set_without_a_valid_positive_class_is_refused_before_any_forward(positive):
+    """A binary DatasetInfo with no positive class failed in the metrics, after the clean pass over the split."""
+    info = DatasetInfo("tiny", 2, 1, 12, ("a", "b"), positive_class=positive)
+    data = TensorDataset(torch.rand(6, 1, 12, 12), torch.arange(6) % 2)
+
+    def no_forward(x):
+        raise AssertionError("evaluate ran the model before checking info")
+
+    with pytest.raises(EvalError, match=r"^data: info: binary tasks need positive_class 0 or 1, got ") as err:
+        evaluate(no_forward, data, info, attacks="fgsm", eps=[1 / 255], device="cpu")
     assert err.value.arg == "data"
 
 

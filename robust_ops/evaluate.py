@@ -43,7 +43,7 @@ import torch
 from ._import_path import PATH_HINT, is_import_path
 from ._options import class_labels
 from .attacks.context import predict_from_output, use_model_mode
-from .metrics import METRIC_LABELS, classification_metrics, metric_names, probabilities
+from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
 SCHEMA = "robust_ops.results/1"
 
@@ -404,9 +404,10 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         raise EvalError("split", "split: the evaluated split has no samples")
     lo, hi = info.value_range
     check_radii(specs, radii, info)
-    if info.num_classes != 2 and info.positive_class is not None:  # ignored, the report would still name it
-        raise EvalError("data", f"data: info.positive_class={info.positive_class!r} is for binary tasks; this "
-                                f"{info.num_classes}-class set gets macro-averaged metrics (set it to None)")
+    # before any forward: the metrics would refuse it only after the clean pass over the whole split
+    problem = positive_class_problem(info.num_classes, info.positive_class)
+    if problem:  # a positive class on a multi-class set would be ignored while the report still named it
+        raise EvalError("data", f"data: info: {problem}")
     # batch by batch: isfinite builds float and bool temporaries the size of what it checks
     chunks = x.split(batch_size) if x.is_floating_point() else ()
     bad = sum(int((~torch.isfinite(c.reshape(c.shape[0], math.prod(x.shape[1:])))).any(1).sum()) for c in chunks)

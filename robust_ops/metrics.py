@@ -76,6 +76,18 @@ def _labels(name, a, num_classes):
     return a
 
 
+def positive_class_problem(num_classes, positive_class):
+    """Why ``positive_class`` does not fit a ``num_classes``-class task, or None when it does."""
+    # an int: 1.0 == 1 passed the membership test and then failed as an index
+    if num_classes == 2 and (isinstance(positive_class, bool) or not isinstance(positive_class, numbers.Integral)
+                             or positive_class not in (0, 1)):
+        return f"binary tasks need positive_class 0 or 1, got {positive_class}"
+    if num_classes > 2 and positive_class is not None:  # multi-class metrics are macro averages, never one class's
+        return (f"positive_class is only for binary tasks (num_classes={num_classes} uses macro averages), "
+                f"got {positive_class!r}")
+    return None
+
+
 def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_class=None):
     """Metrics dict for one prediction set. ``probs``: [N, K] class probabilities (needed for AUC and mAP)."""
     from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_fscore_support,
@@ -84,13 +96,9 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"classification_metrics: expected num_classes to be an integer >= 2, got {num_classes!r}")
     # checked before anything else, so an empty set fails the same way as a full one
-    # an int: 1.0 == 1 passed the membership test and then failed as an index
-    if num_classes == 2 and (isinstance(positive_class, bool) or not isinstance(positive_class, numbers.Integral)
-                             or positive_class not in (0, 1)):
-        raise ValueError(f"classification_metrics: binary tasks need positive_class 0 or 1, got {positive_class}")
-    if num_classes > 2 and positive_class is not None:  # multi-class metrics are macro averages, never one class's
-        raise ValueError(f"classification_metrics: positive_class is only for binary tasks (num_classes={num_classes} "
-                         f"uses macro averages), got {positive_class!r}")
+    problem = positive_class_problem(num_classes, positive_class)
+    if problem:
+        raise ValueError(f"classification_metrics: {problem}")
     y_true, y_pred = _labels("y_true", y_true, num_classes), _labels("y_pred", y_pred, num_classes)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"classification_metrics: expected y_true and y_pred of the same shape [N], got "
