@@ -461,6 +461,17 @@ def test_pivot_and_paper_tables_keep_norms_apart():
         report.paper_comparison_table(rows, [{k: v for k, v in paper[0].items() if k != "norm"}], ["accuracy"])
 
 
+def test_methods_sharing_a_slug_get_one_saliency_file_each(tmp_path):
+    """"MIRST-DM" and "mirst dm" both wrote saliency_mirst-dm.png: the second map replaced the first one's."""
+    x, y = torch.rand(4, 1, 12, 12), torch.tensor([0, 1, 0, 1])
+    models = {name: TinyCNN(1, 2, width=4) for name in ("MIRST-DM", "mirst dm", "mirst-dm-2", "Mirst_DM")}
+    rows = evaluate(models["MIRST-DM"], TensorDataset(x, y), INFO, attacks="fgsm", eps=[1 / 255])
+    paths = write_results(tmp_path, rows, INFO, saliency=(models, x[:2], y[:2]))
+    names = [p.name for p in paths["figures"] if p.name.startswith("saliency_")]
+    assert names == ["saliency_mirst-dm.png", "saliency_mirst-dm-2.png", "saliency_mirst-dm-2-2.png",
+                     "saliency_mirst-dm-3.png"]
+
+
 def test_saliency_maps_restore_every_module_mode():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 16, 2))
     model.train()

@@ -620,8 +620,16 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
                     figure_names.append(name)
             if saliency is not None:
                 models, xs, ys = saliency
+                taken = set()
                 for method, model in models.items():
-                    name = f"saliency_{report.slug(method)}.png"
+                    # "MIRST-DM" and "mirst dm" share a slug: the second map overwrote the first one's file
+                    base = name = f"saliency_{report.slug(method)}"
+                    for k in itertools.count(2):
+                        if name not in taken:
+                            break
+                        name = f"{base}-{k}"
+                    taken.add(name)
+                    name += ".png"
                     if report.plot_saliency(model, xs, ys, stage / name, info=info, title=method):
                         figure_names.append(name)
         text = report.markdown_report(doc, title=title, figures=figure_names, extra=extra_markdown)
