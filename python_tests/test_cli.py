@@ -1449,6 +1449,18 @@ def test_reproduce_on_own_folder_with_size(tmp_path, capsys):
     assert not (tmp_path / "o3").exists()
 
 
+def test_reproduce_kfold_on_a_class_smaller_than_the_folds_is_a_one_line_error(tmp_path, capsys):
+    """mirst-bus's 5 folds need 5 samples of every class: fewer is an error naming --data, not a traceback."""
+    data = _folder(tmp_path / "d", n=4)
+    rc, _, err = run(["reproduce", "mirst-bus", "--quick", "--data", data, "--size", "8", "--out", tmp_path / "o",
+                      "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"robust-ops reproduce: error: --data: {data} cannot be split into 5 stratified "
+                                    "cross-validation folds (cross_validation: the smallest class has 4 samples, "
+                                    "fewer than k=5 folds)")
+    assert not (tmp_path / "o" / "runs-quick").exists()
+
+
 def test_warnings_are_one_line(tmp_path, capsys):
     _folder(tmp_path / "d")
     _folder(tmp_path / "d", n=1, classes=("normal",))

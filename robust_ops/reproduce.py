@@ -488,11 +488,22 @@ def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None):
     return record
 
 
+def kfold_splits(data, base, k, seed):
+    """The ``k`` stratified folds of the loaded ``data`` (``base``); data that cannot be split so (a class with
+    fewer than ``k`` samples) is a one-line error naming ``--data``, not a traceback."""
+    from .cli import CLIError
+    from .data import DataError, cross_validation
+
+    try:
+        return cross_validation(base, k=k, seed=seed)
+    except DataError as err:
+        raise CLIError(f"--data: {data} cannot be split into {k} stratified cross-validation folds ({err})") from None
+
+
 def rebuild_splits(data, record, base=None, folds=None):
     """The DatasetSplits a reproduce run used, from its run.json ``split`` record (see :func:`split_record`).
     ``base`` / ``folds``: the loaded data / its folds, when the caller has them already."""
     from .cli import CLIError, load_data, subset_splits
-    from .data import cross_validation
 
     kind = record.get("kind")
     if kind == "kfold":
@@ -500,7 +511,7 @@ def rebuild_splits(data, record, base=None, folds=None):
             base = base if base is not None else load_data(data, size=record.get("size"),
                                                            seed=record.get("data_seed", 0),
                                                            bit_depth=record.get("bit_depth"))
-            folds = cross_validation(base, k=record["k"], seed=record["cv_seed"])
+            folds = kfold_splits(data, base, record["k"], record["cv_seed"])
         splits = folds[record["fold"]]
     elif kind == "seeds":
         splits = base if base is not None else load_data(data, size=record.get("size"), seed=record["data_seed"],
@@ -576,7 +587,6 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
     from .cli import CLIError, load_data, resume_conflict, run_record, train_run
-    from .data import cross_validation
     from .evaluate import evaluate, write_results
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
@@ -591,7 +601,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     runs_dir = out / ("runs-quick" if quick else "runs")
     t_start = time.perf_counter()
     base = load_data(data, size=size, seed=0, bit_depth=bit_depth) if protocol.split == "kfold" else None
-    folds = cross_validation(base, k=max(protocol.repeats, 2), seed=CV_SEED) if base is not None else None
+    folds = kfold_splits(data, base, max(protocol.repeats, 2), CV_SEED) if base is not None else None
     if folds is not None and repeats > len(folds):
         raise CLIError(f"--seeds: {protocol.name} has {len(folds)} folds, got {repeats}")
     quick_sizes = (q["n_train"], q["n_test"]) if quick else None
