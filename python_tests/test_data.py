@@ -414,6 +414,10 @@ def test_cross_validation_argument_errors():
     for bad in (1.0, -0.1):
         with pytest.raises(DataError, match=rf"expected 0 <= val_fraction < 1, got {bad}"):
             cross_validation(s, k=3, val_fraction=bad)
+    # the seed makes the folds reproducible: None (other folds on every call) and negative seeds are refused
+    for bad in (None, -1, 1.5):
+        with pytest.raises(DataError, match=rf"cross_validation: expected seed to be an integer >= 0, got {bad}"):
+            cross_validation(s, k=3, seed=bad)
 
 
 def test_cross_validation_folds_describe_themselves(tmp_path):
