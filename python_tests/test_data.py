@@ -827,6 +827,10 @@ def test_synthetic_sizes_and_small_arguments():
     with pytest.raises(DataError, match=r"^synthetic: expected n >= 0, got n=-1$") as info:
         synthetic_ultrasound(-1)
     assert info.value.arg is None  # n is no argument of load_dataset: the CLI must not name --size
+    for bad in (1.5, -0.1, float("nan")):  # a fraction outside [0, 1] made every image one class
+        with pytest.raises(DataError, match=rf"^synthetic: expected 0 <= malignant_fraction <= 1, got {bad}$"):
+            synthetic_ultrasound(4, malignant_fraction=bad)
+    assert synthetic_ultrasound(4, malignant_fraction=1)[1].tolist() == [1, 1, 1, 1]
 
 
 def test_moons_streams_noise_and_range():

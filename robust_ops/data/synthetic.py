@@ -87,6 +87,8 @@ def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTI
         raise DataError(f"synthetic: expected n >= 0, got n={n}")
     if size < 8:
         raise DataError(f"synthetic: expected size >= 8, got size={size}", arg="size")
+    if not 0 <= malignant_fraction <= 1:  # else every label would silently be one class
+        raise DataError(f"synthetic: expected 0 <= malignant_fraction <= 1, got {malignant_fraction!r}")
     rng = np.random.default_rng(seed)
     render = 2 * size
     coords = (np.arange(render) + 0.5) / render
