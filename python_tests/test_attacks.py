@@ -3022,3 +3022,20 @@ def test_half_precision_inputs_fab_and_l2_square_refused_before_any_attack_runs(
     model = model.to(torch.bfloat16)
     x = torch.rand(4, 1, 8, 8).to(torch.bfloat16)
     attacks.AutoAttack(model, norm="linf", eps=8 / 255, steps=2, n_queries=3).run(x, y)
+
+
+def test_float16_l1_apgd_with_a_zero_gradient_stays_at_a_point_of_the_ball():
+    # The L1 step divided by (coordinates moved + 1e-10) in float16, where 1e-10 rounds to 0: a zero input gradient
+    # (a confident sample's CE underflows in float16) gave 0 / 0, NaN points, counted as broken by AutoAttack.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).half()
+    with torch.no_grad():
+        model[1].weight.zero_()  # constant logits: the input gradient is exactly 0
+        model[1].bias.copy_(torch.tensor([0.0, 1.0, 0.5]))
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)).half()
+    y = torch.ones(4, dtype=torch.long)
+    for x_adv in (attacks.apgd(model, x, y, eps=2.0, norm="l1", steps=3),
+                  attacks.apgd_t(model, x, y, eps=2.0, norm="l1", steps=3, n_target_classes=1)):
+        assert bool(torch.isfinite(x_adv).all())
+        assert bool((norm_of((x_adv - x).float(), "l1") <= 2.0 * (1 + 2 ** -9)).all())
+    result = attacks.AutoAttack(model, norm="l1", eps=2.0, steps=5).run(x, y)
+    assert bool(result.robust.all()) and bool(torch.isfinite(result.x_adv).all())

@@ -119,7 +119,10 @@ def _l1_step(x_adv, x, grad, step_size, topk, eps_t, clip_min, clip_max):
     rank = ((1.0 - topk) * features).clamp(0, features - 1).long()
     threshold = g.abs().sort(dim=1)[0].gather(1, rank.view(n, 1))
     direction = torch.sign(g) * (g.abs() >= threshold)
-    step = step_size.view(n, 1) * direction / (direction.abs().sum(1, keepdim=True) + 1e-10)
+    # counted in the step size's dtype (float32 at least): in float16 the count + 1e-10 rounded to 0, so a zero
+    # gradient (a confident sample's CE underflows) made the step 0 / 0 = NaN; half-precision counts also round
+    count = direction.abs().to(step_size.dtype).sum(1, keepdim=True)
+    step = step_size.view(n, 1) * direction / (count + 1e-10)
     return project_l1(x, x_adv + step.view_as(x_adv).to(x_adv.dtype), eps_t, clip_min, clip_max)
 
 
