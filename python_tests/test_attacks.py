@@ -3039,3 +3039,19 @@ def test_float16_l1_apgd_with_a_zero_gradient_stays_at_a_point_of_the_ball():
         assert bool((norm_of((x_adv - x).float(), "l1") <= 2.0 * (1 + 2 ** -9)).all())
     result = attacks.AutoAttack(model, norm="l1", eps=2.0, steps=5).run(x, y)
     assert bool(result.robust.all()) and bool(torch.isfinite(result.x_adv).all())
+
+
+def test_ensemble_counts_keep_every_attack_of_a_repeated_name():
+    # counts() keyed by the bare name: the second "pgd" overwrote the first's entry, so the samples the first
+    # broke vanished from the counts (4 broken, counts {"pgd": 3}) while robust_accuracy() was right.
+    model = Linear(3, scale=0.3)
+    x, _ = make_data(12, 3)
+    y = model(x).argmax(1)
+    weak = Recording(lambda a, b: attacks.pgd(model, a, b, eps=0.02, steps=3, random_start=False), "pgd")
+    strong = Recording(lambda a, b: attacks.pgd(model, a, b, eps=0.1, steps=3, random_start=False), "pgd")
+    res = attacks.ensemble(model, x, y, [weak, strong])
+    counts = res.counts()
+    assert res.names == ("clean", "pgd", "pgd")
+    assert counts == {"clean": 0, "pgd": int((res.broken_by == 1).sum()), "pgd #2": int((res.broken_by == 2).sum()),
+                      "robust": int(res.robust.sum())}
+    assert sum(counts.values()) == 12 and counts["pgd"] > 0 and counts["pgd #2"] > 0

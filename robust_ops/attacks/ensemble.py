@@ -41,14 +41,24 @@ class EnsembleResult:
         return float(self.robust.float().mean()) if self.robust.numel() else float("nan")
 
     def counts(self):
-        """{name: number of samples it broke} (plus "robust")."""
-        out = {name: int((self.broken_by == i).sum()) for i, name in enumerate(self.names)}
+        """{name: number of samples it broke} (plus "robust"); a name repeated in the list is keyed "name #2", ..."""
+        out = {key: int((self.broken_by == i).sum()) for i, key in enumerate(_distinct_keys(self.names))}
         out["robust"] = int(self.robust.sum())
         return out
 
 
 def _name(attack, i):
     return getattr(attack, "name", None) or getattr(attack, "__name__", None) or f"attack{i}"
+
+
+def _distinct_keys(names):
+    """``names`` as dict keys: the second, third, ... occurrence of a name is "name #2", "name #3", ... (one key per
+    attack; keyed by the bare name, a repeated attack overwrote the entry of the first)."""
+    seen, keys = {}, []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        keys.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
+    return keys
 
 
 def _on_samples(attack, part, n):
@@ -284,11 +294,9 @@ class AutoAttack(Attack):
         input where that attack did not succeed. A name a custom list repeats is keyed "name #2", "name #3", ..."""
         if bs is not None:
             bs = check_steps("autoattack.run_standard_evaluation_individual", bs, "bs")
-        out, seen = {}, {}
-        for i, attack in enumerate(self.attacks):
-            name = _name(attack, i)
-            seen[name] = seen.get(name, 0) + 1
-            key = name if seen[name] == 1 else f"{name} #{seen[name]}"
+        out = {}
+        names = [_name(attack, i) for i, attack in enumerate(self.attacks)]
+        for attack, name, key in zip(self.attacks, names, _distinct_keys(names)):
             out[key] = ensemble(self.model, x, y, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
                                 clip_max=self.clip_max, batch_size=bs, names=[name]).x_adv
         return out
