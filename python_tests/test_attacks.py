@@ -3055,3 +3055,14 @@ def test_ensemble_counts_keep_every_attack_of_a_repeated_name():
     assert counts == {"clean": 0, "pgd": int((res.broken_by == 1).sum()), "pgd #2": int((res.broken_by == 2).sum()),
                       "robust": int(res.robust.sum())}
     assert sum(counts.values()) == 12 and counts["pgd"] > 0 and counts["pgd #2"] > 0
+
+
+@pytest.mark.parametrize("key,bad", [("n_queries", 0), ("n_target_classes", 0), ("steps", -1), ("eot_iter", 2.5)])
+def test_autoattack_refuses_bad_counts_when_built_not_when_their_attack_runs(key, bad):
+    # Each attack checks its own counts only when it runs: AutoAttack(n_queries=0) ran APGD-CE, APGD-T and FAB-T (hours
+    # at AutoAttack's budgets) before Square refused, and n_target_classes=0 failed after APGD-CE.
+    model = make_model(3)
+    with pytest.raises(ValueError, match=f"^autoattack: expected {key} to be an integer >= 1, got {bad}$"):
+        attacks.AutoAttack(model, eps=0.03, **{key: bad})
+    with pytest.raises(ValueError, match=f"^autoattack: expected {key} to be an integer >= 1"):
+        attacks.AutoAttack(model, eps=0.03, attacks=["apgd-ce", "apgd-t", "square"], **{key: bad})

@@ -246,6 +246,11 @@ class AutoAttack(Attack):
         common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
         options = dict(steps=steps, n_target_classes=n_target_classes, n_queries=n_queries, seed=seed,
                        eot_iter=eot_iter)
+        for key in ("steps", "n_target_classes", "n_queries", "eot_iter"):
+            # checked here: an attack checks its own only when it runs, so n_queries=0 stopped the cascade at Square,
+            # after APGD-CE, APGD-T and FAB-T had run
+            if options[key] is not None:
+                check_steps(self.name, options[key], key)
         if attacks is None:
             self.attacks, unused = autoattack_version(version, model, norm=norm, eps=eps, **options, **common)
             self._built = list(self.attacks)
