@@ -3066,3 +3066,16 @@ def test_autoattack_refuses_bad_counts_when_built_not_when_their_attack_runs(key
         attacks.AutoAttack(model, eps=0.03, **{key: bad})
     with pytest.raises(ValueError, match=f"^autoattack: expected {key} to be an integer >= 1"):
         attacks.AutoAttack(model, eps=0.03, attacks=["apgd-ce", "apgd-t", "square"], **{key: bad})
+
+
+def test_autoattack_empty_attacks_to_run_is_autoattacks_default_no_list():
+    # AutoAttack's signature has attacks_to_run=[] and runs its version's attacks with it; here an empty list made an
+    # empty "custom" cascade that failed only when run ("ensemble: expected a non-empty list of attacks").
+    model = make_model(3)
+    for version in ("standard", "plus", "rand"):
+        aa = attacks.AutoAttack(model, norm="Linf", eps=8 / 255, version=version, attacks_to_run=[])
+        assert aa.version == version
+        assert [a.name for a in aa.attacks] == [a.name for a in attacks.AutoAttack(model, version=version).attacks]
+    assert attacks.AutoAttack(model, attacks=[]).version == "standard"
+    with pytest.raises(ValueError, match=r"^autoattack: version='custom' needs the attacks to run"):
+        attacks.AutoAttack(model, version="custom", attacks_to_run=[])

@@ -233,6 +233,10 @@ class AutoAttack(Attack):
             if attacks is not None:
                 raise ValueError("autoattack: got both attacks and attacks_to_run (the same list); give one")
             attacks = attacks_to_run
+        if attacks is not None:
+            # empty: AutoAttack's default attacks_to_run=[], no list (it ran "standard"; here it made an empty
+            # "custom" cascade that failed only when run)
+            attacks = list(attacks) or None
         if attacks is not None and version in ("plus", "rand"):
             raise ValueError(f"autoattack: version={version!r} runs its own attacks, so the attacks list would be "
                              "ignored; give version='custom' with the list, or no list")
