@@ -794,6 +794,29 @@ def test_out_that_is_a_file_fails_first(trained_run, tmp_path, capsys):
     assert afile.read_text() == "keep me"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nobody can make a folder")
+def test_out_that_cannot_be_written_fails_first(trained_run, tmp_path, capsys, monkeypatch):
+    # used to fail with a traceback only when the results were written: eval after every attack, bench after the
+    # benchmark ran (os.access cannot tell: it says yes to root, who is refused in /proc all the same)
+    for argv in (["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255"],
+                 ["demo", "--quick", "--methods", "standard", "--device", "cpu"],
+                 ["reproduce", "arfl-moons", "--quick", "--device", "cpu"],
+                 ["train", "--epochs", "1", "--device", "cpu"]):
+        for out in ("/proc/robust-ops-out", "/proc/robust-ops-out/sub", "/proc"):
+            rc, stdout, err = run(argv + ["--out", out], capsys)
+            one_line_error(rc, err, f"--out: {out}: cannot write in /proc (")
+            assert "training" not in stdout and "clean accuracy" not in stdout
+    monkeypatch.setenv("ROBUST_OPS_BENCH_DIR", "/proc/robust-ops-bench")
+    rc, stdout, err = run(["bench", "--only", "pgd_step"], capsys)
+    one_line_error(rc, err, "$ROBUST_OPS_BENCH_DIR: /proc/robust-ops-bench: cannot write in /proc (")
+    assert "==" not in stdout
+    assert not list(tmp_path.iterdir()) and not list(Path(trained_run).glob(".robust-ops-write-check-*"))
+    rc, _, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0",
+                      "--out", tmp_path / "ok"], capsys)  # a writable one: the check leaves nothing behind
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"] and not list(tmp_path.glob("ok/.robust-ops*"))
+
+
 def test_eval_of_an_empty_split_or_a_nan_checkpoint(trained_run, tmp_path, capsys):
     path = tmp_path / "noval.npz"
     rng = np.random.default_rng(0)

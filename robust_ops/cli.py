@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -799,6 +800,14 @@ def check_out(out, flag="--out"):
         above = next((p for p in Path(out).parents if p.exists()), None)
         if above is not None and not above.is_dir():
             raise CLIError(f"{flag}: {out}: {above} is a file, not a folder")
+        # a folder that cannot be written (read-only, another user's, /proc) failed with a traceback only when the
+        # results were written, after the work; checked by writing: os.access says yes to root everywhere.
+        # Results are staged beside `out` (AtomicOutput) and moved into it, so both places must take files.
+        for folder in dict.fromkeys(f for f in (above, Path(out) if Path(out).is_dir() else None) if f is not None):
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".robust-ops-write-check-", dir=folder))
+            except OSError as err:
+                raise CLIError(f"{flag}: {out}: cannot write in {folder} ({err.strerror or err})") from None
 
 
 def parse_eval_options(args):
