@@ -1718,6 +1718,14 @@ def test_reproduce_methods_with_an_empty_entry(capsys):
         one_line_error(rc, err, "--methods: ima-bus has no method (none given); choose from STD, SAT, TRADES, IMA")
 
 
+def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, capsys):
+    # --size 0 used to be read as "not given" (size or run's size): eval ran on the run's images, exit 0
+    rc, stdout, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--size",
+                           "0", "--out", tmp_path / "ev", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "--size: ", "--size 0")
+    assert "clean accuracy" not in stdout and not (tmp_path / "ev").exists()
+
+
 def test_demo_methods_take_train_defense_spellings(tmp_path, capsys):
     """docs/cli.md: demo's --methods takes any train --defense value; train takes MIRST-DM / mirst_dm (the registry
     reads names in any case, _ for -), but demo refused them as unknown defenses."""

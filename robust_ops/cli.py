@@ -682,8 +682,9 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
     else:
-        splits = load_data(data, size=size or run.get("size"), seed=run.get("seed", 0), flag=flag, classes=classes,
-                           bit_depth=bit_depth)
+        # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
+        splits = load_data(data, size=run.get("size") if size is None else size, seed=run.get("seed", 0), flag=flag,
+                           classes=classes, bit_depth=bit_depth)
     was = (run.get("dataset") or {}).get("class_counts")
     now = splits.info.extra.get("class_counts")
     if same_data and was and now is not None and was != now:  # the seeded split would differ: train images in test
