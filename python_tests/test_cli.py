@@ -1726,6 +1726,31 @@ def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, cap
     assert "clean accuracy" not in stdout and not (tmp_path / "ev").exists()
 
 
+def test_eval_on_data_or_a_model_the_checkpoint_cannot_take_says_why(trained_run, tmp_path, capsys):
+    # the error's detail used to be PyTorch's first line only: "(Error(s) in loading state_dict for SmallCNN:)"
+    rng = np.random.default_rng(0)
+    for name, shape, classes in (("rgb", (28, 28, 3), 2), ("three", (28, 28), 3)):
+        arrays = {}
+        for split, n in (("train", 16), ("val", 4), ("test", 8)):
+            arrays[f"{split}_images"] = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+            arrays[f"{split}_labels"] = (np.arange(n) % classes).reshape(-1, 1).astype(np.uint8)
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+    argv = ["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu",
+            "--out", tmp_path / "ev"]
+    rc, _, err = run(argv + ["--data", tmp_path / "rgb.npz"], capsys)
+    one_line_error(rc, err, "--data: ", "rgb.npz holds 3-channel images in 2 classes, but the run was trained on "
+                   "1-channel images in 2 classes (smallbus); its model cannot take them")
+    rc, _, err = run(argv + ["--data", tmp_path / "three.npz"], capsys)
+    one_line_error(rc, err, "three.npz holds 1-channel images in 3 classes, but the run was trained on 1-channel "
+                   "images in 2 classes")
+    rc, _, err = run(argv + ["--data", "moons", "--model", "mlp"], capsys)
+    one_line_error(rc, err, "moons holds feature vectors of 2 values in 2 classes, but the run was trained on")
+    rc, _, err = run(argv + ["--model", "resnet18"], capsys)
+    one_line_error(rc, err, "checkpoint.pt: does not fit --model resnet18 on smallbus (Missing key(s) in state_dict: ",
+                   "...); run.json says the run trained --model small_cnn")
+    assert not (tmp_path / "ev").exists()
+
+
 def test_demo_methods_take_train_defense_spellings(tmp_path, capsys):
     """docs/cli.md: demo's --methods takes any train --defense value; train takes MIRST-DM / mirst_dm (the registry
     reads names in any case, _ for -), but demo refused them as unknown defenses."""

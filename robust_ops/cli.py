@@ -691,16 +691,30 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         raise CLIError(f"{flag}: {data} now holds {_counts(now)}, but the run was trained when it held "
                        f"{_counts(was)}; its split would differ and could test on training images -- restore the "
                        "data or train again")
-    trained, names = (run.get("dataset") or {}).get("class_names"), splits.info.class_names
-    if trained and names and list(trained) != list(names):  # label i may be another class: metrics would be swapped
+    trained_on = run.get("dataset") or {}
+    trained, names = trained_on.get("class_names"), splits.info.class_names
+    other_names = bool(trained and names and list(trained) != list(names))
 
-        def labels(classes):
-            return ", ".join(f"{name} = {i}" for i, name in enumerate(classes))
+    def labels(classes):
+        return ", ".join(f"{name} = {i}" for i, name in enumerate(classes))
 
-        if same_source:  # other labels on the run's own images: the seeded split differs, training images in test
-            raise CLIError(f"--classes: {data} is the run's own data, trained on {labels(trained)}; {labels(names)} "
-                           "splits it otherwise, so its test split could hold images the run trained on -- drop "
-                           "--classes")
+    if other_names and same_source:  # other labels on the run's own images: the seeded split differs, training
+        # images in test
+        raise CLIError(f"--classes: {data} is the run's own data, trained on {labels(trained)}; {labels(names)} "
+                       "splits it otherwise, so its test split could hold images the run trained on -- drop "
+                       "--classes")
+    shape = ("in_channels", "num_classes", "image_size")
+    if trained_on and any(trained_on.get(k) != getattr(splits.info, k) for k in shape[:2]):
+        # the weights cannot load: say why, not PyTorch's "Error(s) in loading state_dict" (its first line)
+        def inputs(d):
+            what = (f"{d['in_channels']}-channel images" if d["image_size"] else
+                    f"feature vectors of {d['in_channels']} values")
+            return f"{what} in {d['num_classes']} classes"
+
+        raise CLIError(f"{flag}: {data} holds {inputs(splits.info.to_dict())}, but the run was trained on "
+                       f"{inputs({k: trained_on.get(k) for k in shape})} ({trained_on.get('name')}); its model "
+                       "cannot take them")
+    if other_names:  # label i may be another class: metrics would be swapped
         warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
                       f"{labels(trained)}; its predictions are scored against labels that may mean other classes")
     dropmax = dropmax or trained_dropmax(run)
@@ -711,8 +725,13 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:
-        raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} "
-                       f"({str(err).splitlines()[0][:160]})") from None
+        # PyTorch's first line is only "Error(s) in loading state_dict for X:"; the next names the mismatch
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        trained = run.get("model")
+        hint = f"; {RUN_FILE} says the run trained --model {trained}" if trained not in (None, model_name) else ""
+        raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} ({detail}){hint}") from None
     from .train import drop_max_mismatch
 
     mismatch = drop_max_mismatch(net, state)
