@@ -136,6 +136,8 @@ def test_simclr_is_deterministic_with_a_seed():
     (dict(head=5), "simclr: expected head to be 'auto', a module attribute name or None, got 5"),
     (dict(head="missing"), "simclr: the model has no module attribute 'missing' to bypass"),
     (dict(epochs=0), "simclr: expected epochs to be an integer >= 1, got 0"),
+    (dict(projection_dim=0), "simclr: expected projection_dim to be an integer >= 1, got 0"),
+    (dict(projection_dim=2.5), "simclr: expected projection_dim to be an integer >= 1, got 2.5"),
     (dict(batch_size=32), "simclr: data has 16 samples, fewer than one batch of 32"),
 ])
 def test_simclr_bad_arguments(kwargs, match):

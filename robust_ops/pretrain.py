@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._options import check_real
+from ._options import check_int, check_real
 from .attacks.context import use_model_mode
 
 HEAD_NAMES = ("fc", "classifier", "head")
@@ -126,6 +126,8 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
         raise ValueError(f"simclr: data has {len(data)} samples, fewer than one batch of {batch_size}")
     check_real("simclr", "temperature", temperature, minimum=0, allow_min=False)
     check_real("simclr", "lr", lr, minimum=0, allow_min=False)
+    # 0 ran: NT-Xent of empty projections is a constant, so nothing was learnt and the loss said log(2N - 1)
+    check_int("simclr", "projection_dim", projection_dim)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"simclr: expected seed to be an integer, got {seed!r}")
     if not (head is None or isinstance(head, str)):
