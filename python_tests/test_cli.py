@@ -312,6 +312,19 @@ def test_config_values_are_checked_like_flags(tmp_path, capsys, command, text, n
     assert args.size == 28 and (args.split == "val" if command == "eval" else args.lr == 1e-3)
 
 
+@pytest.mark.parametrize("command, key", [("eval", "target"), ("reproduce", "name")])
+def test_config_file_positional_key_is_unknown_not_ignored(tmp_path, capsys, command, key):
+    # eval's RUN_DIR and reproduce's NAME were accepted as keys (and listed as expected ones), then always lost to
+    # the command line's required positional: a file's `name: mirst-bus` ran arfl-moons
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"{key}: mirst-bus\n")
+    # fails at once after the config file either way (no run folder; --epochs 0), never running a protocol
+    positional = [tmp_path / "no-run"] if command == "eval" else ["arfl-moons", "--epochs", "0"]
+    rc, _, err = run([command, *positional, "--config", cfg, "--out", tmp_path / "out"], capsys)
+    line = one_line_error(rc, err, f"{cfg}: unknown option {key!r} (expected one of ")
+    assert f" {key}," not in line and not line.endswith(f" {key})")
+
+
 def test_config_lists_and_numbers_read_as_the_flags_text(tmp_path):
     """docs/cli.md: comma-separated options also take YAML lists; a YAML number is the text the flag would get."""
     cfg = tmp_path / "cfg.yaml"

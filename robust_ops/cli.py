@@ -143,7 +143,9 @@ def apply_config(parser, args, argv):
     if not getattr(args, "config", None):
         return args
     data = load_config_file(args.config)
-    dests = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    # options only: a positional (eval's target, reproduce's name) is required on the command line, which wins, so
+    # the file's value was always ignored
+    dests = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
     defaults = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
