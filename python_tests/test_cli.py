@@ -1731,6 +1731,21 @@ def test_reproduce_methods_with_an_empty_entry(capsys):
         one_line_error(rc, err, "--methods: ima-bus has no method (none given); choose from STD, SAT, TRADES, IMA")
 
 
+@pytest.mark.parametrize("text, needle", [("[1, 2]", "expected a JSON object of the run's settings, got list"),
+                                          ("{\"data\": ", "not valid JSON (")])
+def test_run_json_that_is_not_an_object_is_a_one_line_error(trained_run, tmp_path, capsys, text, needle):
+    # a list used to end eval and train --resume with AttributeError: 'list' object has no attribute 'get'
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "run.json").write_text(text)
+    rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, f"{run_dir / 'run.json'}: {needle}")
+    rc, _, err = run(["train", "--data", "synthetic", "--epochs", "2", "--out", run_dir, "--resume", "--no-progress",
+                      "--device", "cpu"], capsys)
+    one_line_error(rc, err, f"{run_dir / 'run.json'}: {needle}")
+    assert (run_dir / "run.json").read_text() == text
+
+
 def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, capsys):
     # --size 0 used to be read as "not given" (size or run's size): eval ran on the run's images, exit 0
     rc, stdout, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--size",

@@ -503,6 +503,18 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
     return run
 
 
+def read_run_file(path):
+    """A run.json as a dict; one-line errors for one that is not valid JSON or, hand-edited, not a JSON object (an
+    AttributeError traceback at its first lookup otherwise)."""
+    try:
+        run = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(run, dict):
+        raise CLIError(f"{path}: expected a JSON object of the run's settings, got {type(run).__name__}")
+    return run
+
+
 def resume_conflict(out, run):
     """Why RUN_DIR ``out`` cannot be resumed as ``run`` (a run_record): ``(key, old value, new value)`` for a
     setting its weights depend on, ``("epochs", epochs done, run's epochs)`` when it trained for more epochs;
@@ -514,10 +526,7 @@ def resume_conflict(out, run):
         return None
     if not (out / CHECKPOINT).is_file():  # stopped or failed before its first epoch: nothing to continue, a fresh start
         return None
-    try:
-        old = json.loads((out / RUN_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise CLIError(f"{out / RUN_FILE}: not valid JSON ({err})") from None
+    old = read_run_file(out / RUN_FILE)
     old.setdefault("channels_last", False)  # runs written before the options trained NCHW, on ATen's convolutions
     old.setdefault("prepacked_conv", False)
     old.setdefault("split", run.get("split"))  # runs written before run.json recorded the split: same data, seed
@@ -655,10 +664,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         raise CLIError(f"{target}: no such run folder or checkpoint file")
     run = {}
     if run_file.is_file():
-        try:
-            run = json.loads(run_file.read_text())
-        except json.JSONDecodeError as err:
-            raise CLIError(f"{run_file}: not valid JSON ({err})") from None
+        run = read_run_file(run_file)
     explicit_data = data is not None  # the refusal below offers --data as the way to the data's own test split
     data = data or run.get("data")
     flag = "--data" if explicit_data else f"{run_file}: data"  # an error names where the path came from
