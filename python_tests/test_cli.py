@@ -1746,6 +1746,19 @@ def test_run_json_that_is_not_an_object_is_a_one_line_error(trained_run, tmp_pat
     assert (run_dir / "run.json").read_text() == text
 
 
+def test_resume_of_a_checkpoint_without_run_json_on_another_model_is_a_one_line_error(trained_run, small_npz,
+                                                                                      tmp_path, capsys):
+    # no run.json to compare (a fit() run from Python, or run.json removed): fit's load_state_dict raised its
+    # RuntimeError through the CLI as a traceback
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(trained_run / "checkpoint.pt", run_dir)
+    rc, _, err = run(["train", "--data", small_npz, "--model", "resnet18", "--epochs", "2", "--out", run_dir,
+                      "--resume", "--no-progress", "--device", "cpu"], capsys)
+    one_line_error(rc, err, f"{run_dir}: training failed: fit: cannot resume {run_dir / 'checkpoint.pt'}: its weights "
+                   "do not fit this model (Missing key(s) in state_dict: ")
+
+
 def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, capsys):
     # --size 0 used to be read as "not given" (size or run's size): eval ran on the run's images, exit 0
     rc, stdout, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--size",

@@ -733,13 +733,12 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     try:
         net.load_state_dict(weights)
     except RuntimeError as err:
-        # PyTorch's first line is only "Error(s) in loading state_dict for X:"; the next names the mismatch
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        from .train import state_dict_mismatch
+
         trained = run.get("model")
         hint = f"; {RUN_FILE} says the run trained --model {trained}" if trained not in (None, model_name) else ""
-        raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} ({detail}){hint}") from None
+        raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} "
+                       f"({state_dict_mismatch(err)}){hint}") from None
     from .train import drop_max_mismatch
 
     mismatch = drop_max_mismatch(net, state)

@@ -265,6 +265,14 @@ def load_weights(model, path, map_location="cpu"):
     return model
 
 
+def state_dict_mismatch(err):
+    """The first mismatch a ``load_state_dict`` RuntimeError names (its first line is only "Error(s) in loading
+    state_dict for X:"), cut to 160 characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__
+    return detail if len(detail) <= 160 else detail[:157] + "..."
+
+
 def drop_max_mismatch(model, state):
     """How ``model``'s DropMax2d layers differ from those fit's checkpoint ``state`` records, or None (also for
     checkpoints written before they were recorded, and for bare state dicts)."""
@@ -684,7 +692,11 @@ def fit(
         if int(state["epoch"]) > epochs:
             raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
                              f"more than epochs={epochs}")
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:  # another architecture (a RUN_DIR without run.json resumed with another --model)
+            raise ValueError(f"{name}: cannot resume {resume_path}: its weights do not fit this model "
+                             f"({state_dict_mismatch(err)})") from None
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
