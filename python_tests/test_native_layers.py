@@ -450,3 +450,52 @@ def test_library_speedups_swap_and_pool_for_cpu_work_only(monkeypatch, device, s
         assert prepacked_conv_active(model) == prepacked
         assert (cpu_memory_pool_stats().depth > 0) == swapped
     assert patched(model) == []
+
+
+def resnet_like():
+    """A convolution, an eval-mode batch norm with running statistics, max pooling and a linear head on 1x16x16."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), eval_bn(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 10)).eval()
+
+
+def test_an_inner_explicit_false_switches_off_an_enclosing_swap():
+    """``with native_layers(model, False):`` inside a block that had swapped the modules (fit, an attack, an explicit
+    True) left the swap running; the innermost explicit setting now decides, and the outer one holds again after."""
+    from robust_ops._patching import active_replacement
+
+    model = resnet_like()
+    pool = next(m for m in model.modules() if type(m) is nn.MaxPool2d)
+    with native_layers(model, True):
+        with attacks.attack_context(model):
+            assert active_replacement(pool) is not None
+            with native_layers(model, False):
+                assert active_replacement(pool) is None
+            assert active_replacement(pool) is not None
+    assert patched(model) == []
+
+
+def test_torch_func_grad_runs_through_eval_batch_norm():
+    """torch.func.grad / vjp inside native_layers failed on the eval-mode batch norm's autograd.Function ("must
+    override the setup_context staticmethod"): such inputs run ATen's batch norm, as max pooling already did."""
+    model = resnet_like().eval()
+    x = torch.rand(2, 1, 16, 16)
+    with attacks.attack_context(model):
+        with native_layers(model, False):
+            ref = torch.func.grad(lambda v: model(v).sum())(x)
+        assert torch.equal(torch.func.grad(lambda v: model(v).sum())(x), ref)
+        (vjp,) = torch.func.vjp(model, x)[1](torch.ones(2, 10))
+        assert torch.equal(vjp, ref)
+
+
+def test_attacks_on_a_model_elsewhere_than_the_cpu_swap_nothing(monkeypatch):
+    """attack_context passed no device, so a CUDA model's attacks turned on the CPU pool and swapped forwards that
+    only fell back. (No GPU needed: a meta model stands for any non-CPU device.)"""
+    for switch in (ENV_SWITCH, "ROBUST_OPS_CPU_POOL"):
+        monkeypatch.delenv(switch, raising=False)
+    model = TinyCNN().to("meta")
+    with attacks.attack_context(model):
+        assert patched(model) == [] and cpu_memory_pool_stats().depth == 0
+    cpu_model = TinyCNN()
+    with attacks.attack_context(cpu_model):
+        assert len(patched(cpu_model)) == 1 and cpu_memory_pool_stats().depth > 0

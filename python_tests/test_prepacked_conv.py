@@ -479,3 +479,43 @@ def test_nests_and_restores_with_native_layers(enabled):
     assert not pc.prepacked_conv_active(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
 
+
+
+def test_an_inner_explicit_false_switches_off_an_enclosing_true():
+    """A nested prepacked_conv(model, False) inside an explicit True left the outer swap running (and
+    prepacked_conv_active said True): the innermost explicit setting now decides, inside attacks too."""
+    model = TinyCNN(1, 3).eval()
+    x = torch.rand(3, 1, 8, 8)
+    with pc.prepacked_conv(model, True):
+        with attack_context(model):
+            assert pc.prepacked_conv_active(model)
+            with pc.prepacked_conv(model, False):
+                assert not pc.prepacked_conv_active(model)
+                off = output_and_input_grad(model, x)
+            assert pc.prepacked_conv_active(model)
+    with attack_context(model):
+        aten = output_and_input_grad(model, x)
+    assert torch.equal(off[0], aten[0]) and torch.equal(off[1], aten[1])  # ATen's own bits
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # forward AD's first use imports it
+def test_torch_func_transforms_and_autocast_run_atens_convolution(monkeypatch):
+    """torch.func.grad / jvp failed inside a pack scope (the autograd.Function has no setup_context or jvp), and
+    under CPU autocast the packed convolution returned float32 where ATen returns bfloat16."""
+    calls = count_packs(monkeypatch)
+    model = TinyCNN(1, 3).eval()
+    x, t = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    with attack_context(model):
+        grad_ref = torch.func.grad(lambda v: model(v).sum())(x)
+        jvp_ref = torch.func.jvp(model, (x,), (t,))[1]
+        with torch.autocast("cpu", torch.bfloat16):
+            autocast_ref = model(x)
+    with pc.prepacked_conv(model, True), attack_context(model):
+        assert pc.prepacked_conv_active(model)
+        grad = torch.func.grad(lambda v: model(v).sum())(x)
+        jvp = torch.func.jvp(model, (x,), (t,))[1]
+        with torch.autocast("cpu", torch.bfloat16):
+            autocast_out = model(x)
+    assert not calls  # nothing was packed: ATen ran every convolution
+    assert torch.equal(grad, grad_ref) and torch.equal(jvp, jvp_ref)
+    assert autocast_out.dtype == autocast_ref.dtype == torch.bfloat16 and torch.equal(autocast_out, autocast_ref)

@@ -8,7 +8,7 @@ import threading
 from torch import nn
 
 _lock = threading.Lock()
-_patched = {}  # id(module) -> [module, depth, replacement]
+_patched = {}  # id(module) -> [module, depth, replacement, switch]
 # Explicit settings of the switch contexts now open: (switch, id(module)) -> [module, [enabled, ...]]
 _decisions = {}
 
@@ -16,9 +16,9 @@ _decisions = {}
 def _dispatch(module, *args, **kwargs):
     # The installed forward. A copy.deepcopy or pickle of a patched module copies this partial along, but the copy
     # is not in the registry, so nothing would ever remove it: it runs the class's own forward instead.
-    entry = _patched.get(id(module))
-    if entry is not None and entry[0] is module:
-        return entry[2](module, *args, **kwargs)
+    replacement = active_replacement(module)
+    if replacement is not None:
+        return replacement(module, *args, **kwargs)
     return type(module).forward(module, *args, **kwargs)
 
 
@@ -27,9 +27,15 @@ def _is_installed(forward):
 
 
 def active_replacement(module):
-    """The replacement forward ``module`` runs now, or None."""
+    """The replacement forward ``module`` runs now, or None: also None while the innermost explicit setting of the
+    switch that installed it is False (``with native_layers(model, False):`` inside a block that swapped the modules
+    already, such as ``fit`` or an attack, must switch them off, not leave the outer swap running)."""
     entry = _patched.get(id(module))
-    return entry[2] if entry is not None and entry[0] is module else None
+    if entry is None or entry[0] is not module:
+        return None
+    decision = _decisions.get((entry[3], id(module)))
+    stack = decision[1] if decision is not None and decision[0] is module else None
+    return None if stack and not stack[-1] else entry[2]
 
 
 def check_unmodified(tensor, saved, what):
@@ -46,10 +52,11 @@ def saved_state(tensor):
 
 
 @contextlib.contextmanager
-def patched_forwards(model, replacements):
+def patched_forwards(model, replacements, switch):
     """While active, run every module of ``model`` whose exact type is a key of ``replacements`` through
-    ``replacements[type](module, *inputs)``. Nested and concurrent uses on one module are counted: the last exit
-    restores its own forward. Skipped: modules with their own instance ``forward`` and torch.compile'd models."""
+    ``replacements[type](module, *inputs)``, unless the innermost explicit setting of ``switch`` (see
+    :func:`switch_setting`) for that module is False. Nested and concurrent uses on one module are counted: the last
+    exit restores its own forward. Skipped: modules with their own instance ``forward`` and torch.compile'd models."""
     modules = []
     # A torch.compile'd model (its modules live on in _orig_mod) keeps its own graph: changing forwards under it
     # would only force recompiles.
@@ -66,7 +73,7 @@ def patched_forwards(model, replacements):
                     continue  # the user's own instance forward: leave it alone (ours may come with a copy)
                 else:
                     module.forward = functools.partial(_dispatch, module)
-                    _patched[id(module)] = [module, 1, replacement]
+                    _patched[id(module)] = [module, 1, replacement, switch]
                 modules.append(module)
     try:
         yield model

@@ -42,7 +42,7 @@ import torch
 
 from ._import_path import PATH_HINT, is_import_path
 from ._options import class_labels
-from .attacks.context import predict_from_output, use_model_mode
+from .attacks.context import model_device, predict_from_output, use_model_mode
 from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
 SCHEMA = "robust_ops.results/1"
@@ -296,8 +296,8 @@ def parse_attack(text):
         raise EvalError("attacks", f"attacks: clip_min/clip_max of {name!r} come from the dataset's value range, not "
                                    "from attack options")
     if options.get("targeted") is True:  # apgd-t and fab-t aim at the other classes, taking the true labels
-        raise EvalError("attacks", f"attacks: targeted=true of {name!r} would take the true labels evaluation passes as "
-                                   "targets, pushing towards them; use apgd-t or fab-t for targeted evaluation")
+        raise EvalError("attacks", f"attacks: targeted=true of {name!r} would take the true labels evaluation passes "
+                                   "as targets, pushing towards them; use apgd-t or fab-t for targeted evaluation")
     spec = AttackSpec(name, options)
     _dry_run(spec)  # an option the attack does not take, or a bad value, fails here, not after training
     return spec
@@ -372,11 +372,6 @@ def check_radii(specs, radii, info):
         if spec.norm == "linf" and linf_wider_than_range(widest, lo, hi):
             raise EvalError("eps", f"eps: {widest:g} is an L-inf radius ({spec.label}) wider than the inputs' value "
                                    f"range [{lo:g}, {hi:g}]; give radii in its units, e.g. 8/255, not 8")
-
-
-def model_device(model):
-    """The device of ``model``'s first parameter or buffer (CPU for a model without any)."""
-    return next((t.device for t in itertools.chain(model.parameters(), model.buffers())), torch.device("cpu"))
 
 
 def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",

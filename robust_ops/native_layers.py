@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import NATIVE_CPU_DTYPES, max_pool2d
+from .functional import NATIVE_CPU_DTYPES, _functorch_autodiff, max_pool2d
 from ._options import env_switch
 from ._patching import check_unmodified, patched_forwards, saved_state, switch_setting
 from .memory import library_pool
@@ -90,6 +90,7 @@ def _batch_norm_forward(bn, input):
         or bn.running_var.dtype != input.dtype
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or not (torch.is_grad_enabled() and input.requires_grad)
+        or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
     ):
         return nn.BatchNorm2d.forward(bn, input)
     return _EvalBatchNorm.apply(input, bn, _eval_bn_invstd(bn, input.dtype))
@@ -109,9 +110,10 @@ def native_layers(model, enabled=None):
     """While active, run ``model``'s ``nn.MaxPool2d`` layers and the backward of its eval-mode ``nn.BatchNorm2d``
     layers on faster CPU code with bitwise-identical results (module docstring). ``enabled`` None follows the
     innermost enclosing ``native_layers(model, enabled=True or False)`` (an attack inside ``with native_layers(model,
-    False):`` runs without them), else ``$ROBUST_OPS_NATIVE_LAYERS`` (on)."""
+    False):`` runs without them, also when an enclosing block swapped the modules), else
+    ``$ROBUST_OPS_NATIVE_LAYERS`` (on)."""
     with switch_setting(ENV_SWITCH, model, enabled, native_layers_enabled_by_default, _REPLACEMENTS) as on:
-        with patched_forwards(model, _REPLACEMENTS if on else {}):
+        with patched_forwards(model, _REPLACEMENTS if on else {}, ENV_SWITCH):
             yield model
 
 

@@ -18,7 +18,8 @@ Semantics:
   one for larger ones (oneDNN lays them out differently). Outside an attack -- training
   steps, plain user code -- and for weights that need gradients, the module's own forward runs.
 * Only float32 CPU inputs of 4 dimensions, contiguous or channels_last, ``padding_mode="zeros"`` and numeric
-  padding; anything else runs the module's own forward, and so do inputs and settings ATen refuses (for its message).
+  padding, outside CPU autocast and torch.func / forward-mode AD; anything else runs the module's own forward, and so
+  do inputs and settings ATen refuses (for its message).
 * On NCHW models the results are not bitwise ATen's (other kernels sum in another order: relative differences ~1e-6
   in logits; on channels_last models they were bitwise equal on the development machine), so it is off by default:
   ``$ROBUST_OPS_PREPACKED_CONV=1``, ``prepacked_conv(model)``, ``fit(prepacked_conv=True)`` or
@@ -34,6 +35,7 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 
 from ._options import env_switch
+from .functional import _functorch_autodiff
 from ._patching import active_replacement, check_unmodified, patched_forwards, saved_state, switch_setting
 
 __all__ = ["prepacked_conv", "prepacked_conv_enabled_by_default", "prepacked_conv_resolved", "prepacked_conv_active",
@@ -192,6 +194,8 @@ def _conv_forward(conv, input):
         or weight.requires_grad
         or (bias is not None and (bias.requires_grad or bias.dtype != torch.float32))
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
+        or torch.is_autocast_enabled("cpu")  # ATen's convolution runs in the autocast dtype; the packs in float32
+        or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
     ):
         return nn.Conv2d.forward(conv, input)
     key = (*saved_state(weight), tuple(input.shape[1:]))  # the backward checks the first two again
@@ -217,7 +221,7 @@ def prepacked_conv(model, enabled=None):
     (module docstring). ``enabled`` None follows the innermost enclosing ``prepacked_conv(model, enabled=True or
     False)`` (``fit``'s setting reaches the attacks inside it), else ``$ROBUST_OPS_PREPACKED_CONV`` (off)."""
     with switch_setting(ENV_SWITCH, model, enabled, prepacked_conv_enabled_by_default, _REPLACEMENTS) as on:
-        with patched_forwards(model, _REPLACEMENTS if on and _available() else {}):
+        with patched_forwards(model, _REPLACEMENTS if on and _available() else {}, ENV_SWITCH):
             yield model
 
 

@@ -16,6 +16,7 @@ output checks, and the losses attacks ascend.
 """
 
 import contextlib
+import itertools
 import math
 
 import torch
@@ -45,13 +46,19 @@ def use_model_mode(model, mode):
             m.training = training
 
 
+def model_device(model):
+    """The device of ``model``'s first parameter or buffer (CPU for a model without any)."""
+    return next((t.device for t in itertools.chain(model.parameters(), model.buffers())), torch.device("cpu"))
+
+
 @contextlib.contextmanager
 def attack_context(model, model_mode="eval"):
     """Run an attack on ``model`` in ``model_mode`` ("eval" default, "train", or "keep" the current modes) with
     parameter gradients off and the CPU memory pool on; every module's mode and every parameter's ``requires_grad``
     are restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    with use_model_mode(model, model_mode), library_speedups(model):
+    # the model's device: "cpu" for a CUDA model turned on the CPU pool and swapped forwards that only fell back
+    with use_model_mode(model, model_mode), library_speedups(model, model_device(model)):
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
