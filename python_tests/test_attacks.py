@@ -1012,6 +1012,11 @@ def test_ensemble_errors():
         attacks.ensemble(model, x, y, [])
     with pytest.raises(ValueError, match=r"ensemble: attack 'bad' returned shape \(1, 1, 12, 12\) for inputs of shape"):
         attacks.ensemble(model, x, y, [lambda a, b: a[:1]], names=["bad"])
+    # a NaN or out-of-range result was counted as a broken sample (robust accuracy understated)
+    for result in (lambda a, b: torch.full_like(a, float("nan")), lambda a, b: a + 2):
+        with pytest.raises(ValueError, match=r"^ensemble: attack 'bad' returned points with NaN/Inf or outside the "
+                                             r"clip range \[0.0, 1.0\]; it must return valid inputs$"):
+            attacks.ensemble(model, x, y, [result], names=["bad"])
     # a negative batch size made the loop over chunks empty: every sample was reported robust
     for bad in (-1, 0, 2.5, True, "2"):
         with pytest.raises(ValueError, match=f"ensemble: expected batch_size to be an integer >= 1, got {bad!r}$"):

@@ -137,6 +137,11 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
             if adv.shape != x[part].shape:
                 raise ValueError(f"{name}: attack {labels[j]!r} returned shape {tuple(adv.shape)} for inputs of "
                                  f"shape {tuple(x[part].shape)}")
+            # a NaN or out-of-range point would be counted as a broken sample: robustness understated, silently
+            if adv.numel() and not (bool(torch.isfinite(adv).all()) and float(adv.min()) >= clip_min
+                                    and float(adv.max()) <= clip_max):
+                raise ValueError(f"{name}: attack {labels[j]!r} returned points with NaN/Inf or outside the clip "
+                                 f"range [{clip_min}, {clip_max}]; it must return valid inputs")
             fooled = ~_correct(model, adv, y[part], model_mode, name)
             new = fooled & (broken_by[part] == -1)  # the first attack that breaks a sample keeps it
             x_adv[part[new]] = adv[new]
