@@ -99,6 +99,25 @@ def test_registered_attack_is_evaluated_by_name(monkeypatch):
         parse_attacks("halfway:steps=3")
 
 
+class _OutOfRange(_Halfway):
+    """A buggy user's attack: its points leave the images' value range (or are NaN)."""
+
+    name = "out-of-range"
+
+    def forward(self, x, y):
+        return x + 2 if self.eps > 0.02 else torch.full_like(x, float("nan"))
+
+
+@pytest.mark.parametrize("eps", ["8/255", "4/255"])
+def test_an_attack_returning_invalid_inputs_is_an_error_not_a_fooled_sample(monkeypatch, eps):
+    """A point outside the value range was scored as an adversarial example (robust accuracy understated), a NaN
+    one was blamed on the model ("check the checkpoint")."""
+    monkeypatch.setitem(attacks.ATTACKS, "out-of-range", (_OutOfRange, dict(eps=5 / 255)))
+    with pytest.raises(EvalError, match=r"^attacks: out-of-range returned points with NaN/Inf or outside the clip "
+                                        r"range \[0.0, 1.0\]; it must return valid inputs$"):
+        evaluate(tiny_model(), tiny_data(), INFO, attacks="out-of-range", eps=eps)
+
+
 def test_evaluate_runs_where_the_model_is_by_default():
     """device=None (the default) is the model's device: a default of "cpu" moved a GPU model to the CPU in place."""
     from robust_ops.evaluate import model_device

@@ -42,7 +42,7 @@ import torch
 
 from ._import_path import PATH_HINT, is_import_path
 from ._options import class_labels
-from .attacks.context import model_device, predict_from_output, use_model_mode
+from .attacks.context import check_attack_output, model_device, predict_from_output, use_model_mode
 from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
 SCHEMA = "robust_ops.results/1"
@@ -340,7 +340,7 @@ def predict_batches(model, x, batch_size=256, device="cpu"):
     return preds, probs
 
 
-def _attack_subset(attack, model, x, y, idx, batch_size, device):
+def _attack_subset(attack, spec, model, x, y, idx, batch_size, device, value_range):
     """(predictions, probabilities) on the adversarial inputs of the samples ``idx``, attacked ``batch_size`` at a
     time. Each batch's adversarial inputs are scored and dropped before the next, so memory follows the batch size:
     holding them all cost a copy of the attacked split per attack and radius (docs/cli.md, "Memory")."""
@@ -349,6 +349,10 @@ def _attack_subset(attack, model, x, y, idx, batch_size, device):
         part = idx[start:start + batch_size]
         xb, yb = x[part].to(device), y[part].to(device)
         adv = run_attack(attack, xb, yb).detach()
+        try:  # your own attack class (package.module.Class) may return anything
+            check_attack_output(f"attacks: {spec.label}", adv, xb, *value_range)
+        except ValueError as err:
+            raise EvalError("attacks", str(err)) from None
         p_adv, pr_adv = predict_batches(model, adv, batch_size, device)
         preds.append(p_adv)
         probs.append(pr_adv)
@@ -440,7 +444,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
                 idx = (~fooled).nonzero().squeeze(1) if cascade else torch.arange(n)
             if idx.numel():
                 attack = spec.build(model, e, lo, hi)
-                p_adv, pr_adv = _attack_subset(attack, model, x, y, idx, batch_size, device)
+                p_adv, pr_adv = _attack_subset(attack, spec, model, x, y, idx, batch_size, device, (lo, hi))
                 newly = p_adv != y[idx]
                 take = ~fooled[idx] | newly  # keep an earlier adversarial example unless this one also fools
                 sel = idx[take]

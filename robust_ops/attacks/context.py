@@ -196,6 +196,19 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
     return y
 
 
+def check_attack_output(what, adv, x, clip_min, clip_max):
+    """An attack's result must be inputs like ``x``: same shape, finite, inside the clip range. A NaN or out-of-range
+    point would otherwise be scored as an adversarial example (robustness understated, silently). ``what`` names
+    the attack in the message."""
+    if not torch.is_tensor(adv) or adv.shape != x.shape:
+        raise ValueError(f"{what} returned shape {tuple(getattr(adv, 'shape', ()))} for inputs of shape "
+                         f"{tuple(x.shape)}")
+    if adv.numel() and not (bool(torch.isfinite(adv).all()) and float(adv.min()) >= clip_min
+                            and float(adv.max()) <= clip_max):
+        raise ValueError(f"{what} returned points with NaN/Inf or outside the clip range [{clip_min}, {clip_max}]; "
+                         f"it must return valid inputs")
+
+
 def check_gradients_possible(name):
     """Gradient attacks differentiate the model inside ``torch.enable_grad()``, which ``torch.no_grad()`` allows but
     ``torch.inference_mode()`` does not (its tensors never record a graph): refuse it by name, not with autograd's

@@ -7,7 +7,7 @@ import torch
 
 from .base import Attack
 from .core import NORMS_WITH_L1, check_labels_against, check_norm, check_steps, forward
-from .context import attack_context, check_inputs, predict_from_output
+from .context import attack_context, check_attack_output, check_inputs, predict_from_output
 
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
@@ -134,14 +134,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         for start in range(0, idx.numel(), step):
             part = idx[start:start + step]
             adv = _on_samples(attack, part, n)(x[part], y[part]).detach()
-            if adv.shape != x[part].shape:
-                raise ValueError(f"{name}: attack {labels[j]!r} returned shape {tuple(adv.shape)} for inputs of "
-                                 f"shape {tuple(x[part].shape)}")
-            # a NaN or out-of-range point would be counted as a broken sample: robustness understated, silently
-            if adv.numel() and not (bool(torch.isfinite(adv).all()) and float(adv.min()) >= clip_min
-                                    and float(adv.max()) <= clip_max):
-                raise ValueError(f"{name}: attack {labels[j]!r} returned points with NaN/Inf or outside the clip "
-                                 f"range [{clip_min}, {clip_max}]; it must return valid inputs")
+            check_attack_output(f"{name}: attack {labels[j]!r}", adv, x[part], clip_min, clip_max)
             fooled = ~_correct(model, adv, y[part], model_mode, name)
             new = fooled & (broken_by[part] == -1)  # the first attack that breaks a sample keeps it
             x_adv[part[new]] = adv[new]
