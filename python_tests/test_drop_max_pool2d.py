@@ -999,3 +999,20 @@ def test_replace_maxpool_refuses_a_subclass_with_its_own_forward():
         robust_ops.replace_maxpool(ScaledPool(2))
     model = robust_ops.replace_maxpool(nn.Sequential(RenamedPool(2), ScaledPool(2)))  # "first" stops at the first
     assert isinstance(model[0], robust_ops.DropMax2d) and type(model[1]) is ScaledPool
+
+
+def test_replace_maxpool_refuses_a_pool_with_its_own_instance_forward_but_not_native_layers_swap():
+    """A user's `pool.forward = ...` was dropped silently (a subclass' forward was already refused)."""
+    from robust_ops.native_layers import native_layers
+
+    pool = nn.MaxPool2d(2)
+    pool.forward = lambda x: 2 * nn.MaxPool2d.forward(pool, x)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), pool)
+    with pytest.raises(ValueError, match=r"^replace_maxpool: '1' has its own instance forward \(<function .*\), which "
+                                         r"a DropMax2d would not run; swap it yourself"):
+        robust_ops.replace_maxpool(model)
+    assert model[1] is pool
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2))
+    with native_layers(plain):  # its swapped forward is the library's own: replaced as usual
+        assert "forward" in plain[1].__dict__
+        assert isinstance(robust_ops.replace_maxpool(plain)[1], robust_ops.DropMax2d)

@@ -22,7 +22,7 @@ def _dispatch(module, *args, **kwargs):
     return type(module).forward(module, *args, **kwargs)
 
 
-def _is_installed(forward):
+def is_installed_forward(forward):
     return isinstance(forward, functools.partial) and forward.func is _dispatch
 
 
@@ -69,7 +69,7 @@ def patched_forwards(model, replacements, switch):
                 entry = _patched.get(id(module))
                 if entry is not None:
                     entry[1] += 1
-                elif "forward" in module.__dict__ and not _is_installed(module.__dict__["forward"]):
+                elif "forward" in module.__dict__ and not is_installed_forward(module.__dict__["forward"]):
                     continue  # the user's own instance forward: leave it alone (ours may come with a copy)
                 else:
                     module.forward = functools.partial(_dispatch, module)

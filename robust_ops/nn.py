@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from . import _backend
+from ._patching import is_installed_forward
 from .functional import drop_max_pool2d
 
 __all__ = ["DropMax2d", "replace_maxpool"]
@@ -108,6 +109,12 @@ def _check_plain_pool(where, pool):
             f"replace_maxpool: {where} is a {type(pool).__name__}, an nn.MaxPool2d subclass with its own forward, "
             "which a DropMax2d would not run; swap it yourself (robust_ops.DropMax2d takes MaxPool2d's arguments)"
         )
+    own = pool.__dict__.get("forward")  # a user's `pool.forward = ...` (native layers' own swap is not theirs)
+    if own is not None and not is_installed_forward(own):
+        raise ValueError(
+            f"replace_maxpool: {where} has its own instance forward ({own!r}), which a DropMax2d would not run; "
+            "swap it yourself (robust_ops.DropMax2d takes MaxPool2d's arguments)"
+        )
 
 
 def replace_maxpool(model, which="first", *, backend=None):
@@ -127,7 +134,8 @@ def replace_maxpool(model, which="first", *, backend=None):
 
     Raises:
         ValueError: when ``which`` is not "first"/"all", the model holds no ``nn.MaxPool2d``, or a pool to replace
-            is a subclass with its own ``forward`` (the swap would drop what that forward does).
+            is a subclass with its own ``forward`` or has an instance-level ``forward`` of the user's (the swap would
+            drop what that forward does).
     """
     if which not in ("first", "all"):
         raise ValueError(f"replace_maxpool: expected which to be 'first' or 'all', got {which!r}")
