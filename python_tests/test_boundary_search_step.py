@@ -293,6 +293,18 @@ def test_crossed_at_out_of_range(k, bad):
         reference.boundary_search_step_(lo, hi, points, crossed_at)
 
 
+@pytest.mark.parametrize("shape,active", [((5, 3, 4), [True, False, True, True, True]), ((5, 0), None)])
+def test_crossed_at_out_of_range_for_an_inactive_or_empty_sample(shape, active):
+    """Every sample's index is checked, also one that is not moved or has no elements: the CUDA kernel asserts before
+    skipping an inactive sample and checks asynchronously when there are no elements, so the CPU kernel must too."""
+    lo, hi, points, crossed_at, _ = make_inputs(2, shape=shape, crossed=[0, 2, 1, 0, 1])
+    mask = None if active is None else torch.tensor(active)
+    with pytest.raises(ValueError, match=r"boundary_search_step_: expected crossed_at in \[0, 1\].*got 2 for sample 1"):
+        OP(lo, hi, points, crossed_at, mask)
+    with pytest.raises(ValueError, match=r"boundary_search_step_: expected crossed_at in \[0, 1\]"):
+        reference.boundary_search_step_(lo, hi, points, crossed_at, mask)
+
+
 @pytest.mark.needs_cuda
 def test_device_mismatch():
     lo, hi, points, crossed_at, _ = make_inputs(2, device="cuda")
