@@ -1,4 +1,5 @@
-// Shared CUDA helpers: ceil_div, a capped grid and grid-stride loop, and a launch-error check.
+// Shared CUDA helpers: ceil_div and a capped grid for grid-stride loops (launches are checked with
+// C10_CUDA_KERNEL_LAUNCH_CHECK at each call site).
 #pragma once
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
