@@ -505,6 +505,27 @@ def test_sat_weighs_adversarial_by_alpha_and_clean_by_one_minus_alpha(crafted, a
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_sat_at_alpha_one_trains_exactly_as_at_also_with_batchnorm():
+    """docs/defenses/sat.md: alpha = 1 is AT. A clean forward with weight 0 still moved BatchNorm's running
+    statistics (and with them the next eval-mode attack), so SAT(alpha=1) trained another model than AT."""
+
+    def train(defense):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 8 * 8, 3)).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for seed in range(3):
+            x, y = _batch(8, num_classes=3, seed=seed)
+            out = _step(model, defense, opt, x, y)
+        return model, out
+
+    at, at_out = train(defenses.AT(steps=2))
+    sat, sat_out = train(defenses.SAT(alpha=1.0, steps=2))
+    for (key, a), b in zip(at.state_dict().items(), sat.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert sat_out.logits is None and sat_out.metrics == at_out.metrics
+
+
 def test_rst_weighs_the_adversarial_loss_by_lam(crafted):
     """Supervised RST (MIRST-DM eq. 1): L = L(x) + lam * L(x_adv)."""
     model, x, y = _model_and_batch()

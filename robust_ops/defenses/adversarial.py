@@ -34,7 +34,8 @@ class AT(PGDDefense):
 class SAT(PGDDefense):
     """Standard / dual adversarial training (DPAAT eq. 4): L = alpha * L(x_adv) + (1 - alpha) * L(x).
 
-    alpha = 0.5 (DPAAT's setting; ARFL's dual AT with ratio r = 1 - alpha). alpha = 1 is AT, alpha = 0 standard.
+    alpha = 0.5 (DPAAT's setting; ARFL's dual AT with ratio r = 1 - alpha). alpha = 1 is AT (no clean forward, no
+    clean logits), alpha = 0 standard training (no attack).
     """
 
     name = "sat"
@@ -44,6 +45,9 @@ class SAT(PGDDefense):
         self.alpha = check_real(self.name, "alpha", alpha, minimum=0, maximum=1)
 
     def __call__(self, model, x, y, ids=None):
+        if self.alpha == 1:
+            # AT exactly: a clean forward would, with a zero weight, still move BatchNorm's running statistics
+            return AT.__call__(self, model, x, y)
         x_adv = self.attack(model, x, y).x_adv if self.alpha > 0 else x
         logits = model(x)
         clean = classification_loss(logits, y)
