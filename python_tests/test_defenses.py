@@ -1069,6 +1069,14 @@ def test_defenses_that_run_the_clean_forward_return_its_logits(name):
         torch.testing.assert_close(out.logits.detach(), model(x))
 
 
+def test_synchronization_loss_refuses_an_unknown_form():
+    """Any form but "printed" silently gave the JS form ("Printed" returned ln 2 - printed)."""
+    z = torch.randn(4, 3)
+    for form in ("Printed", "jsd", None):
+        with pytest.raises(ValueError, match="synchronization_loss: expected form to be one of 'js', 'printed'"):
+            synchronization_loss(z, z, form)
+
+
 def test_synchronization_loss_reads_single_logits_as_two_classes():
     z, w = torch.randn(5), torch.randn(5)
     as_pairs = lambda t: torch.stack([torch.zeros_like(t), t], 1)  # noqa: E731  softmax = [1 - sigmoid, sigmoid]

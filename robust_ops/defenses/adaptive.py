@@ -97,6 +97,7 @@ def synchronization_loss(logits, logits_adv, form="js"):
     ("smaller difference between y_ori and y_adv meant lower synchronization loss").
     form="js" (default): JS(p, q) = ln 2 - printed, the Jensen-Shannon divergence: 0 when p == q, so minimizing it
     aligns the outputs as the text intends (same gradient magnitude as the printed form, opposite sign)."""
+    check_choice("synchronization_loss", "form", form, ("js", "printed"))  # "Printed" would have given "js"
     p = F.softmax(as_two_class(logits).float(), 1)
     q = F.softmax(as_two_class(logits_adv).float(), 1)
     s = p + q
