@@ -738,6 +738,21 @@ def test_fat_freezes_samples_misclassified_from_the_start(crafted):
     assert bool((x_adv[~wrong] != x[~wrong]).flatten(1).any(1).all())
 
 
+def test_fat_refuses_a_tau_set_between_batches_that_is_not_an_integer_at_least_zero():
+    """docs/defenses/fat.md: a scheduler sets defense.tau. 1.5 ran (and was checkpointed) as 1 without a word, and
+    -1 failed as run_pgd's early_stop; both are now the constructor's one-line error naming fat's tau."""
+    model, x, y = _model_and_batch(num_classes=2, n=4)
+    defense = defenses.FAT(steps=2)
+    for bad in (1.5, -1, True):
+        defense.tau = bad
+        with pytest.raises(ValueError, match=re.escape(f"fat: expected tau to be an integer >= 0, got {bad!r}")):
+            defense(model, x, y)
+        with pytest.raises(ValueError, match=re.escape(f"fat: expected tau to be an integer >= 0, got {bad!r}")):
+            defense.state_dict()
+    defense.tau = 2
+    assert defense.state_dict() == {"tau": 2} and torch.isfinite(defense(model, x, y).loss)
+
+
 def test_mirst_alpha_scales_the_instance_gradients_in_both_formulations():
     """MIRST-DM eq. 2 with alpha != 1: the reused attack backward passes carry alpha * beta_j (as the plain
     formulation's alpha * sum_j beta_j L(x_bar_j))."""

@@ -89,8 +89,12 @@ class FAT(PGDDefense):
         super().__init__(**attack)
         self.tau = check_int(self.name, "tau", tau, minimum=0)
 
+    def _current_tau(self):
+        # set between batches by the caller's scheduler: 1.5 was truncated to 1, -1 refused as run_pgd's early_stop
+        return check_int(self.name, "tau", self.tau, minimum=0)
+
     def state_dict(self):
-        return {"tau": int(self.tau)}
+        return {"tau": self._current_tau()}
 
     def load_state_dict(self, state):
         if not state:  # checkpoints written before tau was kept: the defense's own tau
@@ -100,6 +104,6 @@ class FAT(PGDDefense):
         self.tau = check_int(self.name, "tau", state["tau"], minimum=0)
 
     def __call__(self, model, x, y, ids=None):
-        x_adv = self.attack(model, x, y, early_stop=int(self.tau)).x_adv
+        x_adv = self.attack(model, x, y, early_stop=self._current_tau()).x_adv
         loss = classification_loss(model(x_adv), y)
         return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach()), "loss_adv": float(loss.detach())})
