@@ -1084,6 +1084,34 @@ def test_defenses_that_run_the_clean_forward_return_its_logits(name):
         torch.testing.assert_close(out.logits.detach(), model(x))
 
 
+def test_trades_mart_and_synchronization_losses_keep_float64(crafted):
+    """A float64 model's KL, boosted CE and L_syn were computed in float32 (``.float()``): MART's loss came back as
+    float32, TRADES's KL carried float32 round-off. Half-precision logits are still upcast to float32."""
+    model, x, y = _model_and_batch(sharp=30.0)
+    model, x = model.double(), x.double()
+    out = defenses.TRADES(beta=2.0, steps=2, eps=0.3)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    with torch.no_grad():
+        log_p, log_q = F.log_softmax(model(x), 1), F.log_softmax(model(x_adv), 1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(1)
+        expected = F.cross_entropy(model(x), y) + 2.0 * kl.mean()
+    assert out.loss.dtype == torch.float64
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-13, atol=1e-14)
+    out = defenses.MART(beta=3.0, steps=2, eps=0.3)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    with torch.no_grad():
+        p, q = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
+        q_other = q.masked_fill(F.one_hot(y, 3).bool(), -1.0).amax(1)
+        bce = F.cross_entropy(model(x_adv), y) - torch.log(1.0001 - q_other + 1e-12).mean()
+        kl = (p * (p.log() - torch.log(q + 1e-12))).sum(1)
+        robust = (kl * (1.0000001 - p.gather(1, y[:, None]).squeeze(1))).mean()
+    assert out.loss.dtype == torch.float64
+    torch.testing.assert_close(out.loss.detach(), bce + 3.0 * robust, rtol=1e-13, atol=1e-14)
+    z, w = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    assert synchronization_loss(z, w).dtype == torch.float64
+    assert synchronization_loss(z.half(), w.half()).dtype == torch.float32
+
+
 def test_synchronization_loss_refuses_an_unknown_form():
     """Any form but "printed" silently gave the JS form ("Printed" returned ln 2 - printed)."""
     z = torch.randn(4, 3)

@@ -34,6 +34,11 @@ def as_two_class(out):
     return two_logits(out) if is_single_logit(out) else out
 
 
+def float32_or_wider(out):
+    """``out`` for softmax and log arithmetic: half precision upcast to float32, float64 kept."""
+    return out.to(torch.promote_types(out.dtype, torch.float32))
+
+
 def kl_per_sample(log_p, log_q):
     """KL(p || q) per sample from log-probabilities [N, K]."""
     return (log_p.exp() * (log_p - log_q)).sum(1)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
 from ..attacks.core import sample_distance
-from ._common import (PGDDefense, as_two_class, check_choice, check_real, distributed_run, per_sample_ce, unwrap,
-                      use_model_mode)
+from ._common import (PGDDefense, as_two_class, check_choice, check_real, distributed_run, float32_or_wider,
+                      per_sample_ce, unwrap, use_model_mode)
 from .base import DefenseOutput
 
 
@@ -98,8 +98,8 @@ def synchronization_loss(logits, logits_adv, form="js"):
     form="js" (default): JS(p, q) = ln 2 - printed, the Jensen-Shannon divergence: 0 when p == q, so minimizing it
     aligns the outputs as the text intends (same gradient magnitude as the printed form, opposite sign)."""
     check_choice("synchronization_loss", "form", form, ("js", "printed"))  # "Printed" would have given "js"
-    p = F.softmax(as_two_class(logits).float(), 1)
-    q = F.softmax(as_two_class(logits_adv).float(), 1)
+    p = F.softmax(float32_or_wider(as_two_class(logits)), 1)
+    q = F.softmax(float32_or_wider(as_two_class(logits_adv)), 1)
     s = p + q
     printed = -0.5 * (torch.xlogy(p, p / s.clamp_min(1e-30)) + torch.xlogy(q, q / s.clamp_min(1e-30))).sum(1)
     return printed if form == "printed" else math.log(2.0) - printed

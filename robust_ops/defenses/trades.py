@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, as_two_class, check_real, kl_per_sample, use_model_mode, unwrap
+from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, unwrap,
+                      use_model_mode)
 from .base import DefenseOutput
 
 
@@ -23,16 +24,16 @@ class TRADES(PGDDefense):
 
     def __call__(self, model, x, y, ids=None):
         with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
-            log_p_nat = F.log_softmax(as_two_class(net(x)).float(), 1)
+            log_p_nat = F.log_softmax(float32_or_wider(as_two_class(net(x))), 1)
 
         def kl_objective(out, _y):
-            return kl_per_sample(log_p_nat, F.log_softmax(as_two_class(out).float(), 1))
+            return kl_per_sample(log_p_nat, F.log_softmax(float32_or_wider(as_two_class(out)), 1))
 
         x_adv = self.attack(model, x, y, loss=kl_objective).x_adv
         logits = model(x)
         clean = classification_loss(logits, y)
-        kl = kl_per_sample(F.log_softmax(as_two_class(logits).float(), 1),
-                           F.log_softmax(as_two_class(model(x_adv)).float(), 1)).mean()
+        kl = kl_per_sample(F.log_softmax(float32_or_wider(as_two_class(logits)), 1),
+                           F.log_softmax(float32_or_wider(as_two_class(model(x_adv))), 1)).mean()
         loss = clean + self.beta * kl
         return DefenseOutput(loss=loss, logits=logits, metrics={
             "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "kl": float(kl.detach())})
@@ -53,7 +54,7 @@ class MART(PGDDefense):
         x_adv = self.attack(model, x, y).x_adv
         logits = model(x)
         logits_adv = model(x_adv)
-        z_adv, z_nat = as_two_class(logits_adv).float(), as_two_class(logits).float()
+        z_adv, z_nat = float32_or_wider(as_two_class(logits_adv)), float32_or_wider(as_two_class(logits))
         adv_probs = F.softmax(z_adv, 1)
         top2 = torch.argsort(adv_probs, 1)[:, -2:]
         other = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
