@@ -1112,6 +1112,16 @@ def test_trades_mart_and_synchronization_losses_keep_float64(crafted):
     assert synchronization_loss(z.half(), w.half()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["amat", "dpaat"])
+def test_amat_and_dpaat_name_an_eps_that_is_not_a_number(name):
+    """Their step default eps / 2 was computed before eps was checked: eps="0.3" (a --defense-opt typo) failed as
+    "unsupported operand type(s) for /" without naming eps."""
+    for eps in ("0.3", [0.3]):
+        expected = f"{name}: expected eps to be a finite number >= 0, got {eps!r}"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            defenses.build(name, eps=eps)
+
+
 def test_synchronization_loss_refuses_an_unknown_form():
     """Any form but "printed" silently gave the JS form ("Printed" returned ln 2 - printed)."""
     z = torch.randn(4, 3)

@@ -37,7 +37,8 @@ class _AdaptiveRadius(PGDDefense):
 
     def __init__(self, *, step_size=None, steps=None, eps=None, **attack):
         steps = self.default_steps if steps is None else steps
-        eps = self.default_eps if eps is None else eps
+        # checked before the step is derived from it: eps="0.3" failed as "unsupported operand type(s) for /"
+        eps = check_real(self.name, "eps", self.default_eps if eps is None else eps, minimum=0)
         # DPAAT's step 0.15 at eps 0.3, as a ratio: a default that jumped to 2.5*eps/steps off eps = 0.3 exactly
         # (0.11 at eps 0.31) made nearby radii train with another adversary
         step_size = eps / 2 if step_size is None else step_size
