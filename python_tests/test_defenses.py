@@ -1300,6 +1300,8 @@ def test_standard_fat_and_sat_at_alpha_zero_losses(crafted):
     handle.remove()
     assert not crafted and len(calls) == 1
     torch.testing.assert_close(out.loss.detach(), clean, rtol=1e-6, atol=1e-7)
+    # no adversarial loss was computed: none is reported (a loss_adv of 0 read as a perfectly robust run)
+    assert out.metrics == defenses.Standard()(model, x, y).metrics == {"loss": float(clean)}
 
 
 def test_gr_l2_penalty_is_differentiable_where_the_input_gradient_vanishes():

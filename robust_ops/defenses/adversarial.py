@@ -45,13 +45,15 @@ class SAT(PGDDefense):
         self.alpha = check_real(self.name, "alpha", alpha, minimum=0, maximum=1)
 
     def __call__(self, model, x, y, ids=None):
+        if self.alpha == 0:  # standard training: no attack, so no adversarial loss to report (it read 0)
+            return Standard.__call__(self, model, x, y)
         if self.alpha == 1:
             # AT exactly: a clean forward would, with a zero weight, still move BatchNorm's running statistics
             return AT.__call__(self, model, x, y)
-        x_adv = self.attack(model, x, y).x_adv if self.alpha > 0 else x
+        x_adv = self.attack(model, x, y).x_adv
         logits = model(x)
         clean = classification_loss(logits, y)
-        adv = classification_loss(model(x_adv), y) if self.alpha > 0 else clean.detach() * 0
+        adv = classification_loss(model(x_adv), y)
         loss = self.alpha * adv + (1 - self.alpha) * clean
         return DefenseOutput(loss=loss, logits=logits, metrics={
             "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach())})
