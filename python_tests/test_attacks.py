@@ -2759,6 +2759,24 @@ def test_fat_tau_counts_from_a_sample_misclassified_at_the_start():
         assert torch.equal(its[t, 0], its[2, 0])
 
 
+def test_fat_tau_spends_its_budget_only_at_misclassified_iterates():
+    """FAT (Zhang et al. 2020, Algorithm 1 and its code) lowers a sample's budget only at steps where it is
+    misclassified. Counting tau steps from the first success froze a sample that was classified correctly again:
+    here at 0.45, a point the attack had not broken."""
+    model = nn.Linear(1, 2)
+    with torch.no_grad():  # class 1 exactly when x > 0.5
+        model.weight.copy_(torch.tensor([[0.0], [1.0]]))
+        model.bias.copy_(torch.tensor([0.0, -0.5]))
+    x, y = torch.tensor([[0.45]]), torch.tensor([0])
+    back_and_forth = lambda grad, t: torch.full_like(grad, 1.0 if t % 2 == 0 else -1.0)  # noqa: E731
+    res = run_pgd(model, x, y, eps=0.5, alpha=0.1, steps=6, early_stop=1, grad_transform=back_and_forth,
+                  emit=tuple(range(1, 7)))
+    path = [round(v, 4) for v in res.iterates[:, 0, 0].tolist()]
+    # misclassified at steps 1 and 3: the second spends nothing left, so it freezes there, broken
+    assert path == [0.55, 0.45, 0.55, 0.55, 0.55, 0.55]
+    assert int(model(res.x_adv).argmax()) == 1
+
+
 def test_early_stop_leaves_a_tensor_alpha_unchanged():
     # the per-sample step sizes are zeroed as samples freeze: on a copy, never on the caller's tensor
     model = Linear(3).eval()

@@ -194,8 +194,8 @@ def check_emit(name, emit, steps):
 
 
 def check_early_stop(name, early_stop):
-    """False -> None (off); True -> 0; an int tau >= 0 -> tau (FAT: tau more steps after the first
-    misclassification)."""
+    """False -> None (off); True -> 0; an int tau >= 0 -> tau (FAT: a sample freezes at its (tau + 1)-th
+    misclassified iterate)."""
     if early_stop is False or early_stop is None:
         return None
     if early_stop is True:
@@ -349,8 +349,8 @@ def run_pgd(
         loss: "ce", "cw" (margin with confidence ``kappa``) or a callable ``(out, y) -> scalar or [N]``.
         targeted (bool): ``y`` are target labels; the loss is negated ("cw": the target margin is ascended).
         emit (tuple of int): step counts in [1, steps], sorted; ``iterates[j]`` is the iterate after ``emit[j]`` steps.
-        early_stop: False; True: freeze a sample once the attack succeeds on it; int tau: FAT's rule, keep stepping
-            tau more steps after the first success, then freeze.
+        early_stop: False; True: freeze a sample once the attack succeeds on it; int tau: FAT's rule, a sample
+            freezes at an iterate where it succeeds after succeeding at tau earlier ones (0 is True's rule).
         clip_min, clip_max (float): valid input range. model_mode: "eval" (default), "train" or "keep".
         param_grad_weights (dict {j: w}): also accumulate ``w * d(loss)/d(theta)`` at the iterate after j steps
             (j in [0, steps]) from the same backward pass the attack does there (one extra forward/backward for
@@ -403,7 +403,11 @@ def run_pgd(
 
     if tau is not None:
         alpha_t = alpha_t.clone()  # zeroed per sample as they freeze
-        first_success = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        # FAT's budget (Zhang et al. 2020, Algorithm 1 and its code): a step at which the sample is misclassified
+        # spends one of tau; a misclassified sample with nothing left freezes. A sample that is correct again spends
+        # nothing (counting steps from the first success instead froze it while correct).
+        successes = torch.zeros((n,), dtype=torch.long, device=x.device)
+        frozen = torch.zeros((n,), dtype=torch.bool, device=x.device)
 
     with attack_context(model, model_mode):
         if random_start:
@@ -445,9 +449,8 @@ def run_pgd(
             if tau is not None:
                 with torch.no_grad():
                     ok = succeeded(out.detach(), y, targeted)
-                    first_success = torch.where(ok & (first_success < 0), torch.full_like(first_success, t),
-                                                first_success)
-                    frozen = (first_success >= 0) & (t - first_success >= tau)
+                    frozen |= ok & (successes >= tau)
+                    successes += ok
                     alpha_t.masked_fill_(frozen, 0.0)
             if grad_transform is not None:
                 moved = grad_transform(grad, t)
