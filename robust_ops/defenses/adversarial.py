@@ -79,8 +79,9 @@ class RST(PGDDefense):
 
 
 class FAT(PGDDefense):
-    """Friendly adversarial training (Zhang et al., ICML 2020): L = L(x_adv) with early-stopped PGD -- each sample
-    keeps stepping only ``tau`` steps after it is first misclassified (run_pgd(early_stop=tau)). tau = 0 (FAT's
+    """Friendly adversarial training (Zhang et al., ICML 2020): L = L(x_adv) with early-stopped PGD -- each step at
+    which a sample is misclassified spends one of its ``tau``, and a misclassified sample with none left stops
+    (run_pgd(early_stop=tau), the paper's Algorithm 1). tau = 0 (FAT's
     default; the paper also ramps tau up during training, which a scheduler can do by setting ``defense.tau``).
     The current tau is also the defense's state: like the optimizer's scheduled lr, a resume takes it from the
     checkpoint (the tau given to the constructor is an option, compared on resume)."""
