@@ -1055,6 +1055,23 @@ def test_dpaat_max_radius_caps_and_losses_run_in_the_attack_mode():
     assert int(model[1].num_batches_tracked) == 2
 
 
+def test_amat_runs_no_clean_forward_it_does_not_read():
+    """AMAT's radius rule reads only the adversarial losses, but a clean forward ran too and was thrown away; with
+    attack_mode="train" it also moved BatchNorm's running statistics."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.LazyLinear(2))
+    x, y = torch.rand(6, 1, 6, 6), torch.arange(6) % 2
+    model(x)
+    untracked_clean = []
+    model.register_forward_pre_hook(
+        lambda m, inp: untracked_clean.append(not torch.is_grad_enabled() and torch.equal(inp[0], x)))
+    defenses.AMAT(steps=2, attack_mode="train")(model, x, y)
+    assert untracked_clean and not any(untracked_clean)
+    before = model[1].num_batches_tracked.item()
+    defenses.AMAT(steps=2, attack_mode="train")(model, x, y)
+    # two attacks of 2 steps, the adversarial losses, the clean and adversarial training forwards
+    assert model[1].num_batches_tracked.item() - before == 2 + 2 + 1 + 2
+
+
 def test_amat_threshold_reads_the_adversarial_loss_not_the_clean_one(crafted):
     """xi is compared with L(x_adv_i) (eq. 6): with xi between a sample's clean and adversarial losses the sample
     is not "still robust" and its radius shrinks to (eps + ||x_adv_i - x_i||) / 2."""

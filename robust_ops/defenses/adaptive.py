@@ -44,10 +44,11 @@ class _AdaptiveRadius(PGDDefense):
         step_size = eps / 2 if step_size is None else step_size
         super().__init__(eps=eps, step_size=step_size, steps=steps, **attack)
 
-    def _losses(self, model, x, x_adv, y):
-        """Per-sample clean and adversarial losses in the attack's mode, without gradients."""
+    def _losses(self, model, y, *inputs):
+        """Per-sample losses of each of ``inputs`` in the attack's mode, without gradients (only those the rule
+        reads: a forward in "train" attack mode also moves BatchNorm's running statistics)."""
         with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
-            return per_sample_ce(net(x), y).float(), per_sample_ce(net(x_adv), y).float()
+            return [per_sample_ce(net(v), y).float() for v in inputs]
 
     def _attack_with_radii(self, model, x, y, radii):
         ratio = self.step_size / self.eps if self.eps > 0 else 1.0
@@ -77,7 +78,7 @@ class AMAT(_AdaptiveRadius):
 
     def __call__(self, model, x, y, ids=None):
         first = self.attack(model, x, y).x_adv
-        _, adv_losses = self._losses(model, x, first, y)
+        (adv_losses,) = self._losses(model, y, first)
         shrunk = 0.5 * (self.eps + sample_distance(first, x, self.norm).float())
         radii = torch.where(adv_losses < self.xi, torch.full_like(shrunk, self.eps + self.delta_eps), shrunk)
         x_adv = self._attack_with_radii(model, x, y, radii)
@@ -160,7 +161,7 @@ class DPAAT(_AdaptiveRadius):
 
     def __call__(self, model, x, y, ids=None):
         first = self.attack(model, x, y).x_adv
-        clean_l, adv_l = self._losses(model, x, first, y)
+        clean_l, adv_l = self._losses(model, y, x, first)
         radii = self.radii(sample_distance(first, x, self.norm).float(), adv_l - clean_l)
         x_adv = self._attack_with_radii(model, x, y, radii)
         logits = model(x)
