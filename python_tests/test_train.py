@@ -1812,3 +1812,27 @@ def test_fit_destroys_the_group_it_initialized_when_its_setup_raises(tmp_path):
         message, left_open, epochs, open_after_training = torch.load(f"{out}.{rank}", weights_only=True)
         assert message.startswith("fit: amp=True needs a CUDA device"), message
         assert not left_open and epochs == 1 and not open_after_training
+
+
+class _BatchNormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("samples, batch_size, step, why", [
+    (9, 4, 3, r"9 samples in batches of 4 leave a last batch of 1 sample \(len\(train_data\) % batch_size == 1\)"),
+    (1, 8, 1, "train_data has 1 sample"),
+    (4, 1, 1, "batch_size=1"),
+])
+def test_a_one_sample_batch_under_training_mode_batch_norm_is_a_clear_error(samples, batch_size, step, why):
+    """torch's "Expected more than 1 value per channel when training" named neither fit's batch nor the fix."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=rf"fit: the model's training-mode batch-norm layers cannot normalize a batch "
+                                         rf"of 1 sample at epoch 1, step {step}: {why}; pass a batch_size that leaves "
+                                         rf"every batch at least 2 samples"):
+        fit(_BatchNormMLP(), defenses.Standard(), _data(samples), epochs=1, batch_size=batch_size, progress=False)
+    fit(_BatchNormMLP(), defenses.Standard(), _data(9), epochs=1, batch_size=3, progress=False)  # no 1-sample batch

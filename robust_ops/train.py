@@ -776,7 +776,14 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 with failures:
                     with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-                        out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
+                        try:
+                            out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
+                        except ValueError as err:
+                            if x.shape[0] == 1 and str(err).startswith(_ONE_SAMPLE_BATCH_NORM):
+                                raise ValueError(_one_sample_batch_message(
+                                    name, len(train_data), batch_size, global_n, world, f"epoch {epoch + 1}, step "
+                                    f"{step + 1}")) from None
+                            raise
                     loss = _checked_output(name, defense, out).loss
                     metrics = _clean_metrics(name, defense, out.metrics)  # refused before the weights change
                     # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
@@ -990,6 +997,27 @@ class _OneProcessFailures:
         except Exception:  # noqa: BLE001 -- this process's own error matters more than the record of it
             pass
         return False
+
+
+# torch's error when a training-mode batch-norm layer gets one value per channel (a batch of one sample)
+_ONE_SAMPLE_BATCH_NORM = "Expected more than 1 value per channel when training"
+
+
+def _one_sample_batch_message(name, num_samples, batch_size, global_n, world, where):
+    """Why a step's batch held one sample, and the fix: torch's own error names neither fit's batch nor a remedy,
+    and a one-sample last batch fails only after the rest of the epoch has run."""
+    each = "every process's share of every batch" if world > 1 else "every batch"
+    if world > 1:
+        why = f"this process's share of a global batch of {global_n} over {world} processes is 1 sample"
+    elif num_samples == 1:
+        why = "train_data has 1 sample"
+    elif batch_size == 1:
+        why = "batch_size=1"
+    else:
+        why = (f"{num_samples} samples in batches of {batch_size} leave a last batch of 1 sample "
+               f"(len(train_data) % batch_size == 1)")
+    return (f"{name}: the model's training-mode batch-norm layers cannot normalize a batch of 1 sample at {where}: "
+            f"{why}; pass a batch_size that leaves {each} at least 2 samples, or more training samples")
 
 
 def _infer_num_classes(model, x):
