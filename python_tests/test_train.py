@@ -1836,3 +1836,12 @@ def test_a_one_sample_batch_under_training_mode_batch_norm_is_a_clear_error(samp
                                          rf"every batch at least 2 samples"):
         fit(_BatchNormMLP(), defenses.Standard(), _data(samples), epochs=1, batch_size=batch_size, progress=False)
     fit(_BatchNormMLP(), defenses.Standard(), _data(9), epochs=1, batch_size=3, progress=False)  # no 1-sample batch
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan"), True, "1e-3", torch.tensor(1e-3)])
+def test_fit_refuses_an_lr_that_is_not_a_finite_number_at_least_0(bad):
+    """Adam took lr=inf (NaN weights, then a NonFiniteLossError blaming the loss) and lr=True (as 1.0) silently, and
+    raised a bare TypeError for a string."""
+    with pytest.raises(ValueError, match=rf"fit: expected lr to be a finite number >= 0, got {re.escape(repr(bad))}"):
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, lr=bad, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, lr=0, progress=False)  # 0 trains nothing, as asked

@@ -524,8 +524,8 @@ def fit(
             ``robust_ops.evaluate.evaluate`` too).
         epochs (int): total number of epochs (a resumed run continues up to this number).
         batch_size (int): global batch size (split across processes under DDP). Default 8 (MIRST-DM's setting).
-        lr (float): learning rate of the default Adam optimizer; None: 1e-4 (MIRST-DM's setting). With ``optimizer``
-            given, any lr is an error (it would be ignored).
+        lr (float): learning rate of the default Adam optimizer, a finite number >= 0; None: 1e-4 (MIRST-DM's
+            setting). With ``optimizer`` given, any lr is an error (it would be ignored).
         optimizer: None (Adam(lr)), an optimizer over ``model``'s parameters, or a callable ``params -> optimizer``.
         scheduler: None, an LR scheduler, or a callable ``optimizer -> scheduler``; stepped once per epoch
             (``ReduceLROnPlateau`` gets the validation loss, the training loss without ``val_data``).
@@ -632,7 +632,8 @@ def fit(
     if not own_optimizer and lr is not None:  # None, not the default value: lr=1e-4 given beside it is ignored too
         raise ValueError(f"{name}: lr={lr!r} sets the default Adam's learning rate only, and optimizer= was given; "
                          "set the learning rate in that optimizer instead")
-    lr = DEFAULT_LR if lr is None else lr
+    # Adam itself takes inf (NaN weights, then a NonFiniteLossError blaming the loss) and True (as 1.0)
+    lr = DEFAULT_LR if lr is None else check_real(name, "lr", lr, minimum=0)
     optimizer = _make_optimizer(name, optimizer, model, params, lr)
     scheduler = _make_scheduler(name, scheduler, optimizer)
     scaler = torch.amp.GradScaler("cuda") if amp else None
