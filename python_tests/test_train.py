@@ -1845,3 +1845,28 @@ def test_fit_refuses_an_lr_that_is_not_a_finite_number_at_least_0(bad):
     with pytest.raises(ValueError, match=rf"fit: expected lr to be a finite number >= 0, got {re.escape(repr(bad))}"):
         fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, lr=bad, progress=False)
     fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, lr=0, progress=False)  # 0 trains nothing, as asked
+
+
+def test_optimizer_and_scheduler_callables_results_get_the_checks_given_objects_get():
+    """An optimizer callable building over another model's tensors trained nothing of the model, a scheduler
+    callable over another optimizer scheduled nothing, and one returning None ran without a schedule -- silently
+    (the objects themselves were refused); an optimizer callable returning None failed with an AttributeError."""
+    other = DropoutMLP()
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="fit: the optimizer holds tensors that are not the model's parameters .*; "
+                                         "build it over the params it is given"):
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False,
+            optimizer=lambda params: torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="fit: the scheduler was built over another optimizer than the one being "
+                                         "trained; build it over the optimizer the callable is given"):
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False,
+            scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(other_optimizer, 1))
+    with pytest.raises(TypeError, match="fit: expected the optimizer callable to return a torch.optim.Optimizer, got "
+                                        "NoneType"):
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False, optimizer=lambda params: None)
+    with pytest.raises(TypeError, match="fit: expected the scheduler callable to return a scheduler, got NoneType"):
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False, scheduler=lambda optimizer: None)
+    result = fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=2, progress=False,
+                 optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+                 scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5))
+    assert [row["lr"] for row in result.history] == [0.1, 0.05]

@@ -362,16 +362,19 @@ def _sync_defense_state(defense, start_state, world):
 def _make_optimizer(name, optimizer, model, params, lr):
     if optimizer is None:
         return torch.optim.Adam(params, lr=lr)
-    if isinstance(optimizer, torch.optim.Optimizer):
-        own = {id(p) for p in model.parameters()}
-        if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
-            raise ValueError(f"{name}: the optimizer holds tensors that are not the model's parameters (it would "
-                             "step them, not the model); build it over model.parameters() of the model passed to fit")
-        return optimizer
-    if callable(optimizer):
-        return optimizer(params)
-    raise TypeError(f"{name}: expected optimizer to be None, a torch.optim.Optimizer or a callable(params) -> "
-                    f"optimizer, got {type(optimizer).__name__}")
+    built = not isinstance(optimizer, torch.optim.Optimizer) and callable(optimizer)
+    if built:  # the callable's result gets the checks a given optimizer gets
+        optimizer = optimizer(params)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        what = "the optimizer callable to return a torch.optim.Optimizer" if built else (
+            "optimizer to be None, a torch.optim.Optimizer or a callable(params) -> optimizer")
+        raise TypeError(f"{name}: expected {what}, got {type(optimizer).__name__}")
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for group in optimizer.param_groups for p in group["params"]):
+        fix = "the params it is given" if built else "model.parameters() of the model passed to fit"
+        raise ValueError(f"{name}: the optimizer holds tensors that are not the model's parameters (it would "
+                         f"step them, not the model); build it over {fix}")
+    return optimizer
 
 
 def _class_path(obj):
@@ -400,15 +403,18 @@ def _settings(state, skip=()):
 def _make_scheduler(name, scheduler, optimizer):
     if scheduler is None:
         return None
-    if hasattr(scheduler, "step"):
-        if getattr(scheduler, "optimizer", optimizer) is not optimizer:
-            raise ValueError(f"{name}: the scheduler was built over another optimizer than the one being trained; pass "
-                             "the optimizer it schedules as optimizer=, or scheduler as a callable(optimizer)")
-        return scheduler
-    if callable(scheduler):
-        return scheduler(optimizer)
-    raise TypeError(f"{name}: expected scheduler to be None, a scheduler or a callable(optimizer) -> scheduler, "
-                    f"got {type(scheduler).__name__}")
+    built = not hasattr(scheduler, "step") and callable(scheduler)
+    if built:  # the callable's result gets the checks a given scheduler gets (None would silently schedule nothing)
+        scheduler = scheduler(optimizer)
+    if not hasattr(scheduler, "step"):
+        what = "the scheduler callable to return a scheduler" if built else (
+            "scheduler to be None, a scheduler or a callable(optimizer) -> scheduler")
+        raise TypeError(f"{name}: expected {what}, got {type(scheduler).__name__}")
+    if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        fix = ("build it over the optimizer the callable is given" if built else "pass the optimizer it schedules as "
+               "optimizer=, or scheduler as a callable(optimizer)")
+        raise ValueError(f"{name}: the scheduler was built over another optimizer than the one being trained; {fix}")
+    return scheduler
 
 
 def _checked_output(name, defense, out):
