@@ -1870,3 +1870,22 @@ def test_optimizer_and_scheduler_callables_results_get_the_checks_given_objects_
                  optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
                  scheduler=lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5))
     assert [row["lr"] for row in result.history] == [0.1, 0.05]
+
+
+def test_fit_refuses_a_data_loader_or_iterable_dataset_before_training():
+    """A DataLoader failed with "'DataLoader' object is not subscriptable" (as val_data only after the first epoch's
+    training), an IterableDataset with "object of type ... has no len()"."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from _data(4)
+
+    loader = torch.utils.data.DataLoader(_data(8), batch_size=4)
+    for train_data, val_data, arg in ((loader, None, "train_data"), (_data(8), loader, "val_data")):
+        with pytest.raises(TypeError, match=rf"fit: expected {arg} to be a map-style dataset \(len\(\) and "
+                                            r"data\[i\] -> \(x, y\)\), got DataLoader; pass its dataset "
+                                            r"\(loader.dataset\)"):
+            fit(DropoutMLP(), defenses.Standard(), train_data, val_data, epochs=1, progress=False)
+    with pytest.raises(TypeError, match="fit: expected train_data to be a map-style dataset .*, got Stream; wrap the "
+                                        "samples in a map-style dataset"):
+        fit(DropoutMLP(), defenses.Standard(), Stream(), epochs=1, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), list(_data(8)), list(_data(4)), epochs=1, progress=False)  # a list is one

@@ -417,6 +417,19 @@ def _make_scheduler(name, scheduler, optimizer):
     return scheduler
 
 
+def _check_map_style(name, arg, data):
+    """fit batches a dataset itself (data[i] by position, len()): a DataLoader passed instead failed with "'DataLoader'
+    object is not subscriptable" -- as val_data only after the first epoch's training."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        fix = "pass its dataset (loader.dataset): fit draws the batches itself (batch_size=, val_batch_size=)"
+    else:
+        fix = "wrap the samples in a map-style dataset (TensorDataset, or a class with __len__ and __getitem__)"
+    if (isinstance(data, (torch.utils.data.DataLoader, torch.utils.data.IterableDataset))
+            or not hasattr(data, "__len__") or not hasattr(data, "__getitem__")):
+        raise TypeError(f"{name}: expected {arg} to be a map-style dataset (len() and data[i] -> (x, y)), got "
+                        f"{type(data).__name__}; {fix}")
+
+
 def _checked_output(name, defense, out):
     """``out`` if it is a DefenseOutput with a one-element loss; else a one-line error naming the defense and the fix,
     not torch's "grad can be implicitly created only for scalar outputs" or an AttributeError."""
@@ -568,7 +581,10 @@ def fit(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
     max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
-    if train_data is None or len(train_data) == 0:
+    _check_map_style(name, "train_data", train_data)
+    if val_data is not None:
+        _check_map_style(name, "val_data", val_data)
+    if len(train_data) == 0:
         raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
     if val_data is not None and len(val_data) == 0:
         raise ValueError(f"{name}: val_data is empty (0 samples); pass None to skip validation")
