@@ -1889,3 +1889,14 @@ def test_fit_refuses_a_data_loader_or_iterable_dataset_before_training():
                                         "samples in a map-style dataset"):
         fit(DropoutMLP(), defenses.Standard(), Stream(), epochs=1, progress=False)
     fit(DropoutMLP(), defenses.Standard(), list(_data(8)), list(_data(4)), epochs=1, progress=False)  # a list is one
+
+
+def test_a_scheduler_class_is_a_callable_that_builds_the_scheduler():
+    """scheduler=ReduceLROnPlateau (the class: it has a step attribute) was taken for a scheduler object and failed
+    with "LRScheduler.state_dict() missing 1 required positional argument: 'self'"; optimizer=SGD worked."""
+    result = fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False, optimizer=torch.optim.SGD,
+                 scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert len(result.history) == 1
+    with pytest.raises(TypeError, match="step_size"):  # torch's own error names the setting the class needs
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False,
+            scheduler=torch.optim.lr_scheduler.StepLR)

@@ -403,7 +403,8 @@ def _settings(state, skip=()):
 def _make_scheduler(name, scheduler, optimizer):
     if scheduler is None:
         return None
-    built = not hasattr(scheduler, "step") and callable(scheduler)
+    # a scheduler class has a step attribute too, but is a callable(optimizer) -> scheduler (as SGD is for optimizer=)
+    built = callable(scheduler) and (isinstance(scheduler, type) or not hasattr(scheduler, "step"))
     if built:  # the callable's result gets the checks a given scheduler gets (None would silently schedule nothing)
         scheduler = scheduler(optimizer)
     if not hasattr(scheduler, "step"):
