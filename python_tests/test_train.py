@@ -1900,3 +1900,12 @@ def test_a_scheduler_class_is_a_callable_that_builds_the_scheduler():
     with pytest.raises(TypeError, match="step_size"):  # torch's own error names the setting the class needs
         fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False,
             scheduler=torch.optim.lr_scheduler.StepLR)
+
+
+@pytest.mark.parametrize("arg", ["amp", "channels_last", "progress", "prepacked_conv"])
+def test_fit_refuses_switches_that_are_not_true_or_false(arg):
+    """A string passed as True: channels_last="no" trained in channels_last and recorded it, amp="no" was refused
+    as "amp=True needs a CUDA device"."""
+    none = " or None" if arg == "prepacked_conv" else ""
+    with pytest.raises(TypeError, match=rf"fit: expected {arg} to be True or False{none}, got 'no'"):
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, **{arg: "no"})

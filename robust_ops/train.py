@@ -582,6 +582,12 @@ def fit(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
     max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
+    # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
+    for arg, flag in (("amp", amp), ("channels_last", channels_last), ("progress", progress),
+                      ("prepacked_conv", False if prepacked_conv is None else prepacked_conv)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected {arg} to be True or False{' or None' * (arg == 'prepacked_conv')}, "
+                            f"got {flag!r}")
     _check_map_style(name, "train_data", train_data)
     if val_data is not None:
         _check_map_style(name, "val_data", val_data)
