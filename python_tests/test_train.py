@@ -1909,3 +1909,24 @@ def test_fit_refuses_switches_that_are_not_true_or_false(arg):
     none = " or None" if arg == "prepacked_conv" else ""
     with pytest.raises(TypeError, match=rf"fit: expected {arg} to be True or False{none}, got 'no'"):
         fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, **{arg: "no"})
+
+
+def test_train_acc_counts_only_the_samples_whose_logits_the_defense_returned():
+    """train_acc divided the correct predictions of the batches with logits by every sample of the epoch: a defense
+    returning logits for every other batch showed 0.5 for a model right on every sample."""
+    class EveryOtherBatch(Defense):
+        name = "every-other-batch"
+        calls = 0
+
+        def __call__(self, model, x, y, ids=None):
+            out = model(x)
+            self.calls += 1
+            return DefenseOutput(loss=classification_loss(out, y), logits=out.detach() if self.calls % 2 else None)
+
+    model = DropoutMLP()
+    with torch.no_grad():
+        model.net[-1].weight.zero_()
+        model.net[-1].bias.copy_(torch.tensor([5.0, 0.0]))  # class 0 for every input
+    data = TensorDataset(torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long))
+    result = fit(model, EveryOtherBatch(), data, epochs=1, batch_size=4, lr=0.0, progress=False)
+    assert result.history[0]["train_acc"] == 1.0

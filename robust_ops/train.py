@@ -774,7 +774,7 @@ def fit(
             defense_start = _snapshot(defense.state_dict()) if world > 1 else None
             model.train()
             t0 = time.perf_counter()
-            sums, count, correct, with_logits = {}, 0, 0, 0
+            sums, correct, scored = {}, 0, 0  # scored: samples of the batches that returned clean logits
             seen = {}  # samples in the batches that reported each metric (IMA has adv_acc only when it attacked)
             steps = len(sampler)
             bar = None
@@ -860,14 +860,13 @@ def fit(
                         optimizer.step()
 
                 n = y.numel()
-                count += n
                 metrics.setdefault("loss", float(loss.detach()))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * n
                     seen[k] = seen.get(k, 0) + n
                 if out.logits is not None:
                     correct += int((predict_from_output(out.logits.detach()) == y).sum())
-                    with_logits = 1
+                    scored += n  # not every sample: a defense may return logits for some batches only
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -890,19 +889,19 @@ def fit(
                     key_sets = [None] * world
                     dist.all_gather_object(key_sets, sorted(sums))
                     keys = sorted(set().union(*key_sets))
-                    totals = torch.tensor([float(count), float(correct), float(with_logits)]
+                    totals = torch.tensor([float(correct), float(scored)]
                                           + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
                                           dtype=torch.float64, device=device)
                     dist.all_reduce(totals)
-                    count, correct, with_logits = int(totals[0]), int(totals[1]), int(totals[2])
-                    sums = {k: float(v) for k, v in zip(keys, totals[3:3 + len(keys)].tolist())}
-                    seen = {k: int(v) for k, v in zip(keys, totals[3 + len(keys):].tolist())}
+                    correct, scored = int(totals[0]), int(totals[1])
+                    sums = {k: float(v) for k, v in zip(keys, totals[2:2 + len(keys)].tolist())}
+                    seen = {k: int(v) for k, v in zip(keys, totals[2 + len(keys):].tolist())}
                     _sync_defense_state(defense, defense_start, world)
 
             row = {"epoch": epoch + 1}
             row.update({f"train_{k}": v / max(seen[k], 1) for k, v in sums.items()})
-            if with_logits:
-                row["train_acc"] = correct / max(count, 1)
+            if scored:
+                row["train_acc"] = correct / scored
             if val_data is not None:
                 row.update(evaluate_clean(model, val_data, val_batch_size, device, channels_last))
             row["lr"] = float(optimizer.param_groups[0]["lr"])
