@@ -1930,3 +1930,16 @@ def test_train_acc_counts_only_the_samples_whose_logits_the_defense_returned():
     data = TensorDataset(torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long))
     result = fit(model, EveryOtherBatch(), data, epochs=1, batch_size=4, lr=0.0, progress=False)
     assert result.history[0]["train_acc"] == 1.0
+
+
+def test_a_numpy_integer_seed_trains_as_the_same_python_int(tmp_path):
+    """seed=np.int64(3) passed the integer check, then overflowed in the seed arithmetic ("Python int too large to
+    convert to C long")."""
+    weights = []
+    for seed, out_dir in ((np.int64(3), tmp_path / "numpy"), (3, tmp_path / "int")):
+        torch.manual_seed(0)
+        model = DropoutMLP()
+        fit(model, defenses.Standard(), _data(8), epochs=1, batch_size=4, seed=seed, out_dir=out_dir, progress=False)
+        weights.append(_weights(model))
+        assert load_checkpoint(out_dir / "checkpoint.pt")["config"]["seed"] == 3  # weights_only: a plain int
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

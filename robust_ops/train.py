@@ -581,6 +581,7 @@ def fit(
     val_batch_size = check_int(name, "val_batch_size", val_batch_size)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
+    seed = int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
     max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
     # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
     for arg, flag in (("amp", amp), ("channels_last", channels_last), ("progress", progress),
