@@ -1943,3 +1943,32 @@ def test_a_numpy_integer_seed_trains_as_the_same_python_int(tmp_path):
         weights.append(_weights(model))
         assert load_checkpoint(out_dir / "checkpoint.pt")["config"]["seed"] == 3  # weights_only: a plain int
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+class _NaNAfterCalls(Defense):
+    """Standard loss, NaN after the given number of calls (kept private: not options a resume compares)."""
+
+    name = "nan-after"
+
+    def __init__(self, calls):
+        self._calls_left = calls
+
+    def __call__(self, model, x, y, ids=None):
+        self._calls_left -= 1
+        logits = model(x)
+        loss = classification_loss(logits, y)
+        return DefenseOutput(loss=loss * float("nan") if self._calls_left < 0 else loss, logits=logits.detach())
+
+
+def test_a_fresh_run_in_a_used_out_dir_names_no_earlier_runs_checkpoint_as_its_last_good_one(tmp_path):
+    """A NaN at a fresh run's first step named the checkpoint an earlier run had left in out_dir as "last good
+    checkpoint", the state a user would then resume."""
+    fit(DropoutMLP(), _NaNAfterCalls(2), _data(16), epochs=1, batch_size=8, out_dir=tmp_path, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step 1; stopped before updating the weights \(no "
+                                                 r"checkpoint written yet\)"):
+        fit(DropoutMLP(), _NaNAfterCalls(0), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, progress=False)
+    # resumed, the checkpoint it continues from is the last good state until this run writes its own
+    with pytest.raises(NonFiniteLossError, match=rf"at epoch 2, step 1; .*\(last good checkpoint: "
+                                                 rf"{re.escape(str(tmp_path / 'checkpoint.pt'))}\)"):
+        fit(DropoutMLP(), _NaNAfterCalls(0), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
+            progress=False)

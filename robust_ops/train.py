@@ -759,9 +759,9 @@ def fit(
 
     needs_ids = bool(getattr(defense, "needs_ids", False))
     num_classes = None
+    # out_dir's checkpoint.pt is this run's only once this run has written it (resume=True resumes that file): at a
+    # fresh start it is an earlier run's, which a NonFiniteLossError must not name as this run's last good state
     last_ckpt = str(resume_path) if resume_path is not None else None
-    if ckpt_path is not None and ckpt_path.is_file():
-        last_ckpt = str(ckpt_path)
 
     # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory),
     # and run max pooling on the native kernel (robust_ops.native_layers; same results bitwise).
