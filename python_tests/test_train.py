@@ -1814,15 +1814,6 @@ def test_fit_destroys_the_group_it_initialized_when_its_setup_raises(tmp_path):
         assert not left_open and epochs == 1 and not open_after_training
 
 
-class _BatchNormMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 @pytest.mark.parametrize("samples, batch_size, step, why", [
     (9, 4, 3, r"9 samples in batches of 4 leave a last batch of 1 sample \(len\(train_data\) % batch_size == 1\)"),
     (1, 8, 1, "train_data has 1 sample"),
@@ -1834,8 +1825,8 @@ def test_a_one_sample_batch_under_training_mode_batch_norm_is_a_clear_error(samp
     with pytest.raises(ValueError, match=rf"fit: the model's training-mode batch-norm layers cannot normalize a batch "
                                          rf"of 1 sample at epoch 1, step {step}: {why}; pass a batch_size that leaves "
                                          rf"every batch at least 2 samples"):
-        fit(_BatchNormMLP(), defenses.Standard(), _data(samples), epochs=1, batch_size=batch_size, progress=False)
-    fit(_BatchNormMLP(), defenses.Standard(), _data(9), epochs=1, batch_size=3, progress=False)  # no 1-sample batch
+        fit(BNMLP(), defenses.Standard(), _data(samples), epochs=1, batch_size=batch_size, progress=False)
+    fit(BNMLP(), defenses.Standard(), _data(9), epochs=1, batch_size=3, progress=False)  # no 1-sample batch
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan"), True, "1e-3", torch.tensor(1e-3)])
