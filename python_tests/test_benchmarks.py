@@ -217,7 +217,29 @@ def test_interleaved_medians_time_each_call_with_its_sync(monkeypatch):
     medians, times = common.interleaved_medians(fns, 3, "cuda:1")
     assert times == [[1.5, 1.5, 10.5], [2.5, 3.5, 2.5]]
     assert medians == [1.5, 2.5]
-    assert synced == ["cuda:1"] * 6
+    assert synced == ["cuda:1"] * 7  # one after the warm-ups, one per timed call
+
+
+def test_interleaved_medians_keeps_the_warm_ups_gpu_work_out_of_the_first_timed_call(monkeypatch):
+    """A GPU call returns before its work is done: the warm-ups' queued work must be waited for before the first
+    timed call starts, not inside it."""
+    import time
+
+    common = _common(monkeypatch)
+    now, queued = [0.0], [0.0]
+
+    def sync(device=None):
+        now[0] += queued[0]
+        queued[0] = 0.0
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(common, "synchronize", sync)
+
+    def call(gpu_seconds):  # returns at once, leaving gpu_seconds of work queued on the GPU
+        return lambda: queued.__setitem__(0, queued[0] + gpu_seconds)
+
+    _, times = common.interleaved_medians([call(1.0), call(2.0)], 3, "cuda")
+    assert times == [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
 
 
 def test_synchronize_waits_for_the_named_gpu_only(monkeypatch):
