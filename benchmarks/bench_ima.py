@@ -210,9 +210,11 @@ def main():
                         help="IMA epoch batch (default 128, the paper's batch for its 28x28 ResNet-18)")
     parser.add_argument("--steps", type=positive_int, default=20, help="K (paper: 20)")
     parser.add_argument("--search-steps", type=positive_int, default=10, help="N (paper: 10)")
-    parser.add_argument("--pretrain-epochs", type=nonnegative_int, default=1)
-    parser.add_argument("--pretrain-batch-size", type=positive_int, default=64,
-                        help="batch of the standard pretraining (fixed, so --batch-size changes only the IMA epoch)")
+    parser.add_argument("--pretrain-epochs", type=nonnegative_int, default=None,
+                        help="standard epochs before the IMA epochs (default 1)")
+    parser.add_argument("--pretrain-batch-size", type=positive_int, default=None,
+                        help="batch of the standard pretraining (default 64; fixed, so --batch-size changes only the "
+                             "IMA epoch)")
     parser.add_argument("--scenarios", default=None,
                         help="comma list of init, spread, cap (default: all three) and, with --state, trained "
                              "(the default then)")
@@ -243,6 +245,14 @@ def main():
         if ignored:
             parser.error(f"argument --lockstep: {', '.join(ignored)} not used with it (it compares masked and "
                          "compacted GenAdv on the spread scenario, once)")
+    if args.state:  # its weights are the start: nothing is pretrained, so these would be ignored
+        ignored = [flag for flag, value in (("--pretrain-epochs", args.pretrain_epochs),
+                                            ("--pretrain-batch-size", args.pretrain_batch_size)) if value is not None]
+        if ignored:
+            parser.error(f"argument --state: {', '.join(ignored)} not used with it (the checkpoint's weights are not "
+                         "pretrained further)")
+    pretrain_epochs = 1 if args.pretrain_epochs is None else args.pretrain_epochs
+    pretrain_batch_size = args.pretrain_batch_size or 64
     images = args.images or (64 if args.quick else 546)
     repeats = args.repeats or (1 if args.quick else 3)
 
@@ -274,8 +284,8 @@ def main():
     else:
         model = build_model("resnet18", 1, 2, 28).to(device)
         t = time.perf_counter()
-        pretrain(model, x, y, args.pretrain_epochs, args.pretrain_batch_size)
-        print(f"pretrained {args.pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
+        pretrain(model, x, y, pretrain_epochs, pretrain_batch_size)
+        print(f"pretrained {pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
         state = copy.deepcopy(model.state_dict())
     ids_all = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:images].sort().values
 
