@@ -54,7 +54,7 @@ def median_seconds(fn, min_run_time=1.0):
 
 
 def synchronize(device=None):
-    """Wait for queued GPU work (``device``'s, or every visible GPU's when None), so that a wall-clock reading
+    """Wait for queued GPU work (``device``'s, or the current GPU's when None), so that a wall-clock reading
     covers it; nothing to wait for on CPU."""
     if device is None:
         if torch.cuda.is_available():
@@ -133,7 +133,8 @@ def positive_int_list(text):
 
 
 def device_arg(text):
-    """argparse type: a torch device this machine has (cpu, or cuda[:i] when a GPU is visible)."""
+    """argparse type: a torch device this machine has (cpu, or cuda[:i] when a GPU is visible). cuda:i becomes the
+    current GPU: torch.utils.benchmark's timer and a bare torch.cuda.synchronize() wait for that one only."""
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -144,6 +145,8 @@ def device_arg(text):
         raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 

@@ -386,11 +386,27 @@ def test_device_arg_refuses_a_cuda_index_past_the_visible_gpus(monkeypatch):
     common = _common(monkeypatch)
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(common.torch.cuda, "set_device", lambda device: None)
     assert common.device_arg("cuda:0") == common.torch.device("cuda:0")
     with pytest.raises(argparse.ArgumentTypeError, match=r"'cuda:1': only 1 CUDA device\(s\) visible"):
         common.device_arg("cuda:1")
     with pytest.raises(argparse.ArgumentTypeError, match="expected cpu or cuda, got 'meta'"):
         common.device_arg("meta")
+
+
+def test_device_arg_makes_the_named_gpu_the_one_the_timers_wait_for(monkeypatch):
+    """--device cuda:1 timed its calls with torch.utils.benchmark and bare torch.cuda.synchronize(), which wait for
+    the current GPU (cuda:0) only: the readings missed the work queued on cuda:1."""
+    common = _common(monkeypatch)
+    current = []
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(common.torch.cuda, "set_device", current.append)
+    common.device_arg("cuda")  # no index: the current GPU already
+    common.device_arg("cpu")
+    assert current == []
+    common.device_arg("cuda:1")
+    assert current == [common.torch.device("cuda:1")]
 
 
 # In-process runs of each script's main() on tiny inputs, with its timers replaced by fakes that first run the call
