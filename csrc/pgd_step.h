@@ -211,7 +211,7 @@ struct Plan {
   at::Tensor x;          // contiguous working copy (x_adv itself when contiguous)
   at::Tensor x_nat;      // contiguous, never aliasing x
   at::Tensor grad;       // contiguous, never aliasing x
-  at::Tensor alpha;      // [N], opmath dtype of x (x's dtype for float32/float64), contiguous
+  at::Tensor alpha;      // [N], opmath dtype of x (x's dtype for float32/float64), contiguous, never aliasing x/slot
   at::Tensor eps;        // [N], likewise
   at::Tensor slot;       // history[slot] (undefined without history)
   at::Tensor slot_out;   // history[slot] when the kernel may write it directly, else undefined
@@ -243,10 +243,18 @@ inline Plan make_plan(const at::Tensor& x_adv, const at::Tensor& x_nat, const at
   p.x_nat = overlaps(x_nat, x_adv) ? x_nat.clone(at::MemoryFormat::Contiguous) : x_nat.contiguous();
   p.grad = overlaps(grad, x_adv) ? grad.clone(at::MemoryFormat::Contiguous) : grad.contiguous();
   const at::ScalarType op_type = at::toOpMathType(x_adv.scalar_type());
-  p.alpha = alpha.to(op_type).contiguous();
-  p.eps = eps.to(op_type).contiguous();
+  // The kernels read alpha[s] / eps[s] per run while writing x and the slot: a view of either (alpha =
+  // x_adv.view(-1)[:N]) would be read after earlier samples changed it, so such a view is copied first.
+  const at::Tensor written_slot = history.has_value() ? history->select(0, slot) : at::Tensor();
+  auto per_sample = [&](const at::Tensor& t) {
+    at::Tensor v = t.to(op_type).contiguous();
+    const bool aliased = overlaps(v, x_adv) || (written_slot.defined() && overlaps(v, written_slot));
+    return aliased ? v.clone() : v;
+  };
+  p.alpha = per_sample(alpha);
+  p.eps = per_sample(eps);
   if (history.has_value()) {
-    p.slot = history->select(0, slot);
+    p.slot = written_slot;
     const bool direct = p.slot.is_contiguous() && !overlaps(p.slot, p.x) && !overlaps(p.slot, p.x_nat) &&
                         !overlaps(p.slot, p.grad);
     if (direct) p.slot_out = p.slot;

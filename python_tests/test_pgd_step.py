@@ -179,6 +179,29 @@ def test_x_nat_aliasing_x_adv(norm):
     assert_verbose_equal(x_adv, expected)
 
 
+def check_per_sample_values_sharing_written_memory(step, norm, shared, device="cpu"):
+    """alpha / eps as views of x_adv or of history[slot] (alpha = x_adv.view(-1)[:N]): the kernels read alpha[s] after
+    earlier samples had written their step (or slot) over it; now the values the call was given."""
+    n, m = 4, 8
+    base = torch.rand((n, m), dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device) * 0.5 + 0.25
+    _, x_nat, grad, _, _ = make_inputs((n, m), torch.float64, device, scale=0.3)
+    x_adv, history = base.clone(), torch.full((2, n, m), 0.3, dtype=torch.float64, device=device)
+    expected, exp_history = base.clone(), history.clone()
+    values = {"x_adv": (x_adv, expected), "history": (history[0], exp_history[0])}[shared]
+    alpha, exp_alpha = (v.view(-1)[:n] for v in values)  # step sizes 0.25 to 0.75: the step moves every element
+    eps, exp_eps = (v.view(-1)[n:2 * n] for v in values)
+    reference.pgd_step_(expected, x_nat, grad, exp_alpha.clone(), exp_eps.clone(), 0.0, 1.0, norm, exp_history, 0)
+    step(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 0)
+    assert_verbose_equal(x_adv, expected, "x_adv")
+    assert_verbose_equal(history, exp_history, "history")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shared", ["x_adv", "history"])
+def test_per_sample_values_sharing_written_memory(norm, shared):
+    check_per_sample_values_sharing_written_memory(op, norm, shared)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_empty_batch(norm):
     for shape in [(0, 3, 4, 4), (2, 0)]:

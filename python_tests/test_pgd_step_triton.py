@@ -9,6 +9,7 @@ from robust_ops._meta import check_pgd_step_args
 from test_pgd_step import (
     PGD_TENSOR_ARGUMENTS,
     check_backward_sees_the_mutation,
+    check_per_sample_values_sharing_written_memory,
     check_refuses_a_non_leaf_x_adv,
     check_refuses_argument_requiring_grad,
     check_runs_without_grad_mode_and_bumps_versions,
@@ -214,6 +215,12 @@ def test_internal_overlap_rejected_before_any_write(norm, overlapping):
         torch.ops.robust_ops.pgd_step_(x_adv.cpu(), x_nat.cpu(), grad.cpu(), alpha.cpu(), eps.cpu(), 0.0, 1.0, norm,
                                        history.cpu(), 0)
     assert str(got.value) == str(native.value)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shared", ["x_adv", "history"])
+def test_per_sample_values_sharing_written_memory(norm, shared):
+    check_per_sample_values_sharing_written_memory(triton_op(), norm, shared, device())
 
 
 @pytest.mark.parametrize("norm", NORMS)

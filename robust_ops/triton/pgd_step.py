@@ -141,6 +141,10 @@ def pgd_step_triton(
     # x_nat = buf[:-1] read values already stepped).
     x_nat_c = x_nat.clone(memory_format=torch.contiguous_format) if may_overlap(x_nat, x_adv) else x_nat.contiguous()
     grad_c = grad.clone(memory_format=torch.contiguous_format) if may_overlap(grad, x_adv) else grad.contiguous()
+    # Programs load alpha[n] / eps[n] after others wrote x or the slot: a view of either (alpha = x_adv.view(-1)[:N])
+    # is copied first.
+    written = [x_adv] + ([history[slot]] if history is not None else [])
+    alpha_c, eps_c = (v.clone() if any(may_overlap(v, w) for w in written) else v for v in (alpha_c, eps_c))
     bounds = torch.tensor([clip_min, clip_max], dtype=op_dtype, device=x_adv.device)
     direct_history = history is not None and history.is_contiguous() and not any(
         may_overlap(history[slot], t) for t in (x, x_nat_c, grad_c)
