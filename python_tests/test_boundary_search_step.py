@@ -12,6 +12,7 @@ from robust_ops._meta import check_boundary_search_step_args
 
 from conftest import cpu_and_cuda
 from utils import (TOLERANCES, assert_verbose_equal, check_in_place_op_mutation_is_seen_by_backward,
+                   check_in_place_op_rejected_call_bumps_no_version,
                    check_in_place_op_refuses_argument_requiring_grad,
                    check_in_place_op_runs_outside_grad_mode_and_bumps_versions, record_backend_requests)
 
@@ -457,3 +458,8 @@ def test_runs_without_grad_mode_and_bumps_versions():
 
 def test_backward_sees_the_mutation():
     check_backward_sees_the_mutation(OP)
+
+
+def test_a_rejected_call_bumps_no_version():
+    check_in_place_op_rejected_call_bumps_no_version(OP, search_step_arguments, SEARCH_MUTATED,
+                                                     {"crossed_at": torch.full((5,), 9)}, "expected crossed_at in")

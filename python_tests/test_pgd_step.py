@@ -11,6 +11,7 @@ from robust_ops._meta import check_pgd_step_args, check_pgd_step_values
 
 from conftest import cpu_and_cuda
 from utils import (TOLERANCES, assert_verbose_equal, check_in_place_op_mutation_is_seen_by_backward,
+                   check_in_place_op_rejected_call_bumps_no_version,
                    check_in_place_op_refuses_argument_requiring_grad,
                    check_in_place_op_runs_outside_grad_mode_and_bumps_versions, record_backend_requests)
 
@@ -760,6 +761,11 @@ def test_runs_without_grad_mode_and_bumps_versions():
 
 def test_backward_sees_the_mutation():
     check_backward_sees_the_mutation(op)
+
+
+def test_a_rejected_call_bumps_no_version():
+    check_in_place_op_rejected_call_bumps_no_version(op, pgd_step_arguments, PGD_MUTATED,
+                                                     {"eps": torch.full((2,), -1.0)}, "expected eps >= 0")
 
 
 def test_refuses_a_tensor_requiring_grad_under_compile():

@@ -111,6 +111,21 @@ def check_in_place_op_runs_outside_grad_mode_and_bumps_versions(op, make_args, m
         assert bumped == set(mutated), mode
 
 
+def check_in_place_op_rejected_call_bumps_no_version(op, make_args, mutated, bad_args, message):
+    """A call the op rejects writes nothing, so (as PyTorch's in-place ops) it bumps no version: a backward that saved
+    a mutated argument still runs. The version used to be bumped before the kernel's checks ran."""
+    import pytest
+
+    args = {**make_args(), **bad_args}
+    weight = torch.ones_like(args[mutated[0]], requires_grad=True)
+    product = (weight * args[mutated[0]]).sum()  # mul saves the argument for weight's gradient
+    versions = {key: args[key]._version for key in mutated}
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        op(*args.values())
+    assert {key: args[key]._version for key in mutated} == versions
+    product.backward()
+
+
 def check_in_place_op_mutation_is_seen_by_backward(op, make_args, argument):
     # A tensor another op saved for backward and this op then overwrote: PyTorch's usual error, not a stale gradient.
     import pytest

@@ -112,11 +112,14 @@ def register_in_place_without_gradient(op_name):
         )
 
     def bump_versions_and_run(keyset, *args):
-        # As PyTorch's ADInplaceOrView kernels (and torch.library.custom_op's): bump, then run below this key. The
-        # dispatcher may leave out trailing arguments equal to their defaults.
-        increment_version([args[index] for index in mutated if index < len(args) and args[index] is not None])
+        # As PyTorch's ADInplaceOrView kernels: run below this key, then bump, so a call the kernel rejects (before
+        # writing anything) bumps nothing either; bumping first made a later backward that had saved x_adv raise
+        # "modified by an inplace operation" for a step that never happened. The dispatcher may leave out trailing
+        # arguments equal to their defaults.
         with torch._C._AutoDispatchBelowADInplaceOrView():
-            return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+            result = op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+        increment_version([args[index] for index in mutated if index < len(args) and args[index] is not None])
+        return result
 
     def autograd_kernel(keyset, *args):
         if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
