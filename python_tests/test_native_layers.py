@@ -376,6 +376,20 @@ def test_eval_batch_norm_backward_fake_kernel_refuses_what_the_kernel_refuses(gr
     assert str(native.value).splitlines()[0] in str(faked.value)
 
 
+@pytest.mark.parametrize("meta", ["invstd", "weight", "grad_output"])
+def test_eval_batch_norm_backward_refuses_arguments_on_another_device(meta):
+    """A meta invstd or weight with a CPU grad_output reached the fake kernel (Meta outranks CPU), which returned an
+    uninitialized CPU tensor as the gradient; now the op's device check, as pgd_step_'s."""
+    args = {"grad_output": torch.ones(2, 3, 4, 4), "invstd": torch.ones(3), "weight": torch.ones(3)}
+    args[meta] = args[meta].to("meta")
+    other = "invstd" if meta == "grad_output" else meta
+    device = "meta" if meta == "grad_output" else "cpu"
+    got = "cpu" if meta == "grad_output" else "meta"
+    with pytest.raises(RuntimeError, match=rf"_eval_batch_norm_backward: expected {other} on the device of "
+                                           rf"grad_output \({device}\), got {got}"):
+        eval_bn_backward(*args.values())
+
+
 def test_copies_taken_inside_use_their_own_statistics_and_pickle():
     import copy
     import pickle

@@ -188,6 +188,9 @@ def _eval_batch_norm_backward_fake(grad_output, invstd, weight):
                          f"dtype of grad_output ({grad_output.dtype}), got {t.dtype}")
             torch._check(t.dim() == 1 and t.shape[0] == c,
                          lambda t=t, name=name: f"{op}: expected {name} of shape ({c},), got {tuple(t.shape)}")
+            # A meta invstd with a CPU grad_output dispatches here (Meta outranks CPU): returning an empty CPU
+            # tensor handed the caller uninitialized memory as a gradient.
+            check_same_device(op, name, t, "grad_output", grad_output)
     return torch.empty(grad_output.shape, dtype=grad_output.dtype, device=grad_output.device,
                        memory_format=output_memory_format(grad_output))
 

@@ -30,10 +30,12 @@ at::Tensor eval_batch_norm_backward_cpu(const at::Tensor& grad_output, const at:
   check_same_dtype(kOp, "invstd", invstd, "grad_output", grad_output);
   TORCH_CHECK(invstd.dim() == 1 && invstd.size(0) == C, kOp, ": expected invstd of shape (", C, ",), got ",
               py_tuple(invstd.sizes()));
+  check_same_device(kOp, "invstd", invstd, "grad_output", grad_output);
   if (weight.has_value()) {
     check_same_dtype(kOp, "weight", *weight, "grad_output", grad_output);
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C, kOp, ": expected weight of shape (", C, ",), got ",
                 py_tuple(weight->sizes()));
+    check_same_device(kOp, "weight", *weight, "grad_output", grad_output);
   }
   const at::Tensor inv = invstd.contiguous();
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
