@@ -94,6 +94,15 @@ def class_labels(name, y, n, what="y"):
     return y.long()
 
 
+def check_flags(name, flags, optional=()):
+    """Each value of ``flags`` ({arg: value}) is True or False; args in ``optional`` may also be None. Never coerced:
+    a string passed as True (``channels_last="no"`` trained channels_last)."""
+    for arg, flag in flags.items():
+        if not (isinstance(flag, bool) or (flag is None and arg in optional)):
+            raise TypeError(f"{name}: expected {arg} to be True or False{' or None' * (arg in optional)}, "
+                            f"got {flag!r}")
+
+
 def check_choice(name, arg, value, choices):
     if value not in choices:
         raise ValueError(f"{name}: expected {arg} to be one of {', '.join(map(repr, choices))}, got {value!r}")

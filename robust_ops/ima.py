@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import _backend, functional
 from ._meta import output_memory_format
-from ._options import check_int, check_real, segmentation_masks
+from ._options import check_flags, check_int, check_real, segmentation_masks
 from .attacks.context import (
     MODEL_MODES,
     InputGradScale,
@@ -259,9 +259,7 @@ def _check_options(name, backend, is_correct, loss_fn, flags, search_result=None
             raise TypeError(f"{name}: expected {arg} to be a callable(output, y) or None, got {type(fn).__name__} "
                             f"{fn!r}" + (" (a Dice threshold goes to dice_criterion(threshold))"
                                          if arg == "is_correct" else ""))
-    for arg, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected {arg} to be True or False, got {flag!r}")
+    check_flags(name, flags)
 
 
 def _criterion_result(name, ok, n):

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._files import replace_atomically
-from ._options import check_int, check_real, class_labels
+from ._options import check_flags, check_int, check_real, class_labels
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
@@ -584,11 +584,8 @@ def fit(
     seed = int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
     max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
     # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
-    for arg, flag in (("amp", amp), ("channels_last", channels_last), ("progress", progress),
-                      ("prepacked_conv", False if prepacked_conv is None else prepacked_conv)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected {arg} to be True or False{' or None' * (arg == 'prepacked_conv')}, "
-                            f"got {flag!r}")
+    check_flags(name, {"amp": amp, "channels_last": channels_last, "progress": progress,
+                       "prepacked_conv": prepacked_conv}, optional=("prepacked_conv",))
     _check_map_style(name, "train_data", train_data)
     if val_data is not None:
         _check_map_style(name, "val_data", val_data)
