@@ -360,8 +360,8 @@ def _attack_subset(attack, spec, model, x, y, idx, batch_size, device, value_ran
 
 
 def _row(method, attack, norm, eps, y, pred, probs, info):
-    metrics = classification_metrics(y, pred, probs, num_classes=info.num_classes,
-                                     positive_class=info.positive_class if info.num_classes == 2 else None)
+    # evaluate refused a positive class that does not fit the class count before the first forward
+    metrics = classification_metrics(y, pred, probs, num_classes=info.num_classes, positive_class=info.positive_class)
     return {"method": method, "attack": attack, "norm": norm, "eps": float(eps), **metrics}
 
 
