@@ -1597,10 +1597,13 @@ class _OwnDefense(Defense):
      "the own defense returned a loss that does not depend on the model's parameters"),
     (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y), metrics={"note": "adv"}),
      "the own defense's metric 'note' is str 'adv'; metrics must be numbers"),
+    (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y), metrics={"acc": 0.25}),
+     "the own defense's metric 'acc' has the name of fit's own train_acc"),
 ])
 def test_a_wrong_defense_output_is_a_one_line_error_before_any_update(make, error):
     """A user's defense returning the loss itself, per-sample losses, a detached loss or a text metric stopped with
-    torch's own error (naming no defense) or, for the metric, was silently left out of the history."""
+    torch's own error (naming no defense) or, for the metric, was silently left out of the history; a metric named
+    'acc' was silently replaced by fit's train_acc."""
     model = DropoutMLP()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises((TypeError, ValueError), match="^fit: " + error) as err:

@@ -451,6 +451,9 @@ def _clean_metrics(name, defense, metrics):
     """The defense's metrics as floats; anything else is refused rather than left out of the history unseen."""
     clean = {}
     for key, value in (metrics or {}).items():
+        if key == "acc":  # the history's train_acc is fit's accuracy of the returned logits: it would replace this one
+            raise ValueError(f"{_defense_named(name, defense)}'s metric 'acc' has the name of fit's own train_acc "
+                             "(the accuracy of the logits it returns); give it another name, e.g. 'adv_acc'")
         one_number = (isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1))
         if not one_number:
             raise ValueError(f"{_defense_named(name, defense)}'s metric {key!r} is {type(value).__name__} "
