@@ -1890,3 +1890,21 @@ def test_data_names_spelled_otherwise_are_the_same_run(tmp_path, capsys):
     rc, _, err = run(["train", "--data", "SYNTHETIC"] + argv[3:] + ["--epochs", "2", "--resume"], capsys)
     assert rc == 0, err
     assert cli.load_run(out, data="Synthetic_Bus")[1].info.image_size == 8  # the run's own data and size
+
+
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
+def test_a_kfold_protocol_does_not_warn_about_the_7_1_2_split_it_pools(tmp_path):
+    """A k-fold protocol pools the data's own train/val/test split: on a folder with a small class it printed that
+    7:1:2 split's "too small to stratify ... leaves out malignant from val" warning, about parts no run used."""
+    import warnings
+
+    from robust_ops.reproduce import run_protocol
+
+    data = _folder(tmp_path / "d", n=12, classes=("benign",))
+    _folder(tmp_path / "d", n=2, classes=("malignant",))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_protocol(_tiny_protocol("kfold", [("Baseline", "standard")]), out=tmp_path / "o", data=str(data),
+                     seeds=1, size=8, progress=False)
+    assert not [w for w in caught if "0.7/0.1/0.2" in str(w.message)]
+    assert [w for w in caught if "0.9/0.1" in str(w.message)]  # the fold's own split still warns

@@ -488,6 +488,19 @@ def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None):
     return record
 
 
+def load_pool(data, size, seed, bit_depth):
+    """The data a k-fold protocol pools, loaded with the CLI's loader. Its own train/val/test split (7:1:2 for
+    sources without one) is pooled again, so that split's warning about a class too small to stratify it would
+    describe parts no run uses; the folds' own splits warn for themselves."""
+    import warnings
+
+    from .cli import load_data
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*a class is too small to stratify the 0\.7/0\.1/0\.2 split")
+        return load_data(data, size=size, seed=seed, bit_depth=bit_depth)
+
+
 def kfold_splits(data, base, k, seed):
     """The ``k`` stratified folds of the loaded ``data`` (``base``); data that cannot be split so (a class with
     fewer than ``k`` samples) is a one-line error naming ``--data``, not a traceback."""
@@ -508,9 +521,8 @@ def rebuild_splits(data, record, base=None, folds=None):
     kind = record.get("kind")
     if kind == "kfold":
         if folds is None:
-            base = base if base is not None else load_data(data, size=record.get("size"),
-                                                           seed=record.get("data_seed", 0),
-                                                           bit_depth=record.get("bit_depth"))
+            base = base if base is not None else load_pool(data, record.get("size"), record.get("data_seed", 0),
+                                                           record.get("bit_depth"))
             folds = kfold_splits(data, base, record["k"], record["cv_seed"])
         splits = folds[record["fold"]]
     elif kind == "seeds":
@@ -600,7 +612,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     out = Path(out)
     runs_dir = out / ("runs-quick" if quick else "runs")
     t_start = time.perf_counter()
-    base = load_data(data, size=size, seed=0, bit_depth=bit_depth) if protocol.split == "kfold" else None
+    base = load_pool(data, size, 0, bit_depth) if protocol.split == "kfold" else None
     folds = kfold_splits(data, base, max(protocol.repeats, 2), CV_SEED) if base is not None else None
     if folds is not None and repeats > len(folds):
         raise CLIError(f"--seeds: {protocol.name} has {len(folds)} folds, got {repeats}")
