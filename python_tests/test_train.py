@@ -1220,6 +1220,10 @@ def test_ddp_a_bad_label_in_one_process_share_stops_every_process_with_a_clear_e
                            "epoch 1, step 2 (its error names the problem); stopped here too"), messages[0]
 
 
+def _failing_save(path, state):
+    raise OSError(f"No space left on device: {path}")
+
+
 def _ddp_checkpoint_errors_worker(rank, world, port, out_dir):
     import datetime
 
@@ -1230,8 +1234,10 @@ def _ddp_checkpoint_errors_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
     messages = []
     try:
-        not_a_folder = os.path.join(out_dir, "a-file")
-        for run_dir, calls_before_nan in ((os.path.join(out_dir, "nan"), 2 if rank == 1 else 100), (not_a_folder, 100)):
+        failing_dir = os.path.join(out_dir, "disk-full")
+        for run_dir, calls_before_nan in ((os.path.join(out_dir, "nan"), 2 if rank == 1 else 100), (failing_dir, 100)):
+            if run_dir == failing_dir and rank == 0:  # process 0's first write fails (this spawned process ends here)
+                robust_ops.train.save_checkpoint = _failing_save
             try:  # 2 steps per epoch: rank 1's loss turns NaN at epoch 2, step 1
                 fit(DropoutMLP(), NaNAtEpoch(calls_before_nan), _data(16), epochs=2, batch_size=8, out_dir=run_dir,
                     progress=False)
@@ -1245,9 +1251,8 @@ def _ddp_checkpoint_errors_worker(rank, world, port, out_dir):
 
 def test_ddp_errors_around_process_0s_checkpoint_are_clear_on_every_process(tmp_path):
     """Only process 0 writes the checkpoint: (1) a NaN loss on another process after epoch 1 said "no checkpoint
-    written yet" there; (2) when process 0's write failed (out_dir is a file), the others waited in the barrier until
+    written yet" there; (2) when process 0's write failed (a full disk), the others waited in the barrier until
     it went away ("Connection closed by peer") or hung."""
-    (tmp_path / "a-file").write_text("")
     torch.multiprocessing.spawn(_ddp_checkpoint_errors_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
                                 join=True)
     nan0, file0 = torch.load(tmp_path / "messages.0", weights_only=True)
@@ -1257,9 +1262,9 @@ def test_ddp_errors_around_process_0s_checkpoint_are_clear_on_every_process(tmp_
                          f"(last good checkpoint: {ckpt})"), nan0
     assert nan1.endswith(f"loss is nan at epoch 2, step 1; stopped before updating the weights (last good "
                          f"checkpoint: {ckpt})"), nan1
-    assert file0.startswith("FileExistsError"), file0
-    assert file1 == (f"RuntimeError: fit: process 0 failed to write the checkpoint or metrics to {tmp_path / 'a-file'} "
-                     "after epoch 1 (its error names the problem); stopped here too"), file1
+    assert file0.startswith("OSError: No space left on device"), file0
+    assert file1 == (f"RuntimeError: fit: process 0 failed to write the checkpoint or metrics to "
+                     f"{tmp_path / 'disk-full'} after epoch 1 (its error names the problem); stopped here too"), file1
 
 
 def _ddp_node_local_resume_worker(rank, world, port, out_dir):
@@ -1629,6 +1634,20 @@ def test_extra_grads_of_the_wrong_count_or_shape_are_refused(shapes, error):
     model = DropoutMLP()
     with pytest.raises(ValueError, match="^fit: " + error):
         fit(model, _OwnDefense(_extra_grads_of(shapes)), _data(), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_training(tmp_path, under):
+    """out_dir naming an existing file (or a folder below one) failed at the first checkpoint write, after a whole
+    epoch of training."""
+    (tmp_path / "a-file").write_text("")
+    out_dir = tmp_path / "a-file" / under
+    model = DropoutMLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NotADirectoryError, match=rf"^fit: out_dir='{re.escape(str(out_dir))}' cannot be a folder: "
+                                                 rf"{re.escape(str(tmp_path / 'a-file'))} is a file; pass a folder"):
+        fit(model, "standard", _data(), epochs=1, out_dir=out_dir, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_defense_metrics_may_be_one_element_tensors():

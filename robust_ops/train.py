@@ -616,6 +616,11 @@ def fit(
         raise ValueError(f"{name}: expected batch_size >= the number of processes ({world}), got {batch_size}")
 
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    if out_dir is not None:  # else the first checkpoint write fails, after a whole epoch of training
+        existing = next((p for p in (Path(out_dir), *Path(out_dir).parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise NotADirectoryError(f"{name}: out_dir={os.fspath(out_dir)!r} cannot be a folder: {existing} is a "
+                                     "file; pass a folder path (created when missing)")
     resume_path = None
     if isinstance(resume, (str, os.PathLike)):
         if not os.fspath(resume):
