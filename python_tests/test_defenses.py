@@ -492,6 +492,9 @@ def test_mart_loss_is_boosted_ce_plus_misclassification_weighted_kl(crafted):
         robust = (kl * (1 - p_y)).mean()
     assert float(robust) > 1e-3 and abs(float((kl * p_y).mean() - robust)) > 1e-3
     torch.testing.assert_close(out.loss.detach(), bce + 3.0 * robust, rtol=1e-4, atol=1e-5)
+    # "kl" is the plain KL as in TRADES's metrics (it was the weighted term, under TRADES's name for the plain one)
+    assert out.metrics["kl"] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert out.metrics["loss_robust"] == pytest.approx(float(robust), rel=1e-4)
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.8])

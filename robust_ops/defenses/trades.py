@@ -65,4 +65,6 @@ class MART(PGDDefense):
         loss_robust = (kl * (1.0000001 - true_probs)).mean()
         loss = loss_adv + self.beta * loss_robust
         return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_adv": float(loss_adv.detach()), "kl": float(loss_robust.detach())})
+            "loss": float(loss.detach()), "loss_adv": float(loss_adv.detach()),
+            "kl": float(kl.detach().mean()),  # the plain KL, as TRADES's "kl"; the weighted term is loss_robust
+            "loss_robust": float(loss_robust.detach())})
