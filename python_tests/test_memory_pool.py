@@ -176,6 +176,25 @@ def test_env_switches_parse_alike(monkeypatch, index):
             enabled()
 
 
+@pytest.mark.parametrize("switch", ["cpu_memory_pool", "native_layers", "prepacked_conv"])
+@pytest.mark.parametrize("value", ["false", "off", 0, 1.0])
+def test_switch_contexts_take_only_true_or_false(switch, value):
+    """``with native_layers(model, "false"):`` swapped the layers (bool("false") is True), prepacked_conv(model,
+    "no") turned the non-bitwise convolutions on and cpu_memory_pool("false") started the pool."""
+    from robust_ops.native_layers import native_layers
+    from robust_ops.prepacked_conv import prepacked_conv, prepacked_conv_active
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2))
+    context = cpu_memory_pool(value) if switch == "cpu_memory_pool" else {
+        "native_layers": native_layers, "prepacked_conv": prepacked_conv}[switch](model, value)
+    optional = "" if switch == "cpu_memory_pool" else " or None"
+    with pytest.raises(TypeError, match=rf"^{switch}: expected enabled to be True or False{optional}, got "):
+        with context:
+            pass
+    assert cpu_memory_pool_stats().depth == 0 and "forward" not in model[1].__dict__
+    assert not prepacked_conv_active(model)
+
+
 @pytest.mark.parametrize("value", ["", "abc", "-5", "4GB"])
 def test_bad_cache_limit_is_refused_before_the_pool_starts(monkeypatch, value):
     monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", value)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ._compile import disable_dynamo
-from ._options import env_switch
+from ._options import check_flags, env_switch
 
 ENV_SWITCH = "ROBUST_OPS_CPU_POOL"
 
@@ -55,6 +55,7 @@ def cpu_memory_pool(enabled=True):
     """Reuse freed CPU tensor memory inside the block (nesting is fine; other devices are unaffected). With
     ``enabled=False`` it does nothing, so callers can write ``with cpu_memory_pool(flag):``. When another library
     has installed its own CPU allocator with a higher priority, the pool stays off."""
+    check_flags("cpu_memory_pool", {"enabled": enabled})  # bool("false") is True
     entered = _enter() if enabled else False
     try:
         yield

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import NATIVE_CPU_DTYPES, _functorch_autodiff, max_pool2d
-from ._options import env_switch
+from ._options import check_flags, env_switch
 from ._patching import check_unmodified, patched_forwards, saved_state, switch_setting
 from .memory import library_pool
 from .prepacked_conv import prepacked_conv as _prepacked_conv
@@ -112,6 +112,7 @@ def native_layers(model, enabled=None):
     innermost enclosing ``native_layers(model, enabled=True or False)`` (an attack inside ``with native_layers(model,
     False):`` runs without them, also when an enclosing block swapped the modules), else
     ``$ROBUST_OPS_NATIVE_LAYERS`` (on)."""
+    check_flags("native_layers", {"enabled": enabled}, optional=("enabled",))  # bool("false") is True
     with switch_setting(ENV_SWITCH, model, enabled, native_layers_enabled_by_default, _REPLACEMENTS) as on:
         with patched_forwards(model, _REPLACEMENTS if on else {}, ENV_SWITCH):
             yield model

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
-from ._options import env_switch
+from ._options import check_flags, env_switch
 from .functional import _functorch_autodiff
 from ._patching import active_replacement, check_unmodified, patched_forwards, saved_state, switch_setting
 
@@ -220,6 +220,7 @@ def prepacked_conv(model, enabled=None):
     """While active, ``model``'s ``nn.Conv2d`` layers run on once-per-attack packed oneDNN weights inside attacks
     (module docstring). ``enabled`` None follows the innermost enclosing ``prepacked_conv(model, enabled=True or
     False)`` (``fit``'s setting reaches the attacks inside it), else ``$ROBUST_OPS_PREPACKED_CONV`` (off)."""
+    check_flags("prepacked_conv", {"enabled": enabled}, optional=("enabled",))  # bool("false") is True
     with switch_setting(ENV_SWITCH, model, enabled, prepacked_conv_enabled_by_default, _REPLACEMENTS) as on:
         with patched_forwards(model, _REPLACEMENTS if on and _available() else {}, ENV_SWITCH):
             yield model
