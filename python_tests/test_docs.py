@@ -267,6 +267,21 @@ def test_documented_signatures_are_the_code(page, index):
         assert _documented_arguments(block, call) == arguments, f"{page}: {call}"
 
 
+# Full signatures written in the prose (not abbreviated with "..."): page, the function's name as written.
+PROSE_SIGNATURES = [("docs/training.md", "fit"), ("docs/design.md", "fit"), ("docs/design.md", "load_dataset")]
+
+
+@pytest.mark.parametrize("page, name", PROSE_SIGNATURES)
+def test_prose_signatures_are_the_code(page, name):
+    """design.md's load_dataset had lost bit_depth=: a prose signature lists exactly the code's arguments."""
+    from robust_ops.data import load_dataset
+    from robust_ops.train import fit
+
+    function = {"fit": fit, "load_dataset": load_dataset}[name]
+    text = (REPO / page).read_text()
+    assert _documented_arguments(text, f"`{name}") == _python_signature(function), f"{page}: {name}"
+
+
 def test_documented_cli_flags_exist():
     """Every `robust-ops COMMAND --flag` written in README.md or docs/ names a command and flags its parser has."""
     from robust_ops import cli
