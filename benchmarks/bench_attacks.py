@@ -248,7 +248,7 @@ def main():
         parser.error("argument --rounds: not used with --peers-only (the peer table's rounds are --peer-rounds)")
     if args.no_peers and args.peer_rounds is not None:
         parser.error("argument --peer-rounds: not used with --no-peers (no peer table is run)")
-    for name in args.models:  # before any work: a model that cannot take --size images (densenet121 below 16x16)
+    for name in args.models:  # before any work: a model that cannot take --size images (densenet121 below 15x15)
         try:
             make_model(name, "cpu", args.size)
         except ValueError as err:

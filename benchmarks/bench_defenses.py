@@ -101,7 +101,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=positive_int, help="timed rounds (default 3 with --quick, else 7)")
     ap.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
-    try:  # before any work: a model that cannot take --size images (densenet121 below 16x16)
+    try:  # before any work: a model that cannot take --size images (densenet121 below 15x15)
         build_model(args.model, in_channels=1, num_classes=2, image_size=args.size)
     except ValueError as err:
         ap.error(f"--size {args.size}: {err}")

@@ -1679,7 +1679,7 @@ def test_a_model_that_cannot_take_the_size_is_a_usage_error_before_any_work(scri
         mod.main()
     assert exit_info.value.code == 2 and not written and not threads
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"{script}.py: error: --size 8: densenet121 needs images of at least 16x16 pixels, got "
+    assert err[-1] == (f"{script}.py: error: --size 8: densenet121 needs images of at least 15x15 pixels, got "
                        f"image_size=8") and "Traceback" not in "".join(err)
 
 

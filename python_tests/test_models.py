@@ -29,8 +29,14 @@ def test_mlp_on_images_and_on_feature_vectors():
 
 
 def test_too_small_for_densenet_is_a_clear_error():
-    with pytest.raises(ValueError, match="densenet121 needs images of at least 16x16 pixels, got image_size=8"):
-        build_model("densenet121", 1, 2, 8)
+    for size in (8, 14):
+        with pytest.raises(ValueError, match=f"densenet121 needs images of at least 15x15 pixels, got image_size="
+                                             f"{size}"):
+            build_model("densenet121", 1, 2, size)
+    # 15x15 runs (its first max-pool rounds up: 15 -> 8 -> 4 -> 2 -> 1) and was refused as "at least 16x16"
+    model = build_model("densenet121", 1, 2, 15).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 15, 15)).shape == (1, 2)
 
 
 def test_too_small_for_small_cnn_is_a_clear_error():

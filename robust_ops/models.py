@@ -106,9 +106,9 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=None):
                                          nn.Linear(256, num_classes))
         return model
     if name == "densenet121":
-        if 0 < image_size < 16:
-            # its max-pool and three 2x2 average-pool transitions halve the map four times
-            raise ValueError(f"densenet121 needs images of at least 16x16 pixels, got image_size={image_size}")
+        if 0 < image_size < 15:
+            # its 3x3/2 (padding 1) max-pool rounds up (15 -> 8), then three 2x2 average-pool transitions halve it
+            raise ValueError(f"densenet121 needs images of at least 15x15 pixels, got image_size={image_size}")
         model = tvm.densenet121(weights=None, num_classes=num_classes)
         model.features.conv0 = nn.Conv2d(
             in_channels, 64, kernel_size=3 if image_size <= 64 else 7, stride=1 if image_size <= 64 else 2,
