@@ -170,7 +170,10 @@ def pgd_step_triton(
                 BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
             )
             # min((1/||delta||) * eps, 1) as torchattacks computes eps / delta_norms; 0 where eps = 0 (no 0 * inf).
-            factor = torch.minimum(_sample_norms(delta, n).reciprocal() * eps_c, torch.ones_like(eps_c))
+            # The norm of delta laid out as the eager chain's (TensorIterator follows x_adv's layout): ATen reduces in
+            # stride order, so a batch-innermost x_adv summed the contiguous copy in another order (last bit off).
+            delta_eager = delta if x is x_adv else torch.empty_like(x_adv).copy_(delta)
+            factor = torch.minimum(_sample_norms(delta_eager, n).reciprocal() * eps_c, torch.ones_like(eps_c))
             factor = torch.where(eps_c == 0, torch.zeros_like(factor), factor).contiguous()
             launch(_l2_project_kernel)[grid](
                 x, x_nat_c, delta, factor, bounds, hist,
