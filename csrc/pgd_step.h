@@ -273,6 +273,13 @@ inline at::Tensor sample_norms(const at::Tensor& t, int64_t n) {
 // ||grad||_2 + 1e-10 per sample, as torch.norm(grad.reshape(N, -1), p=2, dim=1) + 1e-10 (reference / torchattacks).
 inline at::Tensor grad_norms(const at::Tensor& grad, int64_t n) { return sample_norms(grad, n) + 1e-10; }
 
+// The delta the first L2 pass wrote (contiguous) laid out as x_adv, as the eager chain's x_adv - x_nat is: ATen
+// reduces a norm in stride order, so for an x_adv whose reshape(N, -1) is a strided view (batch innermost) the norm of
+// the contiguous delta differs from the eager one in the last bit.
+inline at::Tensor delta_in_layout_of(const at::Tensor& x_adv, const at::Tensor& delta) {
+  return x_adv.is_contiguous() ? delta : at::empty_like(x_adv).copy_(delta);
+}
+
 // Projection factor per sample: min((1/||delta||) * eps, 1), as torchattacks computes eps / delta_norms (a Python
 // float divided by a tensor is reciprocal(tensor) * float), and 0 where eps = 0 (torchattacks: 0 * inf = NaN for a
 // zero delta). eps: [N] in the opmath dtype.

@@ -170,6 +170,23 @@ def test_grad_with_batch_stride_matches_reference(norm):
     assert_verbose_equal(ours, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["batch_innermost", "transposed_2d"])
+def test_l2_batch_innermost_layout_matches_reference_exactly(dtype, layout):
+    """An x_adv whose reshape(N, -1) is a strided view (batch innermost): the eager chain's delta has x_adv's layout
+    and ATen reduces its norm in stride order; the norm of the kernel's contiguous delta was off in the last bit."""
+    shape = (3, 4, 8, 9) if layout == "batch_innermost" else (300, 4)
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, dtype, seed=11)
+    if layout == "batch_innermost":
+        x_adv, x_nat, grad = (t.permute(3, 0, 1, 2) for t in (x_adv, x_nat, grad))
+    else:
+        x_adv, x_nat, grad = (t.t() for t in (x_adv, x_nat, grad))
+    alpha = alpha[:1].expand(x_adv.shape[0]) * 20  # steps long enough that every sample is projected
+    eps = eps[:1].expand(x_adv.shape[0]).contiguous()
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (-10.0, 10.0), "l2")
+    assert_verbose_equal(ours, ref)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_x_nat_aliasing_x_adv(norm):
     """x_nat may be x_adv itself (the first step without random start); the result equals the unaliased one."""

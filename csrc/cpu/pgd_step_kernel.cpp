@@ -103,7 +103,7 @@ void pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Te
     for_each_sample_run(p.numel, p.per_sample, [&](int64_t s, int64_t begin, int64_t end) {
       l2_delta_run(x + begin, xn + begin, g + begin, end - begin, a[s], gn[s]);
     });
-    const at::Tensor factors = projection_factors(p.x, p.eps, p.n).contiguous();
+    const at::Tensor factors = projection_factors(delta_in_layout_of(x_adv, p.x), p.eps, p.n).contiguous();
     const op_t* f = factors.const_data_ptr<op_t>();
     for_each_sample_run(p.numel, p.per_sample, [&](int64_t s, int64_t begin, int64_t end) {
       l2_project_run(x + begin, xn + begin, out_slot ? out_slot + begin : nullptr, end - begin, f[s], lo, hi);

@@ -115,7 +115,7 @@ void pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::T
     l2_delta_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(x, xn, g, a, gnorm.const_data_ptr<op_t>(), ps,
                                                                    blocks_per_sample);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor factors = projection_factors(p.x, p.eps, p.n).contiguous();
+    const at::Tensor factors = projection_factors(delta_in_layout_of(x_adv, p.x), p.eps, p.n).contiguous();
     l2_project_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(x, xn, factors.const_data_ptr<op_t>(), out_slot,
                                                                      ps, blocks_per_sample, lo, hi);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
