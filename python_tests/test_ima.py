@@ -164,6 +164,29 @@ def test_channels_last_model_compacted_equals_masked_bitwise():
     assert torch.equal(a, b)
 
 
+def test_channels_last_inputs_run_every_forward_in_their_layout_and_compaction_changes_no_bit():
+    # Images loaded height-width-channel and permuted (or stacked by a loader) arrive channels_last. Gathers, masks
+    # and padding give contiguous batches, so the compacted form ran NCHW forwards, the masked one channels_last
+    # ones, and the probe measured the latter: an NCHW model gave all 37 points 1-2e-7 apart.
+    torch.manual_seed(0)
+    model = TinyCNN(3, 3).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    x = torch.rand(37, 12, 12, 3).permute(0, 3, 1, 2)  # channels_last strides, as from HWC images
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y = model(x).argmax(1)
+    margin = torch.rand(37, generator=torch.Generator().manual_seed(1)) * 3
+    layouts = []
+    hook = model.register_forward_pre_hook(lambda m, args: layouts.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    a, ca = gen_adv(model, x, y, margin, steps=8, search_steps=6)
+    hook.remove()
+    assert layouts and all(layouts)  # the probe's forwards and GenAdv's
+    b, cb = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6)
+    assert torch.equal(ca, cb) and bool(ca.any()) and not bool(ca.all())
+    assert torch.equal(a, b)
+
+
 def test_min_rows_pads_forwards_without_changing_results():
     model, x, y, margin = make_problem(n=12, seed=1)
     # Default: padded to a measured batch-invariant size (unpadded, a batch of one row can take another path).

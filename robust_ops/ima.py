@@ -300,6 +300,9 @@ class _Problem:
                 raise ValueError(f"{name}: expected y with batch size {x.shape[0]}, got "
                                  f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
         self.name, self.model, self.x, self.y = name, model, x.detach(), y
+        # Every forward runs in x's layout (the one batch_invariant_sizes probes): gathers, masks and padding return
+        # contiguous batches, and a channels_last x then ran masked and compacted forwards in different layouts.
+        self.memory_format = output_memory_format(x)
         self.margin = per_sample(name, "margin", margin, x)
         check_linf_budget(name, norm, self.margin, clip_min, clip_max, arg="margin")
         self.norm, self.algorithm = norm, algorithm
@@ -360,7 +363,7 @@ class _Problem:
             xs = xs.detach().requires_grad_(True)
         with torch.set_grad_enabled(grad):
             rows = torch.cat([xs, xs.detach()[:1].expand((pad,) + tuple(xs.shape[1:]))]) if pad > 0 else xs
-            out = self.model(rows)
+            out = self.model(rows.contiguous(memory_format=self.memory_format))
             return xs, (out[:n] if pad > 0 else out)
 
     def gradient(self, xs, out, y, weight, counter):
