@@ -640,6 +640,25 @@ def test_segmentation_properties(classes, norm, algorithm):
     assert torch.equal(masked[0], x_adv) and torch.equal(masked[1], crossed)
 
 
+def test_own_criterion_with_the_default_loss_takes_any_integer_labels():
+    # The default cross-entropy takes int64 targets only: with a criterion of one's own, int32 labels (a dataset's
+    # numpy int32) failed inside it ("expected target dtype to be Long or Byte, but got Int"), in gen_adv and IMA.
+    model, x, y, margin = make_problem()
+    criterion = lambda out, y: out.argmax(1) == y  # noqa: E731
+    ref, ref_crossed = gen_adv(model, x, y, margin, is_correct=criterion)
+    ref_loss = IMA(num_samples=12, is_correct=criterion)(model, x, y, torch.arange(12)).loss
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        got, crossed = gen_adv(model, x, y.to(dtype), margin, is_correct=criterion)
+        assert torch.equal(got, ref) and torch.equal(crossed, ref_crossed)
+        loss = IMA(num_samples=12, is_correct=criterion)(model, x, y.to(dtype), torch.arange(12)).loss
+        assert torch.equal(loss, ref_loss)
+    # Float labels are refused by name, as with the default criterion (cross-entropy failed on them too).
+    for run in (lambda: gen_adv(model, x, y.double(), margin, is_correct=criterion),
+                lambda: IMA(num_samples=12, is_correct=criterion)(model, x, y.double(), torch.arange(12))):
+        with pytest.raises(TypeError, match=r"expected y to be an integer tensor of class labels, got torch.float64"):
+            run()
+
+
 def test_default_criterion_and_loss_with_segmentation_name_the_option_to_pass():
     # The defaults are for classifiers: the loss failed inside cross-entropy ("Target 1 is out of bounds") for binary
     # logits and named a loss_fn never passed for multi-class ones; IMA named an is_correct never passed.

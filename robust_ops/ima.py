@@ -146,6 +146,13 @@ def _check_default_labels(name, y):
                          f"and {_SEGMENTATION_CHOICE['loss_fn']}")
 
 
+def _class_labels_expected(is_correct, loss_fn, y):
+    """Whether y must be class labels [N] (made int64 by check_inputs): for the default criterion, and for the
+    default loss (cross-entropy takes int64 targets only; an int32 y failed inside it with "expected target dtype to
+    be Long") unless y is masks, whose classifier loss the output check names."""
+    return is_correct is None or (loss_fn is None and not segmentation_masks(y))
+
+
 def _flat(t):
     """[N, ...] -> [N, D]; unlike reshape(N, -1), also for an empty batch (N = 0)."""
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))
@@ -293,6 +300,7 @@ class _Problem:
         check_gradients_possible(name)
         if is_correct is None:
             _check_default_labels(name, y)
+        if _class_labels_expected(is_correct, loss_fn, y):
             y = check_inputs(name, x, y, clip_min, clip_max)  # as int64: cross-entropy takes no other label type
         else:
             check_inputs(name, x, None, clip_min, clip_max)
@@ -1114,7 +1122,7 @@ class IMA(Defense):
                              f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
         if self._is_correct is None:
             _check_default_labels("IMA", y)
-        if self._is_correct is None and self._loss_fn is None:
+        if _class_labels_expected(self._is_correct, self._loss_fn, y):
             # class labels [N] (int64), checked before the clean loss, whose own error names neither IMA nor y
             y = check_inputs("IMA", x, y, self.clip_min, self.clip_max)
         self._resolve(x)
