@@ -35,7 +35,7 @@ from .attacks.context import (
     predict_from_output,
 )
 from .attacks.core import check_labels_against, check_linf_budget, check_norm, per_sample, sample_distance
-from .defenses._common import distributed_run
+from .defenses._common import ONE_SAMPLE_BATCH_NORM, distributed_run
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
 
@@ -1009,6 +1009,28 @@ def _check_init_margin(init_margin, eps_train):
                          f"init_margin={init_margin!r} > eps_train={eps_train!r}")
 
 
+def _adversarial_output(model, x, x_adv, sel):
+    """f(x~) of the clean-correct samples ``sel`` in the model's (training) mode. One sample alone meets a
+    training-mode batch-norm layer on a 1x1 map (vgg16 and densenet121 at 28x28, a BatchNorm1d head) as one value
+    per channel, which torch refuses, so a batch with one clean-correct sample stopped training: that sample is then
+    forwarded inside its batch (the other rows clean, their outputs dropped), after the batch-norm buffers that the
+    failed forward moved are put back. Not under DDP, where a second forward would unbalance the collectives."""
+    if sel.numel() != 1 or x.shape[0] < 2 or distributed_run():
+        return model(x_adv)
+    buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+               for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        return model(x_adv)
+    except ValueError as err:
+        if not buffers or not str(err).startswith(ONE_SAMPLE_BATCH_NORM):
+            raise
+    with torch.no_grad():
+        for b, value in zip(buffers, saved):
+            b.copy_(value)
+    return model(x.detach().index_copy(0, sel, x_adv)).index_select(0, sel)
+
+
 class IMA(Defense):
     r"""Increasing-Margin Adversarial training (Algorithm 1 for one mini-batch; Ma & Liang).
 
@@ -1163,7 +1185,7 @@ class IMA(Defense):
             # training-mode BatchNorm1d refuses a batch of one, which the single-process run never forwards).
             l1 = l0 + 0 * _loss_result("IMA", loss_fn(model(x), y), x.shape[0]).sum()
         if sel.numel():
-            out_adv = model(x_adv)
+            out_adv = _adversarial_output(model, x, x_adv, sel)
             l1_sel = _loss_result("IMA", loss_fn(out_adv, ys), sel.numel())
             l1 = l0.index_put((sel,), l1_sel)
             adv_ok = _criterion_result("IMA", criterion(out_adv.detach(), ys), sel.numel())

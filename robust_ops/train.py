@@ -46,6 +46,7 @@ from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
+from .defenses._common import ONE_SAMPLE_BATCH_NORM
 from .defenses.base import _as_tuples, _plain
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -815,7 +816,7 @@ def fit(
                         try:
                             out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
                         except ValueError as err:
-                            if x.shape[0] == 1 and str(err).startswith(_ONE_SAMPLE_BATCH_NORM):
+                            if x.shape[0] == 1 and str(err).startswith(ONE_SAMPLE_BATCH_NORM):
                                 raise ValueError(_one_sample_batch_message(
                                     name, len(train_data), batch_size, global_n, world, f"epoch {epoch + 1}, step "
                                     f"{step + 1}")) from None
@@ -1032,10 +1033,6 @@ class _OneProcessFailures:
         except Exception:  # noqa: BLE001 -- this process's own error matters more than the record of it
             pass
         return False
-
-
-# torch's error when a training-mode batch-norm layer gets one value per channel (a batch of one sample)
-_ONE_SAMPLE_BATCH_NORM = "Expected more than 1 value per channel when training"
 
 
 def _one_sample_batch_message(name, num_samples, batch_size, global_n, world, where):
