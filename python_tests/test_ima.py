@@ -789,6 +789,15 @@ def test_margin_table_errors():
         table.get(torch.tensor([3, 3]))
     with pytest.raises(TypeError, match="MarginTable: expected ids to be an integer tensor"):
         table.get(torch.tensor([1.0]))
+    with pytest.raises(TypeError, match="MarginTable: expected ids to be an integer tensor of dataset ids, got "
+                                        "torch.bool"):
+        table.get(torch.tensor([True, False]))  # would read as ids 1 and 0
+    # Every integer dtype is an id tensor: int8 and the unsigned ones (numpy uint32 index arrays) were refused by a
+    # message that asked for the integer tensor it got.
+    spread = MarginTable(10, 0.1, 1.0)
+    spread.margins.copy_(torch.arange(10) / 10)
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+        assert torch.equal(spread.get(torch.tensor([7, 2]).to(dtype)), spread.margins[[7, 2]]), dtype
     with pytest.raises(ValueError, match="MarginTable: expected init_margin to be a finite number >= 0, got -1"):
         MarginTable(10, -1, 1.0)
     with pytest.raises(ValueError, match="MarginTable: expected init_margin <= max_margin"):

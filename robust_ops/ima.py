@@ -865,7 +865,8 @@ class MarginTable:
 
     def check_ids(self, ids, name="MarginTable"):
         """ids as an int64 tensor on the table's device; errors for non-integer, out-of-range or duplicate ids."""
-        if not torch.is_tensor(ids) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        # any integer dtype (int8 or numpy's uint32 index arrays too); bool would read as ids 0 and 1
+        if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"{name}: expected ids to be an integer tensor of dataset ids, got "
                             f"{getattr(ids, 'dtype', type(ids).__name__)}")
         if ids.dim() != 1:
