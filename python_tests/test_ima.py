@@ -1501,6 +1501,24 @@ def test_ima_forwards_a_lone_clean_correct_sample_inside_its_batch_when_batch_no
     assert int(model[1].num_batches_tracked) == 2
 
 
+def test_train_mode_compaction_down_to_one_sample_under_batch_norm_names_the_options():
+    """model_mode="train" with compaction: a working batch down to one sample met a BatchNorm1d head with torch's
+    "Expected more than 1 value per channel when training", which named neither gen_adv nor the compaction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pred = model.train()(x).argmax(1)
+    y = (pred + 1) % 3
+    y[0] = pred[0]  # one sample correct at x: the working batch is that sample alone after the first forward
+    with pytest.raises(ValueError, match=r"^gen_adv: a training-mode batch-norm layer cannot normalize a forward of 1 "
+                                         r"sample .*; use model_mode='eval' \(the default\), or compact=False on "
+                                         r"batches of 2 or more$"):
+        gen_adv(model, x, y, 1.0, steps=3, search_steps=2, model_mode="train")
+    gen_adv_masked(model, x, y, 1.0, steps=3, search_steps=2, model_mode="train")  # every forward has 6 rows
+    gen_adv(model, x, y, 1.0, steps=3, search_steps=2)  # eval mode: running statistics
+
+
 def test_margin_table_edge_values():
     table = MarginTable(6, 1.0, 1.0)  # init_margin may equal max_margin
     with pytest.raises(IndexError, match=r"MarginTable: ids must lie in \[0, 6\) .* got ids in \[-1, 2\]"):

@@ -371,7 +371,15 @@ class _Problem:
             xs = xs.detach().requires_grad_(True)
         with torch.set_grad_enabled(grad):
             rows = torch.cat([xs, xs.detach()[:1].expand((pad,) + tuple(xs.shape[1:]))]) if pad > 0 else xs
-            out = self.model(rows.contiguous(memory_format=self.memory_format))
+            try:
+                out = self.model(rows.contiguous(memory_format=self.memory_format))
+            except ValueError as err:
+                if rows.shape[0] != 1 or not str(err).startswith(ONE_SAMPLE_BATCH_NORM):
+                    raise
+                # model_mode="train": compaction leaves single samples in play, which torch's error did not say
+                raise ValueError(f"{self.name}: a training-mode batch-norm layer cannot normalize a forward of 1 "
+                                 f"sample (a working batch down to its last sample, or a batch of 1); use "
+                                 f"model_mode='eval' (the default), or compact=False on batches of 2 or more") from None
             return xs, (out[:n] if pad > 0 else out)
 
     def gradient(self, xs, out, y, weight, counter):
