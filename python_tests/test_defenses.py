@@ -186,6 +186,18 @@ def test_mirst_beta_of_the_wrong_length():
         MIRST(emit=(2, 12), beta=(0.5, 0.5))
 
 
+@pytest.mark.parametrize("name,flag", [("mirst", "reuse"), ("mirst", "random_start"), ("at", "random_start"),
+                                       ("dpaat", "random_start")])
+def test_defense_flags_must_be_true_or_false(name, flag):
+    """reuse / random_start went through bool(): "no" or "False" (a string from a config or a typo) ran the reuse
+    formulation or a random start without a word. Only True / False (random_start also None: the default) pass."""
+    for bad in ("no", "False", 0, 1):
+        with pytest.raises(TypeError, match=f"{name}: expected {flag} to be True or False.*got {bad!r}"):
+            defenses.build(name, **{flag: bad})
+    assert getattr(defenses.build(name, **{flag: False}), flag) is False
+    assert defenses.build(name, random_start=None).random_start is defenses.defense_class(name).default_random_start
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # DPAAT / AMAT
 

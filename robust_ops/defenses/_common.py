@@ -4,7 +4,7 @@ takes (composed on robust_ops.attacks.core.run_pgd -- no defense has its own PGD
 import torch
 import torch.distributed as dist
 
-from .._options import check_choice, check_int, check_real  # noqa: F401  (the defenses import them from here)
+from .._options import check_choice, check_flags, check_int, check_real  # noqa: F401  (the defenses import them here)
 from ..attacks.context import MODEL_MODES, classification_loss, is_single_logit, two_logits, use_model_mode
 from .base import Defense
 
@@ -76,7 +76,8 @@ class PGDDefense(Defense):
         self.step_size = check_real(n, "step_size", 2.5 * self.eps / self.steps if step_size is None else step_size,
                                     minimum=0)
         self.norm = check_norm(n, self.default_norm if norm is None else norm)  # "Linf" is stored as "linf"
-        self.random_start = bool(self.default_random_start if random_start is None else random_start)
+        check_flags(n, {"random_start": random_start}, optional=("random_start",))  # "no" would have meant True
+        self.random_start = self.default_random_start if random_start is None else random_start
         if self.flat_at_x and not self.random_start:
             raise ValueError(f"{n}: expected random_start=True: the attack's objective has a zero gradient at x, so "
                              "from x it would move only along round-off noise or not at all; got random_start=False")

@@ -23,7 +23,7 @@ give the same parameter gradients up to floating-point rounding.
 """
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, check_int, check_real, use_model_mode, unwrap
+from ._common import PGDDefense, check_flags, check_int, check_real, use_model_mode, unwrap
 from .base import DefenseOutput
 
 MIRST_BETA = (0.34, 0.28, 0.22, 0.16)
@@ -55,7 +55,8 @@ class MIRST(PGDDefense):
                              f"emit={emit}), got {len(beta)}: {beta}")
         for b in beta:
             check_real(self.name, "each beta weight", b, minimum=0)
-        self.emit, self.beta, self.reuse = emit, beta, bool(reuse)
+        check_flags(self.name, {"reuse": reuse})  # reuse="no" ran the reuse formulation
+        self.emit, self.beta, self.reuse = emit, beta, reuse
 
     def __call__(self, model, x, y, ids=None):
         weights = [self.alpha * b for b in self.beta]
