@@ -198,6 +198,24 @@ def test_defense_flags_must_be_true_or_false(name, flag):
     assert defenses.build(name, random_start=None).random_start is defenses.defense_class(name).default_random_start
 
 
+def test_mirst_emit_and_beta_as_single_numbers_or_of_the_wrong_type():
+    """emit=8 beta=1 (what --defense-opt gives for one instance) failed with a bare "'int' object is not iterable";
+    beta="0.5" with "could not convert string to float: '.'"; True passed as weight 1.0; a NumPy emit step stayed a
+    NumPy integer, which options() could not record (a resume under another emit went unnoticed)."""
+    one = MIRST(emit=8, beta=1)
+    assert (one.emit, one.beta) == ((8,), (1.0,))
+    with pytest.raises(TypeError, match=r"mirst: expected beta to be a number or a sequence of numbers .*got '0\.5'"):
+        MIRST(emit=8, beta="0.5")
+    with pytest.raises(TypeError, match=r"mirst: expected emit to be a number or a sequence of numbers .*got None"):
+        MIRST(emit=None)
+    with pytest.raises(ValueError, match=r"mirst: expected each beta weight to be a finite number >= 0, got True"):
+        MIRST(beta=(True, 0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"mirst: expected each beta weight to be a finite number >= 0, got '0\.3'"):
+        MIRST(emit=(4,), beta=("0.3",))
+    d = MIRST(emit=(torch.tensor(4).numpy()[()], 8), beta=torch.tensor([0.5, 0.25]))
+    assert d.options()["emit"] == (4, 8) and d.beta == (0.5, 0.25)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # DPAAT / AMAT
 

@@ -22,6 +22,10 @@ and back-propagates the full eq. 2; on models without batch-dependent layers (Gr
 give the same parameter gradients up to floating-point rounding.
 """
 
+import numbers
+
+import torch
+
 from ..attacks.context import classification_loss
 from ._common import PGDDefense, check_flags, check_int, check_real, use_model_mode, unwrap
 from .base import DefenseOutput
@@ -43,18 +47,14 @@ class MIRST(PGDDefense):
     def __init__(self, alpha=1.0, beta=MIRST_BETA, emit=MIRST_EMIT, reuse=True, **attack):
         super().__init__(**attack)
         self.alpha = check_real(self.name, "alpha", alpha, minimum=0)
-        emit = tuple(emit)
-        for e in emit:
-            check_int(self.name, "each emit step", e, minimum=1)
+        emit = tuple(check_int(self.name, "each emit step", e) for e in _numbers(self.name, "emit", emit))
         if not emit or any(b <= a for a, b in zip(emit, emit[1:])) or emit[-1] > self.steps:
             raise ValueError(f"{self.name}: expected emit to be increasing step counts in [1, steps={self.steps}], "
                              f"got {emit}")
-        beta = tuple(float(b) for b in beta)
+        beta = tuple(check_real(self.name, "each beta weight", b, minimum=0) for b in _numbers(self.name, "beta", beta))
         if len(beta) != len(emit):
             raise ValueError(f"{self.name}: expected beta to have {len(emit)} weights (one per emitted iterate, "
                              f"emit={emit}), got {len(beta)}: {beta}")
-        for b in beta:
-            check_real(self.name, "each beta weight", b, minimum=0)
         check_flags(self.name, {"reuse": reuse})  # reuse="no" ran the reuse formulation
         self.emit, self.beta, self.reuse = emit, beta, reuse
 
@@ -101,6 +101,21 @@ class MIRSTDM(MIRST):
                              "defense.prepare_model(model) (robust_ops.replace_maxpool(model, which='first')) first -- "
                              "robust_ops.train.fit does this automatically")
         return super().__call__(model, x, y, ids)
+
+
+def _numbers(name, arg, value):
+    """``value`` (emit or beta) as a tuple; one number is one instance's (the CLI's emit=8 beta=1 gives numbers)."""
+    if torch.is_tensor(value):
+        value = value.tolist()
+    if isinstance(value, numbers.Real):
+        return (value,)
+    try:
+        if isinstance(value, str):
+            raise TypeError
+        return tuple(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected {arg} to be a number or a sequence of numbers (one per emitted iterate), "
+                        f"got {value!r}") from None
 
 
 def _has_drop_max(model):
