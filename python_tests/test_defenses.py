@@ -853,6 +853,18 @@ def test_arfl_feature_map_shapes_per_channel_reduction():
     torch.testing.assert_close(robust_feature_loss(seq, torch.tensor([0]), "sum"), want)
 
 
+def test_arfl_robust_loss_keeps_float64():
+    """robust_feature_loss ran .float() on the features: a float64 model's L_robust came back float32 (6.5e-8 off the
+    float64 value), as TRADES/MART/L_syn did before float32_or_wider. Half-precision features still upcast."""
+    torch.manual_seed(0)
+    f = 3 * torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    got = robust_feature_loss(f, y)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, -torch.sigmoid(f.abs()).flatten(1).mean(1), rtol=1e-15, atol=1e-15)
+    assert robust_feature_loss(f.half(), y).dtype == torch.float32
+
+
 def test_arfl_loss_terms_at_the_crafted_x_adv(crafted):
     """ARFL eq. 5 with r != 1/2 and the "sum" reduction: L = r (L_cls(x) + lam L_rob(x)) + (1 - r) (L_cls(x_adv) +
     lam L_rob(x_adv)), L_rob read from the LAST conv layer's output at each term's own input, x_adv from the

@@ -21,21 +21,21 @@ import torch
 from torch import nn
 
 from ..attacks.context import classification_loss, num_classes_of
-from ._common import PGDDefense, check_choice, check_real, unwrap
+from ._common import PGDDefense, check_choice, check_real, float32_or_wider, unwrap
 from .base import DefenseOutput
 
 
 def robust_feature_loss(features, y, channel_reduction="mean"):
     """Per-sample L_robust (ARFL eq. 1) for features [N, C, H, W] or [N, D] and labels y in {0, 1}."""
-    sign = (2 * y - 1).to(features.dtype)
-    f = features.float()
+    f = float32_or_wider(features)  # half precision upcast, float64 kept
+    sign = (2 * y - 1).to(f.dtype)
     if f.dim() == 2:
         f = f[:, None, None, :]
     elif f.dim() == 3:
         f = f[:, :, None, :]
     if channel_reduction == "sum":
         f = f.sum(1, keepdim=True)
-    corr = torch.sigmoid((f * sign.float().view(-1, 1, 1, 1)).abs())
+    corr = torch.sigmoid((f * sign.view(-1, 1, 1, 1)).abs())
     return -corr.flatten(1).mean(1)
 
 
