@@ -178,6 +178,46 @@ def test_mirst_reuse_gives_the_plain_formulation_gradients(eval_bn):
     _assert_mirst_reuse_matches_plain(model, **kwargs)
 
 
+def test_mirst_reuse_trains_a_model_with_a_parameter_its_forward_does_not_use():
+    """The reuse formulation asked autograd for every trainable parameter's gradient at each instance: a model with a
+    parameter its forward does not use (a spare head) failed with torch's "The differentiated Tensor at index 3
+    appears to not have been used in the graph", where reuse=False and every other defense train. That parameter's
+    instance gradient is now None, so fit leaves its .grad as in the plain formulation (weight decay does not move it)
+    and both formulations take the same step."""
+    from robust_ops.train import fit
+    from torch.utils.data import TensorDataset
+
+    class SpareHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.spare = GNNet(num_classes=3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.net(x)
+
+    x, y = _batch(6, num_classes=3)
+    res = defenses.MIRST(steps=4, emit=(2, 4), beta=(0.5, 0.5)).attack(SpareHead(), x, y, steps=4,
+                                                                       param_grad_weights={2: 0.5, 4: 0.5})
+    assert [g is None for g in res.param_grads][-2:] == [True, True] and res.param_grads[0] is not None
+    with torch.autocast("cpu", dtype=torch.float16):  # the loss-scaled backward (InputGradScale) too
+        res = defenses.MIRST(steps=4, emit=(2, 4), beta=(0.5, 0.5)).attack(SpareHead(), x, y, steps=4,
+                                                                           param_grad_weights={2: 0.5, 4: 0.5})
+    assert [g is None for g in res.param_grads][-2:] == [True, True] and res.param_grads[0] is not None
+    trained = {}
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        model = SpareHead()
+        spare = [p.detach().clone() for p in model.spare.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+        defense = defenses.MIRST(steps=4, emit=(2, 4), beta=(0.5, 0.5), reuse=reuse)
+        model = fit(model, defense, TensorDataset(x, y), epochs=1, batch_size=6, optimizer=optimizer,
+                    progress=False).model
+        assert all(torch.equal(a, b) for a, b in zip(spare, model.spare.parameters()))
+        trained[reuse] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(trained[True], trained[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_mirst_beta_of_the_wrong_length():
     with pytest.raises(ValueError, match=r"mirst: expected beta to have 4 weights \(one per emitted iterate, "
                                          r"emit=\(2, 4, 6, 8\)\), got 3"):

@@ -134,8 +134,9 @@ def test_float32_is_the_plain_autograd_grad(monkeypatch):
     model, (x, y) = Threshold(k=5.0).eval(), confident_data(offset=0.1)
     kw = dict(param_grad_weights={0: 1.0, 10: 0.25}, random_start=True, generator=torch.Generator().manual_seed(3))
     got = pgd(model, x, y, **kw)
-    monkeypatch.setattr(InputGradScale, "grad", lambda self, objective, inputs, create_graph=False:
-                        torch.autograd.grad(objective, list(inputs), create_graph=create_graph))
+    monkeypatch.setattr(InputGradScale, "grad", lambda self, objective, inputs, create_graph=False, allow_unused=False:
+                        torch.autograd.grad(objective, list(inputs), create_graph=create_graph,
+                                            allow_unused=allow_unused))
     kw["generator"] = torch.Generator().manual_seed(3)
     ref = pgd(model, x, y, **kw)
     assert torch.equal(got.x_adv, ref.x_adv)

@@ -1071,7 +1071,9 @@ def _snapshot(state):
 
 
 def _any_non_finite(tensors):
-    """A 0-d bool tensor: does any of ``tensors`` (or None) hold a NaN or Inf (one device sync for all of them)."""
+    """A 0-d bool tensor: does any of ``tensors`` (or None; None entries -- MIRST's extra gradient of a parameter
+    no forward used -- skipped) hold a NaN or Inf (one device sync for all of them)."""
+    tensors = [t for t in tensors or () if t is not None]
     if not tensors:
         return torch.tensor(False)
     return torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
@@ -1094,13 +1096,19 @@ def _add_extra_grads(name, params, extra_grads, scale, world):
         raise ValueError(f"{name}: the defense returned {len(extra_grads)} extra gradients for {len(params)} trainable "
                          f"parameters; expected {order}")
     for i, (p, g) in enumerate(zip(params, extra_grads)):
+        if g is None:  # a parameter the adversarial terms did not reach: its .grad stays as the loss left it
+            continue
         if not torch.is_tensor(g) or g.shape != p.shape:  # add_ would broadcast a [1] or [C] tensor silently
             got = f"shape {tuple(g.shape)}" if torch.is_tensor(g) else type(g).__name__
             raise ValueError(f"{name}: the defense's extra gradient {i} has {got}, its parameter shape "
                              f"{tuple(p.shape)}; expected {order}")
-    extra = [g.detach() * scale if scale != 1.0 else g.detach().clone() for g in extra_grads]
+    if world > 1:  # one all-reduce of the same layout in every process (DDP refuses unused parameters anyway)
+        extra_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, extra_grads)]
+    extra = [None if g is None else g.detach() * scale if scale != 1.0 else g.detach().clone() for g in extra_grads]
     _all_reduce_mean_(extra, world)
     for p, g in zip(params, extra):
+        if g is None:
+            continue
         if p.grad is None:
             p.grad = g.to(p.dtype)
         else:

@@ -245,19 +245,21 @@ class InputGradScale:
         self.value = self.initial
         self.retries = 0  # backwards redone after an overflow (tests, benchmarks)
 
-    def grad(self, objective, inputs, create_graph=False):
+    def grad(self, objective, inputs, create_graph=False, allow_unused=False):
+        """allow_unused: None for an input the objective does not depend on (torch.autograd.grad's)."""
         inputs = list(inputs)
         if not fp16_autocast(inputs[0].device.type):
-            return torch.autograd.grad(objective, inputs, create_graph=create_graph)
+            return torch.autograd.grad(objective, inputs, create_graph=create_graph, allow_unused=allow_unused)
         # a float16 objective times 2**16 would overflow before any backward (float64 stays float64)
         objective = objective.to(torch.promote_types(objective.dtype, torch.float32))
         while True:
             scale = self.value
             # retain_graph: an overflow redoes this backward at a smaller scale
-            grads = torch.autograd.grad(objective * scale, inputs, retain_graph=True, create_graph=create_graph)
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            grads = torch.autograd.grad(objective * scale, inputs, retain_graph=True, create_graph=create_graph,
+                                        allow_unused=allow_unused)
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all())
             if finite or scale <= 1.0:
-                return tuple(g / scale for g in grads) if scale != 1.0 else grads
+                return tuple(None if g is None else g / scale for g in grads) if scale != 1.0 else grads
             self.value = scale / 2
             self.retries += 1
 

@@ -42,7 +42,8 @@ class PGDResult:
     x_adv: the final iterate [N, ...].
     iterates: [len(emit), N, ...] with ``iterates[j]`` the iterate after ``emit[j]`` steps (None without emit).
     param_grads: sum over ``param_grad_weights`` of ``w * d(loss)/d(theta)`` at those iterates, in the order of
-        ``[p for p in model.parameters() if p.requires_grad]`` (None without param_grad_weights).
+        ``[p for p in model.parameters() if p.requires_grad]``, None for a parameter no forward used (None without
+        param_grad_weights).
     emitted_losses: the attack loss (unweighted, as a float) at each iterate of ``param_grad_weights``, in
         increasing iterate order (None without param_grad_weights).
     """
@@ -354,7 +355,7 @@ def run_pgd(
         clip_min, clip_max (float): valid input range. model_mode: "eval" (default), "train" or "keep".
         param_grad_weights (dict {j: w}): also accumulate ``w * d(loss)/d(theta)`` at the iterate after j steps
             (j in [0, steps]) from the same backward pass the attack does there (one extra forward/backward for
-            j == steps). Parameter ``.grad`` is never touched.
+            j == steps). Parameter ``.grad`` is never touched; a parameter the forward does not use gets None.
         generator (torch.Generator): for the random start.
         grad_transform (callable ``(grad, t) -> Tensor``): what the step ``t`` (0-based) moves along instead of the
             input gradient ``grad`` (same shape; e.g. MI-FGSM's momentum, input-gradient smoothing): attacks that
@@ -387,6 +388,7 @@ def run_pgd(
                              f"got {param_grad_weights!r}")
         params = [p for p in model.parameters() if p.requires_grad]  # before attack_context turns them off
         param_grads = [torch.zeros_like(p) for p in params]
+        reached = [False] * len(params)  # parameters the forward never uses keep None, as .grad would after backward
         emitted_losses = []
     else:
         params, param_grads, emitted_losses = None, None, None
@@ -430,11 +432,15 @@ def run_pgd(
                         checked = True
                     objective = attack_loss(out, y, loss, targeted, kappa)
                     if want_params:
-                        grads = grad_scale.grad(objective, [xg] + params)
+                        grads = grad_scale.grad(objective, [xg] + params, allow_unused=True)
                         grad = grads[0]
+                        if grad is None:  # without param_grad_weights torch's own error says so
+                            raise RuntimeError(f"{name}: the model's output does not depend on its input x")
                         w = float(param_grad_weights[t])
-                        for acc, g in zip(param_grads, grads[1:]):
-                            acc.add_(g, alpha=w)
+                        for i, g in enumerate(grads[1:]):
+                            if g is not None:
+                                param_grads[i].add_(g, alpha=w)
+                                reached[i] = True
                         emitted_losses.append(float(objective.detach()))
                     else:
                         (grad,) = grad_scale.grad(objective, [xg])
@@ -464,4 +470,6 @@ def run_pgd(
                 x_adv, x_nat, grad, alpha_t, eps_t, clip_min=clip_min, clip_max=clip_max, norm=norm,
                 history=iterates if slot is not None else None, slot=slot if slot is not None else 0,
             )
+    if param_grads is not None:
+        param_grads = [g if used else None for g, used in zip(param_grads, reached)]
     return PGDResult(x_adv, iterates, param_grads, emitted_losses)

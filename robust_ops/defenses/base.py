@@ -12,7 +12,8 @@ class DefenseOutput:
     loss: the scalar the trainer calls ``.backward()`` on.
     logits: clean logits when the defense computed them (used for the training accuracy), else None.
     extra_grads: parameter gradients computed already (MIRST's reuse of the attack's backward passes), in the order
-        of ``[p for p in model.parameters() if p.requires_grad]``; the trainer adds them to ``.grad``. None if unused.
+        of ``[p for p in model.parameters() if p.requires_grad]``; the trainer adds them to ``.grad`` (an entry None:
+        that parameter's ``.grad`` is left as the loss's backward made it). None if unused.
     metrics: numbers (floats or one-element tensors) for the progress bar and the metrics CSV; fit refuses others.
     """
 
