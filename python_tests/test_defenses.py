@@ -1058,6 +1058,25 @@ def test_dpaat_radii_come_from_the_first_attack_loss_changes_and_norms(crafted, 
     torch.testing.assert_close(out.loss.detach(), expected_loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["dpaat", "amat"])
+def test_dpaat_and_amat_radii_keep_float64(crafted, name):
+    """The radius rules read losses and norms through .float(): a float64 model's radii were float32 arithmetic
+    (DPAAT's 4.7e-8 off eq. 15 in float64), as ARFL's L_robust and TRADES's KL were."""
+    model, x, y = _model_and_batch(num_classes=2, n=8, sharp=30.0)
+    model, x = model.double(), x.double()
+    defenses.build(name, steps=2)(model, x, y)
+    first = crafted[0][1].x_adv
+    with torch.no_grad():
+        adv, clean = (F.cross_entropy(model(v), y, reduction="none") for v in (first, x))
+    norms = (first - x).flatten(1).norm(dim=1)
+    if name == "dpaat":
+        expected = DPAAT(steps=2).radii(norms, adv - clean)
+    else:
+        expected = torch.where(adv < math.log(2.0), torch.full_like(norms, 0.45), 0.5 * (0.3 + norms))
+    assert expected.dtype == crafted[1][0]["eps"].dtype == torch.float64
+    torch.testing.assert_close(crafted[1][0]["eps"], expected, rtol=1e-13, atol=1e-15)
+
+
 def test_pgd_settings_reach_the_attack_and_are_checked():
     from robust_ops.defenses._common import unwrap
 

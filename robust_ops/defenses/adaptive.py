@@ -46,9 +46,10 @@ class _AdaptiveRadius(PGDDefense):
 
     def _losses(self, model, y, *inputs):
         """Per-sample losses of each of ``inputs`` in the attack's mode, without gradients (only those the rule
-        reads: a forward in "train" attack mode also moves BatchNorm's running statistics)."""
+        reads: a forward in "train" attack mode also moves BatchNorm's running statistics); float32 or wider, so a
+        float64 model's radii are float64 arithmetic."""
         with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
-            return [per_sample_ce(net(v), y).float() for v in inputs]
+            return [float32_or_wider(per_sample_ce(net(v), y)) for v in inputs]
 
     def _attack_with_radii(self, model, x, y, radii):
         ratio = self.step_size / self.eps if self.eps > 0 else 1.0
@@ -79,7 +80,7 @@ class AMAT(_AdaptiveRadius):
     def __call__(self, model, x, y, ids=None):
         first = self.attack(model, x, y).x_adv
         (adv_losses,) = self._losses(model, y, first)
-        shrunk = 0.5 * (self.eps + sample_distance(first, x, self.norm).float())
+        shrunk = 0.5 * (self.eps + float32_or_wider(sample_distance(first, x, self.norm)))
         radii = torch.where(adv_losses < self.xi, torch.full_like(shrunk, self.eps + self.delta_eps), shrunk)
         x_adv = self._attack_with_radii(model, x, y, radii)
         logits = model(x)
@@ -162,7 +163,7 @@ class DPAAT(_AdaptiveRadius):
     def __call__(self, model, x, y, ids=None):
         first = self.attack(model, x, y).x_adv
         clean_l, adv_l = self._losses(model, y, x, first)
-        radii = self.radii(sample_distance(first, x, self.norm).float(), adv_l - clean_l)
+        radii = self.radii(float32_or_wider(sample_distance(first, x, self.norm)), adv_l - clean_l)
         x_adv = self._attack_with_radii(model, x, y, radii)
         logits = model(x)
         logits_adv = model(x_adv)
