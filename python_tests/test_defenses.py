@@ -905,6 +905,23 @@ def test_arfl_robust_loss_keeps_float64():
     assert robust_feature_loss(f.half(), y).dtype == torch.float32
 
 
+def test_arfl_robust_loss_of_one_feature_per_sample_and_other_shapes():
+    """[N] features (a layer= module with one value per sample) met the [N, 1, 1, 1] sign and broadcast to [N, 1, 1, N]:
+    every sample got the batch's mean term, and "sum" raised IndexError; [N, C, D, H, W] maps failed to broadcast
+    unless C == N; features with another batch size failed inside torch. Now [N] is a 1 x 1 map per sample, any
+    number of spatial dimensions is the map, and a batch mismatch is named."""
+    s = torch.sigmoid
+    y = torch.tensor([0, 1, 1])
+    f = torch.tensor([1.0, -2.0, 3.0])
+    for reduction in ("mean", "sum"):
+        torch.testing.assert_close(robust_feature_loss(f, y, reduction), -s(f.abs()))
+    maps = torch.randn(3, 2, 2, 3, 4)
+    torch.testing.assert_close(robust_feature_loss(maps, y), -s(maps.abs()).flatten(1).mean(1))
+    with pytest.raises(ValueError, match=r"robust_feature_loss: expected features with one row per sample \(3\), "
+                                         r"got shape \(6, 4\)"):
+        robust_feature_loss(torch.randn(6, 4), y)
+
+
 def test_arfl_loss_terms_at_the_crafted_x_adv(crafted):
     """ARFL eq. 5 with r != 1/2 and the "sum" reduction: L = r (L_cls(x) + lam L_rob(x)) + (1 - r) (L_cls(x_adv) +
     lam L_rob(x_adv)), L_rob read from the LAST conv layer's output at each term's own input, x_adv from the

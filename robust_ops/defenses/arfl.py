@@ -14,7 +14,7 @@ the input of the last nn.Linear, i.e. the penultimate layer's features as in ARF
 module with ``layer`` (its output). Channels: ``channel_reduction="mean"`` (default) treats every channel's map as a
 feature map and averages the per-position terms over channels and positions, -(1/CHW) sum_cij sigmoid(|f_cij y|);
 ``"sum"`` first sums the channels (f_ij = sum_c f_cij, as MIRST-DM's residual maps), then applies eq. 1. [N, D]
-features count as a 1 x D map.
+features count as a 1 x D map, [N] features as a 1 x 1 map.
 """
 
 import torch
@@ -26,16 +26,23 @@ from .base import DefenseOutput
 
 
 def robust_feature_loss(features, y, channel_reduction="mean"):
-    """Per-sample L_robust (ARFL eq. 1) for features [N, C, H, W] or [N, D] and labels y in {0, 1}."""
+    """Per-sample L_robust (ARFL eq. 1) for features [N, C, H, W], [N, C, L], [N, D] or [N] (one feature; more
+    spatial dimensions also count as the map) and labels y in {0, 1}."""
     f = float32_or_wider(features)  # half precision upcast, float64 kept
+    y = y.reshape(-1)
+    if f.dim() == 0 or f.shape[0] != y.shape[0]:
+        raise ValueError(f"robust_feature_loss: expected features with one row per sample ({y.shape[0]}), got shape "
+                         f"{tuple(f.shape)}")
     sign = (2 * y - 1).to(f.dtype)
+    if f.dim() == 1:  # a layer= module with one value per sample: a 1 x 1 map (the sign was broadcast across samples)
+        f = f[:, None]
     if f.dim() == 2:
         f = f[:, None, None, :]
     elif f.dim() == 3:
         f = f[:, :, None, :]
     if channel_reduction == "sum":
         f = f.sum(1, keepdim=True)
-    corr = torch.sigmoid((f * sign.view(-1, 1, 1, 1)).abs())
+    corr = torch.sigmoid((f * sign.view(-1, *[1] * (f.dim() - 1))).abs())
     return -corr.flatten(1).mean(1)
 
 
