@@ -321,6 +321,19 @@ def test_synchronization_loss_forms():
     assert bool((synchronization_loss(z, w, "js") > 0).all())
 
 
+def test_dpaat_guard_zero_and_an_exact_zero_mean_loss_change():
+    """guard=0 is accepted, but |dL_avg| < 0 never held: a batch whose loss changes average exactly 0 (a model the
+    first attack cannot move, eps=0) gave gamma = 0/0, NaN radii, and run_pgd's "expected every eps to be finite"
+    mid-training. An exact 0 now keeps the radii at the norms, as the guard does."""
+    norms = torch.tensor([0.1, 0.2])
+    torch.testing.assert_close(DPAAT(guard=0).radii(norms, torch.zeros(2)), norms)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()  # the loss does not depend on x: every dL is 0
+    x, y = _batch(4)
+    assert DPAAT(steps=2, guard=0)(model, x, y).metrics["radius_mean"] == 0.0
+
+
 def test_amat_and_dpaat_use_per_sample_radii():
     torch.manual_seed(0)
     model = GNNet()

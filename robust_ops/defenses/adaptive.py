@@ -115,7 +115,7 @@ class DPAAT(_AdaptiveRadius):
     eps_i (Alg. 1 line 12).
 
     Choices (docs/defenses/dpaat.md): |dL_avg| in the denominator (so a negative mean does not flip the rule);
-    |dL_avg| < guard -> gamma = 0 (radius unchanged); a negative radius means no perturbation (eps_i = 0);
+    |dL_avg| < guard (or 0) -> gamma = 0 (radius unchanged); a negative radius means no perturbation (eps_i = 0);
     max_radius (None: no cap, as in the paper) caps eps_i; reference="batch" (eq. 14) or "running" (an exponential
     running mean of dL_avg over batches, momentum 0.1 -- the epoch-wide V of eq. 13); syn="js" (default) or "printed"
     (see synchronization_loss). beta = 1 (the paper leaves it tunable). State (checkpointed): the running mean, the
@@ -150,7 +150,7 @@ class DPAAT(_AdaptiveRadius):
             self._running_dl = (1 - self.momentum) * self._running_dl + self.momentum * batch_avg
         self._num_batches += 1
         avg = batch_avg if self.reference == "batch" else self._running_dl
-        if abs(avg) < self.guard:
+        if abs(avg) < self.guard or avg == 0:  # an exact 0 under guard=0 made 0/0 NaN radii
             gamma = torch.zeros_like(delta_losses)
         else:
             gamma = self.eps * (delta_losses - avg).abs() / abs(avg)
