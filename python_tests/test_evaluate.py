@@ -733,6 +733,23 @@ def test_predictions_use_eval_mode_and_the_label_tensor_of_a_dataset():
     assert torch.equal(got_x, x) and torch.equal(got_y, y)
 
 
+def test_a_map_style_dataset_keeps_its_labels_for_the_label_rule():
+    # its labels went through int(): a float label 1.4 was evaluated as class 1, a one-hot one was a traceback
+    import numpy as np
+
+    x, y = torch.rand(6, 1, 12, 12), torch.tensor([0, 1, 0, 1, 1, 0])
+    model = tiny_model()
+    floats = [(x[i], float(y[i]) + 0.4) for i in range(6)]
+    with pytest.raises(EvalError, match="data: expected integer class labels, got labels of dtype torch.float"):
+        evaluate(model, floats, INFO, attacks="fgsm", eps=[0.1])
+    onehot = [(x[i], nn.functional.one_hot(y[i], 2)) for i in range(6)]
+    with pytest.raises(EvalError, match=r"shape \(6, 2\).*pass their argmax\(1\)"):
+        evaluate(model, onehot, INFO, attacks="fgsm", eps=[0.1])
+    want = evaluate(model, TensorDataset(x, y), INFO, attacks="fgsm", eps=[0.1])
+    for labels in ([int(v) for v in y], [np.array([int(v)]) for v in y]):  # MedMNIST items hold [1]-arrays
+        assert evaluate(model, list(zip(x, labels)), INFO, attacks="fgsm", eps=[0.1]) == want
+
+
 def test_attack_option_given_twice_is_refused():
     # pgd:steps=3:steps=4 used to run steps=4 and drop steps=3 without a word
     with pytest.raises(EvalError, match="option 'steps' of 'pgd' is given twice"):

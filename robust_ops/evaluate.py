@@ -320,7 +320,9 @@ def dataset_tensors(dataset):
     if hasattr(dataset, "tensors"):
         return dataset.tensors[0], dataset.tensors[1]
     items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([torch.as_tensor(i[0]) for i in items]), torch.as_tensor([int(i[1]) for i in items])
+    # labels as they are, for evaluate's label rule: int() turned a float label 1.4 into 1 without a word and
+    # failed on a one-hot label with "only one element tensors can be converted"
+    return torch.stack([torch.as_tensor(i[0]) for i in items]), torch.stack([torch.as_tensor(i[1]) for i in items])
 
 
 @torch.no_grad()
