@@ -414,9 +414,10 @@ def test_empty_split_is_refused():
     info3 = DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c"))
     empty = TensorDataset(torch.rand(0, 1, 12, 12), torch.zeros(0, dtype=torch.long))
     for model, info in ((TinyCNN(1, 3, width=4), info3), (tiny_model(), INFO)):
-        with pytest.raises(EvalError, match="no samples") as err:
-            evaluate(model, empty, info, attacks="fgsm", eps=[0.1])
-        assert err.value.arg == "split"
+        for data in (empty, []):  # an empty map-style dataset was torch.stack's "expects a non-empty TensorList"
+            with pytest.raises(EvalError, match="no samples") as err:
+                evaluate(model, data, info, attacks="fgsm", eps=[0.1])
+            assert err.value.arg == "split"
 
 
 def test_non_finite_inputs_and_outputs_are_refused():

@@ -320,6 +320,8 @@ def dataset_tensors(dataset):
     if hasattr(dataset, "tensors"):
         return dataset.tensors[0], dataset.tensors[1]
     items = [dataset[i] for i in range(len(dataset))]
+    if not items:  # torch.stack of nothing is a traceback; evaluate refuses the empty split by name
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
     # labels as they are, for evaluate's label rule: int() turned a float label 1.4 into 1 without a word and
     # failed on a one-hot label with "only one element tensors can be converted"
     return torch.stack([torch.as_tensor(i[0]) for i in items]), torch.stack([torch.as_tensor(i[1]) for i in items])
