@@ -693,8 +693,9 @@ def test_evaluate_batches_every_forward_and_checks_batch_size():
     model.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
     rows = evaluate(model, data, INFO, attacks="pgd:steps=2", eps=[8 / 255], batch_size=4)
     assert max(sizes) == 4 and rows[0]["n"] == rows[1]["n"] == 11
-    with pytest.raises(EvalError, match="batch_size: expected >= 1, got 0"):
-        evaluate(model, data, INFO, attacks="fgsm", eps=[0.1], batch_size=0)
+    for bad in (0, 2.5, "4", None, True):  # non-integers were TypeErrors from deep inside (split, range, <)
+        with pytest.raises(EvalError, match=f"batch_size: expected batch_size to be an integer >= 1, got {bad!r}"):
+            evaluate(model, data, INFO, attacks="fgsm", eps=[0.1], batch_size=bad)
 
 
 def test_predict_batches_covers_the_last_partial_batch_and_refuses_any_non_finite_score():
