@@ -718,6 +718,32 @@ def test_predict_batches_covers_the_last_partial_batch_and_refuses_any_non_finit
         predict_batches(OneInfinite(), torch.rand(3, 1, 2, 2))
 
 
+class _TupleOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(144, 2)
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        return out, out
+
+
+class _OneRowPerBatch(_TupleOutput):
+    def forward(self, x):
+        return self.fc(x.flatten(1)).mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("model, match", [
+    (_TupleOutput(), "expected the model to return a logits tensor, got a tuple"),
+    (_OneRowPerBatch(), r"expected the model to output \[N, K\] logits .* for N=24 inputs, got shape \(1, 2\)"),
+])
+def test_a_model_output_that_is_not_one_row_of_logits_per_input_is_an_error_naming_the_model(model, match):
+    # a tuple was "'tuple' object has no attribute 'dim'"; one row per batch failed in the metrics on y_pred
+    with pytest.raises(EvalError, match=f"^model: evaluate: {match}") as err:
+        evaluate(model, tiny_data(), INFO, attacks="fgsm", eps=[0.1])
+    assert err.value.arg == "model"
+
+
 def test_predictions_use_eval_mode_and_the_label_tensor_of_a_dataset():
     from robust_ops.evaluate import dataset_tensors, predict_batches
 

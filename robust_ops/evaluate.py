@@ -42,7 +42,7 @@ import torch
 
 from ._import_path import PATH_HINT, is_import_path
 from ._options import check_int, class_labels
-from .attacks.context import check_attack_output, model_device, predict_from_output, use_model_mode
+from .attacks.context import check_attack_output, check_output, model_device, predict_from_output, use_model_mode
 from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
 SCHEMA = "robust_ops.results/1"
@@ -334,7 +334,12 @@ def predict_batches(model, x, batch_size=256, device="cpu"):
     with use_model_mode(model, "eval"):  # restores each module's own mode (a frozen submodule stays in eval)
         # an empty x still gets one (empty) forward: its output says how many classes the probabilities have
         for start in range(0, max(x.shape[0], 1), batch_size):
-            out = model(x[start:start + batch_size].to(device))
+            xb = x[start:start + batch_size].to(device)
+            out = model(xb)
+            try:  # a tuple output was "'tuple' object has no attribute 'dim'", one row per batch a metrics error
+                check_output("evaluate", out, xb.shape[0])
+            except ValueError as err:
+                raise EvalError("model", str(err)) from None
             preds.append(predict_from_output(out).cpu())
             probs.append(probabilities(out).cpu())
     preds, probs = torch.cat(preds), torch.cat(probs)
