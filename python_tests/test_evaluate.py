@@ -761,6 +761,15 @@ def test_predictions_use_eval_mode_and_the_label_tensor_of_a_dataset():
     assert torch.equal(got_x, x) and torch.equal(got_y, y)
 
 
+@pytest.mark.parametrize("flag", ["cascade", "ensemble"])
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_cascade_and_ensemble_take_only_true_or_false(flag, value):
+    # ensemble="false" (truthy) ran the ensemble; cascade="no" ran the cascade
+    with pytest.raises(EvalError, match=f"evaluate: expected {flag} to be True or False, got {value!r}") as err:
+        evaluate(tiny_model(), tiny_data(), INFO, attacks="fgsm", eps=[0.1], **{flag: value})
+    assert err.value.arg == flag
+
+
 def test_a_map_style_dataset_keeps_its_labels_for_the_label_rule():
     # its labels went through int(): a float label 1.4 was evaluated as class 1, a one-hot one was a traceback
     import numpy as np

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ._import_path import PATH_HINT, is_import_path
-from ._options import check_int, class_labels
+from ._options import check_flags, check_int, class_labels
 from .attacks.context import check_attack_output, check_output, model_device, predict_from_output, use_model_mode
 from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
@@ -405,6 +405,11 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         batch_size = check_int("batch_size", "batch_size", batch_size)
     except ValueError as err:
         raise EvalError("batch_size", str(err)) from None
+    for arg, flag in (("cascade", cascade), ("ensemble", ensemble)):  # ensemble="false" is truthy: it ran
+        try:
+            check_flags("evaluate", {arg: flag})
+        except TypeError as err:
+            raise EvalError(arg, str(err)) from None
     x, y = dataset_tensors(dataset)
     try:  # fit's rule: [N] or MedMNIST's [N, 1]; one-hot [N, K] would otherwise fail deep inside the metrics
         y = class_labels("data", y, x.shape[0], what="labels")
