@@ -770,6 +770,13 @@ def test_cascade_and_ensemble_take_only_true_or_false(flag, value):
     assert err.value.arg == flag
 
 
+def test_ensemble_without_cascade_is_refused_not_run_as_a_cascade():
+    # cascade=False was ignored: the ensemble's cascade ran, as robust-ops eval --ensemble --no-cascade refuses
+    with pytest.raises(EvalError, match="cascade: ensemble=True always runs its attacks as a cascade") as err:
+        evaluate(tiny_model(), tiny_data(), INFO, attacks="fgsm,pgd:steps=2", eps=[0.1], cascade=False, ensemble=True)
+    assert err.value.arg == "cascade"
+
+
 def test_a_map_style_dataset_keeps_its_labels_for_the_label_rule():
     # its labels went through int(): a float label 1.4 was evaluated as class 1, a one-hot one was a traceback
     import numpy as np

@@ -13,7 +13,8 @@ Protocol (``evaluate``):
   robust only if no attack fooled it; it takes the input of the first attack that did, else the one with the lowest
   true-class probability;
 * ``ensemble=True`` instead runs the attacks as one AutoAttack-style cascade per radius (each attack only on samples
-  surviving the previous ones, :func:`robust_ops.attacks.ensemble`) and reports only the worst case.
+  surviving the previous ones, :func:`robust_ops.attacks.ensemble`) and reports only the worst case (always a
+  cascade: ``cascade=False`` with it is an error).
 
 Attack specs are strings ``name[:key=value...]``: ``pgd``, ``pgd:steps=50``, ``noise:norm=l2:trials=100``,
 ``pgd:alpha=eps/4``, ``mypkg.attacks.MIFGSM:steps=5`` (your own Attack subclass by dotted import path). Values may
@@ -410,6 +411,9 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
             check_flags("evaluate", {arg: flag})
         except TypeError as err:
             raise EvalError(arg, str(err)) from None
+    if ensemble and not cascade:  # it ran the cascade anyway, as the CLI's --ensemble --no-cascade refusal says
+        raise EvalError("cascade", "cascade: ensemble=True always runs its attacks as a cascade; drop cascade=False "
+                                   "or ensemble=True")
     x, y = dataset_tensors(dataset)
     try:  # fit's rule: [N] or MedMNIST's [N, 1]; one-hot [N, K] would otherwise fail deep inside the metrics
         y = class_labels("data", y, x.shape[0], what="labels")
