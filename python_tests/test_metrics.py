@@ -259,3 +259,28 @@ def test_confident_multiclass_predictions_stay_ranked():
     scores = torch.log_softmax(logits.double(), 1).numpy()  # the same ranking, never saturated here
     assert m["auc"] == pytest.approx(np.mean([skm.roc_auc_score(y == c, scores[:, c]) for c in range(3)]))
     assert m["map"] == pytest.approx(np.mean([skm.average_precision_score(y == c, scores[:, c]) for c in range(3)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, np.float16])
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_half_precision_probabilities_are_taken_as_they_are(dtype, num_classes):
+    """Half of float16 softmax rows sum to 1 only within ~4e-4: they were refused as "not probabilities" (advising
+    probabilities(logits)), and bfloat16 ones failed in numpy with "Got unsupported ScalarType BFloat16"."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % num_classes
+    logits = torch.randn(40, num_classes, generator=g) * 3
+    probs = torch.softmax(logits, 1).to(torch.float16 if dtype is np.float16 else dtype)
+    scores = probs.float().numpy()  # the half-precision values the metrics must rank
+    given = probs.numpy() if dtype is np.float16 else probs
+    assert (np.abs(scores.astype(np.float64).sum(1) - 1) > 1e-4).any()  # the rows the old tolerance refused
+    pred = scores.argmax(1)
+    kwargs = dict(num_classes=num_classes, positive_class=0 if num_classes == 2 else None)
+    m = classification_metrics(y, pred, given, **kwargs)
+    if num_classes == 2:
+        assert m["auc"] == pytest.approx(skm.roc_auc_score(y.numpy() == 0, scores[:, 0]))
+    else:
+        want = np.mean([skm.roc_auc_score(y.numpy() == c, scores[:, c]) for c in range(num_classes)])
+        assert m["auc"] == pytest.approx(want)  # sklearn's multi_class="ovr" refuses half-precision rows
+    with pytest.raises(ValueError, match=r"expected probs to hold class probabilities"):  # logits still refused
+        classification_metrics(y, pred, logits.to(probs.dtype) if torch.is_tensor(given) else logits.half().numpy(),
+                               **kwargs)

@@ -14,7 +14,8 @@ class present. Macro averages run over the classes present in ``y_true`` and ski
 a value.
 
 Labels must be integers in [0, num_classes) and ``probs`` rows of class probabilities (finite, in [0, 1], summing
-to 1: logits would rank the samples otherwise); anything else is a ValueError naming the argument.
+to 1 within 1e-4, or within the machine epsilon of float16 / bfloat16 rows: logits would rank the samples
+otherwise); anything else is a ValueError naming the argument.
 """
 
 import math
@@ -57,8 +58,18 @@ def probabilities(out):
 
 def _as_numpy(a):
     if torch.is_tensor(a):
-        return a.detach().cpu().numpy()
+        a = a.detach().cpu()
+        return (a.float() if a.dtype == torch.bfloat16 else a).numpy()  # numpy has no bfloat16
     return np.asarray(a)
+
+
+def _sum_tolerance(probs):
+    """How far from 1 a row of ``probs`` may sum: 1e-4 covers float32 softmax rows; a float16 / bfloat16 row is off
+    by up to ~0.4 of its machine epsilon (half of float16 softmax rows missed 1e-4, refused as not probabilities)."""
+    if torch.is_tensor(probs) and probs.is_floating_point():
+        return max(1e-4, torch.finfo(probs.dtype).eps)
+    probs = np.asarray(probs)
+    return max(1e-4, float(np.finfo(probs.dtype).eps)) if np.issubdtype(probs.dtype, np.floating) else 1e-4
 
 
 def _labels(name, a, num_classes):
@@ -104,6 +115,7 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         raise ValueError(f"classification_metrics: expected y_true and y_pred of the same shape [N], got "
                          f"{y_true.shape} and {y_pred.shape}")
     if probs is not None:
+        tolerance = _sum_tolerance(probs)
         probs = _as_numpy(probs).astype(np.float64)
         if probs.shape != (len(y_true), num_classes):
             raise ValueError(f"classification_metrics: expected probs of shape [{len(y_true)}, {num_classes}], "
@@ -111,9 +123,8 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         if not np.isfinite(probs).all():
             raise ValueError(f"classification_metrics: probs holds {int((~np.isfinite(probs)).any(1).sum())} "
                              f"row(s) with NaN/Inf")
-        # logits or other scores passed here rank the samples otherwise (AUC and mAP change without a word); the
-        # tolerance covers float32 softmax rows
-        off = (probs < 0).any(1) | (probs > 1).any(1) | (np.abs(probs.sum(1) - 1) > 1e-4)
+        # logits or other scores passed here rank the samples otherwise (AUC and mAP change without a word)
+        off = (probs < 0).any(1) | (probs > 1).any(1) | (np.abs(probs.sum(1) - 1) > tolerance)
         if off.any():
             raise ValueError(f"classification_metrics: expected probs to hold class probabilities (rows in [0, 1] "
                              f"summing to 1), got {int(off.sum())} row(s) that do not; for logits pass "
