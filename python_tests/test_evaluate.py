@@ -777,6 +777,21 @@ def test_ensemble_without_cascade_is_refused_not_run_as_a_cascade():
     assert err.value.arg == "cascade"
 
 
+def test_a_data_loader_or_iterable_dataset_is_refused_naming_the_fix():
+    # a DataLoader failed with "'DataLoader' object is not subscriptable", as it did in fit
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from tiny_data(4)
+
+    loader = torch.utils.data.DataLoader(tiny_data(), batch_size=4)
+    for data, fix in ((loader, r"pass its dataset \(loader.dataset\): evaluate draws the batches itself "
+                               r"\(batch_size=\)"), (Stream(), "wrap the samples in a map-style dataset")):
+        with pytest.raises(EvalError, match=r"evaluate: expected dataset to be a map-style dataset \(len\(\) and "
+                                            rf"data\[i\] -> \(x, y\)\), got {type(data).__name__}; {fix}") as err:
+            evaluate(tiny_model(), data, INFO, attacks="fgsm", eps=[0.1])
+        assert err.value.arg == "data"
+
+
 def test_a_map_style_dataset_keeps_its_labels_for_the_label_rule():
     # its labels went through int(): a float label 1.4 was evaluated as class 1, a one-hot one was a traceback
     import numpy as np

@@ -320,6 +320,12 @@ def dataset_tensors(dataset):
     """(x, y) of a TensorDataset, or stacked from any map-style dataset yielding (x, y, ...)."""
     if hasattr(dataset, "tensors"):
         return dataset.tensors[0], dataset.tensors[1]
+    from .train import _check_map_style
+
+    try:  # a DataLoader failed with "'DataLoader' object is not subscriptable"
+        _check_map_style("evaluate", "dataset", dataset, "batch_size=")
+    except TypeError as err:
+        raise EvalError("data", str(err)) from None
     items = [dataset[i] for i in range(len(dataset))]
     if not items:  # torch.stack of nothing is a traceback; evaluate refuses the empty split by name
         return torch.empty(0), torch.empty(0, dtype=torch.long)

@@ -419,11 +419,12 @@ def _make_scheduler(name, scheduler, optimizer):
     return scheduler
 
 
-def _check_map_style(name, arg, data):
-    """fit batches a dataset itself (data[i] by position, len()): a DataLoader passed instead failed with "'DataLoader'
-    object is not subscriptable" -- as val_data only after the first epoch's training."""
+def _check_map_style(name, arg, data, batch_args="batch_size=, val_batch_size="):
+    """fit (and evaluate) batch a dataset themselves (data[i] by position, len()): a DataLoader passed instead failed
+    with "'DataLoader' object is not subscriptable" -- as val_data only after the first epoch's training.
+    ``batch_args``: the caller's arguments that set the batch sizes."""
     if isinstance(data, torch.utils.data.DataLoader):
-        fix = "pass its dataset (loader.dataset): fit draws the batches itself (batch_size=, val_batch_size=)"
+        fix = f"pass its dataset (loader.dataset): {name} draws the batches itself ({batch_args})"
     else:
         fix = "wrap the samples in a map-style dataset (TensorDataset, or a class with __len__ and __getitem__)"
     if (isinstance(data, (torch.utils.data.DataLoader, torch.utils.data.IterableDataset))
