@@ -1003,3 +1003,33 @@ def test_load_dataset_refuses_a_bare_medmnist_name_that_is_also_a_folder_and_roo
         with pytest.raises(DataError, match=r"root= is where MedMNIST files are looked up by name; this source is not "
                                             r"one -- drop root="):
             load_dataset(spec, root=tmp_path, size=8)
+
+
+def test_busi_damaged_image_files_are_data_errors_not_pillow_tracebacks(tmp_path):
+    """Pillow raises SyntaxError (broken PNG chunk) and ValueError (bad BMP palette, TIFF tag) besides OSError."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    def saved(fmt):
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 18), np.uint8)).save(out, fmt)
+        return bytearray(out.getvalue())
+
+    png = saved("png")  # IDAT's length halved: the next "chunk" is read from the middle of the pixel data
+    at = png.index(b"IDAT") - 4
+    png[at:at + 4] = struct.pack(">I", struct.unpack(">I", png[at:at + 4])[0] // 2)
+    bmp = saved("bmp")
+    bmp[46:50] = struct.pack("<I", 0xB700)  # colours used: more than the palette the file holds
+    tif = saved("tiff")
+    ifd = struct.unpack("<I", tif[4:8])[0]
+    for k in range(struct.unpack("<H", tif[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack("<H", tif[entry:entry + 2])[0] == 256:  # ImageWidth, typed as a double
+            tif[entry + 2:entry + 4] = struct.pack("<H", 12)
+    for name, data in (("broken.png", png), ("palette.bmp", bmp), ("width.tif", tif)):
+        root = _class_folders(tmp_path / name)
+        (root / "benign" / name).write_bytes(bytes(data))
+        with pytest.raises(DataError, match=rf"benign/{name.replace('.', '[.]')}: not a readable image \("):
+            load_dataset(root, size=8)

@@ -28,6 +28,9 @@ POSITIVE_NAMES = ("malignant", "mel", "melanoma", "cancer", "positive")
 # Binary sets without one of those: the class that is not one of these is positive (e.g. "abnormal" vs "normal",
 # which label 1 alone would get wrong when the negative class sorts second, as "disease" / "healthy" does).
 NEGATIVE_NAMES = ("benign", "normal", "healthy", "negative", "control")
+# What Pillow raises on a damaged image file: OSError mostly, SyntaxError for a broken PNG chunk, ValueError for a bad
+# BMP palette or TIFF tag.
+DAMAGED_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
 
 
 def pad_to_square_and_resize(img, size):
@@ -101,13 +104,15 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
 
 
 def read_image(path, size, mode, stats=None, bit_depth=None):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             img = _to_8bit(img, path, stats, bit_depth).convert(mode)
             img = pad_to_square_and_resize(img, size)
-    except (UnidentifiedImageError, OSError) as err:
+    except DataError:  # a ValueError as well: _to_8bit's own message names what to fix
+        raise
+    except DAMAGED_IMAGE_ERRORS as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
     except Image.DecompressionBombError as err:  # Pillow's guard against huge images: not an OSError
         raise DataError(f"{path}: too large to read ({err}); downscale it") from None
@@ -117,14 +122,14 @@ def read_image(path, size, mode, stats=None, bit_depth=None):
 
 def _has_colour(path):
     """Whether an image's channels differ anywhere (grayscale saved as RGB, as BUSI's images are, does not count)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             if img.mode in ("1", "L", "LA", "F") or img.mode.startswith("I"):
                 return False
             rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):  # read_image reports it
+    except (*DAMAGED_IMAGE_ERRORS, Image.DecompressionBombError):  # read_image reports it
         return False
     return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
 
