@@ -1033,3 +1033,19 @@ def test_busi_damaged_image_files_are_data_errors_not_pillow_tracebacks(tmp_path
         (root / "benign" / name).write_bytes(bytes(data))
         with pytest.raises(DataError, match=rf"benign/{name.replace('.', '[.]')}: not a readable image \("):
             load_dataset(root, size=8)
+
+
+def test_busi_image_whose_padded_square_is_above_pillows_limit_is_refused(tmp_path, monkeypatch):
+    """The zero-padded square is allocated before resizing: a damaged TIFF header claiming 18 x 9,000,000 pixels
+    asked for 81e12 bytes and was killed for memory. Shown here with a lowered limit (the same rule, a small file)."""
+    from PIL import Image
+
+    root = _class_folders(tmp_path / "d")
+    _png(root / "benign" / "strip.png", (10, 60), 90)  # 600 pixels, under the limit; its square 3600, above
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"benign/strip\.png: a 10x60 image, zero-padded to a 60x60 square, is above "
+                                        r"Pillow's size limit \(2000 pixels\); crop or downscale it$"):
+        load_dataset(root, size=8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1800)  # the square at the limit: read
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        assert load_dataset(root, size=8).info.extra["class_counts"] == {"benign": 6, "malignant": 5}

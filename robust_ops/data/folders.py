@@ -103,11 +103,24 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
     return Image.fromarray(np.round(arr.astype(np.float64) / (top / 255.0)).astype(np.uint8))  # top -> 255, mode L
 
 
+def _check_padded_size(img, path):
+    """pad_to_square_and_resize fills a side x side canvas first: a long strip, or a damaged header claiming one
+    (18 x 9,000,000), would need terabytes and be killed for memory. Refused above Pillow's own limit for an image
+    opened at that size."""
+    from PIL import Image
+
+    side, limit = max(img.size), Image.MAX_IMAGE_PIXELS
+    if limit and side * side > 2 * limit:
+        raise DataError(f"{path}: a {img.size[0]}x{img.size[1]} image, zero-padded to a {side}x{side} square, is "
+                        f"above Pillow's size limit ({2 * limit} pixels); crop or downscale it")
+
+
 def read_image(path, size, mode, stats=None, bit_depth=None):
     from PIL import Image
 
     try:
         with Image.open(path) as img:
+            _check_padded_size(img, path)
             img = _to_8bit(img, path, stats, bit_depth).convert(mode)
             img = pad_to_square_and_resize(img, size)
     except DataError:  # a ValueError as well: _to_8bit's own message names what to fix
