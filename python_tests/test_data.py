@@ -1049,3 +1049,20 @@ def test_busi_image_whose_padded_square_is_above_pillows_limit_is_refused(tmp_pa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1800)  # the square at the limit: read
     with pytest.warns(UserWarning, match="too small to stratify"):
         assert load_dataset(root, size=8).info.extra["class_counts"] == {"benign": 6, "malignant": 5}
+
+
+def test_image_modes_other_than_grayscale_and_rgb_are_refused(tmp_path):
+    """mode="1" read every image as pixels of 0 or 1/255 (black), "P" as palette indices, "CMYK" as 4 channels."""
+    from robust_ops.data import load_busi, load_csv
+
+    root = _class_folders(tmp_path / "d", n=10)
+    for mode in ("1", "P", "CMYK", "rgb"):
+        with pytest.raises(DataError, match=rf"load_busi\(.*d\): expected mode to be None \(colour decides\), 'L' "
+                                            rf"\(grayscale\) or 'RGB', got '{mode}'$"):
+            load_busi(root, size=8, mode=mode)
+    assert load_busi(root, size=8, mode="RGB").info.in_channels == 3
+    assert load_busi(root, size=8, mode=None).info.in_channels == 1
+    (root / "labels.csv").write_text("image_id,dx\n0,benign\n")  # checked before the rows are read
+    with pytest.raises(DataError, match=r"load_csv\(.*labels\.csv\): expected mode to be 'L' \(grayscale\) or 'RGB', "
+                                        r"got None$"):
+        load_csv(root / "labels.csv", size=8, mode=None)

@@ -215,11 +215,19 @@ def _check_size(size, where):
     check_int(where, "size (pixels)", size, minimum=1, error=lambda message: DataError(message, arg="size"))
 
 
+def _check_mode(mode, where, default_ok=False):
+    """``mode``: "L" or "RGB". Pillow converts to any of its modes, but "1" would give pixels of 0 or 1 (of 255),
+    "P" palette indices and "CMYK" inverted channels, read as intensities."""
+    if mode not in ("L", "RGB") and not (default_ok and mode is None):
+        default = "None (colour decides), " if default_ok else ""
+        raise DataError(f"{where}: expected mode to be {default}'L' (grayscale) or 'RGB', got {mode!r}")
+
+
 def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
 
-    mode: Pillow mode the images are read in; None: grayscale ("L", one channel), or "RGB" when any image of the
-    requested classes has colour (so colour is never dropped silently). Image files of other formats (.gif, .dcm,
+    mode: "L" (grayscale, one channel) or "RGB" (three); None: "L", or "RGB" when any image of the requested classes
+    has colour (so colour is never dropped silently). Image files of other formats (.gif, .dcm,
     ...) and subfolders holding images are errors: only the images directly in each class folder would be read.
 
     classes: which class folders to use, in label order (default: those of benign/malignant/normal present, in that
@@ -235,6 +243,7 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     _check_size(size, f"load_busi({folder})")
+    _check_mode(mode, f"load_busi({folder})", default_ok=True)
     bit_depth = _check_bit_depth(bit_depth, f"load_busi({folder})")
     subdirs = {}
     for p in sorted(folder.iterdir()):
@@ -314,12 +323,14 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     Rows with other labels are left out -- a subset filter, like choosing class folders -- and recorded in
     ``info.extra``: ``excluded_labels`` (label -> row count) and ``excluded_samples`` (their total); their images
     need not exist. Each image_id must appear once and match exactly one image file; an empty id or label is an
-    error. bit_depth: the scale of 16-bit images, as for :func:`load_busi`.
+    error. bit_depth: the scale of 16-bit images, as for :func:`load_busi`. mode: "RGB" (default, three channels) or
+    "L" (grayscale, one).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such file")
     _check_size(size, f"load_csv({csv_path})")
+    _check_mode(mode, f"load_csv({csv_path})")
     bit_depth = _check_bit_depth(bit_depth, f"load_csv({csv_path})")
     rows = []
     # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise hide the first column's name
