@@ -1066,3 +1066,27 @@ def test_image_modes_other_than_grayscale_and_rgb_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"load_csv\(.*labels\.csv\): expected mode to be 'L' \(grayscale\) or 'RGB', "
                                         r"got None$"):
         load_csv(root / "labels.csv", size=8, mode=None)
+
+
+def test_busi_images_with_transparent_pixels_are_refused(tmp_path):
+    """The alpha channel was dropped: a transparent pixel read as the colour stored under it (white in one file, black
+    in another that looks the same). An alpha channel opaque everywhere is read as before."""
+    from PIL import Image
+
+    rgba = np.full((8, 8, 4), 255, np.uint8)
+    rgba[..., :3] = 90
+    root = _class_folders(tmp_path / "opaque", n=10)
+    Image.fromarray(rgba, "RGBA").save(root / "benign" / "rgba.png")
+    assert load_dataset(root, size=8).info.extra["class_counts"] == {"benign": 11, "malignant": 10}
+    rgba[:2, :, 3] = 0  # a transparent band, white under it
+    rgba[:2, :, :3] = 255
+    palette = Image.fromarray(np.full((8, 8), 90, np.uint8)).convert("P")
+    for name, save in (("rgba.png", lambda p: Image.fromarray(rgba, "RGBA").save(p)),
+                       ("grey.png", lambda p: Image.fromarray(rgba[..., [0, 3]], "LA").save(p)),
+                       ("palette.png", lambda p: palette.save(p, transparency=int(np.asarray(palette)[0, 0])))):
+        root = _class_folders(tmp_path / name, n=10)
+        save(root / "malignant" / name)
+        with pytest.raises(DataError, match=rf"malignant/{name.replace('.', '[.]')}: has transparent pixels, which "
+                                            r"would be read as the colour stored under them; save it without "
+                                            r"transparency \(flattened onto black, as the padding is\)$"):
+            load_dataset(root, size=8)

@@ -115,12 +115,26 @@ def _check_padded_size(img, path):
                         f"above Pillow's size limit ({2 * limit} pixels); crop or downscale it")
 
 
+def _check_opaque(img, path):
+    """Converting to L or RGB drops the alpha channel: a transparent pixel would be read as whatever colour the file
+    stores under it (black in one file, white in another). An alpha channel that is opaque everywhere is fine."""
+    if img.mode.startswith("I") or img.mode == "F":  # no alpha channel; a 16-bit PNG's tRNS key is not used
+        return
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+        return
+    alpha = img.convert("RGBA").getchannel("A")
+    if alpha.getextrema()[0] < 255:
+        raise DataError(f"{path}: has transparent pixels, which would be read as the colour stored under them; "
+                        "save it without transparency (flattened onto black, as the padding is)")
+
+
 def read_image(path, size, mode, stats=None, bit_depth=None):
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             _check_padded_size(img, path)
+            _check_opaque(img, path)
             img = _to_8bit(img, path, stats, bit_depth).convert(mode)
             img = pad_to_square_and_resize(img, size)
     except DataError:  # a ValueError as well: _to_8bit's own message names what to fix
