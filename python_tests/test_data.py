@@ -1090,3 +1090,18 @@ def test_busi_images_with_transparent_pixels_are_refused(tmp_path):
                                             r"would be read as the colour stored under them; save it without "
                                             r"transparency \(flattened onto black, as the padding is\)$"):
             load_dataset(root, size=8)
+
+
+def test_busi_multi_page_tiffs_and_animated_pngs_are_refused(tmp_path):
+    """Only the first page of a TIFF stack (or frame of an animated PNG) was read, the rest dropped silently."""
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 120, 240)]
+    for name in ("stack.tif", "anim.png"):
+        root = _class_folders(tmp_path / name, n=10)
+        frames[0].save(root / "benign" / name, save_all=True, append_images=frames[1:])
+        with pytest.raises(DataError, match=rf"benign/{name.replace('.', '[.]')}: holds 3 frames \(pages\); only the "
+                                            r"first would be read -- save each frame as an image of its own$"):
+            load_dataset(root, size=8)
+        frames[0].save(root / "benign" / name)  # one frame: read
+        assert load_dataset(root, size=8).info.extra["class_counts"] == {"benign": 11, "malignant": 10}

@@ -128,12 +128,22 @@ def _check_opaque(img, path):
                         "save it without transparency (flattened onto black, as the padding is)")
 
 
+def _check_one_frame(img, path):
+    """A multi-page TIFF (a 3-D stack, a series) or an animated PNG: only the first frame would be read. Other
+    formats are left alone: a phone's JPEG may carry a preview or depth map as a second frame."""
+    frames = getattr(img, "n_frames", 1) if img.format in ("TIFF", "PNG") else 1
+    if frames > 1:
+        raise DataError(f"{path}: holds {frames} frames (pages); only the first would be read -- save each frame as "
+                        "an image of its own")
+
+
 def read_image(path, size, mode, stats=None, bit_depth=None):
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             _check_padded_size(img, path)
+            _check_one_frame(img, path)
             _check_opaque(img, path)
             img = _to_8bit(img, path, stats, bit_depth).convert(mode)
             img = pad_to_square_and_resize(img, size)
