@@ -1105,3 +1105,32 @@ def test_busi_multi_page_tiffs_and_animated_pngs_are_refused(tmp_path):
             load_dataset(root, size=8)
         frames[0].save(root / "benign" / name)  # one frame: read
         assert load_dataset(root, size=8).info.extra["class_counts"] == {"benign": 11, "malignant": 10}
+
+
+def test_busi_32_bit_integer_images_share_one_scale(tmp_path):
+    """A 32-bit integer TIFF (mode I) holding values <= 255 was read as 8-bit while its brighter neighbours took the
+    16-bit scale: 200 -> 200 beside 1000 -> 4 in one set. Every integer image now takes the 16-bit (or bit_depth)
+    scale, as 16-bit files do."""
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 200 if i == 0 else 1000, np.int32)).save(tmp_path / c / f"{i}.tif")
+
+    def values(**kw):
+        with pytest.warns(UserWarning) as caught:
+            s = load_dataset(tmp_path, size=8, **kw)
+        x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+        return sorted({round(float(v) * 255) for v in x.flatten()}), " ".join(str(w.message) for w in caught)
+
+    found, said = values()
+    assert found == [1, 4] and "pass bit_depth=12" in said  # 200 / 257, 1000 / 257
+    assert values(bit_depth=12)[0] == [12, 62]  # 200 / (4095 / 255), 1000 / (4095 / 255)
+    for c in ("benign", "malignant"):
+        for i in range(1, 5):
+            Image.fromarray(np.full((8, 8), 90, np.int32)).save(tmp_path / c / f"{i}.tif")
+    with pytest.raises(DataError, match=r"every 16-bit image holds values <= 200 only \(8-bit values saved in 16 "
+                                        r"bits\?\)"):
+        load_dataset(tmp_path, size=8)
+    assert values(bit_depth=8)[0] == [90, 200]

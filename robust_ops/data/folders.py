@@ -88,8 +88,9 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
         raise DataError(f"{path}: F (32-bit float) image with fractional values in [{lo:g}, {hi:g}]; expected 8- or "
                         "16-bit intensities (values in [0, 1] would come out black) -- save it as an 8- or 16-bit "
                         "image")
-    wide_int = img.mode.startswith("I;16") or (img.mode.startswith("I") and bit_depth is not None)
-    if lo >= 0 and hi <= 255 and not wide_int:  # 8-bit values in a wider type: nothing to scale
+    # Integer images (I;16, and I: 32-bit TIFFs, 16-bit PNGs in older Pillow) always take the 16-bit scale: taking a
+    # dark one's values <= 255 as 8-bit would read it on another scale than the rest of its set (200 -> 200, 1000 -> 4)
+    if lo >= 0 and hi <= 255 and img.mode == "F":  # whole 8-bit values in a float file: nothing to scale
         return img
     if stats is not None:  # the loader refuses a set whose 16-bit images would all come out black
         stats["max16"] = max(stats.get("max16", 0.0), hi)
