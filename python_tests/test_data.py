@@ -411,8 +411,8 @@ def test_csv_byte_order_mark_whitespace_and_encoding(tmp_path):
 def test_cross_validation_argument_errors():
     s = load_dataset("synthetic")
     assert len(cross_validation(s, k=np.int64(3))) == 3  # numpy ints count (numbers.Integral)
-    for bad in (1.0, -0.1):
-        with pytest.raises(DataError, match=rf"expected 0 <= val_fraction < 1, got {bad}"):
+    for bad in (1.0, -0.1, "0.1", None, False):  # a string or None gave a TypeError traceback, False meant 0
+        with pytest.raises(DataError, match=rf"expected 0 <= val_fraction < 1, got {bad!r}"):
             cross_validation(s, k=3, val_fraction=bad)
     # the seed makes the folds reproducible: None (other folds on every call) and negative seeds are refused
     for bad in (None, -1, 1.5):

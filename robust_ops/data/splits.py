@@ -1,6 +1,7 @@
 """Stratified k-fold cross-validation (MIRST-DM and ARFL report 5-fold means) with scikit-learn's StratifiedKFold."""
 
 import dataclasses
+import numbers
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
     # None would draw other folds on every call (a fold could not be rebuilt to evaluate it); scikit-learn's own
     # refusal of a negative seed names neither the function nor the argument
     seed = check_int("cross_validation", "seed", seed, minimum=0, error=DataError)
-    if not 0 <= val_fraction < 1:  # a negative one would silently mean 0, 1 leaves no training data
+    # a negative one would silently mean 0, 1 leaves no training data; a string or None failed in the comparison
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 <= val_fraction < 1:
         raise DataError(f"cross_validation: expected 0 <= val_fraction < 1, got {val_fraction!r}")
     x, y = pooled(splits)
     counts = np.bincount(y.numpy())
