@@ -1134,3 +1134,22 @@ def test_busi_32_bit_integer_images_share_one_scale(tmp_path):
                                         r"bits\?\)"):
         load_dataset(tmp_path, size=8)
     assert values(bit_depth=8)[0] == [90, 200]
+
+
+def test_busi_jfif_nifti_gz_and_other_image_files_are_errors_not_skipped(tmp_path):
+    """A .jfif (a JPEG as browsers save it), .avif or .nii.gz file in a class folder was skipped silently, though
+    the docs say other image files are errors; .nii.gz matched neither list (its suffix is .gz)."""
+    import shutil as _shutil
+
+    root = _class_folders(tmp_path / "d")
+    for name in ("x.jfif", "scan.nii.gz", "x.avif", "x.JPE"):
+        _shutil.copy(root / "benign" / "0.png", root / "benign" / name)
+        suffix = name[name.index("."):].lower()
+        with pytest.raises(DataError, match=rf"benign/{name.replace('.', '[.]')}: {suffix.replace('.', '[.]')} files "
+                                            r"are not read \(expected \.png, .*\); convert it or move it out of"):
+            load_dataset(root, size=8)
+        (root / "benign" / name).unlink()
+    (root / "benign" / "patient7").mkdir()
+    _shutil.copy(root / "benign" / "0.png", root / "benign" / "patient7" / "scan.nii.gz")
+    with pytest.raises(DataError, match=r"benign/patient7: a subfolder holding images; only the images directly in"):
+        load_dataset(root, size=8)

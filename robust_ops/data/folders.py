@@ -21,7 +21,9 @@ from .core import DataError, DatasetInfo, splits_from_arrays
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Image files this loader does not read: refused, so a class folder is never silently smaller than it looks.
 OTHER_IMAGE_SUFFIXES = (".gif", ".webp", ".jp2", ".j2k", ".heic", ".pgm", ".ppm", ".pnm", ".dcm", ".dicom", ".nii",
-                        ".nrrd", ".mha")
+                        ".nrrd", ".mha", ".jfif", ".jpe", ".jif", ".jpx", ".jpf", ".avif", ".heif", ".jxl", ".apng",
+                        ".dib", ".tga", ".ico", ".psd", ".svg", ".qoi", ".pbm", ".pfm", ".exr", ".hdr", ".img",
+                        ".ima", ".mhd", ".nhdr", ".mnc", ".nii.gz", ".svs", ".ndpi", ".czi")
 BUSI_ORDER = ("benign", "malignant", "normal")
 # Classes treated as "positive" (their recall is the sensitivity) when present.
 POSITIVE_NAMES = ("malignant", "mel", "melanoma", "cancer", "positive")
@@ -293,12 +295,15 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
     def images(d):
         return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower())
 
+    def other_suffix(p):  # by the name's end, not Path.suffix: ".nii.gz" has the suffix ".gz"
+        return next((s for s in OTHER_IMAGE_SUFFIXES if p.name.lower().endswith(s)), None)
+
     def check_unread(d):
         for p in sorted(d.iterdir()):
-            if p.is_file() and p.suffix.lower() in OTHER_IMAGE_SUFFIXES:
-                raise DataError(f"{p}: {p.suffix} files are not read (expected {', '.join(IMAGE_SUFFIXES)}); convert "
-                                f"it or move it out of {d}")
-            if p.is_dir() and any(q.suffix.lower() in IMAGE_SUFFIXES + OTHER_IMAGE_SUFFIXES for q in p.rglob("*")):
+            if p.is_file() and other_suffix(p):
+                raise DataError(f"{p}: {other_suffix(p)} files are not read (expected {', '.join(IMAGE_SUFFIXES)}); "
+                                f"convert it or move it out of {d}")
+            if p.is_dir() and any(q.suffix.lower() in IMAGE_SUFFIXES or other_suffix(q) for q in p.rglob("*")):
                 raise DataError(f"{p}: a subfolder holding images; only the images directly in {d} are read -- move "
                                 "them up or out of the class folder")
 
