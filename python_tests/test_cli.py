@@ -1908,3 +1908,32 @@ def test_a_kfold_protocol_does_not_warn_about_the_7_1_2_split_it_pools(tmp_path)
                      seeds=1, size=8, progress=False)
     assert not [w for w in caught if "0.7/0.1/0.2" in str(w.message)]
     assert [w for w in caught if "0.9/0.1" in str(w.message)]  # the fold's own split still warns
+
+
+@pytest.mark.parametrize("change", ["renamed", "csv_reordered"])
+def test_data_reordered_or_renamed_with_the_same_class_counts_is_refused(tmp_path, capsys, change):
+    """The seeded split cuts the images in the order they are read: a CSV saved with its rows in another order (or a
+    folder image renamed) kept the class counts eval and --resume compared, so both ran -- eval on a test split
+    holding 3 of 8 images the run had trained on."""
+    root = _folder(tmp_path / "d")
+    if change == "csv_reordered":
+        for c in ("benign", "malignant"):  # ids are file stems: one folder of uniquely named images
+            for i in range(10):
+                (root / c / f"{i}.png").rename(root / f"{c}{i}.png")
+        rows = [(f"{c}{i}", c) for c in ("benign", "malignant") for i in range(10)]
+        data = root / "meta.csv"
+        data.write_text("image_id,dx\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    else:
+        data = root
+    argv = ["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--out", tmp_path / "run",
+            "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    if change == "csv_reordered":
+        data.write_text("image_id,dx\n" + "".join(f"{i},{c}\n" for i, c in reversed(rows)))
+    else:
+        (root / "benign" / "0.png").rename(root / "benign" / "zz.png")
+    rc, _, err = run(["eval", tmp_path / "run", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, "run.json: data:", "holds other images, names or row order than when the run was trained")
+    rc, _, err = run(argv[:8] + ["2"] + argv[9:] + ["--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "samples_digest=")

@@ -547,6 +547,7 @@ def resume_conflict(out, run):
     # the image size is the loaded one, so --size 28 on 28x28 data equals no --size.
     for key, value in (("size", lambda r: (r.get("dataset") or {}).get("image_size")),
                        ("class_counts", lambda r: (r.get("dataset") or {}).get("class_counts")),
+                       ("samples_digest", lambda r: (r.get("dataset") or {}).get("samples_digest")),
                        ("train_samples", lambda r: r.get("train_samples"))):
         was, now = value(old), value(run)
         if was is not None and now is not None and was != now:
@@ -699,6 +700,12 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         raise CLIError(f"{flag}: {data} now holds {_counts(now)}, but the run was trained when it held "
                        f"{_counts(was)}; its split would differ and could test on training images -- restore the "
                        "data or train again")
+    was = (run.get("dataset") or {}).get("samples_digest")
+    now = splits.info.extra.get("samples_digest")
+    if same_data and was and now is not None and was != now:  # same counts, other order, names or labels
+        raise CLIError(f"{flag}: {data} holds other images, names or row order than when the run was trained (same "
+                       "class counts); its split would differ and could test on training images -- restore the data "
+                       "or train again")
     trained_on = run.get("dataset") or {}
     trained, names = trained_on.get("class_names"), splits.info.class_names
     other_names = bool(trained and names and list(trained) != list(names))

@@ -7,6 +7,7 @@ Neither source has official splits: train/val/test are a stratified 7:1:2 split 
 
 import csv
 import functools
+import hashlib
 import re
 import warnings
 from collections import Counter
@@ -197,6 +198,13 @@ def _bit_depth_record(bit_depth):
     return {} if bit_depth is None else {"bit_depth": bit_depth}
 
 
+def _samples_digest(samples):
+    """A digest of the (name, class) pairs in the order they are stacked: the seeded split cuts that order, so eval and
+    resume compare it to find data that was reordered, renamed or relabelled with the same class counts."""
+    text = "\n".join(f"{name}\t{label}" for name, label in samples)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def _stack(arrays, labels):
     x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()).float().div_(255.0)
     return x, torch.tensor(labels, dtype=torch.int64)
@@ -328,6 +336,7 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
         class_names=tuple(classes), positive_class=_positive(classes), synthetic=False, source=str(folder),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
                "class_counts": {c: len(files[c]) for c in classes},  # eval checks the data is unchanged
+               "samples_digest": _samples_digest((p.name, c) for c in classes for p in files[c]),
                **_bit_depth_record(bit_depth)},
     )
     return splits_from_arrays(x, y, info, seed)
@@ -444,6 +453,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         class_names=tuple(names), positive_class=_positive(names), synthetic=False, source=str(csv_path),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
                "class_counts": {n: counts[n] for n in names},  # eval checks the data is unchanged
+               "samples_digest": _samples_digest((image_id, names[label]) for image_id, label in kept),
                **_bit_depth_record(bit_depth)},
     )
     return splits_from_arrays(x, y, info, seed)
