@@ -6,6 +6,7 @@ import re
 import sys
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -934,3 +935,16 @@ def test_write_results_removes_its_own_figures_that_a_later_write_does_not_draw(
     assert [p.name for p in out["figures"]] == ["accuracy_vs_eps.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_eps.png", "notes.png", "report.md",
                                                            "results.json"]
+
+
+def test_write_results_takes_numpy_values_in_config_and_extra_fields(tmp_path):
+    """A config holding numpy scalars or arrays (a seed drawn with numpy, a radius list) failed in json.dump with
+    "Object of type int64 is not JSON serializable", after the attacks had run."""
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    config = {"seed": np.int64(3), "eps": np.array([1 / 255, 2 / 255], dtype=np.float32), "lr": np.float32(0.5),
+              "bad": np.float64("nan")}
+    out = write_results(tmp_path / "out", [row], INFO, config=config, figures=False, extra_fields={"k": np.int32(5)})
+    doc = json.loads(out["results"].read_text())
+    assert doc["config"] == {"seed": 3, "eps": [pytest.approx(1 / 255), pytest.approx(2 / 255)], "lr": 0.5,
+                             "bad": None}
+    assert doc["k"] == 5

@@ -39,6 +39,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ._import_path import PATH_HINT, is_import_path
@@ -565,8 +566,10 @@ def _json_safe(value):
         return [_json_safe(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if torch.is_tensor(value):
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
         return _json_safe(value.tolist())
+    if isinstance(value, np.generic):  # numpy scalars (np.int64 seeds, np.float32 values): json.dump refuses them
+        return _json_safe(value.item())
     return value
 
 
