@@ -244,3 +244,11 @@ def test_saliency_figure_takes_labels_of_shape_n_by_1(tmp_path, monkeypatch):
     assert report.plot_saliency(model, x, y, tmp_path / "s.png")
     titles = [figures[0].axes[3 * i].get_title() for i in range(2)]
     assert titles[0].startswith("true 1\n") and titles[1].startswith("true 0\n")
+
+
+def test_saliency_figure_of_a_model_without_parameters(tmp_path):
+    """A model with no parameters (a fixed pooling read-out) failed with StopIteration finding its device."""
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # 2 channels: 2 class scores
+    x, y = torch.rand(2, 2, 6, 6), torch.tensor([0, 1])
+    assert report.plot_saliency(model, x, y, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

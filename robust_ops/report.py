@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-from .attacks.context import classification_loss, use_model_mode
+from .attacks.context import classification_loss, model_device, use_model_mode
 from .metrics import METRIC_LABELS, metric_names
 
 
@@ -331,7 +331,7 @@ def plot_saliency(model, x, y, path, info=None, title=None):
 
     # evaluate's label rule: MedMNIST's [N, 1] labels failed in the loss ("0D or 1D target tensor expected")
     y = class_labels("plot_saliency", torch.as_tensor(y), x.shape[0])
-    device = next(model.parameters()).device
+    device = model_device(model)  # a model without parameters (a fixed filter bank) has a device too: CPU
     x, y = x.to(device), y.to(device)
     cams = grad_cam(model, x) if last_conv(model) is not None else None
     # The predictions shown come from the input gradient's own eval-mode forward: no third forward, and not one in
