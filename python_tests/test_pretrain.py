@@ -254,3 +254,16 @@ def test_augment_output_stays_in_range_for_saturated_images():
     for channels in (1, 3):
         views = SimCLRAugment(32, channels=channels)(torch.ones(32, channels, 32, 32))
         assert float(views.max()) <= 1.0 and float(views.min()) >= 0.0
+
+
+@pytest.mark.parametrize("images, match", [
+    (torch.rand(4, 1, 8, 8) * 255, r"torch.float32 values in \[[0-9.]+, 2[0-9.]+\]"),
+    (torch.rand(4, 1, 8, 8) - 0.5, r"torch.float32 values in \[-0.[0-9]+, 0.[0-9]+\]"),
+    (torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), "torch.uint8 values in"),
+])
+def test_augment_refuses_images_outside_0_1(images, match):
+    # 0-255 or normalized images were clamped into [0, 1] (saturated) and simclr trained on them without a word
+    with pytest.raises(ValueError, match="SimCLRAugment: expected float images in \\[0, 1\\], got " + match):
+        SimCLRAugment(8, channels=1)(images)
+    with pytest.raises(ValueError, match="SimCLRAugment: expected float images in"):
+        simclr(_model(), TensorDataset(torch.rand(8, 1, 8, 8) * 255), epochs=1, batch_size=4, progress=False)

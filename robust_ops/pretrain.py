@@ -65,6 +65,12 @@ class SimCLRAugment(nn.Module):
         self.transform = v2.Compose(ops)
 
     def forward(self, x):
+        # the clamp below only removes float rounding (resize, blur of 1.0): images outside [0, 1] (0-255, normalized)
+        # or integer images would be clamped into saturated garbage without a word
+        low, high = float(x.min()), float(x.max())
+        if not x.is_floating_point() or low < 0 or high > 1:
+            raise ValueError(f"SimCLRAugment: expected float images in [0, 1], got {x.dtype} values in "
+                             f"[{low:g}, {high:g}]; scale them to [0, 1] first")
         return torch.stack([self.transform(img).clamp(0, 1) for img in x])
 
 
