@@ -267,3 +267,15 @@ def test_augment_refuses_images_outside_0_1(images, match):
         SimCLRAugment(8, channels=1)(images)
     with pytest.raises(ValueError, match="SimCLRAugment: expected float images in"):
         simclr(_model(), TensorDataset(torch.rand(8, 1, 8, 8) * 255), epochs=1, batch_size=4, progress=False)
+
+
+def test_simclr_takes_every_integer_seed_fit_takes():
+    # "seed: as for robust_ops.train.fit": numpy integers failed in torch.Generator().manual_seed ("an integer is
+    # required"), seeds outside [-2**63, 2**64) with "Overflow when unpacking long long"; torch reads seeds modulo 2**64
+    import numpy as np
+
+    def loss(seed):
+        return simclr(_model(), _data(), epochs=1, batch_size=8, seed=seed, progress=False).history[0]["loss"]
+
+    assert loss(np.int64(3)) == loss(3)
+    assert loss(2**64 + 3) == loss(3) and loss(-2**64 + 3) == loss(3)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ._options import check_int, check_real
 from .attacks.context import use_model_mode
+from .train import _torch_seed
 
 HEAD_NAMES = ("fc", "classifier", "head")
 
@@ -136,6 +137,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     check_int("simclr", "projection_dim", projection_dim)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"simclr: expected seed to be an integer, got {seed!r}")
+    seed = _torch_seed(int(seed))  # as fit: numpy integers and seeds past torch's 64-bit range failed in manual_seed
     if not (head is None or isinstance(head, str)):
         raise ValueError(f"simclr: expected head to be 'auto', a module attribute name or None, got {head!r}")
     device = torch.device(device)
