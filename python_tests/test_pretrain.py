@@ -117,6 +117,17 @@ def test_simclr_restores_head_and_modes_after_a_failure():
         simclr(model, _data(), epochs=1, batch_size=8, augment=bad_augment, progress=False)
     assert model.fc is head and not any(m.training for m in model.modules())
 
+    # failing at step 2 left step 1's pretraining gradients on every backbone parameter
+    calls = []
+
+    def augment_failing_at_step_2(x):
+        calls.append(x)
+        return torch.rand_like(x) if len(calls) <= 2 else torch.full_like(x, math.nan)
+
+    with pytest.raises(FloatingPointError, match="simclr: the NT-Xent loss is nan at epoch 1, step 2"):
+        simclr(model, _data(), epochs=1, batch_size=8, augment=augment_failing_at_step_2, progress=False)
+    assert all(p.grad is None for p in model.parameters())
+
 
 def test_simclr_is_deterministic_with_a_seed():
     runs = []

@@ -6,8 +6,8 @@ with the NT-Xent loss (MIRST-DM eq. 4), before supervised / adversarial training
 
 The classifier head (the model's last ``fc`` / ``classifier`` / ``head`` linear layer) is replaced by an identity while
 pretraining, so the representation is the backbone's pooled features; a 2-layer projection head maps them to the space
-where NT-Xent is computed (and is returned, then discarded as in SimCLR). The model's own head is put back untouched
-and every module's train/eval mode restored, also when pretraining fails.
+where NT-Xent is computed (and is returned, then discarded as in SimCLR). The model's own head is put back untouched,
+every module's train/eval mode restored and no pretraining gradient left on a parameter, also when pretraining fails.
 """
 
 import math
@@ -149,6 +149,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     head_name = _classifier_head(model_backbone, head)
     original_head = getattr(model_backbone, head_name) if head_name else None
     model = model_backbone.to(device)
+    opt = None
     with use_model_mode(model, "keep"):  # per module: a submodule frozen in eval stays so, also on failure
         try:
             if head_name:
@@ -183,8 +184,9 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                     total += float(loss.detach())
                     steps += 1
                 history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
-            opt.zero_grad(set_to_none=True)  # the last step's gradients belong to pretraining, not to the caller
         finally:
+            if opt is not None:  # the last step's gradients belong to pretraining, not to the caller (also on failure)
+                opt.zero_grad(set_to_none=True)
             if head_name:
                 setattr(model_backbone, head_name, original_head)
     return PretrainResult(history=history, head=proj, removed_head=head_name)
