@@ -290,3 +290,14 @@ def test_simclr_takes_every_integer_seed_fit_takes():
 
     assert loss(np.int64(3)) == loss(3)
     assert loss(2**64 + 3) == loss(3) and loss(-2**64 + 3) == loss(3)
+
+
+def test_simclr_refuses_a_model_returning_one_value_per_image():
+    # build_model("mlp") for two classes squeezes its single logit to [N]: flatten(1) raised an IndexError traceback
+    from robust_ops.models import build_model
+
+    model = build_model("mlp", 1, 2, 10)
+    with pytest.raises(ValueError, match=r"^simclr: expected the model to return \[N, \.\.\.\] features, got shape "
+                                         r"\(1,\) for 1 image; name the layer to bypass with head=$"):
+        simclr(model, _data(), epochs=1, batch_size=8, progress=False)
+    assert model.training

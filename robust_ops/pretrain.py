@@ -156,7 +156,11 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                 setattr(model, head_name, nn.Identity())
             model.train()
             with torch.no_grad(), use_model_mode(model, "eval"):
-                feat_dim = model(sample.unsqueeze(0).to(device)).flatten(1).shape[1]
+                features = model(sample.unsqueeze(0).to(device))
+            if features.dim() < 2:  # e.g. MLP's squeezed single logit: flatten(1) failed with an IndexError
+                raise ValueError(f"simclr: expected the model to return [N, ...] features, got shape "
+                                 f"{tuple(features.shape)} for 1 image; name the layer to bypass with head=")
+            feat_dim = features.flatten(1).shape[1]
             proj = projection_head(feat_dim, projection_dim).to(device)
             params = list(model.parameters()) + list(proj.parameters())
             opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
