@@ -301,3 +301,15 @@ def test_simclr_refuses_a_model_returning_one_value_per_image():
                                          r"\(1,\) for 1 image; name the layer to bypass with head=$"):
         simclr(model, _data(), epochs=1, batch_size=8, progress=False)
     assert model.training
+
+
+def test_simclr_refuses_samples_that_are_not_image_tensors():
+    # [H, W] images failed as "SimCLRAugment: expected channels to be 1 or 3, got <H>", NumPy ones in unsqueeze
+    import numpy as np
+
+    for data, got in ((TensorDataset(torch.rand(8, 10, 10)), r"shape \(10, 10\)"),
+                      (TensorDataset(torch.rand(8, 1, 1, 10, 10)), r"shape \(1, 1, 10, 10\)"),
+                      ([np.zeros((1, 10, 10), np.float32)] * 8, "ndarray")):
+        with pytest.raises(ValueError, match=r"^simclr: expected data to yield image tensors \[C, H, W\] \(alone or "
+                                             r"first in a tuple\), got " + got + "$"):
+            simclr(_model(), data, epochs=1, batch_size=8, progress=False)

@@ -144,6 +144,11 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     torch.manual_seed(seed)
     first = data[0]
     sample = first[0] if isinstance(first, (tuple, list)) else first
+    # a 2-D image reached SimCLRAugment as "channels ... got <height>", a NumPy array failed in unsqueeze
+    if not torch.is_tensor(sample) or (augment is None and sample.dim() != 3):
+        got = f"shape {tuple(sample.shape)}" if torch.is_tensor(sample) else type(sample).__name__
+        raise ValueError(f"simclr: expected data to yield image tensors [C, H, W] (alone or first in a tuple), "
+                         f"got {got}")
     augment = augment if augment is not None else SimCLRAugment(tuple(sample.shape[-2:]), channels=sample.shape[0])
 
     head_name = _classifier_head(model_backbone, head)
