@@ -108,3 +108,18 @@ def test_predict_single_logits_and_class_scores():
     assert predict(torch.nn.Identity(), logits).tolist() == [0, 0, 1]
     assert predict(torch.nn.Identity(), logits[:, None]).tolist() == [0, 0, 1]
     assert predict(torch.nn.Identity(), torch.tensor([[0.1, 0.9, 0.0], [2.0, 1.0, 0.0]])).tolist() == [1, 0]
+
+
+def test_parameter_counts_against_torchvision():
+    """docs/getting-started.md: 3 channels above 64 pixels are torchvision's ResNets and DenseNet-121; VGG-16's head is
+    a small 512-256-num_classes classifier after global pooling (15 M parameters, torchvision's vgg16_bn 134 M)."""
+    import torchvision.models as tvm
+
+    from robust_ops.models import count_parameters
+
+    for name in ("resnet18", "resnet50", "densenet121"):
+        assert count_parameters(build_model(name, 3, 2, 65)) == count_parameters(getattr(tvm, name)(num_classes=2))
+    vgg = build_model("vgg16", 3, 2, 224)
+    assert [m.out_features for m in vgg.classifier if isinstance(m, torch.nn.Linear)] == [256, 2]
+    assert round(count_parameters(vgg) / 1e6) == 15
+    assert round(count_parameters(tvm.vgg16_bn(num_classes=2)) / 1e6) == 134

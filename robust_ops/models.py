@@ -2,10 +2,11 @@
 medical images, plus tiny models for tests and two-moons.
 
 Adaptation (documented in docs/getting-started.md): the first convolution takes ``in_channels``; for images of at most
-64 pixels a ResNet's 7x7/2 stem becomes 3x3/1 (as for CIFAR-sized inputs) so 28x28 images keep spatial detail, while the
-first max-pooling layer is kept -- MIRST-DM replaces exactly that layer with drop-max pooling. VGG-16 drops the
-2x2 max-pools that would shrink its map below 1x1 (the last one at 28x28). The MLP flattens the image. The classifier
-head outputs ``num_classes`` logits. No weights are downloaded.
+64 pixels a ResNet's (and DenseNet-121's) 7x7/2 stem becomes 3x3/1 (as for CIFAR-sized inputs) so 28x28 images keep
+spatial detail, while the first max-pooling layer is kept -- MIRST-DM replaces exactly that layer with drop-max pooling.
+VGG-16 drops the 2x2 max-pools that would shrink its map below 1x1 (the last one at 28x28) and has a small
+512-256-num_classes classifier after global pooling. The MLP flattens the image. The classifier head outputs
+``num_classes`` logits. No weights are downloaded.
 """
 
 import torch
