@@ -143,6 +143,10 @@ def test_simclr_is_deterministic_with_a_seed():
     (dict(temperature=math.inf), "simclr: expected temperature to be a finite number > 0, got inf"),
     (dict(temperature=True), "simclr: expected temperature to be a finite number > 0, got True"),
     (dict(lr=-1.0), "simclr: expected lr to be a finite number > 0, got -1.0"),
+    # weight_decay went to Adam unchecked: True failed in its update, inf as "the NT-Xent loss is nan", "0.1" in a <=
+    (dict(weight_decay=True), "simclr: expected weight_decay to be a finite number >= 0, got True"),
+    (dict(weight_decay=math.inf), "simclr: expected weight_decay to be a finite number >= 0, got inf"),
+    (dict(weight_decay="0.1"), "simclr: expected weight_decay to be a finite number >= 0, got '0.1'"),
     (dict(seed=None), "simclr: expected seed to be an integer, got None"),
     (dict(head=5), "simclr: expected head to be 'auto', a module attribute name or None, got 5"),
     (dict(head="missing"), "simclr: the model has no module attribute 'missing' to bypass"),

@@ -133,6 +133,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
         raise ValueError(f"simclr: data has {len(data)} samples, fewer than one batch of {batch_size}")
     check_real("simclr", "temperature", temperature, minimum=0, allow_min=False)
     check_real("simclr", "lr", lr, minimum=0, allow_min=False)
+    check_real("simclr", "weight_decay", weight_decay, minimum=0)  # inf ran a step, then "NT-Xent loss is nan"
     # 0 ran: NT-Xent of empty projections is a constant, so nothing was learnt and the loss said log(2N - 1)
     check_int("simclr", "projection_dim", projection_dim)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
