@@ -317,3 +317,9 @@ def test_simclr_refuses_samples_that_are_not_image_tensors():
         with pytest.raises(ValueError, match=r"^simclr: expected data to yield image tensors \[C, H, W\] \(alone or "
                                              r"first in a tuple\), got " + got + "$"):
             simclr(_model(), data, epochs=1, batch_size=8, progress=False)
+
+
+def test_simclr_progress_takes_only_true_or_false():
+    # "progress: as for robust_ops.train.fit", which refuses strings; progress="false" showed the bar
+    with pytest.raises(TypeError, match="^simclr: expected progress to be True or False, got 'false'"):
+        simclr(_model(), _data(), epochs=1, batch_size=8, progress="false")

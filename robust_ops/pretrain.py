@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._options import check_int, check_real
+from ._options import check_flags, check_int, check_real
 from .attacks.context import use_model_mode
 from .train import _torch_seed
 
@@ -134,6 +134,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     check_real("simclr", "temperature", temperature, minimum=0, allow_min=False)
     check_real("simclr", "lr", lr, minimum=0, allow_min=False)
     check_real("simclr", "weight_decay", weight_decay, minimum=0)  # inf ran a step, then "NT-Xent loss is nan"
+    check_flags("simclr", {"progress": progress})  # as fit: progress="false" showed the bar
     # 0 ran: NT-Xent of empty projections is a constant, so nothing was learnt and the loss said log(2N - 1)
     check_int("simclr", "projection_dim", projection_dim)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
