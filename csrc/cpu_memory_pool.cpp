@@ -75,14 +75,22 @@ class PoolAllocator final : public c10::Allocator {
                   "robust_ops CPU memory pool: out of memory allocating ", nbytes, " bytes");
     }
     size_t in_use = 0, reserved = 0;
+    bool recorded = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      owned_[block] = capacity;
-      in_use_bytes_ += capacity;
+      // The outermost exit() may have run on another thread since the block was taken: it cleared owned_ and the
+      // in-use count, so recording the block now would count it against the next pool (an unsigned underflow when
+      // it dies there). Unrecorded, it is a plain posix_memalign block that delete_block frees.
+      if (depth_ > 0) {
+        owned_[block] = capacity;
+        in_use_bytes_ += capacity;
+        recorded = true;
+      }
       in_use = in_use_bytes_;
       reserved = in_use_bytes_ + cached_bytes_;
     }
-    report(block, int64_t(capacity), in_use, reserved);  // torch.profiler(profile_memory=True) sees pool blocks
+    // torch.profiler(profile_memory=True) sees pool blocks
+    if (recorded) report(block, int64_t(capacity), in_use, reserved);
     return {block, block, &PoolAllocator::delete_block, c10::Device(c10::DeviceType::CPU)};
   }
 
