@@ -39,6 +39,16 @@ def test_nt_xent_matches_simclr_algorithm_1(n, d, tau):
     torch.testing.assert_close(nt_xent(z1[perm], z2[perm], tau), loss)
 
 
+def test_nt_xent_keeps_float64():
+    """float64 projections were cut to float32 (.float()): the loss was float32 and off the float64 value."""
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    loss = nt_xent(z1, z2, 0.1)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, _nt_xent_paper(z1, z2, 0.1), rtol=1e-12, atol=1e-12)
+    assert nt_xent(z1.half(), z2.half(), 0.1).dtype == torch.float32
+
+
 def test_nt_xent_gradients_reach_both_views():
     z1, z2 = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
     nt_xent(z1, z2).backward()

@@ -20,6 +20,7 @@ from torch import nn
 
 from ._options import check_flags, check_int, check_real
 from .attacks.context import use_model_mode
+from .defenses._common import float32_or_wider
 from .train import _torch_seed
 
 HEAD_NAMES = ("fc", "classifier", "head")
@@ -36,7 +37,7 @@ def nt_xent(z1, z2, temperature=0.5):
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
     check_real("nt_xent", "temperature", temperature, minimum=0, allow_min=False)
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    z = F.normalize(float32_or_wider(torch.cat([z1, z2])), dim=1)  # half precision upcast, float64 kept
     sim = z @ z.t() / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
