@@ -9,6 +9,7 @@ from robust_ops._meta import check_pgd_step_args
 from test_pgd_step import (
     PGD_TENSOR_ARGUMENTS,
     check_backward_sees_the_mutation,
+    check_l2_batch_innermost_layout,
     check_per_sample_values_sharing_written_memory,
     check_refuses_a_non_leaf_x_adv,
     check_refuses_argument_requiring_grad,
@@ -115,18 +116,7 @@ def test_non_contiguous_in_place(norm):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["batch_innermost", "transposed_2d"])
 def test_l2_batch_innermost_layout_matches_reference_exactly(dtype, layout):
-    """An x_adv whose reshape(N, -1) is a strided view (batch innermost): the eager chain's delta has x_adv's layout
-    and ATen reduces its norm in stride order; the norm of the kernel's contiguous delta was off in the last bit."""
-    shape = (3, 4, 8, 9) if layout == "batch_innermost" else (300, 4)
-    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, dtype, device(), seed=11)
-    if layout == "batch_innermost":
-        x_adv, x_nat, grad = (t.permute(3, 0, 1, 2) for t in (x_adv, x_nat, grad))
-    else:
-        x_adv, x_nat, grad = (t.t() for t in (x_adv, x_nat, grad))
-    alpha = alpha[:1].expand(x_adv.shape[0]) * 20  # steps long enough that every sample is projected
-    eps = eps[:1].expand(x_adv.shape[0]).contiguous()
-    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (-10.0, 10.0), "l2")
-    assert_verbose_equal(ours, ref)
+    check_l2_batch_innermost_layout(triton_op(), dtype, layout, device())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
