@@ -1179,6 +1179,20 @@ def test_resumed_train_equals_an_uninterrupted_one(small_npz, tmp_path, capsys):
     assert drop_time == [{k: v for k, v in row.items() if k != "time_s"} for row in part["history"]]
 
 
+def test_resume_with_metrics_json_deleted_still_refuses_fewer_epochs_before_touching_run_json(small_npz, tmp_path,
+                                                                                               capsys):
+    # the epochs check read metrics.json only: with it deleted, --resume --epochs 1 on a 2-epoch run passed it,
+    # rewrote run.json with epochs 1, and only then did fit refuse the checkpoint
+    out = tmp_path / "run"
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--batch-size", "32", "--out", out]
+    assert run(base + ["--epochs", "2"], capsys)[0] == 0
+    (out / "metrics.json").unlink()
+    before = (out / "run.json").read_text()
+    rc, _, err = run(base + ["--epochs", "1", "--resume"], capsys)
+    one_line_error(rc, err, f"--resume: {out} holds 2 epochs of training, more than --epochs 1")
+    assert (out / "run.json").read_text() == before
+
+
 def test_demo_methods_checked_before_training(tmp_path, capsys):
     """Repeated methods and a binary-only defense on a multi-class set are --methods errors, before any training."""
     path = tmp_path / "three.npz"

@@ -200,7 +200,15 @@ def save_checkpoint(path, state):
 
 
 def epochs_done(out_dir):
-    """Epochs an out_dir's history records (metrics.json, rewritten after each checkpoint); 0 without one."""
+    """Epochs of training out_dir's checkpoint holds (what fit resumes from), else its history records (metrics.json,
+    rewritten after each checkpoint); 0 without either. The checkpoint first: with metrics.json deleted, a resume
+    check reading the history alone would pass a run trained for more epochs."""
+    try:
+        state = load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
+        if isinstance(state, dict) and isinstance(state.get("epoch"), int):
+            return state["epoch"]
+    except (OSError, ValueError):
+        pass  # no (readable) checkpoint: fit starts afresh or names the file itself
     try:
         return len(json.loads((Path(out_dir) / HISTORY_NAME).read_text()))
     except (OSError, ValueError, TypeError):
