@@ -1773,6 +1773,26 @@ def test_resume_of_a_checkpoint_without_run_json_on_another_model_is_a_one_line_
                    "do not fit this model (Missing key(s) in state_dict: ")
 
 
+def test_eval_refuses_a_checkpoint_from_another_run_beside_run_json(small_npz, tmp_path, capsys):
+    # eval took the weights of whatever checkpoint.pt lay beside run.json: a TRADES checkpoint copied into an AT run
+    # was attacked, labelled "at" and recorded with the AT run's settings, exit 0
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "1",
+            "--defense-opt", "steps=1"]
+    assert run(base + ["--defense", "at", "--out", tmp_path / "at"], capsys)[0] == 0
+    assert run(base + ["--defense", "trades", "--out", tmp_path / "trades"], capsys)[0] == 0
+    ev = ["eval", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    assert run(ev + [tmp_path / "at", "--out", tmp_path / "ev_at"], capsys)[0] == 0
+    shutil.copy(tmp_path / "trades" / "checkpoint.pt", tmp_path / "at" / "checkpoint.pt")
+    rc, _, err = run(ev + [tmp_path / "at", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, f"{tmp_path / 'at' / 'checkpoint.pt'}: was trained with defense='trades', but "
+                   f"{tmp_path / 'at' / 'run.json'} beside it records defense='at'", "comes from another run")
+    assert not (tmp_path / "ev").exists()
+    run_json = json.loads((tmp_path / "trades" / "run.json").read_text())
+    (tmp_path / "trades" / "run.json").write_text(json.dumps({**run_json, "seed": 3}))
+    rc, _, err = run(ev + [tmp_path / "trades" / "checkpoint.pt", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, "was trained with seed=0, but", "records seed=3")
+
+
 def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, capsys):
     # --size 0 used to be read as "not given" (size or run's size): eval ran on the run's images, exit 0
     rc, stdout, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--size",

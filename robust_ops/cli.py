@@ -673,6 +673,11 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     if data is None or model_name is None:
         raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass --data and --model")
     state = read_checkpoint(ckpt)
+    conflict = checkpoint_run_conflict(state, run)
+    if conflict:  # labelled and recorded as run.json's run, the results would describe weights they do not come from
+        key, saved, recorded = conflict
+        raise CLIError(f"{ckpt}: was trained with {key}={saved!r}, but {run_file} beside it records "
+                       f"{key}={recorded!r}: the checkpoint comes from another run -- put it beside its own {RUN_FILE}")
     same_source = data_spec(data) == data_spec(run.get("data"))
     if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
         # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
@@ -759,6 +764,26 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
 
         net = net.to(memory_format=torch.channels_last)
     return net, splits, run
+
+
+def checkpoint_run_conflict(state, run):
+    """``(key, checkpoint's value, run.json's value)`` for a training setting a fit checkpoint records otherwise than
+    ``run`` (its run.json): a checkpoint copied from another run. None when they agree, or either lacks the record
+    (checkpoints and run.json files written before it, a bare state_dict, your own defense class)."""
+    from . import defenses
+
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict) or not run:
+        return None
+    for key in ("defense", "seed", "batch_size", "lr"):
+        saved, recorded = config.get(key), run.get(key)
+        if key == "defense" and recorded is not None:  # the registry's spelling, as fit records defense.name
+            recorded = defense_key(recorded)
+            if recorded not in defenses.NAMES:
+                continue
+        if saved is not None and recorded is not None and saved != recorded:
+            return key, saved, recorded
+    return None
 
 
 def _looks_like_kfold_run(run_dir):
