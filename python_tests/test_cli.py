@@ -1793,6 +1793,36 @@ def test_eval_refuses_a_checkpoint_from_another_run_beside_run_json(small_npz, t
     one_line_error(rc, err, "was trained with seed=0, but", "records seed=3")
 
 
+def test_eval_of_an_interrupted_run_warns_and_records_the_epochs_trained(small_npz, tmp_path, capsys, monkeypatch):
+    # eval of a run stopped after 1 of its 2 epochs said nothing, and results.json's config recorded "epochs": 2
+    from robust_ops import train
+
+    real_fit = train.fit
+    out = tmp_path / "run"
+
+    def fit_then_interrupt(*args, **kwargs):
+        kwargs["epochs"] = 1
+        real_fit(*args, **kwargs)  # one finished epoch, checkpoint written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", fit_then_interrupt)
+    argv = ["train", "--data", small_npz, "--epochs", "2", "--out", out, "--no-progress", "--device", "cpu"]
+    assert run(argv, capsys)[0] == 130
+    monkeypatch.setattr(train, "fit", real_fit)
+    ev = ["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    rc, _, err = run(ev, capsys)
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"robust-ops eval: warning: {out / 'checkpoint.pt'}: holds 1 of the run's 2 epochs (training "
+                     "stopped early); attacking it as it is -- `robust-ops train ... --resume` finishes it"]
+    config = json.loads((out / "eval" / "results.json").read_text())["config"]["run"]
+    assert (config["epochs"], config["epochs_trained"]) == (2, 1)
+    assert run(argv + ["--resume"], capsys)[0] == 0
+    rc, _, err = run(ev, capsys)
+    assert rc == 0 and "warning" not in err
+    assert json.loads((out / "eval" / "results.json").read_text())["config"]["run"]["epochs_trained"] == 2
+
+
 def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, capsys):
     # --size 0 used to be read as "not given" (size or run's size): eval ran on the run's images, exit 0
     rc, stdout, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--size",

@@ -678,6 +678,13 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         key, saved, recorded = conflict
         raise CLIError(f"{ckpt}: was trained with {key}={saved!r}, but {run_file} beside it records "
                        f"{key}={recorded!r}: the checkpoint comes from another run -- put it beside its own {RUN_FILE}")
+    done = state.get("epoch") if isinstance(state, dict) else None
+    if isinstance(done, int) and run:
+        # results.json's config copies run.json, whose epochs are the ones asked for, not the ones trained
+        run = {**run, "epochs_trained": done}
+        if isinstance(run.get("epochs"), int) and done < run["epochs"]:
+            warnings.warn(f"{ckpt}: holds {done} of the run's {run['epochs']} epochs (training stopped early); "
+                          f"attacking it as it is -- `{PROG} train ... --resume` finishes it")
     same_source = data_spec(data) == data_spec(run.get("data"))
     if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
         # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
