@@ -1823,6 +1823,15 @@ def test_eval_of_an_interrupted_run_warns_and_records_the_epochs_trained(small_n
     assert json.loads((out / "eval" / "results.json").read_text())["config"]["run"]["epochs_trained"] == 2
 
 
+def test_eval_on_the_val_split_says_so_in_the_report(trained_run, tmp_path, capsys):
+    # report.md's header said "Test samples: 16" for eval --split val (16 validation images)
+    rc, _, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--split", "val",
+                      "--out", tmp_path / "ev", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    text = (tmp_path / "ev" / "report.md").read_text()
+    assert "Validation samples: 16." in text and "Test samples" not in text
+
+
 def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, capsys):
     # --size 0 used to be read as "not given" (size or run's size): eval ran on the run's images, exit 0
     rc, stdout, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--size",

@@ -185,7 +185,9 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     else:  # multi-class: no positive class; each metric is a one-vs-rest macro average (robust_ops.metrics)
         pos_text = "macro-averaged metrics over the classes present; sensitivity is the mean per-class recall"
     first = rows[0] if rows else {}
-    tested = f"Test samples: {first.get('n', 0)}"
+    # eval --split val attacks the validation split: results.json's config says which
+    split = "Validation" if (doc.get("config") or {}).get("split") == "val" else "Test"
+    tested = f"{split} samples: {first.get('n', 0)}"
     if first.get("repeats", 1) > 1:  # reproduce means: n is the total over the runs
         tested += f" over {first['repeats']} runs ({first.get('n_min')}–{first.get('n_max')} per run)"
     lines += [f"Dataset: **{name}** ({info['num_classes']} classes, {pos_text}). {tested}.", ""]
