@@ -1193,6 +1193,18 @@ def test_resume_with_metrics_json_deleted_still_refuses_fewer_epochs_before_touc
     assert (out / "run.json").read_text() == before
 
 
+def test_demo_records_cascade_and_ensemble_as_eval_does(small_npz, tmp_path, capsys):
+    # demo's results.json config left them out: a --no-cascade or --ensemble table (other AUC / mAP) could not be
+    # told from a cascaded per-attack one
+    argv = ["demo", "--data", small_npz, "--quick", "--methods", "standard", "--attacks", "fgsm", "--eps", "1/255",
+            "--saliency", "0", "--no-progress", "--device", "cpu"]
+    for extra, expected in (([], (True, False)), (["--no-cascade"], (False, False)), (["--ensemble"], (True, True))):
+        rc, _, err = run(argv + extra + ["--out", tmp_path / "d"], capsys)
+        assert rc == 0, err
+        config = json.loads((tmp_path / "d" / "results.json").read_text())["config"]
+        assert (config["cascade"], config["ensemble"]) == expected
+
+
 def test_demo_methods_checked_before_training(tmp_path, capsys):
     """Repeated methods and a binary-only defense on a multi-class set are --methods errors, before any training."""
     path = tmp_path / "three.npz"

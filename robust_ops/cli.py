@@ -1118,7 +1118,8 @@ def cmd_demo(args):
     config = {"command": "demo", "methods": methods, "data": args.data, "model": args.model, "epochs": epochs,
               "train_images": len(splits.train), "test_images": len(splits.test),
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
-              "eps": args.eps, "quick": args.quick, "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
+              "eps": args.eps, "cascade": not args.no_cascade, "ensemble": args.ensemble, "quick": args.quick,
+              "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
     args.split = "test"
     evaluate_models(models, splits, args, specs, radii, device, out,
                     f"Demo: defenses compared on {splits.info.display_name}", config)
