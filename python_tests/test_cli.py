@@ -1844,6 +1844,32 @@ def test_eval_on_the_val_split_says_so_in_the_report(trained_run, tmp_path, caps
     assert "Validation samples: 16." in text and "Test samples" not in text
 
 
+def test_resume_refused_by_a_checkpoint_without_run_json_leaves_no_run_json(trained_run, small_npz, tmp_path,
+                                                                           capsys):
+    # run.json was written before fit refused the checkpoint (seed 0, --seed 1): the corrected rerun with --seed 0 was
+    # then refused by that run.json ("was trained with seed=1"), and eval would have recorded seed 1
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(trained_run / "checkpoint.pt", run_dir)
+    argv = ["train", "--data", small_npz, "--epochs", "2", "--out", run_dir, "--resume", "--no-progress",
+            "--device", "cpu"]
+    rc, _, err = run(argv + ["--seed", "1"], capsys)
+    one_line_error(rc, err, "training failed: fit: cannot resume", "seed=0, this call has seed=1")
+    assert not (run_dir / "run.json").exists()
+    rc, _, err = run(argv + ["--seed", "0"], capsys)
+    assert rc == 0, err
+    assert json.loads((run_dir / "run.json").read_text())["seed"] == 0
+    # with a run.json there, one the checkpoint refuses (another run's checkpoint copied in) is put back as it was
+    before = (run_dir / "run.json").read_text()
+    at = tmp_path / "at"
+    assert run(["train", "--data", small_npz, "--epochs", "1", "--out", at, "--no-progress", "--device", "cpu",
+                "--defense", "at", "--defense-opt", "steps=1"], capsys)[0] == 0
+    shutil.copy(at / "checkpoint.pt", run_dir)
+    rc, _, err = run(argv + ["--epochs", "3"], capsys)
+    one_line_error(rc, err, "training failed: fit: cannot resume", "defense='at'")
+    assert (run_dir / "run.json").read_text() == before
+
+
 def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, capsys):
     # --size 0 used to be read as "not given" (size or run's size): eval ran on the run's images, exit 0
     rc, stdout, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--size",

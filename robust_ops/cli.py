@@ -602,6 +602,11 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     else:  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed under this run.json
         for name in (CHECKPOINT, "metrics.csv", trainer.HISTORY_NAME):
             (out / name).unlink(missing_ok=True)
+    # a resumed checkpoint fit refuses (no run.json held its settings to compare) must keep the record it had, or
+    # none: this command's would describe a run that never trained and refuse the rerun with the right settings
+    ckpt = out / CHECKPOINT
+    resumed = _file_stamp(ckpt) if resume else None
+    previous = (out / RUN_FILE).read_bytes() if resumed and (out / RUN_FILE).is_file() else None
     write_json_atomic(out / RUN_FILE, run)
     train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
     try:
@@ -609,8 +614,24 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                              batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
                              channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf loss
+        if resumed and _file_stamp(ckpt) == resumed:  # no epoch written under this command's run.json
+            if previous is None:
+                (out / RUN_FILE).unlink(missing_ok=True)
+            else:
+                from ._files import replace_atomically
+
+                replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True)
         raise CLIError(f"{out}: training failed: {err}") from None
     return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
+
+
+def _file_stamp(path):
+    """(inode, mtime_ns, size) of a file, None without one: whether a checkpoint was replaced since."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def describe_classes(info):
