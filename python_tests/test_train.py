@@ -233,6 +233,37 @@ def test_resume_refuses_other_optimizer_or_scheduler_settings_and_passes_checkpo
         **{**kwargs, "out_dir": tmp_path / "multi"})
 
 
+def test_resume_refuses_other_settings_of_a_sequential_or_chained_scheduler(tmp_path):
+    """SequentialLR and ChainedScheduler keep their milestones and schedulers under private state_dict keys: a resume
+    with other milestones, T_max or step_size passed and trained on silently with the checkpoint's schedule."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+
+    def sequential(milestone, t_max):
+        return lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [
+            torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=milestone),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, t_max)], milestones=[milestone])
+
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, scheduler=sequential(2, 20), **kwargs)
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with a scheduler of "
+                                         r"milestones=\(2,\), schedulers\[0\].total_iters=2, schedulers\[1\].T_max=20, "
+                                         r"this call's has milestones=\(1,\), schedulers\[0\].total_iters=1, "
+                                         r"schedulers\[1\].T_max=3 \(the checkpoint's would replace them silently\)"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=sequential(1, 3), **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=sequential(2, 20), **kwargs)
+    _resume_from_before(tmp_path, "scheduler_parts", lr=1e-2, scheduler=sequential(1, 3))
+
+    def chained(step_size):
+        return lambda opt: torch.optim.lr_scheduler.ChainedScheduler([
+            torch.optim.lr_scheduler.StepLR(opt, step_size, 0.5), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)])
+
+    kwargs["out_dir"] = tmp_path / "chained"
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, scheduler=chained(1), **kwargs)
+    with pytest.raises(ValueError, match=r"a scheduler of schedulers\[0\].step_size=1, this call's has "
+                                         r"schedulers\[0\].step_size=3 "):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=chained(3), **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=chained(1), **kwargs)
+
+
 def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without_one(tmp_path):
     """The epoch permutations are drawn over len(train_data): a resume on a training set of another size silently
     trained on another data order (and other data) than the uninterrupted run."""

@@ -409,6 +409,24 @@ def _settings(state, skip=()):
     return settings
 
 
+def _scheduler_parts(scheduler):
+    """The settings a SequentialLR or ChainedScheduler keeps under private keys of its state_dict(), which
+    ``_settings`` skips: SequentialLR's milestones and each scheduler's class and settings, flattened
+    ({"milestones": (2,), "schedulers[1]": "...CosineAnnealingLR", "schedulers[1].T_max": 20, ...}); None for other
+    schedulers. The checkpoint's states replace them all on resume."""
+    parts = getattr(scheduler, "_schedulers", None)
+    if not isinstance(parts, (list, tuple)) or not all(hasattr(part, "state_dict") for part in parts):
+        return None
+    settings = {}
+    if getattr(scheduler, "_milestones", None) is not None:
+        settings["milestones"] = _as_tuples(list(scheduler._milestones))
+    for i, part in enumerate(parts):
+        settings[f"schedulers[{i}]"] = _class_path(part)
+        own = {**_settings(part.state_dict(), _SCHEDULER_PROGRESS), **(_scheduler_parts(part) or {})}
+        settings.update({f"schedulers[{i}].{key}": value for key, value in own.items()})
+    return settings
+
+
 def _make_scheduler(name, scheduler, optimizer):
     if scheduler is None:
         return None
@@ -696,7 +714,8 @@ def fit(
               "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer), "scheduler": _class_path(scheduler),
               "num_samples": len(train_data), "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
               "scheduler_settings": None if scheduler is None else _settings(scheduler.state_dict(),
-                                                                             _SCHEDULER_PROGRESS)}
+                                                                             _SCHEDULER_PROGRESS),
+              "scheduler_parts": _scheduler_parts(scheduler)}
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
     if resume_path is not None:
@@ -717,7 +736,8 @@ def fit(
         # The checkpoint's optimizer and scheduler states replace the settings of those built here (a caller's
         # optimizer with another lr or momentum, a cosine schedule with another T_max would be ignored silently).
         # Checkpoints written before the settings were recorded pass.
-        for key, what in (("optimizer_settings", "an optimizer"), ("scheduler_settings", "a scheduler")):
+        for key, what in (("optimizer_settings", "an optimizer"), ("scheduler_settings", "a scheduler"),
+                          ("scheduler_parts", "a scheduler")):
             saved, now = state["config"].get(key), config[key]
             changed = [] if saved is None or now is None else sorted(
                 k for k in set(saved) | set(now) if saved.get(k, "unset") != now.get(k, "unset"))
