@@ -264,6 +264,26 @@ def test_resume_refuses_other_settings_of_a_sequential_or_chained_scheduler(tmp_
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=chained(1), **kwargs)
 
 
+def test_resume_refuses_a_plateau_scheduler_switched_between_the_validation_and_training_loss(tmp_path):
+    """ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: a resume that left val_data out stepped
+    the checkpoint's scheduler (its best a validation loss) on the training loss, and cut the lr where the
+    uninterrupted run did not."""
+    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)  # noqa: E731
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False, scheduler=plateau)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=1, **kwargs)
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with "
+                                         r"plateau_metric='val_loss', this call has plateau_metric='train_loss'; "
+                                         r"ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: "
+                                         r"give val_data or leave it out as that run did$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=2, resume=True, **kwargs)
+    _resume_from_before(tmp_path, "plateau_metric", lr=1e-2, scheduler=plateau)  # no val_data
+    # without ReduceLROnPlateau validation does not touch training: it may be added or left out
+    kwargs.update(out_dir=tmp_path / "step", scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
+    fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=1, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
+
+
 def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without_one(tmp_path):
     """The epoch permutations are drawn over len(train_data): a resume on a training set of another size silently
     trained on another data order (and other data) than the uninterrupted run."""

@@ -715,7 +715,10 @@ def fit(
               "num_samples": len(train_data), "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
               "scheduler_settings": None if scheduler is None else _settings(scheduler.state_dict(),
                                                                              _SCHEDULER_PROGRESS),
-              "scheduler_parts": _scheduler_parts(scheduler)}
+              "scheduler_parts": _scheduler_parts(scheduler),
+              # what ReduceLROnPlateau steps on: its best, read from the checkpoint, is a value of that loss
+              "plateau_metric": None if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+              else "val_loss" if val_data is not None else "train_loss"}
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
     if resume_path is not None:
@@ -726,13 +729,16 @@ def fit(
         # added (a fresh schedule) or of another class (the checkpoint's state read by another rule); an optimizer of
         # another class fails on the loaded state with a bare KeyError; a training set of another size gets other
         # epoch permutations (drawn over its length); amp switched would compute in another precision, with a fresh
-        # GradScaler. Checkpoints written before these were recorded pass.
+        # GradScaler; a ReduceLROnPlateau given val_data or not would compare the other loss with its best.
+        # Checkpoints written before these were recorded pass.
         for key in ("batch_size", "seed", "defense", "lr", "channels_last", "prepacked_conv", "drop_max_layers",
-                    "max_grad_norm", "optimizer", "scheduler", "num_samples", "amp"):
+                    "max_grad_norm", "optimizer", "scheduler", "num_samples", "amp", "plateau_metric"):
             saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
             if saved != config[key]:
+                hint = ("; ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: give val_data or "
+                        "leave it out as that run did" if key == "plateau_metric" else "")
                 raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
-                                 f"call has {key}={config[key]!r}")
+                                 f"call has {key}={config[key]!r}{hint}")
         # The checkpoint's optimizer and scheduler states replace the settings of those built here (a caller's
         # optimizer with another lr or momentum, a cosine schedule with another T_max would be ignored silently).
         # Checkpoints written before the settings were recorded pass.
