@@ -1059,6 +1059,102 @@ def test_resume_restores_the_defense_state(tmp_path):
     assert torch.equal(ref.margins, resumed.margins)
 
 
+class _DropoutCNN(nn.Module):
+    """Batch norm, a max-pooling layer (MIRST-DM's drop-max goes there) and dropout (the global RNG)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _interrupt_after_checkpoint(model, checkpoint, count):
+    """Raise KeyboardInterrupt at the model's ``count``-th forward (attack forwards included) once ``checkpoint``
+    exists: inside the next epoch, inside an attack."""
+    calls = [0]
+
+    def hook(module, inputs):
+        calls[0] += checkpoint.is_file()
+        if calls[0] == count:
+            raise KeyboardInterrupt
+
+    return model.register_forward_pre_hook(hook)
+
+
+def _plateau(opt):
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, threshold=0.5)
+
+
+@pytest.mark.parametrize("name,options,settings", [
+    ("dpaat", dict(steps=2, reference="running"), dict(scheduler=_plateau, val=True)),
+    ("mirst-dm", dict(), dict(channels_last=True, prepacked_conv=True, max_grad_norm=0.5)),
+    ("arfl", dict(steps=2), dict(optimizer=torch.optim.SGD, other_out_dir=True)),
+    ("trades", dict(steps=2), dict(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+                                   scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), val=True)),
+    ("ima", dict(steps=2, search_steps=2), dict(channels_last=True, scheduler=_plateau)),
+])
+def test_resume_after_a_mid_epoch_interrupt_is_bitwise_identical(tmp_path, name, options, settings):
+    """Interrupted inside epoch 2 (inside an attack) and resumed from the epoch-1 checkpoint, with fresh objects: the
+    weights, optimizer, scheduler and defense states and the history equal the uninterrupted run's bitwise."""
+    settings = dict(settings)
+    val = IndexedDataset(_data(8, seed=1)) if settings.pop("val", False) else None
+    other_out_dir = settings.pop("other_out_dir", False)
+    if "optimizer" not in settings:
+        settings["lr"] = 1e-2
+    data = IndexedDataset(TensorDataset(torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                                        torch.arange(24) % 2))
+    kwargs = dict(batch_size=8, progress=False, seed=3, **settings)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(0)
+        init = _weights(_DropoutCNN())
+        runs = []
+        for interrupted in (False, True):
+            model, defense = _DropoutCNN(), defenses.build(name, **options)
+            model.load_state_dict(init)
+            out_dir = tmp_path / f"run{len(runs)}"
+            if interrupted:
+                handle = _interrupt_after_checkpoint(model, out_dir / "checkpoint.pt", 5)
+                with pytest.raises(KeyboardInterrupt):
+                    fit(model, defense, data, val, epochs=3, out_dir=out_dir, **kwargs)
+                handle.remove()
+                assert load_checkpoint(out_dir / "checkpoint.pt")["epoch"] == 1
+                torch.manual_seed(123)  # whatever happened in between must not matter
+                model, defense = _DropoutCNN(), defenses.build(name, **options)
+                resume = out_dir / "checkpoint.pt" if other_out_dir else True
+                out_dir = tmp_path / "elsewhere" if other_out_dir else out_dir
+                result = fit(model, defense, data, val, epochs=3, out_dir=out_dir, resume=resume, **kwargs)
+            else:
+                result = fit(model, defense, data, val, epochs=3, out_dir=out_dir, **kwargs)
+            runs.append((result, defense, load_checkpoint(out_dir / "checkpoint.pt")))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    (ref, ref_defense, ref_state), (resumed, resumed_defense, resumed_state) = runs
+    for k, v in _weights(ref.model).items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    for key in ("optimizer", "scheduler", "defense", "rng", "sampler"):
+        assert _same(ref_state[key], resumed_state[key]), key
+    assert _same(ref_defense.state_dict(), resumed_defense.state_dict())
+    assert [{k: v for k, v in row.items() if k != "time_s"} for row in ref.history] == \
+        [{k: v for k, v in row.items() if k != "time_s"} for row in resumed.history]
+
+
+def _same(a, b):
+    """Bitwise equality of nested state (tensors, dicts, lists, plain values)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 
 @pytest.mark.parametrize("make", [lambda: IMA(steps=2, search_steps=2),
                                   lambda: defenses.build("dpaat", steps=2, reference="running")],
