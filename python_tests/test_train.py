@@ -196,6 +196,25 @@ def test_resume_refuses_another_optimizer_class_and_passes_checkpoints_without_o
     _resume_from_before(tmp_path, "optimizer", optimizer=adam)
 
 
+def test_resume_with_other_trainable_parameters_or_groups_names_the_checkpoint_and_the_fix(tmp_path):
+    """A model with another layer frozen, or an optimizer with another number of parameter groups, failed in
+    torch's optimizer.load_state_dict with a message naming neither fit, the checkpoint nor the fix."""
+    kwargs = dict(batch_size=8, out_dir=tmp_path, progress=False)
+    adam = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, optimizer=adam, **kwargs)
+    frozen = DropoutMLP()
+    frozen.net[1].requires_grad_(False)
+    fix = (r"; train the same parameters \(requires_grad\) in the same parameter groups as that run did$")
+    with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: its optimizer state does not fit this "
+                                         r"call's optimizer \(loaded state dict contains a parameter group that "
+                                         r"doesn't match the size of optimizer's group\)" + fix):
+        fit(frozen, defenses.Standard(), _data(16), epochs=2, optimizer=adam, resume=True, **kwargs)
+    grouped = lambda params: torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2)  # noqa: E731
+    with pytest.raises(ValueError, match=r"its optimizer state does not fit this call's optimizer \(loaded state dict "
+                                         r"has a different number of parameter groups\)" + fix):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, optimizer=grouped, resume=True, **kwargs)
+
+
 def test_resume_refuses_other_optimizer_or_scheduler_settings_and_passes_checkpoints_without_them(tmp_path):
     """The checkpoint's optimizer and scheduler states replace the settings of those built for the resume: another
     lr, momentum or weight decay of a caller's optimizer, or another T_max or milestones of its scheduler, trained on

@@ -769,7 +769,12 @@ def fit(
         except RuntimeError as err:  # another architecture (a RUN_DIR without run.json resumed with another --model)
             raise ValueError(f"{name}: cannot resume {resume_path}: its weights do not fit this model "
                              f"({state_dict_mismatch(err)})") from None
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # torch's text names neither the checkpoint nor the fix
+            raise ValueError(f"{name}: cannot resume {resume_path}: its optimizer state does not fit this call's "
+                             f"optimizer ({err}); train the same parameters (requires_grad) in the same parameter "
+                             "groups as that run did") from None
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler") is not None:
