@@ -96,6 +96,24 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path, defense_name, 
     assert [r["epoch"] for r in out.history] == [1, 2, 3]
 
 
+def test_resume_of_a_finished_run_killed_before_its_metrics_files_rewrites_them(tmp_path):
+    """The metrics files are written after the checkpoint: a run killed between the two, resumed with no epoch left,
+    kept metrics.csv / metrics.json an epoch behind the checkpoint (and epochs_done, which reads them)."""
+    from robust_ops.train import _write_metrics, epochs_done
+
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    result = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, **kwargs)
+    _write_metrics(tmp_path, result.history[:1])  # as the files stood when the process was killed
+    resumed = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
+    assert epochs_done(tmp_path) == 2 == len(resumed.history)
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
+    assert [row["epoch"] for row in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
+    # resumed into another out_dir with no epoch left: nothing is written there (no checkpoint beside the files)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "checkpoint.pt",
+        **{**kwargs, "out_dir": tmp_path / "other"})
+    assert not (tmp_path / "other" / "metrics.json").exists()
+
+
 def test_resume_refuses_another_lr_or_fewer_epochs(tmp_path):
     """The optimizer state (lr included) comes from the checkpoint, so another lr would be ignored silently."""
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, lr=1e-2, out_dir=tmp_path,

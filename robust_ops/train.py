@@ -995,6 +995,11 @@ def fit(
         if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, would push the next down
             bar.close()
         speedups.__exit__(None, None, None)
+    resumed_here = resume_path is not None and ckpt_path is not None and resume_path.resolve() == ckpt_path.resolve()
+    if rank == 0 and resumed_here and start_epoch == epochs and epochs_done(out_dir) != len(history):
+        # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
+        # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
+        _write_metrics(Path(out_dir), history)
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
                      else None, model=model)
 
