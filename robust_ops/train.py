@@ -209,6 +209,11 @@ def epochs_done(out_dir):
             return state["epoch"]
     except (OSError, ValueError):
         pass  # no (readable) checkpoint: fit starts afresh or names the file itself
+    return _epochs_in_history_file(out_dir)
+
+
+def _epochs_in_history_file(out_dir):
+    """Rows of out_dir's metrics.json; 0 without a readable one."""
     try:
         return len(json.loads((Path(out_dir) / HISTORY_NAME).read_text()))
     except (OSError, ValueError, TypeError):
@@ -996,7 +1001,7 @@ def fit(
             bar.close()
         speedups.__exit__(None, None, None)
     resumed_here = resume_path is not None and ckpt_path is not None and resume_path.resolve() == ckpt_path.resolve()
-    if rank == 0 and resumed_here and start_epoch == epochs and epochs_done(out_dir) != len(history):
+    if rank == 0 and resumed_here and start_epoch == epochs and _epochs_in_history_file(out_dir) != len(history):
         # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
         # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
         _write_metrics(Path(out_dir), history)
