@@ -348,22 +348,26 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     n = x.shape[0]
     fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
     names = info.class_names if info is not None else None
+    # matplotlib gets float32 numpy arrays: a tensor went through numpy's deprecated __array__ fallback (no copy=
+    # keyword; a DeprecationWarning the suite's filter hid), and a bfloat16 one failed ("unsupported ScalarType")
+    cams = cams.float().cpu().numpy() if cams is not None else None
+    grads = grads.float().cpu().numpy()
     for i in range(n):
-        img = x[i].detach().cpu()
+        img = x[i].detach().float().cpu()
         channels = img.shape[0]
         # matplotlib draws 1 (gray) or 3 (RGB) channels; it refused 2 or 5+ and took a 4th as transparency, so other
         # counts (e.g. MRI sequences) are shown as their mean, and the title says so
-        img = img.permute(1, 2, 0) if channels == 3 else img.mean(0)
-        cmap = "gray" if img.dim() == 2 else None
+        img = (img.permute(1, 2, 0) if channels == 3 else img.mean(0)).numpy()
+        cmap = "gray" if img.ndim == 2 else None
         label = (lambda k: names[k] if names else str(k))
         shown = f"\nmean of {channels} channels" if channels not in (1, 3) else ""
         axes[i][0].imshow(img, cmap=cmap, vmin=0, vmax=1)
         axes[i][0].set_title(f"true {label(int(y[i]))}\npred {label(int(pred[i]))}{shown}", fontsize=7)
         if cams is not None:
             axes[i][1].imshow(img, cmap=cmap, vmin=0, vmax=1)
-            axes[i][1].imshow(cams[i].cpu(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axes[i][1].imshow(cams[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             axes[i][1].set_title("Grad-CAM", fontsize=7)
-        axes[i][cols - 1].imshow(grads[i].cpu(), cmap="hot", vmin=0, vmax=1)
+        axes[i][cols - 1].imshow(grads[i], cmap="hot", vmin=0, vmax=1)
         axes[i][cols - 1].set_title("input gradient", fontsize=7)
         for ax in axes[i]:
             ax.axis("off")
