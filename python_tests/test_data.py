@@ -1,6 +1,7 @@
 """Dataset loaders: MedMNIST npz variants and their errors, BUSI folders, CSV layout, synthetic sets, k-fold."""
 
 import hashlib
+import re
 import shutil
 import warnings
 
@@ -180,8 +181,10 @@ def test_busi_folder(tmp_path):
     # zero padding: a 40x20 image becomes 40x40 with black bands above and below
     assert float(x[0, 0, 0].max()) == 0.0 and float(x[0, 0, 8].min()) > 0
     assert torch.allclose(x[y == 1][:, :, 8, 8], torch.tensor(200 / 255))
-    assert s.info.extra == {"excluded_samples": 10, "excluded_labels": {"normal": 10},  # the filter is recorded
-                            "class_counts": {"benign": 10, "malignant": 10}}
+    extra = dict(s.info.extra)
+    assert re.fullmatch("[0-9a-f]{16}", extra.pop("samples_digest"))  # eval and --resume compare it
+    assert extra == {"excluded_samples": 10, "excluded_labels": {"normal": 10},  # the filter is recorded
+                     "class_counts": {"benign": 10, "malignant": 10}}
     s3 = load_dataset(tmp_path, size=16)
     assert s3.info.class_names == ("benign", "malignant", "normal") and s3.info.positive_class is None
     assert s3.info.extra["excluded_samples"] == 0
@@ -248,8 +251,9 @@ def test_csv_subset_filter_is_recorded(tmp_path):
     (tmp_path / "imgs" / "im2.jpg").unlink()  # an excluded row's image need not exist
     s = load_dataset(path, size=8, classes=("nv", "mel"))
     assert s.info.class_names == ("nv", "mel") and len(s.train) + len(s.val) + len(s.test) == 20
-    assert s.info.extra == {"excluded_samples": 10, "excluded_labels": {"bkl": 10},
-                            "class_counts": {"nv": 10, "mel": 10}}
+    extra = dict(s.info.extra)
+    assert re.fullmatch("[0-9a-f]{16}", extra.pop("samples_digest"))  # eval and --resume compare it
+    assert extra == {"excluded_samples": 10, "excluded_labels": {"bkl": 10}, "class_counts": {"nv": 10, "mel": 10}}
     assert s.info.to_dict()["excluded_labels"] == {"bkl": 10}  # so run.json / results.json show it
     with pytest.raises(DataError, match=r"1 image\(s\) listed but not found"):
         load_dataset(path, size=8)
