@@ -523,7 +523,6 @@ def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_p
 def test_mirst_dm_with_dropmax_all_trains_what_run_json_records(small_npz, tmp_path, capsys, monkeypatch):
     """--defense mirst-dm --dropmax all: every max-pooling of the trained model is drop-max, as run.json records and
     eval rebuilds (the option was dropped: mirst-dm replaced only the first, and eval attacked another model)."""
-    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     from robust_ops import train
     from robust_ops.nn import DropMax2d
 
@@ -547,7 +546,6 @@ def test_mirst_dm_with_dropmax_all_trains_what_run_json_records(small_npz, tmp_p
 
 
 def test_demo_quick_synthetic(tmp_path, capsys):
-    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     out = tmp_path / "demo"
     assert cli.DEMO_METHODS == ("standard", "rst", "mirst", "mirst-dm", "ima")  # the default set (all five)
     rc, stdout, err = run(["demo", "--quick", "--methods", "standard,mirst-dm,ima", "--out", out, "--attacks",
@@ -646,7 +644,6 @@ def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reproduce_quick_mirst_bus(breastmnist, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
     out = tmp_path / "mirst"
     rc, _, err = run(["reproduce", "mirst-bus", "--quick", "--out", out, "--no-progress", "--device", "cpu"], capsys)
@@ -1724,7 +1721,6 @@ def test_defense_spelled_otherwise_is_recorded_as_the_registry_names_it(tmp_path
     recorded the name as typed and dropmax none, so eval rebuilt plain max-pooling and refused the run's own
     checkpoint. The registered name is recorded, so eval rebuilds the model trained and --resume with either
     spelling is the same run."""
-    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     out = tmp_path / "run"
     argv = ["train", "--data", _folder(tmp_path / "d"), "--size", "8", "--epochs", "1", "--out", out, "--no-progress",
             "--device", "cpu", "--defense", "MIRST-DM"]
@@ -1906,7 +1902,6 @@ def test_eval_on_data_or_a_model_the_checkpoint_cannot_take_says_why(trained_run
 def test_demo_methods_take_train_defense_spellings(tmp_path, capsys):
     """docs/cli.md: demo's --methods takes any train --defense value; train takes MIRST-DM / mirst_dm (the registry
     reads names in any case, _ for -), but demo refused them as unknown defenses."""
-    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     argv = ["demo", "--data", _folder(tmp_path / "d"), "--size", "8", "--quick", "--attacks", "fgsm", "--eps",
             "1/255", "--saliency", "0", "--out", tmp_path / "demo", "--no-progress", "--device", "cpu", "--methods"]
     rc, _, err = run(argv + ["Standard,MIRST_DM"], capsys)
@@ -1960,7 +1955,6 @@ def test_own_mirst_dm_subclass_by_path_records_its_drop_max(tmp_path, capsys):
     """A MIRST-DM class given by dotted path (a subclass of yours, or the library's own) replaces the first
     max-pooling as mirst-dm does; run.json recorded dropmax none (only the name mirst-dm was looked for), so eval
     rebuilt plain max-pooling and refused the run's own checkpoint, telling to put run.json beside it."""
-    pytest.importorskip("robust_ops.nn", reason="MIRST-DM needs DropMax2d (robust_ops.nn)")
     out = tmp_path / "run"
     rc, _, err = run(["train", "--data", _folder(tmp_path / "d"), "--size", "8", "--epochs", "1", "--out", out,
                       "--no-progress", "--device", "cpu", "--defense", "robust_ops.defenses.mirst.MIRSTDM"], capsys)

@@ -2,7 +2,6 @@
 two-moons; MIRST's reuse of the attack's backward passes gives the plain formulation's gradients; DPAAT/AMAT radius
 rules; ARFL's loss and options; the registry and the input checks."""
 
-import importlib.util
 import math
 import re
 
@@ -57,10 +56,6 @@ def _step(model, defense, opt, x, y, ids=None):
 
 
 def _build(name):
-    if name == "ima" and importlib.util.find_spec("robust_ops.ima") is None:
-        pytest.skip("robust_ops.ima (the IMA helper's module) is not merged yet")
-    if name == "mirst-dm" and importlib.util.find_spec("robust_ops.nn") is None:
-        pytest.skip("robust_ops.nn (replace_maxpool) is not merged yet")
     small = dict(steps=8) if name in ("mirst", "mirst-dm") else {}
     if name in ("at", "sat", "trades", "rst", "llr", "mart", "fat"):
         small = dict(steps=3)

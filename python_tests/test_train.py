@@ -715,17 +715,6 @@ DDP_CASES = (("standard", {}), ("mirst", {"steps": 4, "emit": (2, 4), "beta": (0
              ("dpaat", {"steps": 2}))
 
 
-def _ima_available():
-    import importlib.util
-
-    return importlib.util.find_spec("robust_ops.ima") is not None and importlib.util.find_spec("robust_ops.data") \
-        is not None
-
-
-def _cases():
-    return [c for c in DDP_CASES if c[0] != "ima" or _ima_available()]
-
-
 def _train_case(name, kwargs, init):
     from robust_ops.data import IndexedDataset
 
@@ -758,7 +747,7 @@ def _ddp_worker(rank, world, port, init_path, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         init = torch.load(init_path, weights_only=True)
-        results = {name: _train_case(name, kwargs, init) for name, kwargs in _cases()}
+        results = {name: _train_case(name, kwargs, init) for name, kwargs in DDP_CASES}
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -781,7 +770,7 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
         assert (tmp_path / f"ddp.pt.threads{rank}").read_text() == "", f"process {rank}: gloo threads left running"
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     init = torch.load(tmp_path / "init.pt", weights_only=True)
-    for name, kwargs in _cases():
+    for name, kwargs in DDP_CASES:
         single = _train_case(name, kwargs, init)
         for k, v in single["model"].items():
             torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
