@@ -293,6 +293,31 @@ def test_grad_matches_reference_autograd(fmt, dtype):
     assert x1.grad.is_contiguous(memory_format=expected_format(x))
 
 
+def check_half_gradients_round_once(pool, backward, device="cpu"):
+    """docs/ops/drop_max_pool2d.md: float16/bfloat16 gradients accumulate in float32 and are rounded once, so they
+    equal the float32 backward of the same values, rounded, bit for bit. Shared with the Triton tests. The half-dtype
+    tolerance of the reference comparison let a half-precision running sum pass: the data below tells them apart."""
+    g = torch.Generator().manual_seed(0)
+    args = ((3, 3), (1, 1), (1, 1), (1, 1), False)  # stride 1: up to 9 windows add into one element
+    for dtype in (torch.float16, torch.bfloat16):
+        for fmt in ("contiguous", "channels_last"):
+            x = layout(torch.randint(-2, 3, (2, 5, 9, 8), generator=g).to(dtype), fmt).to(device)  # ties: shared picks
+            _, idx = pool(x, *args)
+            grad = layout(torch.randn(idx.shape, generator=g).to(dtype), fmt).to(device)
+            got = backward(grad, idx, list(x.shape))
+            want = backward(grad.float(), idx, list(x.shape)).to(dtype)
+            assert_verbose_equal(got, want, f"{dtype} {fmt} gradient")
+            half_sum = torch.zeros(x.numel(), dtype=dtype)  # what adding in the half type itself would give
+            planes = torch.arange(idx.shape[0] * idx.shape[1]).view(idx.shape[0], idx.shape[1], 1, 1) * x[0, 0].numel()
+            for position, value in zip((idx.cpu() + planes).flatten().tolist(), grad.cpu().flatten()):
+                half_sum[position] += value
+            assert not torch.equal(half_sum.view(x.shape), want.cpu()), "the data must tell the two sums apart"
+
+
+def test_half_gradients_accumulate_in_float32_and_round_once():
+    check_half_gradients_round_once(op, backward_op)
+
+
 def test_backward_accumulates_overlapping_windows():
     # Stride 1, kernel 3: an element selected by several windows gets the sum of their gradients.
     x = torch.zeros(1, 1, 3, 3)

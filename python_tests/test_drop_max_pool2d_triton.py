@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 import robust_ops
 from robust_ops import reference
 
-from test_drop_max_pool2d import (check_against_reference, check_double_backward_without_input, expected_format, layout,
-                                  make_input, pool_cases)
+from test_drop_max_pool2d import (check_against_reference, check_double_backward_without_input,
+                                  check_half_gradients_round_once, expected_format, layout, make_input, pool_cases)
 from utils import assert_verbose_equal
 
 pytestmark = pytest.mark.triton
@@ -140,6 +140,10 @@ def test_backward_op_returns_the_native_dtype_and_layout(fmt, dtype):
     assert got.is_contiguous(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
+
+
+def test_half_gradients_accumulate_in_float32_and_round_once():
+    check_half_gradients_round_once(triton_op(), torch.ops.robust_ops._drop_max_pool2d_backward_triton, DEVICE)
 
 
 def test_gradcheck_float64():
