@@ -62,6 +62,8 @@ def pytest_collection_modifyitems(config, items):
         else "triton is not installed"
     )
     for item in items:
+        if "breastmnist" in getattr(item, "fixturenames", ()):  # pyproject's needs_data marker, so -m selects them
+            item.add_marker(pytest.mark.needs_data)
         if "needs_cuda" in item.keywords and not has_cuda:
             item.add_marker(skip_cuda)
         if "triton" in item.keywords and not (has_triton and (has_cuda or interpreted)):

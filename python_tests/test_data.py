@@ -37,6 +37,19 @@ def test_breastmnist_real(breastmnist):
     assert int((y == 0).sum()) == 42
 
 
+def test_tests_reading_breastmnist_carry_the_needs_data_marker():
+    """pyproject declares the needs_data marker for them, but no test carried it: -m "not needs_data" (offline, no
+    data) selected every one and -m needs_data none."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co", "-m", "needs_data",
+                           __file__], capture_output=True, text=True, timeout=300)
+    selected = {line.split("::")[1] for line in done.stdout.splitlines() if "::" in line}
+    assert selected == {"test_breastmnist_real", "test_breastmnist_by_name", "test_official_md5_matches",
+                        "test_copy_of_official_file_under_other_name_is_not_md5_checked"}, done.stdout[-2000:]
+
+
 def test_breastmnist_by_name(breastmnist, monkeypatch):
     monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
     assert load_dataset("breastmnist").info.name == "breastmnist"
