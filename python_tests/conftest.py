@@ -47,8 +47,10 @@ def breastmnist():
 
 
 def pytest_collection_modifyitems(config, items):
+    from robust_ops import _backend
+
     has_cuda = torch.cuda.is_available()
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = _backend.triton_interpreted()  # as triton reads it: TRITON_INTERPRET=true interprets too
     try:
         import triton  # noqa: F401
 
