@@ -1,5 +1,6 @@
 """robust_ops::max_pool2d (CPU) against ATen's F.max_pool2d: outputs, indices and gradients bitwise equal on random
-geometries, ties, NaN and -inf, both memory formats, every CPU instruction-set path; opcheck, gradcheck, errors."""
+geometries, ties, NaN and -inf, both memory formats, the CPU instruction-set paths this CPU has; opcheck, gradcheck,
+errors."""
 
 import pytest
 import torch
