@@ -1753,6 +1753,15 @@ def test_reproduce_methods_with_an_empty_entry(capsys):
         one_line_error(rc, err, "--methods: ima-bus has no method (none given); choose from STD, SAT, TRADES, IMA")
 
 
+def test_reproduce_methods_given_twice_are_refused_as_demo_refuses_them(tmp_path, capsys):
+    """--methods STD,std ran STD once, silently (demo refuses a repeated method: a second entry was likely meant to be
+    another method)."""
+    rc, _, err = run(["reproduce", "ima-bus", "--methods", "STD,IMA,std", "--device", "cpu", "--epochs", "1",
+                      "--seeds", "1", "--out", tmp_path / "o"], capsys)
+    one_line_error(rc, err, "--methods: std given more than once")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("text, needle", [("[1, 2]", "expected a JSON object of the run's settings, got list"),
                                           ("{\"data\": ", "not valid JSON (")])
 def test_run_json_that_is_not_an_object_is_a_one_line_error(trained_run, tmp_path, capsys, text, needle):
