@@ -344,11 +344,11 @@ def test_evaluate_models_rejects_unknown_split():
         cli.evaluate_models({}, None, SimpleNamespace(split="train"), [], [], "cpu", None, "t", {})
 
 
-def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
+def _train_interrupted_after_one_epoch(small_npz, out, capsys, monkeypatch):
+    """`train --epochs 2` stopped by Ctrl-C after its first epoch's checkpoint; returns (argv, rc, stderr)."""
     from robust_ops import train
 
     real_fit = train.fit
-    out = tmp_path / "run"
 
     def fit_then_interrupt(*args, **kwargs):
         kwargs["epochs"] = 1
@@ -358,8 +358,14 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "fit", fit_then_interrupt)
     argv = ["train", "--data", small_npz, "--epochs", "2", "--out", out, "--no-progress", "--device", "cpu"]
     rc, _, err = run(argv, capsys)
-    assert rc == 130 and "--resume" in err and (out / "checkpoint.pt").is_file()
     monkeypatch.setattr(train, "fit", real_fit)
+    return argv, rc, err
+
+
+def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv, rc, err = _train_interrupted_after_one_epoch(small_npz, out, capsys, monkeypatch)
+    assert rc == 130 and "--resume" in err and (out / "checkpoint.pt").is_file()
     rc, _, err = run(argv + ["--resume"], capsys)
     assert rc == 0, err
     state = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -1812,20 +1818,9 @@ def test_eval_refuses_a_checkpoint_from_another_run_beside_run_json(small_npz, t
 
 def test_eval_of_an_interrupted_run_warns_and_records_the_epochs_trained(small_npz, tmp_path, capsys, monkeypatch):
     # eval of a run stopped after 1 of its 2 epochs said nothing, and results.json's config recorded "epochs": 2
-    from robust_ops import train
-
-    real_fit = train.fit
     out = tmp_path / "run"
-
-    def fit_then_interrupt(*args, **kwargs):
-        kwargs["epochs"] = 1
-        real_fit(*args, **kwargs)  # one finished epoch, checkpoint written
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "fit", fit_then_interrupt)
-    argv = ["train", "--data", small_npz, "--epochs", "2", "--out", out, "--no-progress", "--device", "cpu"]
-    assert run(argv, capsys)[0] == 130
-    monkeypatch.setattr(train, "fit", real_fit)
+    argv, rc, _ = _train_interrupted_after_one_epoch(small_npz, out, capsys, monkeypatch)
+    assert rc == 130
     ev = ["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
     rc, _, err = run(ev, capsys)
     assert rc == 0, err
