@@ -634,6 +634,14 @@ def _file_stamp(path):
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def refuse_repeated_methods(methods):
+    """demo's and reproduce's --methods: each method has one run folder, so a second entry would only name the same
+    run again (a typo for another method?)."""
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise CLIError(f"--methods: {', '.join(repeated)} given more than once")
+
+
 def describe_classes(info):
     """``benign = 0, malignant = 1 (positive)``: the label each class got and the class sensitivity is about."""
     if not info.class_names:
@@ -1067,9 +1075,7 @@ def cmd_demo(args):
         elif m not in defenses.NAMES:
             raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}, "
                            f"{PATH_HINT}")
-    repeated = sorted({m for m in methods if methods.count(m) > 1})
-    if repeated:  # each method has one run folder: a second entry would only train the same run again
-        raise CLIError(f"--methods: {', '.join(repeated)} given more than once")
+    refuse_repeated_methods(methods)
     for flag, value in (("--epochs", args.epochs), ("--train-size", args.train_size)):
         if args.quick and value is not None:  # it would be ignored silently
             raise CLIError(f"{flag}: --quick sets its own (2 epochs on 64 training images); drop one of the two "

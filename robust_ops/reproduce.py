@@ -577,14 +577,14 @@ def pick_methods(protocol, labels):
     known = {m.label.lower() for m in protocol.methods}
     wanted = [label.strip().lower() for label in labels if label.strip()]  # STD, or STD,,IMA: as demo's --methods
     unknown = [label for label in wanted if label not in known]
-    from .cli import CLIError
-
     if unknown or not wanted:
+        from .cli import CLIError
+
         raise CLIError(f"--methods: {protocol.name} has no method {', '.join(unknown) or '(none given)'}; "
                        f"choose from {', '.join(m.label for m in protocol.methods)}")
-    repeated = sorted({label for label in wanted if wanted.count(label) > 1})
-    if repeated:  # as demo's --methods: a second entry (STD,std) names the same run again -- a typo for another?
-        raise CLIError(f"--methods: {', '.join(repeated)} given more than once")
+    from .cli import refuse_repeated_methods
+
+    refuse_repeated_methods(wanted)  # STD,std: lower-cased, as they are matched
     return [m for m in protocol.methods if m.label.lower() in wanted]
 
 
