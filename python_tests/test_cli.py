@@ -456,6 +456,7 @@ def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_pa
     assert rc == 0, err
     doc = json.loads((out / "eval" / "results.json").read_text())
     assert doc["config"]["channels_last"] is True and [r["attack"] for r in doc["rows"]] == ["none", "fgsm"]
+    assert doc["config"]["eval_batch_size"] == 128 and doc["config"]["saliency_images"] == 0  # how it was made
     # --no-channels-last attacks the channels_last run in NCHW (until 2026-12-02 it only undid a config file's true)
     rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--device", "cpu",
                       "--no-channels-last", "--out", tmp_path / "nchw"], capsys)

@@ -966,6 +966,9 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
         g = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(y), generator=g)[:count]
         saliency = (models, x[pick], y[pick])
+    # both shape what the run wrote (random starts and Square's noise are drawn per batch; the figure's images), so a
+    # results.json read later says how it was made
+    config = {**config, "eval_batch_size": args.eval_batch_size, "saliency_images": count}
     paths = write_results(out, rows, splits.info, config=config, device=device, title=title, saliency=saliency,
                           extra_markdown=extra_markdown, paper=paper)
     metrics = ("f1", "sensitivity", "accuracy") if splits.info.num_classes == 2 else ("accuracy", "f1", "map")
