@@ -998,6 +998,20 @@ def test_fresh_train_replaces_the_old_checkpoint(small_npz, tmp_path, capsys, mo
     assert json.loads((out / "run.json").read_text())["defense_options"]["eps"] == 8 / 255
 
 
+def test_fresh_train_warns_that_the_old_eval_results_are_stale(small_npz, tmp_path, capsys):
+    """RUN_DIR/eval (eval's default --out) of the run a fresh train replaces is kept, with a warning: its numbers
+    describe the old weights."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu"]
+    assert run(argv, capsys)[0] == 0
+    assert "holds results" not in run(argv, capsys)[2]  # no eval yet: nothing to say
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(argv, capsys)
+    assert rc == 0 and f"warning: {out / 'eval'} holds results of the run this one replaces; rerun" in err, err
+    assert (out / "eval" / "results.json").is_file()
+
+
 def test_defense_options_training_would_refuse_are_refused_before_run_json(small_npz, tmp_path, capsys):
     """--defense-opt eps=8 (meant as 8/255) on [0, 1] images, or an IMA num_samples other than the training set's:
     refused naming the option before anything is written, not as a 'training failed' after run.json was written."""

@@ -602,6 +602,9 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     else:  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed under this run.json
         for name in (CHECKPOINT, "metrics.csv", trainer.HISTORY_NAME):
             (out / name).unlink(missing_ok=True)
+        if (out / "eval" / "results.json").is_file():  # eval's default --out: kept (the user's), but now stale
+            warnings.warn(f"{out / 'eval'} holds results of the run this one replaces; rerun `{PROG} eval {out}` "
+                          "once training ends to replace them")
     # a resumed checkpoint fit refuses (no run.json held its settings to compare) must keep the record it had, or
     # none: this command's would describe a run that never trained and refuse the rerun with the right settings
     ckpt = out / CHECKPOINT
