@@ -96,6 +96,8 @@ def test_build_registry_names_and_unknown_name():
     with pytest.raises(ValueError, match="defenses.build: unknown defense 'pgd-at'; expected one of standard, at, sat, "
                                          "trades, rst, gr, llr, mart, fat, amat, mirst, mirst-dm, ima, dpaat, arfl"):
         defenses.build("pgd-at")
+    with pytest.raises(ValueError, match=r"defenses.build: unknown defense \['at'\]; expected one of standard, "):
+        defenses.build(["at"])  # not a name: it was looked up as a key ("unhashable type: 'list'")
     with pytest.raises(ValueError, match="gr: unknown option 'eps'; it takes lam, norm$"):
         defenses.build("gr", eps=0.1)
     with pytest.raises(ValueError, match="standard: unknown option 'eps'; it takes no options$"):

@@ -45,7 +45,8 @@ def defense_class(name):
     (package.module.Class; its module is imported)."""
     if is_import_path(name):  # as given: module and class names are case-sensitive
         return class_from_path("defenses.build", "defense", name, Defense, "robust_ops.defenses.Defense")
-    key = name.lower().replace("_", "-") if isinstance(name, str) else name
+    # only a string names a registered defense (a list such as ["at"] failed as "unhashable type: 'list'")
+    key = name.lower().replace("_", "-") if isinstance(name, str) else None
     if key not in REGISTRY:
         raise ValueError(f"defenses.build: unknown defense {name!r}; expected one of {', '.join(NAMES)}, {PATH_HINT}")
     module, cls = REGISTRY[key].split(":")
