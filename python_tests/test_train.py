@@ -1941,6 +1941,26 @@ def test_resume_restores_fats_tau_set_by_a_scheduler(tmp_path):
             out_dir=tmp_path / "b", resume=True, **kwargs)
 
 
+def test_resume_with_the_same_fat_whose_tau_a_scheduler_changed(tmp_path):
+    """docs/defenses/fat.md: the tau FAT is built with is the option compared on resume; the scheduled tau is state.
+    Resuming with the same defense, optimizer and scheduler objects (a notebook continuing its run) was refused as
+    "trained with the fat defense's tau=0, this call's defense has tau=2": options() reported the scheduled tau."""
+    torch.manual_seed(0)
+    model, defense = DropoutMLP(), defenses.FAT(steps=2, eps=0.2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+    def ramp(epoch):
+        defense.tau = min(epoch, 3)
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ramp)
+    kwargs = dict(optimizer=optimizer, scheduler=scheduler, out_dir=tmp_path, batch_size=8, progress=False, seed=3)
+    fit(model, defense, _data(), epochs=2, **kwargs)
+    assert defense.tau == 2 and defense.options()["tau"] == 0
+    fit(model, defense, _data(), epochs=3, resume=True, **kwargs)
+    assert defense.tau == 3
+
+
 def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_line_errors(tmp_path):
     """resume= or load_weights on the wrong file: an empty one raised a bare EOFError (no message), a torch file of
     another content AttributeError ('list' object has no attribute 'get'), a JSON file torch's advice to load it

@@ -91,6 +91,12 @@ class FAT(PGDDefense):
     def __init__(self, tau=0, **attack):
         super().__init__(**attack)
         self.tau = check_int(self.name, "tau", tau, minimum=0)
+        self._built_tau = self.tau
+
+    def options(self):
+        # tau as built: the scheduled tau is state (checkpointed), so resuming with this same object once a scheduler
+        # changed it was refused as "trained with tau=0, this call's defense has tau=2"
+        return {**super().options(), "tau": self._built_tau}
 
     def _current_tau(self):
         # set between batches by the caller's scheduler: 1.5 was truncated to 1, -1 refused as run_pgd's early_stop
