@@ -268,13 +268,16 @@ def _bn_model_off_its_statistics(num_classes):
     return model.train()
 
 
-@pytest.mark.parametrize("attack_mode", ["eval", "train"])
-def test_llr_linearity_gap_vanishes_at_the_clean_point_in_the_attack_mode(monkeypatch, attack_mode):
+@pytest.mark.parametrize("attack_mode, frozen_bn", [("eval", False), ("train", False), ("train", True)])
+def test_llr_linearity_gap_vanishes_at_the_clean_point_in_the_attack_mode(monkeypatch, attack_mode, frozen_bn):
     """g(0) = 0 in the mode the inner maximum runs in, also when eval-mode BatchNorm differs from the training forward
-    (running statistics far from the batch's)."""
+    (running statistics far from the batch's), and for a training model whose BatchNorm is frozen in eval mode (the
+    top-level flag alone said train: the training forward's l(x) and grad were reused, g(0) was 0.64)."""
     from robust_ops.attacks.context import use_model_mode
 
     model = _bn_model_off_its_statistics(2)
+    if frozen_bn:
+        model[1].eval()
     llr = defenses.build("llr", steps=1, attack_mode=attack_mode)
     attack, gaps = type(llr).attack, []
 

@@ -81,9 +81,11 @@ class LLR(PGDDefense):
         logits, losses, grad, _ = _input_gradient(model, x, y)
         net = unwrap(model)
         ref_losses, ref_grad = losses.detach(), grad.detach()
-        if self.attack_mode != "keep" and (self.attack_mode == "train") != net.training:
+        attack_training = self.attack_mode == "train"
+        if self.attack_mode != "keep" and any(m.training != attack_training for m in net.modules()):
             # g must vanish at delta = 0 in the mode the inner maximum runs in (eval-mode BatchNorm differs from
-            # the training forward above), so its l(x) and grad are taken again in that mode.
+            # the training forward above), so its l(x) and grad are taken again in that mode. Every module counts:
+            # reading net.training alone reused them for a training model with a frozen (eval) BatchNorm.
             with use_model_mode(net, self.attack_mode):
                 _, ref_losses, ref_grad, _ = _input_gradient(net, x, y, create_graph=False)
             ref_losses, ref_grad = ref_losses.detach(), ref_grad.detach()
