@@ -3102,3 +3102,32 @@ def test_autoattack_empty_attacks_to_run_is_autoattacks_default_no_list():
     assert attacks.AutoAttack(model, attacks=[]).version == "standard"
     with pytest.raises(ValueError, match=r"^autoattack: version='custom' needs the attacks to run"):
         attacks.AutoAttack(model, version="custom", attacks_to_run=[])
+
+
+class _Float64Logits(nn.Module):
+    """float32 inputs, float64 logits (a head computed in double precision)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).double()
+
+
+def test_apgd_runs_on_a_model_returning_float64_logits():
+    """float64 logits of float32 inputs stopped APGD and APGD-T with an index_put dtype error (the best loss over
+    restarts was kept in the inputs' float32); they run, stay in the ball and the range, and break samples."""
+    model = Linear(3).eval()
+    x, y = make_data(6, 3)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for norm, eps, run in (
+            ("linf", 0.1, lambda m: attacks.apgd(m, x, y, eps=0.1, steps=5, n_restarts=2, generator=g())),
+            ("linf", 0.1, lambda m: attacks.apgd_t(m, x, y, eps=0.1, steps=5, generator=g())),
+            ("l2", 0.5, lambda m: attacks.apgd(m, x, y, eps=0.5, norm="l2", steps=5, loss="dlr", generator=g()))):
+        x_adv = run(_Float64Logits(model))
+        assert x_adv.dtype == x.dtype and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+        assert bool((norm_of(x_adv - x, norm) <= eps + 1e-6).all())
+        with torch.no_grad():
+            clean_correct = model(x).argmax(1) == y
+            assert bool((model(x_adv).argmax(1) != y)[clean_correct].any())

@@ -298,6 +298,13 @@ def check_largereps(name, use_largereps, norm, steps=None):
                          "at eps; expected steps = 3 or >= 5")
 
 
+def _best_loss_start(z, eps_t):
+    """The per-sample best loss over restarts and targets, -inf at first, in a dtype that holds the model's losses:
+    float64 logits (a float32 input) stopped the attack with an index_put dtype error."""
+    dtype = torch.promote_types(z.dtype, eps_t.dtype)
+    return torch.full((z.shape[0],), float("-inf"), dtype=dtype, device=eps_t.device)
+
+
 def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter,
                      use_largereps=False):
     """The argument checks APGD and APGD-T share; returns (y as int64, norm, steps, n_restarts, eps as a per-sample
@@ -355,7 +362,7 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
         z, correct = clean_logits(name, model, x, y)
         used = effective_loss(loss, z.shape[1], targeted)
         todo = ~correct if targeted else correct
-        best_loss = torch.full((x.shape[0],), float("-inf"), dtype=eps_t.dtype, device=x.device)
+        best_loss = _best_loss_start(z, eps_t)
         for _ in range(n_restarts):
             idx = todo.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -393,7 +400,7 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
     with attack_context(model, model_mode):
         z, robust = clean_logits(name, model, x, y)
         used = effective_loss(loss, z.shape[1], True)
-        best_loss = torch.full((x.shape[0],), float("-inf"), dtype=eps_t.dtype, device=x.device)
+        best_loss = _best_loss_start(z, eps_t)
         for targets in runner_up_targets(z, n_target_classes):
             for _ in range(n_restarts):
                 idx = robust.nonzero().squeeze(1)
