@@ -3131,3 +3131,18 @@ def test_apgd_runs_on_a_model_returning_float64_logits():
         with torch.no_grad():
             clean_correct = model(x).argmax(1) == y
             assert bool((model(x_adv).argmax(1) != y)[clean_correct].any())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_fab_runs_on_a_model_returning_float64_logits(norm):
+    """float64 logits of float32 inputs stopped FAB and FAB-T in the boundary projection (an index_put of float64
+    into float32); the logit differences are taken in the inputs' dtype, as the gradients: the points are those of
+    the same model with float32 logits, up to the logits' rounding."""
+    model = Linear(3).eval()
+    x, y = make_data(6, 3)
+    eps = {"linf": 0.1, "l2": 0.5, "l1": 3.0}[norm]
+    for targeted in (False, True):
+        x_adv = attacks.fab(_Float64Logits(model), x, y, eps=eps, norm=norm, steps=10, targeted=targeted)
+        reference = attacks.fab(model, x, y, eps=eps, norm=norm, steps=10, targeted=targeted)
+        assert x_adv.dtype == x.dtype
+        torch.testing.assert_close(x_adv, reference, rtol=0, atol=1e-4)

@@ -208,7 +208,8 @@ def _boundary_untargeted(name, model, x1, y):
     g = torch.stack(grads, 1).reshape(n, z.shape[1], -1)
     rows = torch.arange(n, device=x1.device)
     z = z.detach()
-    df = z - z[rows, y].unsqueeze(1)
+    # in the input's dtype, as the gradients: float64 logits of a float32 input stopped the projection's index_put
+    df = (z - z[rows, y].unsqueeze(1)).to(g.dtype)
     dg = g - g[rows, y].unsqueeze(1)
     df[rows, y] = NOT_FOUND
     return df, dg
@@ -224,7 +225,7 @@ def _boundary_targeted(name, model, x1, y, target):
         z = two_logits(out) if is_single_logit(out) else out
         diff = -(z[rows, y] - z[rows, target])  # the reference's arithmetic, for its bits
         (g,) = torch.autograd.grad(diff.sum(), [xg])
-    return diff.detach().unsqueeze(1), g.reshape(n, 1, -1)
+    return diff.detach().to(g.dtype).unsqueeze(1), g.reshape(n, 1, -1)  # the input's dtype, as untargeted
 
 
 def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
