@@ -3146,3 +3146,28 @@ def test_fab_runs_on_a_model_returning_float64_logits(norm):
         reference = attacks.fab(model, x, y, eps=eps, norm=norm, steps=10, targeted=targeted)
         assert x_adv.dtype == x.dtype
         torch.testing.assert_close(x_adv, reference, rtol=0, atol=1e-4)
+
+
+def test_ensemble_refuses_a_per_sample_eps_of_another_length_before_any_attack_runs():
+    """A per-sample eps / alpha tensor of an attack must have one value per sample of x: the cascade hands each
+    attack a subset, so an eps [3] for a batch of 4 with one sample misclassified clean ran silently on the 3 others
+    (their radii taken from the wrong positions), and in an AutoAttack failed later naming the subset's size."""
+    model, x = near_boundary_linear()
+    x = x[:4]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 3  # misclassified already: the attacks see 3 samples
+    eps = torch.tensor([0.0, 0.0, 0.2])
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].shape[0]))
+    shape = r"has eps of shape \(3,\); expected a number or a tensor of shape \[4\], one per sample of x"
+    for named, run in (
+            ("apgd-ce", lambda: attacks.ensemble(model, x, y, [attacks.APGD(model, eps=eps, steps=2)])),
+            ("apgd-ce", lambda: attacks.AutoAttack(model, eps=eps, steps=2, n_queries=3).run(x, y)),
+            ("autoattack", lambda: attacks.ensemble(model, x, y, [attacks.AutoAttack(model, eps=eps, steps=2)]))):
+        with pytest.raises(ValueError, match=f"ensemble: attack '{named}' {shape}"):
+            run()
+    with pytest.raises(ValueError, match=r"attack 'pgd' has alpha of shape \(4, 1\); expected a number or a tensor "
+                                         r"of shape \[4\]"):
+        attacks.ensemble(model, x, y, [attacks.PGD(model, eps=0.1, alpha=torch.full((4, 1), 0.01), steps=2)])
+    assert queried == []  # refused before the clean check

@@ -79,6 +79,27 @@ def _on_samples(attack, part, n):
     return sub
 
 
+# The per-sample options an Attack may hold as a tensor [N] (docs/attacks.md: eps and alpha)
+PER_SAMPLE_OPTIONS = ("eps", "alpha")
+
+
+def _check_per_sample_options(attack, n, label):
+    """An :class:`Attack`'s ``eps`` / ``alpha`` tensor (also inside an AutoAttack's list) must be one value or one per
+    sample of the batch [n]: the cascade attacks subsets, so a tensor of another length reached the attack only as
+    long as a subset and ran there with the radii of other samples (or failed naming the subset's size)."""
+    if not isinstance(attack, Attack):
+        return
+    for arg in PER_SAMPLE_OPTIONS:
+        value = vars(attack).get(arg)
+        if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != (n,):
+            raise ValueError(f"ensemble: attack {label!r} has {arg} of shape {tuple(value.shape)}; expected a number "
+                             f"or a tensor of shape [{n}], one per sample of x")
+    inner = vars(attack).get("attacks")
+    if isinstance(inner, list):
+        for a in inner:
+            _check_per_sample_options(a, n, label)
+
+
 @torch.no_grad()
 def _correct(model, x, y, model_mode, name):
     with attack_context(model, model_mode):
@@ -115,12 +136,13 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         raise ValueError(f"{name}: expected {len(attacks)} names, got {len(labels)}")
     if batch_size is not None:  # a negative step would skip every attack and report every sample robust
         batch_size = check_steps(name, batch_size, "batch_size")
-    for attack in attacks:  # before any attack runs: the cascade would otherwise stop minutes in
+    x = x.detach()
+    n = x.shape[0]
+    for attack, label in zip(attacks, labels):  # before any attack runs: the cascade would otherwise stop minutes in
         check_dtype = getattr(attack, "check_input_dtype", None)
         if check_dtype is not None:
             check_dtype(x)
-    x = x.detach()
-    n = x.shape[0]
+        _check_per_sample_options(attack, n, label)
     x_adv = x.clone()
     broken_by = torch.full((n,), -1, dtype=torch.long, device=x.device)
     if n:
