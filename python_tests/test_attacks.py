@@ -442,6 +442,8 @@ def test_classes_and_build():
     assert [a.name for a in custom.attacks] == ["fgsm", "noise"] and custom.attacks[0].eps == 0.03
     with pytest.raises(ValueError, match="attacks.build: unknown attack 'deepfool'; expected one of fgsm, "):
         attacks.build("deepfool", model)
+    with pytest.raises(ValueError, match=r"attacks.build: unknown attack \['pgd'\]; expected one of fgsm, "):
+        attacks.build(["pgd"], model)  # not Python's "unhashable type: 'list'"
     with pytest.raises(ValueError, match="cw: CW-Linf is defined for norm='linf' only, got norm='l2'"):
         attacks.build("cw", model, norm="l2")
     with pytest.raises(ValueError, match="attacks.build: fgsm: unknown option 'steps'; it takes eps, norm, loss, "

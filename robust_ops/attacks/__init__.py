@@ -55,7 +55,7 @@ def attack_entry(name):
     ValueError naming the name or path otherwise."""
     if is_import_path(name):  # as given: module and class names are case-sensitive
         return class_from_path("attacks.build", "attack", name, Attack, "robust_ops.attacks.Attack"), {}
-    if name not in ATTACKS:
+    if not isinstance(name, str) or name not in ATTACKS:  # ["pgd"] would fail as "unhashable type: 'list'"
         raise ValueError(f"attacks.build: unknown attack {name!r}; expected one of {', '.join(ATTACKS)}, {PATH_HINT}")
     return ATTACKS[name]
 
