@@ -8,6 +8,7 @@ import csv
 import logging
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -210,8 +211,9 @@ def environment(device=None):
         "cuda": torch.version.cuda or "n/a",
         "git": git_sha(),
         "python": sys.version.split()[0],
-        # a --quick smoke run writes the same file as a full run: the flags tell them apart
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        # a --quick smoke run writes the same file as a full run: the flags tell them apart; quoted as a shell
+        # reads it (bench_ima's --variants "compacted,compacted channels_last" is one argument)
+        "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
 
 

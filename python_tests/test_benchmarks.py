@@ -370,6 +370,18 @@ def test_environment_names_the_cpu_model_the_commit_and_the_command(monkeypatch,
     assert env["device"] == "Some CPU" and env["command"] == "bench_demo.py --quick --threads 1"
 
 
+def test_environment_records_a_command_that_reruns_as_given(monkeypatch):
+    """An argument holding a space (bench_ima.py --variants "compacted,compacted channels_last prepacked", as
+    docs/benchmarks.md runs it) is quoted in the CSV's command: joined bare, it read as three arguments."""
+    import shlex
+
+    common = _common(monkeypatch)
+    argv = ["/x/benchmarks/bench_ima.py", "--variants", "compacted,compacted channels_last prepacked", "--repeats", "2"]
+    monkeypatch.setattr(common.sys, "argv", argv)
+    command = common.environment("cpu")["command"]
+    assert shlex.split(command) == ["bench_ima.py"] + argv[1:]
+
+
 def test_argparse_types_accept_their_bounds(monkeypatch):
     import argparse
 
