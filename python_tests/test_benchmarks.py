@@ -633,6 +633,22 @@ def test_drop_max_pool2d_stops_when_the_kernel_disagrees_with_the_reference(monk
     assert not written
 
 
+def test_drop_max_pool2d_goals_of_a_skipped_kernel_are_not_measured_rather_than_missed(monkeypatch, capsys):
+    """With the native kernel skipped (a build without this device's kernels), every goal printed "nan MISSED": a
+    verdict on a kernel that was never timed."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_drop_max_pool2d", ["--quick", "--shape", "1", "2", "6", "6"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mod, "median_seconds", lambda fn, min_run_time=1.0: 1e-3)
+    monkeypatch.setattr(mod, "backend_unavailable", lambda backend, device: "built without it" if backend == "native"
+                        else None)
+    mod.main()
+    goals = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(goals) == 4 and all(line.endswith(": not measured (native skipped)") for line in goals), goals
+    assert "native" not in {row["provider"] for row in written["drop_max_pool2d"]}
+
+
 def test_drop_max_pool2d_skips_only_a_backend_the_library_cannot_run(monkeypatch, capsys):
     """A native kernel that raised (any RuntimeError, a TORCH_CHECK included) was printed as "skipping native" and its
     rows dropped, exit status 0; only a backend the library reports unavailable (a CPU-only build on a GPU) is
