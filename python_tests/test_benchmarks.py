@@ -1682,6 +1682,17 @@ def test_bench_cli_list_shows_what_only_picks(tmp_path, capsys):
                                                "some of a, b, c")
 
 
+def test_bench_cli_refuses_a_topic_given_twice_in_only(tmp_path, capsys):
+    """--only a,c,a ran (and listed) a once, silently: a repeated topic is refused as demo's and reproduce's repeated
+    --methods are (a typo for another topic?)."""
+    from robust_ops import cli
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"bench_{name}.py").write_text("")
+    assert cli.main(["bench", "--bench-dir", str(tmp_path), "--list", "--only", "a,c, a"]) == 2
+    assert capsys.readouterr().err.strip() == "robust-ops bench: error: --only: a given more than once"
+
+
 def test_attacks_builds_each_model_for_the_size_of_its_images(monkeypatch):
     """The models were built for 64x64 whatever --size said: vgg16 at --size 8 kept five 2x2 pools and crashed on its
     first forward, resnet18 at --size 128 kept the small-image 3x3 stem (another network than build_model and

@@ -637,12 +637,13 @@ def _file_stamp(path):
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def refuse_repeated_methods(methods):
-    """demo's and reproduce's --methods: each method has one run folder, so a second entry would only name the same
-    run again (a typo for another method?)."""
-    repeated = sorted({m for m in methods if methods.count(m) > 1})
+def refuse_repeated(values, flag):
+    """A list option's entries, each at most once: demo's and reproduce's --methods (each method has one run folder,
+    so a second entry would only name the same run again) and bench's --only (a topic runs once, its CSV written
+    once); a repeat is likely a typo for another entry."""
+    repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
-        raise CLIError(f"--methods: {', '.join(repeated)} given more than once")
+        raise CLIError(f"{flag}: {', '.join(repeated)} given more than once")
 
 
 def describe_classes(info):
@@ -1081,7 +1082,7 @@ def cmd_demo(args):
         elif m not in defenses.NAMES:
             raise CLIError(f"--methods: unknown defense {m!r}; expected one of {', '.join(defenses.NAMES)}, "
                            f"{PATH_HINT}")
-    refuse_repeated_methods(methods)
+    refuse_repeated(methods, "--methods")
     for flag, value in (("--epochs", args.epochs), ("--train-size", args.train_size)):
         if args.quick and value is not None:  # it would be ignored silently
             raise CLIError(f"{flag}: --quick sets its own (2 epochs on 64 training images); drop one of the two "
@@ -1201,6 +1202,7 @@ def cmd_bench(args):
         unknown = [w for w in wanted if w not in scripts]
         if unknown:
             raise CLIError(f"--only: unknown benchmark(s) {', '.join(unknown)}; expected some of {', '.join(scripts)}")
+        refuse_repeated(wanted, "--only")
         scripts = {w: scripts[w] for w in wanted}
     if args.list:  # what a run with the same --only would run
         for name, path in scripts.items():

@@ -582,9 +582,9 @@ def pick_methods(protocol, labels):
 
         raise CLIError(f"--methods: {protocol.name} has no method {', '.join(unknown) or '(none given)'}; "
                        f"choose from {', '.join(m.label for m in protocol.methods)}")
-    from .cli import refuse_repeated_methods
+    from .cli import refuse_repeated
 
-    refuse_repeated_methods(wanted)  # STD,std: lower-cased, as they are matched
+    refuse_repeated(wanted, "--methods")  # STD,std: lower-cased, as they are matched
     return [m for m in protocol.methods if m.label.lower() in wanted]
 
 
