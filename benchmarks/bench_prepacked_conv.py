@@ -66,8 +66,10 @@ def main():
     for layout_name, layout in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
         aten_model = copy.deepcopy(base).to(memory_format=layout)
         packed_model = copy.deepcopy(aten_model)
-        # Both inside an attack (frozen weights, memory pool, native layers); only one with prepacked convolutions.
-        with pc.prepacked_conv(packed_model, True), attack_context(aten_model), attack_context(packed_model):
+        # Both inside an attack (frozen weights, memory pool, native layers); only one with prepacked convolutions:
+        # the ATen side explicitly off, or $ROBUST_OPS_PREPACKED_CONV=1 would prepack it too (attacks follow it).
+        with pc.prepacked_conv(aten_model, False), pc.prepacked_conv(packed_model, True), \
+                attack_context(aten_model), attack_context(packed_model):
             for n in batches:
                 g = torch.Generator().manual_seed(n)
                 x = torch.rand(n, 1, 28, 28, generator=g).contiguous(memory_format=layout)

@@ -869,7 +869,10 @@ def test_boundary_search_stops_when_the_kernel_disagrees_with_the_reference(monk
     assert not written
 
 
-def test_prepacked_conv_rows_time_what_they_name(monkeypatch):
+@pytest.mark.parametrize("switch", [None, "1"])
+def test_prepacked_conv_rows_time_what_they_name(monkeypatch, switch):
+    """With $ROBUST_OPS_PREPACKED_CONV=1 (prepacking on by default, as a user may run fit) the "ATen convolutions"
+    rows timed prepacked convolutions too (x_aten ~1, max_abs_diff 0): the ATen side is now explicitly off."""
     import types
 
     import torch
@@ -877,6 +880,10 @@ def test_prepacked_conv_rows_time_what_they_name(monkeypatch):
     from robust_ops import prepacked_conv as pc
     from robust_ops.models import build_model
 
+    if switch is None:
+        monkeypatch.delenv(pc.ENV_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(pc.ENV_SWITCH, switch)
     mod, written, threads = _script(monkeypatch, "bench_prepacked_conv", ["--batches", "2", "--rounds", "2",
                                                                           "--threads", "1"])
     packed_models, seen = [], []
@@ -887,8 +894,9 @@ def test_prepacked_conv_rows_time_what_they_name(monkeypatch):
         return out + 0.5 + 100 * (x - x.detach()).flatten(1).sum(1, keepdim=True)
 
     def prepack(model, on):
-        packed_models.append(model)
-        model.register_forward_hook(off)  # a difference max_abs_diff must show
+        if on:
+            packed_models.append(model)
+            model.register_forward_hook(off)  # a difference max_abs_diff must show
         return pc.prepacked_conv(model, on)
 
     monkeypatch.setattr(mod, "pc", types.SimpleNamespace(prepacked_conv=prepack))
