@@ -12,6 +12,7 @@ Models at 1x64x64, batch 32: a small ResNet-style CNN and torchvision resnet18 (
 
 import argparse
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
 from robust_ops.memory import ENV_SWITCH as POOL_SWITCH  # noqa: E402
 from robust_ops.native_layers import ENV_SWITCH as LAYERS_SWITCH  # noqa: E402
 from robust_ops.models import MODELS, build_model  # noqa: E402
-from robust_ops.prepacked_conv import prepacked_conv  # noqa: E402
+from robust_ops.prepacked_conv import ENV_SWITCH as PREPACKED_SWITCH, prepacked_conv  # noqa: E402
 
 
 class Block(nn.Module):
@@ -94,9 +95,16 @@ def train_briefly(model, steps, batch, size, device):
     return model.eval()
 
 
-def with_switch_off(env_var, fn):
-    """Run fn with a library switch ($ROBUST_OPS_CPU_POOL, $ROBUST_OPS_NATIVE_LAYERS) set to 0."""
-    return with_env(env_var, "0", fn)
+# The library's switches at their defaults. The pgd-10 rows are named against them ("ours", "without the CPU memory
+# pool", ...), so each of their calls sets all three: one left in the caller's environment relabelled rows.
+DEFAULT_SWITCHES = {POOL_SWITCH: "1", LAYERS_SWITCH: "1", PREPACKED_SWITCH: "0"}
+
+
+def with_switches(fn, off=None):
+    """Run fn with the library's switches at DEFAULT_SWITCHES, the one named ``off`` (its variable) set to 0."""
+    for env_var, value in DEFAULT_SWITCHES.items():
+        fn = functools.partial(with_env, env_var, "0" if env_var == off else value, fn)
+    return fn()
 
 
 def peer_cases(model, eps, steps, queries):
@@ -272,11 +280,15 @@ def main():
             peer_rows += bench_peers(name, model, x, y_pred, pick_ensemble_eps(model, x, y_pred), args, backend)
             continue
 
+        def run_pgd(on_model, off=None, **kw):
+            return with_switches(lambda: attacks.pgd(on_model, x, y, eps=eps, alpha=alpha, steps=steps,
+                                                     random_start=False, **kw), off)
+
         def ours():
-            return attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False)
+            return run_pgd(model)
 
         def ours_emit():
-            return attacks.pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False, emit=(2, 4, 6, 8))
+            return run_pgd(model, emit=(2, 4, 6, 8))
 
         ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
 
@@ -284,19 +296,20 @@ def main():
             return ta(x, y)
 
         def ours_no_pool():
-            return with_switch_off(POOL_SWITCH, ours)
+            return run_pgd(model, POOL_SWITCH)
 
         def ours_no_native_layers():
-            return with_switch_off(LAYERS_SWITCH, ours)
+            return run_pgd(model, LAYERS_SWITCH)
 
         # The same attack on a channels_last copy: oneDNN skips its per-layer activation reorders on CPU; other
         # convolution kernels, so the result matches NCHW up to rounding, not bitwise.
         model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
         def ours_channels_last():
-            return attacks.pgd(model_cl, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False)
+            return run_pgd(model_cl)
 
-        # robust_ops.prepacked_conv: weights packed once per attack, oneDNN inference convolutions (not bitwise).
+        # robust_ops.prepacked_conv: weights packed once per attack, oneDNN inference convolutions (not bitwise); the
+        # explicit True wins over the variable's 0.
         def ours_prepacked():
             with prepacked_conv(model, True):
                 return ours()

@@ -1012,14 +1012,22 @@ def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 11)):
     return mod, written
 
 
-def test_attacks_rows_time_what_they_name(monkeypatch, capsys):
+@pytest.mark.parametrize("callers_switches", [{}, {"ROBUST_OPS_CPU_POOL": "0", "ROBUST_OPS_NATIVE_LAYERS": "0",
+                                                   "ROBUST_OPS_PREPACKED_CONV": "1"}])
+def test_attacks_rows_time_what_they_name(monkeypatch, capsys, callers_switches):
     """The pgd-10 comparison and ensemble rows: each time from the call its row names (switches, layout, prepacking,
-    emit), ratios the peer's time over ours, same_output from the outputs compared."""
+    emit), ratios the peer's time over ours, same_output from the outputs compared. The library's switches left in
+    the caller's environment relabelled rows ("ours" ran without the pool, and "without the CPU memory pool" equalled
+    it; prepacked "ours"): each call now sets them all."""
     import torch
 
     from robust_ops import attacks
     from robust_ops.prepacked_conv import prepacked_conv_active
 
+    for var in ("ROBUST_OPS_CPU_POOL", "ROBUST_OPS_NATIVE_LAYERS", "ROBUST_OPS_PREPACKED_CONV"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in callers_switches.items():
+        monkeypatch.setenv(var, value)
     mod, written = _attacks_script(monkeypatch, ["--models", "small-resnet", "--batch", "4", "--size", "16",
                                                  "--train-steps", "2", "--rounds", "2", "--peer-rounds", "2",
                                                  "--device", "cpu"])
@@ -1039,9 +1047,9 @@ def test_attacks_rows_time_what_they_name(monkeypatch, capsys):
     real_train = mod.train_briefly
     monkeypatch.setattr(mod, "train_briefly", lambda model, steps, *a: (trained.append(steps),
                                                                          real_train(model, steps, *a))[1])
-    plain = (None, None, "nchw", False, None, (4, 1, 16, 16))
+    plain = ("1", "1", "nchw", False, None, (4, 1, 16, 16))
     pgd_calls = {"ours": plain, "theirs": None, "ours_no_pool": ("0",) + plain[1:],
-                 "ours_emit": plain[:4] + ((2, 4, 6, 8),) + plain[5:], "ours_no_native_layers": (None, "0") + plain[2:],
+                 "ours_emit": plain[:4] + ((2, 4, 6, 8),) + plain[5:], "ours_no_native_layers": ("1", "0") + plain[2:],
                  "ours_channels_last": plain[:2] + ("channels_last",) + plain[3:], "ours_prepacked": plain[:3] + (True,)
                  + plain[4:], "ours_channels_last_prepacked": plain[:2] + ("channels_last", True) + plain[4:]}
     ms = {name: i + 1 for i, name in enumerate(list(pgd_calls) + ["run_cascade", "run_all", "run_ours",
