@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops witho
 from common import device_arg, nonnegative_int, positive_int, with_env, write_rows  # noqa: E402
 
 from robust_ops import defenses  # noqa: E402
-from robust_ops._backend import ENV_VAR as BACKEND_SWITCH  # noqa: E402
+from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
 from robust_ops.attacks.context import classification_loss  # noqa: E402
 from robust_ops.memory import library_pool  # noqa: E402
 from robust_ops.native_layers import library_speedups  # noqa: E402
@@ -108,6 +108,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    backend = resolve("pgd_step_", device)  # what the steps' ops run on: $ROBUST_OPS_BACKEND may say reference
     warmup, reps = (1, 3) if args.quick else (2, 7)
     warmup = warmup if args.warmup is None else args.warmup
     reps = reps if args.rounds is None else args.rounds
@@ -163,7 +164,10 @@ def main(argv=None):
     rows = []
     for name, med in times.items():
         rows.append({"defense": name, "step_ms": med * 1e3, "min_ms": min(samples[name]) * 1e3,
-                     "max_ms": max(samples[name]) * 1e3, "x_standard": med / times["standard"]})
+                     "max_ms": max(samples[name]) * 1e3, "x_standard": med / times["standard"],
+                     # the ops the library's attacks ran on ("-": the step runs none of them)
+                     "backend": {"at-reference-ops": "reference", "standard": "-", "at-torchattacks": "-"}.get(
+                         name, backend)})
 
     if "mirst" in times and "mirst-plain" in times:
         print(f"\nMIRST reuse vs plain: {times['mirst-plain'] / times['mirst']:.2f}x faster (goal >= 1.25x)")
@@ -172,7 +176,7 @@ def main(argv=None):
     if "at" in times and "at-torchattacks" in times:
         print(f"AT (run_pgd) vs AT (torchattacks PGD): {times['at-torchattacks'] / times['at']:.2f}x faster")
     if "at" in times and "at-reference-ops" in times:
-        print(f"AT (native ops) vs AT (reference ops): {times['at-reference-ops'] / times['at']:.2f}x faster")
+        print(f"AT ({backend} ops) vs AT (reference ops): {times['at-reference-ops'] / times['at']:.2f}x faster")
     for row in rows:
         row.update(model=args.model, input=f"{args.batch}x1x{args.size}x{args.size}", reps=reps)
     write_rows("defenses", rows, device)

@@ -1003,6 +1003,23 @@ def test_defenses_reference_row_is_the_at_step_on_the_reference_ops(monkeypatch,
     assert "AT (native ops) vs AT (reference ops)" in capsys.readouterr().out
 
 
+def test_defenses_rows_name_the_backend_each_step_ran_on(monkeypatch, capsys):
+    """With $ROBUST_OPS_BACKEND=reference in the caller's environment every AT step ran the reference ops, yet the
+    summary said "AT (native ops) vs AT (reference ops)" and no row said which ops ran (bench_attacks' rows do)."""
+    mod, written, _ = _script(monkeypatch, "bench_defenses", [])
+    monkeypatch.setattr(mod, "train_step", lambda *args: None)
+    argv = ["--defenses", "at", "at-reference-ops", "--model", "small_cnn", "--size", "8", "--batch", "2", "--device",
+            "cpu", "--warmup", "0", "--rounds", "1"]
+    for switch, backend in ((None, "native"), ("reference", "reference")):
+        if switch is None:
+            monkeypatch.delenv(mod.BACKEND_SWITCH, raising=False)
+        else:
+            monkeypatch.setenv(mod.BACKEND_SWITCH, switch)
+        mod.main(argv)
+        assert [r["backend"] for r in written["defenses"]] == ["-", backend, "reference"]  # standard runs none
+        assert f"AT ({backend} ops) vs AT (reference ops)" in capsys.readouterr().out
+
+
 def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 11)):
     """bench_attacks with its peer table cut to ``cases`` of peer_cases (fgsm, pgd, cw-linf, square by default)."""
     pytest.importorskip("torchattacks")
