@@ -1160,6 +1160,39 @@ def test_attack_peer_rows_time_and_compare_what_they_name(monkeypatch):
     assert [r["same_as_peer"] for r in rows[:2]] == [True, True]
 
 
+def test_attack_peer_rows_run_ours_at_the_library_defaults_whatever_the_callers_switches(monkeypatch):
+    """As the pgd-10 rows: $ROBUST_OPS_CPU_POOL=0, $ROBUST_OPS_NATIVE_LAYERS=0 or $ROBUST_OPS_PREPACKED_CONV=1 left
+    in the caller's environment made the table's "ours" (and its reference-ops twin) run without the pool, without
+    native layers or prepacked, unrecorded, beside a table that credits its speed-ups to the pool and the layers."""
+    from robust_ops import attacks
+    from robust_ops.prepacked_conv import prepacked_conv_active
+
+    for var, value in (("ROBUST_OPS_CPU_POOL", "0"), ("ROBUST_OPS_NATIVE_LAYERS", "0"),
+                       ("ROBUST_OPS_PREPACKED_CONV", "1")):
+        monkeypatch.setenv(var, value)
+    mod, written = _attacks_script(monkeypatch, ["--peers-only", "--models", "small-resnet", "--batch", "4", "--size",
+                                                 "16", "--train-steps", "0", "--quick"], cases=(0,))
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(attacks, name)
+
+        def fgsm(self, model, x, y, **kw):
+            seen.append((os.environ.get(mod.POOL_SWITCH), os.environ.get(mod.LAYERS_SWITCH),
+                         os.environ.get(mod.PREPACKED_SWITCH)))
+            with attacks.context.attack_context(model):
+                seen[-1] += (prepacked_conv_active(model),)
+            return attacks.fgsm(model, x, y, **kw)
+
+    monkeypatch.setattr(mod, "attacks", Spy())
+    monkeypatch.setattr(mod, "pick_ensemble_eps", lambda *a: 4 / 255)
+    monkeypatch.setattr(mod, "interleaved_medians", lambda fns, rounds, device=None: ([1e-3] * len(fns), None))
+    mod.main()
+    assert seen and set(seen) == {("1", "1", "0", False)}
+    assert [r["attack"] for r in written["bench_attacks_peers"]] == ["fgsm"]
+
+
 IMA_VARIANTS = ["masked", "naive", "compacted", "compacted unpadded", "compacted k=4", "masked channels_last",
                 "compacted channels_last", "compacted prepacked"]
 
