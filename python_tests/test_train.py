@@ -1974,9 +1974,14 @@ def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_li
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path / "run", progress=False)
     whole = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(whole[:len(whole) // 2])
+    # a few bytes read as torch's legacy format: struct.error, IndexError, KeyError, UnicodeDecodeError, no file named
+    short = {"junk.pt": b"junk", "ab.pt": b"ab", "memo.pt": b"h\x05\x8f\xd6n4\xb9\xaa\x80w\xffl",
+             "codec.pt": b"U\xdcb\xb7: \x0e\xe7g<\xfe\xcb\x83j\x15nJ"}
+    for file, content in short.items():
+        (tmp_path / file).write_bytes(content)
     unreadable = "not a readable checkpoint"
     cases = [("empty.pt", unreadable), ("metrics.json", rf"{unreadable} \(not a torch.save file"),
-             ("cut.pt", unreadable),
+             ("cut.pt", unreadable), *[(file, rf"{unreadable} \(not a torch.save file") for file in short],
              ("pickled.pt", "refusing to load: it holds objects that need pickle to run code"),
              ("list.pt", "is not a robust_ops fit checkpoint")]
     for file, message in cases:

@@ -30,6 +30,7 @@ import numbers
 import os
 import pickle
 import random
+import struct
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -237,6 +238,12 @@ def load_checkpoint(path, map_location="cpu"):
             raise ValueError(f"{path}: not a readable checkpoint (not a torch.save file: {detail[:120]})") from None
         raise ValueError(f"{path}: refusing to load: it holds objects that need pickle to run code (weights_only=True "
                          f"allows tensors and plain values only; {found[:120]})") from None
+    except (struct.error, IndexError, KeyError, UnicodeDecodeError) as err:
+        # a short non-zip file read as torch's legacy format: its unpickler's "unpack requires a buffer of 4 bytes",
+        # "pop from empty list", a bare KeyError or a codec error named neither the file nor the problem
+        kind = "struct.error" if isinstance(err, struct.error) else type(err).__name__
+        raise ValueError(f"{path}: not a readable checkpoint (not a torch.save file: {kind}: {str(err)[:120]})") \
+            from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
             raise  # no file to read, not a file of the wrong content
