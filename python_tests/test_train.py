@@ -1475,6 +1475,54 @@ def test_ddp_resume_refuses_processes_that_would_start_from_different_checkpoint
             "on storage all nodes share")
 
 
+def _ddp_resume_path_one_node_lacks_worker(rank, world, port, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    try:
+        # node-local storage: only process 0's folder gets a checkpoint, process 1 finds none at the same path
+        run_dir = os.path.join(out_dir, f"node{rank}")
+        checkpoint = os.path.join(run_dir, "checkpoint.pt")
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=run_dir, progress=False)
+        os.makedirs(run_dir, exist_ok=True)
+        messages = []
+        for case in ("missing", "unreadable", "missing everywhere"):
+            if case == "unreadable" and rank == 1:
+                open(checkpoint, "wb").close()
+            path = os.path.join(out_dir, "nowhere.pt") if case == "missing everywhere" else checkpoint
+            try:
+                fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, resume=path,
+                    progress=False)
+                messages.append("no error")
+            except Exception as e:
+                messages.append(f"{type(e).__name__}: {e}")
+        torch.save(messages, os.path.join(out_dir, f"message.{rank}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_resume_from_a_path_one_process_cannot_read_stops_every_process(tmp_path):
+    """resume="path" on node-local storage where process 1 has no file there, or an unreadable one: process 1 raised
+    its error before the processes compared the checkpoints they resume, and process 0 waited in that comparison
+    until process 1 went away ("Connection closed by peer") or the group's timeout while it lived on."""
+    _spawn_within(60, _ddp_resume_path_one_node_lacks_worker, (2, _free_port(), str(tmp_path)))
+    messages = [torch.load(tmp_path / f"message.{rank}", weights_only=True) for rank in range(2)]
+    path = str(tmp_path / "node1" / "checkpoint.pt")
+    for rank in range(2):
+        differ = ("ValueError: fit: the processes differ in the checkpoint they resume (process 0: after epoch 1, "
+                  "process 1: none (fit: {}); this is process " + f"{rank}); resume from a checkpoint every process "
+                  "reads: an out_dir on storage all nodes share")
+        assert messages[rank][0] == differ.format(f"resume={path!r}: no checkpoint file there"), messages[rank][0]
+        assert messages[rank][1] == differ.format(f"{path}: not a readable checkpoint (EOFError: the file ends "
+                                                  "early)"), messages[rank][1]
+        nowhere = str(tmp_path / "nowhere.pt")  # on every process: each raises its own error
+        assert messages[rank][2] == f"FileNotFoundError: fit: resume={nowhere!r}: no checkpoint file there"
+
+
 def _ddp_settings_differ_worker(rank, world, port, out_path):
     import datetime
 

@@ -661,20 +661,34 @@ def fit(
         if existing is not None and not existing.is_dir():
             raise NotADirectoryError(f"{name}: out_dir={os.fspath(out_dir)!r} cannot be a folder: {existing} is a "
                                      "file; pass a folder path (created when missing)")
-    resume_path = None
+    resume_path, state, resume_error = None, None, None
     if isinstance(resume, (str, os.PathLike)):
         if not os.fspath(resume):
             raise ValueError(f"{name}: resume='' names no checkpoint; pass a checkpoint path, True "
                              f"(out_dir/{CHECKPOINT_NAME} when it exists) or False")
         resume_path = Path(resume)
         if not resume_path.is_file():
-            raise FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
+            resume_error = FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
     elif resume is True:
         if ckpt_path is None:
             raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
         resume_path = ckpt_path if ckpt_path.is_file() else None
     elif resume is not False and resume is not None:
         raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
+    if resume_path is not None and resume_error is None:
+        try:
+            state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
+        except ValueError as err:
+            resume_error = err
+    if world > 1:
+        # every process reads the checkpoint itself: a node-local out_dir holds one on process 0's node only, and a
+        # missing or unreadable file on one node only must stop every process here, not leave the others waiting
+        started = ("none (from scratch)" if resume_path is None else f"none ({resume_error})" if state is None
+                   else f"after epoch {int(state['epoch'])}")
+        _check_processes_agree(name, {"the checkpoint they resume": started}, rank, world,
+                               "resume from a checkpoint every process reads: an out_dir on storage all nodes share")
+    if resume_error is not None:
+        raise resume_error
 
     # A defense reused from an earlier fit (a notebook cell run again) holds that run's state (IMA's margins and the
     # table size fit gave it): a fresh run from it would silently differ from one with a new defense, and resetting
@@ -733,8 +747,7 @@ def fit(
               else "val_loss" if val_data is not None else "train_loss"}
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
-    if resume_path is not None:
-        state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
+    if state is not None:
         # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored;
         # layouts: other convolution kernels, and drop-max layers: another architecture, so a switched run would
         # silently differ from an uninterrupted one; so would other gradient clipping, and a scheduler left out,
@@ -803,10 +816,6 @@ def fit(
         torch.manual_seed(_torch_seed(rank_seed))
         np.random.seed(rank_seed % 2**32)
         random.seed(rank_seed)
-    if world > 1:  # every process reads the checkpoint itself: a node-local out_dir holds one on process 0's node only
-        _check_processes_agree(name, {"the checkpoint they resume": f"after epoch {start_epoch}" if start_epoch
-                                      else "none (from scratch)"}, rank, world,
-                               "resume from a checkpoint every process reads: an out_dir on storage all nodes share")
 
     train_model = model
     failures = _OneProcessFailures(name, rank, world, device)
