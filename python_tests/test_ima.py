@@ -1501,6 +1501,31 @@ def test_ima_forwards_a_lone_clean_correct_sample_inside_its_batch_when_batch_no
     assert int(model[1].num_batches_tracked) == 2
 
 
+def test_a_lone_clean_correct_sample_forwarded_inside_its_batch_backpropagates():
+    """The buffers the failed one-sample forward moved were put back with copy_, which bumped their version counters:
+    the clean forward's batch-norm backward (it saves the running statistics) then failed with "one of the variables
+    needed for gradient computation has been modified by an inplace operation", so fit stopped at the first batch
+    with one clean-correct sample. The step now backpropagates the gradients of the loss it computes."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pred = copy.deepcopy(model)(x).argmax(1)
+    y = (pred + 1) % 3
+    y[0] = pred[0]  # sample 0 alone is classified correctly by the training-mode clean forward
+    reference = copy.deepcopy(model)
+    defense = IMA(num_samples=6, eps_train=1.0, delta=0.1, init_margin=0.5, steps=3, search_steps=2, min_rows=0)
+    defense(model, x, y, torch.arange(6)).loss.backward()
+    l0 = F.cross_entropy(reference(x), y, reduction="none")
+    x_adv, _ = gen_adv(reference, x[:1], y[:1], 0.5, steps=3, search_steps=2, min_rows=0)
+    l1 = F.cross_entropy(reference(torch.cat([x_adv, x[1:]]))[:1], y[:1], reduction="none")
+    (0.5 * l0 + 0.5 * l0.index_put((torch.tensor([0]),), l1)).mean().backward()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, msg=name)
+
+
 def test_train_mode_compaction_down_to_one_sample_under_batch_norm_names_the_options():
     """model_mode="train" with compaction: a working batch down to one sample met a BatchNorm1d head with torch's
     "Expected more than 1 value per channel when training", which named neither gen_adv nor the compaction."""

@@ -1034,9 +1034,10 @@ def _adversarial_output(model, x, x_adv, sel):
     except ValueError as err:
         if not buffers or not str(err).startswith(ONE_SAMPLE_BATCH_NORM):
             raise
-    with torch.no_grad():
-        for b, value in zip(buffers, saved):
-            b.copy_(value)
+    for b, value in zip(buffers, saved):
+        # through .data: a copy_ bumped the buffers' version counters, and the clean forward's batch-norm backward
+        # (which saved the running statistics) then failed with "modified by an inplace operation"
+        b.data.copy_(value)
     return model(x.detach().index_copy(0, sel, x_adv)).index_select(0, sel)
 
 
