@@ -778,6 +778,51 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
             torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
 
 
+def _ddp_ima_lone_sample_worker(rank, world, port, out_path):
+    import datetime
+
+    import torch.distributed as dist
+
+    import robust_ops.ima as ima
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    lone = []
+    adversarial_output = ima._adversarial_output
+
+    def counting(model, x, x_adv, sel):
+        lone.append(sel.numel() == 1)
+        return adversarial_output(model, x, x_adv, sel)
+
+    ima._adversarial_output = counting
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+        try:
+            fit(model, "ima", IndexedDataset(_data(32)), epochs=2, batch_size=8, progress=False)
+            message = "ok"
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+        torch.save({"message": message, "lone": sum(lone), "weights": _weights(model)}, f"{out_path}.{rank}")
+    finally:
+        ima._adversarial_output = adversarial_output
+        dist.destroy_process_group()
+
+
+def test_ddp_ima_forwards_a_lone_clean_correct_sample_inside_its_share(tmp_path):
+    """IMA under DDP with a BatchNorm1d head: a share with one clean-correct sample forwarded it alone, which
+    training-mode batch norm refuses, and the single process's fallback (forward it inside its batch) was skipped
+    under DDP, so training stopped with torch's bare "Expected more than 1 value per channel when training"."""
+    out = str(tmp_path / "lone")
+    _spawn_within(90, _ddp_ima_lone_sample_worker, (2, _free_port(), out))
+    results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert [r["message"] for r in results] == ["ok", "ok"], [r["message"] for r in results]
+    assert results[0]["lone"] + results[1]["lone"] > 0  # the case arose
+    for k, v in results[0]["weights"].items():
+        assert torch.equal(results[1]["weights"][k], v), k
+
+
 def test_import_binds_no_process_group_into_torch_distributed_defaults():
     """torch.distributed.nn.functional, imported by DDP's first use, evaluates group.WORLD into its functions'
     defaults: imported while a group exists, it keeps that group alive after destroy_process_group(). robust_ops

@@ -35,7 +35,7 @@ from .attacks.context import (
     predict_from_output,
 )
 from .attacks.core import check_labels_against, check_linf_budget, check_norm, per_sample, sample_distance
-from .defenses._common import ONE_SAMPLE_BATCH_NORM, distributed_run
+from .defenses._common import ONE_SAMPLE_BATCH_NORM, distributed_run, unwrap
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
 
@@ -1023,22 +1023,35 @@ def _adversarial_output(model, x, x_adv, sel):
     training-mode batch-norm layer on a 1x1 map (vgg16 and densenet121 at 28x28, a BatchNorm1d head) as one value
     per channel, which torch refuses, so a batch with one clean-correct sample stopped training: that sample is then
     forwarded inside its batch (the other rows clean, their outputs dropped), after the batch-norm buffers that the
-    failed forward moved are put back. Not under DDP, where a second forward would unbalance the collectives."""
-    if sel.numel() != 1 or x.shape[0] < 2 or distributed_run():
+    failed forward moved are put back. Under DDP a forward is a collective, and one that failed cannot be followed by
+    another on this process only: there a forward of the inner module without gradients finds out first."""
+    if sel.numel() != 1 or x.shape[0] < 2:
         return model(x_adv)
     buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
                for b in m.buffers()]
+    if not buffers:
+        return model(x_adv)
     saved = [b.clone() for b in buffers]
     try:
-        return model(x_adv)
+        if not distributed_run():
+            return model(x_adv)
+        # no gradients, the RNG streams forked (dropout) and the buffers put back: the trial leaves no trace
+        with torch.no_grad(), torch.random.fork_rng(devices=[x_adv.device] if x_adv.is_cuda else []):
+            unwrap(model)(x_adv)
     except ValueError as err:
-        if not buffers or not str(err).startswith(ONE_SAMPLE_BATCH_NORM):
+        if not str(err).startswith(ONE_SAMPLE_BATCH_NORM):
             raise
+        _put_back(buffers, saved)
+        return model(x.detach().index_copy(0, sel, x_adv)).index_select(0, sel)
+    _put_back(buffers, saved)  # the statistics the trial forward moved under DDP
+    return model(x_adv)
+
+
+def _put_back(buffers, saved):
     for b, value in zip(buffers, saved):
         # through .data: a copy_ bumped the buffers' version counters, and the clean forward's batch-norm backward
         # (which saved the running statistics) then failed with "modified by an inplace operation"
         b.data.copy_(value)
-    return model(x.detach().index_copy(0, sel, x_adv)).index_select(0, sel)
 
 
 class IMA(Defense):
