@@ -823,6 +823,22 @@ def test_ddp_ima_forwards_a_lone_clean_correct_sample_inside_its_share(tmp_path)
         assert torch.equal(results[1]["weights"][k], v), k
 
 
+def test_fit_refuses_a_model_already_wrapped_in_distributed_data_parallel(tmp_path):
+    """A DistributedDataParallel model was wrapped again: IMA's attacks then went through a DDP forward (a collective
+    the processes took different numbers of: with batch norm a hang until the group's timeout), and the checkpoint's
+    keys read "module.*", which load_weights into the trained architecture refused."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(DropoutMLP())
+        with pytest.raises(TypeError, match=r"^fit: expected the model itself, got a DistributedDataParallel; pass "
+                                            r"its module \(model.module\): under DDP fit wraps the model itself$"):
+            fit(wrapped, defenses.Standard(), _data(8), epochs=1, out_dir=tmp_path, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_import_binds_no_process_group_into_torch_distributed_defaults():
     """torch.distributed.nn.functional, imported by DDP's first use, evaluates group.WORLD into its functions'
     defaults: imported while a group exists, it keeps that group alive after destroy_process_group(). robust_ops

@@ -619,6 +619,12 @@ def fit(
     if not callable(defense) or not hasattr(defense, "state_dict"):
         raise TypeError(f"{name}: expected defense to be a robust_ops.defenses.Defense or a defense name, got "
                         f"{type(defense).__name__}")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # wrapped again, the attacks (run on model.module) went through a DDP forward, a collective the processes
+        # took different numbers of (IMA's early exit: a hang until the group's timeout), and the checkpoint's keys
+        # read "module.*", which the trained architecture does not load
+        raise TypeError(f"{name}: expected the model itself, got a DistributedDataParallel; pass its module "
+                        "(model.module): under DDP fit wraps the model itself")
     epochs = check_int(name, "epochs", epochs)
     batch_size = check_int(name, "batch_size", batch_size)
     val_batch_size = check_int(name, "val_batch_size", val_batch_size)
