@@ -1771,6 +1771,53 @@ def test_ddp_an_error_inside_one_process_step_names_that_process_on_the_others(t
                                      "stopped here too"), messages[1 - failing]
 
 
+class FailsToValidateOnProcess1(nn.Module):
+    """Trains; its validation forward (eval mode, a batch of more than the 2 samples fit infers classes from) fails
+    on process 1 only, as out of memory on one GPU would."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        if not self.training and x.shape[0] > 2 and dist.get_rank() == 1:
+            raise RuntimeError("out of memory on process 1")
+        return self.net(x)
+
+
+def _ddp_validation_fails_on_one_process_worker(rank, world, port, out_path):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    try:
+        try:
+            fit(FailsToValidateOnProcess1(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=1, batch_size=8,
+                progress=False)
+            message = "no error"
+        except Exception as e:
+            message = f"{type(e).__name__}: {e}"
+        torch.save(message, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_a_validation_error_on_one_process_names_that_process_on_the_others(tmp_path):
+    """Validation ran outside the record of one-process errors: the other process met gloo's "Connection closed by
+    peer" (or waited for the group's timeout while the failing process lived on) with no word of the error."""
+    out = str(tmp_path / "error")
+    _spawn_within(60, _ddp_validation_fails_on_one_process_worker, (2, _free_port(), out))
+    messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert messages[1] == "RuntimeError: out of memory on process 1", messages[1]
+    assert messages[0] == ("RuntimeError: fit: process 1 failed at the validation after epoch 1: RuntimeError: out of "
+                           "memory on process 1; stopped here too"), messages[0]
+
+
 def _ddp_failing_process_destroys_group_worker(rank, world, port, out_path):
     import datetime
     import time

@@ -977,7 +977,9 @@ def fit(
             if scored:
                 row["train_acc"] = correct / scored
             if val_data is not None:
-                row.update(evaluate_clean(model, val_data, val_batch_size, device, channels_last))
+                failures.where = f"the validation after epoch {epoch + 1}"
+                with failures:  # out of memory on one GPU: the others wait in the next collective
+                    row.update(evaluate_clean(model, val_data, val_batch_size, device, channels_last))
             row["lr"] = float(optimizer.param_groups[0]["lr"])
             row["time_s"] = time.perf_counter() - t0
             history.append(row)
