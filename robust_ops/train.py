@@ -638,10 +638,6 @@ def fit(
     _check_map_style(name, "train_data", train_data)
     if val_data is not None:
         _check_map_style(name, "val_data", val_data)
-    if len(train_data) == 0:
-        raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
-    if val_data is not None and len(val_data) == 0:
-        raise ValueError(f"{name}: val_data is empty (0 samples); pass None to skip validation")
 
     rank, world = _distributed_context(device)  # a group initialized here is destroyed by the decorator
     device = torch.device(device)
@@ -656,6 +652,11 @@ def fit(
                                rank, world, "pass every process the same ones, and the whole train_data and val_data "
                                "(not shards): fit cuts one permutation of train_data into global batches and gives "
                                "each process its share, and seeds each process's own random streams itself")
+    # after the comparison: one process's empty shard (of val_data) is refused on every process, naming the lengths
+    if len(train_data) == 0:
+        raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
+    if val_data is not None and len(val_data) == 0:
+        raise ValueError(f"{name}: val_data is empty (0 samples); pass None to skip validation")
     if amp and device.type != "cuda":
         raise ValueError(f"{name}: amp=True needs a CUDA device (float16 autocast + GradScaler), got device={device}")
     if world > 1 and batch_size < world:
