@@ -156,8 +156,9 @@ def _ima_epoch(model, opt, defense, x, y, ids_all, args, min_rows):
             out = defense(model, x[ids], y[ids], ids)
             out.loss.backward()
             opt.step()
-            crossed += out.metrics.get("crossed", 0.0) * ids.numel()
-            seen += ids.numel()
+            searched = out.metric_counts.get("crossed", 0)  # crossed is the mean over the searched samples
+            crossed += out.metrics.get("crossed", 0.0) * searched
+            seen += searched
     synchronize(x.device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     counts = dict(defense.counter.as_dict(), probe_s=round(probe_seconds, 2))

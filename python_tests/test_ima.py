@@ -1443,6 +1443,8 @@ def test_ima_loss_and_margins_follow_algorithm_1(norm, strict):
     assert out.metrics["clean_acc"] == pytest.approx(sel.numel() / 12)
     assert out.metrics["adv_acc"] == pytest.approx(float(adv_ok.float().mean()))
     assert out.metrics["crossed"] == pytest.approx(float(crossed.float().mean()))
+    # both are means over the attacked samples: fit weighs them by that number, not by the batch's 12
+    assert 0 < sel.numel() < 12 and out.metric_counts == {"adv_acc": sel.numel(), "crossed": sel.numel()}
     if norm == "linf":  # the attack ran in the linf ball
         assert bool((sample_distance(x_adv, x[sel], "linf") <= old + 1e-6).all())
 

@@ -723,8 +723,9 @@ def _train_case(name, kwargs, init):
     model.load_state_dict(init)
     defense = defenses.build(name, **kwargs)
     data = IndexedDataset(_data(36)) if defense.needs_ids else _data(36)
-    fit(model, defense, data, epochs=2, batch_size=12, lr=1e-2, progress=False, seed=1)
-    return {"model": model.state_dict(), "defense": defense.state_dict()}
+    history = fit(model, defense, data, epochs=2, batch_size=12, lr=1e-2, progress=False, seed=1).history
+    return {"model": model.state_dict(), "defense": defense.state_dict(),
+            "train_metrics": [{k: v for k, v in row.items() if k.startswith("train_")} for row in history]}
 
 
 def _gloo_threads():
@@ -776,6 +777,11 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
             torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
         if name == "ima":
             torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
+        # every metric the same mean over the same samples (IMA's crossed and adv_acc: over the attacked ones)
+        for ddp_row, row in zip(ddp[name]["train_metrics"], single["train_metrics"], strict=True):
+            assert ddp_row.keys() == row.keys(), name
+            for k, v in row.items():
+                assert ddp_row[k] == pytest.approx(v, rel=1e-5, abs=1e-6), f"{name}: {k}"
 
 
 def _ddp_ima_lone_sample_worker(rank, world, port, out_path):
@@ -1374,6 +1380,51 @@ def test_history_averages_a_metric_over_the_batches_that_reported_it():
     row = result.history[0]
     assert row["train_adv_acc"] == 1.0
     assert 0 < row["train_loss"] < 5
+
+
+class _CountedMetric(Defense):
+    """Reports ``bright``, a mean over the batch's label-0 samples only (as IMA's crossed is a mean over the attacked
+    samples), with their number in metric_counts; records (value, count) per batch."""
+
+    name = "counted"
+    counts = None  # a test's replacement for the true count
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, x, y, ids=None):
+        out = model(x)
+        loss = classification_loss(out, y)
+        zeros = y == 0
+        value = float((x[zeros].flatten(1).mean(1) > 0.5).float().mean()) if zeros.any() else 0.0
+        count = int(zeros.sum()) if self.counts is None else self.counts
+        self.calls.append((value, count))
+        return DefenseOutput(loss=loss, logits=out, metrics={"bright": value}, metric_counts={"bright": count})
+
+
+def test_history_weighs_a_metric_by_the_samples_it_counts():
+    """A batch's mean over 2 of its 8 samples weighed as much as one over 6 (the batch size weighed both). With
+    metric_counts the epoch's value is the mean over the counted samples; counts that are no whole number of the
+    batch's samples, or name no reported metric, are refused, and a count of 0 leaves the batch out."""
+    x, y = torch.rand(32, 1, 4, 4), torch.tensor([0, 1, 1, 1] * 4 + [0, 0, 0, 1] * 4)
+    x[y == 0] += torch.linspace(-0.4, 0.4, int((y == 0).sum())).view(-1, 1, 1, 1)
+    x = x.clamp(0, 1)
+    torch.manual_seed(0)
+    defense = _CountedMetric()
+    row = fit(DropoutMLP(), defense, TensorDataset(x, y), epochs=1, batch_size=8, progress=False).history[0]
+    values, counts = torch.tensor(defense.calls, dtype=torch.float64).unbind(1)
+    assert row["train_bright"] == pytest.approx(float((values * counts).sum() / counts.sum()))
+    assert row["train_bright"] != pytest.approx(float(values.mean()))  # what weighing by the batch size gave
+    for bad, needle in ((9, "is 9; expected a whole number of the batch's samples, 0 to 8"),
+                        (2.5, "is 2.5; expected a whole"), (True, "is True; expected")):
+        defense = _CountedMetric()
+        defense.counts = bad
+        with pytest.raises(ValueError, match=re.escape(f"the counted defense's metric_counts['bright'] {needle}")):
+            fit(DropoutMLP(), defense, TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
+    defense = _CountedMetric()
+    defense.counts = 0  # a mean over no sample: left out, not counted as 0
+    assert "train_bright" not in fit(DropoutMLP(), defense, TensorDataset(x, y), epochs=1, batch_size=8,
+                                     progress=False).history[0]
 
 
 class _PerRankMetrics(Defense):

@@ -1187,6 +1187,7 @@ class IMA(Defense):
         margins = self.table.get(ids).to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         l1 = l0
         metrics = {"margin_mean": float(self.table.margins.mean()), "clean_acc": float(clean_ok.float().mean())}
+        attacked = {}  # adv_acc and crossed are means over the attacked samples: fit weighs them by their number
         if sel.numel():
             xs, ys = x.index_select(0, sel), y.index_select(0, sel)
             x_adv, crossed, info = gen_adv(
@@ -1216,13 +1217,14 @@ class IMA(Defense):
             expand = adv_ok & ~crossed
             distance = sample_distance(x_adv, xs, self.norm)
             metrics.update(adv_acc=float(adv_ok.float().mean()), crossed=float(crossed.float().mean()))
+            attacked = {"adv_acc": sel.numel(), "crossed": sel.numel()}
         else:
             shrink = expand = torch.zeros(0, dtype=torch.bool, device=x.device)
             distance = torch.zeros(0, device=x.device)
         # Every rank calls update once per batch (possibly with no ids) so the margin sync stays collective.
         self.table.update(ids[sel], adv_correct=expand, crossed=shrink, distance=distance, delta=self.delta)
         loss = ((1 - self.beta) * l0 + self.beta * l1).mean()
-        return DefenseOutput(loss=loss, logits=out.detach(), metrics=metrics)
+        return DefenseOutput(loss=loss, logits=out.detach(), metrics=metrics, metric_counts=attacked)
 
     def holds_state(self):
         """A margin table, or settings resolved by an earlier run (a num_samples fit sized, eps_train from a batch)."""

@@ -502,6 +502,23 @@ def _clean_metrics(name, defense, metrics):
     return clean
 
 
+def _metric_weights(name, defense, counts, metrics, n):
+    """How much each metric's batch value weighs in the epoch's mean: its ``metric_counts`` entry (the samples it
+    averages over), else the batch's ``n`` samples. Counts of metrics not reported, or not whole numbers in [0, n],
+    are refused: they would weigh other values silently."""
+    weights = dict.fromkeys(metrics, n)
+    for key, count in (counts or {}).items():
+        who = f"{_defense_named(name, defense)}'s metric_counts[{key!r}]"
+        if key not in metrics:
+            raise ValueError(f"{who}: counts a metric the batch did not report (its metrics: {sorted(metrics)})")
+        if torch.is_tensor(count) and count.numel() == 1 and not count.is_floating_point():
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 0 <= count <= n:
+            raise ValueError(f"{who} is {count!r:.60}; expected a whole number of the batch's samples, 0 to {n}")
+        weights[key] = int(count)
+    return weights
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -891,6 +908,7 @@ def fit(
                             raise
                     loss = _checked_output(name, defense, out).loss
                     metrics = _clean_metrics(name, defense, out.metrics)  # refused before the weights change
+                    weights = _metric_weights(name, defense, getattr(out, "metric_counts", None), metrics, y.numel())
                     # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
                     own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
                                            _any_non_finite(out.extra_grads).to(device)])
@@ -937,8 +955,10 @@ def fit(
                 n = y.numel()
                 metrics.setdefault("loss", float(loss.detach()))
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * n
-                    seen[k] = seen.get(k, 0) + n
+                    w = weights.get(k, n)
+                    if w:  # a mean over no sample (0 * nan would make the epoch's value nan)
+                        sums[k] = sums.get(k, 0.0) + v * w
+                        seen[k] = seen.get(k, 0) + w
                 if out.logits is not None:
                     correct += int((predict_from_output(out.logits.detach()) == y).sum())
                     scored += n  # not every sample: a defense may return logits for some batches only

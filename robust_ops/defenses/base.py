@@ -15,12 +15,17 @@ class DefenseOutput:
         of ``[p for p in model.parameters() if p.requires_grad]``; the trainer adds them to ``.grad`` (an entry None:
         that parameter's ``.grad`` is left as the loss's backward made it). None if unused.
     metrics: numbers (floats or one-element tensors) for the progress bar and the metrics CSV; fit refuses others.
+    metric_counts: for a metric that is a mean over some of the batch's samples only (IMA's adv_acc and crossed:
+        the attacked ones), how many (an int >= 0); fit then weighs the batch's value by it, so the epoch's value is
+        the mean over those samples (also under DDP, where the processes' shares differ). Metrics not named here
+        weigh the batch's sample count.
     """
 
     loss: torch.Tensor
     logits: torch.Tensor = None
     extra_grads: list = None
     metrics: dict = field(default_factory=dict)
+    metric_counts: dict = field(default_factory=dict)
 
 
 def _plain(value):
