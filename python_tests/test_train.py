@@ -2394,3 +2394,29 @@ def test_a_fresh_run_in_a_used_out_dir_names_no_earlier_runs_checkpoint_as_its_l
                                                  rf"{re.escape(str(tmp_path / 'checkpoint.pt'))}\)"):
         fit(DropoutMLP(), _NaNAfterCalls(0), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
             progress=False)
+
+
+def test_a_model_whose_train_keeps_a_batch_norm_frozen_trains_with_it_frozen():
+    """docs/training.md: fit starts each epoch with model.train(); a model whose train() puts its BatchNorm back in
+    eval mode keeps its running statistics through training (and validation) unchanged."""
+
+    class FrozenBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 2 * 2, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.bn.eval()
+            return self
+
+    torch.manual_seed(0)
+    model = FrozenBN()
+    before = copy.deepcopy(model.bn.state_dict())
+    fit(model, "at", _data(16), _data(8, seed=1), epochs=2, batch_size=8, progress=False)
+    assert not model.bn.training and model.conv.training
+    for k, v in before.items():
+        assert torch.equal(model.bn.state_dict()[k], v) or k in ("weight", "bias"), k
