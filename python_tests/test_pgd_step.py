@@ -412,6 +412,23 @@ def test_compile_fullgraph():
     _check_compiled("aot_eager")
 
 
+def test_reference_backend_compiles_with_graph_breaks_only():
+    """docs/ops/pgd_step.md: backend="reference" (the eager chain) compiles without fullgraph, equal to eager; with
+    fullgraph=True Dynamo refuses its shape-naming checks (the native and Triton variants compile fullgraph)."""
+
+    def step(x_adv, x_nat, grad):
+        robust_ops.pgd_step_(x_adv, x_nat, grad, 0.1, 0.01, norm="linf", backend="reference")
+        return x_adv
+
+    x, grad = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    torch._dynamo.reset()
+    assert_verbose_equal(torch.compile(step, backend="eager")(x.clone(), x, grad), step(x.clone(), x, grad))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="Can't convert torch._check"):
+        torch.compile(step, fullgraph=True, backend="eager")(x.clone(), x, grad)
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_inductor():
     """The same through inductor (about 10-20 s of C++ code generation on 2 cores)."""
