@@ -1,6 +1,7 @@
 """The trainer: history and metrics files, atomic checkpoints that load with weights_only=True, bitwise-exact resume,
 NaN handling, DDP equivalence with a single process, and its input checks."""
 
+import contextlib
 import copy
 import json
 import math
@@ -711,6 +712,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _gloo_group(rank, world, port, timeout_s=15):
+    """Joins this spawned process (one thread) to a gloo group on localhost; destroyed on exit. The timeout bounds
+    how long a process waits for one that failed."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _outcome(call, ok="no error"):
+    """``ok`` when ``call()`` returns, else its exception as 'Type: message' (what a worker reports back)."""
+    try:
+        call()
+        return ok
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
 DDP_CASES = (("standard", {}), ("mirst", {"steps": 4, "emit": (2, 4), "beta": (0.6, 0.4)}), ("ima", {"steps": 3}),
              ("dpaat", {"steps": 2}))
 
@@ -785,15 +812,8 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
 
 
 def _ddp_ima_lone_sample_worker(rank, world, port, out_path):
-    import datetime
-
-    import torch.distributed as dist
-
     import robust_ops.ima as ima
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
     lone = []
     adversarial_output = ima._adversarial_output
 
@@ -803,17 +823,14 @@ def _ddp_ima_lone_sample_worker(rank, world, port, out_path):
 
     ima._adversarial_output = counting
     try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-        try:
-            fit(model, "ima", IndexedDataset(_data(32)), epochs=2, batch_size=8, progress=False)
-            message = "ok"
-        except Exception as e:
-            message = f"{type(e).__name__}: {e}"
-        torch.save({"message": message, "lone": sum(lone), "weights": _weights(model)}, f"{out_path}.{rank}")
+        with _gloo_group(rank, world, port):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+            message = _outcome(lambda: fit(model, "ima", IndexedDataset(_data(32)), epochs=2, batch_size=8,
+                                           progress=False), ok="ok")
+            torch.save({"message": message, "lone": sum(lone), "weights": _weights(model)}, f"{out_path}.{rank}")
     finally:
         ima._adversarial_output = adversarial_output
-        dist.destroy_process_group()
 
 
 def test_ddp_ima_forwards_a_lone_clean_correct_sample_inside_its_share(tmp_path):
@@ -1588,14 +1605,7 @@ def test_ddp_resume_refuses_processes_that_would_start_from_different_checkpoint
 
 
 def _ddp_resume_path_one_node_lacks_worker(rank, world, port, out_dir):
-    import datetime
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
-    try:
+    with _gloo_group(rank, world, port):
         # node-local storage: only process 0's folder gets a checkpoint, process 1 finds none at the same path
         run_dir = os.path.join(out_dir, f"node{rank}")
         checkpoint = os.path.join(run_dir, "checkpoint.pt")
@@ -1606,15 +1616,9 @@ def _ddp_resume_path_one_node_lacks_worker(rank, world, port, out_dir):
             if case == "unreadable" and rank == 1:
                 open(checkpoint, "wb").close()
             path = os.path.join(out_dir, "nowhere.pt") if case == "missing everywhere" else checkpoint
-            try:
-                fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, resume=path,
-                    progress=False)
-                messages.append("no error")
-            except Exception as e:
-                messages.append(f"{type(e).__name__}: {e}")
+            messages.append(_outcome(lambda: fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2,
+                                                 batch_size=8, resume=path, progress=False)))
         torch.save(messages, os.path.join(out_dir, f"message.{rank}"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_resume_from_a_path_one_process_cannot_read_stops_every_process(tmp_path):
@@ -1697,25 +1701,13 @@ class WithUnusedHead(nn.Module):
 
 
 def _ddp_unused_parameters_worker(rank, world, port, out_path):
-    import datetime
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
-    try:
+    with _gloo_group(rank, world, port):
         torch.manual_seed(0)
         model = WithUnusedHead()
-        try:  # one step: DDP's own error would come only at the next forward
-            fit(model, defenses.Standard(), _data(4), epochs=1, batch_size=4, progress=False,
-                optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
-            message = "no error"
-        except Exception as e:
-            message = f"{type(e).__name__}: {e}"
+        # one step: DDP's own error would come only at the next forward
+        message = _outcome(lambda: fit(model, defenses.Standard(), _data(4), epochs=1, batch_size=4, progress=False,
+                                       optimizer=torch.optim.SGD(model.parameters(), lr=0.5)))
         torch.save((message, _weights(model)), f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_refuses_trainable_parameters_the_loss_does_not_use(tmp_path):
@@ -1843,23 +1835,10 @@ class FailsToValidateOnProcess1(nn.Module):
 
 
 def _ddp_validation_fails_on_one_process_worker(rank, world, port, out_path):
-    import datetime
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
-    try:
-        try:
-            fit(FailsToValidateOnProcess1(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=1, batch_size=8,
-                progress=False)
-            message = "no error"
-        except Exception as e:
-            message = f"{type(e).__name__}: {e}"
+    with _gloo_group(rank, world, port):
+        message = _outcome(lambda: fit(FailsToValidateOnProcess1(), defenses.Standard(), _data(16), _data(8, seed=1),
+                                       epochs=1, batch_size=8, progress=False))
         torch.save(message, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_a_validation_error_on_one_process_names_that_process_on_the_others(tmp_path):
