@@ -1474,30 +1474,35 @@ def test_ima_skips_samples_the_training_forward_misclassifies():
     assert bool((defense.margins[train_wrong] == 0.5).all())
 
 
-def test_ima_forwards_a_lone_clean_correct_sample_inside_its_batch_when_batch_norm_refuses_it():
-    """A batch with one clean-correct sample forwarded that sample alone in training mode: batch-norm on a 1x1 map
-    (the library's vgg16 and densenet121 at 28x28) or a BatchNorm1d head refused it ("Expected more than 1 value per
-    channel") and stopped training. It now runs inside its batch, the buffers the failed forward moved put back."""
+def _lone_clean_correct_step(model):
+    """Runs IMA's step on 6 samples of which the training-mode clean forward classifies only sample 0 correctly;
+    returns (its output, x, y, the loss it should compute from ``reference``, a copy of the model before the step):
+    clean forward, GenAdv (eval mode), one forward of the batch with x~ in row 0."""
     import copy
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 8),
-                          nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
     x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         pred = copy.deepcopy(model)(x).argmax(1)
     y = (pred + 1) % 3
-    y[0] = pred[0]  # sample 0 alone is classified correctly by the training-mode clean forward
+    y[0] = pred[0]
     reference = copy.deepcopy(model)
     defense = IMA(num_samples=6, eps_train=1.0, delta=0.1, init_margin=0.5, steps=3, search_steps=2, min_rows=0)
     out = defense(model, x, y, torch.arange(6))
-    # What the step should do: clean forward, GenAdv (eval mode), one forward of the batch with x~ in row 0.
-    with torch.no_grad():
-        l0 = F.cross_entropy(reference(x), y, reduction="none")
+    l0 = F.cross_entropy(reference(x), y, reduction="none")
     x_adv, _ = gen_adv(reference, x[:1], y[:1], 0.5, steps=3, search_steps=2, min_rows=0)
-    with torch.no_grad():
-        l1 = F.cross_entropy(reference(torch.cat([x_adv, x[1:]]))[:1], y[:1], reduction="none")
-    torch.testing.assert_close(out.loss.detach(), (0.5 * l0 + 0.5 * l0.index_put((torch.tensor([0]),), l1)).mean())
+    l1 = F.cross_entropy(reference(torch.cat([x_adv, x[1:]]))[:1], y[:1], reduction="none")
+    return out, (0.5 * l0 + 0.5 * l0.index_put((torch.tensor([0]),), l1)).mean(), reference
+
+
+def test_ima_forwards_a_lone_clean_correct_sample_inside_its_batch_when_batch_norm_refuses_it():
+    """A batch with one clean-correct sample forwarded that sample alone in training mode: batch-norm on a 1x1 map
+    (the library's vgg16 and densenet121 at 28x28) or a BatchNorm1d head refused it ("Expected more than 1 value per
+    channel") and stopped training. It now runs inside its batch, the buffers the failed forward moved put back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 8),
+                          nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    out, want_loss, reference = _lone_clean_correct_step(model)
+    torch.testing.assert_close(out.loss.detach(), want_loss.detach())
     for (name, got), want in zip(model.named_buffers(), reference.buffers()):
         assert torch.equal(got, want), name  # the failed single-sample forward moved BatchNorm2d's statistics
     assert int(model[1].num_batches_tracked) == 2
@@ -1508,22 +1513,11 @@ def test_a_lone_clean_correct_sample_forwarded_inside_its_batch_backpropagates()
     the clean forward's batch-norm backward (it saves the running statistics) then failed with "one of the variables
     needed for gradient computation has been modified by an inplace operation", so fit stopped at the first batch
     with one clean-correct sample. The step now backpropagates the gradients of the loss it computes."""
-    import copy
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
-    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        pred = copy.deepcopy(model)(x).argmax(1)
-    y = (pred + 1) % 3
-    y[0] = pred[0]  # sample 0 alone is classified correctly by the training-mode clean forward
-    reference = copy.deepcopy(model)
-    defense = IMA(num_samples=6, eps_train=1.0, delta=0.1, init_margin=0.5, steps=3, search_steps=2, min_rows=0)
-    defense(model, x, y, torch.arange(6)).loss.backward()
-    l0 = F.cross_entropy(reference(x), y, reduction="none")
-    x_adv, _ = gen_adv(reference, x[:1], y[:1], 0.5, steps=3, search_steps=2, min_rows=0)
-    l1 = F.cross_entropy(reference(torch.cat([x_adv, x[1:]]))[:1], y[:1], reduction="none")
-    (0.5 * l0 + 0.5 * l0.index_put((torch.tensor([0]),), l1)).mean().backward()
+    out, want_loss, reference = _lone_clean_correct_step(model)
+    out.loss.backward()
+    want_loss.backward()
     for (name, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got.grad, want.grad, msg=name)
 
