@@ -46,7 +46,8 @@ from ._options import check_flags, check_int, check_real, class_labels
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
-from .attacks.context import check_output, classification_loss, num_classes_of, predict_from_output, use_model_mode
+from .attacks.context import (HALF_DTYPES, check_output, classification_loss, num_classes_of,
+                              predict_from_output, use_model_mode)
 from .defenses._common import ONE_SAMPLE_BATCH_NORM
 from .defenses.base import _as_tuples, _plain
 
@@ -595,7 +596,8 @@ def fit(
     """Train ``model`` with ``defense`` for ``epochs`` epochs.
 
     Args:
-        model (nn.Module): outputs ``[N, K]`` logits or ``[N]`` single logits.
+        model (nn.Module): outputs ``[N, K]`` logits or ``[N]`` single logits; float32 or float64 trainable
+            parameters (float16 / bfloat16 ones are refused: ``amp`` computes in float16).
         defense (robust_ops.defenses.Defense or str): a defense object, or a name or dotted import path
             (package.module.Class) for ``defenses.build``.
         train_data, val_data (Dataset): yield ``(x, y)`` or ``(x, y, ids)`` (``robust_ops.data.IndexedDataset``,
@@ -741,6 +743,7 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{name}: the model has no trainable parameters")
+    check_trainable_precision(name, params)
     own_optimizer = optimizer is None
     if not own_optimizer and lr is not None:  # None, not the default value: lr=1e-4 given beside it is ignored too
         raise ValueError(f"{name}: lr={lr!r} sets the default Adam's learning rate only, and optimizer= was given; "
@@ -1128,6 +1131,18 @@ class _OneProcessFailures:
         except Exception:  # noqa: BLE001 -- this process's own error matters more than the record of it
             pass
         return False
+
+
+def check_trainable_precision(name, params):
+    """Refuse float16 / bfloat16 trainable parameters: torch's optimizers update weights in their own dtype, without
+    float32 master copies (float16: Adam's eps 1e-8 is 0, NaN weights where a gradient is 0; both: updates below the
+    weights' resolution round away)."""
+    half = next((p.dtype for p in params if p.dtype in HALF_DTYPES), None)
+    if half is not None:
+        raise ValueError(f"{name}: the model's trainable parameters are {half} (model.half() or .bfloat16()?); the "
+                         "optimizer would update them in that precision (float16: Adam's eps 1e-8 is 0, NaN weights; "
+                         "updates below the weights' resolution are lost); train float32 weights (model.float(), "
+                         "float32 data; amp=True on CUDA computes in float16) and convert the trained model")
 
 
 def _one_sample_batch_message(name, num_samples, batch_size, global_n, world, where):
