@@ -2419,3 +2419,21 @@ def test_fit_refuses_half_precision_weights(dtype):
     frozen.net.insert(2, type("ToFloat", (nn.Module,), {"forward": lambda self, x: x.float()})())
     fit(frozen, "standard", TensorDataset(*(t.to(dtype) if t.is_floating_point() else t for t in _data(16).tensors)),
         epochs=1, batch_size=8, progress=False)
+
+
+def test_validation_loss_keeps_float64():
+    """evaluate_clean computed a float64 model's val_loss from out.float(): float32 arithmetic (the cross-entropy of
+    logits 1 apart by 1e-9 came out as log(2) exactly), where train_loss was float64. Half outputs still upcast."""
+    from robust_ops.train import evaluate_clean
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).double()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 1e-9], dtype=torch.float64))
+    x, y = torch.rand(4, 1, 4, 4, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+    got = evaluate_clean(model, TensorDataset(x, y))["val_loss"]
+    with torch.no_grad():
+        expected = float(classification_loss(model(x), y))
+    assert got == pytest.approx(expected, rel=1e-15, abs=0) and got != math.log(2)
+    half = evaluate_clean(model.half(), TensorDataset(x.half(), y))["val_loss"]
+    assert half == pytest.approx(math.log(2), rel=1e-3)
