@@ -2903,6 +2903,27 @@ def test_linf_alpha_in_0_255_units_is_refused_but_large_l2_radii_and_alpha_above
     attacks.PGD(model, eps=0.5, alpha=0.1, steps=1, clip_min=-1.0, clip_max=1.0)(x, y)
 
 
+def test_least_likely_targets_rank_float64_logits_in_float64():
+    """The kth-lowest logit was taken from z.float(): float64 logits closer than float32's resolution tied, and the
+    stable sort picked the lower class (class 1 for logits 5, 1 + 1e-12, 1) where torchattacks' kthvalue on the
+    float64 logits picks class 2."""
+    class Fixed(nn.Module):
+        def __init__(self, z):
+            super().__init__()
+            self.z, self.w = z, nn.Parameter(torch.zeros((), dtype=z.dtype))
+
+        def forward(self, x):
+            return self.z.expand(x.shape[0], -1) + self.w * x.flatten(1).sum(1, keepdim=True)
+
+    model = Fixed(torch.tensor([[5.0, 1.0 + 1e-12, 1.0]], dtype=torch.float64))
+    x, y = torch.rand(2, 1, 2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.long)
+    atk = attacks.PGD(model, eps=8 / 255).set_mode_targeted_least_likely()
+    ta = torchattacks.PGD(model, eps=8 / 255)
+    ta.set_mode_targeted_least_likely()
+    assert atk._targets(x, y).tolist() == ta.get_least_likely_label(x, y).tolist() == [2, 2]
+    half = Fixed(torch.tensor([[5.0, 1.0, 1.0]], dtype=torch.float16))  # ties keep class order in half precision
+    assert attacks.PGD(half, eps=8 / 255).set_mode_targeted_least_likely()._targets(x.half(), y).tolist() == [1, 1]
+
 def test_set_normalization_used_is_refused_with_the_fix():
     # torchattacks' takes and returns normalized inputs; ours work in pixel space: no silent mix-up of the two
     for atk in (attacks.PGD(make_model()), attacks.AutoAttack(make_model())):

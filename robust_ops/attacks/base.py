@@ -132,8 +132,10 @@ class Attack:
         if self._kth_min > k - 1:
             raise ValueError(f"{self.name}: expected kth_min <= {k - 1} (classes other than the label), got "
                              f"{self._kth_min}")
-        # the label sorts last; a stable sort keeps ties in class order, so the choice is deterministic
-        return z.detach().float().scatter(1, y[:, None], float("inf")).sort(dim=1, stable=True)[1][:, self._kth_min - 1]
+        # the label sorts last; a stable sort keeps ties in class order, so the choice is deterministic. Half
+        # precision upcast, float64 kept: float() tied float64 logits closer than float32's resolution
+        z = z.detach().to(torch.promote_types(z.dtype, torch.float32))
+        return z.scatter(1, y[:, None], float("inf")).sort(dim=1, stable=True)[1][:, self._kth_min - 1]
 
     def forward(self, x, y):
         raise NotImplementedError
