@@ -21,7 +21,7 @@ from torch import nn
 from ._options import check_flags, check_int, check_real
 from .attacks.context import use_model_mode
 from .defenses._common import float32_or_wider
-from .train import _torch_seed
+from .train import _torch_seed, check_trainable_precision
 
 HEAD_NAMES = ("fc", "classifier", "head")
 
@@ -163,13 +163,15 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
             if head_name:
                 setattr(model, head_name, nn.Identity())
             model.train()
+            check_trainable_precision("simclr", [p for p in model.parameters() if p.requires_grad])
             with torch.no_grad(), use_model_mode(model, "eval"):
                 features = model(sample.unsqueeze(0).to(device))
             if features.dim() < 2:  # e.g. MLP's squeezed single logit: flatten(1) failed with an IndexError
                 raise ValueError(f"simclr: expected the model to return [N, ...] features, got shape "
                                  f"{tuple(features.shape)} for 1 image; name the layer to bypass with head=")
             feat_dim = features.flatten(1).shape[1]
-            proj = projection_head(feat_dim, projection_dim).to(device)
+            # the backbone's dtype: a float32 head failed on float64 features with torch's dtype error
+            proj = projection_head(feat_dim, projection_dim).to(device=device, dtype=features.dtype)
             params = list(model.parameters()) + list(proj.parameters())
             opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
             loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
