@@ -1717,3 +1717,22 @@ def test_dice_refuses_multiclass_labels_outside_the_output_classes():
             dice_score(out, labels)
         with pytest.raises(ValueError, match=r"^dice_score: expected labels y in \[0, 3\)"):
             dice_criterion()(out, labels)
+
+
+def test_batch_invariant_sizes_are_measured_per_autocast_state():
+    """The probe's cache key left out autocast: sizes measured under fit(amp=True)'s float16 autocast (other
+    kernels) were reused for the same model's float32 GenAdv afterwards (and the reverse), so padding to them no
+    longer gave bitwise the full-batch results. Each autocast state (and dtype) is now measured on its own."""
+    def autocast_free_of_batch_size(n):  # invariant under autocast at every size, in float32 from 6 rows
+        return torch.is_autocast_enabled("cpu") or n >= 6
+
+    model, x = BatchDependent(autocast_free_of_batch_size).eval(), torch.rand(4, 1, 10, 10)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert batch_invariant_sizes(model, x) == tuple(range(1, 17))
+    assert batch_invariant_sizes(model, x) == tuple(range(6, 17))
+    calls = model.calls
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # another autocast dtype: measured again
+        assert batch_invariant_sizes(model, x) == tuple(range(1, 17)) and model.calls > calls
+    calls = model.calls
+    with torch.autocast("cpu", dtype=torch.float16):  # cached
+        assert batch_invariant_sizes(model, x) == tuple(range(1, 17)) and model.calls == calls

@@ -28,6 +28,7 @@ from .attacks.context import (
     MODEL_MODES,
     InputGradScale,
     attack_context,
+    autocast_dtype,
     check_gradients_possible,
     check_inputs,
     check_output,
@@ -588,8 +589,9 @@ class InvariantSizes(tuple):
 
 
 def _probe_signature(model, x):
+    # autocast too: fit(amp=True)'s float16 kernels settle at other batch sizes than float32's
     return (tuple(x.shape[1:]), x.dtype, x.device, output_memory_format(x), torch.get_num_threads(),
-            prepacked_conv_active(model))
+            prepacked_conv_active(model), autocast_dtype(x.device.type))
 
 
 def probe_rows(rows):
@@ -622,12 +624,12 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     MKL's small matrix multiply in the classifier's backward sums a row tail in another order), so :func:`gen_adv`
     pads each shrinking working batch to the next size listed here and returns bitwise what the full-batch
     computation returns. Measured once per model, sample shape, dtype, device, memory format, thread count,
-    prepacked-convolution mode (robust_ops.prepacked_conv) and clip range (random inputs in [clip_min, clip_max],
-    the model in its current mode -- run it inside the attack's mode), then cached for the model's lifetime. Each
-    size is checked on several disjoint batches covering ``max_rows`` rows, and the sizes above ``max_rows`` on
-    batches at both ends of the large one: about ``max_rows * (max_rows + 6)`` sample forwards and backwards (up to
-    ``max_rows * (max_rows + 10)`` when a period is found; 3 s for resnet18 on 1x28x28 on 2 CPU cores). Sizes
-    above ``reference_rows`` are not measured. Changing the model's layers afterwards is not detected.
+    prepacked-convolution mode (robust_ops.prepacked_conv), autocast dtype and clip range (random inputs in
+    [clip_min, clip_max], the model in its current mode -- run it inside the attack's mode), then cached for the
+    model's lifetime. Each size is checked on several disjoint batches covering ``max_rows`` rows, and the sizes
+    above ``max_rows`` on batches at both ends of the large one: about ``max_rows * (max_rows + 6)`` sample forwards
+    and backwards (up to ``max_rows * (max_rows + 10)`` when a period is found; 3 s for resnet18 on 1x28x28 on 2 CPU
+    cores). Sizes above ``reference_rows`` are not measured. Changing the model's layers afterwards is not detected.
 
     :func:`gen_adv` probes with :func:`probe_rows` of its batch: a small batch gets a small reference."""
     max_rows = check_int("batch_invariant_sizes", "max_rows", max_rows, 1)

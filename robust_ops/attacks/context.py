@@ -218,11 +218,17 @@ def check_gradients_possible(name):
                            "that block (torch.no_grad() is fine: the attack enables gradients itself)")
 
 
+def autocast_dtype(device_type):
+    """The dtype autocast computes in on ``device_type`` ("cuda", "cpu"), None when it is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None  # "meta" has no autocast: torch raises
+
+
 def fp16_autocast(device_type):
     """Whether float16 autocast is on for ``device_type`` ("cuda", "cpu"): ``fit(amp=True)`` runs every defense, and
     the attacks inside it, under it."""
-    return (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-            and torch.get_autocast_dtype(device_type) == torch.float16)  # "meta" has no autocast: torch raises
+    return autocast_dtype(device_type) == torch.float16
 
 
 class InputGradScale:
