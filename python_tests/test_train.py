@@ -2437,3 +2437,21 @@ def test_validation_loss_keeps_float64():
     assert got == pytest.approx(expected, rel=1e-15, abs=0) and got != math.log(2)
     half = evaluate_clean(model.half(), TensorDataset(x.half(), y))["val_loss"]
     assert half == pytest.approx(math.log(2), rel=1e-3)
+
+
+def test_resume_refuses_another_parameter_dtype(tmp_path):
+    """A float32 run resumed with model.double() (or the reverse) trained on in another precision without a word
+    (load_state_dict and the optimizer's state cast to the model's dtype), as a switched amp would, which is refused.
+    The trainable parameters' dtype is now recorded and compared; checkpoints without the record resume unchecked."""
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["config"]["param_dtype"] == "torch.float32"
+    data64 = TensorDataset(*(t.double() if t.is_floating_point() else t for t in _data(16).tensors))
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint\.pt: it was trained with "
+                                         r"param_dtype='torch.float32', this call has param_dtype='torch.float64'$"):
+        fit(DropoutMLP().double(), defenses.Standard(), data64, epochs=2, out_dir=tmp_path, resume=True, **kwargs)
+    del state["config"]["param_dtype"]  # written before the record: resumes
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP().double(), defenses.Standard(), data64, epochs=2, resume=tmp_path / "old.pt", **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path, resume=True, **kwargs)

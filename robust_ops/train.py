@@ -767,6 +767,8 @@ def fit(
               "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model),
               "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer), "scheduler": _class_path(scheduler),
               "num_samples": len(train_data), "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
+              # the trainable parameters' precision (several dtypes: all of them, in order)
+              "param_dtype": ",".join(sorted({str(p.dtype) for p in params})),
               "scheduler_settings": None if scheduler is None else _settings(scheduler.state_dict(),
                                                                              _SCHEDULER_PROGRESS),
               "scheduler_parts": _scheduler_parts(scheduler),
@@ -782,10 +784,11 @@ def fit(
         # added (a fresh schedule) or of another class (the checkpoint's state read by another rule); an optimizer of
         # another class fails on the loaded state with a bare KeyError; a training set of another size gets other
         # epoch permutations (drawn over its length); amp switched would compute in another precision, with a fresh
-        # GradScaler; a ReduceLROnPlateau given val_data or not would compare the other loss with its best.
+        # GradScaler, and so would a model of another dtype (load_state_dict and the optimizer cast the state to it);
+        # a ReduceLROnPlateau given val_data or not would compare the other loss with its best.
         # Checkpoints written before these were recorded pass.
         for key in ("batch_size", "seed", "defense", "lr", "channels_last", "prepacked_conv", "drop_max_layers",
-                    "max_grad_norm", "optimizer", "scheduler", "num_samples", "amp", "plateau_metric"):
+                    "max_grad_norm", "optimizer", "scheduler", "num_samples", "amp", "param_dtype", "plateau_metric"):
             saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
             if saved != config[key]:
                 hint = ("; ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: give val_data or "
