@@ -267,3 +267,33 @@ def test_saliency_figure_hands_matplotlib_arrays_without_a_warning(tmp_path, dty
         warnings.simplefilter("error")
         assert report.plot_saliency(model, x, y, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_saliency_maps_of_a_float16_model_are_zero_not_nan_where_nothing_responds():
+    """The per-image normalisation divided by max(peak, 1e-12), and 1e-12 is 0 in float16: a black image (zero
+    activations, zero input gradient) got a NaN Grad-CAM and input-gradient map from a float16 model, where float32
+    and bfloat16 give zeros. Half maps are now normalised in float32 (float32 unchanged, dtype kept)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(2, 3)
+            with torch.no_grad():
+                self.conv.weight.fill_(1.0)
+                self.conv.bias.zero_()
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x, y = torch.rand(3, 1, 6, 6), torch.tensor([0, 1, 2])
+    x[0] = 0
+    ref_cam, ref_sal = report.grad_cam(Net(), x), report.input_gradient(Net(), x, y)
+    assert not bool(ref_cam[0].any()) and not bool(ref_sal[0].any())
+    for dtype in (torch.float16, torch.bfloat16):
+        torch.manual_seed(0)
+        model = Net().to(dtype)
+        cam, sal = report.grad_cam(model, x.to(dtype)), report.input_gradient(model, x.to(dtype), y)
+        assert cam.dtype == sal.dtype == dtype
+        assert bool(torch.isfinite(cam).all()) and bool(torch.isfinite(sal).all())
+        assert not bool(cam[0].any()) and not bool(sal[0].any())
+        torch.testing.assert_close(cam.float(), ref_cam, atol=0.02, rtol=0)

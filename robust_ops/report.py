@@ -9,6 +9,7 @@ from collections import Counter
 import torch
 
 from .attacks.context import classification_loss, model_device, use_model_mode
+from .defenses._common import float32_or_wider
 from .metrics import METRIC_LABELS, metric_names
 
 
@@ -304,8 +305,7 @@ def grad_cam(model, x, target=None, layer=None):
     weights = grad.mean((2, 3), keepdim=True)
     cam = torch.relu((weights * act).sum(1, keepdim=True)).detach()
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-    return cam / peak
+    return _per_image_unit_max(cam)
 
 
 def input_gradient(model, x, y):
@@ -320,8 +320,14 @@ def _input_gradient(model, x, y):
         out = model(xg)
         loss = classification_loss(out, y, reduction="sum")
         grad, = torch.autograd.grad(loss, xg)
-    sal = grad.abs().sum(1)
-    return sal / sal.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), out.detach()
+    return _per_image_unit_max(grad.abs().sum(1)), out.detach()
+
+
+def _per_image_unit_max(maps):
+    """``maps`` [N, H, W] >= 0 divided by each image's maximum (an all-zero map stays 0), in their dtype. Half
+    precision is divided in float32: the 1e-12 guard is 0 in float16, where an all-zero map came out NaN."""
+    wide = float32_or_wider(maps)
+    return (wide / wide.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).to(maps.dtype)
 
 
 def plot_saliency(model, x, y, path, info=None, title=None):
