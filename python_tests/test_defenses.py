@@ -1601,3 +1601,32 @@ def test_dpaat_reset_state_gives_a_newly_built_defenses_state():
     assert dpaat.holds_state() and dpaat.state_dict() != DPAAT().state_dict()
     dpaat.reset_state()
     assert not dpaat.holds_state() and dpaat.state_dict() == DPAAT().state_dict()
+
+
+def test_gr_l2_penalty_of_a_float16_model_keeps_finite_gradients():
+    """GR's l2 penalty sqrt(sum g^2 + 1e-12) was computed in the input gradient's dtype; in float16 the 1e-12 is 0,
+    so a sample with a zero input gradient (dead ReLUs) had sqrt(0), whose derivative is inf: NaN parameter gradients
+    under a finite loss. The penalty is now float32 or wider, as TRADES' and MART's losses are."""
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(2, 3)
+            with torch.no_grad():
+                self.conv.weight.fill_(1.0)
+                self.conv.bias.fill_(-100.0)  # every ReLU off: the input gradient is exactly 0
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+    x, y = torch.rand(3, 1, 6, 6), torch.tensor([0, 1, 2])
+    torch.manual_seed(0)
+    ref = Dead()
+    defenses.GR()(ref, x, y).loss.backward()
+    for dtype in (torch.float16, torch.bfloat16):
+        torch.manual_seed(0)
+        model = Dead().to(dtype)
+        out = defenses.GR()(model, x.to(dtype), y)
+        out.loss.backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert bool(torch.isfinite(p.grad).all())
+            torch.testing.assert_close(p.grad.float(), q.grad, atol=0.02, rtol=0.02)

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from ..attacks.context import InputGradScale
-from ._common import PGDDefense, check_choice, check_real, per_sample_ce, unwrap, use_model_mode
+from ._common import (PGDDefense, check_choice, check_real, float32_or_wider, per_sample_ce, unwrap,
+                      use_model_mode)
 from .base import Defense, DefenseOutput
 
 
@@ -32,7 +33,8 @@ class GR(Defense):
 
     def __call__(self, model, x, y, ids=None):
         logits, losses, grad, _ = _input_gradient(model, x, y)
-        g = grad.flatten(1)
+        # half upcast: the 1e-12 below is 0 in float16, and sqrt(0)'s inf derivative made NaN parameter gradients
+        g = float32_or_wider(grad).flatten(1)
         if self.norm == "l2":
             penalty = torch.sqrt(g.pow(2).sum(1) + 1e-12)
         elif self.norm == "l2sq":
