@@ -762,6 +762,25 @@ def test_predictions_use_eval_mode_and_the_label_tensor_of_a_dataset():
     assert torch.equal(got_x, x) and torch.equal(got_y, y)
 
 
+def test_a_tensor_dataset_subclass_with_its_own_getitem_is_evaluated_on_its_items():
+    # its raw .tensors were read instead: uint8 images served as floats in [0, 1] were refused as out of range, and
+    # a transform in __getitem__ (which fit applies) was skipped without a word
+    from robust_ops.evaluate import dataset_tensors
+
+    class Scaled(TensorDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x.float() / 255, y
+
+    data = tiny_data()
+    x8 = (data.tensors[0] * 255).round().to(torch.uint8)
+    got_x, got_y = dataset_tensors(Scaled(x8, data.tensors[1]))
+    assert torch.equal(got_x, x8.float() / 255) and torch.equal(got_y, data.tensors[1])
+    rows = evaluate(tiny_model(), Scaled(x8, data.tensors[1]), INFO, attacks="fgsm", eps=[0.1])
+    assert rows == evaluate(tiny_model(), TensorDataset(x8.float() / 255, data.tensors[1]), INFO, attacks="fgsm",
+                            eps=[0.1])
+
+
 @pytest.mark.parametrize("flag", ["cascade", "ensemble"])
 @pytest.mark.parametrize("value", ["false", "no", 0, None])
 def test_cascade_and_ensemble_take_only_true_or_false(flag, value):

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from ._import_path import PATH_HINT, is_import_path
 from ._options import check_flags, check_int, class_labels
@@ -319,7 +320,9 @@ def parse_attacks(text):
 
 def dataset_tensors(dataset):
     """(x, y) of a TensorDataset, or stacked from any map-style dataset yielding (x, y, ...)."""
-    if hasattr(dataset, "tensors"):
+    # only where items are the stored rows: a subclass with its own __getitem__ (scaling uint8 images to [0, 1], a
+    # transform) was evaluated on its raw .tensors, other inputs than fit trained on, without a word
+    if getattr(type(dataset), "__getitem__", None) is TensorDataset.__getitem__:
         return dataset.tensors[0], dataset.tensors[1]
     from .train import _check_map_style
 
