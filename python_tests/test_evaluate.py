@@ -812,6 +812,25 @@ def test_a_data_loader_or_iterable_dataset_is_refused_naming_the_fix():
         assert err.value.arg == "data"
 
 
+def test_dict_single_field_and_pil_items_are_refused_naming_the_fix():
+    # dict items were a bare "KeyError: 0", (x,) items an IndexError, PIL images "Could not infer dtype of Image";
+    # fit names the first two with its item rule, which evaluate now shares
+    from PIL import Image
+
+    x, y = tiny_data(4).tensors
+    cases = (([{"image": x[i], "label": y[i]} for i in range(4)], r"evaluate: expected the dataset to yield \(x, y\) "
+              r"or \(x, y, ids\) tuples, got dict items \(keys \['image', 'label'\]\); make its items"),
+             ([x[i] for i in range(4)], r"evaluate: expected the dataset to yield \(x, y\) or \(x, y, ids\), got "
+              r"Tensor of length \?; make its items \(image, label\)"),
+             ([(Image.fromarray((x[i, 0] * 255).byte().numpy()), int(y[i])) for i in range(4)],
+              r"evaluate: could not stack the dataset's items into one batch \(.*Image.*\); make each x a tensor of "
+              r"one shape \(torchvision.transforms.ToTensor\(\) for PIL images\)"))
+    for data, match in cases:
+        with pytest.raises(EvalError, match=match) as err:
+            evaluate(tiny_model(), data, INFO, attacks="fgsm", eps=[0.1])
+        assert err.value.arg == "data" and "\n" not in str(err.value)
+
+
 def test_a_map_style_dataset_keeps_its_labels_for_the_label_rule():
     # its labels went through int(): a float label 1.4 was evaluated as class 1, a one-hot one was a traceback
     import numpy as np

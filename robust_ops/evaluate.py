@@ -324,7 +324,7 @@ def dataset_tensors(dataset):
     # transform) was evaluated on its raw .tensors, other inputs than fit trained on, without a word
     if getattr(type(dataset), "__getitem__", None) is TensorDataset.__getitem__:
         return dataset.tensors[0], dataset.tensors[1]
-    from .train import _check_map_style
+    from .train import _check_map_style, check_item_fields
 
     try:  # a DataLoader failed with "'DataLoader' object is not subscriptable"
         _check_map_style("evaluate", "dataset", dataset, "batch_size=")
@@ -333,9 +333,19 @@ def dataset_tensors(dataset):
     items = [dataset[i] for i in range(len(dataset))]
     if not items:  # torch.stack of nothing is a traceback; evaluate refuses the empty split by name
         return torch.empty(0), torch.empty(0, dtype=torch.long)
-    # labels as they are, for evaluate's label rule: int() turned a float label 1.4 into 1 without a word and
-    # failed on a one-hot label with "only one element tensors can be converted"
-    return torch.stack([torch.as_tensor(i[0]) for i in items]), torch.stack([torch.as_tensor(i[1]) for i in items])
+    try:  # fit's item rule: dict items were a bare "KeyError: 0", (x,) items an IndexError
+        for item in items:
+            check_item_fields("evaluate", item)
+    except ValueError as err:
+        raise EvalError("data", str(err)) from None
+    try:  # a PIL image was "Could not infer dtype of Image", inputs of two shapes torch.stack's error
+        # labels as they are, for evaluate's label rule: int() turned a float label 1.4 into 1 without a word and
+        # failed on a one-hot label with "only one element tensors can be converted"
+        return (torch.stack([torch.as_tensor(i[0]) for i in items]),
+                torch.stack([torch.as_tensor(i[1]) for i in items]))
+    except (TypeError, RuntimeError) as err:
+        raise EvalError("data", f"evaluate: could not stack the dataset's items into one batch ({err}); make each x a "
+                                "tensor of one shape (torchvision.transforms.ToTensor() for PIL images)") from None
 
 
 @torch.no_grad()

@@ -123,9 +123,9 @@ def _collate(dataset, indices):
     return torch.utils.data.default_collate(items)
 
 
-def _split_batch(name, batch, needs_ids, indices=None):
-    """(x, y, ids) of a collated batch; ``indices``: the positions in the dataset the batch was read from, which the
-    ids of a ``needs_ids`` defense must equal (its per-sample table is sized to the dataset and keyed by them)."""
+def check_item_fields(name, batch):
+    """The item layout fit and evaluate take: (x, y) or (x, y, ids), checked on a collated batch or on one item;
+    dict items and other field counts are a ValueError naming ``name`` and the fix."""
     if isinstance(batch, dict) or (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], dict)):
         keys = sorted(batch if isinstance(batch, dict) else batch[0])
         raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids) tuples, got dict items "
@@ -134,6 +134,12 @@ def _split_batch(name, batch, needs_ids, indices=None):
         fields = len(batch) if isinstance(batch, (tuple, list)) else "?"
         raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids), got {type(batch).__name__} of "
                          f"length {fields}; make its items (image, label) (IndexedDataset then adds the index)")
+
+
+def _split_batch(name, batch, needs_ids, indices=None):
+    """(x, y, ids) of a collated batch; ``indices``: the positions in the dataset the batch was read from, which the
+    ids of a ``needs_ids`` defense must equal (its per-sample table is sized to the dataset and keyed by them)."""
+    check_item_fields(name, batch)
     x, y = batch[0], batch[1]
     ids = batch[2] if len(batch) == 3 else None
     if needs_ids and ids is not None and indices is not None:
