@@ -251,6 +251,26 @@ def test_binary_set_without_a_valid_positive_class_is_refused_before_any_forward
     assert err.value.arg == "data"
 
 
+@pytest.mark.parametrize("names", [("a",), ("a", "b", "c")])
+def test_class_names_not_one_per_class_are_refused_before_any_forward_and_by_write_results(names, tmp_path):
+    """A hand-built DatasetInfo with one name for two classes passed evaluate and then stopped write_results with a
+    bare IndexError (the report names the positive class by its name)."""
+    info = DatasetInfo("tiny", 2, 1, 12, names, positive_class=1)
+    data = TensorDataset(torch.rand(6, 1, 12, 12), torch.arange(6) % 2)
+
+    def no_forward(x):
+        raise AssertionError("evaluate ran the model before checking info")
+
+    match = rf"^data: info: expected 2 class_names \(one per class, label 0 first\), got {len(names)}: "
+    with pytest.raises(EvalError, match=match) as err:
+        evaluate(no_forward, data, info, attacks="fgsm", eps=[1 / 255], device="cpu")
+    assert err.value.arg == "data"
+    rows = evaluate(tiny_model(), data, INFO, attacks="fgsm", eps=[1 / 255])
+    with pytest.raises(EvalError, match=match):
+        write_results(tmp_path / "out", rows, info)
+    assert not (tmp_path / "out").exists()
+
+
 def test_labels_of_shape_n_by_1_are_taken_as_fit_takes_them():
     """MedMNIST's labels are [N, 1]: fit took them and evaluate failed inside the metrics."""
     info = DatasetInfo("tiny", 2, 1, 12, ("a", "b"), positive_class=1)

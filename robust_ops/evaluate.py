@@ -408,6 +408,15 @@ def check_radii(specs, radii, info):
                                    f"range [{lo:g}, {hi:g}]; give radii in its units, e.g. 8/255, not 8")
 
 
+def class_names_problem(info):
+    """Why ``info.class_names`` does not name each of its classes, or None: a DatasetInfo built by hand with fewer
+    names stopped write_results with a bare IndexError (the report names the positive class by its name)."""
+    if len(info.class_names) != info.num_classes:
+        return (f"expected {info.num_classes} class_names (one per class, label 0 first), got "
+                f"{len(info.class_names)}: {list(info.class_names)}")
+    return None
+
+
 def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",
              batch_size=128, device=None, cascade=True, ensemble=False, progress=None):
     """Evaluate ``model`` on ``dataset`` (TensorDataset of [N, ...] inputs and labels) under ``attacks`` at each
@@ -444,7 +453,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     lo, hi = info.value_range
     check_radii(specs, radii, info)
     # before any forward: the metrics would refuse it only after the clean pass over the whole split
-    problem = positive_class_problem(info.num_classes, info.positive_class)
+    problem = positive_class_problem(info.num_classes, info.positive_class) or class_names_problem(info)
     if problem:  # a positive class on a multi-class set would be ignored while the report still named it
         raise EvalError("data", f"data: info: {problem}")
     # batch by batch: isfinite builds float and bool temporaries the size of what it checks
@@ -588,6 +597,9 @@ def _json_safe(value):
 
 def results_document(rows, info, config=None, device="cpu", paper=None, notes=None, extra_fields=None):
     """The results.json document (plain JSON types; NaN becomes null)."""
+    problem = class_names_problem(info)
+    if problem:
+        raise EvalError("data", f"data: info: {problem}")
     seen = set()
     for r in rows:  # two rows under one key: the tables and figures would show only the last one
         key = (r["method"], r["attack"], r.get("norm"), r["eps"])
