@@ -6,6 +6,7 @@ import re
 import runpy
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,14 @@ def test_lazy_submodules():
     assert robust_ops.models.build_model("small_cnn", 1, 2, 28) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         robust_ops.nope
+
+
+def test_dir_lists_the_lazy_submodules_before_their_first_use():
+    # dir(robust_ops) (and tab completion) showed none of attacks, defenses, train, data, evaluate, ... until imported
+    code = "import robust_ops; print(sorted(set(robust_ops._SUBMODULES) - set(dir(robust_ops))))"
+    env = {**os.environ, "PYTHONPATH": str(Path(robust_ops.__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 REPO = Path(__file__).resolve().parent.parent

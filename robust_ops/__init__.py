@@ -42,6 +42,11 @@ _SUBMODULES = (
 )
 
 
+def __dir__():
+    # the subpackages imported on first use too (PEP 562): dir() and tab completion listed none of attacks, train, ...
+    return sorted(set(globals()) | set(_SUBMODULES))
+
+
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
