@@ -453,6 +453,22 @@ class _ExtraField(torch.utils.data.Dataset):
         return self.field(i, x, y)
 
 
+def test_items_that_do_not_stack_into_a_batch_are_a_one_line_error_naming_the_fix():
+    # torch's default_collate text named what it found (a PIL image), not fit or the fix; evaluate says the same
+    from PIL import Image
+
+    x, y = _data(8).tensors
+    pil = [(Image.fromarray((x[i, 0] * 255).byte().numpy()), int(y[i])) for i in range(8)]
+    shapes = [(x[i] if i % 2 else torch.rand(1, 5, 5), int(y[i])) for i in range(8)]
+    for data, found in ((pil, r"found <class 'PIL\.Image\.Image'>"), (shapes, "stack expects each tensor")):
+        for val, who in ((False, "fit"), (True, r"fit \(validation\)")):  # training and validation batches
+            with pytest.raises(TypeError, match=rf"^{who}: could not stack the dataset's "
+                                                rf"items into one batch \(.*{found}.*\); make each x a tensor of one "
+                                                r"shape \(torchvision\.transforms\.ToTensor\(\) for PIL images\)$"):
+                fit(DropoutMLP(), "standard", _data(8) if val else data, data if val else None, epochs=1,
+                    batch_size=8, progress=False)
+
+
 def test_fit_refuses_ids_that_are_not_the_items_positions_and_other_item_layouts():
     """IMA's margin table is keyed by position in train_data: any other third field would silently update other
     samples' margins; dict items and extra fields are named with the fix."""

@@ -324,7 +324,7 @@ def dataset_tensors(dataset):
     # transform) was evaluated on its raw .tensors, other inputs than fit trained on, without a word
     if getattr(type(dataset), "__getitem__", None) is TensorDataset.__getitem__:
         return dataset.tensors[0], dataset.tensors[1]
-    from .train import _check_map_style, check_item_fields
+    from .train import _check_map_style, check_item_fields, unbatchable_items_message
 
     try:  # a DataLoader failed with "'DataLoader' object is not subscriptable"
         _check_map_style("evaluate", "dataset", dataset, "batch_size=")
@@ -344,8 +344,7 @@ def dataset_tensors(dataset):
         return (torch.stack([torch.as_tensor(i[0]) for i in items]),
                 torch.stack([torch.as_tensor(i[1]) for i in items]))
     except (TypeError, RuntimeError) as err:
-        raise EvalError("data", f"evaluate: could not stack the dataset's items into one batch ({err}); make each x a "
-                                "tensor of one shape (torchvision.transforms.ToTensor() for PIL images)") from None
+        raise EvalError("data", unbatchable_items_message("evaluate", err)) from None
 
 
 @torch.no_grad()

@@ -118,9 +118,20 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return {"seed": self.seed, "epoch": self.epoch, "batch_size": self.batch_size, "shuffle": self.shuffle}
 
 
-def _collate(dataset, indices):
+def unbatchable_items_message(name, err):
+    """fit's and evaluate's one line for items that do not stack into one batch (PIL images, inputs of two shapes):
+    torch's text names what it found, not the fix."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return (f"{name}: could not stack the dataset's items into one batch ({first[:200]}); make each x a tensor of "
+            "one shape (torchvision.transforms.ToTensor() for PIL images)")
+
+
+def _collate(name, dataset, indices):
     items = [dataset[i] for i in indices]
-    return torch.utils.data.default_collate(items)
+    try:
+        return torch.utils.data.default_collate(items)
+    except (TypeError, RuntimeError) as err:
+        raise TypeError(unbatchable_items_message(name, err)) from None
 
 
 def check_item_fields(name, batch):
@@ -539,7 +550,7 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
     # per-module restore: model.train(was_training) would also flip submodules the caller froze in eval mode
     with use_model_mode(model, "eval"):
         for start in range(0, len(data), batch_size):
-            batch = _collate(data, range(start, min(start + batch_size, len(data))))
+            batch = _collate(name, data, range(start, min(start + batch_size, len(data))))
             x, y, _ = _split_batch(name, batch, False)
             x, y = x.to(device), y.to(device)
             if channels_last and x.dim() == 4:
@@ -890,7 +901,7 @@ def fit(
             for step, (indices, global_n) in enumerate(sampler):
                 error = None
                 try:
-                    batch = _collate(train_data, indices)
+                    batch = _collate(name, train_data, indices)
                     x, y, ids = _split_batch(name, batch, needs_ids, indices)
                     x, y = x.to(device, non_blocking=True), y.to(device)
                     if channels_last and x.dim() == 4:
