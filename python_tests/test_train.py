@@ -534,6 +534,16 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step did not update the weights
 
 
+def test_a_nan_loss_from_nan_inputs_names_the_items_holding_them():
+    # "the standard loss is nan at epoch 1, step 1" read as a diverged run (lr, ...), not as NaN in the data
+    x, y = _data(8).tensors
+    x = x.clone()
+    x[5, 0, 1, 2] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"^fit: the standard loss is nan \(the inputs of train_data items "
+                                                 r"\[5\] hold NaN or Inf: check the data\) at epoch 1, step 1; "):
+        fit(DropoutMLP(), "standard", TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
+
+
 class NaNExtraGrads(Defense):
     """A clean loss that stays finite with extra gradients (as MIRST returns its adversarial terms) that turn NaN."""
 

@@ -947,6 +947,11 @@ def fit(
                     if bad_loss:
                         value = float(loss.detach()) if loss.numel() == 1 else math.nan
                         what = f"loss is {value}" if own_loss else "loss is non-finite on another process"
+                        if own_loss and torch.is_floating_point(x):  # else it reads as a diverged run (lr, ...)
+                            rows = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()
+                            if rows:
+                                what += (f" (the inputs of train_data items {[int(indices[r]) for r in rows[:4]]}"
+                                         f"{' ...' * (len(rows) > 4)} hold NaN or Inf: check the data)")
                     else:
                         what = "extra gradients (its adversarial terms, returned as extra_grads) are non-finite" + (
                             "" if own_extra else " on another process")
