@@ -2870,6 +2870,23 @@ def test_model_returning_tuple_or_dict_is_one_clear_error(as_dict):
             atk(x, y)
 
 
+def test_a_model_that_is_not_a_module_is_one_clear_error_naming_the_attack():
+    # AutoAttack takes any callable; here a function failed with "'function' object has no attribute 'parameters'"
+    model = make_model()
+    x, y = make_data(n=2)
+    forward = lambda z: model(z)  # noqa: E731
+    fix = r"expected the model to be a torch.nn.Module, got function; wrap a function in an nn.Module"
+    for make in (lambda: attacks.PGD(forward), lambda: attacks.AutoAttack(forward, norm="Linf", eps=8 / 255)):
+        with pytest.raises(TypeError, match=rf"^(PGD|AutoAttack): {fix}"):
+            make()
+    for name, run in (("pgd", lambda: attacks.pgd(forward, x, y, eps=0.1)),
+                      ("apgd", lambda: attacks.apgd(forward, x, y, eps=0.1, steps=2)),
+                      ("square", lambda: attacks.square(forward, x, y, eps=0.1, n_queries=2)),
+                      ("ensemble", lambda: attacks.ensemble(forward, x, y, [attacks.FGSM(model)]))):
+        with pytest.raises(TypeError, match=rf"^{name}: {fix}"):
+            run()
+
+
 def test_unknown_option_of_an_attack_class_names_the_class_and_its_options():
     with pytest.raises(ValueError, match=r"^PGD: unknown option 'foo'; it takes eps, alpha, steps, .*clip_max$"):
         attacks.PGD(make_model(), eps=8 / 255, foo=1)

@@ -717,7 +717,7 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
                  clip_min, clip_max, search_result, backend, model_mode, min_rows)
     p.batch_exit = bool(batch_exit)
     counter = counter if counter is not None else PassCounter()
-    with attack_context(model, model_mode):
+    with attack_context(model, model_mode, name):
         if p.min_rows is None and p.x.shape[0]:
             max_rows, reference_rows = probe_rows(p.x.shape[0])
             p.invariant_sizes = batch_invariant_sizes(model, p.x, clip_min=p.clip_min, clip_max=p.clip_max,

@@ -358,7 +358,7 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
     x_adv = x.clone()
     if x.shape[0] == 0:
         return x_adv
-    with attack_context(model, model_mode):
+    with attack_context(model, model_mode, name):
         z, correct = clean_logits(name, model, x, y)
         used = effective_loss(loss, z.shape[1], targeted)
         todo = ~correct if targeted else correct
@@ -397,7 +397,7 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
     x_adv = x.clone()
     if x.shape[0] == 0:
         return x_adv
-    with attack_context(model, model_mode):
+    with attack_context(model, model_mode, name):
         z, robust = clean_logits(name, model, x, y)
         used = effective_loss(loss, z.shape[1], True)
         best_loss = _best_loss_start(z, eps_t)

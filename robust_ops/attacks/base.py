@@ -5,7 +5,7 @@ import itertools
 import torch
 
 from .._options import check_options
-from .context import MODEL_MODES, attack_context, check_inputs, is_single_logit, two_logits
+from .context import MODEL_MODES, attack_context, check_inputs, check_model, is_single_logit, two_logits
 from .core import NORMS, check_labels_against, forward
 
 
@@ -33,6 +33,7 @@ class Attack:
     def __init__(self, model, *, targeted=False, model_mode="eval", clip_min=0.0, clip_max=1.0, **unknown):
         if unknown:  # Python's own error named Attack.__init__, not the class called, and listed nothing
             check_options(type(self).__name__, type(self), unknown)
+        check_model(type(self).__name__, model)
         self.model = model
         self.targeted = False
         self._target_rule = None  # None: labels are targets; "random", "least_likely" or a callable: made from them
@@ -122,7 +123,7 @@ class Attack:
         y = check_inputs(self.name, x, y, self.clip_min, self.clip_max)
         if callable(self._target_rule):
             return self._target_rule(x, y)
-        with torch.no_grad(), attack_context(self.model, "eval"):
+        with torch.no_grad(), attack_context(self.model, "eval", self.name):
             out = forward(self.name, self.model, x.detach())
         check_labels_against(self.name, y, out)
         z = two_logits(out) if is_single_logit(out) else out

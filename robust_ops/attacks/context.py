@@ -51,11 +51,20 @@ def model_device(model):
     return next((t.device for t in itertools.chain(model.parameters(), model.buffers())), torch.device("cpu"))
 
 
+def check_model(name, model):
+    """Attacks switch the model's modes and parameter flags: a plain function (AutoAttack takes any callable) failed
+    with "'function' object has no attribute 'parameters'"."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{name}: expected the model to be a torch.nn.Module, got {type(model).__name__}; wrap a "
+                        "function in an nn.Module whose forward calls it")
+
+
 @contextlib.contextmanager
-def attack_context(model, model_mode="eval"):
+def attack_context(model, model_mode="eval", name="attack"):
     """Run an attack on ``model`` in ``model_mode`` ("eval" default, "train", or "keep" the current modes) with
     parameter gradients off and the CPU memory pool on; every module's mode and every parameter's ``requires_grad``
-    are restored afterwards."""
+    are restored afterwards. ``name``: the attack its errors name."""
+    check_model(name, model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     # the model's device: "cpu" for a CUDA model turned on the CPU pool and swapped forwards that only fell back
     with use_model_mode(model, model_mode), library_speedups(model, model_device(model)):

@@ -411,7 +411,7 @@ def run_pgd(
         successes = torch.zeros((n,), dtype=torch.long, device=x.device)
         frozen = torch.zeros((n,), dtype=torch.bool, device=x.device)
 
-    with attack_context(model, model_mode):
+    with attack_context(model, model_mode, name):
         if random_start:
             random_start_(x_adv, x_nat, eps_t, eps_scalar, norm, clip_min, clip_max, generator)
         checked = False

@@ -102,7 +102,7 @@ def _check_per_sample_options(attack, n, label):
 
 @torch.no_grad()
 def _correct(model, x, y, model_mode, name):
-    with attack_context(model, model_mode):
+    with attack_context(model, model_mode, name):
         out = forward(name, model, x)
         check_labels_against(name, y, out)
         return predict_from_output(out) == y

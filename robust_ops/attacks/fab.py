@@ -345,7 +345,7 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
     x_adv = x.clone()
     if x.shape[0] == 0 or clip_max == clip_min:  # an empty box: no point other than x exists
         return x_adv
-    with attack_context(model, model_mode):
+    with attack_context(model, model_mode, name):
         z, correct = clean_logits(name, model, x, y)
         # samples still to attack: correct on the clean input, with a radius any adversarial could lie within
         robust = correct & (eps_t > 0)

@@ -57,7 +57,7 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
     if n == 0:
         return x_adv
     alive = torch.ones(n, dtype=torch.bool, device=x.device)  # still robust: keep trying
-    with attack_context(model, model_mode):
+    with attack_context(model, model_mode, name):
         for t in range(trials):
             idx = alive.nonzero().squeeze(1)
             if idx.numel() == 0:

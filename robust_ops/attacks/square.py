@@ -217,7 +217,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
     def rand_sign(shape):
         return torch.randint(0, 2, shape, generator=generator, device=dev).to(x.dtype) * 2 - 1
 
-    with attack_context(model, model_mode):
+    with attack_context(model, model_mode, name):
         # Samples the clean input already fools stay clean (AutoAttack, torchattacks): searching from the start
         # could end on a correctly classified point. This forward is not counted in n_queries (as AutoAttack).
         out = forward(name, model, x)
