@@ -115,6 +115,19 @@ def test_resume_of_a_finished_run_killed_before_its_metrics_files_rewrites_them(
     assert not (tmp_path / "other" / "metrics.json").exists()
 
 
+def test_resume_without_the_runs_own_optimizer_names_the_optimizer_not_an_lr(tmp_path):
+    # it read "trained with lr=None, this call has lr=0.0001": the default Adam's lr, which the caller never passed
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, optimizer=sgd, out_dir=tmp_path,
+        progress=False)
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with optimizer="
+                                         r"'torch.optim.sgd.SGD', this call has optimizer='torch.optim.adam.Adam'$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
+            progress=False)
+
+
 def test_resume_refuses_another_lr_or_fewer_epochs(tmp_path):
     """The optimizer state (lr included) comes from the checkpoint, so another lr would be ignored silently."""
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, lr=1e-2, out_dir=tmp_path,

@@ -804,8 +804,11 @@ def fit(
         # GradScaler, and so would a model of another dtype (load_state_dict and the optimizer cast the state to it);
         # a ReduceLROnPlateau given val_data or not would compare the other loss with its best.
         # Checkpoints written before these were recorded pass.
-        for key in ("batch_size", "seed", "defense", "lr", "channels_last", "prepacked_conv", "drop_max_layers",
-                    "max_grad_norm", "optimizer", "scheduler", "num_samples", "amp", "param_dtype", "plateau_metric"):
+        # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
+        # has lr=0.0001" (the default Adam's), naming an lr nobody passed
+        for key in ("batch_size", "seed", "defense", "optimizer", "lr", "channels_last", "prepacked_conv",
+                    "drop_max_layers", "max_grad_norm", "scheduler", "num_samples", "amp", "param_dtype",
+                    "plateau_metric"):
             saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
             if saved != config[key]:
                 hint = ("; ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: give val_data or "
