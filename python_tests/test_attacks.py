@@ -2870,6 +2870,18 @@ def test_model_returning_tuple_or_dict_is_one_clear_error(as_dict):
             atk(x, y)
 
 
+def test_torchattacks_positional_norm_first_calls_are_refused_not_run():
+    # torchattacks' APGD / APGDT / FAB / Square take (model, norm, eps, ...); here eps comes first (docs/attacks.md)
+    model = make_model()
+    x, y = make_data(n=2)
+    for cls, match in ((attacks.APGD, r"^apgd: expected norm .* got 0\.031"),
+                       (attacks.APGDT, r"^apgd-t: expected norm"), (attacks.FAB, r"^fab: expected norm"),
+                       (attacks.Square, r"^square: expected n_queries")):
+        with pytest.raises(ValueError, match=match):
+            cls(model, "Linf", 8 / 255)(x, y)
+    assert attacks.APGD(model).steps == attacks.APGDT(model).steps == 100
+
+
 def test_a_model_that_is_not_a_module_is_one_clear_error_naming_the_attack():
     # AutoAttack takes any callable; here a function failed with "'function' object has no attribute 'parameters'"
     model = make_model()
