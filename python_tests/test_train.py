@@ -547,6 +547,16 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step did not update the weights
 
 
+def test_validation_inputs_holding_nan_are_refused_naming_the_items():
+    # the history got val_loss nan and a val_acc of argmax(NaN) logits, without a word (evaluate refuses such inputs)
+    x, y = _data(8).tensors
+    x = x.clone()
+    x[3, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^fit \(validation\): the inputs of val_data items \[3\] hold NaN or Inf; "
+                                         r"check the data$"):
+        fit(DropoutMLP(), "standard", _data(8), TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
+
+
 def test_a_nan_loss_from_nan_inputs_names_the_items_holding_them():
     # "the standard loss is nan at epoch 1, step 1" read as a diverged run (lr, ...), not as NaN in the data
     x, y = _data(8).tensors

@@ -552,6 +552,11 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
         for start in range(0, len(data), batch_size):
             batch = _collate(name, data, range(start, min(start + batch_size, len(data))))
             x, y, _ = _split_batch(name, batch, False)
+            if torch.is_tensor(x) and x.is_floating_point() and x.numel():  # else val_loss nan, val_acc on argmax(NaN)
+                rows = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()
+                if rows:
+                    raise ValueError(f"{name}: the inputs of val_data items {[start + r for r in rows[:4]]}"
+                                     f"{' ...' * (len(rows) > 4)} hold NaN or Inf; check the data")
             x, y = x.to(device), y.to(device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
