@@ -3223,3 +3223,16 @@ def test_ensemble_refuses_a_per_sample_eps_of_another_length_before_any_attack_r
                                          r"of shape \[4\]"):
         attacks.ensemble(model, x, y, [attacks.PGD(model, eps=0.1, alpha=torch.full((4, 1), 0.01), steps=2)])
     assert queried == []  # refused before the clean check
+
+
+@pytest.mark.parametrize("bad", [None, "0.1", True, float("nan"), [0.0]])
+@pytest.mark.parametrize("arg", ["clip_min", "clip_max"])
+def test_non_numeric_clip_range_is_refused_by_attack_functions_and_classes(arg, bad):
+    # None or "0.1" met math.isfinite's bare TypeError (no attack or argument named); True ran as 1.0
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    message = f"expected {arg} to be a finite number"
+    with pytest.raises(ValueError, match=f"pgd: {message}"):
+        attacks.pgd(model, x, y, eps=0.03, steps=1, **{arg: bad})
+    with pytest.raises(ValueError, match=f"fgsm: {message}"):
+        attacks.FGSM(model, eps=0.03, **{arg: bad})
+    assert attacks.FGSM(model, eps=0.03, clip_min=np.float32(0.0)).clip_min == 0.0  # numpy scalars are numbers

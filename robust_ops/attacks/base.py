@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from .._options import check_options
+from .._options import check_options, check_real
 from .context import MODEL_MODES, attack_context, check_inputs, check_model, is_single_logit, two_logits
 from .core import NORMS, check_labels_against, forward
 
@@ -41,8 +41,8 @@ class Attack:
         if targeted:
             self.set_mode_targeted_by_label()
         self.set_model_mode(model_mode)
-        self.clip_min = float(clip_min)
-        self.clip_max = float(clip_max)
+        self.clip_min = check_real(self.name, "clip_min", clip_min)  # float() took True as 1.0 and "0.1" as 0.1
+        self.clip_max = check_real(self.name, "clip_max", clip_max, minimum=self.clip_min)
 
     def check_input_dtype(self, x):
         """Raise when this attack cannot run on ``x``'s dtype; ensembles ask every attack before running any (so a

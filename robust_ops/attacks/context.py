@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._options import segmentation_masks
+from .._options import check_real, segmentation_masks
 from ..native_layers import library_speedups
 from ..prepacked_conv import weight_pack_scope
 
@@ -176,8 +176,9 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
         raise TypeError(f"{name}: expected x to be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 1:
         raise ValueError(f"{name}: expected x to have a batch dimension, got a 0-D tensor")
-    if not math.isfinite(clip_min) or not math.isfinite(clip_max) or clip_min > clip_max:
-        raise ValueError(f"{name}: expected finite clip_min <= clip_max, got [{clip_min}, {clip_max}]")
+    # as IMA's and the defenses': None or a string met math.isfinite's bare TypeError, and True ran as 1.0
+    clip_min = check_real(name, "clip_min", clip_min)
+    clip_max = check_real(name, "clip_max", clip_max, minimum=clip_min)
     if x.numel():
         xd = x.detach()  # reading values of an input that requires grad would warn
         if not bool(torch.isfinite(xd).all()):
