@@ -3236,3 +3236,22 @@ def test_non_numeric_clip_range_is_refused_by_attack_functions_and_classes(arg, 
     with pytest.raises(ValueError, match=f"fgsm: {message}"):
         attacks.FGSM(model, eps=0.03, **{arg: bad})
     assert attacks.FGSM(model, eps=0.03, clip_min=np.float32(0.0)).clip_min == 0.0  # numpy scalars are numbers
+
+
+@pytest.mark.parametrize("bad", ["no", None, 1, np.bool_(False)])
+def test_non_bool_targeted_random_start_and_cascade_are_refused(bad):
+    # bool("no") is True: targeted="no" ran a targeted attack, random_start="no" a random start, cascade="no" a cascade
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    calls = {
+        "fgsm": ("targeted", lambda: attacks.fgsm(model, x, y, eps=0.03, targeted=bad)),
+        "pgd": ("random_start", lambda: attacks.pgd(model, x, y, eps=0.03, steps=1, random_start=bad)),
+        "apgd": ("targeted", lambda: attacks.apgd(model, x, y, eps=0.03, steps=1, targeted=bad)),
+        "fab": ("targeted", lambda: attacks.fab(model, x, y, eps=0.03, steps=1, targeted=bad)),
+        "square": ("targeted", lambda: attacks.square(model, x, y, eps=0.03, n_queries=1, targeted=bad)),
+        "ensemble": ("cascade", lambda: attacks.ensemble(model, x, y, [attacks.FGSM(model)], cascade=bad)),
+        "pgd ": ("targeted", lambda: attacks.PGD(model, targeted=bad)),
+        "fab ": ("multi_targeted", lambda: attacks.FAB(model, multi_targeted=bad)),
+    }
+    for name, (arg, call) in calls.items():
+        with pytest.raises(TypeError, match=f"{name.strip()}: expected {arg} to be True or False, got {bad!r}"):
+            call()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
+from .._options import check_flags
 from .base import Attack
 from .context import (InputGradScale, attack_context, check_gradients_possible, check_inputs, is_single_logit,
                       predict_from_output, two_logits)
@@ -354,6 +355,7 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
     name = "apgd"
     y, norm, steps, n_restarts, eps_t, eot_iter = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss,
                                                                    rho, clip_min, clip_max, eot_iter, use_largereps)
+    check_flags(name, {"targeted": targeted})  # targeted="no" ran a targeted attack
     x = x.detach()
     x_adv = x.clone()
     if x.shape[0] == 0:

@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from .._options import check_options, check_real
+from .._options import check_flags, check_options, check_real
 from .context import MODEL_MODES, attack_context, check_inputs, check_model, is_single_logit, two_logits
 from .core import NORMS, check_labels_against, forward
 
@@ -38,6 +38,7 @@ class Attack:
         self.targeted = False
         self._target_rule = None  # None: labels are targets; "random", "least_likely" or a callable: made from them
         self._kth_min = 1
+        check_flags(self.name, {"targeted": targeted})  # targeted="no" ran a targeted attack
         if targeted:
             self.set_mode_targeted_by_label()
         self.set_model_mode(model_mode)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional
-from .._options import check_int, check_real
+from .._options import check_flags, check_int, check_real
 from .context import (
     InputGradScale,
     attack_context,
@@ -366,6 +366,7 @@ def run_pgd(
     """
     check_gradients_possible(name)
     y = check_inputs(name, x, y, clip_min, clip_max)
+    check_flags(name, {"targeted": targeted, "random_start": random_start})  # targeted="no" ran a targeted attack
     steps = check_steps(name, steps)
     norm = check_norm(name, norm)
     loss = check_loss(name, loss)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._options import check_flags
 from .base import Attack
 from .core import NORMS_WITH_L1, check_labels_against, check_norm, check_steps, forward
 from .context import attack_context, check_attack_output, check_inputs, predict_from_output
@@ -128,6 +129,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     """
     name = "ensemble"
     y = check_inputs(name, x, y, clip_min, clip_max)
+    check_flags(name, {"cascade": cascade})  # cascade="no" cascaded
     attacks = list(attacks)
     if not attacks or not all(callable(a) for a in attacks):
         raise ValueError(f"{name}: expected a non-empty list of attacks (callables (x, y) -> x_adv), got {attacks!r}")

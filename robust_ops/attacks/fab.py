@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._options import check_real
+from .._options import check_flags, check_real
 from .base import Attack
 from .context import (attack_context, check_gradients_possible, check_inputs, check_not_half, is_single_logit,
                       predict_from_output, two_logits)
@@ -341,6 +341,7 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
     name = "fab"
     y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t = _check_fab_args(
         name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, beta, n_target_classes, clip_min, clip_max)
+    check_flags(name, {"targeted": targeted})  # targeted="no" ran FAB-T
     x = x.detach()
     x_adv = x.clone()
     if x.shape[0] == 0 or clip_max == clip_min:  # an empty box: no point other than x exists
@@ -392,7 +393,8 @@ class FAB(Attack):
         self.eps, self.norm = eps, check_norm(self.name, norm, self.norms)
         self.steps, self.n_restarts = steps, n_restarts
         self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
-        self.multi_targeted, self.n_classes, self.seed = bool(multi_targeted), n_classes, seed
+        check_flags(self.name, {"multi_targeted": multi_targeted})  # bool("no") is True: FAB-T would have run
+        self.multi_targeted, self.n_classes, self.seed = multi_targeted, n_classes, seed
 
     def check_input_dtype(self, x):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))

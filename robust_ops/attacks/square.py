@@ -7,6 +7,7 @@ import numbers
 import torch
 
 from .. import functional
+from .._options import check_flags
 from .base import Attack
 from .context import attack_context, check_inputs, check_not_half, is_single_logit, predict_from_output, two_logits
 from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
@@ -195,6 +196,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         fools it, else the lowest-margin point found (AutoAttack returns the clean input there).
     """
     name = "square"
+    check_flags(name, {"targeted": targeted})  # targeted="no" ran a targeted attack
     norm = check_norm(name, norm)
     resample_unchanged = _resample_rule(name, norm, resample_unchanged)
     _check_dtype(name, norm, x)
