@@ -3255,3 +3255,14 @@ def test_non_bool_targeted_random_start_and_cascade_are_refused(bad):
     for name, (arg, call) in calls.items():
         with pytest.raises(TypeError, match=f"{name.strip()}: expected {arg} to be True or False, got {bad!r}"):
             call()
+
+
+def test_bool_rho_and_dice_threshold_are_refused():
+    # isinstance(True, numbers.Real): rho=True ran APGD with rho=1, dice_criterion(False) thresholded at 0
+    from robust_ops.ima import dice_criterion
+
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"apgd: expected rho in \(0, 1\], got True"):
+        attacks.apgd(model, x, y, eps=0.03, steps=1, rho=True)
+    with pytest.raises(ValueError, match=r"dice_criterion: expected threshold in \[0, 1\), got False"):
+        dice_criterion(False)

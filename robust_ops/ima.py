@@ -209,7 +209,7 @@ def dice_score(out, y):
 def dice_criterion(threshold=0.6):
     """The paper's segmentation criterion (Section 3.5.2): a segmentation counts as correct when the Dice of the
     thresholded output against the target mask exceeds ``threshold`` (0.6 in the paper). Use as ``is_correct``."""
-    if not (isinstance(threshold, numbers.Real) and 0 <= threshold < 1):
+    if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0 <= threshold < 1):  # False: 0
         raise ValueError(f"dice_criterion: expected threshold in [0, 1), got {threshold!r}")
 
     def is_correct(out, y):

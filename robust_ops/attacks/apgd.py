@@ -319,7 +319,7 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
     eot_iter = check_steps(name, eot_iter, "eot_iter")
     if loss not in APGD_LOSSES:
         raise ValueError(f"{name}: expected loss to be one of {', '.join(APGD_LOSSES)}, got {loss!r}")
-    if not isinstance(rho, numbers.Real) or not 0 < rho <= 1:
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 < rho <= 1:  # True ran as rho=1
         raise ValueError(f"{name}: expected rho in (0, 1], got {rho!r}")
     eps_t = per_sample(name, "eps", eps, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max)
