@@ -3266,3 +3266,12 @@ def test_bool_rho_and_dice_threshold_are_refused():
         attacks.apgd(model, x, y, eps=0.03, steps=1, rho=True)
     with pytest.raises(ValueError, match=r"dice_criterion: expected threshold in \[0, 1\), got False"):
         dice_criterion(False)
+
+
+def test_bad_seed_errors_name_the_attack():
+    # the message said "attack: ...", and a seed beyond manual_seed's range met torch's bare "Overflow when unpacking"
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="^pgd: expected seed to be an int or None, got str$"):
+        attacks.PGD(model, seed="0")(x, y)
+    with pytest.raises(ValueError, match=r"^square: expected seed in \[-2\*\*63, 2\*\*64\), got 2{0}"):
+        attacks.Square(model, n_queries=1, seed=2 ** 70)(x, y)

@@ -442,7 +442,7 @@ class APGD(Attack):
         return apgd(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, loss=self.loss,
                     targeted=self.targeted, n_restarts=self.n_restarts, rho=self.rho, eot_iter=self.eot_iter,
                     use_largereps=self.use_largereps, clip_min=self.clip_min, clip_max=self.clip_max,
-                    model_mode=self.model_mode, generator=make_generator(self.seed, x.device))
+                    model_mode=self.model_mode, generator=make_generator(self.seed, x.device, self.name))
 
 
 class APGDT(Attack):
@@ -468,4 +468,4 @@ class APGDT(Attack):
                       n_target_classes=self.n_target_classes, loss=self.loss, n_restarts=self.n_restarts,
                       rho=self.rho, eot_iter=self.eot_iter, use_largereps=self.use_largereps, clip_min=self.clip_min,
                       clip_max=self.clip_max, model_mode=self.model_mode,
-                      generator=make_generator(self.seed, x.device))
+                      generator=make_generator(self.seed, x.device, self.name))
