@@ -908,6 +908,18 @@ def test_ceil_mode_must_be_a_bool_like_max_pool2d(backend, ceil_mode):
         robust_ops.DropMax2d(2, ceil_mode=ceil_mode, backend=backend)(x)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("return_indices", ["no", None, 0])
+def test_return_indices_must_be_a_bool_like_ceil_mode(backend, return_indices):
+    # bool(return_indices) made "no" return (out, indices) and None or 0 return out, without a word
+    x = torch.randn(1, 1, 4, 4)
+    message = f"^drop_max_pool2d: expected return_indices to be a bool, got {re.escape(repr(return_indices))}$"
+    with pytest.raises(TypeError, match=message):
+        robust_ops.drop_max_pool2d(x, 2, return_indices=return_indices, backend=backend)
+    with pytest.raises(TypeError, match=message):
+        robust_ops.DropMax2d(2, return_indices=return_indices, backend=backend)(x)
+
+
 def test_reference_backend_checks_arguments_like_native():
     # The reference backend must refuse what the kernels refuse (here: padding above kernel_size // 2), same message.
     x = torch.randn(1, 1, 6, 6)

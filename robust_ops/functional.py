@@ -101,6 +101,7 @@ def drop_max_pool2d(
         )
     kernel, stride, padding, dilation = _pool_args("drop_max_pool2d", kernel_size, stride, padding, dilation)
     ceil_mode = _bool("drop_max_pool2d", "ceil_mode", ceil_mode)
+    return_indices = _bool("drop_max_pool2d", "return_indices", return_indices)  # "no" returned (out, indices)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     which = _backend.resolve("drop_max_pool2d", x.device, backend)
