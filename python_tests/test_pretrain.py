@@ -349,3 +349,9 @@ def test_simclr_trains_a_float64_model_and_refuses_half_precision_weights():
         with pytest.raises(ValueError, match=rf"^simclr: the model's trainable parameters are {dtype} "):
             simclr(_model().to(dtype), TensorDataset(_data().tensors[0].to(dtype)), epochs=1, batch_size=8,
                    progress=False)
+
+
+def test_simclr_refuses_a_bad_device_by_name():
+    # as fit: torch.device's own error named neither simclr nor device
+    with pytest.raises(ValueError, match="^simclr: expected device to be a torch.device or a string such as 'cpu'"):
+        simclr(_model(), _data(), epochs=1, batch_size=8, device="cpu ", progress=False)

@@ -2504,3 +2504,11 @@ def test_resume_refuses_another_parameter_dtype(tmp_path):
     torch.save(state, tmp_path / "old.pt")
     fit(DropoutMLP().double(), defenses.Standard(), data64, epochs=2, resume=tmp_path / "old.pt", **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path, resume=True, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [None, "cpu ", "CPU", 2.5])
+def test_fit_refuses_a_bad_device_by_name(bad):
+    # torch.device's own error named neither fit nor device: a list of its overloads for None, "Invalid device string"
+    with pytest.raises(ValueError, match=rf"^fit: expected device to be a torch.device or a string such as 'cpu' or "
+                                         rf"'cuda:0', got {re.escape(repr(bad))}$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(), epochs=1, device=bad, progress=False)

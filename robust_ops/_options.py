@@ -103,6 +103,17 @@ def check_flags(name, flags, optional=()):
                             f"got {flag!r}")
 
 
+def check_device(name, device):
+    """``device`` as a torch.device: whatever torch.device takes ("cpu", "cuda:1", a torch.device, a CUDA index).
+    ValueError naming ``name`` otherwise; torch's own error named neither the function nor the argument (a list of
+    its overloads for None, "Invalid device string" for a typo)."""
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError):
+        raise ValueError(f"{name}: expected device to be a torch.device or a string such as 'cpu' or 'cuda:0', got "
+                         f"{device!r}") from None
+
+
 def check_choice(name, arg, value, choices):
     if value not in choices:
         raise ValueError(f"{name}: expected {arg} to be one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._files import replace_atomically
-from ._options import check_flags, check_int, check_real, class_labels
+from ._options import check_device, check_flags, check_int, check_real, class_labels
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
@@ -681,8 +681,8 @@ def fit(
     if val_data is not None:
         _check_map_style(name, "val_data", val_data)
 
+    device = check_device(name, device)
     rank, world = _distributed_context(device)  # a group initialized here is destroyed by the decorator
-    device = torch.device(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
