@@ -2512,3 +2512,13 @@ def test_fit_refuses_a_bad_device_by_name(bad):
     with pytest.raises(ValueError, match=rf"^fit: expected device to be a torch.device or a string such as 'cpu' or "
                                          rf"'cuda:0', got {re.escape(repr(bad))}$"):
         fit(DropoutMLP(), defenses.Standard(), _data(), epochs=1, device=bad, progress=False)
+
+
+@pytest.mark.parametrize("bad", [True, 0, ["runs"], ""])
+def test_fit_refuses_an_out_dir_that_is_no_path_by_name(bad, tmp_path, monkeypatch):
+    # pathlib's bare TypeError named neither fit nor out_dir; "" wrote checkpoint.pt into the current folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=rf"^fit: expected out_dir to be a folder path \(str or Path\) or None, got "
+                                        rf"{re.escape(repr(bad))}$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(), epochs=1, out_dir=bad, progress=False)
+    assert not any(tmp_path.iterdir())

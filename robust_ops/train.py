@@ -704,6 +704,9 @@ def fit(
     if world > 1 and batch_size < world:
         raise ValueError(f"{name}: expected batch_size >= the number of processes ({world}), got {batch_size}")
 
+    if out_dir is not None and not (isinstance(out_dir, (str, os.PathLike)) and os.fspath(out_dir)):
+        # pathlib's bare "expected str, bytes or os.PathLike object"; "" was the current folder, as resume="" is refused
+        raise TypeError(f"{name}: expected out_dir to be a folder path (str or Path) or None, got {out_dir!r}")
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if out_dir is not None:  # else the first checkpoint write fails, after a whole epoch of training
         existing = next((p for p in (Path(out_dir), *Path(out_dir).parents) if p.exists()), None)
