@@ -1736,3 +1736,16 @@ def test_batch_invariant_sizes_are_measured_per_autocast_state():
     calls = model.calls
     with torch.autocast("cpu", dtype=torch.float16):  # cached
         assert batch_invariant_sizes(model, x) == tuple(range(1, 17)) and model.calls == calls
+
+
+def test_search_result_and_model_mode_none_are_refused_by_name():
+    # None passed the check as "not given": search_result=None ran the midpoint variant, and IMA(model_mode=None)
+    # was built, failing only at its first batch with an error naming "attack"
+    model, x, y = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.rand(2, 1, 2, 2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="^gen_adv: expected search_result to be one of correct_side, midpoint, got "
+                                         "None$"):
+        gen_adv(model, x, y, 0.1, steps=1, search_steps=1, search_result=None)
+    with pytest.raises(ValueError, match="^IMA: expected search_result to be one of correct_side, midpoint, got None$"):
+        IMA(search_result=None)
+    with pytest.raises(ValueError, match="^IMA: expected model_mode to be one of eval, train, keep, got None$"):
+        IMA(model_mode=None)

@@ -250,14 +250,18 @@ def search_rounds(search_steps, arity):
     return max(rounds, 0)
 
 
-def _check_options(name, backend, is_correct, loss_fn, flags, search_result=None, model_mode=None):
+_NOT_GIVEN = object()
+
+
+def _check_options(name, backend, is_correct, loss_fn, flags, search_result=_NOT_GIVEN, model_mode=_NOT_GIVEN):
     """Options that would otherwise be read wrongly or only when first used: a backend name (used only once a sample
     takes a step), callables (``is_correct=0.6`` is the threshold of dice_criterion), real booleans (the string
-    "False" is true), and (when given) the search result and model mode, which IMA checks when built."""
-    if search_result is not None and search_result not in SEARCH_RESULTS:
+    "False" is true), and (when given) the search result and model mode, which IMA checks when built. A given None
+    is refused like any other value: search_result=None ran the midpoint variant."""
+    if search_result is not _NOT_GIVEN and search_result not in SEARCH_RESULTS:
         raise ValueError(f"{name}: expected search_result to be one of {', '.join(SEARCH_RESULTS)}, "
                          f"got {search_result!r}")
-    if model_mode is not None and model_mode not in MODEL_MODES:
+    if model_mode is not _NOT_GIVEN and model_mode not in MODEL_MODES:
         raise ValueError(f"{name}: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {model_mode!r}")
     if backend is not None and backend not in _backend.BACKENDS:
         raise ValueError(f"{name}: expected backend to be one of {', '.join(_backend.BACKENDS)} or None, "
