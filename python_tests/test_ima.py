@@ -1749,3 +1749,16 @@ def test_search_result_and_model_mode_none_are_refused_by_name():
         IMA(search_result=None)
     with pytest.raises(ValueError, match="^IMA: expected model_mode to be one of eval, train, keep, got None$"):
         IMA(model_mode=None)
+
+
+def test_margin_table_refuses_bad_sync_dtype_and_device_by_name():
+    # sync="no" was kept as truthy, dtype=torch.int64 stored every margin 0.1 as 0, and a device typo met torch's
+    # bare "Invalid device string"
+    with pytest.raises(TypeError, match="^MarginTable: expected sync to be True or False, got 'no'$"):
+        MarginTable(4, 0.1, 1.0, sync="no")
+    with pytest.raises(TypeError, match="^MarginTable: expected dtype to be a floating-point torch.dtype, got "
+                                        "torch.int64$"):
+        MarginTable(4, 0.1, 1.0, dtype=torch.int64)
+    with pytest.raises(ValueError, match="^MarginTable: expected device to be a torch.device or a string such as"):
+        MarginTable(4, 0.1, 1.0, device="cpu ")
+    assert MarginTable(4, 0.1, 1.0, dtype=torch.float64).margins.dtype == torch.float64

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import _backend, functional
 from ._meta import output_memory_format
-from ._options import check_flags, check_int, check_real, segmentation_masks
+from ._options import check_device, check_flags, check_int, check_real, segmentation_masks
 from .attacks.context import (
     MODEL_MODES,
     InputGradScale,
@@ -867,9 +867,13 @@ class MarginTable:
             raise ValueError(f"MarginTable: expected init_margin <= max_margin, got {init_margin} > {max_margin}")
         self.max_margin = float(max_margin)
         self.norm = check_norm("MarginTable", norm)
+        check_flags("MarginTable", {"sync": sync})  # sync="no" synchronised
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # int64 stored every margin as 0
+            raise TypeError(f"MarginTable: expected dtype to be a floating-point torch.dtype, got {dtype!r}")
         self.sync = sync
         self.process_group = process_group
-        self.margins = torch.full((int(num_samples),), float(init_margin), dtype=dtype, device=device)
+        self.margins = torch.full((int(num_samples),), float(init_margin), dtype=dtype,
+                                  device=check_device("MarginTable", device))
 
     def __len__(self):
         return self.margins.shape[0]
