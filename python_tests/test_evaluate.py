@@ -1006,3 +1006,13 @@ def test_write_results_takes_numpy_values_in_config_and_extra_fields(tmp_path):
     assert doc["config"] == {"seed": 3, "eps": [pytest.approx(1 / 255), pytest.approx(2 / 255)], "lr": 0.5,
                              "bad": None}
     assert doc["k"] == 5
+
+
+@pytest.mark.parametrize("bad", [2.5, torch.zeros(1, dtype=torch.float64), "cpu "])
+def test_a_bad_device_is_refused_before_the_model_is_moved(bad):
+    # model.to(device) ran first: device=2.5 or a float64 tensor made the model float64 in place, then failed on labels
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EvalError, match="^device: expected device to be a torch.device or a string such as 'cpu'"):
+        evaluate(model, tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), device=bad)
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ._import_path import PATH_HINT, is_import_path
-from ._options import check_flags, check_int, class_labels
+from ._options import check_device, check_flags, check_int, class_labels
 from .attacks.context import check_attack_output, check_output, model_device, predict_from_output, use_model_mode
 from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
@@ -434,6 +434,11 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         batch_size = check_int("batch_size", "batch_size", batch_size)
     except ValueError as err:
         raise EvalError("batch_size", str(err)) from None
+    if device is not None:  # model.to(2.5) or model.to(tensor) changed the model in place before any error
+        try:
+            device = check_device("device", device)
+        except ValueError as err:
+            raise EvalError("device", str(err)) from None
     for arg, flag in (("cascade", cascade), ("ensemble", ensemble)):  # ensemble="false" is truthy: it ran
         try:
             check_flags("evaluate", {arg: flag})
