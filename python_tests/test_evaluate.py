@@ -1016,3 +1016,10 @@ def test_a_bad_device_is_refused_before_the_model_is_moved(bad):
     with pytest.raises(EvalError, match="^device: expected device to be a torch.device or a string such as 'cpu'"):
         evaluate(model, tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), device=bad)
     assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [True, "yes", 1])
+def test_a_progress_that_is_not_callable_is_refused_before_the_clean_pass(bad):
+    # fit's progress is a bool: progress=True here failed after the clean pass with "'bool' object is not callable"
+    with pytest.raises(EvalError, match=rf"^progress: expected a callable\(str\) or None, got {re.escape(repr(bad))}$"):
+        evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), progress=bad)

@@ -434,6 +434,9 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         batch_size = check_int("batch_size", "batch_size", batch_size)
     except ValueError as err:
         raise EvalError("batch_size", str(err)) from None
+    # fit's progress is a bool: progress=True failed only after the clean pass ("'bool' object is not callable")
+    if not (progress is None or progress is False or callable(progress)):
+        raise EvalError("progress", f"progress: expected a callable(str) or None, got {progress!r}")
     if device is not None:  # model.to(2.5) or model.to(tensor) changed the model in place before any error
         try:
             device = check_device("device", device)
