@@ -1170,3 +1170,26 @@ def test_busi_jfif_nifti_gz_and_other_image_files_are_errors_not_skipped(tmp_pat
     _shutil.copy(root / "benign" / "0.png", root / "benign" / "patient7" / "scan.nii.gz")
     with pytest.raises(DataError, match=r"benign/patient7: a subfolder holding images; only the images directly in"):
         load_dataset(root, size=8)
+
+
+def test_generated_sets_refuse_non_integer_sizes_seeds_and_counts_by_name():
+    # "'<' not supported between instances of 'str' and 'int'", numpy's and scikit-learn's errors (naming make_moons'
+    # n_samples), or silently: seed=True as 1, sizes=0 as the defaults, n_train=True as one point, noise=True as 1
+    from robust_ops.data import moons_splits, synthetic_splits
+
+    with pytest.raises(DataError, match=r"^synthetic: expected size >= 8, got size='16'$"):
+        synthetic_ultrasound(2, size="16")
+    with pytest.raises(DataError, match=r"^synthetic: expected n >= 0, got n=2.5$"):
+        synthetic_ultrasound(2.5)
+    with pytest.raises(DataError, match=r"^synthetic: expected 0 <= malignant_fraction <= 1, got True$"):
+        synthetic_ultrasound(2, malignant_fraction=True)
+    with pytest.raises(DataError, match=r"^synthetic: expected seed to be an integer >= 0, got True$"):
+        synthetic_splits(seed=True)
+    with pytest.raises(DataError, match=r"^synthetic: expected sizes to be a dict \{split: count\} or None, got 0$"):
+        synthetic_splits(sizes=0)
+    with pytest.raises(DataError, match=r"^moons: expected n_train to be an integer >= 1, got True$"):
+        moons_splits(n_train=True)
+    with pytest.raises(DataError, match=r"^moons: expected seed to be an integer >= 0, got '1'$"):
+        moons_splits(seed="1")
+    with pytest.raises(DataError, match=r"^moons: expected noise to be a finite number >= 0 or None, got True$"):
+        moons_splits(noise=True, n_train=4, n_val=4, n_test=4)

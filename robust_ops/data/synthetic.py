@@ -12,10 +12,14 @@ on a layered tissue background (subcutaneous fat, glandular tissue, depth attenu
 speckle. Images are rendered at twice the size and averaged down (anti-aliasing). Everything is drawn from one seed.
 """
 
+import numbers
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .._options import check_int, check_real
 from .core import DataError, DatasetInfo, DatasetSplits
 
 SYNTHETIC_CLASSES = ("benign", "malignant")
@@ -81,13 +85,20 @@ def _lesion(rng, yy, xx, malignant):
     return inside, interior, capsule, posterior
 
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTION):
     """``n`` procedural breast-ultrasound-like images [n, 1, size, size] in [0, 1] and labels (1 = malignant)."""
-    if n < 0:
-        raise DataError(f"synthetic: expected n >= 0, got n={n}")
-    if size < 8:
-        raise DataError(f"synthetic: expected size >= 8, got size={size}", arg="size")
-    if not 0 <= malignant_fraction <= 1:  # else every label would silently be one class
+    # not integers: "'<' not supported between 'str' and 'int'"; True passed as 1, 2.5 failed inside numpy
+    if not _is_int(n) or n < 0:
+        raise DataError(f"synthetic: expected n >= 0, got n={n!r}")
+    if not _is_int(size) or size < 8:
+        raise DataError(f"synthetic: expected size >= 8, got size={size!r}", arg="size")
+    # else every label would silently be one class (a bool: True as 1)
+    if isinstance(malignant_fraction, bool) or not isinstance(malignant_fraction, numbers.Real) \
+            or not 0 <= malignant_fraction <= 1:
         raise DataError(f"synthetic: expected 0 <= malignant_fraction <= 1, got {malignant_fraction!r}")
     rng = np.random.default_rng(seed)
     render = 2 * size
@@ -108,6 +119,9 @@ def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTI
 
 def synthetic_splits(size=28, seed=0, sizes=None):
     """The embedded default dataset: train/val/test drawn from independent streams of one seed."""
+    check_int("synthetic", "seed", seed, 0, error=DataError)  # True was seed 1, [] a seed of its own
+    if not (sizes is None or isinstance(sizes, Mapping)):  # 0 or [] gave the default sizes, True a bare TypeError
+        raise DataError(f"synthetic: expected sizes to be a dict {{split: count}} or None, got {sizes!r}")
     unknown = sorted(set(sizes or {}) - set(SYNTHETIC_SIZES))
     if unknown:  # a misspelt split would otherwise keep its default size silently
         raise DataError(f"synthetic: sizes has unknown split(s) {', '.join(map(repr, unknown))}; expected keys "
@@ -133,6 +147,14 @@ def moons_splits(seed=0, n_train=10000, n_val=1000, n_test=1000, noise=0.2):
     validation); features [N, 2] in raw coordinates, label 1 = lower moon (the positive class)."""
     from sklearn.datasets import make_moons
 
+    # else scikit-learn's errors named make_moons' n_samples, True passed as 1 (one point, or noise 1)
+    check_int("moons", "seed", seed, 0, error=DataError)
+    for arg, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        check_int("moons", arg, n, 1, error=DataError)
+    try:
+        check_real("moons", "noise", noise, minimum=0, optional=True)
+    except ValueError as err:
+        raise DataError(str(err)) from None
     sets = []
     for k, n in enumerate((n_train, n_val, n_test)):
         x, y = make_moons(n_samples=n, noise=noise, random_state=np.random.RandomState([seed, k]))
