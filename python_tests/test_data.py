@@ -1193,3 +1193,11 @@ def test_generated_sets_refuse_non_integer_sizes_seeds_and_counts_by_name():
         moons_splits(seed="1")
     with pytest.raises(DataError, match=r"^moons: expected noise to be a finite number >= 0 or None, got True$"):
         moons_splits(noise=True, n_train=4, n_val=4, n_test=4)
+
+
+@pytest.mark.parametrize("bad", ["no", None, 0])
+def test_load_dataset_download_must_be_a_bool(bad):
+    # download is a permission to go online: download="no" was truthy and allowed the download
+    message = rf"^load_dataset: expected download to be True or False, got {re.escape(repr(bad))}$"
+    with pytest.raises(DataError, match=message):
+        load_dataset("synthetic", download=bad)

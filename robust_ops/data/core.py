@@ -207,6 +207,8 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
     check_int("load_dataset", "seed", seed, 0, error=DataError)  # else numpy's "expected non-negative integer"
+    if not isinstance(download, bool):  # a permission: download="no" was truthy and downloaded
+        raise DataError(f"load_dataset: expected download to be True or False, got {download!r}")
     text = str(spec)
     low = text.lower()
     from . import folders, medmnist, synthetic
