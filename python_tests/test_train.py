@@ -2522,3 +2522,21 @@ def test_fit_refuses_an_out_dir_that_is_no_path_by_name(bad, tmp_path, monkeypat
                                         rf"{re.escape(repr(bad))}$"):
         fit(DropoutMLP(), defenses.Standard(), _data(), epochs=1, out_dir=bad, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_load_checkpoint_and_load_weights_refuse_a_bad_path_or_map_location_by_name(tmp_path):
+    # torch.load's errors: "'NoneType' object has no attribute 'seek'", "'bool' object is not callable", and
+    # map_location="gpu" blamed on the file ("not a readable checkpoint (don't know how to restore data location")
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    with pytest.raises(TypeError, match=r"^load_checkpoint: expected path to be a file path \(str or Path\), got "
+                                        "None$"):
+        load_checkpoint(None)
+    with pytest.raises(TypeError, match="^load_checkpoint: expected map_location to be a device, a dict, a callable or "
+                                        "None, got True$"):
+        load_checkpoint(path, map_location=True)
+    with pytest.raises(ValueError, match="^load_weights: expected map_location to be a torch.device or a string such "
+                                         "as 'cpu' or 'cuda:0', got 'gpu'$"):
+        load_weights(DropoutMLP(), path, map_location="gpu")
+    with open(path, "rb") as f:  # torch.load's open files still load
+        assert torch.equal(load_checkpoint(f)["w"], torch.zeros(1))

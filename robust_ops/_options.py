@@ -103,14 +103,14 @@ def check_flags(name, flags, optional=()):
                             f"got {flag!r}")
 
 
-def check_device(name, device):
+def check_device(name, device, arg="device"):
     """``device`` as a torch.device: whatever torch.device takes ("cpu", "cuda:1", a torch.device, a CUDA index).
-    ValueError naming ``name`` otherwise; torch's own error named neither the function nor the argument (a list of
-    its overloads for None, "Invalid device string" for a typo)."""
+    ValueError naming ``name`` and ``arg`` otherwise; torch's own error named neither the function nor the argument
+    (a list of its overloads for None, "Invalid device string" for a typo)."""
     try:
         return torch.device(device)
     except (TypeError, RuntimeError):
-        raise ValueError(f"{name}: expected device to be a torch.device or a string such as 'cpu' or 'cuda:0', got "
+        raise ValueError(f"{name}: expected {arg} to be a torch.device or a string such as 'cpu' or 'cuda:0', got "
                          f"{device!r}") from None
 
 

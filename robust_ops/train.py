@@ -244,6 +244,7 @@ def load_checkpoint(path, map_location="cpu"):
     read so (empty, cut short, not a torch.save file, or holding objects that need pickle) is a ValueError naming it:
     torch's own errors are a bare EOFError for an empty file, or advice to load a JSON file with weights_only=False.
     A missing or unreadable file keeps its OSError."""
+    _check_load_args("load_checkpoint", path, map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -269,9 +270,23 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path}: not a readable checkpoint ({first[:160]})") from None
 
 
+def _check_load_args(name, path, map_location):
+    """A path (or an open binary file) and a map_location torch.load takes. Else torch's errors: "'NoneType' object
+    has no attribute 'seek'" for path=None, "'bool' object is not callable" for map_location=True, and a bad device
+    string blamed on the file ("not a readable checkpoint (don't know how to restore data location ...)")."""
+    if not (isinstance(path, (str, os.PathLike)) or hasattr(path, "read")):
+        raise TypeError(f"{name}: expected path to be a file path (str or Path), got {path!r}")
+    if isinstance(map_location, (str, torch.device)):
+        check_device(name, map_location, "map_location")
+    elif not (map_location is None or isinstance(map_location, dict) or callable(map_location)):
+        raise TypeError(f"{name}: expected map_location to be a device, a dict, a callable or None, got "
+                        f"{map_location!r}")
+
+
 def _fit_checkpoint(name, path, map_location):
     """load_checkpoint for ``name`` (fit's resume, load_weights): errors name it, and a file holding something else
     than a dict of fit's format is refused."""
+    _check_load_args(name, path, map_location)
     try:
         state = load_checkpoint(path, map_location)
     except ValueError as err:
