@@ -513,3 +513,15 @@ def test_attacks_on_a_model_elsewhere_than_the_cpu_swap_nothing(monkeypatch):
     cpu_model = TinyCNN()
     with attacks.attack_context(cpu_model):
         assert len(patched(cpu_model)) == 1 and cpu_memory_pool_stats().depth > 0
+
+
+def test_library_speedups_and_library_pool_refuse_a_bad_device_by_name():
+    # torch.device's own errors ("Invalid device string: 'cpu '", a list of overloads for None) named neither
+    from robust_ops.memory import library_pool
+    from robust_ops.native_layers import library_speedups
+
+    with pytest.raises(ValueError, match="^library_speedups: expected device to be a torch.device or a string such as"):
+        with library_speedups(torch.nn.Linear(2, 2), device="cpu "):
+            pass
+    with pytest.raises(ValueError, match="^library_pool: expected device to be a torch.device or a string such as"):
+        library_pool(None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ._compile import disable_dynamo
-from ._options import check_flags, env_switch
+from ._options import check_device, check_flags, env_switch
 
 ENV_SWITCH = "ROBUST_OPS_CPU_POOL"
 
@@ -66,7 +66,7 @@ def cpu_memory_pool(enabled=True):
 
 def library_pool(device="cpu"):
     """The pool as robust_ops' own attacks and training use it: on for CPU work unless ROBUST_OPS_CPU_POOL=0."""
-    return cpu_memory_pool(torch.device(device).type == "cpu" and pool_enabled_by_default())
+    return cpu_memory_pool(check_device("library_pool", device).type == "cpu" and pool_enabled_by_default())
 
 
 def cpu_memory_pool_stats():

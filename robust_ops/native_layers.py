@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import NATIVE_CPU_DTYPES, _functorch_autodiff, max_pool2d
-from ._options import check_flags, env_switch
+from ._options import check_device, check_flags, env_switch
 from ._patching import check_unmodified, patched_forwards, saved_state, switch_setting
 from .memory import library_pool
 from .prepacked_conv import prepacked_conv as _prepacked_conv
@@ -124,7 +124,7 @@ def library_speedups(model, device="cpu", prepacked_conv=None):
     (robust_ops.memory.library_pool, for CPU work), native layers and prepacked convolutions
     (robust_ops.prepacked_conv; ``prepacked_conv`` None follows ``$ROBUST_OPS_PREPACKED_CONV``, off by default).
     Both swaps are CPU only: on other devices the swapped modules would only fall back."""
-    cpu = torch.device(device).type == "cpu"
+    cpu = check_device("library_speedups", device).type == "cpu"
     with library_pool(device), native_layers(model, enabled=None if cpu else False), \
             _prepacked_conv(model, enabled=prepacked_conv if cpu else False):
         yield model
