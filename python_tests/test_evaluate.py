@@ -1023,3 +1023,12 @@ def test_a_progress_that_is_not_callable_is_refused_before_the_clean_pass(bad):
     # fit's progress is a bool: progress=True here failed after the clean pass with "'bool' object is not callable"
     with pytest.raises(EvalError, match=rf"^progress: expected a callable\(str\) or None, got {re.escape(repr(bad))}$"):
         evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), progress=bad)
+
+
+@pytest.mark.parametrize("arg, bad", [("config", True), ("config", "seed=3"), ("config", 0), ("extra_fields", "x")])
+def test_write_results_refuses_a_config_or_extra_fields_that_is_no_dict(tmp_path, arg, bad):
+    # config=True met "'bool' object has no attribute 'get'" while writing the report, extra_fields="x" dict.update's
+    # "dictionary update sequence element" error, and config=0 was written as {} without a word
+    rows = evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,))
+    with pytest.raises(EvalError, match=rf"^{arg}: expected a dict or None, got {re.escape(repr(bad))}$"):
+        write_results(tmp_path / "r", rows, INFO, figures=False, **{arg: bad})

@@ -607,6 +607,11 @@ def results_document(rows, info, config=None, device="cpu", paper=None, notes=No
     problem = class_names_problem(info)
     if problem:
         raise EvalError("data", f"data: info: {problem}")
+    for arg, value in (("config", config), ("extra_fields", extra_fields)):
+        # config=True met "'bool' object has no attribute 'get'" in the report, extra_fields="x" dict.update's error,
+        # and 0 or [] were dropped as "no settings"
+        if not (value is None or isinstance(value, dict)):
+            raise EvalError(arg, f"{arg}: expected a dict or None, got {value!r}")
     seen = set()
     for r in rows:  # two rows under one key: the tables and figures would show only the last one
         key = (r["method"], r["attack"], r.get("norm"), r["eps"])
