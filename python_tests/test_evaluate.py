@@ -1032,3 +1032,10 @@ def test_write_results_refuses_a_config_or_extra_fields_that_is_no_dict(tmp_path
     rows = evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,))
     with pytest.raises(EvalError, match=rf"^{arg}: expected a dict or None, got {re.escape(repr(bad))}$"):
         write_results(tmp_path / "r", rows, INFO, figures=False, **{arg: bad})
+
+
+def test_parse_eps_refuses_bools_in_a_list():
+    # isinstance(True, int): eps=[True] was the radius 1.0 and [False] the radius 0, without a word
+    for bad in ([True], [0.1, False]):
+        with pytest.raises(EvalError, match="^eps: could not parse '(True|False)' in "):
+            parse_eps(bad)

@@ -82,7 +82,8 @@ def parse_eps(text):
     values = []
     for item in items:
         try:
-            v = item if isinstance(item, (int, float)) else parse_number(item, "eps")
+            # a bool is no radius: eps=[True] evaluated at 1.0 (parse_number refuses "True")
+            v = item if isinstance(item, (int, float)) and not isinstance(item, bool) else parse_number(item, "eps")
         except ValueError:
             raise EvalError("eps", f"eps: could not parse {str(item).strip()!r} in {text!r}; expected numbers or "
                                    "fractions such as 1/255,2/255,0.03") from None
