@@ -1039,3 +1039,11 @@ def test_parse_eps_refuses_bools_in_a_list():
     for bad in ([True], [0.1, False]):
         with pytest.raises(EvalError, match="^eps: could not parse '(True|False)' in "):
             parse_eps(bad)
+
+
+@pytest.mark.parametrize("bad", [None, "", 2.5, ["a"]])
+def test_evaluate_refuses_a_method_label_that_is_no_text(bad):
+    # the rows' label: None and 2.5 went into results.json and the tables as such, ["a"] failed with "unhashable type"
+    with pytest.raises(EvalError, match=rf"^method: expected a non-empty label such as 'model', got "
+                                        rf"{re.escape(repr(bad))}$"):
+        evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), method=bad)

@@ -431,6 +431,8 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     """
     specs = parse_attacks(attacks)
     radii = parse_eps(eps)
+    if not (isinstance(method, str) and method.strip()):  # the rows' label: None was written as "None", ["a"] failed
+        raise EvalError("method", f"method: expected a non-empty label such as 'model', got {method!r}")
     try:  # 2.5 or "4" passed "< 1" (or failed it with a TypeError) and then failed in the first split or range
         batch_size = check_int("batch_size", "batch_size", batch_size)
     except ValueError as err:
