@@ -355,3 +355,14 @@ def test_simclr_refuses_a_bad_device_by_name():
     # as fit: torch.device's own error named neither simclr nor device
     with pytest.raises(ValueError, match="^simclr: expected device to be a torch.device or a string such as 'cpu'"):
         simclr(_model(), _data(), epochs=1, batch_size=8, device="cpu ", progress=False)
+
+
+def test_simclr_augment_and_simclr_augment_size_are_checked_by_name():
+    # augment=True failed at the first batch ("'bool' object is not callable"); SimCLRAugment(2.5) in torchvision
+    # ("'float' object is not iterable") and SimCLRAugment(0) at its first call ("output (H: 0, W: 0)")
+    with pytest.raises(TypeError, match="^simclr: expected augment to be a callable batch -> batch or None, got True$"):
+        simclr(_model(), _data(), epochs=1, batch_size=8, augment=True, progress=False)
+    for bad in (2.5, 0, (8,), True, None):
+        with pytest.raises(ValueError, match=r"^SimCLRAugment: expected size to be an integer >= 1 or a pair"):
+            SimCLRAugment(bad)
+    assert SimCLRAugment([8, 6])(torch.rand(2, 1, 10, 10)).shape == (2, 1, 8, 6)

@@ -56,7 +56,13 @@ class SimCLRAugment(nn.Module):
 
         if channels not in (1, 3):  # torchvision's colour ops take 1 or 3 channels and would fail mid-training
             raise ValueError(f"SimCLRAugment: expected channels to be 1 or 3, got {channels!r}")
-        h, w = (size, size) if isinstance(size, numbers.Integral) else tuple(size)
+        # else errors from inside torchvision ("'float' object is not iterable", "output (H: 0, W: 0)")
+        pair = (size, size) if isinstance(size, numbers.Integral) else tuple(size) if isinstance(size, (tuple, list)) \
+            else ()
+        if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in pair):
+            raise ValueError(f"SimCLRAugment: expected size to be an integer >= 1 or a pair (height, width) of them, "
+                             f"got {size!r}")
+        h, w = (int(s) for s in pair)
         kernel = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
         ops = [v2.RandomResizedCrop((h, w), scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
         if channels == 3:
@@ -138,6 +144,8 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     check_flags("simclr", {"progress": progress})  # as fit: progress="false" showed the bar
     # 0 ran: NT-Xent of empty projections is a constant, so nothing was learnt and the loss said log(2N - 1)
     check_int("simclr", "projection_dim", projection_dim)
+    if augment is not None and not callable(augment):  # else "'bool' object is not callable" at the first batch
+        raise TypeError(f"simclr: expected augment to be a callable batch -> batch or None, got {augment!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"simclr: expected seed to be an integer, got {seed!r}")
     seed = _torch_seed(int(seed))  # as fit: numpy integers and seeds past torch's 64-bit range failed in manual_seed
