@@ -3275,3 +3275,9 @@ def test_bad_seed_errors_name_the_attack():
         attacks.PGD(model, seed="0")(x, y)
     with pytest.raises(ValueError, match=r"^square: expected seed in \[-2\*\*63, 2\*\*64\), got 2{0}"):
         attacks.Square(model, n_queries=1, seed=2 ** 70)(x, y)
+
+
+def test_autoattack_refuses_a_non_bool_cascade_when_built():
+    # cascade="no" was stored and refused only when the attack ran, by ensemble's name
+    with pytest.raises(TypeError, match="^autoattack: expected cascade to be True or False, got 'no'$"):
+        attacks.AutoAttack(TinyCNN(), cascade="no")

@@ -266,6 +266,7 @@ class AutoAttack(Attack):
             raise ValueError("autoattack: version='custom' needs the attacks to run: attacks=[...] (CLI names or "
                              "attack objects)")
         norm = check_norm(self.name, norm, self.norms)  # AutoAttack's own spellings 'Linf' / 'L2' / 'L1' too
+        check_flags(self.name, {"cascade": cascade})  # else refused only when run, and in ensemble's name
         super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max, **unknown)
         self.version = "custom" if attacks is not None else version
         self.norm, self.eps, self.cascade = norm, eps, cascade
