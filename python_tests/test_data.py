@@ -1201,3 +1201,12 @@ def test_load_dataset_download_must_be_a_bool(bad):
     message = rf"^load_dataset: expected download to be True or False, got {re.escape(repr(bad))}$"
     with pytest.raises(DataError, match=message):
         load_dataset("synthetic", download=bad)
+
+
+def test_cross_validation_takes_a_numpy_float32_val_fraction():
+    # scikit-learn refused train_size=np.float32(0.9), which surfaced as "too few samples (20) for a 0.9/0.1 split"
+    from robust_ops.data import synthetic_splits
+
+    splits = synthetic_splits(size=8, seed=0, sizes={"train": 20, "val": 10, "test": 10})
+    folds = cross_validation(splits, k=2, val_fraction=np.float32(0.1))
+    assert len(folds) == 2 and all(len(f.val) > 0 for f in folds)

@@ -39,6 +39,8 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
     # a negative one would silently mean 0, 1 leaves no training data; a string or None failed in the comparison
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 <= val_fraction < 1:
         raise DataError(f"cross_validation: expected 0 <= val_fraction < 1, got {val_fraction!r}")
+    # scikit-learn refuses a numpy float32 train_size, which read as "too few samples for a 0.9/0.1 split"
+    val_fraction = float(val_fraction)
     x, y = pooled(splits)
     counts = np.bincount(y.numpy())
     if counts[counts > 0].min() < k:
