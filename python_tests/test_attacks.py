@@ -3281,3 +3281,16 @@ def test_autoattack_refuses_a_non_bool_cascade_when_built():
     # cascade="no" was stored and refused only when the attack ran, by ensemble's name
     with pytest.raises(TypeError, match="^autoattack: expected cascade to be True or False, got 'no'$"):
         attacks.AutoAttack(TinyCNN(), cascade="no")
+
+
+def test_uniform_ball_refuses_nan_or_bool_eps_and_a_shape_that_is_no_tuple():
+    # eps=nan returned all-NaN noise and eps=True noise of radius 1; shape=None met "'NoneType' object is not
+    # subscriptable", and a per-sample eps of another length torch's view error
+    for bad in (float("nan"), True, -0.1):
+        with pytest.raises(ValueError, match="^uniform_ball: expected eps to be a finite number >= 0"):
+            attacks.uniform_ball((2, 3), bad, "linf")
+    with pytest.raises(ValueError, match=r"^uniform_ball: expected shape to be a non-empty tuple of sizes \(N, ...\)"):
+        attacks.uniform_ball(None, 0.1, "l2")
+    with pytest.raises(ValueError, match=r"^uniform_ball: expected eps to be a number or a tensor of shape \[2\]"):
+        attacks.uniform_ball((2, 3), torch.ones(3), "l2")
+    assert attacks.uniform_ball(torch.Size([2, 3]), torch.tensor([0.1, 0.2]), "linf").abs().max() <= 0.2

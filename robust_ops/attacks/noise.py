@@ -2,6 +2,7 @@
 
 import torch
 
+from .._options import check_real
 from .base import Attack
 from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
 from .context import attack_context, check_inputs, predict_from_output
@@ -13,7 +14,16 @@ def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.f
     L2: uniform in the ball, i.e. a direction uniform on the sphere (normalized Gaussian) times eps * U^(1/d)
     with d the number of entries per sample."""
     norm = check_norm("uniform_ball", norm)
+    # else "'NoneType' object is not subscriptable" or torch.rand's overload list; eps=nan made all-NaN noise
+    sizes_ok = isinstance(shape, (tuple, list)) and all(type(s) is int and s >= 0 for s in shape)  # no bools
+    if not (sizes_ok and shape):
+        raise ValueError(f"uniform_ball: expected shape to be a non-empty tuple of sizes (N, ...), got {shape!r}")
     n = shape[0]
+    if not torch.is_tensor(eps):
+        eps = check_real("uniform_ball", "eps", eps, minimum=0)
+    elif eps.shape != (n,):  # values unchecked: white_noise checked them, and reading them would sync every trial
+        raise ValueError(f"uniform_ball: expected eps to be a number or a tensor of shape [{n}], got shape "
+                         f"{tuple(eps.shape)}")
     view = (n,) + (1,) * (len(shape) - 1)
     eps = eps.view(view).to(dtype) if torch.is_tensor(eps) else eps
     if norm == "linf":
