@@ -1762,3 +1762,15 @@ def test_margin_table_refuses_bad_sync_dtype_and_device_by_name():
     with pytest.raises(ValueError, match="^MarginTable: expected device to be a torch.device or a string such as"):
         MarginTable(4, 0.1, 1.0, device="cpu ")
     assert MarginTable(4, 0.1, 1.0, dtype=torch.float64).margins.dtype == torch.float64
+
+
+def test_batch_invariant_sizes_refuses_a_bad_clip_range_by_name():
+    # clip_max=nan probed with NaN inputs and returned () (no padding, no error); clip_min="0.1" failed in arithmetic
+    from robust_ops.ima import batch_invariant_sizes
+
+    model, x = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.rand(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="^batch_invariant_sizes: expected clip_max to be a finite number >= 0.0, "
+                                         "got nan$"):
+        batch_invariant_sizes(model, x, clip_max=float("nan"), max_rows=2)
+    with pytest.raises(ValueError, match="^batch_invariant_sizes: expected clip_min to be a finite number, got '0.1'$"):
+        batch_invariant_sizes(model, x, clip_min="0.1", max_rows=2)

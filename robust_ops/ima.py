@@ -639,6 +639,9 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     max_rows = check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
     reference_rows = 2 * max_rows if reference_rows is None else check_int(
         "batch_invariant_sizes", "reference_rows", reference_rows, max_rows)
+    # the probe's range: NaN measured NaN outputs and returned () (no padding), "0.1" failed in the arithmetic
+    clip_min = check_real("batch_invariant_sizes", "clip_min", clip_min)
+    clip_max = check_real("batch_invariant_sizes", "clip_max", clip_max, minimum=clip_min)
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError(f"batch_invariant_sizes: expected x to be a batch tensor [N, ...], got "
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
