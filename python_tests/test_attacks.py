@@ -3294,3 +3294,13 @@ def test_uniform_ball_refuses_nan_or_bool_eps_and_a_shape_that_is_no_tuple():
     with pytest.raises(ValueError, match=r"^uniform_ball: expected eps to be a number or a tensor of shape \[2\]"):
         attacks.uniform_ball((2, 3), torch.ones(3), "l2")
     assert attacks.uniform_ball(torch.Size([2, 3]), torch.tensor([0.1, 0.2]), "linf").abs().max() <= 0.2
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", True, [0.5, None]])
+def test_normalized_refuses_a_mean_or_std_that_is_no_number_by_name(bad):
+    # torch.as_tensor's "must be real number, not NoneType" / "new(): invalid data type 'str'"; True ran as 1.0
+    message = rf"^Normalized: expected (mean|std) to be a number or one number per channel, got {re.escape(repr(bad))}$"
+    with pytest.raises(TypeError, match=message):
+        attacks.Normalized(TinyCNN(), bad, 0.5)
+    with pytest.raises(TypeError, match=message):
+        attacks.Normalized(TinyCNN(), 0.5, bad)

@@ -85,7 +85,16 @@ class Normalized(torch.nn.Module):
     def __init__(self, model, mean, std):
         super().__init__()
         self.model = model
-        m, sd = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        values = []
+        for arg, value in (("mean", mean), ("std", std)):
+            # torch.as_tensor's "must be real number, not NoneType"; a bool (True as 1.0) is no channel statistic
+            is_bool = isinstance(value, bool) or (torch.is_tensor(value) and value.dtype == torch.bool)
+            try:
+                values.append(torch.as_tensor(None if is_bool else value, dtype=torch.float32))
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"Normalized: expected {arg} to be a number or one number per channel, got "
+                                f"{value!r}") from None
+        m, sd = values
         # std 0 fed the model inf (and NaN at x == mean), so the attack ran on garbage without a word
         if not bool(torch.isfinite(m).all()) or not bool(torch.isfinite(sd).all()) or not bool((sd > 0).all()):
             raise ValueError(f"Normalized: expected finite mean and finite std > 0, got mean={m.tolist()}, "
