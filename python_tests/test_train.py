@@ -547,24 +547,28 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step did not update the weights
 
 
-def test_validation_inputs_holding_nan_are_refused_naming_the_items():
-    # the history got val_loss nan and a val_acc of argmax(NaN) logits, without a word (evaluate refuses such inputs)
+def _data_with_a_non_finite_input(item, value):
+    """_data(8) with ``value`` (NaN or Inf) in one input element of ``item``."""
     x, y = _data(8).tensors
     x = x.clone()
-    x[3, 0, 0, 0] = float("inf")
+    x[item, 0, 0, 0] = value
+    return TensorDataset(x, y)
+
+
+def test_validation_inputs_holding_nan_are_refused_naming_the_items():
+    # the history got val_loss nan and a val_acc of argmax(NaN) logits, without a word (evaluate refuses such inputs)
     with pytest.raises(ValueError, match=r"^fit \(validation\): the inputs of val_data items \[3\] hold NaN or Inf; "
                                          r"check the data$"):
-        fit(DropoutMLP(), "standard", _data(8), TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
+        fit(DropoutMLP(), "standard", _data(8), _data_with_a_non_finite_input(3, float("inf")), epochs=1,
+            batch_size=8, progress=False)
 
 
 def test_a_nan_loss_from_nan_inputs_names_the_items_holding_them():
     # "the standard loss is nan at epoch 1, step 1" read as a diverged run (lr, ...), not as NaN in the data
-    x, y = _data(8).tensors
-    x = x.clone()
-    x[5, 0, 1, 2] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"^fit: the standard loss is nan \(the inputs of train_data items "
                                                  r"\[5\] hold NaN or Inf: check the data\) at epoch 1, step 1; "):
-        fit(DropoutMLP(), "standard", TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
+        fit(DropoutMLP(), "standard", _data_with_a_non_finite_input(5, float("nan")), epochs=1, batch_size=8,
+            progress=False)
 
 
 class NaNExtraGrads(Defense):
