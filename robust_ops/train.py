@@ -552,6 +552,18 @@ def _metric_weights(name, defense, counts, metrics, n):
     return weights
 
 
+def _non_finite_items(split, x, item_ids):
+    """"the inputs of <split> items [3, 7] hold NaN or Inf" for a batch ``x`` read from those dataset items (the first
+    four named), None when every input is finite or x is no floating-point tensor."""
+    if not (torch.is_tensor(x) and x.is_floating_point() and x.numel()):
+        return None
+    rows = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()
+    if not rows:
+        return None
+    return (f"the inputs of {split} items {[int(item_ids[r]) for r in rows[:4]]}{' ...' * (len(rows) > 4)} hold NaN "
+            "or Inf")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -567,11 +579,9 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
         for start in range(0, len(data), batch_size):
             batch = _collate(name, data, range(start, min(start + batch_size, len(data))))
             x, y, _ = _split_batch(name, batch, False)
-            if torch.is_tensor(x) and x.is_floating_point() and x.numel():  # else val_loss nan, val_acc on argmax(NaN)
-                rows = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()
-                if rows:
-                    raise ValueError(f"{name}: the inputs of val_data items {[start + r for r in rows[:4]]}"
-                                     f"{' ...' * (len(rows) > 4)} hold NaN or Inf; check the data")
+            bad_inputs = _non_finite_items("val_data", x, range(start, min(start + batch_size, len(data))))
+            if bad_inputs:  # else val_loss nan and a val_acc on argmax(NaN), silently
+                raise ValueError(f"{name}: {bad_inputs}; check the data")
             x, y = x.to(device), y.to(device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -973,11 +983,9 @@ def fit(
                     if bad_loss:
                         value = float(loss.detach()) if loss.numel() == 1 else math.nan
                         what = f"loss is {value}" if own_loss else "loss is non-finite on another process"
-                        if own_loss and torch.is_floating_point(x):  # else it reads as a diverged run (lr, ...)
-                            rows = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()
-                            if rows:
-                                what += (f" (the inputs of train_data items {[int(indices[r]) for r in rows[:4]]}"
-                                         f"{' ...' * (len(rows) > 4)} hold NaN or Inf: check the data)")
+                        bad_inputs = _non_finite_items("train_data", x, indices) if own_loss else None
+                        if bad_inputs:  # else it reads as a diverged run (lr, ...)
+                            what += f" ({bad_inputs}: check the data)"
                     else:
                         what = "extra gradients (its adversarial terms, returned as extra_grads) are non-finite" + (
                             "" if own_extra else " on another process")
