@@ -1630,3 +1630,50 @@ def test_gr_l2_penalty_of_a_float16_model_keeps_finite_gradients():
         for p, q in zip(model.parameters(), ref.parameters()):
             assert bool(torch.isfinite(p.grad).all())
             torch.testing.assert_close(p.grad.float(), q.grad, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_defenses_take_any_integer_label_dtype_as_the_attacks_do(name, dtype):
+    """docs/defenses/index.md, Labels: called directly with int32 labels every defense failed in cross-entropy's
+    "expected target dtype to be Long" AFTER its attack had run (the attack converts; the defense kept int32), and
+    MART failed on uint8 in gather. Now converted losslessly up front: the same loss as int64 labels."""
+    x, y = _batch()
+    losses = []
+    for labels in (y, y.to(dtype)):
+        torch.manual_seed(0)
+        defense = _build(name)
+        model = GNNet()
+        if hasattr(defense, "prepare_model"):
+            model = defense.prepare_model(model)
+        ids = torch.arange(x.shape[0]) if defense.needs_ids else None
+        out = defense(model, x, labels, ids) if ids is not None else defense(model, x, labels)
+        losses.append(out.loss.detach())
+    assert torch.equal(losses[0], losses[1])
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "ima"])  # IMA: test_ima.py
+def test_defenses_refuse_float_and_out_of_range_labels_in_one_line(name):
+    """Float labels gave cross-entropy's dtype error (Standard, GR, LLR, ARFL); a label past the classes an
+    IndexError naming neither the defense nor y, and for a single-logit model none at all: BCE took 2 as a target."""
+    torch.manual_seed(0)
+    defense = _build(name)
+    model = GNNet()
+    if hasattr(defense, "prepare_model"):
+        model = defense.prepare_model(model)
+    x, y = _batch()
+    with pytest.raises(TypeError, match=f"^{re.escape(name)}: expected y to be an integer tensor of class labels"):
+        defense(model, x, y.float())
+    y[0] = 2
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 2\)|binary tasks only") as info:
+        defense(model, x, y)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["standard", "gr", "llr"])
+def test_a_single_logit_defense_refuses_a_label_past_its_two_classes(name):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    x, y = _batch()
+    y[0] = 2
+    with pytest.raises(ValueError, match=rf"^{name}: expected labels in \[0, 2\) for a model with 2 classes"):
+        _build(name)(model, x, y)

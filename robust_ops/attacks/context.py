@@ -198,20 +198,26 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
                 f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in [{lo:.4g}, {hi:.4g}]"
                 " (normalize inside the model, e.g. with robust_ops.attacks.Normalized)"
             )
-    if y is not None:
-        if segmentation_masks(y):  # before the dtype: a float mask's dtype error only led to the shape error
-            raise ValueError(f"{name}: expected y of shape [{x.shape[0]}], got {tuple(y.shape)}: segmentation masks? "
-                             "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
-        if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-            raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
-                            f"{getattr(y, 'dtype', type(y))}")
-        y = y.long()  # cross-entropy, one_hot and gather take int64 only; a no-op (same tensor) for int64
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"{name}: expected y of shape [{x.shape[0]}], got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
-            # without num_classes only the lower bound is known here (the model's output checks the upper one)
-            bound = f"in [0, {num_classes})" if num_classes is not None else "non-negative"
-            raise ValueError(f"{name}: expected labels {bound}, got values in [{int(y.min())}, {int(y.max())}]")
+    return None if y is None else check_class_labels(name, y, x.shape[0], num_classes)
+
+
+def check_class_labels(name, y, n, num_classes=None):
+    """Labels an integer tensor [n] (any integer dtype: converted losslessly to int64, which cross-entropy, one_hot and
+    gather take) in range: the attacks' and the defenses' label rule. Float, bool and complex labels are a TypeError
+    (0.7 would become 0 silently); ``num_classes`` None checks the lower bound only (the model's output, through
+    check_labels_against, the upper one)."""
+    if segmentation_masks(y):  # before the dtype: a float mask's dtype error only led to the shape error
+        raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}: segmentation masks? "
+                         "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
+    if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
+                        f"{getattr(y, 'dtype', type(y))}")
+    y = y.long()  # a no-op (same tensor) for int64
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
+        bound = f"in [0, {num_classes})" if num_classes is not None else "non-negative"
+        raise ValueError(f"{name}: expected labels {bound}, got values in [{int(y.min())}, {int(y.max())}]")
     return y
 
 

@@ -5,7 +5,9 @@ import torch
 import torch.distributed as dist
 
 from .._options import check_choice, check_flags, check_int, check_real  # noqa: F401  (the defenses import them here)
-from ..attacks.context import MODEL_MODES, classification_loss, is_single_logit, two_logits, use_model_mode
+from ..attacks.context import (MODEL_MODES, check_class_labels, classification_loss, is_single_logit, two_logits,
+                               use_model_mode)
+from ..attacks.core import check_labels_against
 from .base import Defense
 
 # MIRST-DM's threat model (Linf, eps = 5/255) with Madry's step-size rule (2.5 * eps / steps) is the default of the
@@ -27,6 +29,13 @@ def unwrap(model):
     """The module inside DistributedDataParallel / DataParallel: attacks run on it (no gradient-sync hooks)."""
     return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
                                               torch.nn.DataParallel)) else model
+
+
+def labels(name, x, y):
+    """``y`` as int64 class labels [N] under the attacks' rule (any integer dtype, converted losslessly; float, bool
+    or negative labels refused naming ``name``): a defense passes the same labels to its attack and its own losses.
+    Cross-entropy takes int64 only, so int32 labels failed there, after the attack had already run."""
+    return check_class_labels(name, y, x.shape[0])
 
 
 def per_sample_ce(out, y):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
 from ..attacks.core import sample_distance
-from ._common import (PGDDefense, as_two_class, check_choice, check_real, distributed_run, float32_or_wider,
+from ._common import (PGDDefense, as_two_class, check_choice, check_real, distributed_run, float32_or_wider, labels,
                       per_sample_ce, unwrap, use_model_mode)
 from .base import DefenseOutput
 
@@ -78,6 +78,7 @@ class AMAT(_AdaptiveRadius):
                                     minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         first = self.attack(model, x, y).x_adv
         (adv_losses,) = self._losses(model, y, first)
         shrunk = 0.5 * (self.eps + float32_or_wider(sample_distance(first, x, self.norm)))
@@ -161,6 +162,7 @@ class DPAAT(_AdaptiveRadius):
         return radii
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         first = self.attack(model, x, y).x_adv
         clean_l, adv_l = self._losses(model, y, x, first)
         radii = self.radii(float32_or_wider(sample_distance(first, x, self.norm)), adv_l - clean_l)

@@ -5,7 +5,7 @@ models). Attacks run on robust_ops.attacks.core.run_pgd with the settings of PGD
 """
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, check_int, check_real
+from ._common import PGDDefense, check_int, check_labels_against, check_real, labels
 from .base import Defense, DefenseOutput
 
 
@@ -15,7 +15,9 @@ class Standard(Defense):
     name = "standard"
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         logits = model(x)
+        check_labels_against(self.name, y, logits)  # a single logit's BCE took a label 2 as its target silently
         loss = classification_loss(logits, y)
         return DefenseOutput(loss=loss, logits=logits, metrics={"loss": float(loss.detach())})
 
@@ -26,6 +28,7 @@ class AT(PGDDefense):
     name = "at"
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         x_adv = self.attack(model, x, y).x_adv
         loss = classification_loss(model(x_adv), y)
         return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach()), "loss_adv": float(loss.detach())})
@@ -45,6 +48,7 @@ class SAT(PGDDefense):
         self.alpha = check_real(self.name, "alpha", alpha, minimum=0, maximum=1)
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         if self.alpha == 0:  # standard training: no attack, so no adversarial loss to report (it read 0)
             return Standard.__call__(self, model, x, y)
         if self.alpha == 1:
@@ -69,6 +73,7 @@ class RST(PGDDefense):
         self.lam = check_real(self.name, "lam", lam, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         x_adv = self.attack(model, x, y).x_adv
         logits = model(x)
         clean = classification_loss(logits, y)
@@ -113,6 +118,7 @@ class FAT(PGDDefense):
         self.tau = check_int(self.name, "tau", state["tau"], minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         x_adv = self.attack(model, x, y, early_stop=self._current_tau()).x_adv
         loss = classification_loss(model(x_adv), y)
         return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach()), "loss_adv": float(loss.detach())})

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..attacks.context import classification_loss, num_classes_of
-from ._common import PGDDefense, check_choice, check_real, float32_or_wider, unwrap
+from ._common import PGDDefense, check_choice, check_real, float32_or_wider, labels, unwrap
 from .base import DefenseOutput
 
 
@@ -103,10 +103,12 @@ class ARFL(PGDDefense):
     def __call__(self, model, x, y, ids=None):
         logits, feats = self._forward_with_features(model, x)
         k = num_classes_of(logits)
-        # -1/+1 labels (eq. 1's y) included: BCE took -1 as a target and 2y - 1 = -3 without a word
-        if k != 2 or (y.numel() and (int(y.max()) > 1 or int(y.min()) < 0)):
+        # -1/+1 labels (eq. 1's y) included: BCE took -1 as a target and 2y - 1 = -3 without a word. Before the
+        # label rule below, whose "non-negative" would not say why.
+        if k != 2 or (torch.is_tensor(y) and y.numel() and (int(y.max()) > 1 or int(y.min()) < 0)):
             got = f"{k} classes" if k != 2 else f"labels in [{int(y.min())}, {int(y.max())}]"
             raise ValueError(f"{self.name}: defined for binary tasks only (labels 0/1, mapped to -1/+1), got {got}")
+        y = labels(self.name, x, y)
         clean = classification_loss(logits, y)
         robust = robust_feature_loss(feats, y, self.channel_reduction).mean()
         metrics = {"loss_clean": float(clean.detach()), "loss_robust": float(robust.detach())}

@@ -27,7 +27,7 @@ import numbers
 import torch
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, check_flags, check_int, check_real, use_model_mode, unwrap
+from ._common import PGDDefense, check_flags, check_int, check_real, labels, use_model_mode, unwrap
 from .base import DefenseOutput
 
 MIRST_BETA = (0.34, 0.28, 0.22, 0.16)
@@ -59,6 +59,7 @@ class MIRST(PGDDefense):
         self.emit, self.beta, self.reuse = emit, beta, reuse
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         weights = [self.alpha * b for b in self.beta]
         if self.reuse:
             res = self.attack(model, x, y, steps=self.emit[-1],

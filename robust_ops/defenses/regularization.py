@@ -4,17 +4,18 @@ import torch
 from torch import nn
 
 from ..attacks.context import InputGradScale
-from ._common import (PGDDefense, check_choice, check_real, float32_or_wider, per_sample_ce, unwrap,
-                      use_model_mode)
+from ._common import (PGDDefense, check_choice, check_labels_against, check_real, float32_or_wider, labels,
+                      per_sample_ce, unwrap, use_model_mode)
 from .base import Defense, DefenseOutput
 
 
-def _input_gradient(model, x, y, create_graph=True):
+def _input_gradient(name, model, x, y, create_graph=True):
     """Per-sample losses, logits and d l_i / d x_i (the gradient of the summed per-sample losses; create_graph so the
     regularizer is differentiable in the parameters). Loss-scaled under float16 autocast (``InputGradScale``): GR's
     penalty and LLR's first-order term would otherwise see underflowed gradients."""
     xg = x.detach().requires_grad_(True)
     logits = model(xg)
+    check_labels_against(name, y, logits)  # a single logit's BCE took a label 2 as its target silently
     losses = per_sample_ce(logits, y)
     (grad,) = InputGradScale().grad(losses.sum(), [xg], create_graph=create_graph)
     return logits, losses, grad, xg
@@ -32,7 +33,8 @@ class GR(Defense):
         self.norm = check_choice(self.name, "norm", norm, ("l2", "l2sq", "l1"))
 
     def __call__(self, model, x, y, ids=None):
-        logits, losses, grad, _ = _input_gradient(model, x, y)
+        y = labels(self.name, x, y)
+        logits, losses, grad, _ = _input_gradient(self.name, model, x, y)
         # half upcast: the 1e-12 below is 0 in float16, and sqrt(0)'s inf derivative made NaN parameter gradients
         g = float32_or_wider(grad).flatten(1)
         if self.norm == "l2":
@@ -80,7 +82,8 @@ class LLR(PGDDefense):
         self.mu = check_real(self.name, "mu", mu, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
-        logits, losses, grad, _ = _input_gradient(model, x, y)
+        y = labels(self.name, x, y)
+        logits, losses, grad, _ = _input_gradient(self.name, model, x, y)
         net = unwrap(model)
         ref_losses, ref_grad = losses.detach(), grad.detach()
         attack_training = self.attack_mode == "train"
@@ -89,7 +92,7 @@ class LLR(PGDDefense):
             # the training forward above), so its l(x) and grad are taken again in that mode. Every module counts:
             # reading net.training alone reused them for a training model with a frozen (eval) BatchNorm.
             with use_model_mode(net, self.attack_mode):
-                _, ref_losses, ref_grad, _ = _input_gradient(net, x, y, create_graph=False)
+                _, ref_losses, ref_grad, _ = _input_gradient(self.name, net, x, y, create_graph=False)
             ref_losses, ref_grad = ref_losses.detach(), ref_grad.detach()
         gap_model = _LinearityGap(net, x.detach(), y, ref_losses, ref_grad)
         # The objective ignores labels; dummy zeros keep run_pgd's label check happy for the [N] gap "output".

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, unwrap,
+from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, labels, unwrap,
                       use_model_mode)
 from .base import DefenseOutput
 
@@ -23,6 +23,7 @@ class TRADES(PGDDefense):
         self.beta = check_real(self.name, "beta", beta, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
             log_p_nat = F.log_softmax(float32_or_wider(as_two_class(net(x))), 1)
 
@@ -51,6 +52,7 @@ class MART(PGDDefense):
         self.beta = check_real(self.name, "beta", beta, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        y = labels(self.name, x, y)
         x_adv = self.attack(model, x, y).x_adv
         logits = model(x)
         logits_adv = model(x_adv)
