@@ -16,6 +16,7 @@ from ..attacks.context import classification_loss
 from ..attacks.core import sample_distance
 from ._common import (PGDDefense, as_two_class, check_choice, check_real, distributed_run, float32_or_wider, labels,
                       per_sample_ce, unwrap, use_model_mode)
+from .adversarial import Standard
 from .base import DefenseOutput
 
 
@@ -163,6 +164,9 @@ class DPAAT(_AdaptiveRadius):
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)
+        if self.alpha == 0 and self.beta == 0:
+            # standard training exactly: no attack (its forwards would still move BatchNorm's statistics), no radii
+            return Standard.__call__(self, model, x, y)
         first = self.attack(model, x, y).x_adv
         clean_l, adv_l = self._losses(model, y, x, first)
         radii = self.radii(float32_or_wider(sample_distance(first, x, self.norm)), adv_l - clean_l)

@@ -74,6 +74,8 @@ class RST(PGDDefense):
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)
+        if self.lam == 0:  # standard training exactly: no attack (its forwards would still move BatchNorm's statistics)
+            return Standard.__call__(self, model, x, y)
         x_adv = self.attack(model, x, y).x_adv
         logits = model(x)
         clean = classification_loss(logits, y)

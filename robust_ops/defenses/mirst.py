@@ -28,6 +28,7 @@ import torch
 
 from ..attacks.context import classification_loss
 from ._common import PGDDefense, check_flags, check_int, check_real, labels, use_model_mode, unwrap
+from .adversarial import Standard
 from .base import DefenseOutput
 
 MIRST_BETA = (0.34, 0.28, 0.22, 0.16)
@@ -60,6 +61,9 @@ class MIRST(PGDDefense):
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)
+        if self.alpha == 0 or not any(self.beta):
+            # standard training exactly: no attack (its "train"-mode forwards would still move BatchNorm's statistics)
+            return Standard.__call__(self, model, x, y)
         weights = [self.alpha * b for b in self.beta]
         if self.reuse:
             res = self.attack(model, x, y, steps=self.emit[-1],

@@ -6,6 +6,7 @@ from torch import nn
 from ..attacks.context import InputGradScale
 from ._common import (PGDDefense, check_choice, check_labels_against, check_real, float32_or_wider, labels,
                       per_sample_ce, unwrap, use_model_mode)
+from .adversarial import Standard
 from .base import Defense, DefenseOutput
 
 
@@ -83,6 +84,9 @@ class LLR(PGDDefense):
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)
+        if self.lam == 0 and self.mu == 0:
+            # standard training exactly: no attack (its forwards would still move BatchNorm's statistics)
+            return Standard.__call__(self, model, x, y)
         logits, losses, grad, _ = _input_gradient(self.name, model, x, y)
         net = unwrap(model)
         ref_losses, ref_grad = losses.detach(), grad.detach()

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from ..attacks.context import classification_loss
 from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, labels, unwrap,
                       use_model_mode)
+from .adversarial import Standard
 from .base import DefenseOutput
 
 
@@ -24,6 +25,9 @@ class TRADES(PGDDefense):
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)
+        if self.beta == 0:
+            # standard training exactly: no attack (its forwards would still move BatchNorm's statistics)
+            return Standard.__call__(self, model, x, y)
         with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
             log_p_nat = F.log_softmax(float32_or_wider(as_two_class(net(x))), 1)
 
