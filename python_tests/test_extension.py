@@ -446,3 +446,48 @@ def test_setup_sh_stops_when_pip_fails(tmp_path):
     assert result.returncode == 3 and "ERROR: no such version" in result.stdout
     assert "WARNING: Location" not in result.stdout  # pip's machine-config noise is filtered
     assert not any("-e" in call for call in _pip_calls(log))  # nothing after the failed install ran
+
+
+def _in_place_calls():
+    """(op, {mutated argument: maker}, call) for each native mutating op: call(tensors) runs it on fresh tensors."""
+    def pgd(t):
+        robust_ops.pgd_step_(t["x_adv"], t["x_nat"], t["grad"], 0.1, 0.3, history=t["history"], backend="native")
+
+    def pgd_op(t):
+        torch.ops.robust_ops.pgd_step_(t["x_adv"], t["x_nat"], t["grad"], torch.full((2,), 0.1), torch.full((2,), 0.3),
+                                       0.0, 1.0, "linf", t["history"], 0)
+
+    def search(t):
+        robust_ops.boundary_search_step_(t["lo"], t["hi"], t["points"], t["crossed_at"], backend="native")
+
+    pgd_tensors = {"x_adv": lambda: torch.full((2, 3), 0.5), "x_nat": lambda: torch.full((2, 3), 0.5),
+                   "grad": lambda: torch.ones(2, 3), "history": lambda: torch.zeros(1, 2, 3)}
+    search_tensors = {"lo": lambda: torch.zeros(2, 3), "hi": lambda: torch.ones(2, 3),
+                      "points": lambda: torch.full((1, 2, 3), 0.5),
+                      "crossed_at": lambda: torch.zeros(2, dtype=torch.long)}
+    return [("pgd_step_", pgd_tensors, ("x_adv", "history"), pgd),
+            ("pgd_step_", pgd_tensors, ("x_adv", "history"), pgd_op),
+            ("boundary_search_step_", search_tensors, ("lo", "hi", "points"), search)]
+
+
+@pytest.mark.parametrize("op,tensors,mutated,call", _in_place_calls())
+def test_in_place_ops_refuse_inference_tensors_outside_inference_mode_as_torch_does(op, tensors, mutated, call):
+    """An inference tensor has no version counter, and the ops' ADInplaceOrView kernel bumped it with
+    increment_version, which skips it silently: pgd_step_ wrote x_adv made under torch.inference_mode() outside it,
+    where PyTorch's own in-place ops refuse ("Inplace update to inference tensor outside InferenceMode"). Now refused,
+    naming the argument, before anything is written; inside inference mode, and for read-only arguments, allowed."""
+    for name in mutated:
+        made = {key: make() for key, make in tensors.items()}
+        with torch.inference_mode():
+            made[name] = tensors[name]()
+        before = {key: value.clone() for key, value in made.items()}
+        with pytest.raises(RuntimeError, match=rf"^{op}: {name} is an inference tensor .* outside InferenceMode is not "
+                                               r"allowed, as for PyTorch's own in-place ops"):
+            call(made)
+        assert all(torch.equal(made[key], before[key]) for key in made), name  # nothing written
+        with torch.inference_mode():
+            call(made)  # as torch's in-place ops inside inference mode
+        assert not all(torch.equal(made[key], before[key]) for key in made)
+    with torch.inference_mode():
+        read_only = {key: make() for key, make in tensors.items()}
+    call({**read_only, **{key: tensors[key]() for key in mutated}})  # reading inference tensors is fine
