@@ -176,3 +176,27 @@ def test_gr_penalty_under_float16(monkeypatch, scaled):
         assert out.metrics["grad_norm"] == pytest.approx(ref, rel=0.05)
     else:
         assert out.metrics["grad_norm"] == 0.0
+
+
+def test_a_linf_step_below_the_half_dtypes_resolution_is_refused_not_a_silent_no_op():
+    """docs/attacks.md, Half-precision inputs: bfloat16's spacing below 1 is 2**-8 (0.0039), so eps = 1/255 with a
+    step of eps/4 rounded every iterate back to x: PGD on inputs in [0.5, 1) returned them unmoved, scored as
+    robust. Now a one-line ValueError naming the step, the dtype and the fix; a step of eps/2 (above half the
+    spacing) moves, and float32 inputs, eps = 0 and per-sample tensors run as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(16, 3, 2, 2) * 0.5 + 0.5
+    y = torch.randint(0, 3, (16,))
+    eps = 1 / 255
+    half_model, half_x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^run_pgd: the Linf step min\(alpha, eps\) = 0\.00098 is below half of "
+                                         r"torch\.bfloat16's spacing near 1 \(0\.00391\).* or a step >= 0\.00195$"):
+        run_pgd(half_model, half_x, y, eps=eps, alpha=eps / 4, steps=3, random_start=False)
+    moved = run_pgd(half_model, half_x, y, eps=eps, alpha=eps / 2, steps=3, random_start=False).x_adv
+    assert (moved != half_x).float().mean() > 0.9
+    run_pgd(half_model, half_x, y, eps=0.0, alpha=eps / 4, steps=1)  # no ball: nothing to refuse
+    per_sample = torch.full((16,), eps / 4)
+    run_pgd(half_model, half_x, y, eps=eps, alpha=per_sample, steps=1)  # data-dependent radii: not checked
+    model = model.float()
+    moved = run_pgd(model, x, y, eps=eps, alpha=eps / 4, steps=3, random_start=False).x_adv
+    assert (moved != x).float().mean() > 0.9
