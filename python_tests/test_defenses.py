@@ -612,6 +612,27 @@ def test_sat_at_alpha_one_trains_exactly_as_at_also_with_batchnorm():
     assert sat_out.logits is None and sat_out.metrics == at_out.metrics
 
 
+def test_arfl_r_zero_trains_exactly_as_at_plus_the_regularizer_also_with_batchnorm():
+    """docs/defenses/arfl.md: r = 0 is adversarial training + ARFL (adversarial data only). A clean forward with
+    weight 0 still moved BatchNorm's running statistics, so ARFL(r=0, lam=0) trained another model than AT."""
+
+    def train(defense):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 8 * 8, 2)).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for seed in range(3):
+            x, y = _batch(8, num_classes=2, seed=seed)
+            out = _step(model, defense, opt, x, y)
+        return model, out
+
+    at, _ = train(defenses.AT(eps=0.03, steps=2))
+    arfl, arfl_out = train(ARFL(r=0.0, lam=0.0, eps=0.03, steps=2))
+    for (key, a), b in zip(at.state_dict().items(), arfl.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert arfl_out.logits is None and "loss_clean" not in arfl_out.metrics and "loss_adv" in arfl_out.metrics
+
+
 def test_rst_weighs_the_adversarial_loss_by_lam(crafted):
     """Supervised RST (MIRST-DM eq. 1): L = L(x) + lam * L(x_adv)."""
     model, x, y = _model_and_batch()
@@ -1006,7 +1027,7 @@ def test_arfl_rejects_labels_above_one_on_a_two_class_model():
         ARFL(r=1.0)(model, x, torch.tensor([0, 1, 2, 0]))
 
 
-@pytest.mark.parametrize("num_classes,r", [(1, 1.0), (1, 0.5), (2, 1.0)])
+@pytest.mark.parametrize("num_classes,r", [(1, 1.0), (1, 0.5), (2, 1.0), (1, 0.0), (2, 0.0)])
 def test_arfl_rejects_the_papers_minus_one_plus_one_labels(num_classes, r):
     """Eq. 1 writes y in {-1, +1}; passed as labels, a single-logit model at r = 1 trained on BCE targets of -1 and a
     correlation sign 2y - 1 = -3 without a word, and the other cases failed elsewhere (run_pgd, cross_entropy)."""

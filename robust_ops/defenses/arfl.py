@@ -100,22 +100,35 @@ class ARFL(PGDDefense):
             raise RuntimeError(f"{self.name}: the feature layer was not called in the forward pass")
         return logits, captured[-1]
 
-    def __call__(self, model, x, y, ids=None):
-        logits, feats = self._forward_with_features(model, x)
-        k = num_classes_of(logits)
+    def _check_binary(self, y, logits=None):
+        """Labels 0/1 and (when given) a two-class output; the labels are checked before an attack would fail on
+        them."""
+        k = 2 if logits is None else num_classes_of(logits)
         # -1/+1 labels (eq. 1's y) included: BCE took -1 as a target and 2y - 1 = -3 without a word. Before the
-        # label rule below, whose "non-negative" would not say why.
+        # label rule (`labels`), whose "non-negative" would not say why.
         if k != 2 or (torch.is_tensor(y) and y.numel() and (int(y.max()) > 1 or int(y.min()) < 0)):
             got = f"{k} classes" if k != 2 else f"labels in [{int(y.min())}, {int(y.max())}]"
             raise ValueError(f"{self.name}: defined for binary tasks only (labels 0/1, mapped to -1/+1), got {got}")
+
+    def __call__(self, model, x, y, ids=None):
+        logits = feats = None
+        if self.r > 0:
+            logits, feats = self._forward_with_features(model, x)
+        self._check_binary(y, logits)
         y = labels(self.name, x, y)
-        clean = classification_loss(logits, y)
-        robust = robust_feature_loss(feats, y, self.channel_reduction).mean()
-        metrics = {"loss_clean": float(clean.detach()), "loss_robust": float(robust.detach())}
-        loss = self.r * (clean + self.lam * robust)
+        loss, metrics = 0.0, {}
+        if self.r > 0:
+            clean = classification_loss(logits, y)
+            robust = robust_feature_loss(feats, y, self.channel_reduction).mean()
+            metrics.update(loss_clean=float(clean.detach()), loss_robust=float(robust.detach()))
+            loss = self.r * (clean + self.lam * robust)
         if self.r < 1:
+            # r = 0 (adversarial data only) runs no clean forward: with weight 0 it still moved BatchNorm's running
+            # statistics, so the model trained was not adversarial training + ARFL (as SAT at alpha = 1)
             x_adv = self.attack(model, x, y).x_adv
             logits_adv, feats_adv = self._forward_with_features(model, x_adv)
+            if logits is None:
+                self._check_binary(y, logits_adv)
             adv = classification_loss(logits_adv, y)
             robust_adv = robust_feature_loss(feats_adv, y, self.channel_reduction).mean()
             sign = 1.0 if self.adv_sign == "text" else -1.0
