@@ -669,6 +669,27 @@ def test_bench_list_and_unknown(capsys):
     one_line_error(rc, err, "robust-ops bench: error: unrecognized arguments: --config x (see robust-ops bench --help)")
 
 
+def test_dpaat_bus_notes_state_how_its_pgd_evaluation_starts_and_the_alternative_runs():
+    """DPAAT's eq. 9 starts PGD at x; the protocol's 20/50-PGD evaluation starts at a random point of the ball (the
+    library default). The notes must say so and name the eq. 9 evaluation, whose attack spec must parse and run."""
+    import re
+
+    from robust_ops.evaluate import parse_attacks
+    from robust_ops.reproduce import PROTOCOLS, _specs
+
+    p = PROTOCOLS["dpaat-bus"]
+    pgd = [s for plan in p.evals for s in _specs(plan, quick=False) if s.name == "pgd"]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    assert pgd and all(s.build(model, 0.3).random_start for s in pgd)
+    note = next(n for n in p.notes if "PGD-20/50" in n)
+    assert "random point of the ball" in note and "Eq. 9 starts PGD at x" in note
+    (alternative,) = parse_attacks(re.search(r"--attacks (\S+)", note).group(1))
+    built = alternative.build(model, 0.3)
+    assert built.random_start is False and built.steps == 20 and built.alpha == pytest.approx(0.075)
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1])
+    assert torch.equal(built(x, y), built(x, y))  # from x: deterministic
+
+
 def test_protocols_describe_and_quick_caps():
     from robust_ops import attacks
     from robust_ops.attacks import ATTACKS

@@ -303,7 +303,9 @@ DPAAT_BUS = Protocol(
         "at the clean image (eq. 9: x_0 = x; AT and SAT are told random_start=False, their library default is a "
         "random start); SAT and DPAAT alpha 0.5.",
         "The paper does not state the test radii. Our choice: FGSM and IFGSM (Linf, as the paper describes IFGSM) at "
-        "eps 1/255; PGD-20/50 in L2 at the training radius 0.3 with step eps/4.",
+        "eps 1/255; PGD-20/50 in L2 at the training radius 0.3 with step eps/4, from a random point of the ball (the "
+        "library's PGD default). Eq. 9 starts PGD at x, as the training adversary here does; that evaluation is "
+        "`robust-ops eval RUN --attacks pgd:norm=l2:steps=20:alpha=eps/4:random_start=false --eps 0.3`.",
         "The paper fine-tunes ImageNet-pretrained CNNs: the fully connected layers alone for 10 epochs, then all "
         "layers for 50 epochs of Adam, lr 3e-4, batch 32, early stopping after 5 epochs without validation "
         "improvement. Ours: every method trains all layers from scratch for 30 epochs of Adam, lr 1e-3, batch 32, "
