@@ -927,6 +927,21 @@ def test_arfl_feature_map_shapes_per_channel_reduction():
     torch.testing.assert_close(robust_feature_loss(seq, torch.tensor([0]), "sum"), want)
 
 
+def test_arfl_robust_loss_refuses_labels_other_than_zero_one_and_unknown_reductions():
+    """robust_feature_loss takes 0/1 labels and maps them to eq. 1's -1/+1; passed -1/+1 (as eq. 1 writes them), 2 or
+    0.5, it used 2y - 1 = -3 (sigmoid of 3|f|) without a word, and channel_reduction="Sum" ran as "mean"."""
+    f = torch.tensor([[0.5, -1.0], [0.2, 0.3]])
+    for bad, shown in ((torch.tensor([-1, 1]), r"\[-1, 1\]"), (torch.tensor([2, 1]), r"\[1, 2\]"),
+                       (torch.tensor([0.5, 1.0]), r"\[0.5, 1\]")):
+        with pytest.raises(ValueError, match=r"robust_feature_loss: expected labels 0/1 \(mapped to eq. 1's -1/\+1 "
+                                             r"here\), got values in " + shown):
+            robust_feature_loss(f, bad)
+    with pytest.raises(ValueError, match="robust_feature_loss: expected channel_reduction to be one of"):
+        robust_feature_loss(f[:, None, None, :], torch.tensor([0, 1]), "Sum")
+    torch.testing.assert_close(robust_feature_loss(f, torch.tensor([0.0, 1.0])), -torch.sigmoid(f.abs()).mean(1))
+    assert robust_feature_loss(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
 def test_arfl_robust_loss_keeps_float64():
     """robust_feature_loss ran .float() on the features: a float64 model's L_robust came back float32 (6.5e-8 off the
     float64 value), as TRADES/MART/L_syn did before float32_or_wider. Half-precision features still upcast."""

@@ -28,11 +28,17 @@ from .base import DefenseOutput
 def robust_feature_loss(features, y, channel_reduction="mean"):
     """Per-sample L_robust (ARFL eq. 1) for features [N, C, H, W], [N, C, L], [N, D] or [N] (one feature; more
     spatial dimensions also count as the map) and labels y in {0, 1}."""
+    # "Sum" read as "mean" without a word
+    check_choice("robust_feature_loss", "channel_reduction", channel_reduction, ("mean", "sum"))
     f = float32_or_wider(features)  # half precision upcast, float64 kept
     y = y.reshape(-1)
     if f.dim() == 0 or f.shape[0] != y.shape[0]:
         raise ValueError(f"robust_feature_loss: expected features with one row per sample ({y.shape[0]}), got shape "
                          f"{tuple(f.shape)}")
+    # eq. 1's own -1/+1 labels (or 2, 0.5) gave 2y - 1 = -3 and a sigmoid of 3|f| without a word
+    if y.numel() and not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError(f"robust_feature_loss: expected labels 0/1 (mapped to eq. 1's -1/+1 here), got values in "
+                         f"[{float(y.min()):g}, {float(y.max()):g}]")
     sign = (2 * y - 1).to(f.dtype)
     if f.dim() == 1:  # a layer= module with one value per sample: a 1 x 1 map (the sign was broadcast across samples)
         f = f[:, None]
