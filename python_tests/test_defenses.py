@@ -1036,6 +1036,23 @@ def test_arfl_penultimate_features_before_the_activation_via_layer():
     assert got_pre != pytest.approx(got_post, rel=1e-4)
 
 
+def test_arfl_reads_the_conv_output_even_when_an_inplace_relu_follows():
+    """docs/defenses/arfl.md: the default reads the last conv's own output, before the ReLU that follows it. Behind
+    a ReLU(inplace=True) (torchvision's VGG16, ARFL's backbone) the captured tensor was overwritten in place, so
+    L_robust and its gradient were those of the post-ReLU map."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3)
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    out = ARFL(r=1.0, lam=2.0)(model, x, y)
+    f = conv(x)
+    assert bool((f < 0).any())  # the two readings differ
+    expected = F.cross_entropy(model(x), y) + 2.0 * robust_feature_loss(f, y).mean()
+    torch.testing.assert_close(out.loss, expected)
+    for a, b in zip(torch.autograd.grad(out.loss, _params(model)), torch.autograd.grad(expected, _params(model))):
+        torch.testing.assert_close(a, b)
+
+
 def test_arfl_rejects_labels_above_one_on_a_two_class_model():
     model, x, y = _model_and_batch(num_classes=2, n=4)
     with pytest.raises(ValueError, match=r"arfl: defined for binary tasks only .* got labels in \[0, 2\]"):

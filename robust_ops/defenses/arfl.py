@@ -95,7 +95,10 @@ class ARFL(PGDDefense):
         module, where = self.feature_module(unwrap(model))
         captured = []
         if where == "output":
-            handle = module.register_forward_hook(lambda m, i, o: captured.append(o))
+            # a copy: an in-place op after the layer (VGG16's Conv2d -> ReLU(inplace=True)) overwrote the captured
+            # output, so L_robust read the post-ReLU map instead of the layer's own
+            handle = module.register_forward_hook(
+                lambda m, i, o: captured.append(o.clone() if torch.is_tensor(o) else o))
         else:
             handle = module.register_forward_pre_hook(lambda m, i: captured.append(i[0]))
         try:
