@@ -1053,6 +1053,21 @@ def test_arfl_reads_the_conv_output_even_when_an_inplace_relu_follows():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("conv,shape,flat", [(nn.Conv1d, (4, 1, 8), 3 * 6), (nn.Conv3d, (4, 1, 4, 4, 4), 3 * 8)])
+def test_arfl_reads_the_last_convolution_of_any_dimensionality(conv, shape, flat):
+    """docs/defenses/arfl.md: the last convolutional layer's output; only models without convolutions use the last
+    nn.Linear's input. A Conv1d / Conv3d model was read as one without (the flattened input of its last Linear)."""
+    torch.manual_seed(0)
+    layer = conv(1, 3, 3)
+    model = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.Linear(flat, 2))
+    x, y = torch.rand(*shape), torch.tensor([0, 1, 0, 1])
+    assert ARFL().feature_module(model) == (layer, "output")
+    got = ARFL(r=1.0)(model, x, y).metrics["loss_robust"]
+    with torch.no_grad():
+        want = float(robust_feature_loss(layer(x), y).mean())
+    assert got == pytest.approx(want, rel=1e-6)
+
+
 def test_arfl_rejects_labels_above_one_on_a_two_class_model():
     model, x, y = _model_and_batch(num_classes=2, n=4)
     with pytest.raises(ValueError, match=r"arfl: defined for binary tasks only .* got labels in \[0, 2\]"):

@@ -9,7 +9,7 @@ s = +1 by default: the text says robust features are encouraged on both standard
 printed subtracts lam * L_robust on adversarial data (s = -1, ``adv_sign="printed"``). Since |f * y| = |f| for
 y = +-1, the label only fixes the sign convention; the term rewards large feature magnitudes.
 
-Feature map: the output of the last nn.Conv2d (a forward hook); models without convolutions (the two-moons MLP) use
+Feature map: the output of the last nn.Conv1d/2d/3d (a forward hook); models without them (the two-moons MLP) use
 the input of the last nn.Linear, i.e. the penultimate layer's features as in ARFL's synthetic experiment; or name a
 module with ``layer`` (its output). Channels: ``channel_reduction="mean"`` (default) treats every channel's map as a
 feature map and averages the per-position terms over channels and positions, -(1/CHW) sum_cij sigmoid(|f_cij y|);
@@ -82,13 +82,14 @@ class ARFL(PGDDefense):
             if self.layer not in modules:
                 raise ValueError(f"{self.name}: no module named {self.layer!r} in the model")
             return modules[self.layer], "output"
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        # every dimensionality: a Conv1d / Conv3d model read the last Linear's input, as if it had no convolution
+        convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         if convs:
             return convs[-1], "output"
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if linears:
             return linears[-1], "input"
-        raise ValueError(f"{self.name}: the model has no nn.Conv2d or nn.Linear layer to read features from; "
+        raise ValueError(f"{self.name}: the model has no nn.Conv1d/2d/3d or nn.Linear layer to read features from; "
                          "name one with layer=")
 
     def _forward_with_features(self, model, x):
