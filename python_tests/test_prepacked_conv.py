@@ -4,6 +4,7 @@ compaction still bitwise equal to the masked form with it on."""
 
 import itertools
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -519,3 +520,50 @@ def test_torch_func_transforms_and_autocast_run_atens_convolution(monkeypatch):
     assert not calls  # nothing was packed: ATen ran every convolution
     assert torch.equal(grad, grad_ref) and torch.equal(jvp, jvp_ref)
     assert autocast_out.dtype == autocast_ref.dtype == torch.bfloat16 and torch.equal(autocast_out, autocast_ref)
+
+
+
+def replaced_weight_test_conv():
+    return frozen(nn.Conv2d(64, 64, 3, padding=1)), torch.randn(2, 64, 8, 8) / 24  # outputs of about 1 (CLOSE)
+
+
+def replace_weight(conv):
+    """Put a new weight in place of the conv's, freed first: the allocator often hands the new one its address."""
+    del conv.weight
+    conv.weight = nn.Parameter(torch.randn(64, 64, 3, 3), requires_grad=False)
+
+
+def aten_output_and_input_grad(conv, weight, x):
+    return output_and_input_grad(lambda t: F.conv2d(t, weight, conv.bias, padding=1), x)
+
+
+def test_a_new_weight_at_a_freed_weights_address_is_packed_anew():
+    # Packs were found by the weight's address and version alone: a new weight tensor at a freed weight's address
+    # ran on the freed weight's pack (outputs off by ~5 here). The allocator often hands out that address (glibc
+    # did at every try in a loop); a numpy buffer makes it certain. A pack now belongs to one weight tensor.
+    conv, x = replaced_weight_test_conv()
+    memory = numpy.empty((64, 64, 3, 3), dtype=numpy.float32)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        for seed in range(3):
+            del conv.weight  # the weight packed last is freed ...
+            memory[...] = torch.randn(memory.shape, generator=torch.Generator().manual_seed(seed)).numpy()
+            conv.weight = nn.Parameter(torch.from_numpy(memory), requires_grad=False)  # ... a new one at its address
+            got, expected = output_and_input_grad(conv, x), aten_output_and_input_grad(conv, conv.weight, x)
+            torch.testing.assert_close(got[0], expected[0], **CLOSE)
+            torch.testing.assert_close(got[1], expected[1], **CLOSE)
+
+
+def test_a_weight_replaced_between_forward_and_backward_gives_the_forward_weights_gradient():
+    # As ATen's convolution, which saves its weight: the backward read the module's weight at backward time, so a new
+    # weight at the freed one's address gave that weight's gradient silently (and one elsewhere a misleading
+    # "modified in place" error).
+    conv, x = replaced_weight_test_conv()
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        for _ in range(10):
+            x_grad = x.detach().clone().requires_grad_()
+            out = conv(x_grad)
+            expected = aten_output_and_input_grad(conv, conv.weight.clone(), x)[1]
+            replace_weight(conv)
+            (got,) = torch.autograd.grad(out, x_grad, torch.ones_like(out))
+            torch.testing.assert_close(got, expected, **CLOSE)
+

@@ -13,9 +13,9 @@ NCHW at 4-128 rows; on channels_last 1.4x at 4 rows, ~1.05x from 32 rows (only t
 
 Semantics:
 
-* Packs live for one ``attack_context`` (:func:`weight_pack_scope`), which freezes the parameters; they are also
-  keyed on the weight's storage, its version counter and the input's sample shape, one for single-row batches and
-  one for larger ones (oneDNN lays them out differently). Outside an attack -- training
+* Packs live for one ``attack_context`` (:func:`weight_pack_scope`), which freezes the parameters; each belongs to
+  one weight tensor and is keyed on its storage, its version counter and the input's sample shape, one for
+  single-row batches and one for larger ones (oneDNN lays them out differently). Outside an attack -- training
   steps, plain user code -- and for weights that need gradients, the module's own forward runs.
 * Only float32 CPU inputs of 4 dimensions, contiguous or channels_last, ``padding_mode="zeros"`` and numeric
   padding, outside CPU autocast and torch.func / forward-mode AD; anything else runs the module's own forward, and so
@@ -29,6 +29,7 @@ Semantics:
 
 import contextlib
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -95,10 +96,12 @@ def _input_gradient_padding(conv):
 
 
 class _Packs:
-    __slots__ = ("key", "forward", "backward", "backward_padding", "backward_ready")
+    # weight: a weak reference to the tensor packed. The key alone matched a new weight that the allocator put at a
+    # freed weight's address (version 0 both), which then ran on the freed weight's pack.
+    __slots__ = ("key", "weight", "forward", "backward", "backward_padding", "backward_ready")
 
-    def __init__(self, key, forward):
-        self.key, self.forward = key, forward
+    def __init__(self, key, weight, forward):
+        self.key, self.weight, self.forward = key, weakref.ref(weight), forward
         self.backward = self.backward_padding = None
         self.backward_ready = False
 
@@ -131,7 +134,9 @@ def _in_layout(t, memory_format):
 class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, conv, packs):
-        ctx.conv, ctx.packs = conv, packs
+        # the weight itself, as ATen's convolution saves it: the backward reads this one even if the module gets
+        # another, and it stays alive, so no other tensor can take its address while the packs serve it
+        ctx.conv, ctx.packs, ctx.weight = conv, packs, conv.weight
         ctx.input_shape, ctx.memory_format = input.shape, _aten_memory_format(input, conv.weight)
         if _input_gradient_padding(conv) is None:
             ctx.save_for_backward(input)
@@ -142,16 +147,17 @@ class _PrepackedConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        conv, packs = ctx.conv, ctx.packs
-        check_unmodified(conv.weight, packs.key[:2], f"prepacked_conv: the weight of {conv}")  # the packs are stale
+        conv, packs, weight = ctx.conv, ctx.packs, ctx.weight
+        check_unmodified(weight, packs.key[:2], f"prepacked_conv: the weight of {conv}")  # the packs are stale
+        weight = weight.detach()
         if torch.is_grad_enabled():  # create_graph=True: ATen's input gradient, which autograd differentiates again
-            return torch.nn.grad.conv2d_input(ctx.input_shape, conv.weight.detach(), grad_output, conv.stride,
+            return torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_output, conv.stride,
                                               conv.padding, conv.dilation, conv.groups), None, None
         grad_output = grad_output.contiguous(memory_format=ctx.memory_format)
         if not packs.backward_ready:
             padding = _input_gradient_padding(conv)
             if padding is not None:
-                flipped = conv.weight.detach().transpose(0, 1).flip(2, 3)
+                flipped = weight.transpose(0, 1).flip(2, 3)
                 packs.backward = _pack(flipped, padding, [1, 1], list(conv.dilation), 1, grad_output.shape)
                 packs.backward_padding = padding
             packs.backward_ready = True
@@ -163,7 +169,7 @@ class _PrepackedConv2d(torch.autograd.Function):
         else:
             (input,) = ctx.saved_tensors
             grad_input = torch.ops.aten.convolution_backward(
-                grad_output, input, conv.weight.detach(), None, list(conv.stride), list(conv.padding),
+                grad_output, input, weight, None, list(conv.stride), list(conv.padding),
                 list(conv.dilation), False, [0, 0], conv.groups, [True, False, False])[0]
         return grad_input, None, None
 
@@ -204,11 +210,11 @@ def _conv_forward(conv, input):
     # its own.
     slot = (conv, input.shape[0] == 1)
     entry = packs.get(slot)
-    if entry is None or entry.key != key:
+    if entry is None or entry.key != key or entry.weight() is not weight:
         if _refused_by_aten(conv, input.shape):  # checked per new pack only: the key holds the sample shape
             return nn.Conv2d.forward(conv, input)
         forward = _pack(weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, input.shape)
-        entry = packs[slot] = _Packs(key, forward)
+        entry = packs[slot] = _Packs(key, weight, forward)
     return _PrepackedConv2d.apply(input, conv, entry)
 
 
