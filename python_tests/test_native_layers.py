@@ -525,3 +525,22 @@ def test_library_speedups_and_library_pool_refuse_a_bad_device_by_name():
             pass
     with pytest.raises(ValueError, match="^library_pool: expected device to be a torch.device or a string such as"):
         library_pool(None)
+
+
+def test_an_explicit_false_for_one_layer_leaves_the_others_swapped(monkeypatch):
+    # Attacks (enabled None) took the first enclosing decision for ALL the model's layers: native_layers(bn, False)
+    # switched off the max pooling as well. Each module now follows its own innermost explicit setting, else the
+    # variable (the rule prepacked_conv shares, tested there with an explicit True).
+    from robust_ops import _patching
+    from robust_ops.attacks.context import attack_context
+    from robust_ops.native_layers import _batch_norm_forward, _max_pool_forward
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.MaxPool2d(2)).eval()
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    with native_layers(model[1], False), attack_context(model):
+        assert _patching.active_replacement(model[1]) is None
+        assert _patching.active_replacement(model[2]) is _max_pool_forward
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    with native_layers(model[1], True), attack_context(model):
+        assert _patching.active_replacement(model[1]) is _batch_norm_forward
+        assert _patching.active_replacement(model[2]) is None

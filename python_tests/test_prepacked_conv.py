@@ -567,3 +567,17 @@ def test_a_weight_replaced_between_forward_and_backward_gives_the_forward_weight
             (got,) = torch.autograd.grad(out, x_grad, torch.ones_like(out))
             torch.testing.assert_close(got, expected, **CLOSE)
 
+
+def test_an_explicit_setting_for_part_of_a_model_leaves_the_rest_to_the_environment(monkeypatch):
+    # An attack (enabled None) took the first enclosing decision it found for ALL the model's convolutions: an
+    # explicit True on one layer packed every other layer too, off by default. Each module now follows its own
+    # innermost explicit setting, else the variable.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    monkeypatch.delenv(pc.ENV_SWITCH, raising=False)
+    with pc.prepacked_conv(model[2], True), attack_context(model):
+        assert _patching.active_replacement(model[2]) is pc._conv_forward
+        assert _patching.active_replacement(model[0]) is None
+    monkeypatch.setenv(pc.ENV_SWITCH, "1")
+    with pc.prepacked_conv(model[2], False), attack_context(model):
+        assert _patching.active_replacement(model[2]) is None
+        assert _patching.active_replacement(model[0]) is pc._conv_forward

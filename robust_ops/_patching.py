@@ -8,7 +8,7 @@ import threading
 from torch import nn
 
 _lock = threading.Lock()
-_patched = {}  # id(module) -> [module, depth, replacement, switch]
+_patched = {}  # id(module) -> [module, depth, replacement, switch, on without an explicit setting of its own]
 # Explicit settings of the switch contexts now open: (switch, id(module)) -> [module, [enabled, ...]]
 _decisions = {}
 
@@ -35,7 +35,7 @@ def active_replacement(module):
         return None
     decision = _decisions.get((entry[3], id(module)))
     stack = decision[1] if decision is not None and decision[0] is module else None
-    return None if stack and not stack[-1] else entry[2]
+    return entry[2] if (stack[-1] if stack else entry[4]) else None
 
 
 def check_unmodified(tensor, saved, what):
@@ -52,11 +52,12 @@ def saved_state(tensor):
 
 
 @contextlib.contextmanager
-def patched_forwards(model, replacements, switch):
+def patched_forwards(model, replacements, switch, undecided=True):
     """While active, run every module of ``model`` whose exact type is a key of ``replacements`` through
     ``replacements[type](module, *inputs)``, unless the innermost explicit setting of ``switch`` (see
-    :func:`switch_setting`) for that module is False. Nested and concurrent uses on one module are counted: the last
-    exit restores its own forward. Skipped: modules with their own instance ``forward`` and torch.compile'd models."""
+    :func:`switch_setting`) for that module is False, or, for a module without one, ``undecided`` is False. Nested
+    and concurrent uses on one module are counted: the last exit restores its own forward. Skipped: modules with
+    their own instance ``forward`` and torch.compile'd models."""
     modules = []
     # A torch.compile'd model (its modules live on in _orig_mod) keeps its own graph: changing forwards under it
     # would only force recompiles.
@@ -73,7 +74,7 @@ def patched_forwards(model, replacements, switch):
                     continue  # the user's own instance forward: leave it alone (ours may come with a copy)
                 else:
                     module.forward = functools.partial(_dispatch, module)
-                    _patched[id(module)] = [module, 1, replacement, switch]
+                    _patched[id(module)] = [module, 1, replacement, switch, undecided]
                 modules.append(module)
     try:
         yield model
@@ -89,22 +90,26 @@ def patched_forwards(model, replacements, switch):
 
 @contextlib.contextmanager
 def switch_setting(switch, model, enabled, default, types):
-    """The setting (bool) of ``switch`` for ``model``'s modules of ``types`` in a ``with`` block. Every attack opens
-    the switches itself with ``enabled=None``: that follows the innermost enclosing explicit setting for the same
-    modules (``fit(prepacked_conv=False)``, ``with native_layers(model, False):``), else ``default()`` (the switch's
-    environment variable). An explicit True/False is recorded for the contexts nested in this one."""
+    """The setting of ``switch`` for ``model``'s modules of ``types`` in a ``with`` block, as ``(swap, undecided)``:
+    whether any module may run swapped, and the setting of those without an explicit one (both for
+    :func:`patched_forwards`). Every attack opens the switches itself with ``enabled=None``: each module follows the
+    innermost enclosing explicit setting for it (``fit(prepacked_conv=False)``, ``with native_layers(model,
+    False):``), else ``default()`` (the switch's environment variable). An explicit True/False is recorded for the
+    contexts nested in this one."""
     modules = [m for m in model.modules() if type(m) in types] if isinstance(model, nn.Module) else []
     if enabled is None:
         with _lock:
             enclosing = [entry[1][-1] for m in modules
                          if (entry := _decisions.get((switch, id(m)))) is not None and entry[0] is m]
-        yield enclosing[0] if enclosing else bool(default())
+        # per module (active_replacement): a setting for one layer said nothing about the others, which took it too
+        undecided = bool(default())
+        yield any(enclosing) or (undecided and len(enclosing) < len(modules)), undecided
         return
     with _lock:
         for m in modules:
             _decisions.setdefault((switch, id(m)), [m, []])[1].append(bool(enabled))
     try:
-        yield bool(enabled)
+        yield bool(enabled), bool(enabled)
     finally:
         with _lock:
             for m in modules:

@@ -113,8 +113,9 @@ def native_layers(model, enabled=None):
     False):`` runs without them, also when an enclosing block swapped the modules), else
     ``$ROBUST_OPS_NATIVE_LAYERS`` (on)."""
     check_flags("native_layers", {"enabled": enabled}, optional=("enabled",))  # bool("false") is True
-    with switch_setting(ENV_SWITCH, model, enabled, native_layers_enabled_by_default, _REPLACEMENTS) as on:
-        with patched_forwards(model, _REPLACEMENTS if on else {}, ENV_SWITCH):
+    with switch_setting(ENV_SWITCH, model, enabled, native_layers_enabled_by_default, _REPLACEMENTS) as setting:
+        swap, undecided = setting
+        with patched_forwards(model, _REPLACEMENTS if swap else {}, ENV_SWITCH, undecided):
             yield model
 
 

@@ -227,8 +227,9 @@ def prepacked_conv(model, enabled=None):
     (module docstring). ``enabled`` None follows the innermost enclosing ``prepacked_conv(model, enabled=True or
     False)`` (``fit``'s setting reaches the attacks inside it), else ``$ROBUST_OPS_PREPACKED_CONV`` (off)."""
     check_flags("prepacked_conv", {"enabled": enabled}, optional=("enabled",))  # bool("false") is True
-    with switch_setting(ENV_SWITCH, model, enabled, prepacked_conv_enabled_by_default, _REPLACEMENTS) as on:
-        with patched_forwards(model, _REPLACEMENTS if on and _available() else {}, ENV_SWITCH):
+    with switch_setting(ENV_SWITCH, model, enabled, prepacked_conv_enabled_by_default, _REPLACEMENTS) as setting:
+        swap, undecided = setting
+        with patched_forwards(model, _REPLACEMENTS if swap and _available() else {}, ENV_SWITCH, undecided):
             yield model
 
 
