@@ -165,6 +165,30 @@ def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_p
     _resume_from_before(tmp_path, "channels_last", "prepacked_conv", epochs=2, lr=1e-2, channels_last=True)
 
 
+class _CleanAT(defenses.AT):
+    """A subclass keeps its parent's name ("at") but computes another loss."""
+
+    def __call__(self, model, x, y, ids=None):
+        return DefenseOutput(loss=classification_loss(model(x), y))
+
+
+def test_resume_refuses_a_defense_of_another_class_under_the_same_name(tmp_path):
+    """The checkpoint compared the defense's name only: a subclass of AT (name "at") resumed an AT run without a
+    word, training the rest of the run with another loss."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), defenses.AT(steps=1), _data(16), epochs=1, **kwargs)
+    with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: it was trained with defense_class="
+                                         r"'robust_ops.defenses.adversarial.AT', this call has defense_class="
+                                         r"'test_train._CleanAT'$"):
+        fit(DropoutMLP(), _CleanAT(steps=1), _data(16), epochs=2, resume=True, **kwargs)
+    fit(DropoutMLP(), defenses.AT(steps=1), _data(16), epochs=2, resume=True, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["defense_class"]  # written before the record: resumes
+    torch.save(state, tmp_path / "old.pt")
+    fit(DropoutMLP(), _CleanAT(steps=1), _data(16), epochs=3, batch_size=8, lr=1e-2, progress=False,
+        resume=tmp_path / "old.pt")
+
+
 def test_resume_refuses_another_max_grad_norm_and_passes_checkpoints_without_one(tmp_path):
     """Gradient clipping shapes every step: a resume with another (or no) max_grad_norm silently trained on with
     other updates than the uninterrupted run."""

@@ -813,6 +813,8 @@ def fit(
     prepacked_conv = prepacked_conv_resolved(prepacked_conv)
     history, start_epoch = [], 0
     config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
+              # a subclass keeps its parent's name (class MyAT(AT): "at"), a Defense subclass without one "defense"
+              "defense_class": _class_path(defense),
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
               "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model),
               "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer), "scheduler": _class_path(scheduler),
@@ -836,10 +838,12 @@ def fit(
         # epoch permutations (drawn over its length); amp switched would compute in another precision, with a fresh
         # GradScaler, and so would a model of another dtype (load_state_dict and the optimizer cast the state to it);
         # a ReduceLROnPlateau given val_data or not would compare the other loss with its best.
+        # A defense of another class under the same name (a subclass of AT keeps 'at') computes another loss.
         # Checkpoints written before these were recorded pass.
         # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
         # has lr=0.0001" (the default Adam's), naming an lr nobody passed
-        for key in ("batch_size", "seed", "defense", "optimizer", "lr", "channels_last", "prepacked_conv",
+        for key in ("batch_size", "seed", "defense", "defense_class", "optimizer", "lr", "channels_last",
+                    "prepacked_conv",
                     "drop_max_layers", "max_grad_norm", "scheduler", "num_samples", "amp", "param_dtype",
                     "plateau_metric"):
             saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
