@@ -2259,6 +2259,35 @@ def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_li
             load_weights(DropoutMLP(), tmp_path / file)
 
 
+def test_a_checkpoint_with_a_changed_byte_is_refused_not_loaded_with_other_weights(tmp_path):
+    """torch.load does not check the CRC-32s a torch.save zip records: a bit flipped on disk or in a copy loaded
+    other weights without a word (resumed, they trained on from them). Files saved without CRCs still load."""
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path, progress=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    whole = bytearray((tmp_path / "checkpoint.pt").read_bytes())
+    at = bytes(whole).find(state["model"]["net.1.weight"].numpy().tobytes())
+    assert at > 0
+    whole[at + 1] ^= 0x01  # one mantissa bit of the first weight
+    (tmp_path / "flipped.pt").write_bytes(bytes(whole))
+    path = re.escape(str(tmp_path / "flipped.pt"))
+    message = r"not a readable checkpoint \(corrupted: BadZipFile: Bad CRC-32 for file '\w+/data/\d+'\)$"
+    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+        load_checkpoint(tmp_path / "flipped.pt")
+    with pytest.raises(ValueError, match=rf"^fit: {path}: {message}"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "flipped.pt", progress=False)
+    with pytest.raises(ValueError, match=rf"^load_weights: {path}: {message}"):
+        load_weights(DropoutMLP(), tmp_path / "flipped.pt")
+    crc = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    if crc is not None:  # torch.save with compute_crc32 off records 0 for every entry: nothing to compare
+        crc.save.compute_crc32 = False
+        try:
+            torch.save(state, tmp_path / "no_crc.pt")
+        finally:
+            crc.save.compute_crc32 = True
+        assert torch.equal(load_checkpoint(tmp_path / "no_crc.pt")["model"]["net.1.weight"],
+                           state["model"]["net.1.weight"])
+
+
 def test_large_and_negative_seeds_draw_the_permutations_torch_would():
     # seed * 1_000_003 left torch's seed range past seed ~ 2**44 ("Overflow when unpacking long long"); torch reads
     # seeds modulo 2**64, so a seed it accepted keeps its permutation

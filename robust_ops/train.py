@@ -241,10 +241,14 @@ def _epochs_in_history_file(out_dir):
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by fit (weights_only=True: tensors and plain values only). A file torch.load cannot
-    read so (empty, cut short, not a torch.save file, or holding objects that need pickle) is a ValueError naming it:
+    read so (empty, cut short, not a torch.save file, or holding objects that need pickle) or that is corrupted
+    (bytes that do not match its recorded CRC-32s, which torch.load does not check) is a ValueError naming it:
     torch's own errors are a bare EOFError for an empty file, or advice to load a JSON file with weights_only=False.
     A missing or unreadable file keeps its OSError."""
     _check_load_args("load_checkpoint", path, map_location)
+    corrupted = _corrupted_zip_entry(path)
+    if corrupted is not None:
+        raise ValueError(f"{path}: not a readable checkpoint (corrupted: {corrupted[:160]})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -268,6 +272,29 @@ def load_checkpoint(path, map_location="cpu"):
             raise  # no file to read, not a file of the wrong content
         first = str(err).splitlines()[0] if str(err) else f"{type(err).__name__}: the file ends early"
         raise ValueError(f"{path}: not a readable checkpoint ({first[:160]})") from None
+
+
+def _corrupted_zip_entry(path):
+    """Why the torch.save zip file at ``path`` is corrupted (zipfile's "Bad CRC-32 for file 'archive/data/3'": bytes
+    changed on disk or in a copy), else None; torch.load does not check the CRC-32s and loaded such a file with
+    silently other weights. Entries recorded without one (CRC 0: torch.save with compute_crc32 off) are not checked;
+    an open file, a file that is no zip, or one zipfile cannot parse are left to torch.load's own errors."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    try:
+        archive = zipfile.ZipFile(path)
+    except Exception:  # noqa: BLE001 -- no zip (torch's legacy format, another file, cut short): torch.load says
+        return None
+    with archive:
+        try:
+            for entry in archive.infolist():
+                if entry.CRC:
+                    with archive.open(entry) as f:
+                        while f.read(1 << 24):  # zipfile compares the CRC-32 once the entry is read to its end
+                            pass
+        except Exception as err:  # noqa: BLE001 -- a bad CRC, header or compression method: a damaged file
+            return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _check_load_args(name, path, map_location):
