@@ -545,6 +545,7 @@ class NaNAtEpoch(Defense):
     """Standard loss that turns NaN from the given epoch on (counted in calls)."""
 
     name = "nan-at"
+    _not_options = ("calls", "calls_before_nan")  # a counter and fault injection (other per process), not settings
 
     def __init__(self, calls_before_nan):
         self.calls = 0
@@ -1763,6 +1764,46 @@ def test_ddp_refuses_processes_given_other_seeds_or_training_set_lengths(tmp_pat
             # process 1's "val_data is empty" was raised there alone: process 0 got gloo's "Connection reset by peer"
             f"ValueError: fit: the processes differ in len(val_data) (process 0: 1, process 1: 0; this is process "
             f"{rank}); " + fix]
+
+
+def _ddp_training_settings_differ_worker(rank, world, port, out_path):
+    with _gloo_group(rank, world, port):
+        messages = []
+        # one setting other on process 1 each time: amp=True (CPU) raised there alone, and each other one trained
+        # that process's copy of the weights otherwise without a word (DDP averages the gradients only)
+        for kwargs in ({"lr": 0.01 * (1 + rank)}, {"max_grad_norm": 1.0 if rank else None},
+                       {"defense": defenses.build("at", eps=0.1 * (1 + rank), steps=1)},
+                       {"optimizer": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.5 * rank)},
+                       {"val_batch_size": 4 + rank}, {"amp": bool(rank)}):
+            defense = kwargs.pop("defense", defenses.Standard())
+            messages.append(_outcome(lambda: fit(DropoutMLP(), defense, _data(16), _data(4), epochs=1, batch_size=4,
+                                                 progress=False, **kwargs)))
+        torch.save(messages, f"{out_path}.{rank}")
+
+
+def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
+    """Processes given another lr, gradient clipping, defense option, optimizer setting or validation batch size
+    trained on without a word, each process's weights stepped by its own settings; amp on one process only raised
+    there alone (the other waited in a collective)."""
+    out = str(tmp_path / "settings")
+    _spawn_within(60, _ddp_training_settings_differ_worker, (2, _free_port(), out))
+    fix = "pass every process the same settings: each process updates its own copy of the weights with them (DDP " \
+          "averages only the gradients)"
+    for rank in range(2):
+        messages = torch.load(f"{out}.{rank}", weights_only=True)
+        differ = [f"ValueError: fit: the processes differ in {what} (process 0: {a}, process 1: {b}; this is process "
+                  f"{rank}); " for what, a, b in (
+                      ("lr", 0.01, 0.02), ("max_grad_norm", None, 1.0), ("defense option eps", 0.1, 0.2),
+                      ("optimizer_settings", "{", "{"), ("val_batch_size", 4, 5), ("amp", False, True))]
+        for i, (message, expected) in enumerate(zip(messages, differ)):
+            if i == 3:  # SGD's whole defaults, momentum among them
+                assert message.startswith("ValueError: fit: the processes differ in optimizer_settings (process 0: "
+                                          "{") and "'momentum': 0.0" in message and "'momentum': 0.5" in message
+                assert message.endswith(f"this is process {rank}); " + fix), message
+            elif i == 5:  # compared with seed and the lengths, before fit's own "amp=True needs a CUDA device"
+                assert message.startswith(expected), message
+            else:
+                assert message == expected + fix, message
 
 
 class WithUnusedHead(nn.Module):

@@ -741,8 +741,10 @@ def fit(
     if world > 1:  # before any check that would then raise on some processes only
         # every process validates on the whole val_data: shards of it would give each process (and rank 0's metrics
         # files, and a ReduceLROnPlateau) its own validation numbers
+        # amp here: its check below would raise on some processes only; the other settings once built (config)
         _check_processes_agree(name, {"seed": int(seed), "len(train_data)": len(train_data), "batch_size": batch_size,
-                                      "epochs": epochs, "len(val_data)": None if val_data is None else len(val_data)},
+                                      "epochs": epochs, "len(val_data)": None if val_data is None else len(val_data),
+                                      "amp": bool(amp)},
                                rank, world, "pass every process the same ones, and the whole train_data and val_data "
                                "(not shards): fit cuts one permutation of train_data into global batches and gives "
                                "each process its share, and seeds each process's own random streams itself")
@@ -784,15 +786,6 @@ def fit(
             state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
         except ValueError as err:
             resume_error = err
-    if world > 1:
-        # every process reads the checkpoint itself: a node-local out_dir holds one on process 0's node only, and a
-        # missing or unreadable file on one node only must stop every process here, not leave the others waiting
-        started = ("none (from scratch)" if resume_path is None else f"none ({resume_error})" if state is None
-                   else f"after epoch {int(state['epoch'])}")
-        _check_processes_agree(name, {"the checkpoint they resume": started}, rank, world,
-                               "resume from a checkpoint every process reads: an out_dir on storage all nodes share")
-    if resume_error is not None:
-        raise resume_error
 
     # A defense reused from an earlier fit (a notebook cell run again) holds that run's state (IMA's margins and the
     # table size fit gave it): a fresh run from it would silently differ from one with a new defense, and resetting
@@ -856,6 +849,23 @@ def fit(
               else "val_loss" if val_data is not None else "train_loss"}
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
+    if world > 1:
+        # every process reads the checkpoint itself: a node-local out_dir holds one on process 0's node only, and a
+        # missing or unreadable file on one node only must stop every process here, not leave the others waiting.
+        # The settings too: each process steps its own copy of the weights (DDP averages only the gradients), so
+        # another lr, clipping, optimizer, defense option... on one process would train it otherwise, silently.
+        started = ("none (from scratch)" if resume_path is None else f"none ({resume_error})" if state is None
+                   else f"after epoch {int(state['epoch'])}")
+        settings = {k: v for k, v in config.items() if k != "world_size"}
+        _check_processes_agree(name, {"the checkpoint they resume": started, **settings, "val_batch_size":
+                                      val_batch_size, **{f"defense option {k}": v for k, v in defense_options.items()}},
+                               rank, world,
+                               "pass every process the same settings: each process updates its own copy of the "
+                               "weights with them (DDP averages only the gradients)", fixes={
+                                   "the checkpoint they resume": "resume from a checkpoint every process reads: an "
+                                   "out_dir on storage all nodes share"})
+    if resume_error is not None:
+        raise resume_error
     if state is not None:
         # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored;
         # layouts: other convolution kernels, and drop-max layers: another architecture, so a switched run would
@@ -1148,18 +1158,21 @@ def fit(
                      else None, model=model)
 
 
-def _check_processes_agree(name, values, rank, world, fix):
+def _check_processes_agree(name, values, rank, world, fix, fixes=None):
     """Refuse, on every process, settings that differ between the processes (one all_gather_object): processes
     given other seeds cut other permutations into the global batches (samples seen twice or never, silently);
     other lengths or batch sizes take other numbers of steps (a hang in a collective); processes resuming different
-    checkpoints train out of step. ``values``: {what: this process's value}; ``fix``: what to do instead."""
+    checkpoints train out of step. ``values``: {what: this process's value}; ``fix``: what to do instead, unless
+    ``fixes`` ({what: fix}) names another for that setting."""
     gathered = [None] * world
     dist.all_gather_object(gathered, values)
-    for key in values:
-        seen = [g[key] for g in gathered]
+    keys = list(dict.fromkeys(key for g in gathered for key in g))  # a defense option one process lacks: "unset"
+    for key in keys:
+        seen = [g.get(key, "unset") for g in gathered]
         if len(set(map(repr, seen))) > 1:
             each = ", ".join(f"process {r}: {v}" for r, v in enumerate(seen))
-            raise ValueError(f"{name}: the processes differ in {key} ({each}; this is process {rank}); {fix}")
+            raise ValueError(f"{name}: the processes differ in {key} ({each}; this is process {rank}); "
+                             f"{(fixes or {}).get(key, fix)}")
 
 
 def _raise_on_every_process(error, world, device, elsewhere, failures):
