@@ -845,6 +845,56 @@ def test_fat_freezes_samples_misclassified_from_the_start(crafted):
     assert bool((x_adv[~wrong] != x[~wrong]).flatten(1).any(1).all())
 
 
+def _fat_reference_x_adv(model, x, y, eps, alpha, steps, tau, omega, generator):
+    """FAT's early-stopped PGD as its reference code runs it (earlystop(): a misclassified sample spends one of its
+    tau per step and, with none left, leaves the loop; each other one moves by alpha*sign(g) + omega*N(0, 1), then
+    the eps-ball and [0, 1]), without its random start, the noise drawn for the whole batch."""
+    x_adv, budget = x.clone(), torch.full((x.shape[0],), tau)
+    moving = torch.ones(x.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        xg = x_adv.clone().requires_grad_(True)
+        out = model(xg)
+        (grad,) = torch.autograd.grad(F.cross_entropy(out, y), xg)
+        wrong = moving & (out.argmax(1) != y)
+        moving &= ~(wrong & (budget == 0))
+        budget -= (wrong & (budget > 0)).long()
+        noise = torch.randn(x.shape, generator=generator)
+        stepped = torch.min(torch.max(x_adv + alpha * grad.sign() + omega * noise, x - eps), x + eps).clamp(0, 1)
+        x_adv = torch.where(moving.view(-1, 1, 1, 1), stepped, x_adv)
+    return x_adv.detach()
+
+
+def test_fat_omega_adds_the_reference_codes_gaussian_noise_to_each_moving_sample_step():
+    """FAT's reference code adds omega * N(0, 1) to every step of its early-stopped PGD (omega=0.001 in its
+    train_FAT.py), which FAT left out without a word. omega (default 0: unchanged) now adds it as there: to the
+    samples still moving, before the projection; a frozen sample stays put."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(12, 1, 4, 4), torch.arange(12) % 3
+    settings = dict(eps=0.3, step_size=0.05, steps=6, tau=1, random_start=False)
+    for omega in (0.0, 0.02):
+        torch.manual_seed(7)  # FAT draws from the global generator
+        loss = defenses.FAT(omega=omega, **settings)(model, x, y).loss.detach()
+        reference = _fat_reference_x_adv(model, x, y, 0.3, 0.05, 6, 1, omega, torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            torch.testing.assert_close(loss, F.cross_entropy(model(reference), y), rtol=1e-5, atol=1e-6)
+    from robust_ops.attacks.core import run_pgd
+
+    plain = run_pgd(model, x, y, eps=0.3, alpha=0.05, steps=6, early_stop=1).x_adv
+    noisy = run_pgd(model, x, y, eps=0.3, alpha=0.05, steps=6, early_stop=1, step_noise=0.02,
+                    generator=torch.Generator().manual_seed(7)).x_adv
+    reference = _fat_reference_x_adv(model, x, y, 0.3, 0.05, 6, 1, 0.02, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(noisy, reference, rtol=0, atol=1e-6)
+    frozen_at_start = model(x).argmax(1) != y  # tau=1: frozen at their second misclassified iterate
+    assert not torch.equal(noisy, plain) and frozen_at_start.any() and (~frozen_at_start).any()
+    assert defenses.FAT().options() == defenses.FAT(omega=0).options()  # earlier checkpoints resume
+    assert defenses.FAT(omega=0.001).options()["omega"] == 0.001
+    with pytest.raises(ValueError, match="fat: expected omega to be"):
+        defenses.FAT(omega=-0.1)
+    with pytest.raises(ValueError, match="run_pgd: expected step_noise to be"):
+        run_pgd(model, x, y, eps=0.3, alpha=0.05, steps=1, step_noise=float("nan"))
+
+
 def test_fat_refuses_a_tau_set_between_batches_that_is_not_an_integer_at_least_zero():
     """docs/defenses/fat.md: a scheduler sets defense.tau. 1.5 ran (and was checkpointed) as 1 without a word, and
     -1 failed as run_pgd's early_stop; both are now the constructor's one-line error naming fat's tau."""

@@ -351,6 +351,7 @@ def run_pgd(
     param_grad_weights=None,
     generator=None,
     grad_transform=None,
+    step_noise=0.0,
     name="run_pgd",
 ):
     r"""Projected gradient descent (Madry et al. 2018, arXiv:1706.06083) on one fused step op.
@@ -380,6 +381,9 @@ def run_pgd(
         grad_transform (callable ``(grad, t) -> Tensor``): what the step ``t`` (0-based) moves along instead of the
             input gradient ``grad`` (same shape; e.g. MI-FGSM's momentum, input-gradient smoothing): attacks that
             change the gradient between steps keep the checks, modes and fused step of this loop (docs/attacks.md).
+        step_noise (float >= 0): each step also adds ``step_noise * N(0, 1)`` (drawn with ``generator``) to the iterate
+            of every sample still moving, before the projection: ``x <- clip(P(x + alpha*sign(g) + step_noise*n))``,
+            FAT's reference code's omega. 0: no noise, no draws.
 
     Returns:
         PGDResult(x_adv, iterates, param_grads, emitted_losses).
@@ -398,6 +402,7 @@ def run_pgd(
     alpha_t = per_sample(name, "alpha", alpha, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
     check_linf_step_resolution(name, norm, x.dtype, eps, alpha, clip_min, clip_max)
+    step_noise = check_real(name, "step_noise", step_noise, minimum=0)
     if grad_transform is not None and not callable(grad_transform):
         raise TypeError(f"{name}: expected grad_transform to be a callable (grad, step) -> tensor, got "
                         f"{type(grad_transform).__name__}")
@@ -487,6 +492,13 @@ def run_pgd(
                     raise ValueError(f"{name}: grad_transform returned {got} at step {t}; expected a tensor of the "
                                      f"gradient's shape {tuple(grad.shape)}")
                 grad = moved
+            if step_noise:
+                # added to the iterate the fused step starts from, so the step projects the sum (FAT's earlystop:
+                # x + eta + omega * randn, then the eps-ball and the clip); a frozen sample stays put
+                noise = torch.randn(x_adv.shape, generator=generator, dtype=x_adv.dtype, device=x_adv.device)
+                if tau is not None:
+                    noise.masked_fill_(frozen.view((n,) + (1,) * (x_adv.dim() - 1)), 0.0)
+                x_adv.add_(noise, alpha=step_noise)
             slot = slot_of.get(t + 1)
             functional.pgd_step_(
                 x_adv, x_nat, grad, alpha_t, eps_t, clip_min=clip_min, clip_max=clip_max, norm=norm,

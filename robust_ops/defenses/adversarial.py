@@ -88,22 +88,28 @@ class RST(PGDDefense):
 class FAT(PGDDefense):
     """Friendly adversarial training (Zhang et al., ICML 2020): L = L(x_adv) with early-stopped PGD -- each step at
     which a sample is misclassified spends one of its ``tau``, and a misclassified sample with none left stops
-    (run_pgd(early_stop=tau), the paper's Algorithm 1). tau = 0 (FAT's
+    (run_pgd(early_stop=tau), the paper's Algorithm 1); ``omega`` > 0 adds the reference code's ``omega * N(0, 1)``
+    to each moving sample's step (run_pgd(step_noise=omega); default 0, none). tau = 0 (FAT's
     default; the paper also ramps tau up during training, which a scheduler can do by setting ``defense.tau``).
     The current tau is also the defense's state: like the optimizer's scheduled lr, a resume takes it from the
     checkpoint (the tau given to the constructor is an option, compared on resume)."""
 
     name = "fat"
 
-    def __init__(self, tau=0, **attack):
+    def __init__(self, tau=0, omega=0.0, **attack):
         super().__init__(**attack)
         self.tau = check_int(self.name, "tau", tau, minimum=0)
         self._built_tau = self.tau
+        # the reference code's per-step Gaussian noise (its train_FAT.py: 0.001); 0 keeps the paper's Algorithm 1
+        self.omega = check_real(self.name, "omega", omega, minimum=0)
 
     def options(self):
         # tau as built: the scheduled tau is state (checkpointed), so resuming with this same object once a scheduler
         # changed it was refused as "trained with tau=0, this call's defense has tau=2"
-        return {**super().options(), "tau": self._built_tau}
+        options = {**super().options(), "tau": self._built_tau}
+        if not options["omega"]:  # as checkpoints written before omega existed record it: absent
+            del options["omega"]
+        return options
 
     def _current_tau(self):
         # set between batches by the caller's scheduler: 1.5 was truncated to 1, -1 refused as run_pgd's early_stop
@@ -121,6 +127,7 @@ class FAT(PGDDefense):
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)
-        x_adv = self.attack(model, x, y, early_stop=self._current_tau()).x_adv
+        noise = {"step_noise": self.omega} if self.omega else {}  # omega 0: the attack of the paper's Algorithm 1
+        x_adv = self.attack(model, x, y, early_stop=self._current_tau(), **noise).x_adv
         loss = classification_loss(model(x_adv), y)
         return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach()), "loss_adv": float(loss.detach())})
