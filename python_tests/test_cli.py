@@ -51,6 +51,40 @@ def trained_run(small_npz, tmp_path_factory):
     return out
 
 
+def _torchrun_train_worker(rank, world, port, npz, out):
+    import contextlib
+    import io
+    import os
+
+    # torchrun's environment: fit initializes the group itself (and destroys it when done)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    written = []
+    write = cli.write_json_atomic
+    cli.write_json_atomic = lambda path, data: (written.append(Path(path).name), write(path, data))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli.main(["train", "--data", npz, "--epochs", "1", "--batch-size", "16", "--model", "mlp", "--out", out,
+                       "--device", "cpu"])
+    torch.save((rc, stdout.getvalue(), stderr.getvalue(), written), f"{out}.{rank}")
+
+
+def test_train_under_torchrun_prints_and_writes_run_json_on_rank_0_only(small_npz, tmp_path):
+    """Under torchrun every process printed the summary and rewrote run.json (and deleted the old checkpoint) itself:
+    the same lines twice, and files written by each process at once."""
+    from test_train import _free_port, _spawn_within
+
+    out = tmp_path / "run"
+    _spawn_within(180, _torchrun_train_worker, (2, _free_port(), str(small_npz), str(out)))
+    (rc0, out0, err0, written0), (rc1, out1, err1, written1) = (
+        torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2))
+    assert rc0 == rc1 == 0, (err0, err1)
+    assert out0.startswith("trained standard on smallbus for 1 epoch: ") and "epoch 1/1" in err0, (out0, err0)
+    assert written0 == ["run.json"] and json.loads((out / "run.json").read_text())["epochs"] == 1
+    assert (out1, err1, written1) == ("", "", [])
+    assert (out / "checkpoint.pt").is_file()
+
+
 def test_help_shows_defaults(capsys):
     for cmd in ("train", "eval", "demo", "bench", "reproduce"):
         with pytest.raises(SystemExit) as ex:

@@ -558,6 +558,18 @@ def resume_conflict(out, run):
     return None
 
 
+def is_main_process():
+    """Whether this process prints and writes RUN_DIR's files: rank 0 of a torchrun launch (or of a process group
+    already initialized), or the only process. The others train their share only: the same lines printed by each,
+    and run.json rewritten (or the old checkpoint deleted) by each, would repeat or race."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    # fit initializes torchrun's group itself (and destroys it when done): its environment names the rank
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+
+
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
               prepacked_conv=None, split=None, classes=None, bit_depth=None):
@@ -599,7 +611,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         if conflict:
             key, was, now = conflict
             raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
-    else:  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed under this run.json
+    elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
         for name in (CHECKPOINT, "metrics.csv", trainer.HISTORY_NAME):
             (out / name).unlink(missing_ok=True)
         if (out / "eval" / "results.json").is_file():  # eval's default --out: kept (the user's), but now stale
@@ -608,9 +620,11 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     # a resumed checkpoint fit refuses (no run.json held its settings to compare) must keep the record it had, or
     # none: this command's would describe a run that never trained and refuse the rerun with the right settings
     ckpt = out / CHECKPOINT
-    resumed = _file_stamp(ckpt) if resume else None
+    main = is_main_process()
+    resumed = _file_stamp(ckpt) if resume and main else None
     previous = (out / RUN_FILE).read_bytes() if resumed and (out / RUN_FILE).is_file() else None
-    write_json_atomic(out / RUN_FILE, run)
+    if main:
+        write_json_atomic(out / RUN_FILE, run)
     train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
     try:
         result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
@@ -671,8 +685,12 @@ def cmd_train(args):
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
-        print(f"\n{PROG} train: interrupted; {where}; continue with the same command and --resume", file=sys.stderr)
+        if is_main_process():
+            print(f"\n{PROG} train: interrupted; {where}; continue with the same command and --resume",
+                  file=sys.stderr)
         return 130
+    if not is_main_process():  # under torchrun, rank 0 alone reports the run
+        return 0
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
     epochs = f"{len(history)} epoch{'s' if len(history) != 1 else ''}"
