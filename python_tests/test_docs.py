@@ -463,3 +463,84 @@ def test_documented_radius_figures_are_the_ones_written():
     three = figure_metrics(DatasetInfo("m", 3, 1, 8, ("a", "b", "c")))
     assert set(re.findall(r"`(\w+)_vs_eps.png`", multi)) == set(three) - set(figure_metrics(
         DatasetInfo("b", 2, 1, 8, ("a", "b"))))
+
+
+def test_cli_table_defaults_are_the_parsers():
+    """The default column of docs/cli.md's tables (`10, 32, 1e-3` for three options, `off` for a switch) is each
+    parser's default; defaults resolved at run time (None: from run.json, the data, the protocol) are prose."""
+    from robust_ops import cli
+
+    _, parsers = cli.build_parser()
+    page = (REPO / "docs/cli.md").read_text()
+    sections = dict(re.findall(r"^## (\w+)\n(.*?)(?=^## |\Z)", page, flags=re.S | re.M))
+    checked, wrong = 0, []
+    for command, parser in parsers.items():
+        by_flag = {s: action for action in parser._actions for s in action.option_strings}
+        for cell, default in re.findall(r"^\| (`[^|]*`) \| ([^|]*) \|", sections[command], flags=re.M):
+            actions = list(dict.fromkeys(by_flag[f] for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", cell)))
+            parts = [p.strip().strip("`") for p in default.split(", ")]
+            if len(parts) != len(actions):  # one phrase for several options: "as train", "from run.json"
+                continue
+            for action, part in zip(actions, parts):
+                value = action.default
+                if value is None or isinstance(value, list):
+                    continue
+                checked += 1
+                if isinstance(value, bool):
+                    ok = part == ("on" if value else "off")
+                elif isinstance(value, (int, float)):
+                    ok = re.fullmatch(r"[\d.e+-]+", part) is not None and float(part) == value
+                else:
+                    ok = part == value
+                if not ok:
+                    wrong.append(f"{command} {action.option_strings[0]}: the table says {part!r}, the parser {value!r}")
+    assert checked >= 30 and not wrong, "\n".join(wrong)
+
+
+def test_checkpoint_table_lists_the_checkpoints_keys(tmp_path):
+    """training.md's table of checkpoint.pt's contents names exactly the keys fit writes, those of `config` and of
+    `sampler` included (a tiny one-epoch run)."""
+    import torch
+    from torch import nn
+
+    from robust_ops.train import fit, load_checkpoint
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    state = load_checkpoint(fit(model, "standard", data, epochs=1, out_dir=tmp_path, progress=False).checkpoint)
+    text = (REPO / "docs/training.md").read_text()
+    table = text[text.index("| key | content |"):]
+    table = table[:table.index("\n\n")]
+    rows = dict(re.findall(r"^\| ([^|]*) \| (.*) \|$", table, flags=re.M)[1:])  # after the header
+    assert {k for cell in rows for k in re.findall(r"`(\w+)`", cell)} == set(state)
+
+    def documented_fields(content):  # the top-level names of "{a, b (its note, with, commas), c and d, ...}"
+        inner = content[content.index("{") + 1:content.rindex("}")]
+        while "(" in inner:
+            inner = re.sub(r"\([^()]*\)", "", inner)
+        return {part.strip().split()[0] for item in inner.split(",") for part in item.split(" and ")}
+
+    config_row = next(content for cell, content in rows.items() if "`config`" in cell)
+    assert documented_fields(config_row) == set(state["config"])
+    assert documented_fields(rows["`sampler`"]) == set(state["sampler"])
+
+
+def test_results_json_row_fields_are_the_written_ones(tmp_path):
+    """getting-started.md's `results.json` row `{method, attack, ...}` lists exactly the fields write_results writes."""
+    import torch
+    from torch import nn
+
+    from robust_ops.data import load_dataset
+    from robust_ops.evaluate import evaluate, write_results
+
+    info = load_dataset("synthetic").info
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 2)).eval()
+    test = torch.utils.data.TensorDataset(torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 0, 1]))
+    write_results(tmp_path, evaluate(model, test, info, attacks="fgsm", eps="1/255", method="M"), info)
+    (row,) = [line for line in (REPO / "docs/getting-started.md").read_text().splitlines()
+              if line.startswith("| `results.json` |")]
+    documented = re.search(r"every row `\{([^}]*)\}`", row).group(1).replace(" ", "").split(",")
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert all(list(r) == documented for r in rows), (list(rows[0]), documented)
