@@ -544,3 +544,50 @@ def test_results_json_row_fields_are_the_written_ones(tmp_path):
     documented = re.search(r"every row `\{([^}]*)\}`", row).group(1).replace(" ", "").split(",")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert all(list(r) == documented for r in rows), (list(rows[0]), documented)
+
+
+def _signature_problems(parts, fn):
+    """What a prose signature's arguments (`eps`, `norm="linf"`, `*`) get wrong about fn's parameters."""
+    import math
+
+    parameters = inspect.signature(fn).parameters
+    problems = []
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if part in ("*", "...") or part.startswith("**"):
+            continue
+        if key not in parameters:
+            problems.append(f"{key} is not a parameter of {fn.__module__}.{fn.__qualname__}")
+            continue
+        default = parameters[key].default
+        if not eq:
+            if default is not inspect.Parameter.empty:
+                problems.append(f"{key} is written without its default {default!r}")
+            continue
+        try:
+            documented = eval(value, {"math": math})
+        except NameError:  # a formula of other arguments: alpha=2.5*eps/steps
+            continue
+        if default is inspect.Parameter.empty or documented != default:
+            problems.append(f"{key}={value}, but the code's default is {default!r}")
+    return problems
+
+
+def test_prose_signatures_give_the_codes_defaults():
+    """A signature written in the prose (a `*` among its arguments: `apgd_t(model, x, y, *, eps, norm, ...)`) names
+    only the function's parameters, gives a literal default where the code has that default, and writes bare only
+    the parameters without one (apgd_t's norm read as required; it defaults to "linf")."""
+    api = _public_callables()
+    checked, wrong = 0, []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        prose = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for span in re.findall(r"`([^`\n]+)`", prose):
+            for name, args in re.findall(r"(?:^|[^\w.])(?:\w+\.)*(\w+)\(([^()]*(?:\([^()]*\)[^()]*)*)\)", span):
+                parts = _split_arguments(f"({args})")
+                if name not in api or "*" not in parts:
+                    continue
+                checked += 1
+                problems = [_signature_problems(parts, fn) for fn in api[name]]  # one of a name's functions fits
+                if all(problems):
+                    wrong.append(f"{page.relative_to(REPO)}: `{span}`: {'; '.join(problems[0])}")
+    assert checked >= 10 and not wrong, "\n".join(wrong)
