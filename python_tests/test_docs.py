@@ -591,3 +591,18 @@ def test_prose_signatures_give_the_codes_defaults():
                 if all(problems):
                     wrong.append(f"{page.relative_to(REPO)}: `{span}`: {'; '.join(problems[0])}")
     assert checked >= 10 and not wrong, "\n".join(wrong)
+
+
+def test_design_names_the_functional_ops_that_take_a_backend():
+    """design.md said `backend=` is on every functional op; max_pool2d (CPU only) takes none. The ops it names are
+    exactly those of robust_ops.functional with a `backend` parameter."""
+    from robust_ops import functional
+
+    text = (REPO / "docs/design.md").read_text()
+    paragraph = text[text.index("Backends: "):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    ops = set(functional.__all__)
+    takes = {name for name in ops if "backend" in inspect.signature(getattr(functional, name)).parameters}
+    named = set(re.findall(r"`(\w+)`", paragraph.partition(" (and ")[0])) & ops
+    assert named == takes, (named, takes)
+    assert all(f"`{name}` has only" in paragraph for name in ops - takes), paragraph  # the others: "takes none"
