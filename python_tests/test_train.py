@@ -2638,3 +2638,15 @@ def test_load_checkpoint_and_load_weights_refuse_a_bad_path_or_map_location_by_n
         load_weights(DropoutMLP(), path, map_location="gpu")
     with open(path, "rb") as f:  # torch.load's open files still load
         assert torch.equal(load_checkpoint(f)["w"], torch.zeros(1))
+
+
+def test_epoch_permutation_depends_on_the_pair_seed_epoch_not_their_sum():
+    """train's docstring said "from seed + epoch", which would give seed 0's epoch 1 the order of seed 1's epoch 0;
+    the permutation is a function of (seed, epoch), as training.md says."""
+    def order(seed, epoch):
+        sampler = GlobalBatchSampler(64, 64, seed=seed)
+        sampler.set_epoch(epoch)
+        return sampler.global_batches()[0].tolist()
+
+    assert order(0, 1) != order(1, 0)
+    assert order(3, 2) == order(3, 2)

@@ -3,7 +3,7 @@ an atomic checkpoint every epoch, exact resume, optional AMP / channels_last and
 
 Semantics (docs/training.md):
 
-* Batches: every epoch draws a permutation of the training set from ``seed + epoch`` and cuts it into *global* batches
+* Batches: every epoch draws a permutation of the training set from ``(seed, epoch)`` and cuts it into *global* batches
   of ``batch_size``. In a single process a global batch is one step; under DDP each of the ``W`` processes takes a
   contiguous share of it (sizes differ by at most one), and the local loss is scaled by ``W * n_local / n_global`` so
   the averaged gradient is the gradient of the global batch mean -- a DDP run follows the single-process run with the
