@@ -606,3 +606,18 @@ def test_design_names_the_functional_ops_that_take_a_backend():
     named = set(re.findall(r"`(\w+)`", paragraph.partition(" (and ")[0])) & ops
     assert named == takes, (named, takes)
     assert all(f"`{name}` has only" in paragraph for name in ops - takes), paragraph  # the others: "takes none"
+
+
+def test_models_section_names_the_single_logit_models():
+    """Every built model outputs one logit per class, except those getting-started's Models section names as giving
+    a single logit for two classes (the models docstring said num_classes logits for all; mlp gives one, [N])."""
+    import torch
+
+    from robust_ops.models import MODELS, build_model
+
+    text = (REPO / "docs/getting-started.md").read_text()
+    section = text[text.index("## Models"):]
+    single = set(re.findall(r"`(\w+)`[^`]*single logit", section))
+    for name in MODELS:
+        out = build_model(name, 1, 2, 32).eval()(torch.rand(2, 1, 32, 32))
+        assert tuple(out.shape) == ((2,) if name in single else (2, 2)), (name, tuple(out.shape), single)

@@ -6,7 +6,8 @@ Adaptation (documented in docs/getting-started.md): the first convolution takes 
 spatial detail, while the first max-pooling layer is kept -- MIRST-DM replaces exactly that layer with drop-max pooling.
 VGG-16 drops the 2x2 max-pools that would shrink its map below 1x1 (the last one at 28x28) and has a small
 512-256-num_classes classifier after global pooling. The MLP flattens the image. The classifier head outputs
-``num_classes`` logits. No weights are downloaded.
+``num_classes`` logits, except the MLP's for two classes: one logit ``[N]`` (ARFL's 2-10-10-1). No weights are
+downloaded.
 """
 
 import torch
