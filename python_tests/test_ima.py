@@ -1315,6 +1315,15 @@ def test_train_mode_default_pads_nothing():
             gen_adv(model, x, y, margin, steps=2, min_rows=16, model_mode=mode)
 
 
+
+def test_ima_refuses_min_rows_in_train_mode_when_built():
+    """IMA(model_mode="train", min_rows=4) was built, and refused (by gen_adv's name) only at the first batch: under
+    robust-ops train after run.json was written, as "training failed". It is now refused as IMA's other options are."""
+    with pytest.raises(ValueError, match=r"^IMA: min_rows pads batches"):
+        IMA(num_samples=8, model_mode="train", min_rows=4)
+    IMA(num_samples=8, model_mode="train", min_rows=0)
+    IMA(num_samples=8, model_mode="keep", min_rows=4)  # "keep" couples samples only for a train-mode model
+
 def test_default_padding_goes_to_the_smallest_invariant_size():
     # Invariant from 6 rows: 6 and 8 active samples run as they are, 3 are padded to 6 (not to a larger size).
     for active, expected in ((6, 6), (8, 8), (3, 6)):

@@ -333,9 +333,7 @@ class _Problem:
         # None (eval mode): sizes measured per model by batch_invariant_sizes once the attack context is on.
         self.min_rows = None if min_rows is None else check_int(name, "min_rows", min_rows, 0)
         self.invariant_sizes = None
-        if self.min_rows and coupled:
-            raise ValueError(f"{name}: min_rows pads batches with copies of a sample, which would change batch-norm "
-                             f"statistics when the attack runs in train mode; use model_mode='eval' or min_rows=0")
+        _check_min_rows(name, self.min_rows, coupled)
         self.rounds = search_rounds(self.search_steps, self.arity)
         # Algorithm 2: alpha = 4 E(i) / K.
         self.alpha = 4 * self.margin / self.steps if self.steps else torch.zeros_like(self.margin)
@@ -699,6 +697,13 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
         sizes = InvariantSizes(small, period)
     cache[key] = sizes
     return sizes
+
+
+def _check_min_rows(name, min_rows, coupled):
+    """Padding (min_rows > 0) and an attack whose forwards couple the batch's samples do not go together."""
+    if min_rows and coupled:
+        raise ValueError(f"{name}: min_rows pads batches with copies of a sample, which would change batch-norm "
+                         f"statistics when the attack runs in train mode; use model_mode='eval' or min_rows=0")
 
 
 def _batch_coupled(model, model_mode):
@@ -1139,6 +1144,8 @@ class IMA(Defense):
         self.batch_exit = batch_exit
         self.sync, self.backend = sync, backend
         self.min_rows = None if min_rows is None else check_int("IMA", "min_rows", min_rows, 0)
+        # "train" couples the samples whatever the model; "keep" depends on the model's modes (gen_adv checks it)
+        _check_min_rows("IMA", self.min_rows, model_mode == "train")
         self._is_correct, self._loss_fn = is_correct, loss_fn
         self.num_samples = None if num_samples is None else check_int("IMA", "num_samples", num_samples, 1)
         self._given_num_samples = self.num_samples  # fit's setup() sizes an unset one to its train_data
