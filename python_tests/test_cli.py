@@ -2116,3 +2116,27 @@ def test_data_reordered_or_renamed_with_the_same_class_counts_is_refused(tmp_pat
     one_line_error(rc, err, "run.json: data:", "holds other images, names or row order than when the run was trained")
     rc, _, err = run(argv[:8] + ["2"] + argv[9:] + ["--resume"], capsys)
     one_line_error(rc, err, "--resume:", "samples_digest=")
+
+
+@pytest.mark.parametrize("variable, values", [
+    ("ROBUST_OPS_PREPACKED_CONV", "1/true/on/yes"), ("ROBUST_OPS_CPU_POOL", "1/true/on/yes"),
+    ("ROBUST_OPS_NATIVE_LAYERS", "1/true/on/yes"), ("ROBUST_OPS_BACKEND", "auto, native, triton, reference")])
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_bad_environment_switch_is_one_line_before_any_work(small_npz, tmp_path, capsys, monkeypatch, variable,
+                                                              values, command):
+    """A bad $ROBUST_OPS_PREPACKED_CONV was a ValueError traceback in train; $ROBUST_OPS_CPU_POOL / _BACKEND failed
+    train after run.json was written, and in eval all of them were blamed on --attacks."""
+    run_dir = tmp_path / "run"
+    if command == "eval":
+        rc, _, err = run(["train", "--data", small_npz, "--epochs", "1", "--out", run_dir, "--no-progress",
+                          "--device", "cpu"], capsys)
+        assert rc == 0, err
+    monkeypatch.setenv(variable, "maybe")
+    argv = (["train", "--data", small_npz, "--epochs", "1", "--out", tmp_path / "new", "--no-progress"]
+            if command == "train" else
+            ["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e"])
+    rc, _, err = run(argv + ["--device", "cpu"], capsys)
+    line = one_line_error(rc, err, f"robust-ops {command}: error: expected ${variable} to be one of {values}",
+                          "got 'maybe'")
+    assert "--attacks" not in line
+    assert not (tmp_path / "new").exists() and not (tmp_path / "e").exists()

@@ -96,13 +96,20 @@ def _native_reason(op_name, device):
     return f"{op_name}: no native kernel for device type {device.type!r} (CPU and CUDA are supported)"
 
 
-def resolve(op_name, device, backend=None):
-    """The backend that will run op_name on device: "native", "triton" or "reference"."""
+def requested_backend(op_name, backend=None):
+    """``backend``, else $ROBUST_OPS_BACKEND, else "auto"; ValueError naming op_name and where the value came from
+    when it is not one of BACKENDS."""
     # The environment is read as the on/off switches are: case and spaces ignored, empty as unset.
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "").strip().lower() or "auto"
     if requested not in BACKENDS:
         where = f"${ENV_VAR}" if backend is None else "backend"
         raise ValueError(f"{op_name}: expected {where} to be one of {', '.join(BACKENDS)}, got {requested!r}")
+    return requested
+
+
+def resolve(op_name, device, backend=None):
+    """The backend that will run op_name on device: "native", "triton" or "reference"."""
+    requested = requested_backend(op_name, backend)
     device = torch.device(device)
     if requested == "reference":
         return "reference"

@@ -214,6 +214,20 @@ def pick_device(name):
     return name
 
 
+def check_environment_switches():
+    """The library's $ROBUST_OPS_* settings, read deep inside a command (a bad value was a traceback in train, an
+    error blamed on --attacks in eval, or one after run.json was written): checked before any work, naming the
+    variable."""
+    from . import _backend, memory, native_layers, prepacked_conv
+
+    for read in (memory.pool_enabled_by_default, native_layers.native_layers_enabled_by_default,
+                 prepacked_conv.prepacked_conv_enabled_by_default, lambda: _backend.requested_backend(PROG)):
+        try:
+            read()
+        except ValueError as err:  # "robust_ops: expected $NAME to be one of ...": the variable and its values
+            raise CLIError(str(err).split(": ", 1)[-1]) from None
+
+
 # Set by main() from the command's --download flag for the duration of one command.
 _allow_download = False
 
@@ -1355,6 +1369,7 @@ def _main(argv):
             sub_argv = argv[argv.index(args.command) + 1:]
             args = apply_config(parsers[args.command], parsers[args.command].parse_args(sub_argv), sub_argv)
             args.command = command
+        check_environment_switches()
         global _allow_download
         _allow_download = bool(getattr(args, "download", False))
         try:
