@@ -2140,3 +2140,17 @@ def test_a_bad_environment_switch_is_one_line_before_any_work(small_npz, tmp_pat
                           "got 'maybe'")
     assert "--attacks" not in line
     assert not (tmp_path / "new").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("command, text, dest, default", [
+    ("train", "epochs:\n", "epochs", 10), ("train", "out: null\n", "out", "runs/train"),
+    ("train", "no-progress: null\n", "no_progress", False), ("train", "defense-opt: null\n", "defense_opt", []),
+    ("eval", "split: null\n", "split", "test"), ("demo", "methods: ~\n", "methods", "standard,rst,mirst,mirst-dm,ima"),
+    ("train", "size: null\n", "size", None)])
+def test_config_null_value_is_the_options_default(tmp_path, command, text, dest, default):
+    """`epochs:` (YAML null) set the option to None: a TypeError traceback for epochs and out, split None a
+    ValueError in evaluate_models; now it is the option's default, as if the key were left out."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    args = _config_args(command, ([str(tmp_path)] if command == "eval" else []) + ["--config", str(cfg)])
+    assert getattr(args, dest) == default

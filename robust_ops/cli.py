@@ -160,8 +160,8 @@ def apply_config(parser, args, argv):
 def _config_value(parser, action, value, where):
     """A config file's value for ``action``, as argparse would store the same option given on the command line
     (argparse runs neither type nor choices on defaults that are not strings, so it is done here)."""
-    if value is None:
-        return None
+    if value is None:  # `epochs:` or `epochs: null`: the option's default, as if left out (None failed as a value)
+        return action.default
     if action.nargs == 0:  # store_true-style flags
         if not isinstance(value, bool):
             parser.error(f"{where}: expected true or false, got {value!r}")
