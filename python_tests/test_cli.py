@@ -2154,3 +2154,16 @@ def test_config_null_value_is_the_options_default(tmp_path, command, text, dest,
     cfg.write_text(text)
     args = _config_args(command, ([str(tmp_path)] if command == "eval" else []) + ["--config", str(cfg)])
     assert getattr(args, dest) == default
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_seed_outside_the_split_seeds_is_refused(tmp_path, capsys, seed):
+    """scikit-learn splits a folder / CSV with seeds below 2**32: --seed 2**32 on a 20-image folder failed as "too
+    few samples (20) for a 0.7/0.1/0.2 split", and --seed 2**64 was torch.manual_seed's overflow traceback."""
+    root = _folder(tmp_path / "d")
+    for command in ("train", "demo"):
+        out = tmp_path / command
+        rc, _, err = run([command, "--data", root, "--size", "8", "--model", "mlp", "--epochs", "1", "--seed", seed,
+                          "--out", out, "--no-progress", "--device", "cpu"], capsys)
+        one_line_error(rc, err, f"robust-ops {command}: error: --seed: expected 0 to 4294967295, got {seed}")
+        assert not out.exists()
