@@ -190,7 +190,8 @@ def test_a_linf_step_below_the_half_dtypes_resolution_is_refused_not_a_silent_no
     eps = 1 / 255
     half_model, half_x = model.to(torch.bfloat16), x.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"^run_pgd: the Linf step min\(alpha, eps\) = 0\.00098 is below half of "
-                                         r"torch\.bfloat16's spacing near 1 \(0\.00391\).* or a step >= 0\.00195$"):
+                                         r"torch\.bfloat16's spacing near the inputs' largest \|value\| 1 \(0\.00391\).* "
+                                         r"or a step >= 0\.00195$"):
         run_pgd(half_model, half_x, y, eps=eps, alpha=eps / 4, steps=3, random_start=False)
     moved = run_pgd(half_model, half_x, y, eps=eps, alpha=eps / 2, steps=3, random_start=False).x_adv
     assert (moved != half_x).float().mean() > 0.9
@@ -199,4 +200,8 @@ def test_a_linf_step_below_the_half_dtypes_resolution_is_refused_not_a_silent_no
     run_pgd(half_model, half_x, y, eps=eps, alpha=per_sample, steps=1)  # data-dependent radii: not checked
     model = model.float()
     moved = run_pgd(model, x, y, eps=eps, alpha=eps / 4, steps=3, random_start=False).x_adv
+    assert (moved != x).float().mean() > 0.9
+    # a wide clip range ("no clipping") is not where the inputs are: float32 steps of 0.01 ran refused at +-1e6
+    moved = run_pgd(model, x, y, eps=0.05, alpha=0.01, steps=1, clip_min=-1e6, clip_max=1e6,
+                    random_start=False).x_adv
     assert (moved != x).float().mean() > 0.9

@@ -177,24 +177,25 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
                              "e.g. 2/255)")
 
 
-def check_linf_step_resolution(name, norm, dtype, eps, alpha, clip_min, clip_max):
-    """Linf with a number for eps and alpha: a step min(alpha, eps) > 0 below half the spacing of ``dtype`` just below
-    the largest |value| of the clip range rounds back to the iterate there, so such inputs would never move, without
-    a word (bfloat16's spacing below 1 is 2**-8: eps 1/255 with step eps/4 left every pixel in [0.5, 1] in place).
+def check_linf_step_resolution(name, norm, x, eps, alpha):
+    """Half-precision Linf with a number for eps and alpha: a step min(alpha, eps) > 0 below half the spacing of
+    ``x``'s dtype just below its largest |value| rounds back to the iterate there, so those inputs would never move,
+    without a word (bfloat16's spacing below 1 is 2**-8: eps 1/255 with step eps/4 left every pixel in [0.5, 1] in
+    place). Measured at the inputs, not at the clip range: a wide range given as "no clipping" refused float32 steps.
     Refused rather than computed in float32: the iterate is what the model is evaluated at, in its own dtype, and
     float32 inputs under torch.autocast are the documented way to attack a half-precision model. Per-sample tensors
     (DPAAT's and AMAT's data-dependent radii, which may be tiny by rule) are not checked."""
     numbers_given = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (eps, alpha))
-    top = max(abs(clip_min), abs(clip_max))
-    if norm != "linf" or not numbers_given or top == 0:
+    if norm != "linf" or not numbers_given or x.dtype not in (torch.float16, torch.bfloat16) or not x.numel():
         return
+    near = x.detach().abs().max()
+    spacing = float(near - torch.nextafter(near, torch.zeros((), dtype=x.dtype, device=x.device)))
     step = min(float(alpha), float(eps))
-    near = torch.tensor(top, dtype=dtype)
-    spacing = float(near - torch.nextafter(near, torch.zeros((), dtype=dtype)))
     if 0 < step < spacing / 2:
-        raise ValueError(f"{name}: the Linf step min(alpha, eps) = {step:.3g} is below half of {dtype}'s spacing near "
-                         f"{top:g} ({spacing:.3g}): inputs there would round back and never move; give float32 inputs "
-                         f"(a half-precision model runs them under torch.autocast) or a step >= {spacing / 2:.3g}")
+        raise ValueError(f"{name}: the Linf step min(alpha, eps) = {step:.3g} is below half of {x.dtype}'s spacing "
+                         f"near the inputs' largest |value| {float(near):.3g} ({spacing:.3g}): inputs there would round "
+                         f"back and never move; give float32 inputs (a half-precision model runs them under "
+                         f"torch.autocast) or a step >= {spacing / 2:.3g}")
 
 
 def check_emit(name, emit, steps):
@@ -401,7 +402,7 @@ def run_pgd(
     eps_t = per_sample(name, "eps", eps, x)
     alpha_t = per_sample(name, "alpha", alpha, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
-    check_linf_step_resolution(name, norm, x.dtype, eps, alpha, clip_min, clip_max)
+    check_linf_step_resolution(name, norm, x, eps, alpha)
     step_noise = check_real(name, "step_noise", step_noise, minimum=0)
     if grad_transform is not None and not callable(grad_transform):
         raise TypeError(f"{name}: expected grad_transform to be a callable (grad, step) -> tensor, got "
