@@ -297,3 +297,15 @@ def test_saliency_maps_of_a_float16_model_are_zero_not_nan_where_nothing_respond
         assert bool(torch.isfinite(cam).all()) and bool(torch.isfinite(sal).all())
         assert not bool(cam[0].any()) and not bool(sal[0].any())
         torch.testing.assert_close(cam.float(), ref_cam, atol=0.02, rtol=0)
+
+
+def test_grad_cam_reads_the_layer_output_before_an_inplace_relu():
+    # an in-place ReLU after the hooked conv rewrote the stored activation: the map was the ReLU output's, unlike
+    # that of the same model with ReLU(inplace=False)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    inplace = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 36, 3))
+    inplace.load_state_dict(plain.state_dict())
+    x = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(inplace(x), plain(x))
+    torch.testing.assert_close(report.grad_cam(inplace, x), report.grad_cam(plain, x))

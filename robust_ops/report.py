@@ -273,16 +273,19 @@ def last_conv(model):
 
 def grad_cam(model, x, target=None, layer=None):
     """Grad-CAM (Selvaraju et al. 2017) maps [N, H, W] in [0, 1] for ``target`` classes (default: the predicted
-    ones) at ``layer`` (default: the last Conv2d), upsampled to the input size. Model mode and parameter flags are
-    left as they were."""
+    ones) at ``layer``'s output (default: the last Conv2d; an in-place ReLU after it does not change the map),
+    upsampled to the input size. Model mode and parameter flags are left as they were."""
     layer = layer or last_conv(model)
     if layer is None:
         raise ValueError("grad_cam: the model has no Conv2d layer; use input_gradient instead")
     store = {}
 
     def hook(_, __, out):
-        out.retain_grad()
         store["a"] = out
+        # the next layers get a copy: an in-place op after ``layer`` (ReLU(inplace=True)) rewrote the stored map,
+        # so the map was taken at the ReLU's output, not at ``layer``'s, and differed from the same model's without
+        # inplace=True
+        return out.clone()
 
     handle = layer.register_forward_hook(hook)
     try:
