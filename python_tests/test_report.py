@@ -309,3 +309,21 @@ def test_grad_cam_reads_the_layer_output_before_an_inplace_relu():
     x = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(inplace(x), plain(x))
     torch.testing.assert_close(report.grad_cam(inplace, x), report.grad_cam(plain, x))
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_grad_cam_refuses_targets_that_are_not_one_class_per_image(single):
+    # one target for 4 images mapped only the first (the others' maps were 0); on a single-logit model a target of
+    # 2 or -1 was taken as class 0; on a two-logit model 2 was a bare gather error
+    model, x = _Net(single=single), torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"grad_cam: expected one class label per sample \(target of shape"):
+        report.grad_cam(model, x, target=torch.tensor([1]))
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=r"grad_cam: expected target classes in \[0, 2\)"):
+            report.grad_cam(model, x, target=torch.tensor([0, 1, bad, 0]))
+    with pytest.raises(TypeError, match="grad_cam: expected integer class labels"):
+        report.grad_cam(model, x, target=torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    # MedMNIST's [N, 1] labels and a list are one class per image
+    want = report.grad_cam(model, x, target=torch.tensor([0, 1, 0, 1]))
+    torch.testing.assert_close(report.grad_cam(model, x, target=torch.tensor([[0], [1], [0], [1]])), want)
+    torch.testing.assert_close(report.grad_cam(model, x, target=[0, 1, 0, 1]), want)

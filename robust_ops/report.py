@@ -274,7 +274,8 @@ def last_conv(model):
 def grad_cam(model, x, target=None, layer=None):
     """Grad-CAM (Selvaraju et al. 2017) maps [N, H, W] in [0, 1] for ``target`` classes (default: the predicted
     ones) at ``layer``'s output (default: the last Conv2d; an in-place ReLU after it does not change the map),
-    upsampled to the input size. Model mode and parameter flags are left as they were."""
+    upsampled to the input size. ``target``: one class in [0, K) per image, [N] or [N, 1] (a single logit counts as
+    K = 2); anything else is an error. Model mode and parameter flags are left as they were."""
     layer = layer or last_conv(model)
     if layer is None:
         raise ValueError("grad_cam: the model has no Conv2d layer; use input_gradient instead")
@@ -293,7 +294,10 @@ def grad_cam(model, x, target=None, layer=None):
             # an input that requires grad: with the layers up to ``layer`` frozen (a head-only fine-tune, a model
             # frozen for evaluation) the activation would not, and retain_grad / autograd.grad failed on it
             out = model(x.detach().requires_grad_(True))
-            if out.dim() == 1 or out.shape[1] == 1:  # single logit: the positive class score is +z, negative -z
+            single = out.dim() == 1 or out.shape[1] == 1
+            if target is not None:
+                target = _target_classes(target, x.shape[0], 2 if single else out.shape[1]).to(out.device)
+            if single:  # single logit: the positive class score is +z, negative -z
                 z = out.reshape(-1)
                 pred = (z > 0).long()
                 t = pred if target is None else target
@@ -309,6 +313,18 @@ def grad_cam(model, x, target=None, layer=None):
     cam = torch.relu((weights * act).sum(1, keepdim=True)).detach()
     cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return _per_image_unit_max(cam)
+
+
+def _target_classes(target, n, num_classes):
+    """grad_cam's ``target`` as [N] class indices in [0, num_classes): a single target for N images mapped only the
+    first one (the others' maps were 0), and on a single-logit model any class but 1 was taken as class 0."""
+    from ._options import class_labels
+
+    t = class_labels("grad_cam", torch.as_tensor(target), n, what="target")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        raise ValueError(f"grad_cam: expected target classes in [0, {num_classes}) (the model's classes), got values "
+                         f"in [{int(t.min())}, {int(t.max())}]")
+    return t
 
 
 def input_gradient(model, x, y):
