@@ -2167,3 +2167,11 @@ def test_seed_outside_the_split_seeds_is_refused(tmp_path, capsys, seed):
                           "--out", out, "--no-progress", "--device", "cpu"], capsys)
         one_line_error(rc, err, f"robust-ops {command}: error: --seed: expected 0 to 4294967295, got {seed}")
         assert not out.exists()
+
+
+def test_eval_records_the_saliency_images_drawn_not_asked_for(trained_run, tmp_path, capsys):
+    # the val split holds 16 images: --saliency 20 draws 16, and results.json recorded 20
+    rc, _, err = run(["eval", trained_run, "--split", "val", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "20",
+                      "--device", "cpu", "--out", tmp_path / "ev"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["config"]["saliency_images"] == 16

@@ -988,6 +988,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
         data = getattr(args, "data", None) or splits.info.name
         raise CLIError(f"--split: the {split} split of {data} has no samples")
     count = saliency_count(args, splits.info)  # before the attacks: an explicit --saliency on feature vectors fails
+    count = min(count, len(test))  # a split smaller than --saliency is drawn whole; config records the count drawn
     rows = []
     for label, model in models.items():
         try:
