@@ -327,3 +327,12 @@ def test_grad_cam_refuses_targets_that_are_not_one_class_per_image(single):
     want = report.grad_cam(model, x, target=torch.tensor([0, 1, 0, 1]))
     torch.testing.assert_close(report.grad_cam(model, x, target=torch.tensor([[0], [1], [0], [1]])), want)
     torch.testing.assert_close(report.grad_cam(model, x, target=[0, 1, 0, 1]), want)
+
+
+def test_grad_cam_refuses_a_layer_that_gives_no_feature_maps():
+    # a layer of another model was a bare KeyError 'a'; a Linear layer's [N, K] output failed in the channel mean
+    model, x = _Net(single=False), torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="grad_cam: expected layer .* but it did not run in the model's forward"):
+        report.grad_cam(model, x, layer=nn.Conv2d(3, 4, 1))
+    with pytest.raises(ValueError, match=r"grad_cam: expected layer .* but it gave \(2, 1\)"):
+        report.grad_cam(model, x, layer=model.fc)

@@ -305,7 +305,13 @@ def grad_cam(model, x, target=None, layer=None):
             else:
                 t = out.argmax(1) if target is None else target
                 score = out.gather(1, t.view(-1, 1)).sum()
-            act = store["a"]
+            act = store.get("a")
+            # else a bare KeyError 'a' (a layer of another model) or an error in the channel mean below
+            if act is None or not torch.is_tensor(act) or act.dim() != 4:
+                got = ("it did not run in the model's forward" if act is None else
+                       f"it gave {tuple(act.shape) if torch.is_tensor(act) else type(act).__name__}")
+                raise ValueError(f"grad_cam: expected layer to be a layer of the model giving [N, C, H, W] feature "
+                                 f"maps, but {got}")
             grad, = torch.autograd.grad(score, act)
     finally:
         handle.remove()
