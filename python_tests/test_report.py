@@ -336,3 +336,17 @@ def test_grad_cam_refuses_a_layer_that_gives_no_feature_maps():
         report.grad_cam(model, x, layer=nn.Conv2d(3, 4, 1))
     with pytest.raises(ValueError, match=r"grad_cam: expected layer .* but it gave \(2, 1\)"):
         report.grad_cam(model, x, layer=model.fc)
+
+
+def test_input_gradient_and_saliency_figure_refuse_labels_outside_the_model_classes(tmp_path):
+    # on a single-logit model y=5 (or -1) went into the binary cross-entropy as a target: class 1's (class 0's)
+    # map came back without a word
+    model, x = _Net(single=True), torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match=r"input_gradient: expected y classes in \[0, 2\)"):
+            report.input_gradient(model, x, torch.tensor([0, 1, bad]))
+        with pytest.raises(ValueError, match=r"plot_saliency: expected y classes in \[0, 2\)"):
+            report.plot_saliency(model, x, torch.tensor([0, 1, bad]), tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+    with pytest.raises(ValueError, match=r"input_gradient: expected one class label per sample \(y of shape"):
+        report.input_gradient(model, x, torch.tensor([1]))

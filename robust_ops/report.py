@@ -8,7 +8,7 @@ from collections import Counter
 
 import torch
 
-from .attacks.context import classification_loss, model_device, use_model_mode
+from .attacks.context import classification_loss, is_single_logit, model_device, use_model_mode
 from .defenses._common import float32_or_wider
 from .metrics import METRIC_LABELS, metric_names
 
@@ -296,7 +296,8 @@ def grad_cam(model, x, target=None, layer=None):
             out = model(x.detach().requires_grad_(True))
             single = out.dim() == 1 or out.shape[1] == 1
             if target is not None:
-                target = _target_classes(target, x.shape[0], 2 if single else out.shape[1]).to(out.device)
+                target = _class_indices("grad_cam", "target", target, x.shape[0], 2 if single else out.shape[1])
+                target = target.to(out.device)
             if single:  # single logit: the positive class score is +z, negative -z
                 z = out.reshape(-1)
                 pred = (z > 0).long()
@@ -321,28 +322,32 @@ def grad_cam(model, x, target=None, layer=None):
     return _per_image_unit_max(cam)
 
 
-def _target_classes(target, n, num_classes):
-    """grad_cam's ``target`` as [N] class indices in [0, num_classes): a single target for N images mapped only the
-    first one (the others' maps were 0), and on a single-logit model any class but 1 was taken as class 0."""
+def _class_indices(name, what, labels, n, num_classes):
+    """``labels`` as [N] class indices in [0, num_classes) (``name``'s ``what``): grad_cam's single target for N
+    images mapped only the first one (the others' maps were 0), and on a single-logit model any class but 1 was
+    taken as class 0 by grad_cam and as class 1 by input_gradient's loss."""
     from ._options import class_labels
 
-    t = class_labels("grad_cam", torch.as_tensor(target), n, what="target")
+    t = class_labels(name, torch.as_tensor(labels), n, what=what)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        raise ValueError(f"grad_cam: expected target classes in [0, {num_classes}) (the model's classes), got values "
+        raise ValueError(f"{name}: expected {what} classes in [0, {num_classes}) (the model's classes), got values "
                          f"in [{int(t.min())}, {int(t.max())}]")
     return t
 
 
 def input_gradient(model, x, y):
-    """|∂ loss / ∂ x| summed over channels, normalised per image to [0, 1] (ARFL's feature saliency maps)."""
+    """|∂ loss / ∂ x| summed over channels, normalised per image to [0, 1] (ARFL's feature saliency maps). ``y``: one
+    class in [0, K) per image, [N] or [N, 1] (a single logit counts as K = 2)."""
     return _input_gradient(model, x, y)[0]
 
 
-def _input_gradient(model, x, y):
-    """(input_gradient's maps, the eval-mode model output at x it was taken from)."""
+def _input_gradient(model, x, y, name="input_gradient"):
+    """(input_gradient's maps, the eval-mode model output at x it was taken from); ``name``: the caller, for errors."""
     with torch.enable_grad(), use_model_mode(model, "eval"):  # each module's own mode comes back
         xg = x.detach().clone().requires_grad_(True)
         out = model(xg)
+        classes = 2 if is_single_logit(out) else out.shape[1]
+        y = _class_indices(name, "y", y, x.shape[0], classes).to(out.device)
         loss = classification_loss(out, y, reduction="sum")
         grad, = torch.autograd.grad(loss, xg)
     return _per_image_unit_max(grad.abs().sum(1)), out.detach()
@@ -370,7 +375,7 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     # The predictions shown come from the input gradient's own eval-mode forward: no third forward, and not one in
     # the model's current mode (after fit, train mode: batch-norm statistics of these few images, running stats
     # updated).
-    grads, out = _input_gradient(model, x, y)
+    grads, out = _input_gradient(model, x, y, "plot_saliency")
     from .attacks.context import predict_from_output
 
     pred = predict_from_output(out).cpu()
