@@ -513,6 +513,25 @@ def test_mirst_dm_needs_and_prepares_a_drop_max_model():
     assert defense.prepare_model(model) is model
 
 
+def test_mirst_dm_replaces_the_first_max_pool_even_with_a_drop_max_layer_further_on():
+    """prepare_model left a model alone when it held any drop-max layer, so a max-pooling layer BEFORE it stayed, and
+    the defense trained that model as MIRST-DM without a word."""
+    from robust_ops.nn import DropMax2d
+
+    def net():
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                             DropMax2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
+
+    defense = defenses.build("mirst-dm", steps=4, emit=(2, 4), beta=(0.5, 0.5))
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="mirst-dm: the model has drop-max pooling, but its first pooling layer is a "
+                                         r"MaxPool2d; pass it through defense.prepare_model\(model\)"):
+        defense(net(), x, y)
+    model = defense.prepare_model(net())
+    assert [type(m) for m in model if isinstance(m, (nn.MaxPool2d, DropMax2d))] == [DropMax2d, DropMax2d]
+    assert torch.isfinite(defense(model, x, y).loss)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Each defense's loss recomputed by hand at the x_adv it crafted, and the papers' defaults
 

@@ -96,15 +96,20 @@ class MIRSTDM(MIRST):
     def prepare_model(self, model):
         from ..nn import replace_maxpool
 
-        if _has_drop_max(model):
-            return model
+        # idempotent by replace_maxpool's rule (first pool drop-max already: left alone); a drop-max layer further on
+        # must not stop the replacement of a max-pooling layer before it
         return replace_maxpool(model, which="first")
 
     def __call__(self, model, x, y, ids=None):
-        if not _has_drop_max(unwrap(model)):
-            raise ValueError(f"{self.name}: the model has no drop-max layer; pass it through "
-                             "defense.prepare_model(model) (robust_ops.replace_maxpool(model, which='first')) first -- "
-                             "robust_ops.train.fit does this automatically")
+        inner = unwrap(model)
+        first = _first_pool(inner)
+        if not _is_drop_max(first):
+            # MIRST-DM's drop-max layer replaces the FIRST max-pooling layer: one further on is not it
+            what = ("has no drop-max layer" if not any(_is_drop_max(m) for m in inner.modules()) else
+                    f"has drop-max pooling, but its first pooling layer is a {type(first).__name__}")
+            raise ValueError(f"{self.name}: the model {what}; pass it through defense.prepare_model(model) "
+                             "(robust_ops.replace_maxpool(model, which='first')) first -- robust_ops.train.fit does "
+                             "this automatically")
         return super().__call__(model, x, y, ids)
 
 
@@ -123,7 +128,12 @@ def _numbers(name, arg, value):
                         f"got {value!r}") from None
 
 
-def _has_drop_max(model):
+def _is_drop_max(module):
     from ..nn import DropMax2d
 
-    return any(isinstance(m, DropMax2d) for m in model.modules())
+    return isinstance(module, DropMax2d)
+
+
+def _first_pool(model):
+    """The first max-pooling or drop-max layer in registration order (replace_maxpool's "first"), or None."""
+    return next((m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d) or _is_drop_max(m)), None)
