@@ -753,6 +753,22 @@ def test_protocols_describe_and_quick_caps():
         assert (docs / f"{p.name}.md").read_text().startswith(describe(p)), f"regenerate docs/reproduce/{p.name}.md"
 
 
+def test_mirst_bus_states_its_attack_start_points_and_the_cw_alternative_runs():
+    """MIRST-DM calls its CW-Linf "similar to the PGD attack excepting the loss function"; the protocol ran PGD from a
+    random start and CW from x without saying so. The choice is stated, and its alternative is an option that acts."""
+    from robust_ops.attacks import build
+    from robust_ops.reproduce import PROTOCOLS, describe
+
+    text = describe(PROTOCOLS["mirst-bus"])
+    assert "CW-Linf from the clean image" in text and "cw:steps=10:alpha=0.001:random_start=true" in text
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1])
+    from_x = build("cw", model, eps=5 / 255, steps=1, alpha=0.001)(x, y)
+    random = build("cw", model, eps=5 / 255, steps=1, alpha=0.001, random_start=True, seed=0)(x, y)
+    assert (from_x - x).abs().max() <= 0.001 + 1e-6 < (random - x).abs().max()
+
+
 def test_dpaat_table_ii_map_is_clean_and_marp_is_under_20_pgd():
     # DPAAT: mAP is "a more precise expression for generalization" (clean test set), mARP the "mean average precision
     # on adversarial dataset crafted from the testing dataset"; Table II's adversarial set is 20-step PGD

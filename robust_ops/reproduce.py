@@ -156,6 +156,11 @@ MIRST_BUS = Protocol(
         "5-fold stratified cross-validation over all 780 images (10% of each training part held out for "
         "validation); rows are fold means ± std.",
         "Attacks as in the paper: Linf eps 5/255; PGD 20 steps of 0.001, CW-Linf 10 steps of 0.001.",
+        "Start points (not given in the paper): PGD from a random point of the ball (Madry's PGD, the library's pgd "
+        "default), CW-Linf from the clean image (the library's cw default; 10 steps of 0.001 then reach about half of "
+        "the 5/255 ball). The paper calls its CW-Linf \"similar to the PGD attack excepting the loss function\", "
+        "which may include PGD's random start: `robust-ops eval RUN --attacks cw:steps=10:alpha=0.001:"
+        "random_start=true --eps 5/255` for that reading.",
         "The paper says it defends \"targeted white-box attacks\" but describes untargeted FGSM, PGD and CW; with two "
         "classes the attack targeted at the other class is the untargeted one, so the untargeted attacks are run.",
         "Training attacks (not given in the paper beyond MIRST's T = 10): Linf 5/255, 10-step PGD with step "
