@@ -249,6 +249,38 @@ def test_simclr_training_loop_wiring(monkeypatch):
     assert simclr(TinySequentialHead(), data, epochs=1, batch_size=8, progress=False).removed_head == "classifier"
 
 
+def test_simclr_pairs_each_image_with_an_augmented_copy_or_two_views(monkeypatch):
+    """MIRST-DM: "pair each image with an augmented image"; SimCLR pairs two augmented views. The paper is ambiguous,
+    and only the two-view reading could run: pair_with="original" is the literal one (the image and one view)."""
+    import robust_ops.pretrain as pretrain
+
+    pairs = []
+
+    def spy_nt_xent(z1, z2, temperature):
+        pairs.append(z1.shape[0])
+        return nt_xent(z1, z2, temperature)
+
+    monkeypatch.setattr(pretrain, "nt_xent", spy_nt_xent)
+    data = _data(16)
+    for pair_with, calls in (("augmented", 2), ("original", 1)):
+        seen = []
+
+        def augment(x):
+            seen.append(x.clone())
+            return torch.rand_like(x)
+
+        inputs = []
+        model = _model()
+        hook = model.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+        simclr(model, data, epochs=1, batch_size=8, augment=augment, pair_with=pair_with, progress=False)
+        hook.remove()
+        assert len(seen) == 2 * calls  # two batches
+        views = inputs[-1]  # the last training forward: both views of the second batch
+        assert torch.equal(views[:8], seen[-1]) == (pair_with == "original")
+    with pytest.raises(ValueError, match="simclr: expected pair_with to be one of 'augmented', 'original', got 'x'"):
+        simclr(_model(), data, epochs=1, batch_size=8, pair_with="x", progress=False)
+
+
 def test_nt_xent_rejects_unpaired_or_flat_views():
     # Row i of z1 pairs with row i of z2: unequal batches or 1-D projections have no such pairing.
     for a, b in (((2, 3), (3, 3)), ((4,), (4,))):

@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._options import check_device, check_flags, check_int, check_real
+from ._options import check_choice, check_device, check_flags, check_int, check_real
 from .attacks.context import use_model_mode
 from .defenses._common import float32_or_wider
 from .train import _torch_seed, check_trainable_precision
 
 HEAD_NAMES = ("fc", "classifier", "head")
+# What each image is paired with: "augmented" -- two augmented views (SimCLR's Algorithm 1); "original" -- the image
+# itself and one augmented view (MIRST-DM's "pair each image with an augmented image", read literally)
+PAIRINGS = ("augmented", "original")
 
 
 def nt_xent(z1, z2, temperature=0.5):
@@ -114,7 +117,7 @@ def _classifier_head(model, head):
 
 
 def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3e-4, weight_decay=1e-6,
-           projection_dim=128, head="auto", augment=None, device="cpu", seed=0, progress=True):
+           projection_dim=128, head="auto", augment=None, pair_with="augmented", device="cpu", seed=0, progress=True):
     """Pretrain ``model_backbone`` in place with SimCLR's NT-Xent loss on ``data`` (labels are ignored).
 
     Args:
@@ -126,6 +129,8 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
         lr, weight_decay: Adam settings. projection_dim: output size of the projection head.
         head: "auto", a module attribute name, or None (use the model's output as the representation).
         augment (callable, optional): batch -> augmented batch; default SimCLRAugment for the image size.
+        pair_with (str): "augmented" (default, SimCLR's): a positive pair is two augmented views of the image;
+            "original": the image itself and one augmented view (MIRST-DM's sentence read literally).
         device, seed, progress: as for robust_ops.train.fit.
 
     Returns:
@@ -144,6 +149,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     check_flags("simclr", {"progress": progress})  # as fit: progress="false" showed the bar
     # 0 ran: NT-Xent of empty projections is a constant, so nothing was learnt and the loss said log(2N - 1)
     check_int("simclr", "projection_dim", projection_dim)
+    check_choice("simclr", "pair_with", pair_with, PAIRINGS)
     if augment is not None and not callable(augment):  # else "'bool' object is not callable" at the first batch
         raise TypeError(f"simclr: expected augment to be a callable batch -> batch or None, got {augment!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -194,7 +200,8 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                     batches = tqdm(loader, desc=f"simclr {epoch + 1}/{epochs}", leave=False)
                 for batch in batches:
                     x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
-                    v1, v2 = augment(x), augment(x)
+                    v1 = x if pair_with == "original" else augment(x)
+                    v2 = augment(x)
                     z = proj(model(torch.cat([v1, v2])).flatten(1))
                     loss = nt_xent(z[: x.shape[0]], z[x.shape[0]:], temperature)
                     if not torch.isfinite(loss):
