@@ -125,6 +125,45 @@ def test_triton_interpreter_enabled_after_the_kernels_were_imported():
             "robust_ops imported its Triton kernels") in out
 
 
+def test_triton_ops_called_directly_refuse_tensors_they_cannot_run_on():
+    """torch.ops.robust_ops.<op>_triton called on CPU tensors without TRITON_INTERPRET failed inside triton with
+    "0 active drivers ([]). There should only be one."; now each launcher refuses by name, as backend="triton" does."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    out = _run_without_gpu("""
+        import os
+        import torch
+        import robust_ops, robust_ops.triton  # imported explicitly: compiled (not interpreted) kernels
+        ops = torch.ops.robust_ops
+        x = torch.rand(1, 1, 4, 4)
+        one, index = torch.ones(1), torch.zeros(1, dtype=torch.int64)
+        calls = {
+            "pgd_step_triton": lambda: ops.pgd_step_triton(x.clone(), x, x, one, one, 0.0, 1.0, "linf", None, 0),
+            "boundary_search_step_triton": lambda: ops.boundary_search_step_triton(
+                x.clone(), x.clone(), x.clone()[None], index, None),
+            "drop_max_pool2d_triton": lambda: ops.drop_max_pool2d_triton(x, [2, 2], [2, 2], [0, 0], [1, 1], False),
+            "_drop_max_pool2d_backward_triton": lambda: ops._drop_max_pool2d_backward_triton(
+                x, x.to(torch.int64), [1, 1, 8, 8]),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except RuntimeError as err:
+                print("refused:", err)
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            calls["pgd_step_triton"]()
+        except RuntimeError as err:
+            print("late:", err)
+    """)
+    for name in ("pgd_step_triton", "boundary_search_step_triton", "drop_max_pool2d_triton",
+                 "_drop_max_pool2d_backward_triton"):
+        assert (f"refused: {name}: Triton kernels run on CUDA tensors (got cpu); on CPU only under "
+                "TRITON_INTERPRET=1") in out, out
+    assert ("late: pgd_step_triton: TRITON_INTERPRET=1 was set after robust_ops imported its Triton kernels; "
+            "triton.jit reads it at import, so set it before importing robust_ops") in out, out
+
+
 def test_triton_import_error_is_reported(monkeypatch):
     monkeypatch.setattr(_backend, "_triton_import_error", "ModuleNotFoundError: No module named 'triton'")
     monkeypatch.setattr(_backend, "triton_kernels_loaded", lambda: False)

@@ -71,21 +71,30 @@ def triton_op_name(op_name):
     return op_name.rstrip("_") + "_triton"
 
 
-def _triton_reason(op_name, device):
-    """Why the Triton kernel of op_name cannot run on device, or None when it can."""
+def triton_device_reason(device):
+    """Why no Triton kernel can run on device, or None when one can. The launchers call it too: a direct
+    torch.ops.robust_ops.<op>_triton call on a CPU tensor failed in triton with "0 active drivers"."""
     # The interpreter runs kernels on CPU tensors only: a meta tensor failed in its copy ("Cannot copy out of meta").
     if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
         return f"Triton kernels run on CUDA tensors (got {device.type}); on CPU only under TRITON_INTERPRET=1"
+    if device.type != "cuda" and triton_kernels_interpreted() is False:  # else triton fails with "0 active drivers"
+        return ("TRITON_INTERPRET=1 was set after robust_ops imported its Triton kernels; triton.jit reads it at "
+                "import, so set it before importing robust_ops")
+    return None
+
+
+def _triton_reason(op_name, device):
+    """Why the Triton kernel of op_name cannot run on device, or None when it can."""
+    reason = triton_device_reason(device)
+    if reason is not None:
+        return reason
     if not triton_kernels_loaded():  # checked here too: calling the dynamo-disabled loader breaks a compiled graph
         error = load_triton_kernels()  # after a failed import: the recorded error, no second try
         if error is not None:
             return f"the Triton kernels could not be imported ({error})"
     if not hasattr(torch.ops.robust_ops, triton_op_name(op_name)):
         return f"no Triton kernel is registered for {op_name}"
-    if device.type != "cuda" and not triton_kernels_interpreted():  # else triton fails with "0 active drivers"
-        return ("TRITON_INTERPRET=1 was set after robust_ops imported its Triton kernels; triton.jit reads it at "
-                "import, so set it before importing robust_ops")
-    return None
+    return triton_device_reason(device)  # again: the kernels may have been imported just now
 
 
 def _native_reason(op_name, device):

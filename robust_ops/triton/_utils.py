@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .._backend import triton_interpreted
+from .._backend import triton_device_reason, triton_interpreted
 
 # triton.jit decides at import time whether kernels are interpreted (TRITON_INTERPRET=1, tests on CPU).
 _INTERPRETED = tl.constexpr(triton_interpreted())
@@ -17,6 +17,13 @@ def launch(kernel):
     """The callable to launch a @triton.jit kernel with: wrapped for torch.compile on real GPUs, raw under the
     interpreter (torch.library.wrap_triton rejects interpreted kernels, pytorch#152868)."""
     return kernel if _INTERPRETED.value else torch.library.wrap_triton(kernel)
+
+
+def check_launchable(op_name, t):
+    """Refuses by name a tensor these kernels cannot run on (CPU without TRITON_INTERPRET=1 at import, meta), the
+    reason backend="triton" gives: direct torch.ops.robust_ops.<op>_triton calls reach the launchers unchecked."""
+    reason = triton_device_reason(t.device)
+    torch._check(reason is None, lambda: f"{op_name}: {reason}")
 
 
 def on_device_of(t):

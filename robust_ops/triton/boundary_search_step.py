@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._autograd import register_in_place_without_gradient
 from .._meta import check_boundary_search_step_args
-from ._utils import launch, mul_rn, on_device_of
+from ._utils import check_launchable, launch, mul_rn, on_device_of
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -72,6 +72,7 @@ def _boundary_search_step_kernel(
 @torch.library.triton_op("robust_ops::boundary_search_step_triton", mutates_args={"lo", "hi", "points"})
 def boundary_search_step_triton(lo: Tensor, hi: Tensor, points: Tensor, crossed_at: Tensor,
                                 active: Optional[Tensor]) -> None:
+    check_launchable("boundary_search_step_triton", lo)
     check_boundary_search_step_args(lo, hi, points, crossed_at, active)
     k = points.shape[0] + 1
     # Out-of-range indices are an error, never clamped: an asynchronous check (no host sync), raised at the next sync

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .._autograd import register_in_place_without_gradient
 from .._meta import check_pgd_step_args, check_pgd_step_values
-from ._utils import div_rn, launch, may_overlap, mul_rn, on_device_of
+from ._utils import check_launchable, div_rn, launch, may_overlap, mul_rn, on_device_of
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -125,6 +125,7 @@ def pgd_step_triton(
     x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Tensor, eps: Tensor, clip_min: float, clip_max: float,
     norm: str, history: Optional[Tensor], slot: int,
 ) -> None:
+    check_launchable("pgd_step_triton", x_adv)
     check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot)
     op_dtype = _opmath(x_adv.dtype)
     alpha_c = alpha.to(op_dtype).contiguous()
