@@ -371,6 +371,20 @@ def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without
     _resume_from_before(tmp_path, "num_samples", data=_data(24), lr=1e-2)
 
 
+def test_resume_refuses_a_validation_set_of_another_size_and_passes_checkpoints_without_one(tmp_path):
+    """A resume validating on another set resumed silently: its metrics joined the run's history as if comparable,
+    and ReduceLROnPlateau compared that set's loss with the best of the checkpoint's set."""
+    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)  # noqa: E731
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False, scheduler=plateau)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=1, **kwargs)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["val_samples"] == 8
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was validated on val_samples=8, "
+                                         r"this call has val_samples=24; pass the run's val_data$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), _data(24, seed=1), epochs=2, resume=True, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=2, resume=True, **kwargs)
+    _resume_from_before(tmp_path, "val_samples", lr=1e-2, scheduler=plateau, val_data=_data(24, seed=1))
+
+
 def _pooling_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
                          nn.Linear(16, 2))

@@ -838,7 +838,8 @@ def fit(
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
               "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model),
               "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer), "scheduler": _class_path(scheduler),
-              "num_samples": len(train_data), "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
+              "num_samples": len(train_data), "val_samples": None if val_data is None else len(val_data),
+              "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
               # the trainable parameters' precision (several dtypes: all of them, in order)
               "param_dtype": ",".join(sorted({str(p.dtype) for p in params})),
               "scheduler_settings": None if scheduler is None else _settings(scheduler.state_dict(),
@@ -877,6 +878,12 @@ def fit(
         # a ReduceLROnPlateau given val_data or not would compare the other loss with its best.
         # A defense of another class under the same name (a subclass of AT keeps 'at') computes another loss.
         # Checkpoints written before these were recorded pass.
+        # A validation set of another size (val_data added or left out: plateau_metric's rule) would put another set's
+        # metrics in the same history and give ReduceLROnPlateau's best another loss; its content is not compared.
+        saved_val = state["config"].get("val_samples")
+        if saved_val is not None and config["val_samples"] is not None and saved_val != config["val_samples"]:
+            raise ValueError(f"{name}: cannot resume {resume_path}: it was validated on val_samples={saved_val}, this "
+                             f"call has val_samples={config['val_samples']}; pass the run's val_data")
         # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
         # has lr=0.0001" (the default Adam's), naming an lr nobody passed
         for key in ("batch_size", "seed", "defense", "defense_class", "optimizer", "lr", "channels_last",
