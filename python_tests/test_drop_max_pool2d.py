@@ -1053,3 +1053,18 @@ def test_replace_maxpool_refuses_a_pool_with_its_own_instance_forward_but_not_na
     with native_layers(plain):  # its swapped forward is the library's own: replaced as usual
         assert "forward" in plain[1].__dict__
         assert isinstance(robust_ops.replace_maxpool(plain)[1], robust_ops.DropMax2d)
+
+
+@pytest.mark.parametrize("flag, value", [("return_indices", 1), ("return_indices", "no"), ("ceil_mode", 1)])
+def test_replace_maxpool_refuses_a_flag_that_is_not_a_bool_before_swapping(flag, value):
+    """nn.MaxPool2d(2, return_indices=1) runs (torch takes any truthy value): its DropMax2d was built and refused the
+    int only at the first forward, naming no layer."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.MaxPool2d(2, **{flag: value})))
+    with pytest.raises(TypeError, match=rf"^replace_maxpool: '1\.0' has {flag}={re.escape(repr(value))}, but "
+                                        rf"DropMax2d takes a bool; set its {flag} to True or False first$"):
+        robust_ops.replace_maxpool(model)
+    assert type(model[1][0]) is nn.MaxPool2d  # left unchanged
+    with pytest.raises(TypeError, match=rf"^replace_maxpool: model has {flag}="):
+        robust_ops.replace_maxpool(nn.MaxPool2d(2, **{flag: value}))
+    setattr(model[1][0], flag, bool(value))
+    assert isinstance(robust_ops.replace_maxpool(model)[1][0], robust_ops.DropMax2d)

@@ -109,6 +109,13 @@ def _check_plain_pool(where, pool):
             f"replace_maxpool: {where} is a {type(pool).__name__}, an nn.MaxPool2d subclass with its own forward, "
             "which a DropMax2d would not run; swap it yourself (robust_ops.DropMax2d takes MaxPool2d's arguments)"
         )
+    # nn.MaxPool2d takes any truthy return_indices (1, "no"); DropMax2d's flags are bools, refused at its first
+    # forward: refused here, before the model changes, naming the layer
+    for flag in ("return_indices", "ceil_mode"):
+        value = getattr(pool, flag)
+        if not isinstance(value, bool):
+            raise TypeError(f"replace_maxpool: {where} has {flag}={value!r}, but DropMax2d takes a bool; set "
+                            f"its {flag} to True or False first")
     own = pool.__dict__.get("forward")  # a user's `pool.forward = ...` (native layers' own swap is not theirs)
     if own is not None and not is_installed_forward(own):
         raise ValueError(
@@ -136,6 +143,8 @@ def replace_maxpool(model, which="first", *, backend=None):
         ValueError: when ``which`` is not "first"/"all", the model holds no ``nn.MaxPool2d``, or a pool to replace
             is a subclass with its own ``forward`` or has an instance-level ``forward`` of the user's (the swap would
             drop what that forward does).
+        TypeError: when a pool to replace has a ``return_indices`` or ``ceil_mode`` that is not a bool
+            (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools.
     """
     if which not in ("first", "all"):
         raise ValueError(f"replace_maxpool: expected which to be 'first' or 'all', got {which!r}")
