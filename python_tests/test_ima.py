@@ -873,6 +873,23 @@ def test_ima_state_dict_round_trip_and_defaults():
         IMA(num_samples=21).load_state_dict(state)
 
 
+def test_ima_state_before_the_first_batch_is_empty_and_loading_it_drops_a_table():
+    """state_dict() is {} until the first batch makes the margin table: a newly built IMA's state. Loading it into
+    a used IMA kept that IMA's trained margins without a word, so a round trip did not restore the saved state."""
+    model, x, y = ima_batch()
+    early = IMA(num_samples=20, steps=3, search_steps=3).state_dict()
+    assert early == {}
+    used = IMA(num_samples=20, steps=3, search_steps=3)
+    used(model, x, y, torch.arange(12))
+    used.load_state_dict(early)
+    assert used.margins is None and not used.holds_state()
+    fresh = IMA(steps=3, search_steps=3)  # a full dict loads into a newly built IMA, its table sized from it
+    defense = IMA(num_samples=20, steps=3, search_steps=3)
+    defense(model, x, y, torch.arange(12))
+    fresh.load_state_dict(defense.state_dict())
+    assert torch.equal(fresh.margins, defense.margins) and fresh.num_samples == 20
+
+
 def test_ima_load_state_dict_refuses_other_given_eps_train_or_delta():
     model, x, y = ima_batch()
     defense = IMA(num_samples=20, eps_train=2.0, delta=0.5, steps=3, search_steps=3)

@@ -1259,6 +1259,7 @@ class IMA(Defense):
         self.init_margin = self._given_init_margin
 
     def state_dict(self):
+        """The margin table and the settings it was made with; ``{}`` before the first batch (no table yet)."""
         if self.table is None:
             return {}
         return {"margins": self.table.margins.clone(), "eps_train": self.eps_train, "delta": self.delta,
@@ -1282,7 +1283,8 @@ class IMA(Defense):
         return merged
 
     def load_state_dict(self, state):
-        if not state:
+        if not state:  # what state_dict() gives before the first batch: no table (a used IMA's would stay silently)
+            self.reset_state()
             return
         missing = {"margins", "eps_train", "delta", "init_margin"} - set(state)
         if missing:
