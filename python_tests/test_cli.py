@@ -85,6 +85,45 @@ def test_train_under_torchrun_prints_and_writes_run_json_on_rank_0_only(small_np
     assert (out / "checkpoint.pt").is_file()
 
 
+def _torchrun_command_worker(rank, world, port, argv, out):
+    import contextlib
+    import io
+    import os
+
+    from robust_ops import evaluate
+
+    # torchrun's environment: fit initializes the group itself (and destroys it when done)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    written = []
+    write, write_results = cli.write_json_atomic, evaluate.write_results
+    cli.write_json_atomic = lambda path, data: (written.append(Path(path).name), write(path, data))
+    evaluate.write_results = lambda out_dir, *a, **k: (written.append("results"), write_results(out_dir, *a, **k))[1]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli.main(argv + ["--out", out, "--device", "cpu", "--no-progress"])
+    torch.save((rc, stdout.getvalue(), stderr.getvalue(), written), f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("command", ["demo", "reproduce"])
+def test_demo_and_reproduce_under_torchrun_print_and_write_on_rank_0_only(small_npz, tmp_path, command):
+    """Under torchrun demo and reproduce printed every line on every process, and each process wrote the results,
+    the report and the evaluation caches itself (train's reports were rank 0's alone)."""
+    from test_train import _free_port, _spawn_within
+
+    argv = (["demo", "--quick", "--data", str(small_npz), "--model", "mlp", "--methods", "standard", "--attacks",
+             "fgsm", "--eps", "1/255"] if command == "demo"
+            else ["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--methods", "Standard training"])
+    out = tmp_path / command
+    _spawn_within(240, _torchrun_command_worker, (2, _free_port(), argv, str(out)))
+    (rc0, out0, err0, written0), (rc1, out1, err1, written1) = (
+        torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2))
+    assert rc0 == rc1 == 0, (err0, err1)
+    assert out0.startswith(f"{command} ") and "results" in written0 and "run.json" in written0, (out0, written0)
+    assert (out / "results.json").is_file() and (out / "report.md").is_file()
+    assert (out1, err1, written1) == ("", "", [])
+
+
 def test_help_shows_defaults(capsys):
     for cmd in ("train", "eval", "demo", "bench", "reproduce"):
         with pytest.raises(SystemExit) as ex:

@@ -1162,15 +1162,18 @@ def cmd_demo(args):
                 prepacked_conv=prepacked_conv_resolved(None)))
             if conflict:
                 raise _demo_resume_error(run_dir, conflict, args, epochs)
-    print(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
-          f"{args.model}, {epochs} epochs, device {device}")
-    print(f"classes: {describe_classes(splits.info)}")
+    # under torchrun every process trains (fit's DDP), rank 0 alone reports and evaluates, as in train
+    main = is_main_process()
+    say = print if main else lambda *_args, **_kwargs: None
+    say(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
+        f"{args.model}, {epochs} epochs, device {device}")
+    say(f"classes: {describe_classes(splits.info)}")
     models, timings = {}, {}
     try:
         for m in methods:
             label = DEMO_LABELS.get(m, m)
             t0 = time.perf_counter()
-            print(f"training {label} ...", flush=True)
+            say(f"training {label} ...", flush=True)
             model, _, _, history = train_run(
                 data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
@@ -1179,11 +1182,12 @@ def cmd_demo(args):
             timings[label] = time.perf_counter() - t0
             models[label] = model
             last = history[-1] if history else {}
-            print(f"  {label}: {timings[label]:.0f} s, train loss {last.get('train_loss', float('nan')):.3f}")
+            say(f"  {label}: {timings[label]:.0f} s, train loss {last.get('train_loss', float('nan')):.3f}")
     except KeyboardInterrupt:
-        print(f"\n{PROG} demo: interrupted; finished runs are in {out / 'runs'}; rerun with --resume",
-              file=sys.stderr)
+        say(f"\n{PROG} demo: interrupted; finished runs are in {out / 'runs'}; rerun with --resume", file=sys.stderr)
         return 130
+    if not main:  # the evaluation needs no other process: rank 0's alone is written
+        return 0
     config = {"command": "demo", "methods": methods, "data": args.data, "model": args.model, "epochs": epochs,
               "train_images": len(splits.train), "test_images": len(splits.test),
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
@@ -1312,7 +1316,8 @@ def cmd_reproduce(args):
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:
-        print(f"\n{PROG} reproduce: interrupted; no results were written", file=sys.stderr)
+        if is_main_process():
+            print(f"\n{PROG} reproduce: interrupted; no results were written", file=sys.stderr)
         return 130
     return 0
 

@@ -425,16 +425,17 @@ def _json_copy(value):
 class EvalCache:
     """Evaluation rows of one trained run, kept in a JSON file (written atomically) and looked up by ``eval_key``."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, writes=True):
         self.path = Path(path)
-        self.enabled = enabled
+        self.enabled, self.writes = enabled, writes  # writes: rank 0 of a torchrun launch, or the only process
         self.entries = []
         if self.path.exists():
             try:
                 doc = json.loads(self.path.read_text())
                 self.entries = [e for e in doc.get("entries", []) if "key" in e and "rows" in e]
             except (ValueError, AttributeError) as err:  # unreadable: evaluate again and overwrite it
-                print(f"{self.path}: unreadable evaluation cache ({err}); evaluating again", flush=True)
+                if writes:
+                    print(f"{self.path}: unreadable evaluation cache ({err}); evaluating again", flush=True)
 
     def get(self, key):
         if not self.enabled:
@@ -448,7 +449,8 @@ class EvalCache:
         from .cli import write_json_atomic
 
         self.entries = [e for e in self.entries if e["key"] != key] + [{"key": key, "rows": _json_copy(rows)}]
-        write_json_atomic(self.path, {"format": "robust_ops.eval_cache/1", "entries": self.entries})
+        if self.writes:
+            write_json_atomic(self.path, {"format": "robust_ops.eval_cache/1", "entries": self.entries})
 
 
 def aggregate(rows, metrics):
@@ -608,7 +610,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
-    from .cli import CLIError, load_data, resume_conflict, run_record, train_run
+    from .cli import CLIError, is_main_process, load_data, resume_conflict, run_record, train_run
     from .evaluate import evaluate, write_results
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
@@ -654,14 +656,19 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             runs.append((method, options, run_dir))
         plan.append((k, tag, record, splits, runs))
     all_rows, models, splits = [], {}, None
-    print(f"reproduce {protocol.name}{' --quick' if quick else ''}: {protocol.paper}")
+    # Under torchrun every process trains each run (fit's DDP) and evaluates it too: the next run's training needs
+    # them all, and its process group would wait for a rank 0 still evaluating only up to its timeout. Rank 0 alone
+    # prints and writes (the evaluation caches, results, report), as in train.
+    main = is_main_process()
+    say = print if main else lambda *_args, **_kwargs: None
+    say(f"reproduce {protocol.name}{' --quick' if quick else ''}: {protocol.paper}")
     for k, tag, record, splits, runs in plan:
         info = splits.info
         for method, options, run_dir in runs:
             done = epochs_done(run_dir)
             doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < epochs
                      else "loading (already trained)")
-            print(f"[{tag}] {doing} {method.label} ({method.defense}, {epochs} epochs) ...", flush=True)
+            say(f"[{tag}] {doing} {method.label} ({method.defense}, {epochs} epochs) ...", flush=True)
             model, _, _, _ = train_run(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
@@ -669,7 +676,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth)
             models[method.label] = model
             seen_clean = False
-            cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate)
+            cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)
             fingerprint = run_fingerprint(model, splits.test, method.label)
             for plan in protocol.evals:
                 specs = _specs(plan, quick)
@@ -680,8 +687,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                                     method=method.label, device=device, ensemble=plan.ensemble)
                     cache.put(key, rows)
                 else:
-                    print(f"[{tag}] {method.label}: evaluation reused from {cache.path} (--reevaluate to redo it)",
-                          flush=True)
+                    say(f"[{tag}] {method.label}: evaluation reused from {cache.path} (--reevaluate to redo it)",
+                        flush=True)
                 for r in rows:
                     if r["attack"] == "none":
                         if seen_clean:
@@ -692,6 +699,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                     all_rows.append({**r, "repeat": k})
     metrics = list(metric_names(splits.info.num_classes))
     rows = aggregate(all_rows, metrics)
+    if not main:
+        return rows
     comparison = report.paper_comparison_table(rows, protocol.paper_rows, protocol.paper_metrics)
     notes = list(protocol.notes)
     if protocol.data not in (data, splits.info.name):  # its notes describe its own data (BreastMNIST's 780 images)
