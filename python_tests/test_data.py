@@ -1210,3 +1210,28 @@ def test_cross_validation_takes_a_numpy_float32_val_fraction():
     splits = synthetic_splits(size=8, seed=0, sizes={"train": 20, "val": 10, "test": 10})
     folds = cross_validation(splits, k=2, val_fraction=np.float32(0.1))
     assert len(folds) == 2 and all(len(f.val) > 0 for f in folds)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, "a", 1.5, None])
+def test_a_bad_split_seed_is_named_not_called_too_few_samples(tmp_path, seed):
+    """scikit-learn refuses such a seed with a ValueError, which stratified_split read as a class too small and then
+    as "too few samples (20) for a 0.7/0.1/0.2 split"; None drew another split on every call of load_busi."""
+    from robust_ops.data import load_busi, load_csv
+    from robust_ops.data.core import stratified_split
+
+    for c, v in (("benign", 50), ("malignant", 200)):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{c}{i}.png", (8, 8), v)
+    csv = _ham(tmp_path, ["mel", "nv"] * 10)
+    calls = {"stratified_split": lambda: stratified_split(np.array([0, 1] * 20), (0.7, 0.1, 0.2), seed, "toy"),
+             "load_busi": lambda: load_busi(tmp_path, size=8, seed=seed),
+             "load_csv": lambda: load_csv(csv, size=8, seed=seed),
+             "cross_validation": lambda: cross_validation(load_dataset("synthetic", size=8), k=3, seed=seed)}
+    if seed == 2**32:
+        calls["load_dataset"] = lambda: load_dataset(tmp_path, size=8, seed=seed)
+    for name, call in calls.items():
+        with pytest.raises(DataError, match=r"expected seed to be an integer (>= 0|from 0 to 4294967295 \(the seeds "
+                                            rf"scikit-learn takes\)), got {re.escape(repr(seed))}$") as err:
+            call()
+        assert err.value.arg == "seed", name

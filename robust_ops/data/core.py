@@ -1,5 +1,6 @@
 """Dataset containers shared by every loader, and the one entry point ``load_dataset``."""
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -116,12 +117,27 @@ def labels_to_tensor(labels, n, source, key="labels"):
     return torch.from_numpy(labels.astype(np.int64))
 
 
+# scikit-learn's splits and generators take seeds 0 to 2**32 - 1 (None would draw other data on every call)
+MAX_SKLEARN_SEED = 2**32 - 1
+
+
+def check_sklearn_seed(where, seed):
+    """``seed`` as an int from 0 to MAX_SKLEARN_SEED, else a DataError naming ``where`` and seed=."""
+    seed = check_int(where, "seed", seed, 0, error=functools.partial(DataError, arg="seed"))
+    if seed > MAX_SKLEARN_SEED:
+        raise DataError(f"{where}: expected seed to be an integer from 0 to {MAX_SKLEARN_SEED} (the seeds "
+                        f"scikit-learn takes), got {seed}", arg="seed")
+    return seed
+
+
 def stratified_split(y, fractions, seed, source="dataset", class_names=None):
-    """Split indices into len(fractions) stratified parts (fractions sum to 1), deterministic in seed.
-    class_names: label -> name, so the warning about a class too small to stratify names it and the parts (train,
-    val, test in that order)."""
+    """Split indices into len(fractions) stratified parts (fractions sum to 1), deterministic in seed (an integer
+    from 0 to MAX_SKLEARN_SEED). class_names: label -> name, so the warning about a class too small to stratify names
+    it and the parts (train, val, test in that order)."""
     from sklearn.model_selection import train_test_split
 
+    # checked here: scikit-learn's refusal of a bad seed is a ValueError, read below as a class too small to stratify
+    seed = check_sklearn_seed(source, seed)
     y = np.asarray(y)
     idx = np.arange(len(y))
     parts, rest, rest_frac, stratified = [], idx, 1.0, True

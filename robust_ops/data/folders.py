@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .._options import check_int
-from .core import DataError, DatasetInfo, splits_from_arrays
+from .core import DataError, DatasetInfo, check_sklearn_seed, splits_from_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Image files this loader does not read: refused, so a class folder is never silently smaller than it looks.
@@ -279,6 +279,7 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
         raise DataError(f"{folder}: no such folder")
     _check_size(size, f"load_busi({folder})")
     _check_mode(mode, f"load_busi({folder})", default_ok=True)
+    check_sklearn_seed(f"load_busi({folder})", seed)  # before reading every image
     bit_depth = _check_bit_depth(bit_depth, f"load_busi({folder})")
     subdirs = {}
     for p in sorted(folder.iterdir()):
@@ -370,6 +371,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         raise DataError(f"{csv_path}: no such file")
     _check_size(size, f"load_csv({csv_path})")
     _check_mode(mode, f"load_csv({csv_path})")
+    check_sklearn_seed(f"load_csv({csv_path})", seed)  # before reading every image
     bit_depth = _check_bit_depth(bit_depth, f"load_csv({csv_path})")
     rows = []
     # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise hide the first column's name

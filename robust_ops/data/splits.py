@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from .._options import check_int
-from .core import DataError, DatasetSplits, missing_classes, stratified_split
+from .core import DataError, DatasetSplits, check_sklearn_seed, missing_classes, stratified_split
 
 
 def _tensors(dataset):
@@ -28,14 +28,14 @@ def pooled(splits):
 
 def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
     """k stratified folds over the pooled data: fold i tests on the i-th part, validates on a stratified
-    ``val_fraction`` of the rest and trains on the remainder; the same ``seed`` (an integer >= 0) gives the same
-    folds. Returns a list of DatasetSplits (same info)."""
+    ``val_fraction`` of the rest and trains on the remainder; the same ``seed`` (an integer from 0 to 2**32 - 1)
+    gives the same folds. Returns a list of DatasetSplits (same info)."""
     from sklearn.model_selection import StratifiedKFold
 
     k = check_int("cross_validation", "k (the number of folds)", k, minimum=2, error=DataError)
     # None would draw other folds on every call (a fold could not be rebuilt to evaluate it); scikit-learn's own
     # refusal of a negative seed names neither the function nor the argument
-    seed = check_int("cross_validation", "seed", seed, minimum=0, error=DataError)
+    seed = check_sklearn_seed("cross_validation", seed)
     # a negative one would silently mean 0, 1 leaves no training data; a string or None failed in the comparison
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 <= val_fraction < 1:
         raise DataError(f"cross_validation: expected 0 <= val_fraction < 1, got {val_fraction!r}")
