@@ -1235,3 +1235,14 @@ def test_a_bad_split_seed_is_named_not_called_too_few_samples(tmp_path, seed):
                                             rf"scikit-learn takes\)), got {re.escape(repr(seed))}$") as err:
             call()
         assert err.value.arg == "seed", name
+
+
+def test_npz_uint64_labels_above_int64_are_refused(tmp_path):
+    """uint64 label 2**64 - 1 (an "unknown" marker) wrapped to -1 on the cast to int64 and loaded as a label."""
+    labels = (np.arange(12) % 2).reshape(-1, 1).astype(np.uint64)
+    labels[3] = 2**64 - 1
+    with pytest.raises(DataError, match=r"u\.npz \[train\]: expected train_labels to be class indices 0 to K-1, got "
+                                        r"18446744073709551615$"):
+        load_dataset(write_npz(tmp_path / "u.npz", train_labels=labels))
+    s = load_dataset(write_npz(tmp_path / "v.npz", train_labels=(np.arange(12) % 2).astype(np.uint64)))
+    assert s.train.tensors[1].dtype == torch.int64 and s.train.tensors[1].tolist() == [0, 1] * 6

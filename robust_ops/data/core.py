@@ -114,6 +114,8 @@ def labels_to_tensor(labels, n, source, key="labels"):
         raise DataError(f"{source}: expected integer {key}, got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise DataError(f"{source}: expected {key} >= 0, got {labels.min()}")
+    if labels.size and labels.max() > np.iinfo(np.int64).max:  # uint64: would wrap to a negative int64 label
+        raise DataError(f"{source}: expected {key} to be class indices 0 to K-1, got {labels.max()}")
     return torch.from_numpy(labels.astype(np.int64))
 
 
