@@ -1246,3 +1246,13 @@ def test_npz_uint64_labels_above_int64_are_refused(tmp_path):
         load_dataset(write_npz(tmp_path / "u.npz", train_labels=labels))
     s = load_dataset(write_npz(tmp_path / "v.npz", train_labels=(np.arange(12) % 2).astype(np.uint64)))
     assert s.train.tensors[1].dtype == torch.int64 and s.train.tensors[1].tolist() == [0, 1] * 6
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**70])
+def test_moons_seed_above_what_scikit_learn_takes_is_refused_by_name(seed):
+    """make_moons' RandomState takes seeds below 2**32: 2**32 was numpy's bare "Seed must be between 0 and 2**32 - 1",
+    2**70 a TypeError about casting dtype('O')."""
+    with pytest.raises(DataError, match=rf"^moons: expected seed to be an integer from 0 to 4294967295 \(the seeds "
+                                        rf"scikit-learn takes\), got {seed}$") as err:
+        load_dataset("moons", seed=seed)
+    assert err.value.arg == "seed"

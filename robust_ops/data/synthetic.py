@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .._options import check_int, check_real
-from .core import DataError, DatasetInfo, DatasetSplits
+from .core import DataError, DatasetInfo, DatasetSplits, check_sklearn_seed
 
 SYNTHETIC_CLASSES = ("benign", "malignant")
 SYNTHETIC_SIZES = {"train": 384, "val": 64, "test": 128}
@@ -148,7 +148,7 @@ def moons_splits(seed=0, n_train=10000, n_val=1000, n_test=1000, noise=0.2):
     from sklearn.datasets import make_moons
 
     # else scikit-learn's errors named make_moons' n_samples, True passed as 1 (one point, or noise 1)
-    check_int("moons", "seed", seed, 0, error=DataError)
+    check_sklearn_seed("moons", seed)  # make_moons' RandomState: 2**32 was numpy's error, 2**64 a TypeError
     for arg, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         check_int("moons", arg, n, 1, error=DataError)
     try:
