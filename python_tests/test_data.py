@@ -1256,3 +1256,27 @@ def test_moons_seed_above_what_scikit_learn_takes_is_refused_by_name(seed):
                                         rf"scikit-learn takes\), got {seed}$") as err:
         load_dataset("moons", seed=seed)
     assert err.value.arg == "seed"
+
+
+def test_classes_must_be_an_ordered_list_of_names(tmp_path):
+    """classes= a set took the set's order, which string hashing changes from run to run (so did the labels);
+    int names were a TypeError traceback for folders and, for a CSV of labels 0/1, "requested class(es) 0, 1 have no
+    rows (labels present: 0, 1)"; classes=5 was "'int' object is not iterable"."""
+    for c, v in (("benign", 50), ("malignant", 200)):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{c}{i}.png", (8, 8), v)
+    csv = _ham(tmp_path, ["0", "1"] * 10)
+    for source in (tmp_path, csv):
+        with pytest.raises(DataError, match=r"expected classes to be a list or tuple of names in label order such as "
+                                            r"\('benign', 'malignant'\), got \{") as err:
+            load_dataset(source, size=8, classes={"benign", "malignant"})
+        assert err.value.arg == "classes"
+        with pytest.raises(DataError, match=r"expected classes to be a list or tuple of names .*, got 5$"):
+            load_dataset(source, size=8, classes=5)
+        with pytest.raises(DataError, match=r"expected classes to be names \(strings\), got 0 of type int; write '0'$"):
+            load_dataset(source, size=8, classes=(0, 1))
+        with pytest.raises(DataError, match=r"expected classes to be names \(strings\), got None of type NoneType$"):
+            load_dataset(source, size=8, classes=("1", None))
+    assert load_dataset(tmp_path, size=8, classes=["malignant", "benign"]).info.class_names == ("malignant", "benign")
+    assert load_dataset(csv, size=8, classes=("1", "0")).info.class_names == ("1", "0")

@@ -8,9 +8,11 @@ Neither source has official splits: train/val/test are a stratified 7:1:2 split 
 import csv
 import functools
 import hashlib
+import numbers
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +239,16 @@ def _class_list(classes, where, fold=None):
     if isinstance(classes, (str, bytes)):
         raise DataError(f"{where}: expected classes to be a sequence of names such as ('benign', 'malignant'), "
                         f"got the string {classes!r}", arg="classes")
+    # a set's order is the order of string hashes, which changes from run to run: the labels would too
+    if isinstance(classes, (set, frozenset)) or not isinstance(classes, Iterable):
+        raise DataError(f"{where}: expected classes to be a list or tuple of names in label order such as "
+                        f"('benign', 'malignant'), got {classes!r}", arg="classes")
+    classes = list(classes)
+    other = [c for c in classes if not isinstance(c, str)]
+    if other:  # names are text: the label 0 of a CSV is '0'
+        hint = f"; write {str(other[0])!r}" if isinstance(other[0], numbers.Integral) else ""
+        raise DataError(f"{where}: expected classes to be names (strings), got {other[0]!r} of type "
+                        f"{type(other[0]).__name__}{hint}", arg="classes")
     names = [fold(c) if fold else c for c in classes]
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
