@@ -1280,3 +1280,15 @@ def test_classes_must_be_an_ordered_list_of_names(tmp_path):
             load_dataset(source, size=8, classes=("1", None))
     assert load_dataset(tmp_path, size=8, classes=["malignant", "benign"]).info.class_names == ("malignant", "benign")
     assert load_dataset(csv, size=8, classes=("1", "0")).info.class_names == ("1", "0")
+
+
+@pytest.mark.parametrize("size", ["28", True, 28.0])
+def test_medmnist_size_must_be_an_integer(tmp_path, size):
+    """size="28" on a 28x28 .npz was "images are 28x28, but size=28 was requested"."""
+    path = write_npz(tmp_path / "g.npz")
+    for spec in (path, "breastmnist"):  # the name is refused before any file is looked up
+        with pytest.raises(DataError, match=rf"expected size to be an integer \(pixels\), got "
+                                            rf"size={re.escape(repr(size))}$") as err:
+            load_dataset(spec, size=size)
+        assert err.value.arg == "size"
+    assert load_dataset(path, size=28).info.image_size == 28

@@ -2,6 +2,7 @@
 with ``np.load(allow_pickle=False)`` so a shared file can never run code."""
 
 import hashlib
+import numbers
 import os
 import re
 import zipfile
@@ -107,6 +108,7 @@ def find_medmnist(name, root=None, size=None):
 
 
 def load_medmnist(spec, root=None, size=None, download=False):
+    _check_size(size, spec)
     m = _NAME_RE.match(spec)
     name = m.group(1)
     if name in MULTI_LABEL_NAMES:  # else "not a known dataset name", which sends the user looking for a typo
@@ -151,9 +153,17 @@ def _try_download(name, root, size):
     return find_medmnist(name, target, size)
 
 
+def _check_size(size, where):
+    """None or an int, its value checked against the images or MedMNIST's sizes: a string '28' was "images are
+    28x28, but size=28 was requested"."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
+        raise DataError(f"{where}: expected size to be an integer (pixels), got size={size!r}", arg="size")
+
+
 def load_npz(path, size=None, name=None):
     """Load a MedMNIST-layout ``.npz`` (keys ``{train,val,test}_{images,labels}``), MD5-checked if officially named."""
     path = Path(path).expanduser()
+    _check_size(size, path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     check_md5(path)
