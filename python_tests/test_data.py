@@ -1292,3 +1292,23 @@ def test_medmnist_size_must_be_an_integer(tmp_path, size):
             load_dataset(spec, size=size)
         assert err.value.arg == "size"
     assert load_dataset(path, size=28).info.image_size == 28
+
+
+def test_cross_validation_takes_medmnist_column_labels_and_names_float_ones():
+    """Labels [N, 1] (MedMNIST's shape, which fit takes) were numpy's "object too deep for desired array"; float
+    labels numpy's "Cannot cast array data from dtype('float32') to dtype('int64')"."""
+    from torch.utils.data import TensorDataset
+
+    from robust_ops.data import DatasetSplits, synthetic_splits
+
+    s = synthetic_splits(size=8, sizes={"train": 24, "val": 6, "test": 6})
+    column = DatasetSplits(*(TensorDataset(d.tensors[0], d.tensors[1][:, None]) for d in (s.train, s.val, s.test)),
+                           s.info)
+    for a, b in zip(cross_validation(column, k=3), cross_validation(s, k=3)):  # the same folds
+        for part in ("train", "val", "test"):
+            assert all(torch.equal(p, q) for p, q in zip(getattr(a, part).tensors, getattr(b, part).tensors))
+    floats = DatasetSplits(*(TensorDataset(d.tensors[0], d.tensors[1].float()) for d in (s.train, s.val, s.test)),
+                           s.info)
+    with pytest.raises(DataError, match=r"^cross_validation: expected integer class labels, got the labels of dtype "
+                                        r"torch.float32$"):
+        cross_validation(floats, k=3)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
-from .._options import check_int
+from .._options import check_int, class_labels
 from .core import DataError, DatasetSplits, check_sklearn_seed, missing_classes, stratified_split
 
 
@@ -42,6 +42,10 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
     # scikit-learn refuses a numpy float32 train_size, which read as "too few samples for a 0.9/0.1 split"
     val_fraction = float(val_fraction)
     x, y = pooled(splits)
+    try:  # MedMNIST's [N, 1] labels, which fit takes, were numpy's "object too deep for desired array"
+        y = class_labels("cross_validation", y, len(x), what="the labels")
+    except (TypeError, ValueError) as err:
+        raise DataError(str(err)) from None
     counts = np.bincount(y.numpy())
     if counts[counts > 0].min() < k:
         raise DataError(f"cross_validation: the smallest class has {counts[counts > 0].min()} samples, fewer than "
