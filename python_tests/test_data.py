@@ -1312,3 +1312,14 @@ def test_cross_validation_takes_medmnist_column_labels_and_names_float_ones():
     with pytest.raises(DataError, match=r"^cross_validation: expected integer class labels, got the labels of dtype "
                                         r"torch.float32$"):
         cross_validation(floats, k=3)
+
+
+@pytest.mark.parametrize("seed", [-1, "a", 1.5, True, [0, -1]])
+def test_synthetic_ultrasound_refuses_a_bad_seed_by_name(seed):
+    """numpy's "expected non-negative integer" / "SeedSequence expects int ..." named neither function nor argument,
+    and seed=True drew seed 1's images (synthetic_splits already refused it)."""
+    bad = seed[1] if isinstance(seed, list) else seed
+    with pytest.raises(DataError, match=rf"^synthetic: expected seed to be an integer >= 0, got "
+                                        rf"{re.escape(repr(bad))}$"):
+        synthetic_ultrasound(2, size=8, seed=seed)
+    assert torch.equal(synthetic_ultrasound(2, size=8, seed=[3, 1])[0], synthetic_ultrasound(2, size=8, seed=[3, 1])[0])

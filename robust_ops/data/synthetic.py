@@ -90,7 +90,8 @@ def _is_int(value):
 
 
 def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTION):
-    """``n`` procedural breast-ultrasound-like images [n, 1, size, size] in [0, 1] and labels (1 = malignant)."""
+    """``n`` procedural breast-ultrasound-like images [n, 1, size, size] in [0, 1] and labels (1 = malignant), drawn
+    from ``seed``: an integer >= 0 or a list of them (numpy's SeedSequence entropy)."""
     # not integers: "'<' not supported between 'str' and 'int'"; True passed as 1, 2.5 failed inside numpy
     if not _is_int(n) or n < 0:
         raise DataError(f"synthetic: expected n >= 0, got n={n!r}")
@@ -100,6 +101,9 @@ def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTI
     if isinstance(malignant_fraction, bool) or not isinstance(malignant_fraction, numbers.Real) \
             or not 0 <= malignant_fraction <= 1:
         raise DataError(f"synthetic: expected 0 <= malignant_fraction <= 1, got {malignant_fraction!r}")
+    # numpy's refusals named neither synthetic nor seed ("expected non-negative integer"); True was seed 1
+    for part in seed if isinstance(seed, (list, tuple)) else (seed,):
+        check_int("synthetic", "seed", part, 0, error=DataError)
     rng = np.random.default_rng(seed)
     render = 2 * size
     coords = (np.arange(render) + 0.5) / render
