@@ -3099,6 +3099,27 @@ def test_half_precision_inputs_fab_and_l2_square_refused_before_any_attack_runs(
     attacks.AutoAttack(model, norm="linf", eps=8 / 255, steps=2, n_queries=3).run(x, y)
 
 
+def test_flat_inputs_square_refused_before_any_attack_of_the_cascade_runs():
+    # AutoAttack's Square takes images only; on flat [N, D] inputs (tabular data) it failed only after APGD-CE,
+    # APGD-T and FAB-T had run (5.6 s on 64 samples of a 20-feature MLP at 100 steps), losing their work.
+    model = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 4))
+    x, y = torch.rand(6, 20), torch.tensor([0, 1, 2, 3, 0, 1])
+    calls = []
+    aa = attacks.AutoAttack(model, eps=0.1, steps=2, n_queries=3)
+    aa.attacks[0].forward = lambda *a: calls.append(1)  # APGD-CE must not run before the refusal
+    with pytest.raises(ValueError, match=r"square: expected images \[N, C, H, W\], got a 2-D tensor"):
+        aa.run(x, y)
+    # also a Square inside an AutoAttack inside an ensemble, after another attack
+    fgsm = attacks.FGSM(model, eps=0.1)
+    fgsm.forward = lambda *a: calls.append(1)
+    with pytest.raises(ValueError, match="square: expected images"):
+        attacks.ensemble(model, x, y, [fgsm, attacks.AutoAttack(model, eps=0.1, attacks=["apgd-ce", "square"])])
+    assert not calls
+    # without Square the cascade runs on flat inputs
+    result = attacks.AutoAttack(model, eps=0.1, attacks=["apgd-ce", "apgd-t", "fab-t"], steps=2).run(x, y)
+    assert result.x_adv.shape == x.shape
+
+
 def test_float16_l1_apgd_with_a_zero_gradient_stays_at_a_point_of_the_ball():
     # The L1 step divided by (coordinates moved + 1e-10) in float16, where 1e-10 rounds to 0: a zero input gradient
     # (a confident sample's CE underflows in float16) gave 0 / 0, NaN points, counted as broken by AutoAttack.

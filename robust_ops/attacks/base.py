@@ -49,6 +49,10 @@ class Attack:
         """Raise when this attack cannot run on ``x``'s dtype; ensembles ask every attack before running any (so a
         cascade does not fail at its third attack after minutes of the first two). Default: every float dtype."""
 
+    def check_input_shape(self, x):
+        """Raise when this attack cannot run on ``x``'s shape (Square: images ``[N, C, H, W]`` only); ensembles ask
+        every attack before running any, as for the dtype. Default: any shape."""
+
     def set_model_mode(self, model_mode):
         if model_mode not in MODEL_MODES:
             raise ValueError(f"{self.name}: expected model_mode to be one of {', '.join(MODEL_MODES)}, "

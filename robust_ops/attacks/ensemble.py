@@ -101,6 +101,19 @@ def _check_per_sample_options(attack, n, label):
             _check_per_sample_options(a, n, label)
 
 
+def _check_runs_on(attack, x):
+    """Ask ``attack`` (also the attacks inside an AutoAttack's list) whether it runs on ``x``'s dtype and shape: a
+    Square after APGD-CE, APGD-T and FAB-T refused flat [N, D] inputs only once those had run."""
+    for hook in ("check_input_dtype", "check_input_shape"):
+        check = getattr(attack, hook, None)
+        if check is not None:
+            check(x)
+    inner = vars(attack).get("attacks") if isinstance(attack, Attack) else None
+    if isinstance(inner, list):
+        for a in inner:
+            _check_runs_on(a, x)
+
+
 @torch.no_grad()
 def _correct(model, x, y, model_mode, name):
     with attack_context(model, model_mode, name):
@@ -141,9 +154,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     x = x.detach()
     n = x.shape[0]
     for attack, label in zip(attacks, labels):  # before any attack runs: the cascade would otherwise stop minutes in
-        check_dtype = getattr(attack, "check_input_dtype", None)
-        if check_dtype is not None:
-            check_dtype(x)
+        _check_runs_on(attack, x)
         _check_per_sample_options(attack, n, label)
     x_adv = x.clone()
     broken_by = torch.full((n,), -1, dtype=torch.long, device=x.device)

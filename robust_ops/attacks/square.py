@@ -44,6 +44,11 @@ def _fooled(out, y, targeted):
     return predicted == y if targeted else predicted != y
 
 
+def _check_images(name, x):
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected images [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+
+
 def _check_dtype(name, norm, x):
     if norm == "l2":
         check_not_half(name, x, "the L2 proposal's arithmetic (1e-12 guards, float32 radii) is written for float32")
@@ -201,8 +206,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
     resample_unchanged = _resample_rule(name, norm, resample_unchanged)
     _check_dtype(name, norm, x)
     y = check_inputs(name, x, y, clip_min, clip_max)
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected images [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    _check_images(name, x)
     n_queries = check_steps(name, n_queries, "n_queries")
     if isinstance(p_init, bool) or not isinstance(p_init, numbers.Real) or not 0 < float(p_init) <= 1:
         raise ValueError(f"{name}: expected p_init in (0, 1], got {p_init!r}")
@@ -306,6 +310,9 @@ class Square(Attack):
 
     def check_input_dtype(self, x):
         _check_dtype(self.name, self.norm, x)
+
+    def check_input_shape(self, x):
+        _check_images(self.name, x)
 
     def forward(self, x, y):
         return square(self.model, x, y, eps=self.eps, norm=self.norm, n_queries=self.n_queries, p_init=self.p_init,
