@@ -398,3 +398,12 @@ def test_simclr_augment_and_simclr_augment_size_are_checked_by_name():
         with pytest.raises(ValueError, match=r"^SimCLRAugment: expected size to be an integer >= 1 or a pair"):
             SimCLRAugment(bad)
     assert SimCLRAugment([8, 6])(torch.rand(2, 1, 10, 10)).shape == (2, 1, 8, 6)
+
+
+def test_simclr_takes_a_numpy_integer_batch_size():
+    # np.int64(8) passed simclr's check, then DataLoader refused it: "batch_size should be a positive integer value,
+    # but got batch_size=8" (fit takes NumPy integers; epochs= and projection_dim= already did here)
+    import numpy as np
+
+    result = simclr(_model(), _data(), epochs=1, batch_size=np.int64(8), progress=False)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])

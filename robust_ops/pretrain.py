@@ -141,6 +141,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 2:
         raise ValueError(f"simclr: expected batch_size to be an integer >= 2 (NT-Xent needs negatives), got "
                          f"{batch_size!r}")
+    batch_size = int(batch_size)  # a NumPy integer passed the check above, then DataLoader refused it without our name
     if len(data) < batch_size:
         raise ValueError(f"simclr: data has {len(data)} samples, fewer than one batch of {batch_size}")
     check_real("simclr", "temperature", temperature, minimum=0, allow_min=False)
