@@ -395,7 +395,7 @@ def test_simclr_augment_and_simclr_augment_size_are_checked_by_name():
     with pytest.raises(TypeError, match="^simclr: expected augment to be a callable batch -> batch or None, got True$"):
         simclr(_model(), _data(), epochs=1, batch_size=8, augment=True, progress=False)
     for bad in (2.5, 0, (8,), True, None):
-        with pytest.raises(ValueError, match=r"^SimCLRAugment: expected size to be an integer >= 1 or a pair"):
+        with pytest.raises(ValueError, match=r"^SimCLRAugment: expected size to be an integer >= 2 or a pair"):
             SimCLRAugment(bad)
     assert SimCLRAugment([8, 6])(torch.rand(2, 1, 10, 10)).shape == (2, 1, 8, 6)
 
@@ -407,3 +407,14 @@ def test_simclr_takes_a_numpy_integer_batch_size():
 
     result = simclr(_model(), _data(), epochs=1, batch_size=np.int64(8), progress=False)
     assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])
+
+
+def test_augment_refuses_a_one_pixel_side():
+    # Its Gaussian blur (p=0.5, 3x3 kernel) reflect-pads 1 pixel: on a 1-pixel side it failed at random, mid-training,
+    # with torch's "Padding size should be less than the corresponding input dimension"; 2 pixels work
+    for bad in (1, (1, 8), (8, 1)):
+        with pytest.raises(ValueError, match=r"^SimCLRAugment: expected size to be an integer >= 2 or a pair"):
+            SimCLRAugment(bad)
+    torch.manual_seed(0)
+    aug = SimCLRAugment(2)
+    assert all(aug(torch.rand(4, 1, 2, 2)).shape == (4, 1, 2, 2) for _ in range(5))

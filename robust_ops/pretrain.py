@@ -62,8 +62,9 @@ class SimCLRAugment(nn.Module):
         # else errors from inside torchvision ("'float' object is not iterable", "output (H: 0, W: 0)")
         pair = (size, size) if isinstance(size, numbers.Integral) else tuple(size) if isinstance(size, (tuple, list)) \
             else ()
-        if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in pair):
-            raise ValueError(f"SimCLRAugment: expected size to be an integer >= 1 or a pair (height, width) of them, "
+        # >= 2: the Gaussian blur reflect-pads 1 pixel, which a 1-pixel side cannot give (it failed at random, p=0.5)
+        if len(pair) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 2 for s in pair):
+            raise ValueError(f"SimCLRAugment: expected size to be an integer >= 2 or a pair (height, width) of them, "
                              f"got {size!r}")
         h, w = (int(s) for s in pair)
         kernel = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
