@@ -62,9 +62,13 @@ def test_nt_xent_rejects_bad_temperature(tau):
 
 
 def test_nt_xent_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"nt_xent: expected two \[N, D\] projections with N >= 2 and equal shapes, "
-                                         r"got \(1, 3\) and \(1, 3\)"):
+    with pytest.raises(ValueError, match=r"nt_xent: expected two \[N, D\] projections with N >= 2, D >= 1 and equal "
+                                         r"shapes, got \(1, 3\) and \(1, 3\)"):
         nt_xent(torch.randn(1, 3), torch.randn(1, 3))
+    # empty projections gave the constant log(2N - 1) = log(5) with zero gradient, a loss that trains nothing
+    with pytest.raises(ValueError, match=r"nt_xent: expected two \[N, D\] projections with N >= 2, D >= 1 and equal "
+                                         r"shapes, got \(3, 0\) and \(3, 0\)"):
+        nt_xent(torch.randn(3, 0), torch.randn(3, 0))
 
 
 def test_augment_grayscale_views_are_random_and_in_range():

@@ -35,8 +35,9 @@ def nt_xent(z1, z2, temperature=0.5):
 
     Args: z1, z2 (Tensor[N, D]): projections of the two views (row i of z1 and of z2 form a positive pair);
     temperature (float > 0)."""
-    if z1.shape != z2.shape or z1.dim() != 2 or z1.shape[0] < 2:
-        raise ValueError(f"nt_xent: expected two [N, D] projections with N >= 2 and equal shapes, got "
+    # D = 0 gave the constant log(2N - 1) with zero gradient: a loss that trains nothing (as simclr's projection_dim=0)
+    if z1.shape != z2.shape or z1.dim() != 2 or z1.shape[0] < 2 or z1.shape[1] < 1:
+        raise ValueError(f"nt_xent: expected two [N, D] projections with N >= 2, D >= 1 and equal shapes, got "
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
     check_real("nt_xent", "temperature", temperature, minimum=0, allow_min=False)
     n = z1.shape[0]
