@@ -2,6 +2,7 @@
 (The eq. 4 loop test and the basic head / backbone test live in test_train.py.)"""
 
 import math
+import re
 
 import pytest
 import torch
@@ -422,3 +423,14 @@ def test_augment_refuses_a_one_pixel_side():
     torch.manual_seed(0)
     aug = SimCLRAugment(2)
     assert all(aug(torch.rand(4, 1, 2, 2)).shape == (4, 1, 2, 2) for _ in range(5))
+
+
+def test_augment_refuses_images_of_other_channels_or_rank():
+    # channels picks the recipe: RGB images under channels=1 got no saturation / hue / random grayscale, grayscale
+    # ones under channels=3 a colour recipe, both without a word; a single [3, H, W] image failed as "not enough
+    # values to unpack (expected 3, got 2)" and a [1, H, W] one was augmented as a batch of [H, W] planes
+    for channels, shape in ((1, (2, 3, 8, 8)), (3, (2, 1, 8, 8)), (3, (3, 8, 8)), (1, (1, 8, 8)), (1, (2, 1, 1, 8, 8))):
+        with pytest.raises(ValueError, match=rf"^SimCLRAugment: expected a batch \[N, {channels}, H, W\] \(channels="
+                                             rf"{channels}\), got shape {re.escape(str(shape))}$"):
+            SimCLRAugment(8, channels=channels)(torch.rand(shape))
+    assert SimCLRAugment(8, channels=3)(torch.rand(2, 3, 8, 8)).shape == (2, 3, 8, 8)

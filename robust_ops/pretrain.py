@@ -76,8 +76,15 @@ class SimCLRAugment(nn.Module):
             ops += [v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8)]
         ops += [v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)]
         self.transform = v2.Compose(ops)
+        self.channels = channels
 
     def forward(self, x):
+        # the recipe is chosen by channels: RGB images under channels=1 lost saturation/hue/grayscale without a word,
+        # and a single [C, H, W] image was augmented channel by channel
+        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != self.channels:
+            got = f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"SimCLRAugment: expected a batch [N, {self.channels}, H, W] (channels={self.channels}), "
+                             f"got {got}")
         # the clamp below only removes float rounding (resize, blur of 1.0): images outside [0, 1] (0-255, normalized)
         # or integer images would be clamped into saturated garbage without a word
         low, high = float(x.min()), float(x.max())
