@@ -434,3 +434,13 @@ def test_augment_refuses_images_of_other_channels_or_rank():
                                              rf"{channels}\), got shape {re.escape(str(shape))}$"):
             SimCLRAugment(8, channels=channels)(torch.rand(shape))
     assert SimCLRAugment(8, channels=3)(torch.rand(2, 3, 8, 8)).shape == (2, 3, 8, 8)
+
+
+def test_augment_checks_crop_scale_by_name():
+    # (2, 1) was taken and failed at the first batch in torch ("uniform_ expects to return a [from, to) range");
+    # areas outside (0, 1] became a whole-image crop after torchvision's 10 failed tries, silently
+    for bad in ((2, 1), (0.5, 0.2), (0, 1), (0.5, 4), (0.2,), 0.5, (True, 1), (0.2, math.nan), None):
+        with pytest.raises(ValueError, match=r"^SimCLRAugment: expected crop_scale to be a pair \(low, high\) with "
+                                             r"0 < low <= high <= 1, got "):
+            SimCLRAugment(8, crop_scale=bad)
+    assert SimCLRAugment(8, crop_scale=[0.08, 1])(torch.rand(2, 1, 8, 8)).shape == (2, 1, 8, 8)

@@ -68,8 +68,16 @@ class SimCLRAugment(nn.Module):
             raise ValueError(f"SimCLRAugment: expected size to be an integer >= 2 or a pair (height, width) of them, "
                              f"got {size!r}")
         h, w = (int(s) for s in pair)
+        # torchvision checks it only when drawing (low > high: "uniform_ expects ... from=2 > to=1" at the first batch)
+        # and turns areas outside (0, 1] into whole-image crops after 10 failed tries, silently
+        scale = tuple(crop_scale) if isinstance(crop_scale, (tuple, list)) else ()
+        if len(scale) != 2 or not all(not isinstance(v, bool) and isinstance(v, numbers.Real) and 0 < v <= 1
+                                      for v in scale) or scale[0] > scale[1]:
+            raise ValueError(f"SimCLRAugment: expected crop_scale to be a pair (low, high) with 0 < low <= high <= 1, "
+                             f"got {crop_scale!r}")
         kernel = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)
-        ops = [v2.RandomResizedCrop((h, w), scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
+        scale = tuple(float(v) for v in scale)
+        ops = [v2.RandomResizedCrop((h, w), scale=scale, antialias=True), v2.RandomHorizontalFlip()]
         if channels == 3:
             ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
         else:
