@@ -83,6 +83,12 @@ def test_small_cnn_and_mlp_validate_their_own_arguments():
         SmallCNN(1, 0)
     with pytest.raises(ValueError, match="MLP: expected every hidden width to be an integer >= 1, got 0"):
         MLP(2, 1, hidden=(10, 0))
+    # a single width failed in Python's own words ("'int' object is not iterable"), a string was read digit by digit
+    for bad in (10, None, "10"):
+        with pytest.raises(ValueError,
+                           match=r"^MLP: expected hidden to be a tuple or list of widths such as \(10, 10\), got "):
+            MLP(2, 1, hidden=bad)
+    assert MLP(2, 1, hidden=[4]).net[0].out_features == 4 and len(MLP(2, 3, hidden=()).net) == 1
 
 
 def test_stems_follow_the_image_size_and_channel_count():

@@ -48,6 +48,8 @@ class MLP(nn.Module):
         super().__init__()
         check_int("MLP", "in_features", in_features, 1)
         check_int("MLP", "num_outputs", num_outputs, 1)  # 1: a single logit (binary)
+        if not isinstance(hidden, (tuple, list)):  # hidden=10 failed as "'int' object is not iterable"
+            raise ValueError(f"MLP: expected hidden to be a tuple or list of widths such as (10, 10), got {hidden!r}")
         for h in hidden:
             check_int("MLP", "every hidden width", h, 1)
         layers, width = [], in_features
