@@ -719,6 +719,19 @@ def test_ima_trains_a_segmentation_net_and_checkpoints_its_margins():
     assert torch.equal(resumed.margins, margins)
 
 
+def test_ima_with_its_own_criterion_and_loss_checks_the_whole_batch():
+    # With is_correct and loss_fn of its own, IMA checked neither x nor y: a mask batch of 1 broadcast through the
+    # Dice and trained every sample on it, and 0-255 images trained silently while no sample was classified correctly.
+    model, x, target = segmentation_problem(1, n=4)
+    defense = IMA(num_samples=8, eps_train=1.0, steps=2, search_steps=2, is_correct=dice_criterion(),
+                  loss_fn=soft_dice_loss)
+    with pytest.raises(ValueError, match=re.escape("IMA: expected y with batch size 4, got (1, 8, 8)")):
+        defense(model, x, target[:1], torch.arange(4))
+    with pytest.raises(ValueError, match=r"IMA: expected x inside the clip range \[0.0, 1.0\]"):
+        defense(model, x * 255 + 1, 1 - target, torch.arange(4))  # 1 - target: no sample segmented correctly
+    assert defense.margins is None  # nothing was trained on
+
+
 def test_gen_adv_errors():
     model, x, y, margin = make_problem()
     bad = margin.clone()

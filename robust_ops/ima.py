@@ -154,6 +154,21 @@ def _class_labels_expected(is_correct, loss_fn, y):
     return is_correct is None or (loss_fn is None and not segmentation_masks(y))
 
 
+def _check_batch(name, x, y, clip_min, clip_max, is_correct, loss_fn):
+    """x finite and inside the clip range; y class labels [N] (returned as int64: cross-entropy takes no other label
+    type) where the defaults read them, else any tensor with x's batch size (e.g. masks). IMA checks its whole batch
+    so: with its own criterion and loss it checked neither, and a mask batch of 1 broadcast through the Dice."""
+    if is_correct is None:
+        _check_default_labels(name, y)
+    if _class_labels_expected(is_correct, loss_fn, y):
+        return check_inputs(name, x, y, clip_min, clip_max)
+    check_inputs(name, x, None, clip_min, clip_max)
+    if not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: expected y with batch size {x.shape[0]}, got "
+                         f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+    return y
+
+
 def _flat(t):
     """[N, ...] -> [N, D]; unlike reshape(N, -1), also for an empty batch (N = 0)."""
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))
@@ -303,15 +318,7 @@ class _Problem:
         self.search_steps = check_int(name, "search_steps", search_steps, 0)
         self.arity = check_int(name, "arity", arity, 2)
         check_gradients_possible(name)
-        if is_correct is None:
-            _check_default_labels(name, y)
-        if _class_labels_expected(is_correct, loss_fn, y):
-            y = check_inputs(name, x, y, clip_min, clip_max)  # as int64: cross-entropy takes no other label type
-        else:
-            check_inputs(name, x, None, clip_min, clip_max)
-            if not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]:
-                raise ValueError(f"{name}: expected y with batch size {x.shape[0]}, got "
-                                 f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+        y = _check_batch(name, x, y, clip_min, clip_max, is_correct, loss_fn)
         self.name, self.model, self.x, self.y = name, model, x.detach(), y
         # Every forward runs in x's layout (the one batch_invariant_sizes probes): gathers, masks and padding return
         # contiguous batches, and a channels_last x then ran masked and compacted forwards in different layouts.
@@ -1185,11 +1192,8 @@ class IMA(Defense):
         if not torch.is_tensor(ids) or ids.dim() != 1 or ids.shape[0] != x.shape[0]:
             raise ValueError(f"IMA: expected ids of shape [{x.shape[0]}] (one id per sample), got "
                              f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
-        if self._is_correct is None:
-            _check_default_labels("IMA", y)
-        if _class_labels_expected(self._is_correct, self._loss_fn, y):
-            # class labels [N] (int64), checked before the clean loss, whose own error names neither IMA nor y
-            y = check_inputs("IMA", x, y, self.clip_min, self.clip_max)
+        # checked before the clean loss, whose own error names neither IMA nor y
+        y = _check_batch("IMA", x, y, self.clip_min, self.clip_max, self._is_correct, self._loss_fn)
         self._resolve(x)
         ids = self.table.check_ids(ids, "IMA").to(x.device)
         loss_fn = self._loss_fn or _default_loss
