@@ -1292,6 +1292,14 @@ def test_sample_distance_of_samples_with_no_entries_is_zero_per_sample():
             assert sample_distance(torch.zeros(shape), torch.ones(shape), norm).tolist() == [0.0, 0.0, 0.0], norm
 
 
+def test_gen_adv_refuses_a_counter_that_is_no_pass_counter_by_name():
+    model, x, y, margin = make_problem()
+    for counter, margins in ((5, margin), ({}, torch.zeros_like(margin))):  # all margins 0: no forward counted
+        with pytest.raises(TypeError, match=re.escape("gen_adv: expected counter to be a robust_ops.ima.PassCounter "
+                                                      f"or None, got {type(counter).__name__}")):
+            gen_adv(model, x, y, margins, counter=counter)
+
+
 def test_gen_adv_refuses_a_criterion_or_loss_of_the_wrong_shape():
     model, x, y, _ = make_problem()
     with pytest.raises(ValueError, match=r"gen_adv: expected is_correct\(output, y\) to return a bool tensor of shape "

@@ -735,6 +735,11 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
                  clip_min, clip_max, search_result, backend, model_mode, min_rows)
     p.batch_exit = bool(batch_exit)
+    if counter is not None and not isinstance(counter, PassCounter):
+        # counter=5 failed after the first forward with "'int' object has no attribute 'forward'", or was never
+        # touched (every margin 0) and passed
+        raise TypeError(f"{name}: expected counter to be a robust_ops.ima.PassCounter or None, got "
+                        f"{type(counter).__name__}")
     counter = counter if counter is not None else PassCounter()
     with attack_context(model, model_mode, name):
         if p.min_rows is None and p.x.shape[0]:
