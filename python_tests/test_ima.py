@@ -1766,6 +1766,18 @@ def test_dice_refuses_multiclass_labels_outside_the_output_classes():
             dice_criterion()(out, labels)
 
 
+def test_dice_refuses_fractional_multiclass_labels_and_keeps_whole_float_ones():
+    # .long() truncated float labels: a label map resized with interpolation read its 1.7 as class 1 without a word.
+    out = torch.zeros(1, 3, 2, 2)
+    out[0, 2] = 1  # class 2 everywhere
+    assert dice_score(out, torch.full((1, 2, 2), 2.0)).tolist() == [1.0]  # whole numbers in float stay labels
+    for value in (1.7, 2.9, float("nan")):
+        with pytest.raises(ValueError, match=re.escape("dice_score: expected whole-number class labels y for the "
+                                                       f"3-class output (1, 3, 2, 2), got 4 other value(s), e.g. "
+                                                       f"{value:g} (a label map resized with interpolation?")):
+            dice_score(out, torch.full((1, 2, 2), value))
+
+
 def test_batch_invariant_sizes_are_measured_per_autocast_state():
     """The probe's cache key left out autocast: sizes measured under fit(amp=True)'s float16 autocast (other
     kernels) were reused for the same model's float32 GenAdv afterwards (and the reverse), so padding to them no

@@ -181,6 +181,13 @@ def _seg_masks(out, y, name):
     if out.dim() == y.dim() + 1 and out.dim() >= 3 and out.shape[1] >= 2:
         c = out.shape[1]
         pred = torch.nn.functional.one_hot(_flat(out.argmax(1)), c).transpose(1, 2)
+        if y.is_floating_point():
+            # .long() truncates: a label map resized with interpolation read its 1.7 as class 1, without a word
+            fractional = ~(torch.isfinite(y) & (y == y.trunc()))
+            if bool(fractional.any()):
+                raise ValueError(f"{name}: expected whole-number class labels y for the {c}-class output "
+                                 f"{tuple(out.shape)}, got {int(fractional.sum())} other value(s), e.g. "
+                                 f"{float(y[fractional][0]):g} (a label map resized with interpolation? use nearest)")
         target_labels = _flat(y).long()
         if target_labels.shape[1] != pred.shape[2]:
             raise ValueError(f"{name}: expected y to have {pred.shape[2]} labels per sample to match the multi-class "
