@@ -1833,3 +1833,17 @@ def test_batch_invariant_sizes_refuses_a_bad_clip_range_by_name():
         batch_invariant_sizes(model, x, clip_max=float("nan"), max_rows=2)
     with pytest.raises(ValueError, match="^batch_invariant_sizes: expected clip_min to be a finite number, got '0.1'$"):
         batch_invariant_sizes(model, x, clip_min="0.1", max_rows=2)
+
+
+def test_batch_invariant_sizes_refuses_training_mode_batch_norm_and_moves_no_statistics():
+    # A training-mode BatchNorm2d had its running statistics moved by the probe's forwards (and () returned);
+    # a BatchNorm1d head died in torch's "Expected more than 1 value per channel when training".
+    x = torch.rand(4, 3, 2, 2)
+    for norm in (nn.BatchNorm2d(4), nn.Sequential(nn.Flatten(), nn.BatchNorm1d(16), nn.Unflatten(1, (4, 2, 2)))):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), norm, nn.Flatten(), nn.Linear(16, 3)).train()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"^batch_invariant_sizes: expected the model in eval mode, got "
+                                             r"batch-norm layer\(s\) in training mode \('1(\.1)?'\)"):
+            batch_invariant_sizes(model, x, max_rows=2)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        batch_invariant_sizes(model.eval(), x, max_rows=2)  # in eval mode it probes (the sizes are the machine's)

@@ -641,7 +641,8 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     pads each shrinking working batch to the next size listed here and returns bitwise what the full-batch
     computation returns. Measured once per model, sample shape, dtype, device, memory format, thread count,
     prepacked-convolution mode (robust_ops.prepacked_conv), autocast dtype and clip range (random inputs in
-    [clip_min, clip_max], the model in its current mode -- run it inside the attack's mode), then cached for the
+    [clip_min, clip_max], the model in its current mode -- run it inside the attack's mode; training-mode
+    batch-norm layers are refused), then cached for the
     model's lifetime. Each size is checked on several disjoint batches covering ``max_rows`` rows, and the sizes
     above ``max_rows`` on batches at both ends of the large one: about ``max_rows * (max_rows + 6)`` sample forwards
     and backwards (up to ``max_rows * (max_rows + 10)`` when a period is found; 3 s for resnet18 on 1x28x28 on 2 CPU
@@ -657,6 +658,14 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError(f"batch_invariant_sizes: expected x to be a batch tensor [N, ...], got "
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    training_bn = [n for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    if training_bn:
+        # Such a layer couples the batch's samples, so no size is invariant; the probe's ~400 forwards moved its
+        # running statistics without a word (BatchNorm2d) or died in torch's one-sample check (BatchNorm1d).
+        raise ValueError(f"batch_invariant_sizes: expected the model in eval mode, got batch-norm layer(s) in training "
+                         f"mode ({', '.join(repr(n) for n in training_bn)}), whose running statistics the probe "
+                         f"would move; call model.eval() first (gen_adv probes in its eval mode)")
     key = _probe_signature(model, x) + (max_rows, reference_rows, float(clip_min), float(clip_max))
     cache = _INVARIANT_SIZES.setdefault(model, {})
     if key in cache:
