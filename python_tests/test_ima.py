@@ -1847,3 +1847,17 @@ def test_batch_invariant_sizes_refuses_training_mode_batch_norm_and_moves_no_sta
             batch_invariant_sizes(model, x, max_rows=2)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
         batch_invariant_sizes(model.eval(), x, max_rows=2)  # in eval mode it probes (the sizes are the machine's)
+
+
+def test_margin_table_update_refuses_bool_and_complex_distances():
+    # A bool distance (the crossed flags passed twice) shrank margins to (1 + E) / 2 without a word; a complex one
+    # died in torch's '"lt_cpu" not implemented for ComplexFloat'.
+    table = MarginTable(4, 0.1, 1.0)
+    flags = dict(adv_correct=torch.tensor([False]), crossed=torch.tensor([True]), delta=0.1)
+    for distance in (torch.tensor([True]), torch.tensor([1 + 1j])):
+        with pytest.raises(TypeError, match=f"^MarginTable.update: expected real-valued distances, got "
+                                            f"{distance.dtype}$"):
+            table.update(torch.tensor([2]), distance=distance, **flags)
+    assert table.margins.tolist() == pytest.approx([0.1] * 4)
+    table.update(torch.tensor([2]), distance=torch.tensor([1]), **flags)  # integer distances are numbers
+    assert table.margins[2].item() == pytest.approx(0.55)

@@ -954,6 +954,8 @@ class MarginTable:
         if not torch.is_tensor(distance) or distance.shape != (n,):
             raise ValueError(f"MarginTable.update: expected distance of shape [{n}], got "
                              f"{tuple(getattr(distance, 'shape', ()))}")
+        if distance.dtype == torch.bool or distance.is_complex():  # a bool (crossed passed twice?) shrank towards 1
+            raise TypeError(f"MarginTable.update: expected real-valued distances, got {distance.dtype}")
         check_real("MarginTable.update", "delta", delta, minimum=0)
         dev = self.margins.device
         old = self.margins.index_select(0, ids)
