@@ -610,22 +610,25 @@ def test_sat_weighs_adversarial_by_alpha_and_clean_by_one_minus_alpha(crafted, a
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
+def _three_bn_steps(defense, num_classes=3):
+    """Three SGD steps of ``defense`` on a fresh conv + BatchNorm model (seeded): (model, the last DefenseOutput), for
+    comparing a defense's training with another's, BatchNorm buffers included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, num_classes)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for seed in range(3):
+        x, y = _batch(8, num_classes=num_classes, seed=seed)
+        out = _step(model, defense, opt, x, y)
+    return model, out
+
+
 def test_sat_at_alpha_one_trains_exactly_as_at_also_with_batchnorm():
     """docs/defenses/sat.md: alpha = 1 is AT. A clean forward with weight 0 still moved BatchNorm's running
     statistics (and with them the next eval-mode attack), so SAT(alpha=1) trained another model than AT."""
 
-    def train(defense):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                              nn.Linear(4 * 8 * 8, 3)).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        for seed in range(3):
-            x, y = _batch(8, num_classes=3, seed=seed)
-            out = _step(model, defense, opt, x, y)
-        return model, out
-
-    at, at_out = train(defenses.AT(steps=2))
-    sat, sat_out = train(defenses.SAT(alpha=1.0, steps=2))
+    at, at_out = _three_bn_steps(defenses.AT(steps=2))
+    sat, sat_out = _three_bn_steps(defenses.SAT(alpha=1.0, steps=2))
     for (key, a), b in zip(at.state_dict().items(), sat.state_dict().values()):
         assert torch.equal(a, b), key
     assert sat_out.logits is None and sat_out.metrics == at_out.metrics
@@ -635,18 +638,8 @@ def test_arfl_r_zero_trains_exactly_as_at_plus_the_regularizer_also_with_batchno
     """docs/defenses/arfl.md: r = 0 is adversarial training + ARFL (adversarial data only). A clean forward with
     weight 0 still moved BatchNorm's running statistics, so ARFL(r=0, lam=0) trained another model than AT."""
 
-    def train(defense):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                              nn.Linear(4 * 8 * 8, 2)).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        for seed in range(3):
-            x, y = _batch(8, num_classes=2, seed=seed)
-            out = _step(model, defense, opt, x, y)
-        return model, out
-
-    at, _ = train(defenses.AT(eps=0.03, steps=2))
-    arfl, arfl_out = train(ARFL(r=0.0, lam=0.0, eps=0.03, steps=2))
+    at, _ = _three_bn_steps(defenses.AT(eps=0.03, steps=2), num_classes=2)
+    arfl, arfl_out = _three_bn_steps(ARFL(r=0.0, lam=0.0, eps=0.03, steps=2), num_classes=2)
     for (key, a), b in zip(at.state_dict().items(), arfl.state_dict().values()):
         assert torch.equal(a, b), key
     assert arfl_out.logits is None and "loss_clean" not in arfl_out.metrics and "loss_adv" in arfl_out.metrics
