@@ -1603,7 +1603,8 @@ def test_square_attacks_correctly_classified_samples_whose_logits_tie(norm, eps)
         y = torch.zeros(4, dtype=torch.long)
         with torch.no_grad():
             assert torch.equal(context.predict_from_output(model(x)), y)
-        x_adv = attacks.square(model, x, y, eps=eps, norm=norm, n_queries=20, generator=torch.Generator().manual_seed(0))
+        x_adv = attacks.square(model, x, y, eps=eps, norm=norm, n_queries=20,
+                               generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             assert (context.predict_from_output(model(x_adv)) != y).all(), (type(model).__name__, norm)
         res = attacks.ensemble(model, x, y, [attacks.Square(model, eps=eps, norm=norm, n_queries=20)])

@@ -190,7 +190,8 @@ def test_a_linf_step_below_the_half_dtypes_resolution_is_refused_not_a_silent_no
     eps = 1 / 255
     half_model, half_x = model.to(torch.bfloat16), x.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"^run_pgd: the Linf step min\(alpha, eps\) = 0\.00098 is below half of "
-                                         r"torch\.bfloat16's spacing near the inputs' largest \|value\| 1 \(0\.00391\).* "
+                                         r"torch\.bfloat16's spacing near the inputs' largest \|value\| 1 "
+                                         r"\(0\.00391\).* "
                                          r"or a step >= 0\.00195$"):
         run_pgd(half_model, half_x, y, eps=eps, alpha=eps / 4, steps=3, random_start=False)
     moved = run_pgd(half_model, half_x, y, eps=eps, alpha=eps / 2, steps=3, random_start=False).x_adv

@@ -192,10 +192,10 @@ def check_linf_step_resolution(name, norm, x, eps, alpha):
     spacing = float(near - torch.nextafter(near, torch.zeros((), dtype=x.dtype, device=x.device)))
     step = min(float(alpha), float(eps))
     if 0 < step < spacing / 2:
-        raise ValueError(f"{name}: the Linf step min(alpha, eps) = {step:.3g} is below half of {x.dtype}'s spacing "
-                         f"near the inputs' largest |value| {float(near):.3g} ({spacing:.3g}): inputs there would round "
-                         f"back and never move; give float32 inputs (a half-precision model runs them under "
-                         f"torch.autocast) or a step >= {spacing / 2:.3g}")
+        raise ValueError(f"{name}: the Linf step min(alpha, eps) = {step:.3g} is below half of {x.dtype}'s "
+                         f"spacing near the inputs' largest |value| {float(near):.3g} ({spacing:.3g}): inputs there "
+                         f"would round back and never move; give float32 inputs (a half-precision model runs them "
+                         f"under torch.autocast) or a step >= {spacing / 2:.3g}")
 
 
 def check_emit(name, emit, steps):
