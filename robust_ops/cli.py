@@ -418,16 +418,18 @@ def check_data_model_options(args):
     """One-line errors for the shared options' values, before any data is loaded."""
     import math
 
+    from .data.core import MAX_SKLEARN_SEED
+
     if args.epochs < 1:
         raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise CLIError(f"--lr: expected a finite learning rate > 0, got {args.lr}")
-    # scikit-learn's splits (folders, CSV) take seeds below 2**32: a larger one was reported as "too few samples",
-    # and one from 2**64 on was torch.manual_seed's overflow traceback
-    if not 0 <= args.seed < 2**32:
-        raise CLIError(f"--seed: expected 0 to {2**32 - 1}, got {args.seed}")
+    # scikit-learn's splits (folders, CSV) take seeds up to MAX_SKLEARN_SEED: a larger one was reported as "too few
+    # samples", and one from 2**64 on was torch.manual_seed's overflow traceback
+    if not 0 <= args.seed <= MAX_SKLEARN_SEED:
+        raise CLIError(f"--seed: expected 0 to {MAX_SKLEARN_SEED}, got {args.seed}")
 
 
 def add_train_options(p):
