@@ -206,3 +206,22 @@ def test_a_linf_step_below_the_half_dtypes_resolution_is_refused_not_a_silent_no
     moved = run_pgd(model, x, y, eps=0.05, alpha=0.01, steps=1, clip_min=-1e6, clip_max=1e6,
                     random_start=False).x_adv
     assert (moved != x).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("attack", ["apgd", "apgd_t", "square"])
+def test_apgd_and_square_refuse_a_linf_eps_below_the_half_dtypes_resolution(attack):
+    """docs/attacks.md, Half-precision inputs: APGD's random start and steps and Square's +-eps squares never move an
+    input farther than eps, so a float16 eps below half the spacing near 1 (2**-12) left every input in [0.5, 1)
+    unmoved, scored as robust; now the same ValueError as PGD's, naming eps. An eps above it moves."""
+    from robust_ops import attacks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 3)).half()
+    x = (torch.rand(4, 1, 28, 28) * 0.5 + 0.5).half()
+    y = torch.tensor([0, 1, 2, 0])
+    run = getattr(attacks, attack)
+    budget = {"n_queries": 5} if attack == "square" else {"steps": 3}
+    with pytest.raises(ValueError, match=rf"^{attack}: the Linf radius eps = 0\.0001 is below half of torch\.float16's "
+                                         r"spacing .* \(0\.000488\).* or an eps >= 0\.000244$"):
+        run(model, x, y, eps=1e-4, **budget)
+    assert (run(model, x, y, eps=1e-3, **budget) != x).any()

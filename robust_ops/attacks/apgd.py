@@ -25,8 +25,8 @@ from .._options import check_flags
 from .base import Attack
 from .context import (InputGradScale, attack_context, check_gradients_possible, check_inputs, is_single_logit,
                       predict_from_output, two_logits)
-from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, forward, per_sample,
-                   project_l1, runner_up_targets)
+from .core import (NORMS_WITH_L1, check_linf_budget, check_linf_step_resolution, check_norm, check_steps, clean_logits,
+                   forward, per_sample, project_l1, runner_up_targets)
 from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
@@ -323,6 +323,7 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
         raise ValueError(f"{name}: expected rho in (0, 1], got {rho!r}")
     eps_t = per_sample(name, "eps", eps, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max)
+    check_linf_step_resolution(name, norm, x, eps)  # no move from x exceeds eps: below the resolution none happens
     return y, norm, steps, n_restarts, eps_t, eot_iter
 
 

@@ -177,25 +177,29 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
                              "e.g. 2/255)")
 
 
-def check_linf_step_resolution(name, norm, x, eps, alpha):
+def check_linf_step_resolution(name, norm, x, eps, alpha=None):
     """Half-precision Linf with a number for eps and alpha: a step min(alpha, eps) > 0 below half the spacing of
     ``x``'s dtype just below its largest |value| rounds back to the iterate there, so those inputs would never move,
     without a word (bfloat16's spacing below 1 is 2**-8: eps 1/255 with step eps/4 left every pixel in [0.5, 1] in
     place). Measured at the inputs, not at the clip range: a wide range given as "no clipping" refused float32 steps.
     Refused rather than computed in float32: the iterate is what the model is evaluated at, in its own dtype, and
     float32 inputs under torch.autocast are the documented way to attack a half-precision model. Per-sample tensors
-    (DPAAT's and AMAT's data-dependent radii, which may be tiny by rule) are not checked."""
-    numbers_given = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (eps, alpha))
+    (DPAAT's and AMAT's data-dependent radii, which may be tiny by rule) are not checked. ``alpha`` None: attacks
+    whose every move from x is at most eps (APGD's random start and adaptive steps, Square's +-eps squares), where
+    an eps below the resolution leaves every input in place."""
+    given = (eps,) if alpha is None else (eps, alpha)
+    numbers_given = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in given)
     if norm != "linf" or not numbers_given or x.dtype not in (torch.float16, torch.bfloat16) or not x.numel():
         return
     near = x.detach().abs().max()
     spacing = float(near - torch.nextafter(near, torch.zeros((), dtype=x.dtype, device=x.device)))
-    step = min(float(alpha), float(eps))
+    step = min(float(v) for v in given)
+    what, fix = ("the Linf radius eps", "an eps") if alpha is None else ("the Linf step min(alpha, eps)", "a step")
     if 0 < step < spacing / 2:
-        raise ValueError(f"{name}: the Linf step min(alpha, eps) = {step:.3g} is below half of {x.dtype}'s "
+        raise ValueError(f"{name}: {what} = {step:.3g} is below half of {x.dtype}'s "
                          f"spacing near the inputs' largest |value| {float(near):.3g} ({spacing:.3g}): inputs there "
                          f"would round back and never move; give float32 inputs (a half-precision model runs them "
-                         f"under torch.autocast) or a step >= {spacing / 2:.3g}")
+                         f"under torch.autocast) or {fix} >= {spacing / 2:.3g}")
 
 
 def check_emit(name, emit, steps):

@@ -10,7 +10,8 @@ from .. import functional
 from .._options import check_flags
 from .base import Attack
 from .context import attack_context, check_inputs, check_not_half, is_single_logit, predict_from_output, two_logits
-from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
+from .core import (check_labels_against, check_linf_budget, check_linf_step_resolution, check_norm, check_steps,
+                   forward, per_sample)
 from .pgd import make_generator
 
 
@@ -214,6 +215,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         raise TypeError(f"{name}: expected rescale_schedule to be a bool, got {type(rescale_schedule).__name__}")
     eps_t = per_sample(name, "eps", eps, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max)
+    check_linf_step_resolution(name, norm, x, eps)  # x +- eps rounds back to x below the resolution
     x = x.detach()
     n, c, h, w = x.shape
     if n == 0:
