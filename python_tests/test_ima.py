@@ -1861,3 +1861,55 @@ def test_margin_table_update_refuses_bool_and_complex_distances():
     assert table.margins.tolist() == pytest.approx([0.1] * 4)
     table.update(torch.tensor([2]), distance=torch.tensor([1]), **flags)  # integer distances are numbers
     assert table.margins[2].item() == pytest.approx(0.55)
+
+
+class _NaNOffClean(nn.Module):
+    """Finite logits at the clean images; NaN once samples 1 and 4 move off theirs (a model that diverges there)."""
+
+    def __init__(self, lin, bad):
+        super().__init__()
+        self.lin, self.bad = lin, bad
+
+    def forward(self, xs):
+        out = self.lin(xs)
+        d = (xs[:, None] - self.bad[None]).flatten(2).abs().amax(2)
+        moved = ((d > 0) & (d < 0.3)).any(1)
+        return torch.where(moved[:, None], torch.full_like(out, float("nan")), out)
+
+
+def _nan_off_clean_problem():
+    torch.manual_seed(0)
+    x = 0.2 + 0.5 * torch.rand(6, 1, 28, 28)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 3))
+    with torch.no_grad():
+        y = lin(x).argmax(1)
+    return _NaNOffClean(lin, x[[1, 4]].clone()), x, y
+
+
+def test_ima_refuses_nan_logits_naming_the_ids_instead_of_shrinking_their_margins():
+    """docs/ima.md, margin update: NaN logits read as misclassified (argmax of a NaN row is 0), so samples 1 and 4
+    counted as crossed at their first step and their margins shrank to (0 + 1) / 2 = 0.5 (0.65 with a finite
+    model). Now a ValueError naming their dataset ids, before any margin is written."""
+    model, x, y = _nan_off_clean_problem()
+    defense = IMA(num_samples=10, eps_train=1.5, init_margin=1.0, delta=0.01, steps=5, search_steps=3, min_rows=0)
+    ids = torch.tensor([0, 7, 2, 3, 9, 5])
+    with pytest.raises(ValueError, match=r"^IMA: the model's output is NaN for dataset id\(s\) 7, 9; NaN would "
+                                         r"read as misclassified and shrink their margins"):
+        defense(model, x, y, ids)
+    assert bool((defense.margins == 1.0).all())
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_gen_adv_refuses_nan_outputs_and_nan_losses_naming_the_samples(compact):
+    """gen_adv called the NaN samples crossed; a custom loss that is NaN stepped its samples to NaN inputs. Both are
+    a ValueError naming the samples' batch positions, compacted or masked."""
+    model, x, y = _nan_off_clean_problem()
+    with pytest.raises(ValueError, match=r"^gen_adv: the model's output is NaN for sample\(s\) 1, 4 of the batch"):
+        gen_adv(model, x, y, 1.0, steps=5, search_steps=3, min_rows=0, compact=compact)
+
+    def nan_loss(out, yy):
+        loss = F.cross_entropy(out, yy, reduction="none")
+        return torch.where(out[:, 0] == model.lin(x)[2, 0], loss * float("nan"), loss)
+
+    with pytest.raises(ValueError, match=r"^gen_adv: loss_fn\(output, y\) is NaN for sample\(s\) 2 of the batch"):
+        gen_adv(model.lin, x, y, 1.0, steps=5, search_steps=3, min_rows=0, compact=compact, loss_fn=nan_loss)

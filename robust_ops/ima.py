@@ -303,6 +303,35 @@ def _criterion_result(name, ok, n):
     return ok
 
 
+class _NaNSamples(ValueError):
+    """NaN outputs or losses at some samples (a diverged model, or inputs it cannot take): NaN logits read as
+    misclassified, so they counted as crossings and shrank those margins. ``positions``: the samples' indices in
+    gen_adv's batch, which IMA names by dataset id instead (:meth:`naming`)."""
+
+    def __init__(self, name, what, positions):
+        self.name, self.what, self.positions = name, what, sorted(set(positions.tolist()))
+        super().__init__(self.naming(f"sample(s) {_ids_text(self.positions)} of the batch"))
+
+    def naming(self, samples, name=None):
+        return (f"{name or self.name}: {self.what} is NaN for {samples}; NaN would read as misclassified and shrink "
+                "their margins -- fix the model (diverged?) or leave those samples out")
+
+
+def _ids_text(ids, cap=8):
+    ids = [str(int(i)) for i in ids]
+    return ", ".join(ids[:cap]) + (f" ({len(ids) - cap} more)" if len(ids) > cap else "")
+
+
+def _check_not_nan(name, what, values, rows, weight=None):
+    """``values`` [R, ...] with NaN in a row (where ``weight``) -> _NaNSamples naming ``rows`` (batch positions)."""
+    nan = torch.isnan(values.detach().flatten(1) if values.dim() > 1 else values.detach())
+    nan = nan.any(1) if nan.dim() > 1 else nan
+    if weight is not None:
+        nan &= weight
+    if bool(nan.any()):
+        raise _NaNSamples(name, what, rows[nan])
+
+
 def _loss_result(name, loss, n):
     if not torch.is_tensor(loss) or not loss.is_floating_point() or loss.shape != (n,):
         got = f"{loss.dtype} {tuple(loss.shape)}" if torch.is_tensor(loss) else type(loss).__name__
@@ -352,7 +381,11 @@ class _Problem:
         # Algorithm 2: alpha = 4 E(i) / K.
         self.alpha = 4 * self.margin / self.steps if self.steps else torch.zeros_like(self.margin)
 
-    def correct(self, out, y):
+    def correct(self, out, y, rows, active=None):
+        """The criterion on ``out`` (rows: each row's sample in the batch); NaN outputs are refused, naming them
+        (masked loops: only ``active`` rows, those the compacted loop forwards too)."""
+        if out.is_floating_point():
+            _check_not_nan(self.name, "the model's output", out, rows, active)
         if self.default_criterion:
             _check_default_output(self.name, out, y.shape[0], "is_correct")
         if (self.default_criterion or self.default_loss) and not self.labels_checked:
@@ -399,8 +432,9 @@ class _Problem:
                                  f"model_mode='eval' (the default), or compact=False on batches of 2 or more") from None
             return xs, (out[:n] if pad > 0 else out)
 
-    def gradient(self, xs, out, y, weight, counter):
-        """Gradient of the per-sample loss at xs; rows with weight 0 get no gradient (their sample is done)."""
+    def gradient(self, xs, out, y, weight, counter, rows):
+        """Gradient of the per-sample loss at xs; rows with weight 0 get no gradient (their sample is done). A NaN
+        loss of the others (rows: their samples in the batch) is refused: its gradient would step them to NaN."""
         if self.default_loss:
             _check_default_output(self.name, out, y.shape[0], "loss_fn")
         with torch.enable_grad():
@@ -408,6 +442,7 @@ class _Problem:
             if not loss.requires_grad:  # autograd's own error ("element 0 of tensors ...") named neither
                 raise ValueError(f"{self.name}: expected loss_fn(output, y) to be differentiable in the output, got a "
                                  f"loss without a gradient (computed from argmax, comparisons or .detach()?)")
+            _check_not_nan(self.name, "loss_fn(output, y)", loss, rows, weight)
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
         counter.backward(self.padded_rows(xs.shape[0]))
         (grad,) = self.grad_scale.grad(total, [xs])
@@ -439,7 +474,7 @@ def _ascent_compact(p, counter):
         last = t == p.steps
         ya = y.index_select(0, idx)
         xs, out = p.forward(cur, counter, grad=not last)
-        ok = p.correct(out.detach(), ya)
+        ok = p.correct(out.detach(), ya, idx)
         if t == 0:
             bad = ~ok  # clean x already wrong: returned unchanged, never searched
             clean_correct.index_fill_(0, idx[bad], False)
@@ -469,7 +504,7 @@ def _ascent_compact(p, counter):
         keep = ~done
         if not bool(keep.any()):  # every sample finished at this step: no backward needed
             break
-        grad = p.gradient(xs, out, ya, keep, counter)
+        grad = p.gradient(xs, out, ya, keep, counter, idx)
         del out  # a graph retained under float16 autocast goes now, not after the next forward
         idx, prev = idx[keep], cur[keep]
         nxt = prev.clone()
@@ -490,9 +525,10 @@ def _search_start(p, lo, hi):
     return points
 
 
-def _first_crossed(p, out, y, k1, n):
+def _first_crossed(p, out, y, k1, n, rows, active=None):
     """Index of the first interior point (lo -> hi order) past the boundary, k-1 when none is."""
-    ok = p.correct(out, y.repeat(k1, *([1] * (y.dim() - 1)))).view(k1, n)
+    active = None if active is None else active.repeat(k1)
+    ok = p.correct(out, y.repeat(k1, *([1] * (y.dim() - 1))), rows.repeat(k1), active).view(k1, n)
     wrong = ~ok
     first = wrong.to(torch.uint8).argmax(0)  # first True (argmax returns the first maximal index)
     return torch.where(wrong.any(0), first, torch.full_like(first, k1))
@@ -510,7 +546,7 @@ def _search_compact(p, lo, hi, crossed, counter):
     k1 = p.arity - 1
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo_c.shape[1:])), counter, grad=False)
-        crossed_at = _first_crossed(p, out, y_c, k1, n)
+        crossed_at = _first_crossed(p, out, y_c, k1, n, idx)
         functional.boundary_search_step_(lo_c, hi_c, points, crossed_at, backend=p.backend)
     return lo_c, hi_c, idx
 
@@ -527,6 +563,7 @@ def _ascent_masked(p, counter):
     clean_correct = torch.ones(n, dtype=torch.bool, device=dev)
     steps = torch.zeros(n, dtype=torch.int64, device=dev)
     alive = p.margin > 0
+    rows = torch.arange(n, device=dev)
     cur, prev = x.clone(), x.clone()
     view = (n,) + (1,) * (x.dim() - 1)
     for t in range(p.steps + 1):
@@ -534,7 +571,7 @@ def _ascent_masked(p, counter):
             break
         last = t == p.steps
         xs, out = p.forward(cur, counter, grad=not last)
-        ok = p.correct(out.detach(), y)
+        ok = p.correct(out.detach(), y, rows, alive)
         if t == 0:
             done = alive & ~ok
             clean_correct &= ~done
@@ -558,7 +595,7 @@ def _ascent_masked(p, counter):
             break
         if p.batch_exit and not bool(alive.any()):
             break
-        grad = p.gradient(xs, out, y, alive, counter)
+        grad = p.gradient(xs, out, y, alive, counter, rows)
         del out  # a graph retained under float16 autocast goes now, not after the next forward
         nxt = cur.clone()
         functional.pgd_step_(nxt, x, grad, p.alpha, p.margin, clip_min=p.clip_min, clip_max=p.clip_max, norm=p.norm,
@@ -578,7 +615,7 @@ def _search_masked(p, lo, hi, crossed, counter):
     k1 = p.arity - 1
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo.shape[1:])), counter, grad=False)
-        crossed_at = _first_crossed(p, out, p.y, k1, n)
+        crossed_at = _first_crossed(p, out, p.y, k1, n, torch.arange(n, device=lo.device), crossed)
         functional.boundary_search_step_(lo, hi, points, crossed_at, crossed, backend=p.backend)
     return lo.index_select(0, idx), hi.index_select(0, idx), idx
 
@@ -965,15 +1002,15 @@ class MarginTable:
         new = torch.where(crossed, (dist_ + old) / 2, new)
         return new.clamp(0.0, self.max_margin)
 
-    def update(self, ids, *, adv_correct, crossed, distance, delta):
-        """Apply Algorithm 1's margin update for one batch (see the class docstring); returns the new margins."""
+    def update(self, ids, *, adv_correct, crossed, distance, delta, problem=None):
+        """Apply Algorithm 1's margin update for one batch (see the class docstring); returns the new margins.
+        ``problem``: a refusal the caller found (IMA's NaN outputs), raised as ValueError instead of writing."""
         new = self.new_margins(ids, adv_correct=adv_correct, crossed=crossed, distance=distance, delta=delta)
         ids = self.check_ids(ids)
         # A crossed sample's distance becomes half its margin: NaN/inf/negative ones (a diverged model) are refused
         # before anything is written -- under DDP on every rank at once, so that no rank waits in the sync.
         bad = (~torch.isfinite(distance.detach()) | (distance.detach() < 0)) & crossed.to(distance.device)
-        problem = None
-        if bool(bad.any()):
+        if problem is None and bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             problem = (f"MarginTable.update: expected finite distances >= 0 for crossed samples, got {int(bad.sum())} "
                        f"bad value(s), e.g. distance[{i}] = {float(distance[i]):.4g} (id {int(ids[i])})")
@@ -1235,18 +1272,26 @@ class IMA(Defense):
         l1 = l0
         metrics = {"margin_mean": float(self.table.margins.mean()), "clean_acc": float(clean_ok.float().mean())}
         attacked = {}  # adv_acc and crossed are means over the attacked samples: fit weighs them by their number
+        problem = None
         if sel.numel():
             xs, ys = x.index_select(0, sel), y.index_select(0, sel)
-            x_adv, crossed, info = gen_adv(
-                model, xs, ys, margins.index_select(0, sel), steps=self.steps, norm=self.norm,
-                search_steps=self.search_steps, algorithm=self.algorithm, is_correct=self._is_correct,
-                loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min, clip_max=self.clip_max,
-                model_mode=self.model_mode, search_result=self.search_result, compact=self.compact,
-                counter=self.counter, return_info=True, backend=self.backend, batch_exit=self.batch_exit,
-                min_rows=self.min_rows,
-            )
-            # Samples the attack's mode finds wrong at x itself are treated as misclassified clean (L1 = L0).
-            keep = info.clean_correct
+            try:
+                x_adv, crossed, info = gen_adv(
+                    model, xs, ys, margins.index_select(0, sel), steps=self.steps, norm=self.norm,
+                    search_steps=self.search_steps, algorithm=self.algorithm, is_correct=self._is_correct,
+                    loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min, clip_max=self.clip_max,
+                    model_mode=self.model_mode, search_result=self.search_result, compact=self.compact,
+                    counter=self.counter, return_info=True, backend=self.backend, batch_exit=self.batch_exit,
+                    min_rows=self.min_rows,
+                )
+                # Samples the attack's mode finds wrong at x itself are treated as misclassified clean (L1 = L0).
+                keep = info.clean_correct
+            except _NaNSamples as err:
+                # named by dataset id and raised by the margin update below, which under DDP raises on every rank
+                # together (this rank still takes the batch's other collective steps, with x_adv = x)
+                problem = err.naming(f"dataset id(s) {_ids_text(ids[sel[err.positions]].tolist())}", "IMA")
+                x_adv, crossed = xs, torch.zeros(sel.numel(), dtype=torch.bool, device=x.device)
+                keep = torch.ones_like(crossed)
             sel, xs, ys, x_adv, crossed = sel[keep], xs[keep], ys[keep], x_adv[keep], crossed[keep]
         else:
             crossed = torch.zeros(0, dtype=torch.bool, device=x.device)
@@ -1269,7 +1314,8 @@ class IMA(Defense):
             shrink = expand = torch.zeros(0, dtype=torch.bool, device=x.device)
             distance = torch.zeros(0, device=x.device)
         # Every rank calls update once per batch (possibly with no ids) so the margin sync stays collective.
-        self.table.update(ids[sel], adv_correct=expand, crossed=shrink, distance=distance, delta=self.delta)
+        self.table.update(ids[sel], adv_correct=expand, crossed=shrink, distance=distance, delta=self.delta,
+                          problem=problem)
         loss = ((1 - self.beta) * l0 + self.beta * l1).mean()
         return DefenseOutput(loss=loss, logits=out.detach(), metrics=metrics, metric_counts=attacked)
 
