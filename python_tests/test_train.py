@@ -2216,6 +2216,27 @@ def test_replace_atomically_fsyncs_the_whole_file_and_keeps_the_old_one_on_an_in
     assert sorted(os.listdir(path.parent)) == ["checkpoint.pt", "small.txt"]
 
 
+def test_a_save_removes_the_temporary_files_killed_writers_left_for_its_path_only(tmp_path):
+    """docs/training.md, Metrics and checkpoints: a process killed mid-write (SIGKILL) cannot remove its
+    ``.checkpoint.pt.XXXXXXXX.tmp``, and each kill left another checkpoint-sized one. The next successful save of
+    the same path removes them; another path's temporary files, other names and a temporary file written since the
+    save began (a writer still at work) stay."""
+    from robust_ops.train import save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = [".checkpoint.pt.k1ll3d_a.tmp", ".checkpoint.pt.0abcdefg.tmp"]
+    kept = [".metrics.json.k1ll3d_a.tmp", ".checkpoint.pt.tmp", ".checkpoint.pt.toolong12.tmp", "checkpoint.pt.tmp",
+            ".checkpoint.pt.abcdefgh.tmp.bak", "notes.txt"]
+    for name in old + kept:
+        (run / name).write_bytes(b"partial")
+        os.utime(run / name, (1e9, 1e9))  # 2001: written before this save
+    (run / ".checkpoint.pt.st1llrun.tmp").write_bytes(b"partial")
+    os.utime(run / ".checkpoint.pt.st1llrun.tmp", (4e9, 4e9))  # written after this save began
+    save_checkpoint(run / "checkpoint.pt", {"w": torch.arange(3)})
+    assert sorted(os.listdir(run)) == sorted(kept + ["checkpoint.pt", ".checkpoint.pt.st1llrun.tmp"])
+
+
 def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
     """Missing or unexpected keys are torch's error, not a partial load."""
     from robust_ops.train import CHECKPOINT_FORMAT, save_checkpoint
