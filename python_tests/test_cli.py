@@ -2173,6 +2173,41 @@ def test_data_reordered_or_renamed_with_the_same_class_counts_is_refused(tmp_pat
     one_line_error(rc, err, "--resume:", "samples_digest=")
 
 
+def test_eval_rebuilds_the_csv_split_a_run_recorded_by_lesion_or_by_image(tmp_path, capsys):
+    """docs/getting-started.md, Data: a CSV with lesion_id is split by lesion and run.json records split_by; a run
+    recorded without it (trained when CSVs were split by image) is evaluated on its own image-level split, not the
+    lesion split of the same data, whose test part could hold its training images; its --resume is refused."""
+    from PIL import Image
+
+    from robust_ops.data import load_dataset
+
+    root = tmp_path / "d"
+    root.mkdir()
+    rows = ["lesion_id,image_id,dx"]
+    for k in range(40):
+        rows.append(f"L{k // 2},im{k},{('nv', 'mel')[k // 2 % 2]}")
+        Image.fromarray(np.full((8, 8, 3), 5 * k, np.uint8)).save(root / f"im{k}.png")
+    data = root / "meta.csv"
+    data.write_text("\n".join(rows) + "\n")
+    argv = ["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--out", tmp_path / "run",
+            "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["dataset"]["split_by"] == "lesion_id"
+    rc, _, err = run(["eval", tmp_path / "run", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e1"],
+                     capsys)
+    assert rc == 0, err
+    del record["dataset"]["split_by"]  # as an image-split run recorded it
+    record["dataset"]["samples_digest"] = load_dataset(data, size=8, split_by="image").info.extra["samples_digest"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    rc, _, err = run(["eval", tmp_path / "run", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e2"],
+                     capsys)
+    assert rc == 0, err
+    rc, _, err = run(argv[:8] + ["2"] + argv[9:] + ["--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "samples_digest=")
+
+
 @pytest.mark.parametrize("variable, values", [
     ("ROBUST_OPS_PREPACKED_CONV", "1/true/on/yes"), ("ROBUST_OPS_CPU_POOL", "1/true/on/yes"),
     ("ROBUST_OPS_NATIVE_LAYERS", "1/true/on/yes"), ("ROBUST_OPS_BACKEND", "auto, native, triton, reference")])

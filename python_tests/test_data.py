@@ -229,6 +229,60 @@ def test_csv_layout(tmp_path):
     assert s2.info.positive_class == 1 and s2.info.num_classes == 2
 
 
+def _lesions_csv(tmp_path, lesions=40, per_lesion=3, blank_row=None):
+    """HAM10000-like metadata: ``per_lesion`` images per lesion (alternating nv / mel), image k a flat 2k grey, so a
+    split's images name their lesion."""
+    rows = ["lesion_id,image_id,dx"]
+    (tmp_path / "imgs").mkdir()
+    for k in range(lesions * per_lesion):
+        lesion = "" if k == blank_row else f"HAM_{k // per_lesion:04d}"
+        rows.append(f"{lesion},ISIC_{k:04d},{('nv', 'mel')[k // per_lesion % 2]}")
+        _png(tmp_path / "imgs" / f"ISIC_{k:04d}.png", (8, 8), 2 * k, mode="RGB")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "meta.csv"
+
+
+def _lesions_of(part, per_lesion=3):
+    return {round(float(v) * 255) // 2 // per_lesion for v in part.tensors[0][:, 0, 0, 0]}
+
+
+def test_csv_with_lesion_id_is_split_by_lesion_stratified_and_recorded(tmp_path):
+    """docs/getting-started.md, Data: HAM10000 holds several images per lesion, and the image-level split put 17 of
+    40 lesions' images in both train and test (inflated test accuracy). A lesion_id column now groups the split:
+    no lesion on two sides, 7:1:2 of lesions with both classes in each part, split_by recorded and part of the
+    digest; split_by="image" splits by image as before (no record, the same digest as before)."""
+    path = _lesions_csv(tmp_path)
+    s = load_dataset(path, size=8, seed=0)
+    train, val, test = (_lesions_of(p) for p in (s.train, s.val, s.test))
+    assert not (train & test or train & val or val & test) and len(train | val | test) == 40
+    assert (len(train), len(val), len(test)) == (28, 4, 8)
+    for part in (s.train, s.val, s.test):
+        assert torch.bincount(part.tensors[1]).tolist() == [len(part) // 2] * 2  # stratified by lesion label
+    assert s.info.extra["split_by"] == "lesion_id" and s.info.to_dict()["split_by"] == "lesion_id"
+    by_image = load_dataset(path, size=8, seed=0, split_by="image")
+    assert _lesions_of(by_image.train) & _lesions_of(by_image.test)  # the leak the default now avoids
+    assert "split_by" not in by_image.info.extra
+    assert by_image.info.extra["samples_digest"] != s.info.extra["samples_digest"]
+    same = load_dataset(path, size=8, seed=0, split_by="lesion_id")
+    assert all(torch.equal(a.tensors[0], b.tensors[0]) for a, b in zip(same, s) if hasattr(a, "tensors"))
+
+
+def test_csv_split_by_errors(tmp_path):
+    path = _lesions_csv(tmp_path, lesions=10, blank_row=4)
+    with pytest.raises(DataError, match=r"meta\.csv: line 6: empty 'lesion_id', which the split groups by; expected "
+                                        r"a value in every row \(split_by='image' splits by image\)$"):
+        load_dataset(path, size=8)
+    assert len(load_dataset(path, size=8, split_by="image").train) == 21
+    with pytest.raises(DataError, match=r"meta\.csv: split_by='patient' names no column \(found: lesion_id, image_id, "
+                                        r"dx\); expected 'auto', 'image' or a column name$"):
+        load_dataset(path, size=8, split_by="patient")
+    with pytest.raises(DataError, match=r"expected split_by to be 'auto', 'image' or a column name, got None"):
+        from robust_ops.data import load_csv
+        load_csv(path, size=8, split_by=None)
+    with pytest.raises(DataError, match=r"synthetic: split_by= chooses how a CSV's rows are split"):
+        load_dataset("synthetic", split_by="image")
+
+
 def test_csv_errors(tmp_path):
     (tmp_path / "m.csv").write_text("image_id,label\na,1\n")
     with pytest.raises(DataError, match=r"m\.csv: missing column 'dx'"):

@@ -235,12 +235,21 @@ DOWNLOAD_HELP = ("let a MedMNIST name missing locally be downloaded through the 
                  "never download; the error says where to put the file)")
 
 
-def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None):
+def _trained_split_by(run, data, same_data):
+    """How the run's own CSV was split, so eval tests on its test split: the recorded grouping column, else by image
+    (runs recorded without one, among them those trained before CSVs were split by lesion_id); None otherwise."""
+    record = run.get("dataset")
+    if not same_data or not record or not str(data).lower().endswith(".csv"):
+        return None
+    return record.get("split_by", "image")
+
+
+def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None, split_by=None):
     from .data import DataError, load_dataset
 
     try:
         return load_dataset(spec, size=size, seed=seed, classes=classes, download=_allow_download,
-                            bit_depth=bit_depth)
+                            bit_depth=bit_depth, split_by=split_by)
     except DataError as err:
         raise _data_error(err, flag) from None
 
@@ -774,7 +783,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     else:
         # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
         splits = load_data(data, size=run.get("size") if size is None else size, seed=run.get("seed", 0), flag=flag,
-                           classes=classes, bit_depth=bit_depth)
+                           classes=classes, bit_depth=bit_depth, split_by=_trained_split_by(run, data, same_data))
     was = (run.get("dataset") or {}).get("class_counts")
     now = splits.info.extra.get("class_counts")
     if same_data and was and now is not None and was != now:  # the seeded split would differ: train images in test

@@ -180,6 +180,18 @@ def stratified_split(y, fractions, seed, source="dataset", class_names=None):
     return parts
 
 
+def grouped_split(y, groups, fractions, seed, source="dataset", class_names=None):
+    """:func:`stratified_split` of the groups (e.g. HAM10000's lesions), each labelled by its most frequent label
+    (ties: the lowest), every sample following its group: no group has samples in two parts. The fractions are
+    those of groups; the warnings and errors count groups."""
+    keys, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    y = np.asarray(y)
+    counts = np.zeros((len(keys), int(y.max()) + 1 if y.size else 1), dtype=np.int64)
+    np.add.at(counts, (inverse, y), 1)
+    parts = stratified_split(counts.argmax(1), fractions, seed, source, class_names)
+    return [np.flatnonzero(np.isin(inverse, p)) for p in parts]
+
+
 def missing_classes(y, parts):
     """{part index: [classes of y absent from that part]} for the parts that miss one."""
     classes = set(np.unique(y).tolist())
@@ -187,9 +199,15 @@ def missing_classes(y, parts):
     return {i: c for i, c in missing.items() if c}
 
 
-def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2)):
-    """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples."""
-    parts = stratified_split(y.numpy(), fractions, seed, info.source or info.name, info.class_names)
+def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None, group_name="group"):
+    """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples; with ``groups`` (one key per
+    sample, ``group_name`` the column they come from) a :func:`grouped_split`: every group on one side."""
+    source = info.source or info.name
+    if groups is None:
+        parts = stratified_split(y.numpy(), fractions, seed, source, info.class_names)
+    else:
+        parts = grouped_split(y.numpy(), groups, fractions, seed, f"{source} (split by {group_name}: counts are of "
+                              f"{group_name} groups)", info.class_names)
     missing = missing_classes(y.numpy(), parts)
     if missing:  # recorded in results.json: a metric of an absent class is undefined there
         names = ("train", "val", "test")
@@ -204,7 +222,8 @@ SYNTHETIC_NAMES = ("synthetic", "synthetic-bus", "synthetic_bus")
 MOONS_NAMES = ("moons", "two-moons", "two_moons", "twomoons")
 
 
-def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False, bit_depth=None):
+def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False, bit_depth=None,
+                 split_by=None):
     """Load a dataset by spec and return ``DatasetSplits(train, val, test, info)``.
 
     spec:
@@ -221,6 +240,8 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     bit_depth: how many bits of 16-bit image files hold the intensity (folders and CSV only): None (default) the full
         16 bits (65535 -> 255); 8 to 16 that many (12 for most CT and X-ray PNGs: 4095 -> 255), a value above it an
         error naming the file.
+    split_by: how a CSV's rows are split (CSV only): None (default) as :func:`~robust_ops.data.folders.load_csv`'s
+        "auto" -- by ``lesion_id`` when the CSV has that column, else by image; "image"; or a column to group by.
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
@@ -235,6 +256,9 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if classes is not None and not image_files:
         raise DataError(f"{text}: classes= selects class folders or CSV labels; this source has fixed classes",
                         arg="classes")
+    if split_by is not None and not low.endswith(".csv"):  # would be ignored
+        raise DataError(f"{text}: split_by= chooses how a CSV's rows are split; this source is not a CSV -- drop "
+                        "split_by=", arg="split_by")
     if bit_depth is not None and not image_files:  # would be ignored
         raise DataError(f"{text}: bit_depth= scales 16-bit image files (class folders and CSV); this source has "
                         "none -- drop bit_depth=", arg="bit_depth")
@@ -256,7 +280,7 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
         return medmnist.load_npz(path, size=size)
     if low.endswith(".csv"):
         return folders.load_csv(path, size=224 if size is None else size, seed=seed, classes=classes,
-                                bit_depth=bit_depth)
+                                bit_depth=bit_depth, split_by="auto" if split_by is None else split_by)
     if path.is_dir():
         return folders.load_busi(path, size=224 if size is None else size, seed=seed, classes=classes,
                                  bit_depth=bit_depth)

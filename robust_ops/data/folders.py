@@ -2,7 +2,8 @@
 
 Images are zero-padded to a square and then resized, as MIRST-DM does, so lesion shapes are not distorted.
 Neither source has official splits: train/val/test are a stratified 7:1:2 split drawn from ``seed``
-(use ``robust_ops.data.cross_validation`` for k-fold protocols).
+(use ``robust_ops.data.cross_validation`` for k-fold protocols); a CSV with a ``lesion_id`` column (HAM10000) is
+split by lesion, every image of a lesion on one side (``load_csv``'s ``split_by``).
 """
 
 import csv
@@ -201,9 +202,10 @@ def _bit_depth_record(bit_depth):
 
 
 def _samples_digest(samples):
-    """A digest of the (name, class) pairs in the order they are stacked: the seeded split cuts that order, so eval and
-    resume compare it to find data that was reordered, renamed or relabelled with the same class counts."""
-    text = "\n".join(f"{name}\t{label}" for name, label in samples)
+    """A digest of the (name, class) pairs -- (name, class, group) for a grouped split -- in the order they are
+    stacked: the seeded split cuts that order, so eval and resume compare it to find data that was reordered,
+    renamed, relabelled or regrouped with the same class counts."""
+    text = "\n".join("\t".join(map(str, sample)) for sample in samples)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -363,8 +365,12 @@ def _label_order(labels):
     return str
 
 
+# The column load_csv's split_by="auto" groups by when the CSV has it: HAM10000 holds several images per lesion.
+LESION_COLUMN = "lesion_id"
+
+
 def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
-             mode="RGB", bit_depth=None):
+             mode="RGB", bit_depth=None, split_by="auto"):
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
     _part_2/).
@@ -377,6 +383,12 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     need not exist. Each image_id must appear once and match exactly one image file; an empty id or label is an
     error. bit_depth: the scale of 16-bit images, as for :func:`load_busi`. mode: "RGB" (default, three channels) or
     "L" (grayscale, one).
+
+    split_by: "auto" (default) splits by ``lesion_id`` when the CSV has that column, else by image; "image" by image;
+    another string names the column whose values group the rows. A grouped split puts every image of a group on one
+    side (an image-level split let a lesion's images land in train and test, inflating test accuracy): the stratified
+    7:1:2 split is drawn over the groups, each labelled by its most frequent label, and recorded as
+    ``info.extra["split_by"]`` (the column). An empty group value is an error.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -385,6 +397,9 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     _check_mode(mode, f"load_csv({csv_path})")
     check_sklearn_seed(f"load_csv({csv_path})", seed)  # before reading every image
     bit_depth = _check_bit_depth(bit_depth, f"load_csv({csv_path})")
+    if not isinstance(split_by, str) or not split_by.strip():
+        raise DataError(f"load_csv({csv_path}): expected split_by to be 'auto', 'image' or a column name, got "
+                        f"{split_by!r}", arg="split_by")
     rows = []
     # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise hide the first column's name
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -398,6 +413,12 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
                     hint = f"; the header looks {sep!r}-separated: save the file comma-separated" if sep else ""
                     raise DataError(f"{csv_path}: missing column {col!r} (found: {', '.join(fields) or 'none'})"
                                     + hint)
+            group_column = (LESION_COLUMN if LESION_COLUMN in fields else None) if split_by == "auto" else \
+                None if split_by == "image" else split_by
+            if group_column is not None and group_column not in fields:
+                raise DataError(f"{csv_path}: split_by={split_by!r} names no column (found: {', '.join(fields)}); "
+                                "expected 'auto', 'image' or a column name")
+            groups = {}
             for r in reader:
                 # stripped: "mel " would otherwise become a class of its own beside "mel"
                 image_id, label = (r[id_column] or "").strip(), (r[label_column] or "").strip()
@@ -405,6 +426,11 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
                     col = id_column if not image_id else label_column
                     raise DataError(f"{csv_path}: line {reader.line_num}: empty {col!r}; expected a value in every "
                                     "row")
+                if group_column is not None:
+                    groups[image_id] = (r[group_column] or "").strip()
+                    if not groups[image_id]:  # a sample without a group cannot be kept on one side of its group
+                        raise DataError(f"{csv_path}: line {reader.line_num}: empty {group_column!r}, which the split "
+                                        "groups by; expected a value in every row (split_by='image' splits by image)")
                 rows.append((image_id, label))
         except UnicodeDecodeError as err:
             where = f"{err.reason} at byte {err.start}"
@@ -467,7 +493,12 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         class_names=tuple(names), positive_class=_positive(names), synthetic=False, source=str(csv_path),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
                "class_counts": {n: counts[n] for n in names},  # eval checks the data is unchanged
-               "samples_digest": _samples_digest((image_id, names[label]) for image_id, label in kept),
-               **_bit_depth_record(bit_depth)},
+               "samples_digest": _samples_digest((image_id, names[label], *([groups[image_id]] if group_column else []))
+                                                 for image_id, label in kept),
+               **_bit_depth_record(bit_depth),
+               **({"split_by": group_column} if group_column else {})},  # image splits: records as before
     )
-    return splits_from_arrays(x, y, info, seed)
+    if group_column is None:
+        return splits_from_arrays(x, y, info, seed)
+    return splits_from_arrays(x, y, info, seed, groups=[groups[image_id] for image_id, _ in kept],
+                              group_name=group_column)
