@@ -100,8 +100,10 @@ class PoolAllocator final : public c10::Allocator {
 
   static PoolAllocator& instance() {
     static PoolAllocator* pool = [] {
-      // A child forked while another thread held the lock (DataLoader workers fork mid-training) gets a fresh one.
-      pthread_atfork(nullptr, nullptr, [] { new (&instance().mutex_) std::mutex(); });
+      // fork() copies the maps as they are: the forking thread takes the lock first, so no other thread is halfway
+      // through changing them (a child forked mid-insert crashed); both processes then release it.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
       return new PoolAllocator();  // never destroyed: tensors may outlive static destructors
     }();
     return *pool;
