@@ -65,7 +65,7 @@ class PoolAllocator final : public c10::Allocator {
         cached_bytes_ -= capacity;
         free_.erase(it);
         ++hits_;
-      } else {
+      } else if (depth_ > 0) {  // not the allocations of a tensor from an ended pool resizing (resize_)
         ++misses_;
       }
     }

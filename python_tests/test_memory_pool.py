@@ -81,6 +81,17 @@ def test_tensors_crossing_the_boundary_stay_valid():
         m(x).sum()
 
 
+def test_a_tensor_resized_after_the_pool_ended_is_no_pool_miss():
+    # its storage keeps the pool's allocator, which serves it from the system like the default one: no pooled
+    # allocation, so the miss count (pooled allocations served from the system) stays as it was
+    with cpu_memory_pool():
+        t = torch.ones(BIG)
+    before = cpu_memory_pool_stats()
+    t.resize_(4 * BIG)
+    t[-1] = 3
+    assert cpu_memory_pool_stats() == before and float(t[:BIG].sum()) == BIG
+
+
 def test_sizes_shrinking_reuse_larger_blocks():
     with cpu_memory_pool():
         del_me = torch.empty(BIG * 4)
