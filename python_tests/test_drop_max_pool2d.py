@@ -762,6 +762,19 @@ def test_backward_error_messages():
             backward_op(mode.from_tensor(torch.ones(1, 1, 2, 2)), mode.from_tensor(idx), [2, 1, 4, 4])
 
 
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("grad_device, idx_device", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_backward_device_mismatch_message(grad_device, idx_device):
+    """CUDA outranks CPU in dispatch, so a CPU grad_output with CUDA indices reaches the CUDA kernel, which asserted
+    grad_output.is_cuda() (an internal error) before its device check."""
+    grad = torch.ones(1, 1, 2, 2, device=grad_device)
+    idx = torch.zeros(1, 1, 2, 2, dtype=torch.int64, device=idx_device)
+    match = rf"_drop_max_pool2d_backward: expected indices on the device of grad_output \({grad.device}\), " \
+            rf"got {idx.device}"
+    with pytest.raises(RuntimeError, match=match):
+        backward_op(grad, idx, [1, 1, 4, 4])
+
+
 _IDX = torch.zeros(1, 1, 2, 2, dtype=torch.int64)
 _SIZE = "expected input_size to be (N, C, H, W) = (1, 1, H, W) with H, W > 0, got "
 

@@ -110,8 +110,10 @@ std::tuple<at::Tensor, at::Tensor> drop_max_pool2d_cuda(const at::Tensor& input,
 
 at::Tensor drop_max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& indices,
                                          c10::IntArrayRef input_size) {
-  TORCH_INTERNAL_ASSERT(grad_output.is_cuda());
+  // Checks first: CUDA outranks CPU in dispatch, so a CPU grad_output with CUDA indices lands here and must get the
+  // device message, not an internal assert.
   check_drop_max_pool2d_backward_args(grad_output, indices, input_size);
+  TORCH_INTERNAL_ASSERT(grad_output.is_cuda());
   // Float atomics: the summation order of overlapping windows varies between runs (ATen's max_pool2d backward alerts
   // too); an error under torch.use_deterministic_algorithms(True), a warning with warn_only=True.
   at::globalContext().alertNotDeterministic("_drop_max_pool2d_backward_cuda");
