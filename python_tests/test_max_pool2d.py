@@ -274,6 +274,32 @@ def test_every_cpu_instruction_set_path(isa):
     run_with_cpu_isa(_ISA_SCRIPT, isa)
 
 
+_BAD_ISA_SCRIPT = """
+import torch, robust_ops
+x = torch.randn(1, 1, 8, 40)
+for name in ("max_pool2d", "drop_max_pool2d"):  # a failed read is raised again, by the op that reads it
+    try:
+        getattr(torch.ops.robust_ops, name)(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    except RuntimeError as e:
+        print(str(e).splitlines()[0])
+"""
+
+
+def test_bad_cpu_instruction_set_cap_names_the_calling_op():
+    """max_pool2d shares the drop-max kernel, whose $ROBUST_OPS_CPU_ISA check said 'drop_max_pool2d:' for both ops."""
+    import os
+    import platform
+
+    from utils import run_python
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if platform.machine() != "x86_64" or " avx2" not in flags:
+        pytest.skip("the cap is read only where the AVX2 / AVX-512 paths can run")
+    printed = run_python(_BAD_ISA_SCRIPT, dict(os.environ, ROBUST_OPS_CPU_ISA="AVX2")).splitlines()
+    expected = "expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got 'AVX2'"
+    assert printed == [f"max_pool2d: {expected}", f"drop_max_pool2d: {expected}"]
+
+
 def test_fallback_for_integer_inputs_keeps_every_argument():
     # Integer inputs (the kernels take floating point only) and bfloat16 run F.max_pool2d, ceil_mode and indices too.
     for x in (torch.randint(-5, 5, (1, 2, 7, 7)), torch.randn(1, 2, 7, 7, dtype=torch.bfloat16)):

@@ -48,6 +48,9 @@ inline void valid_taps(int64_t start, int64_t k, int64_t d, int64_t size, int64_
 // What a window selects: the drop-max element (WindowTop2) or the plain maximum (WindowMax).
 enum class Select { kDropMax, kMax };
 
+// The op a rule serves, for its error messages.
+constexpr const char* op_name(Select rule) { return rule == Select::kMax ? kMaxPoolOp : kDropMaxOp; }
+
 // ATen's max_pool2d rule, fed in row-major window order: the first occurrence of the maximum; a NaN is taken whenever
 // seen, so the LAST NaN wins (ATen's `val > maxval || isnan(val)`); a window of -inf selects its first element.
 template <typename acc_t>
@@ -393,26 +396,27 @@ __attribute__((target("avx512f"))) bool window_top2_avx512(const float* __restri
 #pragma GCC diagnostic pop
 
 // $ROBUST_OPS_CPU_ISA caps the instruction set the CPU kernel uses: "avx512" (default: the best available), "avx2"
-// or "scalar" -- for testing every path on one machine and for comparing them.
-int cpu_isa_cap() {
-  static const int cap = [] {
+// or "scalar" -- for testing every path on one machine and for comparing them. Read once; `op` names the calling op
+// (drop_max_pool2d or max_pool2d) in the error, which a failed read raises again on the next call.
+int cpu_isa_cap(const char* op) {
+  static const int cap = [op] {
     const char* env = std::getenv("ROBUST_OPS_CPU_ISA");
     const std::string value = env ? env : "avx512";
-    TORCH_CHECK(value == "avx512" || value == "avx2" || value == "scalar", kDropMaxOp,
+    TORCH_CHECK(value == "avx512" || value == "avx2" || value == "scalar", op,
                 ": expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got '", value, "'");
     return value == "avx512" ? 2 : (value == "avx2" ? 1 : 0);
   }();
   return cap;
 }
 
-bool cpu_has_avx512() {
+bool cpu_has_avx512(const char* op) {
   static const bool has = __builtin_cpu_supports("avx512f");
-  return has && cpu_isa_cap() >= 2;
+  return has && cpu_isa_cap(op) >= 2;
 }
 
-bool cpu_has_avx2() {
+bool cpu_has_avx2(const char* op) {
   static const bool has = __builtin_cpu_supports("avx2");
-  return has && cpu_isa_cap() >= 1;
+  return has && cpu_isa_cap(op) >= 1;
 }
 #endif
 
@@ -426,10 +430,10 @@ bool window_top2(const scalar_t* base, int64_t step, int64_t len, int64_t safe_l
   bool nan_seen = false;
 #ifdef ROBUST_OPS_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (vector_ok && cpu_has_avx512()) {
+    if (vector_ok && cpu_has_avx512(op_name(rule))) {
       nan_seen = window_top2_avx512<rule>(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,
                                     origin_step, done);
-    } else if (vector_ok && cpu_has_avx2()) {
+    } else if (vector_ok && cpu_has_avx2(op_name(rule))) {
       nan_seen = window_top2_avx2<rule>(base, step, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin, origin_step,
                                   done);
     }
@@ -572,8 +576,8 @@ template <Select rule>
 std::tuple<at::Tensor, at::Tensor> pool2d_cpu(const at::Tensor& input, c10::IntArrayRef kernel_size,
                                               c10::IntArrayRef stride, c10::IntArrayRef padding,
                                               c10::IntArrayRef dilation, bool ceil_mode) {
-  const Geometry g = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode,
-                                                rule == Select::kMax ? kMaxPoolOp : kDropMaxOp);
+  const Geometry g =
+      check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode, op_name(rule));
   const bool channels_last = is_channels_last(input);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(format);
