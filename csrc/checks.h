@@ -31,16 +31,6 @@ inline void check_floating(const char* op, const char* arg, const at::Tensor& t)
               " to be a floating-point tensor (float16, bfloat16, float32, float64), got ", py_dtype(s));
 }
 
-inline void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim, const char* layout) {
-  TORCH_CHECK(t.dim() == dim, op, ": expected ", arg, " to be ", dim, "-D ", layout, ", got ", t.dim(), "-D");
-}
-
-inline void check_same_shape(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
-                             const at::Tensor& ref) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": expected ", arg, " to have the shape of ", ref_arg, " ", ref.sizes(),
-              ", got ", t.sizes());
-}
-
 inline void check_same_dtype(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
                              const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected ", arg, " to have the dtype of ", ref_arg, " (",
