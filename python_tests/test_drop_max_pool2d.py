@@ -726,6 +726,12 @@ def test_torch_func_transforms_are_refused_by_name_or_run_on_reference():
         robust_ops.drop_max_pool2d(fwAD.make_dual(x, v), 2)
     with pytest.raises(RuntimeError, match=r"drop_max_pool2d: torch.func.grad/vjp/jacrev is not supported"):
         grad(lambda t: robust_ops.drop_max_pool2d(t, 2).sum())(x)
+    # Also beneath vmap (the check saw only the outermost, batched wrapper: torch's setup_context and
+    # "Batching rule not implemented for aten::_unpack_dual" messages came through instead).
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: forward-mode AD .* backend='native'"):
+        jvp(vmap(robust_ops.DropMax2d(2)), (x.unsqueeze(0),), (v.unsqueeze(0),))
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: torch.func.grad/vjp/jacrev is not supported"):
+        grad(lambda t: vmap(robust_ops.DropMax2d(2))(t).sum())(x.unsqueeze(0))
     # The reference is plain torch ops: every transform works there, and agrees with torch.autograd on the native op.
     _, tangent = jvp(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="reference"), (x,), (v,))
     _, idx = op(x, [2, 2], [2, 2], [0, 0], [1, 1], False)

@@ -502,6 +502,29 @@ def test_torch_func_grad_runs_through_eval_batch_norm():
         assert torch.equal(vjp, ref)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's per-sample fallback for the native ops
+def test_torch_func_transforms_around_vmap_run_the_modules_own_forward():
+    """grad(vmap(f)) and jvp(vmap(f)) failed inside native_layers with torch's "must override the setup_context" and
+    "Batching rule not implemented for aten::_unpack_dual": the check saw only the outermost (batched) wrapper."""
+    from torch.func import grad, jvp, vmap
+
+    model, pool = resnet_like(), nn.MaxPool2d(3, 2, 1)
+    x = torch.rand(3, 1, 1, 16, 16)
+    t = torch.randn_like(x)
+    cases = {
+        "grad(vmap(model))": lambda: grad(lambda v: vmap(model)(v).pow(2).sum())(x),
+        "jvp(vmap(model))": lambda: jvp(vmap(model), (x,), (t,))[1],
+        "grad(vmap(pool))": lambda: grad(lambda v: vmap(pool)(v).pow(2).sum())(x),
+        "jvp(vmap(pool))": lambda: jvp(vmap(pool), (x,), (t,))[1],
+        "vmap(grad(pool))": lambda: vmap(grad(lambda v: pool(v).pow(2).sum()))(x),
+    }
+    refs = {name: case() for name, case in cases.items()}
+    with native_layers(model), native_layers(pool):
+        assert len(patched(model)) == 2 and patched(pool) == [pool]
+        for name, case in cases.items():
+            assert torch.equal(case(), refs[name]), name
+
+
 def test_attacks_on_a_model_elsewhere_than_the_cpu_swap_nothing(monkeypatch):
     """attack_context passed no device, so a CUDA model's attacks turned on the CPU pool and swapped forwards that
     only fell back. (No GPU needed: a meta model stands for any non-CPU device.)"""

@@ -53,11 +53,18 @@ def _functorch_autodiff(x):
     refuses the generated autograd.Function with a message that names neither the op nor a way out."""
     if torch.compiler.is_compiling():  # fake tensors; the transforms are dynamo's business there
         return None
-    if fwAD.unpack_dual(x).tangent is not None:
-        return "forward-mode AD (torch.func.jvp, torch.autograd.forward_ad)"
-    if torch._C._functorch.is_gradtrackingtensor(x):
-        return "torch.func.grad/vjp/jacrev"
-    return None
+    functorch = torch._C._functorch
+    # Every level of wrappers: under grad(vmap(f)) x is the batched wrapper and the differentiating level lies
+    # beneath it. unpack_dual has no batching rule, so it sees only the levels that are not batched.
+    while True:
+        batched = functorch.is_batchedtensor(x)
+        if not batched and fwAD.unpack_dual(x).tangent is not None:
+            return "forward-mode AD (torch.func.jvp, torch.autograd.forward_ad)"
+        if functorch.is_gradtrackingtensor(x):
+            return "torch.func.grad/vjp/jacrev"
+        if not functorch.is_functorch_wrapped_tensor(x):
+            return None
+        x = functorch.get_unwrapped(x)
 
 
 def drop_max_pool2d(
