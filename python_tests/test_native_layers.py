@@ -13,7 +13,7 @@ from robust_ops.memory import cpu_memory_pool_stats
 from robust_ops.native_layers import ENV_SWITCH, library_speedups, native_layers
 from robust_ops.prepacked_conv import prepacked_conv_active
 
-from utils import TinyCNN
+from utils import TinyCNN, run_python
 
 
 def patched(model):
@@ -411,6 +411,39 @@ def test_copies_taken_inside_use_their_own_statistics_and_pickle():
     with native_layers(twin):  # a later swap of the copy restores it like any model
         assert len(patched(twin)) == 2
     assert patched(twin) == []
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_copies_and_pickles_taken_inside_hold_torchs_own_forward(tmp_path):
+    """A copy, pickle or torch.save taken inside the block (an EMA snapshot in a custom defense inside fit) kept
+    functools.partial(robust_ops._patching._dispatch, module) for good: torch.jit.script(copy) failed with
+    "'functools.partial' object has no attribute '__globals__'", and the file did not load without robust_ops."""
+    import copy
+    import pickle
+
+    import robust_ops
+
+    model = nn.Sequential(eval_bn(3), nn.MaxPool2d(2))
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    with native_layers(model):
+        copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+        torch.save((model, x, expected), tmp_path / "model.pt")
+    for twin in copies:
+        for m in twin:  # what `m.forward` reads without the swap, bound to the copy
+            assert m.__dict__["forward"].__self__ is m and m.__dict__["forward"].__func__ is type(m).forward
+        assert torch.equal(twin(x), expected) and torch.equal(torch.jit.script(twin)(x), expected)
+    code = ("import sys, torch\n"
+            "sys.modules['robust_ops'] = None  # not importable\n"
+            f"model, x, expected = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+            "print(torch.equal(model(x), expected))\n")
+    assert run_python(code).split() == ["True"]
+    # the swap's bound forward is not taken for a user's own: replace_maxpool and a later swap handle the copy
+    twin = copies[0]
+    with native_layers(twin):
+        assert len(patched(twin)) == 2
+    robust_ops.replace_maxpool(copies[1])
+    assert type(copies[1][1]) is robust_ops.DropMax2d
 
 
 def test_copies_taken_inside_run_the_plain_forward(monkeypatch):

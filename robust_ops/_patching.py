@@ -3,6 +3,7 @@ native_layers and prepacked_conv."""
 
 import contextlib
 import functools
+import inspect
 import threading
 
 from torch import nn
@@ -14,16 +15,30 @@ _decisions = {}
 
 
 def _dispatch(module, *args, **kwargs):
-    # The installed forward. A copy.deepcopy or pickle of a patched module copies this partial along, but the copy
-    # is not in the registry, so nothing would ever remove it: it runs the class's own forward instead.
+    # The installed forward: runs the replacement only for the very module registered (a copy of the partial made
+    # by copy.copy would still name the original), the class's own forward otherwise.
     replacement = active_replacement(module)
     if replacement is not None:
         return replacement(module, *args, **kwargs)
     return type(module).forward(module, *args, **kwargs)
 
 
-def is_installed_forward(forward):
-    return isinstance(forward, functools.partial) and forward.func is _dispatch
+class _InstalledForward(functools.partial):
+    """``partial(_dispatch, module)``. A copy.deepcopy or pickle of the module (taken inside the block: an EMA
+    snapshot in a custom defense, torch.save) gets the class's own forward bound to the copy instead, as
+    ``module.forward`` reads without the swap: the copy is not registered, nothing would ever remove the partial, and
+    a kept partial broke torch.jit.script of the copy and tied its pickle to robust_ops._patching."""
+
+    def __reduce__(self):
+        return getattr, (self.args[0], "forward")  # read while unpickling, before the copy's __dict__ is set
+
+
+def is_installed_forward(module, forward):
+    """Whether ``forward``, the instance attribute ``module.forward``, is the swap's (installed or copied along)
+    rather than a user's own: the installed partial, or what a copy or pickle of it gives."""
+    if isinstance(forward, functools.partial):
+        return forward.func is _dispatch
+    return inspect.ismethod(forward) and forward.__self__ is module and forward.__func__ is type(module).forward
 
 
 def active_replacement(module):
@@ -70,10 +85,10 @@ def patched_forwards(model, replacements, switch, undecided=True):
                 entry = _patched.get(id(module))
                 if entry is not None:
                     entry[1] += 1
-                elif "forward" in module.__dict__ and not is_installed_forward(module.__dict__["forward"]):
+                elif "forward" in module.__dict__ and not is_installed_forward(module, module.__dict__["forward"]):
                     continue  # the user's own instance forward: leave it alone (ours may come with a copy)
                 else:
-                    module.forward = functools.partial(_dispatch, module)
+                    module.forward = _InstalledForward(_dispatch, module)
                     _patched[id(module)] = [module, 1, replacement, switch, undecided]
                 modules.append(module)
     try:

@@ -117,7 +117,7 @@ def _check_plain_pool(where, pool):
             raise TypeError(f"replace_maxpool: {where} has {flag}={value!r}, but DropMax2d takes a bool; set "
                             f"its {flag} to True or False first")
     own = pool.__dict__.get("forward")  # a user's `pool.forward = ...` (native layers' own swap is not theirs)
-    if own is not None and not is_installed_forward(own):
+    if own is not None and not is_installed_forward(pool, own):
         raise ValueError(
             f"replace_maxpool: {where} has its own instance forward ({own!r}), which a DropMax2d would not run; "
             "swap it yourself (robust_ops.DropMax2d takes MaxPool2d's arguments)"
