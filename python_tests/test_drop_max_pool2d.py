@@ -423,6 +423,29 @@ def test_reference_backend_compiles_fullgraph_and_exports():
     assert_verbose_equal(exported.module()(x), robust_ops.drop_max_pool2d(x, 3, 2, 1))
 
 
+def test_exports_with_dynamic_height_and_width():
+    """backend="reference" (the route for deployment without robust_ops) failed to export with dynamic H and W Dims
+    ("Constraints violated (h)") where the default backend and nn.MaxPool2d export: its far-side padding for
+    ceil_mode windows was max(0, ...) of symbolic sizes even without ceil_mode, where it is always 0."""
+    x = torch.randn(2, 3, 12, 12)
+    h = torch.export.Dim("h", min=6, max=64)
+    dims = ({0: torch.export.Dim("n"), 2: h, 3: h},)
+    for backend in ("reference", None):
+        pool = robust_ops.DropMax2d(3, 2, 1, backend=backend)
+        exported = torch.export.export(pool, (x,), dynamic_shapes=dims)
+        for size in (7, 29):
+            y = torch.randn(3, 3, size, size)
+            assert_verbose_equal(exported.module()(y), pool(y))
+    # ceil_mode=True: the output size branches on H and W, which torch refuses for nn.MaxPool2d too (docs say so)
+    ceil = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+    for pool in (nn.MaxPool2d(**ceil), robust_ops.DropMax2d(**ceil, backend="reference")):
+        with pytest.raises(torch._dynamo.exc.UserError, match=r"Constraints violated \(h\)"):
+            torch.export.export(pool, (x,), dynamic_shapes=dims)
+    exported = torch.export.export(pool, (x,), dynamic_shapes=({2: 2 * h, 3: 2 * h},))  # one remainder mod stride
+    y = torch.randn(2, 3, 30, 30)
+    assert_verbose_equal(exported.module()(y), pool(y))
+
+
 def test_native_module_exports_and_traces(tmp_path):
     """The default backend exports as one robust_ops::drop_max_pool2d node, and torch.jit.trace records the op, so a
     traced model saves and loads (with robust_ops imported); docs/ops/drop_max_pool2d.md says so."""

@@ -61,10 +61,12 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
         out = input.flatten().clone().view(n, c, oh, ow)
         return out, torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device)
     # Pad so every window lies inside: padding on both sides, plus what ceil_mode windows need on the far side.
+    # Without ceil_mode the windows lie inside already: the extra is 0, and deciding max(0, ...) on symbolic sizes
+    # made torch.export with a dynamic H or W fail ("Constraints violated").
     need_h = (oh - 1) * sh + dh * (kh - 1) + 1
     need_w = (ow - 1) * sw + dw * (kw - 1) + 1
-    extra_h = max(0, need_h - (h + 2 * ph))
-    extra_w = max(0, need_w - (w + 2 * pw))
+    extra_h = max(0, need_h - (h + 2 * ph)) if ceil_mode else 0
+    extra_w = max(0, need_w - (w + 2 * pw)) if ceil_mode else 0
     pads = (pw, pw + extra_w, ph, ph + extra_h)
 
     planes = input.reshape(n * c, 1, h, w)
