@@ -639,6 +639,15 @@ def test_replace_maxpool_torchvision(name):
 def test_replace_maxpool_errors_and_shared_instances():
     with pytest.raises(ValueError, match="replace_maxpool: Sequential has no nn.MaxPool2d layer"):
         robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()))
+    # a traced or exported model's pooling is ops, not modules: the message said only "has no nn.MaxPool2d layer"
+    pooled, x = nn.Sequential(nn.Conv2d(1, 1, 3), nn.MaxPool2d(2)), torch.randn(1, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        graphs = (torch.jit.trace(pooled, x), torch.export.export(pooled, (x,)).module())
+    for graph in graphs:
+        with pytest.raises(ValueError, match=r"has no nn.MaxPool2d layer .*; it is a traced or exported graph: replace "
+                                             r"on the eager model, then trace or export$"):
+            robust_ops.replace_maxpool(graph)
     with pytest.raises(ValueError, match="replace_maxpool: expected which to be 'first' or 'all', got 'last'"):
         robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2)), which="last")
     shared = nn.MaxPool2d(2)

@@ -159,9 +159,12 @@ def replace_maxpool(model, which="first", *, backend=None):
         return model  # replaced already
     pools = [m for m in pooling if isinstance(m, nn.MaxPool2d)]
     if not pools:
+        # a traced or exported graph holds its pooling as ops, not as nn.MaxPool2d modules
+        graph = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule))
+        hint = "; it is a traced or exported graph: replace on the eager model, then trace or export" if graph else ""
         raise ValueError(
             f"replace_maxpool: {type(model).__name__} has no nn.MaxPool2d layer to replace "
-            "(looked through all submodules in registration order)"
+            f"(looked through all submodules in registration order){hint}"
         )
     targets = pools[:1] if which == "first" else pools
     names = {id(m): name for name, m in model.named_modules()}
