@@ -536,6 +536,7 @@ def test_torch_func_grad_runs_through_eval_batch_norm():
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's per-sample fallback for the native ops
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
 def test_torch_func_transforms_around_vmap_run_the_modules_own_forward():
     """grad(vmap(f)) and jvp(vmap(f)) failed inside native_layers with torch's "must override the setup_context" and
     "Batching rule not implemented for aten::_unpack_dual": the check saw only the outermost (batched) wrapper."""
