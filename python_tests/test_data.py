@@ -267,6 +267,30 @@ def test_csv_with_lesion_id_is_split_by_lesion_stratified_and_recorded(tmp_path)
     assert all(torch.equal(a.tensors[0], b.tensors[0]) for a, b in zip(same, s) if hasattr(a, "tensors"))
 
 
+def test_cross_validation_of_data_split_by_lesion_folds_by_lesion(tmp_path):
+    """docs/getting-started.md, Data: folds of a CSV split by lesion_id are grouped (StratifiedGroupKFold), and each
+    fold's validation part is drawn by lesion too: image-level folds put about 20 of 40 lesions' images in a fold's
+    train and test. A class in fewer lesions than folds is an error counting lesions."""
+    s = load_dataset(_lesions_csv(tmp_path), size=8, seed=0)
+    folds = cross_validation(s, k=5, seed=0)
+    tested = []
+    for f in folds:
+        train, val, test = (_lesions_of(p) for p in (f.train, f.val, f.test))
+        assert not (train & test or train & val or val & test) and len(train | val | test) == 40
+        assert torch.bincount(f.test.tensors[1]).tolist() == [12, 12] and len(val) == 4
+        assert [len(g) for g in f.groups] == [len(f.train), len(f.val), len(f.test)]
+        tested += test
+    assert sorted(tested) == list(range(40))  # every lesion tested once
+    (tmp_path / "few").mkdir()
+    with pytest.warns(UserWarning, match="too small to stratify"):  # 5 lesions of a class in 7:1:2
+        few = load_dataset(_lesions_csv(tmp_path / "few", lesions=10), size=8, seed=0)
+    with pytest.raises(DataError, match=r"^cross_validation: the smallest class has 5 lesion_id groups, fewer than "
+                                        r"k=6 folds$"):
+        cross_validation(few, k=6)
+    with pytest.raises(DataError, match=r"the data was split by 'lesion_id' but carries no groups"):
+        cross_validation(type(s)(s.train, s.val, s.test, s.info), k=5)  # its folds would split lesions
+
+
 def test_csv_split_by_errors(tmp_path):
     path = _lesions_csv(tmp_path, lesions=10, blank_row=4)
     with pytest.raises(DataError, match=r"meta\.csv: line 6: empty 'lesion_id', which the split groups by; expected "

@@ -59,12 +59,15 @@ class DatasetInfo:
 
 @dataclass
 class DatasetSplits:
-    """train / val / test TensorDatasets of float inputs and int64 labels, plus the DatasetInfo."""
+    """train / val / test TensorDatasets of float inputs and int64 labels, plus the DatasetInfo. ``groups``: for a
+    grouped split (a CSV split by ``lesion_id`` or another column, ``info.extra["split_by"]``) the (train, val, test)
+    arrays of each sample's group key, which :func:`~robust_ops.data.cross_validation` keeps in one fold; else None."""
 
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
     info: DatasetInfo
+    groups: tuple = None
 
     def __iter__(self):  # allows ``train, val, test, info = load_dataset(...)``
         return iter((self.train, self.val, self.test, self.info))
@@ -180,10 +183,11 @@ def stratified_split(y, fractions, seed, source="dataset", class_names=None):
     return parts
 
 
-def grouped_split(y, groups, fractions, seed, source="dataset", class_names=None):
+def grouped_split(y, groups, fractions, seed, source="dataset", class_names=None, group_name="group"):
     """:func:`stratified_split` of the groups (e.g. HAM10000's lesions), each labelled by its most frequent label
     (ties: the lowest), every sample following its group: no group has samples in two parts. The fractions are
-    those of groups; the warnings and errors count groups."""
+    those of groups; the warnings and errors count groups (``group_name``: the column they come from)."""
+    source = f"{source} (split by {group_name}: counts are of {group_name} groups)"
     keys, inverse = np.unique(np.asarray(groups), return_inverse=True)
     y = np.asarray(y)
     counts = np.zeros((len(keys), int(y.max()) + 1 if y.size else 1), dtype=np.int64)
@@ -206,15 +210,14 @@ def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None,
     if groups is None:
         parts = stratified_split(y.numpy(), fractions, seed, source, info.class_names)
     else:
-        parts = grouped_split(y.numpy(), groups, fractions, seed, f"{source} (split by {group_name}: counts are of "
-                              f"{group_name} groups)", info.class_names)
+        parts = grouped_split(y.numpy(), groups, fractions, seed, source, info.class_names, group_name)
     missing = missing_classes(y.numpy(), parts)
     if missing:  # recorded in results.json: a metric of an absent class is undefined there
         names = ("train", "val", "test")
         info.extra["classes_missing_from_split"] = {names[i]: [info.class_names[c] for c in cs]
                                                     for i, cs in missing.items()}
     sets = [TensorDataset(x[p], y[p]) for p in parts]
-    return DatasetSplits(*sets, info)
+    return DatasetSplits(*sets, info, None if groups is None else tuple(np.asarray(groups)[p] for p in parts))
 
 
 # Names load_dataset reads as generated sets, never as paths (any case).

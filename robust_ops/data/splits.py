@@ -1,4 +1,5 @@
-"""Stratified k-fold cross-validation (MIRST-DM and ARFL report 5-fold means) with scikit-learn's StratifiedKFold."""
+"""Stratified k-fold cross-validation (MIRST-DM and ARFL report 5-fold means) with scikit-learn's StratifiedKFold, or
+StratifiedGroupKFold for data split by group (a CSV's lesion_id: every image of a lesion in one fold)."""
 
 import dataclasses
 import numbers
@@ -8,7 +9,7 @@ import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from .._options import check_int, class_labels
-from .core import DataError, DatasetSplits, check_sklearn_seed, missing_classes, stratified_split
+from .core import DataError, DatasetSplits, check_sklearn_seed, grouped_split, missing_classes, stratified_split
 
 
 def _tensors(dataset):
@@ -26,11 +27,29 @@ def pooled(splits):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def pooled_groups(splits, n):
+    """The group keys of :func:`pooled`'s samples, in its order (None for data split by sample). Data that records a
+    grouped split (``info.extra["split_by"]``) but carries no groups is refused: its folds would split groups."""
+    split_by = splits.info.extra.get("split_by")
+    if splits.groups is None:
+        if split_by is not None:
+            raise DataError(f"cross_validation: the data was split by {split_by!r} but carries no groups "
+                            "(DatasetSplits.groups); pass the DatasetSplits load_dataset returned")
+        return None
+    groups = np.concatenate([np.asarray(g) for d, g in zip((splits.train, splits.val, splits.test), splits.groups)
+                             if len(d)])
+    if len(groups) != n:
+        raise DataError(f"cross_validation: DatasetSplits.groups holds {len(groups)} group keys for {n} samples")
+    return groups
+
+
 def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
     """k stratified folds over the pooled data: fold i tests on the i-th part, validates on a stratified
     ``val_fraction`` of the rest and trains on the remainder; the same ``seed`` (an integer from 0 to 2**32 - 1)
-    gives the same folds. Returns a list of DatasetSplits (same info)."""
-    from sklearn.model_selection import StratifiedKFold
+    gives the same folds. Data split by group (``splits.groups``: a CSV's lesion_id) is folded by group
+    (StratifiedGroupKFold) and each fold's validation part drawn by group too: no group in two parts. Returns a list
+    of DatasetSplits (same info)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     k = check_int("cross_validation", "k (the number of folds)", k, minimum=2, error=DataError)
     # None would draw other folds on every call (a fold could not be rebuilt to evaluate it); scikit-learn's own
@@ -46,22 +65,38 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
         y = class_labels("cross_validation", y, len(x), what="the labels")
     except (TypeError, ValueError) as err:
         raise DataError(str(err)) from None
-    counts = np.bincount(y.numpy())
+    groups = pooled_groups(splits, len(y))
+    split_by = splits.info.extra.get("split_by", "group")
+    if groups is None:
+        counts, unit = np.bincount(y.numpy()), "samples"
+    else:  # a class in fewer groups than folds leaves a fold's test part without it
+        pairs = np.unique(np.stack([np.unique(groups, return_inverse=True)[1], y.numpy()], 1), axis=0)
+        counts, unit = np.bincount(pairs[:, 1]), f"{split_by} groups"
     if counts[counts > 0].min() < k:
-        raise DataError(f"cross_validation: the smallest class has {counts[counts > 0].min()} samples, fewer than "
+        raise DataError(f"cross_validation: the smallest class has {counts[counts > 0].min()} {unit}, fewer than "
                         f"k={k} folds")
     folds = []
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for i, (train_idx, test_idx) in enumerate(skf.split(np.zeros(len(y)), y.numpy())):
+    if groups is None:
+        skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y.numpy())
+    else:
+        skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y.numpy(),
+                                                                                       groups)
+    for i, (train_idx, test_idx) in enumerate(skf):
         if val_fraction > 0:
-            tr, va = stratified_split(y[train_idx].numpy(), (1 - val_fraction, val_fraction), seed,
-                                      f"{splits.info.source or splits.info.name} (fold {i})", splits.info.class_names)
+            source = f"{splits.info.source or splits.info.name} (fold {i})"
+            if groups is None:
+                tr, va = stratified_split(y[train_idx].numpy(), (1 - val_fraction, val_fraction), seed, source,
+                                          splits.info.class_names)
+            else:
+                tr, va = grouped_split(y[train_idx].numpy(), groups[train_idx], (1 - val_fraction, val_fraction), seed,
+                                       source, splits.info.class_names, split_by)
             train_idx, val_idx = train_idx[tr], train_idx[va]
         else:
             val_idx = train_idx[:0]
+        parts = (train_idx, val_idx, test_idx)
         folds.append(DatasetSplits(
-            TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx]),
-            TensorDataset(x[test_idx], y[test_idx]), _fold_info(splits.info, y, (train_idx, val_idx, test_idx)),
+            *(TensorDataset(x[p], y[p]) for p in parts), _fold_info(splits.info, y, parts),
+            None if groups is None else tuple(groups[p] for p in parts),
         ))
     return folds
 
