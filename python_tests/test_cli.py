@@ -2208,6 +2208,53 @@ def test_eval_rebuilds_the_csv_split_a_run_recorded_by_lesion_or_by_image(tmp_pa
     one_line_error(rc, err, "--resume:", "samples_digest=")
 
 
+def _lesions_csv(root, lesions=40, per_lesion=3):
+    """HAM10000-like metadata (lesion_id, image_id, dx): image k a flat 2k grey, so its lesion is k // per_lesion."""
+    from PIL import Image
+
+    root.mkdir()
+    rows = ["lesion_id,image_id,dx"]
+    for k in range(lesions * per_lesion):
+        rows.append(f"L{k // per_lesion},im{k},{('nv', 'mel')[k // per_lesion % 2]}")
+        Image.fromarray(np.full((8, 8, 3), 2 * k, np.uint8)).save(root / f"im{k}.png")
+    (root / "meta.csv").write_text("\n".join(rows) + "\n")
+    return root / "meta.csv"
+
+
+def test_eval_of_a_reproduce_run_on_a_csv_rebuilds_its_lesion_or_image_split(tmp_path):
+    """docs/getting-started.md, Data: eval rebuilds the split a run recorded -- a reproduce run's too. Its folds /
+    seeded split of a CSV with lesion_id are by lesion; a reproduce run recorded without split_by (trained when CSVs
+    were split and folded by image) was rebuilt by lesion instead and refused as "other images"."""
+    from robust_ops.data import cross_validation, load_dataset
+    from robust_ops.reproduce import run_protocol
+
+    data = str(_lesions_csv(tmp_path / "d"))
+    run_protocol(_tiny_protocol("kfold", [("Baseline", "standard")]), out=tmp_path / "kf", data=data, seeds=2,
+                 size=8, progress=False)
+    run_protocol(_tiny_protocol("seeds", [("Baseline", "standard")]), out=tmp_path / "sd", data=data, seeds=2,
+                 size=8, progress=False)
+    runs = [(tmp_path / "kf" / "runs" / "baseline" / f"fold{k}", k) for k in (0, 1)]
+    runs.append((tmp_path / "sd" / "runs" / "baseline" / "seed1", None))
+
+    def expected(split_by):
+        folds = cross_validation(load_dataset(data, size=8, split_by=split_by), k=2, seed=0)
+        return [folds[k] if k is not None else load_dataset(data, size=8, seed=1, split_by=split_by) for _, k in runs]
+
+    for split_by in ("lesion_id", "image"):
+        for (run_dir, _), want in zip(runs, expected(split_by)):
+            if split_by == "image":  # as a run trained before CSVs were split by lesion recorded it
+                doc = json.loads((run_dir / "run.json").read_text())
+                del doc["dataset"]["split_by"]
+                doc["dataset"]["samples_digest"] = want.info.extra["samples_digest"]
+                (run_dir / "run.json").write_text(json.dumps(doc))
+            _, splits, _ = cli.load_run(run_dir)
+            lesions = [set((d.tensors[0][:, 0, 0, 0] * 255 / 2).round().int().div(3, rounding_mode="floor").tolist())
+                       for d in (splits.train, splits.test)]
+            assert bool(lesions[0] & lesions[1]) == (split_by == "image")  # a by-image split leaks some lesions
+            for got, ref in ((splits.train, want.train), (splits.test, want.test)):
+                assert all(torch.equal(a, b) for a, b in zip(got.tensors, ref.tensors))
+
+
 @pytest.mark.parametrize("variable, values", [
     ("ROBUST_OPS_PREPACKED_CONV", "1/true/on/yes"), ("ROBUST_OPS_CPU_POOL", "1/true/on/yes"),
     ("ROBUST_OPS_NATIVE_LAYERS", "1/true/on/yes"), ("ROBUST_OPS_BACKEND", "auto, native, triton, reference")])

@@ -775,7 +775,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     if run.get("split") and same_data:  # a reproduce run: its own fold / subset, not the data's train/val/test
         from .reproduce import rebuild_splits
 
-        splits = rebuild_splits(data, run["split"])
+        splits = rebuild_splits(data, run["split"], split_by=_trained_split_by(run, data, same_data))
     elif same_data and not explicit_data and _looks_like_kfold_run(target if target.is_dir() else target.parent):
         raise CLIError(f"{target}: a reproduce k-fold run whose {RUN_FILE} predates the split record, so its held-out "
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "

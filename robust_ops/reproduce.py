@@ -497,17 +497,17 @@ def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None):
     return record
 
 
-def load_pool(data, size, seed, bit_depth):
+def load_pool(data, size, seed, bit_depth, split_by=None):
     """The data a k-fold protocol pools, loaded with the CLI's loader. Its own train/val/test split (7:1:2 for
     sources without one) is pooled again, so that split's warning about a class too small to stratify it would
-    describe parts no run uses; the folds' own splits warn for themselves."""
+    describe parts no run uses; the folds' own splits warn for themselves. ``split_by``: as load_dataset's."""
     import warnings
 
     from .cli import load_data
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*a class is too small to stratify the 0\.7/0\.1/0\.2 split")
-        return load_data(data, size=size, seed=seed, bit_depth=bit_depth)
+        return load_data(data, size=size, seed=seed, bit_depth=bit_depth, split_by=split_by)
 
 
 def kfold_splits(data, base, k, seed):
@@ -522,21 +522,22 @@ def kfold_splits(data, base, k, seed):
         raise CLIError(f"--data: {data} cannot be split into {k} stratified cross-validation folds ({err})") from None
 
 
-def rebuild_splits(data, record, base=None, folds=None):
+def rebuild_splits(data, record, base=None, folds=None, split_by=None):
     """The DatasetSplits a reproduce run used, from its run.json ``split`` record (see :func:`split_record`).
-    ``base`` / ``folds``: the loaded data / its folds, when the caller has them already."""
+    ``base`` / ``folds``: the loaded data / its folds, when the caller has them already. ``split_by``: how a CSV's
+    rows were split, as the run's dataset record says (eval's ``_trained_split_by``); None: load_dataset's default."""
     from .cli import CLIError, load_data, subset_splits
 
     kind = record.get("kind")
     if kind == "kfold":
         if folds is None:
             base = base if base is not None else load_pool(data, record.get("size"), record.get("data_seed", 0),
-                                                           record.get("bit_depth"))
+                                                           record.get("bit_depth"), split_by)
             folds = kfold_splits(data, base, record["k"], record["cv_seed"])
         splits = folds[record["fold"]]
     elif kind == "seeds":
         splits = base if base is not None else load_data(data, size=record.get("size"), seed=record["data_seed"],
-                                                         bit_depth=record.get("bit_depth"))
+                                                         bit_depth=record.get("bit_depth"), split_by=split_by)
     else:
         raise CLIError(f"run.json: unknown split record {record!r}; expected kind 'kfold' or 'seeds'")
     sub = record.get("subset")
