@@ -297,6 +297,13 @@ def test_csv_split_by_errors(tmp_path):
                                         r"a value in every row \(split_by='image' splits by image\)$"):
         load_dataset(path, size=8)
     assert len(load_dataset(path, size=8, split_by="image").train) == 21
+    (tmp_path / "left_out").mkdir()
+    other = _lesions_csv(tmp_path / "left_out", lesions=20)
+    with open(other, "a") as f:  # a row of a label classes= leaves out needs no lesion (nor an image)
+        f.write(",ISIC_9999,unk\n")
+    assert len(load_dataset(other, size=8, classes=["nv", "mel"]).train) == 42
+    with pytest.raises(DataError, match=r"meta\.csv: line 62: empty 'lesion_id', which the split groups by"):
+        load_dataset(other, size=8)
     with pytest.raises(DataError, match=r"meta\.csv: split_by='patient' names no column \(found: lesion_id, image_id, "
                                         r"dx\); expected 'auto', 'image' or a column name$"):
         load_dataset(path, size=8, split_by="patient")

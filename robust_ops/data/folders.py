@@ -388,7 +388,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     another string names the column whose values group the rows. A grouped split puts every image of a group on one
     side (an image-level split let a lesion's images land in train and test, inflating test accuracy): the stratified
     7:1:2 split is drawn over the groups, each labelled by its most frequent label, and recorded as
-    ``info.extra["split_by"]`` (the column). An empty group value is an error.
+    ``info.extra["split_by"]`` (the column). An empty group value is an error (in a row ``classes`` leaves out, not).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -418,7 +418,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
             if group_column is not None and group_column not in fields:
                 raise DataError(f"{csv_path}: split_by={split_by!r} names no column (found: {', '.join(fields)}); "
                                 "expected 'auto', 'image' or a column name")
-            groups = {}
+            groups, blank = {}, {}
             for r in reader:
                 # stripped: "mel " would otherwise become a class of its own beside "mel"
                 image_id, label = (r[id_column] or "").strip(), (r[label_column] or "").strip()
@@ -428,9 +428,8 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
                                     "row")
                 if group_column is not None:
                     groups[image_id] = (r[group_column] or "").strip()
-                    if not groups[image_id]:  # a sample without a group cannot be kept on one side of its group
-                        raise DataError(f"{csv_path}: line {reader.line_num}: empty {group_column!r}, which the split "
-                                        "groups by; expected a value in every row (split_by='image' splits by image)")
+                    if not groups[image_id]:  # refused below if kept: a row classes= leaves out needs no group
+                        blank[image_id] = reader.line_num
                 rows.append((image_id, label))
         except UnicodeDecodeError as err:
             where = f"{err.reason} at byte {err.start}"
@@ -465,6 +464,10 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     lookup = {n: i for i, n in enumerate(names)}
     excluded = {label: n for label, n in sorted(counts.items()) if label not in lookup}
     kept = [(image_id, lookup[label]) for image_id, label in rows if label in lookup]
+    line = next((blank[image_id] for image_id, _ in kept if image_id in blank), None)
+    if line is not None:  # a sample without a group cannot be kept on one side of its group
+        raise DataError(f"{csv_path}: line {line}: empty {group_column!r}, which the split groups by; expected a value "
+                        "in every row (split_by='image' splits by image)")
     root = Path(image_dir) if image_dir else csv_path.parent
     wanted = {image_id for image_id, _ in kept}
     index = {}
