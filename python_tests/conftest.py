@@ -153,12 +153,21 @@ class EvenBIML2(EvenBIM):
 
 def not_a_class():
     pass
+
+
+class NoLoss(PGDDefense):
+    """A defense whose author forgot __call__."""
+
+
+class NoForward(attacks.Attack):
+    """An attack whose author forgot forward."""
 '''
 
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    """The dotted name of a user's module (USER_PACKAGE.defs: NoisyAT, EvenBIM, EvenBIML2, not_a_class) written into
+    """The dotted name of a user's module (USER_PACKAGE.defs: NoisyAT, EvenBIM, EvenBIML2, not_a_class, NoLoss and
+    NoForward without their required method) written into
     ``tmp_path`` and put on sys.path; it leaves sys.modules afterwards, so each test imports its own copy."""
     package = tmp_path / USER_PACKAGE
     package.mkdir()
@@ -170,10 +179,10 @@ def user_module(tmp_path, monkeypatch):
         sys.modules.pop(name, None)
 
 
-def import_path_errors(owner, what, base_name, user_module, own, other):
+def import_path_errors(owner, what, base_name, user_module, own, other, unfinished, required):
     """{bad dotted path: the exact one-line error ``owner`` gives} for each way a path to ``what`` (defense, attack)
     can fail: a missing module, a missing attribute (``own`` in the wrong case), a function, a class of the other
-    kind (``other``), a malformed path."""
+    kind (``other``), a malformed path, a subclass (``unfinished``) lacking the ``required`` method."""
     missing = f"no_such_pkg.mod.{own}"
     return {
         missing: f"{owner}: cannot import module 'no_such_pkg.mod' for {what} '{missing}' (No module named "
@@ -186,4 +195,6 @@ def import_path_errors(owner, what, base_name, user_module, own, other):
                                   f"{base_name}",
         f"{user_module}..{own}": f"{owner}: {what} '{user_module}..{own}' is not a dotted import path "
                                  "package.module.Class",
+        f"{user_module}.{unfinished}": f"{owner}: {what} '{user_module}.{unfinished}' does not implement {required}; "
+                                       "define it in the class",
     }

@@ -498,6 +498,12 @@ def test_own_defense_and_attack_by_dotted_import_path(user_module, small_npz, tm
             (["eval", out, "--attacks", f"fgsm,{defense}:steps=2"],
              f"robust-ops eval: error: --attacks: attacks.build: attack '{defense}' is a class but not a subclass of "
              "robust_ops.attacks.Attack"),
+            (["train", "--data", small_npz, "--defense", f"{user_module}.NoLoss"],  # a traceback after run.json
+             f"robust-ops train: error: --defense: defenses.build: defense '{user_module}.NoLoss' does not implement "
+             "__call__(model, x, y, ids=None) -> DefenseOutput; define it in the class"),
+            (["eval", out, "--attacks", f"{user_module}.NoForward"],
+             f"robust-ops eval: error: --attacks: attacks.build: attack '{user_module}.NoForward' does not implement "
+             "forward(x, y) -> x_adv; define it in the class"),
             (["eval", out, "--attacks", "no_such_pkg.mod.EvenBIM"],
              "robust-ops eval: error: --attacks: attacks.build: cannot import module 'no_such_pkg.mod' for attack "
              "'no_such_pkg.mod.EvenBIM' (No module named 'no_such_pkg'); is it on PYTHONPATH?"),

@@ -123,7 +123,7 @@ def test_own_defense_by_dotted_import_path(user_module):
     result = train.fit(GNNet(), path, TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
     assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
     errors = import_path_errors("defenses.build", "defense", "robust_ops.defenses.Defense", user_module, "NoisyAT",
-                                "EvenBIM")
+                                "EvenBIM", "NoLoss", "__call__(model, x, y, ids=None) -> DefenseOutput")
     for bad, message in errors.items():
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             defenses.build(bad)

@@ -151,7 +151,7 @@ def test_own_attack_by_dotted_import_path(user_module):
                                         "takes eps, steps, norm, targeted, "):
         parse_attacks(f"{path}:stepz=2")  # the dry run
     errors = import_path_errors("attacks.build", "attack", "robust_ops.attacks.Attack", user_module, "EvenBIM",
-                                "NoisyAT")
+                                "NoisyAT", "NoForward", "forward(x, y) -> x_adv")
     for bad, message in errors.items():
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             attacks.build(bad, model)

@@ -14,8 +14,9 @@ def is_import_path(name):
     return isinstance(name, str) and "." in name
 
 
-def class_from_path(owner, what, path, base, base_name):
-    """The class at ``path`` ("package.module.Class", split at the last dot), a subclass of ``base``; otherwise a
+def class_from_path(owner, what, path, base, base_name, required):
+    """The class at ``path`` ("package.module.Class", split at the last dot), a subclass of ``base`` that implements
+    the method ``required`` ("forward(x, y) -> x_adv": its name, then its signature) or ``__call__``; otherwise a
     one-line ValueError led by ``owner`` (e.g. "defenses.build") naming the path, ``what`` it was given as
     ("defense", "attack") and the fix. Errors raised by the module's own top-level code other than ImportError
     propagate unchanged: their traceback points into that code."""
@@ -38,4 +39,8 @@ def class_from_path(owner, what, path, base, base_name):
                          f"of {base_name}")
     if not issubclass(cls, base):
         raise ValueError(f"{owner}: {what} {path!r} is a class but not a subclass of {base_name}")
+    # the base's method raises a bare NotImplementedError at first use: a traceback after train wrote run.json
+    # (an attack overriding __call__ itself never reaches forward)
+    if all(getattr(cls, m) is getattr(base, m) for m in {required.partition("(")[0], "__call__"}):
+        raise ValueError(f"{owner}: {what} {path!r} does not implement {required}; define it in the class")
     return cls

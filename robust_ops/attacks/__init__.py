@@ -54,7 +54,8 @@ def attack_entry(name):
     (package.module.Class; its module is imported) that Attack subclass with no defaults (its constructor's apply).
     ValueError naming the name or path otherwise."""
     if is_import_path(name):  # as given: module and class names are case-sensitive
-        return class_from_path("attacks.build", "attack", name, Attack, "robust_ops.attacks.Attack"), {}
+        return class_from_path("attacks.build", "attack", name, Attack, "robust_ops.attacks.Attack",
+                               "forward(x, y) -> x_adv"), {}
     if not isinstance(name, str) or name not in ATTACKS:  # ["pgd"] would fail as "unhashable type: 'list'"
         raise ValueError(f"attacks.build: unknown attack {name!r}; expected one of {', '.join(ATTACKS)}, {PATH_HINT}")
     return ATTACKS[name]

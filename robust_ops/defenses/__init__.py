@@ -44,7 +44,8 @@ def defense_class(name):
     """The class registered under ``name`` (one of NAMES), or the Defense subclass at the dotted import path ``name``
     (package.module.Class; its module is imported)."""
     if is_import_path(name):  # as given: module and class names are case-sensitive
-        return class_from_path("defenses.build", "defense", name, Defense, "robust_ops.defenses.Defense")
+        return class_from_path("defenses.build", "defense", name, Defense, "robust_ops.defenses.Defense",
+                               "__call__(model, x, y, ids=None) -> DefenseOutput")
     # only a string names a registered defense (a list such as ["at"] failed as "unhashable type: 'list'")
     key = name.lower().replace("_", "-") if isinstance(name, str) else None
     if key not in REGISTRY:
