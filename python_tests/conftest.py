@@ -155,6 +155,18 @@ def not_a_class():
     pass
 
 
+class FixedAT(PGDDefense):
+    """A PGD defense whose constructor fixes its attack settings: it takes no clip_min / clip_max."""
+
+    def __init__(self, sigma=0.0):
+        super().__init__(eps=0.05, steps=1)
+        self.sigma = sigma
+
+    def __call__(self, model, x, y, ids=None):
+        loss = F.cross_entropy(model(self.attack(model, x, y).x_adv), y)
+        return DefenseOutput(loss=loss)
+
+
 class NoLoss(PGDDefense):
     """A defense whose author forgot __call__."""
 
@@ -166,8 +178,8 @@ class NoForward(attacks.Attack):
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    """The dotted name of a user's module (USER_PACKAGE.defs: NoisyAT, EvenBIM, EvenBIML2, not_a_class, NoLoss and
-    NoForward without their required method) written into
+    """The dotted name of a user's module (USER_PACKAGE.defs: NoisyAT, EvenBIM, EvenBIML2, not_a_class, FixedAT, NoLoss
+    and NoForward without their required method) written into
     ``tmp_path`` and put on sys.path; it leaves sys.modules afterwards, so each test imports its own copy."""
     package = tmp_path / USER_PACKAGE
     package.mkdir()

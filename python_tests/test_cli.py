@@ -1,6 +1,7 @@
 """The robust-ops command line end to end (quick modes) and its one-line errors (exit status 2, no partial files)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -1257,6 +1258,24 @@ def test_defenses_on_feature_vectors_clip_to_the_data_range():
         defense = cli.make_defense(name, {}, 100, info)
         assert (defense.clip_min, defense.clip_max) == tuple(info.value_range), name
     assert cli.make_defense("at", {"clip_min": -1.0}, 100, info).clip_min == -1.0  # an explicit option wins
+
+
+def test_own_pgd_defense_on_feature_vectors_takes_the_clip_range(user_module, tmp_path, capsys):
+    """Your own PGDDefense subclass by path gets the data's value range too; one whose constructor takes no
+    clip_min / clip_max is refused naming the fix, not as an unknown --defense-opt the user never gave (demo: before
+    any method trains, named --methods)."""
+    info = cli.load_data("moons").info
+    defense = cli.make_defense(f"{user_module}.NoisyAT", {}, 100, info)
+    assert (defense.clip_min, defense.clip_max) == tuple(info.value_range)
+    problem = (f"{user_module}.FixedAT takes no clip_min/clip_max, which train gives PGD-based defenses as the data's "
+               f"value range {list(info.value_range)} (not [0, 1]); take them in its __init__ and pass them on to "
+               "PGDDefense")
+    with pytest.raises(cli.CLIError, match=re.escape(f"--defense: {problem}")):
+        cli.make_defense(f"{user_module}.FixedAT", {}, 100, info)
+    rc, _, err = run(["demo", "--quick", "--data", "moons", "--model", "mlp", "--methods",
+                      f"standard,{user_module}.FixedAT", "--out", tmp_path / "demo", "--device", "cpu"], capsys)
+    assert one_line_error(rc, err) == f"robust-ops demo: error: --methods: {problem}"
+    assert not (tmp_path / "demo").exists()
 
 
 def test_eval_rebuilds_the_data_of_the_runs_seed(tmp_path, capsys):

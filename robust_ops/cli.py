@@ -327,6 +327,19 @@ def defense_key(name):
     return key if key in defenses.NAMES else name
 
 
+def clip_range_problem(name, cls, info):
+    """What is wrong with a PGDDefense subclass whose __init__ takes no clip_min/clip_max (its attack settings fixed)
+    on data outside [0, 1], to which train gives it the data's range; None when nothing is. Without this, the options
+    added read as the user's own unknown --defense-opt, and clipping to [0, 1] would attack outside the data."""
+    from ._options import accepted_options
+    from .defenses._common import PGDDefense
+
+    if tuple(info.value_range) == (0.0, 1.0) or not issubclass(cls, PGDDefense) or "clip_min" in accepted_options(cls):
+        return None
+    return (f"{name} takes no clip_min/clip_max, which train gives PGD-based defenses as the data's value range "
+            f"{list(info.value_range)} (not [0, 1]); take them in its __init__ and pass them on to PGDDefense")
+
+
 def make_defense(name, options, train_size, info):
     from . import defenses
 
@@ -345,6 +358,9 @@ def make_defense(name, options, train_size, info):
 
     takes_clip = "clip_min" in params or issubclass(cls, PGDDefense)
     if tuple(info.value_range) != (0.0, 1.0) and takes_clip:
+        problem = clip_range_problem(name, cls, info)
+        if problem:
+            raise CLIError(f"--defense: {problem}")
         options.setdefault("clip_min", info.value_range[0])
         options.setdefault("clip_max", info.value_range[1])
     try:
@@ -1156,6 +1172,9 @@ def cmd_demo(args):
         if getattr(defenses.defense_class(m), "binary_only", False) and splits.info.num_classes != 2:
             raise CLIError(f"--methods: {m} is defined for binary tasks only; {splits.info.name} has "
                            f"{splits.info.num_classes} classes")
+        problem = clip_range_problem(m, defenses.defense_class(m), splits.info)
+        if problem:
+            raise CLIError(f"--methods: {problem}")
     drop_max = [m for m in methods if makes_first_drop_max(m)]
     if drop_max:  # before any training, as the binary-only check (train_run checks it after the methods before it)
         check_max_pool(make_model(args.model, splits.info), args.model, drop_max[0], "--methods")
