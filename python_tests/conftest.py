@@ -173,13 +173,24 @@ class NoLoss(PGDDefense):
 
 class NoForward(attacks.Attack):
     """An attack whose author forgot forward."""
+
+
+class EpsOnly(attacks.Attack):
+    """An attack whose constructor takes eps but not the clip range evaluation passes (no **options)."""
+
+    def __init__(self, model, eps=8 / 255):
+        super().__init__(model)
+        self.eps = eps
+
+    def forward(self, x, y):
+        return x
 '''
 
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """The dotted name of a user's module (USER_PACKAGE.defs: NoisyAT, EvenBIM, EvenBIML2, not_a_class, FixedAT, NoLoss
-    and NoForward without their required method) written into
+    and NoForward without their required method, EpsOnly) written into
     ``tmp_path`` and put on sys.path; it leaves sys.modules afterwards, so each test imports its own copy."""
     package = tmp_path / USER_PACKAGE
     package.mkdir()

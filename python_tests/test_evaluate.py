@@ -159,6 +159,12 @@ def test_own_attack_by_dotted_import_path(user_module):
             with pytest.raises(EvalError, match=f"^attacks: {re.escape(message)}$") as err:
                 make(bad)
             assert err.value.arg == "attacks"
+    for make in (parse_attacks, AttackSpec):  # evaluation passes clip_min/clip_max: not "unknown options" of the user
+        with pytest.raises(EvalError, match=f"^attacks: {user_module}.EpsOnly takes no clip_min/clip_max, which "
+                                            r"evaluation gives every attack \(eps: each radius; clip_min/clip_max: "
+                                            r"the data's value range\); take them in its __init__ \(clip_min/clip_max: "
+                                            r"pass \*\*options on to Attack\)$"):
+            make(f"{user_module}.EpsOnly")
     with pytest.raises(EvalError, match=r"unknown attack 'bogus'; expected one of fgsm, .*, autoattack, or a dotted "
                                         r"import path of your own class \(package.module.Class\)$"):
         parse_attacks("Bogus")

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ._import_path import PATH_HINT, is_import_path
-from ._options import check_device, check_flags, check_int, class_labels
+from ._options import accepted_options, check_device, check_flags, check_int, class_labels
 from .attacks.context import check_attack_output, check_output, model_device, predict_from_output, use_model_mode
 from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
@@ -229,6 +229,15 @@ class AttackSpec:
             _attack_at_path(self.name)
         elif self.name not in attacks.ATTACKS:  # else a bare KeyError from .norm or build, far from the cause
             raise EvalError("attacks", unknown_attack_message(self.name))
+        # build() passes these to every attack: a class without them read as "unknown options 'clip_min',
+        # 'clip_max'", options the user never gave (and which a spec may not give)
+        takes = accepted_options(attacks.attack_entry(self.name)[0])
+        missing = [k for k in ("eps", "clip_min", "clip_max") if k not in takes]
+        if missing:
+            them = "it" if len(missing) == 1 else "them"
+            raise EvalError("attacks", f"attacks: {self.name} takes no {'/'.join(missing)}, which evaluation gives "
+                                       "every attack (eps: each radius; clip_min/clip_max: the data's value range); "
+                                       f"take {them} in its __init__ (clip_min/clip_max: pass **options on to Attack)")
         if "norm" in self.options:  # canonical ("Linf" -> "linf"), so labels, rows and radius checks see one spelling
             from .attacks.core import check_norm
 
