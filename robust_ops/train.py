@@ -397,7 +397,8 @@ def _all_reduce_mean_(tensors, world):
 def _sync_defense_state(defense, start_state, world):
     """After an epoch under DDP each process has updated the defense state for its own samples. The merged state
     takes, per tensor element, the value of the one process that changed it (per-sample tables such as IMA margins),
-    else the mean over processes (shared statistics such as DPAAT's running means). A defense may override this with
+    else the mean over processes (shared statistics such as DPAAT's running means; integer and other non-float
+    values: rank 0's). A defense may override this with
     ``merge_distributed_state(states, start_state) -> state``."""
     state = defense.state_dict()
     if world == 1 or not state:
