@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1232,6 +1233,35 @@ def test_demo_resume_refuses_another_training_subset(small_npz, tmp_path, capsys
     for extra in (["--epochs", "1"], ["--train-size", "32"]):  # --quick would ignore them
         rc, _, err = run(quick + extra, capsys)
         one_line_error(rc, err, f"{extra[0]}: --quick sets its own")
+
+
+def test_demo_training_subset_records_and_warns_about_a_class_it_leaves_out(tmp_path, capsys):
+    """--train-size draws a random (not stratified) subset: a rare class it leaves out of training was silent, and
+    run.json's classes_missing_from_split described the whole split, not the images the run trained on."""
+    from robust_ops.data import load_busi
+
+    d = _folder(tmp_path / "d", n=15, classes=("benign", "malignant"))
+    _folder(tmp_path / "d", n=3, classes=("normal",))  # 3 of 33 images: a rare third class
+
+    def subset_misses_normal(seed):  # the full train split holds normal images, the 6-image subset none
+        full = load_busi(d, size=8, seed=seed)
+        return 2 in full.train.tensors[1].tolist() and 2 not in cli.subset_splits(full, 6, 100, seed).train.tensors[1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 7:1:2 split's own warning about the rare class
+        seeds = [s for s in range(30) if subset_misses_normal(s)]
+    assert seeds
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", d, "--size", "8", "--methods", "standard", "--epochs", "1", "--out", out, "--attacks",
+            "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--train-size", "6",
+            "--seed", str(seeds[0]), "--model", "mlp"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    assert "warning:" in err and "leaves out normal from train" in err, err
+    dataset = json.loads((out / "runs" / "standard" / "run.json").read_text())["dataset"]
+    assert "normal" in dataset["classes_missing_from_split"]["train"]
+    assert json.loads((out / "results.json").read_text())["dataset"]["classes_missing_from_split"] == \
+        dataset["classes_missing_from_split"]
 
 
 def test_device_values(monkeypatch, capsys, tmp_path):

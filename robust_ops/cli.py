@@ -1097,21 +1097,44 @@ def cmd_demo_parser(sub):
 
 
 def subset_splits(splits, n_train, n_test, seed=0):
-    """A stratified-enough random subset for quick runs (keeps info)."""
+    """A random subset for quick runs (``n_test // 2`` validation images). It is not stratified: a rare class can
+    miss a part, so the info it keeps records the subset's ``classes_missing_from_split``, and a warning names a class
+    the subset leaves out of a part that held it (a class left out of train is never learned)."""
+    import dataclasses
+
+    import numpy as np
     import torch
     from torch.utils.data import TensorDataset
 
     from .data import DatasetSplits
+    from .data.core import missing_classes_record
 
-    def take(ds, n, s):
+    parts, sets, offset = [], [], 0
+    for ds, n, s in ((splits.train, n_train, seed), (splits.val, max(n_test // 2, 1), seed + 1),
+                     (splits.test, n_test, seed + 2)):
         if len(ds) <= n:
-            return ds
-        g = torch.Generator().manual_seed(s)
-        idx = torch.randperm(len(ds), generator=g)[:n]
-        return TensorDataset(*(t[idx] for t in ds.tensors))
-
-    return DatasetSplits(take(splits.train, n_train, seed), take(splits.val, max(n_test // 2, 1), seed + 1),
-                         take(splits.test, n_test, seed + 2), splits.info)
+            idx = torch.arange(len(ds))
+            sets.append(ds)
+        else:
+            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(s))[:n]
+            sets.append(TensorDataset(*(t[idx] for t in ds.tensors)))
+        parts.append(idx.numpy() + offset)
+        offset += len(ds)
+    info = splits.info
+    y = np.concatenate([np.asarray(d.tensors[1]).reshape(-1) for d in (splits.train, splits.val, splits.test)])
+    missing = missing_classes_record(y, parts, info.class_names)
+    before = info.extra.get("classes_missing_from_split", {})
+    new = {part: [c for c in cs if c not in before.get(part, [])] for part, cs in missing.items()}
+    new = {part: cs for part, cs in new.items() if cs}
+    if new:
+        sizes = " / ".join(f"{len(d)} {part}" for d, part in zip(sets, ("train", "val", "test")))
+        warnings.warn(f"{info.source or info.name}: the random subset ({sizes} images) leaves out "
+                      + "; ".join(f"{', '.join(cs)} from {part}" for part, cs in new.items())
+                      + ", which the split holds (a class left out of train is never learned)", stacklevel=2)
+    extra = {k: v for k, v in info.extra.items() if k != "classes_missing_from_split"}
+    if missing:
+        extra["classes_missing_from_split"] = missing
+    return DatasetSplits(*sets, dataclasses.replace(info, extra=extra))
 
 
 def _demo_resume_error(run_dir, conflict, args, epochs):

@@ -203,6 +203,12 @@ def missing_classes(y, parts):
     return {i: c for i, c in missing.items() if c}
 
 
+def missing_classes_record(y, parts, class_names, part_names=("train", "val", "test")):
+    """``classes_missing_from_split`` as run.json and results.json record it: {part name: [names of the classes of y
+    absent from that part]} for the parts that miss one."""
+    return {part_names[i]: [class_names[c] for c in cs] for i, cs in missing_classes(y, parts).items()}
+
+
 def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None, group_name="group"):
     """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples; with ``groups`` (one key per
     sample, ``group_name`` the column they come from) a :func:`grouped_split`: every group on one side."""
@@ -211,11 +217,9 @@ def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None,
         parts = stratified_split(y.numpy(), fractions, seed, source, info.class_names)
     else:
         parts = grouped_split(y.numpy(), groups, fractions, seed, source, info.class_names, group_name)
-    missing = missing_classes(y.numpy(), parts)
+    missing = missing_classes_record(y.numpy(), parts, info.class_names)
     if missing:  # recorded in results.json: a metric of an absent class is undefined there
-        names = ("train", "val", "test")
-        info.extra["classes_missing_from_split"] = {names[i]: [info.class_names[c] for c in cs]
-                                                    for i, cs in missing.items()}
+        info.extra["classes_missing_from_split"] = missing
     sets = [TensorDataset(x[p], y[p]) for p in parts]
     return DatasetSplits(*sets, info, None if groups is None else tuple(np.asarray(groups)[p] for p in parts))
 

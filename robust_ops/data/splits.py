@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from .._options import check_int, class_labels
-from .core import DataError, DatasetSplits, check_sklearn_seed, grouped_split, missing_classes, stratified_split
+from .core import (DataError, DatasetSplits, check_sklearn_seed, grouped_split, missing_classes_record,
+                   stratified_split)
 
 
 def _tensors(dataset):
@@ -105,8 +106,9 @@ def _fold_info(info, y, parts):
     """The base info, but classes_missing_from_split describing this fold rather than the 7:1:2 split it came from
     (run.json records it), and a copy, so one fold's info cannot change another's."""
     extra = {k: v for k, v in info.extra.items() if k != "classes_missing_from_split"}
-    missing = missing_classes(y.numpy(), [p for p in parts if len(p)])  # an empty val (val_fraction=0) is deliberate
     names = [n for n, p in zip(("train", "val", "test"), parts) if len(p)]
+    # an empty val (val_fraction=0) is deliberate
+    missing = missing_classes_record(y.numpy(), [p for p in parts if len(p)], info.class_names, names)
     if missing:
-        extra["classes_missing_from_split"] = {names[i]: [info.class_names[c] for c in cs] for i, cs in missing.items()}
+        extra["classes_missing_from_split"] = missing
     return dataclasses.replace(info, extra=extra)
