@@ -145,6 +145,13 @@ def test_markdown_report_notes_undefined_metrics():
     assert "sensitivity without positive-class samples" in text
     defined = dict(base, sensitivity=0.5, auc=0.7)
     assert "Undefined metrics" not in report.markdown_report(_doc([defined]))
+    # multi-class: no positive class; macro precision is undefined when no class of the evaluated set is predicted
+    # (a model predicting only a class absent from it), which the binary reasons did not describe
+    doc = _doc([dict(base, sensitivity=0.0, auc=0.8, precision=math.nan, map=0.5)], num_classes=3)
+    doc["dataset"]["positive_class"] = None
+    text = report.markdown_report(doc)
+    assert "Precision in 1 of 1 rows" in text and "positive" not in text.split("Undefined metrics")[1].split("\n")[0]
+    assert "precision when none of them is predicted" in text
 
 
 def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):

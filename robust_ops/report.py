@@ -158,17 +158,21 @@ def _undefined(value):
     return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
-def undefined_note(rows, metrics):
+def undefined_note(rows, metrics, binary=True):
     """A line saying which metrics are undefined ("–") in how many rows, and why, or "" when all are defined: a bare
-    dash would leave the reader guessing whether it is a bug or, e.g., a test set without positives."""
+    dash would leave the reader guessing whether it is a bug or, e.g., a test set without positives. ``binary``:
+    False gives the reasons of multi-class macro averages (robust_ops.metrics), which have no positive class."""
     missing = [(m, sum(_undefined(r.get(m)) for r in rows)) for m in metrics if any(m in r for r in rows)]
     missing = [(m, k) for m, k in missing if k]
     if not missing:
         return ""
     which = ", ".join(f"{METRIC_LABELS.get(m, m)} in {k} of {len(rows)} rows" for m, k in missing)
-    return (f"> **Undefined metrics** (–, `null` in results.json): {which}. A value is undefined when it is 0/0: "
-            "sensitivity without positive-class samples, specificity without negatives, precision without positive "
-            "predictions, F1 with neither, AUC and mAP with one class in the evaluated set.")
+    why = ("A value is undefined when it is 0/0: sensitivity without positive-class samples, specificity without "
+           "negatives, precision without positive predictions, F1 with neither, AUC and mAP with one class in the "
+           "evaluated set." if binary else
+           "A macro average is undefined when it is 0/0 for every class present in the evaluated set: precision when "
+           "none of them is predicted, specificity when only one class is present; AUC and mAP with one class.")
+    return f"> **Undefined metrics** (–, `null` in results.json): {which}. {why}"
 
 
 def markdown_report(doc, title=None, figures=(), extra=None):
@@ -197,7 +201,7 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     for metric in (("f1", "sensitivity", "accuracy", "auc") if binary else ("accuracy", "f1", "map")):
         if metric in metrics:
             lines += [pivot_table(rows, metric), ""]
-    note = undefined_note(rows, metrics)
+    note = undefined_note(rows, metrics, binary)
     if note:
         lines += [note, ""]
     if extra:
