@@ -1050,6 +1050,25 @@ def test_reproduce_resume_checks_every_run_first(small_npz, tmp_path, capsys):
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
 
 
+def test_reproduce_results_record_classes_missing_from_any_run(tmp_path, capsys):
+    """results.json's dataset recorded the last run's classes_missing_from_split, though its means are over every
+    run: here seed 2's split misses normal from test, seeds 0 and 1's from val."""
+    from robust_ops.reproduce import run_protocol
+
+    d = _folder(tmp_path / "d", n=15, classes=("benign", "malignant"))
+    _folder(tmp_path / "d", n=3, classes=("normal",))
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    proto.model, proto.repeats = "mlp", 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each split's warning about the rare class
+        run_protocol(proto, out=tmp_path / "r", data=str(d), size=8, progress=False)
+    runs = [json.loads((tmp_path / "r" / "runs" / "std" / f"seed{k}" / "run.json").read_text()) for k in range(3)]
+    assert [r["dataset"]["classes_missing_from_split"] for r in runs] == [{"val": ["normal"]}] * 2 + [
+        {"test": ["normal"]}]
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["dataset"]["classes_missing_from_split"] == {"val": ["normal"], "test": ["normal"]}
+
+
 def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys):
     from robust_ops.reproduce import run_protocol
 

@@ -579,6 +579,22 @@ def _sources_over(info, repeats, kind):
     return dataclasses.replace(info, source=re.sub(r"\bseed \d+", f"seeds {seeds}", info.source))
 
 
+def _missing_over_runs(info, infos):
+    """``info`` with ``classes_missing_from_split`` naming, per part, the classes absent from it in any of the runs'
+    ``infos`` (each run's run.json keeps its own): the last run's record alone described one split of the means."""
+    import dataclasses
+
+    merged = {}
+    for part in ("train", "val", "test"):
+        names = {c for i in infos for c in i.extra.get("classes_missing_from_split", {}).get(part, [])}
+        if names:
+            merged[part] = [c for c in info.class_names if c in names]
+    extra = {k: v for k, v in info.extra.items() if k != "classes_missing_from_split"}
+    if merged:
+        extra["classes_missing_from_split"] = merged
+    return dataclasses.replace(info, extra=extra)
+
+
 def pick_methods(protocol, labels):
     """The protocol's methods named in ``labels`` (their table labels, any case), in the protocol's order; all of
     them for ``labels=None``."""
@@ -656,6 +672,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 raise _resume_error(protocol, run_dir, conflict, epochs)
             runs.append((method, options, run_dir))
         plan.append((k, tag, record, splits, runs))
+    run_infos = [p[3].info for p in plan]  # for results.json's classes_missing_from_split, over every run
     all_rows, models, splits = [], {}, None
     # Under torchrun every process trains each run (fit's DDP) and evaluates it too: the next run's training needs
     # them all, and its process group would wait for a rank 0 still evaluating only up to its timeout. Rank 0 alone
@@ -729,6 +746,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     if x.dim() == 4:
         saliency = (models, x[:4], y[:4])
     info = _sources_over(splits.info, repeats, protocol.split)  # the means are over every seed, not the last one
+    info = _missing_over_runs(info, run_infos)
     paths = write_results(out, rows, info, config=config, device=device, paper=protocol.paper_rows,
                           notes=notes, title=f"Reproduction: {protocol.paper}", saliency=saliency,
                           extra_markdown=extra, extra_fields={"per_run_rows": all_rows})
