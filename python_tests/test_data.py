@@ -37,6 +37,16 @@ def test_breastmnist_real(breastmnist):
     assert int((y == 0).sum()) == 42
 
 
+def test_npz_records_a_class_its_test_split_lacks(tmp_path):
+    """A multi-class npz keeps its own split: a class absent from its test split was recorded nowhere (a drawn split
+    records it), though the macro averages then run over the other classes only."""
+    test = np.array([0, 1, 2, 0, 1, 2], np.uint8)  # no class 3
+    s = load_dataset(str(write_npz(tmp_path / "m4.npz", n=(12, 4, 6), classes=4, test_labels=test)))
+    assert s.info.num_classes == 4 and s.info.extra["classes_missing_from_split"] == {"test": ["3"]}
+    assert s.info.to_dict()["classes_missing_from_split"] == {"test": ["3"]}  # run.json and results.json
+    assert "classes_missing_from_split" not in load_dataset(str(write_npz(tmp_path / "b.npz"))).info.extra
+
+
 def test_tests_reading_breastmnist_carry_the_needs_data_marker():
     """pyproject declares the needs_data marker for them, but no test carried it: -m "not needs_data" (offline, no
     data) selected every one and -m needs_data none."""

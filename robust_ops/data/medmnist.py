@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import TensorDataset
 
-from .core import DataError, DatasetInfo, DatasetSplits, images_to_tensor, labels_to_tensor
+from .core import (DataError, DatasetInfo, DatasetSplits, images_to_tensor, labels_to_tensor,
+                   missing_classes_record)
 
 # MD5 checksums of the official MedMNIST v2 28x28 files, as published in MedMNIST's own dataset table (INFO, the
 # "MD5" field). Files of other sizes (``<name>_64.npz`` ...) are checked only for layout.
@@ -211,6 +212,13 @@ def load_npz(path, size=None, name=None):
         name=stem, num_classes=num_classes, in_channels=int(shape[0]), image_size=int(shape[1]),
         class_names=tuple(names), positive_class=positive, synthetic=False, source=str(path),
     )
+    # the file's own split, recorded as a drawn one is (splits_from_arrays): a macro average runs over the classes
+    # present, so results.json says which class a part lacks
+    y = np.concatenate([t.tensors[1].numpy() for t in sets])
+    ends = np.cumsum([len(t) for t in sets])
+    missing = missing_classes_record(y, [np.arange(e - len(t), e) for t, e in zip(sets, ends)], info.class_names)
+    if missing:
+        info.extra["classes_missing_from_split"] = missing
     return DatasetSplits(*sets, info)
 
 
