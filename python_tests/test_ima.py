@@ -1164,6 +1164,13 @@ def _ddp_worker(rank, world, port, results):
         except ValueError as e:
             results[f"refused{rank}"] = str(e)
         assert table.margins.tolist() == results[rank]
+        # A caller's refusal (IMA's NaN outputs) on rank 1: rank 0 blamed it on non-finite distances.
+        try:
+            table.update(torch.tensor([4 + rank]), adv_correct=torch.tensor([False]), crossed=torch.tensor([True]),
+                         distance=torch.tensor([0.1]), delta=1.0, problem="IMA: NaN" if rank == 1 else None)
+        except ValueError as e:
+            results[f"given{rank}"] = str(e)
+        assert table.margins.tolist() == results[rank]
         # The IMA defense on a DDP model with batch norm: GenAdv's forwards differ in number between ranks (it runs
         # on the inner module), the training forwards stay collective, and the margins end up equal on both ranks.
         torch.manual_seed(0)
@@ -1222,6 +1229,9 @@ def test_margin_table_syncs_across_two_gloo_ranks():
     assert results["refused0"] == ("MarginTable.update: refused on rank(s) 1 (non-finite or negative distances of "
                                    "crossed samples there)")
     assert results["refused1"].startswith("MarginTable.update: expected finite distances >= 0 for crossed samples")
+    assert results["given0"] == ("MarginTable.update: refused on rank(s) 1 (the caller refused the update there, e.g. "
+                                 "IMA's NaN model outputs; that rank's error names the samples)")
+    assert results["given1"] == "IMA: NaN"
     assert results["ima0"] == results["ima1"] and results["ima0"] != [1.0] * 12
     assert len(results["calls0"]) == len(results["calls1"]) == 4 and results["calls1"][-1] == 6
     assert results["bn1d0"] == results["bn1d1"] == "ok", (results["bn1d0"], results["bn1d1"])

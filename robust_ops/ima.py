@@ -1010,6 +1010,7 @@ class MarginTable:
         # A crossed sample's distance becomes half its margin: NaN/inf/negative ones (a diverged model) are refused
         # before anything is written -- under DDP on every rank at once, so that no rank waits in the sync.
         bad = (~torch.isfinite(distance.detach()) | (distance.detach() < 0)) & crossed.to(distance.device)
+        given = problem is not None  # the other ranks' errors say which kind of refusal this rank's was
         if problem is None and bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             problem = (f"MarginTable.update: expected finite distances >= 0 for crossed samples, got {int(bad.sum())} "
@@ -1019,27 +1020,32 @@ class MarginTable:
                 raise ValueError(problem)
             self.margins.index_copy_(0, ids, new)
         else:
-            self._sync(ids, new, problem)
+            self._sync(ids, new, problem, given)
         return new
 
     def _synchronised(self):
         return (self.sync and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
 
-    def _sync(self, ids, values, problem):
+    def _sync(self, ids, values, problem, given=False):
         """Every rank's (id, margin) pairs written on every rank in rank order; ValueError on every rank when any
-        rank's update was refused (``problem``)."""
+        rank's update was refused (``problem``; ``given``: the caller's refusal, not the distances')."""
         group = self.process_group
         world = dist.get_world_size(group)
         comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
             torch.device("cpu")
-        size = torch.tensor([ids.numel(), problem is not None], dtype=torch.int64, device=comm)
+        # 0: not refused, 1: the distances, 2: the caller's refusal (IMA's NaN outputs)
+        size = torch.tensor([ids.numel(), 0 if problem is None else 1 + given], dtype=torch.int64, device=comm)
         sizes = [torch.zeros_like(size) for _ in range(world)]
         dist.all_gather(sizes, size, group=group)
-        refused = [r for r in range(world) if int(sizes[r][1])]
-        if refused:
-            raise ValueError(problem or f"MarginTable.update: refused on rank(s) {', '.join(map(str, refused))} "
-                                        "(non-finite or negative distances of crossed samples there)")
+        kinds = [int(s[1]) for s in sizes]
+        if any(kinds):
+            why = {1: "non-finite or negative distances of crossed samples there",
+                   2: "the caller refused the update there, e.g. IMA's NaN model outputs; that rank's error names "
+                      "the samples"}
+            raise ValueError(problem or "MarginTable.update: refused on " + "; ".join(
+                f"rank(s) {', '.join(str(r) for r in range(world) if kinds[r] == k)} ({why[k]})"
+                for k in (1, 2) if k in kinds))
         sizes = [int(s[0]) for s in sizes]
         m = max(sizes)
         pad_ids = torch.full((m,), -1, dtype=torch.int64, device=comm)
