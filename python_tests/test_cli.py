@@ -2279,7 +2279,18 @@ def test_eval_rebuilds_the_csv_split_a_run_recorded_by_lesion_or_by_image(tmp_pa
                      capsys)
     assert rc == 0, err
     rc, _, err = run(argv[:8] + ["2"] + argv[9:] + ["--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "samples_digest=")
+    # the refusal names the changed split rule and what to do, not only the samples digest it changes too
+    line = one_line_error(rc, err, "--resume:", "split by image", "no dataset.split_by", "splits it by lesion_id",
+                          "eval` still tests the run on its own split", "split_by='image'", "without --resume")
+    assert "samples_digest" not in line
+    # demo's --resume, on the same run as demo's runs/standard
+    (tmp_path / "demo" / "runs").mkdir(parents=True)
+    shutil.copytree(tmp_path / "run", tmp_path / "demo" / "runs" / "standard")
+    demo = ["demo", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--train-size", "0",
+            "--methods", "standard", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "demo", "--no-progress",
+            "--device", "cpu", "--resume"]
+    rc, _, err = run(demo, capsys)
+    one_line_error(rc, err, "--resume:", "split by image", "splits it by lesion_id", "use another --out")
 
 
 def _lesions_csv(root, lesions=40, per_lesion=3):
@@ -2327,6 +2338,11 @@ def test_eval_of_a_reproduce_run_on_a_csv_rebuilds_its_lesion_or_image_split(tmp
             assert bool(lesions[0] & lesions[1]) == (split_by == "image")  # a by-image split leaks some lesions
             for got, ref in ((splits.train, want.train), (splits.test, want.test)):
                 assert all(torch.equal(a, b) for a, b in zip(got.tensors, ref.tensors))
+    # rerunning the protocols (a resume) refuses the runs recorded by image, saying why, before training any
+    for out, split in (("kf", "kfold"), ("sd", "seeds")):
+        with pytest.raises(cli.CLIError, match=r"split by image .*splits it by lesion_id.*or delete .*or use another"):
+            run_protocol(_tiny_protocol(split, [("Baseline", "standard")]), out=tmp_path / out, data=data, seeds=2,
+                         size=8, progress=False)
 
 
 @pytest.mark.parametrize("variable, values", [

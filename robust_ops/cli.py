@@ -244,6 +244,20 @@ def _trained_split_by(run, data, same_data):
     return record.get("split_by", "image")
 
 
+def split_by_refusal(run_dir, was, now):
+    """Why RUN_DIR cannot resume when its CSV would now be split by another rule (resume_conflict's "split_by"), and
+    what to do: its samples digest differs too, but a digest mismatch says neither."""
+    def how(split_by):
+        return "by image" if split_by == "image" else f"by {split_by} (every image of a {split_by} on one side)"
+
+    recorded = " (its run.json records no dataset.split_by: runs trained before CSVs with a lesion_id column were " \
+               "split by lesion, or on a CSV without one)" if was == "image" else ""
+    return (f"{Path(run_dir) / RUN_FILE} was trained on its CSV split {how(was)}{recorded}, and this command splits "
+            f"it {how(now)}: the training images would differ, and the test split could hold images the run trained "
+            f"on. `{PROG} eval` still tests the run on its own split; to continue it, in Python, load_dataset(..., "
+            f"split_by={was!r}) and fit(..., resume=)")
+
+
 def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None, split_by=None):
     from .data import DataError, load_dataset
 
@@ -590,6 +604,8 @@ def resume_conflict(out, run):
     # the image size is the loaded one, so --size 28 on 28x28 data equals no --size.
     for key, value in (("size", lambda r: (r.get("dataset") or {}).get("image_size")),
                        ("class_counts", lambda r: (r.get("dataset") or {}).get("class_counts")),
+                       # a CSV run recorded without split_by was split by image (before lesion_id grouped it)
+                       ("split_by", lambda r: _trained_split_by(r, r.get("data"), True)),
                        ("samples_digest", lambda r: (r.get("dataset") or {}).get("samples_digest")),
                        ("train_samples", lambda r: r.get("train_samples"))):
         was, now = value(old), value(run)
@@ -651,6 +667,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         conflict = resume_conflict(out, run)
         if conflict and conflict[0] == "epochs":
             raise CLIError(f"--resume: {out} holds {conflict[1]} epochs of training, more than --epochs {epochs}")
+        if conflict and conflict[0] == "split_by":
+            raise CLIError(f"--resume: {split_by_refusal(out, *conflict[1:])}; or train it again without --resume")
         if conflict:
             key, was, now = conflict
             raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
@@ -1146,6 +1164,9 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
         return CLIError(f"--train-size: {run_dir} was trained on {was} training images, this command draws {now}"
                         f"{' (--quick)' if args.quick else ''}; rerun with the --train-size / --quick it was made "
                         "with, or use another --out")
+    if key == "split_by":
+        return CLIError(f"--resume: {split_by_refusal(run_dir, was, now)}; or rerun without --resume, or use another "
+                        "--out")
     return CLIError(f"--resume: {run_dir / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
 
 

@@ -555,6 +555,10 @@ def _resume_error(protocol, run_dir, conflict, epochs):
     if key == "epochs":
         return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than --epochs {now}; rerun with "
                         f"--epochs {was}, or {way_out}")
+    if key == "split_by":
+        from .cli import split_by_refusal
+
+        return CLIError(f"{protocol.name}: {split_by_refusal(run_dir, was, now)}; or {way_out}")
     old_epochs = None
     try:
         old_epochs = json.loads((Path(run_dir) / "run.json").read_text()).get("epochs")
