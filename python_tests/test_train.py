@@ -2237,6 +2237,24 @@ def test_a_save_removes_the_temporary_files_killed_writers_left_for_its_path_onl
     assert sorted(os.listdir(run)) == sorted(kept + ["checkpoint.pt", ".checkpoint.pt.st1llrun.tmp"])
 
 
+def test_a_save_keeps_a_live_writers_temporary_file_however_old(tmp_path):
+    """docs/training.md: a writer of the same path still at work holds its temporary file's lock; the cleanup removed
+    it when it had last written before the save began (a benchmark writing the same CSV meanwhile then failed at its
+    rename). A dead writer's file (no lock) of the same age goes."""
+    import fcntl
+
+    from robust_ops.train import save_checkpoint
+
+    live, dead = tmp_path / ".checkpoint.pt.l1vewrtr.tmp", tmp_path / ".checkpoint.pt.k1ll3d_a.tmp"
+    for name in (live, dead):
+        name.write_bytes(b"partial")
+        os.utime(name, (1e9, 1e9))  # 2001: written before this save
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        save_checkpoint(tmp_path / "checkpoint.pt", {"w": torch.arange(3)})
+        assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", live.name])
+
+
 def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
     """Missing or unexpected keys are torch's error, not a partial load."""
     from robust_ops.train import CHECKPOINT_FORMAT, save_checkpoint
