@@ -133,3 +133,10 @@ def env_switch(name, default):
         return value in _ON
     raise ValueError(f"robust_ops: expected ${name} to be one of {'/'.join(_ON)} (on) or {'/'.join(_OFF)} (off), "
                      f"got {os.environ[name]!r}")
+
+
+def listing(items, cap=12):
+    """``a, b, c`` -- at most ``cap`` items, then how many more, so an error stays one readable line."""
+    items = [str(i) for i in items]
+    more = f", ... ({len(items) - cap} more)" if len(items) > cap else ""
+    return (", ".join(items[:cap]) or "none") + more

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import _backend, functional
 from ._meta import output_memory_format
-from ._options import check_device, check_flags, check_int, check_real, segmentation_masks
+from ._options import check_device, check_flags, check_int, check_real, listing, segmentation_masks
 from .attacks.context import (
     MODEL_MODES,
     InputGradScale,
@@ -310,16 +310,11 @@ class _NaNSamples(ValueError):
 
     def __init__(self, name, what, positions):
         self.name, self.what, self.positions = name, what, sorted(set(positions.tolist()))
-        super().__init__(self.naming(f"sample(s) {_ids_text(self.positions)} of the batch"))
+        super().__init__(self.naming(f"sample(s) {listing(self.positions, 8)} of the batch"))
 
     def naming(self, samples, name=None):
         return (f"{name or self.name}: {self.what} is NaN for {samples}; NaN would read as misclassified and shrink "
                 "their margins -- fix the model (diverged?) or leave those samples out")
-
-
-def _ids_text(ids, cap=8):
-    ids = [str(int(i)) for i in ids]
-    return ", ".join(ids[:cap]) + (f" ({len(ids) - cap} more)" if len(ids) > cap else "")
 
 
 def _check_not_nan(name, what, values, rows, weight=None):
@@ -1295,7 +1290,7 @@ class IMA(Defense):
             except _NaNSamples as err:
                 # named by dataset id and raised by the margin update below, which under DDP raises on every rank
                 # together (this rank still takes the batch's other collective steps, with x_adv = x)
-                problem = err.naming(f"dataset id(s) {_ids_text(ids[sel[err.positions]].tolist())}", "IMA")
+                problem = err.naming(f"dataset id(s) {listing(ids[sel[err.positions]].tolist(), 8)}", "IMA")
                 x_adv, crossed = xs, torch.zeros(sel.numel(), dtype=torch.bool, device=x.device)
                 keep = torch.ones_like(crossed)
             sel, xs, ys, x_adv, crossed = sel[keep], xs[keep], ys[keep], x_adv[keep], crossed[keep]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._options import check_int
+from .._options import check_int, listing
 from .core import DataError, DatasetInfo, check_sklearn_seed, splits_from_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -228,13 +228,6 @@ def _positive(class_names):
     return 1
 
 
-def _listing(items, cap=12):
-    """``a, b, c`` -- at most ``cap`` items, then how many more, so an error stays one readable line."""
-    items = [str(i) for i in items]
-    more = f", ... ({len(items) - cap} more)" if len(items) > cap else ""
-    return (", ".join(items[:cap]) or "none") + more
-
-
 def _class_list(classes, where, fold=None):
     """Validate an explicit ``classes`` argument: a sequence of distinct names (a bare string would be split into
     letters; a repeated name would give one set of samples two labels)."""
@@ -254,7 +247,7 @@ def _class_list(classes, where, fold=None):
     names = [fold(c) if fold else c for c in classes]
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
-        raise DataError(f"{where}: classes= lists {_listing(dup)} more than once; expected distinct names",
+        raise DataError(f"{where}: classes= lists {listing(dup)} more than once; expected distinct names",
                         arg="classes")
     return names
 
@@ -439,7 +432,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     seen = Counter(image_id for image_id, _ in rows)
     dup = sorted(i for i, n in seen.items() if n > 1)
     if dup:  # the same image twice could land in both train and test
-        raise DataError(f"{csv_path}: {len(dup)} image_id(s) listed more than once, e.g. {_listing(dup, 3)}; "
+        raise DataError(f"{csv_path}: {len(dup)} image_id(s) listed more than once, e.g. {listing(dup, 3)}; "
                         f"expected one row per image")
     counts = Counter(label for _, label in rows)
     folded = {}
@@ -456,8 +449,8 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         names = _class_list(classes, f"load_csv({csv_path})")
         empty = [n for n in names if n not in counts]
         if empty:
-            raise DataError(f"{csv_path}: requested class(es) {_listing(map(repr, empty))} have no rows in column "
-                            f"{label_column!r} (labels present: {_listing(sorted(counts))})", arg="classes")
+            raise DataError(f"{csv_path}: requested class(es) {listing(map(repr, empty))} have no rows in column "
+                            f"{label_column!r} (labels present: {listing(sorted(counts))})", arg="classes")
     if len(names) < 2:
         raise DataError(f"{csv_path}: expected at least two classes in column {label_column!r}, got {names}",
                         arg="classes" if classes is not None else None)
