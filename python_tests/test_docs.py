@@ -621,3 +621,18 @@ def test_models_section_names_the_single_logit_models():
     for name in MODELS:
         out = build_model(name, 1, 2, 32).eval()(torch.rand(2, 1, 32, 32))
         assert tuple(out.shape) == ((2,) if name in single else (2, 2)), (name, tuple(out.shape), single)
+
+
+@pytest.mark.parametrize("path, claim", [
+    ("docs/training.md", "resumed ends with **bitwise identical** weights"),
+    ("robust_ops/train.py", "resumed\n  ends with bitwise the same weights"),
+    ("docs/getting-started.md", "with the same result as an uninterrupted run"),
+])
+def test_exact_resume_claims_name_the_thread_count(path, claim):
+    """A resume at another thread count is not bitwise (torch's CPU kernels may sum in another order: a small CNN's
+    AT run resumed at 2 threads after an epoch at 1 ended 1.5e-8 off), and nothing checks the count: every promise of
+    an exact resume names that condition in its sentence."""
+    text = (REPO / path).read_text()
+    sentence = text[text.index(claim):]
+    sentence = sentence[:re.search(r"\.\s", sentence).end()]
+    assert "same thread count" in sentence, f"{path}: {sentence!r}"

@@ -19,7 +19,8 @@ Semantics (docs/training.md):
   python), the sampler state, ``defense.state_dict()``, the epoch and the history.
 * ``resume=True`` continues from ``out_dir/checkpoint.pt`` (fresh start if there is none; ``resume="path"`` requires
   that file). On CPU with ``torch.use_deterministic_algorithms(True)`` a run interrupted after epoch k and resumed
-  ends with bitwise the same weights as an uninterrupted run.
+  ends with bitwise the same weights as an uninterrupted run, at the same thread count (torch's CPU kernels may sum
+  in another order with another one).
 """
 
 import csv
