@@ -2,6 +2,7 @@
 DropMax2d module, replace_maxpool, autograd, opcheck, torch.compile and every error message."""
 
 import copy
+import math
 import re
 import subprocess
 import sys
@@ -1119,3 +1120,26 @@ def test_replace_maxpool_refuses_a_flag_that_is_not_a_bool_before_swapping(flag,
         robust_ops.replace_maxpool(nn.MaxPool2d(2, **{flag: value}))
     setattr(model[1][0], flag, bool(value))
     assert isinstance(robust_ops.replace_maxpool(model)[1][0], robust_ops.DropMax2d)
+
+
+def test_documented_bound_on_contributions_per_element_holds_with_dilation():
+    """docs/ops/drop_max_pool2d.md bounds how many outputs one input element's gradient sums (what the CUDA and
+    Triton atomics may add in any order). It said ceil(k/s)^2, false with dilation: 3x3 windows of stride 2 and
+    dilation 2 selected one element 9 times. The documented per-dimension bound ceil(k*gcd(s, d)/s) is the most
+    windows covering an element, and the backward of an all-ones gradient never counts more."""
+    text = (Path(__file__).resolve().parents[1] / "docs/ops/drop_max_pool2d.md").read_text()
+    assert "at most `ceil(k*gcd(s, d)/s)` contributions per element along each dimension" in text
+    g = torch.Generator().manual_seed(0)
+    for k, s, p, d in [(3, 2, 1, 2), (3, 1, 1, 1), (3, 2, 1, 1), (2, 1, 1, 3), (5, 2, 2, 1), (3, 3, 0, 2)]:
+        bound = math.ceil(k * math.gcd(s, d) / s) ** 2
+        ones = torch.ones(1, 1, 17, 17, dtype=torch.float64)
+        covering = F.fold(F.unfold(ones, k, dilation=d, padding=p, stride=s), (17, 17), k, dilation=d, padding=p,
+                          stride=s)
+        assert covering.max().item() == bound, (k, s, p, d)
+        counts = 0
+        for _ in range(20):
+            x = torch.randint(0, 3, (1, 1, 17, 17), generator=g).double().requires_grad_(True)
+            y = op(x, [k, k], [s, s], [p, p], [d, d], False)[0]
+            y.backward(torch.ones_like(y))
+            counts = max(counts, x.grad.max().item())
+        assert counts <= bound, (k, s, p, d, counts)

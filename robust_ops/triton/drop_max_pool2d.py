@@ -9,8 +9,9 @@ Forward: one lane per output element, the window unrolled at compile time (kerne
 Comparisons and gradient sums run in ACC: float64 for float64 tensors, float32 otherwise (float16/bfloat16 are
 compared in float32 and their gradients accumulate in a float32 buffer).
 Backward: scatter-add of grad_output to the selected positions with atomics (windows overlap). The backward op's
-schema carries no window geometry, so a gather formulation is not possible; with at most ceil(k/s)^2 contributions
-per element the atomic order changes results by at most a rounding step between runs. On CUDA it therefore raises
+schema carries no window geometry, so a gather formulation is not possible; the atomic order of an element's
+contributions (at most ceil(k*gcd(s, d)/s) along each dimension) changes its sum in the last bits between
+runs (more where gradients of both signs cancel). On CUDA it therefore raises
 under torch.use_deterministic_algorithms(True) (warns with warn_only=True), as the CUDA kernel and ATen's max_pool2d
 backward do.
 """
