@@ -88,11 +88,14 @@ def make_input(shape, values, seed, dtype=torch.float32):
     return torch.randn(shape, generator=g).to(dtype)
 
 
+# The device parametrizations below run the native CUDA kernel against the reference too (needs a GPU): until
+# 2026-12-03 only its gradcheck did, so its values, indices, tie and NaN rule were never compared.
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pool_cases())
-def test_matches_reference_randomized(case):
+def test_matches_reference_randomized(device, case):
     shape, args, values, fmt, seed = case
-    x = layout(make_input(shape, values, seed), fmt)
+    x = layout(make_input(shape, values, seed), fmt).to(device)
     out, _ = check_against_reference(x, args)
     (kh, kw), stride, padding, dilation, ceil_mode = args
     assert out.shape == F.max_pool2d(x, (kh, kw), stride, padding, dilation, ceil_mode).shape
@@ -101,9 +104,10 @@ def test_matches_reference_randomized(case):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("values", ["integers", "normal"])
-def test_dtypes_match_reference(dtype, fmt, values):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_dtypes_match_reference(device, dtype, fmt, values):
     args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
-    x = layout(make_input((2, 19, 13, 11), values, 1, dtype), fmt)
+    x = layout(make_input((2, 19, 13, 11), values, 1, dtype), fmt).to(device)
     out, _ = check_against_reference(x, args)
     assert out.dtype == dtype
 
@@ -129,21 +133,24 @@ def test_odd_shape_wide_rows():
         check_against_reference(layout(x, "channels_last"), args)
 
 
-def test_tie_rule_examples():
-    x = torch.tensor([[[[5.0, 5.0, 1.0]]]])
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_tie_rule_examples(device):
+    x = torch.tensor([[[[5.0, 5.0, 1.0]]]], device=device)
     out, idx = op(x, (1, 3), (1, 3), (0, 0), (1, 1), False)
     assert out.item() == 5.0 and idx.item() == 1  # the first 5 is dropped, the second selected
-    x = torch.tensor([[[[1.0, 5.0, 3.0, 3.0]]]])
+    x = torch.tensor([[[[1.0, 5.0, 3.0, 3.0]]]], device=device)
     out, idx = op(x, (1, 4), (1, 4), (0, 0), (1, 1), False)
     assert out.item() == 3.0 and idx.item() == 2  # first occurrence of the runner-up
-    x = torch.tensor([[[[7.0]]]])
+    x = torch.tensor([[[[7.0]]]], device=device)
     out, idx = op(x, (3, 3), (1, 1), (1, 1), (1, 1), False)
     assert out.item() == 7.0 and idx.item() == 0  # a single valid element selects itself
 
 
-def test_nan_and_inf():
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_nan_and_inf(device):
     nan, inf = float("nan"), float("inf")
-    x = torch.tensor([[[[1.0, nan, -inf, -inf], [2.0, 0.0, -inf, -inf], [inf, inf, 4.0, -inf], [5.0, 6.0, nan, 1.0]]]])
+    x = torch.tensor([[[[1.0, nan, -inf, -inf], [2.0, 0.0, -inf, -inf], [inf, inf, 4.0, -inf], [5.0, 6.0, nan, 1.0]]]],
+                     device=device)
     for fmt in ("contiguous", "channels_last"):
         for args in (((2, 2), (2, 2), (0, 0), (1, 1), False), ((3, 3), (1, 1), (1, 1), (1, 1), False)):
             xx = layout(x.expand(2, 9, 4, 4), fmt)
@@ -157,7 +164,7 @@ def test_nan_and_inf():
     y[0, 3, 4, 17] = nan
     y[0, 5, 0, 0] = nan
     for fmt in ("contiguous", "channels_last"):
-        check_against_reference(layout(y, fmt), ((3, 3), (2, 2), (1, 1), (1, 1), False))
+        check_against_reference(layout(y, fmt).to(device), ((3, 3), (2, 2), (1, 1), (1, 1), False))
 
 
 def test_windows_with_several_nan_and_without_input():
@@ -182,10 +189,11 @@ def test_windows_with_several_nan_and_without_input():
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_window_with_several_nans_selects_the_first(fmt, dtype):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_window_with_several_nans_selects_the_first(device, fmt, dtype):
     # Row-major window order: (0, 3) comes before (1, 0), which comes before (1, 2); max_pool2d (ATen) takes the last.
     nan = float("nan")
-    x = torch.tensor([[1.0, 2.0, 0.0, nan], [nan, 3.0, nan, 4.0]], dtype=dtype).expand(2, 3, 2, 4)
+    x = torch.tensor([[1.0, 2.0, 0.0, nan], [nan, 3.0, nan, 4.0]], dtype=dtype, device=device).expand(2, 3, 2, 4)
     out, idx = check_against_reference(layout(x, fmt), ((2, 4), (2, 4), (0, 0), (1, 1), False))
     assert bool(out.isnan().all()) and bool((idx == 3).all())
     out, idx = check_against_reference(layout(x, fmt), ((2, 3), (1, 1), (1, 1), (1, 1), False))  # padded windows too
@@ -281,10 +289,11 @@ def test_double_backward_through_windows_without_input():
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grad_matches_reference_autograd(fmt, dtype):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_grad_matches_reference_autograd(device, fmt, dtype):
     args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
-    x = layout(make_input((2, 17, 15, 13), "normal", 5, dtype), fmt)
-    grad = make_input((2, 17, 8, 7), "normal", 6, dtype)
+    x = layout(make_input((2, 17, 15, 13), "normal", 5, dtype), fmt).to(device)
+    grad = make_input((2, 17, 8, 7), "normal", 6, dtype).to(device)
     x1 = x.clone().requires_grad_()
     op(x1, *args)[0].backward(grad)
     x2 = x.clone().requires_grad_()
@@ -315,8 +324,9 @@ def check_half_gradients_round_once(pool, backward, device="cpu"):
             assert not torch.equal(half_sum.view(x.shape), want.cpu()), "the data must tell the two sums apart"
 
 
-def test_half_gradients_accumulate_in_float32_and_round_once():
-    check_half_gradients_round_once(op, backward_op)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_half_gradients_accumulate_in_float32_and_round_once(device):
+    check_half_gradients_round_once(op, backward_op, device)
 
 
 def test_backward_accumulates_overlapping_windows():
