@@ -1403,6 +1403,49 @@ def test_amat_and_dpaat_name_an_eps_that_is_not_a_number(name):
             defenses.build(name, eps=eps)
 
 
+class _NaNForSample(nn.Module):
+    """GNNet whose output for sample ``sample`` (None: none) and, once ``diverged``, for every sample is NaN."""
+
+    def __init__(self, sample=0):
+        super().__init__()
+        self.net, self.sample, self.diverged = GNNet(), sample, False
+
+    def forward(self, x):
+        out = self.net(x)
+        bad = torch.zeros(out.shape[0], 1, dtype=torch.bool)
+        if self.sample is not None:
+            bad[self.sample] = True
+        return torch.where(bad | self.diverged, torch.full_like(out, float("nan")), out)
+
+
+@pytest.mark.parametrize("name", ["amat", "dpaat"])
+def test_amat_and_dpaat_name_a_diverged_models_nan_loss_not_run_pgds_eps(name, tmp_path):
+    """A model with NaN outputs gave NaN losses, hence NaN radii, which run_pgd refused as "expected every eps to be
+    finite and >= 0" -- an argument the caller never set (DPAAT's running mean had turned NaN first). The defense
+    names the model's loss; fit stops before updating the weights and keeps the last good checkpoint."""
+    from robust_ops.train import fit, load_checkpoint
+    from torch.utils.data import TensorDataset
+
+    x, y = _batch(8)
+    defense = defenses.build(name, steps=2)
+    with pytest.raises(ValueError, match=rf"^{name}: the model's loss is NaN or Inf for 1 of the batch's 8 samples, "
+                                         r"so no per-sample radius can be derived -- fix the model \(diverged\? "):
+        defense(_NaNForSample(), x, y)
+    assert not defense.holds_state()  # DPAAT's running mean was not updated from them
+    model = _NaNForSample(sample=None)  # finite until the scheduler's first step, at the end of epoch 1
+
+    def diverge(epoch):
+        model.diverged = epoch >= 1
+        return 1.0
+
+    with pytest.raises(ValueError, match=rf"^{name}: the model's loss is NaN or Inf for 8 of the batch's 8 samples"):
+        fit(model, defenses.build(name, steps=2), TensorDataset(x, y), epochs=2, batch_size=8, out_dir=tmp_path,
+            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, diverge), progress=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+
+
 def test_synchronization_loss_refuses_an_unknown_form():
     """Any form but "printed" silently gave the JS form ("Printed" returned ln 2 - printed)."""
     z = torch.randn(4, 3)

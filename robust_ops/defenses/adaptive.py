@@ -50,7 +50,16 @@ class _AdaptiveRadius(PGDDefense):
         reads: a forward in "train" attack mode also moves BatchNorm's running statistics); float32 or wider, so a
         float64 model's radii are float64 arithmetic."""
         with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
-            return [float32_or_wider(per_sample_ce(net(v), y)) for v in inputs]
+            losses = [float32_or_wider(per_sample_ce(net(v), y)) for v in inputs]
+        # A diverged model's NaN or Inf losses give no radius: the NaN radii reached run_pgd, whose "expected every eps
+        # to be finite" named an argument the caller never set (DPAAT's running mean turned NaN first). Named here,
+        # before the rule reads them, as IMA names its NaN outputs.
+        bad = torch.stack([~torch.isfinite(v) for v in losses]).any(0)
+        if bool(bad.any()):
+            raise ValueError(f"{self.name}: the model's loss is NaN or Inf for {int(bad.sum())} of the batch's "
+                             f"{y.numel()} samples, so no per-sample radius can be derived -- fix the model "
+                             "(diverged? try a lower learning rate)")
+        return losses
 
     def _attack_with_radii(self, model, x, y, radii):
         ratio = self.step_size / self.eps if self.eps > 0 else 1.0
