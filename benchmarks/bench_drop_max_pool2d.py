@@ -1,4 +1,4 @@
-"""Benchmark drop-max pooling (robust_ops.DropMax2d) against F.max_pool2d (the floor), the unfold+topk reference and a
+"""Benchmark drop-max pooling (robust_ops.DropMax2d) against F.max_pool2d (the floor), the unfold+select reference and a
 same-size copy (the memory roofline), all in one run.
 
     python benchmarks/bench_drop_max_pool2d.py  # fp32 [8, 64, 112, 112], k3 s2 p1, $OMP_NUM_THREADS or 2 threads
