@@ -33,6 +33,7 @@ import pickle
 import random
 import struct
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,27 @@ def _set_rng_state(state, device):
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.device(device).type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
+
+
+def _arithmetic(device, world):
+    """What decides the order torch's kernels sum in, beside the code: a resume with other values continues the run
+    correctly but not bitwise as an uninterrupted one (another reduction order, another process's RNG streams)."""
+    arithmetic = {"device": device.type, "world_size": world}
+    if device.type == "cpu":
+        arithmetic.update(threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+    return arithmetic
+
+
+def _warn_on_other_arithmetic(name, path, recorded, now):
+    """Says, once, that a resume is not bitwise exact; checkpoints written before this record say nothing."""
+    if not recorded:
+        return
+    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in now.items() if recorded.get(key) != value]
+    if changed:
+        warnings.warn(f"{name}: resuming {path} with another {', '.join(changed)}: training continues correctly, but "
+                      "its weights may differ in the last bits from an uninterrupted run's (bitwise-exact resume "
+                      "needs the same device, processes, threads and CPU; e.g. set OMP_NUM_THREADS as before)",
+                      stacklevel=4)
 
 
 def save_checkpoint(path, state):
@@ -943,6 +965,8 @@ def fit(
         # Each process continues its own streams; a checkpoint from another number of processes has no stream for
         # this rank and gives it rank 0's (the run then differs from an uninterrupted one).
         _set_rng_state(rank_states[rank] if len(rank_states) == world else state["rng"], device)
+        if rank == 0:
+            _warn_on_other_arithmetic(name, resume_path, state.get("arithmetic"), _arithmetic(device, world))
         history = list(state["history"])
         start_epoch = int(state["epoch"])
     else:
@@ -1143,6 +1167,7 @@ def fit(
                     "rng_ranks": rank_states,
                     "sampler": sampler.state_dict(),
                     "history": history,
+                    "arithmetic": _arithmetic(device, world),
                 }
                 try:
                     save_checkpoint(ckpt_path, state)
