@@ -96,7 +96,8 @@ class PassCounter:
 class GenAdvInfo:
     """Per-sample details of one :func:`gen_adv` call (``return_info=True``).
 
-    clean_correct: bool [N], the criterion held at the clean x (samples where it did not are returned unchanged).
+    clean_correct: bool [N], the criterion held at the clean x (samples where it did not are returned unchanged);
+        True for margin-0 samples, whose x is not checked (they cost no forward pass).
     steps: int64 [N], ascent steps taken (Algorithm 2: the step that crossed, else K; 0 for margin-0 or wrong x).
     far_point: [N, ...] the far end of the final search bracket (a misclassified point for crossed samples; x_adv
         otherwise).
