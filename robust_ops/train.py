@@ -78,7 +78,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields this process's share of each global batch of an epoch.
+    """Yields ``(indices, global_size)`` per global batch of an epoch: this process's share of the batch (a list of
+    dataset indices) and the global batch's size (fit scales the local loss by the share's part of it).
 
     The permutation depends on ``(seed, epoch)`` only, so it is the same in every process and after a resume.
     ``rank``/``world_size`` split each global batch into contiguous shares (``torch.tensor_split``); under DDP a final
