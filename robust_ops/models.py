@@ -19,7 +19,8 @@ MODELS = ("resnet18", "resnet50", "vgg16", "densenet121", "small_cnn", "mlp")
 
 
 class SmallCNN(nn.Module):
-    """A small VGG-style CNN (conv-ReLU-maxpool x2, global pooling, linear) for fast tests and the demo."""
+    """A small VGG-style CNN for fast tests and the demo: (conv-BatchNorm-ReLU, max-pool) x2, conv-BatchNorm-ReLU,
+    global average pooling, linear; ``width``, 2 x ``width`` and 4 x ``width`` channels."""
 
     def __init__(self, in_channels=1, num_classes=2, width=16):
         super().__init__()
