@@ -62,8 +62,10 @@ def check_model(name, model):
 @contextlib.contextmanager
 def attack_context(model, model_mode="eval", name="attack"):
     """Run an attack on ``model`` in ``model_mode`` ("eval" default, "train", or "keep" the current modes) with
-    parameter gradients off and the CPU memory pool on; every module's mode and every parameter's ``requires_grad``
-    are restored afterwards. ``name``: the attack its errors name."""
+    parameter gradients off, under :func:`robust_ops.native_layers.library_speedups` for the model's device (on CPU:
+    the memory pool unless ``$ROBUST_OPS_CPU_POOL`` is off, native layers unless ``$ROBUST_OPS_NATIVE_LAYERS`` is
+    off, prepacked convolutions when enabled); every module's mode and every parameter's ``requires_grad`` are
+    restored afterwards. ``name``: the attack its errors name."""
     check_model(name, model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     # the model's device: "cpu" for a CUDA model turned on the CPU pool and swapped forwards that only fell back
