@@ -19,7 +19,8 @@ class Attack:
       * ``clip_min``, ``clip_max``: the valid input range (default [0, 1]).
 
     torchattacks' ``set_mode_targeted_random()``, ``set_mode_targeted_least_likely(kth_min)``,
-    ``set_mode_targeted_by_function(fn)``, ``set_model_training_mode(...)`` and ``device`` work as there;
+    ``set_mode_targeted_by_function(fn)`` and ``device`` work as there; ``set_model_training_mode(...)`` maps to
+    ``model_mode`` (its default train mode, BatchNorm and Dropout in eval, raises: see the method);
     ``set_normalization_used`` raises (wrap the model with :class:`Normalized`). See docs/attacks.md, "Porting
     torchattacks / AutoAttack code".
     """
