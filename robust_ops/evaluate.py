@@ -435,8 +435,10 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
 
     Returns a list of rows ``{method, attack, norm, eps, n, accuracy, f1, sensitivity, specificity, precision,
     auc, map}``: one clean row, one per attack and radius, and a "worst-case" row per radius (when more than one
-    attack is given). ``progress``: optional callable(str) told about each step. ``device``: where to run (default:
-    the model's device, as torchattacks runs; a model elsewhere is moved there with ``model.to(device)``, in place).
+    attack is given); with ``ensemble=True`` the clean row and a "worst-case" row per radius only, also for one
+    attack (protocol, ``cascade`` and ``ensemble``: the module docstring). ``progress``: optional callable(str) told
+    about each step. ``device``: where to run (default: the model's device, as torchattacks runs; a model elsewhere
+    is moved there with ``model.to(device)``, in place).
     """
     specs = parse_attacks(attacks)
     radii = parse_eps(eps)
