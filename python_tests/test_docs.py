@@ -637,3 +637,11 @@ def test_exact_resume_claims_name_the_thread_count(path, claim):
     sentence = text[text.index(claim):]
     sentence = sentence[:re.search(r"\.\s", sentence).end()]
     assert "same thread count" in sentence, f"{path}: {sentence!r}"
+
+
+def test_package_docstring_lists_the_modules_imported_on_first_use():
+    """help(robust_ops) names exactly the modules its __getattr__ imports on first use (it listed 6 of the 17)."""
+    import robust_ops
+
+    listed = robust_ops.__doc__.split("Modules imported on first use:")[1].split(".\n")[0]
+    assert set(re.findall(r"\w+", listed)) - {"and"} == set(robust_ops._SUBMODULES)

@@ -2,7 +2,8 @@
 
 Ops (torch.ops.robust_ops.*): drop_max_pool2d, pgd_step_, boundary_search_step_ -- each with a C++ CPU kernel, a CUDA
 kernel and a Triton kernel -- and max_pool2d, a CPU-only exact replacement for ATen's slow NCHW max pooling.
-Subpackages: attacks, ima, defenses, train, data, evaluate (imported on first use).
+Modules imported on first use: attacks, ima, defenses, train, data, evaluate, models, metrics, report, pretrain,
+reproduce, memory, native_layers, prepacked_conv, reference, functional and cli.
 """
 
 import importlib
