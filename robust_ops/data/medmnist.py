@@ -98,7 +98,8 @@ def candidate_dirs(root=None):
 
 
 def find_medmnist(name, root=None, size=None):
-    """Path of ``<name>[_<size>].npz`` in root, $ROBUST_OPS_DATA (a folder, or the file itself) or ~/.medmnist."""
+    """Path of ``<name>[_<size>].npz`` in root, $ROBUST_OPS_DATA (a folder, or the file itself) or ~/.medmnist;
+    None when none of them holds it."""
     fname = _file_name(name, size)
     for d in candidate_dirs(root):
         if d.is_file() and d.name == fname:
