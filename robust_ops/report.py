@@ -93,7 +93,7 @@ def markdown_table(rows, metrics=None):
 
 
 def pivot_table(rows, metric, methods=None):
-    """The seed papers' layout: one line per (attack, eps), one column per method, for one metric."""
+    """The seed papers' layout: one line per (attack, norm, eps), one column per method, for one metric."""
     methods = methods or _methods(rows)
     keys = []
     for r in rows:
