@@ -7,7 +7,7 @@
   first pooling layer (1x64x64, batch 32) the forward is ~8x faster here. Outputs, indices and gradients are
   bitwise those of ATen.
 * ``nn.BatchNorm2d`` (exact type) in eval mode with running statistics, affine parameters that need no gradient
-  (attacks freeze them) and a CPU NCHW input that needs one: the backward becomes one pass,
+  (attacks freeze them) and a 4-D CPU input that needs one: the backward becomes one pass,
   ``(grad * invstd[c]) * weight[c]`` (``torch.ops.robust_ops._eval_batch_norm_backward``, the two multiplies in
   ATen's order). ATen's eval-mode backward also reduces ``sum(grad)`` and ``sum(grad * x_hat)`` per channel for
   weight gradients nobody asked for. ``invstd`` is read off ATen's own backward (its gradient for a grad of ones
