@@ -631,8 +631,8 @@ def test_models_section_names_the_single_logit_models():
 ])
 def test_exact_resume_claims_name_the_thread_count(path, claim):
     """A resume at another thread count is not bitwise (torch's CPU kernels may sum in another order: a small CNN's
-    AT run resumed at 2 threads after an epoch at 1 ended 1.5e-8 off), and nothing checks the count: every promise of
-    an exact resume names that condition in its sentence."""
+    AT run resumed at 2 threads after an epoch at 1 ended 1.5e-8 off), and such a resume only warns: every promise
+    of an exact resume names that condition in its sentence."""
     text = (REPO / path).read_text()
     sentence = text[text.index(claim):]
     sentence = sentence[:re.search(r"\.\s", sentence).end()]
