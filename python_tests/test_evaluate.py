@@ -334,9 +334,8 @@ def test_radius_plot_keeps_norms_apart(tmp_path, monkeypatch):
 
     rows = [row("none", None, 0.0, 0.9), row("fgsm", "linf", 1 / 255, 0.8), row("worst-case", "linf", 1 / 255, 0.7),
             row("pgd", "l2", 0.3, 0.5), row("worst-case", "l2", 0.3, 0.4)]
-    figures = []
-    plt = report._plt()
-    monkeypatch.setattr(plt, "close", figures.append)
+    figures, save = [], report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
     assert report.plot_metric_vs_radius(rows, tmp_path / "acc.png")
     titles = [ax.get_title() for ax in figures[0].axes]
     assert titles == ["fgsm", "worst-case (linf)", "pgd", "worst-case (l2)"]
@@ -542,20 +541,16 @@ def test_saliency_figure_takes_two_eval_forwards_and_leaves_batch_norm_alone(tmp
     calls = []
     model.register_forward_hook(lambda m, inp, out: calls.append((m.training, out.detach().clone())))
     titles = []
-    real_plt = report._plt()
+    real_figure = report._figure
 
-    class Recorder:  # records the title texts the figure gets
-        def __getattr__(self, name):
-            return getattr(real_plt, name)
+    def figure(*args, **kwargs):  # records the title texts the figure gets
+        fig, axes = real_figure(*args, **kwargs)
+        for ax in axes.flat:
+            set_title = ax.set_title
+            ax.set_title = lambda text, *a, _f=set_title, **k: (titles.append(text), _f(text, *a, **k))[1]
+        return fig, axes
 
-        def subplots(self, *args, **kwargs):
-            fig, axes = real_plt.subplots(*args, **kwargs)
-            for ax in axes.flat:
-                set_title = ax.set_title
-                ax.set_title = lambda text, *a, _f=set_title, **k: (titles.append(text), _f(text, *a, **k))[1]
-            return fig, axes
-
-    monkeypatch.setattr(report, "_plt", lambda: Recorder())
+    monkeypatch.setattr(report, "_figure", figure)
     assert report.plot_saliency(model, x, y, tmp_path / "s.png", info=INFO, title="m")
     assert len(calls) == 2 and not any(training for training, _ in calls)
     assert all(torch.equal(a, b) for a, b in zip(stats, [model[1].running_mean, model[1].running_var,

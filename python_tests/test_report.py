@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from utils import run_python
+
 from robust_ops import report
 from robust_ops.data import DatasetInfo
 
@@ -46,6 +48,13 @@ def test_markdown_table_and_paper_table_cells():
     assert line == "| AT | no attack | 0 | T1 | 0.300 | 0.250 ± 0.010 | 0.900 | – |"
 
 
+def _record_figures(monkeypatch):
+    """The list the figures that report saves from now on are appended to."""
+    figures, save = [], report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
+    return figures
+
+
 def _doc(rows, synthetic=False, num_classes=2):
     info = DatasetInfo("d", num_classes, 1, 8, tuple("abc"[:num_classes]), positive_class=1, synthetic=synthetic)
     return {"dataset": info.to_dict(), "synthetic": synthetic, "rows": rows, "metrics": None, "config": {},
@@ -81,8 +90,7 @@ def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
 def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9},
             {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5}]
-    figures = []
-    monkeypatch.setattr(report._plt(), "close", figures.append)
+    figures = _record_figures(monkeypatch)
     for synthetic in (True, False):
         info = DatasetInfo("d", 2, 1, 8, ("a", "b"), synthetic=synthetic)
         assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", info=info)
@@ -173,8 +181,7 @@ def test_radius_figure_gives_each_method_one_colour_and_legend_entry(tmp_path, m
             {"method": "B", "attack": "none", "norm": None, "eps": 0.0, "f1": 0.0},
             {"method": "B", "attack": "fgsm", "norm": "linf", "eps": 0.1, "f1": 0.0},
             {"method": "B", "attack": "pgd", "norm": "linf", "eps": 0.1, "f1": 0.0}]
-    figures = []
-    monkeypatch.setattr(report._plt(), "close", figures.append)
+    figures = _record_figures(monkeypatch)
     assert report.plot_metric_vs_radius(rows, tmp_path / "f1.png", metric="f1")
     fgsm, pgd = figures[0].axes
     colour = {line.get_label(): line.get_color() for ax in (fgsm, pgd) for line in ax.get_lines()}
@@ -216,8 +223,7 @@ def test_saliency_figure_of_images_with_other_channel_counts(tmp_path, monkeypat
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
     x, y = torch.rand(2, channels, 6, 6), torch.tensor([0, 1])
-    figures = []
-    monkeypatch.setattr(report._plt(), "close", figures.append)
+    figures = _record_figures(monkeypatch)
     assert report.plot_saliency(model, x, y, tmp_path / "s.png")
     first = figures[0].axes[0]
     torch.testing.assert_close(torch.as_tensor(first.get_images()[0].get_array()), x[0].mean(0))
@@ -246,8 +252,7 @@ def test_saliency_figure_takes_labels_of_shape_n_by_1(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
     x, y = torch.rand(2, 1, 6, 6), torch.tensor([[1], [0]], dtype=torch.uint8)
-    figures = []
-    monkeypatch.setattr(report._plt(), "close", figures.append)
+    figures = _record_figures(monkeypatch)
     assert report.plot_saliency(model, x, y, tmp_path / "s.png")
     titles = [figures[0].axes[3 * i].get_title() for i in range(2)]
     assert titles[0].startswith("true 1\n") and titles[1].startswith("true 0\n")
@@ -357,3 +362,32 @@ def test_input_gradient_and_saliency_figure_refuse_labels_outside_the_model_clas
     assert not (tmp_path / "s.png").exists()
     with pytest.raises(ValueError, match=r"input_gradient: expected one class label per sample \(y of shape"):
         report.input_gradient(model, x, torch.tensor([1]))
+
+
+def test_figures_leave_pyplot_as_they_found_it(tmp_path):
+    """A notebook calls the figures many times: they forced pyplot's backend to Agg for the rest of the session
+    (the notebook's own figures then no longer showed), and each call whose save failed left its figure open in
+    pyplot (matplotlib warns from 20)."""
+    script = f"""
+import matplotlib
+matplotlib.use("svg")  # the session's own backend
+import matplotlib.pyplot as plt
+import torch
+from torch import nn
+from robust_ops import report
+mine = plt.figure()
+rows = [{{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9}},
+        {{"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5}}]
+model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, 2))
+x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
+for folder in ({str(tmp_path)!r}, {str(tmp_path / "missing")!r}):
+    for _ in range(3):
+        try:
+            report.plot_metric_vs_radius(rows, folder + "/a.png")
+            report.plot_saliency(model, x, y, folder + "/s.png")
+        except FileNotFoundError:
+            pass
+print(plt.get_backend(), plt.get_fignums() == [mine.number])
+"""
+    assert run_python(script).split() == ["svg", "True"]
+    assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "s.png").exists()

@@ -1,6 +1,6 @@
 """Reports: Markdown tables (our rows, and the papers' published numbers beside them), metric-vs-radius curves per
-method, and saliency maps (Grad-CAM as in DPAAT Fig. 4; input gradients as in ARFL Fig. 5). Figures use
-matplotlib's Agg backend (no display needed)."""
+method, and saliency maps (Grad-CAM as in DPAAT Fig. 4; input gradients as in ARFL Fig. 5). Figures are
+drawn outside pyplot (no display needed; pyplot's backend and open figures are left alone)."""
 
 import math
 import re
@@ -217,13 +217,18 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
+def _figure(rows, cols, figsize, **kwargs):
+    """A new figure and its [rows, cols] axes, outside pyplot: forcing pyplot onto Agg switched a notebook's own
+    backend for the rest of the session, and a figure whose save failed stayed open in pyplot, one per call."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=False, **kwargs)
 
-    return plt
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
@@ -235,8 +240,7 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     if not panels or all(_undefined(r.get(metric)) for r in rows):
         return False
     several_norms = {a for a, count in Counter(a for a, _ in panels).items() if count > 1}
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False, sharey=True)
+    fig, axes = _figure(1, len(panels), (3.6 * len(panels), 3.2), sharey=True)
     clean = {r["method"]: r.get(metric) for r in rows if r["attack"] == "none"}
     lines = {}  # method -> its first line, for the one legend
     for ax, (attack, norm) in zip(axes[0], panels):
@@ -264,9 +268,7 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     if info is not None:
         tag = " — SYNTHETIC DATA" if info.synthetic else ""
         fig.suptitle(f"{METRIC_LABELS.get(metric, metric)} vs radius on {info.name}{tag}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -383,10 +385,9 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     from .attacks.context import predict_from_output
 
     pred = predict_from_output(out).cpu()
-    plt = _plt()
     cols = 3 if cams is not None else 2
     n = x.shape[0]
-    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    fig, axes = _figure(n, cols, (2.2 * cols, 2.2 * n))
     names = info.class_names if info is not None else None
     # matplotlib gets float32 numpy arrays: a tensor went through numpy's deprecated __array__ fallback (no copy=
     # keyword; a DeprecationWarning the suite's filter hid), and a bfloat16 one failed ("unsupported ScalarType")
@@ -414,7 +415,5 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     if title or info is not None:
         tag = " (synthetic data)" if info is not None and info.synthetic else ""
         fig.suptitle(f"{title or ''}{tag}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
