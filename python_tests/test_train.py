@@ -2244,6 +2244,22 @@ def test_replace_atomically_fsyncs_the_whole_file_and_keeps_the_old_one_on_an_in
     assert sorted(os.listdir(path.parent)) == ["checkpoint.pt", "small.txt"]
 
 
+def test_replace_atomically_closes_its_file_when_chmod_fails(tmp_path, monkeypatch):
+    """A mount that refuses chmod (CIFS, some FUSE drives) failed every save, as it must, but each failed save also
+    left its temporary file's descriptor open: a notebook retrying ran into the process's open-file limit."""
+    from robust_ops import _files
+
+    def refuse(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(_files.os, "fchmod", refuse)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(PermissionError):
+            _files.replace_atomically(tmp_path / "metrics.csv", lambda f: f.write("x"))
+    assert len(os.listdir("/proc/self/fd")) == before and os.listdir(tmp_path) == []
+
+
 def test_a_save_removes_the_temporary_files_killed_writers_left_for_its_path_only(tmp_path):
     """docs/training.md, Metrics and checkpoints: a process killed mid-write (SIGKILL) cannot remove its
     ``.checkpoint.pt.XXXXXXXX.tmp``, and each kill left another checkpoint-sized one. The next successful save of

@@ -25,8 +25,9 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
     # of this path removes only temporary files whose lock it can take, i.e. whose writer is gone.
     lock = _hold_lock(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; these get a plain file's permissions
+        # the file object first: it closes ``fd`` whatever fails (a mount refusing chmod left one open per save)
         with os.fdopen(fd, "wb" if binary else "w", newline=newline) as f:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; these get a plain file's permissions
             write(f)
             if fsync:
                 f.flush()
