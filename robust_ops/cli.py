@@ -1018,10 +1018,12 @@ def saliency_count(args, info):
     return 4 if args.saliency is None else args.saliency
 
 
-def evaluate_models(models, splits, args, specs, radii, device, out, title, config, extra_markdown=None,
+def evaluate_models(models, splits, args, specs, radii, device, out, title, config, seed, extra_markdown=None,
                     paper=None):
     """Evaluate {label: model} on the test split under ``specs`` at ``radii`` (from :func:`parse_eval_options`),
-    write everything atomically, print the tables; returns rows."""
+    write everything atomically, print the tables; returns rows. Each model's attacks draw from torch's RNG seeded
+    with ``seed`` (the run's): the rows do not depend on what the process did before (a demo resumed after its
+    training, a second eval of the same run)."""
     from . import report
     from .evaluate import EvalError, evaluate, write_results
 
@@ -1039,7 +1041,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
         try:
             rows += evaluate(model, test, splits.info, attacks=specs, eps=radii, method=label,
                              batch_size=args.eval_batch_size, device=device, cascade=not args.no_cascade,
-                             ensemble=args.ensemble, progress=lambda s: print("  " + s, flush=True))
+                             ensemble=args.ensemble, progress=lambda s: print("  " + s, flush=True), seed=seed)
         except EvalError as err:
             raise _flag_error(err) from None
     saliency = None
@@ -1052,7 +1054,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
         saliency = (models, x[pick], y[pick])
     # both shape what the run wrote (random starts and Square's noise are drawn per batch; the figure's images), so a
     # results.json read later says how it was made
-    config = {**config, "eval_batch_size": args.eval_batch_size, "saliency_images": count}
+    config = {**config, "eval_batch_size": args.eval_batch_size, "saliency_images": count, "attack_seed": seed}
     paths = write_results(out, rows, splits.info, config=config, device=device, title=title, saliency=saliency,
                           extra_markdown=extra_markdown, paper=paper)
     metrics = ("f1", "sensitivity", "accuracy") if splits.info.num_classes == 2 else ("accuracy", "f1", "map")
@@ -1084,7 +1086,7 @@ def cmd_eval(args):
     config["prepacked_conv"] = prepacked_conv_resolved(prepacked)
     with prepacked_conv(model, enabled=prepacked):
         evaluate_models({label: model}, splits, args, specs, radii, device, out, f"Robustness of {label} on "
-                        f"{splits.info.display_name}", config)
+                        f"{splits.info.display_name}", config, seed=run.get("seed", 0))
     return 0
 
 
@@ -1269,7 +1271,7 @@ def cmd_demo(args):
               "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
     args.split = "test"
     evaluate_models(models, splits, args, specs, radii, device, out,
-                    f"Demo: defenses compared on {splits.info.display_name}", config)
+                    f"Demo: defenses compared on {splits.info.display_name}", config, seed=args.seed)
     return 0
 
 

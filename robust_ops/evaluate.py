@@ -427,7 +427,7 @@ def class_names_problem(info):
 
 
 def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",
-             batch_size=128, device=None, cascade=True, ensemble=False, progress=None):
+             batch_size=128, device=None, cascade=True, ensemble=False, progress=None, seed=None):
     """Evaluate ``model`` on ``dataset`` (TensorDataset of [N, ...] inputs and labels) under ``attacks`` at each
     radius in ``eps``. ``info``: the dataset's DatasetInfo (number of classes, positive class, value range). Labels
     follow ``fit``'s rule: one integer class per sample, [N] or MedMNIST's [N, 1]; one-hot, float or bool labels are
@@ -438,8 +438,16 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     attack is given); with ``ensemble=True`` the clean row and a "worst-case" row per radius only, also for one
     attack (protocol, ``cascade`` and ``ensemble``: the module docstring). ``progress``: optional callable(str) told
     about each step. ``device``: where to run (default: the model's device, as torchattacks runs; a model elsewhere
-    is moved there with ``model.to(device)``, in place).
+    is moved there with ``model.to(device)``, in place). ``seed``: an integer >= 0 seeds the random draws of the
+    attacks that take them from torch's RNG (PGD's random start, attacks without their own ``seed``) inside
+    ``torch.random.fork_rng``: the rows then do not depend on what ran before in the process, and the global RNG
+    stays as it was; None (default) draws from the global RNG, as torchattacks does.
     """
+    if seed is not None:
+        try:
+            seed = check_int("seed", "seed", seed, minimum=0)
+        except ValueError as err:
+            raise EvalError("seed", str(err)) from None
     specs = parse_attacks(attacks)
     radii = parse_eps(eps)
     if not (isinstance(method, str) and method.strip()):  # the rows' label: None was written as "None", ["a"] failed
@@ -487,6 +495,19 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if device is None:  # a default of "cpu" moved a GPU model to the CPU, in place, and left it there
         device = model_device(model)
     model = model.to(device)
+    if seed is None:
+        return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
+                                 progress)
+    rng_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed % 2**64)
+        return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
+                                 progress)
+
+
+def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble, progress):
+    """evaluate's work on checked arguments: the clean pass, then every attack at every radius."""
+    lo, hi = info.value_range
     try:
         pred0, probs0 = predict_batches(model, x, batch_size, device)
     except EvalError as err:

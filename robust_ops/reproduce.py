@@ -406,15 +406,16 @@ def run_fingerprint(model, dataset, method):
             "test_sha256": _digest(dataset_tensors(dataset)), "robust_ops": __version__, "torch": torch.__version__}
 
 
-def eval_key(fingerprint, specs, eps, ensemble):
+def eval_key(fingerprint, specs, eps, ensemble, seed):
     """What one evaluation plan's rows depend on, as stored JSON values: the run's ``fingerprint``, the attacks
-    with their options resolved at every radius, the radii."""
+    with their options resolved at every radius, the radii, the attacks' RNG seed (rows cached before it was
+    recorded drew from whatever the process had done: their key lacks it, so they are evaluated again)."""
     from .evaluate import parse_eps
 
     radii = parse_eps(eps)
     attacks = [[s.name, s.label, {k: ([v(e) for e in radii] if callable(v) else v) for k, v in s.options.items()}]
                for s in specs]
-    return _json_copy({**fingerprint, "attacks": attacks, "eps": radii, "ensemble": bool(ensemble)})
+    return _json_copy({**fingerprint, "attacks": attacks, "eps": radii, "ensemble": bool(ensemble), "seed": seed})
 
 
 def _json_copy(value):
@@ -702,11 +703,11 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             fingerprint = run_fingerprint(model, splits.test, method.label)
             for plan in protocol.evals:
                 specs = _specs(plan, quick)
-                key = eval_key(fingerprint, specs, plan.eps, plan.ensemble)
+                key = eval_key(fingerprint, specs, plan.eps, plan.ensemble, seed=k)
                 rows = cache.get(key)
                 if rows is None:
                     rows = evaluate(model, splits.test, info, attacks=specs, eps=plan.eps,
-                                    method=method.label, device=device, ensemble=plan.ensemble)
+                                    method=method.label, device=device, ensemble=plan.ensemble, seed=k)
                     cache.put(key, rows)
                 else:
                     say(f"[{tag}] {method.label}: evaluation reused from {cache.path} (--reevaluate to redo it)",
