@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_ops import reference
 from robust_ops.data import IndexedDataset
 from robust_ops.ima import (
     IMA,
@@ -67,13 +66,25 @@ def correct(model, x, y):
         return bool(model(x).argmax(1)[0] == y[0])
 
 
+def paper_step(cur, x, g, alpha, e, norm):
+    """Eq. 3, written here rather than taken from robust_ops (the loop below is the library's independent oracle):
+    x_t = Pi_E(x_{t-1} + alpha * h(g)), h(g) = g/||g||_2 (l2) or sign(g) (linf), projected onto the E-ball around
+    the clean x, then clipped into [0, 1]."""
+    if norm == "l2":
+        d = cur + alpha * g / (g.norm() + 1e-10) - x
+        d = d * min(1.0, e / float(d.norm())) if float(d.norm()) > 0 else d
+    else:
+        d = (cur + alpha * g.sign() - x).clamp(-e, e)
+    return (x + d).clamp(0.0, 1.0)
+
+
 def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm, arity=2):
     """Algorithms 2 and 3 written per sample, as in the paper (bisection landing on the correct side; with arity k,
     ceil(N log 2 / log k) rounds over the k-1 interior points, moving to the two around the first wrong one)."""
     outs, crossed, taken = [], [], []
     for i in range(x.shape[0]):
-        xi, yi, e = x[i:i + 1], y[i:i + 1], margin[i:i + 1]
-        if float(e) == 0 or not correct(model, xi, yi):
+        xi, yi, e = x[i:i + 1], y[i:i + 1], float(margin[i])
+        if e == 0 or not correct(model, xi, yi):
             outs.append(xi.clone()), crossed.append(False), taken.append(0)
             continue
         alpha = 4 * e / steps
@@ -81,8 +92,7 @@ def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm, arit
         for t in range(steps):
             z = cur.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(F.cross_entropy(model(z), yi, reduction="sum"), z)
-            nxt = cur.clone()
-            reference.pgd_step_(nxt, xi, g, alpha, e, 0.0, 1.0, norm)
+            nxt = paper_step(cur, xi, g, alpha, e, norm)
             if algorithm == 2 and not correct(model, nxt, yi):
                 bracket, t_cross = (cur, nxt), t + 1
                 break
