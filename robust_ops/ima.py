@@ -669,10 +669,11 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     float64 matrix multiply in the classifier's backward; sizes 4, 8, 12, 16, period 4).
 
     Why: CPU and GPU math libraries pick kernels by batch size (measured for resnet18 on 1x28x28: on this
-    project's AVX-512 machine results settle from 16 rows; on its AVX2 machine from 12, and at 4 and 8, because
-    MKL's small matrix multiply in the classifier's backward sums a row tail in another order), so :func:`gen_adv`
-    pads each shrinking working batch to the next size listed here and returns bitwise what the full-batch
-    computation returns. Measured once per model, sample shape, dtype, device, memory format, thread count,
+    project's first AVX-512 machine results settle from 16 rows, on a later one from 4 rows at 1 thread; on its
+    AVX2 machine from 12, and at 4 and 8, because MKL's small matrix multiply in the classifier's backward sums a
+    row tail in another order), so :func:`gen_adv` pads each shrinking working batch to the next size listed here
+    and returns bitwise what the full-batch computation returns. Measured once per model, sample shape, dtype,
+    device, memory format, thread count,
     prepacked-convolution mode (robust_ops.prepacked_conv), autocast dtype and clip range (random inputs in
     [clip_min, clip_max], the model in its current mode -- run it inside the attack's mode; training-mode
     batch-norm layers are refused), then cached for the
@@ -865,11 +866,11 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
             dropped). Math libraries pick kernels by batch size, so a sample's float32 result can differ in the
             last bit between a batch of 5 and one of 64, and compaction would change results. Default (None), in
             eval mode: pad each batch to the next size :func:`batch_invariant_sizes` measured (once per model) to
-            give large-batch results -- on the AVX2 machine here 4, 8, 12 and up for resnet18, the multiples of 4
-            at every size for a float64 CNN (batches above the probed sizes go to the next multiple of the measured
-            period); on an AVX-512 one 16 and up (docs/ima.md) -- so compacted and masked GenAdv are bitwise equal
-            at the least padding this machine needs. In train mode the default is 0 (padding would change
-            batch-norm statistics, so min_rows > 0 is an error there). 0 turns padding off.
+            give large-batch results -- for resnet18 4, 8, 12 and up on an AVX2 machine, 16 and up or 4 and up on
+            AVX-512 ones (by CPU and thread count, docs/ima.md), the multiples of 4 at every size for a float64 CNN
+            (batches above the probed sizes go to the next multiple of the measured period) -- so compacted and
+            masked GenAdv are bitwise equal at the least padding this machine needs. In train mode the default is
+            0 (padding would change batch-norm statistics, so min_rows > 0 is an error there). 0 turns padding off.
 
     Returns:
         ``(x_adv, crossed)`` (plus ``info`` with ``return_info``): x_adv [N, ...] detached, crossed BoolTensor[N]
