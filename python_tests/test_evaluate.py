@@ -407,6 +407,15 @@ def test_grad_cam_and_input_gradient_shapes():
     assert all(p.grad is None for p in model.parameters()) and model.training
 
 
+@pytest.mark.parametrize("shape", [(3, 2), (3, 2, 5)])
+def test_input_gradient_refuses_inputs_that_are_not_images(shape):
+    # grad_cam's "use input_gradient instead" on a Conv2d-free model: feature vectors were an IndexError, and
+    # [N, C, L] came back [N, N, L]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(shape[1:]), 2))
+    with pytest.raises(ValueError, match=r"input_gradient: expected x to be images \[N, C, H, W\], got shape"):
+        report.input_gradient(model, torch.rand(shape), torch.tensor([0, 1, 0]))
+
+
 def test_format_eps():
     assert report.format_eps(5 / 255) == "5/255" and report.format_eps(0.3) == "0.3" and report.format_eps(0) == "0"
     assert report.format_eps(0.2) == "0.2" and report.format_eps(2 / 255) == "2/255"

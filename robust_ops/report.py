@@ -342,8 +342,13 @@ def _class_indices(name, what, labels, n, num_classes):
 
 
 def input_gradient(model, x, y):
-    """|∂ loss / ∂ x| summed over channels, normalised per image to [0, 1] (ARFL's feature saliency maps). ``y``: one
-    class in [0, K) per image, [N] or [N, 1] (a single logit counts as K = 2)."""
+    """|∂ loss / ∂ x| summed over channels, normalised per image to [0, 1] (ARFL's feature saliency maps). ``x``:
+    images [N, C, H, W]. ``y``: one class in [0, K) per image, [N] or [N, 1] (a single logit counts as K = 2)."""
+    # feature vectors [N, F] failed with an IndexError, and [N, C, L] came back [N, N, L] (maps broadcast across
+    # images) -- the inputs grad_cam's "use input_gradient instead" sends a Conv2d-free model's user to
+    if x.dim() != 4:
+        raise ValueError(f"input_gradient: expected x to be images [N, C, H, W], got shape {tuple(x.shape)}; "
+                         "saliency maps need image inputs")
     return _input_gradient(model, x, y)[0]
 
 
