@@ -1065,6 +1065,42 @@ def test_reproduce_resume_checks_every_run_first(small_npz, tmp_path, capsys):
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
 
 
+def test_reproduce_resume_refusal_names_every_run_to_delete(small_npz, tmp_path, capsys):
+    """Following "delete OUT/runs/std/seed0" led to the same error for the next run (one per method and seed): the
+    refusal names every run folder the command cannot continue, or the runs folder when none of its runs can."""
+    import shutil
+
+    from robust_ops.cli import CLIError
+    from robust_ops.reproduce import run_protocol
+
+    def protocol():
+        return _tiny_protocol("seeds", [("STD", "standard"), ("AT", "at")])
+
+    def run(out, epochs, proto=None):
+        run_protocol(proto or protocol(), out=out, data=str(small_npz), seeds=2, epochs=epochs, progress=False)
+
+    out = tmp_path / "all"
+    run(out, 2)
+    with pytest.raises(CLIError) as err:
+        run(out, 1)
+    assert f"or delete {out / 'runs'} (none of its 4 runs can continue) or use another --out" in str(err.value)
+    shutil.rmtree(out / "runs")
+    run(out, 1)  # as the error said
+    out = tmp_path / "some"
+    run(out, 2)
+    shutil.rmtree(out / "runs" / "at" / "seed0")
+    at_only = protocol()
+    at_only.methods = at_only.methods[1:]
+    run_protocol(at_only, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)  # resumable at --epochs 1
+    with pytest.raises(CLIError) as err:
+        run(out, 1)
+    assert (f"delete the 3 run folders in {out / 'runs'} this command cannot continue (std/seed0, std/seed1, "
+            "at/seed1) or use another --out") in str(err.value)
+    for name in ("std/seed0", "std/seed1", "at/seed1"):
+        shutil.rmtree(out / "runs" / name)
+    run(out, 1)
+
+
 def test_reproduce_results_record_classes_missing_from_any_run(tmp_path, capsys):
     """results.json's dataset recorded the last run's classes_missing_from_split, though its means are over every
     run: here seed 2's split misses normal from test, seeds 0 and 1's from val."""

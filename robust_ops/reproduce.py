@@ -547,12 +547,23 @@ def rebuild_splits(data, record, base=None, folds=None, split_by=None):
     return splits
 
 
-def _resume_error(protocol, run_dir, conflict, epochs):
-    """A reproduce-specific one-line error for a run that cannot continue under this command's settings."""
+def _resume_error(protocol, run_dir, conflict, epochs, blocked=()):
+    """A reproduce-specific one-line error for a run that cannot continue under this command's settings. ``blocked``:
+    the run folders of this command that cannot continue, ``run_dir`` first: deleting only the named one led to the
+    same error for the next (one per method and seed, after an --epochs change)."""
+    from ._options import listing
     from .cli import CLIError
 
     key, was, now = conflict
-    way_out = f"delete {run_dir} or use another --out"
+    blocked = [Path(d) for d in blocked] or [Path(run_dir)]
+    runs_dir = Path(run_dir).parent.parent  # OUT/runs/METHOD/seedK
+    if len(blocked) == 1:
+        way_out = f"delete {run_dir} or use another --out"
+    elif set(blocked) == {p.parent for p in runs_dir.glob("*/*/run.json")}:  # every run there (an --epochs change)
+        way_out = f"delete {runs_dir} (none of its {len(blocked)} runs can continue) or use another --out"
+    else:
+        way_out = (f"delete the {len(blocked)} run folders in {runs_dir} this command cannot continue "
+                   f"({listing(d.relative_to(runs_dir) for d in blocked)}) or use another --out")
     if key == "epochs":
         return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than --epochs {now}; rerun with "
                         f"--epochs {was}, or {way_out}")
@@ -652,6 +663,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         raise CLIError(f"--seeds: {protocol.name} has {len(folds)} folds, got {repeats}")
     quick_sizes = (q["n_train"], q["n_test"]) if quick else None
     plan = []  # (k, tag, split record, splits, [(method, options, run_dir)]): all checked before training any
+    conflicts = []  # (run_dir, conflict): every run that cannot continue, so the error names them all
     for k in range(repeats):
         record = split_record(protocol, k, quick_sizes, size, bit_depth)
         splits = rebuild_splits(data, record, folds=folds, base=None if folds is not None else load_data(
@@ -674,9 +686,11 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth,
                 prepacked_conv=prepacked_conv_resolved(None), info=splits.info))  # info: image size, class counts
             if conflict:
-                raise _resume_error(protocol, run_dir, conflict, epochs)
+                conflicts.append((run_dir, conflict))
             runs.append((method, options, run_dir))
         plan.append((k, tag, record, splits, runs))
+    if conflicts:
+        raise _resume_error(protocol, *conflicts[0], epochs, [d for d, _ in conflicts])
     run_infos = [p[3].info for p in plan]  # for results.json's classes_missing_from_split, over every run
     all_rows, models, splits = [], {}, None
     # Under torchrun every process trains each run (fit's DDP) and evaluates it too: the next run's training needs
