@@ -829,6 +829,15 @@ def test_bit_depth_reaches_csv_sets_and_is_refused_where_it_means_nothing(tmp_pa
         assert info.value.arg == "bit_depth"
 
 
+@pytest.mark.parametrize("option", [{"classes": ["benign", "malignant"]}, {"bit_depth": 12}, {"root": "."},
+                                    {"split_by": "image"}])
+def test_a_mistyped_folder_is_missing_not_a_source_without_the_option(tmp_path, option):
+    # a folder path with a typo was told "this source has fixed classes" / "drop bit_depth=": it may be a folder,
+    # which takes them, and dropping them as told ended in "no such file or folder"
+    with pytest.raises(DataError, match=r"busi_typo: no such file or folder, and not a known dataset name"):
+        load_dataset(str(tmp_path / "busi_typo"), **option)
+
+
 def test_busi_16_bit_dark_and_float_images(tmp_path):
     """A 16-bit image is on the 16-bit scale even when all its values are <= 255 (when another image of the set uses
     the 16-bit range; a set whose 16-bit images all would come out black is refused); float images above 255 are

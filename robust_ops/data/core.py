@@ -259,18 +259,23 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     low = text.lower()
     from . import folders, medmnist, synthetic
 
-    image_files = low.endswith(".csv") or Path(text).expanduser().is_dir()
-    if classes is not None and not image_files:
+    path = Path(text).expanduser()
+    medmnist_name = medmnist.is_medmnist_name(low)
+    # a missing path without a file suffix may be a mistyped folder, which takes classes= and bit_depth=: it is
+    # reported as missing below ("drop --classes" there, followed, ended in "no such file or folder")
+    known = low in SYNTHETIC_NAMES or low in MOONS_NAMES or medmnist_name or low.endswith((".npz", ".csv")) \
+        or path.exists()
+    image_files = low.endswith(".csv") or path.is_dir()
+    if known and classes is not None and not image_files:
         raise DataError(f"{text}: classes= selects class folders or CSV labels; this source has fixed classes",
                         arg="classes")
-    if split_by is not None and not low.endswith(".csv"):  # would be ignored
+    if known and split_by is not None and not low.endswith(".csv"):  # would be ignored
         raise DataError(f"{text}: split_by= chooses how a CSV's rows are split; this source is not a CSV -- drop "
                         "split_by=", arg="split_by")
-    if bit_depth is not None and not image_files:  # would be ignored
+    if known and bit_depth is not None and not image_files:  # would be ignored
         raise DataError(f"{text}: bit_depth= scales 16-bit image files (class folders and CSV); this source has "
                         "none -- drop bit_depth=", arg="bit_depth")
-    medmnist_name = medmnist.is_medmnist_name(low)
-    if root is not None and not medmnist_name:  # would be ignored (download= is a permission, not a request)
+    if known and root is not None and not medmnist_name:  # would be ignored (download= is a permission, not a request)
         raise DataError(f"{text}: root= is where MedMNIST files are looked up by name; this source is not one -- "
                         "drop root=", arg="root")
     if low in SYNTHETIC_NAMES:
@@ -279,7 +284,6 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
         if size is not None:  # would be ignored: the points are 2-d feature vectors, not images
             raise DataError(f"{text}: size= resizes images; two-moons holds 2-d points -- drop size=", arg="size")
         return synthetic.moons_splits(seed=seed)
-    path = Path(text).expanduser()
     if medmnist_name and text == path.name and path.is_dir():  # a bare name: neither reading is safe to guess
         raise DataError(f"{text}: names a MedMNIST set and a folder here; write ./{text} for the folder, or the .npz "
                         "file's path for the MedMNIST set")
