@@ -180,6 +180,23 @@ def test_train_writes_run_and_eval_end_to_end(trained_run, capsys):
     assert "| F1: attack | ε | standard |" in out
 
 
+def test_train_prints_an_eval_command_that_runs_as_printed(small_npz, tmp_path, capsys):
+    """An --out with a space printed `robust-ops eval my run ...`: followed, eval read `my` and `run` as two
+    arguments. The printed command (and the stale-eval warning's) quotes it."""
+    import shlex
+
+    out = tmp_path / "my run's"
+    args = ["train", "--data", str(small_npz), "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu"]
+    rc, printed, err = run(args, capsys)
+    assert rc == 0, err
+    command = shlex.split(printed.split("(evaluate with: ")[1].split(")\n")[0])
+    assert command[:3] == ["robust-ops", "eval", str(out)]
+    rc, _, err = run(command[1:] + ["--device", "cpu", "--saliency", "0"], capsys)
+    assert rc == 0 and (out / "eval" / "results.json").is_file(), err
+    rc, _, err = run(args, capsys)
+    assert rc == 0 and f"rerun `robust-ops eval {shlex.quote(str(out))}` once training ends" in err, err
+
+
 def test_eval_on_data_with_other_classes_warns(trained_run, tmp_path, capsys):
     """--data whose classes are not the run's (synthetic's benign = 0, malignant = 1 for a model trained on labels
     0, 1 of another set): the predictions are scored against labels that may mean other classes -- said in one

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -676,8 +677,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         for name in (CHECKPOINT, "metrics.csv", trainer.HISTORY_NAME):
             (out / name).unlink(missing_ok=True)
         if (out / "eval" / "results.json").is_file():  # eval's default --out: kept (the user's), but now stale
-            warnings.warn(f"{out / 'eval'} holds results of the run this one replaces; rerun `{PROG} eval {out}` "
-                          "once training ends to replace them")
+            warnings.warn(f"{out / 'eval'} holds results of the run this one replaces; rerun "
+                          f"`{PROG} eval {shlex.quote(str(out))}` once training ends to replace them")
     # a resumed checkpoint fit refuses (no run.json held its settings to compare) must keep the record it had, or
     # none: this command's would describe a run that never trained and refuse the rerun with the right settings
     ckpt = out / CHECKPOINT
@@ -757,7 +758,9 @@ def cmd_train(args):
     epochs = f"{len(history)} epoch{'s' if len(history) != 1 else ''}"
     print(f"trained {args.defense} on {splits.info.display_name} for {epochs}: {shown}")
     print(f"classes: {describe_classes(splits.info)}")
-    print(f"run: {args.out} (evaluate with: {PROG} eval {args.out} --attacks fgsm,pgd,cw --eps 1/255,2/255,5/255)")
+    # quoted: an --out with a space or quote printed a command that eval read as several arguments
+    print(f"run: {args.out} (evaluate with: {PROG} eval {shlex.quote(str(args.out))} --attacks fgsm,pgd,cw "
+          "--eps 1/255,2/255,5/255)")
     return 0
 
 
