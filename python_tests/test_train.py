@@ -413,6 +413,18 @@ def test_resume_refuses_a_validation_set_of_another_size_and_passes_checkpoints_
     _resume_from_before(tmp_path, "val_samples", lr=1e-2, scheduler=plateau, val_data=_data(24, seed=1))
 
 
+def test_a_resume_without_validation_keeps_the_runs_validation_record(tmp_path):
+    """Epochs resumed with val_data=None wrote val_samples=None into the checkpoint, so a later resume with another
+    validation set (10 samples for a run validated on 8) passed and mixed the two sets' metrics in one history."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=1, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), None, epochs=2, resume=True, **kwargs)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["val_samples"] == 8
+    with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was validated on val_samples=8, "
+                                         r"this call has val_samples=10; pass the run's val_data$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), _data(10, seed=1), epochs=3, resume=True, **kwargs)
+
+
 def _pooling_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
                          nn.Linear(16, 2))

@@ -909,6 +909,8 @@ def fit(
         if saved_val is not None and config["val_samples"] is not None and saved_val != config["val_samples"]:
             raise ValueError(f"{name}: cannot resume {resume_path}: it was validated on val_samples={saved_val}, this "
                              f"call has val_samples={config['val_samples']}; pass the run's val_data")
+        if config["val_samples"] is None:  # epochs resumed without validation keep the run's record for later resumes
+            config["val_samples"] = saved_val
         # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
         # has lr=0.0001" (the default Adam's), naming an lr nobody passed
         for key in ("batch_size", "seed", "defense", "defense_class", "optimizer", "lr", "channels_last",
