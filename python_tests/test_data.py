@@ -304,7 +304,8 @@ def test_cross_validation_of_data_split_by_lesion_folds_by_lesion(tmp_path):
 def test_csv_split_by_errors(tmp_path):
     path = _lesions_csv(tmp_path, lesions=10, blank_row=4)
     with pytest.raises(DataError, match=r"meta\.csv: line 6: empty 'lesion_id', which the split groups by; expected "
-                                        r"a value in every row \(split_by='image' splits by image\)$"):
+                                        r"a value in every row -- fill it in, or split by image: in Python "
+                                        r"split_by='image', on the command line rename the column$"):
         load_dataset(path, size=8)
     assert len(load_dataset(path, size=8, split_by="image").train) == 21
     (tmp_path / "left_out").mkdir()

@@ -460,7 +460,8 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     line = next((blank[image_id] for image_id, _ in kept if image_id in blank), None)
     if line is not None:  # a sample without a group cannot be kept on one side of its group
         raise DataError(f"{csv_path}: line {line}: empty {group_column!r}, which the split groups by; expected a value "
-                        "in every row (split_by='image' splits by image)")
+                        "in every row -- fill it in, or split by image: in Python split_by='image', on the command "
+                        "line rename the column")
     root = Path(image_dir) if image_dir else csv_path.parent
     wanted = {image_id for image_id, _ in kept}
     index = {}
