@@ -147,6 +147,25 @@ def test_evaluate_seed_makes_random_attacks_repeat_whatever_ran_before():
             evaluate(model, data, INFO, attacks="fgsm", seed=bad)
 
 
+def test_evaluate_leaves_the_gpus_rng_alone():
+    """evaluate(seed=N) and each attack's dry run seeded with torch.manual_seed, which reseeds every GPU too (queued
+    until CUDA starts when it has not), while fork_rng restored the CPU's RNG only: a CPU evaluation replaced the seed
+    a user had set for the GPU training after it (torch.manual_seed(0), then evaluate(seed=5): the GPUs got 5)."""
+    def gpu_rng():  # the GPUs' states once CUDA has started, else the seed waiting for it to start
+        if torch.cuda.is_initialized():
+            return [state.clone() for state in torch.cuda.get_rng_state_all()]
+        return torch.cuda._lazy_seed_tracker.get_calls()
+
+    model, data = tiny_model(), tiny_data()
+    torch.manual_seed(0)
+    before = gpu_rng()
+    for seed in (None, 5):
+        evaluate(model, data, INFO, attacks="pgd:steps=2", eps="8/255", seed=seed, device="cpu")
+    after = gpu_rng()
+    assert len(after) == len(before)
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(after, before))
+
+
 def test_own_attack_by_dotted_import_path(user_module):
     """docs/attacks.md, "Your own attack": an Attack subclass's dotted import path works wherever a registered name
     does (attacks.build, specs with typed options and the dry run, labels, default_norm, AutoAttack's list), kept as

@@ -25,6 +25,7 @@ A norm may be spelt in any case (``pgd:norm=Linf``): labels, rows and results ho
 ``autoattack:norm=l1``).
 """
 
+import contextlib
 import datetime
 import inspect
 import itertools
@@ -190,11 +191,27 @@ class _DryRunModel(torch.nn.Module):
         return x.flatten(1)[:, :16] @ self.weight.t()
 
 
+@contextlib.contextmanager
+def _seeded_rng(seed, device):
+    """The block draws from torch's RNG seeded with ``seed`` (an integer >= 0): the CPU's and, for an accelerator
+    ``device`` (cuda:1, mps), that device's; both are restored afterwards. torch.manual_seed would also reseed every
+    GPU (queued until CUDA starts when it has not), which fork_rng does not restore: a CPU evaluation replaced the
+    seed a user had set for the GPU training after it."""
+    device = torch.device(device)
+    own = [] if device.type == "cpu" else [device]
+    with torch.random.fork_rng(devices=own, device_type=device.type if own else "cuda"):
+        torch.random.default_generator.manual_seed(seed % 2**64)
+        if own:  # fork_rng has started the device's module (its get_rng_state)
+            module = torch.get_device_module(device.type)
+            with module.device(device) if hasattr(module, "device") else contextlib.nullcontext():
+                module.manual_seed(seed % 2**64)  # the current device's generator: ``device``'s
+        yield
+
+
 def _dry_run(spec):
     """Run ``spec`` on a tiny model and input at eps=1, stopped after a few forward passes: option values an attack
     only checks when called (steps=-1, norm=l3) fail here, before any training, not after it."""
-    with torch.random.fork_rng(devices=[]):  # the global RNG stays as it was
-        torch.manual_seed(0)
+    with _seeded_rng(0, "cpu"):
         x = torch.rand(2, 1, 4, 4)
         y = torch.tensor([0, 1])
         attack = spec.build(_DryRunModel(), eps=1.0)
@@ -498,9 +515,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if seed is None:
         return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
                                  progress)
-    rng_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed % 2**64)
+    with _seeded_rng(seed, device):
         return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
                                  progress)
 
