@@ -230,6 +230,22 @@ def test_saliency_figure_of_images_with_other_channel_counts(tmp_path, monkeypat
     assert first.get_title().endswith(f"mean of {channels} channels")
 
 
+def test_saliency_figure_leaves_out_constant_grad_cam_maps(tmp_path, monkeypatch):
+    """vgg16 / densenet121 at 28x28 end in a 1x1 feature map: every Grad-CAM panel was one flat colour (all 0 or all
+    1) without a word. The column is left out and the title says why; informative maps stay."""
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Conv2d(1, 4, 6), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))  # 6x6 input -> 1x1 map
+    x, y = torch.rand(2, 1, 6, 6), torch.tensor([0, 1])
+    figures = _record_figures(monkeypatch)
+    assert report.plot_saliency(flat, x, y, tmp_path / "s.png")
+    assert [ax.get_title() for ax in figures[0].axes[1:2]] == ["input gradient"]
+    note = "Grad-CAM left out: its maps are constant here (e.g. a 1x1 last feature map)"
+    assert figures[0]._suptitle.get_text() == note
+    spatial = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    assert report.plot_saliency(spatial, x, y, tmp_path / "t.png")
+    assert figures[1].axes[1].get_title() == "Grad-CAM" and figures[1]._suptitle is None
+
+
 def test_tables_escape_a_pipe_in_labels():
     """A method label with a "|" (--method "AT|eps=2") split its cell: every value after it moved one column right,
     under the wrong header, in the all-rows, pivot and paper tables alike."""

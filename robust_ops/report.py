@@ -373,7 +373,8 @@ def _per_image_unit_max(maps):
 
 def plot_saliency(model, x, y, path, info=None, title=None):
     """Rows of images: the input, its Grad-CAM overlay and its input-gradient map. Returns False for inputs that
-    are not images (e.g. two-moons features)."""
+    are not images (e.g. two-moons features). A model without Conv2d, or whose Grad-CAM maps are all constant (a 1x1
+    last feature map), gets no Grad-CAM column; the title says why for the latter."""
     if x.dim() != 4 or x.shape[0] == 0:
         return False
     from ._options import class_labels
@@ -383,6 +384,11 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     device = model_device(model)  # a model without parameters (a fixed filter bank) has a device too: CPU
     x, y = x.to(device), y.to(device)
     cams = grad_cam(model, x) if last_conv(model) is not None else None
+    note = None
+    if cams is not None and bool((cams.flatten(1).amax(1) == cams.flatten(1).amin(1)).all()):
+        # e.g. vgg16 / densenet121 at 28x28, whose last feature map is 1x1: every panel one flat colour, read as if
+        # the whole image mattered equally
+        cams, note = None, "Grad-CAM left out: its maps are constant here (e.g. a 1x1 last feature map)"
     # The predictions shown come from the input gradient's own eval-mode forward: no third forward, and not one in
     # the model's current mode (after fit, train mode: batch-norm statistics of these few images, running stats
     # updated).
@@ -417,8 +423,8 @@ def plot_saliency(model, x, y, path, info=None, title=None):
         axes[i][cols - 1].set_title("input gradient", fontsize=7)
         for ax in axes[i]:
             ax.axis("off")
-    if title or info is not None:
+    if title or info is not None or note:
         tag = " (synthetic data)" if info is not None and info.synthetic else ""
-        fig.suptitle(f"{title or ''}{tag}", fontsize=9)
+        fig.suptitle("\n".join(filter(None, (f"{title or ''}{tag}", note))), fontsize=9)
     _save(fig, path)
     return True
