@@ -512,10 +512,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if device is None:  # a default of "cpu" moved a GPU model to the CPU, in place, and left it there
         device = model_device(model)
     model = model.to(device)
-    if seed is None:
-        return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
-                                 progress)
-    with _seeded_rng(seed, device):
+    with contextlib.nullcontext() if seed is None else _seeded_rng(seed, device):
         return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
                                  progress)
 
