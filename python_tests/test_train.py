@@ -125,6 +125,21 @@ def test_resume_at_another_thread_count_warns_that_it_is_not_bitwise_exact(tmp_p
             **{**kwargs, "out_dir": tmp_path / "next"})
 
 
+def test_cuda_checkpoints_record_the_gpu_model_and_older_ones_resume_without_a_false_warning(monkeypatch):
+    """On CUDA the record held the device type only: a resume on another GPU model (other cuDNN / cuBLAS kernels)
+    said nothing. A checkpoint written before the GPU was recorded lacks the key: not a change."""
+    from robust_ops.train import _arithmetic, _warn_on_other_arithmetic
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU model B")
+    now = _arithmetic(torch.device("cuda", 0), 1)
+    assert now == {"device": "cuda", "world_size": 1, "gpu": "GPU model B"}
+    with pytest.warns(UserWarning, match=r"with another gpu 'GPU model A' -> 'GPU model B': training continues"):
+        _warn_on_other_arithmetic("fit", "checkpoint.pt", {**now, "gpu": "GPU model A"}, now)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_on_other_arithmetic("fit", "checkpoint.pt", {"device": "cuda", "world_size": 1}, now)
+
+
 def test_resume_of_a_finished_run_killed_before_its_metrics_files_rewrites_them(tmp_path):
     """The metrics files are written after the checkpoint: a run killed between the two, resumed with no epoch left,
     kept metrics.csv / metrics.json an epoch behind the checkpoint (and epochs_done, which reads them)."""

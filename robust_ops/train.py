@@ -221,6 +221,8 @@ def _arithmetic(device, world):
     arithmetic = {"device": device.type, "world_size": world}
     if device.type == "cpu":
         arithmetic.update(threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+    elif device.type == "cuda":  # another GPU model picks other kernels (cuDNN / cuBLAS heuristics per architecture)
+        arithmetic.update(gpu=torch.cuda.get_device_name(device))
     return arithmetic
 
 
@@ -228,7 +230,9 @@ def _warn_on_other_arithmetic(name, path, recorded, now):
     """Says, once, that a resume is not bitwise exact; checkpoints written before this record say nothing."""
     if not recorded:
         return
-    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in now.items() if recorded.get(key) != value]
+    # keys a checkpoint lacks were not recorded yet when it was written (the GPU model): unknown, not "changed"
+    changed = [f"{key} {recorded[key]!r} -> {value!r}" for key, value in now.items()
+               if key in recorded and recorded[key] != value]
     if changed:
         warnings.warn(f"{name}: resuming {path} with another {', '.join(changed)}: training continues correctly, but "
                       "its weights may differ in the last bits from an uninterrupted run's (bitwise-exact resume "
