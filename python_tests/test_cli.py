@@ -1180,6 +1180,7 @@ def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys)
     per_run = [(r["attack"], r["eps"], r["repeat"]) for r in doc["per_run_rows"]]
     assert per_run == [("none", 0.0, 0), ("Worst (Linf)", 1 / 255, 0), ("worst-case", 2 / 255, 0)]
     assert [r["repeats"] for r in doc["rows"]] == [1, 1, 1] and doc["config"]["repeats"] == 1
+    assert doc["config"]["attack_seeds"] == [0]  # repeat k's PGD / Square draws: seeded with k, as eval records it
     model, splits, _ = cli.load_run(out / "runs" / "std" / "seed0")
     same, other = (run_fingerprint(model, ds, "STD") for ds in (splits.test, splits.val))
     assert same["test_sha256"] != other["test_sha256"]  # another test set is evaluated again

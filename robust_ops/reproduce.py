@@ -759,6 +759,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
               "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": protocol.lr,
               "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in chosen],
+              # per repeat (per_run_rows' "repeat" k): the seed its random attacks drew from, as eval's attack_seed
+              "attack_seeds": list(range(repeats)),
               "seconds": round(time.perf_counter() - t_start, 1)}
     saliency = None
     x, y = splits.test.tensors
