@@ -76,7 +76,7 @@ def sync(device):
 
 def forward_seconds(model, shape, batch, device, reps):
     """Median wall time of reps no_grad forwards of batch images (after one warm-up)."""
-    x = torch.rand((batch,) + tuple(shape[1:]), device=device)
+    x = torch.rand((batch,) + tuple(shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)
     times = []
     with torch.no_grad():
         model(x)
@@ -110,6 +110,7 @@ def main(argv=None):
 
     rows = []
     for shape in SHAPES:
+        torch.manual_seed(0)  # the same weights in every run, as the other benchmarks
         model = build_model("resnet18", in_channels=shape[1], num_classes=2, image_size=shape[2]).to(device).eval()
         forward_cache = {}
         for k in ARITIES:
