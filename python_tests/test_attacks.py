@@ -1,5 +1,6 @@
 """Attacks: torchattacks parity, properties on tiny in-file models, the PGD core's extras, and input checks."""
 
+import copy
 import re
 import sys
 import warnings
@@ -1715,6 +1716,20 @@ def test_autoattack_refuses_build_options_set_afterwards():
     result = aa.run(x, y)
     assert result.x_adv.shape == x.shape
 
+
+def test_autoattack_refuses_a_model_set_afterwards():
+    """`aa.model = other` (reusing one AutoAttack on several models) ran the clean check and the scoring on the new
+    model and every built attack on the old one: points found on one network scored on another, without a word."""
+    model, other = make_model(3), make_model(3, seed=1)
+    for aa in (attacks.AutoAttack(model, eps=0.03, steps=2, n_queries=3),
+               attacks.AutoAttack(model, eps=0.03, attacks=[attacks.FGSM(model)])):
+        with pytest.raises(AttributeError, match=r"^autoattack: model is read when the attacks are built, so its "
+                                                 r"attacks would keep attacking the old one; build a new "
+                                                 r"AutoAttack\(new_model, \.\.\.\)$"):
+            aa.model = other
+        assert aa.model is model and all(a.model is model for a in aa.attacks)
+    copied = copy.deepcopy(aa)  # copying sets no attribute through __setattr__
+    assert copied.attacks[0].model is copied.model
 
 def test_normalized_std_and_square_p_init_checked():
     model = make_model(3)

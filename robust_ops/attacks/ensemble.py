@@ -247,10 +247,14 @@ class AutoAttack(Attack):
                       "clip_min", "clip_max", "attacks_to_run")
 
     def __setattr__(self, key, value):
-        if key in self._BUILD_OPTIONS and vars(self).get("_built") is not None:
-            spelt = "attacks" if key == "attacks_to_run" else key
-            raise AttributeError(f"autoattack: {key} is read when the attacks are built, so setting it afterwards "
-                                 f"would be ignored; build a new AutoAttack(model, ..., {spelt}=...)")
+        if vars(self).get("_built") is not None:
+            if key == "model":  # the clean check and the scoring took the new model, the built attacks the old one
+                raise AttributeError("autoattack: model is read when the attacks are built, so its attacks would "
+                                     "keep attacking the old one; build a new AutoAttack(new_model, ...)")
+            if key in self._BUILD_OPTIONS:
+                spelt = "attacks" if key == "attacks_to_run" else key
+                raise AttributeError(f"autoattack: {key} is read when the attacks are built, so setting it "
+                                     f"afterwards would be ignored; build a new AutoAttack(model, ..., {spelt}=...)")
         super().__setattr__(key, value)
 
     def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=None,
