@@ -3073,6 +3073,18 @@ def test_labels_that_are_not_a_tensor_are_a_type_error():
         attacks.pgd(model, x, y.tolist(), eps=0.03)
 
 
+def test_numpy_inputs_are_named_as_numpy_arrays():
+    """A numpy array's dtype alone made the error read "expected y to be an integer tensor ..., got int64" (and "x
+    ... floating-point tensor, got float32"): the message seemed to accept what it refused."""
+    model, (x, y) = make_model(), make_data()
+    with pytest.raises(TypeError, match=r"^pgd: expected y to be an integer tensor of class labels, got "
+                                        r"<class 'numpy.ndarray'>$"):
+        attacks.pgd(model, x, y.numpy(), eps=0.03)
+    with pytest.raises(TypeError, match=r"^pgd: expected x to be a floating-point tensor, got "
+                                        r"<class 'numpy.ndarray'>$"):
+        attacks.pgd(model, x.numpy(), y, eps=0.03)
+
+
 def test_ensemble_checks_clean_inputs_batch_size_at_a_time():
     """The clean forward that decides who is misclassified already took all N samples at once whatever batch_size
     said: evaluate --ensemble on 200 CT slices at 512x512 ran resnet18 on 200 images in one batch (its first

@@ -184,7 +184,9 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
     """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
     silently. Returns y as int64 (None without y): callers attack with the returned labels."""
     if not torch.is_tensor(x) or not x.is_floating_point():
-        raise TypeError(f"{name}: expected x to be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        # a numpy array's dtype alone ("got float32") read as if the tensor were fine: name its type
+        raise TypeError(f"{name}: expected x to be a floating-point tensor, got "
+                        f"{x.dtype if torch.is_tensor(x) else type(x)}")
     if x.dim() < 1:
         raise ValueError(f"{name}: expected x to have a batch dimension, got a 0-D tensor")
     # as IMA's and the defenses': None or a string met math.isfinite's bare TypeError, and True ran as 1.0
@@ -213,7 +215,7 @@ def check_class_labels(name, y, n, num_classes=None):
                          "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
     if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
-                        f"{getattr(y, 'dtype', type(y))}")
+                        f"{y.dtype if torch.is_tensor(y) else type(y)}")
     y = y.long()  # a no-op (same tensor) for int64
     if y.dim() != 1 or y.shape[0] != n:
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}")
