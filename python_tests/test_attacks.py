@@ -3065,6 +3065,21 @@ def test_gradient_attacks_under_inference_mode_are_refused_by_name_and_run_under
             attack()
 
 
+def test_labels_made_under_inference_mode_are_attacked():
+    """Labels made under torch.inference_mode() (a data pipeline's batch) stopped FGSM, BIM, PGD and CW-Linf with
+    autograd's "Inference tensors cannot be saved for backward" (their loss saves the labels), while APGD, FAB,
+    Square and torchattacks' PGD ran; now every attack gives the points of normal labels."""
+    model, (x, y) = make_model(3), make_data(4, 3)
+    with torch.inference_mode():
+        x_inf, y_inf = x.clone(), y.clone()
+    for name, attack in [("fgsm", lambda a, b: attacks.fgsm(model, a, b, eps=0.03)),
+                         ("pgd", lambda a, b: attacks.pgd(model, a, b, eps=0.03, steps=2, random_start=False)),
+                         ("cw", lambda a, b: attacks.cw_linf(model, a, b, eps=0.03, steps=2)),
+                         ("apgd", lambda a, b: attacks.apgd(model, a, b, eps=0.03, steps=2,
+                                                          generator=torch.Generator().manual_seed(0)))]:
+        assert torch.equal(attack(x_inf, y_inf), attack(x, y)), name
+
+
 def test_labels_that_are_not_a_tensor_are_a_type_error():
     # the mask check comes first in check_inputs: it must not fail on a list with an AttributeError
     model, (x, y) = make_model(), make_data()

@@ -217,6 +217,10 @@ def check_class_labels(name, y, n, num_classes=None):
         raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
                         f"{y.dtype if torch.is_tensor(y) else type(y)}")
     y = y.long()  # a no-op (same tensor) for int64
+    if y.is_inference() and not torch.is_inference_mode_enabled():
+        # labels made under torch.inference_mode() (a data pipeline's) cannot be saved for the loss's backward:
+        # PGD failed with autograd's "Inference tensors cannot be saved for backward"; a clone is a normal tensor
+        y = y.clone()
     if y.dim() != 1 or y.shape[0] != n:
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}")
     if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
