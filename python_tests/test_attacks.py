@@ -1697,6 +1697,15 @@ def test_autoattack_set_model_mode_reaches_its_attacks():
     given = attacks.FGSM(model)
     custom = attacks.AutoAttack(model, eps=0.03, attacks=["pgd", given]).set_model_mode("keep")
     assert custom.attacks[0].model_mode == "keep" and given.model_mode == "eval"  # objects are used as given
+    # The assignment too: it switched the clean check only (4 forwards in train mode, the attacks' 15 in eval).
+    aa.model_mode = "eval"
+    assert [a.model_mode for a in aa.attacks] == ["eval"] * 4
+    seen.clear()
+    aa.run(x, y)
+    assert seen and not any(seen)
+    with pytest.raises(ValueError, match="expected model_mode to be one of"):
+        aa.model_mode = "bogus"
+    assert aa.model_mode == "eval"
 
 
 def test_autoattack_refuses_build_options_set_afterwards():
@@ -1730,6 +1739,7 @@ def test_autoattack_refuses_a_model_set_afterwards():
         assert aa.model is model and all(a.model is model for a in aa.attacks)
     copied = copy.deepcopy(aa)  # copying sets no attribute through __setattr__
     assert copied.attacks[0].model is copied.model
+
 
 def test_normalized_std_and_square_p_init_checked():
     model = make_model(3)

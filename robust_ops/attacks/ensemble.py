@@ -255,6 +255,9 @@ class AutoAttack(Attack):
                 spelt = "attacks" if key == "attacks_to_run" else key
                 raise AttributeError(f"autoattack: {key} is read when the attacks are built, so setting it "
                                      f"afterwards would be ignored; build a new AutoAttack(model, ..., {spelt}=...)")
+            if key == "model_mode":  # as set_model_mode: the clean check ran in the new mode, the attacks in the old
+                for a in self._built:
+                    a.set_model_mode(value)  # checks the value before this object takes it
         super().__setattr__(key, value)
 
     def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=None,
@@ -317,14 +320,6 @@ class AutoAttack(Attack):
                     shown = [a if isinstance(a, str) else _name(a, i) for i, a in enumerate(attacks)]
                     raise ValueError(f"autoattack: {key}={value!r} applies to none of the attacks named in "
                                      f"attacks={shown} (attack objects are used as given); expected {key}=None")
-
-    def set_model_mode(self, model_mode):
-        """Also for the attacks built here (as torchattacks' AutoAttack passes it on); objects given in ``attacks``
-        keep their own mode, as they keep every other option."""
-        super().set_model_mode(model_mode)
-        for a in getattr(self, "_built", ()):  # absent while Attack.__init__ sets the first mode
-            a.set_model_mode(model_mode)
-        return self
 
     def run(self, x, y, batch_size=None):
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
