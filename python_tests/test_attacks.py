@@ -700,7 +700,8 @@ def test_input_errors():
         attacks.pgd(model, x, y, eps=0.03, steps=2, loss="dlr")
     with pytest.raises(ValueError, match="pgd: expected early_stop to be False, True or an integer tau >= 0, got -1"):
         attacks.pgd(model, x, y, eps=0.03, steps=2, early_stop=-1)
-    with pytest.raises(ValueError, match=r"pgd: expected y of shape \[4\], got \(4, 1\)"):
+    with pytest.raises(ValueError, match=r"^pgd: expected y of shape \[4\], got \(4, 1\); pass y.view\(-1\) "
+                                         r"\(MedMNIST's \[N, 1\] labels\)$"):
         attacks.pgd(model, x, y[:, None], **kw)
     with pytest.raises(TypeError, match="pgd: expected y to be an integer tensor of class labels, got torch.float32"):
         attacks.pgd(model, x, y.float(), **kw)

@@ -222,7 +222,9 @@ def check_class_labels(name, y, n, num_classes=None):
         # PGD failed with autograd's "Inference tensors cannot be saved for backward"; a clone is a normal tensor
         y = y.clone()
     if y.dim() != 1 or y.shape[0] != n:
-        raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}")
+        # MedMNIST ships labels as [N, 1] (fit and evaluate take them): say the one-call fix
+        hint = "; pass y.view(-1) (MedMNIST's [N, 1] labels)" if tuple(y.shape) == (n, 1) else ""
+        raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}{hint}")
     if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
         bound = f"in [0, {num_classes})" if num_classes is not None else "non-negative"
         raise ValueError(f"{name}: expected labels {bound}, got values in [{int(y.min())}, {int(y.max())}]")
