@@ -19,8 +19,11 @@ from robust_ops import _extension
 
 
 def test_every_schema_is_registered():
-    for name in ("drop_max_pool2d", "_drop_max_pool2d_backward", "pgd_step_", "boundary_search_step_"):
+    for name in _extension.OPS:
         assert hasattr(torch.ops.robust_ops, name), name
+    # the list load_library checks a build against is the one csrc defines
+    defined = re.findall(r'm\.def\(\s*"(\w+)\(', (REPO / "csrc" / "robust_ops.cpp").read_text())
+    assert defined and sorted(defined) == sorted(_extension.OPS)
 
 
 def test_mutating_ops_declare_their_mutated_arguments():
@@ -111,6 +114,15 @@ def test_missing_build_message(monkeypatch):
 
     monkeypatch.setattr(importlib, "import_module", fail_to_link)
     with pytest.raises(ImportError, match="built against another torch than the one installed"):
+        _extension.load_library()
+
+
+def test_stale_build_message(monkeypatch):
+    """A _C built from an older checkout (an editable install not rebuilt after a pull) lacks the newer ops: torch
+    failed inside the fake-kernel registration with "'_OpNamespace' 'robust_ops' object has no attribute ..."."""
+    monkeypatch.setattr(_extension, "OPS", (*_extension.OPS, "_op_of_a_newer_checkout"))
+    with pytest.raises(ImportError, match=r"robust_ops: the compiled ops \(.*_C.*\) are older than the Python code: "
+                                          r"they lack robust_ops::_op_of_a_newer_checkout\. Rebuild with `pip install"):
         _extension.load_library()
 
 

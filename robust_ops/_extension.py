@@ -6,6 +6,14 @@ import torch
 
 _BUILD_HINT = "pip install --no-build-isolation -e ."
 
+# Every op csrc/robust_ops.cpp defines, which the Python side registers fake kernels and autograd for: a _C built
+# from an older checkout lacks the newer ones, and torch then fails inside that registration with an AttributeError
+# that names no build.
+OPS = (
+    "drop_max_pool2d", "_drop_max_pool2d_backward", "max_pool2d", "_eval_batch_norm_backward", "pgd_step_",
+    "boundary_search_step_", "_cuda_version", "_cpu_pool_enter", "_cpu_pool_exit", "_cpu_pool_stats",
+)
+
 
 def load_library():
     """Import robust_ops._C, which registers every torch.ops.robust_ops.* kernel it was built with."""
@@ -17,7 +25,18 @@ def load_library():
             f"or it was built against another torch than the one installed ({torch.__version__}), "
             f"or the build failed. Rebuild with `{_BUILD_HINT}` and read its output. Original error: {err}"
         ) from err
+    _check_ops()
     _check_cuda_version()
+
+
+def _check_ops():
+    missing = [name for name in OPS if not hasattr(torch.ops.robust_ops, name)]
+    if missing:
+        module = importlib.import_module("robust_ops._C")
+        raise ImportError(
+            f"robust_ops: the compiled ops ({getattr(module, '__file__', 'robust_ops._C')}) are older than the Python "
+            f"code: they lack {', '.join('robust_ops::' + name for name in missing)}. Rebuild with `{_BUILD_HINT}`."
+        )
 
 
 def cuda_version():
