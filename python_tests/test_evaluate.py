@@ -3,6 +3,8 @@
 import json
 import math
 import re
+import shutil
+import subprocess
 import sys
 import weakref
 
@@ -17,7 +19,7 @@ from torch.utils.data import TensorDataset
 from conftest import import_path_errors
 from utils import TinyCNN
 
-from robust_ops import attacks, report
+from robust_ops import attacks, evaluate as evaluate_module, report
 from robust_ops.data import DatasetInfo
 from robust_ops.evaluate import AttackSpec, EvalError, evaluate, parse_attacks, parse_eps, write_results
 
@@ -337,6 +339,30 @@ def test_out_of_range_inputs_rejected():
     bad = TensorDataset(torch.full((4, 1, 12, 12), 2.0), torch.zeros(4, dtype=torch.long))
     with pytest.raises(EvalError, match=r"inputs outside the dataset's value range \[0.0, 1.0\]"):
         evaluate(tiny_model(), bad, INFO, attacks="fgsm", eps=[0.1])
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_revision_is_the_checkouts_not_that_of_a_project_holding_the_installed_package(tmp_path, monkeypatch):
+    """results.json's git_revision: robust_ops installed into a virtual environment inside the user's own git project
+    (ignored there) recorded that project's commit, "-dirty" with its edits, as robust_ops's."""
+    def git(*args):
+        return subprocess.check_output(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    for folder in ("robust_ops", ".venv/site-packages/robust_ops"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "evaluate.py").write_text("")
+    git("add", ".gitignore", "robust_ops/evaluate.py")
+    git("commit", "-q", "-m", "project")
+    head = git("rev-parse", "HEAD")
+    monkeypatch.setattr(evaluate_module, "__file__", str(tmp_path / "robust_ops" / "evaluate.py"))
+    assert evaluate_module.git_revision() == head  # a checkout of robust_ops
+    (tmp_path / "robust_ops" / "evaluate.py").write_text("# edited\n")
+    assert evaluate_module.git_revision() == head + "-dirty"
+    monkeypatch.setattr(evaluate_module, "__file__", str(tmp_path / ".venv/site-packages/robust_ops/evaluate.py"))
+    assert evaluate_module.git_revision() is None  # installed: not the project's commit
 
 
 def test_write_results_schema_and_pngs(tmp_path):

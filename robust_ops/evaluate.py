@@ -606,8 +606,13 @@ def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, 
 
 
 def git_revision():
-    here = Path(__file__).resolve().parent
+    """The robust_ops checkout's commit ("-dirty" when tracked files differ), None for an installed package: one in a
+    virtual environment inside the user's own git project would otherwise report that project's commit."""
+    path = Path(__file__).resolve()
+    here = path.parent
     try:
+        subprocess.check_call(["git", "ls-files", "--error-unmatch", "--", path.name], cwd=here,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # raises unless tracked here
         rev = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, text=True,
                                       stderr=subprocess.DEVNULL).strip()
         dirty = subprocess.call(["git", "diff", "--quiet", "HEAD"], cwd=here, stderr=subprocess.DEVNULL) != 0
