@@ -392,6 +392,17 @@ def test_setup_sh_reports_a_failed_build_and_its_log(tmp_path):
     assert Path(re.search(r"full log: (\S+)\)", result.stdout).group(1)).exists()
 
 
+def test_setup_sh_shows_why_setup_py_stopped(tmp_path):
+    """setup.py's explanations (sys.exit) hold no "error": setup.sh showed only pip's generic lines around them."""
+    why = ("robust_ops: the CUDA toolkit at /usr/local/cuda is CUDA 12.8 but torch 2.14.1+cu130 was built with CUDA "
+           "13.0; the CUDA kernels must be compiled with the same CUDA version.")
+    pip_log = f"  Preparing metadata (pyproject.toml): started\n  {why}\n  error: subprocess-exited-with-error\n"
+    _fake_checkout(tmp_path, f'case " $* " in *" -e "*) printf "%s" "{pip_log}"; exit 1;; esac\nexit 0\n')
+    result = _run_script(tmp_path, "setup.sh")
+    assert result.returncode == 1, result.stderr
+    assert why in result.stdout and "robust_ops: build failed (full log: " in result.stdout
+
+
 @pytest.mark.parametrize(
     "first, second, expected",
     [(0, 0, 0), (5, 0, 0), (0, 5, 0), (1, 0, 1), (1, 5, 1), (5, 1, 1), (0, 2, 2), (1, 2, 1), (5, 5, 5)],
