@@ -392,6 +392,18 @@ def test_setup_sh_reports_a_failed_build_and_its_log(tmp_path):
     assert Path(re.search(r"full log: (\S+)\)", result.stdout).group(1)).exists()
 
 
+def test_setup_sh_builds_with_the_ninja_it_installs(tmp_path):
+    """pip does not put .venv/bin on PATH for a --no-build-isolation build: on a machine without a ninja of its own,
+    torch fell back to its one-file-at-a-time build although setup.sh had installed ninja into the venv."""
+    _fake_checkout(tmp_path, 'case " $* " in *" -e "*) echo "robust_ops: building with $(command -v ninja)";; esac\n')
+    ninja = tmp_path / ".venv" / "bin" / "ninja"
+    ninja.write_text("#!/bin/bash\n")
+    ninja.chmod(0o755)
+    result = _run_script(tmp_path, "setup.sh")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"robust_ops: building with {ninja}\n" in result.stdout
+
+
 def test_setup_sh_shows_why_setup_py_stopped(tmp_path):
     """setup.py's explanations (sys.exit) hold no "error": setup.sh showed only pip's generic lines around them."""
     why = ("robust_ops: the CUDA toolkit at /usr/local/cuda is CUDA 12.8 but torch 2.14.1+cu130 was built with CUDA "

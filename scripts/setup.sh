@@ -24,6 +24,9 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 export MAX_JOBS=${MAX_JOBS:-2}
+# The ninja installed above: pip puts no venv's scripts on PATH for a --no-build-isolation build, and torch, finding
+# no ninja there, falls back to compiling one file at a time (MAX_JOBS unused).
+export PATH="$PWD/.venv/bin:$PATH"
 log=$(mktemp)
 if ! $VPY -m pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1; then
   # `|| true`: under `set -e -o pipefail` a log without matches, or head closing the pipe (SIGPIPE, 141), would end
