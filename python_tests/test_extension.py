@@ -157,6 +157,14 @@ def _setup_py(monkeypatch):
     return namespace
 
 
+def test_package_version_is_pyprojects():
+    """The version stands in pyproject.toml (what pip installs and shows) and in robust_ops.__version__ (what
+    `robust-ops --version` and results.json say): nothing else kept the two equal."""
+    # a regex, not tomllib: requires-python allows 3.10
+    (version,) = re.findall(r'^version = "([^"]+)"$', (REPO / "pyproject.toml").read_text(), flags=re.M)
+    assert version == robust_ops.__version__
+
+
 def test_setup_refuses_a_setuptools_older_than_the_pyproject_license_field(monkeypatch):
     # --no-build-isolation skips build-system.requires: without this check setuptools 64-76 would fail on the SPDX
     # `license` string with a schema error instead of naming the fix.
