@@ -105,7 +105,9 @@ def test_missing_build_message(monkeypatch):
         raise ImportError("No module named 'robust_ops._C'")
 
     monkeypatch.setattr(importlib, "import_module", fail)
-    with pytest.raises(ImportError, match=r"couldn't load the compiled ops \(robust_ops._C\).*pip install") as err:
+    folder = re.escape(str(Path(_extension.__file__).parent))
+    expected = rf"couldn't load the compiled ops \(robust_ops._C in {folder}\).*pip install"
+    with pytest.raises(ImportError, match=expected) as err:
         _extension.load_library()
     assert "No module named 'robust_ops._C'" in str(err.value) and isinstance(err.value.__cause__, ImportError)
 

@@ -1,6 +1,7 @@
 """Loads the compiled ops (robust_ops._C) and turns build problems into errors that say what to do."""
 
 import importlib
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,9 @@ def load_library():
         importlib.import_module("robust_ops._C")
     except ImportError as err:
         raise ImportError(
-            "robust_ops: couldn't load the compiled ops (robust_ops._C). Either the package was not built, "
+            # the folder: a source checkout in the working directory shadows an installed (built) package
+            f"robust_ops: couldn't load the compiled ops (robust_ops._C in {Path(__file__).parent}). Either the "
+            "package was not built, "
             f"or it was built against another torch than the one installed ({torch.__version__}), "
             f"or the build failed. Rebuild with `{_BUILD_HINT}` and read its output. Original error: {err}"
         ) from err
