@@ -2171,6 +2171,27 @@ def test_eval_on_data_or_a_model_the_checkpoint_cannot_take_says_why(trained_run
     assert not (tmp_path / "ev").exists()
 
 
+
+def test_eval_on_images_of_another_size_than_a_size_dependent_model_says_so(tmp_path, capsys):
+    # resnet18's stem is 3x3 up to 64 pixels and 7x7 above: a 64x64 run attacked on 128x128 images failed with
+    # "does not fit --model resnet18 (size mismatch for conv1.weight ...)" for the model the run itself trained
+    rng = np.random.default_rng(0)
+    for side in (16, 72):
+        arrays = {}
+        for split, n in (("train", 8), ("val", 2), ("test", 4)):
+            arrays[f"{split}_images"] = rng.integers(0, 256, (n, side, side), dtype=np.uint8)
+            arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
+        np.savez(tmp_path / f"s{side}.npz", **arrays)
+    rc, _, err = run(["train", "--data", tmp_path / "s16.npz", "--model", "resnet18", "--epochs", "1", "--batch-size",
+                      "8", "--no-progress", "--device", "cpu", "--out", tmp_path / "r"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["eval", tmp_path / "r", "--data", tmp_path / "s72.npz", "--attacks", "fgsm", "--eps", "1/255",
+                      "--saliency", "0", "--device", "cpu", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, "checkpoint.pt: does not fit --model resnet18 on s72 (", "the run was trained on 16x16 "
+                   "images and resnet18's layers depend on the image size, this data's are 72x72 -- evaluate on "
+                   "16x16 images (--size 16 for a folder, a CSV or a MedMNIST name)")
+    assert not (tmp_path / "ev").exists()
+
 def test_demo_methods_take_train_defense_spellings(tmp_path, capsys):
     """docs/cli.md: demo's --methods takes any train --defense value; train takes MIRST-DM / mirst_dm (the registry
     reads names in any case, _ for -), but demo refused them as unknown defenses."""

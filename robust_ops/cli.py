@@ -871,6 +871,11 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
 
         trained = run.get("model")
         hint = f"; {RUN_FILE} says the run trained --model {trained}" if trained not in (None, model_name) else ""
+        side, now = trained_on.get("image_size"), splits.info.image_size
+        if not hint and side and now and side != now:  # the layers a model builds depend on the size (stem, pools)
+            hint = (f"; the run was trained on {side}x{side} images and {model_name}'s layers depend on the image "
+                    f"size, this data's are {now}x{now} -- evaluate on {side}x{side} images (--size {side} for a "
+                    "folder, a CSV or a MedMNIST name)")
         raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} "
                        f"({state_dict_mismatch(err)}){hint}") from None
     from .train import drop_max_mismatch
