@@ -239,8 +239,13 @@ def test_saliency_figure_leaves_out_constant_grad_cam_maps(tmp_path, monkeypatch
     figures = _record_figures(monkeypatch)
     assert report.plot_saliency(flat, x, y, tmp_path / "s.png")
     assert [ax.get_title() for ax in figures[0].axes[1:2]] == ["input gradient"]
-    note = "Grad-CAM left out: its maps are constant here (e.g. a 1x1 last feature map)"
+    note = "Grad-CAM left out: its maps are constant here\n(e.g. a 1x1 last feature map)"
     assert figures[0]._suptitle.get_text() == note
+    # on one line the note was wider than the two-column figure and cut off at both ends
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    box = figures[0]._suptitle.get_window_extent(FigureCanvasAgg(figures[0]).get_renderer())
+    assert 0 <= box.x0 and box.x1 <= figures[0].bbox.width
     spatial = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
     assert report.plot_saliency(spatial, x, y, tmp_path / "t.png")
     assert figures[1].axes[1].get_title() == "Grad-CAM" and figures[1]._suptitle is None
