@@ -4,6 +4,7 @@ drawn outside pyplot (no display needed; pyplot's backend and open figures are l
 
 import math
 import re
+import textwrap
 from collections import Counter
 
 import torch
@@ -227,8 +228,25 @@ def _figure(rows, cols, figsize, **kwargs):
 
 
 def _save(fig, path):
+    _wrap_suptitle(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _wrap_suptitle(fig):
+    """Wrap the figure's title to its width: a long dataset name on a one-panel figure (one attack: 3.6 in wide,
+    e.g. "COVID-19_Radiography_Dataset") ran past both edges and was cut off."""
+    title = fig._suptitle
+    if title is None:
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    wide = title.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width
+    if wide <= 0.95 * fig.bbox.width:
+        return
+    lines = title.get_text().split("\n")
+    chars = max(10, int(max(map(len, lines)) * 0.9 * fig.bbox.width / wide))  # characters that fit on a line
+    title.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
 
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
