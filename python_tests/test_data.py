@@ -560,6 +560,10 @@ def test_npz_images_and_labels_keep_their_values(tmp_path):
     assert torch.equal(s.train.tensors[0][:, 0], torch.from_numpy(floats))
     with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[0, 1.5\]"):
         load_dataset(write_npz(tmp_path / "g.npz", train_images=np.where(floats > 0.5, 1.5, 0.0).astype(np.float32)))
+    # other integer images (16-bit CT, int64 from a pipeline): refused, saying what to convert them to
+    with pytest.raises(DataError, match=r"expected uint8 or float images, got dtype uint16: convert them to uint8 "
+                                        r"\(0-255\) or to floats in \[0, 1\]$"):
+        load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats * 4095).astype(np.uint16)))
     # multi-label (N, 2) and negative labels are refused, not silently reshaped / kept
     with pytest.raises(DataError, match=r"expected train_labels of shape \(N,\) or \(N, 1\), got \(12, 2\)"):
         load_dataset(write_npz(tmp_path / "m.npz", train_labels=np.zeros((12, 2), np.int64)))

@@ -100,7 +100,8 @@ def images_to_tensor(images, source):
             lo, hi = float(x.min()), float(x.max())
             raise DataError(f"{source}: float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
     else:
-        raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}")
+        raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}: convert them to uint8 "
+                        "(0-255) or to floats in [0, 1]")
     return x
 
 
