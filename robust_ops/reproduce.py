@@ -748,6 +748,10 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         notes.insert(0, f"DATA: this run used {data} ({inf.num_classes} classes: {', '.join(map(str, inf.class_names))}"
                         f"; {shape}; {pos}) instead of the protocol's {protocol.data}; "
                         f"what the notes below say about {protocol.data} does not describe it.")
+    if repeats != protocol.repeats and not quick:  # the protocol's notes describe its own number of runs
+        unit = "folds" if protocol.split == "kfold" else "seeds"
+        notes.insert(0, f"RUNS: this run covers {repeats} of the protocol's {protocol.repeats} {unit} (--seeds); "
+                        f"the means below are over those{' (one run: no std)' if repeats == 1 else ''}.")
     if len(chosen) < len(protocol.methods):
         notes.insert(0, f"METHODS: this run trained and evaluated {', '.join(m.label for m in chosen)} only "
                         f"(--methods); the protocol's other methods have no numbers of ours here.")
