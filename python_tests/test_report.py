@@ -83,6 +83,10 @@ def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
     assert "(3 classes, macro-averaged metrics over the classes present; sensitivity is the mean per-class recall)" \
         in text
     assert "positive class" not in text
+    # a class absent from the test split is left out of the averages: results.json named it, the report did not
+    doc["dataset"]["classes_missing_from_split"] = {"train": ["a"], "test": ["c"]}
+    assert "(3 classes, macro-averaged metrics over the classes present; sensitivity is the mean per-class recall; " \
+           "absent from the test split: c)" in report.markdown_report(doc)
     text = report.markdown_report(_doc([row]))
     assert "(2 classes, positive class 1 = b; sensitivity is the recall of the positive class)" in text
 
