@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -1119,3 +1120,38 @@ def test_evaluate_refuses_a_method_label_that_is_no_text(bad):
     with pytest.raises(EvalError, match=rf"^method: expected a non-empty label such as 'model', got "
                                         rf"{re.escape(repr(bad))}$"):
         evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), method=bad)
+
+
+def test_a_finished_write_removes_the_staging_folders_killed_writers_left(tmp_path):
+    """docs/cli.md, Errors: results are staged in ``.<out>.partial-XXXXXXXX`` beside ``out`` and moved in when
+    complete; a command killed before the move (SIGKILL) cannot remove its staging folder, and each kill left another
+    one (probe: `robust-ops eval RUN_DIR` killed 0.2 s into writing its figures left RUN_DIR/.eval.partial-yjf3d5tc
+    holding a results.json, still there after the next eval). The next finished write of the same ``out`` removes
+    them; another output's, a live writer's (it holds the folder's lock) and one written since this write began
+    stay, and so does everything when the write fails."""
+    import fcntl
+
+    from robust_ops.evaluate import AtomicOutput
+
+    out = tmp_path / "eval"
+    dead = [tmp_path / ".eval.partial-k1ll3d_a", tmp_path / ".eval.partial-0abcdefg"]
+    kept = [tmp_path / ".other.partial-k1ll3d_a", tmp_path / ".eval.partial-toolong12", tmp_path / ".eval.partial-"]
+    live, recent = tmp_path / ".eval.partial-l1vewrtr", tmp_path / ".eval.partial-st1llrun"
+    for folder in dead + kept + [live, recent]:
+        folder.mkdir()
+        (folder / "results.json").write_text("{")
+        os.utime(folder, (4e9, 4e9) if folder == recent else (1e9, 1e9))  # 2097: written after the write began
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        with AtomicOutput(out) as stage:
+            (stage / "results.json").write_text("{}")
+            raise RuntimeError("drawing failed")
+    assert all(folder.is_dir() for folder in dead) and not out.exists()
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with AtomicOutput(out) as stage:
+            (stage / "results.json").write_text("{}")
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in kept + [live, recent, out])
+    assert os.listdir(out) == ["results.json"]

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,27 +58,64 @@ def _hold_lock(fd):
     return lock
 
 
+def make_staging_folder(out_dir):
+    """A new folder ``.<name>.partial-XXXXXXXX`` beside ``out_dir`` to write a set of files into before they are moved
+    into ``out_dir`` together (evaluate.AtomicOutput). Returns ``(folder, started, lock)`` for
+    :func:`remove_staging_folder`: as a temporary file's, the lock marks its writer alive."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    fd = os.open(stage, os.O_RDONLY)
+    try:
+        started = os.fstat(fd).st_mtime_ns
+        lock = _hold_lock(fd)  # a duplicate descriptor: held after ``fd`` closes
+    finally:
+        os.close(fd)
+    return stage, started, lock
+
+
+def remove_staging_folder(out_dir, stage, started, lock, moved):
+    """Remove ``stage`` and release its lock; once its files were ``moved`` into ``out_dir``, also the staging
+    folders of ``out_dir`` that killed writers left (SIGKILL: each holds a partial set of results), as a save removes
+    its path's dead temporary files."""
+    shutil.rmtree(stage, ignore_errors=True)
+    if lock is not None:
+        os.close(lock)
+    if moved:
+        _remove_stale(Path(out_dir).parent, re.escape(f".{Path(out_dir).name}.partial-") + r"[a-z0-9_]{8}", started,
+                      folders=True)
+
+
 def _remove_stale_temps(path, started):
     """Remove the temporary files of ``path`` (mkstemp's ``.<name>.XXXXXXXX.tmp``, nothing else) last written before
-    ``started`` whose writer is gone: left by writers killed before their rename (each checkpoint-sized). A live
-    writer holds its file's lock (released by the kernel when it dies), so its file stays however long ago it last
-    wrote (a benchmark writing the same CSV meanwhile); one that vanished meanwhile, or one this user may not open or
-    remove, is left as it is: the save itself has succeeded."""
+    ``started`` whose writer is gone: left by writers killed before their rename (each checkpoint-sized)."""
+    _remove_stale(path.parent, re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp", started, folders=False)
+
+
+def _remove_stale(parent, name_pattern, started, folders):
+    """Remove ``parent``'s files (``folders``: folders) named by ``name_pattern`` and last written before ``started``
+    whose writer is gone. A live writer holds its entry's lock (released by the kernel when it dies), so its entry
+    stays however long ago it last wrote (a benchmark writing the same CSV meanwhile); one that vanished meanwhile,
+    or one this user may not open or remove, is left as it is: the write itself has succeeded."""
     if fcntl is None:
         return
-    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
-    for entry in os.scandir(path.parent):
+    pattern = re.compile(name_pattern)
+    for entry in os.scandir(parent):
         if not pattern.fullmatch(entry.name):
             continue
         try:
-            if not entry.is_file(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_mtime_ns >= started:
+            is_kind = entry.is_dir(follow_symlinks=False) if folders else entry.is_file(follow_symlinks=False)
+            if not is_kind or entry.stat(follow_symlinks=False).st_mtime_ns >= started:
                 continue
             fd = os.open(entry.path, os.O_RDONLY)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError): its writer is alive
-            os.unlink(entry.path)
+            if folders:
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
         except OSError:
             pass
         finally:

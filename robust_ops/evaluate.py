@@ -34,9 +34,7 @@ import math
 import os
 import platform
 import re
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import accepted_options, check_device, check_flags, check_int, class_labels
 from .attacks.context import check_attack_output, check_output, model_device, predict_from_output, use_model_mode
@@ -696,11 +695,11 @@ class AtomicOutput:
         self.out_dir = Path(out_dir)
 
     def __enter__(self):
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.stage, self._started, self._lock = make_staging_folder(self.out_dir)
         return self.stage
 
     def __exit__(self, exc_type, exc, tb):
+        moved = False
         try:
             if exc_type is None:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -710,8 +709,9 @@ class AtomicOutput:
                         (self.out_dir / rel).mkdir(parents=True, exist_ok=True)
                     else:
                         os.replace(path, self.out_dir / rel)
+                moved = True
         finally:
-            shutil.rmtree(self.stage, ignore_errors=True)
+            remove_staging_folder(self.out_dir, self.stage, self._started, self._lock, moved)
         return False
 
 
