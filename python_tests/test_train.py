@@ -2271,6 +2271,24 @@ def test_replace_atomically_fsyncs_the_whole_file_and_keeps_the_old_one_on_an_in
     assert sorted(os.listdir(path.parent)) == ["checkpoint.pt", "small.txt"]
 
 
+def test_replace_atomically_removes_its_file_when_interrupted_while_taking_the_lock(tmp_path, monkeypatch):
+    """docs/cli.md: SIGTERM ends a command as Ctrl-C does (a KeyboardInterrupt) and nothing is left half-written. One
+    landing between mkstemp and the try (while the lock was taken) left the temporary file and its descriptor
+    (probe: train SIGTERMed the moment a temporary file appeared: status 143 and .run.json.3gmi2hbe.tmp stayed)."""
+    from robust_ops import _files
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    (tmp_path / "run.json").write_text("old")
+    monkeypatch.setattr(_files, "_hold_lock", interrupted)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        _files.replace_atomically(tmp_path / "run.json", lambda f: f.write("new"))
+    assert len(os.listdir("/proc/self/fd")) == before and os.listdir(tmp_path) == ["run.json"]
+    assert (tmp_path / "run.json").read_text() == "old"
+
+
 def test_replace_atomically_closes_its_file_when_chmod_fails(tmp_path, monkeypatch):
     """A mount that refuses chmod (CIFS, some FUSE drives) failed every save, as it must, but each failed save also
     left its temporary file's descriptor open: a notebook retrying ran into the process's open-file limit."""

@@ -21,11 +21,12 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    started = os.fstat(fd).st_mtime_ns  # the file system's clock, as the stale files' times (NFS: not ours)
-    # Held until after the rename, through a second descriptor (closing the file would release it): another writer
-    # of this path removes only temporary files whose lock it can take, i.e. whose writer is gone.
-    lock = _hold_lock(fd)
-    try:
+    lock = f = None
+    try:  # right from mkstemp: a Ctrl-C or SIGTERM while the lock was taken left the file behind
+        started = os.fstat(fd).st_mtime_ns  # the file system's clock, as the stale files' times (NFS: not ours)
+        # Held until after the rename, through a second descriptor (closing the file would release it): another
+        # writer of this path removes only temporary files whose lock it can take, i.e. whose writer is gone.
+        lock = _hold_lock(fd)
         # the file object first: it closes ``fd`` whatever fails (a mount refusing chmod left one open per save)
         with os.fdopen(fd, "wb" if binary else "w", newline=newline) as f:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; these get a plain file's permissions
@@ -35,6 +36,8 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
+        if f is None:  # interrupted before the file object took ``fd`` over
+            os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
