@@ -2289,6 +2289,43 @@ def test_replace_atomically_removes_its_file_when_interrupted_while_taking_the_l
     assert (tmp_path / "run.json").read_text() == "old"
 
 
+def test_replace_atomically_removes_its_file_when_interrupted_as_the_file_object_is_made(tmp_path):
+    """A Ctrl-C landing after os.fdopen returned, before ``with`` bound the file object (raised here by an opcode trace
+    where the interpreter would run the signal handler): the unbound object closed the descriptor as the stack
+    unwound, the cleanup closed it again, and that EBADF OSError replaced the KeyboardInterrupt and kept the file."""
+    import dis
+    import sys
+
+    from robust_ops import _files
+
+    code = _files.replace_atomically.__code__
+    enters = {i.offset for i in dis.get_instructions(code) if i.opname in ("BEFORE_WITH", "SETUP_WITH")}
+    fired = []
+
+    def trace(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+
+        def opcode(frame, event, arg):
+            if event == "opcode" and frame.f_lasti in enters and not fired:
+                fired.append(frame.f_lasti)
+                raise KeyboardInterrupt
+            return opcode
+        return opcode
+
+    (tmp_path / "run.json").write_text("old")
+    before = len(os.listdir("/proc/self/fd"))
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _files.replace_atomically(tmp_path / "run.json", lambda f: f.write("new"))
+    finally:
+        sys.settrace(None)
+    assert fired and os.listdir(tmp_path) == ["run.json"] and (tmp_path / "run.json").read_text() == "old"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_replace_atomically_closes_its_file_when_chmod_fails(tmp_path, monkeypatch):
     """A mount that refuses chmod (CIFS, some FUSE drives) failed every save, as it must, but each failed save also
     left its temporary file's descriptor open: a notebook retrying ran into the process's open-file limit."""

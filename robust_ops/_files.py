@@ -21,23 +21,25 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    lock = f = None
+    lock = None
     try:  # right from mkstemp: a Ctrl-C or SIGTERM while the lock was taken left the file behind
-        started = os.fstat(fd).st_mtime_ns  # the file system's clock, as the stale files' times (NFS: not ours)
-        # Held until after the rename, through a second descriptor (closing the file would release it): another
-        # writer of this path removes only temporary files whose lock it can take, i.e. whose writer is gone.
-        lock = _hold_lock(fd)
-        # the file object first: it closes ``fd`` whatever fails (a mount refusing chmod left one open per save)
-        with os.fdopen(fd, "wb" if binary else "w", newline=newline) as f:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; these get a plain file's permissions
-            write(f)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        try:
+            started = os.fstat(fd).st_mtime_ns  # the file system's clock, as the stale files' times (NFS: not ours)
+            # Held until after the rename, through a second descriptor (closing the file would release it): another
+            # writer of this path removes only temporary files whose lock it can take, i.e. whose writer is gone.
+            lock = _hold_lock(fd)
+            # closefd=False: ``fd`` has one owner, the finally below, whatever fails (a mount refusing chmod left one
+            # open per save); a Ctrl-C between fdopen and ``as f`` closed it twice (EBADF, the file left behind)
+            with os.fdopen(fd, "wb" if binary else "w", newline=newline, closefd=False) as f:
+                os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; these get a plain file's permissions
+                write(f)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        if f is None:  # interrupted before the file object took ``fd`` over
-            os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
