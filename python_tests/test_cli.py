@@ -1191,6 +1191,18 @@ def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys)
         rebuild_splits(str(small_npz), {"kind": "bootstrap"})
 
 
+def test_reproduce_runs_note_for_more_seeds_than_the_protocols(small_npz, tmp_path):
+    """--seeds above the protocol's count (a one-seed protocol run over 2 seeds): the RUNS note said 'this run covers
+    2 of the protocol's 1 seeds', a count that does not add up."""
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    proto.repeats = 1
+    run_protocol(proto, out=tmp_path / "more", data=str(small_npz), seeds=2, epochs=1, progress=False)
+    assert ("RUNS: this run covers 2 seeds, the protocol 1 (--seeds); the means below are over those.\n"
+            in (tmp_path / "more" / "report.md").read_text())
+
+
 def test_fresh_train_replaces_the_old_checkpoint(small_npz, tmp_path, capsys, monkeypatch):
     """A fresh run into an old RUN_DIR, interrupted before its first epoch, must not leave the old run's checkpoint
     under its own run.json: --resume would continue the old weights as the new run."""

@@ -750,7 +750,10 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                         f"what the notes below say about {protocol.data} does not describe it.")
     if repeats != protocol.repeats and not quick:  # the protocol's notes describe its own number of runs
         unit = "folds" if protocol.split == "kfold" else "seeds"
-        notes.insert(0, f"RUNS: this run covers {repeats} of the protocol's {protocol.repeats} {unit} (--seeds); "
+        # more --seeds than the protocol's: 'covers 2 of the protocol's 1 seeds' was no count
+        runs = (f"{repeats} of the protocol's {protocol.repeats} {unit}" if repeats < protocol.repeats else
+                f"{repeats} {unit}, the protocol {protocol.repeats}")
+        notes.insert(0, f"RUNS: this run covers {runs} (--seeds); "
                         f"the means below are over those{' (one run: no std)' if repeats == 1 else ''}.")
     if len(chosen) < len(protocol.methods):
         notes.insert(0, f"METHODS: this run trained and evaluated {', '.join(m.label for m in chosen)} only "
