@@ -87,6 +87,10 @@ def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
     doc["dataset"]["classes_missing_from_split"] = {"train": ["a"], "test": ["c"]}
     assert "(3 classes, macro-averaged metrics over the classes present; sensitivity is the mean per-class recall; " \
            "absent from the test split: c)" in report.markdown_report(doc)
+    # eval --split val: the record's part is "val" (the report looked up "validation" and named nothing)
+    doc["config"], doc["dataset"]["classes_missing_from_split"] = {"split": "val"}, {"val": ["b"], "test": ["c"]}
+    assert "per-class recall; absent from the validation split: b). Validation samples: 30." in \
+        report.markdown_report(doc)
     text = report.markdown_report(_doc([row]))
     assert "(2 classes, positive class 1 = b; sensitivity is the recall of the positive class)" in text
 

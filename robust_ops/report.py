@@ -194,7 +194,8 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     # eval --split val attacks the validation split: results.json's config says which
     split = "Validation" if (doc.get("config") or {}).get("split") == "val" else "Test"
     tested = f"{split} samples: {first.get('n', 0)}"
-    absent = (info.get("classes_missing_from_split") or {}).get(split.lower())
+    part = "val" if split == "Validation" else "test"  # the part names classes_missing_from_split is keyed by
+    absent = (info.get("classes_missing_from_split") or {}).get(part)
     if absent:  # their per-class metrics are undefined: the macro averages leave them out, the reader should know
         pos_text += f"; absent from the {split.lower()} split: {', '.join(map(str, absent))}"
     if first.get("repeats", 1) > 1:  # reproduce means: n is the total over the runs
