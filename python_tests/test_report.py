@@ -106,7 +106,6 @@ def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     assert figures[1]._suptitle.get_text() == "Accuracy vs radius on d"
 
 
-
 def test_radius_figure_title_fits_a_long_dataset_name(tmp_path, monkeypatch):
     """One attack makes a one-panel figure, 3.6 in wide: a dataset named like Kaggle's COVID-19 set ran its title
     past both edges, cut off ("...ccuracy vs radius on COVID-19_Radiography_Datase..."). It is wrapped instead."""
@@ -115,14 +114,16 @@ def test_radius_figure_title_fits_a_long_dataset_name(tmp_path, monkeypatch):
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9},
             {"method": "m", "attack": "pgd", "norm": "linf", "eps": 0.1, "accuracy": 0.5}]
     figures = _record_figures(monkeypatch)
-    for name in ("COVID-19_Radiography_Dataset", "d"):
+    for name in ("COVID-19_Radiography_Dataset", "d", "M" * 30):  # 30 wide glyphs: past an average-width estimate
         info = DatasetInfo(name, 2, 1, 8, ("a", "b"), synthetic=True)
         assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", info=info)
-    box = figures[0]._suptitle.get_window_extent(FigureCanvasAgg(figures[0]).get_renderer())
-    assert 0 <= box.x0 and box.x1 <= figures[0].bbox.width
+    for fig in (figures[0], figures[2]):
+        box = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width
     assert " ".join(figures[0]._suptitle.get_text().split()) == ("Accuracy vs radius on "
                                                                  "COVID-19_Radiography_Dataset — SYNTHETIC DATA")
     assert figures[1]._suptitle.get_text() == "Accuracy vs radius on d — SYNTHETIC DATA"  # short: one line
+
 
 class _Net(nn.Module):
     """conv -> linear; ``single``: one logit z, else the two logits (-z/2, z/2) (the same decision, half scale)."""

@@ -245,12 +245,13 @@ def _wrap_suptitle(fig):
         return
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    wide = title.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width
-    if wide <= 0.95 * fig.bbox.width:
-        return
+    renderer = FigureCanvasAgg(fig).get_renderer()
     lines = title.get_text().split("\n")
-    chars = max(10, int(max(map(len, lines)) * 0.9 * fig.bbox.width / wide))  # characters that fit on a line
-    title.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
+    chars = max(map(len, lines))
+    # measured after each try: glyph widths differ ("MMMM" is wider than the average a single estimate assumed)
+    while title.get_window_extent(renderer).width > 0.95 * fig.bbox.width and chars > 10:
+        chars = max(10, int(chars * 0.85))
+        title.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
 
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
