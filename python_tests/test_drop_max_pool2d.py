@@ -401,6 +401,20 @@ def test_torch_compile_fullgraph():
     assert model[0].weight.grad is not None
 
 
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_torch_compile_wraps_the_fake_kernels_error_as_the_docs_say(fullgraph):
+    """docs/ops/drop_max_pool2d.md said fullgraph wraps the fake kernel's error in `Unsupported: Observed exception`
+    and without fullgraph the plain RuntimeError comes through; torch 2.14 wraps it in TorchRuntimeError both ways
+    (Observed exception is what a check raised in Python, ceil_mode's, gives), and the page's quote names that."""
+    torch._dynamo.reset()
+    pool = torch.compile(lambda x: robust_ops.drop_max_pool2d(x, 5), fullgraph=fullgraph, backend="eager")
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=r"(?s)^RuntimeError when making fake tensor call.*"
+                       r"got RuntimeError\('drop_max_pool2d: expected kernel_size \(5, 5\)"):
+        pool(torch.rand(1, 1, 4, 4))
+    page = " ".join((Path(__file__).resolve().parents[1] / "docs/ops/drop_max_pool2d.md").read_text().split())
+    assert "`torch._dynamo.exc.TorchRuntimeError: RuntimeError when making fake tensor call`" in page
+
+
 def test_torch_compile_backward_does_not_recompile_per_batch_size():
     """The backward's input_size is SymInt[]: a compiled graph with its backward stays dynamic in the batch size
     (int[] guarded on it, one recompile per size)."""
