@@ -4,6 +4,7 @@ import hashlib
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1054,9 +1055,13 @@ def test_csv_hints_for_other_separators_and_file_names_as_ids(tmp_path):
 def test_a_class_too_small_to_stratify_is_named(tmp_path):
     root = _class_folders(tmp_path, n=20)
     _class_folders(tmp_path, ("normal",), n=1)
-    with pytest.warns(UserWarning, match=r"leaves out normal from val; normal from test$"):
+    with pytest.warns(UserWarning, match=r"leaves out normal from val; normal from test$") as caught:
         s = load_dataset(root, size=8)
     assert s.info.extra["classes_missing_from_split"] == {"val": ["normal"], "test": ["normal"]}
+    # docs/cli.md quotes this warning's end; it had a 1-sample class left out of test alone, which cannot happen
+    page = " ".join((Path(__file__).resolve().parents[1] / "docs/cli.md").read_text().split())
+    quoted = re.search(r"`\.\.\. (\(smallest: [^`]*)`", page).group(1)
+    assert str(caught[0].message).endswith(quoted), (quoted, str(caught[0].message))
 
 
 def test_data_errors_name_the_classes_argument_only_when_it_was_given(tmp_path):
