@@ -3,6 +3,7 @@ the C++ op. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (small shapes: the 
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from robust_ops import reference
 from robust_ops._meta import check_pgd_step_args
@@ -346,6 +347,51 @@ def test_data_dependent_checks_on_cpu():
             torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, a, e, 0.0, 1.0, "linf", None, 0)
         assert str(got.value) == str(native.value) == "pgd_step_: " + message
         assert torch.equal(x_adv, before)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_launcher_builds_no_tensor_from_host_data(norm):
+    # torch.tensor([clip_min, clip_max], device=cuda) (aten.lift_fresh, then a host-to-device copy) waits for the
+    # stream: a host sync every PGD step on a GPU. Recorded inside the launcher (the op itself is one opaque call).
+    from robust_ops.triton.pgd_step import pgd_step_triton
+
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
+    history = torch.zeros((2,) + tuple(x_adv.shape), device=device())
+    expected, expected_history = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, 1)[1]
+    with _RecordOps() as record:
+        pgd_step_triton._init_fn(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 1)
+    assert "aten.lift_fresh.default" not in record.ops
+    assert_verbose_equal(x_adv, expected)
+    assert_verbose_equal(history, expected_history)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_step_does_not_synchronize_on_cuda(backend, norm):
+    # The attacks call pgd_step_ every step; on CUDA neither backend may wait for the GPU (value checks are skipped
+    # there for that reason). torch raises on a synchronizing call in sync debug mode "error".
+    import robust_ops
+
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 8, 8), device="cuda")
+    history = torch.zeros((2,) + tuple(x_adv.shape), device="cuda")
+    robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, norm=norm, history=history, slot=1, backend=backend)  # warm
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, norm=norm, history=history, slot=1, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.needs_cuda

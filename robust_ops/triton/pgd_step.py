@@ -146,7 +146,10 @@ def pgd_step_triton(
     # is copied first.
     written = [x_adv] + ([history[slot]] if history is not None else [])
     alpha_c, eps_c = (v.clone() if any(may_overlap(v, w) for w in written) else v for v in (alpha_c, eps_c))
-    bounds = torch.tensor([clip_min, clip_max], dtype=op_dtype, device=x_adv.device)
+    # Filled on the device: torch.tensor([clip_min, clip_max], device=cuda) copies from host memory and so waits for
+    # the stream (a host sync every step, which the CUDA kernel avoids); fill_ passes the bounds as kernel scalars.
+    bounds = torch.full((2,), clip_min, dtype=op_dtype, device=x_adv.device)
+    bounds[1:].fill_(clip_max)
     direct_history = history is not None and history.is_contiguous() and not any(
         may_overlap(history[slot], t) for t in (x, x_nat_c, grad_c)
     )
