@@ -50,6 +50,28 @@ def test_nt_xent_keeps_float64():
     assert nt_xent(z1.half(), z2.half(), 0.1).dtype == torch.float32
 
 
+def test_nt_xent_makes_its_tensors_on_the_device_of_the_projections():
+    # The targets were made on the CPU and moved: on CUDA a host copy that waits for the GPU every training step.
+    # Meta tensors show it without a GPU: every tensor the loss makes must be on their device.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class RecordDevices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.made += [(str(func), t.device.type) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    z1, z2 = torch.randn(4, 8, device="meta"), torch.randn(4, 8, device="meta")
+    with RecordDevices() as record:
+        nt_xent(z1, z2)
+    assert [made for made in record.made if made[1] != "meta"] == []
+
+
 def test_nt_xent_gradients_reach_both_views():
     z1, z2 = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
     nt_xent(z1, z2).backward()

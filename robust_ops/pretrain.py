@@ -44,7 +44,8 @@ def nt_xent(z1, z2, temperature=0.5):
     z = F.normalize(float32_or_wider(torch.cat([z1, z2])), dim=1)  # half precision upcast, float64 kept
     sim = z @ z.t() / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    # made on z's device: a CPU tensor moved there is a host copy, which on CUDA waits for the GPU every step
+    targets = torch.cat([torch.arange(n, 2 * n, device=z.device), torch.arange(0, n, device=z.device)])
     return F.cross_entropy(sim, targets)
 
 
