@@ -1479,6 +1479,51 @@ def test_resume_with_metrics_json_deleted_still_refuses_fewer_epochs_before_touc
     assert (out / "run.json").read_text() == before
 
 
+def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz, tmp_path, capsys):
+    # a second train (other settings) or --resume into a RUN_DIR still training rewrote its checkpoint and run.json
+    # under the first: both exited 0, leaving one run's checkpoint beside the other's run.json (probe: standard for
+    # 150 epochs, then at --seed 1 for 3 epochs into the same --out)
+    fcntl = pytest.importorskip("fcntl")
+    import os
+
+    out = tmp_path / "run"
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "1", "--out", out]
+    assert run(base, capsys)[0] == 0
+    before = {name: (out / name).read_bytes() for name in ("run.json", "checkpoint.pt", "metrics.json")}
+    held = os.open(out, os.O_RDONLY)  # as the training process holds it (a flock is per open file, so this refuses)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for extra in (["--defense", "at", "--seed", "1"], ["--epochs", "2", "--resume"]):
+            rc, _, err = run(base + extra, capsys)
+            one_line_error(rc, err, f"--out: {out} is in use by process {os.getpid()}", "choose another --out")
+            assert {name: (out / name).read_bytes() for name in before} == before
+    finally:
+        os.close(held)
+    assert run(base + ["--epochs", "2", "--resume"], capsys)[0] == 0  # released: the lock is the folder's, not a file
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]
+
+
+def test_demo_into_an_out_another_demo_is_writing_is_refused(small_npz, tmp_path, capsys):
+    # each run folder's lock alone let a second demo retrain the first one's finished runs/standard while the first
+    # trained its next method: the first one's results.json then described weights no longer on disk (probe: demo
+    # standard,at --epochs 40, then demo standard --epochs 3 into the same --out; both exited 0)
+    fcntl = pytest.importorskip("fcntl")
+    import os
+
+    out = tmp_path / "d"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)  # as the first demo holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc, _, err = run(["demo", "--data", small_npz, "--quick", "--methods", "standard", "--attacks", "fgsm",
+                          "--eps", "1/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--out", out],
+                         capsys)
+        one_line_error(rc, err, f"--out: {out} is in use by process {os.getpid()}")
+    finally:
+        os.close(held)
+    assert list(out.iterdir()) == []
+
+
 def test_demo_records_cascade_and_ensemble_as_eval_does(small_npz, tmp_path, capsys):
     # demo's results.json config left them out: a --no-cascade or --ensemble table (other AUC / mAP) could not be
     # told from a cascaded per-attack one

@@ -1,5 +1,6 @@
 """Files written so that a crash or an interrupt (a notebook's KeyboardInterrupt) never leaves half of one."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -125,6 +126,55 @@ def _remove_stale(parent, name_pattern, started, folders):
             pass
         finally:
             os.close(fd)
+
+
+class FolderInUse(OSError):
+    """Another process holds :func:`exclusive_folder`'s lock on ``path``; ``pid`` is its id (None if unknown)."""
+
+    def __init__(self, path, pid):
+        who = f"process {pid}" if pid is not None else "another process"
+        super().__init__(f"{path} is in use by {who}, which is writing its files")
+        self.path, self.pid = path, pid
+
+
+@contextlib.contextmanager
+def exclusive_folder(path):
+    """Hold an exclusive flock on the folder ``path`` (made if missing) while the block runs; a second holder raises
+    :class:`FolderInUse` at once. Two processes training into one folder each rewrite its checkpoint and run.json,
+    and both end "successfully" leaving one run's checkpoint beside the other's run.json. The folder itself is
+    locked: no lock file is left in it, and the kernel releases the lock when its holder dies (no stale lock after
+    a kill). Without fcntl, or on a file system refusing flock on folders, nothing is locked (as before)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderInUse(path, _flock_holder(fd)) from None
+        except OSError:
+            pass  # no flock on this file system: unlocked
+        yield
+    finally:
+        os.close(fd)
+
+
+def _flock_holder(fd):
+    """The process id holding a flock on ``fd``'s file, from Linux's /proc/locks; None where it cannot be told."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and key in fields and "->" not in fields:  # "->": a waiter, not the holder
+                    return int(fields[fields.index(key) - 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _umask():

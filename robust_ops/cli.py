@@ -664,44 +664,62 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         # as the defense stores it ("Linf" -> "linf"): a resume that spells the norm otherwise is the same run
         run["defense_options"]["norm"] = defense.norm
     out = Path(out)
-    if resume:
-        conflict = resume_conflict(out, run)
-        if conflict and conflict[0] == "epochs":
-            raise CLIError(f"--resume: {out} holds {conflict[1]} epochs of training, more than --epochs {epochs}")
-        if conflict and conflict[0] == "split_by":
-            raise CLIError(f"--resume: {split_by_refusal(out, *conflict[1:])}; or train it again without --resume")
-        if conflict:
-            key, was, now = conflict
-            raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
-    elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
-        for name in (CHECKPOINT, "metrics.csv", trainer.HISTORY_NAME):
-            (out / name).unlink(missing_ok=True)
-        if (out / "eval" / "results.json").is_file():  # eval's default --out: kept (the user's), but now stale
-            warnings.warn(f"{out / 'eval'} holds results of the run this one replaces; rerun "
-                          f"`{PROG} eval {shlex.quote(str(out))}` once training ends to replace them")
-    # a resumed checkpoint fit refuses (no run.json held its settings to compare) must keep the record it had, or
-    # none: this command's would describe a run that never trained and refuse the rerun with the right settings
-    ckpt = out / CHECKPOINT
-    main = is_main_process()
-    resumed = _file_stamp(ckpt) if resume and main else None
-    previous = (out / RUN_FILE).read_bytes() if resumed and (out / RUN_FILE).is_file() else None
-    if main:
-        write_json_atomic(out / RUN_FILE, run)
-    train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
-    try:
-        result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
-                             batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
-                             channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf loss
-        if resumed and _file_stamp(ckpt) == resumed:  # no epoch written under this command's run.json
-            if previous is None:
-                (out / RUN_FILE).unlink(missing_ok=True)
-            else:
-                from ._files import replace_atomically
+    # one process at a time writes RUN_DIR: a second train, --resume or demo into it rewrote the checkpoint and
+    # run.json under the first, and both ended "successfully" with one run's checkpoint beside the other's run.json
+    with run_folder_lock(out) if is_main_process() else contextlib.nullcontext():
+        if resume:
+            conflict = resume_conflict(out, run)
+            if conflict and conflict[0] == "epochs":
+                raise CLIError(f"--resume: {out} holds {conflict[1]} epochs of training, more than --epochs {epochs}")
+            if conflict and conflict[0] == "split_by":
+                raise CLIError(f"--resume: {split_by_refusal(out, *conflict[1:])}; or train it again without --resume")
+            if conflict:
+                key, was, now = conflict
+                raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has "
+                               f"{key}={now!r}")
+        elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
+            for name in (CHECKPOINT, "metrics.csv", trainer.HISTORY_NAME):
+                (out / name).unlink(missing_ok=True)
+            if (out / "eval" / "results.json").is_file():  # eval's default --out: kept (the user's), but now stale
+                warnings.warn(f"{out / 'eval'} holds results of the run this one replaces; rerun "
+                              f"`{PROG} eval {shlex.quote(str(out))}` once training ends to replace them")
+        # a resumed checkpoint fit refuses (no run.json held its settings to compare) must keep the record it had, or
+        # none: this command's would describe a run that never trained and refuse the rerun with the right settings
+        ckpt = out / CHECKPOINT
+        main = is_main_process()
+        resumed = _file_stamp(ckpt) if resume and main else None
+        previous = (out / RUN_FILE).read_bytes() if resumed and (out / RUN_FILE).is_file() else None
+        if main:
+            write_json_atomic(out / RUN_FILE, run)
+        train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
+        try:
+            result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
+                                 channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress)
+        except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf
+            if resumed and _file_stamp(ckpt) == resumed:  # no epoch written under this command's run.json
+                if previous is None:
+                    (out / RUN_FILE).unlink(missing_ok=True)
+                else:
+                    from ._files import replace_atomically
 
-                replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True)
-        raise CLIError(f"{out}: training failed: {err}") from None
-    return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
+                    replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True)
+            raise CLIError(f"{out}: training failed: {err}") from None
+        return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
+
+
+@contextlib.contextmanager
+def run_folder_lock(out, flag="--out"):
+    """:func:`robust_ops._files.exclusive_folder` on ``out``; one held by another process is a one-line error naming
+    that process."""
+    from ._files import FolderInUse, exclusive_folder
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive_folder(out))
+        except FolderInUse as err:
+            raise CLIError(f"{flag}: {err}; wait for it to end or choose another {flag}") from None
+        yield
 
 
 def _file_stamp(path):
@@ -1233,54 +1251,58 @@ def cmd_demo(args):
     if drop_max:  # before any training, as the binary-only check (train_run checks it after the methods before it)
         check_max_pool(make_model(args.model, splits.info), args.model, drop_max[0], "--methods")
     out = Path(args.out)
-    if args.resume:  # every method's run is checked before any is trained, not halfway through the list
-        from .prepacked_conv import prepacked_conv_resolved
+    # the whole command, not each run alone (train_run's lock): a second demo into --out retrained the first one's
+    # finished runs while it trained the next, and the first one's results.json then described other weights
+    with run_folder_lock(out) if is_main_process() else contextlib.nullcontext():
+        if args.resume:  # every method's run is checked before any is trained, not halfway through the list
+            from .prepacked_conv import prepacked_conv_resolved
 
-        for m in methods:
-            run_dir = out / "runs" / m
-            # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
-            conflict = resume_conflict(run_dir, run_record(
-                data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
-                batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=DEMO_LABELS.get(m, m),
-                info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth,
-                prepacked_conv=prepacked_conv_resolved(None)))
-            if conflict:
-                raise _demo_resume_error(run_dir, conflict, args, epochs)
-    # under torchrun every process trains (fit's DDP), rank 0 alone reports and evaluates, as in train
-    main = is_main_process()
-    say = print if main else lambda *_args, **_kwargs: None
-    say(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
-        f"{args.model}, {epochs} epochs, device {device}")
-    say(f"classes: {describe_classes(splits.info)}")
-    models, timings = {}, {}
-    try:
-        for m in methods:
-            label = DEMO_LABELS.get(m, m)
-            t0 = time.perf_counter()
-            say(f"training {label} ...", flush=True)
-            model, _, _, history = train_run(
-                data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
-                batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
-                resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
-                classes=args.classes, bit_depth=args.bit_depth)
-            timings[label] = time.perf_counter() - t0
-            models[label] = model
-            last = history[-1] if history else {}
-            say(f"  {label}: {timings[label]:.0f} s, train loss {last.get('train_loss', float('nan')):.3f}")
-    except KeyboardInterrupt:
-        say(f"\n{PROG} demo: interrupted; finished runs are in {out / 'runs'}; rerun with --resume", file=sys.stderr)
-        return 130
-    if not main:  # the evaluation needs no other process: rank 0's alone is written
+            for m in methods:
+                run_dir = out / "runs" / m
+                # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
+                conflict = resume_conflict(run_dir, run_record(
+                    data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=DEMO_LABELS.get(m, m),
+                    info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth,
+                    prepacked_conv=prepacked_conv_resolved(None)))
+                if conflict:
+                    raise _demo_resume_error(run_dir, conflict, args, epochs)
+        # under torchrun every process trains (fit's DDP), rank 0 alone reports and evaluates, as in train
+        main = is_main_process()
+        say = print if main else lambda *_args, **_kwargs: None
+        say(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
+            f"{args.model}, {epochs} epochs, device {device}")
+        say(f"classes: {describe_classes(splits.info)}")
+        models, timings = {}, {}
+        try:
+            for m in methods:
+                label = DEMO_LABELS.get(m, m)
+                t0 = time.perf_counter()
+                say(f"training {label} ...", flush=True)
+                model, _, _, history = train_run(
+                    data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
+                    resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
+                    classes=args.classes, bit_depth=args.bit_depth)
+                timings[label] = time.perf_counter() - t0
+                models[label] = model
+                last = history[-1] if history else {}
+                say(f"  {label}: {timings[label]:.0f} s, train loss {last.get('train_loss', float('nan')):.3f}")
+        except KeyboardInterrupt:
+            say(f"\n{PROG} demo: interrupted; finished runs are in {out / 'runs'}; rerun with --resume",
+                file=sys.stderr)
+            return 130
+        if not main:  # the evaluation needs no other process: rank 0's alone is written
+            return 0
+        config = {"command": "demo", "methods": methods, "data": args.data, "model": args.model, "epochs": epochs,
+                  "train_images": len(splits.train), "test_images": len(splits.test),
+                  "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
+                  "eps": args.eps, "cascade": not args.no_cascade, "ensemble": args.ensemble, "quick": args.quick,
+                  "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
+        args.split = "test"
+        evaluate_models(models, splits, args, specs, radii, device, out,
+                        f"Demo: defenses compared on {splits.info.display_name}", config, seed=args.seed)
         return 0
-    config = {"command": "demo", "methods": methods, "data": args.data, "model": args.model, "epochs": epochs,
-              "train_images": len(splits.train), "test_images": len(splits.test),
-              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
-              "eps": args.eps, "cascade": not args.no_cascade, "ensemble": args.ensemble, "quick": args.quick,
-              "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
-    args.split = "test"
-    evaluate_models(models, splits, args, specs, radii, device, out,
-                    f"Demo: defenses compared on {splits.info.display_name}", config, seed=args.seed)
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------- bench
