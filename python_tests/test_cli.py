@@ -1503,6 +1503,33 @@ def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]
 
 
+def test_train_on_a_full_disk_is_a_one_line_error_keeping_the_last_checkpoint(small_npz, tmp_path, capsys,
+                                                                              monkeypatch):
+    # a checkpoint write failing for want of space ended train with a 40-line traceback (probe: --out on a 600 KiB
+    # tmpfs; epoch 2's save failed), its last line torch's "unexpected pos 225920 vs 225808"
+    import errno
+    import os
+
+    from robust_ops import _files
+
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):  # the second checkpoint's flush finds the disk full (NFS reports it here)
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(_files.os, "fsync", fsync)
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "2", "--out",
+                      out], capsys)
+    one_line_error(rc, err, f"{out}: training failed: [Errno 28] No space left on device: '{out / 'checkpoint.pt'}'",
+                   "holds the last epoch saved: once fixed, continue with the same command and --resume")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]
+
+
 def test_demo_into_an_out_another_demo_is_writing_is_refused(small_npz, tmp_path, capsys):
     # each run folder's lock alone let a second demo retrain the first one's finished runs/standard while the first
     # trained its next method: the first one's results.json then described weights no longer on disk (probe: demo

@@ -2326,6 +2326,40 @@ def test_replace_atomically_removes_its_file_when_interrupted_as_the_file_object
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_a_save_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """A full disk while writing the checkpoint surfaced as torch.save's "unexpected pos 225920 vs 225808" (a
+    RuntimeError) or a bare "[Errno 28] No space left on device", naming no file (probe: a 600 KiB tmpfs, a 320 KB
+    checkpoint: epoch 2's save failed so, with a traceback from the CLI)."""
+    import errno
+    import io
+
+    from robust_ops import _files
+    from robust_ops.train import save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"w": torch.arange(10)})
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(data)
+
+    def fdopen(fd, mode="r", newline=None):
+        raw = FullDisk(fd, "w")
+        return io.BufferedWriter(raw) if "b" in mode else io.TextIOWrapper(io.BufferedWriter(raw), newline=newline)
+
+    monkeypatch.setattr(_files.os, "fdopen", fdopen)
+    for target, save in ((path, lambda: save_checkpoint(path, {"w": torch.arange(100000)})),
+                         (tmp_path / "metrics.json", lambda: _files.replace_atomically(
+                             tmp_path / "metrics.json", lambda f: f.write("x" * 100000)))):
+        with pytest.raises(OSError) as raised:
+            save()
+        assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(target)), raised.value
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(10))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
 def test_replace_atomically_closes_its_file_when_chmod_fails(tmp_path, monkeypatch):
     """A mount that refuses chmod (CIFS, some FUSE drives) failed every save, as it must, but each failed save also
     left its temporary file's descriptor open: a notebook retrying ran into the process's open-file limit."""

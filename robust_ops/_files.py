@@ -18,7 +18,8 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
     the new one, never a partial file; an error or interrupt on the way removes the temporary file. ``fsync`` also
     flushes the data to disk before the rename (checkpoints). A process killed mid-write (SIGKILL, out of memory)
     cannot remove its temporary file: once the rename succeeds, :func:`_remove_stale_temps` removes ``path``'s
-    earlier ones whose writers are gone. Returns ``path`` as a string."""
+    earlier ones whose writers are gone. A write that fails (a full disk) is an OSError naming ``path``. Returns
+    ``path`` as a string."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,9 +41,14 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # a failed write (a full disk) named no file: Python's "[Errno 28] No space left on device", or torch.save's
+        # zip writer's "unexpected pos 225920 vs 225808", raised while that OSError was handled
+        failed = err if isinstance(err, OSError) else err.__context__ if isinstance(err, RuntimeError) else None
+        if isinstance(failed, OSError) and failed.errno is not None and failed.filename is None:
+            raise OSError(failed.errno, failed.strerror, str(path)) from None
         raise
     finally:
         if lock is not None:

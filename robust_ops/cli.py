@@ -696,7 +696,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
                                  batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
                                  channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress)
-        except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:  # FloatingPointError: NaN/Inf
+        # FloatingPointError: NaN/Inf; OSError: a checkpoint or metrics file that could not be written (a full disk)
+        except (ValueError, TypeError, OSError, FloatingPointError) as err:
             if resumed and _file_stamp(ckpt) == resumed:  # no epoch written under this command's run.json
                 if previous is None:
                     (out / RUN_FILE).unlink(missing_ok=True)
@@ -704,7 +705,9 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                     from ._files import replace_atomically
 
                     replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True)
-            raise CLIError(f"{out}: training failed: {err}") from None
+            kept = (f"; {ckpt} holds the last epoch saved: once fixed, continue with the same command"
+                    f"{'' if resume else ' and --resume'}" if isinstance(err, OSError) and ckpt.is_file() else "")
+            raise CLIError(f"{out}: training failed: {err}{kept}") from None
         return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
 
 
