@@ -1530,6 +1530,25 @@ def test_train_on_a_full_disk_is_a_one_line_error_keeping_the_last_checkpoint(sm
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]
 
 
+def test_eval_results_that_cannot_be_written_are_a_one_line_error(trained_run, tmp_path, capsys, monkeypatch):
+    # a full disk while writing the results ended eval (demo, reproduce) with matplotlib's savefig traceback, its
+    # last line a bare "OSError: [Errno 28] No space left on device" (probe: --out on a nearly full 600 KiB tmpfs)
+    import errno
+    import os
+
+    import robust_ops.report
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(robust_ops.report, "plot_metric_vs_radius", full_disk)
+    out = tmp_path / "ev"
+    rc, _, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device",
+                      "cpu", "--out", out], capsys)
+    one_line_error(rc, err, f"--out: {out}: cannot write the results (No space left on device); nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_demo_into_an_out_another_demo_is_writing_is_refused(small_npz, tmp_path, capsys):
     # each run folder's lock alone let a second demo retrain the first one's finished runs/standard while the first
     # trained its next method: the first one's results.json then described weights no longer on disk (probe: demo

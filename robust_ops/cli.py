@@ -1054,7 +1054,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     with ``seed`` (the run's): the rows do not depend on what the process did before (a demo resumed after its
     training, a second eval of the same run)."""
     from . import report
-    from .evaluate import EvalError, evaluate, write_results
+    from .evaluate import EvalError, evaluate
 
     split = getattr(args, "split", "test")
     if split not in ("test", "val"):  # never fall back to another split silently
@@ -1084,8 +1084,8 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     # both shape what the run wrote (random starts and Square's noise are drawn per batch; the figure's images), so a
     # results.json read later says how it was made
     config = {**config, "eval_batch_size": args.eval_batch_size, "saliency_images": count, "attack_seed": seed}
-    paths = write_results(out, rows, splits.info, config=config, device=device, title=title, saliency=saliency,
-                          extra_markdown=extra_markdown, paper=paper)
+    paths = write_results_to_out(out, rows, splits.info, config=config, device=device, title=title,
+                                 saliency=saliency, extra_markdown=extra_markdown, paper=paper)
     metrics = ("f1", "sensitivity", "accuracy") if splits.info.num_classes == 2 else ("accuracy", "f1", "map")
     for m in metrics:
         print()
@@ -1093,6 +1093,18 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     print(f"\nwrote {paths['results']}, {paths['report']} and {len(paths['figures'])} figures"
           + (" -- SYNTHETIC DATA" if splits.info.synthetic else ""))
     return rows
+
+
+def write_results_to_out(out, *args, **kwargs):
+    """evaluate.write_results; a file it cannot write (a full disk) is a one-line error, not a traceback from
+    matplotlib's savefig: the results are staged, so nothing of them reached ``out``."""
+    from .evaluate import write_results
+
+    try:
+        return write_results(out, *args, **kwargs)
+    except OSError as err:
+        raise CLIError(f"--out: {out}: cannot write the results ({err.strerror or err}); nothing was written "
+                       "there") from None
 
 
 def cmd_eval(args):

@@ -643,8 +643,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
-    from .cli import CLIError, is_main_process, load_data, resume_conflict, run_record, train_run
-    from .evaluate import evaluate, write_results
+    from .cli import CLIError, is_main_process, load_data, resume_conflict, run_record, train_run, write_results_to_out
+    from .evaluate import evaluate
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
 
@@ -775,9 +775,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         saliency = (models, x[:4], y[:4])
     info = _sources_over(splits.info, repeats, protocol.split)  # the means are over every seed, not the last one
     info = _missing_over_runs(info, run_infos)
-    paths = write_results(out, rows, info, config=config, device=device, paper=protocol.paper_rows,
-                          notes=notes, title=f"Reproduction: {protocol.paper}", saliency=saliency,
-                          extra_markdown=extra, extra_fields={"per_run_rows": all_rows})
+    paths = write_results_to_out(out, rows, info, config=config, device=device, paper=protocol.paper_rows,
+                                 notes=notes, title=f"Reproduction: {protocol.paper}", saliency=saliency,
+                                 extra_markdown=extra, extra_fields={"per_run_rows": all_rows})
     print()
     print(comparison)
     print(f"\nwrote {paths['results']} and {paths['report']} ({config['seconds']:.0f} s)")
