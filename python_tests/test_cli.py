@@ -1549,6 +1549,16 @@ def test_eval_results_that_cannot_be_written_are_a_one_line_error(trained_run, t
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag", ["--out", "--data", "--config", "RUN_DIR"])
+def test_a_path_with_a_name_too_long_is_a_one_line_error(flag, tmp_path, capsys):
+    # a name over 255 bytes raised OSError "File name too long" from the first Path.exists(): a traceback
+    long = tmp_path / ("y" * 256)
+    argv = ["eval", long] if flag == "RUN_DIR" else ["train", "--no-progress", "--out", tmp_path / "run", flag, long]
+    rc, _, err = run(argv, capsys)
+    one_line_error(rc, err, f"{long}: File name too long")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_demo_into_an_out_another_demo_is_writing_is_refused(small_npz, tmp_path, capsys):
     # each run folder's lock alone let a second demo retrain the first one's finished runs/standard while the first
     # trained its next method: the first one's results.json then described weights no longer on disk (probe: demo

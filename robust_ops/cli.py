@@ -10,6 +10,7 @@ file can never run code, and a file that would need to is refused.
 
 import argparse
 import contextlib
+import errno
 import inspect
 import json
 import os
@@ -1516,6 +1517,15 @@ def _main(argv):
             # argparse reports a subcommand's unknown options from the top-level parser: point at the command's help
             message = message[: -len(f"(see {PROG} --help)")] + f"(see {prefix} --help)"
         print(f"{prefix}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        # a path given to any flag (--out, --data, --config, eval's RUN_DIR) with a name longer than the file system
+        # takes: raised by the first look at it (Path.exists), a traceback naming no flag
+        prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
+        print(f"{prefix}: error: {err.filename}: {err.strerror} (a name in a path takes at most 255 bytes on most "
+              "file systems)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no command says more (eval, bench, demo's evaluation): no traceback
         prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
