@@ -1,6 +1,7 @@
 """The robust-ops command line end to end (quick modes) and its one-line errors (exit status 2, no partial files)."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -135,6 +136,19 @@ def test_help_shows_defaults(capsys):
         assert "default" in out, cmd
     r = subprocess.run([sys.executable, "-m", "robust_ops", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout and "reproduce" in r.stdout
+
+
+def test_module_run_of_cli_py_refuses_in_one_line(tmp_path):
+    """`python -m robust_ops.cli` ran cli.py as __main__, a second copy of the module: reproduce raised the imported
+    copy's CLIError, which that main did not catch (a traceback ending in robust_ops.cli.CLIError)."""
+    r = subprocess.run([sys.executable, "-m", "robust_ops.cli", "reproduce", "arfl-moons", "--quick", "--methods",
+                        "XYZ", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "robust-ops reproduce: error: --methods: arfl-moons has no method xyz; choose from Standard training, Standard "
+        "training + ARFL, Adversarial training, Adversarial training + ARFL, Dual adversarial training, Dual "
+        "adversarial training + ARFL, TRADES, MIRST"]
 
 
 def test_option_names_are_exact_not_prefixes(tmp_path, capsys, monkeypatch):

@@ -1534,4 +1534,8 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m robust_ops.cli` runs this file as __main__, a second copy beside the robust_ops.cli that reproduce and
+    # the others import: their CLIError was not this copy's, so their refusals ended in a traceback, not one line
+    from robust_ops.cli import main as _main
+
+    raise SystemExit(_main())
