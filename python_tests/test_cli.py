@@ -2227,6 +2227,19 @@ def test_eval_of_an_interrupted_run_warns_and_records_the_epochs_trained(small_n
                      "stopped early); attacking it as it is -- `robust-ops train ... --resume` finishes it"]
     config = json.loads((out / "eval" / "results.json").read_text())["config"]["run"]
     assert (config["epochs"], config["epochs_trained"]) == (2, 1)
+    # a run still training (its folder locked by train) had not "stopped early", and --resume would be refused
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc, _, err = run(ev, capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 0 and [line for line in err.splitlines() if line.strip()] == [
+        f"robust-ops eval: warning: {out / 'checkpoint.pt'}: holds 1 of the run's 2 epochs (process {holder.pid} is "
+        "still training it); attacking it as it is -- rerun eval once it ends"]
     assert run(argv + ["--resume"], capsys)[0] == 0
     rc, _, err = run(ev, capsys)
     assert rc == 0 and "warning" not in err

@@ -168,6 +168,16 @@ def exclusive_folder(path):
         os.close(fd)
 
 
+def folder_in_use(path):
+    """The :class:`FolderInUse` naming the process holding :func:`exclusive_folder`'s lock on the existing folder
+    ``path``, or None when no process holds it (the lock is taken and released at once)."""
+    try:
+        with exclusive_folder(path):
+            return None
+    except FolderInUse as err:
+        return err
+
+
 def _flock_holder(fd):
     """The process id holding a flock on ``fd``'s file, from Linux's /proc/locks; None where it cannot be told."""
     st = os.fstat(fd)

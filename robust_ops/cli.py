@@ -820,8 +820,16 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         # results.json's config copies run.json, whose epochs are the ones asked for, not the ones trained
         run = {**run, "epochs_trained": done}
         if isinstance(run.get("epochs"), int) and done < run["epochs"]:
-            warnings.warn(f"{ckpt}: holds {done} of the run's {run['epochs']} epochs (training stopped early); "
-                          f"attacking it as it is -- `{PROG} train ... --resume` finishes it")
+            from ._files import folder_in_use
+
+            busy = folder_in_use(ckpt.parent)  # train_run holds the folder of a run still training
+            if busy:  # it has not stopped (and --resume would be refused)
+                who = f"process {busy.pid}" if busy.pid is not None else "another process"
+                why, then = f"{who} is still training it", "rerun eval once it ends"
+            else:
+                why, then = "training stopped early", f"`{PROG} train ... --resume` finishes it"
+            warnings.warn(f"{ckpt}: holds {done} of the run's {run['epochs']} epochs ({why}); attacking it as it is "
+                          f"-- {then}")
     same_source = data_spec(data) == data_spec(run.get("data"))
     if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
         # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
