@@ -2345,8 +2345,8 @@ def test_a_save_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, mo
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return super().write(data)
 
-    def fdopen(fd, mode="r", newline=None):
-        raw = FullDisk(fd, "w")
+    def fdopen(fd, mode="r", newline=None, closefd=True):
+        raw = FullDisk(fd, "w", closefd=closefd)
         return io.BufferedWriter(raw) if "b" in mode else io.TextIOWrapper(io.BufferedWriter(raw), newline=newline)
 
     monkeypatch.setattr(_files.os, "fdopen", fdopen)
