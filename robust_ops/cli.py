@@ -1500,6 +1500,7 @@ def main(argv=None):
 def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
     try:
         parser, parsers = build_parser()
         args = parser.parse_args(argv)
@@ -1519,7 +1520,6 @@ def _main(argv):
         finally:
             _allow_download = False
     except CLIError as err:
-        prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
         message = str(err)
         if prefix != PROG and message.endswith(f"(see {PROG} --help)"):
             # argparse reports a subcommand's unknown options from the top-level parser: point at the command's help
@@ -1531,12 +1531,10 @@ def _main(argv):
             raise
         # a path given to any flag (--out, --data, --config, eval's RUN_DIR) with a name longer than the file system
         # takes: raised by the first look at it (Path.exists), a traceback naming no flag
-        prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
         print(f"{prefix}: error: {err.filename}: {err.strerror} (a name in a path takes at most 255 bytes on most "
               "file systems)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no command says more (eval, bench, demo's evaluation): no traceback
-        prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
         print(f"\n{prefix}: interrupted", file=sys.stderr)
         return 130
 
