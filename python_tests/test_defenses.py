@@ -321,6 +321,35 @@ def test_synchronization_loss_forms():
     assert bool((synchronization_loss(z, w, "js") > 0).all())
 
 
+def test_synchronization_loss_has_finite_gradients_when_a_probability_underflows():
+    """A confident model's softmax rounds a class's probability to exactly 0 (a logit gap past ~104 in float32): the
+    xlogy form's gradient there was 0/0, so a finite DPAAT loss back-propagated NaN into every weight, which fit's
+    loss check does not see; the next batch then failed as a 'diverged' model. Log-probabilities keep it finite."""
+    z = torch.tensor([[60.0, -60.0], [200.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    w = torch.tensor([[60.0, -60.0], [1.0, 0.0], [0.0, 300.0]], requires_grad=True)
+    for form in ("js", "printed"):
+        loss = synchronization_loss(z, w, form)
+        z.grad = w.grad = None
+        loss.sum().backward()
+        assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(z.grad).all() and torch.isfinite(w.grad).all())
+    # the values are the xlogy form's where that one is exact: agree with it on moderate logits
+    a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    p, q = a.softmax(1), b.softmax(1)
+    printed = -0.5 * (torch.xlogy(p, p / (p + q)) + torch.xlogy(q, q / (p + q))).sum(1)
+    torch.testing.assert_close(synchronization_loss(a, b, "printed"), printed)
+    # fit: a DPAAT run on a model that confidently classifies its batch keeps finite weights
+    from robust_ops import train
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.mul_(1e-3)
+        model.bias.copy_(torch.tensor([60.0, -60.0]))
+    data = torch.utils.data.TensorDataset(torch.rand(8, 4), torch.zeros(8, dtype=torch.long))
+    result = train.fit(model, DPAAT(steps=2), data, epochs=2, batch_size=4, progress=False)
+    assert all(bool(torch.isfinite(p).all()) for p in result.model.parameters())
+
+
 def test_dpaat_guard_zero_and_an_exact_zero_mean_loss_change():
     """guard=0 is accepted, but |dL_avg| < 0 never held: a batch whose loss changes average exactly 0 (a model the
     first attack cannot move, eps=0) gave gamma = 0/0, NaN radii, and run_pgd's "expected every eps to be finite"

@@ -112,10 +112,12 @@ def synchronization_loss(logits, logits_adv, form="js"):
     form="js" (default): JS(p, q) = ln 2 - printed, the Jensen-Shannon divergence: 0 when p == q, so minimizing it
     aligns the outputs as the text intends (same gradient magnitude as the printed form, opposite sign)."""
     check_choice("synchronization_loss", "form", form, ("js", "printed"))  # "Printed" would have given "js"
-    p = F.softmax(float32_or_wider(as_two_class(logits)), 1)
-    q = F.softmax(float32_or_wider(as_two_class(logits_adv)), 1)
-    s = p + q
-    printed = -0.5 * (torch.xlogy(p, p / s.clamp_min(1e-30)) + torch.xlogy(q, q / s.clamp_min(1e-30))).sum(1)
+    # In log-probabilities: a probability that rounds to 0 (a confident model, a logit gap past ~104 in float32)
+    # made xlogy(p, p / (p + q))'s gradient 0/0, NaN in every weight under a finite loss
+    log_p = F.log_softmax(float32_or_wider(as_two_class(logits)), 1)
+    log_q = F.log_softmax(float32_or_wider(as_two_class(logits_adv)), 1)
+    log_s = torch.logaddexp(log_p, log_q)
+    printed = -0.5 * (log_p.exp() * (log_p - log_s) + log_q.exp() * (log_q - log_s)).sum(1)
     return printed if form == "printed" else math.log(2.0) - printed
 
 
