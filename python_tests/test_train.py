@@ -2864,3 +2864,21 @@ def test_epoch_permutation_depends_on_the_pair_seed_epoch_not_their_sum():
 
     assert order(0, 1) != order(1, 0)
     assert order(3, 2) == order(3, 2)
+
+
+@pytest.mark.parametrize("split", ["train_data", "val_data"])
+def test_fit_names_inputs_of_another_dtype_than_the_model(split):
+    """float64 images (numpy's x / 255.0) or uint8 ones for a float32 model failed inside its first layer with torch's
+    "Input type (double) and bias type (float) should be the same" (a multi-line traceback naming neither the data nor
+    the fix; for val_data after a whole epoch of training). fit now names the split and the conversion; a model that
+    converts its inputs itself still trains on them."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    x, y = _data(8).tensors
+    for bad, fix in ((x.double(), r"x\.to\(torch\.float32\)"), ((x * 255).to(torch.uint8), r"x\.float\(\) / 255")):
+        train, val = (TensorDataset(bad, y), None) if split == "train_data" else (_data(8), TensorDataset(bad, y))
+        with pytest.raises(TypeError, match=rf"^fit.*: the inputs of {split} are {bad.dtype}, but the model's "
+                                            rf"parameters are torch\.float32; .*{fix}"):
+            fit(model, "standard", train, val, epochs=1, batch_size=8, progress=False)
+    converting = nn.Sequential(type("ToFloat", (nn.Module,), {"forward": lambda self, x: x.float()})(), model)
+    fit(converting, "standard", TensorDataset(x.double(), y), TensorDataset(x.double(), y), epochs=1, batch_size=8,
+        progress=False)
