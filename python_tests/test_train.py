@@ -2882,3 +2882,27 @@ def test_fit_names_inputs_of_another_dtype_than_the_model(split):
     converting = nn.Sequential(type("ToFloat", (nn.Module,), {"forward": lambda self, x: x.float()})(), model)
     fit(converting, "standard", TensorDataset(x.double(), y), TensorDataset(x.double(), y), epochs=1, batch_size=8,
         progress=False)
+
+
+class NaNGradient(Defense):
+    """A finite loss whose gradient is NaN: sqrt's derivative at 0 (a norm penalty without an epsilon)."""
+
+    name = "nan-grad"
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        loss = classification_loss(logits, y) + (logits[:, :1] * 0).abs().sqrt().mean()
+        return DefenseOutput(loss=loss, logits=logits)
+
+
+def test_a_finite_loss_with_non_finite_gradients_stops_before_the_step():
+    """A finite loss with a NaN gradient (DPAAT's synchronization term on a confident model did it) stepped the
+    weights to NaN without a word; the next step then stopped on a NaN loss 'before updating the weights', which had
+    already happened, and the caller's model was ruined. fit now checks the gradients before the step (without amp:
+    GradScaler skips such steps itself)."""
+    model = DropoutMLP()
+    before = _weights(model)
+    with pytest.raises(NonFiniteLossError, match=r"^fit: the nan-grad gradients are non-finite \(the loss is finite\) "
+                                                 r"at epoch 1, step 1; stopped before updating the weights"):
+        fit(model, NaNGradient(), _data(16), epochs=1, batch_size=8, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -1058,8 +1058,8 @@ def fit(
                         bad = own_bad.to(dtype=torch.float32)  # a copy: own_bad still says which process it was
                         dist.all_reduce(bad)
                     bad_loss, bad_extra = (bool(b > 0) for b in bad.tolist())
+                where = f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
                 if bad_loss or bad_extra:
-                    where = f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
                     own_loss, own_extra = own_bad.tolist()
                     if bad_loss:
                         value = float(loss.detach()) if loss.numel() == 1 else math.nan
@@ -1088,6 +1088,12 @@ def fit(
                         _check_every_parameter_got_a_gradient(name, model, f"epoch {epoch + 1}, step {step + 1}")
                     if out.extra_grads is not None:
                         _add_extra_grads(name, params, out.extra_grads, scale, world)
+                    # a finite loss can still have NaN gradients (sqrt's derivative at 0): the step made the weights
+                    # NaN unseen. The same on every process (DDP averaged them); GradScaler skips such steps itself.
+                    if scaler is None and bool(_any_non_finite([p.grad for p in params])):
+                        raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} gradients are "
+                                                 f"non-finite (the loss is finite) at epoch {epoch + 1}, step "
+                                                 f"{step + 1}; stopped before updating the weights{where}")
                     if max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     if scaler is not None:
