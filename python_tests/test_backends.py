@@ -31,6 +31,7 @@ def test_explicit_backends(monkeypatch):
 
 
 @pytest.mark.triton
+@pytest.mark.skipif(not _backend.triton_interpreted(), reason="the CPU half of the Triton tests: TRITON_INTERPRET=1")
 def test_triton_on_cpu_under_interpreter():
     # The triton session sets TRITON_INTERPRET=1 before import: the kernels were imported then, interpreted.
     assert _backend.triton_kernels_loaded() and _backend.triton_kernels_interpreted()
@@ -65,6 +66,30 @@ def _run_without_gpu(code):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     return run_python(textwrap.dedent(code), env)
+
+
+def test_triton_ops_register_where_library_impl_refuses_overrides():
+    """torch <= 2.11 (a GPU machine's image) defaults Library.impl to allow_override=False, and a triton_op already has
+    Python Autograd and ADInplaceOrView kernels: replacing them (_autograd.register_in_place_without_gradient) raised
+    'already a kernel registered from python', so every Triton op was missing there. Simulated here on the pinned
+    torch, whose default is True."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    out = run_python(textwrap.dedent("""
+        import torch.library
+
+        impl = torch.library.Library.impl
+
+        def refusing_impl(self, op_name, fn, dispatch_key="", *, with_keyset=False, allow_override=False):
+            return impl(self, op_name, fn, dispatch_key, with_keyset=with_keyset, allow_override=allow_override)
+
+        torch.library.Library.impl = refusing_impl
+        import robust_ops
+        from robust_ops import _backend
+        print(_backend.load_triton_kernels(), _backend.triton_kernels_loaded())
+    """), env)
+    assert out.split() == ["None", "True"], out
 
 
 def test_the_triton_tests_run_under_any_value_triton_reads_as_interpreted():

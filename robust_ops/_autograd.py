@@ -147,8 +147,10 @@ def register_in_place_without_gradient(op_name):
         # each on CPU); the ADInplaceOrView kernel still bumps where the Autograd key is skipped (inference mode).
         return bump_versions_and_run(keyset, *args)
 
-    _IN_PLACE_LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
-    _IN_PLACE_LIBRARY.impl(name, bump_versions_and_run, "ADInplaceOrView", with_keyset=True)
+    # allow_override: a triton_op (custom_op) already has Python Autograd/ADInplaceOrView kernels, replaced here on
+    # purpose; torch 2.14 allows that by default, torch <= 2.11 (a GPU machine's image) refused the Triton ops' import.
+    _IN_PLACE_LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True, allow_override=True)
+    _IN_PLACE_LIBRARY.impl(name, bump_versions_and_run, "ADInplaceOrView", with_keyset=True, allow_override=True)
 
 
 register_in_place_without_gradient("robust_ops::pgd_step_")
