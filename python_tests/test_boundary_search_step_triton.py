@@ -187,14 +187,16 @@ def test_internal_overlap_rejected_before_any_write(name):
     then fail copying back into an expanded lo)."""
     lo, hi, points, crossed_at, _ = make_inputs(2, shape=(4, 3), device=device())
     args = {"lo": lo, "hi": hi, "points": points}
+    cpu_args = {k: v.cpu() for k, v in args.items()}
     args[name] = args[name][..., :1].expand_as(args[name])
+    cpu_args[name] = cpu_args[name][..., :1].expand_as(cpu_args[name])  # .cpu() of an expanded CUDA tensor is dense
     before = {k: v.clone() for k, v in args.items()}
     with pytest.raises(RuntimeError, match=f"boundary_search_step_: expected {name} without internal overlap") as got:
         triton_op()(*args.values(), crossed_at, None)
     for k, v in args.items():
         assert torch.equal(v, before[k]), k
     with pytest.raises(RuntimeError) as native:
-        NATIVE_OP(*(t.cpu() for t in args.values()), crossed_at.cpu(), None)
+        NATIVE_OP(*cpu_args.values(), crossed_at.cpu(), None)
     assert str(got.value) == str(native.value)
 
 

@@ -211,17 +211,18 @@ def test_internal_overlap_rejected_before_any_write(norm, overlapping):
     history[slot] and fail only when copying back into an expanded x_adv."""
     x_adv, x_nat, grad, alpha, eps = make_inputs((3, 4), device=device())
     history = torch.zeros((2, 3, 4), device=device())
+    cpu_x_adv, cpu_history = x_adv.cpu(), history.cpu()  # expanded below: .cpu() of an expanded CUDA tensor is dense
     if overlapping == "x_adv":
-        x_adv = x_adv[:1].expand(3, 4)
+        x_adv, cpu_x_adv = x_adv[:1].expand(3, 4), cpu_x_adv[:1].expand(3, 4)
     else:
-        history = history[:1].expand(2, 3, 4)
+        history, cpu_history = history[:1].expand(2, 3, 4), cpu_history[:1].expand(2, 3, 4)
     base, hist_before = x_adv.clone(), history.clone()
     with pytest.raises(RuntimeError, match=f"pgd_step_: expected {overlapping} without internal overlap") as got:
         triton_op()(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 0)
     assert torch.equal(x_adv, base) and torch.equal(history, hist_before)
     with pytest.raises(RuntimeError) as native:
-        torch.ops.robust_ops.pgd_step_(x_adv.cpu(), x_nat.cpu(), grad.cpu(), alpha.cpu(), eps.cpu(), 0.0, 1.0, norm,
-                                       history.cpu(), 0)
+        torch.ops.robust_ops.pgd_step_(cpu_x_adv, x_nat.cpu(), grad.cpu(), alpha.cpu(), eps.cpu(), 0.0, 1.0, norm,
+                                       cpu_history, 0)
     assert str(got.value) == str(native.value)
 
 
