@@ -9,7 +9,8 @@ Providers, on [32, 3, 224, 224] float32 by default, L-inf and L2, with and witho
              read x_adv, x_nat, grad + write x_adv (+ the history slot) = 16 (20) bytes per float32 element.
 Each provider is checked against the eager chain before it is timed -- x_adv and the history slot, bitwise in
 float32/float64, within the tests' tolerance in float16/bfloat16 -- and a provider that disagrees or raises stops
-the run (except torch.compile's failures, inductor bugs, and a kernel this build lacks: reported, rows left out).
+the run (except torch.compile's failures, inductor bugs, and a kernel this build lacks: reported, rows left out;
+torch.compile's results that are not bitwise the eager chain are timed, their row saying how far off).
 
     python benchmarks/bench_pgd_step.py --quick            # CPU, $OMP_NUM_THREADS or 2 threads
     python benchmarks/bench_pgd_step.py --device cuda
@@ -60,6 +61,16 @@ def check_against_eager(name, dtype, got, expected, what):
     diff = (got.double() - expected.double()).abs().max().item()
     raise SystemExit(f"{name}: {what} differs from the eager chain{beyond} (max |diff| {diff:.3g}); not timing a wrong "
                      f"kernel")
+
+
+def compiled_agreement(x_adv, history_slot, expected):
+    """True when torch.compile's x_adv (and history slot) equal the eager chain bitwise, else 'not bitwise (max |diff|
+    D)' for its row."""
+    written = [x_adv] if history_slot is None else [x_adv, history_slot]
+    if all(torch.equal(t, expected) for t in written):
+        return True
+    diff = max((t.double() - expected.double()).abs().max().item() for t in written)
+    return f"not bitwise (max |diff| {diff:.3g})"
 
 
 def providers(device, use_compile):
@@ -123,9 +134,14 @@ def main():
                         raise SystemExit(f"{failed}; not timing a failing kernel")
                     print(failed)
                     continue
-                same = check_against_eager(name, dtype, work, expected, "x_adv")
-                if hist is not None:
-                    same &= check_against_eager(name, dtype, hist[1], expected, "history[1]")
+                if name == "compiled":
+                    # Inductor may round otherwise than the eager chain (contracted FMAs, a reordered L2 norm): it is
+                    # the peer a user would pick, not a kernel of ours, so it is timed and its row says how far off.
+                    same = compiled_agreement(work, hist[1] if hist is not None else None, expected)
+                else:
+                    same = check_against_eager(name, dtype, work, expected, "x_adv")
+                    if hist is not None:
+                        same &= check_against_eager(name, dtype, hist[1], expected, "history[1]")
 
                 def step(fn=fn, work=work):
                     fn(work, x_nat, grad, alpha, eps, 0.0, 1.0, norm, hist, 1)
