@@ -363,13 +363,17 @@ class _RecordOps(TorchDispatchMode):
 @pytest.mark.parametrize("norm", NORMS)
 def test_launcher_builds_no_tensor_from_host_data(norm):
     # torch.tensor([clip_min, clip_max], device=cuda) (aten.lift_fresh, then a host-to-device copy) waits for the
-    # stream: a host sync every PGD step on a GPU. Recorded inside the launcher (the op itself is one opaque call).
+    # stream: a host sync every PGD step on a GPU. Recorded inside the launcher (the op itself is one opaque call),
+    # which runs as the op's eager kernel runs it: with wrap_triton off, so a real GPU launches the kernels directly
+    # (with it on, as by default outside the op, they would go through a higher-order op the mode has no rule for).
+    from torch._library.triton import set_wrap_triton_enabled
+
     from robust_ops.triton.pgd_step import pgd_step_triton
 
     x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
     history = torch.zeros((2,) + tuple(x_adv.shape), device=device())
     expected, expected_history = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, 1)[1]
-    with _RecordOps() as record:
+    with set_wrap_triton_enabled(False), _RecordOps() as record:
         pgd_step_triton._init_fn(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 1)
     assert "aten.lift_fresh.default" not in record.ops
     assert_verbose_equal(x_adv, expected)
