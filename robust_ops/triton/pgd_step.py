@@ -61,7 +61,9 @@ def _linf_kernel(
     step = (alpha * sign).to(dtype)
     stepped = (x.to(alpha.dtype) + step.to(alpha.dtype)).to(dtype)
     diff = (stepped.to(alpha.dtype) - x_nat.to(alpha.dtype)).to(dtype)
-    delta = _clamp(diff.to(alpha.dtype), -eps, eps)
+    # eps * -1.0, not -eps: Triton 3.6 (torch 2.11's) negates as 0 - eps, +0.0 for eps = 0 where torch's -eps is
+    # -0.0, and the clamp returns that bound (its sign reaches x_adv when x_nat is -0.0).
+    delta = _clamp(diff.to(alpha.dtype), eps * -1.0, eps)
     moved = (x_nat.to(alpha.dtype) + delta).to(dtype)
     out = _clamp(moved.to(alpha.dtype), clip_min, clip_max).to(dtype)
     tl.store(x_ptr + idx, out, mask=mask)
