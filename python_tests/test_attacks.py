@@ -3379,3 +3379,18 @@ def test_normalized_refuses_a_mean_or_std_that_is_no_number_by_name(bad):
         attacks.Normalized(TinyCNN(), bad, 0.5)
     with pytest.raises(TypeError, match=message):
         attacks.Normalized(TinyCNN(), 0.5, bad)
+
+
+def test_least_likely_targets_come_from_an_eval_forward_that_leaves_the_model_as_it_was():
+    """The clean forward that picks the targets runs in eval mode whatever model_mode is (as torchattacks'): in the
+    model's own train mode it would move BatchNorm's running statistics and rank batch-normalised logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.BatchNorm1d(4)).train()
+    x, y = torch.rand(8, 1, 4, 4), torch.arange(8) % 4
+    before = copy.deepcopy(model.state_dict())
+    atk = attacks.PGD(model, eps=0.1, model_mode="keep").set_mode_targeted_least_likely()
+    targets = atk._targets(x, y)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        z = copy.deepcopy(model).eval()(x)
+    assert torch.equal(targets, z.scatter(1, y[:, None], float("inf")).sort(dim=1, stable=True)[1][:, 0])
