@@ -3394,3 +3394,24 @@ def test_least_likely_targets_come_from_an_eval_forward_that_leaves_the_model_as
     with torch.no_grad():
         z = copy.deepcopy(model).eval()(x)
     assert torch.equal(targets, z.scatter(1, y[:, None], float("inf")).sort(dim=1, stable=True)[1][:, 0])
+
+
+def test_apgd_l1_topk_follows_the_best_points_sparsity_over_1_5_at_each_checkpoint(monkeypatch):
+    """L1-APGD's topk starts at 0.2 and at each checkpoint becomes the best point's sparsity / 1.5 (AutoAttack's
+    ``topk = sp_curr / n_fts / 1.5``); with a flat loss the best point stays the random start."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    topks, original = [], apgd_module._l1_step
+
+    def spy(x_adv, x, grad, step_size, topk, *rest):
+        topks.append(float(topk[0]))
+        return original(x_adv, x, grad, step_size, topk, *rest)
+
+    monkeypatch.setattr(apgd_module, "_l1_step", spy)
+    x = torch.full((1, 1, 12, 12), 0.5)
+    eps, steps = 1.0, 50  # checkpoints after 2, 4, 6, ... steps
+    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=eps, norm="l1", steps=steps,
+                 generator=torch.Generator().manual_seed(0))
+    start = apgd_module._random_start(x, torch.full((1,), eps), "l1", 0.0, 1.0, torch.Generator().manual_seed(0))
+    sparsity = int((start != x).sum())
+    assert 0 < sparsity < x.numel()
+    assert topks == pytest.approx([0.2, 0.2] + [sparsity / x.numel() / 1.5] * (steps - 2))
