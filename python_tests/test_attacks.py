@@ -3415,3 +3415,19 @@ def test_apgd_l1_topk_follows_the_best_points_sparsity_over_1_5_at_each_checkpoi
     sparsity = int((start != x).sum())
     assert 0 < sparsity < x.numel()
     assert topks == pytest.approx([0.2, 0.2] + [sparsity / x.numel() / 1.5] * (steps - 2))
+
+
+def test_targeted_apgd_restarts_keep_the_point_of_the_highest_targeted_objective():
+    """Across restarts an unbroken sample keeps the point with the highest objective the attack ascends: targeted,
+    -CE(z, t) (the untargeted CE(z, t) would keep the point farthest from the target). Logits [0, z], target 1;
+    restart objectives at z = -3, -7, -5."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    t = torch.ones(1, dtype=torch.long)
+    # clean forward, then per restart (1 step): start, step, x_best evaluation
+    model = Scripted([-9.0, -3.0, -4.0, -3.0, -7.0, -8.0, -7.0, -5.0, -6.0, -5.0])
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd(model, x, t, eps=0.1, steps=1, n_restarts=3, targeted=True,
+                         generator=torch.Generator().manual_seed(0))
+    assert len(queried) == 10 and not torch.equal(queried[1], queried[4])
+    assert torch.equal(x_adv, queried[1])
