@@ -2544,7 +2544,9 @@ def test_apgd_l1_use_largereps_runs_autoattacks_three_stages(monkeypatch):
         assert [r["steps"] for r in runs] == [3, 3, 4]
         for run, scale in zip(runs, (3.0, 2.0, 1.0)):
             torch.testing.assert_close(run["eps"], eps * scale)
-        assert runs[0]["x_init"] is not None
+        # the first stage starts from x + N(0, 1) drawn from the generator (AutoAttack's x_init), not from x
+        first = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(runs[0]["x_init"], first)
         assert torch.equal(runs[1]["x_init"], runs[0]["x_best"]) and torch.equal(runs[2]["x_init"], runs[1]["x_best"])
 
 
