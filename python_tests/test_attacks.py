@@ -2684,6 +2684,9 @@ def test_cw_loss_is_clamped_at_the_confidence_kappa():
     torch.testing.assert_close(got, torch.tensor([-3.0, 0.5]))
     got = attack_loss(-out, t, "cw", targeted=False, kappa=1.0, reduction="none")  # margins -4 (clamped), 0.2
     torch.testing.assert_close(got, torch.tensor([1.0, -0.2]))
+    # the default reduction is the mean, as for "ce": run_pgd's emitted_losses and param_grads are of the mean
+    torch.testing.assert_close(attack_loss(out, t, "cw", targeted=True, kappa=1.0), torch.tensor(0.25))
+    torch.testing.assert_close(attack_loss(out, t, "cw", targeted=False, kappa=1.0), torch.tensor(-1.25))
 
 
 
