@@ -1933,3 +1933,21 @@ def test_gen_adv_refuses_nan_outputs_and_nan_losses_naming_the_samples(compact):
 
     with pytest.raises(ValueError, match=r"^gen_adv: loss_fn\(output, y\) is NaN for sample\(s\) 2 of the batch"):
         gen_adv(model.lin, x, y, 1.0, steps=5, search_steps=3, min_rows=0, compact=compact, loss_fn=nan_loss)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_nan_loss_at_finished_samples_is_not_refused(compact):
+    """docs/ima.md: only a NaN loss of a sample still ascending is refused (its gradient would step it to NaN inputs).
+    A loss that is NaN once the output is wrong is NaN at the clean-misclassified samples and at every crossing
+    point, whose rows carry no gradient: GenAdv is that of the same loss without the NaN."""
+    model, x, y, margin = make_problem(n=10)
+
+    def nan_once_wrong(out, yy):
+        # masked_fill, not where(ok, loss, loss * nan): the latter's backward is 0 * nan = NaN in every row
+        return F.cross_entropy(out, yy, reduction="none").masked_fill(out.argmax(1) != yy, float("nan"))
+
+    kwargs = dict(steps=8, search_steps=6, compact=compact, min_rows=0)
+    x_adv, crossed = gen_adv(model, x, y, margin, loss_fn=nan_once_wrong, **kwargs)
+    x_ref, crossed_ref = gen_adv(model, x, y, margin, **kwargs)
+    assert crossed.tolist() == crossed_ref.tolist() and bool(crossed.any())
+    assert torch.equal(x_adv, x_ref)
