@@ -1951,3 +1951,21 @@ def test_a_nan_loss_at_finished_samples_is_not_refused(compact):
     x_ref, crossed_ref = gen_adv(model, x, y, margin, **kwargs)
     assert crossed.tolist() == crossed_ref.tolist() and bool(crossed.any())
     assert torch.equal(x_adv, x_ref)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("algorithm", [2, 3])
+def test_no_search_rounds_return_the_brackets_correct_end(algorithm, compact):
+    """search_steps=0 runs no search round: a crossed sample returns its bracket's correct end (Algorithm 2: the last
+    correct iterate x_{t-1}; Algorithm 3: the clean x), with the misclassified end as far_point."""
+    model, x, y, margin = make_problem(n=10)
+    x_adv, crossed, info = gen_adv(model, x, y, margin, steps=8, search_steps=0, algorithm=algorithm,
+                                   compact=compact, return_info=True)
+    x_ref, crossed_ref, _ = loop_gen_adv(model, x, y, margin, 8, 0, "l2", algorithm)
+    assert crossed.tolist() == crossed_ref.tolist() and bool(crossed.any())
+    torch.testing.assert_close(x_adv, x_ref, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        assert bool((model(x_adv).argmax(1)[crossed] == y[crossed]).all())
+        assert bool((model(info.far_point).argmax(1)[crossed] != y[crossed]).all())
+    if algorithm == 3:
+        assert torch.equal(x_adv[crossed], x[crossed])
