@@ -1474,15 +1474,17 @@ def test_batch_invariant_sizes_are_measured_per_thread_count():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("norm, strict", [("l2", False), ("linf", False), ("l2", True)])
-def test_ima_loss_and_margins_follow_algorithm_1(norm, strict):
+@pytest.mark.parametrize("norm, strict, algorithm", [("l2", False, 2), ("linf", False, 2), ("l2", True, 2),
+                                                      ("l2", False, 3)])
+def test_ima_loss_and_margins_follow_algorithm_1(norm, strict, algorithm):
     """The defense against Algorithm 1 spelled out with gen_adv: loss mean((1 - beta) L0 + beta L1), L1 at x_adv for
     the clean-correct samples; expand by delta (f(x_adv) correct, no crossing), shrink to (||x - x_adv||_p + E) / 2
-    (crossed; with strict_shrink also f(x_adv) wrong, here with the midpoint search result), clip to eps_train."""
+    (crossed; with strict_shrink also f(x_adv) wrong, here with the midpoint search result), clip to eps_train.
+    IMA(algorithm=3) runs Algorithm 3's GenAdv (an IMA that ran Algorithm 2 whatever it was given passed before)."""
     model, x, y = ima_batch(seed=2)
     eps_train, delta = (2.0, 0.5) if norm == "l2" else (0.3, 0.1)
     search_result = "midpoint" if strict else "correct_side"
-    kwargs = dict(steps=6, search_steps=4, norm=norm, search_result=search_result, min_rows=0)
+    kwargs = dict(steps=6, search_steps=4, norm=norm, search_result=search_result, min_rows=0, algorithm=algorithm)
     defense = IMA(num_samples=20, eps_train=eps_train, delta=delta, beta=0.25, strict_shrink=strict, **kwargs)
     start = torch.rand(20, generator=torch.Generator().manual_seed(0)) * eps_train
     defense.load_state_dict({"margins": start, "eps_train": eps_train, "delta": delta, "init_margin": delta})
@@ -1969,3 +1971,17 @@ def test_no_search_rounds_return_the_brackets_correct_end(algorithm, compact):
         assert bool((model(info.far_point).argmax(1)[crossed] != y[crossed]).all())
     if algorithm == 3:
         assert torch.equal(x_adv[crossed], x[crossed])
+
+
+def test_gen_adv_and_ima_defaults_are_the_papers():
+    """docs/ima.md, defaults: K = 20 ascent steps and N = 10 bisections (Algorithm 2), landing on the correct side, l2;
+    IMA adds beta = 0.5. A changed default (gen_adv's steps=10, IMA's search_steps=9) passed every test."""
+    model, x, y, margin = make_problem(n=10)
+    paper = dict(steps=20, search_steps=10, norm="l2", algorithm=2, arity=2, search_result="correct_side")
+    got, want = PassCounter(), PassCounter()
+    a, ca, ia = gen_adv(model, x, y, margin, counter=got, return_info=True)
+    b, cb, ib = gen_adv(model, x, y, margin, counter=want, return_info=True, **paper)
+    assert bool(cb.any()) and torch.equal(ca, cb) and torch.equal(ia.steps, ib.steps) and torch.equal(a, b)
+    assert got.as_dict() == want.as_dict()  # the search's forward calls count its rounds
+    defense = IMA(num_samples=20)
+    assert {k: getattr(defense, k) for k in paper} == paper and defense.beta == 0.5
