@@ -958,6 +958,13 @@ def test_checkpoints_refuse_margins_above_eps_train():
     restored = IMA(num_samples=3, eps_train=eps)
     restored.load_state_dict({"margins": table.margins, "eps_train": eps, "delta": eps / 100, "init_margin": 0.5})
     assert torch.equal(restored.margins, table.margins)
+    # Compared as the table's dtype stores them (docs/ima.md): float64 margins a hair above float32's 0.1, which
+    # float32 rounds to its 0.1, load into a float32 table with max_margin 0.1 (compared in float64: refused).
+    above = torch.full((3,), 0.1000000015, dtype=torch.float64)
+    assert float(above[0]) > float(torch.tensor(0.1)) and bool((above.float() == torch.tensor(0.1)).all())
+    small = MarginTable(3, 0.05, 0.1)
+    small.load_state_dict({"margins": above})
+    assert bool((small.margins == torch.tensor(0.1)).all())
 
 
 def test_refused_checkpoints_name_the_bad_margin_and_leave_the_defense_unchanged():
