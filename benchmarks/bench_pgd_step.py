@@ -48,6 +48,10 @@ def make_inputs(shape, dtype, device, alpha=2 / 255, eps=8 / 255):
 HALF_TOLERANCE = {torch.float16: dict(rtol=1e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
 
 
+def max_abs_diff(got, expected):
+    return (got.double() - expected.double()).abs().max().item()
+
+
 def check_against_eager(name, dtype, got, expected, what):
     """True when bitwise equal; False when within HALF_TOLERANCE for half types; else stops the benchmark (one line,
     no traceback)."""
@@ -58,7 +62,7 @@ def check_against_eager(name, dtype, got, expected, what):
         if torch.allclose(got.float(), expected.float(), **HALF_TOLERANCE[dtype]):
             return False
         beyond = f" beyond the {dtype} tolerance"
-    diff = (got.double() - expected.double()).abs().max().item()
+    diff = max_abs_diff(got, expected)
     raise SystemExit(f"{name}: {what} differs from the eager chain{beyond} (max |diff| {diff:.3g}); not timing a wrong "
                      f"kernel")
 
@@ -69,7 +73,7 @@ def compiled_agreement(x_adv, history_slot, expected):
     written = [x_adv] if history_slot is None else [x_adv, history_slot]
     if all(torch.equal(t, expected) for t in written):
         return True
-    diff = max((t.double() - expected.double()).abs().max().item() for t in written)
+    diff = max(max_abs_diff(t, expected) for t in written)
     return f"not bitwise (max |diff| {diff:.3g})"
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Bisects the torch-2.11 segmentation fault of the native CPU pgd_step_ seen on the H200 (2026-12-04, run 3).
 # Run from anywhere: OUT=$OUT bash scripts/segv_probe.sh (about 2-4 minutes with the build). Each step's log is in
-# $OUT/<step>.log, one status line per step in $OUT/summary.txt. On SIGSEGV torch
-# prints the C++ stack of every thread (then faulthandler the Python one), which is what run 3 lacked.
+# $OUT/<step>.log, one status line per step in $OUT/summary.txt. On SIGSEGV torch prints the C++ stack of every
+# thread (then faulthandler the Python one), which is what run 3 lacked.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
