@@ -158,6 +158,92 @@ def test_resume_of_a_finished_run_killed_before_its_metrics_files_rewrites_them(
     assert not (tmp_path / "other" / "metrics.json").exists()
 
 
+def test_a_failed_checkpoint_write_leaves_the_metrics_files_at_the_previous_epoch(tmp_path, monkeypatch):
+    """docs/training.md: the metrics files follow the checkpoint. Written first, a checkpoint write that then failed
+    (a full disk) left metrics.json an epoch ahead of the checkpoint a resume starts from."""
+    import errno
+
+    from robust_ops import train
+    from robust_ops.train import epochs_done
+
+    saves, real_save = [], train.save_checkpoint
+
+    def save(path, state):
+        saves.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    with pytest.raises(OSError, match="No space left on device"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, lr=1e-2, out_dir=tmp_path,
+            progress=False)
+    assert saves == [1, 2] and load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert [row["epoch"] for row in json.loads((tmp_path / "metrics.json").read_text())] == [1]
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 2 and epochs_done(tmp_path) == 1
+
+
+def test_resume_true_in_an_out_dir_without_a_checkpoint_starts_afresh(tmp_path):
+    """docs/training.md: resume=True continues from out_dir/checkpoint.pt, a fresh start if it does not exist (so
+    the same command restarts a crashed job), as fit without resume."""
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False, seed=1)
+    torch.manual_seed(0)
+    init = _weights(DropoutMLP())
+    runs = []
+    for resume in (False, True):
+        model = DropoutMLP()
+        model.load_state_dict(init)
+        runs.append(fit(model, defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path / str(resume),
+                        resume=resume, **kwargs))
+    assert [row["epoch"] for row in runs[1].history] == [1, 2]
+    assert load_checkpoint(runs[1].checkpoint)["epoch"] == 2
+    for k, v in _weights(runs[0].model).items():
+        assert torch.equal(v, runs[1].model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("setting,changed", [("seed", dict(seed=1)),
+                                             ("defense", dict(defense=lambda: defenses.AT(steps=1)))])
+def test_resume_refuses_another_seed_or_defense(tmp_path, setting, changed):
+    """docs/training.md: resuming with a different seed (other epoch permutations) or defense (by name) is refused
+    naming the changed setting."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, seed=0, **kwargs)
+    make = changed.get("defense", defenses.Standard)
+    saved, now = {"seed": (0, 1), "defense": ("'standard'", "'at'")}[setting]
+    with pytest.raises(ValueError, match=rf"^fit: cannot resume .*checkpoint.pt: it was trained with {setting}="
+                                         rf"{saved}, this call has {setting}={now}$"):
+        fit(DropoutMLP(), make(), _data(16), epochs=2, resume=True, seed=changed.get("seed", 0), **kwargs)
+
+
+def test_epochs_done_reads_the_checkpoint_before_the_metrics_files(tmp_path):
+    """epochs_done counts the checkpoint's epochs (what fit resumes from): with metrics.json deleted or behind, a
+    check reading the history alone saw fewer epochs than the run had trained."""
+    from robust_ops.train import _write_metrics, epochs_done
+
+    result = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=tmp_path,
+                 progress=False)
+    _write_metrics(tmp_path, result.history[:1])
+    assert epochs_done(tmp_path) == 2
+    (tmp_path / "metrics.json").unlink()
+    assert epochs_done(tmp_path) == 2
+    (tmp_path / "checkpoint.pt").unlink()
+    assert epochs_done(tmp_path) == 0
+
+
+def test_metrics_json_writes_non_finite_values_as_null(tmp_path):
+    """metrics.json is standard JSON: a NaN or Inf metric is null there (json.dump's NaN / Infinity tokens are not
+    JSON, and other readers refuse the file), and an empty cell in metrics.csv only where a row lacks the key."""
+    from robust_ops.train import _write_metrics
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    _write_metrics(tmp_path, [{"epoch": 1, "train_loss": float("nan"), "val_loss": float("inf")}, {"epoch": 2}])
+    rows = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert rows == [{"epoch": 1, "train_loss": None, "val_loss": None}, {"epoch": 2}]
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,train_loss,val_loss", "1,nan,inf", "2,,"]
+
+
 def test_resume_without_the_runs_own_optimizer_names_the_optimizer_not_an_lr(tmp_path):
     # it read "trained with lr=None, this call has lr=0.0001": the default Adam's lr, which the caller never passed
     def sgd(params):
@@ -689,6 +775,49 @@ def test_non_finite_extra_grads_stop_before_updating_the_weights():
         assert torch.equal(model.state_dict()[k], v), k
 
 
+class _ConstantExtraGrads(Defense):
+    """The clean loss plus extra gradients of 1 per weight (as MIRST returns its adversarial terms)."""
+
+    name = "constant-extra"
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        extra = [torch.ones_like(p) for p in model.parameters() if p.requires_grad]
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits, extra_grads=extra)
+
+
+def test_max_grad_norm_clips_the_gradient_with_the_extra_gradients_added():
+    """docs/training.md, One step: extra_grads are added to .grad, then the total norm is clipped. Clipped before
+    the addition, a step moved the weights by the whole extra gradient (norm ~6 here) past max_grad_norm=0.5."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    fit(model, _ConstantExtraGrads(), _data(8), epochs=1, batch_size=8, max_grad_norm=0.5, progress=False,
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+    step = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    assert abs(float(step.norm()) - 0.5) < 1e-4, float(step.norm())
+    assert bool((step < 0).all())  # the extra gradients (+1 each, more than the loss's) were applied
+
+
+def test_an_extra_gradient_steps_a_parameter_the_loss_did_not_reach():
+    """docs/training.md, One step: ``.grad += out.extra_grads``; a parameter without a gradient from the loss (None
+    after the backward) gets the extra gradient as its .grad, rather than being left out of the step."""
+
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+            self.spare = nn.Parameter(torch.zeros(3))  # reached by the extra gradients only
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithSpare()
+    fit(model, _ConstantExtraGrads(), _data(8), epochs=1, batch_size=8, progress=False,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5))
+    assert torch.equal(model.spare.detach(), torch.full((3,), -0.5))
+
+
 def test_checkpoint_gets_a_plain_files_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
@@ -756,6 +885,27 @@ def test_fit_input_errors(tmp_path):
                                          "batch_size=4"):
         fit(model, defenses.Standard(), _data(), epochs=2, out_dir=tmp_path, resume=True, batch_size=4)
 
+
+
+@pytest.mark.parametrize("num_classes", [1, 2])
+def test_fit_refuses_a_label_equal_to_the_number_of_classes(num_classes):
+    """docs/training.md: labels outside the model's classes are refused, also label K itself (one past the last
+    class): with a single-logit model BCE took label 2 as a target without a word."""
+    data = TensorDataset(torch.rand(8, 1, 4, 4), torch.tensor([0, 1, 0, 1, 0, 1, 0, 2]))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes))
+    if num_classes == 1:
+        model.append(nn.Flatten(0))  # [N] single logits
+    with pytest.raises(ValueError, match=r"^fit: expected labels in \[0, 2\) for a model with 2 output classes, got "
+                                         r"values in \[0, 2\] \(epoch 1, step 1\)$"):
+        fit(model, defenses.Standard(), data, epochs=1, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("bad", [1, 1.0, [True]])
+def test_fit_refuses_a_resume_that_is_no_bool_or_path(bad, tmp_path):
+    """resume takes True, False (None) or a checkpoint path: resume=1 was not True, so it started afresh unseen."""
+    with pytest.raises(TypeError, match=rf"^fit: expected resume to be a bool or a checkpoint path, got "
+                                        rf"{re.escape(repr(bad))}$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, out_dir=tmp_path, resume=bad, progress=False)
 
 
 def test_fit_refuses_labels_that_are_not_one_per_sample():
@@ -1307,6 +1457,25 @@ def test_resume_restores_the_python_and_numpy_rngs(tmp_path):
     _resume_equals_uninterrupted(tmp_path, _PythonAndNumpyNoise, _data())
 
 
+class _GaussianNoise(Defense):
+    """Draws one Gaussian per step from NumPy's and Python's global RNGs: both make them in pairs and keep the
+    second for the next draw (NumPy's has_gauss / cached_gaussian, Python's gauss_next)."""
+
+    name = "gaussian-noise"
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        scale = (2 + float(np.random.standard_normal())) * (2 + random.gauss(0, 1))
+        loss = classification_loss(logits, y) * abs(scale)
+        return DefenseOutput(loss=loss, logits=logits)
+
+
+def test_resume_restores_the_cached_gaussians_of_the_numpy_and_python_rngs(tmp_path):
+    """An epoch of 5 steps ends with a Gaussian cached by each RNG: a checkpoint dropping it (has_gauss 0,
+    gauss_next None) gave the resumed run other draws than the uninterrupted one."""
+    _resume_equals_uninterrupted(tmp_path, _GaussianNoise, _data())
+
+
 def test_resume_restores_the_defense_state(tmp_path):
     """A resumed IMA run continues from the checkpoint's margin table (defense.state_dict()), not a fresh one: the
     margins and the weights equal those of the uninterrupted run."""
@@ -1518,6 +1687,39 @@ def test_history_rows_record_the_epochs_validation_scores_and_current_lr():
     assert last["val_acc"] == int((out.argmax(1) == val.tensors[1]).sum()) / 15
     assert last["val_loss"] == pytest.approx(float(classification_loss(out, val.tensors[1])), rel=1e-5)
     assert 0 < last["train_acc"] <= 1 and 0 < last["train_loss"] < 5  # means over the samples, not sums
+
+
+@pytest.mark.parametrize("val", [True, False])
+def test_a_plateau_scheduler_steps_on_the_validation_loss_else_the_training_loss(val):
+    """docs/training.md: ReduceLROnPlateau gets the validation loss, the training loss without val_data."""
+    schedulers = []
+
+    def plateau(opt):
+        schedulers.append(torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=5, threshold=0))
+        return schedulers[-1]
+
+    result = fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1) if val else None, epochs=2,
+                 batch_size=8, lr=1e-2, scheduler=plateau, progress=False)
+    key = "val_loss" if val else "train_loss"
+    assert schedulers[0].best == min(row[key] for row in result.history)
+
+
+def test_validation_runs_without_gradients():
+    """docs/training.md: validation runs in eval mode with no gradients (no autograd graph kept per batch)."""
+    model = DropoutMLP()
+    grad_modes = []
+    model.register_forward_pre_hook(lambda m, inputs: None if m.training else grad_modes.append(
+        torch.is_grad_enabled()))
+    fit(model, defenses.Standard(), _data(8), _data(8, seed=1), epochs=1, batch_size=8, progress=False)
+    assert grad_modes and not any(grad_modes)
+
+
+def test_the_defaults_are_mirst_dms_adam_lr_and_batch_size(tmp_path):
+    """docs/training.md: defaults are MIRST-DM's settings: Adam, lr 1e-4, batch 8."""
+    result = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path, progress=False)
+    config = load_checkpoint(result.checkpoint)["config"]
+    assert (config["optimizer"], config["lr"], config["batch_size"]) == ("torch.optim.adam.Adam", 1e-4, 8)
+    assert result.history[0]["lr"] == 1e-4
 
 
 class _SometimesReports(Defense):
@@ -2415,6 +2617,27 @@ def test_a_save_keeps_a_live_writers_temporary_file_however_old(tmp_path):
         assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", live.name])
 
 
+def test_a_writer_keeps_its_temporary_file_in_the_folder_and_locked_until_its_rename(tmp_path):
+    """docs/training.md: the checkpoint is written to a temporary file in its own folder (os.replace is atomic only
+    within one file system), and its writer holds the file's flock until the rename, so another save of the same
+    path -- which removes earlier temporary files whose writer is gone -- leaves it, however old it looks."""
+    from robust_ops import _files
+
+    path = tmp_path / "run" / "checkpoint.pt"
+    seen = []
+
+    def write(f):
+        (tmp,) = [p for p in os.listdir(path.parent) if p.startswith(".checkpoint.pt.") and p.endswith(".tmp")]
+        seen.append(tmp)
+        os.utime(path.parent / tmp, (1e9, 1e9))  # last written in 2001, as a dead writer's file
+        _files.replace_atomically(path, lambda g: g.write(b"inner"), binary=True)
+        assert tmp in os.listdir(path.parent)  # alive: its lock kept it
+        f.write(b"outer")
+
+    assert _files.replace_atomically(path, write, binary=True) == str(path)
+    assert seen and path.read_bytes() == b"outer" and os.listdir(path.parent) == ["checkpoint.pt"]
+
+
 def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
     """Missing or unexpected keys are torch's error, not a partial load."""
     from robust_ops.train import CHECKPOINT_FORMAT, save_checkpoint
@@ -2864,6 +3087,36 @@ def test_epoch_permutation_depends_on_the_pair_seed_epoch_not_their_sum():
 
     assert order(0, 1) != order(1, 0)
     assert order(3, 2) == order(3, 2)
+
+
+class _RecordsIds(Defense):
+    """Standard training that records the dataset ids of each step's batch."""
+
+    name = "records-ids"
+    needs_ids = True
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, model, x, y, ids=None):
+        self.batches.append(ids.tolist())
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
+
+
+def test_each_epoch_trains_on_the_permutation_of_its_seed_and_epoch():
+    """docs/training.md: each epoch's batches are the permutation drawn from (seed, epoch) -- another order each
+    epoch, the same after a resume; an epoch counter left at 0 trained every epoch in epoch 0's order unseen (an
+    interrupted and an uninterrupted run agreed all the same)."""
+    defense = _RecordsIds()
+    fit(DropoutMLP(), defense, IndexedDataset(_data(12)), epochs=3, batch_size=4, seed=7, progress=False)
+    expected = []
+    for epoch in range(3):
+        sampler = GlobalBatchSampler(12, 4, seed=7)
+        sampler.set_epoch(epoch)
+        expected += [batch.tolist() for batch in sampler.global_batches()]
+    assert defense.batches == expected
+    assert len({tuple(sum(defense.batches[e * 3:e * 3 + 3], [])) for e in range(3)}) == 3
 
 
 @pytest.mark.parametrize("split", ["train_data", "val_data"])
