@@ -1155,3 +1155,45 @@ def test_a_finished_write_removes_the_staging_folders_killed_writers_left(tmp_pa
         os.close(fd)
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in kept + [live, recent, out])
     assert os.listdir(out) == ["results.json"]
+
+
+def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_first_fooling_attack(monkeypatch):
+    # Three scripted attacks over radii 0, 0.1, 0.2 (pixel 1 of sample i set to table[name][eps][i]; > 0.5 is class
+    # 1). Each radius's worst case sees that radius's inputs and fooled flags, not those of a larger radius the
+    # cascade reached later; a fooled sample takes the FIRST fooling attack's input (docs), a robust one the lowest
+    # true-class probability of all three attacks (samples 1 and 4); every attack's eps-0 row is the clean input.
+    module = sys.modules["robust_ops.evaluate"]
+    table = {"fgsm": {0.1: [0.1, 0.45, 0.3, 0.6, 0.7], 0.2: [0.7, 0.45, 0.3, 0.6, 0.7]},
+             "pgd": {0.1: [0.2, 0.4, 0.3, 0.6, 0.6], 0.2: [0.9, 0.4, 0.9, 0.6, 0.6]},
+             "cw": {0.1: [0.15, 0.3, 0.3, 0.6, 0.65], 0.2: [0.15, 0.3, 0.3, 0.6, 0.65]}}
+
+    def scripted(spec, model, eps, clip_min=0.0, clip_max=1.0):
+        def attack(x, y):
+            out = x.clone()
+            if eps in table[spec.name]:
+                ids = (out.flatten(1)[:, 0] * 10).round().long()
+                out.view(out.shape[0], -1)[:, 1] = torch.tensor(table[spec.name][eps])[ids]
+            return out
+        return attack
+
+    monkeypatch.setattr(module.AttackSpec, "build", scripted)
+    seen, original = {}, module._row
+
+    def spy(method, attack, norm, eps, y, pred, probs, info):
+        seen[(attack, eps)] = probs[:, 1].clone()
+        return original(method, attack, norm, eps, y, pred, probs, info)
+
+    monkeypatch.setattr(module, "_row", spy)
+    x = torch.tensor([[0.0, 0.2], [0.1, 0.2], [0.2, 0.2], [0.3, 0.8], [0.4, 0.8]]).view(5, 1, 1, 2)
+    data = TensorDataset(x, torch.tensor([0, 0, 0, 0, 1]))  # sample 3: wrong clean
+    rows = evaluate(_PixelModel(), data, INFO, attacks="fgsm,pgd,cw", eps=[0, 0.1, 0.2], batch_size=3)
+    assert [(r["attack"], r["eps"], r["accuracy"]) for r in rows] == [
+        ("none", 0, 0.8), ("fgsm", 0, 0.8), ("fgsm", 0.1, 0.8), ("fgsm", 0.2, 0.6), ("pgd", 0, 0.8), ("pgd", 0.1, 0.8),
+        ("pgd", 0.2, 0.4), ("cw", 0, 0.8), ("cw", 0.1, 0.8), ("cw", 0.2, 0.8), ("worst-case", 0, 0.8),
+        ("worst-case", 0.1, 0.8), ("worst-case", 0.2, 0.4)]
+    p1 = lambda v: torch.softmax(torch.tensor([0.5 - v, v - 0.5]) * 10, 0)[1]  # noqa: E731
+    clean = [0.2, 0.2, 0.2, 0.8, 0.8]
+    for key, inputs in ((("fgsm", 0), clean), (("pgd", 0), clean), (("cw", 0), clean),
+                        (("worst-case", 0.1), [0.2, 0.45, 0.3, 0.8, 0.6]),
+                        (("worst-case", 0.2), [0.7, 0.45, 0.9, 0.8, 0.6])):
+        torch.testing.assert_close(seen[key].float(), torch.stack([p1(v) for v in inputs]), msg=f"{key}")
