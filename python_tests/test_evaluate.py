@@ -1197,3 +1197,23 @@ def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_first_fooling
                         (("worst-case", 0.1), [0.2, 0.45, 0.3, 0.8, 0.6]),
                         (("worst-case", 0.2), [0.7, 0.45, 0.9, 0.8, 0.6])):
         torch.testing.assert_close(seen[key].float(), torch.stack([p1(v) for v in inputs]), msg=f"{key}")
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_attacks_run_and_are_checked_in_the_datasets_value_range(ensemble):
+    # two-moons inputs live in [-4, 4]: every attack clips to the dataset's value_range, not to images' [0, 1] (which
+    # would move every negative input to 0, fooling samples the radius cannot reach)
+    info = DatasetInfo("moons-like", 2, 2, 0, ("a", "b"), positive_class=1, synthetic=True, value_range=(-4.0, 4.0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 2, generator=g) * 4 - 3
+    y = (x[:, 0] > -1).long()
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+        model.bias.copy_(torch.tensor([-1.0, 1.0]))
+    rows = evaluate(model, TensorDataset(x, y), info, attacks="fgsm", eps=[0.5], ensemble=ensemble)
+    with torch.no_grad():
+        adv = attacks.build("fgsm", model, eps=0.5, clip_min=-4.0, clip_max=4.0)(x, y)
+        want = float((model(adv).argmax(1) == y).float().mean())
+    assert 0 < want < rows[0]["accuracy"] == 1.0
+    assert rows[-1]["attack"] == ("worst-case" if ensemble else "fgsm") and rows[-1]["accuracy"] == want
