@@ -23,6 +23,7 @@ from utils import TinyCNN
 from robust_ops import attacks, evaluate as evaluate_module, report
 from robust_ops.data import DatasetInfo
 from robust_ops.evaluate import AttackSpec, EvalError, evaluate, parse_attacks, parse_eps, write_results
+from robust_ops.metrics import classification_metrics, probabilities
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INFO = DatasetInfo("tiny", 2, 1, 12, ("benign", "malignant"), positive_class=1, synthetic=True, source="random")
@@ -1217,3 +1218,18 @@ def test_attacks_run_and_are_checked_in_the_datasets_value_range(ensemble):
         want = float((model(adv).argmax(1) == y).float().mean())
     assert 0 < want < rows[0]["accuracy"] == 1.0
     assert rows[-1]["attack"] == ("worst-case" if ensemble else "fgsm") and rows[-1]["accuracy"] == want
+
+
+def test_rows_take_the_datasets_positive_class():
+    # BreastMNIST's positive (malignant) class is 0: sensitivity is class 0's recall, specificity class 1's
+    info = DatasetInfo("tiny", 2, 1, 12, ("malignant", "benign"), positive_class=0, synthetic=True, source="random")
+    data, model = tiny_data(), tiny_model()
+    rows = evaluate(model, data, info, attacks="fgsm", eps=[4 / 255])
+    x, y = data.tensors
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    want, other = (classification_metrics(y, out.argmax(1), probabilities(out), num_classes=2, positive_class=c)
+                   for c in (0, 1))
+    assert want["sensitivity"] != other["sensitivity"]
+    assert {k: rows[0][k] for k in want} == pytest.approx(want, nan_ok=True)
