@@ -1233,3 +1233,27 @@ def test_rows_take_the_datasets_positive_class():
                    for c in (0, 1))
     assert want["sensitivity"] != other["sensitivity"]
     assert {k: rows[0][k] for k in want} == pytest.approx(want, nan_ok=True)
+
+
+def test_write_results_keeps_rows_that_differ_only_in_their_norm(tmp_path):
+    # the worst-case rows of an L-inf and an L2 plan share method, attack and eps: two rows, not one given twice
+    row = dict(method="M", attack="worst-case", norm="linf", eps=0.5, n=4, accuracy=1.0, f1=1.0, sensitivity=1.0,
+               specificity=1.0, precision=1.0, auc=1.0, map=1.0)
+    out = write_results(tmp_path / "out", [row, dict(row, norm="l2", accuracy=0.5)], INFO, figures=False)
+    doc = json.loads(out["results"].read_text())
+    assert [(r["norm"], r["accuracy"]) for r in doc["rows"]] == [("linf", 1.0), ("l2", 0.5)]
+
+
+def test_results_json_is_strict_json_and_names_every_metric(tmp_path):
+    # Infinity, like NaN, is no JSON value (strict readers refuse the file); the report's columns follow "metrics"
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0, f1=1.0, sensitivity=1.0,
+               specificity=1.0, precision=1.0, auc=1.0, map=0.25)
+    out = write_results(tmp_path / "out", [row], INFO, config={"max_norm": math.inf}, figures=False)
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    doc = json.loads(out["results"].read_text(), parse_constant=refuse)
+    assert doc["config"] == {"max_norm": None}
+    assert doc["metrics"] == ["accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map"]
+    assert "| mAP |" in out["report"].read_text()
