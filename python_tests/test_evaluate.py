@@ -220,6 +220,7 @@ def test_rows_and_cascade():
         assert set(r) >= {"method", "attack", "norm", "eps", "n", "accuracy", "f1", "sensitivity", "specificity",
                           "precision", "auc"}
         assert r["n"] == 24 and r["method"] == "tiny"
+    assert [r["norm"] for r in rows] == [None] + ["linf"] * 9  # the clean row has no radius, so no norm
     by = {(r["attack"], r["eps"]): r["accuracy"] for r in rows}
     clean = rows[0]["accuracy"]
     for attack in ("fgsm", "pgd(steps=3)", "worst-case"):
