@@ -284,3 +284,15 @@ def test_half_precision_probabilities_are_taken_as_they_are(dtype, num_classes):
     with pytest.raises(ValueError, match=r"expected probs to hold class probabilities"):  # logits still refused
         classification_metrics(y, pred, logits.to(probs.dtype) if torch.is_tensor(given) else logits.half().numpy(),
                                **kwargs)
+
+
+def test_single_logit_class_zero_column_stays_ranked_past_float64_saturation():
+    # 1 - sigmoid(z) is 0 in float64 from z ~ 37: confident class-1 predictions tied in class 0's column (BreastMNIST's
+    # positive class); sigmoid(-z) keeps them apart
+    z = torch.tensor([38.0, 40.0, 45.0, 50.0, -3.0])
+    y = np.array([0, 1, 0, 1, 0])
+    p = probabilities(z)
+    assert len(set(p[:, 0].tolist())) == 5
+    m = classification_metrics(y, (z > 0).long(), p, num_classes=2, positive_class=0)
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y == 0, -z.numpy()))
+
