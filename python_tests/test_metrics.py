@@ -296,3 +296,9 @@ def test_single_logit_class_zero_column_stays_ranked_past_float64_saturation():
     m = classification_metrics(y, (z > 0).long(), p, num_classes=2, positive_class=0)
     assert m["auc"] == pytest.approx(skm.roc_auc_score(y == 0, -z.numpy()))
 
+
+def test_multiclass_auc_and_map_are_nan_with_one_class_present():
+    # module docstring: AUC and mAP are undefined with one class present (its AP alone would read as a perfect 1.0)
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    m = classification_metrics([0, 0, 0], [0, 1, 0], probs, num_classes=3)
+    assert math.isnan(m["auc"]) and math.isnan(m["map"]) and m["accuracy"] == pytest.approx(2 / 3)
