@@ -1167,3 +1167,12 @@ def test_documented_bound_on_contributions_per_element_holds_with_dilation():
             y.backward(torch.ones_like(y))
             counts = max(counts, x.grad.max().item())
         assert counts <= bound, (k, s, p, d, counts)
+
+
+def test_module_keeps_an_explicit_auto_backend_whatever_the_environment_says(monkeypatch):
+    # docs/backends.md: the argument wins over $ROBUST_OPS_BACKEND, also an explicit "auto"
+    monkeypatch.setenv("ROBUST_OPS_BACKEND", "reference")
+    requested = record_backend_requests(monkeypatch)
+    pool = robust_ops.DropMax2d(2, backend="auto")
+    pool(torch.randn(1, 2, 8, 8))
+    assert requested == [("drop_max_pool2d", "auto")] and "backend='auto'" in repr(pool)
