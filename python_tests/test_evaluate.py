@@ -476,7 +476,7 @@ def test_format_eps():
     ("noise:trials=0", "trials to be an integer >= 1"), ("square:n_queries=1.5", "expected an integer"),
     ("cw:kappa=x", "expected a number"), ("pgd:random_start=maybe", "expected true or false"),
     ("pgd:loss=foo", "expected loss to be one of"), ("apgd-ce:rho=2", "rho in (0, 1]"),
-    ("pgd:clip_min=0.5", "value range"),
+    ("pgd:clip_min=0.5", "value range"), ("pgd:eps=0.1", "give radii with eps, not as an option of 'pgd'"),
 ])
 def test_bad_attack_option_values_fail_when_parsed(text, needle):
     """Option values an attack checks only when run fail at parse time (before any training), as one line."""
