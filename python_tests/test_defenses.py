@@ -1932,3 +1932,21 @@ def test_a_zero_weight_adversarial_term_trains_exactly_as_standard_training(monk
     assert all(torch.equal(a, b) for a, b in zip(losses, standard_losses))
     for (key, a), b in zip(standard.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_weights_step_and_radius_arguments_are_checked_when_built():
+    """Each defense's weights, PGD step and DPAAT guard are refused by name when built (mutation testing: these checks
+    could be dropped with no test failing; a negative weight would have flipped its term's sign, r = 1.5 given the
+    adversarial term a negative weight, an empty emit failed as an IndexError)."""
+    for make, error, match in (
+            (lambda: defenses.MART(beta=-1.0), ValueError, "mart: expected beta to be a finite number >= 0, got -1"),
+            (lambda: defenses.RST(lam=-1.0), ValueError, "rst: expected lam to be a finite number >= 0, got -1"),
+            (lambda: defenses.AT(step_size=-0.01), ValueError, "at: expected step_size to be a finite number >= 0"),
+            (lambda: DPAAT(guard=-1e-6), ValueError, "dpaat: expected guard to be a finite number >= 0"),
+            (lambda: ARFL(r=1.5), ValueError, r"arfl: expected r to be a finite number with 0 <= r <= 1, got 1.5"),
+            (lambda: ARFL(layer=3), TypeError, "arfl: expected layer to be None or a module name \\(str\\), got int"),
+            (lambda: MIRST(alpha=-1.0), ValueError, "mirst: expected alpha to be a finite number >= 0, got -1"),
+            (lambda: MIRST(emit=()), ValueError,
+             r"mirst: expected emit to be increasing step counts in \[1, steps=10\], got \(\)")):
+        with pytest.raises(error, match=match):
+            make()
