@@ -1950,3 +1950,20 @@ def test_weights_step_and_radius_arguments_are_checked_when_built():
              r"mirst: expected emit to be increasing step counts in \[1, steps=10\], got \(\)")):
         with pytest.raises(error, match=match):
             make()
+
+
+def test_dpaat_and_llr_run_their_attack_unless_both_weights_are_zero(crafted):
+    """Only both weights 0 is standard training (docs/defenses/index.md, zero weights): DPAAT's beta = 0 still trains
+    on alpha * L(x_adv) and alpha = 0 on the synchronization term (both attacks and the radius rule run); LLR's
+    mu > 0 alone still needs delta, so the attack."""
+    model, x, y = _model_and_batch()
+    for alpha, beta in ((0.5, 0.0), (0.0, 1.0)):
+        crafted.clear()
+        dpaat = DPAAT(alpha=alpha, beta=beta, steps=2)
+        out = dpaat(model, x, y)
+        assert len(crafted) == 2 and dpaat.holds_state()
+        assert {"loss_adv", "loss_syn", "radius_mean"} <= set(out.metrics)
+    for lam, mu in ((3.0, 0.0), (0.0, 4.0)):
+        crafted.clear()
+        out = defenses.LLR(lam=lam, mu=mu, steps=2)(model, x, y)
+        assert len(crafted) == 1 and {"linearity", "grad_term"} <= set(out.metrics)
