@@ -1967,3 +1967,12 @@ def test_dpaat_and_llr_run_their_attack_unless_both_weights_are_zero(crafted):
         crafted.clear()
         out = defenses.LLR(lam=lam, mu=mu, steps=2)(model, x, y)
         assert len(crafted) == 1 and {"linearity", "grad_term"} <= set(out.metrics)
+
+
+def test_arfl_adversarial_only_refuses_a_model_with_more_than_two_classes():
+    """r = 0 runs no clean forward, so the two-class check reads the adversarial logits: a 3-class model with labels
+    0/1 is refused (docs/defenses/arfl.md, binary only) rather than trained."""
+    model, x, y = _model_and_batch(num_classes=3)
+    with pytest.raises(ValueError, match="arfl: defined for binary tasks only \\(labels 0/1, mapped to -1/\\+1\\), "
+                                         "got 3 classes"):
+        ARFL(r=0.0, steps=1)(model, x, y % 2)
