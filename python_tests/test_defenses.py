@@ -1976,3 +1976,21 @@ def test_arfl_adversarial_only_refuses_a_model_with_more_than_two_classes():
     with pytest.raises(ValueError, match="arfl: defined for binary tasks only \\(labels 0/1, mapped to -1/\\+1\\), "
                                          "got 3 classes"):
         ARFL(r=0.0, steps=1)(model, x, y % 2)
+
+
+def test_fat_records_omega_only_when_nonzero_and_checks_the_tau_it_loads():
+    """docs/defenses/fat.md: omega = 0 is recorded as no option (as checkpoints written before it existed); the
+    state is the current tau, checked as the constructor's; an empty state (a checkpoint from before tau was kept)
+    leaves the defense's own tau."""
+    assert "omega" not in defenses.FAT().options() and defenses.FAT(omega=0.001).options()["omega"] == 0.001
+    fat = defenses.FAT(tau=2)
+    fat.load_state_dict({})
+    assert fat.tau == 2 and fat.state_dict() == {"tau": 2}
+    fat.load_state_dict({"tau": 3})
+    assert fat.tau == 3
+    for bad, match in (({"tau": -1}, "fat: expected tau to be an integer >= 0, got -1"),
+                       ({"tau": 1.5}, "fat: expected tau to be an integer >= 0, got 1.5"),
+                       ({"tau": 1, "omega": 0.0}, r"fat: expected state keys \['tau'\], got \['omega', 'tau'\]")):
+        with pytest.raises(ValueError, match=match):
+            fat.load_state_dict(bad)
+    assert fat.tau == 3
