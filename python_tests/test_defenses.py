@@ -1994,3 +1994,10 @@ def test_fat_records_omega_only_when_nonzero_and_checks_the_tau_it_loads():
         with pytest.raises(ValueError, match=match):
             fat.load_state_dict(bad)
     assert fat.tau == 3
+
+
+def test_options_record_settings_left_at_none():
+    """None is a setting like any other (DPAAT's max_radius: no cap; ARFL's layer: automatic): options() records it,
+    so a resume with max_radius=0.5 after a run without a cap is compared, not passed."""
+    assert DPAAT().options()["max_radius"] is None and DPAAT(max_radius=0.5).options()["max_radius"] == 0.5
+    assert ARFL().options()["layer"] is None
