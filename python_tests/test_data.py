@@ -1437,3 +1437,77 @@ def test_synthetic_ultrasound_refuses_a_bad_seed_by_name(seed):
                                         rf"{re.escape(repr(bad))}$"):
         synthetic_ultrasound(2, size=8, seed=seed)
     assert torch.equal(synthetic_ultrasound(2, size=8, seed=[3, 1])[0], synthetic_ultrasound(2, size=8, seed=[3, 1])[0])
+
+
+def test_npz_float_images_below_zero_are_refused(tmp_path):
+    """docs/getting-started.md: float images are read only when already in [0, 1]; a normalized set (values below 0,
+    none above 1) must be refused like one above 1, not read as is."""
+    floats = np.random.default_rng(1).random((12, 28, 28)).astype(np.float32) - 0.5
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[-0\.4999, 0\.4999\]$"):
+        load_dataset(write_npz(tmp_path / "neg.npz", train_images=floats))
+
+
+def test_npz_float_labels_are_refused_not_truncated(tmp_path):
+    """Labels are class indices: float labels (1.5) would be truncated to 1 by the int64 cast without a word."""
+    labels = (np.arange(12) % 2).astype(np.float32)
+    labels[1] = 1.5
+    with pytest.raises(DataError, match=r"t\.npz \[train\]: expected integer train_labels, got dtype float32$"):
+        load_dataset(write_npz(tmp_path / "t.npz", train_labels=labels))
+
+
+def test_load_dataset_looks_a_medmnist_name_up_in_root(tmp_path, monkeypatch):
+    """docs/getting-started.md: load_dataset(..., root=) is where MedMNIST names are looked up (before
+    $ROBUST_OPS_DATA and ~/.medmnist)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    path = write_npz(root / "breastmnist_64.npz", shape=(64, 64))  # not MD5-checked: only the 28x28 file is
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_dataset("breastmnist_64", root=root).info.source == str(path)
+
+
+def test_cross_validation_refuses_groups_that_do_not_match_the_samples():
+    """A DatasetSplits whose groups hold fewer keys than samples: a DataError naming both counts, not scikit-learn's
+    "inconsistent numbers of samples"."""
+    from robust_ops.data import DatasetSplits, synthetic_splits
+
+    s = synthetic_splits(size=8, sizes={"train": 24, "val": 6, "test": 6})
+    short = DatasetSplits(s.train, s.val, s.test, s.info, groups=(np.arange(24), np.arange(6), np.arange(5)))
+    with pytest.raises(DataError, match=r"^cross_validation: DatasetSplits.groups holds 35 group keys for 36 "
+                                        r"samples$"):
+        cross_validation(short, k=3)
+
+
+def test_grouped_split_labels_a_group_by_its_most_frequent_label_ties_the_lowest(monkeypatch):
+    """core.grouped_split's contract: each group is stratified by its most frequent label, a tie going to the lowest
+    label, and every sample follows its group."""
+    from robust_ops.data import core
+
+    seen = {}
+    real = core.stratified_split
+
+    def spy(y, *args, **kwargs):
+        seen["y"] = np.asarray(y).tolist()
+        return real(y, *args, **kwargs)
+
+    monkeypatch.setattr(core, "stratified_split", spy)
+    y = np.array([1, 0, 1, 0, 0, 1, 1, 1] + [0, 1] * 6)
+    groups = np.array(["a", "a", "a", "b", "b", "b", "c", "c"] + [f"g{i // 2}" for i in range(12)])
+    parts = core.grouped_split(y, groups, (0.5, 0.5), 0)
+    assert seen["y"] == [1, 0, 1] + [0] * 6  # a: 2 x 1; b: 2 x 0; c: 1; g0..g5: one 0 and one 1 each -> 0
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(y)))
+    assert not set(groups[parts[0]]) & set(groups[parts[1]])
+
+
+def test_npz_with_more_classes_than_its_medmnist_name_lists_keeps_them(tmp_path):
+    """A breastmnist_64.npz holding labels 0-2: its two BreastMNIST names cannot describe label 2, so the classes are
+    its label indices (all three), never two classes with a label 2 no output can take."""
+    s = load_dataset(write_npz(tmp_path / "breastmnist_64.npz", shape=(64, 64), classes=3))
+    assert s.info.num_classes == 3 and s.info.class_names == ("0", "1", "2") and s.info.positive_class is None
+
+
+def test_a_name_that_only_starts_like_a_medmnist_set_is_not_one():
+    """breastmnist_65 (no such size) or breastmnistx must not load breastmnist.npz: the whole name is matched."""
+    for spec in ("breastmnist_65", "breastmnistx"):
+        with pytest.raises(DataError, match=rf"^{spec}: no such file or folder, and not a known dataset name"):
+            load_dataset(spec)
