@@ -403,6 +403,7 @@ def test_synthetic_deterministic_and_named():
     c = load_dataset("synthetic", seed=4)
     assert not torch.equal(a.train.tensors[0], c.train.tensors[0])
     assert a.info.synthetic and "synthetic" in a.info.name and a.info.positive_class == 1
+    assert (len(a.train), len(a.val), len(a.test)) == (384, 64, 128)  # docs/getting-started.md
     x, y = a.train.tensors
     assert x.shape[1:] == (1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
     assert 0.33 < float(y.float().mean()) < 0.47  # MALIGNANT_FRACTION 0.4 (384 draws: standard deviation 0.025)
@@ -1511,3 +1512,18 @@ def test_a_name_that_only_starts_like_a_medmnist_set_is_not_one():
     for spec in ("breastmnist_65", "breastmnistx"):
         with pytest.raises(DataError, match=rf"^{spec}: no such file or folder, and not a known dataset name"):
             load_dataset(spec)
+
+
+def test_csv_image_lookup_skips_files_that_are_not_images(tmp_path):
+    """docs/getting-started.md: images are <image_id>.<ext> with <ext> an image suffix; an annotation beside an image
+    (img_0.json, img_0.txt) is neither a second match nor read as the image."""
+    rows = ["image_id,dx"]
+    for i in range(10):
+        rows.append(f"img_{i},{('nv', 'mel')[i % 2]}")
+        _png(tmp_path / f"img_{i}.png", (8, 8), 20 * i)
+        (tmp_path / f"img_{i}.json").write_text("{}")
+    (tmp_path / "img_0.txt").write_text("note")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(tmp_path / "meta.csv", size=8)
+    assert len(s.train) + len(s.val) + len(s.test) == 10
