@@ -191,6 +191,7 @@ def test_simclr_is_deterministic_with_a_seed():
     (dict(projection_dim=0), "simclr: expected projection_dim to be an integer >= 1, got 0"),
     (dict(projection_dim=2.5), "simclr: expected projection_dim to be an integer >= 1, got 2.5"),
     (dict(batch_size=32), "simclr: data has 16 samples, fewer than one batch of 32"),
+    (dict(batch_size=1), r"simclr: expected batch_size to be an integer >= 2 \(NT-Xent needs negatives\), got 1"),
 ])
 def test_simclr_bad_arguments(kwargs, match):
     model = _model()
@@ -222,6 +223,7 @@ def test_augment_uses_simclr_parameters():
     jitter = gray["RandomApplyColorJitter"]
     assert jitter.p == 0.8 and jitter.transforms[0].contrast == (0.6, 1.4) and jitter.transforms[0].saturation is None
     assert "RandomGrayscale" not in gray and tuple(gray["RandomApplyGaussianBlur"].transforms[0].kernel_size) == (3, 3)
+    assert rgb["RandomHorizontalFlip"].p == 0.5 and gray["RandomHorizontalFlip"].p == 0.5  # SimCLR flips too
 
 
 class TinySequentialHead(Tiny):
@@ -466,3 +468,53 @@ def test_augment_checks_crop_scale_by_name():
                                              r"0 < low <= high <= 1, got "):
             SimCLRAugment(8, crop_scale=bad)
     assert SimCLRAugment(8, crop_scale=[0.08, 1])(torch.rand(2, 1, 8, 8)).shape == (2, 1, 8, 8)
+
+
+def test_projection_head_is_simclrs_nonlinear_mlp():
+    """SimCLR's projection head is Linear - ReLU - Linear (a linear head, ReLU dropped, loses the non-linear
+    projection the paper found to matter); its output has projection_dim features."""
+    from robust_ops.pretrain import projection_head
+
+    head = projection_head(6, 3)
+    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (head[0].in_features, head[0].out_features, head[2].out_features) == (6, 6, 3)
+    x = torch.randn(5, 6)
+    assert not torch.allclose(head(x) + head(-x), 2 * head(torch.zeros(1, 6)))  # not affine
+
+
+def test_simclr_optimizes_backbone_and_projection_head_with_fresh_gradients_each_step(monkeypatch):
+    """Adam steps the backbone and the projection head (a head left out stays random, the NT-Xent space untrained),
+    not the bypassed classifier head, and every step's gradients are cleared first (else each step would add up the
+    gradients of all before it)."""
+    events, params = [], []
+
+    class SpyAdam(torch.optim.Adam):
+        def __init__(self, ps, **kwargs):
+            ps = list(ps)
+            params.extend(ps)
+            super().__init__(ps, **kwargs)
+
+        def zero_grad(self, set_to_none=True):
+            events.append("zero")
+            super().zero_grad(set_to_none=set_to_none)
+
+        def step(self, closure=None):
+            events.append("step")
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
+    model = _model()
+    res = simclr(model, _data(16), epochs=2, batch_size=8, progress=False)
+    ids = {id(p) for p in params}
+    assert all(id(p) in ids for p in (*model.features.parameters(), *res.head.parameters()))
+    assert not any(id(p) in ids for p in model.fc.parameters())  # the bypassed classifier head is untouched
+    assert events == ["zero", "step"] * 4 + ["zero"]  # the last: no pretraining gradient left behind
+
+
+def test_augment_draws_each_image_of_a_batch_on_its_own():
+    """SimCLRAugment's docstring: augmentations are drawn independently per image; one draw for the whole batch
+    would give every copy of an image the same view (and every image the same crop)."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 12, 12).expand(8, 1, 12, 12).contiguous()
+    views = SimCLRAugment(12, channels=1)(x)
+    assert not all(torch.equal(views[0], v) for v in views[1:])
