@@ -1527,3 +1527,14 @@ def test_csv_image_lookup_skips_files_that_are_not_images(tmp_path):
     with pytest.warns(UserWarning, match="too small to stratify"):
         s = load_dataset(tmp_path / "meta.csv", size=8)
     assert len(s.train) + len(s.val) + len(s.test) == 10
+
+
+def test_busi_image_coloured_only_in_blue_keeps_its_colour(tmp_path):
+    """An image is colour when any channel differs from another: one whose red and green agree but blue differs
+    (a blue-tinted scan) must not be read as grayscale, dropping its colour."""
+    from PIL import Image
+
+    colour = _class_folders(tmp_path / "blue")
+    Image.fromarray(np.dstack([np.full((8, 8), v, np.uint8) for v in (90, 90, 200)])).save(colour / "benign" / "b.png")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        assert load_dataset(colour, size=8).info.in_channels == 3
