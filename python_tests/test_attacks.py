@@ -2515,6 +2515,27 @@ def test_apgd_l1_checkpoints_every_4_percent_reset_or_shrink_the_step(monkeypatc
     assert sizes == pytest.approx(want)
 
 
+def test_apgd_l1_a_sparser_best_point_resets_a_shrunk_step_to_eps(monkeypatch):
+    """At an L1 checkpoint a sample whose best point got >= 5% sparser since the last one goes back to step eps
+    (AutoAttack's), also after its step has shrunk: here the sparsity (scripted) is dense at the first two checkpoints
+    and half of it at the third."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    sizes, original = [], apgd_module._l1_step
+
+    def spy(x_adv, x, grad, step_size, *rest):
+        sizes.append(float(step_size[0]))
+        return original(x_adv, x, grad, step_size, *rest)
+
+    script = iter([144, 144, 72])
+    monkeypatch.setattr(apgd_module, "_l1_step", spy)
+    monkeypatch.setattr(apgd_module, "l0_norm", lambda d: torch.full((d.shape[0],), next(script, 72)))
+    x = torch.full((1, 1, 12, 12), 0.5)
+    eps = 1.0  # 10 steps: checkpoints after 1, 2, 3, ... steps
+    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=eps, norm="l1", steps=10,
+                 generator=torch.Generator().manual_seed(0))
+    assert sizes[:5] == pytest.approx([eps, eps / 1.5, eps / 1.5 ** 2, eps, eps / 1.5])
+
+
 def test_apgd_l1_use_largereps_runs_autoattacks_three_stages(monkeypatch):
     """use_largereps (AutoAttack's decr_eps_pgd): ceil(0.3 n), ceil(0.3 n) and the rest of the n steps at 3, 2 and 1
     x eps, each stage from the previous stage's highest-loss point (the first from a random point)."""
