@@ -1663,6 +1663,22 @@ def test_ensemble_and_autoattack_take_per_sample_eps():
     assert aa.eps is eps and all(a.eps is eps for a in aa.attacks)  # the attack objects are not changed
 
 
+def test_ensemble_without_cascade_keeps_the_point_of_the_first_attack_that_broke_a_sample():
+    """cascade=False runs every attack on every sample; x_adv still holds the input of the FIRST attack that broke a
+    sample, matching broken_by, not that of a later attack that broke it again."""
+    model, x = near_boundary_linear()
+    x = x[:8]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    first = Recording(lambda a, b: attacks.fgsm(model, a, b, eps=0.2), "fgsm")
+    later = Recording(lambda a, b: attacks.fgsm(model, a, b, eps=0.3), "fgsm-big")
+    res = attacks.ensemble(model, x, y, [first, later], cascade=False)
+    assert first.sizes == later.sizes == [8]
+    by_first = res.broken_by == 1
+    assert bool(by_first.any()) and not bool((res.broken_by == 2).all())
+    assert torch.equal(res.x_adv[by_first], attacks.fgsm(model, x, y, eps=0.2)[by_first])
+
+
 def test_autoattack_inside_an_ensemble_gets_its_subset_and_keeps_cascade_false():
     # An AutoAttack with a per-sample eps [N] inside a cascade / batch_size: its inner attacks' eps is cut as well
     model, x = near_boundary_linear()
