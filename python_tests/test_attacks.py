@@ -1679,6 +1679,17 @@ def test_ensemble_without_cascade_keeps_the_point_of_the_first_attack_that_broke
     assert torch.equal(res.x_adv[by_first], attacks.fgsm(model, x, y, eps=0.2)[by_first])
 
 
+def test_autoattack_individual_runs_attack_bs_samples_at_a_time():
+    # run_standard_evaluation_individual(bs=...) attacks at most bs samples at a time, as run_standard_evaluation
+    model, x = near_boundary_linear()
+    x = x[:5]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    recs = [Recording(lambda a, b: a, "noop"), Recording(lambda a, b: a, "noop2")]
+    attacks.AutoAttack(model, eps=0.03, attacks=recs).run_standard_evaluation_individual(x, y, bs=2)
+    assert [r.sizes for r in recs] == [[2, 2, 1], [2, 2, 1]]
+
+
 def test_autoattack_inside_an_ensemble_gets_its_subset_and_keeps_cascade_false():
     # An AutoAttack with a per-sample eps [N] inside a cascade / batch_size: its inner attacks' eps is cut as well
     model, x = near_boundary_linear()
