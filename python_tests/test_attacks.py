@@ -1979,6 +1979,20 @@ def test_square_l2_start_tiles_signed_windows_per_sample_and_queries_stay_on_the
     assert checked == 38 and side == 3  # down to the smallest windows
 
 
+def test_square_l2_start_is_centred_by_autoattacks_offset():
+    """The L2 start tiles min(H, W) // 5 windows from the offset (H - 5 s0) // 2 per axis (AutoAttack's sp_init):
+    on 12x12 images 2-pixel tiles from row and column 1, so row 0 and column 0 stay unperturbed."""
+    class Constant(nn.Module):  # never fooled: one query returns the start
+        def forward(self, x):
+            return torch.tensor([5.0, 0.0]).expand(x.shape[0], 2) + 0 * x.flatten(1)[:, :1]
+
+    x = torch.full((2, 3, 12, 12), 0.5)
+    delta = attacks.square(Constant(), x, torch.zeros(2, dtype=torch.long), eps=1.0, norm="l2", n_queries=1,
+                           generator=torch.Generator().manual_seed(0)) - x
+    assert bool((delta[:, :, 0, :] == 0).all()) and bool((delta[:, :, :, 0] == 0).all())
+    assert bool((delta[:, :, 1:, 1:] != 0).all())
+
+
 def test_square_l2_stays_in_the_ball_and_range_with_per_sample_eps():
     """Per-sample radii (a zero radius leaves its sample at x), 3-channel images at the edges of the clip range,
     and a model behind attacks.Normalized: every output inside its own L2 ball and the clip range."""
