@@ -1993,6 +1993,36 @@ def test_square_l2_start_is_centred_by_autoattacks_offset():
     assert bool((delta[:, :, 1:, 1:] != 0).all())
 
 
+def test_square_l2_proposal_moves_the_second_windows_mass_into_the_first():
+    """One L2 proposal (AutoAttack's): the second window is zeroed, each channel of the first gets the norm
+    sqrt(max(eps^2 - ||delta||^2, 0) / C + ||delta on both windows||^2), the rest keeps delta; the query is that
+    perturbation scaled to norm eps. The window positions are replayed from the generator."""
+    from robust_ops.attacks.square import _l2_proposal, pseudo_gaussian_window
+
+    x = torch.full((1, 3, 12, 12), 0.5)
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    delta *= 0.5 / delta.norm()  # inside the ball of radius 1: the free budget counts too
+    g = torch.Generator().manual_seed(3)
+    replay = torch.Generator().set_state(g.get_state())
+    top, left, top_2, left_2 = (int(torch.randint(0, 8, (1,), generator=replay)) for _ in range(4))
+
+    def rand_sign(shape):
+        return torch.randint(0, 2, shape, generator=g).float() * 2 - 1
+
+    new = _l2_proposal(x, x + delta, torch.tensor([1.0]), pseudo_gaussian_window(5), 0.0, 1.0, g, rand_sign) - x
+    first, second = torch.zeros(12, 12, dtype=torch.bool), torch.zeros(12, 12, dtype=torch.bool)
+    first[top:top + 5, left:left + 5] = True
+    second[top_2:top_2 + 5, left_2:left_2 + 5] = True
+    outside = ~(first | second)
+    assert bool((second & ~first).any())
+    torch.testing.assert_close(new.norm(), torch.tensor(1.0))
+    scale = new[..., outside].norm() / delta[..., outside].norm()
+    torch.testing.assert_close(new[..., outside], scale * delta[..., outside])
+    assert bool((new[..., second & ~first] == 0).all())
+    mass = ((1.0 - delta.norm() ** 2) / 3 + delta[..., first | second].norm() ** 2).sqrt()
+    torch.testing.assert_close(new[0][:, first].norm(dim=1), (scale * mass).expand(3))
+
+
 def test_square_l2_stays_in_the_ball_and_range_with_per_sample_eps():
     """Per-sample radii (a zero radius leaves its sample at x), 3-channel images at the edges of the clip range,
     and a model behind attacks.Normalized: every output inside its own L2 ball and the clip range."""
