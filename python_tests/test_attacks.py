@@ -1427,6 +1427,17 @@ def test_fab_radius_zero_leaves_its_samples_unattacked():
             assert bool((model(x_adv[eps > 0]).argmax(1) != y[eps > 0]).any())
 
 
+def test_fab_class_multi_targeted_runs_n_classes_minus_one_targets(monkeypatch):
+    # torchattacks' rule: FAB(multi_targeted=True, n_classes=K) is FAB-T over K - 1 targets; None: every runner-up
+    fab_module = sys.modules["robust_ops.attacks.fab"]
+    seen = []
+    monkeypatch.setattr(fab_module, "fab", lambda *a, **kw: seen.append(kw["n_target_classes"]) or a[1])
+    model, x, y = fab_setup()
+    attacks.FAB(model, multi_targeted=True, n_classes=2)(x, y)
+    attacks.FAB(model, multi_targeted=True, n_classes=5)(x, y)
+    assert seen == [1, 4]
+
+
 def test_fab_bad_input():
     model, x, y = fab_setup()
     bad = [
