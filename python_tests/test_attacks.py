@@ -1438,6 +1438,25 @@ def test_fab_class_multi_targeted_runs_n_classes_minus_one_targets(monkeypatch):
     assert seen == [1, 4]
 
 
+def test_fab_t_runs_each_of_the_top_classes_below_the_predicted_one_in_turn(monkeypatch):
+    # FAB-T (AutoAttack's): one run per target class ranked 2nd, 3rd, ... by the clean logits, on the samples not
+    # yet broken; a tiny eps accepts no adversarial, so every target runs on every sample
+    fab_module = sys.modules["robust_ops.attacks.fab"]
+    targets, original = [], fab_module._fab_run
+
+    def spy(model, x, y, target, *rest):
+        targets.append(target.clone())
+        return original(model, x, y, target, *rest)
+
+    monkeypatch.setattr(fab_module, "_fab_run", spy)
+    model = make_model(3)
+    x, _ = make_data(4, 3)
+    with torch.no_grad():
+        order = model(x).sort(1, descending=True)[1]
+    attacks.fab_t(model, x, order[:, 0], eps=1e-6, steps=2, n_target_classes=2)
+    assert len(targets) == 2 and torch.equal(targets[0], order[:, 1]) and torch.equal(targets[1], order[:, 2])
+
+
 def test_fab_bad_input():
     model, x, y = fab_setup()
     bad = [
