@@ -932,6 +932,12 @@ def test_uniform_ball_distribution():
     assert float(box.abs().max()) <= 0.5 and abs(float(box.abs().mean()) - 0.25) < 0.01
 
 
+def test_uniform_ball_linf_noise_is_symmetric_in_minus_eps_eps():
+    noise = attacks.uniform_ball((4, 5000), 0.1, "linf", generator=torch.Generator().manual_seed(0))
+    assert -0.1 <= float(noise.min()) < -0.099 and 0.099 < float(noise.max()) <= 0.1
+    assert abs(float(noise.mean())) < 0.002
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_white_noise_follows_ima_protocol(norm):
     model = make_model(2)
