@@ -175,6 +175,8 @@ def test_help_explains_every_option_once(capsys):
         out = capsys.readouterr().out
         for block in out.split("\n  -")[1:]:  # one option's help, wrapped over lines
             assert block.count("(default") <= 1, f"{cmd}: default stated twice in {block!r}"
+        # a default of None, False or [] says nothing: not shown
+        assert not re.search(r"\(default:\s+(None|False|\[\])\)", out), f"{cmd}: {out}"
         if cmd in ("eval", "demo"):
             listed = parser._option_string_actions["--attacks"].help
             assert all(name in listed for name in ATTACKS), listed
@@ -280,7 +282,8 @@ def test_unknown_names(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "--epochs:")
     rc, _, err = run(["train", "--defense", "at", "--defense-opt", "stepz=2", "--out", tmp_path / "f"], capsys)
     one_line_error(rc, err, "--defense-opt: at: unknown option 'stepz'; it takes eps, step_size, steps")
-    for flag, value in (("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--seed", "-1"), ("--batch-size", "0")):
+    for flag, value in (("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--seed", "-1"),
+                        ("--batch-size", "0")):
         for cmd in ("train", "demo"):
             rc, _, err = run([cmd, flag, value, "--out", tmp_path / "g"], capsys)
             one_line_error(rc, err, f"{flag}: expected", value)
@@ -396,7 +399,7 @@ def test_config_defense_opt_is_a_list(tmp_path, text):
     args = _config_args("train", ["--config", str(cfg)])
     assert args.defense_opt[0] == "eps=2/255"
     options = cli.parse_key_values(args.defense_opt, "--defense-opt")
-    assert options["eps"] == pytest.approx(2 / 255) and options.get("steps", 3) == 3
+    assert options["eps"] == pytest.approx(2 / 255) and options.get("steps") == (3 if "steps" in text else None)
 
 
 def test_config_defense_opt_with_command_line_ones(small_npz, tmp_path, capsys):
@@ -497,6 +500,7 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     run_json = (out / "run.json").read_text()
     # settings the weights depend on cannot change on resume, and the record is left as it was
     for extra, expected in ((["--lr", "0.5"], "lr="), (["--defense", "at"], "defense='standard'"),
+                            (["--seed", "1"], "seed=0"), (["--batch-size", "8"], "batch_size="),
                             (["--epochs", "1"], "holds 2 epochs of training, more than --epochs 1")):
         rc, _, err = run(argv + ["--resume"] + extra, capsys)
         one_line_error(rc, err, "--resume:", expected)
@@ -576,7 +580,7 @@ def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_pa
     rc, _, err = run(argv[:4] + ["2"] + argv[5:] + ["--resume"], capsys)
     one_line_error(rc, err, "--resume:", "channels_last=True")
     model, _, run_doc = cli.load_run(out)
-    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and run_doc["channels_last"] is True
     rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--device", "cpu"],
                      capsys)
@@ -689,6 +693,7 @@ def test_demo_quick_synthetic(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in doc["rows"]}
     assert methods == {"Baseline", "MIRST-DM", "IMA"} and doc["synthetic"] is True
+    assert (doc["config"]["epochs"], doc["config"]["train_images"]) == (2, 64)  # docs/cli.md: --quick
     assert "SYNTHETIC DATA" in stdout and "Synthetic data" in (out / "report.md").read_text()
     assert (out / "f1_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
     run_json = json.loads((out / "runs" / "mirst-dm" / "run.json").read_text())
@@ -791,6 +796,8 @@ def test_bench_list_and_unknown(capsys):
     assert rc == 0 and "pgd_step" in out
     rc, _, err = run(["bench", "--only", "nope"], capsys)
     one_line_error(rc, err, "--only:", "unknown benchmark(s) nope")
+    rc, _, err = run(["bench", "--only", "pgd_step,pgd_step", "--list"], capsys)
+    one_line_error(rc, err, "--only: pgd_step given more than once")
     # argparse reports a subcommand's unknown option from the top-level parser; the hint names the command's help
     rc, _, err = run(["bench", "--config", "x"], capsys)
     one_line_error(rc, err, "robust-ops bench: error: unrecognized arguments: --config x (see robust-ops bench --help)")
@@ -1382,8 +1389,9 @@ def test_demo_training_subset_records_and_warns_about_a_class_it_leaves_out(tmp_
 
 
 def test_device_values(monkeypatch, capsys, tmp_path):
-    rc, _, err = run(["train", "--device", "cudax", "--out", tmp_path / "a"], capsys)
-    one_line_error(rc, err, "--device: expected cpu, cuda, cuda:N or auto, got 'cudax'")
+    for bad in ("cudax", "cpu0"):
+        rc, _, err = run(["train", "--device", bad, "--out", tmp_path / "a"], capsys)
+        one_line_error(rc, err, f"--device: expected cpu, cuda, cuda:N or auto, got '{bad}'")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for cmd in ("train", "demo"):
         rc, _, err = run([cmd, "--device", "cuda", "--out", tmp_path / "a"], capsys)
@@ -1433,6 +1441,10 @@ def test_eval_rebuilds_the_data_of_the_runs_seed(tmp_path, capsys):
     assert rc == 0, err
     _, splits, _ = cli.load_run(out)
     assert torch.equal(splits.test.tensors[0], cli.load_data("synthetic", size=8, seed=1).test.tensors[0])
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device",
+                      "cpu"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "eval" / "results.json").read_text())["config"]["attack_seed"] == 1  # the run's --seed
 
 
 def test_image_model_on_feature_vectors_is_refused(tmp_path, capsys):
@@ -1698,7 +1710,8 @@ def test_eval_options_reach_the_evaluation(trained_run, tmp_path, capsys, monkey
     assert (call["method"], call["cascade"], call["batch_size"], call["ensemble"]) == ("Mine", False, 7, False)
     conv = next(m for m in call["model"].modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and packed and saliency_images == [3]
-    assert {r["method"] for r in json.loads((run_dir / "eval" / "results.json").read_text())["rows"]} == {"Mine"}
+    doc = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert {r["method"] for r in doc["rows"]} == {"Mine"} and doc["config"]["cascade"] is False
     rc, _, err = run(["eval", run_dir, "--attacks", "fgsm,pgd:steps=1", "--eps", "2/255", "--saliency", "1",
                       "--device", "cpu", "--ensemble", "--out", tmp_path / "ens"], capsys)
     assert rc == 0, err
@@ -1726,6 +1739,22 @@ def test_demo_options_reach_training_and_evaluation(small_npz, tmp_path, capsys,
     monkeypatch.setattr(train, "fit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     rc, _, err = run(argv + ["--out", tmp_path / "stopped"], capsys)
     assert rc == 130 and "rerun with --resume" in err, err
+
+
+def test_demo_trains_on_256_images_by_default(tmp_path, capsys, monkeypatch):
+    """docs/cli.md: --train-size defaults to 256 training images (the ~1 minute demo)."""
+    from robust_ops import train
+
+    sizes = []
+
+    def fit(model, defense, train_set, *args, **kwargs):  # the size it would train on, then stop
+        sizes.append(len(train_set))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", fit)
+    rc, _, err = run(["demo", "--methods", "standard", "--model", "mlp", "--size", "8", "--no-progress", "--device",
+                      "cpu", "--out", tmp_path / "d"], capsys)
+    assert rc == 130 and sizes == [256], err
 
 
 def test_bench_runs_the_chosen_scripts_and_reports_failures(tmp_path, capsys):
@@ -2606,7 +2635,7 @@ def test_a_bad_environment_switch_is_one_line_before_any_work(small_npz, tmp_pat
     ("train", "epochs:\n", "epochs", 10), ("train", "out: null\n", "out", "runs/train"),
     ("train", "no-progress: null\n", "no_progress", False), ("train", "defense-opt: null\n", "defense_opt", []),
     ("eval", "split: null\n", "split", "test"), ("demo", "methods: ~\n", "methods", "standard,rst,mirst,mirst-dm,ima"),
-    ("train", "size: null\n", "size", None)])
+    ("train", "size: null\n", "size", None), ("train", "# every key commented out\n", "epochs", 10)])
 def test_config_null_value_is_the_options_default(tmp_path, command, text, dest, default):
     """`epochs:` (YAML null) set the option to None: a TypeError traceback for epochs and out, split None a
     ValueError in evaluate_models; now it is the option's default, as if the key were left out."""
