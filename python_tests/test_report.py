@@ -16,6 +16,7 @@ def test_format_eps_and_fmt():
     assert report.format_eps(4 / 255) == "4/255" and report.format_eps(0.0157) == "0.0157"  # 4.0035/255: not 4/255
     assert report.format_eps(0.0156) == "0.0156" and report.format_eps(0.123456) == "0.1235"
     assert report.format_eps(1.23456) == "1.235" and report.format_eps(None) == "0"
+    assert report.format_eps(10.2) == "10.2"  # short decimals stay decimals, though 10.2 is 2601/255
     assert report.fmt(0.5) == "0.500" and report.fmt(2) == "2" and report.fmt(0.12345, 2) == "0.12"
     assert report.fmt(math.nan) == report.fmt(math.inf) == report.fmt(None) == "–"
 
@@ -83,6 +84,8 @@ def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
     assert "(3 classes, macro-averaged metrics over the classes present; sensitivity is the mean per-class recall)" \
         in text
     assert "positive class" not in text
+    # its pivots are the multi-class metrics: mAP, not the binary AUC
+    assert "| mAP: attack |" in text and "| AUC: attack |" not in text
     # a class absent from the test split is left out of the averages: results.json named it, the report did not
     doc["dataset"]["classes_missing_from_split"] = {"train": ["a"], "test": ["c"]}
     assert "(3 classes, macro-averaged metrics over the classes present; sensitivity is the mean per-class recall; " \
