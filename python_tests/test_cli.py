@@ -501,6 +501,7 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     # settings the weights depend on cannot change on resume, and the record is left as it was
     for extra, expected in ((["--lr", "0.5"], "lr="), (["--defense", "at"], "defense='standard'"),
                             (["--seed", "1"], "seed=0"), (["--batch-size", "8"], "batch_size="),
+                            (["--dropmax", "first"], "dropmax='none'"),
                             (["--epochs", "1"], "holds 2 epochs of training, more than --epochs 1")):
         rc, _, err = run(argv + ["--resume"] + extra, capsys)
         one_line_error(rc, err, "--resume:", expected)
