@@ -1972,6 +1972,21 @@ def test_square_l2_window_is_torchattacks_pseudo_gaussian_window():
     assert float(five[1, 2]) == float(five.max()) and float(five[3, 2]) == float(five.min())
 
 
+def test_square_l2_window_sides_are_odd_as_the_schedule_falls(monkeypatch):
+    """The L2 window's side is made odd (its centre a pixel) and at least 3: on 12x12 images with 30 queries p falls
+    to 0.1, where round(sqrt(p * H * W)) = 4 becomes 5 (mutation testing: dropping the odd rounding survived)."""
+    square_module = sys.modules["robust_ops.attacks.square"]  # attacks.square is the function
+    sides = []
+    window = square_module.pseudo_gaussian_window
+    monkeypatch.setattr(square_module, "pseudo_gaussian_window",
+                        lambda side, *args: sides.append(side) or window(side, *args))
+    x = 0.4 + 0.2 * torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    attacks.square(blind_model(144), x, torch.zeros(2, dtype=torch.long), eps=0.5, norm="l2", n_queries=30,
+                   generator=torch.Generator().manual_seed(0))
+    start_tile, *scheduled = sides  # the start tiles windows of side H // 5, as AutoAttack's
+    assert start_tile == 2 and 5 in scheduled and all(s % 2 == 1 and s >= 3 for s in scheduled), sides
+
+
 def test_square_l2_start_tiles_signed_windows_per_sample_and_queries_stay_on_the_sphere():
     """Blind model, 15x15 images, 2 channels: the start is a 5x5 tiling of 3x3 pseudo-gaussian windows, each of
     random orientation and sign per channel (drawn per sample), scaled to norm eps; every query has norm eps (away
