@@ -1039,6 +1039,17 @@ def _tiny_protocol(split, methods, quick=None):
                     epochs=1, batch_size=32, lr=1e-3, repeats=2, split=split, quick=quick or {})
 
 
+def test_reproduce_kfold_refuses_more_seeds_than_folds(small_npz, tmp_path):
+    """--seeds above a k-fold protocol's fold count is a one-line error before any training (a fold past the last
+    one does not exist), not only far above it."""
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")])
+    with pytest.raises(cli.CLIError, match=r"^--seeds: tiny-kfold has 2 folds, got 3$"):
+        run_protocol(proto, out=tmp_path / "cv", data=str(small_npz), seeds=3, progress=False)
+    assert not (tmp_path / "cv" / "runs").exists()
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys, quick):
     """run.json records the k-fold split: `eval OUT/runs/METHOD/foldK` attacks fold K's held-out images, not the
