@@ -1039,6 +1039,19 @@ def _tiny_protocol(split, methods, quick=None):
                     epochs=1, batch_size=32, lr=1e-3, repeats=2, split=split, quick=quick or {})
 
 
+def test_reproduce_trains_a_methods_drop_max(small_npz, tmp_path, capsys):
+    """A protocol method's dropmax (MIRST-DM's RST-DM: rst with the first max-pooling drop-max) reaches training and
+    run.json, so eval rebuilds the model that was trained."""
+    from robust_ops.nn import DropMax2d
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("seeds", [("RST-DM", "rst", {}, "first")])
+    run_protocol(proto, out=tmp_path / "dm", data=str(small_npz), seeds=1, epochs=1, progress=False)
+    run_dir = tmp_path / "dm" / "runs" / "rst-dm" / "seed0"
+    assert json.loads((run_dir / "run.json").read_text())["dropmax"] == "first"
+    assert sum(isinstance(m, DropMax2d) for m in cli.load_run(run_dir)[0].modules()) == 1
+
+
 def test_reproduce_kfold_refuses_more_seeds_than_folds(small_npz, tmp_path):
     """--seeds above a k-fold protocol's fold count is a one-line error before any training (a fold past the last
     one does not exist), not only far above it."""
