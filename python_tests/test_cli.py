@@ -1194,6 +1194,7 @@ def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     assert "seeds 0, 1" in doc["dataset"]["source"] and "seed 1" not in doc["dataset"]["source"]
     assert doc["rows"][0]["n"] == 200 and doc["rows"][0]["n_max"] == 100
+    assert doc["config"]["attack_seeds"] == [0, 1]  # repeat k's random attacks draw from seed k, not all from 0
     _, splits, run_doc = cli.load_run(out / "runs-quick" / "std" / "seed1")  # the quick subset is rebuilt too
     assert run_doc["seed"] == 1  # the seed fixes the initial weights and batches too, not only the data split
     want = cli.subset_splits(cli.load_data("moons", seed=1), 200, 100, 1)
