@@ -846,6 +846,9 @@ def test_protocols_describe_and_quick_caps():
     assert [s.name for s in ima] == [a.name for a in standard] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     for spec, built in zip(ima, standard):
         assert all(getattr(built, key) == value for key, value in spec.options.items()), spec
+        ours = ATTACKS[spec.name][0](torch.nn.Linear(4, 2), eps=0.3, **spec.options)  # a key left out: its default
+        for key in ("norm", "steps", "n_target_classes", "n_queries", "rescale_schedule", "seed"):
+            assert getattr(ours, key, None) == getattr(built, key, None), (spec, key)
     dpaat = {s.label: s for plan in PROTOCOLS["dpaat-bus"].evals for s in _specs(plan, quick=False)}
     assert dpaat["20-PGD"].options["alpha"](0.3) == pytest.approx(0.075)  # "eps/4" resolved per radius
     # "docs/reproduce/<name>.md is generated from it": a protocol setting changed in code alone fails here
