@@ -1948,6 +1948,20 @@ def test_reproduce_reads_16_bit_folders_at_the_bit_depth_given(tmp_path):
         run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False)
 
 
+def test_reproduce_data_note_for_a_folder_named_like_the_protocols_data(small_npz, tmp_path):
+    """The report's DATA: note: none for the protocol's own .npz given by path, but a class folder that merely bears
+    the protocol's data name (its info.name) holds other images, and the protocol's notes do not describe it."""
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    proto.data = "smallbus"  # small_npz's name
+    run_protocol(proto, out=tmp_path / "npz", data=str(small_npz), seeds=1, epochs=1, progress=False)
+    assert "DATA:" not in (tmp_path / "npz" / "report.md").read_text()
+    folder = _folder(tmp_path / "smallbus")
+    run_protocol(proto, out=tmp_path / "dir", data=str(folder), seeds=1, epochs=1, size=8, progress=False)
+    assert f"DATA: this run used {folder} " in (tmp_path / "dir" / "report.md").read_text()
+
+
 # 10 images per class: a fold's 9:1 train/val split of its 10 training images cannot hold both classes in val
 @pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
 def test_reproduce_on_own_folder_with_size(tmp_path, capsys):

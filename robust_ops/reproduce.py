@@ -740,7 +740,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         return rows
     comparison = report.paper_comparison_table(rows, protocol.paper_rows, protocol.paper_metrics)
     notes = list(protocol.notes)
-    if protocol.data not in (data, splits.info.name):  # its notes describe its own data (BreastMNIST's 780 images)
+    # its notes describe its own data (BreastMNIST's 780 images), given by name or as its .npz; a folder or CSV
+    # named like it holds other images
+    if data != protocol.data and not (splits.info.name == protocol.data and str(splits.info.source).endswith(".npz")):
         inf = splits.info
         pos = (f"positive class {inf.class_names[inf.positive_class]}" if inf.positive_class is not None
                else "macro-averaged metrics")
