@@ -1186,14 +1186,18 @@ def test_reproduce_results_record_classes_missing_from_any_run(tmp_path, capsys)
     assert doc["dataset"]["classes_missing_from_split"] == {"val": ["normal"], "test": ["normal"]}
 
 
-def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys):
+def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys, monkeypatch):
+    from robust_ops import evaluate
     from robust_ops.reproduce import run_protocol
 
     q = {"epochs": 1, "repeats": 2, "n_train": 200, "n_test": 100, "model": "mlp"}
     proto = _tiny_protocol("seeds", [("STD", "standard")], q)
     proto.model = "mlp"
     out = tmp_path / "moons"
+    attacked, real = [], evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: attacked.append(k["seed"]) or real(*a, **k))
     run_protocol(proto, out=out, quick=True, data="moons", progress=False)
+    assert attacked == [0, 1]  # repeat k's random attacks draw from seed k, as config.attack_seeds says
     doc = json.loads((out / "results.json").read_text())
     assert "seeds 0, 1" in doc["dataset"]["source"] and "seed 1" not in doc["dataset"]["source"]
     assert doc["rows"][0]["n"] == 200 and doc["rows"][0]["n_max"] == 100
