@@ -2978,6 +2978,24 @@ def test_default_mode_is_eval_with_parameter_gradients_off_during_the_attack():
     assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
 
 
+def test_modes_and_parameter_flags_are_restored_when_the_attack_raises():
+    """docs/attacks.md: modes and requires_grad flags are restored even on error (a restore outside ``finally``
+    left the model in eval mode with its weights frozen after a failing forward; mutation testing of context.py)."""
+    model = TinyCNN(1, 2).train()
+    model.head.weight.requires_grad_(False)
+
+    def fail(m, inp):
+        raise RuntimeError("forward failed")
+
+    model.register_forward_pre_hook(fail)
+    x, y = make_data(2, 2)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        attacks.pgd(model, x, y, eps=0.03, steps=2)
+    assert all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == [p is not model.head.weight for p in model.parameters()]
+
+
+
 def test_cw_target_margin_with_all_negative_logits():
     # the targeted CW margin z_t - max_{j != t} z_j masks the target with -inf: (1 - onehot) would give max(.., 0)
     from robust_ops.attacks.core import attack_loss
