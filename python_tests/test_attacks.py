@@ -1023,7 +1023,8 @@ def test_ensemble_errors():
     with pytest.raises(ValueError, match=r"ensemble: attack 'bad' returned shape \(1, 1, 12, 12\) for inputs of shape"):
         attacks.ensemble(model, x, y, [lambda a, b: a[:1]], names=["bad"])
     # a NaN or out-of-range result was counted as a broken sample (robust accuracy understated)
-    for result in (lambda a, b: torch.full_like(a, float("nan")), lambda a, b: a + 2):
+    # below clip_min too: the lower bound alone went unchecked (mutation testing of context.py)
+    for result in (lambda a, b: torch.full_like(a, float("nan")), lambda a, b: a + 2, lambda a, b: a - 2):
         with pytest.raises(ValueError, match=r"^ensemble: attack 'bad' returned points with NaN/Inf or outside the "
                                              r"clip range \[0.0, 1.0\]; it must return valid inputs$"):
             attacks.ensemble(model, x, y, [result], names=["bad"])
