@@ -3064,6 +3064,19 @@ def test_model_returning_tuple_or_dict_is_one_clear_error(as_dict):
             atk(x, y)
 
 
+def test_a_model_output_with_another_batch_size_is_one_clear_error():
+    """A model whose [M, K] output has M != N (a dropped or added row) is refused naming the shapes, not with the loss's
+    own batch-size error (mutation testing of context.py: dropping check_output's N check for [M, K] survived)."""
+    model = make_model()
+    x, y = make_data(n=2)
+    for rows in (slice(0, 1), [0, 1, 1]):
+        wrong = nn.Sequential(model, nn.Identity())
+        wrong.register_forward_hook(lambda m, inp, out, rows=rows: out[rows])
+        with pytest.raises(ValueError, match=r"^pgd: expected the model to output \[N, K\] logits or \[N\] single "
+                                             r"logits for N=2 inputs, got shape \((1|3), 2\)$"):
+            attacks.pgd(wrong, x, y, eps=0.1, steps=1)
+
+
 def test_torchattacks_positional_norm_first_calls_are_refused_not_run():
     # torchattacks' APGD / APGDT / FAB / Square take (model, norm, eps, ...); here eps comes first (docs/attacks.md)
     model = make_model()
