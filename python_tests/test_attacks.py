@@ -673,6 +673,9 @@ def test_input_errors():
         attacks.fgsm(model, torch.where(x > 0.5, float("nan"), x), y, eps=0.03)
     with pytest.raises(ValueError, match="pgd: x contains NaN or Inf"):
         attacks.pgd(model, torch.where(x > 0.5, float("inf"), x), y, **kw)
+    # a 0-D x met "tuple index out of range" from the label check (mutation testing of context.py)
+    with pytest.raises(ValueError, match="^pgd: expected x to have a batch dimension, got a 0-D tensor$"):
+        attacks.pgd(model, torch.tensor(0.5), y, **kw)
     with pytest.raises(ValueError, match="pgd: expected eps >= 0 and finite, got -0.1"):
         attacks.pgd(model, x, y, eps=-0.1, alpha=0.01, steps=2)
     with pytest.raises(ValueError,
