@@ -890,6 +890,8 @@ def test_normalized_images_flat_inputs_and_dtype():
     per_feature = torch.linspace(0.1, 0.5, 5)
     got = attacks.Normalized(flat, per_feature, 2 * per_feature)(xf)
     assert torch.equal(got, flat((xf - per_feature) / (2 * per_feature)))
+    x1 = torch.rand(6)  # [N] inputs (one value per sample): a single mean / std, result still [N]
+    assert torch.equal(attacks.Normalized(nn.Identity(), 0.5, 0.25)(x1), (x1 - 0.5) / 0.25)
     x_adv = attacks.pgd(attacks.Normalized(flat, [0.5], [0.25]), xf, torch.tensor([0, 1, 2, 0, 1, 2]), eps=0.03,
                         steps=2)
     assert x_adv.shape == xf.shape
