@@ -402,6 +402,16 @@ def test_single_logit_ce_is_bce_and_equals_two_logit_model():
     torch.testing.assert_close(c, d, rtol=0, atol=1e-6)
 
 
+def test_single_logit_classification_loss_keeps_its_reduction():
+    """Per-sample losses of single-logit models (the defenses' and IMA's reduction="none") are the per-sample BCE of
+    [N] and [N, 1] logits (mutation testing of context.py: ignoring the reduction for single logits survived)."""
+    z, y = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0, 0, 1])
+    want = nn.functional.binary_cross_entropy_with_logits(z, y.float(), reduction="none")
+    for out in (z, z[:, None]):
+        assert torch.equal(context.classification_loss(out, y, reduction="none"), want)
+        assert torch.equal(context.classification_loss(out, y, reduction="sum"), want.sum())
+
+
 def test_cw_margin_with_all_negative_logits():
     out = torch.tensor([[-5.0, -1.0, -3.0], [-2.0, -7.0, -4.0]])
     y = torch.tensor([0, 0])
