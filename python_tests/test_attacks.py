@@ -919,6 +919,8 @@ def test_normalized_images_flat_inputs_and_dtype():
     assert torch.equal(attacks.Normalized(images.double(), mean, std)(x64),
                        images((x64 - torch.tensor(mean).double().view(1, 3, 1, 1))
                               / torch.tensor(std).double().view(1, 3, 1, 1)))
+    # float16 inputs stay float16 (float32 buffers promoted them to float32, which a half model refuses)
+    assert attacks.Normalized(nn.Identity(), mean, std)(x.half()).dtype == torch.float16
 
 
 def test_empty_batch():
