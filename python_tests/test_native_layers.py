@@ -567,6 +567,10 @@ def test_attacks_on_a_model_elsewhere_than_the_cpu_swap_nothing(monkeypatch):
     model = TinyCNN().to("meta")
     with attacks.attack_context(model):
         assert patched(model) == [] and cpu_memory_pool_stats().depth == 0
+    # a model with buffers but no parameters: its device comes from the buffers
+    buffers_only = nn.Sequential(nn.BatchNorm2d(1, affine=False), nn.MaxPool2d(2)).eval().to("meta")
+    with attacks.attack_context(buffers_only):
+        assert patched(buffers_only) == [] and cpu_memory_pool_stats().depth == 0
     cpu_model = TinyCNN()
     with attacks.attack_context(cpu_model):
         assert len(patched(cpu_model)) == 1 and cpu_memory_pool_stats().depth > 0
