@@ -686,6 +686,9 @@ def test_input_errors():
     # a 0-D x met "tuple index out of range" from the label check (mutation testing of context.py)
     with pytest.raises(ValueError, match="^pgd: expected x to have a batch dimension, got a 0-D tensor$"):
         attacks.pgd(model, torch.tensor(0.5), y, **kw)
+    # integer images are refused, not attacked in integer arithmetic (mutation testing of context.py)
+    with pytest.raises(TypeError, match="^pgd: expected x to be a floating-point tensor, got torch.int64$"):
+        attacks.pgd(model, (x > 0.5).long(), y, **kw)
     with pytest.raises(ValueError, match="pgd: expected eps >= 0 and finite, got -0.1"):
         attacks.pgd(model, x, y, eps=-0.1, alpha=0.01, steps=2)
     with pytest.raises(ValueError,
