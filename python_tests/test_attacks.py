@@ -689,6 +689,9 @@ def test_input_errors():
     # integer images are refused, not attacked in integer arithmetic (mutation testing of context.py)
     with pytest.raises(TypeError, match="^pgd: expected x to be a floating-point tensor, got torch.int64$"):
         attacks.pgd(model, (x > 0.5).long(), y, **kw)
+    # a reversed clip range is named as such, not as inputs outside "[0.6, 0.4]" (mutation testing of context.py)
+    with pytest.raises(ValueError, match=r"^pgd: expected clip_max to be a finite number >= 0.6, got 0.4$"):
+        attacks.pgd(model, x, y, clip_min=0.6, clip_max=0.4, **kw)
     with pytest.raises(ValueError, match="pgd: expected eps >= 0 and finite, got -0.1"):
         attacks.pgd(model, x, y, eps=-0.1, alpha=0.01, steps=2)
     with pytest.raises(ValueError,
