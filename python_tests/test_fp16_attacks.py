@@ -145,6 +145,8 @@ def test_float32_is_the_plain_autograd_grad(monkeypatch):
     assert not context.fp16_autocast("cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not context.fp16_autocast("cpu")  # bfloat16 has float32's range: nothing to scale
+    # a device type without autocast (meta) is "off", not torch's error from is_autocast_enabled (mutation testing)
+    assert context.autocast_dtype("meta") is None and not context.fp16_autocast("meta")
 
 
 @pytest.mark.parametrize("scaled", [False, True])
