@@ -128,6 +128,12 @@ def test_overflow_halves_the_scale_and_redoes_the_backward():
     assert scale.retries > 0 and scale.value < InputGradScale.initial
     assert bool(torch.isfinite(g16).all()) and torch.equal(g16.sign(), g32.sign())
     torch.testing.assert_close(g16, g32, rtol=0.05, atol=0)
+    # halved per overflow, and down to 1 only: a gradient that is not finite unscaled comes back as it is
+    assert scale.value == InputGradScale.initial / 2 ** scale.retries
+    scale = InputGradScale()
+    with fp16():
+        (g,) = scale.grad((xg * float("inf")).sum(), [xg])
+    assert scale.value == 1.0 and scale.retries == 16 and bool(torch.isinf(g).all())
 
 
 def test_float32_is_the_plain_autograd_grad(monkeypatch):
