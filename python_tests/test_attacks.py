@@ -2096,6 +2096,15 @@ def test_square_l2_proposal_moves_the_second_windows_mass_into_the_first():
     assert bool((new[..., second & ~first] == 0).all())
     mass = ((1.0 - delta.norm() ** 2) / 3 + delta[..., first | second].norm() ** 2).sqrt()
     torch.testing.assert_close(new[0][:, first].norm(dim=1), (scale * mass).expand(3))
+    # the first window's direction per channel (AutoAttack's): the oriented window times the channel's sign plus the
+    # window's old content over its norm; the orientation and the signs are the next draws after the positions
+    flip = bool(torch.randint(0, 2, (1, 1, 1), generator=replay))
+    signs = torch.randint(0, 2, (1, 3, 1, 1), generator=replay).float().view(3, 1) * 2 - 1
+    window = pseudo_gaussian_window(5).t() if flip else pseudo_gaussian_window(5)
+    old = delta[0][:, first]  # [3, 25], row-major like window.reshape(25)
+    want = window.reshape(1, 25) * signs + old / old.norm(dim=1, keepdim=True)
+    got = new[0][:, first]
+    torch.testing.assert_close(got / got.norm(dim=1, keepdim=True), want / want.norm(dim=1, keepdim=True))
 
 
 def test_square_l2_stays_in_the_ball_and_range_with_per_sample_eps():
