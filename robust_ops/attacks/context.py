@@ -17,7 +17,6 @@ output checks, and the losses attacks ascend.
 
 import contextlib
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -303,13 +302,3 @@ class InputGradScale:
                 return tuple(None if g is None else g / scale for g in grads) if scale != 1.0 else grads
             self.value = scale / 2
             self.retries += 1
-
-
-def check_positive(name, arg, value, allow_zero=True):
-    bad = value < 0 if allow_zero else value <= 0
-    if torch.is_tensor(value):
-        bad = bool(torch.as_tensor(bad).any()) or not bool(torch.isfinite(value).all())
-    elif not math.isfinite(value):
-        bad = True
-    if bad:
-        raise ValueError(f"{name}: expected {arg} {'>= 0' if allow_zero else '> 0'}, got {value}")
