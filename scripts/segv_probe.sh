@@ -17,7 +17,8 @@ export PYTHONPATH="$PLUGIN_DIR:$PWD"
 step() {  # step NAME COMMAND...
   local name=$1; shift
   timeout --kill-after=5 "${LIMIT:-150}" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name rc=$?" | tee -a "$OUT/summary.txt"
+  last_rc=$?
+  echo "$name rc=$last_rc" | tee -a "$OUT/summary.txt"
 }
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda',
   torch.cuda.is_available())" | tee "$OUT/summary.txt"
@@ -44,7 +45,8 @@ T="-q -rfE -p no:cacheprovider -p segv_stacks -m triton"
 step test_alone "$PY" -m pytest $T python_tests/test_pgd_step_triton.py -k history_slot_partly
 step test_file "$PY" -m pytest $T python_tests/test_pgd_step_triton.py
 step suite "$PY" -m pytest $T python_tests                # the order of run 3
-if command -v gdb > /dev/null; then
+# gdb only when the suite failed: it repeats most of the suite, and a short lease has no time for it otherwise
+if [ "$last_rc" -ne 0 ] && command -v gdb > /dev/null; then
   LIMIT=200 step suite_gdb gdb -q -batch -ex run -ex "thread apply all bt 40" --args "$PY" -m pytest $T python_tests \
     -k "drop_max or pgd_step"
 fi
