@@ -166,7 +166,43 @@ def _extension():
     )
 
 
+def _needed_libraries(path):
+    """The shared libraries an ELF file names (DT_NEEDED), read with binutils' readelf (installed beside the linker);
+    None where that cannot be read (no readelf, not an ELF file)."""
+    try:
+        out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out.stdout)
+
+
+def _check_cxx_runtime(built, compiler):
+    """Refuse an extension that carries its own copy of libstdc++ while torch loads the shared one. Some compilers
+    link libstdc++ statically (a GPU machine's image had such a GCC, 2026-12-04); the two runtimes then mix their
+    locale data, and the first error message that formats a number crashes the process with a segmentation fault."""
+    torch_libs = _needed_libraries(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    ours = _needed_libraries(built)
+    if not torch_libs or ours is None:
+        return  # cannot tell: no readelf, or not ELF
+    shared_libstdcxx = [any(name.startswith("libstdc++") for name in needed) for needed in (torch_libs, ours)]
+    if shared_libstdcxx == [True, False]:
+        os.remove(built)  # else the next build would find it up to date and use it
+        sys.exit(
+            f"robust_ops: {compiler} linked libstdc++ statically into {os.path.basename(built)}, while torch loads "
+            "the shared libstdc++.so.6: two C++ runtimes in one process crash on the first error message that "
+            "formats a number. Build with a compiler that links it dynamically (e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc)"
+        )
+
+
+class _BuildExtension(cpp_extension.BuildExtension):
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        _check_cxx_runtime(self.get_ext_fullpath(ext.name), self.compiler.linker_so[0])
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(no_python_abi_suffix=True)},
 )

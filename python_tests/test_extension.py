@@ -1,6 +1,7 @@
 """The build and load checks: the compiled library, CUDA-version mismatch and missing-build messages."""
 
 import importlib
+import importlib.util
 import os
 import re
 import runpy
@@ -281,6 +282,59 @@ def test_setup_build_config_cases(monkeypatch, tmp_path, capsys):
         build_config()
     monkeypatch.setenv("FORCE_CUDA", "0")
     assert build_config() == (False, None, "no CUDA toolkit found (CUDA_HOME unset, no nvcc); torch.version.cuda=13.0")
+
+
+def _fake_readelf(folder, monkeypatch):
+    """A readelf on PATH that prints the NEEDED entries listed in the file beside its argument (FILE.needed)."""
+    readelf = folder / "bin" / "readelf"
+    readelf.parent.mkdir(parents=True, exist_ok=True)
+    readelf.write_text(
+        '#!/bin/sh\n[ -f "$2.needed" ] || { echo "readelf: Error: Not an ELF file" >&2; exit 1; }\n'
+        'while read -r name; do echo " 0x0000000000000001 (NEEDED)  Shared library: [$name]"; done < "$2.needed"\n'
+    )
+    readelf.chmod(0o755)
+    monkeypatch.setenv("PATH", str(readelf.parent))
+
+
+def _elf(path, *needed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x7fELF")
+    path.with_name(path.name + ".needed").write_text("".join(name + "\n" for name in needed))
+    return str(path)
+
+
+def test_setup_refuses_an_extension_with_its_own_static_libstdcxx(monkeypatch, tmp_path):
+    # The H200 image's own GCC linked libstdc++ statically (2026-12-04): the extension then crashed (SIGSEGV) in the
+    # first TORCH_CHECK message that formats a number, in a process where torch had loaded libstdc++.so.6.
+    check = _setup_py(monkeypatch)["_check_cxx_runtime"]
+    _fake_readelf(tmp_path, monkeypatch)
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "torch" / "__init__.py"))
+    libc10 = tmp_path / "torch" / "lib" / "libc10.so"
+    _elf(libc10, "libstdc++.so.6", "libc.so.6")
+    built = _elf(tmp_path / "build" / "_C.so", "libc10.so", "libgomp.so.1", "libc.so.6")
+    with pytest.raises(SystemExit) as refusal:
+        check(built, "/opt/gcc/bin/g++")
+    message = str(refusal.value)
+    assert message.startswith("robust_ops: /opt/gcc/bin/g++ linked libstdc++ statically into _C.so, while torch loads")
+    assert "CXX=/usr/bin/g++ CC=/usr/bin/gcc" in message and "\n" not in message
+    assert not os.path.exists(built)  # a rerun must link again, not find it up to date
+    # Passes: the extension needs the shared one too; torch itself carries a static one; nothing to read.
+    built = _elf(tmp_path / "build" / "_C.so", "libc10.so", "libstdc++.so.6")
+    assert check(built, "g++") is None and os.path.exists(built)
+    _elf(libc10, "libc.so.6")
+    built = _elf(tmp_path / "build" / "_C.so", "libc10.so")
+    assert check(built, "g++") is None and os.path.exists(built)
+    _elf(libc10, "libstdc++.so.6")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no readelf
+    assert check(built, "g++") is None and os.path.exists(built)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs binutils' readelf")
+def test_setup_reads_the_needed_libraries_of_this_build(monkeypatch):
+    needed_libraries = _setup_py(monkeypatch)["_needed_libraries"]
+    built = importlib.util.find_spec("robust_ops._C").origin
+    assert any(name.startswith("libstdc++") for name in needed_libraries(built))  # so this build passes the check
+    assert needed_libraries(__file__) is None  # not ELF
 
 
 def test_setup_ships_every_native_source_in_the_sdist(monkeypatch):

@@ -31,6 +31,17 @@ export ROBUST_OPS_BENCH_DIR="$WORK"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
+# The GPU image sets CXX and CC to its own GCC (/opt/gcc), which links libstdc++ statically: such an extension
+# crashed there on its first error message formatting a number (2026-12-04), and setup.py now refuses the build.
+# The system GCC links the shared libstdc++.so.6 that torch loads. KEEP_CXX=1 keeps the caller's compilers.
+if [ -z "${KEEP_CXX:-}" ]; then
+  for candidate in /usr/bin/g++ /usr/bin/x86_64-linux-gnu-g++; do
+    if [ -x "$candidate" ] && [ -x "${candidate%++}cc" ]; then
+      export CXX=$candidate CC=${candidate%++}cc
+      break
+    fi
+  done
+fi
 
 failed=()
 stage() {  # stage NAME LIMIT_S COMMAND...: run it, its output in $WORK/NAME.log, one status line, repack $OUT
@@ -50,6 +61,7 @@ wants() {  # wants STAGE GROUP: STAGES names the stage itself or its group
 
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton',
   triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+echo "compilers: CXX=${CXX:-unset} CC=${CC:-unset}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>/dev/null
 if wants build build; then
   stage build "$LIMIT_BUILD" "$PY" setup.py build_ext --inplace
