@@ -9,6 +9,7 @@ Environment switches:
   NVCC_FLAGS              extra nvcc flags
   DEBUG=1                 -O0 -g (C++ and nvcc's host code)
 Install for development with `pip install --no-build-isolation -e .` (build isolation would fetch another torch).
+A build whose compiler or LDFLAGS link libstdc++ statically is refused (see _check_cxx_runtime; CXX/CC choose others).
 """
 
 import glob
@@ -189,17 +190,21 @@ def _check_cxx_runtime(built, compiler):
     shared_libstdcxx = [any(name.startswith("libstdc++") for name in needed) for needed in (torch_libs, ours)]
     if shared_libstdcxx == [True, False]:
         os.remove(built)  # else the next build would find it up to date and use it
+        flags = os.environ.get("LDFLAGS", "").strip()
         sys.exit(
-            f"robust_ops: {compiler} linked libstdc++ statically into {os.path.basename(built)}, while torch loads "
-            "the shared libstdc++.so.6: two C++ runtimes in one process crash on the first error message that "
-            "formats a number. Build with a compiler that links it dynamically (e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc)"
+            f"robust_ops: {os.path.basename(built)} was linked with its own static libstdc++ (linker {compiler}"
+            + (f", LDFLAGS={flags}" if flags else "")
+            + "), while torch loads the shared libstdc++.so.6: two C++ runtimes in one process crash on the first "
+            "error message that formats a number. Build with a compiler and flags that link it dynamically "
+            "(e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc, no -static-libstdc++)"
         )
 
 
 class _BuildExtension(cpp_extension.BuildExtension):
     def build_extension(self, ext):
         super().build_extension(ext)
-        _check_cxx_runtime(self.get_ext_fullpath(ext.name), self.compiler.linker_so[0])
+        # a C++ extension is linked by the C++ compiler (distutils swaps it in for linker_so's first word)
+        _check_cxx_runtime(self.get_ext_fullpath(ext.name), self.compiler.compiler_cxx[0])
 
 
 setup(

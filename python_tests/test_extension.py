@@ -312,11 +312,17 @@ def test_setup_refuses_an_extension_with_its_own_static_libstdcxx(monkeypatch, t
     libc10 = tmp_path / "torch" / "lib" / "libc10.so"
     _elf(libc10, "libstdc++.so.6", "libc.so.6")
     built = _elf(tmp_path / "build" / "_C.so", "libc10.so", "libgomp.so.1", "libc.so.6")
+    monkeypatch.delenv("LDFLAGS", raising=False)
     with pytest.raises(SystemExit) as refusal:
         check(built, "/opt/gcc/bin/g++")
     message = str(refusal.value)
-    assert message.startswith("robust_ops: /opt/gcc/bin/g++ linked libstdc++ statically into _C.so, while torch loads")
-    assert "CXX=/usr/bin/g++ CC=/usr/bin/gcc" in message and "\n" not in message
+    assert message.startswith("robust_ops: _C.so was linked with its own static libstdc++ (linker /opt/gcc/bin/g++)")
+    assert "CXX=/usr/bin/g++ CC=/usr/bin/gcc, no -static-libstdc++" in message and "\n" not in message
+    assert not os.path.exists(built)  # a rerun must link again, not find it up to date
+    built = _elf(tmp_path / "build" / "_C.so", "libc10.so")
+    monkeypatch.setenv("LDFLAGS", "-static-libstdc++")
+    with pytest.raises(SystemExit, match=r"\(linker g\+\+, LDFLAGS=-static-libstdc\+\+\), while torch loads"):
+        check(built, "g++")
     assert not os.path.exists(built)  # a rerun must link again, not find it up to date
     # Passes: the extension needs the shared one too; torch itself carries a static one; nothing to read.
     built = _elf(tmp_path / "build" / "_C.so", "libc10.so", "libstdc++.so.6")

@@ -424,7 +424,9 @@ def test_reference_backend_compiles_with_graph_breaks_only():
     torch._dynamo.reset()
     assert_verbose_equal(torch.compile(step, backend="eager")(x.clone(), x, grad), step(x.clone(), x, grad))
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="Can't convert torch._check"):
+    # Dynamo's wording: torch 2.14 "Can't convert torch._check...", 2.11 (the GPU machines' image, where this failed
+    # on 2026-12-04) "Can't extract message from torch._check()"
+    with pytest.raises(Exception, match=r"Can't (convert|extract message from) torch\._check"):
         torch.compile(step, fullgraph=True, backend="eager")(x.clone(), x, grad)
     torch._dynamo.reset()
 
