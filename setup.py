@@ -203,8 +203,9 @@ def _check_cxx_runtime(built, compiler):
 class _BuildExtension(cpp_extension.BuildExtension):
     def build_extension(self, ext):
         super().build_extension(ext)
-        # a C++ extension is linked by the C++ compiler (distutils swaps it in for linker_so's first word)
-        _check_cxx_runtime(self.get_ext_fullpath(ext.name), self.compiler.compiler_cxx[0])
+        if sys.platform.startswith("linux"):  # ELF and libstdc++; MSVC's compiler object has no compiler_cxx
+            # a C++ extension is linked by the C++ compiler (distutils swaps it in for linker_so's first word)
+            _check_cxx_runtime(self.get_ext_fullpath(ext.name), self.compiler.compiler_cxx[0])
 
 
 setup(

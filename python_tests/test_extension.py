@@ -148,15 +148,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _setup_py(monkeypatch):
     """setup.py's functions, without building: setuptools.setup is stubbed, the module-level extension CPU-only."""
-    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
     # The caller's build switches must not steer the tests; set then deleted, so what _extension writes is undone.
     for name in ("FORCE_CUDA", "CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST", "NVCC_FLAGS", "DEBUG"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # _extension sets it
     monkeypatch.setenv("ROBUST_OPS_CPU_ONLY", "1")
+    setup_kwargs = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: setup_kwargs.update(kwargs))
     namespace = runpy.run_path(str(REPO / "setup.py"))
     monkeypatch.delenv("ROBUST_OPS_CPU_ONLY")
+    namespace["setup_kwargs"] = setup_kwargs  # what setup() was called with
     return namespace
 
 
@@ -333,6 +335,23 @@ def test_setup_refuses_an_extension_with_its_own_static_libstdcxx(monkeypatch, t
     _elf(libc10, "libstdc++.so.6")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no readelf
     assert check(built, "g++") is None and os.path.exists(built)
+
+
+def test_setup_checks_the_built_extension_for_a_static_libstdcxx(monkeypatch, tmp_path):
+    # The check runs in build_ext itself, after the link, with the C++ compiler that linked (pip install -e . too).
+    build_ext = _setup_py(monkeypatch)["setup_kwargs"]["cmdclass"]["build_ext"]
+    _fake_readelf(tmp_path, monkeypatch)
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "torch" / "__init__.py"))
+    _elf(tmp_path / "torch" / "lib" / "libc10.so", "libstdc++.so.6")
+    built = _elf(tmp_path / "build" / "_C.so", "libc10.so")
+    monkeypatch.setattr(cpp_extension.BuildExtension, "build_extension", lambda self, ext: None)  # the link
+    command = build_ext(setuptools.Distribution())
+    command.compiler = type("Compiler", (), {"compiler_cxx": ["/opt/gcc/bin/g++"], "linker_so": ["gcc", "-shared"]})
+    monkeypatch.setattr(command, "get_ext_fullpath", lambda name: built if name == "robust_ops._C" else None)
+    monkeypatch.delenv("LDFLAGS", raising=False)
+    with pytest.raises(SystemExit, match=r"^robust_ops: _C.so was linked with its own static libstdc\+\+ \(linker "
+                                         r"/opt/gcc/bin/g\+\+\), while torch"):
+        command.build_extension(setuptools.Extension("robust_ops._C", []))
 
 
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="needs binutils' readelf")
