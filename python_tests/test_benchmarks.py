@@ -1240,6 +1240,7 @@ def test_ima_rows_aggregate_each_variants_epochs_against_its_masked_twins(monkey
         name, f = r["variant"], scenario_factor[r["scenario"]]
         med, base = 2 * t[name] * f, 2 * t["masked"] * f
         assert (r["ran_on"], r["deterministic"], r["images"], r["K"], r["N"]) == (torch.device("cpu"), True, 10, 2, 3)
+        assert r["warmup"] == 0  # the CPU's default: no untimed epochs (the interleaved list above has none)
         assert (r["epoch_s_median"], r["speedup_vs_masked"]) == pytest.approx((med, base / med))
         assert (r["epoch_cpu_s_median"], r["cpu_speedup_vs_masked"]) == pytest.approx((med + 1, (base + 1) / (med + 1)))
         assert (r["forward_calls"], r["probe_s"], r["crossed_frac"]) == (t[name], 0.5, pytest.approx(0.2))
@@ -1252,6 +1253,32 @@ def test_ima_rows_aggregate_each_variants_epochs_against_its_masked_twins(monkey
         else:
             assert r["speedup_vs_masked_same_layout"] == pytest.approx(2 * t[twin] * f / med)
             assert r["margins_equal_to_masked_same_layout"] == (changed.get(name) == changed.get(twin))
+
+
+def test_ima_warmup_epochs_run_first_in_each_scenario_and_are_not_timed(monkeypatch):
+    """--warmup N: N untimed rounds of every variant per scenario before the timed ones (on a GPU the first epoch to
+    meet a batch size pays its setup: the first compacted variant ran 1.7x slower than an identical one after it)."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_ima", [
+        "--quick", "--variants", "compacted", "--repeats", "2", "--warmup", "2", "--scenarios", "cap,init",
+        "--images", "10", "--steps", "2", "--search-steps", "3", "--pretrain-epochs", "0", "--device", "cpu"])
+    monkeypatch.setattr(mod, "load_train", lambda: (torch.rand(10, 1, 28, 28), torch.randint(0, 2, (10,))))
+    epochs = []
+
+    def fake_epoch(state, x, y, ids_all, args, *, compact, scenario, **kwargs):
+        earlier = sum(e[0] == scenario for e in epochs)
+        epochs.append((scenario, compact))
+        seconds = 1000.0 if earlier < 4 else (10.0 if compact else 20.0)  # a scenario's first 4: 2 warm-up rounds
+        return seconds, seconds, torch.arange(10.0), {"forward_calls": 1}, 0.0
+
+    monkeypatch.setattr(mod, "ima_epoch", fake_epoch)
+    mod.main()
+    assert epochs == [(s, c) for s in ("cap", "init") for _ in range(4) for c in (False, True)]
+    assert [(r["scenario"], r["variant"], r["warmup"], r["epoch_s_median"]) for r in written["ima"]] == [
+        (s, n, 2, t) for s in ("cap", "init") for n, t in (("masked", 20.0), ("compacted", 10.0))]
+    assert mod.default_warmup("cpu") == 0
+    assert mod.default_warmup("cuda") == mod.default_warmup(torch.device("cuda", 1)) == 1
 
 
 @pytest.mark.parametrize("argv,message", [
