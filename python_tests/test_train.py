@@ -2638,6 +2638,33 @@ def test_a_writer_keeps_its_temporary_file_in_the_folder_and_locked_until_its_re
     assert seen and path.read_bytes() == b"outer" and os.listdir(path.parent) == ["checkpoint.pt"]
 
 
+def test_a_writer_holds_its_temporary_files_lock_through_the_rename(tmp_path, monkeypatch):
+    """docs/training.md: the writer's flock is held until after the rename, not only while it writes: released at
+    the close of its file, another save of the path could take the renamed-to-be file for a dead writer's and remove
+    it, and the rename then fails."""
+    import fcntl
+
+    from robust_ops import _files
+
+    real_replace, locked = os.replace, []
+
+    def replace(src, dst):
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked.append(False)
+        except BlockingIOError:
+            locked.append(True)
+        finally:
+            os.close(fd)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(_files.os, "replace", replace)
+    for fsync in (False, True):
+        _files.replace_atomically(tmp_path / "metrics.json", lambda f: f.write("{}"), fsync=fsync)
+    assert locked == [True, True] and (tmp_path / "metrics.json").read_text() == "{}"
+
+
 def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
     """Missing or unexpected keys are torch's error, not a partial load."""
     from robust_ops.train import CHECKPOINT_FORMAT, save_checkpoint
