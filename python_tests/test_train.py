@@ -2665,6 +2665,42 @@ def test_a_writer_holds_its_temporary_files_lock_through_the_rename(tmp_path, mo
     assert locked == [True, True] and (tmp_path / "metrics.json").read_text() == "{}"
 
 
+def test_a_save_on_a_file_system_without_flock_closes_its_lock_descriptor(tmp_path, monkeypatch):
+    """A file system refusing flock (some network mounts): the save goes on unlocked, and the duplicate descriptor
+    taken for the lock is closed, not left open per save (a notebook saving each epoch would reach the open-file
+    limit)."""
+    import errno
+
+    from robust_ops import _files
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(_files.fcntl, "flock", refuse)
+    before = len(os.listdir("/proc/self/fd"))
+    for k in range(5):
+        _files.replace_atomically(tmp_path / "metrics.json", lambda f: f.write(str(k)))
+    assert len(os.listdir("/proc/self/fd")) == before and os.listdir(tmp_path) == ["metrics.json"]
+    assert (tmp_path / "metrics.json").read_text() == "4"
+
+
+def test_exclusive_folder_on_a_file_system_without_flock_runs_the_block_unlocked(tmp_path, monkeypatch):
+    """A file system refusing flock on folders (some network mounts): nothing is locked, as documented, rather than
+    every train and demo failing there."""
+    import errno
+
+    from robust_ops import _files
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(_files.fcntl, "flock", refuse)
+    ran = []
+    with _files.exclusive_folder(tmp_path / "run"):
+        ran.append(True)
+    assert ran and (tmp_path / "run").is_dir() and _files.folder_in_use(tmp_path / "run") is None
+
+
 def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
     """Missing or unexpected keys are torch's error, not a partial load."""
     from robust_ops.train import CHECKPOINT_FORMAT, save_checkpoint
