@@ -2595,8 +2595,11 @@ def test_a_save_removes_the_temporary_files_killed_writers_left_for_its_path_onl
         os.utime(run / name, (1e9, 1e9))  # 2001: written before this save
     (run / ".checkpoint.pt.st1llrun.tmp").write_bytes(b"partial")
     os.utime(run / ".checkpoint.pt.st1llrun.tmp", (4e9, 4e9))  # written after this save began
+    (run / ".checkpoint.pt.s1mlink_.tmp").symlink_to("notes.txt")  # a link, not mkstemp's file
+    os.utime(run / ".checkpoint.pt.s1mlink_.tmp", (1e9, 1e9), follow_symlinks=False)
     save_checkpoint(run / "checkpoint.pt", {"w": torch.arange(3)})
-    assert sorted(os.listdir(run)) == sorted(kept + ["checkpoint.pt", ".checkpoint.pt.st1llrun.tmp"])
+    assert sorted(os.listdir(run)) == sorted(kept + ["checkpoint.pt", ".checkpoint.pt.st1llrun.tmp",
+                                                     ".checkpoint.pt.s1mlink_.tmp"])
 
 
 def test_a_save_keeps_a_live_writers_temporary_file_however_old(tmp_path):
@@ -2613,7 +2616,9 @@ def test_a_save_keeps_a_live_writers_temporary_file_however_old(tmp_path):
         os.utime(name, (1e9, 1e9))  # 2001: written before this save
     with open(live, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
+        before = len(os.listdir("/proc/self/fd"))
         save_checkpoint(tmp_path / "checkpoint.pt", {"w": torch.arange(3)})
+        assert len(os.listdir("/proc/self/fd")) == before  # the cleanup closes what it opened to test the locks
         assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", live.name])
 
 
@@ -2699,6 +2704,40 @@ def test_exclusive_folder_on_a_file_system_without_flock_runs_the_block_unlocked
     with _files.exclusive_folder(tmp_path / "run"):
         ran.append(True)
     assert ran and (tmp_path / "run").is_dir() and _files.folder_in_use(tmp_path / "run") is None
+
+
+def test_a_save_of_a_name_with_regex_characters_removes_its_own_dead_temporary_files_only(tmp_path):
+    """The stale-file pattern is the path's name taken literally: ``epoch(1).pt``'s dead temporary files go, and
+    those of ``epoch(1)xpt`` (another file, a dot being any character in a pattern) stay."""
+    from robust_ops.train import save_checkpoint
+
+    dead, other = tmp_path / ".epoch(1).pt.k1ll3d_a.tmp", tmp_path / ".epoch(1)xpt.k1ll3d_a.tmp"
+    for name in (dead, other):
+        name.write_bytes(b"partial")
+        os.utime(name, (1e9, 1e9))  # 2001: written before this save
+    save_checkpoint(tmp_path / "epoch(1).pt", {"w": torch.arange(3)})
+    assert sorted(os.listdir(tmp_path)) == sorted(["epoch(1).pt", other.name])
+
+
+def test_a_save_leaves_a_temporary_file_that_vanished_or_cannot_be_opened_and_succeeds(tmp_path, monkeypatch):
+    """docs/training.md: the cleanup after the rename leaves a dead writer's temporary file that vanished meanwhile
+    (another save removed it) or that this user may not open: the write itself has succeeded, and says so."""
+    from robust_ops import _files
+
+    gone = tmp_path / ".metrics.json.k1ll3d_a.tmp"
+    gone.write_text("partial")
+    os.utime(gone, (1e9, 1e9))  # 2001: written before this save
+    real_open = os.open
+
+    def vanished(path, *args, **kwargs):
+        if os.fspath(path) == str(gone):
+            raise FileNotFoundError(2, "No such file or directory", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(_files.os, "open", vanished)
+    path = tmp_path / "metrics.json"
+    assert _files.replace_atomically(path, lambda f: f.write("{}")) == str(path) and path.read_text() == "{}"
+    assert sorted(os.listdir(tmp_path)) == [gone.name, path.name]
 
 
 def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
