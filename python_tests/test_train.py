@@ -822,6 +822,7 @@ def test_checkpoint_gets_a_plain_files_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path, progress=False)
+        assert os.umask(0o022) == 0o022  # read to set the mode, and put back: later files are not world-writable
     finally:
         os.umask(mask)
     assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
