@@ -2741,6 +2741,20 @@ def test_a_save_leaves_a_temporary_file_that_vanished_or_cannot_be_opened_and_su
     assert sorted(os.listdir(tmp_path)) == [gone.name, path.name]
 
 
+def test_a_save_keeps_an_error_that_names_its_own_file(tmp_path):
+    """Only an OSError naming no file (a full disk) is renamed after ``path``: one that names a file (the writer
+    reading another one) keeps its name, or the error would point at the wrong file."""
+    from robust_ops import _files
+
+    def write(f):
+        open(tmp_path / "missing.txt")
+
+    with pytest.raises(FileNotFoundError) as raised:
+        _files.replace_atomically(tmp_path / "metrics.json", write)
+    assert raised.value.filename == str(tmp_path / "missing.txt")
+    assert os.listdir(tmp_path) == []
+
+
 def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
     """Missing or unexpected keys are torch's error, not a partial load."""
     from robust_ops.train import CHECKPOINT_FORMAT, save_checkpoint
