@@ -1159,6 +1159,48 @@ def test_a_finished_write_removes_the_staging_folders_killed_writers_left(tmp_pa
     assert os.listdir(out) == ["results.json"]
 
 
+def test_atomic_output_stages_beside_out_under_a_lock_and_closes_what_it_opened(tmp_path, monkeypatch):
+    """The staging folder is ``.<out>.partial-XXXXXXXX`` beside ``out`` (its parent made if missing; os.replace
+    moves within one file system), named as a later write's cleanup looks for it and locked while in use, so that
+    cleanup leaves a live one; a staged subfolder's files move in; no descriptor stays open. A move that fails
+    leaves killed writers' staging folders as they are, as any failed write does."""
+    import fcntl
+    import re
+
+    from robust_ops import evaluate
+    from robust_ops.evaluate import AtomicOutput
+
+    out = tmp_path / "new" / "eval"
+    before = len(os.listdir("/proc/self/fd"))
+    with AtomicOutput(out) as stage:
+        assert stage.parent == out.parent and re.fullmatch(r"\.eval\.partial-[a-z0-9_]{8}", stage.name), stage
+        fd = os.open(stage, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        (stage / "results.json").write_text("{}")
+        staged = (stage / "results.json").stat().st_ino
+        (stage / "sub").mkdir()
+        (stage / "sub" / "a.txt").write_text("a")
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert os.listdir(out.parent) == ["eval"] and (out / "sub" / "a.txt").read_text() == "a"
+    assert (out / "results.json").stat().st_ino == staged  # moved, not copied: never half a file in ``out``
+    dead = out.parent / ".eval.partial-k1ll3d_a"
+    dead.mkdir()
+    os.utime(dead, (1e9, 1e9))  # 2001: before the next write began
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate.os, "replace", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        with AtomicOutput(out) as stage:
+            (stage / "results.json").write_text("{}")
+    assert sorted(os.listdir(out.parent)) == [dead.name, "eval"]
+
+
 def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_first_fooling_attack(monkeypatch):
     # Three scripted attacks over radii 0, 0.1, 0.2 (pixel 1 of sample i set to table[name][eps][i]; > 0.5 is class
     # 1). Each radius's worst case sees that radius's inputs and fooled flags, not those of a larger radius the
