@@ -518,3 +518,13 @@ def test_augment_draws_each_image_of_a_batch_on_its_own():
     x = torch.rand(1, 1, 12, 12).expand(8, 1, 12, 12).contiguous()
     views = SimCLRAugment(12, channels=1)(x)
     assert not all(torch.equal(views[0], v) for v in views[1:])
+
+
+@pytest.mark.parametrize("tau", [0.5, 1e-2, 1e-5])
+def test_nt_xent_excludes_self_similarity_exactly_at_any_temperature(tau):
+    """Eq. 4's indicator drops k = i from the denominator outright: a finite mask (-100, -1e4 instead of -inf) passed
+    the tests at tau >= 0.1, where every other similarity / tau is above -10, yet counts an anchor against itself at
+    small temperatures. A regular tetrahedron's 4 vertices have pairwise cosine -1/3: every anchor's positive and 2
+    negatives tie, so the loss is log(3) for every tau."""
+    t = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64)
+    torch.testing.assert_close(nt_xent(t[:2], t[2:], tau), torch.tensor(math.log(3), dtype=torch.float64))
