@@ -216,12 +216,14 @@ def test_augment_uses_simclr_parameters():
     jitter = rgb["RandomApplyColorJitter"]
     assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue == (-0.1, 0.1)
     assert jitter.transforms[0].saturation == (0.6, 1.4) and rgb["RandomGrayscale"].p == 0.2
+    assert jitter.transforms[0].contrast == (0.6, 1.4)
     blur = rgb["RandomApplyGaussianBlur"]
     assert blur.p == 0.5 and tuple(blur.transforms[0].kernel_size) == (5, 5)
     assert list(blur.transforms[0].sigma) == [0.1, 2.0]
     gray = parts(SimCLRAugment(12, channels=1))
     jitter = gray["RandomApplyColorJitter"]
     assert jitter.p == 0.8 and jitter.transforms[0].contrast == (0.6, 1.4) and jitter.transforms[0].saturation is None
+    assert jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue is None
     assert "RandomGrayscale" not in gray and tuple(gray["RandomApplyGaussianBlur"].transforms[0].kernel_size) == (3, 3)
     assert rgb["RandomHorizontalFlip"].p == 0.5 and gray["RandomHorizontalFlip"].p == 0.5  # SimCLR flips too
 
