@@ -348,6 +348,8 @@ def test_augment_output_stays_in_range_for_saturated_images():
     (torch.rand(4, 1, 8, 8) * 255, r"torch.float32 values in \[[0-9.]+, 2[0-9.]+\]"),
     (torch.rand(4, 1, 8, 8) - 0.5, r"torch.float32 values in \[-0.[0-9]+, 0.[0-9]+\]"),
     (torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), "torch.uint8 values in"),
+    # integer images already in [0, 1] (a 0/1 mask) pass the range check: torchvision reads uint8 as 0-255
+    (torch.randint(0, 2, (4, 1, 8, 8), dtype=torch.uint8), r"torch.uint8 values in \[0, 1\]"),
 ])
 def test_augment_refuses_images_outside_0_1(images, match):
     # 0-255 or normalized images were clamped into [0, 1] (saturated) and simclr trained on them without a word
