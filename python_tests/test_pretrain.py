@@ -532,3 +532,30 @@ def test_nt_xent_excludes_self_similarity_exactly_at_any_temperature(tau):
     negatives tie, so the loss is log(3) for every tau."""
     t = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64)
     torch.testing.assert_close(nt_xent(t[:2], t[2:], tau), torch.tensor(math.log(3), dtype=torch.float64))
+
+
+def test_simclr_pairs_row_i_of_both_views_and_projects_them_with_its_head(monkeypatch):
+    """NT-Xent's positive pair is row i of z1 and of z2: both must be views of the same image, and both the projection
+    head's outputs (the head simclr trains and returns). With an identity augmentation the two views are equal, so
+    z1 == z2 exactly; rolled or interleaved rows, or the backbone's features fed to NT-Xent unprojected, differ."""
+    import robust_ops.pretrain as pretrain
+    from robust_ops.pretrain import projection_head
+
+    heads, calls = [], []
+
+    def recording_head(*args, **kwargs):
+        head = projection_head(*args, **kwargs)
+        head.register_forward_hook(lambda m, inputs, out: heads.append(out.detach().clone()))
+        return head
+
+    def spy_nt_xent(z1, z2, temperature):
+        calls.append((z1.detach().clone(), z2.detach().clone()))
+        return nt_xent(z1, z2, temperature)
+
+    monkeypatch.setattr(pretrain, "projection_head", recording_head)
+    monkeypatch.setattr(pretrain, "nt_xent", spy_nt_xent)
+    simclr(_model(), _data(16), epochs=1, batch_size=8, projection_dim=5, augment=lambda x: x.clone(), progress=False)
+    assert len(calls) == 2 and len(heads) == 2
+    for (z1, z2), out in zip(calls, heads):
+        assert z1.shape == (8, 5) and torch.equal(z1, z2) and torch.equal(torch.cat([z1, z2]), out)
+        assert not torch.equal(z1, z1.roll(1, 0))  # the rows differ: a shifted pairing would show
