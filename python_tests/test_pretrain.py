@@ -559,3 +559,19 @@ def test_simclr_pairs_row_i_of_both_views_and_projects_them_with_its_head(monkey
     for (z1, z2), out in zip(calls, heads):
         assert z1.shape == (8, 5) and torch.equal(z1, z2) and torch.equal(torch.cat([z1, z2]), out)
         assert not torch.equal(z1, z1.roll(1, 0))  # the rows differ: a shifted pairing would show
+
+
+def test_simclr_defaults_are_the_documented_ones():
+    """docs/training.md and docs/defenses/mirst-dm.md give simclr's defaults: tau = 0.5 (also nt_xent's), batch 64,
+    Adam lr 3e-4, a 128-d projection, two augmented views; weight decay 1e-6 is SimCLR's. No other test runs them."""
+    import inspect
+
+    from robust_ops.pretrain import projection_head
+
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+    assert {k: v for k, v in defaults(simclr).items() if k not in ("augment", "device", "seed", "progress")} == {
+        "temperature": 0.5, "batch_size": 64, "lr": 3e-4, "weight_decay": 1e-6, "projection_dim": 128, "head": "auto",
+        "pair_with": "augmented"}
+    assert defaults(nt_xent) == {"temperature": 0.5} and defaults(projection_head) == {"out_features": 128}
