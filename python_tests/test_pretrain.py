@@ -266,13 +266,14 @@ def test_simclr_training_loop_wiring(monkeypatch):
     monkeypatch.setattr(pretrain, "nt_xent", spy_nt_xent)
     monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
     data = _data(20)  # 20 samples, batches of 8: two full batches per epoch, the last 4 samples dropped
-    res = simclr(model, data, epochs=2, temperature=0.2, batch_size=8, lr=1e-3, weight_decay=0.01, projection_dim=16,
+    res = simclr(model, data, epochs=2, temperature=0.2, batch_size=8, lr=2e-3, weight_decay=0.01, projection_dim=16,
                  augment=augment, progress=False)
     assert [s[:4] for s in steps] == [(0.2, 8, True, True)] * 4
     assert len(augmented) == 8 and all(torch.equal(a, b) for a, b in zip(augmented[::2], augmented[1::2]))
     assert not torch.equal(augmented[0], data.tensors[0][:8])  # shuffled
     assert [h["loss"] for h in res.history] == [(steps[0][4] + steps[1][4]) / 2, (steps[2][4] + steps[3][4]) / 2]
-    assert optimizers[0].defaults["lr"] == 1e-3 and optimizers[0].defaults["weight_decay"] == 0.01
+    # lr 2e-3, not Adam's default 1e-3: with 1e-3 an lr never handed to Adam passed
+    assert optimizers[0].defaults["lr"] == 2e-3 and optimizers[0].defaults["weight_decay"] == 0.01
     assert res.head[-1].out_features == 16
     # the feature-size probe runs in eval mode: only the 4 training steps update the batch-norm statistics
     assert int(model.features[1].num_batches_tracked) == 4
