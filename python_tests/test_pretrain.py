@@ -272,6 +272,7 @@ def test_simclr_training_loop_wiring(monkeypatch):
     assert len(augmented) == 8 and all(torch.equal(a, b) for a, b in zip(augmented[::2], augmented[1::2]))
     assert not torch.equal(augmented[0], data.tensors[0][:8])  # shuffled
     assert [h["loss"] for h in res.history] == [(steps[0][4] + steps[1][4]) / 2, (steps[2][4] + steps[3][4]) / 2]
+    assert [h["epoch"] for h in res.history] == [1, 2]  # counted from 1, as fit counts
     # lr 2e-3, not Adam's default 1e-3: with 1e-3 an lr never handed to Adam passed
     assert optimizers[0].defaults["lr"] == 2e-3 and optimizers[0].defaults["weight_decay"] == 0.01
     assert res.head[-1].out_features == 16
