@@ -577,3 +577,25 @@ def test_simclr_defaults_are_the_documented_ones():
         "temperature": 0.5, "batch_size": 64, "lr": 3e-4, "weight_decay": 1e-6, "projection_dim": 128, "head": "auto",
         "pair_with": "augmented"}
     assert defaults(nt_xent) == {"temperature": 0.5} and defaults(projection_head) == {"out_features": 128}
+
+
+class TinyNamedHead(nn.Module):
+    """Tiny with its classifier head under another attribute name."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+        self.features = _model().features
+        setattr(self, name, nn.Linear(4, 2))
+
+    def forward(self, x):
+        return getattr(self, self.name)(self.features(x))
+
+
+def test_simclr_bypasses_a_head_called_head_or_named_by_the_caller():
+    # head="auto" looks for fc, classifier and head (the docstring's three); any other name is bypassed when given
+    res = simclr(TinyNamedHead("head"), _data(), epochs=1, batch_size=8, progress=False)
+    assert res.removed_head == "head" and res.head[0].in_features == 4
+    assert simclr(TinyNamedHead("out"), _data(), epochs=1, batch_size=8, progress=False).removed_head is None
+    res = simclr(TinyNamedHead("out"), _data(), epochs=1, batch_size=8, head="out", progress=False)
+    assert res.removed_head == "out" and res.head[0].in_features == 4
