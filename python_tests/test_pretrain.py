@@ -599,3 +599,15 @@ def test_simclr_bypasses_a_head_called_head_or_named_by_the_caller():
     assert simclr(TinyNamedHead("out"), _data(), epochs=1, batch_size=8, progress=False).removed_head is None
     res = simclr(TinyNamedHead("out"), _data(), epochs=1, batch_size=8, head="out", progress=False)
     assert res.removed_head == "out" and res.head[0].in_features == 4
+
+
+def test_simclr_default_augment_fits_rgb_non_square_images():
+    """The default SimCLRAugment takes the data's channels (the RGB recipe for RGB images) and its height and width
+    in that order: every test ran square grayscale images, where channels=1 or a transposed size could not show."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    data = TensorDataset(torch.rand(8, 3, 10, 14, generator=torch.Generator().manual_seed(1)))
+    res = simclr(model, data, epochs=1, batch_size=4, head=None, progress=False)
+    assert math.isfinite(res.history[0]["loss"]) and shapes[1:] == [(8, 3, 10, 14)] * 2  # after the size probe
