@@ -611,3 +611,11 @@ def test_simclr_default_augment_fits_rgb_non_square_images():
     data = TensorDataset(torch.rand(8, 3, 10, 14, generator=torch.Generator().manual_seed(1)))
     res = simclr(model, data, epochs=1, batch_size=4, head=None, progress=False)
     assert math.isfinite(res.history[0]["loss"]) and shapes[1:] == [(8, 3, 10, 14)] * 2  # after the size probe
+
+
+def test_simclr_flattens_feature_maps_for_the_projection_head():
+    # a representation that is not flat ([N, C, H, W], head=None) is flattened: the head takes C * H * W features
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    res = simclr(model, _data(), epochs=1, batch_size=8, head=None, progress=False)
+    assert res.head[0].in_features == 2 * 8 * 8 and math.isfinite(res.history[0]["loss"])
