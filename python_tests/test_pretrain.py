@@ -185,6 +185,7 @@ def test_simclr_is_deterministic_with_a_seed():
     (dict(weight_decay=math.inf), "simclr: expected weight_decay to be a finite number >= 0, got inf"),
     (dict(weight_decay="0.1"), "simclr: expected weight_decay to be a finite number >= 0, got '0.1'"),
     (dict(seed=None), "simclr: expected seed to be an integer, got None"),
+    (dict(seed=True), "simclr: expected seed to be an integer, got True"),  # as fit refuses it
     (dict(head=5), "simclr: expected head to be 'auto', a module attribute name or None, got 5"),
     (dict(head="missing"), "simclr: the model has no module attribute 'missing' to bypass"),
     (dict(epochs=0), "simclr: expected epochs to be an integer >= 1, got 0"),
