@@ -188,6 +188,8 @@ def test_simclr_is_deterministic_with_a_seed():
     (dict(seed=True), "simclr: expected seed to be an integer, got True"),  # as fit refuses it
     (dict(head=5), "simclr: expected head to be 'auto', a module attribute name or None, got 5"),
     (dict(head="missing"), "simclr: the model has no module attribute 'missing' to bypass"),
+    # an attribute that is no module (a method): replaced by an identity, the model would have returned its input
+    (dict(head="forward"), "simclr: the model has no module attribute 'forward' to bypass"),
     (dict(epochs=0), "simclr: expected epochs to be an integer >= 1, got 0"),
     (dict(projection_dim=0), "simclr: expected projection_dim to be an integer >= 1, got 0"),
     (dict(projection_dim=2.5), "simclr: expected projection_dim to be an integer >= 1, got 2.5"),
