@@ -634,3 +634,11 @@ def test_simclr_seed_sets_the_batch_order():
         return torch.cat(batches)
 
     assert torch.equal(order(3), order(3)) and not torch.equal(order(3), order(4))
+
+
+def test_simclr_takes_a_model_whose_head_was_emptied():
+    # "model.fc = nn.Sequential()" is a common way to strip a classifier: head="auto" finds nothing to bypass there
+    model = _model()
+    model.fc = nn.Sequential()
+    res = simclr(model, _data(), epochs=1, batch_size=8, progress=False)
+    assert res.removed_head is None and res.head[0].in_features == 4 and isinstance(model.fc, nn.Sequential)
