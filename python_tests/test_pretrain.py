@@ -229,6 +229,11 @@ def test_augment_uses_simclr_parameters():
     assert jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue is None
     assert "RandomGrayscale" not in gray and tuple(gray["RandomApplyGaussianBlur"].transforms[0].kernel_size) == (3, 3)
     assert rgb["RandomHorizontalFlip"].p == 0.5 and gray["RandomHorizontalFlip"].p == 0.5  # SimCLR flips too
+    # in SimCLR's order (the docstring's): crop, flip, colour (jitter, then grayscale), blur
+    assert list(rgb) == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApplyColorJitter", "RandomGrayscale",
+                         "RandomApplyGaussianBlur"]
+    assert list(gray) == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomApplyColorJitter",
+                          "RandomApplyGaussianBlur"]
 
 
 class TinySequentialHead(Tiny):
