@@ -216,6 +216,7 @@ def test_augment_uses_simclr_parameters():
 
     rgb = parts(SimCLRAugment((64, 40), channels=3))
     assert tuple(rgb["RandomResizedCrop"].size) == (64, 40) and rgb["RandomResizedCrop"].scale == (0.2, 1.0)
+    assert tuple(rgb["RandomResizedCrop"].ratio) == (3 / 4, 4 / 3)  # SimCLR's crop aspect ratios
     jitter = rgb["RandomApplyColorJitter"]
     assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4) and jitter.transforms[0].hue == (-0.1, 0.1)
     assert jitter.transforms[0].saturation == (0.6, 1.4) and rgb["RandomGrayscale"].p == 0.2
