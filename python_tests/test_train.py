@@ -1000,6 +1000,15 @@ def test_global_batch_sampler_shares_cover_each_global_batch_once():
         assert shares[0][step][1] == n
 
 
+def test_global_batch_sampler_keeps_a_last_global_batch_of_as_many_samples_as_processes():
+    """The docstring's rule: under DDP only a last global batch of fewer samples than processes is dropped; one of
+    exactly world_size samples gives every process one sample and stays (dropping it lost those samples silently)."""
+    for num_samples, world, kept in ((10, 2, 10), (9, 2, 8), (11, 3, 11), (10, 3, 8)):  # batches of 4: 4, 4, rest
+        shares = [list(GlobalBatchSampler(num_samples, 4, seed=1, rank=r, world_size=world)) for r in range(world)]
+        assert [len(s) for s in shares] == [3 if kept == num_samples else 2] * world, (num_samples, world)
+        assert sum(len(indices) for s in shares for indices, _ in s) == kept, (num_samples, world)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # DDP: 2 CPU processes (gloo, localhost) against one process with the same global batch
 
