@@ -1118,6 +1118,36 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
                 assert ddp_row[k] == pytest.approx(v, rel=1e-5, abs=1e-6), f"{name}: {k}"
 
 
+def _unequal_shares_case(name, kwargs, init):
+    model = DropoutMLP()
+    model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
+    model.load_state_dict(init)
+    fit(model, defenses.build(name, **kwargs), _data(10), epochs=2, batch_size=5, lr=1e-2, progress=False, seed=1)
+    return _weights(model)
+
+
+def _ddp_unequal_shares_worker(rank, world, port, init_path, out_path):
+    with _gloo_group(rank, world, port):
+        init = torch.load(init_path, weights_only=True)
+        results = {name: _unequal_shares_case(name, kwargs, init) for name, kwargs in DDP_CASES[:2]}
+        torch.save(results, f"{out_path}.{rank}")
+
+
+def test_ddp_unequal_shares_match_a_single_process(tmp_path):
+    """Global batches of 5 over 2 processes (shares of 3 and 2): each process scales its loss and MIRST's extra
+    gradients by W*n_local/n_global (docs/training.md, Batches), so the averaged gradient is the global batch mean's;
+    the equal shares of the other tests (scale 1) would pass without that scaling."""
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    out = str(tmp_path / "unequal")
+    _spawn_within(120, _ddp_unequal_shares_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    init = torch.load(tmp_path / "init.pt", weights_only=True)
+    ddp = torch.load(f"{out}.0", weights_only=True)
+    for name, kwargs in DDP_CASES[:2]:
+        for k, v in _unequal_shares_case(name, kwargs, init).items():
+            torch.testing.assert_close(ddp[name][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+
+
 def _ddp_ima_lone_sample_worker(rank, world, port, out_path):
     import robust_ops.ima as ima
 
