@@ -1148,6 +1148,39 @@ def test_ddp_unequal_shares_match_a_single_process(tmp_path):
             torch.testing.assert_close(ddp[name][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
 
 
+class _DrawsOnce(Defense):
+    """Standard training that records the first number its process's torch stream draws inside fit."""
+
+    name = "draws-once"
+
+    def __init__(self):
+        self.draws = []
+
+    def __call__(self, model, x, y, ids=None):
+        self.draws.append(torch.rand(()).item())
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
+
+
+def _ddp_rank_streams_worker(rank, world, port, out_path):
+    with _gloo_group(rank, world, port):
+        defense = _DrawsOnce()
+        fit(DropoutMLP(), defense, _data(8), epochs=1, batch_size=4, seed=3, progress=False)
+        torch.save(defense.draws[0], f"{out_path}.{rank}")
+
+
+def test_ddp_rank_0_draws_the_one_process_stream_and_the_others_their_own(tmp_path):
+    """_rank_seed's rule (docs/training.md: each process has its own RNG streams): process 0 draws what one process
+    with the same seed draws, process 1 another stream; the same stream on every process repeated the dropout masks
+    and random starts across the shares unseen."""
+    out = str(tmp_path / "draw")
+    _spawn_within(120, _ddp_rank_streams_worker, (2, _free_port(), out))
+    single = _DrawsOnce()
+    fit(DropoutMLP(), single, _data(8), epochs=1, batch_size=4, seed=3, progress=False)
+    draws = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert draws[0] == single.draws[0] and draws[1] != draws[0], draws
+
+
 def _ddp_ima_lone_sample_worker(rank, world, port, out_path):
     import robust_ops.ima as ima
 
