@@ -1406,6 +1406,28 @@ class SharedStatistic(_TensorStateDefense):
         self.value.fill_(0.1)
 
 
+class PerProcessFloat(Defense):
+    """Standard training with a Python float statistic that each process sets to its own value (its rank)."""
+
+    name = "per-process-float"
+
+    def __init__(self):
+        self.value = 0.0
+
+    def __call__(self, model, x, y, ids=None):
+        import torch.distributed as dist
+
+        self.value = float(dist.get_rank())
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
 def _ddp_generic_merge_worker(rank, world, port, out_path):
     import torch.distributed as dist
 
@@ -1421,6 +1443,9 @@ def _ddp_generic_merge_worker(rank, world, port, out_path):
         statistic = SharedStatistic()
         fit(DropoutMLP(), statistic, _data(8), epochs=1, batch_size=4, progress=False)
         tables["float64"] = statistic.value.item()
+        per_process = PerProcessFloat()
+        fit(DropoutMLP(), per_process, _data(8), epochs=1, batch_size=4, progress=False)
+        tables["float"] = per_process.value
         torch.save(tables, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -1430,12 +1455,12 @@ def test_ddp_generic_merge_keeps_inf_or_nan_filled_tables_and_float64_precision(
     """The end-of-epoch merge picked the one process's change as a sum of mask * value: 0 * inf is NaN, so every
     entry of an inf-filled table (a running minimum) became NaN; and NaN != NaN counted an untouched NaN fill as a
     change on every process, so the mean with it was NaN too. A float64 statistic was averaged in float32 (0.1 came
-    back as 0.10000000149011612)."""
+    back as 0.10000000149011612). A Python float statistic is the mean over the processes (0 and 1 here)."""
     out = str(tmp_path / "tables")
     torch.multiprocessing.spawn(_ddp_generic_merge_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     for rank in range(2):
         tables = torch.load(f"{out}.{rank}", weights_only=True)
-        assert tables == {"inf": list(range(8)), "nan": list(range(8)), "float64": 0.1}, (rank, tables)
+        assert tables == {"inf": list(range(8)), "nan": list(range(8)), "float64": 0.1, "float": 0.5}, (rank, tables)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
