@@ -1118,34 +1118,44 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
                 assert ddp_row[k] == pytest.approx(v, rel=1e-5, abs=1e-6), f"{name}: {k}"
 
 
+# IMA without its per-update sync: the trainer's end-of-epoch merge (IMA's merge_distributed_state) joins the tables
+UNEQUAL_CASES = (*DDP_CASES[:2], ("ima", {"steps": 3, "sync": False}))
+
+
 def _unequal_shares_case(name, kwargs, init):
     model = DropoutMLP()
     model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
     model.load_state_dict(init)
-    fit(model, defenses.build(name, **kwargs), _data(10), epochs=2, batch_size=5, lr=1e-2, progress=False, seed=1)
-    return _weights(model)
+    defense = defenses.build(name, **kwargs)
+    data = IndexedDataset(_data(10)) if defense.needs_ids else _data(10)
+    fit(model, defense, data, epochs=2, batch_size=5, lr=1e-2, progress=False, seed=1)
+    return {"model": _weights(model), "defense": defense.state_dict()}
 
 
 def _ddp_unequal_shares_worker(rank, world, port, init_path, out_path):
     with _gloo_group(rank, world, port):
         init = torch.load(init_path, weights_only=True)
-        results = {name: _unequal_shares_case(name, kwargs, init) for name, kwargs in DDP_CASES[:2]}
+        results = {name: _unequal_shares_case(name, kwargs, init) for name, kwargs in UNEQUAL_CASES}
         torch.save(results, f"{out_path}.{rank}")
 
 
 def test_ddp_unequal_shares_match_a_single_process(tmp_path):
     """Global batches of 5 over 2 processes (shares of 3 and 2): each process scales its loss and MIRST's extra
     gradients by W*n_local/n_global (docs/training.md, Batches), so the averaged gradient is the global batch mean's;
-    the equal shares of the other tests (scale 1) would pass without that scaling."""
+    the equal shares of the other tests (scale 1) would pass without that scaling. IMA with sync=False ends with the
+    margins of one process: those of epoch 1 (no table at its start) were averaged with the untouched ones."""
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     out = str(tmp_path / "unequal")
     _spawn_within(120, _ddp_unequal_shares_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
     init = torch.load(tmp_path / "init.pt", weights_only=True)
     ddp = torch.load(f"{out}.0", weights_only=True)
-    for name, kwargs in DDP_CASES[:2]:
-        for k, v in _unequal_shares_case(name, kwargs, init).items():
-            torch.testing.assert_close(ddp[name][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+    for name, kwargs in UNEQUAL_CASES:
+        single = _unequal_shares_case(name, kwargs, init)
+        for k, v in single["model"].items():
+            torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+        if name == "ima":
+            torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
 
 
 class _DrawsOnce(Defense):
