@@ -1192,6 +1192,43 @@ def test_ddp_rank_0_draws_the_one_process_stream_and_the_others_their_own(tmp_pa
     assert all(other != first for other, first in zip(draws[1], draws[0])), draws
 
 
+class _PartialExtraGrads(Defense):
+    """The clean loss plus extra gradients of 1 for every trainable parameter but the first (None: not reached)."""
+
+    name = "partial-extra"
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        extra = [None] + [torch.ones_like(p) for p in model.parameters() if p.requires_grad][1:]
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits, extra_grads=extra)
+
+
+def _partial_extra_grads_case(init):
+    model = DropoutMLP()
+    model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
+    model.load_state_dict(init)
+    fit(model, _PartialExtraGrads(), _data(8), epochs=1, batch_size=4, lr=1e-2, progress=False, seed=1)
+    return _weights(model)
+
+
+def _ddp_partial_extra_grads_worker(rank, world, port, init_path, out_path):
+    with _gloo_group(rank, world, port):
+        torch.save(_partial_extra_grads_case(torch.load(init_path, weights_only=True)), f"{out_path}.{rank}")
+
+
+def test_ddp_extra_gradients_with_none_entries_match_a_single_process(tmp_path):
+    """A None extra gradient (a parameter the adversarial terms did not reach) is all-reduced as zeros under DDP, so
+    every process reduces the same layout: one process's None must not end the exchange."""
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    out = str(tmp_path / "partial")
+    _spawn_within(120, _ddp_partial_extra_grads_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    single = _partial_extra_grads_case(torch.load(tmp_path / "init.pt", weights_only=True))
+    for rank in range(2):
+        for k, v in torch.load(f"{out}.{rank}", weights_only=True).items():
+            torch.testing.assert_close(v, single[k], rtol=1e-5, atol=1e-6, msg=f"process {rank}: {k}")
+
+
 def _ddp_ima_lone_sample_worker(rank, world, port, out_path):
     import robust_ops.ima as ima
 
