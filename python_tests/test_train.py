@@ -1229,6 +1229,35 @@ def test_ddp_extra_gradients_with_none_entries_match_a_single_process(tmp_path):
             torch.testing.assert_close(v, single[k], rtol=1e-5, atol=1e-6, msg=f"process {rank}: {k}")
 
 
+class _NonContiguousBufferMLP(DropoutMLP):
+    """A buffer stored transposed (not contiguous) that each process updates from its own share."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(2, 3).t())
+
+    def forward(self, x):
+        if self.training:
+            self.seen.add_(x.detach().mean())
+        return super().forward(x)
+
+
+def _ddp_non_contiguous_buffer_worker(rank, world, port, out_path):
+    with _gloo_group(rank, world, port):
+        model = _NonContiguousBufferMLP()
+        fit(model, defenses.Standard(), _data(8), epochs=1, batch_size=4, progress=False)
+        torch.save(model.seen.clone(), f"{out_path}.{rank}")
+
+
+def test_ddp_non_contiguous_buffers_end_each_epoch_as_process_0s(tmp_path):
+    """The end-of-epoch buffer broadcast goes through a contiguous copy for a non-contiguous buffer; the copy must be
+    written back, or process 1 keeps its own statistics (returned model, validation) unseen."""
+    out = str(tmp_path / "buffer")
+    _spawn_within(120, _ddp_non_contiguous_buffer_worker, (2, _free_port(), out))
+    seen = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert torch.equal(seen[0], seen[1]) and bool((seen[0] != 0).all()), seen
+
+
 def _ddp_ima_lone_sample_worker(rank, world, port, out_path):
     import robust_ops.ima as ima
 
