@@ -1232,19 +1232,22 @@ def test_ddp_extra_gradients_with_none_entries_match_a_single_process(tmp_path):
 def _ddp_epochs_differ_worker(rank, world, port, out_path):
     with _gloo_group(rank, world, port):
         messages = [_outcome(lambda: fit(DropoutMLP(), "standard", _data(8), epochs=1 + rank, batch_size=4,
-                                         progress=False))]
+                                         progress=False)),
+                    _outcome(lambda: fit(DropoutMLP(), "standard", _data(8), epochs=1, batch_size=1, progress=False))]
         torch.save(messages, f"{out_path}.{rank}")
 
 
 def test_ddp_refuses_processes_given_other_epochs_or_too_small_a_batch(tmp_path):
     """Another epochs on one process (docs/training.md: refused when fit starts) trained one epoch more there, alone,
-    waiting in its first collective until the group's timeout."""
+    waiting in its first collective until the group's timeout. batch_size=1 over 2 processes is refused by name, not
+    as a training set of fewer samples than processes (every global batch of 1 would be dropped)."""
     out = str(tmp_path / "epochs")
     _spawn_within(120, _ddp_epochs_differ_worker, (2, _free_port(), out))
     for rank in range(2):
         messages = torch.load(f"{out}.{rank}", weights_only=True)
         assert messages[0].startswith(f"ValueError: fit: the processes differ in epochs (process 0: 1, process 1: 2; "
                                       f"this is process {rank}); pass every process the same ones"), messages[0]
+        assert messages[1] == "ValueError: fit: expected batch_size >= the number of processes (2), got 1", messages[1]
 
 
 class _NonContiguousBufferMLP(DropoutMLP):
