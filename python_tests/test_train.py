@@ -1098,7 +1098,7 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"))
-    torch.multiprocessing.spawn(_ddp_worker, args=args, nprocs=2, join=True)
+    _spawn_within(600, _ddp_worker, args)
     for rank in range(2):
         # fit used DDP: destroy_process_group() must still join gloo's threads, or one may abort the process at exit
         # (robust_ops/__init__.py imports torch.distributed.nn.functional before any group for this)
@@ -1373,7 +1373,7 @@ def test_ddp_resume_continues_every_process_own_rng_streams(tmp_path):
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path))
-    torch.multiprocessing.spawn(_ddp_resume_worker, args=args, nprocs=2, join=True)
+    _spawn_within(600, _ddp_resume_worker, args)
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert out["streams_differ"]
@@ -1466,7 +1466,7 @@ def test_ddp_buffers_validation_and_defense_state_agree_across_processes(tmp_pat
     (2) the generic merge of a live per-sample table lost every update; (3) fewer samples than processes trained
     nothing silently."""
     args = (2, _free_port(), str(tmp_path))
-    torch.multiprocessing.spawn(_ddp_buffers_worker, args=args, nprocs=2, join=True)
+    _spawn_within(600, _ddp_buffers_worker, args)
     out = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     for rank in range(2):
         for k, v in out[rank]["final"]["whole"].items():
@@ -1555,7 +1555,7 @@ def test_ddp_generic_merge_keeps_inf_or_nan_filled_tables_and_float64_precision(
     change on every process, so the mean with it was NaN too. A float64 statistic was averaged in float32 (0.1 came
     back as 0.10000000149011612). A Python float statistic is the mean over the processes (0 and 1 here)."""
     out = str(tmp_path / "tables")
-    torch.multiprocessing.spawn(_ddp_generic_merge_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    _spawn_within(600, _ddp_generic_merge_worker, (2, _free_port(), out))
     for rank in range(2):
         tables = torch.load(f"{out}.{rank}", weights_only=True)
         assert tables == {"inf": list(range(8)), "nan": list(range(8)), "float64": 0.1, "float": 0.5}, (rank, tables)
@@ -2024,7 +2024,7 @@ def test_ddp_history_sums_each_metric_over_the_processes_that_reported_it(tmp_pa
     """The metric sums were all-reduced as one vector per process in sorted-key order: other keys on another process
     summed misaligned (only_rank0 came out 2.0), and another number of keys failed or hung."""
     out = str(tmp_path / "history")
-    torch.multiprocessing.spawn(_ddp_metrics_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    _spawn_within(600, _ddp_metrics_worker, (2, _free_port(), out))
     rows = [torch.load(f"{out}.{rank}", weights_only=True)[0] for rank in range(2)]
     without_time = [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     assert without_time[0] == without_time[1]  # every process records the same history
@@ -2059,7 +2059,7 @@ def test_ddp_a_bad_label_in_one_process_share_stops_every_process_with_a_clear_e
     process waited in DDP's gradient all-reduce until the peer went away or the timeout ("Connection closed by
     peer"), or hung while the failing process lived on."""
     out = str(tmp_path / "error")
-    torch.multiprocessing.spawn(_ddp_one_rank_error_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    _spawn_within(600, _ddp_one_rank_error_worker, (2, _free_port(), out))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert re.fullmatch(r"ValueError: fit: expected labels in \[0, 2\) for a model with 2 output classes, got "
                         r"values in \[[01], 7\] \(epoch 1, step 2\)", messages[1]), messages[1]
@@ -2100,8 +2100,7 @@ def test_ddp_errors_around_process_0s_checkpoint_are_clear_on_every_process(tmp_
     """Only process 0 writes the checkpoint: (1) a NaN loss on another process after epoch 1 said "no checkpoint
     written yet" there; (2) when process 0's write failed (a full disk), the others waited in the barrier until
     it went away ("Connection closed by peer") or hung."""
-    torch.multiprocessing.spawn(_ddp_checkpoint_errors_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
-                                join=True)
+    _spawn_within(600, _ddp_checkpoint_errors_worker, (2, _free_port(), str(tmp_path)))
     nan0, file0 = torch.load(tmp_path / "messages.0", weights_only=True)
     nan1, file1 = torch.load(tmp_path / "messages.1", weights_only=True)
     ckpt = tmp_path / "nan" / "checkpoint.pt"
