@@ -1049,15 +1049,28 @@ DDP_CASES = (("standard", {}), ("mirst", {"steps": 4, "emit": (2, 4), "beta": (0
              ("dpaat", {"steps": 2}))
 
 
-def _train_case(name, kwargs, init):
-    from robust_ops.data import IndexedDataset
-
+def _fit_case(name, kwargs, init, samples=36, batch_size=12):
+    """Two epochs of defense ``name`` from weights ``init`` (in one process, or in each of a DDP group's):
+    ``(model, defense, history)``."""
     model = DropoutMLP()
     model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
     model.load_state_dict(init)
     defense = defenses.build(name, **kwargs)
-    data = IndexedDataset(_data(36)) if defense.needs_ids else _data(36)
-    history = fit(model, defense, data, epochs=2, batch_size=12, lr=1e-2, progress=False, seed=1).history
+    data = IndexedDataset(_data(samples)) if defense.needs_ids else _data(samples)
+    history = fit(model, defense, data, epochs=2, batch_size=batch_size, lr=1e-2, progress=False, seed=1).history
+    return model, defense, history
+
+
+def _assert_same_weights_and_margins(name, ddp_case, single):
+    """A defense case trained under DDP ends as in one process: the weights (to float tolerance), IMA's margins."""
+    for k, v in single["model"].items():
+        torch.testing.assert_close(ddp_case["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+    if name == "ima":
+        torch.testing.assert_close(ddp_case["defense"]["margins"], single["defense"]["margins"])
+
+
+def _train_case(name, kwargs, init):
+    model, defense, history = _fit_case(name, kwargs, init)
     return {"model": model.state_dict(), "defense": defense.state_dict(),
             "train_metrics": [{k: v for k, v in row.items() if k.startswith("train_")} for row in history]}
 
@@ -1107,10 +1120,7 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     init = torch.load(tmp_path / "init.pt", weights_only=True)
     for name, kwargs in DDP_CASES:
         single = _train_case(name, kwargs, init)
-        for k, v in single["model"].items():
-            torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
-        if name == "ima":
-            torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
+        _assert_same_weights_and_margins(name, ddp[name], single)
         # every metric the same mean over the same samples (IMA's crossed and adv_acc: over the attacked ones)
         for ddp_row, row in zip(ddp[name]["train_metrics"], single["train_metrics"], strict=True):
             assert ddp_row.keys() == row.keys(), name
@@ -1123,12 +1133,7 @@ UNEQUAL_CASES = (*DDP_CASES[:2], ("ima", {"steps": 3, "sync": False}))
 
 
 def _unequal_shares_case(name, kwargs, init):
-    model = DropoutMLP()
-    model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
-    model.load_state_dict(init)
-    defense = defenses.build(name, **kwargs)
-    data = IndexedDataset(_data(10)) if defense.needs_ids else _data(10)
-    fit(model, defense, data, epochs=2, batch_size=5, lr=1e-2, progress=False, seed=1)
+    model, defense, _ = _fit_case(name, kwargs, init, samples=10, batch_size=5)
     return {"model": _weights(model), "defense": defense.state_dict()}
 
 
@@ -1152,10 +1157,7 @@ def test_ddp_unequal_shares_match_a_single_process(tmp_path):
     ddp = torch.load(f"{out}.0", weights_only=True)
     for name, kwargs in UNEQUAL_CASES:
         single = _unequal_shares_case(name, kwargs, init)
-        for k, v in single["model"].items():
-            torch.testing.assert_close(ddp[name]["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
-        if name == "ima":
-            torch.testing.assert_close(ddp[name]["defense"]["margins"], single["defense"]["margins"])
+        _assert_same_weights_and_margins(name, ddp[name], single)
 
 
 class _DrawsOnce(Defense):
