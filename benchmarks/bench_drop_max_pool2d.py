@@ -3,6 +3,7 @@ same-size copy (the memory roofline), all in one run.
 
     python benchmarks/bench_drop_max_pool2d.py  # fp32 [8, 64, 112, 112], k3 s2 p1, $OMP_NUM_THREADS or 2 threads
     python benchmarks/bench_drop_max_pool2d.py --quick  # small shape, short timing: a smoke run
+    python benchmarks/bench_drop_max_pool2d.py --device cuda  # one device (default: the CPU, then a visible GPU)
 
 Medians of forward and forward+backward for NCHW and channels_last input; ratios against max_pool2d in the same
 layout and in channels_last (its fast path), speedup over the reference, and achieved GB/s against the copy.
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import (copy_roofline_seconds, default_threads, gbps, median_seconds, positive_int,  # noqa: E402
-                    write_rows)
+from common import (copy_roofline_seconds, default_threads, device_arg, gbps, median_seconds,  # noqa: E402
+                    positive_int, write_rows)
 
 import robust_ops  # noqa: E402
 from robust_ops import _backend, reference  # noqa: E402
@@ -80,6 +81,8 @@ def main():
     parser.add_argument("--threads", type=positive_int, default=default_threads(),
                         help="CPU threads (default: $OMP_NUM_THREADS, else 2)")
     parser.add_argument("--shape", type=positive_int, nargs=4, default=None, metavar=("N", "C", "H", "W"))
+    parser.add_argument("--device", type=device_arg, default=None,
+                        help="time on this device only (default: the CPU, then CUDA when a GPU is visible)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = tuple(args.shape) if args.shape else ((2, 16, 56, 56) if args.quick else (8, 64, 112, 112))
@@ -89,7 +92,10 @@ def main():
 
     rows = []
     print("reference: NCHW only (it works on planes); channels_last rows' speedup_vs_reference is against it")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.device is not None:  # device_arg made a cuda:i the current GPU, where "cuda" tensors go
+        devices = [args.device.type]
+    else:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         x = torch.randn(shape, device=device)
         out_shape = F.max_pool2d(x, k, s, p).shape

@@ -617,6 +617,19 @@ def test_drop_max_pool2d_rows_time_what_they_name(monkeypatch):
     assert copy["x_maxpool_same_layout"] == copy["speedup_vs_reference"] == ""
 
 
+def test_drop_max_pool2d_device_times_that_device_only(monkeypatch):
+    """--device: one device's rows (device_check.sh passes its $DEVICE: the CPU half ran past the stage's limit on
+    the GPU machine); without it a GPU machine times the CPU, then CUDA."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_drop_max_pool2d",
+                              ["--quick", "--shape", "1", "2", "6", "6", "--device", "cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU visible: the default would time it too
+    monkeypatch.setattr(mod, "median_seconds", lambda fn, min_run_time=1.0: 1e-3)
+    mod.main()
+    assert {row["dev"] for row in written["drop_max_pool2d"]} == {"cpu"}
+
+
 @pytest.mark.parametrize("fault", ["output nchw", "indices nchw", "output channels_last", "gradient nchw",
                                    "gradient channels_last"])
 def test_drop_max_pool2d_stops_when_the_kernel_disagrees_with_the_reference(monkeypatch, fault):
