@@ -2405,6 +2405,32 @@ def test_ddp_an_error_inside_one_process_step_names_that_process_on_the_others(t
                                      "stopped here too"), messages[1 - failing]
 
 
+def _out_of_memory_everywhere(model, x, y):
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:  # fails second, once process 0's record is in: the record then matches its own error
+        dist.group.WORLD.get_group_store().wait(["robust_ops.fit.1.error"], datetime.timedelta(seconds=30))
+    raise RuntimeError("out of memory")
+
+
+def _ddp_same_runtime_error_worker(rank, world, port, out_path):
+    with _gloo_group(rank, world, port):
+        message = _outcome(lambda: fit(DropoutMLP(), _OwnDefense(_out_of_memory_everywhere), _data(16), epochs=1,
+                                       batch_size=8, progress=False))
+        torch.save(message, f"{out_path}.{rank}")
+
+
+def test_ddp_the_same_runtime_error_on_every_process_stays_each_one_own(tmp_path):
+    """A RuntimeError (as a failed collective raises) that is the one recorded by the process that failed first is
+    this process's own error, not the other's: raised unchanged, not as "process 0 failed ...; stopped here too"."""
+    out = str(tmp_path / "error")
+    _spawn_within(120, _ddp_same_runtime_error_worker, (2, _free_port(), out))
+    messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert messages == ["RuntimeError: out of memory"] * 2, messages
+
+
 class FailsToValidateOnProcess1(nn.Module):
     """Trains; its validation forward (eval mode, a batch of more than the 2 samples fit infers classes from) fails
     on process 1 only, as out of memory on one GPU would."""
