@@ -2312,13 +2312,13 @@ def test_ddp_refuses_trainable_parameters_the_loss_does_not_use(tmp_path):
 
 
 class FailsOnOneProcess(Defense):
-    """Standard loss that raises on process ``rank`` ("every": on each) at its ``call``-th step: in the defense, or
-    in backward."""
+    """Standard loss that raises on process ``rank`` ("every": on each) at its ``call``-th step: in the defense (an
+    ``error``), or in backward."""
 
     name = "fails-on-one"
 
-    def __init__(self, rank, call, in_backward=False):
-        self.rank, self.call, self.in_backward, self.calls = rank, call, in_backward, 0
+    def __init__(self, rank, call, in_backward=False, error=ValueError):
+        self.rank, self.call, self.in_backward, self.error, self.calls = rank, call, in_backward, error, 0
 
     def __call__(self, model, x, y, ids=None):
         import torch.distributed as dist
@@ -2326,7 +2326,7 @@ class FailsOnOneProcess(Defense):
         self.calls += 1
         failing = self.rank in (dist.get_rank(), "every") and self.calls == self.call
         if failing and not self.in_backward:
-            raise ValueError(f"boom on process {dist.get_rank()}")
+            raise self.error(f"boom on process {dist.get_rank()}")
         logits = model(x)
         loss = classification_loss(logits, y)
         return DefenseOutput(loss=RaiseInBackward.apply(loss) if failing else loss, logits=logits)
@@ -2429,6 +2429,26 @@ def test_ddp_the_same_runtime_error_on_every_process_stays_each_one_own(tmp_path
     _spawn_within(120, _ddp_same_runtime_error_worker, (2, _free_port(), out))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert messages == ["RuntimeError: out of memory"] * 2, messages
+
+
+def _ddp_interrupted_on_one_process_worker(rank, world, port, out_path):
+    with _gloo_group(rank, world, port):
+        try:
+            message = _outcome(lambda: fit(DropoutMLP(), FailsOnOneProcess(1, 2, error=KeyboardInterrupt), _data(16),
+                                           epochs=1, batch_size=8, progress=False))
+        except KeyboardInterrupt as e:  # kept as text only: the exception's traceback would hold the group
+            message = f"KeyboardInterrupt: {e}"
+        torch.save(message, f"{out_path}.{rank}")
+
+
+def test_ddp_an_interrupt_on_one_process_is_not_named_as_its_failure_on_the_others(tmp_path):
+    """A KeyboardInterrupt (or SystemExit) is not a process failing on its own: the others must not report that
+    process as failed (Ctrl-C reaches every process; their own error or interrupt stands)."""
+    out = str(tmp_path / "error")
+    _spawn_within(120, _ddp_interrupted_on_one_process_worker, (2, _free_port(), out))
+    messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert messages[1] == "KeyboardInterrupt: boom on process 1", messages[1]
+    assert messages[0].startswith("RuntimeError: ") and "process 1 failed" not in messages[0], messages[0]
 
 
 class FailsToValidateOnProcess1(nn.Module):
