@@ -2150,6 +2150,27 @@ def test_ddp_resume_refuses_processes_that_would_start_from_different_checkpoint
             "on storage all nodes share")
 
 
+def _ddp_resume_one_process_checkpoint_worker(rank, world, port, out_dir):
+    with _gloo_group(rank, world, port):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8,
+                resume=os.path.join(out_dir, "one", "checkpoint.pt"), progress=False)
+        torch.save([str(w.message) for w in caught if "resuming" in str(w.message)],
+                   os.path.join(out_dir, f"warnings.{rank}"))
+
+
+def test_ddp_resume_of_a_one_process_checkpoint_warns_once_on_process_0(tmp_path):
+    """Another number of processes is not a bitwise-exact resume (docs/training.md, Exact resume): said once, by
+    process 0, not once per process."""
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path / "one",
+        progress=False)
+    _spawn_within(120, _ddp_resume_one_process_checkpoint_worker, (2, _free_port(), str(tmp_path)))
+    caught = [torch.load(tmp_path / f"warnings.{rank}", weights_only=True) for rank in range(2)]
+    assert len(caught[0]) == 1 and "with another world_size 1 -> 2" in caught[0][0], caught[0]
+    assert caught[1] == [], caught[1]
+
+
 def _ddp_resume_path_one_node_lacks_worker(rank, world, port, out_dir):
     with _gloo_group(rank, world, port):
         # node-local storage: only process 0's folder gets a checkpoint, process 1 finds none at the same path
