@@ -2488,18 +2488,21 @@ class FailsToValidateOnProcess1(nn.Module):
         return self.net(x)
 
 
-def _ddp_validation_fails_on_one_process_worker(rank, world, port, out_path):
+def _ddp_validation_fails_on_one_process_worker(rank, world, port, out_path, out_dir):
     with _gloo_group(rank, world, port):
         message = _outcome(lambda: fit(FailsToValidateOnProcess1(), defenses.Standard(), _data(16), _data(8, seed=1),
-                                       epochs=1, batch_size=8, progress=False))
+                                       epochs=1, batch_size=8, out_dir=out_dir, progress=False))
         torch.save(message, f"{out_path}.{rank}")
 
 
-def test_ddp_a_validation_error_on_one_process_names_that_process_on_the_others(tmp_path):
+@pytest.mark.parametrize("with_out_dir", [False, True])
+def test_ddp_a_validation_error_on_one_process_names_that_process_on_the_others(tmp_path, with_out_dir):
     """Validation ran outside the record of one-process errors: the other process met gloo's "Connection closed by
-    peer" (or waited for the group's timeout while the failing process lived on) with no word of the error."""
+    peer" (or waited for the group's timeout while the failing process lived on) with no word of the error. With an
+    out_dir the other process waits in the gather of every process's RNG streams for the checkpoint instead."""
     out = str(tmp_path / "error")
-    _spawn_within(120, _ddp_validation_fails_on_one_process_worker, (2, _free_port(), out))
+    out_dir = str(tmp_path / "run") if with_out_dir else None
+    _spawn_within(120, _ddp_validation_fails_on_one_process_worker, (2, _free_port(), out, out_dir))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert messages[1] == "RuntimeError: out of memory on process 1", messages[1]
     assert messages[0] == ("RuntimeError: fit: process 1 failed at the validation after epoch 1: RuntimeError: out of "
