@@ -1481,7 +1481,8 @@ def test_ddp_buffers_validation_and_defense_state_agree_across_processes(tmp_pat
 
 
 class RunningMinimum(_TensorStateDefense):
-    """A per-sample table of the smallest value seen (here the id), filled with ``fill`` (inf or NaN: not seen yet)."""
+    """A per-sample table of the smallest value seen (here the id), filled with ``fill`` (inf, NaN or float32's
+    largest: not seen yet)."""
 
     name = "running-minimum"
     needs_ids = True
@@ -1536,8 +1537,8 @@ def _ddp_generic_merge_worker(rank, world, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         tables = {}
-        for fill in ("inf", "nan"):
-            defense = RunningMinimum(8, float(fill))
+        for fill, n in (("inf", 8), ("nan", 8), ("max", 9)):  # 9: entry 8 is never seen
+            defense = RunningMinimum(n, torch.finfo(torch.float32).max if fill == "max" else float(fill))
             fit(DropoutMLP(), defense, IndexedDataset(_data(8)), epochs=1, batch_size=4, progress=False)
             tables[fill] = defense.table.tolist()
         statistic = SharedStatistic()
@@ -1555,12 +1556,15 @@ def test_ddp_generic_merge_keeps_inf_or_nan_filled_tables_and_float64_precision(
     """The end-of-epoch merge picked the one process's change as a sum of mask * value: 0 * inf is NaN, so every
     entry of an inf-filled table (a running minimum) became NaN; and NaN != NaN counted an untouched NaN fill as a
     change on every process, so the mean with it was NaN too. A float64 statistic was averaged in float32 (0.1 came
-    back as 0.10000000149011612). A Python float statistic is the mean over the processes (0 and 1 here)."""
+    back as 0.10000000149011612). A Python float statistic is the mean over the processes (0 and 1 here). An entry
+    no process changed keeps its start value: the mean of two float32 maxima (a fill) would overflow to inf."""
     out = str(tmp_path / "tables")
     _spawn_within(600, _ddp_generic_merge_worker, (2, _free_port(), out))
     for rank in range(2):
         tables = torch.load(f"{out}.{rank}", weights_only=True)
-        assert tables == {"inf": list(range(8)), "nan": list(range(8)), "float64": 0.1, "float": 0.5}, (rank, tables)
+        assert tables == {"inf": list(range(8)), "nan": list(range(8)),
+                          "max": [*range(8), torch.finfo(torch.float32).max], "float64": 0.1,
+                          "float": 0.5}, (rank, tables)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
