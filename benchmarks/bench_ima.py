@@ -337,19 +337,19 @@ def main():
         times = {v[0]: [] for v in variants}
         cpu_times = {v[0]: [] for v in variants}
         results = {}
+
+        def epoch(compact, arity, batch_exit, min_rows, channels_last, prepacked):  # one variant's epoch
+            return ima_epoch(state, x, y, ids_all, args, compact=compact, arity=arity, scenario=scenario,
+                             batch_exit=batch_exit, min_rows=min_rows, channels_last=channels_last,
+                             prepacked=prepacked, defense_state=defense_state)
+
         for _ in range(warmup):
-            for name, compact, arity, batch_exit, min_rows, channels_last, prepacked in variants:
-                seconds, *_ = ima_epoch(state, x, y, ids_all, args, compact=compact, arity=arity, scenario=scenario,
-                                        batch_exit=batch_exit, min_rows=min_rows, channels_last=channels_last,
-                                        prepacked=prepacked, defense_state=defense_state)
+            for name, *variant in variants:
+                seconds, *_ = epoch(*variant)
                 print(f"{scenario} warm-up {name}: {seconds:.1f} s wall (untimed)", flush=True)
         for r in range(repeats):
-            for name, compact, arity, batch_exit, min_rows, channels_last, prepacked in variants:  # interleaved
-                seconds, cpu, margins, counts, crossed = ima_epoch(state, x, y, ids_all, args, compact=compact,
-                                                                   arity=arity, scenario=scenario,
-                                                                   batch_exit=batch_exit, min_rows=min_rows,
-                                                                   channels_last=channels_last, prepacked=prepacked,
-                                                                   defense_state=defense_state)
+            for name, *variant in variants:  # interleaved
+                seconds, cpu, margins, counts, crossed = epoch(*variant)
                 times[name].append(seconds)
                 cpu_times[name].append(cpu)
                 results[name] = (margins, counts, crossed)
