@@ -1049,12 +1049,19 @@ DDP_CASES = (("standard", {}), ("mirst", {"steps": 4, "emit": (2, 4), "beta": (0
              ("dpaat", {"steps": 2}))
 
 
+def _model_from(init):
+    """The DDP cases' DropoutMLP with weights ``init`` and no dropout (its masks would depend on per-process RNG
+    streams)."""
+    model = DropoutMLP()
+    model.net[3].p = 0.0
+    model.load_state_dict(init)
+    return model
+
+
 def _fit_case(name, kwargs, init, samples=36, batch_size=12):
     """Two epochs of defense ``name`` from weights ``init`` (in one process, or in each of a DDP group's):
     ``(model, defense, history)``."""
-    model = DropoutMLP()
-    model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
-    model.load_state_dict(init)
+    model = _model_from(init)
     defense = defenses.build(name, **kwargs)
     data = IndexedDataset(_data(samples)) if defense.needs_ids else _data(samples)
     history = fit(model, defense, data, epochs=2, batch_size=batch_size, lr=1e-2, progress=False, seed=1).history
@@ -1194,21 +1201,19 @@ def test_ddp_rank_0_draws_the_one_process_stream_and_the_others_their_own(tmp_pa
     assert all(other != first for other, first in zip(draws[1], draws[0])), draws
 
 
-class _PartialExtraGrads(Defense):
+class _PartialExtraGrads(_ConstantExtraGrads):
     """The clean loss plus extra gradients of 1 for every trainable parameter but the first (None: not reached)."""
 
     name = "partial-extra"
 
     def __call__(self, model, x, y, ids=None):
-        logits = model(x)
-        extra = [None] + [torch.ones_like(p) for p in model.parameters() if p.requires_grad][1:]
-        return DefenseOutput(loss=classification_loss(logits, y), logits=logits, extra_grads=extra)
+        out = super().__call__(model, x, y, ids)
+        out.extra_grads[0] = None
+        return out
 
 
 def _partial_extra_grads_case(init):
-    model = DropoutMLP()
-    model.net[3].p = 0.0  # dropout masks would depend on per-process RNG streams
-    model.load_state_dict(init)
+    model = _model_from(init)
     fit(model, _PartialExtraGrads(), _data(8), epochs=1, batch_size=4, lr=1e-2, progress=False, seed=1)
     return _weights(model)
 
