@@ -1573,9 +1573,9 @@ def test_train_on_a_full_disk_is_a_one_line_error_keeping_the_last_checkpoint(sm
 
     real_fsync, calls = os.fsync, []
 
-    def fsync(fd):  # the second checkpoint's flush finds the disk full (NFS reports it here)
+    def fsync(fd):  # run.json's, epoch 1's checkpoint's, then epoch 2's finds the disk full (NFS reports it here)
         calls.append(fd)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
@@ -1587,6 +1587,32 @@ def test_train_on_a_full_disk_is_a_one_line_error_keeping_the_last_checkpoint(sm
                    "holds the last epoch saved: once fixed, continue with the same command and --resume")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]
+
+
+def test_train_flushes_run_json_to_disk_as_it_does_checkpoints(small_npz, tmp_path, capsys, monkeypatch):
+    # run.json was renamed into place unsynced while every checkpoint beside it was fsynced: after a power cut
+    # --resume could find the checkpoint and an empty run.json. A refused resume's restored record is synced too.
+    from robust_ops import _files
+
+    real, synced = _files.replace_atomically, []
+
+    def replace_atomically(path, write, **kwargs):
+        synced.append((Path(path).name, kwargs.get("fsync", False)))
+        return real(path, write, **kwargs)
+
+    monkeypatch.setattr(_files, "replace_atomically", replace_atomically)
+    out = tmp_path / "run"
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--out", out]
+    assert run(base + ["--epochs", "1"], capsys)[0] == 0
+    assert ("run.json", True) in synced and ("run.json", False) not in synced
+    at = tmp_path / "at"
+    assert run(["train", "--data", small_npz, "--epochs", "1", "--out", at, "--no-progress", "--device", "cpu",
+                "--defense", "at", "--defense-opt", "steps=1"], capsys)[0] == 0
+    shutil.copy(at / "checkpoint.pt", out)
+    synced.clear()
+    rc, _, err = run(base + ["--epochs", "2", "--resume"], capsys)
+    one_line_error(rc, err, "training failed: fit: cannot resume", "defense='at'")  # another run's checkpoint
+    assert synced == [("run.json", True), ("run.json", True)]  # this command's record, then the one put back
 
 
 def test_eval_results_that_cannot_be_written_are_a_one_line_error(trained_run, tmp_path, capsys, monkeypatch):

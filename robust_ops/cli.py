@@ -410,10 +410,10 @@ def read_checkpoint(path):
         raise CLIError(f"{path}: not a readable checkpoint ({first[:160]})") from None
 
 
-def write_json_atomic(path, data):
+def write_json_atomic(path, data, fsync=False):
     from ._files import replace_atomically
 
-    replace_atomically(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
+    replace_atomically(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), fsync=fsync)
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -690,8 +690,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         main = is_main_process()
         resumed = _file_stamp(ckpt) if resume and main else None
         previous = (out / RUN_FILE).read_bytes() if resumed and (out / RUN_FILE).is_file() else None
-        if main:
-            write_json_atomic(out / RUN_FILE, run)
+        if main:  # flushed to disk as the checkpoints are: after a power cut --resume needs both
+            write_json_atomic(out / RUN_FILE, run, fsync=True)
         train_set = IndexedDataset(splits.train) if getattr(defense, "needs_ids", False) else splits.train
         try:
             result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
@@ -705,7 +705,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 else:
                     from ._files import replace_atomically
 
-                    replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True)
+                    replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True, fsync=True)
             kept = (f"; {ckpt} holds the last epoch saved: once fixed, continue with the same command"
                     f"{'' if resume else ' and --resume'}" if isinstance(err, OSError) and ckpt.is_file() else "")
             raise CLIError(f"{out}: training failed: {err}{kept}") from None
