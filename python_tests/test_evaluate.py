@@ -1037,8 +1037,8 @@ def test_evaluate_memory_follows_the_batch_size_not_the_split(monkeypatch):
 def test_parse_attacks_refuses_targeted_specs_that_would_aim_at_the_true_labels():
     # Evaluation passes the true labels: pgd:targeted=true pushed towards them, so robust accuracy could only rise.
     for text in ("pgd:targeted=true", "apgd-ce:targeted=true", "square:targeted=true"):
-        with pytest.raises(EvalError, match=r"attacks: targeted=true of '[a-z-]+' would take the true labels evaluation "
-                                            r"passes as targets, pushing towards them; use apgd-t or fab-t"):
+        with pytest.raises(EvalError, match=r"attacks: targeted=true of '[a-z-]+' would take the true labels "
+                                            r"evaluation passes as targets, pushing towards them; use apgd-t or fab-t"):
             parse_attacks(text)
     assert parse_attacks("pgd:targeted=false")[0].options["targeted"] is False
 
