@@ -2001,3 +2001,16 @@ def test_options_record_settings_left_at_none():
     so a resume with max_radius=0.5 after a run without a cap is compared, not passed."""
     assert DPAAT().options()["max_radius"] is None and DPAAT(max_radius=0.5).options()["max_radius"] == 0.5
     assert ARFL().options()["layer"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mutation pass (defense loss numerics and per-batch state): AMAT's margins, DPAAT's cap, ARFL's hooks, MIRST's metrics
+
+
+def test_amat_enlarges_a_still_robust_sample_by_its_own_delta_eps(crafted):
+    """AMAT eq. 6 with a delta_eps other than the default eps / 2 (no test passed one, so a rule reading eps / 2 went
+    unnoticed); xi past every loss: every sample is still robust and gets eps + delta_eps."""
+    model, x, y = _model_and_batch(num_classes=2, n=4)
+    out = defenses.AMAT(steps=2, xi=100.0, delta_eps=0.05)(model, x, y)
+    torch.testing.assert_close(crafted[1][0]["eps"], torch.full((4,), 0.35))
+    assert out.metrics["radius_mean"] == pytest.approx(0.35)
