@@ -2014,3 +2014,12 @@ def test_amat_enlarges_a_still_robust_sample_by_its_own_delta_eps(crafted):
     out = defenses.AMAT(steps=2, xi=100.0, delta_eps=0.05)(model, x, y)
     torch.testing.assert_close(crafted[1][0]["eps"], torch.full((4,), 0.35))
     assert out.metrics["radius_mean"] == pytest.approx(0.35)
+
+
+def test_amat_at_eps_zero_steps_by_the_radius_itself(crafted):
+    """At eps = 0 the second attack's step ratio step_size / eps is undefined; the step is then the radius itself, so
+    the margin delta_eps still moves a still-robust sample (a zero step left x_adv = x at a radius of 0.1)."""
+    model, x, y = _model_and_batch(num_classes=2, n=4)
+    defenses.AMAT(eps=0.0, steps=2, xi=100.0, delta_eps=0.1)(model, x, y)
+    torch.testing.assert_close(crafted[1][0]["alpha"], torch.full((4,), 0.1))
+    assert bool((crafted[1][1].x_adv != x).flatten(1).any(1).all())
