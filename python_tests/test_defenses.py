@@ -2023,3 +2023,20 @@ def test_amat_at_eps_zero_steps_by_the_radius_itself(crafted):
     defenses.AMAT(eps=0.0, steps=2, xi=100.0, delta_eps=0.1)(model, x, y)
     torch.testing.assert_close(crafted[1][0]["alpha"], torch.full((4,), 0.1))
     assert bool((crafted[1][1].x_adv != x).flatten(1).any(1).all())
+
+
+def test_amat_threshold_is_strict_so_xi_zero_never_enlarges_a_radius(crafted):
+    """docs/defenses/amat.md: eps + delta_eps only where L(x_adv_i) < xi, strictly. A confident model's adversarial
+    loss rounds to exactly 0 in float32: under xi = 0 such a sample is not "still robust" and its radius shrinks to
+    (eps + ||x_adv_i - x_i||) / 2 ('<=' enlarged it, so xi = 0 did not turn the enlargement off)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-3)
+        model[1].bias.copy_(torch.tensor([50.0, -50.0]))
+    x, y = _batch(4)[0], torch.zeros(4, dtype=torch.long)
+    defenses.AMAT(steps=2, xi=0.0)(model, x, y)
+    first = crafted[0][1].x_adv
+    with torch.no_grad():
+        assert bool((F.cross_entropy(model(first), y, reduction="none") == 0).all())
+    norms = (first - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(crafted[1][0]["eps"], 0.5 * (0.3 + norms))
