@@ -2040,3 +2040,10 @@ def test_amat_threshold_is_strict_so_xi_zero_never_enlarges_a_radius(crafted):
         assert bool((F.cross_entropy(model(first), y, reduction="none") == 0).all())
     norms = (first - x).flatten(1).norm(dim=1)
     torch.testing.assert_close(crafted[1][0]["eps"], 0.5 * (0.3 + norms))
+
+
+def test_dpaat_max_radius_zero_caps_every_radius_at_zero():
+    """max_radius >= 0 is accepted, and 0 is a cap like any other (every eps_i = 0: the second attack leaves x as it
+    is); a truthiness test ('if max_radius:') read 0 as no cap."""
+    r = DPAAT(max_radius=0.0).radii(torch.tensor([0.3, 0.3, 0.3]), torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(r, torch.zeros(3))
