@@ -2047,3 +2047,17 @@ def test_dpaat_max_radius_zero_caps_every_radius_at_zero():
     is); a truthiness test ('if max_radius:') read 0 as no cap."""
     r = DPAAT(max_radius=0.0).radii(torch.tensor([0.3, 0.3, 0.3]), torch.tensor([1.0, 2.0, 3.0]))
     torch.testing.assert_close(r, torch.zeros(3))
+
+
+def test_arfl_removes_its_feature_hooks_after_each_forward():
+    """ARFL reads the feature map through a hook per forward and removes it: a hook left behind kept cloning the
+    layer's output (the last Linear's input, for the MLP) into a list on every later forward of the model, for the
+    rest of the run (evaluation included)."""
+    from robust_ops.models import MLP
+
+    model, x, y = _model_and_batch(num_classes=2, n=4)
+    ARFL(steps=1)(model, x, y)  # r = 0.5: the clean and the adversarial forward
+    mlp = MLP(2, 1, (10, 6))
+    ARFL(r=1.0)(mlp, torch.rand(4, 2), torch.tensor([0, 1, 0, 1]))
+    for net in (model, mlp):
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
