@@ -375,17 +375,19 @@ def test_amat_and_dpaat_use_per_sample_radii():
 
 
 @pytest.mark.parametrize("name", ["amat", "dpaat"])
-def test_amat_and_dpaat_linf_radii_wider_than_the_value_range_run_as_the_whole_range(name):
+@pytest.mark.parametrize("lo", [0.0, 0.5])
+def test_amat_and_dpaat_linf_radii_wider_than_the_value_range_run_as_the_whole_range(name, lo):
     """An L-inf radius eps_i the rules derive (AMAT's eps + delta_eps, DPAAT's norm + gamma) may exceed the clip
     range although eps fits in it: run_pgd refused it mid-training ("eps in 0-255 units?"). The box then binds,
-    so the radius is the range's width: the same x_adv, the step size still eps_i * step_size / eps."""
+    so the radius is the range's width: the same x_adv, the step size still eps_i * step_size / eps. The width is
+    clip_max - clip_min (lo = 0.5: a range not starting at 0, where clip_max alone is no width)."""
     from robust_ops.attacks.core import run_pgd
 
     torch.manual_seed(0)
     model = GNNet()
     x, y = _batch(6)
-    x = x * 0.25  # data in [0, 0.25]
-    defense = defenses.build(name, norm="linf", eps=0.2, steps=2, clip_min=0.0, clip_max=0.25,
+    x = lo + x * 0.25  # data in [lo, lo + 0.25]
+    defense = defenses.build(name, norm="linf", eps=0.2, steps=2, clip_min=lo, clip_max=lo + 0.25,
                              **({"xi": 100.0} if name == "amat" else {}))  # AMAT: every radius eps + eps/2 = 0.3
     out = defense(model, x, y)
     assert math.isfinite(out.loss.item())
@@ -393,7 +395,7 @@ def test_amat_and_dpaat_linf_radii_wider_than_the_value_range_run_as_the_whole_r
         assert out.metrics["radius_mean"] == pytest.approx(0.3)
     radii = torch.full((6,), 0.6)
     expected = run_pgd(model, x, y, eps=torch.full((6,), 0.25), alpha=radii * (defense.step_size / defense.eps),
-                       steps=2, norm="linf", clip_min=0.0, clip_max=0.25).x_adv
+                       steps=2, norm="linf", clip_min=lo, clip_max=lo + 0.25).x_adv
     assert torch.equal(defense._attack_with_radii(model, x, y, radii), expected)
 
 
