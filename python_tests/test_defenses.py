@@ -2063,3 +2063,18 @@ def test_arfl_removes_its_feature_hooks_after_each_forward():
     ARFL(r=1.0)(mlp, torch.rand(4, 2), torch.tensor([0, 1, 0, 1]))
     for net in (model, mlp):
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+def test_mirst_reports_the_beta_weighted_instance_loss_without_alpha_in_both_formulations():
+    """MIRST's metrics split eq. 2: loss_adv = sum_j beta_j L(x_bar_j) (alpha not applied) and loss = loss_clean +
+    alpha * loss_adv, in both formulations (the tests ran alpha = 1 or left loss_adv unread)."""
+    from robust_ops.attacks.core import run_pgd
+
+    model, x, y = _model_and_batch(sharp=10.0)
+    with torch.no_grad():
+        inst = [F.cross_entropy(model(run_pgd(model, x, y, eps=0.2, alpha=2.5 * 0.2 / 4, steps=e).x_adv), y)
+                for e in (1, 3)]
+    for reuse in (False, True):
+        m = MIRST(alpha=0.5, beta=(0.7, 0.3), emit=(1, 3), eps=0.2, steps=4, reuse=reuse)(model, x, y).metrics
+        assert m["loss_adv"] == pytest.approx(float(0.7 * inst[0] + 0.3 * inst[1]), rel=1e-5)
+        assert m["loss"] == pytest.approx(m["loss_clean"] + 0.5 * m["loss_adv"], rel=1e-6)
