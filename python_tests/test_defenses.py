@@ -2078,3 +2078,17 @@ def test_mirst_reports_the_beta_weighted_instance_loss_without_alpha_in_both_for
         m = MIRST(alpha=0.5, beta=(0.7, 0.3), emit=(1, 3), eps=0.2, steps=4, reuse=reuse)(model, x, y).metrics
         assert m["loss_adv"] == pytest.approx(float(0.7 * inst[0] + 0.3 * inst[1]), rel=1e-5)
         assert m["loss"] == pytest.approx(m["loss_clean"] + 0.5 * m["loss_adv"], rel=1e-6)
+
+
+def test_dpaat_names_a_nan_clean_loss_whose_adversarial_loss_is_finite():
+    """The NaN check reads each input's losses: a sample whose clean loss alone is NaN (finite at its adversarial
+    example) gave a NaN dL, NaN radii and run_pgd's "expected every eps to be finite" when only samples NaN at both
+    were named. Random start: the attack never forwards the clean batch itself."""
+    x, y = _batch(8)
+
+    class NaNAtTheCleanBatch(_NaNForSample):
+        def forward(self, v):
+            return super().forward(v) if torch.equal(v, x) else self.net(v)
+
+    with pytest.raises(ValueError, match=r"^dpaat: the model's loss is NaN or Inf for 1 of the batch's 8 samples"):
+        DPAAT(steps=2, random_start=True)(NaNAtTheCleanBatch(), x, y)
