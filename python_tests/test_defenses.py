@@ -1704,6 +1704,9 @@ def test_dpaat_reference_is_the_mean_loss_change_of_an_asymmetric_batch():
     # the guard zeroes gamma only strictly below it (|dL_avg| < guard, docs/defenses/dpaat.md)
     r = DPAAT(eps=0.3, guard=0.5).radii(torch.tensor([0.3, 0.3]), torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(r, torch.tensor([0.3 + 0.15, 0.3 - 0.15]))
+    # and below it, in the loss's own units (not scaled by eps): |dL_avg| = 0.25 < guard = 0.5 keeps the norms
+    r = DPAAT(eps=0.3, guard=0.5).radii(torch.tensor([0.3, 0.3]), torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(r, torch.tensor([0.3, 0.3]))
 
 
 def test_mirst_plain_loss_is_eq2_with_instances_after_emit_steps_from_the_clean_image():
