@@ -2095,3 +2095,27 @@ def test_dpaat_names_a_nan_clean_loss_whose_adversarial_loss_is_finite():
 
     with pytest.raises(ValueError, match=r"^dpaat: the model's loss is NaN or Inf for 1 of the batch's 8 samples"):
         DPAAT(steps=2, random_start=True)(NaNAtTheCleanBatch(), x, y)
+
+
+def test_arfl_reads_a_reused_convolutions_last_output():
+    """docs/defenses/arfl.md: the feature map is the last conv's output in the forward. A conv applied twice (weights
+    tied) is hooked at both calls: L_robust reads the second output, the map the forward produced last, not the
+    first."""
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 1, 3, padding=1), nn.Linear(64, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(torch.relu(self.conv(x))).flatten(1))
+
+    model = Tied()
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    got = ARFL(r=1.0)(model, x, y).metrics["loss_robust"]
+    with torch.no_grad():
+        first = model.conv(x)
+        last = model.conv(torch.relu(first))
+    assert got == pytest.approx(float(robust_feature_loss(last, y).mean()), rel=1e-6)
+    assert got != pytest.approx(float(robust_feature_loss(first, y).mean()), rel=1e-4)
