@@ -652,6 +652,7 @@ def test_mart_loss_is_boosted_ce_plus_misclassification_weighted_kl(crafted):
     # "kl" is the plain KL as in TRADES's metrics (it was the weighted term, under TRADES's name for the plain one)
     assert out.metrics["kl"] == pytest.approx(float(kl.mean()), rel=1e-4)
     assert out.metrics["loss_robust"] == pytest.approx(float(robust), rel=1e-4)
+    assert out.metrics["loss_adv"] == pytest.approx(float(bce), rel=1e-4)  # docs/defenses/mart.md: the BCE, not the CE
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.8])
