@@ -722,8 +722,11 @@ def test_dpaat_loss_weights_and_js_synchronization_term(crafted):
         p, q = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
         m = (p + q) / 2
         js = (0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)).mean()
-        expected = 0.3 * F.cross_entropy(model(x_adv), y) + 0.7 * F.cross_entropy(model(x), y) + 0.7 * js
+        clean, adv = F.cross_entropy(model(x), y), F.cross_entropy(model(x_adv), y)
+        expected = 0.3 * adv + 0.7 * clean + 0.7 * js
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    # the history's columns: loss_clean is L(x), loss_adv L(x_adv) at the per-sample-radius x_adv, unweighted
+    assert [out.metrics["loss_clean"], out.metrics["loss_adv"]] == pytest.approx([float(clean), float(adv)], rel=1e-5)
 
 
 def test_amat_radius_rule_and_step_scaling(crafted):
