@@ -1252,8 +1252,11 @@ def test_at_and_amat_losses_at_the_crafted_x_adv(crafted):
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
     out = defenses.AMAT(steps=2)(model, x, y)
     with torch.no_grad():
-        expected = 0.5 * (F.cross_entropy(model(crafted[-1][1].x_adv), y) + F.cross_entropy(model(x), y))
+        clean, adv = F.cross_entropy(model(x), y), F.cross_entropy(model(crafted[-1][1].x_adv), y)
+        expected = 0.5 * (adv + clean)
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    # the history's columns: loss_clean is L(x), loss_adv L(x_adv) (AMAT's second x_adv), each unweighted
+    assert [out.metrics["loss_clean"], out.metrics["loss_adv"]] == pytest.approx([float(clean), float(adv)], rel=1e-5)
 
 
 @pytest.mark.parametrize("norm,eps,step", [("l2", 0.3, 0.15), ("linf", 0.05, 0.02)])
