@@ -2594,6 +2594,19 @@ def test_project_l1_matches_a_bisection_on_the_soft_threshold_level(lo, hi):
     torch.testing.assert_close(project_l1(x, inside, torch.full((n,), 1.0), lo, hi), inside)
 
 
+def test_project_l1_returns_the_clip_bound_itself_where_the_room_to_it_rounds_past_it():
+    # In float32 x - (x - 0.2) < 0.2 and x + (0.9 - x) > 0.9 for these x: a point only the box binds lands on the
+    # bound, not a rounding step outside the clip range (mutation testing of attacks core: dropping project_l1's
+    # final clamp survived; [0, 1] and [-1, 2] never round so)
+    from robust_ops.attacks.core import project_l1
+
+    eps = torch.full((2,), 10.0)  # wider than the box
+    x = torch.tensor([0.5841109156608582, 0.5170393586158752]).view(2, 1)
+    assert torch.equal(project_l1(x, x - 1.0, eps, 0.2, 0.7), torch.full_like(x, 0.2))
+    x = torch.tensor([-0.12840993702411652, -0.12934714555740356]).view(2, 1)
+    assert torch.equal(project_l1(x, x + 2.0, eps, -0.3, 0.9), torch.full_like(x, 0.9))
+
+
 @pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (-1.0, 2.0)])
 @pytest.mark.parametrize("use_largereps", [False, True])
 def test_apgd_l1_points_lie_in_the_ball_and_the_clip_range(lo, hi, use_largereps):
