@@ -2936,6 +2936,21 @@ def test_zero_dim_tensor_and_zero_eps():
     assert torch.equal(attacks.fgsm(model, x, y, eps=0.0), x)
 
 
+def test_non_finite_eps_and_alpha_are_refused():
+    # A NaN radius or step made NaN points, and L2 eps=inf an unbounded attack, without a word (mutation testing of
+    # attacks core: per_sample without its finiteness checks survived)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    for arg, bad, norm in (("eps", float("nan"), "linf"), ("eps", float("inf"), "l2"), ("alpha", float("nan"), "l2")):
+        kw = {"eps": 0.03, "alpha": 0.01, arg: bad}
+        with pytest.raises(ValueError, match=rf"^pgd: expected {arg} >= 0 and finite, got {bad}$"):
+            attacks.pgd(model, x, y, steps=1, norm=norm, **kw)
+        kw[arg] = torch.tensor([0.01, bad, 0.01, 0.01])
+        with pytest.raises(ValueError, match=rf"^pgd: expected every {arg} to be finite and >= 0, got 1 bad "
+                                             rf"value\(s\), e.g. {arg}\[1\] = {bad}$"):
+            attacks.pgd(model, x, y, steps=1, norm=norm, **kw)
+
+
 def test_targeted_custom_loss_callable_is_negated():
     # a callable is negated when targeted, as "ce" is: descending the per-sample CE towards the target
     model = make_model(3)
