@@ -3199,6 +3199,15 @@ def test_linf_alpha_in_0_255_units_is_refused_but_large_l2_radii_and_alpha_above
     attacks.PGD(model, eps=0.5, alpha=0.1, steps=1, clip_min=-1.0, clip_max=1.0)(x, y)
 
 
+def test_linf_eps_of_the_whole_clip_range_is_accepted_where_the_width_rounds_below_it():
+    # 0.6 - 0.2 is 0.39999999999999997 in floats: eps = 0.4, the whole range, is let through by the relative slack
+    # (mutation testing of attacks core: a zero slack refused it as eps in 0-255 units)
+    x, y = make_data(n=2)
+    x = (0.2 + 0.4 * x).clamp(0.2, 0.6)
+    x_adv = attacks.pgd(make_model(), x, y, eps=0.4, steps=1, clip_min=0.2, clip_max=0.6)
+    assert float(x_adv.min()) >= 0.2 - 1e-6 and float(x_adv.max()) <= 0.6 + 1e-6
+
+
 def test_least_likely_targets_rank_float64_logits_in_float64():
     """The kth-lowest logit was taken from z.float(): float64 logits closer than float32's resolution tied, and the
     stable sort picked the lower class (class 1 for logits 5, 1 + 1e-12, 1) where torchattacks' kthvalue on the
