@@ -2951,6 +2951,19 @@ def test_non_finite_eps_and_alpha_are_refused():
             attacks.pgd(model, x, y, steps=1, norm=norm, **kw)
 
 
+def test_per_sample_loss_callable_is_averaged_in_the_parameter_gradients_and_emitted_losses():
+    # Steps move along sign(grad) or grad / ||grad||, which no rescaling of the loss changes; the averaging shows in
+    # param_grad_weights' gradients and losses (mutation testing of attacks core: summing a per-sample loss survived)
+    model = make_model(3, torch.float64)
+    x, y = make_data(4, 3, torch.float64)
+    kw = dict(eps=8 / 255, alpha=2 / 255, steps=1, param_grad_weights={0: 1.0, 1: 0.5})
+    want = run_pgd(model, x, y, **kw)
+    got = run_pgd(model, x, y, loss=lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), **kw)
+    assert got.emitted_losses == pytest.approx(want.emitted_losses)
+    for g, w in zip(got.param_grads, want.param_grads):
+        torch.testing.assert_close(g, w)
+
+
 def test_targeted_custom_loss_callable_is_negated():
     # a callable is negated when targeted, as "ce" is: descending the per-sample CE towards the target
     model = make_model(3)
