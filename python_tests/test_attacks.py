@@ -2964,6 +2964,19 @@ def test_per_sample_loss_callable_is_averaged_in_the_parameter_gradients_and_emi
         torch.testing.assert_close(g, w)
 
 
+def test_early_stop_tau_0_is_early_stop_true():
+    # an int tau of 0 is True's rule, not refused as a bad early_stop (mutation testing of attacks core: accepting
+    # only tau > 0 survived)
+    model = Linear(3).eval()
+    x, y = make_data(8, 3)
+    y = model(x).argmax(1)
+    kw = dict(eps=0.5, alpha=0.05, steps=6, emit=(1, 3, 6))
+    want = run_pgd(model, x, y, early_stop=True, **kw)
+    got = run_pgd(model, x, y, early_stop=0, **kw)
+    assert torch.equal(got.iterates, want.iterates)
+    assert not torch.equal(want.iterates, run_pgd(model, x, y, **kw).iterates)  # early stop froze some samples
+
+
 def test_targeted_custom_loss_callable_is_negated():
     # a callable is negated when targeted, as "ce" is: descending the per-sample CE towards the target
     model = make_model(3)
