@@ -216,6 +216,17 @@ def test_a_linf_step_below_the_half_dtypes_resolution_is_refused_not_a_silent_no
     assert (moved != x).float().mean() > 0.9
 
 
+def test_the_step_resolution_check_is_linf_only():
+    # An L2 step alpha * g / ||g|| is no per-coordinate move to compare with the spacing: bfloat16 L2 PGD with the
+    # step the Linf rule refuses runs (mutation testing of attacks core: checking every norm survived)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).to(torch.bfloat16)
+    x = (torch.rand(4, 3, 2, 2) * 0.5 + 0.5).to(torch.bfloat16)
+    y = torch.randint(0, 3, (4,))
+    x_adv = run_pgd(model, x, y, eps=1 / 255, alpha=1 / 1020, steps=1, norm="l2").x_adv
+    assert x_adv.dtype == torch.bfloat16 and x_adv.shape == x.shape
+
+
 @pytest.mark.parametrize("attack", ["apgd", "apgd_t", "square"])
 def test_apgd_and_square_refuse_a_linf_eps_below_the_half_dtypes_resolution(attack):
     """docs/attacks.md, Half-precision inputs: APGD's random start and steps and Square's +-eps squares never move an
