@@ -3041,6 +3041,17 @@ def test_fat_tau_spends_its_budget_only_at_misclassified_iterates():
     assert int(model(res.x_adv).argmax()) == 1
 
 
+def test_a_frozen_sample_stays_frozen_when_the_model_classifies_it_correctly_again():
+    # Freezing is for good: under model_mode="train" (Dropout, BatchNorm batch statistics) a frozen point can be
+    # classified correctly at a later forward, and FAT's step noise must still leave it in place (mutation testing of
+    # attacks core: recomputing frozen at each step instead of or-ing it survived; its zeroed step stays zero).
+    model = Scripted([1.0, -1.0], slope=1e-3)  # misclassified at the first forward only
+    x, y = torch.full((1, 4), 0.5), torch.tensor([0])
+    res = run_pgd(model, x, y, eps=0.1, alpha=0.01, steps=3, early_stop=True, emit=(1, 2, 3), step_noise=0.01,
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(res.iterates, x.expand(3, 1, 4))
+
+
 def test_early_stop_leaves_a_tensor_alpha_unchanged():
     # the per-sample step sizes are zeroed as samples freeze: on a copy, never on the caller's tensor
     model = Linear(3).eval()
