@@ -362,6 +362,25 @@ def test_param_grad_weights_match_separate_backward():
     assert model.head.bias.requires_grad is False
 
 
+class _IgnoresInput(nn.Module):
+    """Logits [N, 3] from a parameter alone: the output does not depend on x."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return self.b.expand(x.shape[0], 3)
+
+
+def test_param_grad_weights_on_a_model_that_ignores_its_input_is_one_clear_error():
+    # autograd.grad(..., allow_unused=True) gives None for x there; named, not a failure inside the fused step
+    # (mutation testing of attacks core: dropping the None check survived)
+    x, y = make_data(2, 3)
+    with pytest.raises(RuntimeError, match="^run_pgd: the model's output does not depend on its input x$"):
+        run_pgd(_IgnoresInput(), x, y, eps=0.03, alpha=0.01, steps=1, param_grad_weights={0: 1.0})
+
+
 def test_custom_loss_callable():
     model = make_model(3)
     x, y = make_data(4, 3)
