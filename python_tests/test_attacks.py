@@ -3071,6 +3071,18 @@ def test_a_frozen_sample_stays_frozen_when_the_model_classifies_it_correctly_aga
     assert torch.equal(res.iterates, x.expand(3, 1, 4))
 
 
+def test_no_step_noise_and_no_random_start_draw_nothing():
+    # step_noise=0 (the default) adds no noise and draws none: neither the generator nor, without one, the global RNG
+    # moves, so a caller's later draws are unchanged (mutation testing of attacks core: drawing 0 * noise survived)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    g = torch.Generator().manual_seed(0)
+    before, global_before = g.get_state(), torch.get_rng_state()
+    run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=2, generator=g)
+    run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=2)
+    assert torch.equal(g.get_state(), before) and torch.equal(torch.get_rng_state(), global_before)
+
+
 def test_early_stop_leaves_a_tensor_alpha_unchanged():
     # the per-sample step sizes are zeroed as samples freeze: on a copy, never on the caller's tensor
     model = Linear(3).eval()
