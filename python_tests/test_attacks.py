@@ -3669,6 +3669,16 @@ def test_bad_seed_errors_name_the_attack():
         attacks.Square(model, n_queries=1, seed=2 ** 70)(x, y)
 
 
+def test_seeds_up_to_2_to_the_64_are_taken_as_manual_seed_takes_them():
+    # [-2**63, 2**64) is manual_seed's range, unsigned 64-bit seeds included (mutation testing of attacks core:
+    # refusing seeds >= 2**63 survived)
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    got = attacks.PGD(model, steps=1, seed=2 ** 64 - 1)(x, y)
+    want = attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=1,
+                       generator=torch.Generator().manual_seed(2 ** 64 - 1))
+    assert torch.equal(got, want)
+
+
 def test_autoattack_refuses_a_non_bool_cascade_when_built():
     # cascade="no" was stored and refused only when the attack ran, by ensemble's name
     with pytest.raises(TypeError, match="^autoattack: expected cascade to be True or False, got 'no'$"):
