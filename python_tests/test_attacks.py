@@ -3169,6 +3169,21 @@ def test_attack_classes_pass_their_options_and_use_torchattacks_defaults():
         assert got == (theirs.eps, theirs.alpha, theirs.steps, theirs.random_start), type(ours).__name__
 
 
+def test_attack_classes_run_the_model_in_their_model_mode():
+    # every class hands its model_mode to its function (mutation testing of attacks core: BIM running the model in
+    # eval whatever its model_mode survived)
+    model = TinyCNN(1, 2).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    x, y = make_data(2, 2)
+    for cls, budget in ((attacks.FGSM, {}), (attacks.BIM, {"steps": 2}), (attacks.PGD, {"steps": 2}),
+                        (attacks.PGDL2, {"steps": 2}), (attacks.CW, {"steps": 2}), (attacks.WhiteNoise, {"trials": 2})):
+        seen.clear()
+        cls(model, eps=0.03, model_mode="train", **budget)(x, y)
+        assert seen and all(seen), cls.__name__
+    assert not model.training
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Porting torchattacks / AutoAttack code
 
