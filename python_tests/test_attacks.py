@@ -3184,6 +3184,11 @@ def test_attack_classes_run_the_model_in_their_model_mode():
     assert not model.training
 
 
+def test_fgsm_class_default_eps_is_torchattacks():
+    # FGSM(model) attacks at torchattacks' 8/255 (mutation testing of attacks core: another default survived)
+    assert attacks.FGSM(make_model()).eps == torchattacks.FGSM(make_model()).eps == 8 / 255
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Porting torchattacks / AutoAttack code
 
