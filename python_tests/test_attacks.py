@@ -299,6 +299,17 @@ def test_emitted_iterates_match_reference_loop(norm):
     assert torch.equal(its[0], x_last)
 
 
+def test_ifgsm_and_cw_linf_return_their_emitted_iterates():
+    # with emit, ifgsm and cw_linf return (x_adv, iterates) as pgd does (mutation testing of attacks core: ifgsm
+    # returning x_adv alone survived)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    for fn in (attacks.ifgsm, attacks.cw_linf):
+        x_adv, its = fn(model, x, y, eps=8 / 255, steps=3, emit=(1, 3))
+        assert its.shape == (2,) + x.shape and torch.equal(its[1], x_adv), fn.__name__
+        assert torch.equal(x_adv, fn(model, x, y, eps=8 / 255, steps=3)), fn.__name__
+
+
 def test_per_sample_eps_and_alpha():
     model = make_model(2)
     x, y = make_data(4, 2)
