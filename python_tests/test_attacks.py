@@ -310,6 +310,18 @@ def test_ifgsm_and_cw_linf_return_their_emitted_iterates():
         assert torch.equal(x_adv, fn(model, x, y, eps=8 / 255, steps=3)), fn.__name__
 
 
+def test_cw_linf_early_stop_freezes_fooled_samples():
+    # cw_linf passes early_stop to the core (mutation testing of attacks core: dropping it survived); kappa > 0 keeps
+    # a fooled sample moving without it (at kappa 0 the clamped margin's gradient vanishes there)
+    model = Linear(3, scale=0.3).eval()
+    x, y = make_data(8, 3)
+    y = model(x).argmax(1)
+    kw = dict(eps=0.3, alpha=0.05, steps=6, kappa=2.0)
+    got = attacks.cw_linf(model, x, y, early_stop=True, **kw)
+    assert torch.equal(got, run_pgd(model, x, y, loss="cw", early_stop=True, **kw).x_adv)
+    assert not torch.equal(got, attacks.cw_linf(model, x, y, **kw))
+
+
 def test_per_sample_eps_and_alpha():
     model = make_model(2)
     x, y = make_data(4, 2)
