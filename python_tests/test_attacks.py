@@ -1003,6 +1003,15 @@ def test_uniform_ball_linf_noise_is_symmetric_in_minus_eps_eps():
     assert abs(float(noise.mean())) < 0.002
 
 
+def test_white_noise_checks_labels_against_the_model_on_its_first_trial():
+    # one trial is enough to name labels the model cannot output (mutation testing of attacks core: checking them at
+    # the second trial let trials=1 return silently)
+    model = make_model(3)
+    x, _ = make_data(4, 3)
+    with pytest.raises(ValueError, match=r"^white_noise: expected labels in \[0, 3\) for a model with 3 classes"):
+        attacks.white_noise(model, x, torch.tensor([0, 1, 2, 3]), eps=0.03, trials=1)
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_white_noise_follows_ima_protocol(norm):
     model = make_model(2)
