@@ -3392,6 +3392,17 @@ def test_torchattacks_device_and_training_mode_switches():
         atk.set_model_training_mode(model_training=True)
 
 
+def test_training_mode_switch_with_one_of_batchnorm_or_dropout_training_is_refused():
+    # model.train() is BatchNorm and Dropout both training: one of the two has no model_mode (mutation testing of
+    # attacks core: mapping either one to "train" survived)
+    atk = attacks.PGD(make_model())
+    for bn, dropout in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match=rf"^pgd: set_model_training_mode\(model_training=True\) with batchnorm_"
+                                             rf"training={bn}, dropout_training={dropout} has no model_mode"):
+            atk.set_model_training_mode(model_training=True, batchnorm_training=bn, dropout_training=dropout)
+    assert atk.model_mode == "eval"
+
+
 def test_run_standard_evaluation_is_run_with_bs():
     model = Linear(num_classes=3)
     x, y = make_data(n=5, num_classes=3)
