@@ -3403,6 +3403,13 @@ def test_training_mode_switch_with_one_of_batchnorm_or_dropout_training_is_refus
     assert atk.model_mode == "eval"
 
 
+def test_least_likely_kth_min_0_is_refused():
+    # kth_min counts from 1; 0 took the last of the sorted logits, where the label itself is put (mutation testing of
+    # attacks core: accepting kth_min >= 0 survived)
+    with pytest.raises(ValueError, match=r"^pgd: expected kth_min to be an integer >= 1, got 0$"):
+        attacks.PGD(make_model()).set_mode_targeted_least_likely(kth_min=0)
+
+
 def test_run_standard_evaluation_is_run_with_bs():
     model = Linear(num_classes=3)
     x, y = make_data(n=5, num_classes=3)
