@@ -3687,6 +3687,13 @@ def test_ensemble_refuses_a_per_sample_eps_of_another_length_before_any_attack_r
     assert queried == []  # refused before the clean check
 
 
+def test_attack_classes_refuse_a_reversed_clip_range_when_built():
+    # named when the class is built, as clip_min or clip_max of another kind are, not at its first call (mutation
+    # testing of attacks core: dropping the clip_max >= clip_min bound of Attack survived)
+    with pytest.raises(ValueError, match=r"^fgsm: expected clip_max to be a finite number >= 0.6, got 0.4$"):
+        attacks.FGSM(TinyCNN(), eps=0.03, clip_min=0.6, clip_max=0.4)
+
+
 @pytest.mark.parametrize("bad", [None, "0.1", True, float("nan"), [0.0]])
 @pytest.mark.parametrize("arg", ["clip_min", "clip_max"])
 def test_non_numeric_clip_range_is_refused_by_attack_functions_and_classes(arg, bad):
