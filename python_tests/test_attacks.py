@@ -3328,6 +3328,15 @@ def test_linf_eps_of_the_whole_clip_range_is_accepted_where_the_width_rounds_bel
     assert float(x_adv.min()) >= 0.2 - 1e-6 and float(x_adv.max()) <= 0.6 + 1e-6
 
 
+def test_a_per_sample_linf_eps_with_one_radius_wider_than_the_range_is_refused():
+    # the widest radius is what is checked, not the first or the smallest (mutation testing of attacks core: checking
+    # the smallest survived)
+    x, y = make_data(n=2)
+    with pytest.raises(ValueError, match=r"^pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up "
+                                         r"to 8 \(eps in 0-255 units\? pass e.g. 8/255\)$"):
+        attacks.pgd(make_model(), x, y, eps=torch.tensor([8 / 255, 8.0]), steps=1)
+
+
 def test_least_likely_targets_rank_float64_logits_in_float64():
     """The kth-lowest logit was taken from z.float(): float64 logits closer than float32's resolution tied, and the
     stable sort picked the lower class (class 1 for logits 5, 1 + 1e-12, 1) where torchattacks' kthvalue on the
