@@ -322,6 +322,18 @@ def test_cw_linf_early_stop_freezes_fooled_samples():
     assert not torch.equal(got, attacks.cw_linf(model, x, y, **kw))
 
 
+def test_emit_takes_one_step_count_as_an_int_and_refuses_bools():
+    # emit=3 is emit=(3,); True is no step count (mutation testing of attacks core: dropping the int case, and taking
+    # True as 1, survived)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    x_adv, its = attacks.pgd(model, x, y, eps=8 / 255, steps=3, random_start=False, emit=3)
+    assert its.shape == (1,) + x.shape and torch.equal(its[0], x_adv)
+    with pytest.raises(ValueError, match=r"^pgd: expected emit to be a non-empty sorted tuple of step counts in "
+                                         r"\[1, 3\], got \(True,\)$"):
+        attacks.pgd(model, x, y, eps=8 / 255, steps=3, emit=(True,))
+
+
 def test_per_sample_eps_and_alpha():
     model = make_model(2)
     x, y = make_data(4, 2)
