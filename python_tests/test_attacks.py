@@ -2958,6 +2958,22 @@ def test_per_sample_eps_random_start_and_default_alpha_match_a_scalar_eps():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=norm)
 
 
+def test_per_sample_eps_random_start_draws_within_each_samples_own_radius():
+    # A random start of radius 0.1 for one sample must not be drawn at the batch's widest radius and projected:
+    # that put most of the others' starts on their sphere, not inside their ball (mutation testing of attacks core:
+    # drawing at eps.max() survived, Linf and L2). alpha = 0 keeps the start.
+    model = make_model(3)
+    x, y = make_data(16, 3)
+    g = torch.Generator().manual_seed(0)
+    for norm, small in (("linf", 0.01), ("l2", 0.1)):
+        eps = torch.full((16,), small)
+        eps[-1] = 10 * small
+        start = run_pgd(model, x, y, eps=eps, alpha=0.0, steps=1, norm=norm, random_start=True, generator=g).x_adv
+        d = (start - x)[:-1]
+        on_sphere = d.abs() >= 0.99 * small if norm == "linf" else norm_of(d, "l2") >= 0.99 * small
+        assert float(on_sphere.float().mean()) < 0.2, norm
+
+
 @pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
 def test_random_start_does_not_depend_on_the_memory_layout(norm, eps):
     # empty_like filled a channels_last x in memory order: the same seed gave another start (up to 2 eps apart), and
