@@ -227,6 +227,18 @@ def test_the_step_resolution_check_is_linf_only():
     assert x_adv.dtype == torch.bfloat16 and x_adv.shape == x.shape
 
 
+def test_the_step_resolution_is_measured_at_the_largest_absolute_input():
+    # inputs in [-1, -0.5]: the spacing that rounds steps away is bfloat16's near |-1|, not near max(x) = -0.5
+    # (mutation testing of attacks core: measuring at max(x) survived, and a negative spacing refused nothing)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).to(torch.bfloat16)
+    x = (-torch.rand(4, 3, 2, 2) * 0.5 - 0.5).to(torch.bfloat16)
+    y = torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=r"^run_pgd: the Linf step min\(alpha, eps\) = 0\.00098 is below half of "
+                                         r"torch\.bfloat16's spacing near the inputs' largest \|value\| 1 "):
+        run_pgd(model, x, y, eps=1 / 255, alpha=1 / 1020, steps=1, clip_min=-1.0, clip_max=1.0)
+
+
 @pytest.mark.parametrize("attack", ["apgd", "apgd_t", "square"])
 def test_apgd_and_square_refuse_a_linf_eps_below_the_half_dtypes_resolution(attack):
     """docs/attacks.md, Half-precision inputs: APGD's random start and steps and Square's +-eps squares never move an
