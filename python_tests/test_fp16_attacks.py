@@ -239,6 +239,14 @@ def test_the_step_resolution_is_measured_at_the_largest_absolute_input():
         run_pgd(model, x, y, eps=1 / 255, alpha=1 / 1020, steps=1, clip_min=-1.0, clip_max=1.0)
 
 
+def test_an_empty_half_precision_batch_is_returned_as_is():
+    # no inputs, no spacing to measure (mutation testing of attacks core: measuring it on an empty batch survived)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).to(torch.bfloat16)
+    x = torch.rand(0, 3, 2, 2).to(torch.bfloat16)
+    x_adv = run_pgd(model, x, torch.zeros(0, dtype=torch.long), eps=1 / 255, alpha=1 / 1020, steps=1).x_adv
+    assert x_adv.shape == x.shape and x_adv.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("attack", ["apgd", "apgd_t", "square"])
 def test_apgd_and_square_refuse_a_linf_eps_below_the_half_dtypes_resolution(attack):
     """docs/attacks.md, Half-precision inputs: APGD's random start and steps and Square's +-eps squares never move an
