@@ -334,6 +334,17 @@ def test_emit_takes_one_step_count_as_an_int_and_refuses_bools():
         attacks.pgd(model, x, y, eps=8 / 255, steps=3, emit=(True,))
 
 
+def test_steps_checked_before_the_default_alpha_divides_by_them():
+    # steps=0 without alpha is the steps error, not a ZeroDivisionError from eps / steps; a float is refused as well
+    # (mutation testing of attacks core: pgd, ifgsm, cw_linf without their own check survived)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    for fn in (attacks.pgd, attacks.ifgsm, attacks.cw_linf):
+        for steps in (0, 2.0):
+            with pytest.raises(ValueError, match=rf"^{fn.__name__}: expected steps to be an integer >= 1, got"):
+                fn(model, x, y, eps=0.03, steps=steps)
+
+
 def test_per_sample_eps_and_alpha():
     model = make_model(2)
     x, y = make_data(4, 2)
