@@ -345,6 +345,15 @@ def test_steps_checked_before_the_default_alpha_divides_by_them():
                 fn(model, x, y, eps=0.03, steps=steps)
 
 
+def test_early_stop_none_is_off():
+    # None reads as False, early stopping off (mutation testing of attacks core: refusing None survived)
+    model = Linear(3).eval()
+    x, y = make_data(8, 3)
+    y = model(x).argmax(1)
+    kw = dict(eps=0.5, alpha=0.05, steps=4)
+    assert torch.equal(run_pgd(model, x, y, early_stop=None, **kw).x_adv, run_pgd(model, x, y, **kw).x_adv)
+
+
 def test_per_sample_eps_and_alpha():
     model = make_model(2)
     x, y = make_data(4, 2)
