@@ -3813,6 +3813,13 @@ def test_seeds_up_to_2_to_the_64_are_taken_as_manual_seed_takes_them():
     assert torch.equal(got, want)
 
 
+def test_a_bool_seed_is_refused():
+    # seed=True is no seed (it ran as manual_seed(1)) (mutation testing of attacks core: accepting bools survived)
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="^pgd: expected seed to be an int or None, got bool$"):
+        attacks.PGD(model, steps=1, seed=True)(x, y)
+
+
 def test_autoattack_refuses_a_non_bool_cascade_when_built():
     # cascade="no" was stored and refused only when the attack ran, by ensemble's name
     with pytest.raises(TypeError, match="^autoattack: expected cascade to be True or False, got 'no'$"):
