@@ -476,6 +476,21 @@ def test_single_logit_ce_is_bce_and_equals_two_logit_model():
     torch.testing.assert_close(c, d, rtol=0, atol=1e-6)
 
 
+def test_targeted_cw_on_a_single_logit_is_the_two_logit_models():
+    # the target margin reads a single logit z as the logits [0, z], as the untargeted margin does (mutation testing
+    # of attacks core: the target margin on the raw [N] logit survived)
+    torch.manual_seed(0)
+    single = SingleLogit(flat=True).eval()
+    two = nn.Sequential()
+    two.forward = lambda x: context.two_logits(single(x))
+    x, _ = make_data(5, 2)
+    target = (single(x) <= 0).long()  # the class not predicted
+    a = attacks.cw_linf(single, x, target, eps=0.03, steps=3, kappa=1.0, targeted=True)
+    b = attacks.cw_linf(two, x, target, eps=0.03, steps=3, kappa=1.0, targeted=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(a, x)
+
+
 def test_single_logit_classification_loss_keeps_its_reduction():
     """Per-sample losses of single-logit models (the defenses' and IMA's reduction="none") are the per-sample BCE of
     [N] and [N, 1] logits (mutation testing of context.py: ignoring the reduction for single logits survived)."""
