@@ -3835,6 +3835,13 @@ def test_a_bool_seed_is_refused():
         attacks.PGD(model, steps=1, seed=True)(x, y)
 
 
+def test_white_noise_has_no_targeted_mode():
+    # random noise aims at no class: targeted=True is refused, not run as the untargeted attack (mutation testing of
+    # attacks core: WhiteNoise taking targeted survived)
+    with pytest.raises(ValueError, match="^noise: this attack has no targeted mode$"):
+        attacks.WhiteNoise(make_model(), targeted=True)
+
+
 def test_autoattack_refuses_a_non_bool_cascade_when_built():
     # cascade="no" was stored and refused only when the attack ran, by ensemble's name
     with pytest.raises(TypeError, match="^autoattack: expected cascade to be True or False, got 'no'$"):
