@@ -3842,6 +3842,12 @@ def test_white_noise_has_no_targeted_mode():
         attacks.WhiteNoise(make_model(), targeted=True)
 
 
+def test_the_lowest_seed_is_taken():
+    # -2**63 is the bottom of manual_seed's range (mutation testing of attacks core: an open lower bound survived)
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    attacks.PGD(model, steps=1, seed=-2 ** 63)(x, y)
+
+
 def test_autoattack_refuses_a_non_bool_cascade_when_built():
     # cascade="no" was stored and refused only when the attack ran, by ensemble's name
     with pytest.raises(TypeError, match="^autoattack: expected cascade to be True or False, got 'no'$"):
