@@ -3848,6 +3848,14 @@ def test_the_lowest_seed_is_taken():
     attacks.PGD(model, steps=1, seed=-2 ** 63)(x, y)
 
 
+def test_cw_class_starts_at_the_clean_inputs_by_default():
+    # CW-Linf has no random start unless asked for (docs/attacks.md, CW-Linf) (mutation testing of attacks core: a
+    # random start by default survived)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    assert torch.equal(attacks.CW(model, eps=0.03, steps=2)(x, y), attacks.cw_linf(model, x, y, eps=0.03, steps=2))
+
+
 def test_autoattack_refuses_a_non_bool_cascade_when_built():
     # cascade="no" was stored and refused only when the attack ran, by ensemble's name
     with pytest.raises(TypeError, match="^autoattack: expected cascade to be True or False, got 'no'$"):
