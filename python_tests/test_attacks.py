@@ -3230,6 +3230,17 @@ def test_cw_target_margin_with_all_negative_logits():
     torch.testing.assert_close(got, torch.tensor([-4.0, 2.0]))
 
 
+def test_ce_attack_loss_keeps_a_per_sample_reduction():
+    # reduction="none" gives the per-sample CE (negated when targeted), as "cw" does (mutation testing of attacks
+    # core: "ce" averaging whatever the reduction survived)
+    from robust_ops.attacks.core import attack_loss
+
+    out, y = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]), torch.tensor([0, 2])
+    want = nn.functional.cross_entropy(out, y, reduction="none")
+    torch.testing.assert_close(attack_loss(out, y, "ce", targeted=False, kappa=0.0, reduction="none"), want)
+    torch.testing.assert_close(attack_loss(out, y, "ce", targeted=True, kappa=0.0, reduction="none"), -want)
+
+
 def test_single_logit_prediction_at_zero_is_the_negative_class():
     # positive class when z > 0: z = 0 is the [0, 0] tie of the equivalent two-logit model, whose argmax is class 0
     z = torch.tensor([0.0, 1e-4, -1e-4])
