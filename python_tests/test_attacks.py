@@ -436,6 +436,15 @@ def test_param_grad_weights_on_a_model_that_ignores_its_input_is_one_clear_error
         run_pgd(_IgnoresInput(), x, y, eps=0.03, alpha=0.01, steps=1, param_grad_weights={0: 1.0})
 
 
+def test_param_grad_weights_at_the_last_iterate_take_no_extra_step():
+    # the extra forward/backward at j == steps only reads gradients: x_adv is still the iterate after steps steps
+    # (mutation testing of attacks core: dropping the break after it, one step more, survived)
+    model = make_model(3, torch.float64)
+    x, y = make_data(4, 3, torch.float64)
+    kw = dict(eps=8 / 255, alpha=2 / 255, steps=2)
+    assert torch.equal(run_pgd(model, x, y, param_grad_weights={2: 1.0}, **kw).x_adv, run_pgd(model, x, y, **kw).x_adv)
+
+
 def test_custom_loss_callable():
     model = make_model(3)
     x, y = make_data(4, 3)
