@@ -3100,6 +3100,20 @@ def test_early_stop_tau_0_is_early_stop_true():
     assert not torch.equal(want.iterates, run_pgd(model, x, y, **kw).iterates)  # early stop froze some samples
 
 
+def test_a_per_sample_eps_that_requires_grad_gives_a_detached_attack():
+    # radii computed from a model (DPAAT's, AMAT's) may require grad: the attack runs on their values and returns
+    # inputs outside any graph, without warnings (mutation testing of attacks core: per_sample without its detach
+    # survived; x_adv then required grad through eps)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    eps = torch.full((4,), 0.03, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x_adv = attacks.pgd(model, x, y, eps=eps, alpha=eps.detach() / 4, steps=2, random_start=False)
+    assert not x_adv.requires_grad
+    assert torch.equal(x_adv, attacks.pgd(model, x, y, eps=0.03, alpha=0.0075, steps=2, random_start=False))
+
+
 def test_targeted_custom_loss_callable_is_negated():
     # a callable is negated when targeted, as "ce" is: descending the per-sample CE towards the target
     model = make_model(3)
