@@ -3909,6 +3909,14 @@ def test_uniform_ball_refuses_nan_or_bool_eps_and_a_shape_that_is_no_tuple():
     assert attacks.uniform_ball(torch.Size([2, 3]), torch.tensor([0.1, 0.2]), "linf").abs().max() <= 0.2
 
 
+def test_uniform_ball_refuses_negative_or_bool_sizes():
+    # each size is checked, not only the tuple (mutation testing of attacks core: dropping the per-size check survived;
+    # torch's own errors named neither uniform_ball nor the shape)
+    for shape in ((2, -1), (True, 3), (2, 3.0)):
+        with pytest.raises(ValueError, match=r"^uniform_ball: expected shape to be a non-empty tuple of sizes"):
+            attacks.uniform_ball(shape, 0.1, "linf")
+
+
 @pytest.mark.parametrize("bad", [None, "0.5", True, [0.5, None]])
 def test_normalized_refuses_a_mean_or_std_that_is_no_number_by_name(bad):
     # torch.as_tensor's "must be real number, not NoneType" / "new(): invalid data type 'str'"; True ran as 1.0
