@@ -3869,6 +3869,17 @@ def test_a_bool_seed_is_refused():
         attacks.PGD(model, steps=1, seed=True)(x, y)
 
 
+def test_targeted_option_of_an_attack_class_attacks_towards_the_labels():
+    # targeted=True when built is set_mode_targeted_by_label() (mutation testing of attacks core: an Attack that
+    # ignored its targeted option survived)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    atk = attacks.PGD(model, eps=0.03, steps=2, random_start=False, targeted=True)
+    assert atk.targeted
+    assert torch.equal(atk(x, y), attacks.pgd(model, x, y, eps=0.03, alpha=2 / 255, steps=2, random_start=False,
+                                              targeted=True))
+
+
 def test_white_noise_has_no_targeted_mode():
     # random noise aims at no class: targeted=True is refused, not run as the untargeted attack (mutation testing of
     # attacks core: WhiteNoise taking targeted survived)
