@@ -2757,6 +2757,8 @@ def test_apgd_l1_first_step_moves_the_top_fifth_of_the_coordinates_by_eps_in_all
     move = (stepped - start).flatten(1)
     assert (move != 0).sum(1).tolist() == [29] * 4
     torch.testing.assert_close(move.abs().sum(1), torch.ones(4))
+    # equal shares (AutoAttack's sign step): eps / 29 on each moved coordinate, not shares weighted by |gradient|
+    torch.testing.assert_close(move.abs()[move != 0], torch.full((4 * 29,), 1 / 29))
     xg = start.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(classification_loss(model(xg), y, reduction="none").sum(), [xg])
     grad = grad.flatten(1)
