@@ -2406,6 +2406,27 @@ def test_apgd_random_start_is_on_the_boundary_of_the_ball(norm):
         assert bool((d.amin(1) < 0).all() and (d.amax(1) > 0).all())  # a Gaussian direction
 
 
+def test_apgd_l1_random_start_is_a_gaussian_point_projected_onto_the_ball():
+    """AutoAttack's L1 start: x + t, t ~ N(0, 1) drawn from the generator, projected onto the L1 ball and the range
+    (on the sphere here: ||t||_1 >> eps; both signs, as a Gaussian's; a uniform t in [0, 1) would move up only)."""
+    from robust_ops.attacks.core import project_l1
+
+    x = torch.full((3, 1, 8, 8), 0.5)
+    x[2, 0, 0] = 0.0  # a row at the clip boundary
+    y = torch.zeros(3, dtype=torch.long)
+    queried = []
+    model = Scripted([-5.0])
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    eps = torch.full((3,), 2.0)
+    attacks.apgd(model, x, y, eps=eps, norm="l1", steps=1, generator=torch.Generator().manual_seed(0))
+    start = queried[1]
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(start, project_l1(x, x + t, eps, 0.0, 1.0))
+    d = (start - x).flatten(1)
+    torch.testing.assert_close(d.abs().sum(1), eps)
+    assert bool((d.amin(1) < 0).all() and (d.amax(1) > 0).all())
+
+
 def test_apgd_returns_the_first_successful_iterate(monkeypatch):
     """A sample broken at several iterates comes back as the first one that succeeded, not a later one."""
     x = torch.full((1, 1, 4, 4), 0.5)
