@@ -2463,6 +2463,20 @@ def test_apgd_keeps_the_earliest_of_equal_loss_points():
     assert torch.equal(x_adv, queried[1])
 
 
+def test_apgd_t_keeps_the_earliest_of_equal_loss_points_over_restarts():
+    """APGD-T's bookkeeping over its runs replaces the best point only on a strict loss increase too, as
+    :func:`apgd`'s: with a flat loss the unbroken sample comes back at the first run's random start."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    model = _FlatLoss()
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd_t(model, x, torch.zeros(1, dtype=torch.long), eps=0.1, steps=3, n_restarts=2,
+                           generator=torch.Generator().manual_seed(0))
+    # queried: the clean check, per run (one target, two restarts) the start, 3 steps and the x_best evaluation
+    assert len(queried) == 11 and not torch.equal(queried[1], queried[6])
+    assert torch.equal(x_adv, queried[1])
+
+
 def test_apgd_keeps_the_step_at_the_first_checkpoint_without_a_better_point(monkeypatch):
     """The no-progress condition needs a checkpoint that did NOT halve; before the first checkpoint the step counts
     as halved (AutoAttack's reduced_last_check starts at ones): at rho = 0.5, 2 increases of 3 keep the step at the
