@@ -2827,6 +2827,23 @@ def test_apgd_l1_checkpoints_every_4_percent_reset_or_shrink_the_step(monkeypatc
     assert sizes == pytest.approx(want)
 
 
+def test_apgd_l1_checkpoints_every_4_steps_of_100(monkeypatch):
+    """AutoAttack's default 100 iterations: L1 checkpoints after every int(0.04 * 100) = 4 steps (the 50 steps above
+    cannot tell 4% from 5%). Flat loss: the first checkpoint resets the step to eps, the later ones shrink it."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    sizes, original = [], apgd_module._l1_step
+
+    def spy(x_adv, x, grad, step_size, *rest):
+        sizes.append(float(step_size[0]))
+        return original(x_adv, x, grad, step_size, *rest)
+
+    monkeypatch.setattr(apgd_module, "_l1_step", spy)
+    x = torch.full((1, 1, 12, 12), 0.5)
+    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=1.0, norm="l1", steps=100,
+                 generator=torch.Generator().manual_seed(0))
+    assert sizes[:13] == pytest.approx([1.0] * 8 + [1 / 1.5] * 4 + [1 / 1.5 ** 2])
+
+
 def test_apgd_l1_a_sparser_best_point_resets_a_shrunk_step_to_eps(monkeypatch):
     """At an L1 checkpoint a sample whose best point got >= 5% sparser since the last one goes back to step eps
     (AutoAttack's), also after its step has shrunk: here the sparsity (scripted) is dense at the first two checkpoints
