@@ -2865,6 +2865,27 @@ def test_apgd_l1_a_sparser_best_point_resets_a_shrunk_step_to_eps(monkeypatch):
     assert sizes[:5] == pytest.approx([eps, eps / 1.5, eps / 1.5 ** 2, eps, eps / 1.5])
 
 
+def test_apgd_l1_sparser_means_below_95_percent_of_the_last_checkpoints_sparsity(monkeypatch):
+    """AutoAttack's rule sp_curr / sp_old < 0.95, sp_old starting at the number of features (144): scripted
+    sparsities 130 (0.90 of 144: reset to eps), 124 (0.954 of 130, fewer but not 5% fewer: shrink), 120 (shrink) and
+    114 (exactly 0.95 of 120, not below: shrink)."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    sizes, original = [], apgd_module._l1_step
+
+    def spy(x_adv, x, grad, step_size, *rest):
+        sizes.append(float(step_size[0]))
+        return original(x_adv, x, grad, step_size, *rest)
+
+    script = iter([130, 124, 120, 114])
+    monkeypatch.setattr(apgd_module, "_l1_step", spy)
+    monkeypatch.setattr(apgd_module, "l0_norm", lambda d: torch.full((d.shape[0],), next(script, 114)))
+    x = torch.full((1, 1, 12, 12), 0.5)
+    eps = 1.0  # 10 steps: checkpoints after 1, 2, 3, ... steps
+    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=eps, norm="l1", steps=10,
+                 generator=torch.Generator().manual_seed(0))
+    assert sizes[:5] == pytest.approx([eps, eps, eps / 1.5, eps / 1.5 ** 2, eps / 1.5 ** 3])
+
+
 def test_apgd_l1_use_largereps_runs_autoattacks_three_stages(monkeypatch):
     """use_largereps (AutoAttack's decr_eps_pgd): ceil(0.3 n), ceil(0.3 n) and the rest of the n steps at 3, 2 and 1
     x eps, each stage from the previous stage's highest-loss point (the first from a random point)."""
