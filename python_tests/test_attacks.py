@@ -2865,6 +2865,34 @@ def test_apgd_l1_a_sparser_best_point_resets_a_shrunk_step_to_eps(monkeypatch):
     assert sizes[:5] == pytest.approx([eps, eps / 1.5, eps / 1.5 ** 2, eps, eps / 1.5])
 
 
+def test_apgd_l1_a_sparser_checkpoint_restarts_from_the_best_point_with_its_gradient(monkeypatch):
+    """At an L1 checkpoint where the best point got sparser, the next step starts from that point with its own
+    gradient (AutoAttack's x_adv[fl_redtopk] = x_best, grad[fl_redtopk] = grad_best). 10 steps, a checkpoint after
+    each: scripted sparsities 144 (not sparser) then 72; the best point is the first iterate (gradient up), the
+    second iterate's gradient points down."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    calls, original = [], apgd_module._l1_step
+
+    def spy(x_adv, x, grad, *rest):
+        calls.append((x_adv.clone(), grad.clone()))
+        return original(x_adv, x, grad, *rest)
+
+    script = iter([144, 72])
+    monkeypatch.setattr(apgd_module, "_l1_step", spy)
+    monkeypatch.setattr(apgd_module, "l0_norm", lambda d: torch.full((d.shape[0],), next(script, 72)))
+    x = torch.full((1, 1, 12, 12), 0.5)
+    # clean, start, steps 1 (the best loss), 2, 3: never fooled (z < 0)
+    model = Scripted([-9.0, -5.0, -1.0, -4.0, -3.0], slope=[1e-3, -1e-3, 1e-3, -1e-3])
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    attacks.apgd(model, x, torch.zeros(1, dtype=torch.long), eps=1.0, norm="l1", steps=10,
+                 generator=torch.Generator().manual_seed(0))
+    best, second = queried[2], queried[3]
+    assert not torch.equal(best, second) and bool((calls[1][1] > 0).all())
+    x_adv, grad = calls[2]  # the step after the second checkpoint
+    assert torch.equal(x_adv, best) and torch.equal(grad, calls[1][1])
+
+
 def test_apgd_l1_sparser_means_below_95_percent_of_the_last_checkpoints_sparsity(monkeypatch):
     """AutoAttack's rule sp_curr / sp_old < 0.95, sp_old starting at the number of features (144): scripted
     sparsities 130 (0.90 of 144: reset to eps), 124 (0.954 of 130, fewer but not 5% fewer: shrink), 120 (shrink) and
