@@ -2949,6 +2949,22 @@ def test_apgd_l1_use_largereps_runs_autoattacks_three_stages(monkeypatch):
         assert torch.equal(runs[1]["x_init"], runs[0]["x_best"]) and torch.equal(runs[2]["x_init"], runs[1]["x_best"])
 
 
+def test_apgd_l1_use_largereps_returns_the_last_stages_first_successful_iterate():
+    """With use_largereps a broken sample comes back as the last stage's first successful iterate (AutoAttack's
+    decr_eps_pgd returns its x_best_adv), not that stage's highest-loss point. 3 steps: one per stage; fooled (z > 0)
+    at the last stage's start and, with a higher loss, at its step. The first two stages' steps lower the loss, so
+    the last stage starts from the first one's random start, whose signs are mixed: its step moves it."""
+    x = torch.full((1, 1, 4, 4), 0.5)
+    # clean, then per stage its start and its step, then the x_best evaluation
+    model = Scripted([-5.0, -3.0, -4.0, -3.0, -4.0, 1.0, 2.0, 2.0], slope=1e-3)
+    queried = []
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    x_adv = attacks.apgd(model, x, torch.zeros(1, dtype=torch.long), eps=1.0, norm="l1", steps=3,
+                         use_largereps=True, generator=torch.Generator().manual_seed(0))
+    assert len(queried) == 8 and not torch.equal(queried[5], queried[6])
+    assert torch.equal(x_adv, queried[5])
+
+
 def test_apgd_l1_restarts_run_on_the_samples_not_yet_broken(monkeypatch):
     apgd_module = sys.modules["robust_ops.attacks.apgd"]
     seen, original = [], apgd_module._apgd_stages
