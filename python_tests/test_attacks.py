@@ -2949,6 +2949,36 @@ def test_apgd_l1_use_largereps_runs_autoattacks_three_stages(monkeypatch):
         assert torch.equal(runs[1]["x_init"], runs[0]["x_best"]) and torch.equal(runs[2]["x_init"], runs[1]["x_best"])
 
 
+def test_apgd_l1_use_largereps_stages_start_from_the_last_best_point_and_its_sparsity(monkeypatch):
+    """Each use_largereps stage starts at the previous stage's best point projected onto its own ball (the first at
+    x + N(0, 1)), topk from that start's sparsity / 1.5 (not 0.2) and that sparsity the reference of its first
+    checkpoint (AutoAttack's sp_old), so an unchanged best point shrinks the step by 1.5 there. The loss is flat: each
+    stage's best point is its start. 10 steps: stages of 3, 3, 4 steps, a checkpoint after every step."""
+    from robust_ops.attacks.core import project_l1
+
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    calls, original = [], apgd_module._l1_step
+
+    def spy(x_adv, x, grad, step_size, topk, *rest):
+        calls.append((x_adv.clone(), float(step_size[0]), float(topk[0])))
+        return original(x_adv, x, grad, step_size, topk, *rest)
+
+    monkeypatch.setattr(apgd_module, "_l1_step", spy)
+    x = torch.full((1, 1, 12, 12), 0.5)
+    eps = torch.ones(1)
+    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=eps, norm="l1", steps=10, use_largereps=True,
+                 generator=torch.Generator().manual_seed(0))
+    start = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    for first, scale in ((0, 3.0), (3, 2.0), (6, 1.0)):
+        start = project_l1(x, start, eps * scale, 0.0, 1.0)
+        x_adv, size, topk = calls[first]
+        assert torch.equal(x_adv, start)
+        sparsity = int((start != x).sum())
+        assert 0 < sparsity < 0.2 * 1.5 * x.numel()
+        assert topk == pytest.approx(sparsity / x.numel() / 1.5)
+        assert (size, calls[first + 1][1]) == pytest.approx((scale, scale / 1.5))
+
+
 def test_apgd_l1_use_largereps_returns_the_last_stages_first_successful_iterate():
     """With use_largereps a broken sample comes back as the last stage's first successful iterate (AutoAttack's
     decr_eps_pgd returns its x_best_adv), not that stage's highest-loss point. 3 steps: one per stage; fooled (z > 0)
