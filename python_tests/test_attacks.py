@@ -2803,6 +2803,27 @@ def test_apgd_l1_first_step_moves_the_top_fifth_of_the_coordinates_by_eps_in_all
         assert float(g[m].min()) > float(g[~m].max())
 
 
+def test_apgd_l1_step_quantile_rank_is_truncated_as_autoattacks(monkeypatch):
+    """The quantile's rank is int((1 - topk) * features), truncated as AutoAttack's .long(): 16 features give rank
+    int(12.8) = 12, so the first step moves 4 coordinates (rounding to 13 would move 3)."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    calls, original = [], apgd_module.project_l1
+
+    def spy(x_nat, point, *rest):
+        calls.append(point.clone())
+        return original(x_nat, point, *rest)
+
+    monkeypatch.setattr(apgd_module, "project_l1", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()  # distinct |gradient| entries: no ties
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    attacks.apgd(model, x, y, eps=1.0, norm="l1", steps=1, generator=torch.Generator().manual_seed(0))
+    start = original(x, calls[0], torch.ones(2), 0.0, 1.0)
+    assert ((calls[1] - start).flatten(1) != 0).sum(1).tolist() == [4, 4]
+
+
 def test_apgd_l1_checkpoints_every_4_percent_reset_or_shrink_the_step(monkeypatch):
     """L1 checkpoints after every max(int(0.04 * steps), 1) steps. The step size starts at eps; at the first checkpoint
     the best point (here the sparse random start: the loss is flat) is sparser than 95% of the dense reference, so the
