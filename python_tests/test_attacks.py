@@ -1564,6 +1564,33 @@ def test_fab_radius_zero_leaves_its_samples_unattacked():
             assert bool((model(x_adv[eps > 0]).argmax(1) != y[eps > 0]).any())
 
 
+class _DenseOrSparse(nn.Module):
+    """Linear classes around x = 0.5 (16 pixels), z_0 = 0 and z_k = w_k . (x - 0.5) - 0.2 with w_1 = 0.2 on pixels
+    0-7, w_2 = 0.3 on pixels 0-3 and w_3 = 0.5 on pixel 15: the largest dual norm, so the closest boundary, is
+    class 1's in L1 (1.6 against 1.2, 0.5: Linf FAB), class 2's in L2 (0.6 against 0.57, 0.5) and class 3's in Linf
+    (0.5 against 0.2, 0.3: L1 FAB)."""
+
+    pixels = {1: range(8), 2: range(4), 3: [15]}
+
+    def forward(self, x):
+        d = x.flatten(1) - 0.5
+        return torch.stack([torch.zeros_like(d[:, 0]), 0.2 * d[:, :8].sum(1) - 0.2, 0.3 * d[:, :4].sum(1) - 0.2,
+                            0.5 * d[:, 15] - 0.2], 1)
+
+
+@pytest.mark.parametrize("norm,closest", [("linf", 1), ("l2", 2), ("l1", 3)])
+def test_fab_steps_towards_the_closest_boundary_in_the_dual_norm(norm, closest):
+    """Untargeted FAB linearises the boundary with the least |f_k| / ||grad f_k||_* (dual norm: L1 for Linf, L2 for
+    L2, Linf for L1); on this linear model the sample breaks into that class, and the projections move no pixel the
+    class's logit ignores (the reference's final ``d * (w != 0)``)."""
+    model = _DenseOrSparse()
+    x = torch.full((1, 1, 4, 4), 0.5)
+    x_adv = attacks.fab(model, x, torch.zeros(1, dtype=torch.long), eps=1.0, norm=norm, steps=3)
+    assert int(model(x_adv).argmax(1)) == closest
+    moved = set((x_adv != x).flatten().nonzero().flatten().tolist())
+    assert moved and moved <= set(_DenseOrSparse.pixels[closest])
+
+
 def test_fab_class_multi_targeted_runs_n_classes_minus_one_targets(monkeypatch):
     # torchattacks' rule: FAB(multi_targeted=True, n_classes=K) is FAB-T over K - 1 targets; None: every runner-up
     fab_module = sys.modules["robust_ops.attacks.fab"]
