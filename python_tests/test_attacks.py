@@ -1564,6 +1564,23 @@ def test_fab_radius_zero_leaves_its_samples_unattacked():
             assert bool((model(x_adv[eps > 0]).argmax(1) != y[eps > 0]).any())
 
 
+def test_fab_runs_no_iteration_on_samples_of_radius_zero(monkeypatch):
+    """Radius-0 samples are not attacked at all (nothing could be accepted there), not just returned unchanged: the
+    run sees only the correctly classified samples (14 of fab_setup's 16) with eps > 0."""
+    fab_module = sys.modules["robust_ops.attacks.fab"]
+    sizes, original = [], fab_module._fab_run
+
+    def spy(model, x, *rest):
+        sizes.append(x.shape[0])
+        return original(model, x, *rest)
+
+    monkeypatch.setattr(fab_module, "_fab_run", spy)
+    model, x, y = fab_setup()
+    eps = torch.tensor([0.3, 0.3] + [0.0, 0.3] * 7)
+    attacks.fab(model, x, y, eps=eps, steps=1)
+    assert sizes == [7]
+
+
 class _DenseOrSparse(nn.Module):
     """Linear classes around x = 0.5 (16 pixels), z_0 = 0 and z_k = w_k . (x - 0.5) - 0.2 with w_1 = 0.2 on pixels
     0-7, w_2 = 0.3 on pixels 0-3 and w_3 = 0.5 on pixel 15: the largest dual norm, so the closest boundary, is
