@@ -1564,6 +1564,18 @@ def test_fab_radius_zero_leaves_its_samples_unattacked():
             assert bool((model(x_adv[eps > 0]).argmax(1) != y[eps > 0]).any())
 
 
+def test_fab_accepts_an_adversarial_at_exactly_eps():
+    """The acceptance is AutoAttack's ||x_adv - x|| <= eps, the boundary included: with each sample's eps set to the
+    Linf distance of the adversarial a far radius found, the same (eps-independent: one run from x) points come
+    back."""
+    model, x, y = fab_setup()
+    x_far = attacks.fab(model, x, y, eps=1.0, steps=10)
+    changed = (x_far != x).flatten(1).any(1)
+    assert int(changed.sum()) > 0
+    eps = torch.where(changed, norm_of(x_far - x, "linf"), torch.ones(16))
+    assert torch.equal(attacks.fab(model, x, y, eps=eps, steps=10), x_far)
+
+
 def test_fab_runs_no_iteration_on_samples_of_radius_zero(monkeypatch):
     """Radius-0 samples are not attacked at all (nothing could be accepted there), not just returned unchanged: the
     run sees only the correctly classified samples (14 of fab_setup's 16) with eps > 0."""
