@@ -359,7 +359,7 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
     check_flags(name, {"targeted": targeted})  # targeted="no" ran a targeted attack
     x = x.detach()
     x_adv = x.clone()
-    if x.shape[0] == 0:
+    if x.numel() == 0:  # no samples, or images without pixels: nothing to perturb
         return x_adv
     with attack_context(model, model_mode, name):
         z, correct = clean_logits(name, model, x, y)
@@ -398,7 +398,7 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
     n_target_classes = check_steps(name, n_target_classes, "n_target_classes")
     x = x.detach()
     x_adv = x.clone()
-    if x.shape[0] == 0:
+    if x.numel() == 0:  # no samples, or images without pixels: nothing to perturb
         return x_adv
     with attack_context(model, model_mode, name):
         z, robust = clean_logits(name, model, x, y)

@@ -344,7 +344,7 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
     check_flags(name, {"targeted": targeted})  # targeted="no" ran FAB-T
     x = x.detach()
     x_adv = x.clone()
-    if x.shape[0] == 0 or clip_max == clip_min:  # an empty box: no point other than x exists
+    if x.numel() == 0 or clip_max == clip_min:  # no samples or pixels, or an empty box: no point other than x
         return x_adv
     with attack_context(model, model_mode, name):
         z, correct = clean_logits(name, model, x, y)
