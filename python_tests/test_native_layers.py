@@ -313,6 +313,11 @@ def test_eval_batch_norm_backward_op(dtype):
     for weight in (None, bn.weight.detach().double()):
         assert torch.autograd.gradcheck(lambda g: eval_bn_backward(g, invstd.double(), weight),
                                         (torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True),))
+        # ...and that gradient is differentiable again (the double backward of a gradient penalty's gradient, e.g. a
+        # Hessian-vector product): the op applied to a detached grad passed gradcheck but cut the graph there
+        # (mutation pass, 2026-12-04).
+        assert torch.autograd.gradgradcheck(lambda g: eval_bn_backward(g, invstd.double(), weight),
+                                            (torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True),))
 
 
 def test_eval_batch_norm_backward_errors():
