@@ -679,6 +679,11 @@ def test_partly_overlaps_follows_atens_overlap_status():
     assert not partly_overlaps(buf[:0], buf) and not partly_overlaps(buf[::2], buf[:5])  # empty; not dense: TooHard
     m = torch.zeros(3, 3)
     assert partly_overlaps(m, m.t()) and not partly_overlaps(m.to("meta"), m.to("meta"))
+    # A size-1 dimension's stride does not matter for density, as in ATen's is_non_overlapping_and_dense: one row
+    # taken with a step (strides (10, 1)) is dense, so its partial overlap is found, as the native kernels find it
+    # (counted as TooHard, the Triton launcher and the fake kernel accepted what the native op refuses).
+    row = buf.view(2, 5)[::2]
+    assert partly_overlaps(row, buf[2:7].view(1, 5)) and not partly_overlaps(row, buf[5:].view(1, 5))
 
 
 def test_overlapping_x_adv_is_rejected():
