@@ -906,11 +906,13 @@ print("ok")
 @pytest.mark.parametrize("pool, dtype, channels, fmt", [
     (op, torch.float16, 1, "contiguous"), (op, torch.float16, 2, "channels_last"),
     (torch.ops.robust_ops.max_pool2d, torch.float32, 1, "contiguous"),
-], ids=["drop_max", "drop_max-channels_last", "max"])
+    (reference.drop_max_pool2d, torch.float16, 1, "contiguous"),
+], ids=["drop_max", "drop_max-channels_last", "max", "reference"])
 def test_indices_exact_for_taps_past_float_precision(pool, dtype, channels, fmt):
     # A window's second row lies dh * W = 4095 * 4099 = 16785405 (odd, > 2^24) positions past its first. The CPU
     # kernel carried tap positions as float (its opmath type): every index came out one too high, and the backward
-    # sent each gradient to the neighbouring element.
+    # sent each gradient to the neighbouring element. The reference, the oracle of every kernel, carries them in
+    # float64 (float32 positions survived every comparison with the kernels' small inputs: mutation pass, 2026-12-04).
     dh, w, sw = 4095, 4099, 64
     x = torch.zeros(1, channels, dh + 1, w, dtype=dtype)
     # drop-max: row 0 holds the maximum (dropped), row dh is selected; max pooling: row dh holds the maximum
