@@ -91,7 +91,10 @@ def test_non_contiguous(k):
     hi = torch.randn(n, 6, device=dev)[:, ::2]
     points = torch.randn(3, n, k - 1, device=dev).permute(2, 1, 0)
     crossed_at = (torch.arange(2 * n, device=dev) % k)[::2]
-    active = (torch.arange(2 * n, device=dev) % 3 != 0)[::2]
+    # % 3 != 1: with != 0 the strided mask equalled its buffer's first n elements, so a kernel reading active with
+    # stride 1 passed (mutation pass, 2026-12-04)
+    active = (torch.arange(2 * n, device=dev) % 3 != 1)[::2]
+    assert not torch.equal(active, (torch.arange(2 * n, device=dev) % 3 != 1)[:n])
     for mask in (None, active):
         want = [t.clone() for t in (lo, hi, points)]
         reference.boundary_search_step_(*want, crossed_at, mask)
