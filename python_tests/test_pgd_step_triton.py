@@ -108,10 +108,14 @@ def test_non_contiguous_in_place(norm):
     x_cl = x_adv.contiguous(memory_format=torch.channels_last)
     grad_t = grad.transpose(2, 3).contiguous().transpose(2, 3)
     history = torch.zeros((2, 2) + shape[1:], device=device()).transpose(0, 1)
-    triton_op()(x_cl, x_nat, grad_t, alpha, eps, 0.0, 1.0, norm, history, 1)
+    # alpha and eps strided too: the kernels load them at n, so the launcher makes them contiguous (without that,
+    # every test passed: mutation pass, 2026-12-04)
+    alpha_s, eps_s = (torch.stack([v.flip(0), v], 1)[:, 1] for v in (alpha, eps))
+    triton_op()(x_cl, x_nat, grad_t, alpha_s, eps_s, 0.0, 1.0, norm, history, 1)
     assert x_cl.is_contiguous(memory_format=torch.channels_last)
     assert_verbose_equal(x_cl, expected)
     assert_verbose_equal(history[1], expected)
+
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
