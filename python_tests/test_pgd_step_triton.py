@@ -117,6 +117,17 @@ def test_non_contiguous_in_place(norm):
     assert_verbose_equal(history[1], expected)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_float64_clip_bounds_are_not_rounded_to_float32(norm):
+    """The clip bounds are clamped to in the opmath dtype: 0.1 and 0.7 are not float32 values, so float64 results at
+    the bounds are the float64 bounds (bounds in float32 passed every test, whose bounds were float32 values: mutation
+    pass, 2026-12-04)."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 2, 6, 6), torch.float64, device(), clip=(0.0, 0.8), scale=0.4)
+    alpha, eps = alpha * 10, eps * 10
+    (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.1, 0.7), norm)
+    assert_verbose_equal(ours, ref)
+    assert bool((ref == 0.1).any()) and bool((ref == 0.7).any())
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["batch_innermost", "transposed_2d"])
