@@ -620,6 +620,18 @@ def test_reference_empty_batch(norm):
                              slot=1, backend=backend)
 
 
+def test_reference_refuses_an_unknown_norm_by_name():
+    """reference.pgd_step_ called directly (the oracle that tests and benchmarks import) names the op and the norm,
+    before writing; without its own check an unknown norm took neither branch and failed with UnboundLocalError
+    (mutation pass, 2026-12-04)."""
+    args = {**_good_args(), "norm": "Linf"}
+    x_adv = args.pop("x_adv")
+    before = x_adv.clone()
+    with pytest.raises(ValueError, match=r"^pgd_step_: expected norm to be 'linf' or 'l2', got 'Linf'$"):
+        reference.pgd_step_(x_adv, **args)
+    assert torch.equal(x_adv, before)
+
+
 def test_alpha_overflowing_the_dtype_is_rejected():
     args = {**_good_args(), "alpha": torch.tensor([1e39, 0.1], dtype=torch.float64)}
     with pytest.raises(RuntimeError,
