@@ -2465,19 +2465,25 @@ def test_apgd_per_sample_objectives():
     torch.testing.assert_close(per_sample_loss(single, "cw", torch.tensor([1, 1]), None), torch.tensor([-1.5, 0.5]))
 
 
+def _apgd_random_start(norm, eps):
+    """Three rows of 0.5, the third with a pixel at the clip boundary, and the point seeded APGD queries after the
+    clean forward: its random start (the model's loss is flat, so nothing else moves it first)."""
+    x = torch.full((3, 1, 8, 8), 0.5)
+    x[2, 0, 0] = 0.0
+    queried = []
+    model = Scripted([-5.0])
+    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
+    attacks.apgd(model, x, torch.zeros(3, dtype=torch.long), eps=eps, norm=norm, steps=1,
+                 generator=torch.Generator().manual_seed(0))
+    return x, queried[1]
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_apgd_random_start_is_on_the_boundary_of_the_ball(norm):
     """AutoAttack's start: Linf x + eps * t / max|t|, t ~ U(-1, 1) (largest entry exactly eps, both signs); L2 a point
     on the sphere of radius eps; then clipped to the valid range."""
-    x = torch.full((3, 1, 8, 8), 0.5)
-    x[2, 0, 0] = 0.0  # a row at the clip boundary
-    y = torch.zeros(3, dtype=torch.long)
-    queried = []
-    model = Scripted([-5.0])
-    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
     eps = {"linf": 0.1, "l2": 0.5}[norm]
-    attacks.apgd(model, x, y, eps=eps, norm=norm, steps=1, generator=torch.Generator().manual_seed(0))
-    start = queried[1]
+    x, start = _apgd_random_start(norm, eps)
     assert float(start.min()) >= 0.0 and float(start.max()) <= 1.0
     d = (start - x)[:2].flatten(1)
     if norm == "linf":
@@ -2493,15 +2499,8 @@ def test_apgd_l1_random_start_is_a_gaussian_point_projected_onto_the_ball():
     (on the sphere here: ||t||_1 >> eps; both signs, as a Gaussian's; a uniform t in [0, 1) would move up only)."""
     from robust_ops.attacks.core import project_l1
 
-    x = torch.full((3, 1, 8, 8), 0.5)
-    x[2, 0, 0] = 0.0  # a row at the clip boundary
-    y = torch.zeros(3, dtype=torch.long)
-    queried = []
-    model = Scripted([-5.0])
-    model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].detach().clone()))
     eps = torch.full((3,), 2.0)
-    attacks.apgd(model, x, y, eps=eps, norm="l1", steps=1, generator=torch.Generator().manual_seed(0))
-    start = queried[1]
+    x, start = _apgd_random_start("l1", eps)
     t = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(start, project_l1(x, x + t, eps, 0.0, 1.0))
     d = (start - x).flatten(1)
@@ -2906,65 +2905,44 @@ def test_apgd_l1_step_quantile_rank_is_truncated_as_autoattacks(monkeypatch):
     assert ((calls[1] - start).flatten(1) != 0).sum(1).tolist() == [4, 4]
 
 
-def test_apgd_l1_checkpoints_every_4_percent_reset_or_shrink_the_step(monkeypatch):
+def _l1_step_sizes(monkeypatch, steps, sparsities=None):
+    """The step size of every L1-APGD step (eps 1) on a 12 x 12 image of 0.5 under a flat loss; ``sparsities``:
+    the scripted l0 norms of the best point at the checkpoints, the last one repeated."""
+    apgd_module = sys.modules["robust_ops.attacks.apgd"]
+    sizes, original = [], apgd_module._l1_step
+
+    def spy(x_adv, x, grad, step_size, *rest):
+        sizes.append(float(step_size[0]))
+        return original(x_adv, x, grad, step_size, *rest)
+
+    monkeypatch.setattr(apgd_module, "_l1_step", spy)
+    if sparsities is not None:
+        script = iter(sparsities)
+        monkeypatch.setattr(apgd_module, "l0_norm", lambda d: torch.full((d.shape[0],), next(script, sparsities[-1])))
+    attacks.apgd(_FlatLoss(), torch.full((1, 1, 12, 12), 0.5), torch.zeros(1, dtype=torch.long), eps=1.0, norm="l1",
+                 steps=steps, generator=torch.Generator().manual_seed(0))
+    return sizes
+
+
+@pytest.mark.parametrize("steps, every", [(50, 2), (100, 4)])  # 100: AutoAttack's; 50 cannot tell 4% from 5%
+def test_apgd_l1_checkpoints_every_4_percent_reset_or_shrink_the_step(monkeypatch, steps, every):
     """L1 checkpoints after every max(int(0.04 * steps), 1) steps. The step size starts at eps; at the first checkpoint
     the best point (here the sparse random start: the loss is flat) is sparser than 95% of the dense reference, so the
     step goes back to eps; afterwards its sparsity stays, so the step shrinks by 1.5 per checkpoint down to eps / 10."""
-    apgd_module = sys.modules["robust_ops.attacks.apgd"]
-    sizes, original = [], apgd_module._l1_step
-
-    def spy(x_adv, x, grad, step_size, *rest):
-        sizes.append(float(step_size[0]))
-        return original(x_adv, x, grad, step_size, *rest)
-
-    monkeypatch.setattr(apgd_module, "_l1_step", spy)
-    x = torch.full((1, 1, 12, 12), 0.5)
-    eps, steps = 1.0, 50  # checkpoints after 2, 4, 6, ... steps
-    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=eps, norm="l1", steps=steps,
-                 generator=torch.Generator().manual_seed(0))
+    sizes, eps = _l1_step_sizes(monkeypatch, steps), 1.0
     want, size = [], eps
     for i in range(steps):
         want.append(size)
-        if (i + 1) % 2 == 0:
-            size = eps if i + 1 == 2 else max(size / 1.5, eps / 10)
+        if (i + 1) % every == 0:
+            size = eps if i + 1 == every else max(size / 1.5, eps / 10)
     assert sizes == pytest.approx(want)
-
-
-def test_apgd_l1_checkpoints_every_4_steps_of_100(monkeypatch):
-    """AutoAttack's default 100 iterations: L1 checkpoints after every int(0.04 * 100) = 4 steps (the 50 steps above
-    cannot tell 4% from 5%). Flat loss: the first checkpoint resets the step to eps, the later ones shrink it."""
-    apgd_module = sys.modules["robust_ops.attacks.apgd"]
-    sizes, original = [], apgd_module._l1_step
-
-    def spy(x_adv, x, grad, step_size, *rest):
-        sizes.append(float(step_size[0]))
-        return original(x_adv, x, grad, step_size, *rest)
-
-    monkeypatch.setattr(apgd_module, "_l1_step", spy)
-    x = torch.full((1, 1, 12, 12), 0.5)
-    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=1.0, norm="l1", steps=100,
-                 generator=torch.Generator().manual_seed(0))
-    assert sizes[:13] == pytest.approx([1.0] * 8 + [1 / 1.5] * 4 + [1 / 1.5 ** 2])
 
 
 def test_apgd_l1_a_sparser_best_point_resets_a_shrunk_step_to_eps(monkeypatch):
     """At an L1 checkpoint a sample whose best point got >= 5% sparser since the last one goes back to step eps
     (AutoAttack's), also after its step has shrunk: here the sparsity (scripted) is dense at the first two checkpoints
     and half of it at the third."""
-    apgd_module = sys.modules["robust_ops.attacks.apgd"]
-    sizes, original = [], apgd_module._l1_step
-
-    def spy(x_adv, x, grad, step_size, *rest):
-        sizes.append(float(step_size[0]))
-        return original(x_adv, x, grad, step_size, *rest)
-
-    script = iter([144, 144, 72])
-    monkeypatch.setattr(apgd_module, "_l1_step", spy)
-    monkeypatch.setattr(apgd_module, "l0_norm", lambda d: torch.full((d.shape[0],), next(script, 72)))
-    x = torch.full((1, 1, 12, 12), 0.5)
-    eps = 1.0  # 10 steps: checkpoints after 1, 2, 3, ... steps
-    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=eps, norm="l1", steps=10,
-                 generator=torch.Generator().manual_seed(0))
+    sizes, eps = _l1_step_sizes(monkeypatch, 10, sparsities=[144, 144, 72]), 1.0  # checkpoints after every step
     assert sizes[:5] == pytest.approx([eps, eps / 1.5, eps / 1.5 ** 2, eps, eps / 1.5])
 
 
@@ -3000,20 +2978,7 @@ def test_apgd_l1_sparser_means_below_95_percent_of_the_last_checkpoints_sparsity
     """AutoAttack's rule sp_curr / sp_old < 0.95, sp_old starting at the number of features (144): scripted
     sparsities 130 (0.90 of 144: reset to eps), 124 (0.954 of 130, fewer but not 5% fewer: shrink), 120 (shrink) and
     114 (exactly 0.95 of 120, not below: shrink)."""
-    apgd_module = sys.modules["robust_ops.attacks.apgd"]
-    sizes, original = [], apgd_module._l1_step
-
-    def spy(x_adv, x, grad, step_size, *rest):
-        sizes.append(float(step_size[0]))
-        return original(x_adv, x, grad, step_size, *rest)
-
-    script = iter([130, 124, 120, 114])
-    monkeypatch.setattr(apgd_module, "_l1_step", spy)
-    monkeypatch.setattr(apgd_module, "l0_norm", lambda d: torch.full((d.shape[0],), next(script, 114)))
-    x = torch.full((1, 1, 12, 12), 0.5)
-    eps = 1.0  # 10 steps: checkpoints after 1, 2, 3, ... steps
-    attacks.apgd(_FlatLoss(), x, torch.zeros(1, dtype=torch.long), eps=eps, norm="l1", steps=10,
-                 generator=torch.Generator().manual_seed(0))
+    sizes, eps = _l1_step_sizes(monkeypatch, 10, sparsities=[130, 124, 120, 114]), 1.0  # checkpoints every step
     assert sizes[:5] == pytest.approx([eps, eps, eps / 1.5, eps / 1.5 ** 2, eps / 1.5 ** 3])
 
 
