@@ -1538,3 +1538,21 @@ def test_busi_image_coloured_only_in_blue_keeps_its_colour(tmp_path):
     Image.fromarray(np.dstack([np.full((8, 8), v, np.uint8) for v in (90, 90, 200)])).save(colour / "benign" / "b.png")
     with pytest.warns(UserWarning, match="too small to stratify"):
         assert load_dataset(colour, size=8).info.in_channels == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mutation pass (data, 2): download permission, names, value ranges, seeds, moons defaults, IndexedDataset, lookup
+
+
+def test_a_missing_medmnist_file_is_downloaded_only_when_asked(tmp_path, monkeypatch):
+    """docs/getting-started.md: a MedMNIST name is never downloaded unless asked (download=True, --download)."""
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(mm, "_try_download", lambda *args: calls.append(args))
+    with pytest.raises(DataError, match=r"dermamnist\.npz not found"):
+        load_dataset("dermamnist")
+    assert calls == []
+    with pytest.raises(DataError, match=r"the medmnist package could not download it"):
+        load_dataset("dermamnist_64", root=tmp_path, download=True)
+    assert calls == [("dermamnist", tmp_path, 64)]
