@@ -1556,3 +1556,10 @@ def test_a_missing_medmnist_file_is_downloaded_only_when_asked(tmp_path, monkeyp
     with pytest.raises(DataError, match=r"the medmnist package could not download it"):
         load_dataset("dermamnist_64", root=tmp_path, download=True)
     assert calls == [("dermamnist", tmp_path, 64)]
+
+
+def test_a_name_ending_in_mnist_that_medmnist_lacks_is_not_a_known_name():
+    """Only MedMNIST's own sets are names: fashionmnist is "not a known dataset name", not "fashionmnist.npz not
+    found" (which told the user to go and download a file MedMNIST never released)."""
+    with pytest.raises(DataError, match=r"^fashionmnist: no such file or folder, and not a known dataset name"):
+        load_dataset("fashionmnist")
