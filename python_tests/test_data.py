@@ -1563,3 +1563,10 @@ def test_a_name_ending_in_mnist_that_medmnist_lacks_is_not_a_known_name():
     found" (which told the user to go and download a file MedMNIST never released)."""
     with pytest.raises(DataError, match=r"^fashionmnist: no such file or folder, and not a known dataset name"):
         load_dataset("fashionmnist")
+
+
+def test_npz_file_names_in_other_case_keep_their_medmnist_classes(tmp_path):
+    """The file name's set is matched case-insensitively: BreastMNIST_64.npz is BreastMNIST (0 = malignant, the
+    positive class), not two unnamed classes with 1 positive."""
+    s = load_dataset(write_npz(tmp_path / "BreastMNIST_64.npz", shape=(64, 64)))
+    assert s.info.name == "breastmnist" and s.info.class_names[0] == "malignant" and s.info.positive_class == 0
