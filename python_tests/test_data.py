@@ -1570,3 +1570,14 @@ def test_npz_file_names_in_other_case_keep_their_medmnist_classes(tmp_path):
     positive class), not two unnamed classes with 1 positive."""
     s = load_dataset(write_npz(tmp_path / "BreastMNIST_64.npz", shape=(64, 64)))
     assert s.info.name == "breastmnist" and s.info.class_names[0] == "malignant" and s.info.positive_class == 0
+
+
+def test_npz_float_images_may_reach_both_ends_of_0_1(tmp_path):
+    """Float images are read when in [0, 1], both ends included (black and white pixels), as float32 even when
+    stored as float64 (the models' and attacks' dtype)."""
+    floats = np.random.default_rng(1).random((12, 28, 28))
+    floats[0], floats[1] = 0.0, 1.0
+    s = load_dataset(write_npz(tmp_path / "f.npz", train_images=floats))  # float64
+    x = s.train.tensors[0]
+    assert x.dtype == torch.float32 and float(x.min()) == 0.0 and float(x.max()) == 1.0
+    assert torch.equal(x[:, 0], torch.from_numpy(floats.astype(np.float32)))
