@@ -1581,3 +1581,14 @@ def test_npz_float_images_may_reach_both_ends_of_0_1(tmp_path):
     x = s.train.tensors[0]
     assert x.dtype == torch.float32 and float(x.min()) == 0.0 and float(x.max()) == 1.0
     assert torch.equal(x[:, 0], torch.from_numpy(floats.astype(np.float32)))
+
+
+def test_the_largest_seed_scikit_learn_takes_is_taken():
+    """Seeds run from 0 to 2**32 - 1 (MAX_SKLEARN_SEED) inclusive: the last one splits, 2**32 is refused."""
+    from robust_ops.data.core import MAX_SKLEARN_SEED, stratified_split
+
+    y = np.array([0, 1] * 20)
+    parts = stratified_split(y, (0.7, 0.1, 0.2), MAX_SKLEARN_SEED)
+    assert [len(p) for p in parts] == [28, 4, 8]
+    with pytest.raises(DataError, match=r"from 0 to 4294967295"):
+        stratified_split(y, (0.7, 0.1, 0.2), MAX_SKLEARN_SEED + 1)
