@@ -1592,3 +1592,17 @@ def test_the_largest_seed_scikit_learn_takes_is_taken():
     assert [len(p) for p in parts] == [28, 4, 8]
     with pytest.raises(DataError, match=r"from 0 to 4294967295"):
         stratified_split(y, (0.7, 0.1, 0.2), MAX_SKLEARN_SEED + 1)
+
+
+def test_moons_defaults_are_arfls_noise_and_sizes():
+    """docs/getting-started.md: noise 0.2, 10,000 train / 1,000 test points (plus 1,000 for validation), each split
+    scikit-learn's make_moons drawn from its own stream [seed, split]; label 1 (positive) is the lower moon."""
+    from sklearn.datasets import make_moons
+
+    s = load_dataset("moons", seed=5)
+    assert [len(s.train), len(s.val), len(s.test)] == [10000, 1000, 1000]
+    x, y = make_moons(n_samples=1000, noise=0.2, random_state=np.random.RandomState([5, 2]))
+    assert torch.equal(s.test.tensors[0], torch.from_numpy(x.astype(np.float32)))
+    assert torch.equal(s.test.tensors[1], torch.from_numpy(y))
+    assert s.info.class_names == ("upper moon", "lower moon") and s.info.positive_class == 1
+    assert float(s.test.tensors[0][y == 1, 1].mean()) < float(s.test.tensors[0][y == 0, 1].mean())
