@@ -1606,3 +1606,14 @@ def test_moons_defaults_are_arfls_noise_and_sizes():
     assert torch.equal(s.test.tensors[1], torch.from_numpy(y))
     assert s.info.class_names == ("upper moon", "lower moon") and s.info.positive_class == 1
     assert float(s.test.tensors[0][y == 1, 1].mean()) < float(s.test.tensors[0][y == 0, 1].mean())
+
+
+def test_cross_validation_folds_record_the_classes_their_parts_lack():
+    """A fold's info records its own classes_missing_from_split (run.json): a validation part too small to hold every
+    class says which it lacks, so its macro averages are known to run over the others."""
+    splits, _ = _indexed_splits()
+    with pytest.warns(UserWarning, match="too small to stratify"):  # 2 validation samples for 3 classes
+        folds = cross_validation(splits, k=5, seed=0, val_fraction=0.03)
+    for f in folds:
+        lacking = sorted(set(range(3)) - set(f.val.tensors[1].tolist()))
+        assert lacking and f.info.extra["classes_missing_from_split"] == {"val": [f"c{c}" for c in lacking]}
