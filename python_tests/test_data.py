@@ -1617,3 +1617,27 @@ def test_cross_validation_folds_record_the_classes_their_parts_lack():
     for f in folds:
         lacking = sorted(set(range(3)) - set(f.val.tensors[1].tolist()))
         assert lacking and f.info.extra["classes_missing_from_split"] == {"val": [f"c{c}" for c in lacking]}
+
+
+def test_indexed_dataset_first_index_list_items_and_map_style_only():
+    """IndexedDataset: -len is the first sample (id 0), a list item gains its id as a last field like a tuple item,
+    and a dataset without __len__ (an iterable) is refused when wrapped, not at the first item."""
+    from torch.utils.data import TensorDataset
+
+    from robust_ops.data import IndexedDataset
+
+    base = TensorDataset(torch.rand(5, 1, 2, 2), torch.arange(5))
+    assert IndexedDataset(base)[-5][2] == 0
+
+    class Lists(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return [torch.zeros(1), i * 10]
+
+    item = IndexedDataset(Lists())[2]
+    assert len(item) == 3 and item[1:] == (20, 2)
+    with pytest.raises(TypeError, match=r"^IndexedDataset: expected a map-style dataset \(with __getitem__ and "
+                                        r"__len__\), got generator$"):
+        IndexedDataset(x for x in range(3))
