@@ -1641,3 +1641,10 @@ def test_indexed_dataset_first_index_list_items_and_map_style_only():
     with pytest.raises(TypeError, match=r"^IndexedDataset: expected a map-style dataset \(with __getitem__ and "
                                         r"__len__\), got generator$"):
         IndexedDataset(x for x in range(3))
+
+
+def test_npz_with_an_empty_split_of_float_images_loads(tmp_path):
+    """A split may be empty (the class count skips it): an empty float split has no minimum to check against
+    [0, 1], which must not stop the load."""
+    s = load_dataset(write_npz(tmp_path / "e.npz", n=(12, 0, 6), val_images=np.zeros((0, 28, 28), np.float32)))
+    assert len(s.val) == 0 and s.val.tensors[0].shape == (0, 1, 28, 28) and s.info.num_classes == 2
