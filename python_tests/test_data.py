@@ -1648,3 +1648,10 @@ def test_npz_with_an_empty_split_of_float_images_loads(tmp_path):
     [0, 1], which must not stop the load."""
     s = load_dataset(write_npz(tmp_path / "e.npz", n=(12, 0, 6), val_images=np.zeros((0, 28, 28), np.float32)))
     assert len(s.val) == 0 and s.val.tensors[0].shape == (0, 1, 28, 28) and s.info.num_classes == 2
+
+
+def test_load_dataset_reads_names_and_the_npz_suffix_in_any_case(tmp_path):
+    """Generated sets' names and the .npz suffix are matched in any case: "Synthetic-BUS" is the generated set, and
+    A.NPZ an npz file (not "not a dataset this library reads")."""
+    assert load_dataset("Synthetic-BUS").info.name == "synthetic-bus"
+    assert load_dataset(write_npz(tmp_path / "a.npz").rename(tmp_path / "A.NPZ")).info.source == str(tmp_path / "A.NPZ")
