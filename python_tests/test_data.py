@@ -1655,3 +1655,10 @@ def test_load_dataset_reads_names_and_the_npz_suffix_in_any_case(tmp_path):
     A.NPZ an npz file (not "not a dataset this library reads")."""
     assert load_dataset("Synthetic-BUS").info.name == "synthetic-bus"
     assert load_dataset(write_npz(tmp_path / "a.npz").rename(tmp_path / "A.NPZ")).info.source == str(tmp_path / "A.NPZ")
+
+
+def test_synthetic_labels_default_to_the_documented_malignant_fraction():
+    """MALIGNANT_FRACTION 0.4 (BUS sets' share of malignant lesions) is the default: its labels are exactly those of
+    malignant_fraction=0.4 (a share within sampling noise of 0.4, as the 384-image check allows, is not)."""
+    default = synthetic_ultrasound(200, size=8, seed=0)[1]
+    assert torch.equal(default, synthetic_ultrasound(200, size=8, seed=0, malignant_fraction=0.4)[1])
