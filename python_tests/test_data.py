@@ -1662,3 +1662,14 @@ def test_synthetic_labels_default_to_the_documented_malignant_fraction():
     malignant_fraction=0.4 (a share within sampling noise of 0.4, as the 384-image check allows, is not)."""
     default = synthetic_ultrasound(200, size=8, seed=0)[1]
     assert torch.equal(default, synthetic_ultrasound(200, size=8, seed=0, malignant_fraction=0.4)[1])
+
+
+def test_medmnist_lookup_skips_a_folder_named_like_the_file(tmp_path, monkeypatch):
+    """A folder named breastmnist.npz in root is not the file: the lookup goes on to $ROBUST_OPS_DATA."""
+    (tmp_path / "root" / "breastmnist.npz").mkdir(parents=True)
+    env = tmp_path / "env"
+    env.mkdir()
+    (env / "breastmnist.npz").touch()
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(env))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert mm.find_medmnist("breastmnist", tmp_path / "root") == env / "breastmnist.npz"
