@@ -1673,3 +1673,26 @@ def test_medmnist_lookup_skips_a_folder_named_like_the_file(tmp_path, monkeypatc
     monkeypatch.setenv("ROBUST_OPS_DATA", str(env))
     monkeypatch.setenv("HOME", str(tmp_path))
     assert mm.find_medmnist("breastmnist", tmp_path / "root") == env / "breastmnist.npz"
+
+
+def test_download_goes_through_the_medmnist_package_into_root(tmp_path, monkeypatch):
+    """download=True fetches a missing file with the medmnist package into root (the folder the user named, where
+    the lookup then finds it), passing size= for sizes other than 28."""
+    import sys
+    import types
+
+    calls = []
+
+    class DermaMNIST:
+        def __init__(self, split, download, root, **kwargs):
+            calls.append((split, download, root, kwargs))
+            write_npz(Path(root) / f"dermamnist_{kwargs['size']}.npz", shape=(64, 64), classes=7, n=(14, 7, 7))
+
+    fake = types.ModuleType("medmnist")
+    fake.INFO, fake.DermaMNIST = {"dermamnist": {"python_class": "DermaMNIST"}}, DermaMNIST
+    monkeypatch.setitem(sys.modules, "medmnist", fake)
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    s = load_dataset("dermamnist_64", root=tmp_path / "root", download=True)
+    assert calls == [("test", True, str(tmp_path / "root"), {"size": 64})]
+    assert s.info.source == str(tmp_path / "root" / "dermamnist_64.npz") and s.info.num_classes == 7
