@@ -287,6 +287,14 @@ def test_mixed_dtypes_raise_atens_message():
         assert expected is not None
         with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
             assert error_of(lambda: conv(x)) == expected, name
+    # an input in another dtype than the float32 weights: oneDNN computed bfloat16 and half, and refused float64
+    # with its own message
+    conv = frozen(nn.Conv2d(3, 8, 3))
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        expected = error_of(lambda: conv(x.to(dtype)))
+        assert expected is not None
+        with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+            assert error_of(lambda: conv(x.to(dtype))) == expected, dtype
 
 
 def test_smallest_valid_input_is_packed(monkeypatch):
