@@ -368,11 +368,16 @@ def test_copy_taken_inside_runs_atens_convolutions():
     assert all("forward" not in m.__dict__ for m in twin.modules())
 
 
-def test_double_backward_matches_atens():
+# (in, out, kernel, stride, padding, dilation, groups)
+@pytest.mark.parametrize("args", [
+    (2, 3, 3, 1, 2, 3, 1),  # distinct padding and dilation
+    (4, 6, 3, 2, 1, 1, 2),  # strided and grouped: its stride and groups reach ATen's input gradient too
+], ids=str)
+def test_double_backward_matches_atens(args):
     # create_graph=True (gradient penalties): the input gradient is then ATen's differentiable one.
     torch.manual_seed(0)
-    conv = frozen(nn.Conv2d(2, 3, 3, padding=2, dilation=3))  # distinct padding and dilation
-    x = torch.randn(2, 2, 5, 5)
+    conv = frozen(nn.Conv2d(*args))
+    x = torch.randn(2, conv.in_channels, 5, 5)
 
     def second_order():
         leaf = x.clone().requires_grad_()
