@@ -258,6 +258,17 @@ def test_leaves_user_forwards_subclasses_and_switch_alone(monkeypatch):
             pass
 
 
+def test_leaves_a_forward_delegating_to_another_module_alone():
+    # a user's instance forward that is another pool's bound forward (same class, so it looks like a copy's) is
+    # the user's: left alone, and the pool keeps running it
+    other, pool = nn.MaxPool2d(1), nn.MaxPool2d(2)
+    pool.forward = other.forward
+    x = torch.randn(1, 1, 4, 4)
+    with native_layers(nn.Sequential(pool)):
+        assert torch.equal(pool(x), x)
+    assert pool.forward.__self__ is other
+
+
 def test_attacks_inside_an_explicit_setting_follow_it_over_the_environment(monkeypatch):
     """An attack opens native_layers(model) itself (enabled None): inside native_layers(model, False) it runs
     without them although the variable is on (the default), inside an explicit True with the variable off it runs
