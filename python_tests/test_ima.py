@@ -507,6 +507,13 @@ def test_kary_search_is_at_least_as_precise():
     assert c4.forward_rows > c2.forward_rows  # ... for more forward work
 
 
+def test_search_rounds_at_exact_powers_of_two_and_zero_steps():
+    """k = 2^j needs exactly N / j rounds when j divides N: 21 bisections are 7 octary rounds, not 8 (the 1e-12 absorbs
+    log(2) / log(8) rounding up); and 0 bisections need no round for any arity (no forward pass spent)."""
+    assert search_rounds(21, 8) == 7 and search_rounds(27, 8) == 9 and search_rounds(10, 32) == 2
+    assert search_rounds(0, 2) == 0 and search_rounds(0, 4) == 0 and search_rounds(0, 3) == 0
+
+
 def test_midpoint_search_result_and_single_logit_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1)).double().eval()
