@@ -795,6 +795,16 @@ def test_margin_table_update_rules_and_clip():
     assert float(table.margins.min()) >= 0
 
 
+def test_margin_table_new_margins_clip_below_at_zero():
+    """new_margins (the update without writing it) clips into [0, max_margin] at both ends: a crossed sample whose
+    distance is negative (update refuses it; new_margins does not check) gets 0, not a negative radius."""
+    table = MarginTable(4, 0.5, 1.0, "l2")
+    new = table.new_margins(torch.tensor([1, 3]), adv_correct=torch.tensor([False, False]),
+                            crossed=torch.tensor([True, True]), distance=torch.tensor([-3.0, 0.2]), delta=0.1)
+    assert new.tolist() == [0.0, pytest.approx(0.35)]
+    assert bool((table.margins == 0.5).all())  # nothing written
+
+
 def test_margin_table_checkpoint_round_trip_is_exact():
     table = MarginTable(50, 0.01, 3.0)
     g = torch.Generator().manual_seed(0)
