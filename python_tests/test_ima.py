@@ -1714,6 +1714,15 @@ def test_dice_threshold_and_pixel_edges():
     torch.testing.assert_close(soft_dice_loss(out, t), expected.reshape(1))
 
 
+def test_dice_reads_a_float_mask_at_one_half_and_empty_multiclass_as_one():
+    """A float mask counts a pixel as foreground above 0.5 (a soft mask's 0.3 is background, not foreground as "> 0"
+    read it); multi-class with no foreground class in prediction or target is Dice 1, like the binary empty case."""
+    assert dice_score(torch.tensor([[1.0, -1.0]]), torch.tensor([[0.9, 0.3]])).item() == 1.0
+    logits = torch.zeros(1, 3, 1, 4)
+    logits[0, 0] = 1  # background everywhere
+    assert dice_score(logits, torch.zeros(1, 1, 4, dtype=torch.int64)).item() == 1.0
+
+
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_projection_is_onto_the_margin_ball_around_the_clean_x(norm):
     """Paper, Eq. 3 and the note under Algorithm 2: "Pi_eps(.) ensures that ||x~ - x||_p <= eps" with x the clean
