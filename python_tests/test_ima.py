@@ -895,6 +895,15 @@ def test_ima_defense_loss_and_margin_update():
     torch.testing.assert_close(plain, F.cross_entropy(model(x), y))
 
 
+def test_margin_table_state_dict_is_a_snapshot():
+    """MarginTable.state_dict copies the margins: a checkpoint taken before an update keeps the old values."""
+    table = MarginTable(3, 0.5, 1.0)
+    state = table.state_dict()
+    table.update(torch.tensor([1]), adv_correct=torch.tensor([True]), crossed=torch.tensor([False]),
+                 distance=torch.zeros(1), delta=0.25)
+    assert state["margins"].tolist() == [0.5, 0.5, 0.5] and table.margins.tolist() == [0.5, 0.75, 0.5]
+
+
 def test_ima_state_dict_round_trip_and_defaults():
     model, x, y = ima_batch()
     defense = IMA(num_samples=20, steps=3, search_steps=3)
