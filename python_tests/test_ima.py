@@ -904,6 +904,16 @@ def test_margin_table_state_dict_is_a_snapshot():
     assert state["margins"].tolist() == [0.5, 0.5, 0.5] and table.margins.tolist() == [0.5, 0.75, 0.5]
 
 
+def test_ima_loss_of_a_batch_with_no_clean_correct_sample_is_the_clean_loss():
+    """Algorithm 1: misclassified samples use L1 = L0, so a batch with none clean-correct has loss mean(L0) whatever
+    beta (no attack runs; a zero L1 there halved the loss)."""
+    model, x, y = ima_batch()
+    with torch.no_grad():
+        y = 1 - model(x).argmax(1)
+    out = IMA(num_samples=12, eps_train=2.0, beta=0.5, steps=2, search_steps=2)(model, x, y, torch.arange(12))
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(x), y))
+
+
 def test_ima_state_dict_round_trip_and_defaults():
     model, x, y = ima_batch()
     defense = IMA(num_samples=20, steps=3, search_steps=3)
