@@ -932,6 +932,19 @@ def test_ima_state_dict_round_trip_and_defaults():
         IMA(num_samples=21).load_state_dict(state)
 
 
+def test_ima_checkpoint_keeps_the_margins_dtype_and_its_sync_setting():
+    """IMA.load_state_dict builds its table in the checkpoint's dtype (float64 margins come back bit for bit, not
+    rounded to float32), and a table IMA makes follows its sync flag (sync=False: no per-update all_gather)."""
+    margins = torch.rand(5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    defense = IMA(num_samples=5, eps_train=2.0, delta=0.5, sync=False)
+    defense.load_state_dict({"margins": margins, "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5})
+    assert defense.margins.dtype == torch.float64 and torch.equal(defense.state_dict()["margins"], margins)
+    model, x, y = ima_batch(n=4)
+    fresh = IMA(num_samples=4, eps_train=2.0, delta=0.5, steps=2, search_steps=2, sync=False)
+    fresh(model, x, y, torch.arange(4))
+    assert fresh.table.sync is False
+
+
 def test_ima_state_before_the_first_batch_is_empty_and_loading_it_drops_a_table():
     """state_dict() is {} until the first batch makes the margin table: a newly built IMA's state. Loading it into
     a used IMA kept that IMA's trained margins without a word, so a round trip did not restore the saved state."""
