@@ -457,6 +457,17 @@ def test_properties(norm, algorithm):
     assert bool((pred_adv[~c & info.clean_correct] == y[~c & info.clean_correct]).all())
 
 
+def test_a_batch_of_one_sample_runs_with_the_default_padding():
+    """A single sample (N = 1) is probed like any batch (probe_rows(1)): without the probe the default padding had no
+    sizes and no min_rows. It gives the per-sample loop's answer."""
+    model, x, y, margin = make_problem(n=6)
+    i = 4
+    got, crossed = gen_adv(model, x[i:i + 1], y[i:i + 1], margin[i:i + 1], steps=6, search_steps=4)
+    want, want_crossed, _ = loop_gen_adv(model, x[i:i + 1], y[i:i + 1], margin[i:i + 1], 6, 4, "l2", 2)
+    assert crossed.tolist() == want_crossed.tolist()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 def test_margin_zero_and_wrong_clean_samples_stay_put():
     model, x, y, margin = make_problem()
     counter = PassCounter()
