@@ -1234,6 +1234,11 @@ def _ddp_worker(rank, world, port, results):
         table.update(ids, adv_correct=torch.ones(n, dtype=torch.bool), crossed=torch.zeros(n, dtype=torch.bool),
                      distance=torch.zeros(n), delta=1.0)
         results[rank] = table.margins.tolist()
+        # sync=False: no all_gather, each rank keeps only its own updates.
+        own = MarginTable(2, 0.5, 2.0, sync=False)
+        own.update(torch.tensor([rank]), adv_correct=torch.tensor([True]), crossed=torch.tensor([False]),
+                   distance=torch.zeros(1), delta=0.25)
+        results[f"own{rank}"] = own.margins.tolist()
         # One rank's refused update (a NaN distance) raises on both ranks instead of leaving the other in the sync.
         try:
             table.update(torch.tensor([4 + rank]), adv_correct=torch.tensor([False]), crossed=torch.tensor([True]),
@@ -1303,6 +1308,7 @@ def test_margin_table_syncs_across_two_gloo_ranks():
     mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     expected = [0.75, 1.0, 0.75, 1.5, 0.5, 0.5, 0.5, 1.0]
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+    assert results["own0"] == [0.75, 0.5] and results["own1"] == [0.5, 0.75]
     assert results["refused0"] == ("MarginTable.update: refused on rank(s) 1 (non-finite or negative distances of "
                                    "crossed samples there)")
     assert results["refused1"].startswith("MarginTable.update: expected finite distances >= 0 for crossed samples")
