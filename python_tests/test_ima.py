@@ -395,6 +395,34 @@ def test_batch_invariant_sizes_uses_random_output_gradients():
     assert batch_invariant_sizes(Model(True).eval(), x) == tuple(range(6, 17))
 
 
+def test_batch_invariant_sizes_sees_a_backward_that_all_ones_output_gradients_hide():
+    """Below 3 rows this backward reads only each row's first output gradient, which equals the right answer
+    exactly when every output gradient is 1: only random output gradients find that sizes 1 and 2 differ."""
+
+    class Head(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(w)
+            return (x[:, None, :] * w[None]).sum(-1)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (w,) = ctx.saved_tensors
+            g = grad[:, :1].expand_as(grad) if grad.shape[0] < 3 else grad
+            terms = g[:, :, None] * w[None]
+            return (terms[:, 0] + terms[:, 1]) + terms[:, 2], None
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 16))
+
+        def forward(self, x):
+            return Head.apply(x.flatten(1), self.weight)
+
+    assert batch_invariant_sizes(Model().eval(), torch.rand(4, 1, 4, 4), max_rows=4) == (3, 4)
+
+
 def test_batch_invariant_sizes_checks_more_than_one_batch_per_size():
     """A float64 CPU CNN's single-row results differ from the batched ones only for some rows (a batch of one takes
     another matrix-multiply path in the head); a probe of one row per size would call batch size 1 invariant."""
