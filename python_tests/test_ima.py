@@ -1678,6 +1678,23 @@ def test_ima_forwards_a_lone_clean_correct_sample_inside_its_batch_when_batch_no
     assert int(model[1].num_batches_tracked) == 2
 
 
+class _RefusesOneRow(nn.Module):
+    def forward(self, x):
+        if self.training and x.shape[0] == 1:
+            raise ValueError("refuses one row")
+        return x
+
+
+def test_a_lone_clean_correct_sample_meets_other_errors_of_the_model_unchanged():
+    """Only batch-norm's one-sample refusal sends a lone sample into its batch: any other ValueError of the model's
+    forward is the user's to see, not swallowed by a second forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), _RefusesOneRow(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Linear(8, 3)).train()
+    with pytest.raises(ValueError, match="^refuses one row$"):
+        _lone_clean_correct_step(model)
+
+
 def test_a_lone_clean_correct_sample_forwarded_inside_its_batch_backpropagates():
     """The buffers the failed one-sample forward moved were put back with copy_, which bumped their version counters:
     the clean forward's batch-norm backward (it saves the running statistics) then failed with "one of the variables
