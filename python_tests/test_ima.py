@@ -1494,6 +1494,22 @@ def test_default_padding_goes_to_the_smallest_invariant_size():
         assert rows[-counter.forward_calls] == expected
 
 
+def test_ima_pads_its_forwards_to_the_measured_sizes_by_default():
+    """IMA's min_rows=None is gen_adv's default (pad to the sizes batch_invariant_sizes measures), not 0: its passes
+    are those of gen_adv's default, whose working batches below 6 rows go to 6 on this model."""
+    torch.manual_seed(0)
+    model = BatchDependent(lambda n: n >= 6).eval()
+    x = torch.rand(12, 1, 10, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    defense = IMA(num_samples=12, eps_train=2.0, delta=0.5, init_margin=1.0, steps=6, search_steps=3)
+    defense(model, x, y, torch.arange(12))
+    default, unpadded = PassCounter(), PassCounter()
+    gen_adv(model, x, y, 1.0, steps=6, search_steps=3, counter=default)
+    gen_adv(model, x, y, 1.0, steps=6, search_steps=3, counter=unpadded, min_rows=0)
+    assert defense.counter.as_dict() == default.as_dict() != unpadded.as_dict()
+
+
 def test_no_backward_once_every_sample_has_crossed():
     # Every sample crosses within a few of the K = 20 steps: the forward that finds the last crossing needs no
     # backward, and the masked form with batch_exit=False (the naive cost) still pays every step and search round.
