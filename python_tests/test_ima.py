@@ -1791,6 +1791,8 @@ def test_ima_defaults_setup_and_state_snapshot():
     assert torch.equal(state["margins"], before) and not torch.equal(defense.margins, before)
     with pytest.raises(ValueError, match=r"IMA: the margin table holds 20 samples, got num_samples=30"):
         defense.setup(30)
+    with pytest.raises(ValueError, match=r"IMA: the margin table holds 20 samples, got num_samples=10"):
+        defense.setup(10)  # a smaller training set too: its ids would index a table sized for another one
     defense.setup(20)
 
 
