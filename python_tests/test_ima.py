@@ -2101,6 +2101,30 @@ def test_a_nan_loss_at_finished_samples_is_not_refused(compact):
 
 
 @pytest.mark.parametrize("compact", [True, False])
+def test_a_nan_output_at_a_margin_zero_sample_is_not_refused(compact):
+    """A margin-0 sample is never forwarded by the compacted loops, so the masked ones do not check its rows either
+    (ascent and search): a model NaN at its x gives both forms the same answer instead of an error in one."""
+    model, x, y, margin = make_problem(n=10)
+    assert float(margin[2]) == 0
+
+    class NaNAtSample2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, xs):
+            out = self.inner(xs)
+            at = (xs == x[2]).flatten(1).all(1)
+            return torch.where(at[:, None], torch.full_like(out, float("nan")), out)
+
+    kwargs = dict(steps=6, search_steps=4, compact=compact, min_rows=0)
+    x_adv, crossed = gen_adv(NaNAtSample2().eval(), x, y, margin, **kwargs)
+    x_ref, crossed_ref = gen_adv(model, x, y, margin, **kwargs)
+    assert crossed.tolist() == crossed_ref.tolist() and bool(crossed.any())
+    assert torch.equal(x_adv, x_ref)
+
+
+@pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("algorithm", [2, 3])
 def test_no_search_rounds_return_the_brackets_correct_end(algorithm, compact):
     """search_steps=0 runs no search round: a crossed sample returns its bracket's correct end (Algorithm 2: the last
