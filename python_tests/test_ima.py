@@ -1803,6 +1803,16 @@ def test_ima_merge_without_sync_takes_the_highest_rank_that_changed_a_margin():
     assert defense.merge_distributed_state(ranks, start)["margins"].tolist() == [1.0, 0.25, 0.5]
 
 
+def test_ima_merge_without_sync_compares_with_the_epochs_start_margins():
+    """A margin is "changed" relative to the epoch's start table, not to init_margin: after an earlier epoch moved
+    every margin off 0.5, a rank that left id 0 alone does not override the rank that changed it."""
+    defense = IMA(num_samples=3, eps_train=2.0, delta=0.5, sync=False)
+    start = {"margins": torch.tensor([0.75, 0.75, 0.75]), "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5}
+    ranks = [dict(start, margins=torch.tensor([1.0, 0.75, 0.75])),
+             dict(start, margins=torch.tensor([0.75, 0.75, 0.25]))]
+    assert defense.merge_distributed_state(ranks, start)["margins"].tolist() == [1.0, 0.75, 0.25]
+
+
 def test_dice_threshold_and_pixel_edges():
     # Dice "> 0.6" (Section 3.5.2): exactly 0.6 is wrong. 5 predicted, 5 target pixels, 3 shared: 2*3/10.
     out = torch.tensor([[1.0] * 5 + [-1.0] * 5])
