@@ -1035,7 +1035,6 @@ def test_empty_batch():
     assert x_adv.shape == x.shape and its.shape == (2, 0, 1, 12, 12)
 
 
-
 class _PixelSumLogits(nn.Module):
     """Logits of images of any size, none at all included: three fixed multiples of the pixel sum."""
 
@@ -1363,7 +1362,6 @@ def test_square_query_budget_and_errors(trained):
         attacks.AutoAttack(model, version="l1")
     with pytest.raises(TypeError, match="square: expected rescale_schedule to be a bool, got int"):
         attacks.square(model, x, y, eps=0.1, rescale_schedule=1)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -3202,7 +3200,6 @@ def test_cw_loss_is_clamped_at_the_confidence_kappa():
     torch.testing.assert_close(attack_loss(out, t, "cw", targeted=False, kappa=1.0), torch.tensor(-1.25))
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Mutation pass three (the PGD core, pgd.py, context.py): values pinned from the docs / torchattacks semantics
 
@@ -3457,7 +3454,6 @@ def test_modes_and_parameter_flags_are_restored_when_the_attack_raises():
         attacks.pgd(model, x, y, eps=0.03, steps=2)
     assert all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == [p is not model.head.weight for p in model.parameters()]
-
 
 
 def test_cw_target_margin_with_all_negative_logits():

@@ -382,7 +382,6 @@ def test_device_mismatch_in_the_shared_checks(name):
         OP(*args.values())
 
 
-
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_meta_tensors(backend):
     """Shape inference as for drop_max_pool2d (the native op runs its fake kernel); the reference read crossed_at's

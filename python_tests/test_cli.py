@@ -2416,7 +2416,6 @@ def test_eval_on_data_or_a_model_the_checkpoint_cannot_take_says_why(trained_run
     assert not (tmp_path / "ev").exists()
 
 
-
 def test_eval_on_images_of_another_size_than_a_size_dependent_model_says_so(tmp_path, capsys):
     # resnet18's stem is 3x3 up to 64 pixels and 7x7 above: a 64x64 run attacked on 128x128 images failed with
     # "does not fit --model resnet18 (size mismatch for conv1.weight ...)" for the model the run itself trained

@@ -106,7 +106,6 @@ def test_build_registry_names_and_unknown_name():
         defenses.build("sat", stepsize=0.1)
 
 
-
 def test_own_defense_by_dotted_import_path(user_module):
     """docs/defenses/index.md, "By name": build and fit take your own Defense subclass's dotted import path (kept as
     written, not lower-cased); one that does not import, names nothing or names no Defense subclass is a one-line

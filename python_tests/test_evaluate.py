@@ -767,7 +767,6 @@ def test_without_cascade_each_radius_keeps_the_first_fooling_input_and_takes_lat
         torch.testing.assert_close(seen[eps].float(), torch.stack([p1(v) for v in inputs]), msg=f"eps {eps}")
 
 
-
 def test_rows_rank_confident_predictions_by_their_scores():
     """Probabilities were float32: past a logit margin of ~17 the predicted class's rounds to 1.0, so confident
     predictions of the positive class tied and the rows' AUC (0.667 here) was not the model's scores' (0.833)."""

@@ -1474,7 +1474,6 @@ def test_train_mode_default_pads_nothing():
             gen_adv(model, x, y, margin, steps=2, min_rows=16, model_mode=mode)
 
 
-
 def test_ima_refuses_min_rows_in_train_mode_when_built():
     """IMA(model_mode="train", min_rows=4) was built, and refused (by gen_adv's name) only at the first batch: under
     robust-ops train after run.json was written, as "training failed". It is now refused as IMA's other options are."""

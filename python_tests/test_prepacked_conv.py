@@ -494,7 +494,6 @@ def test_nests_and_restores_with_native_layers(enabled):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-
 def test_an_inner_explicit_false_switches_off_an_enclosing_true():
     """A nested prepacked_conv(model, False) inside an explicit True left the outer swap running (and
     prepacked_conv_active said True): the innermost explicit setting now decides, inside attacks too."""
@@ -533,7 +532,6 @@ def test_torch_func_transforms_and_autocast_run_atens_convolution(monkeypatch):
     assert not calls  # nothing was packed: ATen ran every convolution
     assert torch.equal(grad, grad_ref) and torch.equal(jvp, jvp_ref)
     assert autocast_out.dtype == autocast_ref.dtype == torch.bfloat16 and torch.equal(autocast_out, autocast_ref)
-
 
 
 def replaced_weight_test_conv():

@@ -887,7 +887,6 @@ def test_fit_input_errors(tmp_path):
         fit(model, defenses.Standard(), _data(), epochs=2, out_dir=tmp_path, resume=True, batch_size=4)
 
 
-
 @pytest.mark.parametrize("num_classes", [1, 2])
 def test_fit_refuses_a_label_equal_to_the_number_of_classes(num_classes):
     """docs/training.md: labels outside the model's classes are refused, also label K itself (one past the last
@@ -1788,7 +1787,6 @@ def _same(a, b):
     return a == b
 
 
-
 @pytest.mark.parametrize("make", [lambda: IMA(steps=2, search_steps=2),
                                   lambda: defenses.build("dpaat", steps=2, reference="running")],
                          ids=["ima", "dpaat"])
@@ -2040,7 +2038,6 @@ def test_ddp_history_sums_each_metric_over_the_processes_that_reported_it(tmp_pa
     without_time = [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     assert without_time[0] == without_time[1]  # every process records the same history
     assert (rows[0]["train_only_rank0"], rows[0]["train_only_rank1"], rows[0]["train_extra"]) == (1.0, 3.0, 5.0)
-
 
 
 def _ddp_one_rank_error_worker(rank, world, port, out_path):
