@@ -64,7 +64,7 @@ def _torchrun_train_worker(rank, world, port, npz, out):
     torch.set_num_threads(1)
     written = []
     write = cli.write_json_atomic
-    cli.write_json_atomic = lambda path, data: (written.append(Path(path).name), write(path, data))
+    cli.write_json_atomic = lambda path, data, **kw: (written.append(Path(path).name), write(path, data, **kw))
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = cli.main(["train", "--data", npz, "--epochs", "1", "--batch-size", "16", "--model", "mlp", "--out", out,
@@ -100,7 +100,7 @@ def _torchrun_command_worker(rank, world, port, argv, out):
     torch.set_num_threads(1)
     written = []
     write, write_results = cli.write_json_atomic, evaluate.write_results
-    cli.write_json_atomic = lambda path, data: (written.append(Path(path).name), write(path, data))
+    cli.write_json_atomic = lambda path, data, **kw: (written.append(Path(path).name), write(path, data, **kw))
     evaluate.write_results = lambda out_dir, *a, **k: (written.append("results"), write_results(out_dir, *a, **k))[1]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
