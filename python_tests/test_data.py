@@ -1178,6 +1178,10 @@ def test_busi_image_whose_padded_square_is_above_pillows_limit_is_refused(tmp_pa
     with pytest.raises(DataError, match=r"benign/strip\.png: a 10x60 image, zero-padded to a 60x60 square, is above "
                                         r"Pillow's size limit \(2000 pixels\); crop or downscale it$"):
         load_dataset(root, size=8)
+    # the bound is twice the limit, Pillow's own error threshold: at 2.4 times (a bound of 3 times let it through)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    with pytest.raises(DataError, match=r"benign/strip\.png: .* is above Pillow's size limit \(3000 pixels\)"):
+        load_dataset(root, size=8)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1800)  # the square at the limit: read
     with pytest.warns(UserWarning, match="too small to stratify"):
         assert load_dataset(root, size=8).info.extra["class_counts"] == {"benign": 6, "malignant": 5}
