@@ -1700,3 +1700,17 @@ def test_download_goes_through_the_medmnist_package_into_root(tmp_path, monkeypa
     s = load_dataset("dermamnist_64", root=tmp_path / "root", download=True)
     assert calls == [("test", True, str(tmp_path / "root"), {"size": 64})]
     assert s.info.source == str(tmp_path / "root" / "dermamnist_64.npz") and s.info.num_classes == 7
+
+
+def test_busi_image_with_one_nearly_opaque_pixel_is_refused(tmp_path):
+    """Opaque everywhere means alpha 255 in every pixel: a single pixel of alpha 254 is transparency too (the colour
+    under it is blended by any viewer, dropped here), so it is refused like alpha 0."""
+    from PIL import Image
+
+    rgba = np.full((8, 8, 4), 90, np.uint8)
+    rgba[..., 3] = 255
+    rgba[3, 4, 3] = 254
+    root = _class_folders(tmp_path / "d", n=10)
+    Image.fromarray(rgba, "RGBA").save(root / "malignant" / "rgba.png")
+    with pytest.raises(DataError, match=r"malignant/rgba\.png: has transparent pixels"):
+        load_dataset(root, size=8)
