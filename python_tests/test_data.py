@@ -1714,3 +1714,9 @@ def test_busi_image_with_one_nearly_opaque_pixel_is_refused(tmp_path):
     Image.fromarray(rgba, "RGBA").save(root / "malignant" / "rgba.png")
     with pytest.raises(DataError, match=r"malignant/rgba\.png: has transparent pixels"):
         load_dataset(root, size=8)
+
+
+def test_csv_integer_labels_with_a_sign_sort_numerically(tmp_path):
+    """Integer labels with a minus sign sort numerically too: -1, 2, 10 (as text "10" would come before "2")."""
+    s = load_dataset(_ham(tmp_path, ["-1", "2", "10"] * 10), size=8)
+    assert s.info.class_names == ("-1", "2", "10")
