@@ -1720,3 +1720,15 @@ def test_csv_integer_labels_with_a_sign_sort_numerically(tmp_path):
     """Integer labels with a minus sign sort numerically too: -1, 2, 10 (as text "10" would come before "2")."""
     s = load_dataset(_ham(tmp_path, ["-1", "2", "10"] * 10), size=8)
     assert s.info.class_names == ("-1", "2", "10")
+
+
+def test_csv_sets_get_the_16_bit_set_checks(tmp_path):
+    """The set-wide 16-bit check holds for CSV sets as for class folders: 16-bit images all <= 255 would be black."""
+    from PIL import Image
+
+    path = _ham(tmp_path, ["mel", "nv"] * 5)
+    for image in sorted((tmp_path / "imgs").iterdir()):
+        image.unlink()
+        Image.fromarray(np.full((8, 8), 200, np.uint16)).save(image.with_suffix(".png"))
+    with pytest.raises(DataError, match=r"meta\.csv: every 16-bit image holds values <= 200 only"):
+        load_dataset(path, size=8)
