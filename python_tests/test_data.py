@@ -1732,3 +1732,12 @@ def test_csv_sets_get_the_16_bit_set_checks(tmp_path):
         Image.fromarray(np.full((8, 8), 200, np.uint16)).save(image.with_suffix(".png"))
     with pytest.raises(DataError, match=r"meta\.csv: every 16-bit image holds values <= 200 only"):
         load_dataset(path, size=8)
+
+
+def test_load_csv_checks_the_seed_before_looking_for_images(tmp_path):
+    """A bad seed is named before any image is looked for or read (not after reading the whole set)."""
+    from robust_ops.data import load_csv
+
+    path = _ham(tmp_path, ["mel", "nv"] * 10, images=False)
+    with pytest.raises(DataError, match=r"expected seed to be an integer"):
+        load_csv(path, size=8, seed=-1)
