@@ -1741,3 +1741,15 @@ def test_load_csv_checks_the_seed_before_looking_for_images(tmp_path):
     path = _ham(tmp_path, ["mel", "nv"] * 10, images=False)
     with pytest.raises(DataError, match=r"expected seed to be an integer"):
         load_csv(path, size=8, seed=-1)
+
+
+def test_csv_blank_split_by_is_refused_as_the_argument(tmp_path):
+    """split_by "" or "  " is a bad argument (named as split_by=), not a column the CSV lacks (a header's trailing
+    comma makes a column named "", which it would then have grouped by)."""
+    from robust_ops.data import load_csv
+
+    path = _ham(tmp_path, ["mel", "nv"] * 4, images=False)
+    for blank in ("", "  "):
+        with pytest.raises(DataError, match=r"expected split_by to be 'auto', 'image' or a column name, got") as info:
+            load_csv(path, size=8, split_by=blank)
+        assert info.value.arg == "split_by"
