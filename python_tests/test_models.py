@@ -127,5 +127,7 @@ def test_parameter_counts_against_torchvision():
         assert count_parameters(build_model(name, 3, 2, 65)) == count_parameters(getattr(tvm, name)(num_classes=2))
     vgg = build_model("vgg16", 3, 2, 224)
     assert [m.out_features for m in vgg.classifier if isinstance(m, torch.nn.Linear)] == [256, 2]
+    assert [type(m).__name__ for m in vgg.classifier] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert vgg.classifier[2].p == 0.5  # the head keeps vgg16_bn's dropout rate
     assert round(count_parameters(vgg) / 1e6) == 15
     assert round(count_parameters(tvm.vgg16_bn(num_classes=2)) / 1e6) == 134
