@@ -26,6 +26,8 @@ def test_mlp_on_images_and_on_feature_vectors():
     assert build_model("mlp", 1, 2, 28).net[0].in_features == 784
     model = build_model("mlp", 2, 2, 0)  # two-moons: 2 features, one logit
     assert model.net[0].in_features == 2 and model(torch.rand(5, 2)).shape == (5,)
+    linear = [(m.in_features, m.out_features) for m in model.net if isinstance(m, torch.nn.Linear)]
+    assert linear == [(2, 10), (10, 10), (10, 1)]  # docs/getting-started.md: ARFL's 2-10-10-1
 
 
 def test_too_small_for_densenet_is_a_clear_error():
