@@ -133,3 +133,16 @@ def test_parameter_counts_against_torchvision():
     assert vgg.classifier[2].p == 0.5  # the head keeps vgg16_bn's dropout rate
     assert round(count_parameters(vgg) / 1e6) == 15
     assert round(count_parameters(tvm.vgg16_bn(num_classes=2)) / 1e6) == 134
+
+
+def test_small_cnn_is_its_documented_architecture():
+    """SmallCNN's docstring: (conv-BatchNorm-ReLU, max-pool) x2, conv-BatchNorm-ReLU, global average pooling, linear,
+    16, 32 and 64 channels by default; its first max-pool is 3x3/2 with padding 1 (build_model's 3-pixel minimum
+    follows from it). Shape tests alone let another pool, a missing BatchNorm or other widths through."""
+    model = build_model("small_cnn", 1, 2, 28)
+    kinds = [type(m).__name__ for m in (*model.features, model.pool, model.classifier)]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 2 + ["Conv2d", "BatchNorm2d", "ReLU",
+                                                                         "AdaptiveAvgPool2d", "Linear"]
+    assert [m.out_channels for m in model.features if isinstance(m, torch.nn.Conv2d)] == [16, 32, 64]
+    first, second = (m for m in model.features if isinstance(m, torch.nn.MaxPool2d))
+    assert (first.kernel_size, first.stride, first.padding) == (3, 2, 1) and second.kernel_size == 2
