@@ -761,6 +761,10 @@ def test_functional_error_messages():
         robust_ops.drop_max_pool2d(torch.zeros(4, 4), 2)
     with pytest.raises(TypeError, match="drop_max_pool2d: expected kernel_size to be an int or a pair of ints"):
         robust_ops.drop_max_pool2d(torch.zeros(1, 4, 4), 2.5)
+    # three sizes (a 3-D pool's) are no pair: they must not pass as their first and last, a (2, 4) window
+    with pytest.raises(TypeError, match=r"drop_max_pool2d: expected kernel_size to be an int or a pair of ints, got "
+                                        r"\(2, 3, 4\)$"):
+        robust_ops.drop_max_pool2d(torch.zeros(1, 8, 8), (2, 3, 4))
     with pytest.raises(RuntimeError, match="drop_max_pool2d: expected input to be a floating-point tensor"):
         robust_ops.DropMax2d(2)(torch.zeros(1, 1, 4, 4, dtype=torch.int32))
 
