@@ -588,6 +588,7 @@ def test_reference_backend_checks_values_like_the_cpu_kernel(name, values, messa
         (dict(slot=1.5), TypeError, "expected slot to be an int, got 1.5"),
         (dict(slot=torch.tensor(1.0)), TypeError, "expected slot to be an int, got tensor(1.)"),
         (dict(slot=True), TypeError, "expected slot to be an int, got True"),  # a bool is not a slot number
+        (dict(alpha=True), TypeError, "expected alpha to be a number or a tensor, got bool"),  # nor a step of 1.0
         (dict(clip_min=None), TypeError, "expected clip_min to be a number, got NoneType"),
         (dict(clip_max="1"), TypeError, "expected clip_max to be a number, got str"),
         # a 0-D bool tensor ran as 1.0 (a Python bool is refused)
