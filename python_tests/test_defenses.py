@@ -440,6 +440,9 @@ def test_defense_argument_errors():
         defenses.AT(norm="l3")
     with pytest.raises(ValueError, match="dpaat: expected syn to be one of 'js', 'printed', got 'x'"):
         DPAAT(syn="x")
+    # checked when built, not taken to cap every radius below 0 mid-training (None, the default, means no cap)
+    with pytest.raises(ValueError, match=r"^dpaat: expected max_radius to be a finite number >= 0, got -0\.1$"):
+        DPAAT(max_radius=-0.1)
     with pytest.raises(ValueError, match="arfl: expected adv_sign to be one of 'text', 'printed'"):
         ARFL(adv_sign="minus")
     with pytest.raises(ValueError, match="fat: expected tau to be an integer >= 0, got -1"):
