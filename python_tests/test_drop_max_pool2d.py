@@ -759,6 +759,8 @@ def test_error_messages(x, args, message):
 def test_functional_error_messages():
     with pytest.raises(RuntimeError, match=r"drop_max_pool2d: expected input to be 3-D \(C, H, W\) or 4-D"):
         robust_ops.drop_max_pool2d(torch.zeros(4, 4), 2)
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: expected input to be 3-D \(C, H, W\) or 4-D .*got 5-D"):
+        robust_ops.drop_max_pool2d(torch.zeros(1, 1, 1, 4, 4), 2)  # the op alone says "4-D", not the 3-D form
     with pytest.raises(TypeError, match="drop_max_pool2d: expected kernel_size to be an int or a pair of ints"):
         robust_ops.drop_max_pool2d(torch.zeros(1, 4, 4), 2.5)
     # three sizes (a 3-D pool's) are no pair: they must not pass as their first and last, a (2, 4) window
