@@ -591,6 +591,7 @@ def test_reference_backend_checks_values_like_the_cpu_kernel(name, values, messa
         (dict(alpha=True), TypeError, "expected alpha to be a number or a tensor, got bool"),  # nor a step of 1.0
         (dict(clip_min=None), TypeError, "expected clip_min to be a number, got NoneType"),
         (dict(clip_max="1"), TypeError, "expected clip_max to be a number, got str"),
+        (dict(clip_min=False), TypeError, "expected clip_min to be a number, got bool"),  # not a bound of 0.0
         # a 0-D bool tensor ran as 1.0 (a Python bool is refused)
         (dict(clip_max=torch.tensor(True)), TypeError, "expected clip_max to be a number, got a torch.bool tensor"),
         (dict(clip_min=torch.tensor(0j)), TypeError, "expected clip_min to be a number, got a torch.complex64 tensor"),
