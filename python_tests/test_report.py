@@ -21,6 +21,12 @@ def test_format_eps_and_fmt():
     assert report.fmt(math.nan) == report.fmt(math.inf) == report.fmt(None) == "–"
 
 
+def test_format_eps_keeps_radii_that_are_no_whole_255ths_as_decimals():
+    # 100.2 is 25551/255, but short decimals stay decimals; a radius far below 1/255 rounds to 0 of them, yet is no
+    # clean row: "0/255" would read as one
+    assert report.format_eps(100.2) == "100.2" and report.format_eps(1.5e-10) == "1.5e-10"
+
+
 def test_runs_mark_only_for_partially_defined_means():
     assert report.runs_mark({"auc_runs": 2, "repeats": 3}, "auc") == " (2 of 3 runs)"
     assert report.runs_mark({"auc_runs": 3, "repeats": 3}, "auc") == ""
