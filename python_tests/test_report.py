@@ -27,6 +27,12 @@ def test_format_eps_keeps_radii_that_are_no_whole_255ths_as_decimals():
     assert report.format_eps(100.2) == "100.2" and report.format_eps(1.5e-10) == "1.5e-10"
 
 
+def test_slug_of_a_label_without_letters_or_digits_is_model():
+    # saliency_<slug>.png and reproduce's runs/<slug>/ folders: an empty slug named no file or folder of its own
+    assert report.slug("MIRST-DM (eps 2/255)") == "mirst-dm-eps-2-255"
+    assert report.slug("+++") == report.slug("") == "model"
+
+
 def test_runs_mark_only_for_partially_defined_means():
     assert report.runs_mark({"auc_runs": 2, "repeats": 3}, "auc") == " (2 of 3 runs)"
     assert report.runs_mark({"auc_runs": 3, "repeats": 3}, "auc") == ""
