@@ -319,6 +319,16 @@ def test_tables_escape_a_pipe_in_labels():
         assert "AT\\|eps=2" in table
 
 
+def test_tables_keep_a_line_break_in_a_label_on_its_row():
+    """A line break in a label (e.g. a --method from a config file) would end its Markdown row, the cells after it
+    out of the table: it is written as a space, in the all-rows, pivot and paper tables alike."""
+    rows = [{"method": "AT\nv2", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": 0.9}]
+    paper = [{"method": "AT\nv2", "attack": "none", "eps": 0.0, "source": "T1", "accuracy": 0.6}]
+    for table in (report.markdown_table(rows, ["accuracy"]), report.pivot_table(rows, "accuracy"),
+                  report.paper_comparison_table(rows, paper, ["accuracy"])):
+        assert len(table.splitlines()) == 3 and "AT v2" in table, table
+
+
 def test_saliency_figure_takes_labels_of_shape_n_by_1(tmp_path, monkeypatch):
     """evaluate takes MedMNIST's [N, 1] labels; the saliency figure of the same tensors failed in the loss ("0D or 1D
     target tensor expected"), and write_results then wrote nothing."""
