@@ -364,6 +364,14 @@ def test_defense_opt_values():
             cli.parse_key_values([bad], "--defense-opt")
 
 
+def test_defense_opt_value_forms_null_signed_integers_and_a_trailing_comma():
+    """YAML's null reads as none; a signed whole number stays an integer (recorded so in run.json, compared so on
+    --resume); an empty entry of a comma list (a trailing comma) is dropped, not a '' value."""
+    options = cli.parse_key_values(["a=null", "b=-3", "c=+2", "d=2,4,"], "--defense-opt")
+    assert options == {"a": None, "b": -3, "c": 2, "d": (2, 4)}
+    assert type(options["b"]) is type(options["c"]) is int
+
+
 def test_defense_opt_key_given_twice_is_refused(tmp_path):
     """A key given twice on the command line (or twice in the file) would lose its first value: refused, naming both;
     the command line's key still overrides the file's."""
