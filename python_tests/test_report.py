@@ -61,6 +61,16 @@ def test_markdown_table_and_paper_table_cells():
     assert line == "| AT | no attack | 0 | T1 | 0.300 | 0.250 ± 0.010 | 0.900 | – |"
 
 
+def test_paper_table_takes_our_row_at_the_paper_rows_radius():
+    # ours are looked up by eps to 6 decimals: 1/255 and 2/255 (0.0039, 0.0078) are two radii, each paper row gets
+    # the value at its own
+    rows = [{"method": "AT", "attack": "pgd", "norm": "linf", "eps": k / 255, "n": 4, "accuracy": acc}
+            for k, acc in ((1, 0.6), (2, 0.4))]
+    paper = [{"method": "AT", "attack": "pgd", "eps": k / 255, "source": "T1", "accuracy": 0.5} for k in (1, 2)]
+    lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()
+    assert lines[2:] == ["| AT | pgd | 1/255 | T1 | 0.500 | 0.600 |", "| AT | pgd | 2/255 | T1 | 0.500 | 0.400 |"]
+
+
 def _record_figures(monkeypatch):
     """The list the figures that report saves from now on are appended to."""
     figures, save = [], report._save
