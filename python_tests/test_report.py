@@ -120,6 +120,22 @@ def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
     assert "(2 classes, positive class 1 = b; sensitivity is the recall of the positive class)" in text
 
 
+def test_markdown_report_links_its_figures_and_states_its_configuration_and_environment():
+    # report.md shows the figures written beside it, the settings results.json records and the versions that made
+    # it ("git unknown" outside a checkout); an empty configuration gets no section
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=20, accuracy=0.9, f1=0.8, sensitivity=0.7,
+               specificity=0.6, precision=0.5, auc=0.9)
+    doc = _doc([row])
+    doc["config"] = {"command": "eval", "eps": "1/255"}
+    text = report.markdown_report(doc, figures=["accuracy_vs_eps.png"])
+    assert "![accuracy_vs_eps.png](accuracy_vs_eps.png)" in text
+    assert "## Configuration\n\n```\ncommand: eval\neps: 1/255\n```" in text
+    assert text.endswith("robust_ops x, torch y, cpu, git unknown, today.\n")  # no git revision recorded
+    doc["config"], doc["environment"]["git_revision"] = {}, "abc123"
+    text = report.markdown_report(doc)
+    assert "## Configuration" not in text and "![" not in text and "git abc123, today." in text
+
+
 def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9},
             {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5}]
