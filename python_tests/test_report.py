@@ -204,6 +204,16 @@ def test_grad_cam_and_input_gradient_values():
     torch.testing.assert_close(report.input_gradient(two, x, target), sal / sal.flatten(1).amax(1).view(-1, 1, 1))
 
 
+@pytest.mark.parametrize("single", [False, True])
+def test_grad_cam_maps_the_predicted_classes_by_default(single):
+    # no target: each image's predicted class (a single logit: class 1 where z > 0), not the other one
+    model, x = _Net(single=single), torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    z = _Net(single=True)(x)
+    pred = (z > 0).long()
+    assert 0 < int(pred.sum()) < 6  # both classes predicted
+    torch.testing.assert_close(report.grad_cam(model, x), report.grad_cam(model, x, target=pred))
+
+
 def test_plot_saliency_refuses_non_images(tmp_path):
     model = nn.Sequential(nn.Linear(2, 2))
     assert report.plot_saliency(model, torch.rand(3, 2), torch.tensor([0, 1, 0]), tmp_path / "s.png") is False
