@@ -222,6 +222,14 @@ def test_plot_saliency_refuses_non_images(tmp_path):
         report.grad_cam(model, torch.rand(3, 2))
 
 
+def test_plot_saliency_of_no_images_draws_nothing(tmp_path):
+    # zero images: no figure of zero rows (nothing to show), False as for non-images
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, 2))
+    assert report.plot_saliency(model, torch.rand(0, 1, 4, 4), torch.zeros(0, dtype=torch.long),
+                                tmp_path / "s.png") is False
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_markdown_report_notes_undefined_metrics():
     # a test set without positives: sensitivity and AUC are NaN; the report must say why, not only show "–"
     base = dict(method="M", attack="none", norm=None, eps=0.0, n=20, accuracy=0.9, f1=0.0, sensitivity=math.nan,
