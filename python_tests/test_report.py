@@ -147,6 +147,17 @@ def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     assert figures[1]._suptitle.get_text() == "Accuracy vs radius on d"
 
 
+def test_saliency_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
+    # as the radius figure's: maps of generated images must not pass for a patient's, with or without a title
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, 2))
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
+    figures = _record_figures(monkeypatch)
+    for synthetic, title in ((True, "m"), (True, None), (False, "m")):
+        info = DatasetInfo("d", 2, 1, 4, ("a", "b"), synthetic=synthetic)
+        assert report.plot_saliency(model, x, y, tmp_path / "s.png", info=info, title=title)
+    assert [f._suptitle.get_text().strip() for f in figures] == ["m (synthetic data)", "(synthetic data)", "m"]
+
+
 def test_radius_figure_title_fits_a_long_dataset_name(tmp_path, monkeypatch):
     """One attack makes a one-panel figure, 3.6 in wide: a dataset named like Kaggle's COVID-19 set ran its title
     past both edges, cut off ("...ccuracy vs radius on COVID-19_Radiography_Datase..."). It is wrapped instead."""
