@@ -61,6 +61,11 @@ def test_markdown_table_and_paper_table_cells():
     assert line == "| AT | no attack | 0 | T1 | 0.300 | 0.250 ± 0.010 | 0.900 | – |"
 
 
+def test_markdown_table_of_no_rows_says_so():
+    # an empty "All rows" section would read as a report cut short
+    assert report.markdown_table([]) == "(no rows)"
+
+
 def test_paper_table_takes_our_row_at_the_paper_rows_radius():
     # ours are looked up by eps to 6 decimals: 1/255 and 2/255 (0.0039, 0.0078) are two radii, each paper row gets
     # the value at its own
