@@ -457,6 +457,14 @@ def test_config_file_positional_key_is_unknown_not_ignored(tmp_path, capsys, com
     assert f" {key}," not in line and not line.endswith(f" {key})")
 
 
+def test_config_file_that_names_another_config_file_is_refused(tmp_path):
+    # a file's `config:` is never read (files do not nest): accepted, its options were silently lost
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"config: {tmp_path / 'other.yaml'}\n")
+    with pytest.raises(cli.CLIError, match=r"cfg.yaml: unknown option 'config' \(expected one of "):
+        _config_args("train", ["--config", str(cfg)])
+
+
 def test_config_lists_and_numbers_read_as_the_flags_text(tmp_path):
     """docs/cli.md: comma-separated options also take YAML lists; a YAML number is the text the flag would get."""
     cfg = tmp_path / "cfg.yaml"
