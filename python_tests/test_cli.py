@@ -2550,6 +2550,17 @@ def test_data_names_spelled_otherwise_are_the_same_run(tmp_path, capsys):
     assert cli.load_run(out, data="Synthetic_Bus")[1].info.image_size == 8  # the run's own data and size
 
 
+def test_data_spec_makes_a_relative_npz_or_csv_path_absolute(small_npz, tmp_path, monkeypatch):
+    # run.json records --data so, as a folder: eval and --resume from another working directory read the same file;
+    # a path to no file is kept as given (load_dataset reports it)
+    (tmp_path / "labels.csv").write_text("image,label\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.data_spec("labels.csv") == os.path.join(os.getcwd(), "labels.csv")
+    monkeypatch.chdir(small_npz.parent)
+    assert cli.data_spec(small_npz.name) == os.path.join(os.getcwd(), small_npz.name)
+    assert cli.data_spec("missing.npz") == "missing.npz"
+
+
 @pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
 def test_a_kfold_protocol_does_not_warn_about_the_7_1_2_split_it_pools(tmp_path):
     """A k-fold protocol pools the data's own train/val/test split: on a folder with a small class it printed that
