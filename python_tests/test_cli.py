@@ -2757,6 +2757,14 @@ def test_seed_outside_the_split_seeds_is_refused(tmp_path, capsys, seed):
         assert not out.exists()
 
 
+def test_seed_range_includes_both_ends():
+    # docs/cli.md: 0 to 2**32 - 1, the seeds scikit-learn's splits take; the last one is a seed like any other
+    from types import SimpleNamespace
+
+    for seed in (0, 2**32 - 1):
+        cli.check_data_model_options(SimpleNamespace(epochs=1, batch_size=1, lr=1e-3, seed=seed))
+
+
 def test_eval_records_the_saliency_images_drawn_not_asked_for(trained_run, tmp_path, capsys):
     # the val split holds 16 images: --saliency 20 draws 16, and results.json recorded 20
     rc, _, err = run(["eval", trained_run, "--split", "val", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "20",
