@@ -1927,6 +1927,15 @@ def test_classes_select_folders_and_reach_run_json_eval_resume_and_demo(tmp_path
     assert rc == 0, err  # demo's check before training compared the run's classes with none
 
 
+def test_classes_option_strips_spaces_around_names():
+    # `--classes "nv, mel"` names the folders nv and mel, not " mel" (no such folder); an empty name is refused
+    import argparse
+
+    assert cli.parse_classes("nv, mel ") == ("nv", "mel")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected comma-separated class names"):
+        cli.parse_classes("nv, ")
+
+
 def _folder_16_bit(root, top=4095, n=10):
     """12-bit (CT-like) images saved as 16-bit PNGs, values up to ``top``."""
     from PIL import Image
