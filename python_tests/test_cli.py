@@ -529,6 +529,18 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     one_line_error(rc, err, "--resume:", "defense_options={'steps': 1}")
 
 
+def test_resume_of_a_finished_run_with_its_own_epochs_is_accepted(small_npz, tmp_path, capsys):
+    # --epochs may grow on --resume, and rerunning a finished run's own command with --resume (a batch script's
+    # retry) trains nothing more: only more epochs done than --epochs are refused
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress", "--device",
+            "cpu"]
+    assert run(argv, capsys)[0] == 0
+    rc, _, err = run(argv + ["--resume"], capsys)
+    assert rc == 0, err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
 def test_own_defense_and_attack_by_dotted_import_path(user_module, small_npz, tmp_path, capsys):
     """train --defense and eval --attacks take your own classes' dotted import paths: run.json records the path and
     --resume takes it (refusing another defense, named); a path that does not resolve is a one-line error naming it,
