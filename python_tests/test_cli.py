@@ -1617,6 +1617,31 @@ def test_train_on_a_full_disk_is_a_one_line_error_keeping_the_last_checkpoint(sm
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]
 
 
+def test_resume_on_a_full_disk_says_to_continue_with_the_same_command(small_npz, tmp_path, capsys, monkeypatch):
+    # a --resume that fails so already has --resume: the way on is the same command, not one with --resume added
+    import errno
+    import os
+
+    from robust_ops import _files
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--model", "mlp", "--no-progress", "--device", "cpu", "--out", out]
+    assert run(argv + ["--epochs", "1"], capsys)[0] == 0
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):  # run.json's, then epoch 2's checkpoint's finds the disk full
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(_files.os, "fsync", fsync)
+    rc, _, err = run(argv + ["--epochs", "2", "--resume"], capsys)
+    line = one_line_error(rc, err, f"{out}: training failed: [Errno 28] No space left on device")
+    assert line.endswith("holds the last epoch saved: once fixed, continue with the same command"), line
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
 def test_train_flushes_run_json_to_disk_as_it_does_checkpoints(small_npz, tmp_path, capsys, monkeypatch):
     # run.json was renamed into place unsynced while every checkpoint beside it was fsynced: after a power cut
     # --resume could find the checkpoint and an empty run.json. A refused resume's restored record is synced too.
