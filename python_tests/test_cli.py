@@ -1830,6 +1830,21 @@ def test_eval_options_reach_the_evaluation(trained_run, tmp_path, capsys, monkey
     assert evaluate_calls[-1]["ensemble"] is True and evaluate_calls[-1]["cascade"] is True
 
 
+def test_eval_names_the_rows_by_the_runs_label(trained_run, tmp_path, capsys, evaluate_calls):
+    # a demo or reproduce run records its table label ("Baseline" for demo's standard) in run.json: eval's rows keep
+    # it, so they line up with that command's own table, unless --method says otherwise
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("eval"))
+    record = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**record, "label": "Baseline"}))
+    rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0, err
+    assert [call["method"] for call in evaluate_calls] == ["Baseline"]
+
+
 def test_demo_options_reach_training_and_evaluation(small_npz, tmp_path, capsys, monkeypatch, evaluate_calls):
     from robust_ops import train
 
