@@ -1884,6 +1884,24 @@ def test_demo_trains_on_256_images_by_default(tmp_path, capsys, monkeypatch):
     assert rc == 130 and sizes == [256], err
 
 
+def test_demo_trains_8_epochs_per_method_by_default_and_2_with_quick(tmp_path, capsys, monkeypatch):
+    """docs/cli.md: demo's --epochs defaults to 8 per method, --quick's to 2."""
+    from robust_ops import train
+
+    epochs = []
+
+    def fit(*args, **kwargs):  # the epochs it would train, then stop
+        epochs.append(kwargs["epochs"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", fit)
+    for extra in ([], ["--quick"]):
+        rc, _, err = run(["demo", "--methods", "standard", "--model", "mlp", "--size", "8", "--no-progress", "--device",
+                          "cpu", "--out", tmp_path / "d", *extra], capsys)
+        assert rc == 130, err
+    assert epochs == [8, 2]
+
+
 def test_bench_runs_the_chosen_scripts_and_reports_failures(tmp_path, capsys):
     """--only runs just those topics, --full drops --quick, and a failing script makes the exit status 1."""
     for name, status in (("a", 3), ("b", 0)):
