@@ -101,6 +101,16 @@ def test_markdown_report_pivots_and_run_counts():
     assert "Synthetic data" in report.markdown_report(_doc([dict(base, attack="none")], synthetic=True))
 
 
+def test_markdown_report_shows_only_the_metrics_its_document_names():
+    # results.json's "metrics" list decides the pivots and the all-rows columns; the task's defaults only without one
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=20, accuracy=0.9, f1=0.8, sensitivity=0.7,
+               specificity=0.6, precision=0.5, auc=0.9)
+    doc = _doc([row])
+    doc["metrics"] = ["accuracy"]
+    text = report.markdown_report(doc)
+    assert "| Accuracy: attack |" in text and "F1" not in text and "AUC" not in text
+
+
 def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
     """A multi-class report has no positive class: its metrics are macro averages (robust_ops.metrics)."""
     row = dict(method="M", attack="none", norm=None, eps=0.0, n=30, accuracy=0.8, f1=0.7, sensitivity=0.6,
