@@ -61,6 +61,15 @@ def test_markdown_table_and_paper_table_cells():
     assert line == "| AT | no attack | 0 | T1 | 0.300 | 0.250 ± 0.010 | 0.900 | – |"
 
 
+def test_pivot_table_takes_the_methods_and_their_order_given():
+    # methods=: the columns, in that order (a method without a row gets dashes); by default those of the rows
+    rows = [{"method": m, "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": acc}
+            for m, acc in (("A", 0.5), ("B", 0.75))]
+    lines = report.pivot_table(rows, "accuracy", methods=["B", "C", "A"]).splitlines()
+    assert lines[0] == "| Accuracy: attack | ε | B | C | A |" and lines[2] == "| no attack | 0 | 0.750 | – | 0.500 |"
+    assert report.pivot_table(rows, "accuracy").splitlines()[0] == "| Accuracy: attack | ε | A | B |"
+
+
 def test_markdown_table_of_no_rows_says_so():
     # an empty "All rows" section would read as a report cut short
     assert report.markdown_table([]) == "(no rows)"
