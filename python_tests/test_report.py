@@ -291,6 +291,13 @@ def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):
     assert not (tmp_path / "s.png").exists()
 
 
+def test_radius_figure_of_clean_rows_only_draws_nothing(tmp_path):
+    # no attack, no radius axis: no figure (False), as for a metric undefined everywhere
+    rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9}]
+    assert not report.plot_metric_vs_radius(rows, tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
 def test_radius_figure_gives_each_method_one_colour_and_legend_entry(tmp_path, monkeypatch):
     # F1 on a test set without positives: A predicts none (F1 undefined) on clean inputs and under FGSM. Each panel
     # coloured its own lines in turn, so under FGSM B took A's colour, and the legend (the last panel's lines) said
