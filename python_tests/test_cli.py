@@ -432,6 +432,8 @@ def test_config_defense_opt_with_command_line_ones(small_npz, tmp_path, capsys):
     ("train", "lr: fast", "option 'lr': invalid float value: 'fast'"),
     ("train", "no-progress: 3", "option 'no-progress': expected true or false, got 3"),
     ("train", "defense-opt: [[eps, 1]]", "option 'defense-opt': expected a single value, got a list"),
+    # a type's own refusal (argparse.ArgumentTypeError) is the file's one-line error too, not a traceback
+    ("train", "classes: 'nv,'", "option 'classes': expected comma-separated class names such as benign,malignant"),
 ])
 def test_config_values_are_checked_like_flags(tmp_path, capsys, command, text, needle):
     cfg = tmp_path / "cfg.yaml"
