@@ -352,6 +352,13 @@ def test_config_file(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "broken.json: not valid JSON")
 
 
+def test_config_file_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
+    # one line naming the flag, not the FileNotFoundError traceback reading it would give
+    rc, _, err = run(["train", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "run"], capsys)
+    one_line_error(rc, err, f"robust-ops train: error: --config: {tmp_path / 'missing.yaml'}: no such file")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_defense_opt_values():
     """--defense-opt values: integers, fractions, booleans, none, comma lists; dashed keys read as underscores."""
     options = cli.parse_key_values(["steps=10", "eps=5/255", "random_start=True", "reuse=false", "max-radius=none",
