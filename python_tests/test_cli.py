@@ -1925,6 +1925,14 @@ def test_bench_runs_the_chosen_scripts_and_reports_failures(tmp_path, capsys):
     assert (tmp_path / "bench_b.args").read_text() == "[]"
 
 
+def test_bench_list_prints_each_topic_with_its_script_and_runs_none(tmp_path, capsys):
+    # one line per topic --only picks: its name, a tab and the script it would run
+    for name in ("a", "b"):
+        (tmp_path / f"bench_{name}.py").write_text("raise SystemExit(3)\n")
+    rc, out, err = run(["bench", "--bench-dir", tmp_path, "--only", "b", "--list"], capsys)
+    assert rc == 0 and out == f"b\t{tmp_path / 'bench_b.py'}\n", err
+
+
 def _folder(root, n=10, classes=("benign", "malignant")):
     from PIL import Image
 
