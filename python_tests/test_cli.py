@@ -1933,6 +1933,18 @@ def test_bench_list_prints_each_topic_with_its_script_and_runs_none(tmp_path, ca
     assert rc == 0 and out == f"b\t{tmp_path / 'bench_b.py'}\n", err
 
 
+def test_bench_checks_its_output_folder_variable_before_running_a_script(tmp_path, capsys, monkeypatch):
+    # $ROBUST_OPS_BENCH_DIR (where the scripts write their CSVs) naming a file: one line before any script runs,
+    # not each script failing at its start
+    (tmp_path / "bench_a.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ROBUST_OPS_BENCH_DIR", str(tmp_path / "file"))
+    rc, _, err = run(["bench", "--bench-dir", tmp_path], capsys)
+    one_line_error(rc, err, f"robust-ops bench: error: $ROBUST_OPS_BENCH_DIR: {tmp_path / 'file'} exists and is not a "
+                            "folder")
+    assert not (tmp_path / "bench_a.ran").exists()
+
+
 def _folder(root, n=10, classes=("benign", "malignant")):
     from PIL import Image
 
