@@ -781,6 +781,19 @@ def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):
         one_line_error(rc, err, f"--methods: arfl-moons has no method {named}; choose from Standard training, ")
 
 
+def test_reproduce_evaluation_error_is_a_one_line_error_naming_the_protocol(tmp_path, capsys, monkeypatch):
+    # an EvalError from a protocol's evaluation (e.g. a model giving NaN scores) ends in one line led by its name
+    import robust_ops.reproduce
+    from robust_ops.evaluate import EvalError
+
+    def run_protocol(*args, **kwargs):
+        raise EvalError("model", "MIRST: the model's scores are not finite")
+
+    monkeypatch.setattr(robust_ops.reproduce, "run_protocol", run_protocol)
+    rc, _, err = run(["reproduce", "arfl-moons", "--quick", "--out", tmp_path / "out", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "robust-ops reproduce: error: arfl-moons: MIRST: the model's scores are not finite")
+
+
 def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     from robust_ops.reproduce import EVAL_CACHE_FILE
 
