@@ -794,6 +794,17 @@ def test_reproduce_evaluation_error_is_a_one_line_error_naming_the_protocol(tmp_
     one_line_error(rc, err, "robust-ops reproduce: error: arfl-moons: MIRST: the model's scores are not finite")
 
 
+def test_reproduce_writes_to_runs_reproduce_name_by_default(tmp_path, capsys, monkeypatch):
+    # --out's default, runs/reproduce/NAME (docs/cli.md): where a rerun finds the protocol's runs to reuse
+    import robust_ops.reproduce
+
+    outs = []
+    monkeypatch.setattr(robust_ops.reproduce, "run_protocol", lambda *a, out, **k: outs.append(out))
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(["reproduce", "arfl-moons", "--quick", "--device", "cpu"], capsys)
+    assert rc == 0 and outs == [Path("runs") / "reproduce" / "arfl-moons"], err
+
+
 def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     from robust_ops.reproduce import EVAL_CACHE_FILE
 
