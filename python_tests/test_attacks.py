@@ -1744,6 +1744,9 @@ def test_square_schedule_rescaled_or_not(monkeypatch):
                 continue
             for rescale in (True, False):
                 assert p_schedule(0.8, it, n_queries, rescale) == autoattack_p_selection(0.8, it, n_queries, rescale)
+    # a budget that does not divide 10000: the rescaled iteration is truncated as AutoAttack's (1 / 950 * 10000 =
+    # 10.5 -> 10, not past 10: still p_init), not rounded (mutation testing of square/ensemble: rounding survived)
+    assert p_schedule(0.8, 1, 950) == autoattack_p_selection(0.8, 1, 950, True) == 0.8
     # the option reaches the schedule; the default is unchanged (rescaled)
     seen = []
     monkeypatch.setattr(square_module, "p_schedule", lambda p, it, n, rescale=True: seen.append(rescale) or p)
