@@ -2220,6 +2220,8 @@ def test_square_l2_start_tiles_signed_windows_per_sample_and_queries_stay_on_the
     assert bool((match.sum(1) == 1).all())  # every tile is one of the four signed orientations
     kinds = match.float().argmax(1).view(4, 2 * 25)
     assert len({tuple(k.tolist()) for k in kinds}) == 4  # each sample draws its own
+    # both orientations are drawn (mutation testing of square/ensemble: never transposing survived)
+    assert {0, 1} & set(kinds.flatten().tolist()) and {2, 3} & set(kinds.flatten().tolist())
     checked = None
     for it, q in enumerate(queried[2:]):
         delta = q - x
