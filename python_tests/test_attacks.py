@@ -2251,6 +2251,13 @@ def test_square_l2_start_is_centred_by_autoattacks_offset():
                            generator=torch.Generator().manual_seed(0)) - x
     assert bool((delta[:, :, 0, :] == 0).all()) and bool((delta[:, :, :, 0] == 0).all())
     assert bool((delta[:, :, 1:, 1:] != 0).all())
+    # the offset is per axis (AutoAttack's uses H for both): 12x17 tiles from row 1 and column (17 - 10) // 2 = 3
+    # (mutation testing of square/ensemble: the row offset for the columns survived)
+    x = torch.full((2, 3, 12, 17), 0.5)
+    delta = attacks.square(Constant(), x, torch.zeros(2, dtype=torch.long), eps=1.0, norm="l2", n_queries=1,
+                           generator=torch.Generator().manual_seed(0)) - x
+    assert bool((delta[:, :, 0, :] == 0).all()) and bool((delta[..., :3] == 0).all())
+    assert bool((delta[:, :, 1:, 3:] != 0).all())
 
 
 def test_square_l2_proposal_moves_the_second_windows_mass_into_the_first():
