@@ -1306,6 +1306,8 @@ def test_square_updates_are_squares_of_the_scheduled_side_anywhere_in_the_image(
     # vertical stripes of +-eps: one sign per (sample, channel, column)
     torch.testing.assert_close((start - x).abs(), torch.full_like(x, 0.1))
     assert torch.equal(start, start[:, :, :1].expand_as(start))
+    # per channel too (mutation testing of square/ensemble: one sign for all channels survived)
+    assert not torch.equal(start[:, 0], start[:, 1]) and not torch.equal(start[:, 1], start[:, 2])
     sides, single_pixels = [], set()
     for it, q in enumerate(queried[2:]):
         changed = (q.view(2, 3, 8, 8) != start).any(1)
