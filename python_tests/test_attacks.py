@@ -1286,6 +1286,13 @@ def test_square_redraws_colours_that_would_not_move_the_point():
             assert not repeats[:, [0, 1, 3]].any()
         else:
             assert repeats[:, [0, 1, 3]].sum() > 20
+        # the class passes the option on: its queries are the function's (mutation testing of square/ensemble:
+        # Square dropping resample_unchanged, so False redrew as the default does, survived)
+        queried.clear()
+        hook = model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
+        attacks.Square(model, eps=eps, n_queries=60, resample_unchanged=resample)(x, y)  # seed 0
+        hook.remove()
+        assert torch.equal(torch.stack(queried[2:]), queries)
 
 
 def test_square_updates_are_squares_of_the_scheduled_side_anywhere_in_the_image():
