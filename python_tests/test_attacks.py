@@ -2157,6 +2157,20 @@ def test_square_queries_are_vertices_of_the_linf_ball():
         torch.testing.assert_close((q - x).abs(), torch.full_like(x, 0.05), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
+def test_square_stops_a_sample_at_the_first_point_predicted_wrong_the_start_or_a_tie(norm, eps):
+    """Scripted's logits [0, z] with label 1: a start with z < 0, or a query with z = 0 (a tie argmax gives to class
+    0), is the point returned and the sample's last query (mutation testing of square/ensemble: not marking the
+    start's successes, and a query's margin < 0 as the stop rule, both survived: the samples queried on)."""
+    x, y = torch.full((2, 1, 8, 8), 0.5), torch.ones(2, dtype=torch.long)
+    for script, forwards in (([1.0, -1.0], 2), ([1.0, 0.5, 0.0], 3)):  # clean, start, queries (the last repeats)
+        model, queried = Scripted(script), []
+        model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
+        x_adv = attacks.square(model, x, y, eps=eps, norm=norm, n_queries=10,
+                               generator=torch.Generator().manual_seed(0))
+        assert model.calls == forwards and torch.equal(x_adv, queried[-1]), script
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Square Attack, L2
 
