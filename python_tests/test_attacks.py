@@ -2171,6 +2171,24 @@ def test_square_stops_a_sample_at_the_first_point_predicted_wrong_the_start_or_a
         assert model.calls == forwards and torch.equal(x_adv, queried[-1]), script
 
 
+class _NegativeLogits(nn.Module):
+    """Logits all negative (as log-probabilities are) on 8x8 images near 0.5: [-1, -3 + 25 d, -20], d the mean
+    perturbation; class 1 wins once d > 0.08 and its logit stays below 0 within a 0.1 Linf ball."""
+
+    def forward(self, x):
+        d = (x - 0.5).flatten(1).mean(1)
+        return torch.stack([torch.full_like(d, -1.0), -3.0 + 25.0 * d, torch.full_like(d, -20.0)], 1)
+
+
+def test_square_margin_takes_the_largest_other_logit_when_every_logit_is_negative():
+    # z_y - max_{j != y} z_j with y's own entry masked by -inf: masked by 0 instead, the margin stayed -1 - 0 while
+    # the other logits were negative, no query improved it and no sample broke (mutation testing of square/ensemble)
+    x, y = torch.full((4, 1, 8, 8), 0.5), torch.zeros(4, dtype=torch.long)
+    x_adv = attacks.square(_NegativeLogits(), x, y, eps=0.1, n_queries=100, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert bool((_NegativeLogits()(x_adv).argmax(1) == 1).all())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Square Attack, L2
 
