@@ -2189,6 +2189,16 @@ def test_square_margin_takes_the_largest_other_logit_when_every_logit_is_negativ
         assert bool((_NegativeLogits()(x_adv).argmax(1) == 1).all())
 
 
+def test_square_checks_labels_against_the_model():
+    # named as in every attack (mutation testing of square/ensemble: without the check a label the model cannot output
+    # failed inside the margin's one_hot, a RuntimeError not naming the attack)
+    model = make_model(3)
+    x, _ = make_data(4, 3)
+    for norm in ("linf", "l2"):
+        with pytest.raises(ValueError, match=r"^square: expected labels in \[0, 3\) for a model with 3 classes"):
+            attacks.square(model, x, torch.tensor([0, 1, 2, 3]), eps=0.1, norm=norm, n_queries=2)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Square Attack, L2
 
