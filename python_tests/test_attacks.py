@@ -2199,6 +2199,20 @@ def test_square_checks_labels_against_the_model():
             attacks.square(model, x, torch.tensor([0, 1, 2, 3]), eps=0.1, norm=norm, n_queries=2)
 
 
+@pytest.mark.parametrize("norm, eps", [("linf", 0.3), ("l2", 3.0)])
+def test_square_start_and_queries_stay_in_a_clip_range_other_than_the_unit_box(norm, eps):
+    # mutation testing of square/ensemble: the Linf start clipped at 0 instead of clip_min, and the L2 points at 1
+    # instead of clip_max, survived (every other test ran in [0, 1])
+    x = torch.linspace(-1.0, 0.5, 64).view(1, 1, 8, 8).repeat(2, 1, 1, 1)  # the range's edges included
+    model, queried = blind_model(64), []
+    model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
+    x_adv = attacks.square(model, x, torch.zeros(2, dtype=torch.long), eps=eps, norm=norm, n_queries=10,
+                           clip_min=-1.0, clip_max=0.5, generator=torch.Generator().manual_seed(0))
+    points = torch.stack(queried[1:] + [x_adv])
+    assert float(points.min()) >= -1.0 and float(points.max()) <= 0.5 and not torch.equal(x_adv, x)
+    assert bool((norm_of((points - x).flatten(0, 1), norm) <= eps + 1e-6).all())  # in the ball as well
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Square Attack, L2
 
