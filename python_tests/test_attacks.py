@@ -1169,9 +1169,11 @@ def test_ensemble_errors():
     with pytest.raises(ValueError, match="ensemble: expected a non-empty list of attacks"):
         attacks.ensemble(model, x, y, [])
     # refused before any attack runs, not when the cascade reaches it (mutation testing of square/ensemble: dropping
-    # the callable check survived)
+    # the callable check, and the count of names, survived; extra names labelled no attack)
     with pytest.raises(ValueError, match=r"^ensemble: expected a non-empty list of attacks \(callables"):
         attacks.ensemble(model, x, y, [attacks.FGSM(model), "fgsm"])
+    with pytest.raises(ValueError, match=r"^ensemble: expected 1 names, got 2$"):
+        attacks.ensemble(model, x, y, [attacks.FGSM(model)], names=["fgsm", "pgd"])
     with pytest.raises(ValueError, match=r"ensemble: attack 'bad' returned shape \(1, 1, 12, 12\) for inputs of shape"):
         attacks.ensemble(model, x, y, [lambda a, b: a[:1]], names=["bad"])
     # a NaN or out-of-range result was counted as a broken sample (robust accuracy understated)
