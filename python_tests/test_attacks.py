@@ -3810,6 +3810,17 @@ def test_run_standard_evaluation_is_run_with_bs():
     x, y = make_data(n=5, num_classes=3)
     aa = attacks.AutoAttack(model, eps=0.05, steps=2, n_queries=2, n_target_classes=1)
     assert torch.equal(aa.run_standard_evaluation(x, y, bs=2), aa.run(x, y, batch_size=2).x_adv)
+    # the batch sizes reach the cascade's attacks (mutation testing of square/ensemble: dropping bs, or run's
+    # batch_size, survived the equal x_adv above: the deterministic result does not depend on them)
+    model, x = near_boundary_linear()
+    x = x[:5]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    rec = Recording(lambda a, b: a, "noop")
+    aa = attacks.AutoAttack(model, eps=0.03, attacks=[rec])
+    aa.run_standard_evaluation(x, y, bs=2)
+    aa.run(x, y, batch_size=3)
+    assert rec.sizes == [2, 2, 1, 3, 2]
     with pytest.raises(ValueError, match=r"^autoattack.run_standard_evaluation: expected bs to be an integer >= 1, "
                                          r"got 0$"):
         aa.run_standard_evaluation(x, y, bs=0)
