@@ -650,9 +650,11 @@ def test_autoattack_versions_build_autoattacks_sets():
     with pytest.raises(ValueError, match=r"^autoattack: expected version to be one of 'standard', 'plus', 'rand', "
                                          r"'custom', got 'Plus'$"):
         attacks.AutoAttack(model, version="Plus")
-    with pytest.raises(ValueError, match=r"^autoattack: version='plus' runs its own attacks, so the attacks list "
-                                         r"would be ignored; give version='custom' with the list, or no list$"):
-        attacks.AutoAttack(model, version="plus", attacks=["pgd"])
+    for version in ("plus", "rand"):  # rand too (mutation testing of square/ensemble: only plus refused survived)
+        with pytest.raises(ValueError, match=rf"^autoattack: version='{version}' runs its own attacks, so the "
+                                             r"attacks list would be ignored; give version='custom' with the list, "
+                                             r"or no list$"):
+            attacks.AutoAttack(model, version=version, attacks=["pgd"])
     with pytest.raises(ValueError, match=r"^autoattack: version='custom' needs the attacks to run"):
         attacks.AutoAttack(model, version="custom")
     # AutoAttack's spelling of a custom list
