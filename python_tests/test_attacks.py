@@ -4086,7 +4086,11 @@ def test_ensemble_refuses_a_per_sample_eps_of_another_length_before_any_attack_r
     for named, run in (
             ("apgd-ce", lambda: attacks.ensemble(model, x, y, [attacks.APGD(model, eps=eps, steps=2)])),
             ("apgd-ce", lambda: attacks.AutoAttack(model, eps=eps, steps=2, n_queries=3).run(x, y)),
-            ("autoattack", lambda: attacks.ensemble(model, x, y, [attacks.AutoAttack(model, eps=eps, steps=2)]))):
+            ("autoattack", lambda: attacks.ensemble(model, x, y, [attacks.AutoAttack(model, eps=eps, steps=2)])),
+            # inside an AutoAttack's list, its own eps a number: its inner cascade saw a subset of 3 and ran
+            # (mutation testing of square/ensemble: not checking the list's attacks survived)
+            ("autoattack", lambda: attacks.ensemble(
+                model, x, y, [attacks.AutoAttack(model, attacks=[attacks.APGD(model, eps=eps, steps=2)])]))):
         with pytest.raises(ValueError, match=f"ensemble: attack '{named}' {shape}"):
             run()
     with pytest.raises(ValueError, match=r"attack 'pgd' has alpha of shape \(4, 1\); expected a number or a tensor "
