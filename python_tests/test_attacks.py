@@ -1191,6 +1191,19 @@ def test_ensemble_errors():
     assert attacks.ensemble(model, x, y, [attacks.FGSM(model)], batch_size=np.int64(2)).x_adv.shape == x.shape
 
 
+def test_ensemble_result_holds_no_graph_of_an_attack_that_returns_one():
+    # an attack may return points that require grad (a callable not under no_grad): x_adv is detached (mutation
+    # testing of square/ensemble: dropping the detach survived, and x_adv kept the attack's graph)
+    model, x = near_boundary_linear()
+    x = x[:8]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    shift = torch.zeros((), requires_grad=True)
+    res = attacks.ensemble(model, x, y, [lambda a, b: attacks.pgd(model, a, b, eps=0.1, steps=3,
+                                                                    random_start=False) + shift])
+    assert bool((res.broken_by > 0).any()) and not res.x_adv.requires_grad
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # APGD, Square, AutoAttack on a small trained model
 
