@@ -3933,6 +3933,8 @@ def test_ensemble_checks_clean_inputs_batch_size_at_a_time():
     assert torch.equal(batched.broken_by, whole.broken_by) and torch.equal(batched.x_adv, whole.x_adv)
     empty = attacks.ensemble(model, x[:0], y[:0], [attacks.FGSM(model, eps=0.1)], batch_size=4)
     assert empty.x_adv.shape == (0,) + x.shape[1:] and empty.broken_by.numel() == 0
+    # no samples: the robust accuracy is undefined, NaN, not 0 (mutation testing of square/ensemble: 0.0 survived)
+    assert np.isnan(empty.robust_accuracy()) and empty.counts() == {"clean": 0, "fgsm": 0, "robust": 0}
 
 
 def test_half_precision_inputs_fab_and_l2_square_refused_before_any_attack_runs():
