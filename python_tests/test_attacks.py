@@ -4015,6 +4015,14 @@ def test_ensemble_counts_keep_every_attack_of_a_repeated_name():
     assert counts == {"clean": 0, "pgd": int((res.broken_by == 1).sum()), "pgd #2": int((res.broken_by == 2).sum()),
                       "robust": int(res.robust.sum())}
     assert sum(counts.values()) == 12 and counts["pgd"] > 0 and counts["pgd #2"] > 0
+    # a callable's name attribute labels it before its __name__ (mutation testing of square/ensemble: __name__ first
+    # survived)
+
+    def unchanged(a, b):
+        return a
+
+    unchanged.name = "identity"
+    assert attacks.ensemble(model, x, y, [unchanged]).names == ("clean", "identity")
 
 
 @pytest.mark.parametrize("key,bad", [("n_queries", 0), ("n_target_classes", 0), ("steps", -1), ("eot_iter", 2.5)])
