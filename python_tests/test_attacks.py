@@ -1204,6 +1204,29 @@ def test_ensemble_result_holds_no_graph_of_an_attack_that_returns_one():
     assert bool((res.broken_by > 0).any()) and not res.x_adv.requires_grad
 
 
+def test_ensemble_cuts_only_tensor_options_of_one_value_per_sample():
+    # an Attack's 1-D tensor option of another length (class weights [K]) is not per sample: each call gets it as
+    # it is (mutation testing of square/ensemble: cutting every 1-D tensor survived; it indexed the weights by sample)
+    class Weighted(attacks.Attack):
+        name = "weighted"
+
+        def __init__(self, model, weights, **options):
+            super().__init__(model, **options)
+            self.weights = weights
+
+        def forward(self, x, y):
+            seen.append(self.weights)
+            return x
+
+    model = make_model(3)
+    x, _ = make_data(5, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    weights, seen = torch.tensor([1.0, 2.0, 3.0]), []
+    attacks.ensemble(model, x, y, [Weighted(model, weights)], batch_size=2)
+    assert len(seen) == 3 and all(w is weights for w in seen)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # APGD, Square, AutoAttack on a small trained model
 
