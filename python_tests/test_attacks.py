@@ -1339,6 +1339,19 @@ def test_square_redraws_colours_that_would_not_move_the_point():
         assert torch.equal(torch.stack(queried[2:]), queries)
 
 
+def test_square_draws_no_colour_again_for_a_zero_radius(monkeypatch):
+    # with eps 0 no colour moves the point (the query is spent as is, above): such samples skip the redraw loop
+    # instead of painting 32 more colours per query (mutation testing of square/ensemble: redrawing them survived)
+    square_module = sys.modules["robust_ops.attacks.square"]  # attacks.square is the function
+    painted, original = [], square_module.functional.pgd_step_
+    monkeypatch.setattr(square_module.functional, "pgd_step_",
+                        lambda x_adv, *args, **kw: painted.append(x_adv.shape[0]) or original(x_adv, *args, **kw))
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    attacks.square(blind_model(64), x, torch.zeros(1, dtype=torch.long), eps=0.0, n_queries=10,
+                   generator=torch.Generator().manual_seed(0))
+    assert len(painted) == 10  # the start and one colour per query
+
+
 def test_square_updates_are_squares_of_the_scheduled_side_anywhere_in_the_image():
     # A blind model never improves the margin: each query is the stripes start with one square repainted, so the
     # rows it changes are exactly the square's rows (stripes are constant down a column) and its columns lie inside.
