@@ -1176,6 +1176,12 @@ def test_ensemble_errors():
         attacks.ensemble(model, x, y, [attacks.FGSM(model), "fgsm"])
     with pytest.raises(ValueError, match=r"^ensemble: expected 1 names, got 2$"):
         attacks.ensemble(model, x, y, [attacks.FGSM(model)], names=["fgsm", "pgd"])
+    # the inputs and labels are ensemble's to check, named so, whatever the attacks check (mutation testing of
+    # square/ensemble: without them x out of range failed on the attack's output, a label of 2 counted as broken)
+    with pytest.raises(ValueError, match=r"^ensemble: expected x inside the clip range \[0.0, 1.0\]"):
+        attacks.ensemble(model, x + 2, y, [lambda a, b: a])
+    with pytest.raises(ValueError, match=r"^ensemble: expected labels in \[0, 2\) for a model with 2 classes"):
+        attacks.ensemble(model, x, torch.tensor([0, 1, 2]), [lambda a, b: a])
     with pytest.raises(ValueError, match=r"ensemble: attack 'bad' returned shape \(1, 1, 12, 12\) for inputs of shape"):
         attacks.ensemble(model, x, y, [lambda a, b: a[:1]], names=["bad"])
     # a NaN or out-of-range result was counted as a broken sample (robust accuracy understated)
