@@ -3977,6 +3977,13 @@ def test_ensemble_checks_clean_inputs_batch_size_at_a_time():
     assert empty.x_adv.shape == (0,) + x.shape[1:] and empty.broken_by.numel() == 0
     # no samples: the robust accuracy is undefined, NaN, not 0 (mutation testing of square/ensemble: 0.0 survived)
     assert np.isnan(empty.robust_accuracy()) and empty.counts() == {"clean": 0, "fgsm": 0, "robust": 0}
+    # each chunk is scored against its own labels (mutation testing of square/ensemble: the first chunk's survived)
+    linear, x = near_boundary_linear()
+    x = x[[0, 1, 2, 3, 16, 28, 4, 5]]  # 16 and 28 are its only class-0 samples of the first 32
+    with torch.no_grad():
+        y = linear(x).argmax(1)
+    assert not torch.equal(y[:4], y[4:])
+    assert bool(attacks.ensemble(linear, x, y, [lambda a, b: a], batch_size=4).robust.all())
 
 
 def test_half_precision_inputs_fab_and_l2_square_refused_before_any_attack_runs():
