@@ -1208,6 +1208,8 @@ def test_ensemble_result_holds_no_graph_of_an_attack_that_returns_one():
     res = attacks.ensemble(model, x, y, [lambda a, b: attacks.pgd(model, a, b, eps=0.1, steps=3,
                                                                     random_start=False) + shift])
     assert bool((res.broken_by > 0).any()) and not res.x_adv.requires_grad
+    # nor of inputs that require grad (mutation testing of square/ensemble: not detaching x survived)
+    assert not attacks.ensemble(model, x.clone().requires_grad_(), y, [lambda a, b: a]).x_adv.requires_grad
 
 
 def test_ensemble_cuts_only_tensor_options_of_one_value_per_sample():
