@@ -1875,9 +1875,15 @@ def test_square_leaves_samples_fooled_on_clean_inputs_clean():
     with torch.no_grad():
         out = model(x)
     runner_up = out.sort(1)[1][:, -2]
+    calls = []
+    hook = model.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
     for q in (1, 3):
         x_adv = attacks.square(model, x, runner_up, eps=0.1, n_queries=q, generator=torch.Generator().manual_seed(0))
         assert_verbose_equal(x_adv, x, "square on samples fooled already")
+    hook.remove()
+    # the clean check is the only forward: no start scored on an empty batch (mutation testing of square/ensemble:
+    # dropping that guard survived: the model was called on 0 samples)
+    assert calls == [64, 64]
     # targeted: samples already predicted as their target are left alone; a mixed batch attacks only the rest
     assert torch.equal(attacks.Square(model, eps=0.1, n_queries=3, targeted=True)(x, out.argmax(1)), x)
     y = runner_up.clone()
