@@ -605,6 +605,11 @@ def test_autoattack_options():
     assert (apgd_ce.steps, apgd_t.steps, apgd_t.n_target_classes, square.n_queries) == (7, 7, 2, 11)
     assert (fab_t.steps, fab_t.n_target_classes) == (7, 2)
     assert apgd_ce.seed == apgd_t.seed == fab_t.seed == square.seed == 5
+    # the clip range reaches the attacks it builds (mutation testing of square/ensemble: building them without it
+    # survived; they kept [0, 1])
+    for aa in (attacks.AutoAttack(model, version="plus", clip_min=-1.0, clip_max=2.0),
+               attacks.AutoAttack(model, attacks=["apgd-ce", "square"], clip_min=-1.0, clip_max=2.0)):
+        assert all((a.clip_min, a.clip_max) == (-1.0, 2.0) for a in aa.attacks)
     # a custom list: each option goes to the named attacks that take it, under its own name
     names = ["apgd-ce", "apgd-t", "square", "noise", "pgd", "fgsm"]
     custom = attacks.AutoAttack(model, eps=0.03, attacks=names, steps=7, n_queries=11, seed=5, n_target_classes=2)
