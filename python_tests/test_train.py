@@ -1959,6 +1959,7 @@ class _CountedMetric(Defense):
 
     name = "counted"
     counts = None  # a test's replacement for the true count
+    counted = "bright"  # a test's replacement for the name metric_counts gives the count
 
     def __init__(self):
         self.calls = []
@@ -1970,7 +1971,7 @@ class _CountedMetric(Defense):
         value = float((x[zeros].flatten(1).mean(1) > 0.5).float().mean()) if zeros.any() else 0.0
         count = int(zeros.sum()) if self.counts is None else self.counts
         self.calls.append((value, count))
-        return DefenseOutput(loss=loss, logits=out, metrics={"bright": value}, metric_counts={"bright": count})
+        return DefenseOutput(loss=loss, logits=out, metrics={"bright": value}, metric_counts={self.counted: count})
 
 
 def test_history_weighs_a_metric_by_the_samples_it_counts():
@@ -1992,6 +1993,12 @@ def test_history_weighs_a_metric_by_the_samples_it_counts():
         defense.counts = bad
         with pytest.raises(ValueError, match=re.escape(f"the counted defense's metric_counts['bright'] {needle}")):
             fit(DropoutMLP(), defense, TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
+    # a count under another name than the metric's (a typo) would leave "bright" weighed by the batch size unseen
+    defense = _CountedMetric()
+    defense.counted = "brightness"
+    with pytest.raises(ValueError, match=re.escape("the counted defense's metric_counts['brightness']: counts a metric "
+                                                   "the batch did not report (its metrics: ['bright'])")):
+        fit(DropoutMLP(), defense, TensorDataset(x, y), epochs=1, batch_size=8, progress=False)
     defense = _CountedMetric()
     defense.counts = 0  # a mean over no sample: left out, not counted as 0
     assert "train_bright" not in fit(DropoutMLP(), defense, TensorDataset(x, y), epochs=1, batch_size=8,
