@@ -844,6 +844,8 @@ def test_fit_input_errors(tmp_path):
         fit(model, defenses.Standard(), _data(), _data(8), epochs=1, val_batch_size=0)
     with pytest.raises(ValueError, match="fit: expected seed to be an integer, got 1.5"):
         fit(model, defenses.Standard(), _data(), epochs=1, seed=1.5)
+    with pytest.raises(ValueError, match="fit: expected seed to be an integer, got True"):  # a bool, not seed 1
+        fit(model, defenses.Standard(), _data(), epochs=1, seed=True)
     other = torch.optim.SGD(DropoutMLP().parameters(), lr=1.0)
     with pytest.raises(ValueError, match="fit: the optimizer holds tensors that are not the model's parameters"):
         fit(model, defenses.Standard(), _data(), epochs=1, optimizer=other, progress=False)
