@@ -62,6 +62,10 @@ def test_fit_writes_history_metrics_and_a_weights_only_checkpoint(tmp_path):
     state = load_checkpoint(result.checkpoint)  # weights_only=True
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
+    # docs/training.md's table of contents; the sampler: (seed, 0-based index) of the last epoch's permutation
+    assert set(state) == {"format", "epoch", "config", "model", "optimizer", "scheduler", "scaler", "defense", "rng",
+                          "rng_ranks", "sampler", "history", "arithmetic"}
+    assert state["sampler"] == {"seed": 0, "epoch": 1, "batch_size": 8, "shuffle": True}
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
     assert json.loads((tmp_path / "metrics.json").read_text())[1]["epoch"] == 2
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
