@@ -822,6 +822,21 @@ def test_an_extra_gradient_steps_a_parameter_the_loss_did_not_reach():
     assert torch.equal(model.spare.detach(), torch.full((3,), -0.5))
 
 
+def test_fit_adds_copies_of_the_extra_gradients_and_leaves_the_defenses_tensors_alone():
+    """A parameter the loss did not reach took the defense's own extra-gradient tensor as its .grad (not a copy):
+    the clipping then scaled it in place, so a defense that keeps its extra gradients saw them change."""
+
+    class KeepsItsExtraGrads(_ConstantExtraGrads):
+        def __call__(self, model, x, y, ids=None):
+            out = super().__call__(model, x, y)
+            self.kept = out.extra_grads
+            return out
+
+    defense = KeepsItsExtraGrads()
+    fit(WithUnusedHead(), defense, _data(8), epochs=1, batch_size=8, max_grad_norm=0.5, progress=False)
+    assert all(torch.equal(g, torch.ones_like(g)) for g in defense.kept)
+
+
 def test_checkpoint_gets_a_plain_files_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
