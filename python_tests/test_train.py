@@ -837,6 +837,35 @@ def test_fit_adds_copies_of_the_extra_gradients_and_leaves_the_defenses_tensors_
     assert all(torch.equal(g, torch.ones_like(g)) for g in defense.kept)
 
 
+def test_a_parameter_the_loss_leaves_out_of_a_step_is_not_moved_by_that_step():
+    """Each step starts with optimizer.zero_grad(set_to_none=True), as torch's loops do: a parameter without a
+    gradient at a step (a head the defense used at the first step only) is left out of it. Zeroed gradients instead
+    let Adam's momentum move it on at every later step."""
+
+    class AuxAtTheFirstStepOnly(defenses.Standard):
+        def __init__(self):
+            super().__init__()
+            self.aux_after = []  # the head's weights as each later step starts
+
+        def __call__(self, model, x, y, ids=None):
+            out = super().__call__(model, x, y)
+            if not hasattr(self, "first"):
+                self.first = True
+                out.loss = out.loss + model.aux(x.flatten(1)).square().mean()
+            else:
+                self.aux_after.append(_weights(model.aux))
+            return out
+
+    torch.manual_seed(0)
+    model = WithUnusedHead()
+    init = _weights(model.aux)
+    defense = AuxAtTheFirstStepOnly()
+    fit(model, defense, _data(24), epochs=1, batch_size=8, lr=1e-2, progress=False)
+    assert not torch.equal(defense.aux_after[0]["weight"], init["weight"])  # the first step moved it
+    for k, v in _weights(model.aux).items():
+        assert torch.equal(v, defense.aux_after[0][k]), k
+
+
 def test_checkpoint_gets_a_plain_files_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
