@@ -2003,6 +2003,20 @@ def test_history_averages_a_metric_over_the_batches_that_reported_it():
     assert 0 < row["train_loss"] < 5
 
 
+def test_a_loss_the_defense_reports_is_the_history_train_loss():
+    """MIRST reusing its attack's gradients returns the clean term as out.loss and reports the total with the
+    adversarial terms as its metric "loss": that is train_loss. fit's out.loss fills in only a loss not reported."""
+
+    class ReportsItsTotal(defenses.Standard):
+        def __call__(self, model, x, y, ids=None):
+            out = super().__call__(model, x, y)
+            out.metrics = {"loss": 7.0}  # clean + alpha * adversarial terms
+            return out
+
+    assert fit(DropoutMLP(), ReportsItsTotal(), _data(16), epochs=1, batch_size=8,
+               progress=False).history[0]["train_loss"] == 7.0
+
+
 class _CountedMetric(Defense):
     """Reports ``bright``, a mean over the batch's label-0 samples only (as IMA's crossed is a mean over the attacked
     samples), with their number in metric_counts; records (value, count) per batch."""
