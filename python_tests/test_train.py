@@ -441,6 +441,25 @@ def test_resume_refuses_other_optimizer_or_scheduler_settings_and_passes_checkpo
         **{**kwargs, "out_dir": tmp_path / "multi"})
 
 
+@pytest.mark.parametrize("make, progress", [
+    (lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=5, threshold=0.5),
+     ("best", "num_bad_epochs")),
+    (lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, threshold=0.5, cooldown=3),
+     ("best", "cooldown_counter")),
+    (lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=1, T_mult=2), ("T_cur", "T_i"))])
+def test_a_scheduler_object_reused_after_it_stepped_resumes_its_progress_is_no_setting(tmp_path, make, progress):
+    """ReduceLROnPlateau's best and counters, CosineAnnealingWarmRestarts' T_cur and T_i count progress, as last_epoch
+    does: a scheduler object reused after it stepped (a notebook) resumes, not refused as one of other settings."""
+    model = DropoutMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = make(optimizer)
+    before = {key: getattr(scheduler, key) for key in progress}
+    kwargs = dict(batch_size=8, optimizer=optimizer, scheduler=scheduler, out_dir=tmp_path, progress=False)
+    fit(model, defenses.Standard(), _data(16), epochs=2, **kwargs)
+    assert all(getattr(scheduler, key) != value for key, value in before.items())  # each one moved
+    fit(model, defenses.Standard(), _data(16), epochs=3, resume=True, **kwargs)
+
+
 def test_resume_refuses_other_settings_of_a_sequential_or_chained_scheduler(tmp_path):
     """SequentialLR and ChainedScheduler keep their milestones and schedulers under private state_dict keys: a resume
     with other milestones, T_max or step_size passed and trained on silently with the checkpoint's schedule."""
