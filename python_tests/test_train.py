@@ -157,9 +157,10 @@ def test_resume_of_a_finished_run_killed_before_its_metrics_files_rewrites_them(
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
     assert [row["epoch"] for row in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
     # resumed into another out_dir with no epoch left: nothing is written there (no checkpoint beside the files)
-    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "checkpoint.pt",
-        **{**kwargs, "out_dir": tmp_path / "other"})
+    other = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "checkpoint.pt",
+                **{**kwargs, "out_dir": tmp_path / "other"})
     assert not (tmp_path / "other" / "metrics.json").exists()
+    assert other.checkpoint is None  # no path to a file that is not there
 
 
 def test_a_failed_checkpoint_write_leaves_the_metrics_files_at_the_previous_epoch(tmp_path, monkeypatch):
