@@ -233,6 +233,12 @@ def test_epochs_done_reads_the_checkpoint_before_the_metrics_files(tmp_path):
     assert epochs_done(tmp_path) == 2
     (tmp_path / "checkpoint.pt").unlink()
     assert epochs_done(tmp_path) == 0
+    # a checkpoint it cannot read (cut short) counts as none, not an error: fit names the file when it resumes it
+    (tmp_path / "checkpoint.pt").write_bytes(b"cut short")
+    _write_metrics(tmp_path, result.history[:1])
+    assert epochs_done(tmp_path) == 1
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")  # no fit checkpoint: no epoch count in it
+    assert epochs_done(tmp_path) == 1
 
 
 def test_metrics_json_writes_non_finite_values_as_null(tmp_path):
