@@ -3405,6 +3405,8 @@ def test_train_acc_counts_only_the_samples_whose_logits_the_defense_returned():
     data = TensorDataset(torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long))
     result = fit(model, EveryOtherBatch(), data, epochs=1, batch_size=4, lr=0.0, progress=False)
     assert result.history[0]["train_acc"] == 1.0
+    # a defense that returns no logits (AT: adversarial ones only) has no train_acc, not one of 0
+    assert "train_acc" not in fit(model, defenses.AT(steps=1), data, epochs=1, batch_size=4, progress=False).history[0]
 
 
 def test_a_numpy_integer_seed_trains_as_the_same_python_int(tmp_path):
