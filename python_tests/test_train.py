@@ -3269,6 +3269,17 @@ def test_large_and_negative_seeds_draw_the_permutations_torch_would():
     fit(model, "standard", data, epochs=1, batch_size=3, lr=0.1, seed=2**70, progress=False)
 
 
+def test_a_fresh_start_seeds_torch_numpy_and_python_with_the_seed():
+    """docs/training.md: at a fresh start seed seeds torch, numpy and python's RNGs (a single process's streams are
+    those of seed itself): a defense's first draws are what each generator seeded with it draws first."""
+    defense = _DrawsOnce()
+    fit(DropoutMLP(), defense, _data(8), epochs=1, batch_size=8, seed=3, progress=False)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    assert defense.draws[0] == (torch.rand(()).item(), float(np.random.rand()), random.random())
+
+
 def _torchrun_setup_error_worker(rank, world, port, out_path):
     import torch.distributed as dist
 
