@@ -1049,6 +1049,21 @@ def test_fit_channels_last_and_a_defense_by_name():
     assert math.isfinite(result.history[0]["train_loss"])
 
 
+def test_channels_last_puts_the_weights_and_the_training_and_validation_inputs_in_that_format():
+    """docs/training.md: channels_last puts the model and 4-D inputs in channels_last memory format. With one input
+    channel a contiguous tensor is channels_last too, so two here: a conversion left out would go unseen."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    seen = []  # (training mode, input in channels_last) per forward of the first layer
+    model[0].register_forward_pre_hook(lambda module, inputs: seen.append(
+        (module.training, inputs[0].is_contiguous(memory_format=torch.channels_last))))
+    data = TensorDataset(torch.rand(16, 2, 4, 4), torch.tensor([0, 1] * 8))
+    assert not data.tensors[0].is_contiguous(memory_format=torch.channels_last)
+    fit(model, "standard", data, data, epochs=1, batch_size=8, channels_last=True, progress=False)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert {training for training, _ in seen} == {True, False} and all(last for _, last in seen), seen
+
+
 def test_fit_prepacked_conv_packs_in_attacks_and_trains_on_atens_convolutions(monkeypatch):
     from robust_ops import prepacked_conv
 
