@@ -976,6 +976,22 @@ def test_fit_refuses_a_label_equal_to_the_number_of_classes(num_classes):
         fit(model, defenses.Standard(), data, epochs=1, batch_size=8, progress=False)
 
 
+@pytest.mark.parametrize("num_classes", [1, 2])
+def test_fit_refuses_a_negative_label_in_training_and_validation(num_classes):
+    """Labels outside the model's classes are refused, -1 too: a single logit's BCE took it as a target without a
+    word."""
+    data = TensorDataset(torch.rand(8, 1, 4, 4), torch.tensor([0, 1, 0, 1, 0, 1, 0, -1]))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes))
+    if num_classes == 1:
+        model.append(nn.Flatten(0))  # [N] single logits
+    with pytest.raises(ValueError, match=r"^fit: expected labels in \[0, 2\) for a model with 2 output classes, got "
+                                         r"values in \[-1, 1\] \(epoch 1, step 1\)$"):
+        fit(model, defenses.Standard(), data, epochs=1, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"^fit \(validation\): expected labels in \[0, 2\) for a model with 2 "
+                                         r"output classes, got values in \[-1, 1\]$"):
+        fit(model, defenses.Standard(), _data(8), data, epochs=1, batch_size=8, progress=False)
+
+
 @pytest.mark.parametrize("bad", [1, 1.0, [True]])
 def test_fit_refuses_a_resume_that_is_no_bool_or_path(bad, tmp_path):
     """resume takes True, False (None) or a checkpoint path: resume=1 was not True, so it started afresh unseen."""
