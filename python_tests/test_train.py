@@ -253,6 +253,9 @@ def test_metrics_json_writes_non_finite_values_as_null(tmp_path):
     rows = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
     assert rows == [{"epoch": 1, "train_loss": None, "val_loss": None}, {"epoch": 2}]
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,train_loss,val_loss", "1,nan,inf", "2,,"]
+    # a metric first reported in a later epoch (IMA's adv_acc once it attacks) gets its column too
+    _write_metrics(tmp_path, [{"epoch": 1}, {"epoch": 2, "train_adv_acc": 0.5}])
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,train_adv_acc", "1,", "2,0.5"]
 
 
 def test_resume_without_the_runs_own_optimizer_names_the_optimizer_not_an_lr(tmp_path):
