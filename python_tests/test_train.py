@@ -265,6 +265,7 @@ def test_resume_without_the_runs_own_optimizer_names_the_optimizer_not_an_lr(tmp
 
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, optimizer=sgd, out_dir=tmp_path,
         progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["lr"] is None  # docs: None with a caller's optimizer
     with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with optimizer="
                                          r"'torch.optim.sgd.SGD', this call has optimizer='torch.optim.adam.Adam'$"):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
