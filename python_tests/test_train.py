@@ -2764,6 +2764,8 @@ class _OwnDefense(Defense):
      "the own defense returned a loss that does not depend on the model's parameters"),
     (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y), metrics={"note": "adv"}),
      "the own defense's metric 'note' is str 'adv'; metrics must be numbers"),
+    (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y), metrics={"margins": torch.tensor([0.5, 0.25])}),
+     r"the own defense's metric 'margins' is Tensor tensor\(\[0.5000, 0.2500\]\); metrics must be numbers"),
     (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y), metrics={"acc": 0.25}),
      "the own defense's metric 'acc' has the name of fit's own train_acc"),
 ])
