@@ -961,6 +961,9 @@ def test_fit_input_errors(tmp_path):
         fit(frozen, defenses.Standard(), _data(), epochs=1)
     with pytest.raises(ValueError, match="defenses.build: unknown defense 'nope'"):
         fit(model, "nope", _data(), epochs=1)
+    with pytest.raises(TypeError, match="^fit: expected defense to be a robust_ops.defenses.Defense or a defense name, "
+                                        "got int$"):
+        fit(model, 42, _data(), epochs=1)
     fit(model, defenses.Standard(), _data(), epochs=1, out_dir=tmp_path, progress=False, batch_size=8)
     with pytest.raises(ValueError, match="fit: cannot resume .* it was trained with batch_size=8, this call has "
                                          "batch_size=4"):
