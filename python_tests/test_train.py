@@ -2763,6 +2763,8 @@ class _OwnDefense(Defense):
                                                    "DefenseOutput"),
     (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y, reduction="none")),
      r"the own defense returned a loss of shape \(8,\); expected a scalar tensor"),
+    (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y, reduction="none")[:0]),
+     r"the own defense returned a loss of shape \(0,\); expected a scalar tensor"),
     (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y).detach()),
      "the own defense returned a loss that does not depend on the model's parameters"),
     (lambda m, x, y: DefenseOutput(loss=classification_loss(m(x), y), metrics={"note": "adv"}),
