@@ -833,6 +833,20 @@ def test_max_grad_norm_clips_the_gradient_with_the_extra_gradients_added():
     assert bool((step < 0).all())  # the extra gradients (+1 each, more than the loss's) were applied
 
 
+def test_extra_gradients_are_added_to_the_gradient_of_the_loss():
+    """docs/training.md, One step: ``.grad += out.extra_grads``, the step follows the sum (MIRST: the clean loss's
+    gradient plus its adversarial terms'), not the extra gradients alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    reference = copy.deepcopy(model)
+    data = _data(8)
+    classification_loss(reference(data.tensors[0]), data.tensors[1]).backward()
+    fit(model, _ConstantExtraGrads(), data, epochs=1, batch_size=8, progress=False,
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
+    for p, r in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), r.detach() - (r.grad + 1))
+
+
 def test_an_extra_gradient_steps_a_parameter_the_loss_did_not_reach():
     """docs/training.md, One step: ``.grad += out.extra_grads``; a parameter without a gradient from the loss (None
     after the backward) gets the extra gradient as its .grad, rather than being left out of the step."""
