@@ -195,15 +195,16 @@ def test_resume_true_in_an_out_dir_without_a_checkpoint_starts_afresh(tmp_path):
     torch.manual_seed(0)
     init = _weights(DropoutMLP())
     runs = []
-    for resume in (False, True):
+    for resume in (False, True, None):  # None: as False
         model = DropoutMLP()
         model.load_state_dict(init)
         runs.append(fit(model, defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path / str(resume),
                         resume=resume, **kwargs))
     assert [row["epoch"] for row in runs[1].history] == [1, 2]
     assert load_checkpoint(runs[1].checkpoint)["epoch"] == 2
-    for k, v in _weights(runs[0].model).items():
-        assert torch.equal(v, runs[1].model.state_dict()[k]), k
+    for run in runs[1:]:
+        for k, v in _weights(runs[0].model).items():
+            assert torch.equal(v, run.model.state_dict()[k]), k
 
 
 @pytest.mark.parametrize("setting,changed", [("seed", dict(seed=1)),
