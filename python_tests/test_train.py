@@ -502,6 +502,18 @@ def test_resume_refuses_other_settings_of_a_sequential_or_chained_scheduler(tmp_
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=chained(3), **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=chained(1), **kwargs)
 
+    def nested(milestone):  # a SequentialLR inside a ChainedScheduler: its parts are compared too
+        return lambda opt: torch.optim.lr_scheduler.ChainedScheduler([
+            sequential(milestone, 20)(opt), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)])
+
+    kwargs["out_dir"] = tmp_path / "nested"
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, scheduler=nested(2), **kwargs)
+    with pytest.raises(ValueError, match=r"a scheduler of schedulers\[0\].milestones=\(2,\), "
+                                         r"schedulers\[0\].schedulers\[0\].total_iters=2, this call's has "
+                                         r"schedulers\[0\].milestones=\(1,\), "
+                                         r"schedulers\[0\].schedulers\[0\].total_iters=1 "):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=nested(1), **kwargs)
+
 
 def test_resume_refuses_a_plateau_scheduler_switched_between_the_validation_and_training_loss(tmp_path):
     """ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: a resume that left val_data out stepped
