@@ -2158,6 +2158,10 @@ def test_history_weighs_a_metric_by_the_samples_it_counts():
     defense.counts = 0  # a mean over no sample: left out, not counted as 0
     assert "train_bright" not in fit(DropoutMLP(), defense, TensorDataset(x, y), epochs=1, batch_size=8,
                                      progress=False).history[0]
+    defense = _CountedMetric()
+    defense.counts = torch.tensor(0)  # a one-element integer tensor counts as its int
+    assert "train_bright" not in fit(DropoutMLP(), defense, TensorDataset(x, y), epochs=1, batch_size=8,
+                                     progress=False).history[0]
     defense = _CountedMetric()  # one counted sample in the whole epoch: its value
     row = fit(DropoutMLP(), defense, TensorDataset(torch.full((8, 1, 4, 4), 0.9), torch.tensor([0] + [1] * 7)),
               epochs=1, batch_size=8, progress=False).history[0]
