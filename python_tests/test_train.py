@@ -56,7 +56,7 @@ def test_fit_writes_history_metrics_and_a_weights_only_checkpoint(tmp_path):
     result = fit(model, defenses.Standard(), _data(), _data(16, seed=1), epochs=2, batch_size=8, lr=1e-2,
                  out_dir=tmp_path, progress=False)
     assert [row["epoch"] for row in result.history] == [1, 2]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s"):
         assert key in result.history[-1]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] + 0.05
     state = load_checkpoint(result.checkpoint)  # weights_only=True
