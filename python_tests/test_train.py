@@ -3651,6 +3651,11 @@ def test_load_checkpoint_and_load_weights_refuse_a_bad_path_or_map_location_by_n
         load_weights(DropoutMLP(), path, map_location="gpu")
     with open(path, "rb") as f:  # torch.load's open files still load
         assert torch.equal(load_checkpoint(f)["w"], torch.zeros(1))
+    # a missing file, or a folder, keeps its OSError: no file to read, not a file of the wrong content
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(IsADirectoryError):
+        load_checkpoint(tmp_path)
 
 
 def test_epoch_permutation_depends_on_the_pair_seed_epoch_not_their_sum():
