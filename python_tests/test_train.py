@@ -414,6 +414,13 @@ def test_resume_with_other_trainable_parameters_or_groups_names_the_checkpoint_a
     with pytest.raises(ValueError, match=r"its optimizer state does not fit this call's optimizer \(loaded state dict "
                                          r"has a different number of parameter groups\)" + fix):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, optimizer=grouped, resume=True, **kwargs)
+    # the default Adam too: built over the trainable parameters only, its state does not fit either
+    kwargs["out_dir"] = tmp_path / "default"
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, lr=1e-2, **kwargs)
+    with pytest.raises(ValueError, match=r"its optimizer state does not fit this call's optimizer \(loaded state dict "
+                                         r"contains a parameter group that doesn't match the size of optimizer's "
+                                         r"group\)" + fix):
+        fit(frozen, defenses.Standard(), _data(16), epochs=2, lr=1e-2, resume=True, **kwargs)
 
 
 def test_resume_refuses_other_optimizer_or_scheduler_settings_and_passes_checkpoints_without_them(tmp_path):
