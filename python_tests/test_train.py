@@ -3658,6 +3658,7 @@ def test_load_checkpoint_and_load_weights_refuse_a_bad_path_or_map_location_by_n
         load_weights(DropoutMLP(), path, map_location="gpu")
     with open(path, "rb") as f:  # torch.load's open files still load
         assert torch.equal(load_checkpoint(f)["w"], torch.zeros(1))
+    assert torch.equal(load_checkpoint(path, map_location=None)["w"], torch.zeros(1))  # torch.load's default
     # a missing file, or a folder, keeps its OSError: no file to read, not a file of the wrong content
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
