@@ -111,6 +111,9 @@ def test_resume_at_another_thread_count_warns_that_it_is_not_bitwise_exact(tmp_p
         torch.set_num_threads(1)
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, **kwargs)
         assert load_checkpoint(tmp_path / "checkpoint.pt")["arithmetic"]["threads"] == 1
+        # docs/training.md: on CPU the thread count and torch's CPU capability (AVX2 / AVX512 kernels)
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["arithmetic"] == {
+            "device": "cpu", "world_size": 1, "threads": 1, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the same count: not a word
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
