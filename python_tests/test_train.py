@@ -955,6 +955,8 @@ def test_fit_input_errors(tmp_path):
         fit(model, defenses.Standard(), _data(), epochs=1, resume="nope.pt")
     with pytest.raises(ValueError, match="fit: resume='' names no checkpoint"):
         fit(model, defenses.Standard(), _data(), epochs=1, resume="")
+    with pytest.raises(ValueError, match="fit: expected batch_size to be an integer >= 1, got 0"):
+        fit(model, defenses.Standard(), _data(), epochs=1, batch_size=0)
     with pytest.raises(ValueError, match="fit: expected val_batch_size to be an integer >= 1, got 0"):
         fit(model, defenses.Standard(), _data(), _data(8), epochs=1, val_batch_size=0)
     with pytest.raises(ValueError, match="fit: expected seed to be an integer, got 1.5"):
