@@ -2829,6 +2829,16 @@ def test_a_wrong_defense_output_is_a_one_line_error_before_any_update(make, erro
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # stopped at the first step
 
 
+def test_metrics_and_metric_counts_of_none_are_no_metrics():
+    """A defense passing metrics=None or metric_counts=None (DefenseOutput's defaults are {}) trains, its history
+    holding fit's own train_loss, rather than failing on None.items() after its first forward."""
+    def make(m, x, y):
+        return DefenseOutput(loss=classification_loss(m(x), y), metrics=None, metric_counts=None)
+
+    row = fit(DropoutMLP(), _OwnDefense(make), _data(8), epochs=1, batch_size=8, progress=False).history[0]
+    assert sorted(key for key in row if key.startswith("train_")) == ["train_loss"]
+
+
 def _extra_grads_of(shapes):
     def make(m, x, y):
         return DefenseOutput(loss=classification_loss(m(x), y), extra_grads=[torch.zeros(s) for s in shapes(m)])
