@@ -2045,6 +2045,12 @@ def test_history_rows_record_the_epochs_validation_scores_and_current_lr():
     assert last["val_acc"] == int((out.argmax(1) == val.tensors[1]).sum()) / 15
     assert last["val_loss"] == pytest.approx(float(classification_loss(out, val.tensors[1])), rel=1e-5)
     assert 0 < last["train_acc"] <= 1 and 0 < last["train_loss"] < 5  # means over the samples, not sums
+    # with several parameter groups: the first group's lr
+    def groups(params):
+        return torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], lr=0.1)
+
+    assert fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, batch_size=8, optimizer=groups,
+               progress=False).history[0]["lr"] == 0.1
 
 
 @pytest.mark.parametrize("val", [True, False])
