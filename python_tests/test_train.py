@@ -3476,6 +3476,10 @@ def test_fit_refuses_a_data_loader_or_iterable_dataset_before_training():
                                         "samples in a map-style dataset"):
         fit(DropoutMLP(), defenses.Standard(), Stream(), epochs=1, progress=False)
     fit(DropoutMLP(), defenses.Standard(), list(_data(8)), list(_data(4)), epochs=1, progress=False)  # a list is one
+    # len() without data[i] (a set): refused before training, not "'set' object is not subscriptable" at the first step
+    with pytest.raises(TypeError, match="fit: expected train_data to be a map-style dataset .*, got set; wrap the "
+                                        "samples in a map-style dataset"):
+        fit(DropoutMLP(), defenses.Standard(), set(_data(8)), epochs=1, progress=False)
 
 
 def test_a_scheduler_class_is_a_callable_that_builds_the_scheduler():
