@@ -501,6 +501,18 @@ def test_resume_refuses_other_settings_of_a_sequential_or_chained_scheduler(tmp_
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=sequential(2, 20), **kwargs)
     _resume_from_before(tmp_path, "scheduler_parts", lr=1e-2, scheduler=sequential(1, 3))
 
+    def lambda_first(part):  # LambdaLR and MultiplicativeLR have the same settings: only their classes differ
+        return lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [
+            part(opt, lambda epoch: 0.9), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)], milestones=[2])
+
+    kwargs["out_dir"] = tmp_path / "classes"
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1,
+        scheduler=lambda_first(torch.optim.lr_scheduler.LambdaLR), **kwargs)
+    with pytest.raises(ValueError, match=r"a scheduler of schedulers\[0\]='torch.optim.lr_scheduler.LambdaLR', this "
+                                         r"call's has schedulers\[0\]='torch.optim.lr_scheduler.MultiplicativeLR' "):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True,
+            scheduler=lambda_first(torch.optim.lr_scheduler.MultiplicativeLR), **kwargs)
+
     def chained(step_size):
         return lambda opt: torch.optim.lr_scheduler.ChainedScheduler([
             torch.optim.lr_scheduler.StepLR(opt, step_size, 0.5), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)])
