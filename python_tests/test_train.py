@@ -810,6 +810,9 @@ def test_validation_inputs_holding_nan_are_refused_naming_the_items():
                                          r"check the data$"):
         fit(DropoutMLP(), "standard", _data(8), _data_with_a_non_finite_input(3, float("inf")), epochs=1,
             batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"the inputs of val_data items \[3\] hold"):  # item 3 in the second batch
+        fit(DropoutMLP(), "standard", _data(8), _data_with_a_non_finite_input(3, float("inf")), epochs=1,
+            batch_size=8, val_batch_size=2, progress=False)
 
 
 def test_a_nan_loss_from_nan_inputs_names_the_items_holding_them():
@@ -817,6 +820,9 @@ def test_a_nan_loss_from_nan_inputs_names_the_items_holding_them():
     with pytest.raises(NonFiniteLossError, match=r"^fit: the standard loss is nan \(the inputs of train_data items "
                                                  r"\[5\] hold NaN or Inf: check the data\) at epoch 1, step 1; "):
         fit(DropoutMLP(), "standard", _data_with_a_non_finite_input(5, float("nan")), epochs=1, batch_size=8,
+            progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"train_data items \[5\] hold"):  # in a shuffled batch of 4
+        fit(DropoutMLP(), "standard", _data_with_a_non_finite_input(5, float("nan")), epochs=1, batch_size=4,
             progress=False)
 
 
