@@ -335,6 +335,21 @@ def test_checkpoint_needing_pickle_is_refused(trained_run, tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
+def test_checkpoint_in_torch_saves_pre_1_6_format_is_read(trained_run, tmp_path):
+    """A run's checkpoint re-saved in torch.save's pre-1.6 (non-zip) format loads as the zip one: eval refused it by
+    its first bytes as "not a torch.save archive", though torch.load(weights_only=True) reads it."""
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(trained_run / "run.json", old)
+    state = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    torch.save(state, old / "checkpoint.pt", _use_new_zipfile_serialization=False)
+    assert (old / "checkpoint.pt").read_bytes()[:4] != b"PK\x03\x04"
+    assert cli.read_checkpoint(old / "checkpoint.pt").keys() == state.keys()
+    loaded, expected = cli.load_run(old)[0].state_dict(), cli.load_run(trained_run)[0].state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
 def test_config_file(small_npz, tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"data: {small_npz}\nepochs: 1\nbatch-size: 16\nno_progress: true\ndevice: cpu\n")

@@ -390,15 +390,11 @@ def make_defense(name, options, train_size, info):
 
 
 def read_checkpoint(path):
-    """torch.load(weights_only=True); a file needing pickle to run code is refused with a clear message."""
-    import torch
-
+    """torch.load(weights_only=True); a file needing pickle to run code is refused with a clear message. Files of
+    torch.save's pre-1.6 format load too (load_checkpoint names what is wrong with a file that is no checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"{path}: no such checkpoint file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise CLIError(f"{path}: not a readable checkpoint (not a torch.save archive)")
     from .train import load_checkpoint
 
     try:
