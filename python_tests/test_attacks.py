@@ -1781,6 +1781,7 @@ def test_fab_bad_input():
             attacks.fab(model, x, y, eps=0.1)
     assert attacks.build("fab-t", model).steps == 100 and attacks.build("fab", model, steps=3).steps == 3
 
+
 def autoattack_p_selection(p_init, it, n_queries, resc_schedule):
     """AutoAttack's SquareAttack.p_selection, transcribed (square.py of fra31/auto-attack)."""
     if resc_schedule:
@@ -3813,6 +3814,7 @@ def test_least_likely_targets_rank_float64_logits_in_float64():
     assert atk._targets(x, y).tolist() == ta.get_least_likely_label(x, y).tolist() == [2, 2]
     half = Fixed(torch.tensor([[5.0, 1.0, 1.0]], dtype=torch.float16))  # ties keep class order in half precision
     assert attacks.PGD(half, eps=8 / 255).set_mode_targeted_least_likely()._targets(x.half(), y).tolist() == [1, 1]
+
 
 def test_set_normalization_used_is_refused_with_the_fix():
     # torchattacks' takes and returns normalized inputs; ours work in pixel space: no silent mix-up of the two

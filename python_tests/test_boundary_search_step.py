@@ -390,6 +390,7 @@ def test_meta_tensors(backend):
     out = robust_ops.boundary_search_step_(lo, hi, points, crossed_at, active, backend=backend)
     assert [t.shape for t in out] == [(2, 3), (2, 3), (2, 2, 3)] and all(t.is_meta for t in out)
 
+
 def test_functional_wrapper_forwards_backend(monkeypatch):
     requested = record_backend_requests(monkeypatch)
     lo, hi, points, crossed_at, mask = make_inputs(3, active=True)

@@ -2599,6 +2599,7 @@ def test_eval_on_images_of_another_size_than_a_size_dependent_model_says_so(tmp_
                    "16x16 images (--size 16 for a folder, a CSV or a MedMNIST name)")
     assert not (tmp_path / "ev").exists()
 
+
 def test_demo_methods_take_train_defense_spellings(tmp_path, capsys):
     """docs/cli.md: demo's --methods takes any train --defense value; train takes MIRST-DM / mirst_dm (the registry
     reads names in any case, _ for -), but demo refused them as unknown defenses."""

@@ -1482,6 +1482,7 @@ def test_ima_refuses_min_rows_in_train_mode_when_built():
     IMA(num_samples=8, model_mode="train", min_rows=0)
     IMA(num_samples=8, model_mode="keep", min_rows=4)  # "keep" couples samples only for a train-mode model
 
+
 def test_default_padding_goes_to_the_smallest_invariant_size():
     # Invariant from 6 rows: 6 and 8 active samples run as they are, 3 are padded to 6 (not to a larger size).
     for active, expected in ((6, 6), (8, 8), (3, 6)):
