@@ -499,6 +499,14 @@ def test_attack_option_values_are_typed():
     assert (spaced[0].options, spaced[1].options) == ({"norm": "l2"}, {"loss": "cw"})
 
 
+def test_options_no_default_types_keep_integer_text_an_int():
+    # fab's n_classes and autoattack's eot_iter default to None and no table types them: integer text must stay an
+    # int (read as 3.0 / 2.0, the attacks' integer checks refused the spec at parse time)
+    specs = parse_attacks("fab:n_classes=3:multi_targeted=true,autoattack:eot_iter=2:version=rand")
+    assert specs[0].options == {"n_classes": 3, "multi_targeted": True} and type(specs[0].options["n_classes"]) is int
+    assert specs[1].options == {"eot_iter": 2, "version": "rand"} and type(specs[1].options["eot_iter"]) is int
+
+
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_attack_errors_at_other_radii_are_eval_errors(ensemble):
     """A value fine at the dry run's eps but not at a real radius (alpha = eps - 0.5 < 0 at eps 0.1; 1/(eps-0.5) at
