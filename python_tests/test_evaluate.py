@@ -518,6 +518,14 @@ def test_attack_errors_at_other_radii_are_eval_errors(ensemble):
         assert err.value.arg == "attacks"
 
 
+def test_a_bad_option_value_of_a_spec_object_is_an_eval_error():
+    # AttackSpec objects skip parse_attacks' dry run: an option value the attack refuses only when run, with a
+    # TypeError (pgd's seed="x"), ends as an EvalError naming attacks, as a ValueError does
+    with pytest.raises(EvalError, match=r"^attacks: pgd: expected seed to be an int or None, got str$") as err:
+        evaluate(tiny_model(), tiny_data(8), INFO, attacks=[AttackSpec("pgd", {"seed": "x", "steps": 1})], eps=[0.1])
+    assert err.value.arg == "attacks"
+
+
 def test_empty_split_is_refused():
     info3 = DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c"))
     empty = TensorDataset(torch.rand(0, 1, 12, 12), torch.zeros(0, dtype=torch.long))
