@@ -1294,6 +1294,16 @@ def test_aggregate_mean_and_sample_std():
     assert aggregate([dict(base, accuracy=0.5)], ["accuracy"])[0]["accuracy_std"] is None
 
 
+def test_aggregate_keeps_rows_that_differ_only_in_their_norm_apart():
+    # a method attacked in Linf and in L2 at one radius under one label (the worst case of each plan): one mean
+    # over both would mix two threat models, and results.json would lose a row
+    from robust_ops.reproduce import aggregate
+
+    base = dict(method="M", attack="worst-case", eps=0.3, n=10)
+    rows = aggregate([dict(base, norm="linf", accuracy=0.2), dict(base, norm="l2", accuracy=0.6)], ["accuracy"])
+    assert [(r["norm"], r["accuracy"], r["repeats"]) for r in rows] == [("linf", 0.2, 1), ("l2", 0.6, 1)]
+
+
 def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys):
     """Several evaluation plans: one clean row per run, renamed worst-case rows, rows keyed by repeat; plans that
     differ only in their radii are cached apart."""
