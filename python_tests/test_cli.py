@@ -933,6 +933,18 @@ def test_protocols_describe_and_quick_caps():
         assert (docs / f"{p.name}.md").read_text().startswith(describe(p)), f"regenerate docs/reproduce/{p.name}.md"
 
 
+def test_quick_caps_the_steps_a_plan_leaves_to_the_attacks_defaults():
+    # every shipped plan spells out its steps, so the cap on an attack's own default (pgd's 20 steps, noise's 10
+    # draws, square's 5000 queries) was not exercised: --quick of a protocol listing bare `pgd` would run all 20
+    from robust_ops.evaluate import AttackSpec
+    from robust_ops.reproduce import QUICK_STEPS, EvalPlan, _specs
+
+    plan = EvalPlan([AttackSpec("pgd", {}, "PGD"), AttackSpec("noise", {}, "N"), AttackSpec("square", {}, "S")], [0.1])
+    assert [s.options for s in _specs(plan, quick=True)] == [
+        {"steps": QUICK_STEPS}, {"trials": QUICK_STEPS}, {"n_queries": QUICK_STEPS}]
+    assert [s.options for s in _specs(plan, quick=False)] == [{}, {}, {}]
+
+
 def test_mirst_bus_states_its_attack_start_points_and_the_cw_alternative_runs():
     """MIRST-DM calls its CW-Linf "similar to the PGD attack excepting the loss function"; the protocol ran PGD from a
     random start and CW from x without saying so. The choice is stated, and its alternative is an option that acts."""
