@@ -339,9 +339,10 @@ def test_labels_of_shape_n_by_1_are_taken_as_fit_takes_them():
 
 
 def test_out_of_range_inputs_rejected():
-    bad = TensorDataset(torch.full((4, 1, 12, 12), 2.0), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(EvalError, match=r"inputs outside the dataset's value range \[0.0, 1.0\]"):
-        evaluate(tiny_model(), bad, INFO, attacks="fgsm", eps=[0.1])
+    for value in (2.0, -0.5):  # above and below the range (a normalized split, mean subtracted, has negatives)
+        bad = TensorDataset(torch.full((4, 1, 12, 12), value), torch.zeros(4, dtype=torch.long))
+        with pytest.raises(EvalError, match=r"inputs outside the dataset's value range \[0.0, 1.0\]"):
+            evaluate(tiny_model(), bad, INFO, attacks="fgsm", eps=[0.1])
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
