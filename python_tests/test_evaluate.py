@@ -151,6 +151,17 @@ def test_evaluate_seed_makes_random_attacks_repeat_whatever_ran_before():
             evaluate(model, data, INFO, attacks="fgsm", seed=bad)
 
 
+def test_evaluate_without_a_seed_draws_from_the_global_rng():
+    # seed=None (the default) draws from the global RNG, as torchattacks does: after torch.manual_seed(5) it repeats
+    # seed=5's random starts, and it moves the global RNG on (a fixed internal seed would hide the user's own)
+    data, model = tiny_data(), tiny_model()
+    kwargs = dict(attacks="pgd:steps=2:alpha=0.01,noise", eps="8/255,16/255")
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    assert evaluate(model, data, INFO, **kwargs) == evaluate(model, data, INFO, **kwargs, seed=5)
+    assert not torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_evaluate_leaves_the_gpus_rng_alone():
     """evaluate(seed=N) and each attack's dry run seeded with torch.manual_seed, which reseeds every GPU too (queued
     until CUDA starts when it has not), while fork_rng restored the CPU's RNG only: a CPU evaluation replaced the seed
