@@ -945,6 +945,18 @@ def test_quick_caps_the_steps_a_plan_leaves_to_the_attacks_defaults():
     assert [s.options for s in _specs(plan, quick=False)] == [{}, {}, {}]
 
 
+def test_quick_applies_a_plans_quick_options():
+    # EvalPlan.quick_options overrides options in --quick only; ima-bus's (noise trials 5) equals the cap, so a
+    # value below the cap and an option the cap does not touch pin that it is applied
+    from robust_ops.evaluate import AttackSpec
+    from robust_ops.reproduce import EvalPlan, _specs
+
+    plan = EvalPlan([AttackSpec("noise", {"norm": "l2", "trials": 100}, "N")], [1.0],
+                    quick_options={"noise": {"trials": 2, "seed": 7}})
+    assert _specs(plan, quick=True)[0].options == {"norm": "l2", "trials": 2, "seed": 7}
+    assert _specs(plan, quick=False)[0].options == {"norm": "l2", "trials": 100}
+
+
 def test_mirst_bus_states_its_attack_start_points_and_the_cw_alternative_runs():
     """MIRST-DM calls its CW-Linf "similar to the PGD attack excepting the loss function"; the protocol ran PGD from a
     random start and CW from x without saying so. The choice is stated, and its alternative is an option that acts."""
