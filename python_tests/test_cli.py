@@ -858,6 +858,23 @@ def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["per_run_rows"] == rows
 
 
+def test_eval_key_changes_with_everything_the_rows_depend_on():
+    # a cached evaluation is reused only under an equal key: the attacks' RNG seed, ensemble or per-attack rows, and
+    # an eps expression's values at each radius (alpha=eps/4 and eps/2 run different attacks) must each change it
+    from robust_ops.evaluate import AttackSpec
+    from robust_ops.reproduce import EvalPlan, _specs, eval_key
+
+    def key(alpha="eps/4", eps=(0.3,), ensemble=False, seed=0):
+        specs = _specs(EvalPlan([AttackSpec("pgd", {"norm": "l2", "alpha": alpha}, "PGD")], list(eps)), quick=False)
+        return eval_key({"method": "M"}, specs, list(eps), ensemble, seed=seed)
+
+    assert key() == key() and key()["attacks"] == [["pgd", "PGD", {"norm": "l2", "alpha": [0.075]}]]
+    for other in (key(alpha="eps/2"), key(eps=(0.6,)), key(ensemble=True), key(seed=1)):
+        assert other != key()
+    legacy = {k: v for k, v in key().items() if k != "seed"}  # rows cached before the seed was recorded
+    assert legacy != key()
+
+
 @pytest.mark.slow
 def test_reproduce_quick_mirst_bus(breastmnist, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
