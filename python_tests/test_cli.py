@@ -858,6 +858,25 @@ def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["per_run_rows"] == rows
 
 
+def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
+    # --reevaluate puts fresh rows under a key the cache holds: they replace the old entry (kept beside it, the next
+    # run's lookup found the stale rows first); run_protocol relabels the rows it gets, which must not reach the
+    # cache (its next write would store the relabelled rows)
+    from robust_ops.reproduce import EvalCache
+
+    path, key = tmp_path / "eval.json", {"model_sha256": "0" * 64, "eps": [0.1], "seed": 0}
+    cache = EvalCache(path)
+    cache.put(key, [{"attack": "worst-case", "accuracy": 0.5}])
+    cache.put(key, [{"attack": "worst-case", "accuracy": 0.25}])
+    for reader in (cache, EvalCache(path)):
+        assert reader.get(key) == [{"attack": "worst-case", "accuracy": 0.25}] and len(reader.entries) == 1
+    cache.get(key)[0]["attack"] = "AutoAttack-style (L2)"
+    assert cache.get(key)[0]["attack"] == "worst-case"
+    assert EvalCache(path, enabled=False).get(key) is None  # --reevaluate
+    EvalCache(tmp_path / "rank1.json", writes=False).put(key, [])  # torchrun: rank 0 alone writes
+    assert not (tmp_path / "rank1.json").exists()
+
+
 def test_eval_key_changes_with_everything_the_rows_depend_on():
     # a cached evaluation is reused only under an equal key: the attacks' RNG seed, ensemble or per-attack rows, and
     # an eps expression's values at each radius (alpha=eps/4 and eps/2 run different attacks) must each change it
