@@ -275,6 +275,15 @@ def test_single_logit_model_and_ensemble():
     assert rows[1]["norm"] == "linf"  # both attacks are Linf: not "mixed"
 
 
+def test_worst_case_over_attacks_of_two_norms_is_mixed():
+    # the worst case over an Linf and an L2 attack belongs to neither threat model: its rows say "mixed", per attack
+    # and as one ensemble alike (the norm keys results.json's tables and figures)
+    data, model = tiny_data(8), tiny_model()
+    for ensemble in (False, True):
+        rows = evaluate(model, data, INFO, attacks="fgsm,noise:norm=l2:trials=2", eps=[4 / 255], ensemble=ensemble)
+        assert [(r["attack"], r["norm"]) for r in rows if r["attack"] == "worst-case"] == [("worst-case", "mixed")]
+
+
 def test_multiclass_rows_have_map():
     info = DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c"))
     x = torch.rand(30, 1, 12, 12)
