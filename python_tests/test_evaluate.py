@@ -284,6 +284,32 @@ def test_worst_case_over_attacks_of_two_norms_is_mixed():
         assert [(r["attack"], r["norm"]) for r in rows if r["attack"] == "worst-case"] == [("worst-case", "mixed")]
 
 
+class _Recorder(_Halfway):
+    """Returns its inputs unchanged and records how many samples it was given."""
+
+    name = "recorder"
+    seen = []
+
+    def forward(self, x, y):
+        self.seen.append(x.shape[0])
+        return x.clone()
+
+
+def test_ensemble_runs_each_attack_on_the_samples_the_earlier_ones_left_robust(monkeypatch):
+    # ensemble=True is one AutoAttack-style cascade per radius: an attack after FGSM sees only the samples FGSM did
+    # not fool (as many as the worst-case row counts robust: the recorder fools none), not the whole split
+    monkeypatch.setitem(attacks.ATTACKS, "recorder", (_Recorder, {}))
+    monkeypatch.setattr(_Recorder, "seen", [])
+    data, model = tiny_data(48, seed=3), tiny_model(3)
+    with torch.no_grad():
+        model.head.weight.mul_(5)
+    specs = parse_attacks("fgsm,recorder")
+    _Recorder.seen.clear()  # the dry run's call
+    rows = evaluate(model, data, INFO, attacks=specs, eps=[48 / 255], ensemble=True)
+    robust = round(rows[1]["accuracy"] * 48)
+    assert rows[1]["accuracy"] < rows[0]["accuracy"] and sum(_Recorder.seen) == robust
+
+
 def test_multiclass_rows_have_map():
     info = DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c"))
     x = torch.rand(30, 1, 12, 12)
