@@ -894,6 +894,22 @@ def test_eval_key_changes_with_everything_the_rows_depend_on():
     assert legacy != key()
 
 
+def test_run_fingerprint_changes_with_the_method_label_and_with_dtype_and_shape():
+    # the evaluation cache's key: rows hold the method label, so a relabelled method sharing a run folder ("RST-DM",
+    # "rst dm") is evaluated again, not shown under the old label; the weights' and test set's digests hash dtype
+    # and shape with the bytes (the same pixels in another shape, or bytes read as another dtype, are other data)
+    from torch.utils.data import TensorDataset
+
+    from robust_ops.reproduce import _digest, run_fingerprint
+
+    model, data = torch.nn.Linear(4, 2), TensorDataset(torch.rand(3, 4), torch.tensor([0, 1, 0]))
+    a, b = run_fingerprint(model, data, "RST-DM"), run_fingerprint(model, data, "rst dm")
+    assert a != b and {k: v for k, v in a.items() if k != "method"} == {k: v for k, v in b.items() if k != "method"}
+    t = torch.arange(16, dtype=torch.float32)
+    digests = {_digest([t]), _digest([t.view(4, 4)]), _digest([t.view(torch.int32)]), _digest([t[:8], t[8:]])}
+    assert len(digests) == 4 and _digest([t.clone()]) == _digest([t])
+
+
 @pytest.mark.slow
 def test_reproduce_quick_mirst_bus(breastmnist, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
