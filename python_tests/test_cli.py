@@ -1354,6 +1354,9 @@ def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys, monkeypatch):
     assert "seeds 0, 1" in doc["dataset"]["source"] and "seed 1" not in doc["dataset"]["source"]
     assert doc["rows"][0]["n"] == 200 and doc["rows"][0]["n_max"] == 100
     assert doc["config"]["attack_seeds"] == [0, 1]  # repeat k's random attacks draw from seed k, not all from 0
+    # per_run_rows keep each run's repeat k apart (config.attack_seeds is indexed by it)
+    assert [(r["attack"], r["repeat"]) for r in doc["per_run_rows"]] == [("none", 0), ("FGSM", 0), ("none", 1),
+                                                                          ("FGSM", 1)]
     _, splits, run_doc = cli.load_run(out / "runs-quick" / "std" / "seed1")  # the quick subset is rebuilt too
     assert run_doc["seed"] == 1  # the seed fixes the initial weights and batches too, not only the data split
     want = cli.subset_splits(cli.load_data("moons", seed=1), 200, 100, 1)
