@@ -554,6 +554,15 @@ def test_options_no_default_types_keep_integer_text_an_int():
     assert specs[1].options == {"eot_iter": 2, "version": "rand"} and type(specs[1].options["eot_iter"]) is int
 
 
+def test_numeric_text_of_a_text_option_stays_text():
+    # norm, loss and version take text: numeric text stays a string, so the attack's own check names the value it
+    # refuses as given (read as a number, norm=2 was refused as 'got 2.0')
+    for spec, message in (("pgd:norm=2", "norm to be one of linf, l2 (any case, e.g. 'Linf', 'L2'), got '2'"),
+                          ("pgd:loss=1", "loss to be one of ce, cw or a callable (out, y) -> loss, got '1'")):
+        with pytest.raises(EvalError, match=f"^attacks: pgd: expected {re.escape(message)}$"):
+            parse_attacks(spec)
+
+
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_attack_errors_at_other_radii_are_eval_errors(ensemble):
     """A value fine at the dry run's eps but not at a real radius (alpha = eps - 0.5 < 0 at eps 0.1; 1/(eps-0.5) at
