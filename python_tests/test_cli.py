@@ -775,6 +775,7 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
     assert doc["paper"] and {r["method"] for r in doc["rows"]} >= {"Standard training", "MIRST"}
     text = (out / "report.md").read_text()
     assert "Published numbers beside ours" in text and "QUICK MODE" in text and "| Standard training | FGSM" in text
+    assert "RUNS:" not in text  # --seeds 1 of the protocol's 5 gets no RUNS note in --quick: QUICK MODE's covers it
 
 
 def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):
