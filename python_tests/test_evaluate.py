@@ -1180,6 +1180,12 @@ def test_write_results_refuses_a_config_or_extra_fields_that_is_no_dict(tmp_path
         write_results(tmp_path / "r", rows, INFO, figures=False, **{arg: bad})
 
 
+def test_results_document_without_a_config_holds_an_empty_one():
+    # config=None (write_results' default) is written as {}: readers of results.json look settings up in it
+    doc = evaluate_module.results_document([], INFO)
+    assert doc["config"] == {} and "paper" not in doc and "notes" not in doc
+
+
 def test_parse_eps_refuses_bools_in_a_list():
     # isinstance(True, int): eps=[True] was the radius 1.0 and [False] the radius 0, without a word
     for bad in ([True], [0.1, False]):
