@@ -1400,6 +1400,7 @@ def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys)
     per_run = [(r["attack"], r["eps"], r["repeat"]) for r in doc["per_run_rows"]]
     assert per_run == [("none", 0.0, 0), ("Worst (Linf)", 1 / 255, 0), ("worst-case", 2 / 255, 0)]
     assert [r["repeats"] for r in doc["rows"]] == [1, 1, 1] and doc["config"]["repeats"] == 1
+    assert (out / "saliency_std.png").is_file()  # image data: each method's maps of a few test images
     assert doc["config"]["attack_seeds"] == [0]  # repeat k's PGD / Square draws: seeded with k, as eval records it
     # the protocol's notes describe its 2 runs; the report said nothing of --seeds 1
     assert ("RUNS: this run covers 1 of the protocol's 2 seeds (--seeds); the means below are over those (one run: "
