@@ -986,6 +986,14 @@ def test_protocols_describe_and_quick_caps():
         assert (docs / f"{p.name}.md").read_text().startswith(describe(p)), f"regenerate docs/reproduce/{p.name}.md"
 
 
+def test_pick_methods_takes_labels_in_any_case_and_spacing():
+    # --methods " mirst , Standard training": labels match whatever their case and surrounding spaces
+    from robust_ops.reproduce import PROTOCOLS, pick_methods
+
+    chosen = pick_methods(PROTOCOLS["arfl-moons"], [" mirst ", "Standard training "])
+    assert [m.label for m in chosen] == ["Standard training", "MIRST"]
+
+
 def test_quick_caps_the_steps_a_plan_leaves_to_the_attacks_defaults():
     # every shipped plan spells out its steps, so the cap on an attack's own default (pgd's 20 steps, noise's 10
     # draws, square's 5000 queries) was not exercised: --quick of a protocol listing bare `pgd` would run all 20
