@@ -994,6 +994,16 @@ def test_pick_methods_takes_labels_in_any_case_and_spacing():
     assert [m.label for m in chosen] == ["Standard training", "MIRST"]
 
 
+def test_results_source_names_every_seed_of_seed_runs_only():
+    # the means over --seeds runs name each seed; k-fold runs all load seed 0's data, whose source stays as it is
+    from robust_ops.data import DatasetInfo
+    from robust_ops.reproduce import _sources_over
+
+    info = DatasetInfo("d", 2, 1, 8, ("a", "b"), positive_class=1, source="d.npz (seed 2)")
+    assert _sources_over(info, 3, "seeds").source == "d.npz (seeds 0, 1, 2)"
+    assert _sources_over(info, 3, "kfold") is info and _sources_over(info, 1, "seeds") is info
+
+
 def test_quick_caps_the_steps_a_plan_leaves_to_the_attacks_defaults():
     # every shipped plan spells out its steps, so the cap on an attack's own default (pgd's 20 steps, noise's 10
     # draws, square's 5000 queries) was not exercised: --quick of a protocol listing bare `pgd` would run all 20
