@@ -1004,6 +1004,19 @@ def test_results_source_names_every_seed_of_seed_runs_only():
     assert _sources_over(info, 3, "kfold") is info and _sources_over(info, 1, "seeds") is info
 
 
+def test_classes_missing_over_runs_are_listed_in_class_order():
+    # results.json's classes_missing_from_split over every run: per part, in the dataset's class order (label 0
+    # first), as each run's own record lists them
+    from robust_ops.data import DatasetInfo
+    from robust_ops.reproduce import _missing_over_runs
+
+    def info(missing):
+        return DatasetInfo("d", 3, 1, 8, ("normal", "benign", "aaa"), extra={"classes_missing_from_split": missing})
+
+    merged = _missing_over_runs(info({}), [info({"val": ["aaa"]}), info({"val": ["normal"], "test": ["benign"]})])
+    assert merged.extra["classes_missing_from_split"] == {"val": ["normal", "aaa"], "test": ["benign"]}
+
+
 def test_quick_caps_the_steps_a_plan_leaves_to_the_attacks_defaults():
     # every shipped plan spells out its steps, so the cap on an attack's own default (pgd's 20 steps, noise's 10
     # draws, square's 5000 queries) was not exercised: --quick of a protocol listing bare `pgd` would run all 20
