@@ -1376,7 +1376,7 @@ def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys, monkeypatch):
 
     q = {"epochs": 1, "repeats": 2, "n_train": 200, "n_test": 100, "model": "mlp"}
     proto = _tiny_protocol("seeds", [("STD", "standard")], q)
-    proto.model = "mlp"
+    proto.model, proto.epochs = "mlp", 3  # --quick trains the quick settings' 1 epoch
     out = tmp_path / "moons"
     attacked, real = [], evaluate.evaluate
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: attacked.append(k["seed"]) or real(*a, **k))
@@ -1391,6 +1391,7 @@ def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys, monkeypatch):
                                                                           ("FGSM", 1)]
     _, splits, run_doc = cli.load_run(out / "runs-quick" / "std" / "seed1")  # the quick subset is rebuilt too
     assert run_doc["seed"] == 1  # the seed fixes the initial weights and batches too, not only the data split
+    assert run_doc["epochs"] == 1
     want = cli.subset_splits(cli.load_data("moons", seed=1), 200, 100, 1)
     assert torch.equal(splits.test.tensors[0], want.test.tensors[0])
 
