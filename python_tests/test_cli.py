@@ -1761,24 +1761,29 @@ def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]
 
 
-def test_train_on_a_full_disk_is_a_one_line_error_keeping_the_last_checkpoint(small_npz, tmp_path, capsys,
-                                                                              monkeypatch):
-    # a checkpoint write failing for want of space ended train with a 40-line traceback (probe: --out on a 600 KiB
-    # tmpfs; epoch 2's save failed), its last line torch's "unexpected pos 225920 vs 225808"
+def _disk_full_at_fsync(monkeypatch, failing_call):
+    """The files robust_ops writes find the disk full at their ``failing_call``-th fsync (1-based; NFS reports a full
+    disk there, not at the write)."""
     import errno
-    import os
 
     from robust_ops import _files
 
     real_fsync, calls = os.fsync, []
 
-    def fsync(fd):  # run.json's, epoch 1's checkpoint's, then epoch 2's finds the disk full (NFS reports it here)
+    def fsync(fd):
         calls.append(fd)
-        if len(calls) == 3:
+        if len(calls) == failing_call:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
     monkeypatch.setattr(_files.os, "fsync", fsync)
+
+
+def test_train_on_a_full_disk_is_a_one_line_error_keeping_the_last_checkpoint(small_npz, tmp_path, capsys,
+                                                                              monkeypatch):
+    # a checkpoint write failing for want of space ended train with a 40-line traceback (probe: --out on a 600 KiB
+    # tmpfs; epoch 2's save failed), its last line torch's "unexpected pos 225920 vs 225808"
+    _disk_full_at_fsync(monkeypatch, 3)  # run.json's, epoch 1's checkpoint's, then epoch 2's
     out = tmp_path / "run"
     rc, _, err = run(["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "2", "--out",
                       out], capsys)
@@ -1790,23 +1795,10 @@ def test_train_on_a_full_disk_is_a_one_line_error_keeping_the_last_checkpoint(sm
 
 def test_resume_on_a_full_disk_says_to_continue_with_the_same_command(small_npz, tmp_path, capsys, monkeypatch):
     # a --resume that fails so already has --resume: the way on is the same command, not one with --resume added
-    import errno
-    import os
-
-    from robust_ops import _files
-
     out = tmp_path / "run"
     argv = ["train", "--data", small_npz, "--model", "mlp", "--no-progress", "--device", "cpu", "--out", out]
     assert run(argv + ["--epochs", "1"], capsys)[0] == 0
-    real_fsync, calls = os.fsync, []
-
-    def fsync(fd):  # run.json's, then epoch 2's checkpoint's finds the disk full
-        calls.append(fd)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
-    monkeypatch.setattr(_files.os, "fsync", fsync)
+    _disk_full_at_fsync(monkeypatch, 2)  # run.json's, then epoch 2's checkpoint's
     rc, _, err = run(argv + ["--epochs", "2", "--resume"], capsys)
     line = one_line_error(rc, err, f"{out}: training failed: [Errno 28] No space left on device")
     assert line.endswith("holds the last epoch saved: once fixed, continue with the same command"), line
@@ -2004,8 +1996,6 @@ def test_eval_options_reach_the_evaluation(trained_run, tmp_path, capsys, monkey
 def test_eval_names_the_rows_by_the_runs_label(trained_run, tmp_path, capsys, evaluate_calls):
     # a demo or reproduce run records its table label ("Baseline" for demo's standard) in run.json: eval's rows keep
     # it, so they line up with that command's own table, unless --method says otherwise
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("eval"))
     record = json.loads((run_dir / "run.json").read_text())
