@@ -110,11 +110,18 @@ def test_markdown_report_pivots_and_run_counts():
     assert "Synthetic data" in report.markdown_report(_doc([dict(base, attack="none")], synthetic=True))
 
 
+_CLEAN_ROW = dict(method="M", attack="none", norm=None, eps=0.0, n=20, accuracy=0.9, f1=0.8, sensitivity=0.7,
+                  specificity=0.6, precision=0.5, auc=0.9)
+
+
+def _tiny_conv_net():
+    """A conv layer for grad_cam on 1x4x4 images, then a linear head (2 classes)."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, 2))
+
+
 def test_markdown_report_shows_only_the_metrics_its_document_names():
     # results.json's "metrics" list decides the pivots and the all-rows columns; the task's defaults only without one
-    row = dict(method="M", attack="none", norm=None, eps=0.0, n=20, accuracy=0.9, f1=0.8, sensitivity=0.7,
-               specificity=0.6, precision=0.5, auc=0.9)
-    doc = _doc([row])
+    doc = _doc([dict(_CLEAN_ROW)])
     doc["metrics"] = ["accuracy"]
     text = report.markdown_report(doc)
     assert "| Accuracy: attack |" in text and "F1" not in text and "AUC" not in text
@@ -147,9 +154,7 @@ def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
 def test_markdown_report_links_its_figures_and_states_its_configuration_and_environment():
     # report.md shows the figures written beside it, the settings results.json records and the versions that made
     # it ("git unknown" outside a checkout); an empty configuration gets no section
-    row = dict(method="M", attack="none", norm=None, eps=0.0, n=20, accuracy=0.9, f1=0.8, sensitivity=0.7,
-               specificity=0.6, precision=0.5, auc=0.9)
-    doc = _doc([row])
+    doc = _doc([dict(_CLEAN_ROW)])
     doc["config"] = {"command": "eval", "eps": "1/255"}
     text = report.markdown_report(doc, figures=["accuracy_vs_eps.png"])
     assert "![accuracy_vs_eps.png](accuracy_vs_eps.png)" in text
@@ -173,7 +178,7 @@ def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
 
 def test_saliency_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     # as the radius figure's: maps of generated images must not pass for a patient's, with or without a title
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, 2))
+    model = _tiny_conv_net()
     x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
     figures = _record_figures(monkeypatch)
     for synthetic, title in ((True, "m"), (True, None), (False, "m")):
@@ -259,7 +264,7 @@ def test_plot_saliency_refuses_non_images(tmp_path):
 
 def test_plot_saliency_of_no_images_draws_nothing(tmp_path):
     # zero images: no figure of zero rows (nothing to show), False as for non-images
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, 2))
+    model = _tiny_conv_net()
     assert report.plot_saliency(model, torch.rand(0, 1, 4, 4), torch.zeros(0, dtype=torch.long),
                                 tmp_path / "s.png") is False
     assert not (tmp_path / "s.png").exists()
