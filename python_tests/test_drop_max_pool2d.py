@@ -741,6 +741,11 @@ ARGS = ([3, 3], [2, 2], [1, 1], [1, 1], False)
         (torch.zeros(1, 1, 4, 1), ([3, 5], [1, 1], [0, 1], [1, 1], False),
          "drop_max_pool2d: expected kernel_size (3, 5) with dilation (1, 1) to fit the padded input 4x3, got output "
          "size 2x-1"),
+        # A negative numerator not divisible by the stride: (2 - 3 - 1) // 3 = -1, output size 0 as F.max_pool2d's
+        # (C++'s truncating division gave 0, a 1x1 output that was accepted; mutation pass of the C++ kernel).
+        (torch.zeros(1, 1, 2, 2), ([4, 4], [3, 3], [0, 0], [1, 1], False),
+         "drop_max_pool2d: expected kernel_size (4, 4) with dilation (1, 1) to fit the padded input 2x2, got output "
+         "size 0x0"),
     ],
 )
 def test_error_messages(x, args, message):
