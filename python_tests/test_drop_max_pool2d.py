@@ -362,11 +362,14 @@ def test_backward_rejects_out_of_range_indices_in_either_layout(fmt, bad):
         backward_op(grad, idx, [1, 2, 4, 4])
 
 
+@pytest.mark.parametrize("c", [40, 41])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_channels_last_channel_blocks(dtype):
+def test_backward_channels_last_channel_blocks(dtype, c):
     # The channels_last backward splits 40 channels of a one-sample batch into two blocks (small batches use every
     # thread); each block must accumulate at its own channel offset and stride. Integer gradients: exact sums.
-    n, c, h, w = 1, 40, 6, 5
+    # 41 channels: blocks of 21 and 20; the last must stop at C (a block running past it read and overwrote the next
+    # pixel's channels: mutation pass of the C++ kernel).
+    n, h, w = 1, 6, 5
     g = torch.Generator().manual_seed(7)
     idx = torch.randint(-1, h * w, (n, c, 4, 3), generator=g)
     grad = torch.randint(-4, 5, (n, c, 4, 3), generator=g).to(dtype)
