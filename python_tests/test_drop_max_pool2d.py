@@ -383,6 +383,23 @@ def test_backward_channels_last_channel_blocks(dtype, c):
     assert_verbose_equal(backward_op(grad, idx, [n, c, h, w]), expected, "grad_input (contiguous)")
 
 
+def test_backward_layout_follows_grad_output_not_indices():
+    # grad_output and indices may come in different layouts (autograd hands the saved indices and an incoming
+    # gradient of any layout): grad_input takes grad_output's, the fake kernel's rule, with the same values. A kernel
+    # choosing the layout by the indices passed every test with both in one layout (mutation pass of the C++ kernel).
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 7, 6, generator=g)
+    _, idx = op(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    grad = torch.randn(idx.shape, generator=g)
+    expected = backward_op(grad, idx, list(x.shape))
+    for go, ix in ((layout(grad, "channels_last"), idx), (grad, layout(idx, "channels_last"))):
+        got = backward_op(go, ix, list(x.shape))
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = backward_op(mode.from_tensor(go), mode.from_tensor(ix), list(x.shape))
+        assert got.stride() == fake.stride() and got.is_contiguous(memory_format=expected_format(go))
+        assert_verbose_equal(got, expected, "grad_input")
+
+
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_opcheck(fmt):
     x = layout(torch.randn(2, 3, 9, 8), fmt).requires_grad_()
