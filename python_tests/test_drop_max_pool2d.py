@@ -112,6 +112,21 @@ def test_dtypes_match_reference(device, dtype, fmt, values):
     assert out.dtype == dtype
 
 
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_float64_compares_in_float64(fmt):
+    # docs: float64 values closer than float32 resolution stay distinct. Here all round to 1.0 in float32, where the
+    # tie rule would pick other elements; a kernel comparing the padded edge windows (its NCHW scalar path) in float32
+    # passed every other test (mutation pass of the C++ kernel).
+    g = torch.Generator().manual_seed(4)
+    x = layout(1 + torch.randperm(2 * 3 * 7 * 9, generator=g).view(2, 3, 7, 9).double() * 1e-12, fmt)
+    args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    check_against_reference(x, args)
+    out, idx = torch.ops.robust_ops.max_pool2d(x, *args)
+    ref, ref_idx = F.max_pool2d(x, *args[:4], return_indices=True)
+    assert_verbose_equal(out, ref, "max_pool2d output")
+    assert_verbose_equal(idx, ref_idx, "max_pool2d indices")
+
+
 def test_input_contiguous_in_both_formats_gives_contiguous_output():
     # A 1x1 input with C > 1 is contiguous and channels_last at once: it counts as contiguous (the fake kernel's rule),
     # so the 2x2 output of kernel 2, padding 1 must be contiguous as well, like F.max_pool2d's.
