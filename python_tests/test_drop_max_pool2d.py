@@ -769,6 +769,9 @@ ARGS = ([3, 3], [2, 2], [1, 1], [1, 1], False)
          "drop_max_pool2d: expected kernel_size to be two positive integers, got (3, 3, 3)"),
         (torch.zeros(1, 1, 4, 4), ([3, 3], [1, 1], [0, -1], [1, 1], False),
          "drop_max_pool2d: expected padding to be two non-negative integers, got (0, -1)"),
+        # the length of padding too (the C++ check without it accepted three: mutation pass of the C++ kernel)
+        (torch.zeros(1, 1, 4, 4), ([3, 3], [1, 1], [1, 1, 1], [1, 1], False),
+         "drop_max_pool2d: expected padding to be two non-negative integers, got (1, 1, 1)"),
         (torch.zeros(1, 1, 4, 4), ([3, 3], [1, 1], [1, 2], [1, 1], False),
          "drop_max_pool2d: expected padding to be at most half of kernel_size, got padding=(1, 2) for "
          "kernel_size=(3, 3)"),
