@@ -227,6 +227,24 @@ def test_per_sample_values_sharing_written_memory(norm, shared):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shared", ["x_nat", "grad"])
+def test_history_slot_sharing_memory_with_x_nat_or_grad(norm, shared):
+    """history[slot] one sample past x_nat (or grad) in one buffer: the slot of sample s is x_nat[s + 1]. Every value
+    is read before the slot is written, as in the reference; a kernel writing the slot directly overwrote x_nat[s + 1]
+    (grad[s + 1]) before that sample read it (mutation testing: dropping the slot's overlap check survived)."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 5))
+    buf = torch.cat([{"x_nat": x_nat, "grad": grad}[shared], torch.rand((1, 3, 5))])
+    exp_buf = buf.clone()
+    args = {"x_nat": x_nat, "grad": grad}
+    expected = x_adv.clone()
+    reference.pgd_step_(expected, **{**args, shared: exp_buf[:-1]}, alpha=alpha, eps=eps, clip_min=0.0, clip_max=1.0,
+                        norm=norm, history=exp_buf[1:].unsqueeze(0), slot=0)
+    op(x_adv, *{**args, shared: buf[:-1]}.values(), alpha, eps, 0.0, 1.0, norm, buf[1:].unsqueeze(0), 0)
+    assert_verbose_equal(x_adv, expected, "x_adv")
+    assert_verbose_equal(buf, exp_buf, "buffer")
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_empty_batch(norm):
     for shape in [(0, 3, 4, 4), (2, 0)]:
         x = torch.zeros(shape)
