@@ -245,6 +245,23 @@ def test_history_slot_sharing_memory_with_x_nat_or_grad(norm, shared):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+def test_parallel_chunks_split_a_sample_between_threads(norm):
+    """Two threads (the suite runs on one under OMP_NUM_THREADS=1): 5 * 13001 elements make two chunks of the CPU
+    kernel's 32768 grain, the first ending inside sample 2. Each chunk must stop at its own end with that sample's
+    alpha/eps: a run that went on to the end of the sample stepped the rest of it twice (mutation testing: no other
+    test had more than one chunk)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        inputs = make_inputs((5, 13001), seed=4)
+        (ours, h_ours), (ref, _) = run_both(*inputs, (0.0, 1.0), norm, torch.zeros((1, 5, 13001)), 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert_verbose_equal(ours, ref, "x_adv")
+    assert_verbose_equal(h_ours[0], ref, "history")
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_empty_batch(norm):
     for shape in [(0, 3, 4, 4), (2, 0)]:
         x = torch.zeros(shape)
