@@ -161,6 +161,19 @@ def test_non_contiguous_inputs_are_updated_in_place(dtype, norm):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+def test_dense_non_contiguous_history_slot(norm):
+    """history[slot] channels_last (dense, so no overlap status hides it; the test above has a slot with gaps):
+    written element by element in its own layout, not as if contiguous (mutation testing: dropping the slot's
+    is_contiguous() check before writing it directly survived)."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4, 5))
+    history = torch.zeros((2, 2, 4, 5, 3)).permute(0, 1, 4, 2, 3)
+    assert history[1].is_contiguous(memory_format=torch.channels_last) and not history[1].is_contiguous()
+    (ours, h_ours), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, 1)
+    assert_verbose_equal(h_ours[1], ref, "history[1]")
+    assert_verbose_equal(ours, ref, "x_adv")
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_grad_with_batch_stride_matches_reference(norm):
     """A grad whose reshape(N, -1) is a strided view (rows of a bigger buffer): the norms still match bitwise."""
     x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 7, 7))
