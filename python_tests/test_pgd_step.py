@@ -216,6 +216,19 @@ def test_x_nat_aliasing_x_adv(norm):
     assert_verbose_equal(x_adv, expected)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_grad_sharing_memory_with_x_adv(norm):
+    """grad one sample before x_adv in one buffer (grad[s + 1] is x_adv[s]): the step uses the gradient as given, as
+    the reference does; without the kernel's copy, sample s + 1 read its gradient after sample s had stepped over it
+    (mutation testing: never copying an overlapping grad survived)."""
+    x_adv, x_nat, _, alpha, eps = make_inputs((3, 2, 5, 5))
+    buf = torch.cat([torch.randn((1, 2, 5, 5)), x_adv])
+    expected = x_adv.clone()
+    reference.pgd_step_(expected, x_nat, buf[:-1].clone(), alpha, eps, 0.0, 1.0, norm)
+    op(buf[1:], x_nat, buf[:-1], alpha, eps, 0.0, 1.0, norm, None, 0)
+    assert_verbose_equal(buf[1:], expected)
+
+
 def check_per_sample_values_sharing_written_memory(step, norm, shared, device="cpu"):
     """alpha / eps as views of x_adv or of history[slot] (alpha = x_adv.view(-1)[:N]): the kernels read alpha[s] after
     earlier samples had written their step (or slot) over it; now the values the call was given."""
