@@ -263,8 +263,11 @@ def _bad_inputs():
         (r"points to be \[k-1, 4, 3\] with k >= 2", (lo, hi, pts.half(), c, None)),
         (r"crossed_at to be an int64 tensor of shape \[4\]", (lo, hi, pts, c.int(), None)),
         (r"crossed_at to be an int64 tensor of shape \[4\]", (lo, hi, pts, c[:3], None)),
+        # [4, 1] holds 4 values but is not [4] (mutation testing: the dim() checks of crossed_at/active survived)
+        (r"crossed_at to be an int64 tensor of shape \[4\]", (lo, hi, pts, c.unsqueeze(1), None)),
         (r"active to be a bool tensor of shape \[4\]", (lo, hi, pts, c, torch.ones(4))),
         (r"active to be a bool tensor of shape \[4\]", (lo, hi, pts, c, torch.ones(5, dtype=torch.bool))),
+        (r"active to be a bool tensor of shape \[4\]", (lo, hi, pts, c, torch.ones(4, 1, dtype=torch.bool))),
     ]
 
 
