@@ -120,6 +120,18 @@ def test_growing_sizes_keep_the_smaller_blocks_up_to_the_limit(monkeypatch, limi
     assert cpu_memory_pool_stats().cached_bytes == 0
 
 
+def test_requests_of_64_kib_and_more_are_pooled():
+    """docs/memory-pool.md: requests of 64 KiB or more are pooled, 64 KiB itself too; one byte less goes to the
+    default allocator (mutation testing: a threshold excluding 64 KiB survived)."""
+    with cpu_memory_pool():
+        start = cpu_memory_pool_stats()
+        torch.empty(65535, dtype=torch.uint8)
+        assert cpu_memory_pool_stats() == start
+        torch.empty(65536, dtype=torch.uint8)
+        after = cpu_memory_pool_stats()
+        assert after.misses == start.misses + 1 and after.cached_bytes == start.cached_bytes + 65536
+
+
 def test_an_attack_and_fit_leave_nothing_cached_or_held():
     """What docs/memory-pool.md promises after an attack or fit returns: the cache freed and no pool block held."""
     from torch.utils.data import TensorDataset
