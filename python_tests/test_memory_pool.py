@@ -132,6 +132,16 @@ def test_requests_of_64_kib_and_more_are_pooled():
         assert after.misses == start.misses + 1 and after.cached_bytes == start.cached_bytes + 65536
 
 
+def test_requests_are_rounded_up_to_an_eighth_of_their_power_of_two():
+    """64 KiB + 1 byte takes a 72 KiB block, 200 000 bytes one of 212 992 (13/8 of 128 KiB): the size classes of
+    docs/memory-pool.md (mutation testing: no rounding survived)."""
+    with cpu_memory_pool():
+        start = cpu_memory_pool_stats().cached_bytes
+        torch.empty(65537, dtype=torch.uint8)
+        torch.empty(200000, dtype=torch.uint8)
+        assert cpu_memory_pool_stats().cached_bytes == start + (72 << 10) + 212992
+
+
 def test_an_attack_and_fit_leave_nothing_cached_or_held():
     """What docs/memory-pool.md promises after an attack or fit returns: the cache freed and no pool block held."""
     from torch.utils.data import TensorDataset
