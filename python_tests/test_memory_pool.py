@@ -142,6 +142,22 @@ def test_requests_are_rounded_up_to_an_eighth_of_their_power_of_two():
         assert cpu_memory_pool_stats().cached_bytes == start + (72 << 10) + 212992
 
 
+def test_a_cached_block_serves_requests_down_to_half_its_size():
+    """A cached block serves a request of at least half its capacity (docs/memory-pool.md: "freed blocks of at most
+    twice their size"): exactly half is a hit, 224 KiB leaves the 512 KiB block alone (mutation testing: the bound
+    made exclusive, and dropped, survived)."""
+    with cpu_memory_pool():
+        torch.empty(BIG * 2)  # a 512 KiB block, cached
+        before = cpu_memory_pool_stats()
+        half = torch.empty(BIG)  # 256 KiB: served from it
+        assert cpu_memory_pool_stats().hits == before.hits + 1 and cpu_memory_pool_stats().cached_bytes == 0
+        del half
+        torch.empty(224 << 10, dtype=torch.uint8)  # less than half: a new block
+        after = cpu_memory_pool_stats()
+        assert after.hits == before.hits + 1 and after.misses == before.misses + 1
+        assert after.cached_bytes == (512 + 224) << 10
+
+
 def test_an_attack_and_fit_leave_nothing_cached_or_held():
     """What docs/memory-pool.md promises after an attack or fit returns: the cache freed and no pool block held."""
     from torch.utils.data import TensorDataset
