@@ -158,6 +158,16 @@ def test_a_cached_block_serves_requests_down_to_half_its_size():
         assert after.cached_bytes == (512 + 224) << 10
 
 
+def test_the_cache_limit_is_inclusive(monkeypatch):
+    """ROBUST_OPS_CPU_POOL_LIMIT_MB=1 keeps blocks adding up to exactly 1 MB (mutation testing: a strict limit
+    survived; the growing-sizes test never reaches its limit exactly)."""
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", "1")
+    with cpu_memory_pool():
+        torch.empty(BIG).fill_(0)
+        torch.empty(BIG * 3).fill_(0)  # 256 + 768 KiB
+        assert cpu_memory_pool_stats().cached_bytes == 1 << 20
+
+
 def test_an_attack_and_fit_leave_nothing_cached_or_held():
     """What docs/memory-pool.md promises after an attack or fit returns: the cache freed and no pool block held."""
     from torch.utils.data import TensorDataset
