@@ -550,6 +550,9 @@ BAD_ARGS = {
                       "expected history to have shape [m, 2, 3, 4], got (2, 2, 3, 5)"),
     "history rank": (dict(history=torch.zeros((2, 3, 4))),
                      "expected history to have shape [m, 2, 3, 4], got (2, 3, 4)"),
+    # the leading sizes right, one trailing size-1 dimension more (mutation testing: a rank check >= survived)
+    "history rank high": (dict(history=torch.zeros((2, 2, 3, 4, 1))),
+                          "expected history to have shape [m, 2, 3, 4], got (2, 2, 3, 4, 1)"),
     "history dtype": (dict(history=torch.zeros((2, 2, 3, 4), dtype=torch.float64)),
                       "expected history to have the dtype of x_adv (torch.float32), got torch.float64"),
     "slot high": (dict(slot=2), "expected slot in [0, 2) for a history of 2 slots, got 2"),
