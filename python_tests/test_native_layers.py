@@ -335,6 +335,18 @@ def test_eval_batch_norm_backward_op(dtype):
                                             (torch.randn(2, c, 3, 3, dtype=torch.float64, requires_grad=True),))
 
 
+def test_eval_batch_norm_backward_strided_invstd_and_weight():
+    """invstd and weight as strided views (a column of a (C, 2) tensor) are read by their strides, in both layouts
+    (mutation testing: dropping their contiguous() survived)."""
+    invstd, weight = torch.rand(3, 2)[:, 0], torch.randn(3, 2)[:, 1]
+    assert not (invstd.is_contiguous() or weight.is_contiguous())
+    for layout in (torch.contiguous_format, torch.channels_last):
+        grad = torch.randn(2, 3, 4, 5).contiguous(memory_format=layout)
+        expected = grad * invstd.view(1, 3, 1, 1)
+        assert torch.equal(eval_bn_backward(grad, invstd, None), expected)
+        assert torch.equal(eval_bn_backward(grad, invstd, weight), expected * weight.view(1, 3, 1, 1))
+
+
 def test_eval_batch_norm_backward_errors():
     g = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match=r"_eval_batch_norm_backward: expected invstd of shape \(3,\), got \(4,\)"):
