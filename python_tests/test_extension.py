@@ -340,6 +340,10 @@ def test_setup_refuses_an_extension_with_its_own_static_libstdcxx(monkeypatch, t
     built = _elf(tmp_path / "build" / "_C.so", "libc10.so")
     assert check(built, "g++") is None and os.path.exists(built)
     _elf(libc10, "libstdc++.so.6")
+    # an extension readelf cannot read beside a torch it can: cannot tell either (mutation testing: that survived)
+    not_elf = tmp_path / "build" / "_C.pyd"
+    not_elf.write_bytes(b"MZ")
+    assert check(str(not_elf), "g++") is None and not_elf.exists()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no readelf
     assert check(built, "g++") is None and os.path.exists(built)
 
