@@ -365,6 +365,19 @@ def test_setup_checks_the_built_extension_for_a_static_libstdcxx(monkeypatch, tm
         command.build_extension(setuptools.Extension("robust_ops._C", []))
 
 
+def test_setup_reads_no_needed_libraries_from_a_hung_readelf(monkeypatch):
+    # as for nvcc: a hung readelf must not hang the build (mutation testing: no timeout, or not catching it, survived)
+    needed_libraries = _setup_py(monkeypatch)["_needed_libraries"]
+    calls = []
+
+    def hang(args, **kwargs):
+        calls.append(kwargs)
+        raise subprocess.TimeoutExpired(args, kwargs["timeout"])
+
+    monkeypatch.setattr(subprocess, "run", hang)
+    assert needed_libraries("_C.so") is None and calls[0]["timeout"]
+
+
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="needs binutils' readelf")
 def test_setup_reads_the_needed_libraries_of_this_build(monkeypatch):
     needed_libraries = _setup_py(monkeypatch)["_needed_libraries"]
