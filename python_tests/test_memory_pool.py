@@ -60,7 +60,8 @@ def test_an_error_inside_leaves_the_pool():
     assert cpu_memory_pool_stats().depth == 0
 
 
-@pytest.mark.parametrize("device, depth", [("cpu", 1), ("cuda", 0)])  # (no GPU needed: the device only decides)
+# (no GPU needed: the device only decides); meta: no memory to pool (mutation testing: `!= "cuda"` survived)
+@pytest.mark.parametrize("device, depth", [("cpu", 1), ("cuda", 0), ("meta", 0)])
 def test_library_pool_is_for_cpu_work(monkeypatch, device, depth):
     monkeypatch.delenv("ROBUST_OPS_CPU_POOL", raising=False)
     with library_pool(device):
