@@ -572,6 +572,19 @@ def test_build_refuses_steps_beside_the_option_it_stands_for():
     assert attacks.build("square", model, steps=7).n_queries == 7
 
 
+def test_build_gives_the_papers_defaults_also_for_options_given_as_none():
+    # The ATTACKS comment's defaults (MIRST-DM's PGD-20 with step 0.001 and CW-Linf-10, ...), literal here; an option
+    # given as None (the CLI's unset ones) keeps them (mutation testing: changed defaults and passing None on survived)
+    model = TinyCNN()
+    expected = {"fgsm": dict(eps=5 / 255), "ifgsm": dict(eps=5 / 255, steps=10),
+                "pgd": dict(eps=5 / 255, alpha=0.001, steps=20), "cw": dict(eps=5 / 255, steps=10),
+                "apgd-ce": dict(steps=100, loss="ce"), "apgd-dlr": dict(steps=100, loss="dlr"),
+                "square": dict(n_queries=5000), "noise": dict(trials=10, seed=0)}
+    for name, defaults in expected.items():
+        attack = attacks.build(name, model, eps=None, steps=None)
+        assert {key: getattr(attack, key) for key in defaults} == defaults, name
+
+
 def test_build_pgdl2_alpha_follows_eps_and_steps():
     # DPAAT's alpha = 2.5 * eps / steps: a fixed 0.0375 would leave alpha * steps < eps once eps is overridden
     model = make_model(3)
