@@ -100,6 +100,8 @@ def test_build_registry_names_and_unknown_name():
         defenses.build("pgd-at")
     with pytest.raises(ValueError, match=r"defenses.build: unknown defense \['at'\]; expected one of standard, "):
         defenses.build(["at"])  # not a name: it was looked up as a key ("unhashable type: 'list'")
+    with pytest.raises(ValueError, match=r"defenses.build: unknown defense 0.5; expected one of standard, "):
+        defenses.build(0.5)  # holds a dot only as str(0.5): not an import path (mutation testing: that survived)
     with pytest.raises(ValueError, match="gr: unknown option 'eps'; it takes lam, norm$"):
         defenses.build("gr", eps=0.1)
     with pytest.raises(ValueError, match="standard: unknown option 'eps'; it takes no options$"):
