@@ -139,6 +139,25 @@ def test_own_defense_by_dotted_import_path(user_module):
         defenses.build("nope")
 
 
+def test_own_defense_whose_module_fails_inside_is_a_one_line_error_without_the_pythonpath_hint(user_module, tmp_path):
+    # An import failing inside the path's module is a ValueError too (any ImportError, mutation testing: catching only
+    # ModuleNotFoundError survived), and "is it on PYTHONPATH?" is for the module or a package above it only, compared
+    # by whole dotted names (my_robust is a prefix of my_robust_extras, not a package above it; dropping the
+    # comparison, or comparing without the dots, survived)
+    package = user_module.rpartition(".")[0]
+    sources = {"needs_dep": "import no_such_dependency\n", "needs_prefix": f"import {package[:9]}\n",
+               "needs_name": "from os import no_such_name\n"}
+    for name, source in sources.items():
+        (tmp_path / package / f"{name}.py").write_text(source)
+    for name, error in [("needs_dep", "No module named 'no_such_dependency'"), ("needs_prefix", "No module named "
+                        f"'{package[:9]}'"), ("needs_name", "cannot import name 'no_such_name' from 'os'")]:
+        path = f"{package}.{name}.NoisyAT"
+        with pytest.raises(ValueError, match=f"^defenses.build: cannot import module '{package}.{name}' for defense "
+                                             f"'{re.escape(path)}' \\({error}") as err:
+            defenses.build(path)
+        assert "PYTHONPATH" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # MIRST: reuse of the attack's backward passes
 
