@@ -221,6 +221,17 @@ def test_own_attack_by_dotted_import_path(user_module):
         parse_attacks("Bogus")
 
 
+def test_own_attack_overriding_only_call_is_accepted(user_module, tmp_path):
+    # An Attack subclass that overrides __call__ itself never reaches forward, so _import_path accepts either method
+    # (mutation testing: requiring forward alone survived)
+    package = user_module.rpartition(".")[0]
+    (tmp_path / package / "call_only.py").write_text(
+        "from robust_ops import attacks\n\n\nclass CallOnly(attacks.Attack):\n    def __call__(self, x, y):\n"
+        "        return x\n")
+    x, y = tiny_data().tensors
+    assert attacks.build(f"{package}.call_only.CallOnly", tiny_model())(x, y) is x
+
+
 def test_rows_and_cascade():
     data, model = tiny_data(), tiny_model()
     rows = evaluate(model, data, INFO, attacks="fgsm,pgd:steps=3", eps="2/255,8/255,32/255", method="tiny")
