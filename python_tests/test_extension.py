@@ -260,6 +260,12 @@ def test_setup_reads_the_nvcc_release(monkeypatch, tmp_path):
     (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\necho 'no version here'\n")
     assert nvcc_version(toolkit) is None
     assert nvcc_version(str(tmp_path / "missing")) is None  # cannot run: OSError
+    calls = _hang_subprocess_run(monkeypatch)
+    assert nvcc_version(toolkit) is None and calls[0]["timeout"]  # a hung nvcc must not hang the build
+
+
+def _hang_subprocess_run(monkeypatch):
+    """subprocess.run as a tool that hangs past its timeout; returns the keyword arguments of every call."""
     calls = []
 
     def hang(args, **kwargs):
@@ -267,7 +273,7 @@ def test_setup_reads_the_nvcc_release(monkeypatch, tmp_path):
         raise subprocess.TimeoutExpired(args, kwargs["timeout"])
 
     monkeypatch.setattr(subprocess, "run", hang)
-    assert nvcc_version(toolkit) is None and calls[0]["timeout"]  # a hung nvcc must not hang the build
+    return calls
 
 
 def test_setup_build_config_cases(monkeypatch, tmp_path, capsys):
@@ -368,13 +374,7 @@ def test_setup_checks_the_built_extension_for_a_static_libstdcxx(monkeypatch, tm
 def test_setup_reads_no_needed_libraries_from_a_hung_readelf(monkeypatch):
     # as for nvcc: a hung readelf must not hang the build (mutation testing: no timeout, or not catching it, survived)
     needed_libraries = _setup_py(monkeypatch)["_needed_libraries"]
-    calls = []
-
-    def hang(args, **kwargs):
-        calls.append(kwargs)
-        raise subprocess.TimeoutExpired(args, kwargs["timeout"])
-
-    monkeypatch.setattr(subprocess, "run", hang)
+    calls = _hang_subprocess_run(monkeypatch)
     assert needed_libraries("_C.so") is None and calls[0]["timeout"]
 
 
