@@ -15,7 +15,8 @@ _INTERPRETED = tl.constexpr(triton_interpreted())
 
 def launch(kernel):
     """The callable to launch a @triton.jit kernel with: wrapped for torch.compile on real GPUs, raw under the
-    interpreter (torch.library.wrap_triton rejects interpreted kernels, pytorch#152868)."""
+    interpreter (torch.library.wrap_triton rejected interpreted kernels, pytorch#152868; the pinned torch 2.14.1
+    hands them back unchanged, so raw is what it returns there too)."""
     return kernel if _INTERPRETED.value else torch.library.wrap_triton(kernel)
 
 
