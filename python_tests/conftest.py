@@ -155,6 +155,9 @@ def not_a_class():
     pass
 
 
+an_integer = 3
+
+
 class FixedAT(PGDDefense):
     """A PGD defense whose constructor fixes its attack settings: it takes no clip_min / clip_max."""
 
@@ -189,9 +192,9 @@ class EpsOnly(attacks.Attack):
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    """The dotted name of a user's module (USER_PACKAGE.defs: NoisyAT, EvenBIM, EvenBIML2, not_a_class, FixedAT, NoLoss
-    and NoForward without their required method, EpsOnly) written into
-    ``tmp_path`` and put on sys.path; it leaves sys.modules afterwards, so each test imports its own copy."""
+    """The dotted name of a user's module (USER_PACKAGE.defs: NoisyAT, EvenBIM, EvenBIML2, not_a_class, an_integer,
+    FixedAT, NoLoss and NoForward without their required method, EpsOnly) written into ``tmp_path`` and put on
+    sys.path; it leaves sys.modules afterwards, so each test imports its own copy."""
     package = tmp_path / USER_PACKAGE
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -204,8 +207,9 @@ def user_module(tmp_path, monkeypatch):
 
 def import_path_errors(owner, what, base_name, user_module, own, other, unfinished, required):
     """{bad dotted path: the exact one-line error ``owner`` gives} for each way a path to ``what`` (defense, attack)
-    can fail: a missing module, a missing attribute (``own`` in the wrong case), a function, a class of the other
-    kind (``other``), a malformed path, a subclass (``unfinished``) lacking the ``required`` method."""
+    can fail: a missing module, a missing attribute (``own`` in the wrong case), a function, an int (the article
+    follows the type's name), a class of the other kind (``other``), a malformed path, a subclass (``unfinished``)
+    lacking the ``required`` method."""
     missing = f"no_such_pkg.mod.{own}"
     return {
         missing: f"{owner}: cannot import module 'no_such_pkg.mod' for {what} '{missing}' (No module named "
@@ -214,6 +218,8 @@ def import_path_errors(owner, what, base_name, user_module, own, other, unfinish
                                         f"'{user_module}.{own.lower()}')",
         f"{user_module}.not_a_class": f"{owner}: {what} '{user_module}.not_a_class' is a function, not a subclass of "
                                       f"{base_name}",
+        f"{user_module}.an_integer": f"{owner}: {what} '{user_module}.an_integer' is an int, not a subclass of "
+                                     f"{base_name}",
         f"{user_module}.{other}": f"{owner}: {what} '{user_module}.{other}' is a class but not a subclass of "
                                   f"{base_name}",
         f"{user_module}..{own}": f"{owner}: {what} '{user_module}..{own}' is not a dotted import path "
