@@ -197,6 +197,12 @@ def environment(device=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    cpu_isa = "n/a"
+    if device.type == "cpu":
+        import robust_ops  # noqa: F401  (loads the ops)
+
+        # the vector path the CPU pooling kernels took: AVX-512 and AVX2 machines differ (docs/benchmarks.md)
+        cpu_isa = torch.ops.robust_ops._cpu_vector_isa()
     try:
         import triton
 
@@ -205,6 +211,7 @@ def environment(device=None):
         triton_version = "n/a"
     return {
         "device": dev,
+        "cpu_isa": cpu_isa,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -242,7 +249,8 @@ def write_rows(name, rows, device=None):
     except OSError as err:
         raise SystemExit(f"cannot write {path} ({err.strerror or err}); the table above is all this run kept "
                          f"(set $ROBUST_OPS_BENCH_DIR to a writable folder)") from None
-    print(f"\n({env['device']}, {env['threads']} threads, torch {env['torch']}, git {env['git']}; csv: {path})")
+    isa = f"{env['cpu_isa']}, " if env["cpu_isa"] != "n/a" else ""
+    print(f"\n({env['device']}, {isa}{env['threads']} threads, torch {env['torch']}, git {env['git']}; csv: {path})")
     return path
 
 

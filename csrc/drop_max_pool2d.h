@@ -6,6 +6,7 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <string_view>
 
 #include "checks.h"
@@ -16,6 +17,10 @@ constexpr const char* kDropMaxOp = "drop_max_pool2d";
 constexpr const char* kDropMaxBackwardOp = "_drop_max_pool2d_backward";
 // max_pool2d: the same windows and checks with the plain maximum (CPU only, see csrc/cpu/drop_max_pool2d_kernel.cpp).
 constexpr const char* kMaxPoolOp = "max_pool2d";
+
+// The instruction set the CPU kernel's float32 windows run with here: "avx512", "avx2" or "scalar" -- the best this
+// CPU has, capped by $ROBUST_OPS_CPU_ISA (always "scalar" off x86-64). Benchmarks record it; tests check the cap.
+std::string cpu_vector_isa();
 
 // Same formula as reference.pool_output_size (ATen's pooling_output_shape).
 inline int64_t pool_output_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {

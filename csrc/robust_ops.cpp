@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu_memory_pool.h"
+#include "drop_max_pool2d.h"
 
 #ifdef WITH_CUDA
 #include <cuda.h>
@@ -64,6 +65,8 @@ TORCH_LIBRARY(robust_ops, m) {
       "Tensor? active) -> ()");
 
   m.def("_cuda_version() -> int", &cuda_version);
+  // Which vector path the CPU pooling kernels take on this machine (csrc/drop_max_pool2d.h); not a tensor op.
+  m.def("_cpu_vector_isa() -> str", &cpu_vector_isa);
 
   // The scoped caching CPU allocator the attacks run under (csrc/cpu_memory_pool.h); not tensor ops.
   m.def("_cpu_pool_enter() -> bool", &cpu_pool_enter);

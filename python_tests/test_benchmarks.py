@@ -162,6 +162,9 @@ def test_rows_of_a_cpu_run_on_a_gpu_machine_name_the_cpu(monkeypatch):
     assert common.environment("cpu")["device"] != "Some GPU"
     assert common.environment("cuda")["device"] == "Some GPU"
     assert common.environment()["device"] == "Some GPU"  # the default: the GPU when one is visible
+    # the CPU kernels' vector path describes CPU rows only
+    assert common.environment("cpu")["cpu_isa"] == common.torch.ops.robust_ops._cpu_vector_isa()
+    assert common.environment("cuda")["cpu_isa"] == "n/a"
 
 
 def _common(monkeypatch):
@@ -264,19 +267,24 @@ def test_copy_roofline_moves_the_given_bytes(monkeypatch):
     assert common.gbps(3e9, 1.5) == 2.0
 
 
+_FAKE_ENV = {"device": "cpu-x", "cpu_isa": "avx2", "threads": 2, "torch": "2.x", "git": "abc"}  # environment()'s keys
+
+
 def test_write_rows_csv_and_markdown(monkeypatch, tmp_path, capsys):
     common = _common(monkeypatch)
-    env = {"device": "cpu-x", "threads": 2, "torch": "2.x", "git": "abc"}
+    env = dict(_FAKE_ENV)
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
     monkeypatch.setattr(common, "environment", lambda device=None: dict(env))
     path = common.write_rows("demo", [{"op": "a", "ms": 1.23456}, {"op": "b", "ms": 2.0}])
     assert path == tmp_path / "results" / "demo.csv"
     with open(path) as f:
         rows = list(csv.reader(f))
-    assert rows == [["op", "ms", "device", "threads", "torch", "git"], ["a", "1.23456", "cpu-x", "2", "2.x", "abc"],
-                    ["b", "2.0", "cpu-x", "2", "2.x", "abc"]]
+    assert rows == [["op", "ms", "device", "cpu_isa", "threads", "torch", "git"],
+                    ["a", "1.23456", "cpu-x", "avx2", "2", "2.x", "abc"],
+                    ["b", "2.0", "cpu-x", "avx2", "2", "2.x", "abc"]]
     table = capsys.readouterr().out.splitlines()
     assert table[:4] == ["| op | ms |", "|---|---|", "| a | 1.235 |", "| b | 2 |"]
+    assert table[-1] == f"(cpu-x, avx2, 2 threads, torch 2.x, git abc; csv: {path})"
 
 
 def test_write_rows_describes_each_row_by_its_own_device(monkeypatch, tmp_path):
@@ -284,7 +292,7 @@ def test_write_rows_describes_each_row_by_its_own_device(monkeypatch, tmp_path):
     common = _common(monkeypatch)
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(common, "environment",
-                        lambda device=None: {"device": f"name of {device}", "threads": 2, "torch": "2.x", "git": "abc"})
+                        lambda device=None: dict(_FAKE_ENV, device=f"name of {device}"))
     path = common.write_rows("demo", [{"dev": "cpu", "op": "a"}, {"dev": "cuda", "op": "a"}, {"dev": "cpu", "op": "b"}],
                              device="cuda")
     with open(path) as f:
@@ -295,7 +303,7 @@ def test_write_rows_leaves_the_previous_results_when_interrupted_mid_write(monke
     """The CSV is staged beside the file and moved over it: a Ctrl-C while writing keeps the last complete table."""
     common = _common(monkeypatch)
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    env = {"device": "cpu-x", "threads": 2, "torch": "2.x", "git": "abc"}
+    env = dict(_FAKE_ENV)
     monkeypatch.setattr(common, "environment", lambda device=None: dict(env))
     path = common.write_rows("demo", [{"op": "old"}])
     before = path.read_text()
@@ -317,7 +325,7 @@ def test_write_rows_of_two_processes_at_once_stage_in_files_of_their_own(monkeyp
     common = _common(monkeypatch)
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(common, "environment",
-                        lambda device=None: {"device": "cpu-x", "threads": 2, "torch": "2.x", "git": "abc"})
+                        lambda device=None: dict(_FAKE_ENV))
     pid = [1]
     monkeypatch.setattr(common.os, "getpid", lambda: pid[0])
     writerows = common.csv.DictWriter.writerows
@@ -1701,7 +1709,7 @@ def test_write_rows_prints_the_table_before_a_write_that_fails(monkeypatch, tmp_
     (tmp_path / "afile").write_text("")
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "afile")
     monkeypatch.setattr(common, "environment",
-                        lambda device=None: {"device": "cpu-x", "threads": 2, "torch": "2.x", "git": "abc"})
+                        lambda device=None: dict(_FAKE_ENV))
     with pytest.raises(SystemExit, match=r"^cannot write .*afile/demo\.csv \(.*\); the table above is all"):
         common.write_rows("demo", [{"op": "a", "ms": 1.0}])
     assert capsys.readouterr().out.splitlines()[:3] == ["| op | ms |", "|---|---|", "| a | 1 |"]

@@ -991,6 +991,20 @@ def test_every_cpu_instruction_set_path(isa):
     run_with_cpu_isa(_ISA_SCRIPT, isa)
 
 
+def test_uncapped_cpu_kernels_take_the_best_path_this_cpu_has():
+    """$ROBUST_OPS_CPU_ISA unset or empty: AVX-512 where the CPU has it, else AVX2, else scalar -- what
+    torch.ops.robust_ops._cpu_vector_isa() says and the benchmarks record (a cap applied when none was asked for, or
+    a machine's best path left unused, would pass every comparison test)."""
+    import os
+
+    from utils import machine_cpu_isa, run_python
+
+    env = {k: v for k, v in os.environ.items() if k != "ROBUST_OPS_CPU_ISA"}
+    script = "import torch, robust_ops\nprint(torch.ops.robust_ops._cpu_vector_isa())"
+    for cap in ({}, {"ROBUST_OPS_CPU_ISA": ""}):
+        assert run_python(script, {**env, **cap}).split() == [machine_cpu_isa()], cap
+
+
 def test_replace_maxpool_twice_is_a_no_op_and_keeps_hooks():
     """A second call must not move on to the next pool (VGG) or raise (ResNet); hooks on the pool keep running."""
     seen = []

@@ -277,9 +277,10 @@ def test_every_cpu_instruction_set_path(isa):
 _BAD_ISA_SCRIPT = """
 import torch, robust_ops
 x = torch.randn(1, 1, 8, 40)
-for name in ("max_pool2d", "drop_max_pool2d"):  # a failed read is raised again, by the op that reads it
+for name in ("max_pool2d", "drop_max_pool2d", "_cpu_vector_isa"):  # a failed read is raised again, by each reader
     try:
-        getattr(torch.ops.robust_ops, name)(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        op = getattr(torch.ops.robust_ops, name)
+        op() if name == "_cpu_vector_isa" else op(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
     except RuntimeError as e:
         print(str(e).splitlines()[0])
 """
@@ -297,7 +298,7 @@ def test_bad_cpu_instruction_set_cap_names_the_calling_op():
         pytest.skip("the cap is read only where the AVX2 / AVX-512 paths can run")
     printed = run_python(_BAD_ISA_SCRIPT, dict(os.environ, ROBUST_OPS_CPU_ISA="AVX2")).splitlines()
     expected = "expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got 'AVX2'"
-    assert printed == [f"max_pool2d: {expected}", f"drop_max_pool2d: {expected}"]
+    assert printed == [f"max_pool2d: {expected}", f"drop_max_pool2d: {expected}", f"_cpu_vector_isa: {expected}"]
 
 
 def test_fallback_for_integer_inputs_keeps_every_argument():

@@ -38,12 +38,30 @@ def run_python(script, env=None):
     return done.stdout
 
 
+CPU_ISAS = ("scalar", "avx2", "avx512")  # the CPU pooling kernels' paths, lowest first
+
+
+def machine_cpu_isa():
+    """The best of CPU_ISAS this machine's CPU runs (its /proc/cpuinfo flags; "scalar" off x86-64 Linux)."""
+    import os
+    import platform
+
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if platform.machine() != "x86_64":
+        return "scalar"
+    return "avx512" if "avx512f" in flags else ("avx2" if "avx2" in flags else "scalar")
+
+
 def run_with_cpu_isa(script, isa):
     """Run a Python script in a fresh process with $ROBUST_OPS_CPU_ISA=isa (the CPU kernels choose AVX-512, AVX2 or
-    scalar code once per process; the cap makes every path run on one machine); it must print "ok"."""
+    scalar code once per process; the cap makes every path run on one machine); it must print "ok", and the path the
+    kernels took must be the cap or, where this CPU lacks it, the best it has."""
     import os
 
-    assert "ok" in run_python(script, dict(os.environ, ROBUST_OPS_CPU_ISA=isa))
+    expected = min(isa, machine_cpu_isa(), key=CPU_ISAS.index)
+    check = "\nimport torch\nprint('path', torch.ops.robust_ops._cpu_vector_isa())\n"
+    printed = run_python(script + check, dict(os.environ, ROBUST_OPS_CPU_ISA=isa)).splitlines()
+    assert "ok" in printed and printed[-1] == f"path {expected}", (isa, printed[-3:])
 
 
 def assert_verbose_equal(actual, expected, name="tensor"):

@@ -12,7 +12,8 @@ _BUILD_HINT = "pip install --no-build-isolation -e ."
 # that names no build.
 OPS = (
     "drop_max_pool2d", "_drop_max_pool2d_backward", "max_pool2d", "_eval_batch_norm_backward", "pgd_step_",
-    "boundary_search_step_", "_cuda_version", "_cpu_pool_enter", "_cpu_pool_exit", "_cpu_pool_stats",
+    "boundary_search_step_", "_cuda_version", "_cpu_vector_isa", "_cpu_pool_enter", "_cpu_pool_exit",
+    "_cpu_pool_stats",
 )
 
 

@@ -396,12 +396,13 @@ __attribute__((target("avx512f"))) bool window_top2_avx512(const float* __restri
 #pragma GCC diagnostic pop
 
 // $ROBUST_OPS_CPU_ISA caps the instruction set the CPU kernel uses: "avx512" (default: the best available), "avx2"
-// or "scalar" -- for testing every path on one machine and for comparing them. Read once; `op` names the calling op
-// (drop_max_pool2d or max_pool2d) in the error, which a failed read raises again on the next call.
+// or "scalar" -- for testing every path on one machine and for comparing them; empty counts as unset. Read once; `op`
+// names the calling op (drop_max_pool2d, max_pool2d, _cpu_vector_isa) in the error, which a failed read raises again
+// on the next call.
 int cpu_isa_cap(const char* op) {
   static const int cap = [op] {
     const char* env = std::getenv("ROBUST_OPS_CPU_ISA");
-    const std::string value = env ? env : "avx512";
+    const std::string value = env && *env ? env : "avx512";
     TORCH_CHECK(value == "avx512" || value == "avx2" || value == "scalar", op,
                 ": expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got '", value, "'");
     return value == "avx512" ? 2 : (value == "avx2" ? 1 : 0);
@@ -706,6 +707,14 @@ at::Tensor drop_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at:
 }
 
 }  // namespace
+
+std::string cpu_vector_isa() {
+#ifdef ROBUST_OPS_HAVE_AVX2_PATH
+  if (cpu_has_avx512("_cpu_vector_isa")) return "avx512";
+  if (cpu_has_avx2("_cpu_vector_isa")) return "avx2";
+#endif
+  return "scalar";
+}
 
 TORCH_LIBRARY_IMPL(robust_ops, CPU, m) {
   m.impl("drop_max_pool2d", &pool2d_cpu<Select::kDropMax>);
