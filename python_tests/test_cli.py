@@ -1709,6 +1709,26 @@ def test_non_finite_loss_is_a_one_line_error(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "training failed: fit: the trades loss is inf at epoch 1, step 1")
 
 
+def test_a_one_sample_batch_names_the_batch_size_option(tmp_path, capsys):
+    """fit's error for a batch of 1 under training-mode batch norm (resnet18's last stage is 1x1 at 8x8 inputs) said
+    "pass a batch_size", fit's name, to users of --batch-size."""
+    from robust_ops.data import synthetic_ultrasound
+
+    arrays = {}
+    for split, n in (("train", 10), ("val", 4), ("test", 4)):
+        x, y = synthetic_ultrasound(n, size=8, seed=n)
+        arrays[f"{split}_images"] = (x[:, 0].numpy() * 255).round().astype(np.uint8)
+        arrays[f"{split}_labels"] = y.numpy().reshape(-1, 1).astype(np.uint8)
+    np.savez(tmp_path / "tiny.npz", **arrays)
+    fix = "; pass a --batch-size that leaves every batch at least 2 samples, or more training samples"
+    for batch_size, why in (("3", "10 samples in batches of 3 leave a last batch of 1 sample (10 % 3 == 1)"),
+                            ("1", "--batch-size=1")):
+        rc, _, err = run(["train", "--data", tmp_path / "tiny.npz", "--model", "resnet18", "--batch-size", batch_size,
+                          "--epochs", "1", "--out", tmp_path / batch_size, "--no-progress", "--device", "cpu"], capsys)
+        one_line_error(rc, err, f"training failed: fit: the model's training-mode batch-norm layers cannot normalize "
+                                f"a batch of 1 sample at epoch 1, step {4 if batch_size == '3' else 1}: {why}{fix}")
+
+
 def test_resumed_train_equals_an_uninterrupted_one(small_npz, tmp_path, capsys):
     """docs/getting-started.md: --resume continues with the same result as an uninterrupted run (RNG streams of the
     attack's random start included)."""

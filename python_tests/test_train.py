@@ -3417,7 +3417,7 @@ def test_fit_destroys_the_group_it_initialized_when_its_setup_raises(tmp_path):
 
 
 @pytest.mark.parametrize("samples, batch_size, step, why", [
-    (9, 4, 3, r"9 samples in batches of 4 leave a last batch of 1 sample \(len\(train_data\) % batch_size == 1\)"),
+    (9, 4, 3, r"9 samples in batches of 4 leave a last batch of 1 sample \(9 % 4 == 1\)"),
     (1, 8, 1, "train_data has 1 sample"),
     (4, 1, 1, "batch_size=1"),
 ])
@@ -3429,6 +3429,20 @@ def test_a_one_sample_batch_under_training_mode_batch_norm_is_a_clear_error(samp
                                          rf"every batch at least 2 samples"):
         fit(BNMLP(), defenses.Standard(), _data(samples), epochs=1, batch_size=batch_size, progress=False)
     fit(BNMLP(), defenses.Standard(), _data(9), epochs=1, batch_size=3, progress=False)  # no 1-sample batch
+
+
+def test_a_one_sample_batch_error_pickles_and_rewords_with_a_callers_names():
+    """The command line words fit's error with its own --batch-size; the error survives pickling (multiprocessing,
+    a distributed launcher's error files) with its facts, as any exception should."""
+    import pickle
+
+    from robust_ops.train import OneSampleBatchError
+
+    err = OneSampleBatchError("fit", 1, 8, 8, 1, "epoch 1, step 1")
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is OneSampleBatchError and str(copy) == str(err) and copy.facts == err.facts
+    assert isinstance(err, ValueError) and "train_data has 1 sample; pass a batch_size that" in str(err)
+    assert "the split has 1 sample; pass a --bs that" in err.reworded("--bs", "the split")
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan"), True, "1e-3", torch.tensor(1e-3)])

@@ -704,6 +704,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                     replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True, fsync=True)
             kept = (f"; {ckpt} holds the last epoch saved: once fixed, continue with the same command"
                     f"{'' if resume else ' and --resume'}" if isinstance(err, OSError) and ckpt.is_file() else "")
+            if isinstance(err, trainer.OneSampleBatchError):  # fit's names for what this command calls otherwise
+                err = err.reworded("--batch-size", "the training split")
             raise CLIError(f"{out}: training failed: {err}{kept}") from None
         return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
 

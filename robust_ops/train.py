@@ -1043,9 +1043,8 @@ def fit(
                             out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
                         except ValueError as err:
                             if x.shape[0] == 1 and str(err).startswith(ONE_SAMPLE_BATCH_NORM):
-                                raise ValueError(_one_sample_batch_message(
-                                    name, len(train_data), batch_size, global_n, world, f"epoch {epoch + 1}, step "
-                                    f"{step + 1}")) from None
+                                raise OneSampleBatchError(name, len(train_data), batch_size, global_n, world,
+                                                          f"epoch {epoch + 1}, step {step + 1}") from None
                             raise
                     loss = _checked_output(name, defense, out).loss
                     metrics = _clean_metrics(name, defense, out.metrics)  # refused before the weights change
@@ -1296,21 +1295,34 @@ def check_trainable_precision(name, params):
                          "float32 data; amp=True on CUDA computes in float16) and convert the trained model")
 
 
-def _one_sample_batch_message(name, num_samples, batch_size, global_n, world, where):
-    """Why a step's batch held one sample, and the fix: torch's own error names neither fit's batch nor a remedy,
-    and a one-sample last batch fails only after the rest of the epoch has run."""
-    each = "every process's share of every batch" if world > 1 else "every batch"
-    if world > 1:
-        why = f"this process's share of a global batch of {global_n} over {world} processes is 1 sample"
-    elif num_samples == 1:
-        why = "train_data has 1 sample"
-    elif batch_size == 1:
-        why = "batch_size=1"
-    else:
-        why = (f"{num_samples} samples in batches of {batch_size} leave a last batch of 1 sample "
-               f"(len(train_data) % batch_size == 1)")
-    return (f"{name}: the model's training-mode batch-norm layers cannot normalize a batch of 1 sample at {where}: "
-            f"{why}; pass a batch_size that leaves {each} at least 2 samples, or more training samples")
+class OneSampleBatchError(ValueError):
+    """A training step's batch held one sample, which the model's training-mode batch norm cannot normalize: the
+    message says why and the fix (torch's own error names neither fit's batch nor a remedy, and a one-sample last
+    batch fails only after the rest of the epoch has run) in fit's argument names; :meth:`reworded` in a caller's
+    (the command line's ``--batch-size``)."""
+
+    def __init__(self, name, num_samples, batch_size, global_n, world, where):
+        self.facts = (name, num_samples, batch_size, global_n, world, where)
+        super().__init__(self.reworded())
+
+    def __reduce__(self):
+        return type(self), self.facts
+
+    def reworded(self, batch_option="batch_size", data_name="train_data"):
+        name, num_samples, batch_size, global_n, world, where = self.facts
+        each = "every process's share of every batch" if world > 1 else "every batch"
+        if world > 1:
+            why = f"this process's share of a global batch of {global_n} over {world} processes is 1 sample"
+        elif num_samples == 1:
+            why = f"{data_name} has 1 sample"
+        elif batch_size == 1:
+            why = f"{batch_option}=1"
+        else:
+            why = (f"{num_samples} samples in batches of {batch_size} leave a last batch of 1 sample "
+                   f"({num_samples} % {batch_size} == 1)")
+        return (f"{name}: the model's training-mode batch-norm layers cannot normalize a batch of 1 sample at "
+                f"{where}: {why}; pass a {batch_option} that leaves {each} at least 2 samples, or more training "
+                "samples")
 
 
 def _infer_num_classes(model, x):
