@@ -2579,6 +2579,26 @@ def test_run_json_that_is_not_an_object_is_a_one_line_error(trained_run, tmp_pat
     assert (run_dir / "run.json").read_text() == text
 
 
+@pytest.mark.parametrize("key, value, needle", [("dataset", "x", 'expected dataset to be an object, got "x"'),
+                                               ("split", "x", 'expected split to be an object, got "x"'),
+                                               ("classes", 5, "expected classes to be a list, got 5"),
+                                               ("prepacked_conv", "x", 'expected prepacked_conv to be true or false'),
+                                               ("epochs", True, "expected epochs to be an integer, got true")])
+def test_run_json_setting_of_another_type_is_a_one_line_error(trained_run, tmp_path, capsys, key, value, needle):
+    # a hand-edited value ended eval (and train --resume, for dataset) in a traceback: AttributeError: 'str' object has
+    # no attribute 'get', TypeError: 'int' object is not iterable, TypeError from prepacked_conv
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    text = json.dumps({**json.loads((run_dir / "run.json").read_text()), key: value})
+    (run_dir / "run.json").write_text(text)
+    rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, f"{run_dir / 'run.json'}: {needle}", "restore the run's own run.json")
+    rc, _, err = run(["train", "--data", "synthetic", "--epochs", "2", "--out", run_dir, "--resume", "--no-progress",
+                      "--device", "cpu"], capsys)
+    one_line_error(rc, err, f"{run_dir / 'run.json'}: {needle}")
+    assert (run_dir / "run.json").read_text() == text and not (tmp_path / "ev").exists()
+
+
 def test_resume_of_a_checkpoint_without_run_json_on_another_model_is_a_one_line_error(trained_run, small_npz,
                                                                                       tmp_path, capsys):
     # no run.json to compare (a fit() run from Python, or run.json removed): fit's load_state_dict raised its

@@ -558,15 +558,31 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
     return run
 
 
+# The JSON types run_record writes each setting as (null: an option not given, as a key older files lack): eval and
+# --resume read them as such, so a hand-edited or damaged value ended in a traceback deep inside them.
+RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, "model": str, "defense": str,
+                   "defense_options": dict, "dropmax": str, "channels_last": bool, "prepacked_conv": bool,
+                   "epochs": int, "batch_size": int, "lr": (int, float), "seed": int, "label": str, "dataset": dict,
+                   "split": dict, "train_samples": int}
+_JSON_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false",
+                    (int, float): "a number"}
+
+
 def read_run_file(path):
-    """A run.json as a dict; one-line errors for one that is not valid JSON or, hand-edited, not a JSON object (an
-    AttributeError traceback at its first lookup otherwise)."""
+    """A run.json as a dict; one-line errors for one that is not valid JSON (or not UTF-8) or, hand-edited, not a JSON
+    object or a setting not of the type train writes (an AttributeError or TypeError traceback where it was used
+    otherwise)."""
     try:
         run = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CLIError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(run, dict):
         raise CLIError(f"{path}: expected a JSON object of the run's settings, got {type(run).__name__}")
+    for key, kind in RUN_FIELD_TYPES.items():
+        value = run.get(key)
+        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+            raise CLIError(f"{path}: expected {key} to be {_JSON_TYPE_NAMES[kind]}, got {json.dumps(value)}; the file "
+                           f"was edited or damaged -- restore the run's own {RUN_FILE}, or train it again")
     return run
 
 
