@@ -489,6 +489,33 @@ def test_config_file_that_names_another_config_file_is_refused(tmp_path):
         _config_args("train", ["--config", str(cfg)])
 
 
+def test_an_empty_value_is_refused_not_read_as_no_flag_or_the_current_folder(trained_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    """`--out "$RUN"` with $RUN unset: train wrote its run into the current folder (replacing a run held there),
+    eval's --out '' and --model '' fell back to the run's, --config '' was skipped, bench --only '' ran every
+    benchmark; each is refused, naming the flag. A config file's `out: ''` is the default, as docs/cli.md says."""
+    monkeypatch.chdir(tmp_path)
+    for argv, flag in ((["train", "--epochs", "1", "--out", ""], "--out"),
+                       (["train", "--data", " ", "--out", tmp_path / "r"], "--data"),
+                       (["eval", trained_run, "--out", ""], "--out"),
+                       (["eval", trained_run, "--model", "", "--out", tmp_path / "e"], "--model"),
+                       (["eval", "", "--out", tmp_path / "e"], "RUN_DIR|CHECKPOINT"),
+                       (["bench", "--only", "", "--list"], "--only"),
+                       (["demo", "--quick", "--config", "", "--out", tmp_path / "d"], "--config")):
+        rc, stdout, err = run(argv, capsys)
+        one_line_error(rc, err, f"error: {flag}: expected a value, got ")
+        assert stdout == ""
+    assert list(tmp_path.iterdir()) == []
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("out: ''\nepochs: ''\n")
+    args = _config_args("train", ["--config", str(cfg)])
+    assert (args.out, args.epochs) == ("runs/train", 10)
+    cfg.write_text("eps: []\n")  # named as the file's, not as an empty --eps on the command line
+    with pytest.raises(cli.CLIError, match=re.escape(f"{cfg}: option 'eps': expected at least one value, got an "
+                                                     "empty list")):
+        _config_args("eval", [str(tmp_path), "--config", str(cfg)])
+
+
 def test_config_lists_and_numbers_read_as_the_flags_text(tmp_path):
     """docs/cli.md: comma-separated options also take YAML lists; a YAML number is the text the flag would get."""
     cfg = tmp_path / "cfg.yaml"

@@ -162,7 +162,9 @@ def apply_config(parser, args, argv):
 def _config_value(parser, action, value, where):
     """A config file's value for ``action``, as argparse would store the same option given on the command line
     (argparse runs neither type nor choices on defaults that are not strings, so it is done here)."""
-    if value is None:  # `epochs:` or `epochs: null`: the option's default, as if left out (None failed as a value)
+    # `epochs:`, `epochs: null` or `out: ''`: the option's default, as if left out (None failed as a value; an empty
+    # string was the flag's text: `out: ''` wrote in the current folder, `epochs: ''` was an invalid int)
+    if value is None or (isinstance(value, str) and not value.strip()):
         return action.default
     if action.nargs == 0:  # store_true-style flags
         if not isinstance(value, bool):
@@ -175,6 +177,8 @@ def _config_value(parser, action, value, where):
         items = [_config_item(parser, action, v, where) for v in (value if isinstance(value, list) else [value])]
         return [ConfigItem(v) if isinstance(v, str) else v for v in items]
     if isinstance(value, list):  # comma-separated options (--attacks, --eps, --methods) also take YAML lists
+        if not value:  # "" would reach the option as if given empty on the command line, blamed on the flag
+            parser.error(f"{where}: expected at least one value, got an empty list")
         value = ",".join(str(v) for v in value)
     return _config_item(parser, action, value, where)
 
@@ -195,6 +199,23 @@ def _config_item(parser, action, value, where):
     if action.choices is not None and value not in action.choices:
         parser.error(f"{where}: invalid choice {value!r} (expected one of {', '.join(map(str, action.choices))})")
     return value
+
+
+def refuse_empty_values(parser, args):
+    """An option or argument given as an empty (or blank) string, on the command line or in a config file, is an
+    error naming it: it was read as not given (eval's --out, --data, --model and --method fell back to the run's,
+    --config was skipped, bench's --only '' ran every benchmark) or as the current folder (train's and demo's --out
+    wrote there, train --out '' replacing a run it held; --data '' read it as a dataset), e.g. an unset shell
+    variable in `--out "$RUN"`. A repeatable option's empty entry is its own check's error (--defense-opt), as is an
+    empty --methods (reproduce's lists the protocol's methods)."""
+    for action in parser._actions:
+        if action.nargs == 0 or isinstance(action, argparse._AppendAction) or action.dest in ("help", "methods"):
+            continue
+        value = getattr(args, action.dest, None)
+        if isinstance(value, str) and not value.strip():
+            name = action.option_strings[0] if action.option_strings else action.metavar or action.dest
+            fix = f"; to get its default, leave {name} out" if action.option_strings else ""
+            raise CLIError(f"{name}: expected a value, got {value!r}{fix}")
 
 
 def pick_device(name):
@@ -1522,6 +1543,8 @@ def _main(argv):
             sub_argv = argv[argv.index(args.command) + 1:]
             args = apply_config(parsers[args.command], parsers[args.command].parse_args(sub_argv), sub_argv)
             args.command = command
+        if args.command in parsers:
+            refuse_empty_values(parsers[args.command], args)
         check_environment_switches()
         global _allow_download
         _allow_download = bool(getattr(args, "download", False))
