@@ -481,6 +481,23 @@ def test_config_file_positional_key_is_unknown_not_ignored(tmp_path, capsys, com
     assert f" {key}," not in line and not line.endswith(f" {key})")
 
 
+@pytest.mark.parametrize("name, text, needle", [
+    ("cfg.yaml", "epochs: 1\nlr: 0.01\nepochs: 2\n", "'epochs' is given twice (lines 1 and 3); give it once"),
+    ("cfg.yaml", "defense: at\ndefense-opt: {eps: 1/255, eps: 2/255}\n", "'eps' is given twice (line 2)"),
+    ("cfg.json", '{"epochs": 1, "epochs": 2}', "'epochs' is given twice; give it once"),
+    ("cfg.yaml", "batch-size: 4\nbatch_size: 8\n", "'batch-size' and 'batch_size' are the same option; give it once"),
+])
+def test_config_file_key_given_twice_is_refused(tmp_path, name, text, needle):
+    # YAML and JSON keep a repeated key's last value: `epochs: 1` ... `epochs: 2` trained 2 epochs, silently
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    with pytest.raises(cli.CLIError, match=re.escape(f"{cfg}: {needle}")):
+        _config_args("train", ["--config", str(cfg)])
+    # a YAML merge's keys may be overridden: not a repeat
+    assert cli._safe_load_unique_keys("a: &x {steps: 1, eps: 2}\nb:\n  <<: *x\n  steps: 2\n")["b"] == {
+        "steps": 2, "eps": 2}
+
+
 def test_config_file_that_names_another_config_file_is_refused(tmp_path):
     # a file's `config:` is never read (files do not nest): accepted, its options were silently lost
     cfg = tmp_path / "cfg.yaml"

@@ -116,6 +116,41 @@ def _value(text, parse_number):
         return text
 
 
+class _RepeatedKey(Exception):
+    """A key a config file's mapping gives twice: YAML and JSON keep the last value, and the first was lost."""
+
+
+def _unique_pairs(pairs, where=lambda key: ""):
+    """dict(pairs) (json.loads' object_pairs_hook); a key given twice is a _RepeatedKey, ``where(key)`` saying where."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(f"{key!r} is given twice{where(key)}; give it once (its first value would be lost)")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _safe_load_unique_keys(text):
+    """yaml.safe_load that refuses a mapping giving a key twice (at any depth, e.g. in defense-opt's mapping)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                lines, pairs = {}, []
+                # the mapping's own scalar keys: a merge (`<<: *defaults`) may be overridden by design
+                for key_node, _ in node.value:
+                    if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                        key = self.construct_object(key_node)
+                        lines.setdefault(key, []).append(key_node.start_mark.line + 1)
+                        pairs.append((key, None))
+                _unique_pairs(pairs, lambda key: f" (line {lines[key][0]})" if lines[key][0] == lines[key][1] else
+                              f" (lines {lines[key][0]} and {lines[key][1]})")
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: plain data only, as yaml.safe_load
+
+
 def load_config_file(path):
     p = Path(path)
     if not p.is_file():
@@ -123,11 +158,11 @@ def load_config_file(path):
     text = p.read_text()
     try:
         if p.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _safe_load_unique_keys(text)
+    except _RepeatedKey as err:
+        raise CLIError(f"{path}: {err}") from None
     except Exception as err:
         raise CLIError(f"{path}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} "
                        f"({str(err).splitlines()[0]})") from None
@@ -148,12 +183,16 @@ def apply_config(parser, args, argv):
     # options only: a positional (eval's target, reproduce's name) is required on the command line, which wins, so
     # the file's value was always ignored
     dests = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    defaults = {}
+    defaults, keys = {}, {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in dests:
             known = ", ".join(sorted(d.replace("_", "-") for d in dests))
             raise CLIError(f"{args.config}: unknown option {key!r} (expected one of {known})")
+        if dest in keys:  # batch-size and batch_size: one option, the first value lost
+            raise CLIError(f"{args.config}: {keys[dest]!r} and {key!r} are the same option; give it once (its first "
+                           "value would be lost)")
+        keys[dest] = key
         defaults[dest] = _config_value(parser, dests[dest], value, f"{args.config}: option {key!r}")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
