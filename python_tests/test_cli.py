@@ -374,6 +374,16 @@ def test_config_file_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    # a config saved as Latin-1 (or a binary file given by mistake) ended in a UnicodeDecodeError traceback
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_bytes("model: small_cnn  # r\xe9seau\n".encode("latin-1"))
+    rc, _, err = run(["train", "--config", cfg, "--out", tmp_path / "run"], capsys)
+    one_line_error(rc, err, f"robust-ops train: error: {cfg}: not UTF-8 text (invalid continuation byte at byte 21); "
+                   "save it as UTF-8")
+    assert sorted(tmp_path.iterdir()) == [cfg]
+
+
 def test_defense_opt_values():
     """--defense-opt values: integers, fractions, booleans, none, comma lists; dashed keys read as underscores."""
     options = cli.parse_key_values(["steps=10", "eps=5/255", "random_start=True", "reuse=false", "max-radius=none",
