@@ -383,6 +383,11 @@ def test_csv_malformed_rows_and_classes(tmp_path):
     with pytest.raises(DataError, match=r"f\.csv: line 3: empty 'dx'"):
         load_dataset(tmp_path / "f.csv")
     path = _ham(tmp_path, ["mel", "nv"] * 4)
+    # a label holding an unquoted comma was cut at it, silently: 'mel, in situ' was read as 'mel'
+    (tmp_path / "g.csv").write_text(path.read_text().replace("im2,mel", "im2,mel, in situ"))
+    with pytest.raises(DataError, match=r"g\.csv: line 4: 3 values, but the header names 2 columns; quote a value "
+                                        r"that holds a comma \(\"melanoma, in situ\"\) -- which column"):
+        load_dataset(tmp_path / "g.csv", size=8)
     for bad, msg in (("mel", r"expected classes to be a sequence of names .* got the string 'mel'"),
                      (("mel", "nv", "mel"), r"classes= lists mel more than once")):
         with pytest.raises(DataError, match=msg):

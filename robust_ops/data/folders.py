@@ -413,6 +413,11 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
                                 "expected 'auto', 'image' or a column name")
             groups, blank = {}, {}
             for r in reader:
+                if None in r:  # DictReader's rest of a row longer than the header: an unquoted comma in some value
+                    raise DataError(f"{csv_path}: line {reader.line_num}: {len(fields) + len(r[None])} values, but "
+                                    f"the header names {len(fields)} columns; quote a value that holds a comma "
+                                    "(\"melanoma, in situ\") -- which column it was in cannot be told, so the "
+                                    f"row's {id_column!r} and {label_column!r} could be misread")
                 # stripped: "mel " would otherwise become a class of its own beside "mel"
                 image_id, label = (r[id_column] or "").strip(), (r[label_column] or "").strip()
                 if not image_id or not label:  # None: a short row; "" would otherwise become a class or an id
