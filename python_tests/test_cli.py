@@ -1645,6 +1645,20 @@ def test_demo_resume_refuses_another_training_subset(small_npz, tmp_path, capsys
         one_line_error(rc, err, f"{extra[0]}: --quick sets its own")
 
 
+def test_demo_train_size_above_the_train_split_warns(small_npz, tmp_path, capsys):
+    # --train-size 1000 on a 64-image train split trained on 64, silently (the default 256 is capped without a word)
+    argv = ["demo", "--data", small_npz, "--methods", "standard", "--epochs", "1", "--attacks", "fgsm", "--eps",
+            "2/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--model", "mlp"]
+    rc, _, err = run(argv + ["--train-size", "1000", "--out", tmp_path / "a"], capsys)
+    assert rc == 0, err
+    assert err.splitlines() == ["robust-ops demo: warning: --train-size 1000: the train split of smallbus holds 64 "
+                                "images; training on all 64 (--train-size 0 says so)"]
+    assert json.loads((tmp_path / "a" / "runs" / "standard" / "run.json").read_text())["train_samples"] == 64
+    for size in ("64", "0"):
+        rc, _, err = run(argv + ["--train-size", size, "--out", tmp_path / size], capsys)
+        assert rc == 0 and err == "", err
+
+
 def test_demo_training_subset_records_and_warns_about_a_class_it_leaves_out(tmp_path, capsys):
     """--train-size draws a random (not stratified) subset: a rare class it leaves out of training was silent, and
     run.json's classes_missing_from_split described the whole split, not the images the run trained on."""

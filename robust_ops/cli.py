@@ -1340,6 +1340,9 @@ def cmd_demo(args):
     if args.quick:
         splits = subset_splits(splits, 64, 32, args.seed)
     elif train_size:
+        if args.train_size and args.train_size > len(splits.train):  # given, not the default 256: it is capped
+            warnings.warn(f"--train-size {args.train_size}: the train split of {splits.info.display_name} holds "
+                          f"{len(splits.train)} images; training on all {len(splits.train)} (--train-size 0 says so)")
         splits = subset_splits(splits, train_size, len(splits.test), args.seed)
     for m in methods:  # before any training, and named as demo's flag (train_run would say --defense)
         if getattr(defenses.defense_class(m), "binary_only", False) and splits.info.num_classes != 2:
