@@ -1257,6 +1257,15 @@ def test_eval_of_an_empty_split_or_a_nan_checkpoint(trained_run, tmp_path, capsy
     rc, _, err = run(["eval", trained_run, "--data", path, "--split", "val", "--attacks", "fgsm", "--out",
                       tmp_path / "ev"], capsys)
     one_line_error(rc, err, f"--split: the val split of {path} has no samples")
+    # an empty train split failed inside fit, after run.json was written, naming fit's argument: "fit: train_data is
+    # empty (0 samples)"
+    notrain = tmp_path / "notrain.npz"
+    arrays = dict(np.load(path))
+    np.savez(notrain, **{**arrays, "train_images": arrays["val_images"], "train_labels": arrays["val_labels"]})
+    for command in ("train", "demo"):
+        rc, _, err = run([command, "--data", notrain, "--epochs", "1", "--out", tmp_path / "run"], capsys)
+        one_line_error(rc, err, f"error: --data: the train split of {notrain} holds no samples; nothing to train on")
+        assert not (tmp_path / "run").exists()
     nan_run = tmp_path / "nan"
     nan_run.mkdir()
     (nan_run / "run.json").write_text((trained_run / "run.json").read_text())

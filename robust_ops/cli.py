@@ -597,6 +597,13 @@ def check_max_pool(model, model_name, defense_name, flag):
                        f"--model {model_name} has none; use a model with max pooling (e.g. small_cnn or resnet18)")
 
 
+def check_train_split(splits, data):
+    """An empty train split (an .npz holding only val/test images) is refused before anything is written: fit refuses
+    it too, but after run.json, and in its own words (``train_data is empty``)."""
+    if len(splits.train) == 0:
+        raise CLIError(f"--data: the train split of {data} holds no samples; nothing to train on")
+
+
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
                train_samples=None, classes=None, bit_depth=None):
@@ -721,6 +728,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     defense_name = defense_key(defense_name)
     splits = splits or load_data(data, size=size, seed=seed, classes=classes, bit_depth=bit_depth)
     info = splits.info
+    check_train_split(splits, data)
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
                      channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
@@ -1337,6 +1345,7 @@ def cmd_demo(args):
     except EvalError as err:
         raise _flag_error(err) from None
     saliency_count(args, splits.info)  # before any training, as the radii
+    check_train_split(splits, args.data)  # before any run folder is made
     if args.quick:
         splits = subset_splits(splits, 64, 32, args.seed)
     elif train_size:
