@@ -839,6 +839,17 @@ def test_bit_depth_reaches_csv_sets_and_is_refused_where_it_means_nothing(tmp_pa
                                             r"this source has none -- drop bit_depth=$") as info:
             load_dataset(spec, bit_depth=12)
         assert info.value.arg == "bit_depth"
+    # a set of 8-bit files only: bit_depth changed nothing, silently, while run.json recorded it as their scale
+    (tmp_path / "eight").mkdir()
+    eight = _ham(tmp_path / "eight", ["mel", "nv"] * 5)
+    with pytest.warns(UserWarning) as caught:
+        s = load_dataset(eight, size=8, bit_depth=12)
+    assert [str(w.message) for w in caught if "bit_depth=12" in str(w.message)] == [
+        f"{eight}: bit_depth=12 scales 16-bit image files, and none of these images is one (8-bit files "
+        "are read as they are): it changes nothing -- drop bit_depth= (--bit-depth)"]
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        plain = load_dataset(eight, size=8)
+    assert torch.equal(s.train.tensors[0], plain.train.tensors[0])
 
 
 @pytest.mark.parametrize("option", [{"classes": ["benign", "malignant"]}, {"bit_depth": 12}, {"root": "."},

@@ -184,6 +184,10 @@ def _check_16_bit(stats, where, bit_depth=None):
     12-bit data (CT, X-ray): still usable, but 16 times darker than it should be, so it is said. With ``bit_depth``
     given the scale is the caller's (values above it were refused image by image)."""
     if bit_depth is not None:
+        if "max16" not in stats:  # it changed nothing, yet run.json records it as the scale the images were read on
+            warnings.warn(f"{where}: bit_depth={bit_depth} scales 16-bit image files, and none of these images is one "
+                          "(8-bit files are read as they are): it changes nothing -- drop bit_depth= (--bit-depth)",
+                          stacklevel=3)
         return
     if "max16" in stats and stats["max16"] <= 255:
         raise DataError(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (8-bit values saved in "
