@@ -3108,6 +3108,17 @@ def test_a_bad_environment_switch_is_one_line_before_any_work(small_npz, tmp_pat
     assert not (tmp_path / "new").exists() and not (tmp_path / "e").exists()
 
 
+def test_a_bad_cpu_pool_limit_is_one_line_before_any_work(small_npz, tmp_path, capsys, monkeypatch):
+    """The pool refuses a bad $ROBUST_OPS_CPU_POOL_LIMIT_MB when it starts, inside the first attack: train --defense
+    at ended in a RuntimeError traceback after run.json was written (eval too, after loading everything)."""
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", "4GB")
+    rc, _, err = run(["train", "--data", small_npz, "--defense", "at", "--defense-opt", "steps=1", "--epochs", "1",
+                      "--out", tmp_path / "new", "--no-progress", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "robust-ops train: error: expected $ROBUST_OPS_CPU_POOL_LIMIT_MB to be a whole number of "
+                   "megabytes >= 0 (0 caches nothing), got '4GB'")
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("command, text, dest, default", [
     ("train", "epochs:\n", "epochs", 10), ("train", "out: null\n", "out", "runs/train"),
     ("train", "no-progress: null\n", "no_progress", False), ("train", "defense-opt: null\n", "defense_opt", []),

@@ -277,6 +277,29 @@ def test_bad_cache_limit_is_refused_before_the_pool_starts(monkeypatch, value):
     assert torch.empty(BIG).fill_(2).sum() == 2 * BIG  # the default allocator is back
 
 
+@pytest.mark.parametrize("value", ["", "abc", "-5", "4GB", str(1 << 43), str((1 << 43) - 1), " 12", "+3", "-0", "0",
+                                   "12 ", "0x10", "1e3", "\u0663"])
+def test_the_cache_limit_check_before_any_work_agrees_with_the_pools(monkeypatch, value):
+    """memory.pool_limit_mb (the command line's check before any work) takes what the pool takes, and only that."""
+    from robust_ops.memory import pool_limit_mb
+
+    monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", value)
+    try:
+        with cpu_memory_pool():
+            pass
+        pool_takes = True
+    except RuntimeError:
+        pool_takes = False
+    try:
+        pool_limit_mb()
+        check_takes = True
+    except ValueError as err:
+        assert str(err) == ("robust_ops: expected $ROBUST_OPS_CPU_POOL_LIMIT_MB to be a whole number of megabytes >= 0 "
+                            f"(0 caches nothing), got {value!r}")
+        check_takes = False
+    assert check_takes == pool_takes
+
+
 def test_threads_allocate_concurrently():
     errors = []
 

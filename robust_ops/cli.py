@@ -285,7 +285,7 @@ def check_environment_switches():
     variable."""
     from . import _backend, memory, native_layers, prepacked_conv
 
-    for read in (memory.pool_enabled_by_default, native_layers.native_layers_enabled_by_default,
+    for read in (memory.pool_enabled_by_default, memory.pool_limit_mb, native_layers.native_layers_enabled_by_default,
                  prepacked_conv.prepacked_conv_enabled_by_default, lambda: _backend.requested_backend(PROG)):
         try:
             read()

@@ -13,6 +13,8 @@ alignment as PyTorch's allocator); only the time spent faulting memory in goes a
 """
 
 import contextlib
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from ._compile import disable_dynamo
 from ._options import check_device, check_flags, env_switch
 
 ENV_SWITCH = "ROBUST_OPS_CPU_POOL"
+LIMIT_ENV = "ROBUST_OPS_CPU_POOL_LIMIT_MB"
 
 
 @dataclass
@@ -38,6 +41,21 @@ class PoolStats:
 def pool_enabled_by_default():
     """Whether the attacks run under the pool: on unless $ROBUST_OPS_CPU_POOL is off (_options.env_switch)."""
     return env_switch(ENV_SWITCH, True)
+
+
+def pool_limit_mb():
+    """$ROBUST_OPS_CPU_POOL_LIMIT_MB as the pool reads it when it starts (csrc/cpu_memory_pool.cpp, C's strtoll: a
+    whole number of megabytes >= 0, leading spaces and a sign allowed); None when unset. A ValueError naming the
+    variable otherwise, so the command line refuses it before any work (the pool raised it inside the first attack:
+    a RuntimeError traceback in eval, and in train after run.json was written)."""
+    text = os.environ.get(LIMIT_ENV)
+    if text is None:
+        return None
+    match = re.fullmatch(r"[ \t\n\v\f\r]*([+-]?[0-9]+)", text)
+    if not match or not 0 <= int(match.group(1)) < 1 << 43:
+        raise ValueError(f"robust_ops: expected ${LIMIT_ENV} to be a whole number of megabytes >= 0 (0 caches "
+                         f"nothing), got {text!r}")
+    return int(match.group(1))
 
 
 @disable_dynamo
