@@ -3119,6 +3119,18 @@ def test_a_bad_cpu_pool_limit_is_one_line_before_any_work(small_npz, tmp_path, c
     assert not (tmp_path / "new").exists()
 
 
+def test_a_bad_cpu_isa_cap_is_one_line_before_any_work(small_npz, tmp_path):
+    """The pooling kernels check $ROBUST_OPS_CPU_ISA at their first call (once per process, so in a fresh one): train
+    ended in a RuntimeError traceback at the first max pooling, after run.json was written."""
+    r = subprocess.run([sys.executable, "-m", "robust_ops", "train", "--data", str(small_npz), "--epochs", "1",
+                        "--out", str(tmp_path / "new"), "--no-progress", "--device", "cpu"], capture_output=True,
+                       text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1]),
+                                                     "ROBUST_OPS_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "robust-ops train: error: expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got 'AVX2'"], r.stderr
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("command, text, dest, default", [
     ("train", "epochs:\n", "epochs", 10), ("train", "out: null\n", "out", "runs/train"),
     ("train", "no-progress: null\n", "no_progress", False), ("train", "defense-opt: null\n", "defense_opt", []),

@@ -286,11 +286,23 @@ def check_environment_switches():
     from . import _backend, memory, native_layers, prepacked_conv
 
     for read in (memory.pool_enabled_by_default, memory.pool_limit_mb, native_layers.native_layers_enabled_by_default,
-                 prepacked_conv.prepacked_conv_enabled_by_default, lambda: _backend.requested_backend(PROG)):
+                 prepacked_conv.prepacked_conv_enabled_by_default, lambda: _backend.requested_backend(PROG),
+                 _cpu_isa_cap):
         try:
             read()
         except ValueError as err:  # "robust_ops: expected $NAME to be one of ...": the variable and its values
             raise CLIError(str(err).split(": ", 1)[-1]) from None
+
+
+def _cpu_isa_cap():
+    """$ROBUST_OPS_CPU_ISA read as the CPU pooling kernels read it (their own check, at their first call: a
+    RuntimeError traceback inside the first max pooling, in train after run.json was written); a ValueError."""
+    import torch
+
+    try:
+        torch.ops.robust_ops._cpu_vector_isa()
+    except RuntimeError as err:  # "_cpu_vector_isa: expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, ..."
+        raise ValueError(str(err).splitlines()[0]) from None
 
 
 # Set by main() from the command's --download flag for the duration of one command.
