@@ -404,6 +404,18 @@ def test_defense_opt_value_forms_null_signed_integers_and_a_trailing_comma():
     assert type(options["b"]) is type(options["c"]) is int
 
 
+def test_defense_opt_none_for_an_option_defaulting_to_none_is_refused(small_npz, tmp_path, capsys):
+    # `--defense at --defense-opt eps=none` trained at AT's default 8/255, and run.json recorded eps: null (a later
+    # --resume without it was then refused as other defense options); attacks refuse `pgd:steps=none` so already
+    argv = ["train", "--data", small_npz, "--defense", "at", "--epochs", "1", "--out", tmp_path / "run", "--device",
+            "cpu"]
+    for spec, key in (("eps=none", "eps"), ("steps=null", "steps")):
+        rc, _, err = run(argv + ["--defense-opt", spec], capsys)
+        one_line_error(rc, err, f"--defense-opt: {key}=none would be ignored (at's default applies, and run.json "
+                       f"would record none); give a value or leave {key} out")
+    assert not (tmp_path / "run").exists()
+
+
 def test_defense_opt_key_given_twice_is_refused(tmp_path):
     """A key given twice on the command line (or twice in the file) would lose its first value: refused, naming both;
     the command line's key still overrides the file's."""
