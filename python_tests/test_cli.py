@@ -1325,6 +1325,16 @@ def test_reproduce_kfold_refuses_more_seeds_than_folds(small_npz, tmp_path):
     assert not (tmp_path / "cv" / "runs").exists()
 
 
+def test_reproduce_of_an_image_protocol_on_feature_vectors_names_data_not_model(tmp_path, capsys):
+    # mirst-bus on two-moons said "--model: small_cnn takes images ...; use --model mlp": reproduce has no --model
+    rc, stdout, err = run(["reproduce", "mirst-bus", "--quick", "--data", "moons", "--seeds", "1", "--device", "cpu",
+                           "--out", tmp_path / "out"], capsys)
+    one_line_error(rc, err, "robust-ops reproduce: error: --data: mirst-bus trains small_cnn, which takes images, and "
+                   "two-moons (synthetic) holds feature vectors of 2 values; give mirst-bus image data (or run a "
+                   "protocol for feature vectors: arfl-moons)")
+    assert "training" not in stdout and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys, quick):
     """run.json records the k-fold split: `eval OUT/runs/METHOD/foldK` attacks fold K's held-out images, not the

@@ -669,6 +669,10 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         splits = rebuild_splits(data, record, folds=folds, base=None if folds is not None else load_data(
             data, size=size, seed=k, bit_depth=bit_depth))
         tag = f"fold{k}" if folds is not None else f"seed{k}"
+        if not splits.info.image_size and model_name != "mlp":  # make_model would tell reproduce to use --model mlp
+            raise CLIError(f"--data: {protocol.name} trains {model_name}, which takes images, and "
+                           f"{splits.info.display_name} holds feature vectors of {splits.info.in_channels} values; "
+                           f"give {protocol.name} image data (or run a protocol for feature vectors: arfl-moons)")
         runs = []
         for method in chosen:
             if getattr(defenses.defense_class(method.defense), "binary_only", False) and splits.info.num_classes != 2:
