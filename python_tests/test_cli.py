@@ -2682,7 +2682,10 @@ def test_run_json_that_is_not_an_object_is_a_one_line_error(trained_run, tmp_pat
                                                ("split", "x", 'expected split to be an object, got "x"'),
                                                ("classes", 5, "expected classes to be a list, got 5"),
                                                ("prepacked_conv", "x", 'expected prepacked_conv to be true or false'),
-                                               ("epochs", True, "expected epochs to be an integer, got true")])
+                                               ("epochs", True, "expected epochs to be an integer, got true"),
+                                               # eval said "--dropmax: replace_maxpool: ...", a flag eval lacks
+                                               ("dropmax", "some", 'expected dropmax to be one of none, first, all, '
+                                                                   'got "some"')])
 def test_run_json_setting_of_another_type_is_a_one_line_error(trained_run, tmp_path, capsys, key, value, needle):
     # a hand-edited value ended eval (and train --resume, for dataset) in a traceback: AttributeError: 'str' object has
     # no attribute 'get', TypeError: 'int' object is not iterable, TypeError from prepacked_conv

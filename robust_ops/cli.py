@@ -27,6 +27,7 @@ PROG = "robust-ops"
 DEMO_METHODS = ("standard", "rst", "mirst", "mirst-dm", "ima")
 DEMO_LABELS = {"standard": "Baseline", "rst": "RST", "mirst": "MIRST", "mirst-dm": "MIRST-DM", "ima": "IMA"}
 RUN_FILE = "run.json"
+DROPMAX_CHOICES = ("none", "first", "all")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -565,7 +566,7 @@ def check_data_model_options(args):
 
 def add_train_options(p):
     add_data_model_options(p, epochs=10)
-    p.add_argument("--dropmax", choices=("none", "first", "all"), default="none",
+    p.add_argument("--dropmax", choices=DROPMAX_CHOICES, default="none",
                    help="replace max-pooling layers with DropMax2d before training (mirst-dm does 'first' itself)")
     p.add_argument("--channels-last", action=Switch,
                    help="train the model in channels_last memory format (on CPU: IMA epochs 1.3x and PGD "
@@ -681,9 +682,11 @@ def read_run_file(path):
         raise CLIError(f"{path}: expected a JSON object of the run's settings, got {type(run).__name__}")
     for key, kind in RUN_FIELD_TYPES.items():
         value = run.get(key)
-        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
-            raise CLIError(f"{path}: expected {key} to be {_JSON_TYPE_NAMES[kind]}, got {json.dumps(value)}; the file "
-                           f"was edited or damaged -- restore the run's own {RUN_FILE}, or train it again")
+        wrong = value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool))
+        if wrong or (key == "dropmax" and value not in (None, *DROPMAX_CHOICES)):  # eval blamed a --dropmax it lacks
+            what = f"one of {', '.join(DROPMAX_CHOICES)}" if key == "dropmax" and not wrong else _JSON_TYPE_NAMES[kind]
+            raise CLIError(f"{path}: expected {key} to be {what}, got {json.dumps(value)}; the file was edited or "
+                           f"damaged -- restore the run's own {RUN_FILE}, or train it again")
     return run
 
 
