@@ -335,6 +335,24 @@ def test_checkpoint_needing_pickle_is_refused(trained_run, tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
+def test_eval_names_what_it_lacks_of_data_and_model(trained_run, tmp_path, capsys):
+    # a run.json without "data" was reported as "no run.json beside the checkpoint; pass --data and --model", and a
+    # bare checkpoint given --data was still told to pass both
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(trained_run / "checkpoint.pt", bare / "model.pt")
+    rc, _, err = run(["eval", bare / "model.pt", "--data", "synthetic", "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, f"error: {bare / 'model.pt'}: no run.json beside the checkpoint; pass --model")
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    doc = json.loads((run_dir / "run.json").read_text())
+    del doc["data"]
+    (run_dir / "run.json").write_text(json.dumps(doc))
+    rc, _, err = run(["eval", run_dir, "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, f"error: {run_dir / 'run.json'}: records no data; pass --data")
+    assert not (tmp_path / "e").exists()
+
+
 def test_checkpoint_in_torch_saves_pre_1_6_format_is_read(trained_run, tmp_path):
     """A run's checkpoint re-saved in torch.save's pre-1.6 (non-zip) format loads as the zip one: eval refused it by
     its first bytes as "not a torch.save archive", though torch.load(weights_only=True) reads it."""

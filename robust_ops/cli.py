@@ -927,7 +927,11 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     flag = "--data" if explicit_data else f"{run_file}: data"  # an error names where the path came from
     model_name = model or run.get("model")
     if data is None or model_name is None:
-        raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass --data and --model")
+        lacking = [name for name, value in (("data", data), ("model", model_name)) if value is None]
+        flags = " and ".join(f"--{name}" for name in lacking)
+        if run:  # it said "no run.json beside the checkpoint" of one that lacks the key
+            raise CLIError(f"{run_file}: records no {' and no '.join(lacking)}; pass {flags}")
+        raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass {flags}")
     state = read_checkpoint(ckpt)
     conflict = checkpoint_run_conflict(state, run)
     if conflict:  # labelled and recorded as run.json's run, the results would describe weights they do not come from
