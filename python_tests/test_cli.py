@@ -353,6 +353,22 @@ def test_eval_names_what_it_lacks_of_data_and_model(trained_run, tmp_path, capsy
     assert not (tmp_path / "e").exists()
 
 
+def test_eval_of_a_run_whose_data_moved_says_to_pass_data(small_npz, tmp_path, capsys):
+    # it said "RUN/run.json: data: /old/place.npz: no such file", not how to go on
+    shutil.copy(small_npz, tmp_path / "old.npz")
+    out = tmp_path / "run"
+    assert run(["train", "--data", tmp_path / "old.npz", "--epochs", "1", "--model", "mlp", "--out", out,
+                "--no-progress", "--device", "cpu"], capsys)[0] == 0
+    (tmp_path / "old.npz").rename(tmp_path / "new.npz")
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, f"error: {out / 'run.json'}: data: {tmp_path / 'old.npz'}: no such file or folder (moved "
+                   "or deleted since the run trained); pass --data with its place now")
+    assert not (tmp_path / "e").exists()
+    rc, _, err = run(["eval", out, "--data", tmp_path / "new.npz", "--attacks", "fgsm", "--eps", "1/255",
+                      "--saliency", "0", "--out", tmp_path / "e"], capsys)
+    assert rc == 0, err
+
+
 def test_checkpoint_in_torch_saves_pre_1_6_format_is_read(trained_run, tmp_path):
     """A run's checkpoint re-saved in torch.save's pre-1.6 (non-zip) format loads as the zip one: eval refused it by
     its first bytes as "not a torch.save archive", though torch.load(weights_only=True) reads it."""

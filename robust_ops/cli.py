@@ -953,6 +953,9 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                 why, then = "training stopped early", f"`{PROG} train ... --resume` finishes it"
             warnings.warn(f"{ckpt}: holds {done} of the run's {run['epochs']} epochs ({why}); attacking it as it is "
                           f"-- {then}")
+    if not explicit_data and os.path.isabs(str(data)) and not Path(data).exists():  # run.json records paths absolute
+        raise CLIError(f"{run_file}: data: {data}: no such file or folder (moved or deleted since the run trained); "
+                       "pass --data with its place now")
     same_source = data_spec(data) == data_spec(run.get("data"))
     if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
         # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
