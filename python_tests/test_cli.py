@@ -554,6 +554,18 @@ def test_config_file_key_given_twice_is_refused(tmp_path, name, text, needle):
         "steps": 2, "eps": 2}
 
 
+def test_config_given_twice_is_refused(tmp_path, capsys):
+    # `--config base.yaml --config run.yaml` read run.yaml alone: base.yaml's options were silently lost
+    (tmp_path / "base.yaml").write_text("epochs: 1\n")
+    (tmp_path / "run.yaml").write_text("lr: 0.01\n")
+    for command in ("train", "demo", "reproduce arfl-moons", f"eval {tmp_path}"):
+        rc, _, err = run([*command.split(), "--config", tmp_path / "base.yaml", "--config", tmp_path / "run.yaml",
+                          "--out", tmp_path / "out"], capsys)
+        one_line_error(rc, err, f"robust-ops {command.split()[0]}: error: --config: given twice ("
+                       f"{tmp_path / 'base.yaml'} and {tmp_path / 'run.yaml'}); config files do not merge -- give one")
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_file_that_names_another_config_file_is_refused(tmp_path):
     # a file's `config:` is never read (files do not nest): accepted, its options were silently lost
     cfg = tmp_path / "cfg.yaml"

@@ -75,6 +75,17 @@ class Switch(argparse.Action):
         return " | ".join(self.option_strings)  # usage: [--quick | --no-quick], as argparse.BooleanOptionalAction
 
 
+class OneConfig(argparse.Action):
+    """``--config FILE``, given once: a second --config replaced the first, whose options were then silently lost
+    (files do not merge, as they do not nest)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        first = getattr(namespace, self.dest, None)
+        if first is not None:
+            parser.error(f"--config: given twice ({first} and {values}); config files do not merge -- give one")
+        setattr(namespace, self.dest, values)
+
+
 # ----------------------------------------------------------------------------------------------- shared helpers
 
 
@@ -590,7 +601,7 @@ def cmd_train_parser(sub):
     add_train_options(p)
     p.add_argument("--out", default="runs/train", help="RUN_DIR for checkpoint.pt, run.json, metrics.csv, metrics.json")
     p.add_argument("--resume", action=Switch, help="continue from RUN_DIR/checkpoint.pt")
-    p.add_argument("--config", help="YAML or JSON file of options (keys are long option names)")
+    p.add_argument("--config", action=OneConfig, help="YAML or JSON file of options (keys are long option names)")
     p.set_defaults(func=cmd_train)
     return p
 
@@ -1122,7 +1133,7 @@ def cmd_eval_parser(sub):
                         "default: as the run was trained, else $ROBUST_OPS_PREPACKED_CONV; --no-prepacked-conv "
                         "turns it off for a run trained with it)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--config", help="YAML or JSON file of options")
+    p.add_argument("--config", action=OneConfig, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -1287,7 +1298,7 @@ def cmd_demo_parser(sub):
     p.add_argument("--quick", action=Switch, help="2 epochs on a subset: a smoke run (tests, CI)")
     p.add_argument("--resume", action=Switch, help="reuse finished runs in --out")
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
-    p.add_argument("--config", help="YAML or JSON file of options")
+    p.add_argument("--config", action=OneConfig, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_demo)
     return p
 
@@ -1551,7 +1562,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--reevaluate", action=Switch,
                    help="attack every trained run again instead of reusing the evaluation kept beside its "
                         "checkpoint (it is reused only while the weights, test set and attacks are unchanged)")
-    p.add_argument("--config", help="YAML or JSON file of options")
+    p.add_argument("--config", action=OneConfig, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_reproduce)
     return p
 
