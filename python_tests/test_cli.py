@@ -566,6 +566,23 @@ def test_config_given_twice_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_list_option_given_twice_is_refused(trained_run, tmp_path, capsys):
+    # `--attacks fgsm --attacks pgd` attacked with pgd alone (the repeatable --defense-opt adds up; these replaced)
+    rc, _, err = run(["eval", trained_run, "--attacks", "fgsm", "--attacks", "pgd", "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, "robust-ops eval: error: --attacks: given twice ('fgsm' and 'pgd'); list them once, "
+                   "comma-separated (fgsm,pgd)")
+    for argv, flag in ((["eval", trained_run, "--eps", "1/255", "--eps", "2/255"], "--eps"),
+                       (["demo", "--methods", "standard", "--methods", "rst"], "--methods"),
+                       (["train", "--classes", "a,b", "--classes", "c"], "--classes"),
+                       (["bench", "--only", "pgd_step", "--only", "ima", "--list"], "--only")):
+        rc, _, err = run(argv + (["--out", tmp_path / "e"] if argv[0] != "bench" else []), capsys)
+        one_line_error(rc, err, f"error: {flag}: given twice (")
+    assert not (tmp_path / "e").exists()
+    cfg = tmp_path / "cfg.yaml"  # a config file's list is replaced by the command line's, as any option's
+    cfg.write_text("attacks: [fgsm, cw]\n")
+    assert _config_args("eval", [str(tmp_path), "--config", str(cfg), "--attacks", "pgd"]).attacks == "pgd"
+
+
 def test_config_file_that_names_another_config_file_is_refused(tmp_path):
     # a file's `config:` is never read (files do not nest): accepted, its options were silently lost
     cfg = tmp_path / "cfg.yaml"

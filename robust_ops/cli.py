@@ -86,6 +86,24 @@ class OneConfig(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class OneList(argparse.Action):
+    """A comma-separated list option (--attacks, --eps, --methods, --classes, --only), given once: a second
+    ``--attacks pgd`` replaced the first ``--attacks fgsm``, silently, where the repeatable --defense-opt adds up. A
+    config file's value is a default, which the command line replaces (``_given`` records the flags given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", {})
+        if self.dest in given:
+            parser.error(f"{option_string}: given twice ({given[self.dest]!r} and {values_text(values)!r}); list "
+                         f"them once, comma-separated ({given[self.dest]},{values_text(values)})")
+        given[self.dest] = values_text(values)
+        setattr(namespace, self.dest, values)
+
+
+def values_text(values):
+    return ",".join(values) if isinstance(values, tuple) else str(values)
+
+
 # ----------------------------------------------------------------------------------------------- shared helpers
 
 
@@ -528,7 +546,7 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
                         ".npz file / BUSI-style folder / .csv path")
     p.add_argument("--size", type=int, default=None, help="image side length (default: the data's own size; 28 for "
                                                           "synthetic, 224 for folders)")
-    p.add_argument("--classes", type=parse_classes, default=None,
+    p.add_argument("--classes", type=parse_classes, action=OneList, default=None,
                    help="comma-separated class folders / CSV labels to keep, in label order (e.g. nv,mel: mel, not "
                         "benign/normal/..., is the positive class); folders and CSV only (default: all)")
     add_bit_depth_option(p, "the full 16 bits")
@@ -1091,11 +1109,11 @@ def _looks_like_kfold_run(run_dir):
 def add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255"):
     from .attacks import ATTACKS
 
-    p.add_argument("--attacks", default=attacks,
+    p.add_argument("--attacks", action=OneList, default=attacks,
                    help=f"comma-separated attacks: {', '.join(ATTACKS)}, or your own Attack subclass as "
                         "package.module.Class (imported from PYTHONPATH); options as name:key=value, e.g. "
                         "pgd:steps=50, noise:norm=l2:trials=100")
-    p.add_argument("--eps", default=eps, help="comma-separated radii; fractions allowed (1/255)")
+    p.add_argument("--eps", action=OneList, default=eps, help="comma-separated radii; fractions allowed (1/255)")
     p.add_argument("--eval-batch-size", type=int, default=128, help="test images attacked at a time")
     p.add_argument("--no-cascade", action=Switch,
                    help="attack every sample at every radius (default: only samples still robust)")
@@ -1119,7 +1137,7 @@ def cmd_eval_parser(sub):
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--model", default=None, help="architecture (default: the one in run.json)")
     p.add_argument("--size", type=int, default=None, help="image side length (default: the one in run.json)")
-    p.add_argument("--classes", type=parse_classes, default=None,
+    p.add_argument("--classes", type=parse_classes, action=OneList, default=None,
                    help="class folders / CSV labels to keep, in label order (default: the ones in run.json)")
     add_bit_depth_option(p, "the one in run.json")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
@@ -1286,7 +1304,7 @@ def cmd_demo_parser(sub):
                        description="Train each method briefly on --data (default: the embedded synthetic set), "
                                    "evaluate them under no attack, FGSM, PGD and CW, print the table and write "
                                    "results.json, report.md and figures to --out.")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS),
+    p.add_argument("--methods", action=OneList, default=",".join(DEMO_METHODS),
                    help="comma-separated defenses (names or package.module.Class, as train's --defense)")
     # None: not given, so --quick can tell its own settings from conflicting ones
     add_data_model_options(p, epochs=None, epochs_help="training epochs per method (default: 8; --quick: 2)")
@@ -1477,7 +1495,8 @@ def cmd_bench_parser(sub):
     p = sub.add_parser("bench", help="run the op and attack benchmarks (ratios against their references)",
                        formatter_class=_formatter,
                        description="Run benchmarks/bench_*.py (quick mode unless --full) and print their tables.")
-    p.add_argument("--only", default=None, help="comma-separated topics, e.g. pgd_step,drop_max_pool2d")
+    p.add_argument("--only", action=OneList, default=None,
+                   help="comma-separated topics, e.g. pgd_step,drop_max_pool2d")
     p.add_argument("--full", action="store_true", help="full shape sweeps (slow)")
     p.add_argument("--list", action="store_true", help="list the benchmarks (those --only picks) and exit")
     p.add_argument("--bench-dir", default=None, help="folder holding bench_*.py (default: the repository's)")
@@ -1555,7 +1574,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
-    p.add_argument("--methods", default=None,
+    p.add_argument("--methods", action=OneList, default=None,
                    help="comma-separated method labels to run, e.g. STD,IMA (default: all of the protocol's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
