@@ -450,6 +450,16 @@ def test_defense_opt_none_for_an_option_defaulting_to_none_is_refused(small_npz,
     assert not (tmp_path / "run").exists()
 
 
+def test_arfl_layer_the_model_lacks_is_refused_before_anything_is_written(small_npz, tmp_path, capsys):
+    # `--defense arfl --defense-opt layer=conv9` failed at the first training step, after run.json was written, and
+    # named no module the model has
+    rc, _, err = run(["train", "--data", small_npz, "--defense", "arfl", "--defense-opt", "layer=conv9", "--epochs",
+                      "1", "--out", tmp_path / "run", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "--defense-opt: arfl: no module named 'conv9' in the model (the convolutions and linear "
+                   "layers of --model small_cnn: features.0, features.4, features.8, classifier)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_defense_opt_key_given_twice_is_refused(tmp_path):
     """A key given twice on the command line (or twice in the file) would lose its first value: refused, naming both;
     the command line's key still overrides the file's."""

@@ -807,6 +807,17 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     if own:
         check_max_pool(model, model_name, defense_name, "--defense")
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
+    if callable(getattr(defense, "feature_module", None)):  # ARFL's layer=NAME: it failed at the first training step,
+        try:  # after run.json was written, naming no module the model has
+            defense.feature_module(model)
+        except ValueError as err:
+            import torch.nn as nn
+
+            from ._options import listing
+
+            layers = listing(name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+            raise CLIError(f"--defense-opt: {err} (the convolutions and linear layers of --model {model_name}: "
+                           f"{layers})") from None
     if "norm" in run["defense_options"] and isinstance(getattr(defense, "norm", None), str):
         # as the defense stores it ("Linf" -> "linf"): a resume that spells the norm otherwise is the same run
         run["defense_options"]["norm"] = defense.norm
