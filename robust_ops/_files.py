@@ -49,6 +49,11 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
         failed = err if isinstance(err, OSError) else err.__context__ if isinstance(err, RuntimeError) else None
         if isinstance(failed, OSError) and failed.errno is not None and failed.filename is None:
             raise OSError(failed.errno, failed.strerror, str(path)) from None
+        # Ctrl-C or SIGTERM (a KeyboardInterrupt) inside one of the zip writer's writes (the signal breaks the write
+        # syscall) left its record half written, and its end-of-file write then failed on that ("unexpected pos"): the
+        # interrupt is what happened, not a RuntimeError (train ended in a traceback and status 1, not 130 / 143)
+        if isinstance(err, RuntimeError) and isinstance(err.__context__, (KeyboardInterrupt, SystemExit)):
+            raise err.__context__.with_traceback(err.__context__.__traceback__) from None
         raise
     finally:
         if lock is not None:
