@@ -1915,6 +1915,76 @@ def test_resumed_train_equals_an_uninterrupted_one(small_npz, tmp_path, capsys):
     assert drop_time == [{k: v for k, v in row.items() if k != "time_s"} for row in part["history"]]
 
 
+# Runs `robust-ops train` (argv) whose second checkpoint write stops halfway through its bytes, says so on stdout and
+# waits there to be killed.
+_STOPS_MID_SECOND_CHECKPOINT = """
+import io, sys, time
+from pathlib import Path
+from robust_ops import cli, train
+
+real, written = train.replace_atomically, []
+
+
+def replace_atomically(path, write, **kwargs):
+    if Path(path).name != "checkpoint.pt" or written.append(path) or len(written) < 2:
+        return real(path, write, **kwargs)
+
+    def half_then_wait(f):
+        data = io.BytesIO()
+        write(data)
+        f.write(data.getvalue()[: len(data.getvalue()) // 2])
+        f.flush()
+        print("mid-write", flush=True)
+        time.sleep(600)
+
+    return real(path, half_then_wait, **kwargs)
+
+
+train.replace_atomically = replace_atomically
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_train_killed_mid_checkpoint_write_resumes_to_the_uninterrupted_run(small_npz, tmp_path, capsys):
+    """docs/training.md, Metrics and checkpoints and Exact resume, with a real SIGKILL: a `train` killed while writing
+    epoch 2's checkpoint keeps epoch 1's whole beside its own temporary file, and `--resume` removes that file and ends
+    bitwise equal to an uninterrupted run (IMA: the margin table too), with the same metrics files."""
+    import csv
+    import signal
+
+    pytest.importorskip("fcntl")  # the dead writer's file is told by its lock
+    argv = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--defense", "ima", "--batch-size", "16",
+            "--epochs", "3", "--out"]
+    full, out = tmp_path / "full", tmp_path / "killed"
+    assert run(argv + [full], capsys)[0] == 0
+    # the same thread count as this process's: another one may sum in another order (not bitwise exact)
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    child = subprocess.Popen([sys.executable, "-c", _STOPS_MID_SECOND_CHECKPOINT] + [str(a) for a in argv + [out]],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "mid-write", child.communicate()[1]
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    (tmp,) = [name for name in os.listdir(out) if name.startswith(".checkpoint.pt.") and name.endswith(".tmp")]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    rc, _, err = run(argv + [out, "--resume"], capsys)
+    assert rc == 0 and "warning" not in err, err
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]  # tmp removed
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (full, out))
+    assert b["epoch"] == 3 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    margins = a["defense"].pop("margins")
+    assert torch.equal(margins, b["defense"].pop("margins")) and a["defense"] == b["defense"]
+    for name, read in (("metrics.json", json.loads), ("metrics.csv", lambda text: list(csv.DictReader(text.split())))):
+        rows = [[{k: v for k, v in row.items() if k != "time_s"} for row in read((d / name).read_text())]
+                for d in (full, out)]
+        assert len(rows[1]) == 3 and rows[0] == rows[1], name
+
+
 def test_resume_with_metrics_json_deleted_still_refuses_fewer_epochs_before_touching_run_json(small_npz, tmp_path,
                                                                                                capsys):
     # the epochs check read metrics.json only: with it deleted, --resume --epochs 1 on a 2-epoch run passed it,
