@@ -75,33 +75,35 @@ class Switch(argparse.Action):
         return " | ".join(self.option_strings)  # usage: [--quick | --no-quick], as argparse.BooleanOptionalAction
 
 
-class OneConfig(argparse.Action):
-    """``--config FILE``, given once: a second --config replaced the first, whose options were then silently lost
-    (files do not merge, as they do not nest)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        first = getattr(namespace, self.dest, None)
-        if first is not None:
-            parser.error(f"--config: given twice ({first} and {values}); config files do not merge -- give one")
-        setattr(namespace, self.dest, values)
-
-
-class OneList(argparse.Action):
-    """A comma-separated list option (--attacks, --eps, --methods, --classes, --only), given once: a second
-    ``--attacks pgd`` replaced the first ``--attacks fgsm``, silently, where the repeatable --defense-opt adds up. A
-    config file's value is a default, which the command line replaces (``_given`` records the flags given)."""
+class GivenOnce(argparse.Action):
+    """An option given at most once on the command line: of two, argparse kept the last and the first was lost
+    silently. A config file's value is a default, which the command line replaces (``_given``: the flags given)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         given = namespace.__dict__.setdefault("_given", {})
+        text = ",".join(values) if isinstance(values, tuple) else str(values)
         if self.dest in given:
-            parser.error(f"{option_string}: given twice ({given[self.dest]!r} and {values_text(values)!r}); list "
-                         f"them once, comma-separated ({given[self.dest]},{values_text(values)})")
-        given[self.dest] = values_text(values)
+            parser.error(f"{option_string}: given twice {self.twice(given[self.dest], text)}")
+        given[self.dest] = text
         setattr(namespace, self.dest, values)
 
 
-def values_text(values):
-    return ",".join(values) if isinstance(values, tuple) else str(values)
+class OneList(GivenOnce):
+    """A comma-separated list option (--attacks, --eps, --methods, --classes, --only): a second ``--attacks pgd``
+    replaced the first ``--attacks fgsm``, where the repeatable --defense-opt adds up."""
+
+    @staticmethod
+    def twice(first, second):
+        return f"({first!r} and {second!r}); list them once, comma-separated ({first},{second})"
+
+
+class OneConfig(GivenOnce):
+    """``--config FILE``: a second --config replaced the first, whose options were then lost (files do not merge, as
+    they do not nest)."""
+
+    @staticmethod
+    def twice(first, second):
+        return f"({first} and {second}); config files do not merge -- give one"
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers
