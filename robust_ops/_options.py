@@ -13,19 +13,28 @@ import torch
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-def accepted_options(cls, skip=("self", "model")):
-    """Named parameters of ``cls.__init__``, followed into the base classes' constructors while each passes
-    ``**kwargs`` on (in MRO order)."""
-    names = []
+def option_defaults(cls, skip=("self", "model")):
+    """{name: default} of the named parameters of ``cls.__init__``, followed into the base classes' constructors while
+    each passes ``**kwargs`` on (in MRO order; the first class naming a parameter gives its default,
+    ``inspect.Parameter.empty`` for a required one)."""
+    defaults = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None or klass is object:
             continue
         params = inspect.signature(init).parameters.values()
-        names += [p.name for p in params if p.kind in _NAMED and p.name not in skip and p.name not in names]
+        for p in params:
+            if p.kind in _NAMED and p.name not in skip:
+                defaults.setdefault(p.name, p.default)
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
             break
-    return names
+    return defaults
+
+
+def accepted_options(cls, skip=("self", "model")):
+    """Named parameters of ``cls.__init__``, followed into the base classes' constructors while each passes
+    ``**kwargs`` on (in MRO order)."""
+    return list(option_defaults(cls, skip))
 
 
 def check_options(owner, cls, options):

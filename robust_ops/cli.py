@@ -463,21 +463,6 @@ def clip_range_problem(name, cls, info):
             f"{list(info.value_range)} (not [0, 1]); take them in its __init__ and pass them on to PGDDefense")
 
 
-def _option_default(cls, key):
-    """The default of ``cls``'s option ``key`` (followed into the base classes' ``__init__`` through ``**kwargs``, as
-    accepted_options does); inspect.Parameter.empty for a required or unknown one."""
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is object:
-            continue
-        params = inspect.signature(init).parameters
-        if key in params:
-            return params[key].default
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            break
-    return inspect.Parameter.empty
-
-
 def make_defense(name, options, train_size, info):
     from . import defenses
 
@@ -501,8 +486,11 @@ def make_defense(name, options, train_size, info):
             raise CLIError(f"--defense: {problem}")
         options.setdefault("clip_min", info.value_range[0])
         options.setdefault("clip_max", info.value_range[1])
+    from ._options import option_defaults
+
+    defaults = option_defaults(cls)
     for key, value in options.items():
-        if value is None and _option_default(cls, key) is None:  # as attacks' `pgd:steps=none` (evaluate.py)
+        if value is None and key in defaults and defaults[key] is None:  # as attacks' `pgd:steps=none` (evaluate.py)
             raise CLIError(f"--defense-opt: {key}=none would be ignored ({name}'s default applies, and run.json would "
                            f"record none); give a value or leave {key} out")
     try:
