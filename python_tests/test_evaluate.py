@@ -355,6 +355,21 @@ def test_binary_set_without_a_valid_positive_class_is_refused_before_any_forward
     assert err.value.arg == "data"
 
 
+@pytest.mark.parametrize("labels, got", [([0, 1, 2, 5], r"\[0, 5\]"), ([0, -1, 1, 1], r"\[-1, 1\]")])
+def test_labels_outside_the_sets_classes_are_refused_before_any_forward(labels, got):
+    """Labels 5 on a 2-class set ran the whole clean pass, then failed inside the metrics with "classification_metrics:
+    expected y_true in [0, 2)", a ValueError naming neither evaluate's data nor its labels."""
+    data = TensorDataset(torch.rand(4, 1, 12, 12), torch.tensor(labels))
+
+    def no_forward(x):
+        raise AssertionError("evaluate ran the model before checking the labels")
+
+    with pytest.raises(EvalError, match=rf"^data: expected labels in \[0, 2\) for tiny's 2 classes, got values in "
+                                        rf"{got}$") as err:
+        evaluate(no_forward, data, INFO, attacks="fgsm", eps=[1 / 255], device="cpu")
+    assert err.value.arg == "data"
+
+
 @pytest.mark.parametrize("names", [("a",), ("a", "b", "c")])
 def test_class_names_not_one_per_class_are_refused_before_any_forward_and_by_write_results(names, tmp_path):
     """A hand-built DatasetInfo with one name for two classes passed evaluate and then stopped write_results with a

@@ -501,6 +501,10 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     problem = positive_class_problem(info.num_classes, info.positive_class) or class_names_problem(info)
     if problem:  # a positive class on a multi-class set would be ignored while the report still named it
         raise EvalError("data", f"data: info: {problem}")
+    k = info.num_classes
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):  # the metrics refused them after the clean pass
+        raise EvalError("data", f"data: expected labels in [0, {k}) for {info.name}'s {k} classes, got values in "
+                                f"[{int(y.min())}, {int(y.max())}]")
     # batch by batch: isfinite builds float and bool temporaries the size of what it checks
     chunks = x.split(batch_size) if x.is_floating_point() else ()
     bad = sum(int((~torch.isfinite(c.reshape(c.shape[0], math.prod(x.shape[1:])))).any(1).sum()) for c in chunks)
