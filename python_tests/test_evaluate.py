@@ -1227,6 +1227,16 @@ def test_evaluate_refuses_a_method_label_that_is_no_text(bad):
         evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), method=bad)
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_evaluate_refuses_a_model_that_is_no_module(device):
+    """A plain function (AutoAttack takes any callable) failed with "'function' object has no attribute
+    'parameters'" (or 'to' with a device), an AttributeError naming no argument; the attacks already refuse it."""
+    with pytest.raises(EvalError, match=r"^model: expected a torch.nn.Module, got function; wrap a function in an "
+                                        r"nn.Module whose forward calls it$") as err:
+        evaluate(lambda x: tiny_model()(x), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), device=device)
+    assert err.value.arg == "model"
+
+
 def test_a_finished_write_removes_the_staging_folders_killed_writers_left(tmp_path):
     """docs/cli.md, Errors: results are staged in ``.<out>.partial-XXXXXXXX`` beside ``out`` and moved in when
     complete; a command killed before the move (SIGKILL) cannot remove its staging folder, and each kill left another

@@ -512,6 +512,9 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         raise EvalError("data", f"data: {bad} of {x.shape[0]} inputs contain NaN or Inf")
     if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
         raise EvalError("data", f"data: inputs outside the dataset's value range [{lo}, {hi}]")
+    if not isinstance(model, torch.nn.Module):  # "'function' object has no attribute 'parameters'" (or 'to')
+        raise EvalError("model", f"model: expected a torch.nn.Module, got {type(model).__name__}; wrap a function in "
+                                 "an nn.Module whose forward calls it")
     if device is None:  # a default of "cpu" moved a GPU model to the CPU, in place, and left it there
         device = model_device(model)
     model = model.to(device)
