@@ -184,6 +184,22 @@ def test_unknown_spec():
         load_dataset("no-such-thing")
 
 
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_empty_spec_is_refused_not_read_as_the_working_folder(spec, tmp_path, monkeypatch):
+    """load_dataset("") (an unset variable's value) read the working folder as a BUSI folder: its class folders
+    loaded silently, and in a source checkout it failed with ".ci: no images found"."""
+    for c, v in (("benign", 50), ("malignant", 200)):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{c} ({i}).png", (8, 8), v)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"^load_dataset: expected spec to be a name or a path, got {spec!r}; give a "
+                                        r"dataset name such as synthetic or breastmnist, or a path \('\.' for the "
+                                        r"working folder\)$"):
+        load_dataset(spec, size=8)
+    assert load_dataset(".", size=8).info.class_names == ("benign", "malignant")  # the folder itself, by its path
+
+
 def _png(path, size, value, mode="L"):
     from PIL import Image
 

@@ -253,6 +253,9 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
+    if isinstance(spec, str) and not spec.strip():  # Path("") is ".": the working folder was read as a BUSI folder
+        raise DataError(f"load_dataset: expected spec to be a name or a path, got {spec!r}; give a dataset name "
+                        "such as synthetic or breastmnist, or a path ('.' for the working folder)")
     check_int("load_dataset", "seed", seed, 0, error=DataError)  # else numpy's "expected non-negative integer"
     if not isinstance(download, bool):  # a permission: download="no" was truthy and downloaded
         raise DataError(f"load_dataset: expected download to be True or False, got {download!r}")
