@@ -4113,6 +4113,33 @@ def test_autoattack_refuses_bad_counts_when_built_not_when_their_attack_runs(key
         attacks.AutoAttack(model, eps=0.03, attacks=["apgd-ce", "apgd-t", "square"], **{key: bad})
 
 
+@pytest.mark.parametrize("bad", [True, -0.1, float("nan"), "0.03", None])
+def test_autoattack_refuses_a_bad_eps_when_built_not_when_its_attacks_run(bad):
+    # eps=True or "0.03" failed only when run, in the first attack's name and as "apgd: expected eps to be a number or
+    # a tensor of shape [2]" for 6 samples (2: those still correct); with no sample correct eps=-0.1 passed, and in a
+    # custom list an attack object ahead of the named attacks ran before they refused it.
+    model = make_model(3)
+    runs = []
+
+    def first(x, y):
+        runs.append(len(x))
+        return x
+
+    match = rf"^autoattack: expected eps to be a finite number >= 0, got {re.escape(repr(bad))}$"
+    with pytest.raises(ValueError, match=match):
+        attacks.AutoAttack(model, eps=bad)
+    with pytest.raises(ValueError, match=match):
+        attacks.AutoAttack(model, eps=bad, attacks=[first, "square"])
+    assert runs == []
+    with pytest.raises(ValueError, match=r"^autoattack: expected eps <= clip_max - clip_min = 1 for norm='linf', got "
+                                         r"eps up to 8 \(eps in 0-255 units\? pass e.g. 8/255\)$"):
+        attacks.AutoAttack(model, eps=8)
+    attacks.AutoAttack(model, eps=8, norm="l2")  # an L2 radius may exceed the range
+    x, y = make_data(6, 3)
+    per_sample = attacks.AutoAttack(model, eps=torch.full((6,), 0.03), attacks=["fgsm"])(x, y)
+    assert torch.equal(per_sample, attacks.AutoAttack(model, eps=0.03, attacks=["fgsm"])(x, y))
+
+
 def test_autoattack_empty_attacks_to_run_is_autoattacks_default_no_list():
     # AutoAttack's signature has attacks_to_run=[] and runs its version's attacks with it; here an empty list made an
     # empty "custom" cascade that failed only when run ("ensemble: expected a non-empty list of attacks").

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._options import check_flags
+from .._options import check_flags, check_real
 from .base import Attack
-from .core import NORMS_WITH_L1, check_labels_against, check_norm, check_steps, forward
+from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
 from .context import attack_context, check_attack_output, check_inputs, predict_from_output
 
 
@@ -286,6 +286,11 @@ class AutoAttack(Attack):
         norm = check_norm(self.name, norm, self.norms)  # AutoAttack's own spellings 'Linf' / 'L2' / 'L1' too
         check_flags(self.name, {"cascade": cascade})  # else refused only when run, and in ensemble's name
         super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max, **unknown)
+        if not torch.is_tensor(eps):  # a tensor [N] is checked per sample when run, as by every attack
+            # checked here, as the counts below: eps=True or "0.03" failed only when run, in the first attack's name,
+            # as "a tensor of shape [k]" for the k samples still correct; eps=-1 passed when none was
+            check_real(self.name, "eps", eps, minimum=0)
+            check_linf_budget(self.name, norm, torch.tensor([float(eps)]), self.clip_min, self.clip_max)
         self.version = "custom" if attacks is not None else version
         self.norm, self.eps, self.cascade = norm, eps, cascade
         common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
