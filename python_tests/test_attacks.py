@@ -4226,6 +4226,30 @@ def test_ensemble_refuses_a_per_sample_eps_of_another_length_before_any_attack_r
     assert queried == []  # refused before the clean check
 
 
+@pytest.mark.parametrize("arg, bad", [("eps", True), ("eps", -0.1), ("eps", "0.1"), ("alpha", float("nan"))])
+def test_ensemble_refuses_a_bad_eps_or_alpha_number_before_any_attack_runs(arg, bad):
+    """An attack's eps / alpha number was checked only when that attack ran: after every attack before it, as "pgd:
+    expected eps to be a number or a tensor of shape [3]" for a batch of 4 (3: the samples still robust), and not at
+    all when no sample was left."""
+    model, x = near_boundary_linear()
+    x = x[:4]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 3  # misclassified already: the attacks see 3 samples
+    runs = []
+
+    def first(x, y):
+        runs.append(len(x))
+        return x
+
+    options = {"eps": 0.1, "alpha": 0.01, "steps": 2, arg: bad}
+    with pytest.raises(ValueError, match=rf"^ensemble: attack 'pgd' has {arg}={re.escape(repr(bad))}; expected a "
+                                         r"finite number >= 0 or a tensor of shape \[4\], one per sample of x$"):
+        attacks.ensemble(model, x, y, [first, attacks.PGD(model, **options)])
+    assert runs == []
+    assert attacks.ensemble(model, x, y, [attacks.PGDL2(model, eps=0.5, alpha=None, steps=2)]).names[1] == "pgdl2"
+
+
 def test_attack_classes_refuse_a_reversed_clip_range_when_built():
     # named when the class is built, as clip_min or clip_max of another kind are, not at its first call (mutation
     # testing of attacks core: dropping the clip_max >= clip_min bound of Attack survived)

@@ -1,6 +1,8 @@
 """AutoAttack-style cascades: run attacks one after another, each only on the samples still robust."""
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +97,13 @@ def _check_per_sample_options(attack, n, label):
         if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != (n,):
             raise ValueError(f"ensemble: attack {label!r} has {arg} of shape {tuple(value.shape)}; expected a number "
                              f"or a tensor of shape [{n}], one per sample of x")
+        # a number the attack refuses only when it runs: after the attacks before it, and (a bool or text) as "a
+        # tensor of shape [k]" for the k samples still robust; -0.1 passed when none was
+        bad_number = value is not None and not torch.is_tensor(value) and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0)
+        if bad_number:
+            raise ValueError(f"ensemble: attack {label!r} has {arg}={value!r}; expected a finite number >= 0 or a "
+                             f"tensor of shape [{n}], one per sample of x")
     inner = vars(attack).get("attacks")
     if isinstance(inner, list):
         for a in inner:
