@@ -4153,6 +4153,20 @@ def test_autoattack_empty_attacks_to_run_is_autoattacks_default_no_list():
         attacks.AutoAttack(model, version="custom", attacks_to_run=[])
 
 
+@pytest.mark.parametrize("arg", ["attacks", "attacks_to_run"])
+def test_autoattack_and_ensemble_name_a_string_given_for_the_attacks_list(arg):
+    # a string was taken as the list of its characters: AutoAttack(attacks="apgd-ce") failed with "attacks.build:
+    # unknown attack 'a'", and ensemble(..., "pgd") said "got ['p', 'g', 'd']"
+    model = make_model(3)
+    with pytest.raises(ValueError, match=rf"^autoattack: expected {arg} to be a list of attack names or objects, got "
+                                         r"the string 'apgd-ce'; give a list, e.g. \['apgd-ce'\]$"):
+        attacks.AutoAttack(model, **{arg: "apgd-ce"})
+    x, y = make_data(4, 3)
+    with pytest.raises(ValueError, match=r"^ensemble: expected a non-empty list of attacks \(callables \(x, y\) -> "
+                                         r"x_adv\), got 'pgd'$"):
+        attacks.ensemble(model, x, y, "pgd")
+
+
 class _Float64Logits(nn.Module):
     """float32 inputs, float64 logits (a head computed in double precision)."""
 

@@ -152,9 +152,10 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     name = "ensemble"
     y = check_inputs(name, x, y, clip_min, clip_max)
     check_flags(name, {"cascade": cascade})  # cascade="no" cascaded
-    attacks = list(attacks)
+    given = attacks  # shown as given: a string's list was its characters, "got ['p', 'g', 'd']"
+    attacks = [] if isinstance(attacks, str) else list(attacks)
     if not attacks or not all(callable(a) for a in attacks):
-        raise ValueError(f"{name}: expected a non-empty list of attacks (callables (x, y) -> x_adv), got {attacks!r}")
+        raise ValueError(f"{name}: expected a non-empty list of attacks (callables (x, y) -> x_adv), got {given!r}")
     labels = tuple(names) if names is not None else tuple(_name(a, i) for i, a in enumerate(attacks))
     if len(labels) != len(attacks):
         raise ValueError(f"{name}: expected {len(attacks)} names, got {len(labels)}")
@@ -278,6 +279,10 @@ class AutoAttack(Attack):
         if version not in VERSIONS:
             raise ValueError(f"autoattack: expected version to be one of {', '.join(map(repr, VERSIONS))}, "
                              f"got {version!r}")
+        for arg, value in (("attacks", attacks), ("attacks_to_run", attacks_to_run)):
+            if isinstance(value, str):  # list("apgd-ce") was its characters: "unknown attack 'a'"
+                raise ValueError(f"autoattack: expected {arg} to be a list of attack names or objects, got the string "
+                                 f"{value!r}; give a list, e.g. [{value!r}]")
         if attacks_to_run is not None:  # AutoAttack's spelling
             if attacks is not None:
                 raise ValueError("autoattack: got both attacks and attacks_to_run (the same list); give one")
