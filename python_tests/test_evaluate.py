@@ -1237,6 +1237,15 @@ def test_evaluate_refuses_a_model_that_is_no_module(device):
     assert err.value.arg == "model"
 
 
+@pytest.mark.parametrize("bad", [None, {"num_classes": 2}])
+def test_evaluate_refuses_an_info_that_is_no_dataset_info(bad):
+    # None (or a dict of its fields) failed with "'NoneType' object has no attribute 'value_range'", naming no argument
+    with pytest.raises(EvalError, match=rf"^info: expected the dataset's DatasetInfo \(load_dataset\(...\).info\), "
+                                        rf"got {type(bad).__name__}$") as err:
+        evaluate(tiny_model(), tiny_data(), bad, attacks=("fgsm",), eps=(0.01,))
+    assert err.value.arg == "info"
+
+
 def test_a_finished_write_removes_the_staging_folders_killed_writers_left(tmp_path):
     """docs/cli.md, Errors: results are staged in ``.<out>.partial-XXXXXXXX`` beside ``out`` and moved in when
     complete; a command killed before the move (SIGKILL) cannot remove its staging folder, and each kill left another

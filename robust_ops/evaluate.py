@@ -464,6 +464,11 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
             seed = check_int("seed", "seed", seed, minimum=0)
         except ValueError as err:
             raise EvalError("seed", str(err)) from None
+    from .data import DatasetInfo
+
+    if not isinstance(info, DatasetInfo):  # None failed with "'NoneType' object has no attribute 'value_range'"
+        raise EvalError("info", f"info: expected the dataset's DatasetInfo (load_dataset(...).info), got "
+                                f"{type(info).__name__}")
     specs = parse_attacks(attacks)
     radii = parse_eps(eps)
     if not (isinstance(method, str) and method.strip()):  # the rows' label: None was written as "None", ["a"] failed
