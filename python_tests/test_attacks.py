@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from robust_ops import attacks
+from robust_ops import attacks, ima
 from robust_ops.attacks import context
 from robust_ops.attacks.core import run_pgd
 
@@ -3975,6 +3975,20 @@ def test_labels_that_are_not_a_tensor_are_a_type_error():
     with pytest.raises(TypeError, match=r"^pgd: expected y to be an integer tensor of class labels, got "
                                         r"<class 'list'>$"):
         attacks.pgd(model, x, y.tolist(), eps=0.03)
+
+
+@pytest.mark.parametrize("name, run", [
+    ("pgd", lambda model, x: attacks.PGD(model, steps=2)(x, None)),
+    ("square", lambda model, x: attacks.square(model, x, None, eps=0.03, n_queries=2)),
+    ("white_noise", lambda model, x: attacks.white_noise(model, x, None, eps=0.03, trials=1)),
+    ("ensemble", lambda model, x: attacks.AutoAttack(model, attacks=["fgsm"])(x, None)),
+    ("gen_adv", lambda model, x: ima.gen_adv(model, x, None, 0.1, steps=2))])
+def test_labels_of_none_are_a_type_error(name, run):
+    # None read as "no labels given" in the shared input check: PGD(model)(x, None) then failed with "'NoneType' object
+    # has no attribute 'numel'", AutoAttack with "'NoneType' object is not subscriptable"
+    with pytest.raises(TypeError, match=rf"^{name}: expected y to be an integer tensor of class labels, got "
+                                        r"<class 'NoneType'>$"):
+        run(make_model(), make_data()[0])
 
 
 def test_numpy_inputs_are_named_as_numpy_arrays():

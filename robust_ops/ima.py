@@ -163,7 +163,7 @@ def _check_batch(name, x, y, clip_min, clip_max, is_correct, loss_fn):
         _check_default_labels(name, y)
     if _class_labels_expected(is_correct, loss_fn, y):
         return check_inputs(name, x, y, clip_min, clip_max)
-    check_inputs(name, x, None, clip_min, clip_max)
+    check_inputs(name, x, clip_min=clip_min, clip_max=clip_max)
     if not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"{name}: expected y with batch size {x.shape[0]}, got "
                          f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")

@@ -179,9 +179,14 @@ def check_not_half(name, x, why, dtypes=HALF_DTYPES):
                         "model runs them under torch.autocast")
 
 
-def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
+_NO_LABELS = object()
+
+
+def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=None):
     """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
-    silently. Returns y as int64 (None without y): callers attack with the returned labels."""
+    silently. Returns y as int64 (None when y is not given, for callers without labels; a y of None is refused like
+    any other non-tensor, where atk(x, None) passed and failed later with "'NoneType' object has no attribute
+    'numel'"): callers attack with the returned labels."""
     if not torch.is_tensor(x) or not x.is_floating_point():
         # a numpy array's dtype alone ("got float32") read as if the tensor were fine: name its type
         raise TypeError(f"{name}: expected x to be a floating-point tensor, got "
@@ -201,7 +206,7 @@ def check_inputs(name, x, y=None, clip_min=0.0, clip_max=1.0, num_classes=None):
                 f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in [{lo:.4g}, {hi:.4g}]"
                 " (normalize inside the model, e.g. with robust_ops.attacks.Normalized)"
             )
-    return None if y is None else check_class_labels(name, y, x.shape[0], num_classes)
+    return None if y is _NO_LABELS else check_class_labels(name, y, x.shape[0], num_classes)
 
 
 def check_class_labels(name, y, n, num_classes=None):
