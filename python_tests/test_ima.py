@@ -1770,6 +1770,15 @@ def test_margin_table_edge_values():
         IMA().load_state_dict(dict(zeros, eps_train=1.0))
 
 
+@pytest.mark.parametrize("bad", [28, (0, 28, 28), (-1, 28), (1, 28.0), None])
+def test_paper_eps_train_refuses_a_shape_that_is_no_sample_shape(bad):
+    # 28 failed with "'int' object is not iterable", (-1, 28) with "math domain error", and (0, 28, 28) returned 0.0
+    with pytest.raises(ValueError, match=rf"^paper_eps_train: expected sample_shape to be a tuple of sizes >= 1 \(one "
+                                         rf"sample's shape, e.g. \(1, 28, 28\)\), got {re.escape(repr(bad))}$"):
+        paper_eps_train(bad)
+    assert paper_eps_train(torch.Size([1, 28, 28])) == paper_eps_train([1, 28, 28]) == paper_eps_train((1, 28, 28))
+
+
 def test_ima_defaults_setup_and_state_snapshot():
     assert paper_eps_train((3, 32, 32)) == pytest.approx(3.0)  # CIFAR10's eps, the rule's anchor
     assert paper_eps_train((1, 28, 28)) == pytest.approx(1.5155, abs=1e-4)

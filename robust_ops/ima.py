@@ -1093,6 +1093,11 @@ def paper_eps_train(sample_shape, norm="l2"):
     """Default eps_train from the paper's per-pixel rule (Section 3.3, Eq. 5): the per-element noise of CIFAR10's
     L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) for d = prod(sample_shape) (about 1.52 for
     1x28x28, 2.6 for PathMNIST's 3x28x28 which the paper rounds to 3); 8/255 for linf (no rule in the paper)."""
+    dims = tuple(sample_shape) if isinstance(sample_shape, (tuple, list, torch.Size)) else None
+    # an int failed with "'int' object is not iterable", a negative size with "math domain error", a 0 returned 0.0
+    if dims is None or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dims):
+        raise ValueError(f"paper_eps_train: expected sample_shape to be a tuple of sizes >= 1 (one sample's shape, "
+                         f"e.g. (1, 28, 28)), got {sample_shape!r}")
     if check_norm("paper_eps_train", norm) == "linf":
         return 8 / 255
     return 3.0 * math.sqrt(math.prod(sample_shape) / 3072)
