@@ -1779,6 +1779,15 @@ def test_paper_eps_train_refuses_a_shape_that_is_no_sample_shape(bad):
     assert paper_eps_train(torch.Size([1, 28, 28])) == paper_eps_train([1, 28, 28]) == paper_eps_train((1, 28, 28))
 
 
+def test_gen_adv_masked_refuses_compact_rather_than_replacing_it():
+    # gen_adv_masked(..., compact=True) replaced it by False without a word
+    model, x, y, margin = make_problem(n=4)
+    for compact in (True, False):
+        with pytest.raises(TypeError, match=rf"^gen_adv_masked: got compact={compact}, but it never compacts; call "
+                                            r"gen_adv\(\.\.\., compact=\.\.\.\) to choose$"):
+            gen_adv_masked(model, x, y, margin, steps=2, compact=compact)
+
+
 def test_ima_defaults_setup_and_state_snapshot():
     assert paper_eps_train((3, 32, 32)) == pytest.approx(3.0)  # CIFAR10's eps, the rule's anchor
     assert paper_eps_train((1, 28, 28)) == pytest.approx(1.5155, abs=1e-4)

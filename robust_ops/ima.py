@@ -889,6 +889,9 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
 def gen_adv_masked(model, x, y, margin, **kwargs):
     """:func:`gen_adv` without compaction: every forward and backward runs over the full batch and finished samples
     are frozen by masks. Same results; the baseline for benchmarks and equivalence tests."""
+    if "compact" in kwargs:  # compact=True was replaced by False without a word
+        raise TypeError(f"gen_adv_masked: got compact={kwargs['compact']!r}, but it never compacts; call "
+                        "gen_adv(..., compact=...) to choose")
     kwargs["compact"] = False
     return gen_adv(model, x, y, margin, **kwargs)
 
