@@ -4405,6 +4405,17 @@ def test_uniform_ball_refuses_nan_or_bool_eps_and_a_shape_that_is_no_tuple():
     assert attacks.uniform_ball(torch.Size([2, 3]), torch.tensor([0.1, 0.2]), "linf").abs().max() <= 0.2
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32"])
+def test_uniform_ball_refuses_a_dtype_that_is_no_float_dtype(norm, dtype):
+    # torch.int64 failed with torch's "'check_uniform_bounds' not implemented for 'Long'" (normal_kernel_cpu for l2),
+    # "float32" with torch.rand's overload list, neither naming uniform_ball nor dtype
+    with pytest.raises(TypeError, match=rf"^uniform_ball: expected dtype to be a floating-point torch.dtype, got "
+                                        rf"{re.escape(repr(dtype))}$"):
+        attacks.uniform_ball((2, 3), 0.1, norm, dtype=dtype)
+    assert attacks.uniform_ball((2, 3), 0.1, norm, dtype=torch.float64).dtype == torch.float64
+
+
 def test_uniform_ball_refuses_negative_or_bool_sizes():
     # each size is checked, not only the tuple (mutation testing of attacks core: dropping the per-size check survived;
     # torch's own errors named neither uniform_ball nor the shape)

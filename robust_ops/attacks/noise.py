@@ -18,6 +18,9 @@ def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.f
     sizes_ok = isinstance(shape, (tuple, list)) and all(type(s) is int and s >= 0 for s in shape)  # no bools
     if not (sizes_ok and shape):
         raise ValueError(f"uniform_ball: expected shape to be a non-empty tuple of sizes (N, ...), got {shape!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # torch's "'check_uniform_bounds' not
+        # implemented for 'Long'" (or its overload list for "float32") named no argument
+        raise TypeError(f"uniform_ball: expected dtype to be a floating-point torch.dtype, got {dtype!r}")
     n = shape[0]
     if not torch.is_tensor(eps):
         eps = check_real("uniform_ball", "eps", eps, minimum=0)
