@@ -1246,6 +1246,27 @@ def test_evaluate_refuses_an_info_that_is_no_dataset_info(bad):
     assert err.value.arg == "info"
 
 
+@pytest.mark.parametrize("dtype, fix", [
+    (torch.uint8, r"make them floating-point images in the value range \(x.float\(\) / 255 for 8-bit ones\)"),
+    (torch.float64, r"convert the data \(x.to\(torch.float32\)\) or the model \(model.to\(torch.float64\)\)")])
+def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(dtype, fix):
+    """uint8 or float64 inputs (in the value range) failed in the clean pass with torch's "Input type (unsigned char)
+    and bias type (float) should be the same", from inside the model's first layer, naming neither data nor the fix."""
+    x, y = tiny_data().tensors
+    data = TensorDataset((x > 0.5).to(dtype), y)
+    with pytest.raises(EvalError, match=rf"^evaluate: the inputs of dataset are {dtype}, but the model's parameters "
+                                        rf"are torch.float32; {fix}$") as err:
+        evaluate(tiny_model(), data, INFO, attacks=("fgsm",), eps=(0.01,))
+    assert err.value.arg == "data"
+
+    class Raises(nn.Module):  # a TypeError of the model's own is not taken for the inputs' dtype
+        def forward(self, x):
+            raise TypeError("the model's own")
+
+    with pytest.raises(TypeError, match=r"^the model's own$"):
+        evaluate(Raises(), data, INFO, attacks=("fgsm",), eps=(0.01,))
+
+
 def test_a_finished_write_removes_the_staging_folders_killed_writers_left(tmp_path):
     """docs/cli.md, Errors: results are staged in ``.<out>.partial-XXXXXXXX`` beside ``out`` and moved in when
     complete; a command killed before the move (SIGKILL) cannot remove its staging folder, and each kill left another

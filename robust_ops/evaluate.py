@@ -376,12 +376,18 @@ def dataset_tensors(dataset):
 @torch.no_grad()
 def predict_batches(model, x, batch_size=256, device="cpu"):
     """(predictions [N], probabilities [N, K]) on CPU, computed in batches on ``device`` in eval mode."""
+    from .train import _forward_naming_input_dtype, _InputDtypeError
+
     preds, probs = [], []
     with use_model_mode(model, "eval"):  # restores each module's own mode (a frozen submodule stays in eval)
         # an empty x still gets one (empty) forward: its output says how many classes the probabilities have
         for start in range(0, max(x.shape[0], 1), batch_size):
             xb = x[start:start + batch_size].to(device)
-            out = model(xb)
+            try:  # uint8 or float64 inputs met torch's "Input type (unsigned char) and bias type (float) should be
+                # the same" from inside the model's first layer, as fit names them
+                out = _forward_naming_input_dtype("evaluate", "dataset", model, xb)
+            except _InputDtypeError as err:
+                raise EvalError("data", str(err)) from None
             try:  # a tuple output was "'tuple' object has no attribute 'dim'", one row per batch a metrics error
                 check_output("evaluate", out, xb.shape[0])
             except ValueError as err:

@@ -1332,6 +1332,10 @@ def _infer_num_classes(model, x):
     return num_classes_of(out)
 
 
+class _InputDtypeError(TypeError):
+    """:func:`_forward_naming_input_dtype`'s refusal, told apart from a TypeError the model itself raised."""
+
+
 def _forward_naming_input_dtype(name, split, model, x):
     """model(x) (no_grad, eval mode: the caller's); a forward that fails only because x is not in the dtype of the
     model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and the
@@ -1350,8 +1354,8 @@ def _forward_naming_input_dtype(name, split, model, x):
             raise err from None
         fix = ("make them floating-point images in the value range (x.float() / 255 for 8-bit ones)"
                if not x.is_floating_point() else f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
-        raise TypeError(f"{name}: the inputs of {split} are {x.dtype}, but the model's parameters are {dtype}; "
-                        f"{fix}") from None
+        raise _InputDtypeError(f"{name}: the inputs of {split} are {x.dtype}, but the model's parameters are "
+                               f"{dtype}; {fix}") from None
 
 
 def _snapshot(state):
