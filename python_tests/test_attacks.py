@@ -3991,6 +3991,23 @@ def test_labels_of_none_are_a_type_error(name, run):
         run(make_model(), make_data()[0])
 
 
+@pytest.mark.parametrize("name, make", [("pgd", lambda m: attacks.PGD(m, steps=2)),
+                                         ("square", lambda m: attacks.Square(m, n_queries=2)),
+                                         ("ensemble", lambda m: attacks.AutoAttack(m, attacks=["fgsm"]))])
+def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(name, make):
+    # float64 inputs on a float32 model failed with torch's "mixed dtype (CPU): all inputs must share same datatype."
+    # (a convolution first: "Input type (double) and bias type (float) should be the same") from inside the model
+    model = nn.Sequential(nn.BatchNorm2d(1), make_model(3)).train()
+    x, y = make_data(4, 3)
+    stats = [b.clone() for b in model.buffers()]
+    with pytest.raises(TypeError, match=rf"^{name}: the inputs of x are torch.float64, but the model's parameters are "
+                                        r"torch.float32; convert the data \(x.to\(torch.float32\)\) or the model "
+                                        r"\(model.to\(torch.float64\)\)$"):
+        make(model)(x.double(), y)
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))  # the check's forward moved no statistics
+    assert model.training
+
+
 def test_numpy_inputs_are_named_as_numpy_arrays():
     """A numpy array's dtype alone made the error read "expected y to be an integer tensor ..., got int64" (and "x
     ... floating-point tensor, got float32"): the message seemed to accept what it refused."""

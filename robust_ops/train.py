@@ -1348,8 +1348,9 @@ def _forward_naming_input_dtype(name, split, model, x):
         if not torch.is_tensor(x) or len(dtypes) != 1 or x.dtype in dtypes:
             raise
         (dtype,) = dtypes
-        try:
-            model(x.to(dtype))
+        try:  # eval mode without gradients: an attack's train-mode forward would move BatchNorm's statistics
+            with torch.no_grad(), use_model_mode(model, "eval"):
+                model(x.to(dtype))
         except Exception:  # noqa: BLE001 -- it fails for another reason too: torch's error says which
             raise err from None
         fix = ("make them floating-point images in the value range (x.float() / 255 for 8-bit ones)"
