@@ -45,7 +45,8 @@ from torch.utils.data import TensorDataset
 from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import accepted_options, check_device, check_flags, check_int, class_labels
-from .attacks.context import check_attack_output, check_output, model_device, predict_from_output, use_model_mode
+from .attacks.context import (InputDtypeError, check_attack_output, check_output, forward_naming_input_dtype,
+                              model_device, predict_from_output, use_model_mode)
 from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
 SCHEMA = "robust_ops.results/1"
@@ -376,8 +377,6 @@ def dataset_tensors(dataset):
 @torch.no_grad()
 def predict_batches(model, x, batch_size=256, device="cpu"):
     """(predictions [N], probabilities [N, K]) on CPU, computed in batches on ``device`` in eval mode."""
-    from .train import _forward_naming_input_dtype, _InputDtypeError
-
     preds, probs = [], []
     with use_model_mode(model, "eval"):  # restores each module's own mode (a frozen submodule stays in eval)
         # an empty x still gets one (empty) forward: its output says how many classes the probabilities have
@@ -385,8 +384,8 @@ def predict_batches(model, x, batch_size=256, device="cpu"):
             xb = x[start:start + batch_size].to(device)
             try:  # uint8 or float64 inputs met torch's "Input type (unsigned char) and bias type (float) should be
                 # the same" from inside the model's first layer, as fit names them
-                out = _forward_naming_input_dtype("evaluate", "dataset", model, xb)
-            except _InputDtypeError as err:
+                out = forward_naming_input_dtype("evaluate", "dataset", model, xb)
+            except InputDtypeError as err:
                 raise EvalError("data", str(err)) from None
             try:  # a tuple output was "'tuple' object has no attribute 'dim'", one row per batch a metrics error
                 check_output("evaluate", out, xb.shape[0])

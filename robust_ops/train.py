@@ -48,8 +48,8 @@ from ._options import check_device, check_flags, check_int, check_real, class_la
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
-from .attacks.context import (HALF_DTYPES, check_output, classification_loss, num_classes_of,
-                              predict_from_output, use_model_mode)
+from .attacks.context import (HALF_DTYPES, check_output, classification_loss, forward_naming_input_dtype,
+                              num_classes_of, predict_from_output, use_model_mode)
 from .defenses._common import ONE_SAMPLE_BATCH_NORM, float32_or_wider
 from .defenses.base import _as_tuples, _plain
 
@@ -641,7 +641,7 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
             x, y = x.to(device), y.to(device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = check_output(name, _forward_naming_input_dtype(name, "val_data", model, x), x.shape[0])
+            out = check_output(name, forward_naming_input_dtype(name, "val_data", model, x), x.shape[0])
             k = num_classes_of(out)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):  # BCE would take label 2 as a target silently
                 raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} output classes, got "
@@ -1328,35 +1328,8 @@ class OneSampleBatchError(ValueError):
 def _infer_num_classes(model, x):
     """Number of classes from one eval-mode forward on a couple of samples (BatchNorm statistics untouched)."""
     with torch.no_grad(), use_model_mode(model, "eval"):
-        out = check_output("fit", _forward_naming_input_dtype("fit", "train_data", model, x[:2]), min(2, x.shape[0]))
+        out = check_output("fit", forward_naming_input_dtype("fit", "train_data", model, x[:2]), min(2, x.shape[0]))
     return num_classes_of(out)
-
-
-class _InputDtypeError(TypeError):
-    """:func:`_forward_naming_input_dtype`'s refusal, told apart from a TypeError the model itself raised."""
-
-
-def _forward_naming_input_dtype(name, split, model, x):
-    """model(x) (no_grad, eval mode: the caller's); a forward that fails only because x is not in the dtype of the
-    model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and the
-    fix: torch's "Input type (double) and bias type (float) should be the same" came from inside the model's first
-    layer (float64 images from numpy's x / 255.0, uint8 ones). A model that converts its inputs itself runs as is."""
-    try:
-        return model(x)
-    except RuntimeError as err:
-        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        if not torch.is_tensor(x) or len(dtypes) != 1 or x.dtype in dtypes:
-            raise
-        (dtype,) = dtypes
-        try:  # eval mode without gradients: an attack's train-mode forward would move BatchNorm's statistics
-            with torch.no_grad(), use_model_mode(model, "eval"):
-                model(x.to(dtype))
-        except Exception:  # noqa: BLE001 -- it fails for another reason too: torch's error says which
-            raise err from None
-        fix = ("make them floating-point images in the value range (x.float() / 255 for 8-bit ones)"
-               if not x.is_floating_point() else f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
-        raise _InputDtypeError(f"{name}: the inputs of {split} are {x.dtype}, but the model's parameters are "
-                               f"{dtype}; {fix}") from None
 
 
 def _snapshot(state):

@@ -120,6 +120,33 @@ def is_single_logit(out):
     return out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1)
 
 
+class InputDtypeError(TypeError):
+    """:func:`forward_naming_input_dtype`'s refusal, told apart from a TypeError the model itself raised."""
+
+
+def forward_naming_input_dtype(name, split, model, x):
+    """model(x) (no_grad, eval mode: the caller's); a forward that fails only because x is not in the dtype of the
+    model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and the
+    fix: torch's "Input type (double) and bias type (float) should be the same" came from inside the model's first
+    layer (float64 images from numpy's x / 255.0, uint8 ones). A model that converts its inputs itself runs as is."""
+    try:
+        return model(x)
+    except RuntimeError as err:
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if not torch.is_tensor(x) or len(dtypes) != 1 or x.dtype in dtypes:
+            raise
+        (dtype,) = dtypes
+        try:  # eval mode without gradients: an attack's train-mode forward would move BatchNorm's statistics
+            with torch.no_grad(), use_model_mode(model, "eval"):
+                model(x.to(dtype))
+        except Exception:  # noqa: BLE001 -- it fails for another reason too: torch's error says which
+            raise err from None
+        fix = ("make them floating-point images in the value range (x.float() / 255 for 8-bit ones)"
+               if not x.is_floating_point() else f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
+        raise InputDtypeError(f"{name}: the inputs of {split} are {x.dtype}, but the model's parameters are "
+                              f"{dtype}; {fix}") from None
+
+
 def check_output(name, out, n):
     """Model outputs must be [N, K] logits (K >= 2) or [N] / [N, 1] single logits."""
     if not torch.is_tensor(out):  # a tuple or dict (aux outputs, HF-style) failed with "'tuple' has no attribute dim"

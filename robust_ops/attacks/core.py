@@ -22,6 +22,7 @@ from .context import (
     check_inputs,
     check_output,
     classification_loss,
+    forward_naming_input_dtype,
     is_single_logit,
     margin,
     num_classes_of,
@@ -250,9 +251,7 @@ def forward(name, model, x):
     except RuntimeError:
         # x of another dtype than the model's parameters: torch's "Input type (double) and bias type (float) should
         # be the same" from inside its first layer becomes fit's and evaluate's one-line TypeError naming the fix
-        from ..train import _forward_naming_input_dtype  # here: train imports the attacks
-
-        out = _forward_naming_input_dtype(name, "x", model, x)
+        out = forward_naming_input_dtype(name, "x", model, x)
     return check_output(name, out, x.shape[0])
 
 
