@@ -125,9 +125,9 @@ class InputDtypeError(TypeError):
 
 
 def forward_naming_input_dtype(name, split, model, x):
-    """model(x) (no_grad, eval mode: the caller's); a forward that fails only because x is not in the dtype of the
-    model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and the
-    fix: torch's "Input type (double) and bias type (float) should be the same" came from inside the model's first
+    """model(x), in the caller's mode and gradient setting; a forward that fails only because x is not in the dtype
+    of the model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and
+    the fix: torch's "Input type (double) and bias type (float) should be the same" came from inside the model's first
     layer (float64 images from numpy's x / 255.0, uint8 ones). A model that converts its inputs itself runs as is."""
     try:
         return model(x)

@@ -246,13 +246,9 @@ def check_loss(name, loss):
 
 
 def forward(name, model, x):
-    try:
-        out = model(x)
-    except RuntimeError:
-        # x of another dtype than the model's parameters: torch's "Input type (double) and bias type (float) should
-        # be the same" from inside its first layer becomes fit's and evaluate's one-line TypeError naming the fix
-        out = forward_naming_input_dtype(name, "x", model, x)
-    return check_output(name, out, x.shape[0])
+    # x of another dtype than the model's parameters: torch's "Input type (double) and bias type (float) should be
+    # the same" from inside its first layer becomes fit's and evaluate's one-line TypeError naming the fix
+    return check_output(name, forward_naming_input_dtype(name, "x", model, x), x.shape[0])
 
 
 def check_labels_against(name, y, out):
