@@ -2122,6 +2122,30 @@ def test_a_path_with_a_name_too_long_is_a_one_line_error(flag, tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["run.json", "checkpoint.pt"])
+def test_a_folder_where_train_writes_a_file_is_a_one_line_error(name, small_npz, tmp_path, capsys):
+    # a folder named run.json ended train in a traceback from os.replace ("Is a directory: '.run.json.x.tmp' ->
+    # 'run.json'", naming the temporary file), one named checkpoint.pt in one from Path.unlink
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    rc, _, err = run(["train", "--data", small_npz, "--epochs", "1", "--no-progress", "--device", "cpu", "--out", out],
+                     capsys)
+    one_line_error(rc, err, f"robust-ops train: error: {out / name}: Is a directory")
+    assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_an_oserror_naming_no_file_keeps_its_traceback(monkeypatch, tmp_path):
+    # only errors about a path become one line; any other OSError is a fault whose traceback shows where it came from
+    import errno
+
+    def broken(args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cli, "cmd_eval", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        cli.main(["eval", str(tmp_path)])
+
+
 def test_demo_into_an_out_another_demo_is_writing_is_refused(small_npz, tmp_path, capsys):
     # each run folder's lock alone let a second demo retrain the first one's finished runs/standard while the first
     # trained its next method: the first one's results.json then described weights no longer on disk (probe: demo

@@ -1690,12 +1690,15 @@ def _main(argv):
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
     except OSError as err:
-        if err.errno != errno.ENAMETOOLONG:
-            raise
-        # a path given to any flag (--out, --data, --config, eval's RUN_DIR) with a name longer than the file system
-        # takes: raised by the first look at it (Path.exists), a traceback naming no flag
-        print(f"{prefix}: error: {err.filename}: {err.strerror} (a name in a path takes at most 255 bytes on most "
-              "file systems)", file=sys.stderr)
+        # A file the command could not read or write (a folder where RUN_DIR/run.json or checkpoint.pt goes, a full
+        # disk, a read-only mount, a name longer than the file system takes): the path and the reason, not a
+        # traceback. A rename names the file it would replace (filename2), not the temporary file it moves there.
+        path = err.filename2 if err.filename2 is not None else err.filename
+        if path is None or not err.strerror:
+            raise  # not about a file: a traceback shows where it came from
+        hint = (" (a name in a path takes at most 255 bytes on most file systems)"
+                if err.errno == errno.ENAMETOOLONG else "")
+        print(f"{prefix}: error: {path}: {err.strerror}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no command says more (eval, bench, demo's evaluation): no traceback
         print(f"\n{prefix}: interrupted", file=sys.stderr)
