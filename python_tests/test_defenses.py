@@ -726,6 +726,26 @@ def test_arfl_r_zero_trains_exactly_as_at_plus_the_regularizer_also_with_batchno
     assert arfl_out.logits is None and "loss_clean" not in arfl_out.metrics and "loss_adv" in arfl_out.metrics
 
 
+def test_dpaat_at_alpha_one_and_beta_zero_runs_no_clean_training_forward(crafted):
+    """docs/defenses/dpaat.md: alpha = 1 with beta = 0 is L = L(x_adv) at the adaptive radii. A clean training
+    forward with weight 0 still moved BatchNorm's running statistics (as SAT at alpha = 1 did), so the model trained
+    was not that loss's; the radius rule's clean loss runs in the attack's mode (eval) only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3)).train()
+    x, y = _batch(8, num_classes=3)
+    seen = []
+    model.register_forward_pre_hook(lambda m, inputs: seen.append((m.training, inputs[0].detach().clone())))
+    out = DPAAT(alpha=1.0, beta=0.0, steps=2)(model, x, y)
+    x_adv = crafted[-1][1].x_adv
+    trained = [t for training, t in seen if training]
+    assert len(trained) == 1 and torch.equal(trained[0], x_adv) and not torch.equal(x_adv, x)
+    assert out.logits is None and set(out.metrics) == {"loss", "loss_adv", "radius_mean"}
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x_adv), y)  # the training forward: batch statistics of x_adv
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_rst_weighs_the_adversarial_loss_by_lam(crafted):
     """Supervised RST (MIRST-DM eq. 1): L = L(x) + lam * L(x_adv)."""
     model, x, y = _model_and_batch()

@@ -125,7 +125,7 @@ class DPAAT(_AdaptiveRadius):
     """DPAAT: L = alpha * L(x_adv) + (1 - alpha) * L(x) + beta * L_syn (eq. 12), with per-sample radii (eqs. 13-15):
     dL_i = L(x_adv_i) - L(x_i), dL_avg their mini-batch mean (eq. 14), gamma_i = eps * |dL_i - dL_avg| / |dL_avg|,
     eps_i = ||x_adv_i - x_i|| - gamma_i if dL_i > dL_avg else ||x_adv_i - x_i|| + gamma_i, then a new x_adv with radii
-    eps_i (Alg. 1 line 12).
+    eps_i (Alg. 1 line 12). alpha = 1 with beta = 0 runs no clean training forward (L = L(x_adv), no clean logits).
 
     Choices (docs/defenses/dpaat.md): |dL_avg| in the denominator (so a negative mean does not flip the rule);
     |dL_avg| < guard (or 0) -> gamma = 0 (radius unchanged); a negative radius means no perturbation (eps_i = 0);
@@ -182,6 +182,12 @@ class DPAAT(_AdaptiveRadius):
         clean_l, adv_l = self._losses(model, y, x, first)
         radii = self.radii(float32_or_wider(sample_distance(first, x, self.norm)), adv_l - clean_l)
         x_adv = self._attack_with_radii(model, x, y, radii)
+        if self.alpha == 1 and self.beta == 0:
+            # L = L(x_adv) alone: a clean training forward with weight 0 still moved BatchNorm's running statistics
+            # (as SAT at alpha = 1); the radius rule's clean loss above ran in the attack's mode
+            adv = classification_loss(model(x_adv), y)
+            return DefenseOutput(loss=adv, metrics={"loss": float(adv.detach()), "loss_adv": float(adv.detach()),
+                                                    "radius_mean": self._radius_mean})
         logits = model(x)
         logits_adv = model(x_adv)
         clean = classification_loss(logits, y)
