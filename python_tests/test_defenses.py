@@ -2002,6 +2002,8 @@ def test_weights_step_and_radius_arguments_are_checked_when_built():
             (lambda: DPAAT(guard=-1e-6), ValueError, "dpaat: expected guard to be a finite number >= 0"),
             (lambda: ARFL(r=1.5), ValueError, r"arfl: expected r to be a finite number with 0 <= r <= 1, got 1.5"),
             (lambda: ARFL(layer=3), TypeError, "arfl: expected layer to be None or a module name \\(str\\), got int"),
+            (lambda: ARFL(layer=""), ValueError, "arfl: expected layer to name a submodule .*got '' \\(the model "
+             "itself, whose output is the logits"),
             (lambda: MIRST(alpha=-1.0), ValueError, "mirst: expected alpha to be a finite number >= 0, got -1"),
             (lambda: MIRST(emit=()), ValueError,
              r"mirst: expected emit to be increasing step counts in \[1, steps=10\], got \(\)")):

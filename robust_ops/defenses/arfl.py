@@ -73,6 +73,9 @@ class ARFL(PGDDefense):
         self.channel_reduction = check_choice(n, "channel_reduction", channel_reduction, ("mean", "sum"))
         if layer is not None and not isinstance(layer, str):
             raise TypeError(f"{n}: expected layer to be None or a module name (str), got {type(layer).__name__}")
+        if layer == "":  # named_modules()'s name of the model itself: L_robust read the logits as the feature map
+            raise ValueError(f"{n}: expected layer to name a submodule (as in model.named_modules(), e.g. 'net.2'), "
+                             "got '' (the model itself, whose output is the logits, not a feature map)")
         self.layer = layer
 
     def feature_module(self, model):
