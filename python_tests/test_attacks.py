@@ -1253,6 +1253,30 @@ def test_ensemble_cuts_only_tensor_options_of_one_value_per_sample():
     assert len(seen) == 3 and all(w is weights for w in seen)
 
 
+def test_ensemble_cuts_eps_and_alpha_only_also_when_another_option_has_one_value_per_sample():
+    # class weights [K] on a batch of exactly K samples were cut like a per-sample eps: each call got the weights
+    # of its samples' positions ([1, 2] and [3] for batch_size=2), not the weights
+    class Weighted(attacks.Attack):
+        name = "weighted"
+
+        def __init__(self, model, weights, eps, **options):
+            super().__init__(model, **options)
+            self.weights, self.eps = weights, eps
+
+        def forward(self, x, y):
+            seen.append((self.weights, self.eps))
+            return x
+
+    model = make_model(3)
+    x, _ = make_data(3, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    weights, eps, seen = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.1, 0.2, 0.3]), []
+    attacks.ensemble(model, x, y, [Weighted(model, weights, eps)], batch_size=2)
+    assert all(w is weights for w, _ in seen)
+    assert [e.tolist() for _, e in seen] == [eps[:2].tolist(), eps[2:].tolist()]  # eps still one per sample
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # APGD, Square, AutoAttack on a small trained model
 

@@ -64,13 +64,19 @@ def _distinct_keys(names):
     return keys
 
 
+# The per-sample options an Attack may hold as a tensor [N] (docs/attacks.md: eps and alpha)
+PER_SAMPLE_OPTIONS = ("eps", "alpha")
+
+
 def _on_samples(attack, part, n):
     """``attack`` for the samples ``part`` of a batch of ``n``: a shallow copy of an :class:`Attack` with its
-    per-sample tensor options ([n]: eps, alpha; also inside an AutoAttack's list) cut to ``part``, since the cascade
-    and ``batch_size`` attack subsets. Other callables are used as given."""
+    per-sample tensor options ([n]: ``PER_SAMPLE_OPTIONS``; also inside an AutoAttack's list) cut to ``part``, since
+    the cascade and ``batch_size`` attack subsets. Other callables are used as given."""
     if not isinstance(attack, Attack):
         return attack
-    cut = {k: v[part.to(v.device)] for k, v in vars(attack).items()
+    # eps and alpha only: another tensor option (class weights [K]) is not per sample, even when K happens to be n
+    options = {k: vars(attack).get(k) for k in PER_SAMPLE_OPTIONS}
+    cut = {k: v[part.to(v.device)] for k, v in options.items()
            if torch.is_tensor(v) and v.dim() == 1 and v.shape[0] == n}
     inner = vars(attack).get("attacks")
     if isinstance(inner, list):
@@ -80,10 +86,6 @@ def _on_samples(attack, part, n):
     sub = copy.copy(attack)
     vars(sub).update(cut)
     return sub
-
-
-# The per-sample options an Attack may hold as a tensor [N] (docs/attacks.md: eps and alpha)
-PER_SAMPLE_OPTIONS = ("eps", "alpha")
 
 
 def _check_per_sample_options(attack, n, label):
