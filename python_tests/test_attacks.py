@@ -1215,6 +1215,39 @@ def test_ensemble_errors():
     assert attacks.ensemble(model, x, y, [attacks.FGSM(model)], batch_size=np.int64(2)).x_adv.shape == x.shape
 
 
+def test_ensemble_refuses_an_attack_targeted_by_label_before_any_attack_runs():
+    # the cascade passes the true labels: an attack targeted by label took them as targets and pushed towards them,
+    # and every sample was scored robust (PGD at eps 0.1 breaks samples of this model untargeted)
+    model, x = near_boundary_linear()
+    x = x[:16]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    assert attacks.ensemble(model, x, y, [attacks.PGD(model, eps=0.1, steps=5)]).robust_accuracy() < 1
+    calls = []
+
+    def first(a, b):
+        calls.append(a.shape[0])
+        return a
+
+    message = (r"^ensemble: attack 'pgd' is targeted by label, so it would take the true labels as its targets; call "
+               r"its set_mode_default\(\), or a mode that makes targets from the labels")
+    for targeted in (attacks.PGD(model, eps=0.1, steps=5, targeted=True),
+                     attacks.PGD(model, eps=0.1, steps=5).set_mode_targeted_by_label()):
+        with pytest.raises(ValueError, match=message):
+            attacks.ensemble(model, x, y, [first, targeted])
+        inside = attacks.AutoAttack(model, eps=0.1, attacks=[targeted])  # a custom list's objects, as given
+        with pytest.raises(ValueError, match=message):
+            attacks.ensemble(model, x, y, [first, inside])
+        with pytest.raises(ValueError, match=message):
+            inside.run(x, y)
+    assert calls == []
+    # targets made from the true labels are an untargeted evaluation's: they run, and break samples
+    for mode in ("set_mode_targeted_random", "set_mode_targeted_least_likely"):
+        atk = getattr(attacks.PGD(model, eps=0.1, steps=5), mode)()
+        assert attacks.ensemble(model, x, y, [atk]).robust_accuracy() < 1
+    assert attacks.ensemble(model, x, y, [attacks.PGD(model, eps=0.1, steps=5, targeted=True).set_mode_default()]
+                            ).robust_accuracy() < 1
+
 def test_ensemble_result_holds_no_graph_of_an_attack_that_returns_one():
     # an attack may return points that require grad (a callable not under no_grad): x_adv is detached (mutation
     # testing of square/ensemble: dropping the detach survived, and x_adv kept the attack's graph)

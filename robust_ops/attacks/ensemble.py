@@ -112,17 +112,24 @@ def _check_per_sample_options(attack, n, label):
             _check_per_sample_options(a, n, label)
 
 
-def _check_runs_on(attack, x):
+def _check_runs_on(attack, x, label):
     """Ask ``attack`` (also the attacks inside an AutoAttack's list) whether it runs on ``x``'s dtype and shape: a
-    Square after APGD-CE, APGD-T and FAB-T refused flat [N, D] inputs only once those had run."""
+    Square after APGD-CE, APGD-T and FAB-T refused flat [N, D] inputs only once those had run. An attack targeted by
+    label is refused: the cascade passes the true labels, which it would take as targets and push towards (every
+    sample then scored robust); targets made from the labels (random, least likely, a function) are fine."""
     for hook in ("check_input_dtype", "check_input_shape"):
         check = getattr(attack, hook, None)
         if check is not None:
             check(x)
+    if isinstance(attack, Attack) and attack.targeted and attack._target_rule is None:
+        raise ValueError(f"ensemble: attack {label!r} is targeted by label, so it would take the true labels as its "
+                         "targets; call its set_mode_default(), or a mode that makes targets from the labels "
+                         "(set_mode_targeted_random(), set_mode_targeted_least_likely(), "
+                         "set_mode_targeted_by_function())")
     inner = vars(attack).get("attacks") if isinstance(attack, Attack) else None
     if isinstance(inner, list):
-        for a in inner:
-            _check_runs_on(a, x)
+        for i, a in enumerate(inner):
+            _check_runs_on(a, x, _name(a, i))  # named by its own name: the attack to change
 
 
 @torch.no_grad()
@@ -166,7 +173,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     x = x.detach()
     n = x.shape[0]
     for attack, label in zip(attacks, labels):  # before any attack runs: the cascade would otherwise stop minutes in
-        _check_runs_on(attack, x)
+        _check_runs_on(attack, x, label)
         _check_per_sample_options(attack, n, label)
     x_adv = x.clone()
     broken_by = torch.full((n,), -1, dtype=torch.long, device=x.device)
