@@ -473,6 +473,22 @@ def test_compile_fullgraph():
     _check_compiled("aot_eager")
 
 
+def test_functional_with_tensor_alpha_and_eps_compiles_fullgraph():
+    """The functional wrapper's dtype check of a per-sample alpha/eps tensor is traceable: its torch._check message
+    closed over the tensor, which Dynamo refuses ("Can't convert torch._check*() message closure"), so
+    robust_ops.pgd_step_ with tensor alpha/eps failed under torch.compile(fullgraph=True)."""
+
+    def step(x_adv, x_nat, grad, alpha, eps):
+        robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, norm="l2")
+        return x_adv
+
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 4, 4))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")(x_adv.clone(), x_nat, grad, alpha, eps)
+    assert_verbose_equal(compiled, step(x_adv.clone(), x_nat, grad, alpha, eps))
+    torch._dynamo.reset()
+
+
 def test_reference_backend_compiles_with_graph_breaks_only():
     """docs/ops/pgd_step.md: backend="reference" (the eager chain) compiles without fullgraph, equal to eager; with
     fullgraph=True Dynamo refuses its shape-naming checks (the native and Triton variants compile fullgraph)."""

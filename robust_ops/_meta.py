@@ -14,10 +14,13 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_floating(op, arg, t):
+    # The message closes over the dtype, not the tensor: Dynamo refuses a torch._check message closure holding a
+    # tensor, so the functional pgd_step_'s check of a tensor alpha/eps broke torch.compile(fullgraph=True).
+    dtype = t.dtype
     torch._check(
-        t.dtype in FLOATING,
+        dtype in FLOATING,
         lambda: f"{op}: expected {arg} to be a floating-point tensor (float16, bfloat16, float32, float64), "
-        f"got {t.dtype}",
+        f"got {dtype}",
     )
 
 
