@@ -2,6 +2,8 @@
 torchattacks 3.5.1 expression chains in float32/float64, tolerances for float16/bfloat16, in-place semantics for any
 strides, history slots, zero gradients, opcheck, torch.compile and every error message."""
 
+import math
+
 import pytest
 import torch
 
@@ -347,6 +349,34 @@ def test_reduced_precision_close_to_reference(dtype, norm):
     exact = x_adv.double()
     reference.pgd_step_(exact, x_nat.double(), grad.double(), alpha.double(), eps.double(), 0.0, 1.0, norm)
     torch.testing.assert_close(ours.double(), exact, rtol=tol["rtol"], atol=2 * tol["atol"])
+
+
+def check_clip_bounds_beyond_the_dtype(step_op, dtype, norm, device="cpu"):
+    """A clip bound the dtype's opmath cannot hold (1e5 in float16, 1e39 in bfloat16 and float32) is rounded to inf,
+    as the C++ kernels' static_cast: backend="reference" clamped with the Python bound and raised torch's "value
+    cannot be converted to type c10::Half without overflow" (naming neither the op nor the bound), and the Triton
+    launcher's torch.full of the bounds "... to type float without overflow" for 1e39."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 5, 4), dtype, device, clip=(-2.0, 2.0), scale=0.02)
+    big = 1e5 if dtype == torch.float16 else 1e39
+    for clip in ((-big, big), (-1.0, big), (-big, 1.0)):
+        ours, ref = x_adv.clone(), x_adv.clone()
+        step_op(ours, x_nat, grad, alpha, eps, *clip, norm, None, 0)
+        robust_ops.pgd_step_(ref, x_nat, grad, alpha, eps, clip_min=clip[0], clip_max=clip[1], norm=norm,
+                             backend="reference")
+        if dtype == torch.float32:
+            assert_verbose_equal(ours, ref)
+            continue
+        # float32 rounds a bound of 1e39 to inf (the chain's Python-float clamp would raise on it)
+        rounded = tuple(math.copysign(math.inf, c) if abs(c) > 1e38 else c for c in clip)
+        assert_verbose_equal(ours, opmath_chain(x_adv, x_nat, grad, alpha, eps, rounded, norm))
+        tol = TOLERANCES[dtype]
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=tol["rtol"], atol=2 * tol["atol"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norm", NORMS)
+def test_clip_bounds_beyond_the_dtype(dtype, norm):
+    check_clip_bounds_beyond_the_dtype(op, dtype, norm)
 
 
 def opmath_chain(x, x_nat, g, alpha, eps, clip, norm):

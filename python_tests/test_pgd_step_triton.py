@@ -10,6 +10,7 @@ from robust_ops._meta import check_pgd_step_args
 from test_pgd_step import (
     PGD_TENSOR_ARGUMENTS,
     check_backward_sees_the_mutation,
+    check_clip_bounds_beyond_the_dtype,
     check_l2_batch_innermost_layout,
     check_per_sample_values_sharing_written_memory,
     check_refuses_a_non_leaf_x_adv,
@@ -127,6 +128,12 @@ def test_float64_clip_bounds_are_not_rounded_to_float32(norm):
     (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.1, 0.7), norm)
     assert_verbose_equal(ours, ref)
     assert bool((ref == 0.1).any()) and bool((ref == 0.7).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("norm", NORMS)
+def test_clip_bounds_beyond_the_dtype(dtype, norm):
+    check_clip_bounds_beyond_the_dtype(triton_op(), dtype, norm, device())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -14,6 +14,7 @@ __all__ = [
     "pgd_step_",
     "boundary_search_step_",
     "interpolation_weights",
+    "clip_bounds",
 ]
 
 
@@ -117,6 +118,16 @@ def _per_sample(t, like):
     return t.to(like.dtype).view((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
+def clip_bounds(clip_min, clip_max, dtype, device):
+    """[clip_min, clip_max] in the opmath dtype of ``dtype`` (float64 for float64, else float32), rounded as the C++
+    kernels' static_cast: a bound beyond that dtype's range becomes inf (torch.full(..., 1e39, dtype=torch.float32)
+    raises "value cannot be converted to type float without overflow"; a tensor cast rounds). Filled on the device:
+    torch.tensor from a list would copy from host memory, a sync on CUDA."""
+    bounds = torch.full((2,), clip_min, dtype=torch.float64, device=device)
+    bounds[1:].fill_(clip_max)
+    return bounds.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 @torch.no_grad()
 def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=None, slot=0):
     """Reference fused PGD step, in place on x_adv (and history[slot] when history is given).
@@ -151,7 +162,13 @@ def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=
         factor = torch.minimum(delta_norm.reciprocal() * eps_flat, torch.ones_like(delta_norm))
         factor = torch.where(eps_flat == 0, torch.zeros_like(factor), factor)
         delta = delta * factor.view_as(a)
-    new = torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
+    new = x_nat + delta
+    # Clamp in the opmath dtype with the bounds rounded to it (a bound beyond its range to inf), as the kernels do:
+    # the same bits as a clamp in the dtype wherever the dtype holds the bound (checked over every float16 and
+    # bfloat16 value), where torch.clamp with a Python bound the dtype cannot hold (1e5 in float16, 1e39 in float32)
+    # raised "value cannot be converted to type c10::Half without overflow".
+    bounds = clip_bounds(clip_min, clip_max, new.dtype, new.device)
+    new = torch.clamp(new.to(bounds.dtype), min=bounds[0], max=bounds[1]).to(new.dtype)
     x_adv.copy_(new)
     if history is not None:
         history[slot].copy_(new)

@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .._autograd import register_in_place_without_gradient
 from .._meta import check_pgd_step_args, check_pgd_step_values
+from ..reference import clip_bounds
 from ._utils import check_launchable, div_rn, launch, may_overlap, mul_rn, on_device_of
 
 BLOCK = 1024
@@ -148,10 +149,9 @@ def pgd_step_triton(
     # is copied first.
     written = [x_adv] + ([history[slot]] if history is not None else [])
     alpha_c, eps_c = (v.clone() if any(may_overlap(v, w) for w in written) else v for v in (alpha_c, eps_c))
-    # Filled on the device: torch.tensor([clip_min, clip_max], device=cuda) copies from host memory and so waits for
-    # the stream (a host sync every step, which the CUDA kernel avoids); fill_ passes the bounds as kernel scalars.
-    bounds = torch.full((2,), clip_min, dtype=op_dtype, device=x_adv.device)
-    bounds[1:].fill_(clip_max)
+    # Filled on the device (no host sync every step, which the CUDA kernel avoids), rounded to op_dtype as the C++
+    # kernels do: a bound beyond its range is inf (clip_max=1e39 for float32 used to raise in torch.full).
+    bounds = clip_bounds(clip_min, clip_max, x_adv.dtype, x_adv.device)
     direct_history = history is not None and history.is_contiguous() and not any(
         may_overlap(history[slot], t) for t in (x, x_nat_c, grad_c)
     )
