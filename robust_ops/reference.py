@@ -4,6 +4,7 @@ Nothing here is optimized; each function states the exact semantics the native a
 (see docs/ops/). Shape helpers here are shared with the fake kernels in _meta.py.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,14 +119,15 @@ def _per_sample(t, like):
     return t.to(like.dtype).view((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
-def clip_bounds(clip_min, clip_max, dtype, device):
-    """[clip_min, clip_max] in the opmath dtype of ``dtype`` (float64 for float64, else float32), rounded as the C++
-    kernels' static_cast: a bound beyond that dtype's range becomes inf (torch.full(..., 1e39, dtype=torch.float32)
-    raises "value cannot be converted to type float without overflow"; a tensor cast rounds). Filled on the device:
-    torch.tensor from a list would copy from host memory, a sync on CUDA."""
-    bounds = torch.full((2,), clip_min, dtype=torch.float64, device=device)
-    bounds[1:].fill_(clip_max)
-    return bounds.to(torch.float64 if dtype == torch.float64 else torch.float32)
+def clip_bounds(clip_min, clip_max, dtype):
+    """``(clip_min, clip_max, opmath)``: the bounds as Python floats rounded to the opmath dtype of ``dtype`` (float64
+    for float64, else float32), as the C++ kernels' static_cast rounds them: a bound beyond that dtype's range
+    becomes inf (torch.clamp or torch.full with 1e39 for float32 raise "value cannot be converted to type float
+    without overflow"). Rounded by numpy, from Python numbers: no tensor, so no device work and no sync."""
+    if dtype == torch.float64:
+        return float(clip_min), float(clip_max), torch.float64
+    with np.errstate(over="ignore"):  # the overflow to inf is the rounding asked for
+        return float(np.float32(clip_min)), float(np.float32(clip_max)), torch.float32
 
 
 @torch.no_grad()
@@ -167,8 +169,8 @@ def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=
     # the same bits as a clamp in the dtype wherever the dtype holds the bound (checked over every float16 and
     # bfloat16 value), where torch.clamp with a Python bound the dtype cannot hold (1e5 in float16, 1e39 in float32)
     # raised "value cannot be converted to type c10::Half without overflow".
-    bounds = clip_bounds(clip_min, clip_max, new.dtype, new.device)
-    new = torch.clamp(new.to(bounds.dtype), min=bounds[0], max=bounds[1]).to(new.dtype)
+    low, high, opmath = clip_bounds(clip_min, clip_max, new.dtype)
+    new = torch.clamp(new.to(opmath), min=low, max=high).to(new.dtype)  # Python bounds: a tensor bound is ~4x slower
     x_adv.copy_(new)
     if history is not None:
         history[slot].copy_(new)

@@ -151,7 +151,9 @@ def pgd_step_triton(
     alpha_c, eps_c = (v.clone() if any(may_overlap(v, w) for w in written) else v for v in (alpha_c, eps_c))
     # Filled on the device (no host sync every step, which the CUDA kernel avoids), rounded to op_dtype as the C++
     # kernels do: a bound beyond its range is inf (clip_max=1e39 for float32 used to raise in torch.full).
-    bounds = clip_bounds(clip_min, clip_max, x_adv.dtype, x_adv.device)
+    low, high, _ = clip_bounds(clip_min, clip_max, x_adv.dtype)
+    bounds = torch.full((2,), low, dtype=op_dtype, device=x_adv.device)
+    bounds[1:].fill_(high)
     direct_history = history is not None and history.is_contiguous() and not any(
         may_overlap(history[slot], t) for t in (x, x_nat_c, grad_c)
     )
