@@ -321,6 +321,29 @@ def test_ensemble_runs_each_attack_on_the_samples_the_earlier_ones_left_robust(m
     assert rows[1]["accuracy"] < rows[0]["accuracy"] and sum(_Recorder.seen) == robust
 
 
+class _Bump(nn.Module):
+    """Class 1 only near mean(x) = 0.5 + 1.5/255: FGSM from 0.5 (every pixel + eps) lands there at 1/255, and past it
+    at 4/255."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        z1 = 5 - 3e5 * (x.flatten(1).mean(1) * self.w - (0.5 + 1.5 / 255)) ** 2
+        return torch.stack([torch.zeros_like(z1), z1], 1)
+
+
+def test_ensemble_keeps_a_sample_fooled_at_a_smaller_radius_fooled():
+    # each radius ran its own ensemble on every sample: FGSM fools these at 1/255 (inside the 4/255 ball too) but not
+    # at 4/255, so the ensemble's robust accuracy rose from 0 to 1 while the per-attack cascade kept it at 0
+    data = TensorDataset(torch.full((4, 1, 2, 2), 0.5), torch.zeros(4, dtype=torch.long))
+    info = DatasetInfo("bump", 2, 1, 2, ("a", "b"), positive_class=1)
+    for ensemble in (False, True):
+        rows = evaluate(_Bump(), data, info, attacks="fgsm", eps="1/255,4/255", ensemble=ensemble)
+        assert [r["accuracy"] for r in rows] == [1.0, 0.0, 0.0]
+
+
 def test_multiclass_rows_have_map():
     info = DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c"))
     x = torch.rand(30, 1, 12, 12)

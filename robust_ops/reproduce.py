@@ -415,7 +415,11 @@ def eval_key(fingerprint, specs, eps, ensemble, seed):
     radii = parse_eps(eps)
     attacks = [[s.name, s.label, {k: ([v(e) for e in radii] if callable(v) else v) for k, v in s.options.items()}]
                for s in specs]
-    return _json_copy({**fingerprint, "attacks": attacks, "eps": radii, "ensemble": bool(ensemble), "seed": seed})
+    key = {**fingerprint, "attacks": attacks, "eps": radii, "ensemble": bool(ensemble), "seed": seed}
+    if ensemble:  # ensemble rows cached before 2026-12-05 ran each radius afresh (a sample fooled at a smaller radius
+        # could count as robust at a larger one): their key lacks this, so they are evaluated again
+        key["ensemble_radii"] = "cascade"
+    return _json_copy(key)
 
 
 def _json_copy(value):
