@@ -194,6 +194,8 @@ def test_train_writes_run_and_eval_end_to_end(trained_run, capsys):
     assert (trained_run / "eval" / "accuracy_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
     assert (trained_run / "eval" / "saliency_standard.png").is_file()
     assert "| F1: attack | ε | standard |" in out
+    # the printed tables' sensitivity is named as the report's is (label 0 is BreastMNIST's positive class)
+    assert "\nsmallbus: positive class 1 = 1; sensitivity is the recall of the positive class\n" in out
 
 
 def test_train_prints_an_eval_command_that_runs_as_printed(small_npz, tmp_path, capsys):
@@ -915,6 +917,7 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "Published numbers beside ours" in text and "QUICK MODE" in text and "| Standard training | FGSM" in text
     assert "RUNS:" not in text  # --seeds 1 of the protocol's 5 gets no RUNS note in --quick: QUICK MODE's covers it
+    assert "two-moons: positive class 1 = lower moon; sensitivity is the recall of the positive class" in stdout
 
 
 def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):

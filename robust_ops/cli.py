@@ -1252,6 +1252,8 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     paths = write_results_to_out(out, rows, splits.info, config=config, device=device, title=title,
                                  saliency=saliency, extra_markdown=extra_markdown, paper=paper)
     metrics = ("f1", "sensitivity", "accuracy") if splits.info.num_classes == 2 else ("accuracy", "f1", "map")
+    # the tables' sensitivity is that of the positive class, label 0 in BreastMNIST: say which, as report.md does
+    print(f"\n{splits.info.name}: {report.positive_class_text(splits.info.to_dict())}")
     for m in metrics:
         print()
         print(report.pivot_table(rows, m))

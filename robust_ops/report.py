@@ -176,6 +176,16 @@ def undefined_note(rows, metrics, binary=True):
     return f"> **Undefined metrics** (–, `null` in results.json): {which}. {why}"
 
 
+def positive_class_text(info):
+    """What sensitivity, precision and F1 are of, for ``info`` (a DatasetInfo's ``to_dict()``): the positive class's
+    label and name, or the macro averages of a multi-class set."""
+    pos = info.get("positive_class")
+    if pos is not None:
+        return f"positive class {pos} = {info['class_names'][pos]}; sensitivity is the recall of the positive class"
+    # multi-class: no positive class; each metric is a one-vs-rest macro average (robust_ops.metrics)
+    return "macro-averaged metrics over the classes present; sensitivity is the mean per-class recall"
+
+
 def markdown_report(doc, title=None, figures=(), extra=None):
     info = doc["dataset"]
     rows = doc["rows"]
@@ -185,11 +195,7 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     if doc.get("synthetic"):
         lines += [f"> **Synthetic data** ({name}): {info.get('source', 'generated')}. These numbers say nothing "
                   "about real patients.", ""]
-    pos = info.get("positive_class")
-    if pos is not None:
-        pos_text = f"positive class {pos} = {info['class_names'][pos]}; sensitivity is the recall of the positive class"
-    else:  # multi-class: no positive class; each metric is a one-vs-rest macro average (robust_ops.metrics)
-        pos_text = "macro-averaged metrics over the classes present; sensitivity is the mean per-class recall"
+    pos_text = positive_class_text(info)
     first = rows[0] if rows else {}
     # eval --split val attacks the validation split: results.json's config says which
     split = "Validation" if (doc.get("config") or {}).get("split") == "val" else "Test"

@@ -789,6 +789,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                                  notes=notes, title=f"Reproduction: {protocol.paper}", saliency=saliency,
                                  extra_markdown=extra, extra_fields={"per_run_rows": all_rows})
     print()
+    print(f"{info.name}: {report.positive_class_text(info.to_dict())}")  # what the table's sensitivity is of
     print(comparison)
     print(f"\nwrote {paths['results']} and {paths['report']} ({config['seconds']:.0f} s)")
     return rows
