@@ -547,6 +547,17 @@ def test_results_json_row_fields_are_the_written_ones(tmp_path):
     assert all(list(r) == documented for r in rows), (list(rows[0]), documented)
 
 
+def test_every_reported_metric_is_defined_in_getting_started():
+    """results.json's metrics had no definition in docs/ (binary mAP, the mean of both classes' AP rather than the
+    positive class's, least of all): getting-started's Metrics table gives each one, binary and multi-class."""
+    from robust_ops.metrics import BINARY_METRICS, MULTICLASS_METRICS
+
+    text = (REPO / "docs/getting-started.md").read_text()
+    table = text.split("**Metrics**", 1)[1].split("\n\n| key | binary task | multi-class task |\n|---|---|---|\n")[1]
+    keys = [line.split(" | ")[0][3:-1] for line in table.split("\n\n")[0].splitlines()]
+    assert sorted(keys) == sorted({"n", *BINARY_METRICS, *MULTICLASS_METRICS}), keys
+
+
 def _signature_problems(parts, fn):
     """What a prose signature's arguments (`eps`, `norm="linf"`, `*`) get wrong about fn's parameters."""
     import math
