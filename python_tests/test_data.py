@@ -158,6 +158,25 @@ def test_npz_pickle_refused(tmp_path):
         load_dataset(p)
 
 
+def test_npz_with_a_damaged_member_says_so(tmp_path):
+    """A member cut short was refused as "arrays that need pickle", and one holding no .npy data (np.load hands back
+    its bytes) as labels "of shape ()" with "multi-label sets are not supported": neither was the file's fault."""
+    import io
+    import zipfile
+
+    arrays = dict(np.load(write_npz(tmp_path / "ok.npz")))
+    for name, key, damage in (("cut.npz", "train_images", lambda b: b[:len(b) // 2]),
+                              ("junk.npz", "val_labels", lambda b: b"not numpy data")):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            for k, v in arrays.items():
+                buf = io.BytesIO()
+                np.save(buf, v)
+                z.writestr(f"{k}.npy", damage(buf.getvalue()) if k == key else buf.getvalue())
+        with pytest.raises(DataError, match=rf"{name}: not a readable \.npz file \({key}") as err:
+            load_dataset(tmp_path / name)
+        assert "pickle" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_official_name_md5_mismatch(tmp_path):
     p = write_npz(tmp_path / "breastmnist.npz")
     with pytest.raises(DataError, match=r"breastmnist\.npz: MD5 [0-9a-f]{32} does not match the official"):

@@ -180,11 +180,9 @@ def load_npz(path, size=None, name=None):
             missing = [k for k in needed if k not in keys]
             if missing:
                 raise DataError(f"{path}: missing keys {', '.join(missing)} (a MedMNIST .npz has {', '.join(needed)})")
-            arrays = {k: npz[k] for k in needed}
+            arrays = {k: _npz_member(path, npz, k) for k in needed}
     except DataError:
         raise
-    except ValueError as err:  # object arrays need pickle: refuse
-        raise DataError(f"{path}: refusing to load arrays that need pickle ({err})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
     sets, shape = [], None
@@ -221,6 +219,21 @@ def load_npz(path, size=None, name=None):
     if missing:
         info.extra["classes_missing_from_split"] = missing
     return DatasetSplits(*sets, info)
+
+
+def _npz_member(path, npz, key):
+    """Array ``key`` of an open .npz. A truncated member was refused as "arrays that need pickle" and one that is no
+    .npy data (np.load hands back its raw bytes) as labels "of shape ()", "multi-label sets are not supported"."""
+    try:
+        value = npz[key]
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # object arrays need pickle: refuse
+            raise DataError(f"{path}: refusing to load arrays that need pickle ({err})") from None
+        raise DataError(f"{path}: not a readable .npz file ({key}: {err})") from None
+    if not isinstance(value, np.ndarray):
+        raise DataError(f"{path}: not a readable .npz file ({key} holds no .npy array: damaged, or not saved with "
+                        "numpy.save)")
+    return value
 
 
 def _check_class_indices(path, sets, num_classes):
