@@ -1579,6 +1579,7 @@ def test_aggregate_keeps_rows_that_differ_only_in_their_norm_apart():
     assert [(r["norm"], r["accuracy"], r["repeats"]) for r in rows] == [("linf", 0.2, 1), ("l2", 0.6, 1)]
 
 
+@pytest.mark.filterwarnings("ignore:.*default step alpha=:UserWarning")  # pgd:steps=1 on purpose
 def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys):
     """Several evaluation plans: one clean row per run, renamed worst-case rows, rows keyed by repeat; plans that
     differ only in their radii are cached apart."""

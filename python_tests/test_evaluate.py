@@ -25,6 +25,11 @@ from robust_ops.data import DatasetInfo
 from robust_ops.evaluate import AttackSpec, EvalError, evaluate, parse_attacks, parse_eps, write_results
 from robust_ops.metrics import classification_metrics, probabilities
 
+# Most tests here run pgd's default step (0.001 x 20) at radii such as 0.2 on purpose (what they check is the
+# protocol, not the attack's strength); its warning is tested once, in
+# test_a_default_step_that_cannot_reach_the_radius_is_a_warning.
+pytestmark = pytest.mark.filterwarnings("ignore:.*default step alpha=:UserWarning")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INFO = DatasetInfo("tiny", 2, 1, 12, ("benign", "malignant"), positive_class=1, synthetic=True, source="random")
 
@@ -63,6 +68,29 @@ def test_parse_attacks():
         parse_attacks("pgd,pgd")
     with pytest.raises(EvalError, match="not an expression in eps"):
         parse_attacks("pgd:alpha=eps.__class__")
+
+
+def test_a_default_step_that_cannot_reach_the_radius_is_a_warning():
+    """pgd's default step 0.001 x 20 steps (MIRST-DM's PGD-20, made for 5/255) moves at most 0.02 from its start:
+    at 8/255, or as pgd:norm=l2 at 0.3, its rows silently measured a weaker attack (on two-moons at 0.3, weaker
+    than FGSM). A step or steps the user gave are theirs, and the library's defaults at the CLI's radii pass."""
+    import warnings
+
+    from robust_ops.evaluate import warn_default_step_short_of_radii
+
+    def warned(attacks, eps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_default_step_short_of_radii(parse_attacks(attacks), parse_eps(eps))
+        return [str(w.message) for w in caught]
+
+    assert warned("pgd", "8/255") == ["attacks: pgd's default step alpha=0.001 moves it at most 20 x 0.001 = 0.02 "
+                                      "from its start, less than eps=8/255: its rows there measure a weaker attack "
+                                      "than the radius allows; give pgd:alpha=eps/4"]
+    assert "pgd(norm=l2)'s default step" in warned("pgd:norm=l2", "0.3")[0]
+    for attacks, eps in (("fgsm,pgd,cw", "1/255,2/255,5/255"), ("pgd:steps=50", "8/255"), ("pgd:alpha=eps/4", "8/255"),
+                         ("pgdl2,ifgsm,cw,apgd-ce", "0.3")):
+        assert warned(attacks, eps) == [], (attacks, eps)
 
 
 def test_unknown_attack_spec_and_attack_objects_are_one_line_errors():
