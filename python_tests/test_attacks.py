@@ -1248,6 +1248,7 @@ def test_ensemble_refuses_an_attack_targeted_by_label_before_any_attack_runs():
     assert attacks.ensemble(model, x, y, [attacks.PGD(model, eps=0.1, steps=5, targeted=True).set_mode_default()]
                             ).robust_accuracy() < 1
 
+
 def test_ensemble_result_holds_no_graph_of_an_attack_that_returns_one():
     # an attack may return points that require grad (a callable not under no_grad): x_adv is detached (mutation
     # testing of square/ensemble: dropping the detach survived, and x_adv kept the attack's graph)
