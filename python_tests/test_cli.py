@@ -939,6 +939,42 @@ def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):
         one_line_error(rc, err, f"--methods: arfl-moons has no method {named}; choose from Standard training, ")
 
 
+def test_interrupted_reproduce_says_where_its_runs_are_and_how_to_continue(tmp_path, capsys, monkeypatch):
+    # Ctrl-C / SIGTERM said only "no results were written": nothing of the finished runs kept in OUT/runs-quick
+    # or of how to continue from them (train's and demo's lines say it); the rerun ends where an uninterrupted run does
+    out = tmp_path / "arfl"
+    argv = ["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--methods", "Standard training,MIRST", "--out", out,
+            "--no-progress", "--device", "cpu"]
+    real, calls = cli.train_run, []
+
+    def train_run(*args, **kwargs):  # Ctrl-C as the second method's training starts: the first run is finished
+        calls.append(kwargs["label"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "train_run", train_run)
+    rc, _, err = run(argv, capsys)
+    monkeypatch.setattr(cli, "train_run", real)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 130 and calls == ["Standard training", "MIRST"] and len(lines) == 1, err
+    assert lines[0] == (f"robust-ops reproduce: interrupted; {out / 'runs-quick'} keeps its runs' finished epochs and "
+                        f"evaluations; rerun the same command to continue from them (results.json and report.md "
+                        f"are written at the end)")
+    assert not (out / "results.json").exists()
+    rc, resumed, err = run(argv, capsys)
+    assert rc == 0 and "loading (already trained) Standard training" in resumed, err
+    assert "Standard training: evaluation reused" in resumed
+    rc, _, err = run(argv[:-4] + [tmp_path / "whole", "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    rows = [json.loads((d / "results.json").read_text())["per_run_rows"] for d in (out, tmp_path / "whole")]
+    assert rows[0] == rows[1]
+    monkeypatch.setattr(cli, "train_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, _, err = run(argv[:-4] + [tmp_path / "none", "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 130 and err.strip() == ("robust-ops reproduce: interrupted before any run finished an epoch; rerun "
+                                         "the same command to start again"), err
+
+
 def test_reproduce_evaluation_error_is_a_one_line_error_naming_the_protocol(tmp_path, capsys, monkeypatch):
     # an EvalError from a protocol's evaluation (e.g. a model giving NaN scores) ends in one line led by its name
     import robust_ops.reproduce

@@ -1610,7 +1610,14 @@ def cmd_reproduce(args):
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:
         if is_main_process():
-            print(f"\n{PROG} reproduce: interrupted; no results were written", file=sys.stderr)
+            # the runs resume from their checkpoints: "no results were written" alone read as all work lost
+            runs = out / ("runs-quick" if args.quick else "runs")
+            if any(runs.glob(f"*/*/{CHECKPOINT}")):
+                said = (f"interrupted; {runs} keeps its runs' finished epochs and evaluations; rerun the same command "
+                        f"to continue from them (results.json and report.md are written at the end)")
+            else:
+                said = "interrupted before any run finished an epoch; rerun the same command to start again"
+            print(f"\n{PROG} reproduce: {said}", file=sys.stderr)
         return 130
     return 0
 
