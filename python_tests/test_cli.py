@@ -1237,6 +1237,31 @@ def test_mirst_bus_states_its_attack_start_points_and_the_cw_alternative_runs():
     assert (from_x - x).abs().max() <= 0.001 + 1e-6 < (random - x).abs().max()
 
 
+def test_protocol_pages_state_the_settings_their_papers_leave_open():
+    """DPAAT gives no values for AMAT's thresholds or for its own beta (eq. 12, "a tuneable hyper-parameter"), and
+    prints an L_syn (eq. 11) that rises as the outputs agree; IMA gives SAT's and TRADES's eps_train only. The pages'
+    deviations did not say what ran there; they now name the library defaults the methods run with."""
+    import math
+
+    from robust_ops import defenses
+    from robust_ops.reproduce import IMA_EPS_TRAIN, PROTOCOLS, describe
+
+    dpaat = describe(PROTOCOLS["dpaat-bus"])
+    assert "AMAT's xi = ln 2 and delta_eps = eps/2" in dpaat and "DPAAT's beta = 1" in dpaat
+    assert "L_syn as the Jensen-Shannon divergence" in dpaat and 'syn="printed"' in dpaat
+    built = {m.label: defenses.build(m.defense, **m.options) for m in PROTOCOLS["dpaat-bus"].methods}
+    assert built["AMAT"].xi == pytest.approx(math.log(2)) and built["AMAT"].delta_eps == pytest.approx(0.15)
+    assert built["DPAAT"].beta == 1 and built["DPAAT"].syn == "js" and built["DPAAT"].reference == "batch"
+    ima = describe(PROTOCOLS["ima-bus"])
+    assert "SAT's and TRADES's attacks (the paper gives eps_train only): 10 steps of L2 PGD of 2.5*eps/10" in ima
+    assert "from a random point of the ball, the model in eval mode" in ima
+    for label in ("SAT", "TRADES"):
+        method = next(m for m in PROTOCOLS["ima-bus"].methods if m.label == label)
+        d = defenses.build(method.defense, **method.options)
+        assert (d.norm, d.steps, d.random_start, d.attack_mode) == ("l2", 10, True, "eval"), label
+        assert d.step_size == pytest.approx(2.5 * IMA_EPS_TRAIN / 10), label
+
+
 def test_dpaat_table_ii_map_is_clean_and_marp_is_under_20_pgd():
     # DPAAT: mAP is "a more precise expression for generalization" (clean test set), mARP the "mean average precision
     # on adversarial dataset crafted from the testing dataset"; Table II's adversarial set is 20-step PGD

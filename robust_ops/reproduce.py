@@ -233,6 +233,9 @@ IMA_BUS = Protocol(
         "TRADES: beta = 1, the library's default (MIRST-DM's setting). The IMA paper runs the other methods with their "
         "own papers' settings, which for TRADES is beta = 6 (robustness weighted more): defenses.build(\"trades\", "
         "beta=6) for that reading.",
+        "SAT's and TRADES's attacks (the paper gives eps_train only): 10 steps of L2 PGD of 2.5*eps/10 (Madry's rule) "
+        "from a random point of the ball, the model in eval mode (the library's AT defaults; TRADES's attack ascends "
+        "the KL).",
         "AutoAttack-style: the library's cascade of AutoAttack's standard attacks in L2 (APGD-CE, APGD-T, FAB-T, "
         "Square with 5000 queries; as the paper's Section 3.1, with AutoAttack's settings; until 2026-12-02 it was "
         "L2 PGD-20, APGD-CE and APGD-DLR, as FAB-T and the L2 Square were not built; on a CPU Square's 5000 queries "
@@ -318,6 +321,12 @@ DPAAT_BUS = Protocol(
         "Table II's mAP is measured on the clean test set and its mARP on the 20-PGD adversarial set: the mAP column "
         "compares the paper's mAP with our clean mAP, and its mARP with our mAP under 20-PGD (the row's precision, "
         "recall and F1 are under 20-PGD, as the table's caption says).",
+
+        "Settings the paper leaves open, run at the library's defaults (docs/defenses/amat.md, dpaat.md): AMAT's xi = "
+        "ln 2 and delta_eps = eps/2 (AMAT's thresholds came from an external network; DPAAT gives no values); "
+        "DPAAT's beta = 1 (eq. 12 calls it tunable), L_syn as the Jensen-Shannon divergence (eq. 11 as printed is "
+        "ln 2 minus it, which rises as the outputs agree, against the text; syn=\"printed\" for the formula as "
+        "printed) and dL_avg over the mini-batch (eq. 14).",
     ],
     quick={"epochs": 2, "repeats": 1, "n_train": 96, "n_test": 48, "model": "small_cnn"},
 )
