@@ -3,8 +3,8 @@
 Each protocol trains its methods (over seeds or cross-validation folds), evaluates them the paper's way, and writes
 ``results.json`` (mean rows, per-run rows, the paper's published numbers) and ``report.md`` with the published numbers
 beside ours. Where we must deviate from a paper (CPU budget, architecture, dataset) the protocol's ``notes`` say so
-and the report repeats them. ``--quick`` is a smoke run (subsets, 2 epochs, small CNN) that checks the pipeline
-end to end; its numbers mean nothing.
+and the report repeats them. ``--quick`` is a smoke run (subsets, 2 epochs, small_cnn for resnet18) that checks the
+pipeline end to end; its numbers mean nothing.
 """
 
 import hashlib
