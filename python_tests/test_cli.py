@@ -1262,6 +1262,34 @@ def test_protocol_pages_state_the_settings_their_papers_leave_open():
         assert d.step_size == pytest.approx(2.5 * IMA_EPS_TRAIN / 10), label
 
 
+def test_ima_bus_ensemble_of_repeat_k_draws_from_seed_k(small_npz, tmp_path, monkeypatch):
+    """docs/reproduce/README.md: repeat k's random attacks (PGD's start, APGD, Square) draw from seed k, and
+    config.attack_seeds lists k. ima-bus's AutoAttack cascade carried AutoAttack's own seed 0 in every repeat."""
+    import robust_ops.evaluate
+    from robust_ops import reproduce
+
+    seen = []
+
+    class Enough(Exception):
+        pass
+
+    def evaluate(model, data, info, *, attacks, eps, ensemble, seed, **kwargs):
+        seen.append((seed, {s.name: s.options.get("seed") for s in attacks}))
+        if len(seen) == 3:  # repeat 1's cascade
+            raise Enough
+        return []
+
+    monkeypatch.setattr(cli, "train_run", lambda **kwargs: (torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(28 * 28, 2)), None, None, []))
+    monkeypatch.setattr(robust_ops.evaluate, "evaluate", evaluate)
+    with pytest.raises(Enough):
+        reproduce.run_protocol(reproduce.PROTOCOLS["ima-bus"], out=tmp_path, quick=True, data=str(small_npz), seeds=2,
+                               methods=["STD"], progress=False)
+    cascade = {"apgd-ce", "apgd-t", "fab-t", "square"}
+    assert seen[0] == (0, dict.fromkeys(cascade, 0)) and seen[1] == (0, {"noise": None})
+    assert seen[2] == (1, dict.fromkeys(cascade, 1))
+
+
 def test_dpaat_table_ii_map_is_clean_and_marp_is_under_20_pgd():
     # DPAAT: mAP is "a more precise expression for generalization" (clean test set), mARP the "mean average precision
     # on adversarial dataset crafted from the testing dataset"; Table II's adversarial set is 20-step PGD

@@ -178,12 +178,14 @@ MIRST_BUS = Protocol(
 IMA_EPS_TRAIN = math.sqrt(28 * 28 * 1 * 3 / (32 * 32))  # IMA's per-pixel rule (eps_p = 3 / 1024) for 1x28x28
 
 
-def _ima_ensemble():
+def _ima_ensemble(seed=None):
     """IMA's evaluation (Section 3.1): AutoAttack's standard cascade, in L2, with AutoAttack's settings (as
-    ``attacks.AutoAttack(model, norm="l2")`` builds it, from the same ``STANDARD`` settings)."""
+    ``attacks.AutoAttack(model, norm="l2")`` builds it, from the same ``STANDARD`` settings). ``seed``: the attacks'
+    (AutoAttack's, 0, for None); a protocol's repeat k passes k, as its other random attacks draw from seed k."""
     from .attacks.ensemble import STANDARD
 
-    steps, targets, seed = STANDARD["steps"], STANDARD["n_target_classes"], STANDARD["seed"]
+    steps, targets = STANDARD["steps"], STANDARD["n_target_classes"]
+    seed = STANDARD["seed"] if seed is None else seed
     return [AttackSpec("apgd-ce", {"norm": "l2", "steps": steps, "seed": seed}, "APGD-CE"),
             AttackSpec("apgd-t", {"norm": "l2", "steps": steps, "n_target_classes": targets, "seed": seed}, "APGD-T"),
             AttackSpec("fab-t", {"norm": "l2", "steps": steps, "n_target_classes": targets, "seed": seed}, "FAB-T"),
@@ -368,8 +370,9 @@ def describe(p):
 QUICK_STEPS = 5
 
 
-def _specs(plan, quick):
-    specs = _ima_ensemble() if plan.attacks == "ensemble" else list(plan.attacks)
+def _specs(plan, quick, seed=None):
+    """The plan's attacks as run (``quick``: capped); ``seed``: the repeat's, for the ensemble's own seeded attacks."""
+    specs = _ima_ensemble(seed) if plan.attacks == "ensemble" else list(plan.attacks)
     out = []
     for s in specs:
         opts = dict(s.options)
@@ -733,7 +736,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)
             fingerprint = run_fingerprint(model, splits.test, method.label)
             for plan in protocol.evals:
-                specs = _specs(plan, quick)
+                specs = _specs(plan, quick, seed=k)  # repeat k's random attacks draw from seed k, the cascade's too
                 key = eval_key(fingerprint, specs, plan.eps, plan.ensemble, seed=k)
                 rows = cache.get(key)
                 if rows is None:
