@@ -1709,6 +1709,22 @@ def test_reproduce_runs_note_for_more_seeds_than_the_protocols(small_npz, tmp_pa
             in (tmp_path / "more" / "report.md").read_text())
 
 
+def test_reproduce_epochs_note_when_epochs_override_the_protocols(small_npz, tmp_path):
+    """--epochs other than the protocol's: its notes kept describing its own training length (arfl-moons: "we train 40
+    epochs" over a --epochs 1 run) with no word of the override, as --seeds, --methods and --data each get."""
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    proto.epochs, proto.repeats = 3, 1
+    run_protocol(proto, out=tmp_path / "fewer", data=str(small_npz), epochs=1, progress=False)
+    note = ("EPOCHS: this run trained 1 epoch per method (--epochs), the protocol 3; what the notes below say of its "
+            "training length does not describe it.")
+    assert f"- {note}\n" in (tmp_path / "fewer" / "report.md").read_text()
+    assert json.loads((tmp_path / "fewer" / "results.json").read_text())["notes"][0] == note
+    run_protocol(proto, out=tmp_path / "own", data=str(small_npz), epochs=3, progress=False)  # the protocol's own
+    assert "EPOCHS:" not in (tmp_path / "own" / "report.md").read_text()
+
+
 def test_fresh_train_replaces_the_old_checkpoint(small_npz, tmp_path, capsys, monkeypatch):
     """A fresh run into an old RUN_DIR, interrupted before its first epoch, must not leave the old run's checkpoint
     under its own run.json: --resume would continue the old weights as the new run."""

@@ -770,6 +770,10 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         notes.insert(0, f"DATA: this run used {data} ({inf.num_classes} classes: {', '.join(map(str, inf.class_names))}"
                         f"; {shape}; {pos}) instead of the protocol's {protocol.data}; "
                         f"what the notes below say about {protocol.data} does not describe it.")
+    if epochs != protocol.epochs and not quick:  # its notes give its own training length ("we train 40 epochs")
+        notes.insert(0, f"EPOCHS: this run trained {epochs} epoch{'s' if epochs != 1 else ''} per method (--epochs), "
+                        f"the protocol {protocol.epochs}; what the notes below say of its training length does not "
+                        f"describe it.")
     if repeats != protocol.repeats and not quick:  # the protocol's notes describe its own number of runs
         unit = "folds" if protocol.split == "kfold" else "seeds"
         # more --seeds than the protocol's: 'covers 2 of the protocol's 1 seeds' was no count
