@@ -1290,6 +1290,25 @@ def test_ima_bus_ensemble_of_repeat_k_draws_from_seed_k(small_npz, tmp_path, mon
     assert seen[2] == (1, dict.fromkeys(cascade, 1))
 
 
+def test_dpaat_bus_states_its_radii_are_not_rescaled_to_28x28():
+    """DPAAT's L2 0.3 (training and 20/50-PGD) and Linf 1/255 are kept as numbers on 1x28x28 images, where they are
+    other perturbations than on the ImageNet-sized inputs of the paper's CNNs (ima-bus rescales by IMA's rule); the
+    deviations did not say so. The stated sizes are those of the protocol's radii."""
+    import math
+
+    from robust_ops.reproduce import DPAAT_LINF, PROTOCOLS, describe
+
+    text = describe(PROTOCOLS["dpaat-bus"])
+    l2 = PROTOCOLS["dpaat-bus"].evals[1].eps[0]
+    assert l2 == 0.3 and all(m.options.get("eps", 0.3) == l2 for m in PROTOCOLS["dpaat-bus"].methods[1:3])
+    rms = {d: l2 / math.sqrt(d) for d in (28 * 28, 3 * 224 * 224)}
+    ball = {d: DPAAT_LINF * math.sqrt(d) for d in (28 * 28, 3 * 224 * 224)}
+    stated = (f"L2 0.3 is a per-pixel RMS of {rms[784]:.3f} ({rms[784] * 255:.1f}/255) at 1x28x28 and "
+              f"{rms[150528]:.4f} ({rms[150528] * 255:.1f}/255) at 3x224x224; the Linf 1/255 ball reaches L2 "
+              f"{ball[784]:.2f} at 1x28x28 and {ball[150528]:.2f} at 3x224x224")
+    assert stated in text, stated
+
+
 def test_dpaat_table_ii_map_is_clean_and_marp_is_under_20_pgd():
     # DPAAT: mAP is "a more precise expression for generalization" (clean test set), mARP the "mean average precision
     # on adversarial dataset crafted from the testing dataset"; Table II's adversarial set is 20-step PGD

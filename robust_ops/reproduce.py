@@ -316,6 +316,10 @@ DPAAT_BUS = Protocol(
         "eps 1/255; PGD-20/50 in L2 at the training radius 0.3 with step eps/4, from a random point of the ball (the "
         "library's PGD default). Eq. 9 starts PGD at x, as the training adversary here does; that evaluation is "
         "`robust-ops eval RUN --attacks pgd:norm=l2:steps=20:alpha=eps/4:random_start=false --eps 0.3`.",
+        "Radii are the paper's numbers on our [0, 1] images, not rescaled to their size (ima-bus rescales by IMA's "
+        "per-pixel rule; DPAAT states neither its input size nor its pixel scale, its ImageNet CNNs take 3x224x224): "
+        "L2 0.3 is a per-pixel RMS of 0.011 (2.7/255) at 1x28x28 and 0.0008 (0.2/255) at 3x224x224; the Linf 1/255 "
+        "ball reaches L2 0.11 at 1x28x28 and 1.52 at 3x224x224.",
         "The paper fine-tunes ImageNet-pretrained CNNs: the fully connected layers alone for 10 epochs, then all "
         "layers for 50 epochs of Adam, lr 3e-4, batch 32, early stopping after 5 epochs without validation "
         "improvement. Ours: every method trains all layers from scratch for 30 epochs of Adam, lr 1e-3, batch 32, "
