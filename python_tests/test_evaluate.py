@@ -59,7 +59,7 @@ def test_parse_attacks():
     specs = parse_attacks("fgsm,pgd:steps=5:alpha=eps/4,noise:norm=l2")
     assert [s.name for s in specs] == ["fgsm", "pgd", "noise"]
     assert specs[1].options["steps"] == 5 and specs[1].options["alpha"](0.04) == pytest.approx(0.01)
-    assert specs[1].label == "pgd(steps=5,alpha=f(eps))" and specs[2].norm == "l2" and specs[0].norm == "linf"
+    assert specs[1].label == "pgd(steps=5,alpha=eps/4)" and specs[2].norm == "l2" and specs[0].norm == "linf"
     with pytest.raises(EvalError, match="attacks: unknown attack 'bogus'; expected one of fgsm"):
         parse_attacks("fgsm,bogus")
     with pytest.raises(EvalError, match="expected key=value options"):
@@ -68,6 +68,16 @@ def test_parse_attacks():
         parse_attacks("pgd,pgd")
     with pytest.raises(EvalError, match="not an expression in eps"):
         parse_attacks("pgd:alpha=eps.__class__")
+
+
+def test_attacks_differing_in_an_eps_expression_are_two_attacks_labelled_by_it():
+    # every expression was labelled alpha=f(eps): `pgd:alpha=eps/4,pgd:alpha=eps/2` (docs/reproduce/mirst-bus.md's
+    # stronger PGD beside another step) was refused as "the same attack is listed twice", and a row's label did not
+    # say which step ran; a callable given in Python keeps f(eps), its text being unknown
+    quarter, half = parse_attacks("pgd:alpha=eps/4,pgd:alpha = EPS / 2:steps=3")
+    assert (quarter.label, half.label) == ("pgd(alpha=eps/4)", "pgd(steps=3,alpha=eps/2)")
+    assert quarter.options["alpha"](0.3) == pytest.approx(0.075) and half.options["alpha"](0.3) == pytest.approx(0.15)
+    assert AttackSpec("pgd", {"alpha": lambda eps: eps / 4}).label == "pgd(alpha=f(eps))"
 
 
 def test_a_default_step_that_cannot_reach_the_radius_is_a_warning():

@@ -131,6 +131,21 @@ def _attack_at_path(path):
         raise EvalError("attacks", f"attacks: {err}") from None
 
 
+class EpsExpression:
+    """An attack option written as an expression in eps (``alpha=eps/4``): called with each radius, and shown as
+    written in labels (all expressions read ``f(eps)`` there, so ``pgd:alpha=eps/4,pgd:alpha=eps/2`` were one label,
+    refused as an attack listed twice)."""
+
+    def __init__(self, text, code):
+        self.text, self.code = text, code
+
+    def __call__(self, eps):
+        return float(eval(self.code, {"__builtins__": {}}, {"eps": eps}))
+
+    def __repr__(self):
+        return self.text
+
+
 def _parse_option(name, key, value):
     """An attack option's text as the type the option takes (bool, int, float, str), or a callable of eps."""
     def bad(expected):
@@ -159,7 +174,7 @@ def _parse_option(name, key, value):
         except Exception:
             raise EvalError("attacks", f"attacks: option {key}={value!r} of {name!r} is not an expression in eps") \
                 from None
-        return lambda eps, _c=code: float(eval(_c, {"__builtins__": {}}, {"eps": eps}))
+        return EpsExpression(expr, code)
     try:
         v = parse_number(value)
     except ValueError:
@@ -267,7 +282,8 @@ class AttackSpec:
                 raise EvalError("attacks", f"attacks: {err}") from None
         if not self.label:
             shown = [f"{k}={v}" for k, v in self.options.items() if not callable(v)]
-            shown += [f"{k}=f(eps)" for k, v in self.options.items() if callable(v)]
+            shown += [f"{k}={v if isinstance(v, EpsExpression) else 'f(eps)'}" for k, v in self.options.items()
+                      if callable(v)]
             self.label = self.name + (f"({','.join(shown)})" if shown else "")
 
     @property
