@@ -2252,6 +2252,23 @@ def test_a_path_with_a_name_too_long_is_a_one_line_error(flag, tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_classes_name_an_npz_files_labels_and_eval_keeps_them(small_npz, tmp_path, capsys):
+    # --classes was refused for every .npz: a renamed BreastMNIST subset (label 0 = malignant) trained and was scored
+    # with label 1, benign, as its positive class
+    out = tmp_path / "run"
+    rc, printed, err = run(["train", "--data", small_npz, "--classes", "benign,malignant", "--epochs", "1",
+                            "--no-progress", "--device", "cpu", "--out", out], capsys)
+    assert rc == 0, err
+    assert "classes: benign = 0, malignant = 1 (positive)" in printed
+    assert json.loads((out / "run.json").read_text())["classes"] == ["benign", "malignant"]
+    rc, printed, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "eval" / "results.json").read_text())["dataset"]["class_names"] == ["benign", "malignant"]
+    rc, _, err = run(["train", "--data", small_npz, "--classes", "benign", "--no-progress", "--out", out], capsys)
+    one_line_error(rc, err, "--classes: ", "smallbus.npz: --classes names each label of an .npz, label 0 first: "
+                   "expected 2 names (its labels run from 0 to 1), got 1")
+
+
 @pytest.mark.parametrize("name", ["run.json", "checkpoint.pt"])
 def test_a_folder_where_train_writes_a_file_is_a_one_line_error(name, small_npz, tmp_path, capsys):
     # a folder named run.json ended train in a traceback from os.replace ("Is a directory: '.run.json.x.tmp' ->

@@ -111,10 +111,27 @@ def test_npz_labels_must_be_class_indices(tmp_path):
 def test_arguments_a_source_cannot_honour_are_refused(tmp_path):
     with pytest.raises(DataError, match="synthetic: classes= selects class folders or CSV labels"):
         load_dataset("synthetic", classes=["malignant"])
-    with pytest.raises(DataError, match="classes= selects class folders or CSV labels"):
+    with pytest.raises(DataError, match=r"g\.npz: classes= names each label of an \.npz, label 0 first: expected 2 "
+                                        r"names \(its labels run from 0 to 1\), got 1$"):
         load_dataset(write_npz(tmp_path / "g.npz"), classes=["a"])
     with pytest.raises(DataError, match="synthetic: expected size >= 8, got size=0"):
         load_dataset("synthetic", size=0)  # 0 is not "the default size"
+
+
+def test_classes_name_the_labels_of_an_npz_not_named_after_a_medmnist_set(tmp_path):
+    # a renamed BreastMNIST subset (label 0 = malignant) read as classes 0 / 1 with positive class 1, benign, and
+    # classes= was refused for every .npz: its sensitivity was the benign class's, with no way to say otherwise
+    path = write_npz(tmp_path / "bm_subset.npz")
+    assert load_dataset(path).info.positive_class == 1
+    info = load_dataset(path, classes=("malignant", "benign")).info
+    assert (info.class_names, info.positive_class) == (("malignant", "benign"), 0)
+    with pytest.raises(DataError, match=r"bm_subset\.npz: classes= lists m more than once; expected distinct names"):
+        load_dataset(path, classes=("m", "m"))
+    with pytest.raises(DataError, match=r"expected 2 names \(its labels run from 0 to 1\), got 3$"):
+        load_dataset(path, classes=("a", "b", "c"))  # names, not a filter: one per label
+    with pytest.raises(DataError, match=r"breastmnist_64\.npz: breastmnist names its own classes \(malignant, normal "
+                                        r"or benign\); drop classes=$"):  # (an unofficial size: no MD5 to check)
+        load_dataset(write_npz(tmp_path / "breastmnist_64.npz"), classes=("a", "b"))
 
 
 def test_a_class_too_small_to_stratify_is_reported():

@@ -538,7 +538,8 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
                                                           "synthetic, 224 for folders)")
     p.add_argument("--classes", type=parse_classes, action=OneList, default=None,
                    help="comma-separated class folders / CSV labels to keep, in label order (e.g. nv,mel: mel, not "
-                        "benign/normal/..., is the positive class); folders and CSV only (default: all)")
+                        "benign/normal/..., is the positive class); folders and CSV, or one name per label of an "
+                        ".npz not named after a MedMNIST set (malignant,benign) (default: all)")
     add_bit_depth_option(p, "the full 16 bits")
     p.add_argument("--model", default="small_cnn",
                    help="resnet18, resnet50, vgg16, densenet121, small_cnn or mlp (adapted to channels and size)")
@@ -1139,7 +1140,8 @@ def cmd_eval_parser(sub):
     p.add_argument("--model", default=None, help="architecture (default: the one in run.json)")
     p.add_argument("--size", type=int, default=None, help="image side length (default: the one in run.json)")
     p.add_argument("--classes", type=parse_classes, action=OneList, default=None,
-                   help="class folders / CSV labels to keep, in label order (default: the ones in run.json)")
+                   help="class folders / CSV labels to keep, or an .npz's label names, in label order (default: the "
+                        "ones in run.json)")
     add_bit_depth_option(p, "the one in run.json")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
     p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")

@@ -244,7 +244,8 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
         ``.csv`` metadata file with an image folder beside it (HAM10000 layout: ``image_id``, ``dx`` columns).
     size: image side length (folders and synthetic data are resized to it; MedMNIST picks the file of that size).
     seed: generation seed (synthetic, moons) and the seed of stratified splits for sources without official splits.
-    classes: class folder / label names to keep, in label order (folders and CSV only).
+    classes: class folder / label names to keep, in label order (folders and CSV); for an .npz file not named
+        after a MedMNIST set, one name per label, label 0 first (names choose the positive class, as folders' do).
     bit_depth: how many bits of 16-bit image files hold the intensity (folders and CSV only): None (default) the full
         16 bits (65535 -> 255); 8 to 16 that many (12 for most CT and X-ray PNGs: 4095 -> 255), a value above it an
         error naming the file.
@@ -270,9 +271,9 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     known = low in SYNTHETIC_NAMES or low in MOONS_NAMES or medmnist_name or low.endswith((".npz", ".csv")) \
         or path.exists()
     image_files = low.endswith(".csv") or path.is_dir()
-    if known and classes is not None and not image_files:
-        raise DataError(f"{text}: classes= selects class folders or CSV labels; this source has fixed classes",
-                        arg="classes")
+    if known and classes is not None and not image_files and not (low.endswith(".npz") and not medmnist_name):
+        raise DataError(f"{text}: classes= selects class folders or CSV labels, or names an .npz file's labels; "
+                        "this source has fixed classes", arg="classes")
     if known and split_by is not None and not low.endswith(".csv"):  # would be ignored
         raise DataError(f"{text}: split_by= chooses how a CSV's rows are split; this source is not a CSV -- drop "
                         "split_by=", arg="split_by")
@@ -292,7 +293,7 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
         raise DataError(f"{text}: names a MedMNIST set and a folder here; write ./{text} for the folder, or the .npz "
                         "file's path for the MedMNIST set")
     if low.endswith(".npz"):
-        return medmnist.load_npz(path, size=size)
+        return medmnist.load_npz(path, size=size, classes=classes)
     if low.endswith(".csv"):
         return folders.load_csv(path, size=224 if size is None else size, seed=seed, classes=classes,
                                 bit_depth=bit_depth, split_by="auto" if split_by is None else split_by)

@@ -162,8 +162,11 @@ def _check_size(size, where):
         raise DataError(f"{where}: expected size to be an integer (pixels), got size={size!r}", arg="size")
 
 
-def load_npz(path, size=None, name=None):
-    """Load a MedMNIST-layout ``.npz`` (keys ``{train,val,test}_{images,labels}``), MD5-checked if officially named."""
+def load_npz(path, size=None, name=None, classes=None):
+    """Load a MedMNIST-layout ``.npz`` (keys ``{train,val,test}_{images,labels}``), MD5-checked if officially named.
+    ``classes``: names for the labels 0..K-1 in order, one per label, for a file that is not named after a MedMNIST
+    set (those name their own); they choose the positive class as class folders' names do (``malignant`` ...):
+    without them a binary file's positive class is label 1."""
     path = Path(path).expanduser()
     _check_size(size, path)
     if not path.is_file():
@@ -201,7 +204,9 @@ def load_npz(path, size=None, name=None):
     stem = name or re.sub(r"_(28|64|128|224)$", "", path.stem).lower()
     num_classes = int(max(int(t.tensors[1].max()) if len(t) else 0 for t in sets)) + 1
     names, positive = CLASS_NAMES.get(stem, (None, None))
-    if names is None or len(names) < num_classes:
+    if classes is not None:
+        names, positive = _named_classes(path, stem, names, classes, sets, num_classes)
+    elif names is None or len(names) < num_classes:
         _check_class_indices(path, sets, num_classes)
         names = tuple(str(i) for i in range(num_classes))
         positive = 1 if num_classes == 2 else None
@@ -219,6 +224,21 @@ def load_npz(path, size=None, name=None):
     if missing:
         info.extra["classes_missing_from_split"] = missing
     return DatasetSplits(*sets, info)
+
+
+def _named_classes(path, stem, official, classes, sets, num_classes):
+    """(names, positive class) of an .npz whose labels ``classes`` names, one name per label in label order: a renamed
+    BreastMNIST subset (label 0 = malignant) otherwise scored label 1, benign, as its positive class."""
+    from .folders import _class_list, _positive
+
+    if official is not None:
+        raise DataError(f"{path}: {stem} names its own classes ({', '.join(official)}); drop classes=", arg="classes")
+    names = _class_list(classes, path)
+    _check_class_indices(path, sets, num_classes)
+    if len(names) != num_classes:
+        raise DataError(f"{path}: classes= names each label of an .npz, label 0 first: expected {num_classes} names "
+                        f"(its labels run from 0 to {num_classes - 1}), got {len(names)}", arg="classes")
+    return tuple(names), _positive(names)
 
 
 def _npz_member(path, npz, key):
