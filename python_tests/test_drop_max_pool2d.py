@@ -621,6 +621,44 @@ def test_module_rejects_unknown_backend_at_construction():
     assert isinstance(model[0], nn.MaxPool2d)  # unchanged
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(kernel_size=0), RuntimeError, "kernel_size to be two positive integers, got (0, 0)"),
+    (dict(kernel_size=(3, -1)), RuntimeError, "kernel_size to be two positive integers, got (3, -1)"),
+    (dict(kernel_size=2, stride=0), RuntimeError, "stride to be two positive integers, got (0, 0)"),
+    (dict(kernel_size=2, dilation=0), RuntimeError, "dilation to be two positive integers, got (0, 0)"),
+    (dict(kernel_size=2, padding=-1), RuntimeError, "padding to be two non-negative integers, got (-1, -1)"),
+    (dict(kernel_size=3, padding=2), RuntimeError,
+     "padding to be at most half of kernel_size, got padding=(2, 2) for kernel_size=(3, 3)"),
+    (dict(kernel_size=2.0), TypeError, "kernel_size to be an int or a pair of ints, got 2.0"),
+    (dict(kernel_size=2, stride=1.5), TypeError, "stride to be an int or a pair of ints, got 1.5"),
+    (dict(kernel_size=(2, 2, 2)), TypeError, "kernel_size to be an int or a pair of ints, got (2, 2, 2)"),
+    (dict(kernel_size=2, padding=(0, 0, 0)), TypeError, "padding to be an int or a pair of ints, got (0, 0, 0)"),
+    (dict(kernel_size=2, dilation=(1, 1, 1)), TypeError, "dilation to be an int or a pair of ints, got (1, 1, 1)"),
+    (dict(kernel_size=2, ceil_mode="yes"), TypeError, "ceil_mode to be a bool, got 'yes'"),
+    (dict(kernel_size=2, return_indices=1), TypeError, "return_indices to be a bool, got 1"),
+])
+def test_module_checks_its_arguments_at_construction(kwargs, error, message):
+    # They were stored as given and refused only at the first forward, as "drop_max_pool2d: ...", naming neither
+    # DropMax2d nor where in the model it sat (nn.MaxPool2d(0) builds too, and fails at its forward).
+    with pytest.raises(error, match=f"^DropMax2d: expected {re.escape(message)}$"):
+        robust_ops.DropMax2d(**kwargs)
+    if "ceil_mode" in kwargs or "return_indices" in kwargs:
+        return  # replace_maxpool refuses such flags itself (test_replace_maxpool_refuses_a_flag_that_is_not_a_bool_...)
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Sequential(nn.MaxPool2d(**kwargs)))
+    with pytest.raises(error, match=rf"^replace_maxpool: '1\.0' \(MaxPool2d\(.*\)\) cannot become a DropMax2d: "
+                                    rf"DropMax2d: expected {re.escape(message)}$"):
+        robust_ops.replace_maxpool(model)
+    assert type(model[1][0]) is nn.MaxPool2d  # unchanged
+
+
+def test_module_still_checks_arguments_changed_after_construction():
+    pool = robust_ops.DropMax2d(2, stride=None, dilation=(1,))  # what MaxPool2d accepts is accepted
+    assert pool.stride == 2 and pool(torch.randn(1, 1, 4, 4)).shape == (1, 1, 2, 2)
+    pool.kernel_size = 0
+    with pytest.raises(RuntimeError, match=r"^drop_max_pool2d: expected kernel_size to be two positive integers"):
+        pool(torch.randn(1, 1, 4, 4))
+
+
 def test_meta_tensors_like_maxpool2d():
     """nn.MaxPool2d runs on meta tensors (shape inference, torch.device("meta") init); the backend resolver used to
     refuse them although the fake kernels compute the shapes."""
@@ -1057,8 +1095,8 @@ def test_ceil_mode_must_be_a_bool_like_max_pool2d(backend, ceil_mode):
     message = f"^drop_max_pool2d: expected ceil_mode to be a bool, got {re.escape(repr(ceil_mode))}$"
     with pytest.raises(TypeError, match=message):
         robust_ops.drop_max_pool2d(x, 2, ceil_mode=ceil_mode, backend=backend)
-    with pytest.raises(TypeError, match=message):
-        robust_ops.DropMax2d(2, ceil_mode=ceil_mode, backend=backend)(x)
+    with pytest.raises(TypeError, match=message.replace("^drop_max_pool2d", "^DropMax2d")):  # when constructed
+        robust_ops.DropMax2d(2, ceil_mode=ceil_mode, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
@@ -1069,8 +1107,8 @@ def test_return_indices_must_be_a_bool_like_ceil_mode(backend, return_indices):
     message = f"^drop_max_pool2d: expected return_indices to be a bool, got {re.escape(repr(return_indices))}$"
     with pytest.raises(TypeError, match=message):
         robust_ops.drop_max_pool2d(x, 2, return_indices=return_indices, backend=backend)
-    with pytest.raises(TypeError, match=message):
-        robust_ops.DropMax2d(2, return_indices=return_indices, backend=backend)(x)
+    with pytest.raises(TypeError, match=message.replace("^drop_max_pool2d", "^DropMax2d")):  # when constructed
+        robust_ops.DropMax2d(2, return_indices=return_indices, backend=backend)
 
 
 def test_reference_backend_checks_arguments_like_native():

@@ -86,11 +86,8 @@ def output_memory_format(input):
     return torch.contiguous_format
 
 
-def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode, op="drop_max_pool2d"):
-    """Checks shared by the fake kernels of drop_max_pool2d and max_pool2d (``op`` names the caller); the C++ kernel
-    makes the same checks with the same messages. Returns the output spatial size (oh, ow)."""
-    _check_floating(op, "input", input)
-    torch._check(input.dim() == 4, lambda: f"{op}: expected input to be 4-D (N, C, H, W), got {input.dim()}-D")
+def check_pool_geometry(op, kernel_size, stride, padding, dilation):
+    """The checks that need no input (pairs of ints, as _pool_args makes them): also DropMax2d's at construction."""
     for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
         torch._check(
             len(value) == 2 and value[0] > 0 and value[1] > 0,
@@ -105,6 +102,14 @@ def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ce
         lambda: f"{op}: expected padding to be at most half of kernel_size, got padding={tuple(padding)} "
         f"for kernel_size={tuple(kernel_size)}",
     )
+
+
+def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode, op="drop_max_pool2d"):
+    """Checks shared by the fake kernels of drop_max_pool2d and max_pool2d (``op`` names the caller); the C++ kernel
+    makes the same checks with the same messages. Returns the output spatial size (oh, ow)."""
+    _check_floating(op, "input", input)
+    torch._check(input.dim() == 4, lambda: f"{op}: expected input to be 4-D (N, C, H, W), got {input.dim()}-D")
+    check_pool_geometry(op, kernel_size, stride, padding, dilation)
     h, w = input.shape[2], input.shape[3]
     torch._check(h > 0 and w > 0, lambda: f"{op}: expected input with non-zero height and width, got {h}x{w}")
     if op == "max_pool2d":  # ATen's max_pool2d refuses C = 0 (N = 0 is fine); drop_max_pool2d returns empty

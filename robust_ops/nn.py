@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 from . import _backend
+from ._meta import check_pool_geometry
 from ._patching import is_installed_forward
-from .functional import drop_max_pool2d
+from .functional import _bool, _pool_args, drop_max_pool2d
 
 __all__ = ["DropMax2d", "replace_maxpool"]
 
@@ -42,6 +43,11 @@ class DropMax2d(nn.Module):
         - Output: :math:`(N, C, H_{out}, W_{out})` or :math:`(C, H_{out}, W_{out})`, sizes as for MaxPool2d; the
           output keeps the input's memory format.
 
+    Raises (when constructed, naming DropMax2d and the argument):
+        TypeError: a size that is not an int or a pair of ints, a flag that is not a bool.
+        RuntimeError: a kernel_size, stride or dilation below 1, a negative padding or one above kernel_size // 2.
+        ValueError: an unknown backend.
+
     Example::
 
         >>> pool = robust_ops.DropMax2d(3, stride=2, padding=1)
@@ -58,6 +64,11 @@ class DropMax2d(nn.Module):
             raise ValueError(
                 f"DropMax2d: expected backend to be one of {', '.join(_backend.BACKENDS)}, got {backend!r}"
             )
+        # Also fail here, naming the layer: nn.MaxPool2d(0) builds and fails at its first forward, "drop_max_pool2d:"
+        # named neither DropMax2d nor where in a model it sat. The raw values are kept (repr mirrors MaxPool2d's).
+        check_pool_geometry("DropMax2d", *_pool_args("DropMax2d", kernel_size, stride, padding, dilation))
+        for name, flag in (("return_indices", return_indices), ("ceil_mode", ceil_mode)):
+            _bool("DropMax2d", name, flag)
         self.kernel_size = kernel_size
         self.stride = stride if (stride is not None) else kernel_size
         self.padding = padding
@@ -88,9 +99,12 @@ class DropMax2d(nn.Module):
         return text if self.backend is None else f"{text}, backend={self.backend!r}"
 
 
-def _from_maxpool(pool, backend):
-    drop_max = DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
-                         pool.ceil_mode, backend=backend)
+def _from_maxpool(where, pool, backend):
+    try:
+        drop_max = DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
+                             pool.ceil_mode, backend=backend)
+    except (TypeError, RuntimeError) as error:  # nn.MaxPool2d(0) builds (it fails at its first forward): say which
+        raise type(error)(f"replace_maxpool: {where} ({pool!r}) cannot become a DropMax2d: {error}") from None
     drop_max.train(pool.training)  # an eval() model stays in eval mode
     # hooks registered on the pool keep running on its replacement (a feature extractor's hook, say). The dicts
     # themselves move, not copies: a hook's RemovableHandle holds (weak references to) them, so handle.remove()
@@ -144,7 +158,8 @@ def replace_maxpool(model, which="first", *, backend=None):
             is a subclass with its own ``forward`` or has an instance-level ``forward`` of the user's (the swap would
             drop what that forward does).
         TypeError: when a pool to replace has a ``return_indices`` or ``ceil_mode`` that is not a bool
-            (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools.
+            (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools; TypeError or RuntimeError naming
+            the layer when DropMax2d refuses its sizes (``nn.MaxPool2d(0)`` builds, and fails at its forward).
     """
     if which not in ("first", "all"):
         raise ValueError(f"replace_maxpool: expected which to be 'first' or 'all', got {which!r}")
@@ -152,7 +167,7 @@ def replace_maxpool(model, which="first", *, backend=None):
         raise TypeError(f"replace_maxpool: expected model to be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.MaxPool2d):
         _check_plain_pool("model", model)
-        return _from_maxpool(model, backend)
+        return _from_maxpool("model", model, backend)
     pooling = [m for _, m in model.named_modules() if isinstance(m, (nn.MaxPool2d, DropMax2d))]
     considered = pooling[:1] if which == "first" else pooling
     if considered and all(isinstance(m, DropMax2d) for m in considered):
@@ -170,7 +185,7 @@ def replace_maxpool(model, which="first", *, backend=None):
     names = {id(m): name for name, m in model.named_modules()}
     for pool in targets:
         _check_plain_pool(repr(names[id(pool)]), pool)
-    replacements = {id(pool): _from_maxpool(pool, backend) for pool in targets}
+    replacements = {id(pool): _from_maxpool(repr(names[id(pool)]), pool, backend) for pool in targets}
     # A pool registered under several parents (shared instance) is replaced everywhere it appears.
     for parent in model.modules():
         for name, child in list(parent._modules.items()):
