@@ -1246,6 +1246,24 @@ def test_replace_maxpool_refuses_a_pool_with_its_own_instance_forward_but_not_na
         assert isinstance(robust_ops.replace_maxpool(plain)[1], robust_ops.DropMax2d)
 
 
+def test_replace_maxpool_refuses_a_pool_holding_state_instead_of_dropping_it():
+    """A buffer or submodule registered on a pool (a counter, an observer) left the model and its state_dict with
+    the swapped-out pool, without a word."""
+    pool = nn.MaxPool2d(2)
+    pool.register_buffer("count", torch.zeros(1))
+    pool.observer = nn.Identity()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(pool))
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"^replace_maxpool: '1\.0' holds buffer 'count', submodule 'observer', which "
+                                         r"a DropMax2d would not keep \(nor the model's state_dict\); remove them"):
+        robust_ops.replace_maxpool(model)
+    assert model[1][0] is pool and list(model.state_dict()) == keys == ["0.weight", "0.bias", "1.0.count"]
+    plain = nn.MaxPool2d(2)
+    plain.register_parameter("scale", nn.Parameter(torch.ones(1)))
+    with pytest.raises(ValueError, match="^replace_maxpool: model holds parameter 'scale', "):
+        robust_ops.replace_maxpool(plain)
+
+
 @pytest.mark.parametrize("flag, value", [("return_indices", 1), ("return_indices", "no"), ("ceil_mode", 1)])
 def test_replace_maxpool_refuses_a_flag_that_is_not_a_bool_before_swapping(flag, value):
     """nn.MaxPool2d(2, return_indices=1) runs (torch takes any truthy value): its DropMax2d was built and refused the

@@ -130,6 +130,15 @@ def _check_plain_pool(where, pool):
         if not isinstance(value, bool):
             raise TypeError(f"replace_maxpool: {where} has {flag}={value!r}, but DropMax2d takes a bool; set "
                             f"its {flag} to True or False first")
+    # pooling has no state: a parameter, buffer or submodule registered on the pool (an observer, a counter) would
+    # leave the model and its state_dict with the pool, silently
+    held = [f"{kind} {name!r}" for kind, items in (("parameter", pool._parameters), ("buffer", pool._buffers),
+                                                   ("submodule", pool._modules)) for name in items]
+    if held:
+        raise ValueError(
+            f"replace_maxpool: {where} holds {', '.join(held)}, which a DropMax2d would not keep (nor the model's "
+            "state_dict); remove them first or swap it yourself (robust_ops.DropMax2d takes MaxPool2d's arguments)"
+        )
     own = pool.__dict__.get("forward")  # a user's `pool.forward = ...` (native layers' own swap is not theirs)
     if own is not None and not is_installed_forward(pool, own):
         raise ValueError(
@@ -155,8 +164,8 @@ def replace_maxpool(model, which="first", *, backend=None):
 
     Raises:
         ValueError: when ``which`` is not "first"/"all", the model holds no ``nn.MaxPool2d``, or a pool to replace
-            is a subclass with its own ``forward`` or has an instance-level ``forward`` of the user's (the swap would
-            drop what that forward does).
+            is a subclass with its own ``forward``, has an instance-level ``forward`` of the user's (the swap would
+            drop what that forward does) or holds a parameter, buffer or submodule (they would leave the model).
         TypeError: when a pool to replace has a ``return_indices`` or ``ceil_mode`` that is not a bool
             (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools; TypeError or RuntimeError naming
             the layer when DropMax2d refuses its sizes (``nn.MaxPool2d(0)`` builds, and fails at its forward).
