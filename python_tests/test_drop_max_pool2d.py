@@ -756,6 +756,24 @@ def test_replace_maxpool_errors_and_shared_instances():
     assert isinstance(robust_ops.replace_maxpool(nn.MaxPool2d(2)), robust_ops.DropMax2d)
 
 
+def test_replace_maxpool_names_max_pooling_of_other_kinds_it_leaves_alone():
+    """docs/dropmax-any-cnn.md: adaptive, fractional, 1-D and 3-D max pooling are not nn.MaxPool2d. A model pooling
+    only so got "has no nn.MaxPool2d layer", as if replace_maxpool had not seen its max pooling at all."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(nn.AdaptiveMaxPool2d(4)), nn.MaxPool1d(2))
+    with pytest.raises(ValueError, match=r"^replace_maxpool: Sequential has no nn.MaxPool2d layer to replace \(.*\); "
+                                         r"it holds AdaptiveMaxPool2d '1\.0', MaxPool1d '2', which replace_maxpool "
+                                         r"leaves alone: DropMax2d replaces nn.MaxPool2d's fixed 2-D windows only$"):
+        robust_ops.replace_maxpool(model)
+    with pytest.raises(ValueError, match=r"it holds FractionalMaxPool2d \(the model\), which"):
+        robust_ops.replace_maxpool(nn.FractionalMaxPool2d(2, output_size=3))
+    with pytest.raises(ValueError, match=r"; if a forward pools with F.max_pool2d \(a call, not a layer\), call "
+                                         r"robust_ops.drop_max_pool2d there$"):
+        robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
+    mixed = nn.Sequential(nn.MaxPool2d(2), nn.AdaptiveMaxPool2d(1), nn.MaxPool3d(2))
+    robust_ops.replace_maxpool(mixed, "all")  # the nn.MaxPool2d only
+    assert [type(m) for m in mixed] == [robust_ops.DropMax2d, nn.AdaptiveMaxPool2d, nn.MaxPool3d]
+
+
 def test_replace_maxpool_keeps_the_train_flag():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.MaxPool2d(2)).eval()
     robust_ops.replace_maxpool(model, which="all")

@@ -99,6 +99,11 @@ class DropMax2d(nn.Module):
         return text if self.backend is None else f"{text}, backend={self.backend!r}"
 
 
+# max pooling that replace_maxpool leaves alone (DropMax2d has MaxPool2d's fixed 2-D windows): named in its error
+_OTHER_MAX_POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.FractionalMaxPool2d,
+                    nn.FractionalMaxPool3d)
+
+
 def _from_maxpool(where, pool, backend):
     try:
         drop_max = DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
@@ -186,6 +191,15 @@ def replace_maxpool(model, which="first", *, backend=None):
         # a traced or exported graph holds its pooling as ops, not as nn.MaxPool2d modules
         graph = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule))
         hint = "; it is a traced or exported graph: replace on the eager model, then trace or export" if graph else ""
+        # max pooling of other kinds (adaptive, fractional, 1-D, 3-D) has no drop-max counterpart here: say it is seen
+        other = [f"{type(m).__name__} {repr(name) if name else '(the model)'}" for name, m in model.named_modules()
+                 if isinstance(m, _OTHER_MAX_POOLS)]
+        if other and not hint:
+            listed = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            hint = (f"; it holds {listed}, which replace_maxpool leaves alone: DropMax2d replaces nn.MaxPool2d's "
+                    "fixed 2-D windows only")
+        elif not hint:
+            hint = "; if a forward pools with F.max_pool2d (a call, not a layer), call robust_ops.drop_max_pool2d there"
         raise ValueError(
             f"replace_maxpool: {type(model).__name__} has no nn.MaxPool2d layer to replace "
             f"(looked through all submodules in registration order){hint}"
