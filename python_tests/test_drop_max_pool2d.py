@@ -1282,6 +1282,24 @@ def test_replace_maxpool_refuses_a_pool_holding_state_instead_of_dropping_it():
         robust_ops.replace_maxpool(plain)
 
 
+def test_replace_maxpool_refuses_a_pool_with_state_dict_hooks_instead_of_dropping_them():
+    """Forward and backward hooks move to the DropMax2d; state-dict hooks (which can add keys) were dropped silently."""
+    def add_key(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "tag"] = torch.ones(1)
+
+    pool = nn.MaxPool2d(2)
+    pool.register_state_dict_post_hook(add_key)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), pool)
+    with pytest.raises(ValueError, match=r"^replace_maxpool: '1' holds 1 state_dict hook\(s\), which a DropMax2d "):
+        robust_ops.replace_maxpool(model)
+    assert model[1] is pool and "1.tag" in model.state_dict()
+    plain = nn.MaxPool2d(2)
+    plain.register_load_state_dict_pre_hook(lambda *args: None)
+    plain.register_load_state_dict_post_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"^replace_maxpool: model holds 2 load_state_dict hook\(s\), "):
+        robust_ops.replace_maxpool(plain)
+
+
 @pytest.mark.parametrize("flag, value", [("return_indices", 1), ("return_indices", "no"), ("ceil_mode", 1)])
 def test_replace_maxpool_refuses_a_flag_that_is_not_a_bool_before_swapping(flag, value):
     """nn.MaxPool2d(2, return_indices=1) runs (torch takes any truthy value): its DropMax2d was built and refused the

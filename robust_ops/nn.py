@@ -139,6 +139,11 @@ def _check_plain_pool(where, pool):
     # leave the model and its state_dict with the pool, silently
     held = [f"{kind} {name!r}" for kind, items in (("parameter", pool._parameters), ("buffer", pool._buffers),
                                                    ("submodule", pool._modules)) for name in items]
+    # state-dict hooks (they can add keys) do not move as the forward/backward hooks do: torch binds the load hooks
+    # to the module they were registered on (a weak reference, dead once the pool is gone)
+    held += [f"{len(hooks)} {kind} hook(s)" for kind, hooks in (
+        ("state_dict", {**pool._state_dict_hooks, **pool._state_dict_pre_hooks}),
+        ("load_state_dict", {**pool._load_state_dict_pre_hooks, **pool._load_state_dict_post_hooks})) if hooks]
     if held:
         raise ValueError(
             f"replace_maxpool: {where} holds {', '.join(held)}, which a DropMax2d would not keep (nor the model's "
