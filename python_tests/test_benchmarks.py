@@ -1495,6 +1495,27 @@ def test_pgd_step_compiled_provider_off_in_the_last_bit_is_timed_and_labelled(mo
         mod.main()
 
 
+def test_pgd_step_compiled_provider_traces_the_eager_chain_and_gets_its_rows(monkeypatch):
+    """The `compiled` provider is reference.pgd_step_ under torch.compile(fullgraph=True). Its clip-bound rounding
+    went through numpy's np.errstate, which Dynamo refuses ('attempted to trace numpy function'): every run printed
+    'compiled ... failed' four times and had no torch.compile rows. Dynamo's eager backend here (the same graph
+    capture; inductor's code generation would take tens of seconds)."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", "2,3,4,4"])
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend="eager", **options))
+    monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: (fn(), 1.0)[1])
+    torch._dynamo.reset()
+    try:
+        mod.main()
+    finally:
+        torch._dynamo.reset()
+    rows = [(r["norm"], r["history"], r["equal_to_eager"]) for r in written["pgd_step_cpu"]
+            if r["provider"] == "compiled"]
+    assert rows == [(norm, history, True) for norm in ("linf", "l2") for history in (False, True)]
+
+
 def test_pgd_step_compiled_provider_is_there_unless_no_compile(monkeypatch):
     import torch
 

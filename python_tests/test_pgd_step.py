@@ -379,6 +379,51 @@ def test_clip_bounds_beyond_the_dtype(dtype, norm):
     check_clip_bounds_beyond_the_dtype(op, dtype, norm)
 
 
+def test_clip_bounds_round_to_float32_as_numpy_does():
+    """reference.clip_bounds rounds in plain Python (so torch.compile(fullgraph=True) traces the chain, which numpy's
+    np.errstate prevented): the same float32 as numpy's cast -- ties to even, subnormals, -0.0, overflow to inf --
+    over edge values and random bit patterns."""
+    import struct
+
+    import numpy as np
+
+    top = 3.4028234663852886e38  # float32's largest finite value; its half ulp is 2**103
+    values = [0.0, -0.0, 1.0, 0.1, -1 / 3, 1e39, -1e39, 1e5, top, top + 2.0 ** 102, top + 2.0 ** 103,
+              -(top + 2.0 ** 103), 2.0 ** -149, 2.0 ** -150, 3 * 2.0 ** -150, -2.0 ** -151, 2.0 ** -126,
+              2.0 ** -126 - 2.0 ** -150, 1 + 2.0 ** -24, 1 + 3 * 2.0 ** -24, math.inf, -math.inf, 5e-324]
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, (20000,), generator=gen, dtype=torch.int64).tolist()
+    values += [v for v in (struct.unpack("<d", struct.pack("<q", b))[0] for b in bits) if v == v]
+    values += torch.randn(2000, generator=gen, dtype=torch.float64).tolist()
+    for v in values:
+        low, high, opmath = reference.clip_bounds(v, -v, torch.float32)
+        with np.errstate(over="ignore"):
+            want = (float(np.float32(v)), float(np.float32(-v)))
+        assert opmath == torch.float32
+        for got, expected in zip((low, high), want):
+            assert got == expected and math.copysign(1, got) == math.copysign(1, expected), (v, got, expected)
+    assert math.isnan(reference.clip_bounds(math.nan, 0, torch.float32)[0])
+    assert reference.clip_bounds(1e39, 0.1, torch.float64) == (1e39, 0.1, torch.float64)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_reference_chain_compiles_fullgraph(norm):
+    """reference.pgd_step_ itself (no argument checks; what bench_pgd_step's `compiled` provider compiles) under
+    torch.compile(fullgraph=True), equal to eager, a bound beyond float32 included."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 5, 4))
+    history = torch.zeros((2,) + x_adv.shape)
+    compiled, eager = x_adv.clone(), x_adv.clone()
+    torch._dynamo.reset()
+    try:
+        torch.compile(reference.pgd_step_, fullgraph=True, backend="eager")(
+            compiled, x_nat, grad, alpha, eps, 0.0, 1e39, norm, history, 1)
+    finally:
+        torch._dynamo.reset()
+    reference.pgd_step_(eager, x_nat, grad, alpha, eps, 0.0, 1e39, norm)
+    assert_verbose_equal(compiled, eager)
+    assert_verbose_equal(history[1], eager)
+
+
 def opmath_chain(x, x_nat, g, alpha, eps, clip, norm):
     """docs/ops/pgd_step.md for float16/bfloat16, written out: each elementwise op in float32, its result rounded to
     the storage dtype; alpha, eps, the norms and the L2 factors stay float32."""

@@ -4,7 +4,8 @@ Nothing here is optimized; each function states the exact semantics the native a
 (see docs/ops/). Shape helpers here are shared with the fake kernels in _meta.py.
 """
 
-import numpy as np
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -119,15 +120,33 @@ def _per_sample(t, like):
     return t.to(like.dtype).view((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _round_to_float32(value):
+    """``value`` rounded to the nearest float32 (ties to even), as a Python float; beyond float32's range, inf.
+    Plain Python arithmetic, so torch.compile(fullgraph=True) folds it (numpy's np.errstate made Dynamo refuse the
+    eager chain, and bench_pgd_step lost its torch.compile rows)."""
+    value = float(value)
+    if value != value or math.isinf(value) or value == 0.0:
+        return value
+    mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    if exponent > -125:  # normal: 24 significant bits
+        rounded = math.ldexp(round(math.ldexp(mantissa, 24)), exponent - 24)
+    else:  # subnormal: multiples of 2**-149
+        rounded = math.ldexp(round(math.ldexp(value, 149)), -149)
+    # copysign: a negative value that rounds to zero is -0.0, as in float32
+    return math.copysign(rounded if abs(rounded) <= _FLOAT32_MAX else math.inf, value)
+
+
 def clip_bounds(clip_min, clip_max, dtype):
     """``(clip_min, clip_max, opmath)``: the bounds as Python floats rounded to the opmath dtype of ``dtype`` (float64
     for float64, else float32), as the C++ kernels' static_cast rounds them: a bound beyond that dtype's range
     becomes inf (torch.clamp or torch.full with 1e39 for float32 raise "value cannot be converted to type float
-    without overflow"). Rounded by numpy, from Python numbers: no tensor, so no device work and no sync."""
+    without overflow"). Rounded from Python numbers: no tensor, so no device work and no sync."""
     if dtype == torch.float64:
         return float(clip_min), float(clip_max), torch.float64
-    with np.errstate(over="ignore"):  # the overflow to inf is the rounding asked for
-        return float(np.float32(clip_min)), float(np.float32(clip_max)), torch.float32
+    return _round_to_float32(clip_min), _round_to_float32(clip_max), torch.float32
 
 
 @torch.no_grad()
