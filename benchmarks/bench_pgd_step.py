@@ -3,7 +3,11 @@
 Providers, on [32, 3, 224, 224] float32 by default, L-inf and L2, with and without a history slot:
   native     the fused C++ (CPU) / CUDA kernel
   triton     robust_ops::pgd_step_triton (CUDA only)
-  eager      robust_ops.reference.pgd_step_: the torchattacks expression chain, op by op
+  eager      robust_ops.reference.pgd_step_: the torchattacks expression chain, op by op, with per-sample alpha and
+             eps tensors (the op's semantics; its eps clamp then broadcasts a [N, 1, 1, 1] tensor, several times
+             slower on CPU than a clamp by a number)
+  torchattacks  the peer: torchattacks 3.5.1's PGD / PGDL2 update as it runs it, alpha and eps Python numbers (the
+             same for every sample here), written into x_adv (and the history slot) as the op writes them
   compiled   the same chain under torch.compile (skip with --no-compile)
   copy       a same-size copy of the minimum bytes a fused step must move (the memory roofline):
              read x_adv, x_nat, grad + write x_adv (+ the history slot) = 16 (20) bytes per float32 element.
@@ -31,7 +35,10 @@ import robust_ops  # noqa: E402,F401
 from robust_ops import reference  # noqa: E402
 
 
-def make_inputs(shape, dtype, device, alpha=2 / 255, eps=8 / 255):
+ALPHA, EPS = 2 / 255, 8 / 255  # every sample's; the torchattacks provider holds them as Python numbers, as PGD does
+
+
+def make_inputs(shape, dtype, device, alpha=ALPHA, eps=EPS):
     gen = torch.Generator().manual_seed(0)
     x_nat = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)
     x_adv = (x_nat + (torch.rand(shape, generator=gen).to(device=device, dtype=dtype) - 0.5) * 2 * eps).clamp(0, 1)
@@ -77,6 +84,28 @@ def compiled_agreement(x_adv, history_slot, expected):
     return f"not bitwise (max |diff| {diff:.3g})"
 
 
+def torchattacks_step(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=None, slot=0):
+    """torchattacks 3.5.1's update, expression for expression (PGD.forward / PGDL2.forward), with its Python-number
+    alpha and eps (ALPHA, EPS: the benchmark's per-sample values, checked against the eager chain before timing);
+    the result is copied into x_adv (and history[slot]) as the in-place op leaves it."""
+    del alpha, eps  # the tensors [N]: torchattacks holds one number for every sample
+    if norm == "linf":
+        adv = x_adv + ALPHA * grad.sign()
+        delta = torch.clamp(adv - x_nat, min=-EPS, max=EPS)
+    else:
+        n = x_adv.shape[0]
+        grad_norms = torch.norm(grad.view(n, -1), p=2, dim=1) + 1e-10
+        adv = x_adv + ALPHA * (grad / grad_norms.view(n, 1, 1, 1))
+        delta = adv - x_nat
+        delta_norms = torch.norm(delta.view(n, -1), p=2, dim=1)
+        factor = torch.min(EPS / delta_norms, torch.ones_like(delta_norms))
+        delta = delta * factor.view(-1, 1, 1, 1)
+    adv = torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
+    x_adv.copy_(adv)
+    if history is not None:
+        history[slot].copy_(adv)
+
+
 def providers(device, use_compile):
     out = {"native": torch.ops.robust_ops.pgd_step_}
     if device.type == "cuda" and hasattr(torch.ops.robust_ops, "pgd_step_triton"):
@@ -84,6 +113,7 @@ def providers(device, use_compile):
     elif device.type == "cuda":
         print("triton: skipped, robust_ops::pgd_step_triton is not registered (Triton missing or not importable)")
     out["eager"] = reference.pgd_step_
+    out["torchattacks"] = torchattacks_step
     if use_compile:
         out["compiled"] = torch.compile(reference.pgd_step_, fullgraph=True, dynamic=False)
     return out
@@ -120,7 +150,7 @@ def main():
             copy_s = common.copy_roofline_seconds(nbytes, device=device, min_run_time=min_run_time)
             expected = x_adv.clone()
             reference.pgd_step_(expected, x_nat, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
-            eager_s = None
+            eager_s = peer_s = None
             for name, fn in impls.items():
                 work = x_adv.clone()
                 if hist is not None:  # not what the previous provider wrote: a provider must write the slot itself
@@ -153,19 +183,22 @@ def main():
                 seconds = common.median_seconds(step, min_run_time)
                 if name == "eager":
                     eager_s = seconds
+                if name == "torchattacks":
+                    peer_s = seconds
                 rows.append({
                     "norm": norm, "history": with_history, "provider": name, "median_ms": seconds * 1e3,
                     "equal_to_eager": same if same else "within tolerance", "GB/s": common.gbps(nbytes, seconds),
                     "pct_of_copy": 100 * copy_s / seconds,
-                    "speedup_vs_eager": None,
+                    "speedup_vs_eager": None, "speedup_vs_torchattacks": None,
                 })
             for row in rows:
                 if row["norm"] == norm and row["history"] == with_history:
                     row["speedup_vs_eager"] = eager_s / (row["median_ms"] / 1e3)
+                    row["speedup_vs_torchattacks"] = peer_s / (row["median_ms"] / 1e3) if peer_s else None
             rows.append({
                 "norm": norm, "history": with_history, "provider": "copy (roofline)", "median_ms": copy_s * 1e3,
                 "equal_to_eager": "", "GB/s": common.gbps(nbytes, copy_s), "pct_of_copy": 100.0,
-                "speedup_vs_eager": eager_s / copy_s,
+                "speedup_vs_eager": eager_s / copy_s, "speedup_vs_torchattacks": peer_s / copy_s if peer_s else None,
             })
     print(f"pgd_step_ {list(shape)} {args.dtype} on {device}; bytes counted: read x_adv, x_nat, grad, write x_adv "
           f"(+ history slot)\n")

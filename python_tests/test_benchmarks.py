@@ -483,9 +483,11 @@ def test_pgd_step_rows_time_each_provider_on_its_own_case(monkeypatch, dtype):
 
     monkeypatch.setattr(torch.ops.robust_ops, "pgd_step_", spy("native", torch.ops.robust_ops.pgd_step_))
     monkeypatch.setattr(reference, "pgd_step_", spy("eager", reference.pgd_step_))
+    monkeypatch.setattr(mod, "torchattacks_step", spy("torchattacks", mod.torchattacks_step))
 
     def seconds(provider, norm, history):
-        return {"native": 1, "eager": 5}[provider] * (2 if norm == "l2" else 1) * (3 if history else 1) * 1e-3
+        return {"native": 1, "eager": 5, "torchattacks": 4}[provider] * (2 if norm == "l2" else 1) * (
+            3 if history else 1) * 1e-3
 
     def fake_median(fn, min_run_time=1.0):
         del log[:]
@@ -499,7 +501,8 @@ def test_pgd_step_rows_time_each_provider_on_its_own_case(monkeypatch, dtype):
     assert threads == [1]
     rows = written["pgd_step_cpu"]
     assert [(r["norm"], r["history"], r["provider"]) for r in rows] == [
-        (n, h, p) for n in ("linf", "l2") for h in (False, True) for p in ("native", "eager", "copy (roofline)")]
+        (n, h, p) for n in ("linf", "l2") for h in (False, True)
+        for p in ("native", "eager", "torchattacks", "copy (roofline)")]
     element = 4 if dtype == "float32" else 8
     for r in rows:
         nbytes = 2 * 3 * 4 * 4 * element * (5 if r["history"] else 4)
@@ -510,6 +513,7 @@ def test_pgd_step_rows_time_each_provider_on_its_own_case(monkeypatch, dtype):
         assert r["GB/s"] == pytest.approx(nbytes / s / 1e9)
         assert r["pct_of_copy"] == pytest.approx(100 * copy_s / s)
         assert r["speedup_vs_eager"] == pytest.approx(seconds("eager", r["norm"], r["history"]) / s)
+        assert r["speedup_vs_torchattacks"] == pytest.approx(seconds("torchattacks", r["norm"], r["history"]) / s)
         assert r["equal_to_eager"] == ("" if copy else True)
 
 
@@ -1524,9 +1528,29 @@ def test_pgd_step_compiled_provider_is_there_unless_no_compile(monkeypatch):
     mod, _, _ = _script(monkeypatch, "bench_pgd_step", [])
     monkeypatch.setattr(torch, "compile", lambda fn, **options: ("compiled", fn, options))
     assert mod.providers(torch.device("cpu"), True) == {
-        "native": torch.ops.robust_ops.pgd_step_, "eager": reference.pgd_step_,
+        "native": torch.ops.robust_ops.pgd_step_, "eager": reference.pgd_step_, "torchattacks": mod.torchattacks_step,
         "compiled": ("compiled", reference.pgd_step_, {"fullgraph": True, "dynamic": False})}
-    assert list(mod.providers(torch.device("cpu"), False)) == ["native", "eager"]
+    assert list(mod.providers(torch.device("cpu"), False)) == ["native", "eager", "torchattacks"]
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_step_torchattacks_provider_is_torchattacks_own_step(monkeypatch, norm):
+    """The peer row: torchattacks 3.5.1's PGD / PGDL2 update with its Python-number alpha and eps (the eager chain
+    is the reference, whose per-sample tensors make its eps clamp a broadcast one): one step of torchattacks itself,
+    fed the benchmark's gradient, lands on the same bits."""
+    import torch
+
+    torchattacks = pytest.importorskip("torchattacks")
+    mod, _, _ = _script(monkeypatch, "bench_pgd_step", [])
+    _, x_nat, grad, alpha, eps = mod.make_inputs((2, 3, 8, 8), torch.float32, torch.device("cpu"))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+    attack = cls(model, eps=mod.EPS, alpha=mod.ALPHA, steps=1, random_start=False)  # starts at x_nat
+    monkeypatch.setattr(torch.autograd, "grad", lambda *args, **kwargs: [grad])
+    expected = attack.forward(x_nat.clone(), torch.zeros(2, dtype=torch.long))
+    got, history = x_nat.clone(), torch.full((2,) + tuple(x_nat.shape), float("nan"))
+    mod.torchattacks_step(got, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 1)
+    assert torch.equal(got, expected) and torch.equal(history[1], expected)
 
 
 @pytest.mark.parametrize("scenario,channels_last,prepacked", [("init", False, True), ("cap", True, False),
@@ -1786,7 +1810,7 @@ def test_pgd_step_a_provider_that_raises_stops_the_run_unless_it_is_torch_compil
     monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
     mod.main()
     assert capsys.readouterr().out.count("compiled linf history=False: failed: AssertionError: \n") == 1
-    assert {r["provider"] for r in written["pgd_step_cpu"]} == {"native", "eager", "copy (roofline)"}
+    assert {r["provider"] for r in written["pgd_step_cpu"]} == {"native", "eager", "torchattacks", "copy (roofline)"}
 
     def missing(*args):
         raise NotImplementedError("Could not run 'robust_ops::pgd_step_' with arguments from the 'CUDA' backend.\n...")
