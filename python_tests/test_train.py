@@ -2371,6 +2371,39 @@ def test_ddp_resume_of_a_one_process_checkpoint_warns_once_on_process_0(tmp_path
     assert caught[1] == [], caught[1]
 
 
+def _ddp_resume_with_more_processes_worker(rank, world, port, out_dir):
+    with _gloo_group(rank, world, port), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = DropoutMLP()
+        model.load_state_dict(torch.load(os.path.join(out_dir, "init.pt"), weights_only=True))
+        # epoch 2 resumed from the one-process run's checkpoint: the stream its first dropout mask is drawn from
+        streams = []
+        model.net[3].register_forward_pre_hook(
+            lambda module, args: streams.append(torch.random.get_rng_state()) if module.training else None)
+        fit(model, defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=os.path.join(out_dir, "one"),
+            resume=True, progress=False)
+        torch.save({"stream": streams[0], "warnings": [str(w.message) for w in caught if "resuming" in str(w.message)]},
+                   os.path.join(out_dir, f"resumed.{rank}"))
+
+
+def test_ddp_resume_of_a_one_process_checkpoint_gives_each_process_its_own_rng_streams(tmp_path):
+    """A one-process checkpoint resumed by 2 processes gave both rank 0's RNG streams: with equal shares they drew the
+    same dropout masks (and random starts) on their shares for the rest of the run, which seeding every process
+    its own stream is for. Rank 0 now continues the checkpoint's streams, the other seeds its own as a fresh start
+    does; the warning says the resume is not exact beyond the last bits."""
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    model = DropoutMLP()
+    model.load_state_dict(torch.load(tmp_path / "init.pt", weights_only=True))
+    fit(model, defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path / "one", progress=False)
+    _spawn_within(120, _ddp_resume_with_more_processes_worker, (2, _free_port(), str(tmp_path)))
+    resumed = [torch.load(tmp_path / f"resumed.{rank}", weights_only=True) for rank in range(2)]
+    assert not torch.equal(resumed[0]["stream"], resumed[1]["stream"]), "both processes drew from one stream"
+    assert "and with another number of processes by more (other random streams" in resumed[0]["warnings"][0]
+    rank_states = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["rng_ranks"]
+    assert not torch.equal(rank_states[0]["torch"], rank_states[1]["torch"])
+
+
 def _ddp_resume_path_one_node_lacks_worker(rank, world, port, out_dir):
     with _gloo_group(rank, world, port):
         # node-local storage: only process 0's folder gets a checkpoint, process 1 finds none at the same path

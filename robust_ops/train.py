@@ -203,6 +203,14 @@ def _rank_seed(seed, rank):
     return seed + 1_000_003 * rank
 
 
+def _seed_rank_streams(seed, rank):
+    """Seeds torch's, numpy's and python's global RNGs with process ``rank``'s fresh stream."""
+    rank_seed = _rank_seed(seed, rank)
+    torch.manual_seed(_torch_seed(rank_seed))
+    np.random.seed(rank_seed % 2**32)
+    random.seed(rank_seed)
+
+
 def _set_rng_state(state, device):
     # RNG states must be CPU ByteTensors, whatever map_location the checkpoint was loaded with
     torch.random.set_rng_state(state["torch"].cpu())
@@ -234,9 +242,13 @@ def _warn_on_other_arithmetic(name, path, recorded, now):
     changed = [f"{key} {recorded[key]!r} -> {value!r}" for key, value in now.items()
                if key in recorded and recorded[key] != value]
     if changed:
+        # another number of processes also changes the random draws (a process the checkpoint holds no stream for
+        # starts its own) and, with training-mode batch norm, the samples normalized together
+        more = (", and with another number of processes by more (other random streams, other batch shares)"
+                if recorded.get("world_size", now.get("world_size")) != now.get("world_size") else "")
         warnings.warn(f"{name}: resuming {path} with another {', '.join(changed)}: training continues correctly, but "
-                      "its weights may differ in the last bits from an uninterrupted run's (bitwise-exact resume "
-                      "needs the same device, processes, threads and CPU; e.g. set OMP_NUM_THREADS as before)",
+                      f"its weights may differ in the last bits from an uninterrupted run's{more} (bitwise-exact "
+                      "resume needs the same device, processes, threads and CPU; e.g. set OMP_NUM_THREADS as before)",
                       stacklevel=4)
 
 
@@ -969,18 +981,21 @@ def fit(
             scaler.load_state_dict(state["scaler"])
         defense.load_state_dict(state["defense"])
         rank_states = state.get("rng_ranks") or []
-        # Each process continues its own streams; a checkpoint from another number of processes has no stream for
-        # this rank and gives it rank 0's (the run then differs from an uninterrupted one).
-        _set_rng_state(rank_states[rank] if len(rank_states) == world else state["rng"], device)
+        # Each process continues its own streams. A checkpoint from fewer processes (one: rng_ranks None) has none for
+        # this rank: rank 0 continues the checkpoint's, the others seed their own as at a fresh start -- rank 0's
+        # for every process repeated its dropout masks and random starts on each one's share for the rest of the run.
+        if rank < len(rank_states):
+            _set_rng_state(rank_states[rank], device)
+        elif rank == 0:
+            _set_rng_state(state["rng"], device)
+        else:
+            _seed_rank_streams(seed, rank)
         if rank == 0:
             _warn_on_other_arithmetic(name, resume_path, state.get("arithmetic"), _arithmetic(device, world))
         history = list(state["history"])
         start_epoch = int(state["epoch"])
     else:
-        rank_seed = _rank_seed(seed, rank)
-        torch.manual_seed(_torch_seed(rank_seed))
-        np.random.seed(rank_seed % 2**32)
-        random.seed(rank_seed)
+        _seed_rank_streams(seed, rank)
 
     train_model = model
     failures = _OneProcessFailures(name, rank, world, device)
