@@ -127,6 +127,27 @@ def test_demo_and_reproduce_under_torchrun_print_and_write_on_rank_0_only(small_
     assert (out1, err1, written1) == ("", "", [])
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_eval_and_bench_under_torchrun_are_refused_on_every_process(trained_run, tmp_path, monkeypatch, capsys,
+                                                                    rank, command):
+    """Under torchrun eval ran the whole evaluation on every process, each printing the tables and writing the same
+    results.json, report and figures into one folder (bench: each timing its benchmarks against the other's)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    argv = ([command, str(trained_run), "--attacks", "fgsm", "--eps", "1/255", "--out", str(tmp_path / "eval")]
+            if command == "eval" else [command, "--only", "pgd_step"])
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"robust-ops {command}: error: runs in one process, and 2 were launched (torchrun, WORLD_SIZE=2): each would "
+        + ("repeat the whole evaluation and write the same results and figures" if command == "eval" else
+           "time its benchmarks while the others compete for the same cores, and write the same CSVs")
+        + f"; run `robust-ops {command} ...` without torchrun (train, demo and reproduce are the commands that train "
+        "over several processes)\n"), err
+    assert not (tmp_path / "eval").exists()
+
+
 def test_help_shows_defaults(capsys):
     for cmd in ("train", "eval", "demo", "bench", "reproduce"):
         with pytest.raises(SystemExit) as ex:

@@ -764,7 +764,26 @@ def is_main_process():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     # fit initializes torchrun's group itself (and destroys it when done): its environment names the rank
-    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+    return launched_processes() <= 1 or int(os.environ.get("RANK", "0")) == 0
+
+
+def launched_processes():
+    """How many processes run this command: a process group's size, else torchrun's WORLD_SIZE, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def refuse_several_processes(command, why):
+    """eval and bench have nothing to share between processes: under torchrun each process would run the whole
+    command (``why``) instead of a share of it."""
+    world = launched_processes()
+    if world > 1:
+        raise CLIError(f"runs in one process, and {world} were launched (torchrun, WORLD_SIZE={world}): each would "
+                       f"{why}; run `{PROG} {command} ...` without torchrun (train, demo and reproduce are the "
+                       "commands that train over several processes)")
 
 
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
@@ -1277,6 +1296,7 @@ def write_results_to_out(out, *args, **kwargs):
 
 
 def cmd_eval(args):
+    refuse_several_processes("eval", "repeat the whole evaluation and write the same results and figures")
     specs, radii = parse_eval_options(args)
     target = Path(args.target)
     out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval"
@@ -1542,6 +1562,8 @@ def cmd_bench(args):
         for name, path in scripts.items():
             print(f"{name}\t{path}")
         return 0
+    refuse_several_processes("bench", "time its benchmarks while the others compete for the same cores, and write "
+                             "the same CSVs")
     # once here, not once per script (each would stop on it at start)
     check_out(os.environ.get("ROBUST_OPS_BENCH_DIR") or None, "$ROBUST_OPS_BENCH_DIR")
     status = 0
