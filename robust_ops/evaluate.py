@@ -474,9 +474,9 @@ def warn_default_step_short_of_radii(specs, radii):
     from .report import format_eps
 
     for spec in specs:
-        if is_import_path(spec.name) or "alpha" in spec.options:
+        if "alpha" in spec.options:
             continue
-        defaults = attacks.ATTACKS[spec.name][1]
+        defaults = attacks.attack_entry(spec.name)[1]  # {} for an Attack subclass given by import path
         alpha, steps = defaults.get("alpha"), spec.options.get("steps", defaults.get("steps"))
         if not isinstance(alpha, float) or not isinstance(steps, int):  # pgdl2's None scales with eps already
             continue
