@@ -1058,6 +1058,24 @@ def test_reproduce_reuses_evaluations_of_unchanged_runs(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["per_run_rows"] == rows
 
 
+def test_reproduce_says_once_per_run_that_its_evaluations_were_reused(tmp_path, capsys, monkeypatch):
+    # a protocol with two evaluation plans (dpaat-bus: L-inf and L2) printed "evaluation reused" once per plan
+    import dataclasses
+
+    from robust_ops.reproduce import PROTOCOLS, AttackSpec, EvalPlan
+
+    moons = PROTOCOLS["arfl-moons"]
+    two_plans = dataclasses.replace(moons, evals=[*moons.evals, EvalPlan([AttackSpec("fgsm", {}, "FGSM")], [0.1])])
+    monkeypatch.setitem(PROTOCOLS, "arfl-moons", two_plans)
+    argv = ["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--methods", "Standard training",
+            "--out", tmp_path / "r", "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    rc, second, err = run(argv, capsys)
+    assert rc == 0, err
+    assert second.count("evaluation reused") == 1 and "Standard training: evaluation reused" in second
+
+
 def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
     # --reevaluate puts fresh rows under a key the cache holds: they replace the old entry (kept beside it, the next
     # run's lookup found the stale rows first); run_protocol relabels the rows it gets, which must not reach the

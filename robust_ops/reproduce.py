@@ -739,25 +739,29 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)
             fingerprint = run_fingerprint(model, splits.test, method.label)
-            for plan in protocol.evals:
-                specs = _specs(plan, quick, seed=k)  # repeat k's random attacks draw from seed k, the cascade's too
-                key = eval_key(fingerprint, specs, plan.eps, plan.ensemble, seed=k)
+            reused = 0
+            for eval_plan in protocol.evals:
+                specs = _specs(eval_plan, quick, seed=k)  # repeat k's random attacks draw from seed k, the cascade's
+                key = eval_key(fingerprint, specs, eval_plan.eps, eval_plan.ensemble, seed=k)
                 rows = cache.get(key)
                 if rows is None:
-                    rows = evaluate(model, splits.test, info, attacks=specs, eps=plan.eps,
-                                    method=method.label, device=device, ensemble=plan.ensemble, seed=k)
+                    rows = evaluate(model, splits.test, info, attacks=specs, eps=eval_plan.eps,
+                                    method=method.label, device=device, ensemble=eval_plan.ensemble, seed=k)
                     cache.put(key, rows)
                 else:
-                    say(f"[{tag}] {method.label}: evaluation reused from {cache.path} (--reevaluate to redo it)",
-                        flush=True)
+                    reused += 1
                 for r in rows:
                     if r["attack"] == "none":
                         if seen_clean:
                             continue
                         seen_clean = True
-                    if plan.rename and r["attack"] == "worst-case":
-                        r["attack"] = plan.rename
+                    if eval_plan.rename and r["attack"] == "worst-case":
+                        r["attack"] = eval_plan.rename
                     all_rows.append({**r, "repeat": k})
+            if reused:  # once per run, not once per evaluation plan (dpaat-bus has two)
+                which = "" if reused == len(protocol.evals) else f" ({reused} of {len(protocol.evals)} plans)"
+                say(f"[{tag}] {method.label}: evaluation{which} reused from {cache.path} (--reevaluate to redo it)",
+                    flush=True)
     metrics = list(metric_names(splits.info.num_classes))
     rows = aggregate(all_rows, metrics)
     if not main:
