@@ -1288,7 +1288,7 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
         _assert_same_weights_and_margins(name, ddp[name], single)
         # every metric the same mean over the same samples (IMA's crossed and adv_acc: over the attacked ones)
         for ddp_row, row in zip(ddp[name]["train_metrics"], single["train_metrics"], strict=True):
-            assert ddp_row.keys() == row.keys(), name
+            assert list(ddp_row) == list(row), name  # same columns in the same order (metrics.csv)
             for k, v in row.items():
                 assert ddp_row[k] == pytest.approx(v, rel=1e-5, abs=1e-6), f"{name}: {k}"
 

@@ -1145,9 +1145,11 @@ def fit(
                             b.copy_(flat)
                     # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum
                     # over the union of their keys, or the vectors would differ in length or be summed misaligned.
+                    # In first-reported order, process 0's first: the history's columns then come in the order one
+                    # process writes them (sorted, metrics.csv's columns differed between DDP and one process).
                     key_sets = [None] * world
-                    dist.all_gather_object(key_sets, sorted(sums))
-                    keys = sorted(set().union(*key_sets))
+                    dist.all_gather_object(key_sets, list(sums))
+                    keys = list(dict.fromkeys(k for key_set in key_sets for k in key_set))
                     totals = torch.tensor([float(correct), float(scored)]
                                           + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
                                           dtype=torch.float64, device=device)
