@@ -51,6 +51,13 @@ inline Geometry check_drop_max_pool2d_args(const at::Tensor& input, c10::IntArra
   }
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
               ": expected padding to be two non-negative integers, got ", py_tuple(padding));
+  // F.max_pool2d's limit (its arguments are C ints): larger values overflowed pool_output_size's int64 arithmetic.
+  const std::pair<const char*, c10::IntArrayRef> bounded[] = {
+      {"kernel_size", kernel_size}, {"stride", stride}, {"padding", padding}, {"dilation", dilation}};
+  for (const auto& [name, value] : bounded) {
+    TORCH_CHECK(value[0] < (int64_t{1} << 31) && value[1] < (int64_t{1} << 31), op, ": expected ", name,
+                " below 2**31 as in F.max_pool2d, got ", py_tuple(value));
+  }
   TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
               ": expected padding to be at most half of kernel_size, got padding=", py_tuple(padding),
               " for kernel_size=", py_tuple(kernel_size));

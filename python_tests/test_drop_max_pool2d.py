@@ -840,6 +840,16 @@ ARGS = ([3, 3], [2, 2], [1, 1], [1, 1], False)
         (torch.zeros(1, 1, 2, 2), ([4, 4], [3, 3], [0, 0], [1, 1], False),
          "drop_max_pool2d: expected kernel_size (4, 4) with dilation (1, 1) to fit the padded input 2x2, got output "
          "size 0x0"),
+        # F.max_pool2d's int limit: beyond it the window arithmetic overflowed int64 (dilation 4 x kernel 2**62 gave
+        # a positive output size and "cannot create std::vector larger than max_size()", naming no op)
+        (torch.zeros(1, 1, 4, 4), ([2**62, 2], [1, 1], [0, 0], [4, 1], False),
+         "drop_max_pool2d: expected kernel_size below 2**31 as in F.max_pool2d, got (4611686018427387904, 2)"),
+        (torch.zeros(1, 1, 4, 4), ([2, 2], [1, 2**63 - 1], [0, 0], [1, 1], True),
+         "drop_max_pool2d: expected stride below 2**31 as in F.max_pool2d, got (1, 9223372036854775807)"),
+        (torch.zeros(1, 1, 4, 4), ([2, 2], [1, 1], [0, 0], [1, 2**31], False),
+         "drop_max_pool2d: expected dilation below 2**31 as in F.max_pool2d, got (1, 2147483648)"),
+        (torch.zeros(1, 1, 4, 4), ([2**33, 2], [1, 1], [2**32, 0], [1, 1], False),
+         "drop_max_pool2d: expected kernel_size below 2**31 as in F.max_pool2d, got (8589934592, 2)"),
     ],
 )
 def test_error_messages(x, args, message):
@@ -853,6 +863,21 @@ def test_error_messages(x, args, message):
             op(fake, *args)
     assert message in str(faked.value)
     assert first_line in str(faked.value)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_window_larger_than_the_input_costs_memory_by_its_taps_inside(channels_last):
+    """A 2**28-row window padded by 2**27 covers every row of a 4x4 input from each of its 5 output rows, as an 8-row
+    window padded by 4 does: the same selections. The CPU kernel sized its tap buffers k_h * k_w (2**29 entries per
+    thread, gigabytes); it needs at most min(k, size) per side."""
+    x = torch.randn(2, 3, 4, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    huge = op(x, [2**28, 2], [1, 1], [2**27, 0], [1, 1], False)
+    small = op(x, [8, 2], [1, 1], [4, 0], [1, 1], False)
+    assert huge[0].shape == (2, 3, 5, 3)
+    torch.testing.assert_close(huge[0], small[0], rtol=0, atol=0)
+    assert torch.equal(huge[1], small[1])
 
 
 def test_functional_error_messages():

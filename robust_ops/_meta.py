@@ -97,6 +97,12 @@ def check_pool_geometry(op, kernel_size, stride, padding, dilation):
         len(padding) == 2 and padding[0] >= 0 and padding[1] >= 0,
         lambda: f"{op}: expected padding to be two non-negative integers, got {tuple(padding)}",
     )
+    # F.max_pool2d's limit (its arguments are C ints): larger values overflowed the int64 window arithmetic
+    for name, value in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding), ("dilation", dilation)):
+        torch._check(
+            value[0] < 2**31 and value[1] < 2**31,
+            lambda name=name, value=value: f"{op}: expected {name} below 2**31 as in F.max_pool2d, got {tuple(value)}",
+        )
     torch._check(
         padding[0] <= kernel_size[0] // 2 and padding[1] <= kernel_size[1] // 2,
         lambda: f"{op}: expected padding to be at most half of kernel_size, got padding={tuple(padding)} "

@@ -45,6 +45,10 @@ inline void valid_taps(int64_t start, int64_t k, int64_t d, int64_t size, int64_
   if (lo > hi) lo = hi;
 }
 
+// At most this many taps of a window lie inside the input (valid_taps keeps at most min(k, size) of k): the size of
+// the tap buffers, which k_h * k_w would make huge for a large window over mostly padding.
+inline int64_t max_window_taps(const Geometry& g) { return std::min(g.kh, g.H) * std::min(g.kw, g.W); }
+
 // What a window selects: the drop-max element (WindowTop2) or the plain maximum (WindowMax).
 enum class Select { kDropMax, kMax };
 
@@ -471,8 +475,8 @@ void forward_nchw(const at::Tensor& input, at::Tensor& output, at::Tensor& indic
   const bool vector_ok = fits_vector_path(g, len, g.sw);
 
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tap_rel(g.kh * g.kw);
-    std::vector<int64_t> tap_off(g.kh * g.kw);
+    std::vector<acc_t> tap_rel(max_window_taps(g));
+    std::vector<int64_t> tap_off(max_window_taps(g));
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* base = in + p * plane_in;
       scalar_t* o = out + p * plane_out;
@@ -528,9 +532,9 @@ void forward_channels_last(const at::Tensor& input, at::Tensor& output, at::Tens
   const bool vector_ok = fits_vector_path(g, C, 0);
 
   at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tap_rel(g.kh * g.kw);
-    std::vector<int64_t> tap_pos(g.kh * g.kw);
-    std::vector<int64_t> tap_off(g.kh * g.kw);
+    std::vector<acc_t> tap_rel(max_window_taps(g));
+    std::vector<int64_t> tap_pos(max_window_taps(g));
+    std::vector<int64_t> tap_off(max_window_taps(g));
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.OH, oh = r % g.OH;
       const scalar_t* sample = in + n * g.H * g.W * C;
