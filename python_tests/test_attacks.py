@@ -1208,6 +1208,19 @@ def test_ensemble_errors():
         with pytest.raises(ValueError, match=r"^ensemble: attack 'bad' returned points with NaN/Inf or outside the "
                                              r"clip range \[0.0, 1.0\]; it must return valid inputs$"):
             attacks.ensemble(model, x, y, [result], names=["bad"])
+    # points inside the range but outside the attack's own ball counted as broken samples too; per-sample radii
+    # are checked sample by sample (the cascade cuts them to the samples it attacks)
+    class PastTheBall(attacks.FGSM):
+        def forward(self, x, y):
+            return attacks.fgsm(self.model, x, y, eps=self.eps * 1.01)
+
+    for eps in (0.1, torch.tensor([0.1, 0.0, 0.2])):
+        with pytest.raises(ValueError, match=r"^ensemble: attack 'bad' returned \d of \d points outside the linf ball "
+                                             r"around x \(sample \d: distance 0.\d+, radius 0.[12]\); it must project "
+                                             r"onto the ball of the eps it is given$"):
+            attacks.ensemble(model, x, y, [PastTheBall(model, eps=eps)], names=["bad"])
+    within = attacks.FGSM(model, eps=torch.tensor([0.1, 0.0, 0.2]))
+    assert attacks.ensemble(model, x, y, [within]).x_adv.shape == x.shape
     # a negative batch size made the loop over chunks empty: every sample was reported robust
     for bad in (-1, 0, 2.5, True, "2"):
         with pytest.raises(ValueError, match=f"ensemble: expected batch_size to be an integer >= 1, got {bad!r}$"):

@@ -161,6 +161,34 @@ def test_an_attack_returning_invalid_inputs_is_an_error_not_a_fooled_sample(monk
         evaluate(tiny_model(), tiny_data(), INFO, attacks="out-of-range", eps=eps)
 
 
+class _PastTheBall(_Halfway):
+    """A buggy user's attack: FGSM at twice the radius it is given (inside the value range)."""
+
+    name = "past-the-ball"
+
+    def forward(self, x, y):
+        return attacks.fgsm(self.model, x, y, eps=min(2 * self.eps, 1.0))  # the dry run's eps is 1
+
+
+class _L2PastTheBall(_PastTheBall):
+    default_norm = "l2"
+
+    def forward(self, x, y):
+        return attacks.fgsm(self.model, x, y, eps=1.5 * self.eps, norm="l2")
+
+
+@pytest.mark.parametrize("cls", [_PastTheBall, _L2PastTheBall])
+def test_an_attack_leaving_its_ball_is_an_error_not_a_fooled_sample(monkeypatch, cls):
+    """Points inside the value range but outside the eps-ball were scored as adversarial examples at that radius
+    (robust accuracy understated). The attacks the library ships end inside theirs (every evaluate test)."""
+    monkeypatch.setitem(attacks.ATTACKS, "past-the-ball", (cls, dict(eps=5 / 255)))
+    norm = cls.default_norm if hasattr(cls, "default_norm") else "linf"
+    with pytest.raises(EvalError, match=rf"^attacks: past-the-ball returned \d+ of \d+ points outside the {norm} ball "
+                                        r"around x \(sample \d+: distance [0-9.e-]+, radius 0.0156863\); it must "
+                                        r"project onto the ball of the eps it is given$"):
+        evaluate(tiny_model(), tiny_data(), INFO, attacks="past-the-ball", eps="4/255")
+
+
 def test_evaluate_runs_where_the_model_is_by_default():
     """device=None (the default) is the model's device: a default of "cpu" moved a GPU model to the CPU in place."""
     from robust_ops.evaluate import model_device
@@ -910,6 +938,7 @@ def test_without_cascade_each_radius_keeps_the_first_fooling_input_and_takes_lat
         return attack
 
     monkeypatch.setattr(module.AttackSpec, "build", scripted)
+    monkeypatch.setattr(module, "check_inside_ball", lambda *args: None)  # the scripted points ignore the radius
     seen, original = {}, module._row
 
     def spy(method, attack, norm, eps, y, pred, probs, info):
@@ -1425,6 +1454,7 @@ def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_first_fooling
         return attack
 
     monkeypatch.setattr(module.AttackSpec, "build", scripted)
+    monkeypatch.setattr(module, "check_inside_ball", lambda *args: None)  # the scripted points ignore the radius
     seen, original = {}, module._row
 
     def spy(method, attack, norm, eps, y, pred, probs, info):

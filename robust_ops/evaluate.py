@@ -47,8 +47,8 @@ from torch.utils.data import TensorDataset
 from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import accepted_options, check_device, check_flags, check_int, class_labels
-from .attacks.context import (InputDtypeError, check_attack_output, check_output, forward_naming_input_dtype,
-                              model_device, predict_from_output, use_model_mode)
+from .attacks.context import (InputDtypeError, check_attack_output, check_inside_ball, check_output,
+                              forward_naming_input_dtype, model_device, predict_from_output, use_model_mode)
 from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
 
 SCHEMA = "robust_ops.results/1"
@@ -418,7 +418,7 @@ def predict_batches(model, x, batch_size=256, device="cpu"):
     return preds, probs
 
 
-def _attack_subset(attack, spec, model, x, y, idx, batch_size, device, value_range):
+def _attack_subset(attack, spec, eps, model, x, y, idx, batch_size, device, value_range):
     """(predictions, probabilities) on the adversarial inputs of the samples ``idx``, attacked ``batch_size`` at a
     time. Each batch's adversarial inputs are scored and dropped before the next, so memory follows the batch size:
     holding them all cost a copy of the attacked split per attack and radius (docs/cli.md, "Memory")."""
@@ -429,6 +429,7 @@ def _attack_subset(attack, spec, model, x, y, idx, batch_size, device, value_ran
         adv = run_attack(attack, xb, yb).detach()
         try:  # your own attack class (package.module.Class) may return anything
             check_attack_output(f"attacks: {spec.label}", adv, xb, *value_range)
+            check_inside_ball(f"attacks: {spec.label}", adv, xb, eps, spec.norm)
         except ValueError as err:
             raise EvalError("attacks", str(err)) from None
         p_adv, pr_adv = predict_batches(model, adv, batch_size, device)
@@ -605,7 +606,7 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
                 idx = (~fooled).nonzero().squeeze(1) if cascade else torch.arange(n)
             if idx.numel():
                 attack = spec.build(model, e, lo, hi)
-                p_adv, pr_adv = _attack_subset(attack, spec, model, x, y, idx, batch_size, device, (lo, hi))
+                p_adv, pr_adv = _attack_subset(attack, spec, e, model, x, y, idx, batch_size, device, (lo, hi))
                 newly = p_adv != y[idx]
                 take = ~fooled[idx] | newly  # keep an earlier adversarial example unless this one also fools
                 sel = idx[take]

@@ -275,6 +275,34 @@ def check_attack_output(what, adv, x, clip_min, clip_max):
                          f"it must return valid inputs")
 
 
+def check_inside_ball(what, adv, x, eps, norm):
+    """An attack's points must lie in its ``norm`` ball ("linf", "l2" or "l1") of radius ``eps`` (a number or one per
+    sample) around ``x``: one outside would be scored as an adversarial example at a radius it does not respect
+    (robustness understated, silently; your own attack class may return anything). Allowed beyond ``eps``: a relative
+    1e-5 (the projection's own rounding) and the rounding of each entry to the points' dtype, one ulp of the larger
+    magnitude per entry (summed over entries in the norm's way). ``what`` names the attack in the message."""
+    n = adv.shape[0] if adv.dim() else 0
+    if adv.numel() == 0 or eps is None or norm not in ("linf", "l2", "l1"):
+        return
+    delta = (adv.detach().double() - x.detach().double()).reshape(n, -1)
+    entries = delta.shape[1]
+    if norm == "linf":
+        dist, spread = delta.abs().amax(1), 1.0
+    elif norm == "l2":
+        dist, spread = delta.norm(dim=1), entries ** 0.5
+    else:
+        dist, spread = delta.abs().sum(1), float(entries)
+    scale = torch.maximum(adv.detach().abs(), x.detach().abs()).reshape(n, -1).amax(1).double().clamp_min(1.0)
+    radius = torch.as_tensor(eps, dtype=torch.float64, device=dist.device).reshape(-1).expand(n)
+    limit = radius * (1 + 1e-5) + torch.finfo(adv.dtype).eps * scale * spread
+    outside = dist > limit
+    if bool(outside.any()):
+        worst = int((dist - radius).argmax())
+        raise ValueError(f"{what} returned {int(outside.sum())} of {n} points outside the {norm} ball around x (sample "
+                         f"{worst}: distance {float(dist[worst]):.6g}, radius {float(radius[worst]):.6g}); it must "
+                         "project onto the ball of the eps it is given")
+
+
 def check_gradients_possible(name):
     """Gradient attacks differentiate the model inside ``torch.enable_grad()``, which ``torch.no_grad()`` allows but
     ``torch.inference_mode()`` does not (its tensors never record a graph): refuse it by name, not with autograd's

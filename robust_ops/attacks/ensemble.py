@@ -10,7 +10,7 @@ import torch
 from .._options import check_flags, check_real
 from .base import Attack
 from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
-from .context import attack_context, check_attack_output, check_inputs, predict_from_output
+from .context import attack_context, check_attack_output, check_inputs, check_inside_ball, predict_from_output
 
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
@@ -187,8 +187,12 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         step = batch_size or idx.numel()
         for start in range(0, idx.numel(), step):
             part = idx[start:start + step]
-            adv = _on_samples(attack, part, n)(x[part], y[part]).detach()
+            sub = _on_samples(attack, part, n)
+            adv = sub(x[part], y[part]).detach()
             check_attack_output(f"{name}: attack {labels[j]!r}", adv, x[part], clip_min, clip_max)
+            if isinstance(sub, Attack):  # its own ball (per-sample radii cut to part); other callables have none
+                check_inside_ball(f"{name}: attack {labels[j]!r}", adv, x[part], vars(sub).get("eps"),
+                                  vars(sub).get("norm"))
             fooled = ~_correct(model, adv, y[part], model_mode, name)
             new = fooled & (broken_by[part] == -1)  # the first attack that breaks a sample keeps it
             x_adv[part[new]] = adv[new]
