@@ -1947,6 +1947,25 @@ def test_ima_refuses_an_init_margin_above_eps_train_by_its_own_names():
         defense(model, x, y, torch.arange(4))
 
 
+def test_ima_refuses_a_zero_delta_or_eps_train_by_name():
+    """Algorithm 1's Delta-eps is "a positive scalar": delta=0 (or eps_train=0) was accepted, every margin stayed at
+    0 (init_margin = delta), GenAdv returned x unchanged and IMA trained on clean data only without a word."""
+    tail = r": no margin could grow, GenAdv would return x unchanged and IMA would train on clean data only$"
+    with pytest.raises(ValueError, match=r"^IMA: expected delta > 0 \(Algorithm 1's margin expansion step\), got "
+                                         r"delta=0" + tail):
+        IMA(num_samples=4, delta=0)
+    with pytest.raises(ValueError, match=r"^IMA: expected eps_train > 0 \(the largest margin\), got eps_train=0.0"
+                                         + tail):
+        IMA(num_samples=4, eps_train=0.0, delta=0.1)
+    state = {"margins": torch.zeros(4), "eps_train": 1.0, "delta": 0.0, "init_margin": 0.0}
+    defense = IMA(num_samples=4)
+    with pytest.raises(ValueError, match=r"^IMA.load_state_dict: expected delta > 0 \(Algorithm 1's margin expansion "
+                                         r"step\), got the checkpoint's delta=0.0" + tail):
+        defense.load_state_dict(state)
+    assert defense.margins is None and defense.delta is None  # a refused checkpoint changes nothing
+    IMA(num_samples=4, delta=0.1, init_margin=0.0)  # margins may start at 0: they grow by delta
+
+
 def test_dice_refuses_multiclass_labels_outside_the_output_classes():
     # Labels 1..C of a C-channel output (background forgotten) raised one_hot's "Class values must be smaller than
     # num_classes", naming neither dice_score nor y.

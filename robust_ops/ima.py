@@ -1106,6 +1106,17 @@ def paper_eps_train(sample_shape, norm="l2"):
     return 3.0 * math.sqrt(math.prod(sample_shape) / 3072)
 
 
+def _check_margins_can_grow(name, eps_train, delta, source=""):
+    """eps_train and delta > 0 (Algorithm 1: "a positive scalar" step; None is automatic, positive): with either 0
+    no margin could ever grow (every one stays 0 from the default init_margin = delta), so GenAdv returned x unchanged
+    and IMA trained on clean data only, at twice a forward's cost, without a word."""
+    for arg, value, what in (("eps_train", eps_train, "the largest margin"),
+                             ("delta", delta, "Algorithm 1's margin expansion step")):
+        if value is not None and float(value) == 0:
+            raise ValueError(f"{name}: expected {arg} > 0 ({what}), got {source}{arg}={value!r}: no margin could "
+                             f"grow, GenAdv would return x unchanged and IMA would train on clean data only")
+
+
 def _check_init_margin(init_margin, eps_train):
     """Margins start at init_margin and are clipped into [0, eps_train]: one above it was refused by MarginTable at
     the first batch, naming max_margin, an argument IMA does not have."""
@@ -1194,6 +1205,7 @@ class IMA(Defense):
         check_real("IMA", "beta", beta, minimum=0, maximum=1)
         for arg, v in (("eps_train", eps_train), ("delta", delta), ("init_margin", init_margin)):
             check_real("IMA", arg, v, minimum=0, optional=True)
+        _check_margins_can_grow("IMA", eps_train, delta)
         check_int("IMA", "steps", steps, 0)
         check_int("IMA", "search_steps", search_steps, 0)
         check_int("IMA", "arity", arity, 2)
@@ -1393,6 +1405,7 @@ class IMA(Defense):
                                  f"unset to take it)")
         eps_train = float(state["eps_train"])
         delta, init_margin = float(state["delta"]), float(state["init_margin"])
+        _check_margins_can_grow("IMA.load_state_dict", eps_train, delta, "the checkpoint's ")
         # An existing table keeps its device: all_gather_object (the trainer's epoch merge) unpickles rank 0's
         # margins onto rank 0's GPU on every rank.
         device = margins.device if self.table is None else self.table.margins.device
