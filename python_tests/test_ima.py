@@ -63,22 +63,29 @@ def make_problem(n=12, classes=3, norm="l2", seed=0, dtype=torch.float64):
 
 def correct(model, x, y):
     with torch.no_grad():
-        return bool(model(x).argmax(1)[0] == y[0])
+        out = model(x)
+        return bool((out[:, 0] > 0 if out.shape[1] == 1 else out.argmax(1))[0] == y[0])  # one logit: positive > 0
 
 
-def paper_step(cur, x, g, alpha, e, norm):
+def ascent_loss(out, y):
+    if out.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(out[:, 0], y.to(out.dtype), reduction="sum")
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def paper_step(cur, x, g, alpha, e, norm, clip=(0.0, 1.0)):
     """Eq. 3, written here rather than taken from robust_ops (the loop below is the library's independent oracle):
     x_t = Pi_E(x_{t-1} + alpha * h(g)), h(g) = g/||g||_2 (l2) or sign(g) (linf), projected onto the E-ball around
-    the clean x, then clipped into [0, 1]."""
+    the clean x, then clipped into the clip range."""
     if norm == "l2":
         d = cur + alpha * g / (g.norm() + 1e-10) - x
         d = d * min(1.0, e / float(d.norm())) if float(d.norm()) > 0 else d
     else:
         d = (cur + alpha * g.sign() - x).clamp(-e, e)
-    return (x + d).clamp(0.0, 1.0)
+    return (x + d).clamp(*clip)
 
 
-def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm, arity=2):
+def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm, arity=2, clip=(0.0, 1.0)):
     """Algorithms 2 and 3 written per sample, as in the paper (bisection landing on the correct side; with arity k,
     ceil(N log 2 / log k) rounds over the k-1 interior points, moving to the two around the first wrong one)."""
     outs, crossed, taken = [], [], []
@@ -91,8 +98,8 @@ def loop_gen_adv(model, x, y, margin, steps, search_steps, norm, algorithm, arit
         cur, bracket, t_cross = xi.clone(), None, steps
         for t in range(steps):
             z = cur.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(model(z), yi, reduction="sum"), z)
-            nxt = paper_step(cur, xi, g, alpha, e, norm)
+            (g,) = torch.autograd.grad(ascent_loss(model(z), yi), z)
+            nxt = paper_step(cur, xi, g, alpha, e, norm, clip)
             if algorithm == 2 and not correct(model, nxt, yi):
                 bracket, t_cross = (cur, nxt), t + 1
                 break
@@ -135,6 +142,30 @@ def test_matches_per_sample_loop(norm, algorithm):
     if algorithm == 2:
         assert info.steps.tolist() == steps_ref.tolist()
     assert info.clean_correct[:2].tolist() == [False, False] and bool(info.clean_correct[2:].all())
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("algorithm", [2, 3])
+def test_matches_per_sample_loop_on_another_clip_range_with_a_single_logit(norm, algorithm):
+    """The loop oracle beyond [0, 1] inputs and K-class logits: inputs in [-1, 2] (steps clipped there, not into
+    [0, 1]) and a single-logit model (binary cross-entropy ascent, positive when > 0), k = 2 and 3."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(100, 1), nn.Tanh()).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x = -1 + 3 * torch.rand(10, 1, 10, 10, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = (model(x)[:, 0] > 0).long()
+    y[:2] = 1 - y[:2]
+    margin = torch.rand(10, generator=g, dtype=torch.float64) * (6.0 if norm == "l2" else 0.6)
+    for arity in (2, 3):
+        x_adv, crossed = gen_adv(model, x, y, margin, steps=8, search_steps=6, norm=norm, algorithm=algorithm,
+                                 arity=arity, clip_min=-1.0, clip_max=2.0)
+        x_ref, crossed_ref, _ = loop_gen_adv(model, x, y, margin, 8, 6, norm, algorithm, arity, clip=(-1.0, 2.0))
+        assert crossed.tolist() == crossed_ref.tolist() and 0 < int(crossed.sum()) < 8
+        torch.testing.assert_close(x_adv, x_ref, rtol=1e-9, atol=1e-9)
+        # the clip range was met: some coordinates ended on its bounds, and none past them
+        assert bool(((x_adv == -1) | (x_adv == 2)).sum() > ((x == -1) | (x == 2)).sum())
+        assert float(x_adv.min()) >= -1 and float(x_adv.max()) <= 2
 
 
 @pytest.mark.parametrize("arity", [2, 4])
