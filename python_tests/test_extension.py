@@ -129,6 +129,54 @@ def test_stale_build_message(monkeypatch):
         _extension.load_library()
 
 
+def test_a_build_of_another_copy_is_refused(monkeypatch, tmp_path):
+    found = str(Path(torch.__file__).parent / "_C.so")  # a folder that exists
+    module = type(sys)("_C")
+    module.__file__ = found
+    monkeypatch.setattr(importlib, "import_module", lambda name: module)
+    here = re.escape(str(Path(_extension.__file__).parent))
+    with pytest.raises(ImportError, match=rf"^robust_ops: the compiled ops were loaded from {re.escape(found)}, "
+                                          rf"another copy of robust_ops .*, because this copy \({here}\) has no build "
+                                          r"of its own\. Build this one \(`pip install --no-build-isolation -e \.` in"):
+        _extension.load_library()
+    package = Path(_extension.__file__).parent
+    for own in (package, tmp_path / "link"):  # its own folder, also by another name (a strict editable install's)
+        if own != package:
+            own.symlink_to(package, target_is_directory=True)
+        module.__file__ = str(own / "_C.so")
+        _extension.load_library()
+
+
+def test_a_copy_without_a_build_does_not_run_on_an_editable_installs(tmp_path):
+    """setuptools' editable finder (on sys.meta_path) serves robust_ops._C from the installed checkout when the copy
+    imported first (a fresh clone or worktree on PYTHONPATH) has none: that copy's Python code ran on the other
+    checkout's kernels, and `import robust_ops` said nothing."""
+    package = Path(_extension.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "robust_ops", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    code = (
+        "import sys\n"
+        "from importlib.machinery import PathFinder\n"
+        "class EditableFinder:  # setuptools' __editable___*_finder.py, for the package's immediate children\n"
+        "    @classmethod\n"
+        "    def find_spec(cls, fullname, path=None, target=None):\n"
+        "        parent, _, child = fullname.rpartition('.')\n"
+        f"        return PathFinder.find_spec(fullname, path=[{str(package)!r}]) if parent == 'robust_ops' else None\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in f.__module__]  # this venv's own\n"
+        "sys.meta_path.append(EditableFinder)\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import robust_ops\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    built = importlib.util.find_spec("robust_ops._C").origin
+    assert last == (f"ImportError: robust_ops: the compiled ops were loaded from {built}, another copy of "
+                    f"robust_ops (an editable install's), because this copy ({tmp_path / 'robust_ops'}) has no build "
+                    "of its own. Build this one (`pip install --no-build-isolation -e .` in its checkout) or import "
+                    "the other."), result.stderr
+
+
 def test_lazy_submodules():
     assert robust_ops.models.build_model("small_cnn", 1, 2, 28) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):

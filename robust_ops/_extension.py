@@ -1,6 +1,7 @@
 """Loads the compiled ops (robust_ops._C) and turns build problems into errors that say what to do."""
 
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ OPS = (
 def load_library():
     """Import robust_ops._C, which registers every torch.ops.robust_ops.* kernel it was built with."""
     try:
-        importlib.import_module("robust_ops._C")
+        module = importlib.import_module("robust_ops._C")
     except ImportError as err:
         raise ImportError(
             # the folder: a source checkout in the working directory shadows an installed (built) package
@@ -29,8 +30,24 @@ def load_library():
             f"or it was built against another torch than the one installed ({torch.__version__}), "
             f"or the build failed. Rebuild with `{_BUILD_HINT}` and read its output. Original error: {err}"
         ) from err
+    _check_own_build(module)
     _check_ops()
     _check_cuda_version()
+
+
+def _check_own_build(module):
+    """Refuse a _C from another copy of robust_ops. An editable install's import finder serves robust_ops._C from its
+    own checkout whenever this copy's folder has none (a fresh clone or worktree on PYTHONPATH): its Python code then
+    ran on the other checkout's kernels without a word."""
+    found = getattr(module, "__file__", None)
+    here = Path(__file__).parent
+    # the folders, not the files resolved: a strict editable install links each file from elsewhere into one folder
+    if found is not None and not os.path.samefile(Path(found).parent, here):
+        raise ImportError(
+            f"robust_ops: the compiled ops were loaded from {found}, another copy of robust_ops (an editable "
+            f"install's), because this copy ({here}) has no build of its own. Build this one (`{_BUILD_HINT}` in its "
+            "checkout) or import the other."
+        )
 
 
 def _check_ops():
