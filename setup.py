@@ -5,7 +5,8 @@ Environment switches:
   FORCE_CUDA=1            build the CUDA kernels (fails with an explanation when no toolkit is found)
                           A CUDA build (forced or not) fails with an explanation when the toolkit's CUDA major.minor
                           differs from torch.version.cuda: robust_ops would refuse to load such kernels.
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "9.0" when unset or empty: without a GPU torch cannot detect one)
+  TORCH_CUDA_ARCH_LIST    GPU architectures; unset, empty or "native": those of the GPUs this machine sees, as torch
+                          detects them, and "9.0" (Hopper only) when it sees none (torch could detect nothing)
   NVCC_FLAGS              extra nvcc flags
   DEBUG=1                 -O0 -g (C++ and nvcc's host code)
 Install for development with `pip install --no-build-isolation -e .` (build isolation would fetch another torch).
@@ -104,6 +105,28 @@ def _build_config():
     return True, cuda_home, f"torch.version.cuda={torch.version.cuda} and toolkit at {cuda_home}"
 
 
+def _cuda_arch_list():
+    """Settle TORCH_CUDA_ARCH_LIST for a CUDA build; returns what the build message says of it. Unset, empty or
+    "native": torch builds for the GPUs it sees (+PTX for the newest), so a Hopper-only default there would fail on
+    this machine's own A100 or L4 ("no kernel image is available"); without a visible GPU torch detects nothing and
+    crashes, so that build is for Hopper."""
+    chosen = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if "TORCH_CUDA_ARCH_LIST" in os.environ:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = chosen  # torch reads " 9.0" as the architectures "" and "9.0"
+    if chosen and chosen != "native":
+        return f"TORCH_CUDA_ARCH_LIST={chosen}"
+    gpus = torch.cuda.device_count()
+    if gpus:
+        found = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(gpus)})
+        return f"TORCH_CUDA_ARCH_LIST={chosen or 'unset'}: the visible GPUs' {';'.join(found)}"
+    if chosen:
+        sys.exit("robust_ops: TORCH_CUDA_ARCH_LIST=native but this machine sees no GPU; name the architectures "
+                 "instead, e.g. TORCH_CUDA_ARCH_LIST='8.0;8.9;9.0'")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    return ("TORCH_CUDA_ARCH_LIST=9.0 (the default without a visible GPU: Hopper only; "
+            "for other GPUs set it, e.g. '8.0;8.9;9.0')")
+
+
 def _extension():
     build_cuda, cuda_home, why = _build_config()
     debug = _flag("DEBUG")
@@ -127,9 +150,7 @@ def _extension():
     if build_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
-        # Without a GPU torch cannot detect an architecture and the build crashes; default to Hopper.
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # unset or empty: torch would try to detect a GPU
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        arch_list = _cuda_arch_list()
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
         # -g: host-side debug info as the C++ files get; not -G (device debug changes the kernels' code and speed)
@@ -149,7 +170,7 @@ def _extension():
     print(
         f"robust_ops: building {'CPU + CUDA' if build_cuda else 'CPU-only'} ({why}). "
         + (
-            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, {len(sources)} sources."
+            f"{arch_list}, {len(sources)} sources."
             if build_cuda
             else "CUDA kernels disabled; Triton kernels still work where triton runs. "
             "Set FORCE_CUDA=1 with a CUDA toolkit to build them."

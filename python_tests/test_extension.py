@@ -456,9 +456,38 @@ def test_setup_defaults_the_cuda_architectures_without_a_gpu(monkeypatch, tmp_pa
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")  # recorded, so the value _extension sets is undone
     if arch_list is None:
         monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # also on a GPU machine
     ext = extension()
     assert any(src.endswith(".cu") for src in ext.sources)
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+@pytest.mark.parametrize("arch_list", [None, "", " ", "native"])
+def test_setup_builds_for_the_visible_gpus_when_no_architecture_is_named(monkeypatch, tmp_path, capsys, arch_list):
+    """Unset, the list was "9.0" even on a machine with a GPU torch would have detected: built on an A100 or L4, the
+    CUDA kernels then failed there ("no kernel image is available for execution on the device")."""
+    arch_list_of = _setup_py(monkeypatch)["_cuda_arch_list"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")  # recorded, so the value _cuda_arch_list sets is undone
+    if arch_list is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(8, 9), (8, 0), (8, 9)][i])
+    said = arch_list_of()
+    named = (arch_list or "").strip()
+    assert said == f"TORCH_CUDA_ARCH_LIST={named or 'unset'}: the visible GPUs' 8.0;8.9"
+    assert os.environ.get("TORCH_CUDA_ARCH_LIST") == (None if arch_list is None else named)  # torch detects them
+    if arch_list is None:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+        assert arch_list_of().startswith("TORCH_CUDA_ARCH_LIST=9.0 (the default without a visible GPU: Hopper only")
+    elif named == "native":  # no GPU to take them from
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+        with pytest.raises(SystemExit, match=r"^robust_ops: TORCH_CUDA_ARCH_LIST=native but this machine sees no GPU; "
+                                             r"name the architectures instead"):
+            arch_list_of()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", " 8.0;9.0 ")  # a named list is kept, without the blanks torch rejects
+    assert arch_list_of() == "TORCH_CUDA_ARCH_LIST=8.0;9.0" and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0"
 
 
 # Exact flag lists: each is deliberate (see setup.py), so a dropped or changed one should be a visible diff.
