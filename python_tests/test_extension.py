@@ -446,6 +446,26 @@ def test_setup_ships_every_native_source_in_the_sdist(monkeypatch):
     assert on_disk and on_disk <= shipped, sorted(on_disk - shipped)
 
 
+def test_the_sdist_lists_what_building_from_it_needs(monkeypatch, tmp_path):
+    """The sdist's file list (egg_info's SOURCES.txt, what `python -m build --sdist` packs), made without building:
+    it lacked CMakeLists.txt, the optional libtorch build of the same sources."""
+    setup_kwargs = _setup_py(monkeypatch)["setup_kwargs"]
+    monkeypatch.chdir(REPO)
+    dist = setuptools.Distribution({**setup_kwargs, "script_name": "setup.py"})
+    dist.parse_config_files()  # pyproject.toml: name, packages, readme, license-files
+    egg_info = dist.get_command_obj("egg_info")
+    egg_info.egg_base = str(tmp_path)
+    egg_info.ensure_finalized()
+    egg_info.run()
+    listed = set((Path(egg_info.egg_info) / "SOURCES.txt").read_text().splitlines())
+    needed = {"CMakeLists.txt", "README.md", "LICENSE", "pyproject.toml", "setup.py"}
+    needed |= {path.relative_to(REPO).as_posix() for folder in ("csrc", "robust_ops") for path in
+               (REPO / folder).rglob("*") if path.suffix in (".cpp", ".h", ".cu", ".cuh", ".py")}
+    assert needed <= listed, sorted(needed - listed)
+    assert not [path for path in listed if path.startswith(("python_tests/", "docs/", "benchmarks/"))
+                or path.endswith((".npz", ".pt", ".so"))]
+
+
 @pytest.mark.parametrize("arch_list", [None, ""])  # unset or empty: torch would look for a GPU and fail
 def test_setup_defaults_the_cuda_architectures_without_a_gpu(monkeypatch, tmp_path, arch_list):
     extension = _setup_py(monkeypatch)["_extension"]
