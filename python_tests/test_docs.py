@@ -620,6 +620,34 @@ def test_design_names_the_functional_ops_that_take_a_backend():
     assert all(f"`{name}` has only" in paragraph for name in ops - takes), paragraph  # the others: "takes none"
 
 
+def test_design_op_table_lists_every_schema():
+    """design.md's op table ("csrc/robust_ops.cpp holds every schema") names every op the extension registers, each
+    with its schema (it lacked _cuda_version and _cpu_vector_isa); "as `op`" gives another row's schema."""
+    import torch
+
+    import robust_ops  # noqa: F401  (loads the ops)
+
+    def schema(name):  # "(Tensor input, ...) -> (Tensor, Tensor)"
+        return str(getattr(torch.ops.robust_ops, name).default._schema).removeprefix(f"robust_ops::{name}")
+
+    text = (REPO / "docs/design.md").read_text()
+    table = text[text.index("| op | schema | notes |"):]
+    table = table[:table.index("\n\n")]
+    documented = {}
+    for ops, schemas in re.findall(r"^\| ([^|]*) \| ([^|]*) \|", table, flags=re.M)[1:]:  # after the header
+        names = re.findall(r"`(\w+)`", ops)
+        if schemas.startswith("as `"):
+            schemas = [schema(re.search(r"`(\w+)`", schemas).group(1))] * len(names)
+        else:
+            schemas = re.findall(r"`([^`]*)`", schemas)
+        assert len(schemas) == len(names), ops
+        documented.update(zip(names, schemas))
+    registered = {name.removeprefix("robust_ops::") for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("robust_ops::") and not name.endswith("_triton")}
+    assert set(documented) == registered, (sorted(registered - set(documented)), sorted(set(documented) - registered))
+    assert {name: schema(name) for name in registered} == documented
+
+
 def test_models_section_names_the_single_logit_models():
     """Every built model outputs one logit per class, except those getting-started's Models section names as giving
     a single logit for two classes (the models docstring said num_classes logits for all; mlp gives one, [N])."""
