@@ -497,6 +497,20 @@ def test_cli_table_defaults_are_the_parsers():
     assert checked >= 30 and not wrong, "\n".join(wrong)
 
 
+@pytest.mark.parametrize("argv", [["eval", "RUN_DIR", "--attacks", "fgsm", "--attacks", "pgd"],
+                                  ["train", "--config", "a.yaml", "--config", "b.yaml"]])
+def test_cli_page_quotes_the_refusal_of_a_repeated_option(argv, tmp_path, monkeypatch, capsys):
+    """docs/cli.md said a second `--attacks pgd` (or `--config`) would replace the first, when both are refused: the
+    error it quotes for each is the one the command line prints (refused while parsing, so no file is read)."""
+    from robust_ops import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    message = line.split(": error: ", 1)[1].removesuffix(f" (see robust-ops {argv[0]} --help)")
+    assert f"`{message}`" in re.sub(r"\s+", " ", (REPO / "docs/cli.md").read_text()), message
+
+
 def test_checkpoint_table_lists_the_checkpoints_keys(tmp_path):
     """training.md's table of checkpoint.pt's contents names exactly the keys fit writes, those of `config` and of
     `sampler` included (a tiny one-epoch run)."""
