@@ -67,6 +67,26 @@ def test_relative_links_and_anchors_resolve():
     assert not broken, "\n".join(broken)
 
 
+def test_table_rows_have_their_headers_cell_count():
+    """A `|` splits a table cell even inside backticks or a formula unless written `\\|`: defenses/index.md's LLR row
+    (`μ·|δᵀ∇ₓℓ|`) rendered its formula's tail as the paper defaults and dropped `λ = 3, μ = 4`, and drop_max_pool2d.md's
+    `avx2|scalar` cut its backend row short. Every row has as many cells as its header."""
+    wrong = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        lines = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), page.read_text(),
+                       flags=re.S | re.M).splitlines()
+        for i, line in enumerate(lines[:-1]):
+            if not (line.startswith("|") and re.fullmatch(r"\|[-:| ]+\|", lines[i + 1])):
+                continue  # not a table's header
+            cells = len(re.findall(r"(?<!\\)\|", line))
+            for j in range(i + 2, len(lines)):
+                if not lines[j].startswith("|"):
+                    break
+                if len(re.findall(r"(?<!\\)\|", lines[j])) != cells:
+                    wrong.append(f"{page.relative_to(REPO)}:{j + 1}: {lines[j][:100]}")
+    assert not wrong, "\n".join(wrong)
+
+
 # The fragments over a user's own model and data run on small stand-ins for them, so a renamed function or argument
 # cannot drift into the docs unnoticed. Each entry: (page, block index) -> substitutions applied to the block (fewer
 # epochs, the synthetic set for BreastMNIST) and code appended to check what the block computed.
