@@ -561,6 +561,27 @@ def test_checkpoint_table_lists_the_checkpoints_keys(tmp_path):
     assert documented_fields(rows["`arithmetic`"]) == set(state["arithmetic"]) | {"gpu"}  # gpu: CUDA runs only
 
 
+def test_history_keys_are_the_documented_ones():
+    """training.md's `result.history` comment left out `epoch` and promised train_acc for every defense; AT (and
+    FAT) return no clean logits, so their epochs have none."""
+    import torch
+    from torch import nn
+
+    from robust_ops.train import fit
+
+    block = python_blocks("docs/training.md")[0]
+    comment = block[block.index("result.history"):block.index("# a defense metric")]
+    documented = set(re.findall(r"(?<![\w<])(epoch|lr|time_s|(?:train|val)_(?!data\b)[a-z]+)(?![\w>])", comment))
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    keys = {}
+    for name in ("standard", "at"):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        keys[name] = set(fit(model, name, data, data, epochs=1, progress=False).history[0])
+    assert keys["standard"] == documented
+    assert keys["at"] - {"train_loss_adv"} == documented - {"train_acc"} and "not AT's" in comment
+
+
 def test_results_json_row_fields_are_the_written_ones(tmp_path):
     """getting-started.md's `results.json` row `{method, attack, ...}` lists exactly the fields write_results writes."""
     import torch
