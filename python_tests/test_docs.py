@@ -722,6 +722,8 @@ def test_models_section_names_the_single_logit_models():
     ("docs/training.md", "resumed ends with **bitwise identical** weights"),
     ("robust_ops/train.py", "resumed\n  ends with bitwise the same weights"),
     ("docs/getting-started.md", "with the same result as an uninterrupted run"),
+    ("README.md", "bitwise-exact resume"),
+    ("robust_ops/train.py", "an atomic checkpoint every epoch, exact resume"),
 ])
 def test_exact_resume_claims_name_the_thread_count(path, claim):
     """A resume at another thread count is not bitwise (torch's CPU kernels may sum in another order: a small CNN's

@@ -1,5 +1,6 @@
 """The trainer: ``fit(model, defense, train_data, ...)`` runs any defense epoch by epoch with validation, metrics files,
-an atomic checkpoint every epoch, exact resume, optional AMP / channels_last and multi-process data parallel (DDP).
+an atomic checkpoint every epoch, exact resume (at the same thread count), optional AMP / channels_last and
+multi-process data parallel (DDP).
 
 Semantics (docs/training.md):
 
