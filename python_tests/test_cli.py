@@ -599,6 +599,18 @@ def test_config_given_twice_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_reader_leaving_stdout_ends_the_command_quietly():
+    # `robust-ops bench --list | head -2` ended in a BrokenPipeError traceback; a shell tool stops with 128 + SIGPIPE
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first line
+    try:
+        result = subprocess.run([sys.executable, "-m", "robust_ops", "bench", "--list"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
+
+
 def test_a_list_option_given_twice_is_refused(trained_run, tmp_path, capsys):
     # `--attacks fgsm --attacks pgd` attacked with pgd alone (the repeatable --defense-opt adds up; these replaced)
     rc, _, err = run(["eval", trained_run, "--attacks", "fgsm", "--attacks", "pgd", "--out", tmp_path / "e"], capsys)

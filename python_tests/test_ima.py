@@ -895,7 +895,8 @@ def test_margin_table_errors():
     table = MarginTable(10, 0.1, 1.0)
     with pytest.raises(IndexError, match=r"MarginTable: ids must lie in \[0, 10\) \(the margin table has 10 entries"):
         table.get(torch.tensor([3, 10]))
-    with pytest.raises(ValueError, match=r"MarginTable: expected distinct ids in one batch .* got 1 duplicate"):
+    with pytest.raises(ValueError, match=r"MarginTable: expected distinct ids in one batch .* got 1 duplicate\(s\); "
+                                         r"a sampler drawing with replacement \(WeightedRandomSampler\)"):
         table.get(torch.tensor([3, 3]))
     with pytest.raises(TypeError, match="MarginTable: expected ids to be an integer tensor"):
         table.get(torch.tensor([1.0]))

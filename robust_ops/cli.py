@@ -1722,6 +1722,12 @@ def _main(argv):
             message = message[: -len(f"(see {PROG} --help)")] + f"(see {prefix} --help)"
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # stdout's reader left (`robust-ops bench --list | head -2`): stop quietly as a shell tool does, with 128 +
+        # SIGPIPE; stdout goes to /dev/null so the interpreter's own flush at exit does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except OSError as err:
         # A file the command could not read or write (a folder where RUN_DIR/run.json or checkpoint.pt goes, a full
         # disk, a read-only mount, a name longer than the file system takes): the path and the reason, not a

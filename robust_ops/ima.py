@@ -970,7 +970,8 @@ class MarginTable:
                                  f"size it with the dataset length), got ids in [{lo}, {hi}]")
             if torch.unique(ids).numel() != ids.numel():
                 raise ValueError(f"{name}: expected distinct ids in one batch (each sample's margin is updated once), "
-                                 f"got {ids.numel() - torch.unique(ids).numel()} duplicate(s)")
+                                 f"got {ids.numel() - torch.unique(ids).numel()} duplicate(s); a sampler drawing with "
+                                 "replacement (WeightedRandomSampler) repeats samples: draw without replacement")
         return ids
 
     def get(self, ids):
