@@ -2182,6 +2182,35 @@ def test_autoattack_refuses_a_model_set_afterwards():
     assert copied.attacks[0].model is copied.model
 
 
+def test_autoattack_packages_sub_attack_attributes_are_named_errors_not_ignored():
+    """AutoAttack's users set sub-attack options on its objects (aa.apgd.n_restarts = 1, aa.fab.n_target_classes,
+    aa.square.n_queries) and its epsilon / verbose: reading aa.apgd met Python's bare "no attribute 'apgd'", and
+    aa.epsilon = 4/255 or aa.verbose = True were taken and ignored (the attacks kept their eps; nothing printed)."""
+    model = make_model(3)
+    aa = attacks.AutoAttack(model, eps=0.03, steps=2, n_queries=3)
+    for key in ("apgd", "apgd_targeted", "fab", "square"):
+        with pytest.raises(AttributeError, match=rf"^autoattack: AutoAttack's {key} does not exist here: its attacks "
+                                                 r"are built with the options given to the constructor \(steps, "
+                                                 r".*attacks=\[APGD\(model, n_restarts=1, \.\.\.\), \.\.\.\]\)"):
+            getattr(aa, key).n_restarts = 1
+        assert not hasattr(aa, key)
+    for key, value, hint in (("epsilon", 4 / 255, r"the radius is eps, read when the attacks are built"),
+                             ("verbose", True, r"nothing is printed or logged; res = aa.run\(x, y\) gives "
+                                               r"res.counts\(\)"),
+                             ("log_path", "aa.log", "nothing is printed or logged")):
+        with pytest.raises(AttributeError, match=rf"^autoattack: AutoAttack's {key} does not exist here: {hint}"):
+            setattr(aa, key, value)
+        assert key not in vars(aa)
+    with pytest.raises(AttributeError, match=r"^autoattack: AutoAttack's set_version does not exist here: give the "
+                                             r"version to the constructor"):
+        aa.set_version("plus")
+    with pytest.raises(AttributeError, match=r"^'AutoAttack' object has no attribute 'bogus'$"):
+        aa.bogus
+    assert all(a.eps == 0.03 for a in aa.attacks)
+    copied = copy.deepcopy(aa)  # copying looks attributes up on an empty object
+    assert copied.eps == 0.03 and [a.name for a in copied.attacks] == [a.name for a in aa.attacks]
+
+
 def test_normalized_std_and_square_p_init_checked():
     model = make_model(3)
     for mean, std in (([0.5], [0.0]), ([0.5], [-1.0]), ([0.5], [float("nan")]), ([float("inf")], [0.2])):

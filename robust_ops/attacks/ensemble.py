@@ -269,7 +269,30 @@ class AutoAttack(Attack):
     _BUILD_OPTIONS = ("norm", "eps", "version", "steps", "n_target_classes", "n_queries", "seed", "eot_iter",
                       "clip_min", "clip_max", "attacks_to_run")
 
+    # AutoAttack's own attributes and methods (autoattack.AutoAttack): its users set sub-attack options on them
+    # (aa.apgd.n_restarts = 1) or its epsilon / verbose, which here met Python's bare "no attribute 'apgd'" or, set,
+    # were ignored silently; each is an AttributeError naming the way here
+    _FOREIGN = {
+        **dict.fromkeys(("apgd", "apgd_targeted", "fab", "square"),
+                        "its attacks are built with the options given to the constructor (steps, n_target_classes, "
+                        "n_queries, seed, eot_iter); for others (n_restarts, ...) pass your own objects, "
+                        "AutoAttack(model, ..., attacks=[APGD(model, n_restarts=1, ...), ...]); aa.attacks lists them"),
+        "epsilon": "the radius is eps, read when the attacks are built; build a new AutoAttack(model, ..., eps=...)",
+        **dict.fromkeys(("verbose", "logger", "log_path"),
+                        "nothing is printed or logged; res = aa.run(x, y) gives res.counts() (samples each attack "
+                        "broke) and res.robust_accuracy()"),
+        "set_version": "give the version to the constructor, AutoAttack(model, ..., version=...)",
+        "clean_accuracy": "(robust_ops.models.predict(model, x) == y).float().mean() is the clean accuracy",
+    }
+
+    def __getattr__(self, key):  # only for attributes not found otherwise
+        if key in AutoAttack._FOREIGN:
+            raise AttributeError(f"autoattack: AutoAttack's {key} does not exist here: {AutoAttack._FOREIGN[key]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
     def __setattr__(self, key, value):
+        if key in self._FOREIGN:
+            raise AttributeError(f"autoattack: AutoAttack's {key} does not exist here: {self._FOREIGN[key]}")
         if vars(self).get("_built") is not None:
             if key == "model":  # the clean check and the scoring took the new model, the built attacks the old one
                 raise AttributeError("autoattack: model is read when the attacks are built, so its attacks would "
