@@ -4011,6 +4011,31 @@ def test_run_standard_evaluation_is_run_with_bs():
         aa.run_standard_evaluation(x, y, bs=0)
 
 
+def test_run_standard_evaluation_return_labels_gives_the_labels_predicted_on_x_adv():
+    """AutoAttack's return_labels=True (x_adv, y_adv) was a TypeError "unexpected keyword argument"; y_adv are the
+    labels the model predicts on x_adv, also per attack in run_standard_evaluation_individual."""
+    model = make_model(3)
+    x, y = make_data(6, 3)
+    aa = attacks.AutoAttack(model, eps=0.1, steps=3, n_queries=10)
+    x_adv, y_adv = aa.run_standard_evaluation(x, y, bs=4, return_labels=True)
+    assert torch.equal(x_adv, aa.run_standard_evaluation(x, y, bs=4))
+    with torch.no_grad():
+        assert torch.equal(y_adv, model(x_adv).argmax(1)) and y_adv.dtype == torch.long
+    assert bool((y_adv != y).any())  # some broken: the labels are x_adv's, not y
+    individual = aa.run_standard_evaluation_individual(x, y, bs=4, return_labels=True)
+    for key, (xa, ya) in individual.items():
+        with torch.no_grad():
+            assert torch.equal(ya, model(xa).argmax(1)), key
+    assert torch.equal(aa.run_standard_evaluation(x[:0], y[:0], return_labels=True)[1], y[:0])
+    single = attacks.AutoAttack(SingleLogit().eval(), eps=0.1, attacks=["fgsm"])
+    xa, ya = single.run_standard_evaluation(x, y % 2, return_labels=True)
+    with torch.no_grad():
+        assert torch.equal(ya, (single.model(xa).reshape(-1) > 0).long())
+    with pytest.raises(TypeError, match=r"^autoattack.run_standard_evaluation: expected return_labels to be True or "
+                                        r"False, got 'yes'$"):
+        aa.run_standard_evaluation(x, y, return_labels="yes")
+
+
 def test_run_pgd_grad_transform_moves_each_step_along_what_it_returns():
     """grad_transform(grad, step) is what step `step` moves along: the identity is bitwise the plain loop, a negated
     gradient descends the loss, the steps come 0..steps-1 with the input gradient; wrong returns are named."""

@@ -133,11 +133,17 @@ def _check_runs_on(attack, x, label):
 
 
 @torch.no_grad()
-def _correct(model, x, y, model_mode, name):
+def _predict(model, x, model_mode, name, y=None):
+    """The labels ``model`` predicts on ``x`` in ``model_mode``; ``y`` given: checked against its output first."""
     with attack_context(model, model_mode, name):
         out = forward(name, model, x)
-        check_labels_against(name, y, out)
-        return predict_from_output(out) == y
+        if y is not None:
+            check_labels_against(name, y, out)
+        return predict_from_output(out)
+
+
+def _correct(model, x, y, model_mode, name):
+    return _predict(model, x, model_mode, name, y) == y
 
 
 def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=0.0, clip_max=1.0, batch_size=None,
@@ -380,23 +386,36 @@ class AutoAttack(Attack):
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
                         clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size)
 
-    def run_standard_evaluation(self, x, y, bs=None):
-        """AutoAttack's entry point: x_adv (the clean input where no attack succeeded), ``bs`` samples at a time."""
+    def run_standard_evaluation(self, x, y, bs=None, return_labels=False):
+        """AutoAttack's entry point: x_adv (the clean input where no attack succeeded), ``bs`` samples at a time
+        (None: all at once); ``return_labels=True`` gives ``(x_adv, y_adv)``, y_adv the labels predicted on x_adv."""
         if bs is not None:  # named as the caller wrote it, not as ensemble's batch_size
             bs = check_steps("autoattack.run_standard_evaluation", bs, "bs")
-        return self.run(x, y, batch_size=bs).x_adv
+        check_flags("autoattack.run_standard_evaluation", {"return_labels": return_labels})
+        x_adv = self.run(x, y, batch_size=bs).x_adv
+        return (x_adv, self._predicted(x_adv, bs)) if return_labels else x_adv
 
-    def run_standard_evaluation_individual(self, x, y, bs=None):
+    def run_standard_evaluation_individual(self, x, y, bs=None, return_labels=False):
         """AutoAttack's: each attack on every sample on its own (no cascade); {attack name: x_adv}, x_adv the clean
-        input where that attack did not succeed. A name a custom list repeats is keyed "name #2", "name #3", ..."""
+        input where that attack did not succeed (``return_labels=True``: {name: (x_adv, y_adv)}, as
+        :meth:`run_standard_evaluation`). A name a custom list repeats is keyed "name #2", "name #3", ..."""
         if bs is not None:
             bs = check_steps("autoattack.run_standard_evaluation_individual", bs, "bs")
+        check_flags("autoattack.run_standard_evaluation_individual", {"return_labels": return_labels})
         out = {}
         names = [_name(attack, i) for i, attack in enumerate(self.attacks)]
         for attack, name, key in zip(self.attacks, names, _distinct_keys(names)):
-            out[key] = ensemble(self.model, x, y, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
-                                clip_max=self.clip_max, batch_size=bs, names=[name]).x_adv
+            x_adv = ensemble(self.model, x, y, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
+                             clip_max=self.clip_max, batch_size=bs, names=[name]).x_adv
+            out[key] = (x_adv, self._predicted(x_adv, bs)) if return_labels else x_adv
         return out
+
+    def _predicted(self, x_adv, bs):
+        """AutoAttack's y_adv: the labels the model predicts on x_adv, ``bs`` samples at a time, in the mode of the
+        cascade's robustness checks."""
+        parts = x_adv.split(bs or x_adv.shape[0]) if x_adv.shape[0] else ()
+        preds = [_predict(self.model, part, self.model_mode, self.name) for part in parts]
+        return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x_adv.device)
 
     def forward(self, x, y):
         return self.run(x, y).x_adv
