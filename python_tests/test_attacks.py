@@ -4133,6 +4133,34 @@ def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(name
     assert model.training
 
 
+@pytest.mark.parametrize("name, make", [
+    ("pgd", lambda m: attacks.PGD(m, steps=1)), ("apgd", lambda m: attacks.APGD(m, steps=1)),
+    ("square", lambda m: attacks.Square(m, n_queries=2)), ("fab", lambda m: attacks.FAB(m, steps=1)),
+    ("ensemble", lambda m: attacks.AutoAttack(m, steps=1, n_queries=2))])
+def test_inputs_on_another_device_than_the_model_are_named(name, make):
+    """CPU images from a data loader on a CUDA model (torchattacks moved them itself) failed with torch's error from
+    inside the model's first layer; a meta-device model stands in for the other device. Labels on another device
+    than x failed inside the loss, after the forward."""
+    x, y = make_data(4, 3)
+    torch.manual_seed(0)
+    elsewhere = TinyCNN(1, 3).eval().to("meta")
+    with pytest.raises(ValueError, match=rf"^{name}: the inputs of x are on cpu, but the model is on meta; move the "
+                                         r"inputs to the model's device \(x.to\('meta'\), and the labels\) or the "
+                                         r"model to theirs$"):
+        make(elsewhere)(x, y)
+    with pytest.raises(ValueError, match=r"^pgd: expected y on x's device cpu, got y on meta; pass y.to\(x.device\)$"):
+        attacks.PGD(make_model(3), steps=1)(x, y.to("meta"))
+
+
+def test_a_model_that_fails_on_its_own_device_too_keeps_torchs_error():
+    # the device is named only when the same forward on the model's device runs
+    x, y = make_data(4, 3)
+    wrong_channels = TinyCNN(3, 3).eval().to("meta")
+    with pytest.raises(RuntimeError) as err:
+        attacks.PGD(wrong_channels, steps=1)(x, y)
+    assert not isinstance(err.value, ValueError) and "model is on meta" not in str(err.value)
+
+
 def test_numpy_inputs_are_named_as_numpy_arrays():
     """A numpy array's dtype alone made the error read "expected y to be an integer tensor ..., got int64" (and "x
     ... floating-point tensor, got float32"): the message seemed to accept what it refused."""

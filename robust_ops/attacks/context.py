@@ -124,22 +124,43 @@ class InputDtypeError(TypeError):
     """:func:`forward_naming_input_dtype`'s refusal, told apart from a TypeError the model itself raised."""
 
 
+class InputDeviceError(ValueError):
+    """:func:`forward_naming_input_dtype`'s refusal of inputs on another device than the model."""
+
+
 def forward_naming_input_dtype(name, split, model, x):
     """model(x), in the caller's mode and gradient setting; a forward that fails only because x is not in the dtype
     of the model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and
     the fix: torch's "Input type (double) and bias type (float) should be the same" came from inside the model's first
-    layer (float64 images from numpy's x / 255.0, uint8 ones). A model that converts its inputs itself runs as is."""
+    layer (float64 images from numpy's x / 255.0, uint8 ones). A model that converts its inputs itself runs as is.
+    Likewise x on another device than the model (CPU images from a data loader, a CUDA model: torchattacks moved them
+    itself) is a one-line InputDeviceError (a ValueError) naming both devices, not torch's error from a layer."""
     try:
         return model(x)
     except RuntimeError as err:
+        if not torch.is_tensor(x):
+            raise
+
+        def fails_also(converted):
+            try:  # eval mode without gradients: an attack's train-mode forward would move BatchNorm's statistics
+                with torch.no_grad(), use_model_mode(model, "eval"):
+                    model(converted)
+            except Exception:  # noqa: BLE001 -- it fails for another reason too: torch's error says which
+                return True
+            return False
+
+        device = model_device(model)
+        if x.device != device:
+            if fails_also(x.to(device)):
+                raise err from None
+            raise InputDeviceError(f"{name}: the inputs of {split} are on {x.device}, but the model is on {device}; "
+                                   f"move the inputs to the model's device (x.to('{device}'), and the labels) or the "
+                                   "model to theirs") from None
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        if not torch.is_tensor(x) or len(dtypes) != 1 or x.dtype in dtypes:
+        if len(dtypes) != 1 or x.dtype in dtypes:
             raise
         (dtype,) = dtypes
-        try:  # eval mode without gradients: an attack's train-mode forward would move BatchNorm's statistics
-            with torch.no_grad(), use_model_mode(model, "eval"):
-                model(x.to(dtype))
-        except Exception:  # noqa: BLE001 -- it fails for another reason too: torch's error says which
+        if fails_also(x.to(dtype)):
             raise err from None
         fix = ("make them floating-point images in the value range (x.float() / 255 for 8-bit ones)"
                if not x.is_floating_point() else f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
@@ -220,6 +241,8 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=
                         f"{x.dtype if torch.is_tensor(x) else type(x)}")
     if x.dim() < 1:
         raise ValueError(f"{name}: expected x to have a batch dimension, got a 0-D tensor")
+    if torch.is_tensor(y) and y.device != x.device:  # torch's error came from inside the loss, after the forward
+        raise ValueError(f"{name}: expected y on x's device {x.device}, got y on {y.device}; pass y.to(x.device)")
     # as IMA's and the defenses': None or a string met math.isfinite's bare TypeError, and True ran as 1.0
     clip_min = check_real(name, "clip_min", clip_min)
     clip_max = check_real(name, "clip_max", clip_max, minimum=clip_min)
