@@ -3972,6 +3972,40 @@ def test_torchattacks_device_and_training_mode_switches():
         atk.set_model_training_mode(model_training=True)
 
 
+def test_torchattacks_get_logits_and_set_device():
+    """torchattacks' atk.get_logits(x) (ported custom attacks call it) and atk.set_device(d) met Python's bare
+    "no attribute"; get_logits is the model's checked output, set_device is refused naming the move to make (the
+    attack runs on its inputs' device, so a device set apart from them would be ignored)."""
+    model = make_model(3)
+    x, _ = make_data(4, 3)
+    atk = attacks.PGD(model)
+    with torch.no_grad():
+        assert torch.equal(atk.get_logits(x), model(x))
+        assert torch.equal(atk.get_logits(x), torchattacks.PGD(model).get_logits(x))
+    with pytest.raises(ValueError, match=r"^pgd: expected the model to return a logits tensor, got a tuple"):
+        attacks.PGD(_TupleOut()).get_logits(x)
+    for a in (atk, attacks.AutoAttack(model)):
+        with pytest.raises(ValueError, match=rf"^{a.name}: set_device is not supported \(the attack runs on the "
+                                             r"device of the inputs it is given\); move the inputs and labels to the "
+                                             r"model's device instead, x.to\(atk.device\), now cpu$"):
+            a.set_device("cuda")
+
+
+def test_ensemble_is_torchattacks_multiattack_on_the_samples_classified_correctly():
+    """docs/attacks.md's port of torchattacks' MultiAttack: the same points where the clean input is classified
+    correctly; a sample misclassified clean comes back clean here (torchattacks: the first attack's point)."""
+    model, x = near_boundary_linear()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3  # two misclassified clean
+    kw = dict(eps=0.05, steps=5, random_start=False)
+    theirs = torchattacks.MultiAttack([torchattacks.FGSM(model, eps=0.02), torchattacks.PGD(model, **kw)])(x, y)
+    res = attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.02), attacks.PGD(model, **kw)])
+    assert res.counts() == {"clean": 2, "fgsm": 5, "pgd": 10, "robust": 47}  # both attacks break samples
+    assert torch.equal(res.x_adv[2:], theirs[2:]) and torch.equal(res.x_adv[:2], x[:2])
+    assert not torch.equal(theirs[:2], x[:2])
+
+
 def test_training_mode_switch_with_one_of_batchnorm_or_dropout_training_is_refused():
     # model.train() is BatchNorm and Dropout both training: one of the two has no model_mode (mutation testing of
     # attacks core: mapping either one to "train" survived)

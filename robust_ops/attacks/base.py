@@ -19,7 +19,8 @@ class Attack:
       * ``clip_min``, ``clip_max``: the valid input range (default [0, 1]).
 
     torchattacks' ``set_mode_targeted_random()``, ``set_mode_targeted_least_likely(kth_min)``,
-    ``set_mode_targeted_by_function(fn)`` and ``device`` work as there; ``set_model_training_mode(...)`` maps to
+    ``set_mode_targeted_by_function(fn)``, ``device`` and ``get_logits(x)`` work as there (``set_device`` raises: the
+    attack runs on its inputs' device); ``set_model_training_mode(...)`` maps to
     ``model_mode`` (its default train mode, BatchNorm and Dropout in eval, raises: see the method);
     ``set_normalization_used`` raises (wrap the model with :class:`Normalized`). See docs/attacks.md, "Porting
     torchattacks / AutoAttack code".
@@ -86,6 +87,18 @@ class Attack:
         """The device of the model's first parameter or buffer (cpu for a model without any), as torchattacks."""
         first = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
         return first.device if first is not None else torch.device("cpu")
+
+    def set_device(self, device):
+        """Refused: torchattacks' moves every input to ``device``; here an attack runs where its inputs are, and those
+        must be on the model's device (a one-line error otherwise), so a device set apart from both would be ignored."""
+        raise ValueError(f"{self.name}: set_device is not supported (the attack runs on the device of the inputs it "
+                         f"is given); move the inputs and labels to the model's device instead, "
+                         f"x.to(atk.device), now {self.device}")
+
+    def get_logits(self, x):
+        """torchattacks': the model's output on ``x`` (checked: a logits tensor, one row per input), in the model's
+        current mode and the caller's gradient setting."""
+        return forward(self.name, self.model, x)
 
     def set_mode_targeted_by_label(self, quiet=False):
         """Labels given to the call are the targets. ``quiet`` is torchattacks' (nothing is printed here)."""
