@@ -1821,3 +1821,28 @@ def test_csv_blank_split_by_is_refused_as_the_argument(tmp_path):
         with pytest.raises(DataError, match=r"expected split_by to be 'auto', 'image' or a column name, got") as info:
             load_csv(path, size=8, split_by=blank)
         assert info.value.arg == "split_by"
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    """docs/getting-started.md: names starting with "." and macOS's __MACOSX/ are skipped -- a folder copied from a
+    Mac (._NAME.png AppleDouble files, which are no image: they were 'not a readable image'), .DS_Store, a Jupyter
+    .ipynb_checkpoints/ (which became a class without images) -- in class folders and under a CSV's folder."""
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{c}{i}.png", (8, 8), 10 * i)
+        (tmp_path / c / f"._{c}0.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(64))
+        (tmp_path / c / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+        (tmp_path / c / ".thumbnails").mkdir()
+        _png(tmp_path / c / ".thumbnails" / f"{c}0.png", (4, 4), 0)
+    for hidden in (".ipynb_checkpoints", "__MACOSX", ".Trash-1000"):
+        (tmp_path / hidden).mkdir()
+        _png(tmp_path / hidden / "benign0.png", (8, 8), 0)
+    s = load_dataset(tmp_path, size=8)
+    assert s.info.class_names == ("benign", "malignant")
+    assert s.info.extra["class_counts"] == {"benign": 10, "malignant": 10}
+    assert s.info.extra["excluded_samples"] == 0
+    rows = ["image_id,dx"] + [f"{c}{i},{c}" for c in ("benign", "malignant") for i in range(10)]
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    s = load_dataset(tmp_path / "meta.csv", size=8)  # each id matches one file: the hidden copies are no second match
+    assert len(s.train) + len(s.val) + len(s.test) == 20

@@ -37,6 +37,15 @@ NEGATIVE_NAMES = ("benign", "normal", "healthy", "negative", "control")
 # What Pillow raises on a damaged image file: OSError mostly, SyntaxError for a broken PNG chunk, ValueError for a bad
 # BMP palette or TIFF tag.
 DAMAGED_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
+# Folders a system writes beside the data: macOS's zip metadata (its ._NAME AppleDouble files hold no image).
+SYSTEM_FOLDERS = ("__MACOSX",)
+
+
+def is_hidden(path, root=None):
+    """Whether a file or folder (or, below ``root``, any folder on the way to it) is hidden -- its name starts with
+    "." (.DS_Store, macOS's ._NAME.png AppleDouble files, .ipynb_checkpoints/) -- or a system folder: never data."""
+    parts = Path(path).relative_to(root).parts if root is not None else (Path(path).name,)
+    return any(part.startswith(".") or part in SYSTEM_FOLDERS for part in parts)
 
 
 def pad_to_square_and_resize(img, size):
@@ -294,7 +303,7 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
     bit_depth = _check_bit_depth(bit_depth, f"load_busi({folder})")
     subdirs = {}
     for p in sorted(folder.iterdir()):
-        if p.is_dir():
+        if p.is_dir() and not is_hidden(p):
             if p.name.lower() in subdirs:  # one of them would be dropped silently
                 raise DataError(f"{folder}: class folders {subdirs[p.name.lower()].name} and {p.name} differ only "
                                 "in case; expected one folder per class")
@@ -313,17 +322,19 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
                         arg="classes" if chosen else None)
 
     def images(d):
-        return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower())
+        return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower()
+                      and not is_hidden(p))
 
     def other_suffix(p):  # by the name's end, not Path.suffix: ".nii.gz" has the suffix ".gz"
         return next((s for s in OTHER_IMAGE_SUFFIXES if p.name.lower().endswith(s)), None)
 
     def check_unread(d):
-        for p in sorted(d.iterdir()):
+        for p in sorted(q for q in d.iterdir() if not is_hidden(q)):
             if p.is_file() and other_suffix(p):
                 raise DataError(f"{p}: {other_suffix(p)} files are not read (expected {', '.join(IMAGE_SUFFIXES)}); "
                                 f"convert it or move it out of {d}")
-            if p.is_dir() and any(q.suffix.lower() in IMAGE_SUFFIXES or other_suffix(q) for q in p.rglob("*")):
+            if p.is_dir() and any((q.suffix.lower() in IMAGE_SUFFIXES or other_suffix(q)) and not is_hidden(q, p)
+                                  for q in p.rglob("*")):
                 raise DataError(f"{p}: a subfolder holding images; only the images directly in {d} are read -- move "
                                 "them up or out of the class folder")
 
@@ -475,7 +486,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     wanted = {image_id for image_id, _ in kept}
     index = {}
     for p in sorted(root.rglob("*")):
-        if p.stem in wanted and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+        if p.stem in wanted and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_hidden(p, root):
             index.setdefault(p.stem, []).append(p)
     missing = [image_id for image_id, _ in kept if image_id not in index]
     if missing:
