@@ -212,7 +212,9 @@ def missing_classes_record(y, parts, class_names, part_names=("train", "val", "t
 
 def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None, group_name="group"):
     """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples; with ``groups`` (one key per
-    sample, ``group_name`` the column they come from) a :func:`grouped_split`: every group on one side."""
+    sample, ``group_name`` the column they come from) a :func:`grouped_split`: every group on one side. ``x``: float
+    inputs, or uint8 images, which each part converts to float in [0, 1] (a float copy of the whole pool beside the
+    parts held the data in memory twice over)."""
     source = info.source or info.name
     if groups is None:
         parts = stratified_split(y.numpy(), fractions, seed, source, info.class_names)
@@ -221,7 +223,7 @@ def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None,
     missing = missing_classes_record(y.numpy(), parts, info.class_names)
     if missing:  # recorded in results.json: a metric of an absent class is undefined there
         info.extra["classes_missing_from_split"] = missing
-    sets = [TensorDataset(x[p], y[p]) for p in parts]
+    sets = [TensorDataset(x[p].float().div_(255.0) if x.dtype == torch.uint8 else x[p], y[p]) for p in parts]
     return DatasetSplits(*sets, info, None if groups is None else tuple(np.asarray(groups)[p] for p in parts))
 
 

@@ -223,8 +223,14 @@ def _samples_digest(samples):
 
 
 def _stack(arrays, labels):
-    x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()).float().div_(255.0)
-    return x, torch.tensor(labels, dtype=torch.int64)
+    """(H, W, C) uint8 arrays -> uint8 [N, C, H, W] (splits_from_arrays makes each part float) and int64 labels;
+    ``arrays`` is emptied as it is copied, so the images are not held twice."""
+    h, w, c = arrays[0].shape  # every loader has one image at least
+    x = np.empty((len(arrays), c, h, w), dtype=np.uint8)
+    for i in range(len(arrays)):
+        x[i] = arrays[i].transpose(2, 0, 1)
+        arrays[i] = None
+    return torch.from_numpy(x), torch.tensor(labels, dtype=torch.int64)
 
 
 def _positive(class_names):
