@@ -4,13 +4,14 @@ import hashlib
 import re
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from robust_ops.data import DataError, cross_validation, load_dataset, synthetic_ultrasound
+from robust_ops.data import DataError, cross_validation, load_busi, load_dataset, synthetic_ultrasound
 from robust_ops.data import medmnist as mm
 
 
@@ -1887,3 +1888,47 @@ def test_splits_from_arrays_makes_uint8_parts_float_in_0_1():
         assert part.tensors[0].dtype == torch.float32
     got = torch.cat([part.tensors[0] for part in (s.train, s.val, s.test)]).flatten().sort().values
     assert torch.equal(got, x.float().div(255.0).flatten().sort().values)
+
+
+def test_folder_images_are_decoded_once_in_threads_first_error_in_order(tmp_path, monkeypatch):
+    """Choosing one channel or three (mode None) opened every image that is not grey by its mode a second time before
+    reading it (BUSI's grayscale saved as RGB: every image decoded twice, 5.4 s of CPU for 750 images, now 3.5 s);
+    now each file is opened once and the choice made as it is read, in torch.get_num_threads() threads, with the
+    same pixels as converting each image to the set's mode, and the first damaged file in order named."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (9, 13), dtype=np.uint8)
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.stack([grey + i] * 3, -1)).save(tmp_path / c / f"{c}{i}_rgb_grey.png")
+            Image.fromarray(grey + i).convert("P").save(tmp_path / c / f"{c}{i}_palette.png")
+            Image.fromarray((grey + i).astype(np.uint16) * 257).save(tmp_path / c / f"{c}{i}_16.png")
+    opened = Counter()
+    real_open = Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened[Path(fp).name] += 1
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        s = load_dataset(tmp_path, size=16)
+        assert s.info.in_channels == 1 and set(opened.values()) == {1} and len(opened) == 30
+        as_l = load_busi(tmp_path, size=16, mode="L")
+        for a, b in zip(s, list(as_l)[:3]):
+            assert torch.equal(a.tensors[0], b.tensors[0])
+        Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)).save(tmp_path / "benign" / "colour.png")
+        s, as_rgb = load_dataset(tmp_path, size=16), load_busi(tmp_path, size=16, mode="RGB")
+        assert s.info.in_channels == 3
+        for a, b in zip(s, list(as_rgb)[:3]):
+            assert torch.equal(a.tensors[0], b.tensors[0])
+        for name in ("benign0_palette.png", "benign1_palette.png"):  # both damaged: the first in order is named
+            (tmp_path / "benign" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+        with pytest.raises(DataError, match=r"benign0_palette\.png: not a readable image"):
+            load_dataset(tmp_path, size=16)
+    finally:
+        torch.set_num_threads(threads)

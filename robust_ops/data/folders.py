@@ -154,6 +154,8 @@ def _check_one_frame(img, path):
 
 
 def read_image(path, size, mode, stats=None, bit_depth=None):
+    """One image file as a uint8 (size, size, C) array. mode: "L", "RGB", or None: "RGB" when the image has colour,
+    else "L" (:func:`read_images` makes a set's channel counts agree)."""
     from PIL import Image
 
     try:
@@ -161,7 +163,10 @@ def read_image(path, size, mode, stats=None, bit_depth=None):
             _check_padded_size(img, path)
             _check_one_frame(img, path)
             _check_opaque(img, path)
-            img = _to_8bit(img, path, stats, bit_depth).convert(mode)
+            img = _to_8bit(img, path, stats, bit_depth)  # first: it reads the undecoded file's tile
+            if mode is None:  # decided on the image decoded here: one decode per file
+                mode = "RGB" if _has_colour(img) else "L"
+            img = img.convert(mode)
             img = pad_to_square_and_resize(img, size)
     except DataError:  # a ValueError as well: _to_8bit's own message names what to fix
         raise
@@ -173,18 +178,42 @@ def read_image(path, size, mode, stats=None, bit_depth=None):
     return arr if arr.ndim == 3 else arr[:, :, None]
 
 
-def _has_colour(path):
-    """Whether an image's channels differ anywhere (grayscale saved as RGB, as BUSI's images are, does not count)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("1", "L", "LA", "F") or img.mode.startswith("I"):
-                return False
-            rgb = np.asarray(img.convert("RGB"))
-    except (*DAMAGED_IMAGE_ERRORS, Image.DecompressionBombError):  # read_image reports it
+def _has_colour(img):
+    """Whether an open image's channels differ anywhere (grayscale saved as RGB, as BUSI's images are, does not
+    count)."""
+    if img.mode in ("1", "L", "LA", "F") or img.mode.startswith("I"):
         return False
+    rgb = np.asarray(img.convert("RGB"))
     return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def read_images(paths, size, mode, bit_depth=None):
+    """:func:`read_image` of each path, in ``torch.get_num_threads()`` threads (Pillow decodes and resizes outside
+    the GIL). Returns (arrays in the order of ``paths``, stats for :func:`_check_16_bit`); an error is the first
+    failing file's in that order. mode None: every image "L" unless one has colour, then every one "RGB" (a grey
+    image's channel repeated: what converting it to RGB gives)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(path):
+        own = {}  # one per image: the threads would race on a shared dict's maximum
+        return read_image(path, size, mode, own, bit_depth), own
+
+    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(paths)))) as pool:
+        futures = [pool.submit(read, p) for p in paths]
+        try:
+            done = [f.result() for f in futures]
+        except BaseException:  # the error is known: the images queued behind it need not be read
+            for f in futures:
+                f.cancel()
+            raise
+    arrays = [arr for arr, _ in done]
+    stats = {}
+    for _, own in done:
+        if "max16" in own:
+            stats["max16"] = max(stats.get("max16", 0.0), own["max16"])
+    if mode is None and any(arr.shape[2] == 3 for arr in arrays):
+        arrays = [arr if arr.shape[2] == 3 else np.repeat(arr, 3, axis=2) for arr in arrays]
+    return arrays, stats
 
 
 def _check_16_bit(stats, where, bit_depth=None):
@@ -350,13 +379,8 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
         files[c] = images(subdirs[c])
         if not files[c]:
             raise DataError(f"{subdirs[c]}: no images found")
-    if mode is None:
-        mode = "RGB" if any(_has_colour(p) for c in classes for p in files[c]) else "L"
-    arrays, labels, stats = [], [], {}
-    for label, c in enumerate(classes):
-        for p in files[c]:
-            arrays.append(read_image(p, size, mode, stats, bit_depth))
-            labels.append(label)
+    arrays, stats = read_images([p for c in classes for p in files[c]], size, mode, bit_depth)
+    labels = [label for label, c in enumerate(classes) for _ in files[c]]
     _check_16_bit(stats, folder, bit_depth)
     excluded = {c: len(images(d)) for c, d in sorted(subdirs.items()) if c not in classes}
     x, y = _stack(arrays, labels)
@@ -507,8 +531,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
         first = index[ambiguous[0]]
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
-    stats = {}
-    arrays = [read_image(index[image_id][0], size, mode, stats, bit_depth) for image_id, _ in kept]
+    arrays, stats = read_images([index[image_id][0] for image_id, _ in kept], size, mode, bit_depth)
     _check_16_bit(stats, csv_path, bit_depth)
     x, y = _stack(arrays, [label for _, label in kept])
     info = DatasetInfo(
