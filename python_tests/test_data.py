@@ -1932,3 +1932,28 @@ def test_folder_images_are_decoded_once_in_threads_first_error_in_order(tmp_path
             load_dataset(tmp_path, size=16)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_folder_pixels_are_read_as_stored_padded_and_resized_antialiased_as_documented(tmp_path):
+    """getting-started.md's folder row said "zero-padded to square then resized" only: the filter (Pillow's bilinear,
+    antialiased) and that a JPEG's EXIF orientation is not applied were left to guess; it says both now."""
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(10):  # 10 a class: a stratified split, no warning
+            board = (np.indices((64, 32)).sum(0) % 2 * 255).astype(np.uint8)  # 1-pixel checkerboard, 32 wide
+            Image.fromarray(board).save(tmp_path / c / f"{c}{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to show": a viewer shows this 60 x 20 image as 20 wide, 60 tall
+    Image.fromarray(np.full((20, 60), 200, np.uint8)).save(tmp_path / "benign" / "phone.jpg", exif=exif)
+    s = load_busi(tmp_path, size=16, mode="L")
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])[:, 0] * 255
+    boards = x[(x[:, 8, 8] - 127.5).abs() < 20]  # antialiased: the checkerboard averages to grey, not 0 / 255
+    assert len(boards) == 20 and bool((boards[:, :, 4:12] - 127.5).abs().max() < 20)
+    assert bool((boards[:, :, :3] == 0).all() and (boards[:, :, 13:] == 0).all())  # padded left and right, black
+    (phone,) = x[(x[:, 8, 8] - 200).abs() < 20]  # as stored: wide, so padded above and below
+    assert bool((phone[:4] == 0).all() and (phone[12:] == 0).all() and (phone[6:10] > 150).all())
+    row = next(line for line in (Path(__file__).parents[1] / "docs/getting-started.md").read_text().splitlines()
+               if line.startswith("| `path/to/BUSI/`"))
+    assert "antialiased" in row and "EXIF orientation tag is not applied" in row and "aspect ratio kept" in row
