@@ -1880,20 +1880,37 @@ def _plateau(opt):
     return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, threshold=0.5)
 
 
-@pytest.mark.parametrize("name,options,settings", [
+_MID_EPOCH_CASES = [
     ("dpaat", dict(steps=2, reference="running"), dict(scheduler=_plateau, val=True)),
     ("mirst-dm", dict(), dict(channels_last=True, prepacked_conv=True, max_grad_norm=0.5)),
     ("arfl", dict(steps=2), dict(optimizer=torch.optim.SGD, other_out_dir=True)),
     ("trades", dict(steps=2), dict(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
                                    scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5), val=True)),
     ("ima", dict(steps=2, search_steps=2), dict(channels_last=True, scheduler=_plateau)),
-])
+    # every other registered defense, with fit's defaults (MIRST: extra_grads; FAT: early-stopped PGD and its tau)
+    # (interrupt_at: the forward after the epoch-1 checkpoint that is interrupted, inside epoch 2's 3 steps)
+    ("standard", {}, dict(interrupt_at=2)), ("gr", {}, dict(interrupt_at=2)),
+    *[(name, options, {}) for name, options in (
+        ("at", dict(steps=2)), ("sat", dict(steps=2)), ("rst", dict(steps=2)), ("llr", dict(steps=2)),
+        ("mart", dict(steps=2)), ("fat", dict(steps=2, tau=1)), ("amat", dict(steps=2)),
+        ("mirst", dict(steps=2, emit=(1, 2), beta=(0.6, 0.4))))],
+]
+
+
+def test_the_mid_epoch_resume_test_covers_every_registered_defense():
+    """A defense added to the registry gets a bitwise resume case too (sat, rst, gr, llr, mart, fat, amat and mirst
+    had none)."""
+    assert sorted(name for name, _, _ in _MID_EPOCH_CASES) == sorted(defenses.NAMES)
+
+
+@pytest.mark.parametrize("name,options,settings", _MID_EPOCH_CASES)
 def test_resume_after_a_mid_epoch_interrupt_is_bitwise_identical(tmp_path, name, options, settings):
     """Interrupted inside epoch 2 (inside an attack) and resumed from the epoch-1 checkpoint, with fresh objects: the
     weights, optimizer, scheduler and defense states and the history equal the uninterrupted run's bitwise."""
     settings = dict(settings)
     val = IndexedDataset(_data(8, seed=1)) if settings.pop("val", False) else None
     other_out_dir = settings.pop("other_out_dir", False)
+    interrupt_at = settings.pop("interrupt_at", 5)
     if "optimizer" not in settings:
         settings["lr"] = 1e-2
     data = IndexedDataset(TensorDataset(torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
@@ -1910,7 +1927,7 @@ def test_resume_after_a_mid_epoch_interrupt_is_bitwise_identical(tmp_path, name,
             model.load_state_dict(init)
             out_dir = tmp_path / f"run{len(runs)}"
             if interrupted:
-                handle = _interrupt_after_checkpoint(model, out_dir / "checkpoint.pt", 5)
+                handle = _interrupt_after_checkpoint(model, out_dir / "checkpoint.pt", interrupt_at)
                 with pytest.raises(KeyboardInterrupt):
                     fit(model, defense, data, val, epochs=3, out_dir=out_dir, **kwargs)
                 handle.remove()
