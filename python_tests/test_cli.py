@@ -1874,6 +1874,35 @@ def test_sigterm_stops_train_like_ctrl_c_and_resume_continues(small_npz, tmp_pat
     assert len(json.loads((out / "metrics.json").read_text())) == 2
 
 
+@pytest.mark.parametrize("signum,status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_an_interrupt_inside_a_lazy_import_stops_train_with_its_one_line(small_npz, tmp_path, capsys, monkeypatch,
+                                                                         signum, status):
+    """train imports torchvision (and with it torch._dynamo) when it builds the model, seconds into the command: a
+    SIGTERM or Ctrl-C while a class with a descriptor was being created there reached Python's __set_name__ call,
+    which (Python 3.11) wraps the KeyboardInterrupt in `RuntimeError: Error calling __set_name__ on 'Field' instance
+    ...`, and train ended in that traceback with status 1 (found by killing `python -m robust_ops train` at random
+    moments). It is the interrupt: the one line and status 143 / 130, as anywhere else."""
+    import os
+    import signal
+
+    sig = getattr(signal, signum)
+
+    class Field:  # as torch's dataclass fields, created while torch.fx.experimental.symbolic_shapes is imported
+        def __set_name__(self, owner, name):
+            os.kill(os.getpid(), sig)  # the handler runs (and raises) before the call returns
+
+    def make_model_in_a_lazy_import(*args, **kwargs):
+        type("StatefulSymbolicContext", (), {"field": Field()})
+        raise AssertionError(f"{signum} did not stop the command")
+
+    monkeypatch.setattr(cli, "make_model", make_model_in_a_lazy_import)
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu"],
+                     capsys)
+    assert (rc, err.strip()) == (status, "robust-ops train: interrupted; no epoch finished yet; continue with the "
+                                 "same command and --resume")
+
+
 def test_resume_of_a_run_stopped_before_its_first_epoch_takes_new_settings(small_npz, tmp_path, capsys,
                                                                            monkeypatch):
     """A RUN_DIR holding run.json but no checkpoint (interrupted or failed before epoch 1) has nothing to continue:

@@ -929,12 +929,13 @@ def cmd_train(args):
     options = parse_key_values(args.defense_opt, "--defense-opt")
     check_data_model_options(args)
     try:
-        _, splits, run, history = train_run(
-            data=args.data, defense_name=args.defense, defense_options=options, model_name=args.model,
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=args.out,
-            resume=args.resume, dropmax=args.dropmax, size=args.size, progress=not args.no_progress,
-            channels_last=args.channels_last, prepacked_conv=args.prepacked_conv, classes=args.classes,
-            bit_depth=args.bit_depth)
+        with interrupts_unwrapped():
+            _, splits, run, history = train_run(
+                data=args.data, defense_name=args.defense, defense_options=options, model_name=args.model,
+                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
+                out=args.out, resume=args.resume, dropmax=args.dropmax, size=args.size,
+                progress=not args.no_progress, channels_last=args.channels_last,
+                prepacked_conv=args.prepacked_conv, classes=args.classes, bit_depth=args.bit_depth)
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
@@ -1483,19 +1484,20 @@ def cmd_demo(args):
         say(f"classes: {describe_classes(splits.info)}")
         models, timings = {}, {}
         try:
-            for m in methods:
-                label = DEMO_LABELS.get(m, m)
-                t0 = time.perf_counter()
-                say(f"training {label} ...", flush=True)
-                model, _, _, history = train_run(
-                    data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
-                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
-                    resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
-                    classes=args.classes, bit_depth=args.bit_depth)
-                timings[label] = time.perf_counter() - t0
-                models[label] = model
-                last = history[-1] if history else {}
-                say(f"  {label}: {timings[label]:.0f} s, train loss {last.get('train_loss', float('nan')):.3f}")
+            with interrupts_unwrapped():
+                for m in methods:
+                    label = DEMO_LABELS.get(m, m)
+                    t0 = time.perf_counter()
+                    say(f"training {label} ...", flush=True)
+                    model, _, _, history = train_run(
+                        data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
+                        resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
+                        classes=args.classes, bit_depth=args.bit_depth)
+                    timings[label] = time.perf_counter() - t0
+                    models[label] = model
+                    last = history[-1] if history else {}
+                    say(f"  {label}: {timings[label]:.0f} s, train loss {last.get('train_loss', float('nan')):.3f}")
         except KeyboardInterrupt:
             say(f"\n{PROG} demo: interrupted; finished runs are in {out / 'runs'}; rerun with --resume",
                 file=sys.stderr)
@@ -1626,10 +1628,11 @@ def cmd_reproduce(args):
     from .evaluate import EvalError
 
     try:
-        run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
-                     seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, device=device,
-                     progress=not args.no_progress,
-                     reevaluate=args.reevaluate, methods=args.methods.split(",") if args.methods is not None else None)
+        with interrupts_unwrapped():
+            run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
+                         seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, device=device,
+                         progress=not args.no_progress, reevaluate=args.reevaluate,
+                         methods=args.methods.split(",") if args.methods is not None else None)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:
@@ -1685,6 +1688,21 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def interrupts_unwrapped():
+    """Re-raises a Ctrl-C or SIGTERM (a KeyboardInterrupt) that Python wrapped in a RuntimeError, so the command's
+    handler says it was interrupted: Python 3.11 wraps an exception raised in a descriptor's ``__set_name__``, which
+    runs as a class is created -- in the lazy imports of a command's first seconds (torchvision and torch._dynamo,
+    when train builds the model) -- and an interrupt there ended in that traceback with status 1."""
+    try:
+        yield
+    except RuntimeError as err:
+        interrupt = next((e for e in (err.__cause__, err.__context__) if isinstance(e, KeyboardInterrupt)), None)
+        if interrupt is None:
+            raise
+        raise interrupt.with_traceback(interrupt.__traceback__) from None
+
+
 def main(argv=None):
     with _sigterm_as_interrupt() as sigterm:
         status = _main(argv)
@@ -1708,7 +1726,8 @@ def _main(argv):
         global _allow_download
         _allow_download = bool(getattr(args, "download", False))
         try:
-            with warnings.catch_warnings():  # restores the caller's warning display afterwards
+            # catch_warnings restores the caller's warning display afterwards
+            with warnings.catch_warnings(), interrupts_unwrapped():
                 # one line like the errors, not Python's two (file:line and a source line from inside the library)
                 warnings.showwarning = lambda message, *_a, **_k: print(
                     f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
