@@ -3413,6 +3413,43 @@ def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_li
             load_weights(DropoutMLP(), tmp_path / file)
 
 
+def test_a_checkpoint_of_a_newer_format_or_lacking_entries_is_a_one_line_error_naming_it(tmp_path):
+    """A checkpoint of a newer format version was called 'not a robust_ops fit checkpoint (format 2, expected format
+    1); a bare state dict loads with model.load_state_dict', and one of format 1 lacking an entry fit reads (damaged
+    or edited: no 'optimizer', an 'epoch' that is no number) ended in a KeyError or ValueError traceback naming no
+    file; both are now one line naming the file and what is wrong, and a resume refused so changes nothing."""
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path, progress=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    torch.save({**state, "format": 2}, tmp_path / "newer.pt")
+    path = re.escape(str(tmp_path / "newer.pt"))
+    for call, run in (("fit", lambda file: fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2,
+                                               resume=file, progress=False)),
+                      ("load_weights", lambda file: load_weights(DropoutMLP(), file))):
+        with pytest.raises(ValueError, match=rf"^{call}: {path} was written by a newer robust_ops \(checkpoint "
+                                             r"format 2; this version reads format 1\): upgrade robust_ops to read "
+                                             "it$"):
+            run(tmp_path / "newer.pt")
+    for key, value, why in (("optimizer", None, "it lacks 'optimizer'"), ("rng", None, "it lacks 'rng'"),
+                            ("epoch", "x", "its 'epoch' is a str, expected an int"),
+                            ("config", [], "its 'config' is a list, expected a dict")):
+        damaged = {k: v for k, v in state.items() if k != key}
+        if value is not None:
+            damaged[key] = value
+        torch.save(damaged, tmp_path / "damaged.pt")
+        path = re.escape(str(tmp_path / "damaged.pt"))
+        with pytest.raises(ValueError, match=rf"^fit: {path} is not a whole robust_ops fit checkpoint: {why} "
+                                             r"\(damaged or edited\)$"):
+            fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "damaged.pt",
+                progress=False)
+    # load_weights needs the weights only
+    torch.save({k: v for k, v in state.items() if k != "optimizer"}, tmp_path / "weights_only.pt")
+    load_weights(DropoutMLP(), tmp_path / "weights_only.pt")
+    torch.save({k: v for k, v in state.items() if k != "model"}, tmp_path / "no_model.pt")
+    with pytest.raises(ValueError, match=r"^load_weights: .*no_model.pt is not a whole robust_ops fit checkpoint: it "
+                                         r"lacks 'model' \(damaged or edited\)$"):
+        load_weights(DropoutMLP(), tmp_path / "no_model.pt")
+
+
 def test_a_checkpoint_with_a_changed_byte_is_refused_not_loaded_with_other_weights(tmp_path):
     """torch.load does not check the CRC-32s a torch.save zip records: a bit flipped on disk or in a copy loaded
     other weights without a word (resumed, they trained on from them). Files saved without CRCs still load."""

@@ -351,18 +351,38 @@ def _check_load_args(name, path, map_location):
                         f"{map_location!r}")
 
 
-def _fit_checkpoint(name, path, map_location):
+# The entries of a fit checkpoint that fit's resume reads unconditionally, with their types (the others, added to the
+# format later, are read with .get); load_weights reads "model" only.
+_RESUME_ENTRIES = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "defense": dict, "rng": dict,
+                   "history": list}
+
+
+def _fit_checkpoint(name, path, map_location, entries=tuple(_RESUME_ENTRIES)):
     """load_checkpoint for ``name`` (fit's resume, load_weights): errors name it, and a file holding something else
-    than a dict of fit's format is refused."""
+    than a dict of fit's format, a newer format, or lacking one of ``entries`` (of their type) is refused."""
     _check_load_args(name, path, map_location)
     try:
         state = load_checkpoint(path, map_location)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        got = f"format {state.get('format')!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
+    version = state.get("format") if isinstance(state, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_FORMAT:
+        # it is one: "not a robust_ops fit checkpoint ...; a bare state dict loads with ..." pointed elsewhere
+        raise ValueError(f"{name}: {path} was written by a newer robust_ops (checkpoint format {version}; this "
+                         f"version reads format {CHECKPOINT_FORMAT}): upgrade robust_ops to read it")
+    if not isinstance(state, dict) or version != CHECKPOINT_FORMAT:
+        got = f"format {version!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
         raise ValueError(f"{name}: {path} is not a robust_ops fit checkpoint ({got}, expected format "
                          f"{CHECKPOINT_FORMAT}); a bare state dict loads with model.load_state_dict")
+    for key in entries:  # else a KeyError (or int('x')) traceback naming no file, after the settings' checks
+        kind, value = _RESUME_ENTRIES[key], state.get(key)
+        if key not in state:
+            why = f"it lacks {key!r}"
+        elif not isinstance(value, kind) or isinstance(value, bool):
+            why = f"its {key!r} is a {type(value).__name__}, expected a{'n' if kind is int else ''} {kind.__name__}"
+        else:
+            continue
+        raise ValueError(f"{name}: {path} is not a whole robust_ops fit checkpoint: {why} (damaged or edited)")
     return state
 
 
@@ -377,7 +397,7 @@ def load_weights(model, path, map_location="cpu"):
     with (MIRST-DM: ``robust_ops.replace_maxpool(model, "first")`` first), and return ``model``. A model whose
     DropMax2d layers are not the recorded ones is refused: it would load and silently compute other outputs.
     Checkpoints written before the layers were recorded load unchecked."""
-    state = _fit_checkpoint("load_weights", path, map_location)
+    state = _fit_checkpoint("load_weights", path, map_location, entries=("model",))
     mismatch = drop_max_mismatch(model, state)
     if mismatch is not None:
         raise ValueError(f"load_weights: {path} {mismatch}; rebuild the trained architecture "
