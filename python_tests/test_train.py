@@ -3413,6 +3413,30 @@ def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_li
             load_weights(DropoutMLP(), tmp_path / file)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, a folder nobody may write (root included)")
+@pytest.mark.parametrize("out_dir", ["/proc/robust-ops-out", "/proc"])
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_first_epoch(out_dir):
+    """An out_dir this process cannot write (read-only, another user's) failed at the first checkpoint, after a whole
+    epoch of training, with the error of the temporary file (`Permission denied: '.../.checkpoint.pt.x8k2f1qa.tmp'`)
+    or of the folder's mkdir; it is refused before any step, naming out_dir and the folder it could not write in."""
+    calls = []
+
+    class Counting(defenses.Standard):
+        def __call__(self, model, x, y, ids=None):
+            calls.append(1)
+            return super().__call__(model, x, y, ids)
+
+    with pytest.raises(OSError, match=rf"^\[Errno \d+\] fit: out_dir={re.escape(repr(out_dir))}: cannot write in /proc "
+                                      r"\(.+\); pass a folder this process can write$"):
+        fit(DropoutMLP(), Counting(), _data(16), epochs=1, out_dir=out_dir, progress=False)
+    assert not calls
+    # a folder that stops taking files mid-run: the error names the file being written, not its temporary file
+    from robust_ops._files import replace_atomically
+
+    with pytest.raises(OSError, match=r"^\[Errno \d+\] .*: '/proc/checkpoint.pt'$"):
+        replace_atomically("/proc/checkpoint.pt", lambda f: f.write("x"))
+
+
 def test_a_checkpoint_of_a_newer_format_or_lacking_entries_is_a_one_line_error_naming_it(tmp_path):
     """A checkpoint of a newer format version was called 'not a robust_ops fit checkpoint (format 2, expected format
     1); a bare state dict loads with model.load_state_dict', and one of format 1 lacking an entry fit reads (damaged

@@ -22,7 +22,10 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
     ``path`` as a string."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # it named the temporary file (a folder made read-only): the file being written
+        raise OSError(err.errno, err.strerror, str(path)) from None
     lock = None
     try:  # right from mkstemp: a Ctrl-C or SIGTERM while the lock was taken left the file behind
         try:
@@ -60,6 +63,12 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
             os.close(lock)
     _remove_stale_temps(path, started)
     return str(path)
+
+
+def check_writable(folder):
+    """Raise the OSError of creating an entry in ``folder`` (read-only, another user's, /proc); nothing is left behind.
+    Checked by writing: os.access says yes to root everywhere."""
+    os.rmdir(tempfile.mkdtemp(prefix=".robust-ops-write-check-", dir=folder))
 
 
 def _hold_lock(fd):

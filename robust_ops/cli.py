@@ -17,7 +17,6 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -1197,9 +1196,11 @@ def check_out(out, flag="--out"):
         # a folder that cannot be written (read-only, another user's, /proc) failed with a traceback only when the
         # results were written, after the work; checked by writing: os.access says yes to root everywhere.
         # Results are staged beside `out` (AtomicOutput) and moved into it, so both places must take files.
+        from ._files import check_writable
+
         for folder in dict.fromkeys(f for f in (above, Path(out) if Path(out).is_dir() else None) if f is not None):
             try:
-                os.rmdir(tempfile.mkdtemp(prefix=".robust-ops-write-check-", dir=folder))
+                check_writable(folder)
             except OSError as err:
                 raise CLIError(f"{flag}: {out}: cannot write in {folder} ({err.strerror or err})") from None
 

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._files import replace_atomically
+from ._files import check_writable, replace_atomically
 from ._options import check_device, check_flags, check_int, check_real, class_labels
 from .native_layers import library_speedups
 from .nn import DropMax2d
@@ -1020,6 +1020,16 @@ def fit(
 
     train_model = model
     failures = _OneProcessFailures(name, rank, world, device)
+    write_error = None
+    if rank == 0 and out_dir is not None and existing is not None:
+        # out_dir, or the folder it will be made in: else the first checkpoint fails, after a whole epoch of training
+        try:
+            check_writable(existing)
+        except OSError as err:
+            write_error = OSError(err.errno, f"{name}: out_dir={os.fspath(out_dir)!r}: cannot write in {existing} "
+                                  f"({err.strerror or err}); pass a folder this process can write")
+    _raise_on_every_process(write_error, world, device, f"{name}: process 0 cannot write in out_dir={out_dir!r}",
+                            failures)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
