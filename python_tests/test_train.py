@@ -3437,6 +3437,18 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_first_epoch(out
         replace_atomically("/proc/checkpoint.pt", lambda f: f.write("x"))
 
 
+def test_a_defense_state_the_checkpoint_refuses_names_fit_and_the_checkpoint(tmp_path):
+    """IMA refuses a checkpoint of another eps_train / delta / norm in its load_state_dict: fit's resume passed that on
+    as `IMA.load_state_dict: the checkpoint was trained with eps_train=...`, naming neither fit nor which file."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), IMA(eps_train=1.0, steps=1, search_steps=1), IndexedDataset(_data(16)), epochs=1, **kwargs)
+    path = re.escape(str(tmp_path / "checkpoint.pt"))
+    with pytest.raises(ValueError, match=rf"^fit: cannot resume {path}: IMA.load_state_dict: the checkpoint was "
+                                         r"trained with eps_train=1.0, this defense has eps_train=0.5; pass"):
+        fit(DropoutMLP(), IMA(eps_train=0.5, steps=1, search_steps=1), IndexedDataset(_data(16)), epochs=2,
+            resume=True, **kwargs)
+
+
 def test_a_checkpoint_of_a_newer_format_or_lacking_entries_is_a_one_line_error_naming_it(tmp_path):
     """A checkpoint of a newer format version was called 'not a robust_ops fit checkpoint (format 2, expected format
     1); a bare state dict loads with model.load_state_dict', and one of format 1 lacking an entry fit reads (damaged

@@ -1000,7 +1000,10 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
-        defense.load_state_dict(state["defense"])
+        try:
+            defense.load_state_dict(state["defense"])
+        except ValueError as err:  # IMA's other eps_train: its own text names neither fit nor the checkpoint
+            raise ValueError(f"{name}: cannot resume {resume_path}: {err}") from None
         rank_states = state.get("rng_ranks") or []
         # Each process continues its own streams. A checkpoint from fewer processes (one: rng_ranks None) has none for
         # this rank: rank 0 continues the checkpoint's, the others seed their own as at a fresh start -- rank 0's
