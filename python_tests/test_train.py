@@ -3437,6 +3437,25 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_first_epoch(out
         replace_atomically("/proc/checkpoint.pt", lambda f: f.write("x"))
 
 
+@pytest.mark.parametrize("file", ["checkpoint.pt", "metrics.json", "metrics.csv"])
+def test_a_folder_where_fit_writes_a_file_is_refused_before_the_first_epoch(tmp_path, file):
+    """A folder named checkpoint.pt (or metrics.json, metrics.csv) in out_dir failed at the end of the first epoch,
+    naming the temporary file (`Is a directory: '.../.checkpoint.pt.x8k2f1qa.tmp' -> '.../checkpoint.pt'`)."""
+    (tmp_path / file).mkdir()
+    calls = []
+
+    class Counting(defenses.Standard):
+        def __call__(self, model, x, y, ids=None):
+            calls.append(1)
+            return super().__call__(model, x, y, ids)
+
+    path = re.escape(str(tmp_path / file))
+    with pytest.raises(IsADirectoryError, match=rf"^\[Errno \d+\] fit: {path} is a folder, where fit writes a file; "
+                                                "move it away or pass another out_dir$"):
+        fit(DropoutMLP(), Counting(), _data(16), epochs=1, out_dir=tmp_path, progress=False)
+    assert not calls
+
+
 def test_a_defense_state_the_checkpoint_refuses_names_fit_and_the_checkpoint(tmp_path):
     """IMA refuses a checkpoint of another eps_train / delta / norm in its load_state_dict: fit's resume passed that on
     as `IMA.load_state_dict: the checkpoint was trained with eps_train=...`, naming neither fit nor which file."""

@@ -25,6 +25,7 @@ Semantics (docs/training.md):
 """
 
 import csv
+import errno
 import functools
 import json
 import math
@@ -56,6 +57,7 @@ from .defenses.base import _as_tuples, _plain
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "metrics.json"  # the per-epoch history, rewritten with each checkpoint
+METRICS_CSV_NAME = "metrics.csv"  # the same as a table
 CHECKPOINT_FORMAT = 1
 DEFAULT_LR = 1e-4  # MIRST-DM's Adam learning rate
 
@@ -1031,6 +1033,11 @@ def fit(
         except OSError as err:
             write_error = OSError(err.errno, f"{name}: out_dir={os.fspath(out_dir)!r}: cannot write in {existing} "
                                   f"({err.strerror or err}); pass a folder this process can write")
+        folder = next((Path(out_dir) / f for f in (CHECKPOINT_NAME, HISTORY_NAME, METRICS_CSV_NAME)
+                       if (Path(out_dir) / f).is_dir()), None)
+        if write_error is None and folder is not None:  # its replace fails too, naming the temporary file
+            write_error = IsADirectoryError(errno.EISDIR, f"{name}: {folder} is a folder, where fit writes a file; "
+                                            "move it away or pass another out_dir")
     _raise_on_every_process(write_error, world, device, f"{name}: process 0 cannot write in out_dir={out_dir!r}",
                             failures)
     if world > 1:
@@ -1450,7 +1457,7 @@ def _write_metrics(out_dir, history):
         for row in history:
             writer.writerow({k: row.get(k, "") for k in keys})
 
-    replace_atomically(out_dir / "metrics.csv", write_csv, newline="")
+    replace_atomically(out_dir / METRICS_CSV_NAME, write_csv, newline="")
     replace_atomically(out_dir / HISTORY_NAME, lambda f: json.dump(
         [{k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None) for k, v in row.items()}
          for row in history], f, indent=1))
