@@ -3456,6 +3456,26 @@ def test_a_folder_where_fit_writes_a_file_is_refused_before_the_first_epoch(tmp_
     assert not calls
 
 
+def test_resume_with_another_val_batch_size_keeps_the_weights_bitwise(tmp_path):
+    """docs/training.md, Exact resume: val_batch_size (not recorded) may change on resume; only the validation
+    metrics may move in the last bits (another summation order), the weights stay the uninterrupted run's."""
+    data, val = _data(24), _data(13, seed=1)
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False, seed=3)
+    torch.manual_seed(0)
+    init = _weights(DropoutMLP())
+    runs = []
+    for val_batch_size in (64, 5):
+        model = DropoutMLP()
+        model.load_state_dict(init)
+        out_dir = tmp_path / str(val_batch_size)
+        fit(model, defenses.Standard(), data, val, epochs=1, out_dir=out_dir, **kwargs)
+        runs.append(fit(DropoutMLP(), defenses.Standard(), data, val, epochs=2, out_dir=out_dir, resume=True,
+                        val_batch_size=val_batch_size, **kwargs))
+    for k, v in _weights(runs[0].model).items():
+        assert torch.equal(v, runs[1].model.state_dict()[k]), k
+    assert runs[1].history[1]["val_loss"] == pytest.approx(runs[0].history[1]["val_loss"], rel=1e-6)
+
+
 def test_a_defense_state_the_checkpoint_refuses_names_fit_and_the_checkpoint(tmp_path):
     """IMA refuses a checkpoint of another eps_train / delta / norm in its load_state_dict: fit's resume passed that on
     as `IMA.load_state_dict: the checkpoint was trained with eps_train=...`, naming neither fit nor which file."""
