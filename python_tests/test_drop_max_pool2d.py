@@ -898,6 +898,17 @@ def test_functional_error_messages():
         robust_ops.drop_max_pool2d([[[1.0]]], 1)
 
 
+@pytest.fixture
+def without_vmap_fallback():
+    """vmap of an op without a batching rule raises instead of looping over the samples (torch's fallback only
+    warns, on stderr): whatever passes under this fixture ran the ops' own rules."""
+    functorch = torch._C._functorch
+    was = functorch._is_vmap_fallback_enabled()
+    functorch._set_vmap_fallback_enabled(False)
+    yield
+    functorch._set_vmap_fallback_enabled(was)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
 def test_torch_func_transforms_are_refused_by_name_or_run_on_reference():
     """register_autograd has no forward-mode formula: jvp used to return a zero tangent silently, and
@@ -926,11 +937,39 @@ def test_torch_func_transforms_are_refused_by_name_or_run_on_reference():
     g_ref = grad(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="reference").pow(2).sum())(x)
     xg = x.clone().requires_grad_()
     assert torch.equal(g_ref, torch.autograd.grad(robust_ops.drop_max_pool2d(xg, 2).pow(2).sum(), xg)[0])
-    # vmap needs no gradient: the native op runs through torch's per-sample fallback (it warns about speed).
+    # vmap needs no gradient: the native op runs through its batching rule.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batched = vmap(lambda t: robust_ops.drop_max_pool2d(t, 2))(x.unsqueeze(1))
     assert torch.equal(batched.squeeze(1), robust_ops.drop_max_pool2d(x, 2))
+
+
+@pytest.mark.usefixtures("without_vmap_fallback")
+def test_vmap_folds_into_the_batch_and_matches_a_per_sample_loop():
+    """vmap ran the op once per sample through torch's fallback (warning "There is a performance drop"): the
+    batching rule folds the vmapped dimension into N, one call, equal to a loop over the samples, any in_dims."""
+    from torch.func import vmap
+
+    x = torch.rand(4, 2, 3, 6, 7)
+    loop = torch.stack([robust_ops.drop_max_pool2d(s, 3, 2, 1) for s in x])
+    assert torch.equal(vmap(robust_ops.DropMax2d(3, 2, 1))(x), loop)
+    moved = vmap(robust_ops.DropMax2d(3, 2, 1, return_indices=True), in_dims=2, out_dims=1)(x.movedim(0, 2))
+    assert torch.equal(moved[0], loop.movedim(0, 1))
+    assert torch.equal(moved[1], torch.stack([robust_ops.drop_max_pool2d(s, 3, 2, 1, return_indices=True)[1]
+                                              for s in x]).movedim(0, 1))
+    assert torch.equal(vmap(vmap(robust_ops.DropMax2d(3, 2, 1)))(x.unsqueeze(1)), loop.unsqueeze(1))
+    assert vmap(robust_ops.DropMax2d(2))(torch.rand(3, 0, 2, 4, 4)).shape == (3, 0, 2, 2, 2)
+    # the backward op under vmap, indices shared by every vmapped sample (in_dims None)
+    grads = torch.randn(5, *loop.shape[1:])
+    _, idx = op(x[0], [3, 3], [2, 2], [1, 1], [1, 1], False)
+    batched = vmap(backward_op, in_dims=(0, None, None))(grads, idx, list(x.shape[1:]))
+    assert torch.equal(batched, torch.stack([backward_op(g, idx, list(x.shape[1:])) for g in grads]))
+    # the per-sample call's messages (sizes of the sample, not of the folded batch)
+    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: expected input to be 4-D \(N, C, H, W\), got 3-D"):
+        vmap(lambda t: op(t, [2, 2], [2, 2], [0, 0], [1, 1], False))(torch.rand(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match=r"expected input_size to be \(N, C, H, W\) = \(2, 3, H, W\) with H, W > 0, "
+                                           r"got \(4, 3, 7, 7\)"):
+        vmap(backward_op, in_dims=(0, None, None))(grads, idx, [4, 3, 7, 7])
 
 
 def test_backward_error_messages():

@@ -149,6 +149,24 @@ def test_functorch_transforms_fall_back_to_torch():
     assert torch.equal(g, grad(lambda t: F.max_pool2d(t, 3, 2, 1).pow(2).sum())(x))
 
 
+def test_vmap_runs_the_op_once_on_the_folded_batch():
+    """vmap of robust_ops.max_pool2d ran the op once per sample (torch's fallback, warning on stderr): its batching
+    rule folds the vmapped dimension into N, bitwise F.max_pool2d's values and indices."""
+    from torch.func import vmap
+
+    functorch = torch._C._functorch
+    was = functorch._is_vmap_fallback_enabled()
+    functorch._set_vmap_fallback_enabled(False)  # an op without a rule raises
+    try:
+        x = torch.randn(3, 2, 4, 7, 6)
+        out, idx = vmap(lambda t: robust_ops.max_pool2d(t, 3, 2, 1, return_indices=True), in_dims=1)(x)
+    finally:
+        functorch._set_vmap_fallback_enabled(was)
+    expected = [F.max_pool2d(x[:, i], 3, 2, 1, return_indices=True) for i in range(x.shape[1])]
+    assert torch.equal(out, torch.stack([o for o, _ in expected]))
+    assert torch.equal(idx, torch.stack([i for _, i in expected]))
+
+
 def test_torch_fx_symbolic_trace():
     # robust_ops.max_pool2d branches on device, dtype and dim: an fx leaf, as F.max_pool2d is.
     class Pool(torch.nn.Module):

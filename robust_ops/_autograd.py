@@ -3,6 +3,8 @@
 drop_max_pool2d and max_pool2d: the gradient goes to the selected element's position (indices), through the shared
 index-scatter op _drop_max_pool2d_backward. That backward is linear in grad_output, so double backward (needed by
 gradient-regularization defenses) is a gather at the same indices.
+The pooling ops' vmap rule (register_vmap) folds the vmapped dimension into N: the kernels batch over samples
+already.
 pgd_step_ and boundary_search_step_ (and their Triton variants) are in-place updates without a gradient:
 register_in_place_without_gradient gives them the Autograd and ADInplaceOrView behaviour of PyTorch's own in-place ops
 (docs/ops/pgd_step.md, "Autograd").
@@ -10,6 +12,8 @@ register_in_place_without_gradient gives them the Autograd and ADInplaceOrView b
 
 import torch
 from torch.autograd.graph import increment_version
+
+from ._meta import check_drop_max_pool2d_backward_args
 
 
 def _gather_at(grad_input, indices):
@@ -21,10 +25,46 @@ def _gather_at(grad_input, indices):
     return picked.masked_fill(idx < 0, 0).reshape(indices.shape)
 
 
+def _fold(t, bdim, batch_size):
+    """A vmapped tensor as one batch: its vmapped dim (broadcast where it has none) merged into its first, N."""
+    t = t.unsqueeze(0).expand(batch_size, *t.shape) if bdim is None else t.movedim(bdim, 0)
+    return t.flatten(0, 1) if t.dim() > 1 else t[0]  # t[0]: a 0-D sample, refused by the op's own dim check
+
+
+def register_pooling_vmap(forward_name):
+    """vmap of a pooling op (input, geometry) -> (output, indices): one call on the samples of every vmapped batch."""
+    forward_op = getattr(torch.ops.robust_ops, forward_name.split("::")[1])
+
+    def batched(info, in_dims, input, *geometry):
+        # input is the one tensor argument: vmapped (in_dims[0] is not None) whenever this rule runs
+        out, idx = forward_op(_fold(input, in_dims[0], info.batch_size), *geometry)
+        shape = (info.batch_size, input.shape[1 if in_dims[0] == 0 else 0])
+        return (out.unflatten(0, shape), idx.unflatten(0, shape)), (0, 0)
+
+    torch.library.register_vmap(forward_name, batched)
+
+
+def register_pooling_backward_vmap(backward_name):
+    backward_op = getattr(torch.ops.robust_ops, backward_name.split("::")[1])
+
+    def batched(info, in_dims, grad_output, indices, input_size):
+        b = info.batch_size
+        # The per-sample call's checks first, so a message names the caller's sizes, not the folded batch's.
+        meta = [torch.empty(t.shape[:d] + t.shape[d + 1:] if d is not None else t.shape, dtype=t.dtype, device="meta")
+                for t, d in ((grad_output, in_dims[0]), (indices, in_dims[1]))]
+        check_drop_max_pool2d_backward_args(*meta, input_size)
+        grad_input = backward_op(_fold(grad_output, in_dims[0], b), _fold(indices, in_dims[1], b),
+                                 [b * input_size[0], *input_size[1:]])
+        return grad_input.unflatten(0, (b, input_size[0])), 0
+
+    torch.library.register_vmap(backward_name, batched)
+
+
 def register_drop_max_autograd(forward_name, backward_name):
     """Wire forward op's backward to the backward op, both given as "robust_ops::name", and the backward op's own
-    (double) backward (the native and Triton variants share this)."""
+    (double) backward (the native and Triton variants share this), and their vmap rules."""
     register_pooling_forward_autograd(forward_name, backward_name)
+    register_pooling_backward_vmap(backward_name)
 
     def backward_setup_context(ctx, inputs, output):
         _, indices, _ = inputs
@@ -54,6 +94,7 @@ def register_pooling_forward_autograd(forward_name, backward_name):
         return grad_input, None, None, None, None, None
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    register_pooling_vmap(forward_name)
 
 
 def _eval_batch_norm_backward_backward(ctx, grad):

@@ -164,7 +164,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     ceil_mode = _bool("max_pool2d", "ceil_mode", ceil_mode)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+    # Under vmap the layout cannot be asked (torch: "NYI: querying is_contiguous inside of vmap for memory_format
+    # other than torch.contiguous_format"); the op's batching rule takes any strides.
+    if not (x.is_contiguous() or torch._C._functorch.is_batchedtensor(x)
+            or x.is_contiguous(memory_format=torch.channels_last)):
         # ATen's layout for what the op would copy to NCHW: a channel slice of a channels_last tensor pools into
         # channels_last (suggest_memory_format; it costs ~15 us, so dense inputs skip it).
         x = x.contiguous(memory_format=suggest_memory_format(x))
