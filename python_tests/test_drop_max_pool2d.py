@@ -910,38 +910,40 @@ def without_vmap_fallback():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
-def test_torch_func_transforms_are_refused_by_name_or_run_on_reference():
-    """register_autograd has no forward-mode formula: jvp used to return a zero tangent silently, and
-    torch.func.grad failed with torch's message about setup_context, naming neither the op nor a way out."""
+@pytest.mark.usefixtures("without_vmap_fallback")
+def test_torch_func_transforms_match_torch_autograd():
+    """torch.func.grad/vjp/jacrev and forward-mode AD were refused (register_autograd's Function is not one torch.func
+    can run, and has no jvp): they now run the same backward op, and agree with torch.autograd on the native op and
+    with the reference (plain PyTorch) under the same transform, also nested and around vmap."""
     import torch.autograd.forward_ad as fwAD
-    from torch.func import grad, jvp, vmap
+    from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
-    x = torch.rand(1, 2, 4, 4, dtype=torch.float64)
+    x = torch.rand(3, 2, 5, 5, dtype=torch.float64)
     v = torch.randn_like(x)
-    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: forward-mode AD .* backend='native'.*'reference'"):
-        jvp(lambda t: robust_ops.drop_max_pool2d(t, 2), (x,), (v,))
-    with fwAD.dual_level(), pytest.raises(RuntimeError, match="drop_max_pool2d: forward-mode AD"):
-        robust_ops.drop_max_pool2d(fwAD.make_dual(x, v), 2)
-    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: torch.func.grad/vjp/jacrev is not supported"):
-        grad(lambda t: robust_ops.drop_max_pool2d(t, 2).sum())(x)
-    # Also beneath vmap (the check saw only the outermost, batched wrapper: torch's setup_context and
-    # "Batching rule not implemented for aten::_unpack_dual" messages came through instead).
-    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: forward-mode AD .* backend='native'"):
-        jvp(vmap(robust_ops.DropMax2d(2)), (x.unsqueeze(0),), (v.unsqueeze(0),))
-    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: torch.func.grad/vjp/jacrev is not supported"):
-        grad(lambda t: vmap(robust_ops.DropMax2d(2))(t).sum())(x.unsqueeze(0))
-    # The reference is plain torch ops: every transform works there, and agrees with torch.autograd on the native op.
-    _, tangent = jvp(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="reference"), (x,), (v,))
-    _, idx = op(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
-    assert torch.equal(tangent, v.flatten(2).gather(2, idx.flatten(2)).view_as(tangent))
-    g_ref = grad(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="reference").pow(2).sum())(x)
+
+    def loss(backend):
+        return lambda t: robust_ops.drop_max_pool2d(t, 3, 2, 1, backend=backend).pow(3).sum()
+
     xg = x.clone().requires_grad_()
-    assert torch.equal(g_ref, torch.autograd.grad(robust_ops.drop_max_pool2d(xg, 2).pow(2).sum(), xg)[0])
-    # vmap needs no gradient: the native op runs through its batching rule.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        batched = vmap(lambda t: robust_ops.drop_max_pool2d(t, 2))(x.unsqueeze(1))
-    assert torch.equal(batched.squeeze(1), robust_ops.drop_max_pool2d(x, 2))
+    expected = torch.autograd.grad(loss("native")(xg), xg)[0]
+    assert torch.equal(grad(loss("native"))(x), expected)
+    assert torch.equal(grad(lambda t: vmap(robust_ops.DropMax2d(3, 2, 1))(t).pow(3).sum())(x), expected)
+    assert torch.equal(vjp(robust_ops.DropMax2d(3, 2, 1), x)[1](torch.ones(3, 2, 3, 3, dtype=x.dtype))[0],
+                       torch.autograd.grad(robust_ops.drop_max_pool2d(xg, 3, 2, 1).sum(), xg)[0])
+    # forward mode: the tangent of the selected element (it was a zero tangent, silently, before the refusal)
+    _, idx = op(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    gathered = v.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+    assert torch.equal(jvp(robust_ops.DropMax2d(3, 2, 1), (x,), (v,))[1], gathered)
+    assert torch.equal(jvp(vmap(robust_ops.DropMax2d(3, 2, 1)), (x,), (v,))[1], gathered)
+    with fwAD.dual_level():
+        assert torch.equal(fwAD.unpack_dual(robust_ops.drop_max_pool2d(fwAD.make_dual(x, v), 3, 2, 1)).tangent,
+                           gathered)
+    sample = x[:1, :1]
+    for transform in (jacrev, jacfwd, hessian):
+        native, ref = (transform(lambda t, b=b: loss(b)(t))(sample) for b in ("native", "reference"))
+        assert torch.equal(native, ref), transform.__name__
+    twice = {b: grad(lambda t, b=b: grad(loss(b))(t).sum())(x) for b in ("native", "reference")}  # double backward
+    assert torch.equal(twice["native"], twice["reference"])
 
 
 @pytest.mark.usefixtures("without_vmap_fallback")
@@ -970,6 +972,31 @@ def test_vmap_folds_into_the_batch_and_matches_a_per_sample_loop():
     with pytest.raises(RuntimeError, match=r"expected input_size to be \(N, C, H, W\) = \(2, 3, H, W\) with H, W > 0, "
                                            r"got \(4, 3, 7, 7\)"):
         vmap(backward_op, in_dims=(0, None, None))(grads, idx, [4, 3, 7, 7])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
+@pytest.mark.usefixtures("without_vmap_fallback")
+def test_per_sample_gradients_with_functional_call_match_a_loop():
+    """Opacus / functorch per-sample gradients, vmap(grad(loss)) over a model with DropMax2d, failed with torch's
+    "must override the setup_context staticmethod", then with robust_ops' refusal; now equal to one backward per
+    sample."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), robust_ops.DropMax2d(3, 2, 1), nn.Flatten(),
+                          nn.Linear(27, 2)).double()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x, y = torch.rand(4, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+
+    def loss(params, sample, label):
+        return F.cross_entropy(functional_call(model, params, (sample.unsqueeze(0),)), label.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(len(x)):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), x[i], y[i]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=0, atol=1e-14)
 
 
 def test_backward_error_messages():

@@ -257,13 +257,16 @@ def test_backward_alerts_nondeterminism_on_cuda_only(backend, warn_only):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
-def test_torch_func_transforms_are_refused_by_name():
-    # As for the native op (test_drop_max_pool2d): register_autograd has no forward-mode formula (a zero tangent
-    # silently) and torch.func.grad refuses its autograd.Function without naming the op.
-    from torch.func import grad, jvp
+def test_torch_func_transforms_run_the_triton_ops():
+    # As for the native op (test_drop_max_pool2d): torch.func.grad and forward-mode AD were refused; they run the
+    # Triton forward and backward ops now, vmap included (their batching rules), with the reference's values.
+    from torch.func import grad, jvp, vmap
 
-    x = torch.rand(1, 1, 4, 4, device=DEVICE)
-    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: forward-mode AD .* backend='triton'"):
-        jvp(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="triton"), (x,), (torch.ones_like(x),))
-    with pytest.raises(RuntimeError, match=r"drop_max_pool2d: torch.func.grad/vjp/jacrev .* backend='triton'"):
-        grad(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="triton").sum())(x)
+    x = torch.rand(2, 1, 4, 4, device=DEVICE)
+    v = torch.randn_like(x)
+    per_sample = {b: vmap(grad(lambda t, b=b: robust_ops.drop_max_pool2d(t, 2, backend=b).pow(2).sum()))(x)
+                  for b in ("triton", "reference")}
+    assert_verbose_equal(per_sample["triton"], per_sample["reference"])
+    tangents = {b: jvp(lambda t, b=b: robust_ops.drop_max_pool2d(t, 2, backend=b), (x,), (v,))[1]
+                for b in ("triton", "reference")}
+    assert_verbose_equal(tangents["triton"], tangents["reference"])

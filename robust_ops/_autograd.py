@@ -3,8 +3,10 @@
 drop_max_pool2d and max_pool2d: the gradient goes to the selected element's position (indices), through the shared
 index-scatter op _drop_max_pool2d_backward. That backward is linear in grad_output, so double backward (needed by
 gradient-regularization defenses) is a gather at the same indices.
-The pooling ops' vmap rule (register_vmap) folds the vmapped dimension into N: the kernels batch over samples
-already.
+Under torch.func (grad, vjp, jacrev, jvp, and vmap around them) and torch.autograd.forward_ad, where torch's
+register_autograd Function cannot run, the functional form runs a drop-max op through the torch.autograd.Function
+that register_drop_max_autograd makes for it (FUNCTORCH_FUNCTIONS). The pooling ops' vmap rule (register_vmap) folds
+the vmapped dimension into N: the kernels batch over samples already.
 pgd_step_ and boundary_search_step_ (and their Triton variants) are in-place updates without a gradient:
 register_in_place_without_gradient gives them the Autograd and ADInplaceOrView behaviour of PyTorch's own in-place ops
 (docs/ops/pgd_step.md, "Autograd").
@@ -60,11 +62,88 @@ def register_pooling_backward_vmap(backward_name):
     torch.library.register_vmap(backward_name, batched)
 
 
+# forward op name -> apply(input, kernel_size, stride, padding, dilation, ceil_mode): the op through its own
+# torch.autograd.Function, which functional.drop_max_pool2d runs under torch.func and forward-mode AD
+FUNCTORCH_FUNCTIONS = {}
+
+
+class _Opaque:
+    """Non-tensor arguments as one pytree leaf: torch.func flattens list arguments of an autograd.Function into
+    leaves, and its generated vmap rule for jvp then failed to unflatten them ("leaves has length 6 but the spec
+    refers to a pytree that holds 10 items")."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _functorch_function(forward_name, backward_name):
+    """torch.func and forward-mode AD for a drop-max op: torch's register_autograd Function refuses torch.func ("it
+    must override the setup_context staticmethod") and has no forward-mode formula. Same backward op and double
+    backward as register_autograd's; the tangent of the output is the input's tangent at the selected element.
+    generate_vmap_rule: vmap of the forward and backward ops is their register_vmap rule."""
+    forward_op = getattr(torch.ops.robust_ops, forward_name.split("::")[1])
+    backward_op = getattr(torch.ops.robust_ops, backward_name.split("::")[1])
+
+    class PoolBackward(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(grad_output, indices, input_size):
+            return backward_op(grad_output, indices, input_size.value)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _, indices, ctx.input_size = inputs
+            ctx.save_for_backward(indices)
+            ctx.save_for_forward(indices)
+
+        @staticmethod
+        def backward(ctx, grad_grad_input):
+            (indices,) = ctx.saved_tensors
+            return _gather_at(grad_grad_input, indices), None, None
+
+        @staticmethod
+        def jvp(ctx, grad_output_tangent, _indices_tangent, _input_size_tangent):
+            (indices,) = ctx.saved_tensors
+            return PoolBackward.apply(grad_output_tangent, indices, ctx.input_size)
+
+    class Pool(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(input, geometry):
+            return forward_op(input, *geometry.value)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            _, indices = output
+            ctx.mark_non_differentiable(indices)
+            ctx.save_for_backward(indices)
+            ctx.save_for_forward(indices)
+            ctx.input_size = _Opaque(list(inputs[0].shape))
+
+        @staticmethod
+        def backward(ctx, grad_output, _grad_indices):
+            (indices,) = ctx.saved_tensors
+            return PoolBackward.apply(grad_output, indices, ctx.input_size), None
+
+        @staticmethod
+        def jvp(ctx, input_tangent, _geometry_tangent):
+            (indices,) = ctx.saved_tensors
+            return _gather_at(input_tangent, indices), None
+
+    def apply(input, kernel_size, stride, padding, dilation, ceil_mode):
+        return Pool.apply(input, _Opaque((kernel_size, stride, padding, dilation, ceil_mode)))
+
+    return apply
+
+
 def register_drop_max_autograd(forward_name, backward_name):
     """Wire forward op's backward to the backward op, both given as "robust_ops::name", and the backward op's own
-    (double) backward (the native and Triton variants share this), and their vmap rules."""
+    (double) backward (the native and Triton variants share this); their vmap rules and torch.func Function."""
     register_pooling_forward_autograd(forward_name, backward_name)
     register_pooling_backward_vmap(backward_name)
+    FUNCTORCH_FUNCTIONS[forward_name] = _functorch_function(forward_name, backward_name)
 
     def backward_setup_context(ctx, inputs, output):
         _, indices, _ = inputs

@@ -8,7 +8,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
-from . import _backend, reference
+from . import _autograd, _backend, reference
 from ._meta import _check_floating
 
 __all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_"]
@@ -48,9 +48,9 @@ def _check_tensor(op, name, value, optional=False):
 
 
 def _functorch_autodiff(x):
-    """Which differentiating transform sees x: the native/Triton ops' autograd (torch.library.register_autograd) has
-    no forward-mode formula, so a jvp/forward_ad tangent would be dropped silently (zero), and torch.func.grad
-    refuses the generated autograd.Function with a message that names neither the op nor a way out."""
+    """Which differentiating transform sees x, if any: the native/Triton ops' autograd (torch.library.register_autograd)
+    has no forward-mode formula, so a jvp/forward_ad tangent would be dropped silently (zero), and torch.func.grad
+    refuses the generated autograd.Function ("it must override the setup_context staticmethod")."""
     if torch.compiler.is_compiling():  # fake tensors; the transforms are dynamo's business there
         return None
     functorch = torch._C._functorch
@@ -112,17 +112,13 @@ def drop_max_pool2d(
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     which = _backend.resolve("drop_max_pool2d", x.device, backend)
-    transform = None if which == "reference" else _functorch_autodiff(x)
-    if transform is not None:
-        raise RuntimeError(
-            f"drop_max_pool2d: {transform} is not supported by backend={which!r}: its autograd is "
-            "torch.library.register_autograd (reverse mode, torch.autograd only); use torch.autograd.grad, or "
-            "backend='reference'"
-        )
-    if which == "native":
-        out, idx = torch.ops.robust_ops.drop_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
-    elif which == "triton":
-        out, idx = torch.ops.robust_ops.drop_max_pool2d_triton(x, kernel, stride, padding, dilation, ceil_mode)
+    if which in ("native", "triton"):
+        name = "drop_max_pool2d" if which == "native" else "drop_max_pool2d_triton"
+        # torch.func.grad/jvp and forward_ad cannot run the op's register_autograd: the same backward op through a
+        # torch.autograd.Function they support (robust_ops/_autograd.py)
+        pool = (getattr(torch.ops.robust_ops, name) if _functorch_autodiff(x) is None
+                else _autograd.FUNCTORCH_FUNCTIONS[f"robust_ops::{name}"])
+        out, idx = pool(x, kernel, stride, padding, dilation, ceil_mode)
     else:
         from ._meta import check_drop_max_pool2d_args
 
