@@ -250,6 +250,25 @@ def test_gradcheck(device, seed, fmt):
         assert torch.autograd.gradgradcheck(lambda t: op(t, *args)[0], (x,), fast_mode=True)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # the forward-mode check imports it
+@pytest.mark.parametrize("pool", [robust_ops.drop_max_pool2d, robust_ops.max_pool2d], ids=["drop_max", "max"])
+def test_batched_gradient_checks_and_vectorized_hessian(pool):
+    """torch.autograd's batched gradients (gradgradcheck's check_batched_grad, gradcheck's
+    check_batched_forward_grad, autograd.functional.hessian(vectorize=True)) failed in the double backward and the
+    tangent: "Batching rule not implemented for aten::flatten.using_ints"."""
+    x = torch.rand(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: pool(t, 3, 2, 1), (x,), check_batched_grad=True)
+    if pool is robust_ops.drop_max_pool2d:  # max_pool2d hands forward-mode AD to F.max_pool2d
+        assert torch.autograd.gradcheck(lambda t: pool(t, 3, 2, 1), (x,), check_forward_ad=True,
+                                        check_batched_forward_grad=True)
+
+    def loss(t):
+        return pool(t, 3, 2, 1).pow(3).sum()
+
+    assert torch.equal(torch.autograd.functional.hessian(loss, x.detach(), vectorize=True),
+                       torch.autograd.functional.hessian(loss, x.detach()))
+
+
 def check_double_backward_without_input(pool, backward, device="cpu"):
     """Double backward where windows hold no input element (index -1), shared with the max_pool2d and Triton tests:
     it must skip index -1 as the first backward does, not gather out of bounds."""

@@ -20,9 +20,11 @@ from ._meta import check_drop_max_pool2d_backward_args
 
 def _gather_at(grad_input, indices):
     """Double backward of the pooling backward: d(grad_input)/d(grad_output) is a gather at indices."""
-    # flatten, not reshape(n, c, -1): -1 cannot be inferred for an empty batch.
-    idx = indices.flatten(2)
-    picked = grad_input.flatten(2).gather(2, idx.clamp_min(0))
+    # Sizes spelled out: reshape(n, c, -1) cannot infer -1 for an empty batch, and flatten has no rule in the vmap of
+    # torch.autograd's batched gradients (gradgradcheck, autograd.functional.hessian(vectorize=True)).
+    n, c, h, w = grad_input.shape
+    idx = indices.reshape(n, c, indices.shape[2] * indices.shape[3])
+    picked = grad_input.reshape(n, c, h * w).gather(2, idx.clamp_min(0))
     # Index -1 (a window without input elements) took no gradient in the backward, so it gives none back here.
     return picked.masked_fill(idx < 0, 0).reshape(indices.shape)
 
