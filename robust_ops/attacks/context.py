@@ -307,7 +307,9 @@ def check_inside_ball(what, adv, x, eps, norm):
     n = adv.shape[0] if adv.dim() else 0
     if adv.numel() == 0 or eps is None or norm not in ("linf", "l2", "l1"):
         return
-    delta = (adv.detach().double() - x.detach().double()).reshape(n, -1)
+    # in float32 at least (float64 kept): a float64 copy of a batch of 224x224 images cost 8 bytes an entry
+    work = adv.dtype if adv.dtype in (torch.float32, torch.float64) else torch.float32
+    delta = (adv.detach().to(work) - x.detach().to(work)).reshape(n, -1)
     entries = delta.shape[1]
     if norm == "linf":
         dist, spread = delta.abs().amax(1), 1.0
@@ -315,8 +317,8 @@ def check_inside_ball(what, adv, x, eps, norm):
         dist, spread = delta.norm(dim=1), entries ** 0.5
     else:
         dist, spread = delta.abs().sum(1), float(entries)
-    scale = torch.maximum(adv.detach().abs(), x.detach().abs()).reshape(n, -1).amax(1).double().clamp_min(1.0)
-    radius = torch.as_tensor(eps, dtype=torch.float64, device=dist.device).reshape(-1).expand(n)
+    scale = torch.maximum(adv.detach().abs(), x.detach().abs()).reshape(n, -1).amax(1).to(work).clamp_min(1.0)
+    radius = torch.as_tensor(eps, dtype=work, device=dist.device).reshape(-1).expand(n)
     limit = radius * (1 + 1e-5) + torch.finfo(adv.dtype).eps * scale * spread
     outside = dist > limit
     if bool(outside.any()):
