@@ -1918,7 +1918,7 @@ def test_square_schedule_rescaled_or_not(monkeypatch):
     model = nn.Sequential(nn.Flatten(), nn.Linear(144, 2)).eval()  # blind to its input: never fooled, all queries run
     with torch.no_grad():
         model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+        model[1].bias.copy_(torch.tensor([2.0, 0.0]))  # [1, 0] would look like probabilities
     y = torch.zeros(2, dtype=torch.long)
     attacks.square(model, x, y, eps=0.05, n_queries=4, generator=torch.Generator().manual_seed(0))
     assert seen == [True] * 3
@@ -4688,3 +4688,50 @@ def test_targeted_apgd_restarts_keep_the_point_of_the_highest_targeted_objective
                          generator=torch.Generator().manual_seed(0))
     assert len(queried) == 10 and not torch.equal(queried[1], queried[4])
     assert torch.equal(x_adv, queried[1])
+
+
+class _Dropout(nn.Module):
+    """A randomized model: dropout stays on in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = make_model(3)
+
+    def forward(self, x):
+        return self.body(nn.functional.dropout(x, 0.5, training=True))
+
+
+class _Softmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = make_model(3)
+
+    def forward(self, x):
+        return self.body(x).softmax(dim=1)
+
+
+def test_autoattack_warns_about_randomized_and_probability_models():
+    """AutoAttack's checks (check_randomized, check_range_output): a model whose forwards differ, attacked by the
+    standard version's one-draw gradients, or one that outputs probabilities, had its robustness overestimated
+    without a word."""
+    x, y = make_data(4, 3)
+    with pytest.warns(UserWarning, match=r"^autoattack: two forwards of the same inputs differ .* so the model looks "
+                                         r"randomized .*use version='rand'"):
+        attacks.AutoAttack(_Dropout(), eps=0.03, attacks=["fgsm"]).run(x, y)
+    with warnings.catch_warnings():  # the rand version is meant for it
+        warnings.simplefilter("error")
+        attacks.AutoAttack(_Dropout(), eps=0.03, version="rand", steps=1, eot_iter=1).run(x, y)
+    with pytest.warns(UserWarning, match=r"^autoattack: the model's outputs are non-negative and sum to 1 per "
+                                         r"sample, so they look like probabilities; .*remove the model's final softmax"):
+        attacks.AutoAttack(_Softmax(), eps=0.03, attacks=["fgsm"]).run_standard_evaluation_individual(x, y)
+    # a deterministic model warns about nothing, in train mode too, and its batch-norm statistics are left as the
+    # attacks alone leave them (the checks' two forwards restore the buffers)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(200, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aa = attacks.AutoAttack(model, eps=0.03, attacks=["fgsm"]).set_model_mode("train")
+        aa.run(x, y)
+    after_run = model[1].running_mean.clone()
+    model[1].reset_running_stats()
+    attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.03, model_mode="train")], model_mode="train")
+    assert torch.equal(model[1].running_mean, after_run)

@@ -3,6 +3,7 @@
 import copy
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ EOT_ITER_RAND = 20
 # AutoAttack's standard version for L1: APGD-CE with 5 restarts and APGD-T with 5 target classes, both with
 # use_largereps (no FAB-T, no Square); "plus" and "rand" are defined for Linf and L2 only
 L1_STANDARD = dict(apgd_restarts=5, n_target_classes=5)
+# AutoAttack's check_randomized: two forwards of the same batch differing by more than this (outputs scaled to unit
+# L2 norm per sample) or in a prediction make the model look randomized
+RANDOMIZED_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -147,7 +151,7 @@ def _correct(model, x, y, model_mode, name):
 
 
 def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=0.0, clip_max=1.0, batch_size=None,
-             names=None):
+             names=None, model_check=None):
     r"""Evaluate ``attacks`` in order, AutoAttack style (Croce & Hein 2020): each next attack runs only on the
     samples that are still robust (``cascade=False`` runs every attack on every sample, for comparison; the
     per-sample worst case is then the same for deterministic attacks).
@@ -159,7 +163,8 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
             of an :class:`Attack` is cut to the samples each call attacks; other callables get only the subset.
         cascade (bool): default True. model_mode: for the robustness checks (each attack has its own).
         batch_size (int, optional): attack (and check on clean inputs) at most this many samples at a time; None:
-            all at once. names: labels overriding ``name``.
+            all at once. names: labels overriding ``name``. model_check: a callable given the first batch (inputs
+            already checked) before any forward, such as AutoAttack's checks for randomized and probability outputs.
 
     Returns:
         :class:`EnsembleResult` ``(x_adv, robust, broken_by, names)``.
@@ -181,6 +186,8 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     for attack, label in zip(attacks, labels):  # before any attack runs: the cascade would otherwise stop minutes in
         _check_runs_on(attack, x, label)
         _check_per_sample_options(attack, n, label)
+    if model_check is not None and n:
+        model_check(x[:batch_size or n])
     x_adv = x.clone()
     broken_by = torch.full((n,), -1, dtype=torch.long, device=x.device)
     if n:
@@ -384,7 +391,8 @@ class AutoAttack(Attack):
 
     def run(self, x, y, batch_size=None):
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
-                        clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size)
+                        clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size,
+                        model_check=self._check_model)
 
     def run_standard_evaluation(self, x, y, bs=None, return_labels=False):
         """AutoAttack's entry point: x_adv (the clean input where no attack succeeded), ``bs`` samples at a time
@@ -405,10 +413,44 @@ class AutoAttack(Attack):
         out = {}
         names = [_name(attack, i) for i, attack in enumerate(self.attacks)]
         for attack, name, key in zip(self.attacks, names, _distinct_keys(names)):
+            # the model checks once, with the first attack
             x_adv = ensemble(self.model, x, y, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
-                             clip_max=self.clip_max, batch_size=bs, names=[name]).x_adv
+                             clip_max=self.clip_max, batch_size=bs, names=[name],
+                             model_check=None if out else self._check_model).x_adv
             out[key] = (x_adv, self._predicted(x_adv, bs)) if return_labels else x_adv
         return out
+
+    def _check_model(self, first):
+        """AutoAttack's model checks (its checks.py), as warnings, on the first batch: a model whose two
+        forwards of one batch differ (dropout in train mode, random transforms) is attacked by the deterministic
+        versions' gradients of one draw each, which overestimates its robustness; a model that outputs
+        probabilities (non-negative rows summing to 1) gives APGD-CE and APGD-T losses that saturate. Buffers
+        (batch-norm statistics under model_mode="train") are restored, so the checks leave the model as it was."""
+        buffers = [b.clone() for b in self.model.buffers()]
+        try:
+            with torch.no_grad(), attack_context(self.model, self.model_mode, "ensemble"):
+                outs = [forward("ensemble", self.model, first).float() for _ in range(2)]
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+        if self.version != "rand":
+            unit = [o.reshape(o.shape[0], -1) for o in outs]
+            unit = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in unit]
+            diff = float((unit[0] - unit[1]).abs().max())
+            if diff > RANDOMIZED_TOLERANCE or not torch.equal(*map(predict_from_output, outs)):
+                warnings.warn(f"autoattack: two forwards of the same inputs differ (by {diff:.3g} in outputs scaled "
+                              "to unit norm), so the model looks randomized (dropout in train mode, random "
+                              f"transforms, model_mode={self.model_mode!r}); version={self.version!r} then "
+                              "overestimates its robustness: use version='rand' (gradients averaged over "
+                              "eot_iter passes; in a custom list, APGD's eot_iter) or make the model deterministic",
+                              stacklevel=4)
+        out = outs[0]
+        if out.dim() == 2 and out.shape[1] > 1 and bool((out >= 0).all()) and \
+                float((out.sum(dim=1) - 1).abs().max()) < 1e-5:
+            warnings.warn("autoattack: the model's outputs are non-negative and sum to 1 per sample, so they look "
+                          "like probabilities; the attacks' losses expect logits (a softmax output saturates them "
+                          "and overestimates robustness): remove the model's final softmax", stacklevel=4)
 
     def _predicted(self, x_adv, bs):
         """AutoAttack's y_adv: the labels the model predicts on x_adv, ``bs`` samples at a time, in the mode of the
