@@ -159,6 +159,27 @@ def test_packs_once_per_attack_and_after_weight_changes(monkeypatch):
     torch.testing.assert_close(changed[1], ref[1], **CLOSE)
 
 
+@pytest.mark.parametrize("optimizer", [
+    lambda ps: torch.optim.SGD(ps, lr=0.5, fused=True), lambda ps: torch.optim.Adam(ps, lr=0.5, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.5, foreach=False),
+], ids=["sgd-fused", "adam-fused", "sgd"])
+def test_an_optimizer_step_inside_a_pack_scope_repacks(optimizer):
+    # The fused optimizers update parameters in place without bumping their version counters: the packs, keyed on
+    # the version, kept serving the weights of before the step (outputs off by ~40 here). Any optimizer step repacks.
+    conv = frozen(nn.Conv2d(3, 8, 3, padding=1))
+    x = torch.randn(4, 3, 10, 10)
+    step = optimizer(list(conv.parameters()))
+    for p in conv.parameters():
+        p.grad = torch.ones_like(p)  # the parameters are frozen, as inside an attack; their .grad is kept
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        output_and_input_grad(conv, x)
+        step.step()
+        got = output_and_input_grad(conv, x)
+    expected = output_and_input_grad(lambda t: F.conv2d(t, conv.weight, conv.bias, padding=1), x)
+    torch.testing.assert_close(got[0], expected[0], **CLOSE)
+    torch.testing.assert_close(got[1], expected[1], **CLOSE)
+
+
 def test_single_row_and_larger_batches_keep_their_own_packs(monkeypatch):
     # oneDNN lays out a one-row pack differently: sharing one would reorder the weight at every call of the other
     # kind (the IMA padding probe alternates 1 row and more).
