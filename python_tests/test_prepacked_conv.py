@@ -600,6 +600,26 @@ def test_a_weight_replaced_between_forward_and_backward_gives_the_forward_weight
             torch.testing.assert_close(got, expected, **CLOSE)
 
 
+def test_weights_swapped_inside_a_pack_scope_swap_and_are_packed_anew(monkeypatch):
+    # A pack held a weakref to its weight, and torch.utils.swap_tensors refuses a tensor that has one: Module.to and
+    # load_state_dict under torch's swap-on-conversion setting failed inside attacks ("Couldn't swap Conv2d.weight").
+    conv, new = frozen(nn.Conv2d(3, 8, 3, padding=1)), frozen(nn.Conv2d(3, 8, 3, padding=1))
+    x, bias = torch.randn(4, 3, 10, 10), conv.bias.detach().clone()
+    monkeypatch.setattr(torch.__future__, "get_swap_module_params_on_conversion", lambda: True)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        output_and_input_grad(conv, x)
+        torch.utils.swap_tensors(conv.weight, nn.Parameter(new.weight.detach().clone(), requires_grad=False))
+        got = [output_and_input_grad(conv, x)]
+        conv.double().float()  # swaps every parameter under the setting
+        conv.load_state_dict(new.state_dict())
+        got.append(output_and_input_grad(conv, x))
+    swapped = output_and_input_grad(lambda t: F.conv2d(t, new.weight, bias, padding=1), x)
+    loaded = output_and_input_grad(new, x)
+    for (out, grad), (out_expected, grad_expected) in zip(got, (swapped, loaded)):
+        torch.testing.assert_close(out, out_expected, **CLOSE)
+        torch.testing.assert_close(grad, grad_expected, **CLOSE)
+
+
 def test_an_explicit_setting_for_part_of_a_model_leaves_the_rest_to_the_environment(monkeypatch):
     # An attack (enabled None) took the first enclosing decision it found for ALL the model's convolutions: an
     # explicit True on one layer packed every other layer too, off by default. Each module now follows its own

@@ -30,7 +30,6 @@ Semantics:
 
 import contextlib
 import threading
-import weakref
 
 import torch
 from torch import nn
@@ -118,12 +117,14 @@ def _input_gradient_padding(conv):
 
 
 class _Packs:
-    # weight: a weak reference to the tensor packed. The key alone matched a new weight that the allocator put at a
-    # freed weight's address (version 0 both), which then ran on the freed weight's pack.
+    # weight: the tensor packed, held (so no other tensor can take its address while the entry lasts): the key alone
+    # matched a new weight that the allocator put at a freed weight's address (version 0 both), which then ran on the
+    # freed weight's pack. Not a weakref: torch.utils.swap_tensors (Module.to / load_state_dict under
+    # torch.__future__.set_swap_module_params_on_conversion) refuses a tensor that has one.
     __slots__ = ("key", "weight", "forward", "backward", "backward_padding", "backward_ready")
 
     def __init__(self, key, weight, forward):
-        self.key, self.weight, self.forward = key, weakref.ref(weight), forward
+        self.key, self.weight, self.forward = key, weight, forward
         self.backward = self.backward_padding = None
         self.backward_ready = False
 
@@ -232,7 +233,7 @@ def _conv_forward(conv, input):
     # its own.
     slot = (conv, input.shape[0] == 1)
     entry = packs.get(slot)
-    if entry is None or entry.key != key or entry.weight() is not weight:
+    if entry is None or entry.key != key or entry.weight is not weight:
         if _refused_by_aten(conv, input.shape):  # checked per new pack only: the key holds the sample shape
             return nn.Conv2d.forward(conv, input)
         forward = _pack(weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, input.shape)
