@@ -3,6 +3,7 @@ results, applied only while active, nested safely, and never where it would chan
 
 import functools
 
+import numpy
 import pytest
 import torch
 import torchvision
@@ -178,6 +179,23 @@ def test_max_pool_runs_the_native_op_with_identical_results(pool):
         pool.return_indices = True
         (o, i), (ro, ri) = pool(x), nn.MaxPool2d.forward(pool, x)
         assert torch.equal(o, ro) and torch.equal(i, ri)
+    assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(kernel_size=torch.tensor(3), stride=torch.tensor([2])), dict(kernel_size=(torch.tensor(3), numpy.int64(2))),
+    dict(kernel_size=3, stride=(numpy.array(2), 1), padding=torch.tensor(1, dtype=torch.int32)),
+], ids=["tensors", "tensor-and-numpy-int", "numpy-array-and-int32-tensor"])
+def test_max_pool_sizes_given_as_integer_tensors_run_as_in_aten(sizes):
+    # F.max_pool2d takes one-element integer tensors and 0-D integer arrays as sizes; max_pool2d refused them, so a
+    # model with such an nn.MaxPool2d ran outside attacks and raised a TypeError inside them (native layers on).
+    pool = nn.MaxPool2d(**sizes)
+    x = torch.randn(3, 4, 11, 10)
+    grad = torch.randn(pool(x).shape)
+    ref_out, ref_grad = output_and_input_grad(pool, x, grad)
+    with native_layers(pool, True):
+        out, g = output_and_input_grad(pool, x, grad)
+        assert "robust_ops" in type(out.grad_fn).__name__
     assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
 
 

@@ -14,12 +14,24 @@ from ._meta import _check_floating
 __all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_"]
 
 
+def _is_int(value):
+    # F.max_pool2d also takes one-element integer tensors (nn.MaxPool2d(torch.tensor(2))): refused here, such a
+    # model ran outside attacks and failed inside them, where native_layers runs its pooling on max_pool2d
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not (value.is_floating_point() or value.is_complex())
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)  # ints, numpy integers and 0-D integer arrays
+    except TypeError:
+        return False
+    return True
+
+
 def _pair(name, value, op="drop_max_pool2d"):
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if _is_int(value):
         return [int(value), int(value)]
-    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(
-        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
-    ):
+    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(_is_int(v) for v in value):
         return [int(value[0]), int(value[-1])]
     raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
 
