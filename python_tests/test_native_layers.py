@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from robust_ops import attacks
+from robust_ops import _patching, attacks
 from robust_ops.memory import cpu_memory_pool_stats
 from robust_ops.native_layers import ENV_SWITCH, library_speedups, native_layers
 from robust_ops.prepacked_conv import prepacked_conv_active
@@ -245,6 +245,22 @@ def test_nesting_and_exceptions_restore_the_modules():
         with native_layers(model):
             1 / 0
     assert patched(model) == []
+
+
+def test_a_forward_set_or_deleted_inside_the_block_is_the_users():
+    # The exit deleted module.forward whatever it was: a forward the user set inside the block was dropped, and one
+    # the user deleted raised KeyError there, leaving the modules after it swapped for good.
+    model = nn.Sequential(nn.MaxPool2d(2), nn.BatchNorm2d(1), nn.MaxPool2d(2))
+    x = torch.randn(1, 1, 8, 8)
+
+    def own(t):
+        return t + 1
+
+    with native_layers(model, True):
+        model[0].forward = own
+        del model[1].forward
+    assert model[0].forward is own and patched(model) == [model[0]]
+    assert torch.equal(model[2](x), nn.MaxPool2d.forward(model[2], x)) and _patching._patched == {}
 
 
 def test_leaves_user_forwards_subclasses_and_switch_alone(monkeypatch):

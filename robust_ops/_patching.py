@@ -99,7 +99,12 @@ def patched_forwards(model, replacements, switch, undecided=True):
                 entry = _patched[id(module)]
                 entry[1] -= 1
                 if entry[1] == 0:
-                    del module.__dict__["forward"]
+                    # Only the swap's own: a forward the user set (or deleted) inside the block is theirs. Deleting
+                    # it unconditionally dropped theirs, and a KeyError after theirs was deleted left the modules
+                    # after it in this loop swapped for good.
+                    forward = module.__dict__.get("forward")
+                    if isinstance(forward, _InstalledForward) and forward.args[0] is module:
+                        del module.__dict__["forward"]
                     del _patched[id(module)]
 
 
