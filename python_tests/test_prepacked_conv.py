@@ -299,6 +299,50 @@ def test_inputs_aten_refuses_raise_atens_message(args, shape):
         assert error_of(lambda: conv(x)) == expected
 
 
+def gray_first_layer(conv):
+    conv.weight = nn.Parameter(conv.weight.sum(1, keepdim=True), requires_grad=False)  # in_channels stays 3
+
+
+def smaller_kernel(conv):
+    conv.weight = nn.Parameter(conv.weight[:, :, :3, :3].clone(), requires_grad=False)  # kernel_size stays (5, 5)
+
+
+@pytest.mark.parametrize("surgery, channels", [(gray_first_layer, 1), (smaller_kernel, 3)],
+                         ids=["gray_first_layer", "smaller_kernel"])
+def test_a_weight_replaced_by_one_of_another_shape_is_packed_as_aten_reads_it(monkeypatch, surgery, channels):
+    # ATen convolves with the weight's channels and kernel, whatever in_channels and kernel_size say; the packs read
+    # the attributes: a 1-channel first layer made from an RGB one was never packed, and a 3x3 weight in a module
+    # still saying 5x5 gave an input gradient of the wrong shape ("returned an invalid gradient ... got [2, 3, 14,
+    # 14]").
+    calls = count_packs(monkeypatch)
+    conv = frozen(nn.Conv2d(3, 8, 5, padding=1))
+    surgery(conv)
+    x = torch.randn(2, channels, 10, 10)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        got = output_and_input_grad(conv, x)
+        assert len(calls) == 2  # forward and input-gradient packs
+        wrong = torch.randn(2, 4 - channels, 10, 10)  # the channels ATen refuses: its message, not oneDNN's
+        assert error_of(lambda: conv(wrong)) == error_of(lambda: nn.Conv2d.forward(conv, wrong))
+    expected = output_and_input_grad(lambda t: nn.Conv2d.forward(conv, t), x)
+    torch.testing.assert_close(got[0], expected[0], **CLOSE)
+    torch.testing.assert_close(got[1], expected[1], **CLOSE)
+
+
+@pytest.mark.parametrize("groups, out_channels", [(0, 8), (2, 7)], ids=["groups-0", "not-divisible"])
+def test_groups_aten_refuses_raise_atens_message(groups, out_channels):
+    # oneDNN said "could not create a primitive descriptor" for groups 0, and for a weight whose rows the groups do
+    # not divide it packed a truncated weight and then failed on the bias
+    conv = frozen(nn.Conv2d(4, 8, 3, groups=2))
+    conv.groups = groups
+    conv.weight = nn.Parameter(torch.randn(out_channels, 2, 3, 3), requires_grad=False)
+    conv.bias = nn.Parameter(torch.randn(out_channels), requires_grad=False)
+    x = torch.randn(2, 4, 8, 8)
+    expected = error_of(lambda: conv(x))
+    assert expected is not None
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        assert error_of(lambda: conv(x)) == expected
+
+
 def test_mixed_dtypes_raise_atens_message():
     x = torch.randn(2, 3, 8, 8)
     for name in ("weight", "bias"):

@@ -106,13 +106,16 @@ def _pack(weight, padding, stride, dilation, groups, input_shape):
                                                      list(input_shape))
 
 
-def _input_gradient_padding(conv):
+def _input_gradient_padding(conv, weight=None):
     """The padding of the forward convolution that computes ``conv``'s input gradient from its output gradient
     with the transposed, flipped kernel; None where that does not hold (strided, grouped, or padded beyond the
-    kernel's reach)."""
+    kernel's reach). The kernel is the weight's, as ATen reads it, not ``conv.kernel_size``: a weight replaced by
+    one of another size (model surgery) made a backward of the wrong shape. ``weight``: the forward's (default the
+    module's)."""
     if conv.stride != (1, 1) or conv.groups != 1:
         return None
-    padding = [d * (k - 1) - p for d, k, p in zip(conv.dilation, conv.kernel_size, conv.padding)]
+    kernel = (conv.weight if weight is None else weight).shape[2:]
+    padding = [d * (k - 1) - p for d, k, p in zip(conv.dilation, kernel, conv.padding)]
     return padding if min(padding) >= 0 else None
 
 
@@ -178,7 +181,7 @@ class _PrepackedConv2d(torch.autograd.Function):
                                               conv.padding, conv.dilation, conv.groups), None, None
         grad_output = grad_output.contiguous(memory_format=ctx.memory_format)
         if not packs.backward_ready:
-            padding = _input_gradient_padding(conv)
+            padding = _input_gradient_padding(conv, weight)
             if padding is not None:
                 flipped = weight.transpose(0, 1).flip(2, 3)
                 packs.backward = _pack(flipped, padding, [1, 1], list(conv.dilation), 1, grad_output.shape)
@@ -200,9 +203,14 @@ class _PrepackedConv2d(torch.autograd.Function):
 def _refused_by_aten(conv, shape):
     """Whether ATen refuses a 4-D input of ``shape`` (other channels, an empty or too small padded size) or the
     module's settings (non-positive stride or dilation, negative padding): it says why, while oneDNN says ``could
-    not create a primitive descriptor`` or, for stride 0, kills the process (SIGFPE)."""
-    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = conv.padding, conv.stride, conv.dilation, conv.kernel_size
-    return (shape[1] != conv.in_channels or not shape[2] or not shape[3]
+    not create a primitive descriptor`` or, for stride 0, kills the process (SIGFPE). Channels and kernel are the
+    weight's, as ATen checks them: a weight replaced without ``in_channels`` / ``kernel_size`` (a 1-channel first
+    layer made by summing an RGB one) was not packed, or packed for inputs ATen refuses."""
+    weight = conv.weight
+    if weight.dim() != 4 or conv.groups < 1 or weight.shape[0] % conv.groups:
+        return True
+    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = conv.padding, conv.stride, conv.dilation, weight.shape[2:]
+    return (shape[1] != weight.shape[1] * conv.groups or not shape[2] or not shape[3]
             or shape[2] + 2 * ph < dh * (kh - 1) + 1 or shape[3] + 2 * pw < dw * (kw - 1) + 1
             or ph < 0 or pw < 0 or sh < 1 or sw < 1 or dh < 1 or dw < 1)
 
