@@ -611,6 +611,22 @@ def test_a_reader_leaving_stdout_ends_the_command_quietly():
     assert result.returncode == 141 and result.stderr == "", result.stderr
 
 
+@pytest.mark.parametrize("args", [["--epochs", "1"], ["--epochs", "0"]])
+def test_a_reader_leaving_stderr_ends_the_command_quietly(args, small_npz, tmp_path):
+    # `robust-ops train ... 2>&1 | head`: the progress bar's BrokenPipeError became "training failed: [Errno 32] Broken
+    # pipe", whose own line then met the closed pipe too -- a traceback nobody saw, status 1; so did an error line
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "robust_ops", "train", "--data", str(small_npz), *args,
+                                 "--out", str(tmp_path / "run"), "--device", "cpu"], stdout=subprocess.PIPE,
+                                stderr=write_end, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stdout == "", result.stdout
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_a_list_option_given_twice_is_refused(trained_run, tmp_path, capsys):
     # `--attacks fgsm --attacks pgd` attacked with pgd alone (the repeatable --defense-opt adds up; these replaced)
     rc, _, err = run(["eval", trained_run, "--attacks", "fgsm", "--attacks", "pgd", "--out", tmp_path / "e"], capsys)

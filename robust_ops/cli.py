@@ -863,6 +863,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
                                  batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
                                  channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress)
+        except BrokenPipeError:  # the progress bar's reader left (`... 2>&1 | head`): main stops quietly, not a
+            raise  # "training failed: [Errno 32] Broken pipe" line to a reader that is gone
         # FloatingPointError: NaN/Inf; OSError: a checkpoint or metrics file that could not be written (a full disk)
         except (ValueError, TypeError, OSError, FloatingPointError) as err:
             if resumed and _file_stamp(ckpt) == resumed:  # no epoch written under this command's run.json
@@ -1706,8 +1708,25 @@ def interrupts_unwrapped():
 
 def main(argv=None):
     with _sigterm_as_interrupt() as sigterm:
-        status = _main(argv)
+        try:
+            status = _main(argv)
+        except BrokenPipeError:  # here, not in _main: also one met while _main printed an error or interrupt line
+            status = _reader_left()
     return 143 if sigterm["terminated"] and status == 130 else status  # 128 + SIGTERM, as the shell reports it
+
+
+def _reader_left():
+    """The reader of stdout or stderr left (`robust-ops bench --list | head -2`, `robust-ops train 2>&1 | head`): stop
+    quietly as a shell tool does, with 128 + SIGPIPE. Both streams go to /dev/null, so the interpreter's own flush at
+    exit does not fail again (which of the two broke is not known)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # no file descriptor (a caller's capture): nothing is flushed to a pipe
+            pass
+    os.close(devnull)
+    return 141
 
 
 def _main(argv):
@@ -1742,12 +1761,8 @@ def _main(argv):
             message = message[: -len(f"(see {PROG} --help)")] + f"(see {prefix} --help)"
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # stdout's reader left (`robust-ops bench --list | head -2`): stop quietly as a shell tool does, with 128 +
-        # SIGPIPE; stdout goes to /dev/null so the interpreter's own flush at exit does not fail again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
+    except BrokenPipeError:  # a reader left: main stops quietly (not the OSError below, which names a file)
+        raise
     except OSError as err:
         # A file the command could not read or write (a folder where RUN_DIR/run.json or checkpoint.pt goes, a full
         # disk, a read-only mount, a name longer than the file system takes): the path and the reason, not a
