@@ -271,6 +271,9 @@ def test_eval_bad_eps_no_partial_files(trained_run, tmp_path, capsys):
     one_line_error(rc, err, "robust-ops eval: error: --eps:", "'x'")
     rc, _, err = run(["eval", trained_run, "--attacks", "fgsm,bogus", "--out", out], capsys)
     one_line_error(rc, err, "--attacks:", "unknown attack 'bogus'")
+    # one line: pgd's warning that its default step falls short of the radius came first, for a radius then refused
+    rc, _, err = run(["eval", trained_run, "--eps", "8", "--out", out], capsys)
+    one_line_error(rc, err, "robust-ops eval: error: --eps: 8 is an L-inf radius (fgsm) wider than the inputs'")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -517,7 +517,6 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
                                 f"{type(info).__name__}")
     specs = parse_attacks(attacks)
     radii = parse_eps(eps)
-    warn_default_step_short_of_radii(specs, radii)
     if not (isinstance(method, str) and method.strip()):  # the rows' label: None was written as "None", ["a"] failed
         raise EvalError("method", f"method: expected a non-empty label such as 'model', got {method!r}")
     try:  # 2.5 or "4" passed "< 1" (or failed it with a TypeError) and then failed in the first split or range
@@ -570,6 +569,8 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if device is None:  # a default of "cpu" moved a GPU model to the CPU, in place, and left it there
         device = model_device(model)
     model = model.to(device)
+    # once every argument passed: a warning about a radius check_radii then refused (--eps 8) came before its error
+    warn_default_step_short_of_radii(specs, radii)
     with contextlib.nullcontext() if seed is None else _seeded_rng(seed, device):
         return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
                                  progress)
