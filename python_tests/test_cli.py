@@ -2425,6 +2425,26 @@ def test_demo_records_cascade_and_ensemble_as_eval_does(small_npz, tmp_path, cap
         assert (config["cascade"], config["ensemble"]) == expected
 
 
+def test_demo_warns_of_a_short_default_step_once_before_training(small_npz, tmp_path, capsys, monkeypatch):
+    # pgd's warning that its default step falls short of --eps came from each method's evaluation: once per method
+    # (five times by default), and only after all the training
+    argv = ["demo", "--data", small_npz, "--epochs", "1", "--train-size", "16", "--methods", "standard,at", "--attacks",
+            "pgd:steps=1", "--eps", "8/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--out",
+            tmp_path / "d"]
+    warning = ("robust-ops demo: warning: attacks: pgd(steps=1)'s default step alpha=0.001 moves it at most 1 x 0.001 "
+               "= 0.001 from its start, less than eps=8/255")
+
+    def interrupted(**_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "train_run", interrupted)
+        rc, _, err = run(argv, capsys)
+    assert rc == 130 and [line for line in err.splitlines() if "warning:" in line][0].startswith(warning), err
+    rc, _, err = run(argv, capsys)
+    assert rc == 0 and [line.startswith(warning) for line in err.splitlines() if "warning:" in line] == [True], err
+
+
 def test_demo_methods_checked_before_training(tmp_path, capsys):
     """Repeated methods and a binary-only defense on a multi-class set are --methods errors, before any training."""
     path = tmp_path / "three.npz"

@@ -1437,12 +1437,14 @@ def cmd_demo(args):
     specs, radii = parse_eval_options(args)
     check_out(args.out)
     splits = load_data(args.data, size=args.size, seed=args.seed, classes=args.classes, bit_depth=args.bit_depth)
-    from .evaluate import EvalError, check_radii
+    from .evaluate import EvalError, check_radii, warn_default_step_short_of_radii
 
     try:  # before any training: the radii's units are known once the data is
         check_radii(specs, radii, splits.info)
     except EvalError as err:
         raise _flag_error(err) from None
+    # now, not after every method's training (evaluate's own warning is then a repeat, printed once)
+    warn_default_step_short_of_radii(specs, radii)
     saliency_count(args, splits.info)  # before any training, as the radii
     check_train_split(splits, args.data)  # before any run folder is made
     if args.quick:
@@ -1706,6 +1708,19 @@ def interrupts_unwrapped():
         raise interrupt.with_traceback(interrupt.__traceback__) from None
 
 
+def _warning_printer(command):
+    """warnings.showwarning for one command: ``robust-ops <command>: warning: <what>`` on stderr, each text once."""
+    said = set()
+
+    def show(message, *_args, **_kwargs):
+        line = f"{PROG} {command}: warning: {message}"
+        if line not in said:
+            said.add(line)
+            print(line, file=sys.stderr)
+
+    return show
+
+
 def main(argv=None):
     with _sigterm_as_interrupt() as sigterm:
         try:
@@ -1748,9 +1763,9 @@ def _main(argv):
         try:
             # catch_warnings restores the caller's warning display afterwards
             with warnings.catch_warnings(), interrupts_unwrapped():
-                # one line like the errors, not Python's two (file:line and a source line from inside the library)
-                warnings.showwarning = lambda message, *_a, **_k: print(
-                    f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
+                # one line like the errors, not Python's two (file:line and a source line from inside the library),
+                # and each once: demo's evaluation of five methods repeated the same one five times
+                warnings.showwarning = _warning_printer(args.command)
                 return args.func(args) or 0
         finally:
             _allow_download = False
