@@ -274,6 +274,14 @@ def test_eval_bad_eps_no_partial_files(trained_run, tmp_path, capsys):
     # one line: pgd's warning that its default step falls short of the radius came first, for a radius then refused
     rc, _, err = run(["eval", trained_run, "--eps", "8", "--out", out], capsys)
     one_line_error(rc, err, "robust-ops eval: error: --eps: 8 is an L-inf radius (fgsm) wider than the inputs'")
+    # a radius listed twice (a typo for 1/255,2/255) was attacked once, silently
+    for eps, message in (("1/255,1/255", "1/255 and 1/255"), ("2/255,1/255,4/510", "2/255 and 4/510")):
+        rc, _, err = run(["eval", trained_run, "--eps", eps, "--out", out], capsys)
+        one_line_error(rc, err, f"robust-ops eval: error: --eps: {message} are the same radius; list each radius once")
+    (tmp_path / "c.yaml").write_text("eps: [1/255, 0.5/127.5]\n")
+    rc, _, err = run(["demo", "--config", tmp_path / "c.yaml", "--out", out], capsys)
+    one_line_error(rc, err, "robust-ops demo: error: --eps: 1/255 and 0.5/127.5 are the same radius")
+    (tmp_path / "c.yaml").unlink()
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -1210,13 +1210,21 @@ def check_out(out, flag="--out"):
 def parse_eval_options(args):
     """(attack specs, radii) from --attacks and --eps; one-line errors for them and --eval-batch-size. Commands call
     it before loading data or training, so a typo fails at once."""
-    from .evaluate import EvalError, parse_attacks, parse_eps
+    from .evaluate import EvalError, parse_attacks, parse_eps, parse_number
 
     try:
         specs = parse_attacks(args.attacks)
         radii = parse_eps(args.eps)
     except EvalError as err:
         raise _flag_error(err) from None
+    # parse_eps keeps each radius once: `1/255,1/255` (a typo for 1/255,2/255) gave one radius's rows, silently, where
+    # a repeated attack, method or topic is refused
+    given = {}
+    for text in (t.strip() for t in str(args.eps).split(",")):
+        value = parse_number(text)  # parse_eps took every one
+        if value in given:
+            raise CLIError(f"--eps: {given[value]} and {text} are the same radius; list each radius once")
+        given[value] = text
     if args.eval_batch_size < 1:
         raise CLIError(f"--eval-batch-size: expected >= 1, got {args.eval_batch_size}")
     if args.saliency is not None and args.saliency < 0:
