@@ -531,6 +531,35 @@ def test_cli_page_quotes_the_refusal_of_a_repeated_option(argv, tmp_path, monkey
     assert f"`{message}`" in re.sub(r"\s+", " ", (REPO / "docs/cli.md").read_text()), message
 
 
+def test_cli_page_lists_the_exit_statuses_the_command_line_returns(tmp_path, monkeypatch, capsys):
+    """bench's status 1 (a benchmark script failed) was on no page; docs/cli.md's **Exit status.** list names each
+    status a command ends with, and each of them ends one."""
+    import os
+    import signal
+
+    from robust_ops import cli
+
+    page = (REPO / "docs/cli.md").read_text()
+    listed = {int(n) for n in re.findall(r"`(\d+)`", re.search(r"\* \*\*Exit status\.\*\*(.*?)\n\* ", page, re.S)[1])}
+    (tmp_path / "bench_ok.py").write_text("")
+    (tmp_path / "bench_fails.py").write_text("raise SystemExit(3)\n")
+    bench = ["bench", "--bench-dir", str(tmp_path)]
+
+    def raising(error):
+        def func(_args):
+            if error is signal.SIGTERM:
+                os.kill(os.getpid(), signal.SIGTERM)  # main's handler raises KeyboardInterrupt
+            raise error
+        return func
+
+    returned = {cli.main(bench + ["--list"]), cli.main(bench), cli.main(bench + ["--only", "nope"])}
+    for error in (KeyboardInterrupt, BrokenPipeError, signal.SIGTERM):
+        monkeypatch.setattr(cli, "cmd_bench", raising(error))
+        returned.add(cli.main(bench))
+    capsys.readouterr()
+    assert listed == returned == {0, 1, 2, 130, 141, 143}
+
+
 def test_checkpoint_table_lists_the_checkpoints_keys(tmp_path):
     """training.md's table of checkpoint.pt's contents names exactly the keys fit writes, those of `config` and of
     `sampler` included (a tiny one-epoch run)."""
