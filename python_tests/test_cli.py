@@ -184,6 +184,21 @@ def test_option_names_are_exact_not_prefixes(tmp_path, capsys, monkeypatch):
                                 f"(see robust-ops {argv[0]} --help)")
 
 
+def test_eval_method_defaults_to_the_runs_label_as_its_help_says(trained_run, tmp_path, capsys):
+    # --help said "default: the run's defense": a demo run's rows are labelled as run.json's label (Baseline for
+    # standard), as docs/cli.md says
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("eval"))
+    record = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**record, "label": "Baseline"}))
+    rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0"], capsys)
+    assert rc == 0, err
+    rows = json.loads((run_dir / "eval" / "results.json").read_text())["rows"]
+    assert {row["method"] for row in rows} == {"Baseline"}
+    _, parsers = cli.build_parser()
+    assert "default: the run's label in run.json" in parsers["eval"]._option_string_actions["--method"].help
+
+
 def test_help_explains_every_option_once(capsys):
     from robust_ops.attacks import ATTACKS
 

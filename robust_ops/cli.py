@@ -1165,7 +1165,9 @@ def cmd_eval_parser(sub):
                         "ones in run.json)")
     add_bit_depth_option(p, "the one in run.json")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
-    p.add_argument("--method", default=None, help="name in tables (default: the run's defense)")
+    p.add_argument("--method", default=None,
+                   help="name in tables (default: the run's label in run.json: its defense for train runs, e.g. "
+                        "Baseline or MIRST-DM for demo's)")
     # default None: as the run was trained (run.json); either flag, or a config file's value, overrides the run
     p.add_argument("--channels-last", action=Switch, default=None,
                    help="attack the model in channels_last memory format (default: as the run was trained; "
