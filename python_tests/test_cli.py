@@ -455,6 +455,11 @@ def test_config_file_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
     rc, _, err = run(["train", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "run"], capsys)
     one_line_error(rc, err, f"robust-ops train: error: --config: {tmp_path / 'missing.yaml'}: no such file")
     assert list(tmp_path.iterdir()) == []
+    # a folder given for the file (`--config configs/`): it said "no such file" of a folder that is there
+    (tmp_path / "configs").mkdir()
+    rc, _, err = run(["eval", "RUN", "--config", tmp_path / "configs"], capsys)
+    one_line_error(rc, err, f"robust-ops eval: error: --config: {tmp_path / 'configs'}: is a folder; give the YAML or "
+                   "JSON file in it")
 
 
 def test_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):

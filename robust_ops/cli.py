@@ -184,6 +184,8 @@ def _safe_load_unique_keys(text):
 
 def load_config_file(path):
     p = Path(path)
+    if p.is_dir():  # it said "no such file" of a folder that is there
+        raise CLIError(f"--config: {path}: is a folder; give the YAML or JSON file in it")
     if not p.is_file():
         raise CLIError(f"--config: {path}: no such file")
     try:
