@@ -324,6 +324,59 @@ def test_documented_cli_flags_exist():
     assert not unknown, "\n".join(unknown)
 
 
+def _quoted_cli_commands():
+    """(page, command, argument text) of each `robust-ops COMMAND ...` in README.md and docs/: a code block's line or a
+    code span, up to a comment; synopses (`[--quick]`, `A|B`), elisions (`...`), shell syntax and the CLI's own
+    messages (`robust-ops bench: NAME exited ...`) are left out."""
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        lines = [line for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+                 for line in block.splitlines()]
+        lines += re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+        for line in lines:
+            for command, rest in re.findall(r"(?:^|[\s/])robust-ops ([a-z]+)\b([^#]*)", line):
+                if not re.search(r"[\[|$<>]|\.\.\.|^:", rest):
+                    yield page.relative_to(REPO), command, rest
+
+
+def test_documented_cli_commands_parse_as_written():
+    """Each whole command quoted in the docs parses, and its values pass the checks made before any work: attack specs
+    and radii, defense, model and method names, benchmark topics (test_documented_cli_flags_exist checks only that
+    the flags exist: `--attacks pgd:norm=l2:steps=20:alpha=eps/4:random_start=false` could have gone stale)."""
+    import shlex
+
+    from robust_ops import cli, defenses
+    from robust_ops.models import MODELS
+    from robust_ops.reproduce import PROTOCOLS, pick_methods
+
+    _, parsers = cli.build_parser()
+    checked, wrong = 0, []
+    for page, command, rest in _quoted_cli_commands():
+        argv = shlex.split(rest)
+        if argv and getattr(parsers[command]._option_string_actions.get(argv[-1]), "nargs", 0) is None:
+            continue  # a flag named in the prose (`robust-ops train --defense`), its value in the words around it
+        # the prose names a command or an option of it (`robust-ops eval --prepacked-conv`) without its RUN_DIR / NAME
+        positional = {"eval": ["RUN_DIR"], "reproduce": [next(iter(PROTOCOLS))]}.get(command, [])
+        if positional and (not argv or argv[0].startswith("-")):
+            argv = positional + argv
+        try:
+            args = parsers[command].parse_args(argv)
+            if command in ("eval", "demo"):
+                cli.parse_eval_options(args)
+            for name in [getattr(args, "defense", None), *(getattr(args, "methods", None) or "").split(",")]:
+                if command in ("train", "demo") and name and "." not in name:  # your own class: a made-up path
+                    assert cli.defense_key(name) in defenses.NAMES, f"unknown defense {name!r}"
+            assert getattr(args, "model", None) in (None, *MODELS), f"unknown model {args.model!r}"
+            if command == "reproduce" and args.methods:
+                pick_methods(PROTOCOLS[args.name], args.methods.split(","))
+            if command == "bench" and args.only:
+                assert set(args.only.split(",")) <= set(cli.find_benchmarks()), f"unknown topic in {args.only!r}"
+            checked += 1
+        except (cli.CLIError, AssertionError) as err:
+            wrong.append(f"{page}: robust-ops {command}{rest}: {err}")
+    assert checked >= 45 and not wrong, "\n".join(wrong)
+
+
 def test_documented_benchmark_flags_exist():
     """Every `python benchmarks/bench_X.py --flag` written in README.md, docs/ or a benchmark's own docstring names a
     script and flags it defines (read from its add_argument calls: the parsers are built inside main)."""
