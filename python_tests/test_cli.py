@@ -462,6 +462,23 @@ def test_config_file_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
                    "JSON file in it")
 
 
+def test_path_options_expand_the_home_folder(trained_run, tmp_path, capsys, monkeypatch):
+    # a config file's `out: ~/evals/std` (and `--out=~/...`, which the shell leaves as it is) wrote into a folder
+    # named "~" in the working directory; --data expanded it already
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(trained_run, home / "run", ignore=shutil.ignore_patterns("eval"))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    (home / "cfg.yaml").write_text("out: ~/evals/std\nattacks: fgsm\neps: 1/255\nsaliency: 0\n")
+    rc, _, err = run(["eval", "~/run", "--config=~/cfg.yaml"], capsys)
+    assert rc == 0, err
+    assert (home / "evals" / "std" / "results.json").is_file() and list(work.iterdir()) == []
+    (home / "bench_a.py").write_text("")
+    rc, out, err = run(["bench", "--bench-dir=~", "--list"], capsys)
+    assert rc == 0 and out == f"a\t{home / 'bench_a.py'}\n", err
+
+
 def test_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
     # a config saved as Latin-1 (or a binary file given by mistake) ended in a UnicodeDecodeError traceback
     cfg = tmp_path / "cfg.yaml"

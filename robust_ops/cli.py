@@ -108,6 +108,13 @@ class OneConfig(GivenOnce):
 # ----------------------------------------------------------------------------------------------- shared helpers
 
 
+def path_text(text):
+    """A path option's value (--out, --config, eval's RUN_DIR, --bench-dir) with ``~`` expanded, as --data's is: a
+    config file's ``out: ~/runs/x`` (or ``--out=~/runs/x``, which the shell leaves as it is) made a folder named ``~``
+    in the working directory."""
+    return os.path.expanduser(text)
+
+
 class ConfigItem(str):
     """A repeatable option's value that came from a --config file: the command line's own may override its keys."""
 
@@ -609,9 +616,11 @@ def cmd_train_parser(sub):
     p.add_argument("--defense-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="defense option, repeatable (e.g. eps=5/255, steps=10, lam=10)")
     add_train_options(p)
-    p.add_argument("--out", default="runs/train", help="RUN_DIR for checkpoint.pt, run.json, metrics.csv, metrics.json")
+    p.add_argument("--out", type=path_text, default="runs/train",
+                   help="RUN_DIR for checkpoint.pt, run.json, metrics.csv, metrics.json")
     p.add_argument("--resume", action=Switch, help="continue from RUN_DIR/checkpoint.pt")
-    p.add_argument("--config", action=OneConfig, help="YAML or JSON file of options (keys are long option names)")
+    p.add_argument("--config", action=OneConfig, type=path_text,
+                   help="YAML or JSON file of options (keys are long option names)")
     p.set_defaults(func=cmd_train)
     return p
 
@@ -1154,10 +1163,10 @@ def cmd_eval_parser(sub):
     p = sub.add_parser("eval", help="evaluate a trained model under attacks", formatter_class=_formatter,
                        description="Evaluate RUN_DIR (or a checkpoint file) under --attacks at each --eps; writes "
                                    "results.json, report.md and PNG figures.")
-    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT",
+    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT", type=path_text,
                    help="a `robust-ops train` output folder, or its checkpoint.pt")
     add_eval_options(p)
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    p.add_argument("--out", type=path_text, default=None, help="output folder (default: RUN_DIR/eval)")
     p.add_argument("--data", default=None, help="dataset (default: the one in run.json)")
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--model", default=None, help="architecture (default: the one in run.json)")
@@ -1179,7 +1188,7 @@ def cmd_eval_parser(sub):
                         "default: as the run was trained, else $ROBUST_OPS_PREPACKED_CONV; --no-prepacked-conv "
                         "turns it off for a run trained with it)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--config", action=OneConfig, help="YAML or JSON file of options")
+    p.add_argument("--config", action=OneConfig, type=path_text, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -1353,11 +1362,12 @@ def cmd_demo_parser(sub):
                    help="training images drawn from the train split (0: all; default: 256, --quick: 64) -- keeps "
                         "the demo to ~1 minute on 2 CPU cores (docs/cli.md)")
     add_eval_options(p, attacks="fgsm,pgd,cw", eps="1/255,2/255,5/255")
-    p.add_argument("--out", default="runs/demo", help="output folder (runs, results.json, report.md, figures)")
+    p.add_argument("--out", type=path_text, default="runs/demo",
+                   help="output folder (runs, results.json, report.md, figures)")
     p.add_argument("--quick", action=Switch, help="2 epochs on a subset: a smoke run (tests, CI)")
     p.add_argument("--resume", action=Switch, help="reuse finished runs in --out")
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
-    p.add_argument("--config", action=OneConfig, help="YAML or JSON file of options")
+    p.add_argument("--config", action=OneConfig, type=path_text, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_demo)
     return p
 
@@ -1543,7 +1553,8 @@ def cmd_bench_parser(sub):
                    help="comma-separated topics, e.g. pgd_step,drop_max_pool2d")
     p.add_argument("--full", action="store_true", help="full shape sweeps (slow)")
     p.add_argument("--list", action="store_true", help="list the benchmarks (those --only picks) and exit")
-    p.add_argument("--bench-dir", default=None, help="folder holding bench_*.py (default: the repository's)")
+    p.add_argument("--bench-dir", type=path_text, default=None,
+                   help="folder holding bench_*.py (default: the repository's)")
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -1617,7 +1628,7 @@ def cmd_reproduce_parser(sub):
                    help="image side length for a folder / CSV --data (default: 224) or a MedMNIST size variant")
     add_bit_depth_option(p, "the full 16 bits")
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
-    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/NAME)")
+    p.add_argument("--out", type=path_text, default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
     p.add_argument("--methods", action=OneList, default=None,
@@ -1627,7 +1638,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--reevaluate", action=Switch,
                    help="attack every trained run again instead of reusing the evaluation kept beside its "
                         "checkpoint (it is reused only while the weights, test set and attacks are unchanged)")
-    p.add_argument("--config", action=OneConfig, help="YAML or JSON file of options")
+    p.add_argument("--config", action=OneConfig, type=path_text, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_reproduce)
     return p
 
