@@ -3,6 +3,7 @@
 import copy
 import re
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -212,6 +213,35 @@ def test_model_state_restored(name, norm, mode):
     assert [p.requires_grad for p in model.parameters()] == [p is not model.head.weight for p in model.parameters()]
     for p, g in zip(model.parameters(), grads):
         assert torch.equal(p.grad, g)
+
+
+def test_attacks_on_one_model_from_two_threads_restore_its_state_once_both_end():
+    """Each attack restored the state it saw when it began: one that began while another ran saw a frozen eval-mode
+    model, so once the first ended the second's forwards ran in train mode and its end left the model in eval with
+    every parameter frozen (a later fit trained nothing)."""
+    model = TinyCNN(1, 2).train()
+    x, y = make_data(3, 2)
+    b_began, a_ended = threading.Event(), threading.Event()
+    second = threading.Thread(target=lambda: attacks.pgd(model, x, y, eps=0.03, steps=2), name="second")
+    seen = []
+
+    def hook(module, inputs):
+        if threading.current_thread() is second:
+            b_began.set()
+            assert a_ended.wait(30)
+        elif not second.is_alive() and not b_began.is_set():  # the first attack's first forward starts the second
+            second.start()
+            assert b_began.wait(30)
+        seen.append((threading.current_thread() is second, module.training))
+
+    model.register_forward_pre_hook(hook)
+    attacks.pgd(model, x, y, eps=0.03, steps=2)  # begins first, ends first
+    a_ended.set()
+    second.join(30)
+    # every forward in eval mode, the second's after the first ended too
+    assert {who for who, _ in seen} == {False, True} and not any(training for _, training in seen)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert not context._held
 
 
 def test_model_mode_option():

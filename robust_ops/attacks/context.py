@@ -15,8 +15,10 @@ output checks, and the losses attacks ascend.
   where GradScaler reaches only the training loss; plain ``torch.autograd.grad`` otherwise.
 """
 
+import collections
 import contextlib
 import itertools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -58,25 +60,79 @@ def check_model(name, model):
                         "function in an nn.Module whose forward calls it")
 
 
+class _Held:
+    """A model under attack: its state before the first of the attacks running on it (``flags``: each parameter's
+    requires_grad, ``modes``: each module's training flag) and how many attacks each thread runs on it now."""
+
+    __slots__ = ("flags", "modes", "threads")
+
+    def __init__(self, model):
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.threads = collections.Counter()
+
+
+_held = {}  # id(model) -> _Held, while attacks run on it
+_held_lock = threading.Lock()
+
+
+def _set_modes(modes):
+    for m, training in modes:
+        m.training = training
+
+
 @contextlib.contextmanager
 def attack_context(model, model_mode="eval", name="attack"):
     """Run an attack on ``model`` in ``model_mode`` ("eval" default, "train", or "keep" the current modes) with
     parameter gradients off, under :func:`robust_ops.native_layers.library_speedups` for the model's device (on CPU:
     the memory pool unless ``$ROBUST_OPS_CPU_POOL`` is off, native layers unless ``$ROBUST_OPS_NATIVE_LAYERS`` is
     off, prepacked convolutions when enabled); every module's mode and every parameter's ``requires_grad`` are
-    restored afterwards. ``name``: the attack its errors name."""
+    restored afterwards. ``name``: the attack its errors name.
+
+    Attacks on one model from several threads at once (in one ``model_mode``) share its state: the last one to end
+    restores what the model was before the first began. Each used to restore what it saw when it began, so an attack
+    that began while another ran left a train-mode model in eval with every parameter frozen (a later ``fit`` then
+    trained nothing), or put it back in train mode under an attack still running. An attack nested in another of the
+    same thread restores its caller's modes."""
     check_model(name, model)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    # the model's device: "cpu" for a CUDA model turned on the CPU pool and swapped forwards that only fell back
-    with use_model_mode(model, model_mode), library_speedups(model, model_device(model)):
+    if model_mode not in MODEL_MODES:
+        raise ValueError(f"attack: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {model_mode!r}")
+    me = threading.get_ident()
+    with _held_lock:
+        held = _held.get(id(model))
+        if held is None:
+            held = _held[id(model)] = _Held(model)
+        held.threads[me] += 1
+        seen = [(m, m.training) for m in model.modules()]  # the caller's, for an attack nested in this thread
         try:
-            for p, _ in flags:
+            if model_mode != "keep":
+                model.train(model_mode == "train")
+            for p in model.parameters():
                 p.requires_grad_(False)
-            with weight_pack_scope():  # frozen weights: prepacked convolutions may reuse their packs
-                yield model
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
+        except BaseException:
+            _release(model, held, me, seen)
+            raise
+    try:
+        # the model's device: "cpu" for a CUDA model turned on the CPU pool and swapped forwards that only fell back
+        with library_speedups(model, model_device(model)), weight_pack_scope():  # frozen: packs may be reused
+            yield model
+    finally:
+        with _held_lock:
+            _release(model, held, me, seen)
+
+
+def _release(model, held, me, seen):
+    """One attack on ``model`` by thread ``me`` ends (under _held_lock): the last restores the state before the first;
+    one nested in another of this thread restores its caller's modes; otherwise another thread's attack still runs
+    and keeps the model as it is."""
+    held.threads[me] -= 1
+    if not +held.threads:
+        del _held[id(model)]
+        _set_modes(held.modes)
+        for p, flag in held.flags:
+            p.requires_grad_(flag)
+    elif held.threads[me]:
+        _set_modes(seen)
 
 
 class Normalized(torch.nn.Module):
