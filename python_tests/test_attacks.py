@@ -244,6 +244,17 @@ def test_attacks_on_one_model_from_two_threads_restore_its_state_once_both_end()
     assert not context._held
 
 
+def test_a_model_with_uninitialized_lazy_parameters_is_one_clear_error():
+    # torch's "Attempted to use an uninitialized parameter in <method 'requires_grad_' ...>" named no attack
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))
+    x, y = make_data(3, 2)
+    with pytest.raises(ValueError, match=r"^pgd: the model has uninitialized parameters \(lazy modules\); run one "
+                                         r"forward first, e.g. model\(x\[:1\]\), to create them$"):
+        attacks.pgd(model, x, y, eps=0.03, steps=2)
+    model(x[:1])
+    assert attacks.pgd(model, x, y, eps=0.03, steps=2).shape == x.shape
+
+
 def test_model_mode_option():
     model = TinyCNN(1, 2).eval()
     seen = []

@@ -95,6 +95,9 @@ def attack_context(model, model_mode="eval", name="attack"):
     trained nothing), or put it back in train mode under an attack still running. An attack nested in another of the
     same thread restores its caller's modes."""
     check_model(name, model)
+    if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):  # torch's error named requires_grad_
+        raise ValueError(f"{name}: the model has uninitialized parameters (lazy modules); run one forward first, "
+                         "e.g. model(x[:1]), to create them")
     if model_mode not in MODEL_MODES:
         raise ValueError(f"attack: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {model_mode!r}")
     me = threading.get_ident()
