@@ -880,9 +880,9 @@ def test_rows_use_each_samples_final_input_and_the_worst_case_picks_per_sample(m
     module = sys.modules["robust_ops.evaluate"]
     seen, original = {}, module._row
 
-    def spy(method, attack, norm, eps, y, pred, probs, info):
-        seen[attack] = probs.clone()
-        return original(method, attack, norm, eps, y, pred, probs, info)
+    def spy(method, attack, norm, eps, y, pred, logits, info):  # rows get logits (metrics: logits=)
+        seen[attack] = probabilities(logits)
+        return original(method, attack, norm, eps, y, pred, logits, info)
 
     monkeypatch.setattr(module, "_row", spy)
     data, model = tiny_data(48, seed=seed), tiny_model(seed)
@@ -941,9 +941,9 @@ def test_without_cascade_each_radius_keeps_the_first_fooling_input_and_takes_lat
     monkeypatch.setattr(module, "check_inside_ball", lambda *args: None)  # the scripted points ignore the radius
     seen, original = {}, module._row
 
-    def spy(method, attack, norm, eps, y, pred, probs, info):
-        seen[eps] = probs[:, 1].clone()
-        return original(method, attack, norm, eps, y, pred, probs, info)
+    def spy(method, attack, norm, eps, y, pred, logits, info):  # rows get logits (metrics: logits=)
+        seen[eps] = probabilities(logits)[:, 1]
+        return original(method, attack, norm, eps, y, pred, logits, info)
 
     monkeypatch.setattr(module, "_row", spy)
     x = torch.tensor([[0.0, 0.2], [0.1, 0.2], [0.2, 0.2], [0.3, 0.8]]).view(4, 1, 1, 2)  # sample 3: wrong clean
@@ -968,6 +968,27 @@ def test_rows_rank_confident_predictions_by_their_scores():
     y = torch.tensor([0, 1, 0, 1, 0])  # the two most confident predictions are the positives (INFO: class 1)
     rows = evaluate(Confident(), TensorDataset(x, y), INFO, attacks="fgsm", eps=[0.0])
     assert rows[0]["auc"] == pytest.approx(5 / 6)
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["two-logits", "single-logit"])
+def test_rows_rank_predictions_whose_float64_probabilities_round_to_one(single):
+    """Past a logit margin of ~37 the predicted class's float64 probability is 1.0: the positives at margins 50 and
+    60 tied with the negatives at 40 and 45, and the rows' AUC was 0.667 where the model ranks them perfectly."""
+    class Confident(nn.Module):
+        def forward(self, x):
+            z = (x.flatten(1)[:, 0] - 0.5) * 160  # class 1's logit margin
+            return z if single else torch.stack([torch.zeros_like(z), z], 1)
+
+    margins = torch.tensor([50.0, 60.0, 40.0, 45.0, -3.0])
+    x = (margins / 160 + 0.5).view(5, 1, 1, 1)
+    y = torch.tensor([1, 1, 0, 0, 0])  # the two most confident predictions are the positives (INFO: class 1)
+    rows = evaluate(Confident(), TensorDataset(x, y), INFO, attacks="fgsm,pgd", eps=[0.0])
+    assert [r["attack"] for r in rows] == ["none", "fgsm", "pgd", "worst-case"]
+    from sklearn import metrics as skm
+
+    want_map = np.mean([skm.average_precision_score(y == c, margins * (1 if c else -1)) for c in (0, 1)])
+    for r in rows:
+        assert r["auc"] == 1.0 and r["map"] == pytest.approx(want_map), r
 
 
 def test_evaluate_batches_every_forward_and_checks_batch_size():
@@ -1457,9 +1478,9 @@ def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_first_fooling
     monkeypatch.setattr(module, "check_inside_ball", lambda *args: None)  # the scripted points ignore the radius
     seen, original = {}, module._row
 
-    def spy(method, attack, norm, eps, y, pred, probs, info):
-        seen[(attack, eps)] = probs[:, 1].clone()
-        return original(method, attack, norm, eps, y, pred, probs, info)
+    def spy(method, attack, norm, eps, y, pred, logits, info):  # rows get logits (metrics: logits=)
+        seen[(attack, eps)] = probabilities(logits)[:, 1]
+        return original(method, attack, norm, eps, y, pred, logits, info)
 
     monkeypatch.setattr(module, "_row", spy)
     x = torch.tensor([[0.0, 0.2], [0.1, 0.2], [0.2, 0.2], [0.3, 0.8], [0.4, 0.8]]).view(5, 1, 1, 2)

@@ -307,3 +307,84 @@ def test_multiclass_auc_and_map_are_nan_with_one_class_present():
     probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
     m = classification_metrics([0, 0, 0], [0, 1, 0], probs, num_classes=3)
     assert math.isnan(m["auc"]) and math.isnan(m["map"]) and m["accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("kind", ["single-logit", "two-logits", "three-classes"])
+@pytest.mark.parametrize("positive", [0, 1])
+def test_logits_rank_predictions_whose_probabilities_round_to_one(kind, positive):
+    """Past a logit margin of ~37 the predicted class's float64 probability is 1.0: the positives at margins 50 and
+    60 tied with the negatives at 40 and 45, so AUC from probabilities was 0.667 where the model ranks them
+    perfectly. ``logits=`` ranks on each class's log-odds against the others, which keep them apart."""
+    margin = torch.tensor([50.0, 60.0, 40.0, 45.0, -3.0])  # the class's logit minus the others'
+    y = np.where(np.array([1, 1, 0, 0, 0]) == 1, positive, 1 - positive)  # the two most confident are positives
+    if kind == "single-logit":
+        out = margin if positive == 1 else -margin
+    elif kind == "two-logits":
+        out = torch.zeros(5, 2).index_put_((torch.arange(5), torch.tensor(positive)), margin)
+    else:  # the positive class's log-odds against two others at 0 is its logit minus log(2): the same order
+        out = torch.zeros(5, 3).index_put_((torch.arange(5), torch.tensor(positive)), margin)
+    k = 3 if kind == "three-classes" else 2
+    assert len(set(probabilities(out)[:3, positive].tolist())) < 3  # the ties probabilities would give
+    kwargs = dict(num_classes=k, positive_class=positive if k == 2 else None)
+    m = classification_metrics(y, predict(out), logits=out, **kwargs)
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y == positive, margin.numpy())) == 1.0
+    if k == 2:
+        aps = [skm.average_precision_score(y == c, margin.numpy() * (1 if c == positive else -1)) for c in (0, 1)]
+        assert m["map"] == pytest.approx(np.mean(aps))
+    assert classification_metrics(y, predict(out), probabilities(out), **kwargs)["auc"] < 1.0  # the old result
+    # the other metrics do not depend on the scores
+    assert {key: v for key, v in m.items() if key not in ("auc", "map")} == pytest.approx(
+        {key: v for key, v in classification_metrics(y, predict(out), **kwargs).items() if key not in ("auc", "map")},
+        nan_ok=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [2, 4])
+def test_logits_give_the_probabilities_auc_and_map_where_they_do_not_saturate(seed, k):
+    """Log-odds are a strictly increasing function of each class's probability: the same ranks, and with two
+    classes the same ties (with more, rounding in another summation order can split an exact tie either way)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(30) % k
+    # two classes: few distinct values, so ties
+    logits = torch.randint(-2, 3, (30, k), generator=g).float() if k == 2 else torch.randn(30, k, generator=g) * 3
+    pred = logits.argmax(1)
+    kwargs = dict(num_classes=k, positive_class=1 if k == 2 else None)
+    want = classification_metrics(y, pred, probabilities(logits), **kwargs)
+    assert classification_metrics(y, pred, logits=logits, **kwargs) == pytest.approx(want)
+
+
+def test_logits_with_minus_infinity_rank_last_and_bad_logits_are_refused():
+    # a -inf logit is a probability of 0 (a masked class): ranked below every finite score, not refused
+    y, out = np.array([0, 1, 0, 1]), torch.tensor([[0.0, -math.inf], [0.0, 1.0], [2.0, 0.0], [-math.inf, 0.0]])
+    m = classification_metrics(y, out.argmax(1), logits=out, num_classes=2, positive_class=1)
+    assert m["auc"] == 1.0 == skm.roc_auc_score(y, probabilities(out)[:, 1].numpy())
+    with pytest.raises(ValueError, match="classification_metrics: give probs or logits, not both"):
+        classification_metrics(y, y, probabilities(out), logits=out, num_classes=2, positive_class=1)
+    with pytest.raises(ValueError, match=r"classification_metrics: expected logits of shape \[4, 3\] \(floating "
+                                         r"point\), got \(4, 2\) "):
+        classification_metrics(y, y, logits=out, num_classes=3)
+    with pytest.raises(ValueError, match=r"expected logits of shape \[4, 2\] or \[N\] single logits \(floating "
+                                         r"point\), got \(4,\) torch.int64"):
+        classification_metrics(y, y, logits=torch.tensor([0, 1, 0, 1]), num_classes=2, positive_class=1)
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"logits holds 1 row\(s\) with NaN, \+Inf or only -Inf"):
+            classification_metrics(y, y, logits=out.index_put((torch.tensor(1), torch.tensor(1)), torch.tensor(bad)),
+                                   num_classes=2, positive_class=1)
+
+
+def test_log_odds_keep_apart_a_class_that_nearly_ties_with_another():
+    """z_c - logsumexp(others) cancels where the class ties with another: 60 - (60 + 4e-18) is 0 in float64, so rows
+    [60, 60, 20] and [60, 60, 21] tied in class 0's column (as their probabilities, 0.5, do) though the model ranks
+    the first higher; -log1p(exp(-40)) and -log1p(exp(-39)) keep them apart, in either order of the other logits."""
+    from robust_ops.metrics import class_log_odds
+
+    logits = torch.tensor([[60.0, 60.0, 20.0], [60.0, 60.0, 21.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    got = class_log_odds(logits)
+    assert got[0, 0] == -math.log1p(math.exp(-40.0)) and got[1, 0] == -math.log1p(math.exp(-39.0))
+    assert torch.equal(class_log_odds(logits[:, [0, 2, 1]])[:, 0], got[:, 0])  # the others' order does not matter
+    y = np.array([0, 1, 1, 2])
+    m = classification_metrics(y, logits.argmax(1), logits=logits, num_classes=3)
+    scores = got.numpy()
+    assert m["auc"] == pytest.approx(np.mean([skm.roc_auc_score(y == c, scores[:, c]) for c in range(3)]))
+    auc0 = skm.roc_auc_score(y == 0, scores[:, 0])
+    assert auc0 == 1.0 and skm.roc_auc_score(y == 0, probabilities(logits)[:, 0].numpy()) < 1.0

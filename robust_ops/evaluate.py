@@ -49,7 +49,8 @@ from ._import_path import PATH_HINT, is_import_path
 from ._options import accepted_options, check_device, check_flags, check_int, class_labels
 from .attacks.context import (InputDtypeError, check_attack_output, check_inside_ball, check_output,
                               forward_naming_input_dtype, model_device, predict_from_output, use_model_mode)
-from .metrics import METRIC_LABELS, classification_metrics, metric_names, positive_class_problem, probabilities
+from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, metric_names,
+                      positive_class_problem, probabilities)
 
 SCHEMA = "robust_ops.results/1"
 
@@ -392,10 +393,19 @@ def dataset_tensors(dataset):
         raise EvalError("data", unbatchable_items_message("evaluate", err)) from None
 
 
-@torch.no_grad()
 def predict_batches(model, x, batch_size=256, device="cpu"):
     """(predictions [N], probabilities [N, K]) on CPU, computed in batches on ``device`` in eval mode."""
-    preds, probs = [], []
+    preds, logits = _predict_logits(model, x, batch_size, device)
+    return preds, probabilities(logits)
+
+
+@torch.no_grad()
+def _predict_logits(model, x, batch_size=256, device="cpu"):
+    """(predictions [N], logits [N, K] float64, a single logit z as [0, z]: ``class_logits``) on CPU, in batches on
+    ``device`` in eval mode. Evaluation carries logits, not probabilities: those round to 1.0 past a logit margin of
+    ~37, tying the most confident predictions, so AUC, mAP and the worst case's pick among a robust sample's outputs
+    would not rank them as the model does."""
+    preds, logits = [], []
     with use_model_mode(model, "eval"):  # restores each module's own mode (a frozen submodule stays in eval)
         # an empty x still gets one (empty) forward: its output says how many classes the probabilities have
         for start in range(0, max(x.shape[0], 1), batch_size):
@@ -410,19 +420,20 @@ def predict_batches(model, x, batch_size=256, device="cpu"):
             except ValueError as err:
                 raise EvalError("model", str(err)) from None
             preds.append(predict_from_output(out).cpu())
-            probs.append(probabilities(out).cpu())
-    preds, probs = torch.cat(preds), torch.cat(probs)
-    bad = int((~torch.isfinite(probs).all(1)).sum())
+            logits.append(class_logits(out).cpu())
+    preds, logits = torch.cat(preds), torch.cat(logits)
+    bad = int((~torch.isfinite(probabilities(logits)).all(1)).sum())
     if bad:  # argmax of NaN is meaningless and the metrics would fail on it
         raise EvalError("model", f"model outputs NaN/Inf for {bad} of {len(preds)} samples; check the checkpoint")
-    return preds, probs
+    return preds, logits
 
 
 def _attack_subset(attack, spec, eps, model, x, y, idx, batch_size, device, value_range):
-    """(predictions, probabilities) on the adversarial inputs of the samples ``idx``, attacked ``batch_size`` at a
-    time. Each batch's adversarial inputs are scored and dropped before the next, so memory follows the batch size:
-    holding them all cost a copy of the attacked split per attack and radius (docs/cli.md, "Memory")."""
-    preds, probs = [], []
+    """(predictions, logits as ``_predict_logits`` gives them) on the adversarial inputs of the samples ``idx``,
+    attacked ``batch_size`` at a time. Each batch's adversarial inputs are scored and dropped before the next, so
+    memory follows the batch size: holding them all cost a copy of the attacked split per attack and radius
+    (docs/cli.md, "Memory")."""
+    preds, logits = [], []
     for start in range(0, idx.numel(), batch_size):
         part = idx[start:start + batch_size]
         xb, yb = x[part].to(device), y[part].to(device)
@@ -432,15 +443,16 @@ def _attack_subset(attack, spec, eps, model, x, y, idx, batch_size, device, valu
             check_inside_ball(f"attacks: {spec.label}", adv, xb, eps, spec.norm)
         except ValueError as err:
             raise EvalError("attacks", str(err)) from None
-        p_adv, pr_adv = predict_batches(model, adv, batch_size, device)
+        p_adv, lg_adv = _predict_logits(model, adv, batch_size, device)
         preds.append(p_adv)
-        probs.append(pr_adv)
-    return torch.cat(preds), torch.cat(probs)
+        logits.append(lg_adv)
+    return torch.cat(preds), torch.cat(logits)
 
 
-def _row(method, attack, norm, eps, y, pred, probs, info):
+def _row(method, attack, norm, eps, y, pred, logits, info):
     # evaluate refused a positive class that does not fit the class count before the first forward
-    metrics = classification_metrics(y, pred, probs, num_classes=info.num_classes, positive_class=info.positive_class)
+    metrics = classification_metrics(y, pred, num_classes=info.num_classes, positive_class=info.positive_class,
+                                     logits=logits)
     return {"method": method, "attack": attack, "norm": norm, "eps": float(eps), **metrics}
 
 
@@ -580,25 +592,25 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
     """evaluate's work on checked arguments: the clean pass, then every attack at every radius."""
     lo, hi = info.value_range
     try:
-        pred0, probs0 = predict_batches(model, x, batch_size, device)
+        pred0, logits0 = _predict_logits(model, x, batch_size, device)
     except EvalError as err:
         if err.arg == "model":
             raise EvalError("model", f"{method}: {err}") from None
         raise
-    if probs0.shape[1] != info.num_classes:  # else the metrics refuse "probs", which the caller never passed
-        raise EvalError("model", f"{method}: the model scores {probs0.shape[1]} classes (a single logit counts as "
+    if logits0.shape[1] != info.num_classes:  # else the metrics refuse "logits", which the caller never passed
+        raise EvalError("model", f"{method}: the model scores {logits0.shape[1]} classes (a single logit counts as "
                                  f"2), but {info.name} has {info.num_classes}; build it for this dataset's classes")
-    rows = [_row(method, "none", None, 0.0, y, pred0, probs0, info)]
+    rows = [_row(method, "none", None, 0.0, y, pred0, logits0, info)]
     say = progress or (lambda s: None)
     say(f"{method}: clean accuracy {rows[0]['accuracy']:.3f}")
     n = y.shape[0]
     correct0 = pred0 == y
-    per_eps = {e: [] for e in radii}  # eps -> [(label, fooled, pred, probs)] for the worst case
+    per_eps = {e: [] for e in radii}  # eps -> [(fooled, pred, logits, norm)] for the worst case
     if ensemble:
         return rows + _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, say, pred0,
-                                     probs0)
+                                     logits0)
     for spec in specs:
-        pred, probs = pred0.clone(), probs0.clone()
+        pred, logits = pred0.clone(), logits0.clone()
         fooled = ~correct0
         for e in radii:
             if e == 0:
@@ -607,15 +619,15 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
                 idx = (~fooled).nonzero().squeeze(1) if cascade else torch.arange(n)
             if idx.numel():
                 attack = spec.build(model, e, lo, hi)
-                p_adv, pr_adv = _attack_subset(attack, spec, e, model, x, y, idx, batch_size, device, (lo, hi))
+                p_adv, lg_adv = _attack_subset(attack, spec, e, model, x, y, idx, batch_size, device, (lo, hi))
                 newly = p_adv != y[idx]
                 take = ~fooled[idx] | newly  # keep an earlier adversarial example unless this one also fools
                 sel = idx[take]
-                pred[sel], probs[sel] = p_adv[take], pr_adv[take]
+                pred[sel], logits[sel] = p_adv[take], lg_adv[take]
                 fooled[idx] = fooled[idx] | newly
-            row = _row(method, spec.label, spec.norm, e, y, pred, probs, info)
+            row = _row(method, spec.label, spec.norm, e, y, pred, logits, info)
             rows.append(row)
-            per_eps[e].append((fooled.clone(), pred.clone(), probs.clone(), spec.norm))
+            per_eps[e].append((fooled.clone(), pred.clone(), logits.clone(), spec.norm))
             say(f"{method}: {spec.label} eps={e:.4g} accuracy {row['accuracy']:.3f}")
     if len(specs) > 1:
         for e in radii:
@@ -626,22 +638,26 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
 def _worst_case(method, e, y, results, info):
     n = y.shape[0]
     pred = results[-1][1].clone()
-    probs = results[-1][2].clone()
-    true_prob = probs.gather(1, y.view(-1, 1)).squeeze(1) if n else probs[:, 0]
+    logits = results[-1][2].clone()
+
+    def true_log_odds(lg):  # ranks as the true-class probability does, without its ties at 1.0
+        return class_log_odds(lg).gather(1, y.view(-1, 1)).squeeze(1) if n else lg[:, 0]
+
+    true_score = true_log_odds(logits)
     decided = torch.zeros(n, dtype=torch.bool)
-    for fooled, p, pr, _ in results:  # the first attack that fools a sample provides its input
+    for fooled, p, lg, _ in results:  # the first attack that fools a sample provides its input
         new = fooled & ~decided
-        pred[new], probs[new] = p[new], pr[new]
+        pred[new], logits[new] = p[new], lg[new]
         decided |= new
-    for fooled, p, pr, _ in results:  # robust samples: the attack output with the lowest true-class probability
-        tp = pr.gather(1, y.view(-1, 1)).squeeze(1) if n else pr[:, 0]
-        better = ~decided & (tp < true_prob)
-        pred[better], probs[better], true_prob[better] = p[better], pr[better], tp[better]
+    for fooled, p, lg, _ in results:  # robust samples: the attack output with the lowest true-class probability
+        score = true_log_odds(lg)
+        better = ~decided & (score < true_score)
+        pred[better], logits[better], true_score[better] = p[better], lg[better], score[better]
     norms = {r[3] for r in results}
-    return _row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, probs, info)
+    return _row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, logits, info)
 
 
-def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, say, pred0, probs0):
+def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, say, pred0, logits0):
     """One worst-case row per radius, radii ascending: the attacks' AutoAttack-style cascade runs only on the samples
     still robust after the smaller radii, and a sample fooled there keeps that input (it lies inside every larger
     ball), as the per-attack cascade does. Run afresh at each radius, a sample fooled at 1/255 but not at 4/255
@@ -650,7 +666,7 @@ def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, 
 
     lo, hi = info.value_range
     rows = []
-    pred, probs = pred0.clone(), probs0.clone()
+    pred, logits = pred0.clone(), logits0.clone()
     fooled = pred0 != y
     for e in radii:
         idx = (~fooled).nonzero().squeeze(1) if e > 0 else torch.arange(0)
@@ -664,12 +680,12 @@ def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, 
             except (ValueError, TypeError) as err:  # a bad option value an attack checks only when run
                 raise EvalError("attacks", f"attacks: {err}") from None
             # scored as AutoAttack returns them: a robust sample's clean input, so its clean scores
-            p_adv, pr_adv = predict_batches(model, res.x_adv.cpu(), batch_size, device)
+            p_adv, lg_adv = _predict_logits(model, res.x_adv.cpu(), batch_size, device)
             newly = p_adv != y[idx]
-            pred[idx[newly]], probs[idx[newly]] = p_adv[newly], pr_adv[newly]
+            pred[idx[newly]], logits[idx[newly]] = p_adv[newly], lg_adv[newly]
             fooled[idx[newly]] = True
         norms = {s.norm for s in specs}
-        row = _row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, probs, info)
+        row = _row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, logits, info)
         rows.append(row)
         say(f"{method}: ensemble eps={e:.4g} robust accuracy {row['accuracy']:.3f}")
     return rows

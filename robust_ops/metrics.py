@@ -16,6 +16,12 @@ a value.
 Labels must be integers in [0, num_classes) and ``probs`` rows of class probabilities (finite, in [0, 1], summing
 to 1 within 1e-4, or within the machine epsilon of float16 / bfloat16 rows: logits would rank the samples
 otherwise); anything else is a ValueError naming the argument.
+
+Give the model's ``logits`` instead of ``probs`` where you have them (evaluation does): AUC and mAP then rank the
+samples on each class's log-odds against the other classes (:func:`class_log_odds`), which order them as the
+probabilities do but keep apart what those round together. A probability rounds to 1.0 once the class's logit margin
+passes ~37 in float64 (~17 in float32), tying every more confident prediction in that column: AUC 0.667 instead of
+1.0 for margins 40, 45 (negatives) below 50, 60 (positives).
 """
 
 import math
@@ -38,12 +44,16 @@ def metric_names(num_classes):
     return BINARY_METRICS if num_classes == 2 else MULTICLASS_METRICS
 
 
+def _check_logits(name, out):
+    if not torch.is_tensor(out) or out.dim() not in (1, 2):
+        got = f"{out.dim()}-D" if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"{name}: expected out to be [N, K] logits or [N] / [N, 1] single logits, got {got}")
+
+
 def probabilities(out):
     """Class probabilities [N, K] (float64) from [N, K] logits (softmax) or [N] / [N, 1] single logits (sigmoid ->
     K = 2)."""
-    if not torch.is_tensor(out) or out.dim() not in (1, 2):
-        got = f"{out.dim()}-D" if torch.is_tensor(out) else type(out).__name__
-        raise ValueError(f"probabilities: expected out to be [N, K] logits or [N] / [N, 1] single logits, got {got}")
+    _check_logits("probabilities", out)
     # float64: in float32 the predicted class's probability rounds to 1.0 once its logit margin passes ~17 (and to a
     # few values just below 1 from ~14), tying confident predictions in that column and so changing AUC and mAP;
     # float64 keeps them apart up to a margin of ~36
@@ -54,6 +64,35 @@ def probabilities(out):
         # predictions in class 0's column (BreastMNIST's positive class) and so changing its AUC
         return torch.stack([torch.sigmoid(-z), torch.sigmoid(z)], 1)
     return torch.softmax(out, 1)
+
+
+def class_logits(out):
+    """[N, K] logits (float64) from [N, K] logits or [N] / [N, 1] single logits z, which are the two-class logits
+    [0, z] (the same probabilities: softmax([0, z]) = [sigmoid(-z), sigmoid(z)])."""
+    _check_logits("class_logits", out)
+    z = out.detach().double()
+    if is_single_logit(z):
+        z = z.reshape(-1)
+        return torch.stack([torch.zeros_like(z), z], 1)
+    return z
+
+
+def class_log_odds(out):
+    """Each class's log-odds against the other classes, ``z_c - logsumexp_{j != c} z_j`` [N, K] (float64), from
+    logits as :func:`class_logits` takes them. A strictly increasing function of the class's probability, so it
+    ranks samples as the probability does, without its rounding to 1.0; with two classes it is exactly the logit
+    difference (a single logit z: -z and z). A -inf logit gives -inf, a class whose others are all -inf +inf."""
+    z = class_logits(out)
+    k = z.shape[1]
+    # -logsumexp_{j != c}(z_j - z_c), the largest term apart and the rest through log1p: z_c - logsumexp(others)
+    # cancels where the class dominates (60 - 60.000000002), rounding log-odds such as -2.06e-9 to a few ulps of
+    # 60 and so tying or swapping samples; sorted, the same other logits in another order round alike (no split tie)
+    d = (z.unsqueeze(1) - z.unsqueeze(2)).masked_fill(torch.eye(k, dtype=torch.bool, device=z.device), -math.inf)
+    d = d.sort(2, descending=True).values
+    top, rest = d[..., 0], d[..., 1:]
+    lse = top + torch.log1p(torch.exp(rest - top.unsqueeze(2)).nan_to_num(0.0).sum(2))
+    lse = torch.where(torch.isfinite(top), lse, top)  # -inf: every other logit is -inf
+    return torch.where(z == -math.inf, -math.inf, -lse)  # z_c = -inf: -inf - (-inf) above was NaN
 
 
 def _as_numpy(a):
@@ -99,8 +138,10 @@ def positive_class_problem(num_classes, positive_class):
     return None
 
 
-def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_class=None):
-    """Metrics dict for one prediction set. ``probs``: [N, K] class probabilities (needed for AUC and mAP)."""
+def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_class=None, logits=None):
+    """Metrics dict for one prediction set. ``probs``: [N, K] class probabilities, or ``logits``: the model's [N, K]
+    logits or [N] / [N, 1] single logits (a tensor), needed for AUC and mAP; ``logits`` rank samples whose
+    probabilities round to a tie (module docstring)."""
     from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_fscore_support,
                                  roc_auc_score)
 
@@ -114,6 +155,24 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
         raise ValueError(f"classification_metrics: expected y_true and y_pred of the same shape [N], got "
                          f"{y_true.shape} and {y_pred.shape}")
+    if probs is not None and logits is not None:
+        raise ValueError("classification_metrics: give probs or logits, not both")
+    scores = None  # what AUC and mAP rank: probs, or the logits' dense ranks
+    if logits is not None:
+        logits = torch.as_tensor(logits)
+        if not (logits.is_floating_point() and logits.dim() in (1, 2)
+                and (len(logits), 2 if is_single_logit(logits) else logits.shape[1]) == (len(y_true), num_classes)):
+            raise ValueError(f"classification_metrics: expected logits of shape [{len(y_true)}, {num_classes}]"
+                             f"{' or [N] single logits' if num_classes == 2 else ''} (floating point), got "
+                             f"{tuple(logits.shape)} {logits.dtype}")
+        # -inf (probability 0) is a score; NaN, +inf or a row of -inf have no probabilities
+        no_probs = int((~torch.isfinite(probabilities(logits)).all(1)).sum())
+        if no_probs:
+            raise ValueError(f"classification_metrics: logits holds {no_probs} row(s) with NaN, +Inf or only -Inf")
+        # AUC and AP depend only on the order and ties of the scores: dense ranks keep both and are finite where a
+        # log-odds is +-inf (a -inf logit)
+        scores = np.stack([np.unique(c, return_inverse=True)[1].reshape(-1)
+                           for c in class_log_odds(logits).cpu().numpy().T], 1).astype(np.float64)
     if probs is not None:
         tolerance = _sum_tolerance(probs)
         probs = _as_numpy(probs).astype(np.float64)
@@ -128,7 +187,8 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         if off.any():
             raise ValueError(f"classification_metrics: expected probs to hold class probabilities (rows in [0, 1] "
                              f"summing to 1), got {int(off.sum())} row(s) that do not; for logits pass "
-                             "robust_ops.metrics.probabilities(logits)")
+                             "robust_ops.metrics.probabilities(logits) or logits=logits")
+        scores = probs
     n = len(y_true)
     out = {"n": int(n)}
     if n == 0:
@@ -146,11 +206,11 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
         out["sensitivity"] = float(recall[positive_class])
         out["specificity"] = float(recall[neg])
         out["precision"] = float(precision[positive_class])
-        if probs is None or len(np.unique(y_true)) < 2:
+        if scores is None or len(np.unique(y_true)) < 2:
             out["auc"] = out["map"] = math.nan
         else:
-            out["auc"] = float(roc_auc_score(y_true == positive_class, probs[:, positive_class]))
-            out["map"] = float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in (0, 1)]))
+            out["auc"] = float(roc_auc_score(y_true == positive_class, scores[:, positive_class]))
+            out["map"] = float(np.mean([average_precision_score(y_true == c, scores[:, c]) for c in (0, 1)]))
         return out
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     present = cm.sum(1) > 0
@@ -167,12 +227,12 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
     with np.errstate(invalid="ignore", divide="ignore"):
         spec = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), math.nan)
     out["specificity"] = macro(spec)
-    if probs is None or present.sum() < 2:
+    if scores is None or present.sum() < 2:
         out["auc"] = out["map"] = math.nan
         return out
     onehot = np.eye(num_classes)[y_true]
-    aucs = [roc_auc_score(onehot[:, c], probs[:, c]) for c in labels if 0 < onehot[:, c].sum() < n]
+    aucs = [roc_auc_score(onehot[:, c], scores[:, c]) for c in labels if 0 < onehot[:, c].sum() < n]
     out["auc"] = float(np.mean(aucs)) if aucs else math.nan
-    aps = [average_precision_score(onehot[:, c], probs[:, c]) for c in labels if onehot[:, c].sum() > 0]
+    aps = [average_precision_score(onehot[:, c], scores[:, c]) for c in labels if onehot[:, c].sum() > 0]
     out["map"] = float(np.mean(aps)) if aps else math.nan
     return out
