@@ -1188,6 +1188,8 @@ def test_eval_key_changes_with_everything_the_rows_depend_on():
     assert legacy != key()
     # ensemble rows cached before a sample fooled at a smaller radius stayed fooled at the larger ones
     assert {k: v for k, v in key(ensemble=True).items() if k != "ensemble_radii"} != key(ensemble=True)
+    # rows cached before AUC and mAP ranked log-odds (probabilities tied past a logit margin of ~37)
+    assert {k: v for k, v in key().items() if k != "scores"} != key()
 
 
 def test_run_fingerprint_changes_with_the_method_label_and_with_dtype_and_shape():

@@ -431,7 +431,10 @@ def eval_key(fingerprint, specs, eps, ensemble, seed):
     radii = parse_eps(eps)
     attacks = [[s.name, s.label, {k: ([v(e) for e in radii] if callable(v) else v) for k, v in s.options.items()}]
                for s in specs]
-    key = {**fingerprint, "attacks": attacks, "eps": radii, "ensemble": bool(ensemble), "seed": seed}
+    # "scores": rows cached before 2026-12-05 ranked AUC / mAP on probabilities, which tie past a logit margin of
+    # ~37 (robust_ops.metrics): their key lacks it, so they are evaluated again
+    key = {**fingerprint, "attacks": attacks, "eps": radii, "ensemble": bool(ensemble), "seed": seed,
+           "scores": "log-odds"}
     if ensemble:  # ensemble rows cached before 2026-12-05 ran each radius afresh (a sample fooled at a smaller radius
         # could count as robust at a larger one): their key lacks this, so they are evaluated again
         key["ensemble_radii"] = "cascade"
