@@ -48,7 +48,7 @@ from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import accepted_options, check_device, check_flags, check_int, class_labels
 from .attacks.context import (InputDtypeError, check_attack_output, check_inside_ball, check_output,
-                              forward_naming_input_dtype, model_device, predict_from_output, use_model_mode)
+                              forward_naming_input_mismatch, model_device, predict_from_output, use_model_mode)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, metric_names,
                       positive_class_problem, probabilities)
 
@@ -412,7 +412,7 @@ def _predict_logits(model, x, batch_size=256, device="cpu"):
             xb = x[start:start + batch_size].to(device)
             try:  # uint8 or float64 inputs met torch's "Input type (unsigned char) and bias type (float) should be
                 # the same" from inside the model's first layer, as fit names them
-                out = forward_naming_input_dtype("evaluate", "dataset", model, xb)
+                out = forward_naming_input_mismatch("evaluate", "dataset", model, xb)
             except InputDtypeError as err:
                 raise EvalError("data", str(err)) from None
             try:  # a tuple output was "'tuple' object has no attribute 'dim'", one row per batch a metrics error

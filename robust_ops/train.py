@@ -50,7 +50,7 @@ from ._options import check_device, check_flags, check_int, check_real, class_la
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
-from .attacks.context import (HALF_DTYPES, check_output, classification_loss, forward_naming_input_dtype,
+from .attacks.context import (HALF_DTYPES, check_output, classification_loss, forward_naming_input_mismatch,
                               num_classes_of, predict_from_output, use_model_mode)
 from .defenses._common import ONE_SAMPLE_BATCH_NORM, float32_or_wider
 from .defenses.base import _as_tuples, _plain
@@ -676,7 +676,7 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
             x, y = x.to(device), y.to(device)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = check_output(name, forward_naming_input_dtype(name, "val_data", model, x), x.shape[0])
+            out = check_output(name, forward_naming_input_mismatch(name, "val_data", model, x), x.shape[0])
             k = num_classes_of(out)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):  # BCE would take label 2 as a target silently
                 raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} output classes, got "
@@ -1386,7 +1386,7 @@ class OneSampleBatchError(ValueError):
 def _infer_num_classes(model, x):
     """Number of classes from one eval-mode forward on a couple of samples (BatchNorm statistics untouched)."""
     with torch.no_grad(), use_model_mode(model, "eval"):
-        out = check_output("fit", forward_naming_input_dtype("fit", "train_data", model, x[:2]), min(2, x.shape[0]))
+        out = check_output("fit", forward_naming_input_mismatch("fit", "train_data", model, x[:2]), min(2, x.shape[0]))
     return num_classes_of(out)
 
 

@@ -180,14 +180,14 @@ def is_single_logit(out):
 
 
 class InputDtypeError(TypeError):
-    """:func:`forward_naming_input_dtype`'s refusal, told apart from a TypeError the model itself raised."""
+    """:func:`forward_naming_input_mismatch`'s refusal, told apart from a TypeError the model itself raised."""
 
 
 class InputDeviceError(ValueError):
-    """:func:`forward_naming_input_dtype`'s refusal of inputs on another device than the model."""
+    """:func:`forward_naming_input_mismatch`'s refusal of inputs on another device than the model."""
 
 
-def forward_naming_input_dtype(name, split, model, x):
+def forward_naming_input_mismatch(name, split, model, x):
     """model(x), in the caller's mode and gradient setting; a forward that fails only because x is not in the dtype
     of the model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and
     the fix: torch's "Input type (double) and bias type (float) should be the same" came from inside the model's first

@@ -22,7 +22,7 @@ from .context import (
     check_inputs,
     check_output,
     classification_loss,
-    forward_naming_input_dtype,
+    forward_naming_input_mismatch,
     is_single_logit,
     margin,
     num_classes_of,
@@ -248,7 +248,7 @@ def check_loss(name, loss):
 def forward(name, model, x):
     # x of another dtype than the model's parameters: torch's "Input type (double) and bias type (float) should be
     # the same" from inside its first layer becomes fit's and evaluate's one-line TypeError naming the fix
-    return check_output(name, forward_naming_input_dtype(name, "x", model, x), x.shape[0])
+    return check_output(name, forward_naming_input_mismatch(name, "x", model, x), x.shape[0])
 
 
 def check_labels_against(name, y, out):
