@@ -3978,6 +3978,28 @@ def test_set_normalization_used_is_refused_with_the_fix():
             atk.set_normalization_used(mean=[0.5], std=[0.5])
 
 
+def test_torchattacks_style_subclass_init_is_refused_with_the_fix():
+    """A port of a torchattacks attack calls super().__init__("Name", model) (torchattacks' Attack takes the name
+    first): it met Python's bare "takes 2 positional arguments but 3 were given"."""
+
+    class Ported(attacks.Attack):
+        def __init__(self, model, eps=8 / 255):
+            super().__init__("MyPGD", model)
+            self.eps = eps
+
+    class Positional(attacks.Attack):
+        def __init__(self, model):
+            super().__init__(model, True)
+
+    with pytest.raises(TypeError, match=r"^Ported: Attack.__init__ takes \(model, \*\*options\), not torchattacks' "
+                                        r"\(name, model\); call super\(\).__init__\(model, \*\*options\) and set "
+                                        r"the class attribute name = 'MyPGD'$"):
+        Ported(make_model())
+    with pytest.raises(TypeError, match=r"^Positional: Attack.__init__ takes the model and keyword options only, got "
+                                        r"2 positional arguments; call super\(\).__init__\(model, \*\*options\)$"):
+        Positional(make_model())
+
+
 def test_targeted_random_least_likely_and_by_function_modes():
     model = Linear(num_classes=4)
     x, y = make_data(n=8, num_classes=4)

@@ -9,6 +9,14 @@ from .context import MODEL_MODES, attack_context, check_inputs, check_model, is_
 from .core import NORMS, check_labels_against, forward
 
 
+def _refuse_positional(cls_name, model, positional):
+    if isinstance(model, str) and len(positional) == 1:  # a port of torchattacks' Attack.__init__(self, name, model)
+        raise TypeError(f"{cls_name}: Attack.__init__ takes (model, **options), not torchattacks' (name, model); "
+                        f"call super().__init__(model, **options) and set the class attribute name = {model!r}")
+    raise TypeError(f"{cls_name}: Attack.__init__ takes the model and keyword options only, got "
+                    f"{1 + len(positional)} positional arguments; call super().__init__(model, **options)")
+
+
 class Attack:
     """Base class. Subclasses set ``name`` and implement ``forward(x, y) -> x_adv`` with the functional attack.
 
@@ -32,7 +40,9 @@ class Attack:
     # (evaluate's specs check a spec's norm with it)
     norms = NORMS
 
-    def __init__(self, model, *, targeted=False, model_mode="eval", clip_min=0.0, clip_max=1.0, **unknown):
+    def __init__(self, model, *positional, targeted=False, model_mode="eval", clip_min=0.0, clip_max=1.0, **unknown):
+        if positional:  # Python's own error ("takes 2 positional arguments but 3 were given") said nothing of the fix
+            _refuse_positional(type(self).__name__, model, positional)
         if unknown:  # Python's own error named Attack.__init__, not the class called, and listed nothing
             check_options(type(self).__name__, type(self), unknown)
         check_model(type(self).__name__, model)
