@@ -1392,6 +1392,22 @@ def test_replace_maxpool_refuses_a_pool_holding_state_instead_of_dropping_it():
         robust_ops.replace_maxpool(plain)
 
 
+def test_replace_maxpool_moves_attributes_set_by_hand_and_refuses_one_dropmax_uses():
+    """An attribute set on the pool by hand (a tag a feature extractor or pruning script reads) was dropped with it."""
+    pool = nn.MaxPool2d(2, return_indices=True)
+    pool.tag, pool.mask = "stem", torch.ones(2)
+    model = robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 2, 3), pool.eval()))
+    assert isinstance(model[1], robust_ops.DropMax2d) and model[1].return_indices and not model[1].training
+    assert model[1].tag == "stem" and model[1].mask is pool.mask
+    clashing = nn.MaxPool2d(2)
+    clashing.backend = "fast"
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), clashing)
+    with pytest.raises(ValueError, match=r"^replace_maxpool: '1' has attribute\(s\) 'backend' set by hand, which "
+                                         r"DropMax2d uses itself; rename or delete them first"):
+        robust_ops.replace_maxpool(model, backend="reference")
+    assert model[1] is clashing
+
+
 def test_replace_maxpool_refuses_a_pool_with_state_dict_hooks_instead_of_dropping_them():
     """Forward and backward hooks move to the DropMax2d; state-dict hooks (which can add keys) were dropped silently."""
     def add_key(module, state_dict, prefix, local_metadata):

@@ -104,6 +104,15 @@ _OTHER_MAX_POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveM
                     nn.FractionalMaxPool3d)
 
 
+# what nn.MaxPool2d's constructor sets; anything else in a pool's __dict__ the user set by hand (pool.tag = "stem")
+_MAXPOOL_ATTRIBUTES = frozenset(vars(nn.MaxPool2d(1))) | {"forward"}  # forward: checked by _check_plain_pool
+_DROPMAX_ATTRIBUTES = frozenset(vars(DropMax2d(1)))
+
+
+def _user_attributes(pool):
+    return {name: value for name, value in vars(pool).items() if name not in _MAXPOOL_ATTRIBUTES}
+
+
 def _from_maxpool(where, pool, backend):
     try:
         drop_max = DropMax2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices,
@@ -111,6 +120,9 @@ def _from_maxpool(where, pool, backend):
     except (TypeError, RuntimeError) as error:  # nn.MaxPool2d(0) builds (it fails at its first forward): say which
         raise type(error)(f"replace_maxpool: {where} ({pool!r}) cannot become a DropMax2d: {error}") from None
     drop_max.train(pool.training)  # an eval() model stays in eval mode
+    # attributes set by hand (a tag a feature extractor or a pruning script reads) move along; they were dropped
+    for name, value in _user_attributes(pool).items():
+        setattr(drop_max, name, value)
     # hooks registered on the pool keep running on its replacement (a feature extractor's hook, say). The dicts
     # themselves move, not copies: a hook's RemovableHandle holds (weak references to) them, so handle.remove()
     # still removes it (with copies it kept firing on the DropMax2d).
@@ -148,6 +160,13 @@ def _check_plain_pool(where, pool):
         raise ValueError(
             f"replace_maxpool: {where} holds {', '.join(held)}, which a DropMax2d would not keep (nor the model's "
             "state_dict); remove them first or swap it yourself (robust_ops.DropMax2d takes MaxPool2d's arguments)"
+        )
+    # the user's attributes move to the DropMax2d (_from_maxpool), except one that would overwrite DropMax2d's own
+    clash = sorted(_DROPMAX_ATTRIBUTES.intersection(_user_attributes(pool)))
+    if clash:
+        raise ValueError(
+            f"replace_maxpool: {where} has attribute(s) {', '.join(map(repr, clash))} set by hand, which DropMax2d "
+            "uses itself; rename or delete them first (DropMax2d's backend is replace_maxpool's backend argument)"
         )
     own = pool.__dict__.get("forward")  # a user's `pool.forward = ...` (native layers' own swap is not theirs)
     if own is not None and not is_installed_forward(pool, own):
