@@ -1198,7 +1198,8 @@ def test_run_fingerprint_changes_with_the_method_label_and_with_dtype_and_shape(
     # and shape with the bytes (the same pixels in another shape, or bytes read as another dtype, are other data)
     from torch.utils.data import TensorDataset
 
-    from robust_ops.reproduce import _digest, run_fingerprint
+    from robust_ops.reproduce import run_fingerprint
+    from robust_ops.train import tensors_sha256 as _digest
 
     model, data = torch.nn.Linear(4, 2), TensorDataset(torch.rand(3, 4), torch.tensor([0, 1, 0]))
     a, b = run_fingerprint(model, data, "RST-DM"), run_fingerprint(model, data, "rst dm")

@@ -24,7 +24,8 @@ from robust_ops.data import IndexedDataset
 from robust_ops.defenses import Defense, DefenseOutput
 from robust_ops.attacks.context import classification_loss
 from robust_ops.ima import IMA
-from robust_ops.train import GlobalBatchSampler, NonFiniteLossError, fit, load_checkpoint, load_weights
+from robust_ops.train import (GlobalBatchSampler, NonFiniteLossError, fit, load_checkpoint, load_weights,
+                           train_data_fingerprint)
 
 
 class DropoutMLP(nn.Module):
@@ -566,7 +567,39 @@ def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without
                                          r"this call has num_samples=24$"):
         fit(DropoutMLP(), defenses.Standard(), _data(24), epochs=2, resume=True, **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
-    _resume_from_before(tmp_path, "num_samples", data=_data(24), lr=1e-2)
+    # written before either was recorded (the training-set fingerprint came later)
+    _resume_from_before(tmp_path, "num_samples", "train_data_sha256", data=_data(24), lr=1e-2)
+
+
+def test_resume_refuses_a_training_set_of_the_same_size_but_other_content(tmp_path):
+    """An .npz replaced in place by another with as many samples resumed silently (only the count was compared). The
+    same tensors, copied (another process or machine loading the file again) or under an IndexedDataset, resume."""
+    kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, **kwargs)
+    recorded = load_checkpoint(tmp_path / "checkpoint.pt")["config"]["train_data_sha256"]
+    assert recorded == train_data_fingerprint(IndexedDataset(_data(16))) != train_data_fingerprint(_data(16, seed=1))
+    x, y = _data(16).tensors
+    relabelled, one_image = TensorDataset(x, 1 - y), TensorDataset(x.clone().index_fill_(0, torch.tensor([5]), 0), y)
+    for other in (_data(16, seed=1), relabelled, one_image):  # 16 rows: every one is read
+        with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: train_data is not the data it was "
+                                             r"trained on \(as many samples, 16, but other labels or images\); pass "
+                                             r"the run's train_data \(the same file as then: `--data` of robust-ops "
+                                             r"train\)$"):
+            fit(DropoutMLP(), defenses.Standard(), other, epochs=2, resume=True, **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), TensorDataset(x.clone(), y.clone()), epochs=2, resume=True, **kwargs)
+    assert train_data_fingerprint(TensorDataset(x.double(), y.int())) == recorded  # the same values, other dtypes
+    _resume_from_before(tmp_path, "train_data_sha256", data=_data(16, seed=1), lr=1e-2)
+    # a dataset whose items need not be stored rows (a transform) has no fingerprint and is not compared
+    assert train_data_fingerprint(torch.utils.data.Subset(_data(16), range(16))) is None
+
+
+def test_train_data_fingerprint_reads_a_fixed_number_of_rows():
+    big = TensorDataset(torch.rand(1000, 1, 2, 2), torch.zeros(1000, dtype=torch.long))
+    changed = big.tensors[0].clone()
+    changed[1] += 1  # between the rows read: not seen, the price of a fixed cost on a large set
+    assert train_data_fingerprint(TensorDataset(changed, big.tensors[1])) == train_data_fingerprint(big)
+    changed[999] += 1  # the last row is always read
+    assert train_data_fingerprint(TensorDataset(changed, big.tensors[1])) != train_data_fingerprint(big)
 
 
 def test_resume_refuses_a_validation_set_of_another_size_and_passes_checkpoints_without_one(tmp_path):

@@ -7,7 +7,6 @@ and the report repeats them. ``--quick`` is a smoke run (subsets, 2 epochs, smal
 pipeline end to end; its numbers mean nothing.
 """
 
-import hashlib
 import json
 import math
 import time
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from .evaluate import AttackSpec
-from .train import epochs_done
+from .train import epochs_done, tensors_sha256
 
 
 @dataclass
@@ -402,15 +401,6 @@ def _eps_expr(text):
 EVAL_CACHE_FILE = "eval.json"
 
 
-def _digest(tensors):
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def run_fingerprint(model, dataset, method):
     """The part of an evaluation's key fixed by the trained run: the model's parameters and buffers, the test set,
     the library and torch versions."""
@@ -418,8 +408,9 @@ def run_fingerprint(model, dataset, method):
     from .evaluate import dataset_tensors
 
     state = model.state_dict()
-    return {"method": method, "model_sha256": _digest(state[k] for k in sorted(state)),
-            "test_sha256": _digest(dataset_tensors(dataset)), "robust_ops": __version__, "torch": torch.__version__}
+    return {"method": method, "model_sha256": tensors_sha256(state[k] for k in sorted(state)),
+            "test_sha256": tensors_sha256(dataset_tensors(dataset)), "robust_ops": __version__,
+            "torch": torch.__version__}
 
 
 def eval_key(fingerprint, specs, eps, ensemble, seed):

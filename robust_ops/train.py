@@ -27,6 +27,7 @@ Semantics (docs/training.md):
 import csv
 import errno
 import functools
+import hashlib
 import json
 import math
 import numbers
@@ -545,6 +546,38 @@ def _settings(state, skip=()):
     return settings
 
 
+def tensors_sha256(tensors):
+    """sha256 of ``tensors``' dtypes, shapes and bytes (on any device, any layout)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# Rows of each field a training-set fingerprint reads: evenly spaced, a fixed cost whatever the set's size
+_FINGERPRINT_ROWS = 64
+
+
+def train_data_fingerprint(dataset):
+    """sha256 of a TensorDataset's labels and of ``_FINGERPRINT_ROWS`` evenly spaced rows of each of its tensors (all
+    rows of a smaller set), also under an IndexedDataset: a resume on data replaced in place (another .npz with as
+    many samples) trained on, silently. None for other datasets: their items need not be stored rows (a random
+    transform would give another fingerprint at every call)."""
+    from .data import IndexedDataset
+
+    inner = dataset.dataset if isinstance(dataset, IndexedDataset) else dataset
+    if getattr(type(inner), "__getitem__", None) is not torch.utils.data.TensorDataset.__getitem__:
+        return None
+    n = len(inner)
+    rows = torch.linspace(0, n - 1, min(n, _FINGERPRINT_ROWS)).round().long().unique()
+    labels = inner.tensors[1:2]  # whole: a label column is small, and a relabelled set must not pass
+    # values, not storage: the same set in float64 for a float64 model (or int32 labels) is the same data
+    return tensors_sha256(t.double() if t.is_floating_point() else t.long()
+                          for t in (*labels, *(t[rows.to(t.device)] for t in inner.tensors)))
+
+
 def _scheduler_parts(scheduler):
     """The settings a SequentialLR or ChainedScheduler keeps under private keys of its state_dict(), which
     ``_settings`` skips: SequentialLR's milestones and each scheduler's class and settings, flattened
@@ -902,7 +935,8 @@ def fit(
               "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
               "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model),
               "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer), "scheduler": _class_path(scheduler),
-              "num_samples": len(train_data), "val_samples": None if val_data is None else len(val_data),
+              "num_samples": len(train_data), "train_data_sha256": train_data_fingerprint(train_data),
+              "val_samples": None if val_data is None else len(val_data),
               "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
               # the trainable parameters' precision (several dtypes: all of them, in order)
               "param_dtype": ",".join(sorted({str(p.dtype) for p in params})),
@@ -962,6 +996,13 @@ def fit(
                         "leave it out as that run did" if key == "plateau_metric" else "")
                 raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
                                  f"call has {key}={config[key]!r}{hint}")
+        # A training set of the same size but other content (an .npz replaced in place, another seed's synthetic
+        # set). None on either side: a checkpoint written before it was recorded, or a dataset it cannot read.
+        saved_data = state["config"].get("train_data_sha256")
+        if None not in (saved_data, config["train_data_sha256"]) and saved_data != config["train_data_sha256"]:
+            raise ValueError(f"{name}: cannot resume {resume_path}: train_data is not the data it was trained on (as "
+                             f"many samples, {len(train_data)}, but other labels or images); pass the run's train_data "
+                             "(the same file as then: `--data` of robust-ops train)")
         # The checkpoint's optimizer and scheduler states replace the settings of those built here (a caller's
         # optimizer with another lr or momentum, a cosine schedule with another T_max would be ignored silently).
         # Checkpoints written before the settings were recorded pass.
