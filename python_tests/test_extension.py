@@ -482,6 +482,21 @@ def test_setup_defaults_the_cuda_architectures_without_a_gpu(monkeypatch, tmp_pa
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="needs a machine where torch sees no GPU")
+def test_cmake_settles_the_cuda_architectures_as_setup_does(tmp_path):
+    """CMakeLists.txt defaulted to 9.0 also where setup.py builds for the GPUs torch sees, and passed "native" on to
+    torch's CMake; it now detects them as setup.py does and, as setup.py, stops on "native" without a GPU. torch is
+    left unfound: configure would end there anyway."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_PREFIX_PATH", "TORCH_CUDA_ARCH_LIST", "Torch_DIR")}
+    done = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path), f"-DPython3_EXECUTABLE={sys.executable}",
+                           "-DTORCH_CUDA_ARCH_LIST=native"], env=env, capture_output=True, text=True, timeout=300)
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0
+    assert "robust_ops: TORCH_CUDA_ARCH_LIST=native but torch sees no GPU on this machine; name the" in out, out
+
+
 @pytest.mark.parametrize("arch_list", [None, "", " ", "native"])
 def test_setup_builds_for_the_visible_gpus_when_no_architecture_is_named(monkeypatch, tmp_path, capsys, arch_list):
     """Unset, the list was "9.0" even on a machine with a GPU torch would have detected: built on an A100 or L4, the
