@@ -22,13 +22,9 @@ from robust_ops import _extension
 def test_every_schema_is_registered():
     for name in _extension.OPS:
         assert hasattr(torch.ops.robust_ops, name), name
-    # the schemas load_library checks a build against are those csrc defines (adjacent C++ literals joined)
-    source = (REPO / "csrc" / "robust_ops.cpp").read_text()
-    defined = {}
-    for literals in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)', source):
-        schema = "".join(re.findall(r'"([^"]*)"', literals))
-        defined[schema[:schema.index("(")]] = schema
-    assert defined and defined == _extension.OPS
+    # the list load_library checks a build against is the one csrc defines
+    defined = re.findall(r'm\.def\(\s*"(\w+)\(', (REPO / "csrc" / "robust_ops.cpp").read_text())
+    assert defined and sorted(defined) == sorted(_extension.OPS)
 
 
 def test_mutating_ops_declare_their_mutated_arguments():
@@ -127,23 +123,9 @@ def test_missing_build_message(monkeypatch):
 def test_stale_build_message(monkeypatch):
     """A _C built from an older checkout (an editable install not rebuilt after a pull) lacks the newer ops: torch
     failed inside the fake-kernel registration with "'_OpNamespace' 'robust_ops' object has no attribute ..."."""
-    newer = {**_extension.OPS, "_op_of_a_newer_checkout": "_op_of_a_newer_checkout() -> ()"}
-    monkeypatch.setattr(_extension, "OPS", newer)
+    monkeypatch.setattr(_extension, "OPS", (*_extension.OPS, "_op_of_a_newer_checkout"))
     with pytest.raises(ImportError, match=r"robust_ops: the compiled ops \(.*_C.*\) are older than the Python code: "
                                           r"they lack robust_ops::_op_of_a_newer_checkout\. Rebuild with `pip install"):
-        _extension.load_library()
-
-
-def test_a_build_with_an_op_under_another_schema_is_refused(monkeypatch):
-    """A _C built from sources where an op had another schema (an argument added since) passed the import, as it has
-    every op name, and the first call failed with torch's bare argument error."""
-    newer = "pgd_step_(Tensor(a!) x_adv, Tensor x_nat, Tensor grad, Tensor alpha, Tensor eps, float clip_min, " \
-            "float clip_max, str norm, Tensor(b!)? history, int slot, bool rand=False) -> ()"
-    monkeypatch.setattr(_extension, "OPS", {**_extension.OPS, "pgd_step_": newer})
-    with pytest.raises(ImportError, match=r"^robust_ops: the compiled ops \(.*_C.*\) were built from other sources "
-                                          r"than the Python code: they define robust_ops::pgd_step_\(.*int slot\) "
-                                          r"-> \(\), the code expects robust_ops::pgd_step_\(.*int slot, bool "
-                                          r"rand=False\) -> \(\)\. Rebuild with `pip install --no-build-isolation -e \.`\.$"):
         _extension.load_library()
 
 

@@ -8,29 +8,14 @@ import torch
 
 _BUILD_HINT = "pip install --no-build-isolation -e ."
 
-# Every op csrc/robust_ops.cpp defines, with its schema as defined there (a test keeps the two equal), which the
-# Python side registers fake kernels and autograd for and calls with those arguments: a _C built from an older
-# checkout lacks the newer ops (torch then failed inside that registration with an AttributeError that named no
-# build), or has one under its old schema (a call then failed with a bare argument error, or ran on the old meaning).
-OPS = {
-    "drop_max_pool2d": "drop_max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
-                       "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)",
-    "_drop_max_pool2d_backward": "_drop_max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[] input_size) "
-                                 "-> Tensor",
-    "max_pool2d": "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-                  "bool ceil_mode) -> (Tensor, Tensor)",
-    "_eval_batch_norm_backward": "_eval_batch_norm_backward(Tensor grad_output, Tensor invstd, Tensor? weight) "
-                                 "-> Tensor",
-    "pgd_step_": "pgd_step_(Tensor(a!) x_adv, Tensor x_nat, Tensor grad, Tensor alpha, Tensor eps, float clip_min, "
-                 "float clip_max, str norm, Tensor(b!)? history, int slot) -> ()",
-    "boundary_search_step_": "boundary_search_step_(Tensor(a!) lo, Tensor(b!) hi, Tensor(c!) points, "
-                             "Tensor crossed_at, Tensor? active) -> ()",
-    "_cuda_version": "_cuda_version() -> int",
-    "_cpu_vector_isa": "_cpu_vector_isa() -> str",
-    "_cpu_pool_enter": "_cpu_pool_enter() -> bool",
-    "_cpu_pool_exit": "_cpu_pool_exit() -> ()",
-    "_cpu_pool_stats": "_cpu_pool_stats() -> int[]",
-}
+# Every op csrc/robust_ops.cpp defines, which the Python side registers fake kernels and autograd for: a _C built
+# from an older checkout lacks the newer ones, and torch then fails inside that registration with an AttributeError
+# that names no build.
+OPS = (
+    "drop_max_pool2d", "_drop_max_pool2d_backward", "max_pool2d", "_eval_batch_norm_backward", "pgd_step_",
+    "boundary_search_step_", "_cuda_version", "_cpu_vector_isa", "_cpu_pool_enter", "_cpu_pool_exit",
+    "_cpu_pool_stats",
+)
 
 
 def load_library():
@@ -68,23 +53,11 @@ def _check_own_build(module):
 def _check_ops():
     missing = [name for name in OPS if not hasattr(torch.ops.robust_ops, name)]
     if missing:
+        module = importlib.import_module("robust_ops._C")
         raise ImportError(
-            f"robust_ops: the compiled ops ({_library_file()}) are older than the Python "
+            f"robust_ops: the compiled ops ({getattr(module, '__file__', 'robust_ops._C')}) are older than the Python "
             f"code: they lack {', '.join('robust_ops::' + name for name in missing)}. Rebuild with `{_BUILD_HINT}`."
         )
-    # both printed by this torch, so spelling (spaces, int[2] vs int[]) cannot differ; ~1 ms for all of them
-    for name, schema in OPS.items():
-        built = str(getattr(torch.ops.robust_ops, name).default._schema)
-        expected = str(torch._C.parse_schema(f"robust_ops::{schema}"))
-        if built != expected:
-            raise ImportError(
-                f"robust_ops: the compiled ops ({_library_file()}) were built from other sources than the Python "
-                f"code: they define {built}, the code expects {expected}. Rebuild with `{_BUILD_HINT}`."
-            )
-
-
-def _library_file():
-    return getattr(importlib.import_module("robust_ops._C"), "__file__", "robust_ops._C")
 
 
 def cuda_version():
