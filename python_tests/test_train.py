@@ -829,6 +829,29 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step did not update the weights
 
 
+def test_weights_made_non_finite_by_an_epochs_last_update_are_neither_validated_nor_saved(tmp_path):
+    """docs/training.md, Non-finite loss: each step's loss is checked before its update, so an update that overflowed
+    at an epoch's last step went unseen: validation scored the NaN logits (val_acc 0.5), the checkpoint saved NaN
+    weights, and the next epoch's NaN loss named that checkpoint as the last good one."""
+    model = DropoutMLP()
+    # epoch 1 at lr 0.1; epoch 2's only step at lr inf: a finite loss and gradient, then weights of inf and NaN
+    with pytest.raises(NonFiniteLossError, match=r"^fit: the model's weights hold NaN or Inf after epoch 2 \(in "
+                                                 r"net\.1\.weight, .*\), though every step's loss and gradients were "
+                                                 r"finite: .*; stopped before validating and saving them \(last good "
+                                                 r"checkpoint: .*checkpoint\.pt\)$"):
+        fit(model, "standard", _data(8), _data(4, seed=1), epochs=3, batch_size=8, out_dir=tmp_path, progress=False,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: float("inf") if e else 1.0))
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len(json.loads((tmp_path / "metrics.json").read_text())) == 1
+    # a buffer holding -inf from the start (an attention mask) is not an overflow
+    masked = DropoutMLP()
+    masked.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    assert len(fit(masked, "standard", _data(8), epochs=1, batch_size=8, progress=False).history) == 1
+
+
 def _data_with_a_non_finite_input(item, value):
     """_data(8) with ``value`` (NaN or Inf) in one input element of ``item``."""
     x, y = _data(8).tensors

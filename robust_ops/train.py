@@ -1095,6 +1095,7 @@ def fit(
     # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory),
     # and run max pooling on the native kernel (robust_ops.native_layers; same results bitwise).
     speedups = library_speedups(model, device, prepacked_conv=prepacked_conv)
+    finite_at_start = _finite_tensor_names(model)  # (a resume's: loaded above)
     speedups.__enter__()
     bar = None
     try:
@@ -1154,7 +1155,7 @@ def fit(
                         bad = own_bad.to(dtype=torch.float32)  # a copy: own_bad still says which process it was
                         dist.all_reduce(bad)
                     bad_loss, bad_extra = (bool(b > 0) for b in bad.tolist())
-                where = f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
+                where = _last_good_checkpoint(last_ckpt)
                 if bad_loss or bad_extra:
                     own_loss, own_extra = own_bad.tolist()
                     if bad_loss:
@@ -1240,6 +1241,10 @@ def fit(
                     sums = {k: float(v) for k, v in zip(keys, totals[2:2 + len(keys)].tolist())}
                     seen = {k: int(v) for k, v in zip(keys, totals[2 + len(keys):].tolist())}
                     _sync_defense_state(defense, defense_start, world)
+            # Every step's loss and gradients were finite, but the last step's update (or a forward's batch-norm
+            # statistics) can still overflow: validation then scored NaN logits and the checkpoint, later named as the
+            # last good one, held NaN weights. The same on every process (equal weights, rank 0's buffers).
+            _check_finite_weights(name, model, finite_at_start, epoch, _last_good_checkpoint(last_ckpt))
 
             row = {"epoch": epoch + 1}
             row.update({f"train_{k}": v / max(seen[k], 1) for k, v in sums.items()})
@@ -1449,6 +1454,38 @@ def _any_non_finite(tensors):
     if not tensors:
         return torch.tensor(False)
     return torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
+
+
+def _last_good_checkpoint(last_ckpt):
+    """The end of a NonFiniteLossError's message: where the last good state is."""
+    return f" (last good checkpoint: {last_ckpt})" if last_ckpt else " (no checkpoint written yet)"
+
+
+def _float_tensors(model, names=None):
+    """(name, tensor) of ``model``'s floating-point parameters and buffers (those in ``names`` only, if given)."""
+    return [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+            if t.is_floating_point() and (names is None or n in names)]
+
+
+def _finite_tensor_names(model):
+    """The names of the model's floating-point parameters and buffers that are finite now: the ones
+    _check_finite_weights watches (a buffer holding -inf by design, an attention mask, is not an overflow)."""
+    return {n for n, t in _float_tensors(model) if bool(torch.isfinite(t.detach()).all())}
+
+
+def _check_finite_weights(name, model, watched, epoch, where):
+    """A NonFiniteLossError naming the tensors of ``watched`` (names of parameters and floating-point buffers) that
+    hold NaN or Inf after ``epoch`` (0-based) -- before validation and the checkpoint; one device sync when all are
+    finite."""
+    tensors = _float_tensors(model, watched)
+    if not bool(_any_non_finite([t for _, t in tensors])):
+        return
+    bad = [n for n, t in tensors if not bool(torch.isfinite(t.detach()).all())]
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    raise NonFiniteLossError(f"{name}: the model's weights hold NaN or Inf after epoch {epoch + 1} (in {shown}), "
+                             "though every step's loss and gradients were finite: an update overflowed (the "
+                             "optimizer's step -- a learning rate too large? -- or batch norm's running statistics); "
+                             f"stopped before validating and saving them{where}")
 
 
 def _check_every_parameter_got_a_gradient(name, model, where):
