@@ -817,6 +817,29 @@ class NaNAtEpoch(Defense):
         return DefenseOutput(loss=loss, logits=logits)
 
 
+class _LossPerCall(Defense):
+    """Losses 1, 2, 3, ... per call (plus 0 x the clean loss, to reach the parameters)."""
+
+    name = "loss-per-call"
+    _not_options = ("calls",)
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, model, x, y, ids=None):
+        self.calls += 1
+        return DefenseOutput(loss=classification_loss(model(x), y) * 0 + self.calls)
+
+
+def test_the_progress_bar_shows_the_epochs_running_mean_loss(capsys):
+    """docs/training.md: "a tqdm bar per epoch with the running loss"; it showed the last batch's loss instead (3 of
+    losses 1, 2, 3), not the epoch's mean so far, which ends at the history's train_loss."""
+    result = fit(DropoutMLP(), _LossPerCall(), _data(20), epochs=1, batch_size=8, progress=True)
+    assert result.history[0]["train_loss"] == (1 * 8 + 2 * 8 + 3 * 4) / 20
+    shown = re.findall(r"loss=([0-9.]+)", capsys.readouterr().err)
+    assert shown and shown[-1] == "1.8000", shown  # batches of 8, 8 and 4 samples
+
+
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
     model = DropoutMLP()
     with pytest.raises(NonFiniteLossError, match=r"fit: the nan-at loss is nan at epoch 2, step 2; stopped before "

@@ -1211,7 +1211,8 @@ def fit(
                     scored += n  # not every sample: a defense may return logits for some batches only
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    if seen.get("loss"):  # the epoch's mean so far (its train_loss at the last step), not one batch's
+                        bar.set_postfix(loss=f"{sums['loss'] / seen['loss']:.4f}")
             if bar is not None:
                 bar.close()
 
