@@ -2155,6 +2155,24 @@ def test_history_rows_record_the_epochs_validation_scores_and_current_lr():
                progress=False).history[0]["lr"] == 0.1
 
 
+def test_a_one_cycle_scheduler_shorter_than_the_run_is_refused_before_training(tmp_path):
+    """fit steps the scheduler once per epoch; OneCycleLR(total_steps=2) over 3 epochs trained epoch 3 and then
+    failed with torch's "Tried to step 3 times. The specified number of total steps is 2", that epoch lost."""
+    def one_cycle(total_steps):
+        return lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total_steps)
+
+    model = DropoutMLP()
+    before = _weights(model)
+    kwargs = dict(epochs=3, batch_size=8, progress=False, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(ValueError, match=r"^fit: the OneCycleLR has total_steps=2, fewer than epochs=3: fit steps "
+                                         r"the scheduler once per epoch, .*; build it with total_steps=epochs"):
+        fit(model, "standard", _data(8), out_dir=tmp_path, scheduler=one_cycle(2), **kwargs)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    history = fit(DropoutMLP(), "standard", _data(8), scheduler=one_cycle(3), **kwargs).history
+    assert history[-1]["lr"] == pytest.approx(0.1 / 25 / 1e4)  # the cycle's end at the last epoch
+
+
 @pytest.mark.parametrize("val", [True, False])
 def test_a_plateau_scheduler_steps_on_the_validation_loss_else_the_training_loss(val):
     """docs/training.md: ReduceLROnPlateau gets the validation loss, the training loss without val_data."""

@@ -920,6 +920,13 @@ def fit(
     lr = DEFAULT_LR if lr is None else check_real(name, "lr", lr, minimum=0)
     optimizer = _make_optimizer(name, optimizer, model, params, lr)
     scheduler = _make_scheduler(name, scheduler, optimizer)
+    cycle = getattr(scheduler, "total_steps", None) if isinstance(
+        scheduler, torch.optim.lr_scheduler.OneCycleLR) else None
+    if cycle is not None and cycle < epochs:  # else torch's "Tried to step 3 times" after that epoch's training
+        raise ValueError(f"{name}: the OneCycleLR has total_steps={cycle}, fewer than epochs={epochs}: fit steps the "
+                         f"scheduler once per epoch, and OneCycleLR fails when stepped past its total_steps (at the "
+                         f"end of epoch {cycle + 1}, losing its training); build it with total_steps=epochs (or "
+                         "epochs=epochs, steps_per_epoch=1)")
     scaler = torch.amp.GradScaler("cuda") if amp else None
 
     sampler = GlobalBatchSampler(len(train_data), batch_size, seed=seed, rank=rank, world_size=world)
