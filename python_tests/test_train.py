@@ -940,6 +940,43 @@ class _ConstantExtraGrads(Defense):
         return DefenseOutput(loss=classification_loss(logits, y), logits=logits, extra_grads=extra)
 
 
+class _Logits(Defense):
+    """The clean loss, returning ``make(logits)`` as the DefenseOutput's logits."""
+
+    name = "logits"
+    _not_options = ("make",)
+
+    def __init__(self, make):
+        self.make = make
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=self.make(logits))
+
+
+@pytest.mark.parametrize("make, batch_size, got", [
+    (lambda out: torch.cat([out, out]), 1, r"shape \(2, 2\)"),  # clean and adversarial: train_acc counted 2 per sample
+    (lambda out: torch.cat([out, out]), 8, r"shape \(16, 2\)"),  # torch's size error, after the step
+    (lambda out: out.softmax(1)[:, 1], 8, r"shape \(8,\)"),  # probabilities read as single logits (all > 0)
+    (lambda out: [out], 8, r"a list"),  # an AttributeError, after the step
+])
+def test_logits_not_shaped_as_the_models_output_are_refused_before_the_step(make, batch_size, got):
+    """DefenseOutput.logits (docs/design.md): the batch's clean logits, for train_acc, or None."""
+    model = DropoutMLP()
+    before = _weights(model)
+    n = batch_size
+    expected = rf"\[{n}, 2\]"
+    with pytest.raises(ValueError, match=rf"^fit: the logits defense returned logits of {got}; expected None or the "
+                                         rf"clean logits of the batch's {n} samples?, shaped as the model's output "
+                                         rf"\({expected}\)$"):
+        fit(model, _Logits(make), _data(8), epochs=1, batch_size=batch_size, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # a single-logit model's [N] and [N, 1] are the same logits
+    single = nn.Sequential(nn.Flatten(), nn.Linear(16, 1))
+    for make in (lambda out: out, lambda out: out.reshape(-1)):
+        assert fit(single, _Logits(make), _data(8), epochs=1, batch_size=4, progress=False).history[0]["train_acc"] >= 0
+
+
 def test_max_grad_norm_clips_the_gradient_with_the_extra_gradients_added():
     """docs/training.md, One step: extra_grads are added to .grad, then the total norm is clipped. Clipped before
     the addition, a step moved the weights by the whole extra gradient (norm ~6 here) past max_grad_norm=0.5."""

@@ -52,7 +52,7 @@ from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import (HALF_DTYPES, check_output, classification_loss, forward_naming_input_mismatch,
-                              num_classes_of, predict_from_output, use_model_mode)
+                              is_single_logit, num_classes_of, predict_from_output, use_model_mode)
 from .defenses._common import ONE_SAMPLE_BATCH_NORM, float32_or_wider
 from .defenses.base import _as_tuples, _plain
 
@@ -640,6 +640,22 @@ def _checked_output(name, defense, out):
     return out
 
 
+def _check_logits(name, defense, logits, n, num_classes, single_logit):
+    """A DefenseOutput's ``logits`` must be None or the batch's clean logits, shaped as the model's outputs (n rows;
+    [n] / [n, 1] for a single-logit model, [n, K] else): train_acc compares them with the labels, which broadcast a
+    [2n, K] (clean and adversarial concatenated) against a batch of 1 and read a [n] of probabilities as single
+    logits, silently; other shapes failed with torch's size error after the step."""
+    if logits is None:
+        return
+    if torch.is_tensor(logits) and logits.dim() and logits.shape[0] == n and is_single_logit(logits) == single_logit \
+            and num_classes_of(logits) == num_classes:
+        return
+    got = f"shape {tuple(logits.shape)}" if torch.is_tensor(logits) else f"a {type(logits).__name__}"
+    expected = f"[{n}] or [{n}, 1]" if single_logit else f"[{n}, {num_classes}]"
+    raise ValueError(f"{_defense_named(name, defense)} returned logits of {got}; expected None or the clean logits of "
+                     f"the batch's {n} sample{'s' * (n != 1)}, shaped as the model's output ({expected})")
+
+
 def _defense_named(name, defense):
     return f"{name}: the {getattr(defense, 'name', type(defense).__name__)} defense"
 
@@ -1094,7 +1110,7 @@ def fit(
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     needs_ids = bool(getattr(defense, "needs_ids", False))
-    num_classes = None
+    num_classes = single_logit = None
     # out_dir's checkpoint.pt is this run's only once this run has written it (resume=True resumes that file): at a
     # fresh start it is an earlier run's, which a NonFiniteLossError must not name as this run's last good state
     last_ckpt = str(resume_path) if resume_path is not None else None
@@ -1129,7 +1145,7 @@ def fit(
                     if channels_last and x.dim() == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
                     if num_classes is None:
-                        num_classes = _infer_num_classes(model, x)
+                        num_classes, single_logit = _infer_num_classes(model, x)
                         defense.check_labels(y, num_classes)
                     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
                         raise ValueError(f"{name}: expected labels in [0, {num_classes}) for a model with "
@@ -1152,6 +1168,7 @@ def fit(
                                                           f"epoch {epoch + 1}, step {step + 1}") from None
                             raise
                     loss = _checked_output(name, defense, out).loss
+                    _check_logits(name, defense, out.logits, y.numel(), num_classes, single_logit)
                     metrics = _clean_metrics(name, defense, out.metrics)  # refused before the weights change
                     weights = _metric_weights(name, defense, getattr(out, "metric_counts", None), metrics, y.numel())
                     # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
@@ -1438,10 +1455,11 @@ class OneSampleBatchError(ValueError):
 
 
 def _infer_num_classes(model, x):
-    """Number of classes from one eval-mode forward on a couple of samples (BatchNorm statistics untouched)."""
+    """(number of classes, whether the model outputs single logits) from one eval-mode forward on a couple of samples
+    (BatchNorm statistics untouched)."""
     with torch.no_grad(), use_model_mode(model, "eval"):
         out = check_output("fit", forward_naming_input_mismatch("fit", "train_data", model, x[:2]), min(2, x.shape[0]))
-    return num_classes_of(out)
+    return num_classes_of(out), is_single_logit(out)
 
 
 def _snapshot(state):

@@ -10,7 +10,8 @@ class DefenseOutput:
     """What a defense returns for one batch.
 
     loss: the scalar the trainer calls ``.backward()`` on.
-    logits: clean logits when the defense computed them (used for the training accuracy), else None.
+    logits: clean logits when the defense computed them (used for the training accuracy), shaped as the model's
+        output for x (fit refuses others), else None.
     extra_grads: parameter gradients computed already (MIRST's reuse of the attack's backward passes), in the order
         of ``[p for p in model.parameters() if p.requires_grad]``; the trainer adds them to ``.grad`` (an entry None:
         that parameter's ``.grad`` is left as the loss's backward made it). None if unused.
