@@ -894,6 +894,24 @@ def test_validation_inputs_holding_nan_are_refused_naming_the_items():
             batch_size=8, val_batch_size=2, progress=False)
 
 
+@pytest.mark.parametrize("val, error", [
+    (TensorDataset(torch.rand(4, 1, 4, 4, dtype=torch.float64), torch.zeros(4, dtype=torch.long)),
+     r"^fit \(validation\): the inputs of val_data are torch.float64, but the model's parameters are torch.float32"),
+    (TensorDataset(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 5, 0])), r"^fit \(validation\): expected labels in "
+                                                                         r"\[0, 2\) .*got values in \[0, 5\]$"),
+    (TensorDataset(torch.rand(4, 1, 5, 5), torch.zeros(4, dtype=torch.long)), r"shapes cannot be multiplied"),
+])
+def test_a_val_data_the_model_cannot_score_fails_before_the_first_step(tmp_path, val, error):
+    """docs/training.md, Validation: validation's checks ran after the first epoch only, whose training was lost
+    (validation comes before the checkpoint): val_data of another dtype, bad labels or inputs of another size
+    failed an epoch late."""
+    model = DropoutMLP()
+    before = _weights(model)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=error):
+        fit(model, "standard", _data(16), val, epochs=2, batch_size=8, out_dir=tmp_path, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no step ran
+
+
 def test_a_nan_loss_from_nan_inputs_names_the_items_holding_them():
     # "the standard loss is nan at epoch 1, step 1" read as a diverged run (lr, ...), not as NaN in the data
     with pytest.raises(NonFiniteLossError, match=r"^fit: the standard loss is nan \(the inputs of train_data items "
@@ -2858,24 +2876,27 @@ def test_ddp_an_interrupt_on_one_process_is_not_named_as_its_failure_on_the_othe
 
 class FailsToValidateOnProcess1(nn.Module):
     """Trains; its validation forward (eval mode, a batch of more than the 2 samples fit infers classes from) fails
-    on process 1 only, as out of memory on one GPU would."""
+    on process 1 only, as out of memory on one GPU would: once it has trained (the validation after an epoch) with
+    ``after_training``, else already in fit's check of val_data's first batch before training."""
 
-    def __init__(self):
+    def __init__(self, after_training=True):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        self.after_training, self.trained = after_training, False
 
     def forward(self, x):
         import torch.distributed as dist
 
-        if not self.training and x.shape[0] > 2 and dist.get_rank() == 1:
+        self.trained |= self.training
+        if not self.training and x.shape[0] > 2 and dist.get_rank() == 1 and (self.trained or not self.after_training):
             raise RuntimeError("out of memory on process 1")
         return self.net(x)
 
 
-def _ddp_validation_fails_on_one_process_worker(rank, world, port, out_path, out_dir):
+def _ddp_validation_fails_on_one_process_worker(rank, world, port, out_path, out_dir, after_training=True):
     with _gloo_group(rank, world, port):
-        message = _outcome(lambda: fit(FailsToValidateOnProcess1(), defenses.Standard(), _data(16), _data(8, seed=1),
-                                       epochs=1, batch_size=8, out_dir=out_dir, progress=False))
+        message = _outcome(lambda: fit(FailsToValidateOnProcess1(after_training), defenses.Standard(), _data(16),
+                                       _data(8, seed=1), epochs=1, batch_size=8, out_dir=out_dir, progress=False))
         torch.save(message, f"{out_path}.{rank}")
 
 
@@ -2891,6 +2912,16 @@ def test_ddp_a_validation_error_on_one_process_names_that_process_on_the_others(
     assert messages[1] == "RuntimeError: out of memory on process 1", messages[1]
     assert messages[0] == ("RuntimeError: fit: process 1 failed at the validation after epoch 1: RuntimeError: out of "
                            "memory on process 1; stopped here too"), messages[0]
+
+
+def test_ddp_an_error_in_the_check_of_val_data_on_one_process_names_that_process_on_the_others(tmp_path):
+    """fit's check of val_data's first batch before training runs inside the record of one-process errors too."""
+    out = str(tmp_path / "error")
+    _spawn_within(120, _ddp_validation_fails_on_one_process_worker, (2, _free_port(), out, None, False))
+    messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert messages[1] == "RuntimeError: out of memory on process 1", messages[1]
+    assert messages[0] == ("RuntimeError: fit: process 1 failed at the check of val_data before training: "
+                           "RuntimeError: out of memory on process 1; stopped here too"), messages[0]
 
 
 def _ddp_failing_process_destroys_group_worker(rank, world, port, out_path):

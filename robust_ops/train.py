@@ -1122,6 +1122,14 @@ def fit(
     speedups.__enter__()
     bar = None
     try:
+        if val_data is not None and start_epoch < epochs:
+            # Validation's checks on its first batch (item layout, dtype, labels, inputs the model takes) before any
+            # training: else a val_data the model cannot score failed after the first epoch, whose training was lost
+            # (validation runs before the checkpoint). Eval mode, no gradients, no random draws: results unchanged.
+            failures.where = "the check of val_data before training"
+            with failures:
+                evaluate_clean(model, torch.utils.data.Subset(val_data, range(min(val_batch_size, len(val_data)))),
+                               val_batch_size, device, channels_last)
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
             # a copy: a state_dict may return the live tensors, which the epoch then changes in place
