@@ -4785,7 +4785,8 @@ def test_autoattack_warns_about_randomized_and_probability_models():
         warnings.simplefilter("error")
         attacks.AutoAttack(_Dropout(), eps=0.03, version="rand", steps=1, eot_iter=1).run(x, y)
     with pytest.warns(UserWarning, match=r"^autoattack: the model's outputs are non-negative and sum to 1 per "
-                                         r"sample, so they look like probabilities; .*remove the model's final softmax"):
+                                         r"sample, so they look like probabilities; .*remove the model's final "
+                                         r"softmax"):
         attacks.AutoAttack(_Softmax(), eps=0.03, attacks=["fgsm"]).run_standard_evaluation_individual(x, y)
     # a deterministic model warns about nothing, in train mode too, and its batch-norm statistics are left as the
     # attacks alone leave them (the checks' two forwards restore the buffers)
