@@ -464,6 +464,27 @@ def test_resume_refuses_other_optimizer_or_scheduler_settings_and_passes_checkpo
         **{**kwargs, "out_dir": tmp_path / "multi"})
 
 
+def test_resume_refuses_other_per_group_optimizer_settings(tmp_path):
+    """Only the optimizer's defaults were compared: a group's own weight decay (none on biases) given otherwise on
+    resume was replaced by the checkpoint's without a word. A group's lr is not compared (schedulers move it)."""
+    kwargs = dict(batch_size=8, out_dir=tmp_path, progress=False)
+
+    def grouped(bias_decay, bias_lr=0.1):
+        def make(params):
+            params = list(params)
+            return torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "weight_decay": bias_decay,
+                                                              "lr": bias_lr}], lr=0.1, weight_decay=1e-4)
+        return make
+
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, optimizer=grouped(0.0), **kwargs)
+    with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: it was trained with an optimizer "
+                                         r"whose parameter group 1 had weight_decay=0.0, this call's has "
+                                         r"weight_decay=0.5 \(the checkpoint's would replace them silently\)$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, optimizer=grouped(0.5), **kwargs)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, optimizer=grouped(0.0, 0.05), **kwargs)
+    _resume_from_before(tmp_path, "optimizer_groups", optimizer=grouped(0.5))
+
+
 @pytest.mark.parametrize("make, progress", [
     (lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=5, threshold=0.5),
      ("best", "num_bad_epochs")),

@@ -546,6 +546,14 @@ def _settings(state, skip=()):
     return settings
 
 
+def _group_settings(optimizer):
+    """Each parameter group's plain-valued settings but its lr, as a checkpoint records them: per-group settings
+    given to the optimizer (no weight decay on biases) differ from its defaults, and the checkpoint's replace them on
+    resume. Not lr: schedulers move it (ReduceLROnPlateau without keeping the first value), so an optimizer object
+    reused after an interruption would be refused."""
+    return [_settings(g, skip=("params", "lr", "initial_lr")) for g in optimizer.param_groups]
+
+
 def tensors_sha256(tensors):
     """sha256 of ``tensors``' dtypes, shapes and bytes (on any device, any layout)."""
     h = hashlib.sha256()
@@ -961,6 +969,7 @@ def fit(
               "num_samples": len(train_data), "train_data_sha256": train_data_fingerprint(train_data),
               "val_samples": None if val_data is None else len(val_data),
               "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
+              "optimizer_groups": _group_settings(optimizer),
               # the trainable parameters' precision (several dtypes: all of them, in order)
               "param_dtype": ",".join(sorted({str(p.dtype) for p in params})),
               "scheduler_settings": None if scheduler is None else _settings(scheduler.state_dict(),
@@ -1039,6 +1048,16 @@ def fit(
                     return ", ".join(f"{k}={settings.get(k, 'unset')!r}" for k in changed)
                 raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {what} of {shown(saved)}, "
                                  f"this call's has {shown(now)} (the checkpoint's would replace them silently)")
+        saved_groups, now_groups = state["config"].get("optimizer_groups"), config["optimizer_groups"]
+        if saved_groups is not None and len(saved_groups) == len(now_groups):  # other counts: load_state_dict says so
+            for i, (saved, now) in enumerate(zip(saved_groups, now_groups)):
+                changed = sorted(k for k in set(saved) | set(now) if saved.get(k, "unset") != now.get(k, "unset"))
+                if changed:
+                    def shown(settings):
+                        return ", ".join(f"{k}={settings.get(k, 'unset')!r}" for k in changed)
+                    raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with an optimizer whose "
+                                     f"parameter group {i} had {shown(saved)}, this call's has {shown(now)} (the "
+                                     "checkpoint's would replace them silently)")
         # Checkpoints written before the defense's options were recorded pass.
         saved_options = state["config"].get("defense_options", defense_options)
         changed = [k for k in sorted(set(saved_options) | set(defense_options))
@@ -1512,7 +1531,7 @@ def _check_finite_weights(name, model, watched, epoch, where):
     hold NaN or Inf after ``epoch`` (0-based) -- before validation and the checkpoint; one device sync when all are
     finite."""
     tensors = _float_tensors(model, watched)
-    if not bool(_any_non_finite([t for _, t in tensors])):
+    if not tensors or not bool(_any_non_finite([t for _, t in tensors])):
         return
     bad = [n for n, t in tensors if not bool(torch.isfinite(t.detach()).all())]
     shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
