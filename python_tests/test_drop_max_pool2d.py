@@ -917,6 +917,19 @@ def test_functional_error_messages():
         robust_ops.drop_max_pool2d([[[1.0]]], 1)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor.*deprecated")  # torch 2.14's, about creating one
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_quantized_input_gets_the_dtype_message(backend):
+    """A quantized tensor (the pooling of a quantized torchvision model after replace_maxpool: its nn.MaxPool2d runs
+    on quint8) got the dispatcher's many-line "Could not run 'robust_ops::drop_max_pool2d' with arguments from the
+    'QuantizedCPU' backend" from the native op instead of the dtype message the reference backend gives."""
+    x = torch.quantize_per_tensor(torch.rand(1, 2, 4, 4), 0.1, 0, torch.quint8)
+    message = (r"^drop_max_pool2d: expected input to be a floating-point tensor "
+               r"\(float16, bfloat16, float32, float64\), got torch.quint8$")
+    with pytest.raises(RuntimeError, match=message):
+        robust_ops.DropMax2d(2, backend=backend)(x)
+
+
 @pytest.fixture
 def without_vmap_fallback():
     """vmap of an op without a batching rule raises instead of looping over the samples (torch's fallback only
