@@ -793,6 +793,42 @@ def test_replace_maxpool_names_max_pooling_of_other_kinds_it_leaves_alone():
     assert [type(m) for m in mixed] == [robust_ops.DropMax2d, nn.AdaptiveMaxPool2d, nn.MaxPool3d]
 
 
+class _CallsMaxPool(nn.Module):
+    """A block pooling as torchvision's InceptionB does: with a call in its forward, not a layer."""
+
+    def forward(self, x):
+        return torch.cat([x[..., ::2, ::2], F.max_pool2d(x, kernel_size=3, stride=2, padding=1)], 1)
+
+
+def test_replace_maxpool_all_warns_about_max_pool2d_calls_it_cannot_reach():
+    """which="all" left the F.max_pool2d calls of a forward (torchvision's inception_v3: InceptionB and InceptionD)
+    as max pooling without a word; it now warns naming those modules. "first" and models without such calls stay
+    quiet, and a model whose only max pooling is such calls names them in its ValueError."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Sequential(_CallsMaxPool()))
+    with pytest.warns(UserWarning, match=r"^replace_maxpool: which='all' leaves the max_pool2d calls in the forward "
+                                         r"of _CallsMaxPool '2\.0' as max pooling \(calls, not layers\); for "
+                                         r"drop-max there, call robust_ops.drop_max_pool2d in that forward$"):
+        robust_ops.replace_maxpool(model, "all")
+    assert isinstance(model[1], robust_ops.DropMax2d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2), _CallsMaxPool()))  # "first": one layer, as asked
+        robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.MaxPool2d(2)), "all")
+    with pytest.raises(ValueError, match=r"has no nn.MaxPool2d layer to replace \(.*\); _CallsMaxPool '0' pools "
+                                         r"with max_pool2d calls in its forward \(not layers\): call "
+                                         r"robust_ops.drop_max_pool2d there$"):
+        robust_ops.replace_maxpool(nn.Sequential(_CallsMaxPool()))
+
+
+def test_replace_maxpool_all_on_inception_v3_names_its_max_pool2d_calls():
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):  # no weights to initialise: the layers are all that counts
+        model = torchvision.models.inception_v3(weights=None, init_weights=False, aux_logits=False)
+    with pytest.warns(UserWarning, match=r"forward of InceptionB 'Mixed_6a', InceptionD 'Mixed_7a' as max pooling"):
+        robust_ops.replace_maxpool(model, "all")
+    assert [type(m) for m in (model.maxpool1, model.maxpool2)] == [robust_ops.DropMax2d] * 2
+
+
 def test_replace_maxpool_keeps_the_train_flag():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.MaxPool2d(2)).eval()
     robust_ops.replace_maxpool(model, which="all")

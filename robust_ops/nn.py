@@ -1,5 +1,10 @@
 """nn.Module front ends of the robust_ops kernels: DropMax2d and replace_maxpool."""
 
+import ast
+import inspect
+import textwrap
+import warnings
+
 import torch
 from torch import nn
 
@@ -176,6 +181,33 @@ def _check_plain_pool(where, pool):
         )
 
 
+def _calls_max_pool2d(cls):
+    # F.max_pool2d / torch.max_pool2d / robust_ops.max_pool2d called in any method of the class or of its own bases
+    # (torchvision's InceptionB.forward calls self._forward, which pools); drop_max_pool2d and adaptive_max_pool2d
+    # are other names. torch.nn's classes pool with layers only (MaxPool2d itself is skipped by the caller). Source
+    # that cannot be read (built-in, exec'd) counts as no call.
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn.") or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        if any(isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+               in ("max_pool2d", "max_pool2d_with_indices") for node in ast.walk(tree)):
+            return True
+    return False
+
+
+def _max_pool2d_callers(model):
+    """"Class 'name'" of each module whose methods pool with a max_pool2d call, which no layer swap reaches
+    (torchvision's inception_v3: InceptionB, InceptionD)."""
+    seen = {}
+    return [f"{type(m).__name__} {name!r}" for name, m in model.named_modules()
+            if not isinstance(m, (nn.MaxPool2d, DropMax2d))  # MaxPool2d's forward is F.max_pool2d: the layer itself
+            and seen.setdefault(type(m), _calls_max_pool2d(type(m)))]
+
+
 def replace_maxpool(model, which="first", *, backend=None):
     """Swap ``nn.MaxPool2d`` layers of ``model`` for :class:`DropMax2d` with identical arguments, in place.
 
@@ -185,6 +217,8 @@ def replace_maxpool(model, which="first", *, backend=None):
             pooling layer) -- or "all". Calling it again is a no-op: "first" leaves the model alone when its first
             max/drop-max pool is a DropMax2d already (it never moves on to the second pool), "all" when no
             MaxPool2d is left but DropMax2d layers are.
+            "all" warns naming the modules whose methods pool with max_pool2d calls (torchvision's inception_v3:
+            InceptionB, InceptionD), which stay max pooling: only layers are swapped.
         backend (str, optional): passed to every new DropMax2d.
 
     Returns:
@@ -219,11 +253,14 @@ def replace_maxpool(model, which="first", *, backend=None):
         other = [f"{type(m).__name__} {repr(name) if name else '(the model)'}" for name, m in model.named_modules()
                  if isinstance(m, _OTHER_MAX_POOLS)]
         if other and not hint:
-            listed = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
-            hint = (f"; it holds {listed}, which replace_maxpool leaves alone: DropMax2d replaces nn.MaxPool2d's "
-                    "fixed 2-D windows only")
+            hint = (f"; it holds {_listed(other)}, which replace_maxpool leaves alone: DropMax2d replaces "
+                    "nn.MaxPool2d's fixed 2-D windows only")
         elif not hint:
-            hint = "; if a forward pools with F.max_pool2d (a call, not a layer), call robust_ops.drop_max_pool2d there"
+            callers = _max_pool2d_callers(model)
+            verb, their = ("pools", "its") if len(callers) == 1 else ("pool", "their")
+            hint = (f"; {_listed(callers)} {verb} with max_pool2d calls in {their} forward (not layers): call "
+                    "robust_ops.drop_max_pool2d there") if callers else (
+                "; if a forward pools with F.max_pool2d (a call, not a layer), call robust_ops.drop_max_pool2d there")
         raise ValueError(
             f"replace_maxpool: {type(model).__name__} has no nn.MaxPool2d layer to replace "
             f"(looked through all submodules in registration order){hint}"
@@ -238,4 +275,15 @@ def replace_maxpool(model, which="first", *, backend=None):
         for name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacements:
                 setattr(parent, name, replacements[id(child)])
+    if which == "all":
+        # pooling by a call in a forward stays max pooling: said, as "all" reads as every max pooling of the model
+        callers = _max_pool2d_callers(model)
+        if callers:
+            warnings.warn(f"replace_maxpool: which='all' leaves the max_pool2d calls in the forward of "
+                          f"{_listed(callers)} as max pooling (calls, not layers); for drop-max there, call "
+                          "robust_ops.drop_max_pool2d in that forward", UserWarning, stacklevel=2)
     return model
+
+
+def _listed(items):
+    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
