@@ -245,6 +245,17 @@ def test_mirst_beta_of_the_wrong_length():
         MIRST(emit=(2, 12), beta=(0.5, 0.5))
 
 
+def test_mirst_with_fewer_steps_than_emit_names_the_options_to_give():
+    # steps=2 alone (a quick run) met the default emit (2, 4, 6, 8) with an error that did not say what to pass
+    with pytest.raises(ValueError, match=r"mirst-dm: expected emit .*steps=2\], got \(2, 4, 6, 8\); emit's last "
+                                         r"step 8 needs steps >= 8, or, for fewer steps, give emit too .* with beta"):
+        defenses.build("mirst-dm", steps=2)
+    assert defenses.build("mirst-dm", steps=2, emit=(1, 2), beta=(0.5, 0.5)).emit == (1, 2)
+    with pytest.raises(ValueError) as info:  # an unsorted emit gets no such hint: steps are not its problem
+        MIRST(emit=(4, 2), beta=(0.5, 0.5))
+    assert "needs steps" not in str(info.value)
+
+
 @pytest.mark.parametrize("name,flag", [("mirst", "reuse"), ("mirst", "random_start"), ("at", "random_start"),
                                        ("dpaat", "random_start")])
 def test_defense_flags_must_be_true_or_false(name, flag):

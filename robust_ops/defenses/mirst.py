@@ -50,8 +50,12 @@ class MIRST(PGDDefense):
         self.alpha = check_real(self.name, "alpha", alpha, minimum=0)
         emit = tuple(check_int(self.name, "each emit step", e) for e in _numbers(self.name, "emit", emit))
         if not emit or any(b <= a for a, b in zip(emit, emit[1:])) or emit[-1] > self.steps:
+            # steps=2 alone (a quick run) met the default emit (2, 4, 6, 8): say which options go with fewer steps
+            fix = (f"; emit's last step {emit[-1]} needs steps >= {emit[-1]}, or, for fewer steps, give emit too (the "
+                   f"steps whose iterates train, e.g. 1,2) with beta (one weight per emit step, e.g. 0.5,0.5)"
+                   if emit and emit[-1] > self.steps and all(b > a for a, b in zip(emit, emit[1:])) else "")
             raise ValueError(f"{self.name}: expected emit to be increasing step counts in [1, steps={self.steps}], "
-                             f"got {emit}")
+                             f"got {emit}{fix}")
         beta = tuple(check_real(self.name, "each beta weight", b, minimum=0) for b in _numbers(self.name, "beta", beta))
         if len(beta) != len(emit):
             raise ValueError(f"{self.name}: expected beta to have {len(emit)} weights (one per emitted iterate, "
