@@ -2026,6 +2026,20 @@ def test_demo_resume_refuses_another_training_subset(small_npz, tmp_path, capsys
         one_line_error(rc, err, f"{extra[0]}: --quick sets its own")
 
 
+def test_demo_labels_every_registered_defense_upper_cased(small_npz, tmp_path, capsys):
+    # only the default five had table labels: --methods at,mirst-dm,arfl gave the columns 'at', 'MIRST-DM', 'arfl'
+    out = tmp_path / "demo"
+    rc, stdout, err = run(["demo", "--data", small_npz, "--methods", "standard,at,mirst-dm,arfl", "--epochs", "1",
+                           "--train-size", "16", "--out", out, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0",
+                           "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert list(dict.fromkeys(r["method"] for r in rows)) == ["Baseline", "AT", "MIRST-DM", "ARFL"]
+    assert "training AT ..." in stdout and "| F1: attack | ε | Baseline | AT | MIRST-DM | ARFL |" in stdout
+    assert json.loads((out / "runs" / "arfl" / "run.json").read_text())["label"] == "ARFL"
+    assert cli.demo_label("mypkg.defs.NoisyAT") == "mypkg.defs.NoisyAT"  # a class given by its path keeps it
+
+
 def test_demo_train_size_above_the_train_split_warns(small_npz, tmp_path, capsys):
     # --train-size 1000 on a 64-image train split trained on 64, silently (the default 256 is capped without a word)
     argv = ["demo", "--data", small_npz, "--methods", "standard", "--epochs", "1", "--attacks", "fgsm", "--eps",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 PROG = "robust-ops"
 DEMO_METHODS = ("standard", "rst", "mirst", "mirst-dm", "ima")
-DEMO_LABELS = {"standard": "Baseline", "rst": "RST", "mirst": "MIRST", "mirst-dm": "MIRST-DM", "ima": "IMA"}
+DEMO_LABELS = {"standard": "Baseline"}  # table labels; every other registered defense is its name upper-cased
 RUN_FILE = "run.json"
 DROPMAX_CHOICES = ("none", "first", "all")
 CHECKPOINT = "checkpoint.pt"
@@ -627,6 +627,12 @@ def cmd_train_parser(sub):
 
 RESUME_KEYS = ("data", "classes", "bit_depth", "model", "defense", "defense_options", "dropmax", "seed", "batch_size",
                "lr", "channels_last", "prepacked_conv", "split")
+
+
+def demo_label(method):
+    """demo's table label of a --methods entry: Baseline, AT, DPAAT, MIRST-DM, ...; a Defense subclass given by its
+    path (package.module.Class) keeps it."""
+    return DEMO_LABELS.get(method) or (method if "." in method else method.upper())
 
 
 def makes_first_drop_max(defense_name):
@@ -1498,7 +1504,7 @@ def cmd_demo(args):
                 # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
                 conflict = resume_conflict(run_dir, run_record(
                     data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
-                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=DEMO_LABELS.get(m, m),
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=demo_label(m),
                     info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth,
                     prepacked_conv=prepacked_conv_resolved(None)))
                 if conflict:
@@ -1513,7 +1519,7 @@ def cmd_demo(args):
         try:
             with interrupts_unwrapped():
                 for m in methods:
-                    label = DEMO_LABELS.get(m, m)
+                    label = demo_label(m)
                     t0 = time.perf_counter()
                     say(f"training {label} ...", flush=True)
                     model, _, _, history = train_run(
