@@ -2749,6 +2749,20 @@ def test_folder_run_is_found_from_elsewhere_and_changed_data_is_refused(tmp_path
                             "expected at least two class folders")
 
 
+def test_binary_only_defense_on_a_multi_class_folder_names_classes(tmp_path, capsys):
+    # "arfl is defined for binary tasks only; d has 3 classes" did not say that --classes makes a binary task of it
+    _folder(tmp_path / "d", classes=("benign", "malignant", "normal"))
+    common = ["--data", tmp_path / "d", "--size", "8", "--model", "mlp", "--no-progress", "--device", "cpu"]
+    hint = "keep two of its classes (benign, malignant, normal) with --classes, e.g. --classes benign,malignant"
+    rc, _, err = run(["train", "--defense", "arfl", "--out", tmp_path / "t"] + common, capsys)
+    one_line_error(rc, err, "--defense: arfl is defined for binary tasks only; d has 3 classes; " + hint)
+    rc, _, err = run(["demo", "--methods", "standard,arfl", "--quick", "--out", tmp_path / "o"] + common, capsys)
+    one_line_error(rc, err, "--methods: arfl is defined for binary tasks only; d has 3 classes; " + hint)
+    rc, _, err = run(["train", "--defense", "arfl", "--epochs", "1", "--classes", "benign,malignant", "--out",
+                      tmp_path / "t"] + common, capsys)
+    assert rc == 0, err
+
+
 def test_classes_select_folders_and_reach_run_json_eval_resume_and_demo(tmp_path, capsys):
     """--classes (Python's load_dataset(classes=)) on the command line: a binary task out of a 3-class folder, in the
     given label order; eval rebuilds the same classes and split from run.json; --resume refuses other classes."""

@@ -506,8 +506,7 @@ def make_defense(name, options, train_size, info):
     except (TypeError, ValueError) as err:
         raise CLIError(f"--defense-opt: {err}") from None
     if getattr(defense, "binary_only", False) and info.num_classes != 2:
-        raise CLIError(f"--defense: {name} is defined for binary tasks only; {info.name} has "
-                       f"{info.num_classes} classes")
+        raise binary_only_error("--defense", name, info)
     return defense
 
 
@@ -929,6 +928,16 @@ def refuse_repeated(values, flag):
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
         raise CLIError(f"{flag}: {', '.join(repeated)} given more than once")
+
+
+def binary_only_error(flag, name, info):
+    """A binary-only defense (ARFL) on a multi-class set; on folders and CSVs, whose classes --classes picks, the
+    error names the way to a binary task."""
+    fix = ""
+    if "class_counts" in info.extra and len(info.class_names) > 2:
+        fix = (f"; keep two of its classes ({', '.join(info.class_names)}) with --classes, e.g. --classes "
+               f"{','.join(info.class_names[:2])} (label 0 first)")
+    return CLIError(f"{flag}: {name} is defined for binary tasks only; {info.name} has {info.num_classes} classes{fix}")
 
 
 def describe_classes(info):
@@ -1484,8 +1493,7 @@ def cmd_demo(args):
         splits = subset_splits(splits, train_size, len(splits.test), args.seed)
     for m in methods:  # before any training, and named as demo's flag (train_run would say --defense)
         if getattr(defenses.defense_class(m), "binary_only", False) and splits.info.num_classes != 2:
-            raise CLIError(f"--methods: {m} is defined for binary tasks only; {splits.info.name} has "
-                           f"{splits.info.num_classes} classes")
+            raise binary_only_error("--methods", m, splits.info)
         problem = clip_range_problem(m, defenses.defense_class(m), splits.info)
         if problem:
             raise CLIError(f"--methods: {problem}")
