@@ -1087,12 +1087,15 @@ def test_busi_colour_images_keep_their_colour(tmp_path):
 
 @pytest.mark.parametrize("classes, positive", [(("disease", "healthy"), "disease"),
                                                (("abnormal", "normal"), "abnormal"), (("tumour", "control"), "tumour"),
-                                               (("0", "1"), "1")])
+                                               (("0", "1"), "1"), (("COVID", "non-COVID"), "COVID"),
+                                               (("no_tumor", "tumor"), "tumor"), (("glioma", "no glioma"), "glioma"),
+                                               (("Pneumonia", "NonPneumonia"), "Pneumonia")])
 def test_binary_positive_class_without_a_malignant_name(tmp_path, classes, positive):
-    """Label 1 alone would make "healthy" the positive class of disease/healthy."""
+    """Label 1 alone would make "healthy" the positive class of disease/healthy, and "non-COVID" that of COVID /
+    non-COVID (its sensitivity the recall of the negatives)."""
     with pytest.warns(UserWarning, match="too small to stratify"):
         s = load_dataset(_class_folders(tmp_path, classes), size=8)
-    assert s.info.class_names[s.info.positive_class] == positive
+    assert s.info.class_names[s.info.positive_class] == positive.lower()  # folder names are read lower-cased
 
 
 def test_csv_labels_in_two_cases_and_numeric_labels(tmp_path):

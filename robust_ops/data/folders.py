@@ -34,6 +34,9 @@ POSITIVE_NAMES = ("malignant", "mel", "melanoma", "cancer", "positive")
 # Binary sets without one of those: the class that is not one of these is positive (e.g. "abnormal" vs "normal",
 # which label 1 alone would get wrong when the negative class sorts second, as "disease" / "healthy" does).
 NEGATIVE_NAMES = ("benign", "normal", "healthy", "negative", "control")
+# Binary sets whose names are a finding and its negation (COVID / non-COVID, tumor / no_tumor): the finding is
+# positive, which label 1 alone gets wrong whenever the negation sorts second ("COVID" < "non-COVID").
+NEGATIONS = tuple(prefix + sep for prefix in ("non", "no", "not") for sep in ("-", "_", " ", ""))
 # What Pillow raises on a damaged image file: OSError mostly, SyntaxError for a broken PNG chunk, ValueError for a bad
 # BMP palette or TIFF tag.
 DAMAGED_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
@@ -273,6 +276,9 @@ def _positive(class_names):
     negative = [i for i, c in enumerate(low) if c in NEGATIVE_NAMES]
     if len(negative) == 1:
         return 1 - negative[0]
+    for i in (0, 1):
+        if any(low[1 - i] == neg + low[i] for neg in NEGATIONS):
+            return i
     return 1
 
 
