@@ -1137,6 +1137,29 @@ def test_a_class_too_small_to_stratify_is_named(tmp_path):
     assert str(caught[0].message).endswith(quoted), (quoted, str(caught[0].message))
 
 
+def test_layout_errors_say_how_to_lay_out_the_data(tmp_path):
+    # images directly in the folder, class folders one level down and a CSV with other column names were refused
+    # without a word on the fix ("got []", "got ['images']", "missing column 'image_id' (found: filename, label)")
+    root = _class_folders(tmp_path / "top" / "images")
+    with pytest.raises(DataError, match=r"got \['images'\]; .*images holds the folders benign, malignant: point the "
+                                        r"data path at .*images if they are the classes"):
+        load_dataset(tmp_path / "top", size=8)
+    (tmp_path / "flat").mkdir()
+    for p in list((root / "benign").iterdir())[:3]:
+        p.rename(tmp_path / "flat" / p.name)
+    with pytest.raises(DataError, match=r"got \[\]; 3 image\(s\) lie directly in .*flat: put each class's images "
+                                        r"in a folder named after the class"):
+        load_dataset(tmp_path / "flat", size=8)
+    csv_path = tmp_path / "top" / "labels.csv"
+    csv_path.write_text("filename,label\n0,benign\n")
+    with pytest.raises(DataError, match=r"missing column 'image_id' \(found: filename, label\); name the image column "
+                                        r"image_id and the label column dx .*load_csv\(\.\.\., id_column="):
+        load_dataset(csv_path, size=8)
+    with pytest.raises(DataError) as info:  # a single class folder of images: no layout hint
+        load_dataset(_class_folders(tmp_path / "one", ("benign",)), size=8)
+    assert str(info.value).endswith("got ['benign']")
+
+
 def test_data_errors_name_the_classes_argument_only_when_it_was_given(tmp_path):
     """DataError.arg is "classes" (the CLI's --classes) only for an error about classes= the caller passed; a source
     that holds a single class by itself is an error about the data (--data)."""

@@ -319,6 +319,25 @@ def _check_mode(mode, where, default_ok=False):
         raise DataError(f"{where}: expected mode to be {default}'L' (grayscale) or 'RGB', got {mode!r}")
 
 
+def _layout_hint(folder, subdirs):
+    """What to do when ``folder`` holds fewer than two class folders: the images lie in it directly, or one level
+    further down (a folder that holds the class folders, given one level too high)."""
+    def count(d):
+        return sum(1 for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p))
+
+    loose = count(folder)
+    if loose:
+        return (f"; {loose} image(s) lie directly in {folder}: put each class's images in a folder named after the "
+                f"class ({folder}/benign/, {folder}/malignant/, ...), or list them in a CSV (image_id, dx)")
+    if len(subdirs) == 1:
+        (inner,) = subdirs.values()
+        below = [p.name for p in sorted(inner.iterdir()) if p.is_dir() and not is_hidden(p)]
+        if len(below) >= 2:
+            return (f"; {inner} holds the folders {', '.join(below)}: point the data path at {inner} if they are "
+                    "the classes")
+    return ""
+
+
 def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
 
@@ -359,8 +378,8 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
         raise DataError(f"{folder}: class folder(s) {', '.join(missing)} not found (found: {found})",
                         arg="classes" if chosen else None)
     if len(classes) < 2:
-        raise DataError(f"{folder}: expected at least two class folders (e.g. benign, malignant), got {classes}",
-                        arg="classes" if chosen else None)
+        raise DataError(f"{folder}: expected at least two class folders (e.g. benign, malignant), got {classes}"
+                        + ("" if chosen else _layout_hint(folder, subdirs)), arg="classes" if chosen else None)
 
     def images(d):
         return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower()
@@ -455,6 +474,10 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
                 if col not in fields:
                     sep = next((c for c in ";\t|" if len(fields) == 1 and c in fields[0]), None)
                     hint = f"; the header looks {sep!r}-separated: save the file comma-separated" if sep else ""
+                    if not hint and (id_column, label_column) == ("image_id", "dx") and len(fields) >= 2:
+                        # the command line has no flag naming the columns: renaming them is the fix there
+                        hint = ("; name the image column image_id and the label column dx (the HAM10000 layout), or "
+                                "read it with robust_ops.data.load_csv(..., id_column=, label_column=)")
                     raise DataError(f"{csv_path}: missing column {col!r} (found: {', '.join(fields) or 'none'})"
                                     + hint)
             group_column = (LESION_COLUMN if LESION_COLUMN in fields else None) if split_by == "auto" else \
