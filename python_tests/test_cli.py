@@ -2749,6 +2749,20 @@ def test_folder_run_is_found_from_elsewhere_and_changed_data_is_refused(tmp_path
                             "expected at least two class folders")
 
 
+def test_small_images_at_the_default_size_warn_in_train_not_in_eval(tmp_path, capsys):
+    # 8 x 8 images read at the default 224 x 224: train says so once, naming --size; eval rebuilds the run's data as
+    # it was read, so the advice for a new run is not repeated there
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", _folder(tmp_path / "d"), "--model", "mlp", "--epochs", "1", "--out", out,
+                      "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0 and err.count("warning:") == 1, err
+    assert "every image is at most 8 pixels a side, read at the default 224x224" in err and "--size 8" in err
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0 and "warning" not in err, err
+    assert json.loads((out / "eval" / "results.json").read_text())["rows"][0]["n"] == 4
+
+
 def test_binary_only_defense_on_a_multi_class_folder_names_classes(tmp_path, capsys):
     # "arfl is defined for binary tasks only; d has 3 classes" did not say that --classes makes a binary task of it
     _folder(tmp_path / "d", classes=("benign", "malignant", "normal"))

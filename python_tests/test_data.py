@@ -1137,6 +1137,29 @@ def test_a_class_too_small_to_stratify_is_named(tmp_path):
     assert str(caught[0].message).endswith(quoted), (quoted, str(caught[0].message))
 
 
+def test_small_images_at_the_default_size_warn_of_the_upscale(tmp_path):
+    # 28 x 28 PNGs (MedMNIST exported) were read at the default 224 x 224 without a word: 64 times the pixels
+    import csv
+    import warnings
+
+    root = _class_folders(tmp_path / "f", n=20, size=(28, 20))
+    (tmp_path / "c").mkdir()
+    with open(tmp_path / "c" / "meta.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image_id", "dx")] + [(f"{i}", "benign" if i < 20 else "malignant")
+                                                        for i in range(40)])
+    for i in range(40):
+        _png(tmp_path / "c" / f"{i}.png", (28, 20), 5 * i)
+    for source in (root, tmp_path / "c" / "meta.csv"):
+        with pytest.warns(UserWarning, match=r"every image is at most 28 pixels a side, read at the default 224x224 "
+                                             r"\(upscaled 8\.0x: 64 times the pixels .*pass size=28 \(--size 28\)"):
+            s = load_dataset(source)
+        assert s.info.image_size == 224
+        for size in (224, 28):  # a size given is meant
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                load_dataset(source, size=size)
+
+
 def test_layout_errors_say_how_to_lay_out_the_data(tmp_path):
     # images directly in the folder, class folders one level down and a CSV with other column names were refused
     # without a word on the fix ("got []", "got ['images']", "missing column 'image_id' (found: filename, label)")

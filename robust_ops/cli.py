@@ -1043,18 +1043,25 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     bit_depth = bit_depth if bit_depth is not None else run.get("bit_depth") if same_source else None
     same_data = same_source and (size is None or size == run.get("size")) and (
         classes is None or list(classes) == run.get("classes")) and bit_depth == run.get("bit_depth")
+    # a folder / CSV run read at the default size: rebuilt at the size it was read at (the same images), so the
+    # loader's warning that the default upscales small images, advice for a new run, is not repeated for this one
+    read_at = (run.get("dataset") or {}).get("image_size") if same_data and run.get("size") is None and (
+        run.get("dataset") or {}).get("class_counts") is not None else None
     if run.get("split") and same_data:  # a reproduce run: its own fold / subset, not the data's train/val/test
         from .reproduce import rebuild_splits
 
-        splits = rebuild_splits(data, run["split"], split_by=_trained_split_by(run, data, same_data))
+        record = run["split"] if read_at is None or run["split"].get("size") is not None else \
+            {**run["split"], "size": read_at}
+        splits = rebuild_splits(data, record, split_by=_trained_split_by(run, data, same_data))
     elif same_data and not explicit_data and _looks_like_kfold_run(target if target.is_dir() else target.parent):
         raise CLIError(f"{target}: a reproduce k-fold run whose {RUN_FILE} predates the split record, so its held-out "
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
     else:
         # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
-        splits = load_data(data, size=run.get("size") if size is None else size, seed=run.get("seed", 0), flag=flag,
-                           classes=classes, bit_depth=bit_depth, split_by=_trained_split_by(run, data, same_data))
+        splits = load_data(data, size=(read_at or run.get("size")) if size is None else size,
+                           seed=run.get("seed", 0), flag=flag, classes=classes, bit_depth=bit_depth,
+                           split_by=_trained_split_by(run, data, same_data))
     was = (run.get("dataset") or {}).get("class_counts")
     now = splits.info.extra.get("class_counts")
     if same_data and was and now is not None and was != now:  # the seeded split would differ: train images in test

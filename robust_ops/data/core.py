@@ -297,10 +297,10 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if low.endswith(".npz"):
         return medmnist.load_npz(path, size=size, classes=classes)
     if low.endswith(".csv"):
-        return folders.load_csv(path, size=224 if size is None else size, seed=seed, classes=classes,
+        return folders.load_csv(path, size=size, seed=seed, classes=classes,
                                 bit_depth=bit_depth, split_by="auto" if split_by is None else split_by)
     if path.is_dir():
-        return folders.load_busi(path, size=224 if size is None else size, seed=seed, classes=classes,
+        return folders.load_busi(path, size=size, seed=seed, classes=classes,
                                  bit_depth=bit_depth)
     if medmnist_name:
         return medmnist.load_medmnist(low, root=root, size=size, download=download)

@@ -164,6 +164,8 @@ def read_image(path, size, mode, stats=None, bit_depth=None):
     try:
         with Image.open(path) as img:
             _check_padded_size(img, path)
+            if stats is not None:
+                stats["side"] = max(img.size)
             _check_one_frame(img, path)
             _check_opaque(img, path)
             img = _to_8bit(img, path, stats, bit_depth)  # first: it reads the undecoded file's tile
@@ -214,6 +216,7 @@ def read_images(paths, size, mode, bit_depth=None):
     for _, own in done:
         if "max16" in own:
             stats["max16"] = max(stats.get("max16", 0.0), own["max16"])
+        stats["max_side"] = max(stats.get("max_side", 0), own.get("side", 0))
     if mode is None and any(arr.shape[2] == 3 for arr in arrays):
         arrays = [arr if arr.shape[2] == 3 else np.repeat(arr, 3, axis=2) for arr in arrays]
     return arrays, stats
@@ -238,6 +241,20 @@ def _check_16_bit(stats, where, bit_depth=None):
         warnings.warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (12-bit data?); scaled "
                       f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
                       "pass bit_depth=12 (--bit-depth 12) to scale 4095 to 255", stacklevel=3)
+
+
+# The side length folders and CSVs are read at when size= is not given (MIRST-DM's 224 x 224).
+DEFAULT_SIZE = 224
+
+
+def _check_upscale(stats, where, size, size_given):
+    """Small images (MedMNIST's 28 x 28 exported to PNG) read at the default 224 are upscaled 8x: 64 times the pixels
+    to train and attack, with nothing gained. Said once, with the size that keeps them; a size given is meant."""
+    side = stats.get("max_side", 0)
+    if not size_given and 0 < side and 2 * side <= size:
+        warnings.warn(f"{where}: every image is at most {side} pixels a side, read at the default {size}x{size} "
+                      f"(upscaled {size / side:.1f}x: {(size / side) ** 2:.0f} times the pixels to train and attack); "
+                      f"pass size={side} (--size {side}) to read them at their own size, or size={size} to keep it")
 
 
 def _bit_depth_record(bit_depth):
@@ -338,8 +355,11 @@ def _layout_hint(folder, subdirs):
     return ""
 
 
-def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None):
+def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
+
+    size: the side length images are padded and resized to; None: 224, with a warning when every image is at most
+    half of it (upscaled for nothing).
 
     mode: "L" (grayscale, one channel) or "RGB" (three); None: "L", or "RGB" when any image of the requested classes
     has colour (so colour is never dropped silently). Image files of other formats (.gif, .dcm,
@@ -357,6 +377,7 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
+    size_given, size = size is not None, DEFAULT_SIZE if size is None else size
     _check_size(size, f"load_busi({folder})")
     _check_mode(mode, f"load_busi({folder})", default_ok=True)
     check_sklearn_seed(f"load_busi({folder})", seed)  # before reading every image
@@ -407,6 +428,7 @@ def load_busi(folder, size=224, seed=0, classes=None, mode=None, bit_depth=None)
     arrays, stats = read_images([p for c in classes for p in files[c]], size, mode, bit_depth)
     labels = [label for label, c in enumerate(classes) for _ in files[c]]
     _check_16_bit(stats, folder, bit_depth)
+    _check_upscale(stats, folder, size, size_given)
     excluded = {c: len(images(d)) for c, d in sorted(subdirs.items()) if c not in classes}
     x, y = _stack(arrays, labels)
     info = DatasetInfo(
@@ -432,7 +454,7 @@ def _label_order(labels):
 LESION_COLUMN = "lesion_id"
 
 
-def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
+def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
              mode="RGB", bit_depth=None, split_by="auto"):
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
@@ -456,6 +478,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such file")
+    size_given, size = size is not None, DEFAULT_SIZE if size is None else size
     _check_size(size, f"load_csv({csv_path})")
     _check_mode(mode, f"load_csv({csv_path})")
     check_sklearn_seed(f"load_csv({csv_path})", seed)  # before reading every image
@@ -562,6 +585,7 @@ def load_csv(csv_path, size=224, seed=0, classes=None, image_dir=None, id_column
                         f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
     arrays, stats = read_images([index[image_id][0] for image_id, _ in kept], size, mode, bit_depth)
     _check_16_bit(stats, csv_path, bit_depth)
+    _check_upscale(stats, csv_path, size, size_given)
     x, y = _stack(arrays, [label for _, label in kept])
     info = DatasetInfo(
         name=csv_path.stem, num_classes=len(names), in_channels=x.shape[1], image_size=size,
