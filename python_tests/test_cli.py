@@ -3421,7 +3421,8 @@ def test_reproduce_rerun_with_size_equal_to_the_loaded_size_resumes(tmp_path):
     data = str(_folder(tmp_path / "d"))
     proto = _tiny_protocol("kfold", [("Baseline", "standard")])
     proto.model = "mlp"
-    run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, progress=False)
+    with pytest.warns(UserWarning, match=r"every image is at most 8 pixels a side, read at the default 224x224"):
+        run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, progress=False)
     run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, epochs=2, size=224, progress=False)
     run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
     assert epochs_done(run_dir) == 2
