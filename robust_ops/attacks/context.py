@@ -30,21 +30,32 @@ from ..prepacked_conv import weight_pack_scope
 MODEL_MODES = ("eval", "train", "keep")
 
 
+def _check_model_mode(mode):
+    if mode not in MODEL_MODES:
+        raise ValueError(f"attack: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {mode!r}")
+
+
+def _enter_model_mode(model, mode):
+    """Put ``model`` in ``mode`` ("eval", "train"; "keep" leaves every module as it is)."""
+    if mode != "keep":
+        model.train(mode == "train")
+
+
+def _set_modes(modes):
+    for m, training in modes:
+        m.training = training
+
+
 @contextlib.contextmanager
 def use_model_mode(model, mode):
     """Run forwards in ``mode`` ("eval", "train" or "keep" the current modes), restoring every module's mode."""
-    if mode not in MODEL_MODES:
-        raise ValueError(f"attack: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {mode!r}")
+    _check_model_mode(mode)
     modes = [(m, m.training) for m in model.modules()]
     try:
-        if mode == "eval":
-            model.eval()
-        elif mode == "train":
-            model.train()
+        _enter_model_mode(model, mode)
         yield model
     finally:
-        for m, training in modes:
-            m.training = training
+        _set_modes(modes)
 
 
 def model_device(model):
@@ -76,11 +87,6 @@ _held = {}  # id(model) -> _Held, while attacks run on it
 _held_lock = threading.Lock()
 
 
-def _set_modes(modes):
-    for m, training in modes:
-        m.training = training
-
-
 @contextlib.contextmanager
 def attack_context(model, model_mode="eval", name="attack"):
     """Run an attack on ``model`` in ``model_mode`` ("eval" default, "train", or "keep" the current modes) with
@@ -98,8 +104,7 @@ def attack_context(model, model_mode="eval", name="attack"):
     if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):  # torch's error named requires_grad_
         raise ValueError(f"{name}: the model has uninitialized parameters (lazy modules); run one forward first, "
                          "e.g. model(x[:1]), to create them")
-    if model_mode not in MODEL_MODES:
-        raise ValueError(f"attack: expected model_mode to be one of {', '.join(MODEL_MODES)}, got {model_mode!r}")
+    _check_model_mode(model_mode)
     me = threading.get_ident()
     with _held_lock:
         held = _held.get(id(model))
@@ -108,8 +113,7 @@ def attack_context(model, model_mode="eval", name="attack"):
         held.threads[me] += 1
         seen = [(m, m.training) for m in model.modules()]  # the caller's, for an attack nested in this thread
         try:
-            if model_mode != "keep":
-                model.train(model_mode == "train")
+            _enter_model_mode(model, model_mode)
             for p in model.parameters():
                 p.requires_grad_(False)
         except BaseException:
