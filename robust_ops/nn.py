@@ -202,10 +202,13 @@ def _calls_max_pool2d(cls):
 def _max_pool2d_callers(model):
     """"Class 'name'" of each module whose methods pool with a max_pool2d call, which no layer swap reaches
     (torchvision's inception_v3: InceptionB, InceptionD)."""
-    seen = {}
+    calls = {}  # per class: its source is parsed once, not once per module of it
+    for m in model.modules():
+        if type(m) not in calls:
+            calls[type(m)] = _calls_max_pool2d(type(m))
     return [f"{type(m).__name__} {name!r}" for name, m in model.named_modules()
             if not isinstance(m, (nn.MaxPool2d, DropMax2d))  # MaxPool2d's forward is F.max_pool2d: the layer itself
-            and seen.setdefault(type(m), _calls_max_pool2d(type(m)))]
+            and calls[type(m)]]
 
 
 def replace_maxpool(model, which="first", *, backend=None):
