@@ -546,6 +546,15 @@ def _settings(state, skip=()):
     return settings
 
 
+def _settings_change(saved, now):
+    """Two recorded settings dicts ("unset" where one lacks a key) shown at the keys whose values differ, as
+    ``("k=saved, ...", "k=now, ...")``; None when none differ."""
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k, "unset") != now.get(k, "unset"))
+    if not changed:
+        return None
+    return tuple(", ".join(f"{k}={settings.get(k, 'unset')!r}" for k in changed) for settings in (saved, now))
+
+
 def _group_settings(optimizer):
     """Each parameter group's plain-valued settings but its lr, as a checkpoint records them: per-group settings
     given to the optimizer (no weight decay on biases) differ from its defaults, and the checkpoint's replace them on
@@ -1041,32 +1050,24 @@ def fit(
         for key, what in (("optimizer_settings", "an optimizer"), ("scheduler_settings", "a scheduler"),
                           ("scheduler_parts", "a scheduler")):
             saved, now = state["config"].get(key), config[key]
-            changed = [] if saved is None or now is None else sorted(
-                k for k in set(saved) | set(now) if saved.get(k, "unset") != now.get(k, "unset"))
-            if changed:
-                def shown(settings):
-                    return ", ".join(f"{k}={settings.get(k, 'unset')!r}" for k in changed)
-                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {what} of {shown(saved)}, "
-                                 f"this call's has {shown(now)} (the checkpoint's would replace them silently)")
+            change = None if saved is None or now is None else _settings_change(saved, now)
+            if change:
+                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {what} of {change[0]}, "
+                                 f"this call's has {change[1]} (the checkpoint's would replace them silently)")
         saved_groups, now_groups = state["config"].get("optimizer_groups"), config["optimizer_groups"]
         if saved_groups is not None and len(saved_groups) == len(now_groups):  # other counts: load_state_dict says so
             for i, (saved, now) in enumerate(zip(saved_groups, now_groups)):
-                changed = sorted(k for k in set(saved) | set(now) if saved.get(k, "unset") != now.get(k, "unset"))
-                if changed:
-                    def shown(settings):
-                        return ", ".join(f"{k}={settings.get(k, 'unset')!r}" for k in changed)
+                change = _settings_change(saved, now)
+                if change:
                     raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with an optimizer whose "
-                                     f"parameter group {i} had {shown(saved)}, this call's has {shown(now)} (the "
+                                     f"parameter group {i} had {change[0]}, this call's has {change[1]} (the "
                                      "checkpoint's would replace them silently)")
         # Checkpoints written before the defense's options were recorded pass.
         saved_options = state["config"].get("defense_options", defense_options)
-        changed = [k for k in sorted(set(saved_options) | set(defense_options))
-                   if saved_options.get(k, "unset") != defense_options.get(k, "unset")]
-        if changed:
-            def shown(options):
-                return ", ".join(f"{k}={options.get(k, 'unset')!r}" for k in changed)
+        change = _settings_change(saved_options, defense_options)
+        if change:
             raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with the {config['defense']} "
-                             f"defense's {shown(saved_options)}, this call's defense has {shown(defense_options)}")
+                             f"defense's {change[0]}, this call's defense has {change[1]}")
         if int(state["epoch"]) > epochs:
             raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
                              f"more than epochs={epochs}")
