@@ -1177,12 +1177,13 @@ def test_eval_key_changes_with_everything_the_rows_depend_on():
     from robust_ops.evaluate import AttackSpec
     from robust_ops.reproduce import EvalPlan, _specs, eval_key
 
-    def key(alpha="eps/4", eps=(0.3,), ensemble=False, seed=0):
+    def key(alpha="eps/4", eps=(0.3,), ensemble=False, seed=0, positive_class=1):
         specs = _specs(EvalPlan([AttackSpec("pgd", {"norm": "l2", "alpha": alpha}, "PGD")], list(eps)), quick=False)
-        return eval_key({"method": "M"}, specs, list(eps), ensemble, seed=seed)
+        return eval_key({"method": "M"}, specs, list(eps), ensemble, seed=seed, positive_class=positive_class)
 
     assert key() == key() and key()["attacks"] == [["pgd", "PGD", {"norm": "l2", "alpha": [0.075]}]]
-    for other in (key(alpha="eps/2"), key(eps=(0.6,)), key(ensemble=True), key(seed=1)):
+    # the positive class: rows of a COVID / non-COVID folder were scored with the negation positive before 2026-12-05
+    for other in (key(alpha="eps/2"), key(eps=(0.6,)), key(ensemble=True), key(seed=1), key(positive_class=0)):
         assert other != key()
     legacy = {k: v for k, v in key().items() if k != "seed"}  # rows cached before the seed was recorded
     assert legacy != key()

@@ -413,10 +413,12 @@ def run_fingerprint(model, dataset, method):
             "torch": torch.__version__}
 
 
-def eval_key(fingerprint, specs, eps, ensemble, seed):
+def eval_key(fingerprint, specs, eps, ensemble, seed, positive_class=None):
     """What one evaluation plan's rows depend on, as stored JSON values: the run's ``fingerprint``, the attacks
     with their options resolved at every radius, the radii, the attacks' RNG seed (rows cached before it was
-    recorded drew from whatever the process had done: their key lacks it, so they are evaluated again)."""
+    recorded drew from whatever the process had done: their key lacks it, so they are evaluated again), and the
+    class their sensitivity, precision and AUC are of (a folder named COVID / non-COVID took the negation as
+    positive before 2026-12-05; rows scored so are evaluated again)."""
     from .evaluate import parse_eps
 
     radii = parse_eps(eps)
@@ -425,7 +427,7 @@ def eval_key(fingerprint, specs, eps, ensemble, seed):
     # "scores": rows cached before 2026-12-05 ranked AUC / mAP on probabilities, which tie past a logit margin of
     # ~37 (robust_ops.metrics): their key lacks it, so they are evaluated again
     key = {**fingerprint, "attacks": attacks, "eps": radii, "ensemble": bool(ensemble), "seed": seed,
-           "scores": "log-odds"}
+           "scores": "log-odds", "positive_class": positive_class}
     if ensemble:  # ensemble rows cached before 2026-12-05 ran each radius afresh (a sample fooled at a smaller radius
         # could count as robust at a larger one): their key lacks this, so they are evaluated again
         key["ensemble_radii"] = "cascade"
@@ -736,7 +738,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             reused = 0
             for eval_plan in protocol.evals:
                 specs = _specs(eval_plan, quick, seed=k)  # repeat k's random attacks draw from seed k, the cascade's
-                key = eval_key(fingerprint, specs, eval_plan.eps, eval_plan.ensemble, seed=k)
+                key = eval_key(fingerprint, specs, eval_plan.eps, eval_plan.ensemble, seed=k,
+                               positive_class=info.positive_class)
                 rows = cache.get(key)
                 if rows is None:
                     rows = evaluate(model, splits.test, info, attacks=specs, eps=eval_plan.eps,
