@@ -738,23 +738,23 @@ def test_aggregate_n_and_partially_defined_metrics_in_every_table():
     assert "0.800 (1 of 3 runs)" in report.paper_comparison_table(rows, paper, ["precision"])
 
 
-def test_predict_batches_restores_every_module_mode():
+def test_predict_logits_restores_every_module_mode():
     """A submodule the caller froze in eval mode stays in eval mode (model.train(was) would flip it back)."""
-    from robust_ops.evaluate import predict_batches
+    from robust_ops.evaluate import predict_logits
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3))
     model.train()
     model[2].eval()
-    predict_batches(model, torch.rand(5, 1, 2, 2))
+    predict_logits(model, torch.rand(5, 1, 2, 2))
     assert model.training and model[1].training and not model[2].training
 
 
-def test_predict_batches_empty_input_keeps_the_class_count():
-    from robust_ops.evaluate import predict_batches
+def test_predict_logits_empty_input_keeps_the_class_count():
+    from robust_ops.evaluate import predict_logits
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    preds, probs = predict_batches(model, torch.rand(0, 1, 2, 2))
-    assert preds.shape == (0,) and probs.shape == (0, 3)
+    preds, logits = predict_logits(model, torch.rand(0, 1, 2, 2))
+    assert preds.shape == (0,) and logits.shape == (0, 3)
 
 
 def test_pivot_and_paper_tables_keep_norms_apart():
@@ -1002,12 +1002,13 @@ def test_evaluate_batches_every_forward_and_checks_batch_size():
             evaluate(model, data, INFO, attacks="fgsm", eps=[0.1], batch_size=bad)
 
 
-def test_predict_batches_covers_the_last_partial_batch_and_refuses_any_non_finite_score():
-    from robust_ops.evaluate import predict_batches
+def test_predict_logits_covers_the_last_partial_batch_and_refuses_any_non_finite_score():
+    from robust_ops.evaluate import predict_logits
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     x = torch.rand(5, 1, 2, 2)
-    preds, probs = predict_batches(model, x, batch_size=2)
+    preds, logits = predict_logits(model, x, batch_size=2)
+    probs = probabilities(logits)
     with torch.no_grad():
         torch.testing.assert_close(probs.float(), torch.softmax(model(x), 1))
     assert torch.equal(preds, probs.argmax(1))
@@ -1019,7 +1020,7 @@ def test_predict_batches_covers_the_last_partial_batch_and_refuses_any_non_finit
             return out
 
     with pytest.raises(EvalError, match="model outputs NaN/Inf for 1 of 3 samples"):
-        predict_batches(OneInfinite(), torch.rand(3, 1, 2, 2))
+        predict_logits(OneInfinite(), torch.rand(3, 1, 2, 2))
 
 
 class _TupleOutput(nn.Module):
@@ -1049,12 +1050,13 @@ def test_a_model_output_that_is_not_one_row_of_logits_per_input_is_an_error_nami
 
 
 def test_predictions_use_eval_mode_and_the_label_tensor_of_a_dataset():
-    from robust_ops.evaluate import dataset_tensors, predict_batches
+    from robust_ops.evaluate import dataset_tensors, predict_logits
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Dropout(0.5)).train()
     x = torch.rand(6, 1, 2, 2)
-    _, probs = predict_batches(model, x, batch_size=4)
+    _, logits = predict_logits(model, x, batch_size=4)
+    probs = probabilities(logits)
     assert model.training
     with torch.no_grad():
         torch.testing.assert_close(probs.float(), torch.softmax(model.eval()(x), 1))  # running stats, no dropout

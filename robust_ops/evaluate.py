@@ -393,14 +393,8 @@ def dataset_tensors(dataset):
         raise EvalError("data", unbatchable_items_message("evaluate", err)) from None
 
 
-def predict_batches(model, x, batch_size=256, device="cpu"):
-    """(predictions [N], probabilities [N, K]) on CPU, computed in batches on ``device`` in eval mode."""
-    preds, logits = _predict_logits(model, x, batch_size, device)
-    return preds, probabilities(logits)
-
-
 @torch.no_grad()
-def _predict_logits(model, x, batch_size=256, device="cpu"):
+def predict_logits(model, x, batch_size=256, device="cpu"):
     """(predictions [N], logits [N, K] float64, a single logit z as [0, z]: ``class_logits``) on CPU, in batches on
     ``device`` in eval mode. Evaluation carries logits, not probabilities: those round to 1.0 past a logit margin of
     ~37, tying the most confident predictions, so AUC, mAP and the worst case's pick among a robust sample's outputs
@@ -429,7 +423,7 @@ def _predict_logits(model, x, batch_size=256, device="cpu"):
 
 
 def _attack_subset(attack, spec, eps, model, x, y, idx, batch_size, device, value_range):
-    """(predictions, logits as ``_predict_logits`` gives them) on the adversarial inputs of the samples ``idx``,
+    """(predictions, logits as ``predict_logits`` gives them) on the adversarial inputs of the samples ``idx``,
     attacked ``batch_size`` at a time. Each batch's adversarial inputs are scored and dropped before the next, so
     memory follows the batch size: holding them all cost a copy of the attacked split per attack and radius
     (docs/cli.md, "Memory")."""
@@ -443,7 +437,7 @@ def _attack_subset(attack, spec, eps, model, x, y, idx, batch_size, device, valu
             check_inside_ball(f"attacks: {spec.label}", adv, xb, eps, spec.norm)
         except ValueError as err:
             raise EvalError("attacks", str(err)) from None
-        p_adv, lg_adv = _predict_logits(model, adv, batch_size, device)
+        p_adv, lg_adv = predict_logits(model, adv, batch_size, device)
         preds.append(p_adv)
         logits.append(lg_adv)
     return torch.cat(preds), torch.cat(logits)
@@ -592,7 +586,7 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
     """evaluate's work on checked arguments: the clean pass, then every attack at every radius."""
     lo, hi = info.value_range
     try:
-        pred0, logits0 = _predict_logits(model, x, batch_size, device)
+        pred0, logits0 = predict_logits(model, x, batch_size, device)
     except EvalError as err:
         if err.arg == "model":
             raise EvalError("model", f"{method}: {err}") from None
@@ -680,7 +674,7 @@ def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, 
             except (ValueError, TypeError) as err:  # a bad option value an attack checks only when run
                 raise EvalError("attacks", f"attacks: {err}") from None
             # scored as AutoAttack returns them: a robust sample's clean input, so its clean scores
-            p_adv, lg_adv = _predict_logits(model, res.x_adv.cpu(), batch_size, device)
+            p_adv, lg_adv = predict_logits(model, res.x_adv.cpu(), batch_size, device)
             newly = p_adv != y[idx]
             pred[idx[newly]], logits[idx[newly]] = p_adv[newly], lg_adv[newly]
             fooled[idx[newly]] = True
