@@ -1015,6 +1015,11 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
     assert "Published numbers beside ours" in text and "QUICK MODE" in text and "| Standard training | FGSM" in text
     assert "RUNS:" not in text  # --seeds 1 of the protocol's 5 gets no RUNS note in --quick: QUICK MODE's covers it
     assert "two-moons: positive class 1 = lower moon; sensitivity is the recall of the positive class" in stdout
+    # its metric-vs-radius figures were written without a word (docs/reproduce/README.md named results.json and
+    # report.md only); no saliency figure on feature vectors
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures == ["accuracy_vs_eps.png", "f1_vs_eps.png", "sensitivity_vs_eps.png"]
+    assert f"wrote {out / 'results.json'}, {out / 'report.md'} and 3 figures (" in stdout
 
 
 def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):

@@ -812,5 +812,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     print()
     print(f"{info.name}: {report.positive_class_text(info.to_dict())}")  # what the table's sensitivity is of
     print(comparison)
-    print(f"\nwrote {paths['results']} and {paths['report']} ({config['seconds']:.0f} s)")
+    # as demo and eval say: the metric-vs-radius (and, on images, saliency) figures are written beside them
+    print(f"\nwrote {paths['results']}, {paths['report']} and {len(paths['figures'])} figures "
+          f"({config['seconds']:.0f} s)")
     return rows
