@@ -3877,6 +3877,10 @@ def test_torchattacks_positional_norm_first_calls_are_refused_not_run():
                        (attacks.Square, r"^square: expected n_queries")):
         with pytest.raises(ValueError, match=match):
             cls(model, "Linf", 8 / 255)(x, y)
+    # as docs/attacks.md says: APGD refuses when built, Square (keyword-only norm) at its first call
+    with pytest.raises(ValueError, match=r"^apgd: expected norm"):
+        attacks.APGD(model, "Linf", 8 / 255)
+    assert attacks.Square(model, "Linf", 8 / 255).n_queries == 8 / 255
     assert attacks.APGD(model).steps == attacks.APGDT(model).steps == 100
 
 
