@@ -1852,6 +1852,26 @@ def test_reproduce_runs_note_for_more_seeds_than_the_protocols(small_npz, tmp_pa
             in (tmp_path / "more" / "report.md").read_text())
 
 
+def test_reproduce_notes_open_with_the_departures_in_the_documented_order(small_npz, tmp_path):
+    """docs/reproduce/README.md said the notes "start with" a DATA: line for its own-data command, which runs under
+    --quick (whose QUICK MODE: line comes first), and with a METHODS: line too: each departure's line was said to
+    come first. The page now gives their order; the notes follow it."""
+    from robust_ops.reproduce import run_protocol
+
+    page = (Path(__file__).resolve().parents[1] / "docs/reproduce/README.md").read_text()
+    order = re.findall(r"`([A-Z ]+):`", page[page.index("The notes open with these lines"):].split(";")[0])
+    assert order == ["QUICK MODE", "METHODS", "RUNS", "EPOCHS", "DATA"], order
+    quick = {"epochs": 1, "repeats": 1, "n_train": 40, "n_test": 12, "model": "small_cnn"}
+    proto = _tiny_protocol("seeds", [("STD", "standard"), ("AT", "at")], quick)  # 2 repeats, 1 epoch, data "unused"
+    for out, kwargs in (("full", dict(seeds=1, epochs=2)), ("quick", dict(quick=True))):
+        run_protocol(proto, out=tmp_path / out, data=str(small_npz), methods=["STD"], progress=False, **kwargs)
+        notes = json.loads((tmp_path / out / "results.json").read_text())["notes"]
+        opening = [n.split(":")[0] for n in notes if re.match(r"[A-Z ]+:", n)]
+        expected = ["METHODS", "RUNS", "EPOCHS", "DATA"] if out == "full" else ["QUICK MODE", "METHODS", "DATA"]
+        assert opening == expected == [name for name in order if name in expected]
+        assert [n.split(":")[0] for n in notes[:len(expected)]] == expected  # before the protocol's own notes
+
+
 def test_reproduce_epochs_note_when_epochs_override_the_protocols(small_npz, tmp_path):
     """--epochs other than the protocol's: its notes kept describing its own training length (arfl-moons: "we train 40
     epochs" over a --epochs 1 run) with no word of the override, as --seeds, --methods and --data each get."""
