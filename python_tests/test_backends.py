@@ -60,6 +60,37 @@ def test_triton_under_interpreter_refuses_devices_other_than_cpu(device):
             robust_ops.drop_max_pool2d(torch.empty(1, 1, 4, 4, device="meta"), 2, backend="triton")
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(not _backend.triton_interpreted(), reason="the CPU half of the Triton tests: TRITON_INTERPRET=1")
+def test_interpreted_triton_ops_refuse_fake_tensors_by_name():
+    """torch.compile, torch.export and opcheck run a triton_op's launcher on fake tensors; an interpreted kernel runs at
+    once on the data, and failed inside triton: 'Attempted to set the storage of a tensor on device "meta" to a
+    storage on different device "cpu"'."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.robust_ops
+    message = ("Triton kernels interpreted under TRITON_INTERPRET=1 run eagerly only; torch.compile, torch.export "
+               "and opcheck trace with fake tensors, which need the kernels compiled for a CUDA device")
+    with FakeTensorMode():
+        x = torch.rand(2, 1, 4, 4)
+        one, index = torch.ones(2), torch.zeros(2, dtype=torch.int64)
+        calls = {
+            "pgd_step_triton": lambda: ops.pgd_step_triton(x.clone(), x, x, one, one, 0.0, 1.0, "linf", None, 0),
+            "boundary_search_step_triton": lambda: ops.boundary_search_step_triton(
+                x.clone(), x.clone(), x.clone()[None], index, None),
+            "drop_max_pool2d_triton": lambda: ops.drop_max_pool2d_triton(x, [2, 2], [2, 2], [0, 0], [1, 1], False),
+            "_drop_max_pool2d_backward_triton": lambda: ops._drop_max_pool2d_backward_triton(
+                x[:, :, :2, :2], index.view(2, 1, 1, 1).expand(2, 1, 2, 2), [2, 1, 4, 4]),
+        }
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError, match=f"^{name}: {message}$"):
+                call()
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(Exception, match=f"drop_max_pool2d_triton: {message}"):
+        torch.compile(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="triton"), backend="eager", fullgraph=True)(x)
+    assert torch.equal(robust_ops.drop_max_pool2d(x, 2, backend="triton"), robust_ops.drop_max_pool2d(x, 2))
+
+
 def _run_without_gpu(code):
     """Runs code in a fresh interpreter with no visible GPU and no TRITON_INTERPRET: where import robust_ops skips the
     Triton kernels (their import costs ~1 s)."""

@@ -5,6 +5,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from triton.language.extra import libdevice
 
 from .._backend import triton_device_reason, triton_interpreted
@@ -22,9 +23,17 @@ def launch(kernel):
 
 def check_launchable(op_name, t):
     """Refuses by name a tensor these kernels cannot run on (CPU without TRITON_INTERPRET=1 at import, meta), the
-    reason backend="triton" gives: direct torch.ops.robust_ops.<op>_triton calls reach the launchers unchecked."""
+    reason backend="triton" gives: direct torch.ops.robust_ops.<op>_triton calls reach the launchers unchecked.
+    Also fake tensors under the interpreter: torch.compile, torch.export and opcheck run the launcher on them, and an
+    interpreted kernel, which runs at once on the data, failed inside triton with 'Attempted to set the storage of a
+    tensor on device "meta" to a storage on different device "cpu"'."""
     reason = triton_device_reason(t.device)
     torch._check(reason is None, lambda: f"{op_name}: {reason}")
+    torch._check(
+        not (_INTERPRETED.value and is_fake(t)),
+        lambda: f"{op_name}: Triton kernels interpreted under TRITON_INTERPRET=1 run eagerly only; torch.compile, "
+        "torch.export and opcheck trace with fake tensors, which need the kernels compiled for a CUDA device",
+    )
 
 
 def on_device_of(t):

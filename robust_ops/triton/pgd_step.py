@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from .._autograd import register_in_place_without_gradient
 from .._meta import check_pgd_step_args, check_pgd_step_values
@@ -133,7 +132,7 @@ def pgd_step_triton(
     op_dtype = _opmath(x_adv.dtype)
     alpha_c = alpha.to(op_dtype).contiguous()
     eps_c = eps.to(op_dtype).contiguous()
-    if x_adv.device.type == "cpu" and not is_fake(alpha_c):  # interpreter: the C++ CPU kernel's checks and messages
+    if x_adv.device.type == "cpu":  # interpreter, real tensors (check_launchable): the C++ CPU kernel's checks
         check_pgd_step_values(alpha, eps, x_adv.dtype)
     n = x_adv.shape[0]
     if x_adv.numel() == 0:
