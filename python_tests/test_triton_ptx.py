@@ -4,6 +4,7 @@ Bitwise parity with the eager expressions needs correctly rounded products and q
 torch.compile launches the kernels itself and drops enable_fp_fusion=False (seen on an H200, torch 2.11), and
 float32 "/" lowers to the approximate div.full.f32. The interpreted runs of the other Triton tests cannot see either,
 so this compiles the real kernels (in a subprocess: TRITON_INTERPRET=1 decides at import time) and reads the PTX.
+Likewise the width of their index arithmetic, read from the TTIR: an int32 overflow shows only at 2**31 elements.
 """
 
 import os
@@ -74,3 +75,57 @@ def test_no_contracted_or_approximate_float_math(float_ops, kernel, dtype):
     assert not [op for op in ops if op.startswith("div.") and ".rn." not in op], (
         f"{kernel} {dtype}: division not correctly rounded: {sorted(ops)}")
     assert [op for op in ops if op.startswith("mul.rn.")], f"{kernel} {dtype}: products not via mul_rn: {sorted(ops)}"
+
+
+INDEX_WIDTH = textwrap.dedent("""
+    import re
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from robust_ops.triton import boundary_search_step, drop_max_pool2d, pgd_step
+
+    POINTERS = {"idx_ptr": "*i64", "crossed_ptr": "*i64", "active_ptr": "*i1"}
+    CONSTEXPRS = {"KH": 3, "KW": 3, "ACC": tl.float32, "HAS_ACTIVE": True, "HAS_HISTORY": True}
+    for module, name in ((drop_max_pool2d, "_drop_max_pool2d_fwd_kernel"),
+                         (drop_max_pool2d, "_drop_max_pool2d_bwd_kernel"),
+                         (boundary_search_step, "_boundary_search_step_kernel"), (pgd_step, "_linf_kernel"),
+                         (pgd_step, "_l2_delta_kernel"), (pgd_step, "_l2_project_kernel")):
+        fn = getattr(module, name)
+        constexprs = {arg: CONSTEXPRS.get(arg, module.BLOCK) for arg in fn.arg_names if arg.isupper()}
+        # every integer argument 32-bit, as triton types a size or stride below 2**31
+        signature = {arg: "constexpr" if arg in constexprs else POINTERS.get(arg, "*fp32" if arg.endswith("_ptr")
+                     else "i32") for arg in fn.arg_names}
+        ttir = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32)).asm["ttir"]
+        # index arithmetic: a product, or a sum over a block, in 32 bits (k - 1 and j + 1 of the search are scalars)
+        narrow = re.findall(r"arith\\.muli [^\\n]*: i32 |arith\\.(?:muli|addi|subi) [^\\n]*xi32> ", ttir)
+        print(name, len(narrow))
+""")
+
+
+@pytest.fixture(scope="module")
+def index_width():
+    """{kernel: its 32-bit index products and block sums} in its TTIR, every integer argument typed i32."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", INDEX_WIDTH], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0 and "ptxas" in done.stderr.lower() and "not found" in done.stderr.lower():
+        pytest.skip(f"triton cannot compile for sm_90 here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = {name: int(count) for name, count in map(str.split, done.stdout.splitlines())}
+    assert len(found) == 6, done.stdout
+    return found
+
+
+@pytest.mark.parametrize("kernel", ["_drop_max_pool2d_fwd_kernel", "_drop_max_pool2d_bwd_kernel",
+                                    "_boundary_search_step_kernel", "_linf_kernel", "_l2_delta_kernel",
+                                    "_l2_project_kernel"])
+def test_index_arithmetic_is_64_bit(index_width, kernel):
+    """Offsets from program_id * BLOCK, n * per_sample or n * stride in int32 wrap for tensors of 2**31 elements and
+    more, which no CPU test can allocate (the interpreter's results at small sizes are the same either way): each
+    kernel widens its program id to int64 first, so no index product or block offset is 32-bit, even when triton
+    types every size and stride as i32 (below 2**31 it does). A 32-bit argument added to a pointer as it is stays
+    (the pointer arithmetic sign-extends it)."""
+    assert index_width[kernel] == 0, f"{kernel}: {index_width[kernel]} index products or block offsets in 32 bits"
