@@ -244,6 +244,23 @@ def test_environment_variable(monkeypatch):
         _backend.resolve("drop_max_pool2d", "cpu")
 
 
+def test_unavailable_backend_from_the_environment_names_the_variable(monkeypatch):
+    """A backend the caller never passed (an exported ROBUST_OPS_BACKEND=triton) was refused as
+    "backend='triton' is not available", with no backend= in the caller's code to find."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    x = torch.rand(2, 1, 4, 4)
+    with pytest.raises(RuntimeError, match=r"^pgd_step_: backend='triton' \(from \$ROBUST_OPS_BACKEND\) is not "
+                                           r"available: Triton kernels run on CUDA tensors \(got cpu\)"):
+        robust_ops.pgd_step_(x.clone(), x, x, 0.1, 0.1)
+    with pytest.raises(RuntimeError, match=r"^drop_max_pool2d: backend='triton' is not available"):
+        robust_ops.drop_max_pool2d(x, 2, backend="triton")  # an argument is named as before
+    monkeypatch.setenv(_backend.ENV_VAR, "native")
+    with pytest.raises(RuntimeError, match=r"^drop_max_pool2d: backend='native' \(from \$ROBUST_OPS_BACKEND\) is "
+                                           r"not available: drop_max_pool2d: no native kernel for device type 'mps'"):
+        _backend.resolve("drop_max_pool2d", torch.device("mps"))
+
+
 def test_bad_backend_argument():
     with pytest.raises(ValueError, match="drop_max_pool2d: expected backend to be one of auto, native, triton, "
                                          "reference, got 'cuda'"):

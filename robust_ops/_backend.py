@@ -132,5 +132,8 @@ def resolve(op_name, device, backend=None):
         raise RuntimeError(reason)
     reason = _triton_reason(op_name, device) if requested == "triton" else _native_reason(op_name, device)
     if reason is not None:
-        raise RuntimeError(f"{op_name}: backend={requested!r} is not available: {reason}")
+        # A value from the environment says so: the caller passed no backend= to look for (an attack failed with
+        # "backend='triton' is not available" for an exported ROBUST_OPS_BACKEND=triton).
+        source = "" if backend is not None else f" (from ${ENV_VAR})"
+        raise RuntimeError(f"{op_name}: backend={requested!r}{source} is not available: {reason}")
     return requested
