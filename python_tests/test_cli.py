@@ -2633,6 +2633,18 @@ def test_eval_options_reach_the_evaluation(trained_run, tmp_path, capsys, monkey
     assert evaluate_calls[-1]["ensemble"] is True and evaluate_calls[-1]["cascade"] is True
 
 
+def test_eval_no_progress_drops_the_line_per_attack_and_keeps_the_tables(trained_run, tmp_path, capsys):
+    """train and demo took --no-progress, eval refused it (a script passing it to every command failed there)."""
+    argv = ["eval", trained_run, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--device", "cpu"]
+    rc, shown, err = run(argv + ["--out", tmp_path / "a"], capsys)
+    assert rc == 0, err
+    assert "standard: clean accuracy" in shown and "standard: fgsm eps=0.007843 accuracy" in shown
+    rc, quiet, err = run(argv + ["--out", tmp_path / "b", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "clean accuracy" not in quiet and " eps=" not in quiet and "fgsm" in quiet and "wrote " in quiet
+    assert _config_args("eval", ["run", "--no-progress", "--progress"]).no_progress is False
+
+
 def test_eval_names_the_rows_by_the_runs_label(trained_run, tmp_path, capsys, evaluate_calls):
     # a demo or reproduce run records its table label ("Baseline" for demo's standard) in run.json: eval's rows keep
     # it, so they line up with that command's own table, unless --method says otherwise
@@ -2654,9 +2666,10 @@ def test_demo_options_reach_training_and_evaluation(small_npz, tmp_path, capsys,
     out = tmp_path / "demo"
     argv = ["demo", "--data", small_npz, "--methods", "standard", "--epochs", "1", "--out", out, "--attacks", "fgsm",
             "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu"]
-    rc, _, err = run(argv + ["--train-size", "0", "--lr", "0.01", "--batch-size", "16", "--seed", "2",
-                             "--eval-batch-size", "7", "--no-cascade", "--resume"], capsys)
+    rc, shown, err = run(argv + ["--train-size", "0", "--lr", "0.01", "--batch-size", "16", "--seed", "2",
+                                 "--eval-batch-size", "7", "--no-cascade", "--resume"], capsys)
     assert rc == 0, err
+    assert "clean accuracy" not in shown and "fgsm" in shown  # --no-progress: eval's tables, not its progress lines
     run_doc = json.loads((out / "runs" / "standard" / "run.json").read_text())
     assert (run_doc["lr"], run_doc["batch_size"], run_doc["seed"], run_doc["epochs"]) == (0.01, 16, 2, 1)
     assert run_doc["train_samples"] == 64 and fit_resume == [True]  # --train-size 0: the whole train split

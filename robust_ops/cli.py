@@ -1210,6 +1210,7 @@ def cmd_eval_parser(sub):
                         "default: as the run was trained, else $ROBUST_OPS_PREPACKED_CONV; --no-prepacked-conv "
                         "turns it off for a run trained with it)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--no-progress", action=Switch, help="no progress lines (one per attack and radius)")
     p.add_argument("--config", action=OneConfig, type=path_text, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_eval)
     return p
@@ -1299,11 +1300,13 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     count = saliency_count(args, splits.info)  # before the attacks: an explicit --saliency on feature vectors fails
     count = min(count, len(test))  # a split smaller than --saliency is drawn whole; config records the count drawn
     rows = []
+    # eval's and demo's --no-progress: no line per attack and radius (the tables and file names still print)
+    progress = None if args.no_progress else (lambda s: print("  " + s, flush=True))
     for label, model in models.items():
         try:
             rows += evaluate(model, test, splits.info, attacks=specs, eps=radii, method=label,
                              batch_size=args.eval_batch_size, device=device, cascade=not args.no_cascade,
-                             ensemble=args.ensemble, progress=lambda s: print("  " + s, flush=True), seed=seed)
+                             ensemble=args.ensemble, progress=progress, seed=seed)
         except EvalError as err:
             raise _flag_error(err) from None
     saliency = None
