@@ -1406,6 +1406,33 @@ def test_replace_maxpool_refuses_a_subclass_with_its_own_forward():
     assert isinstance(model[0], robust_ops.DropMax2d) and type(model[1]) is ScaledPool
 
 
+def test_replace_maxpool_refuses_a_subclass_whose_methods_or_class_attributes_would_be_lost():
+    """A subclass without its own forward was swapped with its other methods and class attributes: a later
+    pool.describe() raised AttributeError, a class-level tag read with a default was silently gone."""
+    class Described:  # a mixin after nn.Module in the MRO counts too
+        def describe(self):
+            return "stem pool"
+
+    class TaggedPool(nn.MaxPool2d, Described):
+        tag = "stem"
+
+    class Pool2(nn.MaxPool2d):  # an __init__ alone: its work is in the instance, which the swap carries
+        def __init__(self):
+            super().__init__(2, 2, padding=1)
+            self.note = "fixed"
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sequential(TaggedPool(2)))
+    with pytest.raises(ValueError, match=r"^replace_maxpool: '1\.0' is a TaggedPool, an nn.MaxPool2d subclass "
+                                         r"defining 'describe', 'tag', which a DropMax2d would not have; swap it "
+                                         r"yourself \(robust_ops.DropMax2d takes MaxPool2d's arguments\)"):
+        robust_ops.replace_maxpool(model)
+    assert type(model[1][0]) is TaggedPool
+    with pytest.raises(ValueError, match="^replace_maxpool: model is a TaggedPool, an nn.MaxPool2d subclass defining"):
+        robust_ops.replace_maxpool(TaggedPool(2))
+    model = robust_ops.replace_maxpool(nn.Sequential(nn.Conv2d(1, 2, 3), Pool2()))
+    assert isinstance(model[1], robust_ops.DropMax2d) and model[1].padding == 1 and model[1].note == "fixed"
+
+
 def test_replace_maxpool_refuses_a_pool_with_its_own_instance_forward_but_not_native_layers_swap():
     """A user's `pool.forward = ...` was dropped silently (a subclass' forward was already refused)."""
     from robust_ops.native_layers import native_layers

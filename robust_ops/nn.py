@@ -114,6 +114,13 @@ _MAXPOOL_ATTRIBUTES = frozenset(vars(nn.MaxPool2d(1))) | {"forward"}  # forward:
 _DROPMAX_ATTRIBUTES = frozenset(vars(DropMax2d(1)))
 
 
+# What every class has (and an __init__, whose work the instance holds): a subclass of nn.MaxPool2d defining only
+# these loses nothing when its layer becomes a DropMax2d.
+_CLASS_BOOKKEEPING = frozenset(("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+                                "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
+                                "__init__"))
+
+
 def _user_attributes(pool):
     return {name: value for name, value in vars(pool).items() if name not in _MAXPOOL_ATTRIBUTES}
 
@@ -144,6 +151,17 @@ def _check_plain_pool(where, pool):
         raise ValueError(
             f"replace_maxpool: {where} is a {type(pool).__name__}, an nn.MaxPool2d subclass with its own forward, "
             "which a DropMax2d would not run; swap it yourself (robust_ops.DropMax2d takes MaxPool2d's arguments)"
+        )
+    # methods and class attributes of the subclass (or of a mixin) would be gone from the layer: a caller of
+    # pool.describe() failed later with an AttributeError, a reader of a class-level tag got its default silently.
+    # Its __init__ has done its work: the arguments and attributes it set move to the DropMax2d.
+    members = sorted({name for cls in type(pool).__mro__ if cls not in nn.MaxPool2d.__mro__ for name in vars(cls)}
+                     - _CLASS_BOOKKEEPING)
+    if members:
+        raise ValueError(
+            f"replace_maxpool: {where} is a {type(pool).__name__}, an nn.MaxPool2d subclass defining "
+            f"{_listed([repr(m) for m in members])}, which a DropMax2d would not have; swap it yourself "
+            "(robust_ops.DropMax2d takes MaxPool2d's arguments) or drop them from the class"
         )
     # nn.MaxPool2d takes any truthy return_indices (1, "no"); DropMax2d's flags are bools, refused at its first
     # forward: refused here, before the model changes, naming the layer
@@ -230,8 +248,9 @@ def replace_maxpool(model, which="first", *, backend=None):
 
     Raises:
         ValueError: when ``which`` is not "first"/"all", the model holds no ``nn.MaxPool2d``, or a pool to replace
-            is a subclass with its own ``forward``, has an instance-level ``forward`` of the user's (the swap would
-            drop what that forward does) or holds a parameter, buffer or submodule (they would leave the model).
+            is a subclass with its own ``forward`` or other methods or class attributes (beyond ``__init__``), has
+            an instance-level ``forward`` of the user's (the swap would drop what that forward does) or holds a
+            parameter, buffer or submodule (they would leave the model).
         TypeError: when a pool to replace has a ``return_indices`` or ``ceil_mode`` that is not a bool
             (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools; TypeError or RuntimeError naming
             the layer when DropMax2d refuses its sizes (``nn.MaxPool2d(0)`` builds, and fails at its forward).
