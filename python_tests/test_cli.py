@@ -1996,6 +1996,45 @@ def test_an_interrupt_inside_a_lazy_import_stops_train_with_its_one_line(small_n
                                  "same command and --resume")
 
 
+@pytest.mark.parametrize("module, how", [("torch", "kill"), ("torch", "set_name"), ("robust_ops._C", "kill"),
+                                         ("torch", "error")])
+def test_ctrl_c_while_the_console_script_imports_robust_ops_exits_quietly(module, how):
+    """The console script imported robust_ops.cli -- the package's __init__, torch and the compiled ops, seconds --
+    before main could catch anything: a Ctrl-C then was a KeyboardInterrupt traceback. Its entry point now guards
+    that import (_robust_ops_launcher.py). The interrupt comes from an import hook of this test, as the import of
+    `module` starts: directly, or from a __set_name__, where Python 3.11 wraps it in a RuntimeError."""
+    pyproject = (Path(cli.__file__).parent.parent / "pyproject.toml").read_text()  # not tomllib: Python 3.10 too
+    assert re.findall(r"^robust-ops = (.*)$", pyproject, flags=re.M) == ['"_robust_ops_launcher:main"']
+    code = f"""
+import importlib.abc, os, signal, sys
+
+class Field:
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler raises before the call returns
+
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            if {how!r} == "kill":
+                os.kill(os.getpid(), signal.SIGINT)
+            elif {how!r} == "set_name":
+                type("Fields", (), {{"field": Field()}})
+            else:
+                raise RuntimeError("not an interrupt")
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from _robust_ops_launcher import main  # what the generated robust-ops script runs
+sys.exit(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120)
+    if how == "error":  # not an interrupt: a traceback, as any other failure
+        assert done.returncode == 1 and "RuntimeError: not an interrupt" in done.stderr, done.stderr
+    else:
+        assert (done.returncode, done.stderr) == (130, "\nrobust-ops: interrupted\n"), done.stderr
+
+
 def test_resume_of_a_run_stopped_before_its_first_epoch_takes_new_settings(small_npz, tmp_path, capsys,
                                                                            monkeypatch):
     """A RUN_DIR holding run.json but no checkpoint (interrupted or failed before epoch 1) has nothing to continue:

@@ -458,7 +458,7 @@ def test_the_sdist_lists_what_building_from_it_needs(monkeypatch, tmp_path):
     egg_info.ensure_finalized()
     egg_info.run()
     listed = set((Path(egg_info.egg_info) / "SOURCES.txt").read_text().splitlines())
-    needed = {"CMakeLists.txt", "README.md", "LICENSE", "pyproject.toml", "setup.py"}
+    needed = {"CMakeLists.txt", "README.md", "LICENSE", "pyproject.toml", "setup.py", "_robust_ops_launcher.py"}
     needed |= {path.relative_to(REPO).as_posix() for folder in ("csrc", "robust_ops") for path in
                (REPO / folder).rglob("*") if path.suffix in (".cpp", ".h", ".cu", ".cuh", ".py")}
     assert needed <= listed, sorted(needed - listed)
