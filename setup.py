@@ -14,6 +14,7 @@ A build whose compiler or LDFLAGS link libstdc++ statically is refused (see _che
 """
 
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -221,8 +222,43 @@ def _check_cxx_runtime(built, compiler):
         )
 
 
+def _source_digest():
+    """robust_ops/_source_digest.py's digest of csrc/, the file loaded by path: importing robust_ops would load _C."""
+    spec = importlib.util.spec_from_file_location("_robust_ops_source_digest",
+                                                  os.path.join(ROOT, "robust_ops", "_source_digest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest(os.path.join(ROOT, "csrc"))
+
+
+def _write_source_digest(build_temp):
+    """Write source_digest.h (csrc/robust_ops.cpp bakes it into _C as _C.SOURCE_DIGEST) into a folder of the build;
+    returns the folder, and whether the digest changed. Rewritten only when it changed, so only robust_ops.cpp
+    recompiles for it."""
+    folder = os.path.abspath(os.path.join(build_temp, "robust_ops_digest"))
+    header = os.path.join(folder, "source_digest.h")
+    text = f'#define ROBUST_OPS_SOURCE_DIGEST "{_source_digest()}"\n'
+    try:
+        with open(header) as f:
+            if f.read() == text:
+                return folder, False
+    except OSError:
+        pass
+    os.makedirs(folder, exist_ok=True)
+    with open(header, "w") as f:
+        f.write(text)
+    return folder, True
+
+
 class _BuildExtension(cpp_extension.BuildExtension):
     def build_extension(self, ext):
+        folder, changed = _write_source_digest(self.build_temp)
+        if folder not in ext.include_dirs:
+            ext.include_dirs.append(folder)
+        if changed:
+            # setuptools skips a build none of whose files is newer than _C: a csrc/ file deleted by a pull left the
+            # old _C, and its old digest, in place however often one rebuilt
+            self.force = True
         super().build_extension(ext)
         if sys.platform.startswith("linux"):  # ELF and libstdc++; MSVC's compiler object has no compiler_cxx
             # a C++ extension is linked by the C++ compiler (distutils swaps it in for linker_so's first word)

@@ -11,12 +11,26 @@
 #include <cuda.h>
 #endif
 
+// The digest of the csrc/ this build was made from: setup.py writes source_digest.h into its build folder
+// (robust_ops/_source_digest.py); builds without it (CMakeLists.txt's) carry none. `import robust_ops` compares it
+// with csrc/ in a source checkout and warns when they differ: a build not redone after a pull.
+#if __has_include("source_digest.h")
+#include "source_digest.h"
+#endif
+
 // A stub module init so `import robust_ops._C` loads the library (and runs the registrations below)
 // without pybind11 (extension-cpp pattern).
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef ROBUST_OPS_SOURCE_DIGEST
+  if (module != nullptr && PyModule_AddStringConstant(module, "SOURCE_DIGEST", ROBUST_OPS_SOURCE_DIGEST) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+#endif
+  return module;
 }
 }
 

@@ -147,6 +147,65 @@ def test_a_build_of_another_copy_is_refused(monkeypatch, tmp_path):
         _extension.load_library()
 
 
+def test_this_build_carries_the_digest_of_the_checkouts_csrc():
+    """setup.py bakes the digest of csrc/ into _C, which `import robust_ops` compares with csrc/ (the next test)."""
+    from robust_ops import _C
+    from robust_ops._source_digest import source_digest
+
+    built = getattr(_C, "SOURCE_DIGEST", None)
+    assert built == source_digest(REPO / "csrc"), (
+        f"{_C.__file__} was not built from this checkout's csrc/ by setup.py (digest {built}); rebuild it")
+
+
+def test_a_build_from_other_sources_than_the_checkouts_csrc_warns(monkeypatch, tmp_path):
+    """A source checkout not rebuilt after a pull that changed csrc/ (but added no op) ran on its old kernels without
+    a word: a build whose digest differs from csrc/'s is now one warning naming the rebuild command."""
+    import warnings
+
+    from robust_ops._source_digest import source_digest
+
+    module = type(sys)("_C")
+    module.__file__ = str(Path(_extension.__file__).parent / "_C.so")
+    module.SOURCE_DIGEST = source_digest(REPO / "csrc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _extension._check_source_digest(module)  # the same sources: silent
+        del module.SOURCE_DIGEST
+        _extension._check_source_digest(module)  # a build without a digest (CMake's, an older one): nothing to say
+    module.SOURCE_DIGEST = "0" * 64
+    with pytest.warns(UserWarning, match=rf"^robust_ops: the compiled ops \({re.escape(module.__file__)}\) were "
+                                         rf"built from other C\+\+ sources than {re.escape(str(REPO / 'csrc'))} holds "
+                                         r"now \(changed since the build, e.g. by a git pull\); rebuild with `pip "
+                                         r"install --no-build-isolation -e \.`$"):
+        _extension._check_source_digest(module)
+    # an installed package: no csrc/ beside it (a folder named so that is not robust_ops' does not count)
+    (tmp_path / "robust_ops").mkdir()
+    (tmp_path / "csrc").mkdir()
+    monkeypatch.setattr(_extension, "__file__", str(tmp_path / "robust_ops" / "_extension.py"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _extension._check_source_digest(module)
+
+
+def test_the_source_digest_covers_every_source_and_only_sources(tmp_path):
+    from robust_ops._source_digest import source_digest
+
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "a.cpp").write_text("int a;")
+    (tmp_path / "cpu" / "b.h").write_text("int b;")
+    digest = source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a source")  # nor editor backups (a.cpp~): no rebuild would change them
+    (tmp_path / "a.cpp~").write_text("int a_old;")
+    assert source_digest(tmp_path) == digest
+    for change in (lambda: (tmp_path / "cpu" / "b.h").write_text("int b2;"),  # an edit in a subfolder
+                   lambda: (tmp_path / "cpu" / "b.h").rename(tmp_path / "cpu" / "c.h"),  # a rename
+                   lambda: (tmp_path / "d.cu").write_text(""),  # a new file, even an empty one
+                   lambda: (tmp_path / "a.cpp").unlink()):  # a deleted one
+        change()
+        assert source_digest(tmp_path) != digest
+        digest = source_digest(tmp_path)
+
+
 def test_a_copy_without_a_build_does_not_run_on_an_editable_installs(tmp_path):
     """setuptools' editable finder (on sys.meta_path) serves robust_ops._C from the installed checkout when the copy
     imported first (a fresh clone or worktree on PYTHONPATH) has none: that copy's Python code ran on the other
@@ -411,6 +470,7 @@ def test_setup_checks_the_built_extension_for_a_static_libstdcxx(monkeypatch, tm
     built = _elf(tmp_path / "build" / "_C.so", "libc10.so")
     monkeypatch.setattr(cpp_extension.BuildExtension, "build_extension", lambda self, ext: None)  # the link
     command = build_ext(setuptools.Distribution())
+    command.build_temp = str(tmp_path / "temp")  # where the source digest's header goes (finalize_options sets it)
     command.compiler = type("Compiler", (), {"compiler_cxx": ["/opt/gcc/bin/g++"], "linker_so": ["gcc", "-shared"]})
     monkeypatch.setattr(command, "get_ext_fullpath", lambda name: built if name == "robust_ops._C" else None)
     monkeypatch.delenv("LDFLAGS", raising=False)
@@ -587,6 +647,41 @@ def test_setup_hands_the_extension_and_build_ext_to_setuptools(monkeypatch):
     build_ext = captured["cmdclass"]["build_ext"](setuptools.Distribution())
     assert isinstance(build_ext, cpp_extension.BuildExtension)
     assert build_ext.no_python_abi_suffix  # robust_ops/_C.so: the name CMakeLists.txt's drop-in has too
+
+
+def test_setup_bakes_the_source_digest_into_the_build_and_rebuilds_when_it_changes(monkeypatch, tmp_path):
+    """source_digest.h, in the build's own folder, holds csrc/'s digest for csrc/robust_ops.cpp; rewritten only when
+    the digest changed (else only its mtime would make robust_ops.cpp recompile), and then the build is forced:
+    setuptools skips a build none of whose files is newer than _C, as after a pull that only deleted a csrc/ file."""
+    from robust_ops._source_digest import source_digest
+
+    namespace = _setup_py(monkeypatch)
+    build_ext = namespace["_BuildExtension"](setuptools.Distribution())
+    build_ext.build_temp = str(tmp_path / "temp")
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def build_extension(self, ext):
+        seen.append((list(ext.include_dirs), self.force))
+        raise Built  # the compiler is not run
+
+    monkeypatch.setattr(cpp_extension.BuildExtension, "build_extension", build_extension)
+    ext = setuptools.Extension("robust_ops._C", ["csrc/robust_ops.cpp"], include_dirs=["csrc"])
+    folder = str(tmp_path / "temp" / "robust_ops_digest")
+    header = Path(folder) / "source_digest.h"
+    for _ in range(2):
+        build_ext.force = False
+        with pytest.raises(Built):
+            build_ext.build_extension(ext)
+    assert seen == [(["csrc", folder], True), (["csrc", folder], False)]  # the folder added once
+    assert header.read_text() == f'#define ROBUST_OPS_SOURCE_DIGEST "{source_digest(REPO / "csrc")}"\n'
+    assert '#include "source_digest.h"' in (REPO / "csrc" / "robust_ops.cpp").read_text()
+    header.write_text('#define ROBUST_OPS_SOURCE_DIGEST "an older one"\n')
+    with pytest.raises(Built):
+        build_ext.build_extension(ext)
+    assert seen[-1][1] is True and source_digest(REPO / "csrc") in header.read_text()
 
 
 def _fake_checkout(tmp_path, python_body):

@@ -2,9 +2,12 @@
 
 import importlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
+
+from ._source_digest import source_digest
 
 _BUILD_HINT = "pip install --no-build-isolation -e ."
 
@@ -31,6 +34,7 @@ def load_library():
             f"or the build failed. Rebuild with `{_BUILD_HINT}` and read its output. Original error: {err}"
         ) from err
     _check_own_build(module)
+    _check_source_digest(module)
     _check_ops()
     _check_cuda_version()
 
@@ -48,6 +52,22 @@ def _check_own_build(module):
             f"install's), because this copy ({here}) has no build of its own. Build this one (`{_BUILD_HINT}` in its "
             "checkout) or import the other."
         )
+
+
+def _check_source_digest(module):
+    """Warn when the compiled ops were built from other C++ sources than the csrc/ beside the package: a source
+    checkout not rebuilt after a pull (or an edit) that changed csrc/ ran on its old kernels without a word, unless
+    the change added an op (_check_ops). Only in a source checkout (an installed wheel has no csrc/) and only for a
+    build that carries its digest (setup.py's; CMakeLists.txt's and builds older than the digest carry none)."""
+    built = getattr(module, "SOURCE_DIGEST", None)
+    csrc = Path(__file__).parent.parent / "csrc"
+    if built is None or not (csrc / "robust_ops.cpp").is_file():
+        return
+    if source_digest(csrc) != built:
+        warnings.warn(
+            f"robust_ops: the compiled ops ({getattr(module, '__file__', 'robust_ops._C')}) were built from other "
+            f"C++ sources than {csrc} holds now (changed since the build, e.g. by a git pull); rebuild with "
+            f"`{_BUILD_HINT}`", stacklevel=3)
 
 
 def _check_ops():
