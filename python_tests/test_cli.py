@@ -2955,6 +2955,60 @@ def test_bit_depth_reaches_run_json_eval_resume_and_reproduce(tmp_path, capsys):
     one_line_error(rc, err, "--bit-depth:", "save them as 8-bit images or pass --bit-depth 8")
 
 
+def _grey_csv(root):
+    """A CSV-described set of grayscale PNGs (image k a flat 10k grey, its class k % 2)."""
+    from PIL import Image
+
+    root.mkdir()
+    for k in range(20):
+        Image.fromarray(np.full((8, 8), 10 * k, np.uint8)).save(root / f"im{k}.png")
+    (root / "meta.csv").write_text("image_id,dx\n" + "".join(f"im{k},{('a', 'b')[k % 2]}\n" for k in range(20)))
+    return root / "meta.csv"
+
+
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
+def test_channels_reads_a_grayscale_csv_as_one_channel_and_reaches_run_json_eval_resume_and_reproduce(tmp_path,
+                                                                                                     capsys):
+    """A CSV's images are read as RGB, and no flag said otherwise: a grayscale CSV set (X-ray, ultrasound metadata)
+    trained on three equal channels. --channels 1 (load_dataset(channels=)) reads it as one, recorded in run.json
+    so eval and --resume read the same images; --resume refuses another; errors name --channels."""
+    from robust_ops.data import load_dataset
+    from robust_ops.reproduce import run_protocol
+
+    data = _grey_csv(tmp_path / "d")
+    assert load_dataset(data, size=8).info.in_channels == 3  # the CSV default, unchanged
+    assert load_dataset(data, size=8, channels=1).info.in_channels == 1
+    assert load_dataset(_folder(tmp_path / "f"), size=8, channels=3).info.in_channels == 3  # folders: 1 by default
+    out = tmp_path / "run"
+    argv = ["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress",
+            "--device", "cpu", "--channels", "1"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["channels"] == 1 and doc["dataset"]["in_channels"] == 1
+    model, splits, _ = cli.load_run(out)
+    assert splits.info.in_channels == 1 and next(model.parameters()).shape[1] == 64  # mlp: 1 x 8 x 8 inputs
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0, err
+    rc, _, err = run(argv[:-1] + ["3", "--epochs", "2", "--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "was trained with channels=1, this command has channels=3")
+    rc, _, err = run(argv[:-1] + ["2", "--out", tmp_path / "two"], capsys)
+    one_line_error(rc, err, "--channels: invalid choice: 2 (choose from 1, 3)")
+    rc, _, err = run(["train", "--data", "synthetic", "--channels", "1", "--out", tmp_path / "s", "--device", "cpu"],
+                     capsys)
+    one_line_error(rc, err, "--channels: synthetic: --channels picks how image files (class folders and CSV) are "
+                            "read; this source's channels are fixed -- drop --channels")
+    with pytest.raises(Exception, match=r"expected channels to be 1 \(grayscale\) or 3 \(RGB\), got True"):
+        load_dataset(data, channels=True)
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")])
+    run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False, channels=1)
+    run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
+    doc = json.loads((run_dir / "run.json").read_text())
+    assert doc["split"]["channels"] == doc["channels"] == 1
+    assert cli.load_run(run_dir)[1].info.in_channels == 1
+
+
 @pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
 def test_reproduce_reads_16_bit_folders_at_the_bit_depth_given(tmp_path):
     """--bit-depth reaches the protocol's runs and their split record, so eval rebuilds the same 12-bit images."""

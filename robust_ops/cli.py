@@ -375,18 +375,18 @@ def split_by_refusal(run_dir, was, now):
             f"split_by={was!r}) and fit(..., resume=)")
 
 
-def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None, split_by=None):
+def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None, split_by=None, channels=None):
     from .data import DataError, load_dataset
 
     try:
         return load_dataset(spec, size=size, seed=seed, classes=classes, download=_allow_download,
-                            bit_depth=bit_depth, split_by=split_by)
+                            bit_depth=bit_depth, split_by=split_by, channels=channels)
     except DataError as err:
         raise _data_error(err, flag) from None
 
 
 # load_dataset's keyword arguments that are command-line flags: a DataError naming one is written as the flag
-DATA_FLAG_ARGS = ("size", "classes", "bit_depth")
+DATA_FLAG_ARGS = ("size", "classes", "bit_depth", "channels")
 
 
 def _data_error(err, flag):
@@ -548,6 +548,7 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
                         "benign/normal/..., is the positive class); folders and CSV, or one name per label of an "
                         ".npz not named after a MedMNIST set (malignant,benign) (default: all)")
     add_bit_depth_option(p, "the full 16 bits")
+    add_channels_option(p, DATA_CHANNELS)
     p.add_argument("--model", default="small_cnn",
                    help="resnet18, resnet50, vgg16, densenet121, small_cnn or mlp (adapted to channels and size)")
     p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
@@ -562,6 +563,15 @@ def add_bit_depth_option(p, default):
     p.add_argument("--bit-depth", type=int, default=None,
                    help="bits of 16-bit image files that hold the intensity, 8 to 16 (12: CT and X-ray PNGs, 4095 is "
                         f"white); folders and CSV only (default: {default})")
+
+
+DATA_CHANNELS = "the data's own: folders 1 unless an image has colour, CSV 3"
+
+
+def add_channels_option(p, default):
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help=f"read folder / CSV images as 1 channel (grayscale) or 3 (RGB); folders and CSV only (default: "
+                        f"{default})")
 
 
 def parse_classes(text):
@@ -624,8 +634,8 @@ def cmd_train_parser(sub):
     return p
 
 
-RESUME_KEYS = ("data", "classes", "bit_depth", "model", "defense", "defense_options", "dropmax", "seed", "batch_size",
-               "lr", "channels_last", "prepacked_conv", "split")
+RESUME_KEYS = ("data", "classes", "bit_depth", "channels", "model", "defense", "defense_options", "dropmax", "seed",
+               "batch_size", "lr", "channels_last", "prepacked_conv", "split")
 
 
 def demo_label(method):
@@ -673,7 +683,7 @@ def check_train_split(splits, data):
 
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
-               train_samples=None, classes=None, bit_depth=None):
+               train_samples=None, classes=None, bit_depth=None, channels=None):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
     rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
     ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume."""
@@ -681,7 +691,8 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
     run = {
         "format": "robust_ops.run/1", "data": str(data_spec(data)), "size": size,
-        "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "model": model_name,
+        "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "channels": channels,
+        "model": model_name,
         "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
                                                       for k, v in defense_options.items()},
         "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
@@ -697,8 +708,8 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
 
 # The JSON types run_record writes each setting as (null: an option not given, as a key older files lack): eval and
 # --resume read them as such, so a hand-edited or damaged value ended in a traceback deep inside them.
-RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, "model": str, "defense": str,
-                   "defense_options": dict, "dropmax": str, "channels_last": bool, "prepacked_conv": bool,
+RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, "channels": int, "model": str,
+                   "defense": str, "defense_options": dict, "dropmax": str, "channels_last": bool, "prepacked_conv": bool,
                    "epochs": int, "batch_size": int, "lr": (int, float), "seed": int, "label": str, "dataset": dict,
                    "split": dict, "train_samples": int}
 _JSON_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false",
@@ -803,7 +814,7 @@ def refuse_several_processes(command, why):
 
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
-              prepacked_conv=None, split=None, classes=None, bit_depth=None):
+              prepacked_conv=None, split=None, classes=None, bit_depth=None, channels=None):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
     from . import train as trainer
@@ -814,13 +825,13 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     prepacked_conv = prepacked_conv_resolved(prepacked_conv)
     # as the registry names it: run_record's mirst-dm -> dropmax "first" (eval's architecture) and --resume compare it
     defense_name = defense_key(defense_name)
-    splits = splits or load_data(data, size=size, seed=seed, classes=classes, bit_depth=bit_depth)
+    splits = splits or load_data(data, size=size, seed=seed, classes=classes, bit_depth=bit_depth, channels=channels)
     info = splits.info
     check_train_split(splits, data)
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
                      channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
-                     train_samples=len(splits.train), classes=classes, bit_depth=bit_depth)
+                     train_samples=len(splits.train), classes=classes, bit_depth=bit_depth, channels=channels)
     dropmax = run["dropmax"]
     import torch
 
@@ -962,7 +973,8 @@ def cmd_train(args):
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
                 out=args.out, resume=args.resume, dropmax=args.dropmax, size=args.size,
                 progress=not args.no_progress, channels_last=args.channels_last,
-                prepacked_conv=args.prepacked_conv, classes=args.classes, bit_depth=args.bit_depth)
+                prepacked_conv=args.prepacked_conv, classes=args.classes, bit_depth=args.bit_depth,
+                channels=args.channels)
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
@@ -987,7 +999,7 @@ def cmd_train(args):
 
 
 def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=None, classes=None,
-             bit_depth=None):
+             bit_depth=None, channels=None):
     """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt) or a checkpoint file (run.json beside it, or
     --data/--model given). ``channels_last`` None: the memory format the run trained in; True / False: that one."""
     target = Path(target)
@@ -1041,8 +1053,10 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     # the run's class selection applies to its own data; another selection is another split, as other data is
     classes = classes if classes is not None else run.get("classes") if same_source else None
     bit_depth = bit_depth if bit_depth is not None else run.get("bit_depth") if same_source else None
+    channels = channels if channels is not None else run.get("channels") if same_source else None
     same_data = same_source and (size is None or size == run.get("size")) and (
-        classes is None or list(classes) == run.get("classes")) and bit_depth == run.get("bit_depth")
+        classes is None or list(classes) == run.get("classes")) and bit_depth == run.get("bit_depth") and (
+        channels == run.get("channels"))
     # a folder / CSV run read at the default size: rebuilt at the size it was read at (the same images), so the
     # loader's warning that the default upscales small images, advice for a new run, is not repeated for this one
     read_at = (run.get("dataset") or {}).get("image_size") if same_data and run.get("size") is None and (
@@ -1060,7 +1074,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     else:
         # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
         splits = load_data(data, size=(read_at or run.get("size")) if size is None else size,
-                           seed=run.get("seed", 0), flag=flag, classes=classes, bit_depth=bit_depth,
+                           seed=run.get("seed", 0), flag=flag, classes=classes, bit_depth=bit_depth, channels=channels,
                            split_by=_trained_split_by(run, data, same_data))
     was = (run.get("dataset") or {}).get("class_counts")
     now = splits.info.extra.get("class_counts")
@@ -1197,6 +1211,7 @@ def cmd_eval_parser(sub):
                    help="class folders / CSV labels to keep, or an .npz's label names, in label order (default: the "
                         "ones in run.json)")
     add_bit_depth_option(p, "the one in run.json")
+    add_channels_option(p, "the one in run.json")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to attack")
     p.add_argument("--method", default=None,
                    help="name in tables (default: the run's label in run.json: its defense for train runs, e.g. "
@@ -1353,7 +1368,8 @@ def cmd_eval(args):
     check_out(out)
     device = pick_device(args.device)
     model, splits, run = load_run(args.target, data=args.data, model=args.model, size=args.size,
-                                  channels_last=args.channels_last, classes=args.classes, bit_depth=args.bit_depth)
+                                  channels_last=args.channels_last, classes=args.classes, bit_depth=args.bit_depth,
+                                  channels=args.channels)
     label = args.method or run.get("label") or run.get("defense") or "model"
     config = {"command": "eval", "target": str(args.target), "attacks": args.attacks, "eps": args.eps,
               "cascade": not args.no_cascade, "ensemble": args.ensemble, "split": args.split,
@@ -1483,7 +1499,8 @@ def cmd_demo(args):
         raise CLIError(f"--train-size: expected >= 0, got {train_size}")
     specs, radii = parse_eval_options(args)
     check_out(args.out)
-    splits = load_data(args.data, size=args.size, seed=args.seed, classes=args.classes, bit_depth=args.bit_depth)
+    splits = load_data(args.data, size=args.size, seed=args.seed, classes=args.classes, bit_depth=args.bit_depth,
+                       channels=args.channels)
     from .evaluate import EvalError, check_radii, warn_default_step_short_of_radii
 
     try:  # before any training: the radii's units are known once the data is
@@ -1524,7 +1541,7 @@ def cmd_demo(args):
                     data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=demo_label(m),
                     info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth,
-                    prepacked_conv=prepacked_conv_resolved(None)))
+                    channels=args.channels, prepacked_conv=prepacked_conv_resolved(None)))
                 if conflict:
                     raise _demo_resume_error(run_dir, conflict, args, epochs)
         # under torchrun every process trains (fit's DDP), rank 0 alone reports and evaluates, as in train
@@ -1544,7 +1561,7 @@ def cmd_demo(args):
                         data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
                         resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
-                        classes=args.classes, bit_depth=args.bit_depth)
+                        classes=args.classes, bit_depth=args.bit_depth, channels=args.channels)
                     timings[label] = time.perf_counter() - t0
                     models[label] = model
                     last = history[-1] if history else {}
@@ -1651,6 +1668,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--size", type=int, default=None,
                    help="image side length for a folder / CSV --data (default: 224) or a MedMNIST size variant")
     add_bit_depth_option(p, "the full 16 bits")
+    add_channels_option(p, DATA_CHANNELS)
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--out", type=path_text, default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
@@ -1682,7 +1700,8 @@ def cmd_reproduce(args):
     try:
         with interrupts_unwrapped():
             run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
-                         seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, device=device,
+                         seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, channels=args.channels,
+                         device=device,
                          progress=not args.no_progress, reevaluate=args.reevaluate,
                          methods=args.methods.split(",") if args.methods is not None else None)
     except EvalError as err:

@@ -498,7 +498,7 @@ def aggregate(rows, metrics):
 CV_SEED = 0  # the k-fold split's seed (fixed: every seed of a protocol sees the same folds)
 
 
-def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None):
+def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None, channels=None):
     """run.json's record of repeat ``k``'s data split, enough for :func:`rebuild_splits` (``robust-ops eval`` on a
     reproduce run) to rebuild the exact train/val/test sets it was trained and tested on."""
     if protocol.split == "kfold":
@@ -509,12 +509,14 @@ def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None):
         record["size"] = size
     if bit_depth is not None:  # --bit-depth: the scale 16-bit images were read on
         record["bit_depth"] = bit_depth
+    if channels is not None:  # --channels: grayscale or RGB
+        record["channels"] = channels
     if quick_sizes:
         record["subset"] = {"n_train": quick_sizes[0], "n_test": quick_sizes[1], "seed": k}
     return record
 
 
-def load_pool(data, size, seed, bit_depth, split_by=None):
+def load_pool(data, size, seed, bit_depth, split_by=None, channels=None):
     """The data a k-fold protocol pools, loaded with the CLI's loader. Its own train/val/test split (7:1:2 for
     sources without one) is pooled again, so that split's warning about a class too small to stratify it would
     describe parts no run uses; the folds' own splits warn for themselves. ``split_by``: as load_dataset's."""
@@ -524,7 +526,7 @@ def load_pool(data, size, seed, bit_depth, split_by=None):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*a class is too small to stratify the 0\.7/0\.1/0\.2 split")
-        return load_data(data, size=size, seed=seed, bit_depth=bit_depth, split_by=split_by)
+        return load_data(data, size=size, seed=seed, bit_depth=bit_depth, split_by=split_by, channels=channels)
 
 
 def kfold_splits(data, base, k, seed):
@@ -549,12 +551,13 @@ def rebuild_splits(data, record, base=None, folds=None, split_by=None):
     if kind == "kfold":
         if folds is None:
             base = base if base is not None else load_pool(data, record.get("size"), record.get("data_seed", 0),
-                                                           record.get("bit_depth"), split_by)
+                                                           record.get("bit_depth"), split_by, record.get("channels"))
             folds = kfold_splits(data, base, record["k"], record["cv_seed"])
         splits = folds[record["fold"]]
     elif kind == "seeds":
         splits = base if base is not None else load_data(data, size=record.get("size"), seed=record["data_seed"],
-                                                         bit_depth=record.get("bit_depth"), split_by=split_by)
+                                                         bit_depth=record.get("bit_depth"), split_by=split_by,
+                                                         channels=record.get("channels"))
     else:
         raise CLIError(f"run.json: unknown split record {record!r}; expected kind 'kfold' or 'seeds'")
     sub = record.get("subset")
@@ -647,12 +650,13 @@ def pick_methods(protocol, labels):
 
 
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
-                 progress=True, reevaluate=False, methods=None, bit_depth=None):
+                 progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None):
     """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
 
     ``methods``: the labels of the methods to train and evaluate (default: all of the protocol's); the report shows
     the published numbers of the others beside no numbers of ours. ``bit_depth``: the scale of 16-bit image files
-    in a folder / CSV ``data`` (:func:`robust_ops.data.load_dataset`).
+    in a folder / CSV ``data``, ``channels``: how many channels its images are read as (both as
+    :func:`robust_ops.data.load_dataset` takes them).
 
     Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
     before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
@@ -673,7 +677,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     out = Path(out)
     runs_dir = out / ("runs-quick" if quick else "runs")
     t_start = time.perf_counter()
-    base = load_pool(data, size, 0, bit_depth) if protocol.split == "kfold" else None
+    base = load_pool(data, size, 0, bit_depth, channels=channels) if protocol.split == "kfold" else None
     folds = kfold_splits(data, base, max(protocol.repeats, 2), CV_SEED) if base is not None else None
     if folds is not None and repeats > len(folds):
         raise CLIError(f"--seeds: {protocol.name} has {len(folds)} folds, got {repeats}")
@@ -681,9 +685,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     plan = []  # (k, tag, split record, splits, [(method, options, run_dir)]): all checked before training any
     conflicts = []  # (run_dir, conflict): every run that cannot continue, so the error names them all
     for k in range(repeats):
-        record = split_record(protocol, k, quick_sizes, size, bit_depth)
+        record = split_record(protocol, k, quick_sizes, size, bit_depth, channels)
         splits = rebuild_splits(data, record, folds=folds, base=None if folds is not None else load_data(
-            data, size=size, seed=k, bit_depth=bit_depth))
+            data, size=size, seed=k, bit_depth=bit_depth, channels=channels))
         tag = f"fold{k}" if folds is not None else f"seed{k}"
         if not splits.info.image_size and model_name != "mlp":  # make_model would tell reproduce to use --model mlp
             raise CLIError(f"--data: {protocol.name} trains {model_name}, which takes images, and "
@@ -703,7 +707,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             conflict = resume_conflict(run_dir, run_record(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
-                dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth,
+                dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth, channels=channels,
                 prepacked_conv=prepacked_conv_resolved(None), info=splits.info))  # info: image size, class counts
             if conflict:
                 conflicts.append((run_dir, conflict))
@@ -730,7 +734,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
                 out=run_dir, resume=True, dropmax=method.dropmax, size=size,
-                progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth)
+                progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth,
+                channels=channels)
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)

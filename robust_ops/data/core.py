@@ -233,7 +233,7 @@ MOONS_NAMES = ("moons", "two-moons", "two_moons", "twomoons")
 
 
 def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False, bit_depth=None,
-                 split_by=None):
+                 split_by=None, channels=None):
     """Load a dataset by spec and return ``DatasetSplits(train, val, test, info)``.
 
     spec:
@@ -253,6 +253,8 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
         error naming the file.
     split_by: how a CSV's rows are split (CSV only): None (default) as :func:`~robust_ops.data.folders.load_csv`'s
         "auto" -- by ``lesion_id`` when the CSV has that column, else by image; "image"; or a column to group by.
+    channels: how many channels image files are read as (folders and CSV only): 1 (grayscale) or 3 (RGB); None
+        (default) the loader's own: class folders 1 unless an image has colour, a CSV's images 3.
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
@@ -282,6 +284,12 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if known and bit_depth is not None and not image_files:  # would be ignored
         raise DataError(f"{text}: bit_depth= scales 16-bit image files (class folders and CSV); this source has "
                         "none -- drop bit_depth=", arg="bit_depth")
+    if (channels is not None and channels not in (1, 3)) or isinstance(channels, bool):
+        raise DataError(f"{text}: expected channels to be 1 (grayscale) or 3 (RGB), got {channels!r}", arg="channels")
+    if known and channels is not None and not image_files:  # would be ignored
+        raise DataError(f"{text}: channels= picks how image files (class folders and CSV) are read; this source's "
+                        "channels are fixed -- drop channels=", arg="channels")
+    mode = {None: None, 1: "L", 3: "RGB"}[channels]
     if known and root is not None and not medmnist_name:  # would be ignored (download= is a permission, not a request)
         raise DataError(f"{text}: root= is where MedMNIST files are looked up by name; this source is not one -- "
                         "drop root=", arg="root")
@@ -297,11 +305,10 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if low.endswith(".npz"):
         return medmnist.load_npz(path, size=size, classes=classes)
     if low.endswith(".csv"):
-        return folders.load_csv(path, size=size, seed=seed, classes=classes,
-                                bit_depth=bit_depth, split_by="auto" if split_by is None else split_by)
+        return folders.load_csv(path, size=size, seed=seed, classes=classes, bit_depth=bit_depth,
+                                split_by="auto" if split_by is None else split_by, mode=mode or "RGB")
     if path.is_dir():
-        return folders.load_busi(path, size=size, seed=seed, classes=classes,
-                                 bit_depth=bit_depth)
+        return folders.load_busi(path, size=size, seed=seed, classes=classes, bit_depth=bit_depth, mode=mode)
     if medmnist_name:
         return medmnist.load_medmnist(low, root=root, size=size, download=download)
     if path.exists():
