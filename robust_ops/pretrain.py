@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._options import check_choice, check_device, check_flags, check_int, check_real
-from .attacks.context import use_model_mode
-from .defenses._common import float32_or_wider
+from .attacks.context import float32_or_wider, use_model_mode
 from .train import _torch_seed, check_trainable_precision
 
 HEAD_NAMES = ("fc", "classifier", "head")

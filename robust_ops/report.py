@@ -9,8 +9,7 @@ from collections import Counter
 
 import torch
 
-from .attacks.context import classification_loss, is_single_logit, model_device, use_model_mode
-from .defenses._common import float32_or_wider
+from .attacks.context import classification_loss, float32_or_wider, is_single_logit, model_device, use_model_mode
 from .metrics import METRIC_LABELS, metric_names
 
 

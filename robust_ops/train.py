@@ -53,7 +53,7 @@ from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import (HALF_DTYPES, check_output, classification_loss, forward_naming_input_mismatch,
                               is_single_logit, num_classes_of, predict_from_output, use_model_mode)
-from .defenses._common import ONE_SAMPLE_BATCH_NORM, float32_or_wider
+from .defenses._common import ONE_SAMPLE_BATCH_NORM
 from .defenses.base import _as_tuples, _plain
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -747,8 +747,8 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):  # BCE would take label 2 as a target silently
                 raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} output classes, got "
                                  f"values in [{int(y.min())}, {int(y.max())}]")
-            # half upcast (their sums overflow), float64 kept as the training loss is
-            loss_sum += float(classification_loss(float32_or_wider(out), y, reduction="sum"))
+            # half precision upcast by classification_loss (their sums overflow), float64 kept as the training loss is
+            loss_sum += float(classification_loss(out, y, reduction="sum"))
             correct += int((predict_from_output(out) == y).sum())
             total += y.numel()
     return {"val_loss": loss_sum / max(total, 1), "val_acc": correct / max(total, 1)}

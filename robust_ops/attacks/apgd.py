@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .. import functional
 from .._options import check_flags
 from .base import Attack
-from .context import (InputGradScale, attack_context, check_gradients_possible, check_inputs, is_single_logit,
-                      predict_from_output, two_logits)
+from .context import (InputGradScale, attack_context, check_gradients_possible, check_inputs, float32_or_wider,
+                      is_single_logit, predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_linf_step_resolution, check_norm, check_steps, clean_logits,
                    forward, per_sample, project_l1, runner_up_targets)
 from .pgd import make_generator
@@ -71,7 +71,8 @@ def effective_loss(loss, num_classes, targeted):
 def per_sample_loss(out, loss, y, target):
     """Per-sample objective APGD ascends. Untargeted (target None): CE(z, y), DLR(z, y) or the CW margin
     -(z_y - max_{j!=y} z_j). Targeted: -CE(z, t), targeted DLR, or z_t - max_{j!=t} z_j."""
-    z = two_logits(out) if is_single_logit(out) else out
+    # half precision upcast (classification_loss's reason; DLR's 1e-12 guard is 0 in float16)
+    z = float32_or_wider(two_logits(out) if is_single_logit(out) else out)
     if target is None:
         if loss == "ce":
             return F.cross_entropy(z, y, reduction="none")

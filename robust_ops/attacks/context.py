@@ -255,8 +255,16 @@ def predict_from_output(out):
     return out.argmax(1)
 
 
+def float32_or_wider(out):
+    """``out`` for softmax and log arithmetic: half precision upcast to float32, float64 kept."""
+    return out.to(torch.promote_types(out.dtype, torch.float32))
+
+
 def classification_loss(out, y, reduction="mean"):
-    """Cross-entropy for [N, K] logits, binary cross-entropy with logits for single-logit outputs."""
+    """Cross-entropy for [N, K] logits, binary cross-entropy with logits for single-logit outputs; in float32 for
+    float16 / bfloat16 outputs, as autocast computes it: in the half dtype 1 - p_y rounds to 0 for a confident sample
+    (bfloat16: below 2**-9), and with it the true class's share of the gradient (docs/attacks.md)."""
+    out = float32_or_wider(out)
     if is_single_logit(out):
         return F.binary_cross_entropy_with_logits(out.reshape(-1), y.to(out.dtype), reduction=reduction)
     return F.cross_entropy(out, y, reduction=reduction)

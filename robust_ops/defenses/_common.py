@@ -5,8 +5,9 @@ import torch
 import torch.distributed as dist
 
 from .._options import check_choice, check_flags, check_int, check_real  # noqa: F401  (the defenses import them here)
-from ..attacks.context import (MODEL_MODES, check_class_labels, classification_loss, is_single_logit, two_logits,
-                               use_model_mode)
+from ..attacks.context import (MODEL_MODES, check_class_labels, classification_loss,
+                               float32_or_wider,  # noqa: F401  (the defenses import it here)
+                               is_single_logit, two_logits, use_model_mode)
 from ..attacks.core import check_labels_against
 from .base import Defense
 
@@ -45,11 +46,6 @@ def per_sample_ce(out, y):
 def as_two_class(out):
     """[N, K] logits unchanged; single logits as the equivalent [N, 2] logits (softmax == [1 - sigmoid, sigmoid])."""
     return two_logits(out) if is_single_logit(out) else out
-
-
-def float32_or_wider(out):
-    """``out`` for softmax and log arithmetic: half precision upcast to float32, float64 kept."""
-    return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
 def kl_per_sample(log_p, log_q):
