@@ -140,7 +140,8 @@ def test_float32_is_the_plain_autograd_grad(monkeypatch):
     model, (x, y) = Threshold(k=5.0).eval(), confident_data(offset=0.1)
     kw = dict(param_grad_weights={0: 1.0, 10: 0.25}, random_start=True, generator=torch.Generator().manual_seed(3))
     got = pgd(model, x, y, **kw)
-    monkeypatch.setattr(InputGradScale, "grad", lambda self, objective, inputs, create_graph=False, allow_unused=False:
+    monkeypatch.setattr(InputGradScale, "grad",
+                        lambda self, objective, inputs, create_graph=False, allow_unused=False, direction_only=False:
                         torch.autograd.grad(objective, list(inputs), create_graph=create_graph,
                                             allow_unused=allow_unused))
     kw["generator"] = torch.Generator().manual_seed(3)
@@ -297,3 +298,25 @@ def test_a_half_models_attack_loss_keeps_the_true_classs_gradient(dtype, attack)
         x_adv, _ = gen_adv(model, x, y, 8 / 255, steps=1, norm="linf")
     assert x_adv.dtype == dtype
     assert bool((x_adv < x).all())
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd", "gen_adv"])
+def test_a_float16_models_own_input_gradient_is_loss_scaled(attack):
+    """A model.half() attacked with float16 inputs (no autocast): its input gradient underflowed float16 just as
+    under autocast, all 0 for these confident samples, and PGD, APGD and IMA's GenAdv returned all 16 unmoved.
+    The attacks' steps use only the gradient's direction, so it is now loss-scaled and left scaled (divided back
+    in float16 it would underflow again); a bfloat16 model's (float32's range) was never lost."""
+    from robust_ops import attacks
+
+    model, (x, y) = Threshold().eval().half(), confident_data()
+    x = x.half()
+    if attack == "pgd":
+        x_adv = pgd(model, x, y).x_adv
+    elif attack == "apgd":
+        x_adv = attacks.apgd(model, x, y, eps=8 / 255, steps=10)
+    else:
+        x_adv, _ = gen_adv(model, x, y, 8 / 255, norm="linf")
+    assert x_adv.dtype == torch.float16
+    assert bool(((x_adv - x).flatten(1).abs().amax(1) > 0).all())
+    if attack != "gen_adv":  # GenAdv returns the last point on the correct side
+        assert success(model, x_adv, y) == 16

@@ -441,7 +441,7 @@ class _Problem:
             _check_not_nan(self.name, "loss_fn(output, y)", loss, rows, weight)
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
         counter.backward(self.padded_rows(xs.shape[0]))
-        (grad,) = self.grad_scale.grad(total, [xs])
+        (grad,) = self.grad_scale.grad(total, [xs], direction_only=True)
         return grad
 
 

@@ -184,7 +184,7 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
             with torch.enable_grad():
                 out = forward(name, model, xg)
                 per = per_sample_loss(out, loss, y, target)
-                (g_pass,) = grad_scale.grad(per.sum(), [xg])
+                (g_pass,) = grad_scale.grad(per.sum(), [xg], direction_only=True)
                 # under float16 autocast the graph was retained: freed here, not after the next pass's forward
                 out, per = out.detach(), per.detach()
             g = g_pass if g is None else g + g_pass

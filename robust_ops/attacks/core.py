@@ -389,6 +389,7 @@ def run_pgd(
         grad_transform (callable ``(grad, t) -> Tensor``): what the step ``t`` (0-based) moves along instead of the
             input gradient ``grad`` (same shape; e.g. MI-FGSM's momentum, input-gradient smoothing): attacks that
             change the gradient between steps keep the checks, modes and fused step of this loop (docs/attacks.md).
+            For float16 inputs ``grad`` is loss-scaled, times a power of two (InputGradScale's direction_only).
         step_noise (float >= 0): each step also adds ``step_noise * N(0, 1)`` (drawn with ``generator``) to the iterate
             of every sample still moving, before the projection: ``x <- clip(P(x + alpha*sign(g) + step_noise*n))``,
             FAT's reference code's omega. 0: no noise, no draws.
@@ -467,7 +468,7 @@ def run_pgd(
                         checked = True
                     objective = attack_loss(out, y, loss, targeted, kappa)
                     if want_params:
-                        grads = grad_scale.grad(objective, [xg] + params, allow_unused=True)
+                        grads = grad_scale.grad(objective, [xg] + params, allow_unused=True, direction_only=True)
                         grad = grads[0]
                         if grad is None:  # without param_grad_weights torch's own error says so
                             raise RuntimeError(f"{name}: the model's output does not depend on its input x")
@@ -478,7 +479,7 @@ def run_pgd(
                                 reached[i] = True
                         emitted_losses.append(float(objective.detach()))
                     else:
-                        (grad,) = grad_scale.grad(objective, [xg])
+                        (grad,) = grad_scale.grad(objective, [xg], direction_only=True)
                     # under float16 autocast the graph was retained: freed here, not after the next step's forward
                     out, objective = out.detach(), None
             finally:
