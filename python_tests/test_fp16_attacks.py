@@ -320,3 +320,30 @@ def test_a_float16_models_own_input_gradient_is_loss_scaled(attack):
     assert bool(((x_adv - x).flatten(1).abs().amax(1) > 0).all())
     if attack != "gen_adv":  # GenAdv returns the last point on the correct side
         assert success(model, x_adv, y) == 16
+
+
+def test_apgd_eot_sums_its_passes_at_one_scale(monkeypatch):
+    """A float16 input's EOT passes come back loss-scaled (direction_only), and an overflow can halve the scale
+    between two passes: the sum so far is brought to the new scale, so the passes keep equal weight. Stand-in
+    gradients a, b returned at scales 4 then 2 must step as a, b returned unscaled (before: 4a + 2b)."""
+    from robust_ops.attacks import apgd
+
+    model, (x, y) = Threshold().eval(), confident_data()
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    b = 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(torch.sign(a + b), torch.sign(4 * a + 2 * b))
+
+    def passes(scales):
+        calls = iter(range(10 ** 6))
+
+        def grad(self, objective, inputs, create_graph=False, allow_unused=False, direction_only=False):
+            k = next(calls) % 2
+            self.first_scale = scales[k]
+            return ((a, b)[k] * scales[k],)
+        return grad
+
+    runs = []
+    for scales in ((1.0, 1.0), (4.0, 2.0)):
+        monkeypatch.setattr(InputGradScale, "grad", passes(scales))
+        runs.append(apgd(model, x, y, eps=8 / 255, steps=3, eot_iter=2, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(runs[0], runs[1])

@@ -179,7 +179,7 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
 
     def evaluate(point):
         xg = point.detach().requires_grad_(True)
-        g = None
+        g, g_scale = None, 1.0
         for _ in range(eot_iter):
             with torch.enable_grad():
                 out = forward(name, model, xg)
@@ -187,9 +187,16 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
                 (g_pass,) = grad_scale.grad(per.sum(), [xg], direction_only=True)
                 # under float16 autocast the graph was retained: freed here, not after the next pass's forward
                 out, per = out.detach(), per.detach()
-            g = g_pass if g is None else g + g_pass
+            if g is None:
+                g, g_scale = g_pass, grad_scale.first_scale
+                continue
+            if g.dtype in (torch.float16, torch.bfloat16):
+                g = g.float()  # a float16 input's loss-scaled passes would overflow their sum
+            if grad_scale.first_scale != g_scale:  # an overflow halved the scale: the sum so far at the new one
+                g, g_scale = g * (grad_scale.first_scale / g_scale), grad_scale.first_scale
+            g = g + g_pass
         if eot_iter > 1:  # AutoAttack's arithmetic, a sum then one division: a deterministic model gives its points
-            g = g / float(eot_iter)
+            g = (g / float(eot_iter)).to(xg.dtype)
         # loss and success from the last pass, as AutoAttack's
         pred = predict_from_output(out.detach())
         return per.detach(), g, (pred == label) if success_is_target else (pred != label)

@@ -443,6 +443,7 @@ class InputGradScale:
     def __init__(self):
         self.value = self.initial
         self.retries = 0  # backwards redone after an overflow (tests, benchmarks)
+        self.first_scale = 1.0  # the factor the last call's first gradient carries (not 1: direction_only's)
 
     def grad(self, objective, inputs, create_graph=False, allow_unused=False, direction_only=False):
         """allow_unused: None for an input the objective does not depend on (torch.autograd.grad's).
@@ -452,6 +453,7 @@ class InputGradScale:
         in float16, a confident sample's gradient underflows to 0 again. The other inputs' gradients are unscaled."""
         inputs = list(inputs)
         keep_scaled = direction_only and inputs[0].dtype == torch.float16
+        self.first_scale = 1.0
         if not (keep_scaled or fp16_autocast(inputs[0].device.type)):
             return torch.autograd.grad(objective, inputs, create_graph=create_graph, allow_unused=allow_unused)
         # a float16 objective times 2**16 would overflow before any backward (float64 stays float64)
@@ -463,6 +465,7 @@ class InputGradScale:
                                         allow_unused=allow_unused)
             finite = bool(torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all())
             if finite or scale <= 1.0:
+                self.first_scale = scale if keep_scaled else 1.0
                 return tuple(g if g is None or scale == 1.0 or (i == 0 and keep_scaled) else g / scale
                              for i, g in enumerate(grads))
             self.value = scale / 2
