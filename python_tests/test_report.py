@@ -206,6 +206,31 @@ def test_radius_figure_title_fits_a_long_dataset_name(tmp_path, monkeypatch):
     assert figures[1]._suptitle.get_text() == "Accuracy vs radius on d — SYNTHETIC DATA"  # short: one line
 
 
+def test_saliency_panel_titles_fit_long_class_names(tmp_path, monkeypatch):
+    """A DermaMNIST-style set names its classes in words: "true actinic keratoses and intraepithelial carcinoma" over
+    a 2.2 in column ran past the figure's left edge, cut off, and into the next column's title. Panel titles are
+    wrapped to their column, as the figure's title is to the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    names = ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions",
+             "dermatofibroma", "melanoma", "melanocytic nevi", "colorectal adenocarcinoma epithelium")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 7))
+    x, y = torch.rand(3, 3, 6, 6), torch.tensor([0, 6, 2])
+    figures = _record_figures(monkeypatch)
+    info = DatasetInfo("dermlike", 7, 3, 6, names)
+    assert report.plot_saliency(model, x, y, tmp_path / "s.png", info=info, title="MIRST-DM")
+    fig = figures[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes]
+    assert all(0 <= b.x0 and b.x1 <= fig.bbox.width for b in boxes)
+    for row in range(3):  # neighbours in a row do not overlap
+        left, middle, right = boxes[3 * row:3 * row + 3]
+        assert left.x1 <= middle.x0 and middle.x1 <= right.x0
+    # wrapped, not cut: every word of the class names is still there
+    assert " ".join(fig.axes[0].get_title().split()) == f"true {names[0]} pred " + names[int(model(x[:1]).argmax())]
+
+
 class _Net(nn.Module):
     """conv -> linear; ``single``: one logit z, else the two logits (-z/2, z/2) (the same decision, half scale)."""
 

@@ -237,26 +237,35 @@ def _figure(rows, cols, figsize, **kwargs):
 
 
 def _save(fig, path):
-    _wrap_suptitle(fig)
+    _wrap_titles(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def _wrap_suptitle(fig):
-    """Wrap the figure's title to its width: a long dataset name on a one-panel figure (one attack: 3.6 in wide,
-    e.g. "COVID-19_Radiography_Dataset") ran past both edges and was cut off."""
-    title = fig._suptitle
-    if title is None:
-        return
+def _wrap_titles(fig):
+    """Wrap the figure's title to its width and each panel's title to its column's: a long dataset name on a
+    one-panel figure (one attack: 3.6 in wide, e.g. "COVID-19_Radiography_Dataset") ran past both edges, and a long
+    class name in a saliency panel's "true ... / pred ..." (2.2 in a column, e.g. DermaMNIST-style "actinic keratoses
+    and intraepithelial carcinoma") ran into the next column's title and past the figure's edge, cut off."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     renderer = FigureCanvasAgg(fig).get_renderer()
-    lines = title.get_text().split("\n")
+    if fig._suptitle is not None:
+        _wrap_text(fig._suptitle, 0.95 * fig.bbox.width, renderer)
+    for ax in fig.axes:
+        spec = ax.get_subplotspec()
+        if spec is not None and ax.title.get_text():
+            _wrap_text(ax.title, 0.95 * fig.bbox.width / spec.get_gridspec().ncols, renderer)
+
+
+def _wrap_text(text, width, renderer):
+    """Wrap a matplotlib Text's lines until it is at most ``width`` pixels wide (or lines are 10 characters)."""
+    lines = text.get_text().split("\n")
     chars = max(map(len, lines))
     # measured after each try: glyph widths differ ("MMMM" is wider than the average a single estimate assumed)
-    while title.get_window_extent(renderer).width > 0.95 * fig.bbox.width and chars > 10:
+    while text.get_window_extent(renderer).width > width and chars > 10:
         chars = max(10, int(chars * 0.85))
-        title.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
+        text.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
 
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
