@@ -1380,6 +1380,37 @@ def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(dtyp
         evaluate(Raises(), data, INFO, attacks=("fgsm",), eps=(0.01,))
 
 
+def test_a_model_built_for_other_channels_or_image_sizes_is_named_with_the_fix():
+    """A DermaMNIST-like 3-channel model given 1-channel images (the info of another dataset, or the model of
+    another run) failed in the clean pass with torch's "expected input[24, 1, 12, 12] to have 3 channels" from
+    inside its first layer, and an MLP built for 8x8 images given 12x12 ones with "mat1 and mat2 shapes cannot be
+    multiplied": neither named the data, the layer or the fix."""
+    from robust_ops.models import build_model
+
+    with pytest.raises(EvalError, match=r"^rgb: evaluate: the model's input layer 'features.0' \(Conv2d\) takes "
+                                        r"in_channels=3, but the inputs of dataset \(\[1, 12, 12\] each\) reach it "
+                                        r"with 1 channels; build the model for the data's channels and image size "
+                                        r"\(robust_ops.models.build_model\(name, info.in_channels, info.num_classes, "
+                                        r"info.image_size\)\)$") as err:
+        evaluate(build_model("small_cnn", 3, 2, 12), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), method="rgb")
+    assert err.value.arg == "model"
+    with pytest.raises(EvalError, match=r"input layer 'net.0' \(Linear\) takes in_features=64, but the inputs of "
+                                        r"dataset \(\[1, 12, 12\] each\) reach it with 144 features; build the model"):
+        evaluate(build_model("mlp", 1, 2, 8), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,))
+
+    class FailsLater(nn.Module):  # its input layer takes the inputs: the model's own error is not renamed
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            self.conv(x)
+            raise RuntimeError("the model's own")
+
+    with pytest.raises(RuntimeError, match=r"^the model's own$"):
+        evaluate(FailsLater(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,))
+
+
 def test_a_finished_write_removes_the_staging_folders_killed_writers_left(tmp_path):
     """docs/cli.md, Errors: results are staged in ``.<out>.partial-XXXXXXXX`` beside ``out`` and moved in when
     complete; a command killed before the move (SIGKILL) cannot remove its staging folder, and each kill left another

@@ -920,7 +920,10 @@ def test_validation_inputs_holding_nan_are_refused_naming_the_items():
      r"^fit \(validation\): the inputs of val_data are torch.float64, but the model's parameters are torch.float32"),
     (TensorDataset(torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 5, 0])), r"^fit \(validation\): expected labels in "
                                                                          r"\[0, 2\) .*got values in \[0, 5\]$"),
-    (TensorDataset(torch.rand(4, 1, 5, 5), torch.zeros(4, dtype=torch.long)), r"shapes cannot be multiplied"),
+    (TensorDataset(torch.rand(4, 1, 5, 5), torch.zeros(4, dtype=torch.long)),
+     r"^fit \(validation\): the model's input layer 'net.1' \(Linear\) takes in_features=16, but the inputs of "
+     r"val_data \(\[1, 5, 5\] each\) reach it with 25 features; build the model for the data's channels and image "
+     r"size"),
 ])
 def test_a_val_data_the_model_cannot_score_fails_before_the_first_step(tmp_path, val, error):
     """docs/training.md, Validation: validation's checks ran after the first epoch only, whose training was lost
@@ -931,6 +934,19 @@ def test_a_val_data_the_model_cannot_score_fails_before_the_first_step(tmp_path,
     with pytest.raises((ValueError, TypeError, RuntimeError), match=error):
         fit(model, "standard", _data(16), val, epochs=2, batch_size=8, out_dir=tmp_path, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no step ran
+
+
+def test_a_model_built_for_other_channels_is_named_with_the_fix_before_the_first_step():
+    """A 1-channel model given 3-channel DermaMNIST-like images failed with torch's "expected input[2, 3, 4, 4] to
+    have 1 channels" from inside its first layer, naming neither train_data nor the fix."""
+    from robust_ops.attacks.context import InputShapeError
+    from robust_ops.models import build_model
+
+    rgb = TensorDataset(torch.rand(8, 3, 4, 4), torch.arange(8) % 7)
+    with pytest.raises(InputShapeError, match=r"^fit: the model's input layer 'features.0' \(Conv2d\) takes "
+                                              r"in_channels=1, but the inputs of train_data \(\[3, 4, 4\] each\) "
+                                              r"reach it with 3 channels; build the model for the data's channels"):
+        fit(build_model("small_cnn", 1, 7, 4), "standard", rgb, epochs=1, batch_size=4, progress=False)
 
 
 def test_a_nan_loss_from_nan_inputs_names_the_items_holding_them():

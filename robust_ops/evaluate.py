@@ -47,7 +47,7 @@ from torch.utils.data import TensorDataset
 from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import accepted_options, check_device, check_flags, check_int, class_labels
-from .attacks.context import (InputDtypeError, check_attack_output, check_inside_ball, check_output,
+from .attacks.context import (InputDtypeError, InputShapeError, check_attack_output, check_inside_ball, check_output,
                               forward_naming_input_mismatch, model_device, predict_from_output, use_model_mode)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, metric_names,
                       positive_class_problem, probabilities)
@@ -409,6 +409,8 @@ def predict_logits(model, x, batch_size=256, device="cpu"):
                 out = forward_naming_input_mismatch("evaluate", "dataset", model, xb)
             except InputDtypeError as err:
                 raise EvalError("data", str(err)) from None
+            except InputShapeError as err:  # a model built for another dataset's channels or image size
+                raise EvalError("model", str(err)) from None
             try:  # a tuple output was "'tuple' object has no attribute 'dim'", one row per batch a metrics error
                 check_output("evaluate", out, xb.shape[0])
             except ValueError as err:

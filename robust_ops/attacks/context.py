@@ -192,13 +192,64 @@ class InputDeviceError(ValueError):
     """:func:`forward_naming_input_mismatch`'s refusal of inputs on another device than the model."""
 
 
+class InputShapeError(ValueError):
+    """:func:`forward_naming_input_mismatch`'s refusal of inputs whose channels (or features) the model's input layer
+    was not built for."""
+
+
+class _InputLayerReached(Exception):
+    """Stops :func:`_input_layer_problem`'s forward at the first convolution or linear layer."""
+
+
+def _input_layer_problem(model, x, split):
+    """Why the first convolution or linear layer the forward on ``x`` reaches cannot take what reaches it (another
+    channel or feature count: a model built for another dataset), or None. The forward stops at that layer."""
+    layers = {m: n for n, m in model.named_modules()
+              if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))
+              and not isinstance(m, torch.nn.modules.lazy.LazyModuleMixin)}
+    reached = []
+
+    def stop(layer, args):
+        reached.append((layer, args[0] if args else None))
+        raise _InputLayerReached
+
+    hooks = [m.register_forward_pre_hook(stop) for m in layers]
+    try:  # eval mode without gradients, as fails_also's forward: no statistics move
+        with torch.no_grad(), use_model_mode(model, "eval"):
+            model(x)
+    except _InputLayerReached:
+        pass
+    except Exception:  # noqa: BLE001 -- it failed before any such layer: torch's error says why
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    if not reached or not torch.is_tensor(reached[0][1]):
+        return None
+    layer, got = reached[0]
+    shape = list(x.shape[1:])
+    if isinstance(layer, torch.nn.Linear):
+        if got.dim() >= 1 and got.shape[-1] != layer.in_features:
+            return (f"the model's input layer {layers[layer]!r} (Linear) takes in_features={layer.in_features}, "
+                    f"but the inputs of {split} ({shape} each) reach it with {got.shape[-1]} features")
+        return None
+    # a convolution: only batched inputs [N, C, ...] (an unbatched one's dim 1 is no channel count)
+    if got.dim() == len(layer.kernel_size) + 2 and got.shape[1] != layer.in_channels:
+        return (f"the model's input layer {layers[layer]!r} ({type(layer).__name__}) takes "
+                f"in_channels={layer.in_channels}, but the inputs of {split} ({shape} each) reach it with "
+                f"{got.shape[1]} channels")
+    return None
+
+
 def forward_naming_input_mismatch(name, split, model, x):
     """model(x), in the caller's mode and gradient setting; a forward that fails only because x is not in the dtype
     of the model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and
     the fix: torch's "Input type (double) and bias type (float) should be the same" came from inside the model's first
     layer (float64 images from numpy's x / 255.0, uint8 ones). A model that converts its inputs itself runs as is.
     Likewise x on another device than the model (CPU images from a data loader, a CUDA model: torchattacks moved them
-    itself) is a one-line InputDeviceError (a ValueError) naming both devices, not torch's error from a layer."""
+    itself) is a one-line InputDeviceError (a ValueError) naming both devices, not torch's error from a layer. And x
+    whose channel (or feature) count the first convolution or linear layer it reaches was not built for is a one-line
+    InputShapeError (a ValueError) naming the layer and both counts."""
     try:
         return model(x)
     except RuntimeError as err:
@@ -221,15 +272,23 @@ def forward_naming_input_mismatch(name, split, model, x):
                                    f"move the inputs to the model's device (x.to('{device}'), and the labels) or the "
                                    "model to theirs") from None
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        if len(dtypes) != 1 or x.dtype in dtypes:
-            raise
-        (dtype,) = dtypes
-        if fails_also(x.to(dtype)):
-            raise err from None
-        fix = ("make them floating-point images in the value range (x.float() / 255 for 8-bit ones)"
-               if not x.is_floating_point() else f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
-        raise InputDtypeError(f"{name}: the inputs of {split} are {x.dtype}, but the model's parameters are "
-                              f"{dtype}; {fix}") from None
+        if len(dtypes) == 1 and x.dtype not in dtypes:
+            (dtype,) = dtypes
+            if not fails_also(x.to(dtype)):
+                fix = ("make them floating-point images in the value range (x.float() / 255 for 8-bit ones)"
+                       if not x.is_floating_point() else
+                       f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
+                raise InputDtypeError(f"{name}: the inputs of {split} are {x.dtype}, but the model's parameters are "
+                                      f"{dtype}; {fix}") from None
+        # a model built for another dataset (3-channel DermaMNIST-like images on a 1-channel model, an MLP built for
+        # 64x64 images given 28x28 ones): torch's "expected input[128, 1, 28, 28] to have 3 channels" or "mat1 and
+        # mat2 shapes cannot be multiplied (2x2352 and 12288x10)" named neither the data nor the fix
+        problem = _input_layer_problem(model, x, split)
+        if problem:
+            raise InputShapeError(f"{name}: {problem}; build the model for the data's channels and image size "
+                                  "(robust_ops.models.build_model(name, info.in_channels, info.num_classes, "
+                                  "info.image_size))") from None
+        raise
 
 
 def check_output(name, out, n):
