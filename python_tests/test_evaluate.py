@@ -1380,6 +1380,26 @@ def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(dtyp
         evaluate(Raises(), data, INFO, attacks=("fgsm",), eps=(0.01,))
 
 
+def test_rows_carry_the_confusion_matrix_of_their_predictions():
+    """A 7-class (DermaMNIST-like, RGB) set's rows held only macro averages: which classes an attack breaks was
+    nowhere in results.json. Each row carries its confusion counts (row = true class), worst-case rows too."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(21, 3, 6, 6, generator=g), torch.arange(21) % 7
+    info = DatasetInfo("dermlike", 7, 3, 6, tuple("abcdefg"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 7))
+    rows = evaluate(model, TensorDataset(x, y), info, attacks="fgsm,pgd:steps=2", eps="8/255", method="m")
+    assert [r["attack"] for r in rows] == ["none", "fgsm", "pgd(steps=2)", "worst-case"]
+    for r in rows:
+        cm = np.array(r["confusion"])
+        assert cm.shape == (7, 7) and cm.sum(1).tolist() == [3] * 7
+        assert cm.trace() / 21 == pytest.approx(r["accuracy"])
+        assert np.nanmean(np.diag(cm) / cm.sum(1)) == pytest.approx(r["sensitivity"])
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert rows[0]["confusion"] == [[int(((y == i) & (pred == j)).sum()) for j in range(7)] for i in range(7)]
+
+
 def test_a_model_built_for_other_channels_or_image_sizes_is_named_with_the_fix():
     """A DermaMNIST-like 3-channel model given 1-channel images (the info of another dataset, or the model of
     another run) failed in the clean pass with torch's "expected input[24, 1, 12, 12] to have 3 channels" from

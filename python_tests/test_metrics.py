@@ -8,7 +8,7 @@ import torch
 from sklearn import metrics as skm
 
 from robust_ops.attacks.context import predict_from_output as predict
-from robust_ops.metrics import classification_metrics, probabilities
+from robust_ops.metrics import classification_metrics, confusion_counts, probabilities
 
 Y = np.array([0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1])
 P1 = np.array([0.1, 0.6, 0.3, 0.8, 0.4, 0.9, 0.7, 0.2, 0.55, 0.45, 0.35, 0.95])  # P(class 1)
@@ -388,3 +388,13 @@ def test_log_odds_keep_apart_a_class_that_nearly_ties_with_another():
     assert m["auc"] == pytest.approx(np.mean([skm.roc_auc_score(y == c, scores[:, c]) for c in range(3)]))
     auc0 = skm.roc_auc_score(y == 0, scores[:, 0])
     assert auc0 == 1.0 and skm.roc_auc_score(y == 0, probabilities(logits)[:, 0].numpy()) < 1.0
+
+
+def test_confusion_counts_match_sklearn_with_every_class_listed():
+    # rows: true class, columns: predicted; a class absent from both (3 here) keeps its row and column of zeros
+    y, pred = np.array([0, 1, 2, 2, 4, 4, 1]), np.array([0, 2, 2, 1, 4, 0, 1])
+    assert confusion_counts(y, pred, num_classes=5) == skm.confusion_matrix(y, pred, labels=range(5)).tolist()
+    assert confusion_counts(torch.tensor([1]), torch.tensor([0]), num_classes=2) == [[0, 0], [1, 0]]
+    assert confusion_counts([], [], num_classes=3) == [[0] * 3] * 3
+    with pytest.raises(ValueError, match=r"expected y_pred in \[0, 3\), got values in \[0, 3\]"):
+        confusion_counts([0, 1], [0, 3], num_classes=3)

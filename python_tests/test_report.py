@@ -151,6 +151,25 @@ def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
     assert "(2 classes, positive class 1 = b; sensitivity is the recall of the positive class)" in text
 
 
+def test_markdown_report_gives_each_class_recall_for_multi_class_tasks():
+    """A multi-class report showed macro averages only: an attack that breaks one class (melanoma) and spares the
+    others was invisible. Its rows' confusion counts give each class's recall; "–" for a class without samples."""
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=5, accuracy=0.6, f1=0.5, sensitivity=0.5,
+               specificity=0.8, precision=0.5, auc=0.9, map=0.8, confusion=[[2, 1, 0], [0, 0, 0], [0, 1, 1]])
+    adv = dict(row, attack="pgd", norm="linf", eps=2 / 255, confusion=[[0, 3, 0], [0, 0, 0], [0, 1, 1]])
+    doc = _doc([row, adv], num_classes=3)
+    doc["dataset"]["positive_class"] = None
+    text = report.markdown_report(doc)
+    assert "## Per-class recall" in text
+    assert ("| method | attack | norm | ε | n | a | b | c |\n|---|---|---|---|---|---|---|---|\n"
+            "| M | no attack | – | 0 | 5 | 0.667 | – | 0.500 |\n"
+            "| M | pgd | linf | 2/255 | 5 | 0.000 | – | 0.500 |") in text
+    # binary reports have sensitivity and specificity, the two recalls; reproduce's means have no counts
+    assert "Per-class recall" not in report.markdown_report(_doc([dict(row, confusion=[[1, 0], [1, 1]])]))
+    doc["rows"] = [{k: v for k, v in r.items() if k != "confusion"} for r in (row, adv)]
+    assert "Per-class recall" not in report.markdown_report(doc)
+
+
 def test_markdown_report_links_its_figures_and_states_its_configuration_and_environment():
     # report.md shows the figures written beside it, the settings results.json records and the versions that made
     # it ("git unknown" outside a checkout); an empty configuration gets no section

@@ -49,8 +49,8 @@ from ._import_path import PATH_HINT, is_import_path
 from ._options import accepted_options, check_device, check_flags, check_int, class_labels
 from .attacks.context import (InputDtypeError, InputShapeError, check_attack_output, check_inside_ball, check_output,
                               forward_naming_input_mismatch, model_device, predict_from_output, use_model_mode)
-from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, metric_names,
-                      positive_class_problem, probabilities)
+from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
+                      metric_names, positive_class_problem, probabilities)
 
 SCHEMA = "robust_ops.results/1"
 
@@ -449,7 +449,8 @@ def _row(method, attack, norm, eps, y, pred, logits, info):
     # evaluate refused a positive class that does not fit the class count before the first forward
     metrics = classification_metrics(y, pred, num_classes=info.num_classes, positive_class=info.positive_class,
                                      logits=logits)
-    return {"method": method, "attack": attack, "norm": norm, "eps": float(eps), **metrics}
+    return {"method": method, "attack": attack, "norm": norm, "eps": float(eps), **metrics,
+            "confusion": confusion_counts(y, pred, num_classes=info.num_classes)}
 
 
 def check_radii(specs, radii, info):

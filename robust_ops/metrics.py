@@ -126,6 +126,14 @@ def _labels(name, a, num_classes):
     return a
 
 
+def confusion_counts(y_true, y_pred, *, num_classes):
+    """The confusion matrix as ``num_classes`` lists of ``num_classes`` ints: row i, column j counts the samples of
+    class i predicted as class j (evaluation rows' ``confusion``; the per-class view macro averages hide)."""
+    y_true, y_pred = _labels("y_true", y_true, num_classes), _labels("y_pred", y_pred, num_classes)
+    counts = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).tolist()
+
+
 def positive_class_problem(num_classes, positive_class):
     """Why ``positive_class`` does not fit a ``num_classes``-class task, or None when it does."""
     # an int: 1.0 == 1 passed the membership test and then failed as an index

@@ -117,6 +117,21 @@ def pivot_table(rows, metric, methods=None):
     return "\n".join(lines)
 
 
+def per_class_recall_table(rows, class_names):
+    """One line per row that holds ``confusion`` counts (evaluation rows; reproduce's means over runs do not), one
+    column per class: the share of the class's samples predicted as it (its recall), "–" for a class without samples
+    in the evaluated set. A multi-class report's macro averages do not show which classes an attack breaks."""
+    head = ["method", "attack", "norm", "ε", "n"] + [str(c) for c in class_names]
+    lines = [_table_line(head), "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("confusion") is None:
+            continue
+        recall = [fmt(line[i] / sum(line) if sum(line) else None) for i, line in enumerate(r["confusion"])]
+        lines.append(_table_line([r["method"], "no attack" if r["attack"] == "none" else r["attack"],
+                                  r.get("norm") or "–", format_eps(r["eps"]), str(r.get("n", ""))] + recall))
+    return "\n".join(lines)
+
+
 def _paper_match(candidates, paper_row):
     """Our row for a paper row: the one with the paper row's norm when it names one; a ValueError when rows of
     several norms match and the paper row does not say which (the last one would silently win)."""
@@ -214,6 +229,10 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     note = undefined_note(rows, metrics, binary)
     if note:
         lines += [note, ""]
+    if not binary and any(r.get("confusion") is not None for r in rows):  # binary: sensitivity and specificity
+        lines += ["## Per-class recall", "", "Share of each class's samples predicted as that class (results.json's "
+                  "`confusion`: row = true class, column = predicted class, label order).", "",
+                  per_class_recall_table(rows, info["class_names"]), ""]
     if extra:
         lines += [extra, ""]
     lines += ["## All rows", "", markdown_table(rows, metrics), ""]
