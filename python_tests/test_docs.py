@@ -664,17 +664,19 @@ def test_history_keys_are_the_documented_ones():
     assert keys["at"] - {"train_loss_adv"} == documented - {"train_acc"} and "not AT's" in comment
 
 
-def test_results_json_row_fields_are_the_written_ones(tmp_path):
-    """getting-started.md's `results.json` row `{method, attack, ...}` lists exactly the fields write_results writes."""
+@pytest.mark.parametrize("classes", [2, 7])
+def test_results_json_row_fields_are_the_written_ones(tmp_path, classes):
+    """getting-started.md's `results.json` row `{method, attack, ...}` lists exactly the fields write_results writes,
+    in that order, for a binary set and a multi-class one (whose rows had precision before specificity)."""
     import torch
     from torch import nn
 
-    from robust_ops.data import load_dataset
+    from robust_ops.data import DatasetInfo, load_dataset
     from robust_ops.evaluate import evaluate, write_results
 
-    info = load_dataset("synthetic").info
+    info = load_dataset("synthetic").info if classes == 2 else DatasetInfo("d", 7, 1, 28, tuple("abcdefg"))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 2)).eval()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, classes)).eval()
     test = torch.utils.data.TensorDataset(torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 0, 1]))
     write_results(tmp_path, evaluate(model, test, info, attacks="fgsm", eps="1/255", method="M"), info)
     (row,) = [line for line in (REPO / "docs/getting-started.md").read_text().splitlines()

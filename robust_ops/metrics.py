@@ -229,12 +229,13 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
 
     out["f1"] = macro(f1)
     out["sensitivity"] = macro(recall)
-    out["precision"] = macro(precision)
     tn = cm.sum() - cm.sum(0) - cm.sum(1) + np.diag(cm)
     fp = cm.sum(0) - np.diag(cm)
     with np.errstate(invalid="ignore", divide="ignore"):
         spec = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), math.nan)
+    # the binary rows' order (getting-started's results.json row): precision came before specificity here
     out["specificity"] = macro(spec)
+    out["precision"] = macro(precision)
     if scores is None or present.sum() < 2:
         out["auc"] = out["map"] = math.nan
         return out
