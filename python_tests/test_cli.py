@@ -3853,3 +3853,44 @@ def test_eval_records_the_saliency_images_drawn_not_asked_for(trained_run, tmp_p
                       "--device", "cpu", "--out", tmp_path / "ev"], capsys)
     assert rc == 0, err
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["config"]["saliency_images"] == 16
+
+
+def test_eval_of_a_run_that_recorded_a_medmnist_sets_labels_numbered(tmp_path, capsys):
+    """A run on OrganAMNIST trained before the loader knew its class names recorded them as "0" to "10"; its own
+    file, now named bladder ... spleen, is the same labels: eval attacks it without a warning, and was refused as
+    "--classes: ... is the run's own data" (no --classes was given)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "organamnist_64.npz"
+    np.savez(data, **{f"{s}_{k}": (rng.integers(0, 256, (22, 8, 8), dtype=np.uint8) if k == "images" else
+                                   (np.arange(22) % 11).reshape(-1, 1).astype(np.uint8))
+                      for s in ("train", "val", "test") for k in ("images", "labels")})
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", data, "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress",
+                      "--device", "cpu"], capsys)
+    assert rc == 0, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["dataset"]["class_names"][10] == "spleen"
+    record["dataset"]["class_names"] = [str(i) for i in range(11)]  # as such a run recorded them
+    (out / "run.json").write_text(json.dumps(record))
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0 and "warning" not in err, err
+
+
+def test_eval_of_a_csv_run_labelled_0_1_refuses_classes_that_reorder_them(tmp_path, capsys):
+    """The numbered-labels allowance of a MedMNIST run's own file must not let --classes 1,0 re-split a CSV run
+    trained on labels "0", "1": its test split could hold training images."""
+    from PIL import Image
+
+    rows = ["image_id,dx"]
+    for i in range(40):
+        Image.fromarray(np.full((8, 8), 5 * i, np.uint8)).save(tmp_path / f"i{i}.png")
+        rows.append(f"i{i},{i % 2}")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", tmp_path / "meta.csv", "--size", "8", "--model", "mlp", "--epochs", "1",
+                      "--out", out, "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["eval", out, "--classes", "1,0", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0",
+                      "--device", "cpu"], capsys)
+    one_line_error(rc, err, "--classes: ", "is the run's own data, trained on 0 = 0, 1 = 1")

@@ -2006,3 +2006,27 @@ def test_folder_pixels_are_read_as_stored_padded_and_resized_antialiased_as_docu
     row = next(line for line in (Path(__file__).parents[1] / "docs/getting-started.md").read_text().splitlines()
                if line.startswith("| `path/to/BUSI/`"))
     assert "antialiased" in row and "EXIF orientation tag is not applied" in row and "aspect ratio kept" in row
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MedMNIST family audit: class lists, file-name sizes, official names in any case
+
+
+def test_every_2d_medmnist_set_names_its_classes(tmp_path):
+    """OCTMNIST, TissueMNIST and Organ{A,C,S}MNIST had no class list: their labels were numbered by the largest one
+    present, so a subset lacking the last organ (spleen) loaded as 10 classes and one lacking another was refused as
+    holding a gap ("relabel them"). Every single-label 2D set now names its classes, in MedMNIST's label order."""
+    counts = {"pathmnist": 9, "dermamnist": 7, "octmnist": 4, "pneumoniamnist": 2, "retinamnist": 5,
+              "breastmnist": 2, "bloodmnist": 8, "tissuemnist": 8, "organamnist": 11, "organcmnist": 11,
+              "organsmnist": 11}
+    assert {name: len(mm.CLASS_NAMES[name][0]) for name in mm.MEDMNIST_NAMES} == counts
+    no_spleen = write_npz(tmp_path / "organamnist_64.npz", n=(20, 10, 10), shape=(8, 8), classes=10)
+    s = load_dataset(no_spleen)
+    assert s.info.num_classes == 11 and s.info.class_names[10] == "spleen" and s.info.positive_class is None
+    no_heart = np.array([0, 1, 2, 4, 5, 6, 7, 8, 9, 10] * 2, np.uint8).reshape(-1, 1)  # label 3 absent
+    s = load_dataset(write_npz(tmp_path / "organsmnist_128.npz", n=(20, 10, 10), shape=(8, 8), classes=11,
+                               train_labels=no_heart))
+    assert s.info.num_classes == 11 and s.info.class_names[3] == "heart"
+    s = load_dataset(write_npz(tmp_path / "octmnist_64.npz", shape=(8, 8), classes=4))
+    assert s.info.class_names == ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal")
+    assert s.info.positive_class is None

@@ -1090,7 +1090,10 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                        "or train again")
     trained_on = run.get("dataset") or {}
     trained, names = trained_on.get("class_names"), splits.info.class_names
-    other_names = bool(trained and names and list(trained) != list(names))
+    # a run on OCTMNIST, TissueMNIST or Organ{A,C,S}MNIST trained before the loader knew their class names recorded
+    # the labels numbered ("0", "1", ...): its own file's labels, now named (a --classes could reorder a CSV's)
+    numbered = same_source and classes is None and list(trained or ()) == [str(i) for i in range(len(names))]
+    other_names = bool(trained and names and list(trained) != list(names)) and not numbered
 
     def labels(classes):
         return ", ".join(f"{name} = {i}" for i, name in enumerate(classes))

@@ -38,7 +38,12 @@ REVISED_MD5 = {
     "organsmnist.npz": "9ab87b696fb54e2a387ebe992d6ed5f1",
 }
 
-# Class names and the positive class ("sensitivity" = its recall) per MedMNIST set. BreastMNIST: 0 = malignant.
+# Class names (MedMNIST's INFO "label", in label order; commas in a name written "or") and the positive class
+# ("sensitivity" = its recall) of every single-label 2D MedMNIST set. BreastMNIST: 0 = malignant. Without a set's
+# list its labels were numbered by the largest one present: a subset lacking the last class lost it (10 classes of
+# OrganAMNIST's 11), one lacking another was refused as holding a gap.
+_ORGANS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
+           "lung-right", "pancreas", "spleen")
 CLASS_NAMES = {
     "breastmnist": (("malignant", "normal or benign"), 0),
     "pneumoniamnist": (("normal", "pneumonia"), 1),
@@ -47,6 +52,14 @@ CLASS_NAMES = {
                     "platelet"), None),
     "pathmnist": (("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
                    "normal colon mucosa", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"), None),
+    "octmnist": (("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"), None),
+    "retinamnist": (("0", "1", "2", "3", "4"), None),  # diabetic retinopathy grades: ordinal, read as 5 classes
+    "tissuemnist": (("collecting duct or connecting tubule", "distal convoluted tubule", "glomerular endothelial cells",
+                     "interstitial endothelial cells", "leukocytes", "podocytes", "proximal tubule segments",
+                     "thick ascending limb"), None),
+    "organamnist": (_ORGANS, None),
+    "organcmnist": (_ORGANS, None),
+    "organsmnist": (_ORGANS, None),
 }
 MEDMNIST_NAMES = tuple(name[:-4] for name in OFFICIAL_MD5 if name != "chestmnist.npz")  # chest: multi-label
 MULTI_LABEL_NAMES = ("chestmnist",)
