@@ -2030,3 +2030,16 @@ def test_every_2d_medmnist_set_names_its_classes(tmp_path):
     s = load_dataset(write_npz(tmp_path / "octmnist_64.npz", shape=(8, 8), classes=4))
     assert s.info.class_names == ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal")
     assert s.info.positive_class is None
+
+
+def test_an_official_name_in_other_case_is_md5_checked(tmp_path, monkeypatch):
+    """BreastMNIST.npz takes breastmnist.npz's classes from its name (0 = malignant, the positive class) but skipped
+    its MD5 check: any file so named loaded as the official set. It is now checked as breastmnist.npz."""
+    p = write_npz(tmp_path / "BreastMNIST.npz")
+    with pytest.raises(DataError, match=r"BreastMNIST\.npz: MD5 [0-9a-f]{32} does not match the official "
+                                        r"breastmnist\.npz \(750601b1f35ba3300ea97c75c52ff8f6\)"):
+        load_dataset(p)
+    monkeypatch.setattr(mm, "file_md5", lambda path: mm.OFFICIAL_MD5["breastmnist.npz"])  # the official bytes
+    assert load_dataset(p).info.class_names[0] == "malignant"
+    monkeypatch.setattr(mm, "file_md5", lambda path: mm.REVISED_MD5["organamnist.npz"])
+    assert mm.check_md5(tmp_path / "OrganAMNIST.NPZ") == mm.REVISED_MD5["organamnist.npz"]

@@ -82,14 +82,16 @@ def file_md5(path, chunk=1 << 20):
 
 
 def check_md5(path):
-    """Verify the MD5 of a file carrying an official MedMNIST name; other names are not checked."""
-    expected = OFFICIAL_MD5.get(Path(path).name)
+    """Verify the MD5 of a file carrying an official MedMNIST name, in any case (load_npz takes BreastMNIST.npz's
+    classes from its name as breastmnist.npz's, so it is checked as that file); other names are not checked."""
+    official = Path(path).name.lower()
+    expected = OFFICIAL_MD5.get(official)
     if expected is None:
         return None
     got = file_md5(path)
-    if got not in (expected, REVISED_MD5.get(Path(path).name)):
+    if got not in (expected, REVISED_MD5.get(official)):
         raise DataError(
-            f"{path}: MD5 {got} does not match the official {Path(path).name} ({expected}); the file is corrupt or "
+            f"{path}: MD5 {got} does not match the official {official} ({expected}); the file is corrupt or "
             "not the official release -- download it again, or rename it if it is a deliberate variant"
         )
     return got
