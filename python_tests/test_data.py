@@ -2043,3 +2043,16 @@ def test_an_official_name_in_other_case_is_md5_checked(tmp_path, monkeypatch):
     assert load_dataset(p).info.class_names[0] == "malignant"
     monkeypatch.setattr(mm, "file_md5", lambda path: mm.REVISED_MD5["organamnist.npz"])
     assert mm.check_md5(tmp_path / "OrganAMNIST.NPZ") == mm.REVISED_MD5["organamnist.npz"]
+
+
+@pytest.mark.parametrize("spec", ["organmnist3d", "NoduleMNIST3D_64"])
+def test_a_medmnist3d_name_is_refused_as_3d_not_as_unknown(spec, tmp_path, monkeypatch):
+    """A MedMNIST3D name was "no such file or folder, and not a known dataset name", as a typo would be; it is now
+    refused as a 3D set, as its file's (N, D, H, W) volumes are."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"^{spec.lower()}: a MedMNIST3D set \(volumes of D x H x W voxels\); only 2D "
+                                        r"images are supported, e.g. pathmnist"):
+        load_dataset(spec)
+    volume = np.zeros((12, 28, 28, 28), np.uint8)
+    with pytest.raises(DataError, match=r"organmnist3d\.npz \[train\]: .*3D volumes such as MedMNIST3D's"):
+        load_dataset(write_npz(tmp_path / "organmnist3d.npz", train_images=volume))

@@ -63,14 +63,17 @@ CLASS_NAMES = {
 }
 MEDMNIST_NAMES = tuple(name[:-4] for name in OFFICIAL_MD5 if name != "chestmnist.npz")  # chest: multi-label
 MULTI_LABEL_NAMES = ("chestmnist",)
+VOLUME_NAMES = ("organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d",
+                "synapsemnist3d")  # MedMNIST3D: (N, D, H, W) volumes
 MEDMNIST_SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
-_NAME_RE = re.compile(r"^([a-z]+mnist)(?:_(28|64|128|224))?$")
+_NAME_RE = re.compile(r"^([a-z]+mnist(?:3d)?)(?:_(28|64|128|224))?$")
 
 
 def is_medmnist_name(name):
     m = _NAME_RE.match(name)
-    return bool(m) and m.group(1) in MEDMNIST_NAMES + MULTI_LABEL_NAMES  # multi-label: refused by load_medmnist
+    # multi-label and 3D sets: refused by load_medmnist, saying why
+    return bool(m) and m.group(1) in MEDMNIST_NAMES + MULTI_LABEL_NAMES + VOLUME_NAMES
 
 
 def file_md5(path, chunk=1 << 20):
@@ -131,6 +134,9 @@ def load_medmnist(spec, root=None, size=None, download=False):
     if name in MULTI_LABEL_NAMES:  # else "not a known dataset name", which sends the user looking for a typo
         raise DataError(f"{spec}: a multi-label MedMNIST set (several labels per image); only single-label sets are "
                         f"supported, e.g. {', '.join(MEDMNIST_NAMES[:3])}")
+    if name in VOLUME_NAMES:  # else "not a known dataset name", as for a typo
+        raise DataError(f"{spec}: a MedMNIST3D set (volumes of D x H x W voxels); only 2D images are supported, e.g. "
+                        f"{', '.join(MEDMNIST_NAMES[:3])}")
     if m.group(2):
         if size not in (None, int(m.group(2))):
             raise DataError(f"{spec}: the name says size {m.group(2)} but size={size} was requested", arg="size")
