@@ -551,6 +551,24 @@ def test_in_place_weight_update_before_the_backward_is_refused_as_by_aten():
         bn(x).sum().backward()
 
 
+def test_backward_formats_no_module_repr_unless_the_weight_changed(monkeypatch):
+    # the message naming the module was built on every backward of every batch norm: ~3 us each, each attack step
+    reprs = []
+    real = nn.BatchNorm2d.extra_repr
+    monkeypatch.setattr(nn.BatchNorm2d, "extra_repr", lambda self: reprs.append(1) or real(self))
+    bn = eval_bn(3)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with native_layers(bn):
+        bn(x).sum().backward()
+        assert reprs == []
+        out = bn(x)
+        with torch.no_grad():
+            bn.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="native_layers: the weight of BatchNorm2d.* was modified in place"):
+            out.sum().backward()
+    assert reprs
+
+
 @pytest.mark.parametrize("device, swapped", [("cpu", True), ("cuda", False)])
 def test_library_speedups_swap_and_pool_for_cpu_work_only(monkeypatch, device, swapped):
     # (no GPU needed: the device only decides; the swapped modules would fall back on another device)

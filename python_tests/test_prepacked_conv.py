@@ -219,6 +219,23 @@ def test_backward_after_an_in_place_weight_update_is_refused(update):
             out.sum().backward()
 
 
+def test_backward_formats_no_module_repr_unless_the_weight_changed(monkeypatch):
+    # the message naming the convolution was built on every backward: ~4 us per layer, each attack step
+    reprs = []
+    real = nn.Conv2d.extra_repr
+    monkeypatch.setattr(nn.Conv2d, "extra_repr", lambda self: reprs.append(1) or real(self))
+    conv = frozen(nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        conv(x).sum().backward()
+        assert reprs == []
+        out = conv(x)
+        double_in_place(conv.weight)
+        with pytest.raises(RuntimeError, match="prepacked_conv: the weight of Conv2d.* was modified in place"):
+            out.sum().backward()
+    assert reprs
+
+
 def test_falls_back_outside_attacks_and_where_it_does_not_apply(monkeypatch):
     calls = count_packs(monkeypatch)
     torch.manual_seed(0)

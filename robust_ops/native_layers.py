@@ -56,7 +56,7 @@ class _EvalBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_output):
         weight = ctx.weight
         if weight is not None:  # ATen saves the weight for its backward: refuse an in-place change as autograd does
-            check_unmodified(weight, ctx.weight_state, f"native_layers: the weight of {ctx.bn}")
+            check_unmodified(weight, ctx.weight_state, "native_layers", ctx.bn)
             weight = weight.detach()
         return torch.ops.robust_ops._eval_batch_norm_backward(grad_output, ctx.invstd, weight), None, None
 

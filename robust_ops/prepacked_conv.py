@@ -174,7 +174,7 @@ class _PrepackedConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         conv, packs, weight = ctx.conv, ctx.packs, ctx.weight
-        check_unmodified(weight, packs.key[:2], f"prepacked_conv: the weight of {conv}")  # the packs are stale
+        check_unmodified(weight, packs.key[:2], "prepacked_conv", conv)  # the packs are stale
         weight = weight.detach()
         if torch.is_grad_enabled():  # create_graph=True: ATen's input gradient, which autograd differentiates again
             return torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_output, conv.stride,
