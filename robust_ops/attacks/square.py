@@ -248,13 +248,16 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         rows = torch.arange(h, device=dev)
         cols = torch.arange(w, device=dev)
         windows = {}  # L2: side -> pseudo-gaussian window, built once per side
+        m = None
         for it in range(n_queries - 1):
             idx = (~fooled).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            m = idx.numel()
+            if idx.numel() != m:  # fooled only ever turns True: the same count is the same samples
+                m = idx.numel()
+                x_cur, eps_cur, y_cur = x[idx], eps_t[idx], y[idx]
+            x_best_cur = x_best[idx]
             p = p_schedule(p_init, it, n_queries, rescale_schedule)
-            x_cur, x_best_cur, eps_cur = x[idx], x_best[idx], eps_t[idx]
             if norm == "l2":
                 side = max(int(round((p * h * w) ** 0.5)), 3)
                 side = min(side + 1 - side % 2, h, w)  # odd (the window's centre), at most the image
@@ -270,29 +273,31 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
                           & ((cols[None, :] >= vw[:, None]) & (cols[None, :] < vw[:, None] + s))[:, None, :])
                 inside = inside[:, None].to(x.dtype)
 
-                def paint(rows_at):
-                    """x_best_cur[rows_at] with its square set to a fresh random colour."""
-                    x_painted = x_best_cur[rows_at]
-                    colour = rand_sign((rows_at.numel(), c, 1, 1))  # sign of the update per channel
-                    functional.pgd_step_(x_painted, x_cur[rows_at], inside[rows_at] * colour, 2 * eps_cur[rows_at],
-                                         eps_cur[rows_at], clip_min=clip_min, clip_max=clip_max, norm="linf")
+                def paint(x_painted, x_at, inside_at, eps_at):
+                    """x_painted (rows of x_best_cur, written in place) with its square set to a fresh random
+                    colour."""
+                    colour = rand_sign((x_painted.shape[0], c, 1, 1))  # sign of the update per channel
+                    functional.pgd_step_(x_painted, x_at, inside_at * colour, 2 * eps_at, eps_at, clip_min=clip_min,
+                                         clip_max=clip_max, norm="linf")
                     return x_painted
 
-                everyone = torch.arange(m, device=dev)
-                x_new = paint(everyone)
+                # every row at once without gathering them (an index of all rows copied four tensors per query)
+                x_new = paint(x_best_cur.clone(), x_cur, inside, eps_cur)
                 if resample_unchanged:
-                    redraw = everyone[eps_cur > 0]
+                    redraw = ((x_new == x_best_cur).flatten(1).all(1) & (eps_cur > 0)).nonzero().squeeze(1)
                     for _ in range(MAX_COLOUR_REDRAWS):
-                        redraw = redraw[(x_new[redraw] == x_best_cur[redraw]).flatten(1).all(1)]
                         if redraw.numel() == 0:
                             break
-                        x_new[redraw] = paint(redraw)
+                        x_new[redraw] = paint(x_best_cur[redraw], x_cur[redraw], inside[redraw], eps_cur[redraw])
+                        redraw = redraw[(x_new[redraw] == x_best_cur[redraw]).flatten(1).all(1)]
             out = forward(name, model, x_new)
-            margin = _margin(out, y[idx], targeted)
-            improved = margin < margin_best[idx]
-            x_best[idx[improved]] = x_new[improved]
-            margin_best[idx[improved]] = margin[improved]
-            fooled[idx[improved]] = _fooled(out[improved], y[idx[improved]], targeted)
+            margin = _margin(out, y_cur, targeted)
+            # positions once: each boolean index below was a nonzero of its own (seven per query)
+            improved = (margin < margin_best[idx]).nonzero().squeeze(1)
+            won = idx[improved]
+            x_best[won] = x_new[improved]
+            margin_best[won] = margin[improved]
+            fooled[won] = _fooled(out[improved], y_cur[improved], targeted)
     return x_best
 
 
