@@ -2843,6 +2843,26 @@ class _FlatLoss(nn.Module):
         return torch.stack([torch.zeros_like(s), -5.0 + 1e-3 * (s - s.detach())], 1)
 
 
+def count_nonzeros(run):
+    """aten::nonzero calls of ``run()``: each boolean index is one, a host sync on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(e.name == "aten::nonzero" for e in prof.events())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l1"])
+def test_apgd_finds_the_positions_of_a_step_once_per_mask(norm):
+    # x_best_adv[newly] = x_adv[newly], x_best[better] = ... and grad_best[better] = ... took six nonzeros a step
+    model, (x, y) = make_model(), make_data()
+    eps = 0.1 if norm == "linf" else 2.0
+    per_run = [count_nonzeros(lambda: attacks.apgd(model, x, y, eps=eps, norm=norm, steps=steps,
+                                                   generator=torch.Generator().manual_seed(0)))
+               for steps in (5, 10)]
+    assert per_run[1] - per_run[0] == 2 * 5  # the newly successful and the improved samples, per step
+
+
 def test_apgd_keeps_the_earliest_of_equal_loss_points():
     """The best point changes only on a strict loss increase (as AutoAttack), within a run and across restarts: with
     a flat loss the unbroken sample comes back at the first restart's random start, although the steps move it."""

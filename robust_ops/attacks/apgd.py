@@ -244,13 +244,15 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
             x_old, x_adv = x_adv, stepped
         loss_now, grad, ok = evaluate(x_adv)
         with torch.no_grad():
-            newly = ok & ~success
+            # positions once per mask: each boolean index is a nonzero of its own (a host sync on a GPU)
+            newly = (ok & ~success).nonzero().squeeze(1)
             x_best_adv[newly] = x_adv[newly]
             success |= ok
             loss_steps[i + 1] = loss_now
             better = loss_now > loss_best
-            x_best[better] = x_adv[better]
-            grad_best[better] = grad[better]
+            rows = better.nonzero().squeeze(1)
+            x_best[rows] = x_adv[rows]
+            grad_best[rows] = grad[rows]
             loss_best = torch.where(better, loss_now, loss_best)
             if i + 1 in checkpoints and norm == "l1":
                 sparsity = l0_norm(x_best - x)
