@@ -1713,6 +1713,31 @@ def test_fab_restarts_are_seeded_and_start_inside_half_eps():
         assert bool((norm_of(start - x, norm) <= 0.1 + 1e-6).all()) and 0 <= float(start.min())
 
 
+def count_host_syncs(run):
+    """nonzero, item and is_nonzero calls of ``run()``: host syncs on a GPU (every boolean index is a nonzero)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(e.name in ("aten::nonzero", "aten::item", "aten::is_nonzero") for e in prof.events())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_fab_projections_find_the_rows_of_each_case_once(norm):
+    # each boolean index of a case's rows was a nonzero of its own: 18 syncs per Linf projection, i.e. per step
+    from robust_ops.attacks.fab import PROJECTIONS
+
+    g = torch.Generator().manual_seed(0)
+    points, w = torch.rand(64, 50, generator=g), torch.randn(64, 50, generator=g)
+    b = (w * points).sum(1) + 4 * torch.randn(64, generator=g)  # rows in every case of the solvers
+    assert count_host_syncs(lambda: PROJECTIONS[norm](points, w, b)) <= 2
+    # a FAB-T step: the projection, the adversarial iterates, the closer ones among them
+    model, (x, y) = make_model(), make_data()
+    per_run = [count_host_syncs(lambda: attacks.fab(model, x, y, eps=0.3, norm=norm, steps=steps, targeted=True))
+               for steps in (5, 10)]
+    assert per_run[1] - per_run[0] <= 4 * 5
+
+
 def test_fab_batch_zero_and_empty_box():
     model, x, y = fab_setup()
     for targeted in (False, True):

@@ -57,10 +57,11 @@ def projection_linf(points, w, b):
 
     b2 = sb[:, -1] - s[:, -1] * p.gather(1, indp[:, 0:1]).squeeze(1)
     c_l = b - b2 > 0
-    c2 = (b - b0 > 0) & (~c_l)
-    lb = torch.zeros(int(c2.sum()), device=t.device)
+    # rows of each case found once: a boolean index is a nonzero of its own (a host sync on a GPU)
+    rows_l, rows_2 = c_l.nonzero().squeeze(1), ((b - b0 > 0) & (~c_l)).nonzero().squeeze(1)
+    lb = torch.zeros(rows_2.numel(), device=t.device)
     ub = torch.full_like(lb, w.shape[1] - 1)
-    indp_, sb_, s_, p_, b_ = indp[c2], sb[c2], s[c2], p[c2], b[c2]
+    indp_, sb_, s_, p_, b_ = indp[rows_2], sb[rows_2], s[rows_2], p[rows_2], b[rows_2]
     for _ in range(math.ceil(math.log2(w.shape[1]))):
         mid = torch.floor((lb + ub) / 2)
         mid_index = mid.long().unsqueeze(1)
@@ -71,11 +72,12 @@ def projection_linf(points, w, b):
         ub = torch.where(c, ub, mid)
     lb = lb.long()
 
-    if c_l.any():
-        lmbd_opt = torch.clamp_min((b[c_l] - sb[c_l, -1]) / (-s[c_l, -1]), min=0).unsqueeze(-1)
-        d[c_l] = (2 * a[c_l] - 1) * lmbd_opt
-    lmbd_opt = torch.clamp_min((b[c2] - sb[c2, lb]) / (-s[c2, lb]), min=0).unsqueeze(-1)
-    d[c2] = torch.min(lmbd_opt, d[c2]) * a[c2] + torch.max(-lmbd_opt, d[c2]) * (1 - a[c2])
+    if rows_l.numel():
+        lmbd_opt = torch.clamp_min((b[rows_l] - sb[rows_l, -1]) / (-s[rows_l, -1]), min=0).unsqueeze(-1)
+        d[rows_l] = (2 * a[rows_l] - 1) * lmbd_opt
+    lmbd_opt = torch.clamp_min((b_ - sb[rows_2, lb]) / (-s[rows_2, lb]), min=0).unsqueeze(-1)
+    d_, a_ = d[rows_2], a[rows_2]
+    d[rows_2] = torch.min(lmbd_opt, d_) * a_ + torch.max(-lmbd_opt, d_) * (1 - a_)
     return d * (w != 0).to(t.dtype)
 
 
@@ -91,7 +93,7 @@ def projection_l2(points, w, b):
 
     r = torch.max(t / w, (t - 1) / w).clamp(min=-1e12, max=1e12)
     r.masked_fill_(w.abs() < 1e-8, 1e12)
-    r[r == -1e12] *= -1
+    r.masked_fill_(r == -1e12, 1e12)  # the reference negates them: the same value, without a boolean index
     rs, indr = torch.sort(r, dim=1)
     rs2 = F.pad(rs[:, 1:], (0, 1))
     rs.masked_fill_(rs == 1e12, 0)
@@ -106,10 +108,11 @@ def projection_l2(points, w, b):
 
     c4 = s[:, 0] + c < 0
     c3 = (d * w).sum(dim=1) + c > 0
-    c2 = ~(c4 | c3)
-    lb = torch.zeros(int(c2.sum()), device=t.device)
+    # rows of each case found once (as projection_linf)
+    rows_4, rows_2 = c4.nonzero().squeeze(1), (~(c4 | c3)).nonzero().squeeze(1)
+    lb = torch.zeros(rows_2.numel(), device=t.device)
     ub = torch.full_like(lb, w.shape[1] - 1)
-    s_, c_ = s[c2], c[c2]
+    s_, c_ = s[rows_2], c[rows_2]
     for _ in range(math.ceil(math.log2(w.shape[1]))):
         mid = torch.floor((lb + ub) / 2)
         above = s_.gather(1, mid.long().unsqueeze(1)).squeeze(1) + c_ > 0
@@ -117,14 +120,14 @@ def projection_l2(points, w, b):
         ub = torch.where(above, ub, mid)
     lb = lb.long()
 
-    if c4.any():
-        alpha = c[c4] / w5[c4].squeeze(-1)
-        d[c4] = -alpha.unsqueeze(-1) * w[c4]
-    if c2.any():
-        alpha = (s[c2, lb] + c[c2]) / ws[c2, lb] + rs[c2, lb]
-        alpha[ws[c2, lb] == 0] = 0
-        c5 = (alpha.unsqueeze(-1) > r[c2]).to(t.dtype)
-        d[c2] = d[c2] * c5 - alpha.unsqueeze(-1) * w[c2] * (1 - c5)
+    if rows_4.numel():
+        alpha = c[rows_4] / w5[rows_4].squeeze(-1)
+        d[rows_4] = -alpha.unsqueeze(-1) * w[rows_4]
+    if rows_2.numel():
+        ws_ = ws[rows_2, lb]
+        alpha = ((s[rows_2, lb] + c_) / ws_ + rs[rows_2, lb]).masked_fill_(ws_ == 0, 0)
+        c5 = (alpha.unsqueeze(-1) > r[rows_2]).to(t.dtype)
+        d[rows_2] = d[rows_2] * c5 - alpha.unsqueeze(-1) * w[rows_2] * (1 - c5)
     return d * (w.abs() > 1e-8).to(t.dtype)
 
 
@@ -149,10 +152,10 @@ def projection_l1(points, w, b):
     ds2 = torch.cat((c.unsqueeze(-1), ds), 1)
     s = torch.cumsum(ds2, dim=1)
 
-    c2 = s[:, -1] < 0
-    lb = torch.zeros(int(c2.sum()), device=t.device)
+    rows_2 = (s[:, -1] < 0).nonzero().squeeze(1)  # found once (as projection_linf)
+    lb = torch.zeros(rows_2.numel(), device=t.device)
     ub = torch.full_like(lb, s.shape[1])
-    s_ = s[c2]
+    s_ = s[rows_2]
     for _ in range(math.ceil(math.log2(w.shape[1]))):
         mid = torch.floor((lb + ub) / 2)
         above = s_.gather(1, mid.long().unsqueeze(1)).squeeze(1) > 0
@@ -160,15 +163,15 @@ def projection_l1(points, w, b):
         ub = torch.where(above, ub, mid)
     lb2 = lb.long()
 
-    if c2.any():
-        last = indr[c2].gather(1, lb2.unsqueeze(1)).squeeze(1)  # per row: the coordinate that covers the rest
+    if rows_2.numel():
+        last = indr[rows_2].gather(1, lb2.unsqueeze(1)).squeeze(1)  # per row: the coordinate that covers the rest
         rows = torch.arange(0, w.shape[0], device=t.device).unsqueeze(1)
         positions = torch.arange(0, w.shape[1], device=t.device, dtype=t.dtype).unsqueeze(0)
-        alpha = -s[c2, lb2] / w[c2, last]
+        alpha = -s[rows_2, lb2] / w[rows_2, last]
         before = positions < lb.unsqueeze(-1)  # sorted positions moved to the box; the reference's float lb
-        keep = before[rows[: before.shape[0]], indr_rev[c2]]
-        d[c2] = d[c2] * keep.to(t.dtype)
-        d[c2, last] = alpha
+        keep = before[rows[: before.shape[0]], indr_rev[rows_2]]
+        d[rows_2] = d[rows_2] * keep.to(t.dtype)
+        d[rows_2, last] = alpha
     return d * (w.abs() > 1e-8).to(t.dtype)
 
 
@@ -282,14 +285,15 @@ def _fab_run(model, x, y, target, eps_t, norm, steps, alpha_max, eta, beta, clip
             alpha = torch.clamp(size_iterate / (size_iterate + size_orig), min=0, max=alpha_max)
             x1 = ((x1 + eta * d_iterate) * (1 - alpha) + (x + d_orig * eta) * alpha).clamp(clip_min, clip_max)
             adversarial = predict_from_output(forward(name, model, x1)) != y
-            if adversarial.any():
-                found = adversarial.nonzero().squeeze(1)
-                dist = _norm_rows((x1[found] - x[found]).reshape(found.numel(), -1), norm)
-                closer = dist < dist_best[found]
-                x_best[found[closer]] = x1[found[closer]]
+            found = adversarial.nonzero().squeeze(1)
+            if found.numel():
+                x1_found, x_found = x1[found], x[found]  # gathered once (three times each, and nonzeros, before)
+                dist = _norm_rows((x1_found - x_found).reshape(found.numel(), -1), norm)
+                closer = (dist < dist_best[found]).nonzero().squeeze(1)
+                x_best[found[closer]] = x1_found[closer]
                 dist_best[found[closer]] = dist[closer]
                 # backward step: restart the search closer to the original point
-                x1[found] = x[found] + (x1[found] - x[found]) * beta
+                x1[found] = x_found + (x1_found - x_found) * beta
     return x_best
 
 
