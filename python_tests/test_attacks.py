@@ -2014,6 +2014,21 @@ def test_square_schedule_rescaled_or_not(monkeypatch):
 # Regressions
 
 
+def test_best_other_logit_is_the_masked_maximum_without_reading_the_labels():
+    # one helper for CW, targeted DLR and Square's margin; F.one_hot's mask read the labels' min and max (.item())
+    # every step of a CW-Linf attack and every Square query
+    z = torch.tensor([[-3.0, -1.0, -2.0], [1.0, 5.0, 5.0], [-1.0, -1.0, -4.0]], requires_grad=True)
+    c = torch.tensor([1, 2, 0])
+    masked = z.masked_fill(torch.nn.functional.one_hot(c, 3).bool(), float("-inf")).amax(1)
+    got = context.best_other_logit(z, c)
+    assert torch.equal(got, masked) and torch.equal(got, torch.tensor([-2.0, 5.0, -1.0]))
+    g = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(torch.autograd.grad(got, z, g)[0], torch.autograd.grad(masked, z, g)[0])
+    model, (x, y) = make_model(), make_data()
+    per_run = [count_host_syncs(lambda: attacks.cw_linf(model, x, y, eps=0.1, steps=steps)) for steps in (5, 10)]
+    assert per_run[1] == per_run[0]  # no read per step
+
+
 def test_cw_kappa_checked():
     # a negative kappa clamped the margin above 0 (flat loss: CW-Linf silently never moved); NaN made it NaN
     model = make_model(3)

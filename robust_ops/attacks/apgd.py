@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .. import functional
 from .._options import check_flags
 from .base import Attack
-from .context import (InputGradScale, attack_context, check_gradients_possible, check_inputs, float32_or_wider,
-                      is_single_logit, predict_from_output, two_logits)
+from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
+                      float32_or_wider, is_single_logit, predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_linf_step_resolution, check_norm, check_steps, clean_logits,
                    forward, per_sample, project_l1, runner_up_targets)
 from .pgd import make_generator
@@ -51,14 +51,10 @@ def dlr_loss_targeted(z, y, t):
     zs, _ = z.sort(dim=1)
     zt = z.gather(1, t[:, None]).squeeze(1)
     if y is None:
-        zy = z.masked_fill(F.one_hot(t, z.shape[1]).bool(), float("-inf")).amax(1)
+        zy = best_other_logit(z, t)
     else:
         zy = z.gather(1, y[:, None]).squeeze(1)
     return -(zy - zt) / (zs[:, -1] - 0.5 * (zs[:, -3] + zs[:, -4]) + 1e-12)
-
-
-def _best_other(z, c):
-    return z.masked_fill(F.one_hot(c, z.shape[1]).bool(), float("-inf")).amax(1)
 
 
 def effective_loss(loss, num_classes, targeted):
@@ -78,12 +74,12 @@ def per_sample_loss(out, loss, y, target):
             return F.cross_entropy(z, y, reduction="none")
         if loss == "dlr":
             return dlr_loss(z, y)
-        return _best_other(z, y) - z.gather(1, y[:, None]).squeeze(1)
+        return best_other_logit(z, y) - z.gather(1, y[:, None]).squeeze(1)
     if loss == "ce":
         return -F.cross_entropy(z, target, reduction="none")
     if loss == "dlr":
         return dlr_loss_targeted(z, y, target)
-    return z.gather(1, target[:, None]).squeeze(1) - _best_other(z, target)
+    return z.gather(1, target[:, None]).squeeze(1) - best_other_logit(z, target)
 
 
 def checkpoint_schedule(steps):

@@ -18,6 +18,7 @@ from .._options import check_flags, check_int, check_real
 from .context import (
     InputGradScale,
     attack_context,
+    best_other_logit,
     check_gradients_possible,
     check_inputs,
     check_output,
@@ -321,11 +322,9 @@ def attack_loss(out, y, loss, targeted, kappa, reduction="mean"):
 
 
 def _target_margin(out, t):
-    """z_t - max_{j != t} z_j (positive once the target wins); the best other logit with -inf masking."""
+    """z_t - max_{j != t} z_j (positive once the target wins)."""
     z = two_logits(out) if is_single_logit(out) else out
-    true = z.gather(1, t.view(-1, 1)).squeeze(1)
-    other = z.masked_fill(torch.nn.functional.one_hot(t, z.shape[1]).bool(), float("-inf")).amax(1)
-    return true - other
+    return z.gather(1, t.view(-1, 1)).squeeze(1) - best_other_logit(z, t)
 
 
 def succeeded(out, y, targeted):

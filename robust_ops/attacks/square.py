@@ -9,7 +9,8 @@ import torch
 from .. import functional
 from .._options import check_flags
 from .base import Attack
-from .context import attack_context, check_inputs, check_not_half, is_single_logit, predict_from_output, two_logits
+from .context import (attack_context, best_other_logit, check_inputs, check_not_half, is_single_logit,
+                      predict_from_output, two_logits)
 from .core import (check_labels_against, check_linf_budget, check_linf_step_resolution, check_norm, check_steps,
                    forward, per_sample)
 from .pgd import make_generator
@@ -34,7 +35,7 @@ def _margin(out, y, targeted):
     sample is done is :func:`_fooled`'s (at a margin of exactly 0 the prediction decides)."""
     z = two_logits(out) if is_single_logit(out) else out
     zy = z.gather(1, y[:, None]).squeeze(1)
-    other = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)
+    other = best_other_logit(z, y)
     return other - zy if targeted else zy - other
 
 
