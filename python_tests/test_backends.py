@@ -2,6 +2,7 @@
 of an explicitly requested backend that cannot run."""
 
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -68,27 +69,31 @@ def test_interpreted_triton_ops_refuse_fake_tensors_by_name():
     storage on different device "cpu"'."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    ops = torch.ops.robust_ops
     message = ("Triton kernels interpreted under TRITON_INTERPRET=1 run eagerly only; torch.compile, torch.export "
                "and opcheck trace with fake tensors, which need the kernels compiled for a CUDA device")
     with FakeTensorMode():
-        x = torch.rand(2, 1, 4, 4)
-        one, index = torch.ones(2), torch.zeros(2, dtype=torch.int64)
-        calls = {
-            "pgd_step_triton": lambda: ops.pgd_step_triton(x.clone(), x, x, one, one, 0.0, 1.0, "linf", None, 0),
-            "boundary_search_step_triton": lambda: ops.boundary_search_step_triton(
-                x.clone(), x.clone(), x.clone()[None], index, None),
-            "drop_max_pool2d_triton": lambda: ops.drop_max_pool2d_triton(x, [2, 2], [2, 2], [0, 0], [1, 1], False),
-            "_drop_max_pool2d_backward_triton": lambda: ops._drop_max_pool2d_backward_triton(
-                x[:, :, :2, :2], index.view(2, 1, 1, 1).expand(2, 1, 2, 2), [2, 1, 4, 4]),
-        }
-        for name, call in calls.items():
+        for name, call in triton_op_calls(torch.rand(2, 1, 4, 4)).items():
             with pytest.raises(RuntimeError, match=f"^{name}: {message}$"):
                 call()
     x = torch.rand(2, 1, 4, 4)
     with pytest.raises(Exception, match=f"drop_max_pool2d_triton: {message}"):
         torch.compile(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="triton"), backend="eager", fullgraph=True)(x)
     assert torch.equal(robust_ops.drop_max_pool2d(x, 2, backend="triton"), robust_ops.drop_max_pool2d(x, 2))
+
+
+def triton_op_calls(x):
+    """{name: a call of each Triton launcher on x ([N, 1, 4, 4]) with valid arguments}; its source also runs in the
+    subprocesses below."""
+    ops = torch.ops.robust_ops
+    one, index = torch.ones(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.int64)
+    return {
+        "pgd_step_triton": lambda: ops.pgd_step_triton(x.clone(), x, x, one, one, 0.0, 1.0, "linf", None, 0),
+        "boundary_search_step_triton": lambda: ops.boundary_search_step_triton(
+            x.clone(), x.clone(), x.clone()[None], index, None),
+        "drop_max_pool2d_triton": lambda: ops.drop_max_pool2d_triton(x, [2, 2], [2, 2], [0, 0], [1, 1], False),
+        "_drop_max_pool2d_backward_triton": lambda: ops._drop_max_pool2d_backward_triton(
+            x, x.to(torch.int64), [x.shape[0], 1, 8, 8]),
+    }
 
 
 def _run_without_gpu(code):
@@ -186,21 +191,11 @@ def test_triton_ops_called_directly_refuse_tensors_they_cannot_run_on():
     "0 active drivers ([]). There should only be one."; now each launcher refuses by name, as backend="triton" does."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    out = _run_without_gpu("""
+    out = _run_without_gpu(inspect.getsource(triton_op_calls) + textwrap.dedent("""
         import os
         import torch
         import robust_ops, robust_ops.triton  # imported explicitly: compiled (not interpreted) kernels
-        ops = torch.ops.robust_ops
-        x = torch.rand(1, 1, 4, 4)
-        one, index = torch.ones(1), torch.zeros(1, dtype=torch.int64)
-        calls = {
-            "pgd_step_triton": lambda: ops.pgd_step_triton(x.clone(), x, x, one, one, 0.0, 1.0, "linf", None, 0),
-            "boundary_search_step_triton": lambda: ops.boundary_search_step_triton(
-                x.clone(), x.clone(), x.clone()[None], index, None),
-            "drop_max_pool2d_triton": lambda: ops.drop_max_pool2d_triton(x, [2, 2], [2, 2], [0, 0], [1, 1], False),
-            "_drop_max_pool2d_backward_triton": lambda: ops._drop_max_pool2d_backward_triton(
-                x, x.to(torch.int64), [1, 1, 8, 8]),
-        }
+        calls = triton_op_calls(torch.rand(1, 1, 4, 4))
         for name, call in calls.items():
             try:
                 call()
@@ -211,7 +206,7 @@ def test_triton_ops_called_directly_refuse_tensors_they_cannot_run_on():
             calls["pgd_step_triton"]()
         except RuntimeError as err:
             print("late:", err)
-    """)
+    """))
     for name in ("pgd_step_triton", "boundary_search_step_triton", "drop_max_pool2d_triton",
                  "_drop_max_pool2d_backward_triton"):
         assert (f"refused: {name}: Triton kernels run on CUDA tensors (got cpu); on CPU only under "

@@ -49,18 +49,24 @@ COMPILE = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def float_ops():
-    """{(kernel, dtype): set of the floating-point fma/div/mul instructions in its sm_90 PTX}."""
+def _compile_for_sm90(script):
+    """The output of ``script`` run compiling the kernels for sm_90 in a fresh interpreter (TRITON_INTERPRET unset:
+    compiled, not interpreted); a skip where triton cannot compile for it here."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, cwd=root, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
                           timeout=600)
     if done.returncode != 0 and "ptxas" in done.stderr.lower() and "not found" in done.stderr.lower():
         pytest.skip(f"triton cannot compile for sm_90 here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def float_ops():
+    """{(kernel, dtype): set of the floating-point fma/div/mul instructions in its sm_90 PTX}."""
     found = {}
-    for line in done.stdout.splitlines():
+    for line in _compile_for_sm90(COMPILE).splitlines():
         name, dtype, *ops = line.split()
         found[(name, dtype)] = set(ops)
     assert len(found) == 6, done.stdout
@@ -107,15 +113,9 @@ INDEX_WIDTH = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def index_width():
     """{kernel: its 32-bit index products and block sums} in its TTIR, every integer argument typed i32."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", INDEX_WIDTH], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr.lower() and "not found" in done.stderr.lower():
-        pytest.skip(f"triton cannot compile for sm_90 here: {done.stderr.strip().splitlines()[-1]}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = {name: int(count) for name, count in map(str.split, done.stdout.splitlines())}
-    assert len(found) == 6, done.stdout
+    out = _compile_for_sm90(INDEX_WIDTH)
+    found = {name: int(count) for name, count in map(str.split, out.splitlines())}
+    assert len(found) == 6, out
     return found
 
 

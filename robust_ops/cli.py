@@ -709,9 +709,9 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
 # The JSON types run_record writes each setting as (null: an option not given, as a key older files lack): eval and
 # --resume read them as such, so a hand-edited or damaged value ended in a traceback deep inside them.
 RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, "channels": int, "model": str,
-                   "defense": str, "defense_options": dict, "dropmax": str, "channels_last": bool, "prepacked_conv": bool,
-                   "epochs": int, "batch_size": int, "lr": (int, float), "seed": int, "label": str, "dataset": dict,
-                   "split": dict, "train_samples": int}
+                   "defense": str, "defense_options": dict, "dropmax": str, "channels_last": bool,
+                   "prepacked_conv": bool, "epochs": int, "batch_size": int, "lr": (int, float), "seed": int,
+                   "label": str, "dataset": dict, "split": dict, "train_samples": int}
 _JSON_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false",
                     (int, float): "a number"}
 
