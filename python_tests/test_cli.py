@@ -3894,3 +3894,19 @@ def test_eval_of_a_csv_run_labelled_0_1_refuses_classes_that_reorder_them(tmp_pa
     rc, _, err = run(["eval", out, "--classes", "1,0", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0",
                       "--device", "cpu"], capsys)
     one_line_error(rc, err, "--classes: ", "is the run's own data, trained on 0 = 0, 1 = 1")
+
+
+def test_one_epoch_is_said_in_the_singular(small_npz, tmp_path, capsys):
+    """demo and reproduce printed '1 epochs' (train said '1 epoch'): one helper, _options.counted, words them all."""
+    from robust_ops._options import counted
+
+    assert (counted(1, "epoch"), counted(0, "epoch"), counted(3, "sample")) == ("1 epoch", "0 epochs", "3 samples")
+    rc, out, err = run(["demo", "--data", small_npz, "--model", "mlp", "--methods", "standard",
+                        "--attacks", "fgsm", "--eps", "1/255", "--epochs", "1", "--out", tmp_path / "d",
+                        "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert ", 1 epoch, device cpu" in out and "1 epochs" not in out, out
+    rc, out, err = run(["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--methods", "Standard training",
+                        "--epochs", "1", "--out", tmp_path / "r", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "(standard, 1 epoch) ..." in out and "1 epochs" not in out, out

@@ -13,6 +13,11 @@ import torch
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
+def counted(n, noun):
+    """"1 epoch", "2 epochs": a count and its noun for messages (plain English plurals only)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def option_defaults(cls, skip=("self", "model")):
     """{name: default} of the named parameters of ``cls.__init__``, followed into the base classes' constructors while
     each passes ``**kwargs`` on (in MRO order; the first class naming a parameter gives its default,

@@ -962,6 +962,8 @@ def describe_classes(info):
 
 
 def cmd_train(args):
+    from ._options import counted
+
     check_out(args.out)
     device = pick_device(args.device)
     options = parse_key_values(args.defense_opt, "--defense-opt")
@@ -986,8 +988,7 @@ def cmd_train(args):
         return 0
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
-    epochs = f"{len(history)} epoch{'s' if len(history) != 1 else ''}"
-    print(f"trained {args.defense} on {splits.info.display_name} for {epochs}: {shown}")
+    print(f"trained {args.defense} on {splits.info.display_name} for {counted(len(history), 'epoch')}: {shown}")
     print(f"classes: {describe_classes(splits.info)}")
     # quoted: an --out with a space or quote printed a command that eval read as several arguments
     print(f"run: {args.out} (evaluate with: {PROG} eval {shlex.quote(str(args.out))} --attacks fgsm,pgd,cw "
@@ -1480,6 +1481,7 @@ def cmd_demo(args):
         raise CLIError("--methods: expected at least one defense")
     from . import defenses
     from ._import_path import PATH_HINT, is_import_path
+    from ._options import counted
 
     for m in methods:
         if is_import_path(m):  # your own class: imported now, so a wrong path fails before any training
@@ -1551,7 +1553,7 @@ def cmd_demo(args):
         main = is_main_process()
         say = print if main else lambda *_args, **_kwargs: None
         say(f"demo on {splits.info.display_name}: {len(splits.train)} train / {len(splits.test)} test images, "
-            f"{args.model}, {epochs} epochs, device {device}")
+            f"{args.model}, {counted(epochs, 'epoch')}, device {device}")
         say(f"classes: {describe_classes(splits.info)}")
         models, timings = {}, {}
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._options import counted
 from .evaluate import AttackSpec
 from .train import epochs_done, tensors_sha256
 
@@ -729,7 +730,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             done = epochs_done(run_dir)
             doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < epochs
                      else "loading (already trained)")
-            say(f"[{tag}] {doing} {method.label} ({method.defense}, {epochs} epochs) ...", flush=True)
+            say(f"[{tag}] {doing} {method.label} ({method.defense}, {counted(epochs, 'epoch')}) ...", flush=True)
             model, _, _, _ = train_run(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
@@ -781,7 +782,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                         f"; {shape}; {pos}) instead of the protocol's {protocol.data}; "
                         f"what the notes below say about {protocol.data} does not describe it.")
     if epochs != protocol.epochs and not quick:  # its notes give its own training length ("we train 40 epochs")
-        notes.insert(0, f"EPOCHS: this run trained {epochs} epoch{'s' if epochs != 1 else ''} per method (--epochs), "
+        notes.insert(0, f"EPOCHS: this run trained {counted(epochs, 'epoch')} per method (--epochs), "
                         f"the protocol {protocol.epochs}; what the notes below say of its training length does not "
                         f"describe it.")
     if repeats != protocol.repeats and not quick:  # the protocol's notes describe its own number of runs

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .._options import check_int
+from .._options import check_int, counted
 
 
 class DataError(ValueError):
@@ -171,7 +171,7 @@ def stratified_split(y, fractions, seed, source="dataset", class_names=None):
     if not stratified:  # no class kept its share; scikit-learn refuses only splits that leave a class out of a part
         labels, counts = np.unique(y, return_counts=True)
         smallest = [str(class_names[c] if class_names is not None else c) for c in labels[counts == counts.min()]]
-        size = f"{int(counts.min())} sample{'s' if counts.min() != 1 else ''}"
+        size = counted(int(counts.min()), "sample")
         missing = missing_classes(y, parts)
         where = f"{missing} (part index: classes)"
         if class_names is not None:  # readable: "normal from test" rather than "{2: [2]}"
