@@ -195,6 +195,20 @@ def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     assert figures[1]._suptitle.get_text() == "Accuracy vs radius on d"
 
 
+def test_multiclass_radius_figures_say_their_metrics_are_macro_averages(tmp_path, monkeypatch):
+    """A 7-class F1 figure was labelled "F1", though it plots the one-vs-rest macro average (the report says so, the
+    figure stands alone); binary figures and accuracy keep their names."""
+    rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9, "f1": 0.8},
+            {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5, "f1": 0.4}]
+    figures = _record_figures(monkeypatch)
+    for classes, metric in (((*"abcdefg",), "f1"), ((*"abcdefg",), "accuracy"), (("a", "b"), "f1")):
+        info = DatasetInfo("d", len(classes), 3, 8, classes)
+        assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", metric=metric, info=info)
+    labels = [(f._suptitle.get_text(), f.axes[0].get_ylabel()) for f in figures]
+    assert labels == [("Macro F1 vs radius on d", "Macro F1"), ("Accuracy vs radius on d", "Accuracy"),
+                      ("F1 vs radius on d", "F1")]
+
+
 def test_saliency_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     # as the radius figure's: maps of generated images must not pass for a patient's, with or without a title
     model = _tiny_conv_net()

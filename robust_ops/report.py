@@ -287,6 +287,19 @@ def _wrap_text(text, width, renderer):
         text.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
 
 
+# one-vs-rest macro averages on a multi-class set (robust_ops.metrics); accuracy and mAP read the same either way
+_MACRO_AVERAGED = ("sensitivity", "specificity", "precision", "f1", "auc")
+
+
+def figure_metric_label(metric, info=None):
+    """A figure's name for ``metric``: "Macro F1" on a multi-class set, whose figures stand without the report's
+    sentence that its metrics are macro averages; the table label otherwise."""
+    label = METRIC_LABELS.get(metric, metric)
+    if info is not None and info.num_classes > 2 and metric in _MACRO_AVERAGED:
+        return f"Macro {label}"
+    return label
+
+
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     """One panel per (attack, norm), one line per method: ``metric`` against the radius (clean value at eps = 0).
     Returns False (nothing written) when no row has a defined value of the metric (an empty figure would say
@@ -317,13 +330,13 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
         ticks = sorted({r["eps"] for r in in_panel} | {0.0})
         ax.set_xticks(ticks)
         ax.set_xticklabels([format_eps(t) for t in ticks], fontsize=7, rotation=45)
-    axes[0][0].set_ylabel(METRIC_LABELS.get(metric, metric))
+    axes[0][0].set_ylabel(figure_metric_label(metric, info))
     axes[0][0].set_ylim(-0.02, 1.02)
     # every method drawn in any panel (the last panel's own lines left out one without a value there)
     axes[0][-1].legend(handles=[lines[m] for m in methods if m in lines], fontsize=7, loc="best")
     if info is not None:
         tag = " — SYNTHETIC DATA" if info.synthetic else ""
-        fig.suptitle(f"{METRIC_LABELS.get(metric, metric)} vs radius on {info.name}{tag}", fontsize=10)
+        fig.suptitle(f"{figure_metric_label(metric, info)} vs radius on {info.name}{tag}", fontsize=10)
     _save(fig, path)
     return True
 
