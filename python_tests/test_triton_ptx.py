@@ -65,11 +65,12 @@ def _compile_for_sm90(script):
 @pytest.fixture(scope="module")
 def float_ops():
     """{(kernel, dtype): set of the floating-point fma/div/mul instructions in its sm_90 PTX}."""
+    out = _compile_for_sm90(COMPILE)
     found = {}
-    for line in _compile_for_sm90(COMPILE).splitlines():
+    for line in out.splitlines():
         name, dtype, *ops = line.split()
         found[(name, dtype)] = set(ops)
-    assert len(found) == 6, done.stdout
+    assert len(found) == 6, out
     return found
 
 
@@ -129,3 +130,12 @@ def test_index_arithmetic_is_64_bit(index_width, kernel):
     types every size and stride as i32 (below 2**31 it does). A 32-bit argument added to a pointer as it is stays
     (the pointer arithmetic sign-extends it)."""
     assert index_width[kernel] == 0, f"{kernel}: {index_width[kernel]} index products or block offsets in 32 bits"
+
+
+def test_a_short_compile_output_fails_showing_it(monkeypatch):
+    # the fixtures' assertion message is the compile script's output: float_ops named a variable gone since its
+    # subprocess moved into _compile_for_sm90, so a short output was a NameError that hid what the script printed
+    for fixture, line in ((float_ops, "boundary_search_step fp32 mul.rn.f32"), (index_width, "_linf_kernel 0")):
+        monkeypatch.setattr(sys.modules[__name__], "_compile_for_sm90", lambda script, line=line: line + "\n")
+        with pytest.raises(AssertionError, match=line):
+            fixture.__wrapped__()
