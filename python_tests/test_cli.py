@@ -3010,6 +3010,28 @@ def test_channels_reads_a_grayscale_csv_as_one_channel_and_reaches_run_json_eval
 
 
 @pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
+def test_eval_names_channels_when_the_runs_images_were_read_with_other_channels(tmp_path, capsys):
+    """A run trained with --channels 1 on a CSV, attacked on another CSV (read as RGB by default) or with --channels 3,
+    was refused as "holds 3-channel images ..., its model cannot take them", not naming the flag that reads them as
+    the run's."""
+    import shutil
+
+    data = _grey_csv(tmp_path / "d")
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--out", out,
+                      "--no-progress", "--device", "cpu", "--channels", "1"], capsys)
+    assert rc == 0, err
+    other = Path(shutil.copytree(tmp_path / "d", tmp_path / "copy")) / "meta.csv"
+    evaluate = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    for extra in (["--data", other], ["--channels", "3"]):
+        rc, _, err = run(["eval", out, *extra, *evaluate], capsys)
+        one_line_error(rc, err, "holds 3-channel images in 2 classes, but the run was trained on 1-channel images",
+                       "its model cannot take them; read them as 1-channel images with --channels 1")
+    rc, _, err = run(["eval", out, "--data", other, "--channels", "1", *evaluate], capsys)
+    assert rc == 0, err
+
+
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
 def test_reproduce_reads_16_bit_folders_at_the_bit_depth_given(tmp_path):
     """--bit-depth reaches the protocol's runs and their split record, so eval rebuilds the same 12-bit images."""
     from robust_ops.reproduce import run_protocol

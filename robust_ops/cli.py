@@ -1112,9 +1112,15 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                     f"feature vectors of {d['in_channels']} values")
             return f"{what} in {d['num_classes']} classes"
 
+        from .data.core import reads_image_files
+
+        # images read with other channels than the run's (--channels 1 at training, a CSV's RGB default now)
+        was = trained_on.get("in_channels")
+        fix = (f"; read them as {was}-channel images with --channels {was}" if was in (1, 3) and was !=
+               splits.info.in_channels and splits.info.image_size and reads_image_files(data) else "")
         raise CLIError(f"{flag}: {data} holds {inputs(splits.info.to_dict())}, but the run was trained on "
                        f"{inputs({k: trained_on.get(k) for k in shape})} ({trained_on.get('name')}); its model "
-                       "cannot take them")
+                       f"cannot take them{fix}")
     if other_names:  # label i may be another class: metrics would be swapped
         warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
                       f"{labels(trained)}; its predictions are scored against labels that may mean other classes")

@@ -232,6 +232,12 @@ SYNTHETIC_NAMES = ("synthetic", "synthetic-bus", "synthetic_bus")
 MOONS_NAMES = ("moons", "two-moons", "two_moons", "twomoons")
 
 
+def reads_image_files(spec):
+    """Whether ``spec`` is class folders or a CSV: the sources whose image files ``channels=`` and ``bit_depth=``
+    read (an .npz, MedMNIST and the generated sets fix their channels and scale)."""
+    return str(spec).lower().endswith(".csv") or Path(str(spec)).expanduser().is_dir()
+
+
 def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False, bit_depth=None,
                  split_by=None, channels=None):
     """Load a dataset by spec and return ``DatasetSplits(train, val, test, info)``.
@@ -274,7 +280,7 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     # reported as missing below ("drop --classes" there, followed, ended in "no such file or folder")
     known = low in SYNTHETIC_NAMES or low in MOONS_NAMES or medmnist_name or low.endswith((".npz", ".csv")) \
         or path.exists()
-    image_files = low.endswith(".csv") or path.is_dir()
+    image_files = reads_image_files(text)
     if known and classes is not None and not image_files and not (low.endswith(".npz") and not medmnist_name):
         raise DataError(f"{text}: classes= selects class folders or CSV labels, or names an .npz file's labels; "
                         "this source has fixed classes", arg="classes")
