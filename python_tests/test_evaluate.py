@@ -1409,7 +1409,7 @@ def test_a_model_built_for_other_channels_or_image_sizes_is_named_with_the_fix()
 
     with pytest.raises(EvalError, match=r"^rgb: evaluate: the model's input layer 'features.0' \(Conv2d\) takes "
                                         r"in_channels=3, but the inputs of dataset \(\[1, 12, 12\] each\) reach it "
-                                        r"with 1 channels; build the model for the data's channels and image size "
+                                        r"with 1 channel; build the model for the data's channels and image size "
                                         r"\(robust_ops.models.build_model\(name, info.in_channels, info.num_classes, "
                                         r"info.image_size\)\)$") as err:
         evaluate(build_model("small_cnn", 3, 2, 12), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), method="rgb")

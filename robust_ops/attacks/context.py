@@ -24,7 +24,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .._options import check_real, segmentation_masks
+from .._options import check_real, counted, segmentation_masks
 from ..native_layers import library_speedups
 from ..prepacked_conv import weight_pack_scope
 
@@ -231,13 +231,13 @@ def _input_layer_problem(model, x, split):
     if isinstance(layer, torch.nn.Linear):
         if got.dim() >= 1 and got.shape[-1] != layer.in_features:
             return (f"the model's input layer {layers[layer]!r} (Linear) takes in_features={layer.in_features}, "
-                    f"but the inputs of {split} ({shape} each) reach it with {got.shape[-1]} features")
+                    f"but the inputs of {split} ({shape} each) reach it with {counted(got.shape[-1], 'feature')}")
         return None
     # a convolution: only batched inputs [N, C, ...] (an unbatched one's dim 1 is no channel count)
     if got.dim() == len(layer.kernel_size) + 2 and got.shape[1] != layer.in_channels:
         return (f"the model's input layer {layers[layer]!r} ({type(layer).__name__}) takes "
                 f"in_channels={layer.in_channels}, but the inputs of {split} ({shape} each) reach it with "
-                f"{got.shape[1]} channels")
+                f"{counted(got.shape[1], 'channel')}")
     return None
 
 
