@@ -1313,6 +1313,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     with ``seed`` (the run's): the rows do not depend on what the process did before (a demo resumed after its
     training, a second eval of the same run)."""
     from . import report
+    from ._options import counted
     from .evaluate import EvalError, evaluate
 
     split = getattr(args, "split", "test")
@@ -1353,7 +1354,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     for m in metrics:
         print()
         print(report.pivot_table(rows, m))
-    print(f"\nwrote {paths['results']}, {paths['report']} and {len(paths['figures'])} figures"
+    print(f"\nwrote {paths['results']}, {paths['report']} and {counted(len(paths['figures']), 'figure')}"
           + (" -- SYNTHETIC DATA" if splits.info.synthetic else ""))
     return rows
 

@@ -819,6 +819,6 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     print(f"{info.name}: {report.positive_class_text(info.to_dict())}")  # what the table's sensitivity is of
     print(comparison)
     # as demo and eval say: the metric-vs-radius (and, on images, saliency) figures are written beside them
-    print(f"\nwrote {paths['results']}, {paths['report']} and {len(paths['figures'])} figures "
+    print(f"\nwrote {paths['results']}, {paths['report']} and {counted(len(paths['figures']), 'figure')} "
           f"({config['seconds']:.0f} s)")
     return rows
