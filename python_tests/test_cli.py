@@ -2999,8 +2999,9 @@ def test_channels_reads_a_grayscale_csv_as_one_channel_and_reaches_run_json_eval
                      capsys)
     one_line_error(rc, err, "--channels: synthetic: --channels picks how image files (class folders and CSV) are "
                             "read; this source's channels are fixed -- drop --channels")
-    with pytest.raises(Exception, match=r"expected channels to be 1 \(grayscale\) or 3 \(RGB\), got True"):
-        load_dataset(data, channels=True)
+    for wrong in (True, 3.0):  # equal to 1 and 3, not ints (3.0 was read as 3)
+        with pytest.raises(Exception, match=rf"expected channels to be 1 \(grayscale\) or 3 \(RGB\), got {wrong}$"):
+            load_dataset(data, channels=wrong)
     proto = _tiny_protocol("kfold", [("Baseline", "standard")])
     run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False, channels=1)
     run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"

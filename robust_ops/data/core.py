@@ -290,7 +290,8 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if known and bit_depth is not None and not image_files:  # would be ignored
         raise DataError(f"{text}: bit_depth= scales 16-bit image files (class folders and CSV); this source has "
                         "none -- drop bit_depth=", arg="bit_depth")
-    if (channels is not None and channels not in (1, 3)) or isinstance(channels, bool):
+    # ints only: 3.0 or True compare equal to 3 and 1, and would pass for them
+    if channels is not None and (not isinstance(channels, int) or isinstance(channels, bool) or channels not in (1, 3)):
         raise DataError(f"{text}: expected channels to be 1 (grayscale) or 3 (RGB), got {channels!r}", arg="channels")
     if known and channels is not None and not image_files:  # would be ignored
         raise DataError(f"{text}: channels= picks how image files (class folders and CSV) are read; this source's "
