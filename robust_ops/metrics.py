@@ -150,8 +150,7 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
     """Metrics dict for one prediction set. ``probs``: [N, K] class probabilities, or ``logits``: the model's [N, K]
     logits or [N] / [N, 1] single logits (a tensor), needed for AUC and mAP; ``logits`` rank samples whose
     probabilities round to a tie (module docstring)."""
-    from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_fscore_support,
-                                 roc_auc_score)
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"classification_metrics: expected num_classes to be an integer >= 2, got {num_classes!r}")
@@ -220,7 +219,7 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
             out["auc"] = float(roc_auc_score(y_true == positive_class, scores[:, positive_class]))
             out["map"] = float(np.mean([average_precision_score(y_true == c, scores[:, c]) for c in (0, 1)]))
         return out
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    cm = np.asarray(confusion_counts(y_true, y_pred, num_classes=num_classes))
     present = cm.sum(1) > 0
 
     def macro(per_class):
