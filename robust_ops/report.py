@@ -77,6 +77,16 @@ def _attack_panels(rows):
     return seen
 
 
+def _attack_label(attack):
+    """A table's name for a row's attack: "no attack" for the clean rows (results.json's "none")."""
+    return "no attack" if attack == "none" else attack
+
+
+def _row_cells(r, attack):
+    """The cells that say which evaluation row a table line is: method, attack (as given), norm, ε and n."""
+    return [r["method"], attack, r.get("norm") or "–", format_eps(r["eps"]), str(r.get("n", ""))]
+
+
 def markdown_table(rows, metrics=None):
     """One line per row: method, attack, norm, eps, n and the metrics."""
     if not rows:
@@ -86,7 +96,7 @@ def markdown_table(rows, metrics=None):
     head = ["method", "attack", "norm", "ε", "n"] + [METRIC_LABELS[m] for m in metrics]
     lines = [_table_line(head), "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], r["attack"], r.get("norm") or "–", format_eps(r["eps"]), str(r.get("n", ""))]
+        cells = _row_cells(r, r["attack"])
         cells += [fmt(r.get(m)) + runs_mark(r, m) for m in metrics]
         lines.append(_table_line(cells))
     return "\n".join(lines)
@@ -107,7 +117,7 @@ def pivot_table(rows, metric, methods=None):
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
     lines = [_table_line(head), "|" + "---|" * len(head)]
     for attack, norm, eps in keys:
-        label = "no attack" if attack == "none" else attack
+        label = _attack_label(attack)
         if len(norms_of[attack]) > 1:
             label += f" ({norm or '–'})"
         cells = [label, format_eps(eps)]
@@ -127,8 +137,7 @@ def per_class_recall_table(rows, class_names):
         if r.get("confusion") is None:
             continue
         recall = [fmt(line[i] / sum(line) if sum(line) else None) for i, line in enumerate(r["confusion"])]
-        lines.append(_table_line([r["method"], "no attack" if r["attack"] == "none" else r["attack"],
-                                  r.get("norm") or "–", format_eps(r["eps"]), str(r.get("n", ""))] + recall))
+        lines.append(_table_line(_row_cells(r, _attack_label(r["attack"])) + recall))
     return "\n".join(lines)
 
 
@@ -157,7 +166,7 @@ def paper_comparison_table(ours, paper, metric_columns):
     lines = [_table_line(head), "|" + "---|" * len(head)]
     for p in paper:
         r = _paper_match(index.get((p["method"], p["attack"], round(p["eps"], 6)), []), p)
-        cells = [p["method"], "no attack" if p["attack"] == "none" else p["attack"], format_eps(p["eps"]),
+        cells = [p["method"], _attack_label(p["attack"]), format_eps(p["eps"]),
                  p.get("source", "")]
         for m in metric_columns:
             ours_text = fmt(r.get(m))
