@@ -19,7 +19,8 @@ from utils import (TOLERANCES, assert_verbose_equal, check_in_place_op_mutation_
 
 op = torch.ops.robust_ops.pgd_step_
 NORMS = ("linf", "l2")
-SHAPES = [(1,), (7,), (3, 5), (2, 3, 4, 5), (5, 1, 9, 13), (3, 2, 3, 4, 5)]
+# (3, 2, 1100): samples of 2200 elements span three blocks of the CUDA kernel (1024 elements each, the last partial)
+SHAPES = [(1,), (7,), (3, 5), (2, 3, 4, 5), (5, 1, 9, 13), (3, 2, 3, 4, 5), (3, 2, 1100)]
 
 
 def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0, clip=(0.0, 1.0), zero_grad=(), scale=0.05):
@@ -91,14 +92,15 @@ def test_clip_range_is_applied(norm):
     assert float(ours.min()) >= 0.25 and float(ours.max()) <= 0.75
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("norm", NORMS)
-def test_nan_propagates_like_torch_clamp(dtype, norm):
+def test_nan_propagates_like_torch_clamp(dtype, norm, device):
     """A NaN in x_adv or x_nat stays NaN, as torch.clamp keeps NaN: it is not clamped to eps or the clip range."""
-    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 4, 5), dtype)
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 4, 5), dtype, device)
     x_adv[0, 1, 2, 3] = float("nan")
     x_nat[2, 0, 1, 1] = float("nan")
-    history = torch.zeros((1,) + tuple(x_adv.shape), dtype=dtype)
+    history = torch.zeros((1,) + tuple(x_adv.shape), dtype=dtype, device=device)
     (ours, h_ours), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history)
     assert_verbose_equal(ours, ref, "x_adv")
     assert_verbose_equal(h_ours[0], ref, "history")
@@ -115,10 +117,11 @@ def test_equal_clip_bounds_are_accepted(norm):
     assert bool((ours == 0.5).all())
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("norm", NORMS)
-def test_history_slots_receive_each_iterate(norm):
-    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 5, 5))
-    history = torch.zeros((4,) + tuple(x_adv.shape))
+def test_history_slots_receive_each_iterate(norm, device):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 5, 5), device=device)
+    history = torch.zeros((4,) + tuple(x_adv.shape), device=device)
     ref = x_adv.clone()
     for slot in range(4):
         g = torch.randn_like(grad)
@@ -139,19 +142,20 @@ def test_float64_alpha_eps_for_float32_inputs():
 # Strides, aliasing, in-place semantics
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("norm", NORMS)
-def test_non_contiguous_inputs_are_updated_in_place(dtype, norm):
+def test_non_contiguous_inputs_are_updated_in_place(dtype, norm, device):
     shape = (4, 3, 6, 5)
-    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, dtype)
+    x_adv, x_nat, grad, alpha, eps = make_inputs(shape, dtype, device)
     expected, _ = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)[1]
     # x_adv channels_last, x_nat a strided slice, grad transposed, history with the batch dimension first.
     x_cl = x_adv.contiguous(memory_format=torch.channels_last)
-    x_nat_big = torch.zeros((4, 3, 6, 10), dtype=dtype)
+    x_nat_big = torch.zeros((4, 3, 6, 10), dtype=dtype, device=device)
     x_nat_big[..., ::2] = x_nat
     x_nat_strided = x_nat_big[..., ::2]
     grad_t = grad.transpose(2, 3).contiguous().transpose(2, 3)
-    history = torch.zeros((4, 2) + shape[1:], dtype=dtype).transpose(0, 1)  # [2, 4, ...], not contiguous
+    history = torch.zeros((4, 2) + shape[1:], dtype=dtype, device=device).transpose(0, 1)  # [2, 4, ...], strided
     assert not (x_cl.is_contiguous() or x_nat_strided.is_contiguous() or grad_t.is_contiguous()
                 or history[1].is_contiguous())
     ptr = x_cl.data_ptr()
@@ -162,24 +166,26 @@ def test_non_contiguous_inputs_are_updated_in_place(dtype, norm):
     assert bool((history[0] == 0).all())
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("norm", NORMS)
-def test_dense_non_contiguous_history_slot(norm):
+def test_dense_non_contiguous_history_slot(norm, device):
     """history[slot] channels_last (dense, so no overlap status hides it; the test above has a slot with gaps):
     written element by element in its own layout, not as if contiguous (mutation testing: dropping the slot's
     is_contiguous() check before writing it directly survived)."""
-    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4, 5))
-    history = torch.zeros((2, 2, 4, 5, 3)).permute(0, 1, 4, 2, 3)
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4, 5), device=device)
+    history = torch.zeros((2, 2, 4, 5, 3), device=device).permute(0, 1, 4, 2, 3)
     assert history[1].is_contiguous(memory_format=torch.channels_last) and not history[1].is_contiguous()
     (ours, h_ours), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, 1)
     assert_verbose_equal(h_ours[1], ref, "history[1]")
     assert_verbose_equal(ours, ref, "x_adv")
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("norm", NORMS)
-def test_grad_with_batch_stride_matches_reference(norm):
+def test_grad_with_batch_stride_matches_reference(norm, device):
     """A grad whose reshape(N, -1) is a strided view (rows of a bigger buffer): the norms still match bitwise."""
-    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 7, 7))
-    big = torch.randn((8, 3, 7, 7))
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 7, 7), device=device)
+    big = torch.randn((8, 3, 7, 7), device=device)
     big[::2] = grad
     (ours, _), (ref, _) = run_both(x_adv, x_nat, big[::2], alpha, eps, (0.0, 1.0), norm)
     assert_verbose_equal(ours, ref)
@@ -202,29 +208,32 @@ def check_l2_batch_innermost_layout(step, dtype, layout, device="cpu"):
     assert_verbose_equal(ours, expected)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["batch_innermost", "transposed_2d"])
-def test_l2_batch_innermost_layout_matches_reference_exactly(dtype, layout):
-    check_l2_batch_innermost_layout(op, dtype, layout)
+def test_l2_batch_innermost_layout_matches_reference_exactly(dtype, layout, device):
+    check_l2_batch_innermost_layout(op, dtype, layout, device)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("norm", NORMS)
-def test_x_nat_aliasing_x_adv(norm):
+def test_x_nat_aliasing_x_adv(norm, device):
     """x_nat may be x_adv itself (the first step without random start); the result equals the unaliased one."""
-    x_adv, _, grad, alpha, eps = make_inputs((3, 2, 5, 5))
+    x_adv, _, grad, alpha, eps = make_inputs((3, 2, 5, 5), device=device)
     expected = x_adv.clone()
     reference.pgd_step_(expected, x_adv.clone(), grad, alpha, eps, 0.0, 1.0, norm)
     op(x_adv, x_adv, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
     assert_verbose_equal(x_adv, expected)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("norm", NORMS)
-def test_grad_sharing_memory_with_x_adv(norm):
+def test_grad_sharing_memory_with_x_adv(norm, device):
     """grad one sample before x_adv in one buffer (grad[s + 1] is x_adv[s]): the step uses the gradient as given, as
     the reference does; without the kernel's copy, sample s + 1 read its gradient after sample s had stepped over it
     (mutation testing: never copying an overlapping grad survived)."""
-    x_adv, x_nat, _, alpha, eps = make_inputs((3, 2, 5, 5))
-    buf = torch.cat([torch.randn((1, 2, 5, 5)), x_adv])
+    x_adv, x_nat, _, alpha, eps = make_inputs((3, 2, 5, 5), device=device)
+    buf = torch.cat([torch.randn((1, 2, 5, 5), device=device), x_adv])
     expected = x_adv.clone()
     reference.pgd_step_(expected, x_nat, buf[:-1].clone(), alpha, eps, 0.0, 1.0, norm)
     op(buf[1:], x_nat, buf[:-1], alpha, eps, 0.0, 1.0, norm, None, 0)
@@ -248,20 +257,22 @@ def check_per_sample_values_sharing_written_memory(step, norm, shared, device="c
     assert_verbose_equal(history, exp_history, "history")
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shared", ["x_adv", "history"])
-def test_per_sample_values_sharing_written_memory(norm, shared):
-    check_per_sample_values_sharing_written_memory(op, norm, shared)
+def test_per_sample_values_sharing_written_memory(norm, shared, device):
+    check_per_sample_values_sharing_written_memory(op, norm, shared, device)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shared", ["x_nat", "grad"])
-def test_history_slot_sharing_memory_with_x_nat_or_grad(norm, shared):
+def test_history_slot_sharing_memory_with_x_nat_or_grad(norm, shared, device):
     """history[slot] one sample past x_nat (or grad) in one buffer: the slot of sample s is x_nat[s + 1]. Every value
     is read before the slot is written, as in the reference; a kernel writing the slot directly overwrote x_nat[s + 1]
     (grad[s + 1]) before that sample read it (mutation testing: dropping the slot's overlap check survived)."""
-    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 5))
-    buf = torch.cat([{"x_nat": x_nat, "grad": grad}[shared], torch.rand((1, 3, 5))])
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 5), device=device)
+    buf = torch.cat([{"x_nat": x_nat, "grad": grad}[shared], torch.rand((1, 3, 5), device=device)])
     exp_buf = buf.clone()
     args = {"x_nat": x_nat, "grad": grad}
     expected = x_adv.clone()
@@ -289,22 +300,24 @@ def test_parallel_chunks_split_a_sample_between_threads(norm):
     assert_verbose_equal(h_ours[0], ref, "history")
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("norm", NORMS)
-def test_empty_batch(norm):
+def test_empty_batch(norm, device):
     for shape in [(0, 3, 4, 4), (2, 0)]:
-        x = torch.zeros(shape)
-        alpha = torch.full((shape[0],), 0.1)
-        op(x, x.clone(), x.clone(), alpha, alpha, 0.0, 1.0, norm, torch.zeros((2,) + shape), 1)
+        x = torch.zeros(shape, device=device)
+        alpha = torch.full((shape[0],), 0.1, device=device)
+        op(x, x.clone(), x.clone(), alpha, alpha, 0.0, 1.0, norm, torch.zeros((2,) + shape, device=device), 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Zero gradients, eps = 0 (no NaN)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", NORMS)
-def test_zero_gradient_sample_stays_put(dtype, norm):
-    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 6, 6), dtype, zero_grad=(1, 3), scale=0.01)
+def test_zero_gradient_sample_stays_put(dtype, norm, device):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 6, 6), dtype, device, zero_grad=(1, 3), scale=0.01)
     eps.fill_(1.0)  # x_adv lies inside the ball: a zero step leaves it where it is
     before = x_adv.clone()
     op(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
@@ -316,10 +329,11 @@ def test_zero_gradient_sample_stays_put(dtype, norm):
     assert not torch.equal(x_adv[0], before[0])
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("norm", NORMS)
-def test_eps_zero_projects_onto_x_nat(dtype, norm):
-    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 2, 5, 5), dtype, zero_grad=(2,))
+def test_eps_zero_projects_onto_x_nat(dtype, norm, device):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 2, 5, 5), dtype, device, zero_grad=(2,))
     eps.zero_()
     (ours, _), (ref, _) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)
     assert_verbose_equal(ours, ref)
@@ -336,11 +350,12 @@ def test_eps_zero_projects_onto_x_nat(dtype, norm):
 # float16 / bfloat16: float opmath, compared with the reference within the dtype's tolerance
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", NORMS)
-def test_reduced_precision_close_to_reference(dtype, norm):
-    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 9, 7), dtype, scale=0.02, zero_grad=(2,))
-    history = torch.zeros((2,) + tuple(x_adv.shape), dtype=dtype)
+def test_reduced_precision_close_to_reference(dtype, norm, device):
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 9, 7), dtype, device, scale=0.02, zero_grad=(2,))
+    history = torch.zeros((2,) + tuple(x_adv.shape), dtype=dtype, device=device)
     (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, 0)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(ours.float(), ref.float(), rtol=tol["rtol"], atol=2 * tol["atol"])
@@ -373,10 +388,11 @@ def check_clip_bounds_beyond_the_dtype(step_op, dtype, norm, device="cpu"):
         torch.testing.assert_close(ours.float(), ref.float(), rtol=tol["rtol"], atol=2 * tol["atol"])
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("norm", NORMS)
-def test_clip_bounds_beyond_the_dtype(dtype, norm):
-    check_clip_bounds_beyond_the_dtype(op, dtype, norm)
+def test_clip_bounds_beyond_the_dtype(dtype, norm, device):
+    check_clip_bounds_beyond_the_dtype(op, dtype, norm, device)
 
 
 def test_clip_bounds_round_to_float32_as_numpy_does():
@@ -449,11 +465,13 @@ def opmath_chain(x, x_nat, g, alpha, eps, clip, norm):
     return moved.to(f).clamp(*clip).to(dt)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("norm", NORMS)
-def test_reduced_precision_rounds_each_intermediate(dtype, norm):
-    """Bitwise: every intermediate (step, stepped, difference, scaled delta, moved) is rounded to the dtype."""
-    x_adv, x_nat, grad, alpha, eps = make_inputs((6, 3, 16, 16), dtype, scale=0.02, zero_grad=(2,))
+def test_reduced_precision_rounds_each_intermediate(dtype, norm, device):
+    """Bitwise: every intermediate (step, stepped, difference, scaled delta, moved) is rounded to the dtype; on CUDA
+    too (the chain's ops run there with IEEE division and no contraction across ops, as the kernel's --fmad=false)."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((6, 3, 16, 16), dtype, device, scale=0.02, zero_grad=(2,))
     expected = opmath_chain(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm)
     ours = x_adv.clone()
     op(ours, x_nat, grad, alpha, eps, 0.0, 1.0, norm, None, 0)
