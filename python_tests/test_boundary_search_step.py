@@ -82,8 +82,10 @@ def test_reduced_precision(device, dtype, k):
     got, want = run_both(OP, lo, hi, points, crossed_at, mask)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOLERANCES[dtype])
-        if device == "cpu":  # the CPU kernel rounds exactly like eager (products rounded to the dtype, sum in float)
-            assert_verbose_equal(g, w)
+        # Both native kernels round exactly like eager (products rounded to the dtype, sum in float; CUDA through
+        # __fmul_rn/__fadd_rn), and eager runs on the same device: bitwise there too (the CUDA half asserted only
+        # closeness, so a CUDA rounding that drifted from the CPU kernel's would have passed).
+        assert_verbose_equal(g, w)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -109,9 +111,21 @@ def test_non_contiguous(device, k):
         assert torch.equal(got[0][..., 1], base[0][..., 1])  # the other half of the storage is untouched
 
 
-def test_large_batch_spans_parallel_chunks():
-    """Per-sample size not a multiple of the parallel grain: chunks split samples mid-way."""
-    lo, hi, points, crossed_at, mask = make_inputs(3, shape=(5, 13001), active=True)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_large_batch_spans_parallel_chunks(device):
+    """Per-sample size not a multiple of the parallel grain: chunks split samples mid-way. On CUDA each sample spans
+    13 tiles of 1024 positions, the last partial (the other tests' samples fit in one tile)."""
+    lo, hi, points, crossed_at, mask = make_inputs(3, shape=(5, 13001), device=device, active=True)
+    got, want = run_both(OP, lo, hi, points, crossed_at, mask)
+    for name, g, w in zip(("lo", "hi", "points"), got, want):
+        assert_verbose_equal(g, w, name)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_more_tiles_than_the_cuda_grid(device):
+    """66000 one-tile samples: more tiles than the CUDA kernel's grid of at most 65535 blocks, so blocks take a second
+    tile in its grid-stride loop, each with its own sample's crossed_at and active flag."""
+    lo, hi, points, crossed_at, mask = make_inputs(4, shape=(66000, 3), device=device, active=True)
     got, want = run_both(OP, lo, hi, points, crossed_at, mask)
     for name, g, w in zip(("lo", "hi", "points"), got, want):
         assert_verbose_equal(g, w, name)
