@@ -317,8 +317,9 @@ def test_windows_without_input_channels_last(pool, axis):
     assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_double_backward_through_windows_without_input():
-    check_double_backward_without_input(op, backward_op)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_double_backward_through_windows_without_input(device):
+    check_double_backward_without_input(op, backward_op, device)
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
@@ -335,6 +336,23 @@ def test_grad_matches_reference_autograd(device, fmt, dtype):
     tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-6)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=tol, atol=tol)
     assert x1.grad.is_contiguous(memory_format=expected_format(x))
+
+
+@pytest.mark.needs_cuda  # the CPU kernel has no grid; there this size only costs seconds
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_more_outputs_than_one_pass_of_the_cuda_grid(fmt):
+    """3 * 599 * 599 outputs: more than the CUDA kernels' capped grid covers in one pass (4096 blocks of 256 threads,
+    1048576 outputs), so their grid-stride loops take a second round, forward and backward (every other GPU test has
+    a few thousand outputs at most). Integer gradients: their sums are exact in any order, so the atomics' result is
+    bitwise the reference's."""
+    args = ((2, 2), (1, 1), (0, 0), (1, 1), False)
+    x = layout(make_input((1, 3, 600, 600), "normal", 7), fmt).to("cuda")
+    out, idx = check_against_reference(x, args)
+    assert out.numel() > 4096 * 256
+    grad = make_input(tuple(out.shape), "integers", 8).to("cuda")
+    assert_verbose_equal(backward_op(grad, idx, list(x.shape)),
+                         torch.autograd.grad(reference.drop_max_pool2d(x.requires_grad_(), *args)[0], x, grad)[0],
+                         "grad_input")
 
 
 def check_half_gradients_round_once(pool, backward, device="cpu"):
