@@ -324,6 +324,22 @@ def test_crossed_at_out_of_range_for_an_inactive_or_empty_sample(shape, active):
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("shape", [(5, 3, 4), (5, 0)])
+def test_native_step_does_not_synchronize_on_cuda(shape):
+    """IMA calls the step every search round: on CUDA it must not wait for the GPU, neither with elements (the
+    kernel's device assert) nor without (the asynchronous crossed_at check). torch raises on a synchronizing call in
+    sync debug mode "error"."""
+    args = make_inputs(3, shape=shape, device="cuda", active=True)
+    OP(*args)  # warm-up: the first call may load the module
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        OP(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.needs_cuda
 def test_device_mismatch():
     lo, hi, points, crossed_at, _ = make_inputs(2, device="cuda")
     with pytest.raises(RuntimeError, match="boundary_search_step_: expected crossed_at on the device of lo"):
