@@ -1,10 +1,13 @@
-"""Benchmark boundary_search_step_: one search round, kernel vs the plain-PyTorch reference vs the memory roofline,
-and the kernel's share of a round once the model forwards are counted (the number that matters: the forwards of the
-k-1 interior points dominate).
+"""Benchmark boundary_search_step_: one search round, kernel vs the plain-PyTorch reference, the peer and the memory
+roofline, and the kernel's share of a round once the model forwards are counted (the number that matters: the
+forwards of the k-1 interior points dominate).
 
 Per round of a k-ary search on a batch of N samples:
   * kernel: boundary_search_step_ (native C++/CUDA; Triton too on CUDA)
   * reference: robust_ops.reference.boundary_search_step_ (eager PyTorch)
+  * peer (k = 2 only): the paper's bisection (IMA, Algorithm 2) as eager PyTorch writes it for a batch -- the midpoint
+    replaces hi where it crossed and lo where it did not, then the next midpoint (lo + hi) / 2 -- what a user without
+    the op would run; the paper searches by bisection only, so k = 4 rows have no peer (peer_ms nan)
   * roofline, two counts, each timed as a same-size copy:
       - min: the least traffic a round needs: for each ACTIVE sample read its two bracketing slices, write the bound(s)
         that change (lo unless crossed_at = 0, hi unless crossed_at = k-1) and the k-1 new points; the kernel cannot
@@ -45,6 +48,24 @@ def make_round(shape, k, device, dtype=torch.float32):
     crossed_at = torch.randint(0, k, (shape[0],), generator=gen).to(device)
     active = (torch.rand(shape[0], generator=gen) < 0.75).to(device)
     return lo, hi, points, crossed_at, active
+
+
+def paper_bisection_(lo, hi, points, crossed_at, active=None):
+    """The peer, k = 2: one round of the paper's bisection on a batch, in place, with the op's arguments (points[0]: the
+    midpoint; crossed_at 0: it crossed). (lo + hi) / 2 rounds as the op's lo * 0.5 + hi * 0.5 away from subnormals
+    and overflow; the run checks it against the reference before timing it."""
+    if points.shape[0] != 1:
+        raise ValueError(f"paper_bisection_: bisection only (k = 2), got k = {points.shape[0] + 1}")
+    shape = (lo.shape[0],) + (1,) * (lo.dim() - 1)
+    crossed = (crossed_at == 0).view(shape)
+    live = torch.ones_like(crossed) if active is None else active.view(shape)
+    mid = points[0]
+    new_hi = torch.where(crossed & live, mid, hi)
+    new_lo = torch.where(~crossed & live, mid, lo)
+    new_mid = torch.where(live, (new_lo + new_hi) / 2, mid)
+    lo.copy_(new_lo)
+    hi.copy_(new_hi)
+    mid.copy_(new_mid)
 
 
 def min_traffic_elements(args):
@@ -126,6 +147,10 @@ def main(argv=None):
                 return common.median_seconds(lambda: (fn(*state, *args_[3:]), sync(device)), min_time)
 
             ref_s = timed(reference.boundary_search_step_)
+            peer_s = float("nan")
+            if k == 2:
+                check_against_reference("peer", paper_bisection_, args_)
+                peer_s = timed(paper_bisection_)
             roof_s = common.copy_roofline_seconds(nbytes, device, min_time)
             roof_min_s = common.copy_roofline_seconds(min_bytes, device, min_time)
             batch = shape[0] if scaled_forward else (k - 1) * shape[0]
@@ -141,6 +166,8 @@ def main(argv=None):
                     "kernel_ms": kern_s * 1e3,
                     "reference_ms": ref_s * 1e3,
                     "speedup_vs_ref": ref_s / kern_s,
+                    "peer_ms": peer_s * 1e3,
+                    "speedup_vs_peer": peer_s / kern_s,
                     "roofline_min_ms": roof_min_s * 1e3,
                     "pct_roofline_min": 100 * roof_min_s / kern_s,
                     "GB/s_min": common.gbps(min_bytes, kern_s),
@@ -150,8 +177,8 @@ def main(argv=None):
                     "kernel_share_of_round_pct": 100 * kern_s / (kern_s + fwd_s),
                     "ref_share_of_round_pct": 100 * ref_s / (ref_s + fwd_s),
                 })
-                print(f"{rows[-1]['shape']} k={k} {name}: kernel {kern_s * 1e3:.3f} ms, "
-                      f"reference {ref_s * 1e3:.3f} ms, forward {fwd_s * 1e3:.1f} ms", flush=True)  # progress
+                print(f"{rows[-1]['shape']} k={k} {name}: kernel {kern_s * 1e3:.3f} ms, reference {ref_s * 1e3:.3f} "
+                      f"ms, peer {peer_s * 1e3:.3f} ms, forward {fwd_s * 1e3:.1f} ms", flush=True)  # progress
     common.write_rows("boundary_search", rows, device)
 
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run and check what they time (tiny shapes; the timings themselves are not tested)."""
 
 import csv
+import math
 import os
 import re
 import subprocess
@@ -835,13 +836,14 @@ def test_boundary_search_rows_time_what_they_name(monkeypatch, quick):
     monkeypatch.setattr(torch.ops.robust_ops, "boundary_search_step_",
                         spy("native", torch.ops.robust_ops.boundary_search_step_))
     monkeypatch.setattr(reference, "boundary_search_step_", spy("reference", reference.boundary_search_step_))
+    monkeypatch.setattr(mod, "paper_bisection_", spy("peer", mod.paper_bisection_))
 
     def fake_median(fn, min_run_time=1.0):
         del log[:]
         fn()
         (call,) = log
         assert call[2] == shape
-        return {"native": 1, "reference": 7}[call[0]] * call[1] * 1e-3
+        return {"native": 1, "reference": 7, "peer": 3}[call[0]] * call[1] * 1e-3
 
     def fake_forward(model, shape_, batch, device, reps):
         forwards.append((batch, reps))
@@ -864,6 +866,10 @@ def test_boundary_search_rows_time_what_they_name(monkeypatch, quick):
         all_bytes = 4 * 2 * (k + 1) * 3 * d
         assert (r["kernel_ms"], r["reference_ms"], r["forward_ms"]) == pytest.approx((kern * 1e3, ref * 1e3, fwd * 1e3))
         assert r["speedup_vs_ref"] == pytest.approx(7)
+        if k == 2:  # the paper's bisection; the paper has no k-ary search, so no peer at k = 4
+            assert (r["peer_ms"], r["speedup_vs_peer"]) == pytest.approx((3e-3 * k * 1e3, 3))
+        else:
+            assert math.isnan(r["peer_ms"]) and math.isnan(r["speedup_vs_peer"])
         assert r["roofline_min_ms"] == pytest.approx(min_bytes * 1e-6)
         assert r["pct_roofline_min"] == pytest.approx(100 * min_bytes * 1e-9 / kern)
         assert r["GB/s_min"] == pytest.approx(min_bytes / kern / 1e9)
@@ -871,6 +877,30 @@ def test_boundary_search_rows_time_what_they_name(monkeypatch, quick):
         assert r["pct_roofline_all"] == pytest.approx(100 * all_bytes * 1e-9 / kern)
         assert r["kernel_share_of_round_pct"] == pytest.approx(100 * kern / (kern + fwd))
         assert r["ref_share_of_round_pct"] == pytest.approx(100 * ref / (ref + fwd))
+
+
+def test_boundary_search_peer_is_the_papers_bisection_and_bitwise_the_reference(monkeypatch):
+    """The peer, one round of the paper's bisection on a batch: the midpoint replaces hi where it crossed, lo where it
+    did not (inactive samples untouched), then the new midpoint (lo + hi) / 2 -- bitwise the op's reference."""
+    import torch
+
+    from robust_ops import reference
+
+    mod, _, _ = _script(monkeypatch, "bench_boundary_search", [])
+    args = mod.make_round((64, 2, 4, 4), 2, "cpu")
+    lo, hi, points, crossed_at, active = args
+    assert active.any() and (~active).any() and (crossed_at == 0).any() and (crossed_at == 1).any()
+    got, want = [t.clone() for t in args[:3]], [t.clone() for t in args[:3]]
+    mod.paper_bisection_(*got, crossed_at, active)
+    reference.boundary_search_step_(*want, crossed_at, active)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    moved_hi, moved_lo = active & (crossed_at == 0), active & (crossed_at == 1)
+    assert torch.equal(got[1][moved_hi], points[0][moved_hi]) and torch.equal(got[0][moved_lo], points[0][moved_lo])
+    assert torch.equal(got[2][0][active], (got[0][active] + got[1][active]) / 2)
+    assert torch.equal(got[0][~active], lo[~active]) and torch.equal(got[1][~active], hi[~active])
+    assert torch.equal(got[2][:, ~active], points[:, ~active])
+    with pytest.raises(ValueError, match="bisection only"):
+        mod.paper_bisection_(*mod.make_round((2, 1, 2, 2), 4, "cpu"))
 
 
 @pytest.mark.parametrize("which", [0, 1, 2])
