@@ -399,6 +399,26 @@ def test_documented_benchmark_flags_exist():
     assert not unknown, "\n".join(unknown)
 
 
+def test_benchmarks_table_lists_every_script_its_csvs_and_all_its_options():
+    """docs/benchmarks.md's table of the scripts names each benchmarks/bench_*.py once, the CSVs its write_rows calls
+    can write and exactly the options its parser takes (a flag or CSV added, renamed or dropped cannot drift past
+    it; the options were read from --help only, most CSV names nowhere)."""
+    scripts = {p.name: p.read_text() for p in (REPO / "benchmarks").glob("bench_*.py")}
+    page = (REPO / "docs/benchmarks.md").read_text()
+    section = page.split('<a id="scripts"></a>', 1)[1].split("\n## ", 2)[1]
+    rows = re.findall(r"^\| `(bench_\w+\.py)` \|(.*)\|(.*)\|(.*)\|$", section, flags=re.M)
+    assert sorted(name for name, *_ in rows) == sorted(scripts)
+    for name, csvs, _, options in rows:
+        source = scripts[name]
+        flags = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
+        assert set(re.findall(r"`(--[\w-]+)`", options)) == flags, name
+        written = set()
+        for first_argument in re.findall(r"write_rows\((.*?),\s*(?:\[|\w*rows)", source):
+            for csv_name in re.findall(r"\"([^\"]+)\"", first_argument):
+                written |= {csv_name.replace("{device.type}", device) for device in ("cpu", "cuda")}
+        assert written and set(re.findall(r"`(\w+)\.csv`", csvs)) == written, name
+
+
 def test_cli_tables_list_every_option_of_their_command():
     """Each command's table in docs/cli.md names only options its parser has, and every one it has (a new flag, or a
     renamed one, cannot drift past the table); every name of an option, the opposites of on/off flags included
