@@ -1001,6 +1001,38 @@ def test_prepacked_conv_rows_time_what_they_name(monkeypatch, switch):
     assert rows[-1]["median_ms"] == pytest.approx(2 * weight_bytes * 1e-6)
 
 
+def test_prepacked_conv_quick_is_batches_4_and_16_in_3_rounds(monkeypatch):
+    """The smoke run `robust-ops bench` makes: batches 4 and 16, both layouts and passes, 3 interleaved rounds and a
+    short copy timing (no other test runs the script's --quick path)."""
+    from robust_ops.models import build_model
+
+    mod, written, _ = _script(monkeypatch, "bench_prepacked_conv", ["--quick"])
+    monkeypatch.setattr(mod, "build_model", lambda name, *args: build_model("small_cnn", *args))  # fast passes
+    timed, copies = [], []
+    monkeypatch.setattr(mod, "interleaved_medians", lambda fns, rounds, device=None: (
+        timed.append((len(fns), rounds, device)) or [2e-3, 1e-3], None))
+    monkeypatch.setattr(mod, "copy_roofline_seconds", lambda nbytes, device, run_time: copies.append(run_time) or 1e-3)
+    mod.main()
+    assert timed == [(2, 3, "cpu")] * 8 and copies == [0.2]
+    rows = written["bench_prepacked_conv"]
+    assert [(r["layout"], r["batch"]) for r in rows[:-1:4]] == [("nchw", 4), ("nchw", 16), ("channels_last", 4),
+                                                                 ("channels_last", 16)]
+    assert all(r["x_aten"] == pytest.approx(2 if r["provider"] == "prepacked_conv" else 1) for r in rows[:-1])
+
+
+def test_pgd_step_quick_times_every_provider_briefly(monkeypatch):
+    """--quick (the smoke run `robust-ops bench` makes) keeps the shape and times every provider and copy for 0.3 s
+    instead of 1 s (no other test runs the script's --quick path)."""
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--quick", "--shape", "2,3,4,4", "--no-compile"])
+    run_times = []
+    monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: run_times.append(min_run_time)
+                        or 1e-3)
+    monkeypatch.setattr(mod.common, "copy_roofline_seconds", lambda nbytes, device="cpu", min_run_time=1.0:
+                        run_times.append(min_run_time) or 1e-3)
+    mod.main()
+    assert len(written["pgd_step_cpu"]) == 16 and run_times == [0.3] * 16
+
+
 @pytest.mark.parametrize("flags", [["--quick", "--warmup", "2"], ["--rounds", "3"]])  # 2 warm-ups by default
 def test_defenses_rows_are_medians_of_the_timed_rounds_of_each_defense(monkeypatch, flags):
     """Warm-up rounds untimed; per defense the median, min and max of its own timed steps; ratio to standard."""
