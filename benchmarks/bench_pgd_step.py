@@ -94,12 +94,15 @@ def torchattacks_step(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, 
         delta = torch.clamp(adv - x_nat, min=-EPS, max=EPS)
     else:
         n = x_adv.shape[0]
+        # torchattacks' view(n, 1, 1, 1) for its [N, C, H, W] images, here for any --shape (a [N, D] batch broadcast
+        # the [N, 1, 1, 1] norms into 4 dims and stopped the run at its first L2 row)
+        per_sample = (n,) + (1,) * (x_adv.dim() - 1)
         grad_norms = torch.norm(grad.view(n, -1), p=2, dim=1) + 1e-10
-        adv = x_adv + ALPHA * (grad / grad_norms.view(n, 1, 1, 1))
+        adv = x_adv + ALPHA * (grad / grad_norms.view(per_sample))
         delta = adv - x_nat
         delta_norms = torch.norm(delta.view(n, -1), p=2, dim=1)
         factor = torch.min(EPS / delta_norms, torch.ones_like(delta_norms))
-        delta = delta * factor.view(-1, 1, 1, 1)
+        delta = delta * factor.view(per_sample)
     adv = torch.clamp(x_nat + delta, min=clip_min, max=clip_max)
     x_adv.copy_(adv)
     if history is not None:

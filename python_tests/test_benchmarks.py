@@ -1615,6 +1615,18 @@ def test_pgd_step_torchattacks_provider_is_torchattacks_own_step(monkeypatch, no
     assert torch.equal(got, expected) and torch.equal(history[1], expected)
 
 
+@pytest.mark.parametrize("shape", ["4,8", "2,3,5", "2,3,2,4,4"])
+def test_pgd_step_runs_on_a_batch_of_any_rank(monkeypatch, shape):
+    """--shape takes any [N, ...] batch, as the op does: the torchattacks provider's L2 step viewed its per-sample
+    norms as [N, 1, 1, 1] (its images' rank), which a [N, D] batch broadcast into 4 dims, stopping the run at the
+    first L2 row after the L-inf rows had been timed."""
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", shape, "--no-compile"])
+    monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: fn() or 1e-3)
+    mod.main()
+    rows = written["pgd_step_cpu"]
+    assert len(rows) == 16 and all(r["equal_to_eager"] is True for r in rows if r["provider"] != "copy (roofline)")
+
+
 @pytest.mark.parametrize("scenario,channels_last,prepacked", [("init", False, True), ("cap", True, False),
                                                               ("spread", True, True)])
 def test_ima_epoch_runs_the_defense_and_model_its_variant_names(monkeypatch, scenario, channels_last, prepacked):
