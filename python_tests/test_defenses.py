@@ -1022,6 +1022,65 @@ def test_fat_omega_adds_the_reference_codes_gaussian_noise_to_each_moving_sample
         run_pgd(model, x, y, eps=0.3, alpha=0.05, steps=1, step_noise=float("nan"))
 
 
+def _reference_start_x_adv(model, x, y, eps, step, steps, objective, generator):
+    """The PGD of TRADES's trades_loss and MART's mart_loss as their reference code runs it: model.eval(), start at
+    x + 0.001 * randn, then steps of step * sign(grad), the eps-ball and [0, 1]; objective "kl" is TRADES's
+    KLDivLoss(sum) of log p(x_adv) against p(x), "ce" MART's mean cross-entropy."""
+    model.eval()
+    x_adv = x + 0.001 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    with torch.no_grad():
+        p_nat = F.softmax(model(x), 1)
+    for _ in range(steps):
+        xg = x_adv.clone().requires_grad_(True)
+        out = model(xg)
+        loss = (F.kl_div(F.log_softmax(out, 1), p_nat, reduction="sum") if objective == "kl"
+                else F.cross_entropy(out, y))
+        (grad,) = torch.autograd.grad(loss, xg)
+        x_adv = torch.min(torch.max(x_adv + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+@pytest.mark.parametrize("name, objective", [("trades", "kl"), ("mart", "ce")])
+def test_trades_and_mart_start_noise_is_the_reference_codes_start_near_x(crafted, name, objective):
+    """TRADES's and MART's reference code start their PGD at x + 0.001 * N(0, I), near x; the only start here was
+    the uniform one anywhere in the eps-ball, which also moves the end point (TRADES refused a start at x). start_noise
+    (default 0: the uniform start, unchanged) now gives the reference code's start, and with it its attack."""
+    model, x, y = _model_and_batch(sharp=30.0)
+    # float64: near x the KL's gradient is tiny, and float32 rounding of the two KL formulas flipped a sign;
+    # inside [0, 1] by more than the noise: the start's clip (not in the reference code) is moot
+    model, x = model.double(), (0.1 + 0.8 * x).double()
+    settings = dict(eps=0.1, step_size=0.02, steps=4)
+    torch.manual_seed(7)  # the defenses draw from the global generator
+    defenses.build(name, start_noise=0.001, **settings)(model, x, y)
+    overrides, result = crafted[-1]
+    reference = _reference_start_x_adv(model, x, y, 0.1, 0.02, 4, objective, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(result.x_adv, reference, rtol=0, atol=1e-12)
+    assert overrides["start_noise"] == 0.001
+    defense = defenses.build(name, start_noise=0.001)
+    assert defense.random_start is False and defense.options()["start_noise"] == 0.001
+    assert "start_noise" not in defenses.build(name).options()  # earlier checkpoints resume
+    assert defenses.build(name).random_start is True  # the default start is unchanged
+    with pytest.raises(ValueError, match=f"{name}: expected random_start=False \\(or unset\\) with start_noise=0.001"):
+        defenses.build(name, start_noise=0.001, random_start=True)
+    with pytest.raises(ValueError, match=f"{name}: expected start_noise to be"):
+        defenses.build(name, start_noise=-1.0)
+
+
+def test_run_pgd_start_noise_starts_near_x_and_refuses_a_second_start():
+    from robust_ops.attacks.core import run_pgd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = 0.1 + 0.8 * torch.rand(4, 1, 4, 4), torch.arange(4) % 3
+    start = run_pgd(model, x, y, eps=0.3, alpha=0.0, steps=1, start_noise=0.01,
+                    generator=torch.Generator().manual_seed(3)).x_adv
+    torch.testing.assert_close(start, x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="run_pgd: expected random_start=False with start_noise=0.01"):
+        run_pgd(model, x, y, eps=0.3, alpha=0.1, steps=1, start_noise=0.01, random_start=True)
+    with pytest.raises(ValueError, match="run_pgd: expected start_noise to be"):
+        run_pgd(model, x, y, eps=0.3, alpha=0.1, steps=1, start_noise=float("inf"))
+
+
 def test_fat_refuses_a_tau_set_between_batches_that_is_not_an_integer_at_least_zero():
     """docs/defenses/fat.md: a scheduler sets defense.tau. 1.5 ran (and was checkpointed) as 1 without a word, and
     -1 failed as run_pgd's early_stop; both are now the constructor's one-line error naming fat's tau."""

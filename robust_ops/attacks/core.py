@@ -347,6 +347,7 @@ def run_pgd(
     steps,
     norm="linf",
     random_start=False,
+    start_noise=0.0,
     loss="ce",
     targeted=False,
     kappa=0.0,
@@ -375,6 +376,8 @@ def run_pgd(
         eps, alpha (float or Tensor[N]): radius and step size, per sample if a tensor.
         steps (int >= 1): number of steps.
         norm: "linf" or "l2" (any case). random_start (bool): start at a random point of the ball (torchattacks' draws).
+        start_noise (float >= 0): start at ``clip(x + start_noise * N(0, I))`` (drawn with ``generator``) instead, the
+            near-x start of TRADES's and MART's reference code (0.001); 0: no draws. Not with ``random_start``.
         loss: "ce", "cw" (margin with confidence ``kappa``) or a callable ``(out, y) -> scalar or [N]``.
         targeted (bool): ``y`` are target labels; the loss is negated ("cw": the target margin is ascended).
         emit (tuple of int): step counts in [1, steps], sorted; ``iterates[j]`` is the iterate after ``emit[j]`` steps.
@@ -411,6 +414,10 @@ def run_pgd(
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
     check_linf_step_resolution(name, norm, x, eps, alpha)
     step_noise = check_real(name, "step_noise", step_noise, minimum=0)
+    start_noise = check_real(name, "start_noise", start_noise, minimum=0)
+    if start_noise and random_start:  # two starts: which one ran would be a guess
+        raise ValueError(f"{name}: expected random_start=False with start_noise={start_noise:g} (the start is either "
+                         "uniform in the ball or x + start_noise * N(0, I)), got random_start=True")
     if grad_transform is not None and not callable(grad_transform):
         raise TypeError(f"{name}: expected grad_transform to be a callable (grad, step) -> tensor, got "
                         f"{type(grad_transform).__name__}")
@@ -449,6 +456,10 @@ def run_pgd(
     with attack_context(model, model_mode, name):
         if random_start:
             random_start_(x_adv, x_nat, eps_t, eps_scalar, norm, clip_min, clip_max, generator)
+        elif start_noise:
+            # TRADES's / MART's x + 0.001 * randn, not projected (the first step projects), clipped as every iterate
+            noise = torch.randn(x_adv.shape, generator=generator, dtype=x_adv.dtype, device=x_adv.device)
+            x_adv.copy_(torch.clamp(x_nat + start_noise * noise, min=clip_min, max=clip_max))
         checked = False
         grad_scale = InputGradScale()  # loss scaling under float16 autocast (fit(amp=True)); a no-op otherwise
         for t in range(steps + 1):

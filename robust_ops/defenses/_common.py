@@ -83,7 +83,7 @@ class PGDDefense(Defense):
         self.norm = check_norm(n, self.default_norm if norm is None else norm)  # "Linf" is stored as "linf"
         check_flags(n, {"random_start": random_start}, optional=("random_start",))  # "no" would have meant True
         self.random_start = self.default_random_start if random_start is None else random_start
-        if self.flat_at_x and not self.random_start:
+        if self.flat_at_x and not self._starts_off_x():
             raise ValueError(f"{n}: expected random_start=True: the attack's objective has a zero gradient at x, so "
                              "from x it would move only along round-off noise or not at all; got random_start=False")
         self.attack_mode = check_choice(n, "attack_mode", self.default_attack_mode if attack_mode is None
@@ -94,6 +94,10 @@ class PGDDefense(Defense):
         # the CLI had written run.json: eps=8 meant as 8/255 is refused before anything runs.
         check_linf_budget(n, self.norm, torch.tensor([float(self.eps)]), self.clip_min, self.clip_max,
                           torch.tensor([float(self.step_size)]), alpha_arg="step_size")
+
+    def _starts_off_x(self):
+        """Whether the attack starts away from x (what a flat_at_x objective needs)."""
+        return self.random_start
 
     def attack(self, model, x, y, **overrides):
         """run_pgd with this defense's settings (overridable per call); returns the PGDResult."""

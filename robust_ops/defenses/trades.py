@@ -10,11 +10,41 @@ from .adversarial import Standard
 from .base import DefenseOutput
 
 
-class TRADES(PGDDefense):
+class _ReferenceStart(PGDDefense):
+    """TRADES and MART: their reference code starts PGD at x + 0.001 * N(0, I), near x, where the default here is
+    the uniform start in the eps-ball (random_start). ``start_noise`` > 0 (0.001: the reference code's) starts at
+    clip(x + start_noise * N(0, I)) instead (run_pgd(start_noise=...), drawn from torch's global generator) and
+    implies random_start=False; 0 (default) keeps random_start's start."""
+
+    def __init__(self, *, start_noise=0.0, random_start=None, **attack):
+        self.start_noise = check_real(self.name, "start_noise", start_noise, minimum=0)
+        if self.start_noise and random_start is True:  # two starts: which one ran would be a guess
+            raise ValueError(f"{self.name}: expected random_start=False (or unset) with start_noise="
+                             f"{self.start_noise:g}: the attack starts either uniformly in the ball or at "
+                             "x + start_noise * N(0, I); got random_start=True")
+        super().__init__(random_start=False if self.start_noise and random_start is None else random_start, **attack)
+
+    def _starts_off_x(self):
+        return self.random_start or self.start_noise > 0
+
+    def options(self):
+        options = super().options()
+        if not options["start_noise"]:  # as checkpoints written before start_noise existed record it: absent
+            del options["start_noise"]
+        return options
+
+    def attack(self, model, x, y, **overrides):
+        if self.start_noise:
+            overrides.setdefault("start_noise", self.start_noise)
+        return super().attack(model, x, y, **overrides)
+
+
+class TRADES(_ReferenceStart):
     """L = L(x) + beta * KL(p(x) || p(x_adv)), x_adv maximizing the KL (PGD on the KL from a random start: the KL's
     gradient vanishes at x_adv = x). beta = 1 (MIRST-DM's setting; the TRADES paper uses 6 on CIFAR-10).
     KL is summed over classes and averaged over the batch (TRADES's "batchmean"); single logits are treated as two
-    classes. random_start=False is refused (the attack would start where the KL's gradient is zero)."""
+    classes. random_start=False is refused (the attack would start where the KL's gradient is zero) unless
+    start_noise > 0 (0.001: the reference code's start near x; see _ReferenceStart)."""
 
     name = "trades"
     flat_at_x = True
@@ -44,10 +74,11 @@ class TRADES(PGDDefense):
             "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "kl": float(kl.detach())})
 
 
-class MART(PGDDefense):
+class MART(_ReferenceStart):
     """Misclassification-aware adversarial training:
     L = BCE(p(x_adv), y) + beta * mean_i KL(p(x_i) || p(x_adv_i)) * (1 - p_y(x_i)), where
-    BCE = -log p_y(x_adv) - log(1 - max_{k != y} p_k(x_adv)); beta = 6 (MART's default). x_adv: CE PGD."""
+    BCE = -log p_y(x_adv) - log(1 - max_{k != y} p_k(x_adv)); beta = 6 (MART's default). x_adv: CE PGD (its reference
+    code's start near x: start_noise=0.001)."""
 
     name = "mart"
 
