@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..attacks.context import classification_loss, num_classes_of
-from ._common import PGDDefense, check_choice, check_real, float32_or_wider, labels, unwrap
+from ._common import PGDDefense, check_choice, check_real, float32_or_wider, labels, per_sample_ce, unwrap
 from .base import DefenseOutput
 
 
@@ -52,10 +52,26 @@ def robust_feature_loss(features, y, channel_reduction="mean"):
     return -corr.flatten(1).mean(1)
 
 
+class _AdversarialTerm(nn.Module):
+    """Eq. 5's adversarial term per sample, L_cls(x') + s * lam * L_robust(x'), as an [N] "output", so run_pgd can
+    ascend it (the loss callable returns the output itself)."""
+
+    def __init__(self, defense, model, y, sign):
+        super().__init__()
+        self.defense, self.model, self.y, self.sign = defense, model, y, sign
+
+    def forward(self, x_adv):
+        logits, feats = self.defense._forward_with_features(self.model, x_adv)
+        robust = robust_feature_loss(feats, self.y, self.defense.channel_reduction)
+        return float32_or_wider(per_sample_ce(logits, self.y)) + self.sign * self.defense.lam * robust
+
+
 class ARFL(PGDDefense):
     """Args: lam (10, the mammography setting; the paper uses 0.5 on two-moons), r (0.5: the share of standard data;
     r = 1 standard training, r = 0 adversarial only), adv_sign ("text" or "printed", see the module docstring),
-    channel_reduction ("mean" or "sum"), layer (None: automatic, or a module name), plus the PGD settings
+    channel_reduction ("mean" or "sum"), layer (None: automatic, or a module name), attack_objective ("cls": PGD on
+    L_cls alone, the text's reading of eq. 5; "adv_term": PGD on the whole adversarial term of eq. 5,
+    L_cls + s * lam * L_robust), plus the PGD settings
     (7-step Linf PGD, eps 0.01 as in ARFL's mammography experiments; two-moons: steps=1, eps=0.05, step_size=0.05,
     random_start=False is FGSM)."""
 
@@ -64,7 +80,8 @@ class ARFL(PGDDefense):
     default_eps = 0.01
     default_steps = 7
 
-    def __init__(self, lam=10.0, r=0.5, adv_sign="text", channel_reduction="mean", layer=None, **attack):
+    def __init__(self, lam=10.0, r=0.5, adv_sign="text", channel_reduction="mean", layer=None, attack_objective="cls",
+                 **attack):
         super().__init__(**attack)
         n = self.name
         self.lam = check_real(n, "lam", lam, minimum=0)
@@ -77,6 +94,13 @@ class ARFL(PGDDefense):
             raise ValueError(f"{n}: expected layer to name a submodule (as in model.named_modules(), e.g. 'net.2'), "
                              "got '' (the model itself, whose output is the logits, not a feature map)")
         self.layer = layer
+        self.attack_objective = check_choice(n, "attack_objective", attack_objective, ("cls", "adv_term"))
+
+    def options(self):
+        options = super().options()
+        if options["attack_objective"] == "cls":  # as checkpoints written before the option existed record it: absent
+            del options["attack_objective"]
+        return options
 
     def feature_module(self, model):
         """(module, "output" | "input"): where the feature map is read."""
@@ -138,13 +162,18 @@ class ARFL(PGDDefense):
         if self.r < 1:
             # r = 0 (adversarial data only) runs no clean forward: with weight 0 it still moved BatchNorm's running
             # statistics, so the model trained was not adversarial training + ARFL (as SAT at alpha = 1)
-            x_adv = self.attack(model, x, y).x_adv
+            sign = 1.0 if self.adv_sign == "text" else -1.0
+            if self.attack_objective == "cls":
+                x_adv = self.attack(model, x, y).x_adv
+            else:
+                # the term ignores run_pgd's labels (it has its own y); zeros suit its [N] "output"
+                term = _AdversarialTerm(self, unwrap(model), y, sign)
+                x_adv = self.attack(term, x, y.new_zeros(y.shape), loss=lambda out, _y: out).x_adv
             logits_adv, feats_adv = self._forward_with_features(model, x_adv)
             if logits is None:
                 self._check_binary(y, logits_adv)
             adv = classification_loss(logits_adv, y)
             robust_adv = robust_feature_loss(feats_adv, y, self.channel_reduction).mean()
-            sign = 1.0 if self.adv_sign == "text" else -1.0
             loss = loss + (1 - self.r) * (adv + sign * self.lam * robust_adv)
             metrics.update(loss_adv=float(adv.detach()), loss_robust_adv=float(robust_adv.detach()))
         metrics["loss"] = float(loss.detach())
