@@ -914,6 +914,16 @@ def test_trades_and_llr_refuse_to_start_their_attack_at_the_clean_point():
             defenses.build(method.defense, **method.options)
 
 
+def test_arfl_moons_trades_attacks_from_the_reference_codes_start():
+    """arfl-moons' TRADES row started its one KL step at a uniform point of the eps-ball, so its training points were
+    random points of the ball pushed by one step, not TRADES's: its code starts at x + 0.001 * N(0, I)."""
+    from robust_ops.reproduce import PROTOCOLS
+
+    (method,) = [m for m in PROTOCOLS["arfl-moons"].methods if m.defense == "trades"]
+    defense = defenses.build(method.defense, **method.options)
+    assert defense.start_noise == 0.001 and defense.random_start is False and defense.steps == 1
+
+
 def test_llr_inner_maximum_ascends_the_linearity_gap(monkeypatch):
     """LLR's attack maximizes g(x') = |l(x') - l(x) - (x' - x) . grad l(x)| itself (the loss callable returns the
     wrapper's output unchanged), with l(x) and grad l(x) of the clean point."""

@@ -85,8 +85,8 @@ ARFL_MOONS = Protocol(
         Method("Adversarial training + ARFL", "arfl", {"lam": 0.5, "r": 0.0, **_FGSM_005}),
         Method("Dual adversarial training", "sat", {"alpha": 0.5, **_FGSM_005}),
         Method("Dual adversarial training + ARFL", "arfl", {"lam": 0.5, "r": 0.5, **_FGSM_005}),
-        # a random start in the ball, then the FGSM step: TRADES's KL has a zero gradient at x (refused without)
-        Method("TRADES", "trades", {**_FGSM_005, "random_start": True}),
+        # TRADES's code's start, x + 0.001 * N(0, I), then the FGSM step: the KL has a zero gradient at x itself
+        Method("TRADES", "trades", {**_FGSM_005, "start_noise": 0.001}),
         Method("MIRST", "mirst", {"eps": 0.05}),
     ],
     evals=[EvalPlan([AttackSpec("fgsm", {}, "FGSM")], [0.2])],
@@ -102,8 +102,9 @@ ARFL_MOONS = Protocol(
         "r = 1 / 0 / 0.5 as in the paper; features from the penultimate layer (the ReLU output that feeds the last "
         "layer; the paper names no activation).",
         "TRADES and MIRST use the same training budget eps 0.05 (MIRST: 10-step PGD iterates). TRADES's KL attack "
-        "starts at a random point of the ball (its gradient is zero at x), then takes the one step of 0.05; until "
-        "2026-12-03 it started at x and its step followed round-off noise.",
+        "starts where TRADES's code starts it, at x + 0.001 * N(0, I) (its gradient is zero at x), then takes the "
+        "one step of 0.05; until 2026-12-03 it started at x and its step followed round-off noise, until 2026-12-05 "
+        "at a uniform random point of the ball.",
     ],
     quick={"epochs": 2, "repeats": 2, "n_train": 1500, "n_test": 400},
 )
