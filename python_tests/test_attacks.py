@@ -244,6 +244,94 @@ def test_attacks_on_one_model_from_two_threads_restore_its_state_once_both_end()
     assert not context._held
 
 
+def test_an_attack_in_another_model_mode_waits_for_the_running_one_on_another_thread():
+    """Attacks on one model from two threads in different model_modes raced: the second switched every module to its
+    mode under the first, whose forwards then ran in train mode (BatchNorm statistics moving) until it ended."""
+    model = TinyCNN(1, 2).train()
+    x, y = make_data(3, 2)
+    b_began, a_ended = threading.Event(), threading.Event()
+    second = threading.Thread(target=lambda: attacks.pgd(model, x, y, eps=0.03, steps=2, model_mode="train"),
+                              name="second")
+    seen = []
+
+    def hook(module, inputs):
+        if threading.current_thread() is second:
+            b_began.set()
+            assert a_ended.wait(30)
+        elif not second.is_alive() and not b_began.is_set():  # the first attack's first forward starts the second
+            second.start()
+            # until the second attack runs its first forward (before: at once) or waits for this one (since)
+            for _ in range(30000):
+                with context._held_lock:
+                    if b_began.is_set() or getattr(context, "_queued", None):
+                        break
+                threading.Event().wait(0.001)
+        seen.append((threading.current_thread() is second, module.training))
+
+    model.register_forward_pre_hook(hook)
+    attacks.pgd(model, x, y, eps=0.03, steps=2)  # model_mode "eval": begins first, ends first
+    a_ended.set()
+    second.join(30)
+    # the first's forwards all in eval mode, the second's all in train mode, after the first ended
+    assert [who for who, _ in seen] == sorted(who for who, _ in seen) and {who for who, _ in seen} == {False, True}
+    assert all(training == who for who, training in seen)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert not context._held and not context._queued
+
+
+def test_a_nested_attack_in_another_model_mode_than_another_threads_is_one_clear_error():
+    # it cannot wait: the other thread's attack could nest one of another mode too and wait for this one
+    model = TinyCNN(1, 2).eval()
+    x, y = make_data(3, 2)
+    errors = []
+
+    def outer_then_nested():
+        def nested(module, inputs):
+            handle.remove()
+            try:
+                attacks.pgd(model, x, y, eps=0.03, steps=1, model_mode="train")
+            except RuntimeError as err:
+                errors.append(str(err))
+
+        nonlocal handle
+        handle = model.register_forward_pre_hook(nested)
+        attacks.pgd(model, x, y, eps=0.03, steps=1)
+
+    handle = None
+    second = threading.Thread(target=outer_then_nested)
+    first_hook = []
+
+    def start_second(module, inputs):  # the first thread's attack runs while the second one's nests its own
+        if not first_hook:
+            first_hook.append(1)
+            second.start()
+            second.join(30)
+
+    h = model.register_forward_pre_hook(start_second)
+    attacks.pgd(model, x, y, eps=0.03, steps=1)
+    h.remove()
+    assert errors == ["pgd: another thread is attacking this model in model_mode='eval', and this attack "
+                      "(model_mode='train') runs inside another attack of its thread, so it cannot wait for that one "
+                      "to end; attacks on one model in different model_modes cannot overlap (each sets every "
+                      "module's mode): give each thread its own copy of the model (copy.deepcopy) or use one "
+                      "model_mode"]
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert not context._held and not context._queued
+    # in one thread, a nested attack in another mode runs (it restores its caller's modes)
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    inner = []
+
+    def nest(module, inputs):
+        if not inner:
+            inner.append(1)
+            attacks.pgd(model, x, y, eps=0.03, steps=1, model_mode="train")
+
+    model.register_forward_pre_hook(nest)
+    attacks.pgd(model, x, y, eps=0.03, steps=1)
+    assert seen == [False, True] and not model.training and not context._held
+
+
 def test_a_model_with_uninitialized_lazy_parameters_is_one_clear_error():
     # torch's "Attempted to use an uninitialized parameter in <method 'requires_grad_' ...>" named no attack
     model = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))

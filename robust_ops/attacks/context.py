@@ -16,7 +16,6 @@ output checks, and the losses attacks ascend.
   ``torch.autograd.grad`` otherwise.
 """
 
-import collections
 import contextlib
 import itertools
 import threading
@@ -74,18 +73,38 @@ def check_model(name, model):
 
 class _Held:
     """A model under attack: its state before the first of the attacks running on it (``flags``: each parameter's
-    requires_grad, ``modes``: each module's training flag) and how many attacks each thread runs on it now."""
+    requires_grad, ``modes``: each module's training flag) and the model_mode of each attack each thread runs on it
+    now (``threads``: thread id -> model_modes, outermost first)."""
 
     __slots__ = ("flags", "modes", "threads")
 
     def __init__(self, model):
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.modes = [(m, m.training) for m in model.modules()]
-        self.threads = collections.Counter()
+        self.threads = {}
 
 
 _held = {}  # id(model) -> _Held, while attacks run on it
 _held_lock = threading.Lock()
+_held_changed = threading.Condition(_held_lock)  # an attack ended: the waiters of _queued look again
+_queued = {}  # id(model) -> [(ticket, model_mode)] of the attacks waiting for attacks in another mode to end
+_tickets = itertools.count()
+
+
+def _conflict(key, me, model_mode, ticket):
+    """The model_mode that keeps thread ``me`` from starting an attack in ``model_mode`` on the model ``key`` now (under
+    _held_lock), or None. Another thread's attack in another mode, or an attack of one thread nested in another of
+    another mode while other threads attack it (its end puts the outer mode back), would switch the modules' modes
+    under the attacks running. ``ticket`` None: the attack would be nested in one of this thread (it cannot wait), else
+    it is queued with that ticket and waits behind the attacks queued before it in another mode."""
+    held = _held.get(key)
+    if held is not None and any(t != me for t in held.threads):
+        other = next((m for modes in held.threads.values() for m in modes if m != model_mode), None)
+        if other is not None:
+            return other
+    if ticket is not None:
+        return next((m for t, m in _queued.get(key, ()) if t < ticket and m != model_mode), None)
+    return None
 
 
 @contextlib.contextmanager
@@ -96,22 +115,45 @@ def attack_context(model, model_mode="eval", name="attack"):
     off, prepacked convolutions when enabled); every module's mode and every parameter's ``requires_grad`` are
     restored afterwards. ``name``: the attack its errors name.
 
-    Attacks on one model from several threads at once (in one ``model_mode``) share its state: the last one to end
+    Attacks on one model from several threads at once in one ``model_mode`` share its state: the last one to end
     restores what the model was before the first began. Each used to restore what it saw when it began, so an attack
     that began while another ran left a train-mode model in eval with every parameter frozen (a later ``fit`` then
     trained nothing), or put it back in train mode under an attack still running. An attack nested in another of the
-    same thread restores its caller's modes."""
+    same thread restores its caller's modes. An attack in another ``model_mode`` than those running on the model in
+    other threads waits until they end (attacks queue in arrival order), as each sets every module's mode: the
+    other's forwards ran in its mode. One nested in another attack of its thread cannot wait (two such threads would
+    wait for each other): it is a RuntimeError."""
     check_model(name, model)
     if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):  # torch's error named requires_grad_
         raise ValueError(f"{name}: the model has uninitialized parameters (lazy modules); run one forward first, "
                          "e.g. model(x[:1]), to create them")
     _check_model_mode(model_mode)
-    me = threading.get_ident()
-    with _held_lock:
-        held = _held.get(id(model))
+    me, key = threading.get_ident(), id(model)
+    with _held_changed:
+        nested = any(me in h.threads for h in _held.values())  # this thread runs an attack now (on any model)
+        ticket = None if nested else next(_tickets)
+        try:
+            while (other := _conflict(key, me, model_mode, ticket)) is not None:
+                if nested:
+                    raise RuntimeError(
+                        f"{name}: another thread is attacking this model in model_mode={other!r}, and this attack "
+                        f"(model_mode={model_mode!r}) runs inside another attack of its thread, so it cannot wait "
+                        "for that one to end; attacks on one model in different model_modes cannot overlap (each "
+                        "sets every module's mode): give each thread its own copy of the model (copy.deepcopy) or "
+                        "use one model_mode")
+                if (ticket, model_mode) not in _queued.setdefault(key, []):
+                    _queued[key].append((ticket, model_mode))
+                _held_changed.wait()
+        finally:
+            if key in _queued and (ticket, model_mode) in _queued[key]:
+                _queued[key].remove((ticket, model_mode))
+                if not _queued[key]:
+                    del _queued[key]
+                _held_changed.notify_all()  # those queued behind it look again
+        held = _held.get(key)
         if held is None:
-            held = _held[id(model)] = _Held(model)
-        held.threads[me] += 1
+            held = _held[key] = _Held(model)
+        held.threads.setdefault(me, []).append(model_mode)
         seen = [(m, m.training) for m in model.modules()]  # the caller's, for an attack nested in this thread
         try:
             _enter_model_mode(model, model_mode)
@@ -132,15 +174,19 @@ def attack_context(model, model_mode="eval", name="attack"):
 def _release(model, held, me, seen):
     """One attack on ``model`` by thread ``me`` ends (under _held_lock): the last restores the state before the first;
     one nested in another of this thread restores its caller's modes; otherwise another thread's attack still runs
-    and keeps the model as it is."""
-    held.threads[me] -= 1
-    if not +held.threads:
+    and keeps the model as it is. Attacks waiting for this one look again."""
+    modes = held.threads[me]
+    modes.pop()
+    if not modes:
+        del held.threads[me]
+    if not held.threads:
         del _held[id(model)]
         _set_modes(held.modes)
         for p, flag in held.flags:
             p.requires_grad_(flag)
-    elif held.threads[me]:
+    elif modes:
         _set_modes(seen)
+    _held_changed.notify_all()
 
 
 class Normalized(torch.nn.Module):
