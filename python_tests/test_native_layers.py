@@ -496,8 +496,8 @@ def test_copies_and_pickles_taken_inside_hold_torchs_own_forward(tmp_path):
         copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
         torch.save((model, x, expected), tmp_path / "model.pt")
     for twin in copies:
-        for m in twin:  # what `m.forward` reads without the swap, bound to the copy
-            assert m.__dict__["forward"].__self__ is m and m.__dict__["forward"].__func__ is type(m).forward
+        for m in twin:  # `m.forward` reads the class's forward bound to the copy: no instance attribute of the swap
+            assert "forward" not in m.__dict__ and "__getstate__" not in m.__dict__
         assert torch.equal(twin(x), expected) and torch.equal(torch.jit.script(twin)(x), expected)
     code = ("import sys, torch\n"
             "sys.modules['robust_ops'] = None  # not importable\n"
@@ -510,6 +510,24 @@ def test_copies_and_pickles_taken_inside_hold_torchs_own_forward(tmp_path):
         assert len(patched(twin)) == 2
     robust_ops.replace_maxpool(copies[1])
     assert type(copies[1][1]) is robust_ops.DropMax2d
+
+
+def test_shallow_copies_taken_inside_run_their_own_forward():
+    """copy.copy of a swapped module kept the installed partial, which names the original: the copy ran the
+    original's forward with the original's attributes (its own kernel_size ignored), during the block and after."""
+    import copy
+
+    model = nn.Sequential(eval_bn(3), nn.MaxPool2d(2))
+    x = torch.randn(2, 3, 8, 8)
+    with native_layers(model):
+        pool, bn = copy.copy(model[1]), copy.copy(model[0])
+        pool.kernel_size = pool.stride = 4
+        bn.eps = 0.5
+        assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 4))
+        assert torch.equal(bn(x), nn.BatchNorm2d.forward(bn, x))
+        assert len(patched(model)) == 2 and model[1](x).shape == (2, 3, 4, 4)  # the original stays swapped
+    assert pool(x).shape == (2, 3, 2, 2) and not {"forward", "__getstate__"} & (set(vars(pool)) | set(vars(bn)))
+    assert patched(model) == [] and not {"forward", "__getstate__"} & set(vars(model[1]))
 
 
 def test_copies_taken_inside_run_the_plain_forward(monkeypatch):

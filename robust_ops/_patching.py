@@ -15,8 +15,8 @@ _decisions = {}
 
 
 def _dispatch(module, *args, **kwargs):
-    # The installed forward: runs the replacement only for the very module registered (a copy of the partial made
-    # by copy.copy would still name the original), the class's own forward otherwise.
+    # The installed forward: runs the replacement only for the very module registered, the class's own forward
+    # otherwise (after the block, for a partial a user kept).
     replacement = active_replacement(module)
     if replacement is not None:
         return replacement(module, *args, **kwargs)
@@ -24,13 +24,33 @@ def _dispatch(module, *args, **kwargs):
 
 
 class _InstalledForward(functools.partial):
-    """``partial(_dispatch, module)``. A copy.deepcopy or pickle of the module (taken inside the block: an EMA
-    snapshot in a custom defense, torch.save) gets the class's own forward bound to the copy instead, as
-    ``module.forward`` reads without the swap: the copy is not registered, nothing would ever remove the partial, and
-    a kept partial broke torch.jit.script of the copy and tied its pickle to robust_ops._patching."""
+    """``partial(_dispatch, module)``. Copies and pickles of the module leave it out (:func:`_state_without_swap`);
+    one of the partial itself (held elsewhere) gets the class's own forward bound to the module's copy, as
+    ``module.forward`` reads without the swap: nothing would ever remove a copied partial, which broke
+    torch.jit.script of the copy and tied its pickle to robust_ops._patching."""
 
     def __reduce__(self):
         return getattr, (self.args[0], "forward")  # read while unpickling, before the copy's __dict__ is set
+
+
+def _state_without_swap(module):
+    """``module.__getstate__`` while it is swapped: the class's state without the swap's instance attributes, so a
+    copy (copy.copy or copy.deepcopy), pickle or torch.save of the module taken inside the block (an EMA snapshot in
+    a custom defense inside fit) is not swapped and runs its class's own forward on itself. A shallow copy kept the
+    partial, which names the original module: it ran the original's forward, with the original's attributes (a
+    kernel_size set on the copy had no effect), during the block and after it."""
+    state = type(module).__getstate__(module)
+    if isinstance(state, dict):
+        state = {k: v for k, v in state.items() if not _is_swap_attribute(module, k, v)}
+    return state
+
+
+def _is_swap_attribute(module, key, value):
+    """Whether ``module.__dict__[key] = value`` is the swap's own (its forward, its __getstate__), not the user's."""
+    if key == "forward":
+        return isinstance(value, _InstalledForward) and value.args[0] is module
+    return (key == "__getstate__" and isinstance(value, functools.partial) and value.func is _state_without_swap
+            and value.args[0] is module)
 
 
 def is_installed_forward(module, forward):
@@ -91,6 +111,8 @@ def patched_forwards(model, replacements, switch, undecided=True):
                     continue  # the user's own instance forward: leave it alone (ours may come with a copy)
                 else:
                     module.forward = _InstalledForward(_dispatch, module)
+                    if "__getstate__" not in module.__dict__:  # copies taken inside leave the swap out
+                        module.__dict__["__getstate__"] = functools.partial(_state_without_swap, module)
                     _patched[id(module)] = [module, 1, replacement, switch, undecided]
                 modules.append(module)
     try:
@@ -104,9 +126,9 @@ def patched_forwards(model, replacements, switch, undecided=True):
                     # Only the swap's own: a forward the user set (or deleted) inside the block is theirs. Deleting
                     # it unconditionally dropped theirs, and a KeyError after theirs was deleted left the modules
                     # after it in this loop swapped for good.
-                    forward = module.__dict__.get("forward")
-                    if isinstance(forward, _InstalledForward) and forward.args[0] is module:
-                        del module.__dict__["forward"]
+                    for key in ("forward", "__getstate__"):
+                        if _is_swap_attribute(module, key, module.__dict__.get(key)):
+                            del module.__dict__[key]
                     del _patched[id(module)]
 
 
