@@ -530,6 +530,24 @@ def test_shallow_copies_taken_inside_run_their_own_forward():
     assert patched(model) == [] and not {"forward", "__getstate__"} & set(vars(model[1]))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated
+def test_models_captured_inside_the_block_get_atens_batch_norm():
+    """The one-pass batch norm's autograd.Function (data pointers, statistics compared by value) failed
+    torch.jit.trace ("unsupported argument type in the JIT tracer"), torch.export ("Cannot access data pointer of
+    Tensor") and torch.compile(fullgraph=True) ("Data dependent operator") of a model inside the block."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), eval_bn(4), nn.MaxPool2d(2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    expected = model(x)
+    with native_layers(model):
+        assert len(patched(model)) == 2
+        traced = torch.jit.trace(model, x)
+        exported = torch.export.export(model, (x,))
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x.clone().requires_grad_()), expected)
+    assert "aten::batch_norm" in str(traced.inlined_graph) and torch.equal(traced(x), expected)
+    assert torch.equal(exported.module()(x), expected)
+
+
 def test_copies_taken_inside_run_the_plain_forward(monkeypatch):
     import copy
 

@@ -91,6 +91,10 @@ def _batch_norm_forward(bn, input):
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or not (torch.is_grad_enabled() and input.requires_grad)
         or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
+        # It reads data pointers and compares the statistics by value: torch.jit.trace, torch.export and
+        # torch.compile(fullgraph=True) failed on it (a captured graph holds ATen's batch norm, same outputs)
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
     ):
         return nn.BatchNorm2d.forward(bn, input)
     return _EvalBatchNorm.apply(input, bn, _eval_bn_invstd(bn, input.dtype))
