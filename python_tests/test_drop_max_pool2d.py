@@ -21,7 +21,7 @@ from robust_ops import reference
 from robust_ops.reference import pool_output_size
 
 from conftest import cpu_and_cuda
-from utils import assert_verbose_equal, record_backend_requests, run_with_cpu_isa
+from utils import assert_verbose_equal, check_onnx_export, onnx_export, record_backend_requests, run_with_cpu_isa
 
 op = torch.ops.robust_ops.drop_max_pool2d
 backward_op = torch.ops.robust_ops._drop_max_pool2d_backward
@@ -559,6 +559,35 @@ def test_native_module_exports_and_traces(tmp_path):
         loaded = torch.jit.load(tmp_path / "pool.pt")
     assert "robust_ops::drop_max_pool2d" in str(loaded.graph)
     assert_verbose_equal(loaded(x + 1), robust_ops.drop_max_pool2d(x + 1, 3, 2, 1))
+
+
+def test_onnx_export_captures_the_reference_form(monkeypatch):
+    """torch.onnx.export failed on robust_ops::drop_max_pool2d after printing the whole graph ("ONNX export failed on
+    an operator with unrecognized namespace"): under it "auto" runs the plain-PyTorch form (the same outputs), and an
+    explicit native or Triton backend is one clear error."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), robust_ops.DropMax2d(3, 2, 1), nn.ReLU(), robust_ops.DropMax2d(2)).eval()
+    x = torch.randn(2, 1, 11, 11)
+    check_onnx_export(model, x)
+    message = (r"^drop_max_pool2d: backend='native'{} cannot be exported to ONNX: torch.onnx has no translation of the "
+               r"custom op robust_ops::drop_max_pool2d; export with backend='auto' or 'reference', which "
+               r"torch.onnx.export captures as plain PyTorch ops with the same outputs$")
+    with pytest.raises(RuntimeError, match=message.format("")):
+        onnx_export(robust_ops.DropMax2d(2, backend="native"), x, dynamo=False)
+    monkeypatch.setenv("ROBUST_OPS_BACKEND", "native")
+    with pytest.raises(RuntimeError, match=message.format(r" \(from \$ROBUST_OPS_BACKEND\)")):
+        onnx_export(model, x, dynamo=False)
+    # outside the export the default backend is the op, also in a trace
+    monkeypatch.delenv("ROBUST_OPS_BACKEND")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert "robust_ops::drop_max_pool2d" in str(torch.jit.trace(model, x).inlined_graph)
+
+
+def test_onnx_export_with_dynamo():
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript, not installed here")
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), robust_ops.DropMax2d(3, 2, 1)).eval()
+    x = torch.randn(2, 1, 11, 11)
+    assert onnx_export(model, x, dynamo=True)
 
 
 @pytest.mark.slow  # 6-7 s: an export and a fresh interpreter

@@ -1,5 +1,9 @@
 """Shared test helpers: per-dtype tolerances, verbose comparisons, tiny models."""
 
+import io
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
@@ -154,3 +158,33 @@ def check_in_place_op_mutation_is_seen_by_backward(op, make_args, argument):
     op(*args.values())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         product.backward()
+
+
+def onnx_export(model, x, **kwargs):
+    """torch.onnx.export to a buffer, quietly (the TorchScript exporter is deprecated and says so)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def check_onnx_export(model, x):
+    """torch.onnx.export's TorchScript exporter (dynamo=False) translates every op of ``model``: the file's outputs
+    are eager's where onnx (and onnxruntime) are installed. Without onnx the exporter translates every node before it
+    needs the package, to write the file: an op without a translation fails first, naming the op."""
+    try:
+        import onnx
+    except ImportError:
+        with pytest.raises(torch.onnx.errors.OnnxExporterError, match=r"^Module onnx is not installed!$"):
+            onnx_export(model, x, dynamo=False)
+        return
+    data = onnx_export(model, x, dynamo=False)
+    onnx.checker.check_model(onnx.load_from_string(data))
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x))

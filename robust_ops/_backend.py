@@ -116,12 +116,29 @@ def requested_backend(op_name, backend=None):
     return requested
 
 
+def onnx_exporting():
+    """Whether torch.onnx.export is capturing the model now (its TorchScript exporter traces with torch.jit.trace,
+    its default one with torch.export, which runs the Python code non-strict first): its ONNX translation knows
+    ATen's ops, not robust_ops' custom ones. is_in_onnx_export (~3 us) is asked only while tracing or compiling; under
+    dynamo (torch.compile, strict torch.export) torch folds it to False."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
+
+
 def resolve(op_name, device, backend=None):
-    """The backend that will run op_name on device: "native", "triton" or "reference"."""
+    """The backend that will run op_name on device: "native", "triton" or "reference". While torch.onnx.export
+    captures the model, "auto" is "reference" (plain ATen ops, the same outputs) and "native" / "triton" a
+    RuntimeError: torch.onnx has no translation of the custom ops (its own error came after a dump of the graph)."""
     requested = requested_backend(op_name, backend)
     device = torch.device(device)
     if requested == "reference":
         return "reference"
+    if onnx_exporting():
+        if requested == "auto":
+            return "reference"
+        source = "" if backend is not None else f" (from ${ENV_VAR})"
+        raise RuntimeError(f"{op_name}: backend={requested!r}{source} cannot be exported to ONNX: torch.onnx has no "
+                           f"translation of the custom op robust_ops::{op_name}; export with backend='auto' or "
+                           "'reference', which torch.onnx.export captures as plain PyTorch ops with the same outputs")
     if requested == "auto":
         reason = _native_reason(op_name, device)
         if reason is None:
