@@ -1237,6 +1237,34 @@ def test_bench_list_and_unknown(capsys):
     one_line_error(rc, err, "robust-ops bench: error: unrecognized arguments: --config x (see robust-ops bench --help)")
 
 
+def test_dpaat_bus_notes_state_the_attack_settings_the_paper_leaves_open():
+    """DPAAT gives no IFGSM step, no model mode for its training attacks and only "returned new x^adv with eps_DPAAT"
+    for the second attack at the adaptive radii; the protocol ran eps/steps, eval mode and a 7-step PGD from x with
+    step eps_i * 0.15 / 0.3 without saying so. The notes name what runs, and the IFGSM alternative parses and runs."""
+    from robust_ops import defenses
+    from robust_ops.evaluate import parse_attacks
+    from robust_ops.reproduce import DPAAT_LINF, PROTOCOLS, _specs, describe
+
+    p = PROTOCOLS["dpaat-bus"]
+    text = describe(p)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    ifgsm = [s for plan in p.evals for s in _specs(plan, quick=False) if s.name == "ifgsm"]
+    assert ifgsm and all(s.build(model, DPAAT_LINF).alpha is None for s in ifgsm)  # the ifgsm default: eps/steps
+    note = next(n for n in p.notes if n.startswith("IFGSM's step"))
+    assert "eps/steps, the library's default" in note
+    (alternative,) = parse_attacks(re.search(r"--attacks (\S+)", note).group(1))
+    built = alternative.build(model, DPAAT_LINF)
+    assert built.steps == 20 and built.alpha == pytest.approx(DPAAT_LINF)
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1])
+    assert (built(x, y) - x).abs().max() <= DPAAT_LINF + 1e-6
+    assert "eval mode here" in text and "attack_mode='train' for the training-mode attack" in text
+    assert "is 7 steps from x again with step eps_i * 0.15 / 0.3" in text
+    for m in p.methods[1:]:
+        d = defenses.build(m.defense, **m.options)
+        assert (d.attack_mode, d.steps, d.random_start) == ("eval", 7, False), m.label
+        assert d.step_size / d.eps == pytest.approx(0.15 / 0.3), m.label
+
+
 def test_dpaat_bus_notes_state_how_its_pgd_evaluation_starts_and_the_alternative_runs():
     """DPAAT's eq. 9 starts PGD at x; the protocol's 20/50-PGD evaluation starts at a random point of the ball (the
     library default). The notes must say so and name the eq. 9 evaluation, whose attack spec must parse and run."""

@@ -312,11 +312,16 @@ DPAAT_BUS = Protocol(
         "positive): precision/recall/F1 are the positive class's, not a 3-class average.",
         "Training adversary as in the paper for AT, SAT, AMAT and DPAAT: 7-step L2 PGD, eps 0.3, step 0.15, started "
         "at the clean image (eq. 9: x_0 = x; AT and SAT are told random_start=False, their library default is a "
-        "random start); SAT and DPAAT alpha 0.5.",
+        "random start); SAT and DPAAT alpha 0.5. The paper does not say which mode the model is in during the "
+        "attacks: eval mode here (BatchNorm's running statistics, not updated by the attacks; the library's default, "
+        "attack_mode='train' for the training-mode attack).",
         "The paper does not state the test radii. Our choice: FGSM and IFGSM (Linf, as the paper describes IFGSM) at "
         "eps 1/255; PGD-20/50 in L2 at the training radius 0.3 with step eps/4, from a random point of the ball (the "
         "library's PGD default). Eq. 9 starts PGD at x, as the training adversary here does; that evaluation is "
         "`robust-ops eval RUN --attacks pgd:norm=l2:steps=20:alpha=eps/4:random_start=false --eps 0.3`.",
+        "IFGSM's step (the paper gives none): eps/steps, the library's default, with which 10 and 20 steps both span "
+        "the 1/255 ball from x; `robust-ops eval RUN --attacks ifgsm:steps=20:alpha=1/255 --eps 1/255` for steps of "
+        "the whole radius.",
         "Radii are the paper's numbers on our [0, 1] images, not rescaled to their size (ima-bus rescales by IMA's "
         "per-pixel rule; DPAAT states neither its input size nor its pixel scale, its ImageNet CNNs take 3x224x224): "
         "L2 0.3 is a per-pixel RMS of 0.011 (2.7/255) at 1x28x28 and 0.0008 (0.2/255) at 3x224x224; the Linf 1/255 "
@@ -333,7 +338,9 @@ DPAAT_BUS = Protocol(
         "ln 2 and delta_eps = eps/2 (AMAT's thresholds came from an external network; DPAAT gives no values); "
         "DPAAT's beta = 1 (eq. 12 calls it tunable), L_syn as the Jensen-Shannon divergence (eq. 11 as printed is "
         "ln 2 minus it, which rises as the outputs agree, against the text; syn=\"printed\" for the formula as "
-        "printed) and dL_avg over the mini-batch (eq. 14).",
+        "printed) and dL_avg over the mini-batch (eq. 14). AMAT's and DPAAT's second attack, at the per-sample radii "
+        "eps_i (Alg. 1 line 12: \"returned new x^adv with eps_DPAAT\"), is 7 steps from x again with step "
+        "eps_i * 0.15 / 0.3.",
     ],
     quick={"epochs": 2, "repeats": 1, "n_train": 96, "n_test": 48, "model": "small_cnn"},
 )
