@@ -543,6 +543,23 @@ def test_defense_page_defaults_are_the_code(page):
             assert actual == value, f"{name}.{key}"
 
 
+def test_mirst_bus_page_states_the_folds_training_validation_and_test_sizes(breastmnist, monkeypatch):
+    """The page's run said "624 training images" per fold: that is the fold's training part, of which the protocol's
+    cross-validation holds 10% out for validation (its notes say so), so 561 images were trained on. The sizes the page
+    states are those of the protocol's folds of BreastMNIST."""
+    from robust_ops.reproduce import CV_SEED, PROTOCOLS, kfold_splits, load_pool
+
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
+    p = PROTOCOLS["mirst-bus"]
+    folds = kfold_splits(p.data, load_pool(p.data, None, 0, None), p.repeats, CV_SEED)
+    text = " ".join((REPO / "docs/reproduce/mirst-bus.md").read_text().split())
+    for fold in folds[:3]:  # the page's run: folds 0, 1 and 2
+        train, val, test = len(fold.train), len(fold.val), len(fold.test)
+        malignant = int((fold.test.tensors[1] == fold.info.positive_class).sum())
+        assert (f"per fold {train} training images and {val} validation images from the fold's {train + val}, "
+                f"{test} test images, {malignant} of them malignant") in text
+
+
 def test_documented_radius_figures_are_the_ones_written():
     """getting-started's file table listed accuracy, F1 and sensitivity curves only; multi-class tasks get mAP."""
     from robust_ops.data import DatasetInfo
