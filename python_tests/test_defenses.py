@@ -1889,6 +1889,27 @@ def test_mirst_plain_loss_is_eq2_with_instances_after_emit_steps_from_the_clean_
     assert out.metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_mirst_with_the_papers_attack_step_keeps_its_instances_where_the_docs_say():
+    """MIRST-DM gives its training PGD T = 10 steps and no step size; the library's 2.5*eps/T was documented as the
+    choice, not the other reading, the paper's attack step 0.001 (PGD-20, CW-10). The docs name it now, with where it
+    leaves the instances: within 0.002, 0.004, 0.006 and 0.008 of x, and the 10 steps at about half the ball."""
+    from pathlib import Path
+
+    from robust_ops.reproduce import PROTOCOLS
+
+    page = " ".join((Path(__file__).resolve().parents[1] / "docs/defenses/mirst.md").read_text().split())
+    assert "(`--defense-opt step_size=0.001`) keeps x̄₁..x̄₄ within 0.002, 0.004, 0.006 and 0.008 of x" in page
+    assert any("step_size=0.001" in n for n in PROTOCOLS["mirst-bus"].notes)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).double()  # two classes: a constant gradient sign
+    x, y = 0.2 + 0.6 * torch.rand(4, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    d = MIRST(step_size=0.001)
+    iterates = d.attack(model, x, y, steps=d.steps, emit=d.emit + (d.steps,)).iterates
+    reach = [float((v - x).abs().amax()) for v in iterates]
+    assert reach == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.010])
+    assert 0.4 < reach[-1] / d.eps < 0.6 and 0.1 < reach[0] / d.eps < 0.11 and 0.40 < reach[3] / d.eps < 0.41
+
+
 def test_stateless_defenses_refuse_state_and_only_arfl_is_binary_only():
     """base.Defense: a stateless defense loads {} and refuses any key; check_labels refuses non-binary tasks only
     for binary-only defenses (ARFL)."""

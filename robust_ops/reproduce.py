@@ -169,7 +169,8 @@ MIRST_BUS = Protocol(
         "the library's AT defaults (random start, attack in eval mode), MIRST starts at the clean image (eq. 3) with "
         "the attack in train mode; the paper calls the number of adversarial instances the primary difference "
         "between them. rst(random_start=False, attack_mode='train') is the RST that differs from MIRST in that "
-        "alone (not run here).",
+        "alone (not run here). The paper's attack step 0.001 as the training step is the other reading "
+        "(step_size=0.001: MIRST's instances then lie within 0.002-0.008 of x; docs/defenses/mirst.md).",
     ],
     quick={"epochs": 2, "repeats": 1, "n_train": 96, "n_test": 48, "model": "small_cnn"},
 )
