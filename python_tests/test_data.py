@@ -409,6 +409,21 @@ def test_csv_requested_class_without_rows(tmp_path):
         load_dataset(many, classes=("c00", "zz"))
 
 
+def test_dpaat_bus_on_the_papers_three_ham10000_lesions_as_docs_reproduce_says(tmp_path):
+    """DPAAT's data is three of HAM10000's seven lesions (mel, bkl, nv); reproduce has no class filter, and its README
+    named the route to MIRST-DM's two BUSI classes only. It names DPAAT's now: a CSV of those rows, read as a
+    three-class set whose metrics average the classes (no positive class), which every dpaat-bus method takes."""
+    from robust_ops import defenses
+    from robust_ops.reproduce import PROTOCOLS
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs/reproduce/README.md").read_text().split())
+    assert "DPAAT's set is three of HAM10000's seven lesions (`dx` `mel`, `bkl` and `nv`;" in text
+    assert "for `dpaat-bus`, give `--data` a CSV holding those rows only" in text
+    s = load_dataset(_ham(tmp_path, ["mel", "bkl", "nv"] * 10), size=8)
+    assert s.info.class_names == ("bkl", "mel", "nv") and s.info.positive_class is None
+    assert not any(defenses.defense_class(m.defense).binary_only for m in PROTOCOLS["dpaat-bus"].methods)
+
+
 def test_csv_subset_filter_is_recorded(tmp_path):
     path = _ham(tmp_path, ["mel", "nv", "bkl"] * 10)
     (tmp_path / "imgs" / "im2.jpg").unlink()  # an excluded row's image need not exist
