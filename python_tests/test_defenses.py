@@ -785,6 +785,27 @@ def test_dpaat_loss_weights_and_js_synchronization_term(crafted):
     assert [out.metrics["loss_clean"], out.metrics["loss_adv"]] == pytest.approx([float(clean), float(adv)], rel=1e-5)
 
 
+def test_dpaat_without_adaptation_is_the_papers_ablation_d_b(crafted):
+    """DPAAT's ablation (Fig. 3): D-A (adaptation alone) was DPAAT(beta=0), but D-B -- the synchronization loss at the
+    fixed eps, no adaptive radii -- could not be run. adapt=False trains at the first x_adv: one attack, no radius
+    rule or running mean, L = alpha * L(x_adv) + (1 - alpha) * L(x) + beta * JS. The option is recorded only when
+    off, as checkpoints written before it record DPAAT's options."""
+    model, x, y = _model_and_batch()
+    d = DPAAT(alpha=0.3, beta=0.7, steps=2, adapt=False)
+    out = d(model, x, y)
+    assert len(crafted) == 1 and crafted[0][0] == {}  # the fixed-eps attack alone
+    x_adv = crafted[0][1].x_adv
+    with torch.no_grad():
+        expected = (0.3 * F.cross_entropy(model(x_adv), y) + 0.7 * F.cross_entropy(model(x), y)
+                    + 0.7 * synchronization_loss(model(x), model(x_adv)).mean())
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert "radius_mean" not in out.metrics and not d.holds_state() and d.state_dict()["num_batches"] == 0
+    assert d.options()["adapt"] is False and "adapt" not in DPAAT().options()
+    assert DPAAT(alpha=1.0, beta=0.0, adapt=False)(model, x, y).metrics.keys() == {"loss", "loss_adv"}
+    with pytest.raises(TypeError, match=r"dpaat: expected adapt to be True or False, got 'no'"):
+        DPAAT(adapt="no")
+
+
 def test_amat_radius_rule_and_step_scaling(crafted):
     """AMAT (DPAAT eq. 5-7): eps_i = eps + delta_eps where the first x_adv's loss is below xi (still robust), else
     (eps + ||x_adv_i - x_i||) / 2; the second attack's step is scaled with the radius (eps_i * step_size / eps)."""

@@ -2,8 +2,9 @@
 Adversarial Training, eqs. 11-16 and Alg. 1).
 
 Both craft x_adv with the fixed radius eps, derive a radius per sample from the losses, and craft a NEW x_adv with
-those radii (run_pgd with a per-sample eps tensor, step size scaled by the same factor, eps_i * step_size / eps).
-Defaults follow DPAAT's experiments: 7-step PGD, L2, eps = 0.3, step eps/2 (0.15), no random start (eq. 9: x_0 = x).
+those radii (run_pgd with a per-sample eps tensor, step size scaled by the same factor, eps_i * step_size / eps);
+DPAAT(adapt=False), the paper's ablation D-B, trains at the first x_adv. Defaults follow DPAAT's experiments: 7-step
+PGD, L2, eps = 0.3, step eps/2 (0.15), no random start (eq. 9: x_0 = x).
 """
 
 import math
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
 from ..attacks.core import sample_distance
-from ._common import (PGDDefense, as_two_class, check_choice, check_real, distributed_run, float32_or_wider, labels,
-                      per_sample_ce, unwrap, use_model_mode)
+from ._common import (PGDDefense, as_two_class, check_choice, check_flags, check_real, distributed_run,
+                      float32_or_wider, labels, per_sample_ce, unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import DefenseOutput
 
@@ -126,6 +127,8 @@ class DPAAT(_AdaptiveRadius):
     dL_i = L(x_adv_i) - L(x_i), dL_avg their mini-batch mean (eq. 14), gamma_i = eps * |dL_i - dL_avg| / |dL_avg|,
     eps_i = ||x_adv_i - x_i|| - gamma_i if dL_i > dL_avg else ||x_adv_i - x_i|| + gamma_i, then a new x_adv with radii
     eps_i (Alg. 1 line 12). alpha = 1 with beta = 0 runs no clean training forward (L = L(x_adv), no clean logits).
+    adapt=False trains at the first x_adv (fixed eps: no radii, no second attack), the paper's ablation D-B (Fig. 3:
+    synchronization loss alone); beta = 0 is its D-A (adaptation alone).
 
     Choices (docs/defenses/dpaat.md): |dL_avg| in the denominator (so a negative mean does not flip the rule);
     |dL_avg| < guard (or 0) -> gamma = 0 (radius unchanged); a negative radius means no perturbation (eps_i = 0);
@@ -138,7 +141,7 @@ class DPAAT(_AdaptiveRadius):
     name = "dpaat"
 
     def __init__(self, alpha=0.5, beta=1.0, guard=1e-6, max_radius=None, reference="batch", syn="js", momentum=0.1,
-                 **attack):
+                 adapt=True, **attack):
         super().__init__(**attack)
         n = self.name
         self.alpha = check_real(n, "alpha", alpha, minimum=0, maximum=1)
@@ -148,6 +151,8 @@ class DPAAT(_AdaptiveRadius):
         self.reference = check_choice(n, "reference", reference, ("batch", "running"))
         self.syn = check_choice(n, "syn", syn, ("js", "printed"))
         self.momentum = check_real(n, "momentum", momentum, minimum=0, maximum=1, allow_min=False)
+        check_flags(n, {"adapt": adapt})  # adapt="no" would have adapted
+        self.adapt = adapt
         self._running_dl = 0.0
         self._num_batches = 0
         self._radius_mean = 0.0
@@ -178,16 +183,19 @@ class DPAAT(_AdaptiveRadius):
         if self.alpha == 0 and self.beta == 0:
             # standard training exactly: no attack (its forwards would still move BatchNorm's statistics), no radii
             return Standard.__call__(self, model, x, y)
-        first = self.attack(model, x, y).x_adv
-        clean_l, adv_l = self._losses(model, y, x, first)
-        radii = self.radii(float32_or_wider(sample_distance(first, x, self.norm)), adv_l - clean_l)
-        x_adv = self._attack_with_radii(model, x, y, radii)
+        x_adv = self.attack(model, x, y).x_adv
+        radius = {}
+        if self.adapt:
+            clean_l, adv_l = self._losses(model, y, x, x_adv)
+            radii = self.radii(float32_or_wider(sample_distance(x_adv, x, self.norm)), adv_l - clean_l)
+            x_adv = self._attack_with_radii(model, x, y, radii)
+            radius = {"radius_mean": self._radius_mean}
         if self.alpha == 1 and self.beta == 0:
             # L = L(x_adv) alone: a clean training forward with weight 0 still moved BatchNorm's running statistics
             # (as SAT at alpha = 1); the radius rule's clean loss above ran in the attack's mode
             adv = classification_loss(model(x_adv), y)
             return DefenseOutput(loss=adv, metrics={"loss": float(adv.detach()), "loss_adv": float(adv.detach()),
-                                                    "radius_mean": self._radius_mean})
+                                                    **radius})
         logits = model(x)
         logits_adv = model(x_adv)
         clean = classification_loss(logits, y)
@@ -196,7 +204,13 @@ class DPAAT(_AdaptiveRadius):
         loss = self.alpha * adv + (1 - self.alpha) * clean + self.beta * syn
         return DefenseOutput(loss=loss, logits=logits, metrics={
             "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach()),
-            "loss_syn": float(syn.detach()), "radius_mean": self._radius_mean})
+            "loss_syn": float(syn.detach()), **radius})
+
+    def options(self):
+        options = super().options()
+        if options["adapt"]:  # as checkpoints written before adapt existed record it: absent
+            del options["adapt"]
+        return options
 
     def holds_state(self):
         return self._num_batches > 0
