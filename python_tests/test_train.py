@@ -1586,6 +1586,31 @@ def test_ddp_refuses_processes_given_other_epochs_or_too_small_a_batch(tmp_path)
         assert messages[1] == "ValueError: fit: expected batch_size >= the number of processes (2), got 1", messages[1]
 
 
+def _ddp_dropped_last_batch_worker(rank, world, port, out_path):
+    with _gloo_group(rank, world, port), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        said = []
+        for n in (9, 10):  # global batches of 4, 4 and 1 (dropped: fewer samples than processes) or 2 (kept)
+            fit(DropoutMLP(), defenses.Standard(), _data(n), epochs=1, batch_size=4, progress=False)
+            said.append([str(w.message) for w in caught if "dropped" in str(w.message)])
+            caught.clear()
+        torch.save(said, f"{out_path}.{rank}")
+
+
+def test_ddp_a_dropped_last_global_batch_is_said_once_on_process_0(tmp_path):
+    """A last global batch with fewer samples than processes is dropped (every step needs a share on every process):
+    9 samples in batches of 4 over 2 processes trained on 8 per epoch without a word, the history's means over 8
+    reading as the whole set's. Process 0 now warns, naming the count and the fix; a last batch of 2 is kept."""
+    out = str(tmp_path / "dropped")
+    _spawn_within(120, _ddp_dropped_last_batch_worker, (2, _free_port(), out))
+    said = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert said[0] == [["fit: 9 samples in global batches of 4 leave a last batch of 1 sample, fewer than the 2 "
+                        "processes, which is dropped: each epoch trains on 8 of the 9 samples (the left-out ones "
+                        "change with each epoch's permutation); a batch size that divides 9, or leaves at least 2, "
+                        "trains on every sample"], []], said[0]
+    assert said[1] == [[], []], said[1]
+
+
 class _NonContiguousBufferMLP(DropoutMLP):
     """A buffer stored transposed (not contiguous) that each process updates from its own share."""
 

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._files import check_writable, replace_atomically
-from ._options import check_device, check_flags, check_int, check_real, class_labels
+from ._options import check_device, check_flags, check_int, check_real, class_labels, counted
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
@@ -1004,6 +1004,13 @@ def fit(
                                "weights with them (DDP averages only the gradients)", fixes={
                                    "the checkpoint they resume": "resume from a checkpoint every process reads: an "
                                    "out_dir on storage all nodes share"})
+    dropped = len(train_data) - sum(len(b) for b in sampler.global_batches())
+    if dropped and rank == 0:  # every step needs a share on every process: said, not left to be found in the counts
+        warnings.warn(f"{name}: {len(train_data)} samples in global batches of {batch_size} leave a last batch of "
+                      f"{counted(dropped, 'sample')}, fewer than the {world} processes, which is dropped: each epoch "
+                      f"trains on {len(train_data) - dropped} of the {len(train_data)} samples (the left-out ones "
+                      f"change with each epoch's permutation); a batch size that divides {len(train_data)}, or leaves "
+                      f"at least {world}, trains on every sample", stacklevel=3)
     if resume_error is not None:
         raise resume_error
     if state is not None:
