@@ -1380,6 +1380,49 @@ def test_margin_table_syncs_across_two_gloo_ranks():
     assert results["bn1d0"] == results["bn1d1"] == "ok", (results["bn1d0"], results["bn1d1"])
 
 
+def _ddp_refused_arguments_worker(rank, world, port, results):
+    import torch.distributed as dist
+    from torch.utils.data.distributed import DistributedSampler
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=15))
+    try:
+        table = MarginTable(5, 0.0, 10.0)
+        flags = {"adv_correct": torch.tensor([True]), "crossed": torch.tensor([False]), "distance": torch.zeros(1)}
+        # DistributedSampler pads 5 ids to 6 by repeating id 0, on the other rank and in another step than its first
+        for i in DistributedSampler(range(5), num_replicas=world, rank=rank, shuffle=False):
+            table.update(torch.tensor([i]), delta=1.0, **flags)
+        results[f"padded{rank}"] = table.margins.tolist()
+        # An id outside the table on rank 1 only: rank 0 waited in the sync until rank 1's process ended
+        try:
+            table.update(torch.tensor([7 if rank == 1 else 0]), delta=1.0, **flags)
+        except (IndexError, ValueError) as e:
+            results[f"bad_id{rank}"] = f"{type(e).__name__}: {e}"
+        table.update(torch.tensor([rank + 1]), delta=1.0, **flags)  # the sync goes on in step
+        results[f"after{rank}"] = table.margins.tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_margin_table_refuses_one_rank_bad_ids_on_every_rank():
+    """MarginTable.update refused a bad argument (an id outside the table) on the rank given it only, before the
+    sync: the other ranks waited in the sync's all_gather until that process ended or the group timed out, and then
+    read gloo's bare error. Every rank now raises at once (the failing one its own error) and the sync goes on.
+    DistributedSampler's padding updates its repeated id twice in an epoch (docs/ima.md)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_refused_arguments_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    assert results["padded0"] == results["padded1"] == [2.0, 1.0, 1.0, 1.0, 1.0]
+    assert results["bad_id1"].startswith("IndexError: MarginTable: ids must lie in [0, 5)"), results["bad_id1"]
+    assert results["bad_id0"] == ("ValueError: MarginTable.update: refused on rank(s) 1 (its ids or other arguments "
+                                  "were refused there; that rank's error names them)"), results["bad_id0"]
+    assert results["after0"] == results["after1"] == [2.0, 2.0, 2.0, 1.0, 1.0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The IMA defense: which samples' margins are updated
 

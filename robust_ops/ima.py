@@ -920,6 +920,9 @@ def _above_max(margins, max_margin, dtype):
     return float(top)
 
 
+_REFUSED_ARGUMENTS = 3  # MarginTable's sync: a rank's update refused for its ids, flags or distances' shape
+
+
 class MarginTable:
     """Per-sample margins E(i), a float tensor [num_samples] indexed by dataset id (Algorithm 1).
 
@@ -928,7 +931,10 @@ class MarginTable:
     ``[0, max_margin]`` (clipping each update equals the paper's end-of-epoch clip, since an epoch visits each id
     once). Under torch.distributed (initialized, world size > 1, ``sync=True``) every update is followed by an
     all_gather of the (id, new margin) pairs of all ranks, applied in rank order, so every rank holds the same
-    table; an id updated by two ranks in one step (DistributedSampler's padding) takes the highest rank's value.
+    table; an id updated by two ranks in one step takes the highest rank's value. DistributedSampler's padding
+    repeats ids, mostly in another step than their first: such an id is updated twice in that epoch (its
+    ``drop_last=True`` repeats none; neither does ``fit``). An update refused on one rank (bad ids or flags,
+    distances of crossed samples that are NaN, Inf or negative, ``problem``) raises on every rank at once.
     """
 
     def __init__(self, num_samples, init_margin, max_margin, norm="l2", *, device="cpu", dtype=torch.float32,
@@ -1006,7 +1012,12 @@ class MarginTable:
     def update(self, ids, *, adv_correct, crossed, distance, delta, problem=None):
         """Apply Algorithm 1's margin update for one batch (see the class docstring); returns the new margins.
         ``problem``: a refusal the caller found (IMA's NaN outputs), raised as ValueError instead of writing."""
-        new = self.new_margins(ids, adv_correct=adv_correct, crossed=crossed, distance=distance, delta=delta)
+        try:
+            new = self.new_margins(ids, adv_correct=adv_correct, crossed=crossed, distance=distance, delta=delta)
+        except (TypeError, ValueError, IndexError):
+            if self._synchronised():  # the other ranks wait in the sync: they hear of it there and raise too
+                self._gather_sizes(0, _REFUSED_ARGUMENTS)
+            raise
         ids = self.check_ids(ids)
         # A crossed sample's distance becomes half its margin: NaN/inf/negative ones (a diverged model) are refused
         # before anything is written -- under DDP on every rank at once, so that no rank waits in the sync.
@@ -1033,21 +1044,9 @@ class MarginTable:
         rank's update was refused (``problem``; ``given``: the caller's refusal, not the distances')."""
         group = self.process_group
         world = dist.get_world_size(group)
-        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
-            torch.device("cpu")
+        comm = self._comm_device()
         # 0: not refused, 1: the distances, 2: the caller's refusal (IMA's NaN outputs)
-        size = torch.tensor([ids.numel(), 0 if problem is None else 1 + given], dtype=torch.int64, device=comm)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size, group=group)
-        kinds = [int(s[1]) for s in sizes]
-        if any(kinds):
-            why = {1: "non-finite or negative distances of crossed samples there",
-                   2: "the caller refused the update there, e.g. IMA's NaN model outputs; that rank's error names "
-                      "the samples"}
-            raise ValueError(problem or "MarginTable.update: refused on " + "; ".join(
-                f"rank(s) {', '.join(str(r) for r in range(world) if kinds[r] == k)} ({why[k]})"
-                for k in (1, 2) if k in kinds))
-        sizes = [int(s[0]) for s in sizes]
+        sizes = self._gather_sizes(ids.numel(), 0 if problem is None else 1 + given, problem)
         m = max(sizes)
         pad_ids = torch.full((m,), -1, dtype=torch.int64, device=comm)
         pad_ids[: ids.numel()] = ids.to(comm)
@@ -1060,6 +1059,30 @@ class MarginTable:
         for r in range(world):  # rank order: every rank applies the same writes in the same order
             k = sizes[r]
             self.margins.index_copy_(0, all_ids[r][:k].to(self.margins.device), all_vals[r][:k].to(self.margins.device))
+
+    def _comm_device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.process_group) == "nccl" \
+            else torch.device("cpu")
+
+    def _gather_sizes(self, n, kind, problem=None):
+        """Every rank's update size; ValueError when any rank's update was refused (``kind``: 0 none, 1 the
+        distances, 2 the caller's refusal, ``_REFUSED_ARGUMENTS``: its arguments, whose error that rank raises
+        itself, the others this one)."""
+        group = self.process_group
+        world = dist.get_world_size(group)
+        size = torch.tensor([n, kind], dtype=torch.int64, device=self._comm_device())
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        kinds = [int(s[1]) for s in sizes]
+        if any(kinds) and kind != _REFUSED_ARGUMENTS:
+            why = {1: "non-finite or negative distances of crossed samples there",
+                   2: "the caller refused the update there, e.g. IMA's NaN model outputs; that rank's error names "
+                      "the samples",
+                   _REFUSED_ARGUMENTS: "its ids or other arguments were refused there; that rank's error names them"}
+            raise ValueError(problem or "MarginTable.update: refused on " + "; ".join(
+                f"rank(s) {', '.join(str(r) for r in range(world) if kinds[r] == k)} ({why[k]})"
+                for k in why if k in kinds))
+        return [int(s[0]) for s in sizes]
 
     def state_dict(self):
         return {"margins": self.margins.clone()}
