@@ -3834,6 +3834,17 @@ def test_fit_destroys_the_group_it_initialized_when_its_setup_raises(tmp_path):
         assert not left_open and epochs == 1 and not open_after_training
 
 
+def test_world_size_without_rank_is_a_clear_error(monkeypatch):
+    """WORLD_SIZE > 1 without RANK (a launcher other than torchrun) made each process train alone without a word:
+    N independent runs where one run on N processes was meant."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match=r"^fit: WORLD_SIZE=2 is set but RANK is not, so this process cannot join the "
+                                         r"other 1: launch with torchrun"):
+        fit(DropoutMLP(), "standard", _data(8), epochs=1, batch_size=8, progress=False)
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("samples, batch_size, step, why", [
     (9, 4, 3, r"9 samples in batches of 4 leave a last batch of 1 sample \(9 % 4 == 1\)"),
     (1, 8, 1, "train_data has 1 sample"),

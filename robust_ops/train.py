@@ -439,7 +439,11 @@ def _distributed_context(device):
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available() and "RANK" in os.environ:
+    if world > 1 and dist.is_available() and "RANK" not in os.environ:  # each process would train alone, unsaid
+        raise ValueError(f"fit: WORLD_SIZE={world} is set but RANK is not, so this process cannot join the other "
+                         f"{world - 1}: launch with torchrun (it sets both), set RANK (and MASTER_ADDR, MASTER_PORT) "
+                         "for each process, initialize a process group before fit, or unset WORLD_SIZE")
+    if world > 1 and dist.is_available():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         return dist.get_rank(), dist.get_world_size()
