@@ -126,6 +126,18 @@ def test_batch_norm_falls_back_where_the_fast_path_would_differ():
             assert torch.equal(bn(x), nn.BatchNorm2d.forward(bn, x))
 
 
+@pytest.mark.parametrize("trained", ["weight", "bias"])
+def test_batch_norm_whose_weight_or_bias_needs_a_gradient_gets_it(trained):
+    # (mutation testing of native_layers: checking the weight alone survived) the one-pass backward gives the
+    # input gradient only: a bias that needs one must take ATen's backward, or its gradient is lost
+    bn, x, grad = eval_bn(3), torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4)
+    param = getattr(bn, trained).requires_grad_(True)
+    expected = torch.autograd.grad(bn(x), (x, param), grad)
+    with native_layers(bn, True):
+        got = torch.autograd.grad(bn(x), (x, param), grad)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def batch_norm_outcome(bn, x):
     """The batch norm's output and input gradient (for a gradient of ones), or the first line of its error."""
     try:
