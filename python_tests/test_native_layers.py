@@ -153,11 +153,16 @@ def test_batch_norm_cases_it_does_not_take_give_atens_results_and_errors():
     float64_statistics.running_var = float64_statistics.running_var.double()
     no_running_mean = eval_bn(3)
     no_running_mean.running_mean = None
+    # (mutation testing of native_layers) only the running variance's dtype was checked: a float64 running mean
+    # took the fast path and failed in its invstd read, with another message than ATen's
+    float64_running_mean = eval_bn(3)
+    float64_running_mean.running_mean = float64_running_mean.running_mean.double()
     cases = {
         "3-D input": (eval_bn(3), x[0]),
         "bfloat16": (eval_bn(3, torch.bfloat16), x.bfloat16()),
         "no running statistics": (nn.BatchNorm2d(3, track_running_stats=False).eval().requires_grad_(False), x),
         "float64 running statistics": (float64_statistics, x),
+        "float64 running mean": (float64_running_mean, x),
         # a running variance without a running mean: ATen refuses it (reading invstd off its backward segfaulted)
         "no running mean": (no_running_mean, x),
     }

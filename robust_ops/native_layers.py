@@ -87,7 +87,8 @@ def _batch_norm_forward(bn, input):
         or input.dim() != 4
         or input.dtype not in NATIVE_CPU_DTYPES
         or any(p is not None and (p.dtype != input.dtype or p.requires_grad) for p in (bn.weight, bn.bias))
-        or bn.running_var.dtype != input.dtype
+        # both statistics: a running mean of another dtype failed in the invstd read with another message than ATen's
+        or any(s.dtype != input.dtype for s in (bn.running_mean, bn.running_var))
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or not (torch.is_grad_enabled() and input.requires_grad)
         or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
