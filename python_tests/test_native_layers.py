@@ -280,6 +280,14 @@ def test_a_forward_set_or_deleted_inside_the_block_is_the_users():
     assert torch.equal(model[2](x), nn.MaxPool2d.forward(model[2], x)) and _patching._patched == {}
 
 
+def test_a_forward_the_user_takes_from_another_swapped_module_inside_the_block_is_the_users():
+    # (mutation testing of _patching: the exit deleting any installed forward, not only the module's own, survived)
+    model = nn.Sequential(nn.MaxPool2d(2), nn.MaxPool2d(3))
+    with native_layers(model, True):
+        model[0].forward = own = model[1].forward  # pools as model[1] does: the user's choice, not the swap's
+    assert model[0].__dict__["forward"] is own and patched(model) == [model[0]] and _patching._patched == {}
+
+
 def test_leaves_user_forwards_subclasses_and_switch_alone(monkeypatch):
     class MyPool(nn.MaxPool2d):
         pass
