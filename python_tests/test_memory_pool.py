@@ -277,13 +277,19 @@ def test_bad_cache_limit_is_refused_before_the_pool_starts(monkeypatch, value):
     assert torch.empty(BIG).fill_(2).sum() == 2 * BIG  # the default allocator is back
 
 
+# (mutation testing of memory: taking spaces and tabs only, not C's other leading white space, survived; so did
+# returning 0 for an unset variable and for every value)
 @pytest.mark.parametrize("value", ["", "abc", "-5", "4GB", str(1 << 43), str((1 << 43) - 1), " 12", "+3", "-0", "0",
-                                   "12 ", "0x10", "1e3", "\u0663"])
+                                   "12 ", "0x10", "1e3", "\u0663", "\n\v\f\r\t 7", None])
 def test_the_cache_limit_check_before_any_work_agrees_with_the_pools(monkeypatch, value):
-    """memory.pool_limit_mb (the command line's check before any work) takes what the pool takes, and only that."""
+    """memory.pool_limit_mb (the command line's check before any work) takes what the pool takes, and only that,
+    and reads it as the number it is (None: unset)."""
     from robust_ops.memory import pool_limit_mb
 
-    monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", value)
+    if value is None:
+        monkeypatch.delenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", raising=False)
+    else:
+        monkeypatch.setenv("ROBUST_OPS_CPU_POOL_LIMIT_MB", value)
     try:
         with cpu_memory_pool():
             pass
@@ -291,7 +297,7 @@ def test_the_cache_limit_check_before_any_work_agrees_with_the_pools(monkeypatch
     except RuntimeError:
         pool_takes = False
     try:
-        pool_limit_mb()
+        assert pool_limit_mb() == (None if value is None else int(value))
         check_takes = True
     except ValueError as err:
         assert str(err) == ("robust_ops: expected $ROBUST_OPS_CPU_POOL_LIMIT_MB to be a whole number of megabytes >= 0 "
