@@ -867,6 +867,24 @@ def test_replace_maxpool_all_warns_about_max_pool2d_calls_it_cannot_reach():
         robust_ops.replace_maxpool(nn.Sequential(_CallsMaxPool()))
 
 
+class _PoolsWithIndices(nn.Module):
+    def forward(self, x):
+        return F.max_pool2d_with_indices(x, 2)[0]
+
+
+class _InheritsPooling(_CallsMaxPool):  # the call is in its base's forward
+    pass
+
+
+def test_replace_maxpool_finds_max_pool2d_calls_in_bases_and_with_indices_and_counts_past_three():
+    # (mutation testing of nn: reading only the class's own source, matching max_pool2d alone and naming every
+    # caller, without "and N more", each survived)
+    model = nn.Sequential(_PoolsWithIndices(), _InheritsPooling(), *(_CallsMaxPool() for _ in range(3)))
+    with pytest.raises(ValueError, match=r"\); _PoolsWithIndices '0', _InheritsPooling '1', _CallsMaxPool '2' and 2 "
+                                         r"more pool with max_pool2d calls in their forward \(not layers\)"):
+        robust_ops.replace_maxpool(model)
+
+
 def test_replace_maxpool_all_on_inception_v3_names_its_max_pool2d_calls():
     torchvision = pytest.importorskip("torchvision")
     with torch.device("meta"):  # no weights to initialise: the layers are all that counts
@@ -1451,6 +1469,11 @@ def test_replace_maxpool_refuses_a_subclass_with_its_own_forward():
         robust_ops.replace_maxpool(ScaledPool(2))
     model = robust_ops.replace_maxpool(nn.Sequential(RenamedPool(2), ScaledPool(2)))  # "first" stops at the first
     assert isinstance(model[0], robust_ops.DropMax2d) and type(model[1]) is ScaledPool
+    # "all" checks every pool before swapping any (mutation testing of nn: checking the first target only survived)
+    model = nn.Sequential(RenamedPool(2), ScaledPool(2))
+    with pytest.raises(ValueError, match=r"replace_maxpool: '1' is a ScaledPool, an nn.MaxPool2d subclass with its "):
+        robust_ops.replace_maxpool(model, "all")
+    assert [type(m) for m in model] == [RenamedPool, ScaledPool]
 
 
 def test_replace_maxpool_refuses_a_subclass_whose_methods_or_class_attributes_would_be_lost():
