@@ -133,6 +133,8 @@ def test_parameter_counts_against_torchvision():
     assert vgg.classifier[2].p == 0.5  # the head keeps vgg16_bn's dropout rate
     assert round(count_parameters(vgg) / 1e6) == 15
     assert round(count_parameters(tvm.vgg16_bn(num_classes=2)) / 1e6) == 134
+    # every parameter, frozen ones too (mutation testing of models: counting those requiring grad survived)
+    assert count_parameters(vgg.requires_grad_(False)) == count_parameters(build_model("vgg16", 3, 2, 224))
 
 
 def test_small_cnn_is_its_documented_architecture():
