@@ -2,6 +2,7 @@
 results, applied only while active, nested safely, and never where it would change anything."""
 
 import functools
+import types
 
 import numpy
 import pytest
@@ -326,6 +327,16 @@ def test_leaves_a_forward_delegating_to_another_module_alone():
     with native_layers(nn.Sequential(pool)):
         assert torch.equal(pool(x), x)
     assert pool.forward.__self__ is other
+
+
+def test_leaves_a_users_function_bound_to_the_pool_alone():
+    # (mutation testing of _patching: taking any method bound to the module for the swap's own survived) a user's
+    # forward made with types.MethodType is bound to the pool itself, but is not the class's forward
+    pool, x = nn.MaxPool2d(2), torch.randn(1, 1, 4, 4)
+    pool.forward = own = types.MethodType(lambda self, t: t + 1, pool)
+    with native_layers(nn.Sequential(pool), True):
+        assert torch.equal(pool(x), x + 1)
+    assert pool.__dict__["forward"] == own
 
 
 def test_attacks_inside_an_explicit_setting_follow_it_over_the_environment(monkeypatch):
