@@ -348,6 +348,17 @@ def test_a_weight_replaced_by_one_of_another_shape_is_packed_as_aten_reads_it(mo
     torch.testing.assert_close(got[1], expected[1], **CLOSE)
 
 
+def test_a_weight_that_is_not_4_d_raises_atens_message():
+    # (mutation testing of prepacked_conv: dropping the weight's dimension check survived; the kernel size read
+    # then failed with a ValueError of its own)
+    conv, x = frozen(nn.Conv2d(3, 8, 3)), torch.randn(2, 3, 8, 8)
+    conv.weight = nn.Parameter(conv.weight[..., 0], requires_grad=False)
+    expected = error_of(lambda: conv(x))
+    assert expected is not None
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        assert error_of(lambda: conv(x)) == expected
+
+
 @pytest.mark.parametrize("groups, out_channels", [(0, 8), (2, 7)], ids=["groups-0", "not-divisible"])
 def test_groups_aten_refuses_raise_atens_message(groups, out_channels):
     # oneDNN said "could not create a primitive descriptor" for groups 0, and for a weight whose rows the groups do
