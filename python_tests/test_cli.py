@@ -3115,6 +3115,71 @@ def test_reproduce_on_own_folder_with_size(tmp_path, capsys):
     assert not (tmp_path / "o3").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
+def test_reproduce_classes_keeps_a_folders_classes_records_them_and_resume_refuses_others(tmp_path, capsys):
+    """reproduce had no --classes: MIRST-DM's benign / malignant out of a BUSI folder with normal/ needed a hand-made
+    copy. --classes reaches the runs (run.json and its split record, so eval rebuilds the same fold), results.json
+    and the report's DATA: line; a rerun keeping other classes is refused naming --classes; sources with fixed
+    classes refuse it as train does; a binary-only method on three classes names --classes."""
+    data = _folder(tmp_path / "d", classes=("benign", "malignant", "normal"))
+    out = tmp_path / "o"
+    argv = ["reproduce", "mirst-bus", "--quick", "--data", data, "--size", "8", "--seeds", "1", "--methods",
+            "Baseline", "--out", out, "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv + ["--classes", "benign,malignant"], capsys)
+    assert rc == 0, err
+    run_dir = out / "runs-quick" / "baseline" / "fold0"
+    doc = json.loads((run_dir / "run.json").read_text())
+    assert doc["classes"] == doc["split"]["classes"] == ["benign", "malignant"]
+    assert doc["dataset"]["class_names"] == ["benign", "malignant"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["classes"] == ["benign", "malignant"]
+    assert results["dataset"]["class_names"] == ["benign", "malignant"]
+    assert (f"DATA: this run used {data} (2 classes kept by --classes: benign, malignant; 8x8; positive class "
+            "malignant)") in (out / "report.md").read_text()
+    _, splits, _ = cli.load_run(run_dir)  # eval rebuilds the fold of the two classes
+    assert splits.info.num_classes == 2 and len(splits.test) == 4
+    for other, kept in ((["--classes", "malignant,benign"], "--classes malignant,benign"),
+                        ([], "all of its data's classes")):
+        rc, _, err = run(argv + other, capsys)
+        one_line_error(rc, err, f"error: --classes: {run_dir} was trained on --classes benign,malignant, this command "
+                                f"keeps {kept}; rerun with --classes benign,malignant, or delete {run_dir}")
+    for name, rest in (("mirst-bus", []), ("arfl-moons", [])):  # the protocol's own data: fixed classes
+        rc, _, err = run(["reproduce", name, "--quick", "--classes", "a,b", "--out", tmp_path / "x", *rest,
+                          "--device", "cpu"], capsys)
+        one_line_error(rc, err, "error: --classes: ", "this source has fixed classes")
+    rc, _, err = run(["reproduce", "arfl-moons", "--quick", "--data", data, "--size", "8", "--out", tmp_path / "x",
+                      "--device", "cpu"], capsys)
+    one_line_error(rc, err, "error: --data: arfl-moons's Standard training + ARFL (arfl) is defined for binary tasks "
+                            "only; d has 3 classes; keep two of its classes (benign, malignant, normal) with --classes")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify")
+def test_reproduce_classes_picks_dpaats_three_lesions_of_a_csv(tmp_path, capsys):
+    """DPAAT's task is HAM10000's mel, bkl and nv: --classes keeps those rows of the metadata CSV (no hand-made CSV),
+    three classes whose metrics are macro-averaged, and eval on the run rebuilds its split of them."""
+    from PIL import Image
+
+    root = tmp_path / "ham"
+    root.mkdir()
+    rows = ["image_id,dx"]
+    for k in range(40):
+        Image.fromarray(np.full((8, 8), 5 * k, np.uint8)).save(root / f"im{k}.jpg")
+        rows.append(f"im{k},{('mel', 'bkl', 'nv', 'df')[k % 4]}")
+    (root / "meta.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "o"
+    rc, _, err = run(["reproduce", "dpaat-bus", "--quick", "--data", root / "meta.csv", "--classes", "bkl,mel,nv",
+                      "--size", "8", "--methods", "STD", "--out", out, "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    run_dir = out / "runs-quick" / "std" / "seed0"
+    doc = json.loads((run_dir / "run.json").read_text())
+    assert doc["classes"] == doc["split"]["classes"] == ["bkl", "mel", "nv"]
+    assert doc["dataset"]["class_names"] == ["bkl", "mel", "nv"] and sum(doc["dataset"]["class_counts"].values()) == 30
+    assert "3 classes kept by --classes: bkl, mel, nv; 8x8; macro-averaged metrics" in (out / "report.md").read_text()
+    model, splits, _ = cli.load_run(run_dir)
+    assert splits.info.num_classes == 3 and set(splits.test.tensors[1].tolist()) <= {0, 1, 2}
+
+
 def test_reproduce_kfold_on_a_class_smaller_than_the_folds_is_a_one_line_error(tmp_path, capsys):
     """mirst-bus's 5 folds need 5 samples of every class: fewer is an error naming --data, not a traceback."""
     data = _folder(tmp_path / "d", n=4)

@@ -543,10 +543,7 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
                         ".npz file / BUSI-style folder / .csv path")
     p.add_argument("--size", type=int, default=None, help="image side length (default: the data's own size; 28 for "
                                                           "synthetic, 224 for folders)")
-    p.add_argument("--classes", type=parse_classes, action=OneList, default=None,
-                   help="comma-separated class folders / CSV labels to keep, in label order (e.g. nv,mel: mel, not "
-                        "benign/normal/..., is the positive class); folders and CSV, or one name per label of an "
-                        ".npz not named after a MedMNIST set (malignant,benign) (default: all)")
+    add_classes_option(p)
     add_bit_depth_option(p, "the full 16 bits")
     add_channels_option(p, DATA_CHANNELS)
     p.add_argument("--model", default="small_cnn",
@@ -557,6 +554,13 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def add_classes_option(p):
+    p.add_argument("--classes", type=parse_classes, action=OneList, default=None,
+                   help="comma-separated class folders / CSV labels to keep, in label order (e.g. nv,mel: mel, not "
+                        "benign/normal/..., is the positive class); folders and CSV, or one name per label of an "
+                        ".npz not named after a MedMNIST set (malignant,benign) (default: all)")
 
 
 def add_bit_depth_option(p, default):
@@ -1679,6 +1683,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--data", default=None, help="dataset (default: the protocol's; breastmnist for *-bus)")
     p.add_argument("--size", type=int, default=None,
                    help="image side length for a folder / CSV --data (default: 224) or a MedMNIST size variant")
+    add_classes_option(p)
     add_bit_depth_option(p, "the full 16 bits")
     add_channels_option(p, DATA_CHANNELS)
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
@@ -1713,6 +1718,7 @@ def cmd_reproduce(args):
         with interrupts_unwrapped():
             run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
                          seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, channels=args.channels,
+                         classes=args.classes,
                          device=device,
                          progress=not args.no_progress, reevaluate=args.reevaluate,
                          methods=args.methods.split(",") if args.methods is not None else None)

@@ -508,7 +508,7 @@ def aggregate(rows, metrics):
 CV_SEED = 0  # the k-fold split's seed (fixed: every seed of a protocol sees the same folds)
 
 
-def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None, channels=None):
+def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None, channels=None, classes=None):
     """run.json's record of repeat ``k``'s data split, enough for :func:`rebuild_splits` (``robust-ops eval`` on a
     reproduce run) to rebuild the exact train/val/test sets it was trained and tested on."""
     if protocol.split == "kfold":
@@ -521,12 +521,14 @@ def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None, chann
         record["bit_depth"] = bit_depth
     if channels is not None:  # --channels: grayscale or RGB
         record["channels"] = channels
+    if classes is not None:  # --classes: the class folders / CSV labels kept, in label order
+        record["classes"] = list(classes)
     if quick_sizes:
         record["subset"] = {"n_train": quick_sizes[0], "n_test": quick_sizes[1], "seed": k}
     return record
 
 
-def load_pool(data, size, seed, bit_depth, split_by=None, channels=None):
+def load_pool(data, size, seed, bit_depth, split_by=None, channels=None, classes=None):
     """The data a k-fold protocol pools, loaded with the CLI's loader. Its own train/val/test split (7:1:2 for
     sources without one) is pooled again, so that split's warning about a class too small to stratify it would
     describe parts no run uses; the folds' own splits warn for themselves. ``split_by``: as load_dataset's."""
@@ -536,7 +538,8 @@ def load_pool(data, size, seed, bit_depth, split_by=None, channels=None):
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*a class is too small to stratify the 0\.7/0\.1/0\.2 split")
-        return load_data(data, size=size, seed=seed, bit_depth=bit_depth, split_by=split_by, channels=channels)
+        return load_data(data, size=size, seed=seed, bit_depth=bit_depth, split_by=split_by, channels=channels,
+                         classes=classes)
 
 
 def kfold_splits(data, base, k, seed):
@@ -561,13 +564,15 @@ def rebuild_splits(data, record, base=None, folds=None, split_by=None):
     if kind == "kfold":
         if folds is None:
             base = base if base is not None else load_pool(data, record.get("size"), record.get("data_seed", 0),
-                                                           record.get("bit_depth"), split_by, record.get("channels"))
+                                                           record.get("bit_depth"), split_by, record.get("channels"),
+                                                           record.get("classes"))
             folds = kfold_splits(data, base, record["k"], record["cv_seed"])
         splits = folds[record["fold"]]
     elif kind == "seeds":
         splits = base if base is not None else load_data(data, size=record.get("size"), seed=record["data_seed"],
                                                          bit_depth=record.get("bit_depth"), split_by=split_by,
-                                                         channels=record.get("channels"))
+                                                         channels=record.get("channels"),
+                                                         classes=record.get("classes"))
     else:
         raise CLIError(f"run.json: unknown split record {record!r}; expected kind 'kfold' or 'seeds'")
     sub = record.get("subset")
@@ -596,6 +601,13 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=()):
     if key == "epochs":
         return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than --epochs {now}; rerun with "
                         f"--epochs {was}, or {way_out}")
+    if key == "classes":  # the other classes are another task: other labels, another seeded split or folds
+        def kept(classes):
+            return "all of its data's classes" if classes is None else f"--classes {','.join(classes)}"
+
+        rerun = "without --classes" if was is None else f"with --classes {','.join(was)}"
+        return CLIError(f"--classes: {run_dir} was trained on {kept(was)}, this command keeps {kept(now)}; rerun "
+                        f"{rerun}, or {way_out}")
     if key == "split_by":
         from .cli import split_by_refusal
 
@@ -660,20 +672,21 @@ def pick_methods(protocol, labels):
 
 
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
-                 progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None):
+                 progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None):
     """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
 
     ``methods``: the labels of the methods to train and evaluate (default: all of the protocol's); the report shows
     the published numbers of the others beside no numbers of ours. ``bit_depth``: the scale of 16-bit image files
-    in a folder / CSV ``data``, ``channels``: how many channels its images are read as (both as
-    :func:`robust_ops.data.load_dataset` takes them).
+    in a folder / CSV ``data``, ``channels``: how many channels its images are read as, ``classes``: the class
+    folders / CSV labels it keeps, in label order (all three as :func:`robust_ops.data.load_dataset` takes them).
 
     Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
     before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
-    from .cli import CLIError, is_main_process, load_data, resume_conflict, run_record, train_run, write_results_to_out
+    from .cli import (CLIError, binary_only_error, is_main_process, load_data, resume_conflict, run_record, train_run,
+                      write_results_to_out)
     from .evaluate import evaluate
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
@@ -687,7 +700,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     out = Path(out)
     runs_dir = out / ("runs-quick" if quick else "runs")
     t_start = time.perf_counter()
-    base = load_pool(data, size, 0, bit_depth, channels=channels) if protocol.split == "kfold" else None
+    base = load_pool(data, size, 0, bit_depth, channels=channels, classes=classes) if protocol.split == "kfold" \
+        else None
     folds = kfold_splits(data, base, max(protocol.repeats, 2), CV_SEED) if base is not None else None
     if folds is not None and repeats > len(folds):
         raise CLIError(f"--seeds: {protocol.name} has {len(folds)} folds, got {repeats}")
@@ -695,9 +709,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     plan = []  # (k, tag, split record, splits, [(method, options, run_dir)]): all checked before training any
     conflicts = []  # (run_dir, conflict): every run that cannot continue, so the error names them all
     for k in range(repeats):
-        record = split_record(protocol, k, quick_sizes, size, bit_depth, channels)
+        record = split_record(protocol, k, quick_sizes, size, bit_depth, channels, classes)
         splits = rebuild_splits(data, record, folds=folds, base=None if folds is not None else load_data(
-            data, size=size, seed=k, bit_depth=bit_depth, channels=channels))
+            data, size=size, seed=k, bit_depth=bit_depth, channels=channels, classes=classes))
         tag = f"fold{k}" if folds is not None else f"seed{k}"
         if not splits.info.image_size and model_name != "mlp":  # make_model would tell reproduce to use --model mlp
             raise CLIError(f"--data: {protocol.name} trains {model_name}, which takes images, and "
@@ -706,9 +720,10 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         runs = []
         for method in chosen:
             if getattr(defenses.defense_class(method.defense), "binary_only", False) and splits.info.num_classes != 2:
-                # before any run is trained, not after the methods listed ahead of it
-                raise CLIError(f"--data: {protocol.name}'s {method.label} ({method.defense}) is defined for binary "
-                               f"tasks only; {splits.info.name} has {splits.info.num_classes} classes")
+                # before any run is trained, not after the methods listed ahead of it; on a folder or CSV the error
+                # names --classes, which makes a binary task of it
+                raise binary_only_error("--data" if classes is None else "--classes",
+                                        f"{protocol.name}'s {method.label} ({method.defense})", splits.info)
             options = dict(method.options)
             if method.defense == "ima" and "delta" not in options:
                 options["delta"] = options.get("eps_train", 1.0) / max(epochs, 1)  # margins can reach eps_train
@@ -718,7 +733,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
                 dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth, channels=channels,
-                prepacked_conv=prepacked_conv_resolved(None), info=splits.info))  # info: image size, class counts
+                classes=classes, prepacked_conv=prepacked_conv_resolved(None),
+                info=splits.info))  # info: image size, class counts
             if conflict:
                 conflicts.append((run_dir, conflict))
             runs.append((method, options, run_dir))
@@ -745,7 +761,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
                 out=run_dir, resume=True, dropmax=method.dropmax, size=size,
                 progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth,
-                channels=channels)
+                channels=channels, classes=classes)
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)
@@ -787,7 +803,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         pos = (f"positive class {inf.class_names[inf.positive_class]}" if inf.positive_class is not None
                else "macro-averaged metrics")
         shape = f"{inf.image_size}x{inf.image_size}" if inf.image_size else "feature vectors"
-        notes.insert(0, f"DATA: this run used {data} ({inf.num_classes} classes: {', '.join(map(str, inf.class_names))}"
+        kept = " kept by --classes" if classes is not None else ""
+        notes.insert(0, f"DATA: this run used {data} ({inf.num_classes} classes{kept}: "
+                        f"{', '.join(map(str, inf.class_names))}"
                         f"; {shape}; {pos}) instead of the protocol's {protocol.data}; "
                         f"what the notes below say about {protocol.data} does not describe it.")
     if epochs != protocol.epochs and not quick:  # its notes give its own training length ("we train 40 epochs")
@@ -810,6 +828,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     extra = "\n".join(["## Published numbers beside ours", "", comparison, "", "## Notes", "",
                        *(f"- {n}" for n in notes)])
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
+              "classes": list(classes) if classes is not None else None,
               "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": protocol.lr,
               "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in chosen],
               # per repeat (per_run_rows' "repeat" k): the seed its random attacks drew from, as eval's attack_seed
