@@ -3035,6 +3035,7 @@ def test_channels_reads_a_grayscale_csv_as_one_channel_and_reaches_run_json_eval
     run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
     doc = json.loads((run_dir / "run.json").read_text())
     assert doc["split"]["channels"] == doc["channels"] == 1
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["config"]["channels"] == 1  # as --bit-depth
     assert cli.load_run(run_dir)[1].info.in_channels == 1
 
 
@@ -3071,6 +3072,8 @@ def test_reproduce_reads_16_bit_folders_at_the_bit_depth_given(tmp_path):
     run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
     doc = json.loads((run_dir / "run.json").read_text())
     assert doc["split"]["bit_depth"] == doc["bit_depth"] == 12
+    # results.json's config too: it recorded data and size, not the scale the images were read on
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["config"]["bit_depth"] == 12
     _, splits, _ = cli.load_run(run_dir)
     x = torch.cat([splits.train.tensors[0], splits.val.tensors[0], splits.test.tensors[0]])
     assert float(x.max()) == 1.0

@@ -828,7 +828,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     extra = "\n".join(["## Published numbers beside ours", "", comparison, "", "## Notes", "",
                        *(f"- {n}" for n in notes)])
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
-              "classes": list(classes) if classes is not None else None,
+              # the data settings each run.json records: which images of the data the rows are of
+              "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "channels": channels,
               "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": protocol.lr,
               "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in chosen],
               # per repeat (per_run_rows' "repeat" k): the seed its random attacks drew from, as eval's attack_seed
