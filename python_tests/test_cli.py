@@ -2580,6 +2580,20 @@ def test_demo_records_cascade_and_ensemble_as_eval_does(small_npz, tmp_path, cap
         assert (config["cascade"], config["ensemble"]) == expected
 
 
+def test_demo_records_its_data_settings_as_reproduce_does(tmp_path, capsys):
+    # demo's results.json config named the data but not --size, --classes, --bit-depth or --channels (each run.json
+    # had them): its rows did not say which images, on which scale or in how many channels they were of
+    root = _folder(tmp_path / "set", n=12, classes=("benign", "malignant", "normal"))
+    argv = ["demo", "--data", root, "--size", "8", "--classes", "benign,malignant", "--channels", "1", "--quick",
+            "--methods", "standard", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--no-progress",
+            "--device", "cpu", "--out", tmp_path / "d"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    config = json.loads((tmp_path / "d" / "results.json").read_text())["config"]
+    assert {k: config[k] for k in ("size", "classes", "bit_depth", "channels")} == {
+        "size": 8, "classes": ["benign", "malignant"], "bit_depth": None, "channels": 1}
+
+
 def test_demo_warns_of_a_short_default_step_once_before_training(small_npz, tmp_path, capsys, monkeypatch):
     # pgd's warning that its default step falls short of --eps came from each method's evaluation: once per method
     # (five times by default), and only after all the training

@@ -1588,7 +1588,10 @@ def cmd_demo(args):
             return 130
         if not main:  # the evaluation needs no other process: rank 0's alone is written
             return 0
-        config = {"command": "demo", "methods": methods, "data": args.data, "model": args.model, "epochs": epochs,
+        config = {"command": "demo", "methods": methods, "data": args.data, "size": args.size,
+                  # the data settings each run.json records, as reproduce's results.json has them
+                  "classes": list(args.classes) if args.classes is not None else None, "bit_depth": args.bit_depth,
+                  "channels": args.channels, "model": args.model, "epochs": epochs,
                   "train_images": len(splits.train), "test_images": len(splits.test),
                   "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "attacks": args.attacks,
                   "eps": args.eps, "cascade": not args.no_cascade, "ensemble": args.ensemble, "quick": args.quick,
