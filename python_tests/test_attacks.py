@@ -215,42 +215,71 @@ def test_model_state_restored(name, norm, mode):
         assert torch.equal(p.grad, g)
 
 
-def test_attacks_on_one_model_from_two_threads_restore_its_state_once_both_end():
+# the models two threads attack: one model, or a wrapper (attacks.Normalized, a user's nn.Sequential) and the backbone
+# inside it, in either order
+OVERLAPS = {
+    "one model": lambda net: (net, net),
+    "a wrapper, then its backbone": lambda net: (attacks.Normalized(net, 0.5, 0.25), net),
+    "a backbone, then a wrapper of it": lambda net: (net, nn.Sequential(nn.Identity(), net)),
+}
+
+
+@pytest.mark.parametrize("ends_first", ["first", "second"])
+@pytest.mark.parametrize("overlap", OVERLAPS)
+def test_attacks_on_one_model_from_two_threads_restore_its_state_once_both_end(overlap, ends_first):
     """Each attack restored the state it saw when it began: one that began while another ran saw a frozen eval-mode
     model, so once the first ended the second's forwards ran in train mode and its end left the model in eval with
-    every parameter frozen (a later fit trained nothing)."""
-    model = TinyCNN(1, 2).train()
+    every parameter frozen (a later fit trained nothing). Attacks on a wrapper and on the backbone in it did so until
+    2026-12-05 (each model's state was kept apart): the shared modules the same way, when the first to begin ended
+    first (a wrapper's attack) or last (a backbone's)."""
+    net = TinyCNN(1, 2).train()
+    models = OVERLAPS[overlap](net)
     x, y = make_data(3, 2)
-    b_began, a_ended = threading.Event(), threading.Event()
-    second = threading.Thread(target=lambda: attacks.pgd(model, x, y, eps=0.03, steps=2), name="second")
+    b_began, ended = threading.Event(), threading.Event()
+
+    def run_second():
+        attacks.pgd(models[1], x, y, eps=0.03, steps=2)
+        if ends_first == "second":
+            ended.set()
+
+    second = threading.Thread(target=run_second, name="second")
     seen = []
 
     def hook(module, inputs):
         if threading.current_thread() is second:
             b_began.set()
-            assert a_ended.wait(30)
+            if ends_first == "first":
+                assert ended.wait(30)
         elif not second.is_alive() and not b_began.is_set():  # the first attack's first forward starts the second
             second.start()
             assert b_began.wait(30)
-        seen.append((threading.current_thread() is second, module.training))
+            if ends_first == "second":
+                assert ended.wait(30)
+        seen.append((threading.current_thread() is second, any(m.training for m in net.modules()),
+                     any(p.requires_grad for p in net.parameters())))
 
-    model.register_forward_pre_hook(hook)
-    attacks.pgd(model, x, y, eps=0.03, steps=2)  # begins first, ends first
-    a_ended.set()
+    net.register_forward_pre_hook(hook)
+    attacks.pgd(models[0], x, y, eps=0.03, steps=2)  # begins first
+    if ends_first == "first":
+        ended.set()
     second.join(30)
-    # every forward in eval mode, the second's after the first ended too
-    assert {who for who, _ in seen} == {False, True} and not any(training for _, training in seen)
-    assert model.training and all(p.requires_grad for p in model.parameters())
+    # every forward in eval mode with the parameters frozen, also those after the other attack ended
+    assert {who for who, _, _ in seen} == {False, True} and not any(t or g for _, t, g in seen)
+    assert all(m.training for model in models for m in model.modules())
+    assert all(p.requires_grad for p in net.parameters())
     assert not context._held
 
 
-def test_an_attack_in_another_model_mode_waits_for_the_running_one_on_another_thread():
+@pytest.mark.parametrize("overlap", OVERLAPS)
+def test_an_attack_in_another_model_mode_waits_for_the_running_one_on_another_thread(overlap):
     """Attacks on one model from two threads in different model_modes raced: the second switched every module to its
-    mode under the first, whose forwards then ran in train mode (BatchNorm statistics moving) until it ended."""
-    model = TinyCNN(1, 2).train()
+    mode under the first, whose forwards then ran in train mode (BatchNorm statistics moving) until it ended. Attacks
+    on a wrapper and on the backbone in it raced until 2026-12-05 (each model was looked at apart)."""
+    net = TinyCNN(1, 2).train()
+    models = OVERLAPS[overlap](net)
     x, y = make_data(3, 2)
     b_began, a_ended = threading.Event(), threading.Event()
-    second = threading.Thread(target=lambda: attacks.pgd(model, x, y, eps=0.03, steps=2, model_mode="train"),
+    second = threading.Thread(target=lambda: attacks.pgd(models[1], x, y, eps=0.03, steps=2, model_mode="train"),
                               name="second")
     seen = []
 
@@ -266,16 +295,17 @@ def test_an_attack_in_another_model_mode_waits_for_the_running_one_on_another_th
                     if b_began.is_set() or getattr(context, "_queued", None):
                         break
                 threading.Event().wait(0.001)
-        seen.append((threading.current_thread() is second, module.training))
+        seen.append((threading.current_thread() is second, {m.training for m in net.modules()}))
 
-    model.register_forward_pre_hook(hook)
-    attacks.pgd(model, x, y, eps=0.03, steps=2)  # model_mode "eval": begins first, ends first
+    net.register_forward_pre_hook(hook)
+    attacks.pgd(models[0], x, y, eps=0.03, steps=2)  # model_mode "eval": begins first, ends first
     a_ended.set()
     second.join(30)
     # the first's forwards all in eval mode, the second's all in train mode, after the first ended
     assert [who for who, _ in seen] == sorted(who for who, _ in seen) and {who for who, _ in seen} == {False, True}
-    assert all(training == who for who, training in seen)
-    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(training == {who} for who, training in seen)
+    assert all(m.training for model in models for m in model.modules())
+    assert all(p.requires_grad for p in net.parameters())
     assert not context._held and not context._queued
 
 
@@ -330,6 +360,43 @@ def test_a_nested_attack_in_another_model_mode_than_another_threads_is_one_clear
     model.register_forward_pre_hook(nest)
     attacks.pgd(model, x, y, eps=0.03, steps=1)
     assert seen == [False, True] and not model.training and not context._held
+
+
+def test_a_nested_attack_on_a_backbone_another_thread_attacks_in_a_wrapper_in_another_mode_is_one_clear_error():
+    # until 2026-12-05 it ran (the wrapper's attack was keyed apart) and switched the backbone under the other thread
+    net = TinyCNN(1, 2).eval()
+    wrapper, elsewhere = attacks.Normalized(net, 0.5, 0.25), TinyCNN(1, 2)
+    x, y = make_data(3, 2)
+    errors, seen = [], []
+
+    def outer_then_nested():  # an attack on another model whose forward (a callback) attacks the backbone
+        def nested(module, inputs):
+            handle.remove()
+            try:
+                attacks.pgd(net, x, y, eps=0.03, steps=1, model_mode="train")
+            except RuntimeError as err:
+                errors.append(str(err))
+
+        handle = elsewhere.register_forward_pre_hook(nested)
+        attacks.pgd(elsewhere, x, y, eps=0.03, steps=1)
+
+    second = threading.Thread(target=outer_then_nested)
+
+    def start_second(module, inputs):  # the wrapper's attack runs while the second thread nests its own
+        if not second.is_alive() and not errors:
+            second.start()
+            second.join(30)
+        seen.append(net.training)
+
+    net.register_forward_pre_hook(start_second)
+    attacks.pgd(wrapper, x, y, eps=0.03, steps=1)
+    assert errors == ["pgd: another thread is attacking a model that shares modules with this one (a wrapper of it, or "
+                      "a part of it) in model_mode='eval', and this attack (model_mode='train') runs inside another "
+                      "attack of its thread, so it cannot wait for that one to end; attacks on one model in different "
+                      "model_modes cannot overlap (each sets every module's mode): give each thread its own copy of "
+                      "the model (copy.deepcopy) or use one model_mode"]
+    assert seen == [False] and not net.training and all(p.requires_grad for p in wrapper.parameters())
+    assert not context._held and not context._queued
 
 
 def test_a_model_with_uninitialized_lazy_parameters_is_one_clear_error():

@@ -72,38 +72,42 @@ def check_model(name, model):
 
 
 class _Held:
-    """A model under attack: its state before the first of the attacks running on it (``flags``: each parameter's
-    requires_grad, ``modes``: each module's training flag) and the model_mode of each attack each thread runs on it
-    now (``threads``: thread id -> model_modes, outermost first)."""
+    """A module under attack: its training flag before the first of the attacks running on it began and the attacks
+    each thread runs on it now (``threads``: thread id -> [(model_mode, id of the attacked model)], outermost first).
+    Kept per module, not per model: attacks on a wrapper (``Normalized``, a user's ``nn.Sequential(normalize,
+    backbone)``) and on the backbone inside it share the backbone's modules."""
 
-    __slots__ = ("flags", "modes", "threads")
+    __slots__ = ("training", "threads")
 
-    def __init__(self, model):
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        self.modes = [(m, m.training) for m in model.modules()]
-        self.threads = {}
+    def __init__(self, module):
+        self.training, self.threads = module.training, {}
 
 
-_held = {}  # id(model) -> _Held, while attacks run on it
+_held = {}  # id(module) -> _Held, while attacks run on it (a _Held keeps no reference: `seen` of each attack does)
+_frozen = {}  # id(parameter) -> [its requires_grad before the first attack on it, how many attacks hold it now]
+_running = {}  # thread id -> how many attacks it runs now, on any model
 _held_lock = threading.Lock()
 _held_changed = threading.Condition(_held_lock)  # an attack ended: the waiters of _queued look again
-_queued = {}  # id(model) -> [(ticket, model_mode)] of the attacks waiting for attacks in another mode to end
+_queued = []  # (ticket, model_mode, ids of the modules) of the attacks waiting for attacks in another mode to end
 _tickets = itertools.count()
 
 
-def _conflict(key, me, model_mode, ticket):
-    """The model_mode that keeps thread ``me`` from starting an attack in ``model_mode`` on the model ``key`` now (under
-    _held_lock), or None. Another thread's attack in another mode, or an attack of one thread nested in another of
-    another mode while other threads attack it (its end puts the outer mode back), would switch the modules' modes
-    under the attacks running. ``ticket`` None: the attack would be nested in one of this thread (it cannot wait), else
-    it is queued with that ticket and waits behind the attacks queued before it in another mode."""
-    held = _held.get(key)
-    if held is not None and any(t != me for t in held.threads):
-        other = next((m for modes in held.threads.values() for m in modes if m != model_mode), None)
-        if other is not None:
-            return other
+def _conflict(modules, me, model_mode, ticket, ids):
+    """(model_mode, id of its model) of the attack that keeps thread ``me`` from starting one in ``model_mode`` on
+    ``modules`` (ids ``ids``) now (under _held_lock), or None. Another thread's attack in another mode on any of these
+    modules, or an attack of one thread nested in another of another mode while other threads attack a module of it
+    (its end puts the outer mode back), would switch the modules' modes under the attacks running. ``ticket`` None:
+    the attack would be nested in one of this thread (it cannot wait), else it is queued with that ticket and waits
+    behind the attacks queued before it in another mode on modules it shares (model id None)."""
+    for m in modules:
+        held = _held.get(id(m))
+        if held is not None and any(t != me for t in held.threads):
+            other = next((a for attacks in held.threads.values() for a in attacks if a[0] != model_mode), None)
+            if other is not None:
+                return other
     if ticket is not None:
-        return next((m for t, m in _queued.get(key, ()) if t < ticket and m != model_mode), None)
+        return next(((mode, None) for t, mode, queued_ids in _queued
+                     if t < ticket and mode != model_mode and not ids.isdisjoint(queued_ids)), None)
     return None
 
 
@@ -122,45 +126,52 @@ def attack_context(model, model_mode="eval", name="attack"):
     same thread restores its caller's modes. An attack in another ``model_mode`` than those running on the model in
     other threads waits until they end (attacks queue in arrival order), as each sets every module's mode: the
     other's forwards ran in its mode. One nested in another attack of its thread cannot wait (two such threads would
-    wait for each other): it is a RuntimeError."""
+    wait for each other): it is a RuntimeError. All of this holds per module and parameter, so for models that share
+    modules too (a wrapper and the backbone in it)."""
     check_model(name, model)
     if any(torch.nn.parameter.is_lazy(p) for p in model.parameters()):  # torch's error named requires_grad_
         raise ValueError(f"{name}: the model has uninitialized parameters (lazy modules); run one forward first, "
                          "e.g. model(x[:1]), to create them")
     _check_model_mode(model_mode)
     me, key = threading.get_ident(), id(model)
+    modules, params = list(model.modules()), list(model.parameters())
+    ids = frozenset(map(id, modules))
     with _held_changed:
-        nested = any(me in h.threads for h in _held.values())  # this thread runs an attack now (on any model)
+        nested = me in _running
         ticket = None if nested else next(_tickets)
         try:
-            while (other := _conflict(key, me, model_mode, ticket)) is not None:
+            while (other := _conflict(modules, me, model_mode, ticket, ids)) is not None:
                 if nested:
+                    whom = "this model" if other[1] == key else \
+                        "a model that shares modules with this one (a wrapper of it, or a part of it)"
                     raise RuntimeError(
-                        f"{name}: another thread is attacking this model in model_mode={other!r}, and this attack "
+                        f"{name}: another thread is attacking {whom} in model_mode={other[0]!r}, and this attack "
                         f"(model_mode={model_mode!r}) runs inside another attack of its thread, so it cannot wait "
                         "for that one to end; attacks on one model in different model_modes cannot overlap (each "
                         "sets every module's mode): give each thread its own copy of the model (copy.deepcopy) or "
                         "use one model_mode")
-                if (ticket, model_mode) not in _queued.setdefault(key, []):
-                    _queued[key].append((ticket, model_mode))
+                if (ticket, model_mode, ids) not in _queued:
+                    _queued.append((ticket, model_mode, ids))
                 _held_changed.wait()
         finally:
-            if key in _queued and (ticket, model_mode) in _queued[key]:
-                _queued[key].remove((ticket, model_mode))
-                if not _queued[key]:
-                    del _queued[key]
+            if (ticket, model_mode, ids) in _queued:
+                _queued.remove((ticket, model_mode, ids))
                 _held_changed.notify_all()  # those queued behind it look again
-        held = _held.get(key)
-        if held is None:
-            held = _held[key] = _Held(model)
-        held.threads.setdefault(me, []).append(model_mode)
-        seen = [(m, m.training) for m in model.modules()]  # the caller's, for an attack nested in this thread
+        _running[me] = _running.get(me, 0) + 1
+        seen = [(m, m.training) for m in modules]  # the caller's, for an attack nested in this thread
+        for m in modules:
+            held = _held.get(id(m))
+            if held is None:
+                held = _held[id(m)] = _Held(m)
+            held.threads.setdefault(me, []).append((model_mode, key))
+        for p in params:
+            _frozen.setdefault(id(p), [p.requires_grad, 0])[1] += 1
         try:
             _enter_model_mode(model, model_mode)
-            for p in model.parameters():
+            for p in params:
                 p.requires_grad_(False)
         except BaseException:
-            _release(model, held, me, seen)
+            _release(me, seen, params)
             raise
     try:
         # the model's device: "cpu" for a CUDA model turned on the CPU pool and swapped forwards that only fell back
@@ -168,24 +179,34 @@ def attack_context(model, model_mode="eval", name="attack"):
             yield model
     finally:
         with _held_lock:
-            _release(model, held, me, seen)
+            _release(me, seen, params)
 
 
-def _release(model, held, me, seen):
-    """One attack on ``model`` by thread ``me`` ends (under _held_lock): the last restores the state before the first;
-    one nested in another of this thread restores its caller's modes; otherwise another thread's attack still runs
-    and keeps the model as it is. Attacks waiting for this one look again."""
-    modes = held.threads[me]
-    modes.pop()
-    if not modes:
-        del held.threads[me]
-    if not held.threads:
-        del _held[id(model)]
-        _set_modes(held.modes)
-        for p, flag in held.flags:
-            p.requires_grad_(flag)
-    elif modes:
-        _set_modes(seen)
+def _release(me, seen, params):
+    """One attack of thread ``me`` ends (under _held_lock); ``seen``: its modules with their modes when it began,
+    ``params``: its parameters. The last attack on a module or parameter to end restores what it was before the
+    first began; one nested in another of this thread restores its caller's modes on the modules they share;
+    otherwise another thread's attack still runs on the module and keeps it as it is. Attacks waiting look again."""
+    _running[me] -= 1
+    if not _running[me]:
+        del _running[me]
+    for m, caller in seen:
+        held = _held[id(m)]
+        mine = held.threads[me]
+        mine.pop()
+        if not mine:
+            del held.threads[me]
+        if not held.threads:
+            del _held[id(m)]
+            m.training = held.training
+        elif mine:
+            m.training = caller
+    for p in params:
+        frozen = _frozen[id(p)]
+        frozen[1] -= 1
+        if not frozen[1]:
+            del _frozen[id(p)]
+            p.requires_grad_(frozen[0])
     _held_changed.notify_all()
 
 
