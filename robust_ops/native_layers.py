@@ -86,9 +86,12 @@ def _batch_norm_forward(bn, input):
         or input.device.type != "cpu"
         or input.dim() != 4
         or input.dtype not in NATIVE_CPU_DTYPES
-        or any(p is not None and (p.dtype != input.dtype or p.requires_grad) for p in (bn.weight, bn.bias))
-        # both statistics: a running mean of another dtype failed in the invstd read with another message than ATen's
-        or any(s.dtype != input.dtype for s in (bn.running_mean, bn.running_var))
+        or any(p is not None and (p.dtype != input.dtype or p.device != input.device or p.requires_grad)
+               for p in (bn.weight, bn.bias))
+        # both statistics in the input's dtype and place: a running mean of another dtype failed in the invstd read,
+        # statistics elsewhere (a model moved in parts) in the invstd cache's comparison, each with another message
+        # than ATen's
+        or any(s.dtype != input.dtype or s.device != input.device for s in (bn.running_mean, bn.running_var))
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or not (torch.is_grad_enabled() and input.requires_grad)
         or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
