@@ -399,6 +399,110 @@ def test_a_nested_attack_on_a_backbone_another_thread_attacks_in_a_wrapper_in_an
     assert not context._held and not context._queued
 
 
+def _wait_until(condition, seconds=30):
+    """Polls ``condition()`` under attack_context's lock until it holds (True) or ``seconds`` pass (False)."""
+    for _ in range(int(seconds * 1000)):
+        with context._held_lock:
+            if condition():
+                return True
+        threading.Event().wait(0.001)
+    return False
+
+
+def _queued_modes(model):
+    """The model_modes of the attacks queued on ``model``'s modules, in arrival order."""
+    return [mode for _, mode, ids in context._queued if id(model) in ids]
+
+
+def test_an_attack_arriving_behind_a_queued_one_of_another_mode_waits_its_turn():
+    """7ab0a3f says attacks queue in arrival order without starvation; its test had two threads only. An eval attack
+    arriving while an eval attack runs and a train one waits for it must wait behind the train one, not join the
+    running one (a stream of eval attacks would otherwise starve the train attack)."""
+    model = TinyCNN(1, 2).eval()
+    order, release = [], threading.Event()
+
+    def attack(mode, tag, hold=False):
+        with context.attack_context(model, mode):
+            order.append((tag, model.training))
+            if hold:
+                assert release.wait(30)
+
+    threads = [threading.Thread(target=attack, args=("eval", "first", True)),
+               threading.Thread(target=attack, args=("train", "second")),
+               threading.Thread(target=attack, args=("eval", "third"))]
+    try:
+        threads[0].start()
+        assert _wait_until(lambda: order)
+        threads[1].start()
+        assert _wait_until(lambda: _queued_modes(model) == ["train"])
+        threads[2].start()
+        # queued behind the train attack (joining the running eval attack would let eval attacks starve it)
+        assert _wait_until(lambda: _queued_modes(model) == ["train", "eval"] or len(order) > 1)
+        assert order == [("first", False)]
+    finally:  # a failure above must not leave the threads holding the model for the tests after this one
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert order == [("first", False), ("second", True), ("third", False)]
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert not context._held and not context._queued
+
+
+def test_an_attack_interrupted_while_queued_leaves_the_queue_and_wakes_those_behind_it(monkeypatch):
+    """A KeyboardInterrupt (any BaseException) in the wait must take the attack out of the queue and wake the attacks
+    queued behind it: an eval attack waiting only for the interrupted train one then joins the running eval one."""
+
+    class Interrupted(BaseException):
+        pass
+
+    model = TinyCNN(1, 2).eval()
+    entered, third_in, release = threading.Event(), threading.Event(), threading.Event()
+    failures = []
+
+    class InterruptingCondition(threading.Condition):
+        def wait(self, timeout=None):
+            if threading.current_thread() is second:  # once the third attack queued behind it
+                while _queued_modes(model) != ["train", "eval"]:
+                    super().wait(0.001)
+                raise Interrupted
+            return super().wait(timeout)
+
+    monkeypatch.setattr(context, "_held_changed", InterruptingCondition(context._held_lock))
+
+    def first():
+        with context.attack_context(model, "eval"):
+            entered.set()
+            assert release.wait(30)
+
+    def attack_second():
+        try:
+            with context.attack_context(model, "train"):
+                failures.append("the train attack ran under the eval one")
+        except Interrupted:
+            pass
+
+    def third():
+        with context.attack_context(model, "eval"):
+            third_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=attack_second), threading.Thread(target=third)]
+    second = threads[1]
+    try:
+        threads[0].start()
+        assert entered.wait(30)
+        threads[1].start()
+        assert _wait_until(lambda: _queued_modes(model) == ["train"])
+        threads[2].start()
+        assert third_in.wait(30)  # while the first still runs: the interrupted attack no longer stands before it
+        assert not failures
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert not context._held and not context._queued
+
+
 def test_a_model_with_uninitialized_lazy_parameters_is_one_clear_error():
     # torch's "Attempted to use an uninitialized parameter in <method 'requires_grad_' ...>" named no attack
     model = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))
