@@ -16,7 +16,7 @@ import sys
 import torch
 
 from . import _extension
-from ._compile import disable_dynamo
+from ._compile import capturing, disable_dynamo
 
 BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "ROBUST_OPS_BACKEND"
@@ -121,7 +121,7 @@ def onnx_exporting():
     its default one with torch.export, which runs the Python code non-strict first): its ONNX translation knows
     ATen's ops, not robust_ops' custom ones. is_in_onnx_export (~3 us) is asked only while tracing or compiling; under
     dynamo (torch.compile, strict torch.export) torch folds it to False."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
+    return capturing() and torch.onnx.is_in_onnx_export()
 
 
 def resolve(op_name, device, backend=None):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from . import _autograd, _backend, reference
+from ._compile import capturing
 from ._meta import _check_floating
 
 __all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_"]
@@ -140,7 +141,7 @@ def drop_max_pool2d(
         # Dynamo refuses the checks' message closures (they hold the tensor): eager only, so that
         # backend="reference" still compiles with fullgraph=True. torch.jit.trace turns sizes into tensors, which
         # torch._check refuses ("cond must be a bool"): a plain-PyTorch trace is checked by the ops it records.
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        if not capturing():
             check_drop_max_pool2d_args(x, kernel, stride, padding, dilation, ceil_mode)
         out, idx = reference.drop_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     if unbatched:

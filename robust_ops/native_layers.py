@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._compile import capturing
 from .functional import NATIVE_CPU_DTYPES, _functorch_autodiff, max_pool2d
 from ._options import check_device, check_flags, env_switch
 from ._patching import check_unmodified, patched_forwards, saved_state, switch_setting
@@ -97,8 +98,7 @@ def _batch_norm_forward(bn, input):
         or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
         # It reads data pointers and compares the statistics by value: torch.jit.trace, torch.export and
         # torch.compile(fullgraph=True) failed on it (a captured graph holds ATen's batch norm, same outputs)
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
+        or capturing()
     ):
         return nn.BatchNorm2d.forward(bn, input)
     return _EvalBatchNorm.apply(input, bn, _eval_bn_invstd(bn, input.dtype))
