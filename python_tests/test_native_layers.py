@@ -573,6 +573,29 @@ def test_shallow_copies_taken_inside_run_their_own_forward():
     assert patched(model) == [] and not {"forward", "__getstate__"} & set(vars(model[1]))
 
 
+def test_copies_of_a_layer_with_its_own_getstate_run_their_own_forward():
+    """A swapped layer that had an instance __getstate__ of its own got no __getstate__ from the swap (aec2515), so
+    a copy.copy of it taken inside the block kept the installed partial naming the original: the copy ran the
+    original's forward with the original's kernel_size. Now the swap's __getstate__ takes the state from the layer's
+    own and leaves the swap out; the layer's own is back on the layer after the block, and on the copies."""
+    import copy
+
+    pool, x = nn.MaxPool2d(2), torch.randn(1, 1, 4, 4)
+
+    def own():
+        return dict(vars(pool))
+
+    pool.__getstate__ = own
+    with native_layers(nn.Sequential(pool), True):
+        shallow, deep = copy.copy(pool), copy.deepcopy(pool)
+        assert len(patched(nn.Sequential(pool))) == 1
+    for c in (shallow, deep):
+        c.kernel_size = c.stride = 1
+        assert "forward" not in vars(c) and torch.equal(c(x), x)
+    assert shallow.__dict__["__getstate__"] is own and pool.__dict__["__getstate__"] is own
+    assert "forward" not in vars(pool) and _patching._patched == {}
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated
 def test_models_captured_inside_the_block_get_atens_batch_norm():
     """The one-pass batch norm's autograd.Function (data pointers, statistics compared by value) failed

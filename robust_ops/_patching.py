@@ -33,15 +33,19 @@ class _InstalledForward(functools.partial):
         return getattr, (self.args[0], "forward")  # read while unpickling, before the copy's __dict__ is set
 
 
-def _state_without_swap(module):
-    """``module.__getstate__`` while it is swapped: the class's state without the swap's instance attributes, so a
-    copy (copy.copy or copy.deepcopy), pickle or torch.save of the module taken inside the block (an EMA snapshot in
-    a custom defense inside fit) is not swapped and runs its class's own forward on itself. A shallow copy kept the
-    partial, which names the original module: it ran the original's forward, with the original's attributes (a
-    kernel_size set on the copy had no effect), during the block and after it."""
-    state = type(module).__getstate__(module)
+def _state_without_swap(module, own=None):
+    """``module.__getstate__`` while it is swapped: the class's state (or that of ``own``, an instance __getstate__
+    the module had before the swap) without the swap's instance attributes, so a copy (copy.copy or copy.deepcopy),
+    pickle or torch.save of the module taken inside the block (an EMA snapshot in a custom defense inside fit) is not
+    swapped and runs its class's own forward on itself. A shallow copy kept the partial, which names the original
+    module: it ran the original's forward, with the original's attributes (a kernel_size set on the copy had no
+    effect), during the block and after it."""
+    state = type(module).__getstate__(module) if own is None else own()
     if isinstance(state, dict):
-        state = {k: v for k, v in state.items() if not _is_swap_attribute(module, k, v)}
+        swap = {k for k, v in state.items() if _is_swap_attribute(module, k, v)}
+        state = {k: v for k, v in state.items() if k not in swap}
+        if own is not None and "__getstate__" in swap:  # the copy gets the module's own back, as after the block
+            state["__getstate__"] = own
     return state
 
 
@@ -111,8 +115,12 @@ def patched_forwards(model, replacements, switch, undecided=True):
                     continue  # the user's own instance forward: leave it alone (ours may come with a copy)
                 else:
                     module.forward = _InstalledForward(_dispatch, module)
-                    if "__getstate__" not in module.__dict__:  # copies taken inside leave the swap out
-                        module.__dict__["__getstate__"] = functools.partial(_state_without_swap, module)
+                    # copies taken inside leave the swap out; an instance __getstate__ of the module's own gives the
+                    # state (without it a shallow copy of such a module kept the partial naming the original)
+                    own = module.__dict__.get("__getstate__")
+                    if isinstance(own, functools.partial) and own.func is _state_without_swap:
+                        own = None  # another module's, come along with a copy of its __dict__: not the user's
+                    module.__dict__["__getstate__"] = functools.partial(_state_without_swap, module, own)
                     _patched[id(module)] = [module, 1, replacement, switch, undecided]
                 modules.append(module)
     try:
@@ -127,8 +135,13 @@ def patched_forwards(model, replacements, switch, undecided=True):
                     # it unconditionally dropped theirs, and a KeyError after theirs was deleted left the modules
                     # after it in this loop swapped for good.
                     for key in ("forward", "__getstate__"):
-                        if _is_swap_attribute(module, key, module.__dict__.get(key)):
-                            del module.__dict__[key]
+                        value = module.__dict__.get(key)
+                        if _is_swap_attribute(module, key, value):
+                            own = value.args[1] if key == "__getstate__" else None
+                            if own is None:
+                                del module.__dict__[key]
+                            else:  # the module's own, set before the block
+                                module.__dict__[key] = own
                     del _patched[id(module)]
 
 
