@@ -21,7 +21,8 @@ from robust_ops import reference
 from robust_ops.reference import pool_output_size
 
 from conftest import cpu_and_cuda
-from utils import assert_verbose_equal, check_onnx_export, onnx_export, record_backend_requests, run_with_cpu_isa
+from utils import (assert_verbose_equal, check_onnx_export, expected_trace_warnings, onnx_export,
+                   record_backend_requests, run_with_cpu_isa)
 
 op = torch.ops.robust_ops.drop_max_pool2d
 backward_op = torch.ops.robust_ops._drop_max_pool2d_backward
@@ -561,13 +562,23 @@ def test_native_module_exports_and_traces(tmp_path):
     assert_verbose_equal(loaded(x + 1), robust_ops.drop_max_pool2d(x + 1, 3, 2, 1))
 
 
-def test_onnx_export_captures_the_reference_form(monkeypatch):
+ONNX_EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
+
+
+@pytest.mark.parametrize("dynamo", ONNX_EXPORTERS)
+def test_onnx_export_captures_the_reference_form(monkeypatch, tmp_path, dynamo):
     """torch.onnx.export failed on robust_ops::drop_max_pool2d after printing the whole graph ("ONNX export failed on
-    an operator with unrecognized namespace"): under it "auto" runs the plain-PyTorch form (the same outputs), and an
-    explicit native or Triton backend is one clear error."""
+    an operator with unrecognized namespace"): under it "auto" runs the plain-PyTorch form, whose ONNX file gives the
+    layer's outputs bitwise (drop-max, not max pooling), also with indices, and an explicit native or Triton backend
+    is one clear error."""
     model = nn.Sequential(nn.Conv2d(1, 4, 3), robust_ops.DropMax2d(3, 2, 1), nn.ReLU(), robust_ops.DropMax2d(2)).eval()
     x = torch.randn(2, 1, 11, 11)
-    check_onnx_export(model, x)
+    check_onnx_export(model, x, tmp_path, dynamo=dynamo)
+    ties = torch.tensor([[[[1.0, 1, 1, 5], [5, 5, float("nan"), 2], [0, 0, 0, 0], [3, 3, float("-inf"), 0]]]])
+    pool = robust_ops.DropMax2d(2, 1, return_indices=True).eval()
+    check_onnx_export(pool, ties, tmp_path, dynamo=dynamo, exact=True)
+    if dynamo:
+        return
     message = (r"^drop_max_pool2d: backend='native'{} cannot be exported to ONNX: torch.onnx has no translation of the "
                r"custom op robust_ops::drop_max_pool2d; export with backend='auto' or 'reference', which "
                r"torch.onnx.export captures as plain PyTorch ops with the same outputs$")
@@ -578,16 +589,31 @@ def test_onnx_export_captures_the_reference_form(monkeypatch):
         onnx_export(model, x, dynamo=False)
     # outside the export the default backend is the op, also in a trace
     monkeypatch.delenv("ROBUST_OPS_BACKEND")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with expected_trace_warnings():
         assert "robust_ops::drop_max_pool2d" in str(torch.jit.trace(model, x).inlined_graph)
 
 
-def test_onnx_export_with_dynamo():
-    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript, not installed here")
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), robust_ops.DropMax2d(3, 2, 1)).eval()
+@pytest.mark.parametrize("dynamo", ONNX_EXPORTERS)
+def test_onnx_export_of_a_model_in_training_mode_keeps_drop_max(tmp_path, dynamo):
+    """DropMax2d is the same layer in training and eval mode (pooling, not dropout): a model exported in training
+    mode still takes the second largest value per window, not max pooling."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), robust_ops.DropMax2d(3, 2, 1))  # training mode
     x = torch.randn(2, 1, 11, 11)
-    assert onnx_export(model, x, dynamo=True)
+    assert not torch.equal(model(x), F.max_pool2d(model[0](x), 3, 2, 1))
+    with expected_trace_warnings((UserWarning, "Exporting a model while it is in training mode")):
+        check_onnx_export(model, x, tmp_path, dynamo=dynamo)
+    assert model.training
+
+
+@pytest.mark.slow  # 2-14 s: the default exporter takes a while over resnet18
+@pytest.mark.parametrize("dynamo", ONNX_EXPORTERS)
+def test_onnx_export_of_resnet18_after_replace_maxpool(tmp_path, dynamo):
+    """The route of docs/dropmax-any-cnn.md: a torchvision resnet18 whose stem pool replace_maxpool made a DropMax2d
+    exports and runs in onnxruntime with eager's outputs, at other batch sizes too."""
+    import torchvision
+
+    model = robust_ops.replace_maxpool(torchvision.models.resnet18(num_classes=2), "first").eval()
+    check_onnx_export(model, torch.randn(2, 3, 32, 32), tmp_path, dynamo=dynamo, others=[torch.randn(3, 3, 32, 32)])
 
 
 @pytest.mark.slow  # 6-7 s: an export and a fresh interpreter
@@ -758,7 +784,8 @@ def test_torch_fx_symbolic_trace():
 
 
 def test_torchvision_feature_extraction_after_replace_maxpool():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     from torchvision.models.feature_extraction import create_feature_extractor
 
     model = robust_ops.replace_maxpool(torchvision.models.resnet18(weights=None)).eval()
@@ -781,7 +808,8 @@ def test_dropmax_any_cnn_model_snippet_runs(capsys):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16", "densenet121"])
 def test_replace_maxpool_torchvision(name):
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     model = getattr(torchvision.models, name)(weights=None)
     pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
     first = pools[0]
@@ -886,7 +914,8 @@ def test_replace_maxpool_finds_max_pool2d_calls_in_bases_and_with_indices_and_co
 
 
 def test_replace_maxpool_all_on_inception_v3_names_its_max_pool2d_calls():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     with torch.device("meta"):  # no weights to initialise: the layers are all that counts
         model = torchvision.models.inception_v3(weights=None, init_weights=False, aux_logits=False)
     with pytest.warns(UserWarning, match=r"forward of InceptionB 'Mixed_6a', InceptionD 'Mixed_7a' as max pooling"):

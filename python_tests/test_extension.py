@@ -735,6 +735,20 @@ def test_setup_sh_shows_why_setup_py_stopped(tmp_path):
     assert why in result.stdout and "robust_ops: build failed (full log: " in result.stdout
 
 
+def test_setup_sh_installs_the_onnx_test_packages_pinned_without_dependencies(tmp_path):
+    """The ONNX export tests skipped in CI (onnx, onnxscript and onnxruntime were not installed): setup.sh installs
+    them and their small dependencies pinned and --no-deps, as torchattacks, so nothing can replace torch."""
+    log = tmp_path / "calls.log"
+    _fake_checkout(tmp_path, f'echo "$*" >> {log}\n')
+    result = _run_script(tmp_path, "setup.sh")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = [line for line in log.read_text().splitlines() if "onnx" in line]
+    assert line.startswith("-m pip install -q --no-deps ")
+    packages = dict(spec.split("==") for spec in line.split()[5:])
+    assert set(packages) == {"onnx", "onnxscript", "onnx-ir", "onnxruntime", "ml_dtypes", "protobuf", "flatbuffers"}
+    assert all(re.fullmatch(r"\d+(\.\d+)+", version) for version in packages.values())
+
+
 @pytest.mark.parametrize(
     "first, second, expected",
     [(0, 0, 0), (5, 0, 0), (0, 5, 0), (1, 0, 1), (1, 5, 1), (5, 1, 1), (0, 2, 2), (1, 2, 1), (5, 5, 5)],

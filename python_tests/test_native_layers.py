@@ -614,7 +614,8 @@ def test_models_captured_inside_the_block_get_atens_batch_norm():
     assert torch.equal(exported.module()(x), expected)
 
 
-def test_onnx_export_inside_the_block_captures_atens_pooling():
+@pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")])
+def test_onnx_export_inside_the_block_captures_atens_pooling(tmp_path, dynamo):
     """torch.onnx.export of a model inside native_layers (or an attack, or fit) failed on the swapped pools'
     robust_ops::max_pool2d after printing the whole graph: the export captures F.max_pool2d, bitwise the same."""
     from utils import check_onnx_export
@@ -622,7 +623,7 @@ def test_onnx_export_inside_the_block_captures_atens_pooling():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), eval_bn(4), nn.MaxPool2d(3, 2, 1)).eval()
     with native_layers(model):
         assert len(patched(model)) == 2
-        check_onnx_export(model, torch.randn(2, 1, 11, 11))
+        check_onnx_export(model, torch.randn(2, 1, 11, 11), tmp_path, dynamo=dynamo)
 
 
 def test_copies_taken_inside_run_the_plain_forward(monkeypatch):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv on a fresh machine: pinned torch/torchvision, the other dependencies, torchattacks (tests only, for
-# parity; --no-deps or it replaces torch), then builds robust_ops._C (CPU kernels always; CUDA kernels when torch is
-# a CUDA build and a toolkit is present -- see setup.py). Safe to rerun.
+# parity; --no-deps or it replaces torch), onnx/onnxscript/onnxruntime (tests only, pinned, --no-deps), then builds
+# robust_ops._C (CPU kernels always; CUDA kernels when torch is a CUDA build and a toolkit is present -- see
+# setup.py). Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -20,6 +21,10 @@ quiet_pip install -q "torch==2.14.1" "torchvision==0.29.1"
 quiet_pip install -q "torch==2.14.1" numpy scikit-learn tqdm matplotlib pyyaml ninja \
   pytest pytest-benchmark hypothesis scipy requests
 quiet_pip install -q --no-deps "torchattacks==3.5.1"
+# ONNX export tests (tests only; they skip without these): pinned and --no-deps like torchattacks. Their own
+# requirements (numpy, packaging, sympy, typing_extensions) are installed above with torch and pytest.
+quiet_pip install -q --no-deps "onnx==1.23.2" "onnxscript==0.7.2" "onnx-ir==1.1.0" "onnxruntime==1.32.0" \
+  "ml_dtypes==0.7.0" "protobuf==7.36.2" "flatbuffers==25.12.19"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
