@@ -534,11 +534,19 @@ def test_exports_with_dynamic_height_and_width():
         for size in (7, 29):
             y = torch.randn(3, 3, size, size)
             assert_verbose_equal(exported.module()(y), pool(y))
-    # ceil_mode=True: the output size branches on H and W, which torch refuses for nn.MaxPool2d too (docs say so)
+    # ceil_mode=True: torch refuses nn.MaxPool2d (its output size branches on H and W), and the reference (guards
+    # its reshapes put on H and W; docs say so). The default backend's output size is a min, not a branch, since
+    # 2026-12-05 (it failed so too): it exports.
     ceil = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
     for pool in (nn.MaxPool2d(**ceil), robust_ops.DropMax2d(**ceil, backend="reference")):
         with pytest.raises(torch._dynamo.exc.UserError, match=r"Constraints violated \(h\)"):
             torch.export.export(pool, (x,), dynamic_shapes=dims)
+    for geometry in (ceil, dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)):
+        native = robust_ops.DropMax2d(**geometry)
+        exported = torch.export.export(native, (x,), dynamic_shapes=dims)
+        for size in (7, 8, 29, 30):
+            y = torch.randn(3, 3, size, size)
+            assert_verbose_equal(exported.module()(y), native(y))
     exported = torch.export.export(pool, (x,), dynamic_shapes=({2: 2 * h, 3: 2 * h},))  # one remainder mod stride
     y = torch.randn(2, 3, 30, 30)
     assert_verbose_equal(exported.module()(y), pool(y))
@@ -603,6 +611,29 @@ def test_onnx_export_of_a_model_in_training_mode_keeps_drop_max(tmp_path, dynamo
     with expected_trace_warnings((UserWarning, "Exporting a model while it is in training mode")):
         check_onnx_export(model, x, tmp_path, dynamo=dynamo)
     assert model.training
+
+
+def test_trace_of_the_reference_keeps_ceil_mode_windows_at_other_sizes():
+    """A trace (the TorchScript ONNX exporter's capture) of the reference froze ceil_mode's output-size branch and
+    far-side padding at the traced size: run at a height of the other parity, it returned one row too few (or too
+    many, -inf), or failed in a reshape. The sizes are now traced arithmetic (a min, a constant padding)."""
+    for geometry in (dict(kernel_size=2, stride=2, padding=1), dict(kernel_size=3, stride=2, padding=1)):
+        pool = robust_ops.DropMax2d(**geometry, ceil_mode=True, backend="reference")
+        with expected_trace_warnings():
+            traced = torch.jit.trace(pool, torch.randn(2, 3, 11, 11))
+        for h, w in ((10, 12), (11, 11), (12, 9), (16, 17)):
+            y = torch.randn(1, 3, h, w)
+            assert_verbose_equal(traced(y), pool(y), f"{geometry} at {h}x{w}")
+
+
+@pytest.mark.parametrize("dynamo", ONNX_EXPORTERS)
+def test_onnx_export_with_dynamic_sizes_keeps_ceil_mode_windows(tmp_path, dynamo):
+    """An ONNX file exported with a dynamic height and width (dynamic_axes, dynamic_shapes) returned one row too few or
+    too many at sizes of the other parity when a DropMax2d had ceil_mode=True (both exporters; the default one drops
+    torch.export's guard on the parity)."""
+    model = nn.Sequential(robust_ops.DropMax2d(2, 2, 1, ceil_mode=True), robust_ops.DropMax2d(3, 2, 1, ceil_mode=True))
+    others = [torch.randn(n, 3, h, w) for n, h, w in ((1, 10, 12), (3, 12, 9), (2, 16, 17))]
+    check_onnx_export(model.eval(), torch.randn(2, 3, 11, 11), tmp_path, dynamo=dynamo, others=others, exact=True)
 
 
 @pytest.mark.slow  # 2-14 s: the default exporter takes a while over resnet18

@@ -26,11 +26,21 @@ __all__ = [
 
 def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode):
     """Output length of one pooled dimension, exactly as F.max_pool2d computes it (ceil_mode: the last window must
-    start inside the input or the left padding)."""
-    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
+    start inside the input or the left padding), for a valid geometry (pad at most kernel // 2).
+
+    No Python branch on ``size``, which may be symbolic: a SymInt (torch.export, torch.compile, where a branch is a
+    guard that fixes the size's parity) or a 0-dim tensor (torch.jit.trace, the TorchScript ONNX exporter, which
+    freezes a branch into the trace). ATen's ceil-then-decrement (one fewer window when the last would start in the
+    right padding) is the min of the ceil count and the last start inside ``size + pad``; the two agree whenever pad
+    <= kernel // 2 (checked for sizes, kernels and strides up to 60, 8 and 8). Until 2026-12-05 the branch made
+    ONNX files exported with a dynamic height or width return one row too many or too few at the other parity, and
+    torch.export of the default backend with ceil_mode and a dynamic height failed ("Constraints violated").
+    """
+    span = size + 2 * pad - dilation * (kernel - 1) - 1
+    if not ceil_mode:
+        return span // stride + 1
+    minimum = torch.minimum if isinstance(size, torch.Tensor) else torch.sym_min
+    return minimum((span + stride - 1) // stride, (size + pad - 1) // stride) + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -63,13 +73,12 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
         # Derived from input (not new_empty) so the output stays on the autograd graph, as the native op's does.
         out = input.flatten().clone().view(n, c, oh, ow)
         return out, torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device)
-    # Pad so every window lies inside: padding on both sides, plus what ceil_mode windows need on the far side.
-    # Without ceil_mode the windows lie inside already: the extra is 0, and deciding max(0, ...) on symbolic sizes
-    # made torch.export with a dynamic H or W fail ("Constraints violated").
-    need_h = (oh - 1) * sh + dh * (kh - 1) + 1
-    need_w = (ow - 1) * sw + dw * (kw - 1) + 1
-    extra_h = max(0, need_h - (h + 2 * ph)) if ceil_mode else 0
-    extra_w = max(0, need_w - (w + 2 * pw)) if ceil_mode else 0
+    # Pad so every window lies inside: padding on both sides, plus what ceil_mode windows need on the far side, at
+    # most stride - 1 (ceil adds at most that to the span); windows() drops the ones past oh, ow. Without ceil_mode
+    # the windows lie inside already. A constant, not max(0, need - padded) of the sizes: on symbolic sizes that was
+    # a guard (torch.export with a dynamic H or W failed, "Constraints violated") or a branch frozen into a trace.
+    extra_h = sh - 1 if ceil_mode else 0
+    extra_w = sw - 1 if ceil_mode else 0
     pads = (pw, pw + extra_w, ph, ph + extra_h)
 
     planes = input.reshape(n * c, 1, h, w)
