@@ -17,7 +17,7 @@ from robust_ops import prepacked_conv as pc
 from robust_ops.attacks.context import attack_context
 from robust_ops.ima import _INVARIANT_SIZES, batch_invariant_sizes, gen_adv, gen_adv_masked, probe_rows
 
-from utils import TinyCNN, run_python
+from utils import TinyCNN, check_onnx_export, expected_trace_warnings, run_python
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch built with oneDNN")
 
@@ -708,3 +708,20 @@ def test_an_explicit_setting_for_part_of_a_model_leaves_the_rest_to_the_environm
     with pc.prepacked_conv(model[2], False), attack_context(model):
         assert _patching.active_replacement(model[2]) is None
         assert _patching.active_replacement(model[0]) is pc._conv_forward
+
+
+@pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")])
+def test_traces_and_onnx_exports_inside_an_attack_capture_atens_convolution(tmp_path, dynamo):
+    """torch.jit.trace, and so torch.onnx.export's TorchScript exporter, failed on a model whose convolutions ran on
+    packs (inside an attack under ROBUST_OPS_PREPACKED_CONV=1): an AssertionError from torch's memory-format check on
+    traced sizes, or "unsupported input list type: Scalar?" from oneDNN's op. A trace now holds ATen's convolution, as
+    for native_layers' layers; the default exporter captured it already."""
+    torch.manual_seed(0)
+    model = TinyCNN(1, 3).eval()
+    x = torch.rand(2, 1, 8, 8)
+    with pc.prepacked_conv(model, True), attack_context(model):
+        assert pc.prepacked_conv_active(model)
+        with expected_trace_warnings():
+            graph = str(torch.jit.trace(model, x).inlined_graph)
+        assert "aten::_convolution" in graph and "mkldnn" not in graph
+        check_onnx_export(model, x, tmp_path, dynamo=dynamo)

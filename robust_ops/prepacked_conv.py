@@ -233,6 +233,9 @@ def _conv_forward(conv, input):
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or torch.is_autocast_enabled("cpu")  # ATen's convolution runs in the autocast dtype; the packs in float32
         or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
+        # torch.jit.trace (torch.onnx.export's TorchScript exporter) failed in the packed path (traced sizes are
+        # tensors; oneDNN's op has no trace form): a trace holds ATen's convolution, as for native_layers' layers
+        or torch.jit.is_tracing()
     ):
         return nn.Conv2d.forward(conv, input)
     key = (*saved_state(weight), _optimizer_steps, tuple(input.shape[1:]))  # the backward checks the first two again
