@@ -626,6 +626,21 @@ def test_onnx_export_inside_the_block_captures_atens_pooling(tmp_path, dynamo):
         check_onnx_export(model, torch.randn(2, 1, 11, 11), tmp_path, dynamo=dynamo)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_scripting_inside_the_block_names_the_fix():
+    """torch.jit.script compiles getattr(module, "forward"), the swap's partial inside the block: it failed with
+    "'_InstalledForward' object has no attribute '__globals__'", which named nothing to do."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), eval_bn(4), nn.MaxPool2d(2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with native_layers(model):
+        with pytest.raises(RuntimeError, match="^torch.jit.script of BatchNorm2d inside native_layers or "
+                           "prepacked_conv .* script the model outside the with block$"):
+            torch.jit.script(model)
+        assert len(patched(model)) == 2  # the block goes on as before
+    assert not any("__prepare_scriptable__" in vars(m) for m in model)
+    assert torch.equal(torch.jit.script(model)(x), model(x))
+
+
 def test_copies_taken_inside_run_the_plain_forward(monkeypatch):
     import copy
 

@@ -49,11 +49,23 @@ def _state_without_swap(module, own=None):
     return state
 
 
+def _refuse_scripting(module):
+    """``module.__prepare_scriptable__`` while it is swapped, which torch.jit.script calls on every module before it
+    compiles any. Compiling reads ``getattr(module, "forward")``, the installed partial, as a function (source,
+    globals): it failed with "'_InstalledForward' object has no attribute '__globals__'". Handing torch.jit a swap-free
+    copy instead would put the copy into the user's model (torch.jit stores the result in the parent's modules)."""
+    raise RuntimeError(f"torch.jit.script of {type(module).__name__} inside native_layers or prepacked_conv (which "
+                       "attacks and fit enter) is not supported: script the model outside the with block")
+
+
+_SWAP_ATTRIBUTES = {"forward": _dispatch, "__getstate__": _state_without_swap,
+                    "__prepare_scriptable__": _refuse_scripting}
+
+
 def _is_swap_attribute(module, key, value):
-    """Whether ``module.__dict__[key] = value`` is the swap's own (its forward, its __getstate__), not the user's."""
-    if key == "forward":
-        return isinstance(value, _InstalledForward) and value.args[0] is module
-    return (key == "__getstate__" and isinstance(value, functools.partial) and value.func is _state_without_swap
+    """Whether ``module.__dict__[key] = value`` is the swap's own (its forward, __getstate__ or
+    __prepare_scriptable__), not the user's."""
+    return (key in _SWAP_ATTRIBUTES and isinstance(value, functools.partial) and value.func is _SWAP_ATTRIBUTES[key]
             and value.args[0] is module)
 
 
@@ -121,6 +133,8 @@ def patched_forwards(model, replacements, switch, undecided=True):
                     if isinstance(own, functools.partial) and own.func is _state_without_swap:
                         own = None  # another module's, come along with a copy of its __dict__: not the user's
                     module.__dict__["__getstate__"] = functools.partial(_state_without_swap, module, own)
+                    if "__prepare_scriptable__" not in module.__dict__:  # a user's own stays
+                        module.__dict__["__prepare_scriptable__"] = functools.partial(_refuse_scripting, module)
                     _patched[id(module)] = [module, 1, replacement, switch, undecided]
                 modules.append(module)
     try:
@@ -134,7 +148,7 @@ def patched_forwards(model, replacements, switch, undecided=True):
                     # Only the swap's own: a forward the user set (or deleted) inside the block is theirs. Deleting
                     # it unconditionally dropped theirs, and a KeyError after theirs was deleted left the modules
                     # after it in this loop swapped for good.
-                    for key in ("forward", "__getstate__"):
+                    for key in _SWAP_ATTRIBUTES:
                         value = module.__dict__.get(key)
                         if _is_swap_attribute(module, key, value):
                             own = value.args[1] if key == "__getstate__" else None
