@@ -1393,11 +1393,16 @@ def _ddp_refused_arguments_worker(rank, world, port, results):
         for i in DistributedSampler(range(5), num_replicas=world, rank=rank, shuffle=False):
             table.update(torch.tensor([i]), delta=1.0, **flags)
         results[f"padded{rank}"] = table.margins.tolist()
-        # An id outside the table on rank 1 only: rank 0 waited in the sync until rank 1's process ended
-        try:
-            table.update(torch.tensor([7 if rank == 1 else 0]), delta=1.0, **flags)
-        except (IndexError, ValueError) as e:
-            results[f"bad_id{rank}"] = f"{type(e).__name__}: {e}"
+        # Bad arguments on rank 1 only (an id outside the table, a repeated id, flags of another shape than the
+        # ids): rank 0 waited in the sync until rank 1's process ended
+        pair = {k: v.repeat(2) for k, v in flags.items()}
+        bad = {"bad_id": ([7], flags), "repeated_id": ([1, 1], pair),
+               "flags_shape": ([1], {**flags, "crossed": pair["crossed"]})}
+        for case, (ids, given) in bad.items():
+            try:
+                table.update(torch.tensor(ids if rank == 1 else [0]), delta=1.0, **(given if rank == 1 else flags))
+            except (IndexError, ValueError) as e:
+                results[f"{case}{rank}"] = f"{type(e).__name__}: {e}"
         table.update(torch.tensor([rank + 1]), delta=1.0, **flags)  # the sync goes on in step
         results[f"after{rank}"] = table.margins.tolist()
     finally:
@@ -1405,10 +1410,11 @@ def _ddp_refused_arguments_worker(rank, world, port, results):
 
 
 def test_margin_table_refuses_one_rank_bad_ids_on_every_rank():
-    """MarginTable.update refused a bad argument (an id outside the table) on the rank given it only, before the
-    sync: the other ranks waited in the sync's all_gather until that process ended or the group timed out, and then
-    read gloo's bare error. Every rank now raises at once (the failing one its own error) and the sync goes on.
-    DistributedSampler's padding updates its repeated id twice in an epoch (docs/ima.md)."""
+    """MarginTable.update refused a bad argument (an id outside the table or repeated, flags of another shape than
+    the ids; each checked) on the rank given it only, before the sync: the other ranks waited in the sync's
+    all_gather until that process ended or the group timed out, and then read gloo's bare error. Every rank now
+    raises at once (the failing one its own error) and the sync goes on. DistributedSampler's padding updates its
+    repeated id twice in an epoch (docs/ima.md)."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -1418,8 +1424,13 @@ def test_margin_table_refuses_one_rank_bad_ids_on_every_rank():
     mp.spawn(_ddp_refused_arguments_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     assert results["padded0"] == results["padded1"] == [2.0, 1.0, 1.0, 1.0, 1.0]
     assert results["bad_id1"].startswith("IndexError: MarginTable: ids must lie in [0, 5)"), results["bad_id1"]
-    assert results["bad_id0"] == ("ValueError: MarginTable.update: refused on rank(s) 1 (its ids or other arguments "
-                                  "were refused there; that rank's error names them)"), results["bad_id0"]
+    assert results["repeated_id1"].startswith("ValueError: MarginTable: expected distinct ids in one batch"), \
+        results["repeated_id1"]
+    assert results["flags_shape1"] == ("ValueError: MarginTable.update: expected crossed to be a bool tensor of shape "
+                                       "[1], got torch.bool (2,)"), results["flags_shape1"]
+    for case in ("bad_id", "repeated_id", "flags_shape"):
+        assert results[f"{case}0"] == ("ValueError: MarginTable.update: refused on rank(s) 1 (its ids or other "
+                                       "arguments were refused there; that rank's error names them)"), case
     assert results["after0"] == results["after1"] == [2.0, 2.0, 2.0, 1.0, 1.0]
 
 
