@@ -122,7 +122,7 @@ def test_large_batch_spans_parallel_chunks(device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_more_tiles_than_the_cuda_grid(device):
+def test_tiles_beyond_the_cuda_grid_match_the_reference_exactly(device):
     """66000 one-tile samples: more tiles than the CUDA kernel's grid of at most 65535 blocks, so blocks take a second
     tile in its grid-stride loop, each with its own sample's crossed_at and active flag."""
     lo, hi, points, crossed_at, mask = make_inputs(4, shape=(66000, 3), device=device, active=True)

@@ -341,7 +341,7 @@ def test_grad_matches_reference_autograd(device, fmt, dtype):
 
 @pytest.mark.needs_cuda  # the CPU kernel has no grid; there this size only costs seconds
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-def test_more_outputs_than_one_pass_of_the_cuda_grid(fmt):
+def test_outputs_beyond_one_pass_of_the_cuda_grid_match_the_reference_exactly(fmt):
     """3 * 599 * 599 outputs: more than the CUDA kernels' capped grid covers in one pass (4096 blocks of 256 threads,
     1048576 outputs), so their grid-stride loops take a second round, forward and backward (every other GPU test has
     a few thousand outputs at most). Integer gradients: their sums are exact in any order, so the atomics' result is
