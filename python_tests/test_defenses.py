@@ -1112,6 +1112,22 @@ def test_run_pgd_start_noise_starts_near_x_and_refuses_a_second_start():
         run_pgd(model, x, y, eps=0.3, alpha=0.1, steps=1, start_noise=float("inf"))
 
 
+def test_trades_mart_and_run_pgd_refuse_two_starts_with_one_check():
+    """random_start=True beside start_noise was refused in two places (TRADES / MART's __init__ and run_pgd), each
+    explaining it its own way; both now call attacks.core.check_start: one message, the name and TRADES / MART's
+    "(or unset)" (their random_start may be left None) apart."""
+    from robust_ops.attacks.core import run_pgd
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    with pytest.raises(ValueError) as pgd:
+        run_pgd(model, torch.rand(2, 1, 4, 4), torch.arange(2), eps=0.3, alpha=0.1, steps=1, start_noise=0.001,
+                random_start=True)
+    for name in ("trades", "mart"):
+        with pytest.raises(ValueError) as defense:
+            defenses.build(name, start_noise=0.001, random_start=True)
+        assert str(defense.value).replace(f"{name}:", "run_pgd:").replace(" (or unset)", "") == str(pgd.value)
+
+
 def test_fat_refuses_a_tau_set_between_batches_that_is_not_an_integer_at_least_zero():
     """docs/defenses/fat.md: a scheduler sets defense.tau. 1.5 ran (and was checkpointed) as 1 without a word, and
     -1 failed as run_pgd's early_stop; both are now the constructor's one-line error naming fat's tau."""

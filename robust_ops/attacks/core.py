@@ -160,6 +160,17 @@ def _linf_slack(width):
     return 1e-5 * max(width, 1e-12)
 
 
+def check_start(name, random_start, start_noise, or_unset=False):
+    """``start_noise`` as a float >= 0, refused beside ``random_start=True``: two starts, which one ran would be a
+    guess. run_pgd's check and TRADES / MART's (``or_unset``: their random_start may be left None)."""
+    start_noise = check_real(name, "start_noise", start_noise, minimum=0)
+    if start_noise and random_start is True:
+        raise ValueError(f"{name}: expected random_start=False{' (or unset)' * or_unset} with start_noise="
+                         f"{start_noise:g} (the start is either uniform in the ball or x + start_noise * N(0, I)), got "
+                         "random_start=True")
+    return start_noise
+
+
 def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="eps", alpha_arg="alpha"):
     """Linf: an ``arg`` (or a step while it fits) wider than the clip range is refused (:func:`linf_wider_than_range`).
     Per-sample tensors [N] as ``per_sample`` returns them."""
@@ -414,10 +425,7 @@ def run_pgd(
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
     check_linf_step_resolution(name, norm, x, eps, alpha)
     step_noise = check_real(name, "step_noise", step_noise, minimum=0)
-    start_noise = check_real(name, "start_noise", start_noise, minimum=0)
-    if start_noise and random_start:  # two starts: which one ran would be a guess
-        raise ValueError(f"{name}: expected random_start=False with start_noise={start_noise:g} (the start is either "
-                         "uniform in the ball or x + start_noise * N(0, I)), got random_start=True")
+    start_noise = check_start(name, random_start, start_noise)
     if grad_transform is not None and not callable(grad_transform):
         raise TypeError(f"{name}: expected grad_transform to be a callable (grad, step) -> tensor, got "
                         f"{type(grad_transform).__name__}")

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
+from ..attacks.core import check_start
 from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, labels, unwrap,
                       use_model_mode)
 from .adversarial import Standard
@@ -17,11 +18,7 @@ class _ReferenceStart(PGDDefense):
     implies random_start=False; 0 (default) keeps random_start's start."""
 
     def __init__(self, *, start_noise=0.0, random_start=None, **attack):
-        self.start_noise = check_real(self.name, "start_noise", start_noise, minimum=0)
-        if self.start_noise and random_start is True:  # two starts: which one ran would be a guess
-            raise ValueError(f"{self.name}: expected random_start=False (or unset) with start_noise="
-                             f"{self.start_noise:g}: the attack starts either uniformly in the ball or at "
-                             "x + start_noise * N(0, I); got random_start=True")
+        self.start_noise = check_start(self.name, random_start, start_noise, or_unset=True)
         super().__init__(random_start=False if self.start_noise and random_start is None else random_start, **attack)
 
     def _starts_off_x(self):
