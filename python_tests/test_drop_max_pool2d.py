@@ -1653,6 +1653,11 @@ def test_replace_maxpool_refuses_a_pool_with_state_dict_hooks_instead_of_droppin
     plain.register_load_state_dict_post_hook(lambda *args: None)
     with pytest.raises(ValueError, match=r"^replace_maxpool: model holds 2 load_state_dict hook\(s\), "):
         robust_ops.replace_maxpool(plain)
+    # a state_dict pre-hook alone (mutation testing of nn: counting only the post-hooks survived)
+    pre = nn.MaxPool2d(2)
+    pre.register_state_dict_pre_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"^replace_maxpool: model holds 1 state_dict hook\(s\), "):
+        robust_ops.replace_maxpool(pre)
 
 
 @pytest.mark.parametrize("flag, value", [("return_indices", 1), ("return_indices", "no"), ("ceil_mode", 1)])
