@@ -965,6 +965,10 @@ def test_replace_maxpool_finds_max_pool2d_calls_in_bases_and_with_indices_and_co
     with pytest.raises(ValueError, match=r"\); _PoolsWithIndices '0', _InheritsPooling '1', _CallsMaxPool '2' and 2 "
                                          r"more pool with max_pool2d calls in their forward \(not layers\)"):
         robust_ops.replace_maxpool(model)
+    # four: the fourth is counted too (mutation testing of nn: "and N more" only past four names survived)
+    with pytest.raises(ValueError, match=r"\); _CallsMaxPool '0', _CallsMaxPool '1', _CallsMaxPool '2' and 1 more "
+                                         r"pool "):
+        robust_ops.replace_maxpool(nn.Sequential(*(_CallsMaxPool() for _ in range(4))))
 
 
 def test_replace_maxpool_all_on_inception_v3_names_its_max_pool2d_calls():
