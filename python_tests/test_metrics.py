@@ -372,6 +372,19 @@ def test_logits_with_minus_infinity_rank_last_and_bad_logits_are_refused():
                                    num_classes=2, positive_class=1)
 
 
+def test_log_odds_of_a_row_with_two_minus_infinity_logits():
+    """A class whose logit is -inf has log-odds -inf, also where another class is -inf too (-inf - -inf is NaN, and
+    np.unique ranked that NaN above every score: AUC 0.667 here, not 1). Mutation testing of metrics: dropping the
+    -inf case of class_log_odds survived."""
+    from robust_ops.metrics import class_log_odds
+
+    inf = math.inf
+    logits = torch.tensor([[0.0, 2.0, 0.0], [5.0, -inf, -inf], [0.0, 0.0, 3.0]])
+    assert class_log_odds(logits)[1].tolist() == [inf, -inf, -inf]
+    m = classification_metrics(np.array([1, 0, 2]), logits.argmax(1), logits=logits, num_classes=3)
+    assert m["auc"] == 1.0 and m["map"] == 1.0
+
+
 def test_log_odds_keep_apart_a_class_that_nearly_ties_with_another():
     """z_c - logsumexp(others) cancels where the class ties with another: 60 - (60 + 4e-18) is 0 in float64, so rows
     [60, 60, 20] and [60, 60, 21] tied in class 0's column (as their probabilities, 0.5, do) though the model ranks
