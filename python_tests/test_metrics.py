@@ -215,6 +215,13 @@ def test_integer_valued_float_and_tensor_labels_are_accepted():
     assert m["sensitivity"] == 0.5 and m["accuracy"] == pytest.approx(2 / 3)
 
 
+def test_bool_labels_are_class_zero_and_one():
+    # y == positive_class comes out bool (mutation testing of metrics: refusing bool labels survived)
+    m = classification_metrics(np.array([False, True, True]), torch.tensor([False, True, False]), num_classes=2,
+                               positive_class=1)
+    assert m == classification_metrics([0, 1, 1], [0, 1, 0], num_classes=2, positive_class=1)
+
+
 def test_single_logit_probabilities_keep_class_zero_resolution():
     """1 - sigmoid(z) rounds to 0 for z > ~17 in float32: confident predictions tied in class 0's column, so the AUC
     of positive_class=0 (BreastMNIST's malignant) differed from the AUC of the logits themselves."""
