@@ -183,6 +183,10 @@ def test_multiclass_random_parity_with_sklearn(seed):
     (dict(y_true=[0, 2, 1], y_pred=[0, 1, 1], num_classes=2, positive_class=1), r"expected y_true in \[0, 2\)"),
     (dict(y_true=[0.0, 0.7], y_pred=[0, 1], num_classes=2, positive_class=1),
      "expected y_true to hold integer class labels, got dtype float64"),
+    # inf equals its own rounding: only the finiteness check names it (mutation testing of metrics: without it,
+    # inf was cast to int64 and refused as a label of -9223372036854775808)
+    (dict(y_true=[0.0, math.inf], y_pred=[0, 1], num_classes=2, positive_class=1),
+     "expected y_true to hold integer class labels, got dtype float64"),
     (dict(y_true=[0, 1], y_pred=[0, 1], probs=np.array([[np.nan, np.nan], [0.2, 0.8]]), num_classes=2,
           positive_class=1), r"probs holds 1 row\(s\) with NaN/Inf"),
     # logits as probs ranked the samples otherwise: AUC 0.61 instead of 0.44 on 40 random two-logit outputs
