@@ -198,6 +198,9 @@ def test_multiclass_random_parity_with_sklearn(seed):
     # rows in [0, 1] is checked apart from the sum: a negative entry with the row summing to 1 is no probability
     (dict(y_true=[0, 1], y_pred=[0, 1], probs=np.array([[-0.2, 0.6, 0.6], [0.1, 0.8, 0.1]]), num_classes=3),
      r"expected probs .* got 1 row\(s\)"),
+    # and an entry above 1 within the sum's tolerance (mutation testing of metrics: dropping the > 1 check survived)
+    (dict(y_true=[0, 1], y_pred=[0, 1], probs=np.array([[1.00005, 0.0], [0.2, 0.8]]), num_classes=2,
+          positive_class=1), r"expected probs .* got 1 row\(s\)"),
     (dict(y_true=[[0], [1]], y_pred=[[0], [1]], num_classes=2, positive_class=1),
      r"expected y_true and y_pred of the same shape \[N\], got \(2, 1\) and \(2, 1\)"),
     (dict(y_true=[0, 0], y_pred=[0, 0], num_classes=1), "expected num_classes to be an integer >= 2, got 1"),
