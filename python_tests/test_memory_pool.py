@@ -68,6 +68,13 @@ def test_library_pool_is_for_cpu_work(monkeypatch, device, depth):
         assert cpu_memory_pool_stats().depth == depth
 
 
+def test_library_pool_names_itself_for_a_bad_device():
+    # (mutation testing of memory: torch.device's own "Invalid device string" instead survived)
+    with pytest.raises(ValueError, match=r"^library_pool: expected device to be a torch.device or a string such as "
+                                         r"'cpu' or 'cuda:0', got 'gpu'$"):
+        library_pool("gpu")
+
+
 def test_tensors_crossing_the_boundary_stay_valid():
     outside = torch.arange(BIG, dtype=torch.float32)  # default allocator, freed inside the pool
     with cpu_memory_pool():
