@@ -83,6 +83,9 @@ def test_small_cnn_and_mlp_validate_their_own_arguments():
 
     with pytest.raises(ValueError, match="SmallCNN: expected num_classes to be an integer >= 2, got 0"):
         SmallCNN(1, 0)
+    # (mutation testing of models: taking width 0 survived; torch builds the zero-channel layers silently)
+    with pytest.raises(ValueError, match="SmallCNN: expected width to be an integer >= 1, got 0"):
+        SmallCNN(1, 2, width=0)
     with pytest.raises(ValueError, match="MLP: expected every hidden width to be an integer >= 1, got 0"):
         MLP(2, 1, hidden=(10, 0))
     # a single width failed in Python's own words ("'int' object is not iterable"), a string was read digit by digit
