@@ -410,15 +410,16 @@ def test_csv_requested_class_without_rows(tmp_path):
 
 
 def test_dpaat_bus_on_the_papers_three_ham10000_lesions_as_docs_reproduce_says(tmp_path):
-    """DPAAT's data is three of HAM10000's seven lesions (mel, bkl, nv); reproduce has no class filter, and its README
-    named the route to MIRST-DM's two BUSI classes only. It names DPAAT's now: a CSV of those rows, read as a
+    """DPAAT's data is three of HAM10000's seven lesions (mel, bkl, nv); the reproduce README named the route to
+    MIRST-DM's two BUSI classes only. It names DPAAT's now: --classes bkl,mel,nv or a CSV of those rows, read as a
     three-class set whose metrics average the classes (no positive class), which every dpaat-bus method takes."""
     from robust_ops import defenses
     from robust_ops.reproduce import PROTOCOLS
 
     text = " ".join((Path(__file__).resolve().parents[1] / "docs/reproduce/README.md").read_text().split())
     assert "DPAAT's set is three of HAM10000's seven lesions (`dx` `mel`, `bkl` and `nv`;" in text
-    assert "for `dpaat-bus`, give `--data` a CSV holding those rows only" in text
+    assert ("`robust-ops reproduce dpaat-bus --data path/to/HAM10000_metadata.csv --classes bkl,mel,nv --size 28` (or "
+            "a CSV holding those rows only)") in text
     s = load_dataset(_ham(tmp_path, ["mel", "bkl", "nv"] * 10), size=8)
     assert s.info.class_names == ("bkl", "mel", "nv") and s.info.positive_class is None
     assert not any(defenses.defense_class(m.defense).binary_only for m in PROTOCOLS["dpaat-bus"].methods)
