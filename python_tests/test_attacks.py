@@ -309,26 +309,26 @@ def test_an_attack_in_another_model_mode_waits_for_the_running_one_on_another_th
     assert not context._held and not context._queued
 
 
+def _attack_nesting_a_train_mode_attack(outer, inner, x, y, errors):
+    """An eval-mode attack on ``outer`` whose first forward attacks ``inner`` in train mode (nested in this thread);
+    the nested attack's RuntimeError, if any, is appended to ``errors``."""
+    def nested(module, inputs):
+        handle.remove()
+        try:
+            attacks.pgd(inner, x, y, eps=0.03, steps=1, model_mode="train")
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    handle = outer.register_forward_pre_hook(nested)
+    attacks.pgd(outer, x, y, eps=0.03, steps=1)
+
+
 def test_a_nested_attack_in_another_model_mode_than_another_threads_is_one_clear_error():
     # it cannot wait: the other thread's attack could nest one of another mode too and wait for this one
     model = TinyCNN(1, 2).eval()
     x, y = make_data(3, 2)
     errors = []
-
-    def outer_then_nested():
-        def nested(module, inputs):
-            handle.remove()
-            try:
-                attacks.pgd(model, x, y, eps=0.03, steps=1, model_mode="train")
-            except RuntimeError as err:
-                errors.append(str(err))
-
-        nonlocal handle
-        handle = model.register_forward_pre_hook(nested)
-        attacks.pgd(model, x, y, eps=0.03, steps=1)
-
-    handle = None
-    second = threading.Thread(target=outer_then_nested)
+    second = threading.Thread(target=_attack_nesting_a_train_mode_attack, args=(model, model, x, y, errors))
     first_hook = []
 
     def start_second(module, inputs):  # the first thread's attack runs while the second one's nests its own
@@ -368,19 +368,8 @@ def test_a_nested_attack_on_a_backbone_another_thread_attacks_in_a_wrapper_in_an
     wrapper, elsewhere = attacks.Normalized(net, 0.5, 0.25), TinyCNN(1, 2)
     x, y = make_data(3, 2)
     errors, seen = [], []
-
-    def outer_then_nested():  # an attack on another model whose forward (a callback) attacks the backbone
-        def nested(module, inputs):
-            handle.remove()
-            try:
-                attacks.pgd(net, x, y, eps=0.03, steps=1, model_mode="train")
-            except RuntimeError as err:
-                errors.append(str(err))
-
-        handle = elsewhere.register_forward_pre_hook(nested)
-        attacks.pgd(elsewhere, x, y, eps=0.03, steps=1)
-
-    second = threading.Thread(target=outer_then_nested)
+    # an attack on another model whose forward (a callback) attacks the backbone
+    second = threading.Thread(target=_attack_nesting_a_train_mode_attack, args=(elsewhere, net, x, y, errors))
 
     def start_second(module, inputs):  # the wrapper's attack runs while the second thread nests its own
         if not second.is_alive() and not errors:

@@ -2842,6 +2842,17 @@ def _folder(root, n=10, classes=("benign", "malignant")):
     return root
 
 
+def _csv_set(root, labels, prefix, ext):
+    """A HAM10000-style set in ``root``: meta.csv (image_id, dx) and one 8x8 image per label, <prefix>K.<ext>."""
+    from PIL import Image
+
+    rows = ["image_id,dx"]
+    for k, label in enumerate(labels):
+        Image.fromarray(np.full((8, 8), 5 * k, np.uint8)).save(root / f"{prefix}{k}.{ext}")
+        rows.append(f"{prefix}{k},{label}")
+    (root / "meta.csv").write_text("\n".join(rows) + "\n")
+
+
 def test_folder_run_is_found_from_elsewhere_and_changed_data_is_refused(tmp_path, capsys, monkeypatch):
     """run.json keeps an absolute --data, so eval from another directory reads the same folder; a folder that gained
     an image would be split differently (test images trained on), so eval and --resume refuse it."""
@@ -3175,15 +3186,9 @@ def test_reproduce_classes_keeps_a_folders_classes_records_them_and_resume_refus
 def test_reproduce_classes_picks_dpaats_three_lesions_of_a_csv(tmp_path, capsys):
     """DPAAT's task is HAM10000's mel, bkl and nv: --classes keeps those rows of the metadata CSV (no hand-made CSV),
     three classes whose metrics are macro-averaged, and eval on the run rebuilds its split of them."""
-    from PIL import Image
-
     root = tmp_path / "ham"
     root.mkdir()
-    rows = ["image_id,dx"]
-    for k in range(40):
-        Image.fromarray(np.full((8, 8), 5 * k, np.uint8)).save(root / f"im{k}.jpg")
-        rows.append(f"im{k},{('mel', 'bkl', 'nv', 'df')[k % 4]}")
-    (root / "meta.csv").write_text("\n".join(rows) + "\n")
+    _csv_set(root, [("mel", "bkl", "nv", "df")[k % 4] for k in range(40)], "im", "jpg")
     out = tmp_path / "o"
     rc, _, err = run(["reproduce", "dpaat-bus", "--quick", "--data", root / "meta.csv", "--classes", "bkl,mel,nv",
                       "--size", "8", "--methods", "STD", "--out", out, "--no-progress", "--device", "cpu"], capsys)
@@ -4013,13 +4018,7 @@ def test_eval_of_a_run_that_recorded_a_medmnist_sets_labels_numbered(tmp_path, c
 def test_eval_of_a_csv_run_labelled_0_1_refuses_classes_that_reorder_them(tmp_path, capsys):
     """The numbered-labels allowance of a MedMNIST run's own file must not let --classes 1,0 re-split a CSV run
     trained on labels "0", "1": its test split could hold training images."""
-    from PIL import Image
-
-    rows = ["image_id,dx"]
-    for i in range(40):
-        Image.fromarray(np.full((8, 8), 5 * i, np.uint8)).save(tmp_path / f"i{i}.png")
-        rows.append(f"i{i},{i % 2}")
-    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    _csv_set(tmp_path, [str(i % 2) for i in range(40)], "i", "png")
     out = tmp_path / "run"
     rc, _, err = run(["train", "--data", tmp_path / "meta.csv", "--size", "8", "--model", "mlp", "--epochs", "1",
                       "--out", out, "--no-progress", "--device", "cpu"], capsys)
