@@ -1721,9 +1721,7 @@ def cmd_reproduce(args):
         with interrupts_unwrapped():
             run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
                          seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, channels=args.channels,
-                         classes=args.classes,
-                         device=device,
-                         progress=not args.no_progress, reevaluate=args.reevaluate,
+                         classes=args.classes, device=device, progress=not args.no_progress, reevaluate=args.reevaluate,
                          methods=args.methods.split(",") if args.methods is not None else None)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
