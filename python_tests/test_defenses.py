@@ -970,6 +970,42 @@ def test_llr_inner_maximum_ascends_the_linearity_gap(monkeypatch):
     assert bool((want < 0).any()) and torch.equal(loss(gap, y), gap)
 
 
+class _Objective(nn.Module):
+    """A per-sample objective sum_j w_j x_ij, its output reshaped by ``shape`` (the identity: [N])."""
+
+    def __init__(self, w, shape=lambda out: out):
+        super().__init__()
+        self.w, self.shape = nn.Parameter(w), shape
+
+    def forward(self, x):
+        return self.shape((x * self.w).flatten(1).sum(1))
+
+
+def test_pgd_defense_ascend_attacks_a_per_sample_objective_and_refuses_other_outputs(crafted):
+    """PGDDefense.ascend, the one way ARFL's adv_term and LLR attack an objective module: PGD with the defense's own
+    settings on the module's [N] output itself; the zero labels run_pgd requires never reach the loss. An output not
+    [N] is refused naming the defense and the objective (run_pgd read [N, 1] and [N, K] as logits, and named itself
+    for a scalar)."""
+    x, _ = _batch(n=6)
+    w = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(3))
+    arfl = ARFL(eps=0.1, steps=1, step_size=0.05, random_start=False)
+    objective = _Objective(w)
+    x_adv = arfl.ascend(objective, x).x_adv
+    torch.testing.assert_close(x_adv, (x + 0.05 * w.sign()).clamp(0, 1), rtol=0, atol=1e-7)
+    assert objective.w.requires_grad  # the attack's parameter freeze is undone
+    overrides = crafted[-1][0]
+    assert list(overrides) == ["loss"]  # the defense's PGD settings otherwise
+    out = torch.randn(6)
+    assert overrides["loss"](out, None) is out  # the labels are not read
+    for shape, got in [(lambda o: o[:, None], "shape (6, 1)"), (lambda o: torch.stack([o, -o], 1), "shape (6, 2)"),
+                       (lambda o: o.sum(), "shape ()"), (lambda o: o[1:], "shape (5,)"),
+                       (lambda o: (o, o), "a tuple")]:
+        for defense in (arfl, defenses.LLR(steps=1)):
+            with pytest.raises(ValueError, match=re.escape(f"{defense.name}: expected the attack objective _Objective "
+                                                           f"to return one value per sample, shape (6,), got {got}")):
+                defense.ascend(_Objective(w, shape), x)
+
+
 def test_llr_loss_and_gradients_at_the_crafted_delta(crafted):
     """LLR's outer terms recomputed at the crafted delta: mean_i |l(x_i + delta_i) - l(x_i) - delta_i . grad_i| and
     mean_i |delta_i . grad_i| (per-sample absolute values), both differentiated through grad_i (double backprop) and

@@ -3,6 +3,7 @@ takes (composed on robust_ops.attacks.core.run_pgd -- no defense has its own PGD
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .._options import check_choice, check_flags, check_int, check_real  # noqa: F401  (the defenses import them here)
 from ..attacks.context import (MODEL_MODES, check_class_labels, classification_loss,
@@ -108,3 +109,32 @@ class PGDDefense(Defense):
                       clip_max=self.clip_max)
         kwargs.update(overrides)
         return run_pgd(unwrap(model), x, y, **kwargs)
+
+    def ascend(self, objective, x):
+        """``attack`` (this defense's settings) ascending ``objective``, a module x' [N, ...] -> one value per sample
+        [N] (ARFL's adversarial term, LLR's linearity gap): the mean of its output itself, not a loss of logits.
+        run_pgd requires labels; the zeros it gets never reach the loss. Another output shape is refused naming the
+        defense. Returns the PGDResult."""
+        # run_pgd read a [N, 1] or [N, K] output as logits and a scalar as a wrong logits shape, naming itself
+        return self.attack(_PerSampleObjective(self.name, objective), x,
+                           torch.zeros(x.shape[0], dtype=torch.long, device=x.device), loss=_output_itself)
+
+
+def _output_itself(out, _labels):
+    return out
+
+
+class _PerSampleObjective(nn.Module):
+    """``objective`` with its output checked to be [N]: what PGDDefense.ascend hands run_pgd as the model."""
+
+    def __init__(self, defense_name, objective):
+        super().__init__()
+        self.defense_name, self.objective = defense_name, objective
+
+    def forward(self, x):
+        out = self.objective(x)
+        if not torch.is_tensor(out) or out.shape != (x.shape[0],):
+            got = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
+            raise ValueError(f"{self.defense_name}: expected the attack objective {type(self.objective).__name__} to "
+                             f"return one value per sample, shape ({x.shape[0]},), got {got}")
+        return out

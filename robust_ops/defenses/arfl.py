@@ -53,8 +53,8 @@ def robust_feature_loss(features, y, channel_reduction="mean"):
 
 
 class _AdversarialTerm(nn.Module):
-    """Eq. 5's adversarial term per sample, L_cls(x') + s * lam * L_robust(x'), as an [N] "output", so run_pgd can
-    ascend it (the loss callable returns the output itself)."""
+    """Eq. 5's adversarial term per sample, L_cls(x') + s * lam * L_robust(x') [N], the objective attack_objective=
+    "adv_term" ascends (PGDDefense.ascend)."""
 
     def __init__(self, defense, model, y, sign):
         super().__init__()
@@ -166,9 +166,7 @@ class ARFL(PGDDefense):
             if self.attack_objective == "cls":
                 x_adv = self.attack(model, x, y).x_adv
             else:
-                # the term ignores run_pgd's labels (it has its own y); zeros suit its [N] "output"
-                term = _AdversarialTerm(self, unwrap(model), y, sign)
-                x_adv = self.attack(term, x, y.new_zeros(y.shape), loss=lambda out, _y: out).x_adv
+                x_adv = self.ascend(_AdversarialTerm(self, unwrap(model), y, sign), x).x_adv
             logits_adv, feats_adv = self._forward_with_features(model, x_adv)
             if logits is None:
                 self._check_binary(y, logits_adv)

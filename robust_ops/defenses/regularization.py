@@ -52,8 +52,8 @@ class GR(Defense):
 
 
 class _LinearityGap(nn.Module):
-    """g_i(x') = |l(f(x'_i), y_i) - l(f(x_i), y_i) - (x'_i - x_i) . grad_i| as a per-sample "output" [N], so run_pgd
-    can ascend it (the loss callable returns the output itself). x, the clean losses and the gradients are fixed."""
+    """g_i(x') = |l(f(x'_i), y_i) - l(f(x_i), y_i) - (x'_i - x_i) . grad_i| per sample [N], the objective LLR's
+    inner maximum ascends (PGDDefense.ascend). x, the clean losses and the gradients are fixed."""
 
     def __init__(self, model, x, y, clean_losses, grad):
         super().__init__()
@@ -98,9 +98,7 @@ class LLR(PGDDefense):
             with use_model_mode(net, self.attack_mode):
                 _, ref_losses, ref_grad, _ = _input_gradient(self.name, net, x, y, create_graph=False)
             ref_losses, ref_grad = ref_losses.detach(), ref_grad.detach()
-        gap_model = _LinearityGap(net, x.detach(), y, ref_losses, ref_grad)
-        # The objective ignores labels; dummy zeros keep run_pgd's label check happy for the [N] gap "output".
-        x_adv = self.attack(gap_model, x, y.new_zeros(y.shape), loss=lambda out, _y: out).x_adv
+        x_adv = self.ascend(_LinearityGap(net, x.detach(), y, ref_losses, ref_grad), x).x_adv
         delta = (x_adv - x).detach()
         adv_losses = per_sample_ce(model(x + delta), y)
         first_order = (delta * grad).flatten(1).sum(1)
