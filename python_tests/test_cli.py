@@ -3993,7 +3993,7 @@ def test_eval_records_the_saliency_images_drawn_not_asked_for(trained_run, tmp_p
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["config"]["saliency_images"] == 16
 
 
-def test_eval_of_a_run_that_recorded_a_medmnist_sets_labels_numbered(tmp_path, capsys):
+def test_eval_of_a_run_that_recorded_a_medmnist_sets_labels_numbered(tmp_path, capsys, as_official):
     """A run on OrganAMNIST trained before the loader knew its class names recorded them as "0" to "10"; its own
     file, now named bladder ... spleen, is the same labels: eval attacks it without a warning, and was refused as
     "--classes: ... is the run's own data" (no --classes was given)."""
@@ -4002,6 +4002,7 @@ def test_eval_of_a_run_that_recorded_a_medmnist_sets_labels_numbered(tmp_path, c
     np.savez(data, **{f"{s}_{k}": (rng.integers(0, 256, (22, 8, 8), dtype=np.uint8) if k == "images" else
                                    (np.arange(22) % 11).reshape(-1, 1).astype(np.uint8))
                       for s in ("train", "val", "test") for k in ("images", "labels")})
+    as_official(data)
     out = tmp_path / "run"
     rc, _, err = run(["train", "--data", data, "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress",
                       "--device", "cpu"], capsys)

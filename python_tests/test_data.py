@@ -95,7 +95,7 @@ def test_npz_volumes_and_other_channel_counts_are_refused(tmp_path):
     assert load_dataset(write_npz(tmp_path / "one.npz", shape=(28, 28, 1))).train.tensors[0].shape == (12, 1, 28, 28)
 
 
-def test_npz_labels_must_be_class_indices(tmp_path):
+def test_npz_labels_must_be_class_indices(tmp_path, as_official):
     """A label no class list explains (255 as "unknown") made every value up to it a class: a binary set became
     256 classes, most without a sample; one class alone was a one-output classifier."""
     labels = (np.arange(12) % 2).reshape(-1, 1).astype(np.uint8)
@@ -105,7 +105,7 @@ def test_npz_labels_must_be_class_indices(tmp_path):
         load_dataset(write_npz(tmp_path / "s.npz", train_labels=labels))
     with pytest.raises(DataError, match=r"o\.npz: expected at least two classes, got 1 \(labels: 0\)$"):
         load_dataset(write_npz(tmp_path / "o.npz", classes=1))
-    s = load_dataset(write_npz(tmp_path / "breastmnist_64.npz", classes=1))  # named: the class list says 2
+    s = load_dataset(as_official(write_npz(tmp_path / "breastmnist_64.npz", classes=1)))  # named: 2 classes
     assert s.info.num_classes == 2 and s.info.class_names[0] == "malignant"
 
 
@@ -119,7 +119,7 @@ def test_arguments_a_source_cannot_honour_are_refused(tmp_path):
         load_dataset("synthetic", size=0)  # 0 is not "the default size"
 
 
-def test_classes_name_the_labels_of_an_npz_not_named_after_a_medmnist_set(tmp_path):
+def test_classes_name_the_labels_of_an_npz_not_named_after_a_medmnist_set(tmp_path, as_official):
     # a renamed BreastMNIST subset (label 0 = malignant) read as classes 0 / 1 with positive class 1, benign, and
     # classes= was refused for every .npz: its sensitivity was the benign class's, with no way to say otherwise
     path = write_npz(tmp_path / "bm_subset.npz")
@@ -131,8 +131,8 @@ def test_classes_name_the_labels_of_an_npz_not_named_after_a_medmnist_set(tmp_pa
     with pytest.raises(DataError, match=r"expected 2 names \(its labels run from 0 to 1\), got 3$"):
         load_dataset(path, classes=("a", "b", "c"))  # names, not a filter: one per label
     with pytest.raises(DataError, match=r"breastmnist_64\.npz: breastmnist names its own classes \(malignant, normal "
-                                        r"or benign\); drop classes=$"):  # (an unofficial size: no MD5 to check)
-        load_dataset(write_npz(tmp_path / "breastmnist_64.npz"), classes=("a", "b"))
+                                        r"or benign\); drop classes=$"):
+        load_dataset(as_official(write_npz(tmp_path / "breastmnist_64.npz")), classes=("a", "b"))
 
 
 def test_a_class_too_small_to_stratify_is_reported():
@@ -755,12 +755,12 @@ def test_npz_layout_errors_name_the_mismatch(tmp_path):
     assert (s.info.num_classes, s.info.in_channels, s.info.image_size) == (3, 3, 8)
 
 
-def test_medmnist_names_with_a_size_keep_their_classes(tmp_path):
+def test_medmnist_names_with_a_size_keep_their_classes(tmp_path, as_official):
     """breastmnist_64.npz is BreastMNIST: 0 = malignant is the positive class; a DermaMNIST file whose labels
     happen to stop early still has DermaMNIST's seven classes."""
-    s = load_dataset(write_npz(tmp_path / "breastmnist_64.npz", shape=(64, 64)))
+    s = load_dataset(as_official(write_npz(tmp_path / "breastmnist_64.npz", shape=(64, 64))))
     assert s.info.name == "breastmnist" and s.info.positive_class == 0 and s.info.class_names[0] == "malignant"
-    s = load_dataset(write_npz(tmp_path / "dermamnist_64.npz", shape=(64, 64), classes=4))
+    s = load_dataset(as_official(write_npz(tmp_path / "dermamnist_64.npz", shape=(64, 64), classes=4)))
     assert s.info.num_classes == 7 and s.info.class_names[6] == "vasc" and s.info.positive_class is None
 
 
@@ -1594,12 +1594,12 @@ def test_npz_float_labels_are_refused_not_truncated(tmp_path):
         load_dataset(write_npz(tmp_path / "t.npz", train_labels=labels))
 
 
-def test_load_dataset_looks_a_medmnist_name_up_in_root(tmp_path, monkeypatch):
+def test_load_dataset_looks_a_medmnist_name_up_in_root(tmp_path, monkeypatch, as_official):
     """docs/getting-started.md: load_dataset(..., root=) is where MedMNIST names are looked up (before
     $ROBUST_OPS_DATA and ~/.medmnist)."""
     root = tmp_path / "root"
     root.mkdir()
-    path = write_npz(root / "breastmnist_64.npz", shape=(64, 64))  # not MD5-checked: only the 28x28 file is
+    path = as_official(write_npz(root / "breastmnist_64.npz", shape=(64, 64)))
     monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_dataset("breastmnist_64", root=root).info.source == str(path)
@@ -1638,10 +1638,10 @@ def test_grouped_split_labels_a_group_by_its_most_frequent_label_ties_the_lowest
     assert not set(groups[parts[0]]) & set(groups[parts[1]])
 
 
-def test_npz_with_more_classes_than_its_medmnist_name_lists_keeps_them(tmp_path):
+def test_npz_with_more_classes_than_its_medmnist_name_lists_keeps_them(tmp_path, as_official):
     """A breastmnist_64.npz holding labels 0-2: its two BreastMNIST names cannot describe label 2, so the classes are
     its label indices (all three), never two classes with a label 2 no output can take."""
-    s = load_dataset(write_npz(tmp_path / "breastmnist_64.npz", shape=(64, 64), classes=3))
+    s = load_dataset(as_official(write_npz(tmp_path / "breastmnist_64.npz", shape=(64, 64), classes=3)))
     assert s.info.num_classes == 3 and s.info.class_names == ("0", "1", "2") and s.info.positive_class is None
 
 
@@ -1703,10 +1703,10 @@ def test_a_name_ending_in_mnist_that_medmnist_lacks_is_not_a_known_name():
         load_dataset("fashionmnist")
 
 
-def test_npz_file_names_in_other_case_keep_their_medmnist_classes(tmp_path):
+def test_npz_file_names_in_other_case_keep_their_medmnist_classes(tmp_path, as_official):
     """The file name's set is matched case-insensitively: BreastMNIST_64.npz is BreastMNIST (0 = malignant, the
     positive class), not two unnamed classes with 1 positive."""
-    s = load_dataset(write_npz(tmp_path / "BreastMNIST_64.npz", shape=(64, 64)))
+    s = load_dataset(as_official(write_npz(tmp_path / "BreastMNIST_64.npz", shape=(64, 64))))
     assert s.info.name == "breastmnist" and s.info.class_names[0] == "malignant" and s.info.positive_class == 0
 
 
@@ -1813,7 +1813,7 @@ def test_medmnist_lookup_skips_a_folder_named_like_the_file(tmp_path, monkeypatc
     assert mm.find_medmnist("breastmnist", tmp_path / "root") == env / "breastmnist.npz"
 
 
-def test_download_goes_through_the_medmnist_package_into_root(tmp_path, monkeypatch):
+def test_download_goes_through_the_medmnist_package_into_root(tmp_path, monkeypatch, as_official):
     """download=True fetches a missing file with the medmnist package into root (the folder the user named, where
     the lookup then finds it), passing size= for sizes other than 28."""
     import sys
@@ -1824,7 +1824,8 @@ def test_download_goes_through_the_medmnist_package_into_root(tmp_path, monkeypa
     class DermaMNIST:
         def __init__(self, split, download, root, **kwargs):
             calls.append((split, download, root, kwargs))
-            write_npz(Path(root) / f"dermamnist_{kwargs['size']}.npz", shape=(64, 64), classes=7, n=(14, 7, 7))
+            as_official(write_npz(Path(root) / f"dermamnist_{kwargs['size']}.npz", shape=(64, 64), classes=7,
+                                  n=(14, 7, 7)))
 
     fake = types.ModuleType("medmnist")
     fake.INFO, fake.DermaMNIST = {"dermamnist": {"python_class": "DermaMNIST"}}, DermaMNIST
@@ -2028,7 +2029,7 @@ def test_folder_pixels_are_read_as_stored_padded_and_resized_antialiased_as_docu
 # MedMNIST family audit: class lists, file-name sizes, official names in any case
 
 
-def test_every_2d_medmnist_set_names_its_classes(tmp_path):
+def test_every_2d_medmnist_set_names_its_classes(tmp_path, as_official):
     """OCTMNIST, TissueMNIST and Organ{A,C,S}MNIST had no class list: their labels were numbered by the largest one
     present, so a subset lacking the last organ (spleen) loaded as 10 classes and one lacking another was refused as
     holding a gap ("relabel them"). Every single-label 2D set now names its classes, in MedMNIST's label order."""
@@ -2036,14 +2037,14 @@ def test_every_2d_medmnist_set_names_its_classes(tmp_path):
               "breastmnist": 2, "bloodmnist": 8, "tissuemnist": 8, "organamnist": 11, "organcmnist": 11,
               "organsmnist": 11}
     assert {name: len(mm.CLASS_NAMES[name][0]) for name in mm.MEDMNIST_NAMES} == counts
-    no_spleen = write_npz(tmp_path / "organamnist_64.npz", n=(20, 10, 10), shape=(8, 8), classes=10)
+    no_spleen = as_official(write_npz(tmp_path / "organamnist_64.npz", n=(20, 10, 10), shape=(8, 8), classes=10))
     s = load_dataset(no_spleen)
     assert s.info.num_classes == 11 and s.info.class_names[10] == "spleen" and s.info.positive_class is None
     no_heart = np.array([0, 1, 2, 4, 5, 6, 7, 8, 9, 10] * 2, np.uint8).reshape(-1, 1)  # label 3 absent
-    s = load_dataset(write_npz(tmp_path / "organsmnist_128.npz", n=(20, 10, 10), shape=(8, 8), classes=11,
-                               train_labels=no_heart))
+    s = load_dataset(as_official(write_npz(tmp_path / "organsmnist_128.npz", n=(20, 10, 10), shape=(8, 8), classes=11,
+                                           train_labels=no_heart)))
     assert s.info.num_classes == 11 and s.info.class_names[3] == "heart"
-    s = load_dataset(write_npz(tmp_path / "octmnist_64.npz", shape=(8, 8), classes=4))
+    s = load_dataset(as_official(write_npz(tmp_path / "octmnist_64.npz", shape=(8, 8), classes=4)))
     assert s.info.class_names == ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal")
     assert s.info.positive_class is None
 
@@ -2060,6 +2061,32 @@ def test_an_official_name_in_other_case_is_md5_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(mm, "file_md5", lambda path: mm.REVISED_MD5["organamnist.npz"])
     assert mm.check_md5(tmp_path / "OrganAMNIST.NPZ") == mm.REVISED_MD5["organamnist.npz"]
 
+
+
+def test_an_official_medmnist_plus_name_is_md5_checked(tmp_path, monkeypatch):
+    """breastmnist_64.npz, _128 and _224 (MedMNIST+) were checked for layout only: any file so named loaded as
+    BreastMNIST. They are now checked against MedMNIST's published checksums, in any case, as the 28x28 files are."""
+    p = write_npz(tmp_path / "BreastMNIST_224.npz", shape=(8, 8))
+    with pytest.raises(DataError, match=r"BreastMNIST_224\.npz: MD5 [0-9a-f]{32} does not match the official "
+                                        r"breastmnist_224\.npz \(b56378a6eefa9fed602bb16d192d4c8b\); the file is "
+                                        r"corrupt or not the official release -- download it again, or rename it if "
+                                        r"it is a deliberate variant$"):
+        load_dataset(p)
+    monkeypatch.setitem(mm.PLUS_MD5, "breastmnist_224.npz", mm.file_md5(p))  # as if p held the official bytes
+    assert mm.check_md5(p) == mm.file_md5(p)
+    assert load_dataset(p).info.class_names[0] == "malignant"
+    other = shutil.copy(p, tmp_path / "my_breastmnist_224.npz")  # not an official name: layout only
+    assert mm.check_md5(other) is None and load_dataset(other).info.name == "my_breastmnist"
+
+
+def test_every_2d_medmnist_set_has_a_checksum_for_each_size():
+    """One MD5 per official file of each 2D set (ChestMNIST's too, as for 28x28), 32 hex digits; no other entry."""
+    names = mm.MEDMNIST_NAMES + mm.MULTI_LABEL_NAMES
+    assert set(mm.OFFICIAL_MD5) == {mm._file_name(n, 28) for n in names}
+    assert set(mm.PLUS_MD5) == {mm._file_name(n, size) for n in names for size in mm.MEDMNIST_SIZES if size != 28}
+    for table in (mm.OFFICIAL_MD5, mm.REVISED_MD5, mm.PLUS_MD5):
+        assert all(re.fullmatch(r"[0-9a-f]{32}", md5) for md5 in table.values()), table
+    assert mm.PLUS_MD5["breastmnist_64.npz"] == "742edef2a1fd1524b2efff4bd7ba9364"
 
 @pytest.mark.parametrize("spec", ["organmnist3d", "NoduleMNIST3D_64"])
 def test_a_medmnist3d_name_is_refused_as_3d_not_as_unknown(spec, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ TensorDataset of float inputs in ``info.value_range`` ([0, 1] for images, [N, C,
 
 from .core import DataError, DatasetInfo, DatasetSplits, load_dataset  # noqa: F401
 from .folders import load_busi, load_csv, pad_to_square_and_resize  # noqa: F401
-from .medmnist import OFFICIAL_MD5, check_md5, find_medmnist, load_npz  # noqa: F401
+from .medmnist import OFFICIAL_MD5, PLUS_MD5, check_md5, find_medmnist, load_npz  # noqa: F401
 from .splits import cross_validation  # noqa: F401
 from .synthetic import moons_splits, synthetic_splits, synthetic_ultrasound  # noqa: F401
 

@@ -15,7 +15,7 @@ from .core import (DataError, DatasetInfo, DatasetSplits, images_to_tensor, labe
                    missing_classes_record)
 
 # MD5 checksums of the official MedMNIST v2 28x28 files, as published in MedMNIST's own dataset table (INFO, the
-# "MD5" field). Files of other sizes (``<name>_64.npz`` ...) are checked only for layout.
+# "MD5" field); the larger MedMNIST+ files are in PLUS_MD5.
 OFFICIAL_MD5 = {
     "pathmnist.npz": "a8b06965200029087d5bd730944a56c1",
     "chestmnist.npz": "02c8a6516a18b556561a56cbdd36c4a8",
@@ -36,6 +36,46 @@ REVISED_MD5 = {
     "organamnist.npz": "68e3f8846a6bd62f0c9bf841c0d9eacc",
     "organcmnist.npz": "b9ceb9546e10131b32923c5bbeaea2b1",
     "organsmnist.npz": "9ab87b696fb54e2a387ebe992d6ed5f1",
+}
+# MD5 checksums of MedMNIST v3's (MedMNIST+) 64x64, 128x128 and 224x224 files of the 2D sets (INFO's "MD5_64",
+# "MD5_128", "MD5_224"): one release each. Without them a damaged or altered breastmnist_224.npz loaded as BreastMNIST.
+PLUS_MD5 = {
+    "pathmnist_64.npz": "55aa9c1e0525abe5a6b9d8343a507616",
+    "pathmnist_128.npz": "ac42d08fb904d92c244187169d1fd1d9",
+    "pathmnist_224.npz": "2c51a510bcdc9cf8ddb2af93af1eadec",
+    "chestmnist_64.npz": "9de6cd0b934ebb5b7426cfba5efbae16",
+    "chestmnist_128.npz": "db107e5590b27930b62dbaf558aebee3",
+    "chestmnist_224.npz": "45bd33e6f06c3e8cdb481c74a89152aa",
+    "dermamnist_64.npz": "b70a2f5635c6199aeaa28c31d7202e1f",
+    "dermamnist_128.npz": "2defd784463fa5243564e855ed717de1",
+    "dermamnist_224.npz": "8974907d8e169bef5f5b96bc506ae45d",
+    "octmnist_64.npz": "e229e9440236b774d9f0dfef9d07bdaf",
+    "octmnist_128.npz": "0a97e76651ace45c5d943ee3f65b63ae",
+    "octmnist_224.npz": "abc493b6d529d5de7569faaef2773ba3",
+    "pneumoniamnist_64.npz": "8f4eceb4ccffa70c672198ea285246c6",
+    "pneumoniamnist_128.npz": "05b46931834c231683c68f40c47b2971",
+    "pneumoniamnist_224.npz": "d6a3c71de1b945ea11211b03746c1fe1",
+    "retinamnist_64.npz": "afda852cc34dcda56f86ad2b2457dbcc",
+    "retinamnist_128.npz": "e48e916a24454daf90583d4e6efb1a18",
+    "retinamnist_224.npz": "eae7e3b6f3fcbda4ae613ebdcbe35348",
+    "breastmnist_64.npz": "742edef2a1fd1524b2efff4bd7ba9364",
+    "breastmnist_128.npz": "363e4b3f8d712e9b5de15470a2aaadf1",
+    "breastmnist_224.npz": "b56378a6eefa9fed602bb16d192d4c8b",
+    "bloodmnist_64.npz": "2b94928a2ae4916078ca51e05b6b800b",
+    "bloodmnist_128.npz": "adace1e0ed228fccda1f39692059dd4c",
+    "bloodmnist_224.npz": "b718ff6835fcbdb22ba9eacccd7b2601",
+    "tissuemnist_64.npz": "123ece2eba09d0aa5d698fda57103344",
+    "tissuemnist_128.npz": "61b955355d7425a89687b06cca3ce0c2",
+    "tissuemnist_224.npz": "b077128c4a949f0a4eb01517f9037b9c",
+    "organamnist_64.npz": "2dcccc29b88e6da5a01161ef20cda288",
+    "organamnist_128.npz": "eeae80d0a227a8d099027e1b3cfd3b60",
+    "organamnist_224.npz": "50747347e05c87dd3aaf92c49f9f3170",
+    "organcmnist_64.npz": "3ce34a8724ea6f548e6db4744d03b6a9",
+    "organcmnist_128.npz": "773c1f009daa3fe5d9a2a201b2a7ed94",
+    "organcmnist_224.npz": "050f5e875dc056f6768abf94ec9995d1",
+    "organsmnist_64.npz": "53a6d115339d874c25e309a994ff46d3",
+    "organsmnist_128.npz": "ded0c5fa01a95dc4978b956f613e9b8e",
+    "organsmnist_224.npz": "b354719e553fbbb2513d5533f52a4cb1",
 }
 
 # Class names (MedMNIST's INFO "label", in label order; commas in a name written "or") and the positive class
@@ -85,10 +125,11 @@ def file_md5(path, chunk=1 << 20):
 
 
 def check_md5(path):
-    """Verify the MD5 of a file carrying an official MedMNIST name, in any case (load_npz takes BreastMNIST.npz's
-    classes from its name as breastmnist.npz's, so it is checked as that file); other names are not checked."""
+    """Verify the MD5 of a file carrying an official MedMNIST name of any size (``breastmnist.npz``,
+    ``breastmnist_64.npz`` ...), in any case (load_npz takes BreastMNIST.npz's classes from its name as
+    breastmnist.npz's, so it is checked as that file); other names are not checked."""
     official = Path(path).name.lower()
-    expected = OFFICIAL_MD5.get(official)
+    expected = OFFICIAL_MD5.get(official) or PLUS_MD5.get(official)
     if expected is None:
         return None
     got = file_md5(path)
