@@ -209,8 +209,13 @@ def test_official_md5_matches(breastmnist, tmp_path):
 def test_missing_medmnist_says_where(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(DataError, match=r"dermamnist: dermamnist\.npz not found \(looked in .*\); download it"):
+    with pytest.raises(DataError, match=r"dermamnist: dermamnist\.npz not found \(looked in .*\); download it from "
+                                        r"MedMNIST v2 "):
         load_dataset("dermamnist")  # never downloads unless asked
+    # the larger sizes are MedMNIST+'s alone: the message sent the user to v2 for them
+    with pytest.raises(DataError, match=r"dermamnist_64: dermamnist_64\.npz not found \(looked in .*\); download it "
+                                        r"from MedMNIST\+ \(v3\) and put it"):
+        load_dataset("dermamnist_64")
     with pytest.raises(DataError,
                        match=r"allow a download through the medmnist package: download=True, CLI --download"):
         load_dataset("dermamnist")

@@ -192,8 +192,9 @@ def load_medmnist(spec, root=None, size=None, download=False):
         where = ", ".join(str(d) for d in candidate_dirs(root))
         how = ("the medmnist package could not download it (not installed, or offline)" if download else
                "or allow a download through the medmnist package: download=True, CLI --download")
+        release = "MedMNIST v2" if size in (None, 28) else "MedMNIST+ (v3)"  # v2 has no larger sizes
         raise DataError(
-            f"{spec}: {_file_name(name, size)} not found (looked in {where}); download it from MedMNIST v2 and put it "
+            f"{spec}: {_file_name(name, size)} not found (looked in {where}); download it from {release} and put it "
             f"in one of those folders, set $ROBUST_OPS_DATA to its folder, or pass the .npz path ({how})"
         )
     return load_npz(path, size=size)
