@@ -2084,6 +2084,16 @@ def test_an_official_medmnist_plus_name_is_md5_checked(tmp_path, monkeypatch):
     assert mm.check_md5(other) is None and load_dataset(other).info.name == "my_breastmnist"
 
 
+def test_a_28_in_an_official_name_is_md5_checked_as_the_28x28_file(tmp_path, monkeypatch):
+    """breastmnist_28.npz took BreastMNIST's classes from its name (0 = malignant, the positive class), as
+    load_dataset("breastmnist_28") reads breastmnist.npz, but skipped the MD5 check: MedMNIST names no *_28.npz."""
+    p = write_npz(tmp_path / "BreastMNIST_28.npz")
+    with pytest.raises(DataError, match=r"BreastMNIST_28\.npz: MD5 [0-9a-f]{32} does not match the official "
+                                        r"breastmnist\.npz \(750601b1f35ba3300ea97c75c52ff8f6\)"):
+        load_dataset(p)
+    monkeypatch.setattr(mm, "file_md5", lambda path: mm.OFFICIAL_MD5["breastmnist.npz"])  # the official bytes
+    assert load_dataset(p).info.class_names[0] == "malignant"
+
 def test_every_2d_medmnist_set_has_a_checksum_for_each_size():
     """One MD5 per official file of each 2D set (ChestMNIST's too, as for 28x28), 32 hex digits; no other entry."""
     names = mm.MEDMNIST_NAMES + mm.MULTI_LABEL_NAMES

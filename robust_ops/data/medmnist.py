@@ -127,8 +127,8 @@ def file_md5(path, chunk=1 << 20):
 def check_md5(path):
     """Verify the MD5 of a file carrying an official MedMNIST name of any size (``breastmnist.npz``,
     ``breastmnist_64.npz`` ...), in any case (load_npz takes BreastMNIST.npz's classes from its name as
-    breastmnist.npz's, so it is checked as that file); other names are not checked."""
-    official = Path(path).name.lower()
+    breastmnist.npz's, so it is checked as that file, as is breastmnist_28.npz); other names are not checked."""
+    official = re.sub(r"_28\.npz$", ".npz", Path(path).name.lower())  # MedMNIST names no file *_28.npz
     expected = OFFICIAL_MD5.get(official) or PLUS_MD5.get(official)
     if expected is None:
         return None
