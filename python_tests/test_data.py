@@ -2064,8 +2064,7 @@ def test_an_official_name_in_other_case_is_md5_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(mm, "file_md5", lambda path: mm.OFFICIAL_MD5["breastmnist.npz"])  # the official bytes
     assert load_dataset(p).info.class_names[0] == "malignant"
     monkeypatch.setattr(mm, "file_md5", lambda path: mm.REVISED_MD5["organamnist.npz"])
-    assert mm.check_md5(tmp_path / "OrganAMNIST.NPZ") == mm.REVISED_MD5["organamnist.npz"]
-
+    assert mm.check_md5(write_npz(tmp_path / "OrganAMNIST.npz")) == mm.REVISED_MD5["organamnist.npz"]
 
 
 def test_an_official_medmnist_plus_name_is_md5_checked(tmp_path, monkeypatch):
@@ -2093,6 +2092,27 @@ def test_a_28_in_an_official_name_is_md5_checked_as_the_28x28_file(tmp_path, mon
         load_dataset(p)
     monkeypatch.setattr(mm, "file_md5", lambda path: mm.OFFICIAL_MD5["breastmnist.npz"])  # the official bytes
     assert load_dataset(p).info.class_names[0] == "malignant"
+
+
+def test_a_large_official_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """A MedMNIST+ file of many GB read once more to hash it at every load would double each later load's reading;
+    a large file's checksum is remembered by its identity (inode, size, time stamps), a changed file hashed again.
+    Small files are always hashed (a same-size rewrite within a time stamp's resolution would look unchanged)."""
+    p = write_npz(tmp_path / "breastmnist_64.npz", shape=(8, 8))
+    hashed = []
+    real_md5 = mm.file_md5
+    monkeypatch.setattr(mm, "file_md5", lambda path: hashed.append(path) or real_md5(path))
+    monkeypatch.setitem(mm.PLUS_MD5, "breastmnist_64.npz", real_md5(p))
+    mm.check_md5(p), mm.check_md5(p)
+    assert len(hashed) == 2  # small: hashed every time
+    monkeypatch.setattr(mm, "_REMEMBER_FROM_BYTES", 0)
+    mm.check_md5(p), mm.check_md5(p), load_dataset(p)
+    assert len(hashed) == 3
+    write_npz(p, shape=(9, 9))  # another file now: hashed again, and refused
+    with pytest.raises(DataError, match=r"breastmnist_64\.npz: MD5 [0-9a-f]{32} does not match"):
+        mm.check_md5(p)
+    assert len(hashed) == 4
+
 
 def test_every_2d_medmnist_set_has_a_checksum_for_each_size():
     """One MD5 per official file of each 2D set (ChestMNIST's too, as for 28x28), 32 hex digits; no other entry."""

@@ -124,6 +124,20 @@ def file_md5(path, chunk=1 << 20):
     return h.hexdigest()
 
 
+_VERIFIED = {}  # file identity -> MD5: a process loading a large MedMNIST+ file again does not hash it again
+_REMEMBER_FROM_BYTES = 64 << 20  # writing this much takes longer than a file time stamp's resolution (a few ms)
+
+
+def _verified_md5(path):
+    st = os.stat(path)
+    if st.st_size < _REMEMBER_FROM_BYTES:  # small: hashing is cheap, and a same-size rewrite could share a stamp
+        return file_md5(path)
+    key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = file_md5(path)
+    return _VERIFIED[key]
+
+
 def check_md5(path):
     """Verify the MD5 of a file carrying an official MedMNIST name of any size (``breastmnist.npz``,
     ``breastmnist_64.npz`` ...), in any case (load_npz takes BreastMNIST.npz's classes from its name as
@@ -132,7 +146,7 @@ def check_md5(path):
     expected = OFFICIAL_MD5.get(official) or PLUS_MD5.get(official)
     if expected is None:
         return None
-    got = file_md5(path)
+    got = _verified_md5(path)
     if got not in (expected, REVISED_MD5.get(official)):
         raise DataError(
             f"{path}: MD5 {got} does not match the official {official} ({expected}); the file is corrupt or "
