@@ -3,6 +3,7 @@
 import hashlib
 import re
 import shutil
+import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -1692,13 +1693,47 @@ def test_a_missing_medmnist_file_is_downloaded_only_when_asked(tmp_path, monkeyp
     monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr(mm, "_try_download", lambda *args: calls.append(args))
+    monkeypatch.setattr(mm, "_try_download", lambda *args: calls.append(args) or "the reason it could not")
     with pytest.raises(DataError, match=r"dermamnist\.npz not found"):
         load_dataset("dermamnist")
     assert calls == []
-    with pytest.raises(DataError, match=r"the medmnist package could not download it"):
+    with pytest.raises(DataError, match=r"\(download=True: the reason it could not\)$"):
         load_dataset("dermamnist_64", root=tmp_path, download=True)
     assert calls == [("dermamnist", tmp_path, 64)]
+
+
+def test_a_failed_download_says_why(tmp_path, monkeypatch):
+    """Every failure of a download through the medmnist package read "not installed, or offline": a medmnist 2.x
+    without MedMNIST+'s size argument, or the download's own error, was swallowed. The error now names the cause."""
+    import types
+
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def fake_medmnist(init, version="2.2.3"):
+        module = types.ModuleType("medmnist")
+        module.__version__, module.INFO = version, {"dermamnist": {"python_class": "DermaMNIST"}}
+        module.DermaMNIST = type("DermaMNIST", (), {"__init__": init})
+        monkeypatch.setitem(sys.modules, "medmnist", module)
+
+    def load(spec):
+        with pytest.raises(DataError) as err:
+            load_dataset(spec, root=tmp_path, download=True)
+        return str(err.value)
+
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # import fails
+    assert load("dermamnist").endswith("(download=True: the medmnist package is not installed)")
+    fake_medmnist(lambda self, split, download, root: None)  # 2.x: no size
+    assert load("dermamnist_64").endswith("(download=True: medmnist 2.2.3 has no size argument; MedMNIST+ files "
+                                          "need medmnist 3 or later)")
+    assert load("dermamnist").endswith(f"(download=True: the medmnist package left no dermamnist.npz in {tmp_path})")
+
+    def offline(self, split, download, root, size=28):
+        raise OSError("Network is unreachable\nsecond line")
+
+    fake_medmnist(offline, "3.0.2")
+    assert load("dermamnist_64").endswith("(download=True: the medmnist package could not download it: OSError: "
+                                          "Network is unreachable)")
 
 
 def test_a_name_ending_in_mnist_that_medmnist_lacks_is_not_a_known_name():

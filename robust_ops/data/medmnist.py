@@ -2,6 +2,7 @@
 with ``np.load(allow_pickle=False)`` so a shared file can never run code."""
 
 import hashlib
+import inspect
 import numbers
 import os
 import re
@@ -200,11 +201,14 @@ def load_medmnist(spec, root=None, size=None, download=False):
         raise DataError(f"{spec}: MedMNIST images come in sizes {', '.join(map(str, MEDMNIST_SIZES))}, got "
                         f"size={size}; pick one of those", arg="size")
     path = find_medmnist(name, root, size)
+    why_not_downloaded = None
     if path is None and download:
         path = _try_download(name, root, size)
+        if isinstance(path, str):
+            path, why_not_downloaded = None, path
     if path is None:
         where = ", ".join(str(d) for d in candidate_dirs(root))
-        how = ("the medmnist package could not download it (not installed, or offline)" if download else
+        how = (f"download=True: {why_not_downloaded}" if download else
                "or allow a download through the medmnist package: download=True, CLI --download")
         release = "MedMNIST v2" if size in (None, 28) else "MedMNIST+ (v3)"  # v2 has no larger sizes
         raise DataError(
@@ -215,21 +219,29 @@ def load_medmnist(spec, root=None, size=None, download=False):
 
 
 def _try_download(name, root, size):
-    """Download through the ``medmnist`` package when it is installed (it needs network access)."""
+    """Download through the ``medmnist`` package (it needs network access). Returns the file's path, or a string
+    saying why there is none: the error names the cause, not "not installed, or offline" for every failure."""
     try:
-        import medmnist  # noqa: F401
+        import medmnist
         from medmnist import INFO
     except ImportError:
-        return None
+        return "the medmnist package is not installed"
     target = Path(root).expanduser() if root else Path.home() / ".medmnist"
+    cls = getattr(medmnist, INFO[name]["python_class"])
+    kwargs = {"size": size} if size not in (None, 28) else {}
+    params = inspect.signature(cls.__init__).parameters
+    takes_size = "size" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if kwargs and not takes_size:  # MedMNIST+ came with medmnist 3
+        return (f"medmnist {getattr(medmnist, '__version__', '(version unknown)')} has no size argument; MedMNIST+ "
+                "files need medmnist 3 or later")
     try:
         target.mkdir(parents=True, exist_ok=True)
-        cls = getattr(__import__("medmnist"), INFO[name]["python_class"])
-        kwargs = {"size": size} if size not in (None, 28) else {}
         cls(split="test", download=True, root=str(target), **kwargs)
-    except Exception:  # offline or an old medmnist without `size`: fall through to the "put the file here" message
-        return None
-    return find_medmnist(name, target, size)
+    except Exception as err:  # offline, a refused folder ...: its first line, as the cause
+        first = str(err).splitlines()[0] if str(err).strip() else ""
+        return f"the medmnist package could not download it: {type(err).__name__}: {first}".rstrip(": ")
+    path = find_medmnist(name, target, size)
+    return path if path is not None else f"the medmnist package left no {_file_name(name, size)} in {target}"
 
 
 def _check_size(size, where):
