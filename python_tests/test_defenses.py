@@ -806,6 +806,35 @@ def test_dpaat_without_adaptation_is_the_papers_ablation_d_b(crafted):
         DPAAT(adapt="no")
 
 
+def test_dpaat_refuses_options_its_settings_leave_without_effect():
+    """An option given where it does nothing is refused, naming it, the setting and the fix: adapt=False has no
+    radii (guard, max_radius, reference, momentum were ignored silently), reference="batch" no running mean
+    (momentum), beta=0 no synchronization loss (syn). Left unset they take their documented defaults, recorded by
+    options() as before, so checkpoints written before still compare equal on resume."""
+    for option in ({"guard": 1e-3}, {"max_radius": 0.5}, {"reference": "running"}, {"reference": "batch"},
+                   {"momentum": 0.2}):
+        (key, value), = option.items()
+        with pytest.raises(ValueError, match=rf"^dpaat: {key}={value!r} has no effect with adapt=False \(.*\); "
+                                             rf"leave {key} out or set adapt=True$"):
+            DPAAT(adapt=False, **option)
+    with pytest.raises(ValueError, match=r"dpaat: guard=0.0, momentum=0.5 have no effect with adapt=False .*; leave "
+                                         r"guard and momentum out or set adapt=True"):
+        DPAAT(adapt=False, guard=0.0, momentum=0.5)
+    with pytest.raises(ValueError, match=r"^dpaat: momentum=0.2 has no effect with reference='batch' \(.*\); leave "
+                                         r"momentum out or set reference='running'$"):
+        DPAAT(momentum=0.2)
+    with pytest.raises(ValueError, match=r"^dpaat: syn='printed' has no effect with beta=0 \(.*\); leave syn out "
+                                         r"or give beta > 0$"):
+        DPAAT(beta=0.0, syn="printed")
+    assert DPAAT(adapt=False, syn="printed").syn == "printed"  # beta > 0: L_syn is trained without adaptation
+    assert DPAAT(reference="running", momentum=0.2).momentum == 0.2
+    recorded = {"guard": 1e-6, "max_radius": None, "reference": "batch", "syn": "js", "momentum": 0.1}
+    for d in (DPAAT(), DPAAT(adapt=False), DPAAT(beta=0.0)):
+        assert {k: d.options()[k] for k in recorded} == recorded
+    with pytest.raises(ValueError, match=r"dpaat: expected momentum to be a finite number with 0 < momentum <= 1"):
+        DPAAT(reference="running", momentum=0)  # a bad value is still named as such, not as unused
+
+
 def test_amat_radius_rule_and_step_scaling(crafted):
     """AMAT (DPAAT eq. 5-7): eps_i = eps + delta_eps where the first x_adv's loss is below xi (still robust), else
     (eps + ||x_adv_i - x_i||) / 2; the second attack's step is scaled with the radius (eps_i * step_size / eps)."""

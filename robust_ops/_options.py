@@ -128,6 +128,18 @@ def check_device(name, device, arg="device"):
                          f"{device!r}") from None
 
 
+def refuse_unused(name, given, because, otherwise):
+    """Refuse options given explicitly that a setting makes meaningless: nothing given is dropped silently.
+    ``given`` is {arg: value} with None for each option left unset (its default then applies); ``because`` names the
+    setting ("adapt=False (no adaptive radii)"), ``otherwise`` the other fix ("set adapt=True"). One line:
+    ``dpaat: momentum=0.2 has no effect with adapt=False (...); leave momentum out or set adapt=True``."""
+    named = {k: v for k, v in given.items() if v is not None}
+    if named:
+        listed = ", ".join(f"{k}={v!r}" for k, v in named.items())
+        raise ValueError(f"{name}: {listed} {'has' if len(named) == 1 else 'have'} no effect with {because}; leave "
+                         f"{' and '.join(named)} out or {otherwise}")
+
+
 def check_choice(name, arg, value, choices):
     if value not in choices:
         raise ValueError(f"{name}: expected {arg} to be one of {', '.join(map(repr, choices))}, got {value!r}")

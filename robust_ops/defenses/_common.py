@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._options import check_choice, check_flags, check_int, check_real  # noqa: F401  (the defenses import them here)
+from .._options import (check_choice, check_flags, check_int, check_real,  # noqa: F401  (the defenses
+                        refuse_unused)  # noqa: F401  (import them here)
 from ..attacks.context import (MODEL_MODES, check_class_labels, classification_loss,
                                float32_or_wider,  # noqa: F401  (the defenses import it here)
                                is_single_logit, two_logits, use_model_mode)

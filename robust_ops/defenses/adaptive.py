@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..attacks.context import classification_loss
 from ..attacks.core import sample_distance
 from ._common import (PGDDefense, as_two_class, check_choice, check_flags, check_real, distributed_run,
-                      float32_or_wider, labels, per_sample_ce, unwrap, use_model_mode)
+                      float32_or_wider, labels, per_sample_ce, refuse_unused, unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import DefenseOutput
 
@@ -136,23 +136,38 @@ class DPAAT(_AdaptiveRadius):
     running mean of dL_avg over batches, momentum 0.1 -- the epoch-wide V of eq. 13); syn="js" (default) or "printed"
     (see synchronization_loss). beta = 1 (the paper leaves it tunable). State (checkpointed): the running mean, the
     number of batches and the mean radius of the last batch.
+
+    An option given where it has no effect is refused, naming it: guard, max_radius, reference and momentum under
+    adapt=False, momentum under reference="batch", syn under beta=0.
     """
 
     name = "dpaat"
 
-    def __init__(self, alpha=0.5, beta=1.0, guard=1e-6, max_radius=None, reference="batch", syn="js", momentum=0.1,
+    # guard, reference, syn and momentum default to None, resolved to 1e-6, "batch", "js" and 0.1 below: None tells an
+    # option left unset from one given where it has no effect, which is refused (adapt=False trained as if
+    # reference="running", momentum=0.5 had not been asked for). options() records the resolved values, as before.
+    def __init__(self, alpha=0.5, beta=1.0, guard=None, max_radius=None, reference=None, syn=None, momentum=None,
                  adapt=True, **attack):
         super().__init__(**attack)
         n = self.name
         self.alpha = check_real(n, "alpha", alpha, minimum=0, maximum=1)
         self.beta = check_real(n, "beta", beta, minimum=0)
-        self.guard = check_real(n, "guard", guard, minimum=0)
+        self.guard = check_real(n, "guard", 1e-6 if guard is None else guard, minimum=0)
         self.max_radius = None if max_radius is None else check_real(n, "max_radius", max_radius, minimum=0)
-        self.reference = check_choice(n, "reference", reference, ("batch", "running"))
-        self.syn = check_choice(n, "syn", syn, ("js", "printed"))
-        self.momentum = check_real(n, "momentum", momentum, minimum=0, maximum=1, allow_min=False)
+        self.reference = check_choice(n, "reference", "batch" if reference is None else reference, ("batch", "running"))
+        self.syn = check_choice(n, "syn", "js" if syn is None else syn, ("js", "printed"))
+        self.momentum = check_real(n, "momentum", 0.1 if momentum is None else momentum, minimum=0, maximum=1,
+                                   allow_min=False)
         check_flags(n, {"adapt": adapt})  # adapt="no" would have adapted
         self.adapt = adapt
+        if not adapt:
+            refuse_unused(n, {"guard": guard, "max_radius": max_radius, "reference": reference, "momentum": momentum},
+                          "adapt=False (no adaptive radii: the first x_adv is trained on)", "set adapt=True")
+        elif self.reference == "batch":
+            refuse_unused(n, {"momentum": momentum}, "reference='batch' (eq. 14's mini-batch mean, no running mean)",
+                          "set reference='running'")
+        if self.beta == 0:
+            refuse_unused(n, {"syn": syn}, "beta=0 (no synchronization loss)", "give beta > 0")
         self._running_dl = 0.0
         self._num_batches = 0
         self._radius_mean = 0.0
