@@ -2291,6 +2291,40 @@ def test_cw_kappa_checked():
     assert not torch.equal(attacks.cw_linf(model, x, y, eps=0.03, steps=2, kappa=np.float64(0.5)), x)
 
 
+def test_seed_generator_and_kappa_that_would_do_nothing_are_refused():
+    """A seed or generator beside random_start=False (nothing is drawn) and a kappa beside another loss than "cw"
+    (only the CW margin reads it) were ignored silently; each is refused, naming it, the setting and the fix. Where
+    they act they still pass, and AutoAttack's seed skips a listed cw (which starts at x) instead of failing on it."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    unseeded = r"has no effect with random_start=False \(nothing is drawn at random\); leave {} out or set " \
+               r"random_start=True$"
+    with pytest.raises(ValueError, match=r"^pgd: seed=3 " + unseeded.format("seed")):
+        attacks.PGD(model, random_start=False, seed=3)
+    with pytest.raises(ValueError, match=r"^pgdl2: seed=0 " + unseeded.format("seed")):
+        attacks.PGDL2(model, random_start=False, seed=0)
+    with pytest.raises(ValueError, match=r"^cw: seed=1 " + unseeded.format("seed")):
+        attacks.CW(model, seed=1)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"^pgd: generator \(a Generator\) " + unseeded.format("generator")):
+        attacks.pgd(model, x, y, eps=0.03, steps=1, random_start=False, generator=g)
+    with pytest.raises(ValueError, match=r"^cw_linf: generator \(a Generator\) "):
+        attacks.cw_linf(model, x, y, eps=0.03, steps=1, generator=g)
+    # run_pgd, the core, takes a generator for any of its draws, used or not by its settings
+    run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=1, generator=g)
+    assert attacks.PGD(model, seed=3).seed == 3 and attacks.CW(model, random_start=True, seed=3).seed == 3
+    with pytest.raises(ValueError, match=r"^pgd: kappa=2.0 has no effect with loss='ce' \(kappa is the CW margin's "
+                                         r"confidence\); leave kappa out or set loss='cw'$"):
+        attacks.PGD(model, kappa=2.0)
+    with pytest.raises(ValueError, match=r"^pgd: kappa=1.0 has no effect with a loss callable "):
+        attacks.pgd(model, x, y, eps=0.03, steps=1, loss=lambda out, t: out.sum(), kappa=1.0)
+    with pytest.raises(ValueError, match=r"^run_pgd: kappa=0.5 has no effect with loss='ce' "):
+        run_pgd(model, x, y, eps=0.03, alpha=0.01, steps=1, kappa=0.5)
+    assert attacks.PGD(model, loss="cw", kappa=2.0).kappa == 2.0
+    cw, ce = attacks.AutoAttack(model, eps=0.03, attacks=["cw", "apgd-ce"], seed=3).attacks
+    assert cw.seed is None and ce.seed == 3
+
+
 def near_boundary_linear(seed=0):
     """A linear 3-class model on 12x12 images, strongly input-dependent: small squares flip its decisions."""
     g = torch.Generator().manual_seed(seed)

@@ -128,6 +128,10 @@ def check_device(name, device, arg="device"):
                          f"{device!r}") from None
 
 
+def _plain_value(value):
+    return isinstance(value, (numbers.Number, str, tuple, list)) or value is None
+
+
 def refuse_unused(name, given, because, otherwise):
     """Refuse options given explicitly that a setting makes meaningless: nothing given is dropped silently.
     ``given`` is {arg: value} with None for each option left unset (its default then applies); ``because`` names the
@@ -135,7 +139,8 @@ def refuse_unused(name, given, because, otherwise):
     ``dpaat: momentum=0.2 has no effect with adapt=False (...); leave momentum out or set adapt=True``."""
     named = {k: v for k, v in given.items() if v is not None}
     if named:
-        listed = ", ".join(f"{k}={v!r}" for k, v in named.items())
+        # a generator's repr is its address: named by its type
+        listed = ", ".join(f"{k}={v!r}" if _plain_value(v) else f"{k} (a {type(v).__name__})" for k, v in named.items())
         raise ValueError(f"{name}: {listed} {'has' if len(named) == 1 else 'have'} no effect with {because}; leave "
                          f"{' and '.join(named)} out or {otherwise}")
 

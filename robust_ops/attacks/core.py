@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional
-from .._options import check_flags, check_int, check_real
+from .._options import check_flags, check_int, check_real, refuse_unused
 from .context import (
     InputGradScale,
     attack_context,
@@ -244,10 +244,24 @@ def check_early_stop(name, early_stop):
     raise ValueError(f"{name}: expected early_stop to be False, True or an integer tau >= 0, got {early_stop!r}")
 
 
-def check_kappa(name, kappa):
+def check_kappa(name, kappa, loss="cw"):
     """kappa: a finite number >= 0. A negative kappa clamps the CW margin at a positive value, so the loss is flat
-    on both sides of the boundary and the attack never moves; NaN makes every gradient NaN."""
-    return check_real(name, "kappa", kappa, minimum=0)
+    on both sides of the boundary and the attack never moves; NaN makes every gradient NaN. A kappa > 0 beside
+    another ``loss`` than "cw" is refused: only the CW margin reads it (pgd(loss="ce", kappa=2) ran plain CE)."""
+    kappa = check_real(name, "kappa", kappa, minimum=0)
+    if kappa and loss != "cw":
+        shown = f"loss={loss!r}" if isinstance(loss, str) else "a loss callable"
+        refuse_unused(name, {"kappa": kappa}, f"{shown} (kappa is the CW margin's confidence)", "set loss='cw'")
+    return kappa
+
+
+def check_draws(name, arg, value, random_start):
+    """Refuse a ``generator`` or ``seed`` (``arg``, ``value``; None: unset) where the attack draws nothing (PGD and CW
+    without a random start). It was ignored silently, so pgd(random_start=False, generator=g) looked seeded. Not
+    run_pgd's: the core takes a generator for any of its draws (random start, start_noise, step_noise), and a caller
+    may pass one whether or not its settings draw (a test pins that step_noise=0 then draws nothing)."""
+    if not random_start:
+        refuse_unused(name, {arg: value}, "random_start=False (nothing is drawn at random)", "set random_start=True")
 
 
 def check_loss(name, loss):
@@ -416,7 +430,7 @@ def run_pgd(
     steps = check_steps(name, steps)
     norm = check_norm(name, norm)
     loss = check_loss(name, loss)
-    kappa = check_kappa(name, kappa)
+    kappa = check_kappa(name, kappa, loss)
     emit = check_emit(name, emit, steps)
     tau = check_early_stop(name, early_stop)
     eps_scalar = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None

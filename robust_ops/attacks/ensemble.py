@@ -323,7 +323,7 @@ class AutoAttack(Attack):
                  n_target_classes=None, n_queries=None, seed=None, eot_iter=None, attacks_to_run=None,
                  model_mode="eval", clip_min=0.0, clip_max=1.0, cascade=True, **unknown):
         from . import attack_entry, build
-        from .._options import accepted_options
+        from .._options import option_defaults
 
         if version not in VERSIONS:
             raise ValueError(f"autoattack: expected version to be one of {', '.join(map(repr, VERSIONS))}, "
@@ -374,7 +374,14 @@ class AutoAttack(Attack):
         else:
             attacks = list(attacks)
             # a name or dotted path it cannot resolve fails here with build's own error
-            takes = {a: accepted_options(attack_entry(a)[0]) for a in attacks if isinstance(a, str)}
+            takes = {}
+            for a in attacks:
+                if isinstance(a, str):
+                    cls, defaults = attack_entry(a)
+                    takes[a] = option_defaults(cls)
+                    # seed only to the attacks that draw (cw starts at x: its seed would be refused as unused)
+                    if defaults.get("random_start", takes[a].get("random_start")) is False:
+                        takes[a].pop("seed", None)
             # build() reads steps as n_queries / trials for square / noise: pass each option only under its own name
             self.attacks = [
                 build(a, model, eps=eps, norm=norm, **common,

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from .base import Attack
-from .core import check_norm, check_steps, run_pgd
+from .core import check_draws, check_kappa, check_norm, check_steps, run_pgd
 
 
 def default_alpha(name, eps, steps, factor, x):
@@ -76,6 +76,7 @@ def pgd(model, x, y, *, eps, alpha=None, steps=10, norm="linf", random_start=Tru
         >>> x_adv, its = robust_ops.attacks.pgd(model, x, y, eps=5 / 255, alpha=0.001, steps=10, emit=(2, 4, 6, 8))
     """
     steps = check_steps("pgd", steps)
+    check_draws("pgd", "generator", generator, random_start)
     if alpha is None:
         alpha = default_alpha("pgd", eps, steps, 2.5, x)
     res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, loss=loss,
@@ -112,6 +113,7 @@ def cw_linf(model, x, y, *, eps, alpha=None, steps=10, kappa=0.0, random_start=F
     Returns x_adv, or ``(x_adv, iterates)`` with emit.
     """
     steps = check_steps("cw_linf", steps)
+    check_draws("cw_linf", "generator", generator, random_start)
     if alpha is None:
         alpha = default_alpha("cw_linf", eps, steps, 2.5, x)
     res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm="linf", random_start=random_start,
@@ -162,6 +164,9 @@ class PGD(Attack):
         super().__init__(model, **options)
         self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
         self.norm = check_norm(self.name, self.default_norm if norm is None else norm)
+        # here, not at the first call: a seed beside random_start=False, a kappa beside loss="ce" did nothing
+        check_draws(self.name, "seed", seed, random_start)
+        check_kappa(self.name, kappa, loss)
         self.loss, self.kappa, self.early_stop, self.seed = loss, kappa, early_stop, seed
 
     def forward(self, x, y):
@@ -192,6 +197,7 @@ class CW(Attack):
         super().__init__(model, **options)
         if check_norm(self.name, norm) != "linf":
             raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
+        check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
         self.eps, self.alpha, self.steps, self.kappa = eps, alpha, steps, kappa
         self.random_start, self.seed = random_start, seed
 
