@@ -835,6 +835,23 @@ def test_dpaat_refuses_options_its_settings_leave_without_effect():
         DPAAT(reference="running", momentum=0)  # a bad value is still named as such, not as unused
 
 
+def test_arfl_refuses_adversarial_term_options_where_there_is_none():
+    """adv_sign and attack_objective shape eq. 5's adversarial term: with r = 1 there is none, with lam = 0 it has no
+    L_robust to sign (and "adv_term" attacks L_cls alone, the "cls" attack). They were ignored silently there; now
+    refused naming the option, the setting and the fix. Unset, they are "text" and "cls", recorded as before."""
+    with pytest.raises(ValueError, match=r"^arfl: adv_sign='printed' has no effect with r=1 \(.*\); leave adv_sign "
+                                         r"out or give r < 1$"):
+        ARFL(r=1.0, adv_sign="printed")
+    with pytest.raises(ValueError, match=r"^arfl: adv_sign='text', attack_objective='cls' have no effect with lam=0 "
+                                         r"\(.*\); leave adv_sign and attack_objective out or give lam > 0$"):
+        ARFL(lam=0.0, adv_sign="text", attack_objective="cls")
+    with pytest.raises(ValueError, match=r"^arfl: attack_objective='adv_term' has no effect with r=1"):
+        ARFL(r=1.0, attack_objective="adv_term")
+    assert (ARFL(r=1.0).adv_sign, ARFL(lam=0.0).attack_objective) == ("text", "cls")
+    assert ARFL(r=0.0, adv_sign="printed", attack_objective="adv_term").adv_sign == "printed"
+    assert ARFL().options() == {**ARFL(adv_sign="text").options()} and "attack_objective" not in ARFL().options()
+
+
 def test_amat_radius_rule_and_step_scaling(crafted):
     """AMAT (DPAAT eq. 5-7): eps_i = eps + delta_eps where the first x_adv's loss is below xi (still robust), else
     (eps + ||x_adv_i - x_i||) / 2; the second attack's step is scaled with the radius (eps_i * step_size / eps)."""

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..attacks.context import classification_loss, num_classes_of
-from ._common import PGDDefense, check_choice, check_real, float32_or_wider, labels, per_sample_ce, unwrap
+from ._common import (PGDDefense, check_choice, check_real, float32_or_wider, labels, per_sample_ce, refuse_unused,
+                      unwrap)
 from .base import DefenseOutput
 
 
@@ -73,20 +74,23 @@ class ARFL(PGDDefense):
     L_cls alone, the text's reading of eq. 5; "adv_term": PGD on the whole adversarial term of eq. 5,
     L_cls + s * lam * L_robust), plus the PGD settings
     (7-step Linf PGD, eps 0.01 as in ARFL's mammography experiments; two-moons: steps=1, eps=0.05, step_size=0.05,
-    random_start=False is FGSM)."""
+    random_start=False is FGSM). adv_sign and attack_objective given with r = 1 or lam = 0, where they have no effect,
+    are refused."""
 
     name = "arfl"
     binary_only = True
     default_eps = 0.01
     default_steps = 7
 
-    def __init__(self, lam=10.0, r=0.5, adv_sign="text", channel_reduction="mean", layer=None, attack_objective="cls",
+    # adv_sign and attack_objective default to None, resolved to "text" and "cls": None tells an option left unset from
+    # one given where the adversarial term it shapes is absent (r = 1) or has no L_robust (lam = 0), which is refused
+    def __init__(self, lam=10.0, r=0.5, adv_sign=None, channel_reduction="mean", layer=None, attack_objective=None,
                  **attack):
         super().__init__(**attack)
         n = self.name
         self.lam = check_real(n, "lam", lam, minimum=0)
         self.r = check_real(n, "r", r, minimum=0, maximum=1)
-        self.adv_sign = check_choice(n, "adv_sign", adv_sign, ("text", "printed"))
+        self.adv_sign = check_choice(n, "adv_sign", "text" if adv_sign is None else adv_sign, ("text", "printed"))
         self.channel_reduction = check_choice(n, "channel_reduction", channel_reduction, ("mean", "sum"))
         if layer is not None and not isinstance(layer, str):
             raise TypeError(f"{n}: expected layer to be None or a module name (str), got {type(layer).__name__}")
@@ -94,7 +98,14 @@ class ARFL(PGDDefense):
             raise ValueError(f"{n}: expected layer to name a submodule (as in model.named_modules(), e.g. 'net.2'), "
                              "got '' (the model itself, whose output is the logits, not a feature map)")
         self.layer = layer
-        self.attack_objective = check_choice(n, "attack_objective", attack_objective, ("cls", "adv_term"))
+        self.attack_objective = check_choice(n, "attack_objective", "cls" if attack_objective is None
+                                             else attack_objective, ("cls", "adv_term"))
+        given = {"adv_sign": adv_sign, "attack_objective": attack_objective}
+        if self.r == 1:
+            refuse_unused(n, given, "r=1 (standard data only: no adversarial term)", "give r < 1")
+        elif self.lam == 0:
+            # adv_term's objective is then L_cls alone, the "cls" attack
+            refuse_unused(n, given, "lam=0 (no L_robust term for them to sign or attack)", "give lam > 0")
 
     def options(self):
         options = super().options()
