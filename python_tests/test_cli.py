@@ -2817,6 +2817,10 @@ def test_bench_list_prints_each_topic_with_its_script_and_runs_none(tmp_path, ca
         (tmp_path / f"bench_{name}.py").write_text("raise SystemExit(3)\n")
     rc, out, err = run(["bench", "--bench-dir", tmp_path, "--only", "b", "--list"], capsys)
     assert rc == 0 and out == f"b\t{tmp_path / 'bench_b.py'}\n", err
+    # --full has nothing to act on beside --list: refused, not ignored
+    rc, out, err = run(["bench", "--bench-dir", tmp_path, "--list", "--full"], capsys)
+    one_line_error(rc, err, "--full: --list only lists the benchmarks and runs none; drop one of the two")
+    assert out == ""
 
 
 def test_bench_checks_its_output_folder_variable_before_running_a_script(tmp_path, capsys, monkeypatch):

@@ -1649,6 +1649,8 @@ def cmd_bench(args):
         refuse_repeated(wanted, "--only")
         scripts = {w: scripts[w] for w in wanted}
     if args.list:  # what a run with the same --only would run
+        if args.full:  # it would be ignored silently: nothing runs
+            raise CLIError("--full: --list only lists the benchmarks and runs none; drop one of the two")
         for name, path in scripts.items():
             print(f"{name}\t{path}")
         return 0
