@@ -1148,6 +1148,10 @@ def test_fit_input_errors(tmp_path):
         fit(model, defenses.Standard(), _data(), epochs=1, batch_size=0)
     with pytest.raises(ValueError, match="fit: expected val_batch_size to be an integer >= 1, got 0"):
         fit(model, defenses.Standard(), _data(), _data(8), epochs=1, val_batch_size=0)
+    # without val_data nothing is validated: a val_batch_size given there (even 64, the default's value) was ignored
+    with pytest.raises(ValueError, match=r"^fit: val_batch_size=64 has no effect with val_data=None \(nothing is "
+                                         r"validated\); leave val_batch_size out or pass val_data$"):
+        fit(model, defenses.Standard(), _data(), epochs=1, val_batch_size=64)
     with pytest.raises(ValueError, match="fit: expected seed to be an integer, got 1.5"):
         fit(model, defenses.Standard(), _data(), epochs=1, seed=1.5)
     with pytest.raises(ValueError, match="fit: expected seed to be an integer, got True"):  # a bool, not seed 1

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._files import check_writable, replace_atomically
-from ._options import check_device, check_flags, check_int, check_real, class_labels, counted
+from ._options import check_device, check_flags, check_int, check_real, class_labels, counted, refuse_unused
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
@@ -800,7 +800,7 @@ def fit(
     prepacked_conv=None,
     progress=True,
     max_grad_norm=None,
-    val_batch_size=64,
+    val_batch_size=None,
 ):
     """Train ``model`` with ``defense`` for ``epochs`` epochs.
 
@@ -834,7 +834,8 @@ def fit(
             what ran. Training steps are unaffected.
         progress (bool): tqdm progress bar (rank 0 only).
         max_grad_norm (float, optional): clip the total gradient norm (after extra_grads are added).
-        val_batch_size (int): batch size for validation.
+        val_batch_size (int, optional): batch size for validation; None: 64. Given without ``val_data`` (nothing
+            to validate) it is an error, not ignored.
 
     Returns:
         FitResult(history, checkpoint, model).
@@ -855,7 +856,11 @@ def fit(
                         "(model.module): under DDP fit wraps the model itself")
     epochs = check_int(name, "epochs", epochs)
     batch_size = check_int(name, "batch_size", batch_size)
-    val_batch_size = check_int(name, "val_batch_size", val_batch_size)
+    given_val_batch_size = val_batch_size  # None: unset, so the default is not refused without val_data
+    val_batch_size = check_int(name, "val_batch_size", 64 if val_batch_size is None else val_batch_size)
+    if val_data is None:
+        refuse_unused(name, {"val_batch_size": given_val_batch_size}, "val_data=None (nothing is validated)",
+                      "pass val_data")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
     seed = int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
