@@ -140,7 +140,7 @@ def refuse_unused(name, given, because, otherwise):
     named = {k: v for k, v in given.items() if v is not None}
     if named:
         # a generator's repr is its address: named by its type
-        listed = ", ".join(f"{k}={v!r}" if _plain_value(v) else f"{k} (a {type(v).__name__})" for k, v in named.items())
+        listed = ", ".join(f"{k}={v!r}" if _plain_value(v) else f"{k}=<{type(v).__name__}>" for k, v in named.items())
         raise ValueError(f"{name}: {listed} {'has' if len(named) == 1 else 'have'} no effect with {because}; leave "
                          f"{' and '.join(named)} out or {otherwise}")
 
