@@ -2275,6 +2275,21 @@ def test_no_search_rounds_return_the_brackets_correct_end(algorithm, compact):
         assert torch.equal(x_adv[crossed], x[crossed])
 
 
+def test_an_arity_without_search_rounds_is_refused():
+    """search_steps=0 runs no search round, so arity=k did nothing there, silently (gen_adv and IMA alike); now a
+    one-line error naming arity, the setting and the fix. The paper's 2 (the default's value) passes."""
+    model, x, y, margin = make_problem(n=4)
+    fix = r"has no effect with search_steps=0 \(no search round runs\); leave arity out or give search_steps > 0$"
+    with pytest.raises(ValueError, match=r"^gen_adv: arity=4 " + fix):
+        gen_adv(model, x, y, margin, steps=2, search_steps=0, arity=4)
+    with pytest.raises(ValueError, match=r"^IMA: arity=3 " + fix):
+        IMA(num_samples=4, search_steps=0, arity=3)
+    with pytest.raises(ValueError, match=r"IMA: expected arity to be an integer >= 2, got 1"):
+        IMA(num_samples=4, search_steps=0, arity=1)
+    assert IMA(num_samples=4, search_steps=0, arity=2).arity == 2 and IMA(num_samples=4, arity=4).arity == 4
+    gen_adv(model, x, y, margin, steps=2, search_steps=0, arity=2)
+
+
 def test_gen_adv_and_ima_defaults_are_the_papers():
     """docs/ima.md, defaults: K = 20 ascent steps and N = 10 bisections (Algorithm 2), landing on the correct side, l2;
     IMA adds beta = 0.5. A changed default (gen_adv's steps=10, IMA's search_steps=9) passed every test."""

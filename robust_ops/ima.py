@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import _backend, functional
 from ._meta import output_memory_format
-from ._options import check_device, check_flags, check_int, check_real, listing, segmentation_masks
+from ._options import check_device, check_flags, check_int, check_real, listing, refuse_unused, segmentation_masks
 from .attacks.context import (
     MODEL_MODES,
     InputGradScale,
@@ -348,7 +348,7 @@ class _Problem:
         _check_options(name, backend, is_correct, loss_fn, {}, search_result, model_mode)
         self.steps = check_int(name, "steps", steps, 0)
         self.search_steps = check_int(name, "search_steps", search_steps, 0)
-        self.arity = check_int(name, "arity", arity, 2)
+        self.arity = _check_arity(name, arity, self.search_steps)
         check_gradients_possible(name)
         y = _check_batch(name, x, y, clip_min, clip_max, is_correct, loss_fn)
         self.name, self.model, self.x, self.y = name, model, x.detach(), y
@@ -754,6 +754,15 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
         sizes = InvariantSizes(small, period)
     cache[key] = sizes
     return sizes
+
+
+def _check_arity(name, arity, search_steps):
+    """arity, an integer >= 2; another than the paper's 2 beside search_steps=0 is refused: no search round runs, so
+    it was ignored silently (2, the default's value, cannot be told from the default and changes nothing)."""
+    arity = check_int(name, "arity", arity, 2)
+    if search_steps == 0 and arity != 2:
+        refuse_unused(name, {"arity": arity}, "search_steps=0 (no search round runs)", "give search_steps > 0")
+    return arity
 
 
 def _check_min_rows(name, min_rows, coupled):
@@ -1231,8 +1240,7 @@ class IMA(Defense):
             check_real("IMA", arg, v, minimum=0, optional=True)
         _check_margins_can_grow("IMA", eps_train, delta)
         check_int("IMA", "steps", steps, 0)
-        check_int("IMA", "search_steps", search_steps, 0)
-        check_int("IMA", "arity", arity, 2)
+        _check_arity("IMA", arity, check_int("IMA", "search_steps", search_steps, 0))
         if algorithm not in ALGORITHMS:
             raise ValueError(f"IMA: expected algorithm to be 2 or 3, got {algorithm!r}")
         # Checked here rather than at the first batch, where the error would name gen_adv.
