@@ -2290,6 +2290,15 @@ def test_an_arity_without_search_rounds_is_refused():
     gen_adv(model, x, y, margin, steps=2, search_steps=0, arity=2)
 
 
+def test_margin_table_refuses_a_process_group_it_would_not_use():
+    """process_group is the group the table's sync runs in: with sync=False nothing is exchanged, and a group given
+    there was ignored silently; now refused naming it, the setting and the fix."""
+    with pytest.raises(ValueError, match=r"^MarginTable: process_group=<object> has no effect with sync=False "
+                                         r"\(no exchange between ranks\); leave process_group out or set sync=True$"):
+        MarginTable(4, 0.1, 1.0, sync=False, process_group=object())
+    assert MarginTable(4, 0.1, 1.0, sync=False).process_group is None
+
+
 def test_gen_adv_and_ima_defaults_are_the_papers():
     """docs/ima.md, defaults: K = 20 ascent steps and N = 10 bisections (Algorithm 2), landing on the correct side, l2;
     IMA adds beta = 0.5. A changed default (gen_adv's steps=10, IMA's search_steps=9) passed every test."""

@@ -956,6 +956,9 @@ class MarginTable:
         self.max_margin = float(max_margin)
         self.norm = check_norm("MarginTable", norm)
         check_flags("MarginTable", {"sync": sync})  # sync="no" synchronised
+        if not sync:  # the group is what the sync runs in: without it, it was ignored silently
+            refuse_unused("MarginTable", {"process_group": process_group}, "sync=False (no exchange between ranks)",
+                          "set sync=True")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # int64 stored every margin as 0
             raise TypeError(f"MarginTable: expected dtype to be a floating-point torch.dtype, got {dtype!r}")
         self.sync = sync
