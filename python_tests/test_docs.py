@@ -155,6 +155,10 @@ assert bool(((0 <= noise_dice) & (noise_dice <= 1)).all())
     ("docs/profile-attacks.md", 0): ({"model = ...": "", "x, y = ...": "", "min_run_time=2": "min_run_time=0.1"}, ""),
     ("docs/training.md", 0): ({"epochs=100": "epochs=1"},
                               "assert len(result.history) == 1 and Path(result.checkpoint).exists()"),
+    # the stand-in model's head is its last layer, "4"; dpaat's attacks cost seconds an epoch
+    ("docs/training.md", 1): ({"epochs=60": "epochs=3", "warmup_epochs=10": 'warmup_epochs=1, warmup_params="4"',
+                               "early_stopping=5": "early_stopping=1", '"dpaat"': '"standard"'},
+                              "assert result.early_stopping['patience'] == 1 and len(result.history) >= 2"),
     ("docs/ops/boundary_search_step.md", 1): ({}, """
 def halves(z):  # class 1 where the mean pixel is >= 0.5
     m = z.flatten(1).mean(1)

@@ -65,7 +65,7 @@ def test_fit_writes_history_metrics_and_a_weights_only_checkpoint(tmp_path):
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
     # docs/training.md's table of contents; the sampler: (seed, 0-based index) of the last epoch's permutation
     assert set(state) == {"format", "epoch", "config", "model", "optimizer", "scheduler", "scaler", "defense", "rng",
-                          "rng_ranks", "sampler", "history", "arithmetic"}
+                          "rng_ranks", "sampler", "history", "arithmetic", "early_stopping"}
     assert state["sampler"] == {"seed": 0, "epoch": 1, "batch_size": 8, "shuffle": True}
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
     assert json.loads((tmp_path / "metrics.json").read_text())[1]["epoch"] == 2
@@ -349,6 +349,188 @@ def test_resume_refuses_another_max_grad_norm_and_passes_checkpoints_without_one
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, max_grad_norm=other, **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, max_grad_norm=0.01, **kwargs)
     _resume_from_before(tmp_path, "max_grad_norm", lr=1e-2)
+
+
+# Early stopping and the head-only warm-up (DPAAT's fine-tuning protocol)
+
+_ES_KWARGS = dict(batch_size=8, lr=5e-2, progress=False, seed=3)  # a rate at which val_loss soon rises again
+
+
+def _early_stopped(out_dir=None, epochs=30, patience=2, init=None, **kwargs):
+    model = DropoutMLP()
+    if init is not None:
+        model.load_state_dict(init)
+    return model, fit(model, defenses.Standard(), _data(), _data(16, seed=1), epochs=epochs, out_dir=out_dir,
+                      early_stopping=patience, **_ES_KWARGS, **kwargs)
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_lower_val_loss_and_records_why(tmp_path):
+    torch.manual_seed(0)
+    _, result = _early_stopped(tmp_path)
+    losses = [row["val_loss"] for row in result.history]
+    stop = result.early_stopping
+    best = min(range(len(losses)), key=losses.__getitem__)
+    # stopped 2 epochs after the best, well before the 30 epochs, which no later epoch beat
+    assert len(losses) == best + 3 < 30 and all(v >= losses[best] for v in losses[best + 1:])
+    assert stop == {"monitor": "val_loss", "patience": 2, "best": losses[best], "best_epoch": best + 1,
+                    "bad_epochs": 2, "stopped_epoch": best + 3,
+                    "reason": f"val_loss did not improve for 2 epochs after its best, {losses[best]:.6g} at epoch "
+                              f"{best + 1}"}
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["early_stopping"] == stop and state["epoch"] == best + 3  # the last epoch's weights
+    assert state["config"]["early_stopping"] == 2
+    # without it: the same epochs, then on to the end; the checkpoint records none
+    torch.manual_seed(0)
+    full = fit(DropoutMLP(), defenses.Standard(), _data(), _data(16, seed=1), epochs=best + 4, **_ES_KWARGS,
+               out_dir=tmp_path / "full")
+    assert [r["val_loss"] for r in full.history[:best + 3]] == losses and full.early_stopping is None
+    assert load_checkpoint(tmp_path / "full/checkpoint.pt")["early_stopping"] is None
+
+
+def test_early_stopping_needs_val_data_and_a_patience_of_at_least_one():
+    with pytest.raises(ValueError, match=r"^fit: early_stopping=3 stops on the validation loss and needs val_data; "
+                                         r"pass val_data or leave early_stopping None$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, early_stopping=3, progress=False)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"^fit: expected early_stopping to be an integer >= 1, got "):
+            fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8), epochs=2, early_stopping=bad, progress=False)
+
+
+def test_early_stopping_resumes_exactly_and_a_stopped_run_stays_stopped(tmp_path):
+    """The best value, its epoch and the count of bad epochs live in the checkpoint: a run interrupted before its
+    stop and resumed stops after the same epoch with bitwise the same weights; another patience is refused, as other
+    settings that shape the run are."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(0)
+        init = _weights(DropoutMLP())
+        whole, ref = _early_stopped(tmp_path / "a", init=init)
+        stopped = ref.early_stopping["stopped_epoch"]
+        assert stopped >= 3
+        _early_stopped(tmp_path / "b", epochs=stopped - 1, init=init)  # interrupted one epoch before its stop
+        with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: it was trained with "
+                                             r"early_stopping=2, this call has early_stopping=3$"):
+            _early_stopped(tmp_path / "b", patience=3, resume=True)
+        torch.manual_seed(123)
+        resumed, result = _early_stopped(tmp_path / "b", resume=True)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    def timeless(history):
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
+
+    assert result.early_stopping == ref.early_stopping and timeless(result.history) == timeless(ref.history)
+    assert len(result.history) == stopped
+    for k, v in _weights(whole).items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    # the stopped run is finished: resumed with more epochs, it trains none
+    again, more = _early_stopped(tmp_path / "b", epochs=40, resume=True)
+    assert len(more.history) == stopped and more.early_stopping == ref.early_stopping
+    assert load_checkpoint(tmp_path / "b/checkpoint.pt")["epoch"] == stopped
+    for k, v in _weights(whole).items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+class _CNNWithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(48, 2))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_warmup_trains_the_head_alone_leaving_the_rest_and_its_optimizer_state_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = _CNNWithHead()
+    init = _weights(model)
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False, out_dir=tmp_path)
+    fit(model, defenses.Standard(), _data(), epochs=2, warmup_epochs=2, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    head = ["classifier.1.weight", "classifier.1.bias"]
+    assert state["config"]["warmup_params"] == head and state["config"]["warmup_epochs"] == 2
+    params = [n for n, _ in model.named_parameters()]
+    for name in params:
+        assert torch.equal(init[name], model.state_dict()[name]) == (name not in head), name
+    # Adam kept state (step counts) for the head's parameters only
+    assert sorted(params[i] for i in state["optimizer"]["state"]) == sorted(head)
+    # then every layer trains
+    fit(model, defenses.Standard(), _data(), epochs=3, warmup_epochs=2, resume=True, **kwargs)
+    assert not torch.equal(init["features.0.weight"], model.features[0].weight)
+    optimizer_state = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["state"]
+    assert len(optimizer_state) == len(params)
+    assert {int(optimizer_state[i]["step"]) for i, n in enumerate(params) if n not in head} == {5}  # 1 epoch of 5
+
+
+def test_warmup_resumes_exactly_mid_warmup(tmp_path):
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(0)
+        init = _weights(_CNNWithHead())
+        runs = []
+        for out, first in (("a", None), ("b", 1)):
+            model = _CNNWithHead()
+            model.load_state_dict(init)
+            kwargs = dict(batch_size=8, lr=1e-2, progress=False, out_dir=tmp_path / out, warmup_epochs=2,
+                          warmup_params="classifier")
+            if first:
+                fit(model, defenses.build("at", steps=1), _data(), epochs=first, **kwargs)
+                model = _CNNWithHead()
+            fit(model, defenses.build("at", steps=1), _data(), epochs=3, resume=bool(first), **kwargs)
+            runs.append(_weights(model))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for k, v in runs[0].items():
+        assert torch.equal(v, runs[1][k]), k
+
+
+def test_warmup_finds_the_head_of_the_library_models():
+    from robust_ops.models import build_model
+    from robust_ops.train import warmup_head
+
+    for name, head in (("resnet18", "fc"), ("small_cnn", "classifier")):  # vgg16's and densenet121's: classifier
+        model = build_model(name, 1, 2, 28)
+        params = [p for p in model.parameters() if p.requires_grad]
+        names = [n for n, _ in warmup_head("fit", model, params, None)]
+        assert names and all(n.startswith(head + ".") for n in names), name
+        assert names == [n for n, _ in model.named_parameters() if n.startswith(head + ".")]
+
+
+def test_warmup_refuses_what_cannot_work():
+    def call(model=None, **kwargs):
+        fit(model or DropoutMLP(), defenses.Standard(), _data(16), epochs=kwargs.pop("epochs", 2), progress=False,
+            **kwargs)
+
+    with pytest.raises(ValueError, match=r"^fit: warmup_epochs trains the classifier head alone, and the model has no "
+                                         r"fc, classifier, head submodule \(its modules: net\); pass warmup_params= "):
+        call(warmup_epochs=1)
+    with pytest.raises(ValueError, match=r"^fit: warmup_params names no module of the model: 'fc' \(its modules: "
+                                         r"net; nested ones as 'classifier.3'\)$"):
+        call(warmup_epochs=1, warmup_params="fc")
+    with pytest.raises(TypeError, match=r"^fit: expected warmup_params to be a module name or a list of them"):
+        call(warmup_epochs=1, warmup_params=4)
+    with pytest.raises(ValueError, match=r"^fit: the warm-up's head net holds every trainable parameter"):
+        call(warmup_epochs=1, warmup_params="net")
+    with pytest.raises(ValueError, match=r"^fit: the warm-up's head net.2 has no trainable parameters"):
+        call(warmup_epochs=1, warmup_params="net.2")  # the ReLU
+    with pytest.raises(ValueError, match=r"^fit: warmup_params='net.4' names what the warm-up trains, and "
+                                         r"warmup_epochs=0; pass warmup_epochs or leave warmup_params None$"):
+        call(warmup_params="net.4")
+    with pytest.raises(ValueError, match=r"^fit: expected warmup_epochs to be an integer >= 0, got -1$"):
+        call(warmup_epochs=-1)
+
+
+def test_early_stopping_counts_from_the_end_of_the_warmup():
+    """The warm-up's epochs train another set of parameters: they neither set the best nor count as bad epochs,
+    else a run could stop before every layer trained."""
+    torch.manual_seed(0)
+    model = _CNNWithHead()
+    result = fit(model, defenses.Standard(), _data(), _data(16, seed=1), epochs=4, warmup_epochs=3,
+                 early_stopping=1, batch_size=8, lr=1e-2, progress=False)
+    assert len(result.history) == 4
+    assert result.early_stopping["best_epoch"] == 4 and result.early_stopping["stopped_epoch"] is None
 
 
 def test_resume_refuses_another_amp_setting(tmp_path):
@@ -1498,6 +1680,35 @@ def test_ddp_unequal_shares_match_a_single_process(tmp_path):
     for name, kwargs in UNEQUAL_CASES:
         single = _unequal_shares_case(name, kwargs, init)
         _assert_same_weights_and_margins(name, ddp[name], single)
+
+
+def _ddp_early_stopping_worker(rank, world, port, init_path, out_path):
+    with _gloo_group(rank, world, port):
+        init = torch.load(init_path, weights_only=True)
+        # every process validates itself: here on sets of one size but other content, so each process's own
+        # val_loss would stop it after another epoch (a hang in the next collective); rank 0's decides
+        model = _model_from(init)
+        result = fit(model, defenses.Standard(), _data(), _data(16, seed=1 + rank), epochs=30, early_stopping=2,
+                     **_ES_KWARGS)
+        torch.save({"stop": result.early_stopping, "epochs": len(result.history), "model": _weights(model)},
+                   f"{out_path}.{rank}")
+
+
+@pytest.mark.slow  # two processes importing torch: 35 s on the loaded 2-core machine
+def test_ddp_processes_stop_early_after_the_same_epoch(tmp_path):
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    out = str(tmp_path / "es")
+    _spawn_within(120, _ddp_early_stopping_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert ranks[0]["stop"] == ranks[1]["stop"] and ranks[0]["epochs"] == ranks[1]["epochs"]
+    assert ranks[0]["stop"]["stopped_epoch"] == ranks[0]["epochs"] < 30
+    for k, v in ranks[0]["model"].items():
+        assert torch.equal(v, ranks[1]["model"][k]), k
+    # as a single process validating on rank 0's set
+    single = fit(_model_from(torch.load(tmp_path / "init.pt", weights_only=True)), defenses.Standard(), _data(),
+                 _data(16, seed=1), epochs=30, early_stopping=2, **_ES_KWARGS)
+    assert single.early_stopping["stopped_epoch"] == ranks[0]["epochs"]
 
 
 class _DrawsOnce(Defense):

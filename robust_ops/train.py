@@ -66,11 +66,14 @@ DEFAULT_LR = 1e-4  # MIRST-DM's Adam learning rate
 @dataclass
 class FitResult:
     """history: one dict of floats per epoch (also in out_dir/metrics.csv and metrics.json); checkpoint: the path of
-    the last checkpoint (None without out_dir); model: the trained model (unwrapped from DDP)."""
+    the last checkpoint (None without out_dir); model: the trained model (unwrapped from DDP); early_stopping: None
+    without ``early_stopping``, else its state (the checkpoint's entry): monitor, patience, best, best_epoch,
+    bad_epochs, and stopped_epoch and reason once the patience ran out (None while it has not)."""
 
     history: list = field(default_factory=list)
     checkpoint: str = None
     model: nn.Module = None
+    early_stopping: dict = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -801,6 +804,9 @@ def fit(
     progress=True,
     max_grad_norm=None,
     val_batch_size=None,
+    early_stopping=None,
+    warmup_epochs=0,
+    warmup_params=None,
 ):
     """Train ``model`` with ``defense`` for ``epochs`` epochs.
 
@@ -836,9 +842,16 @@ def fit(
         max_grad_norm (float, optional): clip the total gradient norm (after extra_grads are added).
         val_batch_size (int, optional): batch size for validation; None: 64. Given without ``val_data`` (nothing
             to validate) it is an error, not ignored.
+        early_stopping (int, optional): patience: stop once ``val_loss`` (the quantity a ``ReduceLROnPlateau``
+            steps on with ``val_data``) has not improved for this many epochs after its best; needs ``val_data``.
+            Epochs of the warm-up do not count. The model returned (and the checkpoint) is the last epoch's.
+        warmup_epochs (int): the first epochs train the classifier head alone (the other parameters keep their
+            weights and optimizer state); part of ``epochs`` (10 and 60: 10 of the head, 50 of all layers).
+        warmup_params (str or sequence of str, optional): the module name(s) of the head the warm-up trains (e.g.
+            ``"fc"``); None: the model's ``fc``, ``classifier`` or ``head`` submodule.
 
     Returns:
-        FitResult(history, checkpoint, model).
+        FitResult(history, checkpoint, model, early_stopping).
     """
     name = "fit"
     if isinstance(defense, str):
@@ -865,6 +878,8 @@ def fit(
         raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
     seed = int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
     max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
+    early_stopping, warmup_epochs = _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params,
+                                                            val_data)
     # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
     check_flags(name, {"amp": amp, "channels_last": channels_last, "progress": progress,
                        "prepacked_conv": prepacked_conv}, optional=("prepacked_conv",))
@@ -954,6 +969,11 @@ def fit(
     if not params:
         raise ValueError(f"{name}: the model has no trainable parameters")
     check_trainable_precision(name, params)
+    head = warmup_head(name, model, params, warmup_params) if warmup_epochs else None
+    # trained in the warm-up's epochs by everything but the head: their .grad is dropped before the step, so the
+    # optimizer skips them (weights and state, Adam's step count included, unchanged)
+    head_ids = {id(p) for _, p in head or ()}
+    frozen = [p for p in params if id(p) not in head_ids] if head else []
     own_optimizer = optimizer is None
     if not own_optimizer and lr is not None:  # None, not the default value: lr=1e-4 given beside it is ignored too
         raise ValueError(f"{name}: lr={lr!r} sets the default Adam's learning rate only, and optimizer= was given; "
@@ -978,6 +998,9 @@ def fit(
     # recorded as it runs, so a resume under another $ROBUST_OPS_PREPACKED_CONV is refused
     prepacked_conv = prepacked_conv_resolved(prepacked_conv)
     history, start_epoch = [], 0
+    stopper = None if early_stopping is None else {
+        "monitor": "val_loss", "patience": early_stopping, "best": None, "best_epoch": None, "bad_epochs": 0,
+        "stopped_epoch": None, "reason": None}
     config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
               # a subclass keeps its parent's name (class MyAT(AT): "at"), a Defense subclass without one "defense"
               "defense_class": _class_path(defense),
@@ -995,7 +1018,10 @@ def fit(
               "scheduler_parts": _scheduler_parts(scheduler),
               # what ReduceLROnPlateau steps on: its best, read from the checkpoint, is a value of that loss
               "plateau_metric": None if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-              else "val_loss" if val_data is not None else "train_loss"}
+              else "val_loss" if val_data is not None else "train_loss",
+              # epochs and patience shape the run; the head's parameter names what the warm-up trains
+              "early_stopping": early_stopping, "warmup_epochs": warmup_epochs,
+              "warmup_params": [n for n, _ in head] if head else None}
     # before load_state_dict, which may take settings from the checkpoint
     defense_options = defense.options() if hasattr(defense, "options") else {}
     if world > 1:
@@ -1046,7 +1072,7 @@ def fit(
         for key in ("batch_size", "seed", "defense", "defense_class", "optimizer", "lr", "channels_last",
                     "prepacked_conv",
                     "drop_max_layers", "max_grad_norm", "scheduler", "num_samples", "amp", "param_dtype",
-                    "plateau_metric"):
+                    "plateau_metric", "early_stopping", "warmup_epochs", "warmup_params"):
             saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
             if saved != config[key]:
                 hint = ("; ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: give val_data or "
@@ -1120,6 +1146,8 @@ def fit(
             _warn_on_other_arithmetic(name, resume_path, state.get("arithmetic"), _arithmetic(device, world))
         history = list(state["history"])
         start_epoch = int(state["epoch"])
+        if early_stopping is not None and isinstance(state.get("early_stopping"), dict):
+            stopper = dict(state["early_stopping"])
     else:
         _seed_rank_streams(seed, rank)
 
@@ -1157,8 +1185,10 @@ def fit(
     finite_at_start = _finite_tensor_names(model)  # (a resume's: loaded above)
     speedups.__enter__()
     bar = None
+    # a run its early stopping ended is finished: resumed (even with more epochs) it trains no further
+    end_epoch = start_epoch if stopper is not None and stopper["stopped_epoch"] is not None else epochs
     try:
-        if val_data is not None and start_epoch < epochs:
+        if val_data is not None and start_epoch < end_epoch:
             # Validation's checks on its first batch (item layout, dtype, labels, inputs the model takes) before any
             # training: else a val_data the model cannot score failed after the first epoch, whose training was lost
             # (validation runs before the checkpoint). Eval mode, no gradients, no random draws: results unchanged.
@@ -1166,7 +1196,7 @@ def fit(
             with failures:
                 evaluate_clean(model, torch.utils.data.Subset(val_data, range(min(val_batch_size, len(val_data)))),
                                val_batch_size, device, channels_last)
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(start_epoch, end_epoch):
             sampler.set_epoch(epoch)
             # a copy: a state_dict may return the live tensors, which the epoch then changes in place
             defense_start = _snapshot(defense.state_dict()) if world > 1 else None
@@ -1253,6 +1283,9 @@ def fit(
                         _check_every_parameter_got_a_gradient(name, model, f"epoch {epoch + 1}, step {step + 1}")
                     if out.extra_grads is not None:
                         _add_extra_grads(name, params, out.extra_grads, scale, world)
+                    if epoch < warmup_epochs:  # the head alone trains: the optimizer skips a parameter without .grad
+                        for p in frozen:
+                            p.grad = None
                     # a finite loss can still have NaN gradients (sqrt's derivative at 0): the step made the weights
                     # NaN unseen. The same on every process (DDP averaged them); GradScaler skips such steps itself.
                     if scaler is None and bool(_any_non_finite([p.grad for p in params])):
@@ -1326,6 +1359,10 @@ def fit(
             row["lr"] = float(optimizer.param_groups[0]["lr"])
             row["time_s"] = time.perf_counter() - t0
             history.append(row)
+            if stopper is not None and epoch >= warmup_epochs:
+                failures.where = f"the early-stopping check after epoch {epoch + 1}"
+                with failures:
+                    _early_stopping_step(stopper, row["val_loss"], epoch, world, device)
 
             if scheduler is not None:
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -1353,6 +1390,7 @@ def fit(
                     "sampler": sampler.state_dict(),
                     "history": history,
                     "arithmetic": _arithmetic(device, world),
+                    "early_stopping": stopper,
                 }
                 try:
                     save_checkpoint(ckpt_path, state)
@@ -1364,17 +1402,98 @@ def fit(
                                     f"metrics to {out_dir} after epoch {epoch + 1}", failures)
             if out_dir is not None:  # on every process: a later NonFiniteLossError names the last good checkpoint
                 last_ckpt = str(ckpt_path)
+            if stopper is not None and stopper["stopped_epoch"] is not None:
+                break
     finally:
         if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, would push the next down
             bar.close()
         speedups.__exit__(None, None, None)
     resumed_here = resume_path is not None and ckpt_path is not None and resume_path.resolve() == ckpt_path.resolve()
-    if rank == 0 and resumed_here and start_epoch == epochs and _epochs_in_history_file(out_dir) != len(history):
+    if rank == 0 and resumed_here and start_epoch == end_epoch and _epochs_in_history_file(out_dir) != len(history):
         # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
         # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
         _write_metrics(Path(out_dir), history)
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
-                     else None, model=model)
+                     else None, model=model, early_stopping=stopper)
+
+
+# The submodules taken for the classifier head when warmup_params is None: torchvision's ResNet (fc), VGG and
+# DenseNet and robust_ops' small_cnn (classifier), timm-style models (head)
+HEAD_NAMES = ("fc", "classifier", "head")
+
+
+def _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params, val_data):
+    """(early_stopping, warmup_epochs) checked: a patience >= 1 that has a validation set to monitor, a warm-up of
+    >= 0 epochs, and no ``warmup_params`` without a warm-up (it would be ignored)."""
+    if early_stopping is not None:
+        early_stopping = check_int(name, "early_stopping", early_stopping, 1)
+        if val_data is None:
+            raise ValueError(f"{name}: early_stopping={early_stopping} stops on the validation loss and needs "
+                             "val_data; pass val_data or leave early_stopping None")
+    # more than epochs: a run that trains the head alone, or the first part of a longer one (epochs may grow on resume)
+    warmup_epochs = check_int(name, "warmup_epochs", warmup_epochs, 0)
+    if warmup_params is not None and not warmup_epochs:
+        raise ValueError(f"{name}: warmup_params={warmup_params!r} names what the warm-up trains, and "
+                         "warmup_epochs=0; pass warmup_epochs or leave warmup_params None")
+    return early_stopping, warmup_epochs
+
+
+def warmup_head(name, model, params, warmup_params):
+    """[(name, parameter)] of the trainable parameters the warm-up trains: those of the modules ``warmup_params``
+    names (a module name or a sequence of them), or of the model's first ``HEAD_NAMES`` submodule. A name that is
+    no module of the model, a head without trainable parameters, or one holding all of them is refused."""
+    modules = dict(model.named_modules())
+    if warmup_params is None:
+        found = next((n for n in HEAD_NAMES if n in modules), None)
+        if found is None:
+            top = ", ".join(n for n, _ in model.named_children())
+            raise ValueError(f"{name}: warmup_epochs trains the classifier head alone, and the model has no "
+                             f"{', '.join(HEAD_NAMES)} submodule (its modules: {top}); pass warmup_params= the head's "
+                             "module name(s)")
+        names = [found]
+    else:
+        names = [warmup_params] if isinstance(warmup_params, str) else warmup_params
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"{name}: expected warmup_params to be a module name or a list of them (e.g. 'fc'), got "
+                            f"{warmup_params!r}")
+        unknown = [n for n in names if n not in modules or not n]
+        if unknown:
+            top = ", ".join(n for n, _ in model.named_children())
+            raise ValueError(f"{name}: warmup_params names no module of the model: {', '.join(map(repr, unknown))} "
+                             f"(its modules: {top}; nested ones as 'classifier.3')")
+    trainable = {id(p) for p in params}
+    head, seen = [], set()
+    for module_name in names:
+        for n, p in modules[module_name].named_parameters(prefix=module_name):
+            if id(p) in trainable and id(p) not in seen:
+                seen.add(id(p))
+                head.append((n, p))
+    if not head:
+        raise ValueError(f"{name}: the warm-up's head {', '.join(names)} has no trainable parameters; name the "
+                         "module(s) to train alone with warmup_params")
+    if len(head) == len(params):
+        raise ValueError(f"{name}: the warm-up's head {', '.join(names)} holds every trainable parameter, so the "
+                         "warm-up would train the whole model; name the classifier head alone with warmup_params")
+    return head
+
+
+def _early_stopping_step(stopper, value, epoch, world, device):
+    """Updates ``stopper`` (fit's early-stopping state) with epoch ``epoch``'s (0-based) monitored value: a strictly
+    lower one is the new best, else one more bad epoch; ``patience`` of them in a row stop the run. Under DDP rank
+    0's value decides on every process (each validates itself, and the same weights may score differently in the
+    last bits on another node's CPU), so all stop after the same epoch."""
+    if world > 1:
+        shared = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.broadcast(shared, src=0)
+        value = float(shared.item())
+    if stopper["best"] is None or value < stopper["best"]:
+        stopper.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
+        return
+    stopper["bad_epochs"] += 1
+    if stopper["bad_epochs"] >= stopper["patience"]:
+        stopper["stopped_epoch"] = epoch + 1
+        stopper["reason"] = (f"{stopper['monitor']} did not improve for {counted(stopper['patience'], 'epoch')} "
+                             f"after its best, {stopper['best']:.6g} at epoch {stopper['best_epoch']}")
 
 
 def _check_processes_agree(name, values, rank, world, fix, fixes=None):
