@@ -891,6 +891,39 @@ def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_pa
     assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_train_warmup_and_early_stopping_are_recorded_resumed_and_refused_where_they_cannot_work(small_npz, tmp_path,
+                                                                                                   capsys):
+    out = tmp_path / "es"
+    argv = ["train", "--data", small_npz, "--out", out, "--no-progress", "--device", "cpu", "--warmup-epochs", "1"]
+    rc, _, err = run(argv + ["--epochs", "1", "--early-stopping", "1"], capsys)
+    assert rc == 0, err
+    run_doc = json.loads((out / "run.json").read_text())
+    assert run_doc["warmup_epochs"] == 1 and run_doc["early_stopping"] == 1
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    names = [n for n, p in cli.load_run(out)[0].named_parameters()]
+    assert sorted(names[i] for i in state["optimizer"]["state"]) == ["classifier.bias", "classifier.weight"]
+    rc, _, err = run(argv + ["--epochs", "2", "--early-stopping", "2", "--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "early_stopping=1, this command has early_stopping=2")
+    rc, _, err = run(argv[:-2] + ["--epochs", "2", "--early-stopping", "1", "--resume"], capsys)
+    one_line_error(rc, err, "--resume:", "warmup_epochs=1, this command has warmup_epochs=0")
+    rc, got, err = run(argv + ["--epochs", "8", "--early-stopping", "1", "--resume"], capsys)
+    assert rc == 0, err
+    history = json.loads((out / "metrics.json").read_text())
+    stop = torch.load(out / "checkpoint.pt", weights_only=True)["early_stopping"]
+    if stop["stopped_epoch"] is not None:
+        assert len(history) == stop["stopped_epoch"] < 8 and "early stopping: stopped after epoch" in got
+    else:
+        assert len(history) == 8 and "early stopping: did not stop (best val_loss" in got
+    rc, _, err = run(["train", "--data", small_npz, "--model", "mlp", "--epochs", "1", "--warmup-epochs", "1",
+                      "--out", tmp_path / "mlp", "--device", "cpu"], capsys)
+    one_line_error(rc, err, "--warmup-epochs:", "--model mlp has no classifier head")
+    assert not (tmp_path / "mlp").exists()
+    for flag, value, said in (("--warmup-epochs", "-1", "expected >= 0, got -1"),
+                              ("--early-stopping", "0", "expected a patience >= 1, got 0")):
+        rc, _, err = run(["train", "--data", small_npz, flag, value, "--out", tmp_path / "bad"], capsys)
+        one_line_error(rc, err, f"{flag}:", said)
+
+
 def test_train_with_the_same_seed_gives_the_same_weights(small_npz, tmp_path, capsys):
     states = []
     for name in ("a", "b"):

@@ -620,6 +620,23 @@ def add_train_options(p):
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
 
 
+def add_schedule_options(p):
+    """train's head-only warm-up and early stopping (fit's warmup_epochs and early_stopping)."""
+    p.add_argument("--warmup-epochs", type=int, default=0,
+                   help="train the model's classifier head alone for the first N of --epochs (DPAAT: 10)")
+    p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                   help="stop once the validation loss has not improved for PATIENCE epochs after the warm-up "
+                        "(DPAAT: 5; default: off)")
+
+
+def check_schedule_options(warmup_epochs, early_stopping):
+    """One-line errors for --warmup-epochs and --early-stopping, before any data is loaded."""
+    if warmup_epochs < 0:
+        raise CLIError(f"--warmup-epochs: expected >= 0, got {warmup_epochs}")
+    if early_stopping is not None and early_stopping < 1:
+        raise CLIError(f"--early-stopping: expected a patience >= 1, got {early_stopping}")
+
+
 def cmd_train_parser(sub):
     p = sub.add_parser("train", help="train a model with a defense", formatter_class=_formatter,
                        description="Train --model on --data with --defense; checkpoints every epoch to RUN_DIR.")
@@ -629,6 +646,7 @@ def cmd_train_parser(sub):
     p.add_argument("--defense-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="defense option, repeatable (e.g. eps=5/255, steps=10, lam=10)")
     add_train_options(p)
+    add_schedule_options(p)
     p.add_argument("--out", type=path_text, default="runs/train",
                    help="RUN_DIR for checkpoint.pt, run.json, metrics.csv, metrics.json")
     p.add_argument("--resume", action=Switch, help="continue from RUN_DIR/checkpoint.pt")
@@ -639,7 +657,7 @@ def cmd_train_parser(sub):
 
 
 RESUME_KEYS = ("data", "classes", "bit_depth", "channels", "model", "defense", "defense_options", "dropmax", "seed",
-               "batch_size", "lr", "channels_last", "prepacked_conv", "split")
+               "batch_size", "lr", "channels_last", "prepacked_conv", "split", "warmup_epochs", "early_stopping")
 
 
 def demo_label(method):
@@ -687,7 +705,7 @@ def check_train_split(splits, data):
 
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
-               train_samples=None, classes=None, bit_depth=None, channels=None):
+               train_samples=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0, early_stopping=None):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
     rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
     ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume."""
@@ -700,7 +718,7 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
         "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
                                                       for k, v in defense_options.items()},
         "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
-        "epochs": epochs, "batch_size": batch_size,
+        "epochs": epochs, "batch_size": batch_size, "warmup_epochs": warmup_epochs, "early_stopping": early_stopping,
         "lr": lr, "seed": seed, "label": label or defense_name, "dataset": info.to_dict() if info else None,
     }
     if split is not None:
@@ -715,6 +733,7 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
 RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, "channels": int, "model": str,
                    "defense": str, "defense_options": dict, "dropmax": str, "channels_last": bool,
                    "prepacked_conv": bool, "epochs": int, "batch_size": int, "lr": (int, float), "seed": int,
+                   "warmup_epochs": int, "early_stopping": int,
                    "label": str, "dataset": dict, "split": dict, "train_samples": int}
 _JSON_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false",
                     (int, float): "a number"}
@@ -756,6 +775,8 @@ def resume_conflict(out, run):
     old.setdefault("prepacked_conv", False)
     old.setdefault("split", run.get("split"))  # runs written before run.json recorded the split: same data, seed
     old.setdefault("classes", None)  # runs written before --classes kept every class
+    old.setdefault("warmup_epochs", 0)  # runs written before the warm-up and early stopping had neither
+    old.setdefault("early_stopping", None)
     if old.get("defense") is not None:  # runs written before the registry's spelling was recorded (MIRST-DM)
         old["defense"] = defense_key(old["defense"])
         old["dropmax"] = trained_dropmax(old)
@@ -818,8 +839,10 @@ def refuse_several_processes(command, why):
 
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
-              prepacked_conv=None, split=None, classes=None, bit_depth=None, channels=None):
+              prepacked_conv=None, split=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0,
+              early_stopping=None):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
+    ``warmup_epochs``, ``early_stopping``: fit's (the head-only warm-up's epochs, a patience on the validation loss).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
     from . import train as trainer
     from .data import IndexedDataset
@@ -835,8 +858,12 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
                      channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
-                     train_samples=len(splits.train), classes=classes, bit_depth=bit_depth, channels=channels)
+                     train_samples=len(splits.train), classes=classes, bit_depth=bit_depth, channels=channels,
+                     warmup_epochs=warmup_epochs, early_stopping=early_stopping)
     dropmax = run["dropmax"]
+    if early_stopping is not None and len(splits.val) == 0:  # fit refuses it too, after run.json is written
+        raise CLIError(f"--early-stopping: it stops on the validation loss, and the validation split of {data} holds "
+                       "no samples; leave --early-stopping out")
     import torch
 
     # --seed fixes the initial weights too (fit seeds only once the model exists; the process's own seed is random)
@@ -846,6 +873,13 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     model = make_model(model_name, info, "none" if own else dropmax)
     if own:
         check_max_pool(model, model_name, defense_name, "--defense")
+    if warmup_epochs:  # a model without a classifier head (mlp) is refused before anything is written
+        try:
+            trainer.warmup_head("fit", model, [p for p in model.parameters() if p.requires_grad], None)
+        except ValueError:
+            heads = " or ".join(trainer.HEAD_NAMES)
+            raise CLIError(f"--warmup-epochs: --model {model_name} has no classifier head (a module named {heads}) "
+                           "to train alone; use another --model or leave --warmup-epochs out") from None
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
     if callable(getattr(defense, "feature_module", None)):  # ARFL's layer=NAME: it failed at the first training step,
         try:  # after run.json was written, naming no module the model has
@@ -893,7 +927,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         try:
             result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
                                  batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
-                                 channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress)
+                                 channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress,
+                                 warmup_epochs=warmup_epochs, early_stopping=early_stopping)
         except BrokenPipeError:  # the progress bar's reader left (`... 2>&1 | head`): main stops quietly, not a
             raise  # "training failed: [Errno 32] Broken pipe" line to a reader that is gone
         # FloatingPointError: NaN/Inf; OSError: a checkpoint or metrics file that could not be written (a full disk)
@@ -972,6 +1007,7 @@ def cmd_train(args):
     device = pick_device(args.device)
     options = parse_key_values(args.defense_opt, "--defense-opt")
     check_data_model_options(args)
+    check_schedule_options(args.warmup_epochs, args.early_stopping)
     try:
         with interrupts_unwrapped():
             _, splits, run, history = train_run(
@@ -980,7 +1016,7 @@ def cmd_train(args):
                 out=args.out, resume=args.resume, dropmax=args.dropmax, size=args.size,
                 progress=not args.no_progress, channels_last=args.channels_last,
                 prepacked_conv=args.prepacked_conv, classes=args.classes, bit_depth=args.bit_depth,
-                channels=args.channels)
+                channels=args.channels, warmup_epochs=args.warmup_epochs, early_stopping=args.early_stopping)
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
@@ -993,6 +1029,12 @@ def cmd_train(args):
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
     print(f"trained {args.defense} on {splits.info.display_name} for {counted(len(history), 'epoch')}: {shown}")
+    if args.early_stopping is not None:  # the checkpoint holds its state: the run may have stopped in an earlier call
+        stop = read_checkpoint(Path(args.out) / CHECKPOINT).get("early_stopping") or {}
+        if stop.get("stopped_epoch"):
+            print(f"early stopping: stopped after epoch {stop['stopped_epoch']}: {stop['reason']}")
+        elif stop.get("best") is not None:
+            print(f"early stopping: did not stop (best val_loss {stop['best']:.4g} at epoch {stop['best_epoch']})")
     print(f"classes: {describe_classes(splits.info)}")
     # quoted: an --out with a space or quote printed a command that eval read as several arguments
     print(f"run: {args.out} (evaluate with: {PROG} eval {shlex.quote(str(args.out))} --attacks fgsm,pgd,cw "
