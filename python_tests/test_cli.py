@@ -1494,6 +1494,49 @@ def test_dpaat_bus_states_its_radii_are_not_rescaled_to_28x28():
     assert stated in text, stated
 
 
+def test_dpaat_bus_paper_schedule_adds_the_warmup_and_early_stopping_and_resume_refuses_a_switch(small_npz, tmp_path,
+                                                                                                  monkeypatch):
+    """DPAAT trains the fully connected layers alone for 10 epochs, then all layers with early stopping after 5
+    (Section IV-A); the protocol documented both as missing. --paper-schedule runs them (before the protocol's epochs
+    of all layers); without it the runs train as before, and a rerun with the other setting is refused."""
+    from robust_ops import reproduce
+
+    calls = []
+
+    def train_run(**kwargs):  # records the run as train_run does (run.json, a checkpoint), without training
+        calls.append(kwargs)
+        fields = {k: kwargs[k] for k in ("data", "defense_name", "defense_options", "model_name", "epochs",
+                                         "batch_size", "lr", "seed", "size", "dropmax", "label", "split",
+                                         "warmup_epochs", "early_stopping")}
+        out = Path(kwargs["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        cli.write_json_atomic(out / "run.json", cli.run_record(**fields, info=kwargs["splits"].info))
+        (out / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt  # one run is enough
+
+    monkeypatch.setattr(cli, "train_run", train_run)
+    dpaat = reproduce.PROTOCOLS["dpaat-bus"]
+    common = dict(data=str(small_npz), methods=["STD"], progress=False)
+    for quick, epochs, warmup in ((False, 30, 10), (True, 2, 1)):
+        with pytest.raises(KeyboardInterrupt):
+            reproduce.run_protocol(dpaat, out=tmp_path / f"paper{quick}", quick=quick, paper_schedule=True, **common)
+        got = calls[-1]
+        assert (got["epochs"], got["warmup_epochs"], got["early_stopping"]) == (epochs + warmup, warmup, 5)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_protocol(dpaat, out=tmp_path / "plain", quick=True, **common)
+    assert (calls[-1]["epochs"], calls[-1]["warmup_epochs"], calls[-1]["early_stopping"]) == (2, 0, None)
+    run_dir = tmp_path / "plain" / "runs-quick" / "std" / "seed0"
+    with pytest.raises(cli.CLIError, match=rf"^--paper-schedule: {re.escape(str(run_dir))} was trained without "
+                                           r"--paper-schedule \(warmup_epochs=0\), this command runs with "
+                                           r"--paper-schedule \(warmup_epochs=1\); rerun without --paper-schedule, "):
+        reproduce.run_protocol(dpaat, out=tmp_path / "plain", quick=True, paper_schedule=True, **common)
+    with pytest.raises(cli.CLIError, match=r"^--paper-schedule: ima-bus's paper trains without a warm-up or early "
+                                           r"stopping to add \(protocols with one: dpaat-bus\); leave "):
+        reproduce.run_protocol(reproduce.PROTOCOLS["ima-bus"], out=tmp_path / "ima", quick=True, paper_schedule=True,
+                               **common)
+    assert "--paper-schedule` adds the paper's schedule" in reproduce.describe(dpaat)
+
+
 def test_dpaat_table_ii_map_is_clean_and_marp_is_under_20_pgd():
     # DPAAT: mAP is "a more precise expression for generalization" (clean test set), mARP the "mean average precision
     # on adversarial dataset crafted from the testing dataset"; Table II's adversarial set is 20-step PGD
@@ -1921,7 +1964,7 @@ def test_reproduce_notes_open_with_the_departures_in_the_documented_order(small_
 
     page = (Path(__file__).resolve().parents[1] / "docs/reproduce/README.md").read_text()
     order = re.findall(r"`([A-Z ]+):`", page[page.index("The notes open with these lines"):].split(";")[0])
-    assert order == ["QUICK MODE", "METHODS", "RUNS", "EPOCHS", "DATA"], order
+    assert order == ["QUICK MODE", "METHODS", "SCHEDULE", "RUNS", "EPOCHS", "DATA"], order
     quick = {"epochs": 1, "repeats": 1, "n_train": 40, "n_test": 12, "model": "small_cnn"}
     proto = _tiny_protocol("seeds", [("STD", "standard"), ("AT", "at")], quick)  # 2 repeats, 1 epoch, data "unused"
     for out, kwargs in (("full", dict(seeds=1, epochs=2)), ("quick", dict(quick=True))):

@@ -1744,6 +1744,10 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--reevaluate", action=Switch,
                    help="attack every trained run again instead of reusing the evaluation kept beside its "
                         "checkpoint (it is reused only while the weights, test set and attacks are unchanged)")
+    p.add_argument("--paper-schedule", action=Switch,
+                   help="train with the paper's own schedule where the protocol has one (dpaat-bus: the classifier "
+                        "head alone for 10 epochs first, early stopping after 5 epochs without a lower validation "
+                        "loss)")
     p.add_argument("--config", action=OneConfig, type=path_text, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_reproduce)
     return p
@@ -1766,7 +1770,8 @@ def cmd_reproduce(args):
             run_protocol(PROTOCOLS[args.name], out=out, quick=args.quick, data=args.data, epochs=args.epochs,
                          seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, channels=args.channels,
                          classes=args.classes, device=device, progress=not args.no_progress, reevaluate=args.reevaluate,
-                         methods=args.methods.split(",") if args.methods is not None else None)
+                         methods=args.methods.split(",") if args.methods is not None else None,
+                         paper_schedule=args.paper_schedule)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:

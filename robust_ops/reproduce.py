@@ -56,6 +56,9 @@ class Protocol:
     paper_metrics: tuple = ("accuracy",)
     notes: list = field(default_factory=list)
     quick: dict = field(default_factory=dict)
+    # the paper's own training schedule, run with --paper-schedule: {"warmup_epochs": N (the classifier head alone
+    # before the protocol's epochs), "early_stopping": patience (on the validation loss)}; --quick's in quick
+    paper_schedule: dict = field(default_factory=dict)
 
 
 def _paper(source, method, attack, eps, **metrics):
@@ -330,7 +333,9 @@ DPAAT_BUS = Protocol(
         "The paper fine-tunes ImageNet-pretrained CNNs: the fully connected layers alone for 10 epochs, then all "
         "layers for 50 epochs of Adam, lr 3e-4, batch 32, early stopping after 5 epochs without validation "
         "improvement. Ours: every method trains all layers from scratch for 30 epochs of Adam, lr 1e-3, batch 32, "
-        "no early stopping.",
+        "no early stopping. `--paper-schedule` adds the paper's schedule: the classifier head (resnet18's fc) alone "
+        "for 10 epochs before the 30, and early stopping after 5 epochs without a lower validation loss (on "
+        "BreastMNIST's validation split; the run keeps its last epoch's weights).",
         "Table II's mAP is measured on the clean test set and its mARP on the 20-PGD adversarial set: the mAP column "
         "compares the paper's mAP with our clean mAP, and its mARP with our mAP under 20-PGD (the row's precision, "
         "recall and F1 are under 20-PGD, as the table's caption says).",
@@ -343,7 +348,9 @@ DPAAT_BUS = Protocol(
         "eps_i (Alg. 1 line 12: \"returned new x^adv with eps_DPAAT\"), is 7 steps from x again with step "
         "eps_i * 0.15 / 0.3.",
     ],
-    quick={"epochs": 2, "repeats": 1, "n_train": 96, "n_test": 48, "model": "small_cnn"},
+    quick={"epochs": 2, "repeats": 1, "n_train": 96, "n_test": 48, "model": "small_cnn",
+           "paper_schedule": {"warmup_epochs": 1, "early_stopping": 5}},
+    paper_schedule={"warmup_epochs": 10, "early_stopping": 5},
 )
 
 PROTOCOLS = {p.name: p for p in (ARFL_MOONS, MIRST_BUS, IMA_BUS, DPAAT_BUS)}
@@ -598,6 +605,12 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=()):
     else:
         way_out = (f"delete the {len(blocked)} run folders in {runs_dir} this command cannot continue "
                    f"({listing(d.relative_to(runs_dir) for d in blocked)}) or use another --out")
+    if key in ("warmup_epochs", "early_stopping"):  # recorded by --paper-schedule only
+        def used(value):
+            return "with --paper-schedule" if value else "without --paper-schedule"
+
+        return CLIError(f"--paper-schedule: {run_dir} was trained {used(was)} ({key}={was!r}), this command runs "
+                        f"{used(now)} ({key}={now!r}); rerun {used(was)}, or {way_out}")
     if key == "epochs":
         return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than --epochs {now}; rerun with "
                         f"--epochs {was}, or {way_out}")
@@ -672,13 +685,16 @@ def pick_methods(protocol, labels):
 
 
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
-                 progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None):
+                 progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None,
+                 paper_schedule=False):
     """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
 
     ``methods``: the labels of the methods to train and evaluate (default: all of the protocol's); the report shows
     the published numbers of the others beside no numbers of ours. ``bit_depth``: the scale of 16-bit image files
     in a folder / CSV ``data``, ``channels``: how many channels its images are read as, ``classes``: the class
     folders / CSV labels it keeps, in label order (all three as :func:`robust_ops.data.load_dataset` takes them).
+    ``paper_schedule``: train with the protocol's ``paper_schedule`` (a head-only warm-up before its epochs, early
+    stopping); a protocol without one refuses it.
 
     Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
     before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
@@ -697,6 +713,13 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     model_name = q.get("model", protocol.model)
     epochs = epochs or q.get("epochs", protocol.epochs)
     repeats = seeds or q.get("repeats", protocol.repeats)
+    if paper_schedule and not protocol.paper_schedule:
+        with_one = ", ".join(p.name for p in PROTOCOLS.values() if p.paper_schedule)
+        raise CLIError(f"--paper-schedule: {protocol.name}'s paper trains without a warm-up or early stopping to "
+                       f"add (protocols with one: {with_one}); leave --paper-schedule out")
+    schedule = q.get("paper_schedule", protocol.paper_schedule) if paper_schedule else {}
+    warmup, patience = schedule.get("warmup_epochs", 0), schedule.get("early_stopping")
+    train_epochs = epochs + warmup  # the warm-up comes before the protocol's epochs of all layers, as the paper's
     out = Path(out)
     runs_dir = out / ("runs-quick" if quick else "runs")
     t_start = time.perf_counter()
@@ -731,16 +754,16 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
             conflict = resume_conflict(run_dir, run_record(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
-                epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
+                epochs=train_epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
                 dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth, channels=channels,
-                classes=classes, prepacked_conv=prepacked_conv_resolved(None),
-                info=splits.info))  # info: image size, class counts
+                classes=classes, prepacked_conv=prepacked_conv_resolved(None), warmup_epochs=warmup,
+                early_stopping=patience, info=splits.info))  # info: image size, class counts
             if conflict:
                 conflicts.append((run_dir, conflict))
             runs.append((method, options, run_dir))
         plan.append((k, tag, record, splits, runs))
     if conflicts:
-        raise _resume_error(protocol, *conflicts[0], epochs, [d for d, _ in conflicts])
+        raise _resume_error(protocol, *conflicts[0], train_epochs, [d for d, _ in conflicts])
     run_infos = [p[3].info for p in plan]  # for results.json's classes_missing_from_split, over every run
     all_rows, models, splits = [], {}, None
     # Under torchrun every process trains each run (fit's DDP) and evaluates it too: the next run's training needs
@@ -753,15 +776,16 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
         info = splits.info
         for method, options, run_dir in runs:
             done = epochs_done(run_dir)
-            doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < epochs
+            doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < train_epochs
                      else "loading (already trained)")
-            say(f"[{tag}] {doing} {method.label} ({method.defense}, {counted(epochs, 'epoch')}) ...", flush=True)
+            say(f"[{tag}] {doing} {method.label} ({method.defense}, {counted(train_epochs, 'epoch')}) ...",
+                flush=True)
             model, _, _, _ = train_run(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
-                epochs=epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
+                epochs=train_epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
                 out=run_dir, resume=True, dropmax=method.dropmax, size=size,
                 progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth,
-                channels=channels, classes=classes)
+                channels=channels, classes=classes, warmup_epochs=warmup, early_stopping=patience)
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)
@@ -819,6 +843,11 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 f"{repeats} {unit}, the protocol {protocol.repeats}")
         notes.insert(0, f"RUNS: this run covers {runs} (--seeds); "
                         f"the means below are over those{' (one run: no std)' if repeats == 1 else ''}.")
+    if schedule:  # the protocol's notes describe its own schedule (no warm-up, no early stopping)
+        notes.insert(0, f"SCHEDULE: this run trained with the paper's schedule (--paper-schedule): the classifier "
+                        f"head alone for {counted(warmup, 'epoch')}, then all layers for {epochs}, stopping early "
+                        f"after {counted(patience, 'epoch')} without a lower validation loss (each run's checkpoint "
+                        "records where it stopped).")
     if len(chosen) < len(protocol.methods):
         notes.insert(0, f"METHODS: this run trained and evaluated {', '.join(m.label for m in chosen)} only "
                         f"(--methods); the protocol's other methods have no numbers of ours here.")
@@ -831,6 +860,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
               # the data settings each run.json records: which images of the data the rows are of
               "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "channels": channels,
               "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": protocol.lr,
+              # --paper-schedule's {warmup_epochs, early_stopping}; None without it
+              "paper_schedule": dict(schedule) or None,
               "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in chosen],
               # per repeat (per_run_rows' "repeat" k): the seed its random attacks drew from, as eval's attack_seed
               "attack_seeds": list(range(repeats)),
