@@ -127,6 +127,52 @@ def test_demo_and_reproduce_under_torchrun_print_and_write_on_rank_0_only(small_
     assert (out1, err1, written1) == ("", "", [])
 
 
+_DIST_TIMEOUT_ARGV = {"train": ["train", "--model", "mlp"],
+                      "demo": ["demo", "--quick", "--model", "mlp", "--methods", "standard", "--attacks", "fgsm"],
+                      "reproduce": ["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--methods",
+                                    "Standard training"]}
+
+
+@pytest.mark.parametrize("command", list(_DIST_TIMEOUT_ARGV))
+def test_dist_timeout_reaches_fit_and_a_collective_timeout_is_one_line(small_npz, tmp_path, monkeypatch, capsys,
+                                                                       command):
+    """The commands that train under torchrun had no way to shorten the 30 minutes a process waits for a hung one;
+    --dist-timeout reaches fit (not run.json: it changes no result), and a CollectiveTimeoutError is one line naming
+    the flag, not fit's keyword, nor a traceback."""
+    from robust_ops import train as trainer
+
+    seen = []
+
+    def times_out(*args, dist_timeout=None, **kwargs):
+        seen.append(dist_timeout)
+        raise trainer.CollectiveTimeoutError("fit", 0, dist_timeout, "dist_timeout", "epoch 1, step 2")
+
+    monkeypatch.setattr(trainer, "fit", times_out)
+    data = [] if command == "reproduce" else ["--data", str(small_npz)]
+    out = tmp_path / command
+    assert cli.main(_DIST_TIMEOUT_ARGV[command] + data + ["--dist-timeout", "2.5", "--out", str(out), "--device",
+                                                         "cpu", "--no-progress"]) == 2
+    assert seen == [2.5]
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"robust-ops {command}: error: \S+: training failed: fit: process 0 timed out after 2.5 s "
+                        r"\(--dist-timeout\) waiting for the other processes at epoch 1, step 2: another process hung "
+                        r"or died before reaching it .*; if a process may take longer than that between two steps "
+                        r"\(process 0 writing a checkpoint, a slow batch\), raise --dist-timeout", err), err
+    run_json = next(out.rglob("run.json"))
+    assert not [key for key in json.loads(run_json.read_text()) if "timeout" in key]
+
+
+@pytest.mark.parametrize("command", list(_DIST_TIMEOUT_ARGV))
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e10"])
+def test_dist_timeout_must_be_a_positive_finite_number_of_seconds(tmp_path, capsys, command, value):
+    """Refused in one line naming the flag, before any data is loaded (fit would refuse it only after run.json)."""
+    assert cli.main(_DIST_TIMEOUT_ARGV[command] + [f"--dist-timeout={value}", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"robust-ops {command}: error: --dist-timeout: expected a number of seconds > 0 and <= 1e+09 (longer ones "
+        f"overflow torch's collective deadlines), got {float(value)!r}")
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 @pytest.mark.parametrize("command", ["eval", "bench"])
 def test_eval_and_bench_under_torchrun_are_refused_on_every_process(trained_run, tmp_path, monkeypatch, capsys,

@@ -3,6 +3,7 @@ NaN handling, DDP equivalence with a single process, and its input checks."""
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -3243,6 +3244,148 @@ def test_ddp_an_error_on_the_process_holding_the_store_still_ends_every_process(
     messages = [torch.load(f"{out}.{rank}", weights_only=True)[1] for rank in range(2)]
     assert messages[0] == "ValueError: boom on process 0", messages[0]
     assert messages[1].startswith("RuntimeError: "), messages[1]
+
+
+class HangsOnOneProcess(Defense):
+    """Standard loss; on process ``rank`` its ``call``-th call blocks until the file ``release`` exists (a hung process
+    that the test can still end: it gives up after 90 s); ``hang_here`` blocks so elsewhere (before fit, in a save)."""
+
+    name = "hangs-on-one"
+
+    def __init__(self, rank, call, release):
+        self.rank, self.call, self.release, self.calls = rank, call, release, 0
+
+    def hang_here(self, rank):
+        import time
+
+        if rank == self.rank:
+            deadline = time.monotonic() + 90
+            while not os.path.exists(self.release) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def __call__(self, model, x, y, ids=None):
+        import torch.distributed as dist
+
+        self.calls += 1
+        if self.calls == self.call:
+            self.hang_here(dist.get_rank())
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits)
+
+
+def _ddp_hung_process_worker(rank, world, port, out_path, callers_group, hang):
+    """A process waits until the other has written its outcome: process 1 at its ``hang``-th defense call (0: before
+    fit), or with ``hang="checkpoint"`` process 0 in its checkpoint write. The group is fit's (torchrun's environment,
+    dist_timeout=3) or, with ``callers_group``, the worker's (timeout 3 s), which then lives on until process 1 is
+    done (its store holds process 0's note)."""
+    import robust_ops.train
+
+    hung = 0 if hang == "checkpoint" else 1
+    defense = HangsOnOneProcess(hung, hang, f"{out_path}.{1 - hung}")
+    out_dir = f"{out_path}.run" if hang == "checkpoint" else None
+    train = functools.partial(fit, DropoutMLP(), defense, _data(16), epochs=1, batch_size=8, progress=False,
+                              out_dir=out_dir)
+    if hang == "checkpoint":
+        save = robust_ops.train.save_checkpoint
+        robust_ops.train.save_checkpoint = lambda *args: (defense.hang_here(rank), save(*args))[1]
+
+    def run():
+        if hang == 0:
+            defense.hang_here(rank)
+        message = _outcome(train if callers_group else functools.partial(train, dist_timeout=3))
+        torch.save(message, f"{out_path}.{rank}.tmp")
+        os.replace(f"{out_path}.{rank}.tmp", f"{out_path}.{rank}")
+
+    if not callers_group:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        torch.set_num_threads(1)
+        return run()
+    with _gloo_group(rank, world, port, timeout_s=3):
+        run()
+        HangsOnOneProcess(0, 0, f"{out_path}.1").hang_here(rank)  # process 0 keeps the group until process 1 is done
+
+
+@pytest.mark.parametrize("callers_group, hang", [(False, 2), (True, 2), (False, 0), (False, "checkpoint")],
+                         ids=["dist_timeout", "callers-group", "dist_timeout-at-the-start", "slow-checkpoint"])
+def test_ddp_a_hung_process_times_out_on_the_others_with_a_clear_error(tmp_path, callers_group, hang):
+    """A process that hangs without dying left the others waiting in a collective for the group's timeout (30 minutes
+    when fit made the group: no option shortened it), then ended them with gloo's "Timed out waiting 3000ms for recv
+    operation to complete". Now fit's dist_timeout sets the timeout of the group fit makes, and the process that gave
+    up says so in one line naming itself, the timeout and where; the late process, once it comes, names the one
+    that gave up (while that one's store lives). Process 0's checkpoint write longer than the timeout is named so."""
+    out = str(tmp_path / "outcome")
+    _spawn_within(120, _ddp_hung_process_worker, (2, _free_port(), out, callers_group, hang))
+    messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    timeout = "3 s (the process group's timeout)" if callers_group else "3 s (dist_timeout)"
+    where = {2: "epoch 1, step 2", 0: "the start (init_process_group)", "checkpoint": "the checkpoint after epoch 1"}
+    fix = "the timeout given to init_process_group" if callers_group else "dist_timeout"
+    waited, late = (1, 0) if hang == "checkpoint" else (0, 1)
+    assert messages[waited] == (f"CollectiveTimeoutError: fit: process {waited} timed out after {timeout} waiting for "
+                                f"the other processes at {where[hang]}: another process hung or died before reaching "
+                                "it (its own error or torchrun's summary names it); if a process may take longer than "
+                                "that between two steps (process 0 writing a checkpoint, a slow batch), raise "
+                                f"{fix}"), messages[waited]
+    if callers_group or hang == "checkpoint":  # the store lives (in process 0) when the late process comes
+        assert messages[late] == (f"RuntimeError: fit: process {waited} timed out after {timeout} waiting for the "
+                                  f"other processes at {where[hang]}; stopped here too"), messages[late]
+    elif hang:  # fit's group, and with it process 0's store, is gone: gloo's own error
+        assert messages[late].startswith("RuntimeError: "), messages[late]
+    else:  # it came too late to connect to process 0's store, which had given up
+        assert messages[late].startswith("CollectiveTimeoutError: fit: process 1 timed out after 3 s (dist_timeout) "
+                                         "waiting for the other processes at the start (init_process_group)"), \
+            messages[late]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "3", 1e10])
+def test_fit_refuses_a_dist_timeout_that_is_no_finite_positive_number_of_seconds(bad):
+    """dist_timeout: seconds, > 0 and at most 1e9 (measured: 1e10 s overflowed torch's deadline and failed at
+    once, timed out before any wait); refused in one process too, before anything runs."""
+    with pytest.raises(ValueError, match=r"^fit: expected dist_timeout to be a number of seconds > 0 and <= 1e\+09 "
+                                         r"\(longer ones overflow torch's collective deadlines\) or None, got "
+                                         f"{re.escape(repr(bad))}$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False, dist_timeout=bad)
+
+
+def test_fit_refuses_a_dist_timeout_for_a_process_group_initialized_before_it():
+    """The timeout of a group the caller initialized was set there: a dist_timeout would be ignored, silently."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"^fit: dist_timeout=60 cannot apply to the process group initialized "
+                                             r"before fit \(its timeout was set there\); pass timeout=datetime."
+                                             r"timedelta\(seconds=60\) to your init_process_group \(or call "
+                                             r"torch.distributed.set_timeout\) and leave dist_timeout None$"):
+            fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False, dist_timeout=60)
+        fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False)  # without it: the group's own
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dist_timeout_is_accepted_in_one_process_and_not_recorded_in_the_checkpoint(tmp_path):
+    """One process has no group to time out: dist_timeout changes nothing there (a config shared with torchrun runs),
+    and, changing no result, it is not recorded, so a resume may give another one (a longer one after a timeout)."""
+    torch.manual_seed(0)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path, progress=False,
+        dist_timeout=5)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not [key for key in state["config"] if "timeout" in key], state["config"]
+    result = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=tmp_path,
+                 progress=False, resume=True, dist_timeout=60)
+    assert len(result.history) == 2
+
+
+def test_collective_timeout_error_pickles_and_words_a_callers_option():
+    """The error crosses process boundaries (mp.spawn, a multiprocessing pool) whole, and the command line words it
+    with its own flag (robust-ops train --dist-timeout), as OneSampleBatchError with --batch-size."""
+    from robust_ops.train import CollectiveTimeoutError
+
+    err = pickle.loads(pickle.dumps(CollectiveTimeoutError("fit", 1, 1800.0, "default", "the end of epoch 2")))
+    assert str(err).startswith("fit: process 1 timed out after 1800 s (torch's default; dist_timeout sets it) waiting "
+                               "for the other processes at the end of epoch 2: another process hung or died"), str(err)
+    assert str(err).endswith("raise dist_timeout") and err.reworded("--dist-timeout").endswith("raise --dist-timeout")
+    assert "process 0 timed out (the process group's timeout) waiting for the other processes at x:" in str(
+        CollectiveTimeoutError("fit", 0, None, "caller", "x"))
 
 
 def test_class_labels_rule_without_a_sample_count():

@@ -618,6 +618,25 @@ def add_train_options(p):
                         "--channels-last, docs/prepacked-conv.md; results differ in the last bits on NCHW models; "
                         "default: $ROBUST_OPS_PREPACKED_CONV)")
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
+    add_dist_timeout_option(p)
+
+
+def add_dist_timeout_option(p):
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others in a collective before it stops, "
+                        "naming itself (another process hung or died); default: torch's, 30 minutes with gloo, 10 "
+                        "with NCCL")
+
+
+def checked_dist_timeout(args):
+    """``--dist-timeout`` as fit takes it (seconds), refused in one line before any data is loaded."""
+    from .train import check_dist_timeout
+
+    try:
+        check_dist_timeout(args.dist_timeout, "--dist-timeout", None)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    return args.dist_timeout
 
 
 def add_schedule_options(p):
@@ -840,10 +859,11 @@ def refuse_several_processes(command, why):
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
               prepacked_conv=None, split=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0,
-              early_stopping=None):
+              early_stopping=None, dist_timeout=None):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
     ``warmup_epochs``, ``early_stopping``: fit's (the head-only warm-up's epochs, a patience on the validation loss).
-    ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`."""
+    ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`. ``dist_timeout``
+    (``--dist-timeout``) is fit's, not recorded in run.json: it changes no result, and a resume may change it."""
     from . import train as trainer
     from .data import IndexedDataset
     from .prepacked_conv import prepacked_conv_resolved
@@ -928,11 +948,13 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             result = trainer.fit(model, defense, train_set, splits.val if len(splits.val) else None, epochs=epochs,
                                  batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
                                  channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress,
-                                 warmup_epochs=warmup_epochs, early_stopping=early_stopping)
+                                 warmup_epochs=warmup_epochs, early_stopping=early_stopping,
+                                 dist_timeout=dist_timeout)
         except BrokenPipeError:  # the progress bar's reader left (`... 2>&1 | head`): main stops quietly, not a
             raise  # "training failed: [Errno 32] Broken pipe" line to a reader that is gone
         # FloatingPointError: NaN/Inf; OSError: a checkpoint or metrics file that could not be written (a full disk)
-        except (ValueError, TypeError, OSError, FloatingPointError) as err:
+        # CollectiveTimeoutError: under torchrun, this process gave up waiting for a hung (or dead) one
+        except (ValueError, TypeError, OSError, FloatingPointError, trainer.CollectiveTimeoutError) as err:
             if resumed and _file_stamp(ckpt) == resumed:  # no epoch written under this command's run.json
                 if previous is None:
                     (out / RUN_FILE).unlink(missing_ok=True)
@@ -941,9 +963,12 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
 
                     replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True, fsync=True)
             kept = (f"; {ckpt} holds the last epoch saved: once fixed, continue with the same command"
-                    f"{'' if resume else ' and --resume'}" if isinstance(err, OSError) and ckpt.is_file() else "")
+                    f"{'' if resume else ' and --resume'}"
+                    if isinstance(err, (OSError, trainer.CollectiveTimeoutError)) and ckpt.is_file() else "")
             if isinstance(err, trainer.OneSampleBatchError):  # fit's names for what this command calls otherwise
                 err = err.reworded("--batch-size", "the training split")
+            if isinstance(err, trainer.CollectiveTimeoutError):
+                err = err.reworded("--dist-timeout")
             raise CLIError(f"{out}: training failed: {err}{kept}") from None
         return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
 
@@ -1008,6 +1033,7 @@ def cmd_train(args):
     options = parse_key_values(args.defense_opt, "--defense-opt")
     check_data_model_options(args)
     check_schedule_options(args.warmup_epochs, args.early_stopping)
+    dist_timeout = checked_dist_timeout(args)
     try:
         with interrupts_unwrapped():
             _, splits, run, history = train_run(
@@ -1016,7 +1042,8 @@ def cmd_train(args):
                 out=args.out, resume=args.resume, dropmax=args.dropmax, size=args.size,
                 progress=not args.no_progress, channels_last=args.channels_last,
                 prepacked_conv=args.prepacked_conv, classes=args.classes, bit_depth=args.bit_depth,
-                channels=args.channels, warmup_epochs=args.warmup_epochs, early_stopping=args.early_stopping)
+                channels=args.channels, warmup_epochs=args.warmup_epochs, early_stopping=args.early_stopping,
+                dist_timeout=dist_timeout)
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
@@ -1465,6 +1492,7 @@ def cmd_demo_parser(sub):
     p.add_argument("--quick", action=Switch, help="2 epochs on a subset: a smoke run (tests, CI)")
     p.add_argument("--resume", action=Switch, help="reuse finished runs in --out")
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
+    add_dist_timeout_option(p)
     p.add_argument("--config", action=OneConfig, type=path_text, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_demo)
     return p
@@ -1553,6 +1581,7 @@ def cmd_demo(args):
     epochs = args.epochs = 2 if args.quick else 8 if args.epochs is None else args.epochs
     train_size = 256 if args.train_size is None else args.train_size
     check_data_model_options(args)
+    checked_dist_timeout(args)
     if train_size < 0:
         raise CLIError(f"--train-size: expected >= 0, got {train_size}")
     specs, radii = parse_eval_options(args)
@@ -1619,7 +1648,8 @@ def cmd_demo(args):
                         data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
                         resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
-                        classes=args.classes, bit_depth=args.bit_depth, channels=args.channels)
+                        classes=args.classes, bit_depth=args.bit_depth, channels=args.channels,
+                        dist_timeout=args.dist_timeout)
                     timings[label] = time.perf_counter() - t0
                     models[label] = model
                     last = history[-1] if history else {}
@@ -1741,6 +1771,7 @@ def cmd_reproduce_parser(sub):
                    help="comma-separated method labels to run, e.g. STD,IMA (default: all of the protocol's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action=Switch, help="no progress bars")
+    add_dist_timeout_option(p)
     p.add_argument("--reevaluate", action=Switch,
                    help="attack every trained run again instead of reusing the evaluation kept beside its "
                         "checkpoint (it is reused only while the weights, test set and attacks are unchanged)")
@@ -1763,6 +1794,7 @@ def cmd_reproduce(args):
         raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
     if args.seeds is not None and args.seeds < 1:
         raise CLIError(f"--seeds: expected >= 1, got {args.seeds}")
+    dist_timeout = checked_dist_timeout(args)
     from .evaluate import EvalError
 
     try:
@@ -1771,7 +1803,7 @@ def cmd_reproduce(args):
                          seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, channels=args.channels,
                          classes=args.classes, device=device, progress=not args.no_progress, reevaluate=args.reevaluate,
                          methods=args.methods.split(",") if args.methods is not None else None,
-                         paper_schedule=args.paper_schedule)
+                         paper_schedule=args.paper_schedule, dist_timeout=dist_timeout)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:

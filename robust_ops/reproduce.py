@@ -686,7 +686,7 @@ def pick_methods(protocol, labels):
 
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
                  progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None,
-                 paper_schedule=False):
+                 paper_schedule=False, dist_timeout=None):
     """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
 
     ``methods``: the labels of the methods to train and evaluate (default: all of the protocol's); the report shows
@@ -695,6 +695,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     folders / CSV labels it keeps, in label order (all three as :func:`robust_ops.data.load_dataset` takes them).
     ``paper_schedule``: train with the protocol's ``paper_schedule`` (a head-only warm-up before its epochs, early
     stopping); a protocol without one refuses it.
+    ``dist_timeout``: under torchrun, each run's ``fit(dist_timeout=)``.
 
     Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
     before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
@@ -785,7 +786,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 epochs=train_epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
                 out=run_dir, resume=True, dropmax=method.dropmax, size=size,
                 progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth,
-                channels=channels, classes=classes, warmup_epochs=warmup, early_stopping=patience)
+                channels=channels, classes=classes, warmup_epochs=warmup, early_stopping=patience,
+                dist_timeout=dist_timeout)
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)

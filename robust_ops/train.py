@@ -25,6 +25,7 @@ Semantics (docs/training.md):
 """
 
 import csv
+import datetime
 import errno
 import functools
 import hashlib
@@ -34,6 +35,7 @@ import numbers
 import os
 import pickle
 import random
+import re
 import struct
 import time
 import warnings
@@ -436,10 +438,34 @@ def drop_max_mismatch(model, state):
 # Distributed
 
 
-def _distributed_context(device):
+# torch's collectives compute their deadline in int64 nanoseconds, which a timeout past about 292 years overflows:
+# measured with gloo (torch 2.14), 1e10 s failed at once ("timed out after 10000000000000ms" while connecting), 1e9 ran
+MAX_DIST_TIMEOUT = 10**9
+
+
+def check_dist_timeout(value, name="fit", arg="dist_timeout"):
+    """``value`` (seconds: a finite number > 0, at most MAX_DIST_TIMEOUT; None: torch's default) as the timedelta
+    init_process_group takes; a ValueError naming ``name`` (and ``arg``, when not None) otherwise."""
+    if value is None:
+        return None
+    number = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not (number and 0 < value <= MAX_DIST_TIMEOUT):
+        what = f"{arg} to be " if arg else ""
+        raise ValueError(f"{name}: expected {what}a number of seconds > 0 and <= {MAX_DIST_TIMEOUT:.0e} (longer ones "
+                         f"overflow torch's collective deadlines){' or None' if arg else ''}, got {value!r}")
+    return datetime.timedelta(seconds=float(value))
+
+
+def _distributed_context(device, timeout=None, timeout_arg=None):
     """(rank, world_size). Uses an initialized process group, or initializes one from torchrun's environment
-    (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA."""
+    (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA, with ``timeout`` (a timedelta; None: torch's default). A group
+    initialized before cannot take ``timeout``: refused, naming ``timeout_arg`` (what the caller passed)."""
     if dist.is_available() and dist.is_initialized():
+        if timeout is not None:
+            raise ValueError(f"fit: dist_timeout={timeout_arg!r} cannot apply to the process group initialized "
+                             "before fit (its timeout was set there); pass timeout=datetime.timedelta(seconds="
+                             f"{timeout.total_seconds():g}) to your init_process_group (or call "
+                             "torch.distributed.set_timeout) and leave dist_timeout None")
         return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available() and "RANK" not in os.environ:  # each process would train alone, unsaid
@@ -448,9 +474,68 @@ def _distributed_context(device):
                          "for each process, initialize a process group before fit, or unset WORLD_SIZE")
     if world > 1 and dist.is_available():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        except RuntimeError as err:  # torch's DistStoreError / DistNetworkError: a process did not come
+            if not _collective_timed_out(err):
+                raise
+            raise CollectiveTimeoutError("fit", int(os.environ["RANK"]), None if timeout is None else
+                                         timeout.total_seconds(), "default" if timeout is None else "dist_timeout",
+                                         "the start (init_process_group)") from err
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _group_timeout_s(device):
+    """The default process group's timeout in seconds, as its backend on ``device`` holds it; None where torch does
+    not show it (a private attribute in torch 2.14)."""
+    try:
+        return dist.group.WORLD._get_backend(torch.device(device)).options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001 -- the error then names "the process group's timeout" without its value
+        return None
+
+
+# What a collective that waited past the group's timeout raises: gloo's "Timed out waiting 3000ms for recv operation
+# to complete", and init_process_group's rendezvous "Timed out after 4 seconds waiting for clients. 1/2 clients
+# joined." / "The client socket has timed out after 3000ms while trying to connect" (measured, torch 2.14); NCCL's
+# watchdog and blocking wait (their texts in torch 2.14's binary, untested)
+_COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting \d+ms|Timed out after \d+ seconds waiting for clients|timed out "
+                                 r"after \d+ms while trying to connect|collective operation timeout|timed out in "
+                                 r"blocking wait")
+
+
+def _collective_timed_out(error):
+    return isinstance(error, RuntimeError) and _COLLECTIVE_TIMEOUT.search(str(error)) is not None
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """Under DDP, this process waited in one of fit's collectives (or a defense's) longer than the process group's
+    timeout: another process hung or died there, or took longer than the timeout between two collectives. The
+    message names this process, the timeout and where; :meth:`reworded` names a caller's own timeout option
+    (``robust-ops train --dist-timeout``)."""
+
+    def __init__(self, name, rank, timeout_s, source, where):
+        # source: "dist_timeout" (fit made the group with it), "default" (fit made it with torch's), "caller"
+        self.facts = (name, rank, timeout_s, source, where)
+        super().__init__(self.reworded())
+
+    def __reduce__(self):
+        return type(self), self.facts
+
+    def waited(self, option="dist_timeout"):
+        """"process 0 timed out after 3 s (dist_timeout) waiting for the other processes at epoch 1, step 2"."""
+        _, rank, timeout_s, source, where = self.facts
+        why = {"dist_timeout": option, "default": f"torch's default; {option} sets it"}.get(
+            source, "the process group's timeout")
+        after = f" after {timeout_s:g} s" if timeout_s is not None else ""
+        return f"process {rank} timed out{after} ({why}) waiting for the other processes at {where}"
+
+    def reworded(self, option="dist_timeout"):
+        name, source = self.facts[0], self.facts[3]
+        setting = "the timeout given to init_process_group" if source == "caller" else option
+        return (f"{name}: {self.waited(option)}: another process hung or died before reaching it (its own error or "
+                f"torchrun's summary names it); if a process may take longer than that between two steps (process "
+                f"0 writing a checkpoint, a slow batch), raise {setting}")
 
 
 def _all_reduce_mean_(tensors, world):
@@ -807,6 +892,7 @@ def fit(
     early_stopping=None,
     warmup_epochs=0,
     warmup_params=None,
+    dist_timeout=None,
 ):
     """Train ``model`` with ``defense`` for ``epochs`` epochs.
 
@@ -849,6 +935,12 @@ def fit(
             weights and optimizer state); part of ``epochs`` (10 and 60: 10 of the head, 50 of all layers).
         warmup_params (str or sequence of str, optional): the module name(s) of the head the warm-up trains (e.g.
             ``"fc"``); None: the model's ``fc``, ``classifier`` or ``head`` submodule.
+        dist_timeout (float, optional): under DDP, the seconds a process waits in a collective for the others
+            before it gives up with a CollectiveTimeoutError naming itself and where (another process hung or
+            died); passed to the ``init_process_group`` fit makes from torchrun's environment. None: torch's
+            default (30 min for gloo, 10 min for NCCL). A group initialized before fit has its own timeout: a
+            dist_timeout is then refused (pass ``timeout=`` to your ``init_process_group``). No effect in one
+            process; not recorded in the checkpoint (it changes no result), so a resume may change it.
 
     Returns:
         FitResult(history, checkpoint, model, early_stopping).
@@ -880,6 +972,7 @@ def fit(
     max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
     early_stopping, warmup_epochs = _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params,
                                                             val_data)
+    timeout = check_dist_timeout(dist_timeout)
     # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
     check_flags(name, {"amp": amp, "channels_last": channels_last, "progress": progress,
                        "prepacked_conv": prepacked_conv}, optional=("prepacked_conv",))
@@ -888,20 +981,30 @@ def fit(
         _check_map_style(name, "val_data", val_data)
 
     device = check_device(name, device)
-    rank, world = _distributed_context(device)  # a group initialized here is destroyed by the decorator
+    callers_group = dist.is_available() and dist.is_initialized()
+    # a group initialized here is destroyed by the decorator
+    rank, world = _distributed_context(device, timeout, dist_timeout)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
+    # a collective that waits past the group's timeout is named (CollectiveTimeoutError) from fit's first one on
+    group_timeout_s = timeout.total_seconds() if timeout is not None else _group_timeout_s(device) if world > 1 \
+        else None
+    failures = _OneProcessFailures(name, rank, world, device, group_timeout_s, "caller" if callers_group
+                                   else "default" if timeout is None else "dist_timeout")
     if world > 1:  # before any check that would then raise on some processes only
         # every process validates on the whole val_data: shards of it would give each process (and rank 0's metrics
         # files, and a ReduceLROnPlateau) its own validation numbers
         # amp here: its check below would raise on some processes only; the other settings once built (config)
-        _check_processes_agree(name, {"seed": int(seed), "len(train_data)": len(train_data), "batch_size": batch_size,
-                                      "epochs": epochs, "len(val_data)": None if val_data is None else len(val_data),
-                                      "amp": bool(amp)},
-                               rank, world, "pass every process the same ones, and the whole train_data and val_data "
-                               "(not shards): fit cuts one permutation of train_data into global batches and gives "
-                               "each process its share, and seeds each process's own random streams itself")
+        with failures:
+            _check_processes_agree(name, {"seed": int(seed), "len(train_data)": len(train_data),
+                                          "batch_size": batch_size, "epochs": epochs,
+                                          "len(val_data)": None if val_data is None else len(val_data),
+                                          "amp": bool(amp)},
+                                   rank, world, "pass every process the same ones, and the whole train_data and "
+                                   "val_data (not shards): fit cuts one permutation of train_data into global batches "
+                                   "and gives each process its share, and seeds each process's own random streams "
+                                   "itself")
     # after the comparison: one process's empty shard (of val_data) is refused on every process, naming the lengths
     if len(train_data) == 0:
         raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
@@ -1032,13 +1135,15 @@ def fit(
         started = ("none (from scratch)" if resume_path is None else f"none ({resume_error})" if state is None
                    else f"after epoch {int(state['epoch'])}")
         settings = {k: v for k, v in config.items() if k != "world_size"}
-        _check_processes_agree(name, {"the checkpoint they resume": started, **settings, "val_batch_size":
-                                      val_batch_size, **{f"defense option {k}": v for k, v in defense_options.items()}},
-                               rank, world,
-                               "pass every process the same settings: each process updates its own copy of the "
-                               "weights with them (DDP averages only the gradients)", fixes={
-                                   "the checkpoint they resume": "resume from a checkpoint every process reads: an "
-                                   "out_dir on storage all nodes share"})
+        with failures:
+            _check_processes_agree(name, {"the checkpoint they resume": started, **settings, "val_batch_size":
+                                          val_batch_size,
+                                          **{f"defense option {k}": v for k, v in defense_options.items()}},
+                                   rank, world,
+                                   "pass every process the same settings: each process updates its own copy of the "
+                                   "weights with them (DDP averages only the gradients)", fixes={
+                                       "the checkpoint they resume": "resume from a checkpoint every process reads: "
+                                       "an out_dir on storage all nodes share"})
     dropped = len(train_data) - sum(len(b) for b in sampler.global_batches())
     if dropped and rank == 0:  # every step needs a share on every process: said, not left to be found in the counts
         warnings.warn(f"{name}: {len(train_data)} samples in global batches of {batch_size} leave a last batch of "
@@ -1152,7 +1257,6 @@ def fit(
         _seed_rank_streams(seed, rank)
 
     train_model = model
-    failures = _OneProcessFailures(name, rank, world, device)
     write_error = None
     if rank == 0 and out_dir is not None and existing is not None:
         # out_dir, or the folder it will be made in: else the first checkpoint fails, after a whole epoch of training
@@ -1171,7 +1275,8 @@ def fit(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        with failures:  # its constructor broadcasts the weights
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     needs_ids = bool(getattr(defense, "needs_ids", False))
     num_classes = single_logit = None
@@ -1370,6 +1475,9 @@ def fit(
                 else:
                     scheduler.step()
 
+            # where the others wait while process 0 writes (a slow disk: a timeout names it)
+            failures.where = f"the checkpoint after epoch {epoch + 1}" if out_dir is not None else \
+                f"the end of epoch {epoch + 1}"
             rank_states, save_error = None, None
             if world > 1 and out_dir is not None:  # every process's RNG streams, so each resumes its own
                 rank_states = [None] * world
@@ -1533,40 +1641,64 @@ class _OneProcessFailures:
     process group's store, keyed by this fit call; a process whose collective then fails finds the record and raises
     one line naming the failing process and its error. The failing process raises its own error unchanged.
 
+    A collective that waited past the group's timeout with no such record (a process hung, or died without a
+    record: killed) is a CollectiveTimeoutError naming this process, the timeout and where; it is noted in the store,
+    and a process whose collective fails later (the slow one) raises one line naming the process that gave up.
+
     Use as ``with failures:`` around code that runs collectives or may fail on one process; set ``where`` (the epoch
     and step) as the run goes. A collective fails when the failing process exits, destroys the group, or at the
     group's timeout: measured with gloo (torch 2.14), ``ProcessGroup.abort()``/``shutdown()`` do not release the
     others, ``destroy_process_group()`` does unless something still holds the group (a kept exception's traceback
     holds the DDP wrapper). No cost per step beyond the ``with``: the store is read and written only after an
-    exception."""
+    exception. ``timeout_s``, ``timeout_source``: the group's timeout and who set it (CollectiveTimeoutError's)."""
 
-    def __init__(self, name, rank, world, device):
+    def __init__(self, name, rank, world, device, timeout_s=None, timeout_source="caller"):
         self.name, self.rank, self.world = name, rank, world
+        self.timeout_s, self.timeout_source = timeout_s, timeout_source
         self.where = "the start"
         self.store = self.key = None
         if world > 1:
             self.store = dist.group.WORLD.get_group_store()
             # one key per fit call, the same on every process: an earlier fit's record must not name this one's
             call = torch.tensor([self.store.add("robust_ops.fit.calls", 1) if rank == 0 else 0], device=device)
-            dist.broadcast(call, src=0)
+            with self:  # fit's first collective: a process that never comes is a timeout here
+                dist.broadcast(call, src=0)
             self.key = f"robust_ops.fit.{int(call.item())}.error"
 
     def __enter__(self):
         return self
 
+    def _recorded(self, key):
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
     def __exit__(self, kind, error, traceback):
         if self.world == 1 or error is None or not isinstance(error, Exception):
             return False  # a KeyboardInterrupt or SystemExit is not this process failing on its own
-        try:  # the store lives in rank 0's process unless torchrun's agent holds it: rank 0 may be gone
-            recorded = self.store.get(self.key).decode() if self.store.check([self.key]) else None
-        except Exception:  # noqa: BLE001 -- no record to be had (nor to leave): the error stands unchanged
-            return False
+        recorded = noted = None
+        reachable = self.key is not None
+        if reachable:
+            try:  # the store lives in rank 0's process unless torchrun's agent holds it: rank 0 may be gone
+                recorded, noted = self._recorded(self.key), self._recorded(f"{self.key}.timeout")
+            except Exception:  # noqa: BLE001 -- no record to be had (nor to leave): the error stands unchanged
+                reachable = False
         message = " ".join(f"{type(error).__name__}: {error}".split())  # one line
         if recorded is not None:
             # A failed collective raises a RuntimeError: any other error, or the one recorded (a defense failing on
             # every process), is this process's own.
             if isinstance(error, RuntimeError) and not recorded.endswith(f": {message}"):
                 raise RuntimeError(f"{self.name}: {recorded}; stopped here too") from error
+            return False
+        if _collective_timed_out(error):  # no process recorded a failure: one hung (or was killed)
+            timeout = CollectiveTimeoutError(self.name, self.rank, self.timeout_s, self.timeout_source, self.where)
+            if reachable:
+                try:  # for the late process, whose collective then fails: it reads who gave up waiting
+                    self.store.compare_set(f"{self.key}.timeout", "", timeout.waited())
+                except Exception:  # noqa: BLE001 -- this process's own error matters more than the note of it
+                    pass
+            raise timeout from error
+        if noted is not None and isinstance(error, RuntimeError):  # the failed collective of a process too late
+            raise RuntimeError(f"{self.name}: {noted}; stopped here too") from error
+        if not reachable:
             return False
         try:  # compare_set: when two processes fail at once, the first record stays
             self.store.compare_set(self.key, "", f"process {self.rank} failed at {self.where}: {message}")
