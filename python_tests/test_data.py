@@ -2158,6 +2158,7 @@ def test_every_2d_medmnist_set_has_a_checksum_for_each_size():
         assert all(re.fullmatch(r"[0-9a-f]{32}", md5) for md5 in table.values()), table
     assert mm.PLUS_MD5["breastmnist_64.npz"] == "742edef2a1fd1524b2efff4bd7ba9364"
 
+
 @pytest.mark.parametrize("spec", ["organmnist3d", "NoduleMNIST3D_64"])
 def test_a_medmnist3d_name_is_refused_as_3d_not_as_unknown(spec, tmp_path, monkeypatch):
     """A MedMNIST3D name was "no such file or folder, and not a known dataset name", as a typo would be; it is now

@@ -69,8 +69,8 @@ def test_relative_links_and_anchors_resolve():
 
 def test_table_rows_have_their_headers_cell_count():
     """A `|` splits a table cell even inside backticks or a formula unless written `\\|`: defenses/index.md's LLR row
-    (`μ·|δᵀ∇ₓℓ|`) rendered its formula's tail as the paper defaults and dropped `λ = 3, μ = 4`, and drop_max_pool2d.md's
-    `avx2|scalar` cut its backend row short. Every row has as many cells as its header."""
+    (`μ·|δᵀ∇ₓℓ|`) rendered its formula's tail as the paper defaults and dropped `λ = 3, μ = 4`, and
+    drop_max_pool2d.md's `avx2|scalar` cut its backend row short. Every row has as many cells as its header."""
     wrong = []
     for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
         lines = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), page.read_text(),
