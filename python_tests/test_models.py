@@ -86,6 +86,14 @@ def test_small_cnn_and_mlp_validate_their_own_arguments():
     # (mutation testing of models: taking width 0 survived; torch builds the zero-channel layers silently)
     with pytest.raises(ValueError, match="SmallCNN: expected width to be an integer >= 1, got 0"):
         SmallCNN(1, 2, width=0)
+    # (mutation testing of models: dropping SmallCNN's in_channels check and MLP's in_features / num_outputs checks
+    # survived: torch builds those zero-sized layers silently, and build_model checks before them)
+    with pytest.raises(ValueError, match="^SmallCNN: expected in_channels to be an integer >= 1, got 0$"):
+        SmallCNN(0, 2)
+    with pytest.raises(ValueError, match="^MLP: expected in_features to be an integer >= 1, got 0$"):
+        MLP(0, 1)
+    with pytest.raises(ValueError, match="^MLP: expected num_outputs to be an integer >= 1, got 0$"):
+        MLP(2, 0)
     with pytest.raises(ValueError, match="MLP: expected every hidden width to be an integer >= 1, got 0"):
         MLP(2, 1, hidden=(10, 0))
     # a single width failed in Python's own words ("'int' object is not iterable"), a string was read digit by digit
@@ -151,3 +159,39 @@ def test_small_cnn_is_its_documented_architecture():
     assert [m.out_channels for m in model.features if isinstance(m, torch.nn.Conv2d)] == [16, 32, 64]
     first, second = (m for m in model.features if isinstance(m, torch.nn.MaxPool2d))
     assert (first.kernel_size, first.stride, first.padding) == (3, 2, 1) and second.kernel_size == 2
+
+
+def test_small_cnn_convolutions_and_pools_keep_the_map_size_the_docs_give():
+    """SmallCNN's docstring: 3x3 convolutions (padding 1, so only the pools shrink the map) and a 2x2/2 second
+    max-pool. (Mutation testing of models: a 1x1 second convolution and a stride-1 second pool survived; both still
+    give [N, num_classes] after global pooling.)"""
+    model = build_model("small_cnn", 1, 2, 28)
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.kernel_size, m.stride, m.padding) for m in convs] == [((3, 3), (1, 1), (1, 1))] * 3
+    second = [m for m in model.features if isinstance(m, torch.nn.MaxPool2d)][1]
+    assert (second.kernel_size, second.stride, second.padding) == (2, 2, 0)
+    assert model.features(torch.rand(1, 1, 28, 28)).shape == (1, 64, 7, 7)  # 28 -> 14 -> 7
+
+
+def test_mlp_defaults_are_arfls_two_moons_model():
+    """MLP's docstring: ARFL's 2-10-10-1, which the defaults build, with ReLU hidden layers (the paper names no
+    activation; trained two-moons results rest on this one). (Mutation testing of models: another activation and a
+    default of two outputs survived here: the tests compared only the Linear layers of an MLP with explicit
+    arguments.)"""
+    from robust_ops.models import MLP
+
+    model = MLP()
+    assert [type(m).__name__ for m in model.net] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert [(m.in_features, m.out_features) for m in model.net[::2]] == [(2, 10), (10, 10), (10, 1)]
+    assert model(torch.rand(5, 2)).shape == (5,)
+    assert [type(m).__name__ for m in build_model("mlp", 1, 3, 4).net] == ["Linear", "ReLU"] * 2 + ["Linear"]
+
+
+def test_mlp_flattens_strided_and_channels_last_images():
+    """The MLP flattens any layout the attacks and loaders hand it: a view of a channels_last or sliced batch fails
+    (mutation testing of models: `.view(len(x), -1)` instead of `.flatten(1)` survived)."""
+    model = build_model("mlp", 3, 4, 6)
+    x = torch.rand(2, 3, 6, 12)[..., ::2]  # a strided slice
+    expected = model(x.contiguous())
+    assert torch.equal(model(x), expected)
+    assert torch.equal(model(x.contiguous(memory_format=torch.channels_last)), expected)
