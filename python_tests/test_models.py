@@ -20,6 +20,9 @@ def test_vgg16_keeps_the_pools_that_fit():
     small = build_model("vgg16", 1, 2, 28)
     assert pools(small) == 4 and pools(build_model("vgg16", 3, 2, 32)) == 5
     assert small.classifier[-1].out_features == 2  # the head has num_classes outputs (the others test 3)
+    # global average pooling above 32 pixels too (mutation testing of models: max pooling survived; at 28 the map is
+    # 1x1 and the two agree)
+    assert isinstance(small.avgpool, torch.nn.AdaptiveAvgPool2d) and small.avgpool.output_size == (1, 1)
 
 
 def test_mlp_on_images_and_on_feature_vectors():
@@ -195,3 +198,47 @@ def test_mlp_flattens_strided_and_channels_last_images():
     expected = model(x.contiguous())
     assert torch.equal(model(x), expected)
     assert torch.equal(model(x.contiguous(memory_format=torch.channels_last)), expected)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16", "densenet121"])
+def test_layers_are_torchvisions_but_for_the_stem(name):
+    """docs/getting-started.md: torchvision architectures whose first convolution takes the dataset's channel count
+    (3x3 up to 64 pixels). Every other parameter and buffer has torchvision's name and shape -- VGG-16's features are
+    vgg16_bn's, batch norm included, its dropped pools Identity so the indices stay -- and the rebuilt stem keeps
+    torchvision's bias or lack of one. (Mutation testing of models: VGG-16 without batch norm, dropped pools deleted,
+    a bias in a rebuilt stem, and a 7x7 stem rebuilt for 1 channel only -- 2 channels above 64 pixels kept the
+    3-channel one -- survived the shape and parameter-count tests.)"""
+    import torchvision.models as tvm
+    from torchvision.models.vgg import cfgs, make_layers
+
+    shapes = lambda m, prefix="": {prefix + k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    if name == "vgg16":
+        reference, stem, kernels = shapes(make_layers(cfgs["D"], batch_norm=True), "features."), "features.0", (3, 3)
+    else:
+        stem = "features.conv0" if name == "densenet121" else "conv1"
+        reference, kernels = shapes(getattr(tvm, name)(num_classes=2)), (3, 7)
+    # VGG-16 at 7x7 keeps two of its five pools (at 28x28 only the last goes, whose index no layer follows)
+    for (in_channels, size), kernel in zip(((1, 7 if name == "vgg16" else 28), (2, 65)), kernels):
+        model = build_model(name, in_channels, 2, size)
+        ours = shapes(model.features, "features.") if name == "vgg16" else shapes(model)
+        assert ours == {**reference, f"{stem}.weight": (64, in_channels, kernel, kernel)}, (in_channels, size)
+        model.eval()
+        with torch.no_grad():
+            assert model(torch.rand(1, in_channels, size, size)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("name,where", [("resnet18", "maxpool"), ("resnet50", "maxpool"), ("vgg16", "features.6"),
+                                        ("densenet121", "features.pool0"), ("small_cnn", "features.3")])
+def test_mirst_dm_replaces_the_first_max_pool_where_the_docs_say(name, where):
+    """docs/getting-started.md: the small-image stems keep the first max-pooling layer, the one MIRST-DM (--dropmax
+    first) turns into drop-max pooling: torchvision's 3x3/2 pool of the ResNets and DenseNet-121, VGG-16's first 2x2
+    pool. (Mutation testing of models: DenseNet-121's pool0 made Identity survived; replace_maxpool then refused a
+    model without max pooling.)"""
+    import robust_ops
+
+    model = robust_ops.replace_maxpool(build_model(name, 1, 2, 28))
+    drop = model.get_submodule(where)
+    assert isinstance(drop, robust_ops.DropMax2d)
+    expected = (2, 2, 0) if name == "vgg16" else (3, 2, 1)
+    assert (drop.kernel_size, drop.stride, drop.padding) == expected
+    assert [n for n, m in model.named_modules() if isinstance(m, robust_ops.DropMax2d)] == [where]
