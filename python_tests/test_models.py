@@ -130,6 +130,10 @@ def test_predict_single_logits_and_class_scores():
     assert predict(torch.nn.Identity(), logits).tolist() == [0, 0, 1]
     assert predict(torch.nn.Identity(), logits[:, None]).tolist() == [0, 0, 1]
     assert predict(torch.nn.Identity(), torch.tensor([[0.1, 0.9, 0.0], [2.0, 1.0, 0.0]])).tolist() == [1, 0]
+    # without autograd: evaluation loops call it on every batch (mutation testing of models: dropping no_grad survived)
+    modes = []
+    predict(lambda x: modes.append(torch.is_grad_enabled()) or x, logits.requires_grad_())
+    assert modes == [False]
 
 
 def test_parameter_counts_against_torchvision():
@@ -242,3 +246,12 @@ def test_mirst_dm_replaces_the_first_max_pool_where_the_docs_say(name, where):
     expected = (2, 2, 0) if name == "vgg16" else (3, 2, 1)
     assert (drop.kernel_size, drop.stride, drop.padding) == expected
     assert [n for n, m in model.named_modules() if isinstance(m, robust_ops.DropMax2d)] == [where]
+
+
+def test_unknown_model_is_named_before_its_arguments_are_checked():
+    # (mutation testing of models: without the first check the name was reported after the others, so a typo with an
+    # odd argument was an error about the argument)
+    for kwargs in (dict(in_channels=0), dict(width=8), dict(image_size=0)):
+        with pytest.raises(ValueError, match=r"^unknown model 'resnet9000'; expected one of resnet18, resnet50, vgg16, "
+                                             r"densenet121, small_cnn, mlp$"):
+            build_model("resnet9000", **kwargs)
