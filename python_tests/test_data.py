@@ -2089,15 +2089,21 @@ def test_every_2d_medmnist_set_names_its_classes(tmp_path, as_official):
     assert s.info.positive_class is None
 
 
-def test_an_official_name_in_other_case_is_md5_checked(tmp_path, monkeypatch):
-    """BreastMNIST.npz takes breastmnist.npz's classes from its name (0 = malignant, the positive class) but skipped
-    its MD5 check: any file so named loaded as the official set. It is now checked as breastmnist.npz."""
-    p = write_npz(tmp_path / "BreastMNIST.npz")
-    with pytest.raises(DataError, match=r"BreastMNIST\.npz: MD5 [0-9a-f]{32} does not match the official "
+@pytest.mark.parametrize("file_name", ["BreastMNIST.npz", "breastmnist_28.npz", "BreastMNIST_28.npz"])
+def test_an_official_name_in_other_spellings_is_md5_checked(tmp_path, monkeypatch, file_name):
+    """BreastMNIST.npz and breastmnist_28.npz take breastmnist.npz's classes from their name (0 = malignant, the
+    positive class; load_dataset("breastmnist_28") reads breastmnist.npz) but skipped its MD5 check (MedMNIST names
+    no *_28.npz): any file so named loaded as the official set. Both are now checked as breastmnist.npz."""
+    p = write_npz(tmp_path / file_name)
+    with pytest.raises(DataError, match=rf"{re.escape(file_name)}: MD5 [0-9a-f]{{32}} does not match the official "
                                         r"breastmnist\.npz \(750601b1f35ba3300ea97c75c52ff8f6\)"):
         load_dataset(p)
     monkeypatch.setattr(mm, "file_md5", lambda path: mm.OFFICIAL_MD5["breastmnist.npz"])  # the official bytes
     assert load_dataset(p).info.class_names[0] == "malignant"
+
+
+def test_an_organ_file_in_other_case_passes_with_its_revised_checksum(tmp_path, monkeypatch):
+    """Organ{A,C,S}MNIST's 28x28 files were re-released in MedMNIST v3: either checksum passes, in any case."""
     monkeypatch.setattr(mm, "file_md5", lambda path: mm.REVISED_MD5["organamnist.npz"])
     assert mm.check_md5(write_npz(tmp_path / "OrganAMNIST.npz")) == mm.REVISED_MD5["organamnist.npz"]
 
@@ -2116,17 +2122,6 @@ def test_an_official_medmnist_plus_name_is_md5_checked(tmp_path, monkeypatch):
     assert load_dataset(p).info.class_names[0] == "malignant"
     other = shutil.copy(p, tmp_path / "my_breastmnist_224.npz")  # not an official name: layout only
     assert mm.check_md5(other) is None and load_dataset(other).info.name == "my_breastmnist"
-
-
-def test_a_28_in_an_official_name_is_md5_checked_as_the_28x28_file(tmp_path, monkeypatch):
-    """breastmnist_28.npz took BreastMNIST's classes from its name (0 = malignant, the positive class), as
-    load_dataset("breastmnist_28") reads breastmnist.npz, but skipped the MD5 check: MedMNIST names no *_28.npz."""
-    p = write_npz(tmp_path / "BreastMNIST_28.npz")
-    with pytest.raises(DataError, match=r"BreastMNIST_28\.npz: MD5 [0-9a-f]{32} does not match the official "
-                                        r"breastmnist\.npz \(750601b1f35ba3300ea97c75c52ff8f6\)"):
-        load_dataset(p)
-    monkeypatch.setattr(mm, "file_md5", lambda path: mm.OFFICIAL_MD5["breastmnist.npz"])  # the official bytes
-    assert load_dataset(p).info.class_names[0] == "malignant"
 
 
 def test_a_large_official_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
