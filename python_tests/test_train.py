@@ -1712,6 +1712,39 @@ def test_ddp_processes_stop_early_after_the_same_epoch(tmp_path):
     assert single.early_stopping["stopped_epoch"] == ranks[0]["epochs"]
 
 
+def _ddp_plateau_worker(rank, world, port, init_path, out_path):
+    with _gloo_group(rank, world, port):
+        init = torch.load(init_path, weights_only=True)
+        model = _model_from(init)
+        # validation sets of one size, other content (as in the early-stopping test): each process's own val_loss
+        # would cut its own learning rate, after other epochs
+        result = fit(model, defenses.Standard(), _data(), _data(16, seed=1 + rank), epochs=8,
+                     scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0),
+                     **_ES_KWARGS)
+        torch.save({"lr": [row["lr"] for row in result.history], "model": _weights(model)}, f"{out_path}.{rank}")
+
+
+@pytest.mark.slow  # two processes importing torch
+def test_ddp_plateau_scheduler_steps_on_rank_0s_val_loss(tmp_path):
+    """ReduceLROnPlateau stepped on each process's own val_loss: processes validating other shares (or the same one
+    on unlike CPUs) cut their rates after other epochs, and DDP, which averages gradients, then left their weights
+    apart silently. Rank 0's val_loss now steps it on every process, as a single process validating on rank 0's set."""
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    out = str(tmp_path / "plateau")
+    _spawn_within(120, _ddp_plateau_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert ranks[0]["lr"] == ranks[1]["lr"]
+    assert len(set(ranks[0]["lr"])) > 1  # the rate was cut at least once
+    for k, v in ranks[0]["model"].items():
+        assert torch.equal(v, ranks[1]["model"][k]), k
+    single = fit(_model_from(torch.load(tmp_path / "init.pt", weights_only=True)), defenses.Standard(), _data(),
+                 _data(16, seed=1), epochs=8,
+                 scheduler=lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0),
+                 **_ES_KWARGS)
+    assert [row["lr"] for row in single.history] == ranks[0]["lr"]
+
+
 class _DrawsOnce(Defense):
     """Standard training that records the first numbers its process's torch, numpy and random streams draw."""
 

@@ -911,7 +911,8 @@ def fit(
             setting). With ``optimizer`` given, any lr is an error (it would be ignored).
         optimizer: None (Adam(lr)), an optimizer over ``model``'s parameters, or a callable ``params -> optimizer``.
         scheduler: None, an LR scheduler, or a callable ``optimizer -> scheduler``; stepped once per epoch
-            (``ReduceLROnPlateau`` gets the validation loss, the training loss without ``val_data``).
+            (``ReduceLROnPlateau`` gets the validation loss, rank 0's under DDP; the training loss without
+            ``val_data``).
         out_dir (str or Path): folder for ``checkpoint.pt``, ``metrics.csv`` and ``metrics.json``
             (None: nothing is written).
         resume (bool or str): True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues from
@@ -1464,14 +1465,18 @@ def fit(
             row["lr"] = float(optimizer.param_groups[0]["lr"])
             row["time_s"] = time.perf_counter() - t0
             history.append(row)
-            if stopper is not None and epoch >= warmup_epochs:
-                failures.where = f"the early-stopping check after epoch {epoch + 1}"
+            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            monitored = row.get("val_loss", row.get("train_loss"))
+            if world > 1 and "val_loss" in row and (plateau or (stopper is not None and epoch >= warmup_epochs)):
+                failures.where = f"the validation-loss exchange after epoch {epoch + 1}"
                 with failures:
-                    _early_stopping_step(stopper, row["val_loss"], epoch, world, device)
+                    monitored = _rank0_value(monitored, device)
+            if stopper is not None and epoch >= warmup_epochs:
+                _early_stopping_step(stopper, monitored, epoch)
 
             if scheduler is not None:
-                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(row.get("val_loss", row.get("train_loss")))
+                if plateau:
+                    scheduler.step(monitored)
                 else:
                     scheduler.step()
 
@@ -1585,15 +1590,20 @@ def warmup_head(name, model, params, warmup_params):
     return head
 
 
-def _early_stopping_step(stopper, value, epoch, world, device):
-    """Updates ``stopper`` (fit's early-stopping state) with epoch ``epoch``'s (0-based) monitored value: a strictly
-    lower one is the new best, else one more bad epoch; ``patience`` of them in a row stop the run. Under DDP rank
-    0's value decides on every process (each validates itself, and the same weights may score differently in the
-    last bits on another node's CPU), so all stop after the same epoch."""
-    if world > 1:
-        shared = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.broadcast(shared, src=0)
-        value = float(shared.item())
+def _rank0_value(value, device):
+    """Process 0's ``value`` (a float) on every process. Each process validates itself, and the same weights may
+    score differently in the last bits on another node's CPU (or on another validation share), so what early
+    stopping and ``ReduceLROnPlateau`` decide on is rank 0's val_loss: every process then stops after the same epoch
+    and keeps the same learning rate (DDP averages gradients, not weights: other rates would part them silently)."""
+    shared = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(shared, src=0)
+    return float(shared.item())
+
+
+def _early_stopping_step(stopper, value, epoch):
+    """Updates ``stopper`` (fit's early-stopping state) with epoch ``epoch``'s (0-based) monitored value (under DDP
+    rank 0's, ``_rank0_value``): a strictly lower one is the new best, else one more bad epoch; ``patience`` of them
+    in a row stop the run."""
     if stopper["best"] is None or value < stopper["best"]:
         stopper.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
         return
