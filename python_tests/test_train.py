@@ -66,7 +66,7 @@ def test_fit_writes_history_metrics_and_a_weights_only_checkpoint(tmp_path):
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
     # docs/training.md's table of contents; the sampler: (seed, 0-based index) of the last epoch's permutation
     assert set(state) == {"format", "epoch", "config", "model", "optimizer", "scheduler", "scaler", "defense", "rng",
-                          "rng_ranks", "sampler", "history", "arithmetic", "early_stopping"}
+                          "rng_ranks", "sampler", "history", "arithmetic", "early_stopping", "best_model"}
     assert state["sampler"] == {"seed": 0, "epoch": 1, "batch_size": 8, "shuffle": True}
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("epoch,")
     assert json.loads((tmp_path / "metrics.json").read_text())[1]["epoch"] == 2
@@ -430,6 +430,108 @@ def test_early_stopping_resumes_exactly_and_a_stopped_run_stays_stopped(tmp_path
     assert load_checkpoint(tmp_path / "b/checkpoint.pt")["epoch"] == stopped
     for k, v in _weights(whole).items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_restore_best_hands_back_the_best_epochs_weights_bitwise(tmp_path):
+    """fit(early_stopping=N, restore_best=True) returns the weights of the epoch with the best val_loss, bitwise those
+    of a run stopped at that epoch, whether it stopped early or ran all its epochs; checkpoint.pt's model stays the
+    last epoch's (for exact resume), its best_model and out_dir/best_model.pt hold the best, which load_weights
+    reads. Without out_dir, the same weights from the in-memory copy."""
+    torch.manual_seed(0)
+    init = _weights(DropoutMLP())
+    torch.manual_seed(0)
+    last, plain = _early_stopped(tmp_path / "plain", init=init)
+    best_epoch, stopped = plain.early_stopping["best_epoch"], plain.early_stopping["stopped_epoch"]
+    assert stopped == best_epoch + 2 and plain.weights_epoch == stopped
+    torch.manual_seed(0)
+    model, result = _early_stopped(tmp_path / "best", init=init, restore_best=True)
+    assert result.early_stopping == plain.early_stopping and result.weights_epoch == best_epoch
+    torch.manual_seed(0)
+    at_best, short = _early_stopped(tmp_path / "short", epochs=best_epoch, init=init)  # a run stopped at the best
+    assert short.early_stopping["best_epoch"] == best_epoch
+    for k, v in _weights(at_best).items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    state = load_checkpoint(tmp_path / "best/checkpoint.pt")
+    assert state["epoch"] == stopped and load_checkpoint(tmp_path / "plain/checkpoint.pt")["best_model"] is None
+    for k, v in _weights(last).items():  # the last epoch's, as without restore_best
+        assert torch.equal(v, state["model"][k]), k
+        assert torch.equal(state["best_model"][k], at_best.state_dict()[k]), k
+    best_file = load_checkpoint(tmp_path / "best/best_model.pt")
+    assert (best_file["weights"], best_file["epoch"], best_file["val_loss"]) == (
+        "best", best_epoch, result.early_stopping["best"])
+    loaded = load_weights(DropoutMLP(), tmp_path / "best/best_model.pt")
+    for k, v in _weights(at_best).items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with pytest.raises(ValueError, match=r"^fit: .*best_model.pt holds the weights of a run's best epoch only "
+                                         r"\(best_model.pt\), not a checkpoint to resume; resume from the run's "
+                                         r"checkpoint.pt$"):
+        _early_stopped(init=init, resume=tmp_path / "best/best_model.pt", restore_best=True)
+    # no early stop (all epochs ran, the best before the last), and no out_dir: the in-memory copy
+    torch.manual_seed(0)
+    ran_all, whole = _early_stopped(epochs=stopped - 1, init=init, restore_best=True)
+    assert whole.early_stopping["stopped_epoch"] is None and whole.weights_epoch == best_epoch < stopped - 1
+    assert whole.checkpoint is None
+    for k, v in _weights(at_best).items():
+        assert torch.equal(v, ran_all.state_dict()[k]), k
+
+
+def test_restore_best_needs_early_stopping_and_a_bool():
+    with pytest.raises(ValueError, match=r"^fit: restore_best=True hands back the weights of the epoch with the best "
+                                         r"val_loss, which early stopping tracks, and early_stopping=None; pass "
+                                         r"early_stopping=N \(a patience\) or leave restore_best False$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8), epochs=2, restore_best=True, progress=False)
+    with pytest.raises(TypeError, match=r"^fit: expected restore_best to be True or False, got 'yes'$"):
+        fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8), epochs=2, early_stopping=2, restore_best="yes",
+            progress=False)
+
+
+def test_restore_best_resumes_exactly_and_a_switch_on_is_refused_unless_exact(tmp_path):
+    """An interrupted restore_best run resumed ends with bitwise the same best (and last) weights and the same
+    best_model.pt; a resume switching restore_best on is refused where the checkpoint's weights are not its best
+    epoch's, and accepted where they are; switching it off hands back the last epoch's."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(0)
+        init = _weights(DropoutMLP())
+        whole, ref = _early_stopped(tmp_path / "a", init=init, restore_best=True)
+        best_epoch, stopped = ref.early_stopping["best_epoch"], ref.early_stopping["stopped_epoch"]
+        # interrupted one epoch after the best (the best is in the checkpoint's best_model only), then resumed
+        _early_stopped(tmp_path / "b", epochs=best_epoch + 1, init=init, restore_best=True)
+        (tmp_path / "b/best_model.pt").unlink()  # rewritten by the resumed call's first epoch
+        torch.manual_seed(123)
+        resumed, result = _early_stopped(tmp_path / "b", resume=True, restore_best=True)
+        # trained without restore_best: refused after its best epoch, accepted at it
+        _early_stopped(tmp_path / "c", epochs=best_epoch + 1, init=init)
+        with pytest.raises(ValueError, match=rf"^fit: cannot resume .*checkpoint.pt with restore_best=True: it was "
+                                             rf"trained without it, so it holds the weights of its last epoch "
+                                             rf"\({best_epoch + 1}\), not of its best one \({best_epoch}\); resume "
+                                             r"with restore_best=False, or train again from the start with "
+                                             r"restore_best=True$"):
+            _early_stopped(tmp_path / "c", resume=True, restore_best=True)
+        _early_stopped(tmp_path / "d", epochs=best_epoch, init=init)
+        switched, on = _early_stopped(tmp_path / "d", resume=True, restore_best=True)
+        # switched off: the last epoch's weights, the checkpoint without best weights
+        _early_stopped(tmp_path / "e", epochs=best_epoch + 1, init=init, restore_best=True)
+        off_model, off = _early_stopped(tmp_path / "e", resume=True)
+        finished, again = _early_stopped(tmp_path / "a", resume=True, restore_best=True)  # trains no epoch
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert result.early_stopping == ref.early_stopping and result.weights_epoch == on.weights_epoch == best_epoch
+    states = {d: load_checkpoint(tmp_path / d / "checkpoint.pt") for d in "abde"}
+    best_files = {d: load_checkpoint(tmp_path / d / "best_model.pt") for d in "abd"}
+    for k, v in _weights(whole).items():
+        for model in (resumed, switched):
+            assert torch.equal(v, model.state_dict()[k]), k
+        for d in "bd":
+            assert torch.equal(v, states[d]["best_model"][k]) and torch.equal(v, best_files[d]["model"][k]), k
+        assert torch.equal(states["a"]["model"][k], states["b"]["model"][k]), k  # the last epoch's, bitwise
+        assert torch.equal(states["a"]["model"][k], off_model.state_dict()[k]), k
+    assert off.weights_epoch == stopped and states["e"]["best_model"] is None
+    assert len(again.history) == stopped and again.weights_epoch == best_epoch
+    for k, v in _weights(whole).items():
+        assert torch.equal(v, finished.state_dict()[k]), k
+    assert best_files["b"]["epoch"] == best_epoch
 
 
 class _CNNWithHead(nn.Module):
@@ -1710,6 +1812,32 @@ def test_ddp_processes_stop_early_after_the_same_epoch(tmp_path):
     single = fit(_model_from(torch.load(tmp_path / "init.pt", weights_only=True)), defenses.Standard(), _data(),
                  _data(16, seed=1), epochs=30, early_stopping=2, **_ES_KWARGS)
     assert single.early_stopping["stopped_epoch"] == ranks[0]["epochs"]
+
+
+def _ddp_restore_best_worker(rank, world, port, init_path, out_path):
+    with _gloo_group(rank, world, port):
+        model = _model_from(torch.load(init_path, weights_only=True))
+        # each process its own out_dir: what process 1 would write shows there
+        result = fit(model, defenses.Standard(), _data(), _data(16, seed=1 + rank), epochs=30, early_stopping=2,
+                     restore_best=True, out_dir=f"{out_path}.dir{rank}", **_ES_KWARGS)
+        torch.save({"stop": result.early_stopping, "weights_epoch": result.weights_epoch, "model": _weights(model)},
+                   f"{out_path}.{rank}")
+
+
+@pytest.mark.slow  # two processes importing torch, as test_ddp_processes_stop_early_after_the_same_epoch
+def test_ddp_restore_best_hands_back_rank_0s_best_epoch_on_every_process_and_only_rank_0_writes(tmp_path):
+    torch.manual_seed(0)
+    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
+    out = str(tmp_path / "best")
+    _spawn_within(120, _ddp_restore_best_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert ranks[0]["stop"] == ranks[1]["stop"]
+    assert ranks[0]["weights_epoch"] == ranks[1]["weights_epoch"] == ranks[0]["stop"]["best_epoch"]
+    best_file = load_checkpoint(f"{out}.dir0/best_model.pt")
+    assert best_file["epoch"] == ranks[0]["stop"]["best_epoch"]
+    for k, v in ranks[0]["model"].items():
+        assert torch.equal(v, ranks[1]["model"][k]) and torch.equal(v, best_file["model"][k]), k
+    assert not os.path.exists(f"{out}.dir1") or not os.listdir(f"{out}.dir1")  # process 1 wrote nothing
 
 
 def _ddp_plateau_worker(rank, world, port, init_path, out_path):

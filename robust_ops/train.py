@@ -59,6 +59,7 @@ from .defenses._common import ONE_SAMPLE_BATCH_NORM
 from .defenses.base import _as_tuples, _plain
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_MODEL_NAME = "best_model.pt"  # restore_best: the best epoch's weights, a file load_weights and eval read
 HISTORY_NAME = "metrics.json"  # the per-epoch history, rewritten with each checkpoint
 METRICS_CSV_NAME = "metrics.csv"  # the same as a table
 CHECKPOINT_FORMAT = 1
@@ -70,12 +71,15 @@ class FitResult:
     """history: one dict of floats per epoch (also in out_dir/metrics.csv and metrics.json); checkpoint: the path of
     the last checkpoint (None without out_dir); model: the trained model (unwrapped from DDP); early_stopping: None
     without ``early_stopping``, else its state (the checkpoint's entry): monitor, patience, best, best_epoch,
-    bad_epochs, and stopped_epoch and reason once the patience ran out (None while it has not)."""
+    bad_epochs, and stopped_epoch and reason once the patience ran out (None while it has not); weights_epoch: the
+    epoch whose weights ``model`` holds (weights after that many epochs): with ``restore_best``, the state's
+    best_epoch, else (or before any epoch set a best: a warm-up only) the last epoch trained; 0 when none was."""
 
     history: list = field(default_factory=list)
     checkpoint: str = None
     model: nn.Module = None
     early_stopping: dict = None
+    weights_epoch: int = 0
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -390,6 +394,9 @@ def _fit_checkpoint(name, path, map_location, entries=tuple(_RESUME_ENTRIES)):
             why = f"its {key!r} is a {type(value).__name__}, expected a{'n' if kind is int else ''} {kind.__name__}"
         else:
             continue
+        if state.get("weights") == "best":  # restore_best's best_model.pt: weights only, not a run to continue
+            raise ValueError(f"{name}: {path} holds the weights of a run's best epoch only ({BEST_MODEL_NAME}), not "
+                             f"a checkpoint to resume; resume from the run's {CHECKPOINT_NAME}")
         raise ValueError(f"{name}: {path} is not a whole robust_ops fit checkpoint: {why} (damaged or edited)")
     return state
 
@@ -890,6 +897,7 @@ def fit(
     max_grad_norm=None,
     val_batch_size=None,
     early_stopping=None,
+    restore_best=False,
     warmup_epochs=0,
     warmup_params=None,
     dist_timeout=None,
@@ -931,7 +939,14 @@ def fit(
             to validate) it is an error, not ignored.
         early_stopping (int, optional): patience: stop once ``val_loss`` (the quantity a ``ReduceLROnPlateau``
             steps on with ``val_data``) has not improved for this many epochs after its best; needs ``val_data``.
-            Epochs of the warm-up do not count. The model returned (and the checkpoint) is the last epoch's.
+            Epochs of the warm-up do not count. The checkpoint holds the last epoch's weights; so does the model
+            returned, unless ``restore_best``.
+        restore_best (bool): with ``early_stopping``, the model returned holds the weights of the epoch with the
+            best ``val_loss`` (the state's best_epoch; ``FitResult.weights_epoch``), whether the run stopped early
+            or ran all ``epochs``; with ``out_dir`` they are also kept in the checkpoint (its ``best_model``, for
+            a resume) and written to ``out_dir/best_model.pt`` (``load_weights`` and ``robust-ops eval`` read it).
+            A resume may switch it off, and on only where the checkpoint's weights are its best epoch's (or no
+            epoch set a best yet).
         warmup_epochs (int): the first epochs train the classifier head alone (the other parameters keep their
             weights and optimizer state); part of ``epochs`` (10 and 60: 10 of the head, 50 of all layers).
         warmup_params (str or sequence of str, optional): the module name(s) of the head the warm-up trains (e.g.
@@ -944,7 +959,7 @@ def fit(
             process; not recorded in the checkpoint (it changes no result), so a resume may change it.
 
     Returns:
-        FitResult(history, checkpoint, model, early_stopping).
+        FitResult(history, checkpoint, model, early_stopping, weights_epoch).
     """
     name = "fit"
     if isinstance(defense, str):
@@ -971,12 +986,12 @@ def fit(
         raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
     seed = int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
     max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
-    early_stopping, warmup_epochs = _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params,
-                                                            val_data)
-    timeout = check_dist_timeout(dist_timeout)
     # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
     check_flags(name, {"amp": amp, "channels_last": channels_last, "progress": progress,
-                       "prepacked_conv": prepacked_conv}, optional=("prepacked_conv",))
+                       "prepacked_conv": prepacked_conv, "restore_best": restore_best}, optional=("prepacked_conv",))
+    early_stopping, warmup_epochs = _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params,
+                                                            val_data, restore_best)
+    timeout = check_dist_timeout(dist_timeout)
     _check_map_style(name, "train_data", train_data)
     if val_data is not None:
         _check_map_style(name, "val_data", val_data)
@@ -1001,7 +1016,7 @@ def fit(
             _check_processes_agree(name, {"seed": int(seed), "len(train_data)": len(train_data),
                                           "batch_size": batch_size, "epochs": epochs,
                                           "len(val_data)": None if val_data is None else len(val_data),
-                                          "amp": bool(amp)},
+                                          "amp": bool(amp), "restore_best": restore_best},
                                    rank, world, "pass every process the same ones, and the whole train_data and "
                                    "val_data (not shards): fit cuts one permutation of train_data into global batches "
                                    "and gives each process its share, and seeds each process's own random streams "
@@ -1102,6 +1117,7 @@ def fit(
     # recorded as it runs, so a resume under another $ROBUST_OPS_PREPACKED_CONV is refused
     prepacked_conv = prepacked_conv_resolved(prepacked_conv)
     history, start_epoch = [], 0
+    best_weights = None  # restore_best: the best epoch's state dict (on CPU), once an epoch set a best
     stopper = None if early_stopping is None else {
         "monitor": "val_loss", "patience": early_stopping, "best": None, "best_epoch": None, "bad_epochs": 0,
         "stopped_epoch": None, "reason": None}
@@ -1254,6 +1270,8 @@ def fit(
         start_epoch = int(state["epoch"])
         if early_stopping is not None and isinstance(state.get("early_stopping"), dict):
             stopper = dict(state["early_stopping"])
+        if restore_best:
+            best_weights = _resumed_best_weights(name, resume_path, state, stopper)
     else:
         _seed_rank_streams(seed, rank)
 
@@ -1473,6 +1491,9 @@ def fit(
                     monitored = _rank0_value(monitored, device)
             if stopper is not None and epoch >= warmup_epochs:
                 _early_stopping_step(stopper, monitored, epoch)
+            new_best = restore_best and stopper["best_epoch"] == epoch + 1
+            if new_best:  # a copy off the device, as a checkpoint holds it: the next epoch changes the live tensors
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
             if scheduler is not None:
                 if plateau:
@@ -1504,8 +1525,16 @@ def fit(
                     "history": history,
                     "arithmetic": _arithmetic(device, world),
                     "early_stopping": stopper,
+                    # restore_best's, where a resume finds them (the model entry stays the last epoch's)
+                    "best_model": best_weights,
                 }
                 try:
+                    if best_weights is not None and (new_best or epoch == start_epoch):
+                        # before the checkpoint, and again by a resumed call's first epoch: a kill between the two
+                        # writes then leaves no best_model.pt behind the checkpoint's best_model
+                        save_checkpoint(Path(out_dir) / BEST_MODEL_NAME, {
+                            "format": CHECKPOINT_FORMAT, "weights": "best", "epoch": stopper["best_epoch"],
+                            "val_loss": stopper["best"], "config": state["config"], "model": best_weights})
                     save_checkpoint(ckpt_path, state)
                     _write_metrics(Path(out_dir), history)
                 except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
@@ -1526,8 +1555,28 @@ def fit(
         # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
         # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
         _write_metrics(Path(out_dir), history)
+    weights_epoch = len(history)
+    if best_weights is not None:  # equal on every process: rank 0's val_loss picked the epoch, DDP kept them equal
+        model.load_state_dict(best_weights)
+        weights_epoch = stopper["best_epoch"]
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
-                     else None, model=model, early_stopping=stopper)
+                     else None, model=model, early_stopping=stopper, weights_epoch=weights_epoch)
+
+
+def _resumed_best_weights(name, path, state, stopper):
+    """restore_best's best weights from the checkpoint ``state`` being resumed (on CPU), None before any epoch set a
+    best. A checkpoint written without restore_best holds them only where its best epoch is its last one (its
+    model); else the resume is refused: its best epoch's weights are gone, and the run could not hand them back."""
+    if state.get("best_model") is not None:
+        return {k: v.to("cpu") for k, v in state["best_model"].items()}
+    best_epoch = None if stopper is None else stopper.get("best_epoch")
+    if best_epoch is None:
+        return None
+    if best_epoch == int(state["epoch"]):
+        return {k: v.detach().to("cpu", copy=True) for k, v in state["model"].items()}
+    raise ValueError(f"{name}: cannot resume {path} with restore_best=True: it was trained without it, so it holds "
+                     f"the weights of its last epoch ({int(state['epoch'])}), not of its best one ({best_epoch}); "
+                     "resume with restore_best=False, or train again from the start with restore_best=True")
 
 
 # The submodules taken for the classifier head when warmup_params is None: torchvision's ResNet (fc), VGG and
@@ -1535,9 +1584,14 @@ def fit(
 HEAD_NAMES = ("fc", "classifier", "head")
 
 
-def _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params, val_data):
+def _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params, val_data, restore_best=False):
     """(early_stopping, warmup_epochs) checked: a patience >= 1 that has a validation set to monitor, a warm-up of
-    >= 0 epochs, and no ``warmup_params`` without a warm-up (it would be ignored)."""
+    >= 0 epochs, no ``warmup_params`` without a warm-up and no ``restore_best`` without early stopping (each would
+    be ignored)."""
+    if restore_best and early_stopping is None:  # the best epoch is early stopping's state
+        raise ValueError(f"{name}: restore_best=True hands back the weights of the epoch with the best val_loss, "
+                         "which early stopping tracks, and early_stopping=None; pass early_stopping=N (a patience) "
+                         "or leave restore_best False")
     if early_stopping is not None:
         early_stopping = check_int(name, "early_stopping", early_stopping, 1)
         if val_data is None:
