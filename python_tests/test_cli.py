@@ -970,6 +970,47 @@ def test_train_warmup_and_early_stopping_are_recorded_resumed_and_refused_where_
         one_line_error(rc, err, f"{flag}:", said)
 
 
+def test_train_restore_best_hands_back_the_best_epoch_which_eval_attacks(small_npz, tmp_path, capsys):
+    """--restore-best: RUN_DIR/best_model.pt holds the best epoch's weights (checkpoint.pt the last epoch's), run.json
+    records it, eval RUN_DIR attacks those weights (eval RUN_DIR/checkpoint.pt the last ones) and records which; a
+    resume switching it on where the best epoch's weights are gone is refused naming the flag."""
+    out = tmp_path / "best"
+    argv = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "6"]
+    rc, _, err = run(argv + ["--out", out, "--restore-best"], capsys)
+    one_line_error(rc, err, "--restore-best:", "pass --early-stopping PATIENCE too")
+    assert not out.exists()
+    rc, got, err = run(argv + ["--out", out, "--early-stopping", "2", "--restore-best"], capsys)
+    assert rc == 0, err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    best = torch.load(out / "best_model.pt", weights_only=True)
+    stop = state["early_stopping"]
+    assert best["epoch"] == stop["best_epoch"] < state["epoch"]  # the seed's run: its best is not its last epoch
+    assert json.loads((out / "run.json").read_text())["restore_best"] is True
+    assert f"restore best: the model is epoch {stop['best_epoch']}'s, in {out / 'best_model.pt'}" in got
+    model, _, run_doc = cli.load_run(out)
+    last, _, last_doc = cli.load_run(out / "checkpoint.pt")
+    for k, v in state["best_model"].items():
+        assert torch.equal(v, best["model"][k]) and torch.equal(v, model.state_dict()[k]), k
+        assert torch.equal(state["model"][k], last.state_dict()[k]), k
+    assert (run_doc["weights"], run_doc["best_epoch"]) == ("best", stop["best_epoch"]) and "weights" not in last_doc
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"],
+                     capsys)
+    assert rc == 0, err
+    assert json.loads((out / "eval" / "results.json").read_text())["config"]["run"]["best_epoch"] == stop["best_epoch"]
+    # trained without it: switching it on would need the weights of an epoch the run no longer holds
+    plain = tmp_path / "plain"
+    rc, _, err = run(argv + ["--out", plain, "--early-stopping", "2"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(argv + ["--out", plain, "--early-stopping", "2", "--restore-best", "--resume"], capsys)
+    one_line_error(rc, err, "--restore-best:", f"holds the weights of its last epoch ({state['epoch']}), not of its "
+                   f"best one ({stop['best_epoch']}); resume without --restore-best")
+    assert json.loads((plain / "run.json").read_text())["restore_best"] is False
+    # a fresh run into RUN_DIR removes the replaced run's best_model.pt with its checkpoint
+    rc, _, err = run(argv + ["--out", out, "--epochs", "1"], capsys)
+    assert rc == 0, err
+    assert not (out / "best_model.pt").exists()
+
+
 def test_train_with_the_same_seed_gives_the_same_weights(small_npz, tmp_path, capsys):
     states = []
     for name in ("a", "b"):

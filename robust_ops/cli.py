@@ -28,6 +28,7 @@ DEMO_LABELS = {"standard": "Baseline"}  # table labels; every other registered d
 RUN_FILE = "run.json"
 DROPMAX_CHOICES = ("none", "first", "all")
 CHECKPOINT = "checkpoint.pt"
+BEST_MODEL = "best_model.pt"  # --restore-best's weights of the best epoch (robust_ops.train.BEST_MODEL_NAME)
 
 
 class CLIError(Exception):
@@ -640,20 +641,26 @@ def checked_dist_timeout(args):
 
 
 def add_schedule_options(p):
-    """train's head-only warm-up and early stopping (fit's warmup_epochs and early_stopping)."""
+    """train's head-only warm-up and early stopping (fit's warmup_epochs, early_stopping and restore_best)."""
     p.add_argument("--warmup-epochs", type=int, default=0,
                    help="train the model's classifier head alone for the first N of --epochs (DPAAT: 10)")
     p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
                    help="stop once the validation loss has not improved for PATIENCE epochs after the warm-up "
                         "(DPAAT: 5; default: off)")
+    p.add_argument("--restore-best", action=Switch,
+                   help="with --early-stopping: hand back the weights of the epoch with the lowest validation loss "
+                        "(RUN_DIR/best_model.pt, which eval RUN_DIR attacks), not the last epoch's")
 
 
-def check_schedule_options(warmup_epochs, early_stopping):
-    """One-line errors for --warmup-epochs and --early-stopping, before any data is loaded."""
+def check_schedule_options(warmup_epochs, early_stopping, restore_best=False):
+    """One-line errors for --warmup-epochs, --early-stopping and --restore-best, before any data is loaded."""
     if warmup_epochs < 0:
         raise CLIError(f"--warmup-epochs: expected >= 0, got {warmup_epochs}")
     if early_stopping is not None and early_stopping < 1:
         raise CLIError(f"--early-stopping: expected a patience >= 1, got {early_stopping}")
+    if restore_best and early_stopping is None:
+        raise CLIError("--restore-best: it hands back the epoch with the lowest validation loss, which early stopping "
+                       "tracks; pass --early-stopping PATIENCE too, or leave --restore-best out")
 
 
 def cmd_train_parser(sub):
@@ -724,10 +731,13 @@ def check_train_split(splits, data):
 
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
-               train_samples=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0, early_stopping=None):
+               train_samples=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0, early_stopping=None,
+               restore_best=False):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
     rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
-    ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume."""
+    ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume.
+    ``restore_best`` is recorded for eval (RUN_DIR then means best_model.pt), not compared on resume: it changes no
+    training (fit refuses a switch it cannot make exact)."""
     if dropmax == "none" and makes_first_drop_max(defense_name):
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
     run = {
@@ -738,6 +748,7 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
                                                       for k, v in defense_options.items()},
         "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
         "epochs": epochs, "batch_size": batch_size, "warmup_epochs": warmup_epochs, "early_stopping": early_stopping,
+        "restore_best": bool(restore_best),
         "lr": lr, "seed": seed, "label": label or defense_name, "dataset": info.to_dict() if info else None,
     }
     if split is not None:
@@ -752,7 +763,7 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
 RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, "channels": int, "model": str,
                    "defense": str, "defense_options": dict, "dropmax": str, "channels_last": bool,
                    "prepacked_conv": bool, "epochs": int, "batch_size": int, "lr": (int, float), "seed": int,
-                   "warmup_epochs": int, "early_stopping": int,
+                   "warmup_epochs": int, "early_stopping": int, "restore_best": bool,
                    "label": str, "dataset": dict, "split": dict, "train_samples": int}
 _JSON_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false",
                     (int, float): "a number"}
@@ -859,9 +870,10 @@ def refuse_several_processes(command, why):
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
               prepacked_conv=None, split=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0,
-              early_stopping=None, dist_timeout=None):
+              early_stopping=None, restore_best=False, dist_timeout=None):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
-    ``warmup_epochs``, ``early_stopping``: fit's (the head-only warm-up's epochs, a patience on the validation loss).
+    ``warmup_epochs``, ``early_stopping``, ``restore_best``: fit's (the head-only warm-up's epochs, a patience on the
+    validation loss, the best epoch's weights handed back).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`. ``dist_timeout``
     (``--dist-timeout``) is fit's, not recorded in run.json: it changes no result, and a resume may change it."""
     from . import train as trainer
@@ -879,7 +891,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
                      channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
                      train_samples=len(splits.train), classes=classes, bit_depth=bit_depth, channels=channels,
-                     warmup_epochs=warmup_epochs, early_stopping=early_stopping)
+                     warmup_epochs=warmup_epochs, early_stopping=early_stopping, restore_best=restore_best)
     dropmax = run["dropmax"]
     if early_stopping is not None and len(splits.val) == 0:  # fit refuses it too, after run.json is written
         raise CLIError(f"--early-stopping: it stops on the validation loss, and the validation split of {data} holds "
@@ -929,8 +941,14 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 key, was, now = conflict
                 raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has "
                                f"{key}={now!r}")
+            lost = trainer.lost_best_epoch(read_checkpoint(out / CHECKPOINT)) if restore_best and (
+                out / CHECKPOINT).is_file() else None
+            if lost:  # fit refuses it too, in its own words (restore_best=True)
+                raise CLIError(f"--restore-best: {out} was trained without it, so its checkpoint holds the weights of "
+                               f"its last epoch ({lost[0]}), not of its best one ({lost[1]}); resume without "
+                               "--restore-best, or train again from the start (without --resume) with it")
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
-            for name in (CHECKPOINT, "metrics.csv", trainer.HISTORY_NAME):
+            for name in (CHECKPOINT, BEST_MODEL, "metrics.csv", trainer.HISTORY_NAME):
                 (out / name).unlink(missing_ok=True)
             if (out / "eval" / "results.json").is_file():  # eval's default --out: kept (the user's), but now stale
                 warnings.warn(f"{out / 'eval'} holds results of the run this one replaces; rerun "
@@ -949,7 +967,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                                  batch_size=batch_size, lr=lr, out_dir=out, resume=resume, seed=seed, device=device,
                                  channels_last=channels_last, prepacked_conv=prepacked_conv, progress=progress,
                                  warmup_epochs=warmup_epochs, early_stopping=early_stopping,
-                                 dist_timeout=dist_timeout)
+                                 restore_best=restore_best, dist_timeout=dist_timeout)
         except BrokenPipeError:  # the progress bar's reader left (`... 2>&1 | head`): main stops quietly, not a
             raise  # "training failed: [Errno 32] Broken pipe" line to a reader that is gone
         # FloatingPointError: NaN/Inf; OSError: a checkpoint or metrics file that could not be written (a full disk)
@@ -1032,7 +1050,7 @@ def cmd_train(args):
     device = pick_device(args.device)
     options = parse_key_values(args.defense_opt, "--defense-opt")
     check_data_model_options(args)
-    check_schedule_options(args.warmup_epochs, args.early_stopping)
+    check_schedule_options(args.warmup_epochs, args.early_stopping, args.restore_best)
     dist_timeout = checked_dist_timeout(args)
     try:
         with interrupts_unwrapped():
@@ -1043,7 +1061,7 @@ def cmd_train(args):
                 progress=not args.no_progress, channels_last=args.channels_last,
                 prepacked_conv=args.prepacked_conv, classes=args.classes, bit_depth=args.bit_depth,
                 channels=args.channels, warmup_epochs=args.warmup_epochs, early_stopping=args.early_stopping,
-                dist_timeout=dist_timeout)
+                restore_best=args.restore_best, dist_timeout=dist_timeout)
     except KeyboardInterrupt:
         ckpt = Path(args.out) / CHECKPOINT
         where = f"{ckpt} holds the last finished epoch" if ckpt.is_file() else "no epoch finished yet"
@@ -1062,6 +1080,9 @@ def cmd_train(args):
             print(f"early stopping: stopped after epoch {stop['stopped_epoch']}: {stop['reason']}")
         elif stop.get("best") is not None:
             print(f"early stopping: did not stop (best val_loss {stop['best']:.4g} at epoch {stop['best_epoch']})")
+        if args.restore_best and (Path(args.out) / BEST_MODEL).is_file():
+            print(f"restore best: the model is epoch {stop['best_epoch']}'s, in {Path(args.out) / BEST_MODEL} (eval "
+                  f"of RUN_DIR attacks it; {CHECKPOINT} holds the last epoch's)")
     print(f"classes: {describe_classes(splits.info)}")
     # quoted: an --out with a space or quote printed a command that eval read as several arguments
     print(f"run: {args.out} (evaluate with: {PROG} eval {shlex.quote(str(args.out))} --attacks fgsm,pgd,cw "
@@ -1074,8 +1095,9 @@ def cmd_train(args):
 
 def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=None, classes=None,
              bit_depth=None, channels=None):
-    """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt) or a checkpoint file (run.json beside it, or
-    --data/--model given). ``channels_last`` None: the memory format the run trained in; True / False: that one."""
+    """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt, or best_model.pt for a run that recorded
+    restore_best) or a checkpoint file (run.json beside it, or --data/--model given). ``channels_last`` None: the
+    memory format the run trained in; True / False: that one."""
     target = Path(target)
     if target.is_dir():
         ckpt, run_file = target / CHECKPOINT, target / RUN_FILE
@@ -1086,6 +1108,8 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     run = {}
     if run_file.is_file():
         run = read_run_file(run_file)
+    if target.is_dir() and run.get("restore_best") and (target / BEST_MODEL).is_file():
+        ckpt = target / BEST_MODEL  # what a --restore-best run hands back; its checkpoint.pt is the last epoch's
     explicit_data = data is not None  # the refusal below offers --data as the way to the data's own test split
     data = data or run.get("data")
     flag = "--data" if explicit_data else f"{run_file}: data"  # an error names where the path came from
@@ -1103,7 +1127,10 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         raise CLIError(f"{ckpt}: was trained with {key}={saved!r}, but {run_file} beside it records "
                        f"{key}={recorded!r}: the checkpoint comes from another run -- put it beside its own {RUN_FILE}")
     done = state.get("epoch") if isinstance(state, dict) else None
-    if isinstance(done, int) and run:
+    if isinstance(state, dict) and state.get("weights") == "best" and isinstance(done, int) and run:
+        # best_model.pt: the best epoch's weights, held back on purpose, not a run stopped early
+        run = {**run, "weights": "best", "best_epoch": done}
+    elif isinstance(done, int) and run:
         # results.json's config copies run.json, whose epochs are the ones asked for, not the ones trained
         run = {**run, "epochs_trained": done}
         if isinstance(run.get("epochs"), int) and done < run["epochs"]:
@@ -1283,7 +1310,7 @@ def cmd_eval_parser(sub):
                        description="Evaluate RUN_DIR (or a checkpoint file) under --attacks at each --eps; writes "
                                    "results.json, report.md and PNG figures.")
     p.add_argument("target", metavar="RUN_DIR|CHECKPOINT", type=path_text,
-                   help="a `robust-ops train` output folder, or its checkpoint.pt")
+                   help="a `robust-ops train` output folder, or its checkpoint.pt (or best_model.pt)")
     add_eval_options(p)
     p.add_argument("--out", type=path_text, default=None, help="output folder (default: RUN_DIR/eval)")
     p.add_argument("--data", default=None, help="dataset (default: the one in run.json)")

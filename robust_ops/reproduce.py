@@ -335,7 +335,9 @@ DPAAT_BUS = Protocol(
         "improvement. Ours: every method trains all layers from scratch for 30 epochs of Adam, lr 1e-3, batch 32, "
         "no early stopping. `--paper-schedule` adds the paper's schedule: the classifier head (resnet18's fc) alone "
         "for 10 epochs before the 30, and early stopping after 5 epochs without a lower validation loss (on "
-        "BreastMNIST's validation split; the run keeps its last epoch's weights).",
+        "BreastMNIST's validation split). The paper does not say which epoch's weights its early stopping kept, "
+        "the best one's or the last one's: the runs keep their last epoch's, as they always did (`robust-ops train "
+        "--restore-best` hands back the best epoch's).",
         "Table II's mAP is measured on the clean test set and its mARP on the 20-PGD adversarial set: the mAP column "
         "compares the paper's mAP with our clean mAP, and its mARP with our mAP under 20-PGD (the row's precision, "
         "recall and F1 are under 20-PGD, as the table's caption says).",

@@ -1271,7 +1271,7 @@ def fit(
         if early_stopping is not None and isinstance(state.get("early_stopping"), dict):
             stopper = dict(state["early_stopping"])
         if restore_best:
-            best_weights = _resumed_best_weights(name, resume_path, state, stopper)
+            best_weights = _resumed_best_weights(name, resume_path, state)
     else:
         _seed_rank_streams(seed, rank)
 
@@ -1563,20 +1563,31 @@ def fit(
                      else None, model=model, early_stopping=stopper, weights_epoch=weights_epoch)
 
 
-def _resumed_best_weights(name, path, state, stopper):
+def _resumed_best_weights(name, path, state):
     """restore_best's best weights from the checkpoint ``state`` being resumed (on CPU), None before any epoch set a
-    best. A checkpoint written without restore_best holds them only where its best epoch is its last one (its
-    model); else the resume is refused: its best epoch's weights are gone, and the run could not hand them back."""
+    best. One written without restore_best holds them only where its best epoch is its last one (its model); else
+    the resume is refused (:func:`lost_best_epoch`)."""
     if state.get("best_model") is not None:
         return {k: v.to("cpu") for k, v in state["best_model"].items()}
-    best_epoch = None if stopper is None else stopper.get("best_epoch")
-    if best_epoch is None:
+    lost = lost_best_epoch(state)
+    if lost is not None:
+        raise ValueError(f"{name}: cannot resume {path} with restore_best=True: it was trained without it, so it holds "
+                         f"the weights of its last epoch ({lost[0]}), not of its best one ({lost[1]}); resume with "
+                         "restore_best=False, or train again from the start with restore_best=True")
+    if (state.get("early_stopping") or {}).get("best_epoch") is None:
         return None
-    if best_epoch == int(state["epoch"]):
-        return {k: v.detach().to("cpu", copy=True) for k, v in state["model"].items()}
-    raise ValueError(f"{name}: cannot resume {path} with restore_best=True: it was trained without it, so it holds "
-                     f"the weights of its last epoch ({int(state['epoch'])}), not of its best one ({best_epoch}); "
-                     "resume with restore_best=False, or train again from the start with restore_best=True")
+    return {k: v.detach().to("cpu", copy=True) for k, v in state["model"].items()}
+
+
+def lost_best_epoch(state):
+    """(last epoch, best epoch) of a fit checkpoint ``state`` that holds no best weights (written without
+    restore_best) and whose best epoch is not its last: a resume with restore_best could not hand that epoch's
+    weights back. None where it could (best weights held, no best epoch yet, or the best epoch's are its model)."""
+    stop = state.get("early_stopping")
+    best_epoch = stop.get("best_epoch") if isinstance(stop, dict) else None
+    if state.get("best_model") is not None or best_epoch is None or best_epoch == int(state["epoch"]):
+        return None
+    return int(state["epoch"]), best_epoch
 
 
 # The submodules taken for the classifier head when warmup_params is None: torchvision's ResNet (fc), VGG and
