@@ -1011,6 +1011,21 @@ def test_train_restore_best_hands_back_the_best_epoch_which_eval_attacks(small_n
     assert not (out / "best_model.pt").exists()
 
 
+def test_eval_of_a_run_its_early_stopping_ended_does_not_call_it_unfinished(small_npz, tmp_path, capsys):
+    """A run early stopping ended is finished (--resume trains no further epoch): eval warned that its checkpoint
+    "holds 3 of the run's 6 epochs (training stopped early) ... `robust-ops train ... --resume` finishes it"."""
+    out = tmp_path / "es"
+    rc, _, err = run(["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "6",
+                      "--early-stopping", "2", "--out", out], capsys)
+    assert rc == 0, err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["early_stopping"]["stopped_epoch"] == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, run_doc = cli.load_run(out)
+    assert not [w for w in caught if "epochs" in str(w.message)], [str(w.message) for w in caught]
+    assert run_doc["epochs_trained"] == 3
+
+
 def test_train_with_the_same_seed_gives_the_same_weights(small_npz, tmp_path, capsys):
     states = []
     for name in ("a", "b"):

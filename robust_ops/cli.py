@@ -1133,7 +1133,9 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     elif isinstance(done, int) and run:
         # results.json's config copies run.json, whose epochs are the ones asked for, not the ones trained
         run = {**run, "epochs_trained": done}
-        if isinstance(run.get("epochs"), int) and done < run["epochs"]:
+        stop = state.get("early_stopping")
+        stopped = isinstance(stop, dict) and stop.get("stopped_epoch") is not None  # finished: --resume adds none
+        if isinstance(run.get("epochs"), int) and done < run["epochs"] and not stopped:
             from ._files import folder_in_use
 
             busy = folder_in_use(ckpt.parent)  # train_run holds the folder of a run still training
