@@ -485,6 +485,22 @@ def test_restore_best_needs_early_stopping_and_a_bool():
             progress=False)
 
 
+def test_a_fresh_run_replaces_the_folders_old_best_model(tmp_path):
+    """A fresh fit into a folder whose old run left best_model.pt: once the new run's first checkpoint replaces the
+    old one, the old best weights go too (kept through a warm-up, or for good without restore_best, they sat beside
+    another run's checkpoint as if they were its best); a resume keeps the file."""
+    torch.manual_seed(0)
+    _early_stopped(tmp_path, epochs=2, restore_best=True)
+    assert (tmp_path / "best_model.pt").is_file()
+    _early_stopped(tmp_path, epochs=3, resume=True)  # resumed without restore_best: the file names its own epoch
+    assert (tmp_path / "best_model.pt").is_file()
+    _early_stopped(tmp_path, epochs=1, warmup_epochs=1, warmup_params="net.4", restore_best=True)  # sets no best
+    assert not (tmp_path / "best_model.pt").exists()
+    _early_stopped(tmp_path, epochs=2, restore_best=True)
+    _early_stopped(tmp_path, epochs=1)
+    assert not (tmp_path / "best_model.pt").exists()
+
+
 def test_restore_best_resumes_exactly_and_a_switch_on_is_refused_unless_exact(tmp_path):
     """An interrupted restore_best run resumed ends with bitwise the same best (and last) weights and the same
     best_model.pt; a resume switching restore_best on is refused where the checkpoint's weights are not its best

@@ -1535,6 +1535,10 @@ def fit(
                         save_checkpoint(Path(out_dir) / BEST_MODEL_NAME, {
                             "format": CHECKPOINT_FORMAT, "weights": "best", "epoch": stopper["best_epoch"],
                             "val_loss": stopper["best"], "config": state["config"], "model": best_weights})
+                    elif resume_path is None and epoch == start_epoch:
+                        # a fresh run's first checkpoint replaces the folder's old run: so goes that run's best
+                        # weights, which would otherwise sit beside another run's checkpoint as if they were its own
+                        Path(out_dir, BEST_MODEL_NAME).unlink(missing_ok=True)
                     save_checkpoint(ckpt_path, state)
                     _write_metrics(Path(out_dir), history)
                 except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
