@@ -652,6 +652,58 @@ def test_early_stopping_counts_from_the_end_of_the_warmup():
     assert result.early_stopping["best_epoch"] == 4 and result.early_stopping["stopped_epoch"] is None
 
 
+def test_early_stopping_counts_a_tie_as_no_improvement_and_an_improvement_resets_the_count():
+    """A strictly lower val_loss is the new best and clears the bad epochs; an equal one is a bad epoch. With <= a run
+    whose val_loss stays level (a plateau) never stopped, and without the reset bad epochs before an improvement
+    counted against the next best (mutation pass: both passed every test)."""
+    from robust_ops.train import _early_stopping_step
+
+    stopper = {"monitor": "val_loss", "patience": 2, "best": None, "best_epoch": None, "bad_epochs": 0,
+               "stopped_epoch": None, "reason": None}
+    for epoch, value in enumerate((1.0, 2.0, 0.5, 0.7)):
+        _early_stopping_step(stopper, value, epoch, 1, "cpu")
+    assert [stopper[k] for k in ("best", "best_epoch", "bad_epochs", "stopped_epoch")] == [0.5, 3, 1, None]
+    _early_stopping_step(stopper, 0.5, 4, 1, "cpu")  # level with the best: not an improvement
+    assert (stopper["best_epoch"], stopper["bad_epochs"], stopper["stopped_epoch"]) == (3, 2, 5)
+    assert stopper["reason"] == "val_loss did not improve for 2 epochs after its best, 0.5 at epoch 3"
+    # through fit: lr=0 leaves val_loss level from the first epoch, so the run stops after 1 + patience epochs
+    result = fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=6, batch_size=8, lr=0.0,
+                 early_stopping=2, progress=False)
+    assert len(result.history) == 3 and result.early_stopping["stopped_epoch"] == 3
+
+
+def test_warmup_head_leaves_out_frozen_parameters_and_refuses_a_head_of_frozen_ones_or_the_model_itself():
+    """The warm-up's head is its trainable parameters: a frozen (requires_grad=False) parameter of the head is no part
+    of it, and a head with only frozen ones is refused (it would train nothing). '' (the model itself) names no head
+    (mutation pass: both passed every test)."""
+    from robust_ops.train import warmup_head
+
+    model = _CNNWithHead()
+    model.classifier[1].bias.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert [n for n, _ in warmup_head("fit", model, params, None)] == ["classifier.1.weight"]
+    model.classifier[1].weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"^fit: the warm-up's head classifier has no trainable parameters; "):
+        warmup_head("fit", model, params, None)
+    with pytest.raises(ValueError, match=r"^fit: warmup_params names no module of the model: '' \(its modules: "
+                                         r"features, classifier; "):
+        warmup_head("fit", model, params, ["features", ""])
+
+
+@pytest.mark.parametrize("changed, said", [(dict(warmup_epochs=1), "warmup_epochs=2, this call has warmup_epochs=1"),
+                                           (dict(warmup_params="features"),
+                                            r"warmup_params=\['classifier.1.weight', 'classifier.1.bias'\], this call "
+                                            r"has warmup_params=\['features.0.weight', ")], ids=["epochs", "head"])
+def test_resume_refuses_another_warmup(tmp_path, changed, said):
+    """How many epochs train the head alone, and which head, shape the run as epochs do: a resume with others was
+    accepted by fit (mutation pass: dropping either from the settings a resume compares passed every test)."""
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False, out_dir=tmp_path, warmup_epochs=2)
+    fit(_CNNWithHead(), defenses.Standard(), _data(16), epochs=1, **kwargs)
+    with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: it was trained with " + said):
+        fit(_CNNWithHead(), defenses.Standard(), _data(16), epochs=3, resume=True, **{**kwargs, **changed})
+
+
 def test_resume_refuses_another_amp_setting(tmp_path):
     """amp (CUDA only) switched on resume would train on in another precision with a fresh GradScaler: a checkpoint
     that says amp=True is refused by a call without it (here, on CPU, by editing the record)."""
@@ -3523,6 +3575,14 @@ def test_fit_refuses_a_dist_timeout_that_is_no_finite_positive_number_of_seconds
         fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False, dist_timeout=bad)
 
 
+def test_fit_accepts_a_dist_timeout_of_exactly_the_longest_one():
+    """MAX_DIST_TIMEOUT (1e9 s) is the longest timeout torch's deadlines take, and accepted ("at most")."""
+    from robust_ops.train import MAX_DIST_TIMEOUT, check_dist_timeout
+
+    assert check_dist_timeout(MAX_DIST_TIMEOUT).total_seconds() == MAX_DIST_TIMEOUT
+    fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, progress=False, dist_timeout=MAX_DIST_TIMEOUT)
+
+
 def test_fit_refuses_a_dist_timeout_for_a_process_group_initialized_before_it():
     """The timeout of a group the caller initialized was set there: a dist_timeout would be ignored, silently."""
     import torch.distributed as dist
@@ -3563,6 +3623,10 @@ def test_collective_timeout_error_pickles_and_words_a_callers_option():
     assert str(err).endswith("raise dist_timeout") and err.reworded("--dist-timeout").endswith("raise --dist-timeout")
     assert "process 0 timed out (the process group's timeout) waiting for the other processes at x:" in str(
         CollectiveTimeoutError("fit", 0, None, "caller", "x"))
+    # a group the caller made: its timeout is theirs to raise, not an option of fit's or the command's
+    callers = CollectiveTimeoutError("fit", 0, None, "caller", "x")
+    assert str(callers).endswith("raise the timeout given to init_process_group")
+    assert callers.reworded("--dist-timeout").endswith("raise the timeout given to init_process_group")
 
 
 def test_class_labels_rule_without_a_sample_count():
