@@ -1,6 +1,7 @@
 """Dataset loaders: MedMNIST npz variants and their errors, BUSI folders, CSV layout, synthetic sets, k-fold."""
 
 import hashlib
+import os
 import re
 import shutil
 import sys
@@ -1702,24 +1703,33 @@ def test_a_missing_medmnist_file_is_downloaded_only_when_asked(tmp_path, monkeyp
     assert calls == [("dermamnist", tmp_path, 64)]
 
 
+def _fake_medmnist(monkeypatch, init, version="2.2.3"):
+    """A medmnist module of ``version`` whose DermaMNIST's constructor is ``init``, in place of the package."""
+    import types
+
+    module = types.ModuleType("medmnist")
+    module.__version__, module.INFO = version, {"dermamnist": {"python_class": "DermaMNIST"}}
+    module.DermaMNIST = type("DermaMNIST", (), {"__init__": init})
+    monkeypatch.setitem(sys.modules, "medmnist", module)
+
+
+def _failed_download(spec, root):
+    with pytest.raises(DataError) as err:
+        load_dataset(spec, root=root, download=True)
+    return str(err.value)
+
+
 def test_a_failed_download_says_why(tmp_path, monkeypatch):
     """Every failure of a download through the medmnist package read "not installed, or offline": a medmnist 2.x
     without MedMNIST+'s size argument, or the download's own error, was swallowed. The error now names the cause."""
-    import types
-
     monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
 
     def fake_medmnist(init, version="2.2.3"):
-        module = types.ModuleType("medmnist")
-        module.__version__, module.INFO = version, {"dermamnist": {"python_class": "DermaMNIST"}}
-        module.DermaMNIST = type("DermaMNIST", (), {"__init__": init})
-        monkeypatch.setitem(sys.modules, "medmnist", module)
+        _fake_medmnist(monkeypatch, init, version)
 
     def load(spec):
-        with pytest.raises(DataError) as err:
-            load_dataset(spec, root=tmp_path, download=True)
-        return str(err.value)
+        return _failed_download(spec, tmp_path)
 
     monkeypatch.setitem(sys.modules, "medmnist", None)  # import fails
     assert load("dermamnist").endswith("(download=True: the medmnist package is not installed)")
@@ -1734,6 +1744,42 @@ def test_a_failed_download_says_why(tmp_path, monkeypatch):
     fake_medmnist(offline, "3.0.2")
     assert load("dermamnist_64").endswith("(download=True: the medmnist package could not download it: OSError: "
                                           "Network is unreachable)")
+
+
+def test_a_28x28_download_passes_no_size_and_an_error_without_text_is_named_by_its_type(tmp_path, monkeypatch):
+    """28x28 is MedMNIST v2's own size: dermamnist_28 goes to a medmnist 2.x without a size argument (not "needs
+    medmnist 3") and is sent to v2 when missing; a download error with no text ends with its type alone (mutation
+    pass: passing size=28, naming MedMNIST+ for an explicit 28, and a trailing ": " all passed)."""
+    monkeypatch.setenv("ROBUST_OPS_DATA", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _fake_medmnist(monkeypatch, lambda self, split, download, root: None)  # 2.x: no size
+    message = _failed_download("dermamnist_28", tmp_path)
+    assert "download it from MedMNIST v2 and put it" in message, message
+    assert message.endswith(f"(download=True: the medmnist package left no dermamnist.npz in {tmp_path})"), message
+
+    def silent(self, split, download, root, size=28):
+        raise OSError()
+
+    _fake_medmnist(monkeypatch, silent, "3.0.2")
+    assert _failed_download("dermamnist_64", tmp_path).endswith(
+        "(download=True: the medmnist package could not download it: OSError)")
+
+
+def test_a_large_official_file_rewritten_in_place_at_the_same_size_is_hashed_again(tmp_path, monkeypatch):
+    """The remembered checksum is keyed by the file's time stamps too: a same-size rewrite of the same inode (an
+    editor, a failed copy over it) is another file (mutation pass: a key of path, inode and size alone passed)."""
+    p = write_npz(tmp_path / "breastmnist_64.npz", shape=(8, 8))
+    monkeypatch.setitem(mm.PLUS_MD5, "breastmnist_64.npz", mm.file_md5(p))
+    monkeypatch.setattr(mm, "_REMEMBER_FROM_BYTES", 0)
+    mm.check_md5(p)
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    st = os.stat(p)
+    with open(p, "r+b") as f:  # the same inode and size, other bytes
+        f.write(data)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later stamp, whatever the clock's resolution
+    with pytest.raises(DataError, match=r"breastmnist_64\.npz: MD5 [0-9a-f]{32} does not match"):
+        mm.check_md5(p)
 
 
 def test_a_name_ending_in_mnist_that_medmnist_lacks_is_not_a_known_name():
