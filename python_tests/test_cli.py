@@ -1026,6 +1026,54 @@ def test_eval_of_a_run_its_early_stopping_ended_does_not_call_it_unfinished(smal
     assert run_doc["epochs_trained"] == 3
 
 
+def test_train_schedule_options_of_older_runs_empty_validation_and_the_run_that_did_not_stop(small_npz, tmp_path,
+                                                                                            capsys):
+    """A run.json written before --warmup-epochs, --early-stopping and --restore-best (none recorded) resumes as one
+    without them, and a hand-edited one of the wrong type is refused naming the field; --early-stopping on data whose
+    validation split is empty is refused before anything is written; a run that did not stop says so, with its best
+    epoch (mutation pass: dropping each of these passed every test)."""
+    out = tmp_path / "old"
+    argv = ["train", "--data", small_npz, "--out", out, "--no-progress", "--device", "cpu", "--model", "mlp"]
+    rc, _, err = run(argv + ["--epochs", "1"], capsys)
+    assert rc == 0, err
+    record = json.loads((out / "run.json").read_text())
+    del record["warmup_epochs"], record["early_stopping"], record["restore_best"]
+    (out / "run.json").write_text(json.dumps(record))
+    rc, _, err = run(argv + ["--epochs", "2", "--resume"], capsys)
+    assert rc == 0, err
+    (out / "run.json").write_text(json.dumps({**record, "warmup_epochs": "1"}))
+    rc, _, err = run(argv + ["--epochs", "3", "--resume"], capsys)
+    one_line_error(rc, err, "run.json: expected warmup_epochs to be an integer, got \"1\"")
+    noval = tmp_path / "noval.npz"
+    arrays = dict(np.load(small_npz))
+    np.savez(noval, **{**arrays, "val_images": arrays["val_images"][:0], "val_labels": arrays["val_labels"][:0]})
+    rc, _, err = run(["train", "--data", noval, "--early-stopping", "2", "--out", tmp_path / "noval"], capsys)
+    one_line_error(rc, err, f"--early-stopping: it stops on the validation loss, and the validation split of {noval} "
+                            "holds no samples; leave --early-stopping out")
+    assert not (tmp_path / "noval").exists()
+    rc, got, err = run(argv[:-2] + ["--epochs", "1", "--early-stopping", "3", "--out", tmp_path / "es"], capsys)
+    assert rc == 0, err
+    assert re.search(r"^early stopping: did not stop \(best val_loss \S+ at epoch 1\)$", got, re.M), got
+
+
+def test_train_timed_out_after_a_checkpoint_says_to_resume(small_npz, tmp_path, monkeypatch, capsys):
+    """A process that gave up waiting for a hung one leaves the epochs saved before it: the one line says the
+    checkpoint holds them and how to continue, as for a failed write (mutation pass: dropping it passed)."""
+    from robust_ops import train as trainer
+
+    def times_out(*args, out_dir=None, **kwargs):
+        (Path(out_dir) / "checkpoint.pt").write_bytes(b"")
+        raise trainer.CollectiveTimeoutError("fit", 1, 60.0, "dist_timeout", "epoch 3, step 1")
+
+    monkeypatch.setattr(trainer, "fit", times_out)
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", small_npz, "--model", "mlp", "--dist-timeout", "60", "--out", out,
+                      "--no-progress", "--device", "cpu"], capsys)
+    line = one_line_error(rc, err, "training failed: fit: process 1 timed out after 60 s (--dist-timeout)")
+    assert line.endswith(f"raise --dist-timeout; {out / 'checkpoint.pt'} holds the last epoch saved: once fixed, "
+                         "continue with the same command and --resume"), line
+
+
 def test_train_with_the_same_seed_gives_the_same_weights(small_npz, tmp_path, capsys):
     states = []
     for name in ("a", "b"):
