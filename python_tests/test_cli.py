@@ -1687,6 +1687,36 @@ def test_dpaat_bus_paper_schedule_adds_the_warmup_and_early_stopping_and_resume_
     assert "--paper-schedule` adds the paper's schedule" in reproduce.describe(dpaat)
 
 
+def test_paper_schedule_runs_note_it_record_it_and_count_the_warmup_apart_from_epochs(small_npz, tmp_path, capsys):
+    """A run with --paper-schedule trains warm-up + --epochs epochs: its report opens with the SCHEDULE line and
+    results.json's config records the schedule; a rerun with more --epochs resumes it; one with fewer names the
+    --epochs to rerun with, without the warm-up's epochs (it said "more than --epochs 2; rerun with --epochs 3" for
+    a run of --epochs 2 and a 1-epoch warm-up, rerun with --epochs 1: --epochs 3 would train 4)."""
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    proto.paper_schedule = {"warmup_epochs": 1, "early_stopping": 5}
+    out = tmp_path / "paper"
+
+    def reproduce(epochs):
+        run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=epochs, progress=False, paper_schedule=True)
+
+    reproduce(1)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["paper_schedule"] == {"warmup_epochs": 1, "early_stopping": 5}
+    assert ("SCHEDULE: this run trained with the paper's schedule (--paper-schedule): the classifier head alone for 1 "
+            "epoch, then all layers for 1, stopping early after 5 epochs without a lower validation loss (each run's "
+            "checkpoint records where it stopped).") in results["notes"], results["notes"]
+    capsys.readouterr()
+    reproduce(2)
+    assert "[seed0] resuming after epoch 2: STD (standard, 3 epochs) ..." in capsys.readouterr().out
+    run_dir = out / "runs" / "std" / "seed0"
+    with pytest.raises(cli.CLIError, match=rf"^--epochs: {re.escape(str(run_dir))} holds 3 epochs of training \(1 of "
+                                           r"them --paper-schedule's warm-up\), more than --epochs 1 and the warm-up; "
+                                           r"rerun with --epochs 2, or delete "):
+        reproduce(1)
+
+
 def test_dpaat_table_ii_map_is_clean_and_marp_is_under_20_pgd():
     # DPAAT: mAP is "a more precise expression for generalization" (clean test set), mARP the "mean average precision
     # on adversarial dataset crafted from the testing dataset"; Table II's adversarial set is 20-step PGD

@@ -590,10 +590,11 @@ def rebuild_splits(data, record, base=None, folds=None, split_by=None):
     return splits
 
 
-def _resume_error(protocol, run_dir, conflict, epochs, blocked=()):
+def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
     """A reproduce-specific one-line error for a run that cannot continue under this command's settings. ``blocked``:
     the run folders of this command that cannot continue, ``run_dir`` first: deleting only the named one led to the
-    same error for the next (one per method and seed, after an --epochs change)."""
+    same error for the next (one per method and seed, after an --epochs change). ``warmup``: --paper-schedule's
+    warm-up epochs, trained before --epochs (an epochs conflict counts them)."""
     from ._options import listing
     from .cli import CLIError
 
@@ -613,9 +614,10 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=()):
 
         return CLIError(f"--paper-schedule: {run_dir} was trained {used(was)} ({key}={was!r}), this command runs "
                         f"{used(now)} ({key}={now!r}); rerun {used(was)}, or {way_out}")
-    if key == "epochs":
-        return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than --epochs {now}; rerun with "
-                        f"--epochs {was}, or {way_out}")
+    if key == "epochs":  # in --epochs' terms: the warm-up's epochs come on top of them
+        warm = (f" ({warmup} of them --paper-schedule's warm-up)", " and the warm-up") if warmup else ("", "")
+        return CLIError(f"--epochs: {run_dir} holds {was} epochs of training{warm[0]}, more than --epochs "
+                        f"{now - warmup}{warm[1]}; rerun with --epochs {was - warmup}, or {way_out}")
     if key == "classes":  # the other classes are another task: other labels, another seeded split or folds
         def kept(classes):
             return "all of its data's classes" if classes is None else f"--classes {','.join(classes)}"
@@ -766,7 +768,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             runs.append((method, options, run_dir))
         plan.append((k, tag, record, splits, runs))
     if conflicts:
-        raise _resume_error(protocol, *conflicts[0], train_epochs, [d for d, _ in conflicts])
+        raise _resume_error(protocol, *conflicts[0], train_epochs, [d for d, _ in conflicts], warmup)
     run_infos = [p[3].info for p in plan]  # for results.json's classes_missing_from_split, over every run
     all_rows, models, splits = [], {}, None
     # Under torchrun every process trains each run (fit's DDP) and evaluates it too: the next run's training needs
