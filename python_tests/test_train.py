@@ -666,6 +666,10 @@ def test_early_stopping_counts_a_tie_as_no_improvement_and_an_improvement_resets
     _early_stopping_step(stopper, 0.5, 4, 1, "cpu")  # level with the best: not an improvement
     assert (stopper["best_epoch"], stopper["bad_epochs"], stopper["stopped_epoch"]) == (3, 2, 5)
     assert stopper["reason"] == "val_loss did not improve for 2 epochs after its best, 0.5 at epoch 3"
+    zero = dict(stopper, best=None, best_epoch=None, bad_epochs=0, stopped_epoch=None, reason=None, patience=1)
+    for epoch, value in enumerate((0.0, 0.0)):  # a best of exactly 0 (a saturated CE) is a best, not "no best yet"
+        _early_stopping_step(zero, value, epoch, 1, "cpu")
+    assert (zero["best_epoch"], zero["stopped_epoch"]) == (1, 2)
     # through fit: lr=0 leaves val_loss level from the first epoch, so the run stops after 1 + patience epochs
     result = fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=6, batch_size=8, lr=0.0,
                  early_stopping=2, progress=False)
@@ -3563,6 +3567,18 @@ def test_ddp_a_hung_process_times_out_on_the_others_with_a_clear_error(tmp_path,
         assert messages[late].startswith("CollectiveTimeoutError: fit: process 1 timed out after 3 s (dist_timeout) "
                                          "waiting for the other processes at the start (init_process_group)"), \
             messages[late]
+
+
+def test_ddp_a_process_that_never_reaches_fit_in_a_callers_group_times_out_at_fits_first_collective(tmp_path):
+    """In a group the caller made, fit's first collective is the broadcast of its call number: a process that never
+    comes (hung before fit) is named there as a timeout at the start, as at any later collective, not gloo's own
+    "Timed out waiting 3000ms" (mutation pass: that broadcast outside the naming passed every test)."""
+    out = str(tmp_path / "outcome")
+    _spawn_within(120, _ddp_hung_process_worker, (2, _free_port(), out, True, 0))
+    message = torch.load(f"{out}.0", weights_only=True)
+    assert message.startswith("CollectiveTimeoutError: fit: process 0 timed out after 3 s (the process group's "
+                              "timeout) waiting for the other processes at the start: another process hung or died "
+                              "before reaching it"), message
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "3", 1e10])
