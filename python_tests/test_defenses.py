@@ -852,6 +852,16 @@ def test_arfl_refuses_adversarial_term_options_where_there_is_none():
     assert ARFL().options() == {**ARFL(adv_sign="text").options()} and "attack_objective" not in ARFL().options()
 
 
+def test_options_defaulting_to_none_keep_a_given_falsy_value():
+    """DPAAT's guard/reference/syn/momentum and ARFL's adv_sign/attack_objective default to None only to tell "unset"
+    from "given": a given 0 or '' is that value, kept or refused as such, never replaced by the default (mutation
+    pass: `guard or 1e-6` turned guard=0.0 into 1e-6, and `adv_sign or "text"` accepted '' as "text", unseen)."""
+    assert DPAAT(guard=0.0).guard == 0.0 and DPAAT(guard=0.0).options()["guard"] == 0.0
+    for defense, option in ((DPAAT, "reference"), (DPAAT, "syn"), (ARFL, "adv_sign"), (ARFL, "attack_objective")):
+        with pytest.raises(ValueError, match=rf"expected {option} to be one of .*, got ''$"):
+            defense(**{option: ""})
+
+
 def test_amat_radius_rule_and_step_scaling(crafted):
     """AMAT (DPAAT eq. 5-7): eps_i = eps + delta_eps where the first x_adv's loss is below xi (still robust), else
     (eps + ||x_adv_i - x_i||) / 2; the second attack's step is scaled with the radius (eps_i * step_size / eps)."""
