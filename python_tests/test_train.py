@@ -661,14 +661,14 @@ def test_early_stopping_counts_a_tie_as_no_improvement_and_an_improvement_resets
     stopper = {"monitor": "val_loss", "patience": 2, "best": None, "best_epoch": None, "bad_epochs": 0,
                "stopped_epoch": None, "reason": None}
     for epoch, value in enumerate((1.0, 2.0, 0.5, 0.7)):
-        _early_stopping_step(stopper, value, epoch, 1, "cpu")
+        _early_stopping_step(stopper, value, epoch)
     assert [stopper[k] for k in ("best", "best_epoch", "bad_epochs", "stopped_epoch")] == [0.5, 3, 1, None]
-    _early_stopping_step(stopper, 0.5, 4, 1, "cpu")  # level with the best: not an improvement
+    _early_stopping_step(stopper, 0.5, 4)  # level with the best: not an improvement
     assert (stopper["best_epoch"], stopper["bad_epochs"], stopper["stopped_epoch"]) == (3, 2, 5)
     assert stopper["reason"] == "val_loss did not improve for 2 epochs after its best, 0.5 at epoch 3"
     zero = dict(stopper, best=None, best_epoch=None, bad_epochs=0, stopped_epoch=None, reason=None, patience=1)
     for epoch, value in enumerate((0.0, 0.0)):  # a best of exactly 0 (a saturated CE) is a best, not "no best yet"
-        _early_stopping_step(zero, value, epoch, 1, "cpu")
+        _early_stopping_step(zero, value, epoch)
     assert (zero["best_epoch"], zero["stopped_epoch"]) == (1, 2)
     # through fit: lr=0 leaves val_loss level from the first epoch, so the run stops after 1 + patience epochs
     result = fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=6, batch_size=8, lr=0.0,
