@@ -866,3 +866,22 @@ def test_package_docstring_lists_the_modules_imported_on_first_use():
 
     listed = robust_ops.__doc__.split("Modules imported on first use:")[1].split(".\n")[0]
     assert set(re.findall(r"\w+", listed)) - {"and"} == set(robust_ops._SUBMODULES)
+
+
+def test_memory_examples_are_the_formulas_bytes():
+    """getting-started's Memory paragraph quotes images x channels x size^2 x 4 bytes for its examples, in decimal
+    units as its GB figures are: 750 RGB images at 224 were quoted as 431 MB (MiB; 452 MB)."""
+    text = (REPO / "docs/getting-started.md").read_text()
+    memory = " ".join(text[text.index("**Memory.**"):].split("\n\n")[0].split())
+    quoted = {
+        (750, 3, 224, 4): r"750 RGB images at `--size 224`: (\S+) MB",
+        (10015, 3, 224, 4): r"10,015 at 224: (\S+) GB",
+        (780, 1, 28, 4): r"BreastMNIST (\S+) MB",
+        (107180, 3, 224, 4): r"107,180 RGB images: (\S+) GB as float32",
+        (107180, 3, 224, 1): r"beside its (\S+) GB of uint8",
+    }
+    for (images, channels, size, itemsize), pattern in quoted.items():
+        (figure,) = re.findall(pattern, memory)
+        unit = 1e6 if pattern.endswith("MB") else 1e9
+        decimals = len(figure.partition(".")[2])
+        assert float(figure) == round(images * channels * size ** 2 * itemsize / unit, decimals), pattern
