@@ -1926,9 +1926,9 @@ def main(argv=None):
 
 
 def _reader_left():
-    """The reader of stdout or stderr left (`robust-ops bench --list | head -2`, `robust-ops train 2>&1 | head`): stop
-    quietly as a shell tool does, with 128 + SIGPIPE. Both streams go to /dev/null, so the interpreter's own flush at
-    exit does not fail again (which of the two broke is not known)."""
+    """The reader of stdout or stderr left (`robust-ops eval RUN_DIR | head -2`, `robust-ops train 2>&1 | head -c
+    1000`): stop quietly as a shell tool does, with 128 + SIGPIPE. Both streams go to /dev/null, so the interpreter's
+    own flush at exit does not fail again (which of the two broke is not known)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     for stream in (sys.stdout, sys.stderr):
         try:
