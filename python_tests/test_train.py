@@ -459,6 +459,7 @@ def test_restore_best_hands_back_the_best_epochs_weights_bitwise(tmp_path):
     best_file = load_checkpoint(tmp_path / "best/best_model.pt")
     assert (best_file["weights"], best_file["epoch"], best_file["val_loss"]) == (
         "best", best_epoch, result.early_stopping["best"])
+    assert best_file["config"] == state["config"]  # eval checks it against run.json, as the checkpoint's
     loaded = load_weights(DropoutMLP(), tmp_path / "best/best_model.pt")
     for k, v in _weights(at_best).items():
         assert torch.equal(v, loaded.state_dict()[k]), k
@@ -548,6 +549,45 @@ def test_restore_best_resumes_exactly_and_a_switch_on_is_refused_unless_exact(tm
     for k, v in _weights(whole).items():
         assert torch.equal(v, finished.state_dict()[k]), k
     assert best_files["b"]["epoch"] == best_epoch
+
+
+def test_best_model_pt_is_written_before_the_checkpoint_so_it_is_never_behind_it(tmp_path, monkeypatch):
+    """A write of best_model.pt that fails (a full disk, a kill between the two writes) leaves the checkpoint of the
+    epoch before: its best_model and best_model.pt are then the same epoch's weights. Written after the checkpoint,
+    the checkpoint named a newer best than the file eval attacks (mutation pass: T11 passed every test)."""
+    from robust_ops import train
+
+    real_save, best_writes = train.save_checkpoint, []
+
+    def failing_second_best_write(path, state):
+        if os.path.basename(path) == "best_model.pt":
+            best_writes.append(state["epoch"])
+            if len(best_writes) == 2:
+                raise OSError(28, "No space left on device")
+        real_save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", failing_second_best_write)
+    torch.manual_seed(1)  # val_loss improves at epochs 1, 2 and 3
+    with pytest.raises(OSError, match="No space left on device"):
+        _early_stopped(tmp_path, restore_best=True)
+    state, best_file = load_checkpoint(tmp_path / "checkpoint.pt"), load_checkpoint(tmp_path / "best_model.pt")
+    assert best_writes == [1, 2] and state["epoch"] == 1 and best_file["epoch"] == 1
+    for k, v in state["best_model"].items():
+        assert torch.equal(v, best_file["model"][k]), k
+
+
+def test_restore_best_switched_on_at_a_resume_before_any_epoch_set_a_best(tmp_path):
+    """A checkpoint written without restore_best during the warm-up (no best epoch yet) holds no weights a resume
+    with restore_best would lack: it is accepted, and hands back the best epoch after the warm-up (mutation pass:
+    lost_best_epoch without its 'no best yet' case refused it; T27)."""
+    torch.manual_seed(0)
+    head = dict(warmup_epochs=1, warmup_params="net.4")
+    _, warm = _early_stopped(tmp_path, epochs=1, **head)
+    assert warm.early_stopping["best_epoch"] is None and warm.weights_epoch == 1
+    _, result = _early_stopped(tmp_path, epochs=5, resume=True, restore_best=True, **head)
+    best_epoch = result.early_stopping["best_epoch"]
+    assert result.weights_epoch == best_epoch >= 2
+    assert load_checkpoint(tmp_path / "best_model.pt")["epoch"] == best_epoch
 
 
 class _CNNWithHead(nn.Module):
@@ -3176,7 +3216,8 @@ def _ddp_training_settings_differ_worker(rank, world, port, out_path):
         for kwargs in ({"lr": 0.01 * (1 + rank)}, {"max_grad_norm": 1.0 if rank else None},
                        {"defense": defenses.build("at", eps=0.1 * (1 + rank), steps=1)},
                        {"optimizer": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.5 * rank)},
-                       {"val_batch_size": 4 + rank}, {"amp": bool(rank)}):
+                       {"val_batch_size": 4 + rank}, {"amp": bool(rank)},
+                       {"early_stopping": 2, "restore_best": bool(rank)}):
             defense = kwargs.pop("defense", defenses.Standard())
             messages.append(_outcome(lambda: fit(DropoutMLP(), defense, _data(16), _data(4), epochs=1, batch_size=4,
                                                  progress=False, **kwargs)))
@@ -3186,7 +3227,8 @@ def _ddp_training_settings_differ_worker(rank, world, port, out_path):
 def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
     """Processes given another lr, gradient clipping, defense option, optimizer setting or validation batch size
     trained on without a word, each process's weights stepped by its own settings; amp on one process only raised
-    there alone (the other waited in a collective)."""
+    there alone (the other waited in a collective); restore_best on one process only handed back other weights
+    there (mutation pass: T31 passed every test)."""
     out = str(tmp_path / "settings")
     _spawn_within(120, _ddp_training_settings_differ_worker, (2, _free_port(), out))
     fix = "pass every process the same settings: each process updates its own copy of the weights with them (DDP " \
@@ -3196,13 +3238,14 @@ def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
         differ = [f"ValueError: fit: the processes differ in {what} (process 0: {a}, process 1: {b}; this is process "
                   f"{rank}); " for what, a, b in (
                       ("lr", 0.01, 0.02), ("max_grad_norm", None, 1.0), ("defense option eps", 0.1, 0.2),
-                      ("optimizer_settings", "{", "{"), ("val_batch_size", 4, 5), ("amp", False, True))]
+                      ("optimizer_settings", "{", "{"), ("val_batch_size", 4, 5), ("amp", False, True),
+                      ("restore_best", False, True))]
         for i, (message, expected) in enumerate(zip(messages, differ)):
             if i == 3:  # SGD's whole defaults, momentum among them
                 assert message.startswith("ValueError: fit: the processes differ in optimizer_settings (process 0: "
                                           "{") and "'momentum': 0.0" in message and "'momentum': 0.5" in message
                 assert message.endswith(f"this is process {rank}); " + fix), message
-            elif i == 5:  # compared with seed and the lengths, before fit's own "amp=True needs a CUDA device"
+            elif i in (5, 6):  # compared with seed and the lengths (amp: before fit's "amp=True needs a CUDA device")
                 assert message.startswith(expected), message
             else:
                 assert message == expected + fix, message
