@@ -792,8 +792,9 @@ def test_evaluate_models_rejects_unknown_split():
         cli.evaluate_models({}, None, SimpleNamespace(split="train"), [], [], "cpu", None, "t", {}, seed=0)
 
 
-def _train_interrupted_after_one_epoch(small_npz, out, capsys, monkeypatch):
-    """`train --epochs 2` stopped by Ctrl-C after its first epoch's checkpoint; returns (argv, rc, stderr)."""
+def _train_interrupted_after_one_epoch(small_npz, out, capsys, monkeypatch, extra=()):
+    """`train --epochs 2` (and ``extra`` options) stopped by Ctrl-C after its first epoch's checkpoint; returns
+    (argv, rc, stderr)."""
     from robust_ops import train
 
     real_fit = train.fit
@@ -804,7 +805,7 @@ def _train_interrupted_after_one_epoch(small_npz, out, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "fit", fit_then_interrupt)
-    argv = ["train", "--data", small_npz, "--epochs", "2", "--out", out, "--no-progress", "--device", "cpu"]
+    argv = ["train", "--data", small_npz, "--epochs", "2", "--out", out, "--no-progress", "--device", "cpu", *extra]
     rc, _, err = run(argv, capsys)
     monkeypatch.setattr(train, "fit", real_fit)
     return argv, rc, err
@@ -1005,10 +1006,64 @@ def test_train_restore_best_hands_back_the_best_epoch_which_eval_attacks(small_n
     one_line_error(rc, err, "--restore-best:", f"holds the weights of its last epoch ({state['epoch']}), not of its "
                    f"best one ({stop['best_epoch']}); resume without --restore-best")
     assert json.loads((plain / "run.json").read_text())["restore_best"] is False
+    rc, _, err = run(argv + ["--out", plain, "--early-stopping", "2", "--resume"], capsys)  # as the error says
+    assert rc == 0, err
     # a fresh run into RUN_DIR removes the replaced run's best_model.pt with its checkpoint
     rc, _, err = run(argv + ["--out", out, "--epochs", "1"], capsys)
     assert rc == 0, err
     assert not (out / "best_model.pt").exists()
+
+
+def test_train_restore_best_resumed_with_and_without_it_and_eval_of_what_run_json_records(small_npz, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """An interrupted --restore-best run resumes with it (the checkpoint holds its best weights); resumed without it,
+    run.json records that and eval attacks checkpoint.pt although the earlier best_model.pt stays, and train prints
+    no "restore best:" line; a --restore-best run whose warm-up set no best yet prints none and eval attacks its
+    checkpoint; a fresh run stopped before its first epoch leaves no replaced run's best_model.pt, and a run.json
+    hand-edited to a restore_best that is no boolean is refused by name (mutation pass: each of these, T26 C03 C06-C10,
+    passed every test)."""
+    from robust_ops import train
+
+    out = tmp_path / "best"
+    argv = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--early-stopping", "2", "--out", out]
+    rc, _, err = run(argv + ["--epochs", "2", "--restore-best"], capsys)
+    assert rc == 0, err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["early_stopping"]["best_epoch"] < state["epoch"] == 2  # the best in the checkpoint's best_model only
+    rc, got, err = run(argv + ["--epochs", "6", "--restore-best", "--resume"], capsys)
+    assert rc == 0, err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert torch.load(out / "best_model.pt", weights_only=True)["epoch"] == state["early_stopping"]["best_epoch"]
+    assert "restore best: the model is epoch" in got
+    rc, got, err = run(argv + ["--epochs", "6", "--resume"], capsys)  # switched off: the last epoch's weights
+    assert rc == 0, err
+    assert "restore best" not in got and (out / "best_model.pt").is_file()
+    assert json.loads((out / "run.json").read_text())["restore_best"] is False
+    model, _, run_doc = cli.load_run(out)
+    assert "weights" not in run_doc and run_doc["epochs_trained"] == state["epoch"]
+    for k, v in state["model"].items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**record, "restore_best": "yes"}))
+    with pytest.raises(cli.CLIError, match=r"run.json: expected restore_best to be true or false, got \"yes\""):
+        cli.load_run(out)
+    (out / "run.json").write_text(json.dumps(record))
+    # a warm-up that set no best yet: no best_model.pt, no line, eval attacks the checkpoint
+    warm = tmp_path / "warm"
+    rc, got, err = run(argv[:-1] + [warm, "--epochs", "1", "--warmup-epochs", "1", "--restore-best"], capsys)
+    assert rc == 0, err
+    assert not (warm / "best_model.pt").exists() and "restore best" not in got
+    assert cli.load_run(warm)[2]["epochs_trained"] == 1
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # a fresh run into RUN_DIR stopped before its first epoch: the replaced run's best weights go with its checkpoint
+    rc, _, err = run(argv + ["--epochs", "6", "--restore-best"], capsys)
+    assert rc == 0 and (out / "best_model.pt").is_file(), err
+    monkeypatch.setattr(train, "fit", interrupted)
+    rc, _, err = run(argv + ["--epochs", "6", "--restore-best"], capsys)
+    assert rc == 130 and not (out / "best_model.pt").exists() and not (out / "checkpoint.pt").exists(), err
 
 
 def test_eval_of_a_run_its_early_stopping_ended_does_not_call_it_unfinished(small_npz, tmp_path, capsys):
@@ -1024,6 +1079,18 @@ def test_eval_of_a_run_its_early_stopping_ended_does_not_call_it_unfinished(smal
         _, _, run_doc = cli.load_run(out)
     assert not [w for w in caught if "epochs" in str(w.message)], [str(w.message) for w in caught]
     assert run_doc["epochs_trained"] == 3
+
+
+def test_eval_of_an_early_stopping_run_interrupted_before_its_stop_still_warns(small_npz, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A run interrupted after an epoch that set its best val_loss has not stopped: --resume trains on, so eval still
+    warns (mutation pass: the warning silenced for any early-stopping state with a best, C15, passed every test)."""
+    out = tmp_path / "es"
+    _, rc, _ = _train_interrupted_after_one_epoch(small_npz, out, capsys, monkeypatch, ["--early-stopping", "2"])
+    assert rc == 130
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["early_stopping"]["best_epoch"] == 1
+    with pytest.warns(UserWarning, match=r"checkpoint.pt: holds 1 of the run's 2 epochs \(training stopped early\)"):
+        cli.load_run(out)
 
 
 def test_train_schedule_options_of_older_runs_empty_validation_and_the_run_that_did_not_stop(small_npz, tmp_path,
