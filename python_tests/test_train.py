@@ -489,16 +489,23 @@ def test_restore_best_needs_early_stopping_and_a_bool():
 def test_a_fresh_run_replaces_the_folders_old_best_model(tmp_path):
     """A fresh fit into a folder whose old run left best_model.pt: once the new run's first checkpoint replaces the
     old one, the old best weights go too (kept through a warm-up, or for good without restore_best, they sat beside
-    another run's checkpoint as if they were its best); a resume keeps the file."""
+    another run's checkpoint as if they were its best); a resume of the folder's own checkpoint keeps the file, and
+    a resume of another folder's checkpoint replaces the folder's run as a fresh run does (it kept the file)."""
     torch.manual_seed(0)
     _early_stopped(tmp_path, epochs=2, restore_best=True)
     assert (tmp_path / "best_model.pt").is_file()
     _early_stopped(tmp_path, epochs=3, resume=True)  # resumed without restore_best: the file names its own epoch
     assert (tmp_path / "best_model.pt").is_file()
+    _early_stopped(tmp_path, epochs=4, resume=tmp_path / "checkpoint.pt")  # the same, named
+    assert (tmp_path / "best_model.pt").is_file()
     _early_stopped(tmp_path, epochs=1, warmup_epochs=1, warmup_params="net.4", restore_best=True)  # sets no best
     assert not (tmp_path / "best_model.pt").exists()
     _early_stopped(tmp_path, epochs=2, restore_best=True)
     _early_stopped(tmp_path, epochs=1)
+    assert not (tmp_path / "best_model.pt").exists()
+    _early_stopped(tmp_path, epochs=2, restore_best=True)
+    _early_stopped(tmp_path / "other", epochs=1)
+    _early_stopped(tmp_path, epochs=2, resume=tmp_path / "other/checkpoint.pt")
     assert not (tmp_path / "best_model.pt").exists()
 
 

@@ -1054,6 +1054,8 @@ def fit(
         resume_path = ckpt_path if ckpt_path.is_file() else None
     elif resume is not False and resume is not None:
         raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
+    # continues out_dir's own run; else (a fresh start, or another folder's checkpoint) it replaces out_dir's run
+    resumed_here = resume_path is not None and ckpt_path is not None and resume_path.resolve() == ckpt_path.resolve()
     if resume_path is not None and resume_error is None:
         try:
             state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
@@ -1535,9 +1537,9 @@ def fit(
                         save_checkpoint(Path(out_dir) / BEST_MODEL_NAME, {
                             "format": CHECKPOINT_FORMAT, "weights": "best", "epoch": stopper["best_epoch"],
                             "val_loss": stopper["best"], "config": state["config"], "model": best_weights})
-                    elif resume_path is None and epoch == start_epoch:
-                        # a fresh run's first checkpoint replaces the folder's old run: so goes that run's best
-                        # weights, which would otherwise sit beside another run's checkpoint as if they were its own
+                    elif not resumed_here and epoch == start_epoch:
+                        # this run's first checkpoint replaces the folder's old run: so goes that run's best weights,
+                        # which would otherwise sit beside another run's checkpoint as if they were its own
                         Path(out_dir, BEST_MODEL_NAME).unlink(missing_ok=True)
                     save_checkpoint(ckpt_path, state)
                     _write_metrics(Path(out_dir), history)
@@ -1554,7 +1556,6 @@ def fit(
         if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, would push the next down
             bar.close()
         speedups.__exit__(None, None, None)
-    resumed_here = resume_path is not None and ckpt_path is not None and resume_path.resolve() == ckpt_path.resolve()
     if rank == 0 and resumed_here and start_epoch == end_epoch and _epochs_in_history_file(out_dir) != len(history):
         # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
         # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
