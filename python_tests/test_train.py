@@ -481,9 +481,10 @@ def test_restore_best_needs_early_stopping_and_a_bool():
                                          r"val_loss, which early stopping tracks, and early_stopping=None; pass "
                                          r"early_stopping=N \(a patience\) or leave restore_best False$"):
         fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8), epochs=2, restore_best=True, progress=False)
-    with pytest.raises(TypeError, match=r"^fit: expected restore_best to be True or False, got 'yes'$"):
-        fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8), epochs=2, early_stopping=2, restore_best="yes",
-            progress=False)
+    for patience in (2, None):  # not a bool: named as such, not as restore_best=True without early stopping (T55)
+        with pytest.raises(TypeError, match=r"^fit: expected restore_best to be True or False, got 'yes'$"):
+            fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8), epochs=2, early_stopping=patience,
+                restore_best="yes", progress=False)
 
 
 def test_a_fresh_run_replaces_the_folders_old_best_model(tmp_path):
@@ -1908,12 +1909,13 @@ def _ddp_early_stopping_worker(rank, world, port, init_path, out_path):
     with _gloo_group(rank, world, port):
         init = torch.load(init_path, weights_only=True)
         # every process validates itself: here on sets of one size but other content, so each process's own
-        # val_loss would stop it after another epoch (a hang in the next collective); rank 0's decides
+        # val_loss would stop it after another epoch (a hang in the next collective); rank 0's decides. 12 samples:
+        # a mean loss that float32 cannot hold (over 16 it could), so a float32 exchange would round it
         model = _model_from(init)
-        result = fit(model, defenses.Standard(), _data(), _data(16, seed=1 + rank), epochs=30, early_stopping=2,
+        result = fit(model, defenses.Standard(), _data(), _data(12, seed=1 + rank), epochs=30, early_stopping=2,
                      **_ES_KWARGS)
-        torch.save({"stop": result.early_stopping, "epochs": len(result.history), "model": _weights(model)},
-                   f"{out_path}.{rank}")
+        torch.save({"stop": result.early_stopping, "epochs": len(result.history), "model": _weights(model),
+                    "val_loss": [row["val_loss"] for row in result.history]}, f"{out_path}.{rank}")
 
 
 @pytest.mark.slow  # two processes importing torch: 35 s on the loaded 2-core machine
@@ -1925,11 +1927,13 @@ def test_ddp_processes_stop_early_after_the_same_epoch(tmp_path):
     ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert ranks[0]["stop"] == ranks[1]["stop"] and ranks[0]["epochs"] == ranks[1]["epochs"]
     assert ranks[0]["stop"]["stopped_epoch"] == ranks[0]["epochs"] < 30
+    # rank 0's val_loss exactly, as its metrics hold it (a float32 exchange rounded it: T59)
+    assert ranks[0]["stop"]["best"] == ranks[0]["val_loss"][ranks[0]["stop"]["best_epoch"] - 1]
     for k, v in ranks[0]["model"].items():
         assert torch.equal(v, ranks[1]["model"][k]), k
     # as a single process validating on rank 0's set
     single = fit(_model_from(torch.load(tmp_path / "init.pt", weights_only=True)), defenses.Standard(), _data(),
-                 _data(16, seed=1), epochs=30, early_stopping=2, **_ES_KWARGS)
+                 _data(12, seed=1), epochs=30, early_stopping=2, **_ES_KWARGS)
     assert single.early_stopping["stopped_epoch"] == ranks[0]["epochs"]
 
 
