@@ -1066,6 +1066,28 @@ def test_train_restore_best_resumed_with_and_without_it_and_eval_of_what_run_jso
     assert rc == 130 and not (out / "best_model.pt").exists() and not (out / "checkpoint.pt").exists(), err
 
 
+def test_eval_of_a_restore_best_run_without_its_best_model_pt_attacks_the_checkpoints_best_weights(small_npz, tmp_path,
+                                                                                                 capsys):
+    """A --restore-best run folder without best_model.pt (deleted, or not copied with the run): eval RUN_DIR attacked
+    checkpoint.pt's last epoch without a word; the checkpoint holds the best epoch's weights too (its best_model)."""
+    out = tmp_path / "best"
+    rc, _, err = run(["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "2",
+                      "--early-stopping", "2", "--restore-best", "--out", out], capsys)
+    assert rc == 0, err
+    (out / "best_model.pt").unlink()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    best_epoch = state["early_stopping"]["best_epoch"]
+    assert best_epoch < state["epoch"]
+    model, _, run_doc = cli.load_run(out)
+    assert (run_doc["weights"], run_doc["best_epoch"]) == ("best", best_epoch) and "epochs_trained" not in run_doc
+    for k, v in state["best_model"].items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    last, _, last_doc = cli.load_run(out / "checkpoint.pt")  # the file named: the last epoch's, as before
+    assert "weights" not in last_doc and last_doc["epochs_trained"] == state["epoch"]
+    for k, v in state["model"].items():
+        assert torch.equal(v, last.state_dict()[k]), k
+
+
 def test_eval_of_a_run_its_early_stopping_ended_does_not_call_it_unfinished(small_npz, tmp_path, capsys):
     """A run early stopping ended is finished (--resume trains no further epoch): eval warned that its checkpoint
     "holds 3 of the run's 6 epochs (training stopped early) ... `robust-ops train ... --resume` finishes it"."""

@@ -1096,8 +1096,8 @@ def cmd_train(args):
 def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=None, classes=None,
              bit_depth=None, channels=None):
     """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt, or best_model.pt for a run that recorded
-    restore_best) or a checkpoint file (run.json beside it, or --data/--model given). ``channels_last`` None: the
-    memory format the run trained in; True / False: that one."""
+    restore_best, else the checkpoint's copy of the same weights) or a checkpoint file (run.json beside it, or
+    --data/--model given). ``channels_last`` None: the memory format the run trained in; True / False: that one."""
     target = Path(target)
     if target.is_dir():
         ckpt, run_file = target / CHECKPOINT, target / RUN_FILE
@@ -1121,6 +1121,12 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
             raise CLIError(f"{run_file}: records no {' and no '.join(lacking)}; pass {flags}")
         raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass {flags}")
     state = read_checkpoint(ckpt)
+    if target.is_dir() and ckpt.name == CHECKPOINT and run.get("restore_best") and isinstance(state, dict) and \
+            isinstance(state.get("best_model"), dict):
+        # best_model.pt gone (deleted, or not copied with the run): the checkpoint holds the same best weights, which
+        # the run hands back; its model, the last epoch's, would be attacked in their place without a word
+        best_epoch = (state.get("early_stopping") or {}).get("best_epoch")
+        state = {**state, "model": state["best_model"], "weights": "best", "epoch": best_epoch}
     conflict = checkpoint_run_conflict(state, run)
     if conflict:  # labelled and recorded as run.json's run, the results would describe weights they do not come from
         key, saved, recorded = conflict
