@@ -510,6 +510,24 @@ def test_a_fresh_run_replaces_the_folders_old_best_model(tmp_path):
     assert not (tmp_path / "best_model.pt").exists()
 
 
+def test_restore_best_switched_on_for_a_run_with_no_epoch_left_writes_best_model_pt(tmp_path):
+    """A run trained without restore_best up to its best epoch, resumed with it and no epoch left: the best weights
+    are its model, handed back; best_model.pt, written only by an epoch before, was never written (found walking the
+    docs: `train --resume --restore-best` then printed no "restore best:" line and eval had no file to attack)."""
+    torch.manual_seed(0)
+    init = _weights(DropoutMLP())
+    _, ref = _early_stopped(init=init)
+    best_epoch = ref.early_stopping["best_epoch"]
+    _early_stopped(tmp_path, epochs=best_epoch, init=init)
+    model, result = _early_stopped(tmp_path, epochs=best_epoch, resume=True, restore_best=True)
+    assert len(result.history) == best_epoch and result.weights_epoch == best_epoch
+    best = load_checkpoint(tmp_path / "best_model.pt")
+    assert best["weights"] == "best" and best["epoch"] == best_epoch
+    assert best["config"] == load_checkpoint(tmp_path / "checkpoint.pt")["config"]
+    for k, v in _weights(model).items():
+        assert torch.equal(v, best["model"][k]), k
+
+
 def test_restore_best_resumes_exactly_and_a_switch_on_is_refused_unless_exact(tmp_path):
     """An interrupted restore_best run resumed ends with bitwise the same best (and last) weights and the same
     best_model.pt; a resume switching restore_best on is refused where the checkpoint's weights are not its best

@@ -1534,9 +1534,7 @@ def fit(
                     if best_weights is not None and (new_best or epoch == start_epoch):
                         # before the checkpoint, and again by a resumed call's first epoch: a kill between the two
                         # writes then leaves no best_model.pt behind the checkpoint's best_model
-                        save_checkpoint(Path(out_dir) / BEST_MODEL_NAME, {
-                            "format": CHECKPOINT_FORMAT, "weights": "best", "epoch": stopper["best_epoch"],
-                            "val_loss": stopper["best"], "config": state["config"], "model": best_weights})
+                        _save_best_model(out_dir, stopper, state["config"], best_weights)
                     elif not resumed_here and epoch == start_epoch:
                         # this run's first checkpoint replaces the folder's old run: so goes that run's best weights,
                         # which would otherwise sit beside another run's checkpoint as if they were its own
@@ -1560,12 +1558,23 @@ def fit(
         # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
         # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
         _write_metrics(Path(out_dir), history)
+    if rank == 0 and resumed_here and start_epoch == end_epoch and best_weights is not None:
+        # no epoch ran to write it: a finished run resumed with restore_best switched on (its best epoch its last)
+        _save_best_model(out_dir, stopper, {**config, "defense_options": defense_options}, best_weights)
     weights_epoch = len(history)
     if best_weights is not None:  # equal on every process: rank 0's val_loss picked the epoch, DDP kept them equal
         model.load_state_dict(best_weights)
         weights_epoch = stopper["best_epoch"]
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
                      else None, model=model, early_stopping=stopper, weights_epoch=weights_epoch)
+
+
+def _save_best_model(out_dir, stopper, config, best_weights):
+    """Write restore_best's ``out_dir/best_model.pt`` (atomically): the best epoch's weights, which load_weights and
+    robust-ops eval read as they read a checkpoint (and fit refuses to resume)."""
+    save_checkpoint(Path(out_dir) / BEST_MODEL_NAME, {
+        "format": CHECKPOINT_FORMAT, "weights": "best", "epoch": stopper["best_epoch"], "val_loss": stopper["best"],
+        "config": config, "model": best_weights})
 
 
 def _resumed_best_weights(name, path, state):
