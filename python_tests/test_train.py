@@ -1928,16 +1928,20 @@ def _ddp_early_stopping_worker(rank, world, port, init_path, out_path):
         init = torch.load(init_path, weights_only=True)
         # every process validates itself: here on sets of one size but other content, so each process's own
         # val_loss would stop it after another epoch (a hang in the next collective); rank 0's decides. 12 samples:
-        # a mean loss that float32 cannot hold (over 16 it could), so a float32 exchange would round it
+        # a mean loss that float32 cannot hold (over 16 it could), so a float32 exchange would round it. Each
+        # process its own out_dir: what process 1 would write shows there
         model = _model_from(init)
         result = fit(model, defenses.Standard(), _data(), _data(12, seed=1 + rank), epochs=30, early_stopping=2,
-                     **_ES_KWARGS)
+                     restore_best=True, out_dir=f"{out_path}.dir{rank}", **_ES_KWARGS)
         torch.save({"stop": result.early_stopping, "epochs": len(result.history), "model": _weights(model),
-                    "val_loss": [row["val_loss"] for row in result.history]}, f"{out_path}.{rank}")
+                    "weights_epoch": result.weights_epoch, "val_loss": [row["val_loss"] for row in result.history]},
+                   f"{out_path}.{rank}")
 
 
 @pytest.mark.slow  # two processes importing torch: 35 s on the loaded 2-core machine
-def test_ddp_processes_stop_early_after_the_same_epoch(tmp_path):
+def test_ddp_processes_stop_early_after_the_same_epoch_and_hand_back_rank_0s_best(tmp_path):
+    """Early stopping and restore_best under DDP: every process stops after the epoch rank 0's val_loss decides and
+    hands back the same best epoch's weights; process 0 alone writes."""
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     out = str(tmp_path / "es")
@@ -1947,38 +1951,16 @@ def test_ddp_processes_stop_early_after_the_same_epoch(tmp_path):
     assert ranks[0]["stop"]["stopped_epoch"] == ranks[0]["epochs"] < 30
     # rank 0's val_loss exactly, as its metrics hold it (a float32 exchange rounded it: T59)
     assert ranks[0]["stop"]["best"] == ranks[0]["val_loss"][ranks[0]["stop"]["best_epoch"] - 1]
-    for k, v in ranks[0]["model"].items():
-        assert torch.equal(v, ranks[1]["model"][k]), k
-    # as a single process validating on rank 0's set
-    single = fit(_model_from(torch.load(tmp_path / "init.pt", weights_only=True)), defenses.Standard(), _data(),
-                 _data(12, seed=1), epochs=30, early_stopping=2, **_ES_KWARGS)
-    assert single.early_stopping["stopped_epoch"] == ranks[0]["epochs"]
-
-
-def _ddp_restore_best_worker(rank, world, port, init_path, out_path):
-    with _gloo_group(rank, world, port):
-        model = _model_from(torch.load(init_path, weights_only=True))
-        # each process its own out_dir: what process 1 would write shows there
-        result = fit(model, defenses.Standard(), _data(), _data(16, seed=1 + rank), epochs=30, early_stopping=2,
-                     restore_best=True, out_dir=f"{out_path}.dir{rank}", **_ES_KWARGS)
-        torch.save({"stop": result.early_stopping, "weights_epoch": result.weights_epoch, "model": _weights(model)},
-                   f"{out_path}.{rank}")
-
-
-@pytest.mark.slow  # two processes importing torch, as test_ddp_processes_stop_early_after_the_same_epoch
-def test_ddp_restore_best_hands_back_rank_0s_best_epoch_on_every_process_and_only_rank_0_writes(tmp_path):
-    torch.manual_seed(0)
-    torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
-    out = str(tmp_path / "best")
-    _spawn_within(120, _ddp_restore_best_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
-    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
-    assert ranks[0]["stop"] == ranks[1]["stop"]
     assert ranks[0]["weights_epoch"] == ranks[1]["weights_epoch"] == ranks[0]["stop"]["best_epoch"]
     best_file = load_checkpoint(f"{out}.dir0/best_model.pt")
     assert best_file["epoch"] == ranks[0]["stop"]["best_epoch"]
     for k, v in ranks[0]["model"].items():
         assert torch.equal(v, ranks[1]["model"][k]) and torch.equal(v, best_file["model"][k]), k
     assert not os.path.exists(f"{out}.dir1") or not os.listdir(f"{out}.dir1")  # process 1 wrote nothing
+    # as a single process validating on rank 0's set
+    single = fit(_model_from(torch.load(tmp_path / "init.pt", weights_only=True)), defenses.Standard(), _data(),
+                 _data(12, seed=1), epochs=30, early_stopping=2, **_ES_KWARGS)
+    assert single.early_stopping["stopped_epoch"] == ranks[0]["epochs"]
 
 
 def _ddp_plateau_worker(rank, world, port, init_path, out_path):
