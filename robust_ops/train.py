@@ -1311,6 +1311,7 @@ def fit(
     finite_at_start = _finite_tensor_names(model)  # (a resume's: loaded above)
     speedups.__enter__()
     bar = None
+    recorded_config = {**config, "defense_options": defense_options}  # the checkpoints' and best_model.pt's
     # a run its early stopping ended is finished: resumed (even with more epochs) it trains no further
     end_epoch = start_epoch if stopper is not None and stopper["stopped_epoch"] is not None else epochs
     try:
@@ -1515,7 +1516,7 @@ def fit(
                 state = {
                     "format": CHECKPOINT_FORMAT,
                     "epoch": epoch + 1,
-                    "config": {**config, "defense_options": defense_options},
+                    "config": recorded_config,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -1534,7 +1535,7 @@ def fit(
                     if best_weights is not None and (new_best or epoch == start_epoch):
                         # before the checkpoint, and again by a resumed call's first epoch: a kill between the two
                         # writes then leaves no best_model.pt behind the checkpoint's best_model
-                        _save_best_model(out_dir, stopper, state["config"], best_weights)
+                        _save_best_model(out_dir, stopper, recorded_config, best_weights)
                     elif not resumed_here and epoch == start_epoch:
                         # this run's first checkpoint replaces the folder's old run: so goes that run's best weights,
                         # which would otherwise sit beside another run's checkpoint as if they were its own
@@ -1560,7 +1561,7 @@ def fit(
         _write_metrics(Path(out_dir), history)
     if rank == 0 and resumed_here and start_epoch == end_epoch and best_weights is not None:
         # no epoch ran to write it: a finished run resumed with restore_best switched on (its best epoch its last)
-        _save_best_model(out_dir, stopper, {**config, "defense_options": defense_options}, best_weights)
+        _save_best_model(out_dir, stopper, recorded_config, best_weights)
     weights_epoch = len(history)
     if best_weights is not None:  # equal on every process: rank 0's val_loss picked the epoch, DDP kept them equal
         model.load_state_dict(best_weights)
