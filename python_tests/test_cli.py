@@ -3702,6 +3702,28 @@ def test_data_errors_name_the_flag_for_folders(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "--size: load_busi(", "a_size=8/img_size=)")
 
 
+def test_npz_image_size_errors_say_what_to_do(small_npz, tmp_path, capsys):
+    """An .npz of non-square images (RGB dermoscopy, 48x64) was refused as "expected square images, got 48x64", and a
+    --size on an .npz as "images are 28x28, but --size 64 was requested": neither said how to go on (an .npz is never
+    resized; image files are padded to square)."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 8), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, 48, 64, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 7).reshape(-1, 1).astype(np.uint8)
+    np.savez(tmp_path / "derm.npz", **arrays)
+    rc, _, err = run(["train", "--data", tmp_path / "derm.npz", "--out", tmp_path / "r", "--device", "cpu"], capsys)
+    line = one_line_error(rc, err, f"--data: {tmp_path / 'derm.npz'}: expected square images, got 48x64 (height x "
+                                   "width); an .npz is read as stored: pad or resize them to square before saving it, "
+                                   "or save them as image files (class folders or a CSV), which are zero-padded to "
+                                   "square and resized (--size)")
+    assert "size=" not in line
+    rc, _, err = run(["train", "--data", small_npz, "--size", "64", "--out", tmp_path / "r", "--device", "cpu"],
+                     capsys)
+    one_line_error(rc, err, f"--size: {small_npz}: images are 28x28, but --size 64 was requested; an .npz is read at "
+                            "its own size -- drop --size or resize the file")
+
+
 def test_write_json_atomic_ends_in_a_newline_and_keeps_the_old_file_on_an_interrupt(tmp_path, monkeypatch):
     """run.json and the eval caches: the old file until the new one is complete, no temporary file left behind."""
     from robust_ops import _files

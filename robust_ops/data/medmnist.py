@@ -286,10 +286,15 @@ def load_npz(path, size=None, name=None, classes=None):
             raise DataError(f"{path}: {s}_images have shape {tuple(x.shape[1:])}, train has {tuple(shape)}")
         shape = x.shape[1:]
         sets.append(TensorDataset(x, y))
+    # an .npz is read as stored, never resized: say how to get images of one side length (every model, radius rule
+    # and report takes one), or that size= cannot change it
     if shape[1] != shape[2]:
-        raise DataError(f"{path}: expected square images, got {shape[1]}x{shape[2]}")
+        raise DataError(f"{path}: expected square images, got {shape[1]}x{shape[2]} (height x width); an .npz is "
+                        "read as stored: pad or resize them to square before saving it, or save them as image "
+                        "files (class folders or a CSV), which are zero-padded to square and resized (size=)")
     if size is not None and shape[1] != size:
-        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, but size={size} was requested", arg="size")
+        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, but size={size} was requested; an .npz is read "
+                        f"at its own size -- drop size= or resize the file", arg="size")
     stem = name or re.sub(r"_(28|64|128|224)$", "", path.stem).lower()
     num_classes = int(max(int(t.tensors[1].max()) if len(t) else 0 for t in sets)) + 1
     names, positive = CLASS_NAMES.get(stem, (None, None))
