@@ -3724,6 +3724,27 @@ def test_npz_image_size_errors_say_what_to_do(small_npz, tmp_path, capsys):
                             "its own size -- drop --size or resize the file")
 
 
+def test_eval_of_a_checkpoint_trained_inside_normalized_says_so(small_npz, tmp_path, capsys):
+    """A model trained in Python wrapped in attacks.Normalized (ImageNet mean / std) saves its weights under 'model.'
+    beside 'mean' and 'std': eval refused it with load_state_dict's "Missing key(s) ..." alone."""
+    from robust_ops.attacks import Normalized
+    from robust_ops.models import build_model
+
+    torch.save(Normalized(build_model("small_cnn", 1, 2, 28), 0.5, 0.25).state_dict(), tmp_path / "norm.pt")
+    rc, _, err = run(["eval", tmp_path / "norm.pt", "--data", small_npz, "--model", "small_cnn", "--device", "cpu",
+                      "--out", tmp_path / "e"], capsys)
+    one_line_error(rc, err, "norm.pt: does not fit --model small_cnn", "; its weights are small_cnn's inside a "
+                   "wrapper (under 'model.', beside mean, std: trained wrapped, e.g. in attacks.Normalized(model, "
+                   "mean, std), whose input scaling the command line cannot rebuild) -- evaluate the wrapped model in "
+                   "Python (robust_ops.evaluate.evaluate)")
+    assert not (tmp_path / "e").exists()
+    # another model's weights are not called wrapped
+    torch.save(build_model("mlp", 1, 2, 28).state_dict(), tmp_path / "mlp.pt")
+    rc, _, err = run(["eval", tmp_path / "mlp.pt", "--data", small_npz, "--model", "small_cnn", "--device", "cpu",
+                      "--out", tmp_path / "e"], capsys)
+    assert "wrapper" not in one_line_error(rc, err, "mlp.pt: does not fit --model small_cnn")
+
+
 def test_write_json_atomic_ends_in_a_newline_and_keeps_the_old_file_on_an_interrupt(tmp_path, monkeypatch):
     """run.json and the eval caches: the old file until the new one is complete, no temporary file left behind."""
     from robust_ops import _files

@@ -390,6 +390,19 @@ def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=No
 DATA_FLAG_ARGS = ("size", "classes", "bit_depth", "channels")
 
 
+def _wrapped_weights(net, weights):
+    """How ``weights`` wrap ``net``'s state dict (``"under 'model.', beside mean, std"``), or None: a model trained
+    in a wrapper (``attacks.Normalized``, a ``nn.Sequential(normalize, model)``) saved its keys under a prefix, and
+    load_state_dict's "Missing key(s)" did not say so."""
+    own = set(net.state_dict())
+    for prefix in {k.split(".", 1)[0] + "." for k in weights if "." in k}:
+        inner = {k[len(prefix):] for k in weights if k.startswith(prefix)}
+        if inner == own:
+            rest = sorted(k for k in weights if not k.startswith(prefix))
+            return f"under {prefix!r}" + (f", beside {', '.join(rest)}" if rest else "")
+    return None
+
+
 def _data_error(err, flag):
     """A DataError as the CLI's one-line error: led by the flag of the keyword argument it names, else by ``flag``;
     the keyword arguments it mentions written as their flags (``size=64`` -> ``--size 64``, ``classes=`` ->
@@ -1249,6 +1262,11 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
             hint = (f"; the run was trained on {side}x{side} images and {model_name}'s layers depend on the image "
                     f"size, this data's are {now}x{now} -- evaluate on {side}x{side} images (--size {side} for a "
                     "folder, a CSV or a MedMNIST name)")
+        wrapper = _wrapped_weights(net, weights)
+        if not hint and wrapper:
+            hint = (f"; its weights are {model_name}'s inside a wrapper ({wrapper}: trained wrapped, e.g. in "
+                    "attacks.Normalized(model, mean, std), whose input scaling the command line cannot rebuild) -- "
+                    "evaluate the wrapped model in Python (robust_ops.evaluate.evaluate)")
         raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} "
                        f"({state_dict_mismatch(err)}){hint}") from None
     from .train import drop_max_mismatch
