@@ -209,6 +209,26 @@ def test_multiclass_radius_figures_say_their_metrics_are_macro_averages(tmp_path
                       ("F1 vs radius on d", "F1")]
 
 
+def test_binary_radius_figures_name_the_positive_class(tmp_path, monkeypatch):
+    """A binary sensitivity or F1 figure was labelled "Sensitivity" alone: of which class only report.md's sentence
+    said (melanoma = 0 in a folder of melanoma/ and nevus/, malignant = 0 in BreastMNIST), and a figure stands
+    without it. Accuracy, and a binary set without a positive class, keep their names."""
+    rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9, "f1": 0.8,
+             "sensitivity": 0.7},
+            {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5, "f1": 0.4,
+             "sensitivity": 0.3}]
+    figures = _record_figures(monkeypatch)
+    info = DatasetInfo("derm", 2, 3, 8, ("melanoma", "nevus"), positive_class=0)
+    for metric in ("sensitivity", "f1", "accuracy"):
+        assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", metric=metric, info=info)
+    assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", metric="f1",
+                                        info=DatasetInfo("d", 2, 3, 8, ("a", "b")))
+    labels = [(f._suptitle.get_text(), f.axes[0].get_ylabel()) for f in figures]
+    assert labels == [("Sensitivity (melanoma) vs radius on derm", "Sensitivity (melanoma)"),
+                      ("F1 (melanoma) vs radius on derm", "F1 (melanoma)"),
+                      ("Accuracy vs radius on derm", "Accuracy"), ("F1 vs radius on d", "F1")]
+
+
 def test_saliency_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     # as the radius figure's: maps of generated images must not pass for a patient's, with or without a title
     model = _tiny_conv_net()

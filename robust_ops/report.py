@@ -298,14 +298,20 @@ def _wrap_text(text, width, renderer):
 
 # one-vs-rest macro averages on a multi-class set (robust_ops.metrics); accuracy and mAP read the same either way
 _MACRO_AVERAGED = ("sensitivity", "specificity", "precision", "f1", "auc")
+# a binary task's metrics of its positive class alone (robust_ops.metrics)
+_OF_POSITIVE = ("sensitivity", "precision", "f1")
 
 
 def figure_metric_label(metric, info=None):
     """A figure's name for ``metric``: "Macro F1" on a multi-class set, whose figures stand without the report's
-    sentence that its metrics are macro averages; the table label otherwise."""
+    sentence that its metrics are macro averages; "Sensitivity (melanoma)" on a binary set for the metrics of its
+    positive class, which only that sentence named (label 0, malignant, in BreastMNIST; melanoma or nevus in a
+    user's set); the table label otherwise."""
     label = METRIC_LABELS.get(metric, metric)
     if info is not None and info.num_classes > 2 and metric in _MACRO_AVERAGED:
         return f"Macro {label}"
+    if info is not None and info.num_classes == 2 and info.positive_class is not None and metric in _OF_POSITIVE:
+        return f"{label} ({info.class_names[info.positive_class]})"
     return label
 
 
