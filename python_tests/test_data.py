@@ -1112,13 +1112,25 @@ def test_busi_colour_images_keep_their_colour(tmp_path):
                                                (("abnormal", "normal"), "abnormal"), (("tumour", "control"), "tumour"),
                                                (("0", "1"), "1"), (("COVID", "non-COVID"), "COVID"),
                                                (("no_tumor", "tumor"), "tumor"), (("glioma", "no glioma"), "glioma"),
-                                               (("Pneumonia", "NonPneumonia"), "Pneumonia")])
+                                               (("Pneumonia", "NonPneumonia"), "Pneumonia"),
+                                               (("bcc", "nevus"), "bcc"), (("akiec", "bkl"), "akiec")])
 def test_binary_positive_class_without_a_malignant_name(tmp_path, classes, positive):
     """Label 1 alone would make "healthy" the positive class of disease/healthy, and "non-COVID" that of COVID /
     non-COVID (its sensitivity the recall of the negatives)."""
     with pytest.warns(UserWarning, match="too small to stratify"):
         s = load_dataset(_class_folders(tmp_path, classes), size=8)
     assert s.info.class_names[s.info.positive_class] == positive.lower()  # folder names are read lower-cased
+
+
+def test_binary_dermoscopy_csv_takes_the_lesion_beside_nevus_as_positive(tmp_path):
+    """HAM10000's benign nv was the positive class of `--classes bcc,nv` (label 1): sensitivity was the recall of the
+    nevi. The class beside a benign dermoscopy name (nv, nevus, bkl) is positive, in either order."""
+    path = _ham(tmp_path, ["bcc", "nv", "bkl"] * 10)
+    for classes, positive in ((("bcc", "nv"), "bcc"), (("nv", "bcc"), "bcc"), (("bcc", "bkl"), "bcc"),
+                              (("nv", "mel"), "mel")):
+        s = load_dataset(path, size=8, classes=classes) if "mel" not in classes else \
+            load_dataset(_ham(tmp_path, ["mel", "nv"] * 10, name="mel.csv"), size=8, classes=classes)
+        assert s.info.class_names[s.info.positive_class] == positive, classes
 
 
 def test_csv_labels_in_two_cases_and_numeric_labels(tmp_path):

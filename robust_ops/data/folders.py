@@ -32,8 +32,11 @@ BUSI_ORDER = ("benign", "malignant", "normal")
 # Classes treated as "positive" (their recall is the sensitivity) when present.
 POSITIVE_NAMES = ("malignant", "mel", "melanoma", "cancer", "positive")
 # Binary sets without one of those: the class that is not one of these is positive (e.g. "abnormal" vs "normal",
-# which label 1 alone would get wrong when the negative class sorts second, as "disease" / "healthy" does).
-NEGATIVE_NAMES = ("benign", "normal", "healthy", "negative", "control")
+# which label 1 alone would get wrong when the negative class sorts second, as "disease" / "healthy" does). The
+# benign dermoscopy classes too (HAM10000's nv and bkl, ISIC's nevus): label 1 made nevus/ the positive class of a
+# folder of bcc/ and nevus/, and nv that of `--classes bcc,nv`.
+NEGATIVE_NAMES = ("benign", "normal", "healthy", "negative", "control", "nv", "nevus", "nevi", "naevus", "naevi",
+                  "bkl")
 # Binary sets whose names are a finding and its negation (COVID / non-COVID, tumor / no_tumor): the finding is
 # positive, which label 1 alone gets wrong whenever the negation sorts second ("COVID" < "non-COVID").
 NEGATIONS = tuple(prefix + sep for prefix in ("non", "no", "not") for sep in ("-", "_", " ", ""))
