@@ -1601,8 +1601,23 @@ def test_npz_float_images_below_zero_are_refused(tmp_path):
     """docs/getting-started.md: float images are read only when already in [0, 1]; a normalized set (values below 0,
     none above 1) must be refused like one above 1, not read as is."""
     floats = np.random.default_rng(1).random((12, 28, 28)).astype(np.float32) - 0.5
-    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[-0\.4999, 0\.4999\]$"):
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[-0\.4999, 0\.4999\]; store the "
+                                        r"pixels in \[0, 1\], not normalized by a mean and std: normalize inside the "
+                                        r"model \(robust_ops\.attacks\.Normalized\), as the attacks' radii and clip "
+                                        r"range are in \[0, 1\] pixels$"):
         load_dataset(write_npz(tmp_path / "neg.npz", train_images=floats))
+
+
+def test_npz_float_images_out_of_range_say_how_to_fix_them(tmp_path):
+    """An RGB set saved as floats 0-255 (numpy's astype(float)) or normalized with ImageNet's mean / std was refused as
+    "float images must lie in [0, 1], got [...]" alone: the error now says what to do with each."""
+    rgb = np.random.default_rng(1).random((12, 8, 8, 3)).astype(np.float32)
+    with pytest.raises(DataError, match=r"got \[[\d.]+, [\d.]+\]; divide them by 255 or store them as uint8$"):
+        load_dataset(write_npz(tmp_path / "f255.npz", shape=(8, 8, 3), train_images=rgb * 255))
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    with pytest.raises(DataError, match=r"not normalized by a mean and std: normalize inside the model "
+                                        r"\(robust_ops\.attacks\.Normalized\)"):
+        load_dataset(write_npz(tmp_path / "imagenet.npz", shape=(8, 8, 3), train_images=(rgb - mean) / std))
 
 
 def test_npz_float_labels_are_refused_not_truncated(tmp_path):

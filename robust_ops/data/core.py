@@ -98,7 +98,12 @@ def images_to_tensor(images, source):
                             "pixels)")
         if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
             lo, hi = float(x.min()), float(x.max())
-            raise DataError(f"{source}: float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+            # say how to get there: 0-255 floats (numpy's astype(float)) and mean / std normalized pixels (ImageNet's
+            # statistics) are what such files hold, and the attacks' ball and clip range are in [0, 1] pixels
+            fix = ("divide them by 255 or store them as uint8" if lo >= 0 else "store the pixels in [0, 1], not "
+                   "normalized by a mean and std: normalize inside the model (robust_ops.attacks.Normalized), as "
+                   "the attacks' radii and clip range are in [0, 1] pixels")
+            raise DataError(f"{source}: float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; {fix}")
     else:
         raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}: convert them to uint8 "
                         "(0-255) or to floats in [0, 1]")
