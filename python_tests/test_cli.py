@@ -3828,6 +3828,17 @@ def test_defense_spelled_otherwise_is_recorded_as_the_registry_names_it(tmp_path
     assert rc == 0, err
 
 
+def test_train_summary_names_the_defense_as_run_json_records_it(tmp_path, capsys):
+    """train --defense MIRST_DM printed 'trained MIRST_DM on ...' while run.json, eval's tables and --resume call the
+    run mirst-dm; the summary line now names it as run.json does."""
+    out = tmp_path / "run"
+    rc, stdout, err = run(["train", "--data", _folder(tmp_path / "d"), "--size", "8", "--epochs", "1", "--out", out,
+                           "--no-progress", "--device", "cpu", "--defense", "MIRST_DM"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["defense"] == "mirst-dm"
+    assert stdout.startswith("trained mirst-dm on "), stdout
+
+
 def test_reproduce_methods_with_an_empty_entry(capsys):
     """--methods STD, (a trailing or doubled comma) was refused as 'has no method (none given)' although STD was
     given; empty entries are skipped, as demo's --methods skips them."""

@@ -1086,7 +1086,8 @@ def cmd_train(args):
         return 0
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
-    print(f"trained {args.defense} on {splits.info.display_name} for {counted(len(history), 'epoch')}: {shown}")
+    # run.json's name (MIRST_DM -> mirst-dm), the one eval's tables and --resume use, not the spelling typed
+    print(f"trained {run['defense']} on {splits.info.display_name} for {counted(len(history), 'epoch')}: {shown}")
     if args.early_stopping is not None:  # the checkpoint holds its state: the run may have stopped in an earlier call
         stop = read_checkpoint(Path(args.out) / CHECKPOINT).get("early_stopping") or {}
         if stop.get("stopped_epoch"):
