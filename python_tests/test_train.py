@@ -3228,7 +3228,7 @@ def _ddp_training_settings_differ_worker(rank, world, port, out_path):
                        {"defense": defenses.build("at", eps=0.1 * (1 + rank), steps=1)},
                        {"optimizer": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.5 * rank)},
                        {"val_batch_size": 4 + rank}, {"amp": bool(rank)},
-                       {"early_stopping": 2, "restore_best": bool(rank)}):
+                       {"early_stopping": 2, "restore_best": bool(rank)}, {"early_stopping": 1 + rank}):
             defense = kwargs.pop("defense", defenses.Standard())
             messages.append(_outcome(lambda: fit(DropoutMLP(), defense, _data(16), _data(4), epochs=1, batch_size=4,
                                                  progress=False, **kwargs)))
@@ -3239,7 +3239,9 @@ def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
     """Processes given another lr, gradient clipping, defense option, optimizer setting or validation batch size
     trained on without a word, each process's weights stepped by its own settings; amp on one process only raised
     there alone (the other waited in a collective); restore_best on one process only handed back other weights
-    there (mutation pass: T31 passed every test)."""
+    there (mutation pass: T31 passed every test). The flags' refusals say what to fix for that flag: amp and
+    restore_best were told to pass the whole train_data and val_data (not shards), early_stopping that each process
+    updates its weights with it."""
     out = str(tmp_path / "settings")
     _spawn_within(120, _ddp_training_settings_differ_worker, (2, _free_port(), out))
     fix = "pass every process the same settings: each process updates its own copy of the weights with them (DDP " \
@@ -3250,16 +3252,23 @@ def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
                   f"{rank}); " for what, a, b in (
                       ("lr", 0.01, 0.02), ("max_grad_norm", None, 1.0), ("defense option eps", 0.1, 0.2),
                       ("optimizer_settings", "{", "{"), ("val_batch_size", 4, 5), ("amp", False, True),
-                      ("restore_best", False, True))]
+                      ("restore_best", False, True), ("early_stopping", 1, 2))]
+        # amp and restore_best are compared with seed and the lengths (amp: before "amp=True needs a CUDA device")
+        fixes = {5: "pass every process the same amp (True needs a CUDA device on each): with it on some processes "
+                    "only, their gradients come from float16 autocast and the others' from float32, and DDP averages "
+                    "them together",
+                 6: "pass every process the same restore_best: it decides which weights fit hands back, the best "
+                    "epoch's or the last epoch's, so processes given other values would end holding different models",
+                 7: "pass every process the same early_stopping: a process that stopped after another epoch than the "
+                    "others would leave them waiting in the next epoch's collectives"}
+        assert len(messages) == len(differ)
         for i, (message, expected) in enumerate(zip(messages, differ)):
             if i == 3:  # SGD's whole defaults, momentum among them
                 assert message.startswith("ValueError: fit: the processes differ in optimizer_settings (process 0: "
                                           "{") and "'momentum': 0.0" in message and "'momentum': 0.5" in message
                 assert message.endswith(f"this is process {rank}); " + fix), message
-            elif i in (5, 6):  # compared with seed and the lengths (amp: before fit's "amp=True needs a CUDA device")
-                assert message.startswith(expected), message
             else:
-                assert message == expected + fix, message
+                assert message == expected + fixes.get(i, fix), message
 
 
 class WithUnusedHead(nn.Module):

@@ -1020,7 +1020,14 @@ def fit(
                                    rank, world, "pass every process the same ones, and the whole train_data and "
                                    "val_data (not shards): fit cuts one permutation of train_data into global batches "
                                    "and gives each process its share, and seeds each process's own random streams "
-                                   "itself")
+                                   "itself", fixes={
+                                       # flags, not data: the generic fix named shards, which is not what is wrong
+                                       "amp": "pass every process the same amp (True needs a CUDA device on each): "
+                                       "with it on some processes only, their gradients come from float16 autocast "
+                                       "and the others' from float32, and DDP averages them together",
+                                       "restore_best": "pass every process the same restore_best: it decides which "
+                                       "weights fit hands back, the best epoch's or the last epoch's, so processes "
+                                       "given other values would end holding different models"})
     # after the comparison: one process's empty shard (of val_data) is refused on every process, naming the lengths
     if len(train_data) == 0:
         raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
@@ -1162,7 +1169,10 @@ def fit(
                                    "pass every process the same settings: each process updates its own copy of the "
                                    "weights with them (DDP averages only the gradients)", fixes={
                                        "the checkpoint they resume": "resume from a checkpoint every process reads: "
-                                       "an out_dir on storage all nodes share"})
+                                       "an out_dir on storage all nodes share",
+                                       "early_stopping": "pass every process the same early_stopping: a process "
+                                       "that stopped after another epoch than the others would leave them waiting "
+                                       "in the next epoch's collectives"})
     dropped = len(train_data) - sum(len(b) for b in sampler.global_batches())
     if dropped and rank == 0:  # every step needs a share on every process: said, not left to be found in the counts
         warnings.warn(f"{name}: {len(train_data)} samples in global batches of {batch_size} leave a last batch of "
