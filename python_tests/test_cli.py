@@ -1066,6 +1066,25 @@ def test_train_restore_best_resumed_with_and_without_it_and_eval_of_what_run_jso
     assert rc == 130 and not (out / "best_model.pt").exists() and not (out / "checkpoint.pt").exists(), err
 
 
+def test_train_restore_best_resume_reads_the_checkpoint_before_fit_once(small_npz, tmp_path, capsys, monkeypatch):
+    """train --resume --restore-best read the whole checkpoint in the command (to refuse a switch fit cannot make
+    exact) beside resume_conflict's read of its epochs, and fit then read it again: fit's own refusal is now reworded
+    instead (test_train_restore_best_hands_back_the_best_epoch_which_eval_attacks checks its words)."""
+    from robust_ops import train
+
+    out = tmp_path / "best"
+    argv = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--early-stopping", "2", "--out", out,
+            "--restore-best"]
+    rc, _, err = run(argv + ["--epochs", "1"], capsys)
+    assert rc == 0, err
+    loads, load, fit = [], torch.load, train.fit
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(Path(f).name), load(f, *a, **k))[1])
+    monkeypatch.setattr(train, "fit", lambda *a, **k: (loads.append("fit"), fit(*a, **k))[1])
+    rc, _, err = run(argv + ["--epochs", "2", "--resume"], capsys)
+    assert rc == 0, err
+    assert loads[:loads.index("fit")] == ["checkpoint.pt"], loads  # resume_conflict's (the epochs it holds)
+
+
 def test_eval_of_a_restore_best_run_without_its_best_model_pt_attacks_the_checkpoints_best_weights(small_npz, tmp_path,
                                                                                                  capsys):
     """A --restore-best run folder without best_model.pt (deleted, or not copied with the run): eval RUN_DIR attacked

@@ -954,12 +954,6 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 key, was, now = conflict
                 raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has "
                                f"{key}={now!r}")
-            lost = trainer.lost_best_epoch(read_checkpoint(out / CHECKPOINT)) if restore_best and (
-                out / CHECKPOINT).is_file() else None
-            if lost:  # fit refuses it too, in its own words (restore_best=True)
-                raise CLIError(f"--restore-best: {out} was trained without it, so its checkpoint holds the weights of "
-                               f"its last epoch ({lost[0]}), not of its best one ({lost[1]}); resume without "
-                               "--restore-best, or train again from the start (without --resume) with it")
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
             for name in (CHECKPOINT, BEST_MODEL, "metrics.csv", trainer.HISTORY_NAME):
                 (out / name).unlink(missing_ok=True)
@@ -993,6 +987,13 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                     from ._files import replace_atomically
 
                     replace_atomically(out / RUN_FILE, lambda f: f.write(previous), binary=True, fsync=True)
+            if isinstance(err, trainer.LostBestEpochError):
+                # fit's refusal in the flag's words (run.json is put back above): a check of this command's own, before
+                # fit, read the whole checkpoint once more than fit does
+                raise CLIError(f"--restore-best: {out} was trained without it, so its checkpoint holds the weights of "
+                               f"its last epoch ({err.last_epoch}), not of its best one ({err.best_epoch}); resume "
+                               "without --restore-best, or train again from the start (without --resume) with it"
+                               ) from None
             kept = (f"; {ckpt} holds the last epoch saved: once fixed, continue with the same command"
                     f"{'' if resume else ' and --resume'}"
                     if isinstance(err, (OSError, trainer.CollectiveTimeoutError)) and ckpt.is_file() else "")

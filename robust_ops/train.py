@@ -1247,6 +1247,8 @@ def fit(
         if int(state["epoch"]) > epochs:
             raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
                              f"more than epochs={epochs}")
+        if restore_best:  # refused before the model, RNG and arithmetic warning are touched (robust-ops train's check)
+            best_weights = _resumed_best_weights(name, resume_path, state)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as err:  # another architecture (a RUN_DIR without run.json resumed with another --model)
@@ -1282,8 +1284,6 @@ def fit(
         start_epoch = int(state["epoch"])
         if early_stopping is not None and isinstance(state.get("early_stopping"), dict):
             stopper = dict(state["early_stopping"])
-        if restore_best:
-            best_weights = _resumed_best_weights(name, resume_path, state)
     else:
         _seed_rank_streams(seed, rank)
 
@@ -1596,9 +1596,7 @@ def _resumed_best_weights(name, path, state):
         return {k: v.to("cpu") for k, v in state["best_model"].items()}
     lost = lost_best_epoch(state)
     if lost is not None:
-        raise ValueError(f"{name}: cannot resume {path} with restore_best=True: it was trained without it, so it holds "
-                         f"the weights of its last epoch ({lost[0]}), not of its best one ({lost[1]}); resume with "
-                         "restore_best=False, or train again from the start with restore_best=True")
+        raise LostBestEpochError(name, path, *lost)
     if (state.get("early_stopping") or {}).get("best_epoch") is None:
         return None
     return {k: v.detach().to("cpu", copy=True) for k, v in state["model"].items()}
@@ -1817,6 +1815,22 @@ def check_trainable_precision(name, params):
                          "optimizer would update them in that precision (float16: Adam's eps 1e-8 is 0, NaN weights; "
                          "updates below the weights' resolution are lost); train float32 weights (model.float(), "
                          "float32 data; amp=True on CUDA computes in float16) and convert the trained model")
+
+
+class LostBestEpochError(ValueError):
+    """fit(restore_best=True) resuming a checkpoint trained without it whose best epoch is not its last (see
+    :func:`lost_best_epoch`): the best epoch's weights are gone. ``last_epoch``, ``best_epoch``: for a caller's own
+    words (the command line's ``--restore-best``), which then needs no read of the checkpoint before fit's."""
+
+    def __init__(self, name, path, last_epoch, best_epoch):
+        self.facts = (name, path, last_epoch, best_epoch)
+        self.last_epoch, self.best_epoch = last_epoch, best_epoch
+        super().__init__(f"{name}: cannot resume {path} with restore_best=True: it was trained without it, so it holds "
+                         f"the weights of its last epoch ({last_epoch}), not of its best one ({best_epoch}); resume "
+                         "with restore_best=False, or train again from the start with restore_best=True")
+
+    def __reduce__(self):
+        return type(self), self.facts
 
 
 class OneSampleBatchError(ValueError):
