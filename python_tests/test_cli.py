@@ -1066,10 +1066,12 @@ def test_train_restore_best_resumed_with_and_without_it_and_eval_of_what_run_jso
     assert rc == 130 and not (out / "best_model.pt").exists() and not (out / "checkpoint.pt").exists(), err
 
 
-def test_train_restore_best_resume_reads_the_checkpoint_before_fit_once(small_npz, tmp_path, capsys, monkeypatch):
+def test_train_restore_best_resume_reads_the_checkpoint_once_beside_fits_read(small_npz, tmp_path, capsys,
+                                                                            monkeypatch):
     """train --resume --restore-best read the whole checkpoint in the command (to refuse a switch fit cannot make
     exact) beside resume_conflict's read of its epochs, and fit then read it again: fit's own refusal is now reworded
-    instead (test_train_restore_best_hands_back_the_best_epoch_which_eval_attacks checks its words)."""
+    instead (test_train_restore_best_hands_back_the_best_epoch_which_eval_attacks checks its words). After training,
+    train read it once more for the early-stopping lines, which fit's result holds."""
     from robust_ops import train
 
     out = tmp_path / "best"
@@ -1080,9 +1082,12 @@ def test_train_restore_best_resume_reads_the_checkpoint_before_fit_once(small_np
     loads, load, fit = [], torch.load, train.fit
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: (loads.append(Path(f).name), load(f, *a, **k))[1])
     monkeypatch.setattr(train, "fit", lambda *a, **k: (loads.append("fit"), fit(*a, **k))[1])
-    rc, _, err = run(argv + ["--epochs", "2", "--resume"], capsys)
+    rc, got, err = run(argv + ["--epochs", "2", "--resume"], capsys)
     assert rc == 0, err
-    assert loads[:loads.index("fit")] == ["checkpoint.pt"], loads  # resume_conflict's (the epochs it holds)
+    assert loads == ["checkpoint.pt", "fit", "checkpoint.pt"], loads  # resume_conflict's (its epochs), fit's own
+    stop = load(out / "checkpoint.pt", weights_only=True)["early_stopping"]
+    assert f"early stopping: did not stop (best val_loss {stop['best']:.4g} at epoch {stop['best_epoch']})" in got
+    assert f"restore best: the model is epoch {stop['best_epoch']}'s" in got
 
 
 def test_eval_of_a_restore_best_run_without_its_best_model_pt_attacks_the_checkpoints_best_weights(small_npz, tmp_path,

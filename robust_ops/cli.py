@@ -884,7 +884,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
               prepacked_conv=None, split=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0,
               early_stopping=None, restore_best=False, dist_timeout=None):
-    """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, history).
+    """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, fit's
+    FitResult: its history, and its early stopping's state as the checkpoint holds it).
     ``warmup_epochs``, ``early_stopping``, ``restore_best``: fit's (the head-only warm-up's epochs, a patience on the
     validation loss, the best epoch's weights handed back).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`. ``dist_timeout``
@@ -1002,7 +1003,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             if isinstance(err, trainer.CollectiveTimeoutError):
                 err = err.reworded("--dist-timeout")
             raise CLIError(f"{out}: training failed: {err}{kept}") from None
-        return result.model if getattr(result, "model", None) is not None else model, splits, run, result.history
+        return result.model if getattr(result, "model", None) is not None else model, splits, run, result
 
 
 @contextlib.contextmanager
@@ -1068,7 +1069,7 @@ def cmd_train(args):
     dist_timeout = checked_dist_timeout(args)
     try:
         with interrupts_unwrapped():
-            _, splits, run, history = train_run(
+            _, splits, run, result = train_run(
                 data=args.data, defense_name=args.defense, defense_options=options, model_name=args.model,
                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
                 out=args.out, resume=args.resume, dropmax=args.dropmax, size=args.size,
@@ -1085,12 +1086,13 @@ def cmd_train(args):
         return 130
     if not is_main_process():  # under torchrun, rank 0 alone reports the run
         return 0
+    history = result.history
     last = history[-1] if history else {}
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "lr")
     # run.json's name (MIRST_DM -> mirst-dm), the one eval's tables and --resume use, not the spelling typed
     print(f"trained {run['defense']} on {splits.info.display_name} for {counted(len(history), 'epoch')}: {shown}")
-    if args.early_stopping is not None:  # the checkpoint holds its state: the run may have stopped in an earlier call
-        stop = read_checkpoint(Path(args.out) / CHECKPOINT).get("early_stopping") or {}
+    if args.early_stopping is not None:  # the checkpoint's state (the run may have stopped in an earlier call), as fit
+        stop = result.early_stopping or {}  # hands it back: not read from the file once more
         if stop.get("stopped_epoch"):
             print(f"early stopping: stopped after epoch {stop['stopped_epoch']}: {stop['reason']}")
         elif stop.get("best") is not None:
@@ -1699,7 +1701,7 @@ def cmd_demo(args):
                     label = demo_label(m)
                     t0 = time.perf_counter()
                     say(f"training {label} ...", flush=True)
-                    model, _, _, history = train_run(
+                    model, _, _, result = train_run(
                         data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
                         resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
@@ -1707,7 +1709,7 @@ def cmd_demo(args):
                         dist_timeout=args.dist_timeout)
                     timings[label] = time.perf_counter() - t0
                     models[label] = model
-                    last = history[-1] if history else {}
+                    last = result.history[-1] if result.history else {}
                     say(f"  {label}: {timings[label]:.0f} s, train loss {last.get('train_loss', float('nan')):.3f}")
         except KeyboardInterrupt:
             say(f"\n{PROG} demo: interrupted; finished runs are in {out / 'runs'}; rerun with --resume",
