@@ -3,7 +3,8 @@
 A module outside the robust_ops package, standard library only: importing anything in robust_ops first runs the
 package's __init__, which imports torch and loads the compiled ops (seconds), and a Ctrl-C there ended in a
 KeyboardInterrupt traceback, before robust_ops.cli.main could catch it as it catches one in a command. Here the
-import itself is guarded. ``python -m robust_ops`` imports the package before its __main__ runs, so it cannot be.
+import itself is guarded. ``python -m robust_ops`` imports the package before its __main__ runs: there the package's
+__init__ guards its imports itself, for that case only (robust_ops.cli.exit_on_interrupted_package_import).
 robust_ops itself never imports this module: an editable install made before it existed has no mapping for it.
 """
 

@@ -2393,16 +2393,11 @@ def test_an_interrupt_inside_a_lazy_import_stops_train_with_its_one_line(small_n
                                  "same command and --resume")
 
 
-@pytest.mark.parametrize("module, how", [("torch", "kill"), ("torch", "set_name"), ("robust_ops._C", "kill"),
-                                         ("torch", "error")])
-def test_ctrl_c_while_the_console_script_imports_robust_ops_exits_quietly(module, how):
-    """The console script imported robust_ops.cli -- the package's __init__, torch and the compiled ops, seconds --
-    before main could catch anything: a Ctrl-C then was a KeyboardInterrupt traceback. Its entry point now guards
-    that import (_robust_ops_launcher.py). The interrupt comes from an import hook of this test, as the import of
-    `module` starts: directly, or from a __set_name__, where Python 3.11 wraps it in a RuntimeError."""
-    pyproject = (Path(cli.__file__).parent.parent / "pyproject.toml").read_text()  # not tomllib: Python 3.10 too
-    assert re.findall(r"^robust-ops = (.*)$", pyproject, flags=re.M) == ['"_robust_ops_launcher:main"']
-    code = f"""
+def _ctrl_c_hook(module, how):
+    """Source of an import hook that, as the import of ``module`` starts, sends this process a SIGINT directly
+    ("kill") or from a __set_name__ ("set_name", where Python 3.11 wraps it in a RuntimeError), or raises another
+    error ("error")."""
+    return f"""
 import importlib.abc, os, signal, sys
 
 class Field:
@@ -2422,12 +2417,47 @@ class CtrlC(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, CtrlC())
+"""
+
+
+CTRL_C_CASES = [("torch", "kill"), ("torch", "set_name"), ("robust_ops._C", "kill"), ("torch", "error")]
+
+
+@pytest.mark.parametrize("module, how", CTRL_C_CASES)
+def test_ctrl_c_while_the_console_script_imports_robust_ops_exits_quietly(module, how):
+    """The console script imported robust_ops.cli -- the package's __init__, torch and the compiled ops, seconds --
+    before main could catch anything: a Ctrl-C then was a KeyboardInterrupt traceback. Its entry point now guards
+    that import (_robust_ops_launcher.py). The interrupt comes from an import hook of this test, as the import of
+    `module` starts: directly, or from a __set_name__, where Python 3.11 wraps it in a RuntimeError."""
+    pyproject = (Path(cli.__file__).parent.parent / "pyproject.toml").read_text()  # not tomllib: Python 3.10 too
+    assert re.findall(r"^robust-ops = (.*)$", pyproject, flags=re.M) == ['"_robust_ops_launcher:main"']
+    code = _ctrl_c_hook(module, how) + """
 from _robust_ops_launcher import main  # what the generated robust-ops script runs
 sys.exit(main())
 """
     done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120)
     if how == "error":  # not an interrupt: a traceback, as any other failure
         assert done.returncode == 1 and "RuntimeError: not an interrupt" in done.stderr, done.stderr
+    else:
+        assert (done.returncode, done.stderr) == (130, "\nrobust-ops: interrupted\n"), done.stderr
+
+
+@pytest.mark.parametrize("module, how", [*CTRL_C_CASES, ("torch", "library")])
+def test_ctrl_c_while_python_m_robust_ops_imports_the_package_exits_quietly(tmp_path, module, how):
+    """`python -m robust_ops`: Python imports the package (torch, the compiled ops: seconds) before __main__ runs
+    main, and a Ctrl-C there was a KeyboardInterrupt traceback; now main's one line and status 130, as the console
+    script's. The hook comes in as sitecustomize, which Python imports at start-up. A program's own `import
+    robust_ops` ("library") keeps its KeyboardInterrupt."""
+    (tmp_path / "sitecustomize.py").write_text(_ctrl_c_hook(module, "kill" if how == "library" else how))
+    root = str(Path(cli.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), root,
+                                                                     os.environ.get("PYTHONPATH")]))}
+    argv = ["-c", "import robust_ops"] if how == "library" else ["-m", "robust_ops", "--help"]
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env)
+    if how == "error":  # not an interrupt: a traceback, as any other failure
+        assert done.returncode == 1 and "RuntimeError: not an interrupt" in done.stderr, done.stderr
+    elif how == "library":  # the traceback, after which Python ends by SIGINT
+        assert done.stderr.rstrip().endswith("KeyboardInterrupt") and "robust-ops" not in done.stderr, done.stderr
     else:
         assert (done.returncode, done.stderr) == (130, "\nrobust-ops: interrupted\n"), done.stderr
 

@@ -8,31 +8,38 @@ reproduce, memory, native_layers, prepacked_conv, reference, functional and cli.
 
 import importlib
 
-import torch
+# `python -m robust_ops`: a Ctrl-C in these imports (seconds) ends as main ends one, not in a traceback (cli.py)
+try:
+    import torch
 
-if torch.distributed.is_available():
-    # torch.distributed.nn.functional binds group.WORLD into its functions' defaults when first imported, which
-    # DDP's first use does (through torch._dynamo): imported inside fit, with a process group up, those defaults
-    # held the group, so destroy_process_group() never joined gloo's worker threads; one still releasing a work
-    # object at interpreter exit aborts the process ("terminate called without an active exception", seen in CI).
-    # Imported here, normally before any group exists, the defaults are None (the default group, when called).
-    import torch.distributed.nn.functional  # noqa: F401
+    if torch.distributed.is_available():
+        # torch.distributed.nn.functional binds group.WORLD into its functions' defaults when first imported, which
+        # DDP's first use does (through torch._dynamo): imported inside fit, with a process group up, those defaults
+        # held the group, so destroy_process_group() never joined gloo's worker threads; one still releasing a work
+        # object at interpreter exit aborts the process ("terminate called without an active exception", seen in CI).
+        # Imported here, normally before any group exists, the defaults are None (the default group, when called).
+        import torch.distributed.nn.functional  # noqa: F401
 
-from . import _extension
+    from . import _extension
 
-_extension.load_library()
+    _extension.load_library()
 
-from . import _autograd, _backend, _meta  # noqa: E402,F401  (register fake kernels and autograd)
-from .functional import boundary_search_step_, drop_max_pool2d, max_pool2d, pgd_step_  # noqa: E402
+    from . import _autograd, _backend, _meta  # noqa: E402,F401  (register fake kernels and autograd)
+    from .functional import boundary_search_step_, drop_max_pool2d, max_pool2d, pgd_step_  # noqa: E402
 
-# torch.fx leaves also when called as robust_ops.drop_max_pool2d (fx patches the globals of the calling module).
-torch.fx.wrap("drop_max_pool2d")
-torch.fx.wrap("max_pool2d")
+    # torch.fx leaves also when called as robust_ops.drop_max_pool2d (fx patches the globals of the calling module).
+    torch.fx.wrap("drop_max_pool2d")
+    torch.fx.wrap("max_pool2d")
 
-if _backend.should_load_triton_kernels_at_import():  # else on the first backend="triton" call (docs/backends.md)
-    _backend.load_triton_kernels()
+    if _backend.should_load_triton_kernels_at_import():  # else on the first backend="triton" call (docs/backends.md)
+        _backend.load_triton_kernels()
 
-from .nn import DropMax2d, replace_maxpool  # noqa: E402,F401
+    from .nn import DropMax2d, replace_maxpool  # noqa: E402,F401
+except (KeyboardInterrupt, RuntimeError) as _err:
+    from .cli import exit_on_interrupted_package_import
+
+    exit_on_interrupted_package_import(_err)
+    raise
 
 __version__ = "0.1.0"
 

@@ -1925,10 +1925,35 @@ def interrupts_unwrapped():
     try:
         yield
     except RuntimeError as err:
-        interrupt = next((e for e in (err.__cause__, err.__context__) if isinstance(e, KeyboardInterrupt)), None)
+        interrupt = interrupt_in(err)
         if interrupt is None:
             raise
         raise interrupt.with_traceback(interrupt.__traceback__) from None
+
+
+def interrupt_in(err):
+    """The KeyboardInterrupt ``err`` is, or that a RuntimeError ``err`` wraps (Python 3.11's for one raised in a
+    ``__set_name__``, see :func:`interrupts_unwrapped`); None for any other error."""
+    if isinstance(err, KeyboardInterrupt):
+        return err
+    if not isinstance(err, RuntimeError):
+        return None
+    return next((e for e in (err.__cause__, err.__context__) if isinstance(e, KeyboardInterrupt)), None)
+
+
+def exit_on_interrupted_package_import(err):
+    """Called by robust_ops/__init__.py with an error its imports raised: under ``python -m robust_ops`` (or ``-m
+    robust_ops.cli``) a Ctrl-C (``err`` an interrupt, :func:`interrupt_in`) ends in main's one line and status 130,
+    not a traceback -- Python imports the package (torch, the compiled ops: seconds) before __main__ runs main. Else
+    it returns, and the package's import raises ``err``: sys.argv[0] is "-m" only while -m's module is being found,
+    so a program that imports robust_ops (or a ``python -m`` of another package that does) keeps its interrupt."""
+    if interrupt_in(err) is None or sys.argv[:1] != ["-m"]:
+        return
+    args = iter(getattr(sys, "orig_argv", [])[1:])  # the interpreter's own arguments (-m NAME or -mNAME)
+    name = next((arg[2:] or next(args, "") for arg in args if arg.startswith("-m")), "")
+    if name == "robust_ops" or name.startswith("robust_ops."):
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def _warning_printer(command):
