@@ -1275,11 +1275,12 @@ def test_demo_quick_synthetic(tmp_path, capsys):
     assert cli.DEMO_METHODS == ("standard", "rst", "mirst", "mirst-dm", "ima")  # the default set (all five)
     rc, stdout, err = run(["demo", "--quick", "--methods", "standard,mirst-dm,ima", "--out", out, "--attacks",
                            "fgsm,pgd:steps=2", "--eps", "2/255,8/255", "--no-progress", "--device", "cpu",
-                           "--saliency", "2"], capsys)
+                           "--saliency", "2", "--data", "Synthetic-BUS"], capsys)
     assert rc == 0, err
     doc = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in doc["rows"]}
     assert methods == {"Baseline", "MIRST-DM", "IMA"} and doc["synthetic"] is True
+    assert doc["config"]["data"] == "synthetic"  # as each run.json records it, not as typed
     assert (doc["config"]["epochs"], doc["config"]["train_images"]) == (2, 64)  # docs/cli.md: --quick
     assert "SYNTHETIC DATA" in stdout and "Synthetic data" in (out / "report.md").read_text()
     assert (out / "f1_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
@@ -1316,6 +1317,17 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
     figures = sorted(p.name for p in out.glob("*.png"))
     assert figures == ["accuracy_vs_eps.png", "f1_vs_eps.png", "sensitivity_vs_eps.png"]
     assert f"wrote {out / 'results.json'}, {out / 'report.md'} and 3 figures (" in stdout
+
+
+def test_reproduce_records_the_protocols_data_by_its_name_whatever_its_spelling(tmp_path, capsys):
+    # --data Moons was recorded as typed, and the report's DATA note said the run used "Moons" instead of the
+    # protocol's moons: the same data, which its notes do describe
+    out = tmp_path / "arfl"
+    rc, _, err = run(["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--methods", "mirst", "--data", "Two-Moons",
+                      "--out", out, "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "results.json").read_text())["config"]["data"] == "moons"
+    assert "DATA:" not in (out / "report.md").read_text()
 
 
 def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):

@@ -1717,7 +1717,7 @@ def cmd_demo(args):
             return 130
         if not main:  # the evaluation needs no other process: rank 0's alone is written
             return 0
-        config = {"command": "demo", "methods": methods, "data": args.data, "size": args.size,
+        config = {"command": "demo", "methods": methods, "data": data_spec(args.data), "size": args.size,
                   # the data settings each run.json records, as reproduce's results.json has them
                   "classes": list(args.classes) if args.classes is not None else None, "bit_depth": args.bit_depth,
                   "channels": args.channels, "model": args.model, "epochs": epochs,

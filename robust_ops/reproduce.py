@@ -706,15 +706,15 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
-    from .cli import (CLIError, binary_only_error, is_main_process, load_data, resume_conflict, run_record, train_run,
-                      write_results_to_out)
+    from .cli import (CLIError, binary_only_error, data_spec, is_main_process, load_data, resume_conflict, run_record,
+                      train_run, write_results_to_out)
     from .evaluate import evaluate
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
 
     q = protocol.quick if quick else {}
     chosen = pick_methods(protocol, methods)
-    data = data or protocol.data
+    data = data_spec(data or protocol.data)  # as run.json records it (results.json, the DATA note): not as typed
     model_name = q.get("model", protocol.model)
     epochs = epochs or q.get("epochs", protocol.epochs)
     repeats = seeds or q.get("repeats", protocol.repeats)
