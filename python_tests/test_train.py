@@ -3271,6 +3271,34 @@ def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
                 assert message == expected + fixes.get(i, fix), message
 
 
+def _ddp_one_process_bad_argument_worker(rank, world, port, out_path):
+    with _gloo_group(rank, world, port):
+        # a bad argument on one process only each time, then good ones everywhere: checked before fit compares the
+        # processes' settings (restore_best without early_stopping), or before the second comparison (lr < 0)
+        messages = [_outcome(lambda: fit(DropoutMLP(), "standard", _data(16), _data(4), epochs=1, batch_size=4,
+                                         progress=False, **kwargs))
+                    for kwargs in ({"early_stopping": None if rank else 2, "restore_best": True},
+                                   {"lr": 0.01 if rank else -1.0}, {})]
+        torch.save(messages, f"{out_path}.{rank}")
+
+
+def test_ddp_a_bad_argument_on_one_process_stops_every_process_naming_it(tmp_path):
+    """fit's checks of its own arguments raised on the one process given a bad one before the processes compared
+    their settings: the others waited in that comparison (or in the group's first collective) until the failing
+    process exited or the group's timeout, and one that stayed alive (a notebook, the next fit call) answered their
+    collectives with its next call's, out of step. Each process now names the failing one at the comparison, and the
+    next call trains on every process."""
+    out = str(tmp_path / "bad")
+    _spawn_within(120, _ddp_one_process_bad_argument_worker, (2, _free_port(), out))
+    restore_best = ("ValueError: fit: restore_best=True hands back the weights of the epoch with the best val_loss, "
+                    "which early stopping tracks, and early_stopping=None; pass early_stopping=N (a patience) or "
+                    "leave restore_best False")
+    lr = "ValueError: fit: expected lr to be a finite number >= 0, got -1.0"
+    stopped = "RuntimeError: fit: process {} failed at the start: {}; stopped here too"
+    assert torch.load(f"{out}.0", weights_only=True) == [stopped.format(1, restore_best), lr, "no error"]
+    assert torch.load(f"{out}.1", weights_only=True) == [restore_best, stopped.format(0, lr), "no error"]
+
+
 class WithUnusedHead(nn.Module):
     """A classifier with a second head its forward does not use (trainable parameters the loss never reaches)."""
 

@@ -962,40 +962,9 @@ def fit(
         FitResult(history, checkpoint, model, early_stopping, weights_epoch).
     """
     name = "fit"
-    if isinstance(defense, str):
-        from . import defenses as _defenses
-
-        defense = _defenses.build(defense)
-    if not callable(defense) or not hasattr(defense, "state_dict"):
-        raise TypeError(f"{name}: expected defense to be a robust_ops.defenses.Defense or a defense name, got "
-                        f"{type(defense).__name__}")
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        # wrapped again, the attacks (run on model.module) went through a DDP forward, a collective the processes
-        # took different numbers of (IMA's early exit: a hang until the group's timeout), and the checkpoint's keys
-        # read "module.*", which the trained architecture does not load
-        raise TypeError(f"{name}: expected the model itself, got a DistributedDataParallel; pass its module "
-                        "(model.module): under DDP fit wraps the model itself")
-    epochs = check_int(name, "epochs", epochs)
-    batch_size = check_int(name, "batch_size", batch_size)
-    given_val_batch_size = val_batch_size  # None: unset, so the default is not refused without val_data
-    val_batch_size = check_int(name, "val_batch_size", 64 if val_batch_size is None else val_batch_size)
-    if val_data is None:
-        refuse_unused(name, {"val_batch_size": given_val_batch_size}, "val_data=None (nothing is validated)",
-                      "pass val_data")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
-    seed = int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
-    max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
-    # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
-    check_flags(name, {"amp": amp, "channels_last": channels_last, "progress": progress,
-                       "prepacked_conv": prepacked_conv, "restore_best": restore_best}, optional=("prepacked_conv",))
-    early_stopping, warmup_epochs = _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params,
-                                                            val_data, restore_best)
+    # the process group first (it needs these two alone): a check below that fails on one process only (one given
+    # other arguments) is held until the processes compare their settings, where every process names it
     timeout = check_dist_timeout(dist_timeout)
-    _check_map_style(name, "train_data", train_data)
-    if val_data is not None:
-        _check_map_style(name, "val_data", val_data)
-
     device = check_device(name, device)
     callers_group = dist.is_available() and dist.is_initialized()
     # a group initialized here is destroyed by the decorator
@@ -1008,171 +977,213 @@ def fit(
         else None
     failures = _OneProcessFailures(name, rank, world, device, group_timeout_s, "caller" if callers_group
                                    else "default" if timeout is None else "dist_timeout")
+    agreed = {}  # what the processes compare: unset where a check failed here
+    with _HeldError(world) as held:
+        if isinstance(defense, str):
+            from . import defenses as _defenses
+
+            defense = _defenses.build(defense)
+        if not callable(defense) or not hasattr(defense, "state_dict"):
+            raise TypeError(f"{name}: expected defense to be a robust_ops.defenses.Defense or a defense name, got "
+                            f"{type(defense).__name__}")
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # wrapped again, the attacks (run on model.module) went through a DDP forward, a collective the processes
+            # took different numbers of (IMA's early exit: a hang until the group's timeout), and the checkpoint's keys
+            # read "module.*", which the trained architecture does not load
+            raise TypeError(f"{name}: expected the model itself, got a DistributedDataParallel; pass its module "
+                            "(model.module): under DDP fit wraps the model itself")
+        epochs = check_int(name, "epochs", epochs)
+        batch_size = check_int(name, "batch_size", batch_size)
+        given_val_batch_size = val_batch_size  # None: unset, so the default is not refused without val_data
+        val_batch_size = check_int(name, "val_batch_size", 64 if val_batch_size is None else val_batch_size)
+        if val_data is None:
+            refuse_unused(name, {"val_batch_size": given_val_batch_size}, "val_data=None (nothing is validated)",
+                          "pass val_data")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
+        seed = int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
+        max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
+        # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
+        check_flags(name, {"amp": amp, "channels_last": channels_last, "progress": progress,
+                           "prepacked_conv": prepacked_conv, "restore_best": restore_best},
+                    optional=("prepacked_conv",))
+        early_stopping, warmup_epochs = _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params,
+                                                                val_data, restore_best)
+        _check_map_style(name, "train_data", train_data)
+        if val_data is not None:
+            _check_map_style(name, "val_data", val_data)
+        agreed = {"seed": seed, "len(train_data)": len(train_data), "batch_size": batch_size, "epochs": epochs,
+                  "len(val_data)": None if val_data is None else len(val_data), "amp": bool(amp),
+                  "restore_best": restore_best}
     if world > 1:  # before any check that would then raise on some processes only
         # every process validates on the whole val_data: shards of it would give each process (and rank 0's metrics
         # files, and a ReduceLROnPlateau) its own validation numbers
         # amp here: its check below would raise on some processes only; the other settings once built (config)
         with failures:
-            _check_processes_agree(name, {"seed": int(seed), "len(train_data)": len(train_data),
-                                          "batch_size": batch_size, "epochs": epochs,
-                                          "len(val_data)": None if val_data is None else len(val_data),
-                                          "amp": bool(amp), "restore_best": restore_best},
-                                   rank, world, "pass every process the same ones, and the whole train_data and "
-                                   "val_data (not shards): fit cuts one permutation of train_data into global batches "
-                                   "and gives each process its share, and seeds each process's own random streams "
-                                   "itself", fixes={
+            _check_processes_agree(name, agreed, rank, world, "pass every process the same ones, and the whole "
+                                   "train_data and val_data (not shards): fit cuts one permutation of train_data into "
+                                   "global batches and gives each process its share, and seeds each process's own "
+                                   "random streams itself", fixes={
                                        # flags, not data: the generic fix named shards, which is not what is wrong
                                        "amp": "pass every process the same amp (True needs a CUDA device on each): "
                                        "with it on some processes only, their gradients come from float16 autocast "
                                        "and the others' from float32, and DDP averages them together",
                                        "restore_best": "pass every process the same restore_best: it decides which "
                                        "weights fit hands back, the best epoch's or the last epoch's, so processes "
-                                       "given other values would end holding different models"})
-    # after the comparison: one process's empty shard (of val_data) is refused on every process, naming the lengths
-    if len(train_data) == 0:
-        raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
-    if val_data is not None and len(val_data) == 0:
-        raise ValueError(f"{name}: val_data is empty (0 samples); pass None to skip validation")
-    if amp and device.type != "cuda":
-        raise ValueError(f"{name}: amp=True needs a CUDA device (float16 autocast + GradScaler), got device={device}")
-    if world > 1 and batch_size < world:
-        raise ValueError(f"{name}: expected batch_size >= the number of processes ({world}), got {batch_size}")
+                                       "given other values would end holding different models"},
+                                   error=held.error)
+    agreed = {}
+    with _HeldError(world) as held:
+        # after the comparison: one process's empty shard (of val_data) is refused on every process, naming the lengths
+        if len(train_data) == 0:
+            raise ValueError(f"{name}: train_data is empty (0 samples); nothing to train on")
+        if val_data is not None and len(val_data) == 0:
+            raise ValueError(f"{name}: val_data is empty (0 samples); pass None to skip validation")
+        if amp and device.type != "cuda":
+            raise ValueError(f"{name}: amp=True needs a CUDA device (float16 autocast + GradScaler), got "
+                             f"device={device}")
+        if world > 1 and batch_size < world:
+            raise ValueError(f"{name}: expected batch_size >= the number of processes ({world}), got {batch_size}")
 
-    if out_dir is not None and not (isinstance(out_dir, (str, os.PathLike)) and os.fspath(out_dir)):
-        # pathlib's bare "expected str, bytes or os.PathLike object"; "" was the current folder, as resume="" is refused
-        raise TypeError(f"{name}: expected out_dir to be a folder path (str or Path) or None, got {out_dir!r}")
-    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    if out_dir is not None:  # else the first checkpoint write fails, after a whole epoch of training
-        existing = next((p for p in (Path(out_dir), *Path(out_dir).parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            raise NotADirectoryError(f"{name}: out_dir={os.fspath(out_dir)!r} cannot be a folder: {existing} is a "
-                                     "file; pass a folder path (created when missing)")
-    resume_path, state, resume_error = None, None, None
-    if isinstance(resume, (str, os.PathLike)):
-        if not os.fspath(resume):
-            raise ValueError(f"{name}: resume='' names no checkpoint; pass a checkpoint path, True "
-                             f"(out_dir/{CHECKPOINT_NAME} when it exists) or False")
-        resume_path = Path(resume)
-        if not resume_path.is_file():
-            resume_error = FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
-    elif resume is True:
-        if ckpt_path is None:
-            raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
-        resume_path = ckpt_path if ckpt_path.is_file() else None
-    elif resume is not False and resume is not None:
-        raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
-    # continues out_dir's own run; else (a fresh start, or another folder's checkpoint) it replaces out_dir's run
-    resumed_here = resume_path is not None and ckpt_path is not None and resume_path.resolve() == ckpt_path.resolve()
-    if resume_path is not None and resume_error is None:
-        try:
-            state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
-        except ValueError as err:
-            resume_error = err
+        if out_dir is not None and not (isinstance(out_dir, (str, os.PathLike)) and os.fspath(out_dir)):
+            # pathlib's bare "expected str, bytes or os.PathLike object"; "" was the current folder, as resume="" is
+            # refused
+            raise TypeError(f"{name}: expected out_dir to be a folder path (str or Path) or None, got {out_dir!r}")
+        ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+        if out_dir is not None:  # else the first checkpoint write fails, after a whole epoch of training
+            existing = next((p for p in (Path(out_dir), *Path(out_dir).parents) if p.exists()), None)
+            if existing is not None and not existing.is_dir():
+                raise NotADirectoryError(f"{name}: out_dir={os.fspath(out_dir)!r} cannot be a folder: {existing} is a "
+                                         "file; pass a folder path (created when missing)")
+        resume_path, state, resume_error = None, None, None
+        if isinstance(resume, (str, os.PathLike)):
+            if not os.fspath(resume):
+                raise ValueError(f"{name}: resume='' names no checkpoint; pass a checkpoint path, True "
+                                 f"(out_dir/{CHECKPOINT_NAME} when it exists) or False")
+            resume_path = Path(resume)
+            if not resume_path.is_file():
+                resume_error = FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
+        elif resume is True:
+            if ckpt_path is None:
+                raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
+            resume_path = ckpt_path if ckpt_path.is_file() else None
+        elif resume is not False and resume is not None:
+            raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
+        # continues out_dir's own run; else (a fresh start, or another folder's checkpoint) it replaces out_dir's run
+        resumed_here = (resume_path is not None and ckpt_path is not None
+                        and resume_path.resolve() == ckpt_path.resolve())
+        if resume_path is not None and resume_error is None:
+            try:
+                state = _fit_checkpoint(name, resume_path, device)  # _set_rng_state takes the RNG states back to CPU
+            except ValueError as err:
+                resume_error = err
 
-    # A defense reused from an earlier fit (a notebook cell run again) holds that run's state (IMA's margins and the
-    # table size fit gave it): a fresh run from it would silently differ from one with a new defense, and resetting
-    # it would silently drop state a caller loaded on purpose -- so it is refused, unless a checkpoint replaces it.
-    if resume_path is not None:
-        getattr(defense, "reset_state", lambda: None)()
-    elif getattr(defense, "holds_state", lambda: False)():
-        raise ValueError(f"{_defense_named(name, defense)} holds state from an earlier run "
-                         "(e.g. a fit before); pass a newly built defense, call its reset_state() first, or resume "
-                         "that run from its checkpoint")
-    setup = getattr(defense, "setup", None)
-    if setup is not None and getattr(defense, "num_samples", None) is None:  # IMA: margin table size
-        setup(len(train_data))
-    elif setup is not None and defense.num_samples != len(train_data):
-        # ids are positions in train_data: a larger table would keep (and average into its metrics) margins of
-        # samples that do not exist, a smaller one fail mid-epoch
-        raise ValueError(f"{_defense_named(name, defense)} was sized for num_samples="
-                         f"{defense.num_samples}, but train_data has {len(train_data)} samples; pass "
-                         f"num_samples=len(train_data) or leave it unset")
-    prepare = getattr(defense, "prepare_model", None)
-    if prepare is not None:  # MIRST-DM: drop-max pooling in place of the first max-pooling layer
-        model = prepare(model)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{name}: the model has no trainable parameters")
-    check_trainable_precision(name, params)
-    head = warmup_head(name, model, params, warmup_params) if warmup_epochs else None
-    # trained in the warm-up's epochs by everything but the head: their .grad is dropped before the step, so the
-    # optimizer skips them (weights and state, Adam's step count included, unchanged)
-    head_ids = {id(p) for _, p in head or ()}
-    frozen = [p for p in params if id(p) not in head_ids] if head else []
-    own_optimizer = optimizer is None
-    if not own_optimizer and lr is not None:  # None, not the default value: lr=1e-4 given beside it is ignored too
-        raise ValueError(f"{name}: lr={lr!r} sets the default Adam's learning rate only, and optimizer= was given; "
-                         "set the learning rate in that optimizer instead")
-    # Adam itself takes inf (NaN weights, then a NonFiniteLossError blaming the loss) and True (as 1.0)
-    lr = DEFAULT_LR if lr is None else check_real(name, "lr", lr, minimum=0)
-    optimizer = _make_optimizer(name, optimizer, model, params, lr)
-    scheduler = _make_scheduler(name, scheduler, optimizer)
-    cycle = getattr(scheduler, "total_steps", None) if isinstance(
-        scheduler, torch.optim.lr_scheduler.OneCycleLR) else None
-    if cycle is not None and cycle < epochs:  # else torch's "Tried to step 3 times" after that epoch's training
-        raise ValueError(f"{name}: the OneCycleLR has total_steps={cycle}, fewer than epochs={epochs}: fit steps the "
-                         f"scheduler once per epoch, and OneCycleLR fails when stepped past its total_steps (at the "
-                         f"end of epoch {cycle + 1}, losing its training); build it with total_steps=epochs (or "
-                         "epochs=epochs, steps_per_epoch=1)")
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+        # A defense reused from an earlier fit (a notebook cell run again) holds that run's state (IMA's margins and the
+        # table size fit gave it): a fresh run from it would silently differ from one with a new defense, and resetting
+        # it would silently drop state a caller loaded on purpose -- so it is refused, unless a checkpoint replaces it.
+        if resume_path is not None:
+            getattr(defense, "reset_state", lambda: None)()
+        elif getattr(defense, "holds_state", lambda: False)():
+            raise ValueError(f"{_defense_named(name, defense)} holds state from an earlier run "
+                             "(e.g. a fit before); pass a newly built defense, call its reset_state() first, or resume "
+                             "that run from its checkpoint")
+        setup = getattr(defense, "setup", None)
+        if setup is not None and getattr(defense, "num_samples", None) is None:  # IMA: margin table size
+            setup(len(train_data))
+        elif setup is not None and defense.num_samples != len(train_data):
+            # ids are positions in train_data: a larger table would keep (and average into its metrics) margins of
+            # samples that do not exist, a smaller one fail mid-epoch
+            raise ValueError(f"{_defense_named(name, defense)} was sized for num_samples="
+                             f"{defense.num_samples}, but train_data has {len(train_data)} samples; pass "
+                             f"num_samples=len(train_data) or leave it unset")
+        prepare = getattr(defense, "prepare_model", None)
+        if prepare is not None:  # MIRST-DM: drop-max pooling in place of the first max-pooling layer
+            model = prepare(model)
+        model = model.to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{name}: the model has no trainable parameters")
+        check_trainable_precision(name, params)
+        head = warmup_head(name, model, params, warmup_params) if warmup_epochs else None
+        # trained in the warm-up's epochs by everything but the head: their .grad is dropped before the step, so the
+        # optimizer skips them (weights and state, Adam's step count included, unchanged)
+        head_ids = {id(p) for _, p in head or ()}
+        frozen = [p for p in params if id(p) not in head_ids] if head else []
+        own_optimizer = optimizer is None
+        if not own_optimizer and lr is not None:  # None, not the default value: lr=1e-4 given beside it is ignored too
+            raise ValueError(f"{name}: lr={lr!r} sets the default Adam's learning rate only, and optimizer= was given; "
+                             "set the learning rate in that optimizer instead")
+        # Adam itself takes inf (NaN weights, then a NonFiniteLossError blaming the loss) and True (as 1.0)
+        lr = DEFAULT_LR if lr is None else check_real(name, "lr", lr, minimum=0)
+        optimizer = _make_optimizer(name, optimizer, model, params, lr)
+        scheduler = _make_scheduler(name, scheduler, optimizer)
+        cycle = getattr(scheduler, "total_steps", None) if isinstance(
+            scheduler, torch.optim.lr_scheduler.OneCycleLR) else None
+        if cycle is not None and cycle < epochs:  # else torch's "Tried to step 3 times" after that epoch's training
+            raise ValueError(f"{name}: the OneCycleLR has total_steps={cycle}, fewer than epochs={epochs}: fit steps "
+                             f"the scheduler once per epoch, and OneCycleLR fails when stepped past its total_steps "
+                             f"(at the end of epoch {cycle + 1}, losing its training); build it with "
+                             "total_steps=epochs (or epochs=epochs, steps_per_epoch=1)")
+        scaler = torch.amp.GradScaler("cuda") if amp else None
 
-    sampler = GlobalBatchSampler(len(train_data), batch_size, seed=seed, rank=rank, world_size=world)
-    if len(sampler) == 0:  # every global batch would be dropped: epochs without a single step
-        raise ValueError(f"{name}: train_data has {len(train_data)} sample(s), fewer than the {world} processes; "
-                         "every process needs at least one sample per step")
-    # recorded as it runs, so a resume under another $ROBUST_OPS_PREPACKED_CONV is refused
-    prepacked_conv = prepacked_conv_resolved(prepacked_conv)
-    history, start_epoch = [], 0
-    best_weights = None  # restore_best: the best epoch's state dict (on CPU), once an epoch set a best
-    stopper = None if early_stopping is None else {
-        "monitor": "val_loss", "patience": early_stopping, "best": None, "best_epoch": None, "bad_epochs": 0,
-        "stopped_epoch": None, "reason": None}
-    config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
-              # a subclass keeps its parent's name (class MyAT(AT): "at"), a Defense subclass without one "defense"
-              "defense_class": _class_path(defense),
-              "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
-              "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model),
-              "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer), "scheduler": _class_path(scheduler),
-              "num_samples": len(train_data), "train_data_sha256": train_data_fingerprint(train_data),
-              "val_samples": None if val_data is None else len(val_data),
-              "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
-              "optimizer_groups": _group_settings(optimizer),
-              # the trainable parameters' precision (several dtypes: all of them, in order)
-              "param_dtype": ",".join(sorted({str(p.dtype) for p in params})),
-              "scheduler_settings": None if scheduler is None else _settings(scheduler.state_dict(),
-                                                                             _SCHEDULER_PROGRESS),
-              "scheduler_parts": _scheduler_parts(scheduler),
-              # what ReduceLROnPlateau steps on: its best, read from the checkpoint, is a value of that loss
-              "plateau_metric": None if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-              else "val_loss" if val_data is not None else "train_loss",
-              # epochs and patience shape the run; the head's parameter names what the warm-up trains
-              "early_stopping": early_stopping, "warmup_epochs": warmup_epochs,
-              "warmup_params": [n for n, _ in head] if head else None}
-    # before load_state_dict, which may take settings from the checkpoint
-    defense_options = defense.options() if hasattr(defense, "options") else {}
+        sampler = GlobalBatchSampler(len(train_data), batch_size, seed=seed, rank=rank, world_size=world)
+        if len(sampler) == 0:  # every global batch would be dropped: epochs without a single step
+            raise ValueError(f"{name}: train_data has {len(train_data)} sample(s), fewer than the {world} processes; "
+                             "every process needs at least one sample per step")
+        # recorded as it runs, so a resume under another $ROBUST_OPS_PREPACKED_CONV is refused
+        prepacked_conv = prepacked_conv_resolved(prepacked_conv)
+        history, start_epoch = [], 0
+        best_weights = None  # restore_best: the best epoch's state dict (on CPU), once an epoch set a best
+        stopper = None if early_stopping is None else {
+            "monitor": "val_loss", "patience": early_stopping, "best": None, "best_epoch": None, "bad_epochs": 0,
+            "stopped_epoch": None, "reason": None}
+        config = {"batch_size": batch_size, "seed": seed, "world_size": world, "defense": getattr(defense, "name", "?"),
+                  # a subclass keeps its parent's name (class MyAT(AT): "at"), a Defense subclass without one "defense"
+                  "defense_class": _class_path(defense),
+                  "lr": lr if own_optimizer else None, "channels_last": bool(channels_last),
+                  "prepacked_conv": bool(prepacked_conv), "drop_max_layers": drop_max_layers(model),
+                  "max_grad_norm": max_grad_norm, "optimizer": _class_path(optimizer),
+                  "scheduler": _class_path(scheduler),
+                  "num_samples": len(train_data), "train_data_sha256": train_data_fingerprint(train_data),
+                  "val_samples": None if val_data is None else len(val_data),
+                  "amp": bool(amp), "optimizer_settings": _settings(optimizer.defaults),
+                  "optimizer_groups": _group_settings(optimizer),
+                  # the trainable parameters' precision (several dtypes: all of them, in order)
+                  "param_dtype": ",".join(sorted({str(p.dtype) for p in params})),
+                  "scheduler_settings": None if scheduler is None else _settings(scheduler.state_dict(),
+                                                                                 _SCHEDULER_PROGRESS),
+                  "scheduler_parts": _scheduler_parts(scheduler),
+                  # what ReduceLROnPlateau steps on: its best, read from the checkpoint, is a value of that loss
+                  "plateau_metric": None if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+                  else "val_loss" if val_data is not None else "train_loss",
+                  # epochs and patience shape the run; the head's parameter names what the warm-up trains
+                  "early_stopping": early_stopping, "warmup_epochs": warmup_epochs,
+                  "warmup_params": [n for n, _ in head] if head else None}
+        # before load_state_dict, which may take settings from the checkpoint
+        defense_options = defense.options() if hasattr(defense, "options") else {}
+        if world > 1:
+            started = ("none (from scratch)" if resume_path is None else f"none ({resume_error})" if state is None
+                       else f"after epoch {int(state['epoch'])}")
+            agreed = {"the checkpoint they resume": started, **{k: v for k, v in config.items() if k != "world_size"},
+                      "val_batch_size": val_batch_size,
+                      **{f"defense option {k}": v for k, v in defense_options.items()}}
     if world > 1:
         # every process reads the checkpoint itself: a node-local out_dir holds one on process 0's node only, and a
         # missing or unreadable file on one node only must stop every process here, not leave the others waiting.
         # The settings too: each process steps its own copy of the weights (DDP averages only the gradients), so
         # another lr, clipping, optimizer, defense option... on one process would train it otherwise, silently.
-        started = ("none (from scratch)" if resume_path is None else f"none ({resume_error})" if state is None
-                   else f"after epoch {int(state['epoch'])}")
-        settings = {k: v for k, v in config.items() if k != "world_size"}
         with failures:
-            _check_processes_agree(name, {"the checkpoint they resume": started, **settings, "val_batch_size":
-                                          val_batch_size,
-                                          **{f"defense option {k}": v for k, v in defense_options.items()}},
-                                   rank, world,
+            _check_processes_agree(name, agreed, rank, world,
                                    "pass every process the same settings: each process updates its own copy of the "
                                    "weights with them (DDP averages only the gradients)", fixes={
                                        "the checkpoint they resume": "resume from a checkpoint every process reads: "
                                        "an out_dir on storage all nodes share",
                                        "early_stopping": "pass every process the same early_stopping: a process "
                                        "that stopped after another epoch than the others would leave them waiting "
-                                       "in the next epoch's collectives"})
+                                       "in the next epoch's collectives"},
+                                   error=held.error)
     dropped = len(train_data) - sum(len(b) for b in sampler.global_batches())
     if dropped and rank == 0:  # every step needs a share on every process: said, not left to be found in the counts
         warnings.warn(f"{name}: {len(train_data)} samples in global batches of {batch_size} leave a last batch of "
@@ -1702,14 +1713,21 @@ def _early_stopping_step(stopper, value, epoch):
                              f"after its best, {stopper['best']:.6g} at epoch {stopper['best_epoch']}")
 
 
-def _check_processes_agree(name, values, rank, world, fix, fixes=None):
+def _check_processes_agree(name, values, rank, world, fix, fixes=None, error=None):
     """Refuse, on every process, settings that differ between the processes (one all_gather_object): processes
     given other seeds cut other permutations into the global batches (samples seen twice or never, silently);
     other lengths or batch sizes take other numbers of steps (a hang in a collective); processes resuming different
     checkpoints train out of step. ``values``: {what: this process's value}; ``fix``: what to do instead, unless
-    ``fixes`` ({what: fix}) names another for that setting."""
+    ``fixes`` ({what: fix}) names another for that setting. ``error``: what this process's own checks raised before
+    (a _HeldError's): it raises it here, and the others a RuntimeError naming it (the first failing process's)."""
     gathered = [None] * world
-    dist.all_gather_object(gathered, values)
+    dist.all_gather_object(gathered, {"error": None if error is None else _one_line(error), "values": values})
+    if error is not None:
+        raise error
+    failed = next(((r, g["error"]) for r, g in enumerate(gathered) if g["error"] is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"{name}: process {failed[0]} failed at the start: {failed[1]}; stopped here too")
+    gathered = [g["values"] for g in gathered]
     keys = list(dict.fromkeys(key for g in gathered for key in g))  # a defense option one process lacks: "unset"
     for key in keys:
         seen = [g.get(key, "unset") for g in gathered]
@@ -1717,6 +1735,32 @@ def _check_processes_agree(name, values, rank, world, fix, fixes=None):
             each = ", ".join(f"process {r}: {v}" for r, v in enumerate(seen))
             raise ValueError(f"{name}: the processes differ in {key} ({each}; this is process {rank}); "
                              f"{(fixes or {}).get(key, fix)}")
+
+
+class _HeldError:
+    """Under DDP, holds an exception raised inside the ``with`` block (fit's checks of its arguments: one process
+    given other ones fails there alone) for the processes' next comparison of their settings
+    (``_check_processes_agree(..., error=held.error)``), where every process stops naming it; raised alone, it left
+    the others waiting in that comparison until its process exited or the group's timeout. Lets it through in one
+    process, and a KeyboardInterrupt or SystemExit always. The block's later statements are skipped: the code after
+    it may use only what the comparison needs, set beforehand."""
+
+    def __init__(self, world):
+        self.world, self.error = world, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if self.world == 1 or not isinstance(error, Exception):
+            return False
+        self.error = error
+        return True
+
+
+def _one_line(error):
+    """'Type: message' on one line: how one process's error is named on the others."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def _raise_on_every_process(error, world, device, elsewhere, failures):
@@ -1779,7 +1823,7 @@ class _OneProcessFailures:
                 recorded, noted = self._recorded(self.key), self._recorded(f"{self.key}.timeout")
             except Exception:  # noqa: BLE001 -- no record to be had (nor to leave): the error stands unchanged
                 reachable = False
-        message = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+        message = _one_line(error)
         if recorded is not None:
             # A failed collective raises a RuntimeError: any other error, or the one recorded (a defense failing on
             # every process), is this process's own.
