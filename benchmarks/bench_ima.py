@@ -12,9 +12,10 @@ Scenarios (the speed-up depends on where the margins are, see docs/bench-ima.md)
   spread -- margins uniform in [0, eps_train] (fixed seed): margins that have spread out during training, so
             samples cross at different steps or not at all;
   cap    -- margins at eps_train (the state once margins have expanded): every sample searches its full ball.
-  trained -- (with --state) the weights and margins of a real IMA training run: a robust_ops fit checkpoint, e.g.
-            runs/.../checkpoint.pt from `robust-ops train --defense ima` or `robust-ops reproduce ima-bus`; no
-            pretraining then, and the checkpoint's own eps_train and delta.
+  trained -- (with --state) the weights and margins of a real IMA training run of resnet18: a robust_ops fit
+            checkpoint, e.g. runs/.../checkpoint.pt from `robust-ops train --defense ima --model resnet18 --data
+            breastmnist` or `robust-ops reproduce ima-bus` (not --quick: small_cnn); no pretraining then, and the
+            checkpoint's own eps_train and delta. Another model's weights are refused before any epoch.
 Variants "masked channels_last" and "compacted channels_last" run the same epochs on a channels_last copy of the model;
 "masked prepacked" and "compacted prepacked" run them under robust_ops.prepacked_conv.
 The model is resnet18 (build_model("resnet18", 1, 2, 28)), first trained ``--pretrain-epochs`` standard epochs on
@@ -87,9 +88,14 @@ def pretrain(model, x, y, epochs, batch_size):
             opt.step()
 
 
+def make_model():
+    """The model every epoch trains: the paper's 28x28 ResNet-18 for BreastMNIST (and a --state run's)."""
+    return build_model("resnet18", 1, 2, 28)
+
+
 def load_trained_state(path, num_samples):
     """(model state, IMA defense state) from a robust_ops fit checkpoint of an IMA run on the full training split."""
-    from robust_ops.train import load_checkpoint
+    from robust_ops.train import load_checkpoint, state_dict_mismatch
 
     if not Path(path).is_file():
         raise SystemExit(f"bench_ima: --state {path}: {'not a file' if Path(path).exists() else 'no such file'} "
@@ -101,6 +107,12 @@ def load_trained_state(path, num_samples):
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "defense" not in ckpt:
         raise SystemExit(f"bench_ima: --state {path}: not a robust_ops fit checkpoint (needs 'model' and 'defense')")
+    try:  # a run of another --model (robust-ops train's default is small_cnn): load_state_dict's traceback otherwise
+        make_model().load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise SystemExit(f"bench_ima: --state {path}: not the weights of the resnet18 this benchmark times "
+                         f"(build_model('resnet18', 1, 2, 28): {state_dict_mismatch(err)}); train the IMA run with "
+                         f"--model resnet18") from None
     margins = ckpt["defense"].get("margins") if isinstance(ckpt["defense"], dict) else None
     if margins is None:
         raise SystemExit(f"bench_ima: --state {path}: the checkpoint's defense has no IMA margins (train with "
@@ -121,7 +133,7 @@ def default_warmup(device):
 
 def ima_epoch(state, x, y, ids_all, args, *, compact, arity, scenario, batch_exit=True, min_rows=None,
               channels_last=False, prepacked=False, defense_state=None):
-    model = build_model("resnet18", 1, 2, 28).to(x.device)
+    model = make_model().to(x.device)
     model.load_state_dict(state)
     if channels_last:  # oneDNN then skips its per-layer activation reorders (docs/benchmarks.md)
         model = model.to(memory_format=torch.channels_last)
@@ -182,7 +194,7 @@ def same_kernels_masked(channels_last, prepacked):
 def lockstep(state, x, y, ids_all, args, scenario):
     """Train with the compacted defense and, at every batch, also run GenAdv compacted and masked on the same
     model state and margins: do they agree batch by batch (float32)?"""
-    model = build_model("resnet18", 1, 2, 28).to(x.device)
+    model = make_model().to(x.device)
     model.load_state_dict(state)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -295,7 +307,7 @@ def main():
         if images != x.shape[0] and "trained" in scenarios:
             parser.error("--state: the trained scenario runs the whole training split (drop --images / --quick)")
     else:
-        model = build_model("resnet18", 1, 2, 28).to(device)
+        model = make_model().to(device)
         t = time.perf_counter()
         pretrain(model, x, y, pretrain_epochs, pretrain_batch_size)
         print(f"pretrained {pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)

@@ -1403,6 +1403,30 @@ def test_ima_state_that_is_not_a_checkpoint_is_a_one_line_error(monkeypatch, tmp
     assert text.startswith(f"bench_ima: --state {path}: {message}") and "\n" not in text and not written
 
 
+def test_ima_state_of_another_model_is_refused_before_any_epoch(monkeypatch, tmp_path):
+    """An IMA run of robust-ops train's default small_cnn (what `train --defense ima` gives) stops with one line naming
+    the model the epochs train, not load_state_dict's traceback at the first epoch; resnet18's weights load."""
+    import torch
+
+    from robust_ops.models import build_model
+
+    defense = {"margins": torch.full((10,), 0.1), "eps_train": 1.5, "delta": 0.015}
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": build_model("small_cnn", 1, 2, 28).state_dict(), "defense": defense}, path)
+    mod, written, _ = _script(monkeypatch, "bench_ima", ["--state", str(path), "--images", "10", "--device", "cpu"])
+    monkeypatch.setattr(mod, "load_train", lambda: (torch.rand(10, 1, 28, 28), torch.randint(0, 2, (10,))))
+    monkeypatch.setattr(mod, "ima_epoch", lambda *a, **kw: pytest.fail("an epoch ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main()
+    text = str(exit_info.value.code)
+    assert text.startswith(f"bench_ima: --state {path}: not the weights of the resnet18 this benchmark times "
+                           "(build_model('resnet18', 1, 2, 28): Missing key(s)") and "\n" not in text and not written
+    assert text.endswith("; train the IMA run with --model resnet18")
+    state = mod.make_model().state_dict()
+    torch.save({"model": state, "defense": defense}, path)
+    assert mod.load_trained_state(str(path), 10)[0].keys() == state.keys()
+
+
 def test_defenses_train_step_adds_the_extra_gradients_and_steps_once(monkeypatch):
     import types
 
