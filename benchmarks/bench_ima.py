@@ -280,19 +280,7 @@ def main():
     images = args.images or (64 if args.quick else 546)
     repeats = args.repeats or (1 if args.quick else 3)
     warmup = default_warmup(args.device) if args.warmup is None else args.warmup
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts; required by the flag
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    x, y = load_train()
-    x, y = x.to(device), y.to(device)
-    if images > x.shape[0]:
-        parser.error(f"--images: the BreastMNIST training split has {x.shape[0]} images, got {images}")
+    # bad choices are usage errors before the data, the pretraining or a --state checkpoint is read
     # --quick is `robust-ops bench`'s smoke run: all 3 scenarios x 12 variants took many minutes even at 64 images
     default_scenarios = "trained" if args.state else ("spread" if args.quick else "spread,cap,init")
     scenarios = (args.scenarios or default_scenarios).split(",")
@@ -301,24 +289,8 @@ def main():
         parser.error(f"--scenarios: unknown {sorted(unknown)}; choose from init, spread, cap, trained")
     if "trained" in scenarios and not args.state:
         parser.error("--scenarios trained needs --state CHECKPOINT (an IMA run's checkpoint)")
-    defense_state = None
-    if args.state:
-        state, defense_state = load_trained_state(args.state, x.shape[0])
-        if images != x.shape[0] and "trained" in scenarios:
-            parser.error("--state: the trained scenario runs the whole training split (drop --images / --quick)")
-    else:
-        model = make_model().to(device)
-        t = time.perf_counter()
-        pretrain(model, x, y, pretrain_epochs, pretrain_batch_size)
-        print(f"pretrained {pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
-        state = copy.deepcopy(model.state_dict())
-    ids_all = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:images].sort().values
-
     # "masked" stops once the whole batch has finished; "naive" is the issue's "every sample pays all K steps and N
     # search forwards".
-    if args.lockstep:
-        lockstep(state, x, y, ids_all, args, "spread")
-        return
     # (name, compact, arity, batch_exit, min_rows, channels_last, prepacked). By default (min_rows=None) GenAdv pads
     # each working batch to the next batch size from which this machine's float32 results no longer depend on the
     # batch (measured once per model, ima.batch_invariant_sizes), so compacted margins are bitwise the masked ones.
@@ -344,6 +316,35 @@ def main():
         if unknown:
             parser.error(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in variants]}")
         variants = [v for v in variants if v[0] == "masked" or v[0] in wanted]
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts; required by the flag
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    x, y = load_train()
+    x, y = x.to(device), y.to(device)
+    if images > x.shape[0]:
+        parser.error(f"--images: the BreastMNIST training split has {x.shape[0]} images, got {images}")
+    defense_state = None
+    if args.state:
+        if images != x.shape[0] and "trained" in scenarios:
+            parser.error("--state: the trained scenario runs the whole training split (drop --images / --quick)")
+        state, defense_state = load_trained_state(args.state, x.shape[0])
+    else:
+        model = make_model().to(device)
+        t = time.perf_counter()
+        pretrain(model, x, y, pretrain_epochs, pretrain_batch_size)
+        print(f"pretrained {pretrain_epochs} standard epoch(s) in {time.perf_counter() - t:.1f} s", flush=True)
+        state = copy.deepcopy(model.state_dict())
+    ids_all = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:images].sort().values
+
+    if args.lockstep:
+        lockstep(state, x, y, ids_all, args, "spread")
+        return
     rows = []
     for scenario in scenarios:
         times = {v[0]: [] for v in variants}

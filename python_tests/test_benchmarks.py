@@ -1386,6 +1386,25 @@ def test_ima_bad_choices_are_usage_errors_before_any_epoch(monkeypatch, capsys, 
     assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--variants", "compacted,nope"], r"unknown variants \['nope'\]"),
+    (["--scenarios", "spread,bogus"], r"--scenarios: unknown \['bogus'\]"),
+    (["--scenarios", "trained"], "--scenarios trained needs --state CHECKPOINT"),
+    (["--state", "run/checkpoint.pt", "--variants", "nope"], r"unknown variants \['nope'\]"),
+])
+def test_ima_bad_choices_are_refused_before_the_data_pretraining_or_state_is_read(monkeypatch, capsys, argv,
+                                                                                   message):
+    """A mistyped --variants / --scenarios is refused at once, not after the default pretraining epoch (or the
+    --state checkpoint's load) it does not depend on."""
+    mod, written, _ = _script(monkeypatch, "bench_ima", argv + ["--device", "cpu"])
+    for name in ("load_train", "pretrain", "load_trained_state", "ima_epoch"):
+        monkeypatch.setattr(mod, name, lambda *a, name=name, **kw: pytest.fail(f"{name} ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main()
+    assert exit_info.value.code == 2 and not written
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("state,message", [("missing.pt", "no such file"), (".", "not a file"),
                                            ("garbage.pt", "not a readable checkpoint")])
 def test_ima_state_that_is_not_a_checkpoint_is_a_one_line_error(monkeypatch, tmp_path, state, message):
