@@ -48,6 +48,21 @@ def _results_dir():
 RESULTS_DIR = _results_dir()
 
 
+def _check_library_switches():
+    """The library's $ROBUST_OPS_* switches (backend, memory pool, native layers, prepacked convolutions, CPU vector
+    path), checked at start as robust-ops checks them: a bad value was a traceback at the first call that read it --
+    for $ROBUST_OPS_CPU_ISA in bench_pgd_step only when the rows were written, after every timing, table included."""
+    from robust_ops.cli import CLIError, check_environment_switches
+
+    try:
+        check_environment_switches()
+    except CLIError as err:
+        raise SystemExit(f"{Path(sys.argv[0]).stem}: {err}") from None
+
+
+_check_library_switches()
+
+
 def median_seconds(fn, min_run_time=1.0):
     """Median wall time of fn() in seconds (blocked_autorange: repeated blocks, median over blocks)."""
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())

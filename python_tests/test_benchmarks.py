@@ -1864,6 +1864,22 @@ def test_results_dir_that_is_a_file_stops_a_benchmark_at_start(tmp_path, under):
                                 f"is a file, not a folder (the CSVs go there)")
 
 
+@pytest.mark.parametrize("variable,message", [
+    ("ROBUST_OPS_CPU_ISA", "expected $ROBUST_OPS_CPU_ISA to be avx512, avx2 or scalar, got 'bogus'"),
+    ("ROBUST_OPS_CPU_POOL", "expected $ROBUST_OPS_CPU_POOL to be one of 1/true/on/yes (on) or 0/false/off/no (off), "
+                            "got 'bogus'"),
+])
+def test_a_bad_library_switch_stops_a_benchmark_at_start(tmp_path, variable, message):
+    """A script run directly checks the library's $ROBUST_OPS_* switches as robust-ops does: a bad
+    $ROBUST_OPS_CPU_ISA stopped bench_pgd_step only when its rows were written, after every timing, with a traceback
+    and without the table; a bad $ROBUST_OPS_CPU_POOL at its first pooled call."""
+    env = {**os.environ, variable: "bogus", "ROBUST_OPS_BENCH_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pgd_step.py"), "--quick", "--shape", "4",
+                        "--no-compile"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == "" and not list(tmp_path.iterdir())
+    assert r.stderr.strip() == f"bench_pgd_step: {message}"
+
+
 def test_write_rows_prints_the_table_before_a_write_that_fails(monkeypatch, tmp_path, capsys):
     """A results folder that turns unwritable during the run costs the CSV, not the table: printed first, then one
     line naming the file."""
