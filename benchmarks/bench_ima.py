@@ -265,7 +265,8 @@ def main():
     args = parser.parse_args()
     if args.lockstep:  # it checks the spread scenario's masked / compacted pair once: these would be ignored
         ignored = [flag for flag, value in (("--scenarios", args.scenarios), ("--variants", args.variants),
-                                            ("--repeats", args.repeats)) if value is not None]
+                                            ("--repeats", args.repeats), ("--warmup", args.warmup))
+                   if value is not None]
         if ignored:
             parser.error(f"argument --lockstep: {', '.join(ignored)} not used with it (it compares masked and "
                          "compacted GenAdv on the spread scenario, once)")

@@ -2069,6 +2069,7 @@ BAD_COMBINATIONS = [
     ("bench_ima", ["--lockstep", "--scenarios", "cap"], "argument --lockstep: --scenarios not used with it"),
     ("bench_ima", ["--lockstep", "--variants", "naive", "--repeats", "2"],
      "argument --lockstep: --variants, --repeats not used with it"),
+    ("bench_ima", ["--lockstep", "--warmup", "1"], "argument --lockstep: --warmup not used with it"),
     ("bench_ima", ["--state", "run/checkpoint.pt", "--pretrain-epochs", "3"],
      "argument --state: --pretrain-epochs not used with it"),
     ("bench_ima", ["--state", "run/checkpoint.pt", "--pretrain-batch-size", "32", "--pretrain-epochs", "0"],
@@ -2079,8 +2080,8 @@ BAD_COMBINATIONS = [
 @pytest.mark.parametrize("script,argv,message", BAD_COMBINATIONS, ids=[" ".join(a) for _, a, _ in BAD_COMBINATIONS])
 def test_options_the_run_would_ignore_are_a_usage_error(script, argv, message, monkeypatch, capsys):
     """bench_attacks --peers-only timed with the peer rounds whatever --rounds said (and --no-peers ignored
-    --peer-rounds); bench_ima --lockstep ran its one spread check whatever --scenarios / --variants / --repeats said,
-    and --state skipped the pretraining whatever --pretrain-epochs / --pretrain-batch-size said."""
+    --peer-rounds); bench_ima --lockstep ran its one spread check whatever --scenarios / --variants / --repeats /
+    --warmup said, and --state skipped the pretraining whatever --pretrain-epochs / --pretrain-batch-size said."""
     import importlib
 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
