@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (copy_roofline_seconds, device_arg, interleaved_medians, nonnegative_int,  # noqa: E402
-                    positive_int, with_env, write_rows)
+                    positive_int, refuse_repeated, with_env, write_rows)
 
 from robust_ops import attacks  # noqa: E402
 from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
@@ -251,6 +251,7 @@ def main():
                         help="interleaved rounds per attack in that table (default 3, --quick 1)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    refuse_repeated(parser, "--models", args.models)
     # an option the chosen tables never read is an error, not silently the default
     if args.peers_only and args.rounds is not None:
         parser.error("argument --rounds: not used with --peers-only (the peer table's rounds are --peer-rounds)")

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import device_arg, nonnegative_int, positive_int, synchronize, write_rows  # noqa: E402
+from common import (device_arg, nonnegative_int, positive_int, refuse_repeated, synchronize,  # noqa: E402
+                    write_rows)
 
 from robust_ops.native_layers import library_speedups  # noqa: E402
 from robust_ops.attacks.context import attack_context  # noqa: E402
@@ -285,6 +286,7 @@ def main():
     # --quick is `robust-ops bench`'s smoke run: all 3 scenarios x 12 variants took many minutes even at 64 images
     default_scenarios = "trained" if args.state else ("spread" if args.quick else "spread,cap,init")
     scenarios = (args.scenarios or default_scenarios).split(",")
+    refuse_repeated(parser, "--scenarios", scenarios)
     unknown = set(scenarios) - {"init", "spread", "cap", "trained"}
     if unknown:
         parser.error(f"--scenarios: unknown {sorted(unknown)}; choose from init, spread, cap, trained")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (copy_roofline_seconds, interleaved_medians, positive_int, positive_int_list,  # noqa: E402
-                    write_rows)
+                    refuse_repeated, write_rows)
 
 from robust_ops.attacks.context import attack_context  # noqa: E402
 from robust_ops.models import build_model  # noqa: E402
@@ -57,6 +57,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = args.batches or ([4, 16] if args.quick else [4, 16, 64, 128])
+    refuse_repeated(parser, "--batches", batches)
     rounds = args.rounds or (3 if args.quick else 9)
     torch.manual_seed(0)
     base = build_model("resnet18", 1, 2, 28).eval()

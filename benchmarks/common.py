@@ -148,6 +148,17 @@ def positive_int_list(text):
         raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}") from None
 
 
+def refuse_repeated(parser, flag, values):
+    """A list option naming what to run, each entry at most once, as robust-ops bench's --only (cli.refuse_repeated):
+    a repeat ran, and wrote its rows, twice -- likely a typo for another entry. A usage error otherwise."""
+    from robust_ops.cli import CLIError, refuse_repeated as refuse
+
+    try:
+        refuse([str(v) for v in values], flag)
+    except CLIError as err:
+        parser.error(str(err))
+
+
 def device_arg(text):
     """argparse type: a torch device this machine has (cpu, or cuda[:i] when a GPU is visible). cuda:i becomes the
     current GPU: torch.utils.benchmark's timer and a bare torch.cuda.synchronize() wait for that one only."""

@@ -2063,6 +2063,32 @@ def test_an_empty_results_dir_variable_is_unset(monkeypatch):
     assert common._results_dir() == REPO / "benchmarks" / "results"
 
 
+REPEATS = [
+    ("bench_attacks", ["--models", "small-resnet,resnet18,small-resnet"],
+     "--models: small-resnet given more than once"),
+    ("bench_ima", ["--scenarios", "spread,cap,spread"], "--scenarios: spread given more than once"),
+    ("bench_prepacked_conv", ["--batches", "4,16,4"], "--batches: 4 given more than once"),
+]
+
+
+@pytest.mark.parametrize("script,argv,message", REPEATS, ids=[s for s, _, _ in REPEATS])
+def test_a_list_entry_given_twice_is_a_usage_error_before_any_work(script, argv, message, monkeypatch, capsys):
+    """bench_attacks --models, bench_ima --scenarios and bench_prepacked_conv --batches ran (minutes for a resnet18)
+    and wrote the rows of an entry given twice twice; refused as robust-ops bench refuses a topic given twice."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = importlib.import_module(script)
+    for name in ("make_model", "load_train", "build_model"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda *a, name=name, **kw: pytest.fail(f"{name} ran"))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"] + argv)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{script}.py: error: {message}"
+
+
 BAD_COMBINATIONS = [
     ("bench_attacks", ["--peers-only", "--rounds", "3"], "argument --rounds: not used with --peers-only"),
     ("bench_attacks", ["--no-peers", "--peer-rounds", "2"], "argument --peer-rounds: not used with --no-peers"),
