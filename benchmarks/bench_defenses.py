@@ -92,7 +92,7 @@ def on_reference_ops(step):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps (default: 2 + 7)")
-    ap.add_argument("--defenses", nargs="*", default=list(ALL), choices=ALL)
+    ap.add_argument("--defenses", nargs="+", default=list(ALL), choices=ALL)
     ap.add_argument("--model", default="resnet18", choices=MODELS)
     ap.add_argument("--size", type=positive_int, default=64)
     ap.add_argument("--batch", type=positive_int, default=32)

@@ -56,6 +56,7 @@ BAD_FLAGS = [
     ("bench_defenses", ["--batch", "0"]),
     ("bench_defenses", ["--rounds", "0"]),
     ("bench_defenses", ["--warmup", "-1"]),
+    ("bench_defenses", ["--defenses"]),  # none named: ran the standard step alone, no defense
     ("bench_attacks", ["--models", "small-resnet,nope"]),
     ("bench_attacks", ["--models", "mlp"]),  # one logit for two classes: crashed in torchattacks' cross-entropy
     ("bench_attacks", ["--rounds", "0"]),
