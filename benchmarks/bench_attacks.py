@@ -264,7 +264,11 @@ def main():
             parser.error(f"--size {args.size}: {err}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    import torchattacks
+    try:  # a test-only dependency of the library (scripts/setup.sh), not installed with it
+        import torchattacks
+    except ImportError:
+        raise SystemExit("bench_attacks: needs torchattacks 3.5.1, the peer both tables time ours against (install it "
+                         "as scripts/setup.sh does: pip install --no-deps torchattacks==3.5.1)") from None
 
     device = torch.device(args.device)
     backend = resolve("pgd_step_", device)

@@ -2064,6 +2064,19 @@ def test_an_empty_results_dir_variable_is_unset(monkeypatch):
     assert common._results_dir() == REPO / "benchmarks" / "results"
 
 
+def test_attacks_without_torchattacks_is_one_line_before_any_work(monkeypatch):
+    """torchattacks is a test-only dependency (scripts/setup.sh), so an installed library may lack it: bench_attacks
+    stopped with a ModuleNotFoundError traceback; bench_defenses skips its torchattacks row saying why."""
+    mod, written, _ = _script(monkeypatch, "bench_attacks", ["--quick", "--models", "small-resnet", "--size", "8"])
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # import torchattacks raises ModuleNotFoundError
+    monkeypatch.setattr(mod, "blobs", lambda *a, **kw: pytest.fail("work ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main()
+    assert str(exit_info.value.code) == ("bench_attacks: needs torchattacks 3.5.1, the peer both tables time ours "
+                                         "against (install it as scripts/setup.sh does: pip install --no-deps "
+                                         "torchattacks==3.5.1)") and not written
+
+
 REPEATS = [
     ("bench_attacks", ["--models", "small-resnet,resnet18,small-resnet"],
      "--models: small-resnet given more than once"),
