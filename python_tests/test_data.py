@@ -1113,7 +1113,10 @@ def test_busi_colour_images_keep_their_colour(tmp_path):
                                                (("0", "1"), "1"), (("COVID", "non-COVID"), "COVID"),
                                                (("no_tumor", "tumor"), "tumor"), (("glioma", "no glioma"), "glioma"),
                                                (("Pneumonia", "NonPneumonia"), "Pneumonia"),
-                                               (("bcc", "nevus"), "bcc"), (("akiec", "bkl"), "akiec")])
+                                               (("bcc", "nevus"), "bcc"), (("akiec", "bkl"), "akiec"),
+                                               # every benign dermoscopy spelling, each sorting second (label 1)
+                                               (("akiec", "nevi"), "akiec"), (("bcc", "naevus"), "bcc"),
+                                               (("bcc", "naevi"), "bcc")])
 def test_binary_positive_class_without_a_malignant_name(tmp_path, classes, positive):
     """Label 1 alone would make "healthy" the positive class of disease/healthy, and "non-COVID" that of COVID /
     non-COVID (its sensitivity the recall of the negatives)."""
