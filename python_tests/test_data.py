@@ -1617,6 +1617,11 @@ def test_npz_float_images_out_of_range_say_how_to_fix_them(tmp_path):
     rgb = np.random.default_rng(1).random((12, 8, 8, 3)).astype(np.float32)
     with pytest.raises(DataError, match=r"got \[[\d.]+, [\d.]+\]; divide them by 255 or store them as uint8$"):
         load_dataset(write_npz(tmp_path / "f255.npz", shape=(8, 8, 3), train_images=rgb * 255))
+    # numpy's astype(float) of uint8 pixels: 0-255 floats whose darkest pixel is 0, not a normalized set
+    pixels = np.random.default_rng(2).integers(0, 256, (12, 8, 8, 3)).astype(np.float32)
+    pixels[0, 0, 0], pixels[0, 0, 1] = 0, 255
+    with pytest.raises(DataError, match=r"got \[0, 255\]; divide them by 255 or store them as uint8$"):
+        load_dataset(write_npz(tmp_path / "u8.npz", shape=(8, 8, 3), train_images=pixels))
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
     with pytest.raises(DataError, match=r"not normalized by a mean and std: normalize inside the model "
                                         r"\(robust_ops\.attacks\.Normalized\)"):
