@@ -219,13 +219,15 @@ def test_binary_radius_figures_name_the_positive_class(tmp_path, monkeypatch):
              "sensitivity": 0.3}]
     figures = _record_figures(monkeypatch)
     info = DatasetInfo("derm", 2, 3, 8, ("melanoma", "nevus"), positive_class=0)
-    for metric in ("sensitivity", "f1", "accuracy"):
+    rows = [{**r, "precision": r["f1"]} for r in rows]  # not among figure_metrics, but plot_metric_vs_radius's own
+    for metric in ("sensitivity", "f1", "precision", "accuracy"):
         assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", metric=metric, info=info)
     assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", metric="f1",
                                         info=DatasetInfo("d", 2, 3, 8, ("a", "b")))
     labels = [(f._suptitle.get_text(), f.axes[0].get_ylabel()) for f in figures]
     assert labels == [("Sensitivity (melanoma) vs radius on derm", "Sensitivity (melanoma)"),
                       ("F1 (melanoma) vs radius on derm", "F1 (melanoma)"),
+                      ("Precision (melanoma) vs radius on derm", "Precision (melanoma)"),
                       ("Accuracy vs radius on derm", "Accuracy"), ("F1 vs radius on d", "F1")]
 
 
