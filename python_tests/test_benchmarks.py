@@ -1406,6 +1406,23 @@ def test_ima_bad_choices_are_refused_before_the_data_pretraining_or_state_is_rea
     assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
 
 
+def test_ima_state_with_part_of_the_split_is_refused_before_the_checkpoint_is_read(monkeypatch, capsys):
+    """--state's trained scenario runs the whole training split: --images (or --quick) beside it is refused before
+    the checkpoint is loaded and its weights checked (a full run's: seconds), not after."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_ima", ["--state", "run/checkpoint.pt", "--images", "4", "--device",
+                                                         "cpu"])
+    monkeypatch.setattr(mod, "load_train", lambda: (torch.rand(10, 1, 28, 28), torch.randint(0, 2, (10,))))
+    for name in ("pretrain", "load_trained_state", "ima_epoch"):
+        monkeypatch.setattr(mod, name, lambda *a, name=name, **kw: pytest.fail(f"{name} ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main()
+    assert exit_info.value.code == 2 and not written
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --state: the trained scenario runs the whole training split (drop --images / --quick)")
+
+
 @pytest.mark.parametrize("state,message", [("missing.pt", "no such file"), (".", "not a file"),
                                            ("garbage.pt", "not a readable checkpoint")])
 def test_ima_state_that_is_not_a_checkpoint_is_a_one_line_error(monkeypatch, tmp_path, state, message):
