@@ -4580,6 +4580,35 @@ def test_a_one_sample_batch_error_pickles_and_rewords_with_a_callers_names():
     assert "the split has 1 sample; pass a --bs that" in err.reworded("--bs", "the split")
 
 
+def test_a_lost_best_epoch_error_pickles_with_its_epochs():
+    """fit's refusal of restore_best=True on a run trained without it crosses process boundaries whole (mp.spawn, a
+    multiprocessing pool), with the epochs robust-ops train words it from, as OneSampleBatchError does."""
+    from robust_ops.train import LostBestEpochError
+
+    err = LostBestEpochError("fit", "run/checkpoint.pt", 5, 3)
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is LostBestEpochError and str(copy) == str(err) and (copy.last_epoch, copy.best_epoch) == (5, 3)
+    assert isinstance(err, ValueError) and "its last epoch (5), not of its best one (3)" in str(err)
+
+
+def test_held_error_holds_an_argument_error_under_ddp_alone_and_never_an_interrupt():
+    """Under DDP fit holds an error of its argument checks for the processes' next comparison, where every process
+    names it; one process raises it at once, and a Ctrl-C or sys.exit() is never held (it would be reported to the
+    others as a failed argument, after the rest of the checks were skipped)."""
+    from robust_ops.train import _HeldError
+
+    with _HeldError(2) as held:
+        raise ValueError("bad lr")
+    assert str(held.error) == "bad lr"
+    with pytest.raises(ValueError, match="bad lr"), _HeldError(1) as held:
+        raise ValueError("bad lr")
+    assert held.error is None
+    for stop in (KeyboardInterrupt(), SystemExit(3)):
+        with pytest.raises(type(stop)), _HeldError(2) as held:
+            raise stop
+        assert held.error is None
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan"), True, "1e-3", torch.tensor(1e-3)])
 def test_fit_refuses_an_lr_that_is_not_a_finite_number_at_least_0(bad):
     """Adam took lr=inf (NaN weights, then a NonFiniteLossError blaming the loss) and lr=True (as 1.0) silently, and
