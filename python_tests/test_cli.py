@@ -2474,6 +2474,31 @@ def test_ctrl_c_while_python_m_robust_ops_imports_the_package_exits_quietly(tmp_
         assert (done.returncode, done.stderr) == (130, "\nrobust-ops: interrupted\n"), done.stderr
 
 
+@pytest.mark.parametrize("orig_argv, ours", [
+    (["python", "-m", "robust_ops", "train"], True), (["python", "-mrobust_ops"], True),
+    (["python", "-X", "dev", "-m", "robust_ops.cli"], True), (["python", "-m", "robust_ops_extras"], False),
+    (["python", "-m", "mytool", "--data", "x"], False), (["python", "-mmytool"], False)])
+def test_an_interrupted_package_import_ends_quietly_under_python_m_robust_ops_alone(monkeypatch, capsys, orig_argv,
+                                                                                   ours):
+    """While `python -m NAME` finds its module, sys.argv[0] is '-m' for any NAME: only robust_ops (or a module of
+    it) ends in main's one line and 130; another package that imports robust_ops keeps its KeyboardInterrupt, as
+    does a program's import (sys.argv[0] its script). The subprocess test covers `-m robust_ops` alone."""
+    monkeypatch.setattr(sys, "orig_argv", orig_argv, raising=False)
+    monkeypatch.setattr(sys, "argv", ["-m"])
+    interrupt = KeyboardInterrupt()
+    if ours:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.exit_on_interrupted_package_import(interrupt)
+        assert exit_info.value.code == 130 and capsys.readouterr().err == "\nrobust-ops: interrupted\n"
+    else:
+        assert cli.exit_on_interrupted_package_import(interrupt) is None
+    monkeypatch.setattr(sys, "argv", ["myscript.py"])  # a program's own import robust_ops
+    assert cli.exit_on_interrupted_package_import(interrupt) is None
+    monkeypatch.setattr(sys, "argv", ["-m"])  # not an interrupt: the import's error stands
+    assert cli.exit_on_interrupted_package_import(RuntimeError("not an interrupt")) is None
+    assert capsys.readouterr().err == ""
+
+
 def test_resume_of_a_run_stopped_before_its_first_epoch_takes_new_settings(small_npz, tmp_path, capsys,
                                                                            monkeypatch):
     """A RUN_DIR holding run.json but no checkpoint (interrupted or failed before epoch 1) has nothing to continue:
