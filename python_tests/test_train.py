@@ -4546,6 +4546,31 @@ def test_fit_destroys_the_group_it_initialized_when_its_setup_raises(tmp_path):
         assert not left_open and epochs == 1 and not open_after_training
 
 
+def _agent_store_fits_worker(rank, world, port, out_path):
+    # torchrun's environment with its agent's store: the processes are its clients (TORCHELASTIC_USE_AGENT_STORE)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
+    torch.set_num_threads(1)
+    epochs = [len(fit(DropoutMLP(), "standard", _data(16), epochs=1, batch_size=8, dist_timeout=30,
+                      progress=False).history) for _ in range(3)]
+    torch.save(epochs, f"{out_path}.{rank}")
+
+
+def test_fit_called_again_under_torchruns_store_makes_a_working_group_each_time(tmp_path):
+    """torchrun's agent store outlives the group each fit makes, and torch names every new default group as the
+    last: the second fit of a process (robust-ops demo, reproduce) read the first group's gloo addresses and hung
+    or failed to connect ("Gloo connectFullMesh failed ... Connection refused"). Each group now has its own keys."""
+    import datetime
+
+    port = _free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=60))  # the agent's, alive throughout
+    out = str(tmp_path / "fits")
+    _spawn_within(150, _agent_store_fits_worker, (2, port, out))
+    del store
+    assert [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)] == [[1, 1, 1]] * 2
+
+
 def test_world_size_without_rank_is_a_clear_error(monkeypatch):
     """WORLD_SIZE > 1 without RANK (a launcher other than torchrun) made each process train alone without a word:
     N independent runs where one run on N processes was meant."""

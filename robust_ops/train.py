@@ -29,6 +29,7 @@ import datetime
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import math
 import numbers
@@ -463,6 +464,9 @@ def check_dist_timeout(value, name="fit", arg="dist_timeout"):
     return datetime.timedelta(seconds=float(value))
 
 
+_GROUPS_MADE = itertools.count()  # process groups _distributed_context initialized in this process
+
+
 def _distributed_context(device, timeout=None, timeout_arg=None):
     """(rank, world_size). Uses an initialized process group, or initializes one from torchrun's environment
     (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA, with ``timeout`` (a timedelta; None: torch's default). A group
@@ -482,7 +486,15 @@ def _distributed_context(device, timeout=None, timeout_arg=None):
     if world > 1 and dist.is_available():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         try:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            # torchrun's store outlives each group fit makes, and torch names every new default group as the last
+            # one: a second fit in a process (demo, reproduce) read the first group's stale gloo addresses and hung
+            # or failed to connect. Each group fit makes keeps its keys under its own prefix (the same count on
+            # every process: each calls fit as often)
+            wait = timeout if timeout is not None else dist.distributed_c10d._get_default_timeout(backend)
+            store, rank, world = next(dist.rendezvous("env://", timeout=wait))
+            store.set_timeout(wait)
+            store = dist.PrefixStore(f"robust_ops.fit.{next(_GROUPS_MADE)}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         except RuntimeError as err:  # torch's DistStoreError / DistNetworkError: a process did not come
             if not _collective_timed_out(err):
                 raise
