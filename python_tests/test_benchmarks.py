@@ -2094,6 +2094,23 @@ def test_attacks_without_torchattacks_is_one_line_before_any_work(monkeypatch):
                                          "torchattacks==3.5.1)") and not written
 
 
+def _usage_error_before_any_work(script, argv, monkeypatch, capsys):
+    """Runs benchmarks/<script>.py's main() on argv with its heavy functions stubbed to fail at once (an option let
+    through fails in a second, not after minutes of pretraining); asserts exit status 2, returns stderr's last line."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = importlib.import_module(script)
+    for name in ("make_model", "load_train", "build_model"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda *a, name=name, **kw: pytest.fail(f"{name} ran"))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"] + argv)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 REPEATS = [
     ("bench_attacks", ["--models", "small-resnet,resnet18,small-resnet"],
      "--models: small-resnet given more than once"),
@@ -2106,18 +2123,7 @@ REPEATS = [
 def test_a_list_entry_given_twice_is_a_usage_error_before_any_work(script, argv, message, monkeypatch, capsys):
     """bench_attacks --models, bench_ima --scenarios and bench_prepacked_conv --batches ran (minutes for a resnet18)
     and wrote the rows of an entry given twice twice; refused as robust-ops bench refuses a topic given twice."""
-    import importlib
-
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    module = importlib.import_module(script)
-    for name in ("make_model", "load_train", "build_model"):
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, lambda *a, name=name, **kw: pytest.fail(f"{name} ran"))
-    monkeypatch.setattr(sys, "argv", [f"{script}.py"] + argv)
-    with pytest.raises(SystemExit) as exit_info:
-        module.main()
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{script}.py: error: {message}"
+    assert _usage_error_before_any_work(script, argv, monkeypatch, capsys) == f"{script}.py: error: {message}"
 
 
 BAD_COMBINATIONS = [
@@ -2139,15 +2145,4 @@ def test_options_the_run_would_ignore_are_a_usage_error(script, argv, message, m
     """bench_attacks --peers-only timed with the peer rounds whatever --rounds said (and --no-peers ignored
     --peer-rounds); bench_ima --lockstep ran its one spread check whatever --scenarios / --variants / --repeats /
     --warmup said, and --state skipped the pretraining whatever --pretrain-epochs / --pretrain-batch-size said."""
-    import importlib
-
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    module = importlib.import_module(script)
-    for name in ("make_model", "load_train", "build_model"):  # an option let through fails at once, not after minutes
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, lambda *a, name=name, **kw: pytest.fail(f"{name} ran"))
-    monkeypatch.setattr(sys, "argv", [f"{script}.py"] + argv)
-    with pytest.raises(SystemExit) as exit_info:
-        module.main()
-    assert exit_info.value.code == 2
-    assert f": error: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert f": error: {message}" in _usage_error_before_any_work(script, argv, monkeypatch, capsys)
