@@ -3836,6 +3836,20 @@ def test_eval_of_a_checkpoint_trained_inside_normalized_says_so(small_npz, tmp_p
     assert "wrapper" not in one_line_error(rc, err, "mlp.pt: does not fit --model small_cnn")
 
 
+def test_the_wrapper_hint_names_the_same_prefix_whatever_the_hash_seed():
+    """_wrapped_weights tried the prefixes in a set's order, so a file holding the weights twice (under 'a.' and
+    'b.') was said to wrap them under either, run by run (string hashes are salted per process)."""
+    # cli.py loaded alone: no torch import, 12 runs in a second or two
+    probe = ("import sys, importlib.util as u; spec = u.spec_from_file_location('cli', sys.argv[1])\n"
+             "cli = u.module_from_spec(spec); spec.loader.exec_module(cli)\n"
+             "class Net:\n    def state_dict(self): return {'w': 0, 'b': 0}\n"
+             "print(cli._wrapped_weights(Net(), {f'{p}.{k}': 0 for p in 'ba' for k in 'wb'}))")
+    answers = {subprocess.run([sys.executable, "-c", probe, cli.__file__], capture_output=True,
+                              text=True, check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+               for seed in range(12)}
+    assert answers == {"under 'a.', beside b.b, b.w\n"}
+
+
 def test_write_json_atomic_ends_in_a_newline_and_keeps_the_old_file_on_an_interrupt(tmp_path, monkeypatch):
     """run.json and the eval caches: the old file until the new one is complete, no temporary file left behind."""
     from robust_ops import _files

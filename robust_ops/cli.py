@@ -395,7 +395,7 @@ def _wrapped_weights(net, weights):
     in a wrapper (``attacks.Normalized``, a ``nn.Sequential(normalize, model)``) saved its keys under a prefix, and
     load_state_dict's "Missing key(s)" did not say so."""
     own = set(net.state_dict())
-    for prefix in {k.split(".", 1)[0] + "." for k in weights if "." in k}:
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in weights if "." in k}):  # sorted: the same words each run
         inner = {k[len(prefix):] for k in weights if k.startswith(prefix)}
         if inner == own:
             rest = sorted(k for k in weights if not k.startswith(prefix))
