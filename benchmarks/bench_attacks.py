@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (copy_roofline_seconds, device_arg, interleaved_medians, nonnegative_int,  # noqa: E402
-                    positive_int, refuse_repeated, with_env, write_rows)
+                    positive_int, refuse_one_image_batch_norm, refuse_repeated, with_env, write_rows)
 
 from robust_ops import attacks  # noqa: E402
 from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
@@ -257,11 +257,14 @@ def main():
         parser.error("argument --rounds: not used with --peers-only (the peer table's rounds are --peer-rounds)")
     if args.no_peers and args.peer_rounds is not None:
         parser.error("argument --peer-rounds: not used with --no-peers (no peer table is run)")
+    train_steps = args.train_steps if args.train_steps is not None else (12 if args.quick else 30)
     for name in args.models:  # before any work: a model that cannot take --size images (densenet121 below 15x15)
         try:
-            make_model(name, "cpu", args.size)
+            model = make_model(name, "cpu", args.size)
         except ValueError as err:
             parser.error(f"--size {args.size}: {err}")
+        if args.batch == 1 and train_steps:  # train_briefly's steps take --batch images
+            refuse_one_image_batch_norm(parser, model, args.size)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:  # a test-only dependency of the library (scripts/setup.sh), not installed with it
@@ -273,7 +276,6 @@ def main():
     device = torch.device(args.device)
     backend = resolve("pgd_step_", device)
     x, y = blobs(args.batch, args.size, 1, device)
-    train_steps = args.train_steps if args.train_steps is not None else (12 if args.quick else 30)
     eps, alpha, steps = 8 / 255, 2 / 255, 10
     rows, peer_rows = [], []
     for name in args.models:

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import device_arg, nonnegative_int, positive_int, with_env, write_rows  # noqa: E402
+from common import (device_arg, nonnegative_int, positive_int, refuse_one_image_batch_norm, with_env,  # noqa: E402
+                    write_rows)
 
 from robust_ops import defenses  # noqa: E402
 from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
@@ -102,9 +103,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     try:  # before any work: a model that cannot take --size images (densenet121 below 15x15)
-        build_model(args.model, in_channels=1, num_classes=2, image_size=args.size)
+        model = build_model(args.model, in_channels=1, num_classes=2, image_size=args.size)
     except ValueError as err:
         ap.error(f"--size {args.size}: {err}")
+    if args.batch == 1:  # every step trains on --batch images
+        refuse_one_image_batch_norm(ap, model, args.size)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

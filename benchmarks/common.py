@@ -159,6 +159,21 @@ def refuse_repeated(parser, flag, values):
         parser.error(str(err))
 
 
+def refuse_one_image_batch_norm(parser, model, size, in_channels=1):
+    """--batch 1 where the model's training-mode batch norm would see one value per channel (its last feature maps
+    are 1x1 at this --size): a usage error before any work, instead of torch's traceback at the first training step.
+    ``model`` is a throwaway copy (its running statistics move)."""
+    try:
+        with torch.no_grad():
+            model.train()(torch.zeros(1, in_channels, size, size))
+    except ValueError as err:
+        if "Expected more than 1 value per channel" not in str(err):
+            raise
+        parser.error(f"--batch 1: a training step would normalize one {size}x{size} image, and the model's batch "
+                     "norm then sees a single value per channel (its last feature maps are 1x1); use --batch 2 or "
+                     "more, or a larger --size")
+
+
 def device_arg(text):
     """argparse type: a torch device this machine has (cpu, or cuda[:i] when a GPU is visible). cuda:i becomes the
     current GPU: torch.utils.benchmark's timer and a bare torch.cuda.synchronize() wait for that one only."""

@@ -2126,6 +2126,50 @@ def test_a_list_entry_given_twice_is_a_usage_error_before_any_work(script, argv,
     assert _usage_error_before_any_work(script, argv, monkeypatch, capsys) == f"{script}.py: error: {message}"
 
 
+ONE_IMAGE_BATCHES = [
+    ("bench_attacks", ["--batch", "1", "--size", "4", "--models", "small-resnet", "--peers-only"], 4),
+    ("bench_defenses", ["--batch", "1", "--size", "8", "--model", "resnet18", "--defenses", "standard"], 8),
+]
+
+
+@pytest.mark.parametrize("script,argv,size", ONE_IMAGE_BATCHES, ids=[s for s, _, _ in ONE_IMAGE_BATCHES])
+def test_a_one_image_batch_the_batch_norms_cannot_train_on_is_a_usage_error(script, argv, size, monkeypatch, capsys):
+    """--batch 1 on images whose last feature maps are 1x1 stopped at the first training step with torch's "Expected
+    more than 1 value per channel when training" traceback; a usage error before any work now."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"] + argv)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"{script}.py: error: --batch 1: a training step would normalize one {size}x{size} image, and the model's "
+        "batch norm then sees a single value per channel (its last feature maps are 1x1); use --batch 2 or more, or "
+        "a larger --size")
+
+
+def test_a_one_image_batch_passes_where_the_batch_norms_see_more_than_one_value(monkeypatch):
+    """The check refuses only what would fail: at 64x64 resnet18's last feature maps are 2x2 (no error), and a
+    model without batch norm passes at any size."""
+    import argparse
+    import importlib
+
+    import torch
+
+    from robust_ops.models import build_model
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    common = importlib.import_module("common")
+
+    parser = argparse.ArgumentParser()
+    common.refuse_one_image_batch_norm(parser, build_model("resnet18", 1, 2, 64), 64)
+    common.refuse_one_image_batch_norm(parser, build_model("mlp", 1, 2, 4), 4)
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):  # another error of the model is not reworded
+        common.refuse_one_image_batch_norm(parser, torch.nn.BatchNorm1d(1), 4)
+
+
 BAD_COMBINATIONS = [
     ("bench_attacks", ["--peers-only", "--rounds", "3"], "argument --rounds: not used with --peers-only"),
     ("bench_attacks", ["--no-peers", "--peer-rounds", "2"], "argument --peer-rounds: not used with --no-peers"),
