@@ -460,8 +460,11 @@ def test_arfl_robust_loss_and_options():
 def test_arfl_is_binary_only():
     model = GNNet(num_classes=5)
     x, y = _batch(4, num_classes=5)
-    with pytest.raises(ValueError, match="arfl: defined for binary tasks only .* got 5 classes"):
+    # the labels are checked before the attack, the model's classes at its first forward
+    with pytest.raises(ValueError, match=r"arfl: defined for binary tasks only .* got labels in \[0, 3\]"):
         ARFL(steps=1)(model, x, y)
+    with pytest.raises(ValueError, match="arfl: defined for binary tasks only .* got 5 classes"):
+        ARFL(steps=1)(model, x, y % 2)
     with pytest.raises(ValueError, match="arfl: defined for binary tasks only, got 5 classes"):
         ARFL().check_labels(y, 5)
 
@@ -735,6 +738,20 @@ def test_arfl_r_zero_trains_exactly_as_at_plus_the_regularizer_also_with_batchno
     for (key, a), b in zip(at.state_dict().items(), arfl.state_dict().values()):
         assert torch.equal(a, b), key
     assert arfl_out.logits is None and "loss_clean" not in arfl_out.metrics and "loss_adv" in arfl_out.metrics
+
+
+@pytest.mark.parametrize("r", [0.5, 0.25])
+def test_arfl_without_its_regularizer_trains_exactly_as_sat_also_with_batchnorm(r):
+    """docs/defenses/arfl.md: lam = 0 is dual adversarial training, SAT with alpha = 1 - r (ARFL Table 1's rows E and
+    F differ by the regularizer alone). ARFL ran its clean training forward before the eval-mode attack, which then
+    read BatchNorm running statistics already moved by that batch (SAT attacks first), so ARFL(lam=0) trained
+    another model than SAT on every BatchNorm network."""
+
+    sat, sat_out = _three_bn_steps(defenses.SAT(alpha=1 - r, eps=0.03, steps=2), num_classes=2)
+    arfl, arfl_out = _three_bn_steps(ARFL(r=r, lam=0.0, eps=0.03, steps=2), num_classes=2)
+    for (key, a), b in zip(sat.state_dict().items(), arfl.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert torch.equal(arfl_out.loss, sat_out.loss) and torch.equal(arfl_out.logits, sat_out.logits)
 
 
 def test_dpaat_at_alpha_one_and_beta_zero_runs_no_clean_training_forward(crafted):

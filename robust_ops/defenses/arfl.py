@@ -159,13 +159,22 @@ class ARFL(PGDDefense):
             raise ValueError(f"{self.name}: defined for binary tasks only (labels 0/1, mapped to -1/+1), got {got}")
 
     def __call__(self, model, x, y, ids=None):
-        logits = feats = None
-        if self.r > 0:
-            logits, feats = self._forward_with_features(model, x)
-        self._check_binary(y, logits)
+        self._check_binary(y)
         y = labels(self.name, x, y)
+        sign = 1.0 if self.adv_sign == "text" else -1.0
+        x_adv = None
+        if self.r < 1:
+            # before the clean training forward, as SAT: that forward moves BatchNorm's running statistics, which an
+            # eval-mode attack reads, so with lam = 0 the dual AT + ARFL run trained another model than SAT's
+            if self.attack_objective == "cls":
+                x_adv = self.attack(model, x, y).x_adv
+            else:
+                x_adv = self.ascend(_AdversarialTerm(self, unwrap(model), y, sign), x).x_adv
+        logits = None
         loss, metrics = 0.0, {}
         if self.r > 0:
+            logits, feats = self._forward_with_features(model, x)
+            self._check_binary(y, logits)
             clean = classification_loss(logits, y)
             robust = robust_feature_loss(feats, y, self.channel_reduction).mean()
             metrics.update(loss_clean=float(clean.detach()), loss_robust=float(robust.detach()))
@@ -173,11 +182,6 @@ class ARFL(PGDDefense):
         if self.r < 1:
             # r = 0 (adversarial data only) runs no clean forward: with weight 0 it still moved BatchNorm's running
             # statistics, so the model trained was not adversarial training + ARFL (as SAT at alpha = 1)
-            sign = 1.0 if self.adv_sign == "text" else -1.0
-            if self.attack_objective == "cls":
-                x_adv = self.attack(model, x, y).x_adv
-            else:
-                x_adv = self.ascend(_AdversarialTerm(self, unwrap(model), y, sign), x).x_adv
             logits_adv, feats_adv = self._forward_with_features(model, x_adv)
             if logits is None:
                 self._check_binary(y, logits_adv)
