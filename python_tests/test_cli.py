@@ -615,6 +615,27 @@ def test_config_defense_opt_is_a_list(tmp_path, text):
     assert options["eps"] == pytest.approx(2 / 255) and options.get("steps") == (3 if "steps" in text else None)
 
 
+def test_train_records_every_defense_setting_in_run_json_its_defaults_included(small_npz, tmp_path, capsys):
+    """`train --defense dpaat` wrote defense_options {} to run.json: nothing there said the run trained with
+    DPAAT's protocol (7-step L2 PGD at eps 0.3, step 0.15, alpha 0.5, beta 1, the JS synchronization loss); only
+    checkpoint.pt held it. defense_settings records the defense's options() as the checkpoint does; defense_options
+    keeps the options given (what --resume compares)."""
+    out = tmp_path / "dpaat"
+    rc, _, err = run(["train", "--data", small_npz, "--epochs", "1", "--model", "mlp", "--defense", "dpaat",
+                      "--defense-opt", "steps=2", "--out", out, "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    record = cli.read_run_file(out / "run.json")
+    assert record["defense_options"] == {"steps": 2}
+    settings = record["defense_settings"]
+    assert settings == torch.load(out / "checkpoint.pt", weights_only=True)["config"]["defense_options"]
+    papers = {"eps": 0.3, "norm": "l2", "steps": 2, "step_size": 0.15, "random_start": False, "alpha": 0.5,
+              "beta": 1.0, "syn": "js", "reference": "batch", "attack_mode": "eval"}
+    assert {key: settings[key] for key in papers} == papers
+    (out / "run.json").write_text(json.dumps({**record, "defense_settings": ["eps", 0.3]}))
+    with pytest.raises(cli.CLIError, match=r"expected defense_settings to be an object, got \["):
+        cli.read_run_file(out / "run.json")
+
+
 def test_config_defense_opt_with_command_line_ones(small_npz, tmp_path, capsys):
     """--defense-opt on the command line is appended after the file's: its keys win, the file's others stay."""
     cfg = tmp_path / "cfg.yaml"

@@ -742,6 +742,11 @@ def check_train_split(splits, data):
         raise CLIError(f"--data: the train split of {data} holds no samples; nothing to train on")
 
 
+def json_options(options):
+    """Defense options as run.json holds them (tuples as lists, as JSON reads them back)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+
+
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
                train_samples=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0, early_stopping=None,
@@ -757,8 +762,7 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
         "format": "robust_ops.run/1", "data": str(data_spec(data)), "size": size,
         "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "channels": channels,
         "model": model_name,
-        "defense": defense_name, "defense_options": {k: (list(v) if isinstance(v, tuple) else v)
-                                                      for k, v in defense_options.items()},
+        "defense": defense_name, "defense_options": json_options(defense_options),
         "dropmax": dropmax, "channels_last": bool(channels_last), "prepacked_conv": bool(prepacked_conv),
         "epochs": epochs, "batch_size": batch_size, "warmup_epochs": warmup_epochs, "early_stopping": early_stopping,
         "restore_best": bool(restore_best),
@@ -774,9 +778,9 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
 # The JSON types run_record writes each setting as (null: an option not given, as a key older files lack): eval and
 # --resume read them as such, so a hand-edited or damaged value ended in a traceback deep inside them.
 RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, "channels": int, "model": str,
-                   "defense": str, "defense_options": dict, "dropmax": str, "channels_last": bool,
-                   "prepacked_conv": bool, "epochs": int, "batch_size": int, "lr": (int, float), "seed": int,
-                   "warmup_epochs": int, "early_stopping": int, "restore_best": bool,
+                   "defense": str, "defense_options": dict, "defense_settings": dict, "dropmax": str,
+                   "channels_last": bool, "prepacked_conv": bool, "epochs": int, "batch_size": int,
+                   "lr": (int, float), "seed": int, "warmup_epochs": int, "early_stopping": int, "restore_best": bool,
                    "label": str, "dataset": dict, "split": dict, "train_samples": int}
 _JSON_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false",
                     (int, float): "a number"}
@@ -941,6 +945,9 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     if "norm" in run["defense_options"] and isinstance(getattr(defense, "norm", None), str):
         # as the defense stores it ("Linf" -> "linf"): a resume that spells the norm otherwise is the same run
         run["defense_options"]["norm"] = defense.norm
+    # every setting the defense trains with, its defaults included (what checkpoint.pt compares on resume): the
+    # options given alone left `train --defense dpaat`'s run.json without its eps, norm, steps, alpha or beta
+    run["defense_settings"] = json_options(defense.options())
     out = Path(out)
     # one process at a time writes RUN_DIR: a second train, --resume or demo into it rewrote the checkpoint and
     # run.json under the first, and both ended "successfully" with one run's checkpoint beside the other's run.json
