@@ -1582,6 +1582,33 @@ def test_dpaat_radii_come_from_the_first_attack_loss_changes_and_norms(crafted, 
 
 
 @pytest.mark.parametrize("name", ["dpaat", "amat"])
+def test_dpaat_and_amat_second_attack_can_step_by_the_papers_fixed_step(crafted, name):
+    """DPAAT trains with one PGD adversary, 7 steps of 0.15 at eps 0.3 (Section IV-A); the second attack, at the
+    per-sample radii eps_i, stepped by eps_i * 0.15 / 0.3 -- our choice -- and the paper's step read literally could
+    not be run. radius_step="fixed" steps by step_size at every radius; "scaled" stays the default, recorded as no
+    option (as checkpoints written before it record AMAT's and DPAAT's options)."""
+    from robust_ops.attacks.core import run_pgd
+
+    model, x, y = _model_and_batch(num_classes=2, n=8, sharp=30.0)
+    defenses.build(name, steps=2, radius_step="fixed")(model, x, y)
+    assert len(crafted) == 2
+    radii = crafted[1][0]["eps"]
+    assert float(radii.max() - radii.min()) > 0.01  # the radii differ, the step does not
+    torch.testing.assert_close(crafted[1][0]["alpha"], torch.full_like(radii, 0.15))
+    expected = run_pgd(model, x, y, eps=radii, alpha=torch.full_like(radii, 0.15), steps=2, norm="l2",
+                       random_start=False).x_adv
+    torch.testing.assert_close(crafted[1][1].x_adv, expected, rtol=0, atol=0)
+    defenses.build(name, steps=2)(model, x, y)
+    torch.testing.assert_close(crafted[3][0]["alpha"], crafted[3][0]["eps"] * 0.5)  # scaled: eps_i * 0.15 / 0.3
+    assert "radius_step" not in defenses.build(name).options()
+    assert defenses.build(name, radius_step="fixed").options()["radius_step"] == "fixed"
+    with pytest.raises(ValueError, match=f"{name}: expected radius_step to be one of 'scaled', 'fixed', got 'Fixed'"):
+        defenses.build(name, radius_step="Fixed")
+    with pytest.raises(ValueError, match=r"dpaat: radius_step='fixed' has no effect with adapt=False"):
+        DPAAT(adapt=False, radius_step="fixed")
+
+
+@pytest.mark.parametrize("name", ["dpaat", "amat"])
 def test_dpaat_and_amat_radii_keep_float64(crafted, name):
     """The radius rules read losses and norms through .float(): a float64 model's radii were float32 arithmetic
     (DPAAT's 4.7e-8 off eq. 15 in float64), as ARFL's L_robust and TRADES's KL were."""

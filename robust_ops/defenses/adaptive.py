@@ -2,9 +2,9 @@
 Adversarial Training, eqs. 11-16 and Alg. 1).
 
 Both craft x_adv with the fixed radius eps, derive a radius per sample from the losses, and craft a NEW x_adv with
-those radii (run_pgd with a per-sample eps tensor, step size scaled by the same factor, eps_i * step_size / eps);
-DPAAT(adapt=False), the paper's ablation D-B, trains at the first x_adv. Defaults follow DPAAT's experiments: 7-step
-PGD, L2, eps = 0.3, step eps/2 (0.15), no random start (eq. 9: x_0 = x).
+those radii (run_pgd with a per-sample eps tensor, step size scaled by the same factor, eps_i * step_size / eps, or
+step_size itself with radius_step="fixed"); DPAAT(adapt=False), the paper's ablation D-B, trains at the first x_adv.
+Defaults follow DPAAT's experiments: 7-step PGD, L2, eps = 0.3, step eps/2 (0.15), no random start (eq. 9: x_0 = x).
 """
 
 import math
@@ -37,7 +37,7 @@ class _AdaptiveRadius(PGDDefense):
     default_norm = "l2"
     default_random_start = False
 
-    def __init__(self, *, step_size=None, steps=None, eps=None, **attack):
+    def __init__(self, *, step_size=None, steps=None, eps=None, radius_step=None, **attack):
         steps = self.default_steps if steps is None else steps
         # checked before the step is derived from it: eps="0.3" failed as "unsupported operand type(s) for /"
         eps = check_real(self.name, "eps", self.default_eps if eps is None else eps, minimum=0)
@@ -45,6 +45,16 @@ class _AdaptiveRadius(PGDDefense):
         # (0.11 at eps 0.31) made nearby radii train with another adversary
         step_size = eps / 2 if step_size is None else step_size
         super().__init__(eps=eps, step_size=step_size, steps=steps, **attack)
+        # the second attack's step: "scaled" eps_i * step_size / eps (each radius spanned in the same steps), or
+        # "fixed" step_size for every radius (the paper's one PGD step, 0.15, read literally)
+        self.radius_step = check_choice(self.name, "radius_step", "scaled" if radius_step is None else radius_step,
+                                        ("scaled", "fixed"))
+
+    def options(self):
+        options = super().options()
+        if options["radius_step"] == "scaled":  # as checkpoints written before the option existed record it: absent
+            del options["radius_step"]
+        return options
 
     def _losses(self, model, y, *inputs):
         """Per-sample losses of each of ``inputs`` in the attack's mode, without gradients (only those the rule
@@ -63,14 +73,17 @@ class _AdaptiveRadius(PGDDefense):
         return losses
 
     def _attack_with_radii(self, model, x, y, radii):
-        ratio = self.step_size / self.eps if self.eps > 0 else 1.0
         radii = radii.to(x.dtype)
+        if self.radius_step == "fixed":
+            alpha = torch.full_like(radii, self.step_size)
+        else:
+            alpha = radii * (self.step_size / self.eps if self.eps > 0 else 1.0)
         eps = radii
         if self.norm == "linf":
             # A radius past the range's width (eps + delta_eps, norm + gamma) would be refused by run_pgd mid-training;
             # the box binds there, so the width gives the same x_adv. The step keeps the rule's radius.
             eps = radii.clamp_max(self.clip_max - self.clip_min)
-        return self.attack(model, x, y, eps=eps, alpha=radii * ratio).x_adv
+        return self.attack(model, x, y, eps=eps, alpha=alpha).x_adv
 
 
 class AMAT(_AdaptiveRadius):
@@ -78,7 +91,8 @@ class AMAT(_AdaptiveRadius):
     L(x_adv_i) < xi (the sample is still robust: enlarge its margin), else (eps + ||x_adv_i - x_i||) / 2; a new x_adv
     with radii eps_i; L = (L(x_adv) + L(x)) / 2. AMAT's thresholds came from an external network and are not given
     in DPAAT; defaults here: xi = ln 2 (the adversarial example is still classified correctly with probability > 1/2
-    in the binary case) and delta_eps = eps / 2."""
+    in the binary case) and delta_eps = eps / 2. The second attack steps by eps_i * step_size / eps
+    (radius_step="scaled") or by step_size at every radius (radius_step="fixed")."""
 
     name = "amat"
 
@@ -134,11 +148,12 @@ class DPAAT(_AdaptiveRadius):
     |dL_avg| < guard (or 0) -> gamma = 0 (radius unchanged); a negative radius means no perturbation (eps_i = 0);
     max_radius (None: no cap, as in the paper) caps eps_i; reference="batch" (eq. 14) or "running" (an exponential
     running mean of dL_avg over batches, momentum 0.1 -- the epoch-wide V of eq. 13); syn="js" (default) or "printed"
-    (see synchronization_loss). beta = 1 (the paper leaves it tunable). State (checkpointed): the running mean, the
-    number of batches and the mean radius of the last batch.
+    (see synchronization_loss); radius_step="scaled" (the second attack steps by eps_i * step_size / eps) or "fixed"
+    (step_size at every radius, the paper's 0.15 read literally). beta = 1 (the paper leaves it tunable). State
+    (checkpointed): the running mean, the number of batches and the mean radius of the last batch.
 
-    An option given where it has no effect is refused, naming it: guard, max_radius, reference and momentum under
-    adapt=False, momentum under reference="batch", syn under beta=0.
+    An option given where it has no effect is refused, naming it: guard, max_radius, reference, momentum and
+    radius_step under adapt=False, momentum under reference="batch", syn under beta=0.
     """
 
     name = "dpaat"
@@ -147,8 +162,8 @@ class DPAAT(_AdaptiveRadius):
     # option left unset from one given where it has no effect, which is refused (adapt=False trained as if
     # reference="running", momentum=0.5 had not been asked for). options() records the resolved values, as before.
     def __init__(self, alpha=0.5, beta=1.0, guard=None, max_radius=None, reference=None, syn=None, momentum=None,
-                 adapt=True, **attack):
-        super().__init__(**attack)
+                 adapt=True, radius_step=None, **attack):
+        super().__init__(radius_step=radius_step, **attack)
         n = self.name
         self.alpha = check_real(n, "alpha", alpha, minimum=0, maximum=1)
         self.beta = check_real(n, "beta", beta, minimum=0)
@@ -161,7 +176,8 @@ class DPAAT(_AdaptiveRadius):
         check_flags(n, {"adapt": adapt})  # adapt="no" would have adapted
         self.adapt = adapt
         if not adapt:
-            refuse_unused(n, {"guard": guard, "max_radius": max_radius, "reference": reference, "momentum": momentum},
+            refuse_unused(n, {"guard": guard, "max_radius": max_radius, "reference": reference, "momentum": momentum,
+                              "radius_step": radius_step},
                           "adapt=False (no adaptive radii: the first x_adv is trained on)", "set adapt=True")
         elif self.reference == "batch":
             refuse_unused(n, {"momentum": momentum}, "reference='batch' (eq. 14's mini-batch mean, no running mean)",
