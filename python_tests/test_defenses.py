@@ -1288,6 +1288,25 @@ def test_paper_defaults():
     assert (gr.lam, gr.norm, llr.lam, llr.mu) == (1.0, "l2", 3.0, 4.0)
 
 
+def test_dpaat_denominator_as_printed_divides_by_the_signed_mean_loss_change():
+    """Eq. 15 divides by dL_avg; the default divides by |dL_avg| (a documented choice) and the printed formula could
+    not be run. denominator="printed": gamma = eps * |dL_i - dL_avg| / dL_avg, so under a negative mean gamma is
+    negative and the rule's shrink and grow swap; a positive mean gives the default's radii. Recorded only when
+    "printed", and refused with adapt=False."""
+    norms = torch.tensor([0.3, 0.3, 0.3])
+    dl = torch.tensor([-1.0, -2.0, -3.0])  # mean -2: gamma = 0.3 * [1, 0, 1] / -2 = [-0.15, 0, -0.15]
+    torch.testing.assert_close(DPAAT(denominator="printed").radii(norms, dl), torch.tensor([0.45, 0.3, 0.15]))
+    torch.testing.assert_close(DPAAT().radii(norms, dl), torch.tensor([0.15, 0.3, 0.45]))
+    for d in (DPAAT(denominator="printed"), DPAAT()):  # mean 2: gamma = 0.3 * [1, 0, 1] / 2 either way
+        torch.testing.assert_close(d.radii(norms, -dl), torch.tensor([0.45, 0.3, 0.15]))
+    assert "denominator" not in DPAAT().options()
+    assert DPAAT(denominator="printed").options()["denominator"] == "printed"
+    with pytest.raises(ValueError, match="dpaat: expected denominator to be one of 'abs', 'printed', got 'signed'"):
+        DPAAT(denominator="signed")
+    with pytest.raises(ValueError, match=r"dpaat: denominator='printed' has no effect with adapt=False"):
+        DPAAT(adapt=False, denominator="printed")
+
+
 def test_dpaat_negative_mean_loss_change_and_running_reference():
     """DPAAT's documented choices: |dL_avg| in gamma's denominator, so a negative mean does not flip the rule (a
     sample whose loss rose more than the mean still shrinks), and reference="running": an exponential running mean

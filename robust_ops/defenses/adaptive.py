@@ -144,7 +144,8 @@ class DPAAT(_AdaptiveRadius):
     adapt=False trains at the first x_adv (fixed eps: no radii, no second attack), the paper's ablation D-B (Fig. 3:
     synchronization loss alone); beta = 0 is its D-A (adaptation alone).
 
-    Choices (docs/defenses/dpaat.md): |dL_avg| in the denominator (so a negative mean does not flip the rule);
+    Choices (docs/defenses/dpaat.md): denominator="abs", |dL_avg| (so a negative mean does not flip the rule), or
+    "printed", dL_avg as eq. 15 prints it (a negative mean grows the fragile samples and shrinks the stable ones);
     |dL_avg| < guard (or 0) -> gamma = 0 (radius unchanged); a negative radius means no perturbation (eps_i = 0);
     max_radius (None: no cap, as in the paper) caps eps_i; reference="batch" (eq. 14) or "running" (an exponential
     running mean of dL_avg over batches, momentum 0.1 -- the epoch-wide V of eq. 13); syn="js" (default) or "printed"
@@ -152,8 +153,8 @@ class DPAAT(_AdaptiveRadius):
     (step_size at every radius, the paper's 0.15 read literally). beta = 1 (the paper leaves it tunable). State
     (checkpointed): the running mean, the number of batches and the mean radius of the last batch.
 
-    An option given where it has no effect is refused, naming it: guard, max_radius, reference, momentum and
-    radius_step under adapt=False, momentum under reference="batch", syn under beta=0.
+    An option given where it has no effect is refused, naming it: guard, max_radius, reference, momentum,
+    radius_step and denominator under adapt=False, momentum under reference="batch", syn under beta=0.
     """
 
     name = "dpaat"
@@ -162,7 +163,7 @@ class DPAAT(_AdaptiveRadius):
     # option left unset from one given where it has no effect, which is refused (adapt=False trained as if
     # reference="running", momentum=0.5 had not been asked for). options() records the resolved values, as before.
     def __init__(self, alpha=0.5, beta=1.0, guard=None, max_radius=None, reference=None, syn=None, momentum=None,
-                 adapt=True, radius_step=None, **attack):
+                 adapt=True, radius_step=None, denominator=None, **attack):
         super().__init__(radius_step=radius_step, **attack)
         n = self.name
         self.alpha = check_real(n, "alpha", alpha, minimum=0, maximum=1)
@@ -171,13 +172,16 @@ class DPAAT(_AdaptiveRadius):
         self.max_radius = None if max_radius is None else check_real(n, "max_radius", max_radius, minimum=0)
         self.reference = check_choice(n, "reference", "batch" if reference is None else reference, ("batch", "running"))
         self.syn = check_choice(n, "syn", "js" if syn is None else syn, ("js", "printed"))
+        # gamma's denominator: |dL_avg| ("abs"), or eq. 15's dL_avg as printed (a negative mean swaps shrink and grow)
+        self.denominator = check_choice(n, "denominator", "abs" if denominator is None else denominator,
+                                        ("abs", "printed"))
         self.momentum = check_real(n, "momentum", 0.1 if momentum is None else momentum, minimum=0, maximum=1,
                                    allow_min=False)
         check_flags(n, {"adapt": adapt})  # adapt="no" would have adapted
         self.adapt = adapt
         if not adapt:
             refuse_unused(n, {"guard": guard, "max_radius": max_radius, "reference": reference, "momentum": momentum,
-                              "radius_step": radius_step},
+                              "radius_step": radius_step, "denominator": denominator},
                           "adapt=False (no adaptive radii: the first x_adv is trained on)", "set adapt=True")
         elif self.reference == "batch":
             refuse_unused(n, {"momentum": momentum}, "reference='batch' (eq. 14's mini-batch mean, no running mean)",
@@ -202,7 +206,7 @@ class DPAAT(_AdaptiveRadius):
         if abs(avg) < self.guard or avg == 0:  # an exact 0 under guard=0 made 0/0 NaN radii
             gamma = torch.zeros_like(delta_losses)
         else:
-            gamma = self.eps * (delta_losses - avg).abs() / abs(avg)
+            gamma = self.eps * (delta_losses - avg).abs() / (abs(avg) if self.denominator == "abs" else avg)
         radii = torch.where(delta_losses > avg, norms - gamma, norms + gamma).clamp_min(0.0)
         if self.max_radius is not None:
             radii = radii.clamp_max(self.max_radius)
@@ -241,6 +245,8 @@ class DPAAT(_AdaptiveRadius):
         options = super().options()
         if options["adapt"]:  # as checkpoints written before adapt existed record it: absent
             del options["adapt"]
+        if options["denominator"] == "abs":  # likewise
+            del options["denominator"]
         return options
 
     def holds_state(self):
