@@ -1152,6 +1152,30 @@ def test_input_errors():
         attacks.pgd(model, x, y > 0, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inputs_just_outside_the_clip_range_show_values_outside_it(dtype):
+    """Images that overshoot the range by a rounding (a resize's interpolation, x / 255 computed otherwise) read
+    "got values in [0.0001797, 1]" against [0.0, 1.0] at 4 digits: a range inside the clip range. The bound crossed
+    is shown with the digits that put it outside, and named."""
+    model = make_model(3, dtype=dtype)
+    x, y = make_data(4, 3, dtype=dtype)
+    over = 1e-5 if dtype == torch.float32 else 1e-12
+    top = x.clone()
+    top[0, 0, 0, 0] = 1 + over
+    with pytest.raises(ValueError, match=r"^pgd: expected x inside the clip range \[0.0, 1.0\], got values in "
+                                         r"\[(\S+), (\S+)\] \(\2 > clip_max 1.0; ") as excinfo:
+        attacks.pgd(model, top, y, eps=0.03, steps=2)
+    low, high = re.search(r"got values in \[(\S+), (\S+)\]", str(excinfo.value)).groups()
+    assert float(low) == pytest.approx(float(x.min()), rel=1e-3) and float(high) > 1.0
+    bottom = 0.2 + 0.5 * x
+    bottom[0, 0, 0, 0] = 0.2 - over
+    with pytest.raises(ValueError, match=r"^square: expected x inside the clip range \[0.2, 0.7\], got values in "
+                                         r"\[(\S+), (\S+)\] \(\1 < clip_min 0.2; ") as excinfo:
+        attacks.square(model, bottom, y, eps=0.03, n_queries=2, clip_min=0.2, clip_max=0.7)
+    low, high = re.search(r"got values in \[(\S+), (\S+)\]", str(excinfo.value)).groups()
+    assert float(low) < 0.2 and float(high) == pytest.approx(float(bottom.max()), rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Norm spellings: AutoAttack's and torchattacks' 'Linf' / 'L2', in any case, are 'linf' / 'l2' from where they enter
 

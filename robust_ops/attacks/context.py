@@ -432,6 +432,16 @@ def check_not_half(name, x, why, dtypes=HALF_DTYPES):
 _NO_LABELS = object()
 
 
+def _past(value, bound, side):
+    """``value`` in 4 significant digits, or as many more as show it past ``bound`` when it is (``side`` 1: above,
+    -1: below): at 4 digits an input at 1.00001 read "got values in [0.0001797, 1]" against the range [0.0, 1.0]."""
+    for digits in range(4, 18):  # 17 significant digits give a float back exactly
+        text = f"{value:.{digits}g}"
+        if (float(text) - bound) * side > 0 or (value - bound) * side <= 0:
+            return text
+    return repr(value)
+
+
 def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=None):
     """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
     silently. Returns y as int64 (None when y is not given, for callers without labels; a y of None is refused like
@@ -454,9 +464,13 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=
             raise ValueError(f"{name}: x contains NaN or Inf")
         lo, hi = float(xd.min()), float(xd.max())
         if lo < clip_min or hi > clip_max:
+            crossed = (f"{_past(hi, clip_max, 1)} > clip_max {clip_max}" if hi > clip_max else
+                       f"{_past(lo, clip_min, -1)} < clip_min {clip_min}")
             raise ValueError(
-                f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in [{lo:.4g}, {hi:.4g}]"
-                " (normalize inside the model, e.g. with robust_ops.attacks.Normalized)"
+                f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in "
+                f"[{_past(lo, clip_min, -1)}, {_past(hi, clip_max, 1)}] ({crossed}; normalize inside the model, e.g. "
+                "with robust_ops.attacks.Normalized, or clamp inputs that overshoot only by rounding or resampling, "
+                f"x.clamp({clip_min}, {clip_max}))"
             )
     return None if y is _NO_LABELS else check_class_labels(name, y, x.shape[0], num_classes)
 
