@@ -4384,6 +4384,54 @@ def test_torchattacks_style_subclass_init_is_refused_with_the_fix():
         Positional(make_model())
 
 
+
+class PortedMIFGSM(attacks.Attack):
+    """A port of torchattacks' MIFGSM that keeps its forward verbatim (get_logits in its own loop): only the
+    constructor follows this library's Attack."""
+
+    name = "mifgsm"
+
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, decay=1.0, **options):
+        super().__init__(model, **options)
+        self.eps, self.alpha, self.steps, self.decay = eps, alpha, steps, decay
+
+    forward = torchattacks.MIFGSM.forward
+
+
+def _batch_norm_dropout_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+
+def test_torchattacks_style_forward_runs_in_the_attacks_model_mode():
+    """A ported forward that calls get_logits itself ran in the model's own mode: a model in train mode (attacked
+    inside a training loop) was attacked with dropout and batch statistics, and every step moved its batch-norm
+    running statistics, where torchattacks' __call__ puts it in eval for the attack (and model_mode="eval", the
+    default in the repr, promised it). __call__ now runs forward under the attack's model_mode, as every built-in
+    attack runs: torchattacks' points bit for bit, the model's modes, flags and statistics untouched."""
+    x, y = make_data(6, 3)
+    ours_model, theirs_model = _batch_norm_dropout_model().train(), _batch_norm_dropout_model().train()
+    ours_model[0].weight.requires_grad_(False)
+    buffers = [b.clone() for b in ours_model.buffers()]
+    ours = PortedMIFGSM(ours_model, steps=3)(x, y)
+    theirs = torchattacks.MIFGSM(theirs_model, steps=3)(x, y)
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, ours_model.buffers()))
+    assert all(m.training for m in ours_model.modules())
+    assert [p.requires_grad for p in ours_model.parameters()] == [False] + [True] * 5
+    # model_mode="train" is every module in train mode, as torchattacks' three training flags
+    trained, trained_theirs = _batch_norm_dropout_model().eval(), _batch_norm_dropout_model().eval()
+    torch.manual_seed(1)
+    ours = PortedMIFGSM(trained, steps=2, model_mode="train")(x, y)
+    theirs_attack = torchattacks.MIFGSM(trained_theirs, steps=2)
+    theirs_attack.set_model_training_mode(model_training=True, batchnorm_training=True, dropout_training=True)
+    torch.manual_seed(1)
+    assert torch.equal(ours, theirs_attack(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(trained.buffers(), trained_theirs.buffers()))
+    assert not any(m.training for m in trained.modules())
+
+
 def test_targeted_random_least_likely_and_by_function_modes():
     model = Linear(num_classes=4)
     x, y = make_data(n=8, num_classes=4)

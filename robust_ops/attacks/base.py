@@ -173,7 +173,13 @@ class Attack:
     def __call__(self, x, y):
         if self.targeted and self._target_rule is not None:
             y = self._targets(x, y)
-        return self.forward(x, y)
+        if type(self).forward.__module__.startswith(__package__):  # its function runs under attack_context
+            return self.forward(x, y)
+        # another forward in model_mode, as torchattacks' __call__ runs it: a port whose forward calls get_logits
+        # itself ran in the model's own mode (a train-mode model attacked with dropout, its batch-norm statistics
+        # moving); the library's functions it may call enter the context again, nested
+        with attack_context(self.model, self.model_mode, self.name):
+            return self.forward(x, y)
 
     def _options(self):
         return {k: v for k, v in vars(self).items() if k != "model" and not k.startswith("_")}
