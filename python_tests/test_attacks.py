@@ -4432,6 +4432,28 @@ def test_torchattacks_style_forward_runs_in_the_attacks_model_mode():
     assert not any(m.training for m in trained.modules())
 
 
+
+def test_torchattacks_style_forward_gets_its_targets_from_get_target_label():
+    """torchattacks' forwards ask self.get_target_label(images, labels) for their targets in targeted mode: a port
+    kept verbatim met Python's bare "'PortedMIFGSM' object has no attribute 'get_target_label'". Inside forward the
+    labels are already the targets (__call__ made them); called directly it makes them as torchattacks' does."""
+    model = _batch_norm_dropout_model().eval()
+    x, y = make_data(6, 3)
+    targets = (y + 1) % 3
+    ours, theirs = PortedMIFGSM(model, steps=3), torchattacks.MIFGSM(model, steps=3)
+    ours.set_mode_targeted_by_label()
+    theirs.set_mode_targeted_by_label(quiet=True)
+    assert torch.equal(ours(x, targets), theirs(x, targets))
+    assert torch.equal(ours.get_target_label(x, targets), targets)
+    ours.set_mode_targeted_least_likely()
+    theirs.set_mode_targeted_least_likely(quiet=True)
+    assert torch.equal(ours(x, y), theirs(x, y))
+    assert torch.equal(ours.get_target_label(x, y), theirs.get_target_label(x, y))
+    with pytest.raises(ValueError, match=r"^mifgsm: get_target_label gives the targets of targeted mode; call "
+                                         r"set_mode_targeted_by_label\(\) or another set_mode_targeted_\* first$"):
+        PortedMIFGSM(model).get_target_label(x, y)
+
+
 def test_targeted_random_least_likely_and_by_function_modes():
     model = Linear(num_classes=4)
     x, y = make_data(n=8, num_classes=4)

@@ -1,12 +1,17 @@
 """torchattacks-style attack objects: ``Attack(model, **options)(x, y) -> x_adv``, thin wrappers of the functions."""
 
 import itertools
+import threading
 
 import torch
 
 from .._options import check_flags, check_options, check_real
 from .context import MODEL_MODES, attack_context, check_inputs, check_model, is_single_logit, two_logits
 from .core import NORMS, check_labels_against, forward
+
+
+# ids of the attacks whose forward runs in this thread, innermost last: their forward's labels are already targets
+_forwarding = threading.local()
 
 
 def _refuse_positional(cls_name, model, positional):
@@ -27,8 +32,8 @@ class Attack:
       * ``clip_min``, ``clip_max``: the valid input range (default [0, 1]).
 
     torchattacks' ``set_mode_targeted_random()``, ``set_mode_targeted_least_likely(kth_min)``,
-    ``set_mode_targeted_by_function(fn)``, ``device`` and ``get_logits(x)`` work as there (``set_device`` raises: the
-    attack runs on its inputs' device); ``set_model_training_mode(...)`` maps to
+    ``set_mode_targeted_by_function(fn)``, ``device``, ``get_logits(x)`` and ``get_target_label(x, y)`` work as there
+    (``set_device`` raises: the attack runs on its inputs' device); ``set_model_training_mode(...)`` maps to
     ``model_mode`` (its default train mode, BatchNorm and Dropout in eval, raises: see the method);
     ``set_normalization_used`` raises (wrap the model with :class:`Normalized`). See docs/attacks.md, "Porting
     torchattacks / AutoAttack code".
@@ -167,19 +172,35 @@ class Attack:
         z = z.detach().to(torch.promote_types(z.dtype, torch.float32))
         return z.scatter(1, y[:, None], float("inf")).sort(dim=1, stable=True)[1][:, self._kth_min - 1]
 
+    def get_target_label(self, x, y):
+        """torchattacks': the targets for labels ``y`` in targeted mode, which a ported forward asks for. Inside
+        ``forward`` they are ``y`` itself: ``__call__`` made the targets from the labels before calling it.
+        Elsewhere they are made by the mode's rule (by label: ``y``)."""
+        if not self.targeted:  # torchattacks raises too ("target_map_function is not initialized")
+            raise ValueError(f"{self.name}: get_target_label gives the targets of targeted mode; call "
+                             "set_mode_targeted_by_label() or another set_mode_targeted_* first")
+        if self._target_rule is None or id(self) in getattr(_forwarding, "ids", ()):
+            return y
+        return self._targets(x, y)
+
     def forward(self, x, y):
         raise NotImplementedError
 
     def __call__(self, x, y):
         if self.targeted and self._target_rule is not None:
             y = self._targets(x, y)
-        if type(self).forward.__module__.startswith(__package__):  # its function runs under attack_context
-            return self.forward(x, y)
-        # another forward in model_mode, as torchattacks' __call__ runs it: a port whose forward calls get_logits
-        # itself ran in the model's own mode (a train-mode model attacked with dropout, its batch-norm statistics
-        # moving); the library's functions it may call enter the context again, nested
-        with attack_context(self.model, self.model_mode, self.name):
-            return self.forward(x, y)
+        running = vars(_forwarding).setdefault("ids", [])
+        running.append(id(self))
+        try:
+            if type(self).forward.__module__.startswith(__package__):  # its function runs under attack_context
+                return self.forward(x, y)
+            # another forward in model_mode, as torchattacks' __call__ runs it: a port whose forward calls
+            # get_logits itself ran in the model's own mode (a train-mode model attacked with dropout, its
+            # batch-norm statistics moving); the library's functions it may call enter the context again, nested
+            with attack_context(self.model, self.model_mode, self.name):
+                return self.forward(x, y)
+        finally:
+            running.pop()
 
     def _options(self):
         return {k: v for k, v in vars(self).items() if k != "model" and not k.startswith("_")}
