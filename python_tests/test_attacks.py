@@ -1503,7 +1503,8 @@ def test_ensemble_errors():
         attacks.ensemble(model, x, y, [])
     # refused before any attack runs, not when the cascade reaches it (mutation testing of square/ensemble: dropping
     # the callable check, and the count of names, survived; extra names labelled no attack)
-    with pytest.raises(ValueError, match=r"^ensemble: expected a non-empty list of attacks \(callables"):
+    with pytest.raises(ValueError, match=r"^ensemble: expected a non-empty list of attacks \(callables \(x, y\) "
+                                         r"-> x_adv\), got \[FGSM\(.*\), 'fgsm'\]$"):
         attacks.ensemble(model, x, y, [attacks.FGSM(model), "fgsm"])
     with pytest.raises(ValueError, match=r"^ensemble: expected 1 names, got 2$"):
         attacks.ensemble(model, x, y, [attacks.FGSM(model)], names=["fgsm", "pgd"])
@@ -4898,8 +4899,13 @@ def test_autoattack_and_ensemble_name_a_string_given_for_the_attacks_list(arg):
         attacks.AutoAttack(model, **{arg: "apgd-ce"})
     x, y = make_data(4, 3)
     with pytest.raises(ValueError, match=r"^ensemble: expected a non-empty list of attacks \(callables \(x, y\) -> "
-                                         r"x_adv\), got 'pgd'$"):
+                                         r"x_adv\), got 'pgd'; attack names make attacks with attacks.build\(name, "
+                                         r"model, eps=...\), or run them as attacks.AutoAttack\(model, "
+                                         r"attacks=\['pgd'\], eps=...\)$"):
         attacks.ensemble(model, x, y, "pgd")
+    # a list of names, as AutoAttack takes them: the same hint; a list mixing names and attacks gets none
+    with pytest.raises(ValueError, match=r"got \['fgsm', 'pgd'\]; attack names make attacks with attacks.build"):
+        attacks.ensemble(model, x, y, ["fgsm", "pgd"])
 
 
 class _Float64Logits(nn.Module):

@@ -175,7 +175,14 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     given = attacks  # shown as given: a string's list was its characters, "got ['p', 'g', 'd']"
     attacks = [] if isinstance(attacks, str) else list(attacks)
     if not attacks or not all(callable(a) for a in attacks):
-        raise ValueError(f"{name}: expected a non-empty list of attacks (callables (x, y) -> x_adv), got {given!r}")
+        # names are for AutoAttack's custom version, or attacks.build: ensemble(model, x, y, ["pgd"]) said only
+        # "expected ... callables", leaving a user to guess how to make one from a name
+        named = [given] if isinstance(given, str) else attacks
+        hint = (f"; attack names make attacks with attacks.build(name, model, eps=...), or run them as "
+                f"attacks.AutoAttack(model, attacks={named!r}, eps=...)"
+                if named and all(isinstance(a, str) for a in named) else "")
+        raise ValueError(f"{name}: expected a non-empty list of attacks (callables (x, y) -> x_adv), got {given!r}"
+                         + hint)
     labels = tuple(names) if names is not None else tuple(_name(a, i) for i, a in enumerate(attacks))
     if len(labels) != len(attacks):
         raise ValueError(f"{name}: expected {len(attacks)} names, got {len(labels)}")
