@@ -649,6 +649,27 @@ def test_trace_of_the_reference_keeps_ceil_mode_windows_at_other_sizes():
             assert_verbose_equal(traced(y), pool(y), f"{geometry} at {h}x{w}")
 
 
+def test_reference_export_and_trace_with_a_dynamic_batch_run_an_empty_batch():
+    """The deployment route without the compiled extension (export under backend="reference") with a dynamic batch
+    failed at batch 0, as did a trace made at batch 2: the reference's branch for empty inputs was decided at the
+    captured size, and its general path reshaped with -1 ("cannot reshape tensor of 0 elements into shape
+    [0, 9, -1]"). Empty inputs now take the general path, with every size spelled out."""
+    pool = robust_ops.DropMax2d(3, 2, 1, return_indices=True, backend="reference")
+    x = torch.randn(2, 3, 9, 8)
+    exported = torch.export.export(pool, (x,), dynamic_shapes=({0: torch.export.Dim("n"), 1: torch.export.Dim("c")},))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
+        traced = torch.jit.trace(pool, x)  # and no TracerWarning: nothing is decided at the traced size
+    for shape in ((0, 3, 9, 8), (2, 0, 9, 8), (3, 3, 9, 8)):
+        y = torch.randn(shape)
+        for program in (exported.module(), traced):
+            out, idx = program(y)
+            assert_verbose_equal(out, pool(y)[0], f"{shape}")
+            assert_verbose_equal(idx, robust_ops.drop_max_pool2d(y, 3, 2, 1, return_indices=True)[1], f"{shape}")
+    empty = torch.randn(0, 3, 9, 8, requires_grad=True)
+    assert pool(empty)[0].grad_fn is not None  # still on the autograd graph, as the native op's output
+
+
 @pytest.mark.parametrize("dynamo", ONNX_EXPORTERS)
 def test_onnx_export_with_dynamic_sizes_keeps_ceil_mode_windows(tmp_path, dynamo):
     """An ONNX file exported with a dynamic height and width (dynamic_axes, dynamic_shapes) returned one row too few or

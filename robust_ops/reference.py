@@ -69,10 +69,6 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     n, c, h, w = input.shape
     oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
     ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
-    if n * c == 0:
-        # Derived from input (not new_empty) so the output stays on the autograd graph, as the native op's does.
-        out = input.flatten().clone().view(n, c, oh, ow)
-        return out, torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device)
     # Pad so every window lies inside: padding on both sides, plus what ceil_mode windows need on the far side, at
     # most stride - 1 (ceil adds at most that to the span); windows() drops the ones past oh, ow. Without ceil_mode
     # the windows lie inside already. A constant, not max(0, need - padded) of the sizes: on symbolic sizes that was
@@ -86,12 +82,14 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     positions = torch.arange(h * w, dtype=torch.float64, device=input.device).reshape(1, 1, h, w)
     positions = F.pad(positions, pads, value=-1.0)
 
+    # Sizes spelled out, never -1: an empty batch or channel dimension (n * c = 0) runs this same path, where -1
+    # cannot be inferred ("cannot reshape tensor of 0 elements"). A branch on n * c for it was frozen into traces
+    # and exports: a program exported with a dynamic batch failed at batch 0.
     def windows(t):  # [P, 1, H', W'] -> [P, K, oh*ow] with K = kh*kw in row-major window order
         cols = F.unfold(t, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
-        cols = cols.reshape(t.shape[0], kh * kw, -1)
         oh_full = (t.shape[2] - dh * (kh - 1) - 1) // sh + 1
         ow_full = (t.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        return cols.reshape(t.shape[0], kh * kw, oh_full, ow_full)[:, :, :oh, :ow].reshape(t.shape[0], kh * kw, -1)
+        return cols.reshape(t.shape[0], kh * kw, oh_full, ow_full)[:, :, :oh, :ow].reshape(t.shape[0], kh * kw, oh * ow)
 
     vals = windows(values)  # [NC, K, L]
     pos = windows(positions).to(torch.int64)  # [1, K, L]
