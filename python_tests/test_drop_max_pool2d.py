@@ -925,6 +925,24 @@ def test_replace_maxpool_errors_and_shared_instances():
     assert isinstance(robust_ops.replace_maxpool(nn.MaxPool2d(2)), robust_ops.DropMax2d)
 
 
+def test_replace_maxpool_on_an_unflattened_or_embedded_graph_says_it_is_a_graph():
+    """torch.export.unflatten(program) gives the module hierarchy back, but as modules running graph ops: the error
+    sent its user looking for F.max_pool2d calls in a forward ("if a forward pools with F.max_pool2d"), as it did for
+    a model holding a traced backbone. It says now which (sub)module is a traced or exported graph."""
+    pooled, x = nn.Sequential(nn.Conv2d(1, 1, 3), nn.MaxPool2d(2)), torch.randn(1, 1, 8, 8)
+    unflattened = torch.export.unflatten(torch.export.export(pooled, (x,)))
+    with pytest.raises(ValueError, match=r"^replace_maxpool: UnflattenedModule has no nn.MaxPool2d layer .*; it "
+                                         r"is a traced or exported graph: replace on the eager model, then trace or "
+                                         r"export$"):
+        robust_ops.replace_maxpool(unflattened)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        backbone = torch.jit.trace(pooled, x)
+    with pytest.raises(ValueError, match=r"^replace_maxpool: Sequential has no nn.MaxPool2d layer .*; its submodule "
+                                         r"'0' is a traced or exported graph: replace on the eager model, then trace"):
+        robust_ops.replace_maxpool(nn.Sequential(backbone, nn.Flatten()))
+
+
 def test_replace_maxpool_names_max_pooling_of_other_kinds_it_leaves_alone():
     """docs/dropmax-any-cnn.md: adaptive, fractional, 1-D and 3-D max pooling are not nn.MaxPool2d. A model pooling
     only so got "has no nn.MaxPool2d layer", as if replace_maxpool had not seen its max pooling at all."""

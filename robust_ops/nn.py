@@ -7,6 +7,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.export.unflatten import InterpreterModule, UnflattenedModule
 
 from . import _backend
 from ._meta import check_pool_geometry
@@ -102,6 +103,10 @@ class DropMax2d(nn.Module):
             f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
         )
         return text if self.backend is None else f"{text}, backend={self.backend!r}"
+
+
+# modules whose pooling is graph ops, not layers: traced, scripted, fx and exported (also unflattened) programs
+_GRAPH_MODULES = (torch.jit.ScriptModule, torch.fx.GraphModule, UnflattenedModule, InterpreterModule)
 
 
 # max pooling that replace_maxpool leaves alone (DropMax2d has MaxPool2d's fixed 2-D windows): named in its error
@@ -268,9 +273,13 @@ def replace_maxpool(model, which="first", *, backend=None):
         return model  # replaced already
     pools = [m for m in pooling if isinstance(m, nn.MaxPool2d)]
     if not pools:
-        # a traced or exported graph holds its pooling as ops, not as nn.MaxPool2d modules
-        graph = isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule))
-        hint = "; it is a traced or exported graph: replace on the eager model, then trace or export" if graph else ""
+        # a traced or exported graph holds its pooling as ops, not as nn.MaxPool2d modules; also the modules
+        # torch.export.unflatten rebuilds from an ExportedProgram (they were sent looking for F.max_pool2d calls)
+        graphs = [name for name, m in model.named_modules() if isinstance(m, _GRAPH_MODULES)]
+        hint = ""
+        if graphs:
+            where = "it is" if graphs[0] == "" else f"its submodule {graphs[0]!r} is"
+            hint = f"; {where} a traced or exported graph: replace on the eager model, then trace or export"
         # max pooling of other kinds (adaptive, fractional, 1-D, 3-D) has no drop-max counterpart here: say it is seen
         other = [f"{type(m).__name__} {repr(name) if name else '(the model)'}" for name, m in model.named_modules()
                  if isinstance(m, _OTHER_MAX_POOLS)]
