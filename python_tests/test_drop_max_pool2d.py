@@ -1233,6 +1233,33 @@ def test_vmap_folds_into_the_batch_and_matches_a_per_sample_loop():
         vmap(backward_op, in_dims=(0, None, None))(grads, idx, [4, 3, 7, 7])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's forward-mode AD imports it
+def test_reference_backend_runs_under_vmap_in_every_layout():
+    """backend="reference" failed under torch.func.vmap: bare, with "NYI: querying is_contiguous inside of vmap", and
+    as per-sample gradients vmap(grad(f)), jacfwd or hessian of a channels_last input with "NYI:
+    Tensor.clone(memory_format) inside vmap" (its channels_last output, a layout vmap can neither ask nor set by
+    memory_format). It now equals the native op there."""
+    from torch.func import grad, hessian, jacfwd, vmap
+
+    x = torch.rand(4, 2, 3, 7, 6, dtype=torch.float64)
+    for name in ("contiguous", "channels_last", "permuted"):
+        samples = layout(x.flatten(0, 1), name).unflatten(0, (4, 2))  # each sample in that layout
+        pools = {b: robust_ops.DropMax2d(3, 2, 1, return_indices=True, backend=b) for b in ("reference", "native")}
+        for in_dims in (0, 1):
+            batched = samples if in_dims == 0 else samples.movedim(0, 1)
+            out, idx = vmap(pools["reference"], in_dims=in_dims)(batched)
+            expected, expected_idx = vmap(pools["native"], in_dims=in_dims)(batched)
+            assert_verbose_equal(out, expected, f"{name}, in_dims={in_dims}")
+            assert_verbose_equal(idx, expected_idx, f"{name}, in_dims={in_dims}")
+        per_sample = {b: vmap(grad(lambda t, b=b: pools[b](t)[0].pow(3).sum()))(samples) for b in pools}
+        assert_verbose_equal(per_sample["reference"], per_sample["native"], name)
+        # jacfwd and hessian vmap over forward-mode tangents: the channels_last output's tangent is batched
+        jacobians = {b: jacfwd(lambda t, b=b: pools[b](t)[0])(samples[0]) for b in pools}
+        assert_verbose_equal(jacobians["reference"], jacobians["native"], name)
+        hessians = {b: hessian(lambda t, b=b: pools[b](t)[0].pow(3).sum())(samples[0, :1]) for b in pools}
+        assert_verbose_equal(hessians["reference"], hessians["native"], name)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
 @pytest.mark.usefixtures("without_vmap_fallback")
 def test_per_sample_gradients_with_functional_call_match_a_loop():

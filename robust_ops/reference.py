@@ -53,6 +53,19 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
 
 
+def _under_vmap(t):
+    """Whether t is batched by torch.func.vmap at some level of its functorch wrappers (under vmap(grad(f)) the
+    batched tensor lies beneath grad's)."""
+    if torch.compiler.is_compiling():  # fake tensors, and Dynamo cannot trace these queries
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     """Reference drop-max pooling on a 4-D (N, C, H, W) tensor; returns (output, indices).
 
@@ -113,9 +126,12 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
 
     out = vals.gather(1, chosen).masked_fill(empty, float("-inf")).reshape(n, c, oh, ow)
     idx = pos.expand(n * c, -1, -1).gather(1, chosen).masked_fill(empty, -1).reshape(n, c, oh, ow)
-    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-        idx = idx.contiguous(memory_format=torch.channels_last)
+    # Under torch.func.vmap a layout cannot be asked ("NYI: querying is_contiguous inside of vmap"), and none is
+    # observable: the NCHW result stands there. Nor set by memory_format ("Tensor.clone(memory_format) inside vmap"),
+    # which a batched forward-mode tangent (jacfwd, hessian) meets too: channels_last is made by permuting.
+    if (not _under_vmap(input) and input.is_contiguous(memory_format=torch.channels_last)
+            and not input.is_contiguous()):
+        out, idx = (t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for t in (out, idx))
     return out, idx
 
 
