@@ -1205,6 +1205,30 @@ def test_torch_func_transforms_match_torch_autograd():
     assert torch.equal(twice["native"], twice["reference"])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's forward-mode AD imports it
+def test_forward_mode_ad_through_the_gradient_keeps_its_tangent():
+    """Forward-mode AD over a create_graph backward (gradgradcheck's check_fwd_over_rev; a jvp of the gradient with
+    torch.autograd.forward_ad): the backward op's register_autograd has no forward formula, so a forward-mode tangent
+    on grad_output was dropped, silently (grad_input had none), and gradgradcheck failed with "You must implement
+    the jvp function". For drop_max_pool2d and max_pool2d, whose backward it is too; F.max_pool2d keeps it."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.rand(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    pools = {"drop_max_pool2d": (lambda t: robust_ops.drop_max_pool2d(t, 3, 2, 1),
+                                 lambda t: robust_ops.drop_max_pool2d(t, 3, 2, 1, backend="reference")),
+             "max_pool2d": (lambda t: robust_ops.max_pool2d(t, 3, 2, 1), lambda t: F.max_pool2d(t, 3, 2, 1))}
+    for name, (pool, oracle) in pools.items():
+        assert torch.autograd.gradgradcheck(pool, x, check_fwd_over_rev=True), name
+        out, expected_out = pool(x), oracle(x)
+        grad_output, tangent = torch.rand_like(out), torch.randn_like(out)
+        with fwAD.dual_level():
+            grads = [torch.autograd.grad(y, x, fwAD.make_dual(grad_output, tangent), create_graph=True)[0]
+                     for y in (out, expected_out)]
+            tangents = [fwAD.unpack_dual(g).tangent for g in grads]
+        assert tangents[0] is not None, name
+        torch.testing.assert_close(tangents[0], tangents[1], rtol=0, atol=1e-14, msg=name)
+
+
 @pytest.mark.usefixtures("without_vmap_fallback")
 def test_vmap_folds_into_the_batch_and_matches_a_per_sample_loop():
     """vmap ran the op once per sample through torch's fallback (warning "There is a performance drop"): the

@@ -5,7 +5,8 @@ index-scatter op _drop_max_pool2d_backward. That backward is linear in grad_outp
 gradient-regularization defenses) is a gather at the same indices.
 Under torch.func (grad, vjp, jacrev, jvp, and vmap around them) and torch.autograd.forward_ad, where torch's
 register_autograd Function cannot run, the functional form runs a drop-max op through the torch.autograd.Function
-that register_drop_max_autograd makes for it (FUNCTORCH_FUNCTIONS). The pooling ops' vmap rule (register_vmap) folds
+that register_drop_max_autograd makes for it (FUNCTORCH_FUNCTIONS); so does the pooling ops' backward for a grad_output
+carrying a forward-mode tangent (BACKWARD_FUNCTIONS). The pooling ops' vmap rule (register_vmap) folds
 the vmapped dimension into N: the kernels batch over samples already.
 pgd_step_ and boundary_search_step_ (and their Triton variants) are in-place updates without a gradient:
 register_in_place_without_gradient gives them the Autograd and ADInplaceOrView behaviour of PyTorch's own in-place ops
@@ -13,6 +14,7 @@ register_in_place_without_gradient gives them the Autograd and ADInplaceOrView b
 """
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.autograd.graph import increment_version
 
 from ._meta import check_drop_max_pool2d_backward_args
@@ -67,6 +69,9 @@ def register_pooling_backward_vmap(backward_name):
 # forward op name -> apply(input, kernel_size, stride, padding, dilation, ceil_mode): the op through its own
 # torch.autograd.Function, which functional.drop_max_pool2d runs under torch.func and forward-mode AD
 FUNCTORCH_FUNCTIONS = {}
+# backward op name -> apply(grad_output, indices, input_size): the backward op through a Function with a forward-mode
+# formula, which the pooling ops' backward runs for a grad_output carrying a forward-mode tangent
+BACKWARD_FUNCTIONS = {}
 
 
 class _Opaque:
@@ -137,6 +142,8 @@ def _functorch_function(forward_name, backward_name):
     def apply(input, kernel_size, stride, padding, dilation, ceil_mode):
         return Pool.apply(input, _Opaque((kernel_size, stride, padding, dilation, ceil_mode)))
 
+    BACKWARD_FUNCTIONS[backward_name] = lambda grad_output, indices, input_size: PoolBackward.apply(
+        grad_output, indices, _Opaque(input_size))
     return apply
 
 
@@ -171,6 +178,11 @@ def register_pooling_forward_autograd(forward_name, backward_name):
 
     def backward(ctx, grad_output, _grad_indices):
         (indices,) = ctx.saved_tensors
+        # Forward-mode AD through the gradient (a jvp of a create_graph backward, gradgradcheck's
+        # check_fwd_over_rev): the backward op's register_autograd has no forward formula, and grad_input came
+        # without a tangent, silently (zero), or gradgradcheck failed with "You must implement the jvp function".
+        if fwAD.unpack_dual(grad_output).tangent is not None:
+            return BACKWARD_FUNCTIONS[backward_name](grad_output, indices, ctx.input_size), None, None, None, None, None
         grad_input = backward_op(grad_output, indices, ctx.input_size)
         return grad_input, None, None, None, None, None
 
