@@ -1999,6 +1999,40 @@ def test_out_that_cannot_be_written_fails_first(trained_run, tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"] and not list(tmp_path.glob("ok/.robust-ops*"))
 
 
+def test_train_into_its_own_folder_in_a_parent_it_cannot_write_trains(small_npz, tmp_path, capsys, monkeypatch):
+    # A cluster job's folder: the user's own, in a scratch folder only the scheduler writes. train was refused
+    # ("--out: .../job: cannot write in .../scratch") though it writes in RUN_DIR alone; eval, demo and reproduce
+    # stage their results beside --out, so they still need the folder above. check_writable is faked for it: as
+    # root (CI's containers) permission bits refuse nothing.
+    import errno
+
+    from robust_ops import _files
+
+    scratch = tmp_path / "scratch"
+    job = scratch / "job"
+    job.mkdir(parents=True)
+    real = _files.check_writable
+
+    def scratch_read_only(folder):
+        if Path(folder) == scratch:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real(folder)
+
+    monkeypatch.setattr(_files, "check_writable", scratch_read_only)
+    argv = ["train", "--data", small_npz, "--device", "cpu", "--no-progress"]
+    rc, _, err = run(argv + ["--epochs", "1", "--out", job], capsys)
+    assert rc == 0, err
+    assert (job / "checkpoint.pt").is_file()
+    rc, _, err = run(argv + ["--epochs", "2", "--out", job, "--resume"], capsys)
+    assert rc == 0, err
+    # a folder train would make there is still refused, naming the folder it cannot make it in
+    rc, _, err = run(argv + ["--out", scratch / "new"], capsys)
+    one_line_error(rc, err, f"--out: {scratch / 'new'}: cannot write in {scratch} (Permission denied)")
+    rc, _, err = run(["eval", job, "--attacks", "fgsm", "--eps", "1/255", "--out", job], capsys)
+    one_line_error(rc, err, f"--out: {job}: cannot write in {scratch} (Permission denied)")
+    assert not (scratch / "new").exists()
+
+
 def test_eval_of_an_empty_split_or_a_nan_checkpoint(trained_run, tmp_path, capsys):
     path = tmp_path / "noval.npz"
     rng = np.random.default_rng(0)

@@ -1068,7 +1068,7 @@ def describe_classes(info):
 def cmd_train(args):
     from ._options import counted
 
-    check_out(args.out)
+    check_out(args.out, staged=False)
     device = pick_device(args.device)
     options = parse_key_values(args.defense_opt, "--defense-opt")
     check_data_model_options(args)
@@ -1385,8 +1385,10 @@ def _flag_error(err):
     return CLIError(f"--{err.arg}: {str(err).split(': ', 1)[-1]}")
 
 
-def check_out(out, flag="--out"):
-    """Before any work: ``out`` must be a folder or not exist yet (results written at the end would be lost)."""
+def check_out(out, flag="--out", staged=True):
+    """Before any work: ``out`` must be a folder or not exist yet (results written at the end would be lost).
+    ``staged``: the command stages its results beside ``out`` (AtomicOutput), so the folder above must take files
+    too; train writes in ``out`` alone (a scheduler's job folder in a parent the user cannot write is fine)."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise CLIError(f"{flag}: {out} exists and is not a folder")
     if out is not None:  # a file above it: the folder could never be made (raw NotADirectoryError at the end)
@@ -1398,7 +1400,9 @@ def check_out(out, flag="--out"):
         # Results are staged beside `out` (AtomicOutput) and moved into it, so both places must take files.
         from ._files import check_writable
 
-        for folder in dict.fromkeys(f for f in (above, Path(out) if Path(out).is_dir() else None) if f is not None):
+        inside = Path(out) if Path(out).is_dir() else None
+        places = (above, inside) if staged or inside is None else (inside,)
+        for folder in dict.fromkeys(f for f in places if f is not None):
             try:
                 check_writable(folder)
             except OSError as err:
