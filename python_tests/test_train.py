@@ -4370,6 +4370,44 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_first_epoch(out
         replace_atomically("/proc/checkpoint.pt", lambda f: f.write("x"))
 
 
+def test_an_out_dir_another_process_is_writing_is_refused_and_a_nested_hold_is_fits_own(tmp_path):
+    """Two processes fitting into one out_dir (a requeued job beside the one still running, a script started twice)
+    each rewrote the checkpoint and metrics under the other, and both returned as if the folder held their run
+    (probe: fit at seed 0 and at seed 1 into one out_dir at once, both returned; robust-ops train refused it, fit
+    did not). fit now holds out_dir as train holds RUN_DIR: another process's hold refuses it before any step,
+    naming that process; a hold of this thread's own (train's, around its fit) is fit's too."""
+    import subprocess
+    import sys
+
+    from robust_ops._files import exclusive_folder
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom robust_ops._files import exclusive_folder\n"
+                               f"with exclusive_folder({str(out)!r}):\n    print('held', flush=True)\n"
+                               "    sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    calls = []
+
+    class Counting(defenses.Standard):
+        def __call__(self, model, x, y, ids=None):
+            calls.append(1)
+            return super().__call__(model, x, y, ids)
+
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in (False, True):
+            with pytest.raises(OSError, match=rf"^\[Errno \d+\] fit: out_dir={re.escape(repr(str(out)))}: "
+                                              rf"{re.escape(str(out))} is in use by process {holder.pid}, which is "
+                                              r"writing its files; wait for it to end or pass another out_dir$"):
+                fit(DropoutMLP(), Counting(), _data(16), epochs=1, out_dir=str(out), resume=resume, progress=False)
+        assert not calls and list(out.iterdir()) == []
+    finally:
+        holder.communicate("")
+    with exclusive_folder(out):  # robust-ops train's hold around its fit
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=out, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=out, resume=True, progress=False)  # released
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
 @pytest.mark.parametrize("file", ["checkpoint.pt", "metrics.json", "metrics.csv"])
 def test_a_folder_where_fit_writes_a_file_is_refused_before_the_first_epoch(tmp_path, file):
     """A folder named checkpoint.pt (or metrics.json, metrics.csv) in out_dir failed at the end of the first epoch,

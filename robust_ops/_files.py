@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 try:
@@ -163,23 +164,38 @@ def exclusive_folder(path):
     :class:`FolderInUse` at once. Two processes training into one folder each rewrite its checkpoint and run.json,
     and both end "successfully" leaving one run's checkpoint beside the other's run.json. The folder itself is
     locked: no lock file is left in it, and the kernel releases the lock when its holder dies (no stale lock after
-    a kill). Without fcntl, or on a file system refusing flock on folders, nothing is locked (as before)."""
+    a kill). Without fcntl, or on a file system refusing flock on folders, nothing is locked (as before).
+    Re-entrant within a thread: fit holds its out_dir too, inside robust-ops train's hold of the same RUN_DIR (a flock
+    is per open file, so a second one would refuse its own process)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         yield
         return
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    st = os.fstat(fd)
+    key = (threading.get_ident(), st.st_dev, st.st_ino)
     try:
+        if key not in _HELD_FOLDERS:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FolderInUse(path, _flock_holder(fd)) from None
+            except OSError:
+                pass  # no flock on this file system: unlocked
+        _HELD_FOLDERS[key] = _HELD_FOLDERS.get(key, 0) + 1
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderInUse(path, _flock_holder(fd)) from None
-        except OSError:
-            pass  # no flock on this file system: unlocked
-        yield
+            yield
+        finally:
+            _HELD_FOLDERS[key] -= 1
+            if not _HELD_FOLDERS[key]:
+                del _HELD_FOLDERS[key]
     finally:
-        os.close(fd)
+        os.close(fd)  # the outermost hold's descriptor holds the flock: closing a nested one's releases nothing
+
+
+# (thread, st_dev, st_ino) of the folders exclusive_folder holds -> how many holds, outermost first
+_HELD_FOLDERS = {}
 
 
 def folder_in_use(path):

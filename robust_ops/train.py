@@ -24,6 +24,7 @@ Semantics (docs/training.md):
   in another order with another one).
 """
 
+import contextlib
 import csv
 import datetime
 import errno
@@ -49,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._files import check_writable, replace_atomically
+from ._files import FolderInUse, check_writable, exclusive_folder, replace_atomically
 from ._options import check_device, check_flags, check_int, check_real, class_labels, counted, refuse_unused
 from .native_layers import library_speedups
 from .nn import DropMax2d
@@ -1347,7 +1348,20 @@ def fit(
     recorded_config = {**config, "defense_options": defense_options}  # the checkpoints' and best_model.pt's
     # a run its early stopping ended is finished: resumed (even with more epochs) it trains no further
     end_epoch = start_epoch if stopper is not None and stopper["stopped_epoch"] is not None else epochs
+    out_dir_hold = contextlib.ExitStack()
     try:
+        # One writer per out_dir, as robust-ops train's RUN_DIR (its hold is this one's, re-entrant): two processes
+        # fitting into it (a requeued job beside the one still running) each rewrote the checkpoint and metrics
+        # under the other, and both returned as if the folder held their run.
+        in_use = None
+        if rank == 0 and out_dir is not None:
+            try:
+                out_dir_hold.enter_context(exclusive_folder(out_dir))
+            except FolderInUse as err:
+                in_use = OSError(errno.EBUSY, f"{name}: out_dir={os.fspath(out_dir)!r}: {err}; wait for it to end "
+                                 "or pass another out_dir")
+        _raise_on_every_process(in_use, world, device, f"{name}: process 0 found out_dir={out_dir!r} in use by "
+                                "another process", failures)
         if val_data is not None and start_epoch < end_epoch:
             # Validation's checks on its first batch (item layout, dtype, labels, inputs the model takes) before any
             # training: else a val_data the model cannot score failed after the first epoch, whose training was lost
@@ -1584,17 +1598,20 @@ def fit(
                 last_ckpt = str(ckpt_path)
             if stopper is not None and stopper["stopped_epoch"] is not None:
                 break
+        # these write in out_dir too: before its hold is released
+        if rank == 0 and resumed_here and start_epoch == end_epoch and \
+                _epochs_in_history_file(out_dir) != len(history):
+            # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
+            # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
+            _write_metrics(Path(out_dir), history)
+        if rank == 0 and resumed_here and start_epoch == end_epoch and best_weights is not None:
+            # no epoch ran to write it: a finished run resumed with restore_best switched on (its best epoch its last)
+            _save_best_model(out_dir, stopper, recorded_config, best_weights)
     finally:
         if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, would push the next down
             bar.close()
         speedups.__exit__(None, None, None)
-    if rank == 0 and resumed_here and start_epoch == end_epoch and _epochs_in_history_file(out_dir) != len(history):
-        # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
-        # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
-        _write_metrics(Path(out_dir), history)
-    if rank == 0 and resumed_here and start_epoch == end_epoch and best_weights is not None:
-        # no epoch ran to write it: a finished run resumed with restore_best switched on (its best epoch its last)
-        _save_best_model(out_dir, stopper, recorded_config, best_weights)
+        out_dir_hold.close()
     weights_epoch = len(history)
     if best_weights is not None:  # equal on every process: rank 0's val_loss picked the epoch, DDP kept them equal
         model.load_state_dict(best_weights)
