@@ -2683,6 +2683,15 @@ def test_a_defense_reused_from_an_earlier_fit_is_refused_until_reset(make, tmp_p
                                          r"\(e.g. a fit before\); pass a newly built defense, call its reset_state\(\) "
                                          "first, or resume that run from its checkpoint$"):
         run(reused)
+    # a notebook's Ctrl-C in the first epoch, then the same call with resume=True: it was told to "resume that run from
+    # its checkpoint", which is what it did -- the run stopped before writing one, so nothing can replace the state
+    missing = re.escape(str(tmp_path / "first" / "checkpoint.pt"))
+    with pytest.raises(ValueError, match=rf"^fit: the {reused.name} defense holds state from an earlier run, and "
+                       rf"resume=True found no checkpoint to replace it \({missing} does not exist: that run stopped "
+                       r"before its first epoch ended, or wrote its checkpoints to another out_dir\); pass that "
+                       r"out_dir to resume it, or start again with a newly built defense \(or call its "
+                       r"reset_state\(\) first\) and model \(its weights are that run's, part-trained\)$"):
+        run(reused, out_dir=tmp_path / "first", resume=True)
     run(reused, out_dir=tmp_path, resume=True)  # the checkpoint's state replaces it
     reused.reset_state()
     assert not reused.holds_state()

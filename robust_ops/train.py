@@ -1097,6 +1097,12 @@ def fit(
         if resume_path is not None:
             getattr(defense, "reset_state", lambda: None)()
         elif getattr(defense, "holds_state", lambda: False)():
+            if resume is True:  # told to resume that run, whose call stopped before writing one (Ctrl-C in epoch 1)
+                raise ValueError(f"{_defense_named(name, defense)} holds state from an earlier run, and resume=True "
+                                 f"found no checkpoint to replace it ({ckpt_path} does not exist: that run stopped "
+                                 "before its first epoch ended, or wrote its checkpoints to another out_dir); pass "
+                                 "that out_dir to resume it, or start again with a newly built defense (or call its "
+                                 "reset_state() first) and model (its weights are that run's, part-trained)")
             raise ValueError(f"{_defense_named(name, defense)} holds state from an earlier run "
                              "(e.g. a fit before); pass a newly built defense, call its reset_state() first, or resume "
                              "that run from its checkpoint")
