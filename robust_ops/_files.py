@@ -18,9 +18,9 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
     """``write(file)`` to a temporary file in ``path``'s folder, then os.replace: ``path`` is either the old file or
     the new one, never a partial file; an error or interrupt on the way removes the temporary file. ``fsync`` also
     flushes the data to disk before the rename (checkpoints). A process killed mid-write (SIGKILL, out of memory)
-    cannot remove its temporary file: once the rename succeeds, :func:`_remove_stale_temps` removes ``path``'s
-    earlier ones whose writers are gone. A write that fails (a full disk) is an OSError naming ``path``. Returns
-    ``path`` as a string."""
+    cannot remove its temporary file: before the write and once the rename succeeds, :func:`_remove_stale_temps`
+    removes ``path``'s earlier ones whose writers are gone. A write that fails (a full disk) is an OSError naming
+    ``path``. Returns ``path`` as a string."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -34,6 +34,9 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
             # Held until after the rename, through a second descriptor (closing the file would release it): another
             # writer of this path removes only temporary files whose lock it can take, i.e. whose writer is gone.
             lock = _hold_lock(fd)
+            # Before writing too: a killed writer's file (checkpoint-sized) on a disk with room for two checkpoints
+            # left none for this one, so every resume failed (No space left on device) until it was found by hand.
+            _remove_stale_temps(path, started)
             # closefd=False: ``fd`` has one owner, the finally below, whatever fails (a mount refusing chmod left one
             # open per save); a Ctrl-C between fdopen and ``as f`` closed it twice (EBADF, the file left behind)
             with os.fdopen(fd, "wb" if binary else "w", newline=newline, closefd=False) as f:
