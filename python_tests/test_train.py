@@ -120,8 +120,9 @@ def test_resume_at_another_thread_count_warns_that_it_is_not_bitwise_exact(tmp_p
             warnings.simplefilter("error")  # the same count: not a word
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
         torch.set_num_threads(2)
-        with pytest.warns(UserWarning, match=r"^fit: resuming .*checkpoint.pt with another threads 1 -> 2: training "
-                                             r"continues correctly, but its weights may differ in the last bits"):
+        with pytest.warns(UserWarning, match=r"^fit: resuming .*checkpoint.pt on changed arithmetic \(threads 1 -> "
+                                             r"2\): training continues correctly, but its weights may differ in the "
+                                             r"last bits"):
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, resume=True, **kwargs)
     finally:
         torch.set_num_threads(threads)
@@ -142,7 +143,8 @@ def test_cuda_checkpoints_record_the_gpu_model_and_older_ones_resume_without_a_f
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU model B")
     now = _arithmetic(torch.device("cuda", 0), 1)
     assert now == {"device": "cuda", "world_size": 1, "gpu": "GPU model B"}
-    with pytest.warns(UserWarning, match=r"with another gpu 'GPU model A' -> 'GPU model B': training continues"):
+    with pytest.warns(UserWarning, match=r"on changed arithmetic \(gpu 'GPU model A' -> 'GPU model B'\): training "
+                                         r"continues"):
         _warn_on_other_arithmetic("fit", "checkpoint.pt", {**now, "gpu": "GPU model A"}, now)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -3107,7 +3109,7 @@ def test_ddp_resume_of_a_one_process_checkpoint_warns_once_on_process_0(tmp_path
         progress=False)
     _spawn_within(120, _ddp_resume_one_process_checkpoint_worker, (2, _free_port(), str(tmp_path)))
     caught = [torch.load(tmp_path / f"warnings.{rank}", weights_only=True) for rank in range(2)]
-    assert len(caught[0]) == 1 and "with another world_size 1 -> 2" in caught[0][0], caught[0]
+    assert len(caught[0]) == 1 and "on changed arithmetic (world_size 1 -> 2)" in caught[0][0], caught[0]
     assert caught[1] == [], caught[1]
 
 

@@ -261,10 +261,11 @@ def _warn_on_other_arithmetic(name, path, recorded, now):
         # starts its own) and, with training-mode batch norm, the samples normalized together
         more = (", and with another number of processes by more (other random streams, other batch shares)"
                 if recorded.get("world_size", now.get("world_size")) != now.get("world_size") else "")
-        warnings.warn(f"{name}: resuming {path} with another {', '.join(changed)}: training continues correctly, but "
-                      f"its weights may differ in the last bits from an uninterrupted run's{more} (bitwise-exact "
-                      "resume needs the same device, processes, threads and CPU; e.g. set OMP_NUM_THREADS as before)",
-                      stacklevel=4)
+        # the changes in parentheses: "with another threads 1 -> 2" did not read as English
+        warnings.warn(f"{name}: resuming {path} on changed arithmetic ({', '.join(changed)}): training continues "
+                      f"correctly, but its weights may differ in the last bits from an uninterrupted run's{more} "
+                      "(bitwise-exact resume needs the same device, processes, threads and CPU; e.g. set "
+                      "OMP_NUM_THREADS as before)", stacklevel=4)
 
 
 def save_checkpoint(path, state):
