@@ -448,6 +448,24 @@ def test_eval_names_what_it_lacks_of_data_and_model(trained_run, tmp_path, capsy
     assert not (tmp_path / "e").exists()
 
 
+def test_resume_from_a_cut_short_checkpoint_says_what_to_do(trained_run, small_npz, tmp_path, capsys):
+    """A checkpoint cut short (a copy interrupted, a full disk before atomic saves) made train --resume fail with
+    torch's "failed finding central directory. This is an internal miniz error. If you are seeing this error,
+    there is a high" -- cut off mid-sentence, and no word on how to go on."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("eval"))
+    ckpt = run_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    rc, _, err = run(["train", "--data", small_npz, "--epochs", "2", "--out", run_dir, "--no-progress", "--device",
+                      "cpu", "--resume"], capsys)
+    line = one_line_error(rc, err, f"{ckpt}: not a readable checkpoint (PytorchStreamReader failed reading zip "
+                          "archive: failed finding central directory); the run cannot continue from it: put back a "
+                          "good copy of it, or train again from the start (without --resume)")
+    assert "miniz" not in line
+    rc, _, err = run(["eval", run_dir, "--out", tmp_path / "e"], capsys)
+    assert "miniz" not in one_line_error(rc, err, f"{ckpt}: not a readable checkpoint (PytorchStreamReader failed")
+
+
 def test_eval_of_a_run_whose_data_moved_says_to_pass_data(small_npz, tmp_path, capsys):
     # it said "RUN/run.json: data: /old/place.npz: no such file", not how to go on
     shutil.copy(small_npz, tmp_path / "old.npz")

@@ -537,8 +537,9 @@ def read_checkpoint(path):
     except ValueError as err:  # names the file and what is wrong with it
         raise CLIError(str(err)) from None
     except OSError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CLIError(f"{path}: not a readable checkpoint ({first[:160]})") from None
+        from .train import _torch_read_error
+
+        raise CLIError(f"{path}: not a readable checkpoint ({_torch_read_error(err)})") from None
 
 
 def write_json_atomic(path, data, fsync=False):
@@ -1005,6 +1006,9 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             kept = (f"; {ckpt} holds the last epoch saved: once fixed, continue with the same command"
                     f"{'' if resume else ' and --resume'}"
                     if isinstance(err, (OSError, trainer.CollectiveTimeoutError)) and ckpt.is_file() else "")
+            if isinstance(err, trainer.UnreadableCheckpointError):  # the checkpoint --resume reads: no way through it
+                kept = ("; the run cannot continue from it: put back a good copy of it, or train again from the "
+                        "start (without --resume)")
             if isinstance(err, trainer.OneSampleBatchError):  # fit's names for what this command calls otherwise
                 err = err.reworded("--batch-size", "the training split")
             if isinstance(err, trainer.CollectiveTimeoutError):

@@ -295,6 +295,18 @@ def _epochs_in_history_file(out_dir):
         return 0
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file whose content cannot be read (cut short, damaged, empty, not a torch.save file): the message
+    names the file and why; a command resuming from it adds what to do (there is no reading it)."""
+
+
+def _torch_read_error(err):
+    """torch's reader error in one short line: its miniz text runs on ("... failed finding central directory. This
+    is an internal miniz error. If you are seeing this error, there is a high ...") past any useful length."""
+    first = str(err).splitlines()[0] if str(err) else f"{type(err).__name__}: the file ends early"
+    return first.split(". This is an internal miniz error")[0][:160]
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by fit (weights_only=True: tensors and plain values only). A file torch.load cannot
     read so (empty, cut short, not a torch.save file, or holding objects that need pickle) or that is corrupted
@@ -304,7 +316,7 @@ def load_checkpoint(path, map_location="cpu"):
     _check_load_args("load_checkpoint", path, map_location)
     corrupted = _corrupted_zip_entry(path)
     if corrupted is not None:
-        raise ValueError(f"{path}: not a readable checkpoint (corrupted: {corrupted[:160]})")
+        raise UnreadableCheckpointError(f"{path}: not a readable checkpoint (corrupted: {corrupted[:160]})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -314,20 +326,20 @@ def load_checkpoint(path, map_location="cpu"):
             after = [line.strip() for line in lines[1 + next((i for i, line in enumerate(lines)
                                                                if "WeightsUnpickler error" in line), len(lines)):]]
             detail = next((line for line in after if line), "unreadable content")
-            raise ValueError(f"{path}: not a readable checkpoint (not a torch.save file: {detail[:120]})") from None
+            raise UnreadableCheckpointError(f"{path}: not a readable checkpoint (not a torch.save file: "
+                                            f"{detail[:120]})") from None
         raise ValueError(f"{path}: refusing to load: it holds objects that need pickle to run code (weights_only=True "
                          f"allows tensors and plain values only; {found[:120]})") from None
     except (struct.error, IndexError, KeyError, UnicodeDecodeError) as err:
         # a short non-zip file read as torch's legacy format: its unpickler's "unpack requires a buffer of 4 bytes",
         # "pop from empty list", a bare KeyError or a codec error named neither the file nor the problem
         kind = "struct.error" if isinstance(err, struct.error) else type(err).__name__
-        raise ValueError(f"{path}: not a readable checkpoint (not a torch.save file: {kind}: {str(err)[:120]})") \
-            from None
+        raise UnreadableCheckpointError(f"{path}: not a readable checkpoint (not a torch.save file: {kind}: "
+                                        f"{str(err)[:120]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
             raise  # no file to read, not a file of the wrong content
-        first = str(err).splitlines()[0] if str(err) else f"{type(err).__name__}: the file ends early"
-        raise ValueError(f"{path}: not a readable checkpoint ({first[:160]})") from None
+        raise UnreadableCheckpointError(f"{path}: not a readable checkpoint ({_torch_read_error(err)})") from None
 
 
 def _corrupted_zip_entry(path):
@@ -378,8 +390,8 @@ def _fit_checkpoint(name, path, map_location, entries=tuple(_RESUME_ENTRIES)):
     _check_load_args(name, path, map_location)
     try:
         state = load_checkpoint(path, map_location)
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
+    except ValueError as err:  # UnreadableCheckpointError stays one: a command resuming from it says what to do
+        raise type(err)(f"{name}: {err}") from None
     version = state.get("format") if isinstance(state, dict) else None
     if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_FORMAT:
         # it is one: "not a robust_ops fit checkpoint ...; a bare state dict loads with ..." pointed elsewhere
