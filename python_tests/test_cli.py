@@ -1543,6 +1543,10 @@ def test_eval_key_changes_with_everything_the_rows_depend_on():
     assert {k: v for k, v in key(ensemble=True).items() if k != "ensemble_radii"} != key(ensemble=True)
     # rows cached before AUC and mAP ranked log-odds (probabilities tied past a logit margin of ~37)
     assert {k: v for k, v in key().items() if k != "scores"} != key()
+    # worst-case rows cached before they took the lowest-scoring input inside the ball (one attack: no such row)
+    two = _specs(EvalPlan([AttackSpec("fgsm", {}, "FGSM"), AttackSpec("pgd", {}, "PGD")], [0.1]), quick=False)
+    worst = eval_key({"method": "M"}, two, [0.1], False, seed=0)
+    assert {k: v for k, v in worst.items() if k != "worst_case"} != worst and "worst_case" not in key()
 
 
 def test_run_fingerprint_changes_with_the_method_label_and_with_dtype_and_shape():

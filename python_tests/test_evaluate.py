@@ -874,9 +874,9 @@ def test_metrics_take_one_precision_recall_pass_with_the_separate_scorers_values
 def test_rows_use_each_samples_final_input_and_the_worst_case_picks_per_sample(monkeypatch, seed, eps255, case):
     """The probabilities behind each row (so AUC and the other scores): an attack row uses the attack's output for
     every sample it attacked -- the robust ones too -- and the clean input for samples misclassified clean; the
-    worst-case row takes, per sample, the first attack that fooled it, else the attack output with the lowest
-    true-class probability. Two batches: one with robust samples on both sides of that comparison, one with
-    samples both attacks fool (differently)."""
+    worst-case row takes, per sample, the input with the lowest true-class probability of those inside the ball: of
+    the fooling ones when an attack fooled it, else of both attack outputs and the clean input. Two batches: one with
+    robust samples on both sides of that comparison, one with samples both attacks fool (differently)."""
     module = sys.modules["robust_ops.evaluate"]
     seen, original = {}, module._row
 
@@ -908,7 +908,11 @@ def test_rows_use_each_samples_final_input_and_the_worst_case_picks_per_sample(m
     else:
         by_both = ok & fooled[0] & fooled[1] & ((f - c).abs().amax(1) > 1e-3)
         assert bool(by_both.any())
-    want = torch.where((fooled[0] | (~fooled[1] & lower))[:, None], f, c)
+    # inf: an input the sample may not take (a correct one when an attack fooled it)
+    either = fooled[0] | fooled[1]
+    scores = torch.stack([p.gather(1, y[:, None])[:, 0].masked_fill(either & ~hit, math.inf)
+                          for p, hit in ((f, fooled[0]), (c, fooled[1]), (clean, ~either))])
+    want = torch.stack([f, c, clean])[scores.argmin(0), torch.arange(len(y))]
     torch.testing.assert_close(seen["worst-case"].float(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -1508,15 +1512,11 @@ def test_atomic_output_stages_beside_out_under_a_lock_and_closes_what_it_opened(
     assert sorted(os.listdir(out.parent)) == [dead.name, "eval"]
 
 
-def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_first_fooling_attack(monkeypatch):
-    # Three scripted attacks over radii 0, 0.1, 0.2 (pixel 1 of sample i set to table[name][eps][i]; > 0.5 is class
-    # 1). Each radius's worst case sees that radius's inputs and fooled flags, not those of a larger radius the
-    # cascade reached later; a fooled sample takes the FIRST fooling attack's input (docs), a robust one the lowest
-    # true-class probability of all three attacks (samples 1 and 4); every attack's eps-0 row is the clean input.
+def _script_attacks(monkeypatch, table):
+    """Make every attack scripted: ``name`` at radius eps sets pixel 1 of sample i (pixel 0 holds i / 10) to
+    ``table[name][eps][i]`` (no change at other radii, such as the dry run's 1), outside any ball check. Returns
+    {(attack label, eps): each row's class-1 probabilities}, filled as the rows are made."""
     module = sys.modules["robust_ops.evaluate"]
-    table = {"fgsm": {0.1: [0.1, 0.45, 0.3, 0.6, 0.7], 0.2: [0.7, 0.45, 0.3, 0.6, 0.7]},
-             "pgd": {0.1: [0.2, 0.4, 0.3, 0.6, 0.6], 0.2: [0.9, 0.4, 0.9, 0.6, 0.6]},
-             "cw": {0.1: [0.15, 0.3, 0.3, 0.6, 0.65], 0.2: [0.15, 0.3, 0.3, 0.6, 0.65]}}
 
     def scripted(spec, model, eps, clip_min=0.0, clip_max=1.0):
         def attack(x, y):
@@ -1536,6 +1536,19 @@ def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_first_fooling
         return original(method, attack, norm, eps, y, pred, logits, info)
 
     monkeypatch.setattr(module, "_row", spy)
+    return seen
+
+
+def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_lowest_fooling_input(monkeypatch):
+    # Three scripted attacks over radii 0, 0.1, 0.2 (pixel 1 of sample i set to table[name][eps][i]; > 0.5 is class
+    # 1). Each radius's worst case sees that radius's inputs and fooled flags, not those of a larger radius the
+    # cascade reached later; a fooled sample takes its fooling input of the lowest true-class probability (sample 0
+    # at 0.2: pgd's, not fgsm's that fooled it first), a robust one the lowest true-class probability of all three
+    # attacks and the clean input (samples 1 and 4); every attack's eps-0 row is the clean input.
+    seen = _script_attacks(monkeypatch, {
+        "fgsm": {0.1: [0.1, 0.45, 0.3, 0.6, 0.7], 0.2: [0.7, 0.45, 0.3, 0.6, 0.7]},
+        "pgd": {0.1: [0.2, 0.4, 0.3, 0.6, 0.6], 0.2: [0.9, 0.4, 0.9, 0.6, 0.6]},
+        "cw": {0.1: [0.15, 0.3, 0.3, 0.6, 0.65], 0.2: [0.15, 0.3, 0.3, 0.6, 0.65]}})
     x = torch.tensor([[0.0, 0.2], [0.1, 0.2], [0.2, 0.2], [0.3, 0.8], [0.4, 0.8]]).view(5, 1, 1, 2)
     data = TensorDataset(x, torch.tensor([0, 0, 0, 0, 1]))  # sample 3: wrong clean
     rows = evaluate(_PixelModel(), data, INFO, attacks="fgsm,pgd,cw", eps=[0, 0.1, 0.2], batch_size=3)
@@ -1547,8 +1560,36 @@ def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_first_fooling
     clean = [0.2, 0.2, 0.2, 0.8, 0.8]
     for key, inputs in ((("fgsm", 0), clean), (("pgd", 0), clean), (("cw", 0), clean),
                         (("worst-case", 0.1), [0.2, 0.45, 0.3, 0.8, 0.6]),
-                        (("worst-case", 0.2), [0.7, 0.45, 0.9, 0.8, 0.6])):
+                        (("worst-case", 0.2), [0.9, 0.45, 0.9, 0.8, 0.6])):
         torch.testing.assert_close(seen[key].float(), torch.stack([p1(v) for v in inputs]), msg=f"{key}")
+
+
+def test_worst_case_takes_the_lowest_scoring_input_inside_the_ball_whatever_the_attack_order(monkeypatch):
+    # Two scripted attacks over radii 0.1 and 0.2 (pixel 1 of sample i set to table[name][eps][i]; > 0.5 is class 1,
+    # the positive one). The worst case took a fooled sample's FIRST fooling attack and a robust sample's lowest
+    # attack output: `fgsm,pgd` and `pgd,fgsm` gave two worst-case AUCs, one above fgsm's own row, and where both
+    # attacks raised a robust sample's true-class score (samples 1, 3; sample 4 at 0.2) the worst case scored it
+    # above the clean input and above the smaller radius. Now each sample takes the lowest true-class score of the
+    # inputs inside the ball (a fooling one when an attack fooled it): every attack's at this radius, the clean input
+    # and the smaller radius's worst case.
+    seen = _script_attacks(monkeypatch, {
+        "fgsm": {0.1: [0.7, 0.1, 0.75, 0.9, 0.48], 0.2: [0.7, 0.1, 0.75, 0.9, 0.35]},
+        "pgd": {0.1: [0.9, 0.3, 0.8, 0.95, 0.3], 0.2: [0.9, 0.3, 0.8, 0.95, 0.2]}})
+    clean = [0.2, 0.4, 0.8, 0.55, 0.45]
+    x = torch.tensor([[i / 10, v] for i, v in enumerate(clean)]).view(5, 1, 1, 2)
+    data = TensorDataset(x, torch.tensor([0, 0, 1, 1, 0]))
+    by_order = {}
+    for order in ("fgsm,pgd", "pgd,fgsm"):
+        rows = evaluate(_PixelModel(), data, INFO, attacks=order, eps=[0.1, 0.2])
+        by_order[order] = [r for r in rows if r["attack"] == "worst-case"]
+        auc = {(r["attack"], r["eps"]): r["auc"] for r in rows}
+        for e, smaller in ((0.1, ("none", 0.0)), (0.2, ("worst-case", 0.1))):
+            assert auc[("worst-case", e)] <= min(auc[("fgsm", e)], auc[("pgd", e)], auc[smaller]), (order, e)
+    assert by_order["fgsm,pgd"] == by_order["pgd,fgsm"]
+    p1 = lambda v: torch.softmax(torch.tensor([0.5 - v, v - 0.5]) * 10, 0)[1]  # noqa: E731
+    for e, inputs in ((0.1, [0.9, 0.4, 0.75, 0.55, 0.48]), (0.2, [0.9, 0.4, 0.75, 0.55, 0.48])):
+        torch.testing.assert_close(seen[("worst-case", e)].float(), torch.stack([p1(v) for v in inputs]),
+                                   msg=f"eps {e}")
 
 
 @pytest.mark.parametrize("ensemble", [False, True])

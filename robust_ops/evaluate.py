@@ -10,8 +10,10 @@ Protocol (``evaluate``):
   sample ends with. ``cascade=False`` attacks every sample at every radius (costlier; AUC then reflects the
   attack's effect on the scores of already-misclassified samples too);
 * the per-sample worst case over all attacks at each radius (row ``attack="worst-case"``): a sample counts as
-  robust only if no attack fooled it; it takes the input of the first attack that did, else the one with the lowest
-  true-class probability;
+  robust only if no attack fooled it; it takes, of the inputs evaluated inside the ball, the one with the lowest
+  true-class probability -- a fooling one when an attack fooled it; a robust sample's candidates also hold its clean
+  input and its worst case at the smaller radii (so, on a binary task, AUC and mAP of the worst case are at most
+  every attack's, the clean row's and the smaller radii's, whatever the attacks' order);
 * ``ensemble=True`` instead runs the attacks as one AutoAttack-style cascade per radius (each attack only on samples
   surviving the previous ones, :func:`robust_ops.attacks.ensemble`), radii ascending and only on the samples no
   smaller radius fooled (which keep that input, as above), and reports only the worst case (always a cascade:
@@ -627,31 +629,38 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
             per_eps[e].append((fooled.clone(), pred.clone(), logits.clone(), spec.norm))
             say(f"{method}: {spec.label} eps={e:.4g} accuracy {row['accuracy']:.3f}")
     if len(specs) > 1:
+        worst = pred0, logits0  # the clean input lies inside every ball
         for e in radii:
-            rows.append(_worst_case(method, e, y, per_eps[e], info))
+            worst = _worst_case(y, per_eps[e], worst)
+            norms = {r[3] for r in per_eps[e]}
+            rows.append(_row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, *worst, info))
     return rows
 
 
-def _worst_case(method, e, y, results, info):
+def _worst_case(y, results, smaller):
+    """The worst case at one radius, (predictions, logits): per sample, of the inputs evaluated inside the ball, the
+    one with the lowest true-class log-odds -- among the fooling ones when an attack fooled the sample. ``results``:
+    each attack's (fooled, pred, logits, norm) at this radius; ``smaller``: the worst case at the next smaller
+    radius (the clean predictions before the first), whose inputs lie inside this ball too. A fooled sample took the
+    first fooling attack's input and a robust one the lowest of the attack outputs alone: the rows' AUC and mAP
+    changed with the order of the attacks, could exceed an attack's own row, and rose above the clean input's or a
+    smaller radius's where every attack raised a robust sample's true-class score."""
     n = y.shape[0]
-    pred = results[-1][1].clone()
-    logits = results[-1][2].clone()
 
     def true_log_odds(lg):  # ranks as the true-class probability does, without its ties at 1.0
         return class_log_odds(lg).gather(1, y.view(-1, 1)).squeeze(1) if n else lg[:, 0]
 
-    true_score = true_log_odds(logits)
-    decided = torch.zeros(n, dtype=torch.bool)
-    for fooled, p, lg, _ in results:  # the first attack that fools a sample provides its input
-        new = fooled & ~decided
-        pred[new], logits[new] = p[new], lg[new]
-        decided |= new
-    for fooled, p, lg, _ in results:  # robust samples: the attack output with the lowest true-class probability
-        score = true_log_odds(lg)
-        better = ~decided & (score < true_score)
-        pred[better], logits[better], true_score[better] = p[better], lg[better], score[better]
-    norms = {r[3] for r in results}
-    return _row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, logits, info)
+    fooled = torch.zeros(n, dtype=torch.bool)
+    for f, *_ in results:
+        fooled |= f
+    pred, logits = smaller[0].clone(), smaller[1].clone()
+    # a fooled sample ends on a fooling input (the smaller radius's may be correct): any of them scores below inf
+    score = true_log_odds(logits).masked_fill(fooled, math.inf)
+    for f, p, lg, _ in results:
+        s = true_log_odds(lg)
+        take = (f | ~fooled) & (s < score)
+        pred[take], logits[take], score[take] = p[take], lg[take], s[take]
+    return pred, logits
 
 
 def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, say, pred0, logits0):

@@ -450,6 +450,9 @@ def eval_key(fingerprint, specs, eps, ensemble, seed, positive_class=None):
     if ensemble:  # ensemble rows cached before 2026-12-05 ran each radius afresh (a sample fooled at a smaller radius
         # could count as robust at a larger one): their key lacks this, so they are evaluated again
         key["ensemble_radii"] = "cascade"
+    elif len(specs) > 1:  # worst-case rows cached before 2026-12-06 took a fooled sample's first fooling attack and a
+        # robust one's lowest attack output (evaluate._worst_case): their key lacks this, so they are evaluated again
+        key["worst_case"] = "lowest-inside-ball"
     return _json_copy(key)
 
 
