@@ -8,7 +8,7 @@ from torch import nn
 
 from utils import run_python
 
-from robust_ops import report
+from robust_ops import report, reproduce
 from robust_ops.data import DatasetInfo
 
 
@@ -20,6 +20,21 @@ def test_format_eps_and_fmt():
     assert report.fmt(0.5) == "0.500" and report.fmt(2) == "2" and report.fmt(0.12345, 2) == "0.12"
     assert report.fmt(math.nan) == report.fmt(math.inf) == report.fmt(None) == "–"
 
+
+
+def test_fmt_rounds_the_decimal_a_published_number_was_written_as():
+    # The paper columns showed DPAAT's 55.15% as 0.551 but its 62.25% as 0.623: rounding the binary float, which lies
+    # just below 0.5515 and just above 0.6225, not the decimal the paper printed. Ties now go to even (as they did,
+    # and do, for a value the float holds exactly: 13/16), whatever the float's last bits.
+    cases = {55.15 / 100: "0.552", 0.6225: "0.622", 0.4855: "0.486", 0.5575: "0.558", 0.5305: "0.530",
+             13 / 16: "0.812", 0.8135: "0.814", 1.0: "1.000", 0.00049: "0.000", 1e-300: "0.000",
+             12345.6785: "12345.678"}
+    assert {v: report.fmt(v) for v in cases} == cases
+    assert report.fmt(0.5515, 2) == "0.55" and report.fmt(0.125, 2) == "0.12"
+    assert report.fmt(1e300) == f"1{'0' * 300}.000"
+    dpaat = next(r for r in reproduce.DPAAT_BUS.paper_rows if (r["method"], r["attack"]) == ("STD", "FGSM"))
+    line = next(s for s in report.paper_comparison_table([], [dpaat], ["accuracy"]).splitlines() if "FGSM" in s)
+    assert "| 0.552 | – |" in line
 
 def test_format_eps_keeps_radii_that_are_no_whole_255ths_as_decimals():
     # 100.2 is 25551/255, but short decimals stay decimals; a radius far below 1/255 rounds to 0 of them, yet is no

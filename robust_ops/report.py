@@ -2,6 +2,7 @@
 method, and saliency maps (Grad-CAM as in DPAAT Fig. 4; input gradients as in ARFL Fig. 5). Figures are
 drawn outside pyplot (no display needed; pyplot's backend and open figures are left alone)."""
 
+import decimal
 import math
 import re
 import textwrap
@@ -31,10 +32,16 @@ def format_eps(eps):
 
 
 def fmt(value, digits=3):
+    """``value`` to ``digits`` decimals, "–" when undefined. A float is rounded as the decimal it stands for (its
+    shortest repr), ties to even: rounding its binary value turned a published 55.15% (0.5515, a float just below)
+    into 0.551 and 62.25% (just above) into 0.623."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        exact = decimal.Decimal(repr(value))
+        with decimal.localcontext() as context:  # the default 28 digits cannot hold 1e30 to three decimals
+            context.prec = max(context.prec, exact.adjusted() + digits + 2)
+            return f"{exact.quantize(decimal.Decimal(1).scaleb(-digits), rounding=decimal.ROUND_HALF_EVEN):f}"
     return str(value)
 
 
