@@ -959,6 +959,17 @@ def test_without_cascade_each_radius_keeps_the_first_fooling_input_and_takes_lat
         torch.testing.assert_close(seen[eps].float(), torch.stack([p1(v) for v in inputs]), msg=f"eps {eps}")
 
 
+
+def test_progress_lines_round_accuracy_as_the_tables_do():
+    # 1103 of 2000 correct: 0.5515, a float just below it. The progress lines formatted it with :.3f (0.551) while
+    # the printed tables and report.md round the decimal, ties to even (0.552): two numbers for one row.
+    x = torch.tensor([[0.0, 0.8 if i < 1103 else 0.2] for i in range(2000)]).view(2000, 1, 1, 2)
+    lines = []
+    rows = evaluate(_PixelModel(), TensorDataset(x, torch.ones(2000, dtype=torch.long)), INFO, attacks="fgsm",
+                    eps=[0], progress=lines.append)
+    assert rows[0]["accuracy"] == 0.5515 and report.fmt(rows[0]["accuracy"]) == "0.552"
+    assert lines == ["model: clean accuracy 0.552", "model: fgsm eps=0 accuracy 0.552"]
+
 def test_rows_rank_confident_predictions_by_their_scores():
     """Probabilities were float32: past a logit margin of ~17 the predicted class's rounds to 1.0, so confident
     predictions of the positive class tied and the rows' AUC (0.667 here) was not the model's scores' (0.833)."""
