@@ -1,6 +1,7 @@
 """The robust-ops command line end to end (quick modes) and its one-line errors (exit status 2, no partial files)."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -1522,6 +1523,26 @@ def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
     EvalCache(tmp_path / "rank1.json", writes=False).put(key, [])  # torchrun: rank 0 alone writes
     assert not (tmp_path / "rank1.json").exists()
 
+
+
+def test_eval_cache_is_strict_json_with_undefined_metrics_as_null(tmp_path):
+    # a run whose test fold lacks positives has sensitivity NaN: eval.json held the bare token NaN, which strict JSON
+    # readers (jq, JavaScript, R's jsonlite) refuse, while results.json writes null; the means skip it either way
+    from robust_ops.reproduce import EvalCache, aggregate
+
+    path, key = tmp_path / "eval.json", {"model_sha256": "0" * 64, "eps": [0.1], "seed": 0}
+    row = {"method": "M", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": 0.75,
+           "sensitivity": math.nan}
+    EvalCache(path).put(key, [row])
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    entry, = json.loads(path.read_text(), parse_constant=refuse)["entries"]
+    assert entry["rows"][0]["sensitivity"] is None
+    cached = EvalCache(path).get(key)
+    mean, = aggregate(cached + [{**row, "sensitivity": 0.5}], ["accuracy", "sensitivity"])
+    assert (mean["accuracy"], mean["sensitivity"], mean["sensitivity_runs"]) == (0.75, 0.5, 1)
 
 def test_eval_key_changes_with_everything_the_rows_depend_on():
     # a cached evaluation is reused only under an equal key: the attacks' RNG seed, ensemble or per-attack rows, and

@@ -486,8 +486,11 @@ class EvalCache:
 
     def put(self, key, rows):
         from .cli import write_json_atomic
+        from .evaluate import _json_safe
 
-        self.entries = [e for e in self.entries if e["key"] != key] + [{"key": key, "rows": _json_copy(rows)}]
+        # NaN (an undefined metric) as null, as in results.json: a bare NaN token is no JSON to strict readers
+        entry = {"key": key, "rows": _json_copy(_json_safe(rows))}
+        self.entries = [e for e in self.entries if e["key"] != key] + [entry]
         if self.writes:
             write_json_atomic(self.path, {"format": "robust_ops.eval_cache/1", "entries": self.entries})
 
