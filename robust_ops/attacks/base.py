@@ -192,7 +192,7 @@ class Attack:
         running = vars(_forwarding).setdefault("ids", [])
         running.append(id(self))
         try:
-            if type(self).forward.__module__.startswith(__package__):  # its function runs under attack_context
+            if (type(self).forward.__module__ or "").startswith(__package__):  # its function runs under attack_context
                 return self.forward(x, y)
             # another forward in model_mode, as torchattacks' __call__ runs it: a port whose forward calls
             # get_logits itself ran in the model's own mode (a train-mode model attacked with dropout, its
