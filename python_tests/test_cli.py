@@ -2076,6 +2076,28 @@ def test_train_into_its_own_folder_in_a_parent_it_cannot_write_trains(small_npz,
     assert not (scratch / "new").exists()
 
 
+def test_eval_says_why_a_printed_table_shows_a_dash(trained_run, small_npz, tmp_path, capsys):
+    """A test split without positives leaves sensitivity 0/0: eval's printed tables showed "–" and only report.md
+    said why."""
+    arrays = dict(np.load(small_npz))
+    negatives = arrays["test_labels"][:, 0] == 0
+    path = tmp_path / "nopositives.npz"
+    np.savez(path, **{**arrays, "test_images": arrays["test_images"][negatives],
+                      "test_labels": arrays["test_labels"][negatives]})
+    rc, out, err = run(["eval", trained_run, "--data", path, "--attacks", "fgsm,pgd", "--eps", "1/255", "--out",
+                        tmp_path / "ev", "--device", "cpu", "--no-progress"], capsys)
+    assert rc == 0, err
+    note = next(line for line in out.splitlines() if line.startswith("Undefined metrics"))
+    # the printed tables' metrics (report.md's note names AUC too, whose table it has)
+    assert note == ("Undefined metrics (–, null in results.json): Sensitivity in 4 of 4 rows. A value is undefined "
+                    "when it is 0/0: sensitivity without positive-class samples, specificity without negatives, "
+                    "precision without positive predictions, F1 with neither, AUC and mAP with one class in the "
+                    "evaluated set.")
+    rc, out, _ = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "ev2",
+                      "--device", "cpu", "--no-progress"], capsys)
+    assert rc == 0 and "Undefined" not in out
+
+
 def test_eval_of_an_empty_split_or_a_nan_checkpoint(trained_run, tmp_path, capsys):
     path = tmp_path / "noval.npz"
     rng = np.random.default_rng(0)

@@ -1499,6 +1499,10 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     for m in metrics:
         print()
         print(report.pivot_table(rows, m))
+    # why a table shows "–": report.md said, the terminal left the reader guessing (a bug, or no positives?)
+    note = report.undefined_note(rows, metrics, splits.info.num_classes == 2)
+    if note:
+        print("\n" + note.removeprefix("> ").replace("**", "").replace("`", ""))
     print(f"\nwrote {paths['results']}, {paths['report']} and {counted(len(paths['figures']), 'figure')}"
           + (" -- SYNTHETIC DATA" if splits.info.synthetic else ""))
     return rows
