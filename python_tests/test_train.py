@@ -2801,6 +2801,31 @@ def test_a_one_cycle_scheduler_shorter_than_the_run_is_refused_before_training(t
     assert history[-1]["lr"] == pytest.approx(0.1 / 25 / 1e4)  # the cycle's end at the last epoch
 
 
+def test_a_one_cycle_scheduler_reused_from_an_earlier_fit_is_refused_before_training(tmp_path):
+    """Continued training -- fit called again on the same model, optimizer and OneCycleLR -- passed the total_steps
+    check (total_steps=2, epochs=2) and failed after the first epoch's training with torch's "Tried to step 3 times":
+    the scheduler had stepped twice in the first call. A resume replaces its progress with the checkpoint's."""
+    model = DropoutMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=2, cycle_momentum=False)
+    kwargs = dict(epochs=2, batch_size=8, progress=False, optimizer=optimizer, scheduler=scheduler)
+    fit(model, "standard", _data(8), out_dir=tmp_path / "first", **kwargs)
+    before = _weights(model)
+    with pytest.raises(ValueError, match=r"^fit: the OneCycleLR has already stepped 2 of its total_steps=2 \(an "
+                                         r"earlier fit stepped it\), leaving 0, fewer than epochs=2: .* \(at the end "
+                                         r"of epoch 1, losing its training\); build a new one for this call"):
+        fit(model, "standard", _data(8), out_dir=tmp_path / "again", **kwargs)
+    assert not (tmp_path / "again" / "checkpoint.pt").exists()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # the checkpoint's progress replaces the reused object's: a resume with more epochs left is checked as before
+    longer = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=3, cycle_momentum=False)
+    fit(model, "standard", _data(8), out_dir=tmp_path / "longer", **{**kwargs, "scheduler": longer})
+    assert longer.last_epoch == 2
+    result = fit(model, "standard", _data(8), out_dir=tmp_path / "longer", resume=True,
+                 **{**kwargs, "epochs": 3, "scheduler": longer})
+    assert [row["epoch"] for row in result.history] == [1, 2, 3] and longer.last_epoch == 3
+
+
 @pytest.mark.parametrize("val", [True, False])
 def test_a_plateau_scheduler_steps_on_the_validation_loss_else_the_training_loss(val):
     """docs/training.md: ReduceLROnPlateau gets the validation loss, the training loss without val_data."""

@@ -1158,6 +1158,15 @@ def fit(
                              f"the scheduler once per epoch, and OneCycleLR fails when stepped past its total_steps "
                              f"(at the end of epoch {cycle + 1}, losing its training); build it with "
                              "total_steps=epochs (or epochs=epochs, steps_per_epoch=1)")
+        # a fresh run continues a scheduler reused from an earlier fit (continued training) from where it stopped; a
+        # resume replaces its progress with the checkpoint's
+        stepped = scheduler.last_epoch if cycle is not None and resume_path is None else 0
+        if stepped and cycle - stepped < epochs:
+            raise ValueError(f"{name}: the OneCycleLR has already stepped {stepped} of its total_steps={cycle} (an "
+                             f"earlier fit stepped it), leaving {cycle - stepped}, fewer than epochs={epochs}: fit "
+                             f"steps the scheduler once per epoch, and OneCycleLR fails when stepped past its "
+                             f"total_steps (at the end of epoch {cycle - stepped + 1}, losing its training); build a "
+                             "new one for this call, with total_steps=epochs")
         scaler = torch.amp.GradScaler("cuda") if amp else None
 
         sampler = GlobalBatchSampler(len(train_data), batch_size, seed=seed, rank=rank, world_size=world)
