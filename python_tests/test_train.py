@@ -929,6 +929,40 @@ def test_a_scheduler_object_reused_after_it_stepped_resumes_its_progress_is_no_s
     fit(model, defenses.Standard(), _data(16), epochs=3, resume=True, **kwargs)
 
 
+@pytest.mark.parametrize("make_optimizer, make_scheduler", [
+    (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+     lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=3)),
+    (lambda params: torch.optim.AdamW(params, lr=1e-3),
+     lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=3)),
+    (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+     lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, 0.01, 0.1, step_size_up=2))])
+def test_an_optimizer_whose_momentum_a_scheduler_cycles_resumes_when_reused(tmp_path, make_optimizer, make_scheduler):
+    """OneCycleLR and CyclicLR (cycle_momentum, their default) move the groups' momentum (AdamW's first beta) each
+    epoch, as schedulers move the lr: resuming with the objects the interrupted call trained (a notebook cell run
+    again) was refused as 'trained with an optimizer whose parameter group 0 had momentum=0.95, this call's has
+    momentum=0.92'. It now resumes, bitwise the uninterrupted run; another momentum range is still refused."""
+    def run(epochs, model, optimizer, scheduler, out_dir, resume=False):
+        return fit(model, defenses.Standard(), _data(16), epochs=epochs, batch_size=8, optimizer=optimizer,
+                   scheduler=scheduler, out_dir=out_dir, resume=resume, progress=False)
+
+    model = DropoutMLP()
+    whole = copy.deepcopy(model)
+    optimizer = make_optimizer(model.parameters())
+    scheduler = make_scheduler(optimizer)
+    run(2, model, optimizer, scheduler, tmp_path / "resumed")
+    run(3, model, optimizer, scheduler, tmp_path / "resumed", resume=True)
+    whole_optimizer = make_optimizer(whole.parameters())
+    run(3, whole, whole_optimizer, make_scheduler(whole_optimizer), tmp_path / "whole")
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in model.state_dict().items())
+    other_model = DropoutMLP()
+    other = make_optimizer(other_model.parameters())
+    other_scheduler = make_scheduler(other)
+    other.param_groups[0]["base_momentum"] = 0.5  # as a scheduler built with base_momentum=0.5 leaves it
+    with pytest.raises(ValueError, match=r"^fit: cannot resume .*: it was trained with an optimizer whose parameter "
+                                         r"group 0 had base_momentum=0.8\d*, this call's has base_momentum=0.5 "):
+        run(3, other_model, other, other_scheduler, tmp_path / "resumed", resume=True)
+
+
 def test_resume_refuses_other_settings_of_a_sequential_or_chained_scheduler(tmp_path):
     """SequentialLR and ChainedScheduler keep their milestones and schedulers under private state_dict keys: a resume
     with other milestones, T_max or step_size passed and trained on silently with the checkpoint's schedule."""

@@ -688,6 +688,19 @@ def _group_settings(optimizer):
     return [_settings(g, skip=("params", "lr", "initial_lr")) for g in optimizer.param_groups]
 
 
+def _unscheduled_group_settings(settings, group):
+    """A group's recorded ``settings`` without what a momentum-cycling scheduler moves every epoch, as the lr: the
+    momentum (Adam's first beta) that OneCycleLR and CyclicLR with cycle_momentum -- which leave ``base_momentum`` and
+    ``max_momentum``, still compared, in the ``group`` -- set, so an optimizer object reused after an interruption
+    resumes. Recorded whole: checkpoints keep the momentum the run started with."""
+    if "base_momentum" not in group:
+        return settings
+    settings = {k: v for k, v in settings.items() if k != "momentum"}
+    if isinstance(settings.get("betas"), tuple):
+        settings["betas"] = settings["betas"][1:]
+    return settings
+
+
 def tensors_sha256(tensors):
     """sha256 of ``tensors``' dtypes, shapes and bytes (on any device, any layout)."""
     h = hashlib.sha256()
@@ -1284,8 +1297,9 @@ def fit(
                                  f"this call's has {change[1]} (the checkpoint's would replace them silently)")
         saved_groups, now_groups = state["config"].get("optimizer_groups"), config["optimizer_groups"]
         if saved_groups is not None and len(saved_groups) == len(now_groups):  # other counts: load_state_dict says so
-            for i, (saved, now) in enumerate(zip(saved_groups, now_groups)):
-                change = _settings_change(saved, now)
+            for i, (saved, now, group) in enumerate(zip(saved_groups, now_groups, optimizer.param_groups)):
+                change = _settings_change(_unscheduled_group_settings(saved, group),
+                                          _unscheduled_group_settings(now, group))
                 if change:
                     raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with an optimizer whose "
                                      f"parameter group {i} had {change[0]}, this call's has {change[1]} (the "
