@@ -1581,6 +1581,29 @@ def test_a_parameter_the_loss_leaves_out_of_a_step_is_not_moved_by_that_step():
         assert torch.equal(v, defense.aux_after[0][k]), k
 
 
+def test_fit_and_build_refuse_a_defense_class_naming_the_object_or_name_to_pass():
+    """fit(model, defenses.AT, ...) -- the class, not an object -- passed as a callable with a state_dict and failed
+    inside with "Defense.holds_state() missing 1 required positional argument: 'self'"; defenses.build(defenses.AT)
+    said 'unknown defense <class ...>'. Both now say to build one, naming its registered name."""
+    from robust_ops.ima import IMA
+
+    class MyAT(defenses.AT):
+        pass
+
+    for cls, named in ((defenses.AT, ", or its name, 'at'"), (defenses.MIRSTDM, ", or its name, 'mirst-dm'"),
+                       (IMA, ", or its name, 'ima'"), (MyAT, "")):
+        model = DropoutMLP()
+        before = _weights(model)
+        with pytest.raises(TypeError, match=rf"^fit: expected a defense object or a defense name, got the class "
+                                            rf"{cls.__name__}; build one, {cls.__name__}\(\.\.\.\) with its "
+                                            rf"options{re.escape(named)}$"):
+            fit(model, cls, _data(8), epochs=1, progress=False)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        with pytest.raises(TypeError, match=rf"^defenses.build: expected a defense name, got the class "
+                                            rf"{cls.__name__}; build one, .*{re.escape(named)}$"):
+            defenses.build(cls)
+
+
 def test_checkpoint_gets_a_plain_files_permissions(tmp_path):
     mask = os.umask(0o022)
     try:

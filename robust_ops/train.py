@@ -1018,9 +1018,10 @@ def fit(
                                    else "default" if timeout is None else "dist_timeout")
     agreed = {}  # what the processes compare: unset where a check failed here
     with _HeldError(world) as held:
-        if isinstance(defense, str):
-            from . import defenses as _defenses
+        from . import defenses as _defenses
 
+        _defenses.refuse_a_class(name, defense)
+        if isinstance(defense, str):
             defense = _defenses.build(defense)
         if not callable(defense) or not hasattr(defense, "state_dict"):
             raise TypeError(f"{name}: expected defense to be a robust_ops.defenses.Defense or a defense name, got "

@@ -40,9 +40,21 @@ REGISTRY = {
 NAMES = tuple(REGISTRY)
 
 
+def refuse_a_class(where, defense, expected="a defense object or a defense name"):
+    """TypeError for a Defense class given where an object or a name goes (``fit(model, AT, ...)``): it passed as a
+    callable and failed inside, as "Defense.holds_state() missing 1 required positional argument: 'self'"."""
+    if isinstance(defense, type):
+        cls = defense.__name__
+        key = next((k for k, path in REGISTRY.items() if path.endswith(f":{cls}")), None)
+        named = f", or its name, {key!r}" if key and defense_class(key) is defense else ""
+        raise TypeError(f"{where}: expected {expected}, got the class {cls}; build one, {cls}(...) with its "
+                        f"options{named}")
+
+
 def defense_class(name):
     """The class registered under ``name`` (one of NAMES), or the Defense subclass at the dotted import path ``name``
     (package.module.Class; its module is imported)."""
+    refuse_a_class("defenses.build", name, "a defense name")
     if is_import_path(name):  # as given: module and class names are case-sensitive
         return class_from_path("defenses.build", "defense", name, Defense, "robust_ops.defenses.Defense",
                                "__call__(model, x, y, ids=None) -> DefenseOutput")
