@@ -1318,6 +1318,14 @@ def test_a_bad_device_is_refused_before_the_model_is_moved(bad):
     assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_cuda_device_without_a_visible_gpu_is_refused_naming_the_fix(monkeypatch):
+    # torch's "Found no NVIDIA driver on your system" came from model.to(device), naming neither evaluate nor device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EvalError, match=r"^device: device='cuda:0' requested, but no CUDA GPU is visible; pass "
+                                        r"device='cpu'$"):
+        evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), device="cuda:0")
+
+
 @pytest.mark.parametrize("bad", [True, "yes", 1])
 def test_a_progress_that_is_not_callable_is_refused_before_the_clean_pass(bad):
     # fit's progress is a bool: progress=True here failed after the clean pass with "'bool' object is not callable"

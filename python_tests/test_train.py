@@ -5023,6 +5023,26 @@ def test_fit_refuses_a_bad_device_by_name(bad):
         fit(DropoutMLP(), defenses.Standard(), _data(), epochs=1, device=bad, progress=False)
 
 
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_fit_refuses_a_cuda_device_this_process_cannot_use_before_changing_the_model(gpus, monkeypatch):
+    """fit(model, "mirst-dm", ..., device="cuda") on a machine without a visible GPU (a notebook written on a GPU
+    machine) failed with torch's "Found no NVIDIA driver on your system" at model.to(device), after MIRST-DM's
+    prepare_model had put a DropMax2d in the caller's model; cuda:1 with one GPU failed likewise ("invalid device
+    ordinal"). Refused first, naming the fix."""
+    from robust_ops.nn import DropMax2d
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.MaxPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 2))
+    device, problem, fix = (("cuda", "no CUDA GPU is visible", "device='cpu'") if not gpus else
+                            ("cuda:1", r"only 1 CUDA GPU\(s\) are visible \(cuda:0 to cuda:0\)",
+                             "one of them or device='cpu'"))
+    with pytest.raises(ValueError, match=rf"^fit: device='{device}' requested, but {problem}; pass {fix}$"):
+        fit(model, "mirst-dm", _data(8), epochs=1, device=device, progress=False)
+    assert not any(isinstance(m, DropMax2d) for m in model.modules())
+
+
 @pytest.mark.parametrize("bad", [True, 0, ["runs"], ""])
 def test_fit_refuses_an_out_dir_that_is_no_path_by_name(bad, tmp_path, monkeypatch):
     # pathlib's bare TypeError named neither fit nor out_dir; "" wrote checkpoint.pt into the current folder

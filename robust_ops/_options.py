@@ -128,6 +128,31 @@ def check_device(name, device, arg="device"):
                          f"{device!r}") from None
 
 
+def cuda_device_problem(device):
+    """Why this process cannot use ``device`` (a torch.device), or None: a CUDA device without a visible GPU, or an
+    index past the last one (torch fails only at the first tensor moved there: "Found no NVIDIA driver", "invalid
+    device ordinal")."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})"
+    return None
+
+
+def check_usable_device(name, device, arg="device"):
+    """``check_device``'s torch.device, refused (ValueError naming ``name`` and ``arg``) where this process cannot
+    use it (``cuda_device_problem``): before anything is changed for it, as fit's model by MIRST-DM's drop-max layer."""
+    device = check_device(name, device, arg)
+    problem = cuda_device_problem(device)
+    if problem:
+        fix = f"one of them or {arg}='cpu'" if torch.cuda.is_available() else f"{arg}='cpu'"
+        raise ValueError(f"{name}: {arg}={str(device)!r} requested, but {problem}; pass {fix}")
+    return device
+
+
 def _plain_value(value):
     return isinstance(value, (numbers.Number, str, tuple, list)) or value is None
 

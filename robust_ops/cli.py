@@ -311,12 +311,12 @@ def pick_device(name):
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if not (name == "cpu" or match):
         raise CLIError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
-    if match and not torch.cuda.is_available():
-        raise CLIError(f"--device: {name} requested but no CUDA GPU is visible")
+    from ._options import cuda_device_problem
+
     # an index past the last GPU would otherwise fail deep inside training with "invalid device ordinal"
-    if match and match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
-        raise CLIError(f"--device: {name} requested but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                       f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    problem = cuda_device_problem(torch.device(name))
+    if problem:
+        raise CLIError(f"--device: {name} requested but {problem}")
     return name
 
 

@@ -48,7 +48,7 @@ from torch.utils.data import TensorDataset
 
 from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
-from ._options import accepted_options, check_device, check_flags, check_int, class_labels
+from ._options import accepted_options, check_flags, check_int, check_usable_device, class_labels
 from .attacks.context import (InputDtypeError, InputShapeError, check_attack_output, check_inside_ball, check_output,
                               forward_naming_input_mismatch, model_device, predict_from_output, use_model_mode)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
@@ -539,7 +539,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         raise EvalError("progress", f"progress: expected a callable(str) or None, got {progress!r}")
     if device is not None:  # model.to(2.5) or model.to(tensor) changed the model in place before any error
         try:
-            device = check_device("device", device)
+            device = check_usable_device("device", device)
         except ValueError as err:
             raise EvalError("device", str(err)) from None
     for arg, flag in (("cascade", cascade), ("ensemble", ensemble)):  # ensemble="false" is truthy: it ran

@@ -51,7 +51,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._files import FolderInUse, check_writable, exclusive_folder, replace_atomically
-from ._options import check_device, check_flags, check_int, check_real, class_labels, counted, refuse_unused
+from ._options import (check_device, check_flags, check_int, check_real, check_usable_device, class_labels, counted,
+                       refuse_unused)
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
@@ -1004,7 +1005,7 @@ def fit(
     # the process group first (it needs these two alone): a check below that fails on one process only (one given
     # other arguments) is held until the processes compare their settings, where every process names it
     timeout = check_dist_timeout(dist_timeout)
-    device = check_device(name, device)
+    device = check_usable_device(name, device)
     callers_group = dist.is_available() and dist.is_initialized()
     # a group initialized here is destroyed by the decorator
     rank, world = _distributed_context(device, timeout, dist_timeout)
