@@ -2200,6 +2200,37 @@ def test_own_defense_subclasses_the_exported_pgd_defense():
     assert defenses.unwrap(nn.DataParallel(model)) is model and defenses.unwrap(model) is model
 
 
+def test_own_pgd_defense_that_skips_the_base_init_is_told_to_call_it():
+    """A PGDDefense subclass whose __init__ sets its own options but forgets super().__init__(**attack) stopped at its
+    first self.attack (under fit: the first step) with Python's bare "'Noisy' object has no attribute 'eps'"; it is
+    now a one-line TypeError naming the class and the call to add, from attack and ascend alike."""
+    from robust_ops.defenses import DefenseOutput, PGDDefense
+    from robust_ops.train import fit
+
+    class Noisy(PGDDefense):
+        name = "noisy"
+
+        def __init__(self, sigma=0.1):
+            self.sigma = sigma
+
+        def __call__(self, model, x, y, ids=None):
+            x_adv = self.attack(model, x, y).x_adv
+            return DefenseOutput(loss=F.cross_entropy(model(x_adv), y))
+
+    fix = (r"^noisy: Noisy.__init__ did not call super\(\).__init__\(\*\*attack\), which sets the attack settings "
+           r"\(eps, steps, norm, ...\) that self.attack uses; call it there, with the attack's keyword arguments$")
+    x, y = _batch()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8, 2))
+    with pytest.raises(TypeError, match=fix):
+        Noisy()(model, x, y)
+    with pytest.raises(TypeError, match=fix):
+        Noisy().ascend(lambda z: z.flatten(1).sum(1), x)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=fix):
+        fit(model, Noisy(), torch.utils.data.TensorDataset(x, y), epochs=1, progress=False)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
 def test_dpaat_reset_state_gives_a_newly_built_defenses_state():
     """Not only num_batches: the running mean and the recorded radius go back too (state_dict and checkpoints)."""
     dpaat = DPAAT(eps=0.5, reference="running")

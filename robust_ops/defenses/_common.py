@@ -105,6 +105,10 @@ class PGDDefense(Defense):
         """run_pgd with this defense's settings (overridable per call); returns the PGDResult."""
         from ..attacks.core import run_pgd
 
+        if "eps" not in vars(self):  # Python's bare "'NoisyAT' object has no attribute 'eps'" named no fix
+            raise TypeError(f"{self.name}: {type(self).__name__}.__init__ did not call super().__init__(**attack), "
+                            "which sets the attack settings (eps, steps, norm, ...) that self.attack uses; call it "
+                            "there, with the attack's keyword arguments")
         kwargs = dict(eps=self.eps, alpha=self.step_size, steps=self.steps, norm=self.norm,
                       random_start=self.random_start, model_mode=self.attack_mode, clip_min=self.clip_min,
                       clip_max=self.clip_max)
