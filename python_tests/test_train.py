@@ -1243,6 +1243,35 @@ def test_items_that_do_not_stack_into_a_batch_are_a_one_line_error_naming_the_fi
                     batch_size=8, progress=False)
 
 
+def test_items_of_python_lists_train_as_evaluate_reads_them_and_class_name_labels_are_named():
+    """An x given as nested Python lists (x.tolist()) crashed fit with "'list' object has no attribute 'to'" --
+    default_collate transposes a list -- and a label given as [label] was "expected integer class labels, got list",
+    while evaluate stacked both; class names as labels were "got tuple" (fit) and "make each x a tensor" (evaluate).
+    fit now stacks such fields as evaluate does (the same tensors: bitwise the same training), and class names are
+    one line naming the fix in both."""
+    from robust_ops.data import DatasetInfo
+    from robust_ops.evaluate import EvalError, evaluate
+
+    x, y = _data(8).tensors
+    as_lists = [(x[i].tolist(), [int(y[i])]) for i in range(8)]
+    kwargs = dict(epochs=1, batch_size=4, progress=False)
+    model, lists_model = DropoutMLP(), DropoutMLP()
+    lists_model.load_state_dict(model.state_dict())
+    expected = fit(model, "standard", _data(8), _data(8), **kwargs).history[0]
+    got = fit(lists_model, "standard", as_lists, as_lists, **kwargs).history[0]
+    assert {k: v for k, v in got.items() if k != "time_s"} == {k: v for k, v in expected.items() if k != "time_s"}
+    assert all(torch.equal(v, lists_model.state_dict()[k]) for k, v in model.state_dict().items())
+    names = [(x[i], "ab"[int(y[i])]) for i in range(8)]
+    shown = "'[ab]', '[ab]', '[ab]', ..."  # the first three of a shuffled batch
+    fix = rf"expected integer class labels, got class names as labels \({shown}\); map each name to its index, 0 to K-1"
+    for val, who in ((False, "fit"), (True, r"fit \(validation\)")):
+        with pytest.raises(TypeError, match=rf"^{who}: {fix} \(the order of DatasetInfo.class_names\)$"):
+            fit(DropoutMLP(), "standard", _data(8) if val else names, names if val else None, **kwargs)
+    info = DatasetInfo(name="mine", num_classes=2, in_channels=1, image_size=4, class_names=("a", "b"))
+    with pytest.raises(EvalError, match=rf"^evaluate: {fix}"):
+        evaluate(DropoutMLP(), names, info, attacks="fgsm", eps=[0.1])
+
+
 def test_fit_refuses_ids_that_are_not_the_items_positions_and_other_item_layouts():
     """IMA's margin table is keyed by position in train_data: any other third field would silently update other
     samples' margins; dict items and extra fields are named with the fix."""

@@ -372,7 +372,7 @@ def dataset_tensors(dataset):
     # transform) was evaluated on its raw .tensors, other inputs than fit trained on, without a word
     if getattr(type(dataset), "__getitem__", None) is TensorDataset.__getitem__:
         return dataset.tensors[0], dataset.tensors[1]
-    from .train import _check_map_style, check_item_fields, unbatchable_items_message
+    from .train import _check_map_style, check_item_fields, stack_field
 
     try:  # a DataLoader failed with "'DataLoader' object is not subscriptable"
         _check_map_style("evaluate", "dataset", dataset, "batch_size=")
@@ -389,10 +389,9 @@ def dataset_tensors(dataset):
     try:  # a PIL image was "Could not infer dtype of Image", inputs of two shapes torch.stack's error
         # labels as they are, for evaluate's label rule: int() turned a float label 1.4 into 1 without a word and
         # failed on a one-hot label with "only one element tensors can be converted"
-        return (torch.stack([torch.as_tensor(i[0]) for i in items]),
-                torch.stack([torch.as_tensor(i[1]) for i in items]))
-    except (TypeError, RuntimeError) as err:
-        raise EvalError("data", unbatchable_items_message("evaluate", err)) from None
+        return stack_field("evaluate", items, 0), stack_field("evaluate", items, 1)
+    except TypeError as err:
+        raise EvalError("data", str(err)) from None
 
 
 @torch.no_grad()

@@ -145,12 +145,31 @@ def unbatchable_items_message(name, err):
             "one shape (torchvision.transforms.ToTensor() for PIL images)")
 
 
+def stack_field(name, items, field):
+    """Field ``field`` (0: x, 1: y) of ``items`` as one batch tensor, each value through torch.as_tensor: how
+    evaluate stacks a dataset, and how fit stacks the fields default_collate leaves as Python sequences (an x given
+    as nested lists, a label as [label]). Class names as labels, and values that do not stack, are a TypeError
+    naming ``name`` and the fix."""
+    values = [item[field] for item in items]
+    if field == 1 and any(isinstance(v, str) for v in values):  # "got tuple" (fit), "make each x a tensor" (evaluate)
+        raise TypeError(f"{name}: expected integer class labels, got class names as labels "
+                        f"({', '.join(map(repr, values[:3]))}{', ...' * (len(values) > 3)}); map each name to its "
+                        "index, 0 to K-1 (the order of DatasetInfo.class_names)")
+    try:
+        return torch.stack([torch.as_tensor(v) for v in values])
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise TypeError(unbatchable_items_message(name, err)) from None
+
+
 def _collate(name, dataset, indices):
     items = [dataset[i] for i in indices]
     try:
-        return torch.utils.data.default_collate(items)
+        batch = torch.utils.data.default_collate(items)
     except (TypeError, RuntimeError) as err:
         raise TypeError(unbatchable_items_message(name, err)) from None
+    check_item_fields(name, batch)  # dict items, other field counts: before any field is read
+    # default_collate transposes a Python sequence (x as nested lists: "'list' object has no attribute 'to'")
+    return [field if torch.is_tensor(field) or j == 2 else stack_field(name, items, j) for j, field in enumerate(batch)]
 
 
 def check_item_fields(name, batch):
