@@ -1272,6 +1272,27 @@ def test_items_of_python_lists_train_as_evaluate_reads_them_and_class_name_label
         evaluate(DropoutMLP(), names, info, attacks="fgsm", eps=[0.1])
 
 
+@pytest.mark.parametrize("defense", ["standard", "at"])
+def test_fit_refuses_a_model_that_outputs_probabilities_before_any_step(defense, tmp_path):
+    """A model ending in nn.Softmax (a Keras habit) trained silently: cross-entropy applied its own softmax on the
+    probabilities, which saturates (gradients scaled down by the softmax's Jacobian; the attacks' losses too). fit
+    refuses it at its first forward, naming the fix, as AutoAttack warns for it; log-probabilities are logits."""
+    def model_ending_in(last):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 3), last)
+
+    data = TensorDataset(torch.rand(8, 1, 4, 4), torch.arange(8) % 3)
+    model = model_ending_in(nn.Softmax(dim=1))
+    before = _weights(model)
+    with pytest.raises(ValueError, match=r"^fit: the model's outputs are non-negative and sum to 1 per sample, so they "
+                                         r"look like probabilities \(a final softmax\); .*: remove the model's final "
+                                         r"softmax \(predictions and evaluate need only the logits\)$"):
+        fit(model, defense, data, data, epochs=1, batch_size=4, out_dir=tmp_path, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not (tmp_path / "checkpoint.pt").exists()
+    fit(model_ending_in(nn.LogSoftmax(dim=1)), defense, data, data, epochs=1, batch_size=4, progress=False)
+
+
 def test_fit_refuses_ids_that_are_not_the_items_positions_and_other_item_layouts():
     """IMA's margin table is keyed by position in train_data: any other third field would silently update other
     samples' margins; dict items and extra fields are named with the fix."""

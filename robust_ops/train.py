@@ -57,7 +57,8 @@ from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import (HALF_DTYPES, check_output, classification_loss, forward_naming_input_mismatch,
-                              is_single_logit, num_classes_of, predict_from_output, use_model_mode)
+                              is_single_logit, looks_like_probabilities, num_classes_of, predict_from_output,
+                              use_model_mode)
 from .defenses._common import ONE_SAMPLE_BATCH_NORM
 from .defenses.base import _as_tuples, _plain
 
@@ -2004,6 +2005,11 @@ def _infer_num_classes(model, x):
     (BatchNorm statistics untouched)."""
     with torch.no_grad(), use_model_mode(model, "eval"):
         out = check_output("fit", forward_naming_input_mismatch("fit", "train_data", model, x[:2]), min(2, x.shape[0]))
+    if looks_like_probabilities(out):  # trained on silently: cross-entropy's own softmax on top saturates the loss
+        raise ValueError("fit: the model's outputs are non-negative and sum to 1 per sample, so they look like "
+                         "probabilities (a final softmax); fit's losses and the defenses' attacks take logits and "
+                         "apply their own softmax, which saturates on probabilities: remove the model's final softmax "
+                         "(predictions and evaluate need only the logits)")
     return num_classes_of(out), is_single_logit(out)
 
 

@@ -372,6 +372,15 @@ def check_output(name, out, n):
     return out
 
 
+def looks_like_probabilities(out):
+    """Whether [N, K] outputs (K >= 2, N >= 1) are non-negative rows summing to 1: a model ending in a softmax, whose
+    outputs the library's losses (softmax cross-entropy, the attacks') would saturate; logits never pass by chance."""
+    if not (torch.is_tensor(out) and out.dim() == 2 and out.shape[0] and out.shape[1] > 1):
+        return False
+    out = out.detach().float()
+    return bool((out >= 0).all()) and float((out.sum(dim=1) - 1).abs().max()) < 1e-5
+
+
 def num_classes_of(out):
     return 2 if is_single_logit(out) else out.shape[1]
 

@@ -11,7 +11,8 @@ import torch
 from .._options import check_flags, check_real
 from .base import Attack
 from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
-from .context import attack_context, check_attack_output, check_inputs, check_inside_ball, predict_from_output
+from .context import (attack_context, check_attack_output, check_inputs, check_inside_ball, looks_like_probabilities,
+                      predict_from_output)
 
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
@@ -459,9 +460,7 @@ class AutoAttack(Attack):
                               "overestimates its robustness: use version='rand' (gradients averaged over "
                               "eot_iter passes; in a custom list, APGD's eot_iter) or make the model deterministic",
                               stacklevel=4)
-        out = outs[0]
-        if out.dim() == 2 and out.shape[1] > 1 and bool((out >= 0).all()) and \
-                float((out.sum(dim=1) - 1).abs().max()) < 1e-5:
+        if looks_like_probabilities(outs[0]):
             warnings.warn("autoattack: the model's outputs are non-negative and sum to 1 per sample, so they look "
                           "like probabilities; the attacks' losses expect logits (a softmax output saturates them "
                           "and overestimates robustness): remove the model's final softmax", stacklevel=4)
