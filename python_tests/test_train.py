@@ -2934,6 +2934,24 @@ def test_a_one_cycle_scheduler_reused_from_an_earlier_fit_is_refused_before_trai
 
 
 @pytest.mark.parametrize("val", [True, False])
+def test_a_plateau_scheduler_in_max_mode_is_refused_before_training(val, tmp_path):
+    """fit steps a ReduceLROnPlateau on a loss; one built with mode="max" (Keras' monitor="val_accuracy" habit) cut the
+    lr by its factor at every epoch whose loss improved, silently (SGD at 0.1 ended 3 epochs at 0.01)."""
+    model = DropoutMLP()
+    before = _weights(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0)
+    monitored = "val_loss" if val else "train_loss"
+    with pytest.raises(ValueError, match=rf"^fit: the ReduceLROnPlateau has mode='max', but fit steps it on "
+                                         rf"{monitored} \(a loss: lower is better\), so it would cut the lr whenever "
+                                         r"the loss improves; build it with mode='min'$"):
+        fit(model, "standard", _data(8), _data(8) if val else None, epochs=3, batch_size=8, optimizer=optimizer,
+            scheduler=plateau, out_dir=tmp_path, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert optimizer.param_groups[0]["lr"] == 0.1 and not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("val", [True, False])
 def test_a_plateau_scheduler_steps_on_the_validation_loss_else_the_training_loss(val):
     """docs/training.md: ReduceLROnPlateau gets the validation loss, the training loss without val_data."""
     schedulers = []

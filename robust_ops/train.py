@@ -1186,6 +1186,11 @@ def fit(
         lr = DEFAULT_LR if lr is None else check_real(name, "lr", lr, minimum=0)
         optimizer = _make_optimizer(name, optimizer, model, params, lr)
         scheduler = _make_scheduler(name, scheduler, optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and scheduler.mode != "min":
+            # stepped on a loss, mode="max" (Keras' monitor="val_accuracy" habit) cut the lr at each improvement
+            raise ValueError(f"{name}: the ReduceLROnPlateau has mode={scheduler.mode!r}, but fit steps it on "
+                             f"{'val_loss' if val_data is not None else 'train_loss'} (a loss: lower is better), so it "
+                             "would cut the lr whenever the loss improves; build it with mode='min'")
         cycle = getattr(scheduler, "total_steps", None) if isinstance(
             scheduler, torch.optim.lr_scheduler.OneCycleLR) else None
         if cycle is not None and cycle < epochs:  # else torch's "Tried to step 3 times" after that epoch's training
