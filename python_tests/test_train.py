@@ -1654,6 +1654,35 @@ def test_fit_and_build_refuse_a_defense_class_naming_the_object_or_name_to_pass(
             defenses.build(cls)
 
 
+def test_numpy_hyperparameters_leave_a_checkpoint_that_resume_and_load_weights_read(tmp_path):
+    """An lr or weight decay from a np.logspace sweep (kept as np.float64 in the optimizer's param groups) or a
+    defense option given as one (recorded by options()) went into checkpoint.pt as numpy scalars, which
+    torch.load(weights_only=True) refuses: the run's own resume and load_weights failed with 'refusing to load: it
+    holds objects that need pickle to run code', and so did best_model.pt. They are saved as Python numbers now; the
+    resumed run ends bitwise the uninterrupted one."""
+    from robust_ops.defenses import SAT
+
+    lr, decay, alpha = np.logspace(-2, -1, 3)[1], np.float32(1e-4), np.float64(0.25)
+    kwargs = dict(batch_size=8, progress=False, early_stopping=5, restore_best=True)
+
+    def run(model, epochs, out_dir, resume=False):
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=decay)
+        return fit(model, SAT(alpha=alpha, eps=0.1, steps=2), _data(16), _data(8), epochs=epochs, optimizer=optimizer,
+                   out_dir=out_dir, resume=resume, **kwargs)
+
+    whole, resumed = DropoutMLP(), DropoutMLP()
+    resumed.load_state_dict(whole.state_dict())
+    run(whole, 2, tmp_path / "whole")
+    run(resumed, 1, tmp_path / "resumed")
+    run(resumed, 2, tmp_path / "resumed", resume=True)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
+    for name in ("checkpoint.pt", "best_model.pt"):
+        load_weights(DropoutMLP(), tmp_path / "resumed" / name)
+    state = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert type(state["optimizer"]["param_groups"][0]["lr"]) is float
+    assert state["config"]["defense_options"]["alpha"] == 0.25
+
+
 def test_checkpoint_gets_a_plain_files_permissions(tmp_path):
     mask = os.umask(0o022)
     try:

@@ -289,9 +289,26 @@ def _warn_on_other_arithmetic(name, path, recorded, now):
                       "OMP_NUM_THREADS as before)", stacklevel=4)
 
 
+def _python_scalars(value):
+    """``value`` with each numpy scalar inside (dicts, lists, tuples) as the Python number it holds; containers
+    without one are returned as they are (a state dict keeps its ``_metadata``). An lr or weight decay from a
+    np.logspace sweep sits in the optimizer's param groups (np.float64 options too), and torch.load(weights_only=True)
+    -- fit's resume, load_weights, robust-ops eval -- refuses numpy scalars: such a checkpoint could not be read."""
+    if isinstance(value, (np.number, np.bool_)):
+        return value.item()
+    if isinstance(value, dict):
+        items = {k: _python_scalars(v) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else type(value)(items)
+    if type(value) in (list, tuple):
+        items = [_python_scalars(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    return value
+
+
 def save_checkpoint(path, state):
     """torch.save to a temporary file in the same folder, fsync, then os.replace: the checkpoint is either the old one
-    or the new one, never a partial file."""
+    or the new one, never a partial file. Numpy scalars are saved as Python numbers (``_python_scalars``)."""
+    state = _python_scalars(state)
     return replace_atomically(path, lambda f: torch.save(state, f), binary=True, fsync=True)
 
 
