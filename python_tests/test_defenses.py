@@ -5,6 +5,7 @@ rules; ARFL's loss and options; the registry and the input checks."""
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -2198,6 +2199,39 @@ def test_own_defense_subclasses_the_exported_pgd_defense():
         Noisy(eps=8)
     model = nn.Linear(2, 2)
     assert defenses.unwrap(nn.DataParallel(model)) is model and defenses.unwrap(model) is model
+
+
+def test_own_defense_options_given_as_numpy_scalars_are_recorded_and_compared_on_resume(tmp_path):
+    """options() kept only Python numbers: sigma=np.float32(0.05) or steps=np.int64(2) of a numpy sweep was left out,
+    so a resume with another value trained on silently. They are options now, as the Python numbers they hold."""
+    from robust_ops.defenses import DefenseOutput, PGDDefense
+    from robust_ops.train import fit
+
+    class Noisy(PGDDefense):
+        name = "noisy"
+
+        def __init__(self, sigma=0.1, **attack):
+            super().__init__(**attack)
+            self.sigma = sigma
+            self.widths = [np.int64(1), np.float32(0.5)]
+
+        def __call__(self, model, x, y, ids=None):
+            x_adv = self.attack(model, (x + self.sigma * torch.randn_like(x)).clamp(0, 1), y).x_adv
+            return DefenseOutput(loss=F.cross_entropy(model(x_adv), y))
+
+    options = Noisy(sigma=np.float32(0.05), eps=0.1, steps=np.int64(2)).options()
+    assert options["sigma"] == float(np.float32(0.05)) and type(options["sigma"]) is float
+    assert options["widths"] == (1, 0.5) and type(options["widths"][0]) is int
+    assert options["steps"] == 2
+    x, y = _batch()
+    data = torch.utils.data.TensorDataset(x, y)
+    kwargs = dict(batch_size=8, out_dir=tmp_path, progress=False)
+    fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), Noisy(sigma=np.float32(0.05), eps=0.1, steps=2), data,
+        epochs=1, **kwargs)
+    with pytest.raises(ValueError, match=r"it was trained with the noisy defense's sigma=0.05\d*, this call's "
+                                         r"defense has sigma=0.2\d*$"):
+        fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), Noisy(sigma=np.float32(0.2), eps=0.1, steps=2), data,
+            epochs=2, resume=True, **kwargs)
 
 
 def test_own_pgd_defense_that_skips_the_base_init_is_told_to_call_it():

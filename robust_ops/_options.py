@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 
+import numpy as np
 import torch
 
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -151,6 +152,12 @@ def check_usable_device(name, device, arg="device"):
         fix = f"one of them or {arg}='cpu'" if torch.cuda.is_available() else f"{arg}='cpu'"
         raise ValueError(f"{name}: {arg}={str(device)!r} requested, but {problem}; pass {fix}")
     return device
+
+
+def python_number(value):
+    """A numpy scalar (np.float32(0.5), np.int64(3) of a np.linspace / np.arange sweep) as the Python number it holds;
+    anything else as it is. Checkpoints load with weights_only=True, which refuses numpy scalars."""
+    return value.item() if isinstance(value, (np.number, np.bool_)) else value
 
 
 def _plain_value(value):

@@ -52,7 +52,7 @@ from torch import nn
 
 from ._files import FolderInUse, check_writable, exclusive_folder, replace_atomically
 from ._options import (check_device, check_flags, check_int, check_real, check_usable_device, class_labels, counted,
-                       refuse_unused)
+                       python_number, refuse_unused)
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
@@ -294,8 +294,8 @@ def _python_scalars(value):
     without one are returned as they are (a state dict keeps its ``_metadata``). An lr or weight decay from a
     np.logspace sweep sits in the optimizer's param groups (np.float64 options too), and torch.load(weights_only=True)
     -- fit's resume, load_weights, robust-ops eval -- refuses numpy scalars: such a checkpoint could not be read."""
-    if isinstance(value, (np.number, np.bool_)):
-        return value.item()
+    if python_number(value) is not value:
+        return python_number(value)
     if isinstance(value, dict):
         items = {k: _python_scalars(v) for k, v in value.items()}
         return value if all(items[k] is v for k, v in value.items()) else type(value)(items)

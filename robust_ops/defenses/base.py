@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._options import python_number
+
 
 @dataclass
 class DefenseOutput:
@@ -32,11 +34,12 @@ class DefenseOutput:
 def _plain(value):
     if isinstance(value, (tuple, list)):
         return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str))
+    # a numpy scalar (np.float32 from a np.linspace sweep) was no option: recorded and compared on resume never
+    return value is None or isinstance(python_number(value), (bool, int, float, str))
 
 
-def _as_tuples(value):  # emit=[2, 4] and emit=(2, 4) are the same setting
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
+def _as_tuples(value):  # emit=[2, 4] and emit=(2, 4) are the same setting; np.float32(0.5) and 0.5 too
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else python_number(value)
 
 
 class Defense:
