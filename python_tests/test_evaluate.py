@@ -55,6 +55,21 @@ def test_parse_eps():
         assert err.value.arg == "eps" and "\n" not in str(err.value)
 
 
+def test_eps_given_as_a_numpy_grid_or_tensor_evaluates_its_radii():
+    """eps=np.linspace(0, 8/255, 5)[1:] -- the usual robustness-curve grid -- was refused with "could not parse
+    '[0.00784 0.0157 ...]'" (str() of the whole array), and so was a tensor; a list of np.float32 radii was read from
+    their 7-digit str(). Arrays and tensors now give their radii, numpy scalars their exact values."""
+    grid = np.linspace(0, 8 / 255, 5)[1:]
+    assert parse_eps(grid) == [float(v) for v in grid]
+    assert parse_eps(torch.tensor([2 / 255, 1 / 255], dtype=torch.float64)) == [1 / 255, 2 / 255]
+    assert parse_eps(np.float64(0.03)) == [0.03]
+    assert parse_eps([np.float32(1 / 255)]) == [float(np.float32(1 / 255))]
+    with pytest.raises(EvalError, match=r"^eps: expected finite radii >= 0, got -0.5$"):
+        parse_eps(np.array([0.1, -0.5]))
+    rows = evaluate(tiny_model(), tiny_data(), INFO, attacks="fgsm", eps=np.array([0.01, 0.02]))
+    assert [row["eps"] for row in rows] == [0.0, 0.01, 0.02]
+
+
 def test_parse_attacks():
     specs = parse_attacks("fgsm,pgd:steps=5:alpha=eps/4,noise:norm=l2")
     assert [s.name for s in specs] == ["fgsm", "pgd", "noise"]

@@ -48,7 +48,7 @@ from torch.utils.data import TensorDataset
 
 from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
-from ._options import accepted_options, check_flags, check_int, check_usable_device, class_labels
+from ._options import accepted_options, check_flags, check_int, check_usable_device, class_labels, python_number
 from .attacks.context import (InputDtypeError, InputShapeError, check_attack_output, check_inside_ball, check_output,
                               forward_naming_input_mismatch, model_device, predict_from_output, use_model_mode)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
@@ -81,12 +81,15 @@ def parse_number(text, what="value"):
 
 
 def parse_eps(text):
-    """Radii from ``"1/255,2/255,0.03"`` (or a list); each must be finite and >= 0. Sorted, duplicates removed."""
+    """Radii from ``"1/255,2/255,0.03"`` (or a list, or a numpy array or tensor of them: np.linspace's grid); each must
+    be finite and >= 0. Sorted, duplicates removed."""
+    if isinstance(text, np.ndarray) or torch.is_tensor(text):  # was "could not parse '[0.00392 0.00784]'"
+        text = np.asarray(text.detach().cpu() if torch.is_tensor(text) else text).reshape(-1).tolist()
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     if not items or all(str(i).strip() == "" for i in items):
         raise EvalError("eps", "eps: expected a comma-separated list of radii such as 1/255,2/255, got an empty list")
     values = []
-    for item in items:
+    for item in map(python_number, items):  # np.float32(1/255) at its value, not at its 7-digit str()
         try:
             # a bool is no radius: eps=[True] evaluated at 1.0 (parse_number refuses "True")
             v = item if isinstance(item, (int, float)) and not isinstance(item, bool) else parse_number(item, "eps")
