@@ -3288,7 +3288,7 @@ def test_ddp_resume_of_a_one_process_checkpoint_warns_once_on_process_0(tmp_path
         progress=False)
     _spawn_within(120, _ddp_resume_one_process_checkpoint_worker, (2, _free_port(), str(tmp_path)))
     caught = [torch.load(tmp_path / f"warnings.{rank}", weights_only=True) for rank in range(2)]
-    assert len(caught[0]) == 1 and "on changed arithmetic (world_size 1 -> 2)" in caught[0][0], caught[0]
+    assert len(caught[0]) == 1 and "on changed arithmetic (world_size 1 -> 2" in caught[0][0], caught[0]
     assert caught[1] == [], caught[1]
 
 
