@@ -608,7 +608,7 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
     say(f"{method}: clean accuracy {fmt(rows[0]['accuracy'])}")
     n = y.shape[0]
     correct0 = pred0 == y
-    per_eps = {e: [] for e in radii}  # eps -> [(fooled, pred, logits, norm)] for the worst case
+    per_eps = {e: [] for e in radii}  # eps -> [(fooled, pred, logits)] for the worst case
     if ensemble:
         return rows + _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, say, pred0,
                                      logits0)
@@ -630,21 +630,27 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
                 fooled[idx] = fooled[idx] | newly
             row = _row(method, spec.label, spec.norm, e, y, pred, logits, info)
             rows.append(row)
-            per_eps[e].append((fooled.clone(), pred.clone(), logits.clone(), spec.norm))
+            per_eps[e].append((fooled.clone(), pred.clone(), logits.clone()))
             say(f"{method}: {spec.label} eps={e:.4g} accuracy {fmt(row['accuracy'])}")
     if len(specs) > 1:
         worst = pred0, logits0  # the clean input lies inside every ball
+        norm = _worst_case_norm(specs)
         for e in radii:
             worst = _worst_case(y, per_eps[e], worst)
-            norms = {r[3] for r in per_eps[e]}
-            rows.append(_row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, *worst, info))
+            rows.append(_row(method, "worst-case", norm, e, y, *worst, info))
     return rows
+
+
+def _worst_case_norm(specs):
+    """The worst-case rows' norm: the attacks', or "mixed" when they differ (the union of their balls)."""
+    norms = {s.norm for s in specs}
+    return norms.pop() if len(norms) == 1 else "mixed"
 
 
 def _worst_case(y, results, smaller):
     """The worst case at one radius, (predictions, logits): per sample, of the inputs evaluated inside the ball, the
     one with the lowest true-class log-odds -- among the fooling ones when an attack fooled the sample. ``results``:
-    each attack's (fooled, pred, logits, norm) at this radius; ``smaller``: the worst case at the next smaller
+    each attack's (fooled, pred, logits) at this radius; ``smaller``: the worst case at the next smaller
     radius (the clean predictions before the first), whose inputs lie inside this ball too. A fooled sample took the
     first fooling attack's input and a robust one the lowest of the attack outputs alone: the rows' AUC and mAP
     changed with the order of the attacks, could exceed an attack's own row, and rose above the clean input's or a
@@ -660,7 +666,7 @@ def _worst_case(y, results, smaller):
     pred, logits = smaller[0].clone(), smaller[1].clone()
     # a fooled sample ends on a fooling input (the smaller radius's may be correct): any of them scores below inf
     score = true_log_odds(logits).masked_fill(fooled, math.inf)
-    for f, p, lg, _ in results:
+    for f, p, lg in results:
         s = true_log_odds(lg)
         take = (f | ~fooled) & (s < score)
         pred[take], logits[take], score[take] = p[take], lg[take], s[take]
@@ -695,8 +701,7 @@ def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, 
             newly = p_adv != y[idx]
             pred[idx[newly]], logits[idx[newly]] = p_adv[newly], lg_adv[newly]
             fooled[idx[newly]] = True
-        norms = {s.norm for s in specs}
-        row = _row(method, "worst-case", norms.pop() if len(norms) == 1 else "mixed", e, y, pred, logits, info)
+        row = _row(method, "worst-case", _worst_case_norm(specs), e, y, pred, logits, info)
         rows.append(row)
         say(f"{method}: ensemble eps={e:.4g} robust accuracy {fmt(row['accuracy'])}")
     return rows
