@@ -5140,6 +5140,71 @@ def test_fit_refuses_a_cuda_device_this_process_cannot_use_before_changing_the_m
     assert not any(isinstance(m, DropMax2d) for m in model.modules())
 
 
+def _pooling_net():
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("failure", ["lr beside optimizer", "labels out of range", "uint8 images", "Ctrl-C"])
+def test_a_fit_that_stops_before_training_puts_back_the_layers_and_defense_state_it_changed(failure):
+    """A fit that stopped before its first step (an argument or data error, a Ctrl-C) left MIRST-DM's drop-max layer
+    in the caller's model -- a later fit under another defense then trained drop-max pooling silently -- and IMA's
+    num_samples set, so the same objects given to the corrected call were refused ("holds state from an earlier
+    run"). Both are put back; the corrected call then trains on the same objects."""
+    from robust_ops.nn import DropMax2d
+
+    x, y = _data(8).tensors
+    train = {"labels out of range": TensorDataset(x, y + 2), "uint8 images": TensorDataset((x * 255).byte(), y)}.get(
+        failure, _data(8))
+
+    class Interrupting(TensorDataset):
+        def __getitem__(self, i):
+            raise KeyboardInterrupt
+
+    expected = {"lr beside optimizer": r"^fit: lr=0\.1 sets",
+                "labels out of range": r"^fit: expected labels in \[0, 2\)",
+                "uint8 images": r"^fit: the inputs of train_data are torch\.uint8", "Ctrl-C": "^$"}
+
+    for defense in (defenses.build("mirst-dm"), IMA()):
+        model = _pooling_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        kwargs = {"lr": 0.1} if failure == "lr beside optimizer" else {}
+        data = Interrupting(x, y) if failure == "Ctrl-C" else train
+        with pytest.raises((ValueError, TypeError, KeyboardInterrupt), match=expected[failure]):
+            fit(model, defense, IndexedDataset(data), epochs=1, batch_size=8, optimizer=optimizer, progress=False,
+                **kwargs)
+        assert not any(isinstance(m, DropMax2d) for m in model.modules()) and isinstance(model[1], nn.MaxPool2d)
+        assert not defense.holds_state()
+        fit(model, defense, IndexedDataset(_data(8)), epochs=1, batch_size=8, optimizer=optimizer, progress=False)
+        assert isinstance(model[1], DropMax2d) == (defense.name == "mirst-dm")
+
+
+def test_a_fit_that_stops_after_training_began_leaves_the_model_as_trained():
+    """Once a step changed the weights the model is the run's: its drop-max layer stays (the weights were trained
+    with it)."""
+    from robust_ops.nn import DropMax2d
+
+    class FailingLater(TensorDataset):
+        calls = 0
+
+        def __getitem__(self, i):
+            FailingLater.calls += 1
+            if FailingLater.calls > 8:  # the second epoch
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    model = _pooling_net()
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, "mirst-dm", FailingLater(*_data(8).tensors), epochs=2, batch_size=8, progress=False)
+    assert isinstance(model[1], DropMax2d)
+
+
+@pytest.mark.parametrize("bad", ["resnet18", None, lambda x: x])
+def test_fit_refuses_a_model_that_is_no_module(bad):
+    # "'str' object has no attribute 'to'"
+    with pytest.raises(TypeError, match=rf"^fit: expected model to be an nn.Module, got {type(bad).__name__}$"):
+        fit(bad, "standard", _data(8), epochs=1, progress=False)
+
+
 @pytest.mark.parametrize("bad", [True, 0, ["runs"], ""])
 def test_fit_refuses_an_out_dir_that_is_no_path_by_name(bad, tmp_path, monkeypatch):
     # pathlib's bare TypeError named neither fit nor out_dir; "" wrote checkpoint.pt into the current folder

@@ -25,6 +25,7 @@ Semantics (docs/training.md):
 """
 
 import contextlib
+import contextvars
 import csv
 import datetime
 import errno
@@ -951,7 +952,55 @@ def _closes_the_process_group_it_initialized(fit_function):
     return fit_closing_its_group
 
 
+class _ChangesBeforeTraining:
+    """What a fit call changed in the caller's model and defense before its first training step: the layers a
+    defense's ``prepare_model`` swapped (MIRST-DM's drop-max) and the state its ``setup`` sized (IMA's num_samples).
+    Put back when the call raises before that step -- an argument or data error, a Ctrl-C -- else the same objects
+    given to the corrected call were refused as "holds state from an earlier run", or a later fit under another
+    defense silently trained the drop-max model. After the first step the model is the run's, and stays."""
+
+    def __init__(self):
+        self.model, self.defense, self.trained = None, None, False
+
+    def record(self, model, defense):
+        self.children = [(parent, dict(parent._modules)) for parent in model.modules()]
+        self.model, self.defense = model, defense
+        # a defense holding state here is resumed (fit reset it for the checkpoint's) or refused: left as it is
+        self.defense_was_fresh = not getattr(defense, "holds_state", lambda: False)()
+
+    def put_back(self):
+        if self.trained or self.model is None:
+            return
+        for parent, children in self.children:
+            if parent._modules != children:  # compared by identity: modules define no __eq__
+                parent._modules.clear()
+                parent._modules.update(children)
+        if self.defense_was_fresh:
+            getattr(self.defense, "reset_state", lambda: None)()
+
+
+# the fit call running in this context (nested calls each have their own)
+_FIT_CHANGES = contextvars.ContextVar("robust_ops_fit_changes")
+
+
+def _puts_back_its_changes_when_it_stops_before_training(fit_function):
+    @functools.wraps(fit_function)
+    def fit_putting_back(*args, **kwargs):
+        changes = _ChangesBeforeTraining()
+        token = _FIT_CHANGES.set(changes)
+        try:
+            return fit_function(*args, **kwargs)
+        except BaseException:
+            changes.put_back()
+            raise
+        finally:
+            _FIT_CHANGES.reset(token)
+
+    return fit_putting_back
+
+
 @_closes_the_process_group_it_initialized
+@_puts_back_its_changes_when_it_stops_before_training
 def fit(
     model,
     defense,
@@ -1064,6 +1113,8 @@ def fit(
         if not callable(defense) or not hasattr(defense, "state_dict"):
             raise TypeError(f"{name}: expected defense to be a robust_ops.defenses.Defense or a defense name, got "
                             f"{type(defense).__name__}")
+        if not isinstance(model, nn.Module):  # else "'str' object has no attribute 'to'", or a later one
+            raise TypeError(f"{name}: expected model to be an nn.Module, got {type(model).__name__}")
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             # wrapped again, the attacks (run on model.module) went through a DDP forward, a collective the processes
             # took different numbers of (IMA's early exit: a hang until the group's timeout), and the checkpoint's keys
@@ -1156,6 +1207,8 @@ def fit(
             except ValueError as err:
                 resume_error = err
 
+        changes = _FIT_CHANGES.get()
+        changes.record(model, defense)
         # A defense reused from an earlier fit (a notebook cell run again) holds that run's state (IMA's margins and the
         # table size fit gave it): a fresh run from it would silently differ from one with a new defense, and resetting
         # it would silently drop state a caller loaded on purpose -- so it is refused, unless a checkpoint replaces it.
@@ -1559,6 +1612,7 @@ def fit(
                         scaler.update()
                     else:
                         optimizer.step()
+                    changes.trained = True
 
                 n = y.numel()
                 metrics.setdefault("loss", float(loss.detach()))
