@@ -512,6 +512,40 @@ def test_a_fresh_run_replaces_the_folders_old_best_model(tmp_path):
     assert not (tmp_path / "best_model.pt").exists()
 
 
+def test_a_fresh_run_stopped_before_its_first_checkpoint_does_not_leave_the_old_run_to_be_resumed(tmp_path):
+    """A fresh fit into a folder holding an older run's files, stopped in its first epoch (a Ctrl-C), left that run's
+    checkpoint in place: fit(resume=True) with matching settings then continued the OLD run as if it were the
+    interrupted one (found noting session 40's leftovers). The old run's files go when the fresh run starts training,
+    as robust-ops train's fresh runs remove them; the resumed call starts from scratch, equal to an uninterrupted
+    run."""
+
+    class StopsAtCall(TensorDataset):
+        def __init__(self, *tensors, stop_at=None):
+            super().__init__(*tensors)
+            self.calls, self.stop_at = 0, stop_at
+
+        def __getitem__(self, i):
+            self.calls += 1
+            if self.calls == self.stop_at:
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    def run(out_dir, data, epochs=2, **kwargs):
+        torch.manual_seed(0)
+        model = DropoutMLP()
+        fit(model, "standard", data, epochs=epochs, batch_size=8, lr=1e-2, out_dir=out_dir, progress=False, **kwargs)
+        return _weights(model)
+
+    x, y = _data(16).tensors
+    run(tmp_path, TensorDataset(x, y), epochs=1)  # the old run: its checkpoint holds epoch 1 of these settings
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, StopsAtCall(x, y, stop_at=5))
+    assert not any((tmp_path / name).exists() for name in ("checkpoint.pt", "metrics.json", "metrics.csv"))
+    resumed = run(tmp_path, TensorDataset(x, y), resume=True)
+    uninterrupted = run(tmp_path / "ref", TensorDataset(x, y))
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+
+
 def test_restore_best_switched_on_for_a_run_with_no_epoch_left_writes_best_model_pt(tmp_path):
     """A run trained without restore_best up to its best epoch, resumed with it and no epoch left: the best weights
     are its model, handed back; best_model.pt, written only by an epoch before, was never written (found walking the
@@ -5023,7 +5057,13 @@ def test_a_fresh_run_in_a_used_out_dir_names_no_earlier_runs_checkpoint_as_its_l
     with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step 1; stopped before updating the weights \(no "
                                                  r"checkpoint written yet\)"):
         fit(DropoutMLP(), _NaNAfterCalls(0), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, progress=False)
+    # that fresh run replaced the folder's run (its files went when it started training): resumed, it starts again
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step 1; stopped before updating the weights \(no "
+                                                 r"checkpoint written yet\)"):
+        fit(DropoutMLP(), _NaNAfterCalls(0), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
+            progress=False)
     # resumed, the checkpoint it continues from is the last good state until this run writes its own
+    fit(DropoutMLP(), _NaNAfterCalls(2), _data(16), epochs=1, batch_size=8, out_dir=tmp_path, progress=False)
     with pytest.raises(NonFiniteLossError, match=rf"at epoch 2, step 1; .*\(last good checkpoint: "
                                                  rf"{re.escape(str(tmp_path / 'checkpoint.pt'))}\)"):
         fit(DropoutMLP(), _NaNAfterCalls(0), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,

@@ -964,7 +964,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has "
                                f"{key}={now!r}")
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
-            for name in (CHECKPOINT, BEST_MODEL, "metrics.csv", trainer.HISTORY_NAME):
+            for name in trainer.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             if (out / "eval" / "results.json").is_file():  # eval's default --out: kept (the user's), but now stale
                 warnings.warn(f"{out / 'eval'} holds results of the run this one replaces; rerun "

@@ -67,6 +67,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 BEST_MODEL_NAME = "best_model.pt"  # restore_best: the best epoch's weights, a file load_weights and eval read
 HISTORY_NAME = "metrics.json"  # the per-epoch history, rewritten with each checkpoint
 METRICS_CSV_NAME = "metrics.csv"  # the same as a table
+RUN_FILES = (CHECKPOINT_NAME, BEST_MODEL_NAME, HISTORY_NAME, METRICS_CSV_NAME)  # what a fresh run replaces
 CHECKPOINT_FORMAT = 1
 DEFAULT_LR = 1e-4  # MIRST-DM's Adam learning rate
 
@@ -1501,6 +1502,12 @@ def fit(
                                  "or pass another out_dir")
         _raise_on_every_process(in_use, world, device, f"{name}: process 0 found out_dir={out_dir!r} in use by "
                                 "another process", failures)
+        if rank == 0 and out_dir is not None and not resumed_here:
+            # a run that does not continue out_dir's own replaces it: its files go now, not with this run's first
+            # checkpoint -- stopped before that, resume=True continued the old run as if it were this one (as
+            # robust-ops train's fresh runs do); so does its best_model.pt, which would sit beside another run's
+            for old in RUN_FILES:
+                Path(out_dir, old).unlink(missing_ok=True)
         if val_data is not None and start_epoch < end_epoch:
             # Validation's checks on its first batch (item layout, dtype, labels, inputs the model takes) before any
             # training: else a val_data the model cannot score failed after the first epoch, whose training was lost
@@ -1723,10 +1730,6 @@ def fit(
                         # before the checkpoint, and again by a resumed call's first epoch: a kill between the two
                         # writes then leaves no best_model.pt behind the checkpoint's best_model
                         _save_best_model(out_dir, stopper, recorded_config, best_weights)
-                    elif not resumed_here and epoch == start_epoch:
-                        # this run's first checkpoint replaces the folder's old run: so goes that run's best weights,
-                        # which would otherwise sit beside another run's checkpoint as if they were its own
-                        Path(out_dir, BEST_MODEL_NAME).unlink(missing_ok=True)
                     save_checkpoint(ckpt_path, state)
                     _write_metrics(Path(out_dir), history)
                 except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
