@@ -1786,6 +1786,26 @@ def test_protocol_pages_state_the_settings_their_papers_leave_open():
         assert d.step_size == pytest.approx(2.5 * IMA_EPS_TRAIN / 10), label
 
 
+def test_ima_bus_states_that_its_evaluation_radii_are_not_carried_to_its_image_size():
+    """ima-bus carries PathMNIST's eps_train (3x28x28) to 1x28x28 by IMA's per-pixel rule but evaluates at PathMNIST's
+    radii as published, twice as large beside eps_train as the paper's; its page did not say so (and dpaat-bus's said
+    ima-bus rescales its radii). The deviation names the rule's equivalents of the radii the protocol evaluates."""
+    import math
+
+    from robust_ops.reproduce import IMA_EPS_TRAIN, PROTOCOLS, describe
+
+    ima = " ".join(describe(PROTOCOLS["ima-bus"]).split())
+    plans = {plan.rename or plan.attacks[0].name: plan.eps for plan in PROTOCOLS["ima-bus"].evals}
+    assert plans == {"AutoAttack-style (L2)": [0.3, 0.6, 0.9], "noise": [1.0, 2.0, 3.0]}
+    for radii in plans.values():
+        carried = [r * math.sqrt(28 * 28 * 1 / (28 * 28 * 3)) for r in radii]
+        assert " / ".join(f"{r:.3f}" for r in carried) in ima
+    assert "0.3 / 0.6 / 0.9 are " + " / ".join(f"{r / IMA_EPS_TRAIN:.2f}" for r in (0.3, 0.6, 0.9)) in ima
+    assert "--attacks autoattack:norm=l2 --eps 0.173,0.346,0.520" in ima
+    dpaat = " ".join(describe(PROTOCOLS["dpaat-bus"]).split())
+    assert "ima-bus rescales its eps_train by IMA's per-pixel rule, not its evaluation radii" in dpaat
+
+
 def test_ima_bus_ensemble_of_repeat_k_draws_from_seed_k(small_npz, tmp_path, monkeypatch):
     """docs/reproduce/README.md: repeat k's random attacks (PGD's start, APGD, Square) draw from seed k, and
     config.attack_seeds lists k. ima-bus's AutoAttack cascade carried AutoAttack's own seed 0 in every repeat."""

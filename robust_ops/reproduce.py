@@ -181,6 +181,12 @@ MIRST_BUS = Protocol(
 # ---------------------------------------------------------------------------------------------------- IMA
 
 IMA_EPS_TRAIN = math.sqrt(28 * 28 * 1 * 3 / (32 * 32))  # IMA's per-pixel rule (eps_p = 3 / 1024) for 1x28x28
+IMA_AA_EPS, IMA_NOISE_EPS = (0.3, 0.6, 0.9), (1.0, 2.0, 3.0)  # PathMNIST's L2 radii, Table 2 (c) and (d)
+
+
+def _per_pixel_equivalent(radii):
+    """PathMNIST's radii (3x28x28) carried to 1x28x28 by IMA's per-pixel rule, as eps_train is: "0.173 / ..."."""
+    return " / ".join(f"{r / math.sqrt(3):.3f}" for r in radii)
 
 
 def _ima_ensemble(seed=None):
@@ -206,10 +212,10 @@ def _ima_rows():
     rows = []
     for m, vals in aa.items():
         rows.append(_paper("Table 2(c) PathMNIST", m, "none", 0.0, accuracy=vals[0] / 100))
-        for e, v in zip((0.3, 0.6, 0.9), vals[1:]):
+        for e, v in zip(IMA_AA_EPS, vals[1:]):
             rows.append(_paper("Table 2(c) PathMNIST", m, "AutoAttack-style (L2)", e, accuracy=v / 100))
     for m, vals in wn.items():
-        for e, v in zip((1.0, 2.0, 3.0), vals):
+        for e, v in zip(IMA_NOISE_EPS, vals):
             rows.append(_paper("Table 2(d) PathMNIST", m, "white noise (L2)", e, accuracy=v / 100))
     return rows
 
@@ -226,8 +232,8 @@ IMA_BUS = Protocol(
         Method("IMA", "ima", {"norm": "l2", "eps_train": IMA_EPS_TRAIN}),
     ],
     evals=[
-        EvalPlan("ensemble", [0.3, 0.6, 0.9], ensemble=True, rename="AutoAttack-style (L2)"),
-        EvalPlan([AttackSpec("noise", {"norm": "l2", "trials": 100}, "white noise (L2)")], [1.0, 2.0, 3.0],
+        EvalPlan("ensemble", list(IMA_AA_EPS), ensemble=True, rename="AutoAttack-style (L2)"),
+        EvalPlan([AttackSpec("noise", {"norm": "l2", "trials": 100}, "white noise (L2)")], list(IMA_NOISE_EPS),
                  quick_options={"noise": {"trials": 5}}),
     ],
     epochs=30, batch_size=32, lr=1e-3, repeats=1,
@@ -237,6 +243,15 @@ IMA_BUS = Protocol(
         "the shape of the trade-off, not for equality.",
         f"Training noise level: IMA's per-pixel rule gives eps_train = sqrt(28*28*1*3/1024) = {IMA_EPS_TRAIN:.3f} (L2) "
         "for 1x28x28 images, used by SAT (Madry AT, as IMA names it), TRADES and IMA alike.",
+        "Evaluation radii: PathMNIST's L2 radii as published, not carried to 1x28x28 by that rule as eps_train is, "
+        "so beside it they are twice the paper's: " + " / ".join(f"{e:g}" for e in IMA_AA_EPS) + " are "
+        + " / ".join(f"{e / IMA_EPS_TRAIN:.2f}" for e in IMA_AA_EPS) + " of our eps_train, the paper's "
+        + " / ".join(f"{e / 3:.2f}" for e in IMA_AA_EPS) + " of its 3.0 (per pixel sqrt(3) = 1.73 times "
+        "PathMNIST's noise; white noise's 1 / 2 / 3 likewise). The rule's equivalents are "
+        f"{_per_pixel_equivalent(IMA_AA_EPS)} (AutoAttack) and {_per_pixel_equivalent(IMA_NOISE_EPS)} (white "
+        "noise): `robust-ops eval RUN --attacks autoattack:norm=l2 --eps "
+        f"{_per_pixel_equivalent(IMA_AA_EPS).replace(' / ', ',')}`, and `--attacks noise:norm=l2:trials=100` at "
+        "the latter.",
         "TRADES: beta = 1, the library's default (MIRST-DM's setting). The IMA paper runs the other methods with their "
         "own papers' settings, which for TRADES is beta = 6 (robustness weighted more): defenses.build(\"trades\", "
         "beta=6) for that reading.",
@@ -326,10 +341,10 @@ DPAAT_BUS = Protocol(
         "IFGSM's step (the paper gives none): eps/steps, the library's default, with which 10 and 20 steps both span "
         "the 1/255 ball from x; `robust-ops eval RUN --attacks ifgsm:steps=20:alpha=1/255 --eps 1/255` for steps of "
         "the whole radius.",
-        "Radii are the paper's numbers on our [0, 1] images, not rescaled to their size (ima-bus rescales by IMA's "
-        "per-pixel rule; DPAAT states neither its input size nor its pixel scale, its ImageNet CNNs take 3x224x224): "
-        "L2 0.3 is a per-pixel RMS of 0.011 (2.7/255) at 1x28x28 and 0.0008 (0.2/255) at 3x224x224; the Linf 1/255 "
-        "ball reaches L2 0.11 at 1x28x28 and 1.52 at 3x224x224.",
+        "Radii are the paper's numbers on our [0, 1] images, not rescaled to their size (ima-bus rescales its "
+        "eps_train by IMA's per-pixel rule, not its evaluation radii; DPAAT states neither its input size nor its "
+        "pixel scale, its ImageNet CNNs take 3x224x224): L2 0.3 is a per-pixel RMS of 0.011 (2.7/255) at 1x28x28 "
+        "and 0.0008 (0.2/255) at 3x224x224; the Linf 1/255 ball reaches L2 0.11 at 1x28x28 and 1.52 at 3x224x224.",
         "The paper fine-tunes ImageNet-pretrained CNNs: the fully connected layers alone for 10 epochs, then all "
         "layers for 50 epochs of Adam, lr 3e-4, batch 32, early stopping after 5 epochs without validation "
         "improvement. Ours: every method trains all layers from scratch for 30 epochs of Adam, lr 1e-3, batch 32, "
