@@ -1806,6 +1806,30 @@ def test_ima_bus_states_that_its_evaluation_radii_are_not_carried_to_its_image_s
     assert "ima-bus rescales its eps_train by IMA's per-pixel rule, not its evaluation radii" in dpaat
 
 
+def test_ima_bus_states_that_its_margin_pace_is_half_the_papers_and_how_to_train_at_it():
+    """ima-bus trains IMA with delta = eps_train / epochs, half the paper's PathMNIST pace (0.04 for eps_train 3 in
+    150 epochs reaches eps_train after 75) and below docs/ima.md's own rule for few epochs (delta >= eps_train /
+    (0.5 * epochs)); its deviations called the choice ours without saying so. They now name the paper's pace and the
+    train command for it, whose delta satisfies that rule with equality."""
+    import shlex
+
+    from robust_ops.reproduce import IMA_EPS_TRAIN, PROTOCOLS, describe
+
+    protocol = PROTOCOLS["ima-bus"]
+    text = " ".join(describe(protocol).split())
+    assert "That is half the paper's PathMNIST pace" in text and "delta = 2 * eps_train / epochs" in text
+    assert 3 / 0.04 == pytest.approx(150 / 2)  # the paper's PathMNIST pace: eps_train reached after half the epochs
+    command = text[text.index("`robust-ops train --data breastmnist"):].split("`")[1]
+    args = shlex.split(command)
+    options = dict(args[i + 1].split("=") for i, a in enumerate(args) if a == "--defense-opt")
+    epochs = int(args[args.index("--epochs") + 1])
+    assert epochs == protocol.epochs and options["norm"] == "l2"
+    assert float(options["eps_train"]) == pytest.approx(IMA_EPS_TRAIN, abs=1e-4)
+    assert float(options["delta"]) == pytest.approx(IMA_EPS_TRAIN / (0.5 * epochs), abs=1e-4)
+    assert "with few epochs pick delta >= eps_train / (0.5 * epochs)" in " ".join(
+        (Path(__file__).resolve().parents[1] / "docs" / "ima.md").read_text().split())
+
+
 def test_ima_bus_ensemble_of_repeat_k_draws_from_seed_k(small_npz, tmp_path, monkeypatch):
     """docs/reproduce/README.md: repeat k's random attacks (PGD's start, APGD, Square) draw from seed k, and
     config.attack_seeds lists k. ima-bus's AutoAttack cascade carried AutoAttack's own seed 0 in every repeat."""
