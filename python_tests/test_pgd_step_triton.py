@@ -300,6 +300,21 @@ def test_history_slot_partly_overlapping_x_adv_is_rejected_before_any_write(norm
 
 
 @pytest.mark.parametrize("norm", NORMS)
+def test_history_slot_interleaved_with_x_adv_holds_the_step(norm):
+    """A strided slot sharing every other element with x_adv (not dense: ATen's overlap test cannot judge the pair, so
+    it is not refused): x_adv is written, then the slot, as in the reference. The launcher copied the slot from x_adv
+    itself, reading elements of x_adv that the copy had already overwritten, so slot elements took the values of
+    other positions (found by the ops fuzzer)."""
+    buf = torch.rand(32, dtype=torch.float64, device=device())
+    _, x_nat, grad, alpha, eps = make_inputs((1, 16), torch.float64, device(), scale=0.3)
+    expected_buf = buf.clone()
+    reference.pgd_step_(expected_buf[2:18].view(1, 16), x_nat, grad, alpha, eps, 0.0, 1.0, norm,
+                        expected_buf[0:32:2].view(1, 1, 16), 0)
+    triton_op()(buf[2:18].view(1, 16), x_nat, grad, alpha, eps, 0.0, 1.0, norm, buf[0:32:2].view(1, 1, 16), 0)
+    assert_verbose_equal(buf, expected_buf, "buffer")
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_signed_zero_and_nan_pass_the_clamps_as_torch_clamp(norm):
     """torch.clamp returns its input on a tie (-0.0 clamped to max=0.0 stays -0.0) and propagates NaN; eps = 0 with
     a step that does not move (L2: 1/||delta|| = inf) gives factor 0, never NaN."""

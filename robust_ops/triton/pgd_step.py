@@ -190,7 +190,9 @@ def pgd_step_triton(
     if x is not x_adv:
         x_adv.copy_(x)
     if history is not None and not direct_history:
-        history[slot].copy_(x)
+        # x is x_adv itself when that is contiguous: a slot interleaved with it (views ATen's overlap check cannot
+        # judge, so not refused) would read elements of x_adv the copy had already overwritten
+        history[slot].copy_(x.clone() if may_overlap(history[slot], x) else x)
 
 
 register_in_place_without_gradient("robust_ops::pgd_step_triton")
