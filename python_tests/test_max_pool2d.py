@@ -260,6 +260,19 @@ def test_output_layout_as_aten_for_a_channel_slice_of_a_channels_last_input():
     assert ours.stride() == theirs.stride()
 
 
+def test_unbatched_output_is_contiguous_as_atens_for_an_hwc_image():
+    # ATen pools a (C, H, W) input into a contiguous output whatever its strides; an HWC image viewed as CHW
+    # (permute(2, 0, 1), as from numpy or PIL) is channels_last once unsqueezed, and came out HWC-strided here.
+    x = torch.randn(9, 7, 3).permute(2, 0, 1).requires_grad_()
+    out, ref = robust_ops.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1)
+    assert_verbose_equal(out, ref)
+    assert out.stride() == ref.stride()
+    grad = torch.randn(ref.shape)
+    (ours,), (theirs,) = torch.autograd.grad(out, x, grad), torch.autograd.grad(ref, x, grad)
+    assert_verbose_equal(ours, theirs)
+    assert ours.stride() == theirs.stride()
+
+
 def test_functional_argument_errors():
     with pytest.raises(TypeError, match="max_pool2d: expected kernel_size to be an int or a pair of ints"):
         robust_ops.max_pool2d(torch.randn(1, 1, 4, 4), "2")

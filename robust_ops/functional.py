@@ -177,7 +177,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     kernel, stride, padding, dilation = _pool_args("max_pool2d", kernel_size, stride, padding, dilation)
     ceil_mode = _bool("max_pool2d", "ceil_mode", ceil_mode)
     unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
+    # ATen pools a (C, H, W) input into a contiguous output whatever its strides: an HWC image viewed as CHW
+    # (permute(2, 0, 1)) is channels_last once unsqueezed, and pooled HWC-strided.
+    x = input.contiguous().unsqueeze(0) if unbatched else input
     # Under vmap the layout cannot be asked (torch: "NYI: querying is_contiguous inside of vmap for memory_format
     # other than torch.contiguous_format"); the op's batching rule takes any strides.
     if not (x.is_contiguous() or torch._C._functorch.is_batchedtensor(x)
