@@ -134,6 +134,18 @@ def test_functional_falls_back_to_torch_for_other_dtypes_and_devices():
     assert robust_ops.max_pool2d(meta, 2).shape == (2, 3, 4, 4)
 
 
+def test_functional_falls_back_to_torch_for_other_layouts():
+    # An mkldnn tensor (torch.utils.mkldnn inference) is CPU float32 but not strided: ATen pools it, and the op's
+    # dispatcher refused it in many lines ("Could not run 'robust_ops::max_pool2d' with arguments from the
+    # 'MkldnnCPU' backend"); a sparse one failed with "unsupported memory format option Contiguous".
+    x = torch.randn(1, 2, 6, 6)
+    out = robust_ops.max_pool2d(x.to_mkldnn(), 3, 2, 1)
+    assert out.layout == torch._mkldnn
+    assert torch.equal(out.to_dense(), F.max_pool2d(x, 3, 2, 1))
+    with pytest.raises(NotImplementedError, match="max_pool2d_with_indices"):  # ATen's own refusal
+        robust_ops.max_pool2d(x.to_sparse(), 2)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
 def test_functorch_transforms_fall_back_to_torch():
     """The native op's register_autograd has no forward-mode formula (jvp used to give a zero tangent silently)

@@ -162,14 +162,15 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     on the drop-max kernel's vectorized windows. ATen's CPU kernel for NCHW inputs walks each window element by
     element; at resnet18's first pooling layer (1x64x64 inputs, batch 32) the forward here is ~8x faster.
 
-    CPU float32/float64 inputs run ``torch.ops.robust_ops.max_pool2d`` (gradient: the index scatter shared with
-    drop_max_pool2d, accumulated in ATen's order); other devices and dtypes run ``F.max_pool2d`` itself (torch's
-    CUDA pooling is already at memory bandwidth), and so does torch.onnx.export (ONNX has max pooling, not the custom
-    op). The one difference from ATen: a window holding no input element
+    Strided CPU float32/float64 inputs run ``torch.ops.robust_ops.max_pool2d`` (gradient: the index scatter shared
+    with drop_max_pool2d, accumulated in ATen's order); other devices, dtypes and layouts (mkldnn, sparse) run
+    ``F.max_pool2d`` itself (torch's CUDA pooling is already at memory bandwidth), and so does torch.onnx.export
+    (ONNX has max pooling, not the custom op). The one difference from ATen: a window holding no input element
     (dilation stepping over a tiny input) returns index -1 and no gradient, where ATen returns an index outside the
     input. Arguments and shapes as for ``F.max_pool2d``; see docs/ops/max_pool2d.md.
     """
     if (input.device.type != "cpu" or input.dtype not in NATIVE_CPU_DTYPES or input.dim() not in (3, 4)
+            or input.layout != torch.strided  # mkldnn (ATen pools it) or sparse (ATen's own error)
             or _functorch_autodiff(input) is not None  # ATen's has forward AD and torch.func support
             or _backend.onnx_exporting()):  # ONNX translates ATen's, not the custom op (native_layers' pools)
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
