@@ -1157,6 +1157,20 @@ def test_quantized_input_gets_the_dtype_message(backend):
         robust_ops.DropMax2d(2, backend=backend)(x)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("layout", ["mkldnn", "sparse"])
+def test_input_that_is_not_strided_is_refused_in_one_line(backend, layout):
+    """An mkldnn tensor (a torch.utils.mkldnn model's pooling after replace_maxpool: its nn.MaxPool2d runs on them) or
+    a sparse one got the dispatcher's many-line "Could not run 'robust_ops::drop_max_pool2d' with arguments from the
+    'MkldnnCPU' backend" (the reference: 'aten::im2col'), as quantized tensors did before their dtype message."""
+    x = torch.rand(1, 2, 4, 4)
+    x = x.to_mkldnn() if layout == "mkldnn" else x.to_sparse()
+    message = (rf"^drop_max_pool2d: expected a strided \(dense\) input, got {x.layout}; there is no drop-max kernel "
+               r"for it: convert with \.to_dense\(\)$")
+    with pytest.raises(RuntimeError, match=message):
+        robust_ops.DropMax2d(2, backend=backend)(x)
+
+
 @pytest.fixture
 def without_vmap_fallback():
     """vmap of an op without a batching rule raises instead of looping over the samples (torch's fallback only

@@ -118,6 +118,9 @@ def drop_max_pool2d(
     # a quantized tensor (a quantized model's pooling after replace_maxpool) never reached the ops' dtype check: the
     # dispatcher refused it first, in many lines about the 'QuantizedCPU' backend
     _check_floating("drop_max_pool2d", "input", input)
+    if input.layout != torch.strided:  # an mkldnn or sparse tensor got the dispatcher's many-line refusal
+        raise RuntimeError(f"drop_max_pool2d: expected a strided (dense) input, got {input.layout}; there is no "
+                           "drop-max kernel for it: convert with .to_dense()")
     if input.dim() not in (3, 4):
         raise RuntimeError(
             f"drop_max_pool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), got {input.dim()}-D"
