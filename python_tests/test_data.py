@@ -1221,6 +1221,28 @@ def test_layout_errors_say_how_to_lay_out_the_data(tmp_path):
     assert str(info.value).endswith("got ['benign']")
 
 
+def test_csv_with_one_hot_label_columns_is_named_as_such(tmp_path):
+    # ISIC's ground-truth CSVs hold a 0/1 column per class (image, MEL, NV, ...), not one label column: the error told
+    # the user to name "the label column dx", which such a file does not have (and its load_csv(..., label_column=)
+    # given one of them, MEL, reads a binary MEL-vs-rest task labelled '0.0' / '1.0')
+    from robust_ops.data import load_csv
+
+    csv_path = tmp_path / "ISIC2019_Training_GroundTruth.csv"
+    csv_path.write_text("image,MEL,NV,BCC,UNK\nISIC_1,1.0,0.0,0.0,0.0\nISIC_2,0.0,1.0,0.0,0.0\nISIC_3,0,0,1,0\n")
+    with pytest.raises(DataError, match=r"missing column 'image_id' \(found: image, MEL, NV, BCC, UNK\); MEL, NV, "
+                                        r"BCC, UNK hold one-hot labels \(a column per class.*write each row's class "
+                                        r"name into one column 'dx', and name the image column 'image_id'") as info:
+        load_dataset(csv_path, size=8)
+    assert "name the image column image_id and the label column dx" not in str(info.value)
+    with pytest.raises(DataError, match=r"missing column 'label'.*MEL, NV, BCC, UNK hold one-hot labels.*one column "
+                                        r"'label'$"):
+        load_csv(csv_path, size=8, id_column="image", label_column="label")
+    csv_path.write_text("image,MEL,NV\nISIC_1,1,1\nISIC_2,0,1\n")  # two 1s in a row: not one-hot, the usual hint
+    with pytest.raises(DataError, match=r"found: image, MEL, NV\); name the image column image_id and the label "
+                                        r"column dx"):
+        load_dataset(csv_path, size=8)
+
+
 def test_data_errors_name_the_classes_argument_only_when_it_was_given(tmp_path):
     """DataError.arg is "classes" (the CLI's --classes) only for an error about classes= the caller passed; a source
     that holds a single class by itself is an error about the data (--data)."""

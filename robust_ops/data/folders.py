@@ -457,6 +457,17 @@ def _label_order(labels):
 LESION_COLUMN = "lesion_id"
 
 
+def _one_hot_columns(reader, fields):
+    """The columns of a CSV whose rows (read to the end from ``reader``) hold one-hot labels -- only 0 / 1 values
+    (``0.0`` / ``1.0`` too), one 1 in each row -- when there are two or more, else []."""
+    rows = list(reader)
+    flags = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
+    columns = [f for f in fields if rows and all((r.get(f) or "").strip() in flags for r in rows)]
+    if len(columns) < 2 or any(sum(flags[r[c].strip()] for c in columns) != 1 for r in rows):
+        return []
+    return columns
+
+
 def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
              mode="RGB", bit_depth=None, split_by="auto"):
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
@@ -500,6 +511,13 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                 if col not in fields:
                     sep = next((c for c in ";\t|" if len(fields) == 1 and c in fields[0]), None)
                     hint = f"; the header looks {sep!r}-separated: save the file comma-separated" if sep else ""
+                    one_hot = [] if hint or label_column in fields else _one_hot_columns(reader, fields)
+                    if one_hot:  # renaming cannot help: there is no label column, and one 0/1 column read as labels
+                        # would be a one-class-vs-rest task labelled '0.0' / '1.0'
+                        hint = (f"; {listing(one_hot)} hold one-hot labels (a column per class, as in ISIC's "
+                                f"ground-truth files), and one label column is read: write each row's class name into "
+                                f"one column {label_column!r}"
+                                + (f", and name the image column {id_column!r}" if id_column not in fields else ""))
                     if not hint and (id_column, label_column) == ("image_id", "dx") and len(fields) >= 2:
                         # the command line has no flag naming the columns: renaming them is the fix there
                         hint = ("; name the image column image_id and the label column dx (the HAM10000 layout), or "
