@@ -474,17 +474,19 @@ def test_labels_outside_the_sets_classes_are_refused_before_any_forward(labels, 
     assert err.value.arg == "data"
 
 
-@pytest.mark.parametrize("names", [("a",), ("a", "b", "c")])
-def test_class_names_not_one_per_class_are_refused_before_any_forward_and_by_write_results(names, tmp_path):
+@pytest.mark.parametrize("names, wrong", [(("a",), "1"), (("a", "b", "c"), "3"), (("a", "a"), "a twice")])
+def test_class_names_not_one_per_class_are_refused_before_any_forward_and_by_write_results(names, wrong, tmp_path):
     """A hand-built DatasetInfo with one name for two classes passed evaluate and then stopped write_results with a
-    bare IndexError (the report names the positive class by its name)."""
+    bare IndexError (the report names the positive class by its name). One naming two classes alike was taken: the
+    report's positive class, per-class recall columns and saliency titles could not tell them apart."""
     info = DatasetInfo("tiny", 2, 1, 12, names, positive_class=1)
     data = TensorDataset(torch.rand(6, 1, 12, 12), torch.arange(6) % 2)
 
     def no_forward(x):
         raise AssertionError("evaluate ran the model before checking info")
 
-    match = rf"^data: info: expected 2 class_names \(one per class, label 0 first\), got {len(names)}: "
+    distinct = "distinct " if len(names) == 2 else ""
+    match = rf"^data: info: expected 2 {distinct}class_names \(one per class, label 0 first\), got {wrong}: "
     with pytest.raises(EvalError, match=match) as err:
         evaluate(no_forward, data, info, attacks="fgsm", eps=[1 / 255], device="cpu")
     assert err.value.arg == "data"

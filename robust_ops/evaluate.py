@@ -39,6 +39,7 @@ import platform
 import re
 import subprocess
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,8 @@ from torch.utils.data import TensorDataset
 
 from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
-from ._options import accepted_options, check_flags, check_int, check_usable_device, class_labels, python_number
+from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
+                       python_number)
 from .attacks.context import (InputDtypeError, InputShapeError, check_attack_output, check_inside_ball, check_output,
                               forward_naming_input_mismatch, model_device, predict_from_output, use_model_mode)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
@@ -476,6 +478,13 @@ def class_names_problem(info):
     if len(info.class_names) != info.num_classes:
         return (f"expected {info.num_classes} class_names (one per class, label 0 first), got "
                 f"{len(info.class_names)}: {list(info.class_names)}")
+    # two classes named alike: the per-class recall table, the saliency titles and a binary set's positive class
+    # could not tell them apart
+    counts = Counter(map(str, info.class_names))
+    twice = [f"{name} {'twice' if n == 2 else f'{n} times'}" for name, n in counts.items() if n > 1]
+    if twice:
+        return (f"expected {info.num_classes} distinct class_names (one per class, label 0 first), got "
+                f"{listing(twice)}: {list(info.class_names)}")
     return None
 
 
