@@ -206,6 +206,10 @@ inline void check_values(const at::Tensor& alpha, const at::Tensor& eps, at::Sca
 // Host-side preparation shared by the CPU and CUDA kernels: contiguous working tensors, per-sample values in x's
 // dtype, the history slot, and (for L2) the per-sample norms computed by ATen exactly as the eager chain does.
 
+inline bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
+}
+
 struct Plan {
   at::Tensor x_adv;      // the caller's tensor
   at::Tensor x;          // contiguous working copy (x_adv itself when contiguous)
@@ -222,13 +226,11 @@ struct Plan {
   // Copy back what the kernel could not write in place.
   void finish() const {
     if (!x.is_same(x_adv)) x_adv.copy_(x);
-    if (slot.defined() && !slot_out.defined()) slot.copy_(x);
+    // x is x_adv itself when that is contiguous: a strided slot interleaved with it (an overlap ATen cannot judge,
+    // so not refused) would read elements of x_adv this copy had already overwritten
+    if (slot.defined() && !slot_out.defined()) slot.copy_(overlaps(slot, x) ? x.clone() : x);
   }
 };
-
-inline bool overlaps(const at::Tensor& a, const at::Tensor& b) {
-  return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
-}
 
 inline Plan make_plan(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad,
                       const at::Tensor& alpha, const at::Tensor& eps, const std::optional<at::Tensor>& history,

@@ -283,6 +283,22 @@ def test_history_slot_sharing_memory_with_x_nat_or_grad(norm, shared, device):
     assert_verbose_equal(buf, exp_buf, "buffer")
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("norm", NORMS)
+def test_history_slot_interleaved_with_x_adv_holds_the_step(norm, device):
+    """A strided slot sharing every other element with a contiguous x_adv (not dense: ATen's overlap test cannot judge
+    the pair, so it is not refused): x_adv is written, then the slot, as in the reference. The kernels copied the slot
+    from x_adv itself after writing it, reading elements the copy had already overwritten, so slot elements took
+    other positions' values (found by the ops fuzzer; the Triton launcher had the same fault)."""
+    buf = torch.rand(32, dtype=torch.float64, device=device)
+    _, x_nat, grad, alpha, eps = make_inputs((1, 16), torch.float64, device, scale=0.3)
+    expected_buf = buf.clone()
+    reference.pgd_step_(expected_buf[2:18].view(1, 16), x_nat, grad, alpha, eps, 0.0, 1.0, norm,
+                        expected_buf[0:32:2].view(1, 1, 16), 0)
+    op(buf[2:18].view(1, 16), x_nat, grad, alpha, eps, 0.0, 1.0, norm, buf[0:32:2].view(1, 1, 16), 0)
+    assert_verbose_equal(buf, expected_buf, "buffer")
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_parallel_chunks_split_a_sample_between_threads(norm):
     """Two threads (the suite runs on one under OMP_NUM_THREADS=1): 5 * 13001 elements make two chunks of the CPU
