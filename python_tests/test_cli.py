@@ -298,6 +298,30 @@ def test_train_prints_an_eval_command_that_runs_as_printed(small_npz, tmp_path, 
     assert rc == 0 and f"rerun `robust-ops eval {shlex.quote(str(out))}` once training ends" in err, err
 
 
+@pytest.mark.parametrize("defense, options, expected", [
+    ("ima", [], "--attacks pgdl2,apgd-ce:norm=l2 --eps 0.379,0.758,1.52"),  # the paper's rule at 1x28x28
+    ("ima", ["--defense-opt", "eps_train=2"], "--attacks pgdl2,apgd-ce:norm=l2 --eps 0.5,1,2"),
+    ("dpaat", ["--defense-opt", "steps=1"], "--attacks pgdl2,apgd-ce:norm=l2 --eps 0.075,0.15,0.3"),
+    ("ima", ["--defense-opt", "norm=linf"], "--attacks fgsm,pgd,cw --eps 1/255,2/255,5/255"),
+    ("gr", [], "--attacks fgsm,pgd,cw --eps 1/255,2/255,5/255")])  # GR's norm is its penalty's, no radius
+def test_train_prints_an_eval_command_in_the_runs_threat_model(defense, options, expected, small_npz, tmp_path,
+                                                               capsys):
+    """After an L2-trained run (IMA, DPAAT) train suggested eval's L-inf defaults (fgsm, pgd, cw at 1/255 to 5/255),
+    a threat model the run was not trained for (found reviewing IMA against its paper). It now suggests L2 attacks at
+    a quarter, half and all of the run's training radius; the printed command runs."""
+    import shlex
+
+    out = tmp_path / "run"
+    rc, printed, err = run(["train", "--data", str(small_npz), "--defense", defense, *options, "--epochs", "1",
+                            "--out", out, "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    command = printed.split("(evaluate with: ")[1].split(")\n")[0]
+    assert command == f"robust-ops eval {shlex.quote(str(out))} {expected}"
+    if defense == "dpaat":
+        rc, _, err = run(shlex.split(command)[1:] + ["--device", "cpu", "--saliency", "0", "--no-progress"], capsys)
+        assert rc == 0 and (out / "eval" / "results.json").is_file(), err
+
+
 def test_eval_on_data_with_other_classes_warns(trained_run, tmp_path, capsys):
     """--data whose classes are not the run's (synthetic's benign = 0, malignant = 1 for a model trained on labels
     0, 1 of another set): the predictions are scored against labels that may mean other classes -- said in one

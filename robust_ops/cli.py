@@ -1113,9 +1113,27 @@ def cmd_train(args):
                   f"of RUN_DIR attacks it; {CHECKPOINT} holds the last epoch's)")
     print(f"classes: {describe_classes(splits.info)}")
     # quoted: an --out with a space or quote printed a command that eval read as several arguments
-    print(f"run: {args.out} (evaluate with: {PROG} eval {shlex.quote(str(args.out))} --attacks fgsm,pgd,cw "
-          "--eps 1/255,2/255,5/255)")
+    print(f"run: {args.out} (evaluate with: {PROG} eval {shlex.quote(str(args.out))} "
+          f"{eval_threat_model(run, splits)})")
     return 0
+
+
+def eval_threat_model(run, splits):
+    """The attacks and radii of the eval command printed after training: eval's L-inf defaults, or for a run trained
+    against L2 attacks (IMA, DPAAT, AMAT) L2 attacks at fractions of its training radius -- the L-inf defaults did
+    not measure the threat model such a run was trained for."""
+    settings = run.get("defense_settings") or {}
+    radius = None
+    if settings.get("norm") == "l2" and run.get("defense") == "ima":  # eps_train is state, not a setting
+        from .ima import paper_eps_train
+
+        given = (run.get("defense_options") or {}).get("eps_train")
+        radius = float(given) if given is not None else paper_eps_train(tuple(splits.train[0][0].shape), "l2")
+    elif settings.get("norm") == "l2":  # GR's norm is its gradient penalty's: no radius, eval's defaults
+        radius = settings.get("eps")
+    if radius is None:
+        return "--attacks fgsm,pgd,cw --eps 1/255,2/255,5/255"
+    return f"--attacks pgdl2,apgd-ce:norm=l2 --eps {','.join(f'{radius * f:.3g}' for f in (0.25, 0.5, 1))}"
 
 
 # ----------------------------------------------------------------------------------------------- eval
