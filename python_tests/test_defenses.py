@@ -413,8 +413,9 @@ def test_amat_and_dpaat_use_per_sample_radii():
 def test_amat_and_dpaat_linf_radii_wider_than_the_value_range_run_as_the_whole_range(name, lo):
     """An L-inf radius eps_i the rules derive (AMAT's eps + delta_eps, DPAAT's norm + gamma) may exceed the clip
     range although eps fits in it: run_pgd refused it mid-training ("eps in 0-255 units?"). The box then binds,
-    so the radius is the range's width: the same x_adv, the step size still eps_i * step_size / eps. The width is
-    clip_max - clip_min (lo = 0.5: a range not starting at 0, where clip_max alone is no width)."""
+    so the radius is the range's width: the same x_adv, the step size eps_i * step_size / eps (capped at the width
+    too: the box binds there as well). The width is clip_max - clip_min (lo = 0.5: a range not starting at 0, where
+    clip_max alone is no width)."""
     from robust_ops.attacks.core import run_pgd
 
     torch.manual_seed(0)
@@ -430,6 +431,27 @@ def test_amat_and_dpaat_linf_radii_wider_than_the_value_range_run_as_the_whole_r
     radii = torch.full((6,), 0.6)
     expected = run_pgd(model, x, y, eps=torch.full((6,), 0.25), alpha=radii * (defense.step_size / defense.eps),
                        steps=2, norm="linf", clip_min=lo, clip_max=lo + 0.25).x_adv
+    assert torch.equal(defense._attack_with_radii(model, x, y, radii), expected)
+
+
+@pytest.mark.parametrize("name", ["amat", "dpaat"])
+def test_amat_and_dpaat_linf_steps_wider_than_the_value_range_at_a_radius_under_it_step_by_the_width(name):
+    """A step_size above eps scales an L-inf radius eps_i under the clip range's width to a step eps_i * step_size /
+    eps past it (here 0.9 * 1.2 = 1.08 > 1): run_pgd refused that step mid-training, naming its alpha, which the
+    caller never set. A step of the width reaches the box from any point in it, so the step is the width there."""
+    from robust_ops.attacks.core import run_pgd
+
+    torch.manual_seed(0)
+    model = GNNet()
+    x, y = _batch(6)
+    extra = {"xi": 100.0, "delta_eps": 0.4} if name == "amat" else {}  # AMAT: every radius 0.5 + 0.4 = 0.9
+    defense = defenses.build(name, norm="linf", eps=0.5, step_size=0.6, steps=2, **extra)
+    out = defense(model, x, y)
+    assert math.isfinite(out.loss.item())
+    if name == "amat":
+        assert out.metrics["radius_mean"] == pytest.approx(0.9)
+    radii = torch.full((6,), 0.9)
+    expected = run_pgd(model, x, y, eps=radii, alpha=torch.full((6,), 1.0), steps=2, norm="linf").x_adv
     assert torch.equal(defense._attack_with_radii(model, x, y, radii), expected)
 
 

@@ -81,8 +81,10 @@ class _AdaptiveRadius(PGDDefense):
         eps = radii
         if self.norm == "linf":
             # A radius past the range's width (eps + delta_eps, norm + gamma) would be refused by run_pgd mid-training;
-            # the box binds there, so the width gives the same x_adv. The step keeps the rule's radius.
-            eps = radii.clamp_max(self.clip_max - self.clip_min)
+            # the box binds there, so the width gives the same x_adv. So would a step past it at a radius under it
+            # (a step_size above eps scales such a radius past the width): a step of the width already reaches the box.
+            width = self.clip_max - self.clip_min
+            eps, alpha = radii.clamp_max(width), alpha.clamp_max(width)
         return self.attack(model, x, y, eps=eps, alpha=alpha).x_adv
 
 
