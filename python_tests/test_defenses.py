@@ -741,6 +741,21 @@ def _three_bn_steps(defense, num_classes=3):
     return model, out
 
 
+@pytest.mark.parametrize("name", ["at", "sat", "trades", "rst", "mart", "fat", "amat", "dpaat", "arfl"])
+def test_eval_mode_attacks_run_before_the_training_forwards_that_move_batchnorms_statistics(name):
+    """The default eval-mode attack reads BatchNorm's running statistics, which each training-mode forward of the
+    batch moves: every one of these defenses attacks (and takes the no-gradient losses its attack or radius rule
+    reads, in the attack's mode) before its first training forward, as SAT and ARFL say, so its attack sees the
+    statistics the previous step left. Nothing pinned that order for TRADES, RST, MART or AMAT."""
+    model = _bn_model_off_its_statistics(2)
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    x, y = _batch(4)
+    _build(name)(model, x, y)
+    first = seen.index(True)
+    assert first > 0 and not any(seen[:first]) and all(seen[first:]), seen
+
+
 def test_sat_at_alpha_one_trains_exactly_as_at_also_with_batchnorm():
     """docs/defenses/sat.md: alpha = 1 is AT. A clean forward with weight 0 still moved BatchNorm's running
     statistics (and with them the next eval-mode attack), so SAT(alpha=1) trained another model than AT."""
