@@ -1441,29 +1441,31 @@ def test_arfl_loss_terms_at_the_crafted_x_adv(crafted):
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("adv_sign, s", [("text", 1.0), ("printed", -1.0)])
-def test_arfl_attack_objective_adv_term_ascends_eq5s_whole_adversarial_term(crafted, adv_sign, s):
+@pytest.mark.parametrize("adv_sign, s, reduction", [("text", 1.0, "mean"), ("printed", -1.0, "mean"),
+                                                    ("text", 1.0, "sum")])
+def test_arfl_attack_objective_adv_term_ascends_eq5s_whole_adversarial_term(crafted, adv_sign, s, reduction):
     """Eq. 5 can also be read with its max over the whole bracket, L_cls(x + d) + s * lam * L_robust(x + d); only
     the L_cls reading was available. attack_objective="adv_term" runs PGD on that term (per sample, in the attack's
-    mode); the default "cls" is unchanged and recorded as no option, as checkpoints written before it."""
+    mode); the default "cls" is unchanged and recorded as no option, as checkpoints written before it. The term's
+    L_robust is the defense's own, channel_reduction included (nothing pinned that the attack's used "sum")."""
     from robust_ops.attacks.core import run_pgd
 
     model, x, y = _model_and_batch(num_classes=2)
     model, x = model.double(), x.double()  # float64: no sign of a tiny gradient component left to rounding
     out = ARFL(attack_objective="adv_term", adv_sign=adv_sign, lam=3.0, r=0.5, eps=0.2, steps=3,
-               random_start=False)(model, x, y)
+               random_start=False, channel_reduction=reduction)(model, x, y)
     x_adv = crafted[-1][1].x_adv
     reference = x.clone()
     for _ in range(3):
         xg = reference.clone().requires_grad_(True)
         term = (F.cross_entropy(model(xg), y, reduction="none")
-                + s * 3.0 * robust_feature_loss(model.features[:5](xg), y))  # features[4]: the last conv
+                + s * 3.0 * robust_feature_loss(model.features[:5](xg), y, reduction))  # features[4]: the last conv
         (g,) = torch.autograd.grad(term.mean(), xg)
         reference = torch.min(torch.max(reference + 2.5 * 0.2 / 3 * g.sign(), x - 0.2), x + 0.2).clamp(0, 1)
     torch.testing.assert_close(x_adv, reference, rtol=0, atol=1e-12)
     assert not torch.equal(x_adv, run_pgd(model, x, y, eps=0.2, alpha=2.5 * 0.2 / 3, steps=3).x_adv)
     with torch.no_grad():
-        rob_adv = robust_feature_loss(model.features[:5](x_adv), y).mean()
+        rob_adv = robust_feature_loss(model.features[:5](x_adv), y, reduction).mean()
     assert out.metrics["loss_robust_adv"] == pytest.approx(float(rob_adv), rel=1e-9)
     assert "attack_objective" not in ARFL().options()
     assert ARFL(attack_objective="adv_term").options()["attack_objective"] == "adv_term"
