@@ -322,6 +322,28 @@ def test_train_prints_an_eval_command_in_the_runs_threat_model(defense, options,
         assert rc == 0 and (out / "eval" / "results.json").is_file(), err
 
 
+def test_eval_prints_the_classes_absent_from_the_attacked_split(tmp_path, capsys):
+    """report.md named a class absent from the test split (its per-class metrics undefined, left out of the macro
+    averages); eval's printed tables did not (found by the dermoscopy walk, where a 12-image class was absent)."""
+    g = np.random.default_rng(0)
+    arrays = {}
+    for split, labels in (("train", [0, 1, 2] * 10), ("val", [0, 1, 1, 2]), ("test", [0, 1] * 4)):
+        arrays[f"{split}_images"] = g.integers(0, 256, (len(labels), 8, 8), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.array(labels, dtype=np.uint8).reshape(-1, 1)
+    np.savez(tmp_path / "three.npz", **arrays)
+    out = tmp_path / "run"
+    rc, _, err = run(["train", "--data", tmp_path / "three.npz", "--model", "mlp", "--epochs", "1", "--out", out,
+                      "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    for split, expected in (("test", "; absent from the test split: 2\n"), ("val", "macro-averaged metrics over the "
+                                                                             "classes present; sensitivity is the "
+                                                                             "mean per-class recall\n")):
+        rc, printed, err = run(["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--split",
+                                split, "--out", tmp_path / split, "--device", "cpu"], capsys)
+        assert rc == 0, err
+        assert expected in printed and (split == "test") == ("absent from" in printed), printed
+
+
 def test_eval_on_data_with_other_classes_warns(trained_run, tmp_path, capsys):
     """--data whose classes are not the run's (synthetic's benign = 0, malignant = 1 for a model trained on labels
     0, 1 of another set): the predictions are scored against labels that may mean other classes -- said in one

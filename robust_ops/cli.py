@@ -1513,7 +1513,8 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
                                  saliency=saliency, extra_markdown=extra_markdown, paper=paper)
     metrics = ("f1", "sensitivity", "accuracy") if splits.info.num_classes == 2 else ("accuracy", "f1", "map")
     # the tables' sensitivity is that of the positive class, label 0 in BreastMNIST: say which, as report.md does
-    print(f"\n{splits.info.name}: {report.positive_class_text(splits.info.to_dict())}")
+    info = splits.info.to_dict()
+    print(f"\n{splits.info.name}: {report.positive_class_text(info)}{report.absent_classes_text(info, args.split)}")
     for m in metrics:
         print()
         print(report.pivot_table(rows, m))

@@ -216,6 +216,15 @@ def positive_class_text(info):
     return "macro-averaged metrics over the classes present; sensitivity is the mean per-class recall"
 
 
+def absent_classes_text(info, part):
+    """``"; absent from the test split: df, vasc"`` for the classes ``info`` (a DatasetInfo's ``to_dict()``) records
+    as missing from ``part`` ("test" or "val"), else "": their per-class metrics are undefined and the macro
+    averages leave them out, which the reader of the tables should know."""
+    absent = (info.get("classes_missing_from_split") or {}).get(part)
+    return f"; absent from the {part if part == 'test' else 'validation'} split: {', '.join(map(str, absent))}" \
+        if absent else ""
+
+
 def markdown_report(doc, title=None, figures=(), extra=None):
     info = doc["dataset"]
     rows = doc["rows"]
@@ -230,10 +239,7 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     # eval --split val attacks the validation split: results.json's config says which
     split = "Validation" if (doc.get("config") or {}).get("split") == "val" else "Test"
     tested = f"{split} samples: {first.get('n', 0)}"
-    part = "val" if split == "Validation" else "test"  # the part names classes_missing_from_split is keyed by
-    absent = (info.get("classes_missing_from_split") or {}).get(part)
-    if absent:  # their per-class metrics are undefined: the macro averages leave them out, the reader should know
-        pos_text += f"; absent from the {split.lower()} split: {', '.join(map(str, absent))}"
+    pos_text += absent_classes_text(info, "val" if split == "Validation" else "test")
     if first.get("repeats", 1) > 1:  # reproduce means: n is the total over the runs
         tested += f" over {first['repeats']} runs ({first.get('n_min')}–{first.get('n_max')} per run)"
     lines += [f"Dataset: **{name}** ({info['num_classes']} classes, {pos_text}). {tested}.", ""]
