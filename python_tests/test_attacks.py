@@ -3914,6 +3914,33 @@ def test_per_sample_eps_random_start_draws_within_each_samples_own_radius():
         assert float(on_sphere.float().mean()) < 0.2, norm
 
 
+def test_the_model_sees_random_and_noisy_starts_clipped_to_the_range():
+    # The start is clipped before the first forward, as every iterate: the first step's gradient (and a
+    # param_grad_weights entry at iterate 0) is taken at a valid input (torchattacks clamps its start too). The
+    # fused step clips every later iterate, so x_adv alone cannot show it (mutation testing of the attacks: dropping
+    # the clamp of the random start, or of start_noise's start, survived).
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_model(3)
+
+        def forward(self, x):
+            seen.append((float(x.detach().min()), float(x.detach().max())))
+            return self.body(x)
+
+    x, y = make_data(8, 3)
+    x[:, :, :3] = 0.0
+    x[:, :, -3:] = 1.0
+    g = torch.Generator().manual_seed(0)
+    for start in (dict(random_start=True, norm="linf", eps=0.3), dict(random_start=True, norm="l2", eps=3.0),
+                  dict(start_noise=0.2, eps=0.3)):
+        seen.clear()
+        run_pgd(Recording(), x, y, alpha=0.01, steps=1, generator=g, **start)
+        assert len(seen) == 1 and seen[0][0] >= 0.0 and seen[0][1] <= 1.0, (start, seen)
+
+
 @pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
 def test_random_start_does_not_depend_on_the_memory_layout(norm, eps):
     # empty_like filled a channels_last x in memory order: the same seed gave another start (up to 2 eps apart), and
