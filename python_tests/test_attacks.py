@@ -2763,6 +2763,19 @@ def test_square_stops_a_sample_at_the_first_point_predicted_wrong_the_start_or_a
         assert model.calls == forwards and torch.equal(x_adv, queried[-1]), script
 
 
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
+def test_square_queries_on_after_a_query_whose_logits_tie_in_favour_of_the_label(norm, eps):
+    """Scripted's logits [0, z] with label 0: a query with z = 0 lowers the margin to 0, so it is kept, but argmax
+    gives the tie to class 0, the label: the sample is not done, and the next query (z = 1) breaks it (mutation
+    testing of the attacks: a kept query's margin <= 0 as the stop rule survived, stopping the search at a point the
+    model classifies correctly)."""
+    x, y = torch.full((2, 1, 8, 8), 0.5), torch.zeros(2, dtype=torch.long)
+    model, queried = Scripted([-1.0, -0.5, 0.0, 1.0]), []  # clean, start, the tie, the query that breaks it
+    model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
+    x_adv = attacks.square(model, x, y, eps=eps, norm=norm, n_queries=10, generator=torch.Generator().manual_seed(0))
+    assert model.calls == 4 and torch.equal(x_adv, queried[-1])
+
 class _NegativeLogits(nn.Module):
     """Logits all negative (as log-probabilities are) on 8x8 images near 0.5: [-1, -3 + 25 d, -20], d the mean
     perturbation; class 1 wins once d > 0.08 and its logit stays below 0 within a 0.1 Linf ball."""
