@@ -1460,14 +1460,19 @@ class Recording:
 
 
 def test_ensemble_cascade_matches_full_run():
-    model = make_model(3)
-    x, y = make_data(12, 3)
-    y[:8] = model(x[:8]).argmax(1)  # most samples correct on clean inputs
+    # Every attack breaks samples here, so the sizes below show that each one ran on the samples still robust only
+    # (mutation testing of the attacks: on make_model's TinyCNN no attack broke any, and running every attack on all
+    # the samples correct on clean inputs, also those an earlier attack broke, survived)
+    model, x = near_boundary_linear()
+    x = x[:12]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[9:] = (y[9:] + 1) % 3  # three samples misclassified on clean inputs
 
     def make():
-        return [Recording(lambda a, b: attacks.fgsm(model, a, b, eps=0.01), "fgsm"),
-                Recording(lambda a, b: attacks.pgd(model, a, b, eps=0.03, steps=5, random_start=False), "pgd"),
-                Recording(lambda a, b: attacks.cw_linf(model, a, b, eps=0.05, steps=5), "cw")]
+        return [Recording(lambda a, b: attacks.fgsm(model, a, b, eps=0.03), "fgsm"),
+                Recording(lambda a, b: attacks.pgd(model, a, b, eps=0.04, steps=5, random_start=False), "pgd"),
+                Recording(lambda a, b: attacks.cw_linf(model, a, b, eps=0.08, steps=5), "cw")]
 
     fast, slow = make(), make()
     res = attacks.ensemble(model, x, y, fast)
@@ -1490,6 +1495,7 @@ def test_ensemble_cascade_matches_full_run():
     assert counts["clean"] == int((~clean_ok).sum()) and counts["robust"] == int(res.robust.sum())
     assert [counts[k] for k in ("fgsm", "pgd", "cw")] == [int((res.broken_by == j).sum()) for j in (1, 2, 3)]
     assert sum(counts.values()) == 12 and counts["clean"] != counts["robust"]
+    assert all(counts[k] for k in ("fgsm", "pgd", "cw"))
     chunks = make()
     chunked = attacks.ensemble(model, x, y, chunks, batch_size=5)
     assert torch.equal(chunked.broken_by, res.broken_by)
