@@ -5305,3 +5305,33 @@ def test_autoattack_warns_about_randomized_and_probability_models():
     model[1].reset_running_stats()
     attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.03, model_mode="train")], model_mode="train")
     assert torch.equal(model[1].running_mean, after_run)
+
+
+class _TieFlipper(nn.Module):
+    """Two logits near 100 whose order flips at every forward, by 2e-3: scaled to unit norm the two forwards differ
+    by about 1e-5, below AutoAttack's 1e-4, but their predictions differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        base = 100.0 + 1e-6 * x.flatten(1).sum(1)
+        return torch.stack([base, base + (1e-3 if self.calls % 2 else -1e-3)], 1)
+
+
+def test_autoattack_model_checks_take_the_first_batch_and_warn_about_a_flipped_prediction():
+    """AutoAttack's check_randomized counts a changed prediction as randomized whatever the outputs' distance, and
+    the checks forward the first bs samples (mutation testing of the attacks: comparing the scaled outputs only,
+    and handing model_check the whole batch, survived)."""
+    x, y = make_data(6, 2)
+    with pytest.warns(UserWarning, match=r"^autoattack: two forwards of the same inputs differ .* so the model looks "
+                                         r"randomized"):
+        attacks.AutoAttack(_TieFlipper(), eps=0.03, attacks=["fgsm"]).run(x, y)
+    model = make_model(3)
+    x, y = make_data(6, 3)
+    for batch_size, first in ((4, 4), (None, 6)):
+        seen = []
+        attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.03)], batch_size=batch_size, model_check=seen.append)
+        assert len(seen) == 1 and torch.equal(seen[0], x[:first]), batch_size
