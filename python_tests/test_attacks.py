@@ -5335,3 +5335,29 @@ def test_autoattack_model_checks_take_the_first_batch_and_warn_about_a_flipped_p
         seen = []
         attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.03)], batch_size=batch_size, model_check=seen.append)
         assert len(seen) == 1 and torch.equal(seen[0], x[:first]), batch_size
+
+
+class _ModeSwapped(nn.Module):
+    """make_model(3)'s logits in eval mode, their reverse order in train mode: each mode predicts other labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = make_model(3)
+
+    def forward(self, x):
+        out = self.body(x)
+        return out.flip(1) if self.training else out
+
+
+def test_return_labels_are_predicted_in_the_cascades_model_mode():
+    # y_adv are the labels of the cascade's robustness checks, which run in model_mode, so y_adv != y exactly where
+    # the sample was broken (mutation testing of the attacks: predicting y_adv in eval mode whatever model_mode
+    # survived; every return_labels test ran in eval mode)
+    model = _ModeSwapped()
+    x, y = make_data(6, 3)
+    aa = attacks.AutoAttack(model, eps=0.03, attacks=["fgsm"], model_mode="train")
+    res = aa.run(x, y)
+    _, y_adv = aa.run_standard_evaluation(x, y, return_labels=True)
+    with torch.no_grad():
+        assert torch.equal(y_adv, model.train()(res.x_adv).argmax(1))
+    assert torch.equal(y_adv == y, res.robust)
