@@ -2452,6 +2452,7 @@ def test_noise_and_square_classes_use_their_documented_defaults_and_seed():
 
     got = attacks.WhiteNoise(model, eps=0.3, seed=4)(x, y)
     assert torch.equal(got, noise(trials=10)) and not torch.equal(got, noise(trials=1))
+    assert torch.equal(noise(), got)  # the function's default is 10 too (another survived mutation testing)
     assert torch.equal(attacks.WhiteNoise(model, eps=0.3, norm="l2", trials=2, seed=4)(x, y),
                        noise(norm="l2", trials=2))
 
@@ -4253,6 +4254,20 @@ def test_attack_classes_run_the_model_in_their_model_mode():
         assert seen and all(seen), cls.__name__
     assert not model.training
 
+
+
+def test_attack_classes_pass_their_clip_range():
+    # every class hands clip_min and clip_max to its function (mutation testing of the attacks: BIM and CW clipping at
+    # 0 whatever their clip_min survived; every class test ran in [0, 1])
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    x = 0.3 + 0.4 * x
+    for cls, opts in ((attacks.FGSM, {}), (attacks.BIM, {"steps": 3}), (attacks.PGD, {"steps": 3}),
+                      (attacks.PGDL2, {"steps": 3, "eps": 5.0, "alpha": 2.0}), (attacks.CW, {"steps": 3}),
+                      (attacks.WhiteNoise, {"trials": 2}), (attacks.Square, {"n_queries": 3})):
+        x_adv = cls(model, **{"eps": 0.35, **opts}, clip_min=0.3, clip_max=0.7)(x, y)
+        # inside the range, and at both of its bounds (float32's 0.3 and 0.7): the attack moved as far as it lets
+        assert torch.equal(x_adv.min(), torch.tensor(0.3)) and torch.equal(x_adv.max(), torch.tensor(0.7)), cls.__name__
 
 def test_fgsm_class_default_eps_is_torchattacks():
     # FGSM(model) attacks at torchattacks' 8/255 (mutation testing of attacks core: another default survived)
