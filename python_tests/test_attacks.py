@@ -4543,6 +4543,10 @@ def test_torchattacks_device_and_training_mode_switches():
     model = make_model()
     atk = attacks.PGD(model)
     assert atk.device == torch.device("cpu")
+    # the first parameter's device, else the first buffer's (torchattacks'): a meta model tells them apart from the
+    # cpu default (mutation testing of the attacks: reading buffers only survived on this CPU-only suite)
+    assert attacks.PGD(nn.Linear(2, 2, device="meta")).device == torch.device("meta")
+    assert attacks.PGD(nn.BatchNorm1d(2, affine=False, device="meta")).device == torch.device("meta")
     assert atk.set_model_training_mode(model_training=True, batchnorm_training=True,
                                        dropout_training=True).model_mode == "train"
     assert atk.set_model_training_mode().model_mode == "eval"
