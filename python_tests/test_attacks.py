@@ -1261,7 +1261,7 @@ def test_linf_only_attacks_name_the_norm_they_got():
     model = make_model()
     with pytest.raises(ValueError, match="cw: CW-Linf is defined for norm='linf' only, got norm='L2'"):
         attacks.CW(model, norm="L2")
-    assert not hasattr(attacks.CW(model, norm="LINF"), "norm")  # CW-Linf has no other norm to record
+    assert attacks.CW(model, norm="LINF").norm == "linf"  # recorded canonical, as the other attacks' norms
 
 
 @pytest.mark.parametrize("fn", [attacks.pgd, attacks.ifgsm, attacks.cw_linf])
@@ -1541,6 +1541,13 @@ def test_ensemble_errors():
             attacks.ensemble(model, x, y, [PastTheBall(model, eps=eps)], names=["bad"])
     within = attacks.FGSM(model, eps=torch.tensor([0.1, 0.0, 0.2]))
     assert attacks.ensemble(model, x, y, [within]).x_adv.shape == x.shape
+
+    class CWPastTheBall(attacks.CW):  # CW recorded no norm, so its ball went unchecked (the attacks mutation pass)
+        def forward(self, x, y):
+            return attacks.fgsm(self.model, x, y, eps=self.eps * 1.01)
+
+    with pytest.raises(ValueError, match=r"^ensemble: attack 'bad' returned \d of \d points outside the linf ball"):
+        attacks.ensemble(model, x, y, [CWPastTheBall(model, eps=0.1)], names=["bad"])
     # a negative batch size made the loop over chunks empty: every sample was reported robust
     for bad in (-1, 0, 2.5, True, "2"):
         with pytest.raises(ValueError, match=f"ensemble: expected batch_size to be an integer >= 1, got {bad!r}$"):

@@ -199,7 +199,8 @@ class CW(Attack):
             raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
         check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
         self.eps, self.alpha, self.steps, self.kappa = eps, alpha, steps, kappa
-        self.random_start, self.seed = random_start, seed
+        # recorded as the other attacks do: the ensemble checks each attack's output against its own ball by it
+        self.random_start, self.seed, self.norm = random_start, seed, "linf"
 
     def forward(self, x, y):
         return cw_linf(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, kappa=self.kappa,
