@@ -467,7 +467,7 @@ def test_saliency_figure_leaves_out_constant_grad_cam_maps(tmp_path, monkeypatch
     figures = _record_figures(monkeypatch)
     assert report.plot_saliency(flat, x, y, tmp_path / "s.png")
     assert [ax.get_title() for ax in figures[0].axes[1:2]] == ["input gradient"]
-    note = "Grad-CAM left out: its maps are constant here\n(e.g. a 1x1 last feature map)"
+    note = "Grad-CAM left out: its maps are constant here\n(a 1x1 last feature map, or no positive evidence)"
     assert figures[0]._suptitle.get_text() == note
     # on one line the note was wider than the two-column figure and cut off at both ends
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -487,6 +487,17 @@ def test_saliency_figure_leaves_out_constant_grad_cam_maps(tmp_path, monkeypatch
     assert report.plot_saliency(rgb, x, torch.arange(4), tmp_path / "u.png")
     assert [ax.get_title() for ax in figures[2].axes[1:2]] == ["input gradient"]
     assert figures[2]._suptitle.get_text() == note
+    # all zero on a 6x6 map: every channel weighs negatively for the predicted class (the dermoscopy walk's resnet18
+    # at 32x32, a 2x2 map): the note named only a 1x1 map
+    negative = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    with torch.no_grad():
+        negative[0].bias.fill_(1.0)  # positive activations everywhere
+        negative[3].weight.copy_(torch.tensor([-1.0, -2.0]).view(2, 1).expand(2, 4 * 36))
+        negative[3].bias.zero_()
+    x = torch.rand(2, 1, 6, 6)
+    assert not report.grad_cam(negative, x).any()
+    assert report.plot_saliency(negative, x, torch.tensor([0, 1]), tmp_path / "v.png")
+    assert figures[3]._suptitle.get_text() == note
 
 
 def test_tables_escape_a_pipe_in_labels():

@@ -489,7 +489,9 @@ def plot_saliency(model, x, y, path, info=None, title=None):
         # e.g. vgg16 / densenet121 at 28x28, whose last feature map is 1x1: every panel one flat colour, read as if
         # the whole image mattered equally
         # two lines: on one it was wider than the two-column figure and cut off at both ends
-        cams, note = None, "Grad-CAM left out: its maps are constant here\n(e.g. a 1x1 last feature map)"
+        # or all zero on a larger map: no channel weighs positively for the predicted class (resnet18 at 32x32, 2x2)
+        cams, note = None, ("Grad-CAM left out: its maps are constant here\n(a 1x1 last feature map, or no "
+                            "positive evidence)")
     # The predictions shown come from the input gradient's own eval-mode forward: no third forward, and not one in
     # the model's current mode (after fit, train mode: batch-norm statistics of these few images, running stats
     # updated).
