@@ -2367,19 +2367,19 @@ def test_reproduce_resume_refusal_names_every_run_to_delete(small_npz, tmp_path,
 
 def test_reproduce_results_record_classes_missing_from_any_run(tmp_path, capsys):
     """results.json's dataset recorded the last run's classes_missing_from_split, though its means are over every
-    run: here seed 2's split misses normal from test, seeds 0 and 1's from val."""
+    run: here seed 0's split misses normal from val, seeds 1 and 2's from test."""
     from robust_ops.reproduce import run_protocol
 
     d = _folder(tmp_path / "d", n=15, classes=("benign", "malignant"))
-    _folder(tmp_path / "d", n=3, classes=("normal",))
+    _folder(tmp_path / "d", n=4, classes=("normal",))  # 3 until the split kept the other classes stratified
     proto = _tiny_protocol("seeds", [("STD", "standard")])
     proto.model, proto.repeats = "mlp", 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each split's warning about the rare class
         run_protocol(proto, out=tmp_path / "r", data=str(d), size=8, progress=False)
     runs = [json.loads((tmp_path / "r" / "runs" / "std" / f"seed{k}" / "run.json").read_text()) for k in range(3)]
-    assert [r["dataset"]["classes_missing_from_split"] for r in runs] == [{"val": ["normal"]}] * 2 + [
-        {"test": ["normal"]}]
+    assert [r["dataset"]["classes_missing_from_split"] for r in runs] == [{"val": ["normal"]}] + [
+        {"test": ["normal"]}] * 2
     doc = json.loads((tmp_path / "r" / "results.json").read_text())
     assert doc["dataset"]["classes_missing_from_split"] == {"val": ["normal"], "test": ["normal"]}
 
@@ -3871,10 +3871,49 @@ def test_warnings_are_one_line(tmp_path, capsys):
                         tmp_path / "run", "--no-progress", "--device", "cpu"], capsys)
     assert rc == 0, err
     assert err.strip().splitlines() == [f"robust-ops train: warning: {tmp_path / 'd'}: a class is too small to "
-                                        "stratify the 0.7/0.1/0.2 split (smallest: normal, 1 sample); the split is "
-                                        "seeded random instead and leaves out normal from train; benign, normal "
-                                        "from val"]
+                                        "stratify the 0.7/0.1/0.2 split (smallest: normal, 1 sample); the other "
+                                        "classes are stratified and normal placed at random and leaves out normal "
+                                        "from val; normal from test"]
     assert "classes: benign = 0, malignant = 1, normal = 2; metrics macro-averaged over classes" in out
+
+
+def test_a_split_made_by_the_old_rare_class_rule_is_rebuilt_by_eval_and_refused_by_resume(tmp_path, capsys):
+    """A class too small to stratify made every class's split random until 2026-12-06 (now the others stay
+    stratified, run.json's dataset records rare_classes 'merge'). A run whose run.json records no rule was split the
+    old way: eval rebuilds that split (else it could test on training images), --resume is refused, saying so."""
+    import warnings
+
+    data = _folder(tmp_path / "d")
+    _folder(tmp_path / "d", n=1, classes=("normal",))
+    out = tmp_path / "run"
+    args = ["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress",
+            "--device", "cpu"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*too small to stratify")
+        assert run(args, capsys)[0] == 0
+        record = json.loads((out / "run.json").read_text())
+        assert record["dataset"]["rare_classes"] == "merge"
+        missing = {"new": record["dataset"]["classes_missing_from_split"]}
+        eval_args = ["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+        assert run(eval_args + ["--out", tmp_path / "e1"], capsys)[0] == 0
+        assert json.loads((tmp_path / "e1/results.json").read_text())["dataset"]["classes_missing_from_split"] == \
+            missing["new"]
+        rc, _, err = run(args[:8] + ["2"] + args[9:] + ["--resume"], capsys)  # the rule it records: continues
+        assert rc == 0, err
+        record = json.loads((out / "run.json").read_text())
+        del record["dataset"]["rare_classes"]  # as a run trained before the rule was recorded
+        (out / "run.json").write_text(json.dumps(record))
+        rc, _, err = run(eval_args + ["--out", tmp_path / "e2"], capsys)
+        assert rc == 0, err
+        old = json.loads((tmp_path / "e2/results.json").read_text())["dataset"]["classes_missing_from_split"]
+        assert old == {"train": ["normal"], "val": ["benign", "normal"]} != missing["new"]  # the old rule's parts
+        rc, _, err = run(args[:8] + ["3"] + args[9:] + ["--resume"], capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"robust-ops train: error: --resume: {out / 'run.json'} was trained on a split drawn before 2026-12-06, when a "
+        "class too small to stratify made every class's split random; this version stratifies the other classes, so "
+        "the training images would differ. `robust-ops eval` still tests the run on its own split; to continue it, "
+        "in Python, load_dataset(..., rare_classes='random') and fit(..., resume=); or train it again without "
+        "--resume"), err
 
 
 def test_saliency_on_feature_vectors(tmp_path, capsys):

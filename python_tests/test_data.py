@@ -143,13 +143,74 @@ def test_a_class_too_small_to_stratify_is_reported():
     # Unstratifiable: the seeded random split leaves class 1 out of the test part for this seed -- said, not silent.
     with pytest.warns(UserWarning, match=r"too small to stratify the 0.7/0.1/0.2 split \(smallest: 1, 2 samples\); "
                                          r".* leaves out \{2: \[1\]\}"):
-        parts = stratified_split(np.array([0] * 20 + [1] * 2), (0.7, 0.1, 0.2), seed=2)
+        parts = stratified_split(np.array([0] * 20 + [1] * 2), (0.7, 0.1, 0.2), seed=2, rare_classes="random")
     assert sum(map(len, parts)) == 22
     # the warning names the smallest class and its size, so the user knows which class to collect more of
     y = np.array([0] * 40 + [1] * 40 + [2] * 4)
     with pytest.warns(UserWarning, match=r"^toy: a class is too small to stratify the 0.7/0.1/0.2 split \(smallest: c, "
                                          r"4 samples\); the split is seeded random instead and leaves out c from "):
+        stratified_split(y, (0.7, 0.1, 0.2), seed=0, source="toy", class_names=("a", "b", "c"), rare_classes="random")
+    with pytest.warns(UserWarning, match=r"^toy: a class is too small to stratify the 0.7/0.1/0.2 split \(smallest: c, "
+                                         r"4 samples\); the other classes are stratified and c placed at random"):
         stratified_split(y, (0.7, 0.1, 0.2), seed=0, source="toy", class_names=("a", "b", "c"))
+
+
+def test_classes_too_small_to_stratify_leave_the_others_stratified():
+    """One class too small to stratify made the whole split seeded random, so classes of 12 and 6 samples went missing
+    from the test and val parts of a 7-class set (found by the dermoscopy walk: HAM10000-like counts). The small
+    classes are now placed at random as one stratum (joining the largest class's when they are one sample) and the
+    others stay stratified; rare_classes="random" keeps the old rule for splits made by it. Recorded in the info."""
+    from robust_ops.data.core import DatasetInfo, splits_from_arrays, stratified_split
+
+    y = np.repeat(np.arange(7), [12, 18, 38, 4, 39, 233, 6])
+    names = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    with pytest.warns(UserWarning, match=r"the other classes are stratified and df placed at random and leaves out "
+                                         r"df from val$"):
+        parts = stratified_split(y, (0.7, 0.1, 0.2), 0, class_names=names)
+    counts = [np.bincount(y[p], minlength=7) for p in parts]
+    for i in (0, 1, 2, 4, 5, 6):  # each class but df within one sample of its share of every part
+        for c, f in zip(counts, (0.7, 0.1, 0.2)):
+            assert abs(c[i] - f * (y == i).sum()) <= 1.5, (names[i], c[i], f)
+    with pytest.warns(UserWarning, match=r"seeded random instead and leaves out vasc from val; akiec, df from test$"):
+        legacy = stratified_split(y, (0.7, 0.1, 0.2), 0, class_names=names, rare_classes="random")
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, legacy))
+    x = torch.zeros(len(y), 1, 2, 2)
+    for rule, recorded in (("merge", {"rare_classes": "merge"}), ("random", {})):
+        info = DatasetInfo("derm", 7, 1, 2, names)
+        with pytest.warns(UserWarning, match="too small to stratify"):
+            splits_from_arrays(x, torch.as_tensor(y), info, 0, rare_classes=rule)
+        assert {k: v for k, v in info.extra.items() if k == "rare_classes"} == recorded
+    info = DatasetInfo("even", 2, 1, 2, ("a", "b"))  # stratifiable: nothing recorded, the same split either rule
+    splits_from_arrays(torch.zeros(40, 1, 2, 2), torch.arange(40) % 2, info, 0)
+    assert "rare_classes" not in info.extra
+    with pytest.raises(DataError, match=r"^toy: expected rare_classes to be 'merge' or 'random', got 'drop'$"):
+        stratified_split(y, (0.7, 0.1, 0.2), 0, source="toy", rare_classes="drop")
+    with pytest.raises(DataError, match=r"^synthetic: rare_classes= chooses how the split drawn for class folders and "
+                                        r"CSV treats classes too small to stratify; this source has no drawn split -- "
+                                        r"drop rare_classes=$"):
+        load_dataset("synthetic", rare_classes="random")
+    with pytest.raises(DataError, match=r"^cross_validation: expected rare_classes to be 'merge' or 'random', got "
+                                        r"None$"):
+        cross_validation(load_dataset("synthetic"), rare_classes=None)
+
+
+def test_cross_validation_records_a_validation_part_that_merged_small_classes():
+    """A fold's validation part of 3 samples cannot stratify 7 classes: the smallest classes are merged into one
+    stratum (recorded as rare_classes 'merge' in that fold's info, which run.json keeps for eval); rare_classes=
+    'random' draws it at random as before 2026-12-06, recording nothing."""
+    import warnings
+
+    splits, _ = _indexed_splits((5,) * 7 + (40,))
+    for rule, how in (("merge", r"the other classes are stratified and c\d, .* placed at random"),
+                      ("random", "the split is seeded random instead")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folds = cross_validation(splits, k=5, seed=0, rare_classes=rule)
+        assert caught and all(re.search(rf"\(fold \d\): a class is too small to stratify the 0\.9/0\.1 split .*; {how}",
+                                        str(w.message)) for w in caught), [str(w.message) for w in caught]
+        merged, legacy = (folds, None) if rule == "merge" else (merged, folds)
+    assert merged[0].info.extra["rare_classes"] == "merge" and "rare_classes" not in legacy[0].info.extra
+    assert torch.equal(merged[0].test.tensors[0], legacy[0].test.tensors[0])  # the folds themselves are the same
 
 
 def test_npz_missing_keys(tmp_path):
@@ -1687,13 +1748,13 @@ def test_grouped_split_labels_a_group_by_its_most_frequent_label_ties_the_lowest
     from robust_ops.data import core
 
     seen = {}
-    real = core.stratified_split
+    real = core._stratified_parts
 
     def spy(y, *args, **kwargs):
         seen["y"] = np.asarray(y).tolist()
         return real(y, *args, **kwargs)
 
-    monkeypatch.setattr(core, "stratified_split", spy)
+    monkeypatch.setattr(core, "_stratified_parts", spy)
     y = np.array([1, 0, 1, 0, 0, 1, 1, 1] + [0, 1] * 6)
     groups = np.array(["a", "a", "a", "b", "b", "b", "c", "c"] + [f"g{i // 2}" for i in range(12)])
     parts = core.grouped_split(y, groups, (0.5, 0.5), 0)

@@ -362,6 +362,16 @@ def _trained_split_by(run, data, same_data):
     return record.get("split_by", "image")
 
 
+def _trained_rare_classes(run, data, same_data):
+    """How the run's own folder / CSV split treated classes too small to stratify (its run.json's record: "random"
+    where it records none, the rule before 2026-12-06), so eval tests on its test split; None otherwise."""
+    from .data.core import reads_image_files, trained_rare_classes
+
+    if not same_data or not run.get("dataset") or not reads_image_files(str(data)):
+        return None
+    return trained_rare_classes(run["dataset"])
+
+
 def split_by_refusal(run_dir, was, now):
     """Why RUN_DIR cannot resume when its CSV would now be split by another rule (resume_conflict's "split_by"), and
     what to do: its samples digest differs too, but a digest mismatch says neither."""
@@ -376,12 +386,21 @@ def split_by_refusal(run_dir, was, now):
             f"split_by={was!r}) and fit(..., resume=)")
 
 
-def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None, split_by=None, channels=None):
+def rare_classes_refusal(run_dir):
+    """Why RUN_DIR cannot resume when its data, split before 2026-12-06, would now be split by the rare-class rule."""
+    return (f"{Path(run_dir) / RUN_FILE} was trained on a split drawn before 2026-12-06, when a class too small to "
+            "stratify made every class's split random; this version stratifies the other classes, so the training "
+            f"images would differ. `{PROG} eval` still tests the run on its own split; to continue it, in Python, "
+            "load_dataset(..., rare_classes='random') and fit(..., resume=)")
+
+
+def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None, split_by=None, channels=None,
+              rare_classes=None):
     from .data import DataError, load_dataset
 
     try:
         return load_dataset(spec, size=size, seed=seed, classes=classes, download=_allow_download,
-                            bit_depth=bit_depth, split_by=split_by, channels=channels)
+                            bit_depth=bit_depth, split_by=split_by, channels=channels, rare_classes=rare_classes)
     except DataError as err:
         raise _data_error(err, flag) from None
 
@@ -812,6 +831,7 @@ def resume_conflict(out, run):
     setting its weights depend on, ``("epochs", epochs done, run's epochs)`` when it trained for more epochs;
     None when it can (or holds no run)."""
     from . import train as trainer
+    from .data.core import trained_rare_classes
 
     out = Path(out)
     if not (out / RUN_FILE).is_file():
@@ -844,6 +864,8 @@ def resume_conflict(out, run):
                        # a CSV run recorded without split_by was split by image (before lesion_id grouped it)
                        ("split_by", lambda r: _trained_split_by(r, r.get("data"), True)),
                        ("samples_digest", lambda r: (r.get("dataset") or {}).get("samples_digest")),
+                       # split before 2026-12-06 with a class too small to stratify: every class at random
+                       ("rare_classes", lambda r: trained_rare_classes(r["dataset"]) if r.get("dataset") else None),
                        ("train_samples", lambda r: r.get("train_samples"))):
         was, now = value(old), value(run)
         if was is not None and now is not None and was != now:
@@ -959,6 +981,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 raise CLIError(f"--resume: {out} holds {conflict[1]} epochs of training, more than --epochs {epochs}")
             if conflict and conflict[0] == "split_by":
                 raise CLIError(f"--resume: {split_by_refusal(out, *conflict[1:])}; or train it again without --resume")
+            if conflict and conflict[0] == "rare_classes":
+                raise CLIError(f"--resume: {rare_classes_refusal(out)}; or train it again without --resume")
             if conflict:
                 key, was, now = conflict
                 raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has "
@@ -1221,7 +1245,8 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
 
         record = run["split"] if read_at is None or run["split"].get("size") is not None else \
             {**run["split"], "size": read_at}
-        splits = rebuild_splits(data, record, split_by=_trained_split_by(run, data, same_data))
+        splits = rebuild_splits(data, record, split_by=_trained_split_by(run, data, same_data),
+                                rare_classes=_trained_rare_classes(run, data, same_data))
     elif same_data and not explicit_data and _looks_like_kfold_run(target if target.is_dir() else target.parent):
         raise CLIError(f"{target}: a reproduce k-fold run whose {RUN_FILE} predates the split record, so its held-out "
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
@@ -1230,7 +1255,8 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
         splits = load_data(data, size=(read_at or run.get("size")) if size is None else size,
                            seed=run.get("seed", 0), flag=flag, classes=classes, bit_depth=bit_depth, channels=channels,
-                           split_by=_trained_split_by(run, data, same_data))
+                           split_by=_trained_split_by(run, data, same_data),
+                           rare_classes=_trained_rare_classes(run, data, same_data))
     was = (run.get("dataset") or {}).get("class_counts")
     now = splits.info.extra.get("class_counts")
     if same_data and was and now is not None and was != now:  # the seeded split would differ: train images in test

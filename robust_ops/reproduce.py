@@ -579,22 +579,26 @@ def load_pool(data, size, seed, bit_depth, split_by=None, channels=None, classes
                          classes=classes)
 
 
-def kfold_splits(data, base, k, seed):
+def kfold_splits(data, base, k, seed, rare_classes=None):
     """The ``k`` stratified folds of the loaded ``data`` (``base``); data that cannot be split so (a class with
-    fewer than ``k`` samples) is a one-line error naming ``--data``, not a traceback."""
+    fewer than ``k`` samples) is a one-line error naming ``--data``, not a traceback. ``rare_classes``: how the
+    folds' validation parts treat classes too small to stratify (None: cross_validation's default)."""
     from .cli import CLIError
     from .data import DataError, cross_validation
 
     try:
-        return cross_validation(base, k=k, seed=seed)
+        return cross_validation(base, k=k, seed=seed, **({} if rare_classes is None else
+                                                          {"rare_classes": rare_classes}))
     except DataError as err:
         raise CLIError(f"--data: {data} cannot be split into {k} stratified cross-validation folds ({err})") from None
 
 
-def rebuild_splits(data, record, base=None, folds=None, split_by=None):
+def rebuild_splits(data, record, base=None, folds=None, split_by=None, rare_classes=None):
     """The DatasetSplits a reproduce run used, from its run.json ``split`` record (see :func:`split_record`).
     ``base`` / ``folds``: the loaded data / its folds, when the caller has them already. ``split_by``: how a CSV's
-    rows were split, as the run's dataset record says (eval's ``_trained_split_by``); None: load_dataset's default."""
+    rows were split, as the run's dataset record says (eval's ``_trained_split_by``); None: load_dataset's default.
+    ``rare_classes``: likewise, how its split treated classes too small to stratify (eval's
+    ``_trained_rare_classes``)."""
     from .cli import CLIError, load_data, subset_splits
 
     kind = record.get("kind")
@@ -603,13 +607,13 @@ def rebuild_splits(data, record, base=None, folds=None, split_by=None):
             base = base if base is not None else load_pool(data, record.get("size"), record.get("data_seed", 0),
                                                            record.get("bit_depth"), split_by, record.get("channels"),
                                                            record.get("classes"))
-            folds = kfold_splits(data, base, record["k"], record["cv_seed"])
+            folds = kfold_splits(data, base, record["k"], record["cv_seed"], rare_classes)
         splits = folds[record["fold"]]
     elif kind == "seeds":
         splits = base if base is not None else load_data(data, size=record.get("size"), seed=record["data_seed"],
                                                          bit_depth=record.get("bit_depth"), split_by=split_by,
                                                          channels=record.get("channels"),
-                                                         classes=record.get("classes"))
+                                                         classes=record.get("classes"), rare_classes=rare_classes)
     else:
         raise CLIError(f"run.json: unknown split record {record!r}; expected kind 'kfold' or 'seeds'")
     sub = record.get("subset")

@@ -141,17 +141,39 @@ def check_sklearn_seed(where, seed):
     return seed
 
 
-def stratified_split(y, fractions, seed, source="dataset", class_names=None):
+# How a split treats classes too small to stratify: "merge" stratifies the other classes and places the small ones at
+# random (as one stratum); "random" (the rule before 2026-12-06, kept for runs split by it) splits every class at random
+RARE_CLASS_RULES = ("merge", "random")
+
+
+def check_rare_classes(where, rare_classes):
+    if rare_classes not in RARE_CLASS_RULES:
+        raise DataError(f"{where}: expected rare_classes to be 'merge' or 'random', got {rare_classes!r}",
+                        arg="rare_classes")
+    return rare_classes
+
+
+def stratified_split(y, fractions, seed, source="dataset", class_names=None, rare_classes="merge"):
     """Split indices into len(fractions) stratified parts (fractions sum to 1), deterministic in seed (an integer
     from 0 to MAX_SKLEARN_SEED). class_names: label -> name, so the warning about a class too small to stratify names
-    it and the parts (train, val, test in that order)."""
+    it and the parts (train, val, test in that order). rare_classes: see :data:`RARE_CLASS_RULES`."""
+    return _stratified_parts(y, fractions, seed, source, class_names, rare_classes)[0]
+
+
+def _cut(rest, share, strata, seed):
     from sklearn.model_selection import train_test_split
 
+    return train_test_split(rest, train_size=share, stratify=strata, random_state=seed)
+
+
+def _stratified_parts(y, fractions, seed, source, class_names, rare_classes):
+    """:func:`stratified_split`'s parts, and the classes it placed at random as one stratum (rare_classes="merge")."""
     # checked here: scikit-learn's refusal of a bad seed is a ValueError, read below as a class too small to stratify
     seed = check_sklearn_seed(source, seed)
+    check_rare_classes(source, rare_classes)
     y = np.asarray(y)
     idx = np.arange(len(y))
-    parts, rest, rest_frac, stratified = [], idx, 1.0, True
+    parts, rest, rest_frac, stratified, merged = [], idx, 1.0, True, set()
     too_few = DataError(f"{source}: too few samples ({len(y)}) for a {'/'.join(map(str, fractions))} split; "
                         "expected at least one sample per part")
     for frac in fractions[:-1]:
@@ -161,21 +183,45 @@ def stratified_split(y, fractions, seed, source="dataset", class_names=None):
             rest = rest[:0]
             break
         try:
-            take, rest = train_test_split(rest, train_size=share, stratify=y[rest], random_state=seed)
-        except ValueError:  # a class too small to stratify: a seeded random split, checked below
-            try:
-                take, rest = train_test_split(rest, train_size=share, random_state=seed)
-            except ValueError:  # a part would be empty: scikit-learn's traceback would not name the dataset
-                raise too_few from None
-            stratified = False
+            take, rest = _cut(rest, share, y[rest], seed)
+        except ValueError:  # a class too small to stratify
+            cut = None
+            if rare_classes == "merge":
+                # the k smallest classes as one stratum, k growing until scikit-learn can stratify: one class of 4
+                # samples made every class's split random, and classes of 12 or 39 samples went missing from a part
+                labels, counts = np.unique(y[rest], return_counts=True)
+                order = np.argsort(counts, kind="stable")
+                smallest_first = labels[order]
+                for k in range(1, len(smallest_first)):
+                    # a stratum of one sample cannot be stratified either: it then joins the largest class's
+                    alone = counts[order[:k]].sum() < 2
+                    strata = np.where(np.isin(y[rest], smallest_first[:k]), smallest_first[-1] if alone else -1,
+                                      y[rest])
+                    try:
+                        cut = _cut(rest, share, strata, seed)
+                    except ValueError:
+                        continue
+                    merged.update(smallest_first[:k].tolist())
+                    break
+            if cut is None:  # a seeded random split, checked below
+                stratified = False
+                try:
+                    cut = _cut(rest, share, None, seed)
+                except ValueError:  # a part would be empty: scikit-learn's traceback would not name the dataset
+                    raise too_few from None
+            take, rest = cut
         parts.append(np.sort(take))
         rest_frac -= frac
     parts.append(np.sort(rest))
     if any(len(p) == 0 for p in parts):
         raise too_few
-    if not stratified:  # no class kept its share; scikit-learn refuses only splits that leave a class out of a part
+    if not stratified or merged:  # scikit-learn refuses only splits that leave a class out of a part
         labels, counts = np.unique(y, return_counts=True)
-        smallest = [str(class_names[c] if class_names is not None else c) for c in labels[counts == counts.min()]]
+
+        def named(classes):
+            return [str(class_names[c] if class_names is not None else c) for c in classes]
+
+        smallest = named(labels[counts == counts.min()])
         size = counted(int(counts.min()), "sample")
         missing = missing_classes(y, parts)
         where = f"{missing} (part index: classes)"
@@ -183,23 +229,43 @@ def stratified_split(y, fractions, seed, source="dataset", class_names=None):
             parts_named = ("train", "val", "test")  # k-fold splits a fold's training part into train and val
             where = "; ".join(f"{', '.join(str(class_names[c]) for c in cs)} from {parts_named[i]}"
                               for i, cs in missing.items())
+        how = ("the split is seeded random instead" if not stratified else
+               f"the other classes are stratified and {', '.join(named(sorted(merged)))} placed at random")
         warnings.warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split "
-                      f"(smallest: {', '.join(smallest)}, {size}); the split is seeded random instead"
+                      f"(smallest: {', '.join(smallest)}, {size}); {how}"
                       + (f" and leaves out {where}" if missing else ""), stacklevel=3)
-    return parts
+    return parts, sorted(merged)
 
 
-def grouped_split(y, groups, fractions, seed, source="dataset", class_names=None, group_name="group"):
+def grouped_split(y, groups, fractions, seed, source="dataset", class_names=None, group_name="group",
+                  rare_classes="merge"):
     """:func:`stratified_split` of the groups (e.g. HAM10000's lesions), each labelled by its most frequent label
     (ties: the lowest), every sample following its group: no group has samples in two parts. The fractions are
     those of groups; the warnings and errors count groups (``group_name``: the column they come from)."""
+    return _grouped_parts(y, groups, fractions, seed, source, class_names, group_name, rare_classes)[0]
+
+
+def _grouped_parts(y, groups, fractions, seed, source, class_names, group_name, rare_classes):
     source = f"{source} (split by {group_name}: counts are of {group_name} groups)"
     keys, inverse = np.unique(np.asarray(groups), return_inverse=True)
     y = np.asarray(y)
     counts = np.zeros((len(keys), int(y.max()) + 1 if y.size else 1), dtype=np.int64)
     np.add.at(counts, (inverse, y), 1)
-    parts = stratified_split(counts.argmax(1), fractions, seed, source, class_names)
-    return [np.flatnonzero(np.isin(inverse, p)) for p in parts]
+    parts, merged = _stratified_parts(counts.argmax(1), fractions, seed, source, class_names, rare_classes)
+    return [np.flatnonzero(np.isin(inverse, p)) for p in parts], merged
+
+
+def record_rare_classes(extra, merged):
+    """``rare_classes: "merge"`` in a DatasetInfo's extra (run.json's dataset) when the split placed small classes at
+    random as one stratum, the rule that changed the split: eval rebuilds the run's split by it, and a run.json
+    without the entry (no class too small, or split before 2026-12-06) by "random", which then gives its split."""
+    if merged:
+        extra["rare_classes"] = "merge"
+
+
+def trained_rare_classes(dataset_record):
+    """The rare_classes rule a run's data was split by, from its run.json's ``dataset``: see record_rare_classes."""
+    return (dataset_record or {}).get("rare_classes", "random")
 
 
 def missing_classes(y, parts):
@@ -215,16 +281,19 @@ def missing_classes_record(y, parts, class_names, part_names=("train", "val", "t
     return {part_names[i]: [class_names[c] for c in cs] for i, cs in missing_classes(y, parts).items()}
 
 
-def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None, group_name="group"):
+def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None, group_name="group",
+                       rare_classes="merge"):
     """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples; with ``groups`` (one key per
     sample, ``group_name`` the column they come from) a :func:`grouped_split`: every group on one side. ``x``: float
     inputs, or uint8 images, which each part converts to float in [0, 1] (a float copy of the whole pool beside the
-    parts held the data in memory twice over)."""
+    parts held the data in memory twice over). ``rare_classes``: see :data:`RARE_CLASS_RULES`."""
     source = info.source or info.name
     if groups is None:
-        parts = stratified_split(y.numpy(), fractions, seed, source, info.class_names)
+        parts, merged = _stratified_parts(y.numpy(), fractions, seed, source, info.class_names, rare_classes)
     else:
-        parts = grouped_split(y.numpy(), groups, fractions, seed, source, info.class_names, group_name)
+        parts, merged = _grouped_parts(y.numpy(), groups, fractions, seed, source, info.class_names, group_name,
+                                       rare_classes)
+    record_rare_classes(info.extra, merged)
     missing = missing_classes_record(y.numpy(), parts, info.class_names)
     if missing:  # recorded in results.json: a metric of an absent class is undefined there
         info.extra["classes_missing_from_split"] = missing
@@ -244,7 +313,7 @@ def reads_image_files(spec):
 
 
 def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None, download=False, bit_depth=None,
-                 split_by=None, channels=None):
+                 split_by=None, channels=None, rare_classes=None):
     """Load a dataset by spec and return ``DatasetSplits(train, val, test, info)``.
 
     spec:
@@ -266,6 +335,9 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
         "auto" -- by ``lesion_id`` when the CSV has that column, else by image; "image"; or a column to group by.
     channels: how many channels image files are read as (folders and CSV only): 1 (grayscale) or 3 (RGB); None
         (default) the loader's own: class folders 1 unless an image has colour, a CSV's images 3.
+    rare_classes: how the drawn split treats classes too small to stratify (folders and CSV only): None (default) or
+        "merge" stratifies the other classes and places the small ones at random, as one stratum; "random" splits
+        every class at random then (the rule before 2026-12-06: the split of a run made by it).
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")
@@ -301,6 +373,13 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if known and channels is not None and not image_files:  # would be ignored
         raise DataError(f"{text}: channels= picks how image files (class folders and CSV) are read; this source's "
                         "channels are fixed -- drop channels=", arg="channels")
+    if rare_classes is not None:
+        check_rare_classes(text, rare_classes)
+        if known and not image_files:  # would be ignored
+            raise DataError(f"{text}: rare_classes= chooses how the split drawn for class folders and CSV treats "
+                            "classes too small to stratify; this source has no drawn split -- drop rare_classes=",
+                            arg="rare_classes")
+    rare_classes = "merge" if rare_classes is None else rare_classes
     mode = {None: None, 1: "L", 3: "RGB"}[channels]
     if known and root is not None and not medmnist_name:  # would be ignored (download= is a permission, not a request)
         raise DataError(f"{text}: root= is where MedMNIST files are looked up by name; this source is not one -- "
@@ -318,9 +397,11 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
         return medmnist.load_npz(path, size=size, classes=classes)
     if low.endswith(".csv"):
         return folders.load_csv(path, size=size, seed=seed, classes=classes, bit_depth=bit_depth,
-                                split_by="auto" if split_by is None else split_by, mode=mode or "RGB")
+                                split_by="auto" if split_by is None else split_by, mode=mode or "RGB",
+                                rare_classes=rare_classes)
     if path.is_dir():
-        return folders.load_busi(path, size=size, seed=seed, classes=classes, bit_depth=bit_depth, mode=mode)
+        return folders.load_busi(path, size=size, seed=seed, classes=classes, bit_depth=bit_depth, mode=mode,
+                                 rare_classes=rare_classes)
     if medmnist_name:
         return medmnist.load_medmnist(low, root=root, size=size, download=download)
     if path.exists():

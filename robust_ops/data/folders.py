@@ -358,7 +358,7 @@ def _layout_hint(folder, subdirs):
     return ""
 
 
-def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None):
+def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None, rare_classes="merge"):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
 
     size: the side length images are padded and resized to; None: 224, with a warning when every image is at most
@@ -376,6 +376,10 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
 
     bit_depth: None (default) reads 16-bit images on the full 16-bit scale (65535 -> 255); 8 to 16 on that many
     bits' scale (12, CT and X-ray PNGs: 4095 -> 255), a value above it an error; recorded in ``info.extra``.
+
+    rare_classes: how the stratified 7:1:2 split treats classes too small to stratify: "merge" (default) stratifies
+    the others and places the small ones at random, as one stratum (recorded as ``info.extra["rare_classes"]``);
+    "random" splits every class at random then (the rule before 2026-12-06).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -442,7 +446,7 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
                "samples_digest": _samples_digest((p.name, c) for c in classes for p in files[c]),
                **_bit_depth_record(bit_depth)},
     )
-    return splits_from_arrays(x, y, info, seed)
+    return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes)
 
 
 def _label_order(labels):
@@ -469,7 +473,7 @@ def _one_hot_columns(reader, fields):
 
 
 def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
-             mode="RGB", bit_depth=None, split_by="auto"):
+             mode="RGB", bit_depth=None, split_by="auto", rare_classes="merge"):
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
     _part_2/).
@@ -488,6 +492,7 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     side (an image-level split let a lesion's images land in train and test, inflating test accuracy): the stratified
     7:1:2 split is drawn over the groups, each labelled by its most frequent label, and recorded as
     ``info.extra["split_by"]`` (the column). An empty group value is an error (in a row ``classes`` leaves out, not).
+    rare_classes: as for :func:`load_busi`.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -619,6 +624,6 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                **({"split_by": group_column} if group_column else {})},  # image splits: records as before
     )
     if group_column is None:
-        return splits_from_arrays(x, y, info, seed)
+        return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes)
     return splits_from_arrays(x, y, info, seed, groups=[groups[image_id] for image_id, _ in kept],
-                              group_name=group_column)
+                              group_name=group_column, rare_classes=rare_classes)

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from .._options import check_int, class_labels
-from .core import (DataError, DatasetSplits, check_sklearn_seed, grouped_split, missing_classes_record,
-                   stratified_split)
+from .core import (DataError, DatasetSplits, _grouped_parts, _stratified_parts, check_rare_classes,
+                   check_sklearn_seed, missing_classes_record, record_rare_classes)
 
 
 def _tensors(dataset):
@@ -44,18 +44,20 @@ def pooled_groups(splits, n):
     return groups
 
 
-def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
+def cross_validation(splits, k=5, seed=0, val_fraction=0.1, rare_classes="merge"):
     """k stratified folds over the pooled data: fold i tests on the i-th part, validates on a stratified
     ``val_fraction`` of the rest and trains on the remainder; the same ``seed`` (an integer from 0 to 2**32 - 1)
     gives the same folds. Data split by group (``splits.groups``: a CSV's lesion_id) is folded by group
-    (StratifiedGroupKFold) and each fold's validation part drawn by group too: no group in two parts. Returns a list
-    of DatasetSplits (same info)."""
+    (StratifiedGroupKFold) and each fold's validation part drawn by group too: no group in two parts.
+    ``rare_classes``: how the validation part treats classes too small to stratify, as in ``load_dataset``. Returns a
+    list of DatasetSplits (same info)."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     k = check_int("cross_validation", "k (the number of folds)", k, minimum=2, error=DataError)
     # None would draw other folds on every call (a fold could not be rebuilt to evaluate it); scikit-learn's own
     # refusal of a negative seed names neither the function nor the argument
     seed = check_sklearn_seed("cross_validation", seed)
+    check_rare_classes("cross_validation", rare_classes)
     # a negative one would silently mean 0, 1 leaves no training data; a string or None failed in the comparison
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 <= val_fraction < 1:
         raise DataError(f"cross_validation: expected 0 <= val_fraction < 1, got {val_fraction!r}")
@@ -83,29 +85,33 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1):
         skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y.numpy(),
                                                                                        groups)
     for i, (train_idx, test_idx) in enumerate(skf):
+        merged = ()
         if val_fraction > 0:
             source = f"{splits.info.source or splits.info.name} (fold {i})"
             if groups is None:
-                tr, va = stratified_split(y[train_idx].numpy(), (1 - val_fraction, val_fraction), seed, source,
-                                          splits.info.class_names)
+                (tr, va), merged = _stratified_parts(y[train_idx].numpy(), (1 - val_fraction, val_fraction), seed,
+                                                     source, splits.info.class_names, rare_classes)
             else:
-                tr, va = grouped_split(y[train_idx].numpy(), groups[train_idx], (1 - val_fraction, val_fraction), seed,
-                                       source, splits.info.class_names, split_by)
+                (tr, va), merged = _grouped_parts(y[train_idx].numpy(), groups[train_idx],
+                                                  (1 - val_fraction, val_fraction), seed, source,
+                                                  splits.info.class_names, split_by, rare_classes)
             train_idx, val_idx = train_idx[tr], train_idx[va]
         else:
             val_idx = train_idx[:0]
         parts = (train_idx, val_idx, test_idx)
         folds.append(DatasetSplits(
-            *(TensorDataset(x[p], y[p]) for p in parts), _fold_info(splits.info, y, parts),
+            *(TensorDataset(x[p], y[p]) for p in parts), _fold_info(splits.info, y, parts, merged),
             None if groups is None else tuple(groups[p] for p in parts),
         ))
     return folds
 
 
-def _fold_info(info, y, parts):
+def _fold_info(info, y, parts, merged):
     """The base info, but classes_missing_from_split describing this fold rather than the 7:1:2 split it came from
-    (run.json records it), and a copy, so one fold's info cannot change another's."""
+    (run.json records it), rare_classes recorded where this fold's validation part merged small classes, and a
+    copy, so one fold's info cannot change another's."""
     extra = {k: v for k, v in info.extra.items() if k != "classes_missing_from_split"}
+    record_rare_classes(extra, merged)
     names = [n for n, p in zip(("train", "val", "test"), parts) if len(p)]
     # an empty val (val_fraction=0) is deliberate
     missing = missing_classes_record(y.numpy(), [p for p in parts if len(p)], info.class_names, names)
