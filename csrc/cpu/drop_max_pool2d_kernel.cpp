@@ -706,7 +706,8 @@ at::Tensor drop_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at:
     }
   });
   TORCH_CHECK(!bad_index.load(), kDropMaxBackwardOp, ": expected indices in [0, ", HW, ") (flat positions into H*W = ",
-              input_size[2], "*", input_size[3], "), got an index out of range");
+              input_size[2], "*", input_size[3],
+              ") or -1 (a window without input elements), got an index out of range");
   return grad_input;
 }
 

@@ -153,8 +153,8 @@ def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_
     # sync), raised at the next sync on CUDA and at once on CPU. -1 marks a window without input elements.
     torch._assert_async(
         ((indices >= -1) & (indices < h * w)).all(),
-        f"_drop_max_pool2d_backward: expected indices in [0, {h * w}) (flat positions into H*W = {h}*{w}), got an "
-        "index out of range",
+        f"_drop_max_pool2d_backward: expected indices in [0, {h * w}) (flat positions into H*W = {h}*{w}) or -1 (a "
+        "window without input elements), got an index out of range",
     )
     if total > 0:
         n, c, oh, ow = grad_output.shape
