@@ -382,6 +382,26 @@ def test_reduced_precision_close_to_reference(dtype, norm, device):
     torch.testing.assert_close(ours.double(), exact, rtol=tol["rtol"], atol=2 * tol["atol"])
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("with_history", [False, True], ids=["no_history", "history"])
+def test_reference_keeps_an_alpha_beyond_the_dtype_in_opmath(dtype, norm, with_history, device):
+    """An alpha the dtype cannot hold (>= 65520 in float16) stays float32 in the reference as in the kernels: rounded
+    to the dtype it was inf, and inf * sign(0) (L2: inf * 0 / ||0||) turned zero-gradient elements to NaN, which the
+    kernels leave finite."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((4, 3, 5, 5), dtype, device, scale=0.02, zero_grad=(2,))
+    grad[0, 0, 0] = 0  # zero-gradient elements in a sample that steps too
+    alpha = torch.full_like(alpha, 65520.0 if dtype == torch.float16 else 3.4e38)
+    history = torch.zeros((2,) + tuple(x_adv.shape), dtype=dtype, device=device) if with_history else None
+    (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, 1)
+    assert ours.isfinite().all()
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(ref.float(), ours.float(), rtol=tol["rtol"], atol=2 * tol["atol"])
+    if with_history:
+        assert_verbose_equal(h_ref[1], ref)
+
+
 def check_clip_bounds_beyond_the_dtype(step_op, dtype, norm, device="cpu"):
     """A clip bound the dtype's opmath cannot hold (1e5 in float16, 1e39 in bfloat16 and float32) is rounded to inf,
     as the C++ kernels' static_cast: backend="reference" clamped with the Python bound and raised torch's "value

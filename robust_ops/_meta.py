@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .reference import pool_output_size
+from .reference import opmath_dtype, pool_output_size
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -269,7 +269,7 @@ def check_pgd_step_values(alpha, eps, x_dtype):
     """csrc/pgd_step.h check_values, with its messages: alpha finite and eps >= 0 for every sample, on the values the
     kernels use (converted to the opmath dtype of x_adv). Reads the values on the host: for CPU tensors only (the
     Triton launcher under the interpreter and backend="reference"); on CUDA it would cost a sync per step."""
-    op_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
+    op_dtype = opmath_dtype(x_dtype)
     alphas, epss = alpha.to(op_dtype).tolist(), eps.to(op_dtype).tolist()
     for i, (a, e) in enumerate(zip(alphas, epss)):
         torch._check(

@@ -139,8 +139,13 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
 # pgd_step_
 
 
-def _per_sample(t, like):
-    return t.to(like.dtype).view((like.shape[0],) + (1,) * (like.dim() - 1))
+def _per_sample(t, like, dtype=None):
+    return t.to(dtype or like.dtype).view((like.shape[0],) + (1,) * (like.dim() - 1))
+
+
+def opmath_dtype(dtype):
+    """The dtype the kernels compute ``dtype``'s elementwise work in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -167,7 +172,7 @@ def clip_bounds(clip_min, clip_max, dtype):
     for float64, else float32), as the C++ kernels' static_cast rounds them: a bound beyond that dtype's range
     becomes inf (torch.clamp or torch.full with 1e39 for float32 raise "value cannot be converted to type float
     without overflow"). Rounded from Python numbers: no tensor, so no device work and no sync."""
-    if dtype == torch.float64:
+    if opmath_dtype(dtype) == torch.float64:
         return float(clip_min), float(clip_max), torch.float64
     return _round_to_float32(clip_min), _round_to_float32(clip_max), torch.float32
 
@@ -189,10 +194,12 @@ def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=
         raise ValueError(f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}")
     if x_adv.numel() == 0:  # nothing to update (and grad.reshape(0, -1) below is ambiguous for an empty batch)
         return
-    a = _per_sample(alpha, x_adv)
+    # alpha in the opmath dtype, as the kernels keep it: rounded to float16 first, an alpha >= 65520 became inf, and
+    # inf * sign(0) made NaN of a sample's zero-gradient elements, which the kernels leave in place
+    a = _per_sample(alpha, x_adv, dtype=opmath_dtype(x_adv.dtype))
     e = _per_sample(eps, x_adv)
     if norm == "linf":
-        stepped = x_adv + a * grad.sign()
+        stepped = x_adv + (a * grad.sign()).to(x_adv.dtype)
         delta = torch.clamp(stepped - x_nat, min=-e, max=e)
     elif norm == "l2":
         n = x_adv.shape[0]

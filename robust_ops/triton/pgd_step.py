@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._autograd import register_in_place_without_gradient
 from .._meta import check_pgd_step_args, check_pgd_step_values
-from ..reference import clip_bounds
+from ..reference import clip_bounds, opmath_dtype
 from ._utils import check_launchable, div_rn, launch, may_overlap, mul_rn, on_device_of
 
 BLOCK = 1024
@@ -112,13 +112,9 @@ def _l2_project_kernel(
         tl.store(hist_ptr + hist_offset + idx, out, mask=mask)
 
 
-def _opmath(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _sample_norms(t, n):
     """Per-sample L2 norms as torch.norm(t.reshape(N, -1), p=2, dim=1) computes them (opmath dtype)."""
-    op_dtype = _opmath(t.dtype)
+    op_dtype = opmath_dtype(t.dtype)
     return torch.linalg.vector_norm(t.reshape(n, -1), 2, dim=1, dtype=None if op_dtype == t.dtype else op_dtype)
 
 
@@ -129,7 +125,7 @@ def pgd_step_triton(
 ) -> None:
     check_launchable("pgd_step_triton", x_adv)
     check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot)
-    op_dtype = _opmath(x_adv.dtype)
+    op_dtype = opmath_dtype(x_adv.dtype)
     alpha_c = alpha.to(op_dtype).contiguous()
     eps_c = eps.to(op_dtype).contiguous()
     if x_adv.device.type == "cpu":  # interpreter, real tensors (check_launchable): the C++ CPU kernel's checks
