@@ -1763,6 +1763,23 @@ def test_grouped_split_labels_a_group_by_its_most_frequent_label_ties_the_lowest
     assert not set(groups[parts[0]]) & set(groups[parts[1]])
 
 
+def test_grouped_split_messages_count_groups_in_their_own_noun():
+    """grouped_split stratifies groups, so its warning and error count groups: they said '3 samples' of a class in 3
+    lesions (6 images), and 'too few samples (1)' of one lesion of three images."""
+    from robust_ops.data import core
+
+    y = np.array([0] * 40 + [1] * 40 + [2] * 6)
+    groups = np.array([f"g{i // 2}" for i in range(80)] + ["r1", "r1", "r2", "r2", "r3", "r3"])
+    with pytest.warns(UserWarning, match=r"^toy \(split by lesion_id\): a class is too small to stratify the "
+                                         r"0.7/0.1/0.2 split \(smallest: rare, 3 lesion_id groups\)"):
+        core.grouped_split(y, groups, (0.7, 0.1, 0.2), 0, source="toy", class_names=["a", "b", "rare"],
+                           group_name="lesion_id")
+    with pytest.raises(DataError, match=r"^toy \(split by lesion_id\): too few lesion_id groups \(1\) for a "
+                                        r"0.7/0.1/0.2 split; expected at least one lesion_id group per part$"):
+        core.grouped_split(np.array([0, 0, 1]), np.array(["a"] * 3), (0.7, 0.1, 0.2), 0, source="toy",
+                           group_name="lesion_id")
+
+
 def test_npz_with_more_classes_than_its_medmnist_name_lists_keeps_them(tmp_path, as_official):
     """A breastmnist_64.npz holding labels 0-2: its two BreastMNIST names cannot describe label 2, so the classes are
     its label indices (all three), never two classes with a label 2 no output can take."""

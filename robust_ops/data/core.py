@@ -166,16 +166,17 @@ def _cut(rest, share, strata, seed):
     return train_test_split(rest, train_size=share, stratify=strata, random_state=seed)
 
 
-def _stratified_parts(y, fractions, seed, source, class_names, rare_classes):
-    """:func:`stratified_split`'s parts, and the classes it placed at random as one stratum (rare_classes="merge")."""
+def _stratified_parts(y, fractions, seed, source, class_names, rare_classes, unit="sample"):
+    """:func:`stratified_split`'s parts, and the classes it placed at random as one stratum (rare_classes="merge").
+    unit: what y's entries are, for the messages' counts ("lesion_id group" when :func:`grouped_split` calls)."""
     # checked here: scikit-learn's refusal of a bad seed is a ValueError, read below as a class too small to stratify
     seed = check_sklearn_seed(source, seed)
     check_rare_classes(source, rare_classes)
     y = np.asarray(y)
     idx = np.arange(len(y))
     parts, rest, rest_frac, stratified, merged = [], idx, 1.0, True, set()
-    too_few = DataError(f"{source}: too few samples ({len(y)}) for a {'/'.join(map(str, fractions))} split; "
-                        "expected at least one sample per part")
+    too_few = DataError(f"{source}: too few {unit}s ({len(y)}) for a {'/'.join(map(str, fractions))} split; "
+                        f"expected at least one {unit} per part")
     for frac in fractions[:-1]:
         share = frac / rest_frac
         if share >= 1.0:
@@ -222,7 +223,7 @@ def _stratified_parts(y, fractions, seed, source, class_names, rare_classes):
             return [str(class_names[c] if class_names is not None else c) for c in classes]
 
         smallest = named(labels[counts == counts.min()])
-        size = counted(int(counts.min()), "sample")
+        size = counted(int(counts.min()), unit)
         missing = missing_classes(y, parts)
         where = f"{missing} (part index: classes)"
         if class_names is not None:  # readable: "normal from test" rather than "{2: [2]}"
@@ -246,12 +247,12 @@ def grouped_split(y, groups, fractions, seed, source="dataset", class_names=None
 
 
 def _grouped_parts(y, groups, fractions, seed, source, class_names, group_name, rare_classes):
-    source = f"{source} (split by {group_name}: counts are of {group_name} groups)"
     keys, inverse = np.unique(np.asarray(groups), return_inverse=True)
     y = np.asarray(y)
     counts = np.zeros((len(keys), int(y.max()) + 1 if y.size else 1), dtype=np.int64)
     np.add.at(counts, (inverse, y), 1)
-    parts, merged = _stratified_parts(counts.argmax(1), fractions, seed, source, class_names, rare_classes)
+    parts, merged = _stratified_parts(counts.argmax(1), fractions, seed, f"{source} (split by {group_name})",
+                                      class_names, rare_classes, unit=f"{group_name} group")
     return [np.flatnonzero(np.isin(inverse, p)) for p in parts], merged
 
 
