@@ -179,10 +179,28 @@ def test_markdown_report_gives_each_class_recall_for_multi_class_tasks():
     assert ("| method | attack | norm | ε | n | a | b | c |\n|---|---|---|---|---|---|---|---|\n"
             "| M | no attack | – | 0 | 5 | 0.667 | – | 0.500 |\n"
             "| M | pgd | linf | 2/255 | 5 | 0.000 | – | 0.500 |") in text
-    # binary reports have sensitivity and specificity, the two recalls; reproduce's means have no counts
+    # binary reports have sensitivity and specificity, the two recalls; rows without counts have no recall line
     assert "Per-class recall" not in report.markdown_report(_doc([dict(row, confusion=[[1, 0], [1, 1]])]))
     doc["rows"] = [{k: v for k, v in r.items() if k != "confusion"} for r in (row, adv)]
     assert "Per-class recall" not in report.markdown_report(doc)
+
+
+def test_reproduce_report_gives_each_class_recall_over_its_runs():
+    """reproduce's multi-class report had no per-class recall (its mean rows held no counts, where a binary report
+    has sensitivity and specificity): the mean rows now sum their runs' confusion counts, and the table says so."""
+    from robust_ops.reproduce import aggregate
+
+    run = dict(method="M", attack="pgd", norm="linf", eps=2 / 255, n=5, accuracy=0.4,
+               confusion=[[2, 1, 0], [0, 0, 0], [0, 1, 1]])
+    rows = aggregate([run, dict(run, accuracy=0.6, confusion=[[0, 3, 0], [1, 1, 0], [0, 0, 1]])], ["accuracy"])
+    assert rows[0]["confusion"] == [[2, 4, 0], [1, 1, 0], [0, 1, 2]]
+    # eval.json rows cached before evaluate counted the confusion matrix: no sum that leaves a run out
+    assert aggregate([run, {k: v for k, v in run.items() if k != "confusion"}], ["accuracy"])[0]["confusion"] is None
+    doc = _doc(rows, num_classes=3)
+    doc["dataset"]["positive_class"] = None
+    text = report.markdown_report(doc)
+    assert "(results.json's `confusion`, summed over the runs: row = true class" in text
+    assert "| M | pgd | linf | 2/255 | 10 | 0.333 | 0.500 | 0.667 |" in text
 
 
 def test_markdown_report_links_its_figures_and_states_its_configuration_and_environment():

@@ -135,7 +135,7 @@ def pivot_table(rows, metric, methods=None):
 
 
 def per_class_recall_table(rows, class_names):
-    """One line per row that holds ``confusion`` counts (evaluation rows; reproduce's means over runs do not), one
+    """One line per row that holds ``confusion`` counts (evaluation rows; reproduce's mean rows sum their runs'), one
     column per class: the share of the class's samples predicted as it (its recall), "–" for a class without samples
     in the evaluated set. A multi-class report's macro averages do not show which classes an attack breaks."""
     head = ["method", "attack", "norm", "ε", "n"] + [str(c) for c in class_names]
@@ -252,8 +252,9 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     if note:
         lines += [note, ""]
     if not binary and any(r.get("confusion") is not None for r in rows):  # binary: sensitivity and specificity
+        summed = ", summed over the runs" if first.get("repeats", 1) > 1 else ""
         lines += ["## Per-class recall", "", "Share of each class's samples predicted as that class (results.json's "
-                  "`confusion`: row = true class, column = predicted class, label order).", "",
+                  f"`confusion`{summed}: row = true class, column = predicted class, label order).", "",
                   per_class_recall_table(rows, info["class_names"]), ""]
     if extra:
         lines += [extra, ""]

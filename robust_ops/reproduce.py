@@ -523,7 +523,8 @@ def aggregate(rows, metrics):
     ``n`` is the total number of test samples over the runs (folds differ in size by one or two), ``n_min`` and
     ``n_max`` the smallest and largest run's. A metric undefined in a run (NaN: e.g. sensitivity with no positive
     sample in a fold) is left out of that metric's mean and std; ``<metric>_runs`` counts the runs that did define
-    it, ``repeats`` all runs."""
+    it, ``repeats`` all runs. ``confusion`` is the runs' counts summed (every run's test samples, as ``n``), for
+    report.md's per-class recall; None when a run has none."""
     groups = {}
     for r in rows:
         groups.setdefault((r["method"], r["attack"], r["norm"], r["eps"]), []).append(r)
@@ -538,6 +539,9 @@ def aggregate(rows, metrics):
             row[m] = float(vals.mean()) if vals.size else math.nan
             row[f"{m}_std"] = float(vals.std(ddof=1)) if vals.size > 1 else None
             row[f"{m}_runs"] = int(vals.size)
+        confusions = [r.get("confusion") for r in rs]
+        row["confusion"] = (None if any(c is None for c in confusions) else
+                            np.sum(np.asarray(confusions, dtype=np.int64), axis=0).tolist())
         out.append(row)
     return out
 
