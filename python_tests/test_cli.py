@@ -3916,6 +3916,46 @@ def test_a_split_made_by_the_old_rare_class_rule_is_rebuilt_by_eval_and_refused_
         "--resume"), err
 
 
+def test_demo_and_reproduce_refuse_an_old_rare_class_split_naming_their_way_on(tmp_path, capsys):
+    """demo's and reproduce's rerun of a run split by the old rare-class rule said only "was trained with
+    rare_classes='random', this command has rare_classes='merge'" (reproduce: "rerun with its settings", which no
+    option sets); they now say why, as train does, and what is left: demo the Python way, reproduce none."""
+    import warnings
+
+    from robust_ops.reproduce import run_protocol
+
+    data = _folder(tmp_path / "d")
+    _folder(tmp_path / "d", n=1, classes=("normal",))
+
+    def forget_rule(run_dir):  # as a run trained before the rule was recorded
+        record = json.loads((run_dir / "run.json").read_text())
+        del record["dataset"]["rare_classes"]
+        (run_dir / "run.json").write_text(json.dumps(record))
+
+    demo = ["demo", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--train-size", "0",
+            "--methods", "standard", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--out",
+            tmp_path / "demo", "--no-progress", "--device", "cpu"]
+    protocol = _tiny_protocol("seeds", [("Baseline", "standard")])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*too small to stratify")
+        assert run(demo, capsys)[0] == 0
+        forget_rule(tmp_path / "demo" / "runs" / "standard")
+        rc, _, err = run(demo + ["--resume"], capsys)
+        run_protocol(protocol, out=tmp_path / "rep", data=str(data), seeds=1, size=8, progress=False)
+        run_dir = tmp_path / "rep" / "runs" / "baseline" / "seed0"
+        forget_rule(run_dir)
+        with pytest.raises(cli.CLIError) as refused:
+            run_protocol(protocol, out=tmp_path / "rep", data=str(data), seeds=1, size=8, progress=False)
+    why = ("was trained on a split drawn before 2026-12-06, when a class too small to stratify made every class's "
+           "split random; this version stratifies the other classes, so the training images would differ. "
+           "`robust-ops eval` still tests the run on its own split; ")
+    line = one_line_error(rc, err, f"--resume: {tmp_path / 'demo' / 'runs' / 'standard' / 'run.json'} {why}")
+    assert line.endswith(f"{why}to continue it, in Python, load_dataset(..., rare_classes='random') and fit(..., "
+                         "resume=); or rerun without --resume, or use another --out"), line
+    assert str(refused.value) == (f"tiny-seeds: {run_dir / 'run.json'} {why}no option of reproduce draws that split "
+                                  f"again, so it cannot continue the run: delete {run_dir} or use another --out")
+
+
 def test_saliency_on_feature_vectors(tmp_path, capsys):
     """Saliency maps are drawn over images: on two-moons points the default makes none (docs/cli.md), an explicit
     --saliency N > 0 is an error (it gave no figure without a word), before demo trains anything."""

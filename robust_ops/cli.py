@@ -386,12 +386,14 @@ def split_by_refusal(run_dir, was, now):
             f"split_by={was!r}) and fit(..., resume=)")
 
 
-def rare_classes_refusal(run_dir):
-    """Why RUN_DIR cannot resume when its data, split before 2026-12-06, would now be split by the rare-class rule."""
-    return (f"{Path(run_dir) / RUN_FILE} was trained on a split drawn before 2026-12-06, when a class too small to "
-            "stratify made every class's split random; this version stratifies the other classes, so the training "
-            f"images would differ. `{PROG} eval` still tests the run on its own split; to continue it, in Python, "
-            "load_dataset(..., rare_classes='random') and fit(..., resume=)")
+def rare_classes_refusal(run_dir, in_python=True):
+    """Why RUN_DIR cannot resume when its data, split before 2026-12-06, would now be split by the rare-class rule;
+    ``in_python``: and how to continue it in Python (one run of train or demo; reproduce's protocol is no one run)."""
+    why = (f"{Path(run_dir) / RUN_FILE} was trained on a split drawn before 2026-12-06, when a class too small to "
+           "stratify made every class's split random; this version stratifies the other classes, so the training "
+           f"images would differ. `{PROG} eval` still tests the run on its own split")
+    return f"{why}; to continue it, in Python, load_dataset(..., rare_classes='random') and fit(..., resume=)" \
+        if in_python else why
 
 
 def load_data(spec, size=None, seed=0, flag="--data", classes=None, bit_depth=None, split_by=None, channels=None,
@@ -1672,6 +1674,8 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
     if key == "split_by":
         return CLIError(f"--resume: {split_by_refusal(run_dir, was, now)}; or rerun without --resume, or use another "
                         "--out")
+    if key == "rare_classes":
+        return CLIError(f"--resume: {rare_classes_refusal(run_dir)}; or rerun without --resume, or use another --out")
     return CLIError(f"--resume: {run_dir / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
 
 

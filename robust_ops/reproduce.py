@@ -665,6 +665,11 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
         from .cli import split_by_refusal
 
         return CLIError(f"{protocol.name}: {split_by_refusal(run_dir, was, now)}; or {way_out}")
+    if key == "rare_classes":
+        from .cli import rare_classes_refusal
+
+        return CLIError(f"{protocol.name}: {rare_classes_refusal(run_dir, in_python=False)}; no option of reproduce "
+                        f"draws that split again, so it cannot continue the run: {way_out}")
     old_epochs = None
     try:
         old_epochs = json.loads((Path(run_dir) / "run.json").read_text()).get("epochs")
