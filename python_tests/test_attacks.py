@@ -4333,6 +4333,21 @@ def test_torchattacks_positional_norm_first_calls_are_refused_not_run():
     assert attacks.APGD(model).steps == attacks.APGDT(model).steps == 100
 
 
+def test_torchattacks_positional_cw_l2_call_is_refused_naming_the_keyword_form():
+    # torchattacks' CW(model, c, kappa, steps, lr) is CW-L2; ours is CW-Linf (eps, alpha, steps, kappa): its
+    # positional call ran as eps=1, alpha=0 (never moving a sample) and kappa=0.01 without a word
+    model = make_model()
+    with pytest.raises(TypeError, match=r"^CW: takes eps, alpha and steps positionally, got 4 values after the "
+                                        r"model; torchattacks' CW-L2 CW\(model, c, kappa, steps, lr\) is another "
+                                        r"attack, .*by keyword, e\.g\. CW\(model, eps=8/255, steps=50, kappa=0\.0\)$"):
+        attacks.CW(model, 1, 0, 50, 0.01)
+    # the positional eps, alpha and steps, and every keyword, as before
+    atk = attacks.CW(model, 0.1, 0.02, 5, kappa=2.0)
+    assert (atk.eps, atk.alpha, atk.steps, atk.kappa) == (0.1, 0.02, 5, 2.0)
+    atk = attacks.CW(model, eps=0.1, alpha=0.02, steps=5, kappa=2.0)
+    assert (atk.eps, atk.alpha, atk.steps, atk.kappa) == (0.1, 0.02, 5, 2.0)
+
+
 def test_a_model_that_is_not_a_module_is_one_clear_error_naming_the_attack():
     # AutoAttack takes any callable; here a function failed with "'function' object has no attribute 'parameters'"
     model = make_model()

@@ -187,13 +187,18 @@ class PGDL2(PGD):
 
 
 class CW(Attack):
-    """CW-Linf: ``CW(model, eps=8/255, alpha=None, steps=10, kappa=0.0)(x, y)``, PGD on the CW margin loss (not
+    """CW-Linf: ``CW(model, eps=8/255, alpha=None, steps=10, *, kappa=0.0)(x, y)``, PGD on the CW margin loss (not
     torchattacks' optimisation-based CW-L2). See :func:`cw_linf`."""
 
     name = "cw"
 
-    def __init__(self, model, eps=8 / 255, alpha=None, steps=10, kappa=0.0, *, random_start=False, seed=None,
-                 norm="linf", **options):
+    def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *torchattacks_order, kappa=0.0, random_start=False,
+                 seed=None, norm="linf", **options):
+        if torchattacks_order:  # CW(model, 1, 0, 50, 0.01) ran with eps=1, alpha=0 (no step), kappa=0.01, unmoved
+            raise TypeError(f"{type(self).__name__}: takes eps, alpha and steps positionally, got "
+                            f"{3 + len(torchattacks_order)} values after the model; torchattacks' CW-L2 CW(model, c, "
+                            "kappa, steps, lr) is another attack, whose values would land in eps, alpha, steps and "
+                            "kappa: give CW-Linf's by keyword, e.g. CW(model, eps=8/255, steps=50, kappa=0.0)")
         super().__init__(model, **options)
         if check_norm(self.name, norm) != "linf":
             raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
