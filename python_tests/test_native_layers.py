@@ -485,6 +485,26 @@ def test_eval_batch_norm_backward_fake_kernel_refuses_what_the_kernel_refuses(gr
     assert str(native.value).splitlines()[0] in str(faked.value)
 
 
+@pytest.mark.parametrize("missing", ["grad_output", "invstd"])
+def test_eval_batch_norm_backward_refuses_none_for_a_required_tensor_eager_and_fake(missing):
+    """The schema's Tensor arguments take None (an undefined tensor): the C++ kernel raised on it, while the fake
+    kernel returned a gradient for a None invstd (torch.compile traced a call that fails when run) and failed with
+    an AttributeError on a None grad_output. Both now raise a RuntimeError; the fake kernel's names the argument."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = {"grad_output": torch.ones(2, 3, 4), "invstd": torch.ones(3), "weight": torch.ones(3)}
+    args[missing] = None
+    with pytest.raises(RuntimeError):
+        eval_bn_backward(*args.values())
+    message = rf"^_eval_batch_norm_backward: expected {missing} to be a tensor, got None$"
+    with FakeTensorMode() as mode:
+        fake = [None if t is None else mode.from_tensor(t) for t in args.values()]
+        with pytest.raises(RuntimeError, match=message):
+            eval_bn_backward(*fake)
+    with pytest.raises(RuntimeError, match=message):  # meta tensors reach the fake kernel too
+        eval_bn_backward(*(None if t is None else t.to("meta") for t in args.values()))
+
+
 @pytest.mark.parametrize("meta", ["invstd", "weight", "grad_output"])
 def test_eval_batch_norm_backward_refuses_arguments_on_another_device(meta):
     """A meta invstd or weight with a CPU grad_output reached the fake kernel (Meta outranks CPU), which returned an

@@ -189,6 +189,10 @@ def _drop_max_pool2d_backward_fake(grad_output, indices, input_size):
 @torch.library.register_fake("robust_ops::_eval_batch_norm_backward")
 def _eval_batch_norm_backward_fake(grad_output, invstd, weight):
     op = "_eval_batch_norm_backward"
+    # the schema's Tensor (not Tensor?) arguments take None too, as an undefined tensor: the CPU kernel raises on
+    # one ("Unimplemented scalar type"), where this kernel returned a gradient for a None invstd
+    for name, t in (("grad_output", grad_output), ("invstd", invstd)):
+        torch._check(t is not None, lambda name=name: f"{op}: expected {name} to be a tensor, got None")
     torch._check(
         grad_output.dtype in (torch.float32, torch.float64),
         lambda: f"{op}: expected grad_output to be float32 or float64, got {grad_output.dtype}",
