@@ -59,8 +59,9 @@ ROBUST_OPS_HOST_DEVICE T sign_like_torch(T g) {
 // Per-sample values (alpha, eps, norms, factors) and the clip bounds come in opmath_t: for float32/float64 that is
 // the dtype itself, exactly as the eager chain sees them; for float16/bfloat16 it is float, which keeps ||g|| + 1e-10
 // from underflowing to 0 (torchattacks' float16 chain turns a zero gradient into NaN there). The reference differs:
-// only its L2 norms, eps and factors are float32; it rounds alpha, and the L-inf eps, to the tensor dtype, so an L-inf
-// eps the dtype cannot represent (8/255 in float16) clamps at another radius: equal within tolerance, not bitwise.
+// it keeps alpha, its L2 norms, the L2 eps and factors in float32 but rounds the L-inf eps to the tensor dtype, so an
+// L-inf eps the dtype cannot represent (8/255 in float16) clamps at another radius: equal within tolerance, not
+// bitwise.
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 

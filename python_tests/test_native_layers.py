@@ -489,14 +489,14 @@ def test_eval_batch_norm_backward_fake_kernel_refuses_what_the_kernel_refuses(gr
 def test_eval_batch_norm_backward_refuses_none_for_a_required_tensor_eager_and_fake(missing):
     """The schema's Tensor arguments take None (an undefined tensor): the C++ kernel raised on it, while the fake
     kernel returned a gradient for a None invstd (torch.compile traced a call that fails when run) and failed with
-    an AttributeError on a None grad_output. Both now raise a RuntimeError; the fake kernel's names the argument."""
+    an AttributeError on a None grad_output. Both now raise a RuntimeError naming the argument."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     args = {"grad_output": torch.ones(2, 3, 4), "invstd": torch.ones(3), "weight": torch.ones(3)}
     args[missing] = None
-    with pytest.raises(RuntimeError):
-        eval_bn_backward(*args.values())
     message = rf"^_eval_batch_norm_backward: expected {missing} to be a tensor, got None$"
+    with pytest.raises(RuntimeError, match=message):
+        eval_bn_backward(*args.values())
     with FakeTensorMode() as mode:
         fake = [None if t is None else mode.from_tensor(t) for t in args.values()]
         with pytest.raises(RuntimeError, match=message):
