@@ -390,6 +390,9 @@ def test_csv_with_lesion_id_is_split_by_lesion_stratified_and_recorded(tmp_path)
     assert (len(train), len(val), len(test)) == (28, 4, 8)
     for part in (s.train, s.val, s.test):
         assert torch.bincount(part.tensors[1]).tolist() == [len(part) // 2] * 2  # stratified by lesion label
+    # each part's group keys are its own samples' lesions, in its order (cross_validation folds by them)
+    for part, keys in zip((s.train, s.val, s.test), s.groups):
+        assert [int(k[4:]) for k in keys] == [round(float(v) * 255) // 6 for v in part.tensors[0][:, 0, 0, 0]]
     assert s.info.extra["split_by"] == "lesion_id" and s.info.to_dict()["split_by"] == "lesion_id"
     by_image = load_dataset(path, size=8, seed=0, split_by="image")
     assert _lesions_of(by_image.train) & _lesions_of(by_image.test)  # the leak the default now avoids
@@ -623,6 +626,8 @@ def test_too_few_samples_to_split_is_a_data_error():
     for y in ([0, 1], [0, 1, 0, 1]):  # scikit-learn raised its own ValueError from the fallback split
         with pytest.raises(DataError, match=r"too few samples \(\d\) for a 0.7/0.1/0.2 split"):
             stratified_split(np.array(y), (0.7, 0.1, 0.2), seed=0)
+    with pytest.raises(DataError, match=r"too few samples \(20\) for a 0.8/0.2/0.0 split; expected at least one "):
+        stratified_split(np.array([0, 1] * 10), (0.8, 0.2, 0.0), seed=0)  # an empty part, which scikit-learn never cut
 
 
 def test_seed_and_size_a_source_cannot_use_are_refused():
@@ -2175,6 +2180,25 @@ def test_splits_from_arrays_makes_uint8_parts_float_in_0_1():
         assert part.tensors[0].dtype == torch.float32
     got = torch.cat([part.tensors[0] for part in (s.train, s.val, s.test)]).flatten().sort().values
     assert torch.equal(got, x.float().div(255.0).flatten().sort().values)
+
+
+def test_split_parts_keep_the_pool_order_and_unpack_as_train_val_test():
+    """Each part of a drawn split lists its samples in the pool's order (sorted indices, not scikit-learn's draw
+    order), merged rare classes included; a DatasetSplits unpacks as train, val, test, info (docs/design.md)."""
+    from robust_ops.data import DatasetInfo
+    from robust_ops.data.core import splits_from_arrays, stratified_split
+
+    y = np.repeat(np.arange(7), [12, 18, 38, 4, 39, 233, 6])
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        parts = stratified_split(y, (0.7, 0.1, 0.2), 0)
+    assert all(np.all(np.diff(p) > 0) for p in parts)
+    x = torch.arange(60, dtype=torch.float32).reshape(60, 1, 1, 1)
+    info = DatasetInfo(name="t", num_classes=2, in_channels=1, image_size=1, class_names=("a", "b"))
+    s = splits_from_arrays(x, torch.arange(60) % 2, info, seed=0)
+    for part in (s.train, s.val, s.test):
+        assert torch.all(part.tensors[0].flatten().diff() > 0)
+    train, val, test, got_info = s
+    assert train is s.train and val is s.val and test is s.test and got_info is s.info
 
 
 def test_folder_images_are_decoded_once_in_threads_first_error_in_order(tmp_path, monkeypatch):
