@@ -1566,6 +1566,14 @@ def test_load_dataset_download_must_be_a_bool(bad):
         load_dataset("synthetic", download=bad)
 
 
+@pytest.mark.parametrize("bad", [2, 0, True])
+def test_load_dataset_channels_must_be_one_or_three(bad):
+    # checked before the source: 2 failed as a KeyError (the channel modes known), True passed as 1
+    message = rf"^synthetic: expected channels to be 1 \(grayscale\) or 3 \(RGB\), got {bad}$"
+    with pytest.raises(DataError, match=message):
+        load_dataset("synthetic", channels=bad)
+
+
 def test_cross_validation_takes_a_numpy_float32_val_fraction():
     # scikit-learn refused train_size=np.float32(0.9), which surfaced as "too few samples (20) for a 0.9/0.1 split"
     from robust_ops.data import synthetic_splits
