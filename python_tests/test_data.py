@@ -1241,6 +1241,26 @@ def test_a_class_too_small_to_stratify_is_named(tmp_path):
     assert str(caught[0].message).endswith(quoted), (quoted, str(caught[0].message))
 
 
+def test_the_warning_of_a_class_too_small_to_stratify_names_the_callers_line(tmp_path):
+    """The warning named a line of the library for class folders (folders.py), a CSV or groups split by lesion
+    (core.py) and cross_validation of such data (splits.py): it names the line that called the loader or split, as
+    the loaders' 16-bit warnings do, and as it did for stratified_split and cross_validation of ungrouped data."""
+    from robust_ops.data import load_csv
+    from robust_ops.data.core import grouped_split, stratified_split
+
+    root = _class_folders(tmp_path / "f", n=20)
+    _class_folders(tmp_path / "f", ("normal",), n=1)
+    (tmp_path / "c").mkdir()
+    y = np.array([0] * 40 + [1] * 40 + [2] * 4)
+    with pytest.warns(UserWarning, match="too small to stratify") as caught:
+        load_busi(root, size=8)
+        lesions = load_csv(_lesions_csv(tmp_path / "c", lesions=10), size=8)
+        cross_validation(lesions, k=2)
+        grouped_split(y, np.arange(len(y)), (0.7, 0.1, 0.2), 0)
+        stratified_split(y, (0.7, 0.1, 0.2), 0)
+    assert len(caught) >= 5 and {w.filename for w in caught} == {__file__}
+
+
 def test_small_images_at_the_default_size_warn_of_the_upscale(tmp_path):
     # 28 x 28 PNGs (MedMNIST exported) were read at the default 224 x 224 without a word: 64 times the pixels
     import csv

@@ -166,9 +166,10 @@ def _cut(rest, share, strata, seed):
     return train_test_split(rest, train_size=share, stratify=strata, random_state=seed)
 
 
-def _stratified_parts(y, fractions, seed, source, class_names, rare_classes, unit="sample"):
+def _stratified_parts(y, fractions, seed, source, class_names, rare_classes, unit="sample", stacklevel=2):
     """:func:`stratified_split`'s parts, and the classes it placed at random as one stratum (rare_classes="merge").
-    unit: what y's entries are, for the messages' counts ("lesion_id group" when :func:`grouped_split` calls)."""
+    unit: what y's entries are, for the messages' counts ("lesion_id group" when :func:`grouped_split` calls).
+    stacklevel: whose line the warning names, counted from here: 1 the caller, 2 the caller's caller."""
     # checked here: scikit-learn's refusal of a bad seed is a ValueError, read below as a class too small to stratify
     seed = check_sklearn_seed(source, seed)
     check_rare_classes(source, rare_classes)
@@ -234,7 +235,7 @@ def _stratified_parts(y, fractions, seed, source, class_names, rare_classes, uni
                f"the other classes are stratified and {', '.join(named(sorted(merged)))} placed at random")
         warnings.warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split "
                       f"(smallest: {', '.join(smallest)}, {size}); {how}"
-                      + (f" and leaves out {where}" if missing else ""), stacklevel=3)
+                      + (f" and leaves out {where}" if missing else ""), stacklevel=stacklevel + 1)
     return parts, sorted(merged)
 
 
@@ -246,13 +247,13 @@ def grouped_split(y, groups, fractions, seed, source="dataset", class_names=None
     return _grouped_parts(y, groups, fractions, seed, source, class_names, group_name, rare_classes)[0]
 
 
-def _grouped_parts(y, groups, fractions, seed, source, class_names, group_name, rare_classes):
+def _grouped_parts(y, groups, fractions, seed, source, class_names, group_name, rare_classes, stacklevel=2):
     keys, inverse = np.unique(np.asarray(groups), return_inverse=True)
     y = np.asarray(y)
     counts = np.zeros((len(keys), int(y.max()) + 1 if y.size else 1), dtype=np.int64)
     np.add.at(counts, (inverse, y), 1)
     parts, merged = _stratified_parts(counts.argmax(1), fractions, seed, f"{source} (split by {group_name})",
-                                      class_names, rare_classes, unit=f"{group_name} group")
+                                      class_names, rare_classes, unit=f"{group_name} group", stacklevel=stacklevel + 1)
     return [np.flatnonzero(np.isin(inverse, p)) for p in parts], merged
 
 
@@ -283,17 +284,19 @@ def missing_classes_record(y, parts, class_names, part_names=("train", "val", "t
 
 
 def splits_from_arrays(x, y, info, seed, fractions=(0.7, 0.1, 0.2), groups=None, group_name="group",
-                       rare_classes="merge"):
+                       rare_classes="merge", stacklevel=1):
     """Stratified train/val/test (MedMNIST's 7:1:2 by default) from one pool of samples; with ``groups`` (one key per
     sample, ``group_name`` the column they come from) a :func:`grouped_split`: every group on one side. ``x``: float
     inputs, or uint8 images, which each part converts to float in [0, 1] (a float copy of the whole pool beside the
-    parts held the data in memory twice over). ``rare_classes``: see :data:`RARE_CLASS_RULES`."""
+    parts held the data in memory twice over). ``rare_classes``: see :data:`RARE_CLASS_RULES`. ``stacklevel``: whose
+    line a warning names, 1 the caller's (a loader passes 2: its own caller's)."""
     source = info.source or info.name
     if groups is None:
-        parts, merged = _stratified_parts(y.numpy(), fractions, seed, source, info.class_names, rare_classes)
+        parts, merged = _stratified_parts(y.numpy(), fractions, seed, source, info.class_names, rare_classes,
+                                          stacklevel=stacklevel + 1)
     else:
         parts, merged = _grouped_parts(y.numpy(), groups, fractions, seed, source, info.class_names, group_name,
-                                       rare_classes)
+                                       rare_classes, stacklevel=stacklevel + 1)
     record_rare_classes(info.extra, merged)
     missing = missing_classes_record(y.numpy(), parts, info.class_names)
     if missing:  # recorded in results.json: a metric of an absent class is undefined there

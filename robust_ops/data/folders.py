@@ -446,7 +446,7 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
                "samples_digest": _samples_digest((p.name, c) for c in classes for p in files[c]),
                **_bit_depth_record(bit_depth)},
     )
-    return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes)
+    return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes, stacklevel=2)  # a warning names our caller
 
 
 def _label_order(labels):
@@ -624,6 +624,6 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                **({"split_by": group_column} if group_column else {})},  # image splits: records as before
     )
     if group_column is None:
-        return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes)
+        return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes, stacklevel=2)
     return splits_from_arrays(x, y, info, seed, groups=[groups[image_id] for image_id, _ in kept],
-                              group_name=group_column, rare_classes=rare_classes)
+                              group_name=group_column, rare_classes=rare_classes, stacklevel=2)
