@@ -2021,6 +2021,20 @@ def test_cross_validation_folds_record_the_classes_their_parts_lack():
     for f in folds:
         lacking = sorted(set(range(3)) - set(f.val.tensors[1].tolist()))
         assert lacking and f.info.extra["classes_missing_from_split"] == {"val": [f"c{c}" for c in lacking]}
+    # without a validation part the others keep their names: lesions L1 and L2 hold every b, and scikit-learn's
+    # StratifiedGroupKFold puts both in one fold's test part
+    from torch.utils.data import TensorDataset
+
+    from robust_ops.data import DatasetInfo, DatasetSplits
+
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0])
+    groups = np.array(["L0", "L1", "L1", "L1", "L2", "L2", "L3", "L3"])
+    info = DatasetInfo(name="t", num_classes=2, in_channels=1, image_size=0, class_names=("a", "b"),
+                       extra={"split_by": "lesion_id"})
+    none = TensorDataset(torch.zeros(0, 1), torch.zeros(0, dtype=torch.int64))
+    lesions = DatasetSplits(TensorDataset(torch.zeros(8, 1), y), none, none, info, (groups, groups[:0], groups[:0]))
+    folds = cross_validation(lesions, k=2, seed=0, val_fraction=0)
+    assert [f.info.extra["classes_missing_from_split"] for f in folds] == [{"train": ["b"]}, {"test": ["b"]}]
 
 
 def test_indexed_dataset_first_index_list_items_and_map_style_only():
