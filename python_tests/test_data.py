@@ -428,6 +428,11 @@ def test_cross_validation_of_data_split_by_lesion_folds_by_lesion(tmp_path):
         assert [len(g) for g in f.groups] == [len(f.train), len(f.val), len(f.test)]
         tested += test
     assert sorted(tested) == list(range(40))  # every lesion tested once
+    from sklearn.model_selection import StratifiedGroupKFold  # the folds of the seed, as documented
+
+    groups, labels = np.concatenate(s.groups), torch.cat([p.tensors[1] for p in (s.train, s.val, s.test)]).numpy()
+    drawn = StratifiedGroupKFold(5, shuffle=True, random_state=0).split(groups, labels, groups)
+    assert [_lesions_of(f.test) for f in folds] == [{int(k[4:]) for k in groups[t]} for _, t in drawn]
     (tmp_path / "few").mkdir()
     with pytest.warns(UserWarning, match="too small to stratify"):  # 5 lesions of a class in 7:1:2
         few = load_dataset(_lesions_csv(tmp_path / "few", lesions=10), size=8, seed=0)
