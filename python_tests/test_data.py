@@ -210,6 +210,7 @@ def test_cross_validation_records_a_validation_part_that_merged_small_classes():
     """A fold's validation part of 3 samples cannot stratify 7 classes: the smallest classes are merged into one
     stratum (recorded as rare_classes 'merge' in that fold's info, which run.json keeps for eval); rare_classes=
     'random' draws it at random as before 2026-12-06, recording nothing."""
+    import dataclasses
     import warnings
 
     splits, _ = _indexed_splits((5,) * 7 + (40,))
@@ -223,6 +224,14 @@ def test_cross_validation_records_a_validation_part_that_merged_small_classes():
         merged, legacy = (folds, None) if rule == "merge" else (merged, folds)
     assert merged[0].info.extra["rare_classes"] == "merge" and "rare_classes" not in legacy[0].info.extra
     assert torch.equal(merged[0].test.tensors[0], legacy[0].test.tensors[0])  # the folds themselves are the same
+    # so for data split by group (one sample a group here): its validation parts are drawn by the rule given too
+    parts = (splits.train, splits.val, splits.test)
+    grouped = type(splits)(*parts, dataclasses.replace(splits.info, extra={"split_by": "id"}),
+                           tuple(np.array([f"{i}.{j}" for j in range(len(p))]) for i, p in enumerate(parts)))
+    for rule, recorded in (("merge", "merge"), ("random", None)):
+        with pytest.warns(UserWarning, match="too small to stratify"):
+            folds = cross_validation(grouped, k=5, seed=0, rare_classes=rule)
+        assert folds[0].info.extra.get("rare_classes") == recorded
 
 
 def test_npz_missing_keys(tmp_path):
