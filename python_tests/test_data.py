@@ -2074,6 +2074,13 @@ def test_indexed_dataset_first_index_list_items_and_map_style_only():
                                         r"__len__\), got generator$"):
         IndexedDataset(x for x in range(3))
 
+    class Stream(torch.utils.data.IterableDataset):  # torch's Dataset gives it a __getitem__, not a __len__
+        def __iter__(self):
+            return iter(range(3))
+
+    with pytest.raises(TypeError, match=r"^IndexedDataset: expected a map-style dataset .*, got Stream$"):
+        IndexedDataset(Stream())
+
 
 def test_npz_with_an_empty_split_of_float_images_loads(tmp_path):
     """A split may be empty (the class count skips it): an empty float split has no minimum to check against
