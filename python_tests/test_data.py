@@ -1308,6 +1308,10 @@ def test_small_images_at_the_default_size_warn_of_the_upscale(tmp_path):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 load_dataset(source, size=size)
+    mixed = _class_folders(tmp_path / "m", n=10, size=(28, 20))
+    _png(mixed / "benign" / "0.png", (112, 20), 40)  # the largest side counts, not the last image's; half is small
+    with pytest.warns(UserWarning, match=r"every image is at most 112 pixels a side, read at the default 224x224 "):
+        load_dataset(mixed)
 
 
 def test_layout_errors_say_how_to_lay_out_the_data(tmp_path):
