@@ -2382,6 +2382,9 @@ def test_reproduce_results_record_classes_missing_from_any_run(tmp_path, capsys)
         {"test": ["normal"]}] * 2
     doc = json.loads((tmp_path / "r" / "results.json").read_text())
     assert doc["dataset"]["classes_missing_from_split"] == {"val": ["normal"], "test": ["normal"]}
+    # report.md named it beside the tables, but the line printed above them did not, as eval's does
+    assert "; absent from the test split: normal" in (tmp_path / "r" / "report.md").read_text()
+    assert "mean per-class recall; absent from the test split: normal\n" in capsys.readouterr().out
 
 
 def test_reproduce_over_seeds_names_every_seed(tmp_path, capsys, monkeypatch):

@@ -923,7 +923,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                                  notes=notes, title=f"Reproduction: {protocol.paper}", saliency=saliency,
                                  extra_markdown=extra, extra_fields={"per_run_rows": all_rows})
     print()
-    print(f"{info.name}: {report.positive_class_text(info.to_dict())}")  # what the table's sensitivity is of
+    # what the table's sensitivity is of, and the classes its macro averages leave out, as eval prints them
+    described = info.to_dict()
+    print(f"{info.name}: {report.positive_class_text(described)}{report.absent_classes_text(described, 'test')}")
     print(comparison)
     # as demo and eval say: the metric-vs-radius (and, on images, saliency) figures are written beside them
     print(f"\nwrote {paths['results']}, {paths['report']} and {counted(len(paths['figures']), 'figure')} "
