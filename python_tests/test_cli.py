@@ -3279,7 +3279,9 @@ def test_demo_methods_checked_before_training(tmp_path, capsys):
     one_line_error(rc, err, "--methods: standard given more than once")
     assert not (tmp_path / "d").exists()
     rc, _, err = run(["train", "--data", path, "--out", tmp_path / "t", "--device", "cpu", "--defense", "arfl"], capsys)
-    one_line_error(rc, err, "--defense: arfl is defined for binary tasks only", "3 classes")
+    # it named no way to a binary task: --classes, which folders' and CSVs' errors name, only names an .npz's labels
+    one_line_error(rc, err, "--defense: arfl is defined for binary tasks only", "3 classes",
+                   "--classes does not pick classes of an .npz", "of two of its classes as an .npz of their own")
 
 
 @pytest.fixture

@@ -1076,12 +1076,15 @@ def refuse_repeated(values, flag):
 
 
 def binary_only_error(flag, name, info):
-    """A binary-only defense (ARFL) on a multi-class set; on folders and CSVs, whose classes --classes picks, the
-    error names the way to a binary task."""
+    """A binary-only defense (ARFL) on a multi-class set; the error names the way to a binary task: on folders and
+    CSVs --classes, which picks classes; an .npz's --classes only names its labels, so two classes need a file."""
     fix = ""
     if "class_counts" in info.extra and len(info.class_names) > 2:
         fix = (f"; keep two of its classes ({', '.join(info.class_names)}) with --classes, e.g. --classes "
                f"{','.join(info.class_names[:2])} (label 0 first)")
+    elif len(info.class_names) > 2:
+        fix = ("; --classes does not pick classes of an .npz: save the train / val / test images of two of its "
+               "classes as an .npz of their own, labelled 0 and 1")
     return CLIError(f"{flag}: {name} is defined for binary tasks only; {info.name} has {info.num_classes} classes{fix}")
 
 
