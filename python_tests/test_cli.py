@@ -2825,6 +2825,28 @@ def test_demo_training_subset_records_and_warns_about_a_class_it_leaves_out(tmp_
         dataset["classes_missing_from_split"]
 
 
+def test_demo_subset_warning_says_never_learned_only_for_a_class_left_out_of_train():
+    """The warning about a class the random subset leaves out of a part ended "(a class left out of train is never
+    learned)" also when every class was in train and only test lost one (found by the CT researcher's walk)."""
+    from torch.utils.data import TensorDataset
+
+    from robust_ops.data import DatasetInfo, DatasetSplits
+
+    info = DatasetInfo(name="three", num_classes=3, in_channels=1, image_size=4, class_names=("a", "b", "c"),
+                       positive_class=None, synthetic=False, value_range=(0.0, 1.0), source="three")
+
+    def part(labels):
+        return TensorDataset(torch.zeros(len(labels), 1, 4, 4), torch.tensor(labels))
+
+    splits = DatasetSplits(part([0, 1, 2] * 4), part([0, 1, 2]), part([0] * 20 + [1, 2]), info)
+    with pytest.warns(UserWarning, match="leaves out") as caught:
+        cli.subset_splits(splits, 12, 2, 0)  # train kept whole; 2 of the 22 test images
+    assert "from test" in str(caught[0].message) and "never learned" not in str(caught[0].message)
+    splits = DatasetSplits(part([0] * 20 + [1, 2]), part([0, 1, 2]), part([0, 1, 2]), info)
+    with pytest.warns(UserWarning, match="from train, which the split holds .a class left out of train is never "):
+        cli.subset_splits(splits, 2, 6, 0)
+
+
 def test_device_values(monkeypatch, capsys, tmp_path):
     for bad in ("cudax", "cpu0"):
         rc, _, err = run(["train", "--device", bad, "--out", tmp_path / "a"], capsys)

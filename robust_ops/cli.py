@@ -1658,7 +1658,8 @@ def subset_splits(splits, n_train, n_test, seed=0):
         sizes = " / ".join(f"{len(d)} {part}" for d, part in zip(sets, ("train", "val", "test")))
         warnings.warn(f"{info.source or info.name}: the random subset ({sizes} images) leaves out "
                       + "; ".join(f"{', '.join(cs)} from {part}" for part, cs in new.items())
-                      + ", which the split holds (a class left out of train is never learned)", stacklevel=2)
+                      + ", which the split holds" + (" (a class left out of train is never learned)" if "train" in new
+                                                     else ""), stacklevel=2)
     extra = {k: v for k, v in info.extra.items() if k != "classes_missing_from_split"}
     if missing:
         extra["classes_missing_from_split"] = missing
