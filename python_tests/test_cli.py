@@ -344,6 +344,30 @@ def test_eval_prints_the_classes_absent_from_the_attacked_split(tmp_path, capsys
         assert expected in printed and (split == "test") == ("absent from" in printed), printed
 
 
+def test_train_warns_of_a_class_the_npz_train_split_lacks(tmp_path, capsys):
+    """An .npz keeps its own split: a class absent from its train split was recorded in run.json only, and train ran
+    without a word, the model never learning that class (found by the CT researcher's walk: an 11-class set without
+    spleen in train). train warns, naming it; demo checks the whole split the same way, once."""
+    g = np.random.default_rng(0)
+    arrays = {}
+    for split, labels in (("train", [0, 1] * 10), ("val", [0, 1, 2]), ("test", [0, 1, 2] * 2)):
+        arrays[f"{split}_images"] = g.integers(0, 256, (len(labels), 8, 8), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.array(labels, dtype=np.uint8).reshape(-1, 1)
+    np.savez(tmp_path / "three.npz", **arrays)
+    data = tmp_path / "three.npz"
+    rc, _, err = run(["train", "--data", data, "--model", "mlp", "--epochs", "1", "--out", tmp_path / "run",
+                      "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert lines == [f"robust-ops train: warning: --data: the train split of {data} holds no image of 2, so the model "
+                     "never learns that class; its val / test images are scored all the same"], err
+    rc, _, err = run(["demo", "--data", data, "--model", "mlp", "--methods", "standard", "--epochs", "1", "--attacks",
+                      "fgsm", "--eps", "1/255", "--saliency", "0", "--out", tmp_path / "demo", "--no-progress",
+                      "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert len([line for line in err.splitlines() if "never learns" in line]) == 1, err
+
+
 def test_eval_on_data_with_other_classes_warns(trained_run, tmp_path, capsys):
     """--data whose classes are not the run's (synthetic's benign = 0, malignant = 1 for a model trained on labels
     0, 1 of another set): the predictions are scored against labels that may mean other classes -- said in one

@@ -757,11 +757,18 @@ def check_max_pool(model, model_name, defense_name, flag):
                        f"--model {model_name} has none; use a model with max pooling (e.g. small_cnn or resnet18)")
 
 
-def check_train_split(splits, data):
+def check_train_split(splits, data, warn_unlearned=True):
     """An empty train split (an .npz holding only val/test images) is refused before anything is written: fit refuses
-    it too, but after run.json, and in its own words (``train_data is empty``)."""
+    it too, but after run.json, and in its own words (``train_data is empty``). ``warn_unlearned``: warn of the
+    classes an .npz's own train split lacks, which the loader records without a word (eval reads the file too); a
+    drawn split's rare-class warning names them already."""
     if len(splits.train) == 0:
         raise CLIError(f"--data: the train split of {data} holds no samples; nothing to train on")
+    info = splits.info
+    unlearned = (info.extra.get("classes_missing_from_split") or {}).get("train")
+    if warn_unlearned and unlearned and str(info.source).endswith(".npz"):
+        warnings.warn(f"--data: the train split of {info.source} holds no image of {', '.join(unlearned)}, so the "
+                      "model never learns that class; its val / test images are scored all the same")
 
 
 def json_options(options):
@@ -927,9 +934,10 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     prepacked_conv = prepacked_conv_resolved(prepacked_conv)
     # as the registry names it: run_record's mirst-dm -> dropmax "first" (eval's architecture) and --resume compare it
     defense_name = defense_key(defense_name)
+    given = splits is not None  # demo's and reproduce's: their own checks have warned of what it lacks
     splits = splits or load_data(data, size=size, seed=seed, classes=classes, bit_depth=bit_depth, channels=channels)
     info = splits.info
-    check_train_split(splits, data)
+    check_train_split(splits, data, warn_unlearned=not given)
     run = run_record(data=data, defense_name=defense_name, defense_options=defense_options, model_name=model_name,
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
                      channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
