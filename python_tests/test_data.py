@@ -105,6 +105,9 @@ def test_npz_labels_must_be_class_indices(tmp_path, as_official):
     with pytest.raises(DataError, match=r"s\.npz: labels run from 0 to 255, but 253 of those 256 classes have no "
                                         r"sample \(the first: 2\); expected class indices 0 to K-1 -- relabel them$"):
         load_dataset(write_npz(tmp_path / "s.npz", train_labels=labels))
+    labels[5] = 3  # one class without a sample: "has" (it said "1 of those 4 classes have")
+    with pytest.raises(DataError, match=r"t\.npz: labels run from 0 to 3, but 1 of those 4 classes has no sample "):
+        load_dataset(write_npz(tmp_path / "t.npz", train_labels=labels))
     with pytest.raises(DataError, match=r"o\.npz: expected at least two classes, got 1 \(labels: 0\)$"):
         load_dataset(write_npz(tmp_path / "o.npz", classes=1))
     s = load_dataset(as_official(write_npz(tmp_path / "breastmnist_64.npz", classes=1)))  # named: 2 classes

@@ -359,6 +359,7 @@ def _check_class_indices(path, sets, num_classes):
                         f"{', '.join(map(str, sorted(present))) or 'none'})")
     if len(present) < num_classes:
         first = next(i for i in range(num_classes) if i not in present)
-        raise DataError(f"{path}: labels run from 0 to {num_classes - 1}, but {num_classes - len(present)} of those "
-                        f"{num_classes} classes have no sample (the first: {first}); expected class indices 0 to "
-                        f"K-1 -- relabel them")
+        empty = num_classes - len(present)
+        raise DataError(f"{path}: labels run from 0 to {num_classes - 1}, but {empty} of those {num_classes} classes "
+                        f"{'has' if empty == 1 else 'have'} no sample (the first: {first}); expected class indices 0 "
+                        "to K-1 -- relabel them")
