@@ -1628,6 +1628,21 @@ def test_worst_case_takes_the_lowest_scoring_input_inside_the_ball_whatever_the_
                                    msg=f"eps {e}")
 
 
+def test_without_cascade_the_worst_case_keeps_a_smaller_radius_fooling_input_that_scores_lower(monkeypatch):
+    # cascade=False: each attack's 0.2 row takes its later fooling input for sample 0 (pixel 1 at 0.7), which scores
+    # its true class higher than the 0.9 that fooled it at 0.1, also inside the 0.2 ball. The worst case at 0.2 took
+    # a fooled sample's 0.2 inputs only, so its AUC rose above the 0.1 worst case's (0 to 1); sample 1 stays robust.
+    seen = _script_attacks(monkeypatch, {name: {0.1: [0.9, 0.8], 0.2: [0.7, 0.8]} for name in ("fgsm", "pgd")})
+    x = torch.tensor([[0.0, 0.2], [0.1, 0.8]]).view(2, 1, 1, 2)
+    rows = evaluate(_PixelModel(), TensorDataset(x, torch.tensor([0, 1])), INFO, attacks="fgsm,pgd", eps=[0.1, 0.2],
+                    cascade=False)
+    auc = {(r["attack"], r["eps"]): r["auc"] for r in rows}
+    assert (auc[("fgsm", 0.1)], auc[("fgsm", 0.2)]) == (0.0, 1.0)  # the attack's own rows take the later input
+    assert auc[("worst-case", 0.2)] == auc[("worst-case", 0.1)] == 0.0
+    p1 = lambda v: torch.softmax(torch.tensor([0.5 - v, v - 0.5]) * 10, 0)[1]  # noqa: E731
+    torch.testing.assert_close(seen[("worst-case", 0.2)].float(), torch.stack([p1(0.9), p1(0.8)]))
+
+
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_attacks_run_and_are_checked_in_the_datasets_value_range(ensemble):
     # two-moons inputs live in [-4, 4]: every attack clips to the dataset's value_range, not to images' [0, 1] (which

@@ -11,9 +11,10 @@ Protocol (``evaluate``):
   attack's effect on the scores of already-misclassified samples too);
 * the per-sample worst case over all attacks at each radius (row ``attack="worst-case"``): a sample counts as
   robust only if no attack fooled it; it takes, of the inputs evaluated inside the ball, the one with the lowest
-  true-class probability -- a fooling one when an attack fooled it; a robust sample's candidates also hold its clean
-  input and its worst case at the smaller radii (so, on a binary task, AUC and mAP of the worst case are at most
-  every attack's, the clean row's and the smaller radii's, whatever the attacks' order);
+  true-class probability -- a fooling one when an attack fooled it (its worst case at the smaller radii too, when
+  that fooled: without the cascade an attack's row takes a later fooling input); a robust sample's candidates also
+  hold its clean input and its worst case at the smaller radii (so, on a binary task, AUC and mAP of the worst case
+  are at most every attack's, the clean row's and the smaller radii's, whatever the attacks' order);
 * ``ensemble=True`` instead runs the attacks as one AutoAttack-style cascade per radius (each attack only on samples
   surviving the previous ones, :func:`robust_ops.attacks.ensemble`), radii ascending and only on the samples no
   smaller radius fooled (which keep that input, as above), and reports only the worst case (always a cascade:
@@ -673,8 +674,9 @@ def _worst_case(y, results, smaller):
     for f, *_ in results:
         fooled |= f
     pred, logits = smaller[0].clone(), smaller[1].clone()
-    # a fooled sample ends on a fooling input (the smaller radius's may be correct): any of them scores below inf
-    score = true_log_odds(logits).masked_fill(fooled, math.inf)
+    # a fooled sample ends on a fooling input: the smaller radius's counts when it fools (without the cascade an
+    # attack's row takes a later fooling input scoring higher), any fooling one scores below inf otherwise
+    score = true_log_odds(logits).masked_fill(fooled & (pred == y), math.inf)
     for f, p, lg in results:
         s = true_log_odds(lg)
         take = (f | ~fooled) & (s < score)
