@@ -114,7 +114,7 @@ def test_a_default_step_that_cannot_reach_the_radius_is_a_warning():
                                       "than the radius allows; give pgd:alpha=eps/4"]
     assert "pgd(norm=l2)'s default step" in warned("pgd:norm=l2", "0.3")[0]
     for attacks, eps in (("fgsm,pgd,cw", "1/255,2/255,5/255"), ("pgd:steps=50", "8/255"), ("pgd:alpha=eps/4", "8/255"),
-                         ("pgdl2,ifgsm,cw,apgd-ce", "0.3")):
+                         ("pgdl2,ifgsm,cw,apgd-ce", "0.3"), ("pgd", "0.02")):  # 0.02: reached exactly
         assert warned(attacks, eps) == [], (attacks, eps)
 
 
@@ -415,7 +415,7 @@ class _Bump(nn.Module):
         return torch.stack([torch.zeros_like(z1), z1], 1)
 
 
-def test_ensemble_keeps_a_sample_fooled_at_a_smaller_radius_fooled():
+def test_ensemble_keeps_a_sample_fooled_at_a_smaller_radius_fooled(monkeypatch):
     # each radius ran its own ensemble on every sample: FGSM fools these at 1/255 (inside the 4/255 ball too) but not
     # at 4/255, so the ensemble's robust accuracy rose from 0 to 1 while the per-attack cascade kept it at 0
     data = TensorDataset(torch.full((4, 1, 2, 2), 0.5), torch.zeros(4, dtype=torch.long))
@@ -423,6 +423,12 @@ def test_ensemble_keeps_a_sample_fooled_at_a_smaller_radius_fooled():
     for ensemble in (False, True):
         rows = evaluate(_Bump(), data, info, attacks="fgsm", eps="1/255,4/255", ensemble=ensemble)
         assert [r["accuracy"] for r in rows] == [1.0, 0.0, 0.0]
+    # and not attacked again: a new fooling input at 4/255 would replace the one inside the smaller ball
+    attacked, run_ensemble = [], attacks.ensemble
+    monkeypatch.setattr(attacks, "ensemble", lambda model, x, *args, **kwargs: attacked.append(len(x))
+                        or run_ensemble(model, x, *args, **kwargs))
+    evaluate(_Bump(), data, info, attacks="fgsm", eps="1/255,4/255", ensemble=True)
+    assert attacked == [4]
 
 
 def test_multiclass_rows_have_map():
@@ -459,7 +465,8 @@ def test_binary_set_without_a_valid_positive_class_is_refused_before_any_forward
     assert err.value.arg == "data"
 
 
-@pytest.mark.parametrize("labels, got", [([0, 1, 2, 5], r"\[0, 5\]"), ([0, -1, 1, 1], r"\[-1, 1\]")])
+@pytest.mark.parametrize("labels, got", [([0, 1, 2, 5], r"\[0, 5\]"), ([0, -1, 1, 1], r"\[-1, 1\]"),
+                                         ([0, 1, 2, 1], r"\[0, 2\]")])
 def test_labels_outside_the_sets_classes_are_refused_before_any_forward(labels, got):
     """Labels 5 on a 2-class set ran the whole clean pass, then failed inside the metrics with "classification_metrics:
     expected y_true in [0, 2)", a ValueError naming neither evaluate's data nor its labels."""
@@ -684,6 +691,25 @@ def test_options_no_default_types_keep_integer_text_an_int():
     specs = parse_attacks("fab:n_classes=3:multi_targeted=true,autoattack:eot_iter=2:version=rand")
     assert specs[0].options == {"n_classes": 3, "multi_targeted": True} and type(specs[0].options["n_classes"]) is int
     assert specs[1].options == {"eot_iter": 2, "version": "rand"} and type(specs[1].options["eot_iter"]) is int
+
+
+class _StepDefaultingToNone(attacks.Attack):
+    """An own attack whose ``step`` defaults to None, so nothing tells its option's type."""
+
+    def __init__(self, model, eps=8 / 255, step=None, **options):
+        super().__init__(model, **options)
+        self.eps, self.step = eps, step
+
+    def forward(self, x, y):
+        return x.clone()
+
+
+def test_an_eps_expression_reaches_an_own_attack_option_whose_default_is_none():
+    # an option nothing types (default None, not one of evaluate's known names) takes an expression in eps as
+    # alpha does: evaluated per radius, not handed to the attack as the text 'eps/4'
+    spec, = parse_attacks(f"{__name__}._StepDefaultingToNone:step=eps/4")
+    assert spec.label.endswith("_StepDefaultingToNone(step=eps/4)")
+    assert spec.build(tiny_model(), 0.2).step == pytest.approx(0.05)
 
 
 def test_numeric_text_of_a_text_option_stays_text():
@@ -1550,7 +1576,8 @@ def test_atomic_output_stages_beside_out_under_a_lock_and_closes_what_it_opened(
 
 def _script_attacks(monkeypatch, table):
     """Make every attack scripted: ``name`` at radius eps sets pixel 1 of sample i (pixel 0 holds i / 10) to
-    ``table[name][eps][i]`` (no change at other radii, such as the dry run's 1), outside any ball check. Returns
+    ``table[name][eps][i]``, or pixels 1, 2, ... to it where that is a tuple (no change at other radii, such as the
+    dry run's 1), outside any ball check. Returns
     {(attack label, eps): each row's class-1 probabilities}, filled as the rows are made."""
     module = sys.modules["robust_ops.evaluate"]
 
@@ -1559,7 +1586,8 @@ def _script_attacks(monkeypatch, table):
             out = x.clone()
             if eps in table[spec.name]:
                 ids = (out.flatten(1)[:, 0] * 10).round().long()
-                out.view(out.shape[0], -1)[:, 1] = torch.tensor(table[spec.name][eps])[ids]
+                values = torch.tensor(table[spec.name][eps])[ids]
+                out.view(out.shape[0], -1)[:, 1:1 + values[0].numel()] = values.view(len(ids), -1)
             return out
         return attack
 
@@ -1580,11 +1608,12 @@ def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_lowest_foolin
     # 1). Each radius's worst case sees that radius's inputs and fooled flags, not those of a larger radius the
     # cascade reached later; a fooled sample takes its fooling input of the lowest true-class probability (sample 0
     # at 0.2: pgd's, not fgsm's that fooled it first), a robust one the lowest true-class probability of all three
-    # attacks and the clean input (samples 1 and 4); every attack's eps-0 row is the clean input.
+    # attacks and the clean input (samples 1 and 4; sample 0 at 0.1, cw's, though only fgsm and pgd fool it at 0.2);
+    # every attack's eps-0 row is the clean input.
     seen = _script_attacks(monkeypatch, {
         "fgsm": {0.1: [0.1, 0.45, 0.3, 0.6, 0.7], 0.2: [0.7, 0.45, 0.3, 0.6, 0.7]},
         "pgd": {0.1: [0.2, 0.4, 0.3, 0.6, 0.6], 0.2: [0.9, 0.4, 0.9, 0.6, 0.6]},
-        "cw": {0.1: [0.15, 0.3, 0.3, 0.6, 0.65], 0.2: [0.15, 0.3, 0.3, 0.6, 0.65]}})
+        "cw": {0.1: [0.3, 0.3, 0.3, 0.6, 0.65], 0.2: [0.15, 0.3, 0.3, 0.6, 0.65]}})
     x = torch.tensor([[0.0, 0.2], [0.1, 0.2], [0.2, 0.2], [0.3, 0.8], [0.4, 0.8]]).view(5, 1, 1, 2)
     data = TensorDataset(x, torch.tensor([0, 0, 0, 0, 1]))  # sample 3: wrong clean
     rows = evaluate(_PixelModel(), data, INFO, attacks="fgsm,pgd,cw", eps=[0, 0.1, 0.2], batch_size=3)
@@ -1595,7 +1624,7 @@ def test_worst_case_at_each_radius_uses_that_radius_inputs_and_the_lowest_foolin
     p1 = lambda v: torch.softmax(torch.tensor([0.5 - v, v - 0.5]) * 10, 0)[1]  # noqa: E731
     clean = [0.2, 0.2, 0.2, 0.8, 0.8]
     for key, inputs in ((("fgsm", 0), clean), (("pgd", 0), clean), (("cw", 0), clean),
-                        (("worst-case", 0.1), [0.2, 0.45, 0.3, 0.8, 0.6]),
+                        (("worst-case", 0.1), [0.3, 0.45, 0.3, 0.8, 0.6]),
                         (("worst-case", 0.2), [0.9, 0.45, 0.9, 0.8, 0.6])):
         torch.testing.assert_close(seen[key].float(), torch.stack([p1(v) for v in inputs]), msg=f"{key}")
 
@@ -1642,6 +1671,44 @@ def test_without_cascade_the_worst_case_keeps_a_smaller_radius_fooling_input_tha
     p1 = lambda v: torch.softmax(torch.tensor([0.5 - v, v - 0.5]) * 10, 0)[1]  # noqa: E731
     torch.testing.assert_close(seen[("worst-case", 0.2)].float(), torch.stack([p1(0.9), p1(0.8)]))
 
+
+class _ThreeClassPixelModel(nn.Module):
+    """Three logits from pixel 1 of a [N, 1, 1, 2] input: probabilities 0.4, 0.3, 0.3 up to 0.5 (class 0 predicted),
+    0.45, 0.55, 0 above it (class 1 predicted, yet a higher class-0 log-odds)."""
+
+    def forward(self, x):
+        above = (x.flatten(1)[:, 1:2] > 0.5).float()
+        return torch.log(above * torch.tensor([0.45, 0.55, 1e-9]) + (1 - above) * torch.tensor([0.4, 0.3, 0.3]))
+
+
+def test_a_fooled_sample_ends_on_a_fooling_input_though_a_correct_one_scores_its_class_lower(monkeypatch):
+    # multi-class: pgd's input fools sample 0 (class 1 predicted) with a class-0 log-odds of log(0.45 / 0.55), above
+    # the correct clean input's log(0.4 / 0.6), and fgsm, listed first, does not fool it; the worst case must count
+    # the sample as fooled, as pgd's row does, so it takes the fooling input, not the lowest-scoring one
+    _script_attacks(monkeypatch, {"fgsm": {0.1: [0.2]}, "pgd": {0.1: [0.9]}})
+    data = TensorDataset(torch.tensor([[0.0, 0.2]]).view(1, 1, 1, 2), torch.tensor([0]))
+    rows = evaluate(_ThreeClassPixelModel(), data, DatasetInfo("tiny3", 3, 1, 12, ("a", "b", "c")), attacks="fgsm,pgd",
+                    eps=[0.1])
+    assert [(r["attack"], r["accuracy"]) for r in rows] == [("none", 1.0), ("fgsm", 1.0), ("pgd", 0.0),
+                                                           ("worst-case", 0.0)]
+    assert rows[-1]["confusion"] == [[0, 1, 0], [0, 0, 0], [0, 0, 0]]
+
+
+class _LogitPixelsModel(nn.Module):
+    """Two logits: pixels 1 and 2 of a [N, 1, 1, 3] input, times 10 (pixel 0 holds a sample id)."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, 1:3] * 10
+
+
+def test_worst_case_ranks_inputs_by_their_true_class_log_odds_not_its_logit(monkeypatch):
+    # sample 0 (class 0) stays robust: fgsm's logits (9, 7) leave it a log-odds of 2, pgd's (3, 0) one of 3, so the
+    # worst case is fgsm's input, though pgd's has the lower class-0 logit
+    seen = _script_attacks(monkeypatch, {"fgsm": {0.1: [(0.9, 0.7)]}, "pgd": {0.1: [(0.3, 0.0)]}})
+    data = TensorDataset(torch.tensor([[0.0, 0.8, 0.2]]).view(1, 1, 1, 3), torch.tensor([0]))
+    evaluate(_LogitPixelsModel(), data, INFO, attacks="fgsm,pgd", eps=[0.1])
+    torch.testing.assert_close(seen[("worst-case", 0.1)], seen[("fgsm", 0.1)])
+    assert seen[("pgd", 0.1)] < seen[("fgsm", 0.1)]  # its class-1 probability: its class 0 is the likelier
 
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_attacks_run_and_are_checked_in_the_datasets_value_range(ensemble):
