@@ -121,6 +121,9 @@ def test_multiclass_macro_averages_over_present_classes():
     assert m["precision"] == pytest.approx(np.mean([0.5, 0.5])) and m["sensitivity"] == pytest.approx(0.5)
     m = classification_metrics([2, 2], [2, 1], num_classes=3)  # only one class: no negatives for it
     assert _nan(m["specificity"]) and m["sensitivity"] == 0.5
+    # every negative of class 0 predicted as 0: its specificity is 0 of 2 (0), not undefined, so it counts
+    m = classification_metrics([0, 1, 2], [0, 0, 0], num_classes=3)
+    assert m["specificity"] == pytest.approx(np.mean([0.0, 1.0, 1.0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
