@@ -262,6 +262,8 @@ def test_binary_radius_figures_name_the_positive_class(tmp_path, monkeypatch):
                       ("F1 (melanoma) vs radius on derm", "F1 (melanoma)"),
                       ("Precision (melanoma) vs radius on derm", "Precision (melanoma)"),
                       ("Accuracy vs radius on derm", "Accuracy"), ("F1 vs radius on d", "F1")]
+    melanoma_second = DatasetInfo("derm", 2, 3, 8, ("nevus", "melanoma"), positive_class=1)
+    assert report.figure_metric_label("sensitivity", melanoma_second) == "Sensitivity (melanoma)"
 
 
 def test_saliency_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
