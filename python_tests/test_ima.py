@@ -2311,3 +2311,22 @@ def test_gen_adv_and_ima_defaults_are_the_papers():
     assert got.as_dict() == want.as_dict()  # the search's forward calls count its rounds
     defense = IMA(num_samples=20)
     assert {k: getattr(defense, k) for k in paper} == paper and defense.beta == 0.5
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_train_mode_ascent_gradient_leaves_out_finished_samples_losses(compact):
+    """In train mode batch-norm couples the rows, so the loss of a sample that has finished (here one misclassified
+    at x, still in the step-0 batch) would reach the others' gradients through the batch statistics: each active
+    sample's first step follows the gradient of the active samples' losses only (K = 1, l2: x + E g/||g||)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = 0.4 + 0.2 * torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        y = model.train()(x).argmax(1)
+    y[0] = (y[0] + 1) % 3  # wrong at x: finished at step 0, its row still in that step's batch
+    xs = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xs)[1:], y[1:], reduction="sum"), xs)
+    first_step = x + 0.05 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    _, _, info = gen_adv(model, x, y, 0.05, steps=1, search_steps=0, model_mode="train", compact=compact,
+                         return_info=True)
+    torch.testing.assert_close(info.far_point[1:], first_step[1:], rtol=1e-9, atol=1e-12)
