@@ -1625,6 +1625,12 @@ def test_masked_form_spends_nothing_on_margin_zero_and_returns_the_same_info():
     _, _, a = gen_adv(model, x, y, margin, steps=8, search_steps=6, return_info=True)
     _, _, b = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, return_info=True)
     assert a.clean_correct.tolist() == b.clean_correct.tolist() == [False, False] + [True] * 10
+    # margin 0 at a sample wrong at x: its x is not checked (True) in both forms, though the masked forward sees it
+    margin = margin.clone()
+    margin[0] = 0
+    _, _, a = gen_adv(model, x, y, margin, steps=8, search_steps=6, return_info=True)
+    _, _, b = gen_adv_masked(model, x, y, margin, steps=8, search_steps=6, return_info=True)
+    assert a.clean_correct.tolist() == b.clean_correct.tolist() == [True, False] + [True] * 10
     assert torch.equal(a.steps, b.steps) and torch.equal(a.far_point, b.far_point) and torch.equal(a.gap, b.gap)
 
 
