@@ -2336,3 +2336,20 @@ def test_train_mode_ascent_gradient_leaves_out_finished_samples_losses(compact):
     _, _, info = gen_adv(model, x, y, 0.05, steps=1, search_steps=0, model_mode="train", compact=compact,
                          return_info=True)
     torch.testing.assert_close(info.far_point[1:], first_step[1:], rtol=1e-9, atol=1e-12)
+
+
+def test_masked_train_mode_freezes_finished_samples_rows():
+    """The masked form keeps finished samples in every forward, frozen where they finished. In train mode batch-norm
+    gives them a gradient from the others' losses, so stepping the whole batch and not only the samples in play
+    would move them (and the statistics the others see): a sample wrong at x stays at x in every forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = 0.4 + 0.2 * torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        y = model.train()(x).argmax(1)
+    y[0] = (y[0] + 1) % 3
+    seen = []
+    hook = model.register_forward_hook(lambda module, args, out: seen.append(args[0][0].detach().clone()))
+    gen_adv_masked(model, x, y, 0.05, steps=3, search_steps=0, model_mode="train")
+    hook.remove()
+    assert len(seen) == 4 and all(torch.equal(row, x[0]) for row in seen)
