@@ -2353,3 +2353,29 @@ def test_masked_train_mode_freezes_finished_samples_rows():
     gen_adv_masked(model, x, y, 0.05, steps=3, search_steps=0, model_mode="train")
     hook.remove()
     assert len(seen) == 4 and all(torch.equal(row, x[0]) for row in seen)
+
+
+def test_default_padding_is_measured_on_the_clip_range():
+    """gen_adv probes batch_invariant_sizes on random inputs in its own [clip_min, clip_max]: here a model whose
+    results depend on the batch size only for inputs in [1, 2] (below 6 rows) runs every GenAdv forward at 6 rows or
+    more; probed on [0, 1] it looked invariant at every size and the shrinking batches ran unpadded."""
+
+    class DependentInOneRange(BatchDependent):
+        def forward(self, x):
+            out = super().forward(x)
+            return out * (1 + 2.0 ** -20) if x.shape[0] < 6 and bool(x.min() >= 1) else out
+
+    torch.manual_seed(0)
+    model = DependentInOneRange().eval()
+    with torch.no_grad():
+        model.weight.mul_(20)
+    x = 1 + torch.rand(12, 1, 10, 10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    counter = PassCounter()
+    _, crossed = gen_adv(model, x, y, torch.rand(12) * 4, steps=8, search_steps=6, clip_min=1.0, clip_max=2.0,
+                         counter=counter)
+    hook.remove()
+    assert 0 < int(crossed.sum()) < 12 and min(rows[-counter.forward_calls:]) >= 6
