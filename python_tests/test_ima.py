@@ -2379,3 +2379,25 @@ def test_default_padding_is_measured_on_the_clip_range():
                          counter=counter)
     hook.remove()
     assert 0 < int(crossed.sum()) < 12 and min(rows[-counter.forward_calls:]) >= 6
+
+
+def test_ima_hands_each_of_its_genadv_options_to_gen_adv(monkeypatch):
+    """IMA runs GenAdv with the options it was built with: one it dropped (e.g. arity or model_mode left at
+    gen_adv's default) would run the default without a word, which the other IMA tests' models and options do not
+    tell apart."""
+    import robust_ops.ima as ima_module
+
+    seen = {}
+    real_gen_adv = ima_module.gen_adv
+
+    def recording_gen_adv(*args, **kwargs):
+        seen.update(kwargs)
+        return real_gen_adv(*args, **kwargs)
+
+    monkeypatch.setattr(ima_module, "gen_adv", recording_gen_adv)
+    options = dict(steps=3, norm="linf", search_steps=5, algorithm=3, arity=4, clip_min=-1.0, clip_max=2.0,
+                   model_mode="keep", search_result="midpoint", compact=False, batch_exit=False, min_rows=0,
+                   backend="reference")
+    model, x, y = ima_batch(seed=2)
+    IMA(num_samples=12, eps_train=0.3, **options)(model, x, y, torch.arange(12))
+    assert {k: seen[k] for k in options} == options
