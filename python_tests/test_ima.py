@@ -546,6 +546,12 @@ def test_empty_batch_returns_empty_results():
     for fn in (gen_adv, gen_adv_masked):
         x_adv, crossed, info = fn(model, x[:0], y[:0], margin[:0], return_info=True)
         assert x_adv.shape == (0, 1, 10, 10) and crossed.shape == (0,) and info.gap.shape == (0,)
+    model, x, y, margin = make_problem()  # a model not yet probed
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    gen_adv(model, x[:0], y[:0], margin[:0])
+    hook.remove()
+    assert calls == []  # nothing to pad: not even the batch-size probe runs
     assert sample_distance(x[:0], x[:0], "l2").shape == (0,) and sample_distance(x[:0], x[:0], "linf").shape == (0,)
     assert dice_score(torch.zeros(0, 1, 4, 4), torch.zeros(0, 4, 4)).shape == (0,)
     assert dice_score(torch.zeros(0, 3, 4, 4), torch.zeros(0, 4, 4, dtype=torch.long)).shape == (0,)
