@@ -1759,23 +1759,24 @@ def test_ima_skips_samples_the_training_forward_misclassifies():
 
 
 def _lone_clean_correct_step(model):
-    """Runs IMA's step on 6 samples of which the training-mode clean forward classifies only sample 0 correctly;
-    returns (its output, x, y, the loss it should compute from ``reference``, a copy of the model before the step):
-    clean forward, GenAdv (eval mode), one forward of the batch with x~ in row 0."""
+    """Runs IMA's step on 6 samples of which the training-mode clean forward classifies only sample 3 correctly (not
+    the first: the output taken from the batch's forward is that sample's row); returns (its output, the loss it
+    should compute from ``reference``, a copy of the model before the step): clean forward, GenAdv (eval mode), one
+    forward of the batch with x~ in row 3."""
     import copy
 
     x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         pred = copy.deepcopy(model)(x).argmax(1)
     y = (pred + 1) % 3
-    y[0] = pred[0]
+    y[3] = pred[3]
     reference = copy.deepcopy(model)
     defense = IMA(num_samples=6, eps_train=1.0, delta=0.1, init_margin=0.5, steps=3, search_steps=2, min_rows=0)
     out = defense(model, x, y, torch.arange(6))
     l0 = F.cross_entropy(reference(x), y, reduction="none")
-    x_adv, _ = gen_adv(reference, x[:1], y[:1], 0.5, steps=3, search_steps=2, min_rows=0)
-    l1 = F.cross_entropy(reference(torch.cat([x_adv, x[1:]]))[:1], y[:1], reduction="none")
-    return out, (0.5 * l0 + 0.5 * l0.index_put((torch.tensor([0]),), l1)).mean(), reference
+    x_adv, _ = gen_adv(reference, x[3:4], y[3:4], 0.5, steps=3, search_steps=2, min_rows=0)
+    l1 = F.cross_entropy(reference(torch.cat([x[:3], x_adv, x[4:]]))[3:4], y[3:4], reduction="none")
+    return out, (0.5 * l0 + 0.5 * l0.index_put((torch.tensor([3]),), l1)).mean(), reference
 
 
 def test_ima_forwards_a_lone_clean_correct_sample_inside_its_batch_when_batch_norm_refuses_it():
