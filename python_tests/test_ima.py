@@ -1011,11 +1011,12 @@ def test_ima_state_dict_round_trip_and_defaults():
 
 def test_ima_checkpoint_keeps_the_margins_dtype_and_its_sync_setting():
     """IMA.load_state_dict builds its table in the checkpoint's dtype (float64 margins come back bit for bit, not
-    rounded to float32), and a table IMA makes follows its sync flag (sync=False: no per-update all_gather)."""
+    rounded to float32), and a table IMA makes or loads follows its sync flag (sync=False: no per-update all_gather)."""
     margins = torch.rand(5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     defense = IMA(num_samples=5, eps_train=2.0, delta=0.5, sync=False)
     defense.load_state_dict({"margins": margins, "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5})
     assert defense.margins.dtype == torch.float64 and torch.equal(defense.state_dict()["margins"], margins)
+    assert defense.table.sync is False  # the loaded table too: a resumed sync=False run exchanged margins again
     model, x, y = ima_batch(n=4)
     fresh = IMA(num_samples=4, eps_train=2.0, delta=0.5, steps=2, search_steps=2, sync=False)
     fresh(model, x, y, torch.arange(4))
