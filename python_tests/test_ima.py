@@ -1138,6 +1138,10 @@ def test_ima_merge_distributed_state_without_sync():
     assert merged["margins"].tolist() == [1.0, 0.25, 0.5, 2.0]
     merged = defense.merge_distributed_state([rank0, rank1], {})  # table created during the epoch
     assert merged["margins"].tolist() == [1.0, 0.25, 0.5, 2.0]
+    # created during the epoch, the table started at init_margin (here not delta): unchanged margins are those
+    first = {"eps_train": 2.0, "delta": 0.5, "init_margin": 0.25}
+    states = [dict(first, margins=torch.tensor(m)) for m in ([1.0, 0.25, 0.25], [0.25, 0.5, 0.25])]
+    assert defense.merge_distributed_state(states, {})["margins"].tolist() == [1.0, 0.5, 0.25]
     assert IMA(num_samples=4).merge_distributed_state([rank0, rank1], start)["margins"].tolist() == [1.0, 0.5, 0.5, 0.5]
 
 
