@@ -520,6 +520,23 @@ def test_saliency_figure_leaves_out_constant_grad_cam_maps(tmp_path, monkeypatch
     assert figures[3]._suptitle.get_text() == note
 
 
+def test_saliency_figure_names_a_single_constant_grad_cam_map(tmp_path, monkeypatch):
+    """Only maps constant for every image were noted: one image's constant map beside informative ones was drawn as
+    a flat overlay without a word, read as "attends to nothing" (found by the CT researcher's walk: small_cnn at 64x64).
+    Its panel shows the image alone, titled so; the other panels keep their overlay."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x = torch.rand(2, 1, 6, 6)
+    x[0] = 0  # no activation anywhere: an all-zero map
+    cams = report.grad_cam(model, x)
+    assert not cams[0].any() and bool(cams[1].amax() > cams[1].amin())
+    figures = _record_figures(monkeypatch)
+    assert report.plot_saliency(model, x, torch.tensor([0, 1]), tmp_path / "s.png")
+    axes = figures[0].axes
+    assert [axes[1].get_title(), axes[4].get_title()] == ["Grad-CAM: constant\n(not drawn)", "Grad-CAM"]
+    assert [len(axes[1].get_images()), len(axes[4].get_images())] == [1, 2]  # the image; the image and its overlay
+
+
 def test_tables_escape_a_pipe_in_labels():
     """A method label with a "|" (--method "AT|eps=2") split its cell: every value after it moved one column right,
     under the wrong header, in the all-rows, pivot and paper tables alike."""

@@ -472,7 +472,8 @@ def _per_image_unit_max(maps):
 def plot_saliency(model, x, y, path, info=None, title=None):
     """Rows of images: the input, its Grad-CAM overlay and its input-gradient map. Returns False for inputs that
     are not images (e.g. two-moons features). A model without Conv2d, or whose Grad-CAM maps are all constant (a 1x1
-    last feature map), gets no Grad-CAM column; the title says why for the latter."""
+    last feature map), gets no Grad-CAM column; the title says why for the latter. A single constant map (an image
+    without positive evidence for its predicted class) is not overlaid, its panel titled so."""
     if x.dim() != 4 or x.shape[0] == 0:
         return False
     from ._options import class_labels
@@ -486,7 +487,8 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     # constant up to rounding: upsampling a 1x1 map gives v * w0 + v * w1, a few ulps off v (vgg16 at 28x28: 1.0 and
     # 0.99999994 once normalised), which an exact comparison took for a map with a spread
     spread = (cams.flatten(1).amax(1) - cams.flatten(1).amin(1)) if cams is not None else None
-    if cams is not None and bool((spread <= 8 * torch.finfo(cams.dtype).eps).all()):
+    flat = (spread <= 8 * torch.finfo(cams.dtype).eps).tolist() if cams is not None else None
+    if cams is not None and all(flat):
         # e.g. vgg16 / densenet121 at 28x28, whose last feature map is 1x1: every panel one flat colour, read as if
         # the whole image mattered equally
         # two lines: on one it was wider than the two-column figure and cut off at both ends
@@ -521,8 +523,11 @@ def plot_saliency(model, x, y, path, info=None, title=None):
         axes[i][0].set_title(f"true {label(int(y[i]))}\npred {label(int(pred[i]))}{shown}", fontsize=7)
         if cams is not None:
             axes[i][1].imshow(img, cmap=cmap, vmin=0, vmax=1)
-            axes[i][1].imshow(cams[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            axes[i][1].set_title("Grad-CAM", fontsize=7)
+            if flat[i]:  # one image's map constant while others are not: a flat overlay read as "attends to nothing"
+                axes[i][1].set_title("Grad-CAM: constant\n(not drawn)", fontsize=7)
+            else:
+                axes[i][1].imshow(cams[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                axes[i][1].set_title("Grad-CAM", fontsize=7)
         axes[i][cols - 1].imshow(grads[i], cmap="hot", vmin=0, vmax=1)
         axes[i][cols - 1].set_title("input gradient", fontsize=7)
         for ax in axes[i]:
