@@ -4697,6 +4697,22 @@ def test_eval_rebuilds_the_csv_split_a_run_recorded_by_lesion_or_by_image(tmp_pa
             "--device", "cpu", "--resume"]
     rc, _, err = run(demo, capsys)
     one_line_error(rc, err, "--resume:", "split by image", "splits it by lesion_id", "use another --out")
+    # reproduce's rerun named load_dataset(..., split_by='image'), which rebuilds no seed subset or fold of a protocol
+    from robust_ops.reproduce import run_protocol
+
+    protocol = _tiny_protocol("seeds", [("Baseline", "standard")])
+    run_protocol(protocol, out=tmp_path / "rep", data=str(data), seeds=1, size=8, progress=False)
+    run_dir = tmp_path / "rep" / "runs" / "baseline" / "seed0"
+    record = json.loads((run_dir / "run.json").read_text())
+    del record["dataset"]["split_by"]
+    record["dataset"]["samples_digest"] = load_dataset(data, size=8, split_by="image").info.extra["samples_digest"]
+    (run_dir / "run.json").write_text(json.dumps(record))
+    with pytest.raises(cli.CLIError) as refused:
+        run_protocol(protocol, out=tmp_path / "rep", data=str(data), seeds=1, size=8, progress=False)
+    message = str(refused.value)
+    assert "splits it by lesion_id" in message and "split_by='image'" not in message, message
+    assert message.endswith("own split; no option of reproduce splits it so again, so it cannot continue the run: "
+                            f"delete {run_dir} or use another --out"), message
 
 
 def _lesions_csv(root, lesions=40, per_lesion=3):

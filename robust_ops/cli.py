@@ -372,18 +372,20 @@ def _trained_rare_classes(run, data, same_data):
     return trained_rare_classes(run["dataset"])
 
 
-def split_by_refusal(run_dir, was, now):
+def split_by_refusal(run_dir, was, now, in_python=True):
     """Why RUN_DIR cannot resume when its CSV would now be split by another rule (resume_conflict's "split_by"), and
-    what to do: its samples digest differs too, but a digest mismatch says neither."""
+    what to do: its samples digest differs too, but a digest mismatch says neither. ``in_python``: and how to
+    continue it in Python (one run of train or demo; reproduce's folds and subsets are no load_dataset split)."""
     def how(split_by):
         return "by image" if split_by == "image" else f"by {split_by} (every image of a {split_by} on one side)"
 
     recorded = " (its run.json records no dataset.split_by: runs trained before CSVs with a lesion_id column were " \
                "split by lesion, or on a CSV without one)" if was == "image" else ""
-    return (f"{Path(run_dir) / RUN_FILE} was trained on its CSV split {how(was)}{recorded}, and this command splits "
-            f"it {how(now)}: the training images would differ, and the test split could hold images the run trained "
-            f"on. `{PROG} eval` still tests the run on its own split; to continue it, in Python, load_dataset(..., "
-            f"split_by={was!r}) and fit(..., resume=)")
+    why = (f"{Path(run_dir) / RUN_FILE} was trained on its CSV split {how(was)}{recorded}, and this command splits "
+           f"it {how(now)}: the training images would differ, and the test split could hold images the run trained "
+           f"on. `{PROG} eval` still tests the run on its own split")
+    return f"{why}; to continue it, in Python, load_dataset(..., split_by={was!r}) and fit(..., resume=)" \
+        if in_python else why
 
 
 def rare_classes_refusal(run_dir, in_python=True):

@@ -664,7 +664,8 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
     if key == "split_by":
         from .cli import split_by_refusal
 
-        return CLIError(f"{protocol.name}: {split_by_refusal(run_dir, was, now)}; or {way_out}")
+        return CLIError(f"{protocol.name}: {split_by_refusal(run_dir, was, now, in_python=False)}; no option of "
+                        f"reproduce splits it so again, so it cannot continue the run: {way_out}")
     if key == "rare_classes":
         from .cli import rare_classes_refusal
 
