@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
-from common import (device_arg, nonnegative_int, positive_int, refuse_one_image_batch_norm, with_env,  # noqa: E402
-                    write_rows)
+from common import (device_arg, nonnegative_int, positive_int, refuse_one_image_batch_norm,  # noqa: E402
+                    refuse_repeated, with_env, write_rows)
 
 from robust_ops import defenses  # noqa: E402
 from robust_ops._backend import ENV_VAR as BACKEND_SWITCH, resolve  # noqa: E402
@@ -102,6 +102,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=positive_int, help="timed rounds (default 3 with --quick, else 7)")
     ap.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
+    refuse_repeated(ap, "--defenses", args.defenses)  # a repeat ran once, its second naming dropped without a word
     try:  # before any work: a model that cannot take --size images (densenet121 below 15x15)
         model = build_model(args.model, in_channels=1, num_classes=2, image_size=args.size)
     except ValueError as err:

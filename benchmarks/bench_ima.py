@@ -315,6 +315,7 @@ def main():
                 ("compacted channels_last prepacked", True, 2, True, None, True, True)]
     if args.variants or args.quick:
         wanted = args.variants.split(",") if args.variants else ["compacted"]
+        refuse_repeated(parser, "--variants", wanted)  # a repeat ran once, its second naming dropped without a word
         unknown = set(wanted) - {v[0] for v in variants}
         if unknown:
             parser.error(f"unknown variants {sorted(unknown)}; choose from {[v[0] for v in variants]}")

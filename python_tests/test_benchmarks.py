@@ -2116,13 +2116,16 @@ REPEATS = [
      "--models: small-resnet given more than once"),
     ("bench_ima", ["--scenarios", "spread,cap,spread"], "--scenarios: spread given more than once"),
     ("bench_prepacked_conv", ["--batches", "4,16,4"], "--batches: 4 given more than once"),
+    ("bench_defenses", ["--defenses", "at", "mirst", "at"], "--defenses: at given more than once"),
+    ("bench_ima", ["--variants", "compacted,naive,compacted"], "--variants: compacted given more than once"),
 ]
 
 
 @pytest.mark.parametrize("script,argv,message", REPEATS, ids=[s for s, _, _ in REPEATS])
 def test_a_list_entry_given_twice_is_a_usage_error_before_any_work(script, argv, message, monkeypatch, capsys):
     """bench_attacks --models, bench_ima --scenarios and bench_prepacked_conv --batches ran (minutes for a resnet18)
-    and wrote the rows of an entry given twice twice; refused as robust-ops bench refuses a topic given twice."""
+    and wrote the rows of an entry given twice twice; bench_defenses --defenses and bench_ima --variants ran it once,
+    the repeat dropped without a word. Refused as robust-ops bench refuses a topic given twice."""
     assert _usage_error_before_any_work(script, argv, monkeypatch, capsys) == f"{script}.py: error: {message}"
 
 
