@@ -47,14 +47,17 @@ def make_defense(name, num_samples):
     return defenses.build(name)
 
 
-def available(name):
-    if name == "mirst-dm":
-        return importlib.util.find_spec("robust_ops.nn") is not None
-    if name == "ima":
-        return importlib.util.find_spec("robust_ops.ima") is not None
-    if name == "at-torchattacks":
-        return importlib.util.find_spec("torchattacks") is not None
-    return True
+def unavailable(name):
+    """Why defense ``name`` cannot run here (None when it can)."""
+    if name == "mirst-dm" and importlib.util.find_spec("robust_ops.nn") is None:
+        return "its module is not available in this checkout"
+    if name == "ima" and importlib.util.find_spec("robust_ops.ima") is None:
+        return "its module is not available in this checkout"
+    # a test-only dependency of the library (scripts/setup.sh), not installed with it
+    if name == "at-torchattacks" and importlib.util.find_spec("torchattacks") is None:
+        return ("torchattacks 3.5.1, its peer, is not installed (install it as scripts/setup.sh does: pip install "
+                "--no-deps torchattacks==3.5.1)")
+    return None
 
 
 def torchattacks_at_step(model, x, y, opt):
@@ -125,8 +128,9 @@ def main(argv=None):
     steps = {}
     names = ["standard"] + [n for n in args.defenses if n != "standard"]
     for name in names:
-        if not available(name):
-            print(f"skip {name}: its module is not available in this checkout")
+        why = unavailable(name)
+        if why:
+            print(f"skip {name}: {why}")
             continue
         torch.manual_seed(0)
         model = build_model(args.model, in_channels=1, num_classes=2, image_size=args.size)

@@ -2073,6 +2073,22 @@ def test_defenses_skip_what_the_model_cannot_run_with_a_line_saying_why(monkeypa
     assert "skip at-torchattacks: torchattacks' PGD needs a logit per class" in out
 
 
+def test_defenses_without_torchattacks_skip_its_row_saying_how_to_install_it(monkeypatch, capsys):
+    """torchattacks is a test-only dependency: without it the at-torchattacks row was skipped as 'its module is not
+    available in this checkout', as if the checkout lacked a file, not naming the package to install."""
+    import importlib.util
+
+    mod, written, _ = _script(monkeypatch, "bench_defenses", ["--model", "small_cnn", "--size", "8", "--batch", "2",
+                                                              "--warmup", "0", "--rounds", "1", "--defenses",
+                                                              "at-torchattacks"])
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torchattacks" else find_spec(name))
+    mod.main()
+    assert [r["defense"] for r in written["defenses"]] == ["standard"]
+    assert ("skip at-torchattacks: torchattacks 3.5.1, its peer, is not installed (install it as scripts/setup.sh "
+            "does: pip install --no-deps torchattacks==3.5.1)") in capsys.readouterr().out.splitlines()
+
+
 def test_an_empty_results_dir_variable_is_unset(monkeypatch):
     """ROBUST_OPS_BENCH_DIR= (empty) wrote the CSVs into whatever folder the benchmark ran in (Path("") is ".");
     empty counts as unset, as the library's other environment switches."""
