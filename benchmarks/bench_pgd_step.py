@@ -12,7 +12,8 @@ Providers, on [32, 3, 224, 224] float32 by default, L-inf and L2, with and witho
   copy       a same-size copy of the minimum bytes a fused step must move (the memory roofline):
              read x_adv, x_nat, grad + write x_adv (+ the history slot) = 16 (20) bytes per float32 element.
 Each provider is checked against the eager chain before it is timed -- x_adv and the history slot, bitwise in
-float32/float64, within the tests' tolerance in float16/bfloat16 -- and a provider that disagrees or raises stops
+float32/float64, within the tests' tolerance in float16/bfloat16; native and triton also with alpha and eps that
+differ per sample -- and a provider that disagrees or raises stops
 the run (except torch.compile's failures, inductor bugs, and a kernel this build lacks: reported, rows left out;
 torch.compile's results that are not bitwise the eager chain are timed, their row saying how far off).
 
@@ -72,6 +73,13 @@ def check_against_eager(name, dtype, got, expected, what):
     diff = max_abs_diff(got, expected)
     raise SystemExit(f"{name}: {what} differs from the eager chain{beyond} (max |diff| {diff:.3g}); not timing a wrong "
                      f"kernel")
+
+
+def per_sample_scalars(alpha, eps):
+    """alpha and eps that differ per sample, for the check of our kernels: the timed ones are every sample's same
+    numbers (torchattacks holds one), on which a kernel reading one sample's for all would pass."""
+    scale = torch.linspace(0.5, 1.5, alpha.numel(), dtype=alpha.dtype, device=alpha.device)
+    return alpha * scale, eps * scale
 
 
 def compiled_agreement(x_adv, history_slot, expected):
@@ -179,6 +187,12 @@ def main():
                     same = check_against_eager(name, dtype, work, expected, "x_adv")
                     if hist is not None:
                         same &= check_against_eager(name, dtype, hist[1], expected, "history[1]")
+                if name in ("native", "triton"):
+                    varied = per_sample_scalars(alpha, eps)
+                    got, want = x_adv.clone(), x_adv.clone()
+                    fn(got, x_nat, grad, *varied, 0.0, 1.0, norm, None, 0)
+                    reference.pgd_step_(want, x_nat, grad, *varied, 0.0, 1.0, norm, None, 0)
+                    same &= check_against_eager(name, dtype, got, want, "x_adv with per-sample alpha and eps")
 
                 def step(fn=fn, work=work):
                     fn(work, x_nat, grad, alpha, eps, 0.0, 1.0, norm, hist, 1)

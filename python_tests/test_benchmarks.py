@@ -543,6 +543,27 @@ def test_pgd_step_stops_at_a_provider_that_differs_from_eager(monkeypatch, fault
     assert not written
 
 
+def test_pgd_step_stops_at_a_kernel_that_reads_one_samples_alpha_and_eps_for_all(monkeypatch):
+    """The timed inputs give every sample the same alpha and eps (torchattacks holds one number), so a kernel reading
+    sample 0's for the whole batch passed the check and was timed; native and triton are also checked on per-sample
+    values."""
+    import torch
+
+    mod, written, _ = _script(monkeypatch, "bench_pgd_step", ["--shape", "2,3,4,4", "--no-compile"])
+    real_providers = mod.providers
+
+    def first_samples(x_adv, x_nat, grad, alpha, eps, lo, hi, norm, hist, slot):
+        torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, alpha[:1].expand_as(alpha), eps[:1].expand_as(eps), lo,
+                                       hi, norm, hist, slot)
+
+    monkeypatch.setattr(mod, "providers", lambda device, use_compile: {**real_providers(device, use_compile),
+                                                                        "native": first_samples})
+    monkeypatch.setattr(mod.common, "median_seconds", lambda fn, min_run_time=1.0: 1.0)
+    with pytest.raises(SystemExit, match=r"^native: x_adv with per-sample alpha and eps differs from the eager chain"):
+        mod.main()
+    assert not written
+
+
 def _log_backward(out, log):
     """Log the layout of the gradient that reaches ``out`` (or its first element) in a backward pass."""
     first = out[0] if isinstance(out, tuple) else out
