@@ -546,6 +546,20 @@ def test_a_fresh_run_stopped_before_its_first_checkpoint_does_not_leave_the_old_
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
 
 
+def test_a_resume_naming_the_out_dirs_own_checkpoint_another_way_keeps_the_runs_files(tmp_path, monkeypatch):
+    """resume= a path to out_dir's own checkpoint.pt, spelled another way than out_dir (absolute against relative,
+    through ..), continues that run: fit compares the resolved paths, so none of its files is removed as an older
+    run's (comparing the paths as given removed the checkpoint being resumed and its metrics files)."""
+    monkeypatch.chdir(tmp_path)
+    kwargs = dict(epochs=1, batch_size=8, lr=1e-2, progress=False)
+    fit(DropoutMLP(), defenses.Standard(), _data(16), out_dir="run", **kwargs)
+    (tmp_path / "other").mkdir()
+    for resume in (tmp_path / "run" / "checkpoint.pt", os.path.join("other", "..", "run", "checkpoint.pt")):
+        result = fit(DropoutMLP(), defenses.Standard(), _data(16), out_dir="run", resume=resume, **kwargs)
+        assert len(result.history) == 1 and result.checkpoint is not None
+        assert all((tmp_path / "run" / name).is_file() for name in ("checkpoint.pt", "metrics.json", "metrics.csv"))
+
+
 def test_restore_best_switched_on_for_a_run_with_no_epoch_left_writes_best_model_pt(tmp_path):
     """A run trained without restore_best up to its best epoch, resumed with it and no epoch left: the best weights
     are its model, handed back; best_model.pt, written only by an epoch before, was never written (found walking the
