@@ -4735,6 +4735,8 @@ def test_a_checkpoint_of_a_newer_format_or_lacking_entries_is_a_one_line_error_n
             run(tmp_path / "newer.pt")
     for key, value, why in (("optimizer", None, "it lacks 'optimizer'"), ("rng", None, "it lacks 'rng'"),
                             ("epoch", "x", "its 'epoch' is a str, expected an int"),
+                            # a bool is an int to isinstance: True resumed as epoch 1
+                            ("epoch", True, "its 'epoch' is a bool, expected an int"),
                             ("config", [], "its 'config' is a list, expected a dict")):
         damaged = {k: v for k, v in state.items() if k != key}
         if value is not None:
