@@ -664,6 +664,15 @@ def test_restore_best_switched_on_at_a_resume_before_any_epoch_set_a_best(tmp_pa
     best_epoch = result.early_stopping["best_epoch"]
     assert result.weights_epoch == best_epoch >= 2
     assert load_checkpoint(tmp_path / "best_model.pt")["epoch"] == best_epoch
+    # a resume that ends inside the warm-up too has no best epoch to hand back: the last epoch's weights, not the
+    # checkpoint's it resumed from, and no best weights written
+    head = dict(warmup_epochs=3, warmup_params="net.4")
+    _early_stopped(tmp_path / "warm", epochs=1, **head)
+    model, result = _early_stopped(tmp_path / "warm", epochs=2, resume=True, restore_best=True, **head)
+    state = load_checkpoint(tmp_path / "warm" / "checkpoint.pt")
+    assert result.weights_epoch == 2 and result.early_stopping["best_epoch"] is None
+    assert state["best_model"] is None and not (tmp_path / "warm" / "best_model.pt").exists()
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
 
 
 class _CNNWithHead(nn.Module):
