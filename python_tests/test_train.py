@@ -3063,11 +3063,16 @@ def test_validation_runs_without_gradients():
 
 
 def test_the_defaults_are_mirst_dms_adam_lr_and_batch_size(tmp_path):
-    """docs/training.md: defaults are MIRST-DM's settings: Adam, lr 1e-4, batch 8."""
+    """docs/training.md: defaults are MIRST-DM's settings: Adam, lr 1e-4, batch 8; validation in batches of 64."""
     result = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path, progress=False)
     config = load_checkpoint(result.checkpoint)["config"]
     assert (config["optimizer"], config["lr"], config["batch_size"]) == ("torch.optim.adam.Adam", 1e-4, 8)
     assert result.history[0]["lr"] == 1e-4
+    # validation batches of 64 (val_batch_size=None): 70 samples take a batch of 64 and one of 6
+    model, validated = DropoutMLP(), []
+    model.register_forward_pre_hook(lambda module, args: None if module.training else validated.append(len(args[0])))
+    fit(model, defenses.Standard(), _data(16), _data(70, seed=1), epochs=1, progress=False)
+    assert validated.count(64) == 2 and validated.count(6) == 1  # the check before training, then validation
 
 
 class _SometimesReports(Defense):
