@@ -1760,6 +1760,10 @@ def test_fit_input_errors(tmp_path):
         fit(model, defenses.Standard(), _data(), epochs=0)
     with pytest.raises(FileNotFoundError, match="fit: resume='nope.pt': no checkpoint file there"):
         fit(model, defenses.Standard(), _data(), epochs=1, resume="nope.pt")
+    # a folder (the run's out_dir given as resume=) is no checkpoint file either: not a bare IsADirectoryError
+    with pytest.raises(FileNotFoundError, match=rf"^fit: resume={re.escape(repr(str(tmp_path)))}: no checkpoint file "
+                                                "there$"):
+        fit(model, defenses.Standard(), _data(), epochs=1, resume=tmp_path)
     with pytest.raises(ValueError, match="fit: resume='' names no checkpoint"):
         fit(model, defenses.Standard(), _data(), epochs=1, resume="")
     with pytest.raises(ValueError, match="fit: expected batch_size to be an integer >= 1, got 0"):
