@@ -546,6 +546,21 @@ def test_a_fresh_run_stopped_before_its_first_checkpoint_does_not_leave_the_old_
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
 
 
+def test_a_fresh_run_refused_for_its_val_data_keeps_the_old_runs_files(tmp_path):
+    """The old run's files went before the check of val_data on its first batch: a fresh fit into the old run's
+    folder refused for a val_data the model cannot score (RGB items for a grayscale model) trained nothing, yet the
+    old run's checkpoint and metrics were gone (found by the mutation pass over the trainer). They go after it."""
+    x, y = _data(16).tensors
+    torch.manual_seed(0)
+    settings = dict(epochs=1, batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), "standard", TensorDataset(x, y), **settings)
+    kept = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "metrics.json", "metrics.csv")}
+    rgb = TensorDataset(torch.rand(4, 3, *x.shape[2:]), y[:4])
+    with pytest.raises(Exception, match="val_data"):
+        fit(DropoutMLP(), "standard", TensorDataset(x, y), val_data=rgb, **settings)
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+
+
 def test_a_resume_naming_the_out_dirs_own_checkpoint_another_way_keeps_the_runs_files(tmp_path, monkeypatch):
     """resume= a path to out_dir's own checkpoint.pt, spelled another way than out_dir (absolute against relative,
     through ..), continues that run: fit compares the resolved paths, so none of its files is removed as an older

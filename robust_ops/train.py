@@ -1502,12 +1502,6 @@ def fit(
                                  "or pass another out_dir")
         _raise_on_every_process(in_use, world, device, f"{name}: process 0 found out_dir={out_dir!r} in use by "
                                 "another process", failures)
-        if rank == 0 and out_dir is not None and not resumed_here:
-            # a run that does not continue out_dir's own replaces it: its files go now, not with this run's first
-            # checkpoint -- stopped before that, resume=True continued the old run as if it were this one (as
-            # robust-ops train's fresh runs do); so does its best_model.pt, which would sit beside another run's
-            for old in RUN_FILES:
-                Path(out_dir, old).unlink(missing_ok=True)
         if val_data is not None and start_epoch < end_epoch:
             # Validation's checks on its first batch (item layout, dtype, labels, inputs the model takes) before any
             # training: else a val_data the model cannot score failed after the first epoch, whose training was lost
@@ -1516,6 +1510,13 @@ def fit(
             with failures:
                 evaluate_clean(model, torch.utils.data.Subset(val_data, range(min(val_batch_size, len(val_data)))),
                                val_batch_size, device, channels_last)
+        if rank == 0 and out_dir is not None and not resumed_here:
+            # a run that does not continue out_dir's own replaces it: its files go now, not with this run's first
+            # checkpoint -- stopped before that, resume=True continued the old run as if it were this one (as
+            # robust-ops train's fresh runs do); so does its best_model.pt, which would sit beside another run's.
+            # After the val_data check: a call refused there trains nothing, and keeps the old run.
+            for old in RUN_FILES:
+                Path(out_dir, old).unlink(missing_ok=True)
         for epoch in range(start_epoch, end_epoch):
             sampler.set_epoch(epoch)
             # a copy: a state_dict may return the live tensors, which the epoch then changes in place
