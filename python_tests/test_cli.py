@@ -2457,6 +2457,19 @@ def test_aggregate_keeps_rows_that_differ_only_in_their_norm_apart():
     assert [(r["norm"], r["accuracy"], r["repeats"]) for r in rows] == [("linf", 0.2, 1), ("l2", 0.6, 1)]
 
 
+def test_aggregate_means_three_runs_and_leaves_out_a_run_without_the_metric():
+    # two runs' median is their mean, so the mean of three skewed runs pins it; a row lacking a metric (none
+    # measured) is left out as an undefined one is, not counted as 0
+    from robust_ops.reproduce import aggregate
+
+    base = dict(method="M", attack="none", norm=None, eps=0.0, n=10)
+    runs = [dict(base, accuracy=0.1, f1=0.5), dict(base, accuracy=0.2, f1=0.7), dict(base, accuracy=0.9)]
+    (row,) = aggregate(runs, ["accuracy", "f1"])
+    assert row["accuracy"] == pytest.approx(0.4)
+    assert row["accuracy_std"] == pytest.approx(np.std([0.1, 0.2, 0.9], ddof=1))
+    assert (row["f1"], row["f1_runs"], row["repeats"]) == (pytest.approx(0.6), 2, 3)
+
+
 @pytest.mark.filterwarnings("ignore:.*default step alpha=:UserWarning")  # pgd:steps=1 on purpose
 def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys):
     """Several evaluation plans: one clean row per run, renamed worst-case rows, rows keyed by repeat; plans that
