@@ -2470,6 +2470,17 @@ def test_aggregate_means_three_runs_and_leaves_out_a_run_without_the_metric():
     assert (row["f1"], row["f1_runs"], row["repeats"]) == (pytest.approx(0.6), 2, 3)
 
 
+def test_split_record_keeps_the_classes_in_label_order_and_draws_each_repeats_subset_with_its_seed():
+    # eval rebuilds a run's data from this record: --classes malignant,benign sorted would swap the labels
+    from robust_ops.reproduce import IMA_BUS, MIRST_BUS, split_record
+
+    record = split_record(MIRST_BUS, 3, (96, 48), size=28, bit_depth=12, channels=1, classes=("malignant", "benign"))
+    want = {"kind": "kfold", "k": 5, "fold": 3, "cv_seed": 0, "data_seed": 0, "size": 28, "bit_depth": 12,
+            "channels": 1, "classes": ["malignant", "benign"], "subset": {"n_train": 96, "n_test": 48, "seed": 3}}
+    assert record == want
+    assert split_record(IMA_BUS, 2) == {"kind": "seeds", "data_seed": 2}
+
+
 @pytest.mark.filterwarnings("ignore:.*default step alpha=:UserWarning")  # pgd:steps=1 on purpose
 def test_reproduce_rows_per_run_and_cached_per_plan(small_npz, tmp_path, capsys):
     """Several evaluation plans: one clean row per run, renamed worst-case rows, rows keyed by repeat; plans that
