@@ -2293,7 +2293,9 @@ def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys,
     """run.json records the k-fold split: `eval OUT/runs/METHOD/foldK` attacks fold K's held-out images, not the
     data's own test split (which holds images fold K trained on)."""
     from robust_ops.data import cross_validation
+    from robust_ops.evaluate import dataset_tensors
     from robust_ops.reproduce import run_protocol
+    from robust_ops.train import tensors_sha256
 
     q = {"epochs": 1, "repeats": 2, "n_train": 40, "n_test": 12, "model": "small_cnn"}
     proto = _tiny_protocol("kfold", [("Baseline", "standard")], q)
@@ -2308,6 +2310,9 @@ def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys,
         _, splits, _ = cli.load_run(run_dir)
         for got, want in ((splits.train, fold.train), (splits.test, fold.test)):
             assert all(torch.equal(a, b) for a, b in zip(got.tensors, want.tensors))
+        # and the run was tested on that fold: its evaluation's key holds the test set it attacked
+        key = json.loads((run_dir / "eval.json").read_text())["entries"][0]["key"]
+        assert key["test_sha256"] == tensors_sha256(dataset_tensors(fold.test))
     with pytest.warns(UserWarning, match="synthetic labels its classes benign = 0, malignant = 1, but the run was"):
         _, other, run_doc = cli.load_run(run_dir, data="synthetic")  # other data: its own splits, not the run's folds
     assert torch.equal(other.test.tensors[0], cli.load_data("synthetic", seed=run_doc["seed"]).test.tensors[0])
