@@ -2265,6 +2265,8 @@ def test_reproduce_trains_a_methods_drop_max(small_npz, tmp_path, capsys):
     run_dir = tmp_path / "dm" / "runs" / "rst-dm" / "seed0"
     assert json.loads((run_dir / "run.json").read_text())["dropmax"] == "first"
     assert sum(isinstance(m, DropMax2d) for m in cli.load_run(run_dir)[0].modules()) == 1
+    # and the rerun's resume check asks for the same dropmax: it loads the run instead of refusing it
+    run_protocol(proto, out=tmp_path / "dm", data=str(small_npz), seeds=1, epochs=1, progress=False)
 
 
 def test_reproduce_kfold_refuses_more_seeds_than_folds(small_npz, tmp_path):
