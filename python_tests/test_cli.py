@@ -4742,8 +4742,8 @@ def test_eval_rebuilds_the_csv_split_a_run_recorded_by_lesion_or_by_image(tmp_pa
         run_protocol(protocol, out=tmp_path / "rep", data=str(data), seeds=1, size=8, progress=False)
     message = str(refused.value)
     assert "splits it by lesion_id" in message and "split_by='image'" not in message, message
-    assert message.endswith("own split; no option of reproduce splits it so again, so it cannot continue the run: "
-                            f"delete {run_dir} or use another --out"), message
+    assert message.endswith("own split; no option of reproduce draws that split again, so it cannot continue the "
+                            f"run: delete {run_dir} or use another --out"), message
 
 
 def _lesions_csv(root, lesions=40, per_lesion=3):

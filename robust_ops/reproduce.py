@@ -661,16 +661,13 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
         rerun = "without --classes" if was is None else f"with --classes {','.join(was)}"
         return CLIError(f"--classes: {run_dir} was trained on {kept(was)}, this command keeps {kept(now)}; rerun "
                         f"{rerun}, or {way_out}")
-    if key == "split_by":
-        from .cli import split_by_refusal
+    if key in ("split_by", "rare_classes"):  # a split rule changed: no option of reproduce draws the old split
+        from .cli import rare_classes_refusal, split_by_refusal
 
-        return CLIError(f"{protocol.name}: {split_by_refusal(run_dir, was, now, in_python=False)}; no option of "
-                        f"reproduce splits it so again, so it cannot continue the run: {way_out}")
-    if key == "rare_classes":
-        from .cli import rare_classes_refusal
-
-        return CLIError(f"{protocol.name}: {rare_classes_refusal(run_dir, in_python=False)}; no option of reproduce "
-                        f"draws that split again, so it cannot continue the run: {way_out}")
+        why = (split_by_refusal(run_dir, was, now, in_python=False) if key == "split_by" else
+               rare_classes_refusal(run_dir, in_python=False))
+        return CLIError(f"{protocol.name}: {why}; no option of reproduce draws that split again, so it cannot "
+                        f"continue the run: {way_out}")
     old_epochs = None
     try:
         old_epochs = json.loads((Path(run_dir) / "run.json").read_text()).get("epochs")
