@@ -4793,7 +4793,8 @@ def test_eval_of_a_reproduce_run_on_a_csv_rebuilds_its_lesion_or_image_split(tmp
                 assert all(torch.equal(a, b) for a, b in zip(got.tensors, ref.tensors))
     # rerunning the protocols (a resume) refuses the runs recorded by image, saying why, before training any
     for out, split in (("kf", "kfold"), ("sd", "seeds")):
-        with pytest.raises(cli.CLIError, match=r"split by image .*splits it by lesion_id.*or delete .*or use another"):
+        with pytest.raises(cli.CLIError, match=r"split by image .*splits it by lesion_id.*so it cannot continue the "
+                           r"run: delete .*or use another"):
             run_protocol(_tiny_protocol(split, [("Baseline", "standard")]), out=tmp_path / out, data=data, seeds=2,
                          size=8, progress=False)
 
