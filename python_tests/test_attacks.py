@@ -3928,14 +3928,15 @@ def test_per_sample_eps_random_start_and_default_alpha_match_a_scalar_eps():
 def test_per_sample_eps_random_start_draws_within_each_samples_own_radius():
     # A random start of radius 0.1 for one sample must not be drawn at the batch's widest radius and projected:
     # that put most of the others' starts on their sphere, not inside their ball (mutation testing of attacks core:
-    # drawing at eps.max() survived, Linf and L2). alpha = 0 keeps the start.
+    # drawing at eps.max() survived, Linf and L2). A zero direction keeps the start.
     model = make_model(3)
     x, y = make_data(16, 3)
     g = torch.Generator().manual_seed(0)
     for norm, small in (("linf", 0.01), ("l2", 0.1)):
         eps = torch.full((16,), small)
         eps[-1] = 10 * small
-        start = run_pgd(model, x, y, eps=eps, alpha=0.0, steps=1, norm=norm, random_start=True, generator=g).x_adv
+        start = run_pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, random_start=True, generator=g,
+                        grad_transform=lambda grad, t: 0 * grad).x_adv
         d = (start - x)[:-1]
         on_sphere = d.abs() >= 0.99 * small if norm == "linf" else norm_of(d, "l2") >= 0.99 * small
         assert float(on_sphere.float().mean()) < 0.2, norm
@@ -4346,6 +4347,39 @@ def test_torchattacks_positional_cw_l2_call_is_refused_naming_the_keyword_form()
     assert (atk.eps, atk.alpha, atk.steps, atk.kappa) == (0.1, 0.02, 5, 2.0)
     atk = attacks.CW(model, eps=0.1, alpha=0.02, steps=5, kappa=2.0)
     assert (atk.eps, atk.alpha, atk.steps, atk.kappa) == (0.1, 0.02, 5, 2.0)
+
+
+def test_a_step_of_zero_beside_a_radius_above_zero_is_refused_naming_the_step():
+    # CW(model, 1, 0, 50), torchattacks' CW-L2 order (c, kappa, steps), ran as eps 1, alpha 0: a step of 0 that left
+    # every sample at its start, scored robust without a word; so did PGD(model, 8/255, 0) and AT(step_size=0)
+    from robust_ops import defenses
+
+    model = make_model()
+    x, y = make_data(n=4)
+    stuck = r"expected alpha > 0 where eps > 0 \(a step of 0 never leaves the start point\), got alpha=0 at a radius of"
+    with pytest.raises(ValueError, match=rf"^cw: {stuck} 1 \(torchattacks' CW\(model, c, kappa, steps\) .*by keyword"):
+        attacks.CW(model, 1, 0, 50)
+    for make in (lambda: attacks.PGD(model, 8 / 255, 0), lambda: attacks.PGDL2(model, 1.0, 0.0),
+                 lambda: attacks.BIM(model, 0.1, torch.tensor(0.0))):
+        with pytest.raises(ValueError, match=rf"^(pgd|pgdl2|ifgsm): {stuck} (0\.03137|1|0\.1)$"):
+            make()
+    for name, run in (("pgd", lambda: attacks.pgd(model, x, y, eps=torch.tensor([0.0, 0.1, 0.0, 0.2]), alpha=0.0)),
+                      ("ifgsm", lambda: attacks.ifgsm(model, x, y, eps=0.1, alpha=0)),
+                      ("cw_linf", lambda: attacks.cw_linf(model, x, y, eps=0.1, alpha=0.0)),
+                      ("run_pgd", lambda: run_pgd(model, x, y, eps=0.1, alpha=0.0, steps=1))):
+        with pytest.raises(ValueError, match=rf"^{name}: {stuck} (0\.1|0\.2)$"):
+            run()
+    with pytest.raises(ValueError, match=r"^at: expected step_size > 0 where eps > 0 .* got step_size=0 at a radius"):
+        defenses.build("at", eps=0.1, step_size=0)
+    with pytest.raises(ValueError, match=r"^amat: expected step_size > 0 .* at a radius of 0\.1 \(eps \+ delta_eps"):
+        defenses.build("amat", eps=0, delta_eps=0.1, step_size=0, radius_step="fixed")
+    # a radius of 0 takes any step (the clean point: eval's eps 0, the default alpha 2.5 * eps / steps = 0)
+    assert torch.equal(attacks.PGD(model, 0, 0)(x, y), x) and torch.equal(attacks.pgd(model, x, y, eps=0.0), x)
+    assert torch.equal(attacks.CW(model, 0.0, 0.0)(x, y), x)
+    defenses.build("at", eps=0, step_size=0)
+    defenses.build("amat", eps=0, step_size=0, radius_step="fixed")
+    # per-sample steps (AMAT's and DPAAT's, scaled from radii) are not checked
+    run_pgd(model, x, y, eps=torch.full((4,), 0.1), alpha=torch.tensor([0.0, 0.1, 0.1, 0.1]), steps=1)
 
 
 def test_a_model_that_is_not_a_module_is_one_clear_error_naming_the_attack():

@@ -1250,7 +1250,8 @@ def test_run_pgd_start_noise_starts_near_x_and_refuses_a_second_start():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
     x, y = 0.1 + 0.8 * torch.rand(4, 1, 4, 4), torch.arange(4) % 3
-    start = run_pgd(model, x, y, eps=0.3, alpha=0.0, steps=1, start_noise=0.01,
+    # a zero direction keeps the start (a step alpha of 0 is refused beside eps > 0)
+    start = run_pgd(model, x, y, eps=0.3, alpha=0.1, steps=1, start_noise=0.01, grad_transform=lambda g, t: 0 * g,
                     generator=torch.Generator().manual_seed(3)).x_adv
     torch.testing.assert_close(start, x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="run_pgd: expected random_start=False with start_noise=0.01"):

@@ -190,6 +190,24 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
                              "e.g. 2/255)")
 
 
+def check_step_moves(name, eps, alpha, alpha_arg="alpha", hint=""):
+    """A step of 0 beside a radius above 0 never leaves the start, so every sample scores as robust: CW(model, 1, 0,
+    50), torchattacks' CW-L2 order (c, kappa, steps), ran as eps 1, alpha 0. A radius of 0 takes any step. Only an
+    ``alpha`` given as a number (or a 0-D tensor) is checked: per-sample steps (AMAT's and DPAAT's, scaled from radii
+    that may round to tiny values) are not. The attacks' and the defenses' check, at construction and in run_pgd."""
+    if torch.is_tensor(alpha) and alpha.dim() == 0:
+        alpha = float(alpha)
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha != 0:
+        return
+    if torch.is_tensor(eps):
+        widest = float(eps.max()) if eps.numel() else 0.0
+    else:
+        widest = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else 0.0
+    if widest > 0:
+        raise ValueError(f"{name}: expected {alpha_arg} > 0 where eps > 0 (a step of 0 never leaves the start point), "
+                         f"got {alpha_arg}=0 at a radius of {widest:.4g}{hint}")
+
+
 def check_linf_step_resolution(name, norm, x, eps, alpha=None):
     """Half-precision Linf with a number for eps and alpha: a step min(alpha, eps) > 0 below half the spacing of
     ``x``'s dtype just below its largest |value| rounds back to the iterate there, so those inputs would never move,
@@ -437,6 +455,7 @@ def run_pgd(
     eps_t = per_sample(name, "eps", eps, x)
     alpha_t = per_sample(name, "alpha", alpha, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
+    check_step_moves(name, eps_t, alpha)
     check_linf_step_resolution(name, norm, x, eps, alpha)
     step_noise = check_real(name, "step_noise", step_noise, minimum=0)
     start_noise = check_start(name, random_start, start_noise)

@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from .base import Attack
-from .core import check_draws, check_kappa, check_norm, check_steps, run_pgd
+from .core import check_draws, check_kappa, check_norm, check_step_moves, check_steps, run_pgd
 
 
 def default_alpha(name, eps, steps, factor, x):
@@ -143,6 +143,7 @@ class BIM(Attack):
 
     def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *, norm="linf", loss="ce", **options):
         super().__init__(model, **options)
+        check_step_moves(self.name, eps, alpha)  # here, not at the first call, as the other attacks' settings
         self.eps, self.alpha, self.steps, self.loss = eps, alpha, steps, loss
         self.norm = check_norm(self.name, norm)
 
@@ -167,6 +168,7 @@ class PGD(Attack):
         # here, not at the first call: a seed beside random_start=False, a kappa beside loss="ce" did nothing
         check_draws(self.name, "seed", seed, random_start)
         check_kappa(self.name, kappa, loss)
+        check_step_moves(self.name, eps, alpha)
         self.loss, self.kappa, self.early_stop, self.seed = loss, kappa, early_stop, seed
 
     def forward(self, x, y):
@@ -203,6 +205,8 @@ class CW(Attack):
         if check_norm(self.name, norm) != "linf":
             raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
         check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
+        check_step_moves(self.name, eps, alpha, hint=" (torchattacks' CW(model, c, kappa, steps) puts its kappa here: "
+                         "give CW-Linf's by keyword, e.g. CW(model, eps=8/255, steps=50, kappa=0.0))")
         self.eps, self.alpha, self.steps, self.kappa = eps, alpha, steps, kappa
         # recorded as the other attacks do: the ensemble checks each attack's output against its own ball by it
         self.random_start, self.seed, self.norm = random_start, seed, "linf"

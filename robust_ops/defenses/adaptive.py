@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ..attacks.core import sample_distance
+from ..attacks.core import check_step_moves, sample_distance
 from ._common import (PGDDefense, as_two_class, check_choice, check_flags, check_real, distributed_run,
                       float32_or_wider, labels, per_sample_ce, refuse_unused, unwrap, use_model_mode)
 from .adversarial import Standard
@@ -103,6 +103,9 @@ class AMAT(_AdaptiveRadius):
         self.xi = check_real(self.name, "xi", xi, minimum=0)
         self.delta_eps = check_real(self.name, "delta_eps", self.eps / 2 if delta_eps is None else delta_eps,
                                     minimum=0)
+        if self.radius_step == "fixed":  # the second attack steps by step_size at radii up to eps + delta_eps
+            check_step_moves(self.name, self.eps + self.delta_eps, self.step_size, "step_size",
+                             " (eps + delta_eps, the second attack's radius under radius_step='fixed')")
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)
