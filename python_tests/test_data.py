@@ -1290,6 +1290,44 @@ def test_the_warning_of_a_class_too_small_to_stratify_names_the_callers_line(tmp
     assert len(caught) >= 5 and {w.filename for w in caught} == {__file__}
 
 
+def test_load_datasets_warnings_name_the_callers_line_as_the_loaders_do(tmp_path):
+    """Through load_dataset the loaders' warnings (a class too small to stratify, 12-bit images, bit_depth= without
+    16-bit images, small images upscaled) named a line of the library (data/core.py's call, or folders.py's for the
+    upscale warning, which named itself when a loader was called directly too): each names the line that called."""
+    from PIL import Image
+
+    from robust_ops.data import load_csv
+
+    rare = _class_folders(tmp_path / "rare", n=20)
+    _class_folders(tmp_path / "rare", ("normal",), n=1)
+    (tmp_path / "c").mkdir()
+    lesions = _lesions_csv(tmp_path / "c", lesions=10)
+    deep = tmp_path / "deep"
+    for c in ("benign", "malignant"):
+        (deep / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 3982 - 100 * i, np.uint16)).save(deep / c / f"{i}.png")
+    small = _class_folders(tmp_path / "small", n=10, size=(28, 20))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "meta.csv").write_text("image_id,dx\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(20)))
+    for i in range(20):
+        _png(tmp_path / "s" / f"{i}.png", (28, 20), 5 * i)
+    with pytest.warns(UserWarning) as caught:
+        load_dataset(rare, size=8)
+        load_dataset(lesions, size=8)
+        load_dataset(deep, size=8)
+        load_dataset(small, size=28, bit_depth=12)
+        load_dataset(small)
+        load_dataset(tmp_path / "s" / "meta.csv")
+        load_busi(small)
+        load_csv(tmp_path / "s" / "meta.csv")
+    said = ["stratify" if "too small to stratify" in m else "12-bit" if "12-bit data" in m else
+            "nothing" if "it changes nothing" in m else "upscaled" if "upscaled 8.0x" in m else m
+            for m in map(str, (w.message for w in caught))]
+    assert said == ["stratify", "stratify", "12-bit", "nothing"] + ["upscaled"] * 4
+    assert {w.filename for w in caught} == {__file__}
+
+
 def test_small_images_at_the_default_size_warn_of_the_upscale(tmp_path):
     # 28 x 28 PNGs (MedMNIST exported) were read at the default 224 x 224 without a word: 64 times the pixels
     import csv

@@ -402,10 +402,10 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     if low.endswith(".csv"):
         return folders.load_csv(path, size=size, seed=seed, classes=classes, bit_depth=bit_depth,
                                 split_by="auto" if split_by is None else split_by, mode=mode or "RGB",
-                                rare_classes=rare_classes)
+                                rare_classes=rare_classes, stacklevel=2)  # a warning names our caller's line
     if path.is_dir():
         return folders.load_busi(path, size=size, seed=seed, classes=classes, bit_depth=bit_depth, mode=mode,
-                                 rare_classes=rare_classes)
+                                 rare_classes=rare_classes, stacklevel=2)
     if medmnist_name:
         return medmnist.load_medmnist(low, root=root, size=size, download=download)
     if path.exists():

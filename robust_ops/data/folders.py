@@ -225,16 +225,16 @@ def read_images(paths, size, mode, bit_depth=None):
     return arrays, stats
 
 
-def _check_16_bit(stats, where, bit_depth=None):
+def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
     """One dark 16-bit image is fine; a set whose 16-bit images all hold values <= 255 is 8-bit data saved in 16 bits,
     and scaled from 16 bits it would be black (every pixel 0 or 1 of 255). One whose values all stay <= 4095 is
     12-bit data (CT, X-ray): still usable, but 16 times darker than it should be, so it is said. With ``bit_depth``
-    given the scale is the caller's (values above it were refused image by image)."""
+    given the scale is the caller's (values above it were refused image by image). ``stacklevel``: the loader's."""
     if bit_depth is not None:
         if "max16" not in stats:  # it changed nothing, yet run.json records it as the scale the images were read on
             warnings.warn(f"{where}: bit_depth={bit_depth} scales 16-bit image files, and none of these images is one "
                           "(8-bit files are read as they are): it changes nothing -- drop bit_depth= (--bit-depth)",
-                          stacklevel=3)
+                          stacklevel=stacklevel + 2)
         return
     if "max16" in stats and stats["max16"] <= 255:
         raise DataError(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (8-bit values saved in "
@@ -243,21 +243,23 @@ def _check_16_bit(stats, where, bit_depth=None):
     if "max16" in stats and stats["max16"] <= 4095:
         warnings.warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (12-bit data?); scaled "
                       f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
-                      "pass bit_depth=12 (--bit-depth 12) to scale 4095 to 255", stacklevel=3)
+                      "pass bit_depth=12 (--bit-depth 12) to scale 4095 to 255", stacklevel=stacklevel + 2)
 
 
 # The side length folders and CSVs are read at when size= is not given (MIRST-DM's 224 x 224).
 DEFAULT_SIZE = 224
 
 
-def _check_upscale(stats, where, size, size_given):
+def _check_upscale(stats, where, size, size_given, stacklevel=1):
     """Small images (MedMNIST's 28 x 28 exported to PNG) read at the default 224 are upscaled 8x: 64 times the pixels
-    to train and attack, with nothing gained. Said once, with the size that keeps them; a size given is meant."""
+    to train and attack, with nothing gained. Said once, with the size that keeps them; a size given is meant.
+    ``stacklevel``: the loader's."""
     side = stats.get("max_side", 0)
     if not size_given and 0 < side and 2 * side <= size:
         warnings.warn(f"{where}: every image is at most {side} pixels a side, read at the default {size}x{size} "
                       f"(upscaled {size / side:.1f}x: {(size / side) ** 2:.0f} times the pixels to train and attack); "
-                      f"pass size={side} (--size {side}) to read them at their own size, or size={size} to keep it")
+                      f"pass size={side} (--size {side}) to read them at their own size, or size={size} to keep it",
+                      stacklevel=stacklevel + 2)
 
 
 def _bit_depth_record(bit_depth):
@@ -358,7 +360,8 @@ def _layout_hint(folder, subdirs):
     return ""
 
 
-def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None, rare_classes="merge"):
+def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None, rare_classes="merge", *,
+              stacklevel=1):
     """BUSI layout: ``folder/<class>/*.png`` with ``*_mask*.png`` segmentation masks ignored.
 
     size: the side length images are padded and resized to; None: 224, with a warning when every image is at most
@@ -380,6 +383,9 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     rare_classes: how the stratified 7:1:2 split treats classes too small to stratify: "merge" (default) stratifies
     the others and places the small ones at random, as one stratum (recorded as ``info.extra["rare_classes"]``);
     "random" splits every class at random then (the rule before 2026-12-06).
+
+    stacklevel: whose line the warnings name, 1 (default) the caller's; a wrapper passes 2 (load_dataset does), its
+    own caller's.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -434,8 +440,8 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
             raise DataError(f"{subdirs[c]}: no images found")
     arrays, stats = read_images([p for c in classes for p in files[c]], size, mode, bit_depth)
     labels = [label for label, c in enumerate(classes) for _ in files[c]]
-    _check_16_bit(stats, folder, bit_depth)
-    _check_upscale(stats, folder, size, size_given)
+    _check_16_bit(stats, folder, bit_depth, stacklevel)
+    _check_upscale(stats, folder, size, size_given, stacklevel)
     excluded = {c: len(images(d)) for c, d in sorted(subdirs.items()) if c not in classes}
     x, y = _stack(arrays, labels)
     info = DatasetInfo(
@@ -446,7 +452,8 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
                "samples_digest": _samples_digest((p.name, c) for c in classes for p in files[c]),
                **_bit_depth_record(bit_depth)},
     )
-    return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes, stacklevel=2)  # a warning names our caller
+    # a warning names our caller (load_dataset passes 2: its own caller)
+    return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes, stacklevel=stacklevel + 1)
 
 
 def _label_order(labels):
@@ -473,7 +480,7 @@ def _one_hot_columns(reader, fields):
 
 
 def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_column="image_id", label_column="dx",
-             mode="RGB", bit_depth=None, split_by="auto", rare_classes="merge"):
+             mode="RGB", bit_depth=None, split_by="auto", rare_classes="merge", *, stacklevel=1):
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
     _part_2/).
@@ -492,7 +499,7 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     side (an image-level split let a lesion's images land in train and test, inflating test accuracy): the stratified
     7:1:2 split is drawn over the groups, each labelled by its most frequent label, and recorded as
     ``info.extra["split_by"]`` (the column). An empty group value is an error (in a row ``classes`` leaves out, not).
-    rare_classes: as for :func:`load_busi`.
+    rare_classes, stacklevel: as for :func:`load_busi`.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -610,8 +617,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
     arrays, stats = read_images([index[image_id][0] for image_id, _ in kept], size, mode, bit_depth)
-    _check_16_bit(stats, csv_path, bit_depth)
-    _check_upscale(stats, csv_path, size, size_given)
+    _check_16_bit(stats, csv_path, bit_depth, stacklevel)
+    _check_upscale(stats, csv_path, size, size_given, stacklevel)
     x, y = _stack(arrays, [label for _, label in kept])
     info = DatasetInfo(
         name=csv_path.stem, num_classes=len(names), in_channels=x.shape[1], image_size=size,
@@ -624,6 +631,6 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                **({"split_by": group_column} if group_column else {})},  # image splits: records as before
     )
     if group_column is None:
-        return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes, stacklevel=2)
+        return splits_from_arrays(x, y, info, seed, rare_classes=rare_classes, stacklevel=stacklevel + 1)
     return splits_from_arrays(x, y, info, seed, groups=[groups[image_id] for image_id, _ in kept],
-                              group_name=group_column, rare_classes=rare_classes, stacklevel=2)
+                              group_name=group_column, rare_classes=rare_classes, stacklevel=stacklevel + 1)
