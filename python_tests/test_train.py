@@ -163,11 +163,11 @@ def test_resume_of_a_finished_run_killed_before_its_metrics_files_rewrites_them(
     assert epochs_done(tmp_path) == 2 == len(resumed.history)
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3
     assert [row["epoch"] for row in json.loads((tmp_path / "metrics.json").read_text())] == [1, 2]
-    # resumed into another out_dir with no epoch left: nothing is written there (no checkpoint beside the files)
+    # resumed into another out_dir with no epoch left: the run is written there, its checkpoint beside the files
     other = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "checkpoint.pt",
                 **{**kwargs, "out_dir": tmp_path / "other"})
-    assert not (tmp_path / "other" / "metrics.json").exists()
-    assert other.checkpoint is None  # no path to a file that is not there
+    assert epochs_done(tmp_path / "other") == 2 == len(json.loads((tmp_path / "other" / "metrics.json").read_text()))
+    assert other.checkpoint == str(tmp_path / "other" / "checkpoint.pt")
 
 
 def test_a_failed_checkpoint_write_leaves_the_metrics_files_at_the_previous_epoch(tmp_path, monkeypatch):
@@ -573,6 +573,31 @@ def test_a_resume_naming_the_out_dirs_own_checkpoint_another_way_keeps_the_runs_
         result = fit(DropoutMLP(), defenses.Standard(), _data(16), out_dir="run", resume=resume, **kwargs)
         assert len(result.history) == 1 and result.checkpoint is not None
         assert all((tmp_path / "run" / name).is_file() for name in ("checkpoint.pt", "metrics.json", "metrics.csv"))
+
+
+def test_a_finished_run_resumed_into_another_out_dir_is_written_there(tmp_path):
+    """docs/training.md: a resume of another folder's checkpoint replaces out_dir's run. With no epoch left (a
+    finished or early-stopped run) out_dir's old files were removed and no epoch ran to write the resumed run's, so
+    out_dir was left empty and FitResult.checkpoint None (found by the leftovers pass): its checkpoint, metrics files
+    and (restore_best) best_model.pt are written there, as an epoch left would have."""
+    kwargs = dict(epochs=2, batch_size=8, lr=1e-2, progress=False)
+    torch.manual_seed(0)
+    fit(DropoutMLP(), "standard", _data(16), out_dir=tmp_path / "done", **kwargs)
+    fit(DropoutMLP(), "standard", _data(16), out_dir=tmp_path / "old", epochs=1, batch_size=8, progress=False)
+    result = fit(DropoutMLP(), "standard", _data(16), out_dir=tmp_path / "old", resume=tmp_path / "done/checkpoint.pt",
+                 **kwargs)
+    assert result.checkpoint == str(tmp_path / "old" / "checkpoint.pt") and len(result.history) == 2
+    for name in ("checkpoint.pt", "metrics.json", "metrics.csv"):
+        assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "done" / name).read_bytes(), name
+    assert len(fit(DropoutMLP(), "standard", _data(16), out_dir=tmp_path / "old", resume=True, **kwargs).history) == 2
+    # an early-stopped run resumed with restore_best: its best weights too
+    torch.manual_seed(0)
+    _, stopped = _early_stopped(tmp_path / "stopped", restore_best=True)
+    _, again = _early_stopped(tmp_path / "copy", resume=tmp_path / "stopped/checkpoint.pt", restore_best=True)
+    assert again.weights_epoch == stopped.weights_epoch and again.checkpoint is not None
+    best, copied = (load_checkpoint(tmp_path / d / "best_model.pt") for d in ("stopped", "copy"))
+    assert best["epoch"] == copied["epoch"]
+    assert all(torch.equal(v, copied["model"][k]) for k, v in best["model"].items())
 
 
 def test_restore_best_switched_on_for_a_run_with_no_epoch_left_writes_best_model_pt(tmp_path):

@@ -1743,14 +1743,19 @@ def fit(
             if stopper is not None and stopper["stopped_epoch"] is not None:
                 break
         # these write in out_dir too: before its hold is released
-        if rank == 0 and resumed_here and start_epoch == end_epoch and \
-                _epochs_in_history_file(out_dir) != len(history):
-            # a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
-            # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
-            _write_metrics(Path(out_dir), history)
-        if rank == 0 and resumed_here and start_epoch == end_epoch and best_weights is not None:
-            # no epoch ran to write it: a finished run resumed with restore_best switched on (its best epoch its last)
-            _save_best_model(out_dir, stopper, recorded_config, best_weights)
+        if rank == 0 and out_dir is not None and resume_path is not None and start_epoch == end_epoch:
+            if not resumed_here:
+                # another folder's finished run: out_dir's old run was removed above, and no epoch runs to write
+                # this one there, which left out_dir empty (FitResult.checkpoint None); its checkpoint as it is
+                replace_atomically(ckpt_path, lambda f: f.write(resume_path.read_bytes()), binary=True, fsync=True)
+            if not resumed_here or _epochs_in_history_file(out_dir) != len(history):
+                # here: a run killed between its last checkpoint and the metrics files written after it: no epoch is
+                # left to rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
+                _write_metrics(Path(out_dir), history)
+            if best_weights is not None:
+                # no epoch ran to write it: a finished run resumed with restore_best switched on (its best epoch its
+                # last), or resumed into another out_dir
+                _save_best_model(out_dir, stopper, recorded_config, best_weights)
     finally:
         if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, would push the next down
             bar.close()
