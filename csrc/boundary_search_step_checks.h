@@ -18,6 +18,10 @@ namespace robust_ops {
 inline void check_boundary_search_step_args(const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& points,
                                             const at::Tensor& crossed_at, const std::optional<at::Tensor>& active) {
   constexpr const char* op = "boundary_search_step_";
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"lo", &lo}, {"hi", &hi}, {"points", &points},
+                         {"crossed_at", &crossed_at}}) {
+    check_given(op, name, *t);
+  }
   check_floating(op, "lo", lo);
   TORCH_CHECK(lo.dim() >= 1, op, ": expected lo to have a batch dimension, got a 0-D tensor");
   TORCH_CHECK(hi.sizes() == lo.sizes() && hi.scalar_type() == lo.scalar_type(), op,

@@ -22,6 +22,12 @@ inline std::string py_tuple(c10::IntArrayRef sizes) {
   return s.str();
 }
 
+// The schema's Tensor (not Tensor?) arguments take None too, as an undefined tensor, whose shape reads (0,) and whose
+// dtype fails dispatch ("Unimplemented scalar type"): checked first, with _meta.check_tensors_given's message.
+inline void check_given(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": expected ", arg, " to be a tensor, got None");
+}
+
 // "<op>: expected <arg> to be a floating-point tensor (float16, bfloat16, float32, float64), got torch.int64". Exactly
 // the four dtypes the kernels dispatch on (_meta.FLOATING): at::isFloatingType also admits the float8 types, which
 // would pass here and then fail in dispatch with another message (and disagree with the fake kernels).

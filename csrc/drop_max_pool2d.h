@@ -41,6 +41,7 @@ struct Geometry {
 inline Geometry check_drop_max_pool2d_args(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
                     c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode,
                     const char* op = kDropMaxOp) {
+  check_given(op, "input", input);
   check_floating(op, "input", input);
   TORCH_CHECK(input.dim() == 4, op, ": expected input to be 4-D (N, C, H, W), got ", input.dim(), "-D");
   const std::pair<const char*, c10::IntArrayRef> positive[] = {
@@ -78,6 +79,8 @@ inline Geometry check_drop_max_pool2d_args(const at::Tensor& input, c10::IntArra
 
 inline void check_drop_max_pool2d_backward_args(const at::Tensor& grad_output, const at::Tensor& indices,
                                                 c10::IntArrayRef input_size) {
+  check_given(kDropMaxBackwardOp, "grad_output", grad_output);
+  check_given(kDropMaxBackwardOp, "indices", indices);
   TORCH_CHECK(indices.scalar_type() == at::kLong, kDropMaxBackwardOp, ": expected indices to be int64, got ",
               py_dtype(indices.scalar_type()));
   TORCH_CHECK(grad_output.sizes() == indices.sizes(), kDropMaxBackwardOp,

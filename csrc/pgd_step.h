@@ -138,6 +138,10 @@ inline std::string py_float(double v) {
 inline void check_args(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad, const at::Tensor& alpha,
                        const at::Tensor& eps, double clip_min, double clip_max, std::string_view norm,
                        const std::optional<at::Tensor>& history, int64_t slot) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"x_adv", &x_adv}, {"x_nat", &x_nat},
+                         {"grad", &grad}, {"alpha", &alpha}, {"eps", &eps}}) {
+    check_given(kOp, name, *t);
+  }
   check_floating(kOp, "x_adv", x_adv);
   TORCH_CHECK(x_adv.dim() >= 1, kOp, ": expected x_adv to have a batch dimension, got a 0-D tensor");
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"x_nat", &x_nat}, {"grad", &grad}}) {

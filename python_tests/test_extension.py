@@ -860,3 +860,39 @@ def test_in_place_ops_refuse_inference_tensors_outside_inference_mode_as_torch_d
     with torch.inference_mode():
         read_only = {key: make() for key, make in tensors.items()}
     call({**read_only, **{key: tensors[key]() for key in mutated}})  # reading inference tensors is fine
+
+
+def _none_argument_cases():
+    """(op name, {argument: value}) with every required Tensor argument given, in schema order."""
+    x = torch.rand(2, 1, 4, 4)
+    _, indices = torch.ops.robust_ops.drop_max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    return [
+        ("pgd_step_", {"x_adv": torch.full((2, 3), 0.5), "x_nat": torch.full((2, 3), 0.5), "grad": torch.ones(2, 3),
+                       "alpha": torch.full((2,), 0.1), "eps": torch.full((2,), 0.3), "clip_min": 0.0, "clip_max": 1.0,
+                       "norm": "linf", "history": None, "slot": 0}),
+        ("boundary_search_step_", {"lo": torch.zeros(2, 3), "hi": torch.ones(2, 3),
+                                   "points": torch.full((1, 2, 3), 0.5),
+                                   "crossed_at": torch.zeros(2, dtype=torch.long), "active": None}),
+        ("_drop_max_pool2d_backward", {"grad_output": torch.ones_like(indices, dtype=x.dtype), "indices": indices,
+                                       "input_size": list(x.shape)}),
+    ]
+
+
+@pytest.mark.parametrize("op,missing", [(op, name) for op, args in _none_argument_cases() for name, value in
+                                        args.items() if torch.is_tensor(value)])
+def test_every_op_names_a_none_for_a_required_tensor_eager_and_fake(op, missing):
+    """The schema's Tensor (not Tensor?) arguments take None, as an undefined tensor: the C++ kernels read its shape
+    as (0,) ("expected x_nat to have the shape of x_adv (2, 3), got (0,)") or failed in dispatch ("Unimplemented
+    scalar type"), and the fake kernels (torch.compile's, and the Triton launchers' checks) with an AttributeError.
+    Each now names the argument, as _eval_batch_norm_backward does. (A single-tensor op given None never reaches a
+    kernel: the dispatcher refuses it.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = dict(dict(_none_argument_cases())[op], **{missing: None})
+    message = rf"^{op}: expected {missing} to be a tensor, got None$"
+    call = getattr(torch.ops.robust_ops, op)
+    with pytest.raises(RuntimeError, match=message):
+        call(*args.values())
+    with FakeTensorMode() as mode:
+        with pytest.raises(RuntimeError, match=message):
+            call(*(mode.from_tensor(v) if torch.is_tensor(v) else v for v in args.values()))

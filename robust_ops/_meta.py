@@ -86,6 +86,14 @@ def output_memory_format(input):
     return torch.contiguous_format
 
 
+def check_tensors_given(op, *named):
+    """The schema's Tensor (not Tensor?) arguments take None too (eager, as an undefined tensor): named first, as
+    csrc/checks.h check_given does, rather than an AttributeError here or a shape of (0,) and "Unimplemented scalar
+    type" there. ``named``: (name, value) pairs."""
+    for name, t in named:
+        torch._check(t is not None, lambda name=name: f"{op}: expected {name} to be a tensor, got None")
+
+
 def check_pool_geometry(op, kernel_size, stride, padding, dilation):
     """The checks that need no input (pairs of ints, as _pool_args makes them): also DropMax2d's at construction."""
     for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
@@ -113,6 +121,7 @@ def check_pool_geometry(op, kernel_size, stride, padding, dilation):
 def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode, op="drop_max_pool2d"):
     """Checks shared by the fake kernels of drop_max_pool2d and max_pool2d (``op`` names the caller); the C++ kernel
     makes the same checks with the same messages. Returns the output spatial size (oh, ow)."""
+    check_tensors_given(op, ("input", input))
     _check_floating(op, "input", input)
     torch._check(input.dim() == 4, lambda: f"{op}: expected input to be 4-D (N, C, H, W), got {input.dim()}-D")
     check_pool_geometry(op, kernel_size, stride, padding, dilation)
@@ -155,6 +164,7 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
 def check_drop_max_pool2d_backward_args(grad_output, indices, input_size):
     """Checks of the backward op, shared by the fake and the Triton kernel; the C++ kernels say the same."""
     op = "_drop_max_pool2d_backward"
+    check_tensors_given(op, ("grad_output", grad_output), ("indices", indices))
     torch._check(
         indices.dtype == torch.int64, lambda: f"{op}: expected indices to be int64, got {indices.dtype}"
     )
@@ -189,10 +199,7 @@ def _drop_max_pool2d_backward_fake(grad_output, indices, input_size):
 @torch.library.register_fake("robust_ops::_eval_batch_norm_backward")
 def _eval_batch_norm_backward_fake(grad_output, invstd, weight):
     op = "_eval_batch_norm_backward"
-    # the schema's Tensor (not Tensor?) arguments take None too, as an undefined tensor: the CPU kernel raises on
-    # one ("Unimplemented scalar type"), where this kernel returned a gradient for a None invstd
-    for name, t in (("grad_output", grad_output), ("invstd", invstd)):
-        torch._check(t is not None, lambda name=name: f"{op}: expected {name} to be a tensor, got None")
+    check_tensors_given(op, ("grad_output", grad_output), ("invstd", invstd))  # it returned a gradient for invstd None
     torch._check(
         grad_output.dtype in (torch.float32, torch.float64),
         lambda: f"{op}: expected grad_output to be float32 or float64, got {grad_output.dtype}",
@@ -215,6 +222,7 @@ def _eval_batch_norm_backward_fake(grad_output, invstd, weight):
 
 def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot):
     op = "pgd_step_"
+    check_tensors_given(op, ("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("alpha", alpha), ("eps", eps))
     _check_floating(op, "x_adv", x_adv)
     torch._check(x_adv.dim() >= 1, lambda: f"{op}: expected x_adv to have a batch dimension, got a 0-D tensor")
     for name, t in (("x_nat", x_nat), ("grad", grad)):
@@ -291,6 +299,7 @@ def _pgd_step_fake(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, his
 
 def check_boundary_search_step_args(lo, hi, points, crossed_at, active):
     op = "boundary_search_step_"
+    check_tensors_given(op, ("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at))
     _check_floating(op, "lo", lo)
     torch._check(lo.dim() >= 1, lambda: f"{op}: expected lo to have a batch dimension, got a 0-D tensor")
     torch._check(

@@ -21,9 +21,8 @@ constexpr const char* kOp = "_eval_batch_norm_backward";
 
 at::Tensor eval_batch_norm_backward_cpu(const at::Tensor& grad_output, const at::Tensor& invstd,
                                         const std::optional<at::Tensor>& weight) {
-  // the schema's Tensor arguments take None as an undefined tensor: named here, as the fake kernel names it
-  TORCH_CHECK(grad_output.defined(), kOp, ": expected grad_output to be a tensor, got None");
-  TORCH_CHECK(invstd.defined(), kOp, ": expected invstd to be a tensor, got None");
+  check_given(kOp, "grad_output", grad_output);
+  check_given(kOp, "invstd", invstd);
   TORCH_CHECK(grad_output.scalar_type() == at::kFloat || grad_output.scalar_type() == at::kDouble, kOp,
               ": expected grad_output to be float32 or float64, got ", py_dtype(grad_output.scalar_type()));
   TORCH_CHECK(grad_output.dim() >= 2, kOp, ": expected grad_output to be (N, C, ...), got ", grad_output.dim(),
