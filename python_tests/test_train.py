@@ -122,8 +122,11 @@ def test_resume_at_another_thread_count_warns_that_it_is_not_bitwise_exact(tmp_p
         torch.set_num_threads(2)
         with pytest.warns(UserWarning, match=r"^fit: resuming .*checkpoint.pt on changed arithmetic \(threads 1 -> "
                                              r"2\): training continues correctly, but its weights may differ in the "
-                                             r"last bits"):
+                                             r"last bits") as caught:
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, resume=True, **kwargs)
+        # the caller's line, not one of fit's decorators' (robust_ops/train.py): filters by module and the
+        # once-per-line default need it
+        assert [w.filename for w in caught] == [__file__], [w.filename for w in caught]
     finally:
         torch.set_num_threads(threads)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -2332,6 +2335,7 @@ def _ddp_dropped_last_batch_worker(rank, world, port, out_path):
         for n in (9, 10):  # global batches of 4, 4 and 1 (dropped: fewer samples than processes) or 2 (kept)
             fit(DropoutMLP(), defenses.Standard(), _data(n), epochs=1, batch_size=4, progress=False)
             said.append([str(w.message) for w in caught if "dropped" in str(w.message)])
+            said.append(sorted({w.filename for w in caught if "dropped" in str(w.message)}))
             caught.clear()
         torch.save(said, f"{out_path}.{rank}")
 
@@ -2346,8 +2350,8 @@ def test_ddp_a_dropped_last_global_batch_is_said_once_on_process_0(tmp_path):
     assert said[0] == [["fit: 9 samples in global batches of 4 leave a last batch of 1 sample, fewer than the 2 "
                         "processes, which is dropped: each epoch trains on 8 of the 9 samples (the left-out ones "
                         "change with each epoch's permutation); a batch size that divides 9, or leaves at least 2, "
-                        "trains on every sample"], []], said[0]
-    assert said[1] == [[], []], said[1]
+                        "trains on every sample"], [__file__], [], []], said[0]  # at the caller's line
+    assert said[1] == [[], [], [], []], said[1]
 
 
 class _NonContiguousBufferMLP(DropoutMLP):
