@@ -3519,6 +3519,27 @@ def test_ddp_refuses_processes_given_other_seeds_or_training_set_lengths(tmp_pat
             f"{rank}); " + fix]
 
 
+def _ddp_out_dir_on_process_0_alone_worker(rank, world, port, out_dir):
+    with _gloo_group(rank, world, port, timeout_s=10):
+        # the DDP habit of saving on rank 0 alone: process 1 skipped the epoch's gather of the processes' random
+        # streams for the checkpoint, and the two waited in mismatched collectives for the group's timeout
+        outcome = _outcome(lambda: fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8,
+                                       progress=False, out_dir=os.path.join(out_dir, "run") if rank == 0 else None))
+        torch.save(outcome, os.path.join(out_dir, f"outcome.{rank}"))
+
+
+def test_ddp_refuses_an_out_dir_given_to_some_processes_only(tmp_path):
+    """out_dir on process 0 alone ("only rank 0 saves") hung at the end of the first epoch until the group's timeout
+    (30 minutes by default), then each process named the other as hung or dead. Refused on every process at the
+    start, naming the fix; nothing is written."""
+    _spawn_within(120, _ddp_out_dir_on_process_0_alone_worker, (2, _free_port(), str(tmp_path)))
+    for rank in range(2):
+        outcome = torch.load(tmp_path / f"outcome.{rank}", weights_only=True)
+        assert outcome.startswith(f"ValueError: fit: the processes differ in out_dir (process 0: a folder, process 1: "
+                                  f"None; this is process {rank}); pass every process the same out_dir"), outcome
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def _ddp_training_settings_differ_worker(rank, world, port, out_path):
     with _gloo_group(rank, world, port):
         messages = []

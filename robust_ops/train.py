@@ -1060,7 +1060,7 @@ def fit(
             (``ReduceLROnPlateau`` gets the validation loss, rank 0's under DDP; the training loss without
             ``val_data``).
         out_dir (str or Path): folder for ``checkpoint.pt``, ``metrics.csv`` and ``metrics.json``
-            (None: nothing is written).
+            (None: nothing is written). Under DDP given to every process (process 0 writes), not to process 0 alone.
         resume (bool or str): True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues from
             that file (which must exist).
         seed (int): seeds torch, numpy and python RNGs at a fresh start, and the epoch permutations.
@@ -1155,7 +1155,9 @@ def fit(
             _check_map_style(name, "val_data", val_data)
         agreed = {"seed": seed, "len(train_data)": len(train_data), "batch_size": batch_size, "epochs": epochs,
                   "len(val_data)": None if val_data is None else len(val_data), "amp": bool(amp),
-                  "restore_best": restore_best}
+                  "restore_best": restore_best,
+                  # given or not, not the path: nodes may mount one shared folder under other paths
+                  "out_dir": None if out_dir is None else "a folder"}
     if world > 1:  # before any check that would then raise on some processes only
         # every process validates on the whole val_data: shards of it would give each process (and rank 0's metrics
         # files, and a ReduceLROnPlateau) its own validation numbers
@@ -1171,7 +1173,12 @@ def fit(
                                        "and the others' from float32, and DDP averages them together",
                                        "restore_best": "pass every process the same restore_best: it decides which "
                                        "weights fit hands back, the best epoch's or the last epoch's, so processes "
-                                       "given other values would end holding different models"},
+                                       "given other values would end holding different models",
+                                       # "only rank 0 saves": the others skipped the gather of every process's random
+                                       # streams for the checkpoint, and all waited for the group's timeout
+                                       "out_dir": "pass every process the same out_dir (a folder they all reach): "
+                                       "process 0 alone writes in it, but every process takes part in each "
+                                       "checkpoint (its random streams are saved in it) and reads it on resume"},
                                    error=held.error)
     agreed = {}
     with _HeldError(world) as held:
