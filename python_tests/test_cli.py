@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from robust_ops import cli
+from robust_ops import cli, defenses
 
 
 def run(argv, capsys):
@@ -87,6 +87,54 @@ def test_train_under_torchrun_prints_and_writes_run_json_on_rank_0_only(small_np
     assert written0 == ["run.json"] and json.loads((out / "run.json").read_text())["epochs"] == 1
     assert (out1, err1, written1) == ("", "", [])
     assert (out / "checkpoint.pt").is_file()
+
+
+class FailsOnProcess1(defenses.Standard):
+    """Standard training whose 6th step (epoch 2, step 2 of 64 samples in batches of 16) fails on process 1 only."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = 0
+
+    def __call__(self, model, x, y):
+        import torch.distributed as dist
+
+        self.steps += 1
+        if self.steps == 6 and dist.get_rank() == 1:
+            raise ValueError("a share this defense cannot train on")
+        return super().__call__(model, x, y)
+
+
+def _torchrun_one_process_fails_worker(rank, world, port, npz, out):
+    import contextlib
+    import io
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli.main(["train", "--data", npz, "--epochs", "2", "--batch-size", "16", "--model", "mlp", "--out", out,
+                       "--device", "cpu", "--no-progress", "--defense", f"{__name__}.FailsOnProcess1",
+                       "--dist-timeout", "30"])
+    torch.save((rc, stderr.getvalue()), f"{out}.{rank}")
+
+
+def test_train_under_torchrun_names_another_process_failure_in_one_line(small_npz, tmp_path):
+    """A step failing on process 1 alone stopped process 0 with fit's 'fit: process 1 failed at ...; stopped here too',
+    a RuntimeError that train let through: a traceback of gloo's error and fit's, where the failing process printed
+    its one line. Now every process it stops prints one line, with the way to continue from the checkpoint."""
+    from test_train import _free_port, _spawn_within
+
+    out = tmp_path / "run"
+    _spawn_within(180, _torchrun_one_process_fails_worker, (2, _free_port(), str(small_npz), str(out)))
+    (rc0, err0), (rc1, err1) = (torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2))
+    assert (rc1, err1) == (2, f"robust-ops train: error: {out}: training failed: a share this defense cannot train "
+                              "on\n"), err1
+    assert (rc0, err0) == (2, f"robust-ops train: error: {out}: training failed: fit: process 1 failed at epoch 2, "
+                              "step 2: ValueError: a share this defense cannot train on; stopped here too; "
+                              f"{out / 'checkpoint.pt'} holds the last epoch saved: once fixed, continue with the same "
+                              "command and --resume\n"), err0
 
 
 def _torchrun_command_worker(rank, world, port, argv, out):

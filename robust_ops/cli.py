@@ -1024,7 +1024,11 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             raise  # "training failed: [Errno 32] Broken pipe" line to a reader that is gone
         # FloatingPointError: NaN/Inf; OSError: a checkpoint or metrics file that could not be written (a full disk)
         # CollectiveTimeoutError: under torchrun, this process gave up waiting for a hung (or dead) one
-        except (ValueError, TypeError, OSError, FloatingPointError, trainer.CollectiveTimeoutError) as err:
+        # stopped_by_another_process: under torchrun, another process's failure stopped this one (named there)
+        except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not isinstance(err, trainer.CollectiveTimeoutError) \
+                    and not trainer.stopped_by_another_process(err):
+                raise  # a bug's: its traceback shows where
             if resumed and _file_stamp(ckpt) == resumed:  # no epoch written under this command's run.json
                 if previous is None:
                     (out / RUN_FILE).unlink(missing_ok=True)
@@ -1041,7 +1045,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                                ) from None
             kept = (f"; {ckpt} holds the last epoch saved: once fixed, continue with the same command"
                     f"{'' if resume else ' and --resume'}"
-                    if isinstance(err, (OSError, trainer.CollectiveTimeoutError)) and ckpt.is_file() else "")
+                    if (isinstance(err, (OSError, trainer.CollectiveTimeoutError))
+                        or trainer.stopped_by_another_process(err)) and ckpt.is_file() else "")
             if isinstance(err, trainer.UnreadableCheckpointError):  # the checkpoint --resume reads: no way through it
                 kept = ("; the run cannot continue from it: put back a good copy of it, or train again from the "
                         "start (without --resume)")

@@ -1922,7 +1922,7 @@ def _check_processes_agree(name, values, rank, world, fix, fixes=None, error=Non
         raise error
     failed = next(((r, g["error"]) for r, g in enumerate(gathered) if g["error"] is not None), None)
     if failed is not None:
-        raise RuntimeError(f"{name}: process {failed[0]} failed at the start: {failed[1]}; stopped here too")
+        raise _stopped_here_too(f"{name}: process {failed[0]} failed at the start: {failed[1]}")
     gathered = [g["values"] for g in gathered]
     keys = list(dict.fromkeys(key for g in gathered for key in g))  # a defense option one process lacks: "unset"
     for key in keys:
@@ -1959,6 +1959,20 @@ def _one_line(error):
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
+def _stopped_here_too(what):
+    """The RuntimeError of a process that another process's failure (``what``, named there) stops: its text ends
+    '; stopped here too', and :func:`stopped_by_another_process` tells a caller that it is a one-line report, not a
+    bug of this process (robust-ops train printed it as a traceback under torchrun)."""
+    error = RuntimeError(f"{what}; stopped here too")
+    error.stopped_by_another_process = True
+    return error
+
+
+def stopped_by_another_process(error):
+    """Whether ``error`` is fit's report that another process failed (or gave up waiting), which stopped this one."""
+    return isinstance(error, RuntimeError) and getattr(error, "stopped_by_another_process", False) is True
+
+
 def _raise_on_every_process(error, world, device, elsewhere, failures):
     """Raise ``error`` (None: nothing failed here) so that every process stops together: under DDP a lone raise
     leaves the others waiting in their next collective. The processes without an error raise ``elsewhere``.
@@ -1968,7 +1982,7 @@ def _raise_on_every_process(error, world, device, elsewhere, failures):
         with failures:
             dist.all_reduce(failed)
         if error is None and failed.item() > 0:
-            raise RuntimeError(f"{elsewhere} (its error names the problem); stopped here too")
+            raise _stopped_here_too(f"{elsewhere} (its error names the problem)")
     if error is not None:
         raise error
 
@@ -2024,7 +2038,7 @@ class _OneProcessFailures:
             # A failed collective raises a RuntimeError: any other error, or the one recorded (a defense failing on
             # every process), is this process's own.
             if isinstance(error, RuntimeError) and not recorded.endswith(f": {message}"):
-                raise RuntimeError(f"{self.name}: {recorded}; stopped here too") from error
+                raise _stopped_here_too(f"{self.name}: {recorded}") from error
             return False
         if _collective_timed_out(error):  # no process recorded a failure: one hung (or was killed)
             timeout = CollectiveTimeoutError(self.name, self.rank, self.timeout_s, self.timeout_source, self.where)
@@ -2035,7 +2049,7 @@ class _OneProcessFailures:
                     pass
             raise timeout from error
         if noted is not None and isinstance(error, RuntimeError):  # the failed collective of a process too late
-            raise RuntimeError(f"{self.name}: {noted}; stopped here too") from error
+            raise _stopped_here_too(f"{self.name}: {noted}") from error
         if not reachable:
             return False
         try:  # compare_set: when two processes fail at once, the first record stays
