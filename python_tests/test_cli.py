@@ -4703,6 +4703,33 @@ def test_a_kfold_protocol_does_not_warn_about_the_7_1_2_split_it_pools(tmp_path)
     assert [w for w in caught if "0.9/0.1" in str(w.message)]  # the fold's own split still warns
 
 
+def test_rebuild_splits_draws_a_kfold_runs_pool_and_folds_by_its_rare_class_rule(tmp_path):
+    """A k-fold run's folds come from its data's 7:1:2 split, pooled in that split's order; both treat a class too
+    small to stratify by the rule run.json records (eval's rare_classes). rebuild_splits drew the pool by the current
+    rule whatever the run recorded, so for a run split the old way (before 2026-12-06) eval attacked another test
+    fold than the run was tested on, holding images it trained on."""
+    import warnings
+
+    from robust_ops.data import cross_validation
+    from robust_ops.reproduce import rebuild_splits
+
+    data = _folder(tmp_path / "d")
+    _folder(tmp_path / "d", n=3, classes=("normal",))
+    record = {"kind": "kfold", "k": 2, "fold": 0, "cv_seed": 0, "data_seed": 0, "size": 8}
+    tests = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*too small to stratify")
+        for rule in ("random", "merge"):
+            pool = cli.load_data(str(data), size=8, seed=0, rare_classes=rule)
+            drawn = cross_validation(pool, k=2, seed=0, rare_classes=rule)[0]
+            rebuilt = rebuild_splits(str(data), record, rare_classes=rule)
+            for part in ("train", "val", "test"):
+                ours, theirs = getattr(rebuilt, part).tensors, getattr(drawn, part).tensors
+                assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), (rule, part)
+            tests.append(drawn.test.tensors[0])
+    assert not torch.equal(*tests)  # the two rules' test folds differ: the rule must be followed
+
+
 @pytest.mark.parametrize("change", ["renamed", "csv_reordered"])
 def test_data_reordered_or_renamed_with_the_same_class_counts_is_refused(tmp_path, capsys, change):
     """The seeded split cuts the images in the order they are read: a CSV saved with its rows in another order (or a

@@ -569,10 +569,11 @@ def split_record(protocol, k, quick_sizes=None, size=None, bit_depth=None, chann
     return record
 
 
-def load_pool(data, size, seed, bit_depth, split_by=None, channels=None, classes=None):
+def load_pool(data, size, seed, bit_depth, split_by=None, channels=None, classes=None, rare_classes=None):
     """The data a k-fold protocol pools, loaded with the CLI's loader. Its own train/val/test split (7:1:2 for
     sources without one) is pooled again, so that split's warning about a class too small to stratify it would
-    describe parts no run uses; the folds' own splits warn for themselves. ``split_by``: as load_dataset's."""
+    describe parts no run uses; the folds' own splits warn for themselves. ``split_by``, ``rare_classes``: as
+    load_dataset's (the pool's order follows that split, and the folds follow the pool's order)."""
     import warnings
 
     from .cli import load_data
@@ -580,7 +581,7 @@ def load_pool(data, size, seed, bit_depth, split_by=None, channels=None, classes
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*a class is too small to stratify the 0\.7/0\.1/0\.2 split")
         return load_data(data, size=size, seed=seed, bit_depth=bit_depth, split_by=split_by, channels=channels,
-                         classes=classes)
+                         classes=classes, rare_classes=rare_classes)
 
 
 def kfold_splits(data, base, k, seed, rare_classes=None):
@@ -602,7 +603,8 @@ def rebuild_splits(data, record, base=None, folds=None, split_by=None, rare_clas
     ``base`` / ``folds``: the loaded data / its folds, when the caller has them already. ``split_by``: how a CSV's
     rows were split, as the run's dataset record says (eval's ``_trained_split_by``); None: load_dataset's default.
     ``rare_classes``: likewise, how its split treated classes too small to stratify (eval's
-    ``_trained_rare_classes``)."""
+    ``_trained_rare_classes``); for a k-fold record both the 7:1:2 split its pool is read in the order of and the
+    folds' validation parts."""
     from .cli import CLIError, load_data, subset_splits
 
     kind = record.get("kind")
@@ -610,7 +612,7 @@ def rebuild_splits(data, record, base=None, folds=None, split_by=None, rare_clas
         if folds is None:
             base = base if base is not None else load_pool(data, record.get("size"), record.get("data_seed", 0),
                                                            record.get("bit_depth"), split_by, record.get("channels"),
-                                                           record.get("classes"))
+                                                           record.get("classes"), rare_classes)
             folds = kfold_splits(data, base, record["k"], record["cv_seed"], rare_classes)
         splits = folds[record["fold"]]
     elif kind == "seeds":
