@@ -1705,6 +1705,31 @@ def test_run_fingerprint_changes_with_the_method_label_and_with_dtype_and_shape(
     assert len(digests) == 4 and _digest([t.clone()]) == _digest([t])
 
 
+def test_run_fingerprint_changes_with_the_weights_the_test_set_and_the_versions(monkeypatch):
+    # a cached evaluation is reused only for the run it was made of: retrained weights, another test set, or another
+    # robust_ops or torch (whose attacks and metrics may differ) must each change the key; the reuse test edited a
+    # stored key's model_sha256, which a key without the weights' digest also failed to match
+    from torch.utils.data import TensorDataset
+
+    import robust_ops
+    from robust_ops.reproduce import run_fingerprint
+
+    torch.manual_seed(0)
+    model, data = torch.nn.Linear(4, 2), TensorDataset(torch.rand(3, 4), torch.tensor([0, 1, 0]))
+    base = run_fingerprint(model, data, "STD")
+    retrained = torch.nn.Linear(4, 2)
+    other_data = TensorDataset(torch.rand(3, 4), torch.tensor([0, 1, 0]))
+    changed = {"model_sha256": run_fingerprint(retrained, data, "STD"),
+               "test_sha256": run_fingerprint(model, other_data, "STD")}
+    monkeypatch.setattr(robust_ops, "__version__", "0.0.0")
+    changed["robust_ops"] = run_fingerprint(model, data, "STD")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    changed["torch"] = run_fingerprint(model, data, "STD")
+    for field, other in changed.items():
+        assert {k for k in base if base[k] != other.get(k)} == {field}, field
+
+
 @pytest.mark.slow
 def test_reproduce_quick_mirst_bus(breastmnist, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ROBUST_OPS_DATA", str(breastmnist.parent))
