@@ -2451,6 +2451,8 @@ def test_reproduce_resume_refusal_names_every_run_to_delete(small_npz, tmp_path,
     run(out, 2)
     with pytest.raises(CLIError) as err:
         run(out, 1)
+    # the error leads with the first run the command would train (seed 0's first method), as the listing does
+    assert str(err.value).startswith(f"--epochs: {out / 'runs' / 'std' / 'seed0'} holds 2 epochs of training, ")
     assert f"or delete {out / 'runs'} (none of its 4 runs can continue) or use another --out" in str(err.value)
     shutil.rmtree(out / "runs")
     run(out, 1)  # as the error said
@@ -2462,6 +2464,7 @@ def test_reproduce_resume_refusal_names_every_run_to_delete(small_npz, tmp_path,
     run_protocol(at_only, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)  # resumable at --epochs 1
     with pytest.raises(CLIError) as err:
         run(out, 1)
+    assert str(err.value).startswith(f"--epochs: {out / 'runs' / 'std' / 'seed0'} holds 2 epochs of training, ")
     assert (f"delete the 3 run folders in {out / 'runs'} this command cannot continue (std/seed0, std/seed1, "
             "at/seed1) or use another --out") in str(err.value)
     for name in ("std/seed0", "std/seed1", "at/seed1"):
