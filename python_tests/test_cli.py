@@ -1642,6 +1642,24 @@ def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
     assert not (tmp_path / "rank1.json").exists()
 
 
+def test_eval_cache_skips_malformed_entries_and_reads_a_document_of_another_shape_as_unreadable(tmp_path, capsys):
+    # eval.json is a cache: an entry without its key or rows, or a document that is no JSON object, is evaluated
+    # again (and overwritten), not a KeyError or AttributeError that stops the protocol
+    from robust_ops.reproduce import EvalCache
+
+    path, key = tmp_path / "eval.json", {"model_sha256": "0" * 64, "eps": [0.1], "seed": 0}
+    path.write_text(json.dumps({"entries": [{"rows": []}, {"key": key}, {"key": key, "rows": [{"accuracy": 0.5}]}]}))
+    cache = EvalCache(path)
+    assert cache.get(key) == [{"accuracy": 0.5}] and len(cache.entries) == 1
+    cache.put({**key, "seed": 1}, [])
+    assert len(json.loads(path.read_text())["entries"]) == 2
+    path.write_text("[]")
+    cache = EvalCache(path)
+    assert cache.get(key) is None and f"{path}: unreadable evaluation cache" in capsys.readouterr().out
+    cache.put(key, [])
+    assert json.loads(path.read_text())["entries"] == [{"key": key, "rows": []}]
+
+
 
 def test_eval_cache_is_strict_json_with_undefined_metrics_as_null(tmp_path):
     # a run whose test fold lacks positives has sensitivity NaN: eval.json held the bare token NaN, which strict JSON
