@@ -1621,6 +1621,14 @@ def test_reproduce_says_once_per_run_that_its_evaluations_were_reused(tmp_path, 
     rc, second, err = run(argv, capsys)
     assert rc == 0, err
     assert second.count("evaluation reused") == 1 and "Standard training: evaluation reused" in second
+    # one plan's rows stale (their key no longer matches): the line says how many plans were reused
+    cache, = (tmp_path / "r").glob("runs-quick/*/seed0/eval.json")
+    doc = json.loads(cache.read_text())
+    doc["entries"][1]["key"]["eps"] = [9.0]
+    cache.write_text(json.dumps(doc))
+    rc, third, err = run(argv, capsys)
+    assert rc == 0, err
+    assert third.count(" reused from ") == 1 and "Standard training: evaluation (1 of 2 plans) reused from" in third
 
 
 def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
