@@ -2414,6 +2414,8 @@ def test_eval_of_a_reproduce_fold_attacks_that_fold(small_npz, tmp_path, capsys,
         # and the run was tested on that fold: its evaluation's key holds the test set it attacked
         key = json.loads((run_dir / "eval.json").read_text())["entries"][0]["key"]
         assert key["test_sha256"] == tensors_sha256(dataset_tensors(fold.test))
+        # with the seed fold K's attacks drew from and the class its sensitivity is of (eval_key's docstring)
+        assert (key["seed"], key["positive_class"]) == (k, splits.info.positive_class) != (k, None)
     with pytest.warns(UserWarning, match="synthetic labels its classes benign = 0, malignant = 1, but the run was"):
         _, other, run_doc = cli.load_run(run_dir, data="synthetic")  # other data: its own splits, not the run's folds
     assert torch.equal(other.test.tensors[0], cli.load_data("synthetic", seed=run_doc["seed"]).test.tensors[0])
