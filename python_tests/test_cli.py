@@ -1888,6 +1888,10 @@ def test_classes_missing_over_runs_are_listed_in_class_order():
 
     merged = _missing_over_runs(info({}), [info({"val": ["aaa"]}), info({"val": ["normal"], "test": ["benign"]})])
     assert merged.extra["classes_missing_from_split"] == {"val": ["normal", "aaa"], "test": ["benign"]}
+    # every part, train too; and what ``info`` itself records is replaced by the runs', not kept beside it
+    merged = _missing_over_runs(info({"test": ["aaa"]}), [info({"train": ["benign"]}), info({})])
+    assert merged.extra["classes_missing_from_split"] == {"train": ["benign"]}
+    assert "classes_missing_from_split" not in _missing_over_runs(info({"test": ["aaa"]}), [info({})]).extra
 
 
 def test_quick_caps_the_steps_a_plan_leaves_to_the_attacks_defaults():
