@@ -2465,6 +2465,25 @@ def test_reproduce_resume_checks_every_run_first(small_npz, tmp_path, capsys):
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
 
 
+def test_resume_error_says_paper_schedule_for_either_of_its_settings_and_epochs_only_when_they_changed(tmp_path):
+    """reproduce's refusal of a run that cannot continue: a changed early-stopping patience is --paper-schedule's, as a
+    changed warm-up is; IMA's delta is blamed on --epochs only when the run was trained with other --epochs (a delta
+    changed under the same --epochs, e.g. by the protocol's eps_train, is the generic settings refusal)."""
+    from robust_ops.reproduce import _resume_error
+
+    proto = _tiny_protocol("seeds", [("IMA", "ima")])
+    run_dir = tmp_path / "runs" / "ima" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"epochs": 3}))
+    err = str(_resume_error(proto, run_dir, ("early_stopping", 5, None), 3))
+    assert err.startswith(f"--paper-schedule: {run_dir} was trained with --paper-schedule (early_stopping=5), this "
+                          "command runs without --paper-schedule (early_stopping=None); rerun with --paper-schedule")
+    delta = ("defense_options", {"eps_train": 0.5, "delta": 0.25}, {"eps_train": 1.0, "delta": 0.5})
+    assert str(_resume_error(proto, run_dir, delta, 4)).startswith(f"--epochs: {run_dir} was trained with --epochs 3")
+    err = str(_resume_error(proto, run_dir, delta, 3))
+    assert err.startswith(f"tiny-seeds: {run_dir} was trained with defense_options=") and "--epochs" not in err, err
+
+
 def test_reproduce_resume_refusal_names_every_run_to_delete(small_npz, tmp_path, capsys):
     """Following "delete OUT/runs/std/seed0" led to the same error for the next run (one per method and seed): the
     refusal names every run folder the command cannot continue, or the runs folder when none of its runs can."""
