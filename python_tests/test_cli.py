@@ -1651,21 +1651,23 @@ def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
 
 
 def test_eval_cache_skips_malformed_entries_and_reads_a_document_of_another_shape_as_unreadable(tmp_path, capsys):
-    # eval.json is a cache: an entry without its key or rows, or a document that is no JSON object, is evaluated
-    # again (and overwritten), not a KeyError or AttributeError that stops the protocol
+    # eval.json is a cache: an entry that is no object or lacks its key or rows, or a document (or its entries) of
+    # another shape, is evaluated again (and overwritten), not a KeyError or TypeError that stops the protocol
     from robust_ops.reproduce import EvalCache
 
     path, key = tmp_path / "eval.json", {"model_sha256": "0" * 64, "eps": [0.1], "seed": 0}
-    path.write_text(json.dumps({"entries": [{"rows": []}, {"key": key}, {"key": key, "rows": [{"accuracy": 0.5}]}]}))
+    entries = [{"rows": []}, {"key": key}, "key rows", {"key": key, "rows": [{"accuracy": 0.5}]}]
+    path.write_text(json.dumps({"entries": entries}))
     cache = EvalCache(path)
     assert cache.get(key) == [{"accuracy": 0.5}] and len(cache.entries) == 1
     cache.put({**key, "seed": 1}, [])
     assert len(json.loads(path.read_text())["entries"]) == 2
-    path.write_text("[]")
-    cache = EvalCache(path)
-    assert cache.get(key) is None and f"{path}: unreadable evaluation cache" in capsys.readouterr().out
-    cache.put(key, [])
-    assert json.loads(path.read_text())["entries"] == [{"key": key, "rows": []}]
+    for other_shape in ("[]", '{"entries": null}', '{"entries": 3}'):
+        path.write_text(other_shape)
+        cache = EvalCache(path)
+        assert cache.get(key) is None and f"{path}: unreadable evaluation cache" in capsys.readouterr().out
+        cache.put(key, [])
+        assert json.loads(path.read_text())["entries"] == [{"key": key, "rows": []}]
 
 
 

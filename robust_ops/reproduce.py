@@ -493,8 +493,8 @@ class EvalCache:
         if self.path.exists():
             try:
                 doc = json.loads(self.path.read_text())
-                self.entries = [e for e in doc.get("entries", []) if "key" in e and "rows" in e]
-            except (ValueError, AttributeError) as err:  # unreadable: evaluate again and overwrite it
+                self.entries = [e for e in doc.get("entries", []) if isinstance(e, dict) and "key" in e and "rows" in e]
+            except (ValueError, AttributeError, TypeError) as err:  # unreadable: evaluate again and overwrite it
                 if writes:
                     print(f"{self.path}: unreadable evaluation cache ({err}); evaluating again", flush=True)
 
