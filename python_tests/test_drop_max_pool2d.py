@@ -1815,3 +1815,17 @@ def test_module_keeps_an_explicit_auto_backend_whatever_the_environment_says(mon
     pool = robust_ops.DropMax2d(2, backend="auto")
     pool(torch.randn(1, 2, 8, 8))
     assert requested == [("drop_max_pool2d", "auto")] and "backend='auto'" in repr(pool)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_unbatched_output_is_contiguous_as_max_pool2ds_for_an_hwc_image(backend):
+    # F.max_pool2d pools a (C, H, W) input into a contiguous output whatever its strides; an HWC image viewed as CHW
+    # (permute(2, 0, 1), as from numpy or PIL) is channels_last once unsqueezed, and came out HWC-strided here, so a
+    # DropMax2d in place of nn.MaxPool2d changed the layout a later view() of the output relies on.
+    x = torch.randn(9, 7, 3).permute(2, 0, 1).requires_grad_()
+    out = robust_ops.drop_max_pool2d(x, 3, 2, 1, backend=backend)
+    assert_verbose_equal(out, robust_ops.drop_max_pool2d(x.detach().contiguous(), 3, 2, 1, backend=backend))
+    assert out.stride() == F.max_pool2d(x, 3, 2, 1).stride()
+    out.view(-1)  # what nn.MaxPool2d's output allows
+    (grad,) = torch.autograd.grad(out, x, torch.randn(out.shape))
+    assert grad.shape == x.shape

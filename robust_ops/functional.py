@@ -129,7 +129,9 @@ def drop_max_pool2d(
     ceil_mode = _bool("drop_max_pool2d", "ceil_mode", ceil_mode)
     return_indices = _bool("drop_max_pool2d", "return_indices", return_indices)  # "no" returned (out, indices)
     unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
+    # As F.max_pool2d (and max_pool2d below): a (C, H, W) input pools into a contiguous output whatever its strides;
+    # an HWC image viewed as CHW is channels_last once unsqueezed, and came out HWC-strided.
+    x = input.contiguous().unsqueeze(0) if unbatched else input
     which = _backend.resolve("drop_max_pool2d", x.device, backend)
     if which in ("native", "triton"):
         name = "drop_max_pool2d" if which == "native" else "drop_max_pool2d_triton"
