@@ -1213,6 +1213,45 @@ def _pooling_cnn():
                          nn.Linear(16, 2))
 
 
+def test_a_torch_compiled_models_checkpoint_loads_into_the_plain_architecture_and_resumes_either_way(tmp_path):
+    """fit(torch.compile(model)) wrote the compiled wrapper's state dict, every key and drop-max layer name prefixed
+    "_orig_mod.": load_weights into the rebuilt architecture was refused as lacking the DropMax2d layers it has, and
+    the run could not be resumed without torch.compile (nor a plain run with it). The checkpoint holds the model's
+    own names now, and so do the warm-up's head and fit's messages; checkpoints written before load so too."""
+    from robust_ops.train import save_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False)
+    compiled = torch.compile(_pooling_cnn(), backend="eager")
+    fit(compiled, "mirst-dm", _data(16), epochs=1, out_dir=tmp_path / "compiled", **kwargs)
+    path = tmp_path / "compiled" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    assert state["config"]["drop_max_layers"] == ["2"]
+    assert list(state["model"]) == list(_pooling_cnn().state_dict())
+    x = torch.rand(3, 1, 4, 4)
+    expected = compiled.eval()(x)
+    assert torch.equal(load_weights(robust_ops.replace_maxpool(_pooling_cnn()), path).eval()(x), expected)
+    rebuilt = torch.compile(robust_ops.replace_maxpool(_pooling_cnn()), backend="eager")
+    assert torch.equal(load_weights(rebuilt, path).eval()(x), expected)
+    # as fit wrote it before: every name prefixed, which loads and resumes as the model's own names
+    old = {**state, "model": {f"_orig_mod.{k}": v for k, v in state["model"].items()},
+           "config": {**state["config"], "drop_max_layers": ["_orig_mod.2"]}}
+    save_checkpoint(tmp_path / "old.pt", old)
+    assert torch.equal(load_weights(robust_ops.replace_maxpool(_pooling_cnn()), tmp_path / "old.pt").eval()(x),
+                       expected)
+    fit(_pooling_cnn(), "mirst-dm", _data(16), epochs=2, resume=tmp_path / "old.pt", **kwargs)
+    fit(_pooling_cnn(), "mirst-dm", _data(16), epochs=2, out_dir=tmp_path / "compiled", resume=True, **kwargs)
+    fit(_pooling_cnn(), "mirst-dm", _data(16), epochs=1, out_dir=tmp_path / "plain", **kwargs)
+    resumed = fit(torch.compile(_pooling_cnn(), backend="eager"), "mirst-dm", _data(16), epochs=2,
+                  out_dir=tmp_path / "plain", resume=True, **kwargs)
+    assert len(resumed.history) == 2
+    # the warm-up's head is named as in the model ("warmup_params names no module of the model: '4' (its modules:
+    # _orig_mod ...)" before)
+    warmed = fit(torch.compile(_pooling_cnn(), backend="eager"), "standard", _data(16), epochs=2, warmup_epochs=1,
+                 warmup_params="4", **kwargs)
+    assert len(warmed.history) == 2
+
+
 def test_load_weights_refuses_an_architecture_without_the_trained_drop_max_layers(tmp_path):
     """A state dict cannot show DropMax2d (pooling has no parameters): a drop-max checkpoint loaded into the plain
     nn.MaxPool2d architecture computed other outputs silently. The checkpoint records the layers; load_weights and

@@ -464,13 +464,49 @@ def _fit_checkpoint(name, path, map_location, entries=tuple(_RESUME_ENTRIES)):
             raise ValueError(f"{name}: {path} holds the weights of a run's best epoch only ({BEST_MODEL_NAME}), not "
                              f"a checkpoint to resume; resume from the run's {CHECKPOINT_NAME}")
         raise ValueError(f"{name}: {path} is not a whole robust_ops fit checkpoint: {why} (damaged or edited)")
+    return _without_compiled_prefix(state)
+
+
+_COMPILED_PREFIX = "_orig_mod."  # what a torch.compile'd model's wrapper puts before its module's names
+
+
+def _without_compiled_prefix(state):
+    """A checkpoint fit wrote for a torch.compile'd model before 2026-12-06 named every weight, drop-max layer and
+    warm-up parameter with the compiled wrapper's prefix: read with the model's own names, as fit writes them now
+    (weights_module)."""
+    weights = state.get("model")
+    if not (isinstance(weights, dict) and weights and all(str(k).startswith(_COMPILED_PREFIX) for k in weights)):
+        return state
+
+    def strip(names):
+        return [n[len(_COMPILED_PREFIX):] if isinstance(n, str) and n.startswith(_COMPILED_PREFIX) else n
+                for n in names]
+
+    state = dict(state)
+    for key in ("model", "best_model"):
+        if isinstance(state.get(key), dict):
+            state[key] = dict(zip(strip(state[key]), state[key].values()))
+    config = state.get("config")
+    if isinstance(config, dict):
+        state["config"] = config = dict(config)
+        for key in ("drop_max_layers", "warmup_params"):
+            if isinstance(config.get(key), list):
+                config[key] = strip(config[key])
     return state
 
 
 def drop_max_layers(model):
     """The names of ``model``'s DropMax2d layers, as a checkpoint records them: its state dict cannot show them
     (pooling has no parameters), so the weights load into the plain nn.MaxPool2d architecture as well."""
-    return [name for name, module in model.named_modules() if isinstance(module, DropMax2d)]
+    return [name for name, module in weights_module(model).named_modules() if isinstance(module, DropMax2d)]
+
+
+def weights_module(model):
+    """The module whose weights and layer names a checkpoint holds: a torch.compile'd model's own module. The
+    compiled wrapper's state dict and module names carry an "_orig_mod." prefix, so its checkpoints did not load
+    into the plain architecture (nor resume without torch.compile, or with it from a plain run)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def load_weights(model, path, map_location="cpu"):
@@ -484,7 +520,7 @@ def load_weights(model, path, map_location="cpu"):
         raise ValueError(f"load_weights: {path} {mismatch}; rebuild the trained architecture "
                          "(robust_ops.replace_maxpool(model, 'first') for MIRST-DM), else the weights load but its "
                          "outputs differ")
-    model.load_state_dict(state["model"])
+    weights_module(model).load_state_dict(state["model"])
     return model
 
 
@@ -1044,7 +1080,8 @@ def fit(
 
     Args:
         model (nn.Module): outputs ``[N, K]`` logits or ``[N]`` single logits; float32 or float64 trainable
-            parameters (float16 / bfloat16 ones are refused: ``amp`` computes in float16).
+            parameters (float16 / bfloat16 ones are refused: ``amp`` computes in float16). A ``torch.compile``'d
+            model trains compiled; its checkpoints hold the model's own names (no ``_orig_mod.`` prefix).
         defense (robust_ops.defenses.Defense or str): a defense object, or a name or dotted import path
             (package.module.Class) for ``defenses.build``.
         train_data, val_data (Dataset): yield ``(x, y)`` or ``(x, y, ids)`` (``robust_ops.data.IndexedDataset``,
@@ -1258,11 +1295,12 @@ def fit(
         model = model.to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        weights_model = weights_module(model)  # what the checkpoints hold: the same parameters, without "_orig_mod."
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{name}: the model has no trainable parameters")
         check_trainable_precision(name, params)
-        head = warmup_head(name, model, params, warmup_params) if warmup_epochs else None
+        head = warmup_head(name, weights_model, params, warmup_params) if warmup_epochs else None
         # trained in the warm-up's epochs by everything but the head: their .grad is dropped before the step, so the
         # optimizer skips them (weights and state, Adam's step count included, unchanged)
         head_ids = {id(p) for _, p in head or ()}
@@ -1432,7 +1470,7 @@ def fit(
         if restore_best:  # refused before the model, RNG and arithmetic warning are touched (robust-ops train's check)
             best_weights = _resumed_best_weights(name, resume_path, state)
         try:
-            model.load_state_dict(state["model"])
+            weights_model.load_state_dict(state["model"])
         except RuntimeError as err:  # another architecture (a RUN_DIR without run.json resumed with another --model)
             raise ValueError(f"{name}: cannot resume {resume_path}: its weights do not fit this model "
                              f"({state_dict_mismatch(err)})") from None
@@ -1500,7 +1538,7 @@ def fit(
     # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory),
     # and run max pooling on the native kernel (robust_ops.native_layers; same results bitwise).
     speedups = library_speedups(model, device, prepacked_conv=prepacked_conv)
-    finite_at_start = _finite_tensor_names(model)  # (a resume's: loaded above)
+    finite_at_start = _finite_tensor_names(weights_model)  # (a resume's: loaded above)
     speedups.__enter__()
     bar = None
     recorded_config = {**config, "defense_options": defense_options}  # the checkpoints' and best_model.pt's
@@ -1619,7 +1657,8 @@ def fit(
                     else:
                         scaled.backward()
                     if world > 1:
-                        _check_every_parameter_got_a_gradient(name, model, f"epoch {epoch + 1}, step {step + 1}")
+                        _check_every_parameter_got_a_gradient(name, weights_model,
+                                                              f"epoch {epoch + 1}, step {step + 1}")
                     if out.extra_grads is not None:
                         _add_extra_grads(name, params, out.extra_grads, scale, world)
                     if epoch < warmup_epochs:  # the head alone trains: the optimizer skips a parameter without .grad
@@ -1686,7 +1725,7 @@ def fit(
             # Every step's loss and gradients were finite, but the last step's update (or a forward's batch-norm
             # statistics) can still overflow: validation then scored NaN logits and the checkpoint, later named as the
             # last good one, held NaN weights. The same on every process (equal weights, rank 0's buffers).
-            _check_finite_weights(name, model, finite_at_start, epoch, _last_good_checkpoint(last_ckpt))
+            _check_finite_weights(name, weights_model, finite_at_start, epoch, _last_good_checkpoint(last_ckpt))
 
             row = {"epoch": epoch + 1}
             row.update({f"train_{k}": v / max(seen[k], 1) for k, v in sums.items()})
@@ -1709,7 +1748,7 @@ def fit(
                 _early_stopping_step(stopper, monitored, epoch)
             new_best = restore_best and stopper["best_epoch"] == epoch + 1
             if new_best:  # a copy off the device, as a checkpoint holds it: the next epoch changes the live tensors
-                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights_model.state_dict().items()}
 
             if scheduler is not None:
                 if plateau:
@@ -1730,7 +1769,7 @@ def fit(
                     "format": CHECKPOINT_FORMAT,
                     "epoch": epoch + 1,
                     "config": recorded_config,
-                    "model": model.state_dict(),
+                    "model": weights_model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None,
@@ -1781,7 +1820,7 @@ def fit(
         out_dir_hold.close()
     weights_epoch = len(history)
     if best_weights is not None:  # equal on every process: rank 0's val_loss picked the epoch, DDP kept them equal
-        model.load_state_dict(best_weights)
+        weights_model.load_state_dict(best_weights)
         weights_epoch = stopper["best_epoch"]
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
                      else None, model=model, early_stopping=stopper, weights_epoch=weights_epoch)
