@@ -347,3 +347,30 @@ def test_apgd_eot_sums_its_passes_at_one_scale(monkeypatch):
         monkeypatch.setattr(InputGradScale, "grad", passes(scales))
         runs.append(apgd(model, x, y, eps=8 / 255, steps=3, eot_iter=2, generator=torch.Generator().manual_seed(2)))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_loss_scaled_attacks_run_on_a_torch_compiled_model_whose_backward_frees_its_graph():
+    """A torch.compile'd model's backward with donated buffers (AOTAutograd's default) refuses retain_graph=True,
+    which the loss-scaled backward passed for a redo at a smaller scale: APGD under float16 autocast and PGD on a
+    float16 model stopped with torch's "compiled with non-empty donated buffers" error. The backward now runs once
+    without the graph there (same points as the eager model), and an overflow it cannot redo says what to do."""
+    from robust_ops.attacks import apgd
+    from robust_ops.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, width=4).eval()
+    x, y = torch.rand(4, 1, 12, 12), torch.tensor([0, 1, 0, 1])
+    compiled = torch.compile(model, backend="aot_eager")
+    with fp16():
+        expected = apgd(model, x, y, eps=4 / 255, steps=5, generator=torch.Generator().manual_seed(0))
+        got = apgd(compiled, x, y, eps=4 / 255, steps=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, expected)
+    half = SmallCNN(in_channels=1, width=4).eval().half()
+    expected = pgd(half, x.half(), y, steps=2).x_adv
+    assert torch.equal(pgd(torch.compile(half, backend="aot_eager"), x.half(), y, steps=2).x_adv, expected)
+    scale = InputGradScale()
+    scale.value = 2.0 ** 200  # overflows float32: the redo the freed graph cannot give
+    xg = x.clone().requires_grad_()
+    with fp16(), pytest.raises(RuntimeError, match=r"InputGradScale: the float16 loss-scaled input gradient overflowed "
+                                                    r"at scale .*donated_buffer = False before compiling"):
+        scale.grad(nn.functional.cross_entropy(compiled(xg), y), [xg])

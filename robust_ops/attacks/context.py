@@ -597,6 +597,7 @@ class InputGradScale:
         self.value = self.initial
         self.retries = 0  # backwards redone after an overflow (tests, benchmarks)
         self.first_scale = 1.0  # the factor the last call's first gradient carries (not 1: direction_only's)
+        self.retain_graph = True  # False once a torch.compile'd model's backward refused to keep its graph
 
     def grad(self, objective, inputs, create_graph=False, allow_unused=False, direction_only=False):
         """allow_unused: None for an input the objective does not depend on (torch.autograd.grad's).
@@ -613,13 +614,32 @@ class InputGradScale:
         objective = objective.to(torch.promote_types(objective.dtype, torch.float32))
         while True:
             scale = self.value
-            # retain_graph: an overflow redoes this backward at a smaller scale
-            grads = torch.autograd.grad(objective * scale, inputs, retain_graph=True, create_graph=create_graph,
-                                        allow_unused=allow_unused)
+            grads = self._scaled_backward(objective * scale, inputs, create_graph, allow_unused)
             finite = bool(torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all())
             if finite or scale <= 1.0:
                 self.first_scale = scale if keep_scaled else 1.0
                 return tuple(g if g is None or scale == 1.0 or (i == 0 and keep_scaled) else g / scale
                              for i, g in enumerate(grads))
+            if not self.retain_graph:
+                raise RuntimeError(
+                    f"InputGradScale: the float16 loss-scaled input gradient overflowed at scale {scale:g}, and the "
+                    "backward of a torch.compile'd model cannot be redone at a smaller one (AOTAutograd's donated "
+                    "buffers free its graph): set torch._functorch.config.donated_buffer = False before compiling, "
+                    "or attack the model uncompiled or in float32")
             self.value = scale / 2
             self.retries += 1
+
+    def _scaled_backward(self, scaled, inputs, create_graph, allow_unused):
+        # retain_graph: an overflow redoes this backward at a smaller scale. A torch.compile'd model's backward with
+        # donated buffers (AOTAutograd's default) refuses a retained graph before it runs ("compiled with non-empty
+        # donated buffers which requires ... retain_graph=False"): APGD, IMA and half-model attacks on a compiled
+        # model stopped there. The graph is intact then, so the backward runs once more without keeping it.
+        if self.retain_graph:
+            try:
+                return torch.autograd.grad(scaled, inputs, retain_graph=True, create_graph=create_graph,
+                                           allow_unused=allow_unused)
+            except RuntimeError as err:
+                if "donated buffers" not in str(err):
+                    raise
+                self.retain_graph = False
+        return torch.autograd.grad(scaled, inputs, create_graph=create_graph, allow_unused=allow_unused)
