@@ -943,6 +943,19 @@ def test_config_lists_and_numbers_read_as_the_flags_text(tmp_path):
     assert cli.parse_eval_options(args)[1] == [0.1]
 
 
+def test_config_list_for_a_single_value_option_is_refused(tmp_path, capsys):
+    """A YAML list was joined with commas for every option, not only the comma-separated ones: `out: [a, b]` trained
+    into a folder named "a,b" and eval's `method: [a, b]` labelled its rows "a,b", without a word."""
+    cfg = tmp_path / "cfg.yaml"
+    for command, key in (("train", "out"), ("eval", "method"), ("demo", "data")):
+        cfg.write_text(f"{key}: [{tmp_path / 'a'}, b]\n")
+        argv = [command] + ([str(tmp_path)] if command == "eval" else []) + ["--config", cfg, "--device", "cpu"]
+        rc, stdout, err = run(argv, capsys)
+        one_line_error(rc, err, f"{cfg}: option '{key}': expected a single value, got a list")
+        assert stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+
+
 def test_evaluate_models_rejects_unknown_split():
     from types import SimpleNamespace
 

@@ -259,7 +259,9 @@ def _config_value(parser, action, value, where):
         # a list default, never a string: argparse appends command-line occurrences to it
         items = [_config_item(parser, action, v, where) for v in (value if isinstance(value, list) else [value])]
         return [ConfigItem(v) if isinstance(v, str) else v for v in items]
-    if isinstance(value, list):  # comma-separated options (--attacks, --eps, --methods) also take YAML lists
+    # comma-separated options (--attacks, --eps, --methods) also take YAML lists; another option's list is refused
+    # below: joined, `out: [a, b]` trained into a folder named "a,b"
+    if isinstance(value, list) and isinstance(action, OneList):
         if not value:  # "" would reach the option as if given empty on the command line, blamed on the flag
             parser.error(f"{where}: expected at least one value, got an empty list")
         value = ",".join(str(v) for v in value)
