@@ -515,6 +515,24 @@ def test_unknown_names(small_npz, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_negative_value_written_as_a_float_or_fraction_reaches_its_own_check(tmp_path, capsys):
+    """argparse reads a value starting with '-' as a value only for -3 and -0.5: `--lr -1e-3`, `--eps -1/255`,
+    `--lr -inf` were refused as "argument --lr: expected one argument", though one was given, not by the range check
+    naming what to fix."""
+    for argv, needle in ((["train", "--lr", "-1e-3"], "--lr: expected a finite learning rate > 0, got -0.001"),
+                         (["demo", "--lr", "-inf"], "--lr: expected a finite learning rate > 0, got -inf"),
+                         (["train", "--dist-timeout", "-1E3"], "--dist-timeout: expected a number of seconds > 0"),
+                         (["eval", tmp_path / "no-run", "--eps", "-1/255"], "--eps: expected finite radii >= 0, got "
+                                                                            "'-1/255'"),
+                         (["demo", "--eps", "-.5,1/255"], "--eps: expected finite radii >= 0, got '-.5'")):
+        rc, stdout, err = run(argv + ["--out", tmp_path / "o"], capsys)
+        one_line_error(rc, err, needle)
+        assert stdout == ""
+    rc, _, err = run(["train", "--out", "-x"], capsys)  # a word after the flag is still taken for an option
+    one_line_error(rc, err, "argument --out: expected one argument")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_data_files(tmp_path, capsys):
     rc, _, err = run(["train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "r"], capsys)
     one_line_error(rc, err, "--data:", "missing.npz: no such file")

@@ -14,6 +14,7 @@ import errno
 import inspect
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -40,6 +41,9 @@ class Parser(argparse.ArgumentParser):
         # no prefixes of option names: reproduce's --seeds took a mistyped --seed 3 (train's RNG seed) as 3 seeds
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # a value that starts with a minus sign is a value, not an option: argparse's own rule takes -3 and -0.5 alone,
+        # so `--lr -1e-3`, `--eps -1/255` or `--lr -inf` were "expected one argument", not their own range errors
+        self._negative_number_matcher = re.compile(r"^-(?:\.?\d|inf(?:inity)?$|nan$)", re.IGNORECASE)
 
     def error(self, message):  # one line instead of usage + message
         raise CLIError(f"{message} (see {self.prog} --help)")
