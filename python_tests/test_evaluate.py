@@ -95,6 +95,19 @@ def test_attacks_differing_in_an_eps_expression_are_two_attacks_labelled_by_it()
     assert AttackSpec("pgd", {"alpha": lambda eps: eps / 4}).label == "pgd(alpha=f(eps))"
 
 
+def test_an_attack_whose_options_are_listed_in_another_order_is_listed_twice():
+    """pgd:steps=3:alpha=0.01,pgd:alpha=0.01:steps=3 is one attack under two labels: it was attacked twice and
+    reported in two rows, where pgd,pgd is refused."""
+    for text in ("pgd:steps=3:alpha=0.01,pgd:alpha=0.01:steps=3", "pgd:alpha=eps/4:steps=3,pgd:steps=3:alpha=eps/4"):
+        with pytest.raises(EvalError, match="attacks: the same attack is listed twice: pgd"):
+            parse_attacks(text)
+    assert len(parse_attacks("pgd:steps=3:alpha=0.01,pgd:alpha=0.02:steps=3")) == 2
+    assert len(parse_attacks("pgd:alpha=eps/4,pgd:alpha=eps/2")) == 2
+    # specs labelled by the caller are the caller's: reproduce --quick caps 10-IFGSM and 20-IFGSM at 5 steps
+    capped = [AttackSpec("ifgsm", {"steps": 5}, "10-IFGSM"), AttackSpec("ifgsm", {"steps": 5}, "20-IFGSM")]
+    assert [s.label for s in parse_attacks(capped)] == ["10-IFGSM", "20-IFGSM"]
+
+
 def test_a_default_step_that_cannot_reach_the_radius_is_a_warning():
     """pgd's default step 0.001 x 20 steps (MIRST-DM's PGD-20, made for 5/255) moves at most 0.02 from its start:
     at 8/255, or as pgd:norm=l2 at 0.3, its rows silently measured a weaker attack (on two-moons at 0.3, weaker

@@ -363,13 +363,26 @@ def parse_attack(text):
 def parse_attacks(text):
     """AttackSpecs from ``"fgsm,pgd,cw"`` (or a list of names / specs)."""
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    specs = [s if isinstance(s, AttackSpec) else parse_attack(s) for s in items if str(s).strip()]
+    kept = [s for s in items if str(s).strip()]
+    specs = [s if isinstance(s, AttackSpec) else parse_attack(s) for s in kept]
     if not specs:
         raise EvalError("attacks", "attacks: expected at least one attack name such as fgsm,pgd,cw")
     labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
+    # options in another order are the same attack under another label (pgd:steps=3:alpha=0.01 and
+    # pgd:alpha=0.01:steps=3), which was attacked twice, in two rows; AttackSpecs labelled by the caller are the
+    # caller's (reproduce's 10-IFGSM and 20-IFGSM, both capped at 5 steps under --quick)
+    keys = [_attack_key(spec) for spec, item in zip(specs, kept) if not isinstance(item, AttackSpec)]
+    if len(set(labels)) != len(labels) or len(set(keys)) != len(keys):
         raise EvalError("attacks", f"attacks: the same attack is listed twice: {','.join(labels)}")
     return specs
+
+
+def _attack_key(spec):
+    """``spec``'s attack and options, whatever the order they were given in (a callable other than an eps
+    expression, whose text is unknown, is only itself)."""
+    options = sorted(spec.options.items(), key=lambda item: item[0])
+    return spec.name, tuple((k, repr(v) if isinstance(v, EpsExpression) or not callable(v) else id(v))
+                            for k, v in options)
 
 
 def dataset_tensors(dataset):
