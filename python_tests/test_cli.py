@@ -2772,6 +2772,15 @@ def test_defense_options_training_would_refuse_are_refused_before_run_json(small
     rc, _, err = run(argv + ["--defense", "at", "--defense-opt", "norm=l2", "--defense-opt", "eps=3",
                              "--defense-opt", "steps=1"], capsys)
     assert rc == 0, err  # an L2 radius may exceed the value range
+    shutil.rmtree(out)
+    # a clip range leaving out training inputs: the attack refused them at the first batch, after run.json
+    for options, needle in ((["clip_min=0.5"], "clip_min=0.5 of at leaves out training inputs, which lie in [0"),
+                            (["clip_min=0", "clip_max=0.9"], "clip_max=0.9 of at leaves out training inputs")):
+        rc, _, err = run(argv + ["--defense", "at"] + [a for o in options for a in ("--defense-opt", o)], capsys)
+        one_line_error(rc, err, f"--defense-opt: {needle}", "leave clip_min and clip_max out")
+        assert not out.exists()
+    rc, _, err = run(argv + ["--defense", "at", "--defense-opt", "clip_min=-1", "--defense-opt", "clip_max=2"], capsys)
+    assert rc == 0, err  # a clip range wider than the inputs' is the user's
 
 
 def test_sigterm_stops_train_like_ctrl_c_and_resume_continues(small_npz, tmp_path, capsys, monkeypatch):

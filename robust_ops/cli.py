@@ -553,6 +553,22 @@ def make_defense(name, options, train_size, info):
     return defense
 
 
+def check_clip_options(options, train, name):
+    """A --defense-opt clip range that leaves out training inputs (clip_min=0.5 on [0, 1] images): the attack refuses
+    such inputs, and training failed at its first batch, after run.json was written."""
+    given = {key: options[key] for key in ("clip_min", "clip_max") if isinstance(options.get(key), (int, float))}
+    if not given or not hasattr(train, "tensors") or not len(train):
+        return
+    x = train.tensors[0]
+    low, high = float(x.min()), float(x.max())
+    cut = [f"{key}={value:g}" for key, value in given.items()
+           if (key == "clip_min" and value > low) or (key == "clip_max" and value < high)]
+    if cut:
+        raise CLIError(f"--defense-opt: {', '.join(cut)} of {name} leaves out training inputs, which lie in "
+                       f"[{low:.4g}, {high:.4g}], and the attack refuses inputs outside its clip range; widen it or "
+                       "leave clip_min and clip_max out (they default to the data's value range)")
+
+
 def read_checkpoint(path):
     """torch.load(weights_only=True); a file needing pickle to run code is refused with a clear message. Files of
     torch.save's pre-1.6 format load too (load_checkpoint names what is wrong with a file that is no checkpoint)."""
@@ -972,6 +988,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             raise CLIError(f"--warmup-epochs: --model {model_name} has no classifier head (a module named {heads}) "
                            "to train alone; use another --model or leave --warmup-epochs out") from None
     defense = make_defense(defense_name, defense_options, len(splits.train), info)
+    check_clip_options(defense_options, splits.train, defense_name)
     if callable(getattr(defense, "feature_module", None)):  # ARFL's layer=NAME: it failed at the first training step,
         try:  # after run.json was written, naming no module the model has
             defense.feature_module(model)
