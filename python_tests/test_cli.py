@@ -533,6 +533,17 @@ def test_a_negative_value_written_as_a_float_or_fraction_reaches_its_own_check(t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_demo_refuses_a_model_that_cannot_take_the_data_before_making_out(tmp_path, capsys):
+    """demo --data moons with its default --model small_cnn was refused in the first method's training, after the
+    folder lock had made --out: an empty folder was left behind."""
+    out = tmp_path / "d"
+    rc, stdout, err = run(["demo", "--quick", "--data", "moons", "--methods", "standard", "--out", out, "--device",
+                           "cpu"], capsys)
+    one_line_error(rc, err, "--model: small_cnn takes images, but two-moons (synthetic) holds feature vectors of 2 "
+                            "values; use --model mlp")
+    assert stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def test_bad_data_files(tmp_path, capsys):
     rc, _, err = run(["train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "r"], capsys)
     one_line_error(rc, err, "--data:", "missing.npz: no such file")

@@ -1778,9 +1778,13 @@ def cmd_demo(args):
         problem = clip_range_problem(m, defenses.defense_class(m), splits.info)
         if problem:
             raise CLIError(f"--methods: {problem}")
+    # before --out is made: a --model that cannot take the data (small_cnn on moons) was refused in the first
+    # method's training, leaving the folder the lock had made
+    model = make_model(args.model, splits.info)
     drop_max = [m for m in methods if makes_first_drop_max(m)]
     if drop_max:  # before any training, as the binary-only check (train_run checks it after the methods before it)
-        check_max_pool(make_model(args.model, splits.info), args.model, drop_max[0], "--methods")
+        check_max_pool(model, args.model, drop_max[0], "--methods")
+    del model
     out = Path(args.out)
     # the whole command, not each run alone (train_run's lock): a second demo into --out retrained the first one's
     # finished runs while it trained the next, and the first one's results.json then described other weights
