@@ -3754,6 +3754,25 @@ def _folder(root, n=10, classes=("benign", "malignant")):
     return root
 
 
+def test_eval_of_other_data_does_not_blame_a_size_only_run_json_gave(small_npz, tmp_path, capsys):
+    """eval of a folder run trained with --size 8 on --data moons or an .npz (data of their own size) read them at
+    run.json's size and was refused as '--size: ...; drop --size', a flag never given."""
+    run_dir = tmp_path / "run"
+    rc, _, err = run(["train", "--data", _folder(tmp_path / "d"), "--size", "8", "--epochs", "1", "--out", run_dir,
+                      "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    argv = ["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--no-progress", "--device",
+            "cpu"]
+    rc, _, err = run(argv + ["--data", "moons", "--out", tmp_path / "e1"], capsys)
+    line = one_line_error(rc, err, "--data: moons holds feature vectors of 2 values in 2 classes, but the run was "
+                                   "trained on 1-channel images")
+    assert "--size" not in line
+    rc, _, err = run(argv + ["--data", small_npz, "--out", tmp_path / "e2"], capsys)  # small_cnn takes 28x28 too
+    assert rc == 0 and "--size" not in err, err
+    rc, _, err = run(argv + ["--data", small_npz, "--size", "8", "--out", tmp_path / "e3"], capsys)  # given: its own
+    one_line_error(rc, err, f"--size: {small_npz}: images are 28x28, but --size 8 was requested")
+
+
 def _csv_set(root, labels, prefix, ext):
     """A HAM10000-style set in ``root``: meta.csv (image_id, dx) and one 8x8 image per label, <prefix>K.<ext>."""
     from PIL import Image

@@ -1295,11 +1295,20 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
     else:
-        # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
-        splits = load_data(data, size=(read_at or run.get("size")) if size is None else size,
-                           seed=run.get("seed", 0), flag=flag, classes=classes, bit_depth=bit_depth, channels=channels,
-                           split_by=_trained_split_by(run, data, same_data),
-                           rare_classes=_trained_rare_classes(run, data, same_data))
+        def read(at):
+            return load_data(data, size=at, seed=run.get("seed", 0), flag=flag, classes=classes, bit_depth=bit_depth,
+                             channels=channels, split_by=_trained_split_by(run, data, same_data),
+                             rare_classes=_trained_rare_classes(run, data, same_data))
+
+        try:  # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
+            splits = read((read_at or run.get("size")) if size is None else size)
+        except CLIError as err:
+            # run.json's size, not a --size given, refused by other data that has its own (an .npz, moons): it said
+            # "--size: ... drop --size"; read at its own size, which the model checks below judge
+            if not (size is None and not same_source and run.get("size") is not None
+                    and str(err).startswith("--size:")):
+                raise
+            splits = read(None)
     was = (run.get("dataset") or {}).get("class_counts")
     now = splits.info.extra.get("class_counts")
     if same_data and was and now is not None and was != now:  # the seeded split would differ: train images in test
