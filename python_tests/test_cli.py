@@ -544,6 +544,19 @@ def test_demo_refuses_a_model_that_cannot_take_the_data_before_making_out(tmp_pa
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_demo_refuses_data_without_a_test_split_before_training(small_npz, tmp_path, capsys):
+    """demo on an .npz whose test split is empty trained every method, then was refused at the evaluation as
+    '--split: the test split of ... has no samples', naming eval's flag, which demo does not have."""
+    arrays = dict(np.load(small_npz))
+    data = tmp_path / "notest.npz"
+    np.savez(data, **{**arrays, "test_images": arrays["test_images"][:0], "test_labels": arrays["test_labels"][:0]})
+    out = tmp_path / "d"
+    rc, stdout, err = run(["demo", "--quick", "--data", data, "--model", "mlp", "--methods", "standard", "--out", out,
+                           "--device", "cpu", "--no-progress"], capsys)
+    one_line_error(rc, err, f"--data: the test split of {data} holds no samples; nothing to evaluate on")
+    assert stdout == "" and not out.exists()
+
+
 def test_bad_data_files(tmp_path, capsys):
     rc, _, err = run(["train", "--data", tmp_path / "missing.npz", "--out", tmp_path / "r"], capsys)
     one_line_error(rc, err, "--data:", "missing.npz: no such file")

@@ -1774,6 +1774,8 @@ def cmd_demo(args):
     warn_default_step_short_of_radii(specs, radii)
     saliency_count(args, splits.info)  # before any training, as the radii
     check_train_split(splits, args.data)  # before any run folder is made
+    if len(splits.test) == 0:  # evaluate_models refused it after every method trained, naming eval's --split
+        raise CLIError(f"--data: the test split of {args.data} holds no samples; nothing to evaluate on")
     if args.quick:
         splits = subset_splits(splits, 64, 32, args.seed)
     elif train_size:
