@@ -544,7 +544,7 @@ def test_demo_refuses_a_model_that_cannot_take_the_data_before_making_out(tmp_pa
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
-def test_demo_refuses_data_without_a_test_split_before_training(small_npz, tmp_path, capsys):
+def test_demo_and_reproduce_refuse_data_without_a_test_split_before_training(small_npz, tmp_path, capsys):
     """demo on an .npz whose test split is empty trained every method, then was refused at the evaluation as
     '--split: the test split of ... has no samples', naming eval's flag, which demo does not have."""
     arrays = dict(np.load(small_npz))
@@ -555,6 +555,11 @@ def test_demo_refuses_data_without_a_test_split_before_training(small_npz, tmp_p
                            "--device", "cpu", "--no-progress"], capsys)
     one_line_error(rc, err, f"--data: the test split of {data} holds no samples; nothing to evaluate on")
     assert stdout == "" and not out.exists()
+    # reproduce's seeded protocols test on the data's own test split: refused after the first run trained
+    rc, stdout, err = run(["reproduce", "ima-bus", "--quick", "--seeds", "1", "--methods", "STD", "--data", data,
+                           "--out", out, "--device", "cpu", "--no-progress"], capsys)
+    one_line_error(rc, err, f"--data: the test split of {data} holds no samples; nothing to evaluate ima-bus's runs on")
+    assert not out.exists()
 
 
 def test_bad_data_files(tmp_path, capsys):

@@ -786,6 +786,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             raise CLIError(f"--data: {protocol.name} trains {model_name}, which takes images, and "
                            f"{splits.info.display_name} holds feature vectors of {splits.info.in_channels} values; "
                            f"give {protocol.name} image data (or run a protocol for feature vectors: arfl-moons)")
+        if len(splits.test) == 0:  # evaluate refused it after the first run trained ("split: ... has no samples")
+            raise CLIError(f"--data: the test split of {data} holds no samples; nothing to evaluate "
+                           f"{protocol.name}'s runs on")
         runs = []
         for method in chosen:
             if getattr(defenses.defense_class(method.defense), "binary_only", False) and splits.info.num_classes != 2:
