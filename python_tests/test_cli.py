@@ -3944,7 +3944,8 @@ def test_bit_depth_reaches_run_json_eval_resume_and_reproduce(tmp_path, capsys):
     for bits, message in (("11", "--bit-depth: " + str(data / "benign" / "0.png") + ": holds the value 3072, above "
                                  "the 11-bit maximum 2047 (--bit-depth 11); give the bit depth the images were saved "
                                  "with"),
-                          ("4", f"--bit-depth: load_busi({data}): expected bit_depth to be an integer >= 8, got 4")):
+                          ("4", "--bit-depth: expected 8 to 16 (the bits of a 16-bit image file that hold the "
+                                "intensity, 12 for most CT and X-ray PNGs), got 4")):
         rc, _, err = run(argv[:-1] + [bits, "--out", tmp_path / f"bad{bits}"], capsys)
         one_line_error(rc, err, message)
     rc, _, err = run(["train", "--data", "synthetic", "--bit-depth", "12", "--out", tmp_path / "s", "--device", "cpu"],
@@ -4366,7 +4367,7 @@ def test_data_errors_name_the_flag_for_folders(small_npz, tmp_path, capsys):
     _folder(tmp_path / "d")
     for argv, needle in ((["--data", small_npz, "--size", "64"], f"--size: {small_npz}: images are 28x28, but "
                                                                  "--size 64 was requested"),
-                         (["--data", tmp_path / "d", "--size", "0"], "--size: load_busi("),
+                         (["--data", tmp_path / "d", "--size", "0"], "--size: expected an image side length >= 1"),
                          (["--data", tmp_path / "d", "--classes", "benign,benign"], "--classes: load_busi("),
                          (["--data", tmp_path / "d", "--classes", "benign,normal"], "--classes: "),
                          (["--data", tmp_path / "d", "--classes", "benign"], "--classes: ")):
@@ -4377,8 +4378,26 @@ def test_data_errors_name_the_flag_for_folders(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "--data: ")  # not about a keyword: still the --data flag
     # only the keyword itself is rewritten, not a folder name that ends in it
     folder = _folder(tmp_path / "a_size=8" / "img_size=")
-    rc, _, err = run(["train", "--data", folder, "--size", "0", "--out", tmp_path / "r", "--device", "cpu"], capsys)
-    one_line_error(rc, err, "--size: load_busi(", "a_size=8/img_size=)")
+    rc, _, err = run(["train", "--data", folder, "--classes", "benign,benign", "--out", tmp_path / "r", "--device",
+                      "cpu"], capsys)
+    one_line_error(rc, err, "--classes: load_busi(", "a_size=8/img_size=)")
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "demo", "reproduce"])
+def test_size_and_bit_depth_out_of_range_are_refused_by_the_flag(command, small_npz, tmp_path, capsys):
+    """--size 0 and --bit-depth 4 or 17 were refused by the loader in its own words, naming its function and keyword
+    (`--bit-depth: load_busi(DIR): expected bit_depth to be an integer >= 8, got 4`), or on an .npz as a size to
+    drop ('images are 28x28, but --size 0 was requested'); now by the flag's range, before any data is read."""
+    head = {"train": ["train", "--data", small_npz], "eval": ["eval", tmp_path / "no-run"],
+            "demo": ["demo", "--data", small_npz], "reproduce": ["reproduce", "mirst-bus"]}[command]
+    for flag, value, needle in (("--size", "0", "--size: expected an image side length >= 1, got 0"),
+                                ("--size", "-3", "--size: expected an image side length >= 1, got -3"),
+                                ("--bit-depth", "17", "--bit-depth: expected 8 to 16 ("),
+                                ("--bit-depth", "4", "--bit-depth: expected 8 to 16 (")):
+        rc, stdout, err = run(head + [flag, value, "--out", tmp_path / "o", "--device", "cpu"], capsys)
+        line = one_line_error(rc, err, needle)
+        assert "load_" not in line and "bit_depth" not in line and stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_npz_image_size_errors_say_what_to_do(small_npz, tmp_path, capsys):
@@ -4694,7 +4713,7 @@ def test_eval_size_zero_is_an_error_not_the_runs_size(trained_run, tmp_path, cap
     # --size 0 used to be read as "not given" (size or run's size): eval ran on the run's images, exit 0
     rc, stdout, err = run(["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--size",
                            "0", "--out", tmp_path / "ev", "--device", "cpu"], capsys)
-    one_line_error(rc, err, "--size: ", "--size 0")
+    one_line_error(rc, err, "--size: expected an image side length >= 1, got 0")
     assert "clean accuracy" not in stdout and not (tmp_path / "ev").exists()
 
 

@@ -307,6 +307,18 @@ def refuse_empty_values(parser, args):
             raise CLIError(f"{name}: expected a value, got {value!r}{fix}")
 
 
+def check_image_options(args):
+    """--size and --bit-depth out of range, refused by the flag before any data is read (train, eval, demo,
+    reproduce): the loaders' errors named their function and keyword (`--bit-depth: load_busi(DIR): expected bit_depth
+    to be an integer >= 8, got 4`), and an .npz's told to drop a --size 0 as if 0 were another size."""
+    size, bits = getattr(args, "size", None), getattr(args, "bit_depth", None)
+    if size is not None and size < 1:
+        raise CLIError(f"--size: expected an image side length >= 1, got {size}")
+    if bits is not None and not 8 <= bits <= 16:
+        raise CLIError(f"--bit-depth: expected 8 to 16 (the bits of a 16-bit image file that hold the intensity, 12 "
+                       f"for most CT and X-ray PNGs), got {bits}")
+
+
 def pick_device(name):
     import torch
 
@@ -2130,6 +2142,7 @@ def _main(argv):
             args.command = command
         if args.command in parsers:
             refuse_empty_values(parsers[args.command], args)
+            check_image_options(args)
         check_environment_switches()
         global _allow_download
         _allow_download = bool(getattr(args, "download", False))
