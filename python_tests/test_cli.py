@@ -2842,6 +2842,55 @@ def test_sigterm_stops_train_like_ctrl_c_and_resume_continues(small_npz, tmp_pat
     assert len(json.loads((out / "metrics.json").read_text())) == 2
 
 
+@pytest.mark.parametrize("first,status,absorbed,torchrun", [
+    ("SIGINT", 130, ["SIGTERM"], False), ("SIGTERM", 143, ["SIGTERM"], False),
+    ("SIGINT", 130, ["SIGINT", "SIGTERM"], True)])
+def test_a_signal_while_train_stops_on_an_interrupt_raises_nothing_and_a_further_ctrl_c_still_does(
+        small_npz, tmp_path, capsys, monkeypatch, first, status, absorbed, torchrun):
+    """A terminal's Ctrl-C under torchrun reaches torchrun and its workers at once; torchrun then forwards the signal
+    it got to the workers already stopping, which raised a second KeyboardInterrupt, met in a garbage-collector
+    callback: an `Exception ignored ... KeyboardInterrupt` traceback after the interrupt line (found by the
+    distributed walk). After the first interrupt a SIGTERM raises nothing, nor, under torchrun, the next Ctrl-C (its
+    forward), and the status is the first one's; a further Ctrl-C still raises (a forced stop); the run resumes."""
+    import os
+    import signal
+
+    from robust_ops import train
+
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "2", "--out", out, "--no-progress", "--device", "cpu"]
+    fit = train.fit
+    seen = []
+
+    def one_epoch_then_interrupts(*args, **kwargs):
+        fit(*args, **{**kwargs, "epochs": 1})
+        try:
+            os.kill(os.getpid(), getattr(signal, first))
+        finally:  # the first interrupt is on its way out, as a process stopping
+            for name in absorbed:
+                os.kill(os.getpid(), getattr(signal, name))
+                seen.append(f"{name} passed")
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+            seen.append("a further ctrl-c raised")
+        raise AssertionError(f"{first} did not stop the command")
+
+    monkeypatch.setattr(train, "fit", one_epoch_then_interrupts)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    rc, _, err = run(argv, capsys)
+    assert seen == [f"{name} passed" for name in absorbed] + ["a further ctrl-c raised"]
+    assert rc == status, err
+    assert err.strip() == (f"robust-ops train: interrupted; {out / 'checkpoint.pt'} holds the last finished epoch; "
+                           "continue with the same command and --resume")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    monkeypatch.setattr(train, "fit", fit)
+    rc, _, err = run(argv + ["--resume"], capsys)
+    assert rc == 0, err
+    assert len(json.loads((out / "metrics.json").read_text())) == 2
+
+
 @pytest.mark.parametrize("signum,status", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_an_interrupt_inside_a_lazy_import_stops_train_with_its_one_line(small_npz, tmp_path, capsys, monkeypatch,
                                                                          signum, status):

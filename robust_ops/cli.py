@@ -2036,21 +2036,39 @@ def build_parser():
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (`kill`, a batch scheduler's stop) ends a command as Ctrl-C does -- the finished epochs' checkpoint
-    kept, a message saying how to continue -- instead of silently; ``state["terminated"]`` tells main to exit 143."""
-    state = {"terminated": False}
+    kept, a message saying how to continue -- instead of silently; ``state["terminated"]`` tells main to exit 143.
+    After the command's first interrupt a SIGTERM raises nothing, and under torchrun neither does the next Ctrl-C:
+    torchrun forwards the signal it got to its workers, which a terminal's Ctrl-C (or a scheduler's SIGTERM to the
+    job's processes) reached already, and that second KeyboardInterrupt, met in a garbage-collector callback as the
+    worker stopped, printed an `Exception ignored` traceback. A further Ctrl-C raises, to force the stop."""
+    state = {"terminated": False, "interrupts": 0}
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield state
         return
+    forwarded = 1 if "TORCHELASTIC_RUN_ID" in os.environ else 0  # set by torchrun's agent in its workers
 
     def interrupt(signum, frame):
-        state["terminated"] = True
-        raise KeyboardInterrupt
+        state["interrupts"] += 1
+        if state["interrupts"] == 1:
+            state["terminated"] = True
+            raise KeyboardInterrupt
+
+    def ctrl_c(signum, frame):
+        state["interrupts"] += 1
+        if not 1 < state["interrupts"] <= 1 + forwarded:
+            signal.default_int_handler(signum, frame)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
+    # a caller's own Ctrl-C handler (or SIG_IGN, a background job's) stays: only Python's default one is followed
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, ctrl_c)
     try:
         yield state
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 @contextlib.contextmanager
