@@ -3279,7 +3279,7 @@ class _PerRankMetrics(Defense):
         return DefenseOutput(loss=loss, logits=out, metrics=metrics)
 
 
-def _ddp_metrics_worker(rank, world, port, out_path):
+def _ddp_metrics_worker(rank, world, port, out_path, defense_class=_PerRankMetrics, samples=16):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -3287,7 +3287,7 @@ def _ddp_metrics_worker(rank, world, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        result = fit(DropoutMLP(), _PerRankMetrics(), _data(16), epochs=1, batch_size=8, progress=False)
+        result = fit(DropoutMLP(), defense_class(), _data(samples), epochs=1, batch_size=8, progress=False)
         torch.save(result.history, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -3302,6 +3302,53 @@ def test_ddp_history_sums_each_metric_over_the_processes_that_reported_it(tmp_pa
     without_time = [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     assert without_time[0] == without_time[1]  # every process records the same history
     assert (rows[0]["train_only_rank0"], rows[0]["train_only_rank1"], rows[0]["train_extra"]) == (1.0, 3.0, 5.0)
+
+
+class _AttacksFromItsSecondBatch(Defense):
+    """Reports adv_acc between its other metrics only where it attacked something, as IMA: not in a process's first
+    batch, and never in process 0 of a DDP group."""
+
+    name = "attacks-later"
+
+    def __init__(self):
+        self.batches = 0
+
+    def __call__(self, model, x, y, ids=None):
+        import torch.distributed as dist
+
+        out = model(x)
+        loss = classification_loss(out, y)
+        metrics = {"clean_acc": 0.5}
+        self.batches += 1
+        if self.batches > 1 and not (dist.is_initialized() and dist.get_rank() == 0):
+            metrics["adv_acc"] = 0.25
+        metrics["margin_mean"] = 0.125
+        return DefenseOutput(loss=loss, logits=out, metrics=metrics)
+
+
+ATTACKED_COLUMNS = ["epoch", "train_clean_acc", "train_adv_acc", "train_margin_mean", "train_loss", "train_acc", "lr",
+                    "time_s"]
+
+
+def test_history_columns_keep_the_defense_order_when_a_metric_first_comes_in_a_later_batch(tmp_path):
+    """A metric first reported in a later batch (IMA's adv_acc and crossed, of a first batch with nothing attacked)
+    was appended after the others, train_loss included, so metrics.csv's columns depended on which batch came first
+    (found by the distributed walk). It takes its place in the defense's order, in the history and metrics.csv."""
+    torch.manual_seed(0)
+    history = fit(DropoutMLP(), _AttacksFromItsSecondBatch(), _data(16), epochs=2, batch_size=8, progress=False,
+                  out_dir=tmp_path).history
+    assert [list(row) for row in history] == [ATTACKED_COLUMNS] * 2
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == ",".join(ATTACKED_COLUMNS)
+
+
+def test_ddp_history_columns_are_one_process_order_when_process_0_never_reports_a_metric(tmp_path):
+    """Under DDP the processes' metrics were joined in first-reported order, process 0's first: a metric process 0
+    never reported (IMA's adv_acc, nothing attacked in its first share) came after train_loss, so metrics.csv's
+    columns differed from one process's (found by the distributed walk). Joined as one process joins its batches'."""
+    out = str(tmp_path / "history")
+    _spawn_within(600, _ddp_metrics_worker, (2, _free_port(), out, _AttacksFromItsSecondBatch, 32))
+    for rank in range(2):
+        assert [list(row) for row in torch.load(f"{out}.{rank}", weights_only=True)] == [ATTACKED_COLUMNS], rank
 
 
 def _ddp_one_rank_error_worker(rank, world, port, out_path):

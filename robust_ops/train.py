@@ -1581,6 +1581,7 @@ def fit(
             t0 = time.perf_counter()
             sums, correct, scored = {}, 0, 0  # scored: samples of the batches that returned clean logits
             seen = {}  # samples in the batches that reported each metric (IMA has adv_acc only when it attacked)
+            reported = []  # the metrics' order: a batch without adv_acc (IMA) may come first, see _merge_key_order
             steps = len(sampler)
             bar = None
             if progress and rank == 0:
@@ -1681,6 +1682,7 @@ def fit(
 
                 n = y.numel()
                 metrics.setdefault("loss", float(loss.detach()))
+                _merge_key_order(reported, list(metrics))
                 for k, v in metrics.items():
                     w = weights.get(k, n)
                     if w:  # a mean over no sample (0 * nan would make the epoch's value nan)
@@ -1709,11 +1711,12 @@ def fit(
                             b.copy_(flat)
                     # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum
                     # over the union of their keys, or the vectors would differ in length or be summed misaligned.
-                    # In first-reported order, process 0's first: the history's columns then come in the order one
-                    # process writes them (sorted, metrics.csv's columns differed between DDP and one process).
+                    # Merged as one process merges its batches' keys: the history's columns then come in its order.
                     key_sets = [None] * world
-                    dist.all_gather_object(key_sets, list(sums))
-                    keys = list(dict.fromkeys(k for key_set in key_sets for k in key_set))
+                    dist.all_gather_object(key_sets, [k for k in reported if k in sums])
+                    keys = reported = []
+                    for key_set in key_sets:
+                        _merge_key_order(keys, key_set)
                     totals = torch.tensor([float(correct), float(scored)]
                                           + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
                                           dtype=torch.float64, device=device)
@@ -1728,7 +1731,7 @@ def fit(
             _check_finite_weights(name, weights_model, finite_at_start, epoch, _last_good_checkpoint(last_ckpt))
 
             row = {"epoch": epoch + 1}
-            row.update({f"train_{k}": v / max(seen[k], 1) for k, v in sums.items()})
+            row.update({f"train_{k}": sums[k] / max(seen[k], 1) for k in reported if k in sums})
             if scored:
                 row["train_acc"] = correct / scored
             if val_data is not None:
@@ -2257,10 +2260,22 @@ def _add_extra_grads(name, params, extra_grads, scale, world):
             p.grad.add_(g.to(p.grad.dtype))
 
 
+def _merge_key_order(order, keys):
+    """Adds to the list ``order`` the keys of ``keys`` it lacks, each right after the key before it in ``keys`` (first
+    when it is first there), and returns ``order``. A metric some batches lack (IMA's adv_acc and crossed, of a batch
+    with nothing attacked) then takes its place in the defense's order whichever batch came first; appended when first
+    met, metrics.csv's columns depended on it and differed between one process and DDP, whose process 0 may have no
+    such batch first."""
+    for i, k in enumerate(keys):
+        if k not in order:
+            order.insert(order.index(keys[i - 1]) + 1 if i else 0, k)
+    return order
+
+
 def _write_metrics(out_dir, history):
     keys = []
     for row in history:
-        keys += [k for k in row if k not in keys]
+        _merge_key_order(keys, list(row))
 
     def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=keys)
