@@ -2527,6 +2527,30 @@ def test_reproduce_resume_checks_every_run_first(small_npz, tmp_path, capsys):
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
 
 
+def test_reproduce_refuses_an_ima_run_of_other_epochs_under_paper_schedule_naming_the_epochs_typed(small_npz,
+                                                                                                   tmp_path):
+    """Under --paper-schedule run.json's epochs count the warm-up: an IMA run trained with --epochs 1 and a 1-epoch
+    warm-up, rerun with --epochs 2, was refused with "was trained with --epochs 2 ...; rerun with --epochs 2", the
+    command just refused (found by the mutation pass over reproduce). It names --epochs 1; delta follows --epochs
+    without the warm-up (docs/reproduce/README.md), as run_protocol computes it."""
+    from robust_ops.cli import CLIError
+    from robust_ops.reproduce import _resume_error, run_protocol
+
+    proto = _tiny_protocol("seeds", [("IMA", "ima", {"eps_train": 0.5, "steps": 1, "search_steps": 1})])
+    proto.paper_schedule = {"warmup_epochs": 1, "early_stopping": 5}
+    out = tmp_path / "ima"
+    run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False, paper_schedule=True)
+    run_doc = json.loads((out / "runs" / "ima" / "seed0" / "run.json").read_text())
+    assert (run_doc["epochs"], run_doc["warmup_epochs"], run_doc["defense_options"]["delta"]) == (2, 1, 0.5)
+    with pytest.raises(CLIError, match=r"^--epochs: .* was trained with --epochs 1, and IMA's delta = eps_train / "
+                                       r"epochs follows it \(0\.5 there, 0\.25 now\); rerun with --epochs 1, or"):
+        run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False, paper_schedule=True)
+    # the same --epochs, another delta (the protocol's eps_train): the settings' refusal, not --epochs'
+    delta = ("defense_options", {"eps_train": 0.5, "delta": 0.5}, {"eps_train": 1.0, "delta": 1.0})
+    err = str(_resume_error(proto, out / "runs" / "ima" / "seed0", delta, 2, warmup=1))
+    assert err.startswith("tiny-seeds: ") and "--epochs" not in err, err
+
+
 def test_resume_error_says_paper_schedule_for_either_of_its_settings_and_epochs_only_when_they_changed(tmp_path):
     """reproduce's refusal of a run that cannot continue: a changed early-stopping patience is --paper-schedule's, as a
     changed warm-up is; IMA's delta is blamed on --epochs only when the run was trained with other --epochs (a delta

@@ -672,10 +672,12 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
                         f"continue the run: {way_out}")
     old_epochs = None
     try:
-        old_epochs = json.loads((Path(run_dir) / "run.json").read_text()).get("epochs")
-    except (OSError, ValueError):
+        old = json.loads((Path(run_dir) / "run.json").read_text())
+        # run.json's epochs count --paper-schedule's warm-up; IMA's delta follows --epochs, which leaves it out
+        old_epochs = old.get("epochs") - (old.get("warmup_epochs") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
         pass
-    if key == "defense_options" and "delta" in (was or {}) and old_epochs != epochs:
+    if key == "defense_options" and "delta" in (was or {}) and old_epochs != epochs - warmup:
         return CLIError(f"--epochs: {run_dir} was trained with --epochs {old_epochs}, and IMA's delta = eps_train / "
                         f"epochs follows it ({was['delta']:.4g} there, {now['delta']:.4g} now); rerun with "
                         f"--epochs {old_epochs}, or {way_out}")
