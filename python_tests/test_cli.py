@@ -4437,23 +4437,30 @@ def test_data_errors_name_the_flag(argv, needle, tmp_path, capsys):
 
 
 def test_data_errors_name_the_flag_for_folders(small_npz, tmp_path, capsys):
+    """Nor do they name the loader's function: a repeated --classes name on a folder or CSV said `--classes:
+    load_busi(DIR): ...` (load_csv(FILE) on a CSV)."""
     _folder(tmp_path / "d")
+    (tmp_path / "c").mkdir()
+    _csv_set(tmp_path / "c", ["nv", "mel"] * 3, "im", "png")
     for argv, needle in ((["--data", small_npz, "--size", "64"], f"--size: {small_npz}: images are 28x28, but "
                                                                  "--size 64 was requested"),
                          (["--data", tmp_path / "d", "--size", "0"], "--size: expected an image side length >= 1"),
-                         (["--data", tmp_path / "d", "--classes", "benign,benign"], "--classes: load_busi("),
+                         (["--data", tmp_path / "d", "--classes", "benign,benign"],
+                          f"--classes: {tmp_path / 'd'}: --classes lists benign more than once"),
+                         (["--data", tmp_path / "c" / "meta.csv", "--classes", "nv,nv"],
+                          f"--classes: {tmp_path / 'c' / 'meta.csv'}: --classes lists nv more than once"),
                          (["--data", tmp_path / "d", "--classes", "benign,normal"], "--classes: "),
                          (["--data", tmp_path / "d", "--classes", "benign"], "--classes: ")):
         rc, _, err = run(["train", *argv, "--out", tmp_path / "r", "--device", "cpu"], capsys)
         line = one_line_error(rc, err, needle)
-        assert "size=" not in line and "classes=" not in line, line
+        assert "size=" not in line and "classes=" not in line and "load_" not in line, line
     rc, _, err = run(["train", "--data", tmp_path / "missing", "--out", tmp_path / "r", "--device", "cpu"], capsys)
     one_line_error(rc, err, "--data: ")  # not about a keyword: still the --data flag
     # only the keyword itself is rewritten, not a folder name that ends in it
     folder = _folder(tmp_path / "a_size=8" / "img_size=")
     rc, _, err = run(["train", "--data", folder, "--classes", "benign,benign", "--out", tmp_path / "r", "--device",
                       "cpu"], capsys)
-    one_line_error(rc, err, "--classes: load_busi(", "a_size=8/img_size=)")
+    one_line_error(rc, err, f"--classes: {folder}: --classes lists benign")
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "demo", "reproduce"])

@@ -450,7 +450,8 @@ def _data_error(err, flag):
     ``--classes``, ``bit_depth=8`` -> ``--bit-depth 8``)."""
     import re
 
-    text = str(err)
+    # load_busi(DIR): / load_csv(FILE): name the Python function that checked its argument; the flag names the fix
+    text = re.sub(r"^load_(?:busi|csv)\((.+?)\): ", r"\1: ", str(err))
     for arg in DATA_FLAG_ARGS:
         option = f"--{arg.replace('_', '-')}"
         text = re.sub(rf"\b{arg}=(?=[^\s;,)])", f"{option} ", text)  # size=64 -> --size 64
