@@ -3994,6 +3994,22 @@ def _folder_16_bit(root, top=4095, n=10):
     return root
 
 
+def test_data_warnings_name_the_flag_alone(tmp_path, capsys):
+    """The data layer's warnings name the keyword and the flag for both readers (`drop bit_depth= (--bit-depth)`,
+    `pass size=8 (--size 8) ..., or size=224 to keep it`); the command line printed both, and the keyword."""
+    common = ["--model", "mlp", "--epochs", "1", "--no-progress", "--device", "cpu"]
+    cases = ((_folder(tmp_path / "d8"), ["--size", "8", "--bit-depth", "12"], "--bit-depth 12 scales 16-bit image "
+              "files, and none of these images is one (8-bit files are read as they are): it changes nothing -- "
+              "drop --bit-depth"),
+             (_folder_16_bit(tmp_path / "ct"), ["--size", "8"], "-- pass --bit-depth 12 to scale 4095 to 255"),
+             (tmp_path / "d8", [], "pass --size 8 to read them at their own size, or --size 224 to keep it"))
+    for k, (data, argv, needle) in enumerate(cases):
+        rc, _, err = run(["train", "--data", data, *argv, *common, "--out", tmp_path / f"run{k}"], capsys)
+        said = [line for line in err.splitlines() if needle in line]
+        assert rc == 0 and len(said) == 1, err
+        assert said[0].startswith("robust-ops train: warning: ") and not re.search(r"\w=|\(--", said[0]), said[0]
+
+
 def test_bit_depth_reaches_run_json_eval_resume_and_reproduce(tmp_path, capsys):
     """--bit-depth (load_dataset(bit_depth=)): 12-bit PNGs read on the 12-bit scale, recorded in run.json so eval
     and --resume read the same images; --resume refuses another bit depth; errors name --bit-depth."""

@@ -451,12 +451,21 @@ def _data_error(err, flag):
     import re
 
     # load_busi(DIR): / load_csv(FILE): name the Python function that checked its argument; the flag names the fix
-    text = re.sub(r"^load_(?:busi|csv)\((.+?)\): ", r"\1: ", str(err))
+    text = _flag_words(re.sub(r"^load_(?:busi|csv)\((.+?)\): ", r"\1: ", str(err)))
+    return CLIError(f"--{err.arg.replace('_', '-')}: {text}" if err.arg else f"{flag}: {text}")
+
+
+def _flag_words(text):
+    """``text`` with load_dataset's keyword arguments written as their flags; a keyword the data layer follows with
+    its flag for both readers (``drop bit_depth= (--bit-depth)``, ``pass size=28 (--size 28)``) as the flag alone."""
+    import re
+
     for arg in DATA_FLAG_ARGS:
         option = f"--{arg.replace('_', '-')}"
+        text = re.sub(rf"\b{arg}=[^\s;,)]* \(({option}(?: [^()]*)?)\)", r"\1", text)
         text = re.sub(rf"\b{arg}=(?=[^\s;,)])", f"{option} ", text)  # size=64 -> --size 64
         text = re.sub(rf"\b{arg}=", option, text)  # size= resizes -> --size resizes
-    return CLIError(f"--{err.arg.replace('_', '-')}: {text}" if err.arg else f"{flag}: {text}")
+    return text
 
 
 def data_spec(spec):
@@ -2114,10 +2123,15 @@ def exit_on_interrupted_package_import(err):
 
 def _warning_printer(command):
     """warnings.showwarning for one command: ``robust-ops <command>: warning: <what>`` on stderr, each text once."""
+    import re
+
     said = set()
 
     def show(message, *_args, **_kwargs):
-        line = f"{PROG} {command}: warning: {message}"
+        text = str(message)
+        if re.search(r"\w=\S* \(--", text):  # the data layer's words for Python and the command line: the flag's
+            text = _flag_words(text)
+        line = f"{PROG} {command}: warning: {text}"
         if line not in said:
             said.add(line)
             print(line, file=sys.stderr)
