@@ -709,14 +709,18 @@ def test_path_options_expand_the_home_folder(trained_run, tmp_path, capsys, monk
     assert rc == 0 and out == f"a\t{home / 'bench_a.py'}\n", err
 
 
-def test_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
-    # a config saved as Latin-1 (or a binary file given by mistake) ended in a UnicodeDecodeError traceback
+def test_config_file_that_is_not_utf8_is_a_one_line_error(small_npz, tmp_path, capsys):
+    """A config saved as Latin-1 (or a binary file given by mistake) ended in a UnicodeDecodeError traceback; then
+    it named no flag, and told an .npz given as --config to be saved as UTF-8."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_bytes("model: small_cnn  # r\xe9seau\n".encode("latin-1"))
     rc, _, err = run(["train", "--config", cfg, "--out", tmp_path / "run"], capsys)
-    one_line_error(rc, err, f"robust-ops train: error: {cfg}: not UTF-8 text (invalid continuation byte at byte 21); "
-                   "save it as UTF-8")
+    one_line_error(rc, err, f"robust-ops train: error: --config: {cfg}: not UTF-8 text (invalid continuation byte at "
+                   "byte 21); --config takes a YAML or JSON file, saved as UTF-8")
     assert sorted(tmp_path.iterdir()) == [cfg]
+    rc, _, err = run(["eval", tmp_path / "run", "--config", small_npz], capsys)
+    one_line_error(rc, err, f"robust-ops eval: error: --config: {small_npz}: not UTF-8 text (",
+                   "--config takes a YAML or JSON file")
 
 
 def test_defense_opt_values():

@@ -203,7 +203,8 @@ def load_config_file(path):
     try:
         text = p.read_text()
     except UnicodeDecodeError as err:  # a binary file, or one saved in another encoding
-        raise CLIError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        raise CLIError(f"--config: {path}: not UTF-8 text ({err.reason} at byte {err.start}); --config takes a YAML "
+                       "or JSON file, saved as UTF-8") from None
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text, object_pairs_hook=_unique_pairs)
