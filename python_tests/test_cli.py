@@ -596,6 +596,16 @@ def test_checkpoint_needing_pickle_is_refused(trained_run, tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
+def test_eval_of_a_run_file_that_is_no_checkpoint_names_the_run_folder(trained_run, tmp_path, capsys):
+    """eval RUN_DIR/run.json (or metrics.csv / metrics.json) said 'not a readable checkpoint (not a torch.save file:
+    Unsupported operand 123)', not that RUN_DIR itself is what eval takes."""
+    for name in ("run.json", "metrics.csv", "metrics.json"):
+        rc, _, err = run(["eval", trained_run / name, "--out", tmp_path / "ev", "--device", "cpu"], capsys)
+        one_line_error(rc, err, f"robust-ops eval: error: {trained_run / name}: is a run's {name}, not a checkpoint; "
+                       f"pass the run folder {trained_run} (or its checkpoint.pt)")
+    assert not (tmp_path / "ev").exists()
+
+
 def test_eval_names_what_it_lacks_of_data_and_model(trained_run, tmp_path, capsys):
     # a run.json without "data" was reported as "no run.json beside the checkpoint; pass --data and --model", and a
     # bare checkpoint given --data was still told to pass both

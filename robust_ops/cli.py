@@ -1234,9 +1234,15 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt, or best_model.pt for a run that recorded
     restore_best, else the checkpoint's copy of the same weights) or a checkpoint file (run.json beside it, or
     --data/--model given). ``channels_last`` None: the memory format the run trained in; True / False: that one."""
+    from .train import HISTORY_NAME, METRICS_CSV_NAME
+
     target = Path(target)
     if target.is_dir():
         ckpt, run_file = target / CHECKPOINT, target / RUN_FILE
+    elif target.name in (RUN_FILE, HISTORY_NAME, METRICS_CSV_NAME) and target.is_file():
+        # a run's record, not its weights: it was "not a readable checkpoint (not a torch.save file: ...)"
+        raise CLIError(f"{target}: is a run's {target.name}, not a checkpoint; pass the run folder {target.parent} "
+                       f"(or its {CHECKPOINT})")
     elif target.exists():
         ckpt, run_file = target, target.parent / RUN_FILE
     else:
