@@ -103,6 +103,17 @@ def test_an_attack_whose_options_are_listed_in_another_order_is_listed_twice():
             parse_attacks(text)
     assert len(parse_attacks("pgd:steps=3:alpha=0.01,pgd:alpha=0.02:steps=3")) == 2
     assert len(parse_attacks("pgd:alpha=eps/4,pgd:alpha=eps/2")) == 2
+    # an option set to the value the attack takes without it is the same attack too: pgd,pgd:steps=20 (pgd's 20
+    # steps) ran twice in two rows; so is steps beside the option it stands for (square's n_queries)
+    for text, default in (("pgd,pgd:steps=20", "pgd:steps=20 is its default"),
+                          ("pgd:norm=Linf:alpha=0.001,pgd", "pgd:norm=linf, pgd:alpha=0.001 are defaults"),
+                          ("square:steps=5000,square", "square:steps=5000 is its default"),
+                          ("pgd:alpha=eps/4,pgd:steps=20:alpha=eps/4", "pgd:steps=20 is its default"),
+                          ("square:steps=7,square:n_queries=7", "")):
+        with pytest.raises(EvalError, match="attacks: the same attack is listed twice: ") as caught:
+            parse_attacks(text)
+        assert default in str(caught.value) if default else "default" not in str(caught.value), caught.value
+    assert len(parse_attacks("pgd,pgd:steps=21,pgd:norm=l2,square:steps=7,noise:trials=10,noise:seed=1")) == 6
     # specs labelled by the caller are the caller's: reproduce --quick caps 10-IFGSM and 20-IFGSM at 5 steps
     capped = [AttackSpec("ifgsm", {"steps": 5}, "10-IFGSM"), AttackSpec("ifgsm", {"steps": 5}, "20-IFGSM")]
     assert [s.label for s in parse_attacks(capped)] == ["10-IFGSM", "20-IFGSM"]

@@ -371,18 +371,38 @@ def parse_attacks(text):
     # options in another order are the same attack under another label (pgd:steps=3:alpha=0.01 and
     # pgd:alpha=0.01:steps=3), which was attacked twice, in two rows; AttackSpecs labelled by the caller are the
     # caller's (reproduce's 10-IFGSM and 20-IFGSM, both capped at 5 steps under --quick)
-    keys = [_attack_key(spec) for spec, item in zip(specs, kept) if not isinstance(item, AttackSpec)]
+    keyed = [(spec, *_attack_key(spec)) for spec, item in zip(specs, kept) if not isinstance(item, AttackSpec)]
+    keys = [key for _, key, _ in keyed]
     if len(set(labels)) != len(labels) or len(set(keys)) != len(keys):
-        raise EvalError("attacks", f"attacks: the same attack is listed twice: {','.join(labels)}")
+        twice = {key for key in keys if keys.count(key) > 1}
+        same = [f"{spec.name}:{option}" for spec, key, at_default in keyed if key in twice for option in at_default]
+        note = f" ({', '.join(same)} {'is its default' if len(same) == 1 else 'are defaults'})" if same else ""
+        raise EvalError("attacks", f"attacks: the same attack is listed twice: {','.join(labels)}{note}")
     return specs
 
 
 def _attack_key(spec):
-    """``spec``'s attack and options, whatever the order they were given in (a callable other than an eps
-    expression, whose text is unknown, is only itself)."""
-    options = sorted(spec.options.items(), key=lambda item: item[0])
-    return spec.name, tuple((k, repr(v) if isinstance(v, EpsExpression) or not callable(v) else id(v))
-                            for k, v in options)
+    """(``spec``'s attack and options, whatever the order they were given in, the ones left out that are set to the
+    value the attack takes without them), as ``key=value`` texts. ``pgd:steps=20`` is pgd (20 steps is its default):
+    attacks.build passes the ATTACKS entry's defaults and None as not given; ``steps`` is the option it stands for
+    (square's n_queries). A callable other than an eps expression, whose text is unknown, is only itself."""
+    from . import attacks
+    from ._options import option_defaults
+
+    cls, entry = attacks.attack_entry(spec.name)  # checked by AttackSpec
+    defaults = {**option_defaults(cls), **entry}
+    # PGD's norm=None is its default_norm; the canonical spelling (check_norm) is what spec.options holds
+    defaults["norm"] = getattr(cls, "default_norm", None) or defaults.get("norm") or "linf"
+    alias = attacks.STEPS_ALIAS.get(spec.name)
+    options, at_default = {}, []
+    for k, v in spec.options.items():
+        key = alias if alias and k == "steps" else k
+        default = defaults.get(key, inspect.Parameter.empty)
+        if not callable(v) and type(v) is type(default) and v == default:
+            at_default.append(f"{k}={v}")
+        else:
+            options[key] = repr(v) if isinstance(v, EpsExpression) or not callable(v) else id(v)
+    return (spec.name, tuple(sorted(options.items()))), at_default
 
 
 def dataset_tensors(dataset):
