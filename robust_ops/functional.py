@@ -80,6 +80,14 @@ def _functorch_autodiff(x):
         x = functorch.get_unwrapped(x)
 
 
+def _as_batch(input):
+    """(a batch of the pooling input, whether it was one (C, H, W) input). ATen pools a (C, H, W) input into a
+    contiguous output whatever its strides: an HWC image viewed as CHW (permute(2, 0, 1)) is channels_last once
+    unsqueezed, and pooled HWC-strided."""
+    unbatched = input.dim() == 3
+    return (input.contiguous().unsqueeze(0) if unbatched else input), unbatched
+
+
 def drop_max_pool2d(
     input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False, *, backend=None
 ):
@@ -128,10 +136,7 @@ def drop_max_pool2d(
     kernel, stride, padding, dilation = _pool_args("drop_max_pool2d", kernel_size, stride, padding, dilation)
     ceil_mode = _bool("drop_max_pool2d", "ceil_mode", ceil_mode)
     return_indices = _bool("drop_max_pool2d", "return_indices", return_indices)  # "no" returned (out, indices)
-    unbatched = input.dim() == 3
-    # As F.max_pool2d (and max_pool2d below): a (C, H, W) input pools into a contiguous output whatever its strides;
-    # an HWC image viewed as CHW is channels_last once unsqueezed, and came out HWC-strided.
-    x = input.contiguous().unsqueeze(0) if unbatched else input
+    x, unbatched = _as_batch(input)
     which = _backend.resolve("drop_max_pool2d", x.device, backend)
     if which in ("native", "triton"):
         name = "drop_max_pool2d" if which == "native" else "drop_max_pool2d_triton"
@@ -182,10 +187,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
                             return_indices=return_indices)
     kernel, stride, padding, dilation = _pool_args("max_pool2d", kernel_size, stride, padding, dilation)
     ceil_mode = _bool("max_pool2d", "ceil_mode", ceil_mode)
-    unbatched = input.dim() == 3
-    # ATen pools a (C, H, W) input into a contiguous output whatever its strides: an HWC image viewed as CHW
-    # (permute(2, 0, 1)) is channels_last once unsqueezed, and pooled HWC-strided.
-    x = input.contiguous().unsqueeze(0) if unbatched else input
+    x, unbatched = _as_batch(input)
     # Under vmap the layout cannot be asked (torch: "NYI: querying is_contiguous inside of vmap for memory_format
     # other than torch.contiguous_format"); the op's batching rule takes any strides.
     if not (x.is_contiguous() or torch._C._functorch.is_batchedtensor(x)
