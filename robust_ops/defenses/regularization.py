@@ -23,9 +23,10 @@ def _input_gradient(name, model, x, y, create_graph=True):
 
 
 class GR(Defense):
-    """Input-gradient regularization by double backpropagation (Drucker & LeCun 1992; Ross & Doshi-Velez 2018):
-    L = L(x) + lam * mean_i ||d l_i / d x_i||. lam = 1 (MIRST-DM). norm: "l2" (default; sqrt(sum g^2 + 1e-12) so it
-    is differentiable at 0), "l2sq" (Ross & Doshi-Velez's squared norm) or "l1"."""
+    """Input-gradient regularization by double backpropagation (Drucker & LeCun 1991, MIRST-DM's reference for GR;
+    Ross & Doshi-Velez 2018): L = L(x) + lam * mean_i ||d l_i / d x_i||. lam = 1 (MIRST-DM). norm: "l2" (default,
+    MIRST-DM's "L_p norm of gradients"; sqrt(sum g^2 + 1e-12) so it is differentiable at 0), "l2sq" (the squared norm
+    both originals penalize) or "l1" (docs/defenses/gr.md)."""
 
     name = "gr"
 
