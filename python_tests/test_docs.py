@@ -555,6 +555,9 @@ BASELINE_FIDELITY = {
     "gr.md": (r"Double backpropagation increasing generalization performance\*, IJCNN 1991 "
               r"\(MIRST-DM's reference \[2\]",
               r"both originals penalize the \*squared\* L2 norm .* which is `norm=\"l2sq\"`"),
+    # DPAAT's [14] for SAT is Goodfellow et al., whose alpha weighs the clean loss (DPAAT's eq. 4, the adversarial one)
+    "sat.md": (r"Explaining and Harnessing Adversarial Examples\*, ICLR 2015 \(DPAAT's \[14\]\)",
+               r"weight on the \*clean\* loss.* Its α is 1 − `alpha` here"),
 }
 
 
