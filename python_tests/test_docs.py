@@ -558,6 +558,9 @@ BASELINE_FIDELITY = {
     # DPAAT's [14] for SAT is Goodfellow et al., whose alpha weighs the clean loss (DPAAT's eq. 4, the adversarial one)
     "sat.md": (r"Explaining and Harnessing Adversarial Examples\*, ICLR 2015 \(DPAAT's \[14\]\)",
                r"weight on the \*clean\* loss.* Its α is 1 − `alpha` here"),
+    # DPAAT's [17] for AMAT is Ma & Liang's arXiv paper; its rule as DPAAT prints it is IMA's, but from the fixed eps
+    "amat.md": (r"reference \[17\] is AMAT: L\. Ma and L\. Liang, .*arXiv:2206\.01736",
+                r"keeps no per-sample state between batches or epochs.* IMA's Algorithm 1"),
 }
 
 
