@@ -561,6 +561,10 @@ BASELINE_FIDELITY = {
     # DPAAT's [17] for AMAT is Ma & Liang's arXiv paper; its rule as DPAAT prints it is IMA's, but from the fixed eps
     "amat.md": (r"reference \[17\] is AMAT: L\. Ma and L\. Liang, .*arXiv:2206\.01736",
                 r"keeps no per-sample state between batches or epochs.* IMA's Algorithm 1"),
+    # MIRST-DM's [5], Carmon et al., trains RST's robust term with TRADES's KL (beta 6), not eq. 1's cross-entropy
+    "rst.md": (r"Carmon et al\.'s robust self-training \(MIRST-DM's reference \[5\]\) trains its robust term as "
+               r"TRADES does",
+               r"\[`trades`\]\(trades\.md\) with `beta=6`, not this defense"),
 }
 
 
