@@ -575,6 +575,19 @@ def test_baseline_pages_cite_the_comparing_papers_reference_and_the_originals_ob
         assert re.search(pattern, text), f"{page}: {pattern}"
 
 
+def test_references_list_every_baseline_defense_with_its_page():
+    """docs/references.md listed the four papers, the attacks' and the datasets' references, but none of the baselines
+    the papers compare against: each registered defense other than the four papers' own and standard training has an
+    entry there linking its page."""
+    from robust_ops.defenses import NAMES
+
+    own = {"standard", "mirst", "mirst-dm", "ima", "dpaat", "arfl"}
+    text = (REPO / "docs/references.md").read_text()
+    assert "\n## The baseline defenses\n" in text
+    section = text.split("\n## The baseline defenses\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^- \*\*[\w-]+\*\* \(\[\w+\.md\]\(defenses/([\w-]+)\.md\)\)", section, flags=re.M))
+    assert listed == set(NAMES) - own
+
 def test_mirst_bus_page_states_the_folds_training_validation_and_test_sizes(breastmnist, monkeypatch):
     """The page's run said "624 training images" per fold: that is the fold's training part, of which the protocol's
     cross-validation holds 10% out for validation (its notes say so), so 561 images were trained on. The sizes the page
