@@ -1244,6 +1244,59 @@ def test_trades_and_mart_start_noise_is_the_reference_codes_start_near_x(crafted
         defenses.build(name, start_noise=-1.0)
 
 
+def _reference_outer_loss(name, model, x, y, x_adv, beta):
+    """The training loss of TRADES's trades_loss and MART's mart_loss as their reference code writes it, after its
+    attack (model.train(); the clean forward, then the adversarial one); FAT's train_FAT.py: the mean CE of its x_adv.
+    TRADES's code forwards x once more for the KL's p(x), the same output in train mode, whose only effect is one
+    more update of BatchNorm's running statistics (docs/defenses/trades.md): left out here, as the defense does."""
+    model.train()
+    if name == "fat":
+        return F.cross_entropy(model(x_adv), y)
+    logits = model(x)
+    logits_adv = model(x_adv)
+    if name == "trades":
+        kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="sum") / x.shape[0]
+        return F.cross_entropy(logits, y) + beta * kl
+    adv_probs = F.softmax(logits_adv, 1)
+    top2 = torch.argsort(adv_probs, 1)[:, -2:]
+    new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    nat_probs = F.softmax(logits, 1)
+    true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(1)
+    return loss_adv + beta * (kl * (1.0000001 - true_probs)).sum() / x.shape[0]
+
+
+@pytest.mark.parametrize("name", ["trades", "mart", "fat"])
+def test_trades_mart_and_fat_train_steps_are_their_reference_codes_with_batchnorm(name):
+    """A whole training step of TRADES, MART (start_noise=0.001) and FAT (tau=1) on a BatchNorm model whose running
+    statistics differ from the batch's, against their reference code (attack with model.eval(), then the training
+    forwards): the same loss, parameter gradients and BatchNorm buffers (float64). The tests above compare the x_adv
+    on a model without BatchNorm, or the loss at the x_adv the defense crafted: an attack or a clean distribution
+    taken in the wrong mode, or a training forward too many, would pass them."""
+    mine, reference = _bn_model_off_its_statistics(3).double(), _bn_model_off_its_statistics(3).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = (0.1 + 0.8 * torch.rand(8, 1, 8, 8, generator=g)).double(), torch.randint(0, 3, (8,), generator=g)
+    settings = dict(eps=0.1, step_size=0.03, steps=4)
+    if name == "fat":
+        defense = defenses.FAT(tau=1, random_start=False, **settings)
+    else:
+        defense = defenses.build(name, beta=6.0, start_noise=0.001, **settings)
+    torch.manual_seed(5)
+    loss = defense(mine, x, y).loss
+    reference.eval()
+    if name == "fat":
+        x_adv = _fat_reference_x_adv(reference, x, y, 0.1, 0.03, 4, 1, 0.0, torch.Generator())
+    else:
+        x_adv = _reference_start_x_adv(reference, x, y, 0.1, 0.03, 4, {"trades": "kl", "mart": "ce"}[name],
+                                       torch.Generator().manual_seed(5))
+    expected = _reference_outer_loss(name, reference, x, y, x_adv, 6.0)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, _params(mine)), torch.autograd.grad(expected, _params(reference))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(mine.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
 def test_run_pgd_start_noise_starts_near_x_and_refuses_a_second_start():
     from robust_ops.attacks.core import run_pgd
 
