@@ -2445,12 +2445,13 @@ def test_a_single_logit_defense_refuses_a_label_past_its_two_classes(name):
 
 @pytest.mark.parametrize("name,zero", [
     ("trades", dict(beta=0)), ("rst", dict(lam=0)), ("mirst", dict(alpha=0)), ("mirst", dict(beta=(0, 0, 0, 0))),
-    ("dpaat", dict(alpha=0, beta=0)), ("llr", dict(lam=0, mu=0)), ("sat", dict(alpha=0)),
+    ("dpaat", dict(alpha=0, beta=0)), ("llr", dict(lam=0, mu=0)), ("sat", dict(alpha=0)), ("gr", dict(lam=0)),
 ])
 def test_a_zero_weight_adversarial_term_trains_exactly_as_standard_training(monkeypatch, name, zero):
     """docs/defenses/index.md, Zero weights: TRADES beta=0, RST lam=0, ... still ran the attack and forwarded x_adv,
     whose training-mode forwards moved BatchNorm's running statistics (and cost the attack's time): the step was not
-    standard training's. Now no attack runs, and loss, gradients and buffers equal Standard's bitwise."""
+    standard training's. Now no attack runs, and loss, gradients, buffers and metrics equal Standard's bitwise. GR
+    lam=0 ran its double backward (2-3x a step's time) for a penalty of weight 0 and reported it."""
     from robust_ops.defenses._common import PGDDefense
 
     def train(defense):
@@ -2458,16 +2459,19 @@ def test_a_zero_weight_adversarial_term_trains_exactly_as_standard_training(monk
         model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                               nn.Linear(4 * 8 * 8, 3)).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        losses = []
+        losses, metrics = [], []
         for seed in range(2):
             x, y = _batch(8, num_classes=3, seed=seed)
-            losses.append(_step(model, defense, opt, x, y).loss.detach())
-        return model, losses
+            out = _step(model, defense, opt, x, y)
+            losses.append(out.loss.detach())
+            metrics.append(out.metrics)
+        return model, losses, metrics
 
-    standard, standard_losses = train(defenses.Standard())
+    standard, standard_losses, standard_metrics = train(defenses.Standard())
     monkeypatch.setattr(PGDDefense, "attack", lambda *a, **k: pytest.fail("the attack ran at a zero weight"))
-    model, losses = train(defenses.build(name, **zero))
+    model, losses, metrics = train(defenses.build(name, **zero))
     assert all(torch.equal(a, b) for a, b in zip(losses, standard_losses))
+    assert metrics == standard_metrics
     for (key, a), b in zip(standard.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key
 
