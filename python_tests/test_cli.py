@@ -5312,3 +5312,18 @@ def test_one_epoch_is_said_in_the_singular(small_npz, tmp_path, capsys):
                         "--epochs", "1", "--out", tmp_path / "r", "--no-progress"], capsys)
     assert rc == 0, err
     assert "(standard, 1 epoch) ..." in out and "1 epochs" not in out, out
+
+
+def test_every_protocol_training_trades_states_the_beta_it_runs():
+    """arfl-moons trained TRADES at the library's beta = 1 without saying so, where ima-bus names its beta and the
+    TRADES paper's 6 (found by the baseline-defense fidelity reviewer): a reader comparing the row with TRADES's own
+    numbers could not tell which weight ran. Each protocol with a TRADES method now states it."""
+    from robust_ops.defenses import TRADES
+    from robust_ops.reproduce import PROTOCOLS, describe
+
+    for protocol in PROTOCOLS.values():
+        for method in protocol.methods:
+            if method.defense == "trades":
+                beta = method.options.get("beta", TRADES().beta)
+                text = " ".join(describe(protocol).split())
+                assert f"TRADES: beta = {beta:g}" in text and "beta=6" in text, protocol.name

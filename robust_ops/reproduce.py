@@ -108,6 +108,8 @@ ARFL_MOONS = Protocol(
         "starts where TRADES's code starts it, at x + 0.001 * N(0, I) (its gradient is zero at x), then takes the "
         "one step of 0.05; until 2026-12-03 it started at x and its step followed round-off noise, until 2026-12-05 "
         "at a uniform random point of the ball.",
+        "TRADES: beta = 1, the library's default (MIRST-DM's setting); ARFL does not state the beta it ran. The "
+        "TRADES paper's is 6 (robustness weighted more): defenses.build(\"trades\", beta=6) for that reading.",
     ],
     quick={"epochs": 2, "repeats": 2, "n_train": 1500, "n_test": 400},
 )
