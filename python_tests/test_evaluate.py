@@ -114,6 +114,15 @@ def test_an_attack_whose_options_are_listed_in_another_order_is_listed_twice():
             parse_attacks(text)
         assert default in str(caught.value) if default else "default" not in str(caught.value), caught.value
     assert len(parse_attacks("pgd,pgd:steps=21,pgd:norm=l2,square:steps=7,noise:trials=10,noise:seed=1")) == 6
+    # two names of one class with the same options are one attack: apgd-dlr:loss=ce is apgd-ce (APGD with the CE
+    # loss), which was attacked twice and reported in two rows; so is an attack given by its class's import path
+    for text, same in (("apgd-ce,apgd-dlr:loss=ce", "apgd-dlr(loss=ce) is apgd-ce"),
+                       ("apgd-ce:loss=dlr,apgd-dlr", "apgd-dlr is apgd-ce(loss=dlr)"),
+                       ("apgd-ce,robust_ops.attacks.APGD", "robust_ops.attacks.APGD is apgd-ce")):
+        with pytest.raises(EvalError, match="attacks: the same attack is listed twice: ") as caught:
+            parse_attacks(text)
+        assert same in str(caught.value), caught.value
+    assert len(parse_attacks("apgd-ce,apgd-dlr,apgd-dlr:loss=ce:steps=50,fab,fab-t,pgd:norm=l2,pgdl2")) == 7
     # specs labelled by the caller are the caller's: reproduce --quick caps 10-IFGSM and 20-IFGSM at 5 steps
     capped = [AttackSpec("ifgsm", {"steps": 5}, "10-IFGSM"), AttackSpec("ifgsm", {"steps": 5}, "20-IFGSM")]
     assert [s.label for s in parse_attacks(capped)] == ["10-IFGSM", "20-IFGSM"]

@@ -376,16 +376,24 @@ def parse_attacks(text):
     if len(set(labels)) != len(labels) or len(set(keys)) != len(keys):
         twice = {key for key in keys if keys.count(key) > 1}
         same = [f"{spec.name}:{option}" for spec, key, at_default in keyed if key in twice for option in at_default]
-        note = f" ({', '.join(same)} {'is its default' if len(same) == 1 else 'are defaults'})" if same else ""
+        note = [f"{', '.join(same)} {'is its default' if len(same) == 1 else 'are defaults'}"] if same else []
+        # two names of one class (apgd-dlr:loss=ce is apgd-ce): the first of its names stands for the others
+        first = {}
+        for spec, key, _ in keyed:
+            if key in twice and first.setdefault(key, spec).name != spec.name:
+                note.append(f"{spec.label} is {first[key].label}")
+        note = f" ({'; '.join(note)})" if note else ""
         raise EvalError("attacks", f"attacks: the same attack is listed twice: {','.join(labels)}{note}")
     return specs
 
 
 def _attack_key(spec):
-    """(``spec``'s attack and options, whatever the order they were given in, the ones left out that are set to the
-    value the attack takes without them), as ``key=value`` texts. ``pgd:steps=20`` is pgd (20 steps is its default):
-    attacks.build passes the ATTACKS entry's defaults and None as not given; ``steps`` is the option it stands for
-    (square's n_queries). A callable other than an eps expression, whose text is unknown, is only itself."""
+    """(``spec``'s attack class and every option it is built with, whatever the order or the name they were given
+    under, the ones left out that are set to the value the attack takes without them), as ``key=value`` texts.
+    ``pgd:steps=20`` is pgd (20 steps is its default): attacks.build passes the ATTACKS entry's defaults and None as
+    not given; ``steps`` is the option it stands for (square's n_queries); ``apgd-dlr:loss=ce`` is ``apgd-ce`` (one
+    class, APGD, with the same options). A callable other than an eps expression, whose text is unknown, is only
+    itself."""
     from . import attacks
     from ._options import option_defaults
 
@@ -402,7 +410,9 @@ def _attack_key(spec):
             at_default.append(f"{k}={v}")
         else:
             options[key] = repr(v) if isinstance(v, EpsExpression) or not callable(v) else id(v)
-    return (spec.name, tuple(sorted(options.items()))), at_default
+    # evaluation gives every attack its radius and value range
+    built = {k: repr(v) for k, v in defaults.items() if k not in ("eps", "clip_min", "clip_max")}
+    return (cls, tuple(sorted({**built, **options}.items()))), at_default
 
 
 def dataset_tensors(dataset):
