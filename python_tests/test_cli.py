@@ -690,6 +690,24 @@ def test_config_file(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "broken.json: not valid JSON")
 
 
+@pytest.mark.parametrize("text, needle", [
+    ("epoch: 3\n", "unknown option 'epoch' (expected one of "),
+    ("epochs: abc\n", "option 'epochs': invalid int value: 'abc'"),
+    ("epochs: 1\nepochs: 2\n", "'epochs' is given twice (lines 1 and 2)"),
+    ("batch-size: 4\nbatch_size: 8\n", "'batch-size' and 'batch_size' are the same option"),
+    ("[1, 2]\n", "expected a mapping of option names to values, got list"),
+    ("a: [\n", "not valid YAML ("),
+])
+def test_config_file_content_errors_start_with_the_flag(tmp_path, capsys, text, needle):
+    """Errors about a --config file's content began with the file name alone ('cfg.yaml: unknown option ...'), where
+    every other command-line error, and the file's own (no such file, a folder, not UTF-8), begin with the flag."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    rc, _, err = run(["train", "--config", cfg, "--out", tmp_path / "run"], capsys)
+    one_line_error(rc, err, f"robust-ops train: error: --config: {cfg}: {needle}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_file_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
     # one line naming the flag, not the FileNotFoundError traceback reading it would give
     rc, _, err = run(["train", "--config", tmp_path / "missing.yaml", "--out", tmp_path / "run"], capsys)
@@ -864,7 +882,7 @@ def test_config_values_are_checked_like_flags(tmp_path, capsys, command, text, n
     cfg.write_text(text + "\n")
     argv = [command] + ([tmp_path / "no-run"] if command == "eval" else []) + ["--config", cfg, "--out", tmp_path]
     rc, _, err = run(argv, capsys)
-    one_line_error(rc, err, f"robust-ops {command}: error: {cfg}: {needle}")
+    one_line_error(rc, err, f"robust-ops {command}: error: --config: {cfg}: {needle}")
     cfg.write_text("split: val\nsize: 28\n" if command == "eval" else "lr: 1e-3\nsize: 28\n")
     args = _config_args(command, ([str(tmp_path)] if command == "eval" else []) + ["--config", str(cfg)])
     assert args.size == 28 and (args.split == "val" if command == "eval" else args.lr == 1e-3)

@@ -211,14 +211,14 @@ def load_config_file(path):
         else:
             data = _safe_load_unique_keys(text)
     except _RepeatedKey as err:
-        raise CLIError(f"{path}: {err}") from None
+        raise CLIError(f"--config: {path}: {err}") from None
     except Exception as err:
-        raise CLIError(f"{path}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} "
+        raise CLIError(f"--config: {path}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} "
                        f"({str(err).splitlines()[0]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise CLIError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+        raise CLIError(f"--config: {path}: expected a mapping of option names to values, got {type(data).__name__}")
     return data
 
 
@@ -237,12 +237,12 @@ def apply_config(parser, args, argv):
         dest = str(key).replace("-", "_")
         if dest not in dests:
             known = ", ".join(sorted(d.replace("_", "-") for d in dests))
-            raise CLIError(f"{args.config}: unknown option {key!r} (expected one of {known})")
+            raise CLIError(f"--config: {args.config}: unknown option {key!r} (expected one of {known})")
         if dest in keys:  # batch-size and batch_size: one option, the first value lost
-            raise CLIError(f"{args.config}: {keys[dest]!r} and {key!r} are the same option; give it once (its first "
-                           "value would be lost)")
+            raise CLIError(f"--config: {args.config}: {keys[dest]!r} and {key!r} are the same option; give it once "
+                           "(its first value would be lost)")
         keys[dest] = key
-        defaults[dest] = _config_value(parser, dests[dest], value, f"{args.config}: option {key!r}")
+        defaults[dest] = _config_value(parser, dests[dest], value, f"--config: {args.config}: option {key!r}")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
