@@ -188,20 +188,23 @@ def bench_peers(name, model, x, y, eps, args, backend):
         times, _ = interleaved_medians(fns, args.peer_rounds or (1 if args.quick else 3), x.device)
         with torch.no_grad():
             robust = [float((model(out).argmax(1) == y).float().mean()) for out in outputs]
+        # same_as_peer beside the ratio, and said in the line below: where the outputs differ (other random draws,
+        # another returned point), the two sides did not do the same computation and the ratio times different work
+        same_as_peer = torch.equal(outputs[0], outputs[2]) if peer is not None else "n/a"
         rows.append(dict(
             model=name, attack=case, eps=f"{eps * 255:g}/255", ours_ms=times[0] * 1e3,
             reference_ops_ms=times[1] * 1e3, reference_ratio=times[1] / times[0],
             peer=f"torchattacks.{type(peer).__name__}" if peer is not None else f"none: {why_none}",
             peer_ms=times[2] * 1e3 if peer is not None else float("nan"),
-            peer_ratio=times[2] / times[0] if peer is not None else float("nan"),
+            peer_ratio=times[2] / times[0] if peer is not None else float("nan"), same_as_peer=same_as_peer,
             roofline_ms=iterations * copy_s * 1e3, ours_over_roofline=times[0] / (iterations * copy_s),
             same_as_reference_ops=torch.equal(outputs[0], outputs[1]),
-            same_as_peer=torch.equal(outputs[0], outputs[2]) if peer is not None else "n/a",
             robust_acc_ours=robust[0], robust_acc_peer=robust[2] if peer is not None else float("nan"),
             backend=backend))
+        differ = "" if same_as_peer is not False else "; outputs differ: not the same computation"
         print(f"{name} {case}: ours {times[0] * 1e3:.0f} ms, robust accuracy {robust[0]:.3f}"
-              + (f"; {rows[-1]['peer']} {times[2] * 1e3:.0f} ms ({times[2] / times[0]:.2f}x), {robust[2]:.3f}"
-                 if peer is not None else ""), flush=True)
+              + (f"; {rows[-1]['peer']} {times[2] * 1e3:.0f} ms ({times[2] / times[0]:.2f}x{differ}), "
+                 f"{robust[2]:.3f}" if peer is not None else ""), flush=True)
     return rows
 
 

@@ -1531,8 +1531,10 @@ def test_attacks_ensemble_eps_is_the_smallest_power_of_two_that_breaks_a_quarter
     assert "FGSM breaks 0.000 (< 0.25) of the batch even at 16/255" in capsys.readouterr().out
 
 
-def test_attack_peer_rows_report_outputs_that_differ(monkeypatch):
-    """same_as_* can be False, each from its own pair of outputs; robust accuracies of each side's own output."""
+def test_attack_peer_rows_report_outputs_that_differ(monkeypatch, capsys):
+    """same_as_* can be False, each from its own pair of outputs; robust accuracies of each side's own output. A
+    ratio to a peer whose output differs times different work: its line said only '(1.00x)', as for a bitwise
+    peer, and the table's same_as_peer stood four columns from the ratio."""
     import torch
 
     mod, written = _attacks_script(monkeypatch, ["--peers-only", "--models", "small-resnet", "--batch", "4", "--size",
@@ -1575,6 +1577,12 @@ def test_attack_peer_rows_report_outputs_that_differ(monkeypatch):
     assert [(r["same_as_reference_ops"], r["same_as_peer"], r["peer"]) for r in rows] == [
         (False, True, "torchattacks.Same"), (True, False, "torchattacks.Shift")]
     assert [(r["robust_acc_ours"], r["robust_acc_peer"]) for r in rows] == [(1.0, 1.0), (1.0, 0.0)]
+    columns = list(rows[0])
+    assert columns.index("same_as_peer") == columns.index("peer_ratio") + 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if "torchattacks." in line]
+    assert lines[0].endswith("torchattacks.Same 1000 ms (1.00x), 1.000"), lines
+    assert lines[1].endswith("torchattacks.Shift 1000 ms (1.00x; outputs differ: not the same computation), "
+                             "0.000"), lines
 
 
 def test_boundary_search_forward_seconds_is_the_median_of_timed_forwards_after_a_warm_up(monkeypatch):
