@@ -128,6 +128,26 @@ def test_an_attack_whose_options_are_listed_in_another_order_is_listed_twice():
     assert [s.label for s in parse_attacks(capped)] == ["10-IFGSM", "20-IFGSM"]
 
 
+def test_integer_attack_options_keep_their_digits_and_fit_in_64_bits():
+    """An integer option was read through a float: noise:seed=9007199254740993 ran with seed ...992 and
+    fab:steps=99999999999999999999 was labelled steps=100000000000000000000; a count past torch's 64-bit integers
+    (apgd-ce:steps=1e22) was torch's multi-line 'Overflow when unpacking long long' from the dry run, and pgd's
+    accepted, to run without end."""
+    (spec,) = parse_attacks("noise:seed=9007199254740993")
+    assert spec.options["seed"] == 9007199254740993 and spec.label == "noise(seed=9007199254740993)"
+    assert parse_attacks("pgd:steps=1e3")[0].options["steps"] == 1000
+    assert parse_attacks("cw:steps=9223372036854775807")[0].options["steps"] == 2**63 - 1
+    assert parse_attacks("pgd:seed=18446744073709551615")[0].options["seed"] == 2**64 - 1  # a generator's range
+    for text, top in (("apgd-ce:steps=1e22", 63), ("pgd:steps=9223372036854775808", 63),
+                      ("noise:trials=99999999999999999999", 63), ("square:steps=-1e19", 63),
+                      ("pgd:seed=18446744073709551616", 64)):
+        name, option = text.split(":")
+        key, value = option.split("=")
+        with pytest.raises(EvalError, match=re.escape(f"attacks: option {key}={value!r} of {name!r}: expected an "
+                                                      f"integer in [-2**63, 2**{top})")):
+            parse_attacks(text)
+
+
 def test_a_default_step_that_cannot_reach_the_radius_is_a_warning():
     """pgd's default step 0.001 x 20 steps (MIRST-DM's PGD-20, made for 5/255) moves at most 0.02 from its start:
     at 8/255, or as pgd:norm=l2 at 0.3, its rows silently measured a weaker attack (on two-moons at 0.3, weaker

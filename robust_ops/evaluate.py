@@ -69,6 +69,7 @@ class EvalError(ValueError):
 
 
 _NUMBER = re.compile(r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
+_INTEGER = re.compile(r"\s*[-+]?\d+\s*")  # read with int(), not through a float (2**53 + 1 is exact)
 
 
 def parse_number(text, what="value"):
@@ -192,12 +193,21 @@ def _parse_option(name, key, value):
                 from None
         return value.strip()  # a norm's spelling (norm=L2) is made canonical by AttackSpec
     if kind is int:
-        if not (math.isfinite(v) and v == int(v)):
+        # the digits as written: through a float, seed=9007199254740993 ran as ...992 (and steps=99999999999999999999
+        # was labelled steps=100000000000000000000); 1e3 is 1000
+        if _INTEGER.fullmatch(value):
+            v = int(value)
+        elif not (math.isfinite(v) and v == int(v)):
             raise bad("an integer")
-        return int(v)
+        else:
+            v = int(v)
+        top = 2**64 if key == "seed" else 2**63  # torch's 64-bit integers (a generator's seed: unsigned)
+        if not -2**63 <= v < top:  # apgd-ce:steps=1e22 was torch's multi-line "Overflow when unpacking long long"
+            raise bad(f"an integer in [-2**63, 2**{top.bit_length() - 1})")
+        return v
     if kind is str:
         return value.strip()
-    return int(v) if kind is None and re.fullmatch(r"\s*[-+]?\d+\s*", value) else v
+    return int(value) if kind is None and _INTEGER.fullmatch(value) else v
 
 
 class _DryRunDone(Exception):
