@@ -690,6 +690,20 @@ def test_config_file(small_npz, tmp_path, capsys):
     one_line_error(rc, err, "broken.json: not valid JSON")
 
 
+def test_a_count_past_64_bits_is_refused_by_its_flag(trained_run, tmp_path, capsys):
+    """--batch-size 9223372036854775808 (2**63) trained into torch's 'Overflow when unpacking long long', blamed on
+    RUN_DIR ('RUN_DIR: training failed: ...'), and eval's --eval-batch-size ended in its traceback."""
+    big = str(2**63)
+    for argv, flag in ((["train", "--data", "moons", "--model", "mlp", "--batch-size", big], "--batch-size"),
+                       (["eval", trained_run, "--attacks", "fgsm", "--eval-batch-size", big], "--eval-batch-size"),
+                       (["demo", "--data", "moons", "--model", "mlp", "--batch-size", big], "--batch-size"),
+                       (["reproduce", "arfl-moons", "--seeds", big], "--seeds")):
+        rc, stdout, err = run([*argv, "--out", tmp_path / "out", "--device", "cpu"], capsys)
+        one_line_error(rc, err, f"error: {flag}: expected a count below 2**63 (a 64-bit integer), got {big}")
+        assert stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("text, needle", [
     ("epoch: 3\n", "unknown option 'epoch' (expected one of "),
     ("epochs: abc\n", "option 'epochs': invalid int value: 'abc'"),

@@ -670,16 +670,24 @@ def parse_classes(text):
     return names
 
 
+def check_count(flag, value, minimum=1):
+    """A count flag's value (None: not given) >= ``minimum`` and below 2**63, torch's 64-bit integers: a --batch-size
+    or --eval-batch-size from 2**63 on was torch's 'Overflow when unpacking long long' (train's and demo's blamed on
+    RUN_DIR, eval's a traceback)."""
+    if value is not None and value < minimum:
+        raise CLIError(f"{flag}: expected >= {minimum}, got {value}")
+    if value is not None and value >= 2**63:
+        raise CLIError(f"{flag}: expected a count below 2**63 (a 64-bit integer), got {value}")
+
+
 def check_data_model_options(args):
     """One-line errors for the shared options' values, before any data is loaded."""
     import math
 
     from .data.core import MAX_SKLEARN_SEED
 
-    if args.epochs < 1:
-        raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    check_count("--epochs", args.epochs)
+    check_count("--batch-size", args.batch_size)
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise CLIError(f"--lr: expected a finite learning rate > 0, got {args.lr}")
     # scikit-learn's splits (folders, CSV) take seeds up to MAX_SKLEARN_SEED: a larger one was reported as "too few
@@ -736,8 +744,7 @@ def add_schedule_options(p):
 
 def check_schedule_options(warmup_epochs, early_stopping, restore_best=False):
     """One-line errors for --warmup-epochs, --early-stopping and --restore-best, before any data is loaded."""
-    if warmup_epochs < 0:
-        raise CLIError(f"--warmup-epochs: expected >= 0, got {warmup_epochs}")
+    check_count("--warmup-epochs", warmup_epochs, 0)
     if early_stopping is not None and early_stopping < 1:
         raise CLIError(f"--early-stopping: expected a patience >= 1, got {early_stopping}")
     if restore_best and early_stopping is None:
@@ -1556,10 +1563,8 @@ def parse_eval_options(args):
         if value in given:
             raise CLIError(f"--eps: {given[value]} and {text} are the same radius; list each radius once")
         given[value] = text
-    if args.eval_batch_size < 1:
-        raise CLIError(f"--eval-batch-size: expected >= 1, got {args.eval_batch_size}")
-    if args.saliency is not None and args.saliency < 0:
-        raise CLIError(f"--saliency: expected >= 0, got {args.saliency}")
+    check_count("--eval-batch-size", args.eval_batch_size)
+    check_count("--saliency", args.saliency, 0)
     if args.ensemble and args.no_cascade:  # the ensemble is a cascade by definition; results.json would claim not
         raise CLIError("--no-cascade: --ensemble always runs its attacks as a cascade; drop one of the two flags")
     return specs, radii
@@ -1787,8 +1792,7 @@ def cmd_demo(args):
     train_size = 256 if args.train_size is None else args.train_size
     check_data_model_options(args)
     checked_dist_timeout(args)
-    if train_size < 0:
-        raise CLIError(f"--train-size: expected >= 0, got {train_size}")
+    check_count("--train-size", train_size, 0)
     specs, radii = parse_eval_options(args)
     check_out(args.out)
     splits = load_data(args.data, size=args.size, seed=args.seed, classes=args.classes, bit_depth=args.bit_depth,
@@ -2001,10 +2005,8 @@ def cmd_reproduce(args):
     device = pick_device(args.device)
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
     check_out(out)
-    if args.epochs is not None and args.epochs < 1:
-        raise CLIError(f"--epochs: expected >= 1, got {args.epochs}")
-    if args.seeds is not None and args.seeds < 1:
-        raise CLIError(f"--seeds: expected >= 1, got {args.seeds}")
+    check_count("--epochs", args.epochs)
+    check_count("--seeds", args.seeds)
     dist_timeout = checked_dist_timeout(args)
     from .evaluate import EvalError
 
