@@ -634,6 +634,20 @@ def test_steps_checked_before_the_default_alpha_divides_by_them():
                 fn(model, x, y, eps=0.03, steps=steps)
 
 
+def test_a_count_past_64_bits_is_refused_naming_it():
+    """APGD(steps=10**22) failed at the first call with torch's multi-line 'Overflow when unpacking long long' (found by
+    the leftovers fixer); every attack's counts (steps, trials, n_restarts, ...) share check_steps, which now refuses
+    one from 2**63 on in one line naming the attack and the argument."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    for make, name, arg in ((lambda n: attacks.APGD(model, steps=n)(x, y), "apgd", "steps"),
+                            (lambda n: attacks.pgd(model, x, y, eps=0.03, steps=n), "pgd", "steps"),
+                            (lambda n: attacks.FAB(model, n_restarts=n)(x, y), "fab", "n_restarts")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected {arg} below 2\*\*63 \(a 64-bit integer\), "
+                                             rf"got {10**22}$"):
+            make(10**22)
+
+
 def test_early_stop_none_is_off():
     # None reads as False, early stopping off (mutation testing of attacks core: refusing None survived)
     model = Linear(3).eval()

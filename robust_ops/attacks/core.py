@@ -61,7 +61,10 @@ class PGDResult:
 
 
 def check_steps(name, steps, arg="steps", minimum=1):
-    return check_int(name, arg, steps, minimum)
+    steps = check_int(name, arg, steps, minimum)
+    if steps >= 2**63:  # APGD(steps=10**22) was torch's multi-line "Overflow when unpacking long long"
+        raise ValueError(f"{name}: expected {arg} below 2**63 (a 64-bit integer), got {steps}")
+    return steps
 
 
 def check_norm(name, norm, allowed=NORMS):
