@@ -129,6 +129,20 @@ _CLEAN_ROW = dict(method="M", attack="none", norm=None, eps=0.0, n=20, accuracy=
                   specificity=0.6, precision=0.5, auc=0.9)
 
 
+def test_markdown_report_gives_each_methods_sample_count_when_they_differ():
+    # rows of models evaluated on other sets, concatenated into one report (getting-started's way to compare models),
+    # all read as the first row's count: "Test samples: 156." above a column of 20 samples
+    rows = [dict(_CLEAN_ROW, method="A", n=156), dict(_CLEAN_ROW, method="B", n=20),
+            dict(_CLEAN_ROW, method="B", attack="pgd", norm="linf", eps=1 / 255, n=20)]
+    assert "Test samples: 156 (A), 20 (B)." in report.markdown_report(_doc(rows))
+    assert "Test samples: 20." in report.markdown_report(_doc(rows[1:]))
+    means = [dict(_CLEAN_ROW, method=m, n=300, n_min=100, n_max=100, repeats=3) for m in "AB"]
+    assert "Test samples: 300 over 3 runs (100–100 per run)." in report.markdown_report(_doc(means))
+    means[1].update(n=200, n_min=90, n_max=110, repeats=2)
+    assert ("Test samples: 300 over 3 runs (100–100 per run) (A), 200 over 2 runs (90–110 per run) (B)."
+            in report.markdown_report(_doc(means)))
+
+
 def _tiny_conv_net():
     """A conv layer for grad_cam on 1x4x4 images, then a linear head (2 classes)."""
     return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 16, 2))

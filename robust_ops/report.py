@@ -225,6 +225,25 @@ def absent_classes_text(info, part):
         if absent else ""
 
 
+def _samples(row):
+    """How many samples ``row`` was evaluated on: ``n``, or for reproduce's means the total over their runs."""
+    text = str(row.get("n", 0))
+    if row.get("repeats", 1) > 1:  # reproduce means: n is the total over the runs
+        text += f" over {row['repeats']} runs ({row.get('n_min')}–{row.get('n_max')} per run)"
+    return text
+
+
+def _samples_text(rows):
+    """The report's sample count: one when every method was evaluated on as many samples, else each method's (rows of
+    models evaluated on other sets, concatenated into one report, all read as the first row's count)."""
+    per_method = {}
+    for r in rows:
+        per_method.setdefault(r["method"], _samples(r))
+    if len(set(per_method.values())) <= 1:
+        return next(iter(per_method.values()), "0")
+    return ", ".join(f"{text} ({method})" for method, text in per_method.items())
+
+
 def markdown_report(doc, title=None, figures=(), extra=None):
     info = doc["dataset"]
     rows = doc["rows"]
@@ -238,11 +257,9 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     first = rows[0] if rows else {}
     # eval --split val attacks the validation split: results.json's config says which
     split = "Validation" if (doc.get("config") or {}).get("split") == "val" else "Test"
-    tested = f"{split} samples: {first.get('n', 0)}"
     pos_text += absent_classes_text(info, "val" if split == "Validation" else "test")
-    if first.get("repeats", 1) > 1:  # reproduce means: n is the total over the runs
-        tested += f" over {first['repeats']} runs ({first.get('n_min')}–{first.get('n_max')} per run)"
-    lines += [f"Dataset: **{name}** ({info['num_classes']} classes, {pos_text}). {tested}.", ""]
+    lines += [f"Dataset: **{name}** ({info['num_classes']} classes, {pos_text}). {split} samples: "
+              f"{_samples_text(rows)}.", ""]
     metrics = doc.get("metrics") or list(metric_names(info["num_classes"]))
     binary = info["num_classes"] == 2
     for metric in (("f1", "sensitivity", "accuracy", "auc") if binary else ("accuracy", "f1", "map")):
