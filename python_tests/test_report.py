@@ -417,6 +417,22 @@ def test_markdown_report_notes_undefined_metrics():
     assert "precision when none of them is predicted" in text
 
 
+def test_markdown_report_names_the_cells_without_a_row():
+    # models evaluated with other attacks, concatenated into one report: their pivot cells without a row read "–",
+    # which the report explained only as 0/0 ("Undefined metrics"), and not at all for accuracy, never undefined
+    rows = [dict(_CLEAN_ROW, method=m) for m in "AB"]
+    rows += [dict(_CLEAN_ROW, method="A", attack=a, norm="linf", eps=k / 255) for a in ("fgsm", "pgd") for k in (1, 2)]
+    rows += [dict(_CLEAN_ROW, method="B", attack="fgsm", norm="linf", eps=1 / 255)]
+    text = report.markdown_report(_doc(rows))
+    assert "| fgsm | 2/255 | 0.900 | – |" in text and "Undefined metrics" not in text
+    assert ("> **Not evaluated** (–, no such row in results.json): B: fgsm at 2/255, pgd at 1/255, 2/255; evaluated "
+            "with other attacks or radii") in text
+    # an attack run under two norms is named with its norm, as in the tables
+    rows += [dict(_CLEAN_ROW, method="A", attack="fgsm", norm="l2", eps=0.5)]
+    assert "B: fgsm (linf) at 2/255, pgd at 1/255, 2/255, fgsm (l2) at 0.5;" in report.markdown_report(_doc(rows))
+    assert "Not evaluated" not in report.markdown_report(_doc([r for r in rows if r["method"] == "A"]))
+
+
 def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):
     # sensitivity on a test set without positives: an empty figure used to be written (and listed in report.md)
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "sensitivity": math.nan},

@@ -109,29 +109,51 @@ def markdown_table(rows, metrics=None):
     return "\n".join(lines)
 
 
-def pivot_table(rows, metric, methods=None):
-    """The seed papers' layout: one line per (attack, norm, eps), one column per method, for one metric."""
-    methods = methods or _methods(rows)
+def _pivot_lines(rows):
+    """The pivot tables' lines, in order of appearance: ((attack, norm, eps), the line's attack label). The norm is
+    part of the key (an L-inf and an L2 row at one eps are two lines) and of the label of an attack run under two."""
     keys = []
     for r in rows:
-        k = (r["attack"], r.get("norm"), r["eps"])  # the norm too: an L-inf and an L2 row at one eps are two lines
+        k = (r["attack"], r.get("norm"), r["eps"])
         if k not in keys:
             keys.append(k)
     norms_of = {}
     for attack, norm, _ in keys:
         norms_of.setdefault(attack, set()).add(norm)
+    return [(k, _attack_label(k[0]) + (f" ({k[1] or '–'})" if len(norms_of[k[0]]) > 1 else "")) for k in keys]
+
+
+def pivot_table(rows, metric, methods=None):
+    """The seed papers' layout: one line per (attack, norm, eps), one column per method, for one metric."""
+    methods = methods or _methods(rows)
     index = {(r["method"], r["attack"], r.get("norm"), r["eps"]): r for r in rows}
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
     lines = [_table_line(head), "|" + "---|" * len(head)]
-    for attack, norm, eps in keys:
-        label = _attack_label(attack)
-        if len(norms_of[attack]) > 1:
-            label += f" ({norm or '–'})"
+    for (attack, norm, eps), label in _pivot_lines(rows):
         cells = [label, format_eps(eps)]
         found = [index.get((m, attack, norm, eps), {}) for m in methods]
         cells += [fmt(r.get(metric)) + runs_mark(r, metric) for r in found]
         lines.append(_table_line(cells))
     return "\n".join(lines)
+
+
+def missing_rows_note(rows):
+    """A line naming the pivot tables' cells that have no row (a method not run under an attack or at a radius the
+    others were: "–" there in every table, which undefined_note's reasons do not explain), or "" when none."""
+    have = {(r["method"], r["attack"], r.get("norm"), r["eps"]) for r in rows}
+    lines = _pivot_lines(rows)
+    missing = []
+    for m in _methods(rows):
+        radii = {}  # label -> the radii without a row, in the tables' order
+        for key, label in lines:
+            if (m, *key) not in have:
+                radii.setdefault(label, []).append(format_eps(key[2]))
+        if radii:
+            missing.append(f"{m}: " + ", ".join(f"{label} at {', '.join(r)}" for label, r in radii.items()))
+    if not missing:
+        return ""
+    return (f"> **Not evaluated** (–, no such row in results.json): {'; '.join(missing)}; evaluated with other "
+            "attacks or radii (with one attack, no worst case).")
 
 
 def per_class_recall_table(rows, class_names):
@@ -265,9 +287,9 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     for metric in (("f1", "sensitivity", "accuracy", "auc") if binary else ("accuracy", "f1", "map")):
         if metric in metrics:
             lines += [pivot_table(rows, metric), ""]
-    note = undefined_note(rows, metrics, binary)
-    if note:
-        lines += [note, ""]
+    for note in (undefined_note(rows, metrics, binary), missing_rows_note(rows)):
+        if note:
+            lines += [note, ""]
     if not binary and any(r.get("confusion") is not None for r in rows):  # binary: sensitivity and specificity
         summed = ", summed over the runs" if first.get("repeats", 1) > 1 else ""
         lines += ["## Per-class recall", "", "Share of each class's samples predicted as that class (results.json's "
