@@ -242,6 +242,22 @@ def test_radius_figure_title_marks_synthetic_data(tmp_path, monkeypatch):
     assert figures[1]._suptitle.get_text() == "Accuracy vs radius on d"
 
 
+def test_radius_figure_title_says_it_plots_means_over_runs(tmp_path, monkeypatch):
+    # reproduce's rows are means over its seeds or folds: the figure, read without the report, showed them as the
+    # values of one run
+    rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9, "repeats": 3},
+            {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5, "repeats": 3}]
+    figures = _record_figures(monkeypatch)
+    info = DatasetInfo("d", 2, 1, 8, ("a", "b"))
+    assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", info=info)
+    rows[1]["repeats"] = 2
+    assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", info=info)
+    assert report.plot_metric_vs_radius([dict(r, repeats=1) for r in rows], tmp_path / "a.png", info=info)
+    assert [f._suptitle.get_text() for f in figures] == [
+        "Accuracy vs radius on d, mean over 3 runs", "Accuracy vs radius on d, mean over 2–3 runs",
+        "Accuracy vs radius on d"]
+
+
 def test_multiclass_radius_figures_say_their_metrics_are_macro_averages(tmp_path, monkeypatch):
     """A 7-class F1 figure was labelled "F1", though it plots the one-vs-rest macro average (the report says so, the
     figure stands alone); binary figures and accuracy keep their names."""

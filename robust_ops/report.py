@@ -404,9 +404,19 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     axes[0][-1].legend(handles=[lines[m] for m in methods if m in lines], fontsize=7, loc="best")
     if info is not None:
         tag = " — SYNTHETIC DATA" if info.synthetic else ""
-        fig.suptitle(f"{figure_metric_label(metric, info)} vs radius on {info.name}{tag}", fontsize=10)
+        fig.suptitle(f"{figure_metric_label(metric, info)} vs radius on {info.name}{_means_text(rows)}{tag}",
+                     fontsize=10)
     _save(fig, path)
     return True
+
+
+def _means_text(rows):
+    """", mean over 3 runs" for reproduce's mean rows (``repeats``; "2–3 runs" when they differ), else "": a figure of
+    fold or seed means, which stands without the report's sample line, read as one run's values."""
+    repeats = sorted({r.get("repeats") or 1 for r in rows})
+    if repeats[-1] <= 1:
+        return ""
+    return f", mean over {repeats[0]}{f'–{repeats[-1]}' if len(repeats) > 1 else ''} runs"
 
 
 def last_conv(model):
