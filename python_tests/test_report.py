@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -35,6 +36,25 @@ def test_fmt_rounds_the_decimal_a_published_number_was_written_as():
     dpaat = next(r for r in reproduce.DPAAT_BUS.paper_rows if (r["method"], r["attack"]) == ("STD", "FGSM"))
     line = next(s for s in report.paper_comparison_table([], [dpaat], ["accuracy"]).splitlines() if "FGSM" in s)
     assert "| 0.552 | – |" in line
+
+def test_fmt_of_numpy_scalars_rounds_the_number_they_hold():
+    # metrics a user computes with numpy (acc = (pred == y).mean(): a np.float64) in rows or paper rows: numpy's repr,
+    # "np.float64(0.5515)", stopped the tables with decimal's InvalidOperation, and a np.float32 came out unrounded
+    assert report.fmt(np.float64(0.5515)) == "0.552" and report.fmt(np.float32(0.8269231)) == "0.827"
+    assert report.fmt(np.float64("nan")) == "–" and report.fmt(np.int64(156)) == "156"
+    rows = [{"method": "M", "attack": "none", "norm": None, "eps": 0.0, "n": np.int64(8),
+             "accuracy": np.float64(0.625), "confusion": np.array([[2, 2], [1, 3]])}]
+    assert report.pivot_table(rows, "accuracy").splitlines()[2] == "| no attack | 0 | 0.625 |"
+    recall = report.per_class_recall_table(rows, ["a", "b"]).splitlines()[2]
+    assert recall == "| M | no attack | – | 0 | 8 | 0.500 | 0.750 |"
+    paper = [{"method": "M", "attack": "none", "eps": 0.0, "source": "T1", "accuracy": np.float64(0.6225)}]
+    assert report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()[2] == \
+        "| M | no attack | 0 | T1 | 0.622 | 0.625 |"
+    # and the note under the tables counts a numpy NaN, which fmt writes as "–", as undefined
+    rows[0]["auc"] = np.float32("nan")
+    assert report.undefined_note(rows, ["accuracy", "auc"]).startswith("> **Undefined metrics** (–, `null` in "
+                                                                        "results.json): AUC in 1 of 1 rows.")
+
 
 def test_format_eps_keeps_radii_that_are_no_whole_255ths_as_decimals():
     # 100.2 is 25551/255, but short decimals stay decimals; a radius far below 1/255 rounds to 0 of them, yet is no

@@ -10,6 +10,7 @@ from collections import Counter
 
 import torch
 
+from ._options import python_number
 from .attacks.context import classification_loss, float32_or_wider, is_single_logit, model_device, use_model_mode
 from .metrics import METRIC_LABELS, metric_names
 
@@ -34,8 +35,10 @@ def format_eps(eps):
 def fmt(value, digits=3):
     """``value`` to ``digits`` decimals, "–" when undefined. A float is rounded as the decimal it stands for (its
     shortest repr), ties to even: rounding its binary value turned a published 55.15% (0.5515, a float just below)
-    into 0.551 and 62.25% (just above) into 0.623."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    into 0.551 and 62.25% (just above) into 0.623. A numpy scalar is the Python number it holds (numpy's repr of a
+    np.float64 is "np.float64(0.5515)", which failed here; a np.float32 came out unrounded)."""
+    value = python_number(value)
+    if _undefined(value):
         return "–"
     if isinstance(value, float):
         exact = decimal.Decimal(repr(value))
@@ -208,6 +211,7 @@ def paper_comparison_table(ours, paper, metric_columns):
 
 
 def _undefined(value):
+    value = python_number(value)  # a numpy NaN too, which fmt writes as "–"
     return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
