@@ -500,11 +500,15 @@ def _split_arguments(text):
 
 def test_attack_table_names_dpaats_ifgsm_norm_as_the_paper_and_protocol_run_it():
     """DPAAT's text gives IFGSM the L-inf distance ("l_inf-norm distance computation in IFGSM") and reproduce
-    dpaat-bus runs 10-/20-IFGSM in L-inf; docs/attacks.md's ifgsm row said "DPAAT: IFGSM, L2 eps 0.3"."""
+    dpaat-bus runs 10-/20-IFGSM in L-inf; docs/attacks.md's ifgsm row said "DPAAT: IFGSM, L2 eps 0.3", and
+    ifgsm's docstring still said that norm="l2" is "the L2 iterative gradient method DPAAT evaluates with"."""
+    from robust_ops.attacks import ifgsm
     from robust_ops.reproduce import DPAAT_LINF, PROTOCOLS, _specs
 
     (row,) = [line for line in (REPO / "docs/attacks.md").read_text().splitlines() if "| `ifgsm` |" in line]
     assert "DPAAT" in row and "L2" not in row and "L∞" in row and "1/255" in row
+    doc = " ".join(ifgsm.__doc__.split())
+    assert "DPAAT evaluates with" not in doc and "DPAAT's 10-/20-IFGSM are Linf" in doc and "1/255" in doc
     plans = [plan for plan in PROTOCOLS["dpaat-bus"].evals if any(s.name == "ifgsm" for s in plan.attacks)]
     assert plans and all(plan.eps == [DPAAT_LINF] for plan in plans)
     assert all(s.norm == "linf" for plan in plans for s in _specs(plan, quick=False) if s.name == "ifgsm")

@@ -90,7 +90,8 @@ def ifgsm(model, x, y, *, eps, alpha=None, steps=10, norm="linf", loss="ce", tar
     r"""Iterative FGSM / BIM (Kurakin et al. 2017, arXiv:1607.02533): PGD without random start.
 
     Default ``alpha = eps / steps`` (the whole budget is reachable in ``steps`` steps). ``norm="l2"`` gives the L2
-    iterative gradient method DPAAT evaluates with (eps = 0.3). Returns x_adv, or ``(x_adv, iterates)`` with emit.
+    iterative gradient method. DPAAT's 10-/20-IFGSM are Linf, as its text says (``reproduce dpaat-bus`` runs them at
+    eps = 1/255). Returns x_adv, or ``(x_adv, iterates)`` with emit.
     """
     steps = check_steps("ifgsm", steps)
     if alpha is None:
