@@ -753,7 +753,8 @@ def test_history_keys_are_the_documented_ones():
 @pytest.mark.parametrize("classes", [2, 7])
 def test_results_json_row_fields_are_the_written_ones(tmp_path, classes):
     """getting-started.md's `results.json` row `{method, attack, ...}` lists exactly the fields write_results writes,
-    in that order, for a binary set and a multi-class one (whose rows had precision before specificity)."""
+    in that order, for a binary set and a multi-class one (whose rows had precision before specificity); so does
+    evaluate's docstring for the rows it returns (it lacked `confusion`)."""
     import torch
     from torch import nn
 
@@ -770,6 +771,8 @@ def test_results_json_row_fields_are_the_written_ones(tmp_path, classes):
     documented = re.search(r"every row `\{([^}]*)\}`", row).group(1).replace(" ", "").split(",")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert all(list(r) == documented for r in rows), (list(rows[0]), documented)
+    returned = re.search(r"list of rows ``\{([^}]*)\}``", evaluate.__doc__).group(1)
+    assert re.sub(r"\s+", "", returned).split(",") == documented
 
 
 def test_every_reported_metric_is_defined_in_getting_started():

@@ -571,15 +571,16 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     follow ``fit``'s rule: one integer class per sample, [N] or MedMNIST's [N, 1]; one-hot, float or bool labels are
     an EvalError naming ``data``.
 
-    Returns a list of rows ``{method, attack, norm, eps, n, accuracy, f1, sensitivity, specificity, precision,
-    auc, map}``: one clean row, one per attack and radius, and a "worst-case" row per radius (when more than one
-    attack is given); with ``ensemble=True`` the clean row and a "worst-case" row per radius only, also for one
-    attack (protocol, ``cascade`` and ``ensemble``: the module docstring). ``progress``: optional callable(str) told
-    about each step. ``device``: where to run (default: the model's device, as torchattacks runs; a model elsewhere
-    is moved there with ``model.to(device)``, in place). ``seed``: an integer >= 0 seeds the random draws of the
-    attacks that take them from torch's RNG (PGD's random start, attacks without their own ``seed``) inside
-    ``torch.random.fork_rng``: the rows then do not depend on what ran before in the process, and the global RNG
-    stays as it was; None (default) draws from the global RNG, as torchattacks does.
+    Returns a list of rows ``{method, attack, norm, eps, n, accuracy, f1, sensitivity, specificity, precision, auc,
+    map, confusion}`` (``confusion``: the confusion matrix of the row's predictions, one list per true class of the
+    count predicted as each class, label order): one clean row, one per attack and radius, and a "worst-case" row
+    per radius (when more than one attack is given); with ``ensemble=True`` the clean row and a "worst-case" row per
+    radius only, also for one attack (protocol, ``cascade`` and ``ensemble``: the module docstring). ``progress``:
+    optional callable(str) told about each step. ``device``: where to run (default: the model's device, as
+    torchattacks runs; a model elsewhere is moved there with ``model.to(device)``, in place). ``seed``: an integer
+    >= 0 seeds the random draws of the attacks that take them from torch's RNG (PGD's random start, attacks without
+    their own ``seed``) inside ``torch.random.fork_rng``: the rows then do not depend on what ran before in the
+    process, and the global RNG stays as it was; None (default) draws from the global RNG, as torchattacks does.
     """
     if seed is not None:
         try:
