@@ -916,6 +916,22 @@ def test_package_docstring_lists_the_modules_imported_on_first_use():
     assert set(re.findall(r"\w+", listed)) - {"and"} == set(robust_ops._SUBMODULES)
 
 
+def test_exported_functions_document_every_argument():
+    """help() of the package's own functions and DropMax2d names each argument they take in its Args (max_pool2d's
+    are F.max_pool2d's, by reference): boundary_search_step_ took backend= without a word of it."""
+    import robust_ops
+
+    undocumented = {}
+    for name in ("drop_max_pool2d", "pgd_step_", "boundary_search_step_", "replace_maxpool", "DropMax2d"):
+        fn = getattr(robust_ops, name)
+        args = fn.__doc__.split("Args:")[1]
+        params = list(inspect.signature(fn).parameters)
+        missing = [p for p in params if not re.search(rf"^ +(\w+, )*{p}\b", args, flags=re.M)]
+        if missing:
+            undocumented[name] = missing
+    assert not undocumented
+
+
 def test_memory_examples_are_the_formulas_bytes():
     """getting-started's Memory paragraph quotes images x channels x size^2 x 4 bytes for its examples, in decimal
     units as its GB figures are: 750 RGB images at 224 were quoted as 431 MB (MiB; 452 MB)."""

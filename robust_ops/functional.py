@@ -263,7 +263,11 @@ def pgd_step_(
         clip_min, clip_max (float): valid input range. Default: [0, 1].
         norm (str): "linf" or "l2". Default: "linf".
         history (Tensor[m, N, ...], optional): buffer that also receives the new iterate in slot ``slot``.
+        slot (int): the index of ``history``'s first dimension written; other slots are untouched. Default: 0.
         backend (str, optional): as for :func:`drop_max_pool2d`.
+
+    Returns:
+        ``x_adv`` (updated in place).
     """
     for name, value in (("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad)):
         _check_tensor("pgd_step_", name, value)
@@ -305,6 +309,10 @@ def boundary_search_step_(lo, hi, points, crossed_at, active=None, *, backend=No
         points (Tensor[k-1, N, ...]): interior points, rewritten in place.
         crossed_at (LongTensor[N]): index of the first crossed interior point, in [0, k-1].
         active (BoolTensor[N], optional): samples to update. Default: all.
+        backend (str, optional): as for :func:`drop_max_pool2d`.
+
+    Returns:
+        ``(lo, hi, points)`` (updated in place).
     """
     for name, value in (("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at)):
         _check_tensor("boundary_search_step_", name, value)
