@@ -932,6 +932,24 @@ def test_exported_functions_document_every_argument():
     assert not undocumented
 
 
+def test_prepacked_conv_docstring_quotes_the_current_measurements():
+    """help(robust_ops.prepacked_conv) quoted the measurements made before the 2026-12-01 layout fix ("1.2-1.4x
+    faster than ATen's on NCHW at 4-128 rows"), which docs/prepacked-conv.md keeps as superseded: on NCHW models it
+    is now slower from about 16 rows. It quotes the first (current) table's forward + input gradient ratios."""
+    from robust_ops import prepacked_conv
+
+    page = (REPO / "docs/prepacked-conv.md").read_text()
+    table = page[page.index("## Measured"):].split("\n## ")[0]
+    doc = " ".join(prepacked_conv.__doc__.split())
+    for batch in (4, 128):
+        (row,) = [line for line in table.splitlines() if line.startswith(f"| {batch} |")]
+        cells = row.split("|")[1:-1]
+        for layout, cell in (("NCHW", cells[2]), ("channels_last", cells[4])):
+            ratios = sorted(re.search(r"\(\**([\d.]+), ([\d.]+)×", cell).groups(), key=float)
+            quoted = f"{ratios[0]}-{ratios[1]}x"
+            assert re.search(rf"{layout}[^:;]*?{re.escape(quoted)}(?: faster)? at {batch}\b", doc), (layout, quoted)
+
+
 def test_memory_examples_are_the_formulas_bytes():
     """getting-started's Memory paragraph quotes images x channels x size^2 x 4 bytes for its examples, in decimal
     units as its GB figures are: 750 RGB images at 224 were quoted as 431 MB (MiB; 452 MB)."""

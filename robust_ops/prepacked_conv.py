@@ -8,8 +8,9 @@ attack instead (``mkldnn_reorder_conv2d_weight``) and runs oneDNN's *inference* 
 (``mkldnn::_convolution_pointwise``: the brgemm kernels, which ATen picks only for channels_last inputs). Its input
 gradient, for stride-1 ungrouped convolutions, is the forward convolution of the output gradient with the
 transposed, flipped kernel -- packed once per attack too; other convolutions keep ATen's ``convolution_backward``.
-Measured for resnet18 on 1x28x28 (docs/prepacked-conv.md): forward + input gradient 1.2-1.4x faster than ATen's on
-NCHW at 4-128 rows; on channels_last 1.4x at 4 rows, ~1.05x from 32 rows (only the reorders go there).
+Measured for resnet18 on 1x28x28 (docs/prepacked-conv.md, after the 2026-12-01 layout fix), forward + input
+gradient against ATen's: channels_last 1.40-1.42x faster at 4 rows, 1.01-1.03x at 128 (only the reorders go); NCHW
+1.11-1.14x at 4 rows, 0.93-0.95x at 128, slower than ATen's from about 16 rows: use it with a channels_last model.
 
 Semantics:
 
