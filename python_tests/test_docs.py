@@ -932,6 +932,27 @@ def test_exported_functions_document_every_argument():
     assert not undocumented
 
 
+def test_replace_maxpool_docstring_names_each_refusal():
+    """replace_maxpool's Raises named neither the TypeError for a model that is no nn.Module nor the ValueErrors for
+    a pool with state-dict hooks or with DropMax2d's own attribute set by hand (docs/dropmax-any-cnn.md names both):
+    each refusal's type lists it."""
+    import torch
+    from torch import nn
+
+    import robust_ops
+
+    hooked, tagged = nn.MaxPool2d(2), nn.MaxPool2d(2)
+    hooked.register_state_dict_pre_hook(lambda module, prefix, keep_vars: None)
+    tagged.backend = "stem"
+    raises = " ".join(robust_ops.replace_maxpool.__doc__.split("Raises:")[1].split())
+    sections = dict(re.findall(r"(\w+Error): (.*?)(?= \w+Error: |$)", raises))
+    for model, phrase in ((torch.zeros(1), "not an ``nn.Module``"), (nn.Sequential(hooked), "state-dict hooks"),
+                          (nn.Sequential(tagged), "DropMax2d uses itself")):
+        with pytest.raises((TypeError, ValueError)) as caught:
+            robust_ops.replace_maxpool(model)
+        assert phrase in sections[caught.type.__name__], (caught.type.__name__, phrase)
+
+
 def test_prepacked_conv_docstring_quotes_the_current_measurements():
     """help(robust_ops.prepacked_conv) quoted the measurements made before the 2026-12-01 layout fix ("1.2-1.4x
     faster than ATen's on NCHW at 4-128 rows"), which docs/prepacked-conv.md keeps as superseded: on NCHW models it

@@ -254,11 +254,13 @@ def replace_maxpool(model, which="first", *, backend=None):
     Raises:
         ValueError: when ``which`` is not "first"/"all", the model holds no ``nn.MaxPool2d``, or a pool to replace
             is a subclass with its own ``forward`` or other methods or class attributes (beyond ``__init__``), has
-            an instance-level ``forward`` of the user's (the swap would drop what that forward does) or holds a
-            parameter, buffer or submodule (they would leave the model).
-        TypeError: when a pool to replace has a ``return_indices`` or ``ceil_mode`` that is not a bool
-            (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools; TypeError or RuntimeError naming
-            the layer when DropMax2d refuses its sizes (``nn.MaxPool2d(0)`` builds, and fails at its forward).
+            an instance-level ``forward`` of the user's (the swap would drop what that forward does), holds a
+            parameter, buffer or submodule (they would leave the model) or state-dict hooks (which can add keys), or
+            has an attribute set by hand that DropMax2d uses itself (``pool.backend = ...``).
+        TypeError: when ``model`` is not an ``nn.Module``; when a pool to replace has a ``return_indices`` or
+            ``ceil_mode`` that is not a bool (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools;
+            TypeError or RuntimeError naming the layer when DropMax2d refuses its sizes (``nn.MaxPool2d(0)`` builds,
+            and fails at its forward).
     """
     if which not in ("first", "all"):
         raise ValueError(f"replace_maxpool: expected which to be 'first' or 'all', got {which!r}")
