@@ -78,7 +78,19 @@ def test_interpreted_triton_ops_refuse_fake_tensors_by_name():
     x = torch.rand(2, 1, 4, 4)
     with pytest.raises(Exception, match=f"drop_max_pool2d_triton: {message}"):
         torch.compile(lambda t: robust_ops.drop_max_pool2d(t, 2, backend="triton"), backend="eager", fullgraph=True)(x)
-    assert torch.equal(robust_ops.drop_max_pool2d(x, 2, backend="triton"), robust_ops.drop_max_pool2d(x, 2))
+    expected = robust_ops.drop_max_pool2d(x, 2)
+    assert torch.equal(robust_ops.drop_max_pool2d(x, 2, backend="triton"), expected)
+    # docs/backends.md: without fullgraph=True Dynamo either raises the refusal or takes it as a graph break and runs
+    # the call eagerly (pgd_step_), with the eager result
+    for call in (lambda t: robust_ops.drop_max_pool2d(t, 2, backend="triton"),
+                 lambda t: robust_ops.pgd_step_(t.clone(), t, t, 0.01, 0.1, backend="triton")):
+        torch._dynamo.reset()
+        try:
+            out = torch.compile(call, backend="eager")(x)
+        except Exception as error:
+            assert message in str(error)
+        else:
+            assert torch.equal(out, call(x))
 
 
 def triton_op_calls(x):
