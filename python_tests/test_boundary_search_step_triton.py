@@ -76,6 +76,10 @@ def test_special_values():
     k, n = 3, 9
     lo, hi, points = torch.randn(n, 5), torch.randn(n, 5), torch.randn(k - 1, n, 5)
     lo[0, 0], hi[1, 1], points[0, 2, 2], lo[3, 3] = -0.0, float("inf"), float("nan"), float("-inf")
+    # A bracket of negative zeros for every crossed_at: the new lo and hi are -0.0, so are the points. The kernel
+    # picks the new bounds with tl.where; taking the sum of the two masked loads (the other one 0.0) gave +0.0 there
+    # and passed while only one end was -0.0 (found by the mutation pass).
+    lo[:, 4], hi[:, 4], points[:, :, 4] = -0.0, -0.0, -0.0
     crossed_at = torch.arange(n) % k
     args = [t.to(device()) for t in (lo, hi, points, crossed_at)]
     got, want = run_both(triton_op(), *args, None)
