@@ -365,12 +365,18 @@ def test_may_overlap_compares_element_spans():
 
     buf = torch.arange(12.0, device=device())
     rows = buf.view(3, 4)
-    assert may_overlap(buf[0:3], buf[2:5])  # one shared element
-    assert not may_overlap(buf[0:3], buf[3:6])  # adjacent
-    assert not may_overlap(rows[0:1], rows[1:2])
-    assert may_overlap(rows[:, 0], rows[:, 1])  # interleaved
-    assert not may_overlap(buf[:0], buf) and not may_overlap(buf, buf[5:5])
-    assert not may_overlap(buf[:6], torch.arange(12.0, device=device())[6:])
+    # Each pair both ways round: a bound off by one on one side only (a_first <= b_last) made the adjacent pair
+    # overlap when the later view came first, a needless copy every step (found by the mutation pass).
+    for a, b, expected in [
+        (buf[0:3], buf[2:5], True),  # one shared element
+        (buf[0:3], buf[3:6], False),  # adjacent
+        (rows[0:1], rows[1:2], False),
+        (rows[:, 0], rows[:, 1], True),  # interleaved
+        (buf[:0], buf, False),
+        (buf, buf[5:5], False),
+        (buf[:6], torch.arange(12.0, device=device())[6:], False),
+    ]:
+        assert may_overlap(a, b) == may_overlap(b, a) == expected, (a, b)
 
 
 def test_launches_run_under_the_tensors_cuda_device():
