@@ -88,6 +88,21 @@ def test_special_values():
         assert torch.equal(torch.signbit(g), torch.signbit(w))
 
 
+def test_subnormals_are_kept():
+    """float32 subnormal bounds give the reference's subnormal points, as torch computes them. The compiled kernel's
+    products were libdevice's mul.rn.ftz.f32 (triton's default enable_reflect_ftz), which flushes them to zero; the
+    interpreter computes in numpy, so only a GPU run (or test_triton_ptx.py, which reads the PTX) tells."""
+    tiny = torch.finfo(torch.float32).tiny
+    lo = torch.tensor([[tiny / 4, -tiny / 2, tiny / 8, 0.0]], device=device())
+    hi = torch.tensor([[tiny / 2, -tiny / 8, 3 * tiny / 4, tiny / 4]], device=device())
+    points = torch.stack([lo * w_lo + hi * w_hi for w_lo, w_hi in reference.interpolation_weights(3)])
+    for c in range(3):
+        got, want = run_both(triton_op(), lo, hi, points, torch.tensor([c], device=device()), None)
+        for name, g, w in zip(("lo", "hi", "points"), got, want):
+            assert_verbose_equal(g, w, name)
+        assert bool((want[2] != 0).any())
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_non_contiguous(k):
     n, dev = 5, device()

@@ -82,6 +82,9 @@ def test_no_contracted_or_approximate_float_math(float_ops, kernel, dtype):
     assert not [op for op in ops if op.startswith("div.") and ".rn." not in op], (
         f"{kernel} {dtype}: division not correctly rounded: {sorted(ops)}")
     assert [op for op in ops if op.startswith("mul.rn.")], f"{kernel} {dtype}: products not via mul_rn: {sorted(ops)}"
+    # torch (and the C++ kernels) keep subnormals; libdevice's __nv_fmul_rn, under triton's default
+    # enable_reflect_ftz, is mul.rn.ftz.f32, which makes subnormal factors and products sign-preserving zeros
+    assert not [op for op in ops if ".ftz" in op], f"{kernel} {dtype}: subnormals flushed to zero: {sorted(ops)}"
 
 
 INDEX_WIDTH = textwrap.dedent("""

@@ -62,9 +62,15 @@ def mul_rn(a, b):
     """a * b rounded once, never contracted with a following add into an FMA. The eager launches also pass
     enable_fp_fusion=False, but torch.compile launches a wrapped kernel itself and drops that option (torch 2.11 on an
     H200: 1-ulp differences in boundary_search_step_ under torch.compile), so the kernels must not depend on it.
-    float32/float64 only; the interpreter computes in numpy, which never fuses."""
+    float32/float64 only; the interpreter computes in numpy, which never fuses.
+    float32 as PTX mul.rn.f32 itself: libdevice's __nv_fmul_rn is mul.rn.ftz.f32 under triton's default
+    enable_reflect_ftz (also dropped under torch.compile), which flushes subnormal factors and products to zero where
+    torch keeps them."""
     if _INTERPRETED:
         return a * b
+    elif a.dtype == tl.float32:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)
     else:
         return libdevice.mul_rn(a, b)
 
