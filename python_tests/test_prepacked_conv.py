@@ -725,3 +725,21 @@ def test_traces_and_onnx_exports_inside_an_attack_capture_atens_convolution(tmp_
             graph = str(torch.jit.trace(model, x).inlined_graph)
         assert "aten::_convolution" in graph and "mkldnn" not in graph
         check_onnx_export(model, x, tmp_path, dynamo=dynamo)
+
+
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_a_bias_that_is_a_strided_view_gives_atens_outputs(view):
+    """oneDNN's packed convolution read the bias as a dense vector whatever its strides: a bias that is a view (a
+    pruned layer's ``bias[::2]``, a shared ``expand``ed one) gave outputs off by whole units, silently."""
+    torch.manual_seed(0)
+    conv = frozen(nn.Conv2d(3, 6, 3, padding=1))
+    bias = torch.randn(12)[::2] if view == "strided" else torch.randn(1).expand(6)
+    conv.bias = nn.Parameter(bias, requires_grad=False)
+    assert not conv.bias.is_contiguous()
+    x = torch.randn(2, 3, 8, 8)
+    expected = output_and_input_grad(conv, x)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        got = output_and_input_grad(conv, x)
+        assert type(conv(x.requires_grad_()).grad_fn).__name__ == "_PrepackedConv2dBackward"
+    torch.testing.assert_close(got[0], expected[0], **CLOSE)
+    torch.testing.assert_close(got[1], expected[1], **CLOSE)

@@ -167,8 +167,11 @@ class _PrepackedConv2d(torch.autograd.Function):
         ctx.input_shape, ctx.memory_format = input.shape, _aten_memory_format(input, conv.weight)
         if _input_gradient_padding(conv) is None:
             ctx.save_for_backward(input)
+        # oneDNN reads the bias as a dense vector, whatever its strides: a bias that is a strided view (a pruned
+        # layer's ``bias[::2]``) gave wrong outputs, silently
+        bias = None if conv.bias is None else conv.bias.contiguous()
         output = torch.ops.mkldnn._convolution_pointwise(
-            input, packs.forward, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            input, packs.forward, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
             "none", [], None)
         return _in_layout(output, ctx.memory_format)
 
