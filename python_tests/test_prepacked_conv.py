@@ -743,3 +743,29 @@ def test_a_bias_that_is_a_strided_view_gives_atens_outputs(view):
         assert type(conv(x.requires_grad_()).grad_fn).__name__ == "_PrepackedConv2dBackward"
     torch.testing.assert_close(got[0], expected[0], **CLOSE)
     torch.testing.assert_close(got[1], expected[1], **CLOSE)
+
+
+@pytest.mark.parametrize("moved", ["weight", "bias", "sparse weight"])
+def test_parameters_off_the_cpu_or_sparse_beside_a_cpu_input_run_atens_convolution(monkeypatch, moved):
+    """A weight or bias on another device than the CPU input (a model moved in parts; meta stands for a GPU) or a
+    sparse weight took the packed path and failed in to_mkldnn or in oneDNN ("itensor_view_from_dense expects CPU
+    tensor input") instead of giving ATen's outcome."""
+    calls = count_packs(monkeypatch)
+    conv = frozen(nn.Conv2d(3, 4, 3, padding=1))
+    name = moved.split()[-1]
+    param = getattr(conv, name)
+    setattr(conv, name, nn.Parameter(param.to_sparse() if "sparse" in moved else param.to("meta"),
+                                     requires_grad=False))
+    x = torch.randn(2, 3, 6, 6)
+
+    def outcome():
+        try:
+            out = conv(x)
+        except (RuntimeError, NotImplementedError) as err:
+            return str(err).splitlines()[0]
+        return out.device, out.shape, out.dtype
+
+    expected = outcome()
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        assert outcome() == expected
+    assert calls == []

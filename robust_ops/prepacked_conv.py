@@ -19,9 +19,9 @@ Semantics:
   optimizers leave the version as it was) and the input's sample shape, one for
   single-row batches and one for larger ones (oneDNN lays them out differently). Outside an attack -- training
   steps, plain user code -- and for weights that need gradients, the module's own forward runs.
-* Only float32 CPU inputs of 4 dimensions, contiguous or channels_last, ``padding_mode="zeros"`` and numeric
-  padding, outside CPU autocast and torch.func / forward-mode AD; anything else runs the module's own forward, and so
-  do inputs and settings ATen refuses (for its message).
+* Only float32 CPU inputs of 4 dimensions, contiguous or channels_last, dense CPU parameters,
+  ``padding_mode="zeros"`` and numeric padding, outside CPU autocast and torch.func / forward-mode AD; anything else
+  runs the module's own forward, and so do inputs and settings ATen refuses (for its message).
 * On NCHW models the results are not bitwise ATen's (other kernels sum in another order: relative differences ~1e-6
   in logits; on channels_last models they were bitwise equal on the development machine), so it is off by default:
   ``$ROBUST_OPS_PREPACKED_CONV=1``, ``prepacked_conv(model)``, ``fit(prepacked_conv=True)`` or
@@ -233,6 +233,9 @@ def _conv_forward(conv, input):
         or conv.padding_mode != "zeros"
         or weight.dtype != torch.float32
         or weight.requires_grad
+        # parameters off the CPU beside a CPU input (a model moved in parts; meta) or sparse: ATen's error, where the
+        # pack failed in to_mkldnn or oneDNN ("itensor_view_from_dense expects CPU tensor input")
+        or any(p is not None and (p.device.type != "cpu" or p.layout != torch.strided) for p in (weight, bias))
         or (bias is not None and (bias.requires_grad or bias.dtype != torch.float32))
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or torch.is_autocast_enabled("cpu")  # ATen's convolution runs in the autocast dtype; the packs in float32
