@@ -769,3 +769,17 @@ def test_parameters_off_the_cpu_or_sparse_beside_a_cpu_input_run_atens_convoluti
     with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
         assert outcome() == expected
     assert calls == []
+
+
+def test_a_model_compiled_with_fullgraph_inside_an_attack_captures_atens_convolution():
+    """torch.compile(fullgraph=True) of a model inside an attack with prepacked convolutions on failed at its first
+    call ("Attempted to call function marked as skipped": the packed path's thread-local pack scope); without
+    fullgraph the graph broke at every convolution. The graph now holds ATen's convolution, as for native layers."""
+    torch.manual_seed(0)
+    model = TinyCNN(1, 3).eval()
+    x = torch.rand(2, 1, 8, 8)
+    expected = model(x)
+    with pc.prepacked_conv(model, True), attack_context(model):
+        assert pc.prepacked_conv_active(model)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), expected)

@@ -37,6 +37,7 @@ from torch import nn
 from torch._prims_common import suggest_memory_format
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._compile import capturing
 from ._options import check_flags, env_switch
 from .functional import _functorch_autodiff
 from ._patching import active_replacement, check_unmodified, patched_forwards, saved_state, switch_setting
@@ -224,6 +225,10 @@ def _conv_forward(conv, input):
     weight, bias = conv.weight, conv.bias
     if (
         packs is None
+        # torch.jit.trace (torch.onnx.export's TorchScript exporter) failed in the packed path (traced sizes are
+        # tensors; oneDNN's op has no trace form), and torch.compile(fullgraph=True) at torch.backends.mkldnn, which
+        # dynamo does not trace: a captured graph holds ATen's convolution, as for native_layers' layers
+        or capturing()
         or not _available()
         or input.device.type != "cpu"
         or input.dtype != torch.float32
@@ -240,9 +245,6 @@ def _conv_forward(conv, input):
         or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or torch.is_autocast_enabled("cpu")  # ATen's convolution runs in the autocast dtype; the packs in float32
         or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
-        # torch.jit.trace (torch.onnx.export's TorchScript exporter) failed in the packed path (traced sizes are
-        # tensors; oneDNN's op has no trace form): a trace holds ATen's convolution, as for native_layers' layers
-        or torch.jit.is_tracing()
     ):
         return nn.Conv2d.forward(conv, input)
     key = (*saved_state(weight), _optimizer_steps, tuple(input.shape[1:]))  # the backward checks the first two again
