@@ -433,6 +433,23 @@ def test_simclr_refuses_a_bad_device_by_name():
         simclr(_model(), _data(), epochs=1, batch_size=8, device="cpu ", progress=False)
 
 
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_simclr_refuses_a_cuda_device_this_process_cannot_use_as_fit_does(gpus, monkeypatch):
+    """simclr(..., device="cuda") without a visible GPU failed with torch's "Found no NVIDIA driver on your system"
+    at model.to(device), and cuda:1 with one GPU with "invalid device ordinal", where fit (whose device simclr's
+    docstring refers to) names the argument and the fix."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    device, problem, fix = (("cuda", "no CUDA GPU is visible", "device='cpu'") if not gpus else
+                            ("cuda:1", r"only 1 CUDA GPU\(s\) are visible \(cuda:0 to cuda:0\)",
+                             "one of them or device='cpu'"))
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^simclr: device='{device}' requested, but {problem}; pass {fix}$"):
+        simclr(model, _data(), epochs=1, batch_size=8, device=device, progress=False)
+    assert all(torch.equal(v, before[k]) and v.device.type == "cpu" for k, v in model.state_dict().items())
+
+
 def test_simclr_augment_and_simclr_augment_size_are_checked_by_name():
     # augment=True failed at the first batch ("'bool' object is not callable"); SimCLRAugment(2.5) in torchvision
     # ("'float' object is not iterable") and SimCLRAugment(0) at its first call ("output (H: 0, W: 0)")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._options import check_choice, check_device, check_flags, check_int, check_real
+from ._options import check_choice, check_flags, check_int, check_real, check_usable_device
 from .attacks.context import float32_or_wider, use_model_mode
 from .train import _torch_seed, check_trainable_precision
 
@@ -175,7 +175,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     seed = _torch_seed(int(seed))  # as fit: numpy integers and seeds past torch's 64-bit range failed in manual_seed
     if not (head is None or isinstance(head, str)):
         raise ValueError(f"simclr: expected head to be 'auto', a module attribute name or None, got {head!r}")
-    device = check_device("simclr", device)
+    device = check_usable_device("simclr", device)  # as fit: torch said "Found no NVIDIA driver" at model.to
     torch.manual_seed(seed)
     first = data[0]
     sample = first[0] if isinstance(first, (tuple, list)) else first
