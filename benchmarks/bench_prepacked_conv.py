@@ -7,7 +7,8 @@ at the batch sizes IMA's compacted GenAdv works at, NCHW and channels_last.
 Per batch size and layout: forward without graph (IMA's search rounds) and forward + input gradient (an ascent
 step), ATen vs prepacked on two copies of the model inside one attack each (packs made once, as an attack reuses
 them), interleaved rounds, medians.
-``max_abs_diff`` compares the prepacked outputs and input gradients with ATen's (0 means bitwise equal). The memory
+Before a case is timed, the prepacked outputs and input gradients are checked against ATen's (:func:`check_close`);
+``max_abs_diff`` records how far they are (0 means bitwise equal). The memory
 roofline row is a same-size copy of the model's float32 weights: what each ATen call spends at least reordering
 them (forward once, input gradient once more), the per-call cost prepacking removes.
 """
@@ -46,6 +47,23 @@ def forward_backward_fn(model, x, grad):
     return run
 
 
+# Relative L2 errors the prepacked results may have against ATen's. Outputs: other oneDNN kernels sum in another
+# order (resnet18: ~1e-6). Input gradients: also a ReLU whose input is within rounding of zero may flip, and the
+# gradient through it changes (resnet18 NCHW batch 64: 8e-4). A wrong kernel (a bias or layout mix-up) is off by ~1.
+TOLERANCE = {"output": 1e-4, "input gradient": 1e-2}
+
+
+def check_close(case, aten, packed):
+    """Stops the run (one line, no traceback) when prepacked_conv's outputs or input gradients (``packed``) are not
+    close to ATen's (``aten``) in relative L2 error (TOLERANCE): a wrong kernel is not timed. ``case`` names the
+    layout, batch and pass."""
+    for what, want, got in zip(TOLERANCE, aten, packed):
+        error = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+        if not error <= TOLERANCE[what]:  # NaN too
+            raise SystemExit(f"bench_prepacked_conv: {case}: the prepacked {what} differs from ATen's (relative "
+                             f"error {error:.3g}, over {TOLERANCE[what]:g}); not timing a wrong kernel")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batches 4 and 16, 3 rounds (smoke run)")
@@ -78,7 +96,9 @@ def main():
                 for pass_name, make in (("forward (no graph)", lambda m: forward_fn(m, x)),
                                         ("forward + input gradient", lambda m: forward_backward_fn(m, x, grad))):
                     aten, packed = make(aten_model), make(packed_model)
-                    diff = max(float((a - b).abs().max()) for a, b in zip(aten(), packed()))
+                    aten_results, packed_results = aten(), packed()
+                    check_close(f"{layout_name} batch {n} {pass_name}", aten_results, packed_results)
+                    diff = max(float((a - b).abs().max()) for a, b in zip(aten_results, packed_results))
                     (t_aten, t_packed), _ = interleaved_medians([aten, packed], rounds, "cpu")
                     for provider, seconds in (("ATen convolutions", t_aten), ("prepacked_conv", t_packed)):
                         rows.append({"layout": layout_name, "batch": n, "pass": pass_name, "provider": provider,

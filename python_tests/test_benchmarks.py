@@ -977,6 +977,8 @@ def test_prepacked_conv_rows_time_what_they_name(monkeypatch, switch):
         return pc.prepacked_conv(model, on)
 
     monkeypatch.setattr(mod, "pc", types.SimpleNamespace(prepacked_conv=prepack))
+    checked = []  # the correctness gate would stop at the hook's difference: recorded here, tested on its own below
+    monkeypatch.setattr(mod, "check_close", lambda case, aten, packed: checked.append(case))
 
     def case(fn):
         """(prepacked?, layout, pass, batch) of a timed call, from what it closes over."""
@@ -1005,6 +1007,7 @@ def test_prepacked_conv_rows_time_what_they_name(monkeypatch, switch):
     passes = {False: "forward (no graph)", True: "forward + input gradient"}
     assert [(r["layout"], r["batch"], r["pass"]) for r in rows[:-1:2]] == [(c[0], c[2], passes[c[1]]) for c in seen]
     assert len(seen) == 4 and len(rows) == 9
+    assert checked == [f"{layout} batch 2 {passes[backward]}" for layout, backward, _ in seen]
     for r in rows[:-1]:
         key = (r["layout"], r["pass"] == passes[True], r["batch"])
         packed = r["provider"] == "prepacked_conv"
@@ -1021,6 +1024,50 @@ def test_prepacked_conv_rows_time_what_they_name(monkeypatch, switch):
     weight_bytes = sum(4 * m.weight.numel() for m in build_model("resnet18", 1, 2, 28).modules()
                        if isinstance(m, torch.nn.Conv2d))
     assert rows[-1]["median_ms"] == pytest.approx(2 * weight_bytes * 1e-6)
+
+
+@pytest.mark.parametrize("wrong", ["output", "input gradient"])
+def test_prepacked_conv_stops_before_timing_results_that_are_not_atens(monkeypatch, wrong):
+    """The other op benchmarks check the timed kernel against the reference before timing it; this one only recorded
+    max_abs_diff, so prepacked convolutions that gave wrong outputs (a strided bias did) or wrong input gradients
+    were timed and written as a speed-up. It now stops in one line, before any timing, at the first case off."""
+    import types
+
+    import torch
+
+    from robust_ops import prepacked_conv as pc
+    from robust_ops.models import build_model
+
+    mod, written, _ = _script(monkeypatch, "bench_prepacked_conv", ["--quick"])
+    monkeypatch.setattr(mod, "build_model", lambda name, *args: build_model("small_cnn", *args))  # fast passes
+
+    def off(module, inputs, out):  # the output 0.5 more, or the input gradient 100 * the output gradient's sum more
+        x = inputs[0]
+        return out + (0.5 if wrong == "output" else 100 * (x - x.detach()).flatten(1).sum(1, keepdim=True))
+
+    def prepack(model, on):
+        if on:
+            model.register_forward_hook(off)
+        return pc.prepacked_conv(model, on)
+
+    monkeypatch.setattr(mod, "pc", types.SimpleNamespace(prepacked_conv=prepack))
+    timed = []
+
+    def interleaved(fns, rounds, device=None):
+        timed.append(fns)
+        return [1e-3, 1e-3], None
+
+    monkeypatch.setattr(mod, "interleaved_medians", interleaved)
+    case = "nchw batch 4 " + ("forward (no graph)" if wrong == "output" else "forward + input gradient")
+    with pytest.raises(SystemExit, match=rf"^bench_prepacked_conv: {re.escape(case)}: the prepacked {wrong} differs "
+                                         rf"from ATen's \(relative error .*\); not timing a wrong kernel$"):
+        mod.main()
+    assert len(timed) == (0 if wrong == "output" else 1) and not written
+    # rounding (and a flipped ReLU's share of an input gradient) passes; NaN does not
+    want = (torch.ones(2, 3), torch.ones(2, 3))
+    mod.check_close("case", want, (want[0] + 1e-6, want[1] * (1 + 5e-3)))
+    with pytest.raises(SystemExit, match=r"^bench_prepacked_conv: case: the prepacked output differs .*nan"):
+        mod.check_close("case", want, (want[0] * float("nan"), want[1]))
 
 
 def test_prepacked_conv_quick_is_batches_4_and_16_in_3_rounds(monkeypatch):
