@@ -440,3 +440,18 @@ def test_children_forked_while_another_thread_allocates_inside_the_pool():
             stop.set()
             thread.join()
     assert len(statuses) >= 100 and not [s for s in statuses if s]
+
+
+def test_a_block_whose_pool_stayed_off_does_not_exit_the_enclosing_one(monkeypatch):
+    """When another library's CPU allocator is installed the pool stays off (the C++ enter returns False) and the
+    block must not exit: an exit there would end an enclosing pool early (depth 0 inside it) and make that one's exit
+    raise "exit without a matching enter" (mutation testing of memory.py: exiting on ``enabled`` survived)."""
+    import robust_ops.memory as memory
+
+    with cpu_memory_pool():
+        monkeypatch.setattr(memory, "_enter", lambda: False)  # as with a foreign allocator installed
+        with cpu_memory_pool():
+            pass
+        assert cpu_memory_pool_stats().depth == 1
+        monkeypatch.undo()
+    assert cpu_memory_pool_stats().depth == 0
