@@ -154,6 +154,10 @@ def test_batch_norm_cases_it_does_not_take_give_atens_results_and_errors():
     float64_statistics.running_var = float64_statistics.running_var.double()
     no_running_mean = eval_bn(3)
     no_running_mean.running_mean = None
+    # (mutation testing of native_layers: dropping the running variance's None check survived) without it the
+    # dtype check failed with "'NoneType' object has no attribute 'dtype'" where ATen names the missing statistic
+    no_running_var = eval_bn(3)
+    no_running_var.running_var = None
     # (mutation testing of native_layers) only the running variance's dtype was checked: a float64 running mean
     # took the fast path and failed in its invstd read, with another message than ATen's
     float64_running_mean = eval_bn(3)
@@ -172,6 +176,7 @@ def test_batch_norm_cases_it_does_not_take_give_atens_results_and_errors():
         "float64 running mean": (float64_running_mean, x),
         # a running variance without a running mean: ATen refuses it (reading invstd off its backward segfaulted)
         "no running mean": (no_running_mean, x),
+        "no running variance": (no_running_var, x),
         "statistics on another device": (moved, x),
     }
     for name, (bn, inp) in cases.items():
@@ -838,3 +843,23 @@ def test_an_explicit_false_for_one_layer_leaves_the_others_swapped(monkeypatch):
     with native_layers(model[1], True), attack_context(model):
         assert _patching.active_replacement(model[1]) is _batch_norm_forward
         assert _patching.active_replacement(model[2]) is None
+
+
+def test_batch_norm_without_an_input_gradient_to_compute_runs_atens(monkeypatch):
+    """The one-pass backward is for inputs that need a gradient: an input that needs none, or any input under
+    no_grad (an attack's clean forward, IMA's search rounds), runs ATen's batch norm and reads no invstd (mutation
+    testing of native_layers: dropping that condition survived, as outputs stay bitwise equal)."""
+    import robust_ops.native_layers as nl
+
+    reads = []
+    real = nl._eval_bn_invstd
+    monkeypatch.setattr(nl, "_eval_bn_invstd", lambda bn, dtype: reads.append(bn) or real(bn, dtype))
+    bn, x = eval_bn(3), torch.randn(2, 3, 4, 4)
+    expected = bn(x)
+    with native_layers(bn):
+        assert torch.equal(bn(x), expected)
+        with torch.no_grad():
+            assert torch.equal(bn(x.requires_grad_()), expected)
+        assert reads == []
+        bn(x)  # needs a gradient, outside no_grad: the one-pass path
+    assert reads == [bn]
