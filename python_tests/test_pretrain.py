@@ -665,3 +665,24 @@ def test_simclr_takes_a_model_whose_head_was_emptied():
     model.fc = nn.Sequential()
     res = simclr(model, _data(), epochs=1, batch_size=8, progress=False)
     assert res.removed_head is None and res.head[0].in_features == 4 and isinstance(model.fc, nn.Sequential)
+
+
+class TinyPooledHead(nn.Module):
+    """A backbone whose last stage, named head, pools and flattens: no classifier to bypass."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_simclr_auto_keeps_a_sequential_head_that_does_not_end_in_a_linear_layer():
+    # head="auto" bypasses fc / classifier / head only as a Linear or a Sequential ending in one (mutation testing of
+    # pretrain: taking any non-empty Sequential survived, which would pretrain this model on its unpooled maps)
+    model = TinyPooledHead()
+    res = simclr(model, _data(), epochs=1, batch_size=8, progress=False)
+    assert res.removed_head is None and res.head[0].in_features == 4
