@@ -1832,6 +1832,26 @@ def test_checkpoint_gets_a_plain_files_permissions(tmp_path):
     assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from Linux's /proc")
+def test_a_save_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """replace_atomically read the umask by setting it to 0 and back: a file or folder another thread of the process
+    (a logger, a notebook's background job) created in between came out world-writable. Linux shows it in
+    /proc/self/status, read there now; the file still gets a plain file's permissions."""
+    from robust_ops._files import replace_atomically
+
+    mask = os.umask(0o027)
+    try:
+        def refuse(value):
+            raise AssertionError(f"os.umask({value:o}) called")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        replace_atomically(tmp_path / "metrics.csv", lambda f: f.write("epoch\n"))
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
+    assert (tmp_path / "metrics.csv").stat().st_mode & 0o777 == 0o640
+
+
 def test_fit_input_errors(tmp_path):
     model = DropoutMLP()
     with pytest.raises(ValueError, match=r"fit: train_data is empty \(0 samples\)"):

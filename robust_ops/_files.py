@@ -227,6 +227,15 @@ def _flock_holder(fd):
 
 
 def _umask():
-    mask = os.umask(0)
+    """The process's umask, read where Linux shows it (/proc/self/status) rather than by setting it: set to 0 to be
+    read, it left every file and folder another thread created meanwhile world-writable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # elsewhere (or a kernel before 4.7): the only way Python has
     os.umask(mask)
     return mask
