@@ -1802,10 +1802,13 @@ def test_numpy_hyperparameters_leave_a_checkpoint_that_resume_and_load_weights_r
     from robust_ops.defenses import SAT
 
     lr, decay, alpha = np.logspace(-2, -1, 3)[1], np.float32(1e-4), np.float64(0.25)
+    # a numpy bool too, as a flag read off an array (mutation testing of _options: python_number without np.bool_
+    # survived)
+    nesterov = np.array([True, False])[0]
     kwargs = dict(batch_size=8, progress=False, early_stopping=5, restore_best=True)
 
     def run(model, epochs, out_dir, resume=False):
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=decay)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=decay, nesterov=nesterov)
         return fit(model, SAT(alpha=alpha, eps=0.1, steps=2), _data(16), _data(8), epochs=epochs, optimizer=optimizer,
                    out_dir=out_dir, resume=resume, **kwargs)
 
@@ -1819,6 +1822,7 @@ def test_numpy_hyperparameters_leave_a_checkpoint_that_resume_and_load_weights_r
         load_weights(DropoutMLP(), tmp_path / "resumed" / name)
     state = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
     assert type(state["optimizer"]["param_groups"][0]["lr"]) is float
+    assert type(state["optimizer"]["param_groups"][0]["nesterov"]) is bool
     assert state["config"]["defense_options"]["alpha"] == 0.25
 
 
