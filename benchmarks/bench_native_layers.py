@@ -12,7 +12,8 @@ and a same-size copy (the memory roofline), in one run, on resnet18's shapes fro
 Bytes per pass are the minimum traffic: pooling forward reads the input, writes output + int64 indices; backward
 reads grad_output + indices, writes grad_input. Batch-norm backward reads grad_output and writes grad_input.
 Everything is timed inside the CPU memory pool, as attacks and fit run these layers (outside it, each call's fresh
-32 MB grad_input page-faults in and the backward pass times are mostly the kernel zeroing pages).
+32 MB grad_input page-faults in and the backward pass times are mostly the kernel zeroing pages); with
+$ROBUST_OPS_CPU_POOL=0, as they run then, outside it.
 """
 
 import argparse
@@ -29,7 +30,7 @@ from common import (copy_roofline_seconds, default_threads, gbps, median_seconds
 
 import robust_ops  # noqa: E402
 from robust_ops import reference  # noqa: E402
-from robust_ops.memory import cpu_memory_pool  # noqa: E402
+from robust_ops.memory import library_pool  # noqa: E402
 
 
 def pool_fn(provider, x, grad, backward):
@@ -61,7 +62,7 @@ def check_max_pool2d(x, grad):
 
 
 def main():
-    with cpu_memory_pool():
+    with library_pool("cpu"):  # as attacks and fit decide: on unless $ROBUST_OPS_CPU_POOL is off
         rows = measure()
     write_rows("bench_native_layers", rows, "cpu")
 

@@ -811,6 +811,25 @@ def test_native_layers_rows_time_what_they_name(monkeypatch):
             assert r["roofline_%"] == pytest.approx(100 * nbytes * 1e-9 / seconds)
 
 
+@pytest.mark.parametrize("switch, depth", [(None, 1), ("0", 0)])
+def test_native_layers_times_under_the_memory_pool_as_attacks_decide(monkeypatch, switch, depth):
+    """The ops are timed inside the CPU memory pool "as attacks and fit run these layers", but under
+    $ROBUST_OPS_CPU_POOL=0, which turns the pool off for attacks and fit (and which docs/memory-pool.md says the
+    benchmarks follow through library_pool), they were still timed inside it."""
+    from robust_ops.memory import cpu_memory_pool_stats
+
+    if switch is None:
+        monkeypatch.delenv("ROBUST_OPS_CPU_POOL", raising=False)
+    else:
+        monkeypatch.setenv("ROBUST_OPS_CPU_POOL", switch)
+    mod, written, _ = _script(monkeypatch, "bench_native_layers", ["--quick"])
+    depths = set()
+    monkeypatch.setattr(mod, "median_seconds", lambda fn, min_run_time=1.0: depths.add(cpu_memory_pool_stats().depth)
+                        or 1.0)
+    mod.main()
+    assert depths == {depth} and written["bench_native_layers"]
+
+
 @pytest.mark.parametrize("fault", ["output nchw", "indices nchw", "output channels_last", "strides channels_last",
                                    "batch-norm values", "batch-norm strides"])
 def test_native_layers_stop_when_an_op_disagrees_with_aten(monkeypatch, fault):
