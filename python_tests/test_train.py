@@ -1856,6 +1856,24 @@ def test_a_save_reads_the_umask_without_setting_it(tmp_path, monkeypatch):
     assert (tmp_path / "metrics.csv").stat().st_mode & 0o777 == 0o640
 
 
+def test_a_rewritten_file_keeps_the_permissions_its_owner_gave_it(tmp_path):
+    """replace_atomically gave every rewrite a plain file's permissions: a checkpoint or run.json its owner had made
+    private (chmod 600: a model trained on patients' images) came out 0644 at the next save, where a file written in
+    place keeps its mode (found by the support-modules auditor). A new file still gets the umask's."""
+    from robust_ops._files import replace_atomically
+
+    path = tmp_path / "run.json"
+    mask = os.umask(0o022)
+    try:
+        replace_atomically(path, lambda f: f.write("{}"))
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o600)
+        replace_atomically(path, lambda f: f.write("{}\n"))
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_text() == "{}\n"
+
+
 def test_fit_input_errors(tmp_path):
     model = DropoutMLP()
     with pytest.raises(ValueError, match=r"fit: train_data is empty \(0 samples\)"):

@@ -4,6 +4,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -40,7 +41,7 @@ def replace_atomically(path, write, binary=False, fsync=False, newline=None):
             # closefd=False: ``fd`` has one owner, the finally below, whatever fails (a mount refusing chmod left one
             # open per save); a Ctrl-C between fdopen and ``as f`` closed it twice (EBADF, the file left behind)
             with os.fdopen(fd, "wb" if binary else "w", newline=newline, closefd=False) as f:
-                os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; these get a plain file's permissions
+                os.fchmod(fd, _mode_for(path))  # mkstemp creates 0600
                 write(f)
                 if fsync:
                     f.flush()
@@ -224,6 +225,15 @@ def _flock_holder(fd):
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _mode_for(path):
+    """The permissions of the file replacing ``path``: the old file's (a checkpoint its owner made private stays so,
+    as a file written in place does), else a plain file's under the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def _umask():
