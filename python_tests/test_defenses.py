@@ -2490,6 +2490,9 @@ def test_weights_step_and_radius_arguments_are_checked_when_built():
             (lambda: ARFL(layer=""), ValueError, "arfl: expected layer to name a submodule .*got '' \\(the model "
              "itself, whose output is the logits"),
             (lambda: MIRST(alpha=-1.0), ValueError, "mirst: expected alpha to be a finite number >= 0, got -1"),
+            # an int past float's range was math.isfinite's OverflowError (found by the support-modules auditor)
+            (lambda: defenses.TRADES(beta=10**400), ValueError, "trades: expected beta to be a finite number >= 0, "
+             "got 1000"),
             (lambda: MIRST(emit=()), ValueError,
              r"mirst: expected emit to be increasing step counts in \[1, steps=10\], got \(\)")):
         with pytest.raises(error, match=match):
