@@ -1085,12 +1085,14 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
     assert state["epoch"] == 2 and len(state["history"]) == 2
     rc, _, err = run(["train", "--data", small_npz, "--epochs", "3", "--out", out, "--resume", "--model", "mlp"],
                      capsys)
-    one_line_error(rc, err, "--resume:", "model='small_cnn'")
+    one_line_error(rc, err, "--resume:", "was trained with --model small_cnn, this command has --model mlp")
     run_json = (out / "run.json").read_text()
     # settings the weights depend on cannot change on resume, and the record is left as it was
-    for extra, expected in ((["--lr", "0.5"], "lr="), (["--defense", "at"], "defense='standard'"),
-                            (["--seed", "1"], "seed=0"), (["--batch-size", "8"], "batch_size="),
-                            (["--dropmax", "first"], "dropmax='none'"),
+    for extra, expected in ((["--lr", "0.5"], "with --lr 0.001, this command has --lr 0.5"),
+                            (["--defense", "at"], "with --defense standard, this command has --defense at"),
+                            (["--seed", "1"], "with --seed 0, this command has --seed 1"),
+                            (["--batch-size", "8"], "with --batch-size 32, this command has --batch-size 8"),
+                            (["--dropmax", "first"], "with --dropmax none, this command has --dropmax first"),
                             (["--epochs", "1"], "holds 2 epochs of training, more than --epochs 1")):
         rc, _, err = run(argv + ["--resume"] + extra, capsys)
         one_line_error(rc, err, "--resume:", expected)
@@ -1099,7 +1101,8 @@ def test_interrupted_train_resumes(small_npz, tmp_path, capsys, monkeypatch):
           "--defense", "at", "--defense-opt", "steps=1"]
     assert run(at, capsys)[0] == 0
     rc, _, err = run(at[:-1] + ["steps=2", "--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "defense_options={'steps': 1}")
+    one_line_error(rc, err, "--resume:", "was trained with --defense-opt steps=1, this command has --defense-opt "
+                                         "steps=2")
 
 
 def test_resume_of_a_finished_run_with_its_own_epochs_is_accepted(small_npz, tmp_path, capsys):
@@ -1130,8 +1133,8 @@ def test_own_defense_and_attack_by_dotted_import_path(user_module, small_npz, tm
     assert rc == 0, err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
     rc, _, err = run(argv[:4] + ["3"] + argv[5:10] + ["--resume"], capsys)  # the default defense, standard
-    one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with defense={defense!r}, this command has "
-                            "defense='standard'")
+    one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with --defense {defense}, this command has "
+                            "--defense standard")
     attack = f"{user_module}.EvenBIM"
     rc, _, err = run(["eval", out, "--attacks", f"{attack}:steps=2,fgsm", "--eps", "2/255", "--saliency", "0",
                       "--device", "cpu"], capsys)
@@ -1180,7 +1183,7 @@ def test_channels_last_train_is_recorded_resumed_and_evaluated(small_npz, tmp_pa
     assert json.loads((out / "run.json").read_text())["channels_last"] is True
     # Resuming in the other memory format would change the numerics mid-run: refused.
     rc, _, err = run(argv[:4] + ["2"] + argv[5:] + ["--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "channels_last=True")
+    one_line_error(rc, err, "--resume:", "was trained with --channels-last, this command has no --channels-last")
     model, _, run_doc = cli.load_run(out)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and run_doc["channels_last"] is True
@@ -1214,9 +1217,9 @@ def test_train_warmup_and_early_stopping_are_recorded_resumed_and_refused_where_
     names = [n for n, p in cli.load_run(out)[0].named_parameters()]
     assert sorted(names[i] for i in state["optimizer"]["state"]) == ["classifier.bias", "classifier.weight"]
     rc, _, err = run(argv + ["--epochs", "2", "--early-stopping", "2", "--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "early_stopping=1, this command has early_stopping=2")
+    one_line_error(rc, err, "--resume:", "was trained with --early-stopping 1, this command has --early-stopping 2")
     rc, _, err = run(argv[:-2] + ["--epochs", "2", "--early-stopping", "1", "--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "warmup_epochs=1, this command has warmup_epochs=0")
+    one_line_error(rc, err, "--resume:", "was trained with --warmup-epochs 1, this command has --warmup-epochs 0")
     rc, got, err = run(argv + ["--epochs", "8", "--early-stopping", "1", "--resume"], capsys)
     assert rc == 0, err
     history = json.loads((out / "metrics.json").read_text())
@@ -1477,7 +1480,7 @@ def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_p
     assert json.loads((out / "run.json").read_text())["prepacked_conv"] is True
     assert packed  # AT's PGD ran on packed convolutions
     rc, _, err = run(argv[:4] + ["2"] + argv[5:] + ["--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "prepacked_conv=True")
+    one_line_error(rc, err, "--resume:", "was trained with --prepacked-conv, this command has no --prepacked-conv")
     packed.clear()
     rc, _, err = run(["eval", out, "--attacks", "pgd:steps=2", "--eps", "2/255", "--saliency", "0", "--device", "cpu"],
                      capsys)
@@ -1506,7 +1509,35 @@ def test_prepacked_conv_train_is_recorded_resumed_and_evaluated(small_npz, tmp_p
     assert json.loads((off_out / "run.json").read_text())["prepacked_conv"] is False and not packed
     monkeypatch.delenv("ROBUST_OPS_PREPACKED_CONV")
     rc, _, err = run(argv[:4] + ["2"] + argv[5:6] + [env_out] + argv[7:] + ["--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "prepacked_conv=True")
+    one_line_error(rc, err, "--resume:", "was trained with --prepacked-conv, this command has no --prepacked-conv")
+
+
+def test_train_resume_refusal_names_the_flags_as_typed(small_npz, tmp_path, capsys):
+    """--resume's refusal of another setting named run.json's keys and Python values (``was trained with
+    prepacked_conv=False, this command has prepacked_conv=True``, ``batch_size=32``), where every other message of
+    the command line names its flags (found by the first-wave helpers): it names the flag as typed, a switch or an
+    option left out as with / without it; demo, which has no flag for the memory format, keeps run.json's words."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--model", "mlp", "--epochs", "1", "--out", out, "--no-progress",
+            "--device", "cpu"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    again = argv[:6] + ["2"] + argv[7:] + ["--resume"]
+    for extra, words in ((["--prepacked-conv"], "without --prepacked-conv, this command has --prepacked-conv"),
+                         (["--channels-last"], "without --channels-last, this command has --channels-last"),
+                         (["--batch-size", "16"], "with --batch-size 32, this command has --batch-size 16"),
+                         (["--lr", "0.01"], "with --lr 0.001, this command has --lr 0.01"),
+                         (["--early-stopping", "2"], "without --early-stopping, this command has --early-stopping 2"),
+                         (["--defense", "at"], "with --defense standard, this command has --defense at"),
+                         (["--model", "small_cnn"], "with --model mlp, this command has --model small_cnn")):
+        rc, _, err = run(again + extra, capsys)
+        line = one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained {words}")
+        assert not re.search(r"[a-z]_[a-z]+=|=True|=False", line), line
+    err = cli.resume_setting_error(out / "run.json", "defense_options", {}, {"steps": 1, "eps": 0.5},
+                                   cli.TRAIN_FLAG_SETTINGS)
+    assert str(err).endswith("without --defense-opt, this command has --defense-opt steps=1 --defense-opt eps=0.5")
+    err = cli.resume_setting_error(out / "run.json", "channels_last", True, False, cli.DEMO_FLAG_SETTINGS)
+    assert str(err).endswith("was trained with channels_last=True, this command has channels_last=False"), err
 
 
 def test_mirst_dm_with_dropmax_all_trains_what_run_json_records(small_npz, tmp_path, capsys, monkeypatch):
@@ -2296,7 +2327,7 @@ def test_norm_spellings_are_recorded_canonical_and_resume_as_the_same_run(small_
         assert rc == 0, err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
     rc, _, err = run(again + ["--epochs", 3, "--defense-opt", "norm=L2"], capsys)  # another norm is another run
-    one_line_error(rc, err, "--resume:", "defense_options={'steps': 1, 'norm': 'l2'}")
+    one_line_error(rc, err, "--resume:", "this command has --defense-opt steps=1 --defense-opt norm=l2")
     rc, _, err = run(["train", "--data", small_npz, "--out", tmp_path / "never", "--defense", "at",
                       "--defense-opt", "norm=L1"], capsys)
     one_line_error(rc, err, "--defense-opt: at: expected norm to be one of linf, l2 (any case, e.g. 'Linf', 'L2'), "
@@ -3102,7 +3133,7 @@ def test_resume_of_a_run_stopped_before_its_first_epoch_takes_new_settings(small
     assert rc == 0, err
     assert json.loads((out / "run.json").read_text())["defense_options"]["eps"] == 2 / 255
     rc, _, err = run(argv + ["--defense-opt", "eps=4/255", "--resume"], capsys)  # now it holds an epoch: refused
-    one_line_error(rc, err, "--resume:", "defense_options")
+    one_line_error(rc, err, "--resume:", "this command has --defense-opt steps=1 --defense-opt eps=")
 
 
 def test_resume_refuses_another_image_size(tmp_path, capsys):
@@ -3111,7 +3142,7 @@ def test_resume_refuses_another_image_size(tmp_path, capsys):
     assert run(argv + ["--size", "20"], capsys)[0] == 0
     run_json = (out / "run.json").read_text()
     rc, _, err = run(argv + ["--resume"], capsys)  # synthetic's own size is 28
-    one_line_error(rc, err, "--resume:", "size=20", "size=28")
+    one_line_error(rc, err, "--resume:", "was trained on 20x20 images (--size 20), this command reads them at 28x28")
     assert (out / "run.json").read_text() == run_json
     out2 = tmp_path / "own"  # --size equal to the data's own size is the same run
     assert run(argv[:4] + [out2] + argv[5:], capsys)[0] == 0
@@ -3715,8 +3746,10 @@ def test_train_options_reach_the_run(small_npz, tmp_path, capsys):
     convs = [w for w in state["model"].values() if w.dim() == 4 and w.shape[1] > 1]
     assert convs and all(not w.is_contiguous() for w in convs)  # trained in channels_last, not converted afterwards
     assert any(isinstance(m, DropMax2d) for m in cli.load_run(out)[0].modules())  # DropMax2d has no weights to check
-    for flag, value, needle in (("--seed", 3, "seed=2"), ("--batch-size", 16, "batch_size=32"),
-                                ("--dropmax", "all", "dropmax='first'"), ("--data", "synthetic", "data=")):
+    for flag, value, needle in (("--seed", 3, "with --seed 2, this command has --seed 3"),
+                                ("--batch-size", 16, "with --batch-size 32, this command has --batch-size 16"),
+                                ("--dropmax", "all", "with --dropmax first, this command has --dropmax all"),
+                                ("--data", "synthetic", "this command has --data synthetic")):
         rc, _, err = train({flag: value}, ["--epochs", "2", "--resume"])
         one_line_error(rc, err, "--resume:", needle)
         assert json.loads((out / "run.json").read_text()) == run_doc
@@ -4003,8 +4036,8 @@ def test_classes_select_folders_and_reach_run_json_eval_resume_and_demo(tmp_path
                       "Malignant,Normal", "--out", tmp_path / "same", "--device", "cpu"], capsys)
     assert rc == 0 and "warning" not in err, err  # the run's own classes, spelled otherwise
     rc, _, err = run(argv[:-1] + ["benign,normal", "--epochs", "2", "--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "classes=['malignant', 'normal'], this command has classes=['benign', "
-                                         "'normal']")
+    one_line_error(rc, err, "--resume:", "was trained with --classes malignant,normal, this command has --classes "
+                                         "benign,normal")
     rc, _, err = run(argv[:-1] + ["malignant,,normal"], capsys)
     one_line_error(rc, err, "argument --classes: expected comma-separated class names")
     rc, _, err = run(["demo", "--data", tmp_path / "d", "--size", "8", "--model", "mlp", "--quick", "--methods",
@@ -4073,7 +4106,7 @@ def test_bit_depth_reaches_run_json_eval_resume_and_reproduce(tmp_path, capsys):
                      capsys)
     assert rc == 0 and "warning" not in err, err
     rc, _, err = run(argv[:-1] + ["16", "--epochs", "2", "--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "was trained with bit_depth=12, this command has bit_depth=16")
+    one_line_error(rc, err, "--resume:", "was trained with --bit-depth 12, this command has --bit-depth 16")
     rc, _, err = run(argv[:-2] + ["--out", tmp_path / "plain"], capsys)  # without it: said, with the flag to use
     assert rc == 0 and "12-bit data?" in err and "--bit-depth 12" in err, err
     for bits, message in (("11", "--bit-depth: " + str(data / "benign" / "0.png") + ": holds the value 3072, above "
@@ -4130,7 +4163,7 @@ def test_channels_reads_a_grayscale_csv_as_one_channel_and_reaches_run_json_eval
                      capsys)
     assert rc == 0, err
     rc, _, err = run(argv[:-1] + ["3", "--epochs", "2", "--resume"], capsys)
-    one_line_error(rc, err, "--resume:", "was trained with channels=1, this command has channels=3")
+    one_line_error(rc, err, "--resume:", "was trained with --channels 1, this command has --channels 3")
     rc, _, err = run(argv[:-1] + ["2", "--out", tmp_path / "two"], capsys)
     one_line_error(rc, err, "--channels: invalid choice: 2 (choose from 1, 3)")
     rc, _, err = run(["train", "--data", "synthetic", "--channels", "1", "--out", tmp_path / "s", "--device", "cpu"],

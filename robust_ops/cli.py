@@ -453,7 +453,12 @@ def _data_error(err, flag):
 
     # load_busi(DIR): / load_csv(FILE): name the Python function that checked its argument; the flag names the fix
     text = _flag_words(re.sub(r"^load_(?:busi|csv)\((.+?)\): ", r"\1: ", str(err)))
-    return CLIError(f"--{err.arg.replace('_', '-')}: {text}" if err.arg else f"{flag}: {text}")
+    return CLIError(f"{_flag(err.arg)}: {text}" if err.arg else f"{flag}: {text}")
+
+
+def _flag(key):
+    """The command-line flag of a keyword argument or run.json setting: ``bit_depth`` -> ``--bit-depth``."""
+    return f"--{key.replace('_', '-')}"
 
 
 def _flag_words(text):
@@ -462,7 +467,7 @@ def _flag_words(text):
     import re
 
     for arg in DATA_FLAG_ARGS:
-        option = f"--{arg.replace('_', '-')}"
+        option = _flag(arg)
         text = re.sub(rf"\b{arg}=[^\s;,)]* \(({option}(?: [^()]*)?)\)", r"\1", text)
         text = re.sub(rf"\b{arg}=(?=[^\s;,)])", f"{option} ", text)  # size=64 -> --size 64
         text = re.sub(rf"\b{arg}=", option, text)  # size= resizes -> --size resizes
@@ -775,6 +780,41 @@ RESUME_KEYS = ("data", "classes", "bit_depth", "channels", "model", "defense", "
                "batch_size", "lr", "channels_last", "prepacked_conv", "split", "warmup_epochs", "early_stopping")
 
 
+# run.json's settings each set by a flag of its name (defense_options: --defense-opt), which --resume's refusal of
+# another value names as typed: train's, and demo's (which picks the defense, its options and memory format itself)
+TRAIN_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels", "model", "defense", "defense_options",
+                       "dropmax", "seed", "batch_size", "lr", "channels_last", "prepacked_conv", "warmup_epochs",
+                       "early_stopping")
+DEMO_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels", "model", "seed", "batch_size", "lr")
+
+
+def resume_setting_error(run_file, key, was, now, flags):
+    """--resume's refusal of the run ``run_file`` records, trained with another ``key`` (resume_conflict's): each value
+    as the command line gives it where ``flags`` (a command's FLAG_SETTINGS) hold the key (``--batch-size 32``,
+    ``--classes nv,mel``; a switch or a flag left out: trained with / without ``--prepacked-conv``; the image size
+    the run read, ``--size 28``), else as run.json records it (demo's ``channels_last=True``)."""
+    if key not in flags:
+        return CLIError(f"--resume: {run_file} was trained with {key}={was!r}, this command has {key}={now!r}")
+    if key == "size":  # the size the images were read at: --size, or the data's own without it
+        return CLIError(f"--resume: {run_file} was trained on {was}x{was} images (--size {was}), this command reads "
+                        f"them at {now}x{now}")
+    flag = _flag("defense_opt" if key == "defense_options" else key)
+
+    def typed(value):  # the flag and its value as typed; None for a flag left out (a switch off, no option given)
+        if value is None or value is False or value == {}:
+            return None
+        if value is True:
+            return flag
+        if isinstance(value, dict):
+            return " ".join(f"{flag} {k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                            for k, v in value.items())
+        return f"{flag} {shlex.quote(','.join(value) if isinstance(value, list) else str(value))}"
+
+    was_words, now_words = typed(was), typed(now)
+    return CLIError(f"--resume: {run_file} was trained {f'with {was_words}' if was_words else f'without {flag}'}, "
+                    f"this command has {now_words or f'no {flag}'}")
+
+
 def demo_label(method):
     """demo's table label of a --methods entry: Baseline, AT, DPAAT, MIRST-DM, ...; a Defense subclass given by its
     path (package.module.Class) keeps it."""
@@ -1049,9 +1089,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             if conflict and conflict[0] == "rare_classes":
                 raise CLIError(f"--resume: {rare_classes_refusal(out)}; or train it again without --resume")
             if conflict:
-                key, was, now = conflict
-                raise CLIError(f"--resume: {out / RUN_FILE} was trained with {key}={was!r}, this command has "
-                               f"{key}={now!r}")
+                raise resume_setting_error(out / RUN_FILE, *conflict, TRAIN_FLAG_SETTINGS)
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
             for name in trainer.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -1761,7 +1799,7 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
                         "--out")
     if key == "rare_classes":
         return CLIError(f"--resume: {rare_classes_refusal(run_dir)}; or rerun without --resume, or use another --out")
-    return CLIError(f"--resume: {run_dir / RUN_FILE} was trained with {key}={was!r}, this command has {key}={now!r}")
+    return resume_setting_error(run_dir / RUN_FILE, key, was, now, DEMO_FLAG_SETTINGS)
 
 
 def cmd_demo(args):
