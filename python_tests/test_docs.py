@@ -918,18 +918,27 @@ def test_package_docstring_lists_the_modules_imported_on_first_use():
 
 def test_exported_functions_document_every_argument():
     """help() of the package's own functions and DropMax2d names each argument they take in its Args (max_pool2d's
-    are F.max_pool2d's, by reference): boundary_search_step_ took backend= without a word of it."""
+    are F.max_pool2d's, by reference): boundary_search_step_ took backend= without a word of it, attacks.run_pgd
+    name=, attacks.ensemble clip_min= / clip_max=, and attacks.apgd_t and evaluate had no Args at all (n_restarts,
+    rho, generator; batch_size, cascade). evaluate's progress takes False too (fit's word for none), which its entry
+    said nothing of."""
     import robust_ops
+    from robust_ops import attacks, evaluate
 
     undocumented = {}
-    for name in ("drop_max_pool2d", "pgd_step_", "boundary_search_step_", "replace_maxpool", "DropMax2d"):
-        fn = getattr(robust_ops, name)
-        args = fn.__doc__.split("Args:")[1]
+    functions = [(robust_ops, name) for name in ("drop_max_pool2d", "pgd_step_", "boundary_search_step_",
+                                                 "replace_maxpool", "DropMax2d")]
+    functions += [(attacks, "run_pgd"), (attacks, "apgd_t"), (attacks, "ensemble"), (evaluate, "evaluate")]
+    for module, name in functions:
+        fn = getattr(module, name)
+        args = (fn.__doc__ or "").partition("Args:")[2].split("Returns:")[0]
         params = list(inspect.signature(fn).parameters)
         missing = [p for p in params if not re.search(rf"^ +(\w+, )*{p}\b", args, flags=re.M)]
         if missing:
             undocumented[name] = missing
     assert not undocumented
+    progress = re.search(r"^ +progress:(.*?)^ +\w+:", evaluate.evaluate.__doc__, flags=re.M | re.S).group(1)
+    assert "False" in progress, progress
 
 
 def test_replace_maxpool_docstring_names_each_refusal():

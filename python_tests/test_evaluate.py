@@ -1425,7 +1425,8 @@ def test_a_cuda_device_without_a_visible_gpu_is_refused_naming_the_fix(monkeypat
 @pytest.mark.parametrize("bad", [True, "yes", 1])
 def test_a_progress_that_is_not_callable_is_refused_before_the_clean_pass(bad):
     # fit's progress is a bool: progress=True here failed after the clean pass with "'bool' object is not callable"
-    with pytest.raises(EvalError, match=rf"^progress: expected a callable\(str\) or None, got {re.escape(repr(bad))}$"):
+    with pytest.raises(EvalError, match=rf"^progress: expected a callable\(str\), or None or False for none, got "
+                                        rf"{re.escape(repr(bad))}$"):
         evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,), progress=bad)
 
 

@@ -566,21 +566,35 @@ def warn_default_step_short_of_radii(specs, radii):
 
 def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",
              batch_size=128, device=None, cascade=True, ensemble=False, progress=None, seed=None):
-    """Evaluate ``model`` on ``dataset`` (TensorDataset of [N, ...] inputs and labels) under ``attacks`` at each
-    radius in ``eps``. ``info``: the dataset's DatasetInfo (number of classes, positive class, value range). Labels
-    follow ``fit``'s rule: one integer class per sample, [N] or MedMNIST's [N, 1]; one-hot, float or bool labels are
-    an EvalError naming ``data``.
+    """Evaluate ``model`` on ``dataset`` under ``attacks`` at each radius in ``eps``.
 
     Returns a list of rows ``{method, attack, norm, eps, n, accuracy, f1, sensitivity, specificity, precision, auc,
     map, confusion}`` (``confusion``: the confusion matrix of the row's predictions, one list per true class of the
     count predicted as each class, label order): one clean row, one per attack and radius, and a "worst-case" row
     per radius (when more than one attack is given); with ``ensemble=True`` the clean row and a "worst-case" row per
-    radius only, also for one attack (protocol, ``cascade`` and ``ensemble``: the module docstring). ``progress``:
-    optional callable(str) told about each step. ``device``: where to run (default: the model's device, as
-    torchattacks runs; a model elsewhere is moved there with ``model.to(device)``, in place). ``seed``: an integer
-    >= 0 seeds the random draws of the attacks that take them from torch's RNG (PGD's random start, attacks without
-    their own ``seed``) inside ``torch.random.fork_rng``: the rows then do not depend on what ran before in the
-    process, and the global RNG stays as it was; None (default) draws from the global RNG, as torchattacks does.
+    radius only, also for one attack (protocol, ``cascade`` and ``ensemble``: the module docstring).
+
+    Args:
+        model (nn.Module): ``[N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
+        dataset: TensorDataset of [N, ...] inputs inside ``info``'s value range and labels. Labels follow ``fit``'s
+            rule: one integer class per sample, [N] or MedMNIST's [N, 1]; one-hot, float or bool labels are an
+            EvalError naming ``data``.
+        info (DatasetInfo): the dataset's (number of classes, positive class, value range): ``load_dataset(...).info``.
+        attacks: attack specs, ``"fgsm,pgd,cw"`` or a list of them (``name[:key=value...]``: the module docstring).
+            Default ("fgsm", "pgd", "cw").
+        eps: radii, ``"1/255,2/255"``, a list, a numpy array or a tensor of them; sorted, duplicates removed.
+            Default (5/255,).
+        method (str): the rows' label (default "model").
+        batch_size (int >= 1): samples per forward and attack call (default 128).
+        device: where to run (default: the model's device, as torchattacks runs; a model elsewhere is moved there
+            with ``model.to(device)``, in place).
+        cascade, ensemble (bool): the protocol (module docstring); default True, False.
+        progress: a callable(str) told about each step; None (default) or False: nothing is told (False as fit's
+            ``progress=False``; True is an error, there is no bar to draw).
+        seed: an integer >= 0 seeds the random draws of the attacks that take them from torch's RNG (PGD's random
+            start, attacks without their own ``seed``) inside ``torch.random.fork_rng``: the rows then do not
+            depend on what ran before in the process, and the global RNG stays as it was; None (default) draws from
+            the global RNG, as torchattacks does.
     """
     if seed is not None:
         try:
@@ -602,7 +616,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         raise EvalError("batch_size", str(err)) from None
     # fit's progress is a bool: progress=True failed only after the clean pass ("'bool' object is not callable")
     if not (progress is None or progress is False or callable(progress)):
-        raise EvalError("progress", f"progress: expected a callable(str) or None, got {progress!r}")
+        raise EvalError("progress", f"progress: expected a callable(str), or None or False for none, got {progress!r}")
     if device is not None:  # model.to(2.5) or model.to(tensor) changed the model in place before any error
         try:
             device = check_usable_device("device", device)

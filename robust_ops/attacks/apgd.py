@@ -396,8 +396,28 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
     r"""APGD-T, AutoAttack's targeted APGD: for each of the ``n_target_classes`` classes with the highest clean
     logits after the top one, a targeted APGD (targeted DLR loss; falls back to the CW margin below 4 classes) runs
     on the samples still correctly classified. y are TRUE labels; success means any misclassification.
-    With fewer classes the number of targets is capped at K - 1. ``norm`` ("linf", "l2", "l1"), ``eot_iter`` and
-    ``use_largereps`` as :func:`apgd`. Returns x_adv as :func:`apgd`."""
+    With fewer classes the number of targets is capped at K - 1.
+
+    Args:
+        model: ``[N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
+        x (Tensor[N, ...]) in the clip range.
+        y (LongTensor[N]): true labels (never targets: the targets are the runner-up classes).
+        eps (float or Tensor[N]): radius, per sample if a tensor.
+        norm: "linf" (default), "l2" or "l1" (any case).
+        steps (int): iterations per restart (default 100).
+        n_target_classes (int >= 1): how many runner-up classes are targeted in turn (default 9, AutoAttack's).
+        loss: "dlr" (default; the targeted DLR loss, the CW margin below 4 classes), "ce" or "cw", each toward the
+            target class.
+        n_restarts (int): random restarts per target class, each on the samples not yet broken (default 1).
+        rho (float): APGD's checkpoint threshold (0.75), as :func:`apgd`.
+        eot_iter, use_largereps: as :func:`apgd`.
+        clip_min, clip_max (float): valid input range.
+        model_mode: "eval" (default), "train" or "keep".
+        generator (torch.Generator): for the random starts.
+
+    Returns:
+        x_adv as :func:`apgd`: per sample the first iterate that succeeded, else the highest-loss point found.
+    """
     name = "apgd_t"
     y, norm, steps, n_restarts, eps_t, eot_iter = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss,
                                                                    rho, clip_min, clip_max, eot_iter, use_largereps)

@@ -417,19 +417,22 @@ def run_pgd(
 
     Args:
         model: ``[N, ...] -> [N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
-        x (Tensor[N, ...]): clean inputs inside ``[clip_min, clip_max]``. y (LongTensor[N]): labels (targets when
-            ``targeted``).
+        x (Tensor[N, ...]): clean inputs inside ``[clip_min, clip_max]``.
+        y (LongTensor[N]): labels (targets when ``targeted``).
         eps, alpha (float or Tensor[N]): radius and step size, per sample if a tensor.
         steps (int >= 1): number of steps.
-        norm: "linf" or "l2" (any case). random_start (bool): start at a random point of the ball (torchattacks' draws).
+        norm: "linf" or "l2" (any case).
+        random_start (bool): start at a random point of the ball (torchattacks' draws).
         start_noise (float >= 0): start at ``clip(x + start_noise * N(0, I))`` (drawn with ``generator``) instead, the
             near-x start of TRADES's and MART's reference code (0.001); 0: no draws. Not with ``random_start``.
         loss: "ce", "cw" (margin with confidence ``kappa``) or a callable ``(out, y) -> scalar or [N]``.
+        kappa (float >= 0): the "cw" margin's confidence (default 0); above 0 only with ``loss="cw"``.
         targeted (bool): ``y`` are target labels; the loss is negated ("cw": the target margin is ascended).
         emit (tuple of int): step counts in [1, steps], sorted; ``iterates[j]`` is the iterate after ``emit[j]`` steps.
         early_stop: False; True: freeze a sample once the attack succeeds on it; int tau: FAT's rule, a sample
             freezes at an iterate where it succeeds after succeeding at tau earlier ones (0 is True's rule).
-        clip_min, clip_max (float): valid input range. model_mode: "eval" (default), "train" or "keep".
+        clip_min, clip_max (float): valid input range.
+        model_mode: "eval" (default), "train" or "keep".
         param_grad_weights (dict {j: w}): also accumulate ``w * d(loss)/d(theta)`` at the iterate after j steps
             (j in [0, steps]) from the same backward pass the attack does there (one extra forward/backward for
             j == steps). Parameter ``.grad`` is never touched; a parameter the forward does not use gets None.
@@ -441,6 +444,8 @@ def run_pgd(
         step_noise (float >= 0): each step also adds ``step_noise * N(0, 1)`` (drawn with ``generator``) to the iterate
             of every sample still moving, before the projection: ``x <- clip(P(x + alpha*sign(g) + step_noise*n))``,
             FAT's reference code's omega. 0: no noise, no draws.
+        name (str): the attack the errors are reported as (``pgd: expected steps ...``); the attacks built on this
+            loop pass their own ("pgd", "fgsm", "ifgsm", "cw_linf"). Default "run_pgd".
 
     Returns:
         PGDResult(x_adv, iterates, param_grads, emitted_losses).

@@ -158,14 +158,21 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     per-sample worst case is then the same for deterministic attacks).
 
     Args:
-        model; x (Tensor[N, ...]) in the clip range; y (LongTensor[N]) true labels.
+        model: ``[N, K]`` logits or ``[N]`` / ``[N, 1]`` single logits.
+        x (Tensor[N, ...]): clean inputs inside ``[clip_min, clip_max]``.
+        y (LongTensor[N]): true labels.
         attacks (list): callables ``attack(x, y) -> x_adv`` such as :class:`APGD`, :class:`Square` or any
             :class:`Attack`; their ``name`` attribute labels the result. A per-sample ``eps`` / ``alpha`` tensor [N]
             of an :class:`Attack` is cut to the samples each call attacks; other callables get only the subset.
-        cascade (bool): default True. model_mode: for the robustness checks (each attack has its own).
+        cascade (bool): default True.
+        model_mode: for the robustness checks (each attack has its own).
+        clip_min, clip_max (float): the valid input range (default [0, 1]): ``x`` must lie in it, and each attack's
+            output must too (a ValueError names the attack otherwise); the attacks clip with their own settings.
         batch_size (int, optional): attack (and check on clean inputs) at most this many samples at a time; None:
-            all at once. names: labels overriding ``name``. model_check: a callable given the first batch (inputs
-            already checked) before any forward, such as AutoAttack's checks for randomized and probability outputs.
+            all at once.
+        names: labels overriding ``name``.
+        model_check: a callable given the first batch (inputs already checked) before any forward, such as
+            AutoAttack's checks for randomized and probability outputs.
 
     Returns:
         :class:`EnsembleResult` ``(x_adv, robust, broken_by, names)``.
