@@ -324,9 +324,10 @@ def test_train_writes_run_and_eval_end_to_end(trained_run, capsys):
     assert [r["attack"] for r in doc["rows"]][:2] == ["none", "fgsm"] and doc["synthetic"] is False
     assert (trained_run / "eval" / "accuracy_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
     assert (trained_run / "eval" / "saliency_standard.png").is_file()
-    assert "| F1: attack | ε | standard |" in out
+    assert "| F1: attack | ε | standard |" in out and "| Specificity: attack | ε | standard |" in out
     # the printed tables' sensitivity is named as the report's is (label 0 is BreastMNIST's positive class)
-    assert "\nsmallbus: positive class 1 = 1; sensitivity is the recall of the positive class\n" in out
+    assert ("\nsmallbus: positive class 1 = 1; sensitivity is the recall of the positive class, specificity that of "
+            "class 0 = 0\n") in out
 
 
 def test_train_prints_an_eval_command_that_runs_as_printed(small_npz, tmp_path, capsys):
@@ -1606,12 +1607,13 @@ def test_reproduce_quick_arfl_moons(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "Published numbers beside ours" in text and "QUICK MODE" in text and "| Standard training | FGSM" in text
     assert "RUNS:" not in text  # --seeds 1 of the protocol's 5 gets no RUNS note in --quick: QUICK MODE's covers it
-    assert "two-moons: positive class 1 = lower moon; sensitivity is the recall of the positive class" in stdout
+    assert ("two-moons: positive class 1 = lower moon; sensitivity is the recall of the positive class, "
+            "specificity that of class 0 = upper moon") in stdout
     # its metric-vs-radius figures were written without a word (docs/reproduce/README.md named results.json and
     # report.md only); no saliency figure on feature vectors
     figures = sorted(p.name for p in out.glob("*.png"))
-    assert figures == ["accuracy_vs_eps.png", "f1_vs_eps.png", "sensitivity_vs_eps.png"]
-    assert f"wrote {out / 'results.json'}, {out / 'report.md'} and 3 figures (" in stdout
+    assert figures == ["accuracy_vs_eps.png", "f1_vs_eps.png", "sensitivity_vs_eps.png", "specificity_vs_eps.png"]
+    assert f"wrote {out / 'results.json'}, {out / 'report.md'} and 4 figures (" in stdout
 
 
 def test_reproduce_records_the_protocols_data_by_its_name_whatever_its_spelling(tmp_path, capsys):

@@ -620,7 +620,8 @@ def test_write_results_schema_and_pngs(tmp_path):
     assert {"robust_ops", "torch", "git_revision", "date", "device"} <= set(doc["environment"])
     assert len(doc["rows"]) == len(rows) and doc["rows"][1]["attack"] == "fgsm"
     names = sorted(p.name for p in out["figures"])
-    assert names == ["accuracy_vs_eps.png", "f1_vs_eps.png", "saliency_a.png", "sensitivity_vs_eps.png"]
+    assert names == ["accuracy_vs_eps.png", "f1_vs_eps.png", "saliency_a.png", "sensitivity_vs_eps.png",
+                     "specificity_vs_eps.png"]
     for p in out["figures"]:
         assert p.read_bytes()[:8] == PNG_MAGIC
         import matplotlib.image
@@ -1377,14 +1378,15 @@ def test_a_model_built_for_another_class_count_is_refused_naming_both():
 
 
 def test_write_results_removes_its_own_figures_that_a_later_write_does_not_draw(tmp_path):
-    """A second write into the same folder left the first one's f1 / sensitivity curves (metrics now undefined in
-    every row) and saliency maps beside results and a report.md that do not show them. Other files stay."""
+    """A second write into the same folder left the first one's f1 / sensitivity / specificity curves (metrics now
+    undefined in every row) and saliency maps beside results and a report.md that do not show them. Other files
+    stay."""
     data, model = tiny_data(), tiny_model()
     rows = evaluate(model, data, INFO, attacks="fgsm", eps="4/255", method="a")
     x, y = data.tensors
     write_results(tmp_path, rows, INFO, saliency=({"a": model}, x[:2], y[:2]))
     (tmp_path / "notes.png").write_bytes(PNG_MAGIC)
-    undefined = [dict(r, f1=math.nan, sensitivity=math.nan) for r in rows]
+    undefined = [dict(r, f1=math.nan, sensitivity=math.nan, specificity=math.nan) for r in rows]
     out = write_results(tmp_path, undefined, INFO)
     assert [p.name for p in out["figures"]] == ["accuracy_vs_eps.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_eps.png", "notes.png", "report.md",

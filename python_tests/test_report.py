@@ -1,6 +1,7 @@
 """Report formatting: radii, numbers, run marks, table layouts, figure titles, Grad-CAM and input-gradient maps."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_runs_mark_only_for_partially_defined_means():
 def test_figure_metrics_by_task():
     binary = DatasetInfo("b", 2, 1, 8, ("a", "b"), positive_class=1)
     multi = DatasetInfo("m", 3, 1, 8, ("a", "b", "c"))
-    assert report.figure_metrics(binary) == ("accuracy", "f1", "sensitivity")
+    assert report.figure_metrics(binary) == ("accuracy", "f1", "sensitivity", "specificity")
     assert report.figure_metrics(multi) == ("accuracy", "f1", "map")
 
 
@@ -137,8 +138,8 @@ def test_markdown_report_pivots_and_run_counts():
     base = dict(method="M", norm=None, eps=0.0, n=300, n_min=100, n_max=100, repeats=3, accuracy=0.8, f1=0.7,
                 sensitivity=0.6, specificity=0.5, precision=0.4, auc=0.9)
     text = report.markdown_report(_doc([dict(base, attack="none")]))
-    for header in ("| F1: attack |", "| Sensitivity: attack |", "| Accuracy: attack |", "| AUC: attack |"):
-        assert header in text
+    headers = [line for line in text.splitlines() if re.match(r"\| \w+: attack \|", line)]
+    assert [h.split(":")[0] for h in headers] == ["| F1", "| Sensitivity", "| Specificity", "| Accuracy", "| AUC"]
     assert "Test samples: 300 over 3 runs (100–100 per run)." in text
     text = report.markdown_report(_doc([dict(base, attack="none", repeats=2)]))
     assert "Test samples: 300 over 2 runs" in text and "Synthetic data" not in text
@@ -197,7 +198,8 @@ def test_markdown_report_names_the_positive_class_only_for_binary_tasks():
     assert "per-class recall; absent from the validation split: b). Validation samples: 30." in \
         report.markdown_report(doc)
     text = report.markdown_report(_doc([row]))
-    assert "(2 classes, positive class 1 = b; sensitivity is the recall of the positive class)" in text
+    assert ("(2 classes, positive class 1 = b; sensitivity is the recall of the positive class, specificity that of "
+            "class 0 = a)") in text
 
 
 def test_markdown_report_gives_each_class_recall_for_multi_class_tasks():
@@ -303,7 +305,8 @@ def test_binary_radius_figures_name_the_positive_class(tmp_path, monkeypatch):
     figures = _record_figures(monkeypatch)
     info = DatasetInfo("derm", 2, 3, 8, ("melanoma", "nevus"), positive_class=0)
     rows = [{**r, "precision": r["f1"]} for r in rows]  # not among figure_metrics, but plot_metric_vs_radius's own
-    for metric in ("sensitivity", "f1", "precision", "accuracy"):
+    rows = [{**r, "specificity": r["accuracy"]} for r in rows]
+    for metric in ("sensitivity", "f1", "precision", "accuracy", "specificity"):
         assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", metric=metric, info=info)
     assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", metric="f1",
                                         info=DatasetInfo("d", 2, 3, 8, ("a", "b")))
@@ -311,9 +314,11 @@ def test_binary_radius_figures_name_the_positive_class(tmp_path, monkeypatch):
     assert labels == [("Sensitivity (melanoma) vs radius on derm", "Sensitivity (melanoma)"),
                       ("F1 (melanoma) vs radius on derm", "F1 (melanoma)"),
                       ("Precision (melanoma) vs radius on derm", "Precision (melanoma)"),
-                      ("Accuracy vs radius on derm", "Accuracy"), ("F1 vs radius on d", "F1")]
+                      ("Accuracy vs radius on derm", "Accuracy"),
+                      ("Specificity (nevus) vs radius on derm", "Specificity (nevus)"), ("F1 vs radius on d", "F1")]
     melanoma_second = DatasetInfo("derm", 2, 3, 8, ("nevus", "melanoma"), positive_class=1)
     assert report.figure_metric_label("sensitivity", melanoma_second) == "Sensitivity (melanoma)"
+    assert report.figure_metric_label("specificity", melanoma_second) == "Specificity (nevus)"
 
 
 def test_saliency_figure_title_marks_synthetic_data(tmp_path, monkeypatch):

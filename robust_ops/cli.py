@@ -1661,7 +1661,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     config = {**config, "eval_batch_size": args.eval_batch_size, "saliency_images": count, "attack_seed": seed}
     paths = write_results_to_out(out, rows, splits.info, config=config, device=device, title=title,
                                  saliency=saliency, extra_markdown=extra_markdown, paper=paper)
-    metrics = ("f1", "sensitivity", "accuracy") if splits.info.num_classes == 2 else ("accuracy", "f1", "map")
+    metrics = report.pivot_metrics(splits.info.num_classes == 2, terminal=True)
     # the tables' sensitivity is that of the positive class, label 0 in BreastMNIST: say which, as report.md does
     info = splits.info.to_dict()
     print(f"\n{splits.info.name}: {report.positive_class_text(info)}{report.absent_classes_text(info, args.split)}")

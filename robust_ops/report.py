@@ -58,8 +58,18 @@ def runs_mark(row, metric):
 
 
 def figure_metrics(info):
-    """Curves worth drawing: accuracy and F1 always; sensitivity for binary tasks, mAP for multi-class."""
-    return ("accuracy", "f1", "sensitivity") if info.num_classes == 2 else ("accuracy", "f1", "map")  # noqa
+    """Curves worth drawing: accuracy and F1 always; sensitivity and specificity for binary tasks (a clinical reader
+    reads the two together), mAP for multi-class."""
+    return ("accuracy", "f1", "sensitivity", "specificity") if info.num_classes == 2 else ("accuracy", "f1", "map")
+
+
+def pivot_metrics(binary, terminal=False):
+    """The metrics report.md pivots, in its order: F1, sensitivity, specificity (the recall of the other class, read
+    beside sensitivity), accuracy and AUC for a binary task; accuracy, F1 and mAP for a multi-class one. ``terminal``:
+    the tables eval and demo print, without AUC."""
+    if not binary:
+        return ("accuracy", "f1", "map")
+    return ("f1", "sensitivity", "specificity", "accuracy") + (() if terminal else ("auc",))
 
 
 def _table_line(cells):
@@ -234,10 +244,12 @@ def undefined_note(rows, metrics, binary=True):
 
 def positive_class_text(info):
     """What sensitivity, precision and F1 are of, for ``info`` (a DatasetInfo's ``to_dict()``): the positive class's
-    label and name, or the macro averages of a multi-class set."""
+    label and name, and the other class, whose recall specificity is; or the macro averages of a multi-class set."""
     pos = info.get("positive_class")
     if pos is not None:
-        return f"positive class {pos} = {info['class_names'][pos]}; sensitivity is the recall of the positive class"
+        names = info["class_names"]
+        return (f"positive class {pos} = {names[pos]}; sensitivity is the recall of the positive class, specificity "
+                f"that of class {1 - pos} = {names[1 - pos]}")
     # multi-class: no positive class; each metric is a one-vs-rest macro average (robust_ops.metrics)
     return "macro-averaged metrics over the classes present; sensitivity is the mean per-class recall"
 
@@ -288,7 +300,7 @@ def markdown_report(doc, title=None, figures=(), extra=None):
               f"{_samples_text(rows)}.", ""]
     metrics = doc.get("metrics") or list(metric_names(info["num_classes"]))
     binary = info["num_classes"] == 2
-    for metric in (("f1", "sensitivity", "accuracy", "auc") if binary else ("accuracy", "f1", "map")):
+    for metric in pivot_metrics(binary):
         if metric in metrics:
             lines += [pivot_table(rows, metric), ""]
     for note in (undefined_note(rows, metrics, binary), missing_rows_note(rows)):
@@ -355,7 +367,7 @@ def _wrap_text(text, width, renderer):
 
 # one-vs-rest macro averages on a multi-class set (robust_ops.metrics); accuracy and mAP read the same either way
 _MACRO_AVERAGED = ("sensitivity", "specificity", "precision", "f1", "auc")
-# a binary task's metrics of its positive class alone (robust_ops.metrics)
+# a binary task's metrics of its positive class alone (robust_ops.metrics); specificity is the other class's recall
 _OF_POSITIVE = ("sensitivity", "precision", "f1")
 
 
@@ -363,12 +375,15 @@ def figure_metric_label(metric, info=None):
     """A figure's name for ``metric``: "Macro F1" on a multi-class set, whose figures stand without the report's
     sentence that its metrics are macro averages; "Sensitivity (melanoma)" on a binary set for the metrics of its
     positive class, which only that sentence named (label 0, malignant, in BreastMNIST; melanoma or nevus in a
-    user's set); the table label otherwise."""
+    user's set), and "Specificity (nevus)" for the recall of the other class; the table label otherwise."""
     label = METRIC_LABELS.get(metric, metric)
     if info is not None and info.num_classes > 2 and metric in _MACRO_AVERAGED:
         return f"Macro {label}"
-    if info is not None and info.num_classes == 2 and info.positive_class is not None and metric in _OF_POSITIVE:
-        return f"{label} ({info.class_names[info.positive_class]})"
+    if info is not None and info.num_classes == 2 and info.positive_class is not None:
+        if metric in _OF_POSITIVE:
+            return f"{label} ({info.class_names[info.positive_class]})"
+        if metric == "specificity":
+            return f"{label} ({info.class_names[1 - info.positive_class]})"
     return label
 
 
