@@ -280,6 +280,33 @@ def test_radius_figure_title_says_it_plots_means_over_runs(tmp_path, monkeypatch
         "Accuracy vs radius on d"]
 
 
+def test_radius_figure_draws_the_std_of_reproduces_means_and_marks_means_of_fewer_runs(tmp_path, monkeypatch):
+    """reproduce's figures plotted its means over seeds or folds without their spread, though every mean row holds
+    ``<metric>_std`` and its tables show "± std": each point with a std now gets a ±1 std bar (the title says so),
+    and a mean over only k of the n runs is marked "k of n runs", as the tables mark it."""
+    rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "accuracy": 0.9, "accuracy_std": 0.05,
+             "accuracy_runs": 3, "repeats": 3},
+            {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.1, "accuracy": 0.5, "accuracy_std": None,
+             "accuracy_runs": 1, "repeats": 3},
+            {"method": "m", "attack": "fgsm", "norm": "linf", "eps": 0.2, "accuracy": 0.25, "accuracy_std": 0.1,
+             "accuracy_runs": 2, "repeats": 3}]
+    figures = _record_figures(monkeypatch)
+    info = DatasetInfo("d", 2, 1, 8, ("a", "b"))
+    assert report.plot_metric_vs_radius(rows, tmp_path / "a.png", info=info)
+    ax = figures[0].axes[0]
+    bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    segments = np.array([s for c in bars for s in c.lines[2][0].get_segments()])
+    np.testing.assert_allclose(segments, [[[0, 0.85], [0, 0.95]], [[0.2, 0.15], [0.2, 0.35]]])  # none for 1 run
+    assert sorted(t.get_text() for t in ax.texts) == ["1 of 3 runs", "2 of 3 runs"]
+    title = " ".join(figures[0]._suptitle.get_text().split())  # wrapped to the one panel's width
+    assert title == "Accuracy vs radius on d, mean over 3 runs, bars ±1 std"
+    # one run's rows: no bar, no mark, the title as before
+    assert report.plot_metric_vs_radius([{k: v for k, v in r.items() if not k.startswith(("accuracy_", "rep"))}
+                                         for r in rows], tmp_path / "a.png", info=info)
+    assert not figures[1].axes[0].containers and not figures[1].axes[0].texts
+    assert figures[1]._suptitle.get_text() == "Accuracy vs radius on d"
+
+
 def test_multiclass_radius_figures_say_their_metrics_are_macro_averages(tmp_path, monkeypatch):
     """A 7-class F1 figure was labelled "F1", though it plots the one-vs-rest macro average (the report says so, the
     figure stands alone); binary figures and accuracy keep their names."""

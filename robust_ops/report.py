@@ -389,28 +389,45 @@ def figure_metric_label(metric, info=None):
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     """One panel per (attack, norm), one line per method: ``metric`` against the radius (clean value at eps = 0).
-    Returns False (nothing written) when no row has a defined value of the metric (an empty figure would say
-    nothing; the report's note says why the metric is undefined)."""
+    A mean row (reproduce) with a ``<metric>_std`` gets a ±1 std error bar, and one that is the mean of only k of
+    its n runs is marked "k of n runs", as the tables mark it. Returns False (nothing written) when no row has a
+    defined value of the metric (an empty figure would say nothing; the report's note says why it is undefined)."""
     panels = _attack_panels(rows)
     methods = _methods(rows)
     if not panels or all(_undefined(r.get(metric)) for r in rows):
         return False
     several_norms = {a for a, count in Counter(a for a, _ in panels).items() if count > 1}
     fig, axes = _figure(1, len(panels), (3.6 * len(panels), 3.2), sharey=True)
-    clean = {r["method"]: r.get(metric) for r in rows if r["attack"] == "none"}
+    clean = {r["method"]: r for r in rows if r["attack"] == "none"}
     lines = {}  # method -> its first line, for the one legend
+    spread = False  # whether any point got an error bar, for the title
     for ax, (attack, norm) in zip(axes[0], panels):
         in_panel = [r for r in rows if r["attack"] == attack and r.get("norm") == norm]
         for i, m in enumerate(methods):
-            pts = sorted((r["eps"], r.get(metric)) for r in in_panel if r["method"] == m)
+            pts = sorted(((r["eps"], r) for r in in_panel if r["method"] == m), key=lambda p: p[0])
             if m in clean and (not pts or pts[0][0] > 0):
                 pts = [(0.0, clean[m])] + pts
-            pts = [(e, v) for e, v in pts if v is not None and math.isfinite(v)]
-            if pts:
-                # one colour per method in every panel: each panel's own colour cycle gave the next method the
-                # colour of one left out of it (no defined value there), unlike the legend
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, color=f"C{i % 10}")
-                lines.setdefault(m, line)
+            pts = [(e, r) for e, r in pts if not _undefined(r.get(metric))]
+            if not pts:
+                continue
+            # one colour per method in every panel: each panel's own colour cycle gave the next method the colour of
+            # one left out of it (no defined value there), unlike the legend
+            color = f"C{i % 10}"
+            line, = ax.plot([e for e, _ in pts], [python_number(r[metric]) for _, r in pts], marker="o", label=m,
+                            color=color)
+            lines.setdefault(m, line)
+            # reproduce's means: a bar of ±1 std where several runs defined the metric (the tables' "± std")
+            bars = [(e, python_number(r[metric]), python_number(r.get(f"{metric}_std"))) for e, r in pts]
+            bars = [b for b in bars if not _undefined(b[2])]
+            if bars:
+                spread = True
+                ax.errorbar([b[0] for b in bars], [b[1] for b in bars], yerr=[b[2] for b in bars], fmt="none",
+                            ecolor=color, elinewidth=0.8, capsize=2)
+            for e, r in pts:
+                mark = runs_mark(r, metric).strip(" ()")
+                if mark:
+                    ax.annotate(mark, (e, python_number(r[metric])), textcoords="offset points", xytext=(3, 3),
+                                fontsize=6, color=color)
         ax.set_title(f"{attack} ({norm})" if attack in several_norms else attack, fontsize=10)
         ax.set_xlabel("ε")
         ax.grid(alpha=0.3)
@@ -423,7 +440,8 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     axes[0][-1].legend(handles=[lines[m] for m in methods if m in lines], fontsize=7, loc="best")
     if info is not None:
         tag = " — SYNTHETIC DATA" if info.synthetic else ""
-        fig.suptitle(f"{figure_metric_label(metric, info)} vs radius on {info.name}{_means_text(rows)}{tag}",
+        bars = ", bars ±1 std" if spread else ""
+        fig.suptitle(f"{figure_metric_label(metric, info)} vs radius on {info.name}{_means_text(rows)}{bars}{tag}",
                      fontsize=10)
     _save(fig, path)
     return True
