@@ -24,6 +24,30 @@ def test_format_eps_and_fmt():
 
 
 
+def test_radii_that_read_the_same_to_4_digits_get_the_digits_that_tell_them_apart(tmp_path, monkeypatch):
+    """0.0039216 and 0.0039219 both read "0.003922": a table showed two lines of one ε (and a figure two ticks).
+    Within one table or axis they now get as many digits as tell them apart; other radii keep their labels."""
+    assert report.format_eps(0.0039216, [0.0039216, 0.0039219, 2 / 255]) == "0.0039216"
+    assert report.format_eps(0.0039219, {0.0039216, None, 0.0}) == "0.0039219"
+    assert report.format_eps(2 / 255, [0.0039216, 0.0039219, 2 / 255]) == "2/255"
+    assert report.format_eps(1 / 255, [1 / 255 + 1e-12]) != report.format_eps(1 / 255 + 1e-12, [1 / 255])
+    rows = [{"method": "M", "attack": "pgd", "norm": "linf", "eps": e, "n": 4, "accuracy": 0.5,
+             "confusion": [[1, 1], [1, 1]]} for e in (0.0039216, 0.0039219, 2 / 255)]
+    pivot = [line.split(" | ")[1] for line in report.pivot_table(rows, "accuracy").splitlines()[2:]]
+    assert pivot == ["0.0039216", "0.0039219", "2/255"]
+    for table in (report.markdown_table(rows, ["accuracy"]), report.per_class_recall_table(rows, ["a", "b"])):
+        assert [line.split(" | ")[3] for line in table.splitlines()[2:]] == ["0.0039216", "0.0039219", "2/255"]
+    paper = [{"method": "M", "attack": "pgd", "eps": r["eps"], "accuracy": 0.5} for r in rows]
+    lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()[2:]
+    assert [line.split(" | ")[2] for line in lines] == ["0.0039216", "0.0039219", "2/255"]
+    note = report.missing_rows_note(rows + [dict(rows[0], method="B")])
+    assert "B: pgd at 0.0039219, 2/255;" in note
+    figures = _record_figures(monkeypatch)
+    assert report.plot_metric_vs_radius(rows, tmp_path / "a.png")
+    ticks = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
+    assert ticks == ["0", "0.0039216", "0.0039219", "2/255"]
+
+
 def test_fmt_rounds_the_decimal_a_published_number_was_written_as():
     # The paper columns showed DPAAT's 55.15% as 0.551 but its 62.25% as 0.623: rounding the binary float, which lies
     # just below 0.5515 and just above 0.6225, not the decimal the paper printed. Ties now go to even (as they did,

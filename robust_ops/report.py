@@ -19,8 +19,22 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "model"
 
 
-def format_eps(eps):
-    """``5/255`` when eps is a whole number of 255ths, else a short decimal; ``0`` for clean rows."""
+def format_eps(eps, among=()):
+    """``5/255`` when eps is a whole number of 255ths, else a short decimal; ``0`` for clean rows. ``among``: the
+    other radii of the same table or axis; where one of them would get the same label (0.0039216 and 0.0039219 both
+    read "0.003922", one ε on two lines), each gets the significant digits that tell them apart."""
+    label = _eps_label(eps)
+    clash = [e for e in among if e is not None and e != eps and _eps_label(e) == label]
+    digits = 5
+    while clash and digits <= 17:  # 17 significant digits tell any two floats apart
+        label = f"{eps:.{digits}g}"
+        clash = [e for e in clash if f"{e:.{digits}g}" == label]
+        digits += 1
+    return label
+
+
+def _eps_label(eps):
+    """format_eps's label of ``eps`` alone."""
     if eps is None or eps == 0:
         return "0"
     short = f"{eps:g}"
@@ -102,9 +116,15 @@ def _attack_label(attack):
     return "no attack" if attack == "none" else attack
 
 
-def _row_cells(r, attack):
-    """The cells that say which evaluation row a table line is: method, attack (as given), norm, ε and n."""
-    return [r["method"], attack, r.get("norm") or "–", format_eps(r["eps"]), str(r.get("n", ""))]
+def _row_cells(r, attack, radii=()):
+    """The cells that say which evaluation row a table line is: method, attack (as given), norm, ε (told apart from
+    the table's other ``radii``) and n."""
+    return [r["method"], attack, r.get("norm") or "–", format_eps(r["eps"], radii), str(r.get("n", ""))]
+
+
+def _radii(items):
+    """The distinct radii of a table's rows (dicts with "eps") or keys (tuples ending in eps), for format_eps."""
+    return {(i["eps"] if isinstance(i, dict) else i[-1]) for i in items}
 
 
 def markdown_table(rows, metrics=None):
@@ -115,8 +135,9 @@ def markdown_table(rows, metrics=None):
                           if m in rows[0]]
     head = ["method", "attack", "norm", "ε", "n"] + [METRIC_LABELS[m] for m in metrics]
     lines = [_table_line(head), "|" + "---|" * len(head)]
+    radii = _radii(rows)
     for r in rows:
-        cells = _row_cells(r, r["attack"])
+        cells = _row_cells(r, r["attack"], radii)
         cells += [fmt(r.get(m)) + runs_mark(r, m) for m in metrics]
         lines.append(_table_line(cells))
     return "\n".join(lines)
@@ -142,8 +163,10 @@ def pivot_table(rows, metric, methods=None):
     index = {(r["method"], r["attack"], r.get("norm"), r["eps"]): r for r in rows}
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
     lines = [_table_line(head), "|" + "---|" * len(head)]
-    for (attack, norm, eps), label in _pivot_lines(rows):
-        cells = [label, format_eps(eps)]
+    keys = _pivot_lines(rows)
+    radii = _radii(k for k, _ in keys)
+    for (attack, norm, eps), label in keys:
+        cells = [label, format_eps(eps, radii)]
         found = [index.get((m, attack, norm, eps), {}) for m in methods]
         cells += [fmt(r.get(metric)) + runs_mark(r, metric) for r in found]
         lines.append(_table_line(cells))
@@ -155,14 +178,15 @@ def missing_rows_note(rows):
     others were: "–" there in every table, which undefined_note's reasons do not explain), or "" when none."""
     have = {(r["method"], r["attack"], r.get("norm"), r["eps"]) for r in rows}
     lines = _pivot_lines(rows)
+    radii = _radii(k for k, _ in lines)  # as the tables write them
     missing = []
     for m in _methods(rows):
-        radii = {}  # label -> the radii without a row, in the tables' order
+        by_label = {}  # label -> the radii without a row, in the tables' order
         for key, label in lines:
             if (m, *key) not in have:
-                radii.setdefault(label, []).append(format_eps(key[2]))
-        if radii:
-            missing.append(f"{m}: " + ", ".join(f"{label} at {', '.join(r)}" for label, r in radii.items()))
+                by_label.setdefault(label, []).append(format_eps(key[2], radii))
+        if by_label:
+            missing.append(f"{m}: " + ", ".join(f"{label} at {', '.join(r)}" for label, r in by_label.items()))
     if not missing:
         return ""
     return (f"> **Not evaluated** (–, no such row in results.json): {'; '.join(missing)}; evaluated with other "
@@ -175,11 +199,11 @@ def per_class_recall_table(rows, class_names):
     in the evaluated set. A multi-class report's macro averages do not show which classes an attack breaks."""
     head = ["method", "attack", "norm", "ε", "n"] + [str(c) for c in class_names]
     lines = [_table_line(head), "|" + "---|" * len(head)]
-    for r in rows:
-        if r.get("confusion") is None:
-            continue
+    counted = [r for r in rows if r.get("confusion") is not None]
+    radii = _radii(counted)
+    for r in counted:
         recall = [fmt(line[i] / sum(line) if sum(line) else None) for i, line in enumerate(r["confusion"])]
-        lines.append(_table_line(_row_cells(r, _attack_label(r["attack"])) + recall))
+        lines.append(_table_line(_row_cells(r, _attack_label(r["attack"]), radii) + recall))
     return "\n".join(lines)
 
 
@@ -206,9 +230,10 @@ def paper_comparison_table(ours, paper, metric_columns):
     for m in metric_columns:
         head += [f"{METRIC_LABELS.get(m, m)} (paper)", f"{METRIC_LABELS.get(m, m)} (ours)"]
     lines = [_table_line(head), "|" + "---|" * len(head)]
+    radii = _radii(paper)
     for p in paper:
         r = _paper_match(index.get((p["method"], p["attack"], round(p["eps"], 6)), []), p)
-        cells = [p["method"], _attack_label(p["attack"]), format_eps(p["eps"]),
+        cells = [p["method"], _attack_label(p["attack"]), format_eps(p["eps"], radii),
                  p.get("source", "")]
         for m in metric_columns:
             ours_text = fmt(r.get(m))
@@ -433,7 +458,7 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
         ax.grid(alpha=0.3)
         ticks = sorted({r["eps"] for r in in_panel} | {0.0})
         ax.set_xticks(ticks)
-        ax.set_xticklabels([format_eps(t) for t in ticks], fontsize=7, rotation=45)
+        ax.set_xticklabels([format_eps(t, ticks) for t in ticks], fontsize=7, rotation=45)
     axes[0][0].set_ylabel(figure_metric_label(metric, info))
     axes[0][0].set_ylim(-0.02, 1.02)
     # every method drawn in any panel (the last panel's own lines left out one without a value there)

@@ -403,7 +403,7 @@ def describe(p):
         else:
             att = ", ".join(f"{a.label} (`{a.name}`" + "".join(f", {k}={v}" for k, v in a.options.items()) + ")"
                             for a in e.attacks)
-        lines.append(f"  * {att} at ε = {', '.join(format_eps(x) for x in e.eps)}"
+        lines.append(f"  * {att} at ε = {', '.join(format_eps(x, e.eps) for x in e.eps)}"
                      + (" (worst case only)" if e.ensemble else ""))
     lines += ["", "## Deviations from the paper", ""] + [f"* {n}" for n in p.notes]
     lines += ["", "## Published numbers", "", paper_comparison_table([], p.paper_rows, p.paper_metrics), ""]
