@@ -143,6 +143,13 @@ def test_paper_table_takes_our_row_at_the_paper_rows_radius():
     paper = [{"method": "AT", "attack": "pgd", "eps": k / 255, "source": "T1", "accuracy": 0.5} for k in (1, 2)]
     lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()
     assert lines[2:] == ["| AT | pgd | 1/255 | T1 | 0.500 | 0.600 |", "| AT | pgd | 2/255 | T1 | 0.500 | 0.400 |"]
+    # radii that agree to those 6 decimals (0.0039216, 0.0039219) both matched each paper row, and the last one's
+    # value stood beside both: each gets ours at its own radius
+    rows = [{**r, "eps": e} for r, e in zip(rows, (0.0039216, 0.0039219))]
+    paper = [{**p, "eps": r["eps"]} for p, r in zip(paper, rows)]
+    lines = report.paper_comparison_table(rows, paper, ["accuracy"]).splitlines()
+    cells = [[c.strip(" |") for c in line.split(" | ")] for line in lines[2:]]
+    assert [(c[2], c[5]) for c in cells] == [("0.0039216", "0.600"), ("0.0039219", "0.400")]
 
 
 def _record_figures(monkeypatch):
