@@ -4039,6 +4039,22 @@ def test_non_finite_eps_and_alpha_are_refused():
             attacks.pgd(model, x, y, steps=1, norm=norm, **kw)
 
 
+
+def test_an_int_eps_or_alpha_past_floats_range_is_refused_naming_it():
+    # eps=10**400 (an int no float holds) met float() in pgd's default step and in per_sample: a bare OverflowError
+    # ("int too large to convert to float") naming neither the attack nor the argument (found by the API fuzzer)
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    huge = 10**400
+    for attack, kw in ((attacks.pgd, {}), (attacks.ifgsm, {}), (attacks.cw_linf, {}), (attacks.fgsm, {}),
+                       (attacks.apgd, {"steps": 1}), (attacks.square, {"n_queries": 1})):
+        with pytest.raises(ValueError, match=rf"^{attack.__name__}: expected eps >= 0 and finite, got {huge}$"):
+            attack(model, x, y, eps=huge, **kw)
+    with pytest.raises(ValueError, match=rf"^pgd: expected alpha >= 0 and finite, got {huge}$"):
+        attacks.pgd(model, x, y, eps=0.03, alpha=huge, steps=1)
+    with pytest.raises(ValueError, match=rf"^pgd: expected eps >= 0 and finite, got {huge}$"):
+        attacks.PGD(model, eps=huge, steps=1)(x, y)
+
 def test_per_sample_loss_callable_is_averaged_in_the_parameter_gradients_and_emitted_losses():
     # Steps move along sign(grad) or grad / ||grad||, which no rescaling of the loss changes; the averaging shows in
     # param_grad_weights' gradients and losses (mutation testing of attacks core: summing a per-sample loss survived)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional
-from .._options import check_flags, check_int, check_real, refuse_unused
+from .._options import _fits_a_float, check_flags, check_int, check_real, refuse_unused
 from .context import (
     InputGradScale,
     attack_context,
@@ -145,10 +145,10 @@ def per_sample(name, arg, value, x, allow_zero=True):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
                         f"{type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    # an int past float's range (eps=10**400) made float() raise a bare OverflowError naming neither
+    if not _fits_a_float(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected {arg} {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
-    return torch.full((n,), v, dtype=dtype, device=x.device)
+    return torch.full((n,), float(value), dtype=dtype, device=x.device)
 
 
 def linf_wider_than_range(radius, clip_min, clip_max):
@@ -459,8 +459,8 @@ def run_pgd(
     kappa = check_kappa(name, kappa, loss)
     emit = check_emit(name, emit, steps)
     tau = check_early_stop(name, early_stop)
-    eps_scalar = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None
     eps_t = per_sample(name, "eps", eps, x)
+    eps_scalar = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None
     alpha_t = per_sample(name, "alpha", alpha, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
     check_step_moves(name, eps_t, alpha)
