@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from robust_ops import attacks, ima
+from robust_ops import attacks, defenses, ima
 from robust_ops.attacks import context
 from robust_ops.attacks.core import run_pgd
 
@@ -4334,6 +4334,30 @@ def test_model_returning_tuple_or_dict_is_one_clear_error(as_dict):
         with pytest.raises(ValueError, match=rf"expected the model to return a logits tensor, got a {kind}; wrap"):
             atk(x, y)
 
+
+
+class _PredictedClasses(torch.nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.body, self.dtype = TinyCNN(1, 2), dtype
+
+    def forward(self, x):
+        out = self.body(x)
+        return out.argmax(1) if self.dtype == torch.int64 else out > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_model_outputting_classes_not_logits_is_one_clear_error(dtype):
+    # integer or bool outputs (an argmax, a threshold) failed with autograd's "element 0 of tensors does not require
+    # grad" or "value cannot be converted to type int64_t without overflow" from inside the attack (found by the API
+    # fuzzer); a defense's attack likewise
+    x, y = make_data(n=2)
+    model = _PredictedClasses(dtype)
+    for run in (lambda: attacks.pgd(model, x, y, eps=0.03, steps=1), lambda: attacks.cw_linf(model, x, y, eps=0.03),
+                lambda: attacks.square(model, x, y, eps=0.03, n_queries=1),
+                lambda: defenses.build("at", steps=1)(model, x, y)):
+        with pytest.raises(ValueError, match=rf"expected the model to output floating-point logits, got {dtype} "):
+            run()
 
 def test_a_model_output_with_another_batch_size_is_one_clear_error():
     """A model whose [M, K] output has M != N (a dropped or added row) is refused naming the shapes, not with the loss's

@@ -363,6 +363,11 @@ def check_output(name, out, n):
     if not torch.is_tensor(out):  # a tuple or dict (aux outputs, HF-style) failed with "'tuple' has no attribute dim"
         raise ValueError(f"{name}: expected the model to return a logits tensor, got a {type(out).__name__}; wrap it "
                          "in an nn.Module whose forward returns only the [N, K] logits")
+    if not out.is_floating_point():
+        # predicted classes (an argmax) or a bool mask: autograd's "element 0 of tensors does not require grad" or an
+        # int64 overflow in the CW margin came from deep inside the attack, naming neither
+        raise ValueError(f"{name}: expected the model to output floating-point logits, got {out.dtype} outputs "
+                         "(class predictions? return the logits, before any argmax or threshold)")
     ok = (out.dim() == 1 and out.shape[0] == n) or (out.dim() == 2 and out.shape[0] == n and out.shape[1] >= 1)
     if not ok:
         raise ValueError(
