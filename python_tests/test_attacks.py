@@ -4359,6 +4359,19 @@ def test_a_model_outputting_classes_not_logits_is_one_clear_error(dtype):
         with pytest.raises(ValueError, match=rf"expected the model to output floating-point logits, got {dtype} "):
             run()
 
+
+@pytest.mark.parametrize("cls", [attacks.PGD, attacks.PGDL2, attacks.CW, attacks.APGD, attacks.APGDT, attacks.FAB,
+                                 attacks.FABT, attacks.Square, attacks.WhiteNoise])
+def test_an_attack_object_given_x_that_is_no_tensor_names_x(cls):
+    # their forward read x.device for the seeded generator before the attack checked x: a list of images failed
+    # with "'list' object has no attribute 'device'" (found by the API fuzzer), with or without a seed
+    model = TinyCNN(1, 2)
+    x, y = make_data(n=2)
+    for seed in (None, 0):
+        extra = {"random_start": True} if cls is attacks.CW else {}
+        with pytest.raises(TypeError, match=r"^[a-z_]+: expected x to be a floating-point tensor, got <class 'list'>$"):
+            cls(model, eps=0.03, seed=seed, **extra)(x.tolist(), y)
+
 def test_a_model_output_with_another_batch_size_is_one_clear_error():
     """A model whose [M, K] output has M != N (a dropped or added row) is refused naming the shapes, not with the loss's
     own batch-size error (mutation testing of context.py: dropping check_output's N check for [M, K] survived)."""

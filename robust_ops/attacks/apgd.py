@@ -469,7 +469,7 @@ class APGD(Attack):
         return apgd(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, loss=self.loss,
                     targeted=self.targeted, n_restarts=self.n_restarts, rho=self.rho, eot_iter=self.eot_iter,
                     use_largereps=self.use_largereps, clip_min=self.clip_min, clip_max=self.clip_max,
-                    model_mode=self.model_mode, generator=make_generator(self.seed, x.device, self.name))
+                    model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))
 
 
 class APGDT(Attack):
@@ -495,4 +495,4 @@ class APGDT(Attack):
                       n_target_classes=self.n_target_classes, loss=self.loss, n_restarts=self.n_restarts,
                       rho=self.rho, eot_iter=self.eot_iter, use_largereps=self.use_largereps, clip_min=self.clip_min,
                       clip_max=self.clip_max, model_mode=self.model_mode,
-                      generator=make_generator(self.seed, x.device, self.name))
+                      generator=make_generator(self.seed, x, self.name))

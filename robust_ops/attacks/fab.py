@@ -409,7 +409,7 @@ class FAB(Attack):
         return fab(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, n_restarts=self.n_restarts,
                    alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, targeted=self.multi_targeted,
                    n_target_classes=n_targets, clip_min=self.clip_min, clip_max=self.clip_max,
-                   model_mode=self.model_mode, generator=make_generator(self.seed, x.device, self.name))
+                   model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))
 
 
 class FABT(Attack):
@@ -434,4 +434,4 @@ class FABT(Attack):
         return fab(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, n_restarts=self.n_restarts,
                    alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, targeted=True,
                    n_target_classes=self.n_target_classes, clip_min=self.clip_min, clip_max=self.clip_max,
-                   model_mode=self.model_mode, generator=make_generator(self.seed, x.device, self.name))
+                   model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))

@@ -98,4 +98,4 @@ class WhiteNoise(Attack):
     def forward(self, x, y):
         return white_noise(self.model, x, y, eps=self.eps, norm=self.norm, trials=self.trials, clip_min=self.clip_min,
                            clip_max=self.clip_max, model_mode=self.model_mode,
-                           generator=make_generator(self.seed, x.device, self.name))
+                           generator=make_generator(self.seed, x, self.name))

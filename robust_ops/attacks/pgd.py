@@ -26,15 +26,17 @@ def default_alpha(name, eps, steps, factor, x):
     return float(eps) * factor / steps
 
 
-def make_generator(seed, device, name="attack"):
-    """A torch.Generator seeded with ``seed`` on ``device`` (None: the global RNG); errors name the attack ``name``."""
+def make_generator(seed, x, name="attack"):
+    """A torch.Generator seeded with ``seed`` on the device of the inputs ``x`` (None: the global RNG); errors name the
+    attack ``name``. Called before the attack checks ``x``: an x that is no tensor (a list) failed here with
+    "'list' object has no attribute 'device'", where the attack's own check names x and what it takes."""
     if seed is None:
         return None
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"{name}: expected seed to be an int or None, got {type(seed).__name__}")
     if not -2 ** 63 <= seed < 2 ** 64:  # manual_seed's range; beyond it torch's bare "Overflow when unpacking long"
         raise ValueError(f"{name}: expected seed in [-2**63, 2**64), got {seed}")
-    return torch.Generator(device=device).manual_seed(int(seed))
+    return torch.Generator(device=x.device if torch.is_tensor(x) else "cpu").manual_seed(int(seed))
 
 
 def fgsm(model, x, y, *, eps, norm="linf", loss="ce", targeted=False, clip_min=0.0, clip_max=1.0,
@@ -180,7 +182,7 @@ class PGD(Attack):
         return pgd(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
                    random_start=self.random_start, loss=self.loss, targeted=self.targeted, kappa=self.kappa,
                    early_stop=self.early_stop, clip_min=self.clip_min, clip_max=self.clip_max,
-                   model_mode=self.model_mode, generator=make_generator(self.seed, x.device, self.name))
+                   model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))
 
 
 class PGDL2(PGD):
@@ -220,4 +222,4 @@ class CW(Attack):
         return cw_linf(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, kappa=self.kappa,
                        random_start=self.random_start, targeted=self.targeted, clip_min=self.clip_min,
                        clip_max=self.clip_max, model_mode=self.model_mode,
-                       generator=make_generator(self.seed, x.device, self.name))
+                       generator=make_generator(self.seed, x, self.name))

@@ -325,5 +325,5 @@ class Square(Attack):
     def forward(self, x, y):
         return square(self.model, x, y, eps=self.eps, norm=self.norm, n_queries=self.n_queries, p_init=self.p_init,
                       targeted=self.targeted, clip_min=self.clip_min, clip_max=self.clip_max,
-                      model_mode=self.model_mode, generator=make_generator(self.seed, x.device, self.name),
+                      model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name),
                       resample_unchanged=self.resample_unchanged, rescale_schedule=self.rescale_schedule)
