@@ -358,11 +358,23 @@ def forward_naming_input_mismatch(name, split, model, x):
         raise
 
 
-def check_output(name, out, n):
-    """Model outputs must be [N, K] logits (K >= 2) or [N] / [N, 1] single logits."""
-    if not torch.is_tensor(out):  # a tuple or dict (aux outputs, HF-style) failed with "'tuple' has no attribute dim"
+def check_output_rows(name, out, n):
+    """A model output must be one tensor with one row per input (``n``), of any shape after that: class logits or a
+    segmentation model's maps (gen_adv takes both). A tuple or dict (aux outputs, HF-style) failed with "'tuple' has
+    no attribute dim"."""
+    if not torch.is_tensor(out):
         raise ValueError(f"{name}: expected the model to return a logits tensor, got a {type(out).__name__}; wrap it "
                          "in an nn.Module whose forward returns only the [N, K] logits")
+    if out.dim() == 0 or out.shape[0] != n:
+        raise ValueError(f"{name}: expected the model to output one row per input, [N, ...] for N={n} inputs, got "
+                         f"shape {tuple(out.shape)}")
+    return out
+
+
+def check_output(name, out, n):
+    """Model outputs must be [N, K] logits (K >= 2) or [N] / [N, 1] single logits."""
+    if not torch.is_tensor(out):
+        check_output_rows(name, out, n)
     if not out.is_floating_point():
         # predicted classes (an argmax) or a bool mask: autograd's "element 0 of tensors does not require grad" or an
         # int64 overflow in the CW margin came from deep inside the attack, naming neither
