@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import import_path_errors
+from utils import TinyCNN
 from robust_ops import defenses
 from robust_ops.defenses import MIRST, DPAAT, ARFL, synchronization_loss, robust_feature_loss
 
@@ -2661,3 +2662,18 @@ def test_arfl_reads_a_reused_convolutions_last_output():
         last = model.conv(torch.relu(first))
     assert got == pytest.approx(float(robust_feature_loss(last, y).mean()), rel=1e-6)
     assert got != pytest.approx(float(robust_feature_loss(first, y).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["standard", "at", "trades", "gr", "llr", "mart", "mirst", "dpaat", "arfl"])
+def test_a_defense_given_images_that_are_no_float_tensor_names_x(name):
+    # the defenses read x.shape before checking x, and GR and TRADES ran the model on it first: a list of images
+    # failed with "'list' object has no attribute 'shape'", a numpy array in conv2d's list of overloads, uint8 images
+    # in GR with "only Tensors of floating point dtype can require gradients" (found by the API fuzzer)
+    model = TinyCNN(1, 2)
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    defense = defenses.build(name)
+    for bad, got in ((x.tolist(), "<class 'list'>"), (x.numpy(), "<class 'numpy.ndarray'>"),
+                     ((x * 255).to(torch.uint8), "torch.uint8")):
+        with pytest.raises(TypeError, match=rf"^{re.escape(defense.name)}: expected x to be a floating-point tensor, "
+                                            rf"got {re.escape(got)}$"):
+            defense(model, bad, y)

@@ -468,17 +468,24 @@ def _past(value, bound, side):
     return repr(value)
 
 
-def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=None):
-    """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
-    silently. Returns y as int64 (None when y is not given, for callers without labels; a y of None is refused like
-    any other non-tensor, where atk(x, None) passed and failed later with "'NoneType' object has no attribute
-    'numel'"): callers attack with the returned labels."""
+def check_input_batch(name, x):
+    """``x`` must be a floating-point tensor with a batch dimension: check_inputs' first rule, and the one the
+    defenses apply before reading the batch size (a list of images failed with "'list' object has no attribute
+    'shape'")."""
     if not torch.is_tensor(x) or not x.is_floating_point():
         # a numpy array's dtype alone ("got float32") read as if the tensor were fine: name its type
         raise TypeError(f"{name}: expected x to be a floating-point tensor, got "
                         f"{x.dtype if torch.is_tensor(x) else type(x)}")
     if x.dim() < 1:
         raise ValueError(f"{name}: expected x to have a batch dimension, got a 0-D tensor")
+
+
+def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=None):
+    """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
+    silently. Returns y as int64 (None when y is not given, for callers without labels; a y of None is refused like
+    any other non-tensor, where atk(x, None) passed and failed later with "'NoneType' object has no attribute
+    'numel'"): callers attack with the returned labels."""
+    check_input_batch(name, x)
     if torch.is_tensor(y) and y.device != x.device:  # torch's error came from inside the loss, after the forward
         raise ValueError(f"{name}: expected y on x's device {x.device}, got y on {y.device}; pass y.to(x.device)")
     # as IMA's and the defenses': None or a string met math.isfinite's bare TypeError, and True ran as 1.0

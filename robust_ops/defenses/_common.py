@@ -7,7 +7,7 @@ from torch import nn
 
 from .._options import (check_choice, check_flags, check_int, check_real,  # noqa: F401  (the defenses
                         refuse_unused)  # noqa: F401  (import them here)
-from ..attacks.context import (MODEL_MODES, check_class_labels, classification_loss,
+from ..attacks.context import (MODEL_MODES, check_class_labels, check_input_batch, classification_loss,
                                float32_or_wider,  # noqa: F401  (the defenses import it here)
                                is_single_logit, two_logits, use_model_mode)
 from ..attacks.core import check_labels_against
@@ -37,7 +37,9 @@ def unwrap(model):
 def labels(name, x, y):
     """``y`` as int64 class labels [N] under the attacks' rule (any integer dtype, converted losslessly; float, bool
     or negative labels refused naming ``name``): a defense passes the same labels to its attack and its own losses.
-    Cross-entropy takes int64 only, so int32 labels failed there, after the attack had already run."""
+    Cross-entropy takes int64 only, so int32 labels failed there, after the attack had already run. ``x`` must be a
+    floating-point batch (check_input_batch): GR's and TRADES's clean forward came before any check of it."""
+    check_input_batch(name, x)
     return check_class_labels(name, y, x.shape[0])
 
 
