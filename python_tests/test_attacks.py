@@ -1526,6 +1526,13 @@ def test_ensemble_errors():
     with pytest.raises(ValueError, match=r"^ensemble: expected a non-empty list of attacks \(callables \(x, y\) "
                                          r"-> x_adv\), got \[FGSM\(.*\), 'fgsm'\]$"):
         attacks.ensemble(model, x, y, [attacks.FGSM(model), "fgsm"])
+    # None, or one attack not in a list, failed in list() with "'NoneType' object is not iterable" (found by the API
+    # fuzzer); a generator of attacks is a list of them
+    for given, shown in ((None, "None"), (attacks.FGSM(model), r"FGSM\(.*\)")):
+        with pytest.raises(ValueError, match=rf"^ensemble: expected a non-empty list of attacks \(callables \(x, y\) "
+                                             rf"-> x_adv\), got {shown}$"):
+            attacks.ensemble(model, x, y, given)
+    assert attacks.ensemble(model, x, y, (a for a in [attacks.FGSM(model)])).x_adv.shape == x.shape
     with pytest.raises(ValueError, match=r"^ensemble: expected 1 names, got 2$"):
         attacks.ensemble(model, x, y, [attacks.FGSM(model)], names=["fgsm", "pgd"])
     # the inputs and labels are ensemble's to check, named so, whatever the attacks check (mutation testing of

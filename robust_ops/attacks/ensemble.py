@@ -4,6 +4,7 @@ import copy
 import math
 import numbers
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -181,7 +182,9 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     y = check_inputs(name, x, y, clip_min, clip_max)
     check_flags(name, {"cascade": cascade})  # cascade="no" cascaded
     given = attacks  # shown as given: a string's list was its characters, "got ['p', 'g', 'd']"
-    attacks = [] if isinstance(attacks, str) else list(attacks)
+    # a string's list was its characters; None or one attack object, not in a list, failed in list() with
+    # "'NoneType' object is not iterable": each is refused below, shown as given
+    attacks = list(attacks) if isinstance(attacks, Iterable) and not isinstance(attacks, str) else []
     if not attacks or not all(callable(a) for a in attacks):
         # names are for AutoAttack's custom version, or attacks.build: ensemble(model, x, y, ["pgd"]) said only
         # "expected ... callables", leaving a user to guess how to make one from a name
