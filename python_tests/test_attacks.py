@@ -4379,6 +4379,31 @@ def test_an_attack_object_given_x_that_is_no_tensor_names_x(cls):
         with pytest.raises(TypeError, match=r"^[a-z_]+: expected x to be a floating-point tensor, got <class 'list'>$"):
             cls(model, eps=0.03, seed=seed, **extra)(x.tolist(), y)
 
+
+class _FrozenForward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = TinyCNN(1, 2)
+
+    def forward(self, x):
+        with torch.no_grad():  # a frozen backbone's forward: nothing flows back to x
+            return self.body(x)
+
+
+def test_a_model_whose_output_does_not_depend_on_x_is_one_clear_error():
+    # every gradient attack and defense failed in its backward with autograd's "element 0 of tensors does not require
+    # grad and does not have a grad_fn" (found by the API fuzzer); the score-based attacks need no gradient and run
+    model = _FrozenForward()
+    x, y = make_data(n=2)
+    for name, run in (("pgd", lambda: attacks.pgd(model, x, y, eps=0.03, steps=1)),
+                      ("fgsm", lambda: attacks.fgsm(model, x, y, eps=0.03)),
+                      ("apgd", lambda: attacks.apgd(model, x, y, eps=0.03, steps=1)),
+                      ("fab", lambda: attacks.fab(model, x, y, eps=0.03, steps=1)),
+                      ("run_pgd", lambda: defenses.build("at", steps=1)(model, x, y))):
+        with pytest.raises(RuntimeError, match=rf"^{name}: the model's output does not depend on its input x "):
+            run()
+    assert attacks.square(model, x, y, eps=0.03, n_queries=2).shape == x.shape
+
 def test_a_model_output_with_another_batch_size_is_one_clear_error():
     """A model whose [M, K] output has M != N (a dropped or added row) is refused naming the shapes, not with the loss's
     own batch-size error (mutation testing of context.py: dropping check_output's N check for [M, K] survived)."""

@@ -295,7 +295,14 @@ def check_loss(name, loss):
 def forward(name, model, x):
     # x of another dtype than the model's parameters: torch's "Input type (double) and bias type (float) should be
     # the same" from inside its first layer becomes fit's and evaluate's one-line TypeError naming the fix
-    return check_output(name, forward_naming_input_mismatch(name, "x", model, x), x.shape[0])
+    out = check_output(name, forward_naming_input_mismatch(name, "x", model, x), x.shape[0])
+    if x.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
+        # a forward under torch.no_grad() (a frozen backbone's) or through .detach()/.numpy(): the attack's backward
+        # failed with autograd's "element 0 of tensors does not require grad and does not have a grad_fn"
+        raise RuntimeError(f"{name}: the model's output does not depend on its input x (no gradient flows back to x: "
+                           "torch.no_grad(), .detach() or a numpy round trip inside forward?); gradient attacks need a "
+                           "model differentiable in its input")
+    return out
 
 
 def check_labels_against(name, y, out):
