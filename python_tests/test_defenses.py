@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import import_path_errors
-from utils import TinyCNN
+from utils import MadeOutput, TinyCNN
 from robust_ops import defenses
 from robust_ops.defenses import MIRST, DPAAT, ARFL, synchronization_loss, robust_feature_loss
 
@@ -2677,3 +2677,21 @@ def test_a_defense_given_images_that_are_no_float_tensor_names_x(name):
         with pytest.raises(TypeError, match=rf"^{re.escape(defense.name)}: expected x to be a floating-point tensor, "
                                             rf"got {re.escape(got)}$"):
             defense(model, bad, y)
+
+
+@pytest.mark.parametrize("name", ["standard", "trades", "gr", "llr"])
+def test_a_defense_whose_first_forward_is_its_own_names_the_model_output_or_input_dtype(name):
+    # Standard, TRADES and the gradient regularizers run the model before any attack, unchecked: a tuple output failed
+    # with "'tuple' object has no attribute 'dim'", float16 images with torch's "Input type (c10::Half) and bias type
+    # (float) should be the same", another batch size in cross-entropy (found by the API fuzzer); the defenses that
+    # attack first named each through run_pgd
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    defense = defenses.build(name)
+    tensor = "expected the model to return a logits tensor, got a tuple; "
+    rows = r"expected the model to output \[N, K\] logits or \[N\] single logits for N=4 inputs, got shape \(2, 2\)$"
+    dtype = "the inputs of x are torch.float16, but the model's parameters are torch.float32; "
+    for model, images, error, match in ((MadeOutput(lambda z: (z, z)), x, ValueError, tensor),
+                                        (MadeOutput(lambda z: z[:2]), x, ValueError, rows),
+                                        (MadeOutput(lambda z: z), x.half(), TypeError, dtype)):
+        with pytest.raises(error, match=rf"^{name}: {match}"):
+            defense(model.train(), images, y)

@@ -30,7 +30,7 @@ from robust_ops.ima import (
     soft_dice_loss,
 )
 
-from utils import TinyCNN
+from utils import MadeOutput, TinyCNN
 
 
 @pytest.fixture(autouse=True)
@@ -2415,15 +2415,6 @@ def test_ima_hands_each_of_its_genadv_options_to_gen_adv(monkeypatch):
     assert {k: seen[k] for k in options} == options
 
 
-class _Outputs(nn.Module):
-    def __init__(self, make):
-        super().__init__()
-        self.body, self.make = TinyCNN(1, 3), make
-
-    def forward(self, x):
-        return self.make(self.body(x))
-
-
 @pytest.mark.parametrize("min_rows", [None, 0])
 def test_gen_adv_names_a_model_output_or_input_dtype_it_cannot_use(min_rows):
     # gen_adv's forwards (and batch_invariant_sizes' probe before them) called the model unchecked: a tuple output
@@ -2431,12 +2422,13 @@ def test_gen_adv_names_a_model_output_or_input_dtype_it_cannot_use(min_rows):
     # bias type (float) should be the same", an output of another batch size with autograd's "Mismatch in shape"
     # (found by the API fuzzer); the attacks named each in one line
     x, y = torch.rand(4, 1, 10, 10), torch.tensor([0, 1, 2, 1])
-    for model, images, match in (
-            (_Outputs(lambda z: (z, z)), x, r"^gen_adv: expected the model to return a logits tensor, got a tuple; "),
-            (_Outputs(lambda z: {"logits": z}), x, r"^gen_adv: expected the model to return a logits tensor, got a "),
-            (_Outputs(lambda z: z[:1]), x, r"^gen_adv: expected the model to output one row per input, \[N, \.\.\.\] "
-                                           r"for N=\d inputs, got shape \(1, 3\)$"),
-            (_Outputs(lambda z: z), x.half(), r"^gen_adv: the inputs of x are torch.float16, but the model's "
-                                              r"parameters are torch.float32; ")):
+    tensor = r"^gen_adv: expected the model to return a logits tensor, got a "
+    rows = r"^gen_adv: expected the model to output one row per input, \[N, \.\.\.\] for N=\d inputs, got shape " \
+           r"\(1, 3\)$"
+    dtype = r"^gen_adv: the inputs of x are torch.float16, but the model's parameters are torch.float32; "
+    for model, images, match in ((MadeOutput(lambda z: (z, z), 3), x, tensor + "tuple; "),
+                                 (MadeOutput(lambda z: {"logits": z}, 3), x, tensor + "dict; "),
+                                 (MadeOutput(lambda z: z[:1], 3), x, rows),
+                                 (MadeOutput(lambda z: z, 3), x.half(), dtype)):
         with pytest.raises(ValueError if images is x else TypeError, match=match):
             gen_adv(model.eval(), images, y, 0.5, steps=2, search_steps=2, min_rows=min_rows)

@@ -98,6 +98,18 @@ class TinyCNN(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+class MadeOutput(nn.Module):
+    """A TinyCNN whose logits go through ``make`` (a tuple of them, a slice, a cast): a model returning the wrong
+    thing, for the output checks."""
+
+    def __init__(self, make, num_classes=2):
+        super().__init__()
+        self.body, self.make = TinyCNN(1, num_classes), make
+
+    def forward(self, x):
+        return self.make(self.body(x))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The in-place ops' autograd rule (robust_ops._autograd.register_in_place_without_gradient), checked alike for
 # pgd_step_, boundary_search_step_ and their Triton variants. ``make_args()`` returns the op's arguments as a dict in

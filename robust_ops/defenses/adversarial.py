@@ -5,6 +5,7 @@ models). Attacks run on robust_ops.attacks.core.run_pgd with the settings of PGD
 """
 
 from ..attacks.context import classification_loss
+from ..attacks.core import forward
 from ._common import PGDDefense, check_int, check_labels_against, check_real, labels
 from .base import Defense, DefenseOutput
 
@@ -16,7 +17,7 @@ class Standard(Defense):
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)
-        logits = model(x)
+        logits = forward(self.name, model, x)  # checked: the defense's first forward (as TRADES's and GR's)
         check_labels_against(self.name, y, logits)  # a single logit's BCE took a label 2 as its target silently
         loss = classification_loss(logits, y)
         return DefenseOutput(loss=loss, logits=logits, metrics={"loss": float(loss.detach())})

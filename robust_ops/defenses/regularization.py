@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ..attacks.context import InputGradScale
+from ..attacks.core import forward
 from ._common import (PGDDefense, check_choice, check_labels_against, check_real, float32_or_wider, labels,
                       per_sample_ce, unwrap, use_model_mode)
 from .adversarial import Standard
@@ -15,7 +16,7 @@ def _input_gradient(name, model, x, y, create_graph=True):
     regularizer is differentiable in the parameters). Loss-scaled under float16 autocast (``InputGradScale``): GR's
     penalty and LLR's first-order term would otherwise see underflowed gradients."""
     xg = x.detach().requires_grad_(True)
-    logits = model(xg)
+    logits = forward(name, model, xg)
     check_labels_against(name, y, logits)  # a single logit's BCE took a label 2 as its target silently
     losses = per_sample_ce(logits, y)
     (grad,) = InputGradScale().grad(losses.sum(), [xg], create_graph=create_graph)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ..attacks.core import check_start
+from ..attacks.core import check_start, forward
 from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, labels, unwrap,
                       use_model_mode)
 from .adversarial import Standard
@@ -56,7 +56,7 @@ class TRADES(_ReferenceStart):
             # standard training exactly: no attack (its forwards would still move BatchNorm's statistics)
             return Standard.__call__(self, model, x, y)
         with torch.no_grad(), use_model_mode(unwrap(model), self.attack_mode) as net:
-            log_p_nat = F.log_softmax(float32_or_wider(as_two_class(net(x))), 1)
+            log_p_nat = F.log_softmax(float32_or_wider(as_two_class(forward(self.name, net, x))), 1)
 
         def kl_objective(out, _y):
             return kl_per_sample(log_p_nat, F.log_softmax(float32_or_wider(as_two_class(out)), 1))
