@@ -2432,3 +2432,26 @@ def test_gen_adv_names_a_model_output_or_input_dtype_it_cannot_use(min_rows):
                                  (MadeOutput(lambda z: z, 3), x.half(), dtype)):
         with pytest.raises(ValueError if images is x else TypeError, match=match):
             gen_adv(model.eval(), images, y, 0.5, steps=2, search_steps=2, min_rows=min_rows)
+
+
+class _FrozenForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = TinyCNN(1, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.body(x)
+
+
+@pytest.mark.parametrize("min_rows", [None, 0])
+def test_gen_adv_names_predicted_classes_or_an_output_without_a_gradient_to_x(min_rows):
+    # as in the attacks: integer outputs (an argmax) and a forward under torch.no_grad() failed in the probe's or the
+    # ascent's backward with autograd's "element 0 of tensors does not require grad" (found by the API fuzzer)
+    x, y = torch.rand(4, 1, 10, 10), torch.tensor([0, 1, 2, 1])
+    for model, error, match in (
+            (MadeOutput(lambda z: z.argmax(1), 3), ValueError,
+             r"^gen_adv: expected the model to output floating-point logits, got torch.int64 outputs "),
+            (_FrozenForward(), RuntimeError, r"^gen_adv: the model's output does not depend on its input x ")):
+        with pytest.raises(error, match=match):
+            gen_adv(model.eval(), x, y, 0.5, steps=2, search_steps=2, min_rows=min_rows)

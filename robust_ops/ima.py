@@ -34,10 +34,9 @@ from .attacks.context import (
     check_output,
     check_output_rows,
     classification_loss,
-    forward_naming_input_mismatch,
     predict_from_output,
 )
-from .attacks.core import check_labels_against, check_linf_budget, check_norm, per_sample, sample_distance
+from .attacks.core import check_labels_against, check_linf_budget, check_norm, forward, per_sample, sample_distance
 from .defenses._common import ONE_SAMPLE_BATCH_NORM, distributed_run, unwrap
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
@@ -338,14 +337,6 @@ def _loss_result(name, loss, n):
     return loss
 
 
-def checked_forward(name, model, x):
-    """model(x) under the attacks' input rule (x in another dtype or on another device than the model, or with
-    channels its input layer was not built for: one line naming x, forward_naming_input_mismatch) and output rule
-    (one tensor with a row per input, check_output_rows): a tuple output failed with "'tuple' object has no attribute
-    'shape'", a float16 x with torch's "Input type (c10::Half) and bias type (float) should be the same"."""
-    return check_output_rows(name, forward_naming_input_mismatch(name, "x", model, x), x.shape[0])
-
-
 class _Problem:
     """Everything one gen_adv call needs, validated once."""
 
@@ -428,7 +419,8 @@ class _Problem:
         with torch.set_grad_enabled(grad):
             rows = torch.cat([xs, xs.detach()[:1].expand((pad,) + tuple(xs.shape[1:]))]) if pad > 0 else xs
             try:
-                out = checked_forward(self.name, self.model, rows.contiguous(memory_format=self.memory_format))
+                out = forward(self.name, self.model, rows.contiguous(memory_format=self.memory_format),
+                              check_output_rows)
             except ValueError as err:
                 if rows.shape[0] != 1 or not str(err).startswith(ONE_SAMPLE_BATCH_NORM):
                     raise
@@ -812,9 +804,11 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
     counter = counter if counter is not None else PassCounter()
     with attack_context(model, model_mode, name):
         if p.min_rows is None and p.x.shape[0]:
-            # its forwards are unchecked: the model's first forward here (a few rows, as fit's) names what is wrong
-            with torch.no_grad():
-                checked_forward(name, model, p.x[:2].contiguous(memory_format=p.memory_format))
+            # its forwards are unchecked: the model's first forward here (a few rows, as fit's, with a gradient as
+            # the probe's) names what is wrong with the inputs or the outputs (attacks.core.forward)
+            with torch.enable_grad():
+                forward(name, model, p.x[:2].contiguous(memory_format=p.memory_format).detach().requires_grad_(True),
+                        check_output_rows)
             max_rows, reference_rows = probe_rows(p.x.shape[0])
             p.invariant_sizes = batch_invariant_sizes(model, p.x, clip_min=p.clip_min, clip_max=p.clip_max,
                                                       max_rows=max_rows, reference_rows=reference_rows)

@@ -358,13 +358,22 @@ def forward_naming_input_mismatch(name, split, model, x):
         raise
 
 
-def check_output_rows(name, out, n):
-    """A model output must be one tensor with one row per input (``n``), of any shape after that: class logits or a
-    segmentation model's maps (gen_adv takes both). A tuple or dict (aux outputs, HF-style) failed with "'tuple' has
-    no attribute dim"."""
-    if not torch.is_tensor(out):
+def _check_output_tensor(name, out):
+    """The first half of both output rules: one floating-point tensor."""
+    if not torch.is_tensor(out):  # a tuple or dict (aux outputs, HF-style) failed with "'tuple' has no attribute dim"
         raise ValueError(f"{name}: expected the model to return a logits tensor, got a {type(out).__name__}; wrap it "
                          "in an nn.Module whose forward returns only the [N, K] logits")
+    if not out.is_floating_point():
+        # predicted classes (an argmax) or a bool mask: autograd's "element 0 of tensors does not require grad" or an
+        # int64 overflow in the CW margin came from deep inside the attack, naming neither
+        raise ValueError(f"{name}: expected the model to output floating-point logits, got {out.dtype} outputs "
+                         "(class predictions? return the logits, before any argmax or threshold)")
+
+
+def check_output_rows(name, out, n):
+    """A model output must be one floating-point tensor with one row per input (``n``), of any shape after that:
+    class logits or a segmentation model's maps (gen_adv takes both)."""
+    _check_output_tensor(name, out)
     if out.dim() == 0 or out.shape[0] != n:
         raise ValueError(f"{name}: expected the model to output one row per input, [N, ...] for N={n} inputs, got "
                          f"shape {tuple(out.shape)}")
@@ -372,14 +381,8 @@ def check_output_rows(name, out, n):
 
 
 def check_output(name, out, n):
-    """Model outputs must be [N, K] logits (K >= 2) or [N] / [N, 1] single logits."""
-    if not torch.is_tensor(out):
-        check_output_rows(name, out, n)
-    if not out.is_floating_point():
-        # predicted classes (an argmax) or a bool mask: autograd's "element 0 of tensors does not require grad" or an
-        # int64 overflow in the CW margin came from deep inside the attack, naming neither
-        raise ValueError(f"{name}: expected the model to output floating-point logits, got {out.dtype} outputs "
-                         "(class predictions? return the logits, before any argmax or threshold)")
+    """Model outputs must be [N, K] logits (K >= 2) or [N] / [N, 1] single logits, in a floating-point dtype."""
+    _check_output_tensor(name, out)
     ok = (out.dim() == 1 and out.shape[0] == n) or (out.dim() == 2 and out.shape[0] == n and out.shape[1] >= 1)
     if not ok:
         raise ValueError(

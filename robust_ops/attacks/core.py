@@ -292,10 +292,11 @@ def check_loss(name, loss):
                      f"got {loss!r}")
 
 
-def forward(name, model, x):
+def forward(name, model, x, output_rule=check_output):
     # x of another dtype than the model's parameters: torch's "Input type (double) and bias type (float) should be
-    # the same" from inside its first layer becomes fit's and evaluate's one-line TypeError naming the fix
-    out = check_output(name, forward_naming_input_mismatch(name, "x", model, x), x.shape[0])
+    # the same" from inside its first layer becomes fit's and evaluate's one-line TypeError naming the fix. The output
+    # is checked by ``output_rule``: classifier logits, or (gen_adv's check_output_rows) any map with a row per input
+    out = output_rule(name, forward_naming_input_mismatch(name, "x", model, x), x.shape[0])
     if x.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
         # a forward under torch.no_grad() (a frozen backbone's) or through .detach()/.numpy(): the attack's backward
         # failed with autograd's "element 0 of tensors does not require grad and does not have a grad_fn"
