@@ -685,6 +685,12 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     cores). Sizes above ``reference_rows`` are not measured. Changing the model's layers afterwards is not detected.
 
     :func:`gen_adv` probes with :func:`probe_rows` of its batch: a small batch gets a small reference."""
+    return _measure_invariant_sizes("batch_invariant_sizes", model, x, clip_min=clip_min, clip_max=clip_max,
+                                    max_rows=max_rows, reference_rows=reference_rows)
+
+
+def _measure_invariant_sizes(name, model, x, *, clip_min, clip_max, max_rows, reference_rows):
+    """batch_invariant_sizes, its model's first forward checked under ``name`` (the caller's)."""
     max_rows = check_int("batch_invariant_sizes", "max_rows", max_rows, 1)
     reference_rows = 2 * max_rows if reference_rows is None else check_int(
         "batch_invariant_sizes", "reference_rows", reference_rows, max_rows)
@@ -710,8 +716,11 @@ def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_
     probe = torch.rand((reference_rows,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64)
     probe = (clip_min + (clip_max - clip_min) * probe).to(dtype=x.dtype, device=x.device)
     probe = probe.contiguous(memory_format=key[3])
-    with torch.no_grad():
-        out_shape = model(probe[:1]).shape[1:]
+    # the probe's first forward, checked (attacks.core.forward: input dtype, device and channels, one floating-point
+    # output row per input -- two rows, so a fixed-size output shows -- with a gradient to the input); the probe's
+    # other forwards are not. What gen_adv's forwards would otherwise meet deep inside torch is named here, once
+    with torch.enable_grad():
+        out_shape = forward(name, model, probe[:2].detach().requires_grad_(True), check_output_rows).shape[1:]
     # Random output gradients: all-ones ones can hide a batch-dependent matrix multiply in the backward.
     weights = torch.rand((probe.shape[0],) + tuple(out_shape), generator=g, dtype=torch.float64)
     weights = weights.to(dtype=x.dtype, device=x.device)
@@ -804,14 +813,9 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
     counter = counter if counter is not None else PassCounter()
     with attack_context(model, model_mode, name):
         if p.min_rows is None and p.x.shape[0]:
-            # its forwards are unchecked: the model's first forward here (a few rows, as fit's, with a gradient as
-            # the probe's) names what is wrong with the inputs or the outputs (attacks.core.forward)
-            with torch.enable_grad():
-                forward(name, model, p.x[:2].contiguous(memory_format=p.memory_format).detach().requires_grad_(True),
-                        check_output_rows)
             max_rows, reference_rows = probe_rows(p.x.shape[0])
-            p.invariant_sizes = batch_invariant_sizes(model, p.x, clip_min=p.clip_min, clip_max=p.clip_max,
-                                                      max_rows=max_rows, reference_rows=reference_rows)
+            p.invariant_sizes = _measure_invariant_sizes(name, model, p.x, clip_min=p.clip_min, clip_max=p.clip_max,
+                                                         max_rows=max_rows, reference_rows=reference_rows)
         ascent, search = (_ascent_compact, _search_compact) if compact else (_ascent_masked, _search_masked)
         x_adv, lo, hi, crossed, clean_correct, steps_taken = ascent(p, counter)
         lo_c, hi_c, idx = search(p, lo, hi, crossed, counter)
