@@ -53,7 +53,7 @@ def check_options(owner, cls, options):
                          f"{takes}")
 
 
-def _fits_a_float(value):
+def fits_a_float(value):
     """Whether the real ``value`` is a finite float: an int past float's range (10**400) made math.isfinite raise an
     OverflowError, not check_real's ValueError naming the argument."""
     try:
@@ -68,7 +68,7 @@ def check_real(name, arg, value, minimum=None, maximum=None, allow_min=True, all
     naming ``name``, ``arg`` and the accepted range otherwise."""
     if optional and value is None:
         return None
-    finite = not isinstance(value, bool) and isinstance(value, numbers.Real) and _fits_a_float(value)
+    finite = not isinstance(value, bool) and isinstance(value, numbers.Real) and fits_a_float(value)
     low_ok = minimum is None or (finite and (value >= minimum if allow_min else value > minimum))
     high_ok = maximum is None or (finite and (value <= maximum if allow_max else value < maximum))
     if finite and low_ok and high_ok:

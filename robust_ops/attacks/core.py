@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import functional
-from .._options import _fits_a_float, check_flags, check_int, check_real, refuse_unused
+from .._options import check_flags, check_int, check_real, fits_a_float, refuse_unused
 from .context import (
     InputGradScale,
     attack_context,
@@ -146,7 +146,7 @@ def per_sample(name, arg, value, x, allow_zero=True):
         raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
                         f"{type(value).__name__}")
     # an int past float's range (eps=10**400) made float() raise a bare OverflowError naming neither
-    if not _fits_a_float(value) or value < 0 or (value == 0 and not allow_zero):
+    if not fits_a_float(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected {arg} {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
     return torch.full((n,), float(value), dtype=dtype, device=x.device)
 

@@ -8,7 +8,7 @@ import numbers
 
 import torch
 
-from .._options import _fits_a_float
+from .._options import fits_a_float
 from .base import Attack
 from .core import check_draws, check_kappa, check_norm, check_step_moves, check_steps, run_pgd
 
@@ -21,7 +21,7 @@ def default_alpha(name, eps, steps, factor, x):
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         n = x.shape[0] if torch.is_tensor(x) and x.dim() else "N"
         raise TypeError(f"{name}: expected eps to be a number or a tensor of shape [{n}], got {type(eps).__name__}")
-    if not _fits_a_float(eps):  # eps=10**400: float() raised a bare OverflowError; run_pgd's check names eps
+    if not fits_a_float(eps):  # eps=10**400: float() raised a bare OverflowError; run_pgd's check names eps
         return math.inf
     return float(eps) * factor / steps
 
