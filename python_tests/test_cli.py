@@ -1627,6 +1627,18 @@ def test_reproduce_records_the_protocols_data_by_its_name_whatever_its_spelling(
     assert "DATA:" not in (out / "report.md").read_text()
 
 
+def test_reproduce_arfl_moons_on_images_says_its_radii_are_the_moons(tmp_path, capsys):
+    """arfl-moons given images kept its radii, set in the moons' coordinates (FGSM 0.2 of a moon's width), where
+    they are 51/255 of the pixel range, and nothing said so: the report's notes now do."""
+    out = tmp_path / "o"
+    rc, _, err = run(["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--methods", "Standard training", "--data",
+                      _folder(tmp_path / "d"), "--size", "8", "--out", out, "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert ("RADII: arfl-moons's radii are set in the moons' coordinates (each moon spans about 2 by 1), and this run "
+            "kept them: training 0.05 (= 12.8/255), attack 0.2 (= 51/255), here fractions of the [0, 1] pixel range."
+            ) in (out / "report.md").read_text()
+
+
 def test_reproduce_runs_the_methods_asked_for(tmp_path, capsys):
     out = tmp_path / "arfl"
     argv = ["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--out", out, "--no-progress", "--device", "cpu"]

@@ -59,10 +59,23 @@ class Protocol:
     # the paper's own training schedule, run with --paper-schedule: {"warmup_epochs": N (the classifier head alone
     # before the protocol's epochs), "early_stopping": patience (on the validation loss)}; --quick's in quick
     paper_schedule: dict = field(default_factory=dict)
+    # what the radii are measured in when the protocol's data are not [0, 1] images: a run given images keeps them
+    radius_units: str = ""
 
 
 def _paper(source, method, attack, eps, **metrics):
     return {"source": source, "method": method, "attack": attack, "eps": eps, **metrics}
+
+
+def _radius_units_note(protocol):
+    """The report's RADII: note for a protocol whose radii are set in its own data's units, run on images."""
+    train = sorted({m.options["eps"] for m in protocol.methods if "eps" in m.options})
+    attack = sorted({eps for plan in protocol.evals for eps in plan.eps})
+
+    def listed(radii):
+        return ", ".join(f"{eps:g} (= {eps * 255:.3g}/255)" for eps in radii)
+    return (f"RADII: {protocol.name}'s radii are set in {protocol.radius_units}, and this run kept them: training "
+            f"{listed(train)}, attack {listed(attack)}, here fractions of the [0, 1] pixel range.")
 
 
 # ---------------------------------------------------------------------------------------------------- ARFL
@@ -80,7 +93,7 @@ ARFL_MOONS = Protocol(
     name="arfl-moons",
     summary="ARFL Table 1: two-moons, MLP 2-10-10-1, FGSM eps 0.05 (train) / 0.2 (attack), five seeds",
     paper="ARFL (adversarially robust feature learning), Table 1",
-    data="moons", model="mlp",
+    data="moons", model="mlp", radius_units="the moons' coordinates (each moon spans about 2 by 1)",
     methods=[
         Method("Standard training", "standard"),
         Method("Standard training + ARFL", "arfl", {"lam": 0.5, "r": 1.0, **_FGSM_005}),
@@ -886,6 +899,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                         f"{', '.join(map(str, inf.class_names))}"
                         f"; {shape}; {pos}) instead of the protocol's {protocol.data}; "
                         f"what the notes below say about {protocol.data} does not describe it.")
+        if protocol.radius_units and inf.image_size:  # 0.2 of a moon's width is 51/255 of a pixel's range
+            notes.insert(1, _radius_units_note(protocol))
     if epochs != protocol.epochs and not quick:  # its notes give its own training length ("we train 40 epochs")
         notes.insert(0, f"EPOCHS: this run trained {counted(epochs, 'epoch')} per method (--epochs), "
                         f"the protocol {protocol.epochs}; what the notes below say of its training length does not "
