@@ -1627,6 +1627,15 @@ def test_reproduce_records_the_protocols_data_by_its_name_whatever_its_spelling(
     assert "DATA:" not in (out / "report.md").read_text()
 
 
+def test_a_size_that_cannot_fit_in_memory_is_one_line_naming_size(tmp_path, capsys):
+    # numpy's MemoryError traceback, after drawing for a while; the data layer's check, as its flag
+    rc, _, err = run(["train", "--data", "synthetic", "--size", "1000000", "--out", tmp_path / "o", "--device",
+                      "cpu"], capsys)
+    one_line_error(rc, err, "error: --size: synthetic: 384 images of 1000000x1000000 pixels take at least ",
+                   " GiB of memory; give a smaller --size")
+    assert not (tmp_path / "o").exists()
+
+
 def test_reproduce_arfl_moons_on_images_says_its_radii_are_the_moons(tmp_path, capsys):
     """arfl-moons given images kept its radii, set in the moons' coordinates (FGSM 0.2 of a moon's width), where
     they are 51/255 of the pixel range, and nothing said so: the report's notes now do."""

@@ -2490,3 +2490,28 @@ def test_a_medmnist3d_name_is_refused_as_3d_not_as_unknown(spec, tmp_path, monke
     volume = np.zeros((12, 28, 28, 28), np.uint8)
     with pytest.raises(DataError, match=r"organmnist3d\.npz \[train\]: .*3D volumes such as MedMNIST3D's"):
         load_dataset(write_npz(tmp_path / "organmnist3d.npz", train_images=volume))
+
+
+def test_a_size_whose_images_cannot_fit_in_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    """--size 22400 for 224 ended in numpy's or Pillow's MemoryError traceback (or the kernel's kill) after reading
+    for minutes: a folder, a CSV and the synthetic set are refused first, naming size= and the memory each needs."""
+    from robust_ops.data import core, folders, load_csv
+
+    def unread(*args, **kwargs):
+        raise AssertionError("read before the memory check")
+
+    monkeypatch.setattr(folders, "read_images", unread)
+    fits = r"take at least [\d,.]+ GiB as float32, more than this machine's [\d.]+ GiB of memory; give a smaller size=$"
+    for load in (lambda: load_busi(_class_folders(tmp_path / "d"), size=10 ** 6),
+                 lambda: load_csv(_ham(tmp_path, ["mel", "nv"] * 3), size=10 ** 6),
+                 lambda: synthetic_ultrasound(4, size=10 ** 6)):
+        with pytest.raises(DataError, match=r"(load_busi|load_csv|synthetic).*: (10|6|4) images of 1000000x1000000 "
+                                            r"pixels " + fits) as err:
+            load()
+        assert err.value.arg == "size"
+    # what the machine holds decides: 4 images of 8x8 (1 KiB) and the synthetic set's working space against 1 KiB
+    monkeypatch.setattr(core, "physical_memory", lambda: 1024)
+    with pytest.raises(DataError, match=r"^synthetic: 4 images of 8x8 pixels take at least .* GiB of memory"):
+        synthetic_ultrasound(4, size=8)
+    monkeypatch.setattr(core, "physical_memory", lambda: None)  # an OS that does not tell: not checked
+    assert synthetic_ultrasound(4, size=8)[0].shape == (4, 1, 8, 8)

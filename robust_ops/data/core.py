@@ -73,6 +73,25 @@ class DatasetSplits:
         return iter((self.train, self.val, self.test, self.info))
 
 
+def physical_memory():
+    """This machine's memory in bytes, or None where the OS does not tell (the check below is then skipped)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_images_fit(where, n, size, channels=1, extra=0):
+    """Refuse, before anything is read or drawn, ``n`` images of ``size`` x ``size`` that would not fit as float32
+    even in all of this machine's memory (plus ``extra`` bytes of working space): a typo such as ``--size 22400``
+    ended in numpy's or Pillow's MemoryError traceback, or in the kernel's kill, after minutes of reading."""
+    total, need = physical_memory(), 4 * n * channels * size * size + extra
+    if total and need > total:
+        raise DataError(f"{where}: {counted(n, 'image')} of {size}x{size} pixels take at least "
+                        f"{need / 2 ** 30:,.1f} GiB as float32, more than this machine's {total / 2 ** 30:.1f} GiB "
+                        "of memory; give a smaller size=", arg="size")
+
+
 def images_to_tensor(images, source):
     """uint8 (N, H, W) or (N, H, W, C) images, C 1 or 3 -> float32 [N, C, H, W] in [0, 1]."""
     images = np.asarray(images)

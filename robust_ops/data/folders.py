@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .._options import check_int, listing
-from .core import DataError, DatasetInfo, check_sklearn_seed, splits_from_arrays
+from .core import DataError, DatasetInfo, check_images_fit, check_sklearn_seed, splits_from_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Image files this loader does not read: refused, so a class folder is never silently smaller than it looks.
@@ -438,7 +438,9 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
         files[c] = images(subdirs[c])
         if not files[c]:
             raise DataError(f"{subdirs[c]}: no images found")
-    arrays, stats = read_images([p for c in classes for p in files[c]], size, mode, bit_depth)
+    paths = [p for c in classes for p in files[c]]
+    check_images_fit(f"load_busi({folder})", len(paths), size, channels=3 if mode == "RGB" else 1)
+    arrays, stats = read_images(paths, size, mode, bit_depth)
     labels = [label for label, c in enumerate(classes) for _ in files[c]]
     _check_16_bit(stats, folder, bit_depth, stacklevel)
     _check_upscale(stats, folder, size, size_given, stacklevel)
@@ -616,6 +618,7 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         first = index[ambiguous[0]]
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
+    check_images_fit(f"load_csv({csv_path})", len(kept), size, channels=3 if mode == "RGB" else 1)
     arrays, stats = read_images([index[image_id][0] for image_id, _ in kept], size, mode, bit_depth)
     _check_16_bit(stats, csv_path, bit_depth, stacklevel)
     _check_upscale(stats, csv_path, size, size_given, stacklevel)

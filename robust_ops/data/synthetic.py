@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .._options import check_int, check_real
-from .core import DataError, DatasetInfo, DatasetSplits, check_sklearn_seed
+from .core import DataError, DatasetInfo, DatasetSplits, check_images_fit, check_sklearn_seed
 
 SYNTHETIC_CLASSES = ("benign", "malignant")
 SYNTHETIC_SIZES = {"train": 384, "val": 64, "test": 128}
@@ -104,8 +104,10 @@ def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTI
     # numpy's refusals named neither synthetic nor seed ("expected non-negative integer"); True was seed 1
     for part in seed if isinstance(seed, (list, tuple)) else (seed,):
         check_int("synthetic", "seed", part, 0, error=DataError)
-    rng = np.random.default_rng(seed)
     render = 2 * size
+    # besides the images: the float64 render of one, and its few same-size temporaries
+    check_images_fit("synthetic", n, size, extra=8 * 8 * render * render)
+    rng = np.random.default_rng(seed)
     coords = (np.arange(render) + 0.5) / render
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     labels = (rng.random(n) < malignant_fraction).astype(np.int64)
