@@ -2829,6 +2829,82 @@ def test_square_margin_takes_the_largest_other_logit_when_every_logit_is_negativ
         assert bool((_NegativeLogits()(x_adv).argmax(1) == 1).all())
 
 
+class _LinearTen(nn.Module):
+    """10 float64 logits, linear in a 1x6x6 image: the runner-up classes change along a search, so the query of least
+    cross-entropy to a target is not always the one of least margin."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10, 36, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.t()
+
+
+@pytest.mark.parametrize("targeted", [True, False])
+def test_square_ce_loss_keeps_the_query_of_least_cross_entropy(targeted):
+    # The paper's code and AutoAttack's Square minimize the cross-entropy to the target in a targeted attack (the
+    # margin only decides when to stop); the library had only the margin (torchattacks' default). With loss="ce" the
+    # point kept is the query of least cross-entropy (targeted) or most (untargeted): a sample that is never fooled
+    # ends at the best of all its queries, only-improving acceptance
+    model = _LinearTen().eval()
+    picked_other_than_margin = 0
+    for seed in range(4):
+        x = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        with torch.no_grad():
+            z = model(x)
+        label = z.argmin(1) if targeted else z.argmax(1)
+        outs = []
+        hook = model.register_forward_hook(lambda m, inp, out: outs.append(out.detach().clone()))
+        x_adv = attacks.square(model, x, label, eps=0.05 if targeted else 0.005, n_queries=60, targeted=targeted,
+                               loss="ce", generator=torch.Generator().manual_seed(1))
+        hook.remove()
+        queries = torch.cat(outs[1:])  # outs[0]: the clean check, not a query
+        assert len(queries) == 60
+        ce = nn.functional.cross_entropy(queries, label.expand(60), reduction="none")
+        ce = ce if targeted else -ce
+        margin = queries.scatter(1, label.view(1, 1).expand(60, 1), float("-inf")).amax(1) - queries[:, int(label)]
+        margin = margin if targeted else -margin
+        with torch.no_grad():
+            final = model(x_adv)
+            assert (final.argmax(1) == label).all() == (not targeted)  # never fooled: the budget ran out
+        assert torch.equal(final[0], queries[int(ce.argmin())])
+        picked_other_than_margin += int(not torch.equal(final[0], queries[int(margin.argmin())]))
+    assert picked_other_than_margin > 0  # the margin would have kept another point
+
+
+class _FoolsAtLowCrossEntropy(nn.Module):
+    """Logits [0, 10 a, -1000 max(a, 0)], a the mean perturbation: fooled once a > 0, where the cross-entropy of
+    class 0 is below its value log 3 at a = 0 (tied logits, predicted 0) for any a within 0.06."""
+
+    def forward(self, x):
+        a = (x - 0.5).flatten(1).mean(1)
+        return torch.stack([torch.zeros_like(a), 10 * a, -1000 * a.clamp_min(0)], 1)
+
+
+def test_square_ce_loss_keeps_a_query_that_fools_at_a_lower_cross_entropy():
+    # AutoAttack's acceptance with loss="ce": a query that fools is kept even when its loss is worse (idx_miscl).
+    # Without it, samples whose search reached a = 0 (cross-entropy log 3, the most below the boundary) never took
+    # a fooling query (lower cross-entropy) and were scored robust (3 of these 8)
+    model, x, y = _FoolsAtLowCrossEntropy(), torch.full((8, 1, 8, 8), 0.5), torch.zeros(8, dtype=torch.long)
+    x_adv = attacks.square(model, x, y, eps=0.06, n_queries=200, loss="ce", generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1) == 1).all()
+
+
+def test_square_loss_option():
+    model, (x, y) = make_model(), make_data(4)
+    assert attacks.Square(model).loss == "margin" and attacks.Square(model, loss="ce").loss == "ce"
+    assert attacks.build("square", model, loss="ce", eps=0.1, steps=3).loss == "ce"
+    margin = attacks.square(model, x, y, eps=0.1, n_queries=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(attacks.Square(model, eps=0.1, n_queries=5, loss="margin")(x, y), margin)  # the default
+    for bad in ("dlr", "CE", None):
+        with pytest.raises(ValueError, match=r"^square: expected loss to be 'margin' or 'ce', got "):
+            attacks.square(model, x, y, eps=0.1, n_queries=2, loss=bad)
+        with pytest.raises(ValueError, match=r"^square: expected loss to be 'margin' or 'ce'"):
+            attacks.Square(model, loss=bad)
+
+
 def test_square_checks_labels_against_the_model():
     # named as in every attack (mutation testing of square/ensemble: without the check a label the model cannot output
     # failed inside the margin's one_hot, a RuntimeError not naming the attack)

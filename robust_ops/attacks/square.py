@@ -9,8 +9,8 @@ import torch
 from .. import functional
 from .._options import check_flags
 from .base import Attack
-from .context import (attack_context, best_other_logit, check_inputs, check_not_half, is_single_logit,
-                      predict_from_output, two_logits)
+from .context import (attack_context, best_other_logit, check_inputs, check_not_half, classification_loss,
+                      is_single_logit, predict_from_output, two_logits)
 from .core import (check_labels_against, check_linf_budget, check_linf_step_resolution, check_norm, check_steps,
                    forward, per_sample)
 from .pgd import make_generator
@@ -37,6 +37,26 @@ def _margin(out, y, targeted):
     zy = z.gather(1, y[:, None]).squeeze(1)
     other = best_other_logit(z, y)
     return other - zy if targeted else zy - other
+
+
+# What a query must lower to be kept. "margin": the paper's untargeted loss, used targeted too (torchattacks' default);
+# "ce": cross-entropy, the paper's code's and AutoAttack's targeted loss (AutoAttack's loss="ce" untargeted).
+SQUARE_LOSSES = ("margin", "ce")
+
+
+def _check_loss(name, loss):
+    if not (isinstance(loss, str) and loss in SQUARE_LOSSES):
+        raise ValueError(f"{name}: expected loss to be 'margin' or 'ce', got {loss!r}")
+    return loss
+
+
+def _loss(out, y, targeted, loss):
+    """``loss`` per sample: "margin" is :func:`_margin`; "ce" the cross-entropy to the target (targeted) or minus the
+    cross-entropy of y (untargeted), as AutoAttack's ``margin_and_loss`` (float32 for half outputs)."""
+    if loss == "margin":
+        return _margin(out, y, targeted)
+    ce = classification_loss(out, y, reduction="none")
+    return ce if targeted else -ce
 
 
 def _fooled(out, y, targeted):
@@ -168,18 +188,22 @@ def _l2_proposal(x_cur, x_best_cur, eps_cur, window, clip_min, clip_max, generat
 
 @torch.no_grad()
 def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targeted=False, clip_min=0.0, clip_max=1.0,
-           model_mode="eval", generator=None, resample_unchanged=None, rescale_schedule=True):
+           model_mode="eval", generator=None, resample_unchanged=None, rescale_schedule=True, loss="margin"):
     r"""Square Attack: random search over square-shaped updates (black-box: only model outputs are used, no
     gradients), Linf (Algorithm 2 of the paper) or L2 (Algorithm 3).
 
     Linf: starts from vertical stripes of ``+-eps``; each iteration draws, per sample, a square of side
     ``round(sqrt(p * H * W))`` at a random position with a random ``+-2 eps`` colour per channel, applies it with the
-    fused PGD step (projection and clipping), and keeps it if the margin loss decreased.
+    fused PGD step (projection and clipping), and keeps it if the loss (default: the margin) decreased.
     L2 (``norm="l2"``, following AutoAttack's ``attack_single_run`` for 'L2' and torchattacks' ``Square(norm='L2')``):
     starts from a tiling of pseudo-gaussian windows of random signs scaled to norm eps; each iteration draws, per
     sample, two windows of side ``max(round(sqrt(p * H * W)), 3)`` (odd), moves the second's mass into the first (a
     fresh pseudo-gaussian window plus the first's old content), and keeps ``clip(x + eps * delta / ||delta||)`` if
-    the margin loss decreased.
+    the loss decreased.
+    ``loss``: "margin" (default; targeted: ``max_{j != t} z_j - z_t``, torchattacks' default) or "ce" (the
+    cross-entropy to the target when targeted, the loss of the paper's code and of AutoAttack's targeted Square;
+    untargeted, minus the cross-entropy of y, AutoAttack's ``loss='ce'``); with "ce" a query that fools the model is
+    kept even where its loss is higher, as AutoAttack keeps it.
     ``p`` follows the paper's schedule from ``p_init``, its iterations rescaled to ``n_queries``
     (``rescale_schedule=True``, the default, as torchattacks' Square) or taken as they are (``False``, as
     AutoAttack's standard run). Samples stop once misclassified (targeted: once the target is predicted); samples the
@@ -197,14 +221,16 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         generator; resample_unchanged (bool or None): Linf only, draw a colour again when it would not change the
         point (default None: True for Linf, False for L2).
         rescale_schedule (bool): rescale the p schedule's iterations from 10000 to ``n_queries`` (default True).
+        loss ("margin" or "ce"): the loss a query must lower to be kept (default "margin").
 
     Returns:
         x_adv (Tensor[N, C, H, W]): the clean input where it already fools the model, else the first point that
-        fools it, else the lowest-margin point found (AutoAttack returns the clean input there).
+        fools it, else the lowest-loss point found (AutoAttack returns the clean input there).
     """
     name = "square"
     check_flags(name, {"targeted": targeted})  # targeted="no" ran a targeted attack
     norm = check_norm(name, norm)
+    loss = _check_loss(name, loss)
     resample_unchanged = _resample_rule(name, norm, resample_unchanged)
     _check_dtype(name, norm, x)
     y = check_inputs(name, x, y, clip_min, clip_max)
@@ -231,7 +257,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         # could end on a correctly classified point. This forward is not counted in n_queries (as AutoAttack).
         out = forward(name, model, x)
         check_labels_against(name, y, out)
-        margin_best = _margin(out, y, targeted)
+        loss_best = _loss(out, y, targeted, loss)
         fooled = _fooled(out, y, targeted)
         todo = (~fooled).nonzero().squeeze(1)
         if norm == "linf":  # vertical stripes start: +-eps per (sample, channel, column)
@@ -244,7 +270,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         if todo.numel():
             x_best[todo] = start[todo]
             out = forward(name, model, x_best[todo])
-            margin_best[todo] = _margin(out, y[todo], targeted)
+            loss_best[todo] = _loss(out, y[todo], targeted, loss)
             fooled[todo] = _fooled(out, y[todo], targeted)
         rows = torch.arange(h, device=dev)
         cols = torch.arange(w, device=dev)
@@ -292,29 +318,34 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
                         x_new[redraw] = paint(x_best_cur[redraw], x_cur[redraw], inside[redraw], eps_cur[redraw])
                         redraw = redraw[(x_new[redraw] == x_best_cur[redraw]).flatten(1).all(1)]
             out = forward(name, model, x_new)
-            margin = _margin(out, y_cur, targeted)
+            loss_new = _loss(out, y_cur, targeted, loss)
+            better = loss_new < loss_best[idx]
+            if loss == "ce":  # AutoAttack keeps a query that fools even at a higher cross-entropy
+                better |= _fooled(out, y_cur, targeted)
             # positions once: each boolean index below was a nonzero of its own (seven per query)
-            improved = (margin < margin_best[idx]).nonzero().squeeze(1)
+            improved = better.nonzero().squeeze(1)
             won = idx[improved]
             x_best[won] = x_new[improved]
-            margin_best[won] = margin[improved]
+            loss_best[won] = loss_new[improved]
             fooled[won] = _fooled(out[improved], y_cur[improved], targeted)
     return x_best
 
 
 class Square(Attack):
-    """``Square(model, eps=8/255, n_queries=5000, p_init=0.8, seed=0, norm="linf", rescale_schedule=True)(x, y)``;
+    """``Square(model, eps=8/255, n_queries=5000, p_init=0.8, seed=0, norm="linf", rescale_schedule=True,
+    loss="margin")(x, y)``;
     see :func:`square`. ``norm="l2"`` is the L2 Square Attack (give an L2 ``eps``: the default is Linf's 8/255)."""
 
     name = "square"
 
     def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf",
-                 resample_unchanged=None, rescale_schedule=True, **options):
+                 resample_unchanged=None, rescale_schedule=True, loss="margin", **options):
         super().__init__(model, **options)
         self.eps, self.n_queries, self.p_init, self.seed = eps, n_queries, p_init, seed
         self.norm = check_norm(self.name, norm)
         self.resample_unchanged = _resample_rule(self.name, self.norm, resample_unchanged)
         self.rescale_schedule = rescale_schedule
+        self.loss = _check_loss(self.name, loss)
 
     def check_input_dtype(self, x):
         _check_dtype(self.name, self.norm, x)
@@ -326,4 +357,5 @@ class Square(Attack):
         return square(self.model, x, y, eps=self.eps, norm=self.norm, n_queries=self.n_queries, p_init=self.p_init,
                       targeted=self.targeted, clip_min=self.clip_min, clip_max=self.clip_max,
                       model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name),
-                      resample_unchanged=self.resample_unchanged, rescale_schedule=self.rescale_schedule)
+                      resample_unchanged=self.resample_unchanged, rescale_schedule=self.rescale_schedule,
+                      loss=self.loss)
