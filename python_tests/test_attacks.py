@@ -1,6 +1,7 @@
 """Attacks: torchattacks parity, properties on tiny in-file models, the PGD core's extras, and input checks."""
 
 import copy
+import pickle
 import re
 import sys
 import threading
@@ -4803,6 +4804,35 @@ def test_torchattacks_get_logits_and_set_device():
                                              r"device of the inputs it is given\); move the inputs and labels to the "
                                              r"model's device instead, x.to\(atk.device\), now cpu$"):
             a.set_device("cuda")
+
+
+def test_torchattacks_methods_without_a_counterpart_name_what_to_use():
+    """torchattacks' atk.save(loader, path), get_mode(), set_model(m), normalize(x), get_least_likely_label(x, y) ...
+    met Python's bare "'PGD' object has no attribute 'save'"; each is an AttributeError naming what to use instead
+    (docs/attacks.md, "Porting torchattacks / AutoAttack code"). Other missing attributes keep Python's message."""
+    model = make_model(3)
+    reference = torchattacks.PGD(model)
+    names = ("save", "load", "get_mode", "attack_mode", "set_model", "model_name", "attack", "normalize",
+             "inverse_normalize", "normalization_used", "get_output_with_eval_nograd", "get_least_likely_label",
+             "get_random_target_label", "set_return_type", "return_type")
+    for a in (attacks.PGD(model), attacks.Square(model), attacks.AutoAttack(model)):
+        for key in names:
+            # torchattacks 3.5.1 has each (set_return_type / return_type: its earlier releases)
+            assert key in ("set_return_type", "return_type") or hasattr(reference, key), key
+            with pytest.raises(AttributeError, match=rf"^{a.name}: torchattacks' {key} does not exist here: \S"):
+                getattr(a, key)
+        with pytest.raises(AttributeError, match=rf"^{type(a).__name__!r} object has no attribute 'no_such'$"):
+            a.no_such
+        assert not hasattr(a, "save") and getattr(a, "get_mode", None) is None
+    with pytest.raises(AttributeError, match=r"^pgd: torchattacks' save does not exist here: collect x_adv = "
+                                             r"atk\(x, y\) over the loader and torch.save the tensors yourself"):
+        attacks.PGD(model).save([], "adv.pt")
+    # AutoAttack's own names keep their messages
+    with pytest.raises(AttributeError, match=r"^autoattack: AutoAttack's apgd does not exist here"):
+        attacks.AutoAttack(model).apgd
+    # a copy or a pickle of an attack looks up special names on the instance: they must stay plain misses
+    copied = copy.deepcopy(attacks.PGD(model, eps=4 / 255))
+    assert copied.eps == 4 / 255 and pickle.loads(pickle.dumps(attacks.PGD(model))).steps == 10
 
 
 def test_ensemble_is_torchattacks_multiattack_on_the_samples_classified_correctly():

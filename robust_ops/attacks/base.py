@@ -45,6 +45,36 @@ class Attack:
     # (evaluate's specs check a spec's norm with it)
     norms = NORMS
 
+    # torchattacks 3.5.1's Attack methods and attributes that have no counterpart here (and set_return_type, of its
+    # earlier releases): a port calling one met Python's bare "'PGD' object has no attribute 'save'"; each is an
+    # AttributeError naming what to use instead
+    _TORCHATTACKS = {
+        **dict.fromkeys(("save", "load"),
+                        "collect x_adv = atk(x, y) over the loader and torch.save the tensors yourself (robust-ops "
+                        "eval scores a run's test split)"),
+        **dict.fromkeys(("get_mode", "attack_mode"),
+                        "read atk.targeted (set by set_mode_targeted_* and set_mode_default) and atk.model_mode"),
+        "set_model": "build the attack again for the other model",
+        "model_name": "type(atk.model).__name__ is the model's class name",
+        "attack": "the attack's name is atk.name",
+        **dict.fromkeys(("normalize", "inverse_normalize", "normalization_used"),
+                        "attacks take and return pixel inputs in [clip_min, clip_max]; wrap the model instead, "
+                        "attacks.Normalized(model, mean, std)"),
+        "get_output_with_eval_nograd": "under torch.no_grad(), atk.get_logits(x) in a forward (it runs in "
+                                       "atk.model_mode, eval by default), or robust_ops.models.predict(model, x)",
+        **dict.fromkeys(("get_least_likely_label", "get_random_target_label"),
+                        "call set_mode_targeted_least_likely(kth_min) or set_mode_targeted_random(), then "
+                        "atk.get_target_label(x, y)"),
+        **dict.fromkeys(("set_return_type", "return_type"),
+                        "x_adv is always a float tensor; (x_adv * 255).round().to(torch.uint8) gives bytes"),
+    }
+
+    def __getattr__(self, key):  # only for attributes not found otherwise
+        if key in Attack._TORCHATTACKS:
+            raise AttributeError(f"{type(self).name}: torchattacks' {key} does not exist here: "
+                                 f"{Attack._TORCHATTACKS[key]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
     def __init__(self, model, *positional, targeted=False, model_mode="eval", clip_min=0.0, clip_max=1.0, **unknown):
         if positional:  # Python's own error ("takes 2 positional arguments but 3 were given") said nothing of the fix
             _refuse_positional(type(self).__name__, model, positional)

@@ -319,7 +319,7 @@ class AutoAttack(Attack):
     def __getattr__(self, key):  # only for attributes not found otherwise
         if key in AutoAttack._FOREIGN:
             raise AttributeError(f"autoattack: AutoAttack's {key} does not exist here: {AutoAttack._FOREIGN[key]}")
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+        return super().__getattr__(key)  # torchattacks' Attack names (its AutoAttack is one)
 
     def __setattr__(self, key, value):
         if key in self._FOREIGN:
