@@ -211,6 +211,44 @@ def test_own_attack_example_is_torchattacks_mifgsm():
     assert "mifgsm" not in attacks.ATTACKS
 
 
+def test_torchattacks_table_lists_every_class_and_its_same_point_claims_hold():
+    """docs/attacks.md's porting table names every class torchattacks exports once, and what it says gives the same
+    points does: FFGSM is a one-step PGD from the same start, TPGD run_pgd with a near-x start and the KL loss,
+    EOTPGD PGD on a deterministic model."""
+    torchattacks = pytest.importorskip("torchattacks")
+    import torch
+    import torch.nn.functional as F
+
+    from robust_ops import attacks
+    from robust_ops.attacks.core import run_pgd
+
+    section = (REPO / "docs/attacks.md").read_text().split("## Porting torchattacks / AutoAttack code")[1]
+    rows = re.findall(r"^\| (`[^|]*`) \|", section.split("\n\n")[2], flags=re.M)
+    listed = [name for row in rows for name in re.findall(r"`(\w+)`", row)]
+    assert sorted(listed) == sorted(torchattacks.__all__)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 10 * 10, 3)).eval()
+    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 3, (8,))
+    torch.manual_seed(1)
+    theirs = torchattacks.FFGSM(model, eps=8 / 255, alpha=10 / 255)(x, y)
+    torch.manual_seed(1)
+    torch.randn_like(x)  # their start draws a Gaussian first, then overwrites it with the uniform start
+    assert torch.equal(attacks.PGD(model, eps=8 / 255, alpha=10 / 255, steps=1)(x, y), theirs)
+    with torch.no_grad():
+        p = F.softmax(model(x), 1)
+    torch.manual_seed(2)
+    theirs = torchattacks.TPGD(model, eps=8 / 255, alpha=2 / 255, steps=5)(x)
+    torch.manual_seed(2)
+    ours = run_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=5, start_noise=0.001,
+                   loss=lambda out, y: F.kl_div(F.log_softmax(out, 1), p, reduction="sum")).x_adv
+    assert torch.equal(ours, theirs) and not torch.equal(ours, x)
+    torch.manual_seed(3)
+    theirs = torchattacks.EOTPGD(model, eps=8 / 255, alpha=2 / 255, steps=5, eot_iter=2)(x, y)
+    torch.manual_seed(3)
+    assert torch.equal(attacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=5)(x, y), theirs)
+
+
 def test_every_doc_python_block_is_run_or_checked():
     """A new docs block is either in FRAGMENTS, run whole by the tests above, or a signature checked below."""
     covered = set(FRAGMENTS) | {("docs/dropmax-any-cnn.md", 0)} | set(SIGNATURES)
