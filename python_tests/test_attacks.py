@@ -1871,8 +1871,14 @@ def test_square_query_budget_and_errors(trained):
         attacks.square(model, x, y, eps=0.1, p_init=1.5)
     with pytest.raises(ValueError, match="square: resample_unchanged=True applies to norm='linf' only"):
         attacks.Square(model, norm="l2", resample_unchanged=True)
-    with pytest.raises(ValueError, match="apgd: expected loss to be one of ce, dlr, cw, got 'kl'"):
+    with pytest.raises(ValueError, match="apgd: expected loss to be one of ce, dlr, cw, got 'kl'$"):
         attacks.apgd(model, x, y, eps=0.1, loss="kl")
+    # AutoAttack's APGDAttack_targeted spells its losses 'dlr-targeted' / 'ce-targeted': the error named no way there
+    for loss in ("dlr-targeted", "ce-targeted"):
+        with pytest.raises(ValueError, match=rf"^apgd_t: expected loss to be one of ce, dlr, cw, got '{loss}' "
+                                             rf"\(AutoAttack's '{loss}' is loss='{loss.split('-')[0]}' here: apgd_t / "
+                                             r"APGDT use it towards their targets\)$"):
+            attacks.APGDT(model, eps=0.1, steps=2, loss=loss)(x, y)
     with pytest.raises(ValueError, match=r"apgd: expected rho in \(0, 1\], got 0"):
         attacks.apgd(model, x, y, eps=0.1, rho=0)
     with pytest.raises(ValueError, match="apgd_t: expected n_target_classes to be an integer >= 1, got 0"):

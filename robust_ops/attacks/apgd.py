@@ -324,7 +324,11 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
     n_restarts = check_steps(name, n_restarts, "n_restarts")
     eot_iter = check_steps(name, eot_iter, "eot_iter")
     if loss not in APGD_LOSSES:
-        raise ValueError(f"{name}: expected loss to be one of {', '.join(APGD_LOSSES)}, got {loss!r}")
+        # AutoAttack's APGDAttack_targeted spells its losses 'dlr-targeted' / 'ce-targeted'; here apgd_t's "dlr" / "ce"
+        # are those (apgd's with targeted=True too)
+        hint = (f" (AutoAttack's {loss!r} is loss={loss[:-len('-targeted')]!r} here: apgd_t / APGDT use it towards "
+                "their targets)" if isinstance(loss, str) and loss in ("dlr-targeted", "ce-targeted") else "")
+        raise ValueError(f"{name}: expected loss to be one of {', '.join(APGD_LOSSES)}, got {loss!r}{hint}")
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 < rho <= 1:  # True ran as rho=1
         raise ValueError(f"{name}: expected rho in (0, 1], got {rho!r}")
     eps_t = per_sample(name, "eps", eps, x)
