@@ -1591,16 +1591,16 @@ def test_ensemble_refuses_an_attack_targeted_by_label_before_any_attack_runs():
         calls.append(a.shape[0])
         return a
 
-    message = (r"^ensemble: attack 'pgd' is targeted by label, so it would take the true labels as its targets; call "
+    message = (r"^{}: attack 'pgd' is targeted by label, so it would take the true labels as its targets; call "
                r"its set_mode_default\(\), or a mode that makes targets from the labels")
     for targeted in (attacks.PGD(model, eps=0.1, steps=5, targeted=True),
                      attacks.PGD(model, eps=0.1, steps=5).set_mode_targeted_by_label()):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message.format("ensemble")):
             attacks.ensemble(model, x, y, [first, targeted])
         inside = attacks.AutoAttack(model, eps=0.1, attacks=[targeted])  # a custom list's objects, as given
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message.format("ensemble")):
             attacks.ensemble(model, x, y, [first, inside])
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message.format("autoattack")):
             inside.run(x, y)
     assert calls == []
     # targets made from the true labels are an untargeted evaluation's: they run, and break samples
@@ -4990,7 +4990,8 @@ def test_labels_that_are_not_a_tensor_are_a_type_error():
     ("pgd", lambda model, x: attacks.PGD(model, steps=2)(x, None)),
     ("square", lambda model, x: attacks.square(model, x, None, eps=0.03, n_queries=2)),
     ("white_noise", lambda model, x: attacks.white_noise(model, x, None, eps=0.03, trials=1)),
-    ("ensemble", lambda model, x: attacks.AutoAttack(model, attacks=["fgsm"])(x, None)),
+    ("autoattack", lambda model, x: attacks.AutoAttack(model, attacks=["fgsm"])(x, None)),
+    ("ensemble", lambda model, x: attacks.ensemble(model, x, None, [attacks.FGSM(model)])),
     ("gen_adv", lambda model, x: ima.gen_adv(model, x, None, 0.1, steps=2))])
 def test_labels_of_none_are_a_type_error(name, run):
     # None read as "no labels given" in the shared input check: PGD(model)(x, None) then failed with "'NoneType' object
@@ -5002,7 +5003,9 @@ def test_labels_of_none_are_a_type_error(name, run):
 
 @pytest.mark.parametrize("name, make", [("pgd", lambda m: attacks.PGD(m, steps=2)),
                                          ("square", lambda m: attacks.Square(m, n_queries=2)),
-                                         ("ensemble", lambda m: attacks.AutoAttack(m, attacks=["fgsm"]))])
+                                         ("autoattack", lambda m: attacks.AutoAttack(m, attacks=["fgsm"])),
+                                         ("ensemble",
+                                          lambda m: lambda x, y: attacks.ensemble(m, x, y, [attacks.FGSM(m)]))])
 def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(name, make):
     # float64 inputs on a float32 model failed with torch's "mixed dtype (CPU): all inputs must share same datatype."
     # (a convolution first: "Input type (double) and bias type (float) should be the same") from inside the model
@@ -5020,7 +5023,8 @@ def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(name
 @pytest.mark.parametrize("name, make", [
     ("pgd", lambda m: attacks.PGD(m, steps=1)), ("apgd", lambda m: attacks.APGD(m, steps=1)),
     ("square", lambda m: attacks.Square(m, n_queries=2)), ("fab", lambda m: attacks.FAB(m, steps=1)),
-    ("ensemble", lambda m: attacks.AutoAttack(m, steps=1, n_queries=2))])
+    ("autoattack", lambda m: attacks.AutoAttack(m, steps=1, n_queries=2)),
+    ("ensemble", lambda m: lambda x, y: attacks.ensemble(m, x, y, [attacks.FGSM(m)]))])
 def test_inputs_on_another_device_than_the_model_are_named(name, make):
     """CPU images from a data loader on a CUDA model (torchattacks moved them itself) failed with torch's error from
     inside the model's first layer; a meta-device model stands in for the other device. Labels on another device
@@ -5284,6 +5288,23 @@ def test_fab_runs_on_a_model_returning_float64_logits(norm):
         torch.testing.assert_close(x_adv, reference, rtol=0, atol=1e-4)
 
 
+def test_autoattack_entry_points_name_autoattack_in_their_input_errors():
+    """AutoAttack's run_standard_evaluation(x, y) on 0-255 images or MedMNIST's [N, 1] labels said "ensemble: expected
+    x inside the clip range ...", naming a function an AutoAttack user never called."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    aa = attacks.AutoAttack(model, eps=8 / 255, steps=1, n_queries=2)
+    for run in (aa.run_standard_evaluation, aa.run_standard_evaluation_individual, aa.run, aa):
+        with pytest.raises(ValueError, match=r"^autoattack: expected x inside the clip range \[0.0, 1.0\]"):
+            run(x * 255, y)
+        with pytest.raises(ValueError, match=r"^autoattack: expected y of shape \[4\], got \(4, 1\); pass y.view"):
+            run(x, y[:, None])
+    with pytest.raises(ValueError, match=r"^autoattack: expected labels in \[0, 3\) for a model with 3 classes"):
+        aa.run_standard_evaluation(x, y + 3, bs=2)
+    with pytest.raises(ValueError, match=r"^ensemble: expected x inside the clip range"):
+        attacks.ensemble(model, x * 255, y, [attacks.FGSM(model)])
+
+
 def test_ensemble_refuses_a_per_sample_eps_of_another_length_before_any_attack_runs():
     """A per-sample eps / alpha tensor of an attack must have one value per sample of x: the cascade hands each
     attack a subset, so an eps [3] for a batch of 4 with one sample misclassified clean ran silently on the 3 others
@@ -5297,15 +5318,16 @@ def test_ensemble_refuses_a_per_sample_eps_of_another_length_before_any_attack_r
     queried = []
     model.register_forward_pre_hook(lambda m, inp: queried.append(inp[0].shape[0]))
     shape = r"has eps of shape \(3,\); expected a number or a tensor of shape \[4\], one per sample of x"
-    for named, run in (
-            ("apgd-ce", lambda: attacks.ensemble(model, x, y, [attacks.APGD(model, eps=eps, steps=2)])),
-            ("apgd-ce", lambda: attacks.AutoAttack(model, eps=eps, steps=2, n_queries=3).run(x, y)),
-            ("autoattack", lambda: attacks.ensemble(model, x, y, [attacks.AutoAttack(model, eps=eps, steps=2)])),
+    for caller, named, run in (
+            ("ensemble", "apgd-ce", lambda: attacks.ensemble(model, x, y, [attacks.APGD(model, eps=eps, steps=2)])),
+            ("autoattack", "apgd-ce", lambda: attacks.AutoAttack(model, eps=eps, steps=2, n_queries=3).run(x, y)),
+            ("ensemble", "autoattack",
+             lambda: attacks.ensemble(model, x, y, [attacks.AutoAttack(model, eps=eps, steps=2)])),
             # inside an AutoAttack's list, its own eps a number: its inner cascade saw a subset of 3 and ran
             # (mutation testing of square/ensemble: not checking the list's attacks survived)
-            ("autoattack", lambda: attacks.ensemble(
+            ("ensemble", "autoattack", lambda: attacks.ensemble(
                 model, x, y, [attacks.AutoAttack(model, attacks=[attacks.APGD(model, eps=eps, steps=2)])]))):
-        with pytest.raises(ValueError, match=f"ensemble: attack '{named}' {shape}"):
+        with pytest.raises(ValueError, match=f"^{caller}: attack '{named}' {shape}"):
             run()
     with pytest.raises(ValueError, match=r"attack 'pgd' has alpha of shape \(4, 1\); expected a number or a tensor "
                                          r"of shape \[4\]"):

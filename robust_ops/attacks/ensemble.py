@@ -94,7 +94,7 @@ def _on_samples(attack, part, n):
     return sub
 
 
-def _check_per_sample_options(attack, n, label):
+def _check_per_sample_options(attack, n, label, name):
     """An :class:`Attack`'s ``eps`` / ``alpha`` tensor (also inside an AutoAttack's list) must be one value or one per
     sample of the batch [n]: the cascade attacks subsets, so a tensor of another length reached the attack only as
     long as a subset and ran there with the radii of other samples (or failed naming the subset's size)."""
@@ -103,22 +103,22 @@ def _check_per_sample_options(attack, n, label):
     for arg in PER_SAMPLE_OPTIONS:
         value = vars(attack).get(arg)
         if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != (n,):
-            raise ValueError(f"ensemble: attack {label!r} has {arg} of shape {tuple(value.shape)}; expected a number "
+            raise ValueError(f"{name}: attack {label!r} has {arg} of shape {tuple(value.shape)}; expected a number "
                              f"or a tensor of shape [{n}], one per sample of x")
         # a number the attack refuses only when it runs: after the attacks before it, and (a bool or text) as "a
         # tensor of shape [k]" for the k samples still robust; -0.1 passed when none was
         bad_number = value is not None and not torch.is_tensor(value) and (
             isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0)
         if bad_number:
-            raise ValueError(f"ensemble: attack {label!r} has {arg}={value!r}; expected a finite number >= 0 or a "
+            raise ValueError(f"{name}: attack {label!r} has {arg}={value!r}; expected a finite number >= 0 or a "
                              f"tensor of shape [{n}], one per sample of x")
     inner = vars(attack).get("attacks")
     if isinstance(inner, list):
         for a in inner:
-            _check_per_sample_options(a, n, label)
+            _check_per_sample_options(a, n, label, name)
 
 
-def _check_runs_on(attack, x, label):
+def _check_runs_on(attack, x, label, name):
     """Ask ``attack`` (also the attacks inside an AutoAttack's list) whether it runs on ``x``'s dtype and shape: a
     Square after APGD-CE, APGD-T and FAB-T refused flat [N, D] inputs only once those had run. An attack targeted by
     label is refused: the cascade passes the true labels, which it would take as targets and push towards (every
@@ -128,14 +128,14 @@ def _check_runs_on(attack, x, label):
         if check is not None:
             check(x)
     if isinstance(attack, Attack) and attack.targeted and attack._target_rule is None:
-        raise ValueError(f"ensemble: attack {label!r} is targeted by label, so it would take the true labels as its "
+        raise ValueError(f"{name}: attack {label!r} is targeted by label, so it would take the true labels as its "
                          "targets; call its set_mode_default(), or a mode that makes targets from the labels "
                          "(set_mode_targeted_random(), set_mode_targeted_least_likely(), "
                          "set_mode_targeted_by_function())")
     inner = vars(attack).get("attacks") if isinstance(attack, Attack) else None
     if isinstance(inner, list):
         for i, a in enumerate(inner):
-            _check_runs_on(a, x, _name(a, i))  # named by its own name: the attack to change
+            _check_runs_on(a, x, _name(a, i), name)  # named by its own name: the attack to change
 
 
 @torch.no_grad()
@@ -153,7 +153,7 @@ def _correct(model, x, y, model_mode, name):
 
 
 def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=0.0, clip_max=1.0, batch_size=None,
-             names=None, model_check=None):
+             names=None, model_check=None, name="ensemble"):
     r"""Evaluate ``attacks`` in order, AutoAttack style (Croce & Hein 2020): each next attack runs only on the
     samples that are still robust (``cascade=False`` runs every attack on every sample, for comparison; the
     per-sample worst case is then the same for deterministic attacks).
@@ -174,11 +174,11 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         names: labels overriding ``name``.
         model_check: a callable given the first batch (inputs already checked) before any forward, such as
             AutoAttack's checks for randomized and probability outputs.
+        name: the caller its errors name (:class:`AutoAttack` passes "autoattack").
 
     Returns:
         :class:`EnsembleResult` ``(x_adv, robust, broken_by, names)``.
     """
-    name = "ensemble"
     y = check_inputs(name, x, y, clip_min, clip_max)
     check_flags(name, {"cascade": cascade})  # cascade="no" cascaded
     given = attacks  # shown as given: a string's list was its characters, "got ['p', 'g', 'd']"
@@ -202,8 +202,8 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     x = x.detach()
     n = x.shape[0]
     for attack, label in zip(attacks, labels):  # before any attack runs: the cascade would otherwise stop minutes in
-        _check_runs_on(attack, x, label)
-        _check_per_sample_options(attack, n, label)
+        _check_runs_on(attack, x, label, name)
+        _check_per_sample_options(attack, n, label, name)
     if model_check is not None and n:
         model_check(x[:batch_size or n])
     x_adv = x.clone()
@@ -415,9 +415,10 @@ class AutoAttack(Attack):
                                      f"attacks={shown} (attack objects are used as given); expected {key}=None")
 
     def run(self, x, y, batch_size=None):
+        # errors name autoattack: "ensemble: expected x inside the clip range" named a function its caller never met
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
                         clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size,
-                        model_check=self._check_model)
+                        model_check=self._check_model, name=self.name)
 
     def run_standard_evaluation(self, x, y, bs=None, return_labels=False):
         """AutoAttack's entry point: x_adv (the clean input where no attack succeeded), ``bs`` samples at a time
@@ -441,7 +442,7 @@ class AutoAttack(Attack):
             # the model checks once, with the first attack
             x_adv = ensemble(self.model, x, y, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
                              clip_max=self.clip_max, batch_size=bs, names=[name],
-                             model_check=None if out else self._check_model).x_adv
+                             model_check=None if out else self._check_model, name=self.name).x_adv
             out[key] = (x_adv, self._predicted(x_adv, bs)) if return_labels else x_adv
         return out
 
@@ -453,8 +454,8 @@ class AutoAttack(Attack):
         (batch-norm statistics under model_mode="train") are restored, so the checks leave the model as it was."""
         buffers = [b.clone() for b in self.model.buffers()]
         try:
-            with torch.no_grad(), attack_context(self.model, self.model_mode, "ensemble"):
-                outs = [forward("ensemble", self.model, first).float() for _ in range(2)]
+            with torch.no_grad(), attack_context(self.model, self.model_mode, self.name):
+                outs = [forward(self.name, self.model, first).float() for _ in range(2)]
         finally:
             with torch.no_grad():
                 for b, saved in zip(self.model.buffers(), buffers):
