@@ -249,6 +249,28 @@ def test_torchattacks_table_lists_every_class_and_its_same_point_claims_hold():
     assert torch.equal(attacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=5)(x, y), theirs)
 
 
+def test_torchattacks_autoattack_runs_its_classes_ten_steps_in_every_version():
+    """docs/attacks.md: torchattacks' AutoAttack builds APGD, APGD-T and FAB with its classes' 10 steps in every
+    version, standard too (the docs said so of plus and rand only), where ours takes AutoAttack's 100, and
+    steps=10 gives that budget."""
+    torchattacks = pytest.importorskip("torchattacks")
+    import torch
+
+    from robust_ops import attacks
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    for version in ("standard", "plus", "rand"):
+        theirs = torchattacks.AutoAttack(model, version=version)._autoattack.attacks
+        assert {a.steps for a in theirs if hasattr(a, "steps")} == {10}, version
+        assert {a.steps for a in attacks.AutoAttack(model, version=version).attacks if hasattr(a, "steps")} == {100}
+        assert {a.steps for a in attacks.AutoAttack(model, version=version, steps=10).attacks
+                if hasattr(a, "steps")} == {10}
+    text = re.sub(r"\s+", " ", (REPO / "docs/attacks.md").read_text())
+    assert "builds the attacks of every version (`standard` too) with its classes' default 10 steps" in text
+    assert ("torchattacks' `AutoAttack` runs APGD-CE, APGD-T and FAB-T at its classes' 10 steps, in every "
+            "version") in text
+
+
 def test_every_doc_python_block_is_run_or_checked():
     """A new docs block is either in FRAGMENTS, run whole by the tests above, or a signature checked below."""
     covered = set(FRAGMENTS) | {("docs/dropmax-any-cnn.md", 0)} | set(SIGNATURES)
