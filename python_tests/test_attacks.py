@@ -4590,6 +4590,35 @@ def test_unknown_option_of_an_attack_class_names_the_class_and_its_options():
         attacks.AutoAttack(make_model(), norm="linf", eps=8 / 255, version="standard", n_classes=10, verbose=False)
 
 
+def test_torchattacks_and_autoattack_options_not_taken_here_say_what_to_do():
+    """torchattacks' APGDT(n_classes=10), Square(resc_schedule=...), verbose=..., AutoAttack's device= / log_path= were
+    "unknown option" with the list of options only: nothing said that n_classes=K means n_target_classes=K - 1 or that
+    verbose has nothing to switch. The error now adds the way for each (by class and through attacks.build)."""
+    model = make_model()
+    hint = {"n_classes": "torchattacks' n_classes=K is n_target_classes=K - 1 here",
+            "verbose": "nothing is printed here, drop it",
+            "device": "an attack runs on its inputs' device, so give x and y on the model's device",
+            "log_path": r"nothing is logged, aa.run\(x, y\).counts\(\) gives the samples each attack broke",
+            "resc_schedule": "torchattacks' resc_schedule is rescale_schedule here",
+            "n_restarts": "one run here, torchattacks' default n_restarts=1"}
+    for owner, make, keys in (
+            ("APGDT", lambda **kw: attacks.APGDT(model, **kw), ("n_classes", "verbose")),
+            ("AutoAttack", lambda **kw: attacks.AutoAttack(model, **kw),
+             ("n_classes", "verbose", "device", "log_path")),
+            ("Square", lambda **kw: attacks.Square(model, **kw), ("resc_schedule", "n_restarts", "verbose")),
+            ("PGD", lambda **kw: attacks.PGD(model, **kw), ("verbose", "device")),
+            ("attacks.build: apgd-t", lambda **kw: attacks.build("apgd-t", model, **kw), ("n_classes",))):
+        for key in keys:
+            with pytest.raises(ValueError, match=rf"^{owner}: unknown option '{key}'; it takes [^(]* \({key}: "
+                                                 rf"{hint[key]}\)$"):
+                make(**{key: 1})
+    with pytest.raises(ValueError, match=r"^APGD: unknown options 'verbose', 'foo'; it takes [^(]* \(verbose: "
+                                         r"nothing is printed here, drop it\)$"):
+        attacks.APGD(model, verbose=False, foo=1)
+    with pytest.raises(ValueError, match=r"^PGD: unknown option 'n_classes'; it takes [^(]*clip_max$"):
+        attacks.PGD(model, n_classes=10)  # a hint only where the option means something for the class
+
+
 @pytest.mark.parametrize("make", [
     lambda m: attacks.PGD(m, eps=8, alpha=2 / 255, steps=1), lambda m: attacks.FGSM(m, eps=8),
     lambda m: attacks.APGD(m, eps=8, steps=1), lambda m: attacks.Square(m, eps=8, n_queries=1),

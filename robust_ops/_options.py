@@ -43,14 +43,16 @@ def accepted_options(cls, skip=("self", "model")):
     return list(option_defaults(cls, skip))
 
 
-def check_options(owner, cls, options):
-    """ValueError naming every option of ``options`` that ``cls`` does not take, and the ones it does."""
+def check_options(owner, cls, options, hints=None):
+    """ValueError naming every option of ``options`` that ``cls`` does not take, and the ones it does; ``hints``
+    ({option: what to do instead}) adds the way for options known from another library (torchattacks' names)."""
     accepted = accepted_options(cls)
     unknown = [k for k in options if k not in accepted]
     if unknown:
         takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
+        known = [f"{k}: {hints[k]}" for k in unknown if hints and k in hints]
         raise ValueError(f"{owner}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                         f"{takes}")
+                         f"{takes}" + (f" ({'; '.join(known)})" if known else ""))
 
 
 def fits_a_float(value):

@@ -73,5 +73,5 @@ def build(name, model, **kwargs):
         if STEPS_ALIAS[name] in kwargs:  # one would silently replace the other
             raise ValueError(f"attacks.build: {name}: steps means {STEPS_ALIAS[name]} here; give one of them, not both")
         kwargs[STEPS_ALIAS[name]] = kwargs.pop("steps")
-    check_options(f"attacks.build: {name}", cls, kwargs)
+    check_options(f"attacks.build: {name}", cls, kwargs, getattr(cls, "_FOREIGN_OPTIONS", None))
     return cls(model, **{**defaults, **kwargs})

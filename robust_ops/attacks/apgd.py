@@ -484,6 +484,8 @@ class APGDT(Attack):
     name = "apgd-t"
     supports_targeted = False
     norms = NORMS_WITH_L1
+    _FOREIGN_OPTIONS = {**Attack._FOREIGN_OPTIONS,
+                        "n_classes": "torchattacks' n_classes=K is n_target_classes=K - 1 here"}
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, loss="dlr",
                  n_restarts=1, rho=0.75, seed=0, eot_iter=1, use_largereps=False, **options):

@@ -69,6 +69,14 @@ class Attack:
                         "x_adv is always a float tensor; (x_adv * 255).round().to(torch.uint8) gives bytes"),
     }
 
+    # torchattacks' and AutoAttack's constructor options that no attack here takes: the unknown-option error lists the
+    # options, but not that n_classes=10 means n_target_classes=9, or that verbose has nothing to switch; subclasses
+    # add their own (Square, APGDT, AutoAttack)
+    _FOREIGN_OPTIONS = {
+        "verbose": "nothing is printed here, drop it",
+        "device": "an attack runs on its inputs' device, so give x and y on the model's device",
+    }
+
     def __getattr__(self, key):  # only for attributes not found otherwise
         if key in Attack._TORCHATTACKS:
             raise AttributeError(f"{type(self).name}: torchattacks' {key} does not exist here: "
@@ -79,7 +87,7 @@ class Attack:
         if positional:  # Python's own error ("takes 2 positional arguments but 3 were given") said nothing of the fix
             _refuse_positional(type(self).__name__, model, positional)
         if unknown:  # Python's own error named Attack.__init__, not the class called, and listed nothing
-            check_options(type(self).__name__, type(self), unknown)
+            check_options(type(self).__name__, type(self), unknown, type(self)._FOREIGN_OPTIONS)
         check_model(type(self).__name__, model)
         self.model = model
         self.targeted = False

@@ -316,6 +316,12 @@ class AutoAttack(Attack):
         "clean_accuracy": "(robust_ops.models.predict(model, x) == y).float().mean() is the clean accuracy",
     }
 
+    _FOREIGN_OPTIONS = {
+        **Attack._FOREIGN_OPTIONS,
+        "n_classes": "torchattacks' n_classes=K is n_target_classes=K - 1 here",
+        "log_path": "nothing is logged, aa.run(x, y).counts() gives the samples each attack broke",
+    }
+
     def __getattr__(self, key):  # only for attributes not found otherwise
         if key in AutoAttack._FOREIGN:
             raise AttributeError(f"autoattack: AutoAttack's {key} does not exist here: {AutoAttack._FOREIGN[key]}")

@@ -337,6 +337,11 @@ class Square(Attack):
     see :func:`square`. ``norm="l2"`` is the L2 Square Attack (give an L2 ``eps``: the default is Linf's 8/255)."""
 
     name = "square"
+    _FOREIGN_OPTIONS = {
+        **Attack._FOREIGN_OPTIONS,
+        "resc_schedule": "torchattacks' resc_schedule is rescale_schedule here",
+        "n_restarts": "one run here, torchattacks' default n_restarts=1",
+    }
 
     def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf",
                  resample_unchanged=None, rescale_schedule=True, loss="margin", **options):
