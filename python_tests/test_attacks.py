@@ -1020,6 +1020,39 @@ def test_autoattack_individual_runs_each_attack_on_every_sample():
     assert list(twice.run_standard_evaluation_individual(x, y)) == ["pgd", "pgd #2", "fgsm"]
 
 
+@pytest.mark.parametrize("attack", ["pgd", "pgd_l2", "apgd", "apgd_l2"])
+def test_the_fused_steps_backend_is_resolved_once_per_run_not_once_per_step(monkeypatch, attack):
+    """run_pgd's and APGD's loops resolve pgd_step_'s backend (and make its clip floats) once per run and call the
+    op on the tensors they built: through functional.pgd_step_ every step (APGD: two a step) re-read
+    $ROBUST_OPS_BACKEND and re-checked and converted alpha, eps and the clips, about as long as the op call itself
+    on small batches. $ROBUST_OPS_BACKEND still decides, and the points are the same on either backend."""
+    from robust_ops import _backend, reference
+
+    model, (x, y) = make_model(), make_data()
+    norm = "l2" if attack.endswith("l2") else "linf"
+    eps = 0.5 if norm == "l2" else 8 / 255
+
+    def run():
+        if attack.startswith("apgd"):
+            return attacks.apgd(model, x, y, eps=eps, norm=norm, steps=5, generator=torch.Generator().manual_seed(0))
+        return attacks.pgd(model, x, y, eps=eps, alpha=eps / 4, steps=5, norm=norm, random_start=False)
+
+    asked, real_resolve = [], _backend.resolve
+
+    def resolve(op_name, device, backend=None):
+        asked.append(op_name)
+        return real_resolve(op_name, device, backend)
+
+    monkeypatch.setattr(_backend, "resolve", resolve)
+    native = run()
+    assert asked.count("pgd_step_") == 1
+    stepped, real_step = [], reference.pgd_step_
+    monkeypatch.setattr(reference, "pgd_step_", lambda *args: stepped.append(1) or real_step(*args))
+    monkeypatch.setenv("ROBUST_OPS_BACKEND", "reference")
+    assert torch.equal(run(), native)
+    assert stepped and asked.count("pgd_step_") == 2
+
+
 def test_apgd_eot_averages_the_gradient_over_passes(monkeypatch):
     """eot_iter passes per step, their input gradients averaged (AutoAttack's sum then division); loss and success
     from the last pass. A model whose weights change at every call shows the average."""
@@ -1041,13 +1074,13 @@ def test_apgd_eot_averages_the_gradient_over_passes(monkeypatch):
     y = (x.flatten(1) @ model.weights[0].t()).argmax(1)  # correct at the clean check (call 0): all attacked
     grads = []
     apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
-    real_step = apgd_module.functional.pgd_step_
+    real_step = apgd_module.functional._pgd_step_on  # the fused step APGD's loop calls, its backend resolved
 
-    def spy(z, x_nat, grad, *args, **kwargs):
+    def spy(which, z, x_nat, grad, *args):
         grads.append(grad.clone())
-        return real_step(z, x_nat, grad, *args, **kwargs)
+        return real_step(which, z, x_nat, grad, *args)
 
-    monkeypatch.setattr(apgd_module.functional, "pgd_step_", spy)
+    monkeypatch.setattr(apgd_module.functional, "_pgd_step_on", spy)
     gen = torch.Generator().manual_seed(0)
     attacks.apgd(model, x, y, eps=0.05, steps=2, eot_iter=3, generator=gen)
     # the start point is drawn first; replay the draw and the passes the first step's gradient came from
@@ -2703,14 +2736,14 @@ def _apgd_steps(monkeypatch, model, x, y, eps, steps, rho=0.75):
     """The per-sample step sizes of APGD's gradient steps (pgd_step_ calls with a nonzero step)."""
     apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
 
-    sizes, original = [], apgd_module.functional.pgd_step_
+    sizes, original = [], apgd_module.functional._pgd_step_on  # the fused step APGD's loop calls
 
-    def spy(x_adv, x_nat, grad, alpha, eps_t, **kw):
+    def spy(which, x_adv, x_nat, grad, alpha, eps_t, *rest):
         if bool((alpha != 0).any()):
             sizes.append(alpha.clone())
-        return original(x_adv, x_nat, grad, alpha, eps_t, **kw)
+        return original(which, x_adv, x_nat, grad, alpha, eps_t, *rest)
 
-    monkeypatch.setattr(apgd_module.functional, "pgd_step_", spy)
+    monkeypatch.setattr(apgd_module.functional, "_pgd_step_on", spy)
     attacks.apgd(model, x, y, eps=eps, steps=steps, rho=rho, generator=torch.Generator().manual_seed(0))
     return [float(s[0]) for s in sizes]
 

@@ -279,6 +279,14 @@ def pgd_step_(
     clip_min, clip_max = _real("clip_min", clip_min), _real("clip_max", clip_max)
     slot = _index("slot", slot)
     which = _backend.resolve("pgd_step_", x_adv.device, backend)
+    return _pgd_step_on(which, x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)
+
+
+def _pgd_step_on(which, x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot):
+    """pgd_step_ after its wrapper's checks and conversions, on the backend ``which`` (``_backend.resolve``'s answer):
+    for loops that made them once per attack (run_pgd, APGD) with tensors they built themselves (per-sample alpha_t
+    and eps_t [N] in x_adv's opmath dtype, float clips, an int slot). The wrapper's Python work cost about as much as
+    the CPU op call on small batches, once per step. The op's own checks (and the reference backend's) still run."""
     with torch.no_grad():
         if which == "native":
             torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)

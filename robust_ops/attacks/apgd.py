@@ -20,7 +20,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .. import functional
+from .. import _backend, functional
 from .._options import check_flags
 from .base import Attack
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
@@ -124,14 +124,6 @@ def _l1_step(x_adv, x, grad, step_size, topk, eps_t, clip_min, clip_max):
     return project_l1(x, x_adv + step.view_as(x_adv).to(x_adv.dtype), eps_t, clip_min, clip_max)
 
 
-def _project_(z, x_nat, eps_t, norm, clip_min, clip_max):
-    """Projection onto the ball and the clip range: the fused PGD step with a zero step."""
-    zeros = torch.zeros(z.shape[0], dtype=eps_t.dtype, device=z.device)
-    functional.pgd_step_(z, x_nat, torch.zeros_like(z), zeros, eps_t, clip_min=clip_min, clip_max=clip_max,
-                         norm=norm)
-    return z
-
-
 def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
     """AutoAttack's start: Linf x + eps * t / max|t| with t ~ U(-1, 1); L2 a point on the sphere of radius eps; L1
     x + t with t ~ N(0, 1) projected onto the ball and the clip range."""
@@ -221,6 +213,11 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
     else:
         step_size = 2.0 * eps_t.clone()
         checkpoints = set(checkpoint_schedule(steps))
+        # the fused step's backend and clip floats, and the projection's zero step, once per run: through
+        # functional.pgd_step_ each step checked and converted them twice (step_size and eps_t are [N] tensors in
+        # x's opmath dtype, as the wrapper would make them)
+        step_on, clips = _backend.resolve("pgd_step_", x.device), (float(clip_min), float(clip_max))
+        no_step, no_alpha = torch.zeros_like(x), torch.zeros(n, dtype=eps_t.dtype, device=x.device)
     last_check = 0
     loss_best_last_check = loss_best.clone()
     reduced_last_check = torch.ones(n, dtype=torch.bool, device=x.device)
@@ -232,11 +229,11 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
                 stepped = _l1_step(x_adv, x, grad, step_size, topk, eps_t, clip_min, clip_max)
             else:
                 stepped = x_adv.clone()
-                functional.pgd_step_(stepped, x, grad, step_size, eps_t, clip_min=clip_min, clip_max=clip_max,
-                                     norm=norm)
+                functional._pgd_step_on(step_on, stepped, x, grad, step_size, eps_t, *clips, norm, None, 0)
                 if i > 0:
                     stepped = x_adv + (stepped - x_adv) * momentum + (x_adv - x_old) * (1 - momentum)
-                    _project_(stepped, x, eps_t, norm, clip_min, clip_max)
+                    # onto the ball and the clip range: the fused step with a zero step
+                    functional._pgd_step_on(step_on, stepped, x, no_step, no_alpha, eps_t, *clips, norm, None, 0)
             x_old, x_adv = x_adv, stepped
         loss_now, grad, ok = evaluate(x_adv)
         with torch.no_grad():

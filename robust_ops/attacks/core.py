@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import functional
+from .. import _backend, functional
 from .._options import check_flags, check_int, check_real, fits_a_float, refuse_unused
 from .context import (
     InputGradScale,
@@ -509,6 +509,9 @@ def run_pgd(
         # nothing (counting steps from the first success instead froze it while correct).
         successes = torch.zeros((n,), dtype=torch.long, device=x.device)
         frozen = torch.zeros((n,), dtype=torch.bool, device=x.device)
+    # the fused step's backend and clip floats once, not in every step's functional.pgd_step_ (alpha_t and eps_t are
+    # per_sample's [N] tensors in x's opmath dtype, as the wrapper would convert them)
+    step_on, clips = _backend.resolve("pgd_step_", x.device), (float(clip_min), float(clip_max))
 
     with attack_context(model, model_mode, name):
         if random_start:
@@ -576,10 +579,8 @@ def run_pgd(
                     noise.masked_fill_(frozen.view((n,) + (1,) * (x_adv.dim() - 1)), 0.0)
                 x_adv.add_(noise, alpha=step_noise)
             slot = slot_of.get(t + 1)
-            functional.pgd_step_(
-                x_adv, x_nat, grad, alpha_t, eps_t, clip_min=clip_min, clip_max=clip_max, norm=norm,
-                history=iterates if slot is not None else None, slot=slot if slot is not None else 0,
-            )
+            functional._pgd_step_on(step_on, x_adv, x_nat, grad, alpha_t, eps_t, *clips, norm,
+                                    iterates if slot is not None else None, slot if slot is not None else 0)
     if param_grads is not None:
         param_grads = [g if used else None for g, used in zip(param_grads, reached)]
     return PGDResult(x_adv, iterates, param_grads, emitted_losses)
