@@ -18,6 +18,7 @@ output checks, and the losses attacks ascend.
 
 import contextlib
 import itertools
+import math
 import threading
 
 import torch
@@ -495,10 +496,13 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=
     clip_min = check_real(name, "clip_min", clip_min)
     clip_max = check_real(name, "clip_max", clip_max, minimum=clip_min)
     if x.numel():
-        xd = x.detach()  # reading values of an input that requires grad would warn
-        if not bool(torch.isfinite(xd).all()):
+        # one reduction and one host read (a sync on a GPU) for both checks: min and max propagate NaN, so both are
+        # finite only when every value is. isfinite(x).all() beside min and max cost three reads and, on CPU, ~6x the
+        # time of the two reductions together (once per attack call). detach: reading values of an input that
+        # requires grad would warn
+        lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name}: x contains NaN or Inf")
-        lo, hi = float(xd.min()), float(xd.max())
         if lo < clip_min or hi > clip_max:
             crossed = (f"{_past(hi, clip_max, 1)} > clip_max {clip_max}" if hi > clip_max else
                        f"{_past(lo, clip_min, -1)} < clip_min {clip_min}")
