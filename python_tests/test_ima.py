@@ -194,6 +194,36 @@ def test_compacted_equals_masked_and_spends_less(algorithm, arity):
     assert c_naive.backward_rows == 8 * 12
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_the_ops_backends_are_resolved_once_per_gen_adv_call_not_per_step(monkeypatch, compact):
+    """gen_adv's loops (compacted and masked alike) resolve pgd_step_'s and boundary_search_step_'s backends once
+    per call: through the functional wrappers every step and search round re-read $ROBUST_OPS_BACKEND and re-checked
+    what the loop had built. $ROBUST_OPS_BACKEND still decides, with the same points on either backend."""
+    from robust_ops import _backend, reference
+
+    model, x, y, margin = make_problem(n=12, seed=1)
+    run = gen_adv if compact else gen_adv_masked
+    asked, real_resolve = [], _backend.resolve
+
+    def resolve(op_name, device, backend=None):
+        asked.append(op_name)
+        return real_resolve(op_name, device, backend)
+
+    monkeypatch.setattr(_backend, "resolve", resolve)
+    first, crossed = run(model, x, y, margin, steps=8, search_steps=6, min_rows=0)
+    assert bool(crossed.any())  # both ops ran
+    assert sorted(asked) == ["boundary_search_step_", "pgd_step_"]
+    calls, real_steps = [], (reference.pgd_step_, reference.boundary_search_step_)
+    monkeypatch.setattr(reference, "pgd_step_", lambda *args: calls.append("pgd") or real_steps[0](*args))
+    monkeypatch.setattr(reference, "boundary_search_step_", lambda *args: calls.append("bs") or real_steps[1](*args))
+    monkeypatch.setenv("ROBUST_OPS_BACKEND", "reference")
+    again, crossed_again = run(model, x, y, margin, steps=8, search_steps=6, min_rows=0)
+    assert torch.equal(again, first) and torch.equal(crossed_again, crossed)
+    assert {"pgd", "bs"} <= set(calls) and len(asked) == 4
+    assert run(model, x, y, torch.zeros_like(margin))[0].equal(x)  # no step, no search: neither resolved
+    assert len(asked) == 4
+
+
 def test_channels_last_model_compacted_equals_masked_bitwise():
     # A channels_last float32 model (fit(channels_last=True)) runs other convolution kernels; the default padding
     # measures its batch-invariant sizes like any model's, so compaction still changes no bit.

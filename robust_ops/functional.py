@@ -284,9 +284,10 @@ def pgd_step_(
 
 def _pgd_step_on(which, x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot):
     """pgd_step_ after its wrapper's checks and conversions, on the backend ``which`` (``_backend.resolve``'s answer):
-    for loops that made them once per attack (run_pgd, APGD) with tensors they built themselves (per-sample alpha_t
-    and eps_t [N] in x_adv's opmath dtype, float clips, an int slot). The wrapper's Python work cost about as much as
-    the CPU op call on small batches, once per step. The op's own checks (and the reference backend's) still run."""
+    for loops that made them once per attack (run_pgd, APGD, IMA's gen_adv) with tensors they built themselves
+    (per-sample alpha_t and eps_t [N] in x_adv's opmath dtype, float clips, an int slot). The wrapper's Python work
+    cost about as much as the CPU op call on small batches, once per step. The op's own checks (and the reference
+    backend's) still run."""
     with torch.no_grad():
         if which == "native":
             torch.ops.robust_ops.pgd_step_(x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)
@@ -326,6 +327,12 @@ def boundary_search_step_(lo, hi, points, crossed_at, active=None, *, backend=No
         _check_tensor("boundary_search_step_", name, value)
     _check_tensor("boundary_search_step_", "active", active, optional=True)
     which = _backend.resolve("boundary_search_step_", lo.device, backend)
+    return _boundary_search_step_on(which, lo, hi, points, crossed_at, active)
+
+
+def _boundary_search_step_on(which, lo, hi, points, crossed_at, active):
+    """boundary_search_step_ after its wrapper's checks, on the backend ``which`` (``_backend.resolve``'s answer): for
+    IMA's search rounds, which resolve it once per gen_adv call, as :func:`_pgd_step_on` for the PGD loops."""
     with torch.no_grad():
         if which == "native":
             torch.ops.robust_ops.boundary_search_step_(lo, hi, points, crossed_at, active)

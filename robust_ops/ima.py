@@ -377,6 +377,24 @@ class _Problem:
         self.rounds = search_rounds(self.search_steps, self.arity)
         # Algorithm 2: alpha = 4 E(i) / K.
         self.alpha = 4 * self.margin / self.steps if self.steps else torch.zeros_like(self.margin)
+        self.backends = {}  # op name -> the backend that runs it, resolved at its first call
+
+    def _on(self, op_name):
+        """The backend of ``op_name`` for this call, resolved once: through the functional wrappers every step and
+        round re-read $ROBUST_OPS_BACKEND and re-checked arguments the loops built (about the CPU op's own time on
+        small batches). At the first use, so a call that never steps needs no backend for it."""
+        if op_name not in self.backends:
+            self.backends[op_name] = _backend.resolve(op_name, self.x.device, self.backend)
+        return self.backends[op_name]
+
+    def pgd_step(self, x_adv, x_nat, grad, alpha, margin):
+        """functional.pgd_step_ on [N] alpha and margin in x's opmath dtype (per_sample's and rows of them)."""
+        functional._pgd_step_on(self._on("pgd_step_"), x_adv, x_nat, grad, alpha, margin, self.clip_min,
+                                self.clip_max, self.norm, None, 0)
+
+    def search_step(self, lo, hi, points, crossed_at, active=None):
+        """functional.boundary_search_step_ on the search's own tensors."""
+        functional._boundary_search_step_on(self._on("boundary_search_step_"), lo, hi, points, crossed_at, active)
 
     def correct(self, out, y, rows, active=None):
         """The criterion on ``out`` (rows: each row's sample in the batch); NaN outputs are refused, naming them
@@ -506,9 +524,7 @@ def _ascent_compact(p, counter):
         del out  # a graph retained under float16 autocast goes now, not after the next forward
         idx, prev = idx[keep], cur[keep]
         nxt = prev.clone()
-        functional.pgd_step_(nxt, x.index_select(0, idx), grad[keep], p.alpha.index_select(0, idx),
-                             p.margin.index_select(0, idx), clip_min=p.clip_min, clip_max=p.clip_max, norm=p.norm,
-                             backend=p.backend)
+        p.pgd_step(nxt, x.index_select(0, idx), grad[keep], p.alpha.index_select(0, idx), p.margin.index_select(0, idx))
         cur = nxt
     return x_adv, lo, hi, crossed, clean_correct, steps
 
@@ -519,7 +535,7 @@ def _search_start(p, lo, hi):
     arithmetic."""
     points = hi.unsqueeze(0).expand((p.arity - 1,) + tuple(hi.shape)).clone()
     zero = torch.zeros(lo.shape[0], dtype=torch.int64, device=lo.device)
-    functional.boundary_search_step_(lo, hi, points, zero, backend=p.backend)
+    p.search_step(lo, hi, points, zero)
     return points
 
 
@@ -545,7 +561,7 @@ def _search_compact(p, lo, hi, crossed, counter):
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo_c.shape[1:])), counter, grad=False)
         crossed_at = _first_crossed(p, out, y_c, k1, n, idx)
-        functional.boundary_search_step_(lo_c, hi_c, points, crossed_at, backend=p.backend)
+        p.search_step(lo_c, hi_c, points, crossed_at)
     return lo_c, hi_c, idx
 
 
@@ -596,8 +612,7 @@ def _ascent_masked(p, counter):
         grad = p.gradient(xs, out, y, alive, counter, rows)
         del out  # a graph retained under float16 autocast goes now, not after the next forward
         nxt = cur.clone()
-        functional.pgd_step_(nxt, x, grad, p.alpha, p.margin, clip_min=p.clip_min, clip_max=p.clip_max, norm=p.norm,
-                             backend=p.backend)
+        p.pgd_step(nxt, x, grad, p.alpha, p.margin)
         prev = cur
         cur = torch.where(alive.view(view), nxt, cur)
     return x_adv, lo, hi, crossed, clean_correct, steps
@@ -614,7 +629,7 @@ def _search_masked(p, lo, hi, crossed, counter):
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo.shape[1:])), counter, grad=False)
         crossed_at = _first_crossed(p, out, p.y, k1, n, torch.arange(n, device=lo.device), crossed)
-        functional.boundary_search_step_(lo, hi, points, crossed_at, crossed, backend=p.backend)
+        p.search_step(lo, hi, points, crossed_at, crossed)
     return lo.index_select(0, idx), hi.index_select(0, idx), idx
 
 
