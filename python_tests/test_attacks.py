@@ -4010,6 +4010,28 @@ def test_apgd_l1_classes_options_and_errors(monkeypatch):
             call()
 
 
+def test_autoattack_repr_shows_the_settings_its_attacks_and_the_cascade_run_with():
+    """AutoAttack's repr named its attacks only: AutoAttack(model) and AutoAttack(model, steps=10, seed=1, ...) read
+    the same in two runs' logs, as did a cascade=False, model_mode or clip range; every other attack's repr lists its
+    options (docs/attacks.md)."""
+    model = make_model(3)
+    standard = attacks.AutoAttack(model)
+    others = [dict(steps=10), dict(seed=1), dict(n_queries=30), dict(n_target_classes=2), dict(cascade=False),
+              dict(model_mode="train"), dict(clip_min=-1.0), dict(clip_max=2.0)]
+    for options in others:
+        assert repr(attacks.AutoAttack(model, **options)) != repr(standard), options
+    assert "cascade=False" in repr(attacks.AutoAttack(model, cascade=False))
+    custom = attacks.AutoAttack(model, attacks=[attacks.PGD(model, steps=3), "fgsm"])
+    assert "PGD(" in repr(custom) and "steps=3" in repr(custom) and "FGSM(" in repr(custom)
+    # a callable that is no Attack shows its name, not its address
+    assert "attacks=[pgd_3]" in repr(attacks.AutoAttack(model, attacks=[_named(lambda x, y: x, "pgd_3")]))
+
+
+def _named(fn, name):
+    fn.__name__ = name
+    return fn
+
+
 def test_autoattack_l1_standard_is_autoattacks_l1_set():
     """AutoAttack's set_version for L1: APGD-CE with 5 restarts and APGD-T with 5 target classes and 1 restart, both
     with use_largereps; no FAB-T, no Square. "plus" and "rand" are Linf / L2 versions here."""
@@ -4021,7 +4043,8 @@ def test_autoattack_l1_standard_is_autoattacks_l1_set():
     assert all(a.use_largereps and a.norm == "l1" and a.eps == 5.0 and (a.steps, a.seed, a.eot_iter) == (100, 0, 1)
                for a in aa.attacks)
     assert attacks.AutoAttack(model, norm="l1", n_target_classes=3, steps=7).attacks[1].n_target_classes == 3
-    assert "AutoAttack(norm='l1', eps=5.0, version='standard', attacks=[apgd-ce, apgd-t])" == repr(aa)
+    assert repr(aa).startswith("AutoAttack(norm='l1', eps=5.0, version='standard', model_mode='eval', clip_min=0.0, "
+                               "clip_max=1.0, cascade=True, attacks=[APGD(") and "APGDT(" in repr(aa)
     for version in ("plus", "rand"):
         with pytest.raises(ValueError, match=rf"^autoattack: version='{version}' is defined for norm 'linf' and 'l2' "
                                              r"here; for norm='l1' give version='standard' \(APGD-CE, APGD-T\) or a "

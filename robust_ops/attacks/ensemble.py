@@ -493,5 +493,10 @@ class AutoAttack(Attack):
         return self.run(x, y).x_adv
 
     def __repr__(self):
+        # every setting that decides the result, as the other attacks' reprs: with the attacks' names only,
+        # AutoAttack(model, steps=10, seed=1) and the standard 100 steps read the same in two runs' logs. A callable
+        # that is no Attack shows its name (a function's repr holds its address, which differs between runs).
+        shown = [repr(a) if isinstance(a, Attack) else _name(a, i) for i, a in enumerate(self.attacks)]
         return (f"AutoAttack(norm={self.norm!r}, eps={self.eps!r}, version={self.version!r}, "
-                f"attacks=[{', '.join(getattr(a, 'name', repr(a)) for a in self.attacks)}])")
+                f"model_mode={self.model_mode!r}, clip_min={self.clip_min!r}, clip_max={self.clip_max!r}, "
+                f"cascade={self.cascade!r}, attacks=[{', '.join(shown)}])")
