@@ -4881,6 +4881,29 @@ def test_targeted_random_least_likely_and_by_function_modes():
         attacks.AutoAttack(model).set_mode_targeted_random()
 
 
+def test_repr_says_how_a_targeted_attack_makes_its_targets():
+    """set_mode_targeted_random(), _least_likely(kth_min) and _by_function(fn) attack other targets than
+    _by_label(), and their reprs all read targeted=True alone, so two runs' logs could not tell them apart."""
+    model = Linear(num_classes=4)
+
+    def next_class(x, y):
+        return (y + 1) % 4
+
+    reprs = {
+        "label": repr(attacks.PGD(model).set_mode_targeted_by_label()),
+        "random": repr(attacks.PGD(model).set_mode_targeted_random()),
+        "least1": repr(attacks.PGD(model).set_mode_targeted_least_likely()),
+        "least2": repr(attacks.PGD(model).set_mode_targeted_least_likely(kth_min=2)),
+        "function": repr(attacks.PGD(model).set_mode_targeted_by_function(next_class)),
+    }
+    assert len(set(reprs.values())) == len(reprs), reprs
+    assert reprs["label"].startswith("PGD(targeted=True, model_mode=")
+    assert reprs["random"].startswith("PGD(targeted=True, targets='random', model_mode=")
+    assert "targets='least_likely(kth_min=2)'" in reprs["least2"]
+    assert "targets='test_repr_says_how_a_targeted_attack_makes_its_targets.<locals>.next_class'" in reprs["function"]
+    assert "targets" not in repr(attacks.PGD(model).set_mode_targeted_random().set_mode_default())
+
+
 def test_torchattacks_device_and_training_mode_switches():
     model = make_model()
     atk = attacks.PGD(model)

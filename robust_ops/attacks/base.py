@@ -241,7 +241,19 @@ class Attack:
             running.pop()
 
     def _options(self):
-        return {k: v for k, v in vars(self).items() if k != "model" and not k.startswith("_")}
+        options = {k: v for k, v in vars(self).items() if k != "model" and not k.startswith("_")}
+        rule = getattr(self, "_target_rule", None)  # getattr: a subclass may skip Attack.__init__
+        if not options.get("targeted") or rule is None:  # by label: targeted=True says it all
+            return options
+        # how the targets are made decides the result: set_mode_targeted_random() and _by_label() both read
+        # targeted=True alone. A function shows its name (its repr holds an address, which differs between runs).
+        if not isinstance(rule, str):
+            shown = getattr(rule, "__qualname__", type(rule).__name__)
+        else:
+            shown = f"least_likely(kth_min={getattr(self, '_kth_min', 1)})" if rule == "least_likely" else rule
+        items = list(options.items())
+        at = [k for k, _ in items].index("targeted") + 1
+        return dict(items[:at] + [("targets", shown)] + items[at:])
 
     def __repr__(self):
         def show(v):
