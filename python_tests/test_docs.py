@@ -893,6 +893,35 @@ def test_prose_signatures_give_the_codes_defaults():
     assert checked >= 10 and not wrong, "\n".join(wrong)
 
 
+def test_attack_table_gives_each_class_its_codes_signature():
+    """The API table of docs/attacks.md gives every attack class's signature with the code's defaults, where these
+    differ from the function's: AutoAttack's read `norm, eps` as required (they default to "linf" and 8/255), and
+    BIM, CW, APGD, APGDT, Square and WhiteNoise had a bare name, hiding that their eps (8/255) and seed (0 or None)
+    defaults are not their functions'. The prose names which classes seed 0 by default."""
+    from robust_ops import attacks
+    from robust_ops._options import option_defaults
+
+    text = (REPO / "docs/attacks.md").read_text()
+    table = text.split("\n## API\n")[1].strip().split("\n\n")[0]
+    problems, checked = [], 0
+    for row in table.splitlines()[2:]:
+        cell = row.split(" | ")[1]
+        match = re.fullmatch(r"`(\w+)(\(.*\))`.*", cell)
+        if not match:
+            problems.append(f"no signature: {cell}")
+            continue
+        cls = getattr(attacks, match.group(1))
+        checked += 1
+        problems += _signature_problems(_split_arguments(match.group(2)), cls)
+    assert checked == len(attacks.ATTACKS) - 1 and not problems, problems  # apgd-ce, apgd-dlr: one APGD row
+    seeded = re.search(r"`seed=0` \(repeatable draws\) in (.*?), `seed=None` in (.*?), where", text, flags=re.S)
+    for group, seed in ((1, 0), (2, None)):
+        names = re.findall(r"`(\w+)`", seeded.group(group))
+        assert names
+        for name in names:
+            assert option_defaults(getattr(attacks, name))["seed"] == seed, name  # PGDL2's passes on to PGD's
+
+
 def test_design_names_the_functional_ops_that_take_a_backend():
     """design.md said `backend=` is on every functional op; max_pool2d (CPU only) takes none. The ops it names are
     exactly those of robust_ops.functional with a `backend` parameter."""
