@@ -112,6 +112,18 @@ def test_build_registry_names_and_unknown_name():
         defenses.build("sat", stepsize=0.1)
 
 
+@pytest.mark.parametrize("name", ["at", "sat", "trades", "rst", "llr", "mart", "fat", "amat", "mirst", "mirst-dm",
+                                  "dpaat", "arfl"])
+def test_a_defense_class_given_an_unknown_option_names_itself_and_lists_its_options(name):
+    """AT(alpha=0.01) -- the attacks' name for the step, step_size here -- was Python's TypeError naming
+    PGDDefense.__init__, neither the class built nor what it takes; build() and the attack classes (PGD(foo=1)) give
+    a ValueError naming the class and listing its options."""
+    cls = defenses.defense_class(name)
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: unknown option 'alfa'; it takes .*\bstep_size, .*"
+                                         r"attack_mode, clip_min, clip_max$"):
+        cls(alfa=0.01)
+
+
 def test_own_defense_by_dotted_import_path(user_module):
     """docs/defenses/index.md, "By name": build and fit take your own Defense subclass's dotted import path (kept as
     written, not lower-cased); one that does not import, names nothing or names no Defense subclass is a one-line

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._options import (check_choice, check_flags, check_int, check_real,  # noqa: F401  (the defenses
+from .._options import (check_choice, check_flags, check_int, check_options, check_real,  # noqa: F401  (the defenses
                         refuse_unused)  # noqa: F401  (import them here)
 from ..attacks.context import (MODEL_MODES, check_class_labels, check_input_batch, classification_loss,
                                float32_or_wider,  # noqa: F401  (the defenses import it here)
@@ -76,9 +76,11 @@ class PGDDefense(Defense):
     flat_at_x = False
 
     def __init__(self, *, eps=None, step_size=None, steps=None, norm=None, random_start=None, attack_mode=None,
-                 clip_min=0.0, clip_max=1.0):
+                 clip_min=0.0, clip_max=1.0, **unknown):
         from ..attacks.core import check_linf_budget, check_norm, check_step_moves
 
+        if unknown:  # Python's own TypeError named PGDDefense.__init__, not the defense built, and listed nothing
+            check_options(type(self).__name__, type(self), unknown)
         n = self.name
         self.eps = check_real(n, "eps", self.default_eps if eps is None else eps, minimum=0)
         self.steps = check_int(n, "steps", self.default_steps if steps is None else steps)
