@@ -1030,6 +1030,20 @@ def test_exported_functions_document_every_argument():
     assert "False" in progress, progress
 
 
+def test_everything_exported_in_an_all_has_a_docstring():
+    """help() of native_layers_enabled_by_default and prepacked_conv_enabled_by_default, both in their module's
+    __all__, said nothing: neither which variable decides nor what an unset one or a bad value gives."""
+    import importlib
+
+    missing = []
+    for module in ("robust_ops.attacks", "robust_ops.ima", "robust_ops.nn", "robust_ops.functional",
+                   "robust_ops.native_layers", "robust_ops.prepacked_conv", "robust_ops.reference"):
+        mod = importlib.import_module(module)
+        missing += [f"{module}.{name}" for name in mod.__all__
+                    if callable(getattr(mod, name)) and not inspect.getdoc(getattr(mod, name))]
+    assert not missing
+
+
 def test_replace_maxpool_docstring_names_each_refusal():
     """replace_maxpool's Raises named neither the TypeError for a model that is no nn.Module nor the ValueErrors for
     a pool with state-dict hooks or with DropMax2d's own attribute set by hand (docs/dropmax-any-cnn.md names both):

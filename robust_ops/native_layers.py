@@ -41,6 +41,8 @@ ENV_SWITCH = "ROBUST_OPS_NATIVE_LAYERS"
 
 
 def native_layers_enabled_by_default():
+    """Whether ``enabled=None`` means on, as a bool: $ROBUST_OPS_NATIVE_LAYERS (1/true/on/yes or 0/false/off/no, any
+    case), read at each call; unset or empty: True. Raises ValueError naming the variable for any other value."""
     return env_switch(ENV_SWITCH, True)
 
 

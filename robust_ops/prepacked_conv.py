@@ -51,6 +51,8 @@ _local = threading.local()
 
 
 def prepacked_conv_enabled_by_default():
+    """Whether ``enabled=None`` means on, as a bool: $ROBUST_OPS_PREPACKED_CONV (1/true/on/yes or 0/false/off/no, any
+    case), read at each call; unset or empty: False. Raises ValueError naming the variable for any other value."""
     return env_switch(ENV_SWITCH, False)
 
 
