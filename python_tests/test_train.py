@@ -4716,16 +4716,24 @@ def test_a_save_keeps_an_error_that_names_its_own_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_load_weights_refuses_weights_of_another_architecture(tmp_path):
-    """Missing or unexpected keys are torch's error, not a partial load."""
+def test_load_weights_refuses_weights_of_another_architecture_in_one_line_naming_the_file(tmp_path):
+    """Missing, unexpected or other-shaped weights are an error, never a silent partial load; it was torch's multi-line
+    "Error(s) in loading state_dict for DropoutMLP:", which named neither load_weights nor the file (fit's resume
+    names both)."""
     from robust_ops.train import CHECKPOINT_FORMAT, save_checkpoint
 
     path = save_checkpoint(tmp_path / "checkpoint.pt", {"format": CHECKPOINT_FORMAT, "model": DropoutMLP().state_dict(),
                                                         "config": {"drop_max_layers": []}})
     grown = DropoutMLP()
     grown.extra = nn.Linear(2, 2)
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"extra.weight\""):
-        load_weights(grown, path)
+    shrunk = DropoutMLP()
+    shrunk.net[1] = nn.Linear(16, 5)
+    for model, why in ((grown, r"Missing key\(s\) in state_dict: \"extra.weight\""),
+                       (shrunk, r"size mismatch for net.1.weight")):
+        with pytest.raises(ValueError, match=rf"^load_weights: {re.escape(str(path))}: its weights do not fit this "
+                                             rf"model \({why}.*\); rebuild the architecture the run trained") as raised:
+            load_weights(model, path)
+        assert "\n" not in str(raised.value)
 
 
 def test_resume_restores_fats_tau_set_by_a_scheduler(tmp_path):

@@ -513,14 +513,20 @@ def load_weights(model, path, map_location="cpu"):
     """Load the weights of fit's checkpoint at ``path`` into ``model``, rebuilt with the architecture it was trained
     with (MIRST-DM: ``robust_ops.replace_maxpool(model, "first")`` first), and return ``model``. A model whose
     DropMax2d layers are not the recorded ones is refused: it would load and silently compute other outputs.
-    Checkpoints written before the layers were recorded load unchecked."""
+    Checkpoints written before the layers were recorded load unchecked. Weights of another architecture (missing,
+    unexpected or other-shaped ones) are a one-line ValueError naming the file."""
     state = _fit_checkpoint("load_weights", path, map_location, entries=("model",))
     mismatch = drop_max_mismatch(model, state)
     if mismatch is not None:
         raise ValueError(f"load_weights: {path} {mismatch}; rebuild the trained architecture "
                          "(robust_ops.replace_maxpool(model, 'first') for MIRST-DM), else the weights load but its "
                          "outputs differ")
-    weights_module(model).load_state_dict(state["model"])
+    try:
+        weights_module(model).load_state_dict(state["model"])
+    except RuntimeError as err:  # torch's multi-line "Error(s) in loading state_dict for X" named no file
+        raise ValueError(f"load_weights: {path}: its weights do not fit this model ({state_dict_mismatch(err)}); "
+                         "rebuild the architecture the run trained (its model, channels, classes and image size)"
+                         ) from None
     return model
 
 
