@@ -4823,6 +4823,36 @@ def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_li
             load_weights(DropoutMLP(), tmp_path / file)
 
 
+def test_a_checkpoint_saved_with_another_pickle_protocol_loads_without_torchs_warning_or_is_named_so(tmp_path):
+    """torch.save(..., pickle_protocol=N): torch's weights_only unpickler reads protocol 3 but warned "Detected pickle
+    protocol 3 in the checkpoint ... please file an issue" (a second line above robust-ops eval's output), and cannot
+    read protocols 4 and 5, which were refused as "not a torch.save file: Unsupported operand 149" after that warning,
+    of torch.save's own file. Now no warning, and the refusal names the protocol and what to do."""
+    from robust_ops.train import UnreadableCheckpointError
+
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    for protocol in (3, 4, 5):
+        torch.save(state, tmp_path / f"p{protocol}.pt", pickle_protocol=protocol)
+    torch.save(state, tmp_path / "legacy4.pt", pickle_protocol=4, _use_new_zipfile_serialization=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_checkpoint(tmp_path / "p3.pt")["epoch"] == 1
+        load_weights(DropoutMLP(), tmp_path / "p3.pt")
+        for file, what in (("p4.pt", "written by torch.save with pickle_protocol=4"),
+                           ("p5.pt", "written by torch.save with pickle_protocol=5"),
+                           ("legacy4.pt", "a pickle of protocol 4")):
+            path = re.escape(str(tmp_path / file))
+            message = rf"{path}: not a readable checkpoint \({what}, which torch.load\(weights_only=True\) cannot read"
+            with pytest.raises(UnreadableCheckpointError, match=rf"^{message}.*; save it again with torch.save's "
+                                                                r"default pickle_protocol\)$"):
+                load_checkpoint(tmp_path / file)
+            with pytest.raises(UnreadableCheckpointError, match=rf"^load_weights: {message}"):
+                load_weights(DropoutMLP(), tmp_path / file)
+            with pytest.raises(UnreadableCheckpointError, match=rf"^fit: {message}"):
+                fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / file, progress=False)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, a folder nobody may write (root included)")
 @pytest.mark.parametrize("out_dir", ["/proc/robust-ops-out", "/proc"])
 def test_an_out_dir_that_cannot_be_written_is_refused_before_the_first_epoch(out_dir):

@@ -369,10 +369,22 @@ def load_checkpoint(path, map_location="cpu"):
     if corrupted is not None:
         raise UnreadableCheckpointError(f"{path}: not a readable checkpoint (corrupted: {corrupted[:160]})")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch's "Detected pickle protocol 3 in the checkpoint ... please file an issue" for a file it reads (or
+            # one refused below, naming the protocol): a warning line above the command's own result or error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         lines = str(err).splitlines()
         found = next((line.strip() for line in lines if "Unsupported global" in line), None)
+        protocol = _unreadable_pickle_protocol(path) if found is None else None
+        if protocol is not None:  # it said "not a torch.save file: Unsupported operand 149" of torch.save's own file
+            number, in_zip = protocol
+            what = (f"written by torch.save with pickle_protocol={number}, which torch.load(weights_only=True) cannot "
+                    "read" if in_zip else f"a pickle of protocol {number}, which torch.load(weights_only=True) cannot "
+                    f"read: not a torch.save file, or one saved with pickle_protocol={number}")
+            raise UnreadableCheckpointError(f"{path}: not a readable checkpoint ({what}; save it again with "
+                                            "torch.save's default pickle_protocol)") from None
         if found is None:  # not a pickle at all (a JSON file): torch's text suggests weights_only=False regardless
             after = [line.strip() for line in lines[1 + next((i for i, line in enumerate(lines)
                                                                if "WeightsUnpickler error" in line), len(lines)):]]
@@ -391,6 +403,29 @@ def load_checkpoint(path, map_location="cpu"):
         if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
             raise  # no file to read, not a file of the wrong content
         raise UnreadableCheckpointError(f"{path}: not a readable checkpoint ({_torch_read_error(err)})") from None
+
+
+def _unreadable_pickle_protocol(path):
+    """``(protocol, in_zip)`` when the pickle of the file at ``path`` (a torch.save zip's data.pkl, else the file
+    itself) has a protocol of 4 or more, whose framing torch's weights_only unpickler does not read; else None."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            if name is None:
+                return None
+            with archive.open(name) as f:
+                head, in_zip = f.read(2), True
+    except zipfile.BadZipFile:
+        try:
+            with open(path, "rb") as f:
+                head, in_zip = f.read(2), False
+        except OSError:
+            return None
+    except Exception:  # noqa: BLE001 -- a zip that cannot be read: torch.load's own error says so
+        return None
+    return (head[1], in_zip) if len(head) == 2 and head[0] == pickle.PROTO[0] and head[1] >= 4 else None
 
 
 def _corrupted_zip_entry(path):
