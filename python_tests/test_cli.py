@@ -4840,6 +4840,28 @@ def test_eval_refuses_a_checkpoint_from_another_run_beside_run_json(small_npz, t
     one_line_error(rc, err, "was trained with seed=0, but", "records seed=3")
 
 
+def test_eval_refuses_a_checkpoint_of_another_memory_format_or_training_set_size_beside_run_json(small_npz, tmp_path,
+                                                                                                  capsys):
+    # a --channels-last (--prepacked-conv) run's checkpoint beside a plain run's run.json, defense, seed, batch size
+    # and lr the same, was attacked as the plain run, exit 0; so was one trained on another number of samples (a demo
+    # run's --train-size subset)
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "1"]
+    assert run(base + ["--out", tmp_path / "plain"], capsys)[0] == 0
+    assert run(base + ["--channels-last", "--out", tmp_path / "cl"], capsys)[0] == 0
+    ev = ["eval", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    shutil.copy(tmp_path / "cl" / "checkpoint.pt", tmp_path / "plain" / "checkpoint.pt")
+    rc, _, err = run(ev + [tmp_path / "plain", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, f"{tmp_path / 'plain' / 'checkpoint.pt'}: was trained with channels_last=True, but "
+                   f"{tmp_path / 'plain' / 'run.json'} beside it records channels_last=False", "comes from another run")
+    run_json = json.loads((tmp_path / "cl" / "run.json").read_text())
+    (tmp_path / "cl" / "run.json").write_text(json.dumps({**run_json, "train_samples": 40}))
+    rc, _, err = run(ev + [tmp_path / "cl", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, "was trained with train_samples=64, but", "records train_samples=40")
+    assert not (tmp_path / "ev").exists()
+    (tmp_path / "cl" / "run.json").write_text(json.dumps(run_json))
+    assert run(ev + [tmp_path / "cl", "--out", tmp_path / "ev"], capsys)[0] == 0
+
+
 def test_eval_of_an_interrupted_run_warns_and_records_the_epochs_trained(small_npz, tmp_path, capsys, monkeypatch):
     # eval of a run stopped after 1 of its 2 epochs said nothing, and results.json's config recorded "epochs": 2
     out = tmp_path / "run"

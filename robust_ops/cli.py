@@ -1478,8 +1478,13 @@ def checkpoint_run_conflict(state, run):
     config = state.get("config") if isinstance(state, dict) else None
     if not isinstance(config, dict) or not run:
         return None
-    for key in ("defense", "seed", "batch_size", "lr"):
-        saved, recorded = config.get(key), run.get(key)
+    # channels_last, prepacked_conv and the training set's size too: a --channels-last or --prepacked-conv run's
+    # checkpoint (or a demo run's, trained on its --train-size subset) beside another run's run.json was attacked as
+    # that run, exit 0, when its defense, seed, batch size and lr agreed
+    for key, saved_as in (("defense", "defense"), ("seed", "seed"), ("batch_size", "batch_size"), ("lr", "lr"),
+                          ("channels_last", "channels_last"), ("prepacked_conv", "prepacked_conv"),
+                          ("train_samples", "num_samples")):
+        saved, recorded = config.get(saved_as), run.get(key)
         if key == "defense" and recorded is not None:  # the registry's spelling, as fit records defense.name
             recorded = defense_key(recorded)
             if recorded not in defenses.NAMES:
