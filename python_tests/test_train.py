@@ -4823,6 +4823,24 @@ def test_resume_and_load_weights_from_a_file_that_is_not_a_checkpoint_are_one_li
             load_weights(DropoutMLP(), tmp_path / file)
 
 
+def test_resume_true_without_the_checkpoint_its_metrics_record_warns_that_training_starts_afresh(tmp_path):
+    """resume=True on an out_dir whose checkpoint.pt was deleted or moved, its metrics.json still recording the
+    epochs trained (a fresh run removes both), retrained them from epoch 1 without a word; a resume=True into a new
+    out_dir, or one stopped before its first checkpoint, still starts afresh unsaid."""
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=out, resume=True, progress=False)
+    (out / "checkpoint.pt").unlink()
+    message = (rf"^fit: resume=True found no {re.escape(str(out / 'checkpoint.pt'))}, but "
+               rf"{re.escape(str(out / 'metrics.json'))} records 1 epoch trained: the checkpoint was deleted or moved, "
+               r"so training starts afresh from epoch 1 \(put it back to continue that run\)$")
+    with pytest.warns(UserWarning, match=message) as caught:
+        result = fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=out, resume=True, progress=False)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
 def test_a_checkpoint_saved_with_another_pickle_protocol_loads_without_torchs_warning_or_is_named_so(tmp_path):
     """torch.save(..., pickle_protocol=N): torch's weights_only unpickler reads protocol 3 but warned "Detected pickle
     protocol 3 in the checkpoint ... please file an issue" (a second line above robust-ops eval's output), and cannot

@@ -1293,6 +1293,12 @@ def fit(
             if ckpt_path is None:
                 raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
             resume_path = ckpt_path if ckpt_path.is_file() else None
+            trained = _epochs_in_history_file(out_dir) if resume_path is None else 0
+            if trained:  # a fresh run removes metrics.json too: here the checkpoint was lost, so epochs are retrained
+                _warn_at_callers_line(f"{name}: resume=True found no {ckpt_path}, but {Path(out_dir) / HISTORY_NAME} "
+                                      f"records {counted(trained, 'epoch')} trained: the checkpoint was deleted or "
+                                      "moved, so training starts afresh from epoch 1 (put it back to continue that "
+                                      "run)")
         elif resume is not False and resume is not None:
             raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
         # continues out_dir's own run; else (a fresh start, or another folder's checkpoint) it replaces out_dir's run
