@@ -296,6 +296,27 @@ def test_evaluate_without_a_seed_draws_from_the_global_rng():
     assert not torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_evaluate_draws_one_stream_per_call_and_an_attack_seed_gives_rows_of_their_own():
+    """docs/cli.md: seed=N is one stream for the call, drawn row by row, so PGD's random starts depend on the rows
+    before it; pgd:seed=N (as square's default seed) gives rows that do not, here with cascade=False."""
+    data = tiny_data()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 2))  # logits linear in x: every draw moves the AUC
+    with torch.no_grad():
+        model[1].weight.copy_(torch.linspace(-1.0, 1.0, 288).view(2, 144))
+        model[1].bias.zero_()
+
+    def rows(attacks, eps):
+        return {(r["attack"], r["eps"]): r for r in evaluate(model, data, INFO, attacks=attacks, eps=eps, seed=5,
+                                                              cascade=False) if r["attack"] != "worst-case"}
+
+    pgd, own = "pgd(steps=1,alpha=0.01)", "pgd(steps=1,alpha=0.01,seed=3)"
+    alone = rows("pgd:steps=1:alpha=0.01,pgd:steps=1:alpha=0.01:seed=3", "0.05")
+    after = rows("square:n_queries=3,pgd:steps=1:alpha=0.01,pgd:steps=1:alpha=0.01:seed=3", "0.02,0.05")
+    assert after[own, 0.05] == alone[own, 0.05]
+    # the random start of the unseeded PGD follows the draws of the rows before it (its 0.02 row here)
+    assert after[pgd, 0.05]["auc"] != alone[pgd, 0.05]["auc"]
+
+
 def test_evaluate_leaves_the_gpus_rng_alone():
     """evaluate(seed=N) and each attack's dry run seeded with torch.manual_seed, which reseeds every GPU too (queued
     until CUDA starts when it has not), while fork_rng restored the CPU's RNG only: a CPU evaluation replaced the seed

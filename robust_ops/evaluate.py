@@ -594,7 +594,9 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         seed: an integer >= 0 seeds the random draws of the attacks that take them from torch's RNG (PGD's random
             start, attacks without their own ``seed``) inside ``torch.random.fork_rng``: the rows then do not
             depend on what ran before in the process, and the global RNG stays as it was; None (default) draws from
-            the global RNG, as torchattacks does.
+            the global RNG, as torchattacks does. Either way it is one stream for the call, drawn row by row, so such
+            an attack's rows depend on the attacks and radii before it; an attack's own ``seed`` (``pgd:seed=N``)
+            gives it draws of its own.
     """
     if seed is not None:
         try:
