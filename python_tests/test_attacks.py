@@ -187,6 +187,38 @@ def test_batch_equals_per_sample(name, norm):
     torch.testing.assert_close(batch, torch.cat(single), rtol=0, atol=1e-9 if norm == "linf" else 1e-7)
 
 
+class Elementwise(nn.Module):
+    """Logits from a few entries of each sample by elementwise ops: a sample's outputs and gradients do not depend on
+    its batch, which a convolution's kernels (picked by batch size) do not promise."""
+
+    def forward(self, x):
+        f = x.flatten(1)
+        return torch.stack([(f[:, 0] - f[:, 1]) * 3.0, f[:, 2] * f[:, 3] - 0.25], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linf_steps_are_bitwise_per_sample_on_a_batch_invariant_model_and_l2_steps_within_rounding(dtype):
+    """docs/attacks.md: L2 steps divide by torchattacks' ||g|| + 1e-10 of a mean loss (the gradient scales with 1/N),
+    so a batch and its single samples agree to rounding only; L-inf steps take the gradient's sign, so bitwise."""
+    model = Elementwise()
+    x, _ = make_data(6, 2, dtype, size=4)
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    runs = {"fgsm": lambda a, b, eps, norm: attacks.fgsm(model, a, b, eps=eps, norm=norm),
+            "pgd": lambda a, b, eps, norm: attacks.pgd(model, a, b, eps=eps, steps=3, norm=norm, random_start=False),
+            "cw": lambda a, b, eps, norm: attacks.cw_linf(model, a, b, eps=eps, steps=3)}
+    for name, run in runs.items():
+        for norm in ("linf", "l2") if name != "cw" else ("linf",):
+            eps = EPS[norm]
+            batch = run(x, y, eps, norm)
+            single = torch.cat([run(x[i:i + 1], y[i:i + 1], eps, norm) for i in range(6)])
+            assert not torch.equal(batch, x)  # the attack moved the points
+            if norm == "linf":
+                assert_verbose_equal(batch, single, f"{name} {norm}")
+            else:
+                tol = 1e-6 if dtype == torch.float32 else 1e-9
+                torch.testing.assert_close(batch, single, rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("name,norm", CASES)
 def test_deterministic_under_seed(name, norm):
     model = make_model(2)
