@@ -2166,8 +2166,9 @@ def test_ima_bus_states_that_its_margin_pace_is_half_the_papers_and_how_to_train
 
 
 def test_ima_bus_ensemble_of_repeat_k_draws_from_seed_k(small_npz, tmp_path, monkeypatch):
-    """docs/reproduce/README.md: repeat k's random attacks (PGD's start, APGD, Square) draw from seed k, and
-    config.attack_seeds lists k. ima-bus's AutoAttack cascade carried AutoAttack's own seed 0 in every repeat."""
+    """docs/reproduce/README.md: repeat k's random attacks (PGD's start, APGD, Square, white noise) draw from seed k,
+    and config.attack_seeds lists k. ima-bus's AutoAttack cascade carried AutoAttack's own seed 0 in every repeat, and
+    its white noise the noise attack's default seed 0."""
     import robust_ops.evaluate
     from robust_ops import reproduce
 
@@ -2178,7 +2179,7 @@ def test_ima_bus_ensemble_of_repeat_k_draws_from_seed_k(small_npz, tmp_path, mon
 
     def evaluate(model, data, info, *, attacks, eps, ensemble, seed, **kwargs):
         seen.append((seed, {s.name: s.options.get("seed") for s in attacks}))
-        if len(seen) == 3:  # repeat 1's cascade
+        if len(seen) == 4:  # repeat 1's white noise
             raise Enough
         return []
 
@@ -2191,6 +2192,7 @@ def test_ima_bus_ensemble_of_repeat_k_draws_from_seed_k(small_npz, tmp_path, mon
     cascade = {"apgd-ce", "apgd-t", "fab-t", "square"}
     assert seen[0] == (0, dict.fromkeys(cascade, 0)) and seen[1] == (0, {"noise": None})
     assert seen[2] == (1, dict.fromkeys(cascade, 1))
+    assert seen[3] == (1, {"noise": 1})  # its own seed, 0 by default, drew repeat 0's noise in every repeat
 
 
 def test_dpaat_bus_states_its_radii_are_not_rescaled_to_28x28():

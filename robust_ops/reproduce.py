@@ -429,12 +429,31 @@ def describe(p):
 QUICK_STEPS = 5
 
 
+def _own_seed(name):
+    """The seed attack ``name`` draws from by default when it has one of its own (noise's, Square's, APGD's, FAB's:
+    0), else None (PGD's random start: evaluate's seeded RNG)."""
+    import inspect
+
+    from . import attacks
+
+    cls, defaults = attacks.attack_entry(name)
+    if "seed" in defaults:
+        return defaults["seed"]
+    param = inspect.signature(cls).parameters.get("seed")
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def _specs(plan, quick, seed=None):
-    """The plan's attacks as run (``quick``: capped); ``seed``: the repeat's, for the ensemble's own seeded attacks."""
+    """The plan's attacks as run (``quick``: capped); ``seed``: the repeat's, for the attacks with a seed of their own
+    (the ensemble's, white noise)."""
     specs = _ima_ensemble(seed) if plan.attacks == "ensemble" else list(plan.attacks)
     out = []
     for s in specs:
         opts = dict(s.options)
+        if seed is not None and "seed" not in opts and _own_seed(s.name) not in (None, seed):
+            # repeat k draws from seed k (its own default drew repeat 0's noise in every repeat); a repeat whose seed
+            # is the default keeps the options as they were, and so its cached rows
+            opts["seed"] = seed
         if quick:  # smoke run: at most QUICK_STEPS attack steps / noise draws (labels keep the full protocol's names)
             opts.update(plan.quick_options.get(s.name, {}))
             from . import attacks
