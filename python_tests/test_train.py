@@ -1608,6 +1608,18 @@ def test_a_nan_loss_from_nan_inputs_names_the_items_holding_them():
             progress=False)
 
 
+@pytest.mark.parametrize("defense", ["at", "trades", "mirst", "fat"])
+def test_an_attack_defense_refusing_nan_inputs_names_the_items_epoch_and_step(defense):
+    # the defense's attack refused them first as "run_pgd: x contains NaN or Inf", naming neither fit, the data's
+    # items, nor the epoch and step
+    with pytest.raises(NonFiniteLossError, match=rf"^fit: the {defense} defense's attack refused its inputs \(the "
+                                                 r"inputs of train_data items \[5\] hold NaN or Inf: check the data\) "
+                                                 r"at epoch 1, step 1; stopped before updating the weights \(no "
+                                                 r"checkpoint written yet\)$"):
+        fit(DropoutMLP(), defense, _data_with_a_non_finite_input(5, float("inf")), epochs=1, batch_size=8,
+            progress=False)
+
+
 class NaNExtraGrads(Defense):
     """A clean loss that stays finite with extra gradients (as MIRST returns its adversarial terms) that turn NaN."""
 

@@ -58,9 +58,9 @@ from ._options import (check_device, check_flags, check_int, check_real, check_u
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
-from .attacks.context import (HALF_DTYPES, check_output, classification_loss, forward_naming_input_mismatch,
-                              is_single_logit, looks_like_probabilities, num_classes_of, predict_from_output,
-                              use_model_mode)
+from .attacks.context import (HALF_DTYPES, NonFiniteInputError, check_output, classification_loss,
+                              forward_naming_input_mismatch, is_single_logit, looks_like_probabilities, num_classes_of,
+                              predict_from_output, use_model_mode)
 from .defenses._common import ONE_SAMPLE_BATCH_NORM
 from .defenses.base import _as_tuples, _plain
 
@@ -1661,6 +1661,15 @@ def fit(
                     with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                         try:
                             out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
+                        except NonFiniteInputError:
+                            # the defense's attack refused NaN/Inf inputs ("run_pgd: x contains NaN or Inf", found at
+                            # its own input check's sync), naming neither the data, nor the epoch and step
+                            bad_inputs = (_non_finite_items("train_data", x, indices)
+                                          or "the batch's inputs hold NaN or Inf")
+                            raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} defense's "
+                                                     f"attack refused its inputs ({bad_inputs}: check the data) at "
+                                                     f"epoch {epoch + 1}, step {step + 1}; stopped before updating "
+                                                     f"the weights{_last_good_checkpoint(last_ckpt)}") from None
                         except ValueError as err:
                             if x.shape[0] == 1 and str(err).startswith(ONE_SAMPLE_BATCH_NORM):
                                 raise OneSampleBatchError(name, len(train_data), batch_size, global_n, world,

@@ -265,6 +265,16 @@ class InputShapeError(ValueError):
     was not built for."""
 
 
+class NonFiniteInputError(ValueError):
+    """:func:`check_inputs`' refusal of inputs holding NaN or Inf, which ``fit`` tells apart from a defense's other
+    errors to name the dataset items, the epoch and the step (docs/design.md, "Non-finite values")."""
+
+
+class NonFiniteOutputError(ValueError):
+    """An attack's refusal of model outputs without class probabilities (NaN, +Inf, a row of only -Inf) at its first
+    forward, which ``fit`` names with the epoch and step (docs/design.md, "Non-finite values")."""
+
+
 class _InputLayerReached(Exception):
     """Stops :func:`_input_layer_problem`'s forward at the first convolution or linear layer."""
 
@@ -502,7 +512,7 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=
         # requires grad would warn
         lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{name}: x contains NaN or Inf")
+            raise NonFiniteInputError(f"{name}: x contains NaN or Inf")
         if lo < clip_min or hi > clip_max:
             crossed = (f"{_past(hi, clip_max, 1)} > clip_max {clip_max}" if hi > clip_max else
                        f"{_past(lo, clip_min, -1)} < clip_min {clip_min}")
