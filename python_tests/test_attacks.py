@@ -5828,3 +5828,55 @@ def test_return_labels_are_predicted_in_the_cascades_model_mode():
     with torch.no_grad():
         assert torch.equal(y_adv, model.train()(res.x_adv).argmax(1))
     assert torch.equal(y_adv == y, res.robust)
+
+
+class _NonFiniteRow(nn.Module):
+    """Linear logits with row ``row`` replaced by ``fill`` (a float, or a list for one row of K logits)."""
+
+    def __init__(self, fill, row=1, num_classes=3, single=False):
+        super().__init__()
+        self.inner, self.fill, self.row, self.single = Linear(num_classes), fill, row, single
+
+    def forward(self, x):
+        z = self.inner(x)
+        z = (z[:, :1] if self.single else z).clone()
+        z[self.row] = torch.tensor(self.fill, dtype=z.dtype)  # no torch.where: its backward makes every row's NaN
+        return z
+
+
+@pytest.mark.parametrize("name", sorted(ATTACK_FNS) + ["pgdl2", "autoattack"])
+def test_attacks_refuse_nan_or_inf_model_outputs_at_their_first_forward(name):
+    """A model emitting NaN (a log(0) in its forward, diverged weights) passed silently through every attack: they
+    returned x (or NaN, PGD-L2), and a robust accuracy read off argmax(NaN) was garbage. The first forward's label
+    check, which synchronises anyway, now also counts the output rows without class probabilities."""
+    x, y = make_data(4, 3)
+    y = y.clamp(0, 2)
+    run = {"pgdl2": lambda m: attacks.PGDL2(m, eps=0.5, steps=2)(x, y),
+           "autoattack": lambda m: attacks.AutoAttack(m, eps=8 / 255, version="rand", steps=2)(x, y)}.get(
+        name, lambda m: ATTACK_FNS[name][1](m, x, y, 8 / 255, "linf", 0))
+    for fill in (float("nan"), float("inf"), [-float("inf")] * 3):
+        with pytest.raises(context.NonFiniteOutputError, match=r": the model's output is NaN or Inf for 1 of its "
+                                                               r"\d inputs at the (attack's first forward|clean "
+                                                               r"inputs) \(no class probabilities\); check the model"):
+            run(_NonFiniteRow(fill))
+
+
+def test_ensemble_refuses_nan_outputs_at_an_attacks_points_instead_of_counting_them():
+    # argmax(NaN) counted as a prediction: the robust accuracy was garbage, without a word
+    x, y = make_data(4, 3)
+    model = _NonFiniteRow(float("nan"), row=slice(None))
+    model.forward = lambda v, forward=model.forward: forward(v) if bool((v == 0).all()) else model.inner(v)
+    with pytest.raises(context.NonFiniteOutputError, match=r"^ensemble: the model's output is NaN or Inf for "
+                                                           r"(\d) of its \1 inputs at the points of attack 'zero' "):
+        attacks.ensemble(model, x, y.clamp(0, 2), [lambda v, t: torch.zeros_like(v)], names=["zero"])
+
+
+def test_finite_outputs_with_some_minus_inf_logits_or_an_infinite_single_logit_are_attacked():
+    # -inf is a class of probability 0 and a single logit's +-inf a probability of 0 or 1 (evaluate scores both)
+    x, y = make_data(4, 3)
+    y = y.clamp(0, 1)
+    for model in (_NonFiniteRow([0.0, 1.0, -float("inf")]), _NonFiniteRow(float("inf"), single=True)):
+        adv = attacks.pgd(model, x, y, eps=8 / 255, steps=2)
+        assert bool(torch.isfinite(adv).all())
+    with pytest.raises(context.NonFiniteOutputError, match=r"^pgd: the model's output is NaN or Inf for 1 of its 4 "):
+        attacks.pgd(_NonFiniteRow(float("nan"), single=True), x, y, eps=8 / 255, steps=2)

@@ -1937,16 +1937,26 @@ class _NaNForSample(nn.Module):
 @pytest.mark.parametrize("name", ["amat", "dpaat"])
 def test_amat_and_dpaat_name_a_diverged_models_nan_loss_not_run_pgds_eps(name, tmp_path):
     """A model with NaN outputs gave NaN losses, hence NaN radii, which run_pgd refused as "expected every eps to be
-    finite and >= 0" -- an argument the caller never set (DPAAT's running mean had turned NaN first). The defense
-    names the model's loss; fit stops before updating the weights and keeps the last good checkpoint."""
-    from robust_ops.train import fit, load_checkpoint
+    finite and >= 0" -- an argument the caller never set (DPAAT's running mean had turned NaN first). The defense's
+    attack names the model's output at its first forward (the defense's own loss check, below, NaN at the adversarial
+    points only); fit stops before updating the weights, naming the epoch and step, and keeps the last good
+    checkpoint."""
+    from robust_ops.attacks.context import NonFiniteOutputError
+    from robust_ops.train import NonFiniteLossError, fit, load_checkpoint
     from torch.utils.data import TensorDataset
 
     x, y = _batch(8)
     defense = defenses.build(name, steps=2)
+    with pytest.raises(NonFiniteOutputError, match=r"^run_pgd: the model's output is NaN or Inf for 1 of its 8 inputs "
+                                                   r"at the attack's first forward "):
+        defense(_NaNForSample(), x, y)
+    assert not defense.holds_state()
+    late = _NaNForSample(sample=2)
+    # NaN in the loss forwards alone (no gradient): the attacks' forwards, with one, are finite
+    late.forward = lambda v, forward=late.forward: late.net(v) if torch.is_grad_enabled() else forward(v)
     with pytest.raises(ValueError, match=rf"^{name}: the model's loss is NaN or Inf for 1 of the batch's 8 samples, "
                                          r"so no per-sample radius can be derived -- fix the model \(diverged\? "):
-        defense(_NaNForSample(), x, y)
+        defense(late, x, y)
     assert not defense.holds_state()  # DPAAT's running mean was not updated from them
     model = _NaNForSample(sample=None)  # finite until the scheduler's first step, at the end of epoch 1
 
@@ -1954,7 +1964,8 @@ def test_amat_and_dpaat_name_a_diverged_models_nan_loss_not_run_pgds_eps(name, t
         model.diverged = epoch >= 1
         return 1.0
 
-    with pytest.raises(ValueError, match=rf"^{name}: the model's loss is NaN or Inf for 8 of the batch's 8 samples"):
+    with pytest.raises(NonFiniteLossError, match=rf"^fit: the {name} defense's attack met model outputs that are NaN "
+                                                 r"or Inf \(8 of 8 samples\) at epoch 2, step 1; check the model "):
         fit(model, defenses.build(name, steps=2), TensorDataset(x, y), epochs=2, batch_size=8, out_dir=tmp_path,
             scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, diverge), progress=False)
     state = load_checkpoint(tmp_path / "checkpoint.pt")

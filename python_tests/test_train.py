@@ -1620,6 +1620,37 @@ def test_an_attack_defense_refusing_nan_inputs_names_the_items_epoch_and_step(de
             progress=False)
 
 
+class _NaNOutputs(nn.Module):
+    """DropoutMLP whose outputs turn NaN once ``diverged`` (a log(0) in a forward, weights gone to NaN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.diverged = DropoutMLP(), False
+
+    def forward(self, x):
+        return self.net(x) * (float("nan") if self.diverged else 1.0)
+
+
+@pytest.mark.parametrize("defense", ["at", "trades", "mart", "mirst", "fat"])
+def test_nan_model_outputs_met_by_a_defenses_attack_name_the_model_epoch_and_step(defense, tmp_path):
+    # the attack's first forward refuses them (on its label check's sync); fit names the epoch, the step, what to
+    # check and the last good checkpoint, which keeps the weights of the epoch before
+    model = _NaNOutputs()
+
+    def diverge(epoch):
+        model.diverged = epoch >= 1
+        return 1.0
+
+    with pytest.raises(NonFiniteLossError, match=rf"^fit: the {defense} defense's attack met model outputs that are "
+                                                 r"NaN or Inf \(8 of 8 samples\) at epoch 2, step 1; check the model "
+                                                 r"\(a log or division of 0 in its forward\) and the learning rate "
+                                                 r"\(diverged weights\); stopped before updating the weights \(last "
+                                                 r"good checkpoint: "):
+        fit(model, defense, _data(16), epochs=2, batch_size=8, out_dir=tmp_path, progress=False,
+            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, diverge))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
 class NaNExtraGrads(Defense):
     """A clean loss that stays finite with extra gradients (as MIRST returns its adversarial terms) that turn NaN."""
 

@@ -58,7 +58,7 @@ from ._options import (check_device, check_flags, check_int, check_real, check_u
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
-from .attacks.context import (HALF_DTYPES, NonFiniteInputError, check_output, classification_loss,
+from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputError, check_output, classification_loss,
                               forward_naming_input_mismatch, is_single_logit, looks_like_probabilities, num_classes_of,
                               predict_from_output, use_model_mode)
 from .defenses._common import ONE_SAMPLE_BATCH_NORM
@@ -1669,6 +1669,15 @@ def fit(
                             raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} defense's "
                                                      f"attack refused its inputs ({bad_inputs}: check the data) at "
                                                      f"epoch {epoch + 1}, step {step + 1}; stopped before updating "
+                                                     f"the weights{_last_good_checkpoint(last_ckpt)}") from None
+                        except NonFiniteOutputError as err:
+                            # found at the attack's first forward, on its label check's sync: the loss check below
+                            # would name the epoch and step, but not the model's outputs as the cause
+                            raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} defense's "
+                                                     f"attack met model outputs that are NaN or Inf ({err.count} of "
+                                                     f"{err.inputs} samples) at epoch {epoch + 1}, step {step + 1}; "
+                                                     "check the model (a log or division of 0 in its forward) and "
+                                                     "the learning rate (diverged weights); stopped before updating "
                                                      f"the weights{_last_good_checkpoint(last_ckpt)}") from None
                         except ValueError as err:
                             if x.shape[0] == 1 and str(err).startswith(ONE_SAMPLE_BATCH_NORM):

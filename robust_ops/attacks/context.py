@@ -272,7 +272,12 @@ class NonFiniteInputError(ValueError):
 
 class NonFiniteOutputError(ValueError):
     """An attack's refusal of model outputs without class probabilities (NaN, +Inf, a row of only -Inf) at its first
-    forward, which ``fit`` names with the epoch and step (docs/design.md, "Non-finite values")."""
+    forward, which ``fit`` names with the epoch and step (docs/design.md, "Non-finite values"). ``count`` of
+    ``inputs`` rows had none."""
+
+    def __init__(self, message, count=None, inputs=None):
+        super().__init__(message)
+        self.count, self.inputs = count, inputs
 
 
 class _InputLayerReached(Exception):

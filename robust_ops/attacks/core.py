@@ -17,6 +17,7 @@ from .. import _backend, functional
 from .._options import check_flags, check_int, check_real, fits_a_float, refuse_unused
 from .context import (
     InputGradScale,
+    NonFiniteOutputError,
     attack_context,
     best_other_logit,
     check_gradients_possible,
@@ -306,11 +307,33 @@ def forward(name, model, x, output_rule=check_output):
     return out
 
 
-def check_labels_against(name, y, out):
+FIRST_FORWARD = "at the attack's first forward"
+
+
+def check_labels_against(name, y, out, finite_at=None):
+    """Labels ``y`` in [0, K) for the model's output ``out``. ``finite_at`` (where ``out`` was computed, e.g. "at the
+    attack's first forward"): also refuse output rows without class probabilities (NaN, +Inf, a row of only -Inf; a
+    single logit: NaN), read on the label check's own device sync, so no step pays one more (docs/design.md,
+    "Non-finite values")."""
+    finite = finite_at is not None
     k = num_classes_of(out)
-    if y.numel() and int(y.max()) >= k:
+    if not y.numel():
+        return
+    if not finite:
+        top = int(y.max())
+    else:
+        z = out.detach()
+        # a row's maximum is NaN, +Inf or -Inf exactly when it has no softmax probabilities (evaluate's rule)
+        bad = torch.isnan(z.reshape(-1)) if is_single_logit(z) else ~torch.isfinite(z.amax(1))
+        top, count = torch.stack([y.max(), bad.sum().to(y.dtype)]).tolist()
+    if top >= k:
         raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} classes, got values in "
-                         f"[{int(y.min())}, {int(y.max())}]")
+                         f"[{int(y.min())}, {top}]")
+    if finite and count:
+        raise NonFiniteOutputError(f"{name}: the model's output is NaN or Inf for {count} of its {bad.numel()} "
+                                   f"inputs {finite_at} (no class probabilities); check the model: a log or division "
+                                   "of 0 in its forward, or weights that diverged (a learning rate too high)",
+                                   count=count, inputs=bad.numel())
 
 
 @torch.no_grad()
@@ -318,7 +341,7 @@ def clean_logits(name, model, x, y):
     """One forward on the clean inputs: labels checked against it; returns the logits ``[N, K]`` (a single logit as
     the two logits ``[0, z]``) and which samples are classified correctly."""
     out = forward(name, model, x)
-    check_labels_against(name, y, out)
+    check_labels_against(name, y, out, finite_at=FIRST_FORWARD)
     return (two_logits(out) if is_single_logit(out) else out), predict_from_output(out) == y
 
 
@@ -534,7 +557,7 @@ def run_pgd(
                 with torch.enable_grad():
                     out = forward(name, model, xg)
                     if not checked:
-                        check_labels_against(name, y, out)
+                        check_labels_against(name, y, out, finite_at=FIRST_FORWARD)
                         checked = True
                     objective = attack_loss(out, y, loss, targeted, kappa)
                     if want_params:

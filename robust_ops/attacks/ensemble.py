@@ -139,17 +139,18 @@ def _check_runs_on(attack, x, label, name):
 
 
 @torch.no_grad()
-def _predict(model, x, model_mode, name, y=None):
-    """The labels ``model`` predicts on ``x`` in ``model_mode``; ``y`` given: checked against its output first."""
+def _predict(model, x, model_mode, name, y=None, where="at the clean inputs"):
+    """The labels ``model`` predicts on ``x`` in ``model_mode``; ``y`` given: checked against its output first, and
+    the output's finiteness with it (``where``: the inputs' words in the error), on the one device read."""
     with attack_context(model, model_mode, name):
         out = forward(name, model, x)
         if y is not None:
-            check_labels_against(name, y, out)
+            check_labels_against(name, y, out, finite_at=where)
         return predict_from_output(out)
 
 
-def _correct(model, x, y, model_mode, name):
-    return _predict(model, x, model_mode, name, y) == y
+def _correct(model, x, y, model_mode, name, where="at the clean inputs"):
+    return _predict(model, x, model_mode, name, y, where) == y
 
 
 def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=0.0, clip_max=1.0, batch_size=None,
@@ -224,7 +225,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
             if isinstance(sub, Attack):  # its own ball (per-sample radii cut to part); other callables have none
                 check_inside_ball(f"{name}: attack {labels[j]!r}", adv, x[part], vars(sub).get("eps"),
                                   vars(sub).get("norm"))
-            fooled = ~_correct(model, adv, y[part], model_mode, name)
+            fooled = ~_correct(model, adv, y[part], model_mode, name, f"at the points of attack {labels[j]!r}")
             new = fooled & (broken_by[part] == -1)  # the first attack that breaks a sample keeps it
             x_adv[part[new]] = adv[new]
             broken_by[part[new]] = j + 1

@@ -4,7 +4,7 @@ import torch
 
 from .._options import check_real
 from .base import Attack
-from .core import check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
+from .core import FIRST_FORWARD, check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
 from .context import attack_context, check_inputs, predict_from_output
 from .pgd import make_generator
 
@@ -79,7 +79,7 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
             noisy = torch.clamp(x + noise, clip_min, clip_max)[idx]  # same draws whatever is still alive
             out = forward(name, model, noisy)
             if t == 0:
-                check_labels_against(name, y, out)
+                check_labels_against(name, y, out, finite_at=FIRST_FORWARD)
             x_adv[idx] = noisy
             alive[idx] = predict_from_output(out) == y[idx]
     return x_adv

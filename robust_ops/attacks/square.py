@@ -11,8 +11,8 @@ from .._options import check_flags
 from .base import Attack
 from .context import (attack_context, best_other_logit, check_inputs, check_not_half, classification_loss,
                       is_single_logit, predict_from_output, two_logits)
-from .core import (check_labels_against, check_linf_budget, check_linf_step_resolution, check_norm, check_steps,
-                   forward, per_sample)
+from .core import (FIRST_FORWARD, check_labels_against, check_linf_budget, check_linf_step_resolution, check_norm,
+                   check_steps, forward, per_sample)
 from .pgd import make_generator
 
 
@@ -256,7 +256,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         # Samples the clean input already fools stay clean (AutoAttack, torchattacks): searching from the start
         # could end on a correctly classified point. This forward is not counted in n_queries (as AutoAttack).
         out = forward(name, model, x)
-        check_labels_against(name, y, out)
+        check_labels_against(name, y, out, finite_at=FIRST_FORWARD)
         loss_best = _loss(out, y, targeted, loss)
         fooled = _fooled(out, y, targeted)
         todo = (~fooled).nonzero().squeeze(1)
