@@ -841,6 +841,34 @@ def test_non_finite_inputs_and_outputs_are_refused():
     assert e.value.arg == "model"
 
 
+class _NaNAtAZeroPixel(nn.Module):
+    """tiny_model's logits, NaN for an input with a pixel at 0 (a log(x) in its forward): clean inputs in [0.05,
+    0.95] are fine, an attack's points clipped to 0 are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        return self.net(x) + torch.log(x.flatten(1).amin(1, keepdim=True)) * 0  # -inf * 0 is NaN
+
+
+def test_nan_outputs_at_an_attacks_points_name_the_method_attack_and_radius_not_the_checkpoint():
+    # "model outputs NaN/Inf for 4 of 4 samples; check the checkpoint" named neither the method nor the attack,
+    # though the clean outputs were finite; an attack meeting them at its first forward was "--attacks: ..."
+    x, y = tiny_data(8).tensors
+    data = TensorDataset(x * 0.9 + 0.05, y)
+    with pytest.raises(EvalError, match=r"^m: model outputs NaN/Inf for \d of \d adversarial inputs of fgsm at "
+                                        r"eps=0.1 \(finite on the clean ones\); check the model's forward ") as err:
+        evaluate(_NaNAtAZeroPixel(), data, INFO, attacks="fgsm", eps=[0.1], method="m")
+    assert err.value.arg == "model"
+    with pytest.raises(EvalError, match=r"^m: pgd: the model's output is NaN or Inf for \d of its \d inputs at the "
+                                        r"attack's first forward ") as err:
+        evaluate(_NaNAtAZeroPixel(), data, INFO, attacks="pgd:random_start=True:alpha=0.05", eps=[0.1],
+                 method="m")
+    assert err.value.arg == "model"
+
+
 def test_aggregate_n_and_partially_defined_metrics_in_every_table():
     from robust_ops.reproduce import aggregate
 

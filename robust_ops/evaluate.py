@@ -52,8 +52,9 @@ from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
-from .attacks.context import (InputDtypeError, InputShapeError, check_attack_output, check_inside_ball, check_output,
-                              forward_naming_input_mismatch, model_device, predict_from_output, use_model_mode)
+from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError, check_attack_output,
+                              check_inside_ball, check_output, forward_naming_input_mismatch, model_device,
+                              predict_from_output, use_model_mode)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
                       metric_names, positive_class_problem, probabilities)
 
@@ -262,6 +263,8 @@ def run_attack(attack, xb, yb):
     EvalError."""
     try:
         return attack(xb, yb)
+    except NonFiniteOutputError as err:  # the model's fault, not the attack's options (the CLI's --attacks)
+        raise EvalError("model", str(err)) from None
     except (ValueError, TypeError) as err:
         raise EvalError("attacks", f"attacks: {err}") from None
 
@@ -454,11 +457,12 @@ def dataset_tensors(dataset):
 
 
 @torch.no_grad()
-def predict_logits(model, x, batch_size=256, device="cpu"):
+def predict_logits(model, x, batch_size=256, device="cpu", adversarial=None):
     """(predictions [N], logits [N, K] float64, a single logit z as [0, z]: ``class_logits``) on CPU, in batches on
     ``device`` in eval mode. Evaluation carries logits, not probabilities: those round to 1.0 past a logit margin of
     ~37, tying the most confident predictions, so AUC, mAP and the worst case's pick among a robust sample's outputs
-    would not rank them as the model does."""
+    would not rank them as the model does. NaN/Inf outputs are an EvalError ("model") naming ``adversarial`` (e.g.
+    "fgsm at eps=0.1") for an attack's points."""
     preds, logits = [], []
     with use_model_mode(model, "eval"):  # restores each module's own mode (a frozen submodule stays in eval)
         # an empty x still gets one (empty) forward: its output says how many classes the probabilities have
@@ -479,6 +483,10 @@ def predict_logits(model, x, batch_size=256, device="cpu"):
             logits.append(class_logits(out).cpu())
     preds, logits = torch.cat(preds), torch.cat(logits)
     bad = int((~torch.isfinite(probabilities(logits)).all(1)).sum())
+    if bad and adversarial is not None:  # clean outputs were finite: "check the checkpoint" pointed elsewhere
+        raise EvalError("model", f"model outputs NaN/Inf for {bad} of {len(preds)} adversarial inputs of "
+                                 f"{adversarial} (finite on the clean ones); check the model's forward near the "
+                                 "value range's ends: a log or division of 0, an overflow")
     if bad:  # argmax of NaN is meaningless and the metrics would fail on it
         raise EvalError("model", f"model outputs NaN/Inf for {bad} of {len(preds)} samples; check the checkpoint")
     return preds, logits
@@ -499,7 +507,7 @@ def _attack_subset(attack, spec, eps, model, x, y, idx, batch_size, device, valu
             check_inside_ball(f"attacks: {spec.label}", adv, xb, eps, spec.norm)
         except ValueError as err:
             raise EvalError("attacks", str(err)) from None
-        p_adv, lg_adv = predict_logits(model, adv, batch_size, device)
+        p_adv, lg_adv = predict_logits(model, adv, batch_size, device, adversarial=f"{spec.label} at eps={eps:.4g}")
         preds.append(p_adv)
         logits.append(lg_adv)
     return torch.cat(preds), torch.cat(logits)
@@ -702,7 +710,12 @@ def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, devic
                 idx = (~fooled).nonzero().squeeze(1) if cascade else torch.arange(n)
             if idx.numel():
                 attack = spec.build(model, e, lo, hi)
-                p_adv, lg_adv = _attack_subset(attack, spec, e, model, x, y, idx, batch_size, device, (lo, hi))
+                try:
+                    p_adv, lg_adv = _attack_subset(attack, spec, e, model, x, y, idx, batch_size, device, (lo, hi))
+                except EvalError as err:
+                    if err.arg == "model":  # as the clean pass's: led by the method
+                        raise EvalError("model", f"{method}: {err}") from None
+                    raise
                 newly = p_adv != y[idx]
                 take = ~fooled[idx] | newly  # keep an earlier adversarial example unless this one also fools
                 sel = idx[take]
@@ -775,10 +788,16 @@ def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, 
                                    clip_max=hi, batch_size=batch_size, names=[s.label for s in specs])
             except EvalError:
                 raise
+            except NonFiniteOutputError as err:  # the model's fault, not the attacks' options
+                raise EvalError("model", f"{method}: {err}") from None
             except (ValueError, TypeError) as err:  # a bad option value an attack checks only when run
                 raise EvalError("attacks", f"attacks: {err}") from None
             # scored as AutoAttack returns them: a robust sample's clean input, so its clean scores
-            p_adv, lg_adv = predict_logits(model, res.x_adv.cpu(), batch_size, device)
+            try:
+                p_adv, lg_adv = predict_logits(model, res.x_adv.cpu(), batch_size, device,
+                                               adversarial=f"the ensemble at eps={e:.4g}")
+            except EvalError as err:
+                raise EvalError("model", f"{method}: {err}") from None
             newly = p_adv != y[idx]
             pred[idx[newly]], logits[idx[newly]] = p_adv[newly], lg_adv[newly]
             fooled[idx[newly]] = True
