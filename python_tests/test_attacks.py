@@ -5880,3 +5880,33 @@ def test_finite_outputs_with_some_minus_inf_logits_or_an_infinite_single_logit_a
         assert bool(torch.isfinite(adv).all())
     with pytest.raises(context.NonFiniteOutputError, match=r"^pgd: the model's output is NaN or Inf for 1 of its 4 "):
         attacks.pgd(_NonFiniteRow(float("nan"), single=True), x, y, eps=8 / 255, steps=2)
+
+
+class _SqrtInput(nn.Module):
+    """Linear logits of sqrt(x): finite outputs, an infinite input gradient at a pixel of 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Linear(3)
+
+    def forward(self, x):
+        return self.inner(x.sqrt())
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgdl2", "apgd", "apgd-l1"])
+def test_l2_attacks_return_finite_points_where_the_input_gradient_is_infinite(name):
+    """sqrt's derivative at a pixel of 0 made ||g|| Inf (and NaN entries of g / ||g||): PGD-L2, FGSM-L2 and APGD-L2
+    returned NaN points for a model whose every output was finite."""
+    x, y = make_data(4, 3)
+    x[:, 0, 0, 0] = 0.0
+    model = _SqrtInput()
+    g = torch.Generator().manual_seed(0)
+    run = {"fgsm": lambda: attacks.fgsm(model, x, y, eps=0.5, norm="l2"),
+           "pgd": lambda: attacks.pgd(model, x, y, eps=0.5, steps=3, norm="l2"),
+           "pgdl2": lambda: attacks.PGDL2(model, eps=0.5, steps=3)(x, y),
+           "apgd": lambda: attacks.apgd(model, x, y, eps=0.5, norm="l2", steps=4, generator=g),
+           "apgd-l1": lambda: attacks.apgd(model, x, y, eps=2.0, norm="l1", steps=4, generator=g)}[name]
+    adv = run()
+    assert bool(torch.isfinite(adv).all())
+    if not name.startswith("apgd"):  # APGD returns x where it fails
+        assert bool((adv != x).flatten(1).any(1).all())  # every sample moved, along the finite entries

@@ -26,7 +26,7 @@ from .base import Attack
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
                       float32_or_wider, is_single_logit, predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_linf_step_resolution, check_norm, check_steps, clean_logits,
-                   forward, per_sample, project_l1, runner_up_targets)
+                   finite_direction, forward, per_sample, project_l1, runner_up_targets)
 from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
@@ -185,6 +185,8 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
             g = g + g_pass
         if eot_iter > 1:  # AutoAttack's arithmetic, a sum then one division: a deterministic model gives its points
             g = (g / float(eot_iter)).to(xg.dtype)
+        if norm == "l2":  # a NaN or Inf entry made the L2 step's point NaN (finite_direction)
+            g = finite_direction(g)
         # loss and success from the last pass, as AutoAttack's
         pred = predict_from_output(out.detach())
         return per.detach(), g, (pred == label) if success_is_target else (pred != label)

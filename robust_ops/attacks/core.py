@@ -404,6 +404,15 @@ def _target_margin(out, t):
     return z.gather(1, t.view(-1, 1)).squeeze(1) - best_other_logit(z, t)
 
 
+def finite_direction(grad):
+    """``grad`` with its NaN and +-Inf entries set to 0, for the L2 step: one of them made ||g|| NaN or Inf and the
+    fused step's point NaN (a model taking sqrt(x) has an infinite derivative at a pixel of 0, where its output is
+    finite), so PGD-L2 returned NaN inputs. They carry no usable direction: the step follows the finite entries, as
+    the Linf step's sign leaves a NaN entry in place. An elementwise pass, no device sync; finite gradients are
+    unchanged (bitwise)."""
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def succeeded(out, y, targeted):
     """Per-sample success of the attack at this output: misclassified (untargeted) or the target reached."""
     pred = predict_from_output(out)
@@ -594,6 +603,8 @@ def run_pgd(
                     raise ValueError(f"{name}: grad_transform returned {got} at step {t}; expected a tensor of the "
                                      f"gradient's shape {tuple(grad.shape)}")
                 grad = moved
+            if norm == "l2":
+                grad = finite_direction(grad)
             if step_noise:
                 # added to the iterate the fused step starts from, so the step projects the sum (FAT's earlystop:
                 # x + eta + omega * randn, then the eps-ball and the clip); a frozen sample stays put
