@@ -1958,11 +1958,14 @@ def test_square_query_budget_and_errors(trained):
     with pytest.raises(ValueError, match="apgd: expected loss to be one of ce, dlr, cw, got 'kl'$"):
         attacks.apgd(model, x, y, eps=0.1, loss="kl")
     # AutoAttack's APGDAttack_targeted spells its losses 'dlr-targeted' / 'ce-targeted': the error named no way there
-    for loss in ("dlr-targeted", "ce-targeted"):
-        with pytest.raises(ValueError, match=rf"^apgd_t: expected loss to be one of ce, dlr, cw, got '{loss}' "
+    # (the class refuses it when built, under its name apgd-t, the function when called)
+    for loss, name, run in [(loss, name, run) for loss in ("dlr-targeted", "ce-targeted") for name, run in (
+            ("apgd-t", lambda loss: attacks.APGDT(model, eps=0.1, steps=2, loss=loss)),
+            ("apgd_t", lambda loss: attacks.apgd_t(model, x, y, eps=0.1, steps=2, loss=loss)))]:
+        with pytest.raises(ValueError, match=rf"^{name}: expected loss to be one of ce, dlr, cw, got '{loss}' "
                                              rf"\(AutoAttack's '{loss}' is loss='{loss.split('-')[0]}' here: apgd_t / "
                                              r"APGDT use it towards their targets\)$"):
-            attacks.APGDT(model, eps=0.1, steps=2, loss=loss)(x, y)
+            run(loss)
     with pytest.raises(ValueError, match=r"apgd: expected rho in \(0, 1\], got 0"):
         attacks.apgd(model, x, y, eps=0.1, rho=0)
     with pytest.raises(ValueError, match="apgd_t: expected n_target_classes to be an integer >= 1, got 0"):
@@ -5910,3 +5913,25 @@ def test_l2_attacks_return_finite_points_where_the_input_gradient_is_infinite(na
     assert bool(torch.isfinite(adv).all())
     if not name.startswith("apgd"):  # APGD returns x where it fails
         assert bool((adv != x).flatten(1).any(1).all())  # every sample moved, along the finite entries
+
+
+@pytest.mark.parametrize("cls, option, value, message", [
+    ("APGD", "loss", "dlr-targeted", r"expected loss to be one of ce, dlr, cw, got 'dlr-targeted'"),
+    ("APGD", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
+    ("APGD", "rho", 1.5, r"expected rho in \(0, 1\], got 1.5"),
+    ("APGD", "n_restarts", 0, r"expected n_restarts to be an integer >= 1, got 0"),
+    ("APGD", "eot_iter", 2.5, r"expected eot_iter to be an integer >= 1, got 2.5"),
+    ("APGDT", "loss", "xx", r"expected loss to be one of ce, dlr, cw, got 'xx'"),
+    ("APGDT", "rho", True, r"expected rho in \(0, 1\], got True"),
+    ("APGDT", "n_target_classes", 0, r"expected n_target_classes to be an integer >= 1, got 0"),
+])
+def test_apgd_classes_refuse_a_bad_option_when_built(cls, option, value, message):
+    """Checked when built, not only at the first call: in a custom AutoAttack list the bad option stopped the
+    cascade only once the attacks before it had run."""
+    model = make_model(3)
+    name = getattr(attacks, cls).name
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: {message}"):
+        getattr(attacks, cls)(model, **{option: value})
+    x, y = make_data(2, 3)
+    with pytest.raises(ValueError, match=rf"^{'apgd_t' if cls == 'APGDT' else 'apgd'}: {message}"):
+        getattr(attacks, cls.lower().replace("apgdt", "apgd_t"))(model, x, y, eps=0.1, **{option: value})

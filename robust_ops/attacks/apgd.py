@@ -311,12 +311,10 @@ def _best_loss_start(z, eps_t):
     return torch.full((z.shape[0],), float("-inf"), dtype=dtype, device=eps_t.device)
 
 
-def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter,
-                     use_largereps=False):
-    """The argument checks APGD and APGD-T share; returns (y as int64, norm, steps, n_restarts, eps as a per-sample
-    tensor, eot_iter)."""
-    check_gradients_possible(name)
-    y = check_inputs(name, x, y, clip_min, clip_max)
+def _check_apgd_options(name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps):
+    """The checks of APGD's and APGD-T's options that x does not decide, run by the functions and, when built, by the
+    classes (a bad option in an AutoAttack list surfaced only once the cascade reached it); returns (norm, steps,
+    n_restarts, eot_iter)."""
     norm = check_norm(name, norm, NORMS_WITH_L1)
     steps = check_steps(name, steps)
     check_largereps(name, use_largereps, norm, steps)
@@ -330,6 +328,17 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
         raise ValueError(f"{name}: expected loss to be one of {', '.join(APGD_LOSSES)}, got {loss!r}{hint}")
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 < rho <= 1:  # True ran as rho=1
         raise ValueError(f"{name}: expected rho in (0, 1], got {rho!r}")
+    return norm, steps, n_restarts, eot_iter
+
+
+def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter,
+                     use_largereps=False):
+    """The argument checks APGD and APGD-T share; returns (y as int64, norm, steps, n_restarts, eps as a per-sample
+    tensor, eot_iter)."""
+    check_gradients_possible(name)
+    y = check_inputs(name, x, y, clip_min, clip_max)
+    norm, steps, n_restarts, eot_iter = _check_apgd_options(name, norm, steps, n_restarts, loss, rho, eot_iter,
+                                                            use_largereps)
     eps_t = per_sample(name, "eps", eps, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max)
     check_linf_step_resolution(name, norm, x, eps)  # no move from x exceeds eps: below the resolution none happens
@@ -465,7 +474,8 @@ class APGD(Attack):
         self.eps, self.norm, self.steps, self.loss = eps, check_norm(self.name, norm, self.norms), steps, loss
         self.n_restarts, self.rho, self.seed, self.eot_iter = n_restarts, rho, seed, eot_iter
         self.use_largereps = use_largereps
-        check_largereps(self.name, use_largereps, self.norm)  # here, not at the first call
+        # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
+        _check_apgd_options(self.name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps)
         self.name = f"apgd-{loss}"
 
     def forward(self, x, y):
@@ -493,7 +503,9 @@ class APGDT(Attack):
         self.n_target_classes = n_target_classes
         self.loss, self.n_restarts, self.rho, self.seed, self.eot_iter = loss, n_restarts, rho, seed, eot_iter
         self.use_largereps = use_largereps
-        check_largereps(self.name, use_largereps, self.norm)  # here, not at the first call
+        # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
+        _check_apgd_options(self.name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps)
+        check_steps(self.name, n_target_classes, "n_target_classes")
 
     def forward(self, x, y):
         return apgd_t(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps,
