@@ -124,6 +124,16 @@ def test_a_defense_class_given_an_unknown_option_names_itself_and_lists_its_opti
         cls(alfa=0.01)
 
 
+@pytest.mark.parametrize("name, takes", [("standard", "no options"), ("gr", "lam, norm"),
+                                         ("ima", "num_samples, eps_train, .*, model_mode, .*, min_rows")])
+def test_the_other_defense_classes_given_an_unknown_option_name_themselves_too(name, takes):
+    """GR(foo=1), Standard(foo=1) and IMA(foo=1) were Python's TypeError ("unexpected keyword argument", "Standard()
+    takes no arguments"), listing nothing, where the PGD-based classes name themselves and list their options."""
+    cls = defenses.defense_class(name)
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: unknown option 'attack_mode'; it takes {takes}$"):
+        cls(attack_mode="train")
+
+
 def test_own_defense_by_dotted_import_path(user_module):
     """docs/defenses/index.md, "By name": build and fit take your own Defense subclass's dotted import path (kept as
     written, not lower-cased); one that does not import, names nothing or names no Defense subclass is a one-line

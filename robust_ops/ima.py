@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from . import _backend, functional
 from ._meta import output_memory_format
-from ._options import check_device, check_flags, check_int, check_real, listing, refuse_unused, segmentation_masks
+from ._options import (check_device, check_flags, check_int, check_options, check_real, listing, refuse_unused,
+                       segmentation_masks)
 from .attacks.context import (
     MODEL_MODES,
     InputGradScale,
@@ -1262,7 +1263,9 @@ class IMA(Defense):
     def __init__(self, num_samples=None, *, eps_train=None, delta=None, init_margin=None, beta=0.5, norm="l2",
                  steps=20, search_steps=10, arity=2, algorithm=2, model_mode="eval", clip_min=0.0, clip_max=1.0,
                  is_correct=None, loss_fn=None, strict_shrink=False, compact=True, search_result="correct_side",
-                 batch_exit=True, sync=True, backend=None, min_rows=None):
+                 batch_exit=True, sync=True, backend=None, min_rows=None, **unknown):
+        if unknown:  # Python's own TypeError listed nothing, where build() and the other defenses list the options
+            check_options(type(self).__name__, type(self), unknown)
         norm = check_norm("IMA", norm)
         check_real("IMA", "beta", beta, minimum=0, maximum=1)
         for arg, v in (("eps_train", eps_train), ("delta", delta), ("init_margin", init_margin)):

@@ -6,7 +6,7 @@ models). Attacks run on robust_ops.attacks.core.run_pgd with the settings of PGD
 
 from ..attacks.context import classification_loss
 from ..attacks.core import forward
-from ._common import PGDDefense, check_int, check_labels_against, check_real, labels
+from ._common import PGDDefense, check_int, check_labels_against, check_options, check_real, labels
 from .base import Defense, DefenseOutput
 
 
@@ -14,6 +14,10 @@ class Standard(Defense):
     """Standard training: L = L(x)."""
 
     name = "standard"
+
+    def __init__(self, **unknown):
+        if unknown:  # Python's own TypeError ("Standard() takes no arguments") listed nothing
+            check_options(type(self).__name__, type(self), unknown)
 
     def __call__(self, model, x, y, ids=None):
         y = labels(self.name, x, y)

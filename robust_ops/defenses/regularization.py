@@ -5,8 +5,8 @@ from torch import nn
 
 from ..attacks.context import InputGradScale
 from ..attacks.core import forward
-from ._common import (PGDDefense, check_choice, check_labels_against, check_real, float32_or_wider, labels,
-                      per_sample_ce, unwrap, use_model_mode)
+from ._common import (PGDDefense, check_choice, check_labels_against, check_options, check_real, float32_or_wider,
+                      labels, per_sample_ce, unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import Defense, DefenseOutput
 
@@ -31,7 +31,9 @@ class GR(Defense):
 
     name = "gr"
 
-    def __init__(self, lam=1.0, norm="l2"):
+    def __init__(self, lam=1.0, norm="l2", **unknown):
+        if unknown:  # Python's own TypeError named GR.__init__ and listed nothing, as PGDDefense's did
+            check_options(type(self).__name__, type(self), unknown)
         self.lam = check_real(self.name, "lam", lam, minimum=0)
         self.norm = check_choice(self.name, "norm", norm, ("l2", "l2sq", "l1"))
 
