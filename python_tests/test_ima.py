@@ -2485,3 +2485,21 @@ def test_gen_adv_names_predicted_classes_or_an_output_without_a_gradient_to_x(mi
             (_FrozenForward(), RuntimeError, r"^gen_adv: the model's output does not depend on its input x ")):
         with pytest.raises(error, match=match):
             gen_adv(model.eval(), x, y, 0.5, steps=2, search_steps=2, min_rows=min_rows)
+
+
+def test_repr_shows_the_options_as_given_not_the_run_state():
+    """IMA's repr showed table= and counter=PassCounter(...), and the eps_train, delta, init_margin and num_samples the
+    first batch or fit's setup fills in: the same settings printed differently before and after a batch. It shows the
+    options as given, as the other defenses' reprs."""
+    defense = IMA(norm="linf", steps=3, search_steps=2)
+    before = repr(defense)
+    model, x, y = ima_batch()
+    defense.setup(12)
+    defense(model, x, y, torch.arange(12))
+    assert defense.table is not None and defense.eps_train is not None and defense.counter.forward_calls > 0
+    assert repr(defense) == before
+    assert "table=" not in before and "counter=" not in before
+    for shown in ("eps_train=None", "delta=None", "init_margin=None", "num_samples=None", "norm='linf'", "steps=3"):
+        assert f"({shown}, " in before or f", {shown}, " in before or f", {shown})" in before
+    given = repr(IMA(12, eps_train=1.0))
+    assert ", num_samples=12" in given and "(eps_train=1.0, " in given

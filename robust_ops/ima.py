@@ -1332,6 +1332,16 @@ class IMA(Defense):
     def margins(self):
         return None if self.table is None else self.table.margins
 
+    def __repr__(self):
+        # the options as given, as the other defenses' reprs: table and counter are run state, and the first batch
+        # (or fit's setup) fills in eps_train, delta, init_margin and num_samples, so the same IMA printed differently
+        # before and after training
+        given = {"eps_train": self._given["eps_train"], "delta": self._given["delta"],
+                 "init_margin": self._given_init_margin, "num_samples": self._given_num_samples}
+        shown = {k: given.get(k, v) for k, v in vars(self).items()
+                 if not k.startswith("_") and k not in ("table", "counter") and not torch.is_tensor(v)}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     def __call__(self, model, x, y, ids=None):
         if ids is None:
             raise ValueError("IMA: needs the dataset ids of the batch (wrap the dataset in "
