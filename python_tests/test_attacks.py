@@ -5935,3 +5935,31 @@ def test_apgd_classes_refuse_a_bad_option_when_built(cls, option, value, message
     x, y = make_data(2, 3)
     with pytest.raises(ValueError, match=rf"^{'apgd_t' if cls == 'APGDT' else 'apgd'}: {message}"):
         getattr(attacks, cls.lower().replace("apgdt", "apgd_t"))(model, x, y, eps=0.1, **{option: value})
+
+
+@pytest.mark.parametrize("key", ["steps", "n_target_classes", "n_queries", "seed", "eot_iter", "attacks_to_run"])
+def test_autoattack_reading_an_option_kept_by_its_attacks_says_where_it_is(key):
+    """Setting aa.steps was refused by name, reading it was Python's bare "'AutoAttack' object has no attribute": the
+    options went to the attacks built with them, and AutoAttack's attacks_to_run is aa.attacks."""
+    aa = attacks.AutoAttack(make_model(3), steps=5)
+    where = (r"is aa\.attacks here, the attack objects in cascade order" if key == "attacks_to_run" else
+             r"is not kept on the AutoAttack, it went to its attacks when they were built; read it on the attacks in "
+             r"aa\.attacks that take it")
+    with pytest.raises(AttributeError, match=rf"^autoattack: (AutoAttack's )?{key} {where}"):
+        getattr(aa, key)
+    assert getattr(aa, key, None) is None and not hasattr(aa, key)  # still absent for getattr's default
+    assert aa.attacks[0].steps == 5
+
+
+def test_autoattack_run_standard_evaluation_refuses_a_state_path():
+    """Newer AutoAttack's run_standard_evaluation(..., state_path=...) resumes a saved evaluation: here it was Python's
+    "unexpected keyword argument"; state_path=None runs as without it."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    aa = attacks.AutoAttack(model, eps=0.03, attacks=["fgsm"])
+    with pytest.raises(ValueError, match=r"^autoattack\.run_standard_evaluation: state_path='aa\.pth' asks to save "
+                                         r"and resume the evaluation, which is not supported here; leave state_path "
+                                         r"out"):
+        aa.run_standard_evaluation(x, y, state_path="aa.pth")
+    assert torch.equal(aa.run_standard_evaluation(x, y, state_path=None), aa.run_standard_evaluation(x, y))
+

@@ -326,6 +326,15 @@ class AutoAttack(Attack):
     def __getattr__(self, key):  # only for attributes not found otherwise
         if key in AutoAttack._FOREIGN:
             raise AttributeError(f"autoattack: AutoAttack's {key} does not exist here: {AutoAttack._FOREIGN[key]}")
+        # set, these were refused by name, read, Python's bare "no attribute": the options the attacks were built
+        # with are theirs (a custom list's may each differ), and AutoAttack's list of names is aa.attacks
+        if key == "attacks_to_run":
+            raise AttributeError("autoattack: AutoAttack's attacks_to_run is aa.attacks here, the attack objects in "
+                                 "cascade order ([a.name for a in aa.attacks] gives their names)")
+        if key in AutoAttack._BUILD_OPTIONS:
+            raise AttributeError(f"autoattack: {key} is not kept on the AutoAttack, it went to its attacks when they "
+                                 f"were built; read it on the attacks in aa.attacks that take it (repr(aa) shows "
+                                 f"each attack's options)")
         return super().__getattr__(key)  # torchattacks' Attack names (its AutoAttack is one)
 
     def __setattr__(self, key, value):
@@ -427,9 +436,14 @@ class AutoAttack(Attack):
                         clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size,
                         model_check=self._check_model, name=self.name)
 
-    def run_standard_evaluation(self, x, y, bs=None, return_labels=False):
+    def run_standard_evaluation(self, x, y, bs=None, return_labels=False, state_path=None):
         """AutoAttack's entry point: x_adv (the clean input where no attack succeeded), ``bs`` samples at a time
-        (None: all at once); ``return_labels=True`` gives ``(x_adv, y_adv)``, y_adv the labels predicted on x_adv."""
+        (None: all at once); ``return_labels=True`` gives ``(x_adv, y_adv)``, y_adv the labels predicted on x_adv.
+        ``state_path`` (newer AutoAttack's resumable evaluation) is refused unless None."""
+        if state_path is not None:  # Python's "unexpected keyword argument" said nothing of why
+            raise ValueError(f"autoattack.run_standard_evaluation: state_path={state_path!r} asks to save and resume "
+                             "the evaluation, which is not supported here; leave state_path out (the evaluation runs "
+                             "from the start)")
         if bs is not None:  # named as the caller wrote it, not as ensemble's batch_size
             bs = check_steps("autoattack.run_standard_evaluation", bs, "bs")
         check_flags("autoattack.run_standard_evaluation", {"return_labels": return_labels})
