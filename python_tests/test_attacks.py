@@ -5963,3 +5963,20 @@ def test_autoattack_run_standard_evaluation_refuses_a_state_path():
         aa.run_standard_evaluation(x, y, state_path="aa.pth")
     assert torch.equal(aa.run_standard_evaluation(x, y, state_path=None), aa.run_standard_evaluation(x, y))
 
+@pytest.mark.parametrize("name, make", [("pgd", lambda m: attacks.PGD(m, steps=2)),
+                                         ("noise", lambda m: attacks.WhiteNoise(m, trials=1)),
+                                         ("autoattack", lambda m: attacks.AutoAttack(m, attacks=["fgsm"]))])
+def test_an_attack_called_without_labels_says_they_are_needed_and_how_to_go_without(name, make):
+    """atk(x), as torchattacks' TPGD and GN run with labels=None, was Python's "__call__() missing 1 required
+    positional argument: 'y'"; the model's predictions are the labels of a label-free run."""
+    model = make_model(3)
+    x, _ = make_data(4, 3)
+    atk = make(model)
+    with pytest.raises(TypeError, match=rf"^{name}: expected labels, atk\(x, y\): every attack here takes them \(true "
+                                        r"labels, or targets in targeted mode\); for a label-free attack, as "
+                                        r"torchattacks' TPGD and GN, give the model's predictions, "
+                                        r"atk\(x, robust_ops\.models\.predict\(model, x\)\)$"):
+        atk(x)
+    from robust_ops.models import predict
+
+    assert atk(x, predict(model, x)).shape == x.shape  # the way the message gives runs

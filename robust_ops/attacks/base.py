@@ -6,7 +6,7 @@ import threading
 import torch
 
 from .._options import check_flags, check_options, check_real
-from .context import MODEL_MODES, attack_context, check_inputs, check_model, is_single_logit, two_logits
+from .context import _NO_LABELS, MODEL_MODES, attack_context, check_inputs, check_model, is_single_logit, two_logits
 from .core import NORMS, check_labels_against, forward
 
 
@@ -224,7 +224,12 @@ class Attack:
     def forward(self, x, y):
         raise NotImplementedError
 
-    def __call__(self, x, y):
+    def __call__(self, x, y=_NO_LABELS):
+        if y is _NO_LABELS:  # atk(x), torchattacks' labels=None of TPGD and GN, met Python's bare "missing 1 required
+            # positional argument" (atk(x, None) keeps check_inputs' "expected y to be an integer tensor")
+            raise TypeError(f"{self.name}: expected labels, atk(x, y): every attack here takes them (true labels, or "
+                            "targets in targeted mode); for a label-free attack, as torchattacks' TPGD and GN, give "
+                            "the model's predictions, atk(x, robust_ops.models.predict(model, x))")
         if self.targeted and self._target_rule is not None:
             y = self._targets(x, y)
         running = vars(_forwarding).setdefault("ids", [])
