@@ -2,6 +2,7 @@
 two-moons; MIRST's reuse of the attack's backward passes gives the plain formulation's gradients; DPAAT/AMAT radius
 rules; ARFL's loss and options; the registry and the input checks."""
 
+import copy
 import math
 import re
 
@@ -132,6 +133,20 @@ def test_the_other_defense_classes_given_an_unknown_option_name_themselves_too(n
     cls = defenses.defense_class(name)
     with pytest.raises(ValueError, match=rf"^{cls.__name__}: unknown option 'attack_mode'; it takes {takes}$"):
         cls(attack_mode="train")
+
+
+@pytest.mark.parametrize("name", ["standard", "at", "sat", "trades", "gr", "llr", "mirst", "dpaat", "arfl", "ima"])
+def test_a_defense_class_given_the_model_says_fit_passes_it(name):
+    """AT(model), as the attack classes take it (PGD(model)): Standard and AT met Python's positional-count TypeError,
+    SAT's alpha or IMA's num_samples a check printing the whole module over many lines. One line now says that fit
+    passes the model to each batch; a module given by keyword keeps its option's own check (ARFL's layer=)."""
+    cls = defenses.defense_class(name)
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}: takes no model \(fit passes it to each batch: fit\(model, "
+                                        rf"data, defense={cls.__name__}\(\.\.\.\)\)\); give its options by keyword$"):
+        cls(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    with pytest.raises(TypeError, match=r"^arfl: expected layer to be None or a module name \(str\), got Linear$"):
+        defenses.ARFL(layer=nn.Linear(2, 2))
+    assert repr(copy.deepcopy(cls())) == repr(cls())  # copies build without the constructor's arguments
 
 
 def test_own_defense_by_dotted_import_path(user_module):
