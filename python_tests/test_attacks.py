@@ -1,6 +1,7 @@
 """Attacks: torchattacks parity, properties on tiny in-file models, the PGD core's extras, and input checks."""
 
 import copy
+import inspect
 import pickle
 import re
 import sys
@@ -5963,6 +5964,7 @@ def test_autoattack_run_standard_evaluation_refuses_a_state_path():
         aa.run_standard_evaluation(x, y, state_path="aa.pth")
     assert torch.equal(aa.run_standard_evaluation(x, y, state_path=None), aa.run_standard_evaluation(x, y))
 
+
 @pytest.mark.parametrize("name, make", [("pgd", lambda m: attacks.PGD(m, steps=2)),
                                          ("noise", lambda m: attacks.WhiteNoise(m, trials=1)),
                                          ("autoattack", lambda m: attacks.AutoAttack(m, attacks=["fgsm"]))])
@@ -5980,3 +5982,5 @@ def test_an_attack_called_without_labels_says_they_are_needed_and_how_to_go_with
     from robust_ops.models import predict
 
     assert atk(x, predict(model, x)).shape == x.shape  # the way the message gives runs
+    # help(atk) showed y=<object object at 0x...>
+    assert str(inspect.signature(type(atk).__call__)) == "(self, x, y=<no labels>)"

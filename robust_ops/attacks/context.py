@@ -474,7 +474,15 @@ def check_not_half(name, x, why, dtypes=HALF_DTYPES):
                         "model runs them under torch.autocast")
 
 
-_NO_LABELS = object()
+class _NoLabels:
+    """The default of an attack's labels: none given (None is a value that is refused). Named, so that help() and
+    inspect.signature show ``y=<no labels>``, not ``<object object at 0x...>``."""
+
+    def __repr__(self):
+        return "<no labels>"
+
+
+_NO_LABELS = _NoLabels()
 
 
 def _past(value, bound, side):
