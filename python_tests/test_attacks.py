@@ -4772,6 +4772,56 @@ def test_a_per_sample_linf_eps_with_one_radius_wider_than_the_range_is_refused()
         attacks.pgd(make_model(), x, y, eps=torch.tensor([8 / 255, 8.0]), steps=1)
 
 
+def host_reads(run):
+    """``run()``'s reads of tensor values back to Python: items (float(t), int(t), bool(t), t.item()), nonzeros
+    (boolean indexing) and tolist calls, each a host sync on a GPU. tolist dispatches no aten op on CPU: counted by
+    wrapping it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tolists = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        tolists.append(self.shape)
+        return tolist(self)
+
+    torch.Tensor.tolist = counted
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+    finally:
+        torch.Tensor.tolist = tolist
+    return sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events()) + len(tolists)
+
+
+def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them():
+    """check_linf_budget read float(eps_t.max()) and bool(bad.any()) (two host syncs on a GPU per attack call) also
+    where eps and alpha were numbers, known in Python. It decides on the numbers now, rounded to the tensors' dtype
+    as per_sample rounds them: the same decisions as the tensors' (1.0000099999 rounds to float32's 1.0000100136,
+    past the range's slack; alpha 1.0000100001 rounds to the slack's own float32 value, not past it)."""
+    from robust_ops.attacks.core import check_linf_budget, per_sample
+
+    def outcome(eps, alpha, x, numbers):
+        eps_t, alpha_t = per_sample("pgd", "eps", eps, x), per_sample("pgd", "alpha", alpha, x)
+        given = dict(eps=eps, alpha=alpha) if numbers else {}
+        try:
+            assert host_reads(lambda: check_linf_budget("pgd", "linf", eps_t, 0.0, 1.0, alpha_t, **given)) == (
+                0 if numbers else 2)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(3, 2, dtype=dtype)
+        for eps, alpha in ((8 / 255, 2 / 255), (8, 2 / 255), (0.5, 2), (1, 1.25), (1.0000099999, 0.1),
+                           (0.5, 1.0000100001), (0.5, 1.0000099999), (0.99998, 1.5), (0, 0)):
+            assert outcome(eps, alpha, x, True) == outcome(eps, alpha, x, False), (dtype, eps, alpha)
+        assert outcome(1.0000099999, 0.1, x, True) == (None if dtype == torch.float64 else
+            "pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1 (eps in 0-255 units? pass "
+            "e.g. 8/255)")
+        assert (outcome(0.5, 1.0000100001, x, True) is None) == (dtype == torch.float32)
+
+
 def test_least_likely_targets_rank_float64_logits_in_float64():
     """The kth-lowest logit was taken from z.float(): float64 logits closer than float32's resolution tied, and the
     stable sort picked the lower class (class 1 for logits 5, 1 + 1e-12, 1) where torchattacks' kthvalue on the

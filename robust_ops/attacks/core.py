@@ -9,6 +9,7 @@ zeroing their per-sample step size, so the fused step leaves them in place.
 
 import math
 import numbers
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -175,23 +176,45 @@ def check_start(name, random_start, start_noise, or_unset=False):
     return start_noise
 
 
-def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="eps", alpha_arg="alpha"):
+def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="eps", alpha_arg="alpha", eps=None,
+                      alpha=None):
     """Linf: an ``arg`` (or a step while it fits) wider than the clip range is refused (:func:`linf_wider_than_range`).
-    Per-sample tensors [N] as ``per_sample`` returns them."""
+    Per-sample tensors [N] as ``per_sample`` returns them. ``eps`` / ``alpha``: the values ``eps_t`` / ``alpha_t``
+    were made from; where they are numbers the check decides on them (rounded as ``per_sample`` rounds them), without
+    reading the tensors back (a host sync each on a GPU, once per attack call)."""
     if norm != "linf" or eps_t.numel() == 0:
         return
     width = clip_max - clip_min
-    widest = float(eps_t.max())
+    eps_number, alpha_number = _in_dtype(eps, eps_t.dtype), _in_dtype(alpha, eps_t.dtype)
+    widest = float(eps_t.max()) if eps_number is None else eps_number
     if linf_wider_than_range(widest, clip_min, clip_max):
         raise ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {arg} up to "
                          f"{widest:.4g} ({arg} in 0-255 units? pass e.g. 8/255)")
     if alpha_t is not None:
         slack = _linf_slack(width)
-        bad = (alpha_t > width + slack) & (eps_t < width - slack)
-        if bool(bad.any()):
+        if eps_number is not None and alpha_number is not None and alpha_t.dtype == eps_t.dtype:
+            # the tensor comparisons below cast the bounds to the tensors' dtype: so are they here
+            steepest = alpha_number if (alpha_number > _in_dtype(width + slack, alpha_t.dtype)
+                                        and eps_number < _in_dtype(width - slack, eps_t.dtype)) else None
+        else:
+            bad = (alpha_t > width + slack) & (eps_t < width - slack)
+            steepest = float(alpha_t[bad].max()) if bool(bad.any()) else None
+        if steepest is not None:
             raise ValueError(f"{name}: expected {alpha_arg} <= clip_max - clip_min = {width:g} for norm='linf', got "
-                             f"{alpha_arg} up to {float(alpha_t[bad].max()):.4g} ({alpha_arg} in 0-255 units? pass "
-                             "e.g. 2/255)")
+                             f"{alpha_arg} up to {steepest:.4g} ({alpha_arg} in 0-255 units? pass e.g. 2/255)")
+
+
+def _in_dtype(value, dtype):
+    """A real number ``value`` as a tensor of ``dtype`` (float32 or float64) would hold it, None for anything else."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or dtype not in (torch.float32, torch.float64):
+        return None
+    value = float(value)
+    if dtype == torch.float64:
+        return value
+    try:  # float32's round-to-nearest, as torch.full rounds it
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # some Pythons refuse values past float32's range, where torch gives inf
+        return math.copysign(math.inf, value)
 
 
 def check_step_moves(name, eps, alpha, alpha_arg="alpha", hint=""):
@@ -502,7 +525,7 @@ def run_pgd(
     eps_t = per_sample(name, "eps", eps, x)
     eps_scalar = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None
     alpha_t = per_sample(name, "alpha", alpha, x)
-    check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t, eps=eps, alpha=alpha)
     check_step_moves(name, eps_t, alpha)
     check_linf_step_resolution(name, norm, x, eps, alpha)
     step_noise = check_real(name, "step_noise", step_noise, minimum=0)

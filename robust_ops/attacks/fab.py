@@ -310,7 +310,7 @@ def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, be
     eta = check_real(name, "eta", eta, minimum=1)
     beta = check_real(name, "beta", beta, minimum=0, allow_min=False, maximum=1)
     eps_t = per_sample(name, "eps", eps, x)
-    check_linf_budget(name, norm, eps_t, clip_min, clip_max)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps=eps)
     return y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t
 
 

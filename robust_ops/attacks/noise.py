@@ -64,7 +64,7 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
     norm = check_norm(name, norm)
     trials = check_steps(name, trials, "trials")
     eps_t = per_sample(name, "eps", eps, x)
-    check_linf_budget(name, norm, eps_t, clip_min, clip_max)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps=eps)
     x_adv = x.detach().clone()
     n = x.shape[0]
     if n == 0:
