@@ -4773,9 +4773,9 @@ def test_a_per_sample_linf_eps_with_one_radius_wider_than_the_range_is_refused()
 
 
 def host_reads(run):
-    """``run()``'s reads of tensor values back to Python: items (float(t), int(t), bool(t), t.item()), nonzeros
-    (boolean indexing) and tolist calls, each a host sync on a GPU. tolist dispatches no aten op on CPU: counted by
-    wrapping it."""
+    """``run()``'s reads of tensor values back to Python, {"item": items (float(t), int(t), bool(t), t.item()),
+    "nonzero": nonzeros (boolean indexing), "tolist": tolist calls}, each a host sync on a GPU. tolist dispatches no
+    aten op on CPU: counted by wrapping it."""
     from torch.profiler import ProfilerActivity, profile
 
     tolists = []
@@ -4791,7 +4791,9 @@ def host_reads(run):
             run()
     finally:
         torch.Tensor.tolist = tolist
-    return sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events()) + len(tolists)
+    names = [e.name for e in prof.events()]
+    return {"item": names.count("aten::_local_scalar_dense"), "nonzero": names.count("aten::nonzero"),
+            "tolist": len(tolists)}
 
 
 def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them():
@@ -4805,8 +4807,8 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
         eps_t, alpha_t = per_sample("pgd", "eps", eps, x), per_sample("pgd", "alpha", alpha, x)
         given = dict(eps=eps, alpha=alpha) if numbers else {}
         try:
-            assert host_reads(lambda: check_linf_budget("pgd", "linf", eps_t, 0.0, 1.0, alpha_t, **given)) == (
-                0 if numbers else 2)
+            reads = host_reads(lambda: check_linf_budget("pgd", "linf", eps_t, 0.0, 1.0, alpha_t, **given))
+            assert sum(reads.values()) == (0 if numbers else 2)
         except ValueError as err:
             return str(err)
         return None
@@ -4820,6 +4822,39 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
             "pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1 (eps in 0-255 units? pass "
             "e.g. 8/255)")
         assert (outcome(0.5, 1.0000100001, x, True) is None) == (dtype == torch.float32)
+
+
+@pytest.mark.parametrize("attack", ["run_pgd", "pgd", "fgsm", "cw_linf", "apgd", "apgd_t"])
+def test_an_attack_call_with_number_eps_and_alpha_reads_x_and_the_labels_once_each(attack):
+    """Per call, besides the per-step loop's reads (none for PGD; APGD's nonzeros, pinned elsewhere), an attack with
+    eps and alpha given as numbers reads back x's range and the labels' range, once each (host syncs on a GPU).
+    The labels were read twice: int(y.min()) in check_inputs and int(y.max()) against the model's class count at the
+    first forward; now one aminmax read at check_inputs serves both checks, which still refuse where they did."""
+    model, (x, y) = make_model(3), make_data(4, 3)
+    run = {"run_pgd": lambda: run_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=3),
+           "pgd": lambda: attacks.pgd(model, x, y, eps=8 / 255, steps=3, generator=torch.Generator().manual_seed(0)),
+           "fgsm": lambda: attacks.fgsm(model, x, y, eps=8 / 255),
+           "cw_linf": lambda: attacks.cw_linf(model, x, y, eps=8 / 255, steps=3),
+           "apgd": lambda: attacks.apgd(model, x, y, eps=8 / 255, steps=3),
+           "apgd_t": lambda: attacks.apgd_t(model, x, y, eps=8 / 255, steps=3)}[attack]
+    reads = host_reads(run)
+    assert reads["item"] == 0 and reads["tolist"] == 2
+    if attack not in ("apgd", "apgd_t"):
+        assert reads["nonzero"] == 0
+    # the two label checks still refuse at their places: a negative label before any forward, a label past the
+    # model's class count at the first forward
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda m, inp: forwards.append(1))
+    with pytest.raises(ValueError, match=r"^[a-z_]+: expected labels non-negative, got values in \[-1, 2\]$"):
+        y[0] = -1
+        run()
+    assert not forwards
+    y[0] = 3
+    with pytest.raises(ValueError, match=r"^[a-z_]+: expected labels in \[0, 3\) for a model with 3 classes, got "
+                                         r"values in \[0, 3\]$"):
+        run()
+    hook.remove()
+    assert len(forwards) == 1
 
 
 def test_least_likely_targets_rank_float64_logits_in_float64():

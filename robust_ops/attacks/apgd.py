@@ -334,15 +334,15 @@ def _check_apgd_options(name, norm, steps, n_restarts, loss, rho, eot_iter, use_
 def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter,
                      use_largereps=False):
     """The argument checks APGD and APGD-T share; returns (y as int64, norm, steps, n_restarts, eps as a per-sample
-    tensor, eot_iter)."""
+    tensor, eot_iter, the labels' range for clean_logits)."""
     check_gradients_possible(name)
-    y = check_inputs(name, x, y, clip_min, clip_max)
+    y, y_range = check_inputs(name, x, y, clip_min, clip_max, label_range=True)
     norm, steps, n_restarts, eot_iter = _check_apgd_options(name, norm, steps, n_restarts, loss, rho, eot_iter,
                                                             use_largereps)
     eps_t = per_sample(name, "eps", eps, x)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps=eps)
     check_linf_step_resolution(name, norm, x, eps)  # no move from x exceeds eps: below the resolution none happens
-    return y, norm, steps, n_restarts, eps_t, eot_iter
+    return y, norm, steps, n_restarts, eps_t, eot_iter, y_range
 
 
 def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False, n_restarts=1, rho=0.75,
@@ -372,15 +372,15 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
         the clean input there).
     """
     name = "apgd"
-    y, norm, steps, n_restarts, eps_t, eot_iter = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss,
-                                                                   rho, clip_min, clip_max, eot_iter, use_largereps)
+    y, norm, steps, n_restarts, eps_t, eot_iter, y_range = _check_apgd_args(
+        name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter, use_largereps)
     check_flags(name, {"targeted": targeted})  # targeted="no" ran a targeted attack
     x = x.detach()
     x_adv = x.clone()
     if x.numel() == 0:  # no samples, or images without pixels: nothing to perturb
         return x_adv
     with attack_context(model, model_mode, name):
-        z, correct = clean_logits(name, model, x, y)
+        z, correct = clean_logits(name, model, x, y, y_range)
         used = effective_loss(loss, z.shape[1], targeted)
         todo = ~correct if targeted else correct
         best_loss = _best_loss_start(z, eps_t)
@@ -431,15 +431,15 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
         x_adv as :func:`apgd`: per sample the first iterate that succeeded, else the highest-loss point found.
     """
     name = "apgd_t"
-    y, norm, steps, n_restarts, eps_t, eot_iter = _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss,
-                                                                   rho, clip_min, clip_max, eot_iter, use_largereps)
+    y, norm, steps, n_restarts, eps_t, eot_iter, y_range = _check_apgd_args(
+        name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter, use_largereps)
     n_target_classes = check_steps(name, n_target_classes, "n_target_classes")
     x = x.detach()
     x_adv = x.clone()
     if x.numel() == 0:  # no samples, or images without pixels: nothing to perturb
         return x_adv
     with attack_context(model, model_mode, name):
-        z, robust = clean_logits(name, model, x, y)
+        z, robust = clean_logits(name, model, x, y, y_range)
         used = effective_loss(loss, z.shape[1], True)
         best_loss = _best_loss_start(z, eps_t)
         for targets in runner_up_targets(z, n_target_classes):

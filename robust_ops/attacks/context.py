@@ -507,11 +507,13 @@ def check_input_batch(name, x):
         raise ValueError(f"{name}: expected x to have a batch dimension, got a 0-D tensor")
 
 
-def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=None):
+def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=None, label_range=False):
     """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
     silently. Returns y as int64 (None when y is not given, for callers without labels; a y of None is refused like
     any other non-tensor, where atk(x, None) passed and failed later with "'NoneType' object has no attribute
-    'numel'"): callers attack with the returned labels."""
+    'numel'"): callers attack with the returned labels. ``label_range``: return ``(y, (min, max))``, the labels'
+    range as Python ints (None for no labels) read once here, for ``check_labels_against`` to check the model's class
+    count without reading the labels again."""
     check_input_batch(name, x)
     if torch.is_tensor(y) and y.device != x.device:  # torch's error came from inside the loss, after the forward
         raise ValueError(f"{name}: expected y on x's device {x.device}, got y on {y.device}; pass y.to(x.device)")
@@ -535,14 +537,16 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=
                 "with robust_ops.attacks.Normalized, or clamp inputs that overshoot only by rounding or resampling, "
                 f"x.clamp({clip_min}, {clip_max}))"
             )
-    return None if y is _NO_LABELS else check_class_labels(name, y, x.shape[0], num_classes)
+    if y is _NO_LABELS:
+        return (None, None) if label_range else None
+    return check_class_labels(name, y, x.shape[0], num_classes, label_range)
 
 
-def check_class_labels(name, y, n, num_classes=None):
+def check_class_labels(name, y, n, num_classes=None, label_range=False):
     """Labels an integer tensor [n] (any integer dtype: converted losslessly to int64, which cross-entropy, one_hot and
     gather take) in range: the attacks' and the defenses' label rule. Float, bool and complex labels are a TypeError
     (0.7 would become 0 silently); ``num_classes`` None checks the lower bound only (the model's output, through
-    check_labels_against, the upper one)."""
+    check_labels_against, the upper one). ``label_range``: return ``(y, (min, max))`` (None for no labels)."""
     if segmentation_masks(y):  # before the dtype: a float mask's dtype error only led to the shape error
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}: segmentation masks? "
                          "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
@@ -558,10 +562,18 @@ def check_class_labels(name, y, n, num_classes=None):
         # MedMNIST ships labels as [N, 1] (fit and evaluate take them): say the one-call fix
         hint = "; pass y.view(-1) (MedMNIST's [N, 1] labels)" if tuple(y.shape) == (n, 1) else ""
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}{hint}")
-    if y.numel() and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
+    # both ends in one host read (a sync on a GPU): min and max were a read each, and check_labels_against's max a
+    # third once the model's class count was known
+    lo_hi = labels_range(y)
+    if lo_hi is not None and (lo_hi[0] < 0 or (num_classes is not None and lo_hi[1] >= num_classes)):
         bound = f"in [0, {num_classes})" if num_classes is not None else "non-negative"
-        raise ValueError(f"{name}: expected labels {bound}, got values in [{int(y.min())}, {int(y.max())}]")
-    return y
+        raise ValueError(f"{name}: expected labels {bound}, got values in [{lo_hi[0]}, {lo_hi[1]}]")
+    return (y, lo_hi) if label_range else y
+
+
+def labels_range(y):
+    """(min, max) of integer labels ``y`` as Python ints, in one host read; None for no labels."""
+    return tuple(torch.stack(torch.aminmax(y)).tolist()) if y.numel() else None
 
 
 def check_attack_output(what, adv, x, clip_min, clip_max):

@@ -27,6 +27,7 @@ from .context import (
     classification_loss,
     forward_naming_input_mismatch,
     is_single_logit,
+    labels_range,
     margin,
     num_classes_of,
     predict_from_output,
@@ -333,26 +334,31 @@ def forward(name, model, x, output_rule=check_output):
 FIRST_FORWARD = "at the attack's first forward"
 
 
-def check_labels_against(name, y, out, finite_at=None):
+def check_labels_against(name, y, out, finite_at=None, label_range=None):
     """Labels ``y`` in [0, K) for the model's output ``out``. ``finite_at`` (where ``out`` was computed, e.g. "at the
     attack's first forward"): also refuse output rows without class probabilities (NaN, +Inf, a row of only -Inf; a
     single logit: NaN), read on the label check's own device sync, so no step pays one more (docs/design.md,
-    "Non-finite values")."""
+    "Non-finite values"). ``label_range``: the labels' (min, max) as check_inputs(label_range=True) read them, so
+    that they are not read again (None: read here)."""
     finite = finite_at is not None
     k = num_classes_of(out)
     if not y.numel():
         return
-    if not finite:
-        top = int(y.max())
-    else:
+    if finite:
         z = out.detach()
         # a row's maximum is NaN, +Inf or -Inf exactly when it has no softmax probabilities (evaluate's rule)
         bad = torch.isnan(z.reshape(-1)) if is_single_logit(z) else ~torch.isfinite(z.amax(1))
+    if label_range is not None:
+        top, count = label_range[1], (bad.sum().tolist() if finite else 0)
+    elif finite:
         top, count = torch.stack([y.max(), bad.sum().to(y.dtype)]).tolist()
+    else:
+        top, count = int(y.max()), 0
     if top >= k:
+        lo, hi = label_range if label_range is not None else labels_range(y)
         raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} classes, got values in "
-                         f"[{int(y.min())}, {top}]")
-    if finite and count:
+                         f"[{lo}, {hi}]")
+    if count:
         raise NonFiniteOutputError(f"{name}: the model's output is NaN or Inf for {count} of its {bad.numel()} "
                                    f"inputs {finite_at} (no class probabilities); check the model: a log or division "
                                    "of 0 in its forward, or weights that diverged (a learning rate too high)",
@@ -360,11 +366,12 @@ def check_labels_against(name, y, out, finite_at=None):
 
 
 @torch.no_grad()
-def clean_logits(name, model, x, y):
-    """One forward on the clean inputs: labels checked against it; returns the logits ``[N, K]`` (a single logit as
-    the two logits ``[0, z]``) and which samples are classified correctly."""
+def clean_logits(name, model, x, y, label_range=None):
+    """One forward on the clean inputs: labels checked against it (``label_range``: as check_labels_against's);
+    returns the logits ``[N, K]`` (a single logit as the two logits ``[0, z]``) and which samples are classified
+    correctly."""
     out = forward(name, model, x)
-    check_labels_against(name, y, out, finite_at=FIRST_FORWARD)
+    check_labels_against(name, y, out, finite_at=FIRST_FORWARD, label_range=label_range)
     return (two_logits(out) if is_single_logit(out) else out), predict_from_output(out) == y
 
 
@@ -514,7 +521,7 @@ def run_pgd(
         PGDResult(x_adv, iterates, param_grads, emitted_losses).
     """
     check_gradients_possible(name)
-    y = check_inputs(name, x, y, clip_min, clip_max)
+    y, y_range = check_inputs(name, x, y, clip_min, clip_max, label_range=True)
     check_flags(name, {"targeted": targeted, "random_start": random_start})  # targeted="no" ran a targeted attack
     steps = check_steps(name, steps)
     norm = check_norm(name, norm)
@@ -589,7 +596,7 @@ def run_pgd(
                 with torch.enable_grad():
                     out = forward(name, model, xg)
                     if not checked:
-                        check_labels_against(name, y, out, finite_at=FIRST_FORWARD)
+                        check_labels_against(name, y, out, finite_at=FIRST_FORWARD, label_range=y_range)
                         checked = True
                     objective = attack_loss(out, y, loss, targeted, kappa)
                     if want_params:
