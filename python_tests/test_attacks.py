@@ -3429,6 +3429,25 @@ def test_apgd_finds_the_positions_of_a_step_once_per_mask(norm):
     assert per_run[1] - per_run[0] == 2 * 5  # the newly successful and the improved samples, per step
 
 
+@pytest.mark.parametrize("targets", [None, 1, 2])
+def test_an_apgd_restart_finds_its_samples_once(targets):
+    """A restart of APGD (per target, APGD-T) took four nonzeros (host syncs on a GPU) besides its steps': the samples
+    still to attack, then x_adv[idx[keep]] = chosen[keep] and todo[idx[success]] = False converted two masks on three
+    boolean indexes. The results are written back at every position of idx now, through torch.where; only the samples
+    to attack are found (their count sets the batch)."""
+    model, (x, y) = make_model(3), make_data(8, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # all correct: each restart and target attacks some (too few steps to break all)
+    steps = 3
+    if targets is None:
+        run = lambda: attacks.apgd(model, x, y, eps=0.01, steps=steps, n_restarts=2,  # noqa: E731
+                                   generator=torch.Generator().manual_seed(0))
+    else:
+        run = lambda: attacks.apgd_t(model, x, y, eps=0.01, steps=steps, n_target_classes=targets,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(0))
+    assert host_reads(run)["nonzero"] == (2 if targets is None else targets) * (1 + 2 * steps)
+
+
 def test_apgd_keeps_the_earliest_of_equal_loss_points():
     """The best point changes only on a strict loss increase (as AutoAttack), within a run and across restarts: with
     a flat loss the unbroken sample comes back at the first restart's random start, although the steps move it."""

@@ -397,9 +397,11 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
                 lb = per_sample_loss(z, used, None if targeted else yi, yi if targeted else None)
             keep = success | (lb > best_loss[idx])
             chosen = torch.where(success.view(-1, *([1] * (x.dim() - 1))), x_best_adv, x_best)
-            x_adv[idx[keep]] = chosen[keep]
+            # written back at every position of idx, not indexed by the masks: each boolean index is a nonzero (a host
+            # sync on a GPU), three a restart
+            x_adv[idx] = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), chosen, x_adv[idx])
             best_loss[idx] = torch.maximum(best_loss[idx], lb)
-            todo[idx[success]] = False
+            todo[idx] = todo[idx] & ~success
     return x_adv
 
 
@@ -455,9 +457,9 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
                     lb = per_sample_loss(forward(name, model, x_best), used, yi, ti)
                 keep = fooled | (lb > best_loss[idx])
                 chosen = torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), x_best_adv, x_best)
-                x_adv[idx[keep]] = chosen[keep]
+                x_adv[idx] = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), chosen, x_adv[idx])  # as apgd's
                 best_loss[idx] = torch.maximum(best_loss[idx], lb)
-                robust[idx[fooled]] = False
+                robust[idx] = robust[idx] & ~fooled
     return x_adv
 
 
