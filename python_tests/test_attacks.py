@@ -4819,7 +4819,8 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
     """check_linf_budget read float(eps_t.max()) and bool(bad.any()) (two host syncs on a GPU per attack call) also
     where eps and alpha were numbers, known in Python. It decides on the numbers now, rounded to the tensors' dtype
     as per_sample rounds them: the same decisions as the tensors' (1.0000099999 rounds to float32's 1.0000100136,
-    past the range's slack; alpha 1.0000100001 rounds to the slack's own float32 value, not past it)."""
+    past the range's slack; alpha 1.0000100001 rounds to the slack's own float32 value, not past it). Per-sample
+    tensors are read once for both checks (eps_t's maximum and whether any alpha is too wide), not twice."""
     from robust_ops.attacks.core import check_linf_budget, per_sample
 
     def outcome(eps, alpha, x, numbers):
@@ -4827,7 +4828,7 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
         given = dict(eps=eps, alpha=alpha) if numbers else {}
         try:
             reads = host_reads(lambda: check_linf_budget("pgd", "linf", eps_t, 0.0, 1.0, alpha_t, **given))
-            assert sum(reads.values()) == (0 if numbers else 2)
+            assert sum(reads.values()) == (0 if numbers else 1)  # tensors: eps's maximum and bad alphas at once
         except ValueError as err:
             return str(err)
         return None
@@ -4841,6 +4842,11 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
             "pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1 (eps in 0-255 units? pass "
             "e.g. 8/255)")
         assert (outcome(0.5, 1.0000100001, x, True) is None) == (dtype == torch.float32)
+    # per sample: the widest refused step among the samples whose eps does not span the range (3.0 at eps 1 may)
+    eps_t, alpha_t = torch.tensor([0.1, 0.2, 1.0]), torch.tensor([0.5, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"^pgd: expected alpha <= clip_max - clip_min = 1 for norm='linf', got alpha "
+                                         r"up to 2 \(alpha in 0-255 units\? pass e.g. 2/255\)$"):
+        check_linf_budget("pgd", "linf", eps_t, 0.0, 1.0, alpha_t)
 
 
 @pytest.mark.parametrize("attack", ["run_pgd", "pgd", "fgsm", "cw_linf", "apgd", "apgd_t"])

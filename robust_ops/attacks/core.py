@@ -186,23 +186,34 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
     if norm != "linf" or eps_t.numel() == 0:
         return
     width = clip_max - clip_min
+    slack = _linf_slack(width)
     eps_number, alpha_number = _in_dtype(eps, eps_t.dtype), _in_dtype(alpha, eps_t.dtype)
-    widest = float(eps_t.max()) if eps_number is None else eps_number
+    steepest = None  # the widest step refused, if any (a number)
+    if alpha_t is None:
+        bad = None
+    elif eps_number is not None and alpha_number is not None and alpha_t.dtype == eps_t.dtype:
+        # the tensor comparisons below cast the bounds to the tensors' dtype: so are they here
+        bad = None
+        if alpha_number > _in_dtype(width + slack, alpha_t.dtype) and eps_number < _in_dtype(width - slack,
+                                                                                           eps_t.dtype):
+            steepest = alpha_number
+    else:
+        bad = (alpha_t > width + slack) & (eps_t < width - slack)
+    if eps_number is not None:
+        widest = eps_number
+    elif bad is None:
+        widest = float(eps_t.max())
+    else:  # both checks' values in one host read (float64 holds eps_t's maximum exactly)
+        widest, any_bad = torch.stack((eps_t.max().double(), bad.any().double())).tolist()
+        bad = bad if any_bad else None
     if linf_wider_than_range(widest, clip_min, clip_max):
         raise ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {arg} up to "
                          f"{widest:.4g} ({arg} in 0-255 units? pass e.g. 8/255)")
-    if alpha_t is not None:
-        slack = _linf_slack(width)
-        if eps_number is not None and alpha_number is not None and alpha_t.dtype == eps_t.dtype:
-            # the tensor comparisons below cast the bounds to the tensors' dtype: so are they here
-            steepest = alpha_number if (alpha_number > _in_dtype(width + slack, alpha_t.dtype)
-                                        and eps_number < _in_dtype(width - slack, eps_t.dtype)) else None
-        else:
-            bad = (alpha_t > width + slack) & (eps_t < width - slack)
-            steepest = float(alpha_t[bad].max()) if bool(bad.any()) else None
-        if steepest is not None:
-            raise ValueError(f"{name}: expected {alpha_arg} <= clip_max - clip_min = {width:g} for norm='linf', got "
-                             f"{alpha_arg} up to {steepest:.4g} ({alpha_arg} in 0-255 units? pass e.g. 2/255)")
+    if bad is not None and (eps_number is None or bool(bad.any())):
+        steepest = float(alpha_t[bad].max())
+    if steepest is not None:
+        raise ValueError(f"{name}: expected {alpha_arg} <= clip_max - clip_min = {width:g} for norm='linf', got "
+                         f"{alpha_arg} up to {steepest:.4g} ({alpha_arg} in 0-255 units? pass e.g. 2/255)")
 
 
 def _in_dtype(value, dtype):
