@@ -4852,9 +4852,10 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
 @pytest.mark.parametrize("attack", ["run_pgd", "pgd", "fgsm", "cw_linf", "apgd", "apgd_t"])
 def test_an_attack_call_with_number_eps_and_alpha_reads_x_and_the_labels_once_each(attack):
     """Per call, besides the per-step loop's reads (none for PGD; APGD's nonzeros, pinned elsewhere), an attack with
-    eps and alpha given as numbers reads back x's range and the labels' range, once each (host syncs on a GPU).
-    The labels were read twice: int(y.min()) in check_inputs and int(y.max()) against the model's class count at the
-    first forward; now one aminmax read at check_inputs serves both checks, which still refuse where they did."""
+    eps and alpha given as numbers reads back x's range and the labels' range, once each, and the first forward's
+    count of non-finite output rows (host syncs on a GPU). The labels were read twice: int(y.min()) in check_inputs
+    and int(y.max()) against the model's class count at the first forward; now one aminmax read at check_inputs
+    serves both checks, which still refuse where they did."""
     model, (x, y) = make_model(3), make_data(4, 3)
     run = {"run_pgd": lambda: run_pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=3),
            "pgd": lambda: attacks.pgd(model, x, y, eps=8 / 255, steps=3, generator=torch.Generator().manual_seed(0)),
@@ -4863,7 +4864,7 @@ def test_an_attack_call_with_number_eps_and_alpha_reads_x_and_the_labels_once_ea
            "apgd": lambda: attacks.apgd(model, x, y, eps=8 / 255, steps=3),
            "apgd_t": lambda: attacks.apgd_t(model, x, y, eps=8 / 255, steps=3)}[attack]
     reads = host_reads(run)
-    assert reads["item"] == 0 and reads["tolist"] == 2
+    assert reads["item"] == 0 and reads["tolist"] == 3
     if attack not in ("apgd", "apgd_t"):
         assert reads["nonzero"] == 0
     # the two label checks still refuse at their places: a negative label before any forward, a label past the
