@@ -4274,6 +4274,16 @@ def test_an_int_eps_or_alpha_past_floats_range_is_refused_naming_it():
         attacks.pgd(model, x, y, eps=0.03, alpha=huge, steps=1)
     with pytest.raises(ValueError, match=rf"^pgd: expected eps >= 0 and finite, got {huge}$"):
         attacks.PGD(model, eps=huge, steps=1)(x, y)
+    # a float past float32's largest (1e40) met torch.full's "value cannot be converted to type float without
+    # overflow" in per_sample (found by the GPU-sync auditor); float64 inputs take it
+    largest = r"3\.403e\+38, the largest float32 \(the attack's precision for torch\.float32 inputs\), got 1e\+40$"
+    with pytest.raises(ValueError, match=rf"^pgd: expected eps <= {largest}"):
+        attacks.PGDL2(model, eps=1e40, steps=1)(x, y)
+    with pytest.raises(ValueError, match=rf"^pgd: expected alpha <= {largest}"):
+        attacks.pgd(model, x, y, eps=1.0, alpha=1e40, norm="l2", steps=1)
+    model64, (x64, y64) = make_model(3, torch.float64), make_data(4, 3, torch.float64)
+    assert bool(torch.isfinite(attacks.pgd(model64, x64, y64, eps=1e40, norm="l2", steps=1)).all())
+
 
 def test_per_sample_loss_callable_is_averaged_in_the_parameter_gradients_and_emitted_losses():
     # Steps move along sign(grad) or grad / ||grad||, which no rescaling of the loss changes; the averaging shows in

@@ -151,6 +151,10 @@ def per_sample(name, arg, value, x, allow_zero=True):
     # an int past float's range (eps=10**400) made float() raise a bare OverflowError naming neither
     if not fits_a_float(value) or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}: expected {arg} {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    if float(value) > torch.finfo(dtype).max:  # torch.full's "cannot be converted to type float without overflow"
+        largest = f"{torch.finfo(dtype).max:.4g}, the largest {str(dtype).replace('torch.', '')}"
+        raise ValueError(f"{name}: expected {arg} <= {largest} (the attack's precision for {x.dtype} inputs), "
+                         f"got {value}")
     return torch.full((n,), float(value), dtype=dtype, device=x.device)
 
 
