@@ -4864,6 +4864,29 @@ def test_eval_refuses_a_checkpoint_of_another_memory_format_or_training_set_size
     assert run(ev + [tmp_path / "cl", "--out", tmp_path / "ev"], capsys)[0] == 0
 
 
+def test_eval_refuses_a_checkpoint_trained_on_other_images_beside_run_json(tmp_path, capsys):
+    # a run's checkpoint trained at --size 16 beside another run's run.json (--size 12; defense, seed, batch size, lr
+    # and sample count the same) was attacked as that run, exit 0: small_cnn takes any size. run.json now records the
+    # training set's fingerprint, which the checkpoint holds too
+    base = ["train", "--data", "synthetic", "--model", "small_cnn", "--no-progress", "--device", "cpu", "--epochs", "1"]
+    assert run(base + ["--size", "12", "--out", tmp_path / "a"], capsys)[0] == 0
+    assert run(base + ["--size", "16", "--out", tmp_path / "b"], capsys)[0] == 0
+    recorded = json.loads((tmp_path / "a" / "run.json").read_text())["train_data_sha256"]
+    assert recorded == torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["config"]["train_data_sha256"]
+    shutil.copy(tmp_path / "b" / "checkpoint.pt", tmp_path / "a" / "checkpoint.pt")
+    ev = ["eval", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    rc, _, err = run(ev + [tmp_path / "a", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, f"{tmp_path / 'a' / 'checkpoint.pt'}: was trained with train_data_sha256=",
+                   f"but {tmp_path / 'a' / 'run.json'} beside it records train_data_sha256={recorded!r}",
+                   "comes from another run")
+    assert not (tmp_path / "ev").exists()
+    # a run.json written before the record: not compared (the weights load, as before)
+    run_json = json.loads((tmp_path / "a" / "run.json").read_text())
+    del run_json["train_data_sha256"]
+    (tmp_path / "a" / "run.json").write_text(json.dumps(run_json))
+    assert run(ev + [tmp_path / "a", "--out", tmp_path / "ev"], capsys)[0] == 0
+
+
 def test_eval_of_an_interrupted_run_warns_and_records_the_epochs_trained(small_npz, tmp_path, capsys, monkeypatch):
     # eval of a run stopped after 1 of its 2 epochs said nothing, and results.json's config recorded "epochs": 2
     out = tmp_path / "run"

@@ -904,7 +904,7 @@ RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, 
                    "defense": str, "defense_options": dict, "defense_settings": dict, "dropmax": str,
                    "channels_last": bool, "prepacked_conv": bool, "epochs": int, "batch_size": int,
                    "lr": (int, float), "seed": int, "warmup_epochs": int, "early_stopping": int, "restore_best": bool,
-                   "label": str, "dataset": dict, "split": dict, "train_samples": int}
+                   "label": str, "dataset": dict, "split": dict, "train_samples": int, "train_data_sha256": str}
 _JSON_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false",
                     (int, float): "a number"}
 
@@ -1076,6 +1076,9 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     # every setting the defense trains with, its defaults included (what checkpoint.pt compares on resume): the
     # options given alone left `train --defense dpaat`'s run.json without its eps, norm, steps, alpha or beta
     run["defense_settings"] = json_options(defense.options())
+    # the fingerprint fit records in checkpoint.pt (None where it cannot read one): eval compares the two, since a
+    # checkpoint of another run on other images (another --size) with the same settings loaded into small_cnn unseen
+    run["train_data_sha256"] = trainer.train_data_fingerprint(splits.train)
     out = Path(out)
     # one process at a time writes RUN_DIR: a second train, --resume or demo into it rewrote the checkpoint and
     # run.json under the first, and both ended "successfully" with one run's checkpoint beside the other's run.json
@@ -1480,10 +1483,11 @@ def checkpoint_run_conflict(state, run):
         return None
     # channels_last, prepacked_conv and the training set's size too: a --channels-last or --prepacked-conv run's
     # checkpoint (or a demo run's, trained on its --train-size subset) beside another run's run.json was attacked as
-    # that run, exit 0, when its defense, seed, batch size and lr agreed
+    # that run, exit 0, when its defense, seed, batch size and lr agreed; and the training set's fingerprint, which
+    # run.json records since 2026-12-06: a checkpoint trained at another --size (small_cnn takes any) passed them all
     for key, saved_as in (("defense", "defense"), ("seed", "seed"), ("batch_size", "batch_size"), ("lr", "lr"),
                           ("channels_last", "channels_last"), ("prepacked_conv", "prepacked_conv"),
-                          ("train_samples", "num_samples")):
+                          ("train_samples", "num_samples"), ("train_data_sha256", "train_data_sha256")):
         saved, recorded = config.get(saved_as), run.get(key)
         if key == "defense" and recorded is not None:  # the registry's spelling, as fit records defense.name
             recorded = defense_key(recorded)
