@@ -1380,6 +1380,38 @@ def test_eval_of_a_restore_best_run_without_its_best_model_pt_attacks_the_checkp
         assert torch.equal(v, last.state_dict()[k]), k
 
 
+def test_eval_of_a_restore_best_run_refuses_a_best_model_pt_it_cannot_attack_as_the_best_weights(small_npz, tmp_path,
+                                                                                                   capsys):
+    """eval RUN_DIR of a --restore-best run: a damaged best_model.pt was refused without saying that checkpoint.pt holds
+    the same weights; checkpoint.pt, a bare state_dict or another run's checkpoint copied in as best_model.pt was
+    attacked and recorded as the best epoch's weights without a word."""
+    out = tmp_path / "best"
+    rc, _, err = run(["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "2",
+                      "--early-stopping", "2", "--restore-best", "--out", out], capsys)
+    assert rc == 0, err
+    best = out / "best_model.pt"
+    good = best.read_bytes()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    way_out = f"remove it, and `robust-ops eval {out}` attacks the best epoch's weights that checkpoint.pt holds too"
+    ev = ["eval", out, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu", "--out",
+          tmp_path / "ev"]
+    best.write_bytes(good[:len(good) // 2])  # cut short: a copy or a disk that failed
+    rc, _, err = run(ev, capsys)
+    line = one_line_error(rc, err, f"{best}: ", f"; {way_out}")
+    assert "not" in line.split(way_out)[0], line  # the read error itself is kept ahead of the way out
+    for copied, what in ((state, "a fit checkpoint"), (state["model"], "a bare state_dict")):
+        torch.save(copied, best)
+        rc, _, err = run(ev, capsys)
+        one_line_error(rc, err, f"{best}: is not a best-model file of this run ({what}, without the weights='best' "
+                       f"record train writes in it); put the run's own best_model.pt back, or {way_out}")
+    assert not (tmp_path / "ev").exists()
+    best.unlink()  # as the message says: the checkpoint's copy of the best weights
+    _, _, run_doc = cli.load_run(out)
+    assert (run_doc["weights"], run_doc["best_epoch"]) == ("best", state["early_stopping"]["best_epoch"])
+    best.write_bytes(good)  # the run's own: attacked as before
+    assert run(ev, capsys)[0] == 0
+
+
 def test_eval_of_a_run_its_early_stopping_ended_does_not_call_it_unfinished(small_npz, tmp_path, capsys):
     """A run early stopping ended is finished (--resume trains no further epoch): eval warned that its checkpoint
     "holds 3 of the run's 6 epochs (training stopped early) ... `robust-ops train ... --resume` finishes it"."""

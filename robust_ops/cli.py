@@ -1310,7 +1310,23 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
         if run:  # it said "no run.json beside the checkpoint" of one that lacks the key
             raise CLIError(f"{run_file}: records no {' and no '.join(lacking)}; pass {flags}")
         raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass {flags}")
-    state = read_checkpoint(ckpt)
+    chosen_best = target.is_dir() and ckpt.name == BEST_MODEL  # eval's pick, to be attacked as the best weights
+    try:
+        state = read_checkpoint(ckpt)
+    except CLIError as err:
+        if not chosen_best:
+            raise
+        way_out = _best_model_way_out(target)
+        raise CLIError(f"{err}{f'; {way_out}' if way_out else ''}") from None
+    if chosen_best and not (isinstance(state, dict) and state.get("weights") == "best"):
+        # another file copied in as best_model.pt (checkpoint.pt, another run's, a bare state_dict) was attacked and
+        # recorded as the run's best epoch without a word; fit writes the marker in every best_model.pt
+        what = ("a fit checkpoint" if isinstance(state, dict) and "format" in state and "model" in state else
+                "a bare state_dict" if isinstance(state, dict) else type(state).__name__)
+        way_out = _best_model_way_out(target)
+        raise CLIError(f"{ckpt}: is not a best-model file of this run ({what}, without the weights='best' record "
+                       f"train writes in it); put the run's own {BEST_MODEL} back"
+                       f"{f', or {way_out}' if way_out else ''}")
     if target.is_dir() and ckpt.name == CHECKPOINT and run.get("restore_best") and isinstance(state, dict) and \
             isinstance(state.get("best_model"), dict):
         # best_model.pt gone (deleted, or not copied with the run): the checkpoint holds the same best weights, which
@@ -1470,6 +1486,19 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
 
         net = net.to(memory_format=torch.channels_last)
     return net, splits, run
+
+
+def _best_model_way_out(run_dir):
+    """The way past RUN_DIR's unusable best_model.pt, for eval's refusal ("" where there is none): removing it makes
+    eval attack the same best weights in checkpoint.pt (its ``best_model``, as load_run falls back to)."""
+    try:
+        state = read_checkpoint(run_dir / CHECKPOINT)
+    except CLIError:
+        return ""
+    if not (isinstance(state, dict) and isinstance(state.get("best_model"), dict)):
+        return ""
+    return (f"remove it, and `{PROG} eval {shlex.quote(str(run_dir))}` attacks the best epoch's weights that "
+            f"{CHECKPOINT} holds too")
 
 
 def checkpoint_run_conflict(state, run):
