@@ -1336,6 +1336,8 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     conflict = checkpoint_run_conflict(state, run)
     if conflict:  # labelled and recorded as run.json's run, the results would describe weights they do not come from
         key, saved, recorded = conflict
+        if key == "train_data_sha256":  # two 64-digit digests made a line of 330 characters; 12 digits tell them apart
+            saved, recorded = f"{saved[:12]}...", f"{recorded[:12]}..."
         raise CLIError(f"{ckpt}: was trained with {key}={saved!r}, but {run_file} beside it records "
                        f"{key}={recorded!r}: the checkpoint comes from another run -- put it beside its own {RUN_FILE}")
     done = state.get("epoch") if isinstance(state, dict) else None
