@@ -1828,6 +1828,36 @@ def test_apgd_schedule_and_losses():
     assert effective_loss("dlr", 3, True) == "cw" and effective_loss("dlr", 4, True) == "dlr"
 
 
+def test_apgd_dlr_and_apgd_t_move_at_logits_near_float32s_largest():
+    # logits 2^127 x (1.2 - 0.3 x0, 1 + 0.3 x0, -1, -1): finite on all of [0, 1]^50, but z_pi1 - z_pi3 passes
+    # float32's largest value, so the DLR ratios were finite / inf = -0 with a zero gradient and neither attack broke
+    # a sample (x0 < 1/3 does, within eps = 0.3 of every x0 here). DLR does not depend on the logits' scale: the
+    # attacks now find at 2^127 the points they find at 1
+    from robust_ops.attacks.apgd import dlr_loss, dlr_loss_targeted
+
+    small = nn.Linear(50, 4)
+    with torch.no_grad():
+        small.weight.zero_()
+        small.weight[:2, 0] = torch.tensor([-0.3, 0.3])
+        small.bias.copy_(torch.tensor([1.2, 1.0, -1.0, -1.0]))
+    big = copy.deepcopy(small)
+    with torch.no_grad():
+        big.weight.mul_(2.0 ** 127)
+        big.bias.mul_(2.0 ** 127)
+    x = torch.full((4, 50), 0.5)
+    x[:, 0] = torch.tensor([0.6, 0.61, 0.62, 0.63])
+    y, t = torch.ones(4, dtype=torch.long), torch.full((4,), 2)
+    assert torch.isfinite(big(torch.stack((torch.zeros(50), torch.ones(50))))).all()
+    assert torch.equal(dlr_loss(big(x), y), dlr_loss(small(x), y))
+    assert torch.equal(dlr_loss_targeted(big(x), y, t), dlr_loss_targeted(small(x), y, t))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for run in (lambda m: attacks.apgd(m, x, y, eps=0.3, steps=10, loss="dlr", generator=gen()),
+                lambda m: attacks.apgd_t(m, x, y, eps=0.3, steps=10, n_target_classes=1, generator=gen())):
+        x_adv = run(big)
+        assert (big(x_adv).argmax(1) != y).all()
+        assert torch.equal(x_adv, run(small))
+
+
 @pytest.mark.parametrize("model_kind", ["two", "single"])
 def test_apgd_dlr_falls_back_to_margin_for_binary(model_kind):
     model = make_model(2) if model_kind == "two" else SingleLogit(flat=True).eval()

@@ -37,8 +37,18 @@ L1_TOPK_START, L1_CHECK_EVERY, L1_SPARSER, L1_TOPK_DIVISOR, L1_STEP_DIVISOR, L1_
 LARGEREPS_SCALES, LARGEREPS_FRACTIONS = (3.0, 2.0, 1.0), (0.3, 0.3)
 
 
+def _in_range(z):
+    """z, with the rows holding a logit past a quarter of its dtype's largest value divided by 16 (a power of two:
+    exact), so the DLR ratios' differences and sums stay finite: logits near float32's maximum made them inf (inf / inf
+    NaN or a finite / inf -0), no step was better and APGD-DLR and APGD-T returned the start. The ratio does not change
+    with the scale beyond its 1e-12; other rows are multiplied by 1, so their values and gradients keep their bits."""
+    big = z.abs().amax(1, keepdim=True) > torch.finfo(z.dtype).max / 4
+    return z * torch.where(big, 0.0625, 1.0).to(z.dtype)
+
+
 def dlr_loss(z, y):
     """Difference of logits ratio: -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12) (needs >= 3 classes)."""
+    z = _in_range(z)
     zs, idx = z.sort(dim=1)
     top_is_y = (idx[:, -1] == y).to(z.dtype)
     zy = z.gather(1, y[:, None]).squeeze(1)
@@ -48,6 +58,7 @@ def dlr_loss(z, y):
 def dlr_loss_targeted(z, y, t):
     """Targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12) (needs >= 4 classes). Without the true
     labels (y None) z_y is the best logit other than the target."""
+    z = _in_range(z)
     zs, _ = z.sort(dim=1)
     zt = z.gather(1, t[:, None]).squeeze(1)
     if y is None:
