@@ -3393,7 +3393,9 @@ def test_non_finite_loss_is_a_one_line_error(small_npz, tmp_path, capsys):
     rc, _, err = run(["train", "--data", small_npz, "--epochs", "1", "--out", tmp_path / "r", "--no-progress",
                       "--device", "cpu", "--defense", "trades", "--defense-opt", "beta=1e300",
                       "--defense-opt", "steps=1"], capsys)
-    one_line_error(rc, err, "training failed: fit: the trades loss is inf at epoch 1, step 1")
+    one_line_error(rc, err, "training failed: fit: the trades loss is inf (the batch's inputs are finite: check the "
+                   "learning rate for diverged weights, the defense's options, and the model and loss for a log or "
+                   "division of 0) at epoch 1, step 1")
 
 
 def test_a_one_sample_batch_names_the_batch_size_option(tmp_path, capsys):

@@ -1511,14 +1511,42 @@ def test_the_progress_bar_shows_the_epochs_running_mean_loss(capsys):
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
     model = DropoutMLP()
-    with pytest.raises(NonFiniteLossError, match=r"fit: the nan-at loss is nan at epoch 2, step 2; stopped before "
-                                                 r"updating the weights \(last good checkpoint: .*checkpoint.pt\)"):
+    with pytest.raises(NonFiniteLossError, match=r"fit: the nan-at loss is nan \(the batch's inputs are finite: check "
+                                                 r"the learning rate for diverged weights, the defense's options, and "
+                                                 r"the model and loss for a log or division of 0\) at epoch 2, step 2; "
+                                                 r"stopped before updating the weights \(last good checkpoint: "
+                                                 r".*checkpoint.pt\)"):
         fit(model, NaNAtEpoch(calls_before_nan=6), _data(40), epochs=3, batch_size=8, out_dir=tmp_path,
             progress=False)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step did not update the weights
+
+
+class _NaNAtAZeroPixel(nn.Module):
+    """Finite outputs on inputs in (0, 1]; NaN where a pixel is 0 (log(0) * 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) + (torch.log(x) * 0).sum(1, keepdim=True)
+
+
+def test_a_nan_loss_on_finite_inputs_names_what_to_check():
+    """design.md, Non-finite values: the messages name what to check. AT's attack starts at finite outputs (its first
+    forward would refuse others), its step clipped to the pixel 0 makes them NaN: the loss's message said only "the
+    at loss is nan at epoch 1, step 1"."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.full((8, 4), 0.5), torch.randint(0, 3, (8,)))
+    with pytest.raises(NonFiniteLossError, match=r"^fit: the at loss is nan \(the batch's inputs are finite: check the "
+                                                 r"learning rate for diverged weights, the defense's options, and the "
+                                                 r"model and loss for a log or division of 0\) at epoch 1, step 1; "
+                                                 r"stopped before updating the weights \(no checkpoint written yet\)$"):
+        fit(_NaNAtAZeroPixel(), defenses.AT(eps=0.5, step_size=0.5, steps=2), data, epochs=1, batch_size=8,
+            progress=False)
 
 
 def test_weights_made_non_finite_by_an_epochs_last_update_are_neither_validated_nor_saved(tmp_path):
@@ -3510,7 +3538,8 @@ def test_ddp_errors_around_process_0s_checkpoint_are_clear_on_every_process(tmp_
     ckpt = tmp_path / "nan" / "checkpoint.pt"
     assert nan0.endswith(f"non-finite on another process at epoch 2, step 1; stopped before updating the weights "
                          f"(last good checkpoint: {ckpt})"), nan0
-    assert nan1.endswith(f"loss is nan at epoch 2, step 1; stopped before updating the weights (last good "
+    assert "loss is nan (the batch's inputs are finite: check the learning rate" in nan1, nan1  # its own loss
+    assert nan1.endswith(f") at epoch 2, step 1; stopped before updating the weights (last good "
                          f"checkpoint: {ckpt})"), nan1
     assert file0.startswith("OSError: No space left on device"), file0
     assert file1 == (f"RuntimeError: fit: process 0 failed to write the checkpoint or metrics to "

@@ -71,6 +71,10 @@ METRICS_CSV_NAME = "metrics.csv"  # the same as a table
 RUN_FILES = (CHECKPOINT_NAME, BEST_MODEL_NAME, HISTORY_NAME, METRICS_CSV_NAME)  # what a fresh run replaces
 CHECKPOINT_FORMAT = 1
 DEFAULT_LR = 1e-4  # MIRST-DM's Adam learning rate
+# a non-finite loss on finite inputs (where a defense's attack started, the model's outputs were finite too: its first
+# forward refuses others) is the run's own arithmetic
+FINITE_INPUTS_HINT = ("the batch's inputs are finite: check the learning rate for diverged weights, the defense's "
+                      "options, and the model and loss for a log or division of 0")
 
 
 @dataclass
@@ -1705,6 +1709,8 @@ def fit(
                         bad_inputs = _non_finite_items("train_data", x, indices) if own_loss else None
                         if bad_inputs:  # else it reads as a diverged run (lr, ...)
                             what += f" ({bad_inputs}: check the data)"
+                        elif own_loss:  # what to check, as the other non-finite messages (design.md, Non-finite values)
+                            what += f" ({FINITE_INPUTS_HINT})"
                     else:
                         what = "extra gradients (its adversarial terms, returned as extra_grads) are non-finite" + (
                             "" if own_extra else " on another process")
