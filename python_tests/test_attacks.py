@@ -2133,6 +2133,28 @@ def test_fab_properties(norm, targeted):
     assert torch.equal(x_mixed[1::2], x_far[1::2]) and torch.equal(x_mixed[::2], x_adv[::2])
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_fab_finds_at_huge_input_gradients_the_points_it_finds_at_ordinary_ones(norm):
+    """A linear model's weights times 2^100 (L2's squared gradients overflowed float32) and 2^127 (Linf's dual norm
+    sums too; the outputs stay finite): Linf and L2 FAB returned the clean points (L1's sums held here). Its boundaries
+    do not depend on the scale, so untargeted FAB and FAB-T now find the ordinary model's points, bit for bit here."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 8)
+    small = nn.Linear(8, 4)
+    y = small(x).argmax(1)
+    eps = {"linf": 0.5, "l2": 0.5, "l1": 2.0}[norm]
+    for power in (100, 127):
+        big = copy.deepcopy(small)
+        with torch.no_grad():
+            big.weight.mul_(2.0 ** power)
+            big.bias.mul_(2.0 ** power)
+        for targeted in (False, True):
+            run = lambda m: attacks.fab(m, x, y, eps=eps, norm=norm, steps=10, targeted=targeted,  # noqa: E731
+                                        n_target_classes=2)
+            x_adv = run(big)
+            assert (big(x_adv).argmax(1) != y).any() and torch.equal(x_adv, run(small)), (power, targeted)
+
+
 def test_fab_restarts_are_seeded_and_start_inside_half_eps():
     model, x, y = fab_setup()
     runs = [attacks.FAB(model, eps=0.15, steps=3, n_restarts=3, seed=s)(x, y) for s in (4, 4, 5)]

@@ -196,6 +196,18 @@ def _norm_rows(d, norm):
     return d.abs().amax(1) if norm == "linf" else (d ** 2).sum(1).sqrt()
 
 
+def _in_range(df, dg):
+    """``df`` [n, k] and ``dg`` [n, k, D] divided per sample by a power of two (exact) that brings the largest finite
+    |dg| into [0.5, 1) where it passes 2^32: the linearised boundaries are the same (each w . x = b scales as a whole),
+    but the dual norms, the projections' w . x and L2's squared w no longer overflow (float32 gradients past ~2^64
+    made L2's squares inf, past ~2^120 Linf's sums, and FAB returned the clean points). Other samples are multiplied
+    by 1: their bits are kept."""
+    top = dg.abs().reshape(dg.shape[0], -1).amax(1) if dg.numel() else dg.new_zeros(dg.shape[0])
+    big = (top > 2.0 ** 32) & torch.isfinite(top)
+    scale = torch.where(big, torch.ldexp(torch.ones_like(top), -torch.frexp(top)[1]), torch.ones_like(top))
+    return df * scale.unsqueeze(1), dg * scale.view(-1, 1, 1)
+
+
 def _boundary_untargeted(name, model, x1, y):
     """Logit differences ``z_k - z_y`` [n, K] (``1e10`` at k = y, never chosen) and their input gradients
     [n, K, D] at ``x1``: one backward per class, as the reference (K is small for medical tasks)."""
@@ -213,7 +225,7 @@ def _boundary_untargeted(name, model, x1, y):
     z = z.detach()
     # in the input's dtype, as the gradients: float64 logits of a float32 input stopped the projection's index_put
     df = (z - z[rows, y].unsqueeze(1)).to(g.dtype)
-    dg = g - g[rows, y].unsqueeze(1)
+    df, dg = _in_range(df, g - g[rows, y].unsqueeze(1))
     df[rows, y] = NOT_FOUND
     return df, dg
 
@@ -228,7 +240,8 @@ def _boundary_targeted(name, model, x1, y, target):
         z = two_logits(out) if is_single_logit(out) else out
         diff = -(z[rows, y] - z[rows, target])  # the reference's arithmetic, for its bits
         (g,) = torch.autograd.grad(diff.sum(), [xg])
-    return diff.detach().to(g.dtype).unsqueeze(1), g.reshape(n, 1, -1)  # the input's dtype, as untargeted
+    # in the input's dtype, as untargeted
+    return _in_range(diff.detach().to(g.dtype).unsqueeze(1), g.reshape(n, 1, -1))
 
 
 def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
