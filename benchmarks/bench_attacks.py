@@ -137,8 +137,14 @@ def peer_cases(model, eps, steps, queries):
         (f"apgd-ce-{steps} l1", lambda x, y: attacks.APGD(model, loss="ce", **{**apgd_kw, "eps": eps_l1},
                                                           norm="l1", use_largereps=True)(x, y), None,
          "torchattacks has no L1 APGD", steps),
+        # APGD-DLR as the registry's "apgd-dlr" runs it; below 3 classes its loss is the CW margin (docs/attacks.md)
+        (f"apgd-dlr-{steps}", lambda x, y: attacks.APGD(model, loss="dlr", **apgd_kw)(x, y), None,
+         "torchattacks' DLR reads the 3rd largest logit: fails on a binary model", steps),
         (f"apgd-t-{steps}", lambda x, y: attacks.APGDT(model, n_target_classes=1, **apgd_kw)(x, y), None,
          "torchattacks' targeted DLR reads the 3rd and 4th largest logits: fails on a binary model", steps),
+        # untargeted FAB, the registry's "fab": bitwise torchattacks' FAB (its default, multi_targeted=False)
+        (f"fab-{steps}", lambda x, y: attacks.FAB(model, eps=eps, steps=steps, seed=0)(x, y),
+         torchattacks.FAB(model, eps=eps, steps=steps, n_classes=2, seed=0), "", steps),
         # FAB-T as AutoAttack runs it (9 targets, capped at K - 1 = 1 here); torchattacks' multi-targeted FAB takes
         # n_classes - 1 targets. Each step: one forward and backward for the boundary, one forward to check it.
         (f"fab-t-{steps}", lambda x, y: attacks.FABT(model, eps=eps, steps=steps, seed=0)(x, y),

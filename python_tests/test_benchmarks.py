@@ -22,16 +22,19 @@ def test_attack_peer_table_runs_and_matches_where_it_should(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp_path / "bench_attacks_peers.csv") as f:
         rows = {row["attack"]: row for row in csv.DictReader(f)}
+    # every attack of the registry (robust_ops.attacks.ATTACKS): untargeted FAB and APGD-DLR had no row
     assert list(rows) == ["fgsm", "pgd-5", "bim-5", "pgdl2-5", "cw-linf-5", "apgd-ce-5", "apgd-ce-5 eot-4",
-                          "apgd-ce-5 l1", "apgd-t-5", "fab-t-5", "fab-t-5 l1", "square-40", "square-l2-40",
-                          "white noise x10", "cascade apgd-ce-5>square-40",
+                          "apgd-ce-5 l1", "apgd-dlr-5", "apgd-t-5", "fab-5", "fab-t-5", "fab-t-5 l1", "square-40",
+                          "square-l2-40", "white noise x10", "cascade apgd-ce-5>square-40",
                           "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"]
     # The reference ops compute what the native ones do, bit for bit, in every attack.
     assert all(row["same_as_reference_ops"] == "True" for row in rows.values())
-    # torchattacks' FGSM, PGDL2 and FAB (FAB-T) are bitwise ours; every attack without a counterpart says why.
+    # torchattacks' FGSM, PGDL2 and FAB (untargeted and FAB-T) are bitwise ours; every attack without a counterpart
+    # says why.
     assert rows["fgsm"]["same_as_peer"] == rows["pgd-5"]["same_as_peer"] == rows["pgdl2-5"]["same_as_peer"] == "True"
-    assert rows["fab-t-5"]["same_as_peer"] == "True" and rows["fab-t-5"]["peer"] == "torchattacks.FAB"
-    for case in ("cw-linf-5", "apgd-ce-5 l1", "apgd-t-5", "fab-t-5 l1", "white noise x10",
+    for case in ("fab-5", "fab-t-5"):
+        assert rows[case]["same_as_peer"] == "True" and rows[case]["peer"] == "torchattacks.FAB"
+    for case in ("cw-linf-5", "apgd-ce-5 l1", "apgd-dlr-5", "apgd-t-5", "fab-t-5 l1", "white noise x10",
                  "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"):
         assert rows[case]["peer"].startswith("none: ") and rows[case]["same_as_peer"] == "n/a"
     assert rows["square-40"]["peer"] == rows["square-l2-40"]["peer"] == "torchattacks.Square"
@@ -39,6 +42,33 @@ def test_attack_peer_table_runs_and_matches_where_it_should(tmp_path):
     # the roofline is one batch copy per iteration: a floor far below any attack that runs a model
     assert all(0 < float(row["roofline_ms"]) < float(row["ours_ms"]) for row in rows.values())
     assert float(rows["square-40"]["roofline_ms"]) == pytest.approx(40 * float(rows["fgsm"]["roofline_ms"]))
+
+
+# robust_ops.attacks.ATTACKS' names and the peer-table row that times each (steps 5, queries 40)
+REGISTRY_ROWS = {"fgsm": "fgsm", "ifgsm": "bim-5", "pgd": "pgd-5", "pgdl2": "pgdl2-5", "cw": "cw-linf-5",
+                 "apgd-ce": "apgd-ce-5", "apgd-dlr": "apgd-dlr-5", "apgd-t": "apgd-t-5", "fab": "fab-5",
+                 "fab-t": "fab-t-5", "square": "square-40", "noise": "white noise x10",
+                 "autoattack": "autoattack apgd-ce-5>apgd-t-5>fab-t-5>square-40"}
+
+
+def test_attack_peer_table_has_a_row_for_every_attack_of_the_registry(monkeypatch):
+    """docs/benchmarks.md promises every attack beside its reference ops, its peer and its roofline: untargeted FAB
+    (the registry's "fab", bitwise torchattacks.FAB) and APGD-DLR ("apgd-dlr") had no row. An attack added to the
+    registry fails here until the table times it."""
+    pytest.importorskip("torchattacks")
+    from robust_ops.attacks import ATTACKS
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_attacks
+
+    assert set(REGISTRY_ROWS) == set(ATTACKS)
+    model = bench_attacks.make_model("small-resnet", "cpu", 16)
+    cases = {case: (peer, iterations) for case, _, peer, _, iterations in bench_attacks.peer_cases(model, 4 / 255, 5,
+                                                                                                   40)}
+    missing = sorted(name for name, row in REGISTRY_ROWS.items() if row not in cases)
+    assert not missing, f"attacks without a peer-table row: {missing}"
+    peer, iterations = cases["fab-5"]
+    assert type(peer).__name__ == "FAB" and not peer.multi_targeted and iterations == 5
 
 
 BAD_FLAGS = [
@@ -1195,7 +1225,7 @@ def test_defenses_rows_name_the_backend_each_step_ran_on(monkeypatch, capsys):
         assert f"AT ({backend} ops) vs AT (reference ops)" in capsys.readouterr().out
 
 
-def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 11)):
+def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 13)):
     """bench_attacks with its peer table cut to ``cases`` of peer_cases (fgsm, pgd, cw-linf, square by default)."""
     pytest.importorskip("torchattacks")
     mod, written, _ = _script(monkeypatch, "bench_attacks", argv)
