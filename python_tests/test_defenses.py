@@ -3,6 +3,7 @@ two-moons; MIRST's reuse of the attack's backward passes gives the plain formula
 rules; ARFL's loss and options; the registry and the input checks."""
 
 import copy
+import inspect
 import math
 import re
 
@@ -138,12 +139,23 @@ def test_the_other_defense_classes_given_an_unknown_option_name_themselves_too(n
 @pytest.mark.parametrize("name", ["standard", "at", "sat", "trades", "gr", "llr", "mirst", "dpaat", "arfl", "ima"])
 def test_a_defense_class_given_the_model_says_fit_passes_it(name):
     """AT(model), as the attack classes take it (PGD(model)): Standard and AT met Python's positional-count TypeError,
-    SAT's alpha or IMA's num_samples a check printing the whole module over many lines. One line now says that fit
-    passes the model to each batch; a module given by keyword keeps its option's own check (ARFL's layer=)."""
+    SAT's alpha or IMA's num_samples a check printing the whole module over many lines. One line now says that the
+    defense gets the model with each batch, showing that call and fit's (whose order it once gave wrong, as
+    fit(model, data, defense=...)); a module given by keyword keeps its option's own check (ARFL's layer=)."""
     cls = defenses.defense_class(name)
-    with pytest.raises(TypeError, match=rf"^{cls.__name__}: takes no model \(fit passes it to each batch: fit\(model, "
-                                        rf"data, defense={cls.__name__}\(\.\.\.\)\)\); give its options by keyword$"):
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}: takes no model \(it gets one with each batch: "
+                                        rf"{cls.__name__}\(\.\.\.\)\(model, x, y\), as fit\(model, "
+                                        rf"{cls.__name__}\(\.\.\.\), train_data\) passes it\); give its options "
+                                        r"by keyword$") as err:
         cls(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    # the calls it shows are the real ones: it named fit(model, data, defense=...), which fit refuses ("got multiple
+    # values for argument 'defense'"); a defense is called on the batch, and is fit's second argument
+    from robust_ops import train
+
+    assert list(inspect.signature(train.fit).parameters)[:3] == ["model", "defense", "train_data"]
+    if not cls.needs_ids:
+        model, x, y = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.rand(4, 4), torch.tensor([0, 1, 0, 1])
+        assert cls()(model, x, y).loss.dim() == 0
     with pytest.raises(TypeError, match=r"^arfl: expected layer to be None or a module name \(str\), got Linear$"):
         defenses.ARFL(layer=nn.Linear(2, 2))
     assert repr(copy.deepcopy(cls())) == repr(cls())  # copies build without the constructor's arguments

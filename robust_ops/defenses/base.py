@@ -53,8 +53,10 @@ class Defense:
         # the attack classes take the model first (AT(model) as PGD(model)): it landed in the first option (SAT's
         # alpha, IMA's num_samples) and met a check printing the whole module, or Python's positional-count TypeError
         if any(isinstance(a, torch.nn.Module) for a in args):  # options by keyword keep their own checks (ARFL's layer)
-            raise TypeError(f"{cls.__name__}: takes no model (fit passes it to each batch: fit(model, data, "
-                            f"defense={cls.__name__}(...))); give its options by keyword")
+            # the call named fit(model, data, defense=...), which fit refuses: its defense is the second argument
+            raise TypeError(f"{cls.__name__}: takes no model (it gets one with each batch: {cls.__name__}(...)(model, "
+                            f"x, y), as fit(model, {cls.__name__}(...), train_data) passes it); give its options by "
+                            "keyword")
         return super().__new__(cls)
 
     def __call__(self, model, x, y, ids=None):
