@@ -139,6 +139,27 @@ assert float((x_adv - x).abs().max()) <= 5 / 255 + 1e-6 and not torch.equal(x_ad
 assert [h["epoch"] for h in result.history] == [1, 2]
 assert torch.load("runs/noisy-at/checkpoint.pt")["config"]["defense_options"]["sigma"] == 0.02
 """),
+    # the loop's gradient is MIRST-DM's whole eq. 2 (reuse=False puts every term in out.loss); without extra_grads
+    # it is the clean loss's alone
+    ("docs/defenses/index.md", 1): ({"range(2)": "range(1)", "batch_size=8": "batch_size=64"}, """
+assert type(model[2]).__name__ == "DropMax2d" and set(out.metrics) >= {"loss", "loss_clean", "loss_adv"}
+xb, yb = next(iter(DataLoader(train_set, batch_size=8)))
+
+
+def _grads(d, extra=True):
+    optimizer.zero_grad()
+    o = d(model, xb, yb)
+    o.loss.backward()
+    for p, g in zip(params, (o.extra_grads or ()) if extra else ()):
+        if g is not None:
+            p.grad = g.clone() if p.grad is None else p.grad + g
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+loop, plain = _grads(defense), _grads(defenses.build("mirst-dm", reuse=False))
+assert torch.allclose(loop, plain, rtol=1e-4, atol=1e-6), (loop - plain).abs().max()
+assert not torch.allclose(_grads(defense, extra=False), plain, rtol=1e-2, atol=1e-4)
+"""),
     ("docs/getting-started.md", 0): ({'"breastmnist"': '"synthetic"', '"resnet18"': '"small_cnn"',
                                       "epochs=30": "epochs=1", '"1/255,2/255,5/255"': '"2/255"'},
                                      "assert len(rows) > 0 and (Path(tmp) / 'runs/mirst-dm/eval').exists()"),
