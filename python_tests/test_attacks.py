@@ -1231,6 +1231,18 @@ def test_input_errors():
         attacks.pgd(model, x, y[:, None], **kw)
     with pytest.raises(TypeError, match="pgd: expected y to be an integer tensor of class labels, got torch.float32"):
         attacks.pgd(model, x, y.float(), **kw)
+    # one sample as a dataset item gives it, an image [C, H, W] and a 0-d label: "expected y of shape [3], got ()"
+    # read as if the 3 were a count of samples (it is the channels); the fix is named, and it runs
+    image, label, model3 = torch.rand(3, 12, 12), torch.tensor(2), nn.Sequential(nn.Flatten(), nn.Linear(432, 3))
+    one = r"; y is one label: give one per sample, for a single sample y.view\(1\) with x as a batch of one "
+    for xs, n in ((image, 3), (image.unsqueeze(0), 1)):
+        for attack in (attacks.pgd, attacks.fgsm):
+            with pytest.raises(ValueError, match=rf"^{attack.__name__}: expected y of shape \[{n}\], got \(\){one}"
+                                                 r"\(x.unsqueeze\(0\) for an image \[C, H, W\]\)$"):
+                attack(model3, xs, label, eps=0.03)
+    assert attacks.pgd(model3, image.unsqueeze(0), label.view(1), **kw).shape == (1, 3, 12, 12)
+    with pytest.raises(ValueError, match=rf"^trades: expected y of shape \[3\], got \(\){one}"):
+        defenses.TRADES()(model3, image, label)
     for masks in (torch.zeros(4, 12, 12), torch.zeros(4, 1, 12, 12, dtype=torch.long)):  # as masks, whatever dtype
         for attack in (attacks.pgd, attacks.white_noise):
             with pytest.raises(ValueError, match=rf"^{attack.__name__}: expected y of shape \[4\], got "

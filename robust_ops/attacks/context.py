@@ -561,6 +561,9 @@ def check_class_labels(name, y, n, num_classes=None, label_range=False):
     if y.dim() != 1 or y.shape[0] != n:
         # MedMNIST ships labels as [N, 1] (fit and evaluate take them): say the one-call fix
         hint = "; pass y.view(-1) (MedMNIST's [N, 1] labels)" if tuple(y.shape) == (n, 1) else ""
+        if y.dim() == 0:  # one sample's label (dataset[i]): an image [C, H, W] beside it read as C samples
+            hint = ("; y is one label: give one per sample, for a single sample y.view(1) with x as a batch of one "
+                    "(x.unsqueeze(0) for an image [C, H, W])")
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}{hint}")
     # both ends in one host read (a sync on a GPU): min and max were a read each, and check_labels_against's max a
     # third once the model's class count was known
