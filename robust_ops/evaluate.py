@@ -53,8 +53,8 @@ from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
 from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError, check_attack_output,
-                              check_inside_ball, check_output, forward_naming_input_mismatch, model_device,
-                              predict_from_output, use_model_mode)
+                              check_inside_ball, check_output, forward_naming_input_mismatch, looks_like_probabilities,
+                              model_device, predict_from_output, use_model_mode)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
                       metric_names, positive_class_problem, probabilities)
 
@@ -479,6 +479,13 @@ def predict_logits(model, x, batch_size=256, device="cpu", adversarial=None):
                 check_output("evaluate", out, xb.shape[0])
             except ValueError as err:
                 raise EvalError("model", str(err)) from None
+            if start == 0 and adversarial is None and looks_like_probabilities(out):
+                # fit refuses such a model and AutoAttack warns; evaluate's gradient attacks ran on it silently, CW's
+                # margin of probabilities losing its gradient where a softmax saturates (rows overstated). stacklevel:
+                # this function, its no_grad wrapper, _evaluate_attacks, evaluate, the caller
+                warnings.warn("evaluate: the model's outputs are non-negative and sum to 1 per sample, so they look "
+                              "like probabilities; the attacks' losses expect logits (a softmax output saturates "
+                              "them and overestimates robustness): remove the model's final softmax", stacklevel=5)
             preds.append(predict_from_output(out).cpu())
             logits.append(class_logits(out).cpu())
     preds, logits = torch.cat(preds), torch.cat(logits)
