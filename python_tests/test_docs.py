@@ -1065,6 +1065,74 @@ def test_everything_exported_in_an_all_has_a_docstring():
     assert not missing
 
 
+EXPORTING_MODULES = ("robust_ops.attacks", "robust_ops.ima", "robust_ops.nn", "robust_ops.functional",
+                     "robust_ops.native_layers", "robust_ops.prepacked_conv", "robust_ops.reference")
+
+
+def exported_callables():
+    """(qualified name, function, docstring) of every callable in EXPORTING_MODULES' __all__ and, for a class, of
+    its __init__, __call__ and public methods, each with its class's docstring before its own."""
+    import importlib
+
+    for module in EXPORTING_MODULES:
+        mod = importlib.import_module(module)
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if not inspect.isclass(obj):
+                if callable(obj):
+                    yield f"{module}.{name}", obj, inspect.getdoc(obj) or ""
+                continue
+            for attr, fn in vars(obj).items():
+                fn = fn.__func__ if isinstance(fn, (staticmethod, classmethod)) else fn
+                if inspect.isfunction(fn) and (attr in ("__init__", "__call__") or not attr.startswith("_")):
+                    own = "" if attr == "__init__" else inspect.getdoc(fn) or ""
+                    yield f"{module}.{name}.{attr}", fn, (inspect.getdoc(obj) or "") + "\n" + own
+
+
+def test_every_exported_signature_names_its_parameters():
+    """help() of an exported function, class or public method names each parameter its signature has: ifgsm (bim)
+    and cw_linf named none of model, loss, targeted, clip_min, clip_max, model_mode; fab_t and uniform_ball none of
+    theirs (shape, device, dtype); FABT's docstring left out n_restarts, alpha_max, eta, beta, APGDT's loss,
+    n_restarts and rho, Square's resample_unchanged, AutoAttack's model_mode and clip range; IMA's left out clip_min,
+    clip_max, search_result, sync and backend (and its __call__ had no docstring), MarginTable's init_margin, norm,
+    device, dtype and process_group. *args / **options are covered by the class's text (Attack's options); the
+    pooling functions take F.max_pool2d's geometry by reference."""
+    by_reference = {"robust_ops.functional.max_pool2d", "robust_ops.reference.max_pool2d",
+                    "robust_ops.reference.drop_max_pool2d"}
+    unnamed = {}
+    for qualname, fn, doc in exported_callables():
+        if qualname in by_reference:
+            continue
+        named = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        missing = [p for p in named if not re.search(rf"\b{p}\b", doc)]
+        if missing or not doc.strip():
+            unnamed[qualname] = missing or "no docstring"
+    assert not unnamed
+
+
+def test_attack_class_docstrings_quote_their_defaults():
+    """An attack class's docstring opens with its constructor call, ``APGDT(model, eps=8/255, ...)``: every keyword
+    it quotes is a parameter with that default (APGDT's, FABT's and Square's left some out)."""
+    import ast
+
+    from robust_ops import attacks
+
+    quoted = {}
+    for name in attacks.__all__:
+        cls = getattr(attacks, name)
+        if not (inspect.isclass(cls) and issubclass(cls, attacks.Attack)) or cls is attacks.Attack:
+            continue
+        calls = re.findall(rf"``({name}\([^`]*?\))(?:\(x, y\))?``", inspect.getdoc(cls))
+        assert calls, name
+        call = ast.parse(" ".join(calls[0].replace("*, ", "").split()), mode="eval").body
+        params = inspect.signature(cls).parameters
+        quoted[name] = {kw.arg: eval(ast.unparse(kw.value), {}) for kw in call.keywords}  # 8/255, None, "linf"
+        wrong = {k: v for k, v in quoted[name].items() if k not in params or params[k].default != v}
+        assert not wrong, (name, wrong)
+    assert {"n_restarts", "alpha_max", "eta", "beta"} <= set(quoted["FABT"])
+    assert {"loss", "n_restarts", "rho"} <= set(quoted["APGDT"])
+
 def test_replace_maxpool_docstring_names_each_refusal():
     """replace_maxpool's Raises named neither the TypeError for a model that is no nn.Module nor the ValueErrors for
     a pool with state-dict hooks or with DropMax2d's own attribute set by hand (docs/dropmax-any-cnn.md names both):

@@ -71,7 +71,8 @@ SEARCH_RESULTS = ("correct_side", "midpoint")
 @dataclass
 class PassCounter:
     """Forward/backward passes spent by :func:`gen_adv`: ``*_calls`` counts batched model calls (sequential launches),
-    ``*_rows`` counts the rows that went through them (the work, padding rows included)."""
+    ``*_rows`` counts the rows that went through them (the work, padding rows included). The constructor takes the
+    four counts' starting values (forward_calls, forward_rows, backward_calls, backward_rows; default 0)."""
 
     forward_calls: int = 0
     forward_rows: int = 0
@@ -247,7 +248,12 @@ def dice_criterion(threshold=0.6):
 def soft_dice_loss(out, y, smooth=1.0):
     """Per-sample soft Dice loss [N] for binary segmentation logits (sigmoid) against a mask with values in [0, 1]
     (a {0, 1} mask, or a soft one; a 0/255 mask is refused): the ascent loss to pair with :func:`dice_criterion` (as
-    nnU-Net trains with Dice loss). Multi-class outputs take a loss of your own (docs/ima.md, Segmentation)."""
+    nnU-Net trains with Dice loss). Multi-class outputs take a loss of your own (docs/ima.md, Segmentation).
+
+    Args: out (Tensor[N, 1, H, W] or [N, H, W]): logits; y: the mask, of the same pixel count; smooth (float): added
+    to the numerator ``2 * sum(p * y)`` and the denominator ``sum(p) + sum(y)`` (default 1.0). Returns Tensor[N]:
+    ``1 - (2 * sum(p * y) + smooth) / (sum(p) + sum(y) + smooth)`` with ``p = sigmoid(out)``.
+    """
     p = _flat(torch.sigmoid(out))
     t = _flat(y).to(p.dtype)
     if p.shape[1] != t.shape[1]:
@@ -268,7 +274,8 @@ def soft_dice_loss(out, y, smooth=1.0):
 
 
 def search_rounds(search_steps, arity):
-    """Rounds a k-ary search needs for the precision of ``search_steps`` bisections: ceil(N log 2 / log k)."""
+    """Rounds a k-ary search (``arity`` k >= 2) needs for the precision of ``search_steps`` (N) bisections:
+    ceil(N log 2 / log k)."""
     if arity == 2:
         return search_steps
     rounds = math.ceil(search_steps * math.log(2) / math.log(arity) - 1e-12)
@@ -675,8 +682,9 @@ def probe_rows(rows):
 def batch_invariant_sizes(model, x, *, clip_min=0.0, clip_max=1.0, max_rows=MAX_PROBED_ROWS,
                           reference_rows=None):
     """The batch sizes n <= ``max_rows`` at which ``model`` computes a sample's result bitwise as inside a large
-    batch: outputs (with and without grad) and input gradients (under random output gradients) of n rows equal those
-    of the same rows inside a batch of ``reference_rows`` (default ``2 * max_rows``; at least ``max_rows``). Returns
+    batch (``x``: a batch whose sample shape, dtype, device and memory format the probes take; not its values):
+    outputs (with and without grad) and input gradients (under random output gradients) of n rows equal those of
+    the same rows inside a batch of ``reference_rows`` (default ``2 * max_rows``; at least ``max_rows``). Returns
     a sorted tuple that ends with ``max_rows``, or ``()`` when ``max_rows`` rows already differ (or the model is not
     deterministic): padding cannot help then. The tuple's ``period`` (:class:`InvariantSizes`) covers larger
     batches: 1 when ``max_rows + 1`` rows are invariant (every larger size is then taken to be), else the smallest
@@ -924,7 +932,8 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
 
 def gen_adv_masked(model, x, y, margin, **kwargs):
     """:func:`gen_adv` without compaction: every forward and backward runs over the full batch and finished samples
-    are frozen by masks. Same results; the baseline for benchmarks and equivalence tests."""
+    are frozen by masks. Same results; the baseline for benchmarks and equivalence tests. model, x, y, margin and
+    the keyword arguments (kwargs) are :func:`gen_adv`'s, less ``compact`` (a TypeError)."""
     if "compact" in kwargs:  # compact=True was replaced by False without a word
         raise TypeError(f"gen_adv_masked: got compact={kwargs['compact']!r}, but it never compacts; call "
                         "gen_adv(..., compact=...) to choose")
@@ -971,6 +980,13 @@ class MarginTable:
     repeats ids, mostly in another step than their first: such an id is updated twice in that epoch (its
     ``drop_last=True`` repeats none; neither does ``fit``). An update refused on one rank (bad ids or flags,
     distances of crossed samples that are NaN, Inf or negative, ``problem``) raises on every rank at once.
+
+    Args: num_samples (int >= 1): the dataset length; init_margin, max_margin (float, 0 <= init_margin <=
+    max_margin): every E(i)'s start and the clip's top; norm ("l2" or "linf", any case): the norm the distances are
+    measured in (recorded); device, dtype (floating point; default "cpu", float32) of the table; sync (bool,
+    default True): the all_gather above; process_group: the group it runs in (None: the default group; only with
+    ``sync``). ``update``'s ``adv_correct`` and ``crossed`` are BoolTensor[len(ids)], ``distance`` the crossed
+    samples' ||x - x_adv|| (Tensor[len(ids)]), ``delta`` the expansion step.
     """
 
     def __init__(self, num_samples, init_margin, max_margin, norm="l2", *, device="cpu", dtype=torch.float32,
@@ -1000,7 +1016,8 @@ class MarginTable:
         return f"MarginTable(num_samples={len(self)}, max_margin={self.max_margin}, norm={self.norm!r})"
 
     def check_ids(self, ids, name="MarginTable"):
-        """ids as an int64 tensor on the table's device; errors for non-integer, out-of-range or duplicate ids."""
+        """ids as an int64 tensor on the table's device; errors (naming ``name``) for non-integer, out-of-range or
+        duplicate ids."""
         # any integer dtype (int8 or numpy's uint32 index arrays too); bool would read as ids 0 and 1
         if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"{name}: expected ids to be an integer tensor of dataset ids, got "
@@ -1127,6 +1144,7 @@ class MarginTable:
         return {"margins": self.margins.clone()}
 
     def load_state_dict(self, state):
+        """Restore the margins of :meth:`state_dict`'s ``state``, ``{"margins": Tensor[num_samples]}``."""
         if not isinstance(state, dict) or set(state) != {"margins"}:
             raise ValueError(f"MarginTable.load_state_dict: expected a dict with the key 'margins', got "
                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
@@ -1158,7 +1176,8 @@ class MarginTable:
 def paper_eps_train(sample_shape, norm="l2"):
     """Default eps_train from the paper's per-pixel rule (Section 3.3, Eq. 5): the per-element noise of CIFAR10's
     L2 eps = 3 over 3x32x32 inputs, i.e. eps_train = 3 * sqrt(d / 3072) for d = prod(sample_shape) (about 1.52 for
-    1x28x28, 2.6 for PathMNIST's 3x28x28 which the paper rounds to 3); 8/255 for linf (no rule in the paper)."""
+    1x28x28, 2.6 for PathMNIST's 3x28x28 which the paper rounds to 3) for ``norm="l2"`` (the default); 8/255 for
+    ``norm="linf"`` (no rule in the paper)."""
     dims = tuple(sample_shape) if isinstance(sample_shape, (tuple, list, torch.Size)) else None
     # an int failed with "'int' object is not iterable", a negative size with "math domain error", a 0 returned 0.0
     if dims is None or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dims):
@@ -1252,6 +1271,16 @@ class IMA(Defense):
         min_rows (int, optional): pad GenAdv's forwards to at least this many rows so their float32 results do not
             depend on how many samples are still active (see :func:`gen_adv`). Default: measured per model in eval
             mode (:func:`batch_invariant_sizes`), else 0.
+        clip_min, clip_max (float): valid input range. Default: [0, 1].
+        search_result (str): "correct_side" (default) or "midpoint", as :func:`gen_adv`'s.
+        sync (bool): under torch.distributed, share every margin update between the ranks (default True;
+            :class:`MarginTable`); False merges the tables at each epoch's end.
+        backend (str, optional): backend of GenAdv's ops, as :func:`gen_adv`'s.
+
+    Calling it, ``ima(model, x, y, ids)`` with ``ids`` (LongTensor[N]) the batch's dataset ids (required: wrap the
+    dataset in :class:`robust_ops.data.IndexedDataset`), updates the margins of ``ids`` and returns a
+    ``DefenseOutput`` with the loss, the clean logits and metrics (margin_mean, clean_acc; adv_acc and crossed over
+    the attacked samples).
     """
 
     name = "ima"
@@ -1438,7 +1467,8 @@ class IMA(Defense):
     def merge_distributed_state(self, states, start_state):
         """The trainer's end-of-epoch merge hook (robust_ops.train): with ``sync`` the tables already agree on every
         rank; without it each margin takes the value of the rank that changed it (the highest such rank if several
-        did), as the per-update sync would have."""
+        did), as the per-update sync would have. ``states``: each rank's :meth:`state_dict`, in rank order;
+        ``start_state``: the state at the epoch's start. Returns the merged state."""
         merged = dict(states[0])
         if self.sync or not merged:
             return merged
@@ -1453,6 +1483,7 @@ class IMA(Defense):
         return merged
 
     def load_state_dict(self, state):
+        """Restore what :meth:`state_dict` gave (``state``); ``{}`` resets to a newly built IMA's state."""
         if not state:  # what state_dict() gives before the first batch: no table (a used IMA's would stay silently)
             self.reset_state()
             return

@@ -134,7 +134,9 @@ def library_speedups(model, device="cpu", prepacked_conv=None):
     """Everything robust_ops' attacks and CPU training run under, decided in one place: the CPU memory pool
     (robust_ops.memory.library_pool, for CPU work), native layers and prepacked convolutions
     (robust_ops.prepacked_conv; ``prepacked_conv`` None follows ``$ROBUST_OPS_PREPACKED_CONV``, off by default).
-    Both swaps are CPU only: on other devices the swapped modules would only fall back."""
+    Both swaps are CPU only: on other devices the swapped modules would only fall back. A context manager:
+    ``with library_speedups(model, device) as model:`` swaps ``model``'s layers for the block (the pool, native
+    layers and prepacked convolutions apply only where ``device``, the work's device, is a CPU)."""
     cpu = check_device("library_speedups", device).type == "cpu"
     with library_pool(device), native_layers(model, enabled=None if cpu else False), \
             _prepacked_conv(model, enabled=prepacked_conv if cpu else False):

@@ -25,8 +25,9 @@ __all__ = [
 
 
 def pool_output_size(size, kernel, stride, pad, dilation, ceil_mode):
-    """Output length of one pooled dimension, exactly as F.max_pool2d computes it (ceil_mode: the last window must
-    start inside the input or the left padding), for a valid geometry (pad at most kernel // 2).
+    """Output length of one pooled dimension of length ``size`` (``kernel``, ``stride``, ``pad``, ``dilation``,
+    ``ceil_mode`` as F.max_pool2d's), exactly as F.max_pool2d computes it (ceil_mode: the last window must start
+    inside the input or the left padding), for a valid geometry (pad at most kernel // 2).
 
     No Python branch on ``size``, which may be symbolic: a SymInt (torch.export, torch.compile, where a branch is a
     guard that fixes the size's parity) or a 0-dim tensor (torch.jit.trace, the TorchScript ONNX exporter, which
@@ -181,7 +182,7 @@ def clip_bounds(clip_min, clip_max, dtype):
 def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=None, slot=0):
     """Reference fused PGD step, in place on x_adv (and history[slot] when history is given).
 
-    alpha, eps: per-sample tensors [N]. The expressions and their order are those of torchattacks 3.5.1, so results
+    grad (g): the input gradient; norm: "linf" or "l2"; alpha, eps: per-sample tensors [N]. The expressions and their order are those of torchattacks 3.5.1, so results
     are bitwise equal to torchattacks' PGD / PGDL2 in float32:
       linf: x <- clamp(x_nat + clamp(x + alpha*sign(g) - x_nat, -eps, eps), clip_min, clip_max)
       l2:   x <- x + alpha * g / (||g||_2 + 1e-10);  d = x - x_nat;  d <- d * min((1/||d||) * eps, 1);

@@ -475,8 +475,8 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
 
 
 class APGD(Attack):
-    """``APGD(model, eps=8/255, norm="linf", steps=100, loss="ce", n_restarts=1, seed=0, eot_iter=1,
-    use_largereps=False)(x, y)``; norm "linf", "l2" or "l1"; see :func:`apgd`."""
+    """``APGD(model, eps=8/255, norm="linf", steps=100, loss="ce", n_restarts=1, rho=0.75, seed=0, eot_iter=1,
+    use_largereps=False)(x, y)``; norm "linf", "l2" or "l1"; ``seed`` seeds the random starts; see :func:`apgd`."""
 
     name = "apgd"
     norms = NORMS_WITH_L1
@@ -499,9 +499,9 @@ class APGD(Attack):
 
 
 class APGDT(Attack):
-    """``APGDT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, seed=0, eot_iter=1,
-    use_largereps=False)(x, y)``: AutoAttack's APGD-T (y are true labels); norm "linf", "l2" or "l1"; see
-    :func:`apgd_t`."""
+    """``APGDT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, loss="dlr", n_restarts=1, rho=0.75,
+    seed=0, eot_iter=1, use_largereps=False)(x, y)``: AutoAttack's APGD-T (y are true labels); norm "linf", "l2" or
+    "l1"; ``seed`` seeds the random starts; see :func:`apgd_t`."""
 
     name = "apgd-t"
     supports_targeted = False

@@ -116,7 +116,8 @@ class Attack:
         return self
 
     def set_model_training_mode(self, model_training=False, batchnorm_training=False, dropout_training=False):
-        """torchattacks' switch, mapped to ``model_mode``: eval, or train with BatchNorm and Dropout training too.
+        """torchattacks' switch, mapped to ``model_mode``: eval (``model_training=False``, the others then unread), or
+        train (``model_training``, ``batchnorm_training`` and ``dropout_training`` all True); other combinations raise.
         torchattacks' default train mode (BatchNorm / Dropout kept in eval) is a state of the model, not a mode:
         set it on the model and use ``set_model_mode("keep")``."""
         if not model_training:
@@ -130,7 +131,7 @@ class Attack:
     def set_normalization_used(self, mean, std):
         """Refused: torchattacks' takes normalized inputs and returns normalized adversarial inputs, while every
         attack here works on pixel inputs in [clip_min, clip_max]; a method that did either silently would hand back
-        inputs in the other space."""
+        inputs in the other space. Wrap the model instead: ``Normalized(model, mean, std)``."""
         raise ValueError(f"{self.name}: set_normalization_used is not supported (torchattacks' takes and returns "
                          "normalized inputs); wrap the model instead, attacks.Normalized(model, mean, std), and pass "
                          "inputs in [0, 1]")
@@ -159,12 +160,14 @@ class Attack:
         return self
 
     def set_mode_targeted_random(self, quiet=False):
-        """Targets drawn uniformly among the classes other than each label, from the global RNG."""
+        """Targets drawn uniformly among the classes other than each label, from the global RNG. ``quiet``: as
+        :meth:`set_mode_targeted_by_label`'s."""
         self._set_targeted("random")
         return self
 
     def set_mode_targeted_least_likely(self, kth_min=1, quiet=False):
-        """Target: the class with the ``kth_min``-th lowest clean logit among those other than the label."""
+        """Target: the class with the ``kth_min``-th lowest clean logit among those other than the label.
+        ``quiet``: as :meth:`set_mode_targeted_by_label`'s."""
         if isinstance(kth_min, bool) or not isinstance(kth_min, int) or kth_min < 1:
             raise ValueError(f"{self.name}: expected kth_min to be an integer >= 1, got {kth_min!r}")
         self._set_targeted("least_likely")
@@ -172,7 +175,8 @@ class Attack:
         return self
 
     def set_mode_targeted_by_function(self, target_map_function, quiet=False):
-        """Targets ``target_map_function(x, y)`` (e.g. ``lambda x, y: (y + 1) % 10``), as torchattacks."""
+        """Targets ``target_map_function(x, y)`` (e.g. ``lambda x, y: (y + 1) % 10``), as torchattacks. ``quiet``:
+        as :meth:`set_mode_targeted_by_label`'s."""
         if not callable(target_map_function):
             raise ValueError(f"{self.name}: expected target_map_function to be a callable (x, y) -> targets, got "
                              f"{type(target_map_function).__name__}")

@@ -84,7 +84,8 @@ def check_norm(name, norm, allowed=NORMS):
 
 
 def sample_distance(a, b, norm):
-    """Per-sample distance ||a - b||_p [N] (p = 2 or inf; any shape [N, ...], also N = 0 or empty samples)."""
+    """Per-sample distance ||a - b||_p [N] (``norm`` "l2" or "linf", any case; any shape [N, ...], also N = 0 or
+    empty samples)."""
     norm = check_norm("sample_distance", norm)
     d = (a - b).reshape(a.shape[0], math.prod(a.shape[1:]))
     if d.shape[1] == 0:

@@ -288,7 +288,9 @@ class AutoAttack(Attack):
     the options given (not None) are passed to the named attacks that take them (``steps``: apgd-*, fab, fab-t, pgd,
     pgdl2, ifgsm, cw; ``n_queries``: square; ``n_target_classes``: apgd-t, fab-t; ``eot_iter``: apgd-*; ``seed``),
     the others keep ``build``'s defaults; attack objects are used as they are. An option no attack takes is an
-    error. ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv;
+    error. ``model_mode``, ``clip_min`` and ``clip_max`` (default "eval", [0, 1]) hold for the cascade's checks and
+    the attacks it builds (attack objects keep their own); ``cascade=False`` runs every attack on every sample, as
+    :func:`ensemble`'s. ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv;
     ``run_standard_evaluation_individual(x, y, bs=None)`` runs each attack on every sample, {name: x_adv};
     ``run(x, y, batch_size=None)`` returns the full :class:`EnsembleResult`.
     """

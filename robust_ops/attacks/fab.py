@@ -386,7 +386,12 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
 
 
 def fab_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, **options):
-    """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (y are true labels)."""
+    """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (y are true labels).
+
+    Args: model, x, y, eps, norm (default "linf"), steps (default 100), n_target_classes (default 9) as
+    :func:`fab`'s; options: its other keyword arguments (n_restarts, alpha_max, eta, beta, clip_min, clip_max,
+    model_mode, generator). Returns x_adv as :func:`fab`.
+    """
     return fab(model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, targeted=True,
                **options)
 
@@ -426,8 +431,9 @@ class FAB(Attack):
 
 
 class FABT(Attack):
-    """``FABT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, seed=0)(x, y)``: AutoAttack's FAB-T
-    (y are true labels); see :func:`fab`."""
+    """``FABT(model, eps=8/255, norm="linf", steps=100, n_target_classes=9, n_restarts=1, alpha_max=0.1, eta=1.05,
+    beta=0.9, seed=0)(x, y)``: AutoAttack's FAB-T (y are true labels); ``seed`` seeds the random restarts; see
+    :func:`fab`."""
 
     name = "fab-t"
     supports_targeted = False

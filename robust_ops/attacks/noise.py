@@ -12,7 +12,12 @@ from .pgd import make_generator
 def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.float32):
     """Noise uniform in the ball of radius eps (float or Tensor[N]) around 0: Linf: every entry U(-eps, eps);
     L2: uniform in the ball, i.e. a direction uniform on the sphere (normalized Gaussian) times eps * U^(1/d)
-    with d the number of entries per sample."""
+    with d the number of entries per sample.
+
+    Args: shape (tuple of int, (N, ...)); eps (float >= 0 or Tensor[N]); norm ("linf" or "l2", any case);
+    generator (torch.Generator for the draws, None: the global one); device (None: torch's default), dtype
+    (floating point, default float32) of the noise. Returns a Tensor of ``shape``.
+    """
     norm = check_norm("uniform_ball", norm)
     # else "'NoneType' object is not subscriptable" or torch.rand's overload list; eps=nan made all-NaN noise
     sizes_ok = isinstance(shape, (tuple, list)) and all(type(s) is int and s >= 0 for s in shape)  # no bools

@@ -97,7 +97,12 @@ def ifgsm(model, x, y, *, eps, alpha=None, steps=10, norm="linf", loss="ce", tar
 
     Default ``alpha = eps / steps`` (the whole budget is reachable in ``steps`` steps). ``norm="l2"`` gives the L2
     iterative gradient method. DPAAT's 10-/20-IFGSM are Linf, as its text says (``reproduce dpaat-bus`` runs them at
-    eps = 1/255). Returns x_adv, or ``(x_adv, iterates)`` with emit.
+    eps = 1/255).
+
+    Args: model; x (Tensor[N, ...]) in [clip_min, clip_max]; y (LongTensor[N]) labels (targets if targeted);
+    eps (float or Tensor[N]); alpha (float or Tensor[N]): default ``eps / steps``; steps (int): default 10;
+    norm ("linf" or "l2", any case); loss ("ce", "cw" or a callable); targeted; emit (tuple of int, as
+    :func:`pgd`); clip_min, clip_max; model_mode. Returns x_adv, or ``(x_adv, iterates)`` with emit.
     """
     steps = check_steps("ifgsm", steps)
     if alpha is None:
@@ -117,6 +122,11 @@ def cw_linf(model, x, y, *, eps, alpha=None, steps=10, kappa=0.0, random_start=F
     PGD form of Madry et al.): ascend ``-max(z_y - max_{j != y} z_j, -kappa)`` in the Linf ball (MIRST-DM: 10 steps
     at eps = 5/255). The best other logit is taken with the true class masked to -inf, so it is right when all
     logits are negative. Default ``alpha = 2.5 * eps / steps``, no random start.
+
+    Args: model; x (Tensor[N, ...]) in [clip_min, clip_max]; y (LongTensor[N]) labels (targets if targeted);
+    eps (float or Tensor[N]); alpha (float or Tensor[N]): default ``2.5 * eps / steps``; steps (int): default 10;
+    kappa (float >= 0): the margin's confidence, default 0; random_start (bool): default False; targeted;
+    emit, early_stop: as :func:`pgd`; clip_min, clip_max; model_mode; generator (for the random start).
     Returns x_adv, or ``(x_adv, iterates)`` with emit.
     """
     steps = check_steps("cw_linf", steps)
@@ -130,7 +140,7 @@ def cw_linf(model, x, y, *, eps, alpha=None, steps=10, kappa=0.0, random_start=F
 
 
 class FGSM(Attack):
-    """``FGSM(model, eps=8/255)(x, y)``; see :func:`fgsm`."""
+    """``FGSM(model, eps=8/255, norm="linf", loss="ce")(x, y)``; see :func:`fgsm`."""
 
     name = "fgsm"
 
@@ -144,7 +154,7 @@ class FGSM(Attack):
 
 
 class BIM(Attack):
-    """``BIM(model, eps=8/255, alpha=None, steps=10, norm="linf")(x, y)``; see :func:`ifgsm`."""
+    """``BIM(model, eps=8/255, alpha=None, steps=10, norm="linf", loss="ce")(x, y)``; see :func:`ifgsm`."""
 
     name = "ifgsm"
 
@@ -162,7 +172,8 @@ class BIM(Attack):
 
 class PGD(Attack):
     """``PGD(model, eps=8/255, alpha=2/255, steps=10, random_start=True)(x, y)`` (torchattacks' defaults);
-    ``seed`` makes the random start reproducible. See :func:`pgd`."""
+    ``seed`` makes the random start reproducible. Keyword-only: ``norm`` (None: "linf"), ``loss`` ("ce"),
+    ``kappa`` (0.0), ``early_stop`` (False), as :func:`pgd`'s."""
 
     name = "pgd"
     default_norm = "linf"
@@ -196,8 +207,9 @@ class PGDL2(PGD):
 
 
 class CW(Attack):
-    """CW-Linf: ``CW(model, eps=8/255, alpha=None, steps=10, *, kappa=0.0)(x, y)``, PGD on the CW margin loss (not
-    torchattacks' optimisation-based CW-L2). See :func:`cw_linf`."""
+    """CW-Linf: ``CW(model, eps=8/255, alpha=None, steps=10, *, kappa=0.0, random_start=False, seed=None)(x, y)``,
+    PGD on the CW margin loss (not torchattacks' optimisation-based CW-L2); ``seed`` makes the random start
+    reproducible, ``norm`` takes "linf" only. See :func:`cw_linf`."""
 
     name = "cw"
 

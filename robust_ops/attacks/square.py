@@ -332,9 +332,9 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
 
 
 class Square(Attack):
-    """``Square(model, eps=8/255, n_queries=5000, p_init=0.8, seed=0, norm="linf", rescale_schedule=True,
-    loss="margin")(x, y)``;
-    see :func:`square`. ``norm="l2"`` is the L2 Square Attack (give an L2 ``eps``: the default is Linf's 8/255)."""
+    """``Square(model, eps=8/255, n_queries=5000, p_init=0.8, seed=0, norm="linf", resample_unchanged=None,
+    rescale_schedule=True, loss="margin")(x, y)``; ``seed`` seeds the draws; see :func:`square`. ``norm="l2"`` is
+    the L2 Square Attack (give an L2 ``eps``: the default is Linf's 8/255)."""
 
     name = "square"
     _FOREIGN_OPTIONS = {
