@@ -1189,3 +1189,61 @@ def test_memory_examples_are_the_formulas_bytes():
         unit = 1e6 if pattern.endswith("MB") else 1e9
         decimals = len(figure.partition(".")[2])
         assert float(figure) == round(images * channels * size ** 2 * itemsize / unit, decimals), pattern
+
+
+def test_attack_docstrings_name_the_input_errors_each_raises():
+    """help() of run_pgd, every attack function, Attack, AutoAttack and gen_adv had no Raises: a caller could not
+    learn that each refuses NaN / Inf inputs (NonFiniteInputError), outputs without class probabilities at its first
+    forward (NonFiniteOutputError; gen_adv: a ValueError naming the samples) and inputs of another dtype, device or
+    channel count than the model's (InputDtypeError, InputDeviceError, InputShapeError), nor import those classes
+    from robust_ops.attacks. Each docstring names them after "Raise", and each is what a small case raises."""
+    import torch
+    from torch import nn
+
+    from robust_ops import attacks, ima
+
+    def conv():
+        return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+
+    class NaNOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = conv()
+
+        def forward(self, x):
+            return self.inner(x) * float("nan")
+
+    torch.manual_seed(0)
+    x, y = torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2])
+    nan_x = x.clone()
+    nan_x[1, 0, 2, 2] = float("nan")
+    cases = {attacks.NonFiniteInputError: (conv(), nan_x), attacks.NonFiniteOutputError: (NaNOut(), x),
+             attacks.InputDtypeError: (conv(), x.double()), attacks.InputShapeError: (conv(), torch.rand(3, 2, 4, 4)),
+             attacks.InputDeviceError: (conv().to("meta"), x)}
+    eps = dict(eps=0.03)
+    runs = {
+        attacks.run_pgd: lambda m, x: attacks.run_pgd(m, x, y, eps=0.03, alpha=0.01, steps=1),
+        attacks.fgsm: lambda m, x: attacks.fgsm(m, x, y, **eps),
+        attacks.ifgsm: lambda m, x: attacks.ifgsm(m, x, y, steps=1, **eps),
+        attacks.pgd: lambda m, x: attacks.pgd(m, x, y, steps=1, **eps),
+        attacks.cw_linf: lambda m, x: attacks.cw_linf(m, x, y, steps=1, **eps),
+        attacks.apgd: lambda m, x: attacks.apgd(m, x, y, steps=1, **eps),
+        attacks.apgd_t: lambda m, x: attacks.apgd_t(m, x, y, steps=1, **eps),
+        attacks.fab: lambda m, x: attacks.fab(m, x, y, steps=1, **eps),
+        attacks.fab_t: lambda m, x: attacks.fab_t(m, x, y, steps=1, **eps),
+        attacks.square: lambda m, x: attacks.square(m, x, y, n_queries=1, **eps),
+        attacks.white_noise: lambda m, x: attacks.white_noise(m, x, y, trials=1, **eps),
+        attacks.ensemble: lambda m, x: attacks.ensemble(m, x, y, [attacks.FGSM(m, **eps)]),
+        attacks.Attack: lambda m, x: attacks.PGD(m, steps=1, **eps)(x, y),
+        attacks.AutoAttack: lambda m, x: attacks.AutoAttack(m, version="custom", attacks=["fgsm"], **eps)(x, y),
+        ima.gen_adv: lambda m, x: ima.gen_adv(m, x, y, 0.1, steps=1, search_steps=1),
+    }
+    for fn, run in runs.items():
+        raises = " ".join(fn.__doc__.partition("Raise")[2].split())
+        for error, (model, inputs) in cases.items():
+            documented = error.__name__ in raises
+            if fn is ima.gen_adv and error is attacks.NonFiniteOutputError:
+                error, documented = ValueError, "ValueError: the model's output" in raises
+            assert documented, (fn.__name__, error.__name__)
+            with pytest.raises(error):
+                run(model, inputs)

@@ -920,6 +920,11 @@ def gen_adv(model, x, y, margin, *, steps=20, norm="l2", search_steps=10, algori
         ``(x_adv, crossed)`` (plus ``info`` with ``return_info``): x_adv [N, ...] detached, crossed BoolTensor[N]
         (Algorithm 1's beta).
 
+    Raises:
+        NonFiniteInputError, InputDtypeError, InputDeviceError, InputShapeError: as
+        :func:`robust_ops.attacks.run_pgd`. ValueError: the model's output (or ``loss_fn``'s loss) is NaN for some
+        samples (it would read as misclassified), naming them.
+
     Example::
 
         >>> x_adv, crossed = gen_adv(model, x, y, margins, steps=20, search_steps=10)

@@ -9,7 +9,8 @@ Attack subclass's dotted import path, package.module.Class).
 from .._import_path import PATH_HINT, class_from_path, is_import_path
 from .._options import check_options
 from .base import Attack
-from .context import Normalized, attack_context
+from .context import (InputDeviceError, InputDtypeError, InputShapeError, NonFiniteInputError, NonFiniteOutputError,
+                      Normalized, attack_context)
 from .core import PGDResult, run_pgd
 from .apgd import APGD, APGDT, apgd, apgd_t
 from .ensemble import AutoAttack, EnsembleResult, ensemble
@@ -23,6 +24,7 @@ __all__ = [
     "fgsm", "ifgsm", "bim", "pgd", "cw_linf", "apgd", "apgd_t", "fab", "fab_t", "square", "white_noise", "uniform_ball",
     "ensemble", "EnsembleResult", "FGSM", "BIM", "PGD", "PGDL2", "CW", "APGD", "APGDT", "FAB", "FABT", "Square",
     "WhiteNoise", "AutoAttack",
+    "NonFiniteInputError", "NonFiniteOutputError", "InputDtypeError", "InputDeviceError", "InputShapeError",
 ]
 
 # CLI name -> (class, defaults). Defaults follow the papers: MIRST-DM evaluates FGSM, PGD-20 with step 0.001 and

@@ -381,6 +381,10 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
     Returns:
         x_adv: per sample the first iterate that succeeded, else the highest-loss point found (AutoAttack returns
         the clean input there).
+
+    Raises:
+        NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
+        :func:`run_pgd`.
     """
     name = "apgd"
     y, norm, steps, n_restarts, eps_t, eot_iter, y_range = _check_apgd_args(
@@ -442,6 +446,10 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
 
     Returns:
         x_adv as :func:`apgd`: per sample the first iterate that succeeded, else the highest-loss point found.
+
+    Raises:
+        NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
+        :func:`run_pgd`.
     """
     name = "apgd_t"
     y, norm, steps, n_restarts, eps_t, eot_iter, y_range = _check_apgd_args(

@@ -37,6 +37,9 @@ class Attack:
     ``model_mode`` (its default train mode, BatchNorm and Dropout in eval, raises: see the method);
     ``set_normalization_used`` raises (wrap the model with :class:`Normalized`). See docs/attacks.md, "Porting
     torchattacks / AutoAttack code".
+
+    Raises, when called (``attack(x, y)``): NonFiniteInputError, NonFiniteOutputError, InputDtypeError,
+    InputDeviceError and InputShapeError, as :func:`run_pgd`.
     """
 
     name = "attack"

@@ -273,7 +273,7 @@ class NonFiniteInputError(ValueError):
 class NonFiniteOutputError(ValueError):
     """An attack's refusal of model outputs without class probabilities (NaN, +Inf, a row of only -Inf) at its first
     forward, which ``fit`` names with the epoch and step (docs/design.md, "Non-finite values"). ``count`` of
-    ``inputs`` rows had none."""
+    ``inputs`` rows had none; ``message`` is the error's text."""
 
     def __init__(self, message, count=None, inputs=None):
         super().__init__(message)

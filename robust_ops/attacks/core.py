@@ -535,6 +535,15 @@ def run_pgd(
 
     Returns:
         PGDResult(x_adv, iterates, param_grads, emitted_losses).
+
+    Raises (the classes are in :mod:`robust_ops.attacks`; every attack here raises them, and fit and evaluate name
+    the data and the step with them):
+        NonFiniteInputError (a ValueError): ``x`` holds NaN or Inf.
+        NonFiniteOutputError (a ValueError): the model's output has no class probabilities (NaN, +Inf or a row of
+            only -Inf; a single logit: NaN) for some input at the attack's first forward.
+        InputDtypeError (a TypeError), InputDeviceError, InputShapeError (ValueErrors): the model cannot take ``x``
+            for its dtype (integer images, float64 ones on a float32 model), its device, or its channel (feature)
+            count, at the first forward.
     """
     check_gradients_possible(name)
     y, y_range = check_inputs(name, x, y, clip_min, clip_max, label_range=True)

@@ -179,6 +179,11 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
 
     Returns:
         :class:`EnsembleResult` ``(x_adv, robust, broken_by, names)``.
+
+    Raises:
+        NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
+        :func:`run_pgd`, from the clean check or the attacks (NonFiniteOutputError also where an attack's points
+        give outputs without class probabilities).
     """
     y = check_inputs(name, x, y, clip_min, clip_max)
     check_flags(name, {"cascade": cascade})  # cascade="no" cascaded
@@ -293,6 +298,9 @@ class AutoAttack(Attack):
     :func:`ensemble`'s. ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv;
     ``run_standard_evaluation_individual(x, y, bs=None)`` runs each attack on every sample, {name: x_adv};
     ``run(x, y, batch_size=None)`` returns the full :class:`EnsembleResult`.
+
+    Raises, when called or run: NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError and
+    InputShapeError, as :func:`ensemble`.
     """
 
     name = "autoattack"

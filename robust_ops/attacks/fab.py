@@ -354,6 +354,10 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
     Returns:
         x_adv: per sample the closest adversarial found if within ``eps``, else the clean input (also for samples
         misclassified on the clean input), as AutoAttack.
+
+    Raises:
+        NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
+        :func:`run_pgd`.
     """
     name = "fab"
     y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t = _check_fab_args(
@@ -391,6 +395,9 @@ def fab_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, **opt
     Args: model, x, y, eps, norm (default "linf"), steps (default 100), n_target_classes (default 9) as
     :func:`fab`'s; options: its other keyword arguments (n_restarts, alpha_max, eta, beta, clip_min, clip_max,
     model_mode, generator). Returns x_adv as :func:`fab`.
+
+    Raises NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError as
+    :func:`run_pgd`.
     """
     return fab(model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, targeted=True,
                **options)

@@ -60,6 +60,10 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
         x_adv (Tensor[N, ...]): per sample, the first noisy input that is misclassified, else the last trial.
         Samples already misclassified stop being tried once a trial fails (the first failing input is kept).
 
+    Raises:
+        NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
+        :func:`run_pgd`.
+
     Example::
 
         >>> x_noisy = robust_ops.attacks.white_noise(model, x, y, eps=0.1, norm="l2", trials=10)

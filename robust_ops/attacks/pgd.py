@@ -51,6 +51,9 @@ def fgsm(model, x, y, *, eps, norm="linf", loss="ce", targeted=False, clip_min=0
     norm ("linf" or "l2", any case); loss ("ce", "cw" or a callable); targeted; clip_min, clip_max; model_mode.
     Returns x_adv (Tensor[N, ...]).
 
+    Raises NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError as
+    :func:`run_pgd`.
+
     Example::
 
         >>> x_adv = robust_ops.attacks.fgsm(model, x, y, eps=5 / 255)
@@ -76,6 +79,10 @@ def pgd(model, x, y, *, eps, alpha=None, steps=10, norm="linf", random_start=Tru
 
     Returns:
         x_adv, or ``(x_adv, iterates)`` when emit is given.
+
+    Raises:
+        NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
+        :func:`run_pgd`.
 
     Example::
 
@@ -103,6 +110,9 @@ def ifgsm(model, x, y, *, eps, alpha=None, steps=10, norm="linf", loss="ce", tar
     eps (float or Tensor[N]); alpha (float or Tensor[N]): default ``eps / steps``; steps (int): default 10;
     norm ("linf" or "l2", any case); loss ("ce", "cw" or a callable); targeted; emit (tuple of int, as
     :func:`pgd`); clip_min, clip_max; model_mode. Returns x_adv, or ``(x_adv, iterates)`` with emit.
+
+    Raises NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError as
+    :func:`run_pgd`.
     """
     steps = check_steps("ifgsm", steps)
     if alpha is None:
@@ -128,6 +138,9 @@ def cw_linf(model, x, y, *, eps, alpha=None, steps=10, kappa=0.0, random_start=F
     kappa (float >= 0): the margin's confidence, default 0; random_start (bool): default False; targeted;
     emit, early_stop: as :func:`pgd`; clip_min, clip_max; model_mode; generator (for the random start).
     Returns x_adv, or ``(x_adv, iterates)`` with emit.
+
+    Raises NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError as
+    :func:`run_pgd`.
     """
     steps = check_steps("cw_linf", steps)
     check_draws("cw_linf", "generator", generator, random_start)

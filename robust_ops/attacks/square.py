@@ -226,6 +226,10 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
     Returns:
         x_adv (Tensor[N, C, H, W]): the clean input where it already fools the model, else the first point that
         fools it, else the lowest-loss point found (AutoAttack returns the clean input there).
+
+    Raises:
+        NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
+        :func:`run_pgd`.
     """
     name = "square"
     check_flags(name, {"targeted": targeted})  # targeted="no" ran a targeted attack
