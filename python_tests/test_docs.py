@@ -1191,6 +1191,20 @@ def test_memory_examples_are_the_formulas_bytes():
         assert float(figure) == round(images * channels * size ** 2 * itemsize / unit, decimals), pattern
 
 
+def nan_output_model(inner):
+    """A model whose outputs are ``inner``'s times NaN: no class probabilities."""
+    import torch
+
+    class NaNOutput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * float("nan")
+
+    return NaNOutput()
+
 def test_attack_docstrings_name_the_input_errors_each_raises():
     """help() of run_pgd, every attack function, Attack, AutoAttack and gen_adv had no Raises: a caller could not
     learn that each refuses NaN / Inf inputs (NonFiniteInputError), outputs without class probabilities at its first
@@ -1205,19 +1219,11 @@ def test_attack_docstrings_name_the_input_errors_each_raises():
     def conv():
         return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
 
-    class NaNOut(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = conv()
-
-        def forward(self, x):
-            return self.inner(x) * float("nan")
-
     torch.manual_seed(0)
     x, y = torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2])
     nan_x = x.clone()
     nan_x[1, 0, 2, 2] = float("nan")
-    cases = {attacks.NonFiniteInputError: (conv(), nan_x), attacks.NonFiniteOutputError: (NaNOut(), x),
+    cases = {attacks.NonFiniteInputError: (conv(), nan_x), attacks.NonFiniteOutputError: (nan_output_model(conv()), x),
              attacks.InputDtypeError: (conv(), x.double()), attacks.InputShapeError: (conv(), torch.rand(3, 2, 4, 4)),
              attacks.InputDeviceError: (conv().to("meta"), x)}
     eps = dict(eps=0.03)
@@ -1247,3 +1253,62 @@ def test_attack_docstrings_name_the_input_errors_each_raises():
             assert documented, (fn.__name__, error.__name__)
             with pytest.raises(error):
                 run(model, inputs)
+
+
+def test_fit_evaluate_and_loaders_name_the_errors_they_raise(tmp_path):
+    """help() of fit, evaluate, load_checkpoint, load_weights, load_dataset, load_csv and load_npz had no Raises:
+    nothing said that fit stops with NonFiniteLossError, OneSampleBatchError, UnreadableCheckpointError,
+    LostBestEpochError, CollectiveTimeoutError or the attacks' input errors, that evaluate refuses with EvalError
+    (its ``arg`` naming the option) or that the loaders refuse with DataError (load_checkpoint said "a ValueError").
+    Each docstring names them after "Raises:", and a small case raises each one checked here."""
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from robust_ops import attacks, data, evaluate, train
+
+    def named(fn, *errors):
+        raises = " ".join(fn.__doc__.partition("Raises:")[2].split())
+        assert all(error.__name__ in raises for error in errors), (fn.__name__, raises)
+
+    def flat():
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    named(train.fit, train.NonFiniteLossError, train.OneSampleBatchError, train.UnreadableCheckpointError,
+          train.LostBestEpochError, train.CollectiveTimeoutError, attacks.InputDtypeError, attacks.InputShapeError)
+    fit = dict(epochs=1, batch_size=2, progress=False)
+    batch_norm = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    for error, model, dataset, options in (
+            (train.NonFiniteLossError, nan_output_model(flat()), TensorDataset(x, y), {}),
+            (train.OneSampleBatchError, batch_norm, TensorDataset(x[:3], y[:3]), {}),
+            (train.UnreadableCheckpointError, flat(), TensorDataset(x, y), dict(resume=str(junk))),
+            (attacks.InputDtypeError, flat(), TensorDataset(x.double(), y), {})):
+        with pytest.raises(error):
+            train.fit(model, "standard", dataset, **fit, **options)
+    for fn in (train.load_checkpoint, lambda path: train.load_weights(flat(), path)):
+        with pytest.raises(train.UnreadableCheckpointError):
+            fn(junk)
+    named(train.load_checkpoint, train.UnreadableCheckpointError)
+    named(train.load_weights, train.UnreadableCheckpointError)
+
+    named(evaluate.evaluate, evaluate.EvalError)
+    info = data.load_dataset("synthetic").info
+    for arg, model, dataset, options in (("eps", flat(), TensorDataset(x, y), dict(eps="abc")),
+                                         ("data", flat(), TensorDataset(x * 3, y), {}),
+                                         ("model", nan_output_model(flat()), TensorDataset(x, y), {})):
+        with pytest.raises(evaluate.EvalError) as caught:
+            evaluate.evaluate(model, dataset, info, attacks="fgsm", **options)
+        assert caught.value.arg == arg and f'"{arg}"' in evaluate.evaluate.__doc__
+
+    np.savez(tmp_path / "other.npz", images=np.zeros(3))
+    (tmp_path / "rows.csv").write_text("image_id,dx\nimg1,nv\n")
+    for fn, arg in ((data.load_dataset, tmp_path / "missing"), (data.load_npz, tmp_path / "other.npz"),
+                    (data.load_csv, tmp_path / "rows.csv")):
+        named(fn, data.DataError)
+        with pytest.raises(data.DataError):
+            fn(arg)

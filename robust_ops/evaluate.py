@@ -612,6 +612,12 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
             the global RNG, as torchattacks does. Either way it is one stream for the call, drawn row by row, so such
             an attack's rows depend on the attacks and radii before it; an attack's own ``seed`` (``pgd:seed=N``)
             gives it draws of its own.
+
+    Raises:
+        EvalError (a ValueError): a bad input, its ``arg`` naming which: "eps" or "attacks" (a spec that does not
+            parse or an option an attack refuses), "data" (labels that are not integer classes, inputs with NaN or
+            Inf, outside ``info``'s value range or of another dtype than the model's), "model" (outputs without
+            class probabilities, inputs of another channel count than its input layer takes), or another option.
     """
     if seed is not None:
         try:

@@ -367,7 +367,11 @@ def load_checkpoint(path, map_location="cpu"):
     read so (empty, cut short, not a torch.save file, or holding objects that need pickle) or that is corrupted
     (bytes that do not match its recorded CRC-32s, which torch.load does not check) is a ValueError naming it:
     torch's own errors are a bare EOFError for an empty file, or advice to load a JSON file with weights_only=False.
-    A missing or unreadable file keeps its OSError."""
+    A missing or unreadable file keeps its OSError.
+
+    Raises:
+        UnreadableCheckpointError (that ValueError): the file cannot be read as a checkpoint.
+    """
     _check_load_args("load_checkpoint", path, map_location)
     corrupted = _corrupted_zip_entry(path)
     if corrupted is not None:
@@ -553,7 +557,11 @@ def load_weights(model, path, map_location="cpu"):
     with (MIRST-DM: ``robust_ops.replace_maxpool(model, "first")`` first), and return ``model``. A model whose
     DropMax2d layers are not the recorded ones is refused: it would load and silently compute other outputs.
     Checkpoints written before the layers were recorded load unchecked. Weights of another architecture (missing,
-    unexpected or other-shaped ones) are a one-line ValueError naming the file."""
+    unexpected or other-shaped ones) are a one-line ValueError naming the file.
+
+    Raises:
+        UnreadableCheckpointError (a ValueError): the file cannot be read as a checkpoint (as :func:`load_checkpoint`).
+    """
     state = _fit_checkpoint("load_weights", path, map_location, entries=("model",))
     mismatch = drop_max_mismatch(model, state)
     if mismatch is not None:
@@ -1180,6 +1188,20 @@ def fit(
 
     Returns:
         FitResult(history, checkpoint, model, early_stopping, weights_epoch).
+
+    Raises:
+        NonFiniteLossError (a FloatingPointError): the loss, the gradients or the weights became NaN or Inf, or the
+            defense's attack refused the batch (NaN / Inf inputs, naming the items; model outputs without class
+            probabilities); the message names where (the epoch, and the step where there is one) and the last
+            good checkpoint.
+        OneSampleBatchError (a ValueError): a one-sample batch met the model's training-mode batch norm.
+        UnreadableCheckpointError (a ValueError): the checkpoint to resume cannot be read (damaged, not a
+            torch.save file).
+        LostBestEpochError (a ValueError): ``restore_best`` resumes a checkpoint trained without it whose best epoch
+            is not its last.
+        InputDtypeError (a TypeError), InputShapeError (a ValueError): the data's dtype or channel count is not the
+            model's (robust_ops.attacks).
+        CollectiveTimeoutError (a RuntimeError): under DDP, a collective waited past the group's timeout.
     """
     name = "fit"
     # the process group first (it needs these two alone): a check below that fails on one process only (one given

@@ -361,6 +361,10 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     rare_classes: how the drawn split treats classes too small to stratify (folders and CSV only): None (default) or
         "merge" stratifies the other classes and places the small ones at random, as one stratum; "random" splits
         every class at random then (the rule before 2026-12-06: the split of a run made by it).
+
+    Raises:
+        DataError (a ValueError): ``spec`` is neither a known name nor an existing file or folder, or the data it
+            names cannot be loaded as asked (no images, a damaged or wrongly laid-out file, a bad option), naming it.
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"load_dataset: expected spec to be a name or a path, got {type(spec).__name__}")

@@ -502,6 +502,10 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     7:1:2 split is drawn over the groups, each labelled by its most frequent label, and recorded as
     ``info.extra["split_by"]`` (the column). An empty group value is an error (in a row ``classes`` leaves out, not).
     rare_classes, stacklevel: as for :func:`load_busi`.
+
+    Raises:
+        DataError (a ValueError): the CSV or an image is missing or unreadable, or the rows cannot be split as
+            asked, naming the file or the column.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():

@@ -255,7 +255,11 @@ def load_npz(path, size=None, name=None, classes=None):
     """Load a MedMNIST-layout ``.npz`` (keys ``{train,val,test}_{images,labels}``), MD5-checked if officially named.
     ``classes``: names for the labels 0..K-1 in order, one per label, for a file that is not named after a MedMNIST
     set (those name their own); they choose the positive class as class folders' names do (``malignant`` ...):
-    without them a binary file's positive class is label 1."""
+    without them a binary file's positive class is label 1.
+
+    Raises:
+        DataError (a ValueError): the file is missing, unreadable or not in that layout, naming it.
+    """
     path = Path(path).expanduser()
     _check_size(size, path)
     if not path.is_file():
