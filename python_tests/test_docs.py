@@ -1062,6 +1062,16 @@ def test_everything_exported_in_an_all_has_a_docstring():
         mod = importlib.import_module(module)
         missing += [f"{module}.{name}" for name in mod.__all__
                     if callable(getattr(mod, name)) and not inspect.getdoc(getattr(mod, name))]
+    # and the public methods of exported classes (own or inherited from the library's base class): Attack's
+    # forward, __call__ (Python's "Call self as a function."), set_model_mode and set_mode_default,
+    # EnsembleResult.robust_accuracy, AutoAttack.run, PassCounter's four and MarginTable.state_dict said nothing
+    for qualname, _, _ in exported_callables():
+        module, owner, attr = qualname.rsplit(".", 2)
+        cls = getattr(importlib.import_module(module), owner)
+        if inspect.isclass(cls) and attr != "__init__":
+            doc = inspect.getdoc(getattr(cls, attr)) or ""
+            if not doc or doc.startswith("Call self as a function"):
+                missing.append(qualname)
     assert not missing
 
 

@@ -80,17 +80,21 @@ class PassCounter:
     backward_rows: int = 0
 
     def forward(self, rows):
+        """Count one forward call of ``rows`` rows."""
         self.forward_calls += 1
         self.forward_rows += int(rows)
 
     def backward(self, rows):
+        """Count one backward call of ``rows`` rows."""
         self.backward_calls += 1
         self.backward_rows += int(rows)
 
     def reset(self):
+        """Every count back to 0."""
         self.forward_calls = self.forward_rows = self.backward_calls = self.backward_rows = 0
 
     def as_dict(self):
+        """The four counts as a dict."""
         return dict(forward_calls=self.forward_calls, forward_rows=self.forward_rows,
                     backward_calls=self.backward_calls, backward_rows=self.backward_rows)
 
@@ -1146,6 +1150,7 @@ class MarginTable:
         return [int(s[0]) for s in sizes]
 
     def state_dict(self):
+        """``{"margins": a copy of the table}``, for :meth:`load_state_dict`."""
         return {"margins": self.margins.clone()}
 
     def load_state_dict(self, state):
@@ -1377,6 +1382,8 @@ class IMA(Defense):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def __call__(self, model, x, y, ids=None):
+        """Algorithm 1 on one batch of ``model``: x (Tensor[N, ...]), y (labels [N]), ids (LongTensor[N], required:
+        the samples' dataset ids); updates their margins and returns a ``DefenseOutput`` (the class docstring)."""
         if ids is None:
             raise ValueError("IMA: needs the dataset ids of the batch (wrap the dataset in "
                              "robust_ops.data.IndexedDataset so batches are (x, y, ids))")

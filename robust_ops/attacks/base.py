@@ -112,6 +112,7 @@ class Attack:
         every attack before running any, as for the dtype. Default: any shape."""
 
     def set_model_mode(self, model_mode):
+        """The model's mode during the attack: "eval", "train" or "keep" (its current modes)."""
         if model_mode not in MODEL_MODES:
             raise ValueError(f"{self.name}: expected model_mode to be one of {', '.join(MODEL_MODES)}, "
                              f"got {model_mode!r}")
@@ -192,6 +193,7 @@ class Attack:
         self.targeted, self._target_rule = True, rule
 
     def set_mode_default(self):
+        """Untargeted: labels given to the call are the true labels (the default)."""
         self.targeted, self._target_rule = False, None
         return self
 
@@ -229,9 +231,14 @@ class Attack:
         return self._targets(x, y)
 
     def forward(self, x, y):
+        """The attack on inputs ``x`` (Tensor[N, ...] in [clip_min, clip_max]) and labels ``y`` (LongTensor[N]; the
+        targets in targeted mode), returning x_adv; call the attack itself, ``attack(x, y)``, which makes the
+        targets and runs it."""
         raise NotImplementedError
 
     def __call__(self, x, y=_NO_LABELS):
+        """``attack(x, y) -> x_adv``: x (Tensor[N, ...]) in [clip_min, clip_max], y (LongTensor[N]) true labels, or
+        in targeted mode the labels its rule makes targets from (by label: the targets)."""
         if y is _NO_LABELS:  # atk(x), torchattacks' labels=None of TPGD and GN, met Python's bare "missing 1 required
             # positional argument" (atk(x, None) keeps check_inputs' "expected y to be an integer tensor")
             raise TypeError(f"{self.name}: expected labels, atk(x, y): every attack here takes them (true labels, or "

@@ -47,6 +47,7 @@ class EnsembleResult:
         return iter((self.x_adv, self.robust, self.broken_by))
 
     def robust_accuracy(self):
+        """The fraction of samples robust (a float; NaN for no samples)."""
         return float(self.robust.float().mean()) if self.robust.numel() else float("nan")
 
     def counts(self):
@@ -441,6 +442,8 @@ class AutoAttack(Attack):
                                      f"attacks={shown} (attack objects are used as given); expected {key}=None")
 
     def run(self, x, y, batch_size=None):
+        """The cascade on ``x``, ``y`` (true labels), ``batch_size`` samples at a time (None: all at once): the full
+        :class:`EnsembleResult`."""
         # errors name autoattack: "ensemble: expected x inside the clip range" named a function its caller never met
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
                         clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size,
