@@ -705,6 +705,23 @@ def test_in_place_weight_update_before_the_backward_is_refused_as_by_aten():
         bn(x).sum().backward()
 
 
+def test_a_weight_replaced_between_forward_and_backward_gives_the_forward_weights_gradient():
+    # as ATen's batch norm, which saved the weight it ran with: the backward reads the forward's weight, not the
+    # module's new one (mutation testing of native_layers: reading bn.weight in the backward survived; it refused
+    # the replaced weight as "modified in place")
+    x, grad = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    grads = []
+    for fast in (False, True):
+        bn = eval_bn(3)
+        with native_layers(bn, enabled=fast):
+            leaf = x.clone().requires_grad_()
+            out = bn(leaf)
+            bn.weight = nn.Parameter(bn.weight.detach() * 3, requires_grad=False)
+            out.backward(grad)
+        grads.append(leaf.grad)
+    assert torch.equal(grads[1], grads[0])
+
+
 def test_backward_formats_no_module_repr_unless_the_weight_changed(monkeypatch):
     # the message naming the module was built on every backward of every batch norm: ~3 us each, each attack step
     reprs = []
