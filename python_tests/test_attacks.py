@@ -17,7 +17,7 @@ from robust_ops import attacks, defenses, ima
 from robust_ops.attacks import context
 from robust_ops.attacks.core import run_pgd
 
-from utils import TinyCNN, assert_verbose_equal
+from utils import TinyCNN, assert_verbose_equal, host_reads
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -4863,30 +4863,6 @@ def test_a_per_sample_linf_eps_with_one_radius_wider_than_the_range_is_refused()
     with pytest.raises(ValueError, match=r"^pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up "
                                          r"to 8 \(eps in 0-255 units\? pass e.g. 8/255\)$"):
         attacks.pgd(make_model(), x, y, eps=torch.tensor([8 / 255, 8.0]), steps=1)
-
-
-def host_reads(run):
-    """``run()``'s reads of tensor values back to Python, {"item": items (float(t), int(t), bool(t), t.item()),
-    "nonzero": nonzeros (boolean indexing), "tolist": tolist calls}, each a host sync on a GPU. tolist dispatches no
-    aten op on CPU: counted by wrapping it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    tolists = []
-    tolist = torch.Tensor.tolist
-
-    def counted(self):
-        tolists.append(self.shape)
-        return tolist(self)
-
-    torch.Tensor.tolist = counted
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run()
-    finally:
-        torch.Tensor.tolist = tolist
-    names = [e.name for e in prof.events()]
-    return {"item": names.count("aten::_local_scalar_dense"), "nonzero": names.count("aten::nonzero"),
-            "tolist": len(tolists)}
 
 
 def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them():

@@ -28,6 +28,8 @@ from robust_ops.ima import IMA
 from robust_ops.train import (GlobalBatchSampler, NonFiniteLossError, fit, load_checkpoint, load_weights,
                            train_data_fingerprint)
 
+from utils import TinyCNN, host_reads
+
 
 class DropoutMLP(nn.Module):
     """Dropout consumes the global RNG, so exact resume needs the RNG state restored."""
@@ -5375,6 +5377,61 @@ def test_train_acc_counts_only_the_samples_whose_logits_the_defense_returned():
     assert result.history[0]["train_acc"] == 1.0
     # a defense that returns no logits (AT: adversarial ones only) has no train_acc, not one of 0
     assert "train_acc" not in fit(model, defenses.AT(steps=1), data, epochs=1, batch_size=4, progress=False).history[0]
+
+
+def _images(n):
+    """n 8x8 images in two classes (the attacks' pooling needs more than _data's 4x4)."""
+    return TensorDataset(torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(n) % 2)
+
+
+def _reads_per_step(defense_for, data_for, **kwargs):
+    """fit's host reads (utils.host_reads) per training step: a 3-step epoch's less a 1-step epoch's, halved (the
+    reads at fit's start and end cancel). SGD: Adam's step counters are CPU tensors read by .item() in each step."""
+    def run(steps):
+        torch.manual_seed(0)
+        defense = defense_for(8 * steps)
+        model = TinyCNN(num_classes=2)
+        if hasattr(defense, "prepare_model"):
+            model = defense.prepare_model(model)
+        data = data_for(8 * steps)
+        return host_reads(lambda: fit(model, defense, IndexedDataset(data) if defense.needs_ids else data, epochs=1,
+                                      batch_size=8, progress=False, optimizer=lambda p: torch.optim.SGD(p, lr=1e-2),
+                                      **kwargs))
+    one, three = run(1), run(3)
+    return {k: (three[k] - one[k]) / 2 for k in one}
+
+
+class _NoReads(Defense):
+    """A defense that reads nothing back itself (its metrics, if any, are Python numbers)."""
+
+    name = "no-reads"
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def __call__(self, model, x, y, ids=None):
+        logits = model(x)
+        return DefenseOutput(loss=classification_loss(logits, y), logits=logits, metrics=dict(self.metrics))
+
+
+@pytest.mark.parametrize("metrics", [{"loss": 0.5}, {}])
+def test_fit_reads_three_values_back_per_step_of_its_own(metrics):
+    """fit's own host reads per step (each a GPU sync) were six: the labels' min and max (two), the loss and
+    extra-gradient flags, the loss for the history even where the defense's metrics held it (setdefault's argument
+    ran anyway), the count of correct predictions and the gradient check. Now three: the labels' range in one read,
+    the flags with the correct count, and the gradient check (docs/design.md, Non-finite values); the loss is read
+    only for a defense whose metrics lack it. The sampler's index list, a CPU tensor, is the fourth tolist."""
+    reads = _reads_per_step(lambda n: _NoReads(metrics), _images)
+    assert reads == {"item": 1 + ("loss" not in metrics), "nonzero": 0, "tolist": 3}, reads
+    # the read values still make the history: train_acc from the batches' correct counts, train_loss
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=2)
+    data = _images(12)
+    row = fit(model, _NoReads(metrics), data, epochs=1, batch_size=4, lr=0.0, progress=False).history[0]
+    with torch.no_grad():
+        logits = model(data.tensors[0])
+    assert row["train_acc"] == (logits.argmax(1) == data.tensors[1]).sum().item() / 12
+    assert row["train_loss"] == (0.5 if metrics else pytest.approx(float(classification_loss(logits, data.tensors[1]))))
 
 
 def test_a_numpy_integer_seed_trains_as_the_same_python_int(tmp_path):

@@ -245,3 +245,27 @@ def check_onnx_export(model, x, tmp_path, *, dynamo, others=(), exact=False):
                 assert_verbose_equal(torch.from_numpy(out), ref)
             else:
                 torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-3, atol=1e-5)
+
+
+def host_reads(run):
+    """``run()``'s reads of tensor values back to Python, {"item": items (float(t), int(t), bool(t), t.item()),
+    "nonzero": nonzeros (boolean indexing), "tolist": tolist calls}, each a host sync on a GPU. tolist dispatches no
+    aten op on CPU: counted by wrapping it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tolists = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        tolists.append(self.shape)
+        return tolist(self)
+
+    torch.Tensor.tolist = counted
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+    finally:
+        torch.Tensor.tolist = tolist
+    names = [e.name for e in prof.events()]
+    return {"item": names.count("aten::_local_scalar_dense"), "nonzero": names.count("aten::nonzero"),
+            "tolist": len(tolists)}

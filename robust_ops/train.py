@@ -59,8 +59,8 @@ from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputError, check_output, classification_loss,
-                              forward_naming_input_mismatch, is_single_logit, looks_like_probabilities, num_classes_of,
-                              predict_from_output, use_model_mode)
+                              forward_naming_input_mismatch, is_single_logit, labels_range, looks_like_probabilities,
+                              num_classes_of, predict_from_output, use_model_mode)
 from .defenses._common import ONE_SAMPLE_BATCH_NORM
 from .defenses.base import _as_tuples, _plain
 
@@ -1672,10 +1672,11 @@ def fit(
                     if num_classes is None:
                         num_classes, single_logit = _infer_num_classes(model, x)
                         defense.check_labels(y, num_classes)
-                    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                    low, high = labels_range(y) or (0, 0)  # one host read (a GPU sync) for both ends
+                    if low < 0 or high >= num_classes:
                         raise ValueError(f"{name}: expected labels in [0, {num_classes}) for a model with "
-                                         f"{num_classes} output classes, got values in [{int(y.min())}, "
-                                         f"{int(y.max())}] (epoch {epoch + 1}, step {step + 1})")
+                                         f"{num_classes} output classes, got values in [{low}, {high}] (epoch "
+                                         f"{epoch + 1}, step {step + 1})")
                 except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
                     error = e
                 failures.where = f"epoch {epoch + 1}, step {step + 1}"
@@ -1721,7 +1722,13 @@ def fit(
                     if world > 1:  # every process stops together (a lone raise would leave the others waiting)
                         bad = own_bad.to(dtype=torch.float32)  # a copy: own_bad still says which process it was
                         dist.all_reduce(bad)
-                    bad_loss, bad_extra = (bool(b > 0) for b in bad.tolist())
+                    # the batch's count of correct clean predictions (train_acc) rides on the flags' read: one host
+                    # read (a GPU sync) for both; float64 holds any count exactly
+                    read = [bad.to(torch.float64)]
+                    if out.logits is not None:
+                        read.append((predict_from_output(out.logits.detach()) == y).sum().to(torch.float64)[None])
+                    bad_loss, bad_extra, *batch_correct = torch.cat(read).tolist()
+                    bad_loss, bad_extra = bad_loss > 0, bad_extra > 0
                 where = _last_good_checkpoint(last_ckpt)
                 if bad_loss or bad_extra:
                     own_loss, own_extra = own_bad.tolist()
@@ -1774,7 +1781,8 @@ def fit(
                     changes.trained = True
 
                 n = y.numel()
-                metrics.setdefault("loss", float(loss.detach()))
+                if "loss" not in metrics:  # not setdefault: its argument, a host read, ran for every batch
+                    metrics["loss"] = float(loss.detach())
                 _merge_key_order(reported, list(metrics))
                 for k, v in metrics.items():
                     w = weights.get(k, n)
@@ -1782,7 +1790,7 @@ def fit(
                         sums[k] = sums.get(k, 0.0) + v * w
                         seen[k] = seen.get(k, 0) + w
                 if out.logits is not None:
-                    correct += int((predict_from_output(out.logits.detach()) == y).sum())
+                    correct += int(batch_correct[0])
                     scored += n  # not every sample: a defense may return logits for some batches only
                 if bar is not None:
                     bar.update(1)
