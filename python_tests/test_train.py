@@ -5434,6 +5434,34 @@ def test_fit_reads_three_values_back_per_step_of_its_own(metrics):
     assert row["train_loss"] == (0.5 if metrics else pytest.approx(float(classification_loss(logits, data.tensors[1]))))
 
 
+# fit's host reads (item, tolist) per training step with each defense, as _reads_per_step counts them: fit's own
+# three and the sampler's CPU index list (above), the defense's label checks, its attacks' input, label and
+# first-forward checks (test_attacks.py), DPAAT's batch mean of the loss changes and AMAT's / DPAAT's finite-loss
+# checks; and the defense's metrics, now one read (defenses._common.metric_values) where each was one: e.g. LLR's
+# four, ARFL's five besides four label reads, MIRST's four emitted attack losses (run_pgd reads them at its end).
+# Before: standard (3, 4), at (3, 7), sat / trades / rst (4, 7), gr (5, 4), llr (7, 7), mart (5, 7), fat (3, 7),
+# amat (8, 10), mirst / mirst-dm (7, 7), dpaat (10, 10), arfl (12, 7), arfl adv_term (14, 7). IMA's reads follow its
+# data (which samples its search crossed), not pinned here; its four metrics and the loss are one read too.
+_DEFENSE_READS_PER_STEP = {
+    "standard": (3, 4), "at": (1, 8), "sat": (1, 8), "trades": (1, 8), "rst": (1, 8), "gr": (2, 5), "llr": (3, 8),
+    "mart": (1, 8), "fat": (1, 8), "amat": (4, 11), "mirst": (1, 9), "mirst-dm": (1, 9), "dpaat": (5, 11),
+    "arfl": (1, 9), "arfl adv_term": (1, 9)}
+
+
+@pytest.mark.parametrize("case", list(_DEFENSE_READS_PER_STEP))
+def test_each_defense_reads_its_metrics_back_in_one_read(case):
+    name, *objective = case.split()
+    options = dict(steps=8) if name.startswith("mirst") else {} if name in ("standard", "gr") else dict(steps=2)
+    if objective:
+        options["attack_objective"] = objective[0]
+    reads = _reads_per_step(lambda n: defenses.build(name, **options), _images)
+    assert (reads["item"], reads["tolist"], reads["nonzero"]) == (*_DEFENSE_READS_PER_STEP[case], 0), reads
+
+
+def test_the_read_counts_cover_every_registered_defense_but_ima():
+    assert {case.split()[0] for case in _DEFENSE_READS_PER_STEP} == set(defenses.NAMES) - {"ima"}
+
+
 def test_a_numpy_integer_seed_trains_as_the_same_python_int(tmp_path):
     """seed=np.int64(3) passed the integer check, then overflowed in the seed arithmetic ("Python int too large to
     convert to C long")."""

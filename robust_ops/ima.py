@@ -38,7 +38,7 @@ from .attacks.context import (
     predict_from_output,
 )
 from .attacks.core import check_labels_against, check_linf_budget, check_norm, forward, per_sample, sample_distance
-from .defenses._common import ONE_SAMPLE_BATCH_NORM, distributed_run, unwrap
+from .defenses._common import ONE_SAMPLE_BATCH_NORM, distributed_run, metric_values, unwrap
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
 
@@ -1408,7 +1408,9 @@ class IMA(Defense):
         sel = clean_ok.nonzero().squeeze(1)
         margins = self.table.get(ids).to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         l1 = l0
-        metrics = {"margin_mean": float(self.table.margins.mean()), "clean_acc": float(clean_ok.float().mean())}
+        # tensors, read back together at the end (metric_values: one host read); the mean of the margins before this
+        # batch's update
+        metrics = {"margin_mean": self.table.margins.mean().to(x.device), "clean_acc": clean_ok.float().mean()}
         attacked = {}  # adv_acc and crossed are means over the attacked samples: fit weighs them by their number
         problem = None
         if sel.numel():
@@ -1446,7 +1448,7 @@ class IMA(Defense):
             shrink = crossed & ~adv_ok if self.strict_shrink else crossed
             expand = adv_ok & ~crossed
             distance = sample_distance(x_adv, xs, self.norm)
-            metrics.update(adv_acc=float(adv_ok.float().mean()), crossed=float(crossed.float().mean()))
+            metrics.update(adv_acc=adv_ok.float().mean(), crossed=crossed.float().mean())
             attacked = {"adv_acc": sel.numel(), "crossed": sel.numel()}
         else:
             shrink = expand = torch.zeros(0, dtype=torch.bool, device=x.device)
@@ -1455,7 +1457,8 @@ class IMA(Defense):
         self.table.update(ids[sel], adv_correct=expand, crossed=shrink, distance=distance, delta=self.delta,
                           problem=problem)
         loss = ((1 - self.beta) * l0 + self.beta * l1).mean()
-        return DefenseOutput(loss=loss, logits=out.detach(), metrics=metrics, metric_counts=attacked)
+        metrics["loss"] = loss  # last, where fit would add it, read with the others (fit read it on its own)
+        return DefenseOutput(loss=loss, logits=out.detach(), metrics=metric_values(**metrics), metric_counts=attacked)
 
     def holds_state(self):
         """A margin table, or settings resolved by an earlier run (a num_samples fit sized, eps_train from a batch)."""

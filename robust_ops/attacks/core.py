@@ -50,7 +50,7 @@ class PGDResult:
         ``[p for p in model.parameters() if p.requires_grad]``, None for a parameter no forward used (None without
         param_grad_weights).
     emitted_losses: the attack loss (unweighted, as a float) at each iterate of ``param_grad_weights``, in
-        increasing iterate order (None without param_grad_weights).
+        increasing iterate order (None without param_grad_weights); read back from the device once, at the end.
     """
 
     x_adv: torch.Tensor
@@ -634,7 +634,7 @@ def run_pgd(
                             if g is not None:
                                 param_grads[i].add_(g, alpha=w)
                                 reached[i] = True
-                        emitted_losses.append(float(objective.detach()))
+                        emitted_losses.append(objective.detach().reshape(()).to(torch.float64))  # read at the end
                     else:
                         (grad,) = grad_scale.grad(objective, [xg], direction_only=True)
                     # under float16 autocast the graph was retained: freed here, not after the next step's forward
@@ -672,4 +672,6 @@ def run_pgd(
                                     iterates if slot is not None else None, slot if slot is not None else 0)
     if param_grads is not None:
         param_grads = [g if used else None for g, used in zip(param_grads, reached)]
+        # one host read (a GPU sync) for them all, not one per emitted iterate; float64 holds each loss exactly
+        emitted_losses = torch.stack(emitted_losses).tolist() if emitted_losses else []
     return PGDResult(x_adv, iterates, param_grads, emitted_losses)

@@ -28,6 +28,15 @@ def distributed_run():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def metric_values(**values):
+    """{name: float} of a batch's metrics, given as one-element tensors (or numbers), with the tensors read back in one
+    host read (a GPU sync) rather than one per value. float64 holds every float32, float16 and bfloat16 value
+    exactly, so each float is the one float(value) gives."""
+    tensors = {k: v.detach().reshape(()).to(torch.float64) for k, v in values.items() if torch.is_tensor(v)}
+    read = dict(zip(tensors, torch.stack(list(tensors.values())).tolist())) if tensors else {}
+    return {k: read[k] if k in read else float(v) for k, v in values.items()}
+
+
 def unwrap(model):
     """The module inside DistributedDataParallel / DataParallel: attacks run on it (no gradient-sync hooks)."""
     return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,

@@ -16,19 +16,22 @@ import torch.nn.functional as F
 from ..attacks.context import classification_loss
 from ..attacks.core import check_step_moves, sample_distance
 from ._common import (PGDDefense, as_two_class, check_choice, check_flags, check_real, distributed_run,
-                      float32_or_wider, labels, per_sample_ce, refuse_unused, unwrap, use_model_mode)
+                      float32_or_wider, labels, metric_values, per_sample_ce, refuse_unused, unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import DefenseOutput
 
 
-def _global_mean(values):
-    """The mean of ``values`` over all processes' shares of the batch (this process's mean outside DDP)."""
+def _global_mean(values, read=True):
+    """The mean of ``values`` over all processes' shares of the batch (this process's mean outside DDP): a float, or
+    with ``read=False`` a one-element tensor (for metric_values to read with the batch's metrics)."""
     if not distributed_run():
-        return float(values.mean())
-    total = torch.stack([values.sum().double(), torch.tensor(float(values.numel()), dtype=torch.float64,
-                                                            device=values.device)])
-    dist.all_reduce(total)
-    return float(total[0] / total[1])
+        mean = values.mean()
+    else:
+        total = torch.stack([values.sum().double(), torch.tensor(float(values.numel()), dtype=torch.float64,
+                                                                device=values.device)])
+        dist.all_reduce(total)
+        mean = total[0] / total[1]
+    return float(mean) if read else mean
 
 
 class _AdaptiveRadius(PGDDefense):
@@ -118,9 +121,8 @@ class AMAT(_AdaptiveRadius):
         clean = classification_loss(logits, y)
         adv = classification_loss(model(x_adv), y)
         loss = 0.5 * (adv + clean)
-        return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach()),
-            "radius_mean": float(radii.mean())})
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(
+            loss=loss, loss_clean=clean, loss_adv=adv, radius_mean=radii.mean()))
 
 
 def synchronization_loss(logits, logits_adv, form="js"):
@@ -215,7 +217,9 @@ class DPAAT(_AdaptiveRadius):
         radii = torch.where(delta_losses > avg, norms - gamma, norms + gamma).clamp_min(0.0)
         if self.max_radius is not None:
             radii = radii.clamp_max(self.max_radius)
-        self._radius_mean = _global_mean(radii)  # over the whole batch: shares may be uneven (2 / 1)
+        # over the whole batch (shares may be uneven, 2 / 1); a tensor until __call__ reads it with the metrics (one
+        # host read), a float from then on (state_dict's float() reads one left by a direct call of radii)
+        self._radius_mean = _global_mean(radii, read=False)
         return radii
 
     def __call__(self, model, x, y, ids=None):
@@ -229,22 +233,27 @@ class DPAAT(_AdaptiveRadius):
             clean_l, adv_l = self._losses(model, y, x, x_adv)
             radii = self.radii(float32_or_wider(sample_distance(x_adv, x, self.norm)), adv_l - clean_l)
             x_adv = self._attack_with_radii(model, x, y, radii)
-            radius = {"radius_mean": self._radius_mean}
+            radius = {"radius_mean": self._radius_mean}  # a tensor: read with the metrics below
         if self.alpha == 1 and self.beta == 0:
             # L = L(x_adv) alone: a clean training forward with weight 0 still moved BatchNorm's running statistics
             # (as SAT at alpha = 1); the radius rule's clean loss above ran in the attack's mode
             adv = classification_loss(model(x_adv), y)
-            return DefenseOutput(loss=adv, metrics={"loss": float(adv.detach()), "loss_adv": float(adv.detach()),
-                                                    **radius})
+            return DefenseOutput(loss=adv, metrics=self._read_radius_mean(metric_values(loss=adv, loss_adv=adv,
+                                                                                       **radius)))
         logits = model(x)
         logits_adv = model(x_adv)
         clean = classification_loss(logits, y)
         adv = classification_loss(logits_adv, y)
         syn = synchronization_loss(logits, logits_adv, self.syn).mean()
         loss = self.alpha * adv + (1 - self.alpha) * clean + self.beta * syn
-        return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach()),
-            "loss_syn": float(syn.detach()), **radius})
+        return DefenseOutput(loss=loss, logits=logits, metrics=self._read_radius_mean(metric_values(
+            loss=loss, loss_clean=clean, loss_adv=adv, loss_syn=syn, **radius)))
+
+    def _read_radius_mean(self, metrics):
+        """The batch's metrics, with the mean radius they read kept as the state's float."""
+        if "radius_mean" in metrics:
+            self._radius_mean = metrics["radius_mean"]
+        return metrics
 
     def options(self):
         options = super().options()

@@ -6,7 +6,8 @@ models). Attacks run on robust_ops.attacks.core.run_pgd with the settings of PGD
 
 from ..attacks.context import classification_loss
 from ..attacks.core import forward
-from ._common import PGDDefense, check_int, check_labels_against, check_options, check_real, labels
+from ._common import (PGDDefense, check_int, check_labels_against, check_options, check_real, labels,
+                      metric_values)
 from .base import Defense, DefenseOutput
 
 
@@ -36,7 +37,7 @@ class AT(PGDDefense):
         y = labels(self.name, x, y)
         x_adv = self.attack(model, x, y).x_adv
         loss = classification_loss(model(x_adv), y)
-        return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach()), "loss_adv": float(loss.detach())})
+        return DefenseOutput(loss=loss, metrics=metric_values(loss=loss, loss_adv=loss))
 
 
 class SAT(PGDDefense):
@@ -64,8 +65,7 @@ class SAT(PGDDefense):
         clean = classification_loss(logits, y)
         adv = classification_loss(model(x_adv), y)
         loss = self.alpha * adv + (1 - self.alpha) * clean
-        return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach())})
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(loss=loss, loss_clean=clean, loss_adv=adv))
 
 
 class RST(PGDDefense):
@@ -86,8 +86,7 @@ class RST(PGDDefense):
         clean = classification_loss(logits, y)
         adv = classification_loss(model(x_adv), y)
         loss = clean + self.lam * adv
-        return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "loss_adv": float(adv.detach())})
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(loss=loss, loss_clean=clean, loss_adv=adv))
 
 
 class FAT(PGDDefense):
@@ -135,4 +134,4 @@ class FAT(PGDDefense):
         noise = {"step_noise": self.omega} if self.omega else {}  # omega 0: the attack of the paper's Algorithm 1
         x_adv = self.attack(model, x, y, early_stop=self._current_tau(), **noise).x_adv
         loss = classification_loss(model(x_adv), y)
-        return DefenseOutput(loss=loss, metrics={"loss": float(loss.detach()), "loss_adv": float(loss.detach())})
+        return DefenseOutput(loss=loss, metrics=metric_values(loss=loss, loss_adv=loss))

@@ -21,14 +21,20 @@ import torch
 from torch import nn
 
 from ..attacks.context import classification_loss, num_classes_of
-from ._common import (PGDDefense, check_choice, check_real, float32_or_wider, labels, per_sample_ce, refuse_unused,
-                      unwrap)
+from ._common import (PGDDefense, check_choice, check_real, float32_or_wider, labels, metric_values, per_sample_ce,
+                      refuse_unused, unwrap)
 from .base import DefenseOutput
 
 
 def robust_feature_loss(features, y, channel_reduction="mean"):
     """Per-sample L_robust (ARFL eq. 1) for features [N, C, H, W], [N, C, L], [N, D] or [N] (one feature; more
     spatial dimensions also count as the map) and labels y in {0, 1}."""
+    return _robust_feature_loss(features, y, channel_reduction, labels_checked=False)
+
+
+def _robust_feature_loss(features, y, channel_reduction, labels_checked):
+    """robust_feature_loss; ``labels_checked``: y is known to hold 0/1 only (ARFL checked its labels), so the check's
+    host read (a GPU sync per call: per attack step under attack_objective="adv_term") is skipped."""
     # "Sum" read as "mean" without a word
     check_choice("robust_feature_loss", "channel_reduction", channel_reduction, ("mean", "sum"))
     f = float32_or_wider(features)  # half precision upcast, float64 kept
@@ -37,7 +43,7 @@ def robust_feature_loss(features, y, channel_reduction="mean"):
         raise ValueError(f"robust_feature_loss: expected features with one row per sample ({y.shape[0]}), got shape "
                          f"{tuple(f.shape)}")
     # eq. 1's own -1/+1 labels (or 2, 0.5) gave 2y - 1 = -3 and a sigmoid of 3|f| without a word
-    if y.numel() and not bool(((y == 0) | (y == 1)).all()):
+    if not labels_checked and y.numel() and not bool(((y == 0) | (y == 1)).all()):
         raise ValueError(f"robust_feature_loss: expected labels 0/1 (mapped to eq. 1's -1/+1 here), got values in "
                          f"[{float(y.min()):g}, {float(y.max()):g}]")
     sign = (2 * y - 1).to(f.dtype)
@@ -63,7 +69,7 @@ class _AdversarialTerm(nn.Module):
 
     def forward(self, x_adv):
         logits, feats = self.defense._forward_with_features(self.model, x_adv)
-        robust = robust_feature_loss(feats, self.y, self.defense.channel_reduction)
+        robust = _robust_feature_loss(feats, self.y, self.defense.channel_reduction, labels_checked=True)
         return float32_or_wider(per_sample_ce(logits, self.y)) + self.sign * self.defense.lam * robust
 
 
@@ -149,13 +155,15 @@ class ARFL(PGDDefense):
         return logits, captured[-1]
 
     def _check_binary(self, y, logits=None):
-        """Labels 0/1 and (when given) a two-class output; the labels are checked before an attack would fail on
-        them."""
+        """Labels 0/1 (logits None: the call's first check, before an attack would fail on them) or a two-class
+        output (logits given: the labels, the same, passed the first check)."""
         k = 2 if logits is None else num_classes_of(logits)
         # -1/+1 labels (eq. 1's y) included: BCE took -1 as a target and 2y - 1 = -3 without a word. Before the
-        # label rule (`labels`), whose "non-negative" would not say why.
-        if k != 2 or (torch.is_tensor(y) and y.numel() and (int(y.max()) > 1 or int(y.min()) < 0)):
-            got = f"{k} classes" if k != 2 else f"labels in [{int(y.min())}, {int(y.max())}]"
+        # label rule (`labels`), whose "non-negative" would not say why. Both ends in one host read (a GPU sync).
+        top, low = (int(v) for v in torch.stack([y.max(), y.min()]).tolist()) if (
+            logits is None and torch.is_tensor(y) and y.numel()) else (1, 0)
+        if k != 2 or top > 1 or low < 0:
+            got = f"{k} classes" if k != 2 else f"labels in [{low}, {top}]"
             raise ValueError(f"{self.name}: defined for binary tasks only (labels 0/1, mapped to -1/+1), got {got}")
 
     def __call__(self, model, x, y, ids=None):
@@ -176,8 +184,8 @@ class ARFL(PGDDefense):
             logits, feats = self._forward_with_features(model, x)
             self._check_binary(y, logits)
             clean = classification_loss(logits, y)
-            robust = robust_feature_loss(feats, y, self.channel_reduction).mean()
-            metrics.update(loss_clean=float(clean.detach()), loss_robust=float(robust.detach()))
+            robust = _robust_feature_loss(feats, y, self.channel_reduction, labels_checked=True).mean()
+            metrics.update(loss_clean=clean, loss_robust=robust)
             loss = self.r * (clean + self.lam * robust)
         if self.r < 1:
             # r = 0 (adversarial data only) runs no clean forward: with weight 0 it still moved BatchNorm's running
@@ -186,8 +194,8 @@ class ARFL(PGDDefense):
             if logits is None:
                 self._check_binary(y, logits_adv)
             adv = classification_loss(logits_adv, y)
-            robust_adv = robust_feature_loss(feats_adv, y, self.channel_reduction).mean()
+            robust_adv = _robust_feature_loss(feats_adv, y, self.channel_reduction, labels_checked=True).mean()
             loss = loss + (1 - self.r) * (adv + sign * self.lam * robust_adv)
-            metrics.update(loss_adv=float(adv.detach()), loss_robust_adv=float(robust_adv.detach()))
-        metrics["loss"] = float(loss.detach())
-        return DefenseOutput(loss=loss, logits=logits, metrics=metrics)
+            metrics.update(loss_adv=adv, loss_robust_adv=robust_adv)
+        metrics["loss"] = loss
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(**metrics))  # one host read for all

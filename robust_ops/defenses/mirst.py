@@ -27,7 +27,7 @@ import numbers
 import torch
 
 from ..attacks.context import classification_loss
-from ._common import PGDDefense, check_flags, check_int, check_real, labels, use_model_mode, unwrap
+from ._common import PGDDefense, check_flags, check_int, check_real, labels, metric_values, use_model_mode, unwrap
 from .adversarial import Standard
 from .base import DefenseOutput
 
@@ -77,7 +77,8 @@ class MIRST(PGDDefense):
             adv = sum(b * l for b, l in zip(self.beta, res.emitted_losses))
             loss = clean
             extra = res.param_grads
-            total = float(clean.detach()) + self.alpha * adv
+            values = metric_values(loss_clean=clean)
+            values = {"loss": values["loss_clean"] + self.alpha * adv, **values, "loss_adv": adv}
         else:
             res = self.attack(model, x, y, steps=self.emit[-1], emit=self.emit)
             logits = model(x)
@@ -86,9 +87,8 @@ class MIRST(PGDDefense):
                 adv_terms = [classification_loss(model(res.iterates[j]), y) for j in range(len(self.emit))]
             adv_t = sum(b * l for b, l in zip(self.beta, adv_terms))
             loss = clean + self.alpha * adv_t
-            adv, extra, total = float(adv_t.detach()), None, float(loss.detach())
-        return DefenseOutput(loss=loss, logits=logits, extra_grads=extra, metrics={
-            "loss": total, "loss_clean": float(clean.detach()), "loss_adv": float(adv)})
+            extra, values = None, metric_values(loss=loss, loss_clean=clean, loss_adv=adv_t)
+        return DefenseOutput(loss=loss, logits=logits, extra_grads=extra, metrics=values)
 
 
 class MIRSTDM(MIRST):

@@ -6,7 +6,7 @@ from torch import nn
 from ..attacks.context import InputGradScale
 from ..attacks.core import forward
 from ._common import (PGDDefense, check_choice, check_labels_against, check_options, check_real, float32_or_wider,
-                      labels, per_sample_ce, unwrap, use_model_mode)
+                      labels, metric_values, per_sample_ce, unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import Defense, DefenseOutput
 
@@ -54,8 +54,8 @@ class GR(Defense):
         clean = losses.mean()
         penalty = penalty.mean()
         loss = clean + self.lam * penalty
-        return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "grad_norm": float(penalty.detach())})
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(
+            loss=loss, loss_clean=clean, grad_norm=penalty))
 
 
 class _LinearityGap(nn.Module):
@@ -113,6 +113,5 @@ class LLR(PGDDefense):
         grad_term = first_order.abs().mean()
         clean = losses.mean()
         loss = clean + self.lam * linearity + self.mu * grad_term
-        return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "linearity": float(linearity.detach()),
-            "grad_term": float(grad_term.detach())})
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(
+            loss=loss, loss_clean=clean, linearity=linearity, grad_term=grad_term))

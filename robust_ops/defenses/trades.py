@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
 from ..attacks.core import check_start, forward
-from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, labels, unwrap,
-                      use_model_mode)
+from ._common import (PGDDefense, as_two_class, check_real, float32_or_wider, kl_per_sample, labels, metric_values,
+                      unwrap, use_model_mode)
 from .adversarial import Standard
 from .base import DefenseOutput
 
@@ -67,8 +67,7 @@ class TRADES(_ReferenceStart):
         kl = kl_per_sample(F.log_softmax(float32_or_wider(as_two_class(logits)), 1),
                            F.log_softmax(float32_or_wider(as_two_class(model(x_adv))), 1)).mean()
         loss = clean + self.beta * kl
-        return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_clean": float(clean.detach()), "kl": float(kl.detach())})
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(loss=loss, loss_clean=clean, kl=kl))
 
 
 class MART(_ReferenceStart):
@@ -98,7 +97,7 @@ class MART(_ReferenceStart):
         kl = kl_per_sample(F.log_softmax(z_nat, 1), torch.log(adv_probs + 1e-12))
         loss_robust = (kl * (1.0000001 - true_probs)).mean()
         loss = loss_adv + self.beta * loss_robust
-        return DefenseOutput(loss=loss, logits=logits, metrics={
-            "loss": float(loss.detach()), "loss_adv": float(loss_adv.detach()),
-            "kl": float(kl.detach().mean()),  # the plain KL, as TRADES's "kl"; the weighted term is loss_robust
-            "loss_robust": float(loss_robust.detach())})
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(
+            loss=loss, loss_adv=loss_adv,
+            kl=kl.detach().mean(),  # the plain KL, as TRADES's "kl"; the weighted term is loss_robust
+            loss_robust=loss_robust))
