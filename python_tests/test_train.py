@@ -5462,6 +5462,30 @@ def test_the_read_counts_cover_every_registered_defense_but_ima():
     assert {case.split()[0] for case in _DEFENSE_READS_PER_STEP} == set(defenses.NAMES) - {"ima"}
 
 
+def test_validation_reads_each_batchs_labels_once_and_its_sums_once_per_call():
+    """evaluate_clean (fit's validation, every epoch) read four values per batch back from the device (each a GPU
+    sync): the labels' min and max, the batch's summed loss and its correct count. Now one, the labels' range, before
+    the loss that a label past the classes would fail; the sums stay on the device and are read once per call, in
+    float64 from 0.0 in batch order as Python summed each batch's float(): val_loss and val_acc keep their bits. The
+    inputs' finite check runs on the CPU batch before it moves (its nonzero and tolist read no device)."""
+    from robust_ops.train import evaluate_clean
+
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=3)
+    data = TensorDataset(torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(12) % 3)
+    one, three = (host_reads(lambda: evaluate_clean(model, torch.utils.data.Subset(data, range(n)), batch_size=4))
+                  for n in (4, 12))
+    assert {k: (three[k] - one[k]) / 2 for k in one} == {"item": 0, "nonzero": 1, "tolist": 2}
+    assert one == {"item": 0, "nonzero": 1, "tolist": 3}
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for start in (0, 4, 8):
+            out, y = model(data.tensors[0][start:start + 4]), data.tensors[1][start:start + 4]
+            loss_sum += float(classification_loss(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+    assert evaluate_clean(model, data, batch_size=4) == {"val_loss": loss_sum / 12, "val_acc": correct / 12}
+
+
 def test_a_numpy_integer_seed_trains_as_the_same_python_int(tmp_path):
     """seed=np.int64(3) passed the integer check, then overflowed in the seed arithmetic ("Python int too large to
     convert to C long")."""

@@ -1008,7 +1008,7 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
     """Clean accuracy and mean classification loss of ``model`` on a dataset yielding (x, y[, ids]). Every module's
     train/eval mode is restored afterwards."""
     name = "fit (validation)"
-    total, correct, loss_sum = 0, 0, 0.0
+    total, sums = 0, None  # sums: [summed loss, correct count] on the device, read back once after the last batch
     # per-module restore: model.train(was_training) would also flip submodules the caller froze in eval mode
     with use_model_mode(model, "eval"):
         for start in range(0, len(data), batch_size):
@@ -1022,14 +1022,19 @@ def evaluate_clean(model, data, batch_size=64, device="cpu", channels_last=False
                 x = x.contiguous(memory_format=torch.channels_last)
             out = check_output(name, forward_naming_input_mismatch(name, "val_data", model, x), x.shape[0])
             k = num_classes_of(out)
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):  # BCE would take label 2 as a target silently
+            low, high = labels_range(y) or (0, 0)  # one host read (a GPU sync), before the loss that needs them
+            if low < 0 or high >= k:  # BCE would take label 2 as a target silently
                 raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} output classes, got "
-                                 f"values in [{int(y.min())}, {int(y.max())}]")
-            # half precision upcast by classification_loss (their sums overflow), float64 kept as the training loss is
-            loss_sum += float(classification_loss(out, y, reduction="sum"))
-            correct += int((predict_from_output(out) == y).sum())
+                                 f"values in [{low}, {high}]")
+            # half precision upcast by classification_loss (their sums overflow), float64 kept as the training loss is.
+            # Summed in float64 from 0.0 in batch order, as Python's float sum of each batch's float() was (the same
+            # bits), without two host reads per batch.
+            batch_sums = torch.stack([classification_loss(out, y, reduction="sum").to(torch.float64),
+                                      (predict_from_output(out) == y).sum().to(torch.float64)])
+            sums = (batch_sums.new_zeros(2) if sums is None else sums) + batch_sums
             total += y.numel()
-    return {"val_loss": loss_sum / max(total, 1), "val_acc": correct / max(total, 1)}
+    loss_sum, correct = sums.tolist() if sums is not None else (0.0, 0)
+    return {"val_loss": loss_sum / max(total, 1), "val_acc": int(correct) / max(total, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
