@@ -791,13 +791,15 @@ def test_module_rejects_unknown_backend_at_construction():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(kernel_size=0), RuntimeError, "kernel_size to be two positive integers, got (0, 0)"),
+    (dict(kernel_size=0), RuntimeError, "kernel_size to be two positive integers, got 0"),
     (dict(kernel_size=(3, -1)), RuntimeError, "kernel_size to be two positive integers, got (3, -1)"),
-    (dict(kernel_size=2, stride=0), RuntimeError, "stride to be two positive integers, got (0, 0)"),
-    (dict(kernel_size=2, dilation=0), RuntimeError, "dilation to be two positive integers, got (0, 0)"),
-    (dict(kernel_size=2, padding=-1), RuntimeError, "padding to be two non-negative integers, got (-1, -1)"),
+    (dict(kernel_size=2, stride=0), RuntimeError, "stride to be two positive integers, got 0"),
+    (dict(kernel_size=2, dilation=0), RuntimeError, "dilation to be two positive integers, got 0"),
+    (dict(kernel_size=2, padding=-1), RuntimeError, "padding to be two non-negative integers, got -1"),
     (dict(kernel_size=3, padding=2), RuntimeError,
-     "padding to be at most half of kernel_size, got padding=(2, 2) for kernel_size=(3, 3)"),
+     "padding to be at most half of kernel_size, got padding=2 for kernel_size=3"),
+    (dict(kernel_size=(3, 3), padding=[2]), RuntimeError,
+     "padding to be at most half of kernel_size, got padding=[2] for kernel_size=(3, 3)"),
     (dict(kernel_size=2.0), TypeError, "kernel_size to be an int or a pair of ints, got 2.0"),
     (dict(kernel_size=2, stride=1.5), TypeError, "stride to be an int or a pair of ints, got 1.5"),
     (dict(kernel_size=(2, 2, 2)), TypeError, "kernel_size to be an int or a pair of ints, got (2, 2, 2)"),
@@ -818,6 +820,28 @@ def test_module_checks_its_arguments_at_construction(kwargs, error, message):
                                     rf"DropMax2d: expected {re.escape(message)}$"):
         robust_ops.replace_maxpool(model)
     assert type(model[1][0]) is nn.MaxPool2d  # unchanged
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kernel_size=0), "kernel_size to be two positive integers, got 0"),
+    (dict(kernel_size=[3, 0]), "kernel_size to be two positive integers, got [3, 0]"),
+    (dict(kernel_size=3, stride=0), "stride to be two positive integers, got 0"),
+    (dict(kernel_size=3, stride=(0, 1)), "stride to be two positive integers, got (0, 1)"),
+    (dict(kernel_size=3, dilation=0), "dilation to be two positive integers, got 0"),
+    (dict(kernel_size=3, padding=-1), "padding to be two non-negative integers, got -1"),
+    (dict(kernel_size=3, padding=5), "padding to be at most half of kernel_size, got padding=5 for kernel_size=3"),
+    (dict(kernel_size=2**40), "kernel_size below 2**31 as in F.max_pool2d, got 1099511627776"),
+    (dict(kernel_size=3, stride=(1, 2**31)), "stride below 2**31 as in F.max_pool2d, got (1, 2147483648)"),
+])
+@pytest.mark.parametrize("form", ["DropMax2d", "drop_max_pool2d", "max_pool2d"])
+def test_pool_size_errors_show_the_value_as_written(form, kwargs, message):
+    # nn.MaxPool2d's users write stride=0; the message showed the pair the op takes, "got (0, 0)" (leftovers, s46)
+    x = torch.rand(1, 1, 8, 8)
+    call = dict(DropMax2d=lambda: robust_ops.DropMax2d(**kwargs),
+                drop_max_pool2d=lambda: robust_ops.drop_max_pool2d(x, **kwargs),
+                max_pool2d=lambda: robust_ops.max_pool2d(x, **kwargs))[form]
+    with pytest.raises(RuntimeError, match=f"^{form}: expected {re.escape(message)}$"):
+        call()
 
 
 def test_module_still_checks_arguments_changed_after_construction():

@@ -10,7 +10,7 @@ from torch._prims_common import suggest_memory_format
 
 from . import _autograd, _backend, reference
 from ._compile import capturing
-from ._meta import _check_floating
+from ._meta import _check_floating, check_pool_geometry
 
 __all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_"]
 
@@ -44,12 +44,21 @@ def _bool(op, name, value):
     raise TypeError(f"{op}: expected {name} to be a bool, got {value!r}")
 
 
-def _pool_args(op, kernel_size, stride, padding, dilation):
+def _pool_args(op, kernel_size, stride, padding, dilation, always_check=False):
+    """The pairs of ints the ops take, checked here so that a refusal shows the value as written: the op saw
+    stride=0 as (0, 0) and said "got (0, 0)" (nn.MaxPool2d says "stride should not be zero"). Eager only unless
+    ``always_check`` (DropMax2d's construction): under torch.compile the fake kernel's check (the pairs) keeps
+    Dynamo's TorchRuntimeError, as docs/ops/drop_max_pool2d.md says."""
     kernel = _pair("kernel_size", kernel_size, op)
-    stride = kernel if (stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)) else _pair(
-        "stride", stride, op
-    )
-    return kernel, stride, _pair("padding", padding, op), _pair("dilation", dilation, op)
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        stride, given_stride = kernel, kernel_size
+    else:
+        stride, given_stride = _pair("stride", stride, op), stride
+    pairs = kernel, stride, _pair("padding", padding, op), _pair("dilation", dilation, op)
+    given = dict(kernel_size=kernel_size, stride=given_stride, padding=padding, dilation=dilation)
+    if always_check or not capturing():
+        check_pool_geometry(op, *pairs, given=given)
+    return pairs
 
 
 def _check_tensor(op, name, value, optional=False):

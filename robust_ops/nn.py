@@ -10,7 +10,6 @@ from torch import nn
 from torch.export.unflatten import InterpreterModule, UnflattenedModule
 
 from . import _backend
-from ._meta import check_pool_geometry
 from ._patching import is_installed_forward
 from .functional import _bool, _pool_args, drop_max_pool2d
 
@@ -71,8 +70,9 @@ class DropMax2d(nn.Module):
                 f"DropMax2d: expected backend to be one of {', '.join(_backend.BACKENDS)}, got {backend!r}"
             )
         # Also fail here, naming the layer: nn.MaxPool2d(0) builds and fails at its first forward, "drop_max_pool2d:"
-        # named neither DropMax2d nor where in a model it sat. The raw values are kept (repr mirrors MaxPool2d's).
-        check_pool_geometry("DropMax2d", *_pool_args("DropMax2d", kernel_size, stride, padding, dilation))
+        # named neither DropMax2d nor where in a model it sat (_pool_args checks the geometry). The raw values are
+        # kept (repr mirrors MaxPool2d's).
+        _pool_args("DropMax2d", kernel_size, stride, padding, dilation, always_check=True)
         for name, flag in (("return_indices", return_indices), ("ceil_mode", ceil_mode)):
             _bool("DropMax2d", name, flag)
         self.kernel_size = kernel_size
