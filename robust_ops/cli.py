@@ -500,8 +500,10 @@ def _counts(counts):
 
 
 def make_model(name, info, dropmax="none"):
-    from .models import build_model
+    from .models import MODELS, build_model
 
+    if name not in MODELS:  # build_model's own refusal names build_model, which a CLI user never called
+        raise CLIError(f"--model: unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if not info.image_size and name != "mlp":  # image_size 0: feature vectors (two-moons); a CNN fails mid-training
         raise CLIError(f"--model: {name} takes images, but {info.display_name} holds feature vectors of "
                        f"{info.in_channels} values; use --model mlp")

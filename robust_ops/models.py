@@ -71,7 +71,7 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=None):
     import torchvision.models as tvm
 
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+        raise _unknown_model(name)
     if width is not None and name != "small_cnn":  # it was ignored silently
         raise ValueError(f"{name}: width= applies to small_cnn only (got width={width!r}); leave it unset")
     check_int(name, "in_channels", in_channels, 1)
@@ -120,7 +120,12 @@ def build_model(name, in_channels=1, num_classes=2, image_size=28, width=None):
             padding=1 if image_size <= 64 else 3, bias=False,
         )
         return model
-    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    raise _unknown_model(name)
+
+
+def _unknown_model(name):
+    # prefixed as attacks.build's and defenses.build's; the model's own errors name the model instead
+    return ValueError(f"build_model: unknown model {name!r}; expected one of {', '.join(MODELS)}")
 
 
 def count_parameters(model):
