@@ -682,6 +682,19 @@ def test_a_count_past_64_bits_is_refused_naming_it():
             make(10**22)
 
 
+def test_a_count_whose_buffer_cannot_be_allocated_is_named():
+    """APGD keeps a (steps + 1) x N record of losses: steps=2**62 (below the 64-bit check) failed with torch's bare
+    'Storage size calculation overflowed with sizes=[4611686018427387905, 4]', naming neither the attack nor steps
+    (found by the leftovers fixer). PGD, CW, FAB and Square allocate nothing per step: such counts run as asked."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    for make, name in ((lambda: attacks.APGD(model, steps=2**62)(x, y), "apgd"),
+                       (lambda: attacks.APGDT(model, steps=2**62)(x, y), "apgd_t")):
+        with pytest.raises(RuntimeError, match=rf"^{name}: steps={2**62} needs a record of {2**62 + 1} x \d+ losses "
+                                               r"\(steps \+ 1, N\), which cannot be allocated \(.+\)$"):
+            make()
+
+
 def test_early_stop_none_is_off():
     # None reads as False, early stopping off (mutation testing of attacks core: refusing None survived)
     model = Linear(3).eval()

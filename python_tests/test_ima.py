@@ -2338,6 +2338,15 @@ def test_an_arity_without_search_rounds_is_refused():
     gen_adv(model, x, y, margin, steps=2, search_steps=0, arity=2)
 
 
+def test_an_arity_whose_search_points_cannot_be_allocated_is_named():
+    """arity - 1 search points per crossed sample: arity=2**62 failed with torch's bare 'numel: integer multiplication
+    overflow', naming neither gen_adv nor arity (found by the leftovers fixer)."""
+    model, x, y, margin = make_problem(n=12)  # two samples cross at 10 x these margins
+    with pytest.raises(RuntimeError, match=rf"^gen_adv: arity={2**62} needs {2**62 - 1} search points for each of "
+                                           r"\d+ samples?, which cannot be allocated \(.+\)$"):
+        gen_adv(model, x, y, margin * 10, steps=10, search_steps=1, arity=2**62)
+
+
 def test_margin_table_refuses_a_process_group_it_would_not_use():
     """process_group is the group the table's sync runs in: with sync=False nothing is exchanged, and a group given
     there was ignored silently; now refused naming it, the setting and the fix."""

@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from . import _backend, functional
 from ._meta import output_memory_format
-from ._options import (check_device, check_flags, check_int, check_options, check_real, listing, refuse_unused,
-                       segmentation_masks)
+from ._options import (allocated, check_device, check_flags, check_int, check_options, check_real, counted, listing,
+                       refuse_unused, segmentation_masks)
 from .attacks.context import (
     MODEL_MODES,
     InputGradScale,
@@ -545,7 +545,9 @@ def _search_start(p, lo, hi):
     """Interior points of the first round: points = hi everywhere, then one search step with crossed_at = 0 keeps lo
     and hi (stacked[0] = lo, stacked[1] = points[0] = hi) and writes the k-1 interior points with the kernel's own
     arithmetic."""
-    points = hi.unsqueeze(0).expand((p.arity - 1,) + tuple(hi.shape)).clone()
+    what = f"{p.arity - 1} search points for each of {counted(hi.shape[0], 'sample')}"
+    points = allocated(p.name, "arity", p.arity, what,
+                       lambda: hi.unsqueeze(0).expand((p.arity - 1,) + tuple(hi.shape)).clone())
     zero = torch.zeros(lo.shape[0], dtype=torch.int64, device=lo.device)
     p.search_step(lo, hi, points, zero)
     return points

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, functional
-from .._options import check_flags
+from .._options import allocated, check_flags
 from .base import Attack
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
                       float32_or_wider, is_single_logit, predict_from_output, two_logits)
@@ -210,7 +210,8 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
     # compares the first step's loss with that unfilled entry, and with the start loss instead the DLR losses
     # (negative until a sample breaks) halved the step less often and broke fewer samples in short runs
     # (docs/attacks.md, "Differences from torchattacks and AutoAttack").
-    loss_steps = torch.zeros(steps + 1, n, dtype=loss_now.dtype, device=x.device)
+    loss_steps = allocated(name, "steps", steps, f"a record of {steps + 1} x {n} losses (steps + 1, N)",
+                           lambda: torch.zeros(steps + 1, n, dtype=loss_now.dtype, device=x.device))
     x_old = x_adv.clone()
     if norm == "l1":
         step_size = eps_t.clone()
