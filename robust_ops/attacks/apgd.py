@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import _backend, functional
 from .._options import allocated, check_flags
-from .base import Attack
+from .base import N_CLASSES_HINT, Attack
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
                       float32_or_wider, is_single_logit, predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_linf_step_resolution, check_norm, check_steps, clean_logits,
@@ -515,8 +515,7 @@ class APGDT(Attack):
     name = "apgd-t"
     supports_targeted = False
     norms = NORMS_WITH_L1
-    _FOREIGN_OPTIONS = {**Attack._FOREIGN_OPTIONS,
-                        "n_classes": "torchattacks' n_classes=K is n_target_classes=K - 1 here"}
+    _FOREIGN_OPTIONS = {**Attack._FOREIGN_OPTIONS, "n_classes": N_CLASSES_HINT}
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, loss="dlr",
                  n_restarts=1, rho=0.75, seed=0, eot_iter=1, use_largereps=False, **options):

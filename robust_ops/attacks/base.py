@@ -22,6 +22,10 @@ def _refuse_positional(cls_name, model, positional):
                     f"{1 + len(positional)} positional arguments; call super().__init__(model, **options)")
 
 
+# APGDT's and AutoAttack's hint for torchattacks' n_classes (both refuse it with this text)
+N_CLASSES_HINT = "torchattacks' n_classes=K is n_target_classes=K - 1 here"
+
+
 class Attack:
     """Base class. Subclasses set ``name`` and implement ``forward(x, y) -> x_adv`` with the functional attack.
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .._options import check_flags, check_real
-from .base import Attack
+from .base import N_CLASSES_HINT, Attack
 from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
 from .context import (attack_context, check_attack_output, check_inputs, check_inside_ball, looks_like_probabilities,
                       predict_from_output)
@@ -330,7 +330,7 @@ class AutoAttack(Attack):
 
     _FOREIGN_OPTIONS = {
         **Attack._FOREIGN_OPTIONS,
-        "n_classes": "torchattacks' n_classes=K is n_target_classes=K - 1 here",
+        "n_classes": N_CLASSES_HINT,
         "log_path": "nothing is logged, aa.run(x, y).counts() gives the samples each attack broke",
     }
 
