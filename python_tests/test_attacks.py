@@ -4699,7 +4699,7 @@ def test_a_model_whose_output_does_not_depend_on_x_is_one_clear_error():
                       ("fgsm", lambda: attacks.fgsm(model, x, y, eps=0.03)),
                       ("apgd", lambda: attacks.apgd(model, x, y, eps=0.03, steps=1)),
                       ("fab", lambda: attacks.fab(model, x, y, eps=0.03, steps=1)),
-                      ("run_pgd", lambda: defenses.build("at", steps=1)(model, x, y))):
+                      ("at", lambda: defenses.build("at", steps=1)(model, x, y))):
         with pytest.raises(RuntimeError, match=rf"^{name}: the model's output does not depend on its input x "):
             run()
     assert attacks.square(model, x, y, eps=0.03, n_queries=2).shape == x.shape

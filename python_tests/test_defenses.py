@@ -1971,6 +1971,26 @@ class _NaNForSample(nn.Module):
         return torch.where(bad | self.diverged, torch.full_like(out, float("nan")), out)
 
 
+@pytest.mark.parametrize("name", ["at", "trades", "mart", "mirst", "fat", "amat", "llr", "dpaat"])
+def test_a_defenses_attack_called_outside_fit_names_the_defense(name):
+    """A defense's loss called directly (outside fit, which rewords these) refused bad inputs as "run_pgd: x contains
+    NaN or Inf", "run_pgd: expected x inside the clip range ..." or "run_pgd: expected labels in [0, 3) ...", naming
+    a function the caller never called (found by the leftovers fixer); PGDDefense.attack now names the defense."""
+    from robust_ops.attacks.context import NonFiniteInputError
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    defense = defenses.build(name)  # each refusal comes before the first step
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteInputError, match=rf"^{name}: x contains NaN or Inf"):
+        defense(model, bad, y)
+    with pytest.raises(ValueError, match=rf"^{name}: expected x inside the clip range \[0\.0, 1\.0\]"):
+        defense(model, x * 3, y)
+    with pytest.raises(ValueError, match=rf"^{name}: expected labels in \[0, 3\) for a model with 3 classes"):
+        defense(model, x, torch.tensor([0, 1, 2, 7]))
+
+
 @pytest.mark.parametrize("name", ["amat", "dpaat"])
 def test_amat_and_dpaat_name_a_diverged_models_nan_loss_not_run_pgds_eps(name, tmp_path):
     """A model with NaN outputs gave NaN losses, hence NaN radii, which run_pgd refused as "expected every eps to be
@@ -1984,7 +2004,7 @@ def test_amat_and_dpaat_name_a_diverged_models_nan_loss_not_run_pgds_eps(name, t
 
     x, y = _batch(8)
     defense = defenses.build(name, steps=2)
-    with pytest.raises(NonFiniteOutputError, match=r"^run_pgd: the model's output is NaN or Inf for 1 of its 8 inputs "
+    with pytest.raises(NonFiniteOutputError, match=rf"^{name}: the model's output is NaN or Inf for 1 of its 8 inputs "
                                                    r"at the attack's first forward "):
         defense(_NaNForSample(), x, y)
     assert not defense.holds_state()
@@ -2101,7 +2121,7 @@ def test_attacks_run_on_the_module_inside_a_data_parallel_wrapper(monkeypatch):
                 clip_min=0.1, clip_max=0.9).attack(nn.DataParallel(model), x, y, steps=3)
     assert seen[0][0] is model
     assert seen[0][1] == dict(eps=0.2, alpha=0.07, steps=3, norm="l2", random_start=False, model_mode="train",
-                              clip_min=0.1, clip_max=0.9)
+                              clip_min=0.1, clip_max=0.9, name="at")
 
 
 @pytest.fixture

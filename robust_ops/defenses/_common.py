@@ -123,9 +123,11 @@ class PGDDefense(Defense):
             raise TypeError(f"{self.name}: {type(self).__name__}.__init__ did not call super().__init__(**attack), "
                             "which sets the attack settings (eps, steps, norm, ...) that self.attack uses; call it "
                             "there, with the attack's keyword arguments")
+        # named by the defense: called outside fit (which rewords them), its refusals said "run_pgd: x contains NaN
+        # or Inf", naming a function the caller never called
         kwargs = dict(eps=self.eps, alpha=self.step_size, steps=self.steps, norm=self.norm,
                       random_start=self.random_start, model_mode=self.attack_mode, clip_min=self.clip_min,
-                      clip_max=self.clip_max)
+                      clip_max=self.clip_max, name=self.name)
         kwargs.update(overrides)
         return run_pgd(unwrap(model), x, y, **kwargs)
 
