@@ -43,6 +43,8 @@ except (KeyboardInterrupt, RuntimeError) as _err:
 
 __version__ = "0.1.0"
 
+__all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_", "DropMax2d", "replace_maxpool"]
+
 _SUBMODULES = (
     "attacks", "ima", "defenses", "train", "data", "evaluate", "models", "metrics", "report", "pretrain", "cli",
     "reproduce", "memory", "native_layers", "prepacked_conv",

@@ -58,11 +58,14 @@ from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputE
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
                       metric_names, positive_class_problem, probabilities)
 
+__all__ = ["evaluate", "write_results", "EvalError"]
+
 SCHEMA = "robust_ops.results/1"
 
 
 class EvalError(ValueError):
-    """Bad evaluation input; ``arg`` names the option at fault (e.g. "eps", "attacks")."""
+    """Bad evaluation input; ``arg`` names the option at fault (e.g. "eps", "attacks"), ``message`` is the error's
+    text."""
 
     def __init__(self, arg, message):
         super().__init__(message)
@@ -939,7 +942,28 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
     """Write results.json, report.md and the figures into ``out_dir`` atomically; returns the written paths. Figures
     an earlier write left there (``<metric>_vs_eps.png``, ``saliency_*.png``) that this one does not draw are removed.
 
-    saliency: optional ``(models: {method: model}, x, y)`` for Grad-CAM / input-gradient maps of a few images.
+    Args:
+        out_dir: the folder (str or path-like), made if missing.
+        rows: the result rows, a list of :func:`evaluate`'s dicts (several calls' rows concatenated; two rows with
+            the same method, attack, norm and eps are refused).
+        info: the dataset's DatasetInfo (class names, positive class), recorded as results.json's ``dataset``.
+        config: a dict of run settings for results.json's ``config`` and report.md's Configuration, or None ({}).
+        device: the device the rows were computed on (default "cpu"), recorded in results.json's ``environment``.
+        paper: the published numbers to compare with (reproduce's), recorded as results.json's ``paper``; None
+            (default) or empty: not recorded.
+        notes: recorded as results.json's ``notes``; None (default) or empty: not recorded.
+        title: report.md's heading; None (default): "Robustness evaluation".
+        figures: draw ``<metric>_vs_eps.png`` (and the saliency maps) when True (default); False draws none.
+        saliency: optional ``(models: {method: model}, x, y)`` for Grad-CAM / input-gradient maps of a few images.
+        extra_markdown: Markdown text put into report.md before its "All rows" table, or None (default).
+        extra_fields: a dict of more top-level results.json entries (they replace those of the same name), or None.
+
+    Returns:
+        {"results": Path of results.json, "report": Path of report.md, "figures": [Paths of the figures drawn]}.
+
+    Raises:
+        EvalError: info's class_names are not one distinct name per class, config or extra_fields is neither a
+            dict nor None, or two rows share a method, attack, norm and eps.
     """
     from . import report
 

@@ -25,6 +25,9 @@ from ._options import check_device, check_flags, env_switch
 ENV_SWITCH = "ROBUST_OPS_CPU_POOL"
 LIMIT_ENV = "ROBUST_OPS_CPU_POOL_LIMIT_MB"
 
+__all__ = ["cpu_memory_pool", "cpu_memory_pool_stats", "PoolStats", "library_pool", "pool_enabled_by_default",
+           "pool_limit_mb", "ENV_SWITCH", "LIMIT_ENV"]
+
 
 @dataclass
 class PoolStats:
@@ -83,9 +86,11 @@ def cpu_memory_pool(enabled=True):
 
 
 def library_pool(device="cpu"):
-    """The pool as robust_ops' own attacks and training use it: on for CPU work unless ROBUST_OPS_CPU_POOL=0."""
+    """The pool as robust_ops' own attacks and training use it: cpu_memory_pool, on for CPU work (``device``, a
+    device or its string, default "cpu"; any other device: off) unless ROBUST_OPS_CPU_POOL=0."""
     return cpu_memory_pool(check_device("library_pool", device).type == "cpu" and pool_enabled_by_default())
 
 
 def cpu_memory_pool_stats():
+    """The pool's counters now, as a PoolStats (nesting depth, hits, misses, cached and in-use bytes)."""
     return PoolStats(*(int(v) for v in torch.ops.robust_ops._cpu_pool_stats()))

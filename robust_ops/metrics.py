@@ -32,6 +32,11 @@ import torch
 
 from .attacks.context import is_single_logit
 
+__all__ = [
+    "classification_metrics", "probabilities", "confusion_counts", "metric_names", "BINARY_METRICS",
+    "MULTICLASS_METRICS"
+]
+
 BINARY_METRICS = ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
 MULTICLASS_METRICS = BINARY_METRICS
 METRIC_LABELS = {
@@ -41,6 +46,8 @@ METRIC_LABELS = {
 
 
 def metric_names(num_classes):
+    """The metric names results carry for a ``num_classes``-class task, in report order: BINARY_METRICS for 2,
+    else MULTICLASS_METRICS (the same seven names today)."""
     return BINARY_METRICS if num_classes == 2 else MULTICLASS_METRICS
 
 
@@ -51,8 +58,8 @@ def _check_logits(name, out):
 
 
 def probabilities(out):
-    """Class probabilities [N, K] (float64) from [N, K] logits (softmax) or [N] / [N, 1] single logits (sigmoid ->
-    K = 2)."""
+    """Class probabilities [N, K] (float64) from the model output ``out``: [N, K] logits (softmax) or [N] / [N, 1]
+    single logits (sigmoid -> K = 2). Any other shape or a non-tensor is a ValueError."""
     _check_logits("probabilities", out)
     # float64: in float32 the predicted class's probability rounds to 1.0 once its logit margin passes ~17 (and to a
     # few values just below 1 from ~14), tying confident predictions in that column and so changing AUC and mAP;
@@ -128,7 +135,9 @@ def _labels(name, a, num_classes):
 
 def confusion_counts(y_true, y_pred, *, num_classes):
     """The confusion matrix as ``num_classes`` lists of ``num_classes`` ints: row i, column j counts the samples of
-    class i predicted as class j (evaluation rows' ``confusion``; the per-class view macro averages hide)."""
+    class i predicted as class j (evaluation rows' ``confusion``; the per-class view macro averages hide).
+    ``y_true``, ``y_pred``: the true and predicted labels [N] (arrays, lists or tensors of integers in
+    [0, num_classes)); others are a ValueError naming the argument."""
     y_true, y_pred = _labels("y_true", y_true, num_classes), _labels("y_pred", y_pred, num_classes)
     counts = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).tolist()
@@ -147,9 +156,13 @@ def positive_class_problem(num_classes, positive_class):
 
 
 def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_class=None, logits=None):
-    """Metrics dict for one prediction set. ``probs``: [N, K] class probabilities, or ``logits``: the model's [N, K]
-    logits or [N] / [N, 1] single logits (a tensor), needed for AUC and mAP; ``logits`` rank samples whose
-    probabilities round to a tie (module docstring)."""
+    """Metrics dict for one prediction set: ``n`` (the sample count) and each of metric_names(num_classes) as a
+    float (NaN where undefined, module docstring). ``y_true``, ``y_pred``: true and predicted labels [N] (arrays,
+    lists or tensors of integers in [0, num_classes)); ``num_classes``: K >= 2; ``positive_class``: 0 or 1 for a
+    binary task (required there), None (default) for a multi-class one. ``probs``: [N, K] class probabilities, or
+    ``logits``: the model's [N, K] logits or [N] / [N, 1] single logits (a tensor), needed for AUC and mAP (NaN
+    without either); ``logits`` rank samples whose probabilities round to a tie (module docstring). Bad arguments
+    are a ValueError naming the argument."""
     from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:

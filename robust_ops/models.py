@@ -15,12 +15,15 @@ from torch import nn
 
 from ._options import check_int
 
+__all__ = ["build_model", "predict", "count_parameters", "MODELS", "SmallCNN", "MLP"]
+
 MODELS = ("resnet18", "resnet50", "vgg16", "densenet121", "small_cnn", "mlp")
 
 
 class SmallCNN(nn.Module):
     """A small VGG-style CNN for fast tests and the demo: (conv-BatchNorm-ReLU, max-pool) x2, conv-BatchNorm-ReLU,
-    global average pooling, linear; ``width``, 2 x ``width`` and 4 x ``width`` channels."""
+    global average pooling, linear; ``width``, 2 x ``width`` and 4 x ``width`` channels (default 16). ``in_channels``:
+    the images' channels (default 1); ``num_classes``: the logits per image, >= 2 (default 2)."""
 
     def __init__(self, in_channels=1, num_classes=2, width=16):
         super().__init__()
@@ -43,7 +46,10 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Fully connected net, e.g. ARFL's two-moons model 2-10-10-1 (``MLP(2, 1, hidden=(10, 10))``)."""
+    """Fully connected net, e.g. ARFL's two-moons model 2-10-10-1 (``MLP(2, 1, hidden=(10, 10))``), with a ReLU
+    after each hidden layer. ``in_features``: the input's values per sample (default 2; inputs are flattened from
+    dimension 1); ``num_outputs``: 1 (default) for a single logit [N], else K logits [N, K]; ``hidden``: the hidden
+    layers' widths (default (10, 10))."""
 
     def __init__(self, in_features=2, num_outputs=1, hidden=(10, 10)):
         super().__init__()
@@ -61,12 +67,17 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
+        """The logits of ``x`` [N, ...] (flattened to [N, in_features]): [N] for one output, else [N, K]."""
         out = self.net(x.flatten(1))
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 
 def build_model(name, in_channels=1, num_classes=2, image_size=28, width=None):
     """A freshly initialised model by name (one of MODELS); raises ValueError naming the known models otherwise.
+    ``in_channels``: the images' channels (default 1; two-moons: the feature count); ``num_classes``: K >= 2 (default
+    2; the mlp then has one logit); ``image_size``: the images' side length in pixels (default 28; 0, the mlp only:
+    feature vectors of ``in_channels`` values). The resnets and densenet121 take a 3x3 stride-1 stem at 64 pixels or
+    fewer, vgg16 drops the max-pools that would shrink its map below 1x1.
     ``width``: small_cnn's channel width (default 16); the other models have their architecture's own widths."""
     import torchvision.models as tvm
 
@@ -129,12 +140,14 @@ def _unknown_model(name):
 
 
 def count_parameters(model):
+    """The number of parameter elements in ``model`` (trainable or not)."""
     return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
 def predict(model, x):
-    """Class predictions for [N, K] logits, or [N] / [N, 1] single-logit (sigmoid) outputs (positive if > 0)."""
+    """Class predictions [N] (int64) of ``model`` at inputs ``x``: the argmax of [N, K] logits, or for [N] / [N, 1]
+    single-logit (sigmoid) outputs 1 where the logit is > 0. Runs without autograd, in the model's current mode."""
     out = model(x)
     if out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1):
         return (out.reshape(-1) > 0).long()

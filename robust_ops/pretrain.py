@@ -27,6 +27,8 @@ HEAD_NAMES = ("fc", "classifier", "head")
 # itself and one augmented view (MIRST-DM's "pair each image with an augmented image", read literally)
 PAIRINGS = ("augmented", "original")
 
+__all__ = ["simclr", "PretrainResult", "nt_xent", "SimCLRAugment", "projection_head", "PAIRINGS"]
+
 
 def nt_xent(z1, z2, temperature=0.5):
     """NT-Xent (MIRST-DM eq. 4) averaged over all 2N anchors: for anchor i with positive j,
@@ -52,7 +54,10 @@ class SimCLRAugment(nn.Module):
     """SimCLR's augmentations for a batch of images in [0, 1], drawn independently per image: random resized crop
     (scale 0.2-1, back to the input size), horizontal flip, color jitter with probability 0.8 (brightness and contrast
     0.4 for grayscale; plus saturation 0.4 and hue 0.1 and random grayscale p=0.2 for RGB), Gaussian blur with
-    probability 0.5 (kernel ~ 10% of the size, sigma in [0.1, 2]). Uses the global torch RNG (seeded by simclr)."""
+    probability 0.5 (kernel ~ 10% of the size, sigma in [0.1, 2]). Uses the global torch RNG (seeded by simclr).
+    ``size``: the output side length in pixels (an integer >= 2, or a pair (height, width)); ``channels``: 1
+    (default, grayscale recipe) or 3 (RGB recipe); ``crop_scale``: the crop's area fraction range (low, high),
+    0 < low <= high <= 1 (default (0.2, 1.0))."""
 
     def __init__(self, size, channels=1, crop_scale=(0.2, 1.0)):
         super().__init__()
@@ -87,6 +92,8 @@ class SimCLRAugment(nn.Module):
         self.channels = channels
 
     def forward(self, x):
+        """Augmented copies [N, channels, height, width] (``size``'s) of the images ``x`` [N, channels, H, W] in
+        [0, 1], one draw per image; other shapes or values are a ValueError."""
         # the recipe is chosen by channels: RGB images under channels=1 lost saturation/hue/grayscale without a word,
         # and a single [C, H, W] image was augmented channel by channel
         if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != self.channels:
@@ -103,7 +110,8 @@ class SimCLRAugment(nn.Module):
 
 
 def projection_head(in_features, out_features=128):
-    """SimCLR's MLP projection head: Linear - ReLU - Linear."""
+    """SimCLR's MLP projection head: Linear(in_features, in_features) - ReLU - Linear(in_features, out_features)
+    (default 128 outputs)."""
     return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
                          nn.Linear(in_features, out_features))
 

@@ -14,6 +14,11 @@ from ._options import python_number
 from .attacks.context import classification_loss, float32_or_wider, is_single_logit, model_device, use_model_mode
 from .metrics import METRIC_LABELS, metric_names
 
+__all__ = [
+    "markdown_report", "markdown_table", "pivot_table", "paper_comparison_table", "plot_metric_vs_radius",
+    "plot_saliency", "grad_cam", "input_gradient"
+]
+
 
 def slug(text):
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "model"
@@ -128,7 +133,9 @@ def _radii(items):
 
 
 def markdown_table(rows, metrics=None):
-    """One line per row: method, attack, norm, eps, n and the metrics."""
+    """A Markdown table of ``rows`` (evaluate's result dicts), one line per row: method, attack, norm, eps, n and the
+    ``metrics`` (names; None, the default: each of the seven metric names the first row has). "(no rows)" for
+    none."""
     if not rows:
         return "(no rows)"
     metrics = metrics or [m for m in ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
@@ -158,7 +165,9 @@ def _pivot_lines(rows):
 
 
 def pivot_table(rows, metric, methods=None):
-    """The seed papers' layout: one line per (attack, norm, eps), one column per method, for one metric."""
+    """The seed papers' layout as a Markdown table of ``rows`` (evaluate's result dicts): one line per (attack,
+    norm, eps), one column per method, for one ``metric`` (a name such as "accuracy"). ``methods``: the columns in
+    order (None, the default: each method of ``rows`` in order of appearance); a missing row's cell reads "–"."""
     methods = methods or _methods(rows)
     index = {(r["method"], r["attack"], r.get("norm"), r["eps"]): r for r in rows}
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
@@ -227,7 +236,8 @@ def _paper_match(candidates, paper_row):
 def paper_comparison_table(ours, paper, metric_columns):
     """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value[, norm]}; ours are
     looked up by (method, attack, eps[, norm]) and shown as mean ± std when several seeds or folds were run, with
-    "(k of n runs)" when the metric was undefined (NaN) in some of them."""
+    "(k of n runs)" when the metric was undefined (NaN) in some of them. ``metric_columns``: the metric names to
+    compare, each a column pair (paper, ours)."""
     index = {}
     for r in ours:
         index.setdefault((r["method"], r["attack"], round(r["eps"], 6)), []).append(r)
@@ -313,6 +323,10 @@ def _samples_text(rows):
 
 
 def markdown_report(doc, title=None, figures=(), extra=None):
+    """report.md's text for ``doc``, a results.json document (write_results's): the dataset line, a pivot table per
+    reported metric, notes on undefined values and missing rows, per-class recall (multi-class), ``extra`` (Markdown
+    text or None, the default), the table of all rows, ``figures`` (image file names, each embedded; default none),
+    the configuration and the environment. ``title``: the heading; None (default): "Robustness evaluation"."""
     info = doc["dataset"]
     rows = doc["rows"]
     env = doc["environment"]
@@ -418,7 +432,10 @@ def figure_metric_label(metric, info=None):
 
 
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
-    """One panel per (attack, norm), one line per method: ``metric`` against the radius (clean value at eps = 0).
+    """One panel per (attack, norm), one line per method: ``metric`` against the radius (clean value at eps = 0),
+    from ``rows`` (evaluate's result dicts), saved as a PNG at ``path``. ``info``: the DatasetInfo, for the axis
+    label's class name (sensitivity of "malignant") and a synthetic-data tag; None (default): neither. Returns True
+    when the figure was written.
     A mean row (reproduce) with a ``<metric>_std`` gets a ±1 std error bar, and one that is the mean of only k of
     its n runs is marked "k of n runs", as the tables mark it. Returns False (nothing written) when no row has a
     defined value of the metric (an empty figure would say nothing; the report's note says why it is undefined)."""
@@ -494,8 +511,9 @@ def last_conv(model):
 def grad_cam(model, x, target=None, layer=None):
     """Grad-CAM (Selvaraju et al. 2017) maps [N, H, W] in [0, 1] for ``target`` classes (default: the predicted
     ones) at ``layer``'s output (default: the last Conv2d; an in-place ReLU after it does not change the map),
-    upsampled to the input size. ``target``: one class in [0, K) per image, [N] or [N, 1] (a single logit counts as
-    K = 2); anything else is an error. Model mode and parameter flags are left as they were."""
+    upsampled to the input size, of ``model`` at images ``x`` [N, C, H, W]. ``target``: one class in [0, K) per
+    image, [N] or [N, 1] (a single logit counts as K = 2); anything else is an error. Model mode and parameter
+    flags are left as they were."""
     layer = layer or last_conv(model)
     if layer is None:
         raise ValueError("grad_cam: the model has no Conv2d layer; use input_gradient instead")
@@ -556,7 +574,8 @@ def _class_indices(name, what, labels, n, num_classes):
 
 
 def input_gradient(model, x, y):
-    """|∂ loss / ∂ x| summed over channels, normalised per image to [0, 1] (ARFL's feature saliency maps). ``x``:
+    """|∂ loss / ∂ x| of ``model``'s cross-entropy, summed over channels and normalised per image to [0, 1]: maps
+    [N, H, W] (ARFL's feature saliency maps). ``x``:
     images [N, C, H, W]. ``y``: one class in [0, K) per image, [N] or [N, 1] (a single logit counts as K = 2)."""
     # feature vectors [N, F] failed with an IndexError, and [N, C, L] came back [N, N, L] (maps broadcast across
     # images) -- the inputs grad_cam's "use input_gradient instead" sends a Conv2d-free model's user to
@@ -586,7 +605,10 @@ def _per_image_unit_max(maps):
 
 
 def plot_saliency(model, x, y, path, info=None, title=None):
-    """Rows of images: the input, its Grad-CAM overlay and its input-gradient map. Returns False for inputs that
+    """Rows of images: the input, its Grad-CAM overlay and its input-gradient map, of ``model`` at images ``x``
+    [N, C, H, W] with labels ``y`` (one class per image), saved as a PNG at ``path``. ``info``: the DatasetInfo,
+    for class names in the panel titles and a synthetic-data tag (None, the default: label numbers); ``title``: the
+    figure's title (None: none). Returns True when written, False for inputs that
     are not images (e.g. two-moons features). A model without Conv2d, or whose Grad-CAM maps are all constant (a 1x1
     last feature map), gets no Grad-CAM column; the title says why for the latter. A single constant map (an image
     without positive evidence for its predicted class) is not overlaid, its panel titled so."""

@@ -64,6 +64,11 @@ from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputE
 from .defenses._common import ONE_SAMPLE_BATCH_NORM
 from .defenses.base import _as_tuples, _plain
 
+__all__ = [
+    "fit", "FitResult", "load_checkpoint", "load_weights", "stopped_by_another_process", "NonFiniteLossError",
+    "OneSampleBatchError", "UnreadableCheckpointError", "LostBestEpochError", "CollectiveTimeoutError"
+]
+
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_MODEL_NAME = "best_model.pt"  # restore_best: the best epoch's weights, a file load_weights and eval read
 HISTORY_NAME = "metrics.json"  # the per-epoch history, rewritten with each checkpoint
@@ -363,7 +368,9 @@ def _torch_read_error(err):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by fit (weights_only=True: tensors and plain values only). A file torch.load cannot
+    """The dict of the checkpoint fit wrote at ``path`` (a str, path-like or open binary file), its tensors loaded
+    to ``map_location`` (torch.load's: a device or device string such as "cuda:0", a dict, a callable or None;
+    default "cpu"). Loaded with weights_only=True: tensors and plain values only. A file torch.load cannot
     read so (empty, cut short, not a torch.save file, or holding objects that need pickle) or that is corrupted
     (bytes that do not match its recorded CRC-32s, which torch.load does not check) is a ValueError naming it:
     torch's own errors are a bare EOFError for an empty file, or advice to load a JSON file with weights_only=False.
@@ -557,7 +564,8 @@ def load_weights(model, path, map_location="cpu"):
     with (MIRST-DM: ``robust_ops.replace_maxpool(model, "first")`` first), and return ``model``. A model whose
     DropMax2d layers are not the recorded ones is refused: it would load and silently compute other outputs.
     Checkpoints written before the layers were recorded load unchecked. Weights of another architecture (missing,
-    unexpected or other-shaped ones) are a one-line ValueError naming the file.
+    unexpected or other-shaped ones) are a one-line ValueError naming the file. ``map_location``: where the
+    checkpoint's tensors are loaded before they are copied into ``model``'s (torch.load's argument; default "cpu").
 
     Raises:
         UnreadableCheckpointError (a ValueError): the file cannot be read as a checkpoint (as :func:`load_checkpoint`).
@@ -685,7 +693,9 @@ class CollectiveTimeoutError(RuntimeError):
     """Under DDP, this process waited in one of fit's collectives (or a defense's) longer than the process group's
     timeout: another process hung or died there, or took longer than the timeout between two collectives. The
     message names this process, the timeout and where; :meth:`reworded` names a caller's own timeout option
-    (``robust-ops train --dist-timeout``)."""
+    (``robust-ops train --dist-timeout``). fit raises it; its arguments: ``name`` (the caller, "fit"), ``rank`` (this
+    process's), ``timeout_s`` (the timeout in seconds, None if unknown), ``source`` (where the timeout came from:
+    "dist_timeout", "default" for torch's or "caller" for a group the caller made) and ``where`` ("epoch 1, step 2")."""
 
     def __init__(self, name, rank, timeout_s, source, where):
         # source: "dist_timeout" (fit made the group with it), "default" (fit made it with torch's), "caller"
@@ -704,6 +714,8 @@ class CollectiveTimeoutError(RuntimeError):
         return f"process {rank} timed out{after} ({why}) waiting for the other processes at {where}"
 
     def reworded(self, option="dist_timeout"):
+        """The error's message with ``option`` (default "dist_timeout", fit's argument; the command line's
+        "--dist-timeout") as the setting to raise, unless the caller made the process group."""
         name, source = self.facts[0], self.facts[3]
         setting = "the timeout given to init_process_group" if source == "caller" else option
         return (f"{name}: {self.waited(option)}: another process hung or died before reaching it (its own error or "
@@ -2222,7 +2234,8 @@ def check_trainable_precision(name, params):
 class LostBestEpochError(ValueError):
     """fit(restore_best=True) resuming a checkpoint trained without it whose best epoch is not its last (see
     :func:`lost_best_epoch`): the best epoch's weights are gone. ``last_epoch``, ``best_epoch``: for a caller's own
-    words (the command line's ``--restore-best``), which then needs no read of the checkpoint before fit's."""
+    words (the command line's ``--restore-best``), which then needs no read of the checkpoint before fit's. fit
+    raises it with ``name`` (the caller, "fit") and ``path`` (the checkpoint resumed)."""
 
     def __init__(self, name, path, last_epoch, best_epoch):
         self.facts = (name, path, last_epoch, best_epoch)
@@ -2239,7 +2252,9 @@ class OneSampleBatchError(ValueError):
     """A training step's batch held one sample, which the model's training-mode batch norm cannot normalize: the
     message says why and the fix (torch's own error names neither fit's batch nor a remedy, and a one-sample last
     batch fails only after the rest of the epoch has run) in fit's argument names; :meth:`reworded` in a caller's
-    (the command line's ``--batch-size``)."""
+    (the command line's ``--batch-size``). fit raises it with ``name`` (the caller, "fit"), ``num_samples`` (the
+    training samples, len(train_data)), ``batch_size`` (fit's), ``global_n`` (the global batch's samples),
+    ``world`` (the process count) and ``where`` (the step, "epoch 1, step 3")."""
 
     def __init__(self, name, num_samples, batch_size, global_n, world, where):
         self.facts = (name, num_samples, batch_size, global_n, world, where)
@@ -2249,6 +2264,8 @@ class OneSampleBatchError(ValueError):
         return type(self), self.facts
 
     def reworded(self, batch_option="batch_size", data_name="train_data"):
+        """The error's message naming the batch size ``batch_option`` (default "batch_size", fit's argument; the
+        command line's "--batch-size") and the training data ``data_name`` (default "train_data")."""
         name, num_samples, batch_size, global_n, world, where = self.facts
         each = "every process's share of every batch" if world > 1 else "every batch"
         if world > 1:

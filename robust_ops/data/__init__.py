@@ -11,3 +11,8 @@ from .splits import cross_validation  # noqa: F401
 from .synthetic import moons_splits, synthetic_splits, synthetic_ultrasound  # noqa: F401
 
 from .indexed import IndexedDataset  # noqa: F401  (dataset ids for IMA's per-sample margins)
+
+__all__ = [
+    "load_dataset", "DatasetSplits", "DatasetInfo", "DataError", "IndexedDataset", "load_busi", "load_csv", "load_npz",
+    "cross_validation", "synthetic_splits", "moons_splits"
+]

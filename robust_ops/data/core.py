@@ -27,6 +27,10 @@ class DataError(ValueError):
 class DatasetInfo:
     """What a model and the metrics need to know about a dataset.
 
+    name: the dataset's name (a MedMNIST set's, the folder's or the CSV's stem). num_classes: K, labels 0..K-1.
+    in_channels, image_size: the inputs' channels and side length in pixels (features [N, D]: D and 0).
+    class_names: one name per label, label 0 first. source: where the data came from, for the reports.
+    extra: more fields for results.json's ``dataset`` (a loader's ``excluded_labels``, ``class_counts``, ...).
     positive_class: the class whose recall is "sensitivity" (e.g. 0 = malignant in BreastMNIST); None for
         multi-class sets, where per-class metrics are macro-averaged.
     synthetic: True for generated data; every report and results.json says so.
@@ -45,6 +49,8 @@ class DatasetInfo:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self):
+        """The fields as a JSON-ready dict (tuples as lists, ``extra``'s entries merged in): results.json's
+        ``dataset``."""
         return {
             "name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels,
             "image_size": self.image_size, "class_names": list(self.class_names),

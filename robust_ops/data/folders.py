@@ -377,6 +377,9 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     left out, as a filter, and recorded in ``info.extra``: ``excluded_labels`` (folder -> image count) and
     ``excluded_samples`` (their total); ``class_counts`` holds each class's image count.
 
+    seed: the integer in [0, 2**32) (scikit-learn's random_state) that draws the stratified 7:1:2 train/val/test
+    split (default 0).
+
     bit_depth: None (default) reads 16-bit images on the full 16-bit scale (65535 -> 255); 8 to 16 on that many
     bits' scale (12, CT and X-ray PNGs: 4095 -> 255), a value above it an error; recorded in ``info.extra``.
 
@@ -486,6 +489,10 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
     _part_2/).
+
+    csv_path: the CSV file (str or path-like). size, seed: as for :func:`load_busi` (the side length images are
+    padded and resized to, None: 224; the split's seed, default 0). id_column (default "image_id") and label_column
+    (default "dx"): the CSV columns holding each row's image name and its label.
 
     classes: label names to use, in label order (default: every label in the CSV, sorted; numerically when all are
     integers, so "2" comes before "10"). Labels match exactly

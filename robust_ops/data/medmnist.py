@@ -255,7 +255,10 @@ def load_npz(path, size=None, name=None, classes=None):
     """Load a MedMNIST-layout ``.npz`` (keys ``{train,val,test}_{images,labels}``), MD5-checked if officially named.
     ``classes``: names for the labels 0..K-1 in order, one per label, for a file that is not named after a MedMNIST
     set (those name their own); they choose the positive class as class folders' names do (``malignant`` ...):
-    without them a binary file's positive class is label 1.
+    without them a binary file's positive class is label 1. ``path``: the file (str or path-like, ``~`` expanded).
+    ``size``: None (default) or the side length in pixels the images must have (an .npz is read as stored, never
+    resized: another is a DataError). ``name``: the dataset name the file is read under, a MedMNIST set's picking
+    its class names (default: the file's stem in lower case, less a ``_28`` / ``_64`` / ``_128`` / ``_224`` suffix).
 
     Raises:
         DataError (a ValueError): the file is missing, unreadable or not in that layout, naming it.

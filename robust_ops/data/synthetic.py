@@ -124,7 +124,9 @@ def synthetic_ultrasound(n, size=28, seed=0, malignant_fraction=MALIGNANT_FRACTI
 
 
 def synthetic_splits(size=28, seed=0, sizes=None):
-    """The embedded default dataset: train/val/test drawn from independent streams of one seed."""
+    """The embedded default dataset: train/val/test drawn from independent streams of one seed (an integer >= 0,
+    default 0) -> DatasetSplits. ``size``: the images' side length in pixels (an integer >= 8, default 28);
+    ``sizes``: {split: sample count} replacing the default counts of train 384, val 64, test 128 (None: those)."""
     check_int("synthetic", "seed", seed, 0, error=DataError)  # True was seed 1, [] a seed of its own
     if not (sizes is None or isinstance(sizes, Mapping)):  # 0 or [] gave the default sizes, True a bare TypeError
         raise DataError(f"synthetic: expected sizes to be a dict {{split: count}} or None, got {sizes!r}")
@@ -150,7 +152,9 @@ MOONS_RANGE = (-4.0, 4.0)
 
 def moons_splits(seed=0, n_train=10000, n_val=1000, n_test=1000, noise=0.2):
     """ARFL's two-moons set: scikit-learn make_moons, noise 0.2, 10,000 train and 1,000 test points (plus 1,000 for
-    validation); features [N, 2] in raw coordinates, label 1 = lower moon (the positive class)."""
+    validation); features [N, 2] in raw coordinates, label 1 = lower moon (the positive class). ``seed``: make_moons'
+    random_state, an integer in [0, 2**32) (default 0); ``n_train``, ``n_val``, ``n_test``: each split's point
+    count (integers >= 1); ``noise``: the standard deviation of make_moons' Gaussian noise (default 0.2)."""
     from sklearn.datasets import make_moons
 
     # else scikit-learn's errors named make_moons' n_samples, True passed as 1 (one point, or noise 1)

@@ -19,6 +19,12 @@ from .mirst import MIRST, MIRST_BETA, MIRST_EMIT, MIRSTDM  # noqa: F401
 from .regularization import GR, LLR  # noqa: F401
 from .trades import MART, TRADES  # noqa: F401
 
+__all__ = [
+    "build", "NAMES", "Defense", "DefenseOutput", "PGDDefense", "unwrap", "Standard", "AT", "SAT", "TRADES", "RST",
+    "GR", "LLR", "MART", "FAT", "AMAT", "MIRST", "MIRSTDM", "DPAAT", "ARFL", "robust_feature_loss",
+    "synchronization_loss"
+]
+
 # name -> "module:Class"; IMA is imported lazily (robust_ops.ima imports the attacks and the search op).
 REGISTRY = {
     "standard": f"{__name__}.adversarial:Standard",

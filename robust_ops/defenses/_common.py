@@ -38,7 +38,8 @@ def metric_values(**values):
 
 
 def unwrap(model):
-    """The module inside DistributedDataParallel / DataParallel: attacks run on it (no gradient-sync hooks)."""
+    """The module inside ``model`` when it is a DistributedDataParallel / DataParallel wrapper, else ``model``
+    itself: attacks run on it (no gradient-sync hooks)."""
     return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
                                               torch.nn.DataParallel)) else model
 
@@ -116,7 +117,8 @@ class PGDDefense(Defense):
         return self.random_start
 
     def attack(self, model, x, y, **overrides):
-        """run_pgd with this defense's settings (overridable per call); returns the PGDResult."""
+        """run_pgd on ``model`` from inputs ``x`` with labels ``y`` under this defense's settings, each overridable
+        for this call by a run_pgd keyword in ``overrides``; returns the PGDResult."""
         from ..attacks.core import run_pgd
 
         if "eps" not in vars(self):  # Python's bare "'NoisyAT' object has no attribute 'eps'" named no fix

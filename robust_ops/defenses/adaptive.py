@@ -111,6 +111,9 @@ class AMAT(_AdaptiveRadius):
                              " (eps + delta_eps, the second attack's radius under radius_step='fixed')")
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         first = self.attack(model, x, y).x_adv
         (adv_losses,) = self._losses(model, y, first)
@@ -126,7 +129,8 @@ class AMAT(_AdaptiveRadius):
 
 
 def synchronization_loss(logits, logits_adv, form="js"):
-    """Per-sample synchronization loss between the softmax outputs p (clean) and q (adversarial), DPAAT eq. 11.
+    """Per-sample synchronization loss [N] between the softmax outputs p of the clean ``logits`` and q of the
+    adversarial ``logits_adv`` (each [N, K], or [N] / [N, 1] single logits read as two classes), DPAAT eq. 11.
 
     form="printed": -1/2 * sum_k (p log(p/(p+q)) + q log(q/(p+q))) exactly as printed. It equals ln 2 - JS(p, q), so
     it is LARGEST (ln 2) when p == q and minimizing it pushes the outputs apart -- the opposite of what the text says
@@ -200,7 +204,8 @@ class DPAAT(_AdaptiveRadius):
         self._radius_mean = 0.0
 
     def radii(self, norms, delta_losses):
-        """eps_DPAAT per sample (eq. 15) from the perturbation norms and the loss changes; updates the running mean.
+        """eps_DPAAT per sample (eq. 15) from the perturbation norms ``norms`` [N] and the loss changes
+        ``delta_losses`` [N] (the adversarial minus the clean per-sample loss); updates the running mean.
         Under torch.distributed each process holds a share of the batch: dL_avg and the recorded mean radius are
         means over the whole batch."""
         batch_avg = _global_mean(delta_losses)
@@ -223,6 +228,9 @@ class DPAAT(_AdaptiveRadius):
         return radii
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         if self.alpha == 0 and self.beta == 0:
             # standard training exactly: no attack (its forwards would still move BatchNorm's statistics), no radii
@@ -274,6 +282,8 @@ class DPAAT(_AdaptiveRadius):
                 "radius_mean": float(self._radius_mean)}
 
     def load_state_dict(self, state):
+        """Restore ``state`` from ``state_dict()``: running_delta_loss, num_batches and radius_mean, exactly these
+        keys (ValueError naming them otherwise)."""
         expected = {"running_delta_loss", "num_batches", "radius_mean"}
         if set(state) != expected:
             raise ValueError(f"{self.name}: expected state keys {sorted(expected)}, got {sorted(state)}")

@@ -21,6 +21,9 @@ class Standard(Defense):
             check_options(type(self).__name__, type(self), unknown)
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         logits = forward(self.name, model, x)  # checked: the defense's first forward (as TRADES's and GR's)
         check_labels_against(self.name, y, logits)  # a single logit's BCE took a label 2 as its target silently
@@ -34,6 +37,9 @@ class AT(PGDDefense):
     name = "at"
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         x_adv = self.attack(model, x, y).x_adv
         loss = classification_loss(model(x_adv), y)
@@ -54,6 +60,9 @@ class SAT(PGDDefense):
         self.alpha = check_real(self.name, "alpha", alpha, minimum=0, maximum=1)
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         if self.alpha == 0:  # standard training: no attack, so no adversarial loss to report (it read 0)
             return Standard.__call__(self, model, x, y)
@@ -78,6 +87,9 @@ class RST(PGDDefense):
         self.lam = check_real(self.name, "lam", lam, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         if self.lam == 0:  # standard training exactly: no attack (its forwards would still move BatchNorm's statistics)
             return Standard.__call__(self, model, x, y)
@@ -123,6 +135,8 @@ class FAT(PGDDefense):
         return {"tau": self._current_tau()}
 
     def load_state_dict(self, state):
+        """Restore ``state`` from ``state_dict()``: {"tau": int >= 0}, the early-stop count a scheduler had set; {}
+        (checkpoints written before tau was kept) keeps this defense's own tau. Other keys: ValueError."""
         if not state:  # checkpoints written before tau was kept: the defense's own tau
             return
         if set(state) != {"tau"}:
@@ -130,6 +144,9 @@ class FAT(PGDDefense):
         self.tau = check_int(self.name, "tau", state["tau"], minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         noise = {"step_noise": self.omega} if self.omega else {}  # omega 0: the attack of the paper's Algorithm 1
         x_adv = self.attack(model, x, y, early_stop=self._current_tau(), **noise).x_adv

@@ -28,7 +28,8 @@ from .base import DefenseOutput
 
 def robust_feature_loss(features, y, channel_reduction="mean"):
     """Per-sample L_robust (ARFL eq. 1) for features [N, C, H, W], [N, C, L], [N, D] or [N] (one feature; more
-    spatial dimensions also count as the map) and labels y in {0, 1}."""
+    spatial dimensions also count as the map) and labels y in {0, 1}. ``channel_reduction``: "mean" (default)
+    averages the loss over every channel's map, "sum" sums the channels into one map first."""
     return _robust_feature_loss(features, y, channel_reduction, labels_checked=False)
 
 
@@ -120,7 +121,8 @@ class ARFL(PGDDefense):
         return options
 
     def feature_module(self, model):
-        """(module, "output" | "input"): where the feature map is read."""
+        """(module, "output" | "input"): where the feature map of ``model`` is read: the module named ``layer``'s
+        output, else the last convolution's output, else the last Linear's input."""
         if self.layer is not None:
             modules = dict(model.named_modules())
             if self.layer not in modules:
@@ -167,6 +169,9 @@ class ARFL(PGDDefense):
             raise ValueError(f"{self.name}: defined for binary tasks only (labels 0/1, mapped to -1/+1), got {got}")
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         self._check_binary(y)
         y = labels(self.name, x, y)
         sign = 1.0 if self.adv_sign == "text" else -1.0

@@ -60,9 +60,16 @@ class Defense:
         return super().__new__(cls)
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput: ``model`` is fit's model (DDP-wrapped under torch.distributed: attacks
+        run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N] (int64 class indices), ``ids`` the
+        samples' dataset ids (a tensor [N] when ``needs_ids`` is True, else None). Subclasses implement it; the base
+        class raises NotImplementedError."""
         raise NotImplementedError
 
     def check_labels(self, y, num_classes):
+        """fit's check that this defense is defined for the task: ValueError when ``binary_only`` is True and
+        ``num_classes`` (the dataset's class count) is not 2. ``y`` (the training labels) is unused here; a subclass
+        may check it."""
         if self.binary_only and num_classes != 2:
             raise ValueError(f"{self.name}: defined for binary tasks only, got {num_classes} classes")
 
@@ -71,6 +78,8 @@ class Defense:
         return {}
 
     def load_state_dict(self, state):
+        """Restore ``state``, a dict from ``state_dict()`` (a checkpoint's); a stateless defense takes only {} and
+        raises ValueError naming the keys of any other."""
         if state:
             raise ValueError(f"{self.name}: this defense keeps no state, got keys {sorted(state)}")
 

@@ -64,6 +64,9 @@ class MIRST(PGDDefense):
         self.emit, self.beta, self.reuse = emit, beta, reuse
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         if self.alpha == 0 or not any(self.beta):
             # standard training exactly: no attack (its "train"-mode forwards would still move BatchNorm's statistics)
@@ -98,6 +101,8 @@ class MIRSTDM(MIRST):
     name = "mirst-dm"
 
     def prepare_model(self, model):
+        """``model`` with its first max-pooling layer replaced by drop-max pooling (replace_maxpool(model,
+        which="first"), which returns the model; a first pool that is drop-max already is left alone)."""
         from ..nn import replace_maxpool
 
         # idempotent by replace_maxpool's rule (first pool drop-max already: left alone); a drop-max layer further on
@@ -105,6 +110,9 @@ class MIRSTDM(MIRST):
         return replace_maxpool(model, which="first")
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         inner = unwrap(model)
         first = _first_pool(inner)
         if not _is_drop_max(first):

@@ -38,6 +38,9 @@ class GR(Defense):
         self.norm = check_choice(self.name, "norm", norm, ("l2", "l2sq", "l1"))
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         if self.lam == 0:
             # standard training exactly, without the double backward a penalty of weight 0 would cost
@@ -90,6 +93,9 @@ class LLR(PGDDefense):
         self.mu = check_real(self.name, "mu", mu, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         if self.lam == 0 and self.mu == 0:
             # standard training exactly: no attack (its forwards would still move BatchNorm's statistics)

@@ -51,6 +51,9 @@ class TRADES(_ReferenceStart):
         self.beta = check_real(self.name, "beta", beta, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         if self.beta == 0:
             # standard training exactly: no attack (its forwards would still move BatchNorm's statistics)
@@ -83,6 +86,9 @@ class MART(_ReferenceStart):
         self.beta = check_real(self.name, "beta", beta, minimum=0)
 
     def __call__(self, model, x, y, ids=None):
+        """One training batch's DefenseOutput (loss, clean logits, metrics): ``model`` is fit's model (DDP-wrapped
+        under torch.distributed; attacks run on ``unwrap(model)``), ``x`` the inputs [N, ...], ``y`` the labels [N]
+        (int64 class indices); ``ids`` (dataset sample ids) is unused by this defense."""
         y = labels(self.name, x, y)
         x_adv = self.attack(model, x, y).x_adv
         logits = model(x)
