@@ -2425,6 +2425,17 @@ def test_fab_bad_input():
     assert attacks.build("fab-t", model).steps == 100 and attacks.build("fab", model, steps=3).steps == 3
 
 
+def test_fab_t_refuses_a_targeted_argument_by_name():
+    """fab_t is FAB-T, always targeted: its targeted=False met Python's "fab() got multiple values for keyword
+    argument 'targeted'", naming neither fab_t nor the untargeted attack to use instead."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    for value in (False, True):
+        with pytest.raises(ValueError, match=rf"^fab_t: FAB-T is always targeted .*got targeted={value}; leave "
+                                             "targeted out, or use fab for untargeted FAB$"):
+            attacks.fab_t(model, x, y, eps=0.1, steps=1, targeted=value)
+
+
 def autoattack_p_selection(p_init, it, n_queries, resc_schedule):
     """AutoAttack's SquareAttack.p_selection, transcribed (square.py of fra31/auto-attack)."""
     if resc_schedule:

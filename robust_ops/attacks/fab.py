@@ -399,6 +399,10 @@ def fab_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, **opt
     Raises NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError as
     :func:`run_pgd`.
     """
+    if "targeted" in options:  # Python's "fab() got multiple values for keyword argument 'targeted'" said neither
+        raise ValueError(f"fab_t: FAB-T is always targeted (y are true labels; its targets are the runner-up "
+                         f"classes), got targeted={options['targeted']!r}; leave targeted out, or use fab for "
+                         "untargeted FAB")
     return fab(model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, targeted=True,
                **options)
 
