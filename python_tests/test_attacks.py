@@ -549,6 +549,37 @@ def test_model_mode_option():
         attacks.pgd(model, x, y, eps=0.03, steps=2, model_mode="test")
 
 
+def _batch_norm_head(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12 * 12, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+
+def test_a_one_sample_forward_through_training_mode_batch_norm_names_the_attack_and_the_fix():
+    """A batch of 1 through a training-mode BatchNorm (model_mode="train", or "keep" on a train-mode model) ended in
+    torch's bare "Expected more than 1 value per channel when training", naming neither the attack nor the fix; so
+    did APGD's forward of the last sample of a larger batch that it still attacks. Now a OneSampleBatchNormError (a
+    ValueError) with the attack's name before torch's text and model_mode="eval" as the fix."""
+    model = _batch_norm_head()
+    x, y = make_data(3, 3)
+    with torch.no_grad():
+        pred = model.train()(x).argmax(1)
+    torch_text = r"Expected more than 1 value per channel when training, got input size torch\.Size\(\[1, 8\]\)"
+    fix = r"; attack with model_mode='eval' \(the default: batch norm then uses its running statistics\)$"
+    runs = {"pgd": lambda: attacks.pgd(model, x[:1], y[:1], eps=0.03, steps=1, model_mode="train"),
+            "fgsm": lambda: attacks.fgsm(model.train(), x[:1], y[:1], eps=0.03, model_mode="keep"),
+            "square": lambda: attacks.Square(model, eps=0.03, n_queries=1, model_mode="train")(x[:1], y[:1]),
+            # two of three samples misclassified: APGD's restart forwards the one left
+            "apgd": lambda: attacks.apgd(model, x, torch.stack([(pred[0] + 1) % 3, (pred[1] + 1) % 3, pred[2]]),
+                                         eps=0.03, steps=2, model_mode="train")}
+    for name, run in runs.items():
+        with pytest.raises(attacks.OneSampleBatchNormError, match=rf"^{name}: {torch_text} \(.*{fix}") as caught:
+            run()
+        assert isinstance(caught.value, ValueError) and context.is_one_sample_batch_norm(caught.value)
+    copy_ = pickle.loads(pickle.dumps(caught.value))
+    assert str(copy_) == str(caught.value) and copy_.torch_message == caught.value.torch_message
+    attacks.pgd(model, x[:1], y[:1], eps=0.03, steps=1)  # model_mode="eval", the default, runs
+
+
 @pytest.mark.parametrize("name,norm", CASES)
 def test_targeted_reaches_target(name, norm):
     model = Linear(3).eval()

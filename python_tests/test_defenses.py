@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import import_path_errors
 from utils import MadeOutput, TinyCNN
-from robust_ops import defenses
+from robust_ops import attacks, defenses
 from robust_ops.defenses import MIRST, DPAAT, ARFL, synchronization_loss, robust_feature_loss
 
 NAMES = ("standard", "at", "sat", "trades", "rst", "gr", "llr", "mart", "fat", "amat", "mirst", "mirst-dm", "ima",
@@ -789,6 +789,21 @@ def _three_bn_steps(defense, num_classes=3):
         x, y = _batch(8, num_classes=num_classes, seed=seed)
         out = _step(model, defense, opt, x, y)
     return model, out
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "mirst-dm"])  # mirst-dm: mirst's on a drop-max model
+def test_a_defense_called_on_one_sample_with_training_mode_batch_norm_names_itself_and_the_fix(name):
+    """A defense called directly on a batch of 1 through a training-mode BatchNorm ended in torch's bare "Expected
+    more than 1 value per channel when training" (from its training forward, or MIRST's train-mode attack as
+    "run_pgd"), naming neither the defense nor the fix. Now a OneSampleBatchNormError naming the defense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).train()
+    x, y = _batch(1)
+    defense = _build(name)
+    with pytest.raises(attacks.OneSampleBatchNormError,
+                       match=rf"^{re.escape(defense.name)}: Expected more than 1 value per channel when training, got "
+                             r"input size torch\.Size\(\[1, 8\]\) \(.*\); train on batches of 2 or more samples$"):
+        defense(model, x, y, torch.tensor([0])) if defense.needs_ids else defense(model, x, y)
 
 
 @pytest.mark.parametrize("name", ["at", "sat", "trades", "rst", "mart", "fat", "amat", "dpaat", "arfl"])

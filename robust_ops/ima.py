@@ -35,10 +35,11 @@ from .attacks.context import (
     check_output,
     check_output_rows,
     classification_loss,
+    is_one_sample_batch_norm,
     predict_from_output,
 )
 from .attacks.core import check_labels_against, check_linf_budget, check_norm, forward, per_sample, sample_distance
-from .defenses._common import ONE_SAMPLE_BATCH_NORM, distributed_run, metric_values, unwrap
+from .defenses._common import distributed_run, metric_values, unwrap
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
 
@@ -452,7 +453,7 @@ class _Problem:
                 out = forward(self.name, self.model, rows.contiguous(memory_format=self.memory_format),
                               check_output_rows)
             except ValueError as err:
-                if rows.shape[0] != 1 or not str(err).startswith(ONE_SAMPLE_BATCH_NORM):
+                if rows.shape[0] != 1 or not is_one_sample_batch_norm(err):
                     raise
                 # model_mode="train": compaction leaves single samples in play, which torch's error did not say
                 raise ValueError(f"{self.name}: a training-mode batch-norm layer cannot normalize a forward of 1 "
@@ -1240,7 +1241,7 @@ def _adversarial_output(model, x, x_adv, sel):
         with torch.no_grad(), torch.random.fork_rng(devices=[x_adv.device] if x_adv.is_cuda else []):
             unwrap(model)(x_adv)
     except ValueError as err:
-        if not str(err).startswith(ONE_SAMPLE_BATCH_NORM):
+        if not is_one_sample_batch_norm(err):
             raise
         _put_back(buffers, saved)
         return model(x.detach().index_copy(0, sel, x_adv)).index_select(0, sel)

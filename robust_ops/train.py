@@ -59,9 +59,8 @@ from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputError, check_output, classification_loss,
-                              forward_naming_input_mismatch, is_single_logit, labels_range, looks_like_probabilities,
-                              num_classes_of, predict_from_output, use_model_mode)
-from .defenses._common import ONE_SAMPLE_BATCH_NORM
+                              forward_naming_input_mismatch, is_one_sample_batch_norm, is_single_logit, labels_range,
+                              looks_like_probabilities, num_classes_of, predict_from_output, use_model_mode)
 from .defenses.base import _as_tuples, _plain
 
 __all__ = [
@@ -1724,7 +1723,7 @@ def fit(
                                                      "the learning rate (diverged weights); stopped before updating "
                                                      f"the weights{_last_good_checkpoint(last_ckpt)}") from None
                         except ValueError as err:
-                            if x.shape[0] == 1 and str(err).startswith(ONE_SAMPLE_BATCH_NORM):
+                            if x.shape[0] == 1 and is_one_sample_batch_norm(err):
                                 raise OneSampleBatchError(name, len(train_data), batch_size, global_n, world,
                                                           f"epoch {epoch + 1}, step {step + 1}") from None
                             raise

@@ -10,7 +10,7 @@ from .._import_path import PATH_HINT, class_from_path, is_import_path
 from .._options import check_options
 from .base import Attack
 from .context import (InputDeviceError, InputDtypeError, InputShapeError, NonFiniteInputError, NonFiniteOutputError,
-                      Normalized, attack_context)
+                      Normalized, OneSampleBatchNormError, attack_context)
 from .core import PGDResult, run_pgd
 from .apgd import APGD, APGDT, apgd, apgd_t
 from .ensemble import AutoAttack, EnsembleResult, ensemble
@@ -25,6 +25,7 @@ __all__ = [
     "ensemble", "EnsembleResult", "FGSM", "BIM", "PGD", "PGDL2", "CW", "APGD", "APGDT", "FAB", "FABT", "Square",
     "WhiteNoise", "AutoAttack",
     "NonFiniteInputError", "NonFiniteOutputError", "InputDtypeError", "InputDeviceError", "InputShapeError",
+    "OneSampleBatchNormError",
 ]
 
 # CLI name -> (class, defaults). Defaults follow the papers: MIRST-DM evaluates FGSM, PGD-20 with step 0.001 and

@@ -280,6 +280,58 @@ class NonFiniteOutputError(ValueError):
         self.count, self.inputs = count, inputs
 
 
+# torch's error when a training-mode batch-norm layer gets one value per channel (a forward of one sample)
+ONE_SAMPLE_BATCH_NORM = "Expected more than 1 value per channel when training"
+
+
+class OneSampleBatchNormError(ValueError):
+    """A forward of 1 sample met the model's training-mode batch norm in an attack (``model_mode="train"``, or
+    "keep" on a train-mode model) or a defense: torch's error (``torch_message``), which named neither the attack
+    nor a fix, after the attack's or defense's name, with the fix (the error's ``message``;
+    :func:`one_sample_batch_norm_error`)."""
+
+    def __init__(self, message, torch_message=None):
+        super().__init__(message)
+        self.torch_message = torch_message
+
+    def __reduce__(self):
+        return type(self), (str(self), self.torch_message)
+
+
+def attack_running():
+    """Whether this thread runs an attack (inside :func:`attack_context`) now."""
+    return threading.get_ident() in _running
+
+
+def is_one_sample_batch_norm(err):
+    """Whether ``err`` is torch's refusal of a one-sample batch by a training-mode batch norm, or its rewording."""
+    return isinstance(err, OneSampleBatchNormError) or (type(err) is ValueError
+                                                        and str(err).startswith(ONE_SAMPLE_BATCH_NORM))
+
+
+def one_sample_batch_norm_error(name, err, x, defense=False):
+    """``err`` as a :class:`OneSampleBatchNormError` naming ``name`` and the fix when it is torch's one-sample
+    batch-norm refusal (or an attack's rewording of it, for a ``defense``) of ``x`` of 1 sample, else None. In an
+    attack the fix is ``model_mode="eval"`` (an attack in "train" may forward the last sample of a larger batch it
+    still works on: APGD, FAB, Square), in a defense (its training forwards and its attack's) batches of 2 or more
+    samples."""
+    if not torch.is_tensor(x) or x.dim() == 0 or x.shape[0] != 1:
+        return None
+    if isinstance(err, OneSampleBatchNormError) and defense:
+        text = err.torch_message
+    elif type(err) is ValueError and str(err).startswith(ONE_SAMPLE_BATCH_NORM):
+        text = str(err)
+    else:
+        return None
+    if defense or not attack_running():
+        return OneSampleBatchNormError(f"{name}: {text} (the model's batch-norm layers are in training mode and "
+                                       "this batch has 1 sample); train on batches of 2 or more samples", text)
+    return OneSampleBatchNormError(
+        f"{name}: {text} (the model's batch-norm layers are in training mode and this forward has 1 sample: a "
+        "batch of 1, or the last sample of a batch that the attack still works on); attack with model_mode='eval' "
+        "(the default: batch norm then uses its running statistics)", text)
+
+
 class _InputLayerReached(Exception):
     """Stops :func:`_input_layer_problem`'s forward at the first convolution or linear layer."""
 

@@ -30,6 +30,7 @@ from .context import (
     labels_range,
     margin,
     num_classes_of,
+    one_sample_batch_norm_error,
     predict_from_output,
     two_logits,
 )
@@ -337,7 +338,15 @@ def forward(name, model, x, output_rule=check_output):
     # x of another dtype than the model's parameters: torch's "Input type (double) and bias type (float) should be
     # the same" from inside its first layer becomes fit's and evaluate's one-line TypeError naming the fix. The output
     # is checked by ``output_rule``: classifier logits, or (gen_adv's check_output_rows) any map with a row per input
-    out = output_rule(name, forward_naming_input_mismatch(name, "x", model, x), x.shape[0])
+    try:
+        out = forward_naming_input_mismatch(name, "x", model, x)
+    except ValueError as err:
+        # torch's "Expected more than 1 value per channel when training" named neither the attack nor the fix
+        reworded = one_sample_batch_norm_error(name, err, x)
+        if reworded is None:
+            raise
+        raise reworded from None
+    out = output_rule(name, out, x.shape[0])
     if x.requires_grad and torch.is_grad_enabled() and not out.requires_grad:
         # a forward under torch.no_grad() (a frozen backbone's) or through .detach()/.numpy(): the attack's backward
         # failed with autograd's "element 0 of tensors does not require grad and does not have a grad_fn"

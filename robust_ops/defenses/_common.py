@@ -18,10 +18,6 @@ from .base import Defense
 DEFAULT_EPS = 5 / 255
 
 
-# torch's error when a training-mode batch-norm layer gets one value per channel (a batch of one sample)
-ONE_SAMPLE_BATCH_NORM = "Expected more than 1 value per channel when training"
-
-
 def distributed_run():
     """Whether a torch.distributed group of more than one process is running (DDP): per-process shares of a batch
     must then be combined."""

@@ -1,10 +1,12 @@
 """The contract every defense follows: a small object that computes one batch's loss and keeps its own state."""
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from .._options import python_number
+from ..attacks.context import one_sample_batch_norm_error
 
 
 @dataclass
@@ -48,6 +50,11 @@ class Defense:
     name = "defense"
     needs_ids = False  # batches must carry dataset sample ids (IMA)
     binary_only = False  # ARFL
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__call__" in vars(cls):  # each defense's own forwards (and a user's defense's) name it
+            cls.__call__ = _naming_one_sample_batch_norm(vars(cls)["__call__"])
 
     def __new__(cls, *args, **kwargs):
         # the attack classes take the model first (AT(model) as PGD(model)): it landed in the first option (SAT's
@@ -104,3 +111,22 @@ class Defense:
     def __repr__(self):
         fields = {k: v for k, v in vars(self).items() if not k.startswith("_") and not torch.is_tensor(v)}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+def _naming_one_sample_batch_norm(call):
+    """A defense's ``__call__`` whose batch of 1 sample met the model's training-mode batch norm: torch's "Expected
+    more than 1 value per channel when training" (from the defense's training forwards, or an attack's in
+    model_mode="train") named neither the defense nor the fix; it is a OneSampleBatchNormError naming both (fit
+    words its own from it)."""
+
+    @functools.wraps(call)
+    def checked(self, model, x, *args, **kwargs):
+        try:
+            return call(self, model, x, *args, **kwargs)
+        except ValueError as err:
+            reworded = one_sample_batch_norm_error(getattr(self, "name", type(self).__name__), err, x, defense=True)
+            if reworded is None:
+                raise
+            raise reworded from None
+
+    return checked
