@@ -1929,7 +1929,7 @@ def test_square_redraws_colours_that_would_not_move_the_point():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()
     with torch.no_grad():
         model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+        model[1].bias.copy_(torch.tensor([2.0, 0.0]))
     x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
     eps = torch.tensor([0.05, 0.05, 0.0, 0.05])  # eps 0: no colour can move the point, the query is spent as is
     for resample in (True, False):
@@ -1991,7 +1991,7 @@ def test_square_updates_are_squares_of_the_scheduled_side_anywhere_in_the_image(
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).eval()
     with torch.no_grad():
         model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+        model[1].bias.copy_(torch.tensor([2.0, 0.0]))
     x, y = torch.full((2, 3, 8, 8), 0.5), torch.zeros(2, dtype=torch.long)
     queried = []
     hook = model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
@@ -2987,7 +2987,7 @@ def test_square_queries_are_vertices_of_the_linf_ball():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()
     with torch.no_grad():
         model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([1.0, 0.0]))  # blind to its input: never fooled, every query runs
+        model[1].bias.copy_(torch.tensor([2.0, 0.0]))  # blind to its input: never fooled, every query runs
     x = 0.25 + 0.5 * torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(3, dtype=torch.long)
     queried = []
@@ -3004,7 +3004,7 @@ def test_square_stops_a_sample_at_the_first_point_predicted_wrong_the_start_or_a
     0), is the point returned and the sample's last query (mutation testing of square/ensemble: not marking the
     start's successes, and a query's margin < 0 as the stop rule, both survived: the samples queried on)."""
     x, y = torch.full((2, 1, 8, 8), 0.5), torch.ones(2, dtype=torch.long)
-    for script, forwards in (([1.0, -1.0], 2), ([1.0, 0.5, 0.0], 3)):  # clean, start, queries (the last repeats)
+    for script, forwards in (([2.0, -1.0], 2), ([2.0, 0.5, 0.0], 3)):  # clean, start, queries (the last repeats)
         model, queried = Scripted(script), []
         model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
         x_adv = attacks.square(model, x, y, eps=eps, norm=norm, n_queries=10,
@@ -3148,11 +3148,11 @@ def test_square_start_and_queries_stay_in_a_clip_range_other_than_the_unit_box(n
 
 
 def blind_model(features):
-    """Blind to its input (logits [1, 0]): never fooled, so every query of the attack runs."""
+    """Blind to its input (logits [2, 0], which no softmax gives): never fooled, so every query of the attack runs."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(features, 2)).eval()
     with torch.no_grad():
         model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+        model[1].bias.copy_(torch.tensor([2.0, 0.0]))
     return model
 
 
@@ -5992,6 +5992,39 @@ def test_autoattack_warns_about_randomized_and_probability_models():
     model[1].reset_running_stats()
     attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.03, model_mode="train")], model_mode="train")
     assert torch.equal(model[1].running_mean, after_run)
+
+
+def test_each_attack_warns_once_of_a_model_ending_in_a_softmax_on_its_existing_read():
+    """A model ending in a softmax was warned about by evaluate and AutoAttack, but pgd, fgsm, cw_linf, apgd, apgd_t,
+    fab, square and white_noise attacked it without a word, their losses saturated by the softmax they apply on top
+    (robustness overstated). Each now warns at its first forward, at the caller's line, once per line as warnings
+    are (not per batch), read on the first forward's existing read of its non-finite rows: no read more."""
+    model, (x, y) = _Softmax(), make_data(4, 3)
+    eps = dict(eps=0.03)
+    runs = {"pgd": lambda: attacks.pgd(model, x, y, steps=2, **eps),
+            "fgsm": lambda: attacks.FGSM(model, **eps)(x, y),
+            "cw_linf": lambda: attacks.cw_linf(model, x, y, steps=2, **eps),
+            "apgd": lambda: attacks.apgd(model, x, y, steps=2, **eps),
+            "apgd_t": lambda: attacks.apgd_t(model, x, y, steps=2, **eps),
+            "fab": lambda: attacks.fab(model, x, y, steps=2, **eps),
+            "square": lambda: attacks.square(model, x, y, n_queries=2, **eps),
+            "white_noise": lambda: attacks.white_noise(model, x, y, trials=1, **eps)}
+    for name, run in runs.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            for _ in range(3):  # batches of a loop: one warning
+                run()
+        assert [(str(w.message), w.category, w.filename) for w in caught] == [
+            (f"{name}: the model's outputs are non-negative and sum to 1 per sample, so they look like probabilities; "
+             "the attacks' losses expect logits (a softmax output saturates them and overestimates robustness): "
+             "remove the model's final softmax", UserWarning, __file__)], name
+    with pytest.warns(UserWarning, match="^pgd: the model's outputs are non-negative"):
+        reads = host_reads(lambda: attacks.pgd(model, x, y, eps=8 / 255, steps=3))
+    assert reads["item"] == 0 and reads["tolist"] == 3  # as for a model without a softmax
+    # AutoAttack and ensemble warn once per call, not once more per attack
+    with pytest.warns(UserWarning) as caught:
+        attacks.ensemble(model, x, y, [attacks.FGSM(model, **eps), attacks.PGD(model, steps=1, **eps)])
+    assert [str(w.message).partition(":")[0] for w in caught] == ["ensemble"]
 
 
 class _TieFlipper(nn.Module):

@@ -54,7 +54,8 @@ from ._options import (accepted_options, check_flags, check_int, check_usable_de
                        python_number)
 from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError, check_attack_output,
                               check_inside_ball, check_output, forward_naming_input_mismatch, looks_like_probabilities,
-                              model_device, predict_from_output, use_model_mode)
+                              model_device, one_probabilities_warning, predict_from_output, use_model_mode,
+                              warn_probabilities)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
                       metric_names, positive_class_problem, probabilities)
 
@@ -484,11 +485,8 @@ def predict_logits(model, x, batch_size=256, device="cpu", adversarial=None):
                 raise EvalError("model", str(err)) from None
             if start == 0 and adversarial is None and looks_like_probabilities(out):
                 # fit refuses such a model and AutoAttack warns; evaluate's gradient attacks ran on it silently, CW's
-                # margin of probabilities losing its gradient where a softmax saturates (rows overstated). stacklevel:
-                # this function, its no_grad wrapper, _evaluate_attacks, evaluate, the caller
-                warnings.warn("evaluate: the model's outputs are non-negative and sum to 1 per sample, so they look "
-                              "like probabilities; the attacks' losses expect logits (a softmax output saturates "
-                              "them and overestimates robustness): remove the model's final softmax", stacklevel=5)
+                # margin of probabilities losing its gradient where a softmax saturates (rows overstated)
+                warn_probabilities("evaluate")
             preds.append(predict_from_output(out).cpu())
             logits.append(class_logits(out).cpu())
     preds, logits = torch.cat(preds), torch.cat(logits)
@@ -688,7 +686,8 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     model = model.to(device)
     # once every argument passed: a warning about a radius check_radii then refused (--eps 8) came before its error
     warn_default_step_short_of_radii(specs, radii)
-    with contextlib.nullcontext() if seed is None else _seeded_rng(seed, device):
+    # one_probabilities_warning: evaluate's own check warns of a final softmax; its attacks do not again
+    with contextlib.nullcontext() if seed is None else _seeded_rng(seed, device), one_probabilities_warning():
         return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
                                  progress)
 

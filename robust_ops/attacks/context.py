@@ -17,9 +17,13 @@ output checks, and the losses attacks ascend.
 """
 
 import contextlib
+import contextvars
 import itertools
 import math
+import os
+import sys
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -460,13 +464,65 @@ def check_output(name, out, n):
     return out
 
 
+def probabilities_flag(out):
+    """:func:`looks_like_probabilities` as a 0-D bool tensor on ``out``'s device, not read back (for a caller that
+    reads it with other values), or None for outputs that are not [N, K] with K >= 2 and N >= 1."""
+    if not (torch.is_tensor(out) and out.dim() == 2 and out.shape[0] and out.shape[1] > 1):
+        return None
+    out = out.detach().float()
+    return (out >= 0).all() & ((out.sum(dim=1) - 1).abs().amax() < 1e-5)
+
+
 def looks_like_probabilities(out):
     """Whether [N, K] outputs (K >= 2, N >= 1) are non-negative rows summing to 1: a model ending in a softmax, whose
     outputs the library's losses (softmax cross-entropy, the attacks') would saturate; logits never pass by chance."""
-    if not (torch.is_tensor(out) and out.dim() == 2 and out.shape[0] and out.shape[1] > 1):
-        return False
-    out = out.detach().float()
-    return bool((out >= 0).all()) and float((out.sum(dim=1) - 1).abs().max()) < 1e-5
+    flag = probabilities_flag(out)
+    return flag is not None and bool(flag)
+
+
+# [warned] while a caller that checks the outputs itself (evaluate, AutoAttack, ensemble) runs its attacks
+_probabilities_scope = contextvars.ContextVar("robust_ops_probabilities_scope", default=None)
+# where a warning's caller is not: this library, torch's decorators (no_grad), contextlib's (one_probabilities_warning)
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep,
+                 contextlib.__file__)
+
+
+@contextlib.contextmanager
+def one_probabilities_warning():
+    """Inside, at most one :func:`warn_probabilities` warning, the first (evaluate's or AutoAttack's own check, or
+    the first attack's first forward): the attacks of one evaluate or AutoAttack call do not each warn again.
+    Nested scopes are the outermost's."""
+    if _probabilities_scope.get() is not None:
+        yield
+        return
+    token = _probabilities_scope.set([False])
+    try:
+        yield
+    finally:
+        _probabilities_scope.reset(token)
+
+
+def probabilities_unwarned():
+    """Whether a :func:`warn_probabilities` warning could still be given here (so the check is worth its compute)."""
+    scope = _probabilities_scope.get()
+    return scope is None or not scope[0]
+
+
+def warn_probabilities(name):
+    """The warning that the model's outputs look like probabilities (a final softmax), from ``name``, attributed to
+    the caller's line outside the library (and torch's and contextlib's decorators), so that the default filter
+    gives it once per call site, not once per batch; once per :func:`one_probabilities_warning` scope."""
+    scope = _probabilities_scope.get()
+    if scope is not None:
+        if scope[0]:
+            return
+        scope[0] = True
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"{name}: the model's outputs are non-negative and sum to 1 per sample, so they look like "
+                  "probabilities; the attacks' losses expect logits (a softmax output saturates them and "
+                  "overestimates robustness): remove the model's final softmax", stacklevel=level)
 
 
 def num_classes_of(out):

@@ -32,7 +32,10 @@ from .context import (
     num_classes_of,
     one_sample_batch_norm_error,
     predict_from_output,
+    probabilities_flag,
+    probabilities_unwarned,
     two_logits,
+    warn_probabilities,
 )
 
 NORMS = ("linf", "l2")
@@ -363,8 +366,9 @@ def check_labels_against(name, y, out, finite_at=None, label_range=None):
     """Labels ``y`` in [0, K) for the model's output ``out``. ``finite_at`` (where ``out`` was computed, e.g. "at the
     attack's first forward"): also refuse output rows without class probabilities (NaN, +Inf, a row of only -Inf; a
     single logit: NaN), read on the label check's own device sync, so no step pays one more (docs/design.md,
-    "Non-finite values"). ``label_range``: the labels' (min, max) as check_inputs(label_range=True) read them, so
-    that they are not read again (None: read here)."""
+    "Non-finite values"), and warn of outputs that look like probabilities (a final softmax) on that read too.
+    ``label_range``: the labels' (min, max) as check_inputs(label_range=True) read them, so that they are not read
+    again (None: read here)."""
     finite = finite_at is not None
     k = num_classes_of(out)
     if not y.numel():
@@ -373,12 +377,16 @@ def check_labels_against(name, y, out, finite_at=None, label_range=None):
         z = out.detach()
         # a row's maximum is NaN, +Inf or -Inf exactly when it has no softmax probabilities (evaluate's rule)
         bad = torch.isnan(z.reshape(-1)) if is_single_logit(z) else ~torch.isfinite(z.amax(1))
+        # a final softmax (AutoAttack's check), on the same read; not where evaluate or AutoAttack checked already
+        probs = probabilities_flag(z) if probabilities_unwarned() else None
+        read = [bad.sum()] + ([probs.to(torch.int64)] if probs is not None else [])
     if label_range is not None:
-        top, count = label_range[1], (bad.sum().tolist() if finite else 0)
+        top = label_range[1]
+        count, *probs_read = torch.stack(read).tolist() if finite else (0,)
     elif finite:
-        top, count = torch.stack([y.max(), bad.sum().to(y.dtype)]).tolist()
+        top, count, *probs_read = torch.stack([y.max()] + [v.to(y.dtype) for v in read]).tolist()
     else:
-        top, count = int(y.max()), 0
+        top, count, probs_read = int(y.max()), 0, ()
     if top >= k:
         lo, hi = label_range if label_range is not None else labels_range(y)
         raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} classes, got values in "
@@ -388,6 +396,8 @@ def check_labels_against(name, y, out, finite_at=None, label_range=None):
                                    f"inputs {finite_at} (no class probabilities); check the model: a log or division "
                                    "of 0 in its forward, or weights that diverged (a learning rate too high)",
                                    count=count, inputs=bad.numel())
+    if any(probs_read):
+        warn_probabilities(name)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from .._options import check_flags, check_real
 from .base import N_CLASSES_HINT, Attack
 from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
 from .context import (attack_context, check_attack_output, check_inputs, check_inside_ball, looks_like_probabilities,
-                      predict_from_output)
+                      one_probabilities_warning, predict_from_output, warn_probabilities)
 
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
@@ -154,6 +154,7 @@ def _correct(model, x, y, model_mode, name, where="at the clean inputs"):
     return _predict(model, x, model_mode, name, y, where) == y
 
 
+@one_probabilities_warning()  # one warning of a final softmax per call (model_check's), not one per attack
 def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=0.0, clip_max=1.0, batch_size=None,
              names=None, model_check=None, name="ensemble"):
     r"""Evaluate ``attacks`` in order, AutoAttack style (Croce & Hein 2020): each next attack runs only on the
@@ -463,6 +464,7 @@ class AutoAttack(Attack):
         x_adv = self.run(x, y, batch_size=bs).x_adv
         return (x_adv, self._predicted(x_adv, bs)) if return_labels else x_adv
 
+    @one_probabilities_warning()  # one warning of a final softmax for all its ensemble calls
     def run_standard_evaluation_individual(self, x, y, bs=None, return_labels=False):
         """AutoAttack's: each attack on every sample on its own (no cascade); {attack name: x_adv}, x_adv the clean
         input where that attack did not succeed (``return_labels=True``: {name: (x_adv, y_adv)}, as
@@ -506,9 +508,7 @@ class AutoAttack(Attack):
                               "eot_iter passes; in a custom list, APGD's eot_iter) or make the model deterministic",
                               stacklevel=4)
         if looks_like_probabilities(outs[0]):
-            warnings.warn("autoattack: the model's outputs are non-negative and sum to 1 per sample, so they look "
-                          "like probabilities; the attacks' losses expect logits (a softmax output saturates them "
-                          "and overestimates robustness): remove the model's final softmax", stacklevel=4)
+            warn_probabilities("autoattack")  # once: its attacks' first forwards then do not warn again
 
     def _predicted(self, x_adv, bs):
         """AutoAttack's y_adv: the labels the model predicts on x_adv, ``bs`` samples at a time, in the mode of the
