@@ -30,7 +30,7 @@ from robust_ops.ima import (
     soft_dice_loss,
 )
 
-from utils import MadeOutput, TinyCNN
+from utils import MadeOutput, TinyCNN, host_reads
 
 
 @pytest.fixture(autouse=True)
@@ -883,6 +883,58 @@ def test_gen_adv_errors():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Margin table
+
+
+def _ima_step_reads(monkeypatch):
+    """host_reads (utils) of one IMA step on a model that classifies every sample correctly at every margin it can
+    reach (a near-constant head), so that no sample crosses and the step's forwards are fixed; "unique": its
+    torch.unique calls (the duplicate-id check, a GPU sync on a device's ids)."""
+    uniques = []
+    unique = torch.unique
+
+    def counted(*args, **kwargs):
+        uniques.append(1)
+        return unique(*args, **kwargs)
+
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=2)
+    with torch.no_grad():
+        model.head.weight.mul_(1e-3)
+        model.head.bias.copy_(torch.tensor([5.0, -5.0]))
+    x, y = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(8, dtype=torch.long)
+    ima = IMA(16, steps=3, search_steps=2)
+    ima(model, x, y, torch.arange(8))  # the first step measures batch_invariant_sizes
+    monkeypatch.setattr(torch, "unique", counted)
+    reads = host_reads(lambda: ima(model, x, y, torch.arange(8, 16)))
+    assert torch.equal(ima.table.margins, ima.table.margins[:1].expand(16))  # none crossed: every one expanded
+    return dict(reads, unique=len(uniques))
+
+
+def test_ima_checks_a_steps_ids_once(monkeypatch):
+    """IMA checked the batch's ids four times per step (IMA itself, then MarginTable.get, new_margins and update):
+    8 int() reads and 4 torch.unique, after moving them to the table's device (each a GPU sync there). Now once, in
+    one read of both ends and one torch.unique, on the ids where they arrive; the table's internal calls skip it.
+    The rest of this step's reads: its labels' and inputs' checks, the NaN checks of each forward and backward,
+    the early exits and the metrics' one read."""
+    reads = _ima_step_reads(monkeypatch)
+    assert (reads["item"], reads["tolist"], reads["unique"]) == (14, 6, 1), reads
+
+
+def test_margin_table_update_checks_its_ids_once_and_still_refuses_bad_ones(monkeypatch):
+    """The public update read its ids twice (in new_margins, then again itself); it still refuses bad ones. Its
+    other read: the crossed samples' distances' check."""
+    table = MarginTable(6, 0.5, 1.0)
+    flags = dict(adv_correct=torch.tensor([True, False]), crossed=torch.tensor([False, False]),
+                 distance=torch.zeros(2), delta=0.1)
+    reads = host_reads(lambda: table.update(torch.tensor([1, 4]), **flags))
+    assert reads == {"item": 1, "nonzero": 0, "tolist": 1}, reads
+    assert table.margins.tolist() == pytest.approx([0.5, 0.6, 0.5, 0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="duplicate"):
+        table.update(torch.tensor([2, 2]), **flags)
+    with pytest.raises(IndexError, match=re.escape("got ids in [2, 6]")):
+        table.update(torch.tensor([2, 6]), **flags)
+    with pytest.raises(ValueError, match="duplicate"):
+        table.get(torch.tensor([3, 3]))
 
 
 def test_margin_table_update_rules_and_clip():

@@ -36,6 +36,7 @@ from .attacks.context import (
     check_output_rows,
     classification_loss,
     is_one_sample_batch_norm,
+    labels_range,
     predict_from_output,
 )
 from .attacks.core import check_labels_against, check_linf_budget, check_norm, forward, per_sample, sample_distance
@@ -1029,16 +1030,16 @@ class MarginTable:
 
     def check_ids(self, ids, name="MarginTable"):
         """ids as an int64 tensor on the table's device; errors (naming ``name``) for non-integer, out-of-range or
-        duplicate ids."""
+        duplicate ids. Checked where they are, before the move: a DataLoader's CPU ids cost a CUDA table no sync."""
         # any integer dtype (int8 or numpy's uint32 index arrays too); bool would read as ids 0 and 1
         if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"{name}: expected ids to be an integer tensor of dataset ids, got "
                             f"{getattr(ids, 'dtype', type(ids).__name__)}")
         if ids.dim() != 1:
             raise ValueError(f"{name}: expected ids to be 1-D [N], got shape {tuple(ids.shape)}")
-        ids = ids.to(device=self.margins.device, dtype=torch.int64)
+        ids = ids.to(torch.int64)
         if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
+            lo, hi = labels_range(ids)  # both ends in one read
             if lo < 0 or hi >= len(self):
                 raise IndexError(f"{name}: ids must lie in [0, {len(self)}) (the margin table has {len(self)} entries; "
                                  f"size it with the dataset length), got ids in [{lo}, {hi}]")
@@ -1046,7 +1047,7 @@ class MarginTable:
                 raise ValueError(f"{name}: expected distinct ids in one batch (each sample's margin is updated once), "
                                  f"got {ids.numel() - torch.unique(ids).numel()} duplicate(s); a sampler drawing with "
                                  "replacement (WeightedRandomSampler) repeats samples: draw without replacement")
-        return ids
+        return ids.to(self.margins.device)
 
     def get(self, ids):
         """Margins of ``ids`` (a copy)."""
@@ -1057,7 +1058,11 @@ class MarginTable:
 
     def new_margins(self, ids, *, adv_correct, crossed, distance, delta):
         """Algorithm 1 lines 13-19 for ``ids``: the updated (clipped) margins, without writing them."""
-        ids = self.check_ids(ids)
+        return self._new_margins(self.check_ids(ids), adv_correct=adv_correct, crossed=crossed, distance=distance,
+                                 delta=delta)
+
+    def _new_margins(self, ids, *, adv_correct, crossed, distance, delta):
+        """new_margins of ids that check_ids returned."""
         n = ids.numel()
         for arg, t in (("adv_correct", adv_correct), ("crossed", crossed)):
             if not torch.is_tensor(t) or t.dtype != torch.bool or t.shape != (n,):
@@ -1080,13 +1085,19 @@ class MarginTable:
     def update(self, ids, *, adv_correct, crossed, distance, delta, problem=None):
         """Apply Algorithm 1's margin update for one batch (see the class docstring); returns the new margins.
         ``problem``: a refusal the caller found (IMA's NaN outputs), raised as ValueError instead of writing."""
+        return self._update(ids, adv_correct=adv_correct, crossed=crossed, distance=distance, delta=delta,
+                            problem=problem)
+
+    def _update(self, ids, *, adv_correct, crossed, distance, delta, problem=None, ids_checked=False):
+        """update; ``ids_checked``: ids are what check_ids returned (IMA's, checked once per batch), not read again."""
         try:
-            new = self.new_margins(ids, adv_correct=adv_correct, crossed=crossed, distance=distance, delta=delta)
+            if not ids_checked:  # checked once: update and new_margins read the ids twice
+                ids = self.check_ids(ids)
+            new = self._new_margins(ids, adv_correct=adv_correct, crossed=crossed, distance=distance, delta=delta)
         except (TypeError, ValueError, IndexError):
             if self._synchronised():  # the other ranks wait in the sync: they hear of it there and raise too
                 self._gather_sizes(0, _REFUSED_ARGUMENTS)
             raise
-        ids = self.check_ids(ids)
         # A crossed sample's distance becomes half its margin: NaN/inf/negative ones (a diverged model) are refused
         # before anything is written -- under DDP on every rank at once, so that no rank waits in the sync.
         bad = (~torch.isfinite(distance.detach()) | (distance.detach() < 0)) & crossed.to(distance.device)
@@ -1396,6 +1407,7 @@ class IMA(Defense):
         # checked before the clean loss, whose own error names neither IMA nor y
         y = _check_batch("IMA", x, y, self.clip_min, self.clip_max, self._is_correct, self._loss_fn)
         self._resolve(x)
+        # checked once, on the CPU where a DataLoader yields them (no GPU sync); the table's own calls below skip it
         ids = self.table.check_ids(ids, "IMA").to(x.device)
         loss_fn = self._loss_fn or _default_loss
         criterion = self._is_correct or _default_is_correct
@@ -1409,7 +1421,8 @@ class IMA(Defense):
         l0 = _loss_result("IMA", loss_fn(out, y), x.shape[0])
         clean_ok = _criterion_result("IMA", criterion(out.detach(), y), x.shape[0])
         sel = clean_ok.nonzero().squeeze(1)
-        margins = self.table.get(ids).to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        margins = self.table.margins.index_select(0, ids.to(self.table.margins.device)).to(
+            device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         l1 = l0
         # tensors, read back together at the end (metric_values: one host read); the mean of the margins before this
         # batch's update
@@ -1457,8 +1470,8 @@ class IMA(Defense):
             shrink = expand = torch.zeros(0, dtype=torch.bool, device=x.device)
             distance = torch.zeros(0, device=x.device)
         # Every rank calls update once per batch (possibly with no ids) so the margin sync stays collective.
-        self.table.update(ids[sel], adv_correct=expand, crossed=shrink, distance=distance, delta=self.delta,
-                          problem=problem)
+        self.table._update(ids[sel].to(self.table.margins.device), adv_correct=expand, crossed=shrink,
+                           distance=distance, delta=self.delta, problem=problem, ids_checked=True)
         loss = ((1 - self.beta) * l0 + self.beta * l1).mean()
         metrics["loss"] = loss  # last, where fit would add it, read with the others (fit read it on its own)
         return DefenseOutput(loss=loss, logits=out.detach(), metrics=metric_values(**metrics), metric_counts=attacked)
