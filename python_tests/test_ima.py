@@ -888,7 +888,7 @@ def test_gen_adv_errors():
 def _ima_step_reads(monkeypatch):
     """host_reads (utils) of one IMA step on a model that classifies every sample correctly at every margin it can
     reach (a near-constant head), so that no sample crosses and the step's forwards are fixed; "unique": its
-    torch.unique calls (the duplicate-id check, a GPU sync on a device's ids)."""
+    torch.unique calls (the duplicate-id check, a GPU sync on a device's ids). And gen_adv's alone on the batch."""
     uniques = []
     unique = torch.unique
 
@@ -907,17 +907,22 @@ def _ima_step_reads(monkeypatch):
     monkeypatch.setattr(torch, "unique", counted)
     reads = host_reads(lambda: ima(model, x, y, torch.arange(8, 16)))
     assert torch.equal(ima.table.margins, ima.table.margins[:1].expand(16))  # none crossed: every one expanded
-    return dict(reads, unique=len(uniques))
+    alone = host_reads(lambda: gen_adv(model, x, y, ima.table.margins[:8], steps=3, search_steps=2))
+    return dict(reads, unique=len(uniques)), alone
 
 
 def test_ima_checks_a_steps_ids_once(monkeypatch):
     """IMA checked the batch's ids four times per step (IMA itself, then MarginTable.get, new_margins and update):
     8 int() reads and 4 torch.unique, after moving them to the table's device (each a GPU sync there). Now once, in
     one read of both ends and one torch.unique, on the ids where they arrive; the table's internal calls skip it.
-    The rest of this step's reads: its labels' and inputs' checks, the NaN checks of each forward and backward,
-    the early exits and the metrics' one read."""
-    reads = _ima_step_reads(monkeypatch)
-    assert (reads["item"], reads["tolist"], reads["unique"]) == (14, 6, 1), reads
+    GenAdv checked the batch's rows that IMA attacks again (their inputs' and labels' ranges, two reads) and read
+    the labels' top once more for its label check, as IMA's own did (two int() reads): IMA hands gen_adv the range
+    its check read. The rest of this step's reads: the ids', inputs' and labels' check (one read each), the margins'
+    check, the NaN checks of each forward and backward, the early exits and the metrics' one read."""
+    reads, alone = _ima_step_reads(monkeypatch)
+    assert (reads["item"], reads["tolist"], reads["unique"]) == (12, 4, 1), reads
+    # gen_adv alone checks its batch itself, in two reads, and its label check takes the labels' top from them
+    assert (alone["item"], alone["tolist"]) == (11, 2), alone
 
 
 def test_margin_table_update_checks_its_ids_once_and_still_refuses_bad_ones(monkeypatch):
@@ -2491,13 +2496,13 @@ def test_ima_hands_each_of_its_genadv_options_to_gen_adv(monkeypatch):
     import robust_ops.ima as ima_module
 
     seen = {}
-    real_gen_adv = ima_module.gen_adv
+    real_gen_adv = ima_module._gen_adv  # gen_adv's body: IMA hands it its checked batch's labels' range too
 
-    def recording_gen_adv(*args, **kwargs):
-        seen.update(kwargs)
-        return real_gen_adv(*args, **kwargs)
+    def recording_gen_adv(name, compact, *args, **kwargs):
+        seen.update(kwargs, compact=compact)
+        return real_gen_adv(name, compact, *args, **kwargs)
 
-    monkeypatch.setattr(ima_module, "gen_adv", recording_gen_adv)
+    monkeypatch.setattr(ima_module, "_gen_adv", recording_gen_adv)
     options = dict(steps=3, norm="linf", search_steps=5, algorithm=3, arity=4, clip_min=-1.0, clip_max=2.0,
                    model_mode="keep", search_result="midpoint", compact=False, batch_exit=False, min_rows=0,
                    backend="reference")

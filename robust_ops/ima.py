@@ -167,16 +167,18 @@ def _class_labels_expected(is_correct, loss_fn, y):
 def _check_batch(name, x, y, clip_min, clip_max, is_correct, loss_fn):
     """x finite and inside the clip range; y class labels [N] (returned as int64: cross-entropy takes no other label
     type) where the defaults read them, else any tensor with x's batch size (e.g. masks). IMA checks its whole batch
-    so: with its own criterion and loss it checked neither, and a mask batch of 1 broadcast through the Dice."""
+    so: with its own criterion and loss it checked neither, and a mask batch of 1 broadcast through the Dice.
+    Returns ``(y, labels' (min, max))``, the range read once here for check_labels_against (None: not class labels,
+    or none)."""
     if is_correct is None:
         _check_default_labels(name, y)
     if _class_labels_expected(is_correct, loss_fn, y):
-        return check_inputs(name, x, y, clip_min, clip_max)
+        return check_inputs(name, x, y, clip_min, clip_max, label_range=True)
     check_inputs(name, x, clip_min=clip_min, clip_max=clip_max)
     if not torch.is_tensor(y) or y.dim() < 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"{name}: expected y with batch size {x.shape[0]}, got "
                          f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
-    return y
+    return y, None
 
 
 def _flat(t):
@@ -355,7 +357,7 @@ class _Problem:
     """Everything one gen_adv call needs, validated once."""
 
     def __init__(self, name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-                 clip_min, clip_max, search_result, backend, model_mode="eval", min_rows=None):
+                 clip_min, clip_max, search_result, backend, model_mode="eval", min_rows=None, label_range=_NOT_GIVEN):
         norm = check_norm(name, norm)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"{name}: expected algorithm to be 2 (GenAdv) or 3 (GenAdv with data augmentation), "
@@ -365,7 +367,11 @@ class _Problem:
         self.search_steps = check_int(name, "search_steps", search_steps, 0)
         self.arity = _check_arity(name, arity, self.search_steps)
         check_gradients_possible(name)
-        y = _check_batch(name, x, y, clip_min, clip_max, is_correct, loss_fn)
+        if label_range is _NOT_GIVEN:
+            y, label_range = _check_batch(name, x, y, clip_min, clip_max, is_correct, loss_fn)
+        # else (IMA's): x and y are rows of a batch the caller checked so (same clip range, criterion and loss), and
+        # label_range is what its check read: checking them again read the same values back (two host reads)
+        self.label_range = label_range
         self.name, self.model, self.x, self.y = name, model, x.detach(), y
         # Every forward runs in x's layout (the one batch_invariant_sizes probes): gathers, masks and padding return
         # contiguous batches, and a channels_last x then ran masked and compacted forwards in different layouts.
@@ -422,7 +428,7 @@ class _Problem:
             # single logit's BCE took a target of 2 without a word: checked once, against the first output.
             if not self.default_criterion:  # a segmentation output: name loss_fn, not the label range
                 _check_default_output(self.name, out, y.shape[0], "loss_fn")
-            check_labels_against(self.name, self.y, out)
+            check_labels_against(self.name, self.y, out, label_range=self.label_range)  # not read again
             self.labels_checked = True
         return _criterion_result(self.name, self.is_correct(out, y), y.shape[0])
 
@@ -831,11 +837,14 @@ def _unwrap_ddp(model):
 
 
 def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-             clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit, min_rows=None):
+             clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit, min_rows=None,
+             label_range=_NOT_GIVEN):
+    """gen_adv; ``label_range`` (IMA's): x and y are rows of a batch the caller checked as _check_batch does, whose
+    labels' range it read (None: no class labels), so they are not checked again (_Problem)."""
     model = _unwrap_ddp(model)
     _check_options(name, None, None, None, {"compact": compact, "batch_exit": batch_exit, "return_info": return_info})
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-                 clip_min, clip_max, search_result, backend, model_mode, min_rows)
+                 clip_min, clip_max, search_result, backend, model_mode, min_rows, label_range)
     p.batch_exit = bool(batch_exit)
     if counter is not None and not isinstance(counter, PassCounter):
         # counter=5 failed after the first forward with "'int' object has no attribute 'forward'", or was never
@@ -1405,7 +1414,7 @@ class IMA(Defense):
             raise ValueError(f"IMA: expected ids of shape [{x.shape[0]}] (one id per sample), got "
                              f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
         # checked before the clean loss, whose own error names neither IMA nor y
-        y = _check_batch("IMA", x, y, self.clip_min, self.clip_max, self._is_correct, self._loss_fn)
+        y, label_range = _check_batch("IMA", x, y, self.clip_min, self.clip_max, self._is_correct, self._loss_fn)
         self._resolve(x)
         # checked once, on the CPU where a DataLoader yields them (no GPU sync); the table's own calls below skip it
         ids = self.table.check_ids(ids, "IMA").to(x.device)
@@ -1417,7 +1426,8 @@ class IMA(Defense):
             if given is None:
                 _check_default_output("IMA", out, x.shape[0], arg)
         if self._is_correct is None or self._loss_fn is None:
-            check_labels_against("IMA", y, out)  # a binary model's 1/2 labels trained on a BCE target of 2
+            # a binary model's 1/2 labels trained on a BCE target of 2; the labels' range as _check_batch read it
+            check_labels_against("IMA", y, out, label_range=label_range)
         l0 = _loss_result("IMA", loss_fn(out, y), x.shape[0])
         clean_ok = _criterion_result("IMA", criterion(out.detach(), y), x.shape[0])
         sel = clean_ok.nonzero().squeeze(1)
@@ -1432,13 +1442,14 @@ class IMA(Defense):
         if sel.numel():
             xs, ys = x.index_select(0, sel), y.index_select(0, sel)
             try:
-                x_adv, crossed, info = gen_adv(
-                    model, xs, ys, margins.index_select(0, sel), steps=self.steps, norm=self.norm,
-                    search_steps=self.search_steps, algorithm=self.algorithm, is_correct=self._is_correct,
-                    loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min, clip_max=self.clip_max,
-                    model_mode=self.model_mode, search_result=self.search_result, compact=self.compact,
+                # the rows of the batch checked above: gen_adv's own check of them read the same values again
+                x_adv, crossed, info = _gen_adv(
+                    "gen_adv", self.compact, model, xs, ys, margins.index_select(0, sel), steps=self.steps,
+                    norm=self.norm, search_steps=self.search_steps, algorithm=self.algorithm,
+                    is_correct=self._is_correct, loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min,
+                    clip_max=self.clip_max, model_mode=self.model_mode, search_result=self.search_result,
                     counter=self.counter, return_info=True, backend=self.backend, batch_exit=self.batch_exit,
-                    min_rows=self.min_rows,
+                    min_rows=self.min_rows, label_range=label_range,
                 )
                 # Samples the attack's mode finds wrong at x itself are treated as misclassified clean (L1 = L0).
                 keep = info.clean_correct
