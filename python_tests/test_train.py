@@ -5434,6 +5434,25 @@ def test_fit_reads_three_values_back_per_step_of_its_own(metrics):
     assert row["train_loss"] == (0.5 if metrics else pytest.approx(float(classification_loss(logits, data.tensors[1]))))
 
 
+def test_fit_reads_a_defenses_tensor_metrics_with_its_own_read():
+    """A defense's metrics given as tensors (a custom defense's) were each read by their own float() (a GPU sync
+    each per step); they now ride on fit's one read of the step (the flags and the correct count), in float64, so
+    each history value is the one float() gave: float32, float16, integer and bool tensors. Complex ones and those
+    on another device type keep their float()."""
+    values = {"loss": torch.tensor(0.1, dtype=torch.float32), "half": torch.tensor(1 / 3, dtype=torch.float16),
+              "count": torch.tensor(2**53 + 1), "flag": torch.tensor(True), "plain": 0.25}
+    reads = _reads_per_step(lambda n: _NoReads(values), _images)
+    assert reads == {"item": 1, "nonzero": 0, "tolist": 3}, reads
+    torch.manual_seed(0)
+    row = fit(TinyCNN(num_classes=2), _NoReads(values), _images(8), epochs=1, batch_size=4, lr=0.0,
+              progress=False).history[0]
+    assert [k for k in row if k.startswith("train_") and k != "train_acc"] == [f"train_{k}" for k in values]
+    assert all(row[f"train_{k}"] == float(v) for k, v in values.items()), row
+    with pytest.raises(RuntimeError, match="cannot be converted to type double"):  # as float() of it always did
+        fit(TinyCNN(num_classes=2), _NoReads({"z": torch.tensor(1 + 2j)}), _images(4), epochs=1, batch_size=4,
+            progress=False)
+
+
 # fit's host reads (item, tolist) per training step with each defense, as _reads_per_step counts them: fit's own
 # three and the sampler's CPU index list (above), the defense's label checks, its attacks' input, label and
 # first-forward checks (test_attacks.py), DPAAT's batch mean of the loss changes and AMAT's / DPAAT's finite-loss

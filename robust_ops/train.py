@@ -966,9 +966,12 @@ def _defense_named(name, defense):
     return f"{name}: the {getattr(defense, 'name', type(defense).__name__)} defense"
 
 
-def _clean_metrics(name, defense, metrics):
-    """The defense's metrics as floats; anything else is refused rather than left out of the history unseen."""
-    clean = {}
+def _clean_metrics(name, defense, metrics, device):
+    """The defense's metrics as floats; anything else is refused rather than left out of the history unseen. Returns
+    ``(metrics, unread)``: one-element real tensors on ``device``'s type are not read here but left in ``unread`` as
+    float64 [1] (exact for every float and for the integers float() rounds alike; their metrics' entries None until
+    then), for fit's one read of the step: each float() was a host read (a GPU sync) of its own."""
+    clean, unread = {}, {}
     for key, value in (metrics or {}).items():
         if key == "acc":  # the history's train_acc is fit's accuracy of the returned logits: it would replace this one
             raise ValueError(f"{_defense_named(name, defense)}'s metric 'acc' has the name of fit's own train_acc "
@@ -977,8 +980,12 @@ def _clean_metrics(name, defense, metrics):
         if not one_number:
             raise ValueError(f"{_defense_named(name, defense)}'s metric {key!r} is {type(value).__name__} "
                              f"{value!r:.60}; metrics must be numbers (floats for the history and metrics.csv)")
-        clean[key] = float(value.detach() if torch.is_tensor(value) else value)
-    return clean
+        if (torch.is_tensor(value) and value.device.type == device.type and value.layout == torch.strided
+                and not (value.is_complex() or value.is_quantized)):  # float() of a complex one raises
+            clean[key], unread[key] = None, value.detach().reshape(1).to(torch.float64)
+        else:
+            clean[key] = float(value.detach() if torch.is_tensor(value) else value)
+    return clean, unread
 
 
 def _metric_weights(name, defense, counts, metrics, n):
@@ -1729,7 +1736,8 @@ def fit(
                             raise
                     loss = _checked_output(name, defense, out).loss
                     _check_logits(name, defense, out.logits, y.numel(), num_classes, single_logit)
-                    metrics = _clean_metrics(name, defense, out.metrics)  # refused before the weights change
+                    # refused before the weights change; tensors read below with the flags
+                    metrics, unread = _clean_metrics(name, defense, out.metrics, device)
                     weights = _metric_weights(name, defense, getattr(out, "metric_counts", None), metrics, y.numel())
                     # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
                     own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
@@ -1743,7 +1751,10 @@ def fit(
                     read = [bad.to(torch.float64)]
                     if out.logits is not None:
                         read.append((predict_from_output(out.logits.detach()) == y).sum().to(torch.float64)[None])
+                    # and so do the defense's tensor metrics (a custom defense's; the built-in ones give floats)
+                    read.extend(t.to(bad.device) for t in unread.values())
                     bad_loss, bad_extra, *batch_correct = torch.cat(read).tolist()
+                    metrics.update(zip(unread, batch_correct[len(batch_correct) - len(unread):]))
                     bad_loss, bad_extra = bad_loss > 0, bad_extra > 0
                 where = _last_good_checkpoint(last_ckpt)
                 if bad_loss or bad_extra:
