@@ -517,36 +517,49 @@ def _ascent_compact(p, counter):
             done = bad
         elif p.algorithm == 2:
             done = ~ok  # first wrong iterate: bracket [x_{t-1}, x_t]
-            cidx = idx[done]
+            # each mask's rows found once (a host read, a GPU sync): indexing idx, prev and cur with the mask itself
+            # found them three times
+            at = _rows(done)
+            cidx = idx.index_select(0, at)
             crossed.index_fill_(0, cidx, True)
-            lo.index_copy_(0, cidx, prev[done])
-            hi.index_copy_(0, cidx, cur[done])
+            lo.index_copy_(0, cidx, prev.index_select(0, at))
+            hi.index_copy_(0, cidx, cur.index_select(0, at))
             steps.index_fill_(0, cidx, t)
         else:
             done = torch.zeros_like(ok)
         if last:  # K steps taken: the rest ends here
             rest = ~done
-            ridx = idx[rest]
+            at = _rows(rest)
+            ridx = idx.index_select(0, at)
             steps.index_fill_(0, ridx, p.steps)
             if p.algorithm == 3:  # Algorithm 3: bracket [x, x_K] when x_K is misclassified
                 wrong = rest & ~ok
-                widx = idx[wrong]
+                wat = _rows(wrong)
+                widx = idx.index_select(0, wat)
                 crossed.index_fill_(0, widx, True)
-                hi.index_copy_(0, widx, cur[wrong])
-                rest = rest & ok
-                ridx = idx[rest]
-            x_adv.index_copy_(0, ridx, cur[rest])
+                hi.index_copy_(0, widx, cur.index_select(0, wat))
+                at = _rows(rest & ok)
+                ridx = idx.index_select(0, at)
+            x_adv.index_copy_(0, ridx, cur.index_select(0, at))
             break
         keep = ~done
-        if not bool(keep.any()):  # every sample finished at this step: no backward needed
+        at = _rows(keep)  # the rows that go on, read once: the early exit below and the three gathers
+        if not at.numel():  # every sample finished at this step: no backward needed
             break
         grad = p.gradient(xs, out, ya, keep, counter, idx)
         del out  # a graph retained under float16 autocast goes now, not after the next forward
-        idx, prev = idx[keep], cur[keep]
+        idx, prev = idx.index_select(0, at), cur.index_select(0, at)
         nxt = prev.clone()
-        p.pgd_step(nxt, x.index_select(0, idx), grad[keep], p.alpha.index_select(0, idx), p.margin.index_select(0, idx))
+        p.pgd_step(nxt, x.index_select(0, idx), grad.index_select(0, at), p.alpha.index_select(0, idx),
+                   p.margin.index_select(0, idx))
         cur = nxt
     return x_adv, lo, hi, crossed, clean_correct, steps
+
+
+def _rows(mask):
+    """The positions where a bool [N] mask is True: one nonzero (a host read, a GPU sync), where indexing k tensors
+    with the mask itself ran k."""
+    return mask.nonzero().squeeze(1)
 
 
 def _search_start(p, lo, hi):
@@ -1459,7 +1472,8 @@ class IMA(Defense):
                 problem = err.naming(f"dataset id(s) {listing(ids[sel[err.positions]].tolist(), 8)}", "IMA")
                 x_adv, crossed = xs, torch.zeros(sel.numel(), dtype=torch.bool, device=x.device)
                 keep = torch.ones_like(crossed)
-            sel, xs, ys, x_adv, crossed = sel[keep], xs[keep], ys[keep], x_adv[keep], crossed[keep]
+            at = _rows(keep)  # one read, where indexing the five with the mask ran five
+            sel, xs, ys, x_adv, crossed = (t.index_select(0, at) for t in (sel, xs, ys, x_adv, crossed))
         else:
             crossed = torch.zeros(0, dtype=torch.bool, device=x.device)
         if not sel.numel() and distributed_run():
