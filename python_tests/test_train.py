@@ -3953,6 +3953,65 @@ def test_ddp_an_error_inside_one_process_step_names_that_process_on_the_others(t
                                      "stopped here too"), messages[1 - failing]
 
 
+class NaNOnProcess1(Defense):
+    """AT (one PGD step) whose inputs (``what="inputs"``) or model outputs (``"outputs"``) turn NaN on process 1 at
+    its second call: the NaN policy's refusal by the attack, on one process only."""
+
+    name = "nan-on-one"
+
+    def __init__(self, what):
+        self.what, self.calls, self.at = what, 0, defenses.AT(steps=1)
+
+    def __call__(self, model, x, y, ids=None):
+        import torch.distributed as dist
+
+        self.calls += 1
+        if dist.get_rank() == 1 and self.calls == 2:
+            if self.what == "inputs":
+                x = torch.full_like(x, math.nan)
+            else:
+                model.module.register_forward_hook(lambda module, args, out: out * math.nan)
+        return self.at(model, x, y)
+
+
+def _ddp_step_refusals_on_one_process_worker(rank, world, ports, out_path):
+    # fit's own group (torchrun's environment), a new one on another port for each call: the failing process lives on
+    # to the next call, and fit destroying its group as it raises releases the other
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    messages = []
+    for port, (data, batch_size, defense) in zip(ports, [(_data(16), 8, NaNOnProcess1("inputs")),
+                                                         (_data(16), 8, NaNOnProcess1("outputs")),
+                                                         (_data(6), 3, defenses.Standard())]):
+        os.environ["MASTER_PORT"] = str(port)
+        messages.append(_outcome(lambda: fit(BNMLP(), defense, data, epochs=1, batch_size=batch_size,
+                                             dist_timeout=60, progress=False)))
+    torch.save(messages, f"{out_path}.{rank}")
+
+
+def test_ddp_the_nan_policys_refusals_and_a_one_sample_share_on_one_process_name_it_on_the_others(tmp_path):
+    """The attack's refusal of NaN inputs or outputs and a one-sample share under batch norm, raised on process 1
+    alone inside its step, while process 0 waits in DDP's buffer broadcast (the attack's refusals: a model with batch
+    norm) or in fit's flag all-reduce (the one-sample share fails after it): process 0 names process 1 and its error
+    in one line, as for any error inside a step. Each fit makes its own group and destroys it as it raises, which
+    releases process 0 at once although process 1 lives on to the next call (else each call waited its 60 s)."""
+    out = str(tmp_path / "error")
+    ports = []
+    while len(ports) < 3:
+        ports += [port for port in [_free_port()] if port not in ports]
+    _spawn_within(150, _ddp_step_refusals_on_one_process_worker, (2, ports, out))
+    messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    inputs, outputs, one_sample = messages[1]
+    assert inputs.startswith("NonFiniteLossError: fit: the nan-on-one defense's attack refused its inputs "), inputs
+    assert outputs.startswith("NonFiniteLossError: fit: the nan-on-one defense's attack met model outputs that are "
+                              "NaN or Inf (4 of 4 samples) at epoch 1, step 2"), outputs
+    assert one_sample.startswith("OneSampleBatchError: fit: the model's training-mode batch-norm layers cannot "
+                                 "normalize a batch of 1 sample at epoch 1, step 1"), one_sample
+    where = ["epoch 1, step 2", "epoch 1, step 2", "epoch 1, step 1"]
+    assert messages[0] == [f"RuntimeError: fit: process 1 failed at {at}: {error}; stopped here too"
+                           for at, error in zip(where, messages[1])], messages[0]
+
+
 def _out_of_memory_everywhere(model, x, y):
     import datetime
 
