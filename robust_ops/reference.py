@@ -182,8 +182,9 @@ def clip_bounds(clip_min, clip_max, dtype):
 def pgd_step_(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history=None, slot=0):
     """Reference fused PGD step, in place on x_adv (and history[slot] when history is given).
 
-    grad (g): the input gradient; norm: "linf" or "l2"; alpha, eps: per-sample tensors [N]. The expressions and their order are those of torchattacks 3.5.1, so results
-    are bitwise equal to torchattacks' PGD / PGDL2 in float32:
+    grad (g): the input gradient; norm: "linf" or "l2"; alpha, eps: per-sample tensors [N]. The expressions and
+    their order are those of torchattacks 3.5.1, so results are bitwise equal to torchattacks' PGD / PGDL2 in
+    float32:
       linf: x <- clamp(x_nat + clamp(x + alpha*sign(g) - x_nat, -eps, eps), clip_min, clip_max)
       l2:   x <- x + alpha * g / (||g||_2 + 1e-10);  d = x - x_nat;  d <- d * min((1/||d||) * eps, 1);
             x <- clamp(x_nat + d, clip_min, clip_max)          (norms per sample)
