@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -1364,6 +1365,16 @@ def test_malformed_eps_expression_is_a_one_line_error(expr):
     # compile() raised SyntaxError outside the try: the CLI printed a traceback
     with pytest.raises(EvalError, match=r"option alpha='.*' of 'pgd' is not an expression in eps"):
         parse_attacks(f"pgd:alpha={expr}")
+
+
+def test_an_eval_error_survives_a_pickle_with_its_arg():
+    # a worker process's EvalError reaches its parent pickled: EvalError(message) alone was a TypeError there (a
+    # ProcessPoolExecutor's future said BrokenProcessPool, the error and its arg lost)
+    with pytest.raises(EvalError) as caught:
+        parse_eps("abc")
+    copy_ = pickle.loads(pickle.dumps(caught.value))
+    assert type(copy_) is EvalError and (copy_.arg, str(copy_)) == (caught.value.arg, str(caught.value))
+    assert copy_.arg == "eps"
 
 
 @pytest.mark.parametrize("text", ["noise:seed=none", "pgd:alpha=None", "pgd:steps=null"])

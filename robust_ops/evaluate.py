@@ -72,6 +72,9 @@ class EvalError(ValueError):
         super().__init__(message)
         self.arg = arg
 
+    def __reduce__(self):  # the default rebuilt EvalError(message) alone: a TypeError for the missing argument
+        return type(self), (self.arg, str(self))
+
 
 _NUMBER = re.compile(r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")
 _INTEGER = re.compile(r"\s*[-+]?\d+\s*")  # read with int(), not through a float (2**53 + 1 is exact)
