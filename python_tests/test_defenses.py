@@ -806,6 +806,30 @@ def test_a_defense_called_on_one_sample_with_training_mode_batch_norm_names_itse
         defense(model, x, y, torch.tensor([0])) if defense.needs_ids else defense(model, x, y)
 
 
+def test_a_defense_of_your_own_takes_its_arguments_by_its_own_names():
+    """The one-sample rewording's wrapper around each defense's __call__ took (model, x, ...) itself: a defense of
+    one's own whose __call__ names them otherwise, called by keyword, met "Mine.__call__() missing 1 required
+    positional argument: 'x'". Its arguments now reach it as given; a batch of 1 passed as fit passes it (by
+    position) is still named."""
+
+    class Mine(defenses.Defense):
+        name = "mine"
+
+        def __call__(self, net, inputs, targets, ids=None):
+            out = net(inputs)
+            return defenses.DefenseOutput(loss=F.cross_entropy(out, targets), logits=out)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).train()
+    x, y = _batch(2)
+    expected = Mine()(model, x, y).loss
+    assert torch.equal(Mine()(net=model, inputs=x, targets=y).loss, expected)
+    assert torch.equal(Mine()(model, inputs=x, targets=y).loss, expected)
+    with pytest.raises(attacks.OneSampleBatchNormError, match=r"^mine: Expected more than 1 value per channel .*; "
+                                                                r"train on batches of 2 or more samples$"):
+        Mine()(model, x[:1], y[:1])
+
+
 @pytest.mark.parametrize("name", ["at", "sat", "trades", "rst", "mart", "fat", "amat", "dpaat", "arfl"])
 def test_eval_mode_attacks_run_before_the_training_forwards_that_move_batchnorms_statistics(name):
     """The default eval-mode attack reads BatchNorm's running statistics, which each training-mode forward of the

@@ -120,10 +120,11 @@ def _naming_one_sample_batch_norm(call):
     words its own from it)."""
 
     @functools.wraps(call)
-    def checked(self, model, x, *args, **kwargs):
+    def checked(self, *args, **kwargs):  # the call's own parameters: a user's may name them other than model and x
         try:
-            return call(self, model, x, *args, **kwargs)
+            return call(self, *args, **kwargs)
         except ValueError as err:
+            x = args[1] if len(args) > 1 else kwargs.get("x")  # the batch, as fit passes it (else not reworded)
             reworded = one_sample_batch_norm_error(getattr(self, "name", type(self).__name__), err, x, defense=True)
             if reworded is None:
                 raise
