@@ -726,6 +726,25 @@ def test_a_count_whose_buffer_cannot_be_allocated_is_named():
             make()
 
 
+def test_a_device_out_of_memory_in_that_buffer_stays_an_out_of_memory_error(monkeypatch):
+    """allocated() reworded every RuntimeError as a plain RuntimeError, so a GPU's torch.OutOfMemoryError at APGD's
+    loss record (a full device, at any steps) escaped the `except torch.OutOfMemoryError` of a caller that retries
+    with a smaller batch. It keeps its class, with the attack's words."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    zeros = torch.zeros
+
+    def full_device(*size, **kwargs):
+        if size[:1] == (14,):  # the record of steps=13: steps + 1 rows
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return zeros(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", full_device)
+    with pytest.raises(torch.OutOfMemoryError, match=r"^apgd: steps=13 needs a record of 14 x \d+ losses \(steps \+ 1, "
+                                                     r"N\), which cannot be allocated \(CUDA out of memory\. .*\)$"):
+        attacks.apgd(model, x, y, eps=0.03, steps=13)
+
+
 def test_early_stop_none_is_off():
     # None reads as False, early stopping off (mutation testing of attacks core: refusing None survived)
     model = Linear(3).eval()

@@ -95,12 +95,14 @@ def check_int(name, arg, value, minimum=1, error=ValueError):
 def allocated(name, arg, value, what, make):
     """``make()``, an allocation whose size ``arg`` = ``value`` sets, with torch's refusal (a size past 2**63 bytes,
     more memory than there is) naming ``name`` and ``arg``: alone it named neither ("Storage size calculation
-    overflowed with sizes=[4611686018427387905, 1]" for APGD's steps=2**62). ``what``: what the allocation holds."""
+    overflowed with sizes=[4611686018427387905, 1]" for APGD's steps=2**62). ``what``: what the allocation holds.
+    A device's torch.OutOfMemoryError stays one (the code that retries with a smaller batch catches that class)."""
     try:
         return make()
     except RuntimeError as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise RuntimeError(f"{name}: {arg}={value} needs {what}, which cannot be allocated ({first})") from None
+        error = torch.OutOfMemoryError if isinstance(err, torch.OutOfMemoryError) else RuntimeError
+        raise error(f"{name}: {arg}={value} needs {what}, which cannot be allocated ({first})") from None
 
 
 def segmentation_masks(y):
