@@ -5007,6 +5007,28 @@ def test_an_attack_call_with_number_eps_and_alpha_reads_x_and_the_labels_once_ea
     assert len(forwards) == 1
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("attack", ["pgd", "pgd_alpha", "apgd", "square", "white_noise", "fab"])
+def test_a_per_sample_eps_is_read_once(attack, norm):
+    """A per-sample eps tensor costs one host read (a GPU sync) more than the same call with a number, a per-sample
+    alpha one more. For linf they cost two and three: eps's check (finite and >= 0, per_sample) and its maximum
+    against the clip range (check_linf_budget) were a read each, and beside a per-sample alpha's check the search
+    for steps wider than the range one more. Now per_sample reads a tensor's maximum with its check, and
+    check_linf_budget takes both maxima: where the widest step fits, no step is refused (found by the
+    small-leftovers helper)."""
+    model, (x, y) = make_model(3), make_data(4, 3)
+    radius = 8 / 255 if norm == "linf" else 0.5
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    run = {"pgd": lambda e: attacks.pgd(model, x, y, eps=e, alpha=radius / 4, steps=2, norm=norm, generator=gen()),
+           "pgd_alpha": lambda e: attacks.pgd(model, x, y, eps=e, alpha=e / 4, steps=2, norm=norm, generator=gen()),
+           "apgd": lambda e: attacks.apgd(model, x, y, eps=e, steps=2, norm=norm, generator=gen()),
+           "square": lambda e: attacks.square(model, x, y, eps=e, n_queries=3, norm=norm, generator=gen()),
+           "white_noise": lambda e: attacks.white_noise(model, x, y, eps=e, norm=norm, generator=gen()),
+           "fab": lambda e: attacks.fab(model, x, y, eps=e, steps=2, norm=norm, generator=gen())}[attack]
+    numbers, tensors = (sum(host_reads(lambda: run(e)).values()) for e in (radius, torch.full((4,), radius)))
+    assert tensors - numbers == (2 if attack == "pgd_alpha" else 1), (numbers, tensors)
+
+
 def test_least_likely_targets_rank_float64_logits_in_float64():
     """The kth-lowest logit was taken from z.float(): float64 logits closer than float32's resolution tied, and the
     stable sort picked the lower class (class 1 for logits 5, 1 + 1e-12, 1) where torchattacks' kthvalue on the

@@ -885,9 +885,19 @@ def test_gen_adv_errors():
 # Margin table
 
 
+def _uncrossable():
+    """A model that classifies every sample correctly at every margin it can reach (a near-constant head) and a batch
+    of 8: no sample crosses, so gen_adv's and IMA's forwards are fixed."""
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=2)
+    with torch.no_grad():
+        model.head.weight.mul_(1e-3)
+        model.head.bias.copy_(torch.tensor([5.0, -5.0]))
+    return model, torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(8, dtype=torch.long)
+
+
 def _ima_step_reads(monkeypatch):
-    """host_reads (utils) of one IMA step on a model that classifies every sample correctly at every margin it can
-    reach (a near-constant head), so that no sample crosses and the step's forwards are fixed; "unique": its
+    """host_reads (utils) of one IMA step on _uncrossable's model and batch, whose forwards are fixed; "unique": its
     torch.unique calls (the duplicate-id check, a GPU sync on a device's ids). And gen_adv's alone on the batch."""
     uniques = []
     unique = torch.unique
@@ -896,12 +906,7 @@ def _ima_step_reads(monkeypatch):
         uniques.append(1)
         return unique(*args, **kwargs)
 
-    torch.manual_seed(0)
-    model = TinyCNN(num_classes=2)
-    with torch.no_grad():
-        model.head.weight.mul_(1e-3)
-        model.head.bias.copy_(torch.tensor([5.0, -5.0]))
-    x, y = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(8, dtype=torch.long)
+    model, x, y = _uncrossable()
     ima = IMA(16, steps=3, search_steps=2)
     ima(model, x, y, torch.arange(8))  # the first step measures batch_invariant_sizes
     monkeypatch.setattr(torch, "unique", counted)
@@ -920,9 +925,21 @@ def test_ima_checks_a_steps_ids_once(monkeypatch):
     its check read. The rest of this step's reads: the ids', inputs' and labels' check (one read each), the margins'
     check, the NaN checks of each forward and backward, the early exits and the metrics' one read."""
     reads, alone = _ima_step_reads(monkeypatch)
-    assert (reads["item"], reads["tolist"], reads["unique"]) == (9, 4, 1), reads
+    assert (reads["item"], reads["tolist"], reads["unique"]) == (8, 5, 1), reads  # the margins' check a tolist
     # gen_adv alone checks its batch itself, in two reads, and its label check takes the labels' top from them
-    assert (alone["item"], alone["tolist"]) == (8, 2), alone
+    assert (alone["item"], alone["tolist"]) == (7, 3), alone
+
+
+def test_genadv_reads_a_linf_margin_once():
+    """gen_adv read its margins twice for linf: per_sample's finite / >= 0 check, then check_linf_budget's maximum
+    against the clip range (a host read each, a GPU sync), and a number's maximum too (with no check to share). Now
+    per_sample reads a tensor's maximum with its check and hands it on, and a number's is known: on a model where no
+    sample crosses (fixed forwards), linf reads as l2 does, a tensor margin once more than a number (found by the
+    small-leftovers helper)."""
+    model, x, y = _uncrossable()
+    reads = {(norm, torch.is_tensor(m)): sum(host_reads(lambda: gen_adv(model, x, y, m, steps=3, norm=norm)).values())
+             for norm in ("linf", "l2") for m in (0.03, torch.full((8,), 0.03))}
+    assert reads[("linf", True)] == reads[("l2", True)] == reads[("linf", False)] + 1 == reads[("l2", False)] + 1, reads
 
 
 def test_genadv_and_ima_find_each_masks_rows_once(monkeypatch):
@@ -933,8 +950,9 @@ def test_genadv_and_ima_find_each_masks_rows_once(monkeypatch):
     asks whether any row was found. On this step (3 ascent steps, none crossing): 29 nonzero and 12 item reads,
     then 12 and 9; gen_adv alone 23 and 11, then 10 and 8."""
     reads, alone = _ima_step_reads(monkeypatch)
-    assert (reads["nonzero"], reads["item"]) == (12, 9), reads
-    assert (alone["nonzero"], alone["item"]) == (10, 8), alone
+    # one item read fewer each since the margins' check reads their maximum with its flag, by a tolist
+    assert (reads["nonzero"], reads["item"]) == (12, 8), reads
+    assert (alone["nonzero"], alone["item"]) == (10, 7), alone
 
 
 def test_margin_table_update_checks_its_ids_once_and_still_refuses_bad_ones(monkeypatch):

@@ -5519,10 +5519,11 @@ def test_fit_reads_a_defenses_tensor_metrics_with_its_own_read():
 # four, ARFL's five besides four label reads, MIRST's four emitted attack losses (run_pgd reads them at its end).
 # Before: standard (3, 4), at (3, 7), sat / trades / rst (4, 7), gr (5, 4), llr (7, 7), mart (5, 7), fat (3, 7),
 # amat (8, 10), mirst / mirst-dm (7, 7), dpaat (10, 10), arfl (12, 7), arfl adv_term (14, 7). IMA's reads follow its
-# data (which samples its search crossed), not pinned here; its four metrics and the loss are one read too.
+# data (which samples its search crossed), not pinned here; its four metrics and the loss are one read too. AMAT's
+# and DPAAT's per-sample eps and alpha checks are tolists (each with its maximum, per_sample(with_max=True)).
 _DEFENSE_READS_PER_STEP = {
     "standard": (3, 4), "at": (1, 8), "sat": (1, 8), "trades": (1, 8), "rst": (1, 8), "gr": (2, 5), "llr": (3, 8),
-    "mart": (1, 8), "fat": (1, 8), "amat": (4, 11), "mirst": (1, 9), "mirst-dm": (1, 9), "dpaat": (5, 11),
+    "mart": (1, 8), "fat": (1, 8), "amat": (2, 13), "mirst": (1, 9), "mirst-dm": (1, 9), "dpaat": (3, 13),
     "arfl": (1, 9), "arfl adv_term": (1, 9)}
 
 

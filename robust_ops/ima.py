@@ -376,8 +376,8 @@ class _Problem:
         # Every forward runs in x's layout (the one batch_invariant_sizes probes): gathers, masks and padding return
         # contiguous batches, and a channels_last x then ran masked and compacted forwards in different layouts.
         self.memory_format = output_memory_format(x)
-        self.margin = per_sample(name, "margin", margin, x)
-        check_linf_budget(name, norm, self.margin, clip_min, clip_max, arg="margin")
+        self.margin, widest = per_sample(name, "margin", margin, x, with_max=True)
+        check_linf_budget(name, norm, self.margin, clip_min, clip_max, arg="margin", eps_max=widest)
         self.norm, self.algorithm = norm, algorithm
         self.is_correct = is_correct or _default_is_correct
         self.default_criterion = is_correct is None

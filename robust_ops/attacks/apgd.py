@@ -351,8 +351,8 @@ def _check_apgd_args(name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_m
     y, y_range = check_inputs(name, x, y, clip_min, clip_max, label_range=True)
     norm, steps, n_restarts, eot_iter = _check_apgd_options(name, norm, steps, n_restarts, loss, rho, eot_iter,
                                                             use_largereps)
-    eps_t = per_sample(name, "eps", eps, x)
-    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps=eps)
+    eps_t, eps_max = per_sample(name, "eps", eps, x, with_max=True)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps_max=eps_max)
     check_linf_step_resolution(name, norm, x, eps)  # no move from x exceeds eps: below the resolution none happens
     return y, norm, steps, n_restarts, eps_t, eot_iter, y_range
 

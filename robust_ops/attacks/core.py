@@ -131,8 +131,10 @@ def project_l1(x_nat, point, eps_t, clip_min, clip_max):
     return (xf + d).clamp(clip_min, clip_max).view_as(point)
 
 
-def per_sample(name, arg, value, x, allow_zero=True):
-    """A float or a per-sample tensor [N] (finite, >= 0) as a tensor [N] in x's dtype on x's device."""
+def per_sample(name, arg, value, x, allow_zero=True, with_max=False):
+    """A float or a per-sample tensor [N] (finite, >= 0) as a tensor [N] in x's dtype on x's device. ``with_max``:
+    (that tensor, its largest value as a float, None where N = 0), a tensor's maximum read with its check in one host
+    read (a GPU sync) instead of a second one (:func:`check_linf_budget`'s ``eps_max``)."""
     n = x.shape[0]
     dtype = torch.promote_types(x.dtype, torch.float32)
     if torch.is_tensor(value):
@@ -145,11 +147,17 @@ def per_sample(name, arg, value, x, allow_zero=True):
                              f"{tuple(value.shape)}")
         t = value.detach().to(device=x.device, dtype=dtype)
         bad = ~torch.isfinite(t) | ((t < 0) if allow_zero else (t <= 0))
-        if bool(bad.any()):
+        if not with_max:
+            any_bad = bool(bad.any())
+        elif n == 0:
+            any_bad, widest = False, None
+        else:  # float64 holds t's maximum exactly
+            any_bad, widest = torch.stack((bad.any().double(), t.max().double())).tolist()
+        if any_bad:
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"{name}: expected every {arg} to be finite and {'>= 0' if allow_zero else '> 0'}, got "
                              f"{int(bad.sum())} bad value(s), e.g. {arg}[{i}] = {float(t[i]):.4g}")
-        return t.contiguous()
+        return (t.contiguous(), widest) if with_max else t.contiguous()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
                         f"{type(value).__name__}")
@@ -160,7 +168,8 @@ def per_sample(name, arg, value, x, allow_zero=True):
         largest = f"{torch.finfo(dtype).max:.4g}, the largest {str(dtype).replace('torch.', '')}"
         raise ValueError(f"{name}: expected {arg} <= {largest} (the attack's precision for {x.dtype} inputs), "
                          f"got {value}")
-    return torch.full((n,), float(value), dtype=dtype, device=x.device)
+    t = torch.full((n,), float(value), dtype=dtype, device=x.device)
+    return (t, _in_dtype(value, dtype) if n else None) if with_max else t
 
 
 def linf_wider_than_range(radius, clip_min, clip_max):
@@ -187,17 +196,19 @@ def check_start(name, random_start, start_noise, or_unset=False):
 
 
 def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="eps", alpha_arg="alpha", eps=None,
-                      alpha=None):
+                      alpha=None, eps_max=None, alpha_max=None):
     """Linf: an ``arg`` (or a step while it fits) wider than the clip range is refused (:func:`linf_wider_than_range`).
     Per-sample tensors [N] as ``per_sample`` returns them. ``eps`` / ``alpha``: the values ``eps_t`` / ``alpha_t``
     were made from; where they are numbers the check decides on them (rounded as ``per_sample`` rounds them), without
-    reading the tensors back (a host sync each on a GPU, once per attack call)."""
+    reading the tensors back (a host sync each on a GPU, once per attack call). ``eps_max`` / ``alpha_max``: the
+    tensors' largest values where the caller read them already (``per_sample(with_max=True)``), not read again."""
     if norm != "linf" or eps_t.numel() == 0:
         return
     width = clip_max - clip_min
     slack = _linf_slack(width)
     eps_number, alpha_number = _in_dtype(eps, eps_t.dtype), _in_dtype(alpha, eps_t.dtype)
     steepest = None  # the widest step refused, if any (a number)
+    checked = False  # bad's any() read already (bad then None where no step is refused)
     if alpha_t is None:
         bad = None
     elif eps_number is not None and alpha_number is not None and alpha_t.dtype == eps_t.dtype:
@@ -206,19 +217,24 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
         if alpha_number > _in_dtype(width + slack, alpha_t.dtype) and eps_number < _in_dtype(width - slack,
                                                                                            eps_t.dtype):
             steepest = alpha_number
+    elif alpha_max is not None and _in_dtype(width + slack, alpha_t.dtype) is not None and not (
+            alpha_max > _in_dtype(width + slack, alpha_t.dtype)):
+        bad = None  # no step wider than the range (compared in alpha_t's dtype, as below): none to refuse
     else:
         bad = (alpha_t > width + slack) & (eps_t < width - slack)
     if eps_number is not None:
         widest = eps_number
+    elif eps_max is not None:
+        widest = eps_max
     elif bad is None:
         widest = float(eps_t.max())
     else:  # both checks' values in one host read (float64 holds eps_t's maximum exactly)
         widest, any_bad = torch.stack((eps_t.max().double(), bad.any().double())).tolist()
-        bad = bad if any_bad else None
+        bad, checked = bad if any_bad else None, True
     if linf_wider_than_range(widest, clip_min, clip_max):
         raise ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {arg} up to "
                          f"{widest:.4g} ({arg} in 0-255 units? pass e.g. 8/255)")
-    if bad is not None and (eps_number is None or bool(bad.any())):
+    if bad is not None and (checked or bool(bad.any())):
         steepest = float(alpha_t[bad].max())
     if steepest is not None:
         raise ValueError(f"{name}: expected {alpha_arg} <= clip_max - clip_min = {width:g} for norm='linf', got "
@@ -573,11 +589,12 @@ def run_pgd(
     kappa = check_kappa(name, kappa, loss)
     emit = check_emit(name, emit, steps)
     tau = check_early_stop(name, early_stop)
-    eps_t = per_sample(name, "eps", eps, x)
+    eps_t, eps_max = per_sample(name, "eps", eps, x, with_max=True)
     eps_scalar = float(eps) if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else None
-    alpha_t = per_sample(name, "alpha", alpha, x)
-    check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t, eps=eps, alpha=alpha)
-    check_step_moves(name, eps_t, alpha)
+    alpha_t, alpha_max = per_sample(name, "alpha", alpha, x, with_max=True)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t, eps=eps, alpha=alpha, eps_max=eps_max,
+                      alpha_max=alpha_max)
+    check_step_moves(name, eps_max, alpha)  # eps_max: None where N = 0 (no radius)
     check_linf_step_resolution(name, norm, x, eps, alpha)
     step_noise = check_real(name, "step_noise", step_noise, minimum=0)
     start_noise = check_start(name, random_start, start_noise)

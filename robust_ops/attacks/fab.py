@@ -322,8 +322,8 @@ def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, be
     alpha_max = check_real(name, "alpha_max", alpha_max, minimum=0, allow_min=False, maximum=1)
     eta = check_real(name, "eta", eta, minimum=1)
     beta = check_real(name, "beta", beta, minimum=0, allow_min=False, maximum=1)
-    eps_t = per_sample(name, "eps", eps, x)
-    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps=eps)
+    eps_t, eps_max = per_sample(name, "eps", eps, x, with_max=True)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps_max=eps_max)
     return y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t
 
 

@@ -72,8 +72,8 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
     y = check_inputs(name, x, y, clip_min, clip_max)
     norm = check_norm(name, norm)
     trials = check_steps(name, trials, "trials")
-    eps_t = per_sample(name, "eps", eps, x)
-    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps=eps)
+    eps_t, eps_max = per_sample(name, "eps", eps, x, with_max=True)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps_max=eps_max)
     x_adv = x.detach().clone()
     n = x.shape[0]
     if n == 0:

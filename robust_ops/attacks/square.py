@@ -244,8 +244,8 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         raise ValueError(f"{name}: expected p_init in (0, 1], got {p_init!r}")
     if not isinstance(rescale_schedule, bool):
         raise TypeError(f"{name}: expected rescale_schedule to be a bool, got {type(rescale_schedule).__name__}")
-    eps_t = per_sample(name, "eps", eps, x)
-    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps=eps)
+    eps_t, eps_max = per_sample(name, "eps", eps, x, with_max=True)
+    check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps_max=eps_max)
     check_linf_step_resolution(name, norm, x, eps)  # x +- eps rounds back to x below the resolution
     x = x.detach()
     n, c, h, w = x.shape
