@@ -2,6 +2,7 @@
 results, applied only while active, nested safely, and never where it would change anything."""
 
 import functools
+import itertools
 import types
 
 import numpy
@@ -58,6 +59,36 @@ def test_eval_batch_norm_backward_is_bitwise_atens(dtype, shape, affine, layout)
     assert torch.equal(out, ref_out) and torch.equal(g, ref_grad)
     assert g.stride() == ref_grad.stride()  # channels_last stays channels_last, as ATen's
     assert patched(bn) == []
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 4), (2, 3, 1, 1), (2, 1, 4, 5), (0, 3, 4, 5)])
+def test_eval_batch_norm_input_gradient_takes_atens_layout_whatever_grad_outputs(shape):
+    """The input gradient took grad_output's layout (the kernel keeps a channels_last one and makes any other
+    contiguous), ATen's takes the input's: an NCHW input given a channels_last gradient got strides (120, 1, 24, 4)
+    against ATen's (120, 30, 6, 1), a channels_last one given an NCHW or expanded gradient NCHW strides; the values
+    were equal. Now grad_output is put in the input's layout first, a copy only where the two differ (in place of
+    the kernel's own for an expanded one), and the inputs where ATen's choice also follows grad_output's strides
+    run ATen's batch norm: channels_last strides that are NCHW too (N x C x 1 x 1, C = 1) and empty inputs (found by
+    the small-leftovers helper)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bn = eval_bn(shape[1])
+    cl = torch.channels_last
+    channels_last = lambda: torch.empty(shape, memory_format=cl).copy_(torch.randn(shape))  # noqa: E731
+    inputs = {"nchw": torch.randn(shape), "channels_last": channels_last()}
+    grads = {"nchw": torch.randn(shape), "channels_last": channels_last(), "expanded": torch.tensor(0.5).expand(shape)}
+    for (x_layout, x), (grad_layout, grad) in itertools.product(inputs.items(), grads.items()):
+        _, ref = output_and_input_grad(bn, x, grad)
+        with native_layers(bn):
+            x = x.detach().clone().requires_grad_()
+            out = bn(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                (g,) = torch.autograd.grad(out, x, grad)
+        case = (x_layout, grad_layout, g.stride(), ref.stride())
+        assert torch.equal(g, ref) and g.stride() == ref.stride(), case
+        if shape == (4, 5, 6, 4):  # the fast path, copying only a grad_output in another layout
+            assert "EvalBatchNorm" in type(out.grad_fn).__name__, case
+            assert [e.name for e in prof.events()].count("aten::copy_") == (x_layout != grad_layout), case
 
 
 def test_batch_norm_follows_parameter_statistics_eps_and_dtype_updates():

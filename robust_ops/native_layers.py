@@ -12,7 +12,8 @@
   ATen's order). ATen's eval-mode backward also reduces ``sum(grad)`` and ``sum(grad * x_hat)`` per channel for
   weight gradients nobody asked for. ``invstd`` is read off ATen's own backward (its gradient for a grad of ones
   and no weight), so every bit matches. The forward is ``F.batch_norm`` itself. NCHW and channels_last inputs (a
-  channels_last model's batch norms: ATen's channels_last backward costs ~5x a copy there).
+  channels_last model's batch norms: ATen's channels_last backward costs ~5x a copy there); the input gradient takes
+  the input's layout, as ATen's, whatever grad_output's.
 
 Everything else -- train-mode BN, parameters that need gradients, other devices and dtypes, inputs in other
 layouts, subclasses, modules with their own instance ``forward`` -- runs the module's own forward. Attacks
@@ -52,6 +53,7 @@ class _EvalBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, bn, invstd):
         ctx.invstd, ctx.bn, ctx.weight = invstd, bn, bn.weight
+        ctx.channels_last = not input.is_contiguous()  # else NCHW (_batch_norm_forward)
         ctx.weight_state = None if bn.weight is None else saved_state(bn.weight)
         return F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
@@ -61,7 +63,19 @@ class _EvalBatchNorm(torch.autograd.Function):
         if weight is not None:  # ATen saves the weight for its backward: refuse an in-place change as autograd does
             check_unmodified(weight, ctx.weight_state, "native_layers", ctx.bn)
             weight = weight.detach()
+        # ATen's input gradient takes the input's layout, the kernel grad_output's (channels_last) or else a
+        # contiguous copy's: grad_output in the input's layout first, so no copy where the two agree and one, in
+        # place of the kernel's own, where they do not
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        if not grad_output.is_contiguous(memory_format=layout):
+            grad_output = grad_output.contiguous(memory_format=layout)
         return torch.ops.robust_ops._eval_batch_norm_backward(grad_output, ctx.invstd, weight), None, None
+
+
+def _dense_strides(shape):
+    """The strides of a 4-D ``shape`` (N, C, H, W) NCHW and channels_last."""
+    _, c, h, w = shape
+    return (c * h * w, h * w, w, 1), (h * w * c, 1, w * c, c)
 
 
 def _eval_bn_invstd(bn, dtype):
@@ -95,12 +109,18 @@ def _batch_norm_forward(bn, input):
         # statistics elsewhere (a model moved in parts) in the invstd cache's comparison, each with another message
         # than ATen's
         or any(s.dtype != input.dtype or s.device != input.device for s in (bn.running_mean, bn.running_var))
-        or not (input.is_contiguous() or input.is_contiguous(memory_format=torch.channels_last))
         or not (torch.is_grad_enabled() and input.requires_grad)
         or _functorch_autodiff(input) is not None  # the autograd.Function has no setup_context / jvp for them
         # It reads data pointers and compares the statistics by value: torch.jit.trace, torch.export and
         # torch.compile(fullgraph=True) failed on it (a captured graph holds ATen's batch norm, same outputs)
         or capturing()
+        # (after capturing(): a traced shape's sizes are tensors) strides exactly NCHW's or channels_last's (and not
+        # NCHW's too), where ATen's input gradient takes the input's layout; with other strides on a size-1
+        # dimension, or channels_last ones that are also NCHW's (N x C x 1 x 1), its choice may follow grad_output's
+        # strides too, and for an empty input it is grad_output's
+        or not (input.stride() == _dense_strides(input.shape)[0]
+                or (input.stride() == _dense_strides(input.shape)[1] and not input.is_contiguous()))
+        or input.numel() == 0
     ):
         return nn.BatchNorm2d.forward(bn, input)
     return _EvalBatchNorm.apply(input, bn, _eval_bn_invstd(bn, input.dtype))
