@@ -810,6 +810,37 @@ def test_checkpoint_table_lists_the_checkpoints_keys(tmp_path):
     assert documented_fields(rows["`arithmetic`"]) == set(state["arithmetic"]) | {"gpu"}  # gpu: CUDA runs only
 
 
+@pytest.mark.parametrize("page, start, end", [
+    ("docs/training.md", "| `defense` | `defense.state_dict()` (", "stateless defenses)"),
+    ("docs/defenses/index.md", "`defense.load_state_dict(...)` (", "for the others)")])
+def test_the_defenses_with_a_state_are_the_ones_named(page, start, end):
+    """defenses/index.md's own training loop said a defense's state_dict() was IMA's margins, DPAAT's running
+    statistics and `{}` for the others, when FAT's holds its current tau (a scheduler's): a loop that saved only the
+    named states lost it. Each page names exactly the built-in defenses whose state is not {}."""
+    import torch
+    from torch import nn
+
+    from robust_ops import defenses
+
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1])
+    stateful = set()
+    for name in defenses.NAMES:  # after one batch, as a loop would save them (IMA's table is made at its first)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2))
+        defense = defenses.build(name)
+        if hasattr(defense, "prepare_model"):
+            defense.prepare_model(model)
+        if defense.needs_ids:
+            defense.setup(4)
+        defense(model.train(), x, y, *([torch.arange(4)] if defense.needs_ids else []))
+        if defense.state_dict():
+            stateful.add(name)
+    text = " ".join((REPO / page).read_text().split())
+    listed = text[text.index(start) + len(start):]
+    listed = listed[:listed.index(end)]
+    named = {word.lower() for word in re.findall(r"\b[A-Z][A-Z-]+\b", listed)}
+    assert named == stateful, (page, listed)
+
 def test_history_keys_are_the_documented_ones():
     """training.md's `result.history` comment left out `epoch` and promised train_acc for every defense; AT (and
     FAT) return no clean logits, so their epochs have none."""
