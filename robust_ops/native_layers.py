@@ -118,8 +118,8 @@ def _batch_norm_forward(bn, input):
         # NCHW's too), where ATen's input gradient takes the input's layout; with other strides on a size-1
         # dimension, or channels_last ones that are also NCHW's (N x C x 1 x 1), its choice may follow grad_output's
         # strides too, and for an empty input it is grad_output's
-        or not (input.stride() == _dense_strides(input.shape)[0]
-                or (input.stride() == _dense_strides(input.shape)[1] and not input.is_contiguous()))
+        or not (input.stride() == (dense := _dense_strides(input.shape))[0]
+                or (input.stride() == dense[1] and not input.is_contiguous()))
         or input.numel() == 0
     ):
         return nn.BatchNorm2d.forward(bn, input)
