@@ -580,6 +580,19 @@ def test_a_one_sample_forward_through_training_mode_batch_norm_names_the_attack_
     attacks.pgd(model, x[:1], y[:1], eps=0.03, steps=1)  # model_mode="eval", the default, runs
 
 
+def test_a_one_sample_batch_norm_error_pickles_with_its_notes_and_attributes():
+    # its __reduce__ rebuilt the error from its message and torch's alone: the notes (add_note, e.g. by a caller
+    # naming the batch) and any attribute set on it were lost through a process pool, which a plain ValueError keeps
+    plain, error = ValueError("m"), attacks.OneSampleBatchNormError("pgd: m (fix)", "m")
+    for e in (plain, error):
+        e.add_note("batch 3")
+        e.where = "epoch 1"
+    plain_copy, copy_ = (pickle.loads(pickle.dumps(e)) for e in (plain, error))
+    assert (plain_copy.__notes__, plain_copy.where) == (["batch 3"], "epoch 1")
+    assert type(copy_) is attacks.OneSampleBatchNormError and (str(copy_), copy_.torch_message) == ("pgd: m (fix)", "m")
+    assert (copy_.__notes__, copy_.where) == (["batch 3"], "epoch 1")
+
+
 @pytest.mark.parametrize("name,norm", CASES)
 def test_targeted_reaches_target(name, norm):
     model = Linear(3).eval()

@@ -1377,6 +1377,16 @@ def test_an_eval_error_survives_a_pickle_with_its_arg():
     assert copy_.arg == "eps"
 
 
+def test_an_eval_error_pickles_with_its_notes_and_attributes():
+    # its __reduce__ rebuilt it from its arg and message alone: notes (add_note) and attributes set on it were lost,
+    # which a plain ValueError's pickle keeps
+    error = EvalError("eps", "eps: bad")
+    error.add_note("from worker 2")
+    error.where = "fold 1"
+    copy_ = pickle.loads(pickle.dumps(error))
+    assert (copy_.arg, str(copy_), copy_.__notes__, copy_.where) == ("eps", "eps: bad", ["from worker 2"], "fold 1")
+
+
 @pytest.mark.parametrize("text", ["noise:seed=none", "pgd:alpha=None", "pgd:steps=null"])
 def test_attack_option_none_is_refused(text):
     # build drops None values: noise:seed=none ran seeded with 0 and pgd:alpha=none with alpha 0.001, under labels

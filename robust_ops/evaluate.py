@@ -72,8 +72,10 @@ class EvalError(ValueError):
         super().__init__(message)
         self.arg = arg
 
-    def __reduce__(self):  # the default rebuilt EvalError(message) alone: a TypeError for the missing argument
-        return type(self), (self.arg, str(self))
+    def __reduce__(self):
+        # the default rebuilt EvalError(message) alone: a TypeError for the missing argument; the instance's
+        # __dict__ goes with it, as with the default: its __notes__ and any attribute set on it
+        return type(self), (self.arg, str(self)), self.__dict__
 
 
 _NUMBER = re.compile(r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$")

@@ -299,7 +299,8 @@ class OneSampleBatchNormError(ValueError):
         self.torch_message = torch_message
 
     def __reduce__(self):
-        return type(self), (str(self), self.torch_message)
+        # with the instance's __dict__, as a plain exception's pickle has: its __notes__ and any attribute set on it
+        return type(self), (str(self), self.torch_message), self.__dict__
 
 
 def attack_running():
