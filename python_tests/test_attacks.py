@@ -2499,6 +2499,24 @@ def test_fab_t_refuses_a_targeted_argument_by_name():
             attacks.fab_t(model, x, y, eps=0.1, steps=1, targeted=value)
 
 
+def test_apgd_t_and_white_noise_refuse_a_targeted_argument_by_name():
+    """apgd_t (always targeted, at the runner-up classes) and white_noise (untargeted) had no targeted argument:
+    targeted=False or True met Python's bare "apgd_t() got an unexpected keyword argument 'targeted'", where fab_t's
+    says why and what to use; any other unknown keyword is still Python's TypeError."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    expected = {"apgd_t": r"APGD-T is always targeted .*; leave targeted out, or use apgd \(untargeted, or with "
+                          r"targeted=True y as the targets\)$",
+                "white_noise": r"white noise is untargeted .*; leave targeted out$"}
+    for name, tail in expected.items():
+        for value in (False, True):
+            with pytest.raises(ValueError, match=rf"^{name}: .*got targeted={value}; ") as caught:
+                getattr(attacks, name)(model, x, y, eps=0.1, targeted=value)
+            assert re.search(rf"^{name}: {tail}", str(caught.value))
+        with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'foo'$"):
+            getattr(attacks, name)(model, x, y, eps=0.1, foo=1)
+
+
 def autoattack_p_selection(p_init, it, n_queries, resc_schedule):
     """AutoAttack's SquareAttack.p_selection, transcribed (square.py of fra31/auto-attack)."""
     if resc_schedule:

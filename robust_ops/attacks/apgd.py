@@ -26,7 +26,7 @@ from .base import N_CLASSES_HINT, Attack
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
                       float32_or_wider, is_single_logit, predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_linf_step_resolution, check_norm, check_steps, clean_logits,
-                   finite_direction, forward, per_sample, project_l1, runner_up_targets)
+                   finite_direction, forward, per_sample, project_l1, refuse_targeted, runner_up_targets)
 from .pgd import make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
@@ -422,7 +422,7 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
 
 
 def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss="dlr", n_restarts=1, rho=0.75,
-           eot_iter=1, use_largereps=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None):
+           eot_iter=1, use_largereps=False, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None, **options):
     r"""APGD-T, AutoAttack's targeted APGD: for each of the ``n_target_classes`` classes with the highest clean
     logits after the top one, a targeted APGD (targeted DLR loss; falls back to the CW margin below 4 classes) runs
     on the samples still correctly classified. y are TRUE labels; success means any misclassification.
@@ -444,6 +444,7 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
         clip_min, clip_max (float): valid input range.
         model_mode: "eval" (default), "train" or "keep".
         generator (torch.Generator): for the random starts.
+        options: none; a ``targeted=`` is refused with a ValueError saying why (a TypeError names any other).
 
     Returns:
         x_adv as :func:`apgd`: per sample the first iterate that succeeded, else the highest-loss point found.
@@ -453,6 +454,8 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
         :func:`run_pgd`.
     """
     name = "apgd_t"
+    refuse_targeted(name, options, "APGD-T is always targeted (y are true labels; its targets are the runner-up "
+                    "classes)", ", or use apgd (untargeted, or with targeted=True y as the targets)")
     y, norm, steps, n_restarts, eps_t, eot_iter, y_range = _check_apgd_args(
         name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter, use_largereps)
     n_target_classes = check_steps(name, n_target_classes, "n_target_classes")

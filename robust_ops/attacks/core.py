@@ -87,6 +87,18 @@ def check_norm(name, norm, allowed=NORMS):
     return canonical
 
 
+def refuse_targeted(name, options, what, instead="", forwarded=False):
+    """A one-line ValueError for a ``targeted=`` among ``options`` (the keyword arguments caught by ``**options``) of
+    ``name``, an attack without that argument (fab_t, apgd_t, white_noise), where Python's "got an unexpected keyword
+    argument 'targeted'" (fab_t: "multiple values") said neither why nor which attack to use: ``what`` says what
+    the attack is, ``instead`` (", or use ...") the alternative. Any other option is Python's own TypeError unless
+    ``forwarded`` (fab_t passes them on to fab)."""
+    if "targeted" in options:
+        raise ValueError(f"{name}: {what}, got targeted={options['targeted']!r}; leave targeted out{instead}")
+    if options and not forwarded:
+        raise TypeError(f"{name}() got an unexpected keyword argument {next(iter(options))!r}")
+
+
 def sample_distance(a, b, norm):
     """Per-sample distance ||a - b||_p [N] (``norm`` "l2" or "linf", any case; any shape [N, ...], also N = 0 or
     empty samples)."""

@@ -24,7 +24,7 @@ from .base import Attack
 from .context import (attack_context, check_gradients_possible, check_inputs, check_not_half, is_single_logit,
                       predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, forward,
-                   per_sample, runner_up_targets)
+                   per_sample, refuse_targeted, runner_up_targets)
 from .pgd import make_generator
 
 # "no adversarial found yet" as the reference writes it: any real distance is smaller
@@ -399,10 +399,8 @@ def fab_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, **opt
     Raises NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError as
     :func:`run_pgd`.
     """
-    if "targeted" in options:  # Python's "fab() got multiple values for keyword argument 'targeted'" said neither
-        raise ValueError(f"fab_t: FAB-T is always targeted (y are true labels; its targets are the runner-up "
-                         f"classes), got targeted={options['targeted']!r}; leave targeted out, or use fab for "
-                         "untargeted FAB")
+    refuse_targeted("fab_t", options, "FAB-T is always targeted (y are true labels; its targets are the runner-up "
+                    "classes)", ", or use fab for untargeted FAB", forwarded=True)
     return fab(model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, targeted=True,
                **options)
 

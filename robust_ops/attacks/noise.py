@@ -4,7 +4,8 @@ import torch
 
 from .._options import check_real
 from .base import Attack
-from .core import FIRST_FORWARD, check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample
+from .core import (FIRST_FORWARD, check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample,
+                   refuse_targeted)
 from .context import attack_context, check_inputs, predict_from_output
 from .pgd import make_generator
 
@@ -45,7 +46,7 @@ def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.f
 
 @torch.no_grad()
 def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_max=1.0, model_mode="eval",
-                generator=None):
+                generator=None, **options):
     r"""Uniform white-noise attack (the IMA paper's evaluation): ``trials`` draws of noise uniform in the Linf or L2
     ball of radius eps, each added to the clean input and clipped to ``[clip_min, clip_max]``. A sample counts as
     robust only if ALL trials keep it correctly classified.
@@ -54,7 +55,8 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
         model; x (Tensor[N, ...]) in the clip range; y (LongTensor[N]); eps (float or Tensor[N]);
         norm: "linf" (default) or "l2", any case (uniform in the ball: direction uniform on the sphere, radius
             eps*U^(1/d));
-        trials (int): default 10; clip_min, clip_max; model_mode; generator (torch.Generator for the draws).
+        trials (int): default 10; clip_min, clip_max; model_mode; generator (torch.Generator for the draws);
+        options: none; a ``targeted=`` is refused with a ValueError saying why (a TypeError names any other).
 
     Returns:
         x_adv (Tensor[N, ...]): per sample, the first noisy input that is misclassified, else the last trial.
@@ -69,6 +71,8 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
         >>> x_noisy = robust_ops.attacks.white_noise(model, x, y, eps=0.1, norm="l2", trials=10)
     """
     name = "white_noise"
+    refuse_targeted(name, options, "white noise is untargeted (y are true labels; any misclassification breaks a "
+                    "sample)")
     y = check_inputs(name, x, y, clip_min, clip_max)
     norm = check_norm(name, norm)
     trials = check_steps(name, trials, "trials")
