@@ -1086,7 +1086,7 @@ EXPORTING_MODULES = ("robust_ops", "robust_ops.attacks", "robust_ops.ima", "robu
                      "robust_ops.native_layers", "robust_ops.prepacked_conv", "robust_ops.reference",
                      "robust_ops.defenses", "robust_ops.train", "robust_ops.evaluate", "robust_ops.data",
                      "robust_ops.metrics", "robust_ops.report", "robust_ops.models", "robust_ops.memory",
-                     "robust_ops.pretrain")
+                     "robust_ops.pretrain", "robust_ops.cli", "robust_ops.reproduce")
 
 
 def test_everything_exported_in_an_all_has_a_docstring():

@@ -23,6 +23,8 @@ import time
 import warnings
 from pathlib import Path
 
+__all__ = ["main"]  # the command line itself; the rest are its helpers (reproduce and the tests reach into them)
+
 PROG = "robust-ops"
 DEMO_METHODS = ("standard", "rst", "mirst", "mirst-dm", "ima")
 DEMO_LABELS = {"standard": "Baseline"}  # table labels; every other registered defense is its name upper-cased
@@ -2229,6 +2231,10 @@ def _warning_printer(command):
 
 
 def main(argv=None):
+    """Run the ``robust-ops`` command line on ``argv`` (a list of strings, as after the program's name; None: the
+    process's ``sys.argv[1:]``) and return its exit status: 0 when done, 2 for a refused flag, file or command (one
+    line on stderr), 130 when interrupted, 143 on SIGTERM, 141 when the reader of its output left; ``--help`` and
+    ``--version`` raise SystemExit(0), as argparse does. ``robust-ops`` and ``python -m robust_ops`` call it."""
     with _sigterm_as_interrupt() as sigterm:
         try:
             status = _main(argv)

@@ -20,6 +20,8 @@ from ._options import counted
 from .evaluate import AttackSpec
 from .train import epochs_done, tensors_sha256
 
+__all__ = ["PROTOCOLS", "run_protocol"]  # what ``robust-ops reproduce NAME`` runs: run_protocol(PROTOCOLS[NAME], ...)
+
 
 @dataclass
 class Method:
@@ -768,7 +770,11 @@ def pick_methods(protocol, labels):
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
                  progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None,
                  paper_schedule=False, dist_timeout=None):
-    """Run ``protocol`` and write its results into ``out``; returns the aggregated rows.
+    """Run ``protocol`` (one of ``PROTOCOLS``' values) and write its results into ``out``; returns the aggregated
+    rows. The other arguments are ``robust-ops reproduce``'s options: ``quick`` (its smoke run); ``data``,
+    ``epochs`` and ``seeds`` (how many runs: seeds or folds), None for the protocol's own; ``size`` (the image side
+    of a folder / CSV ``data`` or a MedMNIST size variant; None: the data's default); ``device`` (a torch device);
+    ``progress`` (per-epoch lines).
 
     ``methods``: the labels of the methods to train and evaluate (default: all of the protocol's); the report shows
     the published numbers of the others beside no numbers of ours. ``bit_depth``: the scale of 16-bit image files
