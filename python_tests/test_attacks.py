@@ -5414,6 +5414,27 @@ def test_gradient_attacks_under_inference_mode_are_refused_by_name_and_run_under
             attack()
 
 
+def test_a_model_made_under_inference_mode_is_attacked_and_left_trainable():
+    """Parameters made under torch.inference_mode() (a model built or loaded there) could be frozen for an attack but
+    not unfrozen outside it: Square failed at its end with "Setting requires_grad=True on inference tensor outside
+    InferenceMode is not allowed" and left every parameter frozen for good, PGD the same after autograd's own error
+    (which needs the weights for the input gradient). Such parameters are now left as they are."""
+    model, (x, y) = make_model(), make_data()
+    with torch.inference_mode():
+        made_there = make_model()
+    assert all(p.is_inference() for p in made_there.parameters())
+
+    def run(m):
+        return attacks.square(m, x, y, eps=0.03, n_queries=3, generator=torch.Generator().manual_seed(0))
+
+    assert torch.equal(run(made_there), run(model))
+    assert all(p.requires_grad for p in made_there.parameters())
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        attacks.pgd(made_there, x, y, eps=0.03, steps=1)
+    assert all(p.requires_grad for p in made_there.parameters())
+    assert not any(id(p) in context._frozen for p in made_there.parameters())
+
+
 def test_labels_made_under_inference_mode_are_attacked():
     """Labels made under torch.inference_mode() (a data pipeline's batch) stopped FGSM, BIM, PGD and CW-Linf with
     autograd's "Inference tensors cannot be saved for backward" (their loss saves the labels), while APGD, FAB,

@@ -139,7 +139,11 @@ def attack_context(model, model_mode="eval", name="attack"):
                          "e.g. model(x[:1]), to create them")
     _check_model_mode(model_mode)
     me, key = threading.get_ident(), id(model)
-    modules, params = list(model.modules()), list(model.parameters())
+    # parameters made under torch.inference_mode() (a model built or loaded there) are left as they are: freezing one
+    # passed, but its requires_grad=True could not be set back outside that block, so every attack on such a model
+    # failed at its end (Square too) and left it frozen for good, its other parameters' flags never restored
+    modules = list(model.modules())
+    params = [p for p in model.parameters() if not p.is_inference()]
     ids = frozenset(map(id, modules))
     with _held_changed:
         nested = me in _running
