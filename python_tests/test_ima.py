@@ -2126,6 +2126,23 @@ def test_gen_adv_under_inference_mode_is_refused_by_name():
         gen_adv(model, x, y, margin)
 
 
+def test_ima_under_inference_mode_is_refused_before_it_makes_its_margin_table():
+    """IMA under torch.inference_mode() made its margin table there (an inference tensor) before gen_adv refused the
+    mode, or without any refusal when no sample of the batch was attacked: every later batch, outside the block,
+    then failed with "Inplace update to inference tensor outside InferenceMode is not allowed". It is refused by
+    name first, and the same IMA then trains."""
+    model, x, y, _ = make_problem(n=4)
+    ids = torch.arange(4)
+    for labels in (y, (model(x).argmax(1) + 1) % 3):  # two samples attacked; none (all misclassified)
+        defense = IMA(num_samples=4, steps=2, search_steps=2)
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^IMA: gradient-based attacks cannot run "
+                                                                        r"under torch.inference_mode\(\)"):
+            defense(model, x, labels, ids)
+        assert defense.table is None
+        defense(model, x, labels, ids).loss.backward()
+        assert not defense.margins.is_inference()
+
+
 def test_the_default_criterion_on_a_segmentation_output_names_is_correct():
     # Class labels [N] pass the mask check; a segmentation output then reaches the default is_correct's check.
     model, x, _ = segmentation_problem(1, n=4)

@@ -1428,6 +1428,10 @@ class IMA(Defense):
                              f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
         # checked before the clean loss, whose own error names neither IMA nor y
         y, label_range = _check_batch("IMA", x, y, self.clip_min, self.clip_max, self._is_correct, self._loss_fn)
+        # before the margin table is made: made under inference_mode it became an inference tensor, so after
+        # gen_adv's refusal (or a batch with no sample to attack, which ran) every later batch failed with "Inplace
+        # update to inference tensor outside InferenceMode is not allowed"
+        check_gradients_possible("IMA")
         self._resolve(x)
         # checked once, on the CPU where a DataLoader yields them (no GPU sync); the table's own calls below skip it
         ids = self.table.check_ids(ids, "IMA").to(x.device)
