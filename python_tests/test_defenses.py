@@ -806,6 +806,30 @@ def test_a_defense_called_on_one_sample_with_training_mode_batch_norm_names_itse
         defense(model, x, y, torch.tensor([0])) if defense.needs_ids else defense(model, x, y)
 
 
+@pytest.mark.parametrize("name", ["gr", "llr"])
+def test_input_gradient_defenses_give_their_loss_under_no_grad(name):
+    """A defense's loss computed under torch.no_grad() (a validation loss in a loop of one's own): the attack-based
+    defenses enable gradients for their attacks and gave it, GR and LLR failed with autograd's "element 0 of tensors
+    does not require grad and does not have a grad_fn". They now take the input gradient with gradients enabled and
+    give the same loss and metrics, nothing kept for a backward; under inference_mode they say so by name."""
+    torch.manual_seed(0)
+    model = TinyCNN(1, 2).train()
+    x, y = _batch()
+    defense = defenses.build(name, steps=2) if name == "llr" else defenses.build(name)
+    torch.manual_seed(1)
+    expected = defense(model, x, y)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = defense(model, x, y)
+    assert not out.loss.requires_grad and not out.logits.requires_grad
+    assert torch.equal(out.loss, expected.loss.detach()) and torch.equal(out.logits, expected.logits.detach())
+    assert out.metrics == expected.metrics
+    assert all(p.grad is None for p in model.parameters())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=rf"^{name}: the input gradient cannot be taken "
+                                                                    r"under torch.inference_mode\(\)"):
+        defense(model, x, y)
+
+
 def test_a_defense_of_your_own_takes_its_arguments_by_its_own_names():
     """The one-sample rewording's wrapper around each defense's __call__ took (model, x, ...) itself: a defense of
     one's own whose __call__ names them otherwise, called by keyword, met "Mine.__call__() missing 1 required

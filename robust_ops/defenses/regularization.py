@@ -14,12 +14,22 @@ from .base import Defense, DefenseOutput
 def _input_gradient(name, model, x, y, create_graph=True):
     """Per-sample losses, logits and d l_i / d x_i (the gradient of the summed per-sample losses; create_graph so the
     regularizer is differentiable in the parameters). Loss-scaled under float16 autocast (``InputGradScale``): GR's
-    penalty and LLR's first-order term would otherwise see underflowed gradients."""
+    penalty and LLR's first-order term would otherwise see underflowed gradients. Under torch.no_grad() (a loss
+    computed for validation in a loop of one's own) the gradient is taken with gradients enabled, as the attacks
+    take theirs, and nothing of it is kept for a backward: GR and LLR failed there with autograd's "element 0 of
+    tensors does not require grad and does not have a grad_fn", where the attack-based defenses gave their loss."""
+    if torch.is_inference_mode_enabled():  # enable_grad does not lift it: the same autograd error
+        raise RuntimeError(f"{name}: the input gradient cannot be taken under torch.inference_mode(); call it outside "
+                           "that block (torch.no_grad() is fine: the gradient is taken with gradients enabled)")
+    keep = torch.is_grad_enabled()
     xg = x.detach().requires_grad_(True)
-    logits = forward(name, model, xg)
-    check_labels_against(name, y, logits)  # a single logit's BCE took a label 2 as its target silently
-    losses = per_sample_ce(logits, y)
-    (grad,) = InputGradScale().grad(losses.sum(), [xg], create_graph=create_graph)
+    with torch.enable_grad():
+        logits = forward(name, model, xg)
+        check_labels_against(name, y, logits)  # a single logit's BCE took a label 2 as its target silently
+        losses = per_sample_ce(logits, y)
+        (grad,) = InputGradScale().grad(losses.sum(), [xg], create_graph=create_graph and keep)
+    if not keep:
+        logits, losses = logits.detach(), losses.detach()
     return logits, losses, grad, xg
 
 
