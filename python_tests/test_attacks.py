@@ -5126,6 +5126,20 @@ class PortedMIFGSM(attacks.Attack):
     forward = torchattacks.MIFGSM.forward
 
 
+def test_a_ported_forward_runs_under_no_grad_as_the_built_in_attacks():
+    """Every built-in attack enables gradients itself, so it runs inside torch.no_grad(); a port whose forward
+    differentiates without doing so (torchattacks' MIFGSM verbatim) stopped there with autograd's "element 0 of
+    tensors does not require grad and does not have a grad_fn", also as one of AutoAttack's attacks. __call__ now
+    runs it with gradients on: the points it gives outside no_grad."""
+    model, (x, y) = make_model(), make_data()
+    expected = PortedMIFGSM(model, steps=2)(x, y)
+    expected_cascade = attacks.AutoAttack(model, attacks=[PortedMIFGSM(model, steps=2)])(x, y)
+    with torch.no_grad():
+        assert torch.equal(PortedMIFGSM(model, steps=2)(x, y), expected)
+        assert torch.equal(attacks.AutoAttack(model, attacks=[PortedMIFGSM(model, steps=2)])(x, y), expected_cascade)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def _batch_norm_dropout_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),

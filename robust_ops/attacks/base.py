@@ -257,8 +257,11 @@ class Attack:
                 return self.forward(x, y)
             # another forward in model_mode, as torchattacks' __call__ runs it: a port whose forward calls
             # get_logits itself ran in the model's own mode (a train-mode model attacked with dropout, its
-            # batch-norm statistics moving); the library's functions it may call enter the context again, nested
-            with attack_context(self.model, self.model_mode, self.name):
+            # batch-norm statistics moving); the library's functions it may call enter the context again, nested.
+            # With gradients on, as the built-in attacks enable them: a ported forward differentiates without an
+            # enable_grad of its own (torchattacks' PGD, MIFGSM), so under torch.no_grad() it stopped at autograd's
+            # "element 0 of tensors does not require grad", inside AutoAttack or ensemble too
+            with attack_context(self.model, self.model_mode, self.name), torch.enable_grad():
                 return self.forward(x, y)
         finally:
             running.pop()
