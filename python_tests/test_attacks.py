@@ -233,6 +233,35 @@ def test_deterministic_under_seed(name, norm):
 
 
 @pytest.mark.parametrize("name,norm", CASES)
+def test_attacks_give_the_same_bits_at_any_thread_count(name, norm):
+    """docs/attacks.md: the attacks' own arithmetic and the native ops do not depend on the thread count (every
+    parallel loop owns whole outputs). Layers whose torch kernels are thread-invariant at this size (no convolution);
+    eval batch norm and max pooling run on the native layers. 4 x 3 x 64 x 64: the fused PGD step's 32768-element
+    grain, the batch norm backward's planes and the pool's planes all split between two threads."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.uniform_(0.2, 0.8)
+    bn.running_var.uniform_(0.5, 2.0)
+    head = nn.Linear(48, 3)
+    head.weight.data.mul_(30)  # boundaries within eps: FAB returns the clean points otherwise
+    model = nn.Sequential(bn, nn.MaxPool2d(3, 2, 1), nn.AdaptiveAvgPool2d(4), nn.Flatten(), head).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(4, 3, 64, 64, generator=g), torch.tensor([0, 1, 2, 0])
+    fn = ATTACK_FNS[name][1]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(fn(model, x, y, 2.0 if norm == "l2" else EPS[norm], norm, 5))  # 0.5: FAB-L2 finds none
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(runs[0], x)
+    for count, run in zip((2, 3), runs[1:]):
+        assert_verbose_equal(run, runs[0], f"{name} {norm} at {count} threads")
+
+
+@pytest.mark.parametrize("name,norm", CASES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_model_state_restored(name, norm, mode):
     model = TinyCNN(1, 2)
