@@ -14,14 +14,14 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_floating(op, arg, t):
-    # The message closes over the dtype, not the tensor: Dynamo refuses a torch._check message closure holding a
-    # tensor, so the functional pgd_step_'s check of a tensor alpha/eps broke torch.compile(fullgraph=True).
-    dtype = t.dtype
-    torch._check(
-        dtype in FLOATING,
-        lambda: f"{op}: expected {arg} to be a floating-point tensor (float16, bfloat16, float32, float64), "
-        f"got {dtype}",
-    )
+    # Plain Python, the RuntimeError torch._check raised: a dtype is never symbolic, and torch._check imports torch.fx's
+    # symbolic shapes (sympy) at its first call, which the eager drop_max_pool2d and pgd_step_ wrappers run (measured:
+    # the first DropMax2d forward of a process 0.83 s and 33.6 MB of resident memory, the next 0.03 s). Dynamo traces
+    # it as it traced torch._check (the message is built only on failure: a closure holding a tensor broke
+    # torch.compile(fullgraph=True) of pgd_step_ with a tensor alpha/eps).
+    if t.dtype not in FLOATING:
+        raise RuntimeError(f"{op}: expected {arg} to be a floating-point tensor (float16, bfloat16, float32, float64), "
+                           f"got {t.dtype}")
 
 
 def check_same_device(op, arg, t, ref_arg, ref):
