@@ -216,9 +216,11 @@ def _boundary_untargeted(name, model, x1, y):
     with torch.enable_grad():
         out = forward(name, model, xg)
         z = two_logits(out) if is_single_logit(out) else out
-        # a one-hot output gradient per class (the reference's), not z[:, k].sum(): no indexing in the graph
+        # a one-hot output gradient per class (the reference's), not z[:, k].sum(): no indexing in the graph. As the
+        # gradient of (z * one-hot).sum(), exactly that one-hot: torch.autograd.grad given grad_outputs imports
+        # torch.fx's symbolic shapes (sympy), 0.9 s and 35 MB of resident memory at a process's first FAB
         picks = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-        grads = [torch.autograd.grad(z, [xg], picks[k].expand_as(z), retain_graph=k + 1 < z.shape[1])[0]
+        grads = [torch.autograd.grad((z * picks[k]).sum(), [xg], retain_graph=k + 1 < z.shape[1])[0]
                  for k in range(z.shape[1])]
     g = torch.stack(grads, 1).reshape(n, z.shape[1], -1)
     rows = torch.arange(n, device=x1.device)
