@@ -1330,26 +1330,8 @@ def fit(
             if existing is not None and not existing.is_dir():
                 raise NotADirectoryError(f"{name}: out_dir={os.fspath(out_dir)!r} cannot be a folder: {existing} is a "
                                          "file; pass a folder path (created when missing)")
-        resume_path, state, resume_error = None, None, None
-        if isinstance(resume, (str, os.PathLike)):
-            if not os.fspath(resume):
-                raise ValueError(f"{name}: resume='' names no checkpoint; pass a checkpoint path, True "
-                                 f"(out_dir/{CHECKPOINT_NAME} when it exists) or False")
-            resume_path = Path(resume)
-            if not resume_path.is_file():
-                resume_error = FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
-        elif resume is True:
-            if ckpt_path is None:
-                raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
-            resume_path = ckpt_path if ckpt_path.is_file() else None
-            trained = _epochs_in_history_file(out_dir) if resume_path is None else 0
-            if trained:  # a fresh run removes metrics.json too: here the checkpoint was lost, so epochs are retrained
-                _warn_at_callers_line(f"{name}: resume=True found no {ckpt_path}, but {Path(out_dir) / HISTORY_NAME} "
-                                      f"records {counted(trained, 'epoch')} trained: the checkpoint was deleted or "
-                                      "moved, so training starts afresh from epoch 1 (put it back to continue that "
-                                      "run)")
-        elif resume is not False and resume is not None:
-            raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
+        state = None
+        resume_path, resume_error = _resume_path(name, resume, out_dir, ckpt_path)
         # continues out_dir's own run; else (a fresh start, or another folder's checkpoint) it replaces out_dir's run
         resumed_here = (resume_path is not None and ckpt_path is not None
                         and resume_path.resolve() == ckpt_path.resolve())
@@ -1955,6 +1937,34 @@ def fit(
         weights_epoch = stopper["best_epoch"]
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
                      else None, model=model, early_stopping=stopper, weights_epoch=weights_epoch)
+
+
+def _resume_path(name, resume, out_dir, ckpt_path):
+    """fit's ``resume`` argument read: ``(path, error)``, the checkpoint to resume (None: a fresh start) and, for a
+    path with no file there, the FileNotFoundError fit raises once the processes have compared their settings (so
+    every process names it). resume=True without out_dir's checkpoint is a fresh start, and says so where
+    out_dir's metrics.json records trained epochs (the checkpoint was lost)."""
+    resume_path, resume_error = None, None
+    if isinstance(resume, (str, os.PathLike)):
+        if not os.fspath(resume):
+            raise ValueError(f"{name}: resume='' names no checkpoint; pass a checkpoint path, True "
+                             f"(out_dir/{CHECKPOINT_NAME} when it exists) or False")
+        resume_path = Path(resume)
+        if not resume_path.is_file():
+            resume_error = FileNotFoundError(f"{name}: resume={str(resume)!r}: no checkpoint file there")
+    elif resume is True:
+        if ckpt_path is None:
+            raise ValueError(f"{name}: resume=True needs out_dir (the checkpoint is out_dir/{CHECKPOINT_NAME})")
+        resume_path = ckpt_path if ckpt_path.is_file() else None
+        trained = _epochs_in_history_file(out_dir) if resume_path is None else 0
+        if trained:  # a fresh run removes metrics.json too: here the checkpoint was lost, so epochs are retrained
+            _warn_at_callers_line(f"{name}: resume=True found no {ckpt_path}, but {Path(out_dir) / HISTORY_NAME} "
+                                  f"records {counted(trained, 'epoch')} trained: the checkpoint was deleted or "
+                                  "moved, so training starts afresh from epoch 1 (put it back to continue that "
+                                  "run)")
+    elif resume is not False and resume is not None:
+        raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
+    return resume_path, resume_error
 
 
 def _save_best_model(out_dir, stopper, config, best_weights):
