@@ -1391,27 +1391,7 @@ def fit(
         lr = DEFAULT_LR if lr is None else check_real(name, "lr", lr, minimum=0)
         optimizer = _make_optimizer(name, optimizer, model, params, lr)
         scheduler = _make_scheduler(name, scheduler, optimizer)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and scheduler.mode != "min":
-            # stepped on a loss, mode="max" (Keras' monitor="val_accuracy" habit) cut the lr at each improvement
-            raise ValueError(f"{name}: the ReduceLROnPlateau has mode={scheduler.mode!r}, but fit steps it on "
-                             f"{'val_loss' if val_data is not None else 'train_loss'} (a loss: lower is better), so it "
-                             "would cut the lr whenever the loss improves; build it with mode='min'")
-        cycle = getattr(scheduler, "total_steps", None) if isinstance(
-            scheduler, torch.optim.lr_scheduler.OneCycleLR) else None
-        if cycle is not None and cycle < epochs:  # else torch's "Tried to step 3 times" after that epoch's training
-            raise ValueError(f"{name}: the OneCycleLR has total_steps={cycle}, fewer than epochs={epochs}: fit steps "
-                             f"the scheduler once per epoch, and OneCycleLR fails when stepped past its total_steps "
-                             f"(at the end of epoch {cycle + 1}, losing its training); build it with "
-                             "total_steps=epochs (or epochs=epochs, steps_per_epoch=1)")
-        # a fresh run continues a scheduler reused from an earlier fit (continued training) from where it stopped; a
-        # resume replaces its progress with the checkpoint's
-        stepped = scheduler.last_epoch if cycle is not None and resume_path is None else 0
-        if stepped and cycle - stepped < epochs:
-            raise ValueError(f"{name}: the OneCycleLR has already stepped {stepped} of its total_steps={cycle} (an "
-                             f"earlier fit stepped it), leaving {cycle - stepped}, fewer than epochs={epochs}: fit "
-                             f"steps the scheduler once per epoch, and OneCycleLR fails when stepped past its "
-                             f"total_steps (at the end of epoch {cycle - stepped + 1}, losing its training); build a "
-                             "new one for this call, with total_steps=epochs")
+        _check_scheduler_fits(name, scheduler, epochs, val_data is not None, resume_path is not None)
         scaler = torch.amp.GradScaler("cuda") if amp else None
 
         sampler = GlobalBatchSampler(len(train_data), batch_size, seed=seed, rank=rank, world_size=world)
@@ -1965,6 +1945,33 @@ def _resume_path(name, resume, out_dir, ckpt_path):
     elif resume is not False and resume is not None:
         raise TypeError(f"{name}: expected resume to be a bool or a checkpoint path, got {resume!r}")
     return resume_path, resume_error
+
+
+def _check_scheduler_fits(name, scheduler, epochs, validated, resumed):
+    """fit's checks of a scheduler it steps once per epoch on a loss (val_loss where ``validated``): a
+    ReduceLROnPlateau that is not mode='min', a OneCycleLR with fewer steps left than ``epochs`` (at a fresh start,
+    one an earlier fit stepped counts its steps taken; a resume replaces them with the checkpoint's)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and scheduler.mode != "min":
+        # stepped on a loss, mode="max" (Keras' monitor="val_accuracy" habit) cut the lr at each improvement
+        raise ValueError(f"{name}: the ReduceLROnPlateau has mode={scheduler.mode!r}, but fit steps it on "
+                         f"{'val_loss' if validated else 'train_loss'} (a loss: lower is better), so it "
+                         "would cut the lr whenever the loss improves; build it with mode='min'")
+    cycle = getattr(scheduler, "total_steps", None) if isinstance(
+        scheduler, torch.optim.lr_scheduler.OneCycleLR) else None
+    if cycle is not None and cycle < epochs:  # else torch's "Tried to step 3 times" after that epoch's training
+        raise ValueError(f"{name}: the OneCycleLR has total_steps={cycle}, fewer than epochs={epochs}: fit steps "
+                         f"the scheduler once per epoch, and OneCycleLR fails when stepped past its total_steps "
+                         f"(at the end of epoch {cycle + 1}, losing its training); build it with "
+                         "total_steps=epochs (or epochs=epochs, steps_per_epoch=1)")
+    # a fresh run continues a scheduler reused from an earlier fit (continued training) from where it stopped; a
+    # resume replaces its progress with the checkpoint's
+    stepped = scheduler.last_epoch if cycle is not None and not resumed else 0
+    if stepped and cycle - stepped < epochs:
+        raise ValueError(f"{name}: the OneCycleLR has already stepped {stepped} of its total_steps={cycle} (an "
+                         f"earlier fit stepped it), leaving {cycle - stepped}, fewer than epochs={epochs}: fit "
+                         f"steps the scheduler once per epoch, and OneCycleLR fails when stepped past its "
+                         f"total_steps (at the end of epoch {cycle - stepped + 1}, losing its training); build a "
+                         "new one for this call, with total_steps=epochs")
 
 
 def _save_best_model(out_dir, stopper, config, best_weights):
