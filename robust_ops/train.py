@@ -1460,71 +1460,9 @@ def fit(
     if resume_error is not None:
         raise resume_error
     if state is not None:
-        # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored;
-        # layouts: other convolution kernels, and drop-max layers: another architecture, so a switched run would
-        # silently differ from an uninterrupted one; so would other gradient clipping, and a scheduler left out,
-        # added (a fresh schedule) or of another class (the checkpoint's state read by another rule); an optimizer of
-        # another class fails on the loaded state with a bare KeyError; a training set of another size gets other
-        # epoch permutations (drawn over its length); amp switched would compute in another precision, with a fresh
-        # GradScaler, and so would a model of another dtype (load_state_dict and the optimizer cast the state to it);
-        # a ReduceLROnPlateau given val_data or not would compare the other loss with its best.
-        # A defense of another class under the same name (a subclass of AT keeps 'at') computes another loss.
-        # Checkpoints written before these were recorded pass.
-        # A validation set of another size (val_data added or left out: plateau_metric's rule) would put another set's
-        # metrics in the same history and give ReduceLROnPlateau's best another loss; its content is not compared.
-        saved_val = state["config"].get("val_samples")
-        if saved_val is not None and config["val_samples"] is not None and saved_val != config["val_samples"]:
-            raise ValueError(f"{name}: cannot resume {resume_path}: it was validated on val_samples={saved_val}, this "
-                             f"call has val_samples={config['val_samples']}; pass the run's val_data")
+        _check_resume_fits(name, resume_path, state, config, defense_options, optimizer, len(train_data), epochs)
         if config["val_samples"] is None:  # epochs resumed without validation keep the run's record for later resumes
-            config["val_samples"] = saved_val
-        # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
-        # has lr=0.0001" (the default Adam's), naming an lr nobody passed
-        for key in ("batch_size", "seed", "defense", "defense_class", "optimizer", "lr", "channels_last",
-                    "prepacked_conv",
-                    "drop_max_layers", "max_grad_norm", "scheduler", "num_samples", "amp", "param_dtype",
-                    "plateau_metric", "early_stopping", "warmup_epochs", "warmup_params"):
-            saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
-            if saved != config[key]:
-                hint = ("; ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: give val_data or "
-                        "leave it out as that run did" if key == "plateau_metric" else "")
-                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
-                                 f"call has {key}={config[key]!r}{hint}")
-        # A training set of the same size but other content (an .npz replaced in place, another seed's synthetic
-        # set). None on either side: a checkpoint written before it was recorded, or a dataset it cannot read.
-        saved_data = state["config"].get("train_data_sha256")
-        if None not in (saved_data, config["train_data_sha256"]) and saved_data != config["train_data_sha256"]:
-            raise ValueError(f"{name}: cannot resume {resume_path}: train_data is not the data it was trained on (as "
-                             f"many samples, {len(train_data)}, but other labels or images); pass the run's train_data "
-                             "(the same file as then: `--data` of robust-ops train)")
-        # The checkpoint's optimizer and scheduler states replace the settings of those built here (a caller's
-        # optimizer with another lr or momentum, a cosine schedule with another T_max would be ignored silently).
-        # Checkpoints written before the settings were recorded pass.
-        for key, what in (("optimizer_settings", "an optimizer"), ("scheduler_settings", "a scheduler"),
-                          ("scheduler_parts", "a scheduler")):
-            saved, now = state["config"].get(key), config[key]
-            change = None if saved is None or now is None else _settings_change(saved, now)
-            if change:
-                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {what} of {change[0]}, "
-                                 f"this call's has {change[1]} (the checkpoint's would replace them silently)")
-        saved_groups, now_groups = state["config"].get("optimizer_groups"), config["optimizer_groups"]
-        if saved_groups is not None and len(saved_groups) == len(now_groups):  # other counts: load_state_dict says so
-            for i, (saved, now, group) in enumerate(zip(saved_groups, now_groups, optimizer.param_groups)):
-                change = _settings_change(_unscheduled_group_settings(saved, group),
-                                          _unscheduled_group_settings(now, group))
-                if change:
-                    raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with an optimizer whose "
-                                     f"parameter group {i} had {change[0]}, this call's has {change[1]} (the "
-                                     "checkpoint's would replace them silently)")
-        # Checkpoints written before the defense's options were recorded pass.
-        saved_options = state["config"].get("defense_options", defense_options)
-        change = _settings_change(saved_options, defense_options)
-        if change:
-            raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with the {config['defense']} "
-                             f"defense's {change[0]}, this call's defense has {change[1]}")
-        if int(state["epoch"]) > epochs:
-            raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
-                             f"more than epochs={epochs}")
+            config["val_samples"] = state["config"].get("val_samples")
         if restore_best:  # refused before the model, RNG and arithmetic warning are touched (robust-ops train's check)
             best_weights = _resumed_best_weights(name, resume_path, state)
         try:
@@ -1972,6 +1910,75 @@ def _check_scheduler_fits(name, scheduler, epochs, validated, resumed):
                          f"steps the scheduler once per epoch, and OneCycleLR fails when stepped past its "
                          f"total_steps (at the end of epoch {cycle - stepped + 1}, losing its training); build a "
                          "new one for this call, with total_steps=epochs")
+
+
+def _check_resume_fits(name, resume_path, state, config, defense_options, optimizer, num_samples, epochs):
+    """fit's checks that the checkpoint ``state`` (read from ``resume_path``) continues the run this call would
+    train (``config``, as recorded in the checkpoints), with no setting of the call silently ignored or replaced;
+    ``num_samples``: len(train_data)."""
+    # lr: the optimizer's state (lr included) comes from the checkpoint, so another lr would be ignored;
+    # layouts: other convolution kernels, and drop-max layers: another architecture, so a switched run would
+    # silently differ from an uninterrupted one; so would other gradient clipping, and a scheduler left out,
+    # added (a fresh schedule) or of another class (the checkpoint's state read by another rule); an optimizer of
+    # another class fails on the loaded state with a bare KeyError; a training set of another size gets other
+    # epoch permutations (drawn over its length); amp switched would compute in another precision, with a fresh
+    # GradScaler, and so would a model of another dtype (load_state_dict and the optimizer cast the state to it);
+    # a ReduceLROnPlateau given val_data or not would compare the other loss with its best.
+    # A defense of another class under the same name (a subclass of AT keeps 'at') computes another loss.
+    # Checkpoints written before these were recorded pass.
+    # A validation set of another size (val_data added or left out: plateau_metric's rule) would put another set's
+    # metrics in the same history and give ReduceLROnPlateau's best another loss; its content is not compared.
+    saved_val = state["config"].get("val_samples")
+    if saved_val is not None and config["val_samples"] is not None and saved_val != config["val_samples"]:
+        raise ValueError(f"{name}: cannot resume {resume_path}: it was validated on val_samples={saved_val}, this "
+                         f"call has val_samples={config['val_samples']}; pass the run's val_data")
+    # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
+    # has lr=0.0001" (the default Adam's), naming an lr nobody passed
+    for key in ("batch_size", "seed", "defense", "defense_class", "optimizer", "lr", "channels_last",
+                "prepacked_conv",
+                "drop_max_layers", "max_grad_norm", "scheduler", "num_samples", "amp", "param_dtype",
+                "plateau_metric", "early_stopping", "warmup_epochs", "warmup_params"):
+        saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
+        if saved != config[key]:
+            hint = ("; ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: give val_data or "
+                    "leave it out as that run did" if key == "plateau_metric" else "")
+            raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
+                             f"call has {key}={config[key]!r}{hint}")
+    # A training set of the same size but other content (an .npz replaced in place, another seed's synthetic
+    # set). None on either side: a checkpoint written before it was recorded, or a dataset it cannot read.
+    saved_data = state["config"].get("train_data_sha256")
+    if None not in (saved_data, config["train_data_sha256"]) and saved_data != config["train_data_sha256"]:
+        raise ValueError(f"{name}: cannot resume {resume_path}: train_data is not the data it was trained on (as "
+                         f"many samples, {num_samples}, but other labels or images); pass the run's train_data "
+                         "(the same file as then: `--data` of robust-ops train)")
+    # The checkpoint's optimizer and scheduler states replace the settings of those built here (a caller's
+    # optimizer with another lr or momentum, a cosine schedule with another T_max would be ignored silently).
+    # Checkpoints written before the settings were recorded pass.
+    for key, what in (("optimizer_settings", "an optimizer"), ("scheduler_settings", "a scheduler"),
+                      ("scheduler_parts", "a scheduler")):
+        saved, now = state["config"].get(key), config[key]
+        change = None if saved is None or now is None else _settings_change(saved, now)
+        if change:
+            raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {what} of {change[0]}, "
+                             f"this call's has {change[1]} (the checkpoint's would replace them silently)")
+    saved_groups, now_groups = state["config"].get("optimizer_groups"), config["optimizer_groups"]
+    if saved_groups is not None and len(saved_groups) == len(now_groups):  # other counts: load_state_dict says so
+        for i, (saved, now, group) in enumerate(zip(saved_groups, now_groups, optimizer.param_groups)):
+            change = _settings_change(_unscheduled_group_settings(saved, group),
+                                      _unscheduled_group_settings(now, group))
+            if change:
+                raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with an optimizer whose "
+                                 f"parameter group {i} had {change[0]}, this call's has {change[1]} (the "
+                                 "checkpoint's would replace them silently)")
+    # Checkpoints written before the defense's options were recorded pass.
+    saved_options = state["config"].get("defense_options", defense_options)
+    change = _settings_change(saved_options, defense_options)
+    if change:
+        raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with the {config['defense']} "
+                         f"defense's {change[0]}, this call's defense has {change[1]}")
+    if int(state["epoch"]) > epochs:
+        raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
+                         f"more than epochs={epochs}")
 
 
 def _save_best_model(out_dir, stopper, config, best_weights):
