@@ -1465,35 +1465,8 @@ def fit(
             config["val_samples"] = state["config"].get("val_samples")
         if restore_best:  # refused before the model, RNG and arithmetic warning are touched (robust-ops train's check)
             best_weights = _resumed_best_weights(name, resume_path, state)
-        try:
-            weights_model.load_state_dict(state["model"])
-        except RuntimeError as err:  # another architecture (a RUN_DIR without run.json resumed with another --model)
-            raise ValueError(f"{name}: cannot resume {resume_path}: its weights do not fit this model "
-                             f"({state_dict_mismatch(err)})") from None
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as err:  # torch's text names neither the checkpoint nor the fix
-            raise ValueError(f"{name}: cannot resume {resume_path}: its optimizer state does not fit this call's "
-                             f"optimizer ({err}); train the same parameters (requires_grad) in the same parameter "
-                             "groups as that run did") from None
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        try:
-            defense.load_state_dict(state["defense"])
-        except ValueError as err:  # IMA's other eps_train: its own text names neither fit nor the checkpoint
-            raise ValueError(f"{name}: cannot resume {resume_path}: {err}") from None
-        rank_states = state.get("rng_ranks") or []
-        # Each process continues its own streams. A checkpoint from fewer processes (one: rng_ranks None) has none for
-        # this rank: rank 0 continues the checkpoint's, the others seed their own as at a fresh start -- rank 0's
-        # for every process repeated its dropout masks and random starts on each one's share for the rest of the run.
-        if rank < len(rank_states):
-            _set_rng_state(rank_states[rank], device)
-        elif rank == 0:
-            _set_rng_state(state["rng"], device)
-        else:
-            _seed_rank_streams(seed, rank)
+        _load_resumed_state(name, resume_path, state, weights_model, optimizer, scheduler, scaler, defense)
+        _continue_rng_streams(state, rank, seed, device)
         if rank == 0:
             _warn_on_other_arithmetic(name, resume_path, state.get("arithmetic"), _arithmetic(device, world))
         history = list(state["history"])
@@ -1979,6 +1952,45 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
     if int(state["epoch"]) > epochs:
         raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
                          f"more than epochs={epochs}")
+
+
+def _load_resumed_state(name, resume_path, state, weights_model, optimizer, scheduler, scaler, defense):
+    """The checkpoint ``state``'s weights, optimizer, scheduler, GradScaler and defense states loaded into this call's
+    objects; a state that does not fit is a ValueError naming ``resume_path``."""
+    try:
+        weights_model.load_state_dict(state["model"])
+    except RuntimeError as err:  # another architecture (a RUN_DIR without run.json resumed with another --model)
+        raise ValueError(f"{name}: cannot resume {resume_path}: its weights do not fit this model "
+                         f"({state_dict_mismatch(err)})") from None
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # torch's text names neither the checkpoint nor the fix
+        raise ValueError(f"{name}: cannot resume {resume_path}: its optimizer state does not fit this call's "
+                         f"optimizer ({err}); train the same parameters (requires_grad) in the same parameter "
+                         "groups as that run did") from None
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    try:
+        defense.load_state_dict(state["defense"])
+    except ValueError as err:  # IMA's other eps_train: its own text names neither fit nor the checkpoint
+        raise ValueError(f"{name}: cannot resume {resume_path}: {err}") from None
+
+
+def _continue_rng_streams(state, rank, seed, device):
+    """This process's random streams (torch's, numpy's, python's, CUDA's) continued from the checkpoint ``state``, or
+    seeded afresh where it holds none for this process."""
+    rank_states = state.get("rng_ranks") or []
+    # Each process continues its own streams. A checkpoint from fewer processes (one: rng_ranks None) has none for
+    # this rank: rank 0 continues the checkpoint's, the others seed their own as at a fresh start -- rank 0's
+    # for every process repeated its dropout masks and random starts on each one's share for the rest of the run.
+    if rank < len(rank_states):
+        _set_rng_state(rank_states[rank], device)
+    elif rank == 0:
+        _set_rng_state(state["rng"], device)
+    else:
+        _seed_rank_streams(seed, rank)
 
 
 def _save_best_model(out_dir, stopper, config, best_weights):
