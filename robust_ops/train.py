@@ -1702,29 +1702,9 @@ def fit(
             failures.where = f"the end of epoch {epoch + 1}"
             with failures:  # a process that failed at its last step leaves the others waiting here
                 if world > 1:
-                    # DDP broadcasts rank 0's buffers (BatchNorm statistics) only at its next forward: until then each
-                    # process holds its own, which validation, the next epoch's first attack (on the unwrapped module),
-                    # the returned model and a resume (rank 0's checkpoint) would otherwise disagree on.
-                    for b in model.buffers():
-                        flat = b if b.is_contiguous() else b.contiguous()
-                        dist.broadcast(flat, src=0)
-                        if flat is not b:
-                            b.copy_(flat)
-                    # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum
-                    # over the union of their keys, or the vectors would differ in length or be summed misaligned.
-                    # Merged as one process merges its batches' keys: the history's columns then come in its order.
-                    key_sets = [None] * world
-                    dist.all_gather_object(key_sets, [k for k in reported if k in sums])
-                    keys = reported = []
-                    for key_set in key_sets:
-                        _merge_key_order(keys, key_set)
-                    totals = torch.tensor([float(correct), float(scored)]
-                                          + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
-                                          dtype=torch.float64, device=device)
-                    dist.all_reduce(totals)
-                    correct, scored = int(totals[0]), int(totals[1])
-                    sums = {k: float(v) for k, v in zip(keys, totals[2:2 + len(keys)].tolist())}
-                    seen = {k: int(v) for k, v in zip(keys, totals[2 + len(keys):].tolist())}
+                    _broadcast_buffers(model)
+                    reported, sums, seen, correct, scored = _sum_epoch_metrics(reported, sums, seen, correct, scored,
+                                                                                world, device)
                     _sync_defense_state(defense, defense_start, world)
             # Every step's loss and gradients were finite, but the last step's update (or a forward's batch-norm
             # statistics) can still overflow: validation then scored NaN logits and the checkpoint, later named as the
@@ -1991,6 +1971,40 @@ def _continue_rng_streams(state, rank, seed, device):
         _set_rng_state(state["rng"], device)
     else:
         _seed_rank_streams(seed, rank)
+
+
+def _broadcast_buffers(model):
+    """Rank 0's buffers (BatchNorm statistics) on every process, at the end of an epoch under DDP."""
+    # DDP broadcasts rank 0's buffers only at its next forward: until then each process holds its own, which
+    # validation, the next epoch's first attack (on the unwrapped module), the returned model and a resume (rank 0's
+    # checkpoint) would otherwise disagree on.
+    for b in model.buffers():
+        flat = b if b.is_contiguous() else b.contiguous()
+        dist.broadcast(flat, src=0)
+        if flat is not b:
+            b.copy_(flat)
+
+
+def _sum_epoch_metrics(reported, sums, seen, correct, scored, world, device):
+    """An epoch's metric sums over every process under DDP: ``(reported, sums, seen, correct, scored)`` as one
+    process's (a metric's order of first report, its weighted sum and weight, the correct clean predictions and the
+    samples they were counted over), summed over the processes."""
+    # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum over the union of
+    # their keys, or the vectors would differ in length or be summed misaligned. Merged as one process merges its
+    # batches' keys: the history's columns then come in its order.
+    key_sets = [None] * world
+    dist.all_gather_object(key_sets, [k for k in reported if k in sums])
+    keys = []
+    for key_set in key_sets:
+        _merge_key_order(keys, key_set)
+    totals = torch.tensor([float(correct), float(scored)]
+                          + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    correct, scored = int(totals[0]), int(totals[1])
+    sums = {k: float(v) for k, v in zip(keys, totals[2:2 + len(keys)].tolist())}
+    seen = {k: int(v) for k, v in zip(keys, totals[2 + len(keys):].tolist())}
+    return keys, sums, seen, correct, scored
 
 
 def _save_best_model(out_dir, stopper, config, best_weights):
