@@ -1631,21 +1631,8 @@ def fit(
                     bad_loss, bad_extra = bad_loss > 0, bad_extra > 0
                 where = _last_good_checkpoint(last_ckpt)
                 if bad_loss or bad_extra:
-                    own_loss, own_extra = own_bad.tolist()
-                    if bad_loss:
-                        value = float(loss.detach()) if loss.numel() == 1 else math.nan
-                        what = f"loss is {value}" if own_loss else "loss is non-finite on another process"
-                        bad_inputs = _non_finite_items("train_data", x, indices) if own_loss else None
-                        if bad_inputs:  # else it reads as a diverged run (lr, ...)
-                            what += f" ({bad_inputs}: check the data)"
-                        elif own_loss:  # what to check, as the other non-finite messages (design.md, Non-finite values)
-                            what += f" ({FINITE_INPUTS_HINT})"
-                    else:
-                        what = "extra gradients (its adversarial terms, returned as extra_grads) are non-finite" + (
-                            "" if own_extra else " on another process")
-                    raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} {what} at epoch "
-                                             f"{epoch + 1}, step {step + 1}; stopped before updating the "
-                                             f"weights{where}")
+                    raise _non_finite_loss_error(name, defense, loss, own_bad, bad_loss, x, indices,
+                                                 f"epoch {epoch + 1}, step {step + 1}", where)
                 scale = world * len(indices) / global_n if world > 1 else 1.0
                 scaled = loss * scale if scale != 1.0 else loss
                 with failures:
@@ -2005,6 +1992,27 @@ def _sum_epoch_metrics(reported, sums, seen, correct, scored, world, device):
     sums = {k: float(v) for k, v in zip(keys, totals[2:2 + len(keys)].tolist())}
     seen = {k: int(v) for k, v in zip(keys, totals[2 + len(keys):].tolist())}
     return keys, sums, seen, correct, scored
+
+
+def _non_finite_loss_error(name, defense, loss, own_bad, bad_loss, x, indices, at, where):
+    """The NonFiniteLossError of a step whose loss (``bad_loss``), else extra gradients, are non-finite on some
+    process; ``own_bad``: this process's two flags (loss, extra gradients), so the message says whether it is this
+    process's, and names the batch's items whose inputs hold NaN or Inf; ``at``: the epoch and step; ``where``: the
+    last good checkpoint."""
+    own_loss, own_extra = own_bad.tolist()
+    if bad_loss:
+        value = float(loss.detach()) if loss.numel() == 1 else math.nan
+        what = f"loss is {value}" if own_loss else "loss is non-finite on another process"
+        bad_inputs = _non_finite_items("train_data", x, indices) if own_loss else None
+        if bad_inputs:  # else it reads as a diverged run (lr, ...)
+            what += f" ({bad_inputs}: check the data)"
+        elif own_loss:  # what to check, as the other non-finite messages (design.md, Non-finite values)
+            what += f" ({FINITE_INPUTS_HINT})"
+    else:
+        what = "extra gradients (its adversarial terms, returned as extra_grads) are non-finite" + (
+            "" if own_extra else " on another process")
+    return NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} {what} at {at}; stopped before "
+                              f"updating the weights{where}")
 
 
 def _save_best_model(out_dir, stopper, config, best_weights):
