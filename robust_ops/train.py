@@ -1477,19 +1477,7 @@ def fit(
         _seed_rank_streams(seed, rank)
 
     train_model = model
-    write_error = None
-    if rank == 0 and out_dir is not None and existing is not None:
-        # out_dir, or the folder it will be made in: else the first checkpoint fails, after a whole epoch of training
-        try:
-            check_writable(existing)
-        except OSError as err:
-            write_error = OSError(err.errno, f"{name}: out_dir={os.fspath(out_dir)!r}: cannot write in {existing} "
-                                  f"({err.strerror or err}); pass a folder this process can write")
-        folder = next((Path(out_dir) / f for f in (CHECKPOINT_NAME, HISTORY_NAME, METRICS_CSV_NAME)
-                       if (Path(out_dir) / f).is_dir()), None)
-        if write_error is None and folder is not None:  # its replace fails too, naming the temporary file
-            write_error = IsADirectoryError(errno.EISDIR, f"{name}: {folder} is a folder, where fit writes a file; "
-                                            "move it away or pass another out_dir")
+    write_error = _out_dir_write_error(name, out_dir, existing) if rank == 0 and out_dir is not None else None
     _raise_on_every_process(write_error, world, device, f"{name}: process 0 cannot write in out_dir={out_dir!r}",
                             failures)
     if world > 1:
@@ -2013,6 +2001,25 @@ def _non_finite_loss_error(name, defense, loss, own_bad, bad_loss, x, indices, a
             "" if own_extra else " on another process")
     return NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} {what} at {at}; stopped before "
                               f"updating the weights{where}")
+
+
+def _out_dir_write_error(name, out_dir, existing):
+    """The error that process 0 cannot write its files in ``out_dir`` (None where it can): ``existing``, out_dir or
+    the folder it will be made in (None: nothing to check yet), is not writable, or a folder sits where fit writes a
+    file. Checked before training: else the first checkpoint fails, after a whole epoch of training."""
+    write_error = None
+    if existing is not None:
+        try:
+            check_writable(existing)
+        except OSError as err:
+            write_error = OSError(err.errno, f"{name}: out_dir={os.fspath(out_dir)!r}: cannot write in {existing} "
+                                  f"({err.strerror or err}); pass a folder this process can write")
+        folder = next((Path(out_dir) / f for f in (CHECKPOINT_NAME, HISTORY_NAME, METRICS_CSV_NAME)
+                       if (Path(out_dir) / f).is_dir()), None)
+        if write_error is None and folder is not None:  # its replace fails too, naming the temporary file
+            write_error = IsADirectoryError(errno.EISDIR, f"{name}: {folder} is a folder, where fit writes a file; "
+                                            "move it away or pass another out_dir")
+    return write_error
 
 
 def _save_best_model(out_dir, stopper, config, best_weights):
