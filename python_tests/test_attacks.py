@@ -6163,6 +6163,34 @@ def test_each_attack_warns_once_of_a_model_ending_in_a_softmax_on_its_existing_r
     assert [str(w.message).partition(":")[0] for w in caught] == ["ensemble"]
 
 
+def test_the_softmax_check_takes_only_non_negative_rows_that_each_sum_to_one():
+    """looks_like_probabilities (the softmax check of evaluate, AutoAttack, fit and each attack): [N, K] outputs with
+    N >= 1 and K >= 2 whose every entry is >= 0 and every row sums to 1 within 1e-5. Mutation testing of the softmax
+    warning: checking > 0 (a saturated softmax has exact zeros), either condition alone, the best row's sum only, and
+    taking [N, 1] or [0, K] outputs each survived."""
+    saturated = torch.tensor([[200.0, 0.0, -200.0], [1.0, 2.0, 3.0]]).softmax(1)
+    assert saturated.min() == 0 and context.looks_like_probabilities(saturated)
+    shifted = torch.tensor([[0.7, 0.5, -0.2], [0.2, 0.3, 0.5]])  # rows sum to 1, one entry negative
+    relu = torch.tensor([[0.7, 0.5, 0.2], [0.2, 0.3, 0.5]])  # non-negative, the first row sums to 1.4
+    for out in (shifted, relu, torch.ones(3, 1), torch.zeros(0, 3), torch.rand(4)):
+        assert not context.looks_like_probabilities(out), out
+    assert context.probabilities_flag(torch.zeros(0, 3)) is None
+    assert context.probabilities_flag(torch.ones(3, 1)) is None
+
+
+def test_autoattack_warns_once_of_a_softmax_for_all_its_ensembles_at_the_callers_line():
+    """run_standard_evaluation_individual runs one ensemble per attack, each with AutoAttack's model check; inside its
+    one_probabilities_warning scope they give one warning in all, attributed to the caller's line through the
+    scope's contextlib decorator (mutation testing of the softmax warning: a nested scope of its own per ensemble,
+    a scope that warned again, and contextlib's frames taken for the caller's each survived)."""
+    model, (x, y) = _Softmax(), make_data(4, 3)
+    aa = attacks.AutoAttack(model, eps=0.03, attacks=["fgsm", "pgd"], steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aa.run_standard_evaluation_individual(x, y)
+    assert [(str(w.message).partition(":")[0], w.filename) for w in caught] == [("autoattack", __file__)]
+
+
 class _TieFlipper(nn.Module):
     """Two logits near 100 whose order flips at every forward, by 2e-3: scaled to unit norm the two forwards differ
     by about 1e-5, below AutoAttack's 1e-4, but their predictions differ."""
