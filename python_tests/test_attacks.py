@@ -5020,7 +5020,7 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
     for dtype in (torch.float32, torch.float64):
         x = torch.zeros(3, 2, dtype=dtype)
         for eps, alpha in ((8 / 255, 2 / 255), (8, 2 / 255), (0.5, 2), (1, 1.25), (1.0000099999, 0.1),
-                           (0.5, 1.0000100001), (0.5, 1.0000099999), (0.99998, 1.5), (0, 0)):
+                           (0.5, 1.0000100001), (0.5, 1.0000099999), (0.99998, 1.5), (0.99999, 1.5), (0, 0)):
             assert outcome(eps, alpha, x, True) == outcome(eps, alpha, x, False), (dtype, eps, alpha)
         assert outcome(1.0000099999, 0.1, x, True) == (None if dtype == torch.float64 else
             "pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1 (eps in 0-255 units? pass "
@@ -5031,6 +5031,17 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
     with pytest.raises(ValueError, match=r"^pgd: expected alpha <= clip_max - clip_min = 1 for norm='linf', got alpha "
                                          r"up to 2 \(alpha in 0-255 units\? pass e.g. 2/255\)$"):
         check_linf_budget("pgd", "linf", eps_t, 0.0, 1.0, alpha_t)
+    # the widest of several refused steps, also where run_pgd's eps is a number or its maximum was read with its
+    # check (mutation testing of attacks core: the smallest refused step, an alpha at eps = 0.99999 = width - slack
+    # refused, and a per-sample alpha beside a number eps or a read maximum let through, each survived)
+    model, (x, y) = make_model(), make_data(n=3)
+    alpha_t = torch.tensor([1.5, 2.0, 0.5])
+    for eps in (0.1, torch.tensor([0.1, 0.2, 0.3])):
+        with pytest.raises(ValueError, match=r"^run_pgd: expected alpha <= clip_max - clip_min = 1 for norm='linf', "
+                                             r"got alpha up to 2 \(alpha in 0-255 units"):
+            run_pgd(model, x, y, eps=eps, alpha=alpha_t, steps=1)
+        with pytest.raises(ValueError, match=r"^pgd: expected alpha <= .* got alpha up to 2 "):
+            check_linf_budget("pgd", "linf", per_sample("pgd", "eps", eps, x), 0.0, 1.0, alpha_t)
 
 
 @pytest.mark.parametrize("attack", ["run_pgd", "pgd", "fgsm", "cw_linf", "apgd", "apgd_t"])
@@ -5087,6 +5098,60 @@ def test_a_per_sample_eps_is_read_once(attack, norm):
            "fab": lambda e: attacks.fab(model, x, y, eps=e, steps=2, norm=norm, generator=gen())}[attack]
     numbers, tensors = (sum(host_reads(lambda: run(e)).values()) for e in (radius, torch.full((4,), radius)))
     assert tensors - numbers == (2 if attack == "pgd_alpha" else 1), (numbers, tensors)
+
+
+def test_per_sample_with_max_gives_the_maximum_float_of_the_tensor_reads():
+    """per_sample(with_max=True)'s maximum, which check_linf_budget and check_step_moves take instead of reading
+    eps back, is float(t.max()) of the tensor it returns: a number rounded into the attack's dtype as torch.full
+    rounds it, None for an empty batch, a tensor eps of [0] included (mutation testing of attacks core: a number's
+    maximum taken unrounded, and an empty tensor's max() read, each survived; unrounded, apgd, square, white noise
+    and fab let a float32 eps of 1.0000099999 through, which rounds past the range's slack and pgd refuses)."""
+    from robust_ops.attacks.core import per_sample
+
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        x = torch.zeros(3, 2, dtype=dtype)
+        for value in (0, 8 / 255, 0.1, 1.0000099999, 3, torch.tensor([0.1, 0.7, 1.0000099999], dtype=torch.float64)):
+            t, widest = per_sample("pgd", "eps", value, x, with_max=True)
+            assert widest == float(t.max()), (dtype, value)
+        for value in (0.5, torch.zeros(0)):
+            t, widest = per_sample("pgd", "eps", value, x[:0], with_max=True)
+            assert t.shape == (0,) and widest is None
+    model, (x, y) = make_model(), make_data(n=2)
+    wide = r"^{}: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1 \(eps in 0-255 units"
+    for name, run in (("apgd", lambda e: attacks.apgd(model, x, y, eps=e, steps=1)),
+                      ("square", lambda e: attacks.square(model, x, y, eps=e, n_queries=1)),
+                      ("white_noise", lambda e: attacks.white_noise(model, x, y, eps=e, trials=1)),
+                      ("fab", lambda e: attacks.fab(model, x, y, eps=e, steps=1))):
+        with pytest.raises(ValueError, match=wide.format(name)):
+            run(1.0000099999)
+        run(1.0)  # the whole range
+    empty = attacks.pgd(model, x[:0], y[:0], eps=torch.zeros(0), alpha=torch.zeros(0), steps=1)
+    assert empty.shape == x[:0].shape
+
+
+@pytest.mark.parametrize("eps", [8 / 255, torch.full((4,), 8 / 255)], ids=["number", "tensor"])
+def test_each_attacks_linf_budget_check_reads_nothing_back(monkeypatch, eps):
+    """Every caller of per_sample then check_linf_budget hands it the maximum per_sample read (or rounded), so the
+    budget check itself reads nothing back (mutation testing of attacks core: fab, square and white noise passing no
+    eps_max survived test_a_per_sample_eps_is_read_once, whose number and tensor calls both read once more)."""
+    import importlib
+
+    from robust_ops.attacks import core
+
+    inside, check = [], core.check_linf_budget
+
+    def counted(*args, **kwargs):
+        inside.append(sum(host_reads(lambda: check(*args, **kwargs)).values()))
+
+    for module in ("core", "apgd", "fab", "noise", "square"):
+        monkeypatch.setattr(importlib.import_module(f"robust_ops.attacks.{module}"), "check_linf_budget", counted)
+    model, (x, y) = make_model(3), make_data(4, 3)
+    attacks.pgd(model, x, y, eps=eps, alpha=eps / 4, steps=1)
+    attacks.apgd(model, x, y, eps=eps, steps=1)
+    attacks.fab(model, x, y, eps=eps, steps=1)
+    attacks.square(model, x, y, eps=eps, n_queries=1)
+    attacks.white_noise(model, x, y, eps=eps, trials=1)
+    assert inside == [0] * 5
 
 
 def test_least_likely_targets_rank_float64_logits_in_float64():
