@@ -6256,6 +6256,22 @@ def test_autoattack_warns_once_of_a_softmax_for_all_its_ensembles_at_the_callers
     assert [(str(w.message).partition(":")[0], w.filename) for w in caught] == [("autoattack", __file__)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_ending_in_a_softmax_is_warned_about_too(dtype):
+    """A half-precision softmax's rows sum to 1 only within its own resolution (up to about 0.4 of its eps), past
+    the 1e-5 the check took, so a bfloat16 model ending in a softmax was attacked without the warning and a float16
+    one warned or not by chance (found by mutation testing of the softmax warning: summing in half precision rather
+    than float32 survived). The tolerance is now the output dtype's eps where that is wider than 1e-5."""
+    torch.manual_seed(0)
+    for k in (2, 3, 10, 100):
+        assert context.looks_like_probabilities((torch.randn(64, k) * 3).to(dtype).softmax(1)), k
+    assert not context.looks_like_probabilities(torch.rand(64, 3, dtype=dtype))  # non-negative logits
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3), nn.Softmax(1)).to(dtype)
+    x, y = torch.rand(4, 1, 4, 4, dtype=dtype), torch.tensor([0, 1, 2, 0])
+    with pytest.warns(UserWarning, match="^pgd: the model's outputs are non-negative and sum to 1 per sample"):
+        attacks.pgd(model, x, y, eps=8 / 255, steps=1)
+
+
 class _TieFlipper(nn.Module):
     """Two logits near 100 whose order flips at every forward, by 2e-3: scaled to unit norm the two forwards differ
     by about 1e-5, below AutoAttack's 1e-4, but their predictions differ."""

@@ -474,13 +474,17 @@ def probabilities_flag(out):
     reads it with other values), or None for outputs that are not [N, K] with K >= 2 and N >= 1."""
     if not (torch.is_tensor(out) and out.dim() == 2 and out.shape[0] and out.shape[1] > 1):
         return None
+    # a half-precision softmax's entries are rounded to its resolution: its rows sum to 1 within about 0.4 of its
+    # eps (measured for K = 2 to 1000), mostly past 1e-5, which decided by chance whether it was warned about
+    tolerance = max(1e-5, torch.finfo(out.dtype).eps) if out.is_floating_point() else 1e-5
     out = out.detach().float()
-    return (out >= 0).all() & ((out.sum(dim=1) - 1).abs().amax() < 1e-5)
+    return (out >= 0).all() & ((out.sum(dim=1) - 1).abs().amax() < tolerance)
 
 
 def looks_like_probabilities(out):
-    """Whether [N, K] outputs (K >= 2, N >= 1) are non-negative rows summing to 1: a model ending in a softmax, whose
-    outputs the library's losses (softmax cross-entropy, the attacks') would saturate; logits never pass by chance."""
+    """Whether [N, K] outputs (K >= 2, N >= 1) are non-negative rows summing to 1 (within 1e-5, or a half-precision
+    output's eps): a model ending in a softmax, whose outputs the library's losses (softmax cross-entropy, the
+    attacks') would saturate; logits never pass by chance."""
     flag = probabilities_flag(out)
     return flag is not None and bool(flag)
 
