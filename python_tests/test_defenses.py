@@ -405,6 +405,20 @@ def test_synchronization_loss_forms():
     assert bool((synchronization_loss(z, w, "js") > 0).all())
 
 
+def test_metric_values_gives_each_name_its_own_value_as_float_gives_it():
+    """metric_values (every built-in defense's metrics, read back in one stacked read): each name keeps its order and
+    gets its own value, the one float() gives, for float64, float16 and integer tensors and for numbers
+    (mutation testing of the defenses' metrics: reading the stack in reverse, or in float32, each survived the
+    defenses' and fit's tests, whose metrics were equal or float32 values)."""
+    from robust_ops.defenses._common import metric_values
+
+    values = {"a": torch.tensor(0.1, dtype=torch.float64), "b": 0.25, "c": torch.tensor([1 / 3], dtype=torch.float16),
+              "d": torch.tensor(2**40 + 1), "f": 3}
+    got = metric_values(**values)
+    assert list(got) == list(values) and got == {k: float(v) for k, v in values.items()}
+    assert metric_values(x=1, y=2.5) == {"x": 1.0, "y": 2.5} and metric_values() == {}
+
+
 def test_synchronization_loss_has_finite_gradients_when_a_probability_underflows():
     """A confident model's softmax rounds a class's probability to exactly 0 (a logit gap past ~104 in float32): the
     xlogy form's gradient there was 0/0, so a finite DPAAT loss back-propagated NaN into every weight, which fit's

@@ -5503,10 +5503,15 @@ def test_fit_reads_a_defenses_tensor_metrics_with_its_own_read():
     reads = _reads_per_step(lambda n: _NoReads(values), _images)
     assert reads == {"item": 1, "nonzero": 0, "tolist": 3}, reads
     torch.manual_seed(0)
-    row = fit(TinyCNN(num_classes=2), _NoReads(values), _images(8), epochs=1, batch_size=4, lr=0.0,
-              progress=False).history[0]
+    model, data = TinyCNN(num_classes=2), _images(8)
+    row = fit(model, _NoReads(values), data, epochs=1, batch_size=4, lr=0.0, progress=False).history[0]
     assert [k for k in row if k.startswith("train_") and k != "train_acc"] == [f"train_{k}" for k in values]
     assert all(row[f"train_{k}"] == float(v) for k, v in values.items()), row
+    # train_acc from the correct counts read first, not from a metric's place in the read (mutation testing of fit:
+    # reading the last value of it as the count survived)
+    with torch.no_grad():
+        logits = model(data.tensors[0])
+    assert row["train_acc"] == (logits.argmax(1) == data.tensors[1]).sum().item() / 8
     with pytest.raises(RuntimeError, match="cannot be converted to type double"):  # as float() of it always did
         fit(TinyCNN(num_classes=2), _NoReads({"z": torch.tensor(1 + 2j)}), _images(4), epochs=1, batch_size=4,
             progress=False)
