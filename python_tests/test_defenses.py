@@ -867,6 +867,17 @@ def test_a_defense_of_your_own_takes_its_arguments_by_its_own_names():
                                                                 r"train on batches of 2 or more samples$"):
         Mine()(model, x[:1], y[:1])
 
+    class FirstOnly(defenses.Defense):  # a forward of one sample of a batch of 2: torch's error, not a batch of 1
+        name = "first"
+
+        def __call__(self, net, inputs, targets, ids=None):
+            out = net(inputs[:1])
+            return defenses.DefenseOutput(loss=F.cross_entropy(out, targets[:1]), logits=out)
+
+    with pytest.raises(ValueError, match=r"^Expected more than 1 value per channel when training") as caught:
+        FirstOnly()(model, x, y)
+    assert type(caught.value) is ValueError  # (mutation testing: rewording it whatever x's size survived)
+
 
 @pytest.mark.parametrize("name", ["at", "sat", "trades", "rst", "mart", "fat", "amat", "dpaat", "arfl"])
 def test_eval_mode_attacks_run_before_the_training_forwards_that_move_batchnorms_statistics(name):
