@@ -25,8 +25,8 @@ from robust_ops.data import IndexedDataset
 from robust_ops.defenses import Defense, DefenseOutput
 from robust_ops.attacks.context import classification_loss
 from robust_ops.ima import IMA
-from robust_ops.train import (GlobalBatchSampler, NonFiniteLossError, fit, load_checkpoint, load_weights,
-                           train_data_fingerprint)
+from robust_ops.train import (CollectiveTimeoutError, GlobalBatchSampler, LostBestEpochError, NonFiniteLossError,
+                           OneSampleBatchError, fit, load_checkpoint, load_weights, train_data_fingerprint)
 
 from utils import TinyCNN, host_reads
 
@@ -5318,6 +5318,23 @@ def test_a_lost_best_epoch_error_pickles_with_its_epochs():
     copy = pickle.loads(pickle.dumps(err))
     assert type(copy) is LostBestEpochError and str(copy) == str(err) and (copy.last_epoch, copy.best_epoch) == (5, 3)
     assert isinstance(err, ValueError) and "its last epoch (5), not of its best one (3)" in str(err)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CollectiveTimeoutError("fit", 1, 1800.0, "default", "the end of epoch 2"),
+    lambda: LostBestEpochError("fit", "run/checkpoint.pt", 5, 3),
+    lambda: OneSampleBatchError("fit", 1, 8, 8, 1, "epoch 1, step 1")],
+    ids=["CollectiveTimeoutError", "LostBestEpochError", "OneSampleBatchError"])
+def test_fits_own_errors_pickle_with_their_notes_and_attributes(make):
+    """Their __reduce__ rebuilt them from their facts alone: the notes (add_note, e.g. by a launcher naming the
+    process) and any attribute set on them were lost through a process pool, which a plain ValueError's pickle keeps
+    (as OneSampleBatchNormError's and EvalError's now do)."""
+    err = make()
+    err.add_note("worker 2")
+    err.where = "fold 1"
+    copy_ = pickle.loads(pickle.dumps(err))
+    assert type(copy_) is type(err) and str(copy_) == str(err) and copy_.facts == err.facts
+    assert (copy_.__notes__, copy_.where) == (["worker 2"], "fold 1")
 
 
 def test_held_error_holds_an_argument_error_under_ddp_alone_and_never_an_interrupt():

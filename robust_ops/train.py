@@ -701,8 +701,8 @@ class CollectiveTimeoutError(RuntimeError):
         self.facts = (name, rank, timeout_s, source, where)
         super().__init__(self.reworded())
 
-    def __reduce__(self):
-        return type(self), self.facts
+    def __reduce__(self):  # with the instance's __dict__, as a plain exception's: its __notes__ and attributes
+        return type(self), self.facts, self.__dict__
 
     def waited(self, option="dist_timeout"):
         """"process 0 timed out after 3 s (dist_timeout) waiting for the other processes at epoch 1, step 2"."""
@@ -2319,8 +2319,8 @@ class LostBestEpochError(ValueError):
                          f"the weights of its last epoch ({last_epoch}), not of its best one ({best_epoch}); resume "
                          "with restore_best=False, or train again from the start with restore_best=True")
 
-    def __reduce__(self):
-        return type(self), self.facts
+    def __reduce__(self):  # with the instance's __dict__, as a plain exception's: its __notes__ and attributes
+        return type(self), self.facts, self.__dict__
 
 
 class OneSampleBatchError(ValueError):
@@ -2335,8 +2335,8 @@ class OneSampleBatchError(ValueError):
         self.facts = (name, num_samples, batch_size, global_n, world, where)
         super().__init__(self.reworded())
 
-    def __reduce__(self):
-        return type(self), self.facts
+    def __reduce__(self):  # with the instance's __dict__, as a plain exception's: its __notes__ and attributes
+        return type(self), self.facts, self.__dict__
 
     def reworded(self, batch_option="batch_size", data_name="train_data"):
         """The error's message naming the batch size ``batch_option`` (default "batch_size", fit's argument; the
