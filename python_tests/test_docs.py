@@ -841,6 +841,7 @@ def test_the_defenses_with_a_state_are_the_ones_named(page, start, end):
     named = {word.lower() for word in re.findall(r"\b[A-Z][A-Z-]+\b", listed)}
     assert named == stateful, (page, listed)
 
+
 def test_history_keys_are_the_documented_ones():
     """training.md's `result.history` comment left out `epoch` and promised train_acc for every defense; AT (and
     FAT) return no clean logits, so their epochs have none."""

@@ -739,13 +739,14 @@ def check_inside_ball(what, adv, x, eps, norm):
                          "project onto the ball of the eps it is given")
 
 
-def check_gradients_possible(name):
+def check_gradients_possible(name, refused="gradient-based attacks cannot run", enabler="the attack"):
     """Gradient attacks differentiate the model inside ``torch.enable_grad()``, which ``torch.no_grad()`` allows but
     ``torch.inference_mode()`` does not (its tensors never record a graph): refuse it by name, not with autograd's
-    "element 0 of tensors does not require grad" from inside the attack."""
+    "element 0 of tensors does not require grad" from inside the attack. GR and LLR, whose input gradient is no
+    attack, say so through ``refused`` and ``enabler``."""
     if torch.is_inference_mode_enabled():
-        raise RuntimeError(f"{name}: gradient-based attacks cannot run under torch.inference_mode(); call it outside "
-                           "that block (torch.no_grad() is fine: the attack enables gradients itself)")
+        raise RuntimeError(f"{name}: {refused} under torch.inference_mode(); call it outside that block "
+                           f"(torch.no_grad() is fine: {enabler} enables gradients itself)")
 
 
 def autocast_dtype(device_type):

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..attacks.context import InputGradScale
+from ..attacks.context import InputGradScale, check_gradients_possible
 from ..attacks.core import forward
 from ._common import (PGDDefense, check_choice, check_labels_against, check_options, check_real, float32_or_wider,
                       labels, metric_values, per_sample_ce, unwrap, use_model_mode)
@@ -18,9 +18,7 @@ def _input_gradient(name, model, x, y, create_graph=True):
     computed for validation in a loop of one's own) the gradient is taken with gradients enabled, as the attacks
     take theirs, and nothing of it is kept for a backward: GR and LLR failed there with autograd's "element 0 of
     tensors does not require grad and does not have a grad_fn", where the attack-based defenses gave their loss."""
-    if torch.is_inference_mode_enabled():  # enable_grad does not lift it: the same autograd error
-        raise RuntimeError(f"{name}: the input gradient cannot be taken under torch.inference_mode(); call it outside "
-                           "that block (torch.no_grad() is fine: the gradient is taken with gradients enabled)")
+    check_gradients_possible(name, "the input gradient cannot be taken", "the defense")  # enable_grad cannot lift it
     keep = torch.is_grad_enabled()
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad():
