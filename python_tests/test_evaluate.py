@@ -1917,3 +1917,41 @@ def test_a_model_ending_in_a_softmax_is_a_warning_as_in_autoattack():
         evaluate(tiny_model(), tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,))
         single = nn.Sequential(nn.Flatten(), nn.Linear(144, 1), nn.Sigmoid())  # [N, 1] in (0, 1): a single logit
         evaluate(single, tiny_data(), INFO, attacks=("fgsm",), eps=(0.01,))
+
+
+def test_evaluate_in_a_loop_warns_once_per_call_site_as_python_does():
+    """scikit-learn's metrics each run in a warnings.catch_warnings() block, and leaving one makes Python forget
+    every warning it showed: evaluate in a loop of 31 calls printed its default-step warning 31 times under the
+    default filter, and so did an attack's warning of a final softmax at a line of the loop. Once per call site now,
+    as Python shows a warning; "always" still shows every one and "error" raises at every call."""
+    import warnings
+
+    import sklearn.metrics  # noqa: F401 -- imported first: scipy adds filters of its own categories when imported
+
+    softmax = nn.Sequential(tiny_model(), nn.Softmax(1))
+    data = tiny_data(8)
+    x, y = data.tensors
+
+    def loop(action, calls=3):
+        raised = 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter(action)
+            filters = list(warnings.filters)
+            for _ in range(calls):
+                try:
+                    evaluate(tiny_model(), data, INFO, attacks="pgd:steps=2", eps=(8 / 255,))
+                except UserWarning:
+                    raised += 1
+                try:
+                    attacks.fgsm(softmax, x, y, eps=0.01)
+                except UserWarning:
+                    raised += 1
+            assert warnings.filters == filters  # the caller's filters as they were
+        said = [("step" if "default step" in str(w.message) else "softmax" if "probabilities" in str(w.message)
+                 else str(w.message), w.filename == __file__) for w in caught]
+        return sorted(said), raised
+
+    once = [("softmax", True), ("step", False)]
+    assert loop("default") == (once, 0)
+    assert loop("always") == (sorted(once * 3), 0)
+    assert loop("error") == ([], 6)

@@ -39,7 +39,6 @@ import os
 import platform
 import re
 import subprocess
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from ._files import make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
+from ._warn import warn
 from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError, check_attack_output,
                               check_inside_ball, check_output, forward_naming_input_mismatch, looks_like_probabilities,
                               model_device, one_probabilities_warning, predict_from_output, use_model_mode,
@@ -580,9 +580,9 @@ def warn_default_step_short_of_radii(specs, radii):
             continue
         short = [e for e in radii if e > alpha * steps * (1 + 1e-6)]
         if short:
-            warnings.warn(f"attacks: {spec.label}'s default step alpha={alpha:g} moves it at most {steps} x {alpha:g} "
-                          f"= {alpha * steps:g} from its start, less than eps={format_eps(max(short))}: its rows "
-                          f"there measure a weaker attack than the radius allows; give {spec.name}:alpha=eps/4")
+            warn(f"attacks: {spec.label}'s default step alpha={alpha:g} moves it at most {steps} x {alpha:g} "
+                 f"= {alpha * steps:g} from its start, less than eps={format_eps(max(short))}: its rows there "
+                 f"measure a weaker attack than the radius allows; give {spec.name}:alpha=eps/4")
 
 
 def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 255,), method="model",

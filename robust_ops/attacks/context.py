@@ -23,12 +23,12 @@ import math
 import os
 import sys
 import threading
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .._options import check_real, counted, segmentation_masks
+from .._warn import warn
 from ..native_layers import library_speedups
 from ..prepacked_conv import weight_pack_scope
 
@@ -529,9 +529,9 @@ def warn_probabilities(name):
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
-    warnings.warn(f"{name}: the model's outputs are non-negative and sum to 1 per sample, so they look like "
-                  "probabilities; the attacks' losses expect logits (a softmax output saturates them and "
-                  "overestimates robustness): remove the model's final softmax", stacklevel=level)
+    warn(f"{name}: the model's outputs are non-negative and sum to 1 per sample, so they look like probabilities; "
+         "the attacks' losses expect logits (a softmax output saturates them and overestimates robustness): remove "
+         "the model's final softmax", stacklevel=level)
 
 
 def num_classes_of(out):

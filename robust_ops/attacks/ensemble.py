@@ -3,13 +3,13 @@
 import copy
 import math
 import numbers
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from .._options import check_flags, check_real
+from .._warn import warn
 from .base import N_CLASSES_HINT, Attack
 from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
 from .context import (attack_context, check_attack_output, check_inputs, check_inside_ball, looks_like_probabilities,
@@ -501,12 +501,11 @@ class AutoAttack(Attack):
             unit = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in unit]
             diff = float((unit[0] - unit[1]).abs().max())
             if diff > RANDOMIZED_TOLERANCE or not torch.equal(*map(predict_from_output, outs)):
-                warnings.warn(f"autoattack: two forwards of the same inputs differ (by {diff:.3g} in outputs scaled "
-                              "to unit norm), so the model looks randomized (dropout in train mode, random "
-                              f"transforms, model_mode={self.model_mode!r}); version={self.version!r} then "
-                              "overestimates its robustness: use version='rand' (gradients averaged over "
-                              "eot_iter passes; in a custom list, APGD's eot_iter) or make the model deterministic",
-                              stacklevel=4)
+                warn(f"autoattack: two forwards of the same inputs differ (by {diff:.3g} in outputs scaled to unit "
+                     "norm), so the model looks randomized (dropout in train mode, random transforms, "
+                     f"model_mode={self.model_mode!r}); version={self.version!r} then overestimates its robustness: "
+                     "use version='rand' (gradients averaged over eot_iter passes; in a custom list, APGD's "
+                     "eot_iter) or make the model deterministic", stacklevel=4)
         if looks_like_probabilities(outs[0]):
             warn_probabilities("autoattack")  # once: its attacks' first forwards then do not warn again
 
