@@ -1328,6 +1328,27 @@ def test_load_datasets_warnings_name_the_callers_line_as_the_loaders_do(tmp_path
     assert {w.filename for w in caught} == {__file__}
 
 
+def test_load_dataset_in_a_loop_warns_once_per_call_site_as_python_does(tmp_path):
+    """scikit-learn's split runs in warnings.catch_warnings() blocks, after which Python shows every warning again:
+    load_dataset in a loop (a folder of small images, one class too small to stratify) repeated its upscale and
+    stratify warnings at every call under the default filter. Once per call site now; "always" still shows each."""
+    import warnings
+
+    root = _class_folders(tmp_path / "d", n=12)
+    _class_folders(root, ("normal",), n=1)
+
+    def loop(action, calls=3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter(action)
+            for _ in range(calls):
+                load_dataset(root)
+        return sorted("stratify" if "too small to stratify" in str(w.message) else "upscaled" if "upscaled" in
+                      str(w.message) else str(w.message) for w in caught)
+
+    assert loop("default") == ["stratify", "upscaled"]
+    assert loop("always") == ["stratify"] * 3 + ["upscaled"] * 3
+
+
 def test_small_images_at_the_default_size_warn_of_the_upscale(tmp_path):
     # 28 x 28 PNGs (MedMNIST exported) were read at the default 224 x 224 without a word: 64 times the pixels
     import csv

@@ -2,7 +2,6 @@
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .._options import check_int, counted
+from .._warn import warn
 
 
 class DataError(ValueError):
@@ -258,9 +258,9 @@ def _stratified_parts(y, fractions, seed, source, class_names, rare_classes, uni
                               for i, cs in missing.items())
         how = ("the split is seeded random instead" if not stratified else
                f"the other classes are stratified and {', '.join(named(sorted(merged)))} placed at random")
-        warnings.warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split "
-                      f"(smallest: {', '.join(smallest)}, {size}); {how}"
-                      + (f" and leaves out {where}" if missing else ""), stacklevel=stacklevel + 1)
+        warn(f"{source}: a class is too small to stratify the {'/'.join(map(str, fractions))} split "
+             f"(smallest: {', '.join(smallest)}, {size}); {how}"
+             + (f" and leaves out {where}" if missing else ""), stacklevel=stacklevel + 1)
     return parts, sorted(merged)
 
 

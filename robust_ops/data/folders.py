@@ -11,7 +11,6 @@ import functools
 import hashlib
 import numbers
 import re
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .._options import check_int, listing
+from .._warn import warn
 from .core import DataError, DatasetInfo, check_images_fit, check_sklearn_seed, splits_from_arrays
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -232,18 +232,18 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
     given the scale is the caller's (values above it were refused image by image). ``stacklevel``: the loader's."""
     if bit_depth is not None:
         if "max16" not in stats:  # it changed nothing, yet run.json records it as the scale the images were read on
-            warnings.warn(f"{where}: bit_depth={bit_depth} scales 16-bit image files, and none of these images is one "
-                          "(8-bit files are read as they are): it changes nothing -- drop bit_depth= (--bit-depth)",
-                          stacklevel=stacklevel + 2)
+            warn(f"{where}: bit_depth={bit_depth} scales 16-bit image files, and none of these images is one "
+                 "(8-bit files are read as they are): it changes nothing -- drop bit_depth= (--bit-depth)",
+                 stacklevel=stacklevel + 2)
         return
     if "max16" in stats and stats["max16"] <= 255:
         raise DataError(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (8-bit values saved in "
                         "16 bits?); scaled from 16 bits they would all be black -- save them as 8-bit images or "
                         "pass bit_depth=8", arg="bit_depth")
     if "max16" in stats and stats["max16"] <= 4095:
-        warnings.warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (12-bit data?); scaled "
-                      f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
-                      "pass bit_depth=12 (--bit-depth 12) to scale 4095 to 255", stacklevel=stacklevel + 2)
+        warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (12-bit data?); scaled "
+             f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
+             "pass bit_depth=12 (--bit-depth 12) to scale 4095 to 255", stacklevel=stacklevel + 2)
 
 
 # The side length folders and CSVs are read at when size= is not given (MIRST-DM's 224 x 224).
@@ -256,10 +256,10 @@ def _check_upscale(stats, where, size, size_given, stacklevel=1):
     ``stacklevel``: the loader's."""
     side = stats.get("max_side", 0)
     if not size_given and 0 < side and 2 * side <= size:
-        warnings.warn(f"{where}: every image is at most {side} pixels a side, read at the default {size}x{size} "
-                      f"(upscaled {size / side:.1f}x: {(size / side) ** 2:.0f} times the pixels to train and attack); "
-                      f"pass size={side} (--size {side}) to read them at their own size, or size={size} to keep it",
-                      stacklevel=stacklevel + 2)
+        warn(f"{where}: every image is at most {side} pixels a side, read at the default {size}x{size} "
+             f"(upscaled {size / side:.1f}x: {(size / side) ** 2:.0f} times the pixels to train and attack); "
+             f"pass size={side} (--size {side}) to read them at their own size, or size={size} to keep it",
+             stacklevel=stacklevel + 2)
 
 
 def _bit_depth_record(bit_depth):
