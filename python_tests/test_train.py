@@ -140,6 +140,28 @@ def test_resume_at_another_thread_count_warns_that_it_is_not_bitwise_exact(tmp_p
             **{**kwargs, "out_dir": tmp_path / "next"})
 
 
+def test_resumes_in_a_loop_warn_once_per_call_site_as_python_does(tmp_path):
+    """load_checkpoint reads a resumed checkpoint inside warnings.catch_warnings(), after which Python shows every
+    warning again: fit(resume=path) in a loop at another thread count said "resuming ... on changed arithmetic" at
+    every call under the default filter, not once for the line. "always" still shows each one."""
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path, **kwargs)
+        torch.set_num_threads(2)
+        for action, expected in (("default", 1), ("always", 3)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter(action)
+                for _ in range(3):  # out_dir None: the checkpoint, and its record, stay as they are
+                    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "checkpoint.pt",
+                        **kwargs)
+            said = [w.filename for w in caught if "on changed arithmetic" in str(w.message)]
+            assert said == [__file__] * expected, (action, said)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cuda_checkpoints_record_the_gpu_model_and_older_ones_resume_without_a_false_warning(monkeypatch):
     """On CUDA the record held the device type only: a resume on another GPU model (other cuDNN / cuBLAS kernels)
     said nothing. A checkpoint written before the GPU was recorded lacks the key: not a change."""
