@@ -1030,6 +1030,21 @@ def test_replace_maxpool_all_warns_about_max_pool2d_calls_it_cannot_reach():
         robust_ops.replace_maxpool(nn.Sequential(_CallsMaxPool()))
 
 
+def test_replace_maxpool_in_a_loop_with_evaluate_warns_once_per_call_site_as_python_does():
+    """A loop that builds a model with replace_maxpool(..., "all") and evaluates it repeated the max_pool2d-calls
+    warning at every pass under the default filter: evaluate's scikit-learn metrics run in warnings.catch_warnings()
+    blocks, after which Python shows every warning again (the bare block below is one). Once for the line now;
+    "always" still shows each."""
+    for action, expected in (("default", 1), ("always", 3)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter(action)
+            for _ in range(3):
+                robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2), _CallsMaxPool()), "all")
+                with warnings.catch_warnings():  # as evaluate's metrics do
+                    pass
+        assert [w.filename for w in caught if "max_pool2d calls" in str(w.message)] == [__file__] * expected, action
+
+
 class _PoolsWithIndices(nn.Module):
     def forward(self, x):
         return F.max_pool2d_with_indices(x, 2)[0]

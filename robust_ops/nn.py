@@ -3,7 +3,6 @@
 import ast
 import inspect
 import textwrap
-import warnings
 
 import torch
 from torch import nn
@@ -11,6 +10,7 @@ from torch.export.unflatten import InterpreterModule, UnflattenedModule
 
 from . import _backend
 from ._patching import is_installed_forward
+from ._warn import warn
 from .functional import _bool, _pool_args, drop_max_pool2d
 
 __all__ = ["DropMax2d", "replace_maxpool"]
@@ -312,9 +312,9 @@ def replace_maxpool(model, which="first", *, backend=None):
         # pooling by a call in a forward stays max pooling: said, as "all" reads as every max pooling of the model
         callers = _max_pool2d_callers(model)
         if callers:
-            warnings.warn(f"replace_maxpool: which='all' leaves the max_pool2d calls in the forward of "
-                          f"{_listed(callers)} as max pooling (calls, not layers); for drop-max there, call "
-                          "robust_ops.drop_max_pool2d in that forward", UserWarning, stacklevel=2)
+            warn(f"replace_maxpool: which='all' leaves the max_pool2d calls in the forward of {_listed(callers)} "
+                 "as max pooling (calls, not layers); for drop-max there, call robust_ops.drop_max_pool2d in that "
+                 "forward", UserWarning, stacklevel=2)
     return model
 
 
