@@ -4428,6 +4428,40 @@ def test_a_wrong_defense_output_is_a_one_line_error_before_any_update(make, erro
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # stopped at the first step
 
 
+@pytest.mark.parametrize("defense", ["standard", "at"])
+def test_fit_under_a_callers_no_grad_trains_as_outside_it(defense):
+    """A script wrapped in torch.no_grad() stopped at the first step with "the standard defense returned a loss that
+    does not depend on the model's parameters", blaming the defense: fit enables gradients for its training itself,
+    as the attacks do (and Lightning's fit loop), and the caller's block holds again after it."""
+    weights, losses = [], []
+    for block in (contextlib.nullcontext(), torch.no_grad()):
+        torch.manual_seed(0)
+        model = DropoutMLP()
+        with block:
+            result = fit(model, defense, _data(16), _data(8, seed=1), epochs=2, batch_size=8, lr=1e-2, progress=False)
+            assert torch.is_grad_enabled() is isinstance(block, contextlib.nullcontext)
+        weights.append(_weights(model))
+        losses.append([(row["train_loss"], row["val_loss"]) for row in result.history])
+    assert losses[0] == losses[1] and losses[0][0] != losses[0][1]  # trained, the same way
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_fit_under_inference_mode_is_refused_by_name_before_any_work(tmp_path):
+    """Under torch.inference_mode() (which enable_grad does not lift) fit stopped at the first step blaming the
+    defense ("the standard defense returned a loss that does not depend on ..."), or in AT's attack ("at:
+    gradient-based attacks cannot run ..."): refused first, in fit's name, with the fix; nothing made or changed."""
+    model = DropoutMLP()
+    before = _weights(model)
+    with torch.inference_mode():
+        for defense in ("standard", "at"):
+            with pytest.raises(RuntimeError, match=r"^fit: cannot train under torch\.inference_mode\(\); call fit "
+                               r"outside that block \(torch\.no_grad\(\) is fine"):
+                fit(model, defense, _data(16), epochs=1, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    after = _weights(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_metrics_and_metric_counts_of_none_are_no_metrics():
     """A defense passing metrics=None or metric_counts=None (DefenseOutput's defaults are {}) trains, its history
     holding fit's own train_loss, rather than failing on None.items() after its first forward."""

@@ -1125,8 +1125,23 @@ def _puts_back_its_changes_when_it_stops_before_training(fit_function):
     return fit_putting_back
 
 
+def _trains_with_gradients(fit_function):
+    """fit runs with gradients enabled: under a caller's torch.no_grad() block (a script wrapped in one) its first
+    step stopped blaming the defense, "the standard defense returned a loss that does not depend on the model's
+    parameters"; validation keeps its own no_grad, and the caller's block holds again after fit. Here, not torch's
+    own enable_grad decorator: a frame of this module, which _warn_at_callers_line skips to the caller's line."""
+
+    @functools.wraps(fit_function)
+    def fit_with_gradients(*args, **kwargs):
+        with torch.enable_grad():
+            return fit_function(*args, **kwargs)
+
+    return fit_with_gradients
+
+
 @_closes_the_process_group_it_initialized
 @_puts_back_its_changes_when_it_stops_before_training
+@_trains_with_gradients
 def fit(
     model,
     defense,
@@ -1227,8 +1242,13 @@ def fit(
         InputDtypeError (a TypeError), InputShapeError (a ValueError): the data's dtype or channel count is not the
             model's (robust_ops.attacks).
         CollectiveTimeoutError (a RuntimeError): under DDP, a collective waited past the group's timeout.
+        RuntimeError: fit was called under ``torch.inference_mode()`` (it trains with gradients enabled under a
+            caller's ``torch.no_grad()``).
     """
     name = "fit"
+    if torch.is_inference_mode_enabled():  # enable_grad does not lift it: every tensor made here would have no graph
+        raise RuntimeError(f"{name}: cannot train under torch.inference_mode(); call fit outside that block "
+                           "(torch.no_grad() is fine: fit enables gradients for its training itself)")
     # the process group first (it needs these two alone): a check below that fails on one process only (one given
     # other arguments) is held until the processes compare their settings, where every process names it
     timeout = check_dist_timeout(dist_timeout)
