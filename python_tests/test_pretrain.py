@@ -176,6 +176,25 @@ def test_simclr_is_deterministic_with_a_seed():
     assert runs[0][0] != runs[2][0]
 
 
+def test_simclr_trains_under_a_callers_no_grad_and_refuses_inference_mode():
+    """Under a caller's torch.no_grad() simclr stopped at its first backward with autograd's bare "element 0 of
+    tensors does not require grad", naming neither simclr nor the block; it trains as outside it (as fit), and
+    torch.inference_mode(), which no block inside lifts, is refused by name before any work."""
+    runs = []
+    for grad_mode in (torch.enable_grad, torch.no_grad):
+        model = _model()
+        with grad_mode():
+            res = simclr(model, _data(), epochs=1, batch_size=8, seed=3, progress=False)
+        runs.append((res.history[0]["loss"], model.state_dict()))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^simclr: cannot train under "
+                                               r"torch\.inference_mode\(\); call it outside that block"):
+        simclr(model, _data(), epochs=1, batch_size=8, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=math.inf), "simclr: expected temperature to be a finite number > 0, got inf"),
     (dict(temperature=True), "simclr: expected temperature to be a finite number > 0, got True"),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._options import check_choice, check_flags, check_int, check_real, check_usable_device
-from .attacks.context import float32_or_wider, use_model_mode
+from .attacks.context import check_gradients_possible, float32_or_wider, use_model_mode
 from .train import _torch_seed, check_trainable_precision
 
 HEAD_NAMES = ("fc", "classifier", "head")
@@ -161,6 +161,8 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     Returns:
         PretrainResult(history, head, removed_head).
     """
+    # as fit: it trains with gradients enabled under a caller's torch.no_grad(); inference_mode cannot be lifted
+    check_gradients_possible("simclr", "cannot train", "simclr")
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"simclr: expected epochs to be an integer >= 1, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 2:
@@ -198,7 +200,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     original_head = getattr(model_backbone, head_name) if head_name else None
     model = model_backbone.to(device)
     opt = None
-    with use_model_mode(model, "keep"):  # per module: a submodule frozen in eval stays so, also on failure
+    with torch.enable_grad(), use_model_mode(model, "keep"):  # per module: one frozen in eval stays so, on failure too
         try:
             if head_name:
                 setattr(model, head_name, nn.Identity())

@@ -59,9 +59,10 @@ from ._warn import warn
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
-from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputError, check_output, classification_loss,
-                              forward_naming_input_mismatch, is_one_sample_batch_norm, is_single_logit, labels_range,
-                              looks_like_probabilities, num_classes_of, predict_from_output, use_model_mode)
+from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputError, check_gradients_possible,
+                              check_output, classification_loss, forward_naming_input_mismatch,
+                              is_one_sample_batch_norm, is_single_logit, labels_range, looks_like_probabilities,
+                              num_classes_of, predict_from_output, use_model_mode)
 from .defenses.base import _as_tuples, _plain
 
 __all__ = [
@@ -1246,9 +1247,7 @@ def fit(
             caller's ``torch.no_grad()``).
     """
     name = "fit"
-    if torch.is_inference_mode_enabled():  # enable_grad does not lift it: every tensor made here would have no graph
-        raise RuntimeError(f"{name}: cannot train under torch.inference_mode(); call fit outside that block "
-                           "(torch.no_grad() is fine: fit enables gradients for its training itself)")
+    check_gradients_possible(name, "cannot train", "fit")  # enable_grad cannot lift inference_mode: refused first
     # the process group first (it needs these two alone): a check below that fails on one process only (one given
     # other arguments) is held until the processes compare their settings, where every process names it
     timeout = check_dist_timeout(dist_timeout)
