@@ -40,7 +40,6 @@ import pickle
 import random
 import re
 import struct
-import sys
 import time
 import warnings
 import zipfile
@@ -55,7 +54,7 @@ from torch import nn
 from ._files import FolderInUse, check_writable, exclusive_folder, replace_atomically
 from ._options import (check_device, check_flags, check_int, check_real, check_usable_device, class_labels, counted,
                        python_number, refuse_unused)
-from ._warn import warn
+from ._warn import warn_outside
 from .native_layers import library_speedups
 from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
@@ -288,10 +287,7 @@ def _warn_at_callers_line(message):
     pointed into fit's own decorators once fit gained one more (filters by module, and the default once-per-line
     rule, then saw robust_ops/train.py). Once per line under the default filter, also where a resume's
     load_checkpoint (its catch_warnings) made Python forget it (robust_ops._warn)."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    warn(message, stacklevel=level)
+    warn_outside(message, __file__)
 
 
 def _warn_on_other_arithmetic(name, path, recorded, now):

@@ -21,14 +21,13 @@ import contextvars
 import itertools
 import math
 import os
-import sys
 import threading
 
 import torch
 import torch.nn.functional as F
 
 from .._options import check_real, counted, segmentation_masks
-from .._warn import warn
+from .._warn import warn_outside
 from ..native_layers import library_speedups
 from ..prepacked_conv import weight_pack_scope
 
@@ -526,12 +525,9 @@ def warn_probabilities(name):
         if scope[0]:
             return
         scope[0] = True
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    warn(f"{name}: the model's outputs are non-negative and sum to 1 per sample, so they look like probabilities; "
-         "the attacks' losses expect logits (a softmax output saturates them and overestimates robustness): remove "
-         "the model's final softmax", stacklevel=level)
+    warn_outside(f"{name}: the model's outputs are non-negative and sum to 1 per sample, so they look like "
+                 "probabilities; the attacks' losses expect logits (a softmax output saturates them and overestimates "
+                 "robustness): remove the model's final softmax", _LIBRARY_DIRS)
 
 
 def num_classes_of(out):
