@@ -16,7 +16,7 @@ import torch
 from torch.utils import cpp_extension
 
 import robust_ops
-from robust_ops import _extension
+from robust_ops import _backend, _extension
 
 
 def test_every_schema_is_registered():
@@ -896,3 +896,25 @@ def test_every_op_names_a_none_for_a_required_tensor_eager_and_fake(op, missing)
     with FakeTensorMode() as mode:
         with pytest.raises(RuntimeError, match=message):
             call(*(mode.from_tensor(v) if torch.is_tensor(v) else v for v in args.values()))
+
+
+def _triton_none_argument_cases():
+    """(Triton op name, the native op its checks name, {argument: value}): the native cases, and drop_max_pool2d's
+    input, which the Triton op's Python dispatch hands its launcher (the native op's dispatcher refuses it first)."""
+    cases = [(_backend.triton_op_name(op), op, args) for op, args in _none_argument_cases()]
+    pool = {"input": torch.rand(2, 1, 4, 4), "kernel_size": [2, 2], "stride": [2, 2], "padding": [0, 0],
+            "dilation": [1, 1], "ceil_mode": False}
+    return cases + [("drop_max_pool2d_triton", "drop_max_pool2d", pool)]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("triton_op,op,missing", [(triton_op, op, name) for triton_op, op, args in
+                                                  _triton_none_argument_cases() for name, value in args.items()
+                                                  if torch.is_tensor(value)])
+def test_every_triton_op_names_a_none_for_a_required_tensor(triton_op, op, missing):
+    """As the native ops: the Triton launchers' device check read the first tensor argument's device before the
+    argument checks, so None there (x_adv, lo, grad_output, input) raised "AttributeError: 'NoneType' object has no
+    attribute 'device'", naming neither op nor argument; the other arguments were named already."""
+    args = dict(dict((name, a) for name, _, a in _triton_none_argument_cases())[triton_op], **{missing: None})
+    with pytest.raises(RuntimeError, match=rf"^{op}: expected {missing} to be a tensor, got None$"):
+        getattr(torch.ops.robust_ops, triton_op)(*args.values())

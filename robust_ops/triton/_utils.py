@@ -26,7 +26,11 @@ def check_launchable(op_name, t):
     reason backend="triton" gives: direct torch.ops.robust_ops.<op>_triton calls reach the launchers unchecked.
     Also fake tensors under the interpreter: torch.compile, torch.export and opcheck run the launcher on them, and an
     interpreted kernel, which runs at once on the data, failed inside triton with 'Attempted to set the storage of a
-    tensor on device "meta" to a storage on different device "cpu"'."""
+    tensor on device "meta" to a storage on different device "cpu"'.
+    None passes: the schema's Tensor arguments take it, and the launcher's argument checks, which follow, name it
+    (reading its device raised an AttributeError that named neither op nor argument)."""
+    if t is None:
+        return
     reason = triton_device_reason(t.device)
     torch._check(reason is None, lambda: f"{op_name}: {reason}")
     torch._check(
