@@ -1588,8 +1588,9 @@ def test_ima_strict_shrink_shrinks_only_crossed_samples_whose_adversarial_point_
 def test_ima_samples_wrong_in_the_attack_mode_keep_their_margin():
     """A sample the training-mode forward classifies correctly but the attack's mode (eval) does not is treated as
     misclassified clean: GenAdv leaves it alone, L1 = L0, and its margin is not updated (Algorithm 1 updates only
-    samples GenAdv attacked)."""
-    from torch import nn
+    samples GenAdv attacked). The loss, the attacked counts and the margins each tell the kept rows from every
+    clean-correct row: with batch norm in training mode, a second forward of those rows at x is not L0."""
+    import copy
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2), nn.BatchNorm1d(2, affine=False)).train()
@@ -1603,7 +1604,16 @@ def test_ima_samples_wrong_in_the_attack_mode_keep_their_margin():
     assert bool(eval_wrong.any()) and bool((~eval_wrong).any())
     defense = IMA(num_samples=10, eps_train=1.0, delta=0.25, init_margin=0.5, steps=3, search_steps=2,
                   min_rows=0)
-    defense(model, x, y, torch.arange(10))
+    reference = copy.deepcopy(model)  # the defense's steps by hand: clean forward, GenAdv (eval), forward at x~
+    out = defense(model, x, y, torch.arange(10))
+    kept = (~eval_wrong).nonzero().squeeze(1)
+    with torch.no_grad():
+        l0 = F.cross_entropy(reference(x), y, reduction="none")
+    x_adv, _ = gen_adv(reference, x[kept], y[kept], 0.5, steps=3, search_steps=2, min_rows=0)
+    with torch.no_grad():
+        l1 = l0.index_put((kept,), F.cross_entropy(reference(x_adv), y[kept], reduction="none"))
+    torch.testing.assert_close(out.loss.detach(), (0.5 * l0 + 0.5 * l1).mean())
+    assert out.metric_counts == {"adv_acc": kept.numel(), "crossed": kept.numel()}
     assert bool((defense.margins[eval_wrong] == 0.5).all())
 
 
