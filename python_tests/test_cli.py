@@ -3541,6 +3541,23 @@ def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json", "run.json"]
 
 
+def test_a_folder_in_use_error_pickles_with_its_path_pid_notes_and_attributes(tmp_path):
+    # the folder lock's error, as EvalError and OneSampleBatchNormError: OSError's default pickle rebuilt it from its
+    # message alone, a TypeError for the missing pid (fit and the CLI reword it today, but a worker process running
+    # exclusive_folder could not hand it to its parent)
+    import pickle
+
+    from robust_ops._files import FolderInUse
+
+    for pid in (123, None):
+        error = FolderInUse(tmp_path / "run", pid)
+        error.add_note("from worker 2")
+        error.where = "fold 1"
+        copy_ = pickle.loads(pickle.dumps(error))
+        assert type(copy_) is FolderInUse and (str(copy_), copy_.path, copy_.pid) == (str(error), error.path, pid)
+        assert (copy_.__notes__, copy_.where) == (["from worker 2"], "fold 1")
+
+
 def _disk_full_at_fsync(monkeypatch, failing_call):
     """The files robust_ops writes find the disk full at their ``failing_call``-th fsync (1-based; NFS reports a full
     disk there, not at the write)."""

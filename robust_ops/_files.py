@@ -161,6 +161,11 @@ class FolderInUse(OSError):
         super().__init__(f"{path} is in use by {who}, which is writing its files")
         self.path, self.pid = path, pid
 
+    def __reduce__(self):
+        # OSError's default rebuilt FolderInUse(message) alone: a TypeError for the missing pid; the instance's
+        # __dict__ goes with it, as with a plain exception's pickle: its __notes__ and any attribute set on it
+        return type(self), (self.path, self.pid), self.__dict__
+
 
 @contextlib.contextmanager
 def exclusive_folder(path):
