@@ -2546,6 +2546,30 @@ def test_apgd_t_and_white_noise_refuse_a_targeted_argument_by_name():
             getattr(attacks, name)(model, x, y, eps=0.1, foo=1)
 
 
+@pytest.mark.parametrize("cls,options", [("APGDT", {"steps": 3, "n_target_classes": 2}),
+                                         ("FABT", {"steps": 3, "n_target_classes": 2}), ("FAB", {"steps": 3}),
+                                         ("WhiteNoise", {"trials": 2, "seed": 0}),
+                                         ("AutoAttack", {"version": "rand", "seed": 0})])
+def test_a_class_without_a_targeted_mode_takes_targeted_false_as_its_default_mode(cls, options):
+    """docs/attacks.md: targeted= of a class is its mode (set_mode_default() / set_mode_targeted_by_label()), so
+    targeted=False builds the class's one, default mode (torchattacks' APGDT takes no targeted argument but its
+    set_mode_default() runs) and targeted=True is refused as set_mode_targeted_by_label() is; the functions apgd_t,
+    fab_t and white_noise have no targeted parameter and refuse either value
+    (test_apgd_t_and_white_noise_refuse_a_targeted_argument_by_name)."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    plain = getattr(attacks, cls)(model, eps=0.1, **options)
+    given = getattr(attacks, cls)(model, eps=0.1, targeted=False, **options)
+    assert repr(given) == repr(plain) and given.targeted is False
+    torch.manual_seed(0)
+    want = plain(x, y)
+    torch.manual_seed(0)
+    assert torch.equal(given(x, y), want)
+    given.set_mode_default()
+    with pytest.raises(ValueError, match="^[a-z-]+: this attack has no targeted mode$"):
+        getattr(attacks, cls)(model, eps=0.1, targeted=True, **options)
+
+
 def autoattack_p_selection(p_init, it, n_queries, resc_schedule):
     """AutoAttack's SquareAttack.p_selection, transcribed (square.py of fra31/auto-attack)."""
     if resc_schedule:
