@@ -2181,6 +2181,26 @@ def test_gr_penalty_is_back_propagated_through_the_input_gradient():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_gr_back_propagates_into_a_learnable_step_in_front_of_the_model():
+    """GR's input gradient was taken at x.detach(): a learnable step in front of the model (here a scale, in a loop
+    of one's own) got no gradient from GR's loss (None), while Standard's, TRADES's and GR(lam=0)'s clean loss gave
+    it one. It now gets the whole loss's: the clean term's and the penalty's through x."""
+    model, x, y = _model_and_batch()
+    scale = torch.tensor(0.6, requires_grad=True)
+    for norm in ("l2", "l2sq", "l1"):
+        out = defenses.GR(lam=0.5, norm=norm)(model, x * scale, y)
+        got = torch.autograd.grad(out.loss, [scale, *_params(model)])
+        xs = x * scale
+        losses = F.cross_entropy(model(xs), y, reduction="none")
+        (g,) = torch.autograd.grad(losses.sum(), xs, create_graph=True)
+        g = g.flatten(1)
+        penalty = {"l2": torch.sqrt(g.pow(2).sum(1) + 1e-12), "l2sq": g.pow(2).sum(1), "l1": g.abs().sum(1)}[norm]
+        expected = losses.mean() + 0.5 * penalty.mean()
+        for a, b in zip(got, torch.autograd.grad(expected, [scale, *_params(model)])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert x.grad is None and not x.requires_grad  # a batch without a graph is taken as before
+
+
 def test_dpaat_synchronization_term_is_differentiated_through_both_outputs(crafted):
     """DPAAT eq. 12's L_syn compares the clean and the adversarial outputs; neither is detached, so its parameter
     gradient flows through both (beta large enough for the term to dominate)."""

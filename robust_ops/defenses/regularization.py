@@ -17,10 +17,13 @@ def _input_gradient(name, model, x, y, create_graph=True):
     penalty and LLR's first-order term would otherwise see underflowed gradients. Under torch.no_grad() (a loss
     computed for validation in a loop of one's own) the gradient is taken with gradients enabled, as the attacks
     take theirs, and nothing of it is kept for a backward: GR and LLR failed there with autograd's "element 0 of
-    tensors does not require grad and does not have a grad_fn", where the attack-based defenses gave their loss."""
+    tensors does not require grad and does not have a grad_fn", where the attack-based defenses gave their loss.
+    An x that requires grad (the output of a learnable step in front of the model, in a loop of one's own) is
+    differentiated as it is, so the loss back-propagates into that step as Standard's and TRADES's clean terms do
+    (detached, GR's loss gave it no gradient, while GR(lam=0), which is Standard, did)."""
     check_gradients_possible(name, "the input gradient cannot be taken", "the defense")  # enable_grad cannot lift it
     keep = torch.is_grad_enabled()
-    xg = x.detach().requires_grad_(True)
+    xg = x if x.requires_grad and create_graph and keep else x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = forward(name, model, xg)
         check_labels_against(name, y, logits)  # a single logit's BCE took a label 2 as its target silently
