@@ -2377,6 +2377,23 @@ def test_gen_adv_refuses_nan_outputs_and_nan_losses_naming_the_samples(compact):
         gen_adv(model.lin, x, y, 1.0, steps=5, search_steps=3, min_rows=0, compact=compact, loss_fn=nan_loss)
 
 
+def test_gen_adv_nan_error_pickles_with_its_samples_notes_and_attributes():
+    """gen_adv's NaN error (a ValueError of a private class) could not be unpickled: ValueError's default pickle
+    rebuilt it from its message alone, a TypeError for the missing arguments, so a worker process running gen_adv
+    could not hand it to its parent; as EvalError's and OneSampleBatchNormError's, notes and attributes come too."""
+    import pickle
+
+    model, x, y = _nan_off_clean_problem()
+    with pytest.raises(ValueError, match=r"^gen_adv: the model's output is NaN for sample\(s\) 1, 4 ") as caught:
+        gen_adv(model, x, y, 1.0, steps=5, search_steps=3, min_rows=0)
+    error = caught.value
+    error.add_note("from worker 2")
+    error.where = "fold 1"
+    copy_ = pickle.loads(pickle.dumps(error))
+    assert type(copy_) is type(error) and (str(copy_), copy_.positions) == (str(error), [1, 4])
+    assert (copy_.__notes__, copy_.where) == (["from worker 2"], "fold 1")
+
+
 @pytest.mark.parametrize("compact", [True, False])
 def test_a_nan_loss_at_finished_samples_is_not_refused(compact):
     """docs/ima.md: only a NaN loss of a sample still ascending is refused (its gradient would step it to NaN inputs).

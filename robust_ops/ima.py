@@ -327,8 +327,14 @@ class _NaNSamples(ValueError):
     gen_adv's batch, which IMA names by dataset id instead (:meth:`naming`)."""
 
     def __init__(self, name, what, positions):
-        self.name, self.what, self.positions = name, what, sorted(set(positions.tolist()))
+        positions = positions.tolist() if torch.is_tensor(positions) else positions
+        self.name, self.what, self.positions = name, what, sorted(set(positions))
         super().__init__(self.naming(f"sample(s) {listing(self.positions, 8)} of the batch"))
+
+    def __reduce__(self):
+        # ValueError's default rebuilt it from its message alone: a TypeError for the missing arguments; the
+        # instance's __dict__ goes with it, as with a plain exception's pickle: its __notes__ and any attribute
+        return type(self), (self.name, self.what, self.positions), self.__dict__
 
     def naming(self, samples, name=None):
         return (f"{name or self.name}: {self.what} is NaN for {samples}; NaN would read as misclassified and shrink "
