@@ -6,7 +6,8 @@ Environment switches:
                           A CUDA build (forced or not) fails with an explanation when the toolkit's CUDA major.minor
                           differs from torch.version.cuda: robust_ops would refuse to load such kernels.
   TORCH_CUDA_ARCH_LIST    GPU architectures; unset, empty or "native": those of the GPUs this machine sees, as torch
-                          detects them, and "9.0" (Hopper only) when it sees none (torch could detect nothing)
+                          detects them; when it sees none, unset or empty builds "9.0" (Hopper only: torch could
+                          detect nothing) and "native" stops the build with an explanation
   NVCC_FLAGS              extra nvcc flags
   DEBUG=1                 -O0 -g (C++ and nvcc's host code)
 Install for development with `pip install --no-build-isolation -e .` (build isolation would fetch another torch).
