@@ -256,3 +256,22 @@ def test_unknown_model_is_named_before_its_arguments_are_checked():
         with pytest.raises(ValueError, match=r"^build_model: unknown model 'resnet9000'; expected one of resnet18, "
                                              r"resnet50, vgg16, densenet121, small_cnn, mlp$"):
             build_model("resnet9000", **kwargs)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_traces_with_torch_fx_as_torchvisions_do(name):
+    """A deployed model goes through torch.fx (torchvision's create_feature_extractor, FX quantization) as
+    torchvision's models do. The MLP's forward branched on its output's shape (`out.squeeze(1) if out.shape[1] == 1`),
+    and symbolic_trace failed with "symbolically traced variables cannot be used as inputs to control flow". The
+    branch is on the head's width: a squeeze of a dimension of K > 1 logits, a no-op in torch, is an error in ONNX
+    (onnxruntime refused the default exporter's file: "Dimension of input 1 must be 1 instead of 3")."""
+    for in_channels, image_size, classes in ((1, 28, 2), (3, 16, 3)):
+        model = build_model(name, in_channels, classes, image_size).eval()
+        x = torch.rand(2, in_channels, image_size, image_size)
+        traced = torch.fx.symbolic_trace(model)
+        with torch.no_grad():
+            expected = model(x)
+            assert expected.shape == ((2,) if name == "mlp" and classes == 2 else (2, classes))
+            assert torch.equal(traced(x), expected)
+        squeezes = [n for n in traced.graph.nodes if n.target in ("squeeze", torch.squeeze)]
+        assert len(squeezes) == (name == "mlp" and classes == 2)

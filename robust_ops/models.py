@@ -69,7 +69,8 @@ class MLP(nn.Module):
     def forward(self, x):
         """The logits of ``x`` [N, ...] (flattened to [N, in_features]): [N] for one output, else [N, K]."""
         out = self.net(x.flatten(1))
-        return out.squeeze(1) if out.shape[1] == 1 else out
+        # a Python int: a branch on out.shape[1] failed torch.fx tracing; an unconditional squeeze(1) fails ONNX
+        return out.squeeze(1) if self.net[-1].out_features == 1 else out
 
 
 def build_model(name, in_channels=1, num_classes=2, image_size=28, width=None):
