@@ -756,6 +756,42 @@ def test_a_drop_max_model_evaluates_as_deployed():
     assert model.to("meta")(x.to("meta")).shape == (3, 2)
 
 
+def test_a_drop_max_model_deploys_as_torchvisions_do(tmp_path):
+    """docs/dropmax-any-cnn.md, "Deploying": the state dict is the plain architecture's, in both directions; the
+    whole module saved with torch.save loads in a fresh process (weights_only=False, or weights_only with the module
+    classes allowlisted), in eval mode, with the same outputs; repr is nn.MaxPool2d's with the class's name; the
+    layer stays the submodule torchvision's feature extraction selects by name."""
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from utils import run_python
+
+    torch.manual_seed(0)
+    model = robust_ops.replace_maxpool(torchvision.models.resnet18(num_classes=2)).eval()
+    plain = torchvision.models.resnet18(num_classes=2).eval()
+    assert repr(model.maxpool) == repr(plain.maxpool).replace("MaxPool2d", "DropMax2d")
+    plain.load_state_dict(model.state_dict())
+    model.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        assert not torch.equal(plain(x), expected)  # same weights, other pooling: other outputs
+        stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        assert torch.equal(create_feature_extractor(model, {"maxpool": "stem"})(x)["stem"], stem)
+    torch.save((model, x, expected), tmp_path / "model.pt")
+    code = ("import torch, torchvision, robust_ops\n"
+            "from torch import nn\n"
+            f"path = {str(tmp_path / 'model.pt')!r}\n"
+            "torch.serialization.add_safe_globals([robust_ops.DropMax2d, torchvision.models.resnet.ResNet,\n"
+            "    torchvision.models.resnet.BasicBlock, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU,\n"
+            "    nn.AdaptiveAvgPool2d, nn.Linear])\n"
+            "for weights_only in (False, True):\n"
+            "    model, x, expected = torch.load(path, weights_only=weights_only)\n"
+            "    with torch.no_grad():\n"
+            "        print(type(model.maxpool).__name__, model.training, torch.equal(model(x), expected))\n")
+    assert run_python(code).split() == ["DropMax2d", "False", "True"] * 2
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_jit_script_is_refused_by_name_every_time():
     """torch.jit.script failed inside functional.py on the keyword-only backend, naming neither the module nor a way
