@@ -2536,3 +2536,21 @@ def test_a_size_whose_images_cannot_fit_in_memory_is_refused_before_reading(tmp_
         synthetic_ultrasound(4, size=8)
     monkeypatch.setattr(core, "physical_memory", lambda: None)  # an OS that does not tell: not checked
     assert synthetic_ultrasound(4, size=8)[0].shape == (4, 1, 8, 8)
+
+
+def test_load_busi_of_a_file_and_load_csv_of_a_folder_say_what_the_path_is(tmp_path):
+    """load_busi of an existing file said "FILE: no such folder" and load_csv of an existing folder "DIR: no such
+    file", as for a missing path: each now says what the path is and which loader reads it."""
+    from robust_ops.data import load_csv
+
+    (tmp_path / "labels.csv").write_text("image_id,dx\n")
+    with pytest.raises(DataError, match=r"^.*labels\.csv: a file, not a folder; load_busi reads a folder of class "
+                                        r"folders \(a CSV file: load_csv\)$"):
+        load_busi(tmp_path / "labels.csv")
+    with pytest.raises(DataError, match=r"^.*: a folder, not a file; load_csv reads a CSV file \(a folder of class "
+                                        r"folders: load_busi\)$"):
+        load_csv(tmp_path)
+    with pytest.raises(DataError, match=r"absent: no such folder$"):  # a missing path: as before
+        load_busi(tmp_path / "absent")
+    with pytest.raises(DataError, match=r"absent\.csv: no such file$"):
+        load_csv(tmp_path / "absent.csv")

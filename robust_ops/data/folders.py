@@ -391,8 +391,9 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     own caller's.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder")
+    if not folder.is_dir():  # a file was "no such folder", as a missing path is
+        raise DataError(f"{folder}: a file, not a folder; load_busi reads a folder of class folders (a CSV file: "
+                        "load_csv)" if folder.exists() else f"{folder}: no such folder")
     size_given, size = size is not None, DEFAULT_SIZE if size is None else size
     _check_size(size, f"load_busi({folder})")
     _check_mode(mode, f"load_busi({folder})", default_ok=True)
@@ -515,8 +516,9 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
             asked, naming the file or the column.
     """
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: no such file")
+    if not csv_path.is_file():  # a folder was "no such file", as a missing path is
+        raise DataError(f"{csv_path}: a folder, not a file; load_csv reads a CSV file (a folder of class folders: "
+                        "load_busi)" if csv_path.is_dir() else f"{csv_path}: no such file")
     size_given, size = size is not None, DEFAULT_SIZE if size is None else size
     _check_size(size, f"load_csv({csv_path})")
     _check_mode(mode, f"load_csv({csv_path})")
