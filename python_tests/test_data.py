@@ -2554,3 +2554,22 @@ def test_load_busi_of_a_file_and_load_csv_of_a_folder_say_what_the_path_is(tmp_p
         load_busi(tmp_path / "absent")
     with pytest.raises(DataError, match=r"absent\.csv: no such file$"):
         load_csv(tmp_path / "absent.csv")
+
+
+def test_cross_validation_refuses_what_is_not_a_dataset_splits_and_data_without_samples():
+    """DatasetSplits unpacks as (train, val, test, info): that tuple was "AttributeError: 'tuple' object has no
+    attribute 'train'", and splits without a sample torch.cat's "expected a non-empty list of Tensors"; a Subset
+    split (no tensors to pool) is named."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from robust_ops.data import DatasetSplits
+
+    s = load_dataset("synthetic", size=8)
+    with pytest.raises(DataError, match=r"^cross_validation: expected splits to be the DatasetSplits load_dataset "
+                                        r"returns, got tuple$"):
+        cross_validation(tuple(s), k=2)
+    empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(DataError, match=r"^cross_validation: the splits hold no samples"):
+        cross_validation(DatasetSplits(empty, empty, empty, s.info), k=2)
+    with pytest.raises(DataError, match=r"^cross_validation: expected TensorDatasets, got Subset$"):
+        cross_validation(DatasetSplits(Subset(s.train, [0, 1]), s.val, s.test, s.info), k=2)

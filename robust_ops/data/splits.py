@@ -25,6 +25,8 @@ def _tensors(dataset):
 def pooled(splits):
     """All samples of train, val and test as one (x, y) pair (k-fold protocols re-split the whole set)."""
     parts = [_tensors(d) for d in (splits.train, splits.val, splits.test) if len(d)]
+    if not parts:  # torch.cat's "expected a non-empty list of Tensors"
+        raise DataError("cross_validation: the splits hold no samples; nothing to fold")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -53,6 +55,9 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1, rare_classes="merge"
     list of DatasetSplits (same info)."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+    if not isinstance(splits, DatasetSplits):  # its (train, val, test, info) tuple: "'tuple' object has no attribute"
+        raise DataError(f"cross_validation: expected splits to be the DatasetSplits load_dataset returns, got "
+                        f"{type(splits).__name__}")
     k = check_int("cross_validation", "k (the number of folds)", k, minimum=2, error=DataError)
     # None would draw other folds on every call (a fold could not be rebuilt to evaluate it); scikit-learn's own
     # refusal of a negative seed names neither the function nor the argument
