@@ -806,8 +806,6 @@ def _ensemble_rows(model, x, y, info, specs, radii, method, batch_size, device, 
             try:
                 res = run_ensemble(model, x[idx].to(device), y[idx].to(device), attacks, cascade=True, clip_min=lo,
                                    clip_max=hi, batch_size=batch_size, names=[s.label for s in specs])
-            except EvalError:
-                raise
             except NonFiniteOutputError as err:  # the model's fault, not the attacks' options
                 raise EvalError("model", f"{method}: {err}") from None
             except (ValueError, TypeError) as err:  # a bad option value an attack checks only when run
