@@ -747,6 +747,22 @@ def test_bad_attack_option_values_fail_when_parsed(text, needle):
     assert err.value.arg == "attacks" and needle in str(err.value) and "\n" not in str(err.value)
 
 
+
+@pytest.mark.parametrize("text, expected", [
+    ("pgd:alpha=false", "a number, a fraction like 1/255 or an expression in eps"),
+    ("cw:kappa=true", "a number, a fraction like 1/255 or an expression in eps"), ("pgd:steps=true", "an integer"),
+    ("square:n_queries=false", "an integer"),
+])
+def test_true_or_false_for_a_numeric_attack_option_is_refused_as_not_a_number(text, expected):
+    """true/false for a number option was passed on as a bool, for the attack to refuse: pgd:alpha=false was "pgd:
+    expected alpha to be a number or a tensor of shape [2], got bool", the [2] the parse's dry-run batch."""
+    name, option = text.split(":")
+    key, value = option.split("=")
+    with pytest.raises(EvalError, match=rf"^attacks: option {key}='{value}' of '{name}': expected {re.escape(expected)}"
+                                        r"$") as err:
+        parse_attacks(text)
+    assert err.value.arg == "attacks"
+
 def test_attack_option_values_are_typed():
     state = torch.get_rng_state()
     specs = parse_attacks("pgd:steps=1e1:random_start=0:early_stop=3,fgsm:norm=L2,noise:trials=2")

@@ -182,7 +182,7 @@ def _parse_option(name, key, value):
         if key == "early_stop" and re.fullmatch(r"\d+", low):  # early_stop also takes a step count tau >= 0
             return int(low)
         raise bad("true or false (also 1/0, yes/no, on/off)")
-    if low in _TRUE[:1] + _FALSE[:1] and kind is not str:
+    if low in _TRUE[:1] + _FALSE[:1] and kind is None:  # a number option: "true" is no number (was passed as a bool)
         return low == "true"
     if "eps" in low and kind in (float, None):
         expr = low.replace(" ", "")
