@@ -2573,3 +2573,22 @@ def test_cross_validation_refuses_what_is_not_a_dataset_splits_and_data_without_
         cross_validation(DatasetSplits(empty, empty, empty, s.info), k=2)
     with pytest.raises(DataError, match=r"^cross_validation: expected TensorDatasets, got Subset$"):
         cross_validation(DatasetSplits(Subset(s.train, [0, 1]), s.val, s.test, s.info), k=2)
+
+
+def test_refusals_of_specs_and_image_arrays_no_other_test_reached(tmp_path):
+    """Refusals that coverage found unreached (coverage helper, s48): a spec that is not text or a path, an existing
+    file of no readable kind, and an .npz whose images are neither (N, H, W) nor (N, H, W, C); and a dict item of an
+    IndexedDataset, which its docstring says becomes (item, id)."""
+    from robust_ops.data import IndexedDataset
+
+    (tmp_path / "notes.txt").write_text("not images")
+    for spec, pattern in (
+            (3, r"^load_dataset: expected spec to be a name or a path, got int$"),
+            (None, r"^load_dataset: expected spec to be a name or a path, got NoneType$"),
+            (tmp_path / "notes.txt", r"notes\.txt: not a dataset this library reads \(expected an \.npz file, a "
+                                     r"\.csv file or a folder\)$"),
+            (write_npz(tmp_path / "flat.npz", shape=(28,)), r"flat\.npz \[train\]: expected images of shape "
+                                                            r"\(N, H, W\) or \(N, H, W, C\), got \(12, 28\)$")):
+        with pytest.raises(DataError, match=pattern):
+            load_dataset(spec)
+    assert IndexedDataset([{"a": 1}, {"a": 2}])[1] == ({"a": 2}, 1)
