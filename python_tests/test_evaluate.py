@@ -1971,3 +1971,22 @@ def test_evaluate_in_a_loop_warns_once_per_call_site_as_python_does():
     assert loop("default") == (once, 0)
     assert loop("always") == (sorted(once * 3), 0)
     assert loop("error") == ([], 6)
+
+
+def test_no_attack_names_and_an_ensembles_nan_outputs_are_refused_by_name():
+    """Refusals that coverage found unreached (coverage helper, s48): attacks text without a name, true for an option
+    of no known type, and a model whose outputs turn NaN at the points of an ensemble's attack (the method leads, as
+    on the per-attack path)."""
+    for text in ("", " , ", []):
+        with pytest.raises(EvalError, match=r"^attacks: expected at least one attack name such as fgsm,pgd,cw$") as e:
+            parse_attacks(text)
+        assert e.value.arg == "attacks"
+    # an option of no known type (None default) takes true/false as a bool, which the attack then judges
+    with pytest.raises(EvalError, match=r"^attacks: autoattack: expected eot_iter to be an integer >= 1, got True$"):
+        parse_attacks("autoattack:eot_iter=true")
+    x, y = tiny_data(8).tensors
+    with pytest.raises(EvalError, match=r"^m: ensemble: the model's output is NaN or Inf for \d of its \d inputs at "
+                                        r"the points of attack 'fgsm' ") as err:
+        evaluate(_NaNAtAZeroPixel(), TensorDataset(x * 0.9 + 0.05, y), INFO, attacks="fgsm", eps=[0.1], method="m",
+                 ensemble=True)
+    assert err.value.arg == "model"
