@@ -1990,3 +1990,100 @@ def test_no_attack_names_and_an_ensembles_nan_outputs_are_refused_by_name():
         evaluate(_NaNAtAZeroPixel(), TensorDataset(x * 0.9 + 0.05, y), INFO, attacks="fgsm", eps=[0.1], method="m",
                  ensemble=True)
     assert err.value.arg == "model"
+
+
+class _LibraryWarning(UserWarning):
+    pass
+
+
+def _library_warnings_shown(add_filters, message="the library says so", category=UserWarning):
+    """How many of 3 calls of robust_ops._warn.warn at one line show their warning, a catch_warnings block (as
+    scikit-learn's metrics enter) after each, under the filters ``add_filters`` sets on an empty list."""
+    import warnings
+
+    from robust_ops import _warn
+
+    default = warnings.defaultaction
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        try:
+            add_filters()
+            for _ in range(3):
+                _warn.warn(message, category)
+                with warnings.catch_warnings():
+                    pass
+        finally:
+            warnings.defaultaction = default
+    assert all(w.filename == __file__ for w in caught)
+    return len(caught)
+
+
+def test_library_warnings_are_remembered_only_where_pythons_own_filter_matching_gives_the_default_action():
+    """robust_ops._warn.warn remembers a warning it showed (once per line across catch_warnings blocks) only where
+    warnings.filters give it the default action as Python matches them: the message regex from its start, the
+    module's name, the line, else warnings.defaultaction, and a Warning instance's own class; a filter that applies
+    with "always" shows every call (mutation testing of _warn: search for match, the module's file for its name,
+    the line or the module ignored, "default" for defaultaction, a Warning instance's class ignored: each
+    survived)."""
+    import warnings
+
+    module = re.escape(__name__) + "$"
+    cases = [(lambda: None, 1),
+             (lambda: warnings.filterwarnings("always", message="the library"), 3),
+             (lambda: warnings.filterwarnings("always", message="says"), 1),  # Python's re.match: from the start
+             (lambda: warnings.filterwarnings("always", module=module), 3),
+             (lambda: warnings.filterwarnings("always", module="elsewhere"), 1),
+             (lambda: warnings.filterwarnings("always", lineno=1), 1),
+             (lambda: setattr(warnings, "defaultaction", "always"), 3)]
+    for i, (add_filters, expected) in enumerate(cases):
+        assert _library_warnings_shown(add_filters) == expected, i
+    assert _library_warnings_shown(lambda: warnings.filterwarnings("always", category=_LibraryWarning),
+                                   message=_LibraryWarning("the library says so")) == 3
+
+
+def test_library_warnings_are_remembered_per_line_per_module_and_per_filter_list_as_python_does():
+    """Under "default" a library warning is shown once per line of its caller (two lines: twice), under "module"
+    once per file; a catch_warnings block of the caller's own has a filter list of its own, so there, and after it,
+    Python shows it again, and so does robust_ops._warn.warn (mutation testing of _warn: one memory per file under
+    "default", per line under "module", the module action left to Python's registry, the filter lists compared by
+    value or never, the line taken a frame too far out: each survived)."""
+    import contextlib
+    import warnings
+
+    from robust_ops import _warn
+
+    def say():
+        _warn.warn("the library says so", stacklevel=2)
+
+    def forget():  # as scikit-learn's metrics do
+        with warnings.catch_warnings():
+            pass
+
+    def shown(action):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter(action)
+            for _ in range(3):
+                say()
+                forget()
+                say()
+                forget()
+        assert all(w.filename == __file__ for w in caught)
+        return len({w.lineno for w in caught}), len(caught)
+
+    assert shown("default") == (2, 2)
+    assert shown("module") == (1, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for own_block in (False, True, False):
+            with warnings.catch_warnings() if own_block else contextlib.nullcontext():
+                say()
+    assert len(caught) == 3
+
+
+def test_warn_outside_attributes_its_warning_past_the_given_files_in_its_category():
+    # (mutation testing of _warn: the category dropped for UserWarning survived, as every caller passed UserWarning)
+    from robust_ops import _warn
+
+    with pytest.warns(FutureWarning, match="^the library says so$") as caught:
+        _warn.warn_outside("the library says so", (), FutureWarning)
+    assert [w.filename for w in caught] == [__file__]
