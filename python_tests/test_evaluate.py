@@ -2080,6 +2080,27 @@ def test_library_warnings_are_remembered_per_line_per_module_and_per_filter_list
     assert len(caught) == 3
 
 
+def test_a_library_warning_is_shown_again_after_the_filters_change_in_place_as_python_shows_it():
+    """Python forgets the warnings it showed whenever the filters change, in place too (warnings.filterwarnings,
+    simplefilter, resetwarnings on the list in use); robust_ops._warn.warn kept its memory while warnings.filters was
+    the same list, so a warning shown once stayed silent at its line after such a change: 1 of 3 shown below, where
+    Python shows 3."""
+    import warnings
+
+    from robust_ops import _warn
+
+    def shown(warn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            for change in (lambda: None, lambda: warnings.filterwarnings("ignore", category=DeprecationWarning),
+                           lambda: warnings.simplefilter("default", UserWarning)):
+                change()
+                warn("the library says so", UserWarning)
+        return len(caught)
+
+    assert shown(_warn.warn) == shown(warnings.warn) == 3
+
+
 def test_warn_outside_attributes_its_warning_past_the_given_files_in_its_category():
     # (mutation testing of _warn: the category dropped for UserWarning survived, as every caller passed UserWarning)
     from robust_ops import _warn

@@ -5,8 +5,9 @@ filters change, and every ``warnings.catch_warnings()`` block counts as a change
 back on exit. scikit-learn wraps each metric call in such a block (``check_array``, ``type_of_target``), so after an
 ``evaluate`` call or a stratified split Python had forgotten every warning shown before: ``evaluate`` in a loop of 31
 calls printed its "default step alpha" warning 31 times, and an attack's warning at the caller's line repeated too.
-:func:`warn` keeps its own memory of what it showed, valid while ``warnings.filters`` is the same list (a
-``catch_warnings`` block of the caller's own has a list of its own, so there, as with Python, it is shown again).
+:func:`warn` keeps its own memory of what it showed, valid while ``warnings.filters`` is the same list with the same
+entries (a ``catch_warnings`` block of the caller's own has a list of its own, and ``filterwarnings``,
+``simplefilter`` or ``resetwarnings`` change the entries: there, as with Python, it is shown again).
 The filters still decide: an action that shows a warning every time (``"always"``, ``"error"``: ``-W error``,
 ``pytest.warns``) or never (``"ignore"``) is Python's, as without it, also when set after the first warning.
 """
@@ -15,8 +16,8 @@ import sys
 import threading
 import warnings
 
-# (the warnings.filters list, the keys shown while it was the one in use)
-_shown = (None, set())
+# (the warnings.filters list, its entries then, the keys shown while it was the one in use and held them)
+_shown = (None, (), set())
 _lock = threading.Lock()
 
 
@@ -31,8 +32,9 @@ def _action(text, category, module, lineno):
 
 def warn(message, category=UserWarning, stacklevel=1):
     """``warnings.warn(message, category, stacklevel)`` as called from the caller's frame, but under the "default",
-    "module" and "once" actions not shown again where it was already shown while ``warnings.filters`` was the list it
-    is (module docstring); every other action (``"always"``, ``"error"``, ``"ignore"``) goes to Python as it is."""
+    "module" and "once" actions not shown again where it was already shown while ``warnings.filters`` was the list,
+    with the entries, it is (module docstring); every other action (``"always"``, ``"error"``, ``"ignore"``) goes to
+    Python as it is."""
     if isinstance(message, Warning):
         category = type(message)
     try:
@@ -48,10 +50,13 @@ def warn(message, category=UserWarning, stacklevel=1):
     key = keys.get(action)
     global _shown
     if key is not None:
+        entries = tuple(warnings.filters)
         with _lock:
-            filters, shown = _shown
-            if warnings.filters is not filters:  # another catch_warnings block's (or back from one): Python's too
-                filters, shown = _shown = (warnings.filters, set())
+            filters, held, shown = _shown
+            # another catch_warnings block's list (or back from one), or this one changed in place (filterwarnings,
+            # simplefilter, resetwarnings, a module adding its filters at import): Python forgets then too
+            if warnings.filters is not filters or entries != held:
+                filters, held, shown = _shown = (warnings.filters, entries, set())
             if key in shown:
                 return
             shown.add(key)
