@@ -64,7 +64,7 @@ def warn(message, category=UserWarning, stacklevel=1):
 
 
 def warn_outside(message, inside, category=UserWarning):
-    """:func:`warn` attributed to the first frame, from the caller's caller on, whose file does not start with
+    """:func:`warn` attributed to the first frame, from its caller's on, whose file does not start with
     ``inside`` (a path prefix or a tuple of them): the user's line, past the library's own frames (and torch's
     decorators'), whatever the depth a call reaches it from; filters by module and the once-per-line rule see it."""
     frame, level = sys._getframe(1), 2
