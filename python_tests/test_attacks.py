@@ -2526,6 +2526,13 @@ def test_fab_t_refuses_a_targeted_argument_by_name():
         with pytest.raises(ValueError, match=rf"^fab_t: FAB-T is always targeted .*got targeted={value}; leave "
                                              "targeted out, or use fab for untargeted FAB$"):
             attacks.fab_t(model, x, y, eps=0.1, steps=1, targeted=value)
+    # its other options still reach fab (mutation testing of refuse_targeted: refusing them as fab_t's unknown
+    # keywords survived); an unknown one is fab's TypeError
+    options = dict(eps=0.1, steps=2, n_restarts=2, alpha_max=0.2, n_target_classes=1, model_mode="eval")
+    assert torch.equal(attacks.fab_t(model, x, y, generator=torch.Generator().manual_seed(0), **options),
+                       attacks.fab(model, x, y, targeted=True, generator=torch.Generator().manual_seed(0), **options))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        attacks.fab_t(model, x, y, eps=0.1, foo=1)
 
 
 def test_apgd_t_and_white_noise_refuse_a_targeted_argument_by_name():
@@ -5541,8 +5548,10 @@ def test_gradient_attacks_under_inference_mode_are_refused_by_name_and_run_under
         assert torch.equal(attacks.pgd(model, x, y, eps=4 / 255, steps=2, random_start=False), expected)
     for name, attack in [("run_pgd", lambda: run_pgd(model, x, y, eps=4 / 255, alpha=1 / 255, steps=2)),
                          ("apgd", lambda: attacks.apgd(model, x, y, eps=4 / 255, steps=2))]:
-        with torch.inference_mode(), pytest.raises(RuntimeError, match=f"{name}: gradient-based attacks cannot run "
-                                                                       r"under torch.inference_mode\(\)"):
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=f"^{name}: gradient-based attacks cannot run "
+                                                                       r"under torch.inference_mode\(\); call it "
+                                                                       r"outside that block \(torch.no_grad\(\) is "
+                                                                       r"fine: the attack enables gradients itself\)$"):
             attack()
 
 

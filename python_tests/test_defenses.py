@@ -825,7 +825,11 @@ def test_input_gradient_defenses_give_their_loss_under_no_grad(name):
     """A defense's loss computed under torch.no_grad() (a validation loss in a loop of one's own): the attack-based
     defenses enable gradients for their attacks and gave it, GR and LLR failed with autograd's "element 0 of tensors
     does not require grad and does not have a grad_fn". They now take the input gradient with gradients enabled and
-    give the same loss and metrics, nothing kept for a backward; under inference_mode they say so by name."""
+    give the same loss and metrics, nothing kept for a backward; under inference_mode they say so by name, in full
+    (mutation testing of the no-grad path: the input gradient taken with create_graph under no_grad, and the
+    refusal's "the defense enables gradients itself" in other words, each survived)."""
+    from robust_ops.defenses.regularization import _input_gradient
+
     torch.manual_seed(0)
     model = TinyCNN(1, 2).train()
     x, y = _batch()
@@ -839,8 +843,12 @@ def test_input_gradient_defenses_give_their_loss_under_no_grad(name):
     assert torch.equal(out.loss, expected.loss.detach()) and torch.equal(out.logits, expected.logits.detach())
     assert out.metrics == expected.metrics
     assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():  # nothing kept for a backward: create_graph only where the caller's gradients are on
+        assert not _input_gradient(name, model, x, y)[2].requires_grad
     with torch.inference_mode(), pytest.raises(RuntimeError, match=rf"^{name}: the input gradient cannot be taken "
-                                                                    r"under torch.inference_mode\(\)"):
+                                                                    r"under torch.inference_mode\(\); call it outside "
+                                                                    r"that block \(torch.no_grad\(\) is fine: the "
+                                                                    r"defense enables gradients itself\)$"):
         defense(model, x, y)
 
 

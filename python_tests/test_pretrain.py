@@ -189,10 +189,17 @@ def test_simclr_trains_under_a_callers_no_grad_and_refuses_inference_mode():
     assert runs[0][0] == runs[1][0] and all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
     with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^simclr: cannot train under "
-                                               r"torch\.inference_mode\(\); call it outside that block"):
+                                               r"torch\.inference_mode\(\); call it outside that block "
+                                               r"\(torch\.no_grad\(\) is fine: simclr enables gradients itself\)$"):
         simclr(model, _data(), epochs=1, batch_size=8, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # before any work: the global stream not seeded (mutation testing: the refusal moved to just before the model's
+    # move to the device, past torch.manual_seed, survived), the arguments not checked first
+    assert torch.equal(torch.get_rng_state(), rng)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^simclr: cannot train under "):
+        simclr(model, _data(), epochs=0, batch_size=8, progress=False)
 
 
 @pytest.mark.parametrize("kwargs, match", [
