@@ -507,7 +507,9 @@ def finite_direction(grad):
 
 
 def succeeded(out, y, targeted):
-    """Per-sample success of the attack at this output: misclassified (untargeted) or the target reached."""
+    """Per-sample success of the attack at this output: misclassified (untargeted) or the target reached, by the
+    library's prediction rule (argmax, first index on a tie; a single logit > 0): a margin of 0 -- tied logits, a
+    single logit of 0 -- succeeds only when the tie goes against y (AutoAttack's clean rule, argmax)."""
     pred = predict_from_output(out)
     return pred == y if targeted else pred != y
 

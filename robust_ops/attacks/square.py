@@ -10,9 +10,9 @@ from .. import functional
 from .._options import check_flags
 from .base import Attack
 from .context import (attack_context, best_other_logit, check_inputs, check_not_half, classification_loss,
-                      is_single_logit, predict_from_output, two_logits)
+                      is_single_logit, two_logits)
 from .core import (FIRST_FORWARD, check_labels_against, check_linf_budget, check_linf_step_resolution, check_norm,
-                   check_steps, forward, per_sample)
+                   check_steps, forward, per_sample, succeeded)
 from .pgd import make_generator
 
 
@@ -32,7 +32,7 @@ def p_schedule(p_init, it, n_queries, rescale=True):
 
 def _margin(out, y, targeted):
     """Untargeted: z_y - max_{j != y} z_j; targeted: max_{j != t} z_j - z_t. The loss proposals must lower; whether a
-    sample is done is :func:`_fooled`'s (at a margin of exactly 0 the prediction decides)."""
+    sample is done is :func:`core.succeeded`'s (at a margin of exactly 0 the prediction decides)."""
     z = two_logits(out) if is_single_logit(out) else out
     zy = z.gather(1, y[:, None]).squeeze(1)
     other = best_other_logit(z, y)
@@ -57,13 +57,6 @@ def _loss(out, y, targeted, loss):
         return _margin(out, y, targeted)
     ce = classification_loss(out, y, reduction="none")
     return ce if targeted else -ce
-
-
-def _fooled(out, y, targeted):
-    """Done by the library's prediction rule (argmax, first index on a tie; a single logit > 0): a margin of 0 -- tied
-    logits, a single logit of 0 -- is fooled only when the tie goes against y. AutoAttack's clean rule (argmax)."""
-    predicted = predict_from_output(out)
-    return predicted == y if targeted else predicted != y
 
 
 def _check_images(name, x):
@@ -262,7 +255,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
         out = forward(name, model, x)
         check_labels_against(name, y, out, finite_at=FIRST_FORWARD)
         loss_best = _loss(out, y, targeted, loss)
-        fooled = _fooled(out, y, targeted)
+        fooled = succeeded(out, y, targeted)
         todo = (~fooled).nonzero().squeeze(1)
         if norm == "linf":  # vertical stripes start: +-eps per (sample, channel, column)
             start = x.clone()
@@ -275,7 +268,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
             x_best[todo] = start[todo]
             out = forward(name, model, x_best[todo])
             loss_best[todo] = _loss(out, y[todo], targeted, loss)
-            fooled[todo] = _fooled(out, y[todo], targeted)
+            fooled[todo] = succeeded(out, y[todo], targeted)
         rows = torch.arange(h, device=dev)
         cols = torch.arange(w, device=dev)
         windows = {}  # L2: side -> pseudo-gaussian window, built once per side
@@ -325,13 +318,13 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
             loss_new = _loss(out, y_cur, targeted, loss)
             better = loss_new < loss_best[idx]
             if loss == "ce":  # AutoAttack keeps a query that fools even at a higher cross-entropy
-                better |= _fooled(out, y_cur, targeted)
+                better |= succeeded(out, y_cur, targeted)
             # positions once: each boolean index below was a nonzero of its own (seven per query)
             improved = better.nonzero().squeeze(1)
             won = idx[improved]
             x_best[won] = x_new[improved]
             loss_best[won] = loss_new[improved]
-            fooled[won] = _fooled(out[improved], y_cur[improved], targeted)
+            fooled[won] = succeeded(out[improved], y_cur[improved], targeted)
     return x_best
 
 
