@@ -34,13 +34,12 @@ from .attacks.context import (
     check_inputs,
     check_output,
     check_output_rows,
-    classification_loss,
     is_one_sample_batch_norm,
     labels_range,
     predict_from_output,
 )
 from .attacks.core import check_labels_against, check_linf_budget, check_norm, forward, per_sample, sample_distance
-from .defenses._common import distributed_run, metric_values, unwrap
+from .defenses._common import distributed_run, metric_values, per_sample_ce, unwrap
 from .defenses.base import Defense, DefenseOutput
 from .prepacked_conv import prepacked_conv_active
 
@@ -127,10 +126,6 @@ class GenAdvInfo:
 
 def _default_is_correct(out, y):
     return predict_from_output(out) == y
-
-
-def _default_loss(out, y):
-    return classification_loss(out, y, reduction="none")
 
 
 # What a segmentation user passes instead of each classification default (docs/ima.md, Segmentation).
@@ -387,7 +382,7 @@ class _Problem:
         self.norm, self.algorithm = norm, algorithm
         self.is_correct = is_correct or _default_is_correct
         self.default_criterion = is_correct is None
-        self.loss_fn = loss_fn or _default_loss
+        self.loss_fn = loss_fn or per_sample_ce
         self.default_loss = loss_fn is None
         self.labels_checked = False
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
@@ -1441,7 +1436,7 @@ class IMA(Defense):
         self._resolve(x)
         # checked once, on the CPU where a DataLoader yields them (no GPU sync); the table's own calls below skip it
         ids = self.table.check_ids(ids, "IMA").to(x.device)
-        loss_fn = self._loss_fn or _default_loss
+        loss_fn = self._loss_fn or per_sample_ce
         criterion = self._is_correct or _default_is_correct
 
         out = model(x)
