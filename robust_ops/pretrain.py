@@ -10,7 +10,6 @@ where NT-Xent is computed (and is returned, then discarded as in SimCLR). The mo
 every module's train/eval mode restored and no pretraining gradient left on a parameter, also when pretraining fails.
 """
 
-import math
 import numbers
 from dataclasses import dataclass, field
 
