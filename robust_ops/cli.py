@@ -2311,6 +2311,6 @@ def _main(argv):
 if __name__ == "__main__":
     # `python -m robust_ops.cli` runs this file as __main__, a second copy beside the robust_ops.cli that reproduce and
     # the others import: their CLIError was not this copy's, so their refusals ended in a traceback, not one line
-    from robust_ops.cli import main as _main
+    from robust_ops.cli import main as package_main
 
-    raise SystemExit(_main())
+    raise SystemExit(package_main())
