@@ -323,6 +323,17 @@ def _best_loss_start(z, eps_t):
     return torch.full((z.shape[0],), float("-inf"), dtype=dtype, device=eps_t.device)
 
 
+def _keep_best(x_adv, best_loss, idx, x_best, x_best_adv, success, lb):
+    """One run of :func:`_apgd_stages` on the samples ``idx`` (a restart, or a restart for one target) kept in
+    ``x_adv``: per sample its first point that succeeded, else its highest-loss point where that loss ``lb`` beats
+    ``best_loss``, raised to it. Written back at every position of idx, not indexed by the masks: each boolean index is
+    a nonzero (a host sync on a GPU), three a restart."""
+    keep = success | (lb > best_loss[idx])
+    chosen = torch.where(success.view(-1, *([1] * (x_adv.dim() - 1))), x_best_adv, x_best)
+    x_adv[idx] = torch.where(keep.view(-1, *([1] * (x_adv.dim() - 1))), chosen, x_adv[idx])
+    best_loss[idx] = torch.maximum(best_loss[idx], lb)
+
+
 def _check_apgd_options(name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps):
     """The checks of APGD's and APGD-T's options that x does not decide, run by the functions and, when built, by the
     classes (a bad option in an AutoAttack list surfaced only once the cascade reached it); returns (norm, steps,
@@ -411,12 +422,7 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
             with torch.no_grad():
                 z = forward(name, model, x_best)
                 lb = per_sample_loss(z, used, None if targeted else yi, yi if targeted else None)
-            keep = success | (lb > best_loss[idx])
-            chosen = torch.where(success.view(-1, *([1] * (x.dim() - 1))), x_best_adv, x_best)
-            # written back at every position of idx, not indexed by the masks: each boolean index is a nonzero (a host
-            # sync on a GPU), three a restart
-            x_adv[idx] = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), chosen, x_adv[idx])
-            best_loss[idx] = torch.maximum(best_loss[idx], lb)
+            _keep_best(x_adv, best_loss, idx, x_best, x_best_adv, success, lb)
             todo[idx] = todo[idx] & ~success
     return x_adv
 
@@ -478,10 +484,7 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
                                                           eot_iter=eot_iter, use_largereps=use_largereps)
                 with torch.no_grad():
                     lb = per_sample_loss(forward(name, model, x_best), used, yi, ti)
-                keep = fooled | (lb > best_loss[idx])
-                chosen = torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), x_best_adv, x_best)
-                x_adv[idx] = torch.where(keep.view(-1, *([1] * (x.dim() - 1))), chosen, x_adv[idx])  # as apgd's
-                best_loss[idx] = torch.maximum(best_loss[idx], lb)
+                _keep_best(x_adv, best_loss, idx, x_best, x_best_adv, fooled, lb)
                 robust[idx] = robust[idx] & ~fooled
     return x_adv
 
