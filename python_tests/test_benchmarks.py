@@ -1857,7 +1857,6 @@ def test_attacks_same_output_columns_can_say_false(monkeypatch, fault):
     its row says so."""
     import types
 
-    import torch
     import torchattacks
 
     from robust_ops import attacks

@@ -217,14 +217,15 @@ def test_cross_validation_records_a_validation_part_that_merged_small_classes():
     import warnings
 
     splits, _ = _indexed_splits((5,) * 7 + (40,))
+    by_rule = {}
     for rule, how in (("merge", r"the other classes are stratified and c\d, .* placed at random"),
                       ("random", "the split is seeded random instead")):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            folds = cross_validation(splits, k=5, seed=0, rare_classes=rule)
+            by_rule[rule] = cross_validation(splits, k=5, seed=0, rare_classes=rule)
         assert caught and all(re.search(rf"\(fold \d\): a class is too small to stratify the 0\.9/0\.1 split .*; {how}",
                                         str(w.message)) for w in caught), [str(w.message) for w in caught]
-        merged, legacy = (folds, None) if rule == "merge" else (merged, folds)
+    merged, legacy = by_rule["merge"], by_rule["random"]
     assert merged[0].info.extra["rare_classes"] == "merge" and "rare_classes" not in legacy[0].info.extra
     assert torch.equal(merged[0].test.tensors[0], legacy[0].test.tensors[0])  # the folds themselves are the same
     # so for data split by group (one sample a group here): its validation parts are drawn by the rule given too

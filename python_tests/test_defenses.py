@@ -146,7 +146,7 @@ def test_a_defense_class_given_the_model_says_fit_passes_it(name):
     with pytest.raises(TypeError, match=rf"^{cls.__name__}: takes no model \(it gets one with each batch: "
                                         rf"{cls.__name__}\(\.\.\.\)\(model, x, y\), as fit\(model, "
                                         rf"{cls.__name__}\(\.\.\.\), train_data\) passes it\); give its options "
-                                        r"by keyword$") as err:
+                                        r"by keyword$"):
         cls(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
     # the calls it shows are the real ones: it named fit(model, data, defense=...), which fit refuses ("got multiple
     # values for argument 'defense'"); a defense is called on the batch, and is fit's second argument

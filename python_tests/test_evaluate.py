@@ -167,9 +167,9 @@ def test_a_default_step_that_cannot_reach_the_radius_is_a_warning():
                                       "from its start, less than eps=8/255: its rows there measure a weaker attack "
                                       "than the radius allows; give pgd:alpha=eps/4"]
     assert "pgd(norm=l2)'s default step" in warned("pgd:norm=l2", "0.3")[0]
-    for attacks, eps in (("fgsm,pgd,cw", "1/255,2/255,5/255"), ("pgd:steps=50", "8/255"), ("pgd:alpha=eps/4", "8/255"),
-                         ("pgdl2,ifgsm,cw,apgd-ce", "0.3"), ("pgd", "0.02")):  # 0.02: reached exactly
-        assert warned(attacks, eps) == [], (attacks, eps)
+    for given, eps in (("fgsm,pgd,cw", "1/255,2/255,5/255"), ("pgd:steps=50", "8/255"), ("pgd:alpha=eps/4", "8/255"),
+                       ("pgdl2,ifgsm,cw,apgd-ce", "0.3"), ("pgd", "0.02")):  # 0.02: reached exactly
+        assert warned(given, eps) == [], (given, eps)
 
 
 def test_unknown_attack_spec_and_attack_objects_are_one_line_errors():
@@ -818,9 +818,9 @@ def test_attack_errors_at_other_radii_are_eval_errors(ensemble):
     """A value fine at the dry run's eps but not at a real radius (alpha = eps - 0.5 < 0 at eps 0.1; 1/(eps-0.5) at
     eps 0.5) ends as an EvalError, not a traceback from inside the attack."""
     data, model = tiny_data(8), tiny_model()
-    for attacks, eps in (("pgd:alpha=eps-0.5:steps=2", [0.1]), ("pgd:alpha=1/(eps-0.5):steps=2", [0.5])):
+    for given, eps in (("pgd:alpha=eps-0.5:steps=2", [0.1]), ("pgd:alpha=1/(eps-0.5):steps=2", [0.5])):
         with pytest.raises(EvalError, match="attacks: ") as err:
-            evaluate(model, data, INFO, attacks=attacks + ",fgsm", eps=eps, ensemble=ensemble)
+            evaluate(model, data, INFO, attacks=given + ",fgsm", eps=eps, ensemble=ensemble)
         assert err.value.arg == "attacks"
 
 
