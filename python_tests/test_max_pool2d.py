@@ -12,7 +12,7 @@ import robust_ops
 from robust_ops import reference
 from robust_ops.reference import pool_output_size
 
-from test_drop_max_pool2d import check_double_backward_without_input
+from test_drop_max_pool2d import check_double_backward_without_input, expected_format
 from utils import assert_verbose_equal, run_with_cpu_isa
 
 op = torch.ops.robust_ops.max_pool2d
@@ -59,18 +59,13 @@ def make_input(shape, values, seed, dtype):
     return x
 
 
-def memory_format_of(t):
-    return torch.channels_last if (t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()) \
-        else torch.contiguous_format
-
-
 def check_bitwise(x, args):
     out, idx = op(x, *args)
     ref_out, ref_idx = reference.max_pool2d(x, *args)
     assert_verbose_equal(out, ref_out, "output")
     assert_verbose_equal(idx, ref_idx, "indices")
-    assert out.is_contiguous(memory_format=memory_format_of(ref_out))
-    grad = torch.randn(ref_out.shape, dtype=x.dtype).contiguous(memory_format=memory_format_of(ref_out))
+    assert out.is_contiguous(memory_format=expected_format(ref_out))
+    grad = torch.randn(ref_out.shape, dtype=x.dtype).contiguous(memory_format=expected_format(ref_out))
     (kh, kw), stride, padding, dilation, ceil_mode = args
     ref_grad = torch.ops.aten.max_pool2d_with_indices_backward(
         grad, x, (kh, kw), stride, padding, dilation, ceil_mode, ref_idx)
