@@ -33,17 +33,6 @@ from robust_ops.ima import (
 from utils import MadeOutput, TinyCNN, host_reads
 
 
-@pytest.fixture(autouse=True)
-def _backend_with_kernels(monkeypatch):
-    """Use the native kernels when this build has them, the reference ops otherwise (kernels merged separately)."""
-    has = all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"robust_ops::{op}", "CPU")
-        for op in ("pgd_step_", "boundary_search_step_")
-    )
-    if not has and "ROBUST_OPS_BACKEND" not in os.environ:
-        monkeypatch.setenv("ROBUST_OPS_BACKEND", "reference")
-
-
 def make_problem(n=12, classes=3, norm="l2", seed=0, dtype=torch.float64):
     """Eval-mode float64 CNN with a sharp head (so boundaries lie inside the balls), clean-correct labels except two
     flipped, random margins with one zero."""
