@@ -143,7 +143,7 @@ def project_l1(x_nat, point, eps_t, clip_min, clip_max):
     return (xf + d).clamp(clip_min, clip_max).view_as(point)
 
 
-def per_sample(name, arg, value, x, allow_zero=True, with_max=False):
+def per_sample(name, arg, value, x, with_max=False):
     """A float or a per-sample tensor [N] (finite, >= 0) as a tensor [N] in x's dtype on x's device. ``with_max``:
     (that tensor, its largest value as a float, None where N = 0), a tensor's maximum read with its check in one host
     read (a GPU sync) instead of a second one (:func:`check_linf_budget`'s ``eps_max``)."""
@@ -158,7 +158,7 @@ def per_sample(name, arg, value, x, allow_zero=True, with_max=False):
             raise ValueError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got shape "
                              f"{tuple(value.shape)}")
         t = value.detach().to(device=x.device, dtype=dtype)
-        bad = ~torch.isfinite(t) | ((t < 0) if allow_zero else (t <= 0))
+        bad = ~torch.isfinite(t) | (t < 0)
         if not with_max:
             any_bad = bool(bad.any())
         elif n == 0:
@@ -167,15 +167,15 @@ def per_sample(name, arg, value, x, allow_zero=True, with_max=False):
             any_bad, widest = torch.stack((bad.any().double(), t.max().double())).tolist()
         if any_bad:
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{name}: expected every {arg} to be finite and {'>= 0' if allow_zero else '> 0'}, got "
-                             f"{int(bad.sum())} bad value(s), e.g. {arg}[{i}] = {float(t[i]):.4g}")
+            raise ValueError(f"{name}: expected every {arg} to be finite and >= 0, got {int(bad.sum())} bad value(s), "
+                             f"e.g. {arg}[{i}] = {float(t[i]):.4g}")
         return (t.contiguous(), widest) if with_max else t.contiguous()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
                         f"{type(value).__name__}")
     # an int past float's range (eps=10**400) made float() raise a bare OverflowError naming neither
-    if not fits_a_float(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected {arg} {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    if not fits_a_float(value) or value < 0:
+        raise ValueError(f"{name}: expected {arg} >= 0 and finite, got {value}")
     if float(value) > torch.finfo(dtype).max:  # torch.full's "cannot be converted to type float without overflow"
         largest = f"{torch.finfo(dtype).max:.4g}, the largest {str(dtype).replace('torch.', '')}"
         raise ValueError(f"{name}: expected {arg} <= {largest} (the attack's precision for {x.dtype} inputs), "
