@@ -620,13 +620,14 @@ def check_input_batch(name, x):
         raise ValueError(f"{name}: expected x to have a batch dimension, got a 0-D tensor")
 
 
-def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=None, label_range=False):
-    """Inputs must be finite and inside the clip range; labels an integer tensor [N] in range. Nothing is clamped
-    silently. Returns y as int64 (None when y is not given, for callers without labels; a y of None is refused like
-    any other non-tensor, where atk(x, None) passed and failed later with "'NoneType' object has no attribute
-    'numel'"): callers attack with the returned labels. ``label_range``: return ``(y, (min, max))``, the labels'
-    range as Python ints (None for no labels) read once here, for ``check_labels_against`` to check the model's class
-    count without reading the labels again."""
+def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=False):
+    """Inputs must be finite and inside the clip range; labels an integer tensor [N], none negative (their upper
+    bound, the model's class count, is checked at the model's first output). Nothing is clamped silently. Returns y
+    as int64 (None when y is not given, for callers without labels; a y of None is refused like any other
+    non-tensor, where atk(x, None) passed and failed later with "'NoneType' object has no attribute 'numel'"): callers
+    attack with the returned labels. ``label_range``: return ``(y, (min, max))``, the labels' range as Python ints
+    (None for no labels) read once here, for ``check_labels_against`` to check the model's class count without
+    reading the labels again."""
     check_input_batch(name, x)
     if torch.is_tensor(y) and y.device != x.device:  # torch's error came from inside the loss, after the forward
         raise ValueError(f"{name}: expected y on x's device {x.device}, got y on {y.device}; pass y.to(x.device)")
@@ -652,14 +653,14 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, num_classes=
             )
     if y is _NO_LABELS:
         return (None, None) if label_range else None
-    return check_class_labels(name, y, x.shape[0], num_classes, label_range)
+    return check_class_labels(name, y, x.shape[0], label_range=label_range)
 
 
-def check_class_labels(name, y, n, num_classes=None, label_range=False):
+def check_class_labels(name, y, n, label_range=False):
     """Labels an integer tensor [n] (any integer dtype: converted losslessly to int64, which cross-entropy, one_hot and
-    gather take) in range: the attacks' and the defenses' label rule. Float, bool and complex labels are a TypeError
-    (0.7 would become 0 silently); ``num_classes`` None checks the lower bound only (the model's output, through
-    check_labels_against, the upper one). ``label_range``: return ``(y, (min, max))`` (None for no labels)."""
+    gather take), none negative: the attacks' and the defenses' label rule. Float, bool and complex labels are a
+    TypeError (0.7 would become 0 silently); the upper bound is the model's output's (check_labels_against).
+    ``label_range``: return ``(y, (min, max))`` (None for no labels)."""
     if segmentation_masks(y):  # before the dtype: a float mask's dtype error only led to the shape error
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}: segmentation masks? "
                          "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
@@ -681,9 +682,8 @@ def check_class_labels(name, y, n, num_classes=None, label_range=False):
     # both ends in one host read (a sync on a GPU): min and max were a read each, and check_labels_against's max a
     # third once the model's class count was known
     lo_hi = labels_range(y)
-    if lo_hi is not None and (lo_hi[0] < 0 or (num_classes is not None and lo_hi[1] >= num_classes)):
-        bound = f"in [0, {num_classes})" if num_classes is not None else "non-negative"
-        raise ValueError(f"{name}: expected labels {bound}, got values in [{lo_hi[0]}, {lo_hi[1]}]")
+    if lo_hi is not None and lo_hi[0] < 0:
+        raise ValueError(f"{name}: expected labels non-negative, got values in [{lo_hi[0]}, {lo_hi[1]}]")
     return (y, lo_hi) if label_range else y
 
 
