@@ -1281,8 +1281,8 @@ def eval_threat_model(run, splits):
 # ----------------------------------------------------------------------------------------------- eval
 
 
-def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels_last=None, classes=None,
-             bit_depth=None, channels=None):
+def load_run(target, *, data=None, model=None, size=None, channels_last=None, classes=None, bit_depth=None,
+             channels=None):
     """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt, or best_model.pt for a run that recorded
     restore_best, else the checkpoint's copy of the same weights) or a checkpoint file (run.json beside it, or
     --data/--model given). ``channels_last`` None: the memory format the run trained in; True / False: that one."""
@@ -1455,7 +1455,7 @@ def load_run(target, *, data=None, model=None, size=None, dropmax=None, channels
     if other_names:  # label i may be another class: metrics would be swapped
         warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
                       f"{labels(trained)}; its predictions are scored against labels that may mean other classes")
-    dropmax = dropmax or trained_dropmax(run)
+    dropmax = trained_dropmax(run)
     net = make_model(model_name, splits.info, dropmax)
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
