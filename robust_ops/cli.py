@@ -1663,8 +1663,7 @@ def saliency_count(args, info):
     return 4 if args.saliency is None else args.saliency
 
 
-def evaluate_models(models, splits, args, specs, radii, device, out, title, config, seed, extra_markdown=None,
-                    paper=None):
+def evaluate_models(models, splits, args, specs, radii, device, out, title, config, seed):
     """Evaluate {label: model} on the test split under ``specs`` at ``radii`` (from :func:`parse_eval_options`),
     write everything atomically, print the tables; returns rows. Each model's attacks draw from torch's RNG seeded
     with ``seed`` (the run's): the rows do not depend on what the process did before (a demo resumed after its
@@ -1703,8 +1702,7 @@ def evaluate_models(models, splits, args, specs, radii, device, out, title, conf
     # both shape what the run wrote (random starts and Square's noise are drawn per batch; the figure's images), so a
     # results.json read later says how it was made
     config = {**config, "eval_batch_size": args.eval_batch_size, "saliency_images": count, "attack_seed": seed}
-    paths = write_results_to_out(out, rows, splits.info, config=config, device=device, title=title,
-                                 saliency=saliency, extra_markdown=extra_markdown, paper=paper)
+    paths = write_results_to_out(out, rows, splits.info, config=config, device=device, title=title, saliency=saliency)
     metrics = report.pivot_metrics(splits.info.num_classes == 2, terminal=True)
     # the tables' sensitivity is that of the positive class, label 0 in BreastMNIST: say which, as report.md does
     info = splits.info.to_dict()
