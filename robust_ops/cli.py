@@ -1157,7 +1157,7 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
 
 
 @contextlib.contextmanager
-def run_folder_lock(out, flag="--out"):
+def run_folder_lock(out):
     """:func:`robust_ops._files.exclusive_folder` on ``out``; one held by another process is a one-line error naming
     that process."""
     from ._files import FolderInUse, exclusive_folder
@@ -1166,7 +1166,7 @@ def run_folder_lock(out, flag="--out"):
         try:
             stack.enter_context(exclusive_folder(out))
         except FolderInUse as err:
-            raise CLIError(f"{flag}: {err}; wait for it to end or choose another {flag}") from None
+            raise CLIError(f"--out: {err}; wait for it to end or choose another --out") from None
         yield
 
 
