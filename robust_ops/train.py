@@ -1553,9 +1553,7 @@ def fit(
             defense_start = _snapshot(defense.state_dict()) if world > 1 else None
             model.train()
             t0 = time.perf_counter()
-            sums, correct, scored = {}, 0, 0  # scored: samples of the batches that returned clean logits
-            seen = {}  # samples in the batches that reported each metric (IMA has adv_acc only when it attacked)
-            reported = []  # the metrics' order: a batch without adv_acc (IMA) may come first, see _merge_key_order
+            totals = _EpochTotals()
             steps = len(sampler)
             bar = None
             if progress and rank == 0:
@@ -1672,22 +1670,13 @@ def fit(
                         optimizer.step()
                     changes.trained = True
 
-                n = y.numel()
                 if "loss" not in metrics:  # not setdefault: its argument, a host read, ran for every batch
                     metrics["loss"] = float(loss.detach())
-                _merge_key_order(reported, list(metrics))
-                for k, v in metrics.items():
-                    w = weights.get(k, n)
-                    if w:  # a mean over no sample (0 * nan would make the epoch's value nan)
-                        sums[k] = sums.get(k, 0.0) + v * w
-                        seen[k] = seen.get(k, 0) + w
-                if out.logits is not None:
-                    correct += int(batch_correct[0])
-                    scored += n  # not every sample: a defense may return logits for some batches only
+                totals.add(metrics, weights, y.numel(), batch_correct[0] if out.logits is not None else None)
                 if bar is not None:
                     bar.update(1)
-                    if seen.get("loss"):  # the epoch's mean so far (its train_loss at the last step), not one batch's
-                        bar.set_postfix(loss=f"{sums['loss'] / seen['loss']:.4f}")
+                    if totals.seen.get("loss"):  # the epoch's mean so far (its train_loss at the last step)
+                        bar.set_postfix(loss=f"{totals.sums['loss'] / totals.seen['loss']:.4f}")
             if bar is not None:
                 bar.close()
 
@@ -1695,18 +1684,14 @@ def fit(
             with failures:  # a process that failed at its last step leaves the others waiting here
                 if world > 1:
                     _broadcast_buffers(model)
-                    reported, sums, seen, correct, scored = _sum_epoch_metrics(reported, sums, seen, correct, scored,
-                                                                                world, device)
+                    totals.sum_over_processes(world, device)
                     _sync_defense_state(defense, defense_start, world)
             # Every step's loss and gradients were finite, but the last step's update (or a forward's batch-norm
             # statistics) can still overflow: validation then scored NaN logits and the checkpoint, later named as the
             # last good one, held NaN weights. The same on every process (equal weights, rank 0's buffers).
             _check_finite_weights(name, weights_model, finite_at_start, epoch, _last_good_checkpoint(last_ckpt))
 
-            row = {"epoch": epoch + 1}
-            row.update({f"train_{k}": sums[k] / max(seen[k], 1) for k in reported if k in sums})
-            if scored:
-                row["train_acc"] = correct / scored
+            row = totals.row(epoch)
             if val_data is not None:
                 failures.where = f"the validation after epoch {epoch + 1}"
                 with failures:  # out of memory on one GPU: the others wait in the next collective
@@ -1977,26 +1962,53 @@ def _broadcast_buffers(model):
             b.copy_(flat)
 
 
-def _sum_epoch_metrics(reported, sums, seen, correct, scored, world, device):
-    """An epoch's metric sums over every process under DDP: ``(reported, sums, seen, correct, scored)`` as one
-    process's (a metric's order of first report, its weighted sum and weight, the correct clean predictions and the
-    samples they were counted over), summed over the processes."""
-    # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum over the union of
-    # their keys, or the vectors would differ in length or be summed misaligned. Merged as one process merges its
-    # batches' keys: the history's columns then come in its order.
-    key_sets = [None] * world
-    dist.all_gather_object(key_sets, [k for k in reported if k in sums])
-    keys = []
-    for key_set in key_sets:
-        _merge_key_order(keys, key_set)
-    totals = torch.tensor([float(correct), float(scored)]
-                          + [sums.get(k, 0.0) for k in keys] + [seen.get(k, 0) for k in keys],
-                          dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
-    correct, scored = int(totals[0]), int(totals[1])
-    sums = {k: float(v) for k, v in zip(keys, totals[2:2 + len(keys)].tolist())}
-    seen = {k: int(v) for k, v in zip(keys, totals[2 + len(keys):].tolist())}
-    return keys, sums, seen, correct, scored
+class _EpochTotals:
+    """An epoch's training metrics as its steps add them up: each metric's weighted sum and weight, in the order the
+    batches first reported them, and the correct clean predictions with the samples they were counted over."""
+
+    def __init__(self):
+        self.sums, self.correct, self.scored = {}, 0, 0  # scored: samples of the batches that returned clean logits
+        self.seen = {}  # samples in the batches that reported each metric (IMA has adv_acc only when it attacked)
+        self.reported = []  # the metrics' order: a batch without adv_acc (IMA) may come first, see _merge_key_order
+
+    def add(self, metrics, weights, n, correct):
+        """One batch of ``n`` samples: its ``metrics`` (each weighted by ``weights.get(k, n)`` samples) and its count
+        of ``correct`` clean predictions (None: the batch returned no clean logits)."""
+        _merge_key_order(self.reported, list(metrics))
+        for k, v in metrics.items():
+            w = weights.get(k, n)
+            if w:  # a mean over no sample (0 * nan would make the epoch's value nan)
+                self.sums[k] = self.sums.get(k, 0.0) + v * w
+                self.seen[k] = self.seen.get(k, 0) + w
+        if correct is not None:
+            self.correct += int(correct)
+            self.scored += n  # not every sample: a defense may return logits for some batches only
+
+    def sum_over_processes(self, world, device):
+        """Under DDP, the sums of every process (each process's own before)."""
+        # Processes may report different metrics (IMA's adv_acc only where it attacked something): sum over the union
+        # of their keys, or the vectors would differ in length or be summed misaligned. Merged as one process merges
+        # its batches' keys: the history's columns then come in its order.
+        key_sets = [None] * world
+        dist.all_gather_object(key_sets, [k for k in self.reported if k in self.sums])
+        keys = []
+        for key_set in key_sets:
+            _merge_key_order(keys, key_set)
+        totals = torch.tensor([float(self.correct), float(self.scored)]
+                              + [self.sums.get(k, 0.0) for k in keys] + [self.seen.get(k, 0) for k in keys],
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        self.reported, self.correct, self.scored = keys, int(totals[0]), int(totals[1])
+        self.sums = {k: float(v) for k, v in zip(keys, totals[2:2 + len(keys)].tolist())}
+        self.seen = {k: int(v) for k, v in zip(keys, totals[2 + len(keys):].tolist())}
+
+    def row(self, epoch):
+        """The history row of 0-based ``epoch`` so far: its number and the training metrics' means."""
+        row = {"epoch": epoch + 1}
+        row.update({f"train_{k}": self.sums[k] / max(self.seen[k], 1) for k in self.reported if k in self.sums})
+        if self.scored:
+            row["train_acc"] = self.correct / self.scored
+        return row
 
 
 def _non_finite_loss_error(name, defense, loss, own_bad, bad_loss, x, indices, at, where):
