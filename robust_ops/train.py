@@ -1503,11 +1503,13 @@ def fit(
         with failures:  # its constructor broadcasts the weights
             train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    needs_ids = bool(getattr(defense, "needs_ids", False))
-    num_classes = single_logit = None
-    # out_dir's checkpoint.pt is this run's only once this run has written it (resume=True resumes that file): at a
-    # fresh start it is an earlier run's, which a NonFiniteLossError must not name as this run's last good state
-    last_ckpt = str(resume_path) if resume_path is not None else None
+    run = _Run(name, defense, train_data, batch_size, model, train_model, weights_model, params, frozen, optimizer,
+               scaler, bool(amp), device, channels_last, bool(getattr(defense, "needs_ids", False)), rank, world,
+               failures, max_grad_norm, warmup_epochs, changes,
+               # out_dir's checkpoint.pt is this run's only once this run has written it (resume=True resumes that
+               # file): at a fresh start it is an earlier run's, which a NonFiniteLossError must not name as this
+               # run's last good state
+               last_ckpt=str(resume_path) if resume_path is not None else None)
 
     # Training steps on CPU reuse freed activation memory instead of page-faulting it in again (robust_ops.memory),
     # and run max pooling on the native kernel (robust_ops.native_layers; same results bitwise).
@@ -1561,118 +1563,7 @@ def fit(
 
                 bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
             for step, (indices, global_n) in enumerate(sampler):
-                error = None
-                try:
-                    batch = _collate(name, train_data, indices)
-                    x, y, ids = _split_batch(name, batch, needs_ids, indices)
-                    x, y = x.to(device, non_blocking=True), y.to(device)
-                    if channels_last and x.dim() == 4:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    if num_classes is None:
-                        num_classes, single_logit = _infer_num_classes(model, x)
-                        defense.check_labels(y, num_classes)
-                    low, high = labels_range(y) or (0, 0)  # one host read (a GPU sync) for both ends
-                    if low < 0 or high >= num_classes:
-                        raise ValueError(f"{name}: expected labels in [0, {num_classes}) for a model with "
-                                         f"{num_classes} output classes, got values in [{low}, {high}] (epoch "
-                                         f"{epoch + 1}, step {step + 1})")
-                except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
-                    error = e
-                failures.where = f"epoch {epoch + 1}, step {step + 1}"
-                # a bad sample sits in one process's share
-                _raise_on_every_process(error, world, device, f"{name}: another process failed to read or check its "
-                                        f"share of the batch at epoch {epoch + 1}, step {step + 1}", failures)
-                optimizer.zero_grad(set_to_none=True)
-                with failures:
-                    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-                        try:
-                            out = defense(train_model, x, y, ids) if needs_ids else defense(train_model, x, y)
-                        except NonFiniteInputError:
-                            # the defense's attack refused NaN/Inf inputs ("run_pgd: x contains NaN or Inf", found at
-                            # its own input check's sync), naming neither the data, nor the epoch and step
-                            bad_inputs = (_non_finite_items("train_data", x, indices)
-                                          or "the batch's inputs hold NaN or Inf")
-                            raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} defense's "
-                                                     f"attack refused its inputs ({bad_inputs}: check the data) at "
-                                                     f"epoch {epoch + 1}, step {step + 1}; stopped before updating "
-                                                     f"the weights{_last_good_checkpoint(last_ckpt)}") from None
-                        except NonFiniteOutputError as err:
-                            # found at the attack's first forward, on its label check's sync: the loss check below
-                            # would name the epoch and step, but not the model's outputs as the cause
-                            raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} defense's "
-                                                     f"attack met model outputs that are NaN or Inf ({err.count} of "
-                                                     f"{err.inputs} samples) at epoch {epoch + 1}, step {step + 1}; "
-                                                     "check the model (a log or division of 0 in its forward) and "
-                                                     "the learning rate (diverged weights); stopped before updating "
-                                                     f"the weights{_last_good_checkpoint(last_ckpt)}") from None
-                        except ValueError as err:
-                            if x.shape[0] == 1 and is_one_sample_batch_norm(err):
-                                raise OneSampleBatchError(name, len(train_data), batch_size, global_n, world,
-                                                          f"epoch {epoch + 1}, step {step + 1}") from None
-                            raise
-                    loss = _checked_output(name, defense, out).loss
-                    _check_logits(name, defense, out.logits, y.numel(), num_classes, single_logit)
-                    # refused before the weights change; tensors read below with the flags
-                    metrics, unread = _clean_metrics(name, defense, out.metrics, device)
-                    weights = _metric_weights(name, defense, getattr(out, "metric_counts", None), metrics, y.numel())
-                    # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
-                    own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
-                                           _any_non_finite(out.extra_grads).to(device)])
-                    bad = own_bad
-                    if world > 1:  # every process stops together (a lone raise would leave the others waiting)
-                        bad = own_bad.to(dtype=torch.float32)  # a copy: own_bad still says which process it was
-                        dist.all_reduce(bad)
-                    # the batch's count of correct clean predictions (train_acc) rides on the flags' read: one host
-                    # read (a GPU sync) for both; float64 holds any count exactly
-                    read = [bad.to(torch.float64)]
-                    if out.logits is not None:
-                        read.append((predict_from_output(out.logits.detach()) == y).sum().to(torch.float64)[None])
-                    # and so do the defense's tensor metrics (a custom defense's; the built-in ones give floats)
-                    read.extend(t.to(bad.device) for t in unread.values())
-                    bad_loss, bad_extra, *batch_correct = torch.cat(read).tolist()
-                    metrics.update(zip(unread, batch_correct[len(batch_correct) - len(unread):]))
-                    bad_loss, bad_extra = bad_loss > 0, bad_extra > 0
-                where = _last_good_checkpoint(last_ckpt)
-                if bad_loss or bad_extra:
-                    raise _non_finite_loss_error(name, defense, loss, own_bad, bad_loss, x, indices,
-                                                 f"epoch {epoch + 1}, step {step + 1}", where)
-                scale = world * len(indices) / global_n if world > 1 else 1.0
-                scaled = loss * scale if scale != 1.0 else loss
-                with failures:
-                    if not loss.requires_grad:  # else torch's "element 0 of tensors does not require grad"
-                        raise ValueError(f"{_defense_named(name, defense)} returned a loss that does not depend on "
-                                         "the model's parameters (computed under torch.no_grad() or detached?)")
-                    if scaler is not None:
-                        scaler.scale(scaled).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        scaled.backward()
-                    if world > 1:
-                        _check_every_parameter_got_a_gradient(name, weights_model,
-                                                              f"epoch {epoch + 1}, step {step + 1}")
-                    if out.extra_grads is not None:
-                        _add_extra_grads(name, params, out.extra_grads, scale, world)
-                    if epoch < warmup_epochs:  # the head alone trains: the optimizer skips a parameter without .grad
-                        for p in frozen:
-                            p.grad = None
-                    # a finite loss can still have NaN gradients (sqrt's derivative at 0): the step made the weights
-                    # NaN unseen. The same on every process (DDP averaged them); GradScaler skips such steps itself.
-                    if scaler is None and bool(_any_non_finite([p.grad for p in params])):
-                        raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} gradients are "
-                                                 f"non-finite (the loss is finite) at epoch {epoch + 1}, step "
-                                                 f"{step + 1}; stopped before updating the weights{where}")
-                    if max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    changes.trained = True
-
-                if "loss" not in metrics:  # not setdefault: its argument, a host read, ran for every batch
-                    metrics["loss"] = float(loss.detach())
-                totals.add(metrics, weights, y.numel(), batch_correct[0] if out.logits is not None else None)
+                totals.add(*_train_one_batch(run, epoch, step, indices, global_n))
                 if bar is not None:
                     bar.update(1)
                     if totals.seen.get("loss"):  # the epoch's mean so far (its train_loss at the last step)
@@ -1689,7 +1580,7 @@ def fit(
             # Every step's loss and gradients were finite, but the last step's update (or a forward's batch-norm
             # statistics) can still overflow: validation then scored NaN logits and the checkpoint, later named as the
             # last good one, held NaN weights. The same on every process (equal weights, rank 0's buffers).
-            _check_finite_weights(name, weights_model, finite_at_start, epoch, _last_good_checkpoint(last_ckpt))
+            _check_finite_weights(name, weights_model, finite_at_start, epoch, _last_good_checkpoint(run.last_ckpt))
 
             row = totals.row(epoch)
             if val_data is not None:
@@ -1757,7 +1648,7 @@ def fit(
             _raise_on_every_process(save_error, world, device, f"{name}: process 0 failed to write the checkpoint or "
                                     f"metrics to {out_dir} after epoch {epoch + 1}", failures)
             if out_dir is not None:  # on every process: a later NonFiniteLossError names the last good checkpoint
-                last_ckpt = str(ckpt_path)
+                run.last_ckpt = str(ckpt_path)
             if stopper is not None and stopper["stopped_epoch"] is not None:
                 break
         # these write in out_dir too: before its hold is released
@@ -1785,6 +1676,180 @@ def fit(
         weights_epoch = stopper["best_epoch"]
     return FitResult(history=history, checkpoint=str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file()
                      else None, model=model, early_stopping=stopper, weights_epoch=weights_epoch)
+
+
+@dataclass
+class _Run:
+    """What fit's epochs share, set up once before the first: the training step's pieces, the checkpoint's, and the
+    run's state that changes as it goes (the model's class count, known from the first batch; the last checkpoint
+    written, which a NonFiniteLossError names)."""
+
+    name: str
+    defense: object
+    train_data: object
+    batch_size: int
+    model: nn.Module
+    train_model: nn.Module  # the model, or its DDP wrapper
+    weights_model: nn.Module  # what the checkpoints hold
+    params: list
+    frozen: list  # the warm-up's: every trainable parameter but the head's
+    optimizer: object
+    scaler: object
+    amp: bool
+    device: torch.device
+    channels_last: bool
+    needs_ids: bool
+    rank: int
+    world: int
+    failures: object
+    max_grad_norm: object
+    warmup_epochs: int
+    changes: object
+    num_classes: int = None
+    single_logit: bool = None
+    last_ckpt: str = None
+
+
+def _train_one_batch(run, epoch, step, indices, global_n):
+    """One training step on the items ``indices`` of train_data (this process's share of a global batch of
+    ``global_n``): the defense's loss, the checks of what it returned, backward and the optimizer's step. Returns
+    ``(metrics, weights, n, correct)`` for _EpochTotals.add."""
+    at = f"epoch {epoch + 1}, step {step + 1}"
+    x, y, ids = _batch_on_device(run, indices, at)
+    run.optimizer.zero_grad(set_to_none=True)
+    with run.failures:
+        out = _defense_output(run, x, y, ids, indices, global_n, at)
+        loss, metrics, weights, own_bad, bad_loss, bad_extra, batch_correct = _read_step(run, out, y)
+    where = _last_good_checkpoint(run.last_ckpt)
+    if bad_loss or bad_extra:
+        raise _non_finite_loss_error(run.name, run.defense, loss, own_bad, bad_loss, x, indices, at, where)
+    scale = run.world * len(indices) / global_n if run.world > 1 else 1.0
+    with run.failures:
+        _update_weights(run, loss, out.extra_grads, scale, epoch < run.warmup_epochs, at, where)
+    if "loss" not in metrics:  # not setdefault: its argument, a host read, ran for every batch
+        metrics["loss"] = float(loss.detach())
+    return metrics, weights, y.numel(), batch_correct[0] if out.logits is not None else None
+
+
+def _batch_on_device(run, indices, at):
+    """``(x, y, ids)`` of train_data's items ``indices``, on the device, their labels checked (at the first batch, the
+    model's class count found); a failure on any process raises on every one."""
+    name, error = run.name, None
+    x = y = ids = None
+    try:
+        batch = _collate(name, run.train_data, indices)
+        x, y, ids = _split_batch(name, batch, run.needs_ids, indices)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device)
+        if run.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if run.num_classes is None:
+            run.num_classes, run.single_logit = _infer_num_classes(run.model, x)
+            run.defense.check_labels(y, run.num_classes)
+        low, high = labels_range(y) or (0, 0)  # one host read (a GPU sync) for both ends
+        if low < 0 or high >= run.num_classes:
+            raise ValueError(f"{name}: expected labels in [0, {run.num_classes}) for a model with {run.num_classes} "
+                             f"output classes, got values in [{low}, {high}] ({at})")
+    except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
+        error = e
+    run.failures.where = at
+    # a bad sample sits in one process's share
+    _raise_on_every_process(error, run.world, run.device, f"{name}: another process failed to read or check its share "
+                            f"of the batch at {at}", run.failures)
+    return x, y, ids
+
+
+def _defense_output(run, x, y, ids, indices, global_n, at):
+    """The defense's DefenseOutput for the batch; its attack's refusals of NaN / Inf inputs or model outputs, and a
+    one-sample batch met by batch norm, named as fit's errors at ``at``."""
+    name, defense = run.name, run.defense
+    with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=run.amp):
+        try:
+            return defense(run.train_model, x, y, ids) if run.needs_ids else defense(run.train_model, x, y)
+        except NonFiniteInputError:
+            # the defense's attack refused NaN/Inf inputs ("run_pgd: x contains NaN or Inf", found at its own input
+            # check's sync), naming neither the data, nor the epoch and step
+            bad_inputs = _non_finite_items("train_data", x, indices) or "the batch's inputs hold NaN or Inf"
+            raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} defense's attack refused its "
+                                     f"inputs ({bad_inputs}: check the data) at {at}; stopped before updating the "
+                                     f"weights{_last_good_checkpoint(run.last_ckpt)}") from None
+        except NonFiniteOutputError as err:
+            # found at the attack's first forward, on its label check's sync: the loss check would name the epoch
+            # and step, but not the model's outputs as the cause
+            raise NonFiniteLossError(f"{name}: the {getattr(defense, 'name', 'defense')} defense's attack met model "
+                                     f"outputs that are NaN or Inf ({err.count} of {err.inputs} samples) at {at}; "
+                                     "check the model (a log or division of 0 in its forward) and the learning rate "
+                                     "(diverged weights); stopped before updating the weights"
+                                     f"{_last_good_checkpoint(run.last_ckpt)}") from None
+        except ValueError as err:
+            if x.shape[0] == 1 and is_one_sample_batch_norm(err):
+                raise OneSampleBatchError(name, len(run.train_data), run.batch_size, global_n, run.world,
+                                          at) from None
+            raise
+
+
+def _read_step(run, out, y):
+    """The checks of the defense's output, refused before the weights change, and the step's one host read: whether
+    the loss and the extra gradients are finite (on any process, under DDP), the batch's count of correct clean
+    predictions and the defense's tensor metrics. Returns ``(loss, metrics, weights, own_bad, bad_loss, bad_extra,
+    correct)``, ``correct`` a list holding the count where the defense returned clean logits."""
+    name, defense, device = run.name, run.defense, run.device
+    loss = _checked_output(name, defense, out).loss
+    _check_logits(name, defense, out.logits, y.numel(), run.num_classes, run.single_logit)
+    # refused before the weights change; tensors read below with the flags
+    metrics, unread = _clean_metrics(name, defense, out.metrics, device)
+    weights = _metric_weights(name, defense, getattr(out, "metric_counts", None), metrics, y.numel())
+    # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
+    own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
+                           _any_non_finite(out.extra_grads).to(device)])
+    bad = own_bad
+    if run.world > 1:  # every process stops together (a lone raise would leave the others waiting)
+        bad = own_bad.to(dtype=torch.float32)  # a copy: own_bad still says which process it was
+        dist.all_reduce(bad)
+    # the batch's count of correct clean predictions (train_acc) rides on the flags' read: one host read (a GPU sync)
+    # for both; float64 holds any count exactly
+    read = [bad.to(torch.float64)]
+    if out.logits is not None:
+        read.append((predict_from_output(out.logits.detach()) == y).sum().to(torch.float64)[None])
+    # and so do the defense's tensor metrics (a custom defense's; the built-in ones give floats)
+    read.extend(t.to(bad.device) for t in unread.values())
+    bad_loss, bad_extra, *batch_correct = torch.cat(read).tolist()
+    metrics.update(zip(unread, batch_correct[len(batch_correct) - len(unread):]))
+    return loss, metrics, weights, own_bad, bad_loss > 0, bad_extra > 0, batch_correct
+
+
+def _update_weights(run, loss, extra_grads, scale, warmup, at, where):
+    """Backward of the (finite) ``loss`` times ``scale``, the defense's ``extra_grads`` added, the gradient checks
+    and clipping, and the optimizer's step; in the ``warmup`` the head's parameters alone change."""
+    name, params = run.name, run.params
+    scaled = loss * scale if scale != 1.0 else loss
+    if not loss.requires_grad:  # else torch's "element 0 of tensors does not require grad"
+        raise ValueError(f"{_defense_named(name, run.defense)} returned a loss that does not depend on the model's "
+                         "parameters (computed under torch.no_grad() or detached?)")
+    if run.scaler is not None:
+        run.scaler.scale(scaled).backward()
+        run.scaler.unscale_(run.optimizer)
+    else:
+        scaled.backward()
+    if run.world > 1:
+        _check_every_parameter_got_a_gradient(name, run.weights_model, at)
+    if extra_grads is not None:
+        _add_extra_grads(name, params, extra_grads, scale, run.world)
+    if warmup:  # the head alone trains: the optimizer skips a parameter without .grad
+        for p in run.frozen:
+            p.grad = None
+    # a finite loss can still have NaN gradients (sqrt's derivative at 0): the step made the weights NaN unseen. The
+    # same on every process (DDP averaged them); GradScaler skips such steps itself.
+    if run.scaler is None and bool(_any_non_finite([p.grad for p in params])):
+        raise NonFiniteLossError(f"{name}: the {getattr(run.defense, 'name', 'defense')} gradients are non-finite (the "
+                                 f"loss is finite) at {at}; stopped before updating the weights{where}")
+    if run.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, run.max_grad_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.changes.trained = True
 
 
 def _resume_path(name, resume, out_dir, ckpt_path):
