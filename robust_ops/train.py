@@ -1505,7 +1505,8 @@ def fit(
 
     run = _Run(name, defense, train_data, batch_size, model, train_model, weights_model, params, frozen, optimizer,
                scaler, bool(amp), device, channels_last, bool(getattr(defense, "needs_ids", False)), rank, world,
-               failures, max_grad_norm, warmup_epochs, changes,
+               failures, max_grad_norm, warmup_epochs, changes, out_dir, ckpt_path, scheduler, sampler,
+               {**config, "defense_options": defense_options},
                # out_dir's checkpoint.pt is this run's only once this run has written it (resume=True resumes that
                # file): at a fresh start it is an earlier run's, which a NonFiniteLossError must not name as this
                # run's last good state
@@ -1517,7 +1518,6 @@ def fit(
     finite_at_start = _finite_tensor_names(weights_model)  # (a resume's: loaded above)
     speedups.__enter__()
     bar = None
-    recorded_config = {**config, "defense_options": defense_options}  # the checkpoints' and best_model.pt's
     # a run its early stopping ended is finished: resumed (even with more epochs) it trains no further
     end_epoch = start_epoch if stopper is not None and stopper["stopped_epoch"] is not None else epochs
     out_dir_hold = contextlib.ExitStack()
@@ -1608,63 +1608,13 @@ def fit(
                 else:
                     scheduler.step()
 
-            # where the others wait while process 0 writes (a slow disk: a timeout names it)
-            failures.where = f"the checkpoint after epoch {epoch + 1}" if out_dir is not None else \
-                f"the end of epoch {epoch + 1}"
-            rank_states, save_error = None, None
-            if world > 1 and out_dir is not None:  # every process's RNG streams, so each resumes its own
-                rank_states = [None] * world
-                with failures:
-                    dist.all_gather_object(rank_states, _rng_state(device))
-            if rank == 0 and out_dir is not None:
-                state = {
-                    "format": CHECKPOINT_FORMAT,
-                    "epoch": epoch + 1,
-                    "config": recorded_config,
-                    "model": weights_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "defense": defense.state_dict(),
-                    "rng": _rng_state(device),
-                    "rng_ranks": rank_states,
-                    "sampler": sampler.state_dict(),
-                    "history": history,
-                    "arithmetic": _arithmetic(device, world),
-                    "early_stopping": stopper,
-                    # restore_best's, where a resume finds them (the model entry stays the last epoch's)
-                    "best_model": best_weights,
-                }
-                try:
-                    if best_weights is not None and (new_best or epoch == start_epoch):
-                        # before the checkpoint, and again by a resumed call's first epoch: a kill between the two
-                        # writes then leaves no best_model.pt behind the checkpoint's best_model
-                        _save_best_model(out_dir, stopper, recorded_config, best_weights)
-                    save_checkpoint(ckpt_path, state)
-                    _write_metrics(Path(out_dir), history)
-                except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
-                    save_error = e
-            # also the barrier before the next epoch
-            _raise_on_every_process(save_error, world, device, f"{name}: process 0 failed to write the checkpoint or "
-                                    f"metrics to {out_dir} after epoch {epoch + 1}", failures)
-            if out_dir is not None:  # on every process: a later NonFiniteLossError names the last good checkpoint
-                run.last_ckpt = str(ckpt_path)
+            _save_epoch(run, epoch, history, stopper, best_weights,
+                        write_best=best_weights is not None and (new_best or epoch == start_epoch))
             if stopper is not None and stopper["stopped_epoch"] is not None:
                 break
         # these write in out_dir too: before its hold is released
         if rank == 0 and out_dir is not None and resume_path is not None and start_epoch == end_epoch:
-            if not resumed_here:
-                # another folder's finished run: out_dir's old run was removed above, and no epoch runs to write
-                # this one there, which left out_dir empty (FitResult.checkpoint None); its checkpoint as it is
-                replace_atomically(ckpt_path, lambda f: f.write(resume_path.read_bytes()), binary=True, fsync=True)
-            if not resumed_here or _epochs_in_history_file(out_dir) != len(history):
-                # here: a run killed between its last checkpoint and the metrics files written after it: no epoch is
-                # left to rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
-                _write_metrics(Path(out_dir), history)
-            if best_weights is not None:
-                # no epoch ran to write it: a finished run resumed with restore_best switched on (its best epoch its
-                # last), or resumed into another out_dir
-                _save_best_model(out_dir, stopper, recorded_config, best_weights)
+            _write_a_finished_run(run, history, stopper, best_weights, resume_path, resumed_here)
     finally:
         if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, would push the next down
             bar.close()
@@ -1705,6 +1655,11 @@ class _Run:
     max_grad_norm: object
     warmup_epochs: int
     changes: object
+    out_dir: object  # None: nothing is written
+    ckpt_path: Path
+    scheduler: object
+    sampler: GlobalBatchSampler
+    recorded_config: dict  # the checkpoints' and best_model.pt's
     num_classes: int = None
     single_logit: bool = None
     last_ckpt: str = None
@@ -1850,6 +1805,72 @@ def _update_weights(run, loss, extra_grads, scale, warmup, at, where):
     else:
         run.optimizer.step()
     run.changes.trained = True
+
+
+def _save_epoch(run, epoch, history, stopper, best_weights, write_best):
+    """After 0-based ``epoch``, with out_dir: the checkpoint (under DDP holding every process's RNG streams, gathered
+    here), the metrics files and, with ``write_best``, best_model.pt, written by process 0; a failure to write them
+    raises on every process. Also the barrier before the next epoch, with out_dir or without."""
+    name, world, device, failures, out_dir = run.name, run.world, run.device, run.failures, run.out_dir
+    # where the others wait while process 0 writes (a slow disk: a timeout names it)
+    failures.where = f"the checkpoint after epoch {epoch + 1}" if out_dir is not None else \
+        f"the end of epoch {epoch + 1}"
+    rank_states, save_error = None, None
+    if world > 1 and out_dir is not None:  # every process's RNG streams, so each resumes its own
+        rank_states = [None] * world
+        with failures:
+            dist.all_gather_object(rank_states, _rng_state(device))
+    if run.rank == 0 and out_dir is not None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch + 1,
+            "config": run.recorded_config,
+            "model": run.weights_model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "defense": run.defense.state_dict(),
+            "rng": _rng_state(device),
+            "rng_ranks": rank_states,
+            "sampler": run.sampler.state_dict(),
+            "history": history,
+            "arithmetic": _arithmetic(device, world),
+            "early_stopping": stopper,
+            # restore_best's, where a resume finds them (the model entry stays the last epoch's)
+            "best_model": best_weights,
+        }
+        try:
+            if write_best:
+                # before the checkpoint, and again by a resumed call's first epoch: a kill between the two writes then
+                # leaves no best_model.pt behind the checkpoint's best_model
+                _save_best_model(out_dir, stopper, run.recorded_config, best_weights)
+            save_checkpoint(run.ckpt_path, state)
+            _write_metrics(Path(out_dir), history)
+        except Exception as e:  # noqa: BLE001 -- re-raised below, after the other processes know
+            save_error = e
+    # also the barrier before the next epoch
+    _raise_on_every_process(save_error, world, device, f"{name}: process 0 failed to write the checkpoint or metrics "
+                            f"to {out_dir} after epoch {epoch + 1}", failures)
+    if out_dir is not None:  # on every process: a later NonFiniteLossError names the last good checkpoint
+        run.last_ckpt = str(run.ckpt_path)
+
+
+def _write_a_finished_run(run, history, stopper, best_weights, resume_path, resumed_here):
+    """Process 0's files for a resume that had no epoch left to run (the run was finished), which the epochs would
+    have written: the checkpoint of a run resumed into another out_dir, the metrics files, and best_model.pt."""
+    out_dir, ckpt_path = run.out_dir, run.ckpt_path
+    if not resumed_here:
+        # another folder's finished run: out_dir's old run was removed before the epochs, and no epoch runs to write
+        # this one there, which left out_dir empty (FitResult.checkpoint None); its checkpoint as it is
+        replace_atomically(ckpt_path, lambda f: f.write(resume_path.read_bytes()), binary=True, fsync=True)
+    if not resumed_here or _epochs_in_history_file(out_dir) != len(history):
+        # here: a run killed between its last checkpoint and the metrics files written after it: no epoch is left to
+        # rewrite them, so they would stay an epoch behind the checkpoint (and epochs_done with them)
+        _write_metrics(Path(out_dir), history)
+    if best_weights is not None:
+        # no epoch ran to write it: a finished run resumed with restore_best switched on (its best epoch its last),
+        # or resumed into another out_dir
+        _save_best_model(out_dir, stopper, run.recorded_config, best_weights)
 
 
 def _resume_path(name, resume, out_dir, ckpt_path):
