@@ -1571,31 +1571,11 @@ def fit(
             if bar is not None:
                 bar.close()
 
-            failures.where = f"the end of epoch {epoch + 1}"
-            with failures:  # a process that failed at its last step leaves the others waiting here
-                if world > 1:
-                    _broadcast_buffers(model)
-                    totals.sum_over_processes(world, device)
-                    _sync_defense_state(defense, defense_start, world)
-            # Every step's loss and gradients were finite, but the last step's update (or a forward's batch-norm
-            # statistics) can still overflow: validation then scored NaN logits and the checkpoint, later named as the
-            # last good one, held NaN weights. The same on every process (equal weights, rank 0's buffers).
-            _check_finite_weights(name, weights_model, finite_at_start, epoch, _last_good_checkpoint(run.last_ckpt))
-
-            row = totals.row(epoch)
-            if val_data is not None:
-                failures.where = f"the validation after epoch {epoch + 1}"
-                with failures:  # out of memory on one GPU: the others wait in the next collective
-                    row.update(evaluate_clean(model, val_data, val_batch_size, device, channels_last))
-            row["lr"] = float(optimizer.param_groups[0]["lr"])
-            row["time_s"] = time.perf_counter() - t0
+            _end_epoch(run, epoch, totals, defense_start, finite_at_start)
+            row = _epoch_row(run, epoch, totals, val_data, val_batch_size, t0)
             history.append(row)
             plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            monitored = row.get("val_loss", row.get("train_loss"))
-            if world > 1 and "val_loss" in row and (plateau or (stopper is not None and epoch >= warmup_epochs)):
-                failures.where = f"the validation-loss exchange after epoch {epoch + 1}"
-                with failures:
-                    monitored = _rank0_value(monitored, device)
+            monitored = _monitored_loss(run, epoch, row, plateau or (stopper is not None and epoch >= warmup_epochs))
             if stopper is not None and epoch >= warmup_epochs:
                 _early_stopping_step(stopper, monitored, epoch)
             new_best = restore_best and stopper["best_epoch"] == epoch + 1
@@ -1805,6 +1785,45 @@ def _update_weights(run, loss, extra_grads, scale, warmup, at, where):
     else:
         run.optimizer.step()
     run.changes.trained = True
+
+
+def _end_epoch(run, epoch, totals, defense_start, finite_at_start):
+    """The end of 0-based ``epoch``'s steps: under DDP, rank 0's buffers, the metric sums and the defense's state
+    made every process's; then the weights checked finite."""
+    run.failures.where = f"the end of epoch {epoch + 1}"
+    with run.failures:  # a process that failed at its last step leaves the others waiting here
+        if run.world > 1:
+            _broadcast_buffers(run.model)
+            totals.sum_over_processes(run.world, run.device)
+            _sync_defense_state(run.defense, defense_start, run.world)
+    # Every step's loss and gradients were finite, but the last step's update (or a forward's batch-norm statistics)
+    # can still overflow: validation then scored NaN logits and the checkpoint, later named as the last good one, held
+    # NaN weights. The same on every process (equal weights, rank 0's buffers).
+    _check_finite_weights(run.name, run.weights_model, finite_at_start, epoch, _last_good_checkpoint(run.last_ckpt))
+
+
+def _epoch_row(run, epoch, totals, val_data, val_batch_size, t0):
+    """0-based ``epoch``'s history row: the training metrics, the validation's (with ``val_data``), the learning
+    rate and the seconds since ``t0``."""
+    row = totals.row(epoch)
+    if val_data is not None:
+        run.failures.where = f"the validation after epoch {epoch + 1}"
+        with run.failures:  # out of memory on one GPU: the others wait in the next collective
+            row.update(evaluate_clean(run.model, val_data, val_batch_size, run.device, run.channels_last))
+    row["lr"] = float(run.optimizer.param_groups[0]["lr"])
+    row["time_s"] = time.perf_counter() - t0
+    return row
+
+
+def _monitored_loss(run, epoch, row, exchanged):
+    """What a ReduceLROnPlateau and early stopping step on: ``row``'s val_loss, else its train_loss; under DDP, where
+    ``exchanged`` (one of them steps on it), rank 0's val_loss on every process."""
+    monitored = row.get("val_loss", row.get("train_loss"))
+    if run.world > 1 and "val_loss" in row and exchanged:
+        run.failures.where = f"the validation-loss exchange after epoch {epoch + 1}"
+        with run.failures:
+            monitored = _rank0_value(monitored, run.device)
+    return monitored
 
 
 def _save_epoch(run, epoch, history, stopper, best_weights, write_best):
