@@ -5,9 +5,12 @@ filters change, and every ``warnings.catch_warnings()`` block counts as a change
 back on exit. scikit-learn wraps each metric call in such a block (``check_array``, ``type_of_target``), so after an
 ``evaluate`` call or a stratified split Python had forgotten every warning shown before: ``evaluate`` in a loop of 31
 calls printed its "default step alpha" warning 31 times, and an attack's warning at the caller's line repeated too.
-:func:`warn` keeps its own memory of what it showed, valid while ``warnings.filters`` is the same list with the same
-entries (a ``catch_warnings`` block of the caller's own has a list of its own, and ``filterwarnings``,
-``simplefilter`` or ``resetwarnings`` change the entries: there, as with Python, it is shown again).
+:func:`warn` keeps its own memory of what it showed, valid while ``warnings.filters`` is the same list and the filter
+that decides the warning (its first match, or none) is the same: a ``catch_warnings`` block of the caller's own has
+a list of its own, and a ``filterwarnings``, ``simplefilter`` or ``resetwarnings`` that changes which filter matches
+the warning shows it again, as Python would. Filters that do not match it leave the memory alone, where Python
+forgets every warning: scipy adds two at its import, which a process's first ``evaluate`` triggers, so Python's rule
+showed a loop's first library warning twice.
 The filters still decide: an action that shows a warning every time (``"always"``, ``"error"``: ``-W error``,
 ``pytest.warns``) or never (``"ignore"``) is Python's, as without it, also when set after the first warning.
 """
@@ -16,25 +19,27 @@ import sys
 import threading
 import warnings
 
-# (the warnings.filters list, its entries then, the keys shown while it was the one in use and held them)
-_shown = (None, (), set())
+# (the warnings.filters list, {key shown while it was the one in use: the filter that decided it then})
+_shown = (None, {})
 _lock = threading.Lock()
 
 
-def _action(text, category, module, lineno):
-    """The action ``warnings.filters`` (else ``warnings.defaultaction``) gives this warning, as Python matches it."""
-    for action, message, cat, mod, line in warnings.filters:
+def _deciding_filter(text, category, module, lineno):
+    """The first entry of ``warnings.filters`` that matches this warning, as Python matches it, or None (then
+    ``warnings.defaultaction`` decides)."""
+    for entry in warnings.filters:
+        _, message, cat, mod, line = entry
         if ((message is None or message.match(text)) and issubclass(category, cat)
                 and (mod is None or mod.match(module)) and (line == 0 or line == lineno)):
-            return action
-    return warnings.defaultaction
+            return entry
+    return None
 
 
 def warn(message, category=UserWarning, stacklevel=1):
     """``warnings.warn(message, category, stacklevel)`` as called from the caller's frame, but under the "default",
-    "module" and "once" actions not shown again where it was already shown while ``warnings.filters`` was the list,
-    with the entries, it is (module docstring); every other action (``"always"``, ``"error"``, ``"ignore"``) goes to
-    Python as it is."""
+    "module" and "once" actions not shown again where it was already shown while ``warnings.filters`` was the list it
+    is and the same filter decided it (module docstring); every other action (``"always"``, ``"error"``,
+    ``"ignore"``) goes to Python as it is."""
     if isinstance(message, Warning):
         category = type(message)
     try:
@@ -44,22 +49,21 @@ def warn(message, category=UserWarning, stacklevel=1):
     filename, lineno = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("sys", 1)
     module = frame.f_globals.get("__name__", "<string>") if frame is not None else "sys"
     text = str(message)
-    action = _action(text, category, module, lineno)
+    deciding = _deciding_filter(text, category, module, lineno)
+    action = warnings.defaultaction if deciding is None else deciding[0]
     keys = {"default": (text, category, filename, lineno), "module": (text, category, filename),
             "once": (text, category)}
     key = keys.get(action)
     global _shown
     if key is not None:
-        entries = tuple(warnings.filters)
         with _lock:
-            filters, held, shown = _shown
-            # another catch_warnings block's list (or back from one), or this one changed in place (filterwarnings,
-            # simplefilter, resetwarnings, a module adding its filters at import): Python forgets then too
-            if warnings.filters is not filters or entries != held:
-                filters, held, shown = _shown = (warnings.filters, entries, set())
-            if key in shown:
+            filters, shown = _shown
+            if warnings.filters is not filters:  # another catch_warnings block's (or back from one): Python's too
+                filters, shown = _shown = (warnings.filters, {})
+            # shown before under the same deciding filter (a filter changed in place that matches it: shown again)
+            if key in shown and shown[key] == (deciding, action):
                 return
-            shown.add(key)
+            shown[key] = (deciding, action)
     warnings.warn(message, category, stacklevel + 1)
 
 
