@@ -2314,6 +2314,19 @@ def test_margin_table_update_refuses_bool_and_complex_distances():
     assert table.margins[2].item() == pytest.approx(0.55)
 
 
+
+def test_margin_table_update_names_a_distance_of_the_wrong_shape_or_kind():
+    # A list of distances read "expected distance of shape [2], got ()", the shape of no tensor given (coverage
+    # helper, s48: the refusal had no test).
+    table = MarginTable(4, 0.1, 1.0)
+    flags = dict(adv_correct=torch.tensor([False, False]), crossed=torch.tensor([True, True]), delta=0.1)
+    for distance, got in ((torch.zeros(3), r"\(3,\)"), ([0.1, 0.2], "list"), (0.1, "float")):
+        with pytest.raises(ValueError, match=f"^MarginTable.update: expected distance to be a tensor of shape \\[2\\], "
+                                             f"got {got}$"):
+            table.update(torch.tensor([0, 1]), distance=distance, **flags)
+    assert table.margins.tolist() == pytest.approx([0.1] * 4)
+
+
 class _NaNOffClean(nn.Module):
     """Finite logits at the clean images; NaN once samples 1 and 4 move off theirs (a model that diverges there)."""
 

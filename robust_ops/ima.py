@@ -1092,8 +1092,8 @@ class MarginTable:
                 raise ValueError(f"MarginTable.update: expected {arg} to be a bool tensor of shape [{n}], got "
                                  f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
         if not torch.is_tensor(distance) or distance.shape != (n,):
-            raise ValueError(f"MarginTable.update: expected distance of shape [{n}], got "
-                             f"{tuple(getattr(distance, 'shape', ()))}")
+            got = tuple(distance.shape) if torch.is_tensor(distance) else type(distance).__name__
+            raise ValueError(f"MarginTable.update: expected distance to be a tensor of shape [{n}], got {got}")
         if distance.dtype == torch.bool or distance.is_complex():  # a bool (crossed passed twice?) shrank towards 1
             raise TypeError(f"MarginTable.update: expected real-valued distances, got {distance.dtype}")
         check_real("MarginTable.update", "delta", delta, minimum=0)
