@@ -1717,6 +1717,48 @@ def test_arfl_penultimate_features_before_the_activation_via_layer():
     assert got_pre != pytest.approx(got_post, rel=1e-4)
 
 
+
+class _UnusedHead(nn.Module):
+    """Logits from ``body``; ``head``, the last Linear, is never called (an auxiliary head left unused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.body(x.flatten(1))
+
+
+class _NoLayer(nn.Module):
+    """Logits as a scaled slice of the input: no convolution and no Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :2] * self.w
+
+
+def test_arfl_names_the_feature_layer_it_cannot_read_and_how_it_was_picked():
+    """Refusals that coverage found unreached (covattacks helper, s48). A feature layer the forward skips read 'arfl:
+    the feature layer was not called in the forward pass', naming neither the layer nor the fix; a layer= the model
+    lacks and a model with no layer to read are refused by name."""
+    x, y = torch.rand(2, 1, 2, 2), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match=r"^arfl: the model's forward did not call the feature layer 'head' "
+                                           r"\(Linear, the default: the last convolution, else the last Linear\); "
+                                           r"name a layer it calls with layer=$"):
+        ARFL()(_UnusedHead(), x, y)
+    with pytest.raises(RuntimeError, match=r"feature layer 'head' \(Linear\); name a layer it calls with layer=$"):
+        ARFL(layer="head")(_UnusedHead(), x, y)
+    assert ARFL(layer="body")(_UnusedHead(), x, y).loss.isfinite()
+    with pytest.raises(ValueError, match=r"^arfl: no module named 'nope' in the model$"):
+        ARFL(layer="nope")(_UnusedHead(), x, y)
+    with pytest.raises(ValueError, match=r"^arfl: the model has no nn.Conv1d/2d/3d or nn.Linear layer to read features "
+                                         r"from; name one with layer=$"):
+        ARFL()(_NoLayer(), x, y)
+
 def test_arfl_reads_the_conv_output_even_when_an_inplace_relu_follows():
     """docs/defenses/arfl.md: the default reads the last conv's own output, before the ReLU that follows it. Behind
     a ReLU(inplace=True) (torchvision's VGG16, ARFL's backbone) the captured tensor was overwritten in place, so

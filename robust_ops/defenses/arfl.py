@@ -152,8 +152,11 @@ class ARFL(PGDDefense):
             logits = model(x)
         finally:
             handle.remove()
-        if not captured:
-            raise RuntimeError(f"{self.name}: the feature layer was not called in the forward pass")
+        if not captured:  # a layer the forward skips (an unused head): say which, and how it was picked
+            name = next(n for n, m in unwrap(model).named_modules() if m is module)
+            how = "" if self.layer is not None else ", the default: the last convolution, else the last Linear"
+            raise RuntimeError(f"{self.name}: the model's forward did not call the feature layer {name!r} "
+                               f"({type(module).__name__}{how}); name a layer it calls with layer=")
         return logits, captured[-1]
 
     def _check_binary(self, y, logits=None):
