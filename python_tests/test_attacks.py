@@ -6527,3 +6527,59 @@ def test_fab_in_a_fresh_process_does_not_import_sympy():
             "adv = attacks.fab(model, x, model(x).argmax(1), eps=0.5, steps=2)\n"
             "print(bool((adv != x).any()), 'sympy' in sys.modules)\n")
     assert run_python(code).split() == ["True", "False"]
+
+
+class _TrainRefused(nn.Sequential):
+    """A model whose train() raises: attack_context's own setup fails after it froze the parameters."""
+
+    def train(self, mode=True):
+        raise RuntimeError("train refused")
+
+
+class _ForwardFails(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        raise RuntimeError("forward failed")
+
+
+def test_refusals_and_failures_no_other_attack_test_reached():
+    """Coverage found these unreached (covattacks helper, s48), each checked by hand and right: a target map that is
+    not callable is refused by name; a model whose train() raises leaves its parameters unfrozen and the next attack
+    runs; a forward's own RuntimeError (not a dtype, device or shape mismatch) passes through as it is, and a Linear or
+    convolution input layer built for other inputs is named; an attack named by import path builds; white_noise of an
+    empty batch returns it, and stops trying once every sample fails."""
+    x, y = torch.rand(2, 1, 2, 2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"^pgd: expected target_map_function to be a callable \(x, y\) -> targets, "
+                                         r"got int$"):
+        attacks.PGD(nn.Sequential(nn.Flatten(), nn.Linear(4, 3))).set_mode_targeted_by_function(3)
+    model = _TrainRefused(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(RuntimeError, match="^train refused$"):
+        attacks.pgd(model, x, y, eps=0.1, steps=1)
+    assert all(p.requires_grad for p in model.parameters())
+    assert attacks.pgd(model, x, y, eps=0.1, steps=1, model_mode="keep").shape == x.shape
+    for attack in (attacks.pgd, attacks.fgsm):
+        with pytest.raises(RuntimeError, match="^forward failed$"):
+            attack(_ForwardFails(), x, y, eps=0.1)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(context.InputShapeError, match=r"^pgd: the model's input layer '1' \(Linear\) takes "
+                                                      r"in_features=4, but the inputs of x \(\[1, 3, 3\] each\) reach "
+                                                      r"it with 9 features; build the model for the data's channels"):
+        attacks.pgd(linear, torch.rand(2, 1, 3, 3), y, eps=0.1, steps=1)
+    conv = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(context.InputShapeError, match=r"input layer '0' \(Conv2d\) takes in_channels=3, but the "
+                                                      r"inputs of x \(\[1, 2, 2\] each\) reach it with 1 channel;"):
+        attacks.pgd(conv, x, y, eps=0.1, steps=1)
+    built = attacks.build("robust_ops.attacks.PGD", linear, eps=0.1)
+    assert type(built) is attacks.PGD and built.eps == 0.1
+    assert attacks.white_noise(linear, x[:0], y[:0], eps=0.1).shape == (0, 1, 2, 2)
+    calls = []
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        wrong[1].weight.zero_()
+        wrong[1].bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # class 2 for every input: both samples wrong at once
+    wrong.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    attacks.white_noise(wrong, x, y, eps=0.1, trials=10)
+    assert len(calls) == 1
