@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+import math
 import pickle
 import re
 import sys
@@ -1392,6 +1393,16 @@ def test_inputs_just_outside_the_clip_range_show_values_outside_it(dtype):
     low, high = re.search(r"got values in \[(\S+), (\S+)\]", str(excinfo.value)).groups()
     assert float(low) < 0.2 and float(high) == pytest.approx(float(bottom.max()), rel=1e-3)
 
+
+
+def test_an_input_one_float64_step_past_the_clip_range_shows_all_17_digits():
+    """The smallest overshoot of a float64 input, 1 + 2**-52, needs all 17 significant digits to read past 1.0
+    (coverage helper, s48: the digit loop's last case had no test)."""
+    model = make_model(3, dtype=torch.float64)
+    x, y = make_data(4, 3, dtype=torch.float64)
+    x[0, 0, 0, 0] = math.nextafter(1.0, 2.0)
+    with pytest.raises(ValueError, match=r", 1.0000000000000002\] \(1.0000000000000002 > clip_max 1.0; "):
+        attacks.pgd(model, x, y, eps=0.03, steps=2)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Norm spellings: AutoAttack's and torchattacks' 'Linf' / 'L2', in any case, are 'linf' / 'l2' from where they enter

@@ -601,11 +601,11 @@ _NO_LABELS = _NoLabels()
 def _past(value, bound, side):
     """``value`` in 4 significant digits, or as many more as show it past ``bound`` when it is (``side`` 1: above,
     -1: below): at 4 digits an input at 1.00001 read "got values in [0.0001797, 1]" against the range [0.0, 1.0]."""
-    for digits in range(4, 18):  # 17 significant digits give a float back exactly
+    for digits in range(4, 17):
         text = f"{value:.{digits}g}"
         if (float(text) - bound) * side > 0 or (value - bound) * side <= 0:
             return text
-    return repr(value)
+    return f"{value:.17g}"  # 17 significant digits give a float back exactly: past the bound when the value is
 
 
 def check_input_batch(name, x):
