@@ -2645,3 +2645,19 @@ def test_repr_shows_the_options_as_given_not_the_run_state():
         assert f"({shown}, " in before or f", {shown}, " in before or f", {shown})" in before
     given = repr(IMA(12, eps_train=1.0))
     assert ", num_samples=12" in given and "(eps_train=1.0, " in given
+
+
+def test_ima_and_batch_invariant_sizes_refusals_no_other_test_reached():
+    """Coverage found these unreached (covattacks helper, s48), each checked by hand and right: an algorithm other
+    than 2 or 3 (the string '3' too), options IMA does not take (all named, with the list it takes), and an x that is
+    not a batch tensor for batch_invariant_sizes."""
+    for algorithm in (4, "3"):
+        with pytest.raises(ValueError, match=rf"^IMA: expected algorithm to be 2 or 3, got {algorithm!r}$"):
+            IMA(10, eps_train=0.1, algorithm=algorithm)
+    with pytest.raises(ValueError, match=r"^IMA: unknown options 'foo', 'bar'; it takes num_samples, eps_train, "):
+        IMA(10, eps_train=0.1, foo=1, bar=2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    for x, got in (([0.5, 0.5], "list"), (torch.tensor(0.5), r"\(\)")):
+        with pytest.raises(ValueError, match=rf"^batch_invariant_sizes: expected x to be a batch tensor \[N, \.\.\.\], "
+                                             rf"got {got}$"):
+            batch_invariant_sizes(model, x)
