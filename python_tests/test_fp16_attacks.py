@@ -374,3 +374,17 @@ def test_loss_scaled_attacks_run_on_a_torch_compiled_model_whose_backward_frees_
     with fp16(), pytest.raises(RuntimeError, match=r"InputGradScale: the float16 loss-scaled input gradient overflowed "
                                                     r"at scale .*donated_buffer = False before compiling"):
         scale.grad(nn.functional.cross_entropy(compiled(xg), y), [xg])
+
+
+def test_a_backward_error_of_its_own_passes_through_the_scaled_gradient_unchanged():
+    """Coverage found it unreached (covattacks helper, s48), checked by hand and right: only a compiled model's
+    "donated buffers" refusal makes the loss-scaled backward retry without a retained graph; torch's other errors
+    (here an input the objective does not use) pass through as they are, and the next call runs as before."""
+    x = torch.rand(3, dtype=torch.float16, requires_grad=True)
+    w = torch.rand(3, requires_grad=True)
+    scale = InputGradScale()
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        scale.grad((w * 2).sum(), [x], direction_only=True)
+    assert scale.retain_graph and scale.retries == 0
+    (grad,) = scale.grad((x.float() * 2).sum(), [x], direction_only=True)
+    assert torch.equal(grad.float() / scale.first_scale, torch.full((3,), 2.0))
