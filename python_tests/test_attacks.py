@@ -3973,6 +3973,8 @@ def test_project_l1_matches_a_bisection_on_the_soft_threshold_level(lo, hi):
     x = lo + (hi - lo) * (0.25 + 0.5 * torch.rand(n, 1, 20, generator=g))
     inside = x + 0.01 * torch.sign(torch.randn(n, 1, 20, generator=g))  # inside the box and the ball: kept
     torch.testing.assert_close(project_l1(x, inside, torch.full((n,), 1.0), lo, hi), inside)
+    empty = torch.zeros(n, 0)  # points without coordinates (docs/attacks.md names the function): returned as they are
+    assert project_l1(empty, empty, torch.full((n,), 1.0), lo, hi).shape == (n, 0)
 
 
 def test_project_l1_returns_the_clip_bound_itself_where_the_room_to_it_rounds_past_it():

@@ -122,9 +122,7 @@ def _l1_step(x_adv, x, grad, step_size, topk, eps_t, clip_min, clip_max):
     quantile (ties included), step_size shared equally among them, then the projection onto the ball and the range."""
     n = x.shape[0]
     g = grad.reshape(n, -1)
-    features = g.shape[1]
-    if features == 0:
-        return x_adv.clone()
+    features = g.shape[1]  # >= 1: apgd and apgd_t return a batch without samples or pixels before any step
     rank = ((1.0 - topk) * features).clamp(0, features - 1).long()
     threshold = g.abs().sort(dim=1)[0].gather(1, rank.view(n, 1))
     direction = torch.sign(g) * (g.abs() >= threshold)
