@@ -4927,6 +4927,8 @@ def test_a_step_of_zero_beside_a_radius_above_zero_is_refused_naming_the_step():
                  lambda: attacks.BIM(model, 0.1, torch.tensor(0.0))):
         with pytest.raises(ValueError, match=rf"^(pgd|pgdl2|ifgsm): {stuck} (0\.03137|1|0\.1)$"):
             make()
+    with pytest.raises(ValueError, match=rf"^pgd: {stuck} 0\.2$"):  # a class's per-sample radii: the widest named
+        attacks.PGD(model, torch.tensor([0.1, 0.2, 0.0, 0.1]), 0)
     for name, run in (("pgd", lambda: attacks.pgd(model, x, y, eps=torch.tensor([0.0, 0.1, 0.0, 0.2]), alpha=0.0)),
                       ("ifgsm", lambda: attacks.ifgsm(model, x, y, eps=0.1, alpha=0)),
                       ("cw_linf", lambda: attacks.cw_linf(model, x, y, eps=0.1, alpha=0.0)),
