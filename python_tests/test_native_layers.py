@@ -611,6 +611,28 @@ def test_copies_and_pickles_taken_inside_hold_torchs_own_forward(tmp_path):
     assert type(copies[1][1]) is robust_ops.DropMax2d
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_module_given_a_swapped_ones_dict_inside_scripts_after_its_own_swap():
+    """A module whose __dict__ was copied from a swapped one inside the block (the swap's forward, __getstate__ and
+    __prepare_scriptable__ come along, each naming the other module), then swapped itself, kept the other's
+    __prepare_scriptable__ after every block: torch.jit.script of it refused for good, "torch.jit.script of MaxPool2d
+    inside native_layers or prepacked_conv ... is not supported". The swap takes the copied one for its own, as it
+    takes the copied __getstate__ (which no test reached either)."""
+    pool = nn.MaxPool2d(2)
+    x = torch.randn(1, 1, 4, 4)
+    expected = pool(x)
+    with native_layers(pool, True):
+        twin = object.__new__(nn.MaxPool2d)
+        twin.__dict__.update(pool.__dict__)
+        with native_layers(twin, True):
+            assert twin.__dict__["__getstate__"].args == (twin, None)  # the other's is not taken for the user's own
+            assert twin.__dict__["__prepare_scriptable__"].args == (twin,)
+            assert torch.equal(twin(x), expected) and patched(twin) == [twin]
+    for m in (pool, twin):
+        assert not {"forward", "__getstate__", "__prepare_scriptable__"} & set(m.__dict__)
+        assert torch.equal(torch.jit.script(m)(x), expected)
+
+
 def test_shallow_copies_taken_inside_run_their_own_forward():
     """copy.copy of a swapped module kept the installed partial, which names the original: the copy ran the
     original's forward with the original's attributes (its own kernel_size ignored), during the block and after."""

@@ -133,7 +133,11 @@ def patched_forwards(model, replacements, switch, undecided=True):
                     if isinstance(own, functools.partial) and own.func is _state_without_swap:
                         own = None  # another module's, come along with a copy of its __dict__: not the user's
                     module.__dict__["__getstate__"] = functools.partial(_state_without_swap, module, own)
-                    if "__prepare_scriptable__" not in module.__dict__:  # a user's own stays
+                    # a user's own stays; another module's refusal, come along as its __getstate__ above, does not:
+                    # kept, it outlived every block and refused torch.jit.script of this module for good
+                    prepare = module.__dict__.get("__prepare_scriptable__")
+                    copied = isinstance(prepare, functools.partial) and prepare.func is _refuse_scripting
+                    if prepare is None or copied:
                         module.__dict__["__prepare_scriptable__"] = functools.partial(_refuse_scripting, module)
                     _patched[id(module)] = [module, 1, replacement, switch, undecided]
                 modules.append(module)
