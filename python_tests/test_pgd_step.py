@@ -798,6 +798,11 @@ def test_reference_backend_checks_values_like_the_cpu_kernel(name, values, messa
         (dict(slot=torch.tensor(1.0)), TypeError, "expected slot to be an int, got tensor(1.)"),
         (dict(slot=True), TypeError, "expected slot to be an int, got True"),  # a bool is not a slot number
         (dict(alpha=True), TypeError, "expected alpha to be a number or a tensor, got bool"),  # nor a step of 1.0
+        # per-sample values for another batch (2 samples here) or not 1-D: no test reached the refusal
+        (dict(alpha=torch.full((3,), 0.1)), ValueError, "expected alpha to be a scalar or a tensor of shape [2], got "
+                                                          "shape (3,)"),
+        (dict(eps=torch.full((2, 1), 0.3)), ValueError, "expected eps to be a scalar or a tensor of shape [2], got "
+                                                          "shape (2, 1)"),
         (dict(clip_min=None), TypeError, "expected clip_min to be a number, got NoneType"),
         (dict(clip_max="1"), TypeError, "expected clip_max to be a number, got str"),
         (dict(clip_min=False), TypeError, "expected clip_min to be a number, got bool"),  # not a bound of 0.0
