@@ -633,6 +633,25 @@ def test_a_module_given_a_swapped_ones_dict_inside_scripts_after_its_own_swap():
         assert torch.equal(torch.jit.script(m)(x), expected)
 
 
+def test_a_copy_of_the_swapped_forward_held_elsewhere_is_the_class_forward_of_the_copy():
+    """``module.forward`` read inside the block is the swap's partial; held beside the module (a dict of callbacks)
+    and copied or pickled with it, it becomes the class's forward bound to the module's copy, as _InstalledForward
+    says (its __reduce__, which no test ran): not a partial naming the original, nor one tied to robust_ops."""
+    import copy
+    import pickle
+
+    pool = nn.MaxPool2d(2)
+    x = torch.randn(1, 1, 4, 4)
+    with native_layers(pool, True):
+        held = {"model": pool, "forward": pool.forward}
+        assert isinstance(held["forward"], functools.partial)
+        copies = [copy.deepcopy(held), pickle.loads(pickle.dumps(held))]
+    for twin in copies:
+        forward = twin["forward"]
+        assert forward.__self__ is twin["model"] and forward.__func__ is nn.MaxPool2d.forward
+        assert "forward" not in twin["model"].__dict__ and torch.equal(forward(x), pool(x))
+
+
 def test_shallow_copies_taken_inside_run_their_own_forward():
     """copy.copy of a swapped module kept the installed partial, which names the original: the copy ran the
     original's forward with the original's attributes (its own kernel_size ignored), during the block and after."""
