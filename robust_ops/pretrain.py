@@ -220,12 +220,15 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
             history = []
             for epoch in range(epochs):
                 total, steps = 0.0, 0
-                batches = loader
+                bar = None
                 if progress:
                     from tqdm.auto import tqdm
 
-                    batches = tqdm(loader, desc=f"simclr {epoch + 1}/{epochs}", leave=False)
-                for batch in batches:
+                    # a total, not the loader, as fit's bar: tqdm.auto's tqdm calls iter(loader) when made, an extra
+                    # DataLoader iterator that draws from the loader's generator, so progress=True shuffled other
+                    # batches than progress=False for the same seed
+                    bar = tqdm(total=len(loader), desc=f"simclr {epoch + 1}/{epochs}", leave=False)
+                for batch in loader:
                     x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
                     v1 = x if pair_with == "original" else augment(x)
                     v2 = augment(x)
@@ -239,6 +242,10 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                     opt.step()
                     total += float(loss.detach())
                     steps += 1
+                    if bar is not None:
+                        bar.update(1)
+                if bar is not None:
+                    bar.close()
                 history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
         finally:
             if opt is not None:  # the last step's gradients belong to pretraining, not to the caller (also on failure)
