@@ -5144,6 +5144,21 @@ def test_mirst_dm_on_a_model_without_max_pooling_is_refused_first(tmp_path, caps
     assert not (tmp_path / "demo").exists()
 
 
+def test_dropmax_on_a_model_without_max_pooling_names_the_flags_way_out(tmp_path, capsys):
+    """--dropmax first (or all) on --model mlp passed replace_maxpool's refusal on, which spoke to code: '--dropmax:
+    replace_maxpool: MLP has no nn.MaxPool2d layer to replace (...); if a forward pools with F.max_pool2d (a call,
+    not a layer), call robust_ops.drop_max_pool2d there' (no test reached it). It now names the command's ways out,
+    as the refusal of mirst-dm on such a model does; still before anything is written."""
+    data = _folder(tmp_path / "d")
+    for which in ("first", "all"):
+        rc, _, err = run(["train", "--data", data, "--size", "8", "--model", "mlp", "--dropmax", which, "--out",
+                          tmp_path / "run", "--device", "cpu"], capsys)
+        line = one_line_error(rc, err, "robust-ops train: error: --dropmax: --model mlp has no max-pooling layer",
+                              "leave --dropmax out or use a model with max pooling")
+        assert "drop_max_pool2d" not in line
+        assert not (tmp_path / "run").exists()
+
+
 def test_data_names_spelled_otherwise_are_the_same_run(tmp_path, capsys):
     """run.json records a dataset name as load_dataset reads it: --resume with another spelling of the same set
     (synthetic-bus for synthetic; BreastMNIST for breastmnist) continues; eval reads it back."""

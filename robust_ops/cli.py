@@ -514,8 +514,14 @@ def make_model(name, info, dropmax="none"):
     except ValueError as err:
         raise CLIError(f"--model: {err}") from None
     if dropmax != "none":
+        import torch.nn as nn
+
         from .nn import replace_maxpool
 
+        # replace_maxpool's own refusal spoke to code ("call robust_ops.drop_max_pool2d there"), not to the command
+        if not any(isinstance(m, nn.MaxPool2d) for m in model.modules()):
+            raise CLIError(f"--dropmax: --model {name} has no max-pooling layer to replace; leave --dropmax out or use "
+                           "a model with max pooling (e.g. small_cnn or resnet18)")
         try:
             model = replace_maxpool(model, which=dropmax)
         except ValueError as err:
