@@ -4823,6 +4823,24 @@ def test_reproduce_methods_given_twice_are_refused_as_demo_refuses_them(tmp_path
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_of_a_run_without_its_checkpoint_or_of_a_pickle_that_holds_no_weights(trained_run, tmp_path, capsys):
+    """Two refusals of eval no test reached: a run folder whose checkpoint.pt is gone (a run stopped before its first
+    epoch ended keeps run.json alone), and a torch.save file that holds neither a fit checkpoint nor a state_dict."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "checkpoint.pt").unlink()
+    rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, f"{run_dir / 'checkpoint.pt'}: no such checkpoint file")
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    rc, _, err = run(["eval", listed, "--data", "synthetic", "--size", "8", "--model", "mlp", "--attacks", "fgsm",
+                      "--eps", "1/255", "--out", tmp_path / "ev"], capsys)
+    one_line_error(rc, err, f"{listed}: expected a fit checkpoint or a state_dict, got list")
+    assert not (tmp_path / "ev").exists()
+
+
 @pytest.mark.parametrize("text, needle", [("[1, 2]", "expected a JSON object of the run's settings, got list"),
                                           ("{\"data\": ", "not valid JSON (")])
 def test_run_json_that_is_not_an_object_is_a_one_line_error(trained_run, tmp_path, capsys, text, needle):
