@@ -5177,6 +5177,24 @@ def test_dropmax_on_a_model_without_max_pooling_names_the_flags_way_out(tmp_path
         assert not (tmp_path / "run").exists()
 
 
+def test_demo_refuses_an_eps_wider_than_the_range_and_a_resume_with_fewer_epochs(tmp_path, capsys):
+    """Two refusals of demo no test reached, each before anything is trained or replaced: an L-inf radius past the
+    inputs' value range (--eps 8 meant as 8/255), and --resume with fewer --epochs than its run holds."""
+    data = _folder(tmp_path / "d")
+    demo = ["demo", "--data", data, "--size", "8", "--model", "mlp", "--train-size", "0", "--methods", "standard",
+            "--attacks", "fgsm", "--saliency", "0", "--out", tmp_path / "demo", "--no-progress", "--device", "cpu"]
+    rc, _, err = run(demo + ["--epochs", "1", "--eps", "1/255,8"], capsys)
+    one_line_error(rc, err, "robust-ops demo: error: --eps: 8 is an L-inf radius (fgsm) wider than the inputs' value "
+                            "range [0, 1]", "e.g. 8/255, not 8")
+    assert not (tmp_path / "demo").exists()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*too small to stratify")
+        assert run(demo + ["--epochs", "2", "--eps", "1/255"], capsys)[0] == 0
+        rc, _, err = run(demo + ["--epochs", "1", "--eps", "1/255", "--resume"], capsys)
+    one_line_error(rc, err, f"robust-ops demo: error: --epochs: {tmp_path / 'demo' / 'runs' / 'standard'} holds 2 "
+                            "epochs of training, more than the 1 of this command", "rerun with --epochs 2")
+
+
 def test_data_names_spelled_otherwise_are_the_same_run(tmp_path, capsys):
     """run.json records a dataset name as load_dataset reads it: --resume with another spelling of the same set
     (synthetic-bus for synthetic; BreastMNIST for breastmnist) continues; eval reads it back."""
