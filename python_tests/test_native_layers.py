@@ -633,6 +633,19 @@ def test_a_module_given_a_swapped_ones_dict_inside_scripts_after_its_own_swap():
         assert torch.equal(torch.jit.script(m)(x), expected)
 
 
+def test_a_users_own_prepare_scriptable_stays_through_the_swap():
+    """The swap installs its torch.jit.script refusal only where the module has no __prepare_scriptable__ of its own
+    (a branch no test took): a user's own is kept inside the block, in copies taken there, and after it."""
+    import copy
+
+    pool = nn.MaxPool2d(2)
+    pool.__prepare_scriptable__ = own = functools.partial(copy.copy, pool)
+    with native_layers(pool, True):
+        assert patched(pool) == [pool] and pool.__dict__["__prepare_scriptable__"] is own
+        assert "__prepare_scriptable__" in copy.deepcopy(pool).__dict__
+    assert patched(pool) == [] and pool.__dict__["__prepare_scriptable__"] is own
+
+
 def test_a_copy_of_the_swapped_forward_held_elsewhere_is_the_class_forward_of_the_copy():
     """``module.forward`` read inside the block is the swap's partial; held beside the module (a dict of callbacks)
     and copied or pickled with it, it becomes the class's forward bound to the module's copy, as _InstalledForward
