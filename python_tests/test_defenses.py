@@ -2933,3 +2933,94 @@ def test_a_defense_whose_first_forward_is_its_own_names_the_model_output_or_inpu
                                         (MadeOutput(lambda z: z), x.half(), TypeError, dtype)):
         with pytest.raises(error, match=rf"^{name}: {match}"):
             defense(model.train(), images, y)
+
+
+class _LabelRangeReads(torch.overrides.TorchFunctionMode):
+    """Counts the reductions of labels (integer tensors [N]: aminmax, max, min) that a label check reads back, each a
+    host read (a GPU sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (getattr(func, "__name__", "") in ("aminmax", "max", "min") and args and torch.is_tensor(args[0])
+                and args[0].dim() == 1 and not args[0].is_floating_point()):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _label_range_reads(run):
+    with _LabelRangeReads() as reads:
+        run()
+    return reads.count
+
+
+_DIRECT_CALLS = ["standard", "at", "trades", "mart", "sat", "gr", "llr", "arfl", "arfl adv_term"]
+
+
+@pytest.mark.parametrize("case", _DIRECT_CALLS)
+def test_a_defense_called_directly_reads_its_labels_range_once(case):
+    """A defense's labels() check read the labels' range, then its attack's input check (run_pgd) read it again, and
+    Standard's and GR's check against the model's output read their maximum again (LLR's and ARFL's adv_term
+    attacks read the zero labels they made too, ARFL its own binary check): two or three host reads (GPU syncs) of
+    the same labels per call. A defense's call now reads each label tensor once (labels_read_once)."""
+    name, *objective = case.split()
+    options = {} if name in ("standard", "gr") else dict(steps=2)
+    if objective:
+        options["attack_objective"] = objective[0]
+    torch.manual_seed(0)
+    defense, model = defenses.build(name, **options), TinyCNN(1, 2)
+    x, y = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 2
+    assert _label_range_reads(lambda: defense(model, x, y)) == 1
+    # the same refusals, naming the defense: a negative label (labels()), one past the model's classes (the attack's
+    # check against the first forward; Standard's and GR's own), both from the one read
+    binary = "defined for binary tasks only \\(labels 0/1, mapped to -1/\\+1\\), got labels in "
+    for bad, match in ((torch.tensor([0, 1, -1, 0] * 2), binary + r"\[-1, 1\]" if name == "arfl" else
+                        r"expected labels non-negative, got values in \[-1, 1\]"),
+                       (torch.tensor([0, 1, 2, 0] * 2), binary + r"\[0, 2\]" if name == "arfl" else
+                        r"expected labels in \[0, 2\) for a model with 2 classes, got values in \[0, 2\]")):
+        with pytest.raises(ValueError, match=rf"^{name}: {match}$"):
+            defense(model, x, bad)
+
+
+def _label_reads_per_step(defense_for):
+    """Reductions of labels per step of fit: a 3-step epoch's less a 1-step epoch's, halved."""
+    from robust_ops.train import fit
+    from torch.utils.data import TensorDataset
+
+    def run(steps):
+        torch.manual_seed(0)
+        data = TensorDataset(torch.rand(8 * steps, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+                             torch.arange(8 * steps) % 2)
+        return _label_range_reads(lambda: fit(TinyCNN(1, 2), defense_for(), data, epochs=1, batch_size=8,
+                                              progress=False))
+    return (run(3) - run(1)) / 2
+
+
+@pytest.mark.parametrize("case", _DIRECT_CALLS)
+def test_fit_reads_each_steps_labels_range_once(case):
+    """fit's check of a step's labels read their range, then the defense's labels() and its attack's input check
+    (Standard's and GR's check against the model's output) read it again: three host reads (GPU syncs) of the same
+    labels per step for AT, TRADES and MART, two for Standard. The defense's checks now take fit's read; the same
+    refusals are fit's (test_train.py)."""
+    name, *objective = case.split()
+    options = {} if name in ("standard", "gr") else dict(steps=2)
+    if objective:
+        options["attack_objective"] = objective[0]
+    assert _label_reads_per_step(lambda: defenses.build(name, **options)) == 1
+
+
+def test_labels_changed_in_place_inside_labels_read_once_are_read_again():
+    """labels_read_once keeps a read range for the same tensor unchanged since (its version counter): labels changed
+    in place, or another tensor with the same values, are read (and refused) again."""
+    from robust_ops.attacks.context import check_class_labels, labels_range, labels_read_once
+
+    y = torch.tensor([0, 1, 1])
+    with labels_read_once():
+        assert _label_range_reads(lambda: [labels_range(y), labels_range(y), check_class_labels("f", y, 3)]) == 1
+        y[0] = -1
+        with pytest.raises(ValueError, match=r"^f: expected labels non-negative, got values in \[-1, 1\]$"):
+            check_class_labels("f", y, 3)
+        assert _label_range_reads(lambda: labels_range(y.clone())) == 1
+    assert _label_range_reads(lambda: [labels_range(y), labels_range(y)]) == 2  # no scope: each call reads

@@ -60,8 +60,8 @@ from .nn import DropMax2d
 from .prepacked_conv import prepacked_conv_resolved
 from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputError, check_gradients_possible,
                               check_output, classification_loss, forward_naming_input_mismatch,
-                              is_one_sample_batch_norm, is_single_logit, labels_range, looks_like_probabilities,
-                              num_classes_of, predict_from_output, use_model_mode)
+                              is_one_sample_batch_norm, is_single_logit, labels_range, labels_read_once,
+                              looks_like_probabilities, num_classes_of, predict_from_output, use_model_mode)
 from .defenses.base import _as_tuples, _plain
 
 __all__ = [
@@ -1650,11 +1650,12 @@ def _train_one_batch(run, epoch, step, indices, global_n):
     ``global_n``): the defense's loss, the checks of what it returned, backward and the optimizer's step. Returns
     ``(metrics, weights, n, correct)`` for _EpochTotals.add."""
     at = f"epoch {epoch + 1}, step {step + 1}"
-    x, y, ids = _batch_on_device(run, indices, at)
-    run.optimizer.zero_grad(set_to_none=True)
-    with run.failures:
-        out = _defense_output(run, x, y, ids, indices, global_n, at)
-        loss, metrics, weights, own_bad, bad_loss, bad_extra, batch_correct = _read_step(run, out, y)
+    with labels_read_once():  # the defense's and its attacks' label checks take the range fit's check read
+        x, y, ids = _batch_on_device(run, indices, at)
+        run.optimizer.zero_grad(set_to_none=True)
+        with run.failures:
+            out = _defense_output(run, x, y, ids, indices, global_n, at)
+            loss, metrics, weights, own_bad, bad_loss, bad_extra, batch_correct = _read_step(run, out, y)
     where = _last_good_checkpoint(run.last_ckpt)
     if bad_loss or bad_extra:
         raise _non_finite_loss_error(run.name, run.defense, loss, own_bad, bad_loss, x, indices, at, where)

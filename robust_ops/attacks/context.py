@@ -687,9 +687,53 @@ def check_class_labels(name, y, n, label_range=False):
     return (y, lo_hi) if label_range else y
 
 
+# [(labels, their version, (min, max))] read in the current labels_read_once scope (fit's step, a defense's call)
+_ranges_read = contextvars.ContextVar("robust_ops_ranges_read", default=None)
+
+
+@contextlib.contextmanager
+def labels_read_once():
+    """Inside, labels_range reads each label tensor once: fit's check, the defense's labels() and its attack's input
+    check (and check_labels_against) each read the labels' range, a host read (a GPU sync) apiece per training
+    step. A tensor changed in place since (its version) is read again. Nested scopes are the outermost's."""
+    if _ranges_read.get() is not None:
+        yield
+        return
+    token = _ranges_read.set([])
+    try:
+        yield
+    finally:
+        _ranges_read.reset(token)
+
+
+def range_read_before(y):
+    """The (min, max) labels_range read of ``y`` in this labels_read_once scope, unchanged since; else None."""
+    read = _ranges_read.get()
+    if read and not y.is_inference():  # inference tensors have no version counter
+        for labels, version, lo_hi in read:
+            if labels is y and version == y._version:
+                return lo_hi
+    return None
+
+
 def labels_range(y):
-    """(min, max) of integer labels ``y`` as Python ints, in one host read; None for no labels."""
-    return tuple(torch.stack(torch.aminmax(y)).tolist()) if y.numel() else None
+    """(min, max) of integer labels ``y`` as Python ints, in one host read (none where this labels_read_once scope
+    read them already); None for no labels."""
+    if not y.numel():
+        return None
+    lo_hi = range_read_before(y)
+    if lo_hi is None:
+        lo_hi = tuple(torch.stack(torch.aminmax(y)).tolist())
+        range_known(y, lo_hi)
+    return lo_hi
+
+
+def range_known(y, lo_hi):
+    """Record ``lo_hi`` as the (min, max) of labels ``y`` (as labels_range read them, or labels a caller made, such as
+    PGDDefense.ascend's zeros) for the rest of this labels_read_once scope; outside one, nothing."""
+    read = _ranges_read.get()
+    if read is not None and not y.is_inference():
+        read.append((y, y._version, lo_hi))
 
 
 def check_attack_output(what, adv, x, clip_min, clip_max):

@@ -34,6 +34,7 @@ from .context import (
     predict_from_output,
     probabilities_flag,
     probabilities_unwarned,
+    range_read_before,
     two_logits,
     warn_probabilities,
 )
@@ -396,11 +397,13 @@ def check_labels_against(name, y, out, finite_at=None, label_range=None):
     single logit: NaN), read on the label check's own device sync, so no step pays one more (docs/design.md,
     "Non-finite values"), and warn of outputs that look like probabilities (a final softmax) on that read too.
     ``label_range``: the labels' (min, max) as check_inputs(label_range=True) read them, so that they are not read
-    again (None: read here)."""
+    again (None: those of labels_read_once's scope, else read here)."""
     finite = finite_at is not None
     k = num_classes_of(out)
     if not y.numel():
         return
+    if label_range is None:
+        label_range = range_read_before(y)
     if finite:
         z = out.detach()
         # a row's maximum is NaN, +Inf or -Inf exactly when it has no softmax probabilities (evaluate's rule)

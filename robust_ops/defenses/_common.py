@@ -9,7 +9,7 @@ from .._options import (check_choice, check_flags, check_int, check_options, che
                         refuse_unused)  # noqa: F401  (import them here)
 from ..attacks.context import (MODEL_MODES, check_class_labels, check_input_batch, classification_loss,
                                float32_or_wider,  # noqa: F401  (the defenses import it here)
-                               is_single_logit, two_logits, use_model_mode)
+                               is_single_logit, range_known, two_logits, use_model_mode)
 from ..attacks.core import check_labels_against
 from .base import Defense
 
@@ -135,8 +135,9 @@ class PGDDefense(Defense):
         run_pgd requires labels; the zeros it gets never reach the loss. Another output shape is refused naming the
         defense. Returns the PGDResult."""
         # run_pgd read a [N, 1] or [N, K] output as logits and a scalar as a wrong logits shape, naming itself
-        return self.attack(_PerSampleObjective(self.name, objective), x,
-                           torch.zeros(x.shape[0], dtype=torch.long, device=x.device), loss=_output_itself)
+        zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        range_known(zeros, (0, 0))  # in a defense's call: run_pgd's label check does not read them back
+        return self.attack(_PerSampleObjective(self.name, objective), x, zeros, loss=_output_itself)
 
 
 def _output_itself(out, _labels):

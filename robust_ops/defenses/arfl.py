@@ -20,7 +20,7 @@ features count as a 1 x D map, [N] features as a 1 x 1 map.
 import torch
 from torch import nn
 
-from ..attacks.context import classification_loss, num_classes_of
+from ..attacks.context import classification_loss, labels_range, num_classes_of
 from ._common import (PGDDefense, check_choice, check_real, float32_or_wider, labels, metric_values, per_sample_ce,
                       refuse_unused, unwrap)
 from .base import DefenseOutput
@@ -165,8 +165,12 @@ class ARFL(PGDDefense):
         k = 2 if logits is None else num_classes_of(logits)
         # -1/+1 labels (eq. 1's y) included: BCE took -1 as a target and 2y - 1 = -3 without a word. Before the
         # label rule (`labels`), whose "non-negative" would not say why. Both ends in one host read (a GPU sync).
-        top, low = (int(v) for v in torch.stack([y.max(), y.min()]).tolist()) if (
-            logits is None and torch.is_tensor(y) and y.numel()) else (1, 0)
+        low, top = 0, 1
+        if logits is None and torch.is_tensor(y) and y.numel():
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                low, top = (int(v) for v in torch.stack([y.min(), y.max()]).tolist())
+            else:  # labels_range's read: fit's check read it already, and the label rule next takes it
+                low, top = labels_range(y)
         if k != 2 or top > 1 or low < 0:
             got = f"{k} classes" if k != 2 else f"labels in [{low}, {top}]"
             raise ValueError(f"{self.name}: defined for binary tasks only (labels 0/1, mapped to -1/+1), got {got}")

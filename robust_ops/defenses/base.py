@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._options import python_number
-from ..attacks.context import one_sample_batch_norm_error
+from ..attacks.context import labels_read_once, one_sample_batch_norm_error
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Defense:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "__call__" in vars(cls):  # each defense's own forwards (and a user's defense's) name it
-            cls.__call__ = _naming_one_sample_batch_norm(vars(cls)["__call__"])
+            cls.__call__ = _reading_labels_once(_naming_one_sample_batch_norm(vars(cls)["__call__"]))
 
     def __new__(cls, *args, **kwargs):
         # the attack classes take the model first (AT(model) as PGD(model)): it landed in the first option (SAT's
@@ -131,3 +131,15 @@ def _naming_one_sample_batch_norm(call):
             raise reworded from None
 
     return checked
+
+
+def _reading_labels_once(call):
+    """A defense's ``__call__`` under labels_read_once: its labels() check and its attacks' label checks read the
+    labels' range once (a host read, a GPU sync), not once each; in fit, none after fit's own check."""
+
+    @functools.wraps(call)
+    def reading_once(*args, **kwargs):
+        with labels_read_once():
+            return call(*args, **kwargs)
+
+    return reading_once
