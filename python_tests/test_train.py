@@ -5591,18 +5591,20 @@ def test_fit_reads_a_defenses_tensor_metrics_with_its_own_read():
 
 
 # fit's host reads (item, tolist) per training step with each defense, as _reads_per_step counts them: fit's own
-# three and the sampler's CPU index list (above), the defense's label checks, its attacks' input, label and
-# first-forward checks (test_attacks.py), DPAAT's batch mean of the loss changes and AMAT's / DPAAT's finite-loss
+# three and the sampler's CPU index list (above), its attacks' input and first-forward checks (test_attacks.py), DPAAT's batch mean of the loss changes and AMAT's / DPAAT's finite-loss
 # checks; and the defense's metrics, now one read (defenses._common.metric_values) where each was one: e.g. LLR's
 # four, ARFL's five besides four label reads, MIRST's four emitted attack losses (run_pgd reads them at its end).
 # Before: standard (3, 4), at (3, 7), sat / trades / rst (4, 7), gr (5, 4), llr (7, 7), mart (5, 7), fat (3, 7),
 # amat (8, 10), mirst / mirst-dm (7, 7), dpaat (10, 10), arfl (12, 7), arfl adv_term (14, 7). IMA's reads follow its
 # data (which samples its search crossed), not pinned here; its four metrics and the loss are one read too. AMAT's
-# and DPAAT's per-sample eps and alpha checks are tolists (each with its maximum, per_sample(with_max=True)).
+# and DPAAT's per-sample eps and alpha checks are tolists (each with its maximum, per_sample(with_max=True)). The
+# labels' range is fit's read alone: the defense's and its attacks' label checks take it (labels_read_once), where
+# each read it again: standard (3, 4), at / sat / trades / rst / mart / fat (1, 8), gr (2, 5), llr (3, 8),
+# amat (2, 13), mirst / mirst-dm (1, 9), dpaat (3, 13), arfl / arfl adv_term (1, 9) (test_defenses.py counts them).
 _DEFENSE_READS_PER_STEP = {
-    "standard": (3, 4), "at": (1, 8), "sat": (1, 8), "trades": (1, 8), "rst": (1, 8), "gr": (2, 5), "llr": (3, 8),
-    "mart": (1, 8), "fat": (1, 8), "amat": (2, 13), "mirst": (1, 9), "mirst-dm": (1, 9), "dpaat": (3, 13),
-    "arfl": (1, 9), "arfl adv_term": (1, 9)}
+    "standard": (2, 3), "at": (1, 6), "sat": (1, 6), "trades": (1, 6), "rst": (1, 6), "gr": (1, 4), "llr": (1, 6),
+    "mart": (1, 6), "fat": (1, 6), "amat": (2, 10), "mirst": (1, 7), "mirst-dm": (1, 7), "dpaat": (3, 10),
+    "arfl": (1, 6), "arfl adv_term": (1, 6)}
 
 
 @pytest.mark.parametrize("case", list(_DEFENSE_READS_PER_STEP))
