@@ -4455,7 +4455,7 @@ def test_fit_under_inference_mode_is_refused_by_name_before_any_work(tmp_path):
     with torch.inference_mode():
         for defense in ("standard", "at"):
             with pytest.raises(RuntimeError, match=r"^fit: cannot train under torch\.inference_mode\(\); call it "
-                               r"outside that block \(torch\.no_grad\(\) is fine"):
+                               r"outside that block \(torch\.no_grad\(\) is fine: fit enables gradients itself\)$"):
                 fit(model, defense, _data(16), epochs=1, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     after = _weights(model)
