@@ -76,10 +76,11 @@ def _torchrun_train_worker(rank, world, port, npz, out):
 def test_train_under_torchrun_prints_and_writes_run_json_on_rank_0_only(small_npz, tmp_path):
     """Under torchrun every process printed the summary and rewrote run.json (and deleted the old checkpoint) itself:
     the same lines twice, and files written by each process at once."""
-    from test_train import _free_port, _spawn_within
+    from test_train import _spawn_within
+    from utils import free_port
 
     out = tmp_path / "run"
-    _spawn_within(180, _torchrun_train_worker, (2, _free_port(), str(small_npz), str(out)))
+    _spawn_within(180, _torchrun_train_worker, (2, free_port(), str(small_npz), str(out)))
     (rc0, out0, err0, written0), (rc1, out1, err1, written1) = (
         torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2))
     assert rc0 == rc1 == 0, (err0, err1)
@@ -124,10 +125,11 @@ def test_train_under_torchrun_names_another_process_failure_in_one_line(small_np
     """A step failing on process 1 alone stopped process 0 with fit's 'fit: process 1 failed at ...; stopped here too',
     a RuntimeError that train let through: a traceback of gloo's error and fit's, where the failing process printed
     its one line. Now every process it stops prints one line, with the way to continue from the checkpoint."""
-    from test_train import _free_port, _spawn_within
+    from test_train import _spawn_within
+    from utils import free_port
 
     out = tmp_path / "run"
-    _spawn_within(180, _torchrun_one_process_fails_worker, (2, _free_port(), str(small_npz), str(out)))
+    _spawn_within(180, _torchrun_one_process_fails_worker, (2, free_port(), str(small_npz), str(out)))
     (rc0, err0), (rc1, err1) = (torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2))
     assert (rc1, err1) == (2, f"robust-ops train: error: {out}: training failed: a share this defense cannot train "
                               "on\n"), err1
@@ -161,13 +163,14 @@ def _torchrun_command_worker(rank, world, port, argv, out):
 def test_demo_and_reproduce_under_torchrun_print_and_write_on_rank_0_only(small_npz, tmp_path, command):
     """Under torchrun demo and reproduce printed every line on every process, and each process wrote the results,
     the report and the evaluation caches itself (train's reports were rank 0's alone)."""
-    from test_train import _free_port, _spawn_within
+    from test_train import _spawn_within
+    from utils import free_port
 
     argv = (["demo", "--quick", "--data", str(small_npz), "--model", "mlp", "--methods", "standard", "--attacks",
              "fgsm", "--eps", "1/255"] if command == "demo"
             else ["reproduce", "arfl-moons", "--quick", "--seeds", "1", "--methods", "Standard training"])
     out = tmp_path / command
-    _spawn_within(240, _torchrun_command_worker, (2, _free_port(), argv, str(out)))
+    _spawn_within(240, _torchrun_command_worker, (2, free_port(), argv, str(out)))
     (rc0, out0, err0, written0), (rc1, out1, err1, written1) = (
         torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2))
     assert rc0 == rc1 == 0, (err0, err1)

@@ -6,7 +6,6 @@ import io
 import math
 import os
 import re
-import socket
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ from robust_ops.ima import (
     soft_dice_loss,
 )
 
-from utils import MadeOutput, TinyCNN, host_reads
+from utils import MadeOutput, TinyCNN, free_port, host_reads
 
 
 def make_problem(n=12, classes=3, norm="l2", seed=0, dtype=torch.float64):
@@ -1387,12 +1386,6 @@ def test_indexed_dataset():
 # Margin sync across ranks
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, results):
     import torch.distributed as dist
 
@@ -1482,7 +1475,7 @@ def test_margin_table_syncs_across_two_gloo_ranks():
         pytest.skip("torch.distributed is not available")
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), results), nprocs=2, join=True)
     expected = [0.75, 1.0, 0.75, 1.5, 0.5, 0.5, 0.5, 1.0]
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
     assert results["own0"] == [0.75, 0.5] and results["own1"] == [0.5, 0.75]
@@ -1538,7 +1531,7 @@ def test_margin_table_refuses_one_rank_bad_ids_on_every_rank():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     results = mp.Manager().dict()
-    mp.spawn(_ddp_refused_arguments_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_ddp_refused_arguments_worker, args=(2, free_port(), results), nprocs=2, join=True)
     assert results["padded0"] == results["padded1"] == [2.0, 1.0, 1.0, 1.0, 1.0]
     assert results["bad_id1"].startswith("IndexError: MarginTable: ids must lie in [0, 5)"), results["bad_id1"]
     assert results["repeated_id1"].startswith("ValueError: MarginTable: expected distinct ids in one batch"), \

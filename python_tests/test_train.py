@@ -10,7 +10,6 @@ import os
 import pickle
 import random
 import re
-import socket
 import warnings
 
 import numpy as np
@@ -28,7 +27,7 @@ from robust_ops.ima import IMA
 from robust_ops.train import (CollectiveTimeoutError, GlobalBatchSampler, LostBestEpochError, NonFiniteLossError,
                            OneSampleBatchError, fit, load_checkpoint, load_weights, train_data_fingerprint)
 
-from utils import TinyCNN, host_reads
+from utils import TinyCNN, free_port, host_reads
 
 
 class DropoutMLP(nn.Module):
@@ -2187,12 +2186,6 @@ def test_global_batch_sampler_keeps_a_last_global_batch_of_as_many_samples_as_pr
 # DDP: 2 CPU processes (gloo, localhost) against one process with the same global batch
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _gloo_group(rank, world, port, timeout_s=15):
     """Joins this spawned process (one thread) to a gloo group on localhost; destroyed on exit. The timeout bounds
@@ -2291,7 +2284,7 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     IMA margins."""
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
-    args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"))
+    args = (2, free_port(), str(tmp_path / "init.pt"), str(tmp_path / "ddp.pt"))
     _spawn_within(600, _ddp_worker, args)
     for rank in range(2):
         # fit used DDP: destroy_process_group() must still join gloo's threads, or one may abort the process at exit
@@ -2333,7 +2326,7 @@ def test_ddp_unequal_shares_match_a_single_process(tmp_path):
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     out = str(tmp_path / "unequal")
-    _spawn_within(120, _ddp_unequal_shares_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    _spawn_within(120, _ddp_unequal_shares_worker, (2, free_port(), str(tmp_path / "init.pt"), out))
     init = torch.load(tmp_path / "init.pt", weights_only=True)
     ddp = torch.load(f"{out}.0", weights_only=True)
     for name, kwargs in UNEQUAL_CASES:
@@ -2363,7 +2356,7 @@ def test_ddp_processes_stop_early_after_the_same_epoch_and_hand_back_rank_0s_bes
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     out = str(tmp_path / "es")
-    _spawn_within(120, _ddp_early_stopping_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    _spawn_within(120, _ddp_early_stopping_worker, (2, free_port(), str(tmp_path / "init.pt"), out))
     ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert ranks[0]["stop"] == ranks[1]["stop"] and ranks[0]["epochs"] == ranks[1]["epochs"]
     assert ranks[0]["stop"]["stopped_epoch"] == ranks[0]["epochs"] < 30
@@ -2401,7 +2394,7 @@ def test_ddp_plateau_scheduler_steps_on_rank_0s_val_loss(tmp_path):
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     out = str(tmp_path / "plateau")
-    _spawn_within(120, _ddp_plateau_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    _spawn_within(120, _ddp_plateau_worker, (2, free_port(), str(tmp_path / "init.pt"), out))
     ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert ranks[0]["lr"] == ranks[1]["lr"]
     assert len(set(ranks[0]["lr"])) > 1  # the rate was cut at least once
@@ -2440,7 +2433,7 @@ def test_ddp_rank_0_draws_the_one_process_stream_and_the_others_their_own(tmp_pa
     with the same seed draws, process 1 another stream; the same stream on every process repeated the dropout masks
     and random starts across the shares unseen."""
     out = str(tmp_path / "draw")
-    _spawn_within(120, _ddp_rank_streams_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_rank_streams_worker, (2, free_port(), out))
     single = _DrawsOnce()
     fit(DropoutMLP(), single, _data(8), epochs=1, batch_size=4, seed=3, progress=False)
     draws = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
@@ -2476,7 +2469,7 @@ def test_ddp_extra_gradients_with_none_entries_match_a_single_process(tmp_path):
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     out = str(tmp_path / "partial")
-    _spawn_within(120, _ddp_partial_extra_grads_worker, (2, _free_port(), str(tmp_path / "init.pt"), out))
+    _spawn_within(120, _ddp_partial_extra_grads_worker, (2, free_port(), str(tmp_path / "init.pt"), out))
     single = _partial_extra_grads_case(torch.load(tmp_path / "init.pt", weights_only=True))
     for rank in range(2):
         for k, v in torch.load(f"{out}.{rank}", weights_only=True).items():
@@ -2496,7 +2489,7 @@ def test_ddp_refuses_processes_given_other_epochs_or_too_small_a_batch(tmp_path)
     waiting in its first collective until the group's timeout. batch_size=1 over 2 processes is refused by name, not
     as a training set of fewer samples than processes (every global batch of 1 would be dropped)."""
     out = str(tmp_path / "epochs")
-    _spawn_within(120, _ddp_epochs_differ_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_epochs_differ_worker, (2, free_port(), out))
     for rank in range(2):
         messages = torch.load(f"{out}.{rank}", weights_only=True)
         assert messages[0].startswith(f"ValueError: fit: the processes differ in epochs (process 0: 1, process 1: 2; "
@@ -2521,7 +2514,7 @@ def test_ddp_a_dropped_last_global_batch_is_said_once_on_process_0(tmp_path):
     9 samples in batches of 4 over 2 processes trained on 8 per epoch without a word, the history's means over 8
     reading as the whole set's. Process 0 now warns, naming the count and the fix; a last batch of 2 is kept."""
     out = str(tmp_path / "dropped")
-    _spawn_within(120, _ddp_dropped_last_batch_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_dropped_last_batch_worker, (2, free_port(), out))
     said = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert said[0] == [["fit: 9 samples in global batches of 4 leave a last batch of 1 sample, fewer than the 2 "
                         "processes, which is dropped: each epoch trains on 8 of the 9 samples (the left-out ones "
@@ -2554,7 +2547,7 @@ def test_ddp_non_contiguous_buffers_end_each_epoch_as_process_0s(tmp_path):
     """The end-of-epoch buffer broadcast goes through a contiguous copy for a non-contiguous buffer; the copy must be
     written back, or process 1 keeps its own statistics (returned model, validation) unseen."""
     out = str(tmp_path / "buffer")
-    _spawn_within(120, _ddp_non_contiguous_buffer_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_non_contiguous_buffer_worker, (2, free_port(), out))
     seen = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert torch.equal(seen[0], seen[1]) and bool((seen[0] != 0).all()), seen
 
@@ -2586,7 +2579,7 @@ def test_ddp_ima_forwards_a_lone_clean_correct_sample_inside_its_share(tmp_path)
     training-mode batch norm refuses, and the single process's fallback (forward it inside its batch) was skipped
     under DDP, so training stopped with torch's bare "Expected more than 1 value per channel when training"."""
     out = str(tmp_path / "lone")
-    _spawn_within(90, _ddp_ima_lone_sample_worker, (2, _free_port(), out))
+    _spawn_within(90, _ddp_ima_lone_sample_worker, (2, free_port(), out))
     results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert [r["message"] for r in results] == ["ok", "ok"], [r["message"] for r in results]
     assert results[0]["lone"] + results[1]["lone"] > 0  # the case arose
@@ -2652,7 +2645,7 @@ def test_ddp_resume_continues_every_process_own_rng_streams(tmp_path):
     own RNG streams, so an interrupted run ends with bitwise the weights of an uninterrupted one."""
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
-    args = (2, _free_port(), str(tmp_path / "init.pt"), str(tmp_path))
+    args = (2, free_port(), str(tmp_path / "init.pt"), str(tmp_path))
     _spawn_within(600, _ddp_resume_worker, args)
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -2745,7 +2738,7 @@ def test_ddp_buffers_validation_and_defense_state_agree_across_processes(tmp_pat
     after a resume (rank 0's checkpoint) disagreed: an interrupted run did not end bitwise equal to a whole one;
     (2) the generic merge of a live per-sample table lost every update; (3) fewer samples than processes trained
     nothing silently."""
-    args = (2, _free_port(), str(tmp_path))
+    args = (2, free_port(), str(tmp_path))
     _spawn_within(600, _ddp_buffers_worker, args)
     out = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     for rank in range(2):
@@ -2837,7 +2830,7 @@ def test_ddp_generic_merge_keeps_inf_or_nan_filled_tables_and_float64_precision(
     back as 0.10000000149011612). A Python float statistic is the mean over the processes (0 and 1 here). An entry
     no process changed keeps its start value: the mean of two float32 maxima (a fill) would overflow to inf."""
     out = str(tmp_path / "tables")
-    _spawn_within(600, _ddp_generic_merge_worker, (2, _free_port(), out))
+    _spawn_within(600, _ddp_generic_merge_worker, (2, free_port(), out))
     for rank in range(2):
         tables = torch.load(f"{out}.{rank}", weights_only=True)
         assert tables == {"inf": list(range(8)), "nan": list(range(8)),
@@ -3434,7 +3427,7 @@ def test_ddp_history_sums_each_metric_over_the_processes_that_reported_it(tmp_pa
     """The metric sums were all-reduced as one vector per process in sorted-key order: other keys on another process
     summed misaligned (only_rank0 came out 2.0), and another number of keys failed or hung."""
     out = str(tmp_path / "history")
-    _spawn_within(600, _ddp_metrics_worker, (2, _free_port(), out))
+    _spawn_within(600, _ddp_metrics_worker, (2, free_port(), out))
     rows = [torch.load(f"{out}.{rank}", weights_only=True)[0] for rank in range(2)]
     without_time = [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     assert without_time[0] == without_time[1]  # every process records the same history
@@ -3483,7 +3476,7 @@ def test_ddp_history_columns_are_one_process_order_when_process_0_never_reports_
     never reported (IMA's adv_acc, nothing attacked in its first share) came after train_loss, so metrics.csv's
     columns differed from one process's (found by the distributed walk). Joined as one process joins its batches'."""
     out = str(tmp_path / "history")
-    _spawn_within(600, _ddp_metrics_worker, (2, _free_port(), out, _AttacksFromItsSecondBatch, 32))
+    _spawn_within(600, _ddp_metrics_worker, (2, free_port(), out, _AttacksFromItsSecondBatch, 32))
     for rank in range(2):
         assert [list(row) for row in torch.load(f"{out}.{rank}", weights_only=True)] == [ATTACKED_COLUMNS], rank
 
@@ -3515,7 +3508,7 @@ def test_ddp_a_bad_label_in_one_process_share_stops_every_process_with_a_clear_e
     process waited in DDP's gradient all-reduce until the peer went away or the timeout ("Connection closed by
     peer"), or hung while the failing process lived on."""
     out = str(tmp_path / "error")
-    _spawn_within(600, _ddp_one_rank_error_worker, (2, _free_port(), out))
+    _spawn_within(600, _ddp_one_rank_error_worker, (2, free_port(), out))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert re.fullmatch(r"ValueError: fit: expected labels in \[0, 2\) for a model with 2 output classes, got "
                         r"values in \[[01], 7\] \(epoch 1, step 2\)", messages[1]), messages[1]
@@ -3556,7 +3549,7 @@ def test_ddp_errors_around_process_0s_checkpoint_are_clear_on_every_process(tmp_
     """Only process 0 writes the checkpoint: (1) a NaN loss on another process after epoch 1 said "no checkpoint
     written yet" there; (2) when process 0's write failed (a full disk), the others waited in the barrier until
     it went away ("Connection closed by peer") or hung."""
-    _spawn_within(600, _ddp_checkpoint_errors_worker, (2, _free_port(), str(tmp_path)))
+    _spawn_within(600, _ddp_checkpoint_errors_worker, (2, free_port(), str(tmp_path)))
     nan0, file0 = torch.load(tmp_path / "messages.0", weights_only=True)
     nan1, file1 = torch.load(tmp_path / "messages.1", weights_only=True)
     ckpt = tmp_path / "nan" / "checkpoint.pt"
@@ -3597,7 +3590,7 @@ def test_ddp_resume_refuses_processes_that_would_start_from_different_checkpoint
     """resume=True with an out_dir each node has its own of: process 0 resumed after epoch 1, process 1 found no
     checkpoint and started afresh (other epochs' batches, its own optimizer state); process 0 returned "trained"
     and process 1 failed in a collective once it had gone."""
-    _spawn_within(120, _ddp_node_local_resume_worker, (2, _free_port(), str(tmp_path)))
+    _spawn_within(120, _ddp_node_local_resume_worker, (2, free_port(), str(tmp_path)))
     for rank in range(2):
         assert torch.load(tmp_path / f"message.{rank}", weights_only=True) == (
             "ValueError: fit: the processes differ in the checkpoint they resume (process 0: after epoch 1, process 1: "
@@ -3620,7 +3613,7 @@ def test_ddp_resume_of_a_one_process_checkpoint_warns_once_on_process_0(tmp_path
     process 0, not once per process."""
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path / "one",
         progress=False)
-    _spawn_within(120, _ddp_resume_one_process_checkpoint_worker, (2, _free_port(), str(tmp_path)))
+    _spawn_within(120, _ddp_resume_one_process_checkpoint_worker, (2, free_port(), str(tmp_path)))
     caught = [torch.load(tmp_path / f"warnings.{rank}", weights_only=True) for rank in range(2)]
     assert len(caught[0]) == 1 and "on changed arithmetic (world_size 1 -> 2" in caught[0][0], caught[0]
     assert caught[1] == [], caught[1]
@@ -3651,7 +3644,7 @@ def test_ddp_resume_of_a_one_process_checkpoint_gives_each_process_its_own_rng_s
     model = DropoutMLP()
     model.load_state_dict(torch.load(tmp_path / "init.pt", weights_only=True))
     fit(model, defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path / "one", progress=False)
-    _spawn_within(120, _ddp_resume_with_more_processes_worker, (2, _free_port(), str(tmp_path)))
+    _spawn_within(120, _ddp_resume_with_more_processes_worker, (2, free_port(), str(tmp_path)))
     resumed = [torch.load(tmp_path / f"resumed.{rank}", weights_only=True) for rank in range(2)]
     assert not torch.equal(resumed[0]["stream"], resumed[1]["stream"]), "both processes drew from one stream"
     assert "and with another number of processes by more (other random streams" in resumed[0]["warnings"][0]
@@ -3680,7 +3673,7 @@ def test_ddp_resume_from_a_path_one_process_cannot_read_stops_every_process(tmp_
     """resume="path" on node-local storage where process 1 has no file there, or an unreadable one: process 1 raised
     its error before the processes compared the checkpoints they resume, and process 0 waited in that comparison
     until process 1 went away ("Connection closed by peer") or the group's timeout while it lived on."""
-    _spawn_within(120, _ddp_resume_path_one_node_lacks_worker, (2, _free_port(), str(tmp_path)))
+    _spawn_within(120, _ddp_resume_path_one_node_lacks_worker, (2, free_port(), str(tmp_path)))
     messages = [torch.load(tmp_path / f"message.{rank}", weights_only=True) for rank in range(2)]
     path = str(tmp_path / "node1" / "checkpoint.pt")
     for rank in range(2):
@@ -3726,7 +3719,7 @@ def test_ddp_refuses_processes_given_other_seeds_or_training_set_lengths(tmp_pat
     in a collective until the group's timeout; a validation shard per process gave each its own val_loss (rank 0's
     alone in the metrics files)."""
     out = str(tmp_path / "settings")
-    _spawn_within(120, _ddp_settings_differ_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_settings_differ_worker, (2, free_port(), out))
     fix = ("pass every process the same ones, and the whole train_data and val_data (not shards): fit cuts one "
            "permutation of train_data into global batches and gives each process its share, and seeds each process's "
            "own random streams itself")
@@ -3756,7 +3749,7 @@ def test_ddp_refuses_an_out_dir_given_to_some_processes_only(tmp_path):
     """out_dir on process 0 alone ("only rank 0 saves") hung at the end of the first epoch until the group's timeout
     (30 minutes by default), then each process named the other as hung or dead. Refused on every process at the
     start, naming the fix; nothing is written."""
-    _spawn_within(120, _ddp_out_dir_on_process_0_alone_worker, (2, _free_port(), str(tmp_path)))
+    _spawn_within(120, _ddp_out_dir_on_process_0_alone_worker, (2, free_port(), str(tmp_path)))
     for rank in range(2):
         outcome = torch.load(tmp_path / f"outcome.{rank}", weights_only=True)
         assert outcome.startswith(f"ValueError: fit: the processes differ in out_dir (process 0: a folder, process 1: "
@@ -3788,7 +3781,7 @@ def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
     restore_best were told to pass the whole train_data and val_data (not shards), early_stopping that each process
     updates its weights with it."""
     out = str(tmp_path / "settings")
-    _spawn_within(120, _ddp_training_settings_differ_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_training_settings_differ_worker, (2, free_port(), out))
     fix = "pass every process the same settings: each process updates its own copy of the weights with them (DDP " \
           "averages only the gradients)"
     for rank in range(2):
@@ -3834,7 +3827,7 @@ def test_ddp_a_bad_argument_on_one_process_stops_every_process_naming_it(tmp_pat
     collectives with its next call's, out of step. Each process now names the failing one at the comparison, and the
     next call trains on every process."""
     out = str(tmp_path / "bad")
-    _spawn_within(120, _ddp_one_process_bad_argument_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_one_process_bad_argument_worker, (2, free_port(), out))
     restore_best = ("ValueError: fit: restore_best=True hands back the weights of the epoch with the best val_loss, "
                     "which early stopping tracks, and early_stopping=None; pass early_stopping=N (a patience) or "
                     "leave restore_best False")
@@ -3871,7 +3864,7 @@ def test_ddp_refuses_trainable_parameters_the_loss_does_not_use(tmp_path):
     differed between the processes (each stepped with its own share's gradient), a longer one failed at the next
     forward advising find_unused_parameters=True for the DistributedDataParallel that fit builds."""
     out = str(tmp_path / "unused")
-    _spawn_within(120, _ddp_unused_parameters_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_unused_parameters_worker, (2, free_port(), out))
     results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     for message, _ in results:
         assert message == ("ValueError: fit: under DDP every trainable parameter must take part in the loss; "
@@ -3966,7 +3959,7 @@ def test_ddp_an_error_inside_one_process_step_names_that_process_on_the_others(t
     and died with "Connection closed by peer" once the failing process exited, or at the timeout while it lived on.
     An error on every process stays each one's own."""
     out = str(tmp_path / "error")
-    _spawn_within(120, _ddp_one_process_raises_worker, (2, _free_port(), out, failing, in_backward, stay_alive))
+    _spawn_within(120, _ddp_one_process_raises_worker, (2, free_port(), out, failing, in_backward, stay_alive))
     firsts, messages = zip(*[torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)])
     assert firsts == ("ValueError: boom on process 0", "ValueError: boom on process 1"), firsts
     error = "ValueError: boom in backward" if in_backward else f"ValueError: boom on process {failing}"
@@ -4020,7 +4013,7 @@ def test_ddp_the_nan_policys_refusals_and_a_one_sample_share_on_one_process_name
     out = str(tmp_path / "error")
     ports = []
     while len(ports) < 3:
-        ports += [port for port in [_free_port()] if port not in ports]
+        ports += [port for port in [free_port()] if port not in ports]
     _spawn_within(150, _ddp_step_refusals_on_one_process_worker, (2, ports, out))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     inputs, outputs, one_sample = messages[1]
@@ -4055,7 +4048,7 @@ def test_ddp_the_same_runtime_error_on_every_process_stays_each_one_own(tmp_path
     """A RuntimeError (as a failed collective raises) that is the one recorded by the process that failed first is
     this process's own error, not the other's: raised unchanged, not as "process 0 failed ...; stopped here too"."""
     out = str(tmp_path / "error")
-    _spawn_within(120, _ddp_same_runtime_error_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_same_runtime_error_worker, (2, free_port(), out))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert messages == ["RuntimeError: out of memory"] * 2, messages
 
@@ -4074,7 +4067,7 @@ def test_ddp_an_interrupt_on_one_process_is_not_named_as_its_failure_on_the_othe
     """A KeyboardInterrupt (or SystemExit) is not a process failing on its own: the others must not report that
     process as failed (Ctrl-C reaches every process; their own error or interrupt stands)."""
     out = str(tmp_path / "error")
-    _spawn_within(120, _ddp_interrupted_on_one_process_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_interrupted_on_one_process_worker, (2, free_port(), out))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert messages[1] == "KeyboardInterrupt: boom on process 1", messages[1]
     assert messages[0].startswith("RuntimeError: ") and "process 1 failed" not in messages[0], messages[0]
@@ -4113,7 +4106,7 @@ def test_ddp_a_validation_error_on_one_process_names_that_process_on_the_others(
     out_dir the other process waits in the gather of every process's RNG streams for the checkpoint instead."""
     out = str(tmp_path / "error")
     out_dir = str(tmp_path / "run") if with_out_dir else None
-    _spawn_within(120, _ddp_validation_fails_on_one_process_worker, (2, _free_port(), out, out_dir))
+    _spawn_within(120, _ddp_validation_fails_on_one_process_worker, (2, free_port(), out, out_dir))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert messages[1] == "RuntimeError: out of memory on process 1", messages[1]
     assert messages[0] == ("RuntimeError: fit: process 1 failed at the validation after epoch 1: RuntimeError: out of "
@@ -4123,7 +4116,7 @@ def test_ddp_a_validation_error_on_one_process_names_that_process_on_the_others(
 def test_ddp_an_error_in_the_check_of_val_data_on_one_process_names_that_process_on_the_others(tmp_path):
     """fit's check of val_data's first batch before training runs inside the record of one-process errors too."""
     out = str(tmp_path / "error")
-    _spawn_within(120, _ddp_validation_fails_on_one_process_worker, (2, _free_port(), out, None, False))
+    _spawn_within(120, _ddp_validation_fails_on_one_process_worker, (2, free_port(), out, None, False))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert messages[1] == "RuntimeError: out of memory on process 1", messages[1]
     assert messages[0] == ("RuntimeError: fit: process 1 failed at the check of val_data before training: "
@@ -4158,7 +4151,7 @@ def test_ddp_failing_process_that_destroys_the_group_releases_the_others_at_once
     """A caller that catches fit's error, keeps its process alive and calls destroy_process_group() releases the
     others at once (not at the group's timeout): nothing of fit's keeps the group alive once the exception is gone."""
     out = str(tmp_path / "error")
-    _spawn_within(120, _ddp_failing_process_destroys_group_worker, (2, _free_port(), out))
+    _spawn_within(120, _ddp_failing_process_destroys_group_worker, (2, free_port(), out))
     assert torch.load(f"{out}.0", weights_only=True) == ("RuntimeError: fit: process 1 failed at epoch 1, step 2: "
                                                          "ValueError: boom on process 1; stopped here too")
 
@@ -4168,7 +4161,7 @@ def test_ddp_an_error_on_the_process_holding_the_store_still_ends_every_process(
     others may find the store gone with it and then end with their collective's own error (not a hang on the store);
     while it lives on, they read its record."""
     out = str(tmp_path / "error")
-    _spawn_within(120, _ddp_one_process_raises_worker, (2, _free_port(), out, 0, False, False))
+    _spawn_within(120, _ddp_one_process_raises_worker, (2, free_port(), out, 0, False, False))
     messages = [torch.load(f"{out}.{rank}", weights_only=True)[1] for rank in range(2)]
     assert messages[0] == "ValueError: boom on process 0", messages[0]
     assert messages[1].startswith("RuntimeError: "), messages[1]
@@ -4242,7 +4235,7 @@ def test_ddp_a_hung_process_times_out_on_the_others_with_a_clear_error(tmp_path,
     up says so in one line naming itself, the timeout and where; the late process, once it comes, names the one
     that gave up (while that one's store lives). Process 0's checkpoint write longer than the timeout is named so."""
     out = str(tmp_path / "outcome")
-    _spawn_within(120, _ddp_hung_process_worker, (2, _free_port(), out, callers_group, hang))
+    _spawn_within(120, _ddp_hung_process_worker, (2, free_port(), out, callers_group, hang))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     timeout = "3 s (the process group's timeout)" if callers_group else "3 s (dist_timeout)"
     where = {2: "epoch 1, step 2", 0: "the start (init_process_group)", "checkpoint": "the checkpoint after epoch 1"}
@@ -4269,7 +4262,7 @@ def test_ddp_a_process_that_never_reaches_fit_in_a_callers_group_times_out_at_fi
     comes (hung before fit) is named there as a timeout at the start, as at any later collective, not gloo's own
     "Timed out waiting 3000ms" (mutation pass: that broadcast outside the naming passed every test)."""
     out = str(tmp_path / "outcome")
-    _spawn_within(120, _ddp_hung_process_worker, (2, _free_port(), out, True, 0))
+    _spawn_within(120, _ddp_hung_process_worker, (2, free_port(), out, True, 0))
     message = torch.load(f"{out}.0", weights_only=True)
     assert message.startswith("CollectiveTimeoutError: fit: process 0 timed out after 3 s (the process group's "
                               "timeout) waiting for the other processes at the start: another process hung or died "
@@ -5291,8 +5284,8 @@ def test_fit_destroys_the_group_it_initialized_when_its_setup_raises(tmp_path):
     """A group fit initialized from torchrun's environment stayed open after an error in fit's setup (here amp on
     CPU), and a later fit in the process adopted it as the caller's; one that trains closes its group too."""
     out = str(tmp_path / "setup")
-    port = _free_port()
-    second_port = next(p for p in iter(_free_port, None) if p != port)
+    port = free_port()
+    second_port = next(p for p in iter(free_port, None) if p != port)
     _spawn_within(120, _torchrun_setup_error_worker, (2, port, second_port, out))
     for rank in range(2):
         message, left_open, epochs, open_after_training = torch.load(f"{out}.{rank}", weights_only=True)
@@ -5316,7 +5309,7 @@ def test_fit_called_again_under_torchruns_store_makes_a_working_group_each_time(
     or failed to connect ("Gloo connectFullMesh failed ... Connection refused"). Each group now has its own keys."""
     import datetime
 
-    port = _free_port()
+    port = free_port()
     store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
                                        timeout=datetime.timedelta(seconds=60))  # the agent's, alive throughout
     out = str(tmp_path / "fits")

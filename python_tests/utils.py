@@ -3,6 +3,7 @@
 import contextlib
 import io
 import re
+import socket
 import warnings
 
 import pytest
@@ -269,3 +270,10 @@ def host_reads(run):
     names = [e.name for e in prof.events()]
     return {"item": names.count("aten::_local_scalar_dense"), "nonzero": names.count("aten::nonzero"),
             "tolist": len(tolists)}
+
+
+def free_port():
+    """A TCP port on localhost that no process listens on now, for a spawned DDP group's MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
