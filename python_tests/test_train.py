@@ -4196,7 +4196,8 @@ class HangsOnOneProcess(Defense):
 
 def _ddp_hung_process_worker(rank, world, port, out_path, callers_group, hang):
     """A process waits until the other has written its outcome: process 1 at its ``hang``-th defense call (0: before
-    fit), or with ``hang="checkpoint"`` process 0 in its checkpoint write. The group is fit's (torchrun's environment,
+    fit), or with ``hang="checkpoint"`` process 0 in its checkpoint write, or with ``hang`` a stage of the end of an
+    epoch (a function of train.py) process 1 as it enters it. The group is fit's (torchrun's environment,
     dist_timeout=3) or, with ``callers_group``, the worker's (timeout 3 s), which then lives on until process 1 is
     done (its store holds process 0's note)."""
     import robust_ops.train
@@ -4204,11 +4205,15 @@ def _ddp_hung_process_worker(rank, world, port, out_path, callers_group, hang):
     hung = 0 if hang == "checkpoint" else 1
     defense = HangsOnOneProcess(hung, hang, f"{out_path}.{1 - hung}")
     out_dir = f"{out_path}.run" if hang == "checkpoint" else None
+    validated = dict(val_data=_data(8, seed=1), early_stopping=1) if hang == "_rank0_value" else {}
     train = functools.partial(fit, DropoutMLP(), defense, _data(16), epochs=1, batch_size=8, progress=False,
-                              out_dir=out_dir)
+                              out_dir=out_dir, **validated)
     if hang == "checkpoint":
         save = robust_ops.train.save_checkpoint
         robust_ops.train.save_checkpoint = lambda *args: (defense.hang_here(rank), save(*args))[1]
+    elif isinstance(hang, str):
+        stage = getattr(robust_ops.train, hang)
+        setattr(robust_ops.train, hang, lambda *args: (defense.hang_here(rank), stage(*args))[1])
 
     def run():
         if hang == 0:
@@ -4226,19 +4231,25 @@ def _ddp_hung_process_worker(rank, world, port, out_path, callers_group, hang):
         HangsOnOneProcess(0, 0, f"{out_path}.1").hang_here(rank)  # process 0 keeps the group until process 1 is done
 
 
-@pytest.mark.parametrize("callers_group, hang", [(False, 2), (True, 2), (False, 0), (False, "checkpoint")],
-                         ids=["dist_timeout", "callers-group", "dist_timeout-at-the-start", "slow-checkpoint"])
+@pytest.mark.parametrize("callers_group, hang", [
+    (False, 2), (True, 2), (False, 0), (False, "checkpoint"), (False, "_broadcast_buffers"), (False, "_epoch_row"),
+    (False, "_rank0_value")], ids=["dist_timeout", "callers-group", "dist_timeout-at-the-start", "slow-checkpoint",
+                                   "end-of-epoch", "end-of-epoch-barrier", "val-loss-exchange"])
 def test_ddp_a_hung_process_times_out_on_the_others_with_a_clear_error(tmp_path, callers_group, hang):
     """A process that hangs without dying left the others waiting in a collective for the group's timeout (30 minutes
     when fit made the group: no option shortened it), then ended them with gloo's "Timed out waiting 3000ms for recv
     operation to complete". Now fit's dist_timeout sets the timeout of the group fit makes, and the process that gave
     up says so in one line naming itself, the timeout and where; the late process, once it comes, names the one
-    that gave up (while that one's store lives). Process 0's checkpoint write longer than the timeout is named so."""
+    that gave up (while that one's store lives). Process 0's checkpoint write longer than the timeout is named so, and
+    a process hung at an epoch's end by the stage the other waits in (its collectives', the barrier's, the
+    validation-loss exchange's)."""
     out = str(tmp_path / "outcome")
     _spawn_within(120, _ddp_hung_process_worker, (2, free_port(), out, callers_group, hang))
     messages = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     timeout = "3 s (the process group's timeout)" if callers_group else "3 s (dist_timeout)"
-    where = {2: "epoch 1, step 2", 0: "the start (init_process_group)", "checkpoint": "the checkpoint after epoch 1"}
+    where = {2: "epoch 1, step 2", 0: "the start (init_process_group)", "checkpoint": "the checkpoint after epoch 1",
+             "_broadcast_buffers": "the end of epoch 1", "_epoch_row": "the end of epoch 1",
+             "_rank0_value": "the validation-loss exchange after epoch 1"}
     fix = "the timeout given to init_process_group" if callers_group else "dist_timeout"
     waited, late = (1, 0) if hang == "checkpoint" else (0, 1)
     assert messages[waited] == (f"CollectiveTimeoutError: fit: process {waited} timed out after {timeout} waiting for "
