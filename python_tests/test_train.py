@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import re
+import types
 import warnings
 
 import numpy as np
@@ -3191,6 +3192,23 @@ def test_history_rows_record_the_epochs_validation_scores_and_current_lr():
 
     assert fit(DropoutMLP(), defenses.Standard(), _data(8), epochs=1, batch_size=8, optimizer=groups,
                progress=False).history[0]["lr"] == 0.1
+
+
+def test_time_s_is_the_epochs_wall_time_validation_included(monkeypatch):
+    """docs/training.md: time_s is the epoch's wall time in seconds, validation included: on a clock that each
+    validation moves on by 100 s, each epoch's time_s is those 100 s."""
+    clock = [0.0]
+    evaluate = robust_ops.train.evaluate_clean
+
+    def validation_taking_100_s(*args, **kwargs):
+        clock[0] += 100.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(robust_ops.train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(robust_ops.train, "evaluate_clean", validation_taking_100_s)
+    history = fit(DropoutMLP(), defenses.Standard(), _data(16), _data(8, seed=1), epochs=2, batch_size=8,
+                  progress=False).history
+    assert [row["time_s"] for row in history] == [100.0, 100.0]
 
 
 def test_a_one_cycle_scheduler_shorter_than_the_run_is_refused_before_training(tmp_path):
