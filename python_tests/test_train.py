@@ -1673,20 +1673,22 @@ def test_an_attack_defense_refusing_nan_inputs_names_the_items_epoch_and_step(de
 
 
 class _NaNOutputs(nn.Module):
-    """DropoutMLP whose outputs turn NaN once ``diverged`` (a log(0) in a forward, weights gone to NaN)."""
+    """DropoutMLP whose outputs for each batch's first 3 samples turn NaN once ``diverged`` (a log(0) in a forward,
+    weights gone to NaN)."""
 
     def __init__(self):
         super().__init__()
         self.net, self.diverged = DropoutMLP(), False
 
     def forward(self, x):
-        return self.net(x) * (float("nan") if self.diverged else 1.0)
+        out = self.net(x)
+        return torch.cat([out[:3] * float("nan"), out[3:]]) if self.diverged else out
 
 
 @pytest.mark.parametrize("defense", ["at", "trades", "mart", "mirst", "fat"])
 def test_nan_model_outputs_met_by_a_defenses_attack_name_the_model_epoch_and_step(defense, tmp_path):
-    # the attack's first forward refuses them (on its label check's sync); fit names the epoch, the step, what to
-    # check and the last good checkpoint, which keeps the weights of the epoch before
+    # the attack's first forward refuses them (on its label check's sync); fit names the epoch, the step, how many
+    # samples' outputs, what to check and the last good checkpoint, which keeps the weights of the epoch before
     model = _NaNOutputs()
 
     def diverge(epoch):
@@ -1694,7 +1696,7 @@ def test_nan_model_outputs_met_by_a_defenses_attack_name_the_model_epoch_and_ste
         return 1.0
 
     with pytest.raises(NonFiniteLossError, match=rf"^fit: the {defense} defense's attack met model outputs that are "
-                                                 r"NaN or Inf \(8 of 8 samples\) at epoch 2, step 1; check the model "
+                                                 r"NaN or Inf \(3 of 8 samples\) at epoch 2, step 1; check the model "
                                                  r"\(a log or division of 0 in its forward\) and the learning rate "
                                                  r"\(diverged weights\); stopped before updating the weights \(last "
                                                  r"good checkpoint: "):
