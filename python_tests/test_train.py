@@ -3413,7 +3413,8 @@ def test_history_weighs_a_metric_by_the_samples_it_counts():
 
 
 class _PerRankMetrics(Defense):
-    """Each process reports a metric the other never does (as IMA reports adv_acc only where it attacked)."""
+    """Each process reports a metric the other never does (as IMA reports adv_acc only where it attacked), and both
+    one counted over no sample in every batch (as IMA's crossed where nothing was attacked)."""
 
     name = "per-rank"
 
@@ -3426,7 +3427,8 @@ class _PerRankMetrics(Defense):
         metrics = {f"only_rank{rank}": 1.0 + 2.0 * rank}
         if rank == 1:
             metrics["extra"] = 5.0  # one more key on one process: vectors of different lengths
-        return DefenseOutput(loss=loss, logits=out, metrics=metrics)
+        metrics["uncounted"] = 7.0
+        return DefenseOutput(loss=loss, logits=out, metrics=metrics, metric_counts={"uncounted": 0})
 
 
 def _ddp_metrics_worker(rank, world, port, out_path, defense_class=_PerRankMetrics, samples=16):
@@ -3452,6 +3454,7 @@ def test_ddp_history_sums_each_metric_over_the_processes_that_reported_it(tmp_pa
     without_time = [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     assert without_time[0] == without_time[1]  # every process records the same history
     assert (rows[0]["train_only_rank0"], rows[0]["train_only_rank1"], rows[0]["train_extra"]) == (1.0, 3.0, 5.0)
+    assert "train_uncounted" not in rows[0]  # a mean over no sample: no column, as in one process
 
 
 class _AttacksFromItsSecondBatch(Defense):
