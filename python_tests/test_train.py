@@ -774,6 +774,18 @@ def test_warmup_trains_the_head_alone_leaving_the_rest_and_its_optimizer_state_u
     assert {int(optimizer_state[i]["step"]) for i, n in enumerate(params) if n not in head} == {5}  # 1 epoch of 5
 
 
+def test_warmup_keeps_the_rest_unchanged_with_a_defenses_extra_gradients_too():
+    """In the warm-up the head alone trains, also with a defense returning extra_grads (MIRST's adversarial terms):
+    they are added before the other parameters' gradients are dropped, so those do not move."""
+    torch.manual_seed(0)
+    model = _CNNWithHead()
+    init = _weights(model)
+    fit(model, _ConstantExtraGrads(), _data(), epochs=1, warmup_epochs=1, batch_size=8, lr=1e-2, progress=False)
+    head = ["classifier.1.weight", "classifier.1.bias"]
+    for name, _ in model.named_parameters():
+        assert torch.equal(init[name], model.state_dict()[name]) == (name not in head), name
+
+
 def test_warmup_resumes_exactly_mid_warmup(tmp_path):
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
