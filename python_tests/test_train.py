@@ -5630,9 +5630,10 @@ def test_fit_reads_a_defenses_tensor_metrics_with_its_own_read():
 
 
 # fit's host reads (item, tolist) per training step with each defense, as _reads_per_step counts them: fit's own
-# three and the sampler's CPU index list (above), its attacks' input and first-forward checks (test_attacks.py), DPAAT's batch mean of the loss changes and AMAT's / DPAAT's finite-loss
-# checks; and the defense's metrics, now one read (defenses._common.metric_values) where each was one: e.g. LLR's
-# four, ARFL's five besides four label reads, MIRST's four emitted attack losses (run_pgd reads them at its end).
+# three and the sampler's CPU index list (above), its attacks' input and first-forward checks (test_attacks.py),
+# DPAAT's batch mean of the loss changes and AMAT's / DPAAT's finite-loss checks; and the defense's metrics, now one
+# read (defenses._common.metric_values) where each was one: e.g. LLR's four, ARFL's five besides four label reads,
+# MIRST's four emitted attack losses (run_pgd reads them at its end).
 # Before: standard (3, 4), at (3, 7), sat / trades / rst (4, 7), gr (5, 4), llr (7, 7), mart (5, 7), fat (3, 7),
 # amat (8, 10), mirst / mirst-dm (7, 7), dpaat (10, 10), arfl (12, 7), arfl adv_term (14, 7). IMA's reads follow its
 # data (which samples its search crossed), not pinned here; its four metrics and the loss are one read too. AMAT's
