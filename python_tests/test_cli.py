@@ -5180,6 +5180,24 @@ def test_dropmax_on_a_model_without_max_pooling_names_the_flags_way_out(tmp_path
         assert not (tmp_path / "run").exists()
 
 
+def test_eval_of_a_run_json_asking_drop_max_of_an_mlp_names_the_file_not_a_flag(tmp_path, capsys):
+    """train refuses --dropmax on an mlp; a run.json edited to ask for it made eval name "--dropmax", a flag eval
+    does not have, with train's advice ("leave --dropmax out"). It names the file's key and the way out of the
+    other run.json refusals instead."""
+    data = _folder(tmp_path / "d")
+    rc, _, _ = run(["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--out",
+                    tmp_path / "run", "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 0
+    run_json = tmp_path / "run" / "run.json"
+    recorded = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**recorded, "dropmax": "first"}))
+    rc, _, err = run(["eval", tmp_path / "run", "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "eval",
+                      "--no-progress", "--device", "cpu"], capsys)
+    line = one_line_error(rc, err, f"robust-ops eval: error: {run_json}: dropmax: --model mlp has no max-pooling "
+                                   "layer to replace", "the file was edited or damaged")
+    assert "--dropmax" not in line
+
+
 def test_demo_refuses_an_eps_wider_than_the_range_and_a_resume_with_fewer_epochs(tmp_path, capsys):
     """Two refusals of demo no test reached, each before anything is trained or replaced: an L-inf radius past the
     inputs' value range (--eps 8 meant as 8/255), and --resume with fewer --epochs than its run holds."""

@@ -501,7 +501,9 @@ def _counts(counts):
     return f"{sum(counts.values())} images ({', '.join(f'{k} {v}' for k, v in counts.items())})"
 
 
-def make_model(name, info, dropmax="none"):
+def make_model(name, info, dropmax="none", dropmax_from=None):
+    """The CLI's model: build_model's, with ``dropmax`` ("none", "first", "all") max-poolings made drop-max;
+    ``dropmax_from`` names where that came from in an error (eval: run.json's dropmax; None: --dropmax)."""
     from .models import MODELS, build_model
 
     if name not in MODELS:  # build_model's own refusal names build_model, which a CLI user never called
@@ -518,14 +520,17 @@ def make_model(name, info, dropmax="none"):
 
         from .nn import replace_maxpool
 
-        # replace_maxpool's own refusal spoke to code ("call robust_ops.drop_max_pool2d there"), not to the command
+        # replace_maxpool's own refusal spoke to code ("call robust_ops.drop_max_pool2d there"), not to the command;
+        # eval's dropmax is run.json's (dropmax_from names it): eval has no --dropmax to leave out
+        flag, fix = ((dropmax_from, f"the file was edited or damaged -- restore the run's own {RUN_FILE}, or train "
+                      "it again") if dropmax_from else
+                     ("--dropmax", "leave --dropmax out or use a model with max pooling (e.g. small_cnn or resnet18)"))
         if not any(isinstance(m, nn.MaxPool2d) for m in model.modules()):
-            raise CLIError(f"--dropmax: --model {name} has no max-pooling layer to replace; leave --dropmax out or use "
-                           "a model with max pooling (e.g. small_cnn or resnet18)")
+            raise CLIError(f"{flag}: --model {name} has no max-pooling layer to replace; {fix}")
         try:
             model = replace_maxpool(model, which=dropmax)
         except ValueError as err:
-            raise CLIError(f"--dropmax: {err}") from None
+            raise CLIError(f"{flag}: {err}") from None
     return model
 
 
@@ -1462,7 +1467,7 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
         warnings.warn(f"{flag}: {data} labels its classes {labels(names)}, but the run was trained on "
                       f"{labels(trained)}; its predictions are scored against labels that may mean other classes")
     dropmax = trained_dropmax(run)
-    net = make_model(model_name, splits.info, dropmax)
+    net = make_model(model_name, splits.info, dropmax, dropmax_from=f"{run_file}: dropmax")
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise CLIError(f"{ckpt}: expected a fit checkpoint or a state_dict, got {type(state).__name__}")
