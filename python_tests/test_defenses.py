@@ -3024,3 +3024,26 @@ def test_labels_changed_in_place_inside_labels_read_once_are_read_again():
             check_class_labels("f", y, 3)
         assert _label_range_reads(lambda: labels_range(y.clone())) == 1
     assert _label_range_reads(lambda: [labels_range(y), labels_range(y)]) == 2  # no scope: each call reads
+
+
+@pytest.mark.parametrize("name", ["standard", "at", "gr"])
+def test_a_defense_called_under_inference_mode_with_labels_made_there_gives_its_loss_or_its_refusal(name):
+    """Labels made under torch.inference_mode() have no version counter (reading it raises "Inference tensors do not
+    track version counter"): labels_read_once keeps no range for them, so a defense called in that block gives
+    Standard's loss, or the gradient defenses' refusal naming them, as outside a scope (mutation testing of
+    range_known: recording such labels too survived, and failed every defense's call here)."""
+    from robust_ops.attacks.context import labels_range, labels_read_once
+
+    defense, model = defenses.build(name, **({} if name in ("standard", "gr") else dict(steps=2))), TinyCNN(1, 2)
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    expected = defenses.build("standard")(model, x, torch.arange(8) % 2).loss.detach()
+    with torch.inference_mode():
+        y = torch.arange(8) % 2
+        if name == "standard":
+            assert torch.equal(defense(model, x, y).loss, expected)
+        else:
+            with pytest.raises(RuntimeError, match=rf"^{name}: (gradient-based attacks|the input gradient) cannot "
+                                                   r"(run|be taken) under torch.inference_mode\(\)"):
+                defense(model, x, y)
+        with labels_read_once():
+            assert _label_range_reads(lambda: [labels_range(y), labels_range(y)]) == 2  # none kept: each reads
