@@ -2251,6 +2251,27 @@ def test_gr_back_propagates_into_a_learnable_step_in_front_of_the_model():
     assert x.grad is None and not x.requires_grad  # a batch without a graph is taken as before
 
 
+def test_llr_back_propagates_into_a_learnable_step_in_front_of_the_model(crafted):
+    """docs/defenses/llr.md: an x that requires grad gets the gradient of every LLR term, the clean loss's, the
+    gradient term's and the linearity term's (through grad_i and through l(x + delta)), delta the crafted one held
+    fixed (mutation testing of LLR: delta not detached from x, so x + delta gave that step no gradient and the terms
+    delta . grad_i one more, and the adversarial forward at the crafted point instead of x + delta, each survived)."""
+    model, x, y = _model_and_batch()
+    scale = torch.tensor(0.6, requires_grad=True)
+    out = defenses.LLR(steps=2, eps=0.3)(model, x * scale, y)
+    got = torch.autograd.grad(out.loss, [scale, *_params(model)])
+    xs = x * scale
+    delta = (crafted[-1][1].x_adv - xs).detach()
+    losses = F.cross_entropy(model(xs), y, reduction="none")
+    (g,) = torch.autograd.grad(losses.sum(), xs, create_graph=True)
+    first_order = (delta * g).flatten(1).sum(1)
+    linearity = (F.cross_entropy(model(xs + delta), y, reduction="none") - losses - first_order).abs().mean()
+    expected = losses.mean() + 3.0 * linearity + 4.0 * first_order.abs().mean()
+    torch.testing.assert_close(out.loss.detach(), expected.detach(), rtol=1e-5, atol=1e-7)
+    for a, b in zip(got, torch.autograd.grad(expected, [scale, *_params(model)])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_dpaat_synchronization_term_is_differentiated_through_both_outputs(crafted):
     """DPAAT eq. 12's L_syn compares the clean and the adversarial outputs; neither is detached, so its parameter
     gradient flows through both (beta large enough for the term to dominate)."""
