@@ -1996,9 +1996,10 @@ class _LibraryWarning(UserWarning):
     pass
 
 
-def _library_warnings_shown(add_filters, message="the library says so", category=UserWarning):
+def _library_warnings_shown(add_filters, message="the library says so", category=UserWarning, lines=None):
     """How many of 3 calls of robust_ops._warn.warn at one line show their warning, a catch_warnings block (as
-    scikit-learn's metrics enter) after each, under the filters ``add_filters`` sets on an empty list."""
+    scikit-learn's metrics enter) after each, under the filters ``add_filters`` sets on an empty list; ``lines``
+    (a list) gets the line of each shown."""
     import warnings
 
     from robust_ops import _warn
@@ -2015,6 +2016,8 @@ def _library_warnings_shown(add_filters, message="the library says so", category
         finally:
             warnings.defaultaction = default
     assert all(w.filename == __file__ for w in caught)
+    if lines is not None:
+        lines.extend(w.lineno for w in caught)
     return len(caught)
 
 
@@ -2039,6 +2042,11 @@ def test_library_warnings_are_remembered_only_where_pythons_own_filter_matching_
         assert _library_warnings_shown(add_filters) == expected, i
     assert _library_warnings_shown(lambda: warnings.filterwarnings("always", category=_LibraryWarning),
                                    message=_LibraryWarning("the library says so")) == 3
+    # a filter for the very line of the call applies (mutation testing of _warn: a filter's lineno read as "any line"
+    # only when 0, never as the line it names, survived)
+    lines = []
+    assert _library_warnings_shown(lambda: None, lines=lines) == 1
+    assert _library_warnings_shown(lambda: warnings.filterwarnings("always", lineno=lines[0])) == 3
 
 
 def test_library_warnings_are_remembered_per_line_per_module_and_per_filter_list_as_python_does():
@@ -2086,27 +2094,66 @@ def test_a_library_warning_is_shown_again_when_the_filter_deciding_it_changes_in
     simplefilter('default', UserWarning) that decides it anew (1 of 3 shown where Python shows 3). Forgetting at
     every change, as Python does, showed a loop's first library warning twice in a fresh process: the first
     evaluate imports scikit-learn, whose scipy adds two filters that do not match it (reviewer, s48). So a warning
-    is shown again when the filter that decides it changes, not when an unrelated one is added."""
+    is shown again when the filter that decides it changes, not when an unrelated one is added, nor when the same
+    filter is set again (mutation testing of _warn: the memory keeping the filter it was first shown under, so every
+    call after a change showed it, and the deciding filter compared by identity, each survived)."""
     import warnings
 
     from robust_ops import _warn
 
-    def shown(warn, changes):
+    def shown(warn, changes, forget=lambda: None):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             for change in changes:
                 change()
-                warn("the library says so", UserWarning)
+                for _ in range(2):  # the second call at the same line: shown once per change
+                    warn("the library says so", UserWarning)
+                    forget()
         return len(caught)
+
+    def scikit_learns():  # Python forgets at its end, robust_ops._warn.warn does not
+        with warnings.catch_warnings():
+            pass
 
     deciding_anew = (lambda: None, lambda: warnings.simplefilter("default", UserWarning),
                      lambda: warnings.filterwarnings("default", message="the library"), warnings.resetwarnings)
-    assert shown(_warn.warn, deciding_anew) == shown(warnings.warn, deciding_anew) == 4
+    assert shown(_warn.warn, deciding_anew, scikit_learns) == shown(warnings.warn, deciding_anew) == 4
     unrelated = (lambda: None, lambda: warnings.filterwarnings("ignore", category=DeprecationWarning),
                  lambda: warnings.filterwarnings("ignore", "the matrix subclass is not", Warning),  # scipy's, at import
-                 lambda: warnings.filterwarnings("always", module="somewhere_else"))
-    assert shown(_warn.warn, unrelated) == 1
-    assert shown(warnings.warn, unrelated) == 4  # Python's rule: what a process's first evaluate loop met
+                 lambda: warnings.filterwarnings("always", module="somewhere_else"),
+                 lambda: warnings.simplefilter("default"))  # the deciding filter set again: an equal one, the same
+    assert shown(_warn.warn, unrelated, scikit_learns) == 1
+    assert shown(warnings.warn, unrelated) == 5  # Python's rule: what a process's first evaluate loop met
+
+
+def test_library_warnings_are_remembered_per_message_and_category_as_python_does():
+    """Python remembers a warning by its text and category too (at its line under "default", in its file under "module",
+    anywhere under "once"): other texts or another category at the same line are shown, and so does
+    robust_ops._warn.warn across catch_warnings blocks (mutation testing of _warn: the text left out of the
+    "default" key, or the category out of any key, each survived)."""
+    import warnings
+
+    from robust_ops import _warn
+
+    said = [("the library says so", UserWarning), ("the library says more", UserWarning),
+            ("the library says so", FutureWarning)]
+
+    def shown(action, warn, forget):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter(action)
+            for _ in range(2):
+                for text, category in said:
+                    warn(text, category)
+                    forget()
+        return sorted((str(w.message), w.category.__name__) for w in caught)
+
+    def scikit_learns():
+        with warnings.catch_warnings():
+            pass
+
+    expected = sorted((text, category.__name__) for text, category in said)
+    for action in ("default", "module", "once"):
+        assert shown(action, _warn.warn, scikit_learns) == shown(action, warnings.warn, lambda: None) == expected
 
 
 def test_warn_outside_attributes_its_warning_past_the_given_files_in_its_category():
