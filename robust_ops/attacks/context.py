@@ -695,7 +695,8 @@ _ranges_read = contextvars.ContextVar("robust_ops_ranges_read", default=None)
 def labels_read_once():
     """Inside, labels_range reads each label tensor once: fit's check, the defense's labels() and its attack's input
     check (and check_labels_against) each read the labels' range, a host read (a GPU sync) apiece per training
-    step. A tensor changed in place since (its version) is read again. Nested scopes are the outermost's."""
+    step. A tensor changed in place since (its version) is read again; writes that bypass the version counter
+    (through ``.data`` or ``.numpy()``) are not seen, as for autograd. Nested scopes are the outermost's."""
     if _ranges_read.get() is not None:
         yield
         return
