@@ -141,6 +141,29 @@ def test_spans_several_blocks_per_sample():
         assert_verbose_equal(g, w)
 
 
+def test_grid_past_cudas_limit_is_refused_before_any_write(monkeypatch):
+    """One program takes BLOCK (1024) positions of one sample, so lo of 2**31 one-element samples passes CUDA's
+    2**31 - 1 programs (Triton's launcher: "OverflowError: signed integer is greater than maximum", no op or argument
+    named; the C++ CUDA kernel's grid-stride loop has no limit). The limit lowered here: 3 samples of 2100 elements
+    take 9 programs."""
+    import robust_ops.triton._utils as triton_utils
+
+    lo, hi, points, crossed, active = make_inputs(3, shape=(3, 2100), device=device(), active=True)
+    originals = [t.clone() for t in (lo, hi, points)]
+    monkeypatch.setattr(triton_utils, "MAX_PROGRAMS", 8)
+    with pytest.raises(RuntimeError, match=re.escape(
+        "boundary_search_step_triton: expected at most 8 programs (CUDA's limit on a 1-D grid) of 1024 elements of "
+        "one sample each, got 9 for lo of 3 samples of 2100 elements; split the batch",
+    )):
+        triton_op()(lo, hi, points, crossed, active)
+    for t, original, name in zip((lo, hi, points), originals, ("lo", "hi", "points")):
+        assert_verbose_equal(t, original, name)
+    monkeypatch.setattr(triton_utils, "MAX_PROGRAMS", 9)
+    ours, ref = run_both(triton_op(), lo, hi, points, crossed, active)
+    for got, want, name in zip(ours, ref, ("lo", "hi", "points")):
+        assert_verbose_equal(got, want, name)
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_search_keeps_label_flip_and_shrinks_by_k(k):
     n, d, rounds = 6, 8, 4

@@ -1,6 +1,8 @@
 """robust_ops::pgd_step_triton: the same results as the reference (bitwise in float32/float64) and the same schema as
 the C++ op. Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (small shapes: the interpreter is slow)."""
 
+import re
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -356,6 +358,47 @@ def test_empty(shape):
     for norm in NORMS:
         triton_op()(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 1)
     assert x_adv.shape == shape
+
+
+def test_grid_limit_is_cudas_on_programs_per_sample_block():
+    """CUDA's 1-D grid takes at most 2**31 - 1 programs; a program takes BLOCK elements of one sample, so one-element
+    samples reach it at 2**31 samples (x_adv of 4 GiB in float16) and 1025-element ones at 2**30. Triton's launcher
+    parses the grid as C ints: past the limit it raised "OverflowError: signed integer is greater than maximum",
+    naming neither op nor argument. Worked out on the helper: no tensor of that size is allocated."""
+    from robust_ops.triton._utils import MAX_PROGRAMS, per_sample_grid
+
+    assert MAX_PROGRAMS == 2**31 - 1
+    assert per_sample_grid("pgd_step_triton", "x_adv", 2**31 - 1, 1, 1024) == (1, (2**31 - 1,))
+    assert per_sample_grid("pgd_step_triton", "x_adv", 2**30 - 1, 1025, 1024) == (2, (2**31 - 2,))
+    for n, per_sample, programs in ((2**31, 1, 2**31), (2**30, 1025, 2**31), (3, 2**41, 3 * 2**31)):
+        with pytest.raises(RuntimeError, match=re.escape(
+            f"pgd_step_triton: expected at most 2147483647 programs (CUDA's limit on a 1-D grid) of 1024 elements of "
+            f"one sample each, got {programs} for x_adv of {n} samples of {per_sample} elements; split the batch",
+        )):
+            per_sample_grid("pgd_step_triton", "x_adv", n, per_sample, 1024)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_grid_past_the_limit_is_refused_before_any_write(monkeypatch, norm):
+    """The launcher computes its grid through the checked helper, before it writes x_adv or the history slot (the
+    limit lowered: 3 samples of 2200 elements take 3 programs each)."""
+    import robust_ops.triton._utils as triton_utils
+
+    x_adv, x_nat, grad, alpha, eps = make_inputs((3, 2, 1100), device=device(), seed=1)
+    history = torch.full((2, 3, 2, 1100), -7.0, device=device())
+    before, history_before = x_adv.clone(), history.clone()
+    monkeypatch.setattr(triton_utils, "MAX_PROGRAMS", 8)
+    with pytest.raises(RuntimeError, match=re.escape(
+        "pgd_step_triton: expected at most 8 programs (CUDA's limit on a 1-D grid) of 1024 elements of one sample "
+        "each, got 9 for x_adv of 3 samples of 2200 elements; split the batch",
+    )):
+        triton_op()(x_adv, x_nat, grad, alpha, eps, 0.0, 1.0, norm, history, 1)
+    assert_verbose_equal(x_adv, before, "x_adv")
+    assert_verbose_equal(history, history_before, "history")
+    monkeypatch.setattr(triton_utils, "MAX_PROGRAMS", 9)
+    (ours, h_ours), (ref, h_ref) = run_both(x_adv, x_nat, grad, alpha, eps, (0.0, 1.0), norm, history, slot=1)
+    assert_verbose_equal(ours, ref, "x_adv")
+    assert_verbose_equal(h_ours, h_ref, "history")
 
 
 def test_may_overlap_compares_element_spans():

@@ -40,6 +40,26 @@ def check_launchable(op_name, t):
     )
 
 
+# CUDA's limit on gridDim.x, the programs of a 1-D grid. Triton's launcher takes the grid as C ints: past it the launch
+# raised "OverflowError: signed integer is greater than maximum", naming no op or argument.
+MAX_PROGRAMS = 2**31 - 1
+
+
+def per_sample_grid(op_name, name, n, per_sample, block):
+    """(blocks_per_sample, grid) of a kernel whose programs each take `block` elements of one sample of `name` (N
+    samples of per_sample elements), refused by name, before anything is written, where the grid would pass
+    MAX_PROGRAMS (N = 2**31 samples of up to 1024 elements: tensors of a few GiB), as the C++ CUDA pgd_step_ refuses
+    its blocks."""
+    blocks_per_sample = triton.cdiv(per_sample, block)
+    programs = n * blocks_per_sample
+    torch._check(
+        programs <= MAX_PROGRAMS,
+        lambda: f"{op_name}: expected at most {MAX_PROGRAMS} programs (CUDA's limit on a 1-D grid) of {block} elements "
+        f"of one sample each, got {programs} for {name} of {n} samples of {per_sample} elements; split the batch",
+    )
+    return blocks_per_sample, (programs,)
+
+
 def on_device_of(t):
     """Context for a launch on t's device: Triton launches on the current CUDA device and its current stream, not on
     the tensors' device. No-op for CPU tensors (TRITON_INTERPRET=1)."""

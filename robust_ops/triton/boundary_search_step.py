@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._autograd import register_in_place_without_gradient
 from .._meta import check_boundary_search_step_args
-from ._utils import check_launchable, launch, mul_rn, on_device_of
+from ._utils import check_launchable, launch, mul_rn, on_device_of, per_sample_grid
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -86,12 +86,12 @@ def boundary_search_step_triton(lo: Tensor, hi: Tensor, points: Tensor, crossed_
         return
     per_sample = lo.numel() // n
     total = lo.numel()
+    blocks_per_sample, grid = per_sample_grid("boundary_search_step_triton", "lo", n, per_sample, BLOCK)
     lo_c, hi_c, points_c = lo.contiguous(), hi.contiguous(), points.contiguous()
     crossed_c = crossed_at.contiguous()
     active_c = active.contiguous() if active is not None else crossed_c  # never read when HAS_ACTIVE is False
-    blocks_per_sample = triton.cdiv(per_sample, BLOCK)
     with on_device_of(lo):
-        launch(_boundary_search_step_kernel)[(n * blocks_per_sample,)](
+        launch(_boundary_search_step_kernel)[grid](
             lo_c, hi_c, points_c, crossed_c, active_c,
             per_sample, total, k, blocks_per_sample,
             HAS_ACTIVE=active is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,

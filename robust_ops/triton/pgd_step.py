@@ -20,7 +20,7 @@ from torch import Tensor
 from .._autograd import register_in_place_without_gradient
 from .._meta import check_pgd_step_args, check_pgd_step_values
 from ..reference import clip_bounds, opmath_dtype
-from ._utils import check_launchable, div_rn, launch, may_overlap, mul_rn, on_device_of
+from ._utils import check_launchable, div_rn, launch, may_overlap, mul_rn, on_device_of, per_sample_grid
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -134,6 +134,7 @@ def pgd_step_triton(
     if x_adv.numel() == 0:
         return
     per_sample = x_adv.numel() // n
+    blocks_per_sample, grid = per_sample_grid("pgd_step_triton", "x_adv", n, per_sample, BLOCK)
     x = x_adv.contiguous()
     # As the C++ kernels: programs write x before others have read x_nat / grad, and the history slot before others
     # have read the inputs, so nothing written may share memory with what is read (x_adv = buf[1:] with
@@ -154,8 +155,6 @@ def pgd_step_triton(
     )
     hist = history if direct_history else x  # never written when HAS_HISTORY is False
     hist_offset = slot * x_adv.numel() if direct_history else 0
-    blocks_per_sample = triton.cdiv(per_sample, BLOCK)
-    grid = (n * blocks_per_sample,)
     with on_device_of(x_adv):
         if norm == "linf":
             launch(_linf_kernel)[grid](
