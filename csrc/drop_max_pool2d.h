@@ -127,4 +127,13 @@ inline bool is_channels_last(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
+// The backward's layout (_meta.grad_input_memory_format): the indices', which the forward made in the input's, so
+// grad_input takes the input's layout, as ATen's max_pool2d backward does, whatever grad_output's. Indices that are
+// NCHW and channels_last at once (N x C x 1 x 1, one channel) are told apart by their strides, as
+// suggest_memory_format does (the forward's N x C x 1 x 1 output of a channels_last input has channels_last strides).
+inline bool grad_input_channels_last(const at::Tensor& indices) {
+  return indices.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         (!indices.is_contiguous() || indices.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
+}
+
 }  // namespace robust_ops

@@ -438,21 +438,44 @@ def test_backward_channels_last_channel_blocks(dtype, c):
     assert_verbose_equal(backward_op(grad, idx, [n, c, h, w]), expected, "grad_input (contiguous)")
 
 
-def test_backward_layout_follows_grad_output_not_indices():
-    # grad_output and indices may come in different layouts (autograd hands the saved indices and an incoming
-    # gradient of any layout): grad_input takes grad_output's, the fake kernel's rule, with the same values. A kernel
-    # choosing the layout by the indices passed every test with both in one layout (mutation pass of the C++ kernel).
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_backward_layout_follows_indices_not_grad_output(device):
+    # grad_output and indices may come in different layouts (autograd hands the saved indices, made in the input's
+    # layout, and an incoming gradient of any layout): grad_input takes the indices', so the input's as ATen's
+    # max_pool2d backward, with the same values; the fake kernel's rule too. It took grad_output's: an NCHW gradient
+    # into a channels_last input's pool came back NCHW where F.max_pool2d's comes back channels_last.
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 7, 6, generator=g)
     _, idx = op(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
     grad = torch.randn(idx.shape, generator=g)
     expected = backward_op(grad, idx, list(x.shape))
-    for go, ix in ((layout(grad, "channels_last"), idx), (grad, layout(idx, "channels_last"))):
+    for go, ix in ((layout(grad, "channels_last"), idx), (grad, layout(idx, "channels_last")),
+                   (torch.ones(()).expand(idx.shape), layout(idx, "channels_last"))):
+        go, ix = go.to(device), ix.to(device)
         got = backward_op(go, ix, list(x.shape))
         with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
             fake = backward_op(mode.from_tensor(go), mode.from_tensor(ix), list(x.shape))
-        assert got.stride() == fake.stride() and got.is_contiguous(memory_format=expected_format(go))
-        assert_verbose_equal(got, expected, "grad_input")
+        assert got.stride() == fake.stride() and got.is_contiguous(memory_format=expected_format(ix))
+        if go.stride()[0]:  # the expanded gradient of ones has other values
+            assert_verbose_equal(got.cpu(), expected, "grad_input")
+
+
+@pytest.mark.parametrize("shape, kernel", [((2, 6, 8, 7), 2), ((2, 6, 2, 2), 2), ((2, 6, 7, 7), 7)])
+@pytest.mark.parametrize("grad_fmt", ["contiguous", "channels_last", "expanded"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_input_gradient_takes_the_inputs_layout_as_atens_whatever_grad_outputs(device, fmt, grad_fmt, shape, kernel):
+    """x.grad in F.max_pool2d's layout for either input layout and any grad_output's, N x C x 1 x 1 outputs (the
+    forward's channels_last indices are NCHW too, told apart by their strides) included."""
+    x = layout(torch.randn(shape), fmt).to(device).requires_grad_()
+    grads = []
+    for pool in (lambda t: op(t, [kernel] * 2, [kernel] * 2, [0, 0], [1, 1], False)[0],
+                 lambda t: F.max_pool2d(t, kernel)):
+        out = pool(x)
+        grad = torch.ones(()).expand(out.shape) if grad_fmt == "expanded" else layout(torch.randn(out.shape), grad_fmt)
+        grads.append(torch.autograd.grad(out, x, grad.to(device))[0])
+    ours, atens = grads
+    assert ours.stride() == atens.stride()
 
 
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])

@@ -132,12 +132,13 @@ def test_grad_matches_reference_autograd(fmt, dtype):
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backward_op_returns_the_native_dtype_and_layout(fmt, dtype):
-    """Called directly (autograd would cast and restride what it returns): grad_input in grad_output's dtype and
-    memory format, as the native backward returns it."""
+    """Called directly (autograd would cast and restride what it returns): grad_input in grad_output's dtype and the
+    indices' memory format (the input's), as the native backward returns it, grad_output in the other layout."""
     args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
     x = make_input((1, 3, 7, 6), "normal", 3, dtype).to(DEVICE)
     _, idx = triton_op()(x, *args)
-    grad = layout(make_input(tuple(idx.shape), "normal", 4, dtype), fmt).to(DEVICE)
+    other = "contiguous" if fmt == "channels_last" else "channels_last"
+    grad = layout(make_input(tuple(idx.shape), "normal", 4, dtype), other).to(DEVICE)
     idx = layout(idx, fmt)
     got = torch.ops.robust_ops._drop_max_pool2d_backward_triton(grad, idx, list(x.shape))
     want = torch.ops.robust_ops._drop_max_pool2d_backward(grad.cpu(), idx.cpu(), list(x.shape))

@@ -267,6 +267,25 @@ def test_output_layout_as_aten_for_a_channel_slice_of_a_channels_last_input():
     assert ours.stride() == theirs.stride()
 
 
+@pytest.mark.parametrize("shape, kernel", [((2, 6, 8, 7), 2), ((2, 6, 2, 2), 2), ((2, 6, 7, 7), 7)])
+@pytest.mark.parametrize("grad_fmt", ["contiguous", "channels_last", "expanded"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_input_gradient_takes_the_inputs_layout_as_atens_whatever_grad_outputs(fmt, grad_fmt, shape, kernel):
+    # ATen's backward puts grad_input in the input's layout; the op's took grad_output's (a channels_last model's
+    # pool before flatten gets an NCHW gradient and gave an NCHW one back) and was NCHW for an N x C x 1 x 1 output of
+    # a channels_last input whatever grad_output's: same values, other strides.
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    x = torch.randn(shape).contiguous(memory_format=formats[fmt]).requires_grad_()
+    out, ref = robust_ops.max_pool2d(x, kernel), F.max_pool2d(x, kernel)
+    assert out.stride() == ref.stride()
+    grad = torch.randn(ref.shape)
+    grad = torch.ones(()).expand(ref.shape) if grad_fmt == "expanded" else grad.contiguous(
+        memory_format=formats[grad_fmt])
+    (ours,), (theirs,) = torch.autograd.grad(out, x, grad), torch.autograd.grad(ref, x, grad)
+    assert_verbose_equal(ours, theirs)
+    assert ours.stride() == theirs.stride()
+
+
 def test_unbatched_output_is_contiguous_as_atens_for_an_hwc_image():
     # ATen pools a (C, H, W) input into a contiguous output whatever its strides; an HWC image viewed as CHW
     # (permute(2, 0, 1), as from numpy or PIL) is channels_last once unsqueezed, and came out HWC-strided here.

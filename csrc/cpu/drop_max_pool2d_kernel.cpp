@@ -690,7 +690,7 @@ void backward_channels_last(const at::Tensor& grad_output, const at::Tensor& ind
 at::Tensor drop_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices,
                                         c10::IntArrayRef input_size) {
   check_drop_max_pool2d_backward_args(grad_output, indices, input_size);
-  const bool channels_last = is_channels_last(grad_output);
+  const bool channels_last = grad_input_channels_last(indices);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor go = grad_output.contiguous(format);
   const at::Tensor ix = indices.contiguous(format);

@@ -118,7 +118,8 @@ at::Tensor drop_max_pool2d_backward_cuda(const at::Tensor& grad_output, const at
   // too); an error under torch.use_deterministic_algorithms(True), a warning with warn_only=True.
   at::globalContext().alertNotDeterministic("_drop_max_pool2d_backward_cuda");
   const c10::cuda::CUDAGuard guard(grad_output.device());
-  const auto format = is_channels_last(grad_output) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto format =
+      grad_input_channels_last(indices) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto acc_type = at::toOpMathType(grad_output.scalar_type());
   // Accumulate in opmath (float for float16/bfloat16) and round once, like the CPU kernel.
   at::Tensor acc = at::empty(input_size, grad_output.options().dtype(acc_type).memory_format(format)).zero_();

@@ -25,7 +25,9 @@ from torch import Tensor
 from torch._prims_common import alert_not_deterministic  # torch's Python twin of alertNotDeterministic
 
 from .._autograd import register_drop_max_autograd
-from .._meta import check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, output_memory_format
+from .._meta import (
+    check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, grad_input_memory_format, output_memory_format,
+)
 from ._utils import check_launchable, launch, on_device_of
 
 FORWARD_SCHEMA = (
@@ -143,7 +145,7 @@ def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_
     check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
     if grad_output.is_cuda:  # float atomics: run-to-run sums differ (the CPU interpreter runs programs in order)
         alert_not_deterministic("_drop_max_pool2d_backward_triton")
-    fmt = output_memory_format(grad_output)
+    fmt = grad_input_memory_format(indices)
     # Accumulation buffer for the atomics: float64 for float64, else float32; the grad_input itself unless half.
     acc_dtype = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
     acc = torch.empty(tuple(input_size), dtype=acc_dtype, device=grad_output.device, memory_format=fmt).zero_()
