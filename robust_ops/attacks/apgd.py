@@ -249,15 +249,14 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
             x_old, x_adv = x_adv, stepped
         loss_now, grad, ok = evaluate(x_adv)
         with torch.no_grad():
-            # positions once per mask: each boolean index is a nonzero of its own (a host sync on a GPU)
-            newly = (ok & ~success).nonzero().squeeze(1)
-            x_best_adv[newly] = x_adv[newly]
+            # selected by torch.where, not written at the masks' positions: finding them (nonzero, a boolean index)
+            # is a host sync on a GPU, two a step
+            x_best_adv = torch.where((ok & ~success).view(view), x_adv, x_best_adv)
             success |= ok
             loss_steps[i + 1] = loss_now
             better = loss_now > loss_best
-            rows = better.nonzero().squeeze(1)
-            x_best[rows] = x_adv[rows]
-            grad_best[rows] = grad[rows]
+            x_best = torch.where(better.view(view), x_adv, x_best)
+            grad_best = torch.where(better.view(view), grad, grad_best)
             loss_best = torch.where(better, loss_now, loss_best)
             if i + 1 in checkpoints and norm == "l1":
                 sparsity = l0_norm(x_best - x)
