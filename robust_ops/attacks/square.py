@@ -319,12 +319,11 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
             better = loss_new < loss_best[idx]
             if loss == "ce":  # AutoAttack keeps a query that fools even at a higher cross-entropy
                 better |= succeeded(out, y_cur, targeted)
-            # positions once: each boolean index below was a nonzero of its own (seven per query)
-            improved = better.nonzero().squeeze(1)
-            won = idx[improved]
-            x_best[won] = x_new[improved]
-            loss_best[won] = loss_new[improved]
-            fooled[won] = succeeded(out[improved], y_cur[improved], targeted)
+            # every searched row written back, the improved ones' taken by torch.where: finding them (a nonzero, a
+            # host sync on a GPU; seven boolean indexes before) cost a read per query beside idx's
+            x_best[idx] = torch.where(better.view(-1, 1, 1, 1), x_new, x_best_cur)
+            loss_best[idx] = torch.where(better, loss_new, loss_best[idx])
+            fooled[idx] = torch.where(better, succeeded(out, y_cur, targeted), fooled[idx])
     return x_best
 
 
