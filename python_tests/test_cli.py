@@ -4847,15 +4847,17 @@ def test_eval_of_a_run_without_its_checkpoint_or_of_a_pickle_that_holds_no_weigh
 @pytest.mark.parametrize("text, needle", [("[1, 2]", "expected a JSON object of the run's settings, got list"),
                                           ("{\"data\": ", "not valid JSON (")])
 def test_run_json_that_is_not_an_object_is_a_one_line_error(trained_run, tmp_path, capsys, text, needle):
-    # a list used to end eval and train --resume with AttributeError: 'list' object has no attribute 'get'
+    # a list used to end eval and train --resume with AttributeError: 'list' object has no attribute 'get'; both
+    # errors also say what to do, as one of a setting of another type does (they named the file alone)
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     (run_dir / "run.json").write_text(text)
+    way_out = "; the file was edited or damaged -- restore the run's own run.json, or train it again"
     rc, _, err = run(["eval", run_dir, "--attacks", "fgsm", "--eps", "1/255", "--out", tmp_path / "ev"], capsys)
-    one_line_error(rc, err, f"{run_dir / 'run.json'}: {needle}")
+    assert one_line_error(rc, err, f"{run_dir / 'run.json'}: {needle}").endswith(way_out)
     rc, _, err = run(["train", "--data", "synthetic", "--epochs", "2", "--out", run_dir, "--resume", "--no-progress",
                       "--device", "cpu"], capsys)
-    one_line_error(rc, err, f"{run_dir / 'run.json'}: {needle}")
+    assert one_line_error(rc, err, f"{run_dir / 'run.json'}: {needle}").endswith(way_out)
     assert (run_dir / "run.json").read_text() == text
 
 

@@ -928,19 +928,20 @@ def read_run_file(path):
     """A run.json as a dict; one-line errors for one that is not valid JSON (or not UTF-8) or, hand-edited, not a JSON
     object or a setting not of the type train writes (an AttributeError or TypeError traceback where it was used
     otherwise)."""
+    # train writes it atomically: a file that does not parse was edited or damaged, and it says so, with the way out
+    damaged = f"the file was edited or damaged -- restore the run's own {RUN_FILE}, or train it again"
     try:
         run = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"{path}: not valid JSON ({err})") from None
+        raise CLIError(f"{path}: not valid JSON ({err}); {damaged}") from None
     if not isinstance(run, dict):
-        raise CLIError(f"{path}: expected a JSON object of the run's settings, got {type(run).__name__}")
+        raise CLIError(f"{path}: expected a JSON object of the run's settings, got {type(run).__name__}; {damaged}")
     for key, kind in RUN_FIELD_TYPES.items():
         value = run.get(key)
         wrong = value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool))
         if wrong or (key == "dropmax" and value not in (None, *DROPMAX_CHOICES)):  # eval blamed a --dropmax it lacks
             what = f"one of {', '.join(DROPMAX_CHOICES)}" if key == "dropmax" and not wrong else _JSON_TYPE_NAMES[kind]
-            raise CLIError(f"{path}: expected {key} to be {what}, got {json.dumps(value)}; the file was edited or "
-                           f"damaged -- restore the run's own {RUN_FILE}, or train it again")
+            raise CLIError(f"{path}: expected {key} to be {what}, got {json.dumps(value)}; {damaged}")
     return run
 
 
