@@ -5590,10 +5590,11 @@ def test_fit_reads_three_values_back_per_step_of_its_own(metrics):
     """fit's own host reads per step (each a GPU sync) were six: the labels' min and max (two), the loss and
     extra-gradient flags, the loss for the history even where the defense's metrics held it (setdefault's argument
     ran anyway), the count of correct predictions and the gradient check. Now three: the labels' range in one read,
-    the flags with the correct count, and the gradient check (docs/design.md, Non-finite values); the loss is read
-    only for a defense whose metrics lack it. The sampler's index list, a CPU tensor, is the fourth tolist."""
+    the flags with the correct count, and the gradient check (docs/design.md, Non-finite values). The loss of a
+    defense whose metrics lack it, a float() of its own after the update, rides on the flags' read too. The sampler's
+    index list, a CPU tensor, is the fourth tolist."""
     reads = _reads_per_step(lambda n: _NoReads(metrics), _images)
-    assert reads == {"item": 1 + ("loss" not in metrics), "nonzero": 0, "tolist": 3}, reads
+    assert reads == {"item": 1, "nonzero": 0, "tolist": 3}, reads
     # the read values still make the history: train_acc from the batches' correct counts, train_loss
     torch.manual_seed(0)
     model = TinyCNN(num_classes=2)
@@ -5604,6 +5605,29 @@ def test_fit_reads_three_values_back_per_step_of_its_own(metrics):
     assert row["train_acc"] == (logits.argmax(1) == data.tensors[1]).sum().item() / 12
     assert row["train_loss"] == (0.5 if metrics else pytest.approx(float(classification_loss(logits, data.tensors[1]))))
 
+
+class _FloatLoss(_NoReads):
+    """_NoReads reporting its loss as float() gives it: the value fit's history took for a defense without one."""
+
+    def __call__(self, model, x, y, ids=None):
+        out = super().__call__(model, x, y, ids)
+        out.metrics["loss"] = float(out.loss.detach())
+        return out
+
+
+def test_the_loss_fit_reads_for_a_defense_without_one_is_the_one_float_gave():
+    """A defense whose metrics lack the loss: fit reads it with the step's flags (in float64, exact for a float32
+    loss) where a float() after the update read it on its own, so its history and weights are bitwise those of the
+    same defense reporting float(loss) itself."""
+    runs = []
+    for defense in (_NoReads({}), _FloatLoss({})):
+        torch.manual_seed(0)
+        model = TinyCNN(num_classes=2)
+        result = fit(model, defense, _images(12), _images(4), epochs=2, batch_size=4, lr=0.1, progress=False)
+        runs.append(([{k: v for k, v in row.items() if k != "time_s"} for row in result.history], _weights(model)))
+    (history, weights), (history_float, weights_float) = runs
+    assert history == history_float and [list(row) for row in history] == [list(row) for row in history_float]
+    assert all(torch.equal(weights[k], weights_float[k]) for k in weights)
 
 def test_fit_reads_a_defenses_tensor_metrics_with_its_own_read():
     """A defense's metrics given as tensors (a custom defense's) were each read by their own float() (a GPU sync

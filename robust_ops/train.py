@@ -1662,8 +1662,6 @@ def _train_one_batch(run, epoch, step, indices, global_n):
     scale = run.world * len(indices) / global_n if run.world > 1 else 1.0
     with run.failures:
         _update_weights(run, loss, out.extra_grads, scale, epoch < run.warmup_epochs, at, where)
-    if "loss" not in metrics:  # not setdefault: its argument, a host read, ran for every batch
-        metrics["loss"] = float(loss.detach())
     return metrics, weights, y.numel(), batch_correct[0] if out.logits is not None else None
 
 
@@ -1726,14 +1724,18 @@ def _defense_output(run, x, y, ids, indices, global_n, at):
 def _read_step(run, out, y):
     """The checks of the defense's output, refused before the weights change, and the step's one host read: whether
     the loss and the extra gradients are finite (on any process, under DDP), the batch's count of correct clean
-    predictions and the defense's tensor metrics. Returns ``(loss, metrics, weights, own_bad, bad_loss, bad_extra,
-    correct)``, ``correct`` a list holding the count where the defense returned clean logits."""
+    predictions, the defense's tensor metrics and its loss where they lack it. Returns ``(loss, metrics, weights,
+    own_bad, bad_loss, bad_extra, correct)``, ``correct`` a list holding the count where the defense returned clean
+    logits."""
     name, defense, device = run.name, run.defense, run.device
     loss = _checked_output(name, defense, out).loss
     _check_logits(name, defense, out.logits, y.numel(), run.num_classes, run.single_logit)
     # refused before the weights change; tensors read below with the flags
     metrics, unread = _clean_metrics(name, defense, out.metrics, device)
     weights = _metric_weights(name, defense, getattr(out, "metric_counts", None), metrics, y.numel())
+    if "loss" not in metrics and not loss.is_complex():  # the history's train_loss, read with the rest (its float()
+        # after the update was a host read of its own); a complex loss fails in backward below, as it did
+        metrics["loss"], unread["loss"] = None, loss.detach().reshape(1).to(torch.float64)
     # MIRST's adversarial terms arrive as extra_grads, outside out.loss (and GradScaler's check)
     own_bad = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device),
                            _any_non_finite(out.extra_grads).to(device)])
