@@ -5655,9 +5655,11 @@ def test_fit_reads_a_defenses_tensor_metrics_with_its_own_read():
 
 # fit's host reads (item, tolist) per training step with each defense, as _reads_per_step counts them: fit's own
 # three and the sampler's CPU index list (above), its attacks' input and first-forward checks (test_attacks.py),
-# DPAAT's batch mean of the loss changes and AMAT's / DPAAT's finite-loss checks; and the defense's metrics, now one
-# read (defenses._common.metric_values) where each was one: e.g. LLR's four, ARFL's five besides four label reads,
-# MIRST's four emitted attack losses (run_pgd reads them at its end).
+# DPAAT's batch mean of the loss changes and AMAT's / DPAAT's finite-loss checks, MIRST's four emitted attack losses
+# (run_pgd reads them at its end). The defense's metrics were one read each (e.g. LLR's four, ARFL's five besides
+# four label reads), then one read per step (defenses._common.metric_values; standard's loss a float() of its own):
+# standard (2, 3), at / sat / trades / rst / mart / fat / arfl (1, 6), gr (1, 4), llr (1, 6), amat (2, 10),
+# mirst / mirst-dm (1, 7), dpaat (3, 10). They now ride on fit's own read of the step (metrics_read_by_fit).
 # Before: standard (3, 4), at (3, 7), sat / trades / rst (4, 7), gr (5, 4), llr (7, 7), mart (5, 7), fat (3, 7),
 # amat (8, 10), mirst / mirst-dm (7, 7), dpaat (10, 10), arfl (12, 7), arfl adv_term (14, 7). IMA's reads follow its
 # data (which samples its search crossed), not pinned here; its four metrics and the loss are one read too. AMAT's
@@ -5666,9 +5668,9 @@ def test_fit_reads_a_defenses_tensor_metrics_with_its_own_read():
 # each read it again: standard (3, 4), at / sat / trades / rst / mart / fat (1, 8), gr (2, 5), llr (3, 8),
 # amat (2, 13), mirst / mirst-dm (1, 9), dpaat (3, 13), arfl / arfl adv_term (1, 9) (test_defenses.py counts them).
 _DEFENSE_READS_PER_STEP = {
-    "standard": (2, 3), "at": (1, 6), "sat": (1, 6), "trades": (1, 6), "rst": (1, 6), "gr": (1, 4), "llr": (1, 6),
-    "mart": (1, 6), "fat": (1, 6), "amat": (2, 10), "mirst": (1, 7), "mirst-dm": (1, 7), "dpaat": (3, 10),
-    "arfl": (1, 6), "arfl adv_term": (1, 6)}
+    "standard": (1, 3), "at": (1, 5), "sat": (1, 5), "trades": (1, 5), "rst": (1, 5), "gr": (1, 3), "llr": (1, 5),
+    "mart": (1, 5), "fat": (1, 5), "amat": (2, 9), "mirst": (1, 6), "mirst-dm": (1, 6), "dpaat": (3, 9),
+    "arfl": (1, 5), "arfl adv_term": (1, 5)}
 
 
 @pytest.mark.parametrize("case", list(_DEFENSE_READS_PER_STEP))
@@ -5680,6 +5682,32 @@ def test_each_defense_reads_its_metrics_back_in_one_read(case):
     reads = _reads_per_step(lambda n: defenses.build(name, **options), _images)
     assert (reads["item"], reads["tolist"], reads["nonzero"]) == (*_DEFENSE_READS_PER_STEP[case], 0), reads
 
+
+@pytest.mark.parametrize("name", ["standard", "mirst", "dpaat", "amat", "arfl", "ima"])
+def test_a_defenses_metrics_read_with_fits_step_keep_their_bits(name, monkeypatch):
+    """metrics_read_by_fit leaves a built-in defense's metrics for fit's one read of the step: the history, the
+    weights and the defense's state are bitwise those of the defense reading them itself (metric_values outside it),
+    MIRST's sum of its clean loss and the attack's emitted losses and DPAAT's radius_mean state included; a direct
+    call still gives floats."""
+    from robust_ops import train
+
+    options = dict(steps=8) if name == "mirst" else {} if name in ("standard", "ima") else dict(steps=2)
+    runs = []
+    for read_by_fit in (train.metrics_read_by_fit, contextlib.nullcontext):
+        monkeypatch.setattr(train, "metrics_read_by_fit", read_by_fit)
+        torch.manual_seed(0)
+        defense, model = defenses.build(name, **options), TinyCNN(num_classes=2)
+        data = IndexedDataset(_images(16)) if defense.needs_ids else _images(16)
+        history = fit(model, defense, data, _images(4), epochs=2, batch_size=8, progress=False).history
+        runs.append(([{k: v for k, v in row.items() if k != "time_s"} for row in history], _weights(model),
+                     defense.state_dict()))
+    (history, weights, state), (history_self, weights_self, state_self) = runs
+    assert history == history_self and [list(row) for row in history] == [list(row) for row in history_self]
+    assert all(torch.equal(weights[k], weights_self[k]) for k in weights)
+    assert _same(state, state_self)
+    if name != "ima":
+        x, y = _images(4).tensors
+        assert all(type(v) is float for v in defenses.build(name, **options)(model, x, y).metrics.values())
 
 def test_the_read_counts_cover_every_registered_defense_but_ima():
     assert {case.split()[0] for case in _DEFENSE_READS_PER_STEP} == set(defenses.NAMES) - {"ima"}

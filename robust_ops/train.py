@@ -62,6 +62,7 @@ from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputE
                               check_output, classification_loss, forward_naming_input_mismatch,
                               is_one_sample_batch_norm, is_single_logit, labels_range, labels_read_once,
                               looks_like_probabilities, num_classes_of, predict_from_output, use_model_mode)
+from .defenses._common import metrics_read_by_fit
 from .defenses.base import _as_tuples, _plain
 
 __all__ = [
@@ -1698,7 +1699,8 @@ def _defense_output(run, x, y, ids, indices, global_n, at):
     name, defense = run.name, run.defense
     with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=run.amp):
         try:
-            return defense(run.train_model, x, y, ids) if run.needs_ids else defense(run.train_model, x, y)
+            with metrics_read_by_fit():  # a built-in defense's metrics, read by _read_step with the rest
+                return defense(run.train_model, x, y, ids) if run.needs_ids else defense(run.train_model, x, y)
         except NonFiniteInputError:
             # the defense's attack refused NaN/Inf inputs ("run_pgd: x contains NaN or Inf", found at its own input
             # check's sync), naming neither the data, nor the epoch and step
@@ -1748,7 +1750,7 @@ def _read_step(run, out, y):
     read = [bad.to(torch.float64)]
     if out.logits is not None:
         read.append((predict_from_output(out.logits.detach()) == y).sum().to(torch.float64)[None])
-    # and so do the defense's tensor metrics (a custom defense's; the built-in ones give floats)
+    # and so do the defense's tensor metrics (a custom defense's, and a built-in one's: metrics_read_by_fit)
     read.extend(t.to(bad.device) for t in unread.values())
     bad_loss, bad_extra, *batch_correct = torch.cat(read).tolist()
     metrics.update(zip(unread, batch_correct[len(batch_correct) - len(unread):]))

@@ -1,6 +1,9 @@
 """What the defenses share: argument checks, unwrapping DDP for attacks, the PGD settings every adversarial defense
 takes (composed on robust_ops.attacks.core.run_pgd -- no defense has its own PGD loop), and small losses."""
 
+import contextlib
+import contextvars
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,11 +27,28 @@ def distributed_run():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+_read_by_fit = contextvars.ContextVar("robust_ops_metrics_read_by_fit", default=False)
+
+
+@contextlib.contextmanager
+def metrics_read_by_fit():
+    """Inside, metric_values leaves its tensors unread: fit reads them with its own read of the step (the loss flags
+    and the correct count), where each defense's metrics were one more host read (a GPU sync) per step."""
+    token = _read_by_fit.set(True)
+    try:
+        yield
+    finally:
+        _read_by_fit.reset(token)
+
+
 def metric_values(**values):
     """{name: float} of a batch's metrics, given as one-element tensors (or numbers), with the tensors read back in one
     host read (a GPU sync) rather than one per value. float64 holds every float32, float16 and bfloat16 value
-    exactly, so each float is the one float(value) gives."""
+    exactly, so each float is the one float(value) gives. Inside metrics_read_by_fit (fit's step), the tensors are
+    left as float64 scalars on their device for fit's one read of the step."""
     tensors = {k: v.detach().reshape(()).to(torch.float64) for k, v in values.items() if torch.is_tensor(v)}
+    if _read_by_fit.get():
+        return {k: tensors[k] if k in tensors else float(v) for k, v in values.items()}
     read = dict(zip(tensors, torch.stack(list(tensors.values())).tolist())) if tensors else {}
     return {k: read[k] if k in read else float(v) for k, v in values.items()}
 

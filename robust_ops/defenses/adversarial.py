@@ -28,7 +28,7 @@ class Standard(Defense):
         logits = forward(self.name, model, x)  # checked: the defense's first forward (as TRADES's and GR's)
         check_labels_against(self.name, y, logits)  # a single logit's BCE took a label 2 as its target silently
         loss = classification_loss(logits, y)
-        return DefenseOutput(loss=loss, logits=logits, metrics={"loss": float(loss.detach())})
+        return DefenseOutput(loss=loss, logits=logits, metrics=metric_values(loss=loss))
 
 
 class AT(PGDDefense):
