@@ -2044,7 +2044,8 @@ def test_fit_input_errors(tmp_path):
             progress=False)
     frozen = DropoutMLP()
     frozen.requires_grad_(False)
-    with pytest.raises(ValueError, match="fit: the model has no trainable parameters"):
+    with pytest.raises(ValueError, match=r"^fit: the model has no trainable parameters \(each has requires_grad=False, "
+                                         r"or it has none\); unfreeze the ones to train with requires_grad_\(True\)$"):
         fit(frozen, defenses.Standard(), _data(), epochs=1)
     with pytest.raises(ValueError, match="defenses.build: unknown defense 'nope'"):
         fit(model, "nope", _data(), epochs=1)

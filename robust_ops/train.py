@@ -1394,7 +1394,8 @@ def fit(
         weights_model = weights_module(model)  # what the checkpoints hold: the same parameters, without "_orig_mod."
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError(f"{name}: the model has no trainable parameters")
+            raise ValueError(f"{name}: the model has no trainable parameters (each has requires_grad=False, or it has "
+                             "none); unfreeze the ones to train with requires_grad_(True)")
         check_trainable_precision(name, params)
         head = warmup_head(name, weights_model, params, warmup_params) if warmup_epochs else None
         # trained in the warm-up's epochs by everything but the head: their .grad is dropped before the step, so the
