@@ -316,7 +316,8 @@ def test_resume_refuses_another_lr_or_fewer_epochs(tmp_path):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=3, batch_size=8, lr=0.5, out_dir=tmp_path,
             resume=True, progress=False)
     with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it holds 2 epochs of training, more "
-                                         r"than epochs=1"):
+                                         r"than epochs=1; pass epochs=2 or more \(the run's total, not the epochs to "
+                                         r"add\)$"):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, lr=1e-2, out_dir=tmp_path,
             resume=True, progress=False)
 

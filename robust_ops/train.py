@@ -2019,7 +2019,8 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
                          f"defense's {change[0]}, this call's defense has {change[1]}")
     if int(state["epoch"]) > epochs:
         raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
-                         f"more than epochs={epochs}")
+                         f"more than epochs={epochs}; pass epochs={int(state['epoch'])} or more (the run's total, "
+                         "not the epochs to add)")
 
 
 def _load_resumed_state(name, resume_path, state, weights_model, optimizer, scheduler, scaler, defense):
