@@ -333,6 +333,19 @@ def _resume_from_before(tmp_path, *keys, data=None, epochs=3, **kwargs):
         resume=tmp_path / "old.pt", **kwargs)
 
 
+def test_resume_into_another_architecture_names_the_checkpoint_the_mismatch_and_the_fix(tmp_path):
+    """A checkpoint resumed into a model its weights do not fit (another architecture: robust-ops train --resume of a
+    RUN_DIR without run.json and another --model) is one line naming the file and torch's first mismatch; it said
+    what was wrong but not what to do."""
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path, progress=False)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    path = re.escape(str(tmp_path / "checkpoint.pt"))
+    with pytest.raises(ValueError, match=rf"^fit: cannot resume {path}: its weights do not fit this model \(Missing "
+                                         r"key\(s\) in state_dict: .*\); resume it with the model the run trained "
+                                         r"\(its architecture, classes and channels\)$"):
+        fit(other, defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
+            progress=False)
+
 def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_path):
     """channels_last / prepacked_conv run other convolution kernels: switching mid-run would silently end elsewhere
     than the uninterrupted run."""

@@ -2030,7 +2030,8 @@ def _load_resumed_state(name, resume_path, state, weights_model, optimizer, sche
         weights_model.load_state_dict(state["model"])
     except RuntimeError as err:  # another architecture (a RUN_DIR without run.json resumed with another --model)
         raise ValueError(f"{name}: cannot resume {resume_path}: its weights do not fit this model "
-                         f"({state_dict_mismatch(err)})") from None
+                         f"({state_dict_mismatch(err)}); resume it with the model the run trained (its architecture, "
+                         "classes and channels)") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as err:  # torch's text names neither the checkpoint nor the fix
