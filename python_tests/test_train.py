@@ -1423,7 +1423,10 @@ def test_items_that_do_not_stack_into_a_batch_are_a_one_line_error_naming_the_fi
     x, y = _data(8).tensors
     pil = [(Image.fromarray((x[i, 0] * 255).byte().numpy()), int(y[i])) for i in range(8)]
     shapes = [(x[i] if i % 2 else torch.rand(1, 5, 5), int(y[i])) for i in range(8)]
-    for data, found in ((pil, r"found <class 'PIL\.Image\.Image'>"), (shapes, "stack expects each tensor")):
+    # file names for x: default_collate keeps them as a list, which fit then stacks as evaluate does (torch.as_tensor)
+    paths = [(f"img{i}.png", int(y[i])) for i in range(8)]
+    for data, found in ((pil, r"found <class 'PIL\.Image\.Image'>"), (shapes, "stack expects each tensor"),
+                        (paths, "'str'")):
         for val, who in ((False, "fit"), (True, r"fit \(validation\)")):  # training and validation batches
             with pytest.raises(TypeError, match=rf"^{who}: could not stack the dataset's "
                                                 rf"items into one batch \(.*{found}.*\); make each x a tensor of one "
