@@ -605,6 +605,25 @@ def test_out_of_range_inputs_rejected():
             evaluate(tiny_model(), bad, INFO, attacks="fgsm", eps=[0.1])
 
 
+def test_out_of_range_inputs_name_their_values_and_the_fix():
+    """The refusal named only the range ("inputs outside the dataset's value range [0.0, 1.0]"), where fit's attacks
+    name the values and the fix: a user's 0-255 images (uint8, ToTensor left out) or torchvision's Normalize in the
+    data pipeline, the two usual causes, were not told apart."""
+    y = torch.zeros(4, dtype=torch.long)
+    pixels = TensorDataset(torch.arange(4 * 144).reshape(4, 1, 12, 12).remainder(256).to(torch.uint8), y)
+    with pytest.raises(EvalError, match=r"^data: inputs outside the dataset's value range \[0.0, 1.0\], got values in "
+                                        r"\[0, 255\]; 8-bit pixels\? divide them by 255 \(x.float\(\) / 255, "):
+        evaluate(tiny_model(), pixels, INFO, attacks="fgsm", eps=[0.1])
+    normalized = TensorDataset(torch.linspace(-2, 2, 4 * 144).reshape(4, 1, 12, 12), y)
+    with pytest.raises(EvalError, match=r"^data: inputs outside the dataset's value range \[0.0, 1.0\], got values in "
+                                        r"\[-2, 2\]; a mean/std normalization .* evaluate "
+                                        r"robust_ops.attacks.Normalized\(model, mean, std\) on the unnormalized "):
+        evaluate(tiny_model(), normalized, INFO, attacks="fgsm", eps=[0.1])
+    overshoot = TensorDataset(torch.full((4, 1, 12, 12), 1.00001), y)  # shown past the bound, not rounded to 1
+    with pytest.raises(EvalError, match=r"got values in \[1, 1.00001\]; .* x.clamp\(0.0, 1.0\)$"):
+        evaluate(tiny_model(), overshoot, INFO, attacks="fgsm", eps=[0.1])
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_revision_is_the_checkouts_not_that_of_a_project_holding_the_installed_package(tmp_path, monkeypatch):
     """results.json's git_revision: robust_ops installed into a virtual environment inside the user's own git project

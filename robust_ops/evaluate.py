@@ -52,7 +52,7 @@ from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
 from ._warn import warn
-from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError, check_attack_output,
+from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError, _past, check_attack_output,
                               check_inside_ball, check_output, forward_naming_input_mismatch, looks_like_probabilities,
                               model_device, one_probabilities_warning, predict_from_output, use_model_mode,
                               warn_probabilities)
@@ -466,6 +466,22 @@ def dataset_tensors(dataset):
 
 
 @torch.no_grad()
+def _value_range_problem(x_min, x_max, lo, hi):
+    """The one-line error for inputs ``x_min`` .. ``x_max`` outside the value range [lo, hi], saying what they look
+    like and what to do: it named only the range, where the common causes are 0-255 pixels (uint8 images, ToTensor
+    left out) and torchvision's Normalize in the data pipeline (fit's attacks say the same, check_inputs)."""
+    got = f"got values in [{_past(x_min, lo, -1)}, {_past(x_max, hi, 1)}]"
+    if x_min >= lo and x_max > hi and x_max > 1.5 * hi > 0:  # e.g. [0, 255] against [0, 1]
+        fix = ("8-bit pixels? divide them by 255 (x.float() / 255, as torchvision's ToTensor does): the attacks' radii "
+               "and clip range are in the value range's units")
+    else:
+        fix = ("a mean/std normalization (torchvision's Normalize) belongs in the model: evaluate "
+               "robust_ops.attacks.Normalized(model, mean, std) on the unnormalized images, so the radii and the clip "
+               f"range are in pixel units; clamp inputs that overshoot only by rounding or resampling, x.clamp({lo}, "
+               f"{hi})")
+    return f"data: inputs outside the dataset's value range [{lo}, {hi}], {got}; {fix}"
+
+
 def predict_logits(model, x, batch_size=256, device="cpu", adversarial=None):
     """(predictions [N], logits [N, K] float64, a single logit z as [0, z]: ``class_logits``) on CPU, in batches on
     ``device`` in eval mode. Evaluation carries logits, not probabilities: those round to 1.0 past a logit margin of
@@ -682,7 +698,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     if bad:  # NaN passes the range check below (every comparison with NaN is False)
         raise EvalError("data", f"data: {bad} of {x.shape[0]} inputs contain NaN or Inf")
     if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
-        raise EvalError("data", f"data: inputs outside the dataset's value range [{lo}, {hi}]")
+        raise EvalError("data", _value_range_problem(float(x.min()), float(x.max()), lo, hi))
     if not isinstance(model, torch.nn.Module):  # "'function' object has no attribute 'parameters'" (or 'to')
         raise EvalError("model", f"model: expected a torch.nn.Module, got {type(model).__name__}; wrap a function in "
                                  "an nn.Module whose forward calls it")
