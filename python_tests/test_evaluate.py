@@ -1627,6 +1627,28 @@ def test_rows_carry_the_confusion_matrix_of_their_predictions():
     assert rows[0]["confusion"] == [[int(((y == i) & (pred == j)).sum()) for j in range(7)] for i in range(7)]
 
 
+def test_images_in_hwc_layout_are_told_to_be_permuted_not_given_another_model():
+    """A user's own images stacked from numpy or PIL as [N, H, W, C] reach a 1- or 3-channel model's first convolution
+    with H channels: the error said "reach it with 28 channels; build the model for the data's channels", a model
+    for 28 channels being the wrong fix. It names the layout and the permute (fit's and the attacks' error too)."""
+    from robust_ops.models import build_model
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 1, 0, 1])
+    for c, info in ((1, INFO), (3, DatasetInfo("rgb", 2, 3, 12, ("a", "b"), positive_class=1))):
+        hwc = TensorDataset(torch.rand(4, 12, 12, c, generator=g), y)
+        with pytest.raises(EvalError, match=rf"^m: evaluate: the model's input layer 'features.0' \(Conv2d\) takes "
+                                            rf"in_channels={c}, but the inputs of dataset \(\[12, 12, {c}\] each\) "
+                                            r"reach it with 12 channels: images in \(H, W, C\) layout, as numpy "
+                                            r"arrays and PIL give them\? permute them to \(C, H, W\): "
+                                            r"x.permute\(0, 3, 1, 2\)$"):
+            evaluate(build_model("small_cnn", c, 2, 12), hwc, info, attacks="fgsm", eps=[0.01], method="m")
+    # an image whose last size is not the model's channel count keeps the other fix
+    with pytest.raises(EvalError, match=r"reach it with 12 channels; build the model for the data's channels"):
+        evaluate(build_model("small_cnn", 3, 2, 12), TensorDataset(torch.rand(4, 12, 12, 1), y), INFO,
+                 attacks="fgsm", eps=[0.01])
+
+
 def test_a_model_built_for_other_channels_or_image_sizes_is_named_with_the_fix():
     """A DermaMNIST-like 3-channel model given 1-channel images (the info of another dataset, or the model of
     another run) failed in the clean pass with torch's "expected input[24, 1, 12, 12] to have 3 channels" from

@@ -344,9 +344,15 @@ class _InputLayerReached(Exception):
     """Stops :func:`_input_layer_problem`'s forward at the first convolution or linear layer."""
 
 
+_BUILD_FOR_THE_DATA = ("build the model for the data's channels and image size (robust_ops.models.build_model(name, "
+                       "info.in_channels, info.num_classes, info.image_size))")
+
+
 def _input_layer_problem(model, x, split):
     """Why the first convolution or linear layer the forward on ``x`` reaches cannot take what reaches it (another
-    channel or feature count: a model built for another dataset), or None. The forward stops at that layer."""
+    channel or feature count: a model built for another dataset), and the fix, or None. The forward stops at that
+    layer. The fix is building the model for the data, or, for images in (H, W, C) layout ([N, H, W, C] as numpy and
+    PIL give them: their last size is the count the convolution takes, and x itself reaches it), permuting them."""
     layers = {m: n for n, m in model.named_modules()
               if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))
               and not isinstance(m, torch.nn.modules.lazy.LazyModuleMixin)}
@@ -374,13 +380,18 @@ def _input_layer_problem(model, x, split):
     if isinstance(layer, torch.nn.Linear):
         if got.dim() >= 1 and got.shape[-1] != layer.in_features:
             return (f"the model's input layer {layers[layer]!r} (Linear) takes in_features={layer.in_features}, "
-                    f"but the inputs of {split} ({shape} each) reach it with {counted(got.shape[-1], 'feature')}")
+                    f"but the inputs of {split} ({shape} each) reach it with {counted(got.shape[-1], 'feature')}; "
+                    f"{_BUILD_FOR_THE_DATA}")
         return None
     # a convolution: only batched inputs [N, C, ...] (an unbatched one's dim 1 is no channel count)
     if got.dim() == len(layer.kernel_size) + 2 and got.shape[1] != layer.in_channels:
-        return (f"the model's input layer {layers[layer]!r} ({type(layer).__name__}) takes "
-                f"in_channels={layer.in_channels}, but the inputs of {split} ({shape} each) reach it with "
-                f"{counted(got.shape[1], 'channel')}")
+        problem = (f"the model's input layer {layers[layer]!r} ({type(layer).__name__}) takes "
+                   f"in_channels={layer.in_channels}, but the inputs of {split} ({shape} each) reach it with "
+                   f"{counted(got.shape[1], 'channel')}")
+        if got.shape == x.shape and x.dim() == 4 and x.shape[3] == layer.in_channels < x.shape[1]:  # [N, H, W, C]
+            return (f"{problem}: images in (H, W, C) layout, as numpy arrays and PIL give them? permute them to "
+                    "(C, H, W): x.permute(0, 3, 1, 2)")
+        return f"{problem}; {_BUILD_FOR_THE_DATA}"
     return None
 
 
@@ -428,9 +439,7 @@ def forward_naming_input_mismatch(name, split, model, x):
         # mat2 shapes cannot be multiplied (2x2352 and 12288x10)" named neither the data nor the fix
         problem = _input_layer_problem(model, x, split)
         if problem:
-            raise InputShapeError(f"{name}: {problem}; build the model for the data's channels and image size "
-                                  "(robust_ops.models.build_model(name, info.in_channels, info.num_classes, "
-                                  "info.image_size))") from None
+            raise InputShapeError(f"{name}: {problem}") from None
         raise
 
 
