@@ -880,6 +880,29 @@ def test_busi_pads_tall_images_on_both_sides_and_resizes_bilinearly(tmp_path):
     assert s.info.positive_class == 1  # two classes, none malignant-like: label 1
 
 
+def test_an_empty_class_folder_names_the_way_out(tmp_path):
+    """An empty class folder beside the others (a class to come, an unzip mishap; here holding only a note) was
+    "<folder>/normal: no images found", saying neither what is read nor what to do: it names the classes to read
+    instead, or, when too few others hold images, the files it expects; a requested one is the classes' fault."""
+    for c in ("benign", "malignant", "normal"):
+        (tmp_path / c).mkdir()
+    for c in ("benign", "malignant"):
+        for i in range(5):
+            _png(tmp_path / c / f"{i}.png", (8, 8), 40 * i)
+    (tmp_path / "normal" / "notes.txt").write_text("scans to come")
+    with pytest.raises(DataError, match=r"normal: no images found; leave it out with classes= \(--classes "
+                                        r"benign,malignant\) or remove the empty folder$") as err:
+        load_dataset(tmp_path, size=8)
+    assert err.value.arg is None  # the data's fault: no --classes was given
+    with pytest.raises(DataError, match=r"normal: no images found; put its images there \(\.png, \.jpg, \.jpeg, "
+                                        r"\.bmp, \.tif, \.tiff files\)$") as err:
+        load_dataset(tmp_path, size=8, classes=("benign", "normal"))
+    assert err.value.arg == "classes"
+    with pytest.raises(DataError, match=r"normal: no images found; leave it out with classes= \(--classes "
+                                        r"benign,malignant\)$"):
+        load_dataset(tmp_path, size=8, classes=("benign", "normal", "malignant"))
+
+
 def test_busi_class_discovery_and_file_filters(tmp_path):
     """Default class order: benign, malignant, normal, then others alphabetically; image suffixes match in any case;
     *_mask* files (any case) are skipped; the split is drawn from seed, the same for the same seed."""

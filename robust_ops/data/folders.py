@@ -440,8 +440,14 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     for c in classes:
         check_unread(subdirs[c])
         files[c] = images(subdirs[c])
-        if not files[c]:
-            raise DataError(f"{subdirs[c]}: no images found")
+        if not files[c]:  # said no more: an empty folder (a class to come, an unzip mishap) left the user no way on
+            others = [o for o in classes if o != c and images(subdirs[o])]
+            if len(others) < 2:
+                fix = f"put its images there ({', '.join(IMAGE_SUFFIXES)} files)"
+            else:
+                fix = (f"leave it out with classes= (--classes {','.join(others)})"
+                       + ("" if chosen else " or remove the empty folder"))
+            raise DataError(f"{subdirs[c]}: no images found; {fix}", arg="classes" if chosen else None)
     paths = [p for c in classes for p in files[c]]
     check_images_fit(f"load_busi({folder})", len(paths), size, channels=3 if mode == "RGB" else 1)
     arrays, stats = read_images(paths, size, mode, bit_depth)
