@@ -4677,6 +4677,24 @@ def test_npz_image_size_errors_say_what_to_do(small_npz, tmp_path, capsys):
                             "its own size -- drop --size or resize the file")
 
 
+def test_eval_of_a_checkpoint_of_the_users_own_model_says_to_evaluate_it_in_python(small_npz, tmp_path, capsys):
+    """A model of the user's own, saved as fit's out_dir in Python writes it (checkpoint.pt, no run.json), met "no
+    run.json beside the checkpoint; pass --data and --model" and then "does not fit --model small_cnn ... (Missing
+    key(s) ...)": no --model rebuilds it, and neither error said where such a model is evaluated."""
+    own = tmp_path / "own"
+    own.mkdir()
+    torch.save({"head.weight": torch.zeros(2, 8), "head.bias": torch.zeros(2)}, own / "checkpoint.pt")
+    hint = ("--model builds the library's models only; a model of your own, trained in Python, is evaluated in "
+            "Python: robust_ops.evaluate.evaluate")
+    rc, _, err = run(["eval", own, "--out", tmp_path / "e", "--device", "cpu"], capsys)
+    one_line_error(rc, err, f"{own}: no run.json beside the checkpoint; pass --data and --model; {hint}")
+    rc, _, err = run(["eval", own, "--data", small_npz, "--model", "small_cnn", "--out", tmp_path / "e", "--device",
+                      "cpu"], capsys)
+    assert one_line_error(rc, err, "checkpoint.pt: does not fit --model small_cnn on smallbus (Missing key(s) in "
+                                   "state_dict: ").endswith(f"); {hint}")
+    assert not (tmp_path / "e").exists()
+
+
 def test_eval_of_a_checkpoint_trained_inside_normalized_says_so(small_npz, tmp_path, capsys):
     """A model trained in Python wrapped in attacks.Normalized (ImageNet mean / std) saves its weights under 'model.'
     beside 'mean' and 'std': eval refused it with load_state_dict's "Missing key(s) ..." alone."""

@@ -1293,6 +1293,11 @@ def eval_threat_model(run, splits):
 # ----------------------------------------------------------------------------------------------- eval
 
 
+# what eval says of a checkpoint without run.json that --model may not rebuild: fit's out_dir in Python holds one
+_OWN_MODEL_HINT = ("--model builds the library's models only; a model of your own, trained in Python, is evaluated "
+                   "in Python: robust_ops.evaluate.evaluate")
+
+
 def load_run(target, *, data=None, model=None, size=None, channels_last=None, classes=None, bit_depth=None,
              channels=None):
     """(model, splits, run) from RUN_DIR (run.json + checkpoint.pt, or best_model.pt for a run that recorded
@@ -1325,7 +1330,8 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
         flags = " and ".join(f"--{name}" for name in lacking)
         if run:  # it said "no run.json beside the checkpoint" of one that lacks the key
             raise CLIError(f"{run_file}: records no {' and no '.join(lacking)}; pass {flags}")
-        raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass {flags}")
+        raise CLIError(f"{target}: no {RUN_FILE} beside the checkpoint; pass {flags}"
+                       + (f"; {_OWN_MODEL_HINT}" if model_name is None else ""))
     chosen_best = target.is_dir() and ckpt.name == BEST_MODEL  # eval's pick, to be attacked as the best weights
     try:
         state = read_checkpoint(ckpt)
@@ -1489,6 +1495,8 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
             hint = (f"; its weights are {model_name}'s inside a wrapper ({wrapper}: trained wrapped, e.g. in "
                     "attacks.Normalized(model, mean, std), whose input scaling the command line cannot rebuild) -- "
                     "evaluate the wrapped model in Python (robust_ops.evaluate.evaluate)")
+        if not hint and not run:  # a bare checkpoint, such as fit's out_dir in Python writes: maybe the user's model
+            hint = f"; {_OWN_MODEL_HINT}"
         raise CLIError(f"{ckpt}: does not fit --model {model_name} on {splits.info.name} "
                        f"({state_dict_mismatch(err)}){hint}") from None
     from .train import drop_max_mismatch
