@@ -1277,9 +1277,19 @@ def test_csv_hints_for_other_separators_and_file_names_as_ids(tmp_path):
                                         r"';'-separated: save the file comma-separated$"):
         load_dataset(tmp_path / "semi.csv", size=8)
     (tmp_path / "ext.csv").write_text("image_id,dx\nimgs/im0.jpg,mel\nim1.jpg,nv\n")
-    with pytest.raises(DataError, match=r"2 image\(s\) listed but not found .*; 'image_id' holds file names without "
-                                        r"folder or extension"):
+    # "'image_id' holds file names without folder or extension ..., matched anywhere under the CSV's folder" read as
+    # a claim about a column holding paths, and named the CSV's folder where image_dir named another
+    with pytest.raises(DataError, match=r"2 image\(s\) listed but not found .*; 'image_id' is to hold file names "
+                                        r"without folder or extension \(img1 for images/img1.png\), each matched "
+                                        r"anywhere under that folder: strip the folders and extensions from its "
+                                        r"values$"):
         load_dataset(tmp_path / "ext.csv", size=8)
+    from robust_ops.data import load_csv
+
+    (tmp_path / "pics").mkdir()
+    with pytest.raises(DataError, match=rf"not found under {re.escape(str(tmp_path / 'pics'))}, e\.g\. "
+                                        r"imgs/im0.jpg, im1.jpg; .* anywhere under that folder: "):
+        load_csv(tmp_path / "ext.csv", size=8, image_dir=tmp_path / "pics")
 
 
 def test_a_class_too_small_to_stratify_is_named(tmp_path):

@@ -628,8 +628,10 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     if missing:
         hint = ""
         if any("/" in i or "\\" in i or Path(i).suffix.lower() in IMAGE_SUFFIXES for i in missing[:3]):
-            hint = (f"; {id_column!r} holds file names without folder or extension (img1 for images/img1.png), "
-                    "matched anywhere under the CSV's folder")
+            # "holds" read as a claim about the user's column, which held paths; "the CSV's folder" was wrong for
+            # an image_dir given
+            hint = (f"; {id_column!r} is to hold file names without folder or extension (img1 for images/img1.png), "
+                    "each matched anywhere under that folder: strip the folders and extensions from its values")
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
                         f"e.g. {', '.join(missing[:3])}{hint}")
     ambiguous = sorted(i for i, ps in index.items() if len(ps) > 1)
