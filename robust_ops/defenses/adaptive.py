@@ -223,7 +223,8 @@ class DPAAT(_AdaptiveRadius):
         if self.max_radius is not None:
             radii = radii.clamp_max(self.max_radius)
         # over the whole batch (shares may be uneven, 2 / 1); a tensor until __call__ reads it with the metrics (one
-        # host read), a float from then on (state_dict's float() reads one left by a direct call of radii)
+        # host read), a float from then on; inside fit (metrics_read_by_fit) the float64 tensor fit's step reads
+        # (state_dict's float() reads one left by a direct call of radii, or by fit's steps)
         self._radius_mean = _global_mean(radii, read=False)
         return radii
 
@@ -258,7 +259,8 @@ class DPAAT(_AdaptiveRadius):
             loss=loss, loss_clean=clean, loss_adv=adv, loss_syn=syn, **radius)))
 
     def _read_radius_mean(self, metrics):
-        """The batch's metrics, with the mean radius they read kept as the state's float."""
+        """The batch's metrics, with the mean radius they hold kept as the state's: a float, or inside fit
+        (metrics_read_by_fit) the float64 tensor fit's step reads."""
         if "radius_mean" in metrics:
             self._radius_mean = metrics["radius_mean"]
         return metrics
