@@ -931,6 +931,32 @@ def test_predict_logits_restores_every_module_mode():
     assert model.training and model[1].training and not model[2].training
 
 
+def test_predict_logits_and_evaluates_clean_pass_run_the_model_without_autograd():
+    """The clean and adversarial scoring keeps no graph: with grad enabled each batch's forward saved its activations
+    for a backward that never comes (memory and time on top of the scores, which are detached either way)."""
+    from robust_ops.evaluate import predict_logits
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.grad_enabled = nn.Linear(4, 2), []
+
+        def forward(self, x):
+            self.grad_enabled.append(torch.is_grad_enabled())
+            return self.linear(x.flatten(1))
+
+    model = Recording()
+    predict_logits(model, torch.rand(5, 1, 2, 2), batch_size=2)
+    assert model.grad_enabled == [False, False, False]
+    info = DatasetInfo("t", 2, 1, 2, ("a", "b"), positive_class=1)
+    x = torch.rand(3, 1, 2, 2)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample correct, so FGSM attacks and scores all three
+    model.grad_enabled.clear()
+    evaluate(model, TensorDataset(x, y), info, attacks="fgsm", eps="1/255")
+    assert model.grad_enabled == [False, True, False]  # the clean pass, FGSM's gradient, the adversarial scoring
+
+
 def test_predict_logits_empty_input_keeps_the_class_count():
     from robust_ops.evaluate import predict_logits
 

@@ -465,7 +465,6 @@ def dataset_tensors(dataset):
         raise EvalError("data", str(err)) from None
 
 
-@torch.no_grad()
 def _value_range_problem(x_min, x_max, lo, hi):
     """The one-line error for inputs ``x_min`` .. ``x_max`` outside the value range [lo, hi], saying what they look
     like and what to do: it named only the range, where the common causes are 0-255 pixels (uint8 images, ToTensor
@@ -482,6 +481,7 @@ def _value_range_problem(x_min, x_max, lo, hi):
     return f"data: inputs outside the dataset's value range [{lo}, {hi}], {got}; {fix}"
 
 
+@torch.no_grad()
 def predict_logits(model, x, batch_size=256, device="cpu", adversarial=None):
     """(predictions [N], logits [N, K] float64, a single logit z as [0, z]: ``class_logits``) on CPU, in batches on
     ``device`` in eval mode. Evaluation carries logits, not probabilities: those round to 1.0 past a logit margin of
