@@ -1675,6 +1675,23 @@ def test_images_in_hwc_layout_are_told_to_be_permuted_not_given_another_model():
                  attacks="fgsm", eps=[0.01])
 
 
+def test_images_in_hwc_layout_given_to_a_normalized_model_are_told_to_be_permuted():
+    """getting-started's model trained on normalized inputs, evaluated as attacks.Normalized(model, mean, std), met
+    [N, H, W, C] images at Normalized's own check of the channels, which named no fix ("Normalized: expected x with 3
+    channels in dim 1 to match mean, got x of shape (4, 12, 12, 3)"), before the input layer's check that does."""
+    from robust_ops.models import build_model
+
+    hwc = torch.rand(4, 12, 12, 3, generator=torch.Generator().manual_seed(0))
+    model = attacks.Normalized(build_model("small_cnn", 3, 2, 12), [0.5] * 3, [0.25] * 3)
+    info = DatasetInfo("rgb", 2, 3, 12, ("a", "b"), positive_class=1)
+    with pytest.raises(ValueError, match=r"^Normalized: expected x with 3 channels in dim 1 to match mean, got x of "
+                                         r"shape \(4, 12, 12, 3\): images in \(H, W, C\) layout, as numpy arrays and "
+                                         r"PIL give them\? permute them to \(C, H, W\): x.permute\(0, 3, 1, 2\)$"):
+        evaluate(model, TensorDataset(hwc, torch.tensor([0, 1, 0, 1])), info, attacks="fgsm", eps=[0.01])
+    with pytest.raises(ValueError, match=r"got x of shape \(4, 12, 12, 1\)$"):  # 1 channel of 3: no layout to guess
+        model(hwc[..., :1])
+
+
 def test_a_model_built_for_other_channels_or_image_sizes_is_named_with_the_fix():
     """A DermaMNIST-like 3-channel model given 1-channel images (the info of another dataset, or the model of
     another run) failed in the clean pass with torch's "expected input[24, 1, 12, 12] to have 3 channels" from

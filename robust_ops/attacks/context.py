@@ -218,6 +218,11 @@ def _release(me, seen, params):
     _held_changed.notify_all()
 
 
+# what the checks of the channels in dim 1 say of [N, H, W, C] images whose last size is the count expected
+_HWC_HINT = ("images in (H, W, C) layout, as numpy arrays and PIL give them? permute them to (C, H, W): "
+             "x.permute(0, 3, 1, 2)")
+
+
 class Normalized(torch.nn.Module):
     """Wraps a model that expects normalized inputs so attacks work in [0, 1] pixel space:
     ``Normalized(model, mean, std)(x) == model((x - mean) / std)``."""
@@ -247,8 +252,10 @@ class Normalized(torch.nn.Module):
         """``t`` broadcast along dim 1 of ``x`` ([N, C, ...] or flat [N, D]), on x's device and dtype."""
         c = t.numel()
         if c != 1 and (x.dim() < 2 or x.shape[1] != c):
+            # images stacked as [N, H, W, C] (numpy, PIL) met this before the model's own input-layer check
+            hwc = f": {_HWC_HINT}" if x.dim() == 4 and x.shape[3] == c < x.shape[1] else ""
             raise ValueError(f"Normalized: expected x with {c} channels in dim 1 to match {arg}, got x of shape "
-                             f"{tuple(x.shape)}")
+                             f"{tuple(x.shape)}{hwc}")
         return t.reshape((1, -1) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (-1,)).to(x)
 
     def forward(self, x):
@@ -389,8 +396,7 @@ def _input_layer_problem(model, x, split):
                    f"in_channels={layer.in_channels}, but the inputs of {split} ({shape} each) reach it with "
                    f"{counted(got.shape[1], 'channel')}")
         if got.shape == x.shape and x.dim() == 4 and x.shape[3] == layer.in_channels < x.shape[1]:  # [N, H, W, C]
-            return (f"{problem}: images in (H, W, C) layout, as numpy arrays and PIL give them? permute them to "
-                    "(C, H, W): x.permute(0, 3, 1, 2)")
+            return f"{problem}: {_HWC_HINT}"
         return f"{problem}; {_BUILD_FOR_THE_DATA}"
     return None
 
