@@ -1395,6 +1395,27 @@ def test_inputs_just_outside_the_clip_range_show_values_outside_it(dtype):
 
 
 
+def test_inputs_of_0_255_pixels_are_told_to_be_divided_by_255_as_evaluate_does():
+    """0-255 pixels (uint8 images made float, ToTensor left out) were told "normalize inside the model, e.g. with
+    robust_ops.attacks.Normalized, or clamp ... x.clamp(0.0, 1.0)", neither of which gives [0, 1] pixels, where
+    evaluate's refusal of the same inputs says to divide them by 255; a normalized set keeps the Normalized fix."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    pixels = (x * 255).round()
+    pixels[0], pixels[1] = 0, 255
+    with pytest.raises(ValueError, match=r"^pgd: expected x inside the clip range \[0.0, 1.0\], got values in "
+                                         r"\[0, 255\] \(255 > clip_max 1.0; 8-bit pixels\? divide them by 255 "
+                                         r"\(x.float\(\) / 255, as torchvision's ToTensor does\): the attacks' radii "
+                                         r"and clip range are in the value range's units\)$"):
+        attacks.pgd(model, pixels, y, eps=0.03, steps=2)
+    resampled = x.clone()
+    resampled[0] = 1.5  # 1.5 times the top at most: an overshoot, not pixels
+    with pytest.raises(ValueError, match=r"\(1.5 > clip_max 1.0; normalize inside the model, e.g. with "):
+        attacks.pgd(model, resampled, y, eps=0.03, steps=2)
+    with pytest.raises(ValueError, match=r"\] \(\S+ > clip_max 1.0; normalize inside the model, e.g. with "):
+        attacks.pgd(model, (x - 0.5) * 510, y, eps=0.03, steps=2)  # below the range: a normalization, however wide
+
+
 def test_an_input_one_float64_step_past_the_clip_range_shows_all_17_digits():
     """The smallest overshoot of a float64 input, 1 + 2**-52, needs all 17 significant digits to read past 1.0
     (coverage helper, s48: the digit loop's last case had no test)."""

@@ -52,10 +52,10 @@ from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
 from ._warn import warn
-from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError, _past, check_attack_output,
-                              check_inside_ball, check_output, forward_naming_input_mismatch, looks_like_probabilities,
-                              model_device, one_probabilities_warning, predict_from_output, use_model_mode,
-                              warn_probabilities)
+from .attacks.context import (EIGHT_BIT_FIX, InputDtypeError, InputShapeError, NonFiniteOutputError, _past,
+                              check_attack_output, check_inside_ball, check_output, forward_naming_input_mismatch,
+                              looks_like_8_bit_pixels, looks_like_probabilities, model_device,
+                              one_probabilities_warning, predict_from_output, use_model_mode, warn_probabilities)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
                       metric_names, positive_class_problem, probabilities)
 
@@ -468,11 +468,10 @@ def dataset_tensors(dataset):
 def _value_range_problem(x_min, x_max, lo, hi):
     """The one-line error for inputs ``x_min`` .. ``x_max`` outside the value range [lo, hi], saying what they look
     like and what to do: it named only the range, where the common causes are 0-255 pixels (uint8 images, ToTensor
-    left out) and torchvision's Normalize in the data pipeline (fit's attacks say the same, check_inputs)."""
+    left out) and torchvision's Normalize in the data pipeline (fit's attacks say the same: check_inputs)."""
     got = f"got values in [{_past(x_min, lo, -1)}, {_past(x_max, hi, 1)}]"
-    if x_min >= lo and x_max > hi and x_max > 1.5 * hi > 0:  # e.g. [0, 255] against [0, 1]
-        fix = ("8-bit pixels? divide them by 255 (x.float() / 255, as torchvision's ToTensor does): the attacks' radii "
-               "and clip range are in the value range's units")
+    if looks_like_8_bit_pixels(x_min, x_max, lo, hi):  # e.g. [0, 255] against [0, 1]
+        fix = EIGHT_BIT_FIX
     else:
         fix = ("a mean/std normalization (torchvision's Normalize) belongs in the model: evaluate "
                "robust_ops.attacks.Normalized(model, mean, std) on the unnormalized images, so the radii and the clip "

@@ -623,6 +623,17 @@ def _past(value, bound, side):
     return f"{value:.17g}"  # 17 significant digits give a float back exactly: past the bound when the value is
 
 
+def looks_like_8_bit_pixels(lo, hi, range_min, range_max):
+    """Whether values ``lo`` .. ``hi`` outside [range_min, range_max] look like 0-255 pixels (uint8 images, ToTensor
+    left out): none below the range, the top past 1.5 times its end. Values below it, or just past its top, are rather
+    a mean/std normalization or an overshoot by resampling. check_inputs' and evaluate's refusals say the fix."""
+    return lo >= range_min and hi > 1.5 * range_max > 0
+
+
+EIGHT_BIT_FIX = ("8-bit pixels? divide them by 255 (x.float() / 255, as torchvision's ToTensor does): the attacks' "
+                 "radii and clip range are in the value range's units")
+
+
 def check_input_batch(name, x):
     """``x`` must be a floating-point tensor with a batch dimension: check_inputs' first rule, and the one the
     defenses apply before reading the batch size (a list of images failed with "'list' object has no attribute
@@ -660,12 +671,12 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=
         if lo < clip_min or hi > clip_max:
             crossed = (f"{_past(hi, clip_max, 1)} > clip_max {clip_max}" if hi > clip_max else
                        f"{_past(lo, clip_min, -1)} < clip_min {clip_min}")
-            raise ValueError(
-                f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in "
-                f"[{_past(lo, clip_min, -1)}, {_past(hi, clip_max, 1)}] ({crossed}; normalize inside the model, e.g. "
-                "with robust_ops.attacks.Normalized, or clamp inputs that overshoot only by rounding or resampling, "
-                f"x.clamp({clip_min}, {clip_max}))"
-            )
+            # 0-255 pixels were told to normalize inside the model or clamp, neither of which gives [0, 1] pixels
+            fix = (EIGHT_BIT_FIX if looks_like_8_bit_pixels(lo, hi, clip_min, clip_max) else
+                   "normalize inside the model, e.g. with robust_ops.attacks.Normalized, or clamp inputs that "
+                   f"overshoot only by rounding or resampling, x.clamp({clip_min}, {clip_max})")
+            raise ValueError(f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in "
+                             f"[{_past(lo, clip_min, -1)}, {_past(hi, clip_max, 1)}] ({crossed}; {fix})")
     if y is _NO_LABELS:
         return (None, None) if label_range else None
     return check_class_labels(name, y, x.shape[0], label_range=label_range)
