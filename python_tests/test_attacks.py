@@ -1811,6 +1811,27 @@ def test_ensemble_errors():
     assert attacks.ensemble(model, x, y, [attacks.FGSM(model)], batch_size=np.int64(2)).x_adv.shape == x.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_an_attack_output_check_reads_once(dtype):
+    """The check of an attack's points (ensemble and evaluate, per attack call) read isfinite(adv).all(), adv.min()
+    and adv.max(): three host reads (GPU syncs); both ends are read at once now, as check_inputs reads x, since min
+    and max propagate NaN. It refuses what it refused: NaN or Inf anywhere, a value past either end."""
+    from robust_ops.attacks.context import check_attack_output
+
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for clip in ((0.0, 1.0), (-5.0, 5.0)):
+        assert sum(host_reads(lambda: check_attack_output("a", x, x, *clip)).values()) == 1
+    assert sum(host_reads(lambda: check_attack_output("a", x[:0], x[:0], 0.0, 1.0)).values()) == 0
+    for value in (float("nan"), float("inf"), -float("inf"), 1.5, -0.25):
+        for at in (0, 77):  # the first entry, one inside
+            bad = x.clone().view(-1).index_fill_(0, torch.tensor([at]), value).view(x.shape)
+            for clip in ((0.0, 1.0),) + (((-5.0, 5.0),) if not math.isfinite(value) else ()):
+                with pytest.raises(ValueError, match=rf"^a returned points with NaN/Inf or outside the clip range "
+                                                     rf"\[{clip[0]}, {clip[1]}\]; it must return valid inputs$"):
+                    check_attack_output("a", bad, x, *clip)
+    check_attack_output("a", x.clone().view(-1).index_fill_(0, torch.tensor([5]), 1.0).view(x.shape), x, 0.0, 1.0)
+
+
 def test_ensemble_refuses_an_attack_targeted_by_label_before_any_attack_runs():
     # the cascade passes the true labels: an attack targeted by label took them as targets and pushed towards them,
     # and every sample was scored robust (PGD at eps 0.1 breaks samples of this model untargeted)
