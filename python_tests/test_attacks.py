@@ -1832,6 +1832,36 @@ def test_an_attack_output_check_reads_once(dtype):
     check_attack_output("a", x.clone().view(-1).index_fill_(0, torch.tensor([5]), 1.0).view(x.shape), x, 0.0, 1.0)
 
 
+@pytest.mark.parametrize("cascade", [True, False])
+@pytest.mark.parametrize("batch_size", [None, 5])
+def test_the_ensemble_finds_only_the_samples_each_attack_runs_on(cascade, batch_size):
+    """The ensemble wrote its results by boolean index: broken_by[part[~correct]] = 0 at the clean check (a host read,
+    a GPU sync, per batch), x_adv[part[new]] = adv[new] and broken_by[part[new]] = j + 1 after each attack call
+    (three). They are written at every position of part through torch.where now; only the samples still robust
+    before each attack are found (their count sets the batches), none with cascade=False."""
+    model, x = near_boundary_linear()
+    x = x[:16]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3  # misclassified clean
+    radii = (0.01, 0.04, 0.08)
+    fgsms = [attacks.FGSM(model, eps=eps) for eps in radii]
+    run = lambda: attacks.ensemble(model, x, y, fgsms, cascade=cascade, batch_size=batch_size)  # noqa: E731
+    assert host_reads(run)["nonzero"] == (len(radii) if cascade else 0)
+    res = run()
+    # each sample kept by the first attack that broke it (FGSM on a linear model: the same points on any subset)
+    expected_by, expected_x = torch.full((16,), -1), x.clone()
+    expected_by[:2] = 0
+    for j, eps in reversed(list(enumerate(radii))):
+        adv = attacks.fgsm(model, x, y, eps=eps)
+        with torch.no_grad():
+            broke = (model(adv).argmax(1) != y) & (expected_by != 0)
+        expected_by[broke], expected_x[broke] = j + 1, adv[broke]
+    assert sorted(set(expected_by.tolist())) == [-1, 0, 1, 2, 3]
+    assert torch.equal(res.broken_by, expected_by) and torch.equal(res.x_adv, expected_x)
+    assert torch.equal(res.robust, expected_by == -1)
+
+
 def test_ensemble_refuses_an_attack_targeted_by_label_before_any_attack_runs():
     # the cascade passes the true labels: an attack targeted by label took them as targets and pushed towards them,
     # and every sample was scored robust (PGD at eps 0.1 breaks samples of this model untargeted)

@@ -218,7 +218,8 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     broken_by = torch.full((n,), -1, dtype=torch.long, device=x.device)
     if n:
         for part in torch.arange(n, device=x.device).split(batch_size or n):  # the clean check batched too
-            broken_by[part[~_correct(model, x[part], y[part], model_mode, name)]] = 0
+            # written at every position of part through torch.where: a boolean index is a host read (a GPU sync)
+            broken_by[part] = torch.where(_correct(model, x[part], y[part], model_mode, name), broken_by[part], 0)
     for j, attack in enumerate(attacks):
         idx = (broken_by == -1).nonzero().squeeze(1) if cascade else torch.arange(n, device=x.device)
         if idx.numel() == 0:
@@ -234,8 +235,9 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
                                   vars(sub).get("norm"))
             fooled = ~_correct(model, adv, y[part], model_mode, name, f"at the points of attack {labels[j]!r}")
             new = fooled & (broken_by[part] == -1)  # the first attack that breaks a sample keeps it
-            x_adv[part[new]] = adv[new]
-            broken_by[part[new]] = j + 1
+            # as the clean check's: x_adv[part[new]] = adv[new] and broken_by's were three reads per attack call
+            x_adv[part] = torch.where(new.view((-1,) + (1,) * (adv.dim() - 1)), adv, x_adv[part])
+            broken_by[part] = torch.where(new, j + 1, broken_by[part])
     return EnsembleResult(x_adv, broken_by == -1, broken_by, ("clean",) + labels)
 
 
