@@ -2393,6 +2393,41 @@ def test_fab_projections_find_the_rows_of_each_case_once(norm):
     assert per_run[1] - per_run[0] <= 4 * 5
 
 
+@pytest.mark.parametrize("targeted", [False, True])
+def test_a_fab_run_finds_its_samples_once(monkeypatch, targeted):
+    """Per run (restart, and target for FAB-T) FAB found the samples still to attack, then wrote x_adv[idx[broken]]
+    = x_best[broken] and robust[idx[broken]] = False: four nonzeros (host syncs on a GPU) besides the steps'. The
+    two are written at every position of idx through torch.where now; only the samples to attack are found (their
+    count sets the batch). The runs are stood in for by FGSM points at a radius growing each run, the third past
+    eps, so the writes are checked too: each sample keeps the first point within eps that broke it."""
+    fab_module = sys.modules["robust_ops.attacks.fab"]
+    model, x = near_boundary_linear()
+    x = x[:16]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3  # misclassified clean: never attacked
+    radii, calls = (0.04, 0.08, 0.12), []
+
+    def run(model, x, y, *args):
+        calls.append(x.shape[0])
+        return attacks.fgsm(model, x, y, eps=radii[(len(calls) - 1) % 3])
+
+    monkeypatch.setattr(fab_module, "_fab_run", run)
+    fab = lambda: attacks.fab(model, x, y, eps=0.1, steps=2, n_restarts=3, targeted=targeted,  # noqa: E731
+                              n_target_classes=1)
+    assert host_reads(fab)["nonzero"] == 3 == len(calls)
+    expected = x.clone()
+    for eps in reversed(radii[:2]):
+        adv = attacks.fgsm(model, x, y, eps=eps)
+        with torch.no_grad():
+            broke = (model(adv).argmax(1) != y) & (torch.arange(16) >= 2)
+        expected[broke] = adv[broke]
+    calls.clear()
+    out = fab()
+    assert torch.equal(out, expected) and 2 < int((out != x).flatten(1).any(1).sum()) < 14
+    assert calls[0] == 14 > calls[1] > calls[2]  # the samples broken by a run are not attacked again
+
+
 def test_fab_batch_zero_and_empty_box():
     model, x, y = fab_setup()
     for targeted in (False, True):

@@ -386,8 +386,10 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
                     fooled = predict_from_output(forward(name, model, x_best)) != y[idx]
                     dist = _norm_rows((x_best - x[idx]).reshape(idx.numel(), -1), norm)
                     broken = fooled & (dist <= eps_t[idx])
-                x_adv[idx[broken]] = x_best[broken]
-                robust[idx[broken]] = False
+                # written at every position of idx through torch.where: the boolean indexes were three host reads
+                # (GPU syncs) a run
+                x_adv[idx] = torch.where(broken.view((-1,) + (1,) * (x.dim() - 1)), x_best, x_adv[idx])
+                robust[idx] &= ~broken
     return x_adv
 
 
