@@ -2092,6 +2092,45 @@ def test_fit_refuses_labels_outside_the_classes_in_training_and_validation(num_c
         fit(model, defenses.Standard(), _data(8), data, epochs=1, batch_size=8, progress=False)
 
 
+def _image_folder(root, **kwargs):
+    """A torchvision ImageFolder of 4x4 RGB images, 4 in each of benign/ and malignant/."""
+    from PIL import Image
+    from torchvision import datasets, transforms
+
+    for c, name in enumerate(("benign", "malignant")):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (4, 4), (60 * c + 10 * i, 20, 30)).save(root / name / f"img{i}.png")
+    return datasets.ImageFolder(root, transform=transforms.ToTensor(), **kwargs)
+
+
+def test_fit_refuses_a_model_scoring_other_classes_than_train_data_declares(tmp_path):
+    """A torchvision resnet18 built without num_classes (1000 logits) trained an epoch on a 2-class set without a
+    word: labels 0 and 1 are < 1000; only evaluate refused it afterwards. A train_data that declares its classes
+    (torchvision's ImageFolder, also under Subset or IndexedDataset) is now compared at the first batch, before any
+    step; one that declares none, or whose target_transform may map its labels, stays unchecked."""
+    folder = _image_folder(tmp_path / "a")
+
+    def model(k):
+        return nn.Sequential(nn.Flatten(), nn.Linear(48, k))
+
+    for data in (folder, torch.utils.data.Subset(folder, range(6)), IndexedDataset(folder)):
+        wrong = model(1000)
+        before = _weights(wrong)
+        with pytest.raises(ValueError, match=r"^fit: the model scores 1000 classes \(a single logit counts as 2\), "
+                                             r"but train_data declares 2 in its classes \(benign, malignant\); build "
+                                             r"it for this dataset's classes \(torchvision's models: num_classes=2\)$"):
+            fit(wrong, defenses.Standard(), data, epochs=1, batch_size=4, progress=False)
+        assert all(torch.equal(v, wrong.state_dict()[k]) for k, v in before.items())
+    fit(model(2), defenses.Standard(), folder, epochs=1, batch_size=4, progress=False)
+    fit(nn.Sequential(model(1), nn.Flatten(0)), defenses.Standard(), folder, epochs=1, batch_size=4, progress=False)
+    remapped = _image_folder(tmp_path / "b", target_transform=lambda label: label)
+    fit(model(1000), defenses.Standard(), remapped, epochs=1, batch_size=4, progress=False)
+    x = torch.stack([folder[i][0] for i in range(8)])
+    fit(model(1000), defenses.Standard(), TensorDataset(x, torch.tensor([0, 1] * 4)), epochs=1, batch_size=4,
+        progress=False)
+
+
 @pytest.mark.parametrize("bad", [1, 1.0, [True]])
 def test_fit_refuses_a_resume_that_is_no_bool_or_path(bad, tmp_path):
     """resume takes True, False (None) or a checkpoint path: resume=1 was not True, so it started afresh unseen."""

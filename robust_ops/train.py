@@ -53,7 +53,7 @@ from torch import nn
 
 from ._files import FolderInUse, check_writable, exclusive_folder, replace_atomically
 from ._options import (check_device, check_flags, check_int, check_real, check_usable_device, class_labels, counted,
-                       python_number, refuse_unused)
+                       listing, python_number, refuse_unused)
 from ._warn import warn_outside
 from .native_layers import library_speedups
 from .nn import DropMax2d
@@ -1680,6 +1680,7 @@ def _batch_on_device(run, indices, at):
             x = x.contiguous(memory_format=torch.channels_last)
         if run.num_classes is None:
             run.num_classes, run.single_logit = _infer_num_classes(run.model, x)
+            _check_declared_classes(name, run.train_data, run.num_classes)
             run.defense.check_labels(y, run.num_classes)
         low, high = labels_range(y) or (0, 0)  # one host read (a GPU sync) for both ends
         if low < 0 or high >= run.num_classes:
@@ -2510,6 +2511,33 @@ def _infer_num_classes(model, x):
                          "apply their own softmax, which saturates on probabilities: remove the model's final softmax "
                          "(predictions and evaluate need only the logits)")
     return num_classes_of(out), is_single_logit(out)
+
+
+def _declared_classes(dataset):
+    """The class names ``dataset`` declares in a ``classes`` list (torchvision's ImageFolder, MNIST, CIFAR10, ...),
+    looked up through ``Subset`` and ``IndexedDataset`` (``.dataset``); None where it declares none, or where a
+    ``target_transform`` may map its labels onto other classes."""
+    for _ in range(8):  # a Subset of a Subset ...: a few levels, never a cycle
+        if getattr(dataset, "target_transform", None) is not None:
+            return None
+        classes = getattr(dataset, "classes", None)
+        if isinstance(classes, (list, tuple)) and len(classes) >= 2:
+            return classes
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            return None
+    return None
+
+
+def _check_declared_classes(name, train_data, num_classes):
+    """Refuse a model that scores another number of classes than ``train_data`` declares (its ``classes``): its labels
+    passed the range check (< K), so a torchvision resnet18 built without num_classes trained 1000-way on a 2-class
+    set, and only evaluate refused it afterwards. Checked once, at the first batch (no read of the data)."""
+    classes = _declared_classes(train_data)
+    if classes is not None and len(classes) != num_classes:
+        raise ValueError(f"{name}: the model scores {num_classes} classes (a single logit counts as 2), but train_data "
+                         f"declares {len(classes)} in its classes ({listing(classes, cap=6)}); build it for this "
+                         f"dataset's classes (torchvision's models: num_classes={len(classes)})")
 
 
 def _snapshot(state):
