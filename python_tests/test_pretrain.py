@@ -455,14 +455,17 @@ def test_simclr_trains_a_float64_model_and_refuses_half_precision_weights():
     """The projection head simclr builds stayed float32: a float64 backbone stopped at its first step with torch's
     "mat1 and mat2 must have the same dtype, but got Double and Float" (a head the caller never sees). It now takes the
     features' dtype. Half-precision backbones got the same error; they are refused as fit refuses them (Adam would
-    update float16 / bfloat16 weights in that precision)."""
+    update float16 / bfloat16 weights in that precision), naming simclr's own way out: fit's "amp=True on CUDA computes
+    in float16" named a parameter simclr does not have."""
     model = _model().double()
     data = TensorDataset(_data().tensors[0].double())
     result = simclr(model, data, epochs=1, batch_size=8, progress=False)
     assert math.isfinite(result.history[0]["loss"])
     assert all(p.dtype == torch.float64 for p in result.head.parameters())
     for dtype in (torch.float16, torch.bfloat16):
-        with pytest.raises(ValueError, match=rf"^simclr: the model's trainable parameters are {dtype} "):
+        with pytest.raises(ValueError, match=rf"^simclr: the model's trainable parameters are {dtype} .*; train "
+                                             r"float32 weights \(model\.float\(\) and float32 data\) and convert the "
+                                             r"trained model$"):
             simclr(_model().to(dtype), TensorDataset(_data().tensors[0].to(dtype)), epochs=1, batch_size=8,
                    progress=False)
 

@@ -204,7 +204,9 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
             if head_name:
                 setattr(model, head_name, nn.Identity())
             model.train()
-            check_trainable_precision("simclr", [p for p in model.parameters() if p.requires_grad])
+            # simclr has no amp: fit's "amp=True on CUDA computes in float16" would name a parameter it lacks
+            check_trainable_precision("simclr", [p for p in model.parameters() if p.requires_grad],
+                                      how="model.float() and float32 data")
             with torch.no_grad(), use_model_mode(model, "eval"):
                 features = model(sample.unsqueeze(0).to(device))
             if features.dim() < 2:  # e.g. MLP's squeezed single logit: flatten(1) failed with an IndexError

@@ -2437,16 +2437,17 @@ class _OneProcessFailures:
         return False
 
 
-def check_trainable_precision(name, params):
+def check_trainable_precision(name, params, how="model.float(), float32 data; amp=True on CUDA computes in float16"):
     """Refuse float16 / bfloat16 trainable parameters: torch's optimizers update weights in their own dtype, without
     float32 master copies (float16: Adam's eps 1e-8 is 0, NaN weights where a gradient is 0; both: updates below the
-    weights' resolution round away)."""
+    weights' resolution round away). ``how``: the caller's way to train float32 weights (fit's default names its
+    amp=True; a caller without amp, simclr, gives its own)."""
     half = next((p.dtype for p in params if p.dtype in HALF_DTYPES), None)
     if half is not None:
         raise ValueError(f"{name}: the model's trainable parameters are {half} (model.half() or .bfloat16()?); the "
                          "optimizer would update them in that precision (float16: Adam's eps 1e-8 is 0, NaN weights; "
-                         "updates below the weights' resolution are lost); train float32 weights (model.float(), "
-                         "float32 data; amp=True on CUDA computes in float16) and convert the trained model")
+                         f"updates below the weights' resolution are lost); train float32 weights ({how}) and convert "
+                         "the trained model")
 
 
 class LostBestEpochError(ValueError):
