@@ -251,8 +251,32 @@ def test_resume_refuses_another_seed_or_defense(tmp_path, setting, changed):
     make = changed.get("defense", defenses.Standard)
     saved, now = {"seed": (0, 1), "defense": ("'standard'", "'at'")}[setting]
     with pytest.raises(ValueError, match=rf"^fit: cannot resume .*checkpoint.pt: it was trained with {setting}="
-                                         rf"{saved}, this call has {setting}={now}$"):
+                                         rf"{saved}, this call has {setting}={now}; pass {setting}={saved} to "
+                                         r"continue that run, or train afresh with resume=False \(another out_dir "
+                                         r"keeps this run's files\)$"):
         fit(DropoutMLP(), make(), _data(16), epochs=2, resume=True, seed=changed.get("seed", 0), **kwargs)
+
+
+def test_a_resume_refused_for_another_defense_names_both_ways_on(tmp_path):
+    """A checkpoint of a TRADES run resumed with defense='at' was refused "it was trained with defense='trades', this
+    call has defense='at'", naming no way on; it now names the run's setting to continue it, and resume=False (or
+    another out_dir) to train afresh, and each works."""
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False)
+    fit(DropoutMLP(), defenses.build("trades", steps=1), _data(16), epochs=1, out_dir=tmp_path / "a", **kwargs)
+    with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: it was trained with defense='trades', "
+                                         r"this call has defense='at'; pass defense='trades' to continue that run, or "
+                                         r"train afresh with resume=False \(another out_dir keeps this run's "
+                                         r"files\)$"):
+        fit(DropoutMLP(), defenses.build("at", steps=1), _data(16), epochs=2, out_dir=tmp_path / "a", resume=True,
+            **kwargs)
+    resumed = fit(DropoutMLP(), defenses.build("trades", steps=1), _data(16), epochs=2, out_dir=tmp_path / "a",
+                  resume=True, **kwargs)
+    assert len(resumed.history) == 2
+    for out in ("a", "b"):
+        fresh = fit(DropoutMLP(), defenses.build("at", steps=1), _data(16), epochs=1, out_dir=tmp_path / out,
+                    resume=out == "b", **kwargs)
+        assert len(fresh.history) == 1
+        assert load_checkpoint(tmp_path / out / "checkpoint.pt")["config"]["defense"] == "at"
 
 
 def test_epochs_done_reads_the_checkpoint_before_the_metrics_files(tmp_path):
@@ -302,7 +326,8 @@ def test_resume_without_the_runs_own_optimizer_names_the_optimizer_not_an_lr(tmp
         progress=False)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["lr"] is None  # docs: None with a caller's optimizer
     with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with optimizer="
-                                         r"'torch.optim.sgd.SGD', this call has optimizer='torch.optim.adam.Adam'$"):
+                                         r"'torch.optim.sgd.SGD', this call has optimizer='torch.optim.adam.Adam'; "
+                                         r"pass an optimizer of that class to continue that run, or train afresh"):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
             progress=False)
 
@@ -372,7 +397,8 @@ def test_resume_refuses_a_defense_of_another_class_under_the_same_name(tmp_path)
     fit(DropoutMLP(), defenses.AT(steps=1), _data(16), epochs=1, **kwargs)
     with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: it was trained with defense_class="
                                          r"'robust_ops.defenses.adversarial.AT', this call has defense_class="
-                                         r"'test_train._CleanAT'$"):
+                                         r"'test_train._CleanAT'; pass a defense of that class to continue that "
+                                         r"run, or train afresh"):
         fit(DropoutMLP(), _CleanAT(steps=1), _data(16), epochs=2, resume=True, **kwargs)
     fit(DropoutMLP(), defenses.AT(steps=1), _data(16), epochs=2, resume=True, **kwargs)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -389,7 +415,8 @@ def test_resume_refuses_another_max_grad_norm_and_passes_checkpoints_without_one
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, max_grad_norm=0.01, **kwargs)
     for other in (None, 1.0):
         with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with "
-                                             rf"max_grad_norm=0.01, this call has max_grad_norm={other}$"):
+                                             rf"max_grad_norm=0.01, this call has max_grad_norm={other}; pass "
+                                             r"max_grad_norm=0.01 to continue that run, or train afresh"):
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, max_grad_norm=other, **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, max_grad_norm=0.01, **kwargs)
     _resume_from_before(tmp_path, "max_grad_norm", lr=1e-2)
@@ -454,7 +481,8 @@ def test_early_stopping_resumes_exactly_and_a_stopped_run_stays_stopped(tmp_path
         assert stopped >= 3
         _early_stopped(tmp_path / "b", epochs=stopped - 1, init=init)  # interrupted one epoch before its stop
         with pytest.raises(ValueError, match=r"^fit: cannot resume .*checkpoint.pt: it was trained with "
-                                             r"early_stopping=2, this call has early_stopping=3$"):
+                                             r"early_stopping=2, this call has early_stopping=3; pass "
+                                             r"early_stopping=2 to continue that run, or train afresh"):
             _early_stopped(tmp_path / "b", patience=3, resume=True)
         torch.manual_seed(123)
         resumed, result = _early_stopped(tmp_path / "b", resume=True)
@@ -936,7 +964,7 @@ def test_resume_refuses_another_amp_setting(tmp_path):
     state["config"]["amp"] = True
     torch.save(state, tmp_path / "amp.pt")
     with pytest.raises(ValueError, match=r"fit: cannot resume .*amp\.pt: it was trained with amp=True, this call has "
-                                         r"amp=False$"):
+                                         r"amp=False; pass amp=True to continue that run, or train afresh"):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=tmp_path / "amp.pt", **kwargs)
 
 
@@ -950,12 +978,14 @@ def test_resume_refuses_another_scheduler_and_passes_checkpoints_without_one(tmp
     for other, shown in ((None, "None"), (lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.5),
                                           "'torch.optim.lr_scheduler.ExponentialLR'")):
         with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with "
-                                             rf"scheduler={saved}, this call has scheduler={shown}$"):
+                                             rf"scheduler={saved}, this call has scheduler={shown}; pass a "
+                                             r"scheduler of that class to continue that run, or train afresh"):
             fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=other, **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, scheduler=step, **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, out_dir=tmp_path / "none", batch_size=8, lr=1e-2,
         progress=False)
-    with pytest.raises(ValueError, match=rf"it was trained with scheduler=None, this call has scheduler={saved}$"):
+    with pytest.raises(ValueError, match=rf"it was trained with scheduler=None, this call has scheduler={saved}; "
+                                         r"pass no scheduler to continue that run, or train afresh"):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, out_dir=tmp_path / "none", batch_size=8, lr=1e-2,
             progress=False, resume=True, scheduler=step)
     _resume_from_before(tmp_path, "scheduler", lr=1e-2)
@@ -969,7 +999,8 @@ def test_resume_refuses_another_optimizer_class_and_passes_checkpoints_without_o
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, optimizer=adam, **kwargs)
     with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with "
                                          r"optimizer='torch.optim.adam.Adam', this call has "
-                                         r"optimizer='torch.optim.sgd.SGD'$"):
+                                         r"optimizer='torch.optim.sgd.SGD'; pass an optimizer of that class to "
+                                         r"continue that run, or train afresh"):
         fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True,
             optimizer=lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9), **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, optimizer=adam, **kwargs)
@@ -1194,7 +1225,8 @@ def test_resume_refuses_another_training_set_size_and_passes_checkpoints_without
     kwargs = dict(batch_size=8, lr=1e-2, out_dir=tmp_path, progress=False)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, **kwargs)
     with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint.pt: it was trained with num_samples=16, "
-                                         r"this call has num_samples=24$"):
+                                         r"this call has num_samples=24; pass the run's train_data to continue "
+                                         r"that run, or train afresh"):
         fit(DropoutMLP(), defenses.Standard(), _data(24), epochs=2, resume=True, **kwargs)
     fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=2, resume=True, **kwargs)
     # written before either was recorded (the training-set fingerprint came later)
@@ -1356,7 +1388,9 @@ def test_resume_refuses_other_defense_options_and_passes_checkpoints_without_the
                            (trades(steps=3, step_size=0.02),
                             "step_size=0.01, steps=2, this call's defense has step_size=0.02, steps=3")):
         with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with the trades "
-                                             rf"defense's {re.escape(message)}$"):
+                                             rf"defense's {re.escape(message)}; build the defense with that run's "
+                                             r"options to continue it, or train afresh with resume=False \(another "
+                                             r"out_dir keeps this run's files\)$"):
             fit(DropoutMLP(), other, _data(16), epochs=2, resume=True, **kwargs)
     fit(DropoutMLP(), trades(), _data(16), epochs=2, resume=True, **kwargs)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -5916,7 +5950,8 @@ def test_resume_refuses_another_parameter_dtype(tmp_path):
     assert state["config"]["param_dtype"] == "torch.float32"
     data64 = TensorDataset(*(t.double() if t.is_floating_point() else t for t in _data(16).tensors))
     with pytest.raises(ValueError, match=r"fit: cannot resume .*checkpoint\.pt: it was trained with "
-                                         r"param_dtype='torch.float32', this call has param_dtype='torch.float64'$"):
+                                         r"param_dtype='torch.float32', this call has param_dtype='torch.float64'; "
+                                         r"pass a model of that dtype to continue that run, or train afresh"):
         fit(DropoutMLP().double(), defenses.Standard(), data64, epochs=2, out_dir=tmp_path, resume=True, **kwargs)
     del state["config"]["param_dtype"]  # written before the record: resumes
     torch.save(state, tmp_path / "old.pt")

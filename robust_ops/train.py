@@ -1954,6 +1954,30 @@ def _check_scheduler_fits(name, scheduler, epochs, validated, resumed):
                          "new one for this call, with total_steps=epochs")
 
 
+# the other way on from a checkpoint whose run this call does not continue (its settings differ)
+_TRAIN_AFRESH = "train afresh with resume=False (another out_dir keeps this run's files)"
+# settings a fit argument sets, given back as the run had them: "pass defense='trades'"
+_PASSED_SETTINGS = ("batch_size", "seed", "defense", "lr", "channels_last", "prepacked_conv", "max_grad_norm", "amp",
+                    "early_stopping", "warmup_epochs")
+# the others, in words
+_RECORDED_SETTINGS = {"defense_class": "a defense of that class", "optimizer": "an optimizer of that class",
+                      "scheduler": "a scheduler of that class",
+                      "drop_max_layers": "a model with those DropMax2d layers", "num_samples": "the run's train_data",
+                      "param_dtype": "a model of that dtype", "warmup_params": "the run's warm-up head (warmup_params)"}
+
+
+def _resume_setting_fix(key, saved):
+    """How a call resumes a checkpoint trained with ``key`` = ``saved``: "pass defense='trades'", or in words where no
+    fit argument takes the recorded value as it is (a class path, a dtype, a default optimizer's lr of None)."""
+    if key in _PASSED_SETTINGS and saved is not None or key in ("early_stopping", "max_grad_norm"):
+        if not (key == "defense" and saved in ("?", "defense")):  # a Defense subclass without a name of its own
+            return f"pass {key}={saved!r}"
+    if key == "scheduler" and saved is None:
+        return "pass no scheduler"
+    what = _RECORDED_SETTINGS.get(key, f"the run's {key}")
+    return f"pass {what}"
+
+
 def _check_resume_fits(name, resume_path, state, config, defense_options, optimizer, num_samples, epochs):
     """fit's checks that the checkpoint ``state`` (read from ``resume_path``) continues the run this call would
     train (``config``, as recorded in the checkpoints), with no setting of the call silently ignored or replaced;
@@ -1983,7 +2007,8 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
         saved = state["config"].get(key, None if key in ("batch_size", "seed", "defense") else config[key])
         if saved != config[key]:
             hint = ("; ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: give val_data or "
-                    "leave it out as that run did" if key == "plateau_metric" else "")
+                    "leave it out as that run did" if key == "plateau_metric" else
+                    f"; {_resume_setting_fix(key, saved)} to continue that run, or {_TRAIN_AFRESH}")
             raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
                              f"call has {key}={config[key]!r}{hint}")
     # A training set of the same size but other content (an .npz replaced in place, another seed's synthetic
@@ -2017,7 +2042,8 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
     change = _settings_change(saved_options, defense_options)
     if change:
         raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with the {config['defense']} "
-                         f"defense's {change[0]}, this call's defense has {change[1]}")
+                         f"defense's {change[0]}, this call's defense has {change[1]}; build the defense with that "
+                         f"run's options to continue it, or {_TRAIN_AFRESH}")
     if int(state["epoch"]) > epochs:
         raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
                          f"more than epochs={epochs}; pass epochs={int(state['epoch'])} or more (the run's total, "
