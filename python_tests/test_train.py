@@ -4693,7 +4693,8 @@ def test_replace_atomically_fsyncs_the_whole_file_and_keeps_the_old_one_on_an_in
     assert save_checkpoint(path, {"w": torch.arange(1000)}) == str(path)
     assert synced_sizes == [path.stat().st_size]
     small = _files.replace_atomically(tmp_path / "run" / "small.txt", lambda f: f.write("x" * 100), fsync=True)
-    assert synced_sizes[-1] == 100 and open(small).read() == "x" * 100  # a write shorter than the file's buffer
+    with open(small) as f:  # closed: a bare open(small).read() left it to the collector (a ResourceWarning)
+        assert synced_sizes[-1] == 100 and f.read() == "x" * 100  # a write shorter than the file's buffer
 
     def interrupted(f):
         f.write(b"partial")
