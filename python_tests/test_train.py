@@ -5801,6 +5801,33 @@ def test_a_defenses_metrics_read_with_fits_step_keep_their_bits(name, monkeypatc
         x, y = _images(4).tensors
         assert all(type(v) is float for v in defenses.build(name, **options)(model, x, y).metrics.values())
 
+
+def test_a_defense_of_ones_own_calling_built_in_ones_gets_their_metrics_as_floats_inside_fit():
+    """fit leaves a built-in defense's metrics unread for its step's one read only where the defense it was given is
+    the library's own: a wrapper of the caller's that averages built-in defenses' metrics with statistics.mean (or
+    writes them as JSON) got float64 tensors inside fit and stopped with a TypeError naming neither fit nor it."""
+    import json
+    import statistics
+
+    class Average(defenses.Defense):
+        name = "average"
+
+        def __init__(self):
+            self.parts = [defenses.build("standard"), defenses.build("at", steps=1)]
+            self.seen = []
+
+        def __call__(self, model, x, y, ids=None):
+            outs = [part(model, x, y) for part in self.parts]
+            self.seen.append(json.dumps([out.metrics for out in outs]))
+            return defenses.DefenseOutput(loss=sum(out.loss for out in outs) / 2, logits=outs[0].logits,
+                                          metrics={"loss": statistics.mean(out.metrics["loss"] for out in outs)})
+
+    torch.manual_seed(0)
+    model, average = TinyCNN(num_classes=2), Average()
+    history = fit(model, average, _images(16), epochs=1, batch_size=8, progress=False).history
+    assert len(average.seen) == 2 and history[0]["train_loss"] > 0
+
+
 def test_the_read_counts_cover_every_registered_defense_but_ima():
     assert {case.split()[0] for case in _DEFENSE_READS_PER_STEP} == set(defenses.NAMES) - {"ima"}
 

@@ -1701,7 +1701,7 @@ def _defense_output(run, x, y, ids, indices, global_n, at):
     name, defense = run.name, run.defense
     with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=run.amp):
         try:
-            with metrics_read_by_fit():  # a built-in defense's metrics, read by _read_step with the rest
+            with metrics_read_by_fit(defense):  # a built-in defense's metrics, read by _read_step with the rest
                 return defense(run.train_model, x, y, ids) if run.needs_ids else defense(run.train_model, x, y)
         except NonFiniteInputError:
             # the defense's attack refused NaN/Inf inputs ("run_pgd: x contains NaN or Inf", found at its own input

@@ -31,9 +31,14 @@ _read_by_fit = contextvars.ContextVar("robust_ops_metrics_read_by_fit", default=
 
 
 @contextlib.contextmanager
-def metrics_read_by_fit():
+def metrics_read_by_fit(defense):
     """Inside, metric_values leaves its tensors unread: fit reads them with its own read of the step (the loss flags
-    and the correct count), where each defense's metrics were one more host read (a GPU sync) per step."""
+    and the correct count), where each defense's metrics were one more host read (a GPU sync) per step. Only for the
+    library's own defense classes: a class of the caller's (a subclass, or a wrapper calling built-in defenses) may
+    use the metrics as floats (statistics.mean, json), so its built-in parts keep reading them as outside fit."""
+    if not type(defense).__module__.startswith("robust_ops."):
+        yield
+        return
     token = _read_by_fit.set(True)
     try:
         yield
