@@ -2126,12 +2126,12 @@ def test_fit_refuses_labels_outside_the_classes_in_training_and_validation(num_c
         fit(model, defenses.Standard(), _data(8), data, epochs=1, batch_size=8, progress=False)
 
 
-def _image_folder(root, **kwargs):
-    """A torchvision ImageFolder of 4x4 RGB images, 4 in each of benign/ and malignant/."""
+def _image_folder(root, names=("benign", "malignant"), **kwargs):
+    """A torchvision ImageFolder of 4x4 RGB images, 4 in each of benign/ and malignant/ (or ``names``)."""
     from PIL import Image
     from torchvision import datasets, transforms
 
-    for c, name in enumerate(("benign", "malignant")):
+    for c, name in enumerate(names):
         (root / name).mkdir(parents=True)
         for i in range(4):
             Image.new("RGB", (4, 4), (60 * c + 10 * i, 20, 30)).save(root / name / f"img{i}.png")
@@ -2163,6 +2163,15 @@ def test_fit_refuses_a_model_scoring_other_classes_than_train_data_declares(tmp_
     x = torch.stack([folder[i][0] for i in range(8)])
     fit(model(1000), defenses.Standard(), TensorDataset(x, torch.tensor([0, 1] * 4)), epochs=1, batch_size=4,
         progress=False)
+
+
+def test_fit_trains_a_model_of_the_first_classes_of_a_folder_on_a_subset_of_those(tmp_path):
+    """The declared-classes check refuses a model scoring more classes than train_data declares, not fewer: a Subset
+    of a 3-class folder's first two classes (labels 0 and 1) trains a 2-class model, as before the check."""
+    three = _image_folder(tmp_path, names=("benign", "malignant", "normal"))
+    two_classes = torch.utils.data.Subset(three, range(8))  # ImageFolder lists samples class by class
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    assert len(fit(model, defenses.Standard(), two_classes, epochs=1, batch_size=4, progress=False).history) == 1
 
 
 @pytest.mark.parametrize("bad", [1, 1.0, [True]])

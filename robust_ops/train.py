@@ -2557,11 +2557,12 @@ def _declared_classes(dataset):
 
 
 def _check_declared_classes(name, train_data, num_classes):
-    """Refuse a model that scores another number of classes than ``train_data`` declares (its ``classes``): its labels
-    passed the range check (< K), so a torchvision resnet18 built without num_classes trained 1000-way on a 2-class
-    set, and only evaluate refused it afterwards. Checked once, at the first batch (no read of the data)."""
+    """Refuse a model that scores more classes than ``train_data`` declares (its ``classes``): its labels passed the
+    range check (< K), so a torchvision resnet18 built without num_classes trained 1000-way on a 2-class set, and
+    only evaluate refused it afterwards. Fewer is not refused: a Subset of some of a folder's classes (the first
+    ones, so its labels fit) trains a model of those. Checked once, at the first batch (no read of the data)."""
     classes = _declared_classes(train_data)
-    if classes is not None and len(classes) != num_classes:
+    if classes is not None and num_classes > len(classes):
         raise ValueError(f"{name}: the model scores {num_classes} classes (a single logit counts as 2), but train_data "
                          f"declares {len(classes)} in its classes ({listing(classes, cap=6)}); build it for this "
                          f"dataset's classes (torchvision's models: num_classes={len(classes)})")
