@@ -367,7 +367,7 @@ def test_resume_into_another_architecture_names_the_checkpoint_the_mismatch_and_
     path = re.escape(str(tmp_path / "checkpoint.pt"))
     with pytest.raises(ValueError, match=rf"^fit: cannot resume {path}: its weights do not fit this model \(Missing "
                                          r"key\(s\) in state_dict: .*\); resume it with the model the run trained "
-                                         r"\(its architecture, classes and channels\)$"):
+                                         r"\(its architecture, classes, channels and image size\)$"):
         fit(other, defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
             progress=False)
 
@@ -2095,9 +2095,13 @@ def test_fit_input_errors(tmp_path):
             progress=False)
     frozen = DropoutMLP()
     frozen.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"^fit: the model has no trainable parameters \(each has requires_grad=False, "
-                                         r"or it has none\); unfreeze the ones to train with requires_grad_\(True\)$"):
+    with pytest.raises(ValueError, match=r"^fit: the model has no trainable parameters \(each has requires_grad=False\); "
+                                         r"unfreeze the ones to train with requires_grad_\(True\)$"):
         fit(frozen, defenses.Standard(), _data(), epochs=1)
+    with pytest.raises(ValueError, match=r"^fit: the model has no parameters, so there is nothing to train; pass a "
+                                         r"model with weights \(an nn.Module holding layers such as nn.Linear or "
+                                         r"nn.Conv2d\)$"):
+        fit(nn.Flatten(), defenses.Standard(), _data(), epochs=1)
     with pytest.raises(ValueError, match="defenses.build: unknown defense 'nope'"):
         fit(model, "nope", _data(), epochs=1)
     with pytest.raises(TypeError, match="^fit: expected defense to be a robust_ops.defenses.Defense or a defense name, "

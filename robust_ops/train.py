@@ -1394,8 +1394,11 @@ def fit(
         weights_model = weights_module(model)  # what the checkpoints hold: the same parameters, without "_orig_mod."
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError(f"{name}: the model has no trainable parameters (each has requires_grad=False, or it has "
-                             "none); unfreeze the ones to train with requires_grad_(True)")
+            if next(model.parameters(), None) is None:
+                raise ValueError(f"{name}: the model has no parameters, so there is nothing to train; pass a model "
+                                 "with weights (an nn.Module holding layers such as nn.Linear or nn.Conv2d)")
+            raise ValueError(f"{name}: the model has no trainable parameters (each has requires_grad=False); unfreeze "
+                             "the ones to train with requires_grad_(True)")
         check_trainable_precision(name, params)
         head = warmup_head(name, weights_model, params, warmup_params) if warmup_epochs else None
         # trained in the warm-up's epochs by everything but the head: their .grad is dropped before the step, so the
@@ -2058,7 +2061,7 @@ def _load_resumed_state(name, resume_path, state, weights_model, optimizer, sche
     except RuntimeError as err:  # another architecture (a RUN_DIR without run.json resumed with another --model)
         raise ValueError(f"{name}: cannot resume {resume_path}: its weights do not fit this model "
                          f"({state_dict_mismatch(err)}); resume it with the model the run trained (its architecture, "
-                         "classes and channels)") from None
+                         "classes, channels and image size)") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as err:  # torch's text names neither the checkpoint nor the fix
