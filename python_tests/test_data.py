@@ -588,6 +588,21 @@ def test_synthetic_deterministic_and_named():
     assert not torch.equal(a.train.tensors[1][:128], a.test.tensors[1])
 
 
+def test_each_split_declares_its_classes_and_fit_refuses_a_model_of_more():
+    """load_dataset's splits are TensorDatasets, which declare no classes, so fit trained a torchvision resnet18 built
+    without num_classes (1000 logits) on them without a word, and only evaluate refused it afterwards. Each split
+    now carries the class names in ``classes``, as torchvision's datasets do, and fit compares at its first batch."""
+    from robust_ops import defenses
+    from robust_ops.train import fit
+
+    splits = load_dataset("synthetic", seed=0)
+    assert [splits.train.classes, splits.val.classes, splits.test.classes] == [list(splits.info.class_names)] * 3
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 1000))
+    with pytest.raises(ValueError, match=r"^fit: the model scores 1000 classes .*, but train_data declares 2 in its "
+                                         r"classes \(benign, malignant\); build it for this dataset's classes"):
+        fit(model, defenses.Standard(), splits.train, epochs=1, batch_size=32, progress=False)
+
+
 def test_synthetic_classes_differ():
     """Malignant lesions cast posterior shadows: the region below the lesion is darker on average."""
     x, y = synthetic_ultrasound(64, size=32, seed=0)

@@ -1,7 +1,8 @@
 """Datasets: MedMNIST npz, BUSI folders, CSV + images, two-moons, the synthetic default (see docs/design.md).
 
 ``load_dataset(spec, *, root=None, size=None, seed=0, ...) -> DatasetSplits(train, val, test, info)``; each split is a
-TensorDataset of float inputs in ``info.value_range`` ([0, 1] for images, [N, C, H, W]) and int64 labels.
+TensorDataset of float inputs in ``info.value_range`` ([0, 1] for images, [N, C, H, W]) and int64 labels, declaring
+its ``classes`` (``info.class_names``) as torchvision's datasets do.
 """
 
 from .core import DataError, DatasetInfo, DatasetSplits, load_dataset  # noqa: F401

@@ -65,15 +65,22 @@ class DatasetInfo:
 
 @dataclass
 class DatasetSplits:
-    """train / val / test TensorDatasets of float inputs and int64 labels, plus the DatasetInfo. ``groups``: for a
-    grouped split (a CSV split by ``lesion_id`` or another column, ``info.extra["split_by"]``) the (train, val, test)
-    arrays of each sample's group key, which :func:`~robust_ops.data.cross_validation` keeps in one fold; else None."""
+    """train / val / test TensorDatasets of float inputs and int64 labels, each with ``classes`` (the class names, as
+    torchvision's datasets have), plus the DatasetInfo. ``groups``: for a grouped split (a CSV split by ``lesion_id``
+    or another column, ``info.extra["split_by"]``) the (train, val, test) arrays of each sample's group key, which
+    :func:`~robust_ops.data.cross_validation` keeps in one fold; else None."""
 
     train: TensorDataset
     val: TensorDataset
     test: TensorDataset
     info: DatasetInfo
     groups: tuple = None
+
+    def __post_init__(self):
+        # each split declares its classes as torchvision's datasets do: fit refuses a model scoring more of them
+        if len(self.info.class_names) == self.info.num_classes:
+            for split in (self.train, self.val, self.test):
+                split.classes = list(self.info.class_names)
 
     def __iter__(self):  # allows ``train, val, test, info = load_dataset(...)``
         return iter((self.train, self.val, self.test, self.info))
