@@ -2095,8 +2095,9 @@ def test_fit_input_errors(tmp_path):
             progress=False)
     frozen = DropoutMLP()
     frozen.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"^fit: the model has no trainable parameters \(each has requires_grad=False\); "
-                                         r"unfreeze the ones to train with requires_grad_\(True\)$"):
+    with pytest.raises(ValueError, match=r"^fit: the model has no trainable parameters \(each has "
+                                         r"requires_grad=False\); unfreeze the ones to train with "
+                                         r"requires_grad_\(True\)$"):
         fit(frozen, defenses.Standard(), _data(), epochs=1)
     with pytest.raises(ValueError, match=r"^fit: the model has no parameters, so there is nothing to train; pass a "
                                          r"model with weights \(an nn.Module holding layers such as nn.Linear or "
