@@ -2582,7 +2582,9 @@ def test_own_defense_options_given_as_numpy_scalars_are_recorded_and_compared_on
     fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), Noisy(sigma=np.float32(0.05), eps=0.1, steps=2), data,
         epochs=1, **kwargs)
     with pytest.raises(ValueError, match=r"it was trained with the noisy defense's sigma=0.05\d*, this call's "
-                                         r"defense has sigma=0.2\d*$"):
+                                         r"defense has sigma=0.2\d*; build the defense with that run's options to "
+                                         r"continue it, or train afresh with resume=False \(another out_dir keeps "
+                                         r"this run's files\)$"):
         fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), Noisy(sigma=np.float32(0.2), eps=0.1, steps=2), data,
             epochs=2, resume=True, **kwargs)
 
