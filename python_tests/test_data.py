@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from robust_ops.data import DataError, cross_validation, load_busi, load_dataset, synthetic_ultrasound
+from robust_ops.data import DataError, DatasetSplits, cross_validation, load_busi, load_dataset, synthetic_ultrasound
 from robust_ops.data import medmnist as mm
 
 
@@ -601,6 +601,21 @@ def test_each_split_declares_its_classes_and_fit_refuses_a_model_of_more():
     with pytest.raises(ValueError, match=r"^fit: the model scores 1000 classes .*, but train_data declares 2 in its "
                                          r"classes \(benign, malignant\); build it for this dataset's classes"):
         fit(model, defenses.Standard(), splits.train, epochs=1, batch_size=32, progress=False)
+
+
+def test_splits_of_the_callers_own_datasets_keep_their_classes():
+    """DatasetSplits gives its TensorDataset and Subset splits the info's class names; a dataset of the caller's that
+    declares classes of its own (an ImageFolder's folder names) is not written over."""
+    class Own(torch.utils.data.Dataset):
+        classes = ["a", "b"]
+
+        def __len__(self):
+            return 0
+
+    s = load_dataset("synthetic", seed=0)
+    own = Own()
+    splits = DatasetSplits(own, torch.utils.data.Subset(s.val, [0, 1]), s.test, s.info)
+    assert own.classes == ["a", "b"] and splits.val.classes == ["benign", "malignant"] == splits.test.classes
 
 
 def test_synthetic_classes_differ():

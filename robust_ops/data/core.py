@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from .._options import check_int, counted
 from .._warn import warn
@@ -77,10 +77,12 @@ class DatasetSplits:
     groups: tuple = None
 
     def __post_init__(self):
-        # each split declares its classes as torchvision's datasets do: fit refuses a model scoring more of them
+        # each split declares its classes as torchvision's datasets do: fit refuses a model scoring more of them. Only
+        # the plain containers the loaders make: a dataset of the caller's (an ImageFolder) keeps its own classes
         if len(self.info.class_names) == self.info.num_classes:
             for split in (self.train, self.val, self.test):
-                split.classes = list(self.info.class_names)
+                if isinstance(split, (TensorDataset, Subset)):
+                    split.classes = list(self.info.class_names)
 
     def __iter__(self):  # allows ``train, val, test, info = load_dataset(...)``
         return iter((self.train, self.val, self.test, self.info))
