@@ -373,16 +373,18 @@ def test_documented_signatures_are_the_code(page, index):
 
 
 # Full signatures written in the prose (not abbreviated with "..."): page, the function's name as written.
-PROSE_SIGNATURES = [("docs/training.md", "fit"), ("docs/design.md", "fit"), ("docs/design.md", "load_dataset")]
+PROSE_SIGNATURES = [("docs/training.md", "fit"), ("docs/design.md", "fit"), ("docs/design.md", "load_dataset"),
+                    ("docs/design.md", "build_model")]
 
 
 @pytest.mark.parametrize("page, name", PROSE_SIGNATURES)
 def test_prose_signatures_are_the_code(page, name):
     """design.md's load_dataset had lost bit_depth=: a prose signature lists exactly the code's arguments."""
     from robust_ops.data import load_dataset
+    from robust_ops.models import build_model
     from robust_ops.train import fit
 
-    function = {"fit": fit, "load_dataset": load_dataset}[name]
+    function = {"fit": fit, "load_dataset": load_dataset, "build_model": build_model}[name]
     text = (REPO / page).read_text()
     assert _documented_arguments(text, f"`{name}") == _python_signature(function), f"{page}: {name}"
 
