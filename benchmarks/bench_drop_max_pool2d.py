@@ -5,8 +5,10 @@ same-size copy (the memory roofline), all in one run.
     python benchmarks/bench_drop_max_pool2d.py --quick  # small shape, short timing: a smoke run
     python benchmarks/bench_drop_max_pool2d.py --device cuda  # one device (default: the CPU, then a visible GPU)
 
-Medians of forward and forward+backward for NCHW and channels_last input; ratios against max_pool2d in the same
-layout and in channels_last (its fast path), speedup over the reference, and achieved GB/s against the copy.
+Medians of forward and forward+backward for NCHW and channels_last input, and forward+backward for a channels_last
+input with an NCHW upstream gradient (layout channels_last/nchw_grad: a flatten after the pool); ratios against
+max_pool2d in the same layout(s) and in channels_last (its fast path), speedup over the reference, and achieved GB/s
+against the copy.
 Bytes counted per pass are the op's minimum traffic: forward reads the input and writes output + int64 indices;
 backward reads grad_output + indices and writes grad_input. Peak memory: the native kernels allocate only the output
 and indices (forward) and grad_input (backward) plus O(kernel area + one row) scratch per thread -- no unfold-sized
@@ -29,6 +31,12 @@ from common import (copy_roofline_seconds, default_threads, device_arg, gbps, me
 
 import robust_ops  # noqa: E402
 from robust_ops import _backend, reference  # noqa: E402
+
+
+# the mixed case: a channels_last input whose upstream gradient is NCHW (what a flatten after the pool hands back);
+# forward+backward only, its forward is the channels_last row's
+MIXED = "channels_last/nchw_grad"
+LAYOUTS = ("nchw", "channels_last", MIXED)
 
 
 def forward_fn(provider, x, k, s, p):
@@ -109,11 +117,11 @@ def main():
         if device == "cuda":
             providers.append("triton")
         results = {}
-        for layout in ("nchw", "channels_last"):
+        for layout in LAYOUTS:
             xl = x if layout == "nchw" else x.contiguous(memory_format=torch.channels_last)
-            gl = grad if layout == "nchw" else grad.contiguous(memory_format=torch.channels_last)
+            gl = grad.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else grad
             for provider in providers:
-                if provider == "reference" and layout == "channels_last":
+                if provider == "reference" and layout != "nchw":
                     continue  # the reference works on planes; one layout is enough for the 10x goal
                 if provider in ("native", "triton"):
                     unavailable = backend_unavailable(provider, device)
@@ -123,10 +131,9 @@ def main():
                     check_equal(xl, gl, k, s, p, provider)
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                for pass_name, fn, nbytes in (
-                    ("forward", forward_fn(provider, xl, k, s, p), fwd_bytes),
-                    ("forward+backward", forward_backward_fn(provider, xl, gl, k, s, p), fwd_bytes + bwd_bytes),
-                ):
+                passes = (("forward", forward_fn(provider, xl, k, s, p), fwd_bytes),
+                          ("forward+backward", forward_backward_fn(provider, xl, gl, k, s, p), fwd_bytes + bwd_bytes))
+                for pass_name, fn, nbytes in passes[1:] if layout == MIXED else passes:  # its forward: channels_last's
                     seconds = median_seconds(fn, run_time)
                     results[(provider, layout, pass_name)] = seconds
                     rows.append({
