@@ -94,6 +94,7 @@ BAD_FLAGS = [
     ("bench_attacks", ["--peers-only", "--no-peers"]),
     ("bench_attacks", ["--threads", "0"]),
     ("bench_defenses", ["--threads", "0"]),
+    ("bench_defenses", ["--fit-steps", "-1"]),
     ("bench_ima", ["--images", "0"]),
     ("bench_ima", ["--repeats", "0"]),
 ]
@@ -1227,6 +1228,89 @@ def test_defenses_rows_name_the_backend_each_step_ran_on(monkeypatch, capsys):
         mod.main(argv)
         assert [r["backend"] for r in written["defenses"]] == ["-", backend, "reference"]  # standard runs none
         assert f"AT ({backend} ops) vs AT (reference ops)" in capsys.readouterr().out
+
+
+def test_defenses_fit_rows_time_fits_step_as_the_difference_of_two_fits(monkeypatch, capsys):
+    """--fit-steps N: in each round, after a defense's bare step, a fit of 1 step and one of 1 + N steps, each on a
+    model and defense of its own; the fit row's sample is their difference over N (fit's setup cancels), its median
+    compared with the bare step's (x_step) and with standard's fit step (x_standard). None for the torchattacks step."""
+    import types
+
+    mod, written, _ = _script(monkeypatch, "bench_defenses", [])
+    clock, fits = [0.0], []
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(mod, "count_host_reads", lambda run, optimizer_steps: {"item": 0, "tolist": 0, "nonzero": 0})
+
+    def bare(model, step):
+        clock[0] += 1.0
+
+    def fit_steps(model, defense, data, batch):
+        fits.append((type(defense).__name__, len(data), batch, defense.needs_ids))
+        n = sum(f[0] == fits[-1][0] for f in fits)  # per defense: 2 fits a round
+        clock[0] += 50.0 + (len(data) // batch) * {"Standard": 2.0, "AT": 6.0}[fits[-1][0]] * (1 + (n > 4))
+
+    monkeypatch.setattr(mod, "as_fit_runs", bare)
+    monkeypatch.setattr(mod, "fit_steps", fit_steps)
+    argv = ["--defenses", "at", "at-torchattacks", "--model", "small_cnn", "--size", "8", "--batch", "2", "--device",
+            "cpu", "--warmup", "1", "--rounds", "3", "--fit-steps", "3"]
+    mod.main(argv)
+    assert fits == [(name, n, 2, False) for _ in range(4) for name in ("Standard", "AT") for n in (2, 8)]
+    rows = written["defenses"]
+    assert [(r["defense"], r["path"]) for r in rows] == [("standard", "step"), ("standard", "fit"), ("at", "step"),
+                                                          ("at", "fit"), ("at-torchattacks", "step")]
+    # the fits of the second and third timed rounds take twice as long per step: medians of 2, 4, 4 and 6, 12, 12
+    assert [r["step_ms"] for r in rows] == pytest.approx([1000, 4000, 1000, 12000, 1000])
+    assert [r["min_ms"] for r in rows] == pytest.approx([1000, 2000, 1000, 6000, 1000])
+    assert [r["x_step"] for r in rows] == pytest.approx([1, 4, 1, 12, 1])
+    assert [r["x_standard"] for r in rows] == pytest.approx([1, 1, 1, 3, 1])
+    assert [r["reads_item"] for r in rows] == [0, 0, 0, 0, ""]
+    assert "no fit row for at-torchattacks: fit trains with the library's defenses" in capsys.readouterr().out
+    mod.main(argv[:-2])  # without --fit-steps: the bare rows and columns alone
+    assert [r["defense"] for r in written["defenses"]] == ["standard", "at", "at-torchattacks"]
+    assert "path" not in written["defenses"][0] and "reads_item" not in written["defenses"][0]
+
+
+def test_defenses_fit_rows_run_fit_and_count_its_host_reads_per_step(monkeypatch):
+    """The fit rows run robust_ops.train.fit itself, IMA (ids, a margin table of the data's size, state fit refuses to
+    reuse unless reset) and the reference ops included; the reads per step are fit's own on top of the defense's:
+    standard's are the gradient check (item), the labels' range, the step's flags and the sampler's index list
+    (tolist), where its bare step reads the labels' range and its loss (python_tests/test_train.py counts them)."""
+    mod, written, _ = _script(monkeypatch, "bench_defenses", ["--model", "small_cnn", "--size", "8", "--batch", "2",
+                                                              "--warmup", "1", "--rounds", "1", "--fit-steps", "1",
+                                                              "--defenses", "ima", "at-reference-ops"])
+    mod.main()
+    rows = {(r["defense"], r["path"]): r for r in written["defenses"]}
+    assert list(rows) == [(name, path) for name in ("standard", "ima", "at-reference-ops") for path in ("step", "fit")]
+    reads = {key: (r["reads_item"], r["reads_tolist"], r["reads_nonzero"]) for key, r in rows.items()}
+    assert reads[("standard", "step")] == (0, 2, 0) and reads[("standard", "fit")] == (1, 3, 0)
+    assert rows[("at-reference-ops", "fit")]["backend"] == "reference"
+
+
+def test_host_reads_of_the_fit_rows_leave_out_the_optimizers_own(monkeypatch):
+    """Adam reads its step counters (CPU tensors, no GPU sync) with one item per parameter in every step: counted,
+    they made a bare small_cnn step 14 reads and hid the defense's. bench_defenses counts without them; the tests'
+    count (python_tests/utils.py) keeps them."""
+    import importlib
+
+    import torch
+
+    from utils import host_reads
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    bench = importlib.import_module("host_reads")
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+
+    def step():
+        opt.zero_grad()
+        loss = model(torch.ones(4, 3)).sum()
+        loss.backward()
+        opt.step()
+        return float(loss.detach()), (loss > 0).tolist()
+
+    step()
+    assert bench.host_reads(step, optimizer_steps=False) == {"item": 1, "tolist": 1, "nonzero": 0}
+    assert bench.host_reads(step) == host_reads(step) == {"item": 3, "tolist": 1, "nonzero": 0}  # weight and bias
 
 
 def _attacks_script(monkeypatch, argv, cases=(0, 1, 4, 13)):
