@@ -4,8 +4,9 @@ and a same-size copy (the memory roofline), in one run, on resnet18's shapes fro
     python benchmarks/bench_native_layers.py [--quick] [--threads N]
 
 * max_pool2d (k3 s2 p1 on [32, 64, 64, 64]): robust_ops.max_pool2d vs F.max_pool2d (NCHW, and channels_last --
-  ATen's fast layout), forward and forward+backward; bitwise equality with F.max_pool2d (output, indices, strides,
-  input gradient, both layouts) is checked first.
+  ATen's fast layout), forward and forward+backward, and forward+backward of a channels_last input with an NCHW
+  upstream gradient (layout channels_last/nchw_grad: a flatten after the pool); bitwise equality with F.max_pool2d
+  (output, indices, strides, input gradient, all three cases) is checked first.
 * eval-mode batch-norm input gradient on [32, C, S, S] for resnet18's four stages, NCHW and channels_last:
   _eval_batch_norm_backward vs aten::native_batch_norm_backward(train=False, input gradient only); bitwise equality
   (values and strides) checked first.
@@ -46,10 +47,11 @@ def pool_fn(provider, x, grad, backward):
 
 
 def check_max_pool2d(x, grad):
-    """robust_ops.max_pool2d == F.max_pool2d bitwise in both layouts -- output, indices, strides, input gradient --
-    before anything is timed."""
-    for layout in (torch.contiguous_format, torch.channels_last):
-        xl, gl = x.contiguous(memory_format=layout), grad.contiguous(memory_format=layout)
+    """robust_ops.max_pool2d == F.max_pool2d bitwise in both layouts, and for a channels_last input with an NCHW
+    gradient -- output, indices, strides, input gradient -- before anything is timed."""
+    for layout, grad_layout in ((torch.contiguous_format,) * 2, (torch.channels_last,) * 2,
+                                (torch.channels_last, torch.contiguous_format)):
+        xl, gl = x.contiguous(memory_format=layout), grad.contiguous(memory_format=grad_layout)
         results = []
         for pool in (F.max_pool2d, robust_ops.max_pool2d):
             leaf = xl.detach().clone().requires_grad_(True)
@@ -58,7 +60,8 @@ def check_max_pool2d(x, grad):
             results.append((out, idx, grad_input))
         for what, theirs, ours in zip(("output", "indices", "input gradient"), *results):
             if not (torch.equal(ours, theirs) and ours.stride() == theirs.stride()):
-                raise SystemExit(f"robust_ops.max_pool2d disagrees with F.max_pool2d ({layout}, {what})")
+                given = f"{layout}" if grad_layout == layout else f"{layout} with a {grad_layout} gradient"
+                raise SystemExit(f"robust_ops.max_pool2d disagrees with F.max_pool2d ({given}, {what})")
 
 
 def main():
@@ -87,11 +90,13 @@ def measure():
     copy_s = copy_roofline_seconds(2 * 4 * x.numel(), "cpu", run_time)
     copy_gbps = gbps(2 * 4 * x.numel(), copy_s)
     times = {}
-    for provider, layout in (("F.max_pool2d", "nchw"), ("F.max_pool2d", "channels_last"),
-                             ("robust_ops.max_pool2d", "nchw"), ("robust_ops.max_pool2d", "channels_last")):
+    mixed = "channels_last/nchw_grad"  # forward+backward only: its forward is the channels_last row's
+    for provider, layout in ((p, layout) for p in ("F.max_pool2d", "robust_ops.max_pool2d")
+                             for layout in ("nchw", "channels_last", mixed)):
         xl = x if layout == "nchw" else x.contiguous(memory_format=torch.channels_last)
-        gl = grad if layout == "nchw" else grad.contiguous(memory_format=torch.channels_last)
-        for pass_name, backward, nbytes in (("forward", False, fwd_bytes), ("forward+backward", True, 2 * fwd_bytes)):
+        gl = grad.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else grad
+        passes = (("forward", False, fwd_bytes), ("forward+backward", True, 2 * fwd_bytes))
+        for pass_name, backward, nbytes in passes[1:] if layout == mixed else passes:
             seconds = median_seconds(pool_fn(provider, xl, gl, backward), run_time)
             times[(provider, layout, pass_name)] = seconds
             rows.append({"op": "max_pool2d", "provider": provider, "layout": layout, "pass": pass_name,

@@ -768,16 +768,36 @@ def test_drop_max_pool2d_skips_only_a_backend_the_library_cannot_run(monkeypatch
 def _native_layers_spies(monkeypatch, mod, log, fault=None):
     import types
 
+    import torch
     import torch.nn.functional as F
 
     import robust_ops
 
+    class NCHWGradient(torch.autograd.Function):
+        """The identity, whose backward hands back an NCHW gradient once ``upstream`` is set: the input gradient of
+        a pool that takes grad_output's layout instead of the input's (before git 0686e0d)."""
+
+        @staticmethod
+        def forward(ctx, x, upstream):
+            ctx.upstream = upstream
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.contiguous() if ctx.upstream else grad, None
+
     def spy(provider, real):
         def call(x, *args, **kw):
             log.append((provider, _layout(x), tuple(x.shape), args))
-            out = real(x, *args, **kw)
+            mixed = (fault == "gradient channels_last/nchw_grad" and provider == "robust_ops.max_pool2d"
+                     and kw.get("return_indices") and _layout(x) == "channels_last")
+            upstream = []
+            out = real(NCHWGradient.apply(x, upstream) if mixed else x, *args, **kw)
+            if mixed:  # an NCHW grad_output sets it
+                out[0].register_hook(lambda g: upstream.append(True) if _layout(g) == "nchw" else None)
             _log_backward(out, log)
-            if fault and provider == "robust_ops.max_pool2d" and kw.get("return_indices") and _layout(x) in fault:
+            if (fault and not fault.startswith("gradient") and provider == "robust_ops.max_pool2d"
+                    and kw.get("return_indices") and _layout(x) in fault):
                 if fault.startswith("output"):
                     out = (out[0] * 2, out[1])
                 elif fault.startswith("indices"):
@@ -798,8 +818,8 @@ def test_native_layers_rows_time_what_they_name(monkeypatch):
     _native_layers_spies(monkeypatch, mod, log)
 
     def pool_seconds(provider, layout, backward):
-        return ({"F.max_pool2d": 4, "robust_ops.max_pool2d": 1}[provider] * (2 if layout == "channels_last" else 1)
-                * (3 if backward else 1) * 1e-3)
+        return ({"F.max_pool2d": 4, "robust_ops.max_pool2d": 1}[provider]
+                * {"channels_last": 2, "channels_last/nchw_grad": 5}.get(layout, 1) * (3 if backward else 1) * 1e-3)
 
     def bn_seconds(name, c, layout):
         return {"aten": 8, "ours": 2}[name] * c * (2 if layout == "channels_last" else 1) * 1e-6
@@ -817,10 +837,12 @@ def test_native_layers_rows_time_what_they_name(monkeypatch):
     mod.main()
     assert threads == [1]
     rows = written["bench_native_layers"]
-    pool_rows, copy, bn_rows = rows[:8], rows[8], rows[9:]
+    pool_rows, copy, bn_rows = rows[:10], rows[10], rows[11:]
+    mixed = "channels_last/nchw_grad"  # a channels_last input, an NCHW upstream gradient: forward+backward only
     assert [(r["provider"], r["layout"], r["pass"]) for r in pool_rows] == [
         (p, layout, pass_name) for p in ("F.max_pool2d", "robust_ops.max_pool2d")
-        for layout in ("nchw", "channels_last") for pass_name in ("forward", "forward+backward")]
+        for layout in ("nchw", "channels_last", mixed) for pass_name in ("forward", "forward+backward")
+        if (layout, pass_name) != (mixed, "forward")]
     n_in, n_out = 8 * 64 * 64 * 64, 8 * 64 * 32 * 32
     for r in pool_rows:
         backward = r["pass"] == "forward+backward"
@@ -866,7 +888,7 @@ def test_native_layers_times_under_the_memory_pool_as_attacks_decide(monkeypatch
 
 
 @pytest.mark.parametrize("fault", ["output nchw", "indices nchw", "output channels_last", "strides channels_last",
-                                   "batch-norm values", "batch-norm strides"])
+                                   "gradient channels_last/nchw_grad", "batch-norm values", "batch-norm strides"])
 def test_native_layers_stop_when_an_op_disagrees_with_aten(monkeypatch, fault):
     import torch
 
@@ -883,6 +905,9 @@ def test_native_layers_stop_when_an_op_disagrees_with_aten(monkeypatch, fault):
     if fault.startswith("batch-norm"):
         message = "_eval_batch_norm_backward disagrees with ATen at C=64, " + (
             "nchw" if fault == "batch-norm values" else "channels_last")
+    elif fault.startswith("gradient"):  # a channels_last input's gradient in an NCHW grad_output's strides
+        message = (r"robust_ops.max_pool2d disagrees with F.max_pool2d \(torch.channels_last with a "
+                   r"torch.contiguous_format gradient, input gradient\)")
     else:
         layout = {"nchw": "contiguous_format", "channels_last": "channels_last"}[fault.split()[1]]
         what = "indices" if fault.startswith("indices") else "output"
