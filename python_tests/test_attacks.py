@@ -2600,6 +2600,20 @@ def test_fab_t_runs_each_of_the_top_classes_below_the_predicted_one_in_turn(monk
     assert len(targets) == 2 and torch.equal(targets[0], order[:, 1]) and torch.equal(targets[1], order[:, 2])
 
 
+def test_untargeted_fab_runs_on_a_torch_compiled_model_whose_backward_frees_its_graph():
+    """Untargeted FAB differentiates every class's logit on one graph (retain_graph=True), which a torch.compile'd
+    model's backward with donated buffers refuses once the batch size has varied (dynamic shapes: FAB attacks the
+    clean-correct samples only): FAB stopped with torch's "compiled with non-empty donated buffers" error where
+    torchattacks' FAB ran (its parameters keep requires_grad, which saves no such buffers). Each class then forwards
+    again (found by the users helper): the eager model's points."""
+    model, x, y = fab_setup(4)
+    compiled = torch.compile(model, backend="aot_eager")
+    options = dict(eps=0.4, steps=4, norm="linf")
+    got = attacks.fab(compiled, x, y, **options)
+    assert torch.equal(got, attacks.fab(model, x, y, **options)) and not torch.equal(got, x)
+    assert torch.equal(attacks.fab(compiled, x[:5], y[:5], **options), attacks.fab(model, x[:5], y[:5], **options))
+
+
 def test_fab_bad_input():
     model, x, y = fab_setup()
     bad = [

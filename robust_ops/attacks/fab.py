@@ -220,8 +220,27 @@ def _boundary_untargeted(name, model, x1, y):
         # gradient of (z * one-hot).sum(), exactly that one-hot: torch.autograd.grad given grad_outputs imports
         # torch.fx's symbolic shapes (sympy), 0.9 s and 35 MB of resident memory at a process's first FAB
         picks = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-        grads = [torch.autograd.grad((z * picks[k]).sum(), [xg], retain_graph=k + 1 < z.shape[1])[0]
-                 for k in range(z.shape[1])]
+        grads, zk, retain = [], z, True
+        for k in range(z.shape[1]):
+            if zk is None:  # the graph is gone: a forward of this class's own (the same logits)
+                out = forward(name, model, xg)
+                zk = two_logits(out) if is_single_logit(out) else out
+            keep = retain and k + 1 < z.shape[1]
+            try:
+                grads.append(torch.autograd.grad((zk * picks[k]).sum(), [xg], retain_graph=keep)[0])
+            except RuntimeError as err:
+                # a torch.compile'd model's backward with donated buffers (AOTAutograd's default, met once its
+                # batch size varies: dynamic shapes) refuses retain_graph=True ("compiled with non-empty donated
+                # buffers"), where FAB stopped, and frees the graph: from this class on each class forwards again
+                # (K forwards a step; the same points)
+                if not keep or "donated buffers" not in str(err):
+                    raise
+                retain = keep = False
+                out = forward(name, model, xg)
+                zk = two_logits(out) if is_single_logit(out) else out
+                grads.append(torch.autograd.grad((zk * picks[k]).sum(), [xg])[0])
+            if not keep:
+                zk = None
     g = torch.stack(grads, 1).reshape(n, z.shape[1], -1)
     rows = torch.arange(n, device=x1.device)
     z = z.detach()
