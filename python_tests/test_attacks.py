@@ -5882,6 +5882,21 @@ def test_flat_inputs_square_refused_before_any_attack_of_the_cascade_runs():
     assert result.x_adv.shape == x.shape
 
 
+def test_autoattack_on_volumes_says_to_leave_square_out():
+    """AutoAttack's standard version on 3-D volumes [N, C, D, H, W] (CT, MRI) or flat inputs stopped with Square's
+    "square: expected images [N, C, H, W], got a 5-D tensor ...", naming an attack the caller never named and no way
+    on; it now says to leave square out, with the list that does (found by the users helper)."""
+    model = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                          nn.Linear(2, 3)).eval()
+    x, y = torch.rand(2, 1, 4, 6, 6), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"^square: expected images \[N, C, H, W\], got a 5-D tensor of shape "
+                                         r"\(2, 1, 4, 6, 6\); in an ensemble or AutoAttack leave square out, e\.g\. "
+                                         r"AutoAttack\(model, eps=\.\.\., attacks=\['apgd-ce', 'apgd-t', 'fab-t'\]\)$"):
+        attacks.AutoAttack(model, eps=0.1, steps=2).run_standard_evaluation(x, y)
+    result = attacks.AutoAttack(model, eps=0.1, attacks=["apgd-ce", "apgd-t", "fab-t"], steps=2).run(x, y)
+    assert result.x_adv.shape == x.shape
+
+
 def test_float16_l1_apgd_with_a_zero_gradient_stays_at_a_point_of_the_ball():
     # The L1 step divided by (coordinates moved + 1e-10) in float16, where 1e-10 rounds to 0: a zero input gradient
     # (a confident sample's CE underflows in float16) gave 0 / 0, NaN points, counted as broken by AutoAttack.

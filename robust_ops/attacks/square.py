@@ -352,7 +352,12 @@ class Square(Attack):
         _check_dtype(self.name, self.norm, x)
 
     def check_input_shape(self, x):
-        _check_images(self.name, x)
+        # asked by ensembles and AutoAttack only, whose callers did not name Square: say how to run without it
+        try:
+            _check_images(self.name, x)
+        except ValueError as err:
+            raise ValueError(f"{err}; in an ensemble or AutoAttack leave square out, e.g. AutoAttack(model, eps=..., "
+                             "attacks=['apgd-ce', 'apgd-t', 'fab-t'])") from None
 
     def forward(self, x, y):
         return square(self.model, x, y, eps=self.eps, norm=self.norm, n_queries=self.n_queries, p_init=self.p_init,
