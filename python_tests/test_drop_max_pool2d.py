@@ -478,6 +478,23 @@ def test_input_gradient_takes_the_inputs_layout_as_atens_whatever_grad_outputs(d
     assert ours.stride() == atens.stride()
 
 
+@pytest.mark.parametrize("grad_fmt", ["contiguous", "channels_last", "expanded"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_the_fake_backward_tells_one_by_one_indices_apart_by_their_strides_as_the_native_one(fmt, grad_fmt):
+    """The indices of an N x C x 1 x 1 output are NCHW and channels_last at once; the fake kernel (torch.compile,
+    export) takes the layout of their strides, as the native backward and ATen's (mutation testing of the layout
+    rule: the fake's layout read by is_contiguous alone passed every other test: a channels_last input pooled to one
+    pixel got an NCHW grad_input under fake tensors, a channels_last one natively)."""
+    x = layout(torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0)), fmt)
+    _, idx = op(x, [3, 3], [3, 3], [0, 0], [1, 1], False)
+    assert idx.shape == (2, 6, 1, 1) and idx.is_contiguous() and idx.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.ones(()).expand(idx.shape) if grad_fmt == "expanded" else layout(torch.randn(idx.shape), grad_fmt)
+    got = backward_op(grad, idx, list(x.shape))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = backward_op(mode.from_tensor(grad), mode.from_tensor(idx), list(x.shape))
+    assert fake.stride() == got.stride() == x.stride()
+
+
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_opcheck(fmt):
     x = layout(torch.randn(2, 3, 9, 8), fmt).requires_grad_()

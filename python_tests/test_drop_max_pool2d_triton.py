@@ -148,6 +148,22 @@ def test_backward_op_returns_the_native_dtype_and_layout(fmt, dtype):
     torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_backward_op_tells_one_by_one_indices_apart_by_their_strides_as_the_native_one(fmt):
+    """The indices of an N x C x 1 x 1 output are NCHW and channels_last at once: grad_input takes the layout of
+    their strides (the input's), as the native backward (mutation testing: the launcher's layout read by
+    is_contiguous alone passed this file, an NCHW grad_input for a channels_last input pooled to one pixel)."""
+    args = ((3, 3), (3, 3), (0, 0), (1, 1), False)
+    x = layout(make_input((2, 4, 3, 3), "normal", 3, torch.float32), fmt).to(DEVICE)
+    _, idx = triton_op()(x, *args)
+    assert idx.shape == (2, 4, 1, 1) and idx.is_contiguous() and idx.is_contiguous(memory_format=torch.channels_last)
+    grad = make_input(tuple(idx.shape), "normal", 4, torch.float32).to(DEVICE)
+    got = torch.ops.robust_ops._drop_max_pool2d_backward_triton(grad, idx, list(x.shape))
+    want = torch.ops.robust_ops._drop_max_pool2d_backward(grad.cpu(), idx.cpu(), list(x.shape))
+    assert got.stride() == want.stride() == x.stride()
+    assert_verbose_equal(got.cpu(), want, "grad_input")
+
+
 def test_half_gradients_accumulate_in_float32_and_round_once():
     check_half_gradients_round_once(triton_op(), torch.ops.robust_ops._drop_max_pool2d_backward_triton, DEVICE)
 
