@@ -3268,6 +3268,34 @@ def test_square_queries_on_after_a_query_whose_logits_tie_in_favour_of_the_label
     x_adv = attacks.square(model, x, y, eps=eps, norm=norm, n_queries=10, generator=torch.Generator().manual_seed(0))
     assert model.calls == 4 and torch.equal(x_adv, queried[-1])
 
+
+class _ScriptedRows(nn.Module):
+    """The same logits for every sample, one row per forward call from a script (the last repeats)."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows, self.calls = rows, 0
+
+    def forward(self, x):
+        row = self.rows[min(self.calls, len(self.rows) - 1)]
+        self.calls += 1
+        return torch.tensor(row).expand(x.shape[0], len(row)) + 0 * x.flatten(1)[:, :1]
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
+def test_square_goes_on_after_a_query_that_fools_without_lowering_the_margin(norm, eps):
+    """Label 1: the start ties classes 1 and 2 (margin 0, argmax gives it to the label), the first query ties classes
+    0 and 1 (margin 0 again, argmax gives it to class 0: a success, but no lower margin, so not kept). The sample is
+    not done: its kept point is still classified correctly, and the next query breaks it (mutation testing of
+    edd0b24's torch.where write-back: fooled taken from every query rather than the kept ones survived, stopping the
+    search at the start, a point the model classifies correctly)."""
+    x, y = torch.full((2, 1, 8, 8), 0.5), torch.ones(2, dtype=torch.long)
+    # clean, start, the query that fools at the same margin, the query that breaks it
+    model, queried = _ScriptedRows([[-2.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, -1.0]]), []
+    model.register_forward_hook(lambda m, inp, out: queried.append(inp[0].clone()))
+    x_adv = attacks.square(model, x, y, eps=eps, norm=norm, n_queries=10, generator=torch.Generator().manual_seed(0))
+    assert model.calls == 4 and torch.equal(x_adv, queried[-1]) and not torch.equal(x_adv, queried[1])
+
 class _NegativeLogits(nn.Module):
     """Logits all negative (as log-probabilities are) on 8x8 images near 0.5: [-1, -3 + 25 d, -20], d the mean
     perturbation; class 1 wins once d > 0.08 and its logit stays below 0 within a 0.1 Linf ball."""
