@@ -618,6 +618,26 @@ def test_splits_of_the_callers_own_datasets_keep_their_classes():
     assert own.classes == ["a", "b"] and splits.val.classes == ["benign", "malignant"] == splits.test.classes
 
 
+def test_splits_of_an_info_naming_other_than_its_classes_declare_none_and_fit_trains_them():
+    """An info whose class_names do not name num_classes classes (one built by hand) gives its splits no classes:
+    fit would compare the model with a wrong count (mutation testing: giving them the names whatever their count
+    passed this file, and then fit refused a 3-class model on 3-class data with 'train_data declares 2')."""
+    import dataclasses
+
+    from robust_ops import defenses
+    from robust_ops.train import fit
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(8, 1, 28, 28, generator=g), torch.arange(8) % 3)
+    info = dataclasses.replace(load_dataset("synthetic", seed=0).info, num_classes=3)  # names: benign, malignant
+    for names in ((), ("a", "b", "c", "d"), info.class_names):
+        splits = DatasetSplits(data, data, data, dataclasses.replace(info, class_names=names))
+        assert not hasattr(splits.train, "classes"), names
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 3))
+    run = fit(model, defenses.Standard(), splits.train, epochs=1, batch_size=8, progress=False)
+    assert len(run.history) == 1
+
+
 def test_synthetic_classes_differ():
     """Malignant lesions cast posterior shadows: the region below the lesion is darker on average."""
     x, y = synthetic_ultrasound(64, size=32, seed=0)
