@@ -1832,6 +1832,20 @@ def test_an_attack_output_check_reads_once(dtype):
     check_attack_output("a", x.clone().view(-1).index_fill_(0, torch.tensor([5]), 1.0).view(x.shape), x, 0.0, 1.0)
 
 
+def test_an_attack_output_check_compares_float64_points_unrounded():
+    """float64 points just past either end of the clip range are refused, as min() and max() read them: read in float32
+    (mutation testing of the one-read check: aminmax of adv.float() passed every test), 1 + 1e-12 and -1e-300 round
+    to 1 and -0.0, inside the range."""
+    from robust_ops.attacks.context import check_attack_output
+
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for at, value in ((3, 1 + 1e-12), (0, -1e-300)):
+        bad = x.clone().view(-1).index_fill_(0, torch.tensor([at]), value).view(x.shape)
+        with pytest.raises(ValueError, match=r"^a returned points with NaN/Inf or outside the clip range \[0.0, 1.0\]"):
+            check_attack_output("a", bad, x, 0.0, 1.0)
+    check_attack_output("a", x.clone().view(-1).index_fill_(0, torch.tensor([3]), 1.0).view(x.shape), x, 0.0, 1.0)
+
+
 @pytest.mark.parametrize("cascade", [True, False])
 @pytest.mark.parametrize("batch_size", [None, 5])
 def test_the_ensemble_finds_only_the_samples_each_attack_runs_on(cascade, batch_size):
