@@ -1830,6 +1830,45 @@ def test_an_attack_output_check_reads_once(dtype):
                                                      rf"\[{clip[0]}, {clip[1]}\]; it must return valid inputs$"):
                     check_attack_output("a", bad, x, *clip)
     check_attack_output("a", x.clone().view(-1).index_fill_(0, torch.tensor([5]), 1.0).view(x.shape), x, 0.0, 1.0)
+    # with its ball (the cascade's Attack objects), on the same read: it read the points twice, once more for the
+    # ball; a NaN is still the clip range's refusal, a point past the ball the ball's
+    moved = (x.float() + 0.05).clamp(0, 1).to(dtype)
+    for norm, eps in (("linf", 0.06), ("l2", 0.3), ("l1", 1.9), ("linf", torch.full((4,), 0.06))):
+        assert sum(host_reads(lambda: check_attack_output("a", moved, x, 0.0, 1.0, eps, norm)).values()) == 1
+        with pytest.raises(ValueError, match=rf"^a returned [1-4] of 4 points outside the {norm} ball around x "
+                                             r"\(sample \d: distance [\d.]+, radius [\d.]+\); it must project"):
+            check_attack_output("a", moved, x, 0.0, 1.0, eps / 4, norm)
+    with pytest.raises(ValueError, match=r"^a returned points with NaN/Inf or outside the clip range"):
+        check_attack_output("a", moved.index_fill(0, torch.tensor([1]), float("nan")), x, 0.0, 1.0, 0.01, "linf")
+
+
+def test_the_cascade_reads_neither_the_parts_ranges_nor_each_attack_calls_points_twice():
+    """Each attack call of the cascade read back its part's input range and label range, which ensemble had
+    checked (two host reads, GPU syncs), and its points twice (the clip range's check, then the ball's): 3 of the 7
+    reads per attack call. The parts come with their bounds now (values_within), and the ball is checked on the
+    points' one read; bounds that fail an attack's own checks are read exactly, so its errors name the part's
+    values (found by the checks helper)."""
+    model, x = near_boundary_linear()
+    x = x[:12] * torch.tensor([0.8] * 5 + [1.0] * 7).view(-1, 1, 1, 1)  # the first part's top below the others'
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    fgsms = [attacks.FGSM(model, eps=eps) for eps in (0.01, 0.02, 0.04)]
+    for batch_size, parts in ((None, 1), (5, 3)):
+        reads = host_reads(lambda: attacks.ensemble(model, x, y, fgsms, cascade=False, batch_size=batch_size))
+        # x's and y's range; per part the clean check, and per attack call the attack's first forward, its points'
+        # check and the check of the model's predictions on them
+        assert reads == {"item": 0, "nonzero": 0, "tolist": 2 + parts + 3 * 3 * parts}, (batch_size, reads)
+    # an attack with a narrower clip range, or on a model with fewer classes, refuses with the part's values
+    lo, hi = (f"{float(v):.4g}" for v in torch.aminmax(x[:5]))
+    assert (lo, hi) != tuple(f"{float(v):.4g}" for v in torch.aminmax(x))
+    with pytest.raises(ValueError, match=rf"^pgd: expected x inside the clip range \[0.0, 0.5\], got values in "
+                                         rf"\[{lo}, {hi}\] "):
+        attacks.ensemble(model, x, y, [attacks.PGD(model, eps=0.01, steps=1, clip_max=0.5)], batch_size=5)
+    two = nn.Sequential(nn.Flatten(), nn.Linear(144, 2)).eval()
+    y = torch.tensor([0] * 10 + [2, 1])
+    with pytest.raises(ValueError, match=r"^pgd: expected labels in \[0, 2\) for a model with 2 classes, got "
+                                         r"values in \[1, 2\]$"):
+        attacks.ensemble(model, x, y, [attacks.PGD(two, eps=0.01, steps=1)], batch_size=10, cascade=False)
 
 
 def test_an_attack_output_check_compares_float64_points_unrounded():

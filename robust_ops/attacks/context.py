@@ -660,7 +660,7 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=
     # as IMA's and the defenses': None or a string met math.isfinite's bare TypeError, and True ran as 1.0
     clip_min = check_real(name, "clip_min", clip_min)
     clip_max = check_real(name, "clip_max", clip_max, minimum=clip_min)
-    if x.numel():
+    if x.numel() and not recorded_within(x, clip_min, clip_max):  # a part of inputs the cascade checked: not read
         # one reduction and one host read (a sync on a GPU) for both checks: min and max propagate NaN, so both are
         # finite only when every value is. isfinite(x).all() beside min and max cost three reads and, on CPU, ~6x the
         # time of the two reductions together (once per attack call). detach: reading values of an input that
@@ -686,7 +686,8 @@ def check_class_labels(name, y, n, label_range=False):
     """Labels an integer tensor [n] (any integer dtype: converted losslessly to int64, which cross-entropy, one_hot and
     gather take), none negative: the attacks' and the defenses' label rule. Float, bool and complex labels are a
     TypeError (0.7 would become 0 silently); the upper bound is the model's output's (check_labels_against).
-    ``label_range``: return ``(y, (min, max))`` (None for no labels)."""
+    ``label_range``: return ``(y, (min, max))`` (None for no labels, or labels a :func:`values_within` block
+    bounds, which are not read)."""
     if segmentation_masks(y):  # before the dtype: a float mask's dtype error only led to the shape error
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}: segmentation masks? "
                          "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
@@ -705,6 +706,10 @@ def check_class_labels(name, y, n, label_range=False):
             hint = ("; y is one label: give one per sample, for a single sample y.view(1) with x as a batch of one "
                     "(x.unsqueeze(0) for an image [C, H, W])")
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}{hint}")
+    if range_read_before(y) is None and recorded_within(y, 0, math.inf):
+        # a part of labels the cascade checked: none negative, and check_labels_against reads the top with its count
+        # of non-finite output rows, where the model's class count is known
+        return (y, None) if label_range else y
     # both ends in one host read (a sync on a GPU): min and max were a read each, and check_labels_against's max a
     # third once the model's class count was known
     lo_hi = labels_range(y)
@@ -763,21 +768,66 @@ def range_known(y, lo_hi):
         read.append((y, y._version, lo_hi))
 
 
-def check_attack_output(what, adv, x, clip_min, clip_max):
+# ((tensor, its version, (lo, hi)), ...) of the values_within blocks running: every value finite and in [lo, hi]
+_bounds = contextvars.ContextVar("robust_ops_bounds", default=())
+
+
+@contextlib.contextmanager
+def values_within(*known):
+    """Inside, check_inputs takes each tensor ``t`` of ``known``'s ``(t, lo, hi)`` as finite and in [lo, hi] while it
+    is unchanged (its version), and reads back neither an input's nor a label's range whose bounds pass its checks:
+    the cascade checks its x and y once, and each attack call on a part of them read the part's ranges back again
+    (two host reads, GPU syncs, per call). Bounds that do not pass (an attack with a narrower clip range, a model
+    with fewer classes) are read exactly, for the error's values."""
+    token = _bounds.set(_bounds.get() + tuple((t, t._version, (lo, hi)) for t, lo, hi in known
+                                              if not t.is_inference()))  # inference tensors have no version counter
+    try:
+        yield
+    finally:
+        _bounds.reset(token)
+
+
+def recorded_bounds(t):
+    """The (lo, hi) a :func:`values_within` block running gave ``t``, unchanged since; else None."""
+    if not t.is_inference():
+        for known, version, lo_hi in _bounds.get():
+            if known is t and version == t._version:
+                return lo_hi
+    return None
+
+
+def recorded_within(t, lo, hi):
+    """Whether a :func:`values_within` block running gave ``t`` (unchanged since) bounds inside [lo, hi]."""
+    bounds = recorded_bounds(t)
+    return bounds is not None and lo <= bounds[0] and bounds[1] <= hi
+
+
+def check_attack_output(what, adv, x, clip_min, clip_max, eps=None, norm=None):
     """An attack's result must be inputs like ``x``: same shape, finite, inside the clip range. A NaN or out-of-range
     point would otherwise be scored as an adversarial example (robustness understated, silently). ``what`` names
-    the attack in the message."""
+    the attack in the message. ``eps`` and ``norm`` given: floating-point points are also checked as
+    :func:`check_inside_ball` checks them, on the same host read (the cascade read each attack call's twice)."""
     if not torch.is_tensor(adv) or adv.shape != x.shape:
         raise ValueError(f"{what} returned shape {tuple(getattr(adv, 'shape', ()))} for inputs of shape "
                          f"{tuple(x.shape)}")
     if not adv.numel():
         return
+    ball = _ball_excess(adv, x, eps, norm) if adv.is_floating_point() else None
     # one host read (a sync on a GPU) of both ends, as check_inputs': min and max propagate NaN, so both are finite
     # only when every value is (isfinite(adv).all(), min and max were three reads per attack call)
-    lo, hi = (float(v) for v in torch.stack(torch.aminmax(adv.detach())).tolist())
+    ends = torch.aminmax(adv.detach())
+    if ball is None:
+        lo, hi = (float(v) for v in torch.stack(ends).tolist())
+        outside = 0
+    else:  # with the count of points outside the ball, in the ball check's dtype (the ends exactly)
+        lo, hi, outside = torch.stack([*(v.to(ball[0].dtype) for v in ends), ball[2].sum().to(ball[0].dtype)]).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi) and lo >= clip_min and hi <= clip_max):
         raise ValueError(f"{what} returned points with NaN/Inf or outside the clip range [{clip_min}, {clip_max}]; "
                          f"it must return valid inputs")
+    if outside:
+        _outside_ball(what, norm, *ball)
+    elif ball is None and not adv.is_floating_point():
+        check_inside_ball(what, adv, x, eps, norm)
 
 
 def check_inside_ball(what, adv, x, eps, norm):
@@ -786,9 +836,17 @@ def check_inside_ball(what, adv, x, eps, norm):
     (robustness understated, silently; your own attack class may return anything). Allowed beyond ``eps``: a relative
     1e-5 (the projection's own rounding) and the rounding of each entry to the points' dtype, one ulp of the larger
     magnitude per entry (summed over entries in the norm's way). ``what`` names the attack in the message."""
+    ball = _ball_excess(adv, x, eps, norm)
+    if ball is not None and bool(ball[2].any()):
+        _outside_ball(what, norm, *ball)
+
+
+def _ball_excess(adv, x, eps, norm):
+    """(distance, radius, outside) per sample of :func:`check_inside_ball`'s rule, not read back (None where it
+    checks nothing)."""
     n = adv.shape[0] if adv.dim() else 0
     if adv.numel() == 0 or eps is None or norm not in ("linf", "l2", "l1"):
-        return
+        return None
     # in float32 at least (float64 kept): a float64 copy of a batch of 224x224 images cost 8 bytes an entry
     work = adv.dtype if adv.dtype in (torch.float32, torch.float64) else torch.float32
     delta = (adv.detach().to(work) - x.detach().to(work)).reshape(n, -1)
@@ -802,12 +860,15 @@ def check_inside_ball(what, adv, x, eps, norm):
     scale = torch.maximum(adv.detach().abs(), x.detach().abs()).reshape(n, -1).amax(1).to(work).clamp_min(1.0)
     radius = torch.as_tensor(eps, dtype=work, device=dist.device).reshape(-1).expand(n)
     limit = radius * (1 + 1e-5) + torch.finfo(adv.dtype).eps * scale * spread
-    outside = dist > limit
-    if bool(outside.any()):
-        worst = int((dist - radius).argmax())
-        raise ValueError(f"{what} returned {int(outside.sum())} of {n} points outside the {norm} ball around x (sample "
-                         f"{worst}: distance {float(dist[worst]):.6g}, radius {float(radius[worst]):.6g}); it must "
-                         "project onto the ball of the eps it is given")
+    return dist, radius, dist > limit
+
+
+def _outside_ball(what, norm, dist, radius, outside):
+    """check_inside_ball's refusal of the points ``outside`` (some are)."""
+    worst = int((dist - radius).argmax())
+    raise ValueError(f"{what} returned {int(outside.sum())} of {outside.shape[0]} points outside the {norm} ball "
+                     f"around x (sample {worst}: distance {float(dist[worst]):.6g}, radius "
+                     f"{float(radius[worst]):.6g}); it must project onto the ball of the eps it is given")
 
 
 def check_gradients_possible(name, refused="gradient-based attacks cannot run", enabler="the attack"):

@@ -12,8 +12,9 @@ from .._options import check_flags, check_real
 from .._warn import warn
 from .base import N_CLASSES_HINT, Attack
 from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
-from .context import (attack_context, check_attack_output, check_inputs, check_inside_ball, looks_like_probabilities,
-                      one_probabilities_warning, predict_from_output, warn_probabilities)
+from .context import (attack_context, check_attack_output, check_inputs, looks_like_probabilities,
+                      one_probabilities_warning, predict_from_output, recorded_bounds, values_within,
+                      warn_probabilities)
 
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
@@ -187,7 +188,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         :func:`run_pgd`, from the clean check or the attacks (NonFiniteOutputError also where an attack's points
         give outputs without class probabilities).
     """
-    y = check_inputs(name, x, y, clip_min, clip_max)
+    y, y_range = check_inputs(name, x, y, clip_min, clip_max, label_range=True)
     check_flags(name, {"cascade": cascade})  # cascade="no" cascaded
     given = attacks  # shown as given: a string's list was its characters, "got ['p', 'g', 'd']"
     # a string's list was its characters; None or one attack object, not in a list, failed in list() with
@@ -207,6 +208,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         raise ValueError(f"{name}: expected {len(attacks)} names, got {len(labels)}")
     if batch_size is not None:  # a negative step would skip every attack and report every sample robust
         batch_size = check_steps(name, batch_size, "batch_size")
+    y_range = y_range or recorded_bounds(y)  # None: not read, the labels of an outer cascade (bounded there)
     x = x.detach()
     n = x.shape[0]
     for attack, label in zip(attacks, labels):  # before any attack runs: the cascade would otherwise stop minutes in
@@ -228,11 +230,13 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
         for start in range(0, idx.numel(), step):
             part = idx[start:start + step]
             sub = _on_samples(attack, part, n)
-            adv = sub(x[part], y[part]).detach()
-            check_attack_output(f"{name}: attack {labels[j]!r}", adv, x[part], clip_min, clip_max)
-            if isinstance(sub, Attack):  # its own ball (per-sample radii cut to part); other callables have none
-                check_inside_ball(f"{name}: attack {labels[j]!r}", adv, x[part], vars(sub).get("eps"),
-                                  vars(sub).get("norm"))
+            x_part, y_part = x[part], y[part]
+            # checked above: the attack does not read their ranges back (only bounds that fail its checks)
+            with values_within((x_part, clip_min, clip_max), *[(y_part, *y_range)] if y_range else ()):
+                adv = sub(x_part, y_part).detach()
+            # its own ball (per-sample radii cut to part) on the same read; other callables have none
+            ball = (vars(sub).get("eps"), vars(sub).get("norm")) if isinstance(sub, Attack) else ()
+            check_attack_output(f"{name}: attack {labels[j]!r}", adv, x[part], clip_min, clip_max, *ball)
             fooled = ~_correct(model, adv, y[part], model_mode, name, f"at the points of attack {labels[j]!r}")
             new = fooled & (broken_by[part] == -1)  # the first attack that breaks a sample keeps it
             # as the clean check's: x_adv[part[new]] = adv[new] and broken_by's were three reads per attack call
