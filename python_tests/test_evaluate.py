@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 from conftest import import_path_errors
-from utils import TinyCNN
+from utils import TinyCNN, host_reads
 
 from robust_ops import attacks, evaluate as evaluate_module, report
 from robust_ops.data import DatasetInfo
@@ -622,6 +622,23 @@ def test_out_of_range_inputs_name_their_values_and_the_fix():
     overshoot = TensorDataset(torch.full((4, 1, 12, 12), 1.00001), y)  # shown past the bound, not rounded to 1
     with pytest.raises(EvalError, match=r"got values in \[1, 1.00001\]; .* x.clamp\(0.0, 1.0\)$"):
         evaluate(tiny_model(), overshoot, INFO, attacks="fgsm", eps=[0.1])
+
+
+def test_the_value_range_check_reads_the_inputs_once():
+    """evaluate read the inputs' min and max (a host read each), and both again for its error's values: one read of
+    both ends now, whether they pass or not (found by the checks helper)."""
+    def check(inputs):
+        try:
+            evaluate_module._check_value_range(inputs, 0.0, 1.0)
+        except EvalError:
+            pass
+
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    for inputs in (x, x * 255, x - 0.5, x.to(torch.float64), (x * 255).to(torch.uint8), x[:0]):
+        assert host_reads(lambda: check(inputs)) == {"item": 0, "nonzero": 0, "tolist": 1 if inputs.numel() else 0}
+    with pytest.raises(EvalError, match=r"^data: inputs outside the dataset's value range \[0.0, 1.0\], got values in "
+                                        r"\[-0.\d+, 0.\d+\]; a mean/std normalization "):
+        evaluate_module._check_value_range(x - 0.5, 0.0, 1.0)
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

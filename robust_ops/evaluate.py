@@ -52,10 +52,11 @@ from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
 from ._warn import warn
-from .attacks.context import (EIGHT_BIT_FIX, InputDtypeError, InputShapeError, NonFiniteOutputError, _past,
+from .attacks.context import (EIGHT_BIT_FIX, InputDtypeError, InputShapeError, NonFiniteOutputError,
                               check_attack_output, check_inside_ball, check_output, forward_naming_input_mismatch,
                               looks_like_8_bit_pixels, looks_like_probabilities, model_device,
-                              one_probabilities_warning, predict_from_output, use_model_mode, warn_probabilities)
+                              one_probabilities_warning, past_bound, predict_from_output, use_model_mode,
+                              warn_probabilities)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
                       metric_names, positive_class_problem, probabilities)
 
@@ -465,11 +466,20 @@ def dataset_tensors(dataset):
         raise EvalError("data", str(err)) from None
 
 
+def _check_value_range(x, lo, hi):
+    """Inputs ``x`` inside the value range [lo, hi], read in one host read: min and max were a read each, and each
+    again for the error's values."""
+    if x.numel():
+        x_min, x_max = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
+        if x_min < lo or x_max > hi:
+            raise EvalError("data", _value_range_problem(x_min, x_max, lo, hi))
+
+
 def _value_range_problem(x_min, x_max, lo, hi):
     """The one-line error for inputs ``x_min`` .. ``x_max`` outside the value range [lo, hi], saying what they look
     like and what to do: it named only the range, where the common causes are 0-255 pixels (uint8 images, ToTensor
     left out) and torchvision's Normalize in the data pipeline (fit's attacks say the same: check_inputs)."""
-    got = f"got values in [{_past(x_min, lo, -1)}, {_past(x_max, hi, 1)}]"
+    got = f"got values in [{past_bound(x_min, lo, -1)}, {past_bound(x_max, hi, 1)}]"
     if looks_like_8_bit_pixels(x_min, x_max, lo, hi):  # e.g. [0, 255] against [0, 1]
         fix = EIGHT_BIT_FIX
     else:
@@ -696,8 +706,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     bad = sum(int((~torch.isfinite(c.reshape(c.shape[0], math.prod(x.shape[1:])))).any(1).sum()) for c in chunks)
     if bad:  # NaN passes the range check below (every comparison with NaN is False)
         raise EvalError("data", f"data: {bad} of {x.shape[0]} inputs contain NaN or Inf")
-    if x.numel() and (float(x.min()) < lo or float(x.max()) > hi):
-        raise EvalError("data", _value_range_problem(float(x.min()), float(x.max()), lo, hi))
+    _check_value_range(x, lo, hi)
     if not isinstance(model, torch.nn.Module):  # "'function' object has no attribute 'parameters'" (or 'to')
         raise EvalError("model", f"model: expected a torch.nn.Module, got {type(model).__name__}; wrap a function in "
                                  "an nn.Module whose forward calls it")

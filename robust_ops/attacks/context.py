@@ -613,7 +613,7 @@ class _NoLabels:
 _NO_LABELS = _NoLabels()
 
 
-def _past(value, bound, side):
+def past_bound(value, bound, side):
     """``value`` in 4 significant digits, or as many more as show it past ``bound`` when it is (``side`` 1: above,
     -1: below): at 4 digits an input at 1.00001 read "got values in [0.0001797, 1]" against the range [0.0, 1.0]."""
     for digits in range(4, 17):
@@ -669,14 +669,14 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise NonFiniteInputError(f"{name}: x contains NaN or Inf")
         if lo < clip_min or hi > clip_max:
-            crossed = (f"{_past(hi, clip_max, 1)} > clip_max {clip_max}" if hi > clip_max else
-                       f"{_past(lo, clip_min, -1)} < clip_min {clip_min}")
+            crossed = (f"{past_bound(hi, clip_max, 1)} > clip_max {clip_max}" if hi > clip_max else
+                       f"{past_bound(lo, clip_min, -1)} < clip_min {clip_min}")
             # 0-255 pixels were told to normalize inside the model or clamp, neither of which gives [0, 1] pixels
             fix = (EIGHT_BIT_FIX if looks_like_8_bit_pixels(lo, hi, clip_min, clip_max) else
                    "normalize inside the model, e.g. with robust_ops.attacks.Normalized, or clamp inputs that "
                    f"overshoot only by rounding or resampling, x.clamp({clip_min}, {clip_max})")
             raise ValueError(f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in "
-                             f"[{_past(lo, clip_min, -1)}, {_past(hi, clip_max, 1)}] ({crossed}; {fix})")
+                             f"[{past_bound(lo, clip_min, -1)}, {past_bound(hi, clip_max, 1)}] ({crossed}; {fix})")
     if y is _NO_LABELS:
         return (None, None) if label_range else None
     return check_class_labels(name, y, x.shape[0], label_range=label_range)
