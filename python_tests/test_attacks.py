@@ -1416,6 +1416,24 @@ def test_inputs_of_0_255_pixels_are_told_to_be_divided_by_255_as_evaluate_does()
         attacks.pgd(model, (x - 0.5) * 510, y, eps=0.03, steps=2)  # below the range: a normalization, however wide
 
 
+def test_only_values_that_divide_into_the_range_are_told_to_be_8_bit_pixels():
+    """Every top past 1.5 times the range's was asked "8-bit pixels? divide them by 255": [0.1, 2.6] (data divided by
+    a std) then became [0.0004, 0.01], and [0, 4095] (12-bit intensities) stayed outside at 16. A top up to 10 times
+    the range's keeps the normalize-or-clamp fix, one past 255 times it is told its bit depth's scale; the rule
+    (pixel_scale) is evaluate's and the .npz loader's too (found by the checks helper)."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    with pytest.raises(ValueError, match=r"\(2.6 > clip_max 1.0; normalize inside the model, e.g. with "):
+        attacks.pgd(model, 0.1 + 2.5 * x.index_fill(0, torch.tensor([0]), 1.0), y, eps=0.03, steps=2)
+    with pytest.raises(ValueError, match=r"\(4095 > clip_max 1.0; 12- or 16-bit intensities\? divide them by their "
+                                         r"scale's top \(x.float\(\) / 4095 for 12 bits, x.float\(\) / 65535 for 16; "
+                                         r"x / 255 leaves them outside\): the attacks' radii and clip range are in the "
+                                         r"value range's units\)$"):
+        attacks.pgd(model, (x * 4095).round().index_fill(0, torch.tensor([0]), 4095.0), y, eps=0.03, steps=2)
+    with pytest.raises(ValueError, match=r"\(40 > clip_max 1.0; 8-bit pixels\? divide them by 255 "):
+        attacks.pgd(model, (x * 40).round().index_fill(0, torch.tensor([0]), 40.0), y, eps=0.03, steps=2)
+
+
 def test_an_input_one_float64_step_past_the_clip_range_shows_all_17_digits():
     """The smallest overshoot of a float64 input, 1 + 2**-52, needs all 17 significant digits to read past 1.0
     (coverage helper, s48: the digit loop's last case had no test)."""

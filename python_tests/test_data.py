@@ -1892,6 +1892,21 @@ def test_synthetic_ultrasound_refuses_a_bad_seed_by_name(seed):
     assert torch.equal(synthetic_ultrasound(2, size=8, seed=[3, 1])[0], synthetic_ultrasound(2, size=8, seed=[3, 1])[0])
 
 
+def test_npz_float_images_above_one_are_told_the_fix_their_values_call_for(tmp_path):
+    """Every float set without negatives was told "divide them by 255 or store them as uint8": an overshoot of
+    resampling ([0, 1.02]) and 12-bit intensities ([0, 4095]) too. The rule is the attacks' and evaluate's
+    (pixel_scale): 8-bit pixels, higher bit depths, or an overshoot to clip (found by the checks helper)."""
+    floats = np.random.default_rng(1).random((12, 28, 28)).astype(np.float32)
+    floats[0, 0, :2] = 0.0, 1.0
+    for top, fix in ((255, r"divide them by 255 or store them as uint8"),
+                     (4095, r"12- or 16-bit intensities\? divide them by their scale's top \(4095 for 12 bits, 65535 "
+                            r"for 16\) or store them as 8-bit images"),
+                     (1.02, r"clip an overshoot of rounding or resampling \(np.clip\(images, 0, 1\)\), or scale them "
+                            r"to \[0, 1\] pixels: the attacks' radii and clip range are in \[0, 1\] pixels")):
+        with pytest.raises(DataError, match=rf"float images must lie in \[0, 1\], got \[0, {top}\]; {fix}$"):
+            load_dataset(write_npz(tmp_path / f"{top}.npz", train_images=(floats * top).astype(np.float32)))
+
+
 def test_npz_float_images_below_zero_are_refused(tmp_path):
     """docs/getting-started.md: float images are read only when already in [0, 1]; a normalized set (values below 0,
     none above 1) must be refused like one above 1, not read as is."""

@@ -619,6 +619,13 @@ def test_out_of_range_inputs_name_their_values_and_the_fix():
                                         r"\[-2, 2\]; a mean/std normalization .* evaluate "
                                         r"robust_ops.attacks.Normalized\(model, mean, std\) on the unnormalized "):
         evaluate(tiny_model(), normalized, INFO, attacks="fgsm", eps=[0.1])
+    # 12-bit intensities (x / 255 leaves them outside) and data divided by a std are no 8-bit pixels
+    twelve_bit = TensorDataset(torch.arange(4 * 144).reshape(4, 1, 12, 12) * 7.0, y)
+    with pytest.raises(EvalError, match=r"got values in \[0, 4025\]; 12- or 16-bit intensities\? divide them by "):
+        evaluate(tiny_model(), twelve_bit, INFO, attacks="fgsm", eps=[0.1])
+    scaled = TensorDataset(torch.linspace(0.1, 2.6, 4 * 144).reshape(4, 1, 12, 12), y)
+    with pytest.raises(EvalError, match=r"got values in \[0.1, 2.6\]; a mean/std normalization "):
+        evaluate(tiny_model(), scaled, INFO, attacks="fgsm", eps=[0.1])
     overshoot = TensorDataset(torch.full((4, 1, 12, 12), 1.00001), y)  # shown past the bound, not rounded to 1
     with pytest.raises(EvalError, match=r"got values in \[1, 1.00001\]; .* x.clamp\(0.0, 1.0\)$"):
         evaluate(tiny_model(), overshoot, INFO, attacks="fgsm", eps=[0.1])

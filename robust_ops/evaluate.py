@@ -52,11 +52,10 @@ from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
 from ._warn import warn
-from .attacks.context import (EIGHT_BIT_FIX, InputDtypeError, InputShapeError, NonFiniteOutputError,
+from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError,
                               check_attack_output, check_inside_ball, check_output, forward_naming_input_mismatch,
-                              looks_like_8_bit_pixels, looks_like_probabilities, model_device,
-                              one_probabilities_warning, past_bound, predict_from_output, use_model_mode,
-                              warn_probabilities)
+                              looks_like_probabilities, model_device, one_probabilities_warning, past_bound,
+                              predict_from_output, use_model_mode, value_range_fix, warn_probabilities)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
                       metric_names, positive_class_problem, probabilities)
 
@@ -480,13 +479,11 @@ def _value_range_problem(x_min, x_max, lo, hi):
     like and what to do: it named only the range, where the common causes are 0-255 pixels (uint8 images, ToTensor
     left out) and torchvision's Normalize in the data pipeline (fit's attacks say the same: check_inputs)."""
     got = f"got values in [{past_bound(x_min, lo, -1)}, {past_bound(x_max, hi, 1)}]"
-    if looks_like_8_bit_pixels(x_min, x_max, lo, hi):  # e.g. [0, 255] against [0, 1]
-        fix = EIGHT_BIT_FIX
-    else:
-        fix = ("a mean/std normalization (torchvision's Normalize) belongs in the model: evaluate "
-               "robust_ops.attacks.Normalized(model, mean, std) on the unnormalized images, so the radii and the clip "
-               f"range are in pixel units; clamp inputs that overshoot only by rounding or resampling, x.clamp({lo}, "
-               f"{hi})")
+    fix = value_range_fix(x_min, x_max, lo, hi,
+                          "a mean/std normalization (torchvision's Normalize) belongs in the model: evaluate "
+                          "robust_ops.attacks.Normalized(model, mean, std) on the unnormalized images, so the radii "
+                          "and the clip range are in pixel units; clamp inputs that overshoot only by rounding or "
+                          f"resampling, x.clamp({lo}, {hi})")
     return f"data: inputs outside the dataset's value range [{lo}, {hi}], {got}; {fix}"
 
 

@@ -623,15 +623,36 @@ def past_bound(value, bound, side):
     return f"{value:.17g}"  # 17 significant digits give a float back exactly: past the bound when the value is
 
 
-def looks_like_8_bit_pixels(lo, hi, range_min, range_max):
-    """Whether values ``lo`` .. ``hi`` outside [range_min, range_max] look like 0-255 pixels (uint8 images, ToTensor
-    left out): none below the range, the top past 1.5 times its end. Values below it, or just past its top, are rather
-    a mean/std normalization or an overshoot by resampling. check_inputs' and evaluate's refusals say the fix."""
-    return lo >= range_min and hi > 1.5 * range_max > 0
+def pixel_scale(lo, hi, range_min, range_max):
+    """What values ``lo`` .. ``hi`` outside [range_min, range_max] look like, the one rule of the refusals of
+    check_inputs, evaluate and the .npz loader: "8-bit" for 0-255 pixels (uint8 images, ToTensor left out): none below
+    the range, the top past 10 times its end and at most 255 times it, so x / 255 lies in the range; "high-bit" for
+    none below the range and a top past 255 times its end (12- or 16-bit intensities, which x / 255 leaves outside);
+    else None: values below the range (a mean/std normalization), or a top up to 10 times its end (an overshoot by
+    resampling, or data scaled otherwise: [0.1, 2.6], x / std, were told "8-bit pixels? divide them by 255")."""
+    if lo < range_min or range_max <= 0:
+        return None
+    if hi > 255 * range_max:
+        return "high-bit"
+    return "8-bit" if hi > 10 * range_max else None
 
 
 EIGHT_BIT_FIX = ("8-bit pixels? divide them by 255 (x.float() / 255, as torchvision's ToTensor does): the attacks' "
                  "radii and clip range are in the value range's units")
+
+
+def value_range_fix(lo, hi, range_min, range_max, otherwise):
+    """The fix check_inputs' and evaluate's refusals of values ``lo`` .. ``hi`` outside [range_min, range_max] name:
+    by :func:`pixel_scale`, dividing 8-bit pixels by 255, higher bit depths by their scale's top, else
+    ``otherwise`` (normalizing inside the model, or clamping an overshoot)."""
+    scale = pixel_scale(lo, hi, range_min, range_max)
+    if scale == "8-bit":
+        return EIGHT_BIT_FIX
+    if scale == "high-bit":
+        return ("12- or 16-bit intensities? divide them by their scale's top (x.float() / 4095 for 12 bits, "
+                "x.float() / 65535 for 16; x / 255 leaves them outside): the attacks' radii and clip range are in the "
+                "value range's units")
+    return otherwise
 
 
 def check_input_batch(name, x):
@@ -672,9 +693,10 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=
             crossed = (f"{past_bound(hi, clip_max, 1)} > clip_max {clip_max}" if hi > clip_max else
                        f"{past_bound(lo, clip_min, -1)} < clip_min {clip_min}")
             # 0-255 pixels were told to normalize inside the model or clamp, neither of which gives [0, 1] pixels
-            fix = (EIGHT_BIT_FIX if looks_like_8_bit_pixels(lo, hi, clip_min, clip_max) else
-                   "normalize inside the model, e.g. with robust_ops.attacks.Normalized, or clamp inputs that "
-                   f"overshoot only by rounding or resampling, x.clamp({clip_min}, {clip_max})")
+            fix = value_range_fix(lo, hi, clip_min, clip_max,
+                                  "normalize inside the model, e.g. with robust_ops.attacks.Normalized, or clamp "
+                                  f"inputs that overshoot only by rounding or resampling, x.clamp({clip_min}, "
+                                  f"{clip_max})")
             raise ValueError(f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in "
                              f"[{past_bound(lo, clip_min, -1)}, {past_bound(hi, clip_max, 1)}] ({crossed}; {fix})")
     if y is _NO_LABELS:

@@ -132,11 +132,24 @@ def images_to_tensor(images, source):
                             "pixels)")
         if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
             lo, hi = float(x.min()), float(x.max())
-            # say how to get there: 0-255 floats (numpy's astype(float)) and mean / std normalized pixels (ImageNet's
-            # statistics) are what such files hold, and the attacks' ball and clip range are in [0, 1] pixels
-            fix = ("divide them by 255 or store them as uint8" if lo >= 0 else "store the pixels in [0, 1], not "
-                   "normalized by a mean and std: normalize inside the model (robust_ops.attacks.Normalized), as "
-                   "the attacks' radii and clip range are in [0, 1] pixels")
+            # say how to get there: 0-255 floats (numpy's astype(float)), 12- or 16-bit intensities, an overshoot of
+            # resampling and mean / std normalized pixels (ImageNet's statistics) are what such files hold, and the
+            # attacks' ball and clip range are in [0, 1] pixels. "divide them by 255" was said of every set without
+            # negatives: [0, 1.02] and [0, 4095] too. The rule is the attacks' and evaluate's (pixel_scale).
+            from ..attacks.context import pixel_scale
+
+            scale = pixel_scale(lo, hi, 0.0, 1.0)
+            if scale == "8-bit":
+                fix = "divide them by 255 or store them as uint8"
+            elif scale == "high-bit":
+                fix = ("12- or 16-bit intensities? divide them by their scale's top (4095 for 12 bits, 65535 for "
+                       "16) or store them as 8-bit images")
+            elif lo >= 0:
+                fix = ("clip an overshoot of rounding or resampling (np.clip(images, 0, 1)), or scale them to [0, 1] "
+                       "pixels: the attacks' radii and clip range are in [0, 1] pixels")
+            else:
+                fix = ("store the pixels in [0, 1], not normalized by a mean and std: normalize inside the model "
+                       "(robust_ops.attacks.Normalized), as the attacks' radii and clip range are in [0, 1] pixels")
             raise DataError(f"{source}: float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; {fix}")
     else:
         raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}: convert them to uint8 "
