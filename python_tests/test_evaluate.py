@@ -1693,9 +1693,17 @@ def test_images_in_hwc_layout_are_told_to_be_permuted_not_given_another_model():
                                             r"arrays and PIL give them\? permute them to \(C, H, W\): "
                                             r"x.permute\(0, 3, 1, 2\)$"):
             evaluate(build_model("small_cnn", c, 2, 12), hwc, info, attacks="fgsm", eps=[0.01], method="m")
-    # an image whose last size is not the model's channel count keeps the other fix
+    # grayscale images in (H, W, C) layout on a 3-channel model (and the other way round) were told only to build
+    # the model for 12 channels: they are told both fixes, permute and the model for their channels (found by the
+    # checks helper); an image whose last size is no channel count keeps the other fix alone
+    for c, last in ((3, 1), (1, 3)):
+        with pytest.raises(EvalError, match=rf"reach it with 12 channels: images in \(H, W, C\) layout, .* "
+                                            rf"x.permute\(0, 3, 1, 2\); permuted, they have {last} channels? where {c} "
+                                            r"are expected: build the model for the data's channels and image size "):
+            evaluate(build_model("small_cnn", c, 2, 12), TensorDataset(torch.rand(4, 12, 12, last), y), INFO,
+                     attacks="fgsm", eps=[0.01])
     with pytest.raises(EvalError, match=r"reach it with 12 channels; build the model for the data's channels"):
-        evaluate(build_model("small_cnn", 3, 2, 12), TensorDataset(torch.rand(4, 12, 12, 1), y), INFO,
+        evaluate(build_model("small_cnn", 3, 2, 12), TensorDataset(torch.rand(4, 12, 12, 12), y), INFO,
                  attacks="fgsm", eps=[0.01])
 
 
@@ -1712,8 +1720,13 @@ def test_images_in_hwc_layout_given_to_a_normalized_model_are_told_to_be_permute
                                          r"shape \(4, 12, 12, 3\): images in \(H, W, C\) layout, as numpy arrays and "
                                          r"PIL give them\? permute them to \(C, H, W\): x.permute\(0, 3, 1, 2\)$"):
         evaluate(model, TensorDataset(hwc, torch.tensor([0, 1, 0, 1])), info, attacks="fgsm", eps=[0.01])
-    with pytest.raises(ValueError, match=r"got x of shape \(4, 12, 12, 1\)$"):  # 1 channel of 3: no layout to guess
+    # grayscale images in (H, W, C) layout: permuted they still have 1 channel of 3 (they were told nothing)
+    with pytest.raises(ValueError, match=r"got x of shape \(4, 12, 12, 1\): images in \(H, W, C\) layout, .*; "
+                                         r"permuted, they have 1 channel where 3 are expected: give mean one value "
+                                         r"per channel of the data$"):
         model(hwc[..., :1])
+    with pytest.raises(ValueError, match=r"got x of shape \(4, 12, 12, 12\)$"):  # 12 of 3: no layout to guess
+        model(torch.rand(4, 12, 12, 12))
 
 
 def test_a_model_built_for_other_channels_or_image_sizes_is_named_with_the_fix():

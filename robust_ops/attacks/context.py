@@ -218,9 +218,22 @@ def _release(me, seen, params):
     _held_changed.notify_all()
 
 
-# what the checks of the channels in dim 1 say of [N, H, W, C] images whose last size is the count expected
+# what the checks of the channels in dim 1 say of [N, H, W, C] images
 _HWC_HINT = ("images in (H, W, C) layout, as numpy arrays and PIL give them? permute them to (C, H, W): "
              "x.permute(0, 3, 1, 2)")
+
+
+def hwc_hint(x, channels, other_fix):
+    """What the checks of the channels in dim 1 say of ``x`` where ``channels`` were expected: for [N, H, W, C]
+    images, whose last size is that count, or at most 4 (1, 3 or 4 channels), below H's and W's, ": " and the permute,
+    with ``other_fix`` after it where the counts still differ once permuted (a grayscale [N, H, W, 1] set given a
+    3-channel model was told only to build the model for 12 channels); "" for other shapes (the caller's fix)."""
+    if x.dim() != 4 or not (x.shape[3] == channels or x.shape[3] <= 4) or x.shape[3] >= min(x.shape[1:3]):
+        return ""
+    if x.shape[3] == channels:
+        return f": {_HWC_HINT}"
+    return (f": {_HWC_HINT}; permuted, they have {counted(x.shape[3], 'channel')} where {channels} are expected: "
+            f"{other_fix}")
 
 
 class Normalized(torch.nn.Module):
@@ -253,7 +266,7 @@ class Normalized(torch.nn.Module):
         c = t.numel()
         if c != 1 and (x.dim() < 2 or x.shape[1] != c):
             # images stacked as [N, H, W, C] (numpy, PIL) met this before the model's own input-layer check
-            hwc = f": {_HWC_HINT}" if x.dim() == 4 and x.shape[3] == c < x.shape[1] else ""
+            hwc = hwc_hint(x, c, f"give {arg} one value per channel of the data")
             raise ValueError(f"Normalized: expected x with {c} channels in dim 1 to match {arg}, got x of shape "
                              f"{tuple(x.shape)}{hwc}")
         return t.reshape((1, -1) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (-1,)).to(x)
@@ -395,9 +408,8 @@ def _input_layer_problem(model, x, split):
         problem = (f"the model's input layer {layers[layer]!r} ({type(layer).__name__}) takes "
                    f"in_channels={layer.in_channels}, but the inputs of {split} ({shape} each) reach it with "
                    f"{counted(got.shape[1], 'channel')}")
-        if got.shape == x.shape and x.dim() == 4 and x.shape[3] == layer.in_channels < x.shape[1]:  # [N, H, W, C]
-            return f"{problem}: {_HWC_HINT}"
-        return f"{problem}; {_BUILD_FOR_THE_DATA}"
+        hwc = hwc_hint(x, layer.in_channels, _BUILD_FOR_THE_DATA) if got.shape == x.shape else ""  # [N, H, W, C]
+        return f"{problem}{hwc}" if hwc else f"{problem}; {_BUILD_FOR_THE_DATA}"
     return None
 
 
