@@ -2,6 +2,7 @@
 (set before import). Small shapes: the interpreter is slow."""
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -62,6 +63,54 @@ def test_backward_refuses_indices_outside_the_input():
     for bad in (999, 4, -2):  # 4 = H*W: one past the last element
         with pytest.raises(RuntimeError, match=r"_drop_max_pool2d_backward: expected indices in \[0, 4\) .* or -1 "):
             backward(grad, torch.tensor([[[[0, bad]]]], device=DEVICE), [1, 1, 2, 2])
+
+
+def test_grid_limit_is_cudas_on_programs():
+    """CUDA's 1-D grid takes at most 2**31 - 1 programs of BLOCK (256) elements: 2**39 output elements, which an
+    expanded input or grad_output of a few bytes reaches. Refused by name before anything is allocated, where the
+    allocator failed first naming no op ("can't allocate memory: you tried to allocate 2199023255552 bytes"; past it
+    Triton's launcher raises "OverflowError: signed integer is greater than maximum")."""
+    from robust_ops.triton._utils import MAX_PROGRAMS, flat_grid
+
+    assert MAX_PROGRAMS == 2**31 - 1
+    assert flat_grid("drop_max_pool2d_triton", "the output", 256 * (2**31 - 1), 256) == (2**31 - 1,)
+    huge = torch.zeros(1, 1, 1, 1, device=DEVICE).expand(2**10, 2**10, 2**10, 2**9)  # 2**39 elements, 4 bytes
+    with pytest.raises(RuntimeError, match=re.escape(
+        "drop_max_pool2d_triton: expected at most 2147483647 programs (CUDA's limit on a 1-D grid) of 256 elements "
+        "each, got 2147483648 for the output of 549755813888 elements; split the batch"
+    )):
+        triton_op()(huge, [1, 1], [1, 1], [0, 0], [1, 1], False)
+    indices = torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=DEVICE).expand(huge.shape)
+    with pytest.raises(RuntimeError, match=re.escape(
+        "_drop_max_pool2d_backward_triton: expected at most 2147483647 programs (CUDA's limit on a 1-D grid) of 256 "
+        "elements each, got 2147483648 for grad_output of 549755813888 elements; split the batch"
+    )):
+        torch.ops.robust_ops._drop_max_pool2d_backward_triton(huge, indices, [2**10, 2**10, 1, 1])
+
+
+def test_grid_limit_lowered_refuses_past_it_and_runs_at_it(monkeypatch):
+    """The launches take their grid from the checked helper (the limit lowered: 2 x 3 x 10 x 10 = 600 outputs take
+    3 programs)."""
+    import robust_ops.triton._utils as triton_utils
+
+    x = make_input((2, 3, 10, 10), "integers", seed=3)
+    args = ((1, 1), (1, 1), (0, 0), (1, 1), False)
+    out, idx = triton_op()(x.to(DEVICE), *args)
+    monkeypatch.setattr(triton_utils, "MAX_PROGRAMS", 2)
+    with pytest.raises(RuntimeError, match=re.escape(
+        "drop_max_pool2d_triton: expected at most 2 programs (CUDA's limit on a 1-D grid) of 256 elements each, got 3 "
+        "for the output of 600 elements; split the batch"
+    )):
+        triton_op()(x.to(DEVICE), *args)
+    with pytest.raises(RuntimeError, match=re.escape(
+        "_drop_max_pool2d_backward_triton: expected at most 2 programs (CUDA's limit on a 1-D grid) of 256 elements "
+        "each, got 3 for grad_output of 600 elements; split the batch"
+    )):
+        torch.ops.robust_ops._drop_max_pool2d_backward_triton(torch.ones_like(out), idx, list(x.shape))
+    monkeypatch.setattr(triton_utils, "MAX_PROGRAMS", 3)
+    check(x.to(DEVICE), args)
+    grad = torch.ops.robust_ops._drop_max_pool2d_backward_triton(torch.ones_like(out), idx, list(x.shape))
+    assert_verbose_equal(grad, torch.ones_like(x).to(DEVICE), "grad_input")
 
 
 def test_backward_index_minus_one_adds_nowhere():

@@ -60,6 +60,20 @@ def per_sample_grid(op_name, name, n, per_sample, block):
     return blocks_per_sample, (programs,)
 
 
+def flat_grid(op_name, name, total, block):
+    """The grid of a kernel whose programs each take `block` of the `total` elements of `name`, refused by name where it
+    would pass MAX_PROGRAMS (2**31 - 1 programs of 256 elements: 2**39 elements). Called before anything is allocated:
+    an expanded tensor of that many elements is a few bytes, and the outputs or checks sized by it failed first in
+    the allocator ("can't allocate memory: you tried to allocate 2199023255552 bytes"), naming no op or argument."""
+    programs = triton.cdiv(total, block)
+    torch._check(
+        programs <= MAX_PROGRAMS,
+        lambda: f"{op_name}: expected at most {MAX_PROGRAMS} programs (CUDA's limit on a 1-D grid) of {block} elements "
+        f"each, got {programs} for {name} of {total} elements; split the batch",
+    )
+    return (programs,)
+
+
 def on_device_of(t):
     """Context for a launch on t's device: Triton launches on the current CUDA device and its current stream, not on
     the tensors' device. No-op for CPU tensors (TRITON_INTERPRET=1)."""

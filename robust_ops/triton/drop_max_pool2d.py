@@ -28,7 +28,7 @@ from .._autograd import register_drop_max_autograd
 from .._meta import (
     check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, grad_input_memory_format, output_memory_format,
 )
-from ._utils import check_launchable, launch, on_device_of
+from ._utils import check_launchable, flat_grid, launch, on_device_of
 
 FORWARD_SCHEMA = (
     "(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
@@ -123,14 +123,15 @@ def drop_max_pool2d_triton(input: Tensor, kernel_size: List[int], stride: List[i
     check_launchable("drop_max_pool2d_triton", input)
     oh, ow = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     n, c, h, w = input.shape
+    total = n * c * oh * ow
+    grid = flat_grid("drop_max_pool2d_triton", "the output", total, BLOCK)
     fmt = output_memory_format(input)
     out = torch.empty((n, c, oh, ow), dtype=input.dtype, device=input.device, memory_format=fmt)
     idx = torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device, memory_format=fmt)
-    total = out.numel()
     if total == 0:
         return out, idx
     with on_device_of(input):
-        launch(_drop_max_pool2d_fwd_kernel)[(triton.cdiv(total, BLOCK),)](
+        launch(_drop_max_pool2d_fwd_kernel)[grid](
             input, out, idx, total, c, h, w, oh, ow,
             *input.stride(), *out.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -145,11 +146,12 @@ def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_
     check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
     if grad_output.is_cuda:  # float atomics: run-to-run sums differ (the CPU interpreter runs programs in order)
         alert_not_deterministic("_drop_max_pool2d_backward_triton")
+    total = grad_output.numel()
+    grid = flat_grid("_drop_max_pool2d_backward_triton", "grad_output", total, BLOCK)
     fmt = grad_input_memory_format(indices)
     # Accumulation buffer for the atomics: float64 for float64, else float32; the grad_input itself unless half.
     acc_dtype = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
     acc = torch.empty(tuple(input_size), dtype=acc_dtype, device=grad_output.device, memory_format=fmt).zero_()
-    total = grad_output.numel()
     h, w = input_size[2], input_size[3]
     # An index outside the input is an error, as in the C++ kernels, never skipped: an asynchronous check (no host
     # sync), raised at the next sync on CUDA and at once on CPU. -1 marks a window without input elements.
@@ -161,7 +163,7 @@ def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_
     if total > 0:
         n, c, oh, ow = grad_output.shape
         with on_device_of(grad_output):
-            launch(_drop_max_pool2d_bwd_kernel)[(triton.cdiv(total, BLOCK),)](
+            launch(_drop_max_pool2d_bwd_kernel)[grid](
                 grad_output, indices, acc, total, c, oh, ow, h * w, w,
                 *grad_output.stride(), *indices.stride(), *acc.stride(),
                 ACC=_acc_dtype(grad_output.dtype), BLOCK=BLOCK,
