@@ -122,18 +122,14 @@ struct WindowTop2 {
   C10_HOST_DEVICE inline int64_t selected() const { return inan >= 0 ? inan : (i2 >= 0 ? i2 : i1); }
 };
 
-// The fake kernel's rule (_meta.output_memory_format): channels_last and not also plain contiguous.
-inline bool is_channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
-
-// The backward's layout (_meta.grad_input_memory_format): the indices', which the forward made in the input's, so
-// grad_input takes the input's layout, as ATen's max_pool2d backward does, whatever grad_output's. Indices that are
-// NCHW and channels_last at once (N x C x 1 x 1, one channel) are told apart by their strides, as
-// suggest_memory_format does (the forward's N x C x 1 x 1 output of a channels_last input has channels_last strides).
-inline bool grad_input_channels_last(const at::Tensor& indices) {
-  return indices.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         (!indices.is_contiguous() || indices.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
+// The pooling layout (_meta.pool_memory_format), ATen's max_pool2d's: of the forward's outputs from the input, of the
+// backward's grad_input from the indices, which the forward made in the input's (so grad_input takes the input's
+// layout whatever grad_output's). Tensors that are NCHW and channels_last at once (one channel, or N x C x 1 x 1) are
+// told apart by their strides, as suggest_memory_format does: a (25, 1, 5, 1)-strided 1 x 1 x 5 x 5 input pools into
+// channels_last strides, a 2 x 3 x 1 x 1 one of strides (3, 1, 3, 3) into a channels_last 2 x 2 output.
+inline bool pool_channels_last(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         (!t.is_contiguous() || t.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace robust_ops

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch._prims_common import suggest_memory_format
 
 import robust_ops
 from robust_ops import reference
@@ -38,8 +39,11 @@ def layout(x, name):
 
 
 def expected_format(x):
-    return torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) \
-        else torch.contiguous_format
+    """ATen's max_pool2d's: one that is NCHW and channels_last at once (one channel, 1 x 1 images) by its strides."""
+    if x.is_contiguous(memory_format=torch.channels_last) and (
+            not x.is_contiguous() or suggest_memory_format(x) == torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def check_against_reference(x, args, pool=op):
@@ -458,6 +462,38 @@ def test_backward_layout_follows_indices_not_grad_output(device):
         assert got.stride() == fake.stride() and got.is_contiguous(memory_format=expected_format(ix))
         if go.stride()[0]:  # the expanded gradient of ones has other values
             assert_verbose_equal(got.cpu(), expected, "grad_input")
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 4), (1, 1, 1, 5), (2, 1, 5, 1), (2, 3, 1, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize("kernel, padding", [(1, 0), (2, 1)])
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_inputs_both_nchw_and_channels_last_pool_into_atens_strides(device, kernel, padding, shape):
+    """One channel or 1 x 1 images: an input contiguous in both formats, with NCHW or channels_last strides. The
+    outputs, indices and input gradient take F.max_pool2d's strides in the native op (both rules), the fake kernel
+    and the reference: a (25, 1, 5, 1)-strided one-channel input gave (25, 25, 5, 1) outputs and gradient (same
+    memory order), and a 2 x 3 x 1 x 1 input of strides (3, 1, 3, 3) an NCHW 2 x 2 output where ATen's is
+    channels_last (another memory order)."""
+    n, c, h, w = shape
+    args = ([kernel] * 2, [1, 1], [padding] * 2, [1, 1], False)
+    for x in (torch.randn(shape), torch.randn(n, h, w, c).permute(0, 3, 1, 2)):
+        x = x.to(device)
+        xa = x.clone().requires_grad_()
+        assert xa.stride() == x.stride()
+        aten_out, aten_idx = F.max_pool2d(xa, *args[:4], return_indices=True)
+        aten_out.backward(torch.ones_like(aten_out))
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = mode.from_tensor(x)
+            fakes = {name: pool(fake, *args) for name, pool in (("fake drop_max_pool2d", op),
+                                                                ("fake max_pool2d", torch.ops.robust_ops.max_pool2d))}
+            fake_grad = backward_op(torch.ones_like(fakes["fake drop_max_pool2d"][0]),
+                                    fakes["fake drop_max_pool2d"][1], list(shape))
+        results = {"drop_max_pool2d": op(x, *args), "max_pool2d": torch.ops.robust_ops.max_pool2d(x, *args),
+                   "reference": reference.drop_max_pool2d(x, *args), **fakes}
+        for name, (out, idx) in results.items():
+            assert (out.stride(), idx.stride()) == (aten_out.stride(), aten_idx.stride()), (name, x.stride())
+        grad = backward_op(torch.ones_like(results["drop_max_pool2d"][0]), results["drop_max_pool2d"][1], list(shape))
+        assert grad.stride() == fake_grad.stride() == xa.grad.stride(), x.stride()
+        assert_verbose_equal(results["max_pool2d"][0], aten_out.detach(), "max_pool2d output")
 
 
 @pytest.mark.parametrize("shape, kernel", [((2, 6, 8, 7), 2), ((2, 6, 2, 2), 2), ((2, 6, 7, 7), 7)])

@@ -113,6 +113,25 @@ def test_grid_limit_lowered_refuses_past_it_and_runs_at_it(monkeypatch):
     assert_verbose_equal(grad, torch.ones_like(x).to(DEVICE), "grad_input")
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 3, 2), (2, 3, 1, 1)])
+def test_inputs_both_nchw_and_channels_last_pool_into_atens_strides(shape):
+    """One channel or 1 x 1 images, contiguous in both formats, with NCHW or channels_last strides: the outputs,
+    indices and input gradient take F.max_pool2d's strides, as the native op's (a 2 x 3 x 1 x 1 input of strides
+    (3, 1, 3, 3) gave an NCHW 2 x 2 output where ATen's is channels_last)."""
+    n, c, h, w = shape
+    args = ([2, 2], [1, 1], [1, 1], [1, 1], False)
+    for x in (torch.randn(shape), torch.randn(n, h, w, c).permute(0, 3, 1, 2)):
+        x = x.to(DEVICE)
+        xa = x.clone().requires_grad_()
+        aten_out, aten_idx = torch.nn.functional.max_pool2d(xa, *args[:4], return_indices=True)
+        aten_out.backward(torch.ones_like(aten_out))
+        out, idx = triton_op()(x, *args)
+        assert (out.stride(), idx.stride()) == (aten_out.stride(), aten_idx.stride()), x.stride()
+        grad = torch.ops.robust_ops._drop_max_pool2d_backward_triton(torch.ones_like(out), idx, list(shape))
+        assert grad.stride() == xa.grad.stride(), x.stride()
+        check(x, args)
+
+
 def test_backward_index_minus_one_adds_nowhere():
     """-1, a window without input elements, is allowed and adds no gradient."""
     backward = torch.ops.robust_ops._drop_max_pool2d_backward_triton

@@ -7,8 +7,8 @@ or under torch.compile. The check_* functions are also the Triton launchers' che
 import math
 
 import torch
-from torch._prims_common import suggest_memory_format
 
+from . import reference
 from .reference import opmath_dtype, pool_output_size
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,22 +80,18 @@ def partly_overlaps(a, b):
 
 
 def output_memory_format(input):
-    """Pooling and eval-batch-norm-backward outputs keep channels_last when the input is channels_last (and not also
-    plain contiguous)."""
+    """Eval-batch-norm-backward outputs (and IMA's records) keep channels_last when the input is channels_last (and not
+    also plain contiguous); pooling goes by pool_memory_format."""
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 
 
-def grad_input_memory_format(indices):
-    """The drop-max / max pooling backward's layout (csrc/drop_max_pool2d.h grad_input_channels_last): the indices',
-    which the forward made in the input's, so grad_input takes the input's layout as ATen's max_pool2d backward does,
-    whatever grad_output's. Indices that are NCHW and channels_last at once (N x C x 1 x 1, one channel) are told
-    apart by their strides, as suggest_memory_format does (only there: it costs ~15 us)."""
-    if indices.dim() == 4 and indices.is_contiguous(memory_format=torch.channels_last) and (
-            not indices.is_contiguous() or suggest_memory_format(indices) == torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+def pool_memory_format(t):
+    """The drop-max / max pooling layout (csrc/drop_max_pool2d.h pool_channels_last), ATen's max_pool2d's, of the
+    forward's outputs from its input and of the backward's grad_input from the indices (so the input's, whatever
+    grad_output's): the reference's rule, robust_ops.reference._pool_memory_format."""
+    return reference._pool_memory_format(t)
 
 
 def check_tensors_given(op, *named):
@@ -158,7 +154,7 @@ def check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ce
 def _pool2d_fake(op, input, kernel_size, stride, padding, dilation, ceil_mode):
     oh, ow = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode, op)
     shape = (input.shape[0], input.shape[1], oh, ow)
-    fmt = output_memory_format(input)
+    fmt = pool_memory_format(input)
     out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
     idx = torch.empty(shape, dtype=torch.int64, device=input.device, memory_format=fmt)
     return out, idx
@@ -205,7 +201,7 @@ def _drop_max_pool2d_backward_fake(grad_output, indices, input_size):
     check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
     return torch.empty(
         tuple(input_size), dtype=grad_output.dtype, device=grad_output.device,
-        memory_format=grad_input_memory_format(indices),
+        memory_format=pool_memory_format(indices),
     )
 
 

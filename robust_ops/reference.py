@@ -8,6 +8,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 __all__ = [
     "pool_output_size",
@@ -65,6 +66,18 @@ def _under_vmap(t):
             return True
         t = functorch.get_unwrapped(t)
     return False
+
+
+def _pool_memory_format(t):
+    """The pooling outputs' layout (of the forward from its input, of the backward from the indices), ATen's
+    max_pool2d's: channels_last when t is channels_last and not also plain contiguous, and where it is both (one
+    channel, or 1 x 1 images) when its strides say so, as suggest_memory_format (only there: it costs ~15 us; not
+    under torch.jit.trace, whose sizes are tensors that it cannot compare: there such a tensor counts as NCHW)."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and (
+            not t.is_contiguous()
+            or (not torch.jit.is_tracing() and suggest_memory_format(t) == torch.channels_last)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
@@ -130,9 +143,11 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     # Under torch.func.vmap a layout cannot be asked ("NYI: querying is_contiguous inside of vmap"), and none is
     # observable: the NCHW result stands there. Nor set by memory_format ("Tensor.clone(memory_format) inside vmap"),
     # which a batched forward-mode tangent (jacfwd, hessian) meets too: channels_last is made by permuting.
-    if (not _under_vmap(input) and input.is_contiguous(memory_format=torch.channels_last)
-            and not input.is_contiguous()):
-        out, idx = (t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for t in (out, idx))
+    if not _under_vmap(input) and _pool_memory_format(input) == torch.channels_last:
+        # reshape + view, not contiguous(): that hands an NHWC view that is already contiguous (one channel, 1 x 1
+        # images) back with its NCHW strides, where ATen's and the kernels' channels_last outputs have
+        # channels_last ones
+        out, idx = (t.permute(0, 2, 3, 1).reshape(-1).view(n, oh, ow, c).permute(0, 3, 1, 2) for t in (out, idx))
     return out, idx
 
 

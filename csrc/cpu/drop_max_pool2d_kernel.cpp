@@ -583,8 +583,9 @@ std::tuple<at::Tensor, at::Tensor> pool2d_cpu(const at::Tensor& input, c10::IntA
                                               c10::IntArrayRef dilation, bool ceil_mode) {
   const Geometry g =
       check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode, op_name(rule));
-  const bool channels_last = is_channels_last(input);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto format = pool_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  // One channel is one memory order in either layout: the NCHW path, whose lanes are output columns, runs it.
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast && g.C > 1;
   const at::Tensor x = input.contiguous(format);
   at::Tensor output = at::empty({g.N, g.C, g.OH, g.OW}, input.options().memory_format(format));
   at::Tensor indices = at::empty({g.N, g.C, g.OH, g.OW}, input.options().dtype(at::kLong).memory_format(format));
@@ -690,7 +691,7 @@ void backward_channels_last(const at::Tensor& grad_output, const at::Tensor& ind
 at::Tensor drop_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices,
                                         c10::IntArrayRef input_size) {
   check_drop_max_pool2d_backward_args(grad_output, indices, input_size);
-  const bool channels_last = grad_input_channels_last(indices);
+  const bool channels_last = pool_channels_last(indices);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor go = grad_output.contiguous(format);
   const at::Tensor ix = indices.contiguous(format);

@@ -4,8 +4,8 @@
 // Semantics are those of robust_ops.reference.drop_max_pool2d and the CPU kernel: remove the first occurrence
 // (row-major window order) of the maximum, select the first occurrence of the largest remaining value; a single
 // valid element selects itself; a window holding NaN selects its first NaN. The kernels index through strides, so
-// NCHW, channels_last and other layouts need no copy; outputs keep the input's memory format (channels_last iff the
-// input is channels_last and not also contiguous, as the fake kernel in robust_ops/_meta.py says).
+// NCHW, channels_last and other layouts need no copy; outputs keep the input's memory format (pool_channels_last, as
+// the fake kernel in robust_ops/_meta.py says).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> drop_max_pool2d_cuda(const at::Tensor& input,
   TORCH_INTERNAL_ASSERT(input.is_cuda());
   const Geometry g = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode);
   const c10::cuda::CUDAGuard guard(input.device());
-  const auto format = is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto format = pool_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor output = at::empty({g.N, g.C, g.OH, g.OW}, input.options().memory_format(format));
   at::Tensor indices = at::empty({g.N, g.C, g.OH, g.OW}, input.options().dtype(at::kLong).memory_format(format));
   const int64_t total = output.numel();
@@ -119,7 +119,7 @@ at::Tensor drop_max_pool2d_backward_cuda(const at::Tensor& grad_output, const at
   at::globalContext().alertNotDeterministic("_drop_max_pool2d_backward_cuda");
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const auto format =
-      grad_input_channels_last(indices) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+      pool_channels_last(indices) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto acc_type = at::toOpMathType(grad_output.scalar_type());
   // Accumulate in opmath (float for float16/bfloat16) and round once, like the CPU kernel.
   at::Tensor acc = at::empty(input_size, grad_output.options().dtype(acc_type).memory_format(format)).zero_();

@@ -26,7 +26,7 @@ from torch._prims_common import alert_not_deterministic  # torch's Python twin o
 
 from .._autograd import register_drop_max_autograd
 from .._meta import (
-    check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, grad_input_memory_format, output_memory_format,
+    check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, pool_memory_format,
 )
 from ._utils import check_launchable, flat_grid, launch, on_device_of
 
@@ -125,7 +125,7 @@ def drop_max_pool2d_triton(input: Tensor, kernel_size: List[int], stride: List[i
     n, c, h, w = input.shape
     total = n * c * oh * ow
     grid = flat_grid("drop_max_pool2d_triton", "the output", total, BLOCK)
-    fmt = output_memory_format(input)
+    fmt = pool_memory_format(input)
     out = torch.empty((n, c, oh, ow), dtype=input.dtype, device=input.device, memory_format=fmt)
     idx = torch.empty((n, c, oh, ow), dtype=torch.int64, device=input.device, memory_format=fmt)
     if total == 0:
@@ -148,7 +148,7 @@ def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_
         alert_not_deterministic("_drop_max_pool2d_backward_triton")
     total = grad_output.numel()
     grid = flat_grid("_drop_max_pool2d_backward_triton", "grad_output", total, BLOCK)
-    fmt = grad_input_memory_format(indices)
+    fmt = pool_memory_format(indices)
     # Accumulation buffer for the atomics: float64 for float64, else float32; the grad_input itself unless half.
     acc_dtype = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
     acc = torch.empty(tuple(input_size), dtype=acc_dtype, device=grad_output.device, memory_format=fmt).zero_()
