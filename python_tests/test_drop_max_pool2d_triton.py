@@ -132,6 +132,30 @@ def test_inputs_both_nchw_and_channels_last_pool_into_atens_strides(shape):
         check(x, args)
 
 
+def test_arguments_that_are_not_strided_are_refused_by_name():
+    """Sparse and mkldnn tensors met torch's "Cannot access storage of SparseTensorImpl" (OpaqueTensorImpl), or for
+    sparse indices "Could not run 'aten::ge.Scalar' with arguments from the 'SparseCPU' backend", naming neither op
+    nor argument; refused in one line, as robust_ops.drop_max_pool2d refuses its input."""
+    x = make_input((2, 3, 4, 4), "normal", seed=5).to(DEVICE)
+    args = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    out, idx = triton_op()(x, *args)
+
+    def refusal(op, name, layout_name):
+        return pytest.raises(RuntimeError, match=re.escape(
+            f"{op}: expected {name} to be a strided (dense) tensor, got torch.{layout_name}; there is no Triton kernel "
+            "for it: convert with .to_dense()"
+        ))
+
+    backward = torch.ops.robust_ops._drop_max_pool2d_backward_triton
+    for layout_name, convert in (("sparse_coo", lambda t: t.to_sparse()), ("_mkldnn", lambda t: t.cpu().to_mkldnn())):
+        with refusal("drop_max_pool2d_triton", "input", layout_name):
+            triton_op()(convert(x), *args)
+        with refusal("_drop_max_pool2d_backward_triton", "grad_output", layout_name):
+            backward(convert(torch.ones_like(out)), idx, list(x.shape))
+    with refusal("_drop_max_pool2d_backward_triton", "indices", "sparse_coo"):
+        backward(torch.ones_like(out), idx.to_sparse(), list(x.shape))
+
+
 def test_backward_index_minus_one_adds_nowhere():
     """-1, a window without input elements, is allowed and adds no gradient."""
     backward = torch.ops.robust_ops._drop_max_pool2d_backward_triton

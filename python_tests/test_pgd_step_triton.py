@@ -543,3 +543,27 @@ def test_runs_without_grad_mode_and_bumps_versions():
 
 def test_backward_sees_the_mutation():
     check_backward_sees_the_mutation(triton_op(), device())
+
+
+@pytest.mark.parametrize("name", PGD_TENSOR_ARGUMENTS)
+def test_arguments_that_are_not_strided_are_refused_by_name(name):
+    """A sparse (or mkldnn) argument of the direct op met torch's "Cannot access storage of SparseTensorImpl" or
+    "unsupported memory format option Contiguous", or a sparse x_adv the overlap check's "expected x_adv without
+    internal overlap"; refused in one line naming the op and argument, before anything is written."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4, 4), device=device())
+    values = dict(x_adv=x_adv, x_nat=x_nat, grad=grad, alpha=alpha, eps=eps,
+                  history=torch.zeros((2, 2, 3, 4, 4), device=device()))
+    before = {key: t.clone() for key, t in values.items()}
+    layouts = [("sparse_coo", values[name].to_sparse())]
+    if values[name].dim() == 4:  # mkldnn tensors are CPU float32 only; checked before the device
+        layouts.append(("_mkldnn", values[name].cpu().to_mkldnn()))
+    for layout_name, t in layouts:
+        args = dict(values, **{name: t})
+        with pytest.raises(RuntimeError, match=re.escape(
+            f"pgd_step_triton: expected {name} to be a strided (dense) tensor, got torch.{layout_name}; there is no "
+            "Triton kernel for it: convert with .to_dense()"
+        )):
+            triton_op()(args["x_adv"], args["x_nat"], args["grad"], args["alpha"], args["eps"], 0.0, 1.0, "linf",
+                        args["history"], 1)
+        for key in ("x_adv", "history"):
+            assert_verbose_equal(values[key], before[key], key)

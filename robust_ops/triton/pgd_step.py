@@ -20,7 +20,7 @@ from torch import Tensor
 from .._autograd import register_in_place_without_gradient
 from .._meta import check_pgd_step_args, check_pgd_step_values
 from ..reference import clip_bounds, opmath_dtype
-from ._utils import check_launchable, div_rn, launch, may_overlap, mul_rn, on_device_of, per_sample_grid
+from ._utils import check_launchable, check_strided, div_rn, launch, may_overlap, mul_rn, on_device_of, per_sample_grid
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -123,6 +123,8 @@ def pgd_step_triton(
     x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: Tensor, eps: Tensor, clip_min: float, clip_max: float,
     norm: str, history: Optional[Tensor], slot: int,
 ) -> None:
+    check_strided("pgd_step_triton", ("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("alpha", alpha), ("eps", eps),
+                  ("history", history))
     check_launchable("pgd_step_triton", x_adv)
     check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot)
     op_dtype = opmath_dtype(x_adv.dtype)
