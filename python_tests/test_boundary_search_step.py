@@ -496,3 +496,29 @@ def test_backward_sees_the_mutation():
 def test_a_rejected_call_bumps_no_version():
     check_in_place_op_rejected_call_bumps_no_version(OP, search_step_arguments, SEARCH_MUTATED,
                                                      {"crossed_at": torch.full((5,), 9)}, "expected crossed_at in")
+
+
+def check_refuses_a_sparse_argument(step, name, message, device="cpu"):
+    """step(lo, hi, points, crossed_at, active) with the argument `name` sparse raises `message`, before anything is
+    written (also the Triton op's test)."""
+    lo, hi, points, crossed_at, active = make_inputs(3, device=device, active=True)
+    values = dict(lo=lo, hi=hi, points=points, crossed_at=crossed_at, active=active)
+    before = {key: values[key].clone() for key in ("lo", "hi", "points")}
+    args = dict(values, **{name: values[name].to_sparse()})
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        step(*args.values())
+    for key, t in before.items():
+        assert_verbose_equal(values[key], t, key)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("name", ["lo", "hi", "points", "crossed_at", "active"])
+def test_functional_refuses_arguments_that_are_not_strided_by_name(backend, name):
+    """A sparse argument of robust_ops.boundary_search_step_ got the dispatcher's many-line "Could not run
+    'robust_ops::boundary_search_step_' with arguments from the 'SparseCPU' backend" (native) or torch's errors
+    (reference: a sparse lo "expected lo without internal overlap"); refused in one line naming the argument."""
+    check_refuses_a_sparse_argument(
+        lambda *args: robust_ops.boundary_search_step_(*args, backend=backend), name,
+        f"boundary_search_step_: expected {name} to be a strided (dense) tensor, got torch.sparse_coo; there is no "
+        "boundary_search_step_ kernel for it: convert with .to_dense()",
+    )

@@ -16,6 +16,7 @@ from test_boundary_search_step import (
     _bad_inputs,
     _sharing,
     check_backward_sees_the_mutation,
+    check_refuses_a_sparse_argument,
     check_refuses_argument_requiring_grad,
     check_runs_without_grad_mode_and_bumps_versions,
     classify,
@@ -287,14 +288,9 @@ def test_backward_sees_the_mutation():
 def test_arguments_that_are_not_strided_are_refused_by_name(name):
     """A sparse argument of the direct op met torch's errors ("Cannot access storage of SparseTensorImpl", a sparse
     kernel missing), naming neither op nor argument; refused in one line, before anything is written."""
-    lo, hi, points, crossed_at, active = make_inputs(3, device=device(), active=True)
-    values = dict(lo=lo, hi=hi, points=points, crossed_at=crossed_at, active=active)
-    before = {key: values[key].clone() for key in ("lo", "hi", "points")}
-    args = dict(values, **{name: values[name].to_sparse()})
-    with pytest.raises(RuntimeError, match=re.escape(
+    check_refuses_a_sparse_argument(
+        triton_op(), name,
         f"boundary_search_step_triton: expected {name} to be a strided (dense) tensor, got torch.sparse_coo; there is "
-        "no Triton kernel for it: convert with .to_dense()"
-    )):
-        triton_op()(*args.values())
-    for key, t in before.items():
-        assert_verbose_equal(values[key], t, key)
+        "no Triton kernel for it: convert with .to_dense()",
+        device=device(),
+    )

@@ -3,6 +3,7 @@ torchattacks 3.5.1 expression chains in float32/float64, tolerances for float16/
 strides, history slots, zero gradients, opcheck, torch.compile and every error message."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -1060,3 +1061,28 @@ def test_refuses_a_tensor_requiring_grad_under_compile():
     expected = pgd_step_arguments()
     op(*expected.values())
     assert_verbose_equal(x.detach(), expected["x_adv"])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("name", PGD_TENSOR_ARGUMENTS)
+def test_functional_refuses_arguments_that_are_not_strided_by_name(backend, name):
+    """A sparse (or mkldnn) argument of robust_ops.pgd_step_ got the dispatcher's many-line "Could not run
+    'robust_ops::pgd_step_' with arguments from the 'SparseCPU' backend" (native) or torch's errors (reference; a
+    sparse x_adv "expected x_adv without internal overlap", a sparse grad ran); refused in one line naming the
+    argument, as drop_max_pool2d refuses its input, before anything is written."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4, 4))
+    values = dict(x_adv=x_adv, x_nat=x_nat, grad=grad, alpha=alpha, eps=eps, history=torch.zeros((2, 2, 3, 4, 4)))
+    before = {key: values[key].clone() for key in ("x_adv", "history")}
+    layouts = [("sparse_coo", values[name].to_sparse())]
+    if values[name].dim() == 4:
+        layouts.append(("_mkldnn", values[name].to_mkldnn()))
+    for layout_name, t in layouts:
+        args = dict(values, **{name: t})
+        with pytest.raises(RuntimeError, match=re.escape(
+            f"pgd_step_: expected {name} to be a strided (dense) tensor, got torch.{layout_name}; there is no "
+            "pgd_step_ kernel for it: convert with .to_dense()"
+        )):
+            robust_ops.pgd_step_(args["x_adv"], args["x_nat"], args["grad"], args["alpha"], args["eps"],
+                                 history=args["history"], slot=1, backend=backend)
+        for key, t_before in before.items():
+            assert_verbose_equal(values[key], t_before, key)

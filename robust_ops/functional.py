@@ -69,6 +69,16 @@ def _check_tensor(op, name, value, optional=False):
         raise TypeError(f"{op}: expected {name} to be {kind}, got {type(value).__name__}")
 
 
+def _check_strided(op, name, value):
+    """A tensor argument that is not strided (sparse, mkldnn), refused by name as drop_max_pool2d refuses its input:
+    the native ops gave the dispatcher's many-line "Could not run 'robust_ops::pgd_step_' with arguments from the
+    'SparseCPU' backend", the reference torch's errors or, for a sparse x_adv, "expected x_adv without internal
+    overlap"."""
+    if value is not None and value.layout != torch.strided:
+        raise RuntimeError(f"{op}: expected {name} to be a strided (dense) tensor, got {value.layout}; there is no "
+                           f"{op} kernel for it: convert with .to_dense()")
+
+
 def _functorch_autodiff(x):
     """Which differentiating transform sees x, if any: the native/Triton ops' autograd (torch.library.register_autograd)
     has no forward-mode formula, so a jvp/forward_ad tangent would be dropped silently (zero), and torch.func.grad
@@ -221,6 +231,7 @@ def _per_sample_tensor(name, value, like):
         # The op's own dtype check: the conversion below turned a bool mask into steps of 1.0 and dropped the
         # imaginary part of a complex tensor, silently.
         _check_floating("pgd_step_", name, value)
+        _check_strided("pgd_step_", name, value)
         if value.dim() == 0:
             return value.to(device=like.device, dtype=dtype).expand(n).contiguous()
         if value.dim() != 1 or value.shape[0] != n:
@@ -281,6 +292,8 @@ def pgd_step_(
     for name, value in (("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad)):
         _check_tensor("pgd_step_", name, value)
     _check_tensor("pgd_step_", "history", history, optional=True)
+    for name, value in (("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("history", history)):
+        _check_strided("pgd_step_", name, value)
     if x_adv.dim() == 0:  # the op's own message, raised before x_adv.shape[0] below fails with an IndexError
         raise RuntimeError("pgd_step_: expected x_adv to have a batch dimension, got a 0-D tensor")
     alpha_t = _per_sample_tensor("alpha", alpha, x_adv)
@@ -335,6 +348,8 @@ def boundary_search_step_(lo, hi, points, crossed_at, active=None, *, backend=No
     for name, value in (("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at)):
         _check_tensor("boundary_search_step_", name, value)
     _check_tensor("boundary_search_step_", "active", active, optional=True)
+    for name, value in (("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at), ("active", active)):
+        _check_strided("boundary_search_step_", name, value)
     which = _backend.resolve("boundary_search_step_", lo.device, backend)
     return _boundary_search_step_on(which, lo, hi, points, crossed_at, active)
 
