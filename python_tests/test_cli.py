@@ -3520,6 +3520,32 @@ def test_resume_with_metrics_json_deleted_still_refuses_fewer_epochs_before_touc
     assert (out / "run.json").read_text() == before
 
 
+def test_resume_of_a_checkpoint_without_run_json_is_refused_in_the_command_lines_words(small_npz, tmp_path, capsys):
+    # with run.json gone (deleted, or fit's out_dir from Python), fit's own check refuses another setting, and its
+    # words reached the command line: "pass lr=0.001 ..., or train afresh with resume=False (another out_dir ...)"
+    out = tmp_path / "run"
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--batch-size", "32", "--out", out,
+            "--defense", "at", "--epochs", "2", "--defense-opt"]
+    assert run(base + ["steps=1"], capsys)[0] == 0
+    (out / "run.json").unlink()
+    way_on = "or train afresh without --resume (another --out keeps this run's files)"
+    for extra, words in ((["steps=1", "--lr", "0.01"], "was trained with --lr 0.001, this command has --lr 0.01; "
+                                                        "rerun with "),
+                         (["steps=2"], "was trained with --defense-opt step_size=0.049019607843137254 --defense-opt "
+                                       "steps=1, this command has --defense-opt step_size=0.024509803921568627 "
+                                       "--defense-opt steps=2; rerun with "),
+                         (["steps=1", "--epochs", "1"], "holds 2 epochs of training, more than --epochs 1; pass "
+                                                        "--epochs 2 or more ")):
+        rc, _, err = run(base + extra + ["--resume"], capsys)
+        line = one_line_error(rc, err, f"--resume: {out / 'checkpoint.pt'} {words}", way_on)
+        assert not re.search(r"resume=|out_dir|\blr=|\bepochs=|\bcall\b", line), line
+        assert not (out / "run.json").exists()
+    # run.json's own refusals give the same way on
+    assert run(base + ["steps=1"], capsys)[0] == 0
+    rc, _, err = run(base + ["steps=1", "--resume", "--lr", "0.01"], capsys)
+    one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with --lr 0.001", way_on)
+
+
 def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz, tmp_path, capsys):
     # a second train (other settings) or --resume into a RUN_DIR still training rewrote its checkpoint and run.json
     # under the first: both exited 0, leaving one run's checkpoint beside the other's run.json (probe: standard for
@@ -3627,7 +3653,8 @@ def test_train_flushes_run_json_to_disk_as_it_does_checkpoints(small_npz, tmp_pa
     shutil.copy(at / "checkpoint.pt", out)
     synced.clear()
     rc, _, err = run(base + ["--epochs", "2", "--resume"], capsys)
-    one_line_error(rc, err, "training failed: fit: cannot resume", "defense='at'")  # another run's checkpoint
+    one_line_error(rc, err, "--resume:", "checkpoint.pt was trained with --defense at, this command has --defense "
+                                         "standard")  # another run's checkpoint
     assert synced == [("run.json", True), ("run.json", True)]  # this command's record, then the one put back
 
 
@@ -5032,7 +5059,8 @@ def test_resume_refused_by_a_checkpoint_without_run_json_leaves_no_run_json(trai
     argv = ["train", "--data", small_npz, "--epochs", "2", "--out", run_dir, "--resume", "--no-progress",
             "--device", "cpu"]
     rc, _, err = run(argv + ["--seed", "1"], capsys)
-    one_line_error(rc, err, "training failed: fit: cannot resume", "seed=0, this call has seed=1")
+    one_line_error(rc, err, f"--resume: {run_dir / 'checkpoint.pt'} was trained with --seed 0, this command has "
+                            "--seed 1")
     assert not (run_dir / "run.json").exists()
     rc, _, err = run(argv + ["--seed", "0"], capsys)
     assert rc == 0, err
@@ -5044,7 +5072,8 @@ def test_resume_refused_by_a_checkpoint_without_run_json_leaves_no_run_json(trai
                 "--defense", "at", "--defense-opt", "steps=1"], capsys)[0] == 0
     shutil.copy(at / "checkpoint.pt", run_dir)
     rc, _, err = run(argv + ["--epochs", "3"], capsys)
-    one_line_error(rc, err, "training failed: fit: cannot resume", "defense='at'")
+    one_line_error(rc, err, "--resume:", "checkpoint.pt was trained with --defense at, this command has --defense "
+                                         "standard")
     assert (run_dir / "run.json").read_text() == before
 
 

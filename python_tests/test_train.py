@@ -26,7 +26,8 @@ from robust_ops.defenses import Defense, DefenseOutput
 from robust_ops.attacks.context import classification_loss
 from robust_ops.ima import IMA
 from robust_ops.train import (CollectiveTimeoutError, GlobalBatchSampler, LostBestEpochError, NonFiniteLossError,
-                           OneSampleBatchError, fit, load_checkpoint, load_weights, train_data_fingerprint)
+                           OneSampleBatchError, ResumeMismatchError, fit, load_checkpoint, load_weights,
+                           train_data_fingerprint)
 
 from utils import TinyCNN, free_port, host_reads
 
@@ -255,6 +256,31 @@ def test_resume_refuses_another_seed_or_defense(tmp_path, setting, changed):
                                          r"continue that run, or train afresh with resume=False \(another out_dir "
                                          r"keeps this run's files\)$"):
         fit(DropoutMLP(), make(), _data(16), epochs=2, resume=True, seed=changed.get("seed", 0), **kwargs)
+
+
+def test_a_resume_refusal_of_another_setting_carries_the_key_and_both_values(tmp_path):
+    """fit's refusal of a checkpoint trained with another setting (or more epochs) is a ResumeMismatchError whose
+    key, saved and now let a caller (robust-ops train --resume) word it with its own flags; it pickles whole, as
+    fit's other errors do (a DDP process's error is sent to the others)."""
+    import pickle
+
+    kwargs = dict(batch_size=8, out_dir=tmp_path, progress=False)
+    fit(DropoutMLP(), defenses.build("at", steps=1), _data(16), epochs=2, lr=1e-2, **kwargs)
+    for change, facts in ((dict(lr=1e-3), ("lr", 1e-2, 1e-3)), (dict(epochs=1), ("epochs", 2, 1)),
+                          (dict(steps=2), ("defense_options", {"steps": 1}, {"steps": 2}))):
+        args = dict(dict(lr=1e-2, epochs=2), **{k: v for k, v in change.items() if k != "steps"})
+        defense = defenses.build("at", steps=change.get("steps", 1))
+        with pytest.raises(ResumeMismatchError) as caught:
+            fit(DropoutMLP(), defense, _data(16), resume=True, **args, **kwargs)
+        err = caught.value
+        saved, now = err.saved, err.now
+        if err.key == "defense_options":  # the options that differ: AT's step_size follows its steps
+            saved, now = {"steps": saved["steps"]}, {"steps": now["steps"]}
+        assert isinstance(err, ValueError) and (err.key, saved, now) == facts
+        assert err.path == tmp_path / "checkpoint.pt"
+        again = pickle.loads(pickle.dumps(err))
+        assert (type(again), str(again), again.key, again.saved, again.now) == (type(err), str(err), err.key,
+                                                                                err.saved, err.now)
 
 
 def test_a_resume_refused_for_another_defense_names_both_ways_on(tmp_path):

@@ -830,6 +830,25 @@ def resume_setting_error(run_file, key, was, now, flags):
                     f"this command has {now_words or f'no {flag}'}")
 
 
+# the way on from a RUN_DIR whose run train's (or demo's) --resume cannot continue: a fresh start replaces that run's
+# files (a command without --resume), another --out keeps them
+TRAIN_AFRESH = "train afresh without --resume (another --out keeps this run's files)"
+# fit's recorded settings (its ResumeMismatchError's keys) that no flag takes as they are, and the flags setting them
+FIT_SETTING_FLAGS = {"num_samples": "--data, --classes", "defense_class": "--defense", "drop_max_layers": "--dropmax"}
+
+
+def resume_refusal(path, key, was, now, flags):
+    """train's (and demo's) --resume refusal of the run at ``path`` (its run.json, or a checkpoint without one: fit's
+    ResumeMismatchError) trained with another ``key`` (``was``; ``now`` this command's) or, for key "epochs", more
+    epochs than --epochs: in the command line's words (``flags``: the command's FLAG_SETTINGS), with the way on."""
+    if key == "epochs":
+        return CLIError(f"--resume: {path} holds {was} epochs of training, more than --epochs {now}; pass --epochs "
+                        f"{was} or more (the run's total, not the epochs to add), or {TRAIN_AFRESH}")
+    where = f" (set by {FIT_SETTING_FLAGS[key]})" if key in FIT_SETTING_FLAGS else ""
+    return CLIError(f"{resume_setting_error(path, key, was, now, flags)}{where}; rerun with the run's settings to "
+                    f"continue it, or {TRAIN_AFRESH}")
+
+
 def demo_label(method):
     """demo's table label of a --methods entry: Baseline, AT, DPAAT, MIRST-DM, ...; a Defense subclass given by its
     path (package.module.Class) keeps it."""
@@ -1029,13 +1048,14 @@ def refuse_several_processes(command, why):
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
               prepacked_conv=None, split=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0,
-              early_stopping=None, restore_best=False, dist_timeout=None):
+              early_stopping=None, restore_best=False, dist_timeout=None, flags=TRAIN_FLAG_SETTINGS):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, fit's
     FitResult: its history, and its early stopping's state as the checkpoint holds it).
     ``warmup_epochs``, ``early_stopping``, ``restore_best``: fit's (the head-only warm-up's epochs, a patience on the
     validation loss, the best epoch's weights handed back).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`. ``dist_timeout``
-    (``--dist-timeout``) is fit's, not recorded in run.json: it changes no result, and a resume may change it."""
+    (``--dist-timeout``) is fit's, not recorded in run.json: it changes no result, and a resume may change it.
+    ``flags``: the command's FLAG_SETTINGS, which fit's refusal of a checkpoint to resume names as typed."""
     from . import train as trainer
     from .data import IndexedDataset
     from .prepacked_conv import prepacked_conv_resolved
@@ -1102,13 +1122,13 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         if resume:
             conflict = resume_conflict(out, run)
             if conflict and conflict[0] == "epochs":
-                raise CLIError(f"--resume: {out} holds {conflict[1]} epochs of training, more than --epochs {epochs}")
+                raise resume_refusal(out, *conflict, flags)
             if conflict and conflict[0] == "split_by":
                 raise CLIError(f"--resume: {split_by_refusal(out, *conflict[1:])}; or train it again without --resume")
             if conflict and conflict[0] == "rare_classes":
                 raise CLIError(f"--resume: {rare_classes_refusal(out)}; or train it again without --resume")
             if conflict:
-                raise resume_setting_error(out / RUN_FILE, *conflict, TRAIN_FLAG_SETTINGS)
+                raise resume_refusal(out / RUN_FILE, *conflict, flags)
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
             for name in trainer.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -1160,6 +1180,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             if isinstance(err, trainer.UnreadableCheckpointError):  # the checkpoint --resume reads: no way through it
                 kept = ("; the run cannot continue from it: put back a good copy of it, or train again from the "
                         "start (without --resume)")
+            if isinstance(err, trainer.ResumeMismatchError):  # a checkpoint without run.json: fit's check said it
+                raise resume_refusal(err.path, err.key, err.saved, err.now, flags) from None
             if isinstance(err, trainer.OneSampleBatchError):  # fit's names for what this command calls otherwise
                 err = err.reworded("--batch-size", "the training split")
             if isinstance(err, trainer.CollectiveTimeoutError):
@@ -1964,7 +1986,7 @@ def cmd_demo(args):
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
                         resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
                         classes=args.classes, bit_depth=args.bit_depth, channels=args.channels,
-                        dist_timeout=args.dist_timeout)
+                        dist_timeout=args.dist_timeout, flags=DEMO_FLAG_SETTINGS)
                     timings[label] = time.perf_counter() - t0
                     models[label] = model
                     last = result.history[-1] if result.history else {}

@@ -67,7 +67,8 @@ from .defenses.base import _as_tuples, _plain
 
 __all__ = [
     "fit", "FitResult", "load_checkpoint", "load_weights", "stopped_by_another_process", "NonFiniteLossError",
-    "OneSampleBatchError", "UnreadableCheckpointError", "LostBestEpochError", "CollectiveTimeoutError"
+    "OneSampleBatchError", "UnreadableCheckpointError", "LostBestEpochError", "CollectiveTimeoutError",
+    "ResumeMismatchError"
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -1237,6 +1238,8 @@ def fit(
             torch.save file).
         LostBestEpochError (a ValueError): ``restore_best`` resumes a checkpoint trained without it whose best epoch
             is not its last.
+        ResumeMismatchError (a ValueError): the checkpoint to resume was trained with another setting (``key``,
+            ``saved``, ``now``) or holds more than ``epochs`` epochs.
         InputDtypeError (a TypeError), InputShapeError (a ValueError): the data's dtype or channel count is not the
             model's (robust_ops.attacks).
         CollectiveTimeoutError (a RuntimeError): under DDP, a collective waited past the group's timeout.
@@ -2012,8 +2015,9 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
             hint = ("; ReduceLROnPlateau steps on val_loss with val_data, else on train_loss: give val_data or "
                     "leave it out as that run did" if key == "plateau_metric" else
                     f"; {_resume_setting_fix(key, saved)} to continue that run, or {_TRAIN_AFRESH}")
-            raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, this "
-                             f"call has {key}={config[key]!r}{hint}")
+            raise ResumeMismatchError(name, resume_path, key, saved, config[key],
+                                      f"{name}: cannot resume {resume_path}: it was trained with {key}={saved!r}, "
+                                      f"this call has {key}={config[key]!r}{hint}")
     # A training set of the same size but other content (an .npz replaced in place, another seed's synthetic
     # set). None on either side: a checkpoint written before it was recorded, or a dataset it cannot read.
     saved_data = state["config"].get("train_data_sha256")
@@ -2044,13 +2048,19 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
     saved_options = state["config"].get("defense_options", defense_options)
     change = _settings_change(saved_options, defense_options)
     if change:
-        raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with the {config['defense']} "
-                         f"defense's {change[0]}, this call's defense has {change[1]}; build the defense with that "
-                         f"run's options to continue it, or {_TRAIN_AFRESH}")
+        changed = [k for k in sorted(set(saved_options) | set(defense_options))
+                   if saved_options.get(k, "unset") != defense_options.get(k, "unset")]
+        raise ResumeMismatchError(name, resume_path, "defense_options",
+                                  *({k: options[k] for k in changed if k in options}
+                                    for options in (saved_options, defense_options)),
+                                  f"{name}: cannot resume {resume_path}: it was trained with the {config['defense']} "
+                                  f"defense's {change[0]}, this call's defense has {change[1]}; build the defense "
+                                  f"with that run's options to continue it, or {_TRAIN_AFRESH}")
     if int(state["epoch"]) > epochs:
-        raise ValueError(f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of training, "
-                         f"more than epochs={epochs}; pass epochs={int(state['epoch'])} or more (the run's total, "
-                         "not the epochs to add)")
+        raise ResumeMismatchError(name, resume_path, "epochs", int(state["epoch"]), epochs,
+                                  f"{name}: cannot resume {resume_path}: it holds {int(state['epoch'])} epochs of "
+                                  f"training, more than epochs={epochs}; pass epochs={int(state['epoch'])} or more "
+                                  "(the run's total, not the epochs to add)")
 
 
 def _load_resumed_state(name, resume_path, state, weights_model, optimizer, scheduler, scaler, defense):
@@ -2477,6 +2487,22 @@ def check_trainable_precision(name, params, how="model.float(), float32 data; am
                          "optimizer would update them in that precision (float16: Adam's eps 1e-8 is 0, NaN weights; "
                          f"updates below the weights' resolution are lost); train float32 weights ({how}) and convert "
                          "the trained model")
+
+
+class ResumeMismatchError(ValueError):
+    """fit refusing to resume a checkpoint trained with another setting than this call's (see ``fit``'s resume): the
+    message names the checkpoint, both values and the fix in fit's argument names. ``key`` (the checkpoint config's
+    name of the setting: "lr", "defense_class", ...; "epochs" for a checkpoint holding more epochs than ``epochs``),
+    ``saved`` (the checkpoint's value; its epochs), ``now`` (this call's) and ``path`` (the checkpoint) let a caller
+    say it in its own words (the command line's flags, as ``robust-ops train --resume`` does)."""
+
+    def __init__(self, name, path, key, saved, now, message):
+        self.facts = (name, path, key, saved, now, message)
+        self.path, self.key, self.saved, self.now = path, key, saved, now
+        super().__init__(message)
+
+    def __reduce__(self):  # with the instance's __dict__, as a plain exception's: its __notes__ and attributes
+        return type(self), self.facts, self.__dict__
 
 
 class LostBestEpochError(ValueError):
