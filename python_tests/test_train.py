@@ -283,6 +283,24 @@ def test_a_resume_refusal_of_another_setting_carries_the_key_and_both_values(tmp
                                                                                 err.saved, err.now)
 
 
+@pytest.mark.parametrize("key,saved,fix", [
+    ("lr", 0.01, "pass lr=0.01"), ("lr", None, "pass the run's lr"),  # a default optimizer's lr: None
+    ("batch_size", 8, "pass batch_size=8"), ("warmup_epochs", 2, "pass warmup_epochs=2"),
+    ("early_stopping", None, "pass early_stopping=None"), ("early_stopping", 3, "pass early_stopping=3"),
+    ("max_grad_norm", None, "pass max_grad_norm=None"), ("max_grad_norm", 1.0, "pass max_grad_norm=1.0"),
+    ("defense", "trades", "pass defense='trades'"), ("defense", "?", "pass the run's defense"),
+    ("defense", "defense", "pass the run's defense"), ("scheduler", None, "pass no scheduler"),
+    ("scheduler", "torch.optim.lr_scheduler.StepLR", "pass a scheduler of that class"),
+    ("optimizer", "torch.optim.SGD", "pass an optimizer of that class"),
+    ("num_samples", 16, "pass the run's train_data"), ("plateau_metric", "val_loss", "pass the run's plateau_metric")])
+def test_resume_setting_fix_passes_the_recorded_value_where_an_argument_takes_it(key, saved, fix):
+    """The way on of fit's refusal of a checkpoint trained with another setting: the argument with the run's value
+    where fit takes it as recorded (early_stopping and max_grad_norm also as None, their default), else in words."""
+    from robust_ops.train import _resume_setting_fix
+
+    assert _resume_setting_fix(key, saved) == fix
+
+
 def test_a_resume_refused_for_another_defense_names_both_ways_on(tmp_path):
     """A checkpoint of a TRADES run resumed with defense='at' was refused "it was trained with defense='trades', this
     call has defense='at'", naming no way on; it now names the run's setting to continue it, and resume=False (or

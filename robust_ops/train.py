@@ -1975,7 +1975,7 @@ _RECORDED_SETTINGS = {"defense_class": "a defense of that class", "optimizer": "
 def _resume_setting_fix(key, saved):
     """How a call resumes a checkpoint trained with ``key`` = ``saved``: "pass defense='trades'", or in words where no
     fit argument takes the recorded value as it is (a class path, a dtype, a default optimizer's lr of None)."""
-    if key in _PASSED_SETTINGS and saved is not None or key in ("early_stopping", "max_grad_norm"):
+    if key in _PASSED_SETTINGS and (saved is not None or key in ("early_stopping", "max_grad_norm")):
         if not (key == "defense" and saved in ("?", "defense")):  # a Defense subclass without a name of its own
             return f"pass {key}={saved!r}"
     if key == "scheduler" and saved is None:
