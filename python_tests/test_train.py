@@ -415,6 +415,18 @@ def test_resume_into_another_architecture_names_the_checkpoint_the_mismatch_and_
         fit(other, defenses.Standard(), _data(16), epochs=2, batch_size=8, out_dir=tmp_path, resume=True,
             progress=False)
 
+
+def test_resume_refuses_a_checkpoint_that_records_no_batch_size_seed_or_defense(tmp_path):
+    """fit has recorded batch_size, seed and defense in every checkpoint: one without them (hand-edited, or not
+    fit's) cannot be shown to continue this call's run (other batches, epoch permutations or loss), so it is refused
+    naming the missing value, where settings recorded later are taken as this call's (older checkpoints pass)."""
+    fit(DropoutMLP(), defenses.Standard(), _data(16), epochs=1, batch_size=8, out_dir=tmp_path, progress=False)
+    for key in ("batch_size", "seed", "defense"):
+        with pytest.raises(ResumeMismatchError, match=rf"^fit: cannot resume .*old.pt: it was trained with "
+                                                      rf"{key}=None, this call has {key}="):
+            _resume_from_before(tmp_path, key)
+
+
 def test_resume_refuses_a_layout_switch_and_passes_checkpoints_without_one(tmp_path):
     """channels_last / prepacked_conv run other convolution kernels: switching mid-run would silently end elsewhere
     than the uninterrupted run."""
@@ -2212,6 +2224,24 @@ def test_fit_refuses_a_model_scoring_other_classes_than_train_data_declares(tmp_
     x = torch.stack([folder[i][0] for i in range(8)])
     fit(model(1000), defenses.Standard(), TensorDataset(x, torch.tensor([0, 1] * 4)), epochs=1, batch_size=4,
         progress=False)
+
+
+def test_declared_classes_are_read_from_a_tuple_and_a_single_name_declares_nothing():
+    """A dataset's classes may be a tuple (as a list, compared); one name alone is not a class list to compare with
+    (a folder of one class, or a set's label name): a 2-class model trains on it."""
+    class Declared(TensorDataset):
+        def __init__(self, classes, *tensors):
+            super().__init__(*tensors)
+            self.classes = classes
+
+    x, y = _data(8).tensors
+    with pytest.raises(ValueError, match=r"^fit: the model scores 3 classes .*, but train_data declares 2 in its "
+                                         r"classes \(a, b\);"):
+        fit(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), defenses.Standard(), Declared(("a", "b"), x, y),
+            epochs=1, batch_size=4, progress=False)
+    one = Declared(["tumour"], x, torch.zeros_like(y))
+    assert len(fit(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), defenses.Standard(), one, epochs=1, batch_size=4,
+                   progress=False).history) == 1
 
 
 def test_fit_trains_a_model_of_the_first_classes_of_a_folder_on_a_subset_of_those(tmp_path):
