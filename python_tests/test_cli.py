@@ -3546,6 +3546,25 @@ def test_resume_of_a_checkpoint_without_run_json_is_refused_in_the_command_lines
     one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with --lr 0.001", way_on)
 
 
+def test_train_into_another_commands_results_folder_is_refused(small_npz, tmp_path, capsys):
+    # `train --out RUN/eval` (meant: RUN, or a new folder) trained a new run into eval's folder beside the results of
+    # RUN's weights, and its own eval then wrote RUN/eval/eval
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "demo"
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "1", "--out"]
+    assert run(base + [run_dir], capsys)[0] == 0
+    for folder in (run_dir / "eval", elsewhere):
+        folder.mkdir()
+        (folder / "results.json").write_text("{}")
+        rc, _, err = run(base + [folder], capsys)
+        whose = f"; here eval's for the run in {run_dir}" if folder.name == "eval" else ""
+        one_line_error(rc, err, f"--out: {folder} holds another command's results (results.json of an eval, demo or "
+                                f"reproduce --out{whose}), not a training run; choose another --out for this run")
+        assert sorted(p.name for p in folder.iterdir()) == ["results.json"]
+    # a run's own folder holding an eval's results.json (eval RUN --out RUN) trains, as before
+    (run_dir / "results.json").write_text("{}")
+    assert run(base + [run_dir, "--resume", "--epochs", "2"], capsys)[0] == 0
+
+
 def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz, tmp_path, capsys):
     # a second train (other settings) or --resume into a RUN_DIR still training rewrote its checkpoint and run.json
     # under the first: both exited 0, leaving one run's checkpoint beside the other's run.json (probe: standard for

@@ -1245,10 +1245,23 @@ def describe_classes(info):
     return ", ".join(names) + rule
 
 
+def refuse_results_folder(out):
+    """train's ``out`` holding another command's results (an eval's, demo's or reproduce's results.json) and no run
+    of its own (run.json, checkpoint.pt): a mistyped --out (RUN_DIR/eval for RUN_DIR), which train filled with a new
+    run beside the results of another run's weights, refused before any work."""
+    out = Path(out)
+    if not (out / "results.json").is_file() or any((out / name).is_file() for name in (RUN_FILE, CHECKPOINT)):
+        return
+    whose = f"; here eval's for the run in {out.parent}" if (out.parent / RUN_FILE).is_file() else ""
+    raise CLIError(f"--out: {out} holds another command's results (results.json of an eval, demo or reproduce "
+                   f"--out{whose}), not a training run; choose another --out for this run")
+
+
 def cmd_train(args):
     from ._options import counted
 
     check_out(args.out, staged=False)
+    refuse_results_folder(args.out)
     device = pick_device(args.device)
     options = parse_key_values(args.defense_opt, "--defense-opt")
     check_data_model_options(args)
