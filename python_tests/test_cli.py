@@ -3565,6 +3565,21 @@ def test_train_into_another_commands_results_folder_is_refused(small_npz, tmp_pa
     assert run(base + [run_dir, "--resume", "--epochs", "2"], capsys)[0] == 0
 
 
+def test_demo_or_reproduce_into_a_training_runs_folder_is_refused(small_npz, tmp_path, capsys):
+    # `demo --out RUN` / `reproduce ... --out RUN` (a train RUN_DIR given for a new folder) wrote results.json,
+    # report.md, figures and runs/ in beside RUN's run, whose own eval then sat beside results of other weights
+    run_dir = tmp_path / "run"
+    assert run(["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "1", "--out", run_dir],
+               capsys)[0] == 0
+    files = sorted(p.name for p in run_dir.iterdir())
+    for argv, command in ((["demo", "--data", small_npz, "--quick", "--methods", "standard"], "demo"),
+                          (["reproduce", "arfl-moons", "--quick"], "reproduce")):
+        rc, _, err = run(argv + ["--no-progress", "--device", "cpu", "--out", run_dir], capsys)
+        one_line_error(rc, err, f"--out: {run_dir} holds a training run (run.json and checkpoint.pt: a train --out), "
+                                f"not {command}'s results; choose another --out for {command}")
+        assert sorted(p.name for p in run_dir.iterdir()) == files
+
+
 def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz, tmp_path, capsys):
     # a second train (other settings) or --resume into a RUN_DIR still training rewrote its checkpoint and run.json
     # under the first: both exited 0, leaving one run's checkpoint beside the other's run.json (probe: standard for

@@ -1257,6 +1257,16 @@ def refuse_results_folder(out):
                    f"--out{whose}), not a training run; choose another --out for this run")
 
 
+def refuse_train_folder(out, command):
+    """demo's and reproduce's ``out`` holding a training run of train's (run.json or checkpoint.pt in it: a RUN_DIR,
+    given for a new folder), refused before any work: their results and runs/ went in beside it, and RUN_DIR's own
+    eval (RUN_DIR/eval) then sat beside results.json of other weights."""
+    found = [name for name in (RUN_FILE, CHECKPOINT) if (Path(out) / name).is_file()]
+    if found:
+        raise CLIError(f"--out: {out} holds a training run ({' and '.join(found)}: a train --out), not {command}'s "
+                       f"results; choose another --out for {command}")
+
+
 def cmd_train(args):
     from ._options import counted
 
@@ -1930,6 +1940,7 @@ def cmd_demo(args):
     check_count("--train-size", train_size, 0)
     specs, radii = parse_eval_options(args)
     check_out(args.out)
+    refuse_train_folder(args.out, "demo")
     splits = load_data(args.data, size=args.size, seed=args.seed, classes=args.classes, bit_depth=args.bit_depth,
                        channels=args.channels)
     from .evaluate import EvalError, check_radii, warn_default_step_short_of_radii
@@ -2140,6 +2151,7 @@ def cmd_reproduce(args):
     device = pick_device(args.device)
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
     check_out(out)
+    refuse_train_folder(out, "reproduce")
     check_count("--epochs", args.epochs)
     check_count("--seeds", args.seeds)
     dist_timeout = checked_dist_timeout(args)
