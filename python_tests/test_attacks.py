@@ -6742,6 +6742,21 @@ def test_autoattack_run_standard_evaluation_refuses_a_state_path():
     assert torch.equal(aa.run_standard_evaluation(x, y, state_path=None), aa.run_standard_evaluation(x, y))
 
 
+@pytest.mark.parametrize("args, shown", [(("standard",), r"1 more positional argument \('standard'\)"),
+                                         (("standard", 10, 0), r"3 more positional arguments \('standard', 10, 0\)")])
+def test_autoattack_options_given_positionally_are_told_to_go_by_keyword(args, shown):
+    """torchattacks' AutoAttack(model, norm, eps, version, n_classes, seed) ported as written was Python's bare
+    "AutoAttack.__init__() takes from 2 to 4 positional arguments but 5 were given"; AutoAttack's own 4th argument is
+    seed, so neither order is taken: the error names the keyword way."""
+    model = make_model(3)
+    with pytest.raises(TypeError, match=r"^autoattack: AutoAttack takes model, norm and eps positionally and its "
+                                        rf"other options by keyword, got {shown}; pass them by name, e\.g\. "
+                                        r"version='standard' \(torchattacks' 4th argument is version, AutoAttack's "
+                                        r"seed\)$"):
+        attacks.AutoAttack(model, "Linf", 8 / 255, *args)
+    assert attacks.AutoAttack(model, "Linf", 8 / 255, version="standard").version == "standard"
+
+
 @pytest.mark.parametrize("name, make", [("pgd", lambda m: attacks.PGD(m, steps=2)),
                                          ("noise", lambda m: attacks.WhiteNoise(m, trials=1)),
                                          ("autoattack", lambda m: attacks.AutoAttack(m, attacks=["fgsm"]))])

@@ -371,12 +371,17 @@ class AutoAttack(Attack):
                     a.set_model_mode(value)  # checks the value before this object takes it
         super().__setattr__(key, value)
 
-    def __init__(self, model, norm="linf", eps=8 / 255, *, version="standard", attacks=None, steps=None,
+    def __init__(self, model, norm="linf", eps=8 / 255, *positional, version="standard", attacks=None, steps=None,
                  n_target_classes=None, n_queries=None, seed=None, eot_iter=None, attacks_to_run=None,
                  model_mode="eval", clip_min=0.0, clip_max=1.0, cascade=True, **unknown):
         from . import attack_entry, build
         from .._options import option_defaults
 
+        if positional:  # Python's "takes from 2 to 4 positional arguments but 5 were given" named no keyword
+            raise TypeError(f"autoattack: AutoAttack takes model, norm and eps positionally and its other options by "
+                            f"keyword, got {len(positional)} more positional argument{'s' * (len(positional) > 1)} "
+                            f"({', '.join(map(repr, positional))}); pass them by name, e.g. version='standard' "
+                            f"(torchattacks' 4th argument is version, AutoAttack's seed)")
         if version not in VERSIONS:
             raise ValueError(f"autoattack: expected version to be one of {', '.join(map(repr, VERSIONS))}, "
                              f"got {version!r}")
