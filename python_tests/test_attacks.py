@@ -6742,6 +6742,18 @@ def test_autoattack_run_standard_evaluation_refuses_a_state_path():
     assert torch.equal(aa.run_standard_evaluation(x, y, state_path=None), aa.run_standard_evaluation(x, y))
 
 
+def test_autoattack_run_standard_evaluation_takes_autoattacks_argument_names():
+    """AutoAttack's run_standard_evaluation(x_orig, y_orig, bs=250) called by keyword, as its users' code does, was
+    Python's "unexpected keyword argument 'x_orig'" (likewise run_standard_evaluation_individual)."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    aa = attacks.AutoAttack(model, eps=0.03, attacks=["fgsm"])
+    assert torch.equal(aa.run_standard_evaluation(x_orig=x, y_orig=y, bs=2), aa.run_standard_evaluation(x, y, 2))
+    by_name = aa.run_standard_evaluation_individual(x_orig=x, y_orig=y)
+    assert by_name.keys() == {"fgsm"}
+    assert torch.equal(by_name["fgsm"], aa.run_standard_evaluation_individual(x, y)["fgsm"])
+
+
 @pytest.mark.parametrize("args, shown", [(("standard",), r"1 more positional argument \('standard'\)"),
                                          (("standard", 10, 0), r"3 more positional arguments \('standard', 10, 0\)")])
 def test_autoattack_options_given_positionally_are_told_to_go_by_keyword(args, shown):

@@ -303,8 +303,9 @@ class AutoAttack(Attack):
     the others keep ``build``'s defaults; attack objects are used as they are. An option no attack takes is an
     error. ``model_mode``, ``clip_min`` and ``clip_max`` (default "eval", [0, 1]) hold for the cascade's checks and
     the attacks it builds (attack objects keep their own); ``cascade=False`` runs every attack on every sample, as
-    :func:`ensemble`'s. ``__call__(x, y)`` and ``run_standard_evaluation(x, y, bs=None)`` return x_adv;
-    ``run_standard_evaluation_individual(x, y, bs=None)`` runs each attack on every sample, {name: x_adv};
+    :func:`ensemble`'s. ``__call__(x, y)`` and ``run_standard_evaluation(x_orig, y_orig, bs=None)`` (AutoAttack's
+    names) return x_adv; ``run_standard_evaluation_individual(x_orig, y_orig, bs=None)`` runs each attack on every
+    sample, {name: x_adv};
     ``run(x, y, batch_size=None)`` returns the full :class:`EnsembleResult`.
 
     Raises, when called or run: NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError and
@@ -461,10 +462,11 @@ class AutoAttack(Attack):
                         clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size,
                         model_check=self._check_model, name=self.name)
 
-    def run_standard_evaluation(self, x, y, bs=None, return_labels=False, state_path=None):
-        """AutoAttack's entry point: x_adv (the clean input where no attack succeeded), ``bs`` samples at a time
-        (None: all at once); ``return_labels=True`` gives ``(x_adv, y_adv)``, y_adv the labels predicted on x_adv.
-        ``state_path`` (newer AutoAttack's resumable evaluation) is refused unless None."""
+    def run_standard_evaluation(self, x_orig, y_orig, bs=None, return_labels=False, state_path=None):
+        """AutoAttack's entry point, with its argument names (inputs ``x_orig``, true labels ``y_orig``): x_adv (the
+        clean input where no attack succeeded), ``bs`` samples at a time (None: all at once); ``return_labels=True``
+        gives ``(x_adv, y_adv)``, y_adv the labels predicted on x_adv. ``state_path`` (newer AutoAttack's resumable
+        evaluation) is refused unless None."""
         if state_path is not None:  # Python's "unexpected keyword argument" said nothing of why
             raise ValueError(f"autoattack.run_standard_evaluation: state_path={state_path!r} asks to save and resume "
                              "the evaluation, which is not supported here; leave state_path out (the evaluation runs "
@@ -472,14 +474,14 @@ class AutoAttack(Attack):
         if bs is not None:  # named as the caller wrote it, not as ensemble's batch_size
             bs = check_steps("autoattack.run_standard_evaluation", bs, "bs")
         check_flags("autoattack.run_standard_evaluation", {"return_labels": return_labels})
-        x_adv = self.run(x, y, batch_size=bs).x_adv
+        x_adv = self.run(x_orig, y_orig, batch_size=bs).x_adv
         return (x_adv, self._predicted(x_adv, bs)) if return_labels else x_adv
 
     @one_probabilities_warning()  # one warning of a final softmax for all its ensemble calls
-    def run_standard_evaluation_individual(self, x, y, bs=None, return_labels=False):
-        """AutoAttack's: each attack on every sample on its own (no cascade); {attack name: x_adv}, x_adv the clean
-        input where that attack did not succeed (``return_labels=True``: {name: (x_adv, y_adv)}, as
-        :meth:`run_standard_evaluation`). A name a custom list repeats is keyed "name #2", "name #3", ..."""
+    def run_standard_evaluation_individual(self, x_orig, y_orig, bs=None, return_labels=False):
+        """AutoAttack's, with its argument names: each attack on every sample on its own (no cascade); {attack name:
+        x_adv}, x_adv the clean input where that attack did not succeed (``return_labels=True``: {name: (x_adv,
+        y_adv)}, as :meth:`run_standard_evaluation`). A name a custom list repeats is keyed "name #2", "name #3", ..."""
         if bs is not None:
             bs = check_steps("autoattack.run_standard_evaluation_individual", bs, "bs")
         check_flags("autoattack.run_standard_evaluation_individual", {"return_labels": return_labels})
@@ -487,7 +489,7 @@ class AutoAttack(Attack):
         names = [_name(attack, i) for i, attack in enumerate(self.attacks)]
         for attack, name, key in zip(self.attacks, names, _distinct_keys(names)):
             # the model checks once, with the first attack
-            x_adv = ensemble(self.model, x, y, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
+            x_adv = ensemble(self.model, x_orig, y_orig, [attack], model_mode=self.model_mode, clip_min=self.clip_min,
                              clip_max=self.clip_max, batch_size=bs, names=[name],
                              model_check=None if out else self._check_model, name=self.name).x_adv
             out[key] = (x_adv, self._predicted(x_adv, bs)) if return_labels else x_adv
