@@ -5826,6 +5826,24 @@ def test_labels_made_under_inference_mode_are_attacked():
         assert torch.equal(attack(x_inf, y_inf), attack(x, y)), name
 
 
+@pytest.mark.parametrize("labels, fix", [
+    (lambda y: y > 0, r"torch\.bool; convert them with \.long\(\) \(False is class 0, True class 1\)"),
+    (lambda y: y.float(), r"torch\.float32; class numbers stored as floats \(0\., 1\., \.\.\.\)\? convert them with "
+                          r"\.long\(\)"),
+    (lambda y: nn.functional.one_hot(y, 3).double(), r"torch\.float64; one-hot or probability rows\? take their "
+                                                     r"\.argmax\(1\)"),
+    (lambda y: y.to(torch.complex64), r"torch\.complex64")])
+def test_labels_of_a_float_or_bool_dtype_are_told_the_fix(labels, fix):
+    """Boolean labels (y = t > 0.5) were refused as "pgd: expected y to be an integer tensor of class labels, got
+    torch.bool", saying nothing of y.long(); float class numbers likewise, and one-hot rows were not told argmax(1)."""
+    model, (x, y) = make_model(), make_data()
+    for name, run in (("pgd", lambda t: attacks.PGD(model, steps=1)(x, t)),
+                      ("autoattack", lambda t: attacks.AutoAttack(model, attacks=["fgsm"])(x, t)),
+                      ("trades", lambda t: defenses.TRADES()(model, x, t))):
+        with pytest.raises(TypeError, match=rf"^{name}: expected y to be an integer tensor of class labels, got "
+                                            rf"{fix}$"):
+            run(labels(y))
+
 def test_labels_that_are_not_a_tensor_are_a_type_error():
     # the mask check comes first in check_inputs: it must not fail on a list with an AttributeError
     model, (x, y) = make_model(), make_data()

@@ -716,6 +716,21 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=
     return check_class_labels(name, y, x.shape[0], label_range=label_range)
 
 
+def label_dtype_fix(y):
+    """The fix to append to a refusal of labels of ``y``'s dtype: "; convert them with .long()" for bool labels
+    (False is class 0), and for float ones stored class numbers, or their argmax(1) for one-hot or probability rows;
+    "" for other values (complex, not a tensor). Reads no values: the refusal's path, fit's and evaluate's too."""
+    if not torch.is_tensor(y):
+        return ""
+    if y.dtype == torch.bool:
+        return "; convert them with .long() (False is class 0, True class 1)"
+    if not y.dtype.is_floating_point:
+        return ""
+    if y.dim() == 2 and y.shape[1] > 1:
+        return "; one-hot or probability rows? take their .argmax(1)"
+    return "; class numbers stored as floats (0., 1., ...)? convert them with .long()"
+
+
 def check_class_labels(name, y, n, label_range=False):
     """Labels an integer tensor [n] (any integer dtype: converted losslessly to int64, which cross-entropy, one_hot and
     gather take), none negative: the attacks' and the defenses' label rule. Float, bool and complex labels are a
@@ -727,7 +742,7 @@ def check_class_labels(name, y, n, label_range=False):
                          "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
     if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name}: expected y to be an integer tensor of class labels, got "
-                        f"{y.dtype if torch.is_tensor(y) else type(y)}")
+                        f"{y.dtype if torch.is_tensor(y) else type(y)}{label_dtype_fix(y)}")
     y = y.long()  # a no-op (same tensor) for int64
     if y.is_inference() and not torch.is_inference_mode_enabled():
         # labels made under torch.inference_mode() (a data pipeline's) cannot be saved for the loss's backward:
