@@ -594,8 +594,17 @@ def test_labels_of_shape_n_by_1_are_taken_as_fit_takes_them():
                                         r"Segmentation\)$"):
         evaluate(model, TensorDataset(x, (x[:, 0] > 0.5).long()), info, attacks="fgsm", eps=[1 / 255])
     # fit's rule (one helper): float labels would be truncated (0.7 -> 0) silently
-    with pytest.raises(EvalError, match=r"^data: expected integer class labels, got labels of dtype torch.float32$"):
+    # with the fix the attacks' label check gives (it named only the dtype)
+    with pytest.raises(EvalError, match=r"^data: expected integer class labels, got labels of dtype torch.float32; "
+                                        r"class numbers stored as floats \(0\., 1\., \.\.\.\)\? convert them with "
+                                        r"\.long\(\)$"):
         evaluate(model, TensorDataset(x, y.float()), info, attacks="fgsm", eps=[1 / 255])
+    with pytest.raises(EvalError, match=r"^data: expected integer class labels, got labels of dtype torch.bool; "
+                                        r"convert them with \.long\(\) \(False is class 0, True class 1\)$"):
+        evaluate(model, TensorDataset(x, y > 0), info, attacks="fgsm", eps=[1 / 255])
+    with pytest.raises(EvalError, match=r"^data: expected integer class labels, got labels of dtype torch.float32; "
+                                        r"one-hot or probability rows\? take their \.argmax\(1\)$"):
+        evaluate(model, TensorDataset(x, torch.nn.functional.one_hot(y).float()), info, attacks="fgsm", eps=[1 / 255])
 
 
 def test_out_of_range_inputs_rejected():
