@@ -657,6 +657,22 @@ def test_the_value_range_check_reads_the_inputs_once():
         evaluate_module._check_value_range(x - 0.5, 0.0, 1.0)
 
 
+def test_the_label_range_check_reads_the_labels_once():
+    """evaluate read the labels' min and max (a host read each), and both again for its error's values: one read of
+    both ends now, whether they pass or not; the messages are unchanged."""
+    def check(labels):
+        try:
+            evaluate_module._check_label_range(labels, INFO)
+        except EvalError:
+            pass
+
+    for labels in ([0, 1, 1, 0], [0, 1, 2, 5], [0, -1, 1, 1], []):
+        y = torch.tensor(labels, dtype=torch.long)
+        assert host_reads(lambda: check(y)) == {"item": 0, "nonzero": 0, "tolist": 1 if labels else 0}
+    with pytest.raises(EvalError, match=r"^data: expected labels in \[0, 2\) for tiny's 2 classes, got values in "
+                                        r"\[-1, 5\]$"):
+        evaluate_module._check_label_range(torch.tensor([0, -1, 5]), INFO)
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_revision_is_the_checkouts_not_that_of_a_project_holding_the_installed_package(tmp_path, monkeypatch):
     """results.json's git_revision: robust_ops installed into a virtual environment inside the user's own git project

@@ -465,6 +465,17 @@ def dataset_tensors(dataset):
         raise EvalError("data", str(err)) from None
 
 
+def _check_label_range(y, info):
+    """Labels ``y`` (int64) in [0, K) for ``info``'s K classes, before any forward (the metrics refused them after the
+    clean pass), read in one host read: min and max were a read each, and each again for the error's values."""
+    k = info.num_classes
+    if y.numel():
+        y_min, y_max = torch.stack(torch.aminmax(y)).tolist()
+        if y_min < 0 or y_max >= k:
+            raise EvalError("data", f"data: expected labels in [0, {k}) for {info.name}'s {k} classes, got values in "
+                                    f"[{y_min}, {y_max}]")
+
+
 def _check_value_range(x, lo, hi):
     """Inputs ``x`` inside the value range [lo, hi], read in one host read: min and max were a read each, and each
     again for the error's values."""
@@ -696,10 +707,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     problem = positive_class_problem(info.num_classes, info.positive_class) or class_names_problem(info)
     if problem:  # a positive class on a multi-class set would be ignored while the report still named it
         raise EvalError("data", f"data: info: {problem}")
-    k = info.num_classes
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):  # the metrics refused them after the clean pass
-        raise EvalError("data", f"data: expected labels in [0, {k}) for {info.name}'s {k} classes, got values in "
-                                f"[{int(y.min())}, {int(y.max())}]")
+    _check_label_range(y, info)
     # batch by batch: isfinite builds float and bool temporaries the size of what it checks
     chunks = x.split(batch_size) if x.is_floating_point() else ()
     bad = sum(int((~torch.isfinite(c.reshape(c.shape[0], math.prod(x.shape[1:])))).any(1).sum()) for c in chunks)
