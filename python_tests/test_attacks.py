@@ -1889,6 +1889,35 @@ def test_the_cascade_reads_neither_the_parts_ranges_nor_each_attack_calls_points
         attacks.ensemble(model, x, y, [attacks.PGD(two, eps=0.01, steps=1)], batch_size=10, cascade=False)
 
 
+def test_a_cascade_part_its_attack_writes_in_place_is_checked_again():
+    """The bounds the cascade hands an attack call (values_within) hold for its part as it was, keyed by the tensor's
+    version: an attack of the caller's that writes its x or y in place (x.mul_(255), y.sub_(5)) before calling
+    another attack has them checked again, and refused with their values. No test pinned the version: with it
+    dropped, the 0-255 points ran unchecked (found by the revA helper)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample correct: each is attacked
+
+    class Writer(attacks.Attack):
+        name = "writer"
+
+        def __init__(self, model, write):
+            super().__init__(model)
+            self.write = write
+
+        def forward(self, x, y):
+            self.write(x, y)
+            return attacks.pgd(self.model, x, y, eps=0.01, alpha=0.01, steps=1)
+
+    with pytest.raises(ValueError, match=r"^pgd: expected x inside the clip range \[0.0, 1.0\], got values in "
+                                         r"\[[\d.]+, [\d.]+\] \([\d.]+ > clip_max 1.0; 8-bit pixels\?"):
+        attacks.ensemble(model, x, y, [Writer(model, lambda x, y: x.mul_(255))])
+    lo, hi = int(y.min()) - 5, int(y.max()) - 5  # every sample is attacked in one part
+    with pytest.raises(ValueError, match=rf"^pgd: expected labels non-negative, got values in \[{lo}, {hi}\]$"):
+        attacks.ensemble(model, x, y, [Writer(model, lambda x, y: y.sub_(5))])
+
+
 def test_an_attack_output_check_compares_float64_points_unrounded():
     """float64 points just past either end of the clip range are refused, as min() and max() read them: read in float32
     (mutation testing of the one-read check: aminmax of adv.float() passed every test), 1 + 1e-12 and -1e-300 round
