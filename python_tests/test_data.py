@@ -1907,6 +1907,17 @@ def test_npz_float_images_above_one_are_told_the_fix_their_values_call_for(tmp_p
             load_dataset(write_npz(tmp_path / f"{top}.npz", train_images=(floats * top).astype(np.float32)))
 
 
+def test_npz_float_images_just_past_the_range_show_the_values_past_it(tmp_path):
+    """The .npz loader showed the values of a float set outside [0, 1] in 4 digits: a resampling's overshoot to
+    1.00001 read "float images must lie in [0, 1], got [0, 1]", values that seem inside it (-1e-05 read so already).
+    They are shown in as many digits as show them past the range now, as the attacks' and evaluate's refusals show
+    them (past_bound) (found by the revA helper)."""
+    floats = np.random.default_rng(1).random((12, 28, 28)).astype(np.float32)
+    floats[0, 0, :2] = 0.0, 1.00001
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[0, 1.00001\]; clip an overshoot "):
+        load_dataset(write_npz(tmp_path / "over.npz", train_images=floats))
+
+
 def test_npz_float_images_below_zero_are_refused(tmp_path):
     """docs/getting-started.md: float images are read only when already in [0, 1]; a normalized set (values below 0,
     none above 1) must be refused like one above 1, not read as is."""

@@ -136,7 +136,7 @@ def images_to_tensor(images, source):
             # resampling and mean / std normalized pixels (ImageNet's statistics) are what such files hold, and the
             # attacks' ball and clip range are in [0, 1] pixels. "divide them by 255" was said of every set without
             # negatives: [0, 1.02] and [0, 4095] too. The rule is the attacks' and evaluate's (pixel_scale).
-            from ..attacks.context import pixel_scale
+            from ..attacks.context import past_bound, pixel_scale
 
             scale = pixel_scale(lo, hi, 0.0, 1.0)
             if scale == "8-bit":
@@ -150,7 +150,10 @@ def images_to_tensor(images, source):
             else:
                 fix = ("store the pixels in [0, 1], not normalized by a mean and std: normalize inside the model "
                        "(robust_ops.attacks.Normalized), as the attacks' radii and clip range are in [0, 1] pixels")
-            raise DataError(f"{source}: float images must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; {fix}")
+            # in as many digits as show them past [0, 1] (at 4, a resampling's 1.00001 read "got [0, 1]"), as the
+            # attacks' and evaluate's refusals show them
+            raise DataError(f"{source}: float images must lie in [0, 1], got [{past_bound(lo, 0.0, -1)}, "
+                            f"{past_bound(hi, 1.0, 1)}]; {fix}")
     else:
         raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}: convert them to uint8 "
                         "(0-255) or to floats in [0, 1]")
