@@ -913,9 +913,10 @@ def test_ima_checks_a_steps_ids_once(monkeypatch):
     its check read. The rest of this step's reads: the ids', inputs' and labels' check (one read each), the margins'
     check, the NaN checks of each forward and backward, the early exits and the metrics' one read."""
     reads, alone = _ima_step_reads(monkeypatch)
-    assert (reads["item"], reads["tolist"], reads["unique"]) == (8, 5, 1), reads  # the margins' check a tolist
+    # the margins' check a tolist; the 4 ascent steps one tolist each (test_compacted_genadv_reads_once_per_step)
+    assert (reads["item"], reads["tolist"], reads["unique"]) == (1, 9, 1), reads
     # gen_adv alone checks its batch itself, in two reads, and its label check takes the labels' top from them
-    assert (alone["item"], alone["tolist"]) == (7, 3), alone
+    assert (alone["item"], alone["tolist"]) == (0, 7), alone
 
 
 def test_genadv_reads_a_linf_margin_once():
@@ -936,11 +937,57 @@ def test_genadv_and_ima_find_each_masks_rows_once(monkeypatch):
     cur, the gradient) after a read of keep.any() for the early exit, and IMA its attacked rows five times (sel, xs,
     ys, x_adv, crossed). Now each mask's rows are found once (_rows) and gathered with index_select; the early exit
     asks whether any row was found. On this step (3 ascent steps, none crossing): 29 nonzero and 12 item reads,
-    then 12 and 9; gen_adv alone 23 and 11, then 10 and 8."""
+    then 12 and 9; gen_adv alone 23 and 11, then 10 and 8. Since each step reads its rows' counts once
+    (test_compacted_genadv_reads_once_per_step): 2 and 1 (the batch's clean-correct and positive-margin rows, the
+    margin update's distance check); gen_adv alone 1 and 0."""
     reads, alone = _ima_step_reads(monkeypatch)
     # one item read fewer each since the margins' check reads their maximum with its flag, by a tolist
-    assert (reads["nonzero"], reads["item"]) == (12, 8), reads
-    assert (alone["nonzero"], alone["item"]) == (10, 7), alone
+    assert (reads["nonzero"], reads["item"]) == (2, 1), reads
+    assert (alone["nonzero"], alone["item"]) == (1, 0), alone
+
+
+@pytest.mark.parametrize("algorithm, arity, norm, n", [(2, 2, "l2", 12), (3, 4, "linf", 12), (2, 3, "linf", 1),
+                                                       (3, 2, "l2", 5)])
+def test_compacted_genadv_reads_once_per_step(algorithm, arity, norm, n):
+    """The compacted ascent read its working batch back four times a step (each a GPU sync): the output's NaN check
+    (an item), the rows that finished and the rows going on (two nonzeros), the NaN check of those rows' loss (an
+    item); the search a nonzero for its rows and an item per round (the NaN check); IMA a nonzero for the rows its
+    attack found clean-correct. Now each ascent step reads once (a tolist: how many rows finished, and whether an
+    output or a loss is NaN; the rows come from a stable sort by those counts), the search once after its last round
+    (its rows' count is the ascent's), IMA none: on top of the checks of the batch (3 tolists) and its positive
+    margins (a nonzero), one read per ascent forward and one per search. Results are bitwise the masked loop's."""
+    torch.manual_seed(2)  # the model's weights: sample 3 crosses (and others, at 12)
+    model, x, y, margin = make_problem(norm=norm)
+    x, y, margin = (t[3:4] if n == 1 else t[:n] for t in (x, y, margin))
+    kwargs = dict(steps=6, search_steps=4, algorithm=algorithm, arity=arity, norm=norm, return_info=True)
+    gen_adv(model, x, y, margin, **kwargs)  # measures the padding sizes
+    got = []
+    reads = host_reads(lambda: got.append(gen_adv(model, x, y, margin, **kwargs)))
+    (x_adv, crossed, info), = got
+    rounds = search_rounds(4, arity) if bool(crossed.any()) else 0
+    assert bool(crossed.any()) and info.counter.forward_calls - rounds <= 7
+    assert reads == {"item": 0, "nonzero": 1, "tolist": 3 + info.counter.forward_calls - rounds + 1}, reads
+    x_ref, crossed_ref, info_ref = gen_adv(model, x, y, margin, compact=False, **kwargs)
+    assert torch.equal(x_adv, x_ref) and torch.equal(crossed, crossed_ref)
+    assert torch.equal(info.steps, info_ref.steps) and torch.equal(info.far_point, info_ref.far_point)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_genadv_checks_its_loss_only_where_it_takes_a_gradient(compact):
+    """The compacted ascent computes a step's loss before the step's one read (its NaN check shares it), also when no
+    sample goes on; the loss is checked where a gradient is taken, as before and as the masked loop does: a loss_fn
+    returning one number, or one without a gradient, is refused then and only then (here every sample is
+    misclassified clean, so none takes a step)."""
+    torch.manual_seed(2)
+    model, x, y, margin = make_problem()
+    with torch.no_grad():
+        wrong = (model(x).argmax(1) + 1) % 3
+    for loss_fn, match in ((lambda out, yy: out.sum(), "to return per-sample floating-point losses of shape"),
+                           (lambda out, yy: (out.argmax(1) == yy).double(), "to be differentiable in the output")):
+        x_adv, crossed = gen_adv(model, x, wrong, margin, steps=4, loss_fn=loss_fn, compact=compact)
+        assert torch.equal(x_adv, x) and not bool(crossed.any())
+        with pytest.raises(ValueError, match=f"^gen_adv: expected loss_fn\\(output, y\\) {match}"):
+            gen_adv(model, x, y, margin, steps=4, loss_fn=loss_fn, compact=compact)
 
 
 def test_margin_table_update_checks_its_ids_once_and_still_refuses_bad_ones(monkeypatch):

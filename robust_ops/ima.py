@@ -336,12 +336,16 @@ class _NaNSamples(ValueError):
                 "their margins -- fix the model (diverged?) or leave those samples out")
 
 
-def _check_not_nan(name, what, values, rows, weight=None):
-    """``values`` [R, ...] with NaN in a row (where ``weight``) -> _NaNSamples naming ``rows`` (batch positions)."""
+def _nan_rows(values, weight=None):
+    """Bool [R]: the rows of ``values`` [R, ...] with a NaN (where ``weight``), on the device (no host read)."""
     nan = torch.isnan(values.detach().flatten(1) if values.dim() > 1 else values.detach())
     nan = nan.any(1) if nan.dim() > 1 else nan
-    if weight is not None:
-        nan &= weight
+    return nan & weight if weight is not None else nan
+
+
+def _check_not_nan(name, what, values, rows, weight=None):
+    """``values`` [R, ...] with NaN in a row (where ``weight``) -> _NaNSamples naming ``rows`` (batch positions)."""
+    nan = _nan_rows(values, weight)
     if bool(nan.any()):
         raise _NaNSamples(name, what, rows[nan])
 
@@ -422,6 +426,11 @@ class _Problem:
         (masked loops: only ``active`` rows, those the compacted loop forwards too)."""
         if out.is_floating_point():
             _check_not_nan(self.name, "the model's output", out, rows, active)
+        return self.criterion(out, y)
+
+    def criterion(self, out, y):
+        """:meth:`correct` without its NaN check: the compacted loops find the NaN rows (:func:`_nan_rows`) and read
+        whether there are any with their step's other values (:func:`_read_counts`), so a step reads once."""
         if self.default_criterion:
             _check_default_output(self.name, out, y.shape[0], "is_correct")
         if (self.default_criterion or self.default_loss) and not self.labels_checked:
@@ -472,14 +481,29 @@ class _Problem:
     def gradient(self, xs, out, y, weight, counter, rows):
         """Gradient of the per-sample loss at xs; rows with weight 0 get no gradient (their sample is done). A NaN
         loss of the others (rows: their samples in the batch) is refused: its gradient would step them to NaN."""
+        loss = self.checked_loss(self.loss(out, y), y.shape[0])
+        _check_not_nan(self.name, "loss_fn(output, y)", loss, rows, weight)
+        return self.backward(xs, loss, weight, counter)
+
+    def loss(self, out, y):
+        """``loss_fn(out, y)`` with its graph, unchecked: :meth:`checked_loss` checks it where a gradient is taken
+        (the compacted ascent computes it before its step's read, also when no sample goes on)."""
         if self.default_loss:
             _check_default_output(self.name, out, y.shape[0], "loss_fn")
         with torch.enable_grad():
-            loss = _loss_result(self.name, self.loss_fn(out, y), y.shape[0])
-            if not loss.requires_grad:  # autograd's own error ("element 0 of tensors ...") named neither
-                raise ValueError(f"{self.name}: expected loss_fn(output, y) to be differentiable in the output, got a "
-                                 f"loss without a gradient (computed from argmax, comparisons or .detach()?)")
-            _check_not_nan(self.name, "loss_fn(output, y)", loss, rows, weight)
+            return self.loss_fn(out, y)
+
+    def checked_loss(self, loss, n):
+        """``loss`` refused unless per-sample floating-point [n] values with a gradient (NaN checked apart)."""
+        loss = _loss_result(self.name, loss, n)
+        if not loss.requires_grad:  # autograd's own error ("element 0 of tensors ...") named neither
+            raise ValueError(f"{self.name}: expected loss_fn(output, y) to be differentiable in the output, got a "
+                             f"loss without a gradient (computed from argmax, comparisons or .detach()?)")
+        return loss
+
+    def backward(self, xs, loss, weight, counter):
+        """The input gradient at xs of ``loss``'s rows where ``weight``; one counted backward."""
+        with torch.enable_grad():
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
         counter.backward(self.padded_rows(xs.shape[0]))
         (grad,) = self.grad_scale.grad(total, [xs], direction_only=True)
@@ -494,15 +518,18 @@ def _ascent_compact(p, counter):
     """Algorithm 2/3 ascent over a working batch that holds only the unfinished samples.
 
     Returns x_adv (final iterates for samples that ended without crossing), lo/hi (search brackets), crossed,
-    clean_correct and steps, all full-batch."""
+    clean_correct and steps, all full-batch, and the host counts {"crossed", "clean_correct"} the steps' reads gave
+    (the search and IMA find those rows by them without reading again). Each step reads once (a GPU sync): how
+    many samples finished, with the NaN checks of its output and of the loss of the samples going on."""
     x, y, n = p.x, p.y, p.x.shape[0]
     x_adv = x.clone()
     lo, hi = x.clone(), x.clone()
     crossed = torch.zeros(n, dtype=torch.bool, device=x.device)
     clean_correct = torch.ones(n, dtype=torch.bool, device=x.device)
     steps = torch.zeros(n, dtype=torch.int64, device=x.device)
+    counts = {"crossed": 0, "clean_correct": n}
     # Margin-0 samples: the ball is {x}; they do not move and cost nothing (x_adv = x, crossed False).
-    idx = (p.margin > 0).nonzero().squeeze(1)
+    idx = _rows(p.margin > 0)
     cur = x.index_select(0, idx)  # working iterates x_t of the active samples
     prev = cur  # x_{t-1} (Algorithm 2's x~1, the last correct iterate)
     for t in range(p.steps + 1):
@@ -511,56 +538,88 @@ def _ascent_compact(p, counter):
         last = t == p.steps
         ya = y.index_select(0, idx)
         xs, out = p.forward(cur, counter, grad=not last)
-        ok = p.correct(out.detach(), ya, idx)
+        ok = p.criterion(out.detach(), ya)
+        nan_out = _nan_rows(out) if out.is_floating_point() else None
         if t == 0:
-            bad = ~ok  # clean x already wrong: returned unchanged, never searched
-            clean_correct.index_fill_(0, idx[bad], False)
-            done = bad
+            done = ~ok  # clean x already wrong: returned unchanged, never searched
+            clean_correct.index_copy_(0, idx, ok)
         elif p.algorithm == 2:
             done = ~ok  # first wrong iterate: bracket [x_{t-1}, x_t]
-            # each mask's rows found once (a host read, a GPU sync): indexing idx, prev and cur with the mask itself
-            # found them three times
-            at = _rows(done)
-            cidx = idx.index_select(0, at)
-            crossed.index_fill_(0, cidx, True)
-            lo.index_copy_(0, cidx, prev.index_select(0, at))
-            hi.index_copy_(0, cidx, cur.index_select(0, at))
-            steps.index_fill_(0, cidx, t)
         else:
             done = torch.zeros_like(ok)
+        keep = ~done
+        # Algorithm 3, K steps taken: bracket [x, x_K] when x_K is misclassified
+        wrong = keep & ~ok if last and p.algorithm == 3 else None
+        loss = nan_loss = None
+        if not last:  # the next step's loss, before the read, so that its NaN check shares it (checked once used)
+            loss = p.loss(out, ya)
+            if torch.is_tensor(loss) and loss.is_floating_point() and loss.shape == ya.shape[:1]:
+                nan_loss = _nan_rows(loss, keep)
+        n_done, n_wrong, out_nan, loss_nan = _read_counts((done, wrong), (nan_out, nan_loss))
+        if out_nan:
+            raise _NaNSamples(p.name, "the model's output", idx[nan_out])
+        if t == 0:
+            counts["clean_correct"] -= n_done
+        if wrong is None:
+            at_done, at = _grouped((done,), (n_done,))
+        else:
+            at_done, at_wrong, at = _grouped((done, wrong), (n_done, n_wrong))
+        if t and p.algorithm == 2 and n_done:
+            cidx = idx.index_select(0, at_done)
+            crossed.index_fill_(0, cidx, True)
+            lo.index_copy_(0, cidx, prev.index_select(0, at_done))
+            hi.index_copy_(0, cidx, cur.index_select(0, at_done))
+            steps.index_fill_(0, cidx, t)
+            counts["crossed"] += n_done
         if last:  # K steps taken: the rest ends here
-            rest = ~done
-            at = _rows(rest)
+            if wrong is not None:
+                widx = idx.index_select(0, at_wrong)
+                steps.index_fill_(0, widx, p.steps)
+                crossed.index_fill_(0, widx, True)
+                hi.index_copy_(0, widx, cur.index_select(0, at_wrong))
+                counts["crossed"] += n_wrong
             ridx = idx.index_select(0, at)
             steps.index_fill_(0, ridx, p.steps)
-            if p.algorithm == 3:  # Algorithm 3: bracket [x, x_K] when x_K is misclassified
-                wrong = rest & ~ok
-                wat = _rows(wrong)
-                widx = idx.index_select(0, wat)
-                crossed.index_fill_(0, widx, True)
-                hi.index_copy_(0, widx, cur.index_select(0, wat))
-                at = _rows(rest & ok)
-                ridx = idx.index_select(0, at)
             x_adv.index_copy_(0, ridx, cur.index_select(0, at))
             break
-        keep = ~done
-        at = _rows(keep)  # the rows that go on, read once: the early exit below and the three gathers
         if not at.numel():  # every sample finished at this step: no backward needed
             break
-        grad = p.gradient(xs, out, ya, keep, counter, idx)
-        del out  # a graph retained under float16 autocast goes now, not after the next forward
+        loss = p.checked_loss(loss, ya.shape[0])
+        if loss_nan:  # its gradient would step them to NaN
+            raise _NaNSamples(p.name, "loss_fn(output, y)", idx[nan_loss])
+        grad = p.backward(xs, loss, keep, counter)
+        del out, loss  # a graph retained under float16 autocast goes now, not after the next forward
         idx, prev = idx.index_select(0, at), cur.index_select(0, at)
         nxt = prev.clone()
         p.pgd_step(nxt, x.index_select(0, idx), grad.index_select(0, at), p.alpha.index_select(0, idx),
                    p.margin.index_select(0, idx))
         cur = nxt
-    return x_adv, lo, hi, crossed, clean_correct, steps
+    return x_adv, lo, hi, crossed, clean_correct, steps, counts
 
 
 def _rows(mask):
     """The positions where a bool [N] mask is True: one nonzero (a host read, a GPU sync), where indexing k tensors
     with the mask itself ran k."""
     return mask.nonzero().squeeze(1)
+
+
+def _read_counts(masks, flags):
+    """One host read (a GPU sync) for a step: how many rows each bool [R] mask of ``masks`` holds, and whether each
+    bool tensor of ``flags`` holds any True (a list: the counts, then the flags; None for a None entry)."""
+    values = [m.sum() for m in masks if m is not None] + [f.any() for f in flags if f is not None]
+    read = iter(torch.stack([v.to(torch.int64) for v in values]).tolist() if values else ())
+    return [None if m is None else next(read) for m in masks] + [None if f is None else bool(next(read)) for f in flags]
+
+
+def _grouped(masks, counts):
+    """The positions of the True rows of each of the disjoint bool [R] ``masks``, then of the other rows, each
+    ascending (as ``nonzero`` finds them), given how many rows each mask holds (``counts``, read already): one
+    stable sort on the device, where a nonzero per group was a host read each."""
+    key = torch.full(masks[0].shape, len(masks), dtype=torch.uint8, device=masks[0].device)
+    for i, mask in enumerate(masks):
+        key.masked_fill_(mask, i)
+    order = torch.sort(key, stable=True).indices
+    return order.split(list(counts) + [order.numel() - sum(counts)])
 
 
 def _search_start(p, lo, hi):
@@ -575,29 +634,43 @@ def _search_start(p, lo, hi):
     return points
 
 
-def _first_crossed(p, out, y, k1, n, rows, active=None):
-    """Index of the first interior point (lo -> hi order) past the boundary, k-1 when none is."""
+def _first_crossed(p, out, y, k1, n, rows, active=None, nans=None):
+    """Index of the first interior point (lo -> hi order) past the boundary, k-1 when none is. ``nans`` (a list):
+    the rows with a NaN output are appended to it, for one read after the last round, instead of read now."""
     active = None if active is None else active.repeat(k1)
-    ok = p.correct(out, y.repeat(k1, *([1] * (y.dim() - 1))), rows.repeat(k1), active).view(k1, n)
+    ys = y.repeat(k1, *([1] * (y.dim() - 1)))
+    if nans is None:
+        ok = p.correct(out, ys, rows.repeat(k1), active)
+    else:
+        if out.is_floating_point():
+            nans.append(_nan_rows(out))
+        ok = p.criterion(out, ys)
+    ok = ok.view(k1, n)
     wrong = ~ok
     first = wrong.to(torch.uint8).argmax(0)  # first True (argmax returns the first maximal index)
     return torch.where(wrong.any(0), first, torch.full_like(first, k1))
 
 
-def _search_compact(p, lo, hi, crossed, counter):
-    """k-ary boundary search on the crossed samples only (all of them need the same number of rounds)."""
-    idx = crossed.nonzero().squeeze(1)
-    n = idx.numel()
+def _search_compact(p, lo, hi, crossed, counter, counts):
+    """k-ary boundary search on the crossed samples only (all of them need the same number of rounds). ``counts``:
+    the ascent's, whose number of crossed samples finds their rows without a read; the rounds' NaN checks are read
+    once, after the last round (a NaN output is refused naming the first such round's samples, as before)."""
+    n = counts["crossed"]
+    idx = _grouped((crossed,), (n,))[0]
     if n == 0 or p.rounds == 0:
         return lo.index_select(0, idx), hi.index_select(0, idx), idx
     lo_c, hi_c = lo.index_select(0, idx), hi.index_select(0, idx)
     y_c = p.y.index_select(0, idx)
     points = _search_start(p, lo_c, hi_c)
     k1 = p.arity - 1
+    nans = []
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo_c.shape[1:])), counter, grad=False)
-        crossed_at = _first_crossed(p, out, y_c, k1, n, idx)
+        crossed_at = _first_crossed(p, out, y_c, k1, n, idx, nans=nans)
         p.search_step(lo_c, hi_c, points, crossed_at)
+    found = torch.stack([nan.any() for nan in nans]).tolist() if nans else []
+    if any(found):
+        raise _NaNSamples(p.name, "the model's output", idx.repeat(k1)[nans[found.index(True)]])
     return lo_c, hi_c, idx
 
 
@@ -651,10 +724,10 @@ def _ascent_masked(p, counter):
         p.pgd_step(nxt, x, grad, p.alpha, p.margin)
         prev = cur
         cur = torch.where(alive.view(view), nxt, cur)
-    return x_adv, lo, hi, crossed, clean_correct, steps
+    return x_adv, lo, hi, crossed, clean_correct, steps, None
 
 
-def _search_masked(p, lo, hi, crossed, counter):
+def _search_masked(p, lo, hi, crossed, counter, counts=None):
     n = lo.shape[0]
     idx = crossed.nonzero().squeeze(1)
     if n == 0 or p.rounds == 0 or (p.batch_exit and idx.numel() == 0):
@@ -852,9 +925,11 @@ def _unwrap_ddp(model):
 
 def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
              clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit, min_rows=None,
-             label_range=_NOT_GIVEN):
+             label_range=_NOT_GIVEN, host_counts=None):
     """gen_adv; ``label_range`` (IMA's): x and y are rows of a batch the caller checked as _check_batch does, whose
-    labels' range it read (None: no class labels), so they are not checked again (_Problem)."""
+    labels' range it read (None: no class labels), so they are not checked again (_Problem). ``host_counts`` (a
+    dict, IMA's): filled with the compacted ascent's counts (``clean_correct``: how many samples are), not read
+    again."""
     model = _unwrap_ddp(model)
     _check_options(name, None, None, None, {"compact": compact, "batch_exit": batch_exit, "return_info": return_info})
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
@@ -872,8 +947,10 @@ def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, a
             p.invariant_sizes = _measure_invariant_sizes(name, model, p.x, clip_min=p.clip_min, clip_max=p.clip_max,
                                                          max_rows=max_rows, reference_rows=reference_rows)
         ascent, search = (_ascent_compact, _search_compact) if compact else (_ascent_masked, _search_masked)
-        x_adv, lo, hi, crossed, clean_correct, steps_taken = ascent(p, counter)
-        lo_c, hi_c, idx = search(p, lo, hi, crossed, counter)
+        x_adv, lo, hi, crossed, clean_correct, steps_taken, counts = ascent(p, counter)
+        lo_c, hi_c, idx = search(p, lo, hi, crossed, counter, counts)
+    if host_counts is not None and counts is not None:
+        host_counts.update(counts)
     # Land on the correct side (lo), or at the paper pseudo-code's final midpoint.
     landed = lo_c if search_result == "correct_side" else lo_c * 0.5 + hi_c * 0.5
     x_adv.index_copy_(0, idx, landed)
@@ -1459,6 +1536,7 @@ class IMA(Defense):
         problem = None
         if sel.numel():
             xs, ys = x.index_select(0, sel), y.index_select(0, sel)
+            counts = {}
             try:
                 # the rows of the batch checked above: gen_adv's own check of them read the same values again
                 x_adv, crossed, info = _gen_adv(
@@ -1467,17 +1545,19 @@ class IMA(Defense):
                     is_correct=self._is_correct, loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min,
                     clip_max=self.clip_max, model_mode=self.model_mode, search_result=self.search_result,
                     counter=self.counter, return_info=True, backend=self.backend, batch_exit=self.batch_exit,
-                    min_rows=self.min_rows, label_range=label_range,
+                    min_rows=self.min_rows, label_range=label_range, host_counts=counts,
                 )
                 # Samples the attack's mode finds wrong at x itself are treated as misclassified clean (L1 = L0).
-                keep = info.clean_correct
+                keep, kept = info.clean_correct, counts.get("clean_correct")
             except _NaNSamples as err:
                 # named by dataset id and raised by the margin update below, which under DDP raises on every rank
                 # together (this rank still takes the batch's other collective steps, with x_adv = x)
                 problem = err.naming(f"dataset id(s) {listing(ids[sel[err.positions]].tolist(), 8)}", "IMA")
                 x_adv, crossed = xs, torch.zeros(sel.numel(), dtype=torch.bool, device=x.device)
-                keep = torch.ones_like(crossed)
-            at = _rows(keep)  # one read, where indexing the five with the mask ran five
+                keep, kept = torch.ones_like(crossed), sel.numel()
+            # the rows found once, where indexing the five with the mask ran five; by the count gen_adv's compacted
+            # steps read (no read here), the masked loop's with a read
+            at = _rows(keep) if kept is None else _grouped((keep,), (kept,))[0]
             sel, xs, ys, x_adv, crossed = (t.index_select(0, at) for t in (sel, xs, ys, x_adv, crossed))
         else:
             crossed = torch.zeros(0, dtype=torch.bool, device=x.device)
