@@ -913,7 +913,8 @@ def test_ima_checks_a_steps_ids_once(monkeypatch):
     its check read. The rest of this step's reads: the ids', inputs' and labels' check (one read each), the margins'
     check, the NaN checks of each forward and backward, the early exits and the metrics' one read."""
     reads, alone = _ima_step_reads(monkeypatch)
-    # the margins' check a tolist; the 4 ascent steps one tolist each (test_compacted_genadv_reads_once_per_step)
+    # the 4 ascent steps one tolist each (test_compacted_genadv_reads_once_per_step), the clean-correct rows one
+    # with their margins' check (test_ima_reads_its_attacked_rows_with_their_margins)
     assert (reads["item"], reads["tolist"], reads["unique"]) == (1, 9, 1), reads
     # gen_adv alone checks its batch itself, in two reads, and its label check takes the labels' top from them
     assert (alone["item"], alone["tolist"]) == (0, 7), alone
@@ -923,12 +924,12 @@ def test_genadv_reads_a_linf_margin_once():
     """gen_adv read its margins twice for linf: per_sample's finite / >= 0 check, then check_linf_budget's maximum
     against the clip range (a host read each, a GPU sync), and a number's maximum too (with no check to share). Now
     per_sample reads a tensor's maximum with its check and hands it on, and a number's is known: on a model where no
-    sample crosses (fixed forwards), linf reads as l2 does, a tensor margin once more than a number (found by the
-    small-leftovers helper)."""
+    sample crosses (fixed forwards), linf reads as l2 does, a tensor margin twice more than a number (found by the
+    small-leftovers helper): its check, and the nonzero of its positive margins, which a number's value tells."""
     model, x, y = _uncrossable()
     reads = {(norm, torch.is_tensor(m)): sum(host_reads(lambda: gen_adv(model, x, y, m, steps=3, norm=norm)).values())
              for norm in ("linf", "l2") for m in (0.03, torch.full((8,), 0.03))}
-    assert reads[("linf", True)] == reads[("l2", True)] == reads[("linf", False)] + 1 == reads[("l2", False)] + 1, reads
+    assert reads[("linf", True)] == reads[("l2", True)] == reads[("linf", False)] + 2 == reads[("l2", False)] + 2, reads
 
 
 def test_genadv_and_ima_find_each_masks_rows_once(monkeypatch):
@@ -938,12 +939,33 @@ def test_genadv_and_ima_find_each_masks_rows_once(monkeypatch):
     ys, x_adv, crossed). Now each mask's rows are found once (_rows) and gathered with index_select; the early exit
     asks whether any row was found. On this step (3 ascent steps, none crossing): 29 nonzero and 12 item reads,
     then 12 and 9; gen_adv alone 23 and 11, then 10 and 8. Since each step reads its rows' counts once
-    (test_compacted_genadv_reads_once_per_step): 2 and 1 (the batch's clean-correct and positive-margin rows, the
-    margin update's distance check); gen_adv alone 1 and 0."""
+    (test_compacted_genadv_reads_once_per_step): none and 1 (the margin update's distance check); gen_adv alone 1
+    (its positive margins' rows) and 0."""
     reads, alone = _ima_step_reads(monkeypatch)
     # one item read fewer each since the margins' check reads their maximum with its flag, by a tolist
-    assert (reads["nonzero"], reads["item"]) == (2, 1), reads
+    assert (reads["nonzero"], reads["item"]) == (0, 1), reads
     assert (alone["nonzero"], alone["item"]) == (1, 0), alone
+
+
+def test_ima_reads_its_attacked_rows_with_their_margins():
+    """IMA found its clean-correct rows by a nonzero, then gen_adv read their margins (a tolist: whether one is bad,
+    the largest) and found the positive ones by another nonzero: three reads a step, now one tolist in IMA, handed
+    on (one nonzero fewer for a number margin in gen_adv). A bad margin in the table (written by hand: the updates
+    and checkpoints keep them finite and >= 0) is still refused by gen_adv's check, at clean-correct rows only;
+    margin-0 rows still cost no forward."""
+    model, x, y = _uncrossable()
+    ima = IMA(8, steps=3, search_steps=2, min_rows=0)
+    ima(model, x, y, torch.arange(8))
+    ima.table.margins[[1, 3]] = 0.0
+    counter = ima.counter.forward_rows
+    reads = host_reads(lambda: ima(model, x, y, torch.arange(8)))
+    assert reads == {"item": 1, "nonzero": 0, "tolist": 9}, reads  # 4 of them the ascent's
+    assert ima.counter.forward_rows - counter == 4 * 6
+    assert ima.table.margins[[1, 3]].tolist() == pytest.approx([ima.delta] * 2)  # not attacked, correct: expanded
+    ima.table.margins[5] = float("nan")
+    with pytest.raises(ValueError, match=r"^gen_adv: expected every margin to be finite and >= 0, got 1 bad "
+                                         r"value\(s\), e\.g\. margin\[5\] = nan$"):
+        ima(model, x, y, torch.arange(8))
 
 
 @pytest.mark.parametrize("algorithm, arity, norm, n", [(2, 2, "l2", 12), (3, 4, "linf", 12), (2, 3, "linf", 1),

@@ -362,7 +362,8 @@ class _Problem:
     """Everything one gen_adv call needs, validated once."""
 
     def __init__(self, name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-                 clip_min, clip_max, search_result, backend, model_mode="eval", min_rows=None, label_range=_NOT_GIVEN):
+                 clip_min, clip_max, search_result, backend, model_mode="eval", min_rows=None, label_range=_NOT_GIVEN,
+                 margin_read=None):
         norm = check_norm(name, norm)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"{name}: expected algorithm to be 2 (GenAdv) or 3 (GenAdv with data augmentation), "
@@ -381,7 +382,16 @@ class _Problem:
         # Every forward runs in x's layout (the one batch_invariant_sizes probes): gathers, masks and padding return
         # contiguous batches, and a channels_last x then ran masked and compacted forwards in different layouts.
         self.memory_format = output_memory_format(x)
-        self.margin, widest = per_sample(name, "margin", margin, x, with_max=True)
+        if margin_read is None:
+            self.margin, widest = per_sample(name, "margin", margin, x, with_max=True)
+            # how many margins are positive (the samples the ascent takes), where known without a read: a number's
+            self.positive = None if torch.is_tensor(margin) else x.shape[0] if widest else 0
+        else:
+            # IMA's: rows of its margins read with its batch's clean-correct rows (finite and >= 0, their largest and
+            # how many are positive): per_sample's check of them, and the ascent's nonzero of the positive ones, read
+            # them again
+            widest, self.positive = margin_read
+            self.margin = margin
         check_linf_budget(name, norm, self.margin, clip_min, clip_max, arg="margin", eps_max=widest)
         self.norm, self.algorithm = norm, algorithm
         self.is_correct = is_correct or _default_is_correct
@@ -529,7 +539,7 @@ def _ascent_compact(p, counter):
     steps = torch.zeros(n, dtype=torch.int64, device=x.device)
     counts = {"crossed": 0, "clean_correct": n}
     # Margin-0 samples: the ball is {x}; they do not move and cost nothing (x_adv = x, crossed False).
-    idx = _rows(p.margin > 0)
+    idx = _rows(p.margin > 0) if p.positive is None else _grouped((p.margin > 0,), (p.positive,))[0]
     cur = x.index_select(0, idx)  # working iterates x_t of the active samples
     prev = cur  # x_{t-1} (Algorithm 2's x~1, the last correct iterate)
     for t in range(p.steps + 1):
@@ -925,15 +935,16 @@ def _unwrap_ddp(model):
 
 def _gen_adv(name, compact, model, x, y, margin, *, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
              clip_min, clip_max, model_mode, search_result, counter, return_info, backend, batch_exit, min_rows=None,
-             label_range=_NOT_GIVEN, host_counts=None):
+             label_range=_NOT_GIVEN, host_counts=None, margin_read=None):
     """gen_adv; ``label_range`` (IMA's): x and y are rows of a batch the caller checked as _check_batch does, whose
     labels' range it read (None: no class labels), so they are not checked again (_Problem). ``host_counts`` (a
     dict, IMA's): filled with the compacted ascent's counts (``clean_correct``: how many samples are), not read
-    again."""
+    again. ``margin_read`` (IMA's): ``(largest margin, how many are positive)`` of a margin tensor in x's opmath
+    dtype that the caller read and found finite and >= 0 (_Problem)."""
     model = _unwrap_ddp(model)
     _check_options(name, None, None, None, {"compact": compact, "batch_exit": batch_exit, "return_info": return_info})
     p = _Problem(name, model, x, y, margin, steps, norm, search_steps, algorithm, is_correct, loss_fn, arity,
-                 clip_min, clip_max, search_result, backend, model_mode, min_rows, label_range)
+                 clip_min, clip_max, search_result, backend, model_mode, min_rows, label_range, margin_read)
     p.batch_exit = bool(batch_exit)
     if counter is not None and not isinstance(counter, PassCounter):
         # counter=5 failed after the first forward with "'int' object has no attribute 'forward'", or was never
@@ -1360,6 +1371,19 @@ def _adversarial_output(model, x, x_adv, sel):
     return model(x_adv)
 
 
+def _attacked_rows(clean_ok, margins):
+    """IMA's attacked rows (the clean-correct ones, ``sel``) and what gen_adv reads of their ``margins``, in one host
+    read: ``(largest, how many are positive)``, or None when one is negative or not finite (gen_adv then reads them
+    and refuses them by its own check)."""
+    positive = clean_ok & (margins > 0)
+    bad = (~torch.isfinite(margins) | (margins < 0)) & clean_ok
+    top = torch.where(clean_ok, margins, torch.zeros_like(margins)).max() if margins.numel() else margins.sum()
+    n, n_positive, any_bad, widest = torch.stack(  # float64 holds the counts and the largest margin exactly
+        (clean_ok.sum().double(), positive.sum().double(), bad.any().double(), top.double())).tolist()
+    sel = _grouped((clean_ok,), (int(n),))[0]
+    return sel, None if any_bad else (widest, int(n_positive))
+
+
 def _put_back(buffers, saved):
     for b, value in zip(buffers, saved):
         # through .data: a copy_ bumped the buffers' version counters, and the clean forward's batch-norm backward
@@ -1525,9 +1549,9 @@ class IMA(Defense):
             check_labels_against("IMA", y, out, label_range=label_range)
         l0 = _loss_result("IMA", loss_fn(out, y), x.shape[0])
         clean_ok = _criterion_result("IMA", criterion(out.detach(), y), x.shape[0])
-        sel = clean_ok.nonzero().squeeze(1)
         margins = self.table.margins.index_select(0, ids.to(self.table.margins.device)).to(
             device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        sel, margin_read = _attacked_rows(clean_ok, margins)
         l1 = l0
         # tensors, read back together at the end (metric_values: one host read); the mean of the margins before this
         # batch's update
@@ -1545,7 +1569,7 @@ class IMA(Defense):
                     is_correct=self._is_correct, loss_fn=self._loss_fn, arity=self.arity, clip_min=self.clip_min,
                     clip_max=self.clip_max, model_mode=self.model_mode, search_result=self.search_result,
                     counter=self.counter, return_info=True, backend=self.backend, batch_exit=self.batch_exit,
-                    min_rows=self.min_rows, label_range=label_range, host_counts=counts,
+                    min_rows=self.min_rows, label_range=label_range, host_counts=counts, margin_read=margin_read,
                 )
                 # Samples the attack's mode finds wrong at x itself are treated as misclassified clean (L1 = L0).
                 keep, kept = info.clean_correct, counts.get("clean_correct")
