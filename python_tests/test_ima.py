@@ -978,20 +978,40 @@ def test_compacted_genadv_reads_once_per_step(algorithm, arity, norm, n):
     output or a loss is NaN; the rows come from a stable sort by those counts), the search once after its last round
     (its rows' count is the ascent's), IMA none: on top of the checks of the batch (3 tolists) and its positive
     margins (a nonzero), one read per ascent forward and one per search. Results are bitwise the masked loop's."""
+    (x_adv, crossed, info), reads, ascent = _genadv_reads(algorithm, arity, norm, n, compact=True)
+    assert reads == {"item": 0, "nonzero": 1, "tolist": 3 + ascent + 1}, reads
+    (x_ref, crossed_ref, info_ref), _, ascent_ref = _genadv_reads(algorithm, arity, norm, n, compact=False)
+    assert torch.equal(x_adv, x_ref) and torch.equal(crossed, crossed_ref) and ascent == ascent_ref
+    assert torch.equal(info.steps, info_ref.steps) and torch.equal(info.far_point, info_ref.far_point)
+
+
+@pytest.mark.parametrize("algorithm, arity, norm, n", [(2, 2, "l2", 12), (3, 4, "linf", 12), (2, 3, "linf", 1),
+                                                       (3, 2, "l2", 5)])
+def test_masked_genadv_reads_once_per_step(algorithm, arity, norm, n):
+    """The masked loop (compact=False) read four times a step: whether a sample was in play at the step's start and
+    again after its criterion (two items, the first always the second's answer of the step before), the output's
+    and the loss's NaN checks (two more), and each search round's NaN check. Now once a step, as the compacted loop
+    (the in-play check with the NaN flags, one tolist), and its search once: on top of the batch's checks (3
+    tolists), the margins' any-positive check (an item) and the search's rows (a nonzero)."""
+    _, reads, ascent = _genadv_reads(algorithm, arity, norm, n, compact=False)
+    assert reads == {"item": 1, "nonzero": 1, "tolist": 3 + ascent + 1}, reads
+
+
+def _genadv_reads(algorithm, arity, norm, n, compact):
+    """gen_adv's (x_adv, crossed, info), host reads and ascent forwards (the search's left out) on a make_problem
+    batch of n where some sample crosses."""
     torch.manual_seed(2)  # the model's weights: sample 3 crosses (and others, at 12)
     model, x, y, margin = make_problem(norm=norm)
     x, y, margin = (t[3:4] if n == 1 else t[:n] for t in (x, y, margin))
-    kwargs = dict(steps=6, search_steps=4, algorithm=algorithm, arity=arity, norm=norm, return_info=True)
+    kwargs = dict(steps=6, search_steps=4, algorithm=algorithm, arity=arity, norm=norm, return_info=True,
+                  compact=compact)
     gen_adv(model, x, y, margin, **kwargs)  # measures the padding sizes
     got = []
     reads = host_reads(lambda: got.append(gen_adv(model, x, y, margin, **kwargs)))
     (x_adv, crossed, info), = got
-    rounds = search_rounds(4, arity) if bool(crossed.any()) else 0
-    assert bool(crossed.any()) and info.counter.forward_calls - rounds <= 7
-    assert reads == {"item": 0, "nonzero": 1, "tolist": 3 + info.counter.forward_calls - rounds + 1}, reads
-    x_ref, crossed_ref, info_ref = gen_adv(model, x, y, margin, compact=False, **kwargs)
-    assert torch.equal(x_adv, x_ref) and torch.equal(crossed, crossed_ref)
-    assert torch.equal(info.steps, info_ref.steps) and torch.equal(info.far_point, info_ref.far_point)
+    ascent = info.counter.forward_calls - search_rounds(4, arity)
+    assert bool(crossed.any()) and ascent <= 7
+    return got[0], reads, ascent
 
 
 @pytest.mark.parametrize("compact", [True, False])

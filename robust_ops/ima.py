@@ -343,13 +343,6 @@ def _nan_rows(values, weight=None):
     return nan & weight if weight is not None else nan
 
 
-def _check_not_nan(name, what, values, rows, weight=None):
-    """``values`` [R, ...] with NaN in a row (where ``weight``) -> _NaNSamples naming ``rows`` (batch positions)."""
-    nan = _nan_rows(values, weight)
-    if bool(nan.any()):
-        raise _NaNSamples(name, what, rows[nan])
-
-
 def _loss_result(name, loss, n):
     if not torch.is_tensor(loss) or not loss.is_floating_point() or loss.shape != (n,):
         got = f"{loss.dtype} {tuple(loss.shape)}" if torch.is_tensor(loss) else type(loss).__name__
@@ -431,16 +424,10 @@ class _Problem:
         """functional.boundary_search_step_ on the search's own tensors."""
         functional._boundary_search_step_on(self._on("boundary_search_step_"), lo, hi, points, crossed_at, active)
 
-    def correct(self, out, y, rows, active=None):
-        """The criterion on ``out`` (rows: each row's sample in the batch); NaN outputs are refused, naming them
-        (masked loops: only ``active`` rows, those the compacted loop forwards too)."""
-        if out.is_floating_point():
-            _check_not_nan(self.name, "the model's output", out, rows, active)
-        return self.criterion(out, y)
-
     def criterion(self, out, y):
-        """:meth:`correct` without its NaN check: the compacted loops find the NaN rows (:func:`_nan_rows`) and read
-        whether there are any with their step's other values (:func:`_read_counts`), so a step reads once."""
+        """The criterion on ``out``. NaN outputs are refused by the loops, which find their rows (:func:`_nan_rows`;
+        masked loops: only the rows in play, those the compacted loops forward too) and read whether there are any
+        with their step's other values (:func:`_read_counts`), so that a step reads once."""
         if self.default_criterion:
             _check_default_output(self.name, out, y.shape[0], "is_correct")
         if (self.default_criterion or self.default_loss) and not self.labels_checked:
@@ -488,13 +475,6 @@ class _Problem:
                                  f"model_mode='eval' (the default), or compact=False on batches of 2 or more") from None
             return xs, (out[:n] if pad > 0 else out)
 
-    def gradient(self, xs, out, y, weight, counter, rows):
-        """Gradient of the per-sample loss at xs; rows with weight 0 get no gradient (their sample is done). A NaN
-        loss of the others (rows: their samples in the batch) is refused: its gradient would step them to NaN."""
-        loss = self.checked_loss(self.loss(out, y), y.shape[0])
-        _check_not_nan(self.name, "loss_fn(output, y)", loss, rows, weight)
-        return self.backward(xs, loss, weight, counter)
-
     def loss(self, out, y):
         """``loss_fn(out, y)`` with its graph, unchecked: :meth:`checked_loss` checks it where a gradient is taken
         (the compacted ascent computes it before its step's read, also when no sample goes on)."""
@@ -512,7 +492,8 @@ class _Problem:
         return loss
 
     def backward(self, xs, loss, weight, counter):
-        """The input gradient at xs of ``loss``'s rows where ``weight``; one counted backward."""
+        """The input gradient at xs of ``loss``'s rows where ``weight`` (the others' samples are done); one counted
+        backward. A NaN loss of a row where ``weight`` is refused before (its gradient would step it to NaN)."""
         with torch.enable_grad():
             total = torch.where(weight, loss, torch.zeros_like(loss)).sum()
         counter.backward(self.padded_rows(xs.shape[0]))
@@ -644,18 +625,14 @@ def _search_start(p, lo, hi):
     return points
 
 
-def _first_crossed(p, out, y, k1, n, rows, active=None, nans=None):
-    """Index of the first interior point (lo -> hi order) past the boundary, k-1 when none is. ``nans`` (a list):
-    the rows with a NaN output are appended to it, for one read after the last round, instead of read now."""
+def _first_crossed(p, out, y, k1, n, nans, active=None):
+    """Index of the first interior point (lo -> hi order) past the boundary, k-1 when none is. The rows with a NaN
+    output (where ``active``) are appended to the list ``nans``, read once after the last round
+    (:func:`_check_search_nans`)."""
     active = None if active is None else active.repeat(k1)
-    ys = y.repeat(k1, *([1] * (y.dim() - 1)))
-    if nans is None:
-        ok = p.correct(out, ys, rows.repeat(k1), active)
-    else:
-        if out.is_floating_point():
-            nans.append(_nan_rows(out))
-        ok = p.criterion(out, ys)
-    ok = ok.view(k1, n)
+    if out.is_floating_point():
+        nans.append(_nan_rows(out, active))
+    ok = p.criterion(out, y.repeat(k1, *([1] * (y.dim() - 1)))).view(k1, n)
     wrong = ~ok
     first = wrong.to(torch.uint8).argmax(0)  # first True (argmax returns the first maximal index)
     return torch.where(wrong.any(0), first, torch.full_like(first, k1))
@@ -676,12 +653,18 @@ def _search_compact(p, lo, hi, crossed, counter, counts):
     nans = []
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo_c.shape[1:])), counter, grad=False)
-        crossed_at = _first_crossed(p, out, y_c, k1, n, idx, nans=nans)
+        crossed_at = _first_crossed(p, out, y_c, k1, n, nans)
         p.search_step(lo_c, hi_c, points, crossed_at)
+    _check_search_nans(p, nans, idx.repeat(k1))
+    return lo_c, hi_c, idx
+
+
+def _check_search_nans(p, nans, rows):
+    """The search rounds' NaN outputs (``nans``: each round's rows with one, as _first_crossed found them), read once:
+    _NaNSamples naming the first such round's samples (``rows``: each point's sample), as a read per round did."""
     found = torch.stack([nan.any() for nan in nans]).tolist() if nans else []
     if any(found):
-        raise _NaNSamples(p.name, "the model's output", idx.repeat(k1)[nans[found.index(True)]])
-    return lo_c, hi_c, idx
+        raise _NaNSamples(p.name, "the model's output", rows[nans[found.index(True)]])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -689,6 +672,9 @@ def _search_compact(p, lo, hi, crossed, counter, counts):
 
 
 def _ascent_masked(p, counter):
+    """The compacted ascent's algorithm over the full batch with masks; as there, a step reads once (a GPU sync):
+    whether a sample is still in play, with the NaN checks of the step's output and of the loss of the samples in
+    play."""
     x, y, n = p.x, p.y, p.x.shape[0]
     dev = x.device
     x_adv, lo, hi = x.clone(), x.clone(), x.clone()
@@ -699,12 +685,13 @@ def _ascent_masked(p, counter):
     rows = torch.arange(n, device=dev)
     cur, prev = x.clone(), x.clone()
     view = (n,) + (1,) * (x.dim() - 1)
+    if p.batch_exit and not bool(alive.any()):  # every margin 0: no forward (later steps' reads say it themselves)
+        return x_adv, lo, hi, crossed, clean_correct, steps, None
     for t in range(p.steps + 1):
-        if p.batch_exit and not bool(alive.any()):
-            break
         last = t == p.steps
         xs, out = p.forward(cur, counter, grad=not last)
-        ok = p.correct(out.detach(), y, rows, alive)
+        ok = p.criterion(out.detach(), y)
+        nan_out = _nan_rows(out, alive) if out.is_floating_point() else None
         if t == 0:
             done = alive & ~ok
             clean_correct &= ~done
@@ -717,6 +704,15 @@ def _ascent_masked(p, counter):
         else:
             done = torch.zeros_like(alive)
         alive = alive & ~done
+        loss = nan_loss = None
+        if not last:  # before the read, so that its NaN check shares it (checked once used), as the compacted loop
+            loss = p.loss(out, y)
+            if torch.is_tensor(loss) and loss.is_floating_point() and loss.shape == (n,):
+                nan_loss = _nan_rows(loss, alive)
+        going_on, out_nan, loss_nan = _read_counts((alive if p.batch_exit and not last else None,),
+                                                   (nan_out, nan_loss))
+        if out_nan:
+            raise _NaNSamples(p.name, "the model's output", rows[nan_out])
         if last:
             steps = torch.where(alive, torch.full_like(steps, p.steps), steps)
             if p.algorithm == 3:
@@ -726,10 +722,13 @@ def _ascent_masked(p, counter):
                 alive = alive & ok
             x_adv = torch.where(alive.view(view), cur, x_adv)
             break
-        if p.batch_exit and not bool(alive.any()):
+        if p.batch_exit and not going_on:
             break
-        grad = p.gradient(xs, out, y, alive, counter, rows)
-        del out  # a graph retained under float16 autocast goes now, not after the next forward
+        loss = p.checked_loss(loss, n)
+        if loss_nan:  # its gradient would step them to NaN
+            raise _NaNSamples(p.name, "loss_fn(output, y)", rows[nan_loss])
+        grad = p.backward(xs, loss, alive, counter)
+        del out, loss  # a graph retained under float16 autocast goes now, not after the next forward
         nxt = cur.clone()
         p.pgd_step(nxt, x, grad, p.alpha, p.margin)
         prev = cur
@@ -745,10 +744,12 @@ def _search_masked(p, lo, hi, crossed, counter, counts=None):
     lo, hi = lo.clone(), hi.clone()
     points = _search_start(p, lo, hi)
     k1 = p.arity - 1
+    rows, nans = torch.arange(n, device=lo.device), []
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo.shape[1:])), counter, grad=False)
-        crossed_at = _first_crossed(p, out, p.y, k1, n, torch.arange(n, device=lo.device), crossed)
+        crossed_at = _first_crossed(p, out, p.y, k1, n, nans, crossed)
         p.search_step(lo, hi, points, crossed_at, crossed)
+    _check_search_nans(p, nans, rows.repeat(k1))
     return lo.index_select(0, idx), hi.index_select(0, idx), idx
 
 
