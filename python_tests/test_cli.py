@@ -3549,14 +3549,22 @@ def test_resume_of_a_checkpoint_without_run_json_is_refused_in_the_command_lines
 def test_train_into_another_commands_results_folder_is_refused(small_npz, tmp_path, capsys):
     # `train --out RUN/eval` (meant: RUN, or a new folder) trained a new run into eval's folder beside the results of
     # RUN's weights, and its own eval then wrote RUN/eval/eval
-    run_dir, elsewhere = tmp_path / "run", tmp_path / "demo"
+    # The command is the one results.json records: a demo's --out RUN/demo was called "eval's for the run in RUN"
+    # (a guess from the run.json above it)
+    run_dir = tmp_path / "run"
     base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--epochs", "1", "--out"]
     assert run(base + [run_dir], capsys)[0] == 0
-    for folder in (run_dir / "eval", elsewhere):
+    other = str(tmp_path / "other" / "checkpoint.pt")
+    for folder, config, whose in ((run_dir / "eval", {"command": "eval", "target": str(run_dir)},
+                                   f"; here eval's of {run_dir}"),
+                                  (run_dir / "other", {"command": "eval", "target": other},
+                                   f"; here eval's of {other}"),
+                                  (run_dir / "demo", {"command": "demo"}, "; here demo's"),
+                                  (tmp_path / "repro", {"protocol": "arfl-moons"}, "; here reproduce arfl-moons's"),
+                                  (tmp_path / "older", None, "")):
         folder.mkdir()
-        (folder / "results.json").write_text("{}")
+        (folder / "results.json").write_text("[]" if config is None else json.dumps({"config": config}))
         rc, _, err = run(base + [folder], capsys)
-        whose = f"; here eval's for the run in {run_dir}" if folder.name == "eval" else ""
         one_line_error(rc, err, f"--out: {folder} holds another command's results (results.json of an eval, demo or "
                                 f"reproduce --out{whose}), not a training run; choose another --out for this run")
         assert sorted(p.name for p in folder.iterdir()) == ["results.json"]

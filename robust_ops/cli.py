@@ -1252,9 +1252,25 @@ def refuse_results_folder(out):
     out = Path(out)
     if not (out / "results.json").is_file() or any((out / name).is_file() for name in (RUN_FILE, CHECKPOINT)):
         return
-    whose = f"; here eval's for the run in {out.parent}" if (out.parent / RUN_FILE).is_file() else ""
+    whose = results_owner(out / "results.json")
     raise CLIError(f"--out: {out} holds another command's results (results.json of an eval, demo or reproduce "
                    f"--out{whose}), not a training run; choose another --out for this run")
+
+
+def results_owner(path):
+    """The command whose results.json ``path`` is, as its config records it, in refuse_results_folder's words
+    ("; here eval's of TARGET", "; here demo's", "; here reproduce NAME's"); "" where it records none or does not
+    parse. Until 2026-12-07 it was guessed from a run.json in the folder above: eval's, even for demo --out RUN/demo."""
+    try:
+        config = json.loads(Path(path).read_text()).get("config") or {}
+        command, target, protocol = (config.get(key) for key in ("command", "target", "protocol"))
+    except (OSError, ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
+        return ""
+    if command == "eval" and isinstance(target, str):
+        return f"; here eval's of {target}"
+    if command == "demo":
+        return "; here demo's"
+    return f"; here reproduce {protocol}'s" if isinstance(protocol, str) else ""
 
 
 def refuse_train_folder(out, command):
