@@ -2946,6 +2946,23 @@ def test_fresh_train_warns_that_the_old_eval_results_are_stale(small_npz, tmp_pa
     assert (out / "eval" / "results.json").is_file()
 
 
+def test_fresh_train_warns_that_results_of_an_eval_into_the_run_folder_are_stale(small_npz, tmp_path, capsys):
+    """eval RUN --out RUN (a run's folder holding an eval's results, which train keeps) then a fresh train into RUN:
+    RUN/eval was warned of, RUN/results.json, report.md and figures (the old weights' numbers) kept without a word."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--epochs", "1", "--out", out, "--no-progress", "--device", "cpu"]
+    assert run(argv, capsys)[0] == 0
+    rc, _, err = run(["eval", out, "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--device", "cpu",
+                      "--out", out], capsys)
+    assert rc == 0, err
+    rc, _, err = run(argv + ["--epochs", "2", "--resume"], capsys)  # the same run, continued: nothing to say
+    assert rc == 0 and "holds results" not in err, err
+    rc, _, err = run(argv, capsys)
+    assert rc == 0 and f"warning: {out / 'results.json'} holds results of the run this one replaces; rerun " \
+        f"`robust-ops eval {out} --out {out}` once training ends" in err, err
+    assert (out / "results.json").is_file()
+
+
 def test_defense_options_training_would_refuse_are_refused_before_run_json(small_npz, tmp_path, capsys):
     """--defense-opt eps=8 (meant as 8/255) on [0, 1] images, or an IMA num_samples other than the training set's:
     refused naming the option before anything is written, not as a 'training failed' after run.json was written."""

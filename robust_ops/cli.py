@@ -1132,9 +1132,13 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
             for name in trainer.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-            if (out / "eval" / "results.json").is_file():  # eval's default --out: kept (the user's), but now stale
-                warnings.warn(f"{out / 'eval'} holds results of the run this one replaces; rerun "
-                              f"`{PROG} eval {shlex.quote(str(out))}` once training ends to replace them")
+            # eval's default --out, and RUN_DIR itself (eval RUN_DIR --out RUN_DIR): kept (the user's), but now stale
+            into_run = f" --out {shlex.quote(str(out))}"
+            for where, results, again in ((out / "eval", out / "eval" / "results.json", ""),
+                                          (out / "results.json", out / "results.json", into_run)):
+                if results.is_file():
+                    warnings.warn(f"{where} holds results of the run this one replaces; rerun "
+                                  f"`{PROG} eval {shlex.quote(str(out))}{again}` once training ends to replace them")
         # a resumed checkpoint fit refuses (no run.json held its settings to compare) must keep the record it had, or
         # none: this command's would describe a run that never trained and refuse the rerun with the right settings
         ckpt = out / CHECKPOINT
