@@ -3605,6 +3605,22 @@ def test_demo_or_reproduce_into_a_training_runs_folder_is_refused(small_npz, tmp
         assert sorted(p.name for p in run_dir.iterdir()) == files
 
 
+def test_demo_or_reproduce_into_a_folder_with_either_file_of_a_run_is_refused(small_npz, tmp_path, capsys):
+    """Either file of a run is enough (docs/cli.md: run.json or checkpoint.pt): a fit out_dir from Python holds only
+    checkpoint.pt, a run stopped before its first epoch only run.json. Refusing only where both are (any -> all)
+    passed test_demo_or_reproduce_into_a_training_runs_folder_is_refused, whose RUN_DIR holds both."""
+    for name in ("checkpoint.pt", "run.json"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_bytes(b"")
+        for argv, command in ((["demo", "--data", small_npz, "--quick", "--methods", "standard"], "demo"),
+                              (["reproduce", "arfl-moons", "--quick"], "reproduce")):
+            rc, _, err = run(argv + ["--no-progress", "--device", "cpu", "--out", folder], capsys)
+            one_line_error(rc, err, f"--out: {folder} holds a training run ({name}: a train --out), not {command}'s "
+                                    f"results; choose another --out for {command}")
+            assert [p.name for p in folder.iterdir()] == [name]
+
+
 def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz, tmp_path, capsys):
     # a second train (other settings) or --resume into a RUN_DIR still training rewrote its checkpoint and run.json
     # under the first: both exited 0, leaving one run's checkpoint beside the other's run.json (probe: standard for
