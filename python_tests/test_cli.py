@@ -3563,6 +3563,27 @@ def test_resume_of_a_checkpoint_without_run_json_is_refused_in_the_command_lines
     one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with --lr 0.001", way_on)
 
 
+def test_resume_of_a_checkpoint_without_run_json_on_another_validation_split_is_refused_in_flags(small_npz, tmp_path,
+                                                                                                    capsys):
+    # fit's refusal of another validation split size reached the command line in its Python words: 'RUN: training
+    # failed: fit: cannot resume RUN/checkpoint.pt: it was validated on val_samples=16, this call has val_samples=12;
+    # pass the run's val_data', naming no flag and no way on
+    arrays = dict(np.load(small_npz))
+    arrays["val_images"], arrays["val_labels"] = arrays["val_images"][:12], arrays["val_labels"][:12]
+    fewer = tmp_path / "smallbus_val12.npz"
+    np.savez(fewer, **arrays)
+    out = tmp_path / "run"
+    base = ["train", "--no-progress", "--device", "cpu", "--batch-size", "32", "--epochs", "2", "--out", out, "--data"]
+    assert run(base + [small_npz], capsys)[0] == 0
+    (out / "run.json").unlink()
+    rc, _, err = run(base + [fewer, "--resume"], capsys)
+    line = one_line_error(rc, err, f"--resume: {out / 'checkpoint.pt'} was trained with val_samples=16, this command "
+                                   "has val_samples=12 (set by --data, --classes); rerun with the run's settings to "
+                                   "continue it, or train afresh without --resume (another --out keeps this run's "
+                                   "files)")
+    assert "fit:" not in line and "val_data" not in line, line
+
+
 def test_train_into_another_commands_results_folder_is_refused(small_npz, tmp_path, capsys):
     # `train --out RUN/eval` (meant: RUN, or a new folder) trained a new run into eval's folder beside the results of
     # RUN's weights, and its own eval then wrote RUN/eval/eval

@@ -834,7 +834,8 @@ def resume_setting_error(run_file, key, was, now, flags):
 # files (a command without --resume), another --out keeps them
 TRAIN_AFRESH = "train afresh without --resume (another --out keeps this run's files)"
 # fit's recorded settings (its ResumeMismatchError's keys) that no flag takes as they are, and the flags setting them
-FIT_SETTING_FLAGS = {"num_samples": "--data, --classes", "defense_class": "--defense", "drop_max_layers": "--dropmax"}
+FIT_SETTING_FLAGS = {"num_samples": "--data, --classes", "val_samples": "--data, --classes",
+                     "defense_class": "--defense", "drop_max_layers": "--dropmax"}
 
 
 def resume_refusal(path, key, was, now, flags):

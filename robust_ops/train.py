@@ -2002,8 +2002,9 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
     # metrics in the same history and give ReduceLROnPlateau's best another loss; its content is not compared.
     saved_val = state["config"].get("val_samples")
     if saved_val is not None and config["val_samples"] is not None and saved_val != config["val_samples"]:
-        raise ValueError(f"{name}: cannot resume {resume_path}: it was validated on val_samples={saved_val}, this "
-                         f"call has val_samples={config['val_samples']}; pass the run's val_data")
+        raise ResumeMismatchError(name, resume_path, "val_samples", saved_val, config["val_samples"],
+                                  f"{name}: cannot resume {resume_path}: it was validated on val_samples={saved_val}, "
+                                  f"this call has val_samples={config['val_samples']}; pass the run's val_data")
     # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
     # has lr=0.0001" (the default Adam's), naming an lr nobody passed
     for key in ("batch_size", "seed", "defense", "defense_class", "optimizer", "lr", "channels_last",
