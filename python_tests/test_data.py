@@ -1877,8 +1877,33 @@ def test_cross_validation_takes_medmnist_column_labels_and_names_float_ones():
     floats = DatasetSplits(*(TensorDataset(d.tensors[0], d.tensors[1].float()) for d in (s.train, s.val, s.test)),
                            s.info)
     with pytest.raises(DataError, match=r"^cross_validation: expected integer class labels, got the labels of dtype "
-                                        r"torch.float32$"):
+                                        r"torch.float32; class numbers stored as floats \(0\., 1\., \.\.\.\)\? "
+                                        r"convert them with \.long\(\)$"):
         cross_validation(floats, k=3)
+
+
+def test_fits_label_dtype_error_says_the_fix():
+    """fit's label rule (class_labels, shared with evaluate, report and cross_validation) refused bool or float labels
+    naming only the dtype ("fit: expected integer class labels, got y of dtype torch.bool"), where the attacks' and
+    evaluate's said the fix: it appends the same context.label_dtype_fix (.long() or .argmax(1)). The refusal stays:
+    converting silently would turn 0.7 into 0."""
+    from torch.utils.data import TensorDataset
+
+    from robust_ops import defenses
+    from robust_ops.attacks.context import label_dtype_fix
+    from robust_ops.train import fit
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 0, 1])
+    for labels, fix in ((y > 0, r"; convert them with \.long\(\) \(False is class 0, True class 1\)"),
+                        (y.float()[:, None], r"; class numbers stored as floats \(0\., 1\., \.\.\.\)\? convert them "
+                                             r"with \.long\(\)"),
+                        (torch.nn.functional.one_hot(y).float(), r"; one-hot or probability rows\? take their "
+                                                                 r"\.argmax\(1\)")):
+        with pytest.raises(TypeError, match=rf"^fit: expected integer class labels, got y of dtype {labels.dtype}"
+                                            rf"{fix}$"):
+            fit(model, defenses.Standard(), TensorDataset(x, labels), epochs=1, progress=False)
+        assert re.fullmatch(fix, label_dtype_fix(labels))  # the attacks' one function, not a copy of its rule
 
 
 @pytest.mark.parametrize("seed", [-1, "a", 1.5, True, [0, -1]])

@@ -4566,8 +4566,10 @@ def test_class_labels_rule_without_a_sample_count():
 
     y = class_labels("f", torch.tensor([[1], [0]], dtype=torch.int32), 2)
     assert y.dtype == torch.int64 and y.tolist() == [1, 0]
-    for labels in (torch.tensor([1j, 0j]), torch.tensor([True, False])):  # 0.7 or True would become 0 or 1 silently
-        with pytest.raises(TypeError, match=rf"^f: expected integer class labels, got y of dtype {labels.dtype}$"):
+    for labels, fix in ((torch.tensor([1j, 0j]), ""),  # 0.7 or True would become 0 or 1 silently: refused, told the fix
+                        (torch.tensor([True, False]), r"; convert them with \.long\(\) \(False is class 0, True class "
+                                                      r"1\)")):
+        with pytest.raises(TypeError, match=rf"^f: expected integer class labels, got y of dtype {labels.dtype}{fix}$"):
             class_labels("f", labels, 2)
     with pytest.raises(ValueError, match=r"^f: expected one class label per sample .*, got y of shape \(3,\) for 2 "
                                          r"samples$"):

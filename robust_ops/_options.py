@@ -111,6 +111,22 @@ def segmentation_masks(y):
     return torch.is_tensor(y) and y.dim() >= 3 and math.prod(y.shape[1:]) > 1
 
 
+def label_dtype_fix(y):
+    """The fix to append to a refusal of labels of ``y``'s dtype: "; convert them with .long()" for bool labels
+    (False is class 0), and for float ones stored class numbers, or their argmax(1) for one-hot or probability rows;
+    "" for other values (complex, not a tensor). Reads no values: the refusal's path. Appended by the attacks' label
+    check (attacks.context.check_class_labels) and by class_labels (fit, evaluate, report, cross_validation)."""
+    if not torch.is_tensor(y):
+        return ""
+    if y.dtype == torch.bool:
+        return "; convert them with .long() (False is class 0, True class 1)"
+    if not y.dtype.is_floating_point:
+        return ""
+    if y.dim() == 2 and y.shape[1] > 1:
+        return "; one-hot or probability rows? take their .argmax(1)"
+    return "; class numbers stored as floats (0., 1., ...)? convert them with .long()"
+
+
 def class_labels(name, y, n, what="y"):
     """``y`` as int64 class labels of shape [N] for ``n`` samples (None: not checked), the one label rule of fit and
     evaluate: shape [N] or [N, 1] (MedMNIST's); one-hot [N, C] and other shapes are a ValueError, float or bool
@@ -122,7 +138,7 @@ def class_labels(name, y, n, what="y"):
                          f"shape {tuple(y.shape)}: segmentation masks? fit and evaluate are for classifiers only "
                          f"(segmentation: docs/ima.md, Segmentation)")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"{name}: expected integer class labels, got {what} of dtype {y.dtype}")
+        raise TypeError(f"{name}: expected integer class labels, got {what} of dtype {y.dtype}{label_dtype_fix(y)}")
     if y.dim() == 2 and y.shape[1] == 1:
         y = y.reshape(-1)
     if y.dim() != 1 or (n is not None and y.shape[0] != n):

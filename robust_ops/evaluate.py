@@ -54,8 +54,8 @@ from ._options import (accepted_options, check_flags, check_int, check_usable_de
 from ._warn import warn
 from .attacks.context import (InputDtypeError, InputShapeError, NonFiniteOutputError,
                               check_attack_output, check_inside_ball, check_output, forward_naming_input_mismatch,
-                              label_dtype_fix, looks_like_probabilities, model_device, one_probabilities_warning,
-                              past_bound, predict_from_output, use_model_mode, value_range_fix, warn_probabilities)
+                              looks_like_probabilities, model_device, one_probabilities_warning, past_bound,
+                              predict_from_output, use_model_mode, value_range_fix, warn_probabilities)
 from .metrics import (METRIC_LABELS, class_log_odds, class_logits, classification_metrics, confusion_counts,
                       metric_names, positive_class_problem, probabilities)
 
@@ -695,9 +695,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     x, y = dataset_tensors(dataset)
     try:  # fit's rule: [N] or MedMNIST's [N, 1]; one-hot [N, K] would otherwise fail deep inside the metrics
         y = class_labels("data", y, x.shape[0], what="labels")
-    except TypeError as err:  # a dtype: the fix the attacks' label check gives (.long(), .argmax(1))
-        raise EvalError("data", f"{err}{label_dtype_fix(y)}") from None
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # a dtype's error says the fix (.long(), .argmax(1)), as the attacks'
         raise EvalError("data", str(err)) from None
     if y.shape[0] == 0:
         raise EvalError("split", "split: the evaluated split has no samples")

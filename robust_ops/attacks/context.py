@@ -26,7 +26,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .._options import check_real, counted, segmentation_masks
+from .._options import check_real, counted, label_dtype_fix, segmentation_masks
 from .._warn import warn_outside
 from ..native_layers import library_speedups
 from ..prepacked_conv import weight_pack_scope
@@ -714,21 +714,6 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=
     if y is _NO_LABELS:
         return (None, None) if label_range else None
     return check_class_labels(name, y, x.shape[0], label_range=label_range)
-
-
-def label_dtype_fix(y):
-    """The fix to append to a refusal of labels of ``y``'s dtype: "; convert them with .long()" for bool labels
-    (False is class 0), and for float ones stored class numbers, or their argmax(1) for one-hot or probability rows;
-    "" for other values (complex, not a tensor). Reads no values: the refusal's path, fit's and evaluate's too."""
-    if not torch.is_tensor(y):
-        return ""
-    if y.dtype == torch.bool:
-        return "; convert them with .long() (False is class 0, True class 1)"
-    if not y.dtype.is_floating_point:
-        return ""
-    if y.dim() == 2 and y.shape[1] > 1:
-        return "; one-hot or probability rows? take their .argmax(1)"
-    return "; class numbers stored as floats (0., 1., ...)? convert them with .long()"
 
 
 def check_class_labels(name, y, n, label_range=False):
