@@ -5147,6 +5147,39 @@ def test_torchattacks_positional_norm_first_calls_are_refused_not_run():
     assert attacks.APGD(model).steps == attacks.APGDT(model).steps == 100
 
 
+@pytest.mark.parametrize("cls, args, takes, hint", [
+    (attacks.APGD, ("Linf", 8 / 255, 10, 1, 0, "ce", 1, 0.75, False), "model, eps, norm, steps, loss and n_restarts",
+     r", e\.g\. APGD\(model, eps=8/255, norm='Linf', \.\.\.\) \(torchattacks' APGD takes norm before eps\)"),
+    (attacks.APGDT, ("Linf", 8 / 255, 10, 1, 0, 1, 0.75, False, 10), "model, eps, norm, steps and n_target_classes",
+     r", e\.g\. APGDT\(model, .*\(torchattacks' APGDT takes norm before eps\)"),
+    (attacks.FAB, ("Linf", 8 / 255, 10, 1, 0.1, 1.05, 0.9, False, 0, False, 10),
+     "model, eps, norm, steps, n_restarts, alpha_max, eta, beta, multi_targeted and n_classes",
+     r", e\.g\. FAB\(model, .*\(torchattacks' FAB takes norm before eps\)"),
+    (attacks.Square, ("Linf", 8 / 255, 5000, 1, 0.8, "margin", True, 0, False), "model, eps, n_queries and p_init",
+     r", e\.g\. Square\(model, .*\(torchattacks' Square takes norm before eps\)"),
+    (attacks.PGDL2, (1.0, 0.2, 10, True, 1e-10), "model, eps, alpha, steps and random_start",
+     r" \(torchattacks' 6th, eps_for_division, is not an option: the step divides by \|\|g\|\| \+ 1e-10, its "
+     r"default\)"),
+    (attacks.PGD, (8 / 255, 2 / 255, 10, True, 5), "model, eps, alpha, steps and random_start", ""),
+    (attacks.FGSM, (8 / 255, "linf"), "model and eps", ""), (attacks.BIM, (8 / 255, None, 10, "linf"), "model, eps, alpha and steps", ""),
+    (attacks.FABT, (8 / 255, "linf", 10, 9, 1), "model, eps, norm, steps and n_target_classes", ""),
+    (attacks.WhiteNoise, (8 / 255, "linf", 10, 0), "model, eps, norm and trials", "")])
+def test_options_given_positionally_past_the_last_are_told_to_go_by_keyword(cls, args, takes, hint):
+    """torchattacks' APGD(model, norm, eps, steps, n_restarts, seed, loss, eot_iter, rho, verbose) (and APGDT's, FAB's,
+    Square's long positional lists, PGDL2's eps_for_division) ported as written met Python's bare "APGD.__init__()
+    takes from 2 to 7 positional arguments but 11 were given": each class refuses the extra values in one line (the
+    shared refuse_positional_options, as AutoAttack's) naming what it takes positionally and the keyword way."""
+    from robust_ops._options import accepted_options
+
+    model = make_model(3)
+    n = len(args) + 1 - len(takes.replace(" and ", ", ").split(", "))
+    extra = ", ".join(map(repr, args[-n:]))
+    with pytest.raises(TypeError, match=rf"^{cls.name}: {cls.__name__} takes {takes} positionally and its other "
+                                        rf"options by keyword, got {n} more positional arguments? "
+                                        rf"\({re.escape(extra)}\); pass them by name{hint}$"):
+        cls(model, *args)
+    assert "positional" not in repr(cls(model)) and "positional" not in accepted_options(cls)  # not an option
+
 def test_torchattacks_positional_cw_l2_call_is_refused_naming_the_keyword_form():
     # torchattacks' CW(model, c, kappa, steps, lr) is CW-L2; ours is CW-Linf (eps, alpha, steps, kappa): its
     # positional call ran as eps=1, alpha=0 (never moving a sample) and kappa=0.01 without a word

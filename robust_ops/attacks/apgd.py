@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import _backend, functional
 from .._options import allocated, check_flags
-from .base import N_CLASSES_HINT, Attack
+from .base import N_CLASSES_HINT, Attack, norm_first_hint, refuse_positional_options
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
                       float32_or_wider, is_single_logit, predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_linf_step_resolution, check_norm, check_steps, clean_logits,
@@ -493,8 +493,9 @@ class APGD(Attack):
     name = "apgd"
     norms = NORMS_WITH_L1
 
-    def __init__(self, model, eps=8 / 255, norm="linf", steps=100, loss="ce", n_restarts=1, *, rho=0.75, seed=0,
-                 eot_iter=1, use_largereps=False, **options):
+    def __init__(self, model, eps=8 / 255, norm="linf", steps=100, loss="ce", n_restarts=1, *positional, rho=0.75,
+                 seed=0, eot_iter=1, use_largereps=False, **options):
+        refuse_positional_options(self.name, APGD, positional, norm_first_hint("APGD"))
         super().__init__(model, **options)
         self.eps, self.norm, self.steps, self.loss = eps, check_norm(self.name, norm, self.norms), steps, loss
         self.n_restarts, self.rho, self.seed, self.eot_iter = n_restarts, rho, seed, eot_iter
@@ -520,8 +521,9 @@ class APGDT(Attack):
     norms = NORMS_WITH_L1
     _FOREIGN_OPTIONS = {**Attack._FOREIGN_OPTIONS, "n_classes": N_CLASSES_HINT}
 
-    def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, loss="dlr",
+    def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *positional, loss="dlr",
                  n_restarts=1, rho=0.75, seed=0, eot_iter=1, use_largereps=False, **options):
+        refuse_positional_options(self.name, APGDT, positional, norm_first_hint("APGDT"))
         super().__init__(model, **options)
         self.eps, self.norm, self.steps = eps, check_norm(self.name, norm, self.norms), steps
         self.n_target_classes = n_target_classes

@@ -1,5 +1,6 @@
 """torchattacks-style attack objects: ``Attack(model, **options)(x, y) -> x_adv``, thin wrappers of the functions."""
 
+import inspect
 import itertools
 import threading
 
@@ -20,6 +21,25 @@ def _refuse_positional(cls_name, model, positional):
                         f"call super().__init__(model, **options) and set the class attribute name = {model!r}")
     raise TypeError(f"{cls_name}: Attack.__init__ takes the model and keyword options only, got "
                     f"{1 + len(positional)} positional arguments; call super().__init__(model, **options)")
+
+
+def refuse_positional_options(name, cls, positional, hint=""):
+    """One refusal of option values given positionally past those ``cls.__init__`` takes so (``positional``, its
+    ``*positional``), naming them and the keyword way: Python's "takes from 2 to 6 positional arguments but 7 were
+    given" named no option. ``hint`` follows "pass them by name" (an example, another library's order)."""
+    if not positional:
+        return
+    takes = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+             if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+    n = len(positional)
+    raise TypeError(f"{name}: {cls.__name__} takes {', '.join(takes[:-1])} and {takes[-1]} positionally and its other "
+                    f"options by keyword, got {n} more positional argument{'s' * (n > 1)} "
+                    f"({', '.join(map(repr, positional))}); pass them by name{hint}")
+
+
+def norm_first_hint(cls_name):
+    """refuse_positional_options' hint for a class whose torchattacks namesake takes norm before eps."""
+    return f", e.g. {cls_name}(model, eps=8/255, norm='Linf', ...) (torchattacks' {cls_name} takes norm before eps)"
 
 
 # APGDT's and AutoAttack's hint for torchattacks' n_classes (both refuse it with this text)

@@ -10,7 +10,7 @@ import torch
 
 from .._options import check_flags, check_real
 from .._warn import warn
-from .base import N_CLASSES_HINT, Attack
+from .base import N_CLASSES_HINT, Attack, refuse_positional_options
 from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
 from .context import (attack_context, check_attack_output, check_inputs, looks_like_probabilities,
                       one_probabilities_warning, predict_from_output, recorded_bounds, values_within,
@@ -378,11 +378,9 @@ class AutoAttack(Attack):
         from . import attack_entry, build
         from .._options import option_defaults
 
-        if positional:  # Python's "takes from 2 to 4 positional arguments but 5 were given" named no keyword
-            raise TypeError(f"autoattack: AutoAttack takes model, norm and eps positionally and its other options by "
-                            f"keyword, got {len(positional)} more positional argument{'s' * (len(positional) > 1)} "
-                            f"({', '.join(map(repr, positional))}); pass them by name, e.g. version='standard' "
-                            f"(torchattacks' 4th argument is version, AutoAttack's seed)")
+        # Python's "takes from 2 to 4 positional arguments but 5 were given" named no keyword
+        refuse_positional_options("autoattack", AutoAttack, positional, ", e.g. version='standard' (torchattacks' 4th "
+                                  "argument is version, AutoAttack's seed)")
         if version not in VERSIONS:
             raise ValueError(f"autoattack: expected version to be one of {', '.join(map(repr, VERSIONS))}, "
                              f"got {version!r}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .._options import check_flags, check_real
-from .base import Attack
+from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, check_gradients_possible, check_inputs, check_not_half, is_single_logit,
                       predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, forward,
@@ -440,7 +440,8 @@ class FAB(Attack):
     norms = NORMS_WITH_L1
 
     def __init__(self, model, eps=8 / 255, norm="linf", steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
-                 multi_targeted=False, n_classes=None, *, seed=0, **options):
+                 multi_targeted=False, n_classes=None, *positional, seed=0, **options):
+        refuse_positional_options(self.name, FAB, positional, norm_first_hint("FAB"))
         super().__init__(model, **options)
         if n_classes is not None:
             check_steps(self.name, n_classes, "n_classes", minimum=2)
@@ -471,8 +472,9 @@ class FABT(Attack):
     supports_targeted = False
     norms = NORMS_WITH_L1
 
-    def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *, n_restarts=1,
+    def __init__(self, model, eps=8 / 255, norm="linf", steps=100, n_target_classes=9, *positional, n_restarts=1,
                  alpha_max=0.1, eta=1.05, beta=0.9, seed=0, **options):
+        refuse_positional_options(self.name, FABT, positional)
         super().__init__(model, **options)
         self.eps, self.norm, self.steps = eps, check_norm(self.name, norm, self.norms), steps
         self.n_target_classes, self.n_restarts = n_target_classes, n_restarts

@@ -3,7 +3,7 @@
 import torch
 
 from .._options import check_real
-from .base import Attack
+from .base import Attack, refuse_positional_options
 from .core import (FIRST_FORWARD, check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample,
                    refuse_targeted)
 from .context import attack_context, check_inputs, predict_from_output
@@ -104,7 +104,8 @@ class WhiteNoise(Attack):
     name = "noise"
     supports_targeted = False
 
-    def __init__(self, model, eps=8 / 255, norm="linf", trials=10, *, seed=None, **options):
+    def __init__(self, model, eps=8 / 255, norm="linf", trials=10, *positional, seed=None, **options):
+        refuse_positional_options(self.name, WhiteNoise, positional)
         super().__init__(model, **options)
         self.eps, self.norm, self.trials, self.seed = eps, check_norm(self.name, norm), trials, seed
 

@@ -9,7 +9,7 @@ import numbers
 import torch
 
 from .._options import fits_a_float
-from .base import Attack
+from .base import Attack, refuse_positional_options
 from .core import check_draws, check_kappa, check_norm, check_step_moves, check_steps, run_pgd
 
 
@@ -157,7 +157,8 @@ class FGSM(Attack):
 
     name = "fgsm"
 
-    def __init__(self, model, eps=8 / 255, *, norm="linf", loss="ce", **options):
+    def __init__(self, model, eps=8 / 255, *positional, norm="linf", loss="ce", **options):
+        refuse_positional_options(self.name, FGSM, positional)
         super().__init__(model, **options)
         self.eps, self.norm, self.loss = eps, check_norm(self.name, norm), loss
 
@@ -171,7 +172,8 @@ class BIM(Attack):
 
     name = "ifgsm"
 
-    def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *, norm="linf", loss="ce", **options):
+    def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *positional, norm="linf", loss="ce", **options):
+        refuse_positional_options(self.name, BIM, positional)
         super().__init__(model, **options)
         check_step_moves(self.name, eps, alpha)  # here, not at the first call, as the other attacks' settings
         self.eps, self.alpha, self.steps, self.loss = eps, alpha, steps, loss
@@ -191,8 +193,9 @@ class PGD(Attack):
     name = "pgd"
     default_norm = "linf"
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *, norm=None, loss="ce",
-                 kappa=0.0, early_stop=False, seed=None, **options):
+    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *positional, norm=None,
+                 loss="ce", kappa=0.0, early_stop=False, seed=None, **options):
+        refuse_positional_options(self.name, PGD, positional)
         super().__init__(model, **options)
         self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
         self.norm = check_norm(self.name, self.default_norm if norm is None else norm)
@@ -215,7 +218,10 @@ class PGDL2(PGD):
     name = "pgdl2"
     default_norm = "l2"
 
-    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, **options):
+    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, *positional, **options):
+        # torchattacks' 6th, eps_for_division, is the step's own 1e-10 here (docs/attacks.md, The PGD core)
+        refuse_positional_options(self.name, PGDL2, positional, " (torchattacks' 6th, eps_for_division, is not an "
+                                  "option: the step divides by ||g|| + 1e-10, its default)")
         super().__init__(model, eps, alpha, steps, random_start, **options)
 
 

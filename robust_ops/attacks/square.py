@@ -8,7 +8,7 @@ import torch
 
 from .. import functional
 from .._options import check_flags
-from .base import Attack
+from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, best_other_logit, check_inputs, check_not_half, classification_loss,
                       is_single_logit, two_logits)
 from .core import (FIRST_FORWARD, check_labels_against, check_linf_budget, check_linf_step_resolution, check_norm,
@@ -339,8 +339,9 @@ class Square(Attack):
         "n_restarts": "one run here, torchattacks' default n_restarts=1",
     }
 
-    def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *, seed=0, norm="linf",
+    def __init__(self, model, eps=8 / 255, n_queries=5000, p_init=0.8, *positional, seed=0, norm="linf",
                  resample_unchanged=None, rescale_schedule=True, loss="margin", **options):
+        refuse_positional_options(self.name, Square, positional, norm_first_hint("Square"))
         super().__init__(model, **options)
         self.eps, self.n_queries, self.p_init, self.seed = eps, n_queries, p_init, seed
         self.norm = check_norm(self.name, norm)
