@@ -1975,8 +1975,24 @@ def test_npz_float_labels_are_refused_not_truncated(tmp_path):
     """Labels are class indices: float labels (1.5) would be truncated to 1 by the int64 cast without a word."""
     labels = (np.arange(12) % 2).astype(np.float32)
     labels[1] = 1.5
-    with pytest.raises(DataError, match=r"t\.npz \[train\]: expected integer train_labels, got dtype float32$"):
+    with pytest.raises(DataError, match=r"t\.npz \[train\]: expected integer train_labels, got dtype float32; class "
+                                        r"numbers stored as floats \(0\., 1\., \.\.\.\)\? convert them with "
+                                        r"\.astype\(np\.int64\)$"):
         load_dataset(write_npz(tmp_path / "t.npz", train_labels=labels))
+
+
+@pytest.mark.parametrize("labels, fix", [
+    (np.arange(12) % 2 == 1, r"bool; convert them with \.astype\(np\.int64\) \(False is class 0, True class 1\)"),
+    ((np.arange(12) % 2).astype(np.float64)[:, None], r"float64; class numbers stored as floats \(0\., 1\., "
+                                                      r"\.\.\.\)\? convert them with \.astype\(np\.int64\)"),
+    (np.array(["benign", "malignant"] * 6), r"<U9; class names\? map each name to its index, 0 to K-1"),
+    ((np.arange(12) % 2).astype(np.complex64), r"complex64")])
+def test_npz_labels_of_another_dtype_are_told_the_fix(tmp_path, labels, fix):
+    """The .npz loader refused bool, float and string labels naming only the dtype ("expected integer train_labels,
+    got dtype bool"): it appends the fix (the label rule's one label_dtype_fix, with numpy's conversion); complex
+    labels have none."""
+    with pytest.raises(DataError, match=rf"l\.npz \[train\]: expected integer train_labels, got dtype {fix}$"):
+        load_dataset(write_npz(tmp_path / "l.npz", train_labels=labels))
 
 
 def test_load_dataset_looks_a_medmnist_name_up_in_root(tmp_path, monkeypatch, as_official):

@@ -111,20 +111,28 @@ def segmentation_masks(y):
     return torch.is_tensor(y) and y.dim() >= 3 and math.prod(y.shape[1:]) > 1
 
 
-def label_dtype_fix(y):
-    """The fix to append to a refusal of labels of ``y``'s dtype: "; convert them with .long()" for bool labels
-    (False is class 0), and for float ones stored class numbers, or their argmax(1) for one-hot or probability rows;
-    "" for other values (complex, not a tensor). Reads no values: the refusal's path. Appended by the attacks' label
-    check (attacks.context.check_class_labels) and by class_labels (fit, evaluate, report, cross_validation)."""
-    if not torch.is_tensor(y):
+def label_dtype_fix(y, convert=".long()"):
+    """The fix to append to a refusal of labels of ``y``'s dtype (a tensor, or a numpy array with ``convert``
+    ".astype(np.int64)"): "; convert them with <convert>" for bool labels (False is class 0), and for float ones
+    stored class numbers, or their argmax(1) for one-hot or probability rows; for numpy strings, class names mapped
+    to indices; "" for other values (complex, not an array). Reads no values: the refusal's path. Appended by the
+    attacks' label check (attacks.context.check_class_labels), by class_labels (fit, evaluate, report,
+    cross_validation) and by the .npz loader (data.core.labels_to_tensor)."""
+    if torch.is_tensor(y):
+        is_bool, is_float = y.dtype == torch.bool, y.dtype.is_floating_point
+    elif isinstance(y, np.ndarray):
+        if y.dtype.kind in "US":
+            return "; class names? map each name to its index, 0 to K-1"
+        is_bool, is_float = y.dtype == np.bool_, y.dtype.kind == "f"
+    else:
         return ""
-    if y.dtype == torch.bool:
-        return "; convert them with .long() (False is class 0, True class 1)"
-    if not y.dtype.is_floating_point:
+    if is_bool:
+        return f"; convert them with {convert} (False is class 0, True class 1)"
+    if not is_float:
         return ""
-    if y.dim() == 2 and y.shape[1] > 1:
+    if y.ndim == 2 and y.shape[1] > 1:
         return "; one-hot or probability rows? take their .argmax(1)"
-    return "; class numbers stored as floats (0., 1., ...)? convert them with .long()"
+    return f"; class numbers stored as floats (0., 1., ...)? convert them with {convert}"
 
 
 def class_labels(name, y, n, what="y"):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from .._options import check_int, counted
+from .._options import check_int, counted, label_dtype_fix
 from .._warn import warn
 
 
@@ -170,7 +170,8 @@ def labels_to_tensor(labels, n, source, key="labels"):
     if labels.shape[0] != n:
         raise DataError(f"{source}: {key} has {labels.shape[0]} entries but the images have {n}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{source}: expected integer {key}, got dtype {labels.dtype}")
+        raise DataError(f"{source}: expected integer {key}, got dtype {labels.dtype}"
+                        f"{label_dtype_fix(labels, '.astype(np.int64)')}")
     if labels.size and labels.min() < 0:
         raise DataError(f"{source}: expected {key} >= 0, got {labels.min()}")
     if labels.size and labels.max() > np.iinfo(np.int64).max:  # uint64: would wrap to a negative int64 label
