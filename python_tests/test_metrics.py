@@ -420,6 +420,22 @@ def test_log_odds_keep_apart_a_class_that_nearly_ties_with_another():
     assert auc0 == 1.0 and skm.roc_auc_score(y == 0, probabilities(logits)[:, 0].numpy()) < 1.0
 
 
+@pytest.mark.parametrize("kwargs, fix", [
+    (dict(y_pred=P1), r"; probabilities or scores\? pass the predicted classes \(probs\.argmax\(1\)\) here and the "
+                      r"scores as probs= or logits="),
+    (dict(y_pred=torch.tensor(np.stack([1 - P1, P1], 1))), r"; one-hot or probability rows\? take their \.argmax\(1\)"),
+    (dict(y_true=np.where(Y == 1, "malignant", "benign")), r"; class names\? map each name to its index, 0 to K-1")])
+def test_labels_that_are_scores_or_names_are_told_the_fix(kwargs, fix):
+    """classification_metrics refused a y_pred of probabilities (probs[:, 1], or the rows) or a y_true of class names
+    as "expected y_pred to hold integer class labels, got dtype float64 with non-integer values", naming no fix: it
+    says what to pass (the rows' argmax(1) from the label rule's label_dtype_fix; a score vector's classes, the
+    scores going to probs= / logits=; names mapped to indices)."""
+    args = dict(y_true=Y, y_pred=PRED, num_classes=2, positive_class=1) | kwargs
+    which = "y_pred" if "y_pred" in kwargs else "y_true"
+    with pytest.raises(ValueError, match=rf"^classification_metrics: expected {which} to hold integer class labels, "
+                                         rf"got dtype \S+ with non-integer values{fix}$"):
+        classification_metrics(**args)
+
 def test_confusion_counts_match_sklearn_with_every_class_listed():
     # rows: true class, columns: predicted; a class absent from both (3 here) keeps its row and column of zeros
     y, pred = np.array([0, 1, 2, 2, 4, 4, 1]), np.array([0, 2, 2, 1, 4, 0, 1])

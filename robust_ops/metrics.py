@@ -30,6 +30,7 @@ import numbers
 import numpy as np
 import torch
 
+from ._options import label_dtype_fix
 from .attacks.context import is_single_logit
 
 __all__ = [
@@ -124,8 +125,13 @@ def _labels(name, a, num_classes):
     a = _as_numpy(a)
     if a.size and not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
         if not np.issubdtype(a.dtype, np.floating) or not (np.isfinite(a).all() and (a == np.round(a)).all()):
+            # the fix: class names mapped to indices, rows' argmax(1) (label_dtype_fix); a vector of scores is
+            # the model's probabilities or logits, which go to probs= / logits= beside the predicted classes
+            fix = label_dtype_fix(a) if a.dtype.kind != "f" or a.ndim == 2 else (
+                "; probabilities or scores? pass the predicted classes (probs.argmax(1)) here and the scores as "
+                "probs= or logits=")
             raise ValueError(f"classification_metrics: expected {name} to hold integer class labels, got dtype "
-                             f"{a.dtype} with non-integer values")
+                             f"{a.dtype} with non-integer values{fix}")
     a = a.astype(np.int64)
     if a.size and (a.min() < 0 or a.max() >= num_classes):
         raise ValueError(f"classification_metrics: expected {name} in [0, {num_classes}), got values in "
