@@ -444,3 +444,16 @@ def test_confusion_counts_match_sklearn_with_every_class_listed():
     assert confusion_counts([], [], num_classes=3) == [[0] * 3] * 3
     with pytest.raises(ValueError, match=r"expected y_pred in \[0, 3\), got values in \[0, 3\]"):
         confusion_counts([0, 1], [0, 3], num_classes=3)
+
+
+@pytest.mark.parametrize("y_true, y_pred, shapes", [([0, 1, 1, 0], [1], r"\(4,\) and \(1,\)"),
+                                                    ([0, 1], [[1, 0], [0, 1]], r"\(2,\) and \(2, 2\)")])
+def test_confusion_counts_refuses_labels_of_two_shapes(y_true, y_pred, shapes):
+    """confusion_counts broadcast a y_pred of one label against every y_true ([[0, 2], [0, 2]]: four predictions of
+    class 1) and met numpy's "object too deep for desired array" for one-hot rows; it checks the shapes as
+    classification_metrics does, and its errors name confusion_counts (they named classification_metrics)."""
+    with pytest.raises(ValueError, match=rf"^confusion_counts: expected y_true and y_pred of the same shape \[N\], "
+                                         rf"got {shapes}$"):
+        confusion_counts(y_true, y_pred, num_classes=2)
+    with pytest.raises(ValueError, match=r"^confusion_counts: expected y_pred in \[0, 2\)"):
+        confusion_counts([0, 1], [0, 2], num_classes=2)

@@ -119,7 +119,7 @@ def _sum_tolerance(probs):
     return max(1e-4, float(np.finfo(probs.dtype).eps)) if np.issubdtype(probs.dtype, np.floating) else 1e-4
 
 
-def _labels(name, a, num_classes):
+def _labels(owner, name, a, num_classes):
     """Integer class labels in [0, num_classes): a float label would be truncated and an out-of-range one dropped
     by the confusion matrix (or wrapped, -1 -> the last class) without a word."""
     a = _as_numpy(a)
@@ -130,21 +130,31 @@ def _labels(name, a, num_classes):
             fix = label_dtype_fix(a) if a.dtype.kind != "f" or a.ndim == 2 else (
                 "; probabilities or scores? pass the predicted classes (probs.argmax(1)) here and the scores as "
                 "probs= or logits=")
-            raise ValueError(f"classification_metrics: expected {name} to hold integer class labels, got dtype "
-                             f"{a.dtype} with non-integer values{fix}")
+            raise ValueError(f"{owner}: expected {name} to hold integer class labels, got dtype {a.dtype} with "
+                             f"non-integer values{fix}")
     a = a.astype(np.int64)
     if a.size and (a.min() < 0 or a.max() >= num_classes):
-        raise ValueError(f"classification_metrics: expected {name} in [0, {num_classes}), got values in "
-                         f"[{a.min()}, {a.max()}]")
+        raise ValueError(f"{owner}: expected {name} in [0, {num_classes}), got values in [{a.min()}, {a.max()}]")
     return a
+
+
+def _label_pair(owner, y_true, y_pred, num_classes):
+    """``y_true`` and ``y_pred`` through _labels, of one shape [N]: confusion_counts broadcast a y_pred of one label
+    against every y_true ([0, 1, 1, 0] against [1] counted four predictions of class 1) and failed with numpy's
+    "object too deep for desired array" for [N, K] rows."""
+    y_true, y_pred = _labels(owner, "y_true", y_true, num_classes), _labels(owner, "y_pred", y_pred, num_classes)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"{owner}: expected y_true and y_pred of the same shape [N], got {y_true.shape} and "
+                         f"{y_pred.shape}")
+    return y_true, y_pred
 
 
 def confusion_counts(y_true, y_pred, *, num_classes):
     """The confusion matrix as ``num_classes`` lists of ``num_classes`` ints: row i, column j counts the samples of
     class i predicted as class j (evaluation rows' ``confusion``; the per-class view macro averages hide).
     ``y_true``, ``y_pred``: the true and predicted labels [N] (arrays, lists or tensors of integers in
-    [0, num_classes)); others are a ValueError naming the argument."""
-    y_true, y_pred = _labels("y_true", y_true, num_classes), _labels("y_pred", y_pred, num_classes)
+    [0, num_classes)), of one shape [N]; others are a ValueError naming the argument."""
+    y_true, y_pred = _label_pair("confusion_counts", y_true, y_pred, num_classes)
     counts = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).tolist()
 
@@ -177,10 +187,7 @@ def classification_metrics(y_true, y_pred, probs=None, *, num_classes, positive_
     problem = positive_class_problem(num_classes, positive_class)
     if problem:
         raise ValueError(f"classification_metrics: {problem}")
-    y_true, y_pred = _labels("y_true", y_true, num_classes), _labels("y_pred", y_pred, num_classes)
-    if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise ValueError(f"classification_metrics: expected y_true and y_pred of the same shape [N], got "
-                         f"{y_true.shape} and {y_pred.shape}")
+    y_true, y_pred = _label_pair("classification_metrics", y_true, y_pred, num_classes)
     if probs is not None and logits is not None:
         raise ValueError("classification_metrics: give probs or logits, not both")
     scores = None  # what AUC and mAP rank: probs, or the logits' dense ranks
