@@ -436,6 +436,18 @@ def test_labels_that_are_scores_or_names_are_told_the_fix(kwargs, fix):
                                          rf"got dtype \S+ with non-integer values{fix}$"):
         classification_metrics(**args)
 
+@pytest.mark.parametrize("kwargs, fix", [
+    (dict(y_true=Y[:, None]), r"got \(12, 1\) and \(12,\); y_true of shape \[N, 1\]\? pass its \.reshape\(-1\)"),
+    (dict(y_pred=np.eye(2, dtype=int)[PRED]), r"got \(12,\) and \(12, 2\); one-hot y_pred rows\? pass their "
+                                               r"\.argmax\(1\)")])
+def test_labels_of_shape_n_by_k_are_told_the_fix(kwargs, fix):
+    """MedMNIST's [N, 1] labels or one-hot rows given as y_true / y_pred were "expected y_true and y_pred of the same
+    shape [N], got (12, 1) and (12,)" alone: the error names the reshape or the argmax(1)."""
+    args = dict(y_true=Y, y_pred=PRED, num_classes=2, positive_class=1) | kwargs
+    with pytest.raises(ValueError, match=rf"^classification_metrics: expected y_true and y_pred of the same shape "
+                                         rf"\[N\], {fix}$"):
+        classification_metrics(**args)
+
 def test_confusion_counts_match_sklearn_with_every_class_listed():
     # rows: true class, columns: predicted; a class absent from both (3 here) keeps its row and column of zeros
     y, pred = np.array([0, 1, 2, 2, 4, 4, 1]), np.array([0, 2, 2, 1, 4, 0, 1])
@@ -446,8 +458,9 @@ def test_confusion_counts_match_sklearn_with_every_class_listed():
         confusion_counts([0, 1], [0, 3], num_classes=3)
 
 
-@pytest.mark.parametrize("y_true, y_pred, shapes", [([0, 1, 1, 0], [1], r"\(4,\) and \(1,\)"),
-                                                    ([0, 1], [[1, 0], [0, 1]], r"\(2,\) and \(2, 2\)")])
+@pytest.mark.parametrize("y_true, y_pred, shapes", [
+    ([0, 1, 1, 0], [1], r"\(4,\) and \(1,\)"),
+    ([0, 1], [[1, 0], [0, 1]], r"\(2,\) and \(2, 2\); one-hot y_pred rows\? pass their \.argmax\(1\)")])
 def test_confusion_counts_refuses_labels_of_two_shapes(y_true, y_pred, shapes):
     """confusion_counts broadcast a y_pred of one label against every y_true ([[0, 2], [0, 2]]: four predictions of
     class 1) and met numpy's "object too deep for desired array" for one-hot rows; it checks the shapes as

@@ -144,8 +144,11 @@ def _label_pair(owner, y_true, y_pred, num_classes):
     "object too deep for desired array" for [N, K] rows."""
     y_true, y_pred = _labels(owner, "y_true", y_true, num_classes), _labels(owner, "y_pred", y_pred, num_classes)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        rows = [(name, a.shape[1]) for name, a in (("y_true", y_true), ("y_pred", y_pred)) if a.ndim == 2]
+        fix = "" if not rows else (f"; {rows[0][0]} of shape [N, 1]? pass its .reshape(-1)" if rows[0][1] == 1
+                                   else f"; one-hot {rows[0][0]} rows? pass their .argmax(1)")
         raise ValueError(f"{owner}: expected y_true and y_pred of the same shape [N], got {y_true.shape} and "
-                         f"{y_pred.shape}")
+                         f"{y_pred.shape}{fix}")
     return y_true, y_pred
 
 
