@@ -1980,6 +1980,16 @@ def test_npz_float_labels_are_refused_not_truncated(tmp_path):
                                         r"\.astype\(np\.int64\)$"):
         load_dataset(write_npz(tmp_path / "t.npz", train_labels=labels))
 
+def test_npz_one_hot_labels_are_told_the_argmax(tmp_path):
+    """One-hot label rows (N, K) in an .npz were "expected train_labels of shape (N,) or (N, 1), got (12, 2)
+    (multi-label sets are not supported)", naming no fix for a single-label set stored one-hot."""
+    onehot = np.eye(2, dtype=np.float32)[np.arange(12) % 2]
+    with pytest.raises(DataError, match=r"o\.npz \[train\]: expected train_labels of shape \(N,\) or \(N, 1\), got "
+                                        r"\(12, 2\); one-hot rows\? store their \.argmax\(1\) \(multi-label sets are "
+                                        r"not supported\)$"):
+        load_dataset(write_npz(tmp_path / "o.npz", train_labels=onehot))
+    assert len(load_dataset(write_npz(tmp_path / "a.npz", train_labels=onehot.argmax(1))).train) == 12
+
 
 @pytest.mark.parametrize("labels, fix", [
     (np.arange(12) % 2 == 1, r"bool; convert them with \.astype\(np\.int64\) \(False is class 0, True class 1\)"),

@@ -164,8 +164,9 @@ def labels_to_tensor(labels, n, source, key="labels"):
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    if labels.ndim != 1:
-        raise DataError(f"{source}: expected {key} of shape (N,) or (N, 1), got {labels.shape} "
+    if labels.ndim != 1:  # one-hot rows (N, K) hold one label each: their argmax(1) is it
+        onehot = "; one-hot rows? store their .argmax(1)" if labels.ndim == 2 else ""
+        raise DataError(f"{source}: expected {key} of shape (N,) or (N, 1), got {labels.shape}{onehot} "
                         "(multi-label sets are not supported)")
     if labels.shape[0] != n:
         raise DataError(f"{source}: {key} has {labels.shape[0]} entries but the images have {n}")
