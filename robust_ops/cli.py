@@ -1049,14 +1049,16 @@ def refuse_several_processes(command, why):
 def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, device, out,
               resume=False, dropmax="none", size=None, progress=True, splits=None, label=None, channels_last=False,
               prepacked_conv=None, split=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0,
-              early_stopping=None, restore_best=False, dist_timeout=None, flags=TRAIN_FLAG_SETTINGS):
+              early_stopping=None, restore_best=False, dist_timeout=None, flags=TRAIN_FLAG_SETTINGS, refusal=None):
     """Train one model and write RUN_DIR/run.json + checkpoint.pt; returns (model, splits, run_config, fit's
     FitResult: its history, and its early stopping's state as the checkpoint holds it).
     ``warmup_epochs``, ``early_stopping``, ``restore_best``: fit's (the head-only warm-up's epochs, a patience on the
     validation loss, the best epoch's weights handed back).
     ``split``: run.json's record of how ``splits`` was made (reproduce), see :func:`run_record`. ``dist_timeout``
     (``--dist-timeout``) is fit's, not recorded in run.json: it changes no result, and a resume may change it.
-    ``flags``: the command's FLAG_SETTINGS, which fit's refusal of a checkpoint to resume names as typed."""
+    ``flags``: the command's FLAG_SETTINGS, which fit's refusal of a checkpoint to resume names as typed;
+    ``refusal``: a callable (path, key, saved, now) -> CLIError saying that refusal in the command's own words
+    (reproduce's, whose runs resume without a --resume flag); None: :func:`resume_refusal` with ``flags``."""
     from . import train as trainer
     from .data import IndexedDataset
     from .prepacked_conv import prepacked_conv_resolved
@@ -1186,7 +1188,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 kept = ("; the run cannot continue from it: put back a good copy of it, or train again from the "
                         "start (without --resume)")
             if isinstance(err, trainer.ResumeMismatchError):  # a checkpoint without run.json: fit's check said it
-                raise resume_refusal(err.path, err.key, err.saved, err.now, flags) from None
+                facts = (err.path, err.key, err.saved, err.now)
+                raise (refusal(*facts) if refusal else resume_refusal(*facts, flags)) from None
             if isinstance(err, trainer.OneSampleBatchError):  # fit's names for what this command calls otherwise
                 err = err.reworded("--batch-size", "the training split")
             if isinstance(err, trainer.CollectiveTimeoutError):

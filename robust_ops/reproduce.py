@@ -7,6 +7,7 @@ and the report repeats them. ``--quick`` is a smoke run (subsets, 2 epochs, smal
 pipeline end to end; its numbers mean nothing.
 """
 
+import functools
 import json
 import math
 import time
@@ -721,6 +722,12 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
                     f"rerun with its settings, or {way_out}")
 
 
+def _fit_refusal(protocol, run_dir, epochs, warmup, path, key, was, now):
+    """fit's refusal to resume the checkpoint of ``run_dir`` (a run whose run.json is gone: nothing for reproduce's
+    own check to compare) in reproduce's words: train_run's ``refusal``."""
+    return _resume_error(protocol, run_dir, (key, was, now), epochs, warmup=warmup)
+
+
 def _sources_over(info, repeats, kind):
     """``info`` with its source text naming every seed the means are over, not only the last run's."""
     import dataclasses
@@ -877,7 +884,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 out=run_dir, resume=True, dropmax=method.dropmax, size=size,
                 progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth,
                 channels=channels, classes=classes, warmup_epochs=warmup, early_stopping=patience,
-                dist_timeout=dist_timeout)
+                dist_timeout=dist_timeout, refusal=functools.partial(_fit_refusal, protocol, run_dir, train_epochs,
+                                                                     warmup))
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)
