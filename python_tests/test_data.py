@@ -2753,3 +2753,18 @@ def test_refusals_of_specs_and_image_arrays_no_other_test_reached(tmp_path):
         with pytest.raises(DataError, match=pattern):
             load_dataset(spec)
     assert IndexedDataset([{"a": 1}, {"a": 2}])[1] == ({"a": 2}, 1)
+
+
+@pytest.mark.parametrize("spec, named", [("synthetic", "0 = benign, 1 = malignant"),
+                                         ("moons", "0 = upper moon, 1 = lower moon"),
+                                         ("breastmnist", "0 = malignant, 1 = normal or benign"),
+                                         ("dermamnist_64", "0 = akiec, 1 = bcc, 2 = bkl, ")])
+def test_classes_on_a_source_with_fixed_classes_names_them(spec, named):
+    # "this source has fixed classes" named neither the classes (--classes benign,malignant on breastmnist: is benign
+    # label 1?) nor the way on
+    with pytest.raises(DataError) as err:
+        load_dataset(spec, classes=["benign", "malignant"])
+    assert str(err.value).startswith(f"{spec}: classes= selects class folders or CSV labels, or names an .npz "
+                                     f"file's labels; this source has fixed classes ({named}"), err.value
+    assert str(err.value).endswith(") -- drop classes="), err.value
+    assert err.value.arg == "classes"

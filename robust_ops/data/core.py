@@ -362,6 +362,21 @@ SYNTHETIC_NAMES = ("synthetic", "synthetic-bus", "synthetic_bus")
 MOONS_NAMES = ("moons", "two-moons", "two_moons", "twomoons")
 
 
+def _fixed_classes_text(name):
+    """`` (0 = benign, 1 = malignant)``: the classes of a named source (synthetic, moons, a MedMNIST name), which
+    classes= cannot choose; "" for one whose classes are not known before loading it."""
+    from . import medmnist, synthetic
+
+    match = medmnist._NAME_RE.match(name)
+    if name in SYNTHETIC_NAMES:
+        names = synthetic.SYNTHETIC_CLASSES
+    elif name in MOONS_NAMES:
+        names = synthetic.MOONS_CLASSES
+    else:  # a MedMNIST name (its size variant too); a multi-label or 3D set's classes are not listed
+        names = medmnist.CLASS_NAMES.get(match.group(1), (None,))[0] if match else None
+    return f" ({', '.join(f'{i} = {c}' for i, c in enumerate(names))})" if names else ""
+
+
 def reads_image_files(spec):
     """Whether ``spec`` is class folders or a CSV: the sources whose image files ``channels=`` and ``bit_depth=``
     read (an .npz, MedMNIST and the generated sets fix their channels and scale)."""
@@ -420,7 +435,7 @@ def load_dataset(spec="synthetic", *, root=None, size=None, seed=0, classes=None
     image_files = reads_image_files(text)
     if known and classes is not None and not image_files and not (low.endswith(".npz") and not medmnist_name):
         raise DataError(f"{text}: classes= selects class folders or CSV labels, or names an .npz file's labels; "
-                        "this source has fixed classes", arg="classes")
+                        f"this source has fixed classes{_fixed_classes_text(low)} -- drop classes=", arg="classes")
     if known and split_by is not None and not low.endswith(".csv"):  # would be ignored
         raise DataError(f"{text}: split_by= chooses how a CSV's rows are split; this source is not a CSV -- drop "
                         "split_by=", arg="split_by")

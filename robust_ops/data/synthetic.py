@@ -23,6 +23,7 @@ from .._options import check_int, check_real
 from .core import DataError, DatasetInfo, DatasetSplits, check_images_fit, check_sklearn_seed
 
 SYNTHETIC_CLASSES = ("benign", "malignant")
+MOONS_CLASSES = ("upper moon", "lower moon")
 SYNTHETIC_SIZES = {"train": 384, "val": 64, "test": 128}
 MALIGNANT_FRACTION = 0.4  # BUS sets hold ~40% malignant lesions (BUSI+BUSIS: 464 of 1,190)
 
@@ -173,7 +174,7 @@ def moons_splits(seed=0, n_train=10000, n_val=1000, n_test=1000, noise=0.2):
             raise DataError(f"moons: a point fell outside {MOONS_RANGE}; lower the noise")
         sets.append(TensorDataset(x, torch.from_numpy(y.astype(np.int64))))
     info = DatasetInfo(
-        name="two-moons", num_classes=2, in_channels=2, image_size=0, class_names=("upper moon", "lower moon"),
+        name="two-moons", num_classes=2, in_channels=2, image_size=0, class_names=MOONS_CLASSES,
         positive_class=1, synthetic=True, value_range=MOONS_RANGE,
         source=f"scikit-learn make_moons(noise={noise}), seed {seed}",
     )
