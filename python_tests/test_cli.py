@@ -3126,9 +3126,11 @@ def _ctrl_c_hook(module, how):
     return f"""
 import importlib.abc, os, signal, sys
 
+
 class Field:
     def __set_name__(self, owner, name):
         os.kill(os.getpid(), signal.SIGINT)  # the handler raises before the call returns
+
 
 class CtrlC(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -3141,6 +3143,7 @@ class CtrlC(importlib.abc.MetaPathFinder):
             else:
                 raise RuntimeError("not an interrupt")
         return None
+
 
 sys.meta_path.insert(0, CtrlC())
 """
