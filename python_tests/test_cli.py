@@ -3607,6 +3607,31 @@ def test_resume_of_a_checkpoint_without_run_json_on_another_validation_split_is_
     assert "fit:" not in line and "val_data" not in line, line
 
 
+def test_eval_into_a_demos_or_reproduces_results_or_another_run_is_refused(trained_run, tmp_path, capsys):
+    """`eval RUN --out runs/demo` (or a reproduce's --out) replaced that command's results.json, report.md and figures
+    with those of RUN's weights beside its runs, exit 0; `eval RUN --out OTHER_RUN` wrote results of RUN's weights
+    into another run's folder. Both are refused before any work; RUN's own folder (eval RUN --out RUN) and a folder
+    of eval's earlier results are written as before."""
+    ev = ["eval", trained_run, "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu", "--out"]
+    for command, config in (("demo", {"command": "demo"}), ("reproduce arfl-moons", {"protocol": "arfl-moons"})):
+        folder = tmp_path / command.split()[0]
+        (folder / "runs").mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"config": config}))
+        rc, _, err = run(ev + [folder], capsys)
+        one_line_error(rc, err, f"--out: {folder} holds {command}'s results (results.json, report.md and figures "
+                                "beside its runs), which eval would replace; choose another --out for eval")
+        assert json.loads((folder / "results.json").read_text()) == {"config": config}
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(trained_run / "run.json", other)
+    rc, _, err = run(ev + [other], capsys)
+    one_line_error(rc, err, f"--out: {other} holds another training run (run.json), not the one evaluated "
+                            f"({trained_run}); choose another --out for eval")
+    assert not (other / "results.json").exists()
+    assert run(ev + [tmp_path / "ev"], capsys)[0] == 0
+    assert run(ev + [tmp_path / "ev"], capsys)[0] == 0  # eval's own results: replaced
+
+
 def test_train_into_another_commands_results_folder_is_refused(small_npz, tmp_path, capsys):
     # `train --out RUN/eval` (meant: RUN, or a new folder) trained a new run into eval's folder beside the results of
     # RUN's weights, and its own eval then wrote RUN/eval/eval

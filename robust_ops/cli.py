@@ -1291,6 +1291,32 @@ def refuse_train_folder(out, command):
                        f"results; choose another --out for {command}")
 
 
+def results_command(out):
+    """The command whose results ``out`` holds, as its results.json records it: "eval", "demo", "reproduce NAME"
+    (NAME its protocol); None for no results.json (or one unreadable)."""
+    try:
+        config = json.loads((Path(out) / "results.json").read_text()).get("config") or {}
+        return f"reproduce {config['protocol']}" if "protocol" in config else config.get("command")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def refuse_others_output(out, run_dir):
+    """eval's ``out`` holding what eval would write over or beside, refused before any work: the results of a demo
+    or reproduce (their results.json, report.md and figures were replaced by those of one run's weights, beside
+    their runs/), or a training run other than the evaluated one in ``run_dir`` (its folder then held results.json
+    of other weights)."""
+    out = Path(out)
+    command = results_command(out)
+    if command is not None and command != "eval":
+        raise CLIError(f"--out: {out} holds {command}'s results (results.json, report.md and figures beside its runs), "
+                       "which eval would replace; choose another --out for eval")
+    found = [name for name in (RUN_FILE, CHECKPOINT) if (out / name).is_file()]
+    if found and out.resolve() != Path(run_dir).resolve():
+        raise CLIError(f"--out: {out} holds another training run ({' and '.join(found)}), not the one evaluated "
+                       f"({run_dir}); choose another --out for eval")
+
+
 def cmd_train(args):
     from ._options import counted
 
@@ -1824,8 +1850,10 @@ def cmd_eval(args):
     refuse_several_processes("eval", "repeat the whole evaluation and write the same results and figures")
     specs, radii = parse_eval_options(args)
     target = Path(args.target)
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "eval"
+    run_dir = target if target.is_dir() else target.parent
+    out = Path(args.out) if args.out else run_dir / "eval"
     check_out(out)
+    refuse_others_output(out, run_dir)
     device = pick_device(args.device)
     model, splits, run = load_run(args.target, data=args.data, model=args.model, size=args.size,
                                   channels_last=args.channels_last, classes=args.classes, bit_depth=args.bit_depth,
