@@ -3690,6 +3690,33 @@ def test_demo_or_reproduce_into_a_folder_with_either_file_of_a_run_is_refused(sm
             assert [p.name for p in folder.iterdir()] == [name]
 
 
+def test_demo_or_reproduce_into_another_commands_results_is_refused(small_npz, tmp_path, capsys):
+    """`reproduce arfl-moons --out RUN/eval` (an eval's results), `demo --out runs/reproduce/arfl-moons` and
+    `reproduce mirst-bus --out runs/reproduce/arfl-moons` replaced the results.json, report.md and figures of
+    another command (or protocol) there, exit 0. They are refused before any work; a rerun of the same command (the
+    same protocol) into its own --out is not."""
+    from robust_ops.cli import CLIError, refuse_train_folder
+
+    owners = {"eval": {"command": "eval"}, "demo": {"command": "demo"},
+              "reproduce arfl-moons": {"protocol": "arfl-moons"}}
+    for owner, config in owners.items():
+        folder = tmp_path / owner.replace(" ", "-")
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"config": config}))
+        if owner != "eval":
+            refuse_train_folder(folder, owner)  # its own results: written again
+        for argv, command in ((["demo", "--data", small_npz, "--quick", "--methods", "standard"], "demo"),
+                              (["reproduce", "mirst-bus", "--quick"], "reproduce mirst-bus")):
+            if command == owner:
+                continue
+            rc, _, err = run(argv + ["--no-progress", "--device", "cpu", "--out", folder], capsys)
+            one_line_error(rc, err, f"--out: {folder} holds {owner}'s results (results.json, report.md and figures), "
+                                    f"which {command} would replace; choose another --out for {command.split()[0]}")
+            assert sorted(p.name for p in folder.iterdir()) == ["results.json"]
+    with pytest.raises(CLIError, match=r"holds reproduce arfl-moons's results .* which reproduce ima-bus would"):
+        refuse_train_folder(tmp_path / "reproduce-arfl-moons", "reproduce ima-bus")
+
+
 def test_train_into_a_run_folder_another_process_is_writing_is_refused(small_npz, tmp_path, capsys):
     # a second train (other settings) or --resume into a RUN_DIR still training rewrote its checkpoint and run.json
     # under the first: both exited 0, leaving one run's checkpoint beside the other's run.json (probe: standard for

@@ -1284,11 +1284,18 @@ def results_owner(path):
 def refuse_train_folder(out, command):
     """demo's and reproduce's ``out`` holding a training run of train's (run.json or checkpoint.pt in it: a RUN_DIR,
     given for a new folder), refused before any work: their results and runs/ went in beside it, and RUN_DIR's own
-    eval (RUN_DIR/eval) then sat beside results.json of other weights."""
+    eval (RUN_DIR/eval) then sat beside results.json of other weights. So is one holding the results of another
+    command (``command``: "demo", or "reproduce NAME"; an eval's, a demo's, another protocol's), which they
+    replaced."""
+    word = command.split()[0]
     found = [name for name in (RUN_FILE, CHECKPOINT) if (Path(out) / name).is_file()]
     if found:
-        raise CLIError(f"--out: {out} holds a training run ({' and '.join(found)}: a train --out), not {command}'s "
-                       f"results; choose another --out for {command}")
+        raise CLIError(f"--out: {out} holds a training run ({' and '.join(found)}: a train --out), not {word}'s "
+                       f"results; choose another --out for {word}")
+    owner = results_command(out)
+    if owner is not None and owner != command:
+        raise CLIError(f"--out: {out} holds {owner}'s results (results.json, report.md and figures), which {command} "
+                       f"would replace; choose another --out for {word}")
 
 
 def results_command(out):
@@ -2203,7 +2210,7 @@ def cmd_reproduce(args):
     device = pick_device(args.device)
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / args.name
     check_out(out)
-    refuse_train_folder(out, "reproduce")
+    refuse_train_folder(out, f"reproduce {args.name}")
     check_count("--epochs", args.epochs)
     check_count("--seeds", args.seeds)
     dist_timeout = checked_dist_timeout(args)
