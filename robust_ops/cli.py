@@ -1260,25 +1260,20 @@ def refuse_results_folder(out):
     out = Path(out)
     if not (out / "results.json").is_file() or any((out / name).is_file() for name in (RUN_FILE, CHECKPOINT)):
         return
-    whose = results_owner(out / "results.json")
+    whose = results_owner(out)
     raise CLIError(f"--out: {out} holds another command's results (results.json of an eval, demo or reproduce "
                    f"--out{whose}), not a training run; choose another --out for this run")
 
 
-def results_owner(path):
-    """The command whose results.json ``path`` is, as its config records it, in refuse_results_folder's words
-    ("; here eval's of TARGET", "; here demo's", "; here reproduce NAME's"); "" where it records none or does not
-    parse. Until 2026-12-07 it was guessed from a run.json in the folder above: eval's, even for demo --out RUN/demo."""
-    try:
-        config = json.loads(Path(path).read_text()).get("config") or {}
-        command, target, protocol = (config.get(key) for key in ("command", "target", "protocol"))
-    except (OSError, ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
-        return ""
-    if command == "eval" and isinstance(target, str):
-        return f"; here eval's of {target}"
-    if command == "demo":
-        return "; here demo's"
-    return f"; here reproduce {protocol}'s" if isinstance(protocol, str) else ""
+def results_owner(out):
+    """The command whose results ``out`` holds, in refuse_results_folder's words ("; here eval's of TARGET", "; here
+    demo's", "; here reproduce NAME's"); "" where its results.json records none or does not parse. Until 2026-12-07
+    it was guessed from a run.json in the folder above: eval's, even for demo --out RUN/demo."""
+    command, config = results_record(out)
+    if command == "eval":
+        target = config.get("target")
+        return f"; here eval's of {target}" if isinstance(target, str) else ""
+    return f"; here {command}'s" if command is not None else ""
 
 
 def refuse_train_folder(out, command):
@@ -1298,14 +1293,22 @@ def refuse_train_folder(out, command):
                        f"would replace; choose another --out for {word}")
 
 
-def results_command(out):
-    """The command whose results ``out`` holds, as its results.json records it: "eval", "demo", "reproduce NAME"
-    (NAME its protocol); None for no results.json (or one unreadable)."""
+def results_record(out):
+    """(command, config) of the results ``out`` holds, as its results.json records them: command "eval", "demo" or
+    "reproduce NAME" (NAME its protocol); (None, {}) for no results.json, one unreadable or recording no command."""
     try:
         config = json.loads((Path(out) / "results.json").read_text()).get("config") or {}
-        return f"reproduce {config['protocol']}" if "protocol" in config else config.get("command")
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None
+        protocol, command = config.get("protocol"), config.get("command")
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not UTF-8, or not an object
+        return None, {}
+    if isinstance(protocol, str):
+        return f"reproduce {protocol}", config
+    return (command, config) if isinstance(command, str) else (None, config)
+
+
+def results_command(out):
+    """The command whose results ``out`` holds (:func:`results_record`), None for none."""
+    return results_record(out)[0]
 
 
 def refuse_others_output(out, run_dir):
