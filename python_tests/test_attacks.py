@@ -5161,7 +5161,8 @@ def test_torchattacks_positional_norm_first_calls_are_refused_not_run():
      r" \(torchattacks' 6th, eps_for_division, is not an option: the step divides by \|\|g\|\| \+ 1e-10, its "
      r"default\)"),
     (attacks.PGD, (8 / 255, 2 / 255, 10, True, 5), "model, eps, alpha, steps and random_start", ""),
-    (attacks.FGSM, (8 / 255, "linf"), "model and eps", ""), (attacks.BIM, (8 / 255, None, 10, "linf"), "model, eps, alpha and steps", ""),
+    (attacks.FGSM, (8 / 255, "linf"), "model and eps", ""),
+    (attacks.BIM, (8 / 255, None, 10, "linf"), "model, eps, alpha and steps", ""),
     (attacks.FABT, (8 / 255, "linf", 10, 9, 1), "model, eps, norm, steps and n_target_classes", ""),
     (attacks.WhiteNoise, (8 / 255, "linf", 10, 0), "model, eps, norm and trials", "")])
 def test_options_given_positionally_past_the_last_are_told_to_go_by_keyword(cls, args, takes, hint):
