@@ -496,6 +496,58 @@ def test_inputs_both_nchw_and_channels_last_pool_into_atens_strides(device, kern
         assert_verbose_equal(results["max_pool2d"][0], aten_out.detach(), "max_pool2d output")
 
 
+def test_the_layout_rule_reads_integer_strides_itself_as_suggest_memory_format(monkeypatch):
+    """The pooling layout of an input contiguous in both formats is read from its integer strides, not through
+    torch's suggest_memory_format: that cost ~3-30 us a call (its DDE-safe guards) on every Triton forward and
+    backward and reference call of a one-channel input, and a ~0.3 s import on first use. The same answers as
+    suggest_memory_format and F.max_pool2d over random strides (size-1 dimensions of any stride, expanded and
+    permuted tensors, sizes 0 and 1)."""
+    monkeypatch.setattr(reference, "suggest_memory_format", None)  # eager integer strides must not call it
+    from robust_ops._meta import pool_memory_format
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(choices):
+        return choices[int(torch.randint(len(choices), (), generator=gen))]
+
+    both = 0
+    for _ in range(3000):
+        shape = [pick((0, 1, 1, 1, 2, 3)) for _ in range(4)]
+        strides = [pick((0, 1, 2, 3, 5, 6, 12, 100)) for _ in range(4)]
+        x = torch.empty_strided(shape, strides)
+        if pick((0, 1)):  # ATen's own strides, those of size-1 dimensions left as chosen above half the time
+            x = torch.empty(shape, memory_format=pick((torch.contiguous_format, torch.channels_last)))
+            x = torch.empty_strided(shape, [s if n > 1 or pick((0, 1)) else t
+                                            for n, s, t in zip(shape, x.stride(), strides)])
+        if pick((0, 1, 2)) == 0:
+            x = torch.empty([1 if pick((0, 1)) else n for n in shape]).expand(shape)
+        assert pool_memory_format(x) == reference._pool_memory_format(x) == expected_format(x), (shape, x.stride())
+        if x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) and x.numel():
+            both += 1
+            out = F.max_pool2d(x, 1)
+            assert out.is_contiguous(memory_format=pool_memory_format(x)), (shape, x.stride(), out.stride())
+            assert out.stride() == torch.empty(out.shape, memory_format=pool_memory_format(x)).stride()
+    assert both > 300
+
+
+def test_the_layout_rule_of_symbolic_strides_is_torchs():
+    """Fake tensors of dynamic shapes (torch.compile, export) keep torch's DDE-safe suggest_memory_format: the
+    integer rule would guard on their symbolic strides."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    args = ([2, 2], [2, 2], [1, 1], [1, 1], False)
+    for shape, strides in (((2, 1, 5, 5), (25, 1, 5, 1)), ((2, 1, 5, 5), (25, 25, 5, 1)), ((2, 3, 1, 1), (3, 1, 3, 3))):
+        x = torch.empty_strided(shape, strides).normal_()
+        mode = torch._subclasses.fake_tensor.FakeTensorMode(shape_env=ShapeEnv())
+        with mode:
+            fake = mode.from_tensor(x, symbolic_context=StatelessSymbolicContext([DimDynamic.DYNAMIC] * 4))
+            assert fake._has_symbolic_sizes_strides
+            fake_out, fake_idx = op(fake, *args)
+            fake_fmt = reference._pool_memory_format(fake)
+        out, idx = op(x, *args)
+        assert fake_fmt == expected_format(x)
+        assert [int(s) for s in fake_out.stride()] == list(out.stride()) == list(F.max_pool2d(x, *args[:3]).stride())
+        assert [int(s) for s in fake_idx.stride()] == list(idx.stride())
+
+
 @pytest.mark.parametrize("shape, kernel", [((2, 6, 8, 7), 2), ((2, 6, 2, 2), 2), ((2, 6, 7, 7), 7)])
 @pytest.mark.parametrize("grad_fmt", ["contiguous", "channels_last", "expanded"])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])

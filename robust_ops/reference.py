@@ -71,11 +71,21 @@ def _under_vmap(t):
 def _pool_memory_format(t):
     """The pooling outputs' layout (of the forward from its input, of the backward from the indices), ATen's
     max_pool2d's: channels_last when t is channels_last and not also plain contiguous, and where it is both (one
-    channel, or 1 x 1 images) when its strides say so, as suggest_memory_format (only there: it costs ~15 us; not
-    under torch.jit.trace, whose sizes are tensors that it cannot compare: there such a tensor counts as NCHW)."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and (
-            not t.is_contiguous()
-            or (not torch.jit.is_tracing() and suggest_memory_format(t) == torch.channels_last)):
+    channel, or 1 x 1 images) when its strides say so, as Tensor.suggest_memory_format (not under torch.jit.trace,
+    whose sizes are tensors that it cannot compare: there such a tensor counts as NCHW)."""
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    if not t.is_contiguous():
+        return torch.channels_last
+    if torch.jit.is_tracing():
+        return torch.contiguous_format
+    if t._has_symbolic_sizes_strides:  # fake tensors of dynamic shapes: torch's DDE-safe rule (~2-30 us a call)
+        return suggest_memory_format(t)
+    # ATen's is_channels_last_strides_2d (behind suggest_memory_format), unrolled for integer sizes and strides:
+    # positive sizes, C's stride positive and each of W, H, N at least the span of the dimensions inside it, and N not
+    # where C is (an N x 1 x 1 x 1 tensor of equal strides counts as NCHW).
+    (n, c, h, w), (sn, sc, sh, sw) = t.shape, t.stride()
+    if n and c and h and w and 0 < sc and sc * c <= sw and sw * w <= sh and sh * h <= sn and sh * h != sc:
         return torch.channels_last
     return torch.contiguous_format
 
