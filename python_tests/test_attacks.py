@@ -1409,8 +1409,8 @@ def test_inputs_of_0_255_pixels_are_told_to_be_divided_by_255_as_evaluate_does()
                                          r"and clip range are in the value range's units\)$"):
         attacks.pgd(model, pixels, y, eps=0.03, steps=2)
     resampled = x.clone()
-    resampled[0] = 1.5  # 1.5 times the top at most: an overshoot, not pixels
-    with pytest.raises(ValueError, match=r"\(1.5 > clip_max 1.0; normalize inside the model, e.g. with "):
+    resampled[0] = 1.2  # a quarter of the range past its top at most: an overshoot, not pixels
+    with pytest.raises(ValueError, match=r"\(1.2 > clip_max 1.0; normalize inside the model, e.g. with "):
         attacks.pgd(model, resampled, y, eps=0.03, steps=2)
     with pytest.raises(ValueError, match=r"\] \(\S+ > clip_max 1.0; normalize inside the model, e.g. with "):
         attacks.pgd(model, (x - 0.5) * 510, y, eps=0.03, steps=2)  # below the range: a normalization, however wide
@@ -1419,11 +1419,15 @@ def test_inputs_of_0_255_pixels_are_told_to_be_divided_by_255_as_evaluate_does()
 def test_only_values_that_divide_into_the_range_are_told_to_be_8_bit_pixels():
     """Every top past 1.5 times the range's was asked "8-bit pixels? divide them by 255": [0.1, 2.6] (data divided by
     a std) then became [0.0004, 0.01], and [0, 4095] (12-bit intensities) stayed outside at 16. A top up to 10 times
-    the range's keeps the normalize-or-clamp fix, one past 255 times it is told its bit depth's scale; the rule
-    (pixel_scale) is evaluate's and the .npz loader's too (found by the checks helper)."""
+    the range's is asked whether it is a dark 0-255 set or else told the normalize fix, one past 255 times (and a
+    quarter more) its bit depth's scale; the rule (pixel_scale) is evaluate's and the .npz loader's too (found by the
+    checks helper)."""
     model = make_model(3)
     x, y = make_data(4, 3)
-    with pytest.raises(ValueError, match=r"\(2.6 > clip_max 1.0; normalize inside the model, e.g. with "):
+    with pytest.raises(ValueError, match=r"\(2.6 > clip_max 1.0; a dark set of 0-255 pixels\? divide them by 255 "
+                                         r"\(x.float\(\) / 255\); data scaled otherwise \(divided by a std\)\? "
+                                         r"normalize inside the model, e.g. with robust_ops.attacks.Normalized -- a "
+                                         r"clamp would wipe them out\)$"):
         attacks.pgd(model, 0.1 + 2.5 * x.index_fill(0, torch.tensor([0]), 1.0), y, eps=0.03, steps=2)
     with pytest.raises(ValueError, match=r"\(4095 > clip_max 1.0; 12- or 16-bit intensities\? divide them by their "
                                          r"scale's top \(x.float\(\) / 4095 for 12 bits, x.float\(\) / 65535 for 16; "
@@ -1432,6 +1436,38 @@ def test_only_values_that_divide_into_the_range_are_told_to_be_8_bit_pixels():
         attacks.pgd(model, (x * 4095).round().index_fill(0, torch.tensor([0]), 4095.0), y, eps=0.03, steps=2)
     with pytest.raises(ValueError, match=r"\(40 > clip_max 1.0; 8-bit pixels\? divide them by 255 "):
         attacks.pgd(model, (x * 40).round().index_fill(0, torch.tensor([0]), 40.0), y, eps=0.03, steps=2)
+
+
+def test_pixel_values_are_told_the_fix_their_scale_and_the_clip_range_call_for():
+    """The rule knew only a top 10 to 255 times [0, 1]'s: a dark 0-255 set ([0, 8]) was told to clamp, which wipes it
+    out; 0-255 pixels overshooting to 262 were asked "12- or 16-bit intensities?"; [0, 255] against a clip range of
+    [-1, 1] was told to divide by 255, which passes there in the wrong units, and [0, 4095] against [0, 255] likewise;
+    [-4, 48] against [-4, 4] (other units, negatives) was asked "8-bit pixels?" (found by the pixels helper)."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+
+    def refusal(top, clip_min=0.0, clip_max=1.0, bottom=0.0):
+        inputs = bottom + (top - bottom) * x.index_fill(0, torch.tensor([0]), 1.0).index_fill(0, torch.tensor([1]), 0)
+        with pytest.raises(ValueError) as err:
+            attacks.pgd(model, inputs, y, eps=0.03, steps=2, clip_min=clip_min, clip_max=clip_max)
+        return str(err.value)
+
+    assert refusal(8.0).endswith("(8 > clip_max 1.0; a dark set of 0-255 pixels? divide them by 255 (x.float() / 255); "
+                                 "data scaled otherwise (divided by a std)? normalize inside the model, e.g. with "
+                                 "robust_ops.attacks.Normalized -- a clamp would wipe them out)")
+    assert refusal(262.0).endswith("(262 > clip_max 1.0; 8-bit pixels? divide them by 255 (x.float() / 255, as "
+                                   "torchvision's ToTensor does; then x.clamp(0.0, 1.0) for the overshoot past 255): "
+                                   "the attacks' radii and clip range are in the value range's units)")
+    assert refusal(255.0, -1.0).endswith("(255 > clip_max 1.0; 8-bit pixels? map them onto the value range [-1.0, "
+                                         "1.0] (x.float() / 255 * 2 - 1): the attacks' radii and clip range are in "
+                                         "the value range's units)")
+    assert refusal(4095.0, 0.0, 255.0).endswith(
+        "(4095 > clip_max 255.0; 12- or 16-bit intensities? map them onto the value range [0.0, 255.0] (x.float() / "
+        "4095 * 255 for 12 bits, x.float() / 65535 * 255 for 16): the attacks' radii and clip range are in the value "
+        "range's units)")
+    assert refusal(48.0, -4.0, 4.0, bottom=-4.0).endswith(
+        "(48 > clip_max 4.0; normalize inside the model, e.g. with robust_ops.attacks.Normalized, or clamp inputs "
+        "that overshoot only by rounding or resampling, x.clamp(-4.0, 4.0))")
 
 
 def test_an_input_one_float64_step_past_the_clip_range_shows_all_17_digits():

@@ -1932,6 +1932,24 @@ def test_npz_float_images_above_one_are_told_the_fix_their_values_call_for(tmp_p
             load_dataset(write_npz(tmp_path / f"{top}.npz", train_images=(floats * top).astype(np.float32)))
 
 
+def test_npz_float_images_of_a_dark_or_overshooting_set_are_told_the_fix_for_them(tmp_path):
+    """A dark 0-255 set ([0, 8]) was told to clip (np.clip(images, 0, 1) wipes it out), 0-255 pixels overshooting to
+    262 "12- or 16-bit intensities?", and a resampling's small negatives ([-1e-05, 1], [-0.03, 1.04]) a mean/std
+    normalization, where [0, 1.02] was told to clip (found by the pixels helper)."""
+    floats = np.random.default_rng(1).random((12, 28, 28)).astype(np.float32)
+    floats[0, 0, :2] = 0.0, 1.0
+    clip = r"clip an overshoot of rounding or resampling \(np.clip\(images, 0, 1\)\)"
+    for name, images, fix in (
+            ("dark", floats * 8, r"got \[0, 8\]; a dark set of 0-255 pixels\? divide them by 255 or store them as "
+                                 r"uint8; else scale them to \[0, 1\] pixels -- clipping would wipe them out: "),
+            ("over", floats * 262, r"got \[0, 262\]; divide them by 255 \(then np.clip\(images, 0, 1\) for the "
+                                   r"overshoot past 255\) or store them as uint8$"),
+            ("tiny", floats - np.float32(1e-05) * (floats == 0), r"got \[-1e-05, 1\]; " + clip),
+            ("ring", floats * np.float32(1.07) - np.float32(0.03), r"got \[-0.03, 1.04\]; " + clip)):
+        with pytest.raises(DataError, match=rf"float images must lie in \[0, 1\], {fix}"):
+            load_dataset(write_npz(tmp_path / f"{name}.npz", train_images=images.astype(np.float32)))
+
+
 def test_npz_float_images_just_past_the_range_show_the_values_past_it(tmp_path):
     """The .npz loader showed the values of a float set outside [0, 1] in 4 digits: a resampling's overshoot to
     1.00001 read "float images must lie in [0, 1], got [0, 1]", values that seem inside it (-1e-05 read so already).

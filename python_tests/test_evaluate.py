@@ -1,5 +1,6 @@
 """Evaluation rows, the cascade, results.json schema, figures as valid PNGs, atomic writes, argument parsing."""
 
+import dataclasses
 import json
 import math
 import os
@@ -633,11 +634,20 @@ def test_out_of_range_inputs_name_their_values_and_the_fix():
     with pytest.raises(EvalError, match=r"got values in \[0, 4025\]; 12- or 16-bit intensities\? divide them by "):
         evaluate(tiny_model(), twelve_bit, INFO, attacks="fgsm", eps=[0.1])
     scaled = TensorDataset(torch.linspace(0.1, 2.6, 4 * 144).reshape(4, 1, 12, 12), y)
-    with pytest.raises(EvalError, match=r"got values in \[0.1, 2.6\]; a mean/std normalization "):
+    with pytest.raises(EvalError, match=r"got values in \[0.1, 2.6\]; a dark set of 0-255 pixels\? .* data scaled "
+                                        r"otherwise \(divided by a std\)\? a mean/std normalization .* -- a clamp "
+                                        r"would wipe them out$"):
         evaluate(tiny_model(), scaled, INFO, attacks="fgsm", eps=[0.1])
     overshoot = TensorDataset(torch.full((4, 1, 12, 12), 1.00001), y)  # shown past the bound, not rounded to 1
     with pytest.raises(EvalError, match=r"got values in \[1, 1.00001\]; .* x.clamp\(0.0, 1.0\)$"):
         evaluate(tiny_model(), overshoot, INFO, attacks="fgsm", eps=[0.1])
+    # 0-255 pixels against a value range of [-1, 1]: x / 255 passed there in wrong units (found by the pixels helper)
+    signed = dataclasses.replace(INFO, value_range=(-1, 1))
+    with pytest.raises(EvalError, match=r"^data: inputs outside the dataset's value range \[-1, 1\], got values in "
+                                        r"\[0, 255\]; 8-bit pixels\? map them onto the value range \[-1, 1\] "
+                                        r"\(x.float\(\) / 255 \* 2 - 1\): the attacks' radii and clip range are in "
+                                        r"the value range's units$"):
+        evaluate(tiny_model(), pixels, signed, attacks="fgsm", eps=[0.1])
 
 
 def test_the_value_range_check_reads_the_inputs_once():

@@ -493,8 +493,8 @@ def _value_range_problem(x_min, x_max, lo, hi):
     fix = value_range_fix(x_min, x_max, lo, hi,
                           "a mean/std normalization (torchvision's Normalize) belongs in the model: evaluate "
                           "robust_ops.attacks.Normalized(model, mean, std) on the unnormalized images, so the radii "
-                          "and the clip range are in pixel units; clamp inputs that overshoot only by rounding or "
-                          f"resampling, x.clamp({lo}, {hi})")
+                          "and the clip range are in pixel units",
+                          f"; clamp inputs that overshoot only by rounding or resampling, x.clamp({lo}, {hi})")
     return f"data: inputs outside the dataset's value range [{lo}, {hi}], {got}; {fix}"
 
 

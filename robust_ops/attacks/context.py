@@ -635,36 +635,77 @@ def past_bound(value, bound, side):
     return f"{value:.17g}"  # 17 significant digits give a float back exactly: past the bound when the value is
 
 
+PIXEL_OVERSHOOT = 0.25  # how far past the range, as a part of its width, values are an overshoot of resampling
+
+
 def pixel_scale(lo, hi, range_min, range_max):
-    """What values ``lo`` .. ``hi`` outside [range_min, range_max] look like, the one rule of the refusals of
-    check_inputs, evaluate and the .npz loader: "8-bit" for 0-255 pixels (uint8 images, ToTensor left out): none below
-    the range, the top past 10 times its end and at most 255 times it, so x / 255 lies in the range; "high-bit" for
-    none below the range and a top past 255 times its end (12- or 16-bit intensities, which x / 255 leaves outside);
-    else None: values below the range (a mean/std normalization), or a top up to 10 times its end (an overshoot by
-    resampling, or data scaled otherwise: [0.1, 2.6], x / std, were told "8-bit pixels? divide them by 255")."""
-    if lo < range_min or range_max <= 0:
-        return None
-    if hi > 255 * range_max:
-        return "high-bit"
-    return "8-bit" if hi > 10 * range_max else None
+    """What values ``lo`` .. ``hi`` outside [range_min, range_max] look like, as ``(kind, scale)``: the one rule of the
+    refusals of check_inputs, evaluate and the .npz loader. ``("overshoot", None)``: at most a quarter of the range's
+    width past either end (rounding or resampling: [0, 1.02], [-0.03, 1.04]; to clamp). Else, none negative:
+    ``("8-bit", 255)`` or ``("high-bit", 4095 or 65535)`` for a top past 10 times the range's largest magnitude and at
+    most a quarter past the scale (0-255 pixels, [0, 262] too; 12- or 16-bit intensities), ``("dark", 255)`` for a top
+    up to that, where 255 lies past it (a dark 0-255 set, [0, 8], or data scaled otherwise, [0.1, 2.6] divided by a
+    std: asked, as clamping would wipe either out). Else ``(None, None)``: negatives (a mean/std normalization, or
+    other units: [-4, 48] against [-4, 4]), or a top past every scale. A top past 10 times [0, 1]'s, up to 255 times,
+    was all the rule knew: [0, 8] was told to clip, [0, 262] 12- or 16-bit, [0, 255] against [-1, 1] to divide by
+    255, which passes there in the wrong units."""
+    width = range_max - range_min
+    if not width > 0:
+        return None, None
+    if lo >= range_min - PIXEL_OVERSHOOT * width and hi <= range_max + PIXEL_OVERSHOOT * width:
+        return "overshoot", None
+    top = max(abs(range_min), abs(range_max))
+    if lo < 0:
+        return None, None
+    if hi <= 10 * top:
+        return ("dark", 255) if 255 > 10 * top else (None, None)
+    scale = next((s for s in (255, 4095, 65535) if s > 10 * top and hi <= (1 + PIXEL_OVERSHOOT) * s), None)
+    return (None, None) if scale is None else ("8-bit" if scale == 255 else "high-bit", scale)
+
+
+def pixel_map(scale, range_min, range_max):
+    """The expression mapping intensities of ``scale`` (their top: 255, 4095, 65535) onto [range_min, range_max]:
+    ``x.float() / 255`` for [0, 1], ``x.float() / 255 * 2 - 1`` for [-1, 1]."""
+    text = f"x.float() / {scale}"
+    if range_max - range_min != 1:
+        text += f" * {range_max - range_min:g}"
+    if range_min:
+        text += f" {'+' if range_min > 0 else '-'} {abs(range_min):g}"
+    return text
 
 
 EIGHT_BIT_FIX = ("8-bit pixels? divide them by 255 (x.float() / 255, as torchvision's ToTensor does): the attacks' "
                  "radii and clip range are in the value range's units")
 
 
-def value_range_fix(lo, hi, range_min, range_max, otherwise):
-    """The fix check_inputs' and evaluate's refusals of values ``lo`` .. ``hi`` outside [range_min, range_max] name:
-    by :func:`pixel_scale`, dividing 8-bit pixels by 255, higher bit depths by their scale's top, else
-    ``otherwise`` (normalizing inside the model, or clamping an overshoot)."""
-    scale = pixel_scale(lo, hi, range_min, range_max)
-    if scale == "8-bit":
-        return EIGHT_BIT_FIX
-    if scale == "high-bit":
+def value_range_fix(lo, hi, range_min, range_max, normalize, clamp):
+    """The fix check_inputs' and evaluate's refusals of values ``lo`` .. ``hi`` outside [range_min, range_max] name,
+    by :func:`pixel_scale`: pixels of a bit depth mapped onto the range (divided by their scale's top for [0, 1];
+    x / 255 gives [0, 1], outside other ranges or inside them in the wrong units), a dark set asked whether it is
+    0-255 pixels or else to ``normalize`` (the caller's fix of normalizing inside the model), else ``normalize`` and
+    ``clamp`` (the caller's clamp of an overshoot)."""
+    kind, scale = pixel_scale(lo, hi, range_min, range_max)
+    if kind in (None, "overshoot"):
+        return normalize + clamp
+    unit = (range_min, range_max) == (0, 1)
+    expr = pixel_map(scale, range_min, range_max)
+    then = f"; then x.clamp({range_min}, {range_max}) for the overshoot past {scale}" if hi > scale else ""
+    units = "the attacks' radii and clip range are in the value range's units"
+    onto = f"map them onto the value range [{range_min}, {range_max}] ({expr}{then})"
+    if kind == "dark":
+        return (f"a dark set of 0-255 pixels? {f'divide them by 255 ({expr})' if unit else onto}; data scaled "
+                f"otherwise (divided by a std)? {normalize} -- a clamp would wipe them out")
+    if kind == "8-bit":
+        if unit and not then:
+            return EIGHT_BIT_FIX
+        how = f"divide them by 255 ({expr}, as torchvision's ToTensor does{then})" if unit else onto
+        return f"8-bit pixels? {how}: {units}"
+    if unit:
         return ("12- or 16-bit intensities? divide them by their scale's top (x.float() / 4095 for 12 bits, "
-                "x.float() / 65535 for 16; x / 255 leaves them outside): the attacks' radii and clip range are in the "
-                "value range's units")
-    return otherwise
+                f"x.float() / 65535 for 16; x / 255 leaves them outside): {units}")
+    return (f"12- or 16-bit intensities? map them onto the value range [{range_min}, {range_max}] ("
+            f"{pixel_map(4095, range_min, range_max)} for 12 bits, {pixel_map(65535, range_min, range_max)} for 16"
+            f"): {units}")
 
 
 def check_input_batch(name, x):
@@ -706,9 +747,9 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=
                        f"{past_bound(lo, clip_min, -1)} < clip_min {clip_min}")
             # 0-255 pixels were told to normalize inside the model or clamp, neither of which gives [0, 1] pixels
             fix = value_range_fix(lo, hi, clip_min, clip_max,
-                                  "normalize inside the model, e.g. with robust_ops.attacks.Normalized, or clamp "
-                                  f"inputs that overshoot only by rounding or resampling, x.clamp({clip_min}, "
-                                  f"{clip_max})")
+                                  "normalize inside the model, e.g. with robust_ops.attacks.Normalized",
+                                  ", or clamp inputs that overshoot only by rounding or resampling, "
+                                  f"x.clamp({clip_min}, {clip_max})")
             raise ValueError(f"{name}: expected x inside the clip range [{clip_min}, {clip_max}], got values in "
                              f"[{past_bound(lo, clip_min, -1)}, {past_bound(hi, clip_max, 1)}] ({crossed}; {fix})")
     if y is _NO_LABELS:

@@ -134,19 +134,27 @@ def images_to_tensor(images, source):
             lo, hi = float(x.min()), float(x.max())
             # say how to get there: 0-255 floats (numpy's astype(float)), 12- or 16-bit intensities, an overshoot of
             # resampling and mean / std normalized pixels (ImageNet's statistics) are what such files hold, and the
-            # attacks' ball and clip range are in [0, 1] pixels. "divide them by 255" was said of every set without
-            # negatives: [0, 1.02] and [0, 4095] too. The rule is the attacks' and evaluate's (pixel_scale).
+            # attacks' ball and clip range are in [0, 1] pixels. The rule is the attacks' and evaluate's
+            # (pixel_scale): a dark 0-255 set ([0, 8]) was told to clip, a 0-255 one overshooting ([0, 262]) 12- or
+            # 16-bit, a resampling's small negatives ([-0.03, 1.04]) a mean/std normalization
             from ..attacks.context import past_bound, pixel_scale
 
-            scale = pixel_scale(lo, hi, 0.0, 1.0)
-            if scale == "8-bit":
-                fix = "divide them by 255 or store them as uint8"
-            elif scale == "high-bit":
+            kind, scale = pixel_scale(lo, hi, 0.0, 1.0)
+            then = f" (then np.clip(images, 0, 1) for the overshoot past {scale})" if scale and hi > scale else ""
+            if kind == "8-bit":
+                fix = f"divide them by 255{then} or store them as uint8"
+            elif kind == "high-bit":
                 fix = ("12- or 16-bit intensities? divide them by their scale's top (4095 for 12 bits, 65535 for "
                        "16) or store them as 8-bit images")
-            elif lo >= 0:
+            elif kind == "dark":
+                fix = ("a dark set of 0-255 pixels? divide them by 255 or store them as uint8; else scale them to "
+                       "[0, 1] pixels -- clipping would wipe them out: the attacks' radii and clip range are in "
+                       "[0, 1] pixels")
+            elif kind == "overshoot":
                 fix = ("clip an overshoot of rounding or resampling (np.clip(images, 0, 1)), or scale them to [0, 1] "
                        "pixels: the attacks' radii and clip range are in [0, 1] pixels")
+            elif lo >= 0:  # past every bit depth's top
+                fix = "scale them to [0, 1] pixels: the attacks' radii and clip range are in [0, 1] pixels"
             else:
                 fix = ("store the pixels in [0, 1], not normalized by a mean and std: normalize inside the model "
                        "(robust_ops.attacks.Normalized), as the attacks' radii and clip range are in [0, 1] pixels")
