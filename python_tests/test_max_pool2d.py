@@ -2,6 +2,8 @@
 geometries, ties, NaN and -inf, both memory formats, the CPU instruction-set paths this CPU has; opcheck, gradcheck,
 errors."""
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,3 +366,34 @@ def test_fallback_for_integer_inputs_keeps_every_argument():
         out, idx = robust_ops.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
         ref, ref_idx = F.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
         assert out.shape == (1, 2, 4, 4) and torch.equal(out, ref) and torch.equal(idx, ref_idx)
+
+
+def test_output_and_gradient_strides_as_atens_for_size_one_dimensions_of_any_stride():
+    # ATen's layout rule (suggest_memory_format) also reads the strides of size-1 dimensions: a channels_last-
+    # contiguous batch of one HWC image, (1, 3, 4, 2) of strides (3, 1, 6, 3), pools into NCHW there (N's stride is
+    # under C * H * W), and came out channels_last here, its input gradient too. A seeded sweep of such strides.
+    rng = random.Random(0)
+    hwc = torch.randn(4, 2, 3).permute(2, 0, 1).unsqueeze(0)
+    cases = [(hwc, 2, 0)]
+    for _ in range(300):
+        shape = [rng.choice([1, 1, 2]), rng.choice([1, 2, 3]), rng.randint(1, 4), rng.randint(1, 4)]
+        fmt = rng.choice([torch.contiguous_format, torch.channels_last])
+        strides = list(torch.empty(shape).contiguous(memory_format=fmt).stride())
+        strides = [rng.randint(1, 40) if size == 1 and rng.random() < 0.7 else s for size, s in zip(shape, strides)]
+        kernel = rng.randint(1, min(shape[2:]))
+        x = torch.empty_strided(shape, strides, dtype=rng.choice([torch.float32, torch.float64]))
+        cases.append((x.copy_(torch.randn(shape)), kernel, rng.randint(0, kernel // 2)))
+    for x, kernel, padding in cases:
+        x = x.detach().requires_grad_()
+        out, idx = robust_ops.max_pool2d(x, kernel, 1, padding, return_indices=True)
+        ref, ref_idx = F.max_pool2d(x, kernel, 1, padding, return_indices=True)
+        where = f"shape {tuple(x.shape)}, strides {x.stride()}, kernel {kernel}, padding {padding}"
+        assert (out.stride(), idx.stride()) == (ref.stride(), ref_idx.stride()), where
+        assert torch.equal(out, ref) and torch.equal(idx, ref_idx), where
+        grad = torch.randn(ref.shape, dtype=x.dtype)
+        (ours,), (theirs,) = torch.autograd.grad(out, x, grad), torch.autograd.grad(ref, x, grad)
+        assert torch.equal(ours, theirs), where
+        if not (x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
+            # an input contiguous in both layouts can still get another size-1 stride in its gradient (the backward
+            # takes the indices' layout, ATen the input's): same values, a separate difference
+            assert ours.stride() == theirs.stride(), where

@@ -209,11 +209,16 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     x, unbatched = _as_batch(input)
     # Under vmap the layout cannot be asked (torch: "NYI: querying is_contiguous inside of vmap for memory_format
     # other than torch.contiguous_format"); the op's batching rule takes any strides.
-    if not (x.is_contiguous() or torch._C._functorch.is_batchedtensor(x)
-            or x.is_contiguous(memory_format=torch.channels_last)):
-        # ATen's layout for what the op would copy to NCHW: a channel slice of a channels_last tensor pools into
-        # channels_last (suggest_memory_format; it costs ~15 us, so dense inputs skip it).
-        x = x.contiguous(memory_format=suggest_memory_format(x))
+    if not (x.is_contiguous() or torch._C._functorch.is_batchedtensor(x)):
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            # ATen's layout for what the op would copy to NCHW: a channel slice of a channels_last tensor pools into
+            # channels_last (suggest_memory_format; it costs ~15 us, so dense inputs skip it).
+            x = x.contiguous(memory_format=suggest_memory_format(x))
+        elif not torch.jit.is_tracing() and reference._suggested_memory_format(x) == torch.contiguous_format:
+            # channels_last-contiguous, but ATen's rule also reads size-1 dimensions' strides: a batch of one HWC
+            # image (N's stride C, under C * H * W) pools into NCHW there, where the op's rule (drop_max_pool2d's)
+            # keeps channels_last. Not under torch.jit.trace, whose sizes are tensors (the comparisons warned).
+            x = x.contiguous()
     out, idx = torch.ops.robust_ops.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     if unbatched:
         out, idx = out.squeeze(0), idx.squeeze(0)
