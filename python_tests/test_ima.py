@@ -2461,6 +2461,31 @@ def test_gen_adv_refuses_nan_outputs_and_nan_losses_naming_the_samples(compact):
         gen_adv(model.lin, x, y, 1.0, steps=5, search_steps=3, min_rows=0, compact=compact, loss_fn=nan_loss)
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_criterion_or_loss_that_refuses_nan_output_leaves_the_nan_refusal_first(compact):
+    """A step's criterion and loss_fn now run before the read of its NaN flags (one read a step), so a criterion or
+    a loss validating its input (a torch.distributions one) named its own error, e.g. "Expected parameter logits ...
+    to satisfy the constraint", where the NaN check came first: and IMA, which turns the NaN refusal into one named
+    by dataset id raised on every rank together, let it through at once. The NaN refusal comes first again."""
+    model, x, y = _nan_off_clean_problem()
+
+    def finite_only(out, yy):
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError("finite_only: got a non-finite output")
+        return out.argmax(1) == yy
+
+    def categorical_loss(out, yy):
+        return -torch.distributions.Categorical(logits=out).log_prob(yy)
+
+    for kwargs in (dict(is_correct=finite_only), dict(loss_fn=categorical_loss)):
+        with pytest.raises(ValueError, match=r"^gen_adv: the model's output is NaN for sample\(s\) 1, 4 of the batch"):
+            gen_adv(model, x, y, 1.0, steps=5, search_steps=3, min_rows=0, compact=compact, **kwargs)
+        defense = IMA(num_samples=10, eps_train=1.5, init_margin=1.0, delta=0.01, steps=5, search_steps=3,
+                      min_rows=0, compact=compact, **kwargs)
+        with pytest.raises(ValueError, match=r"^IMA: the model's output is NaN for dataset id\(s\) 7, 9; "):
+            defense(model, x, y, torch.tensor([0, 7, 2, 3, 9, 5]))
+
+
 def test_gen_adv_nan_error_pickles_with_its_samples_notes_and_attributes():
     """gen_adv's NaN error (a ValueError of a private class) could not be unpickled: ValueError's default pickle
     rebuilt it from its message alone, a TypeError for the missing arguments, so a worker process running gen_adv

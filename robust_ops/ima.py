@@ -529,8 +529,9 @@ def _ascent_compact(p, counter):
         last = t == p.steps
         ya = y.index_select(0, idx)
         xs, out = p.forward(cur, counter, grad=not last)
-        ok = p.criterion(out.detach(), ya)
         nan_out = _nan_rows(out) if out.is_floating_point() else None
+        nans = [] if nan_out is None else [nan_out]
+        ok = _nan_first(p, lambda: p.criterion(out.detach(), ya), nans, idx)
         if t == 0:
             done = ~ok  # clean x already wrong: returned unchanged, never searched
             clean_correct.index_copy_(0, idx, ok)
@@ -543,7 +544,7 @@ def _ascent_compact(p, counter):
         wrong = keep & ~ok if last and p.algorithm == 3 else None
         loss = nan_loss = None
         if not last:  # the next step's loss, before the read, so that its NaN check shares it (checked once used)
-            loss = p.loss(out, ya)
+            loss = _nan_first(p, lambda: p.loss(out, ya), nans, idx)
             if torch.is_tensor(loss) and loss.is_floating_point() and loss.shape == ya.shape[:1]:
                 nan_loss = _nan_rows(loss, keep)
         n_done, n_wrong, out_nan, loss_nan = _read_counts((done, wrong), (nan_out, nan_loss))
@@ -625,14 +626,14 @@ def _search_start(p, lo, hi):
     return points
 
 
-def _first_crossed(p, out, y, k1, n, nans, active=None):
+def _first_crossed(p, out, y, k1, n, nans, rows, active=None):
     """Index of the first interior point (lo -> hi order) past the boundary, k-1 when none is. The rows with a NaN
     output (where ``active``) are appended to the list ``nans``, read once after the last round
-    (:func:`_check_search_nans`)."""
+    (:func:`_check_search_nans`; ``rows``: each point's sample)."""
     active = None if active is None else active.repeat(k1)
     if out.is_floating_point():
         nans.append(_nan_rows(out, active))
-    ok = p.criterion(out, y.repeat(k1, *([1] * (y.dim() - 1)))).view(k1, n)
+    ok = _nan_first(p, lambda: p.criterion(out, y.repeat(k1, *([1] * (y.dim() - 1)))), nans, rows).view(k1, n)
     wrong = ~ok
     first = wrong.to(torch.uint8).argmax(0)  # first True (argmax returns the first maximal index)
     return torch.where(wrong.any(0), first, torch.full_like(first, k1))
@@ -650,13 +651,28 @@ def _search_compact(p, lo, hi, crossed, counter, counts):
     y_c = p.y.index_select(0, idx)
     points = _search_start(p, lo_c, hi_c)
     k1 = p.arity - 1
-    nans = []
+    nans, rows = [], idx.repeat(k1)
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo_c.shape[1:])), counter, grad=False)
-        crossed_at = _first_crossed(p, out, y_c, k1, n, nans)
+        crossed_at = _first_crossed(p, out, y_c, k1, n, nans, rows)
         p.search_step(lo_c, hi_c, points, crossed_at)
-    _check_search_nans(p, nans, idx.repeat(k1))
+    _check_search_nans(p, nans, rows)
     return lo_c, hi_c, idx
+
+
+def _nan_first(p, call, nans, rows):
+    """``call()``: the criterion or loss_fn on an output whose NaN flags (``nans``, as :func:`_check_search_nans`
+    takes them) are read after it. Where it raises on an output with a NaN, the NaN refusal comes first, as when a
+    read before it checked them (a criterion or loss validating its input, a torch.distributions one, named its own
+    error in its place)."""
+    try:
+        return call()
+    except Exception:
+        try:
+            _check_search_nans(p, nans, rows)
+        except _NaNSamples as nan:
+            raise nan from None
+        raise
 
 
 def _check_search_nans(p, nans, rows):
@@ -690,8 +706,9 @@ def _ascent_masked(p, counter):
     for t in range(p.steps + 1):
         last = t == p.steps
         xs, out = p.forward(cur, counter, grad=not last)
-        ok = p.criterion(out.detach(), y)
         nan_out = _nan_rows(out, alive) if out.is_floating_point() else None
+        nans = [] if nan_out is None else [nan_out]
+        ok = _nan_first(p, lambda: p.criterion(out.detach(), y), nans, rows)
         if t == 0:
             done = alive & ~ok
             clean_correct &= ~done
@@ -706,7 +723,7 @@ def _ascent_masked(p, counter):
         alive = alive & ~done
         loss = nan_loss = None
         if not last:  # before the read, so that its NaN check shares it (checked once used), as the compacted loop
-            loss = p.loss(out, y)
+            loss = _nan_first(p, lambda: p.loss(out, y), nans, rows)
             if torch.is_tensor(loss) and loss.is_floating_point() and loss.shape == (n,):
                 nan_loss = _nan_rows(loss, alive)
         going_on, out_nan, loss_nan = _read_counts((alive if p.batch_exit and not last else None,),
@@ -744,12 +761,12 @@ def _search_masked(p, lo, hi, crossed, counter, counts=None):
     lo, hi = lo.clone(), hi.clone()
     points = _search_start(p, lo, hi)
     k1 = p.arity - 1
-    rows, nans = torch.arange(n, device=lo.device), []
+    rows, nans = torch.arange(n, device=lo.device).repeat(k1), []
     for _ in range(p.rounds):
         _, out = p.forward(points.reshape((k1 * n,) + tuple(lo.shape[1:])), counter, grad=False)
-        crossed_at = _first_crossed(p, out, p.y, k1, n, nans, crossed)
+        crossed_at = _first_crossed(p, out, p.y, k1, n, nans, rows, crossed)
         p.search_step(lo, hi, points, crossed_at, crossed)
-    _check_search_nans(p, nans, rows.repeat(k1))
+    _check_search_nans(p, nans, rows)
     return lo.index_select(0, idx), hi.index_select(0, idx), idx
 
 
