@@ -5931,10 +5931,13 @@ def test_labels_made_under_inference_mode_are_attacked():
                           r"\.long\(\)"),
     (lambda y: nn.functional.one_hot(y, 3).double(), r"torch\.float64; one-hot or probability rows\? take their "
                                                      r"\.argmax\(1\)"),
+    (lambda y: nn.functional.one_hot(y, 3).bool(), r"torch\.bool; one-hot rows\? take their \.argmax\(1\)"),
     (lambda y: y.to(torch.complex64), r"torch\.complex64")])
 def test_labels_of_a_float_or_bool_dtype_are_told_the_fix(labels, fix):
     """Boolean labels (y = t > 0.5) were refused as "pgd: expected y to be an integer tensor of class labels, got
-    torch.bool", saying nothing of y.long(); float class numbers likewise, and one-hot rows were not told argmax(1)."""
+    torch.bool", saying nothing of y.long(); float class numbers likewise, and one-hot rows were not told argmax(1).
+    Bool one-hot rows were told .long() (False is class 0, True class 1), whose [N, K] result the shape check then
+    refused: they are told argmax(1) too."""
     model, (x, y) = make_model(), make_data()
     for name, run in (("pgd", lambda t: attacks.PGD(model, steps=1)(x, t)),
                       ("autoattack", lambda t: attacks.AutoAttack(model, attacks=["fgsm"])(x, t)),

@@ -1899,7 +1899,8 @@ def test_fits_label_dtype_error_says_the_fix():
                         (y.float()[:, None], r"; class numbers stored as floats \(0\., 1\., \.\.\.\)\? convert them "
                                              r"with \.long\(\)"),
                         (torch.nn.functional.one_hot(y).float(), r"; one-hot or probability rows\? take their "
-                                                                 r"\.argmax\(1\)")):
+                                                                 r"\.argmax\(1\)"),
+                        (torch.nn.functional.one_hot(y).bool(), r"; one-hot rows\? take their \.argmax\(1\)")):
         with pytest.raises(TypeError, match=rf"^fit: expected integer class labels, got y of dtype {labels.dtype}"
                                             rf"{fix}$"):
             fit(model, defenses.Standard(), TensorDataset(x, labels), epochs=1, progress=False)

@@ -114,10 +114,10 @@ def segmentation_masks(y):
 def label_dtype_fix(y, convert=".long()"):
     """The fix to append to a refusal of labels of ``y``'s dtype (a tensor, or a numpy array with ``convert``
     ".astype(np.int64)"): "; convert them with <convert>" for bool labels (False is class 0), and for float ones
-    stored class numbers, or their argmax(1) for one-hot or probability rows; for numpy strings, class names mapped
-    to indices; "" for other values (complex, not an array). Reads no values: the refusal's path. Appended by the
-    attacks' label check (attacks.context.check_class_labels), by class_labels (fit, evaluate, report,
-    cross_validation) and by the .npz loader (data.core.labels_to_tensor)."""
+    stored class numbers; their argmax(1) for one-hot rows [N, K] (bool or float) or probability rows; for numpy
+    strings, class names mapped to indices; "" for other values (complex, not an array). Reads no values: the
+    refusal's path. Appended by the attacks' label check (attacks.context.check_class_labels), by class_labels
+    (fit, evaluate, report, cross_validation) and by the .npz loader (data.core.labels_to_tensor)."""
     if torch.is_tensor(y):
         is_bool, is_float = y.dtype == torch.bool, y.dtype.is_floating_point
     elif isinstance(y, np.ndarray):
@@ -126,12 +126,12 @@ def label_dtype_fix(y, convert=".long()"):
         is_bool, is_float = y.dtype == np.bool_, y.dtype.kind == "f"
     else:
         return ""
+    if (is_bool or is_float) and y.ndim == 2 and y.shape[1] > 1:  # a bool row's .long() is still a row
+        return f"; one-hot{'' if is_bool else ' or probability'} rows? take their .argmax(1)"
     if is_bool:
         return f"; convert them with {convert} (False is class 0, True class 1)"
     if not is_float:
         return ""
-    if y.ndim == 2 and y.shape[1] > 1:
-        return "; one-hot or probability rows? take their .argmax(1)"
     return f"; class numbers stored as floats (0., 1., ...)? convert them with {convert}"
 
 
