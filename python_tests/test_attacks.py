@@ -5946,6 +5946,7 @@ def test_labels_of_a_float_or_bool_dtype_are_told_the_fix(labels, fix):
                                             rf"{fix}$"):
             run(labels(y))
 
+
 def test_labels_that_are_not_a_tensor_are_a_type_error():
     # the mask check comes first in check_inputs: it must not fail on a list with an AttributeError
     model, (x, y) = make_model(), make_data()
