@@ -1320,6 +1320,25 @@ def test_train_data_fingerprint_reads_a_fixed_number_of_rows():
     assert train_data_fingerprint(TensorDataset(changed, big.tensors[1])) != train_data_fingerprint(big)
 
 
+def test_complex_labels_are_refused_without_a_casting_warning():
+    """fit given complex labels warned 'Casting complex values to real discards the imaginary part' before its
+    TypeError: the training-set fingerprint, taken first, cast them with long(). It keeps them complex now, and tells
+    them from their real parts."""
+    data = TensorDataset(torch.rand(4, 1, 4, 4), torch.tensor([0j, 1j, 0j, 1j]))
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # the cast's warning is torch's warn-once: shown here whatever ran before
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(TypeError, match=r"^fit: expected integer class labels, got y of dtype "
+                                                r"torch\.complex64$"):
+                fit(DropoutMLP(), defenses.Standard(), data, epochs=1, progress=False)
+            zeros = TensorDataset(data.tensors[0], torch.zeros(4, dtype=torch.complex64))  # the same real parts
+            assert train_data_fingerprint(data) != train_data_fingerprint(zeros)
+    finally:
+        torch.set_warn_always(warn_always)
+
+
 def test_resume_refuses_a_validation_set_of_another_size_and_passes_checkpoints_without_one(tmp_path):
     """A resume validating on another set resumed silently: its metrics joined the run's history as if comparable,
     and ReduceLROnPlateau compared that set's loss with the best of the checkpoint's set."""

@@ -880,8 +880,9 @@ def train_data_fingerprint(dataset):
     n = len(inner)
     rows = torch.linspace(0, n - 1, min(n, _FINGERPRINT_ROWS)).round().long().unique()
     labels = inner.tensors[1:2]  # whole: a label column is small, and a relabelled set must not pass
-    # values, not storage: the same set in float64 for a float64 model (or int32 labels) is the same data
-    return tensors_sha256(t.double() if t.is_floating_point() else t.long()
+    # values, not storage: the same set in float64 for a float64 model (or int32 labels) is the same data. A complex
+    # tensor stays complex: long() of it warns that it drops the imaginary part, before fit's refusal of its dtype
+    return tensors_sha256(t.double() if t.is_floating_point() else t.cdouble() if t.is_complex() else t.long()
                           for t in (*labels, *(t[rows.to(t.device)] for t in inner.tensors)))
 
 
