@@ -3586,6 +3586,41 @@ def test_resume_of_a_checkpoint_without_run_json_is_refused_in_the_command_lines
     one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with --lr 0.001", way_on)
 
 
+def test_resume_of_an_ima_checkpoint_without_run_json_of_another_delta_is_refused_in_flags(small_npz, tmp_path,
+                                                                                              capsys):
+    """IMA refuses a checkpoint of another delta in its load_state_dict (delta is its state's, not one of the options
+    fit compares first): with run.json gone that refusal reached the command line in fit's Python words, 'RUN:
+    training failed: fit: cannot resume RUN/checkpoint.pt: IMA.load_state_dict: ... delta=0.25, this defense has
+    delta=0.125; pass the checkpoint's value (or leave delta unset ...)'. train names --defense-opt, and reproduce
+    --epochs, which sets its IMA's delta = eps_train / epochs."""
+    from robust_ops.cli import CLIError
+    from robust_ops.reproduce import run_protocol
+
+    out = tmp_path / "run"
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--batch-size", "32", "--out", out,
+            "--defense", "ima", "--epochs", "2", "--defense-opt", "eps_train=0.5", "--defense-opt", "steps=1",
+            "--defense-opt", "search_steps=1", "--defense-opt"]
+    assert run(base + ["delta=0.25", "--epochs", "1"], capsys)[0] == 0
+    (out / "run.json").unlink()
+    rc, _, err = run(base + ["delta=0.125", "--resume"], capsys)
+    line = one_line_error(rc, err, f"--resume: {out / 'checkpoint.pt'} was trained with --defense-opt delta=0.25, "
+                                   "this command has --defense-opt delta=0.125; rerun with the run's settings to "
+                                   "continue it, or train afresh without --resume (another --out keeps this run's "
+                                   "files)")
+    assert "fit:" not in line and "load_state_dict" not in line, line
+    assert not (out / "run.json").exists()
+    proto = _tiny_protocol("seeds", [("IMA", "ima", {"eps_train": 0.5, "steps": 1, "search_steps": 1})])
+    out = tmp_path / "r"
+    run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
+    run_dir = out / "runs" / "ima" / "seed0"
+    (run_dir / "run.json").unlink()
+    with pytest.raises(CLIError) as err:
+        run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False)
+    assert str(err.value) == (f"--epochs: {run_dir} was trained with --epochs 1, and IMA's delta = eps_train / epochs "
+                              f"follows it (0.5 there, 0.25 now); rerun with --epochs 1, or delete {run_dir} or use "
+                              "another --out")
+
+
 def test_resume_of_a_checkpoint_without_run_json_on_another_validation_split_is_refused_in_flags(small_npz, tmp_path,
                                                                                                     capsys):
     # fit's refusal of another validation split size reached the command line in its Python words: 'RUN: training

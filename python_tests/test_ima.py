@@ -5,6 +5,7 @@ import datetime
 import io
 import math
 import os
+import pickle
 import re
 
 import pytest
@@ -1245,8 +1246,17 @@ def test_ima_load_state_dict_refuses_other_given_eps_train_or_delta():
     # A resume with other settings (e.g. reproduce's delta = eps_train / epochs after changing --epochs) would
     # silently train with the checkpoint's values.
     with pytest.raises(ValueError, match=r"IMA.load_state_dict: the checkpoint was trained with delta=0.5, this "
-                                         r"defense has delta=0.25; pass the checkpoint's value"):
+                                         r"defense has delta=0.25; pass the checkpoint's value") as err:
         IMA(num_samples=20, eps_train=2.0, delta=0.25).load_state_dict(state)
+    # the option and both values, for fit's resume refusal (robust-ops train words it with --defense-opt); it pickles
+    # whole, as fit's errors do (a DDP process's error is sent to the others)
+    from robust_ops.defenses.base import StateSettingError
+
+    assert isinstance(err.value, StateSettingError) and (err.value.option, err.value.saved, err.value.now) == (
+        "delta", 0.5, 0.25)
+    again = pickle.loads(pickle.dumps(err.value))
+    assert (type(again), str(again), again.option, again.saved, again.now) == (
+        StateSettingError, str(err.value), "delta", 0.5, 0.25)
     with pytest.raises(ValueError, match=r"IMA.load_state_dict: the checkpoint was trained with eps_train=2.0, this "
                                          r"defense has eps_train=1.0"):
         IMA(num_samples=20, eps_train=1.0, delta=0.5).load_state_dict(state)

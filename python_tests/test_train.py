@@ -5408,9 +5408,15 @@ def test_a_defense_state_the_checkpoint_refuses_names_fit_and_the_checkpoint(tmp
     fit(DropoutMLP(), IMA(eps_train=1.0, steps=1, search_steps=1), IndexedDataset(_data(16)), epochs=1, **kwargs)
     path = re.escape(str(tmp_path / "checkpoint.pt"))
     with pytest.raises(ValueError, match=rf"^fit: cannot resume {path}: IMA.load_state_dict: the checkpoint was "
-                                         r"trained with eps_train=1.0, this defense has eps_train=0.5; pass"):
+                                         r"trained with eps_train=1.0, this defense has eps_train=0.5; pass") as err:
         fit(DropoutMLP(), IMA(eps_train=0.5, steps=1, search_steps=1), IndexedDataset(_data(16)), epochs=2,
             resume=True, **kwargs)
+    # a ResumeMismatchError of the defense's options, as one of its recorded options is: robust-ops train words it
+    # with --defense-opt, where fit's ValueError showed these Python words
+    assert isinstance(err.value, ResumeMismatchError)
+    assert (err.value.key, err.value.saved, err.value.now) == ("defense_options", {"eps_train": 1.0},
+                                                               {"eps_train": 0.5})
+    assert err.value.path == tmp_path / "checkpoint.pt"
 
 
 def test_a_checkpoint_of_a_newer_format_or_lacking_entries_is_a_one_line_error_naming_it(tmp_path):

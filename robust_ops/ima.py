@@ -40,7 +40,7 @@ from .attacks.context import (
 )
 from .attacks.core import check_labels_against, check_linf_budget, check_norm, forward, per_sample, sample_distance
 from .defenses._common import distributed_run, metric_values, per_sample_ce, unwrap
-from .defenses.base import Defense, DefenseOutput
+from .defenses.base import Defense, DefenseOutput, StateSettingError
 from .prepacked_conv import prepacked_conv_active
 
 __all__ = [
@@ -1687,10 +1687,11 @@ class IMA(Defense):
                              f"has norm={self.norm!r}; pass norm={state['norm']!r}")
         for arg, given in self._given.items():
             # A resumed run continues with the checkpoint's values: refuse to train silently with other ones.
-            if given is not None and float(state[arg]) != given:
-                raise ValueError(f"IMA.load_state_dict: the checkpoint was trained with {arg}={float(state[arg])!r}, "
-                                 f"this defense has {arg}={given!r}; pass the checkpoint's value (or leave {arg} "
-                                 f"unset to take it)")
+            if given is not None and float(state[arg]) != given:  # one fit can name in its caller's words
+                raise StateSettingError(arg, float(state[arg]), given,
+                                        f"IMA.load_state_dict: the checkpoint was trained with {arg}="
+                                        f"{float(state[arg])!r}, this defense has {arg}={given!r}; pass the "
+                                        f"checkpoint's value (or leave {arg} unset to take it)")
         eps_train = float(state["eps_train"])
         delta, init_margin = float(state["delta"]), float(state["init_margin"])
         _check_margins_can_grow("IMA.load_state_dict", eps_train, delta, "the checkpoint's ")

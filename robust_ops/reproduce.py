@@ -714,7 +714,11 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
         old_epochs = old.get("epochs") - (old.get("warmup_epochs") or 0)
     except (OSError, ValueError, TypeError, AttributeError):
         pass
-    if key == "defense_options" and "delta" in (was or {}) and old_epochs != epochs - warmup:
+    if old_epochs is None and key == "defense_options" and {"delta"} <= set(was or {}) & set(now or {}):
+        # run.json gone (fit's refusal from the checkpoint): delta = eps_train / epochs gives the run's epochs
+        ratio = (epochs - warmup) * now["delta"] / was["delta"]
+        old_epochs = round(ratio) if round(ratio) >= 1 and math.isclose(ratio, round(ratio)) else None
+    if key == "defense_options" and "delta" in (was or {}) and old_epochs not in (None, epochs - warmup):
         return CLIError(f"--epochs: {run_dir} was trained with --epochs {old_epochs}, and IMA's delta = eps_train / "
                         f"epochs follows it ({was['delta']:.4g} there, {now['delta']:.4g} now); rerun with "
                         f"--epochs {old_epochs}, or {way_out}")

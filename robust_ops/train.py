@@ -63,7 +63,7 @@ from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputE
                               is_one_sample_batch_norm, is_single_logit, labels_range, labels_read_once,
                               looks_like_probabilities, num_classes_of, predict_from_output, use_model_mode)
 from .defenses._common import metrics_read_by_fit
-from .defenses.base import _as_tuples, _plain
+from .defenses.base import StateSettingError, _as_tuples, _plain
 
 __all__ = [
     "fit", "FitResult", "load_checkpoint", "load_weights", "stopped_by_another_process", "NonFiniteLossError",
@@ -1240,7 +1240,8 @@ def fit(
         LostBestEpochError (a ValueError): ``restore_best`` resumes a checkpoint trained without it whose best epoch
             is not its last.
         ResumeMismatchError (a ValueError): the checkpoint to resume was trained with another setting (``key``,
-            ``saved``, ``now``) or holds more than ``epochs`` epochs.
+            ``saved``, ``now``) or holds more than ``epochs`` epochs; the defense's ``load_state_dict`` refusing
+            its state for another option's value (IMA's delta or eps_train given) is one of key "defense_options".
         InputDtypeError (a TypeError), InputShapeError (a ValueError): the data's dtype or channel count is not the
             model's (robust_ops.attacks).
         CollectiveTimeoutError (a RuntimeError): under DDP, a collective waited past the group's timeout.
@@ -2087,7 +2088,11 @@ def _load_resumed_state(name, resume_path, state, weights_model, optimizer, sche
     try:
         defense.load_state_dict(state["defense"])
     except ValueError as err:  # IMA's other eps_train: its own text names neither fit nor the checkpoint
-        raise ValueError(f"{name}: cannot resume {resume_path}: {err}") from None
+        message = f"{name}: cannot resume {resume_path}: {err}"
+        if isinstance(err, StateSettingError):  # another option's value: a caller words it as the options' refusal
+            raise ResumeMismatchError(name, resume_path, "defense_options", {err.option: err.saved},
+                                      {err.option: err.now}, message) from None
+        raise ValueError(message) from None
 
 
 def _continue_rng_streams(state, rank, seed, device):

@@ -44,6 +44,21 @@ def _as_tuples(value):  # emit=[2, 4] and emit=(2, 4) are the same setting; np.f
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else python_number(value)
 
 
+class StateSettingError(ValueError):
+    """A defense's ``load_state_dict`` refusing a state made under another setting than the defense's own (IMA's
+    checkpoint trained with delta=0.25, a defense built with delta=0.125). ``option`` (the defense's option that sets
+    it), ``saved`` (the state's value) and ``now`` (the defense's) let fit refuse the resume as a ResumeMismatchError
+    of its defense options, which ``robust-ops train --resume`` words with ``--defense-opt``."""
+
+    def __init__(self, option, saved, now, message):
+        self.facts = (option, saved, now, message)
+        self.option, self.saved, self.now = option, saved, now
+        super().__init__(message)
+
+    def __reduce__(self):  # with the instance's __dict__, as a plain exception's: its __notes__ and attributes
+        return type(self), self.facts, self.__dict__
+
+
 class Defense:
     """Base class. Subclasses set ``name`` and implement ``__call__(model, x, y, ids=None) -> DefenseOutput``."""
 
