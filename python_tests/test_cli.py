@@ -2689,11 +2689,12 @@ def test_reproduce_refuses_an_ima_run_of_other_epochs_under_paper_schedule_namin
     assert err.startswith("tiny-seeds: ") and "--epochs" not in err, err
 
 
-def test_reproduce_refusal_of_a_run_without_run_json_names_reproduces_way_on(small_npz, tmp_path):
+def test_reproduce_refusal_of_a_run_without_run_json_names_reproduces_way_on(small_npz, tmp_path, capsys):
     """A run folder whose run.json was deleted leaves reproduce's own check nothing to compare, and fit's refusal
     reached reproduce in train's words: "--resume: ... or train afresh without --resume (another --out keeps ...)",
     a flag reproduce does not have. It names --epochs and deleting the run folder or another --out, as run.json's
-    refusal does."""
+    refusal does; and no status line before it says "[seed0] loading (already trained) STD", which the refusal
+    contradicts (a run is said loaded once it is)."""
     from robust_ops.cli import CLIError
     from robust_ops.reproduce import run_protocol
 
@@ -2702,12 +2703,16 @@ def test_reproduce_refusal_of_a_run_without_run_json_names_reproduces_way_on(sma
     run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False)
     run_dir = out / "runs" / "std" / "seed0"
     (run_dir / "run.json").unlink()
+    capsys.readouterr()
     with pytest.raises(CLIError) as err:
         run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
     assert str(err.value) == (f"--epochs: {run_dir} holds 2 epochs of training, more than --epochs 1; rerun with "
                               f"--epochs 2, or delete {run_dir} or use another --out")
+    assert "loading" not in capsys.readouterr().out
     assert not (run_dir / "run.json").exists()
     run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=2, progress=False)  # as it said
+    assert "[seed0] loading (already trained) STD (standard, 2 epochs) ..." in capsys.readouterr().out
+
 
 def test_resume_error_says_paper_schedule_for_either_of_its_settings_and_epochs_only_when_they_changed(tmp_path):
     """reproduce's refusal of a run that cannot continue: a changed early-stopping patience is --paper-schedule's, as a

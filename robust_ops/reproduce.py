@@ -880,8 +880,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             done = epochs_done(run_dir)
             doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < train_epochs
                      else "loading (already trained)")
-            say(f"[{tag}] {doing} {method.label} ({method.defense}, {counted(train_epochs, 'epoch')}) ...",
-                flush=True)
+            status = f"[{tag}] {doing} {method.label} ({method.defense}, {counted(train_epochs, 'epoch')}) ..."
+            if done < train_epochs:  # before the epochs' progress
+                say(status, flush=True)
             model, _, _, _ = train_run(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
                 epochs=train_epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
@@ -890,6 +891,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 channels=channels, classes=classes, warmup_epochs=warmup, early_stopping=patience,
                 dist_timeout=dist_timeout, refusal=functools.partial(_fit_refusal, protocol, run_dir, train_epochs,
                                                                      warmup))
+            if done >= train_epochs:  # once loaded: fit may still refuse the checkpoint (run.json gone, more epochs)
+                say(status, flush=True)
             models[method.label] = model
             seen_clean = False
             cache = EvalCache(run_dir / EVAL_CACHE_FILE, enabled=not reevaluate, writes=main)
