@@ -1253,12 +1253,17 @@ def describe_classes(info):
     return ", ".join(names) + rule
 
 
+def run_files(out):
+    """The files of a training run that the folder ``out`` holds: run.json and checkpoint.pt, those present."""
+    return [name for name in (RUN_FILE, CHECKPOINT) if (Path(out) / name).is_file()]
+
+
 def refuse_results_folder(out):
     """train's ``out`` holding another command's results (an eval's, demo's or reproduce's results.json) and no run
     of its own (run.json, checkpoint.pt): a mistyped --out (RUN_DIR/eval for RUN_DIR), which train filled with a new
     run beside the results of another run's weights, refused before any work."""
     out = Path(out)
-    if not (out / "results.json").is_file() or any((out / name).is_file() for name in (RUN_FILE, CHECKPOINT)):
+    if not (out / "results.json").is_file() or run_files(out):
         return
     whose = results_owner(out)
     raise CLIError(f"--out: {out} holds another command's results (results.json of an eval, demo or reproduce "
@@ -1283,7 +1288,7 @@ def refuse_train_folder(out, command):
     command (``command``: "demo", or "reproduce NAME"; an eval's, a demo's, another protocol's), which they
     replaced."""
     word = command.split()[0]
-    found = [name for name in (RUN_FILE, CHECKPOINT) if (Path(out) / name).is_file()]
+    found = run_files(out)
     if found:
         raise CLIError(f"--out: {out} holds a training run ({' and '.join(found)}: a train --out), not {word}'s "
                        f"results; choose another --out for {word}")
@@ -1321,7 +1326,7 @@ def refuse_others_output(out, run_dir):
     if command is not None and command != "eval":
         raise CLIError(f"--out: {out} holds {command}'s results (results.json, report.md and figures beside its runs), "
                        "which eval would replace; choose another --out for eval")
-    found = [name for name in (RUN_FILE, CHECKPOINT) if (out / name).is_file()]
+    found = run_files(out)
     if found and out.resolve() != Path(run_dir).resolve():
         raise CLIError(f"--out: {out} holds another training run ({' and '.join(found)}), not the one evaluated "
                        f"({run_dir}); choose another --out for eval")
