@@ -823,10 +823,15 @@ def _settings(state, skip=()):
     return settings
 
 
+def _changed_keys(saved, now):
+    """The keys, sorted, at which two recorded settings dicts differ ("unset" where one lacks a key)."""
+    return sorted(k for k in set(saved) | set(now) if saved.get(k, "unset") != now.get(k, "unset"))
+
+
 def _settings_change(saved, now):
     """Two recorded settings dicts ("unset" where one lacks a key) shown at the keys whose values differ, as
     ``("k=saved, ...", "k=now, ...")``; None when none differ."""
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k, "unset") != now.get(k, "unset"))
+    changed = _changed_keys(saved, now)
     if not changed:
         return None
     return tuple(", ".join(f"{k}={settings.get(k, 'unset')!r}" for k in changed) for settings in (saved, now))
@@ -2051,8 +2056,7 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
     saved_options = state["config"].get("defense_options", defense_options)
     change = _settings_change(saved_options, defense_options)
     if change:
-        changed = [k for k in sorted(set(saved_options) | set(defense_options))
-                   if saved_options.get(k, "unset") != defense_options.get(k, "unset")]
+        changed = _changed_keys(saved_options, defense_options)
         raise ResumeMismatchError(name, resume_path, "defense_options",
                                   *({k: options[k] for k in changed if k in options}
                                     for options in (saved_options, defense_options)),
