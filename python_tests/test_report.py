@@ -532,6 +532,19 @@ def test_markdown_report_names_the_cells_without_a_row():
     assert "Not evaluated" not in report.markdown_report(_doc([r for r in rows if r["method"] == "A"]))
 
 
+def test_pivot_lines_keep_each_attacks_radii_together_and_ascending():
+    # two evaluate calls' rows concatenated (write_results takes them): B's fgsm at 2/255 came last, after A's
+    # worst-case lines, apart from fgsm's other radii; the "Not evaluated" note listed A's radii in that order too
+    rows = [dict(_CLEAN_ROW, method="A")]
+    rows += [dict(_CLEAN_ROW, method="A", attack=a, norm="linf", eps=k / 255) for a in ("fgsm", "pgd", "worst-case")
+             for k in (1, 4)]
+    rows += [dict(_CLEAN_ROW, method="B"), dict(_CLEAN_ROW, method="B", attack="fgsm", norm="linf", eps=2 / 255)]
+    lines = [line.split(" | ")[:2] for line in report.pivot_table(rows, "accuracy").splitlines()[2:]]
+    assert lines == [["| no attack", "0"], ["| fgsm", "1/255"], ["| fgsm", "2/255"], ["| fgsm", "4/255"],
+                     ["| pgd", "1/255"], ["| pgd", "4/255"], ["| worst-case", "1/255"], ["| worst-case", "4/255"]]
+    assert "A: fgsm at 2/255; B: fgsm at 1/255, 4/255, pgd at" in report.missing_rows_note(rows)
+
+
 def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):
     # sensitivity on a test set without positives: an empty figure used to be written (and listed in report.md)
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "sensitivity": math.nan},

@@ -151,13 +151,16 @@ def markdown_table(rows, metrics=None):
 
 
 def _pivot_lines(rows):
-    """The pivot tables' lines, in order of appearance: ((attack, norm, eps), the line's attack label). The norm is
-    part of the key (an L-inf and an L2 row at one eps are two lines) and of the label of an attack run under two."""
-    keys = []
+    """The pivot tables' lines: ((attack, norm, eps), the line's attack label), each (attack, norm) in order of
+    appearance with its radii ascending (two evaluate calls' rows concatenated put the second's other radius after
+    the first's worst-case lines, apart from its attack's). The norm is part of the key (an L-inf and an L2 row at
+    one eps are two lines) and of the label of an attack run under two."""
+    groups = {}  # (attack, norm) -> its radii
     for r in rows:
-        k = (r["attack"], r.get("norm"), r["eps"])
-        if k not in keys:
-            keys.append(k)
+        radii = groups.setdefault((r["attack"], r.get("norm")), [])
+        if r["eps"] not in radii:
+            radii.append(r["eps"])
+    keys = [(attack, norm, eps) for (attack, norm), radii in groups.items() for eps in sorted(radii)]
     norms_of = {}
     for attack, norm, _ in keys:
         norms_of.setdefault(attack, set()).add(norm)
