@@ -44,7 +44,8 @@ def test_radii_that_read_the_same_to_4_digits_get_the_digits_that_tell_them_apar
     assert "B: pgd at 0.0039219, 2/255;" in note
     figures = _record_figures(monkeypatch)
     assert report.plot_metric_vs_radius(rows, tmp_path / "a.png")
-    ticks = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
+    # every tick's label, the ones hidden as overlapping the one before too (these two lie 3e-7 apart)
+    ticks = [t.label1.get_text() for t in figures[0].axes[0].xaxis.get_major_ticks()]
     assert ticks == ["0", "0.0039216", "0.0039219", "2/255"]
 
 
@@ -543,6 +544,28 @@ def test_pivot_lines_keep_each_attacks_radii_together_and_ascending():
     assert lines == [["| no attack", "0"], ["| fgsm", "1/255"], ["| fgsm", "2/255"], ["| fgsm", "4/255"],
                      ["| pgd", "1/255"], ["| pgd", "4/255"], ["| worst-case", "1/255"], ["| worst-case", "4/255"]]
     assert "A: fgsm at 2/255; B: fgsm at 1/255, 4/255, pgd at" in report.missing_rows_note(rows)
+
+
+def test_radius_figure_hides_tick_labels_that_would_overlap(tmp_path, monkeypatch):
+    # radii that double (0.5/255 ... 32/255): "0", "0.001961", "1/255" and "2/255" were drawn on top of each other,
+    # unreadable; the ones overlapping a label kept to their left are hidden (their ticks stay), evenly spaced radii
+    # keep every label
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figures = _record_figures(monkeypatch)
+    for radii in ((0.5, 1, 2, 4, 8, 16, 32), (1, 2, 3, 4, 5, 6, 7, 8)):
+        rows = [dict(_CLEAN_ROW, method="A")]
+        rows += [dict(_CLEAN_ROW, method="A", attack="pgd", norm="linf", eps=k / 255) for k in radii]
+        assert report.plot_metric_vs_radius(rows, tmp_path / "a.png")
+    shown = []
+    for fig in figures:
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        labels = [t.label1 for t in fig.axes[0].xaxis.get_major_ticks() if t.label1.get_visible()]
+        shown.append([t.get_text() for t in labels])
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))
+    assert shown[0][0] == "0" and shown[0][-4:] == ["4/255", "8/255", "16/255", "32/255"] and len(shown[0]) < 8
+    assert shown[1] == ["0"] + [f"{k}/255" for k in range(1, 9)]
 
 
 def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):

@@ -383,7 +383,28 @@ def _figure(rows, cols, figsize, **kwargs):
 def _save(fig, path):
     _wrap_titles(fig)
     fig.tight_layout()
+    _hide_overlapping_tick_labels(fig)
     fig.savefig(path, dpi=110)
+
+
+def _hide_overlapping_tick_labels(fig):
+    """Hide, in the ticks' order, each x tick label that overlaps the last one kept: radii that double (0, 1/255, 2/255,
+    4/255 ... 32/255) drew the small ones' labels on top of each other, unreadable. Their ticks stay, and the
+    tables give every radius; evenly spaced radii keep every label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in fig.axes:
+        if not ax.axison:  # the saliency panels
+            continue
+        kept = None
+        labels = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+        for label in sorted(labels, key=lambda t: t.get_position()[0]):  # in the ticks' order, 0 first
+            box = label.get_window_extent(renderer)
+            if kept is not None and box.x0 < kept.x1:
+                label.set_visible(False)
+            else:
+                kept = box
 
 
 def _wrap_titles(fig):
