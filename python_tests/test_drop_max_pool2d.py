@@ -566,6 +566,45 @@ def test_input_gradient_takes_the_inputs_layout_as_atens_whatever_grad_outputs(d
     assert ours.stride() == atens.stride()
 
 
+@pytest.mark.parametrize("strides", [(20, 1, 4, 1), (20, 20, 4, 1), (11, 1, 4, 1), (20, 7, 4, 1)])
+def test_a_one_channel_input_pooled_to_one_pixel_gets_its_gradient_in_its_own_layout(strides):
+    """N x 1 x 1 x 1 indices are NCHW and channels_last with the same strides, so the backward op cannot read the
+    input's layout from them: a channels_last one-channel input pooled to 1 x 1 got an NCHW gradient, strides
+    (20, 20, 4, 1) where F.max_pool2d's is (20, 1, 4, 1). Eager, torch.func, compiled and max_pool2d alike."""
+    values = torch.randn(2, 1, 5, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.empty_strided(values.shape, strides).copy_(values).requires_grad_()
+    grad = torch.randn(2, 1, 1, 1)
+    atens = torch.autograd.grad(F.max_pool2d(x, 4), x, grad)[0].stride()
+    assert atens == torch.empty(x.shape, memory_format=reference._pool_memory_format(x)).stride()
+
+    def pool(t):
+        return robust_ops.drop_max_pool2d(t, 4, backend="native")
+
+    grads = {
+        "op": torch.autograd.grad(op(x, [4, 4], [4, 4], [0, 0], [1, 1], False)[0], x, grad)[0],
+        "functional": torch.autograd.grad(pool(x), x, grad)[0],
+        "torch.func": torch.func.grad(lambda t: (pool(t) * grad).sum())(x.detach()),
+        "compiled": torch.autograd.grad(torch.compile(pool, fullgraph=True, backend="aot_eager")(x), x, grad)[0],
+        "max_pool2d": torch.autograd.grad(robust_ops.max_pool2d(x, 4), x, grad)[0],
+    }
+    assert {name: g.stride() for name, g in grads.items()} == dict.fromkeys(grads, atens)
+
+
+def test_the_one_pixel_layout_case_adds_no_guard_to_dynamic_shape_graphs():
+    """The check for that case compares each size with 1 alone: C == H_out == W_out == 1 compared C with H_out, a
+    guard on two symbolic sizes, so a dynamic-shape graph recompiled (3 frames for these sizes, 2 before the case was
+    handled)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda x: robust_ops.drop_max_pool2d(x, 2, backend="native").sum(), backend=counter,
+                      dynamic=True)
+    for shape in ((2, 3, 8, 8), (2, 3, 6, 10), (2, 3, 12, 6), (2, 3, 4, 4), (4, 5, 8, 6)):
+        f(torch.randn(shape, requires_grad=True)).backward()
+    assert counter.frame_count <= 2
+
+
 @pytest.mark.parametrize("grad_fmt", ["contiguous", "channels_last", "expanded"])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_the_fake_backward_tells_one_by_one_indices_apart_by_their_strides_as_the_native_one(fmt, grad_fmt):

@@ -132,6 +132,16 @@ def test_inputs_both_nchw_and_channels_last_pool_into_atens_strides(shape):
         check(x, args)
 
 
+def test_a_one_channel_input_pooled_to_one_pixel_gets_its_gradient_in_its_own_layout():
+    """As the native op's: N x 1 x 1 x 1 indices have the same strides in both layouts, and a channels_last
+    one-channel input pooled to 1 x 1 got an NCHW gradient, (20, 20, 4, 1) where F.max_pool2d's is (20, 1, 4, 1)."""
+    x = torch.randn(2, 5, 4, 1).permute(0, 3, 1, 2).to(DEVICE).requires_grad_()
+    grad = torch.randn(2, 1, 1, 1, device=DEVICE)
+    atens = torch.autograd.grad(torch.nn.functional.max_pool2d(x, 4), x, grad)[0]
+    ours = torch.autograd.grad(triton_op()(x, [4, 4], [4, 4], [0, 0], [1, 1], False)[0], x, grad)[0]
+    assert ours.stride() == atens.stride() == (20, 1, 4, 1)
+
+
 def test_arguments_that_are_not_strided_are_refused_by_name():
     """Sparse and mkldnn tensors met torch's "Cannot access storage of SparseTensorImpl" (OpaqueTensorImpl), or for
     sparse indices "Could not run 'aten::ge.Scalar' with arguments from the 'SparseCPU' backend", naming neither op

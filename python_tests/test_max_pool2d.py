@@ -392,8 +392,4 @@ def test_output_and_gradient_strides_as_atens_for_size_one_dimensions_of_any_str
         assert torch.equal(out, ref) and torch.equal(idx, ref_idx), where
         grad = torch.randn(ref.shape, dtype=x.dtype)
         (ours,), (theirs,) = torch.autograd.grad(out, x, grad), torch.autograd.grad(ref, x, grad)
-        assert torch.equal(ours, theirs), where
-        if not (x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
-            # an input contiguous in both layouts can still get another size-1 stride in its gradient (the backward
-            # takes the indices' layout, ATen the input's): same values, a separate difference
-            assert ours.stride() == theirs.stride(), where
+        assert torch.equal(ours, theirs) and ours.stride() == theirs.stride(), where

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.graph import increment_version
 
-from ._meta import check_drop_max_pool2d_backward_args
+from ._meta import check_drop_max_pool2d_backward_args, pool_memory_format
 
 
 def _gather_at(grad_input, indices):
@@ -29,6 +29,23 @@ def _gather_at(grad_input, indices):
     picked = grad_input.reshape(n, c, h * w).gather(2, idx.clamp_min(0))
     # Index -1 (a window without input elements) took no gradient in the backward, so it gives none back here.
     return picked.masked_fill(idx < 0, 0).reshape(indices.shape)
+
+
+def _one_plane_channels_last(input, indices):
+    """Whether the pooling backward's grad_input must be made channels_last here: the backward op takes the layout
+    from the indices, and N x 1 x 1 x 1 indices have the same strides in both layouts, so a one-channel
+    channels_last input pooled to 1 x 1 (ATen: suggest_memory_format, strides (H*W, 1, W, 1)) got NCHW's
+    (H*W, H*W, W, 1). Only there is the input's layout read (under vmap it cannot be, and none is observable).
+    Each size against 1 on its own, channels first: under torch.compile a comparison of two symbolic sizes (C with
+    H_out) added a guard, and a recompile, to every dynamic-shape graph."""
+    return (indices.dim() == 4 and indices.shape[1] == 1 and indices.shape[2] == 1 and indices.shape[3] == 1
+            and not torch._C._functorch.is_batchedtensor(input) and pool_memory_format(input) == torch.channels_last)
+
+
+def _as_channels_last(grad_input):
+    """A one-channel grad_input (contiguous in both layouts) viewed with channels_last strides: the same elements."""
+    n, _, h, w = grad_input.shape
+    return grad_input.view(n, h, w, 1).permute(0, 3, 1, 2)
 
 
 def _fold(t, bdim, batch_size):
@@ -128,11 +145,13 @@ def _functorch_function(forward_name, backward_name):
             ctx.save_for_backward(indices)
             ctx.save_for_forward(indices)
             ctx.input_size = _Opaque(list(inputs[0].shape))
+            ctx.channels_last = _one_plane_channels_last(inputs[0], indices)
 
         @staticmethod
         def backward(ctx, grad_output, _grad_indices):
             (indices,) = ctx.saved_tensors
-            return PoolBackward.apply(grad_output, indices, ctx.input_size), None
+            grad_input = PoolBackward.apply(grad_output, indices, ctx.input_size)
+            return _as_channels_last(grad_input) if ctx.channels_last else grad_input, None
 
         @staticmethod
         def jvp(ctx, input_tangent, _geometry_tangent):
@@ -175,6 +194,7 @@ def register_pooling_forward_autograd(forward_name, backward_name):
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
         ctx.input_size = list(input.shape)
+        ctx.channels_last = _one_plane_channels_last(input, indices)
 
     def backward(ctx, grad_output, _grad_indices):
         (indices,) = ctx.saved_tensors
@@ -182,9 +202,10 @@ def register_pooling_forward_autograd(forward_name, backward_name):
         # check_fwd_over_rev): the backward op's register_autograd has no forward formula, and grad_input came
         # without a tangent, silently (zero), or gradgradcheck failed with "You must implement the jvp function".
         if fwAD.unpack_dual(grad_output).tangent is not None:
-            return BACKWARD_FUNCTIONS[backward_name](grad_output, indices, ctx.input_size), None, None, None, None, None
-        grad_input = backward_op(grad_output, indices, ctx.input_size)
-        return grad_input, None, None, None, None, None
+            grad_input = BACKWARD_FUNCTIONS[backward_name](grad_output, indices, ctx.input_size)
+        else:
+            grad_input = backward_op(grad_output, indices, ctx.input_size)
+        return _as_channels_last(grad_input) if ctx.channels_last else grad_input, None, None, None, None, None
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
     register_pooling_vmap(forward_name)
