@@ -14,6 +14,21 @@ namespace robust_ops {
 // as the fake kernels in robust_ops/_meta.py.
 inline std::string py_dtype(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
 
+// torch.sparse_coo, torch._mkldnn, ...: str() of the Python layout.
+inline std::string py_layout(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    case at::kJagged: return "torch.jagged";
+    default: return c10::str(layout);
+  }
+}
+
 inline std::string py_tuple(c10::IntArrayRef sizes) {
   std::ostringstream s;
   s << "(";

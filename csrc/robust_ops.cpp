@@ -88,4 +88,36 @@ TORCH_LIBRARY(robust_ops, m) {
   m.def("_cpu_pool_stats() -> int[]", &cpu_pool_stats);
 }
 
+// The tensor ops called directly (torch.ops.robust_ops.*) with a tensor that is not strided (sparse, mkldnn) got the
+// dispatcher's ~50-line "Could not run 'robust_ops::drop_max_pool2d' with arguments from the 'SparseCPU' backend":
+// these keys get one kernel that names the op and the argument, in the words of functional._check_strided and the
+// Triton ops' check_strided. The strided keys' dispatch is untouched.
+void refuse_not_strided(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const std::string name = op.schema().name().substr(op.schema().name().find("::") + 2);
+  const auto& arguments = op.schema().arguments();
+  const auto values = torch::jit::last(*stack, arguments.size());
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (values[i].isTensor() && values[i].toTensor().layout() != at::kStrided) {
+      TORCH_CHECK(false, name, ": expected ", arguments[i].name(), " to be a strided (dense) tensor, got ",
+                  py_layout(values[i].toTensor().layout()), "; there is no ", name,
+                  " kernel for it: convert with .to_dense()");
+    }
+  }
+  TORCH_CHECK(false, name, ": expected strided (dense) tensors; there is no ", name, " kernel for ",
+              c10::toString(op.schema()));
+}
+
+void register_not_strided_refusals(torch::Library& m) {
+  for (const char* op : {"drop_max_pool2d", "_drop_max_pool2d_backward", "max_pool2d", "_eval_batch_norm_backward",
+                         "pgd_step_", "boundary_search_step_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_not_strided>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(robust_ops, SparseCPU, m) { register_not_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(robust_ops, SparseCUDA, m) { register_not_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(robust_ops, SparseCsrCPU, m) { register_not_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(robust_ops, SparseCsrCUDA, m) { register_not_strided_refusals(m); }
+TORCH_LIBRARY_IMPL(robust_ops, MkldnnCPU, m) { register_not_strided_refusals(m); }
+
 }  // namespace robust_ops

@@ -48,6 +48,45 @@ def test_every_mutating_op_has_the_in_place_kernels():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (name, key)
 
 
+def _tensor_ops():
+    return [name for name in _extension.OPS
+            if any("Tensor" in str(a.type) for a in getattr(torch.ops.robust_ops, name).default._schema.arguments)]
+
+
+def test_every_tensor_op_refuses_tensors_that_are_not_strided_in_one_line():
+    """A sparse or mkldnn argument of a C++ op called directly got the dispatcher's ~50-line "Could not run
+    'robust_ops::drop_max_pool2d' with arguments from the 'SparseCPU' backend": each layout's keys have a kernel
+    (csrc/robust_ops.cpp refuse_not_strided) that names the op and the argument, as the functional forms do."""
+    assert set(_tensor_ops()) == {"drop_max_pool2d", "_drop_max_pool2d_backward", "max_pool2d",
+                                  "_eval_batch_norm_backward", "pgd_step_", "boundary_search_step_"}
+    for name in _tensor_ops():
+        for key in ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA", "MkldnnCPU"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"robust_ops::{name}", key), (name, key)
+    x, alpha, pool = torch.rand(2, 3, 4, 4), torch.full((2,), 0.1), ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    ops = torch.ops.robust_ops
+    calls = [
+        ("drop_max_pool2d", "input", lambda t: ops.drop_max_pool2d(t, *pool)),
+        ("max_pool2d", "input", lambda t: ops.max_pool2d(t.requires_grad_(), *pool)),
+        ("_drop_max_pool2d_backward", "indices",
+         lambda t: ops._drop_max_pool2d_backward(x[:, :, :2, :2], t.long(), [2, 3, 4, 4])),
+        ("_eval_batch_norm_backward", "grad_output", lambda t: ops._eval_batch_norm_backward(t, torch.ones(3), None)),
+        ("pgd_step_", "grad", lambda t: ops.pgd_step_(x.clone(), x, t, alpha, alpha, 0.0, 1.0, "linf", None, 0)),
+        ("pgd_step_", "history",
+         lambda t: ops.pgd_step_(x.clone(), x, x, alpha, alpha, 0.0, 1.0, "linf", t.unsqueeze(0), 0)),
+        ("boundary_search_step_", "points",
+         lambda t: ops.boundary_search_step_(x.clone(), x.clone(), t.unsqueeze(0), torch.zeros(2).long(), None)),
+    ]
+    for op, argument, call in calls:
+        for convert in (torch.Tensor.to_sparse, torch.Tensor.to_mkldnn):
+            t = convert(x[:, :, :2, :2] if argument == "indices" else x)
+            if t.layout == torch._mkldnn and argument in ("indices", "history", "points"):
+                continue  # mkldnn tensors are float32 and have no unsqueeze; sparse covers these
+            message = (f"{op}: expected {argument} to be a strided (dense) tensor, got {t.layout}; there is no {op} "
+                       "kernel for it: convert with .to_dense()")
+            with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+                call(t)
+
+
 def test_cuda_version_matches_torch_or_cpu_only():
     built = _extension.cuda_version()
     if built == -1:
