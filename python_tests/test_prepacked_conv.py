@@ -96,6 +96,45 @@ def test_outputs_and_input_gradients_come_in_atens_memory_format(stride, in_chan
         torch.testing.assert_close(g, ref_grad, **CLOSE)
 
 
+def test_a_batch_of_one_hwc_image_keeps_atens_layout_and_a_view_after_the_convolution_runs():
+    """A batch of one HWC image (permute(2, 0, 1).unsqueeze(0): channels_last-contiguous, yet NCHW to ATen, whose rule
+    also reads the batch dimension's stride) came out of a packed convolution channels_last, where ATen's is NCHW: a
+    model's .view(n, -1) after it failed inside attacks ("view size is not compatible with input tensor's size and
+    stride"). The layout is ATen's over random strides of size-1 dimensions too (1-channel inputs, 1 x 1 images and
+    kernels, a batch of one, either layout of input and weight)."""
+    torch.manual_seed(0)
+    conv = frozen(nn.Conv2d(3, 4, 3, padding=1))
+    x = torch.rand(5, 6, 3).permute(2, 0, 1).unsqueeze(0)
+    with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+        out = conv(x)
+        out.view(1, -1)  # an NCHW model's flattening
+    assert out.stride() == conv(x).stride() == (120, 30, 6, 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(choices):
+        return choices[int(torch.randint(len(choices), (), generator=gen))]
+
+    def restrided(shape, memory_format):
+        t = torch.randn(shape, generator=gen).contiguous(memory_format=memory_format)
+        strides = [pick((s, 1, 2, 7, 40)) if n == 1 else s for n, s in zip(shape, t.stride())]
+        return t.as_strided(shape, strides)
+
+    formats = (torch.contiguous_format, torch.channels_last)
+    for _ in range(40):
+        cin, cout, k = pick((1, 2, 3)), pick((1, 2, 3)), pick((1, 1, 2))
+        shape = (pick((1, 1, 2)), cin, pick((1, 2, 3)) + k - 1, pick((1, 2, 3)) + k - 1)
+        conv = frozen(nn.Conv2d(cin, cout, k, bias=False))
+        conv.weight = nn.Parameter(restrided(conv.weight.shape, pick(formats)), requires_grad=False)
+        x = restrided(shape, pick(formats))
+        grad = torch.randn(conv(x).shape, generator=gen)
+        ref_out, ref_grad = output_and_input_grad(conv, x, grad)
+        with pc.prepacked_conv(conv, True), pc.weight_pack_scope():
+            out, g = output_and_input_grad(conv, x, grad)
+        case = (x.shape, x.stride(), conv.weight.stride())
+        assert out.stride() == ref_out.stride(), case
+        assert g.stride() == ref_grad.stride(), case
+
+
 def test_an_in_place_op_after_a_packed_convolution_runs():
     # the strides are fixed by a copy, not an as_strided view: a custom Function's view output refuses in-place ops
     torch.manual_seed(0)

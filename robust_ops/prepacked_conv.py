@@ -34,9 +34,9 @@ import threading
 
 import torch
 from torch import nn
-from torch._prims_common import suggest_memory_format
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import reference
 from ._compile import capturing
 from ._options import check_flags, env_switch
 from .functional import _functorch_autodiff
@@ -138,18 +138,14 @@ class _Packs:
 
 def _aten_memory_format(input, weight):
     """The layout of ATen's (oneDNN) convolution output and input gradient: channels_last when the input's or the
-    weight's strides suggest it (``Tensor.suggest_memory_format``, which also reads the strides of a 1-channel
-    input). oneDNN's inference primitive writes channels_last whatever the input, and an NCHW model's ``.view(n, -1)``
-    after a convolution then failed inside attacks."""
-    channels_last = _suggests_channels_last(input) or _suggests_channels_last(weight)
+    weight's strides suggest it (``Tensor.suggest_memory_format``'s rule, which also reads the strides of size-1
+    dimensions: ``reference._suggested_memory_format``). oneDNN's inference primitive writes channels_last whatever
+    the input, and an NCHW model's ``.view(n, -1)`` after a convolution then failed inside attacks; so did a batch of
+    one HWC image (``permute(2, 0, 1).unsqueeze(0)``: channels_last-contiguous, NCHW to ATen), when a tensor
+    contiguous in one layout only was taken to be in that one."""
+    channels_last = torch.channels_last in (reference._suggested_memory_format(input),
+                                            reference._suggested_memory_format(weight))
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _suggests_channels_last(t):
-    channels_last, contiguous = t.is_contiguous(memory_format=torch.channels_last), t.is_contiguous()
-    if channels_last != contiguous:
-        return channels_last
-    return suggest_memory_format(t) == torch.channels_last  # both or neither (e.g. 1 channel): 25 us, strides decide
 
 
 def _in_layout(t, memory_format):
