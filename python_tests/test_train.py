@@ -23,7 +23,7 @@ import robust_ops
 from robust_ops import defenses
 from robust_ops.data import IndexedDataset
 from robust_ops.defenses import Defense, DefenseOutput
-from robust_ops.attacks.context import classification_loss
+from robust_ops.attacks.context import InputDtypeError, classification_loss
 from robust_ops.ima import IMA
 from robust_ops.train import (CollectiveTimeoutError, GlobalBatchSampler, LostBestEpochError, NonFiniteLossError,
                            OneSampleBatchError, ResumeMismatchError, fit, load_checkpoint, load_weights,
@@ -1320,23 +1320,40 @@ def test_train_data_fingerprint_reads_a_fixed_number_of_rows():
     assert train_data_fingerprint(TensorDataset(changed, big.tensors[1])) != train_data_fingerprint(big)
 
 
+@contextlib.contextmanager
+def every_warning_an_error():
+    """Warnings raised as errors, torch's warn-once ones (its casting warning) included whatever ran before."""
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    finally:
+        torch.set_warn_always(warn_always)
+
+
 def test_complex_labels_are_refused_without_a_casting_warning():
     """fit given complex labels warned 'Casting complex values to real discards the imaginary part' before its
     TypeError: the training-set fingerprint, taken first, cast them with long(). It keeps them complex now, and tells
     them from their real parts."""
     data = TensorDataset(torch.rand(4, 1, 4, 4), torch.tensor([0j, 1j, 0j, 1j]))
-    warn_always = torch.is_warn_always_enabled()
-    torch.set_warn_always(True)  # the cast's warning is torch's warn-once: shown here whatever ran before
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with pytest.raises(TypeError, match=r"^fit: expected integer class labels, got y of dtype "
-                                                r"torch\.complex64$"):
-                fit(DropoutMLP(), defenses.Standard(), data, epochs=1, progress=False)
-            zeros = TensorDataset(data.tensors[0], torch.zeros(4, dtype=torch.complex64))  # the same real parts
-            assert train_data_fingerprint(data) != train_data_fingerprint(zeros)
-    finally:
-        torch.set_warn_always(warn_always)
+    with every_warning_an_error():
+        with pytest.raises(TypeError, match=r"^fit: expected integer class labels, got y of dtype torch\.complex64$"):
+            fit(DropoutMLP(), defenses.Standard(), data, epochs=1, progress=False)
+        zeros = TensorDataset(data.tensors[0], torch.zeros(4, dtype=torch.complex64))  # the same real parts
+        assert train_data_fingerprint(data) != train_data_fingerprint(zeros)
+
+
+def test_complex_images_are_refused_without_a_casting_warning():
+    """fit given complex images warned 'Casting complex values to real discards the imaginary part' before its
+    InputDtypeError: the refusal's check that the inputs fail for their dtype alone ran the model on x.to(float32).
+    It runs it on their real part (what that cast takes) now."""
+    data = TensorDataset(torch.rand(4, 1, 4, 4).to(torch.complex64), torch.tensor([0, 1, 0, 1]))
+    refusal = (r"^fit: the inputs of train_data are torch\.complex64, but the model's parameters are torch\.float32; "
+               r"make them floating-point images in the value range")
+    with every_warning_an_error(), pytest.raises(InputDtypeError, match=refusal):
+        fit(DropoutMLP(), defenses.Standard(), data, epochs=1, progress=False)
 
 
 def test_resume_refuses_a_validation_set_of_another_size_and_passes_checkpoints_without_one(tmp_path):

@@ -446,7 +446,9 @@ def forward_naming_input_mismatch(name, split, model, x):
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
         if len(dtypes) == 1 and x.dtype not in dtypes:
             (dtype,) = dtypes
-            if not fails_also(x.to(dtype)):
+            # a complex x's real part, as x.to(dtype) takes it, without torch's warning that the cast discards the
+            # imaginary part: it came before this refusal, which names the dtype
+            if not fails_also((x.real if x.is_complex() else x).to(dtype)):
                 fix = ("make them floating-point images in the value range (x.float() / 255 for 8-bit ones)"
                        if not x.is_floating_point() else
                        f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
