@@ -102,6 +102,20 @@ def check_tensors_given(op, *named):
         torch._check(t is not None, lambda name=name: f"{op}: expected {name} to be a tensor, got None")
 
 
+def check_strided(op, *named, kernel=None):
+    """Refuses by name a tensor argument that is not strided (sparse, mkldnn), as robust_ops.drop_max_pool2d does its
+    input: the kernels read raw strided memory, and such a tensor got the dispatcher's many-line "Could not run
+    'robust_ops::pgd_step_' with arguments from the 'SparseCPU' backend" (native), torch's "Cannot access storage of
+    SparseTensorImpl" or "unsupported memory format option Contiguous" (Triton) or passed pgd_step's overlap check as
+    "x_adv without internal overlap", naming neither op nor argument. ``named``: (name, tensor or None) pairs;
+    ``kernel``: the kernel the message says there is none of (default ``op``: "no pgd_step_ kernel", the Triton
+    launchers' "no Triton kernel")."""
+    for name, t in named:
+        if t is not None and t.layout != torch.strided:
+            raise RuntimeError(f"{op}: expected {name} to be a strided (dense) tensor, got {t.layout}; there is no "
+                               f"{kernel or op} kernel for it: convert with .to_dense()")
+
+
 def check_pool_geometry(op, kernel_size, stride, padding, dilation, given=None):
     """The checks that need no input (pairs of ints, as _pool_args makes them): also DropMax2d's at construction.
     ``given``: the arguments as the caller wrote them (``stride=0``, not the pair ``(0, 0)``), shown in the messages

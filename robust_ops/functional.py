@@ -10,7 +10,7 @@ from torch._prims_common import suggest_memory_format
 
 from . import _autograd, _backend, reference
 from ._compile import capturing
-from ._meta import _check_floating, check_pool_geometry
+from ._meta import _check_floating, check_pool_geometry, check_strided
 
 __all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_"]
 
@@ -67,16 +67,6 @@ def _check_tensor(op, name, value, optional=False):
     if not (isinstance(value, torch.Tensor) or (optional and value is None)):
         kind = "a tensor or None" if optional else "a tensor"
         raise TypeError(f"{op}: expected {name} to be {kind}, got {type(value).__name__}")
-
-
-def _check_strided(op, name, value):
-    """A tensor argument that is not strided (sparse, mkldnn), refused by name as drop_max_pool2d refuses its input:
-    the native ops gave the dispatcher's many-line "Could not run 'robust_ops::pgd_step_' with arguments from the
-    'SparseCPU' backend", the reference torch's errors or, for a sparse x_adv, "expected x_adv without internal
-    overlap"."""
-    if value is not None and value.layout != torch.strided:
-        raise RuntimeError(f"{op}: expected {name} to be a strided (dense) tensor, got {value.layout}; there is no "
-                           f"{op} kernel for it: convert with .to_dense()")
 
 
 def _functorch_autodiff(x):
@@ -236,7 +226,7 @@ def _per_sample_tensor(name, value, like):
         # The op's own dtype check: the conversion below turned a bool mask into steps of 1.0 and dropped the
         # imaginary part of a complex tensor, silently.
         _check_floating("pgd_step_", name, value)
-        _check_strided("pgd_step_", name, value)
+        check_strided("pgd_step_", (name, value))
         if value.dim() == 0:
             return value.to(device=like.device, dtype=dtype).expand(n).contiguous()
         if value.dim() != 1 or value.shape[0] != n:
@@ -297,8 +287,7 @@ def pgd_step_(
     for name, value in (("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad)):
         _check_tensor("pgd_step_", name, value)
     _check_tensor("pgd_step_", "history", history, optional=True)
-    for name, value in (("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("history", history)):
-        _check_strided("pgd_step_", name, value)
+    check_strided("pgd_step_", ("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("history", history))
     if x_adv.dim() == 0:  # the op's own message, raised before x_adv.shape[0] below fails with an IndexError
         raise RuntimeError("pgd_step_: expected x_adv to have a batch dimension, got a 0-D tensor")
     alpha_t = _per_sample_tensor("alpha", alpha, x_adv)
@@ -353,8 +342,8 @@ def boundary_search_step_(lo, hi, points, crossed_at, active=None, *, backend=No
     for name, value in (("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at)):
         _check_tensor("boundary_search_step_", name, value)
     _check_tensor("boundary_search_step_", "active", active, optional=True)
-    for name, value in (("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at), ("active", active)):
-        _check_strided("boundary_search_step_", name, value)
+    check_strided("boundary_search_step_", ("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at),
+                  ("active", active))
     which = _backend.resolve("boundary_search_step_", lo.device, backend)
     return _boundary_search_step_on(which, lo, hi, points, crossed_at, active)
 

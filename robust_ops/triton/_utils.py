@@ -21,17 +21,6 @@ def launch(kernel):
     return kernel if _INTERPRETED.value else torch.library.wrap_triton(kernel)
 
 
-def check_strided(op_name, *named):
-    """Refuses by name a tensor argument that is not strided (sparse, mkldnn), as robust_ops.drop_max_pool2d does its
-    input: the kernels read raw strided memory, and such a tensor met torch's "Cannot access storage of
-    SparseTensorImpl" or "unsupported memory format option Contiguous", or passed pgd_step's overlap check as "x_adv
-    without internal overlap", naming neither op nor argument. ``named``: (name, tensor or None) pairs."""
-    for name, t in named:
-        if t is not None and t.layout != torch.strided:
-            raise RuntimeError(f"{op_name}: expected {name} to be a strided (dense) tensor, got {t.layout}; there is "
-                               "no Triton kernel for it: convert with .to_dense()")
-
-
 def check_launchable(op_name, t):
     """Refuses by name a tensor these kernels cannot run on (CPU without TRITON_INTERPRET=1 at import, meta), the
     reason backend="triton" gives: direct torch.ops.robust_ops.<op>_triton calls reach the launchers unchecked.

@@ -16,8 +16,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .._autograd import register_in_place_without_gradient
-from .._meta import check_boundary_search_step_args
-from ._utils import check_launchable, check_strided, launch, mul_rn, on_device_of, per_sample_grid
+from .._meta import check_boundary_search_step_args, check_strided
+from ._utils import check_launchable, launch, mul_rn, on_device_of, per_sample_grid
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -73,7 +73,7 @@ def _boundary_search_step_kernel(
 def boundary_search_step_triton(lo: Tensor, hi: Tensor, points: Tensor, crossed_at: Tensor,
                                 active: Optional[Tensor]) -> None:
     check_strided("boundary_search_step_triton", ("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at),
-                  ("active", active))
+                  ("active", active), kernel="Triton")
     check_launchable("boundary_search_step_triton", lo)
     check_boundary_search_step_args(lo, hi, points, crossed_at, active)
     k = points.shape[0] + 1

@@ -26,9 +26,9 @@ from torch._prims_common import alert_not_deterministic  # torch's Python twin o
 
 from .._autograd import register_drop_max_autograd
 from .._meta import (
-    check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, pool_memory_format,
+    check_drop_max_pool2d_args, check_drop_max_pool2d_backward_args, check_strided, pool_memory_format,
 )
-from ._utils import check_launchable, check_strided, flat_grid, launch, on_device_of
+from ._utils import check_launchable, flat_grid, launch, on_device_of
 
 FORWARD_SCHEMA = (
     "(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
@@ -120,7 +120,7 @@ def _drop_max_pool2d_bwd_kernel(
 @torch.library.triton_op("robust_ops::drop_max_pool2d_triton", mutates_args=(), schema=FORWARD_SCHEMA)
 def drop_max_pool2d_triton(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
                            dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
-    check_strided("drop_max_pool2d_triton", ("input", input))
+    check_strided("drop_max_pool2d_triton", ("input", input), kernel="Triton")
     check_launchable("drop_max_pool2d_triton", input)
     oh, ow = check_drop_max_pool2d_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     n, c, h, w = input.shape
@@ -143,7 +143,8 @@ def drop_max_pool2d_triton(input: Tensor, kernel_size: List[int], stride: List[i
 
 @torch.library.triton_op("robust_ops::_drop_max_pool2d_backward_triton", mutates_args=(), schema=BACKWARD_SCHEMA)
 def drop_max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input_size: List[int]) -> Tensor:
-    check_strided("_drop_max_pool2d_backward_triton", ("grad_output", grad_output), ("indices", indices))
+    check_strided("_drop_max_pool2d_backward_triton", ("grad_output", grad_output), ("indices", indices),
+                  kernel="Triton")
     check_launchable("_drop_max_pool2d_backward_triton", grad_output)
     check_drop_max_pool2d_backward_args(grad_output, indices, input_size)
     if grad_output.is_cuda:  # float atomics: run-to-run sums differ (the CPU interpreter runs programs in order)

@@ -18,9 +18,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .._autograd import register_in_place_without_gradient
-from .._meta import check_pgd_step_args, check_pgd_step_values
+from .._meta import check_pgd_step_args, check_pgd_step_values, check_strided
 from ..reference import clip_bounds, opmath_dtype
-from ._utils import check_launchable, check_strided, div_rn, launch, may_overlap, mul_rn, on_device_of, per_sample_grid
+from ._utils import check_launchable, div_rn, launch, may_overlap, mul_rn, on_device_of, per_sample_grid
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -124,7 +124,7 @@ def pgd_step_triton(
     norm: str, history: Optional[Tensor], slot: int,
 ) -> None:
     check_strided("pgd_step_triton", ("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("alpha", alpha), ("eps", eps),
-                  ("history", history))
+                  ("history", history), kernel="Triton")
     check_launchable("pgd_step_triton", x_adv)
     check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot)
     op_dtype = opmath_dtype(x_adv.dtype)
