@@ -676,10 +676,6 @@ def pixel_map(scale, range_min, range_max):
     return text
 
 
-EIGHT_BIT_FIX = ("8-bit pixels? divide them by 255 (x.float() / 255, as torchvision's ToTensor does): the attacks' "
-                 "radii and clip range are in the value range's units")
-
-
 def value_range_fix(lo, hi, range_min, range_max, normalize, clamp):
     """The fix check_inputs' and evaluate's refusals of values ``lo`` .. ``hi`` outside [range_min, range_max] name,
     by :func:`pixel_scale`: pixels of a bit depth mapped onto the range (divided by their scale's top for [0, 1];
@@ -698,8 +694,6 @@ def value_range_fix(lo, hi, range_min, range_max, normalize, clamp):
         return (f"a dark set of 0-255 pixels? {f'divide them by 255 ({expr})' if unit else onto}; data scaled "
                 f"otherwise (divided by a std)? {normalize} -- a clamp would wipe them out")
     if kind == "8-bit":
-        if unit and not then:
-            return EIGHT_BIT_FIX
         how = f"divide them by 255 ({expr}, as torchvision's ToTensor does{then})" if unit else onto
         return f"8-bit pixels? {how}: {units}"
     if unit:
