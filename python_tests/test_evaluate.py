@@ -1673,10 +1673,13 @@ def test_evaluate_refuses_an_info_that_is_no_dataset_info(bad):
 
 @pytest.mark.parametrize("dtype, fix", [
     (torch.uint8, r"make them floating-point images in the value range \(x.float\(\) / 255 for 8-bit ones\)"),
-    (torch.float64, r"convert the data \(x.to\(torch.float32\)\) or the model \(model.to\(torch.float64\)\)")])
+    (torch.float64, r"convert the data \(x.to\(torch.float32\)\) or the model \(model.to\(torch.float64\)\)"),
+    (torch.complex64, r"make them floating-point images in the value range \(x.float\(\) / 255 for 8-bit ones\)")])
 def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(dtype, fix):
     """uint8 or float64 inputs (in the value range) failed in the clean pass with torch's "Input type (unsigned char)
-    and bias type (float) should be the same", from inside the model's first layer, naming neither data nor the fix."""
+    and bias type (float) should be the same", from inside the model's first layer, naming neither data nor the fix.
+    Complex ones failed before it, in the value-range check: torch's "aminmax_cpu" not implemented for
+    'ComplexFloat'."""
     x, y = tiny_data().tensors
     data = TensorDataset((x > 0.5).to(dtype), y)
     with pytest.raises(EvalError, match=rf"^evaluate: the inputs of dataset are {dtype}, but the model's parameters "

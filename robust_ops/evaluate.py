@@ -478,8 +478,9 @@ def _check_label_range(y, info):
 
 def _check_value_range(x, lo, hi):
     """Inputs ``x`` inside the value range [lo, hi], read in one host read: min and max were a read each, and each
-    again for the error's values."""
-    if x.numel():
+    again for the error's values. Complex inputs have no order (torch's "aminmax_cpu not implemented for
+    'ComplexFloat'"): the clean pass's forward names their dtype, as fit's does."""
+    if x.numel() and not x.is_complex():
         x_min, x_max = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
         if x_min < lo or x_max > hi:
             raise EvalError("data", _value_range_problem(x_min, x_max, lo, hi))
