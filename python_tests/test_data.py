@@ -1261,6 +1261,22 @@ def test_busi_images_it_would_not_read_are_errors(tmp_path):
         load_dataset(root, size=8)
 
 
+def test_busi_folders_of_a_split_made_beforehand_are_named_as_such(tmp_path):
+    """Train/<class>/ and Test/<class>/ (Kaggle's ISIC sets) were read as classes "test" and "train" whose class
+    folders were 'a subfolder holding images ... move them up', which would make one class of each split."""
+    root = tmp_path / "isic"
+    _class_folders(root / "Train", ("melanoma", "nevus"))
+    _class_folders(root / "Test", ("melanoma", "nevus"))
+    with pytest.raises(DataError, match=r"isic: its folders Test, Train look like a train/val/test split, each holding "
+                                        r"class folders \(melanoma, nevus in Test\); .* one folder per class "
+                                        r"\(.*isic/<class>/\)"):
+        load_dataset(root, size=8)
+    # a class folder that happens to be named so, holding its images directly, is a class as before
+    _class_folders(tmp_path / "plain", ("test", "train"))
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        assert load_dataset(tmp_path / "plain", size=8).info.class_names == ("test", "train")
+
+
 def test_busi_colour_images_keep_their_colour(tmp_path):
     """Colour images are read as RGB; grayscale saved as RGB (BUSI's PNGs) stays one channel."""
     from PIL import Image

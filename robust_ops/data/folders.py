@@ -29,6 +29,9 @@ OTHER_IMAGE_SUFFIXES = (".gif", ".webp", ".jp2", ".j2k", ".heic", ".pgm", ".ppm"
                         ".dib", ".tga", ".ico", ".psd", ".svg", ".qoi", ".pbm", ".pfm", ".exr", ".hdr", ".img",
                         ".ima", ".mhd", ".nhdr", ".mnc", ".nii.gz", ".svs", ".ndpi", ".czi")
 BUSI_ORDER = ("benign", "malignant", "normal")
+# Folder names of a split made beforehand (Kaggle's ISIC sets: Train/<class>/, Test/<class>/): read as classes, their
+# class folders were "a subfolder holding images", whose advice (move them up) made one class of each split.
+SPLIT_FOLDERS = ("train", "training", "val", "valid", "validation", "dev", "test", "testing")
 # Classes treated as "positive" (their recall is the sensitivity) when present.
 POSITIVE_NAMES = ("malignant", "mel", "melanoma", "cancer", "positive")
 # Binary sets without one of those: the class that is not one of these is positive (e.g. "abnormal" vs "normal",
@@ -435,6 +438,18 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
                                   for q in p.rglob("*")):
                 raise DataError(f"{p}: a subfolder holding images; only the images directly in {d} are read -- move "
                                 "them up or out of the class folder")
+
+    def class_folders(d):  # its subfolders holding images directly
+        return [p.name for p in sorted(d.iterdir()) if p.is_dir() and not is_hidden(p)
+                and any(q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(q) for q in p.iterdir())]
+
+    split = [subdirs[c] for c in classes if c in SPLIT_FOLDERS and class_folders(subdirs[c])]
+    if split:
+        names = ", ".join(d.name for d in split)
+        raise DataError(f"{folder}: its folders {names} look like a train/val/test split, each holding class folders "
+                        f"({listing(class_folders(split[0]))} in {split[0].name}); the loader reads one folder of "
+                        "class folders and draws its own stratified 7:1:2 split -- put each class's images from "
+                        f"every split into one folder per class ({folder}/<class>/) and pass that folder")
 
     files = {}
     for c in classes:
