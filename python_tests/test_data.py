@@ -1301,7 +1301,11 @@ def test_busi_colour_images_keep_their_colour(tmp_path):
                                                (("bcc", "nevus"), "bcc"), (("akiec", "bkl"), "akiec"),
                                                # every benign dermoscopy spelling, each sorting second (label 1)
                                                (("akiec", "nevi"), "akiec"), (("bcc", "naevus"), "bcc"),
-                                               (("bcc", "naevi"), "bcc")])
+                                               (("bcc", "naevi"), "bcc"),
+                                               # names of several words, by their words, unless negated
+                                               (("Basal Cell Carcinoma", "Benign Nevus"), "Basal Cell Carcinoma"),
+                                               (("Malignant Melanoma", "Seborrheic Keratosis"), "Malignant Melanoma"),
+                                               (("malignant lesion", "non-malignant lesion"), "malignant lesion")])
 def test_binary_positive_class_without_a_malignant_name(tmp_path, classes, positive):
     """Label 1 alone would make "healthy" the positive class of disease/healthy, and "non-COVID" that of COVID /
     non-COVID (its sensitivity the recall of the negatives)."""

@@ -301,6 +301,14 @@ def _positive(class_names):
     negative = [i for i, c in enumerate(low) if c in NEGATIVE_NAMES]
     if len(negative) == 1:
         return 1 - negative[0]
+    # names of several words, as a dermatology folder's ("Benign Nevus" beside "Basal Cell Carcinoma" was label 1,
+    # so positive), by their words, a name opening with a negation ("non-malignant lesion") taking none
+    words = [set(w) if w and w[0] not in ("non", "no", "not") else set() for w in (re.findall(r"[a-z0-9]+", c)
+                                                                                    for c in low)]
+    for names, pick in ((POSITIVE_NAMES, 0), (NEGATIVE_NAMES, 1)):
+        hit = [i for i in (0, 1) if words[i] & set(names)]
+        if len(hit) == 1:
+            return abs(pick - hit[0])
     for i in (0, 1):
         if any(low[1 - i] == neg + low[i] for neg in NEGATIONS):
             return i
