@@ -5322,6 +5322,25 @@ def test_torchattacks_and_autoattack_options_not_taken_here_say_what_to_do():
         attacks.PGD(model, n_classes=10)  # a hint only where the option means something for the class
 
 
+def test_torchattacks_cw_l2_and_pgdl2_keywords_say_what_they_are_here():
+    """torchattacks' CW(model, c=1, kappa=0, steps=50, lr=0.01) by keyword was "unknown options 'c', 'lr'" with the
+    option list only (positionally it was told CW-L2 is another attack), and PGDL2(eps_for_division=...) likewise; a
+    hint two options share is said once, after both."""
+    model = make_model()
+    with pytest.raises(ValueError, match=r"^CW: unknown options 'c', 'lr'; it takes [^(]* \(c, lr: torchattacks' "
+                                         r"CW\(model, c, kappa, steps, lr\) is CW-L2, another attack; CW here is "
+                                         r"CW-Linf, PGD on the CW margin loss: give its eps, steps and kappa, e\.g\. "
+                                         r"CW\(model, eps=8/255, steps=50\)\)$"):
+        attacks.CW(model, c=1, kappa=0, steps=50, lr=0.01)
+    with pytest.raises(ValueError, match=r"^attacks.build: cw: unknown option 'c'; it takes [^(]* \(c: torchattacks' "
+                                         r"CW\(model, c, kappa, steps, lr\) is CW-L2"):
+        attacks.build("cw", model, c=1)
+    with pytest.raises(ValueError, match=r"^PGDL2: unknown option 'eps_for_division'; it takes [^(]* "
+                                         r"\(eps_for_division: torchattacks' eps_for_division is not an option: the "
+                                         r"step divides by \|\|g\|\| \+ 1e-10, its default\)$"):
+        attacks.PGDL2(model, eps=0.5, eps_for_division=1e-10)
+
+
 @pytest.mark.parametrize("make", [
     lambda m: attacks.PGD(m, eps=8, alpha=2 / 255, steps=1), lambda m: attacks.FGSM(m, eps=8),
     lambda m: attacks.APGD(m, eps=8, steps=1), lambda m: attacks.Square(m, eps=8, n_queries=1),

@@ -50,7 +50,11 @@ def check_options(owner, cls, options, hints=None):
     unknown = [k for k in options if k not in accepted]
     if unknown:
         takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
-        known = [f"{k}: {hints[k]}" for k in unknown if hints and k in hints]
+        grouped = {}  # one hint given for two options (CW's c and lr) is said once, after both
+        for k in unknown:
+            if hints and k in hints:
+                grouped.setdefault(hints[k], []).append(k)
+        known = [f"{', '.join(keys)}: {hint}" for hint, keys in grouped.items()]
         raise ValueError(f"{owner}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                          f"{takes}" + (f" ({'; '.join(known)})" if known else ""))
 

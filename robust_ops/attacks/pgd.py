@@ -217,6 +217,9 @@ class PGDL2(PGD):
 
     name = "pgdl2"
     default_norm = "l2"
+    _FOREIGN_OPTIONS = {**Attack._FOREIGN_OPTIONS,
+                        "eps_for_division": "torchattacks' eps_for_division is not an option: the step divides by "
+                                            "||g|| + 1e-10, its default"}
 
     def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, *positional, **options):
         # torchattacks' 6th, eps_for_division, is the step's own 1e-10 here (docs/attacks.md, The PGD core)
@@ -231,6 +234,12 @@ class CW(Attack):
     reproducible, ``norm`` takes "linf" only. See :func:`cw_linf`."""
 
     name = "cw"
+    # torchattacks' CW(model, c=1, kappa=0, steps=50, lr=0.01), by keyword: "unknown options 'c', 'lr'" alone did not
+    # say it is another attack
+    _FOREIGN_OPTIONS = {**Attack._FOREIGN_OPTIONS,
+                        **dict.fromkeys(("c", "lr"), "torchattacks' CW(model, c, kappa, steps, lr) is CW-L2, another "
+                                                     "attack; CW here is CW-Linf, PGD on the CW margin loss: give its "
+                                                     "eps, steps and kappa, e.g. CW(model, eps=8/255, steps=50)")}
 
     def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *torchattacks_order, kappa=0.0, random_start=False,
                  seed=None, norm="linf", **options):
