@@ -108,6 +108,11 @@ def test_npz_labels_must_be_class_indices(tmp_path, as_official):
     labels[5] = 3  # one class without a sample: "has" (it said "1 of those 4 classes have")
     with pytest.raises(DataError, match=r"t\.npz: labels run from 0 to 3, but 1 of those 4 classes has no sample "):
         load_dataset(write_npz(tmp_path / "t.npz", train_labels=labels))
+    # 1-based class numbers (1 to 7) were told "labels run from 0 to 7, ... (the first: 0)": they hold no 0
+    with pytest.raises(DataError, match=r"b\.npz: labels run from 1 to 2, none is 0 \(1-based class numbers\?\); "
+                                        r"expected class indices 0 to K-1 -- subtract 1 from every label$"):
+        load_dataset(write_npz(tmp_path / "b.npz", **{f"{s}_labels": (np.arange(n) % 2 + 1).reshape(-1, 1)
+                                                       for s, n in (("train", 12), ("val", 4), ("test", 6))}))
     with pytest.raises(DataError, match=r"o\.npz: expected at least two classes, got 1 \(labels: 0\)$"):
         load_dataset(write_npz(tmp_path / "o.npz", classes=1))
     s = load_dataset(as_official(write_npz(tmp_path / "breastmnist_64.npz", classes=1)))  # named: 2 classes

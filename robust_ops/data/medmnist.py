@@ -364,6 +364,9 @@ def _check_class_indices(path, sets, num_classes):
     if len(present) < 2:
         raise DataError(f"{path}: expected at least two classes, got {len(present)} (labels: "
                         f"{', '.join(map(str, sorted(present))) or 'none'})")
+    if present == set(range(1, num_classes)):  # said "labels run from 0 to 7 ... (the first: 0)" of labels 1 to 7
+        raise DataError(f"{path}: labels run from 1 to {num_classes - 1}, none is 0 (1-based class numbers?); "
+                        "expected class indices 0 to K-1 -- subtract 1 from every label")
     if len(present) < num_classes:
         first = next(i for i in range(num_classes) if i not in present)
         empty = num_classes - len(present)
