@@ -3277,6 +3277,27 @@ def test_demo_resume_refuses_another_training_subset(small_npz, tmp_path, capsys
         one_line_error(rc, err, f"{extra[0]}: --quick sets its own")
 
 
+
+def test_demo_train_seconds_are_the_runs_epochs_also_when_resumed(small_npz, tmp_path, capsys):
+    """results.json's train_seconds (and the per-method line) timed the command: a demo interrupted in its evaluation
+    and rerun with --resume recorded 0.1 s for each run it found trained (the load), measured 'IMA': 0.1 where the
+    uninterrupted demo had 1.9. It is the sum of the run's epochs' time_s, those of an earlier command included."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "standard", "--epochs", "1", "--out", out, "--attacks", "fgsm",
+            "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    ckpt = out / "runs" / "standard" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    seconds = json.loads((out / "results.json").read_text())["config"]["train_seconds"]
+    assert seconds == {"Baseline": round(state["history"][0]["time_s"], 1)}
+    state["history"][0]["time_s"] = 123.4  # as if the epoch had taken that long: a reused run reports its own
+    torch.save(state, ckpt)
+    rc, stdout, err = run(argv + ["--resume"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "results.json").read_text())["config"]["train_seconds"] == {"Baseline": 123.4}
+    assert "Baseline: 123 s, train loss" in stdout
+
 def test_demo_labels_every_registered_defense_upper_cased(small_npz, tmp_path, capsys):
     # only the default five had table labels: --methods at,mirst-dm,arfl gave the columns 'at', 'MIRST-DM', 'arfl'
     out = tmp_path / "demo"
