@@ -3298,6 +3298,28 @@ def test_demo_train_seconds_are_the_runs_epochs_also_when_resumed(small_npz, tmp
     assert json.loads((out / "results.json").read_text())["config"]["train_seconds"] == {"Baseline": 123.4}
     assert "Baseline: 123 s, train loss" in stdout
 
+
+def test_demo_interrupted_while_evaluating_says_its_runs_are_trained_and_resume_reuses_them(small_npz, tmp_path,
+                                                                                           capsys, monkeypatch):
+    """Ctrl-C / SIGTERM in demo's evaluation said only 'robust-ops demo: interrupted': nothing of the runs it had
+    trained, nor that --resume evaluates them without training again (the same command retrains them all)."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "standard", "--epochs", "1", "--out", out, "--attacks", "fgsm",
+            "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu"]
+    real = cli.evaluate_models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "evaluate_models", interrupted)
+    rc, _, err = run(argv, capsys)
+    monkeypatch.setattr(cli, "evaluate_models", real)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 130 and lines == [f"robust-ops demo: interrupted while evaluating; every run is trained, in "
+                                   f"{out / 'runs'}; rerun with --resume to evaluate them without training again"], err
+    rc, stdout, err = run(argv + ["--resume"], capsys)
+    assert rc == 0 and (out / "results.json").is_file(), err
+
 def test_demo_labels_every_registered_defense_upper_cased(small_npz, tmp_path, capsys):
     # only the default five had table labels: --methods at,mirst-dm,arfl gave the columns 'at', 'MIRST-DM', 'arfl'
     out = tmp_path / "demo"

@@ -2097,8 +2097,14 @@ def cmd_demo(args):
                   "eps": args.eps, "cascade": not args.no_cascade, "ensemble": args.ensemble, "quick": args.quick,
                   "train_seconds": {k: round(v, 1) for k, v in timings.items()}}
         args.split = "test"
-        evaluate_models(models, splits, args, specs, radii, device, out,
-                        f"Demo: defenses compared on {splits.info.display_name}", config, seed=args.seed)
+        try:
+            with interrupts_unwrapped():
+                evaluate_models(models, splits, args, specs, radii, device, out,
+                                f"Demo: defenses compared on {splits.info.display_name}", config, seed=args.seed)
+        except KeyboardInterrupt:  # main's bare "interrupted" left a rerun without --resume to train them all again
+            print(f"\n{PROG} demo: interrupted while evaluating; every run is trained, in {out / 'runs'}; rerun with "
+                  "--resume to evaluate them without training again", file=sys.stderr)
+            return 130
         return 0
 
 
@@ -2435,7 +2441,7 @@ def _main(argv):
                 if err.errno == errno.ENAMETOOLONG else "")
         print(f"{prefix}: error: {path}: {err.strerror}{hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C where no command says more (eval, bench, demo's evaluation): no traceback
+    except KeyboardInterrupt:  # Ctrl-C where no command says more (eval, bench): no traceback
         print(f"\n{prefix}: interrupted", file=sys.stderr)
         return 130
 
