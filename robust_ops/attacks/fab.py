@@ -23,7 +23,7 @@ from .._options import check_flags, check_real
 from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, check_gradients_possible, check_inputs, check_not_half, is_single_logit,
                       predict_from_output, two_logits)
-from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, forward,
+from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, finite_direction, forward,
                    per_sample, refuse_targeted, runner_up_targets)
 from .pgd import make_generator
 
@@ -241,7 +241,7 @@ def _boundary_untargeted(name, model, x1, y):
                 grads.append(torch.autograd.grad((zk * picks[k]).sum(), [xg])[0])
             if not keep:
                 zk = None
-    g = torch.stack(grads, 1).reshape(n, z.shape[1], -1)
+    g = finite_direction(torch.stack(grads, 1).reshape(n, z.shape[1], -1))
     rows = torch.arange(n, device=x1.device)
     z = z.detach()
     # in the input's dtype, as the gradients: float64 logits of a float32 input stopped the projection's index_put
@@ -262,7 +262,7 @@ def _boundary_targeted(name, model, x1, y, target):
         diff = -(z[rows, y] - z[rows, target])  # the reference's arithmetic, for its bits
         (g,) = torch.autograd.grad(diff.sum(), [xg])
     # in the input's dtype, as untargeted
-    return _in_range(diff.detach().to(g.dtype).unsqueeze(1), g.reshape(n, 1, -1))
+    return _in_range(diff.detach().to(g.dtype).unsqueeze(1), finite_direction(g.reshape(n, 1, -1)))
 
 
 def _random_start(x, eps_t, norm, clip_min, clip_max, generator):
