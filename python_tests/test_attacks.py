@@ -5176,10 +5176,11 @@ def test_torchattacks_positional_norm_first_calls_are_refused_not_run():
                        (attacks.Square, r"^square: expected n_queries")):
         with pytest.raises(ValueError, match=match):
             cls(model, "Linf", 8 / 255)(x, y)
-    # as docs/attacks.md says: APGD refuses when built, Square (keyword-only norm) at its first call
+    # as docs/attacks.md says: both refuse when built (Square, whose norm is keyword-only, naming n_queries)
     with pytest.raises(ValueError, match=r"^apgd: expected norm"):
         attacks.APGD(model, "Linf", 8 / 255)
-    assert attacks.Square(model, "Linf", 8 / 255).n_queries == 8 / 255
+    with pytest.raises(ValueError, match=r"^square: expected n_queries to be an integer >= 1, got 0\.031"):
+        attacks.Square(model, "Linf", 8 / 255)
     assert attacks.APGD(model).steps == attacks.APGDT(model).steps == 100
 
 
@@ -6891,6 +6892,35 @@ def test_apgd_classes_refuse_a_bad_option_when_built(cls, option, value, message
     x, y = make_data(2, 3)
     with pytest.raises(ValueError, match=rf"^{'apgd_t' if cls == 'APGDT' else 'apgd'}: {message}"):
         getattr(attacks, cls.lower().replace("apgdt", "apgd_t"))(model, x, y, eps=0.1, **{option: value})
+
+
+@pytest.mark.parametrize("cls, option, value, message", [
+    ("FAB", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
+    ("FAB", "eta", 0.5, r"expected eta to be a finite number >= 1, got 0.5"),
+    ("FAB", "beta", 0, r"expected beta "),
+    ("FABT", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
+    ("FABT", "n_target_classes", 0, r"expected n_target_classes to be an integer >= 1, got 0"),
+    ("FABT", "alpha_max", 2.0, r"expected alpha_max "),
+    ("Square", "n_queries", 0, r"expected n_queries to be an integer >= 1, got 0"),
+    ("Square", "p_init", 1.5, r"expected p_init in \(0, 1\], got 1.5"),
+    ("Square", "rescale_schedule", "no", r"expected rescale_schedule to be a bool, got str"),
+    ("PGD", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
+    ("BIM", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
+    ("CW", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
+    ("WhiteNoise", "trials", 0, r"expected trials to be an integer >= 1, got 0"),
+])
+def test_attack_classes_refuse_a_bad_option_when_built_before_a_cascade_runs(cls, option, value, message):
+    """As APGD's and APGDT's: these were checked only at the first call, so in an AutoAttack list (or ensemble)
+    FABT(model, steps=0) stopped the cascade once APGD-CE before it had run all its steps (107 forwards on 64
+    samples at APGD's 100 steps, then "fab: expected steps ...", naming fab for FAB-T)."""
+    model = make_model(3)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    name = getattr(attacks, cls).name
+    with pytest.raises((ValueError, TypeError), match=rf"^{re.escape(name)}: {message}"):
+        bad = getattr(attacks, cls)(model, **{option: value})
+        attacks.AutoAttack(model, attacks=[attacks.APGD(model, steps=3), bad])
+    assert not calls
 
 
 @pytest.mark.parametrize("key", ["steps", "n_target_classes", "n_queries", "seed", "eot_iter", "attacks_to_run"])

@@ -331,11 +331,9 @@ def _fab_run(model, x, y, target, eps_t, norm, steps, alpha_max, eta, beta, clip
     return x_best
 
 
-def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, beta, n_target_classes, clip_min,
-                    clip_max):
-    check_gradients_possible(name)
-    check_not_half(name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
-    y = check_inputs(name, x, y, clip_min, clip_max)
+def _check_fab_options(name, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta):
+    """The checks of FAB's options that x does not decide, run by :func:`fab` and, when built, by ``FAB`` and
+    ``FABT`` (a bad option in an AutoAttack list surfaced only once the cascade reached it, after APGD had run)."""
     norm = check_norm(name, norm, NORMS_WITH_L1)
     steps = check_steps(name, steps)
     n_restarts = check_steps(name, n_restarts, "n_restarts")
@@ -343,6 +341,16 @@ def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, be
     alpha_max = check_real(name, "alpha_max", alpha_max, minimum=0, allow_min=False, maximum=1)
     eta = check_real(name, "eta", eta, minimum=1)
     beta = check_real(name, "beta", beta, minimum=0, allow_min=False, maximum=1)
+    return norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta
+
+
+def _check_fab_args(name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, beta, n_target_classes, clip_min,
+                    clip_max):
+    check_gradients_possible(name)
+    check_not_half(name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
+    y = check_inputs(name, x, y, clip_min, clip_max)
+    norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta = _check_fab_options(
+        name, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta)
     eps_t, eps_max = per_sample(name, "eps", eps, x, with_max=True)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps_max=eps_max)
     return y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t
@@ -450,6 +458,8 @@ class FAB(Attack):
         self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
         check_flags(self.name, {"multi_targeted": multi_targeted})  # bool("no") is True: FAB-T would have run
         self.multi_targeted, self.n_classes, self.seed = multi_targeted, n_classes, seed
+        # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
+        _check_fab_options(self.name, norm, steps, n_restarts, 1, alpha_max, eta, beta)
 
     def check_input_dtype(self, x):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
@@ -479,6 +489,8 @@ class FABT(Attack):
         self.eps, self.norm, self.steps = eps, check_norm(self.name, norm, self.norms), steps
         self.n_target_classes, self.n_restarts = n_target_classes, n_restarts
         self.alpha_max, self.eta, self.beta, self.seed = alpha_max, eta, beta, seed
+        # as FAB's
+        _check_fab_options(self.name, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta)
 
     def check_input_dtype(self, x):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))

@@ -108,6 +108,7 @@ class WhiteNoise(Attack):
         refuse_positional_options(self.name, WhiteNoise, positional)
         super().__init__(model, **options)
         self.eps, self.norm, self.trials, self.seed = eps, check_norm(self.name, norm), trials, seed
+        check_steps(self.name, trials, "trials")  # here too, as every attack's options
 
     def forward(self, x, y):
         return white_noise(self.model, x, y, eps=self.eps, norm=self.norm, trials=self.trials, clip_min=self.clip_min,

@@ -176,6 +176,7 @@ class BIM(Attack):
         refuse_positional_options(self.name, BIM, positional)
         super().__init__(model, **options)
         check_step_moves(self.name, eps, alpha)  # here, not at the first call, as the other attacks' settings
+        check_steps(self.name, steps)
         self.eps, self.alpha, self.steps, self.loss = eps, alpha, steps, loss
         self.norm = check_norm(self.name, norm)
 
@@ -203,6 +204,7 @@ class PGD(Attack):
         check_draws(self.name, "seed", seed, random_start)
         check_kappa(self.name, kappa, loss)
         check_step_moves(self.name, eps, alpha)
+        check_steps(self.name, steps)
         self.loss, self.kappa, self.early_stop, self.seed = loss, kappa, early_stop, seed
 
     def forward(self, x, y):
@@ -254,6 +256,7 @@ class CW(Attack):
         check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
         check_step_moves(self.name, eps, alpha, hint=" (torchattacks' CW(model, c, kappa, steps) puts its kappa here: "
                          "give CW-Linf's by keyword, e.g. CW(model, eps=8/255, steps=50, kappa=0.0))")
+        check_steps(self.name, steps)
         self.eps, self.alpha, self.steps, self.kappa = eps, alpha, steps, kappa
         # recorded as the other attacks do: the ensemble checks each attack's output against its own ball by it
         self.random_start, self.seed, self.norm = random_start, seed, "linf"

@@ -74,6 +74,18 @@ def _check_dtype(name, norm, x):
 MAX_COLOUR_REDRAWS = 32
 
 
+def _check_schedule(name, n_queries, p_init, rescale_schedule):
+    """The checks of n_queries, p_init and rescale_schedule, run by :func:`square` and, when built, by ``Square`` (a
+    bad one in an AutoAttack list surfaced only once the cascade reached it, after the attacks before it); returns
+    n_queries."""
+    n_queries = check_steps(name, n_queries, "n_queries")
+    if isinstance(p_init, bool) or not isinstance(p_init, numbers.Real) or not 0 < float(p_init) <= 1:
+        raise ValueError(f"{name}: expected p_init in (0, 1], got {p_init!r}")
+    if not isinstance(rescale_schedule, bool):
+        raise TypeError(f"{name}: expected rescale_schedule to be a bool, got {type(rescale_schedule).__name__}")
+    return n_queries
+
+
 def _resample_rule(name, norm, resample_unchanged):
     """``resample_unchanged`` as the norm uses it: None means True for Linf, False for L2. L2 proposals always move
     the point (new window mass, renormalized), so asking for redraws there is an error rather than ignored."""
@@ -232,11 +244,7 @@ def square(model, x, y, *, eps, norm="linf", n_queries=5000, p_init=0.8, targete
     _check_dtype(name, norm, x)
     y = check_inputs(name, x, y, clip_min, clip_max)
     _check_images(name, x)
-    n_queries = check_steps(name, n_queries, "n_queries")
-    if isinstance(p_init, bool) or not isinstance(p_init, numbers.Real) or not 0 < float(p_init) <= 1:
-        raise ValueError(f"{name}: expected p_init in (0, 1], got {p_init!r}")
-    if not isinstance(rescale_schedule, bool):
-        raise TypeError(f"{name}: expected rescale_schedule to be a bool, got {type(rescale_schedule).__name__}")
+    n_queries = _check_schedule(name, n_queries, p_init, rescale_schedule)
     eps_t, eps_max = per_sample(name, "eps", eps, x, with_max=True)
     check_linf_budget(name, norm, eps_t, clip_min, clip_max, eps_max=eps_max)
     check_linf_step_resolution(name, norm, x, eps)  # x +- eps rounds back to x below the resolution
@@ -348,6 +356,7 @@ class Square(Attack):
         self.resample_unchanged = _resample_rule(self.name, self.norm, resample_unchanged)
         self.rescale_schedule = rescale_schedule
         self.loss = _check_loss(self.name, loss)
+        _check_schedule(self.name, n_queries, p_init, rescale_schedule)  # here too, as APGD's options
 
     def check_input_dtype(self, x):
         _check_dtype(self.name, self.norm, x)
