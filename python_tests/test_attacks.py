@@ -1470,6 +1470,34 @@ def test_pixel_values_are_told_the_fix_their_scale_and_the_clip_range_call_for()
         "that overshoot only by rounding or resampling, x.clamp(-4.0, 4.0))")
 
 
+@pytest.mark.parametrize("lo, hi, range_min, range_max, expected", [
+    (0.0, 1.25, 0.0, 1.0, ("overshoot", None)),  # at most a quarter of the width past either end, both inclusive
+    (-0.25, 1.0, 0.0, 1.0, ("overshoot", None)),
+    (0.0, 10.0, 0.0, 1.0, ("dark", 255)),  # a top up to 10 times the range's largest magnitude, inclusive
+    (0.0, 40.0, -5.0, 1.0, ("dark", 255)),  # largest magnitude: the bottom's 5, not the top's 1
+    (0.0, 15.0, -1.0, 1.0, ("8-bit", 255)),  # past 10 times the largest magnitude (1), not the width (2)
+    (0.0, 500.0, 0.0, 100.0, (None, None)),  # up to 10 times a range 255 is not past: no dark question
+    (0.0, 310.0, 0.0, 30.0, ("high-bit", 4095)),  # 255 is not past 10 times the range's top of 30: no 8-bit scale
+    (0.0, 60000.0, 0.0, 1.0, ("high-bit", 65535)),
+    (0.0, 255.0, 0.5, 0.5, (None, None)),  # a range of no width has no scale
+])
+def test_pixel_scale_reads_the_bounds_of_its_rule_as_written(lo, hi, range_min, range_max, expected):
+    """pixel_scale's bounds as its docstring words them: the overshoot and the dark top inclusive, the range's largest
+    magnitude (not its top or width), a scale past 10 times it, 65535 a scale too. Mutants moving each bound passed
+    every refusal's test (found by the mut50 helper)."""
+    assert context.pixel_scale(lo, hi, range_min, range_max) == expected
+
+
+def test_pixel_fixes_map_onto_ranges_of_any_bounds():
+    """pixel_map adds a positive bottom as it subtracts a negative one, and the dark question against a range other
+    than [0, 1] maps onto it as the 8-bit fix does (found by the mut50 helper)."""
+    assert context.pixel_map(255, 2.0, 3.0) == "x.float() / 255 + 2"
+    assert context.pixel_map(255, 0.5, 1.0) == "x.float() / 255 * 0.5 + 0.5"
+    assert context.value_range_fix(0.0, 8.0, -1.0, 1.0, "NORMALIZE", ", CLAMP") == (
+        "a dark set of 0-255 pixels? map them onto the value range [-1.0, 1.0] (x.float() / 255 * 2 - 1); data scaled "
+        "otherwise (divided by a std)? NORMALIZE -- a clamp would wipe them out")
+
+
 def test_an_input_one_float64_step_past_the_clip_range_shows_all_17_digits():
     """The smallest overshoot of a float64 input, 1 + 2**-52, needs all 17 significant digits to read past 1.0
     (coverage helper, s48: the digit loop's last case had no test)."""

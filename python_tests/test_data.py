@@ -1976,6 +1976,18 @@ def test_npz_float_images_of_a_dark_or_overshooting_set_are_told_the_fix_for_the
             load_dataset(write_npz(tmp_path / f"{name}.npz", train_images=images.astype(np.float32)))
 
 
+def test_npz_float_images_past_every_bit_depth_are_told_to_scale_them(tmp_path):
+    """Floats without negatives past every bit depth's top (and a quarter more: 65535 * 1.25) are told to scale them
+    to [0, 1] pixels, not the mean/std normalization fix of negatives; no test read that branch (found by the mut50
+    helper)."""
+    floats = np.random.default_rng(1).random((12, 28, 28)).astype(np.float32)
+    floats[0, 0, :2] = 0.0, 1.0
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[0, 1e\+05\]; scale them to "
+                                        r"\[0, 1\] pixels: the attacks' radii and clip range are in \[0, 1\] "
+                                        r"pixels$"):
+        load_dataset(write_npz(tmp_path / "wide.npz", train_images=floats * np.float32(100000)))
+
+
 def test_npz_float_images_just_past_the_range_show_the_values_past_it(tmp_path):
     """The .npz loader showed the values of a float set outside [0, 1] in 4 digits: a resampling's overshoot to
     1.00001 read "float images must lie in [0, 1], got [0, 1]", values that seem inside it (-1e-05 read so already).
