@@ -1946,6 +1946,9 @@ def test_the_cascade_reads_neither_the_parts_ranges_nor_each_attack_calls_points
     with pytest.raises(ValueError, match=rf"^pgd: expected x inside the clip range \[0.0, 0.5\], got values in "
                                          rf"\[{lo}, {hi}\] "):
         attacks.ensemble(model, x, y, [attacks.PGD(model, eps=0.01, steps=1, clip_max=0.5)], batch_size=5)
+    with pytest.raises(ValueError, match=rf"^pgd: expected x inside the clip range \[0.5, 1.0\], got values in "
+                                         rf"\[{lo}, {hi}\] "):  # the bottom too (found by the mut50 helper)
+        attacks.ensemble(model, x, y, [attacks.PGD(model, eps=0.01, steps=1, clip_min=0.5)], batch_size=5)
     two = nn.Sequential(nn.Flatten(), nn.Linear(144, 2)).eval()
     y = torch.tensor([0] * 10 + [2, 1])
     with pytest.raises(ValueError, match=r"^pgd: expected labels in \[0, 2\) for a model with 2 classes, got "
@@ -1980,6 +1983,30 @@ def test_a_cascade_part_its_attack_writes_in_place_is_checked_again():
     lo, hi = int(y.min()) - 5, int(y.max()) - 5  # every sample is attacked in one part
     with pytest.raises(ValueError, match=rf"^pgd: expected labels non-negative, got values in \[{lo}, {hi}\]$"):
         attacks.ensemble(model, x, y, [Writer(model, lambda x, y: y.sub_(5))])
+
+
+def test_a_cascade_attack_on_tensors_of_its_own_has_them_checked():
+    """The bounds the cascade hands an attack call hold for its part's tensors themselves, not for others of the same
+    version: an attack of the caller's that attacks new tensors made from its part (x * 255, y - 5, both at version 0
+    as the part is) has them checked, and refused with their values. With the identity dropped from the key (the
+    version alone), the 0-255 points ran unchecked (found by the mut50 helper)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample correct: each is attacked
+
+    def scaled(x, y):
+        return attacks.pgd(model, x * 255, y, eps=0.01, alpha=0.01, steps=1) / 255
+
+    def shifted(x, y):
+        return attacks.pgd(model, x, y - 5, eps=0.01, alpha=0.01, steps=1)
+
+    with pytest.raises(ValueError, match=r"^pgd: expected x inside the clip range \[0.0, 1.0\], got values in "
+                                         r"\[[\d.]+, [\d.]+\] \([\d.]+ > clip_max 1.0; 8-bit pixels\?"):
+        attacks.ensemble(model, x, y, [scaled])
+    lo, hi = int(y.min()) - 5, int(y.max()) - 5
+    with pytest.raises(ValueError, match=rf"^pgd: expected labels non-negative, got values in \[{lo}, {hi}\]$"):
+        attacks.ensemble(model, x, y, [shifted])
 
 
 def test_an_attack_output_check_compares_float64_points_unrounded():
@@ -5935,6 +5962,11 @@ def test_gradient_attacks_under_inference_mode_are_refused_by_name_and_run_under
                                                                        r"outside that block \(torch.no_grad\(\) is "
                                                                        r"fine: the attack enables gradients itself\)$"):
             attack()
+    # the cascade's parts, made under it, are inference tensors, which have no version for its bounds to be keyed by:
+    # they are left out of them, so the attack's own refusal comes (found by the mut50 helper)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^fgsm: gradient-based attacks cannot run under "
+                                                                   r"torch.inference_mode\(\); "):
+        attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=4 / 255)])
 
 
 def test_a_model_made_under_inference_mode_is_attacked_and_left_trainable():
