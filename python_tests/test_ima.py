@@ -2496,6 +2496,36 @@ def test_a_criterion_or_loss_that_refuses_nan_output_leaves_the_nan_refusal_firs
             defense(model, x, y, torch.tensor([0, 7, 2, 3, 9, 5]))
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_nan_output_in_an_early_search_round_only_is_refused_naming_its_samples(compact):
+    """The search reads its rounds' NaN flags once, after the last round: a NaN in the first round only (a model
+    diverging once) is refused naming that round's samples. Mutants reading only the last round's flag (no refusal)
+    or naming the last round's rows (none), and one letting a criterion's own refusal of that round's output
+    through, passed every test (found by the mut50 helper)."""
+    model, x, y = _nan_off_clean_problem()
+    sizes = []
+
+    class FirstSearchRoundNaN(nn.Module):  # arity 3: a search round forwards 2 points a sample, 12 rows, the ascent 6
+        def forward(self, xs):
+            sizes.append(xs.shape[0])
+            out = model.lin(xs)
+            return out * float("nan") if xs.shape[0] > x.shape[0] and sizes.count(xs.shape[0]) == 1 else out
+
+    def finite_only(out, yy):  # a criterion refusing the NaN round itself: the NaN refusal comes first
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError("finite_only: got a non-finite output")
+        return out.argmax(1) == yy
+
+    for kwargs in ({}, dict(is_correct=finite_only)):
+        sizes.clear()
+        with pytest.raises(ValueError, match=r"^gen_adv: the model's output is NaN for sample\(s\) 0, 1, 2, 3, 4, 5 "
+                                             r"of the batch"):
+            gen_adv(FirstSearchRoundNaN(), x, y, 0.5, norm="linf", steps=5, search_steps=3, arity=3, min_rows=0,
+                    compact=compact, **kwargs)
+        if not kwargs:  # the NaN round was not the last (a refusing criterion stops the search there)
+            assert sizes.count(2 * x.shape[0]) > 1
+
+
 def test_gen_adv_nan_error_pickles_with_its_samples_notes_and_attributes():
     """gen_adv's NaN error (a ValueError of a private class) could not be unpickled: ValueError's default pickle
     rebuilt it from its message alone, a TypeError for the missing arguments, so a worker process running gen_adv
