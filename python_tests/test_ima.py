@@ -1254,9 +1254,10 @@ def test_ima_load_state_dict_refuses_other_given_eps_train_or_delta():
 
     assert isinstance(err.value, StateSettingError) and (err.value.option, err.value.saved, err.value.now) == (
         "delta", 0.5, 0.25)
+    err.value.add_note("rank 1")  # its notes too (found by the mut50 helper)
     again = pickle.loads(pickle.dumps(err.value))
-    assert (type(again), str(again), again.option, again.saved, again.now) == (
-        StateSettingError, str(err.value), "delta", 0.5, 0.25)
+    assert (type(again), str(again), again.option, again.saved, again.now, again.__notes__) == (
+        StateSettingError, str(err.value), "delta", 0.5, 0.25, ["rank 1"])
     with pytest.raises(ValueError, match=r"IMA.load_state_dict: the checkpoint was trained with eps_train=2.0, this "
                                          r"defense has eps_train=1.0"):
         IMA(num_samples=20, eps_train=1.0, delta=0.5).load_state_dict(state)

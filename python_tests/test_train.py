@@ -1482,8 +1482,11 @@ def test_resume_refuses_other_defense_options_and_passes_checkpoints_without_the
         with pytest.raises(ValueError, match=rf"fit: cannot resume .*checkpoint.pt: it was trained with the trades "
                                              rf"defense's {re.escape(message)}; build the defense with that run's "
                                              r"options to continue it, or train afresh with resume=False \(another "
-                                             r"out_dir keeps this run's files\)$"):
+                                             r"out_dir keeps this run's files\)$") as err:
             fit(DropoutMLP(), other, _data(16), epochs=2, resume=True, **kwargs)
+    # the changed options, the checkpoint's and this call's, for a caller's own words (found by the mut50 helper)
+    assert isinstance(err.value, ResumeMismatchError) and err.value.key == "defense_options"
+    assert (err.value.saved, err.value.now) == ({"step_size": 0.01, "steps": 2}, {"step_size": 0.02, "steps": 3})
     fit(DropoutMLP(), trades(), _data(16), epochs=2, resume=True, **kwargs)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["config"]["defense_options"]["beta"] == 6.0
