@@ -2052,6 +2052,7 @@ def test_npz_one_hot_labels_are_told_the_argmax(tmp_path):
     ((np.arange(12) % 2).astype(np.float64)[:, None], r"float64; class numbers stored as floats \(0\., 1\., "
                                                       r"\.\.\.\)\? convert them with \.astype\(np\.int64\)"),
     (np.array(["benign", "malignant"] * 6), r"<U9; class names\? map each name to its index, 0 to K-1"),
+    (np.array([b"benign", b"malignant"] * 6), r"\|S9; class names\? map each name to its index, 0 to K-1"),
     ((np.arange(12) % 2).astype(np.complex64), r"complex64")])
 def test_npz_labels_of_another_dtype_are_told_the_fix(tmp_path, labels, fix):
     """The .npz loader refused bool, float and string labels naming only the dtype ("expected integer train_labels,
