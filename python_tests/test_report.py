@@ -552,8 +552,10 @@ def test_radius_figure_hides_tick_labels_that_would_overlap(tmp_path, monkeypatc
     # keep every label
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    # the labels are drawn at 45 degrees: side by side, as 1/255 ... 16/255 on one panel are, their texts are apart
+    # where the boxes around them overlap (every other one of 1/255 ... 12/255 was hidden, 12/255 too)
     figures = _record_figures(monkeypatch)
-    for radii in ((0.5, 1, 2, 4, 8, 16, 32), (1, 2, 3, 4, 5, 6, 7, 8)):
+    for radii in ((0.5, 1, 2, 4, 8, 16, 32), range(1, 9), range(1, 13), range(1, 17)):
         rows = [dict(_CLEAN_ROW, method="A")]
         rows += [dict(_CLEAN_ROW, method="A", attack="pgd", norm="linf", eps=k / 255) for k in radii]
         assert report.plot_metric_vs_radius(rows, tmp_path / "a.png")
@@ -563,9 +565,15 @@ def test_radius_figure_hides_tick_labels_that_would_overlap(tmp_path, monkeypatc
         labels = [t.label1 for t in fig.axes[0].xaxis.get_major_ticks() if t.label1.get_visible()]
         shown.append([t.get_text() for t in labels])
         boxes = [t.get_window_extent(renderer) for t in labels]
-        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))
+        height = max(t.get_size() for t in labels) * fig.dpi / 72  # a line of 7-point text, in pixels
+        for t in labels:
+            assert t.get_rotation() == 45
+        # two 45-degree lines of text: apart when their centres lie a text's height apart across the lines
+        centres = [((b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2) for b in boxes]
+        assert all(abs((b[1] - a[1]) - (b[0] - a[0])) / 2 ** 0.5 >= height for a, b in zip(centres, centres[1:]))
     assert shown[0][0] == "0" and shown[0][-4:] == ["4/255", "8/255", "16/255", "32/255"] and len(shown[0]) < 8
-    assert shown[1] == ["0"] + [f"{k}/255" for k in range(1, 9)]
+    for shown_even, radii in zip(shown[1:], (8, 12, 16)):
+        assert shown_even == ["0"] + [f"{k}/255" for k in range(1, radii + 1)]
 
 
 def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):
