@@ -1310,7 +1310,13 @@ def test_busi_colour_images_keep_their_colour(tmp_path):
                                                # names of several words, by their words, unless negated
                                                (("Basal Cell Carcinoma", "Benign Nevus"), "Basal Cell Carcinoma"),
                                                (("Malignant Melanoma", "Seborrheic Keratosis"), "Malignant Melanoma"),
-                                               (("malignant lesion", "non-malignant lesion"), "malignant lesion")])
+                                               (("malignant lesion", "non-malignant lesion"), "malignant lesion"),
+                                               # a name opening with a negation beside another finding's name
+                                               # (NIH's "No Finding", a brain-MRI set's no_tumor, APTOS's No_DR),
+                                               # and that set's newer spelling, notumor
+                                               (("Effusion", "No Finding"), "Effusion"),
+                                               (("glioma_tumor", "no_tumor"), "glioma_tumor"),
+                                               (("Mild", "No_DR"), "Mild"), (("glioma", "notumor"), "glioma")])
 def test_binary_positive_class_without_a_malignant_name(tmp_path, classes, positive):
     """Label 1 alone would make "healthy" the positive class of disease/healthy, and "non-COVID" that of COVID /
     non-COVID (its sensitivity the recall of the negatives)."""

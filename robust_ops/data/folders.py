@@ -37,12 +37,14 @@ POSITIVE_NAMES = ("malignant", "mel", "melanoma", "cancer", "positive")
 # Binary sets without one of those: the class that is not one of these is positive (e.g. "abnormal" vs "normal",
 # which label 1 alone would get wrong when the negative class sorts second, as "disease" / "healthy" does). The
 # benign dermoscopy classes too (HAM10000's nv and bkl, ISIC's nevus): label 1 made nevus/ the positive class of a
-# folder of bcc/ and nevus/, and nv that of `--classes bcc,nv`.
+# folder of bcc/ and nevus/, and nv that of `--classes bcc,nv`. A brain-MRI set's notumor (one word, no negation
+# to read in it: glioma/ beside notumor/ took notumor).
 NEGATIVE_NAMES = ("benign", "normal", "healthy", "negative", "control", "nv", "nevus", "nevi", "naevus", "naevi",
-                  "bkl")
+                  "bkl", "notumor")
 # Binary sets whose names are a finding and its negation (COVID / non-COVID, tumor / no_tumor): the finding is
 # positive, which label 1 alone gets wrong whenever the negation sorts second ("COVID" < "non-COVID").
-NEGATIONS = tuple(prefix + sep for prefix in ("non", "no", "not") for sep in ("-", "_", " ", ""))
+NEGATION_WORDS = ("non", "no", "not")
+NEGATIONS = tuple(prefix + sep for prefix in NEGATION_WORDS for sep in ("-", "_", " ", ""))
 # What Pillow raises on a damaged image file: OSError mostly, SyntaxError for a broken PNG chunk, ValueError for a bad
 # BMP palette or TIFF tag.
 DAMAGED_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
@@ -303,12 +305,17 @@ def _positive(class_names):
         return 1 - negative[0]
     # names of several words, as a dermatology folder's ("Benign Nevus" beside "Basal Cell Carcinoma" was label 1,
     # so positive), by their words, a name opening with a negation ("non-malignant lesion") taking none
-    words = [set(w) if w and w[0] not in ("non", "no", "not") else set() for w in (re.findall(r"[a-z0-9]+", c)
-                                                                                    for c in low)]
+    split = [re.findall(r"[a-z0-9]+", c) for c in low]
+    negated = [bool(w) and w[0] in NEGATION_WORDS for w in split]
+    words = [set() if n else set(w) for w, n in zip(split, negated)]
     for names, pick in ((POSITIVE_NAMES, 0), (NEGATIVE_NAMES, 1)):
         hit = [i for i in (0, 1) if words[i] & set(names)]
         if len(hit) == 1:
             return abs(pick - hit[0])
+    # a name that opens with a negation says there is no finding, beside one that names it ("No Finding" beside
+    # "Effusion", "no_tumor" beside "glioma_tumor", "No_DR" beside "Mild": label 1, the negation, was positive)
+    if negated.count(True) == 1:
+        return negated.index(False)
     for i in (0, 1):
         if any(low[1 - i] == neg + low[i] for neg in NEGATIONS):
             return i
