@@ -1276,6 +1276,9 @@ def test_busi_folders_of_a_split_made_beforehand_are_named_as_such(tmp_path):
                                         r"class folders \(melanoma, nevus in Test\); .* one folder per class "
                                         r"\(.*isic/<class>/\)"):
         load_dataset(root, size=8)
+    # so with the classes named: they were "class folder(s) melanoma, nevus not found (found: test, train)"
+    with pytest.raises(DataError, match=r"isic: its folders Test, Train look like a train/val/test split"):
+        load_dataset(root, size=8, classes=("melanoma", "nevus"))
     # a class folder that happens to be named so, holding its images directly, is a class as before
     _class_folders(tmp_path / "plain", ("test", "train"))
     with pytest.warns(UserWarning, match="too small to stratify"):

@@ -428,14 +428,32 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     if classes is None:
         classes = [c for c in BUSI_ORDER if c in subdirs] + sorted(c for c in subdirs if c not in BUSI_ORDER)
     classes = _class_list(classes, f"load_busi({folder})", fold=str.lower)
+
+    def class_folders(d):  # its subfolders holding images directly
+        return [p.name for p in sorted(d.iterdir()) if p.is_dir() and not is_hidden(p)
+                and any(q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(q) for q in p.iterdir())]
+
+    def refuse_split(names):  # the folders of a split made beforehand among these
+        split = [subdirs[c] for c in names if c in SPLIT_FOLDERS and class_folders(subdirs[c])]
+        if split:
+            raise DataError(f"{folder}: its folders {', '.join(d.name for d in split)} look like a train/val/test "
+                            f"split, each holding class folders ({listing(class_folders(split[0]))} in "
+                            f"{split[0].name}); the loader reads one folder of class folders and draws its own "
+                            "stratified 7:1:2 split -- put each class's images from every split into one folder per "
+                            f"class ({folder}/<class>/) and pass that folder")
+
     missing = [c for c in classes if c not in subdirs]
     if missing:
+        # `--classes melanoma,nevus` of isic/Train/melanoma/ ... said "class folder(s) melanoma, nevus not found
+        # (found: test, train)"
+        refuse_split(sorted(subdirs))
         found = ", ".join(sorted(subdirs))
         raise DataError(f"{folder}: class folder(s) {', '.join(missing)} not found (found: {found})",
                         arg="classes" if chosen else None)
     if len(classes) < 2:
         raise DataError(f"{folder}: expected at least two class folders (e.g. benign, malignant), got {classes}"
                         + ("" if chosen else _layout_hint(folder, subdirs)), arg="classes" if chosen else None)
+    refuse_split(classes)
 
     def images(d):
         return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem.lower()
@@ -453,18 +471,6 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
                                   for q in p.rglob("*")):
                 raise DataError(f"{p}: a subfolder holding images; only the images directly in {d} are read -- move "
                                 "them up or out of the class folder")
-
-    def class_folders(d):  # its subfolders holding images directly
-        return [p.name for p in sorted(d.iterdir()) if p.is_dir() and not is_hidden(p)
-                and any(q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(q) for q in p.iterdir())]
-
-    split = [subdirs[c] for c in classes if c in SPLIT_FOLDERS and class_folders(subdirs[c])]
-    if split:
-        names = ", ".join(d.name for d in split)
-        raise DataError(f"{folder}: its folders {names} look like a train/val/test split, each holding class folders "
-                        f"({listing(class_folders(split[0]))} in {split[0].name}); the loader reads one folder of "
-                        "class folders and draws its own stratified 7:1:2 split -- put each class's images from "
-                        f"every split into one folder per class ({folder}/<class>/) and pass that folder")
 
     files = {}
     for c in classes:
