@@ -1319,7 +1319,12 @@ def test_busi_colour_images_keep_their_colour(tmp_path):
                                                # and that set's newer spelling, notumor
                                                (("Effusion", "No Finding"), "Effusion"),
                                                (("glioma_tumor", "no_tumor"), "glioma_tumor"),
-                                               (("Mild", "No_DR"), "Mild"), (("glioma", "notumor"), "glioma")])
+                                               (("Mild", "No_DR"), "Mild"), (("glioma", "notumor"), "glioma"),
+                                               # ... or ending with free, or opening with without
+                                               (("Cancer-free", "Tumor"), "Tumor"),
+                                               (("with cancer", "without cancer"), "with cancer"),
+                                               (("tumor", "tumor_free"), "tumor"),
+                                               (("Disease Free", "Pneumothorax"), "Pneumothorax")])
 def test_binary_positive_class_without_a_malignant_name(tmp_path, classes, positive):
     """Label 1 alone would make "healthy" the positive class of disease/healthy, and "non-COVID" that of COVID /
     non-COVID (its sensitivity the recall of the negatives)."""

@@ -43,7 +43,7 @@ NEGATIVE_NAMES = ("benign", "normal", "healthy", "negative", "control", "nv", "n
                   "bkl", "notumor")
 # Binary sets whose names are a finding and its negation (COVID / non-COVID, tumor / no_tumor): the finding is
 # positive, which label 1 alone gets wrong whenever the negation sorts second ("COVID" < "non-COVID").
-NEGATION_WORDS = ("non", "no", "not")
+NEGATION_WORDS = ("non", "no", "not", "without")
 NEGATIONS = tuple(prefix + sep for prefix in NEGATION_WORDS for sep in ("-", "_", " ", ""))
 # What Pillow raises on a damaged image file: OSError mostly, SyntaxError for a broken PNG chunk, ValueError for a bad
 # BMP palette or TIFF tag.
@@ -304,16 +304,17 @@ def _positive(class_names):
     if len(negative) == 1:
         return 1 - negative[0]
     # names of several words, as a dermatology folder's ("Benign Nevus" beside "Basal Cell Carcinoma" was label 1,
-    # so positive), by their words, a name opening with a negation ("non-malignant lesion") taking none
+    # so positive), by their words, a negated name ("non-malignant lesion", "cancer-free": the positive one beside
+    # "tumor") taking none
     split = [re.findall(r"[a-z0-9]+", c) for c in low]
-    negated = [bool(w) and w[0] in NEGATION_WORDS for w in split]
+    negated = [bool(w) and (w[0] in NEGATION_WORDS or w[-1] == "free") for w in split]
     words = [set() if n else set(w) for w, n in zip(split, negated)]
     for names, pick in ((POSITIVE_NAMES, 0), (NEGATIVE_NAMES, 1)):
         hit = [i for i in (0, 1) if words[i] & set(names)]
         if len(hit) == 1:
             return abs(pick - hit[0])
-    # a name that opens with a negation says there is no finding, beside one that names it ("No Finding" beside
-    # "Effusion", "no_tumor" beside "glioma_tumor", "No_DR" beside "Mild": label 1, the negation, was positive)
+    # a negated name says there is no finding, beside one that names it ("No Finding" beside "Effusion", "no_tumor"
+    # beside "glioma_tumor", "No_DR" beside "Mild", "tumor-free" beside "tumor": label 1, the negation, was positive)
     if negated.count(True) == 1:
         return negated.index(False)
     for i in (0, 1):
