@@ -2841,6 +2841,24 @@ def test_fab_bad_input():
     assert attacks.build("fab-t", model).steps == 100 and attacks.build("fab", model, steps=3).steps == 3
 
 
+def test_fab_t_and_fabt_name_fab_t_in_their_errors_when_run_as_apgd_t_and_apgdt_name_apgd_t():
+    """fab_t passed its arguments on to fab, so its errors named fab: fab_t(..., steps=0) said 'fab: expected steps
+    ...', FABT's call 'fab: expected x inside the clip range', where apgd_t's and APGDT's name apgd_t."""
+    model, x, y = fab_setup()
+    for kwargs, message in [(dict(steps=0), "expected steps to be an integer >= 1, got 0"),
+                            (dict(eps=8.0), "expected eps <= clip_max - clip_min = 1 for norm='linf'"),
+                            (dict(n_target_classes=0), "expected n_target_classes to be an integer >= 1, got 0")]:
+        with pytest.raises(ValueError, match=rf"^fab_t: {message}"):
+            attacks.fab_t(model, x, y, **{"eps": 0.1, **kwargs})
+    with pytest.raises(ValueError, match="^fab_t: expected x inside the clip range"):
+        attacks.FABT(model, eps=0.1, steps=1)(x + 1, y)
+    with pytest.raises(ValueError, match="^fab_t: expected eps <= clip_max - clip_min = 1 for norm='linf'"):
+        attacks.FABT(model, eps=8.0, steps=1)(x, y)
+    with pytest.raises(RuntimeError, match="^fab_t: gradient-based attacks cannot run under torch.inference_mode"):
+        with torch.inference_mode():
+            attacks.fab_t(model, x, y, eps=0.1)
+
+
 def test_fab_t_refuses_a_targeted_argument_by_name():
     """fab_t is FAB-T, always targeted: its targeted=False met Python's "fab() got multiple values for keyword
     argument 'targeted'", naming neither fab_t nor the untargeted attack to use instead."""
@@ -2851,11 +2869,11 @@ def test_fab_t_refuses_a_targeted_argument_by_name():
                                              "targeted out, or use fab for untargeted FAB$"):
             attacks.fab_t(model, x, y, eps=0.1, steps=1, targeted=value)
     # its other options still reach fab (mutation testing of refuse_targeted: refusing them as fab_t's unknown
-    # keywords survived); an unknown one is fab's TypeError
+    # keywords survived); an unknown one is fab_t's TypeError, as apgd_t's
     options = dict(eps=0.1, steps=2, n_restarts=2, alpha_max=0.2, n_target_classes=1, model_mode="eval")
     assert torch.equal(attacks.fab_t(model, x, y, generator=torch.Generator().manual_seed(0), **options),
                        attacks.fab(model, x, y, targeted=True, generator=torch.Generator().manual_seed(0), **options))
-    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+    with pytest.raises(TypeError, match=r"^fab_t\(\) got an unexpected keyword argument 'foo'$"):
         attacks.fab_t(model, x, y, eps=0.1, foo=1)
 
 

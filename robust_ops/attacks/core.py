@@ -88,15 +88,14 @@ def check_norm(name, norm, allowed=NORMS):
     return canonical
 
 
-def refuse_targeted(name, options, what, instead="", forwarded=False):
+def refuse_targeted(name, options, what, instead=""):
     """A one-line ValueError for a ``targeted=`` among ``options`` (the keyword arguments caught by ``**options``) of
     ``name``, an attack without that argument (fab_t, apgd_t, white_noise), where Python's "got an unexpected keyword
     argument 'targeted'" (fab_t: "multiple values") said neither why nor which attack to use: ``what`` says what
-    the attack is, ``instead`` (", or use ...") the alternative. Any other option is Python's own TypeError unless
-    ``forwarded`` (fab_t passes them on to fab)."""
+    the attack is, ``instead`` (", or use ...") the alternative. Any other option is Python's own TypeError."""
     if "targeted" in options:
         raise ValueError(f"{name}: {what}, got targeted={options['targeted']!r}; leave targeted out{instead}")
-    if options and not forwarded:
+    if options:
         raise TypeError(f"{name}() got an unexpected keyword argument {next(iter(options))!r}")
 
 

@@ -388,7 +388,14 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
         NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
         :func:`run_pgd`.
     """
-    name = "fab"
+    return _fab("fab", model, x, y, eps=eps, norm=norm, steps=steps, n_restarts=n_restarts, alpha_max=alpha_max,
+                eta=eta, beta=beta, targeted=targeted, n_target_classes=n_target_classes, clip_min=clip_min,
+                clip_max=clip_max, model_mode=model_mode, generator=generator)
+
+
+def _fab(name, model, x, y, *, eps, norm, steps, n_restarts, alpha_max, eta, beta, targeted, n_target_classes,
+         clip_min, clip_max, model_mode, generator):
+    """:func:`fab`, its errors naming ``name`` ("fab", or "fab_t" for :func:`fab_t` and ``FABT``, as apgd_t's)."""
     y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t = _check_fab_args(
         name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, beta, n_target_classes, clip_min, clip_max)
     check_flags(name, {"targeted": targeted})  # targeted="no" ran FAB-T
@@ -420,20 +427,25 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
     return x_adv
 
 
-def fab_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, **options):
-    """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (y are true labels).
+def fab_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, n_restarts=1, alpha_max=0.1, eta=1.05,
+          beta=0.9, clip_min=0.0, clip_max=1.0, model_mode="eval", generator=None, **options):
+    """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (y are true labels); its errors name
+    fab_t.
 
-    Args: model, x, y, eps, norm (default "linf"), steps (default 100), n_target_classes (default 9) as
-    :func:`fab`'s; options: its other keyword arguments (n_restarts, alpha_max, eta, beta, clip_min, clip_max,
-    model_mode, generator). Returns x_adv as :func:`fab`.
+    Args: model, x, y, eps, norm (default "linf"), steps (default 100), n_target_classes (default 9), n_restarts,
+    alpha_max, eta, beta, clip_min, clip_max, model_mode, generator as :func:`fab`'s; options: none, a
+    ``targeted=`` is refused with a ValueError saying why (a TypeError names any other). Returns x_adv as
+    :func:`fab`.
 
     Raises NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError as
     :func:`run_pgd`.
     """
-    refuse_targeted("fab_t", options, "FAB-T is always targeted (y are true labels; its targets are the runner-up "
-                    "classes)", ", or use fab for untargeted FAB", forwarded=True)
-    return fab(model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes, targeted=True,
-               **options)
+    name = "fab_t"
+    refuse_targeted(name, options, "FAB-T is always targeted (y are true labels; its targets are the runner-up "
+                    "classes)", ", or use fab for untargeted FAB")
+    return _fab(name, model, x, y, eps=eps, norm=norm, steps=steps, n_restarts=n_restarts, alpha_max=alpha_max,
+                eta=eta, beta=beta, targeted=True, n_target_classes=n_target_classes, clip_min=clip_min,
+                clip_max=clip_max, model_mode=model_mode, generator=generator)
 
 
 class FAB(Attack):
@@ -496,7 +508,7 @@ class FABT(Attack):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
 
     def forward(self, x, y):
-        return fab(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, n_restarts=self.n_restarts,
-                   alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, targeted=True,
-                   n_target_classes=self.n_target_classes, clip_min=self.clip_min, clip_max=self.clip_max,
-                   model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))
+        return fab_t(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, n_restarts=self.n_restarts,
+                     alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, n_target_classes=self.n_target_classes,
+                     clip_min=self.clip_min, clip_max=self.clip_max, model_mode=self.model_mode,
+                     generator=make_generator(self.seed, x, self.name))
