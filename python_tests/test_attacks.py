@@ -4725,6 +4725,19 @@ def test_autoattack_l1_standard_is_autoattacks_l1_set():
     assert torch.equal(fooled, ~result.robust)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_autoattack_l1_steps_its_schedule_cannot_split_are_refused_naming_autoattack(steps):
+    """AutoAttack(norm="l1", steps=1) was refused as 'apgd-t: use_largereps splits steps=1 ...', naming an attack and
+    an option its user had not given (its L1 version's APGD-T, built before APGD-CE)."""
+    model = make_model(3)
+    split = {1: "1, 1, -1", 2: "1, 1, 0", 4: "2, 2, 0"}[steps]
+    with pytest.raises(ValueError, match=rf"^autoattack: the L1 version's use_largereps \(APGD-CE's, APGD-T's\) "
+                                         rf"splits steps={steps} into {split} iterations at 3, 2, 1 x eps, none at "
+                                         r"eps; expected steps = 3 or >= 5$"):
+        attacks.AutoAttack(model, norm="l1", steps=steps)
+    assert [a.steps for a in attacks.AutoAttack(model, norm="l1", steps=3).attacks] == [3, 3]
+
+
 def test_cw_loss_is_clamped_at_the_confidence_kappa():
     """The CW objective: untargeted -max(z_y - max_{j != y} z_j, -kappa); targeted min(z_t - max_{j != t} z_j,
     kappa) -- flat (zero gradient) once the target wins by kappa, so the attack stops pushing."""

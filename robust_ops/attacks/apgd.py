@@ -300,17 +300,18 @@ def _apgd_stages(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, c
     return point, success, x_best_adv
 
 
-def check_largereps(name, use_largereps, norm, steps=None):
+def check_largereps(name, use_largereps, norm, steps=None, whose="use_largereps"):
     """``use_largereps`` is True or False, with norm "l1" only (AutoAttack's decr_eps_pgd asserts L1) and steps
-    (checked ones; None: not known yet) leaving the last stage (at eps) at least one iteration."""
+    (checked ones; None: not known yet) leaving the last stage (at eps) at least one iteration; ``whose``: the
+    schedule's words in that error (AutoAttack names its L1 version's, which its user did not ask for by name)."""
     if not isinstance(use_largereps, bool):
         raise ValueError(f"{name}: expected use_largereps to be True or False, got {use_largereps!r}")
     if use_largereps and norm != "l1":
         raise ValueError(f"{name}: use_largereps is AutoAttack's schedule for norm='l1' only, got norm={norm!r}")
     if use_largereps and steps is not None and largereps_schedule(steps)[-1][1] < 1:
         split = ", ".join(str(k) for _, k in largereps_schedule(steps))
-        raise ValueError(f"{name}: use_largereps splits steps={steps} into {split} iterations at 3, 2, 1 x eps, none "
-                         "at eps; expected steps = 3 or >= 5")
+        raise ValueError(f"{name}: {whose} splits steps={steps} into {split} iterations at 3, 2, 1 x eps, none at "
+                         "eps; expected steps = 3 or >= 5")
 
 
 def _best_loss_start(z, eps_t):

@@ -250,7 +250,7 @@ def autoattack_version(version, model, *, norm, eps, steps, n_target_classes, n_
     settings; an option given as None takes AutoAttack's value. Returns ``(attacks, unused)``: the attack objects in
     cascade order and the names of the given options none of them takes (n_target_classes and n_queries in "rand",
     n_queries in L1's "standard")."""
-    from .apgd import APGD, APGDT
+    from .apgd import APGD, APGDT, check_largereps
     from .fab import FAB, FABT
     from .square import Square
 
@@ -264,6 +264,8 @@ def autoattack_version(version, model, *, norm, eps, steps, n_target_classes, n_
     eot = eot_iter if eot_iter is not None else (EOT_ITER_RAND if version == "rand" else 1)
     shared = dict(eps=eps, norm=norm, steps=steps, seed=seed, **common)
     largereps = dict(use_largereps=True) if norm == "l1" else {}  # AutoAttack's L1 stages
+    if largereps:  # here, not in the first attack built with them (apgd-t's name, an attack not asked for by name)
+        check_largereps("autoattack", True, norm, steps, whose="the L1 version's use_largereps (APGD-CE's, APGD-T's)")
 
     def apgd(loss, n_restarts):
         return APGD(model, loss=loss, n_restarts=n_restarts, eot_iter=eot, **largereps, **shared)
