@@ -7014,6 +7014,28 @@ def test_attack_classes_refuse_a_bad_option_when_built_before_a_cascade_runs(cls
     assert not calls
 
 
+@pytest.mark.parametrize("cls, options", [("PGD", {}), ("BIM", {}), ("CW", dict(alpha=0.1)), ("FAB", {}), ("FABT", {}),
+                                          ("Square", {}), ("WhiteNoise", {}), ("APGD", {})])
+def test_a_cascade_refuses_an_attacks_linf_eps_wider_than_its_clip_range_before_any_attack_runs(cls, options):
+    """eps in 0-255 units (8 for 8/255) was refused only when the attack ran: in an AutoAttack list or an ensemble
+    after the attacks before it (all of APGD-CE's steps, 107 forwards on 64 samples before 'pgd: expected eps <= ...').
+    The cascade now checks it with the other options of each attack before any runs, in the attack's words."""
+    model = make_model(3)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    bad = getattr(attacks, cls)(model, eps=8, **options)
+    x, y = make_data(4, 3)
+    for run in (lambda: attacks.AutoAttack(model, attacks=[attacks.APGD(model, steps=3), bad]).run(x, y),
+                lambda: attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.1), bad])):
+        with pytest.raises(ValueError, match=rf"^{re.escape(bad.name)}: expected eps <= clip_max - clip_min = 1 for "
+                                             r"norm='linf', got eps up to 8 \(eps in 0-255 units\? "):
+            run()
+    assert not calls
+    # the attack's own clip range decides, as when it runs
+    wide = attacks.PGD(model, eps=8, steps=1, clip_max=255.0)
+    assert attacks.ensemble(model, x, y, [wide], clip_max=255.0).x_adv.shape == x.shape
+
+
 @pytest.mark.parametrize("key", ["steps", "n_target_classes", "n_queries", "seed", "eot_iter", "attacks_to_run"])
 def test_autoattack_reading_an_option_kept_by_its_attacks_says_where_it_is(key):
     """Setting aa.steps was refused by name, reading it was Python's bare "'AutoAttack' object has no attribute": the

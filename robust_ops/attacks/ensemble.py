@@ -96,12 +96,14 @@ def _on_samples(attack, part, n):
     return sub
 
 
-def _check_per_sample_options(attack, n, label, name):
+def _check_per_sample_options(attack, x, label, name):
     """An :class:`Attack`'s ``eps`` / ``alpha`` tensor (also inside an AutoAttack's list) must be one value or one per
     sample of the batch [n]: the cascade attacks subsets, so a tensor of another length reached the attack only as
-    long as a subset and ran there with the radii of other samples (or failed naming the subset's size)."""
+    long as a subset and ran there with the radii of other samples (or failed naming the subset's size). A number
+    eps must fit the attack's clip range for Linf too, checked as the attack checks it when run."""
     if not isinstance(attack, Attack):
         return
+    n = x.shape[0]
     for arg in PER_SAMPLE_OPTIONS:
         value = vars(attack).get(arg)
         if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != (n,):
@@ -114,10 +116,14 @@ def _check_per_sample_options(attack, n, label, name):
         if bad_number:
             raise ValueError(f"{name}: attack {label!r} has {arg}={value!r}; expected a finite number >= 0 or a "
                              f"tensor of shape [{n}], one per sample of x")
+        if arg == "eps" and value is not None and not torch.is_tensor(value):
+            # eps in 0-255 units (PGD(model, eps=8)) was refused only when run, after the attacks before it
+            eps_t = torch.tensor([float(value)], dtype=torch.promote_types(x.dtype, torch.float32))
+            check_linf_budget(attack.name, vars(attack).get("norm"), eps_t, attack.clip_min, attack.clip_max, eps=value)
     inner = vars(attack).get("attacks")
     if isinstance(inner, list):
         for a in inner:
-            _check_per_sample_options(a, n, label, name)
+            _check_per_sample_options(a, x, label, name)
 
 
 def _check_runs_on(attack, x, label, name):
@@ -213,7 +219,7 @@ def ensemble(model, x, y, attacks, *, cascade=True, model_mode="eval", clip_min=
     n = x.shape[0]
     for attack, label in zip(attacks, labels):  # before any attack runs: the cascade would otherwise stop minutes in
         _check_runs_on(attack, x, label, name)
-        _check_per_sample_options(attack, n, label, name)
+        _check_per_sample_options(attack, x, label, name)
     if model_check is not None and n:
         model_check(x[:batch_size or n])
     x_adv = x.clone()
