@@ -6999,6 +6999,14 @@ def test_apgd_classes_refuse_a_bad_option_when_built(cls, option, value, message
     ("BIM", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
     ("CW", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
     ("WhiteNoise", "trials", 0, r"expected trials to be an integer >= 1, got 0"),
+    # these too, since (found by the revB helper): each made 107 forwards (all of APGD-CE) before its refusal
+    ("FGSM", "loss", "xx", r"expected loss to be one of ce, cw or a callable \(out, y\) -> loss, got 'xx'"),
+    ("BIM", "loss", "xx", r"expected loss to be one of ce, cw or a callable \(out, y\) -> loss, got 'xx'"),
+    ("PGD", "loss", "xx", r"expected loss to be one of ce, cw or a callable \(out, y\) -> loss, got 'xx'"),
+    ("PGD", "early_stop", "no", r"expected early_stop to be False, True or an integer tau >= 0, got 'no'"),
+    ("PGD", "random_start", "no", r"expected random_start to be True or False, got 'no'"),
+    ("CW", "kappa", -1, r"expected kappa to be a finite number >= 0, got -1"),
+    ("CW", "random_start", "no", r"expected random_start to be True or False, got 'no'"),
 ])
 def test_attack_classes_refuse_a_bad_option_when_built_before_a_cascade_runs(cls, option, value, message):
     """As APGD's and APGDT's: these were checked only at the first call, so in an AutoAttack list (or ensemble)

@@ -8,9 +8,10 @@ import numbers
 
 import torch
 
-from .._options import fits_a_float
+from .._options import check_flags, fits_a_float
 from .base import Attack, refuse_positional_options
-from .core import check_draws, check_kappa, check_norm, check_step_moves, check_steps, run_pgd
+from .core import (check_draws, check_early_stop, check_kappa, check_loss, check_norm, check_step_moves, check_steps,
+                   run_pgd)
 
 
 def default_alpha(name, eps, steps, factor, x):
@@ -160,7 +161,7 @@ class FGSM(Attack):
     def __init__(self, model, eps=8 / 255, *positional, norm="linf", loss="ce", **options):
         refuse_positional_options(self.name, FGSM, positional)
         super().__init__(model, **options)
-        self.eps, self.norm, self.loss = eps, check_norm(self.name, norm), loss
+        self.eps, self.norm, self.loss = eps, check_norm(self.name, norm), check_loss(self.name, loss)
 
     def forward(self, x, y):
         return fgsm(self.model, x, y, eps=self.eps, norm=self.norm, loss=self.loss, targeted=self.targeted,
@@ -177,7 +178,7 @@ class BIM(Attack):
         super().__init__(model, **options)
         check_step_moves(self.name, eps, alpha)  # here, not at the first call, as the other attacks' settings
         check_steps(self.name, steps)
-        self.eps, self.alpha, self.steps, self.loss = eps, alpha, steps, loss
+        self.eps, self.alpha, self.steps, self.loss = eps, alpha, steps, check_loss(self.name, loss)
         self.norm = check_norm(self.name, norm)
 
     def forward(self, x, y):
@@ -201,10 +202,12 @@ class PGD(Attack):
         self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
         self.norm = check_norm(self.name, self.default_norm if norm is None else norm)
         # here, not at the first call: a seed beside random_start=False, a kappa beside loss="ce" did nothing
+        check_flags(self.name, {"random_start": random_start})  # "no" is true: it drew a start
         check_draws(self.name, "seed", seed, random_start)
-        check_kappa(self.name, kappa, loss)
+        check_kappa(self.name, kappa, check_loss(self.name, loss))
         check_step_moves(self.name, eps, alpha)
         check_steps(self.name, steps)
+        check_early_stop(self.name, early_stop)
         self.loss, self.kappa, self.early_stop, self.seed = loss, kappa, early_stop, seed
 
     def forward(self, x, y):
@@ -253,7 +256,9 @@ class CW(Attack):
         super().__init__(model, **options)
         if check_norm(self.name, norm) != "linf":
             raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
+        check_flags(self.name, {"random_start": random_start})
         check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
+        check_kappa(self.name, kappa)
         check_step_moves(self.name, eps, alpha, hint=" (torchattacks' CW(model, c, kappa, steps) puts its kappa here: "
                          "give CW-Linf's by keyword, e.g. CW(model, eps=8/255, steps=50, kappa=0.0))")
         check_steps(self.name, steps)
