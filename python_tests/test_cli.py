@@ -2714,6 +2714,41 @@ def test_reproduce_refusal_of_a_run_without_run_json_names_reproduces_way_on(sma
     assert "[seed0] loading (already trained) STD (standard, 2 epochs) ..." in capsys.readouterr().out
 
 
+def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(small_npz, tmp_path, capsys):
+    """A run folder whose run.json is gone was passed by the check of every run before any is trained, and refused by
+    fit only when its turn came: reproduce trained seed0 first, then ended '--epochs: .../seed1 holds 2 epochs of
+    training, more than --epochs 1'; demo trained Baseline before refusing AT's checkpoint. The checkpoint's own
+    record (its epochs, the settings fit compares) is checked with the others now."""
+    from robust_ops.cli import CLIError
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    out = tmp_path / "r"
+    run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=2, progress=False)
+    runs = out / "runs" / "std"
+    shutil.rmtree(runs / "seed0")
+    (runs / "seed1" / "run.json").unlink()
+    with pytest.raises(CLIError) as err:
+        run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=1, progress=False)
+    assert str(err.value).startswith(f"--epochs: {runs / 'seed1'} holds 2 epochs of training, more than --epochs 1")
+    assert not (runs / "seed0").exists()
+    run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=2, progress=False)  # the run's own settings
+    demo = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "standard,at", "--train-size", "32", "--out", demo,
+            "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu"]
+    assert run(argv + ["--epochs", "2"], capsys)[0] == 0
+    shutil.rmtree(demo / "runs" / "standard")
+    (demo / "runs" / "at" / "run.json").unlink()
+    for extra, words in ((["--epochs", "1"], f"--epochs: {demo / 'runs' / 'at'} holds 2 epochs of training, more "
+                                             "than the 1 of this command"),
+                         (["--epochs", "2", "--lr", "0.01"],
+                          f"--resume: {demo / 'runs' / 'at' / 'checkpoint.pt'} was trained with --lr 0.001, this "
+                          "command has --lr 0.01")):
+        rc, stdout, err = run(argv + extra + ["--resume"], capsys)
+        one_line_error(rc, err, words)
+        assert "training" not in stdout and not (demo / "runs" / "standard").exists()
+
+
 def test_resume_error_says_paper_schedule_for_either_of_its_settings_and_epochs_only_when_they_changed(tmp_path):
     """reproduce's refusal of a run that cannot continue: a changed early-stopping patience is --paper-schedule's, as a
     changed warm-up is; IMA's delta is blamed on --epochs only when the run was trained with other --epochs (a delta

@@ -972,10 +972,10 @@ def resume_conflict(out, run):
     from .data.core import trained_rare_classes
 
     out = Path(out)
-    if not (out / RUN_FILE).is_file():
-        return None
     if not (out / CHECKPOINT).is_file():  # stopped or failed before its first epoch: nothing to continue, a fresh start
         return None
+    if not (out / RUN_FILE).is_file():  # fit compares its checkpoint's own record: checked now, before other runs
+        return _checkpoint_conflict(out, run)
     old = read_run_file(out / RUN_FILE)
     old.setdefault("channels_last", False)  # runs written before the options trained NCHW, on ATen's convolutions
     old.setdefault("prepacked_conv", False)
@@ -1012,6 +1012,41 @@ def resume_conflict(out, run):
     if done > run["epochs"]:
         return "epochs", done, run["epochs"]
     return None
+
+
+# run.json's settings fit records in its checkpoints under the same name, as the same values
+CHECKPOINT_RESUME_KEYS = ("seed", "batch_size", "lr", "channels_last", "prepacked_conv", "warmup_epochs",
+                          "early_stopping")
+
+
+def _checkpoint_conflict(out, run):
+    """resume_conflict of RUN_DIR ``out`` holding a checkpoint without its run.json: the settings fit's checkpoint
+    records (those of CHECKPOINT_RESUME_KEYS, the defense's settings or, before it is built, the options ``run``
+    gives it, and its epochs), compared as fit compares them on resume; None for one it cannot read (fit names it)."""
+    from . import train as trainer
+
+    try:
+        state = trainer.load_checkpoint(out / CHECKPOINT)
+        config, done = state["config"], int(state["epoch"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    for key in CHECKPOINT_RESUME_KEYS:
+        if key in config and config[key] != run.get(key):
+            return key, config[key], run.get(key)
+    saved = json_options(config.get("defense_options") or {})
+    # train's record holds the defense's settings as built (defaults included, norm spelled as the defense does)
+    given = json_options(run.get("defense_settings") or run.get("defense_options") or {})
+    changed = sorted(k for k in given if k in saved and saved[k] != given[k])
+    if changed:
+        return "defense_options", {k: saved[k] for k in changed}, {k: given[k] for k in changed}
+    return ("epochs", done, run["epochs"]) if done > run["epochs"] else None
+
+
+def resume_record_file(out):
+    """The file holding RUN_DIR ``out``'s settings, which a --resume refusal names: its run.json, or its checkpoint
+    where that is gone (fit's record, which resume_conflict then compares)."""
+    out = Path(out)
+    return out / RUN_FILE if (out / RUN_FILE).is_file() else out / CHECKPOINT
 
 
 def is_main_process():
@@ -1123,14 +1158,16 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
     with run_folder_lock(out) if is_main_process() else contextlib.nullcontext():
         if resume:
             conflict = resume_conflict(out, run)
-            if conflict and conflict[0] == "epochs":
-                raise resume_refusal(out, *conflict, flags)
+            if conflict and refusal and not (out / RUN_FILE).is_file():  # the checkpoint's record: as fit's refusal
+                raise refusal(out / CHECKPOINT, *conflict)
+            if conflict and conflict[0] == "epochs":  # RUN_DIR, or the checkpoint where its run.json is gone
+                raise resume_refusal(out if (out / RUN_FILE).is_file() else out / CHECKPOINT, *conflict, flags)
             if conflict and conflict[0] == "split_by":
                 raise CLIError(f"--resume: {split_by_refusal(out, *conflict[1:])}; or train it again without --resume")
             if conflict and conflict[0] == "rare_classes":
                 raise CLIError(f"--resume: {rare_classes_refusal(out)}; or train it again without --resume")
             if conflict:
-                raise resume_refusal(out / RUN_FILE, *conflict, flags)
+                raise resume_refusal(resume_record_file(out), *conflict, flags)
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
             for name in trainer.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -1972,7 +2009,7 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
                         "--out")
     if key == "rare_classes":
         return CLIError(f"--resume: {rare_classes_refusal(run_dir)}; or rerun without --resume, or use another --out")
-    return resume_setting_error(run_dir / RUN_FILE, key, was, now, DEMO_FLAG_SETTINGS)
+    return resume_setting_error(resume_record_file(run_dir), key, was, now, DEMO_FLAG_SETTINGS)
 
 
 def cmd_demo(args):
