@@ -3355,6 +3355,24 @@ def test_demo_interrupted_while_evaluating_says_its_runs_are_trained_and_resume_
     rc, stdout, err = run(argv + ["--resume"], capsys)
     assert rc == 0 and (out / "results.json").is_file(), err
 
+
+def test_demo_names_a_finished_run_once_it_is_loaded(small_npz, tmp_path, capsys):
+    """demo --resume printed 'training AT ...' before fit refused AT's checkpoint (run.json gone: trained on 64
+    images, this command draws 48), a run it then did not train; a finished run is named once loaded, as reproduce's
+    '[seed0] loading (already trained) ...' is."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "at", "--epochs", "1", "--out", out, "--attacks", "fgsm",
+            "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--train-size"]
+    assert run(argv + ["64"], capsys)[0] == 0
+    (out / "runs" / "at" / "run.json").unlink()
+    rc, stdout, err = run(argv + ["48", "--resume"], capsys)
+    one_line_error(rc, err, f"{out / 'runs' / 'at' / 'checkpoint.pt'} was trained with num_samples=64")
+    assert "training AT" not in stdout, stdout
+    rc, stdout, err = run(argv + ["64", "--resume"], capsys)
+    assert rc == 0, err
+    assert "training AT ...\n  AT: " in stdout, stdout
+
+
 def test_demo_labels_every_registered_defense_upper_cased(small_npz, tmp_path, capsys):
     # only the default five had table labels: --methods at,mirst-dm,arfl gave the columns 'at', 'MIRST-DM', 'arfl'
     out = tmp_path / "demo"

@@ -2021,6 +2021,7 @@ def cmd_demo(args):
     from . import defenses
     from ._import_path import PATH_HINT, is_import_path
     from ._options import counted
+    from .train import epochs_done
 
     for m in methods:
         if is_import_path(m):  # your own class: imported now, so a wrong path fails before any training
@@ -2106,13 +2107,18 @@ def cmd_demo(args):
             with interrupts_unwrapped():
                 for m in methods:
                     label = demo_label(m)
-                    say(f"training {label} ...", flush=True)
+                    # a finished run is named once train_run loaded it: fit may still refuse its checkpoint
+                    trained = args.resume and epochs_done(out / "runs" / m) >= epochs
+                    if not trained:
+                        say(f"training {label} ...", flush=True)
                     model, _, _, result = train_run(
                         data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device, out=out / "runs" / m,
                         resume=args.resume, size=args.size, progress=not args.no_progress, splits=splits, label=label,
                         classes=args.classes, bit_depth=args.bit_depth, channels=args.channels,
                         dist_timeout=args.dist_timeout, flags=DEMO_FLAG_SETTINGS)
+                    if trained:
+                        say(f"training {label} ...", flush=True)
                     # the run's epochs, those a resumed run trained before too: this command's wall time gave a run
                     # --resume found finished the 0.1 s of loading it
                     timings[label] = sum(row.get("time_s", 0.0) for row in result.history)
