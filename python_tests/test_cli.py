@@ -1827,6 +1827,20 @@ def test_reproduce_says_once_per_run_that_its_evaluations_were_reused(tmp_path, 
     assert third.count(" reused from ") == 1 and "Standard training: evaluation (1 of 2 plans) reused from" in third
 
 
+def test_run_protocol_takes_a_protocols_name(tmp_path, capsys):
+    # run_protocol("arfl-moons", out=...) failed with "AttributeError: 'str' object has no attribute 'quick'"
+    from robust_ops.reproduce import PROTOCOLS, run_protocol
+
+    rows = run_protocol("arfl-moons", out=tmp_path / "r", quick=True, seeds=1, methods=["Standard training"],
+                        progress=False)
+    assert {r["method"] for r in rows} == {"Standard training"}
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["config"]["protocol"] == "arfl-moons"
+    with pytest.raises(ValueError, match=r"^run_protocol: unknown protocol 'arfl_moons'; expected one of "
+                                         rf"{', '.join(PROTOCOLS)} \(a key of PROTOCOLS\) or a Protocol$"):
+        run_protocol("arfl_moons", out=tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def test_eval_cache_keeps_one_entry_per_key_and_hands_out_copies(tmp_path):
     # --reevaluate puts fresh rows under a key the cache holds: they replace the old entry (kept beside it, the next
     # run's lookup found the stale rows first); run_protocol relabels the rows it gets, which must not reach the

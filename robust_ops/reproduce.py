@@ -781,7 +781,7 @@ def pick_methods(protocol, labels):
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
                  progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None,
                  paper_schedule=False, dist_timeout=None):
-    """Run ``protocol`` (one of ``PROTOCOLS``' values) and write its results into ``out``; returns the aggregated
+    """Run ``protocol`` (one of ``PROTOCOLS``' values, or its name, a key of it) and write its results into ``out``; returns the aggregated
     rows. The other arguments are ``robust-ops reproduce``'s options: ``quick`` (its smoke run); ``data``,
     ``epochs`` and ``seeds`` (how many runs: seeds or folds), None for the protocol's own; ``size`` (the image side
     of a folder / CSV ``data`` or a MedMNIST size variant; None: the data's default); ``device`` (a torch device);
@@ -806,6 +806,11 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
 
+    if isinstance(protocol, str):  # its name, as `robust-ops reproduce NAME` takes it
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"run_protocol: unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)} "
+                             "(a key of PROTOCOLS) or a Protocol")
+        protocol = PROTOCOLS[protocol]
     q = protocol.quick if quick else {}
     chosen = pick_methods(protocol, methods)
     data = data_spec(data or protocol.data)  # as run.json records it (results.json, the DATA note): not as typed
