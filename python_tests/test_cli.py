@@ -4480,6 +4480,23 @@ def test_classes_select_folders_and_reach_run_json_eval_resume_and_demo(tmp_path
     assert rc == 0, err  # demo's check before training compared the run's classes with none
 
 
+def test_resume_takes_a_folders_classes_in_any_case(tmp_path, capsys):
+    # a folder's classes match its folders in any case, and the run loads the same classes, but --resume compared
+    # them as typed: '--resume: RUN/run.json was trained with --classes malignant,normal, this command has --classes
+    # Malignant,NORMAL'
+    _folder(tmp_path / "d", classes=("benign", "malignant", "normal"))
+    out = tmp_path / "run"
+    argv = ["train", "--data", tmp_path / "d", "--size", "8", "--model", "mlp", "--out", out, "--no-progress",
+            "--device", "cpu", "--classes"]
+    assert run(argv + ["malignant,normal", "--epochs", "1"], capsys)[0] == 0
+    rc, _, err = run(argv + ["Malignant,NORMAL", "--epochs", "2", "--resume"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "metrics.json").read_text())[-1]["epoch"] == 2
+    rc, _, err = run(argv + ["Normal,Malignant", "--epochs", "2", "--resume"], capsys)  # another order: other labels
+    one_line_error(rc, err, "--resume:", "was trained with --classes Malignant,NORMAL, this command has --classes "
+                                         "Normal,Malignant")
+
+
 def test_classes_option_strips_spaces_around_names():
     # `--classes "nv, mel"` names the folders nv and mel, not " mel" (no such folder); an empty name is refused
     import argparse

@@ -993,6 +993,9 @@ def resume_conflict(out, run):
         was, now = old.get(key), run.get(key)
         if key == "split" and was and now:  # its size as given; the loaded image size is compared below
             was, now = ({k: v for k, v in record.items() if k != "size"} for record in (was, now))
+        if key == "classes" and was and now and (old.get("dataset") or {}).get("class_names") is not None \
+                and old["dataset"]["class_names"] == (run.get("dataset") or {}).get("class_names"):
+            was, now = ([c.lower() for c in classes] for classes in (was, now))  # folders: class names in any case
         if was != now:
             return key, old.get(key), run.get(key)
     # Known only once the data is loaded (reproduce's pre-check has neither) and absent from older run.json files;
