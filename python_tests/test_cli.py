@@ -351,8 +351,10 @@ def test_train_prints_an_eval_command_that_runs_as_printed(small_npz, tmp_path, 
 
 
 @pytest.mark.parametrize("defense, options, expected", [
-    ("ima", [], "--attacks pgdl2,apgd-ce:norm=l2 --eps 0.379,0.758,1.52"),  # the paper's rule at 1x28x28
+    # the paper's rule at 1x28x28, each radius exact: it printed 0.379,0.758,1.52 (past the trained 1.5155...)
+    ("ima", [], "--attacks pgdl2,apgd-ce:norm=l2 --eps 0.37888611415569196,0.7577722283113839,1.5155444566227678"),
     ("ima", ["--defense-opt", "eps_train=2"], "--attacks pgdl2,apgd-ce:norm=l2 --eps 0.5,1,2"),
+    ("ima", ["--defense-opt", "eps_train=4.5"], "--attacks pgdl2,apgd-ce:norm=l2 --eps 1.125,2.25,4.5"),  # not 1.12
     ("dpaat", ["--defense-opt", "steps=1"], "--attacks pgdl2,apgd-ce:norm=l2 --eps 0.075,0.15,0.3"),
     ("ima", ["--defense-opt", "norm=linf"], "--attacks fgsm,pgd,cw --eps 1/255,2/255,5/255"),
     ("gr", [], "--attacks fgsm,pgd,cw --eps 1/255,2/255,5/255")])  # GR's norm is its penalty's, no radius

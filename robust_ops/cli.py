@@ -1436,7 +1436,9 @@ def eval_threat_model(run, splits):
         radius = settings.get("eps")
     if radius is None:
         return "--attacks fgsm,pgd,cw --eps 1/255,2/255,5/255"
-    return f"--attacks pgdl2,apgd-ce:norm=l2 --eps {','.join(f'{radius * f:.3g}' for f in (0.25, 0.5, 1))}"
+    # each radius exact: 3 significant digits printed 1.12 for 1.125, and 1.52, past it, for IMA's 1.5155 at 1x28x28
+    radii = [f"{r:g}" if float(f"{r:g}") == r else repr(r) for r in (radius * f for f in (0.25, 0.5, 1))]
+    return f"--attacks pgdl2,apgd-ce:norm=l2 --eps {','.join(radii)}"
 
 
 # ----------------------------------------------------------------------------------------------- eval
