@@ -1596,11 +1596,19 @@ def test_mirst_dm_with_dropmax_all_trains_what_run_json_records(small_npz, tmp_p
         assert sum(isinstance(m, DropMax2d) for m in trained[-1].modules()) == expected
         assert sum(isinstance(m, DropMax2d) for m in cli.load_run(out)[0].modules()) == expected
         assert json.loads((out / "run.json").read_text())["dropmax"] == ("all" if expected == 2 else "first")
-    # a checkpoint without its run.json was rebuilt without drop-max and evaluated as another model
+    # a checkpoint without its run.json (fit's out_dir from Python) was rebuilt without drop-max and evaluated as
+    # another model, then refused with advice to put back a run.json fit never writes: it is rebuilt with the
+    # DropMax2d layers it records
     (out / "run.json").rename(tmp_path / "run.json")
-    with pytest.raises(cli.CLIError, match=r"checkpoint.pt: was trained with DropMax2d layers \['features.3'\], the "
-                                           r"model has \[\] \(rebuilt as small_cnn with dropmax 'none'\); put the "
-                                           r"run's run.json, which records its dropmax, beside the checkpoint$"):
+    net = cli.load_run(out / "checkpoint.pt", data=small_npz, model="small_cnn")[0]
+    assert [n for n, m in net.named_modules() if isinstance(m, DropMax2d)] == ["features.3"]
+    state = train.load_checkpoint(out / "checkpoint.pt")
+    state["config"]["drop_max_layers"] = ["features.7"]  # the second alone: made drop-max by hand, not by --dropmax
+    train.save_checkpoint(out / "checkpoint.pt", state)
+    with pytest.raises(cli.CLIError, match=r"checkpoint.pt: was trained with DropMax2d layers \['features.7'\], the "
+                                           r"model has \[\] \(rebuilt as small_cnn; --model makes the first "
+                                           r"max-pooling layer or all of them drop-max only\); evaluate the model it "
+                                           r"trained in Python: robust_ops.evaluate.evaluate$"):
         cli.load_run(out / "checkpoint.pt", data=small_npz, model="small_cnn")
 
 

@@ -1653,6 +1653,20 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
     from .train import drop_max_mismatch
 
     mismatch = drop_max_mismatch(net, state)
+    if mismatch is not None and not run:  # a bare checkpoint (fit's out_dir in Python): the layers it records
+        for which in ("first", "all"):
+            try:
+                rebuilt = make_model(model_name, splits.info, which)
+            except CLIError:  # no max pooling to replace
+                continue
+            if drop_max_mismatch(rebuilt, state) is None:
+                rebuilt.load_state_dict(weights)  # as net took them: pooling holds no weights
+                net, dropmax, mismatch = rebuilt, which, None
+                break
+        else:  # layers neither --dropmax rebuilds (a model made drop-max by hand)
+            raise CLIError(f"{ckpt}: {mismatch} (rebuilt as {model_name}; --model makes the first max-pooling layer "
+                           "or all of them drop-max only); evaluate the model it trained in Python: "
+                           "robust_ops.evaluate.evaluate")
     if mismatch is not None:  # the weights loaded, but the model would compute other outputs than the trained one
         raise CLIError(f"{ckpt}: {mismatch} (rebuilt as {model_name} with dropmax {dropmax!r}); put the run's "
                        f"{RUN_FILE}, which records its dropmax, beside the checkpoint")
