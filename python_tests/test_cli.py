@@ -2773,6 +2773,21 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
         assert "training" not in stdout and not (demo / "runs" / "standard").exists()
 
 
+def test_demo_checks_the_training_subset_of_a_run_without_run_json_first(small_npz, tmp_path, capsys):
+    # a checkpoint without run.json drawn by another --train-size was refused by fit at its turn, after the methods
+    # before it trained, as 'num_samples=64, this command has num_samples=48 (set by --data, --classes)'
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "standard,at", "--epochs", "1", "--out", out, "--attacks",
+            "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--train-size"]
+    assert run(argv + ["64"], capsys)[0] == 0
+    shutil.rmtree(out / "runs" / "standard")
+    (out / "runs" / "at" / "run.json").unlink()
+    rc, stdout, err = run(argv + ["48", "--resume"], capsys)
+    one_line_error(rc, err, f"--train-size: {out / 'runs' / 'at'} was trained on 64 training images, this command "
+                            "draws 48; rerun with the --train-size / --quick it was made with, or use another --out")
+    assert "training" not in stdout and not (out / "runs" / "standard").exists()
+
+
 def test_resume_error_says_paper_schedule_for_either_of_its_settings_and_epochs_only_when_they_changed(tmp_path):
     """reproduce's refusal of a run that cannot continue: a changed early-stopping patience is --paper-schedule's, as a
     changed warm-up is; IMA's delta is blamed on --epochs only when the run was trained with other --epochs (a delta
@@ -3381,18 +3396,22 @@ def test_demo_interrupted_while_evaluating_says_its_runs_are_trained_and_resume_
 
 
 def test_demo_names_a_finished_run_once_it_is_loaded(small_npz, tmp_path, capsys):
-    """demo --resume printed 'training AT ...' before fit refused AT's checkpoint (run.json gone: trained on 64
-    images, this command draws 48), a run it then did not train; a finished run is named once loaded, as reproduce's
+    """demo --resume printed 'training AT ...' before fit refused AT's checkpoint (run.json gone, and --data another
+    file of as many images), a run it then did not train; a finished run is named once loaded, as reproduce's
     '[seed0] loading (already trained) ...' is."""
+    arrays = dict(np.load(small_npz))
+    arrays["train_images"] = arrays["train_images"][::-1].copy()  # as many images, in another order
+    other = tmp_path / "smallbus_other.npz"
+    np.savez(other, **arrays)
     out = tmp_path / "demo"
-    argv = ["demo", "--data", small_npz, "--methods", "at", "--epochs", "1", "--out", out, "--attacks", "fgsm",
-            "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--train-size"]
-    assert run(argv + ["64"], capsys)[0] == 0
+    argv = ["demo", "--methods", "at", "--epochs", "1", "--out", out, "--attacks", "fgsm", "--eps", "2/255",
+            "--saliency", "0", "--no-progress", "--device", "cpu", "--train-size", "0", "--data"]
+    assert run(argv + [small_npz], capsys)[0] == 0
     (out / "runs" / "at" / "run.json").unlink()
-    rc, stdout, err = run(argv + ["48", "--resume"], capsys)
-    one_line_error(rc, err, f"{out / 'runs' / 'at' / 'checkpoint.pt'} was trained with num_samples=64")
+    rc, stdout, err = run(argv + [other, "--resume"], capsys)
+    one_line_error(rc, err, "train_data is not the data it was trained on")
     assert "training AT" not in stdout, stdout
-    rc, stdout, err = run(argv + ["64", "--resume"], capsys)
+    rc, stdout, err = run(argv + [small_npz, "--resume"], capsys)
     assert rc == 0, err
     assert "training AT ...\n  AT: " in stdout, stdout
 

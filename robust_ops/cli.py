@@ -1036,6 +1036,9 @@ def _checkpoint_conflict(out, run):
     for key in CHECKPOINT_RESUME_KEYS:
         if key in config and config[key] != run.get(key):
             return key, config[key], run.get(key)
+    # the training images counted (demo's --train-size subset; reproduce's own check has no count yet)
+    if run.get("train_samples") is not None and config.get("num_samples") not in (None, run["train_samples"]):
+        return "num_samples", config["num_samples"], run["train_samples"]
     saved = json_options(config.get("defense_options") or {})
     # train's record holds the defense's settings as built (defaults included, norm spelled as the defense does)
     given = json_options(run.get("defense_settings") or run.get("defense_options") or {})
@@ -2019,7 +2022,8 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
     if key == "epochs":
         return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than the {epochs} of this command"
                         f"{' (--quick)' if args.quick else ''}; rerun with --epochs {was} or use another --out")
-    if key == "train_samples":  # the subset changes with --train-size and --quick: another training set
+    if key in ("train_samples", "num_samples"):  # the subset changes with --train-size and --quick (num_samples: the
+        # count a checkpoint without run.json records): another training set
         return CLIError(f"--train-size: {run_dir} was trained on {was} training images, this command draws {now}"
                         f"{' (--quick)' if args.quick else ''}; rerun with the --train-size / --quick it was made "
                         "with, or use another --out")
