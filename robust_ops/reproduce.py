@@ -781,11 +781,11 @@ def pick_methods(protocol, labels):
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
                  progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None,
                  paper_schedule=False, dist_timeout=None):
-    """Run ``protocol`` (one of ``PROTOCOLS``' values, or its name, a key of it) and write its results into ``out``; returns the aggregated
-    rows. The other arguments are ``robust-ops reproduce``'s options: ``quick`` (its smoke run); ``data``,
-    ``epochs`` and ``seeds`` (how many runs: seeds or folds), None for the protocol's own; ``size`` (the image side
-    of a folder / CSV ``data`` or a MedMNIST size variant; None: the data's default); ``device`` (a torch device);
-    ``progress`` (per-epoch lines).
+    """Run ``protocol`` (one of ``PROTOCOLS``' values, or its name, a key of it) and write its results into
+    ``out``; returns the aggregated rows. The other arguments are ``robust-ops reproduce``'s options: ``quick`` (its
+    smoke run); ``data``, ``epochs`` and ``seeds`` (how many runs: seeds or folds), None for the protocol's own;
+    ``size`` (the image side of a folder / CSV ``data`` or a MedMNIST size variant; None: the data's default);
+    ``device`` (a torch device); ``progress`` (per-epoch lines).
 
     ``methods``: the labels of the methods to train and evaluate (default: all of the protocol's); the report shows
     the published numbers of the others beside no numbers of ours. ``bit_depth``: the scale of 16-bit image files
