@@ -113,6 +113,11 @@ def test_npz_labels_must_be_class_indices(tmp_path, as_official):
                                         r"expected class indices 0 to K-1 -- subtract 1 from every label$"):
         load_dataset(write_npz(tmp_path / "b.npz", **{f"{s}_labels": (np.arange(n) % 2 + 1).reshape(-1, 1)
                                                        for s, n in (("train", 12), ("val", 4), ("test", 6))}))
+    # without 0 but not every one of 1 to K-1 either, subtracting 1 would not make them indices: relabel them
+    with pytest.raises(DataError, match=r"c\.npz: labels run from 0 to 3, but 2 of those 4 classes have no sample "
+                                        r"\(the first: 0\); expected class indices 0 to K-1 -- relabel them$"):
+        load_dataset(write_npz(tmp_path / "c.npz", **{f"{s}_labels": (np.arange(n) % 2 * 2 + 1).reshape(-1, 1)
+                                                       for s, n in (("train", 12), ("val", 4), ("test", 6))}))
     with pytest.raises(DataError, match=r"o\.npz: expected at least two classes, got 1 \(labels: 0\)$"):
         load_dataset(write_npz(tmp_path / "o.npz", classes=1))
     s = load_dataset(as_official(write_npz(tmp_path / "breastmnist_64.npz", classes=1)))  # named: 2 classes
@@ -1276,11 +1281,22 @@ def test_busi_folders_of_a_split_made_beforehand_are_named_as_such(tmp_path):
                                         r"class folders \(melanoma, nevus in Test\); .* one folder per class "
                                         r"\(.*isic/<class>/\)"):
         load_dataset(root, size=8)
+    # the class folders listed are those of the split folder named
+    _class_folders(tmp_path / "isic2" / "Train", ("melanoma", "nevus"))
+    _class_folders(tmp_path / "isic2" / "Test", ("melanoma",))
+    with pytest.raises(DataError, match=r"isic2: its folders Test, Train .* \(melanoma in Test\)"):
+        load_dataset(tmp_path / "isic2", size=8)
+    # a lone Train/ is one folder given one level too high, told so after the two-class check
+    _class_folders(tmp_path / "isic3" / "Train", ("melanoma", "nevus"))
+    with pytest.raises(DataError, match=r"isic3: expected at least two class folders .* got \['train'\]; "
+                                        r".*isic3/Train holds the folders melanoma, nevus: point the data path at "):
+        load_dataset(tmp_path / "isic3", size=8)
     # so with the classes named: they were "class folder(s) melanoma, nevus not found (found: test, train)"
     with pytest.raises(DataError, match=r"isic: its folders Test, Train look like a train/val/test split"):
         load_dataset(root, size=8, classes=("melanoma", "nevus"))
     # a class folder that happens to be named so, holding its images directly, is a class as before
     _class_folders(tmp_path / "plain", ("test", "train"))
+    _class_folders(tmp_path / "plain" / "test", (".thumbs",))  # a hidden folder of images inside it is no class
     with pytest.warns(UserWarning, match="too small to stratify"):
         assert load_dataset(tmp_path / "plain", size=8).info.class_names == ("test", "train")
 
@@ -1324,7 +1340,12 @@ def test_busi_colour_images_keep_their_colour(tmp_path):
                                                (("Cancer-free", "Tumor"), "Tumor"),
                                                (("with cancer", "without cancer"), "with cancer"),
                                                (("tumor", "tumor_free"), "tumor"),
-                                               (("Disease Free", "Pneumothorax"), "Pneumothorax")])
+                                               (("Disease Free", "Pneumothorax"), "Pneumothorax"),
+                                               # both names hit a positive word: the negative word tells them apart
+                                               (("Cancer Negative", "Cancer Positive"), "Cancer Positive"),
+                                               # no Latin letter or digit to read words from, or both names
+                                               # negated: label 1, as any other pair no rule reads
+                                               (("α", "β"), "β"), (("no tumor", "tumor-free"), "tumor-free")])
 def test_binary_positive_class_without_a_malignant_name(tmp_path, classes, positive):
     """Label 1 alone would make "healthy" the positive class of disease/healthy, and "non-COVID" that of COVID /
     non-COVID (its sensitivity the recall of the negatives)."""
