@@ -566,11 +566,14 @@ def test_input_gradient_takes_the_inputs_layout_as_atens_whatever_grad_outputs(d
     assert ours.stride() == atens.stride()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's forward-mode AD imports it
 @pytest.mark.parametrize("strides", [(20, 1, 4, 1), (20, 20, 4, 1), (11, 1, 4, 1), (20, 7, 4, 1)])
 def test_a_one_channel_input_pooled_to_one_pixel_gets_its_gradient_in_its_own_layout(strides):
     """N x 1 x 1 x 1 indices are NCHW and channels_last with the same strides, so the backward op cannot read the
     input's layout from them: a channels_last one-channel input pooled to 1 x 1 got an NCHW gradient, strides
     (20, 20, 4, 1) where F.max_pool2d's is (20, 1, 4, 1). Eager, torch.func, compiled and max_pool2d alike."""
+    import torch.autograd.forward_ad as fwAD
+
     values = torch.randn(2, 1, 5, 4, generator=torch.Generator().manual_seed(0))
     x = torch.empty_strided(values.shape, strides).copy_(values).requires_grad_()
     grad = torch.randn(2, 1, 1, 1)
@@ -587,7 +590,14 @@ def test_a_one_channel_input_pooled_to_one_pixel_gets_its_gradient_in_its_own_la
         "compiled": torch.autograd.grad(torch.compile(pool, fullgraph=True, backend="aot_eager")(x), x, grad)[0],
         "max_pool2d": torch.autograd.grad(robust_ops.max_pool2d(x, 4), x, grad)[0],
     }
+    with fwAD.dual_level():  # forward-mode AD over the backward, its own branch of it
+        dual = torch.autograd.grad(pool(x), x, fwAD.make_dual(grad, torch.ones_like(grad)), create_graph=True)[0]
+        grads["forward-over-reverse"] = fwAD.unpack_dual(dual).primal
     assert {name: g.stride() for name, g in grads.items()} == dict.fromkeys(grads, atens)
+    # under vmap the input's layout is not read (is_contiguous(memory_format=torch.channels_last) is not implemented
+    # there): the gradient comes as without vmap
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: (pool(t) * grad).sum()))(x.detach().unsqueeze(0))
+    assert torch.equal(per_sample[0], grads["torch.func"])
 
 
 def test_the_one_pixel_layout_case_adds_no_guard_to_dynamic_shape_graphs():
