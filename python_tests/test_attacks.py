@@ -5397,6 +5397,9 @@ def test_torchattacks_and_autoattack_options_not_taken_here_say_what_to_do():
              ("n_classes", "verbose", "device", "log_path")),
             ("Square", lambda **kw: attacks.Square(model, **kw), ("resc_schedule", "n_restarts", "verbose")),
             ("PGD", lambda **kw: attacks.PGD(model, **kw), ("verbose", "device")),
+            # the classes with hints of their own keep these too
+            ("PGDL2", lambda **kw: attacks.PGDL2(model, **kw), ("verbose", "device")),
+            ("CW", lambda **kw: attacks.CW(model, **kw), ("verbose", "device")),
             ("attacks.build: apgd-t", lambda **kw: attacks.build("apgd-t", model, **kw), ("n_classes",))):
         for key in keys:
             with pytest.raises(ValueError, match=rf"^{owner}: unknown option '{key}'; it takes [^(]* \({key}: "
