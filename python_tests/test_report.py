@@ -576,6 +576,40 @@ def test_radius_figure_hides_tick_labels_that_would_overlap(tmp_path, monkeypatc
         assert shown_even == ["0"] + [f"{k}/255" for k in range(1, radii + 1)]
 
 
+def test_a_tick_label_is_hidden_only_where_its_rectangle_overlaps_the_last_one_kept(tmp_path, monkeypatch):
+    # the rule as _hide_overlapping_tick_labels words it: a label hidden beside one hidden before it, not beside the
+    # last one kept, lost a readable radius; and the labels' rectangles lie at their 45 degrees, along their text
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figures = _record_figures(monkeypatch)
+    for radii in ((0.5, 1, 2, 4, 8, 16, 32), range(1, 25)):  # 1/255 ... 24/255: each label overlaps the next
+        rows = [dict(_CLEAN_ROW, method="A")]
+        rows += [dict(_CLEAN_ROW, method="A", attack="pgd", norm="linf", eps=k / 255) for k in radii]
+        assert report.plot_metric_vs_radius(rows, tmp_path / "a.png")
+    for fig in figures:
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        kept, hidden = None, 0
+        for tick in fig.axes[0].xaxis.get_major_ticks():
+            visible = tick.label1.get_visible()
+            tick.label1.set_visible(True)  # a hidden text has no extent to measure
+            rectangle = report._label_rectangle(tick.label1, renderer)
+            if visible:
+                assert kept is None or not report._rectangles_overlap(kept, rectangle)
+                kept = rectangle
+            else:
+                hidden += 1
+                assert report._rectangles_overlap(kept, rectangle), tick.label1.get_text()
+        assert hidden
+    text = Figure().add_subplot().text(0.5, 0.5, "12/255", rotation=45)
+    centre, width, height, angle = report._label_rectangle(text, FigureCanvasAgg(text.figure).get_renderer())
+    assert angle == pytest.approx(math.pi / 4) and text.get_rotation() == 45 and width > 2 * height
+    for along, across, overlap in ((0.9, 0, True), (1.1, 0, False), (0, 0.9, True), (0, 1.1, False)):
+        shift = (along * width - across * height) / 2 ** 0.5, (along * width + across * height) / 2 ** 0.5
+        other = (centre[0] + shift[0], centre[1] + shift[1]), width, height, angle
+        assert report._rectangles_overlap((centre, width, height, angle), other) == overlap, (along, across)
+
+
 def test_radius_figure_skips_a_metric_undefined_in_every_row(tmp_path):
     # sensitivity on a test set without positives: an empty figure used to be written (and listed in report.md)
     rows = [{"method": "m", "attack": "none", "norm": None, "eps": 0.0, "sensitivity": math.nan},
