@@ -3416,6 +3416,35 @@ def test_demo_names_a_finished_run_once_it_is_loaded(small_npz, tmp_path, capsys
     assert "training AT ...\n  AT: " in stdout, stdout
 
 
+def test_demo_and_reproduce_name_a_run_whose_checkpoint_is_gone_as_one_to_train(small_npz, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """With a finished run's checkpoint.pt deleted and its metrics.json kept, fit trains the run afresh (and warns),
+    but reproduce then printed '[seed0] loading (already trained) STD ...' and demo --resume 'training AT ...' only
+    after training it: both counted the epochs metrics.json records. A run is finished only by its checkpoint now."""
+    from robust_ops import train
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    out = tmp_path / "r"
+    run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
+    (out / "runs" / "std" / "seed0" / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="training starts afresh"):
+        run_protocol(proto, out=out, data=str(small_npz), seeds=1, epochs=1, progress=False)
+    stdout = capsys.readouterr().out
+    assert "[seed0] training STD (standard, 1 epoch) ..." in stdout and "already trained" not in stdout, stdout
+    demo = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "at", "--epochs", "1", "--train-size", "16", "--out", demo,
+            "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu"]
+    assert run(argv, capsys)[0] == 0
+    (demo / "runs" / "at" / "checkpoint.pt").unlink()
+    fit = train.fit
+    monkeypatch.setattr(train, "fit", lambda *a, **k: (print("fit starts"), fit(*a, **k))[1])
+    rc, stdout, err = run(argv + ["--resume"], capsys)
+    assert rc == 0 and "training starts afresh" in err, err
+    assert "training AT ...\nfit starts\n" in stdout, stdout
+
+
 def test_demo_labels_every_registered_defense_upper_cased(small_npz, tmp_path, capsys):
     # only the default five had table labels: --methods at,mirst-dm,arfl gave the columns 'at', 'MIRST-DM', 'arfl'
     out = tmp_path / "demo"

@@ -1048,6 +1048,15 @@ def _checkpoint_conflict(out, run):
     return ("epochs", done, run["epochs"]) if done > run["epochs"] else None
 
 
+def checkpoint_epochs(run_dir):
+    """Epochs of training RUN_DIR's checkpoint holds, those --resume continues; 0 without one, whatever its
+    metrics.json records (fit then trains the run afresh, so demo and reproduce name it as a run to train)."""
+    from .train import epochs_done
+
+    run_dir = Path(run_dir)
+    return epochs_done(run_dir) if (run_dir / CHECKPOINT).is_file() else 0
+
+
 def resume_record_file(out):
     """The file holding RUN_DIR ``out``'s settings, which a --resume refusal names: its run.json, or its checkpoint
     where that is gone (fit's record, which resume_conflict then compares)."""
@@ -2044,7 +2053,6 @@ def cmd_demo(args):
     from . import defenses
     from ._import_path import PATH_HINT, is_import_path
     from ._options import counted
-    from .train import epochs_done
 
     for m in methods:
         if is_import_path(m):  # your own class: imported now, so a wrong path fails before any training
@@ -2131,7 +2139,7 @@ def cmd_demo(args):
                 for m in methods:
                     label = demo_label(m)
                     # a finished run is named once train_run loaded it: fit may still refuse its checkpoint
-                    trained = args.resume and epochs_done(out / "runs" / m) >= epochs
+                    trained = args.resume and checkpoint_epochs(out / "runs" / m) >= epochs
                     if not trained:
                         say(f"training {label} ...", flush=True)
                     model, _, _, result = train_run(

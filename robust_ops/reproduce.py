@@ -19,7 +19,7 @@ import torch
 
 from ._options import counted
 from .evaluate import AttackSpec
-from .train import epochs_done, tensors_sha256
+from .train import tensors_sha256
 
 __all__ = ["PROTOCOLS", "run_protocol"]  # what ``robust-ops reproduce NAME`` runs: run_protocol(PROTOCOLS[NAME], ...)
 
@@ -800,8 +800,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     by the model's weights, the test set and the attack plan, and reused when all three are unchanged (a resumed
     protocol does not re-attack the finished folds); ``reevaluate=True`` ignores them."""
     from . import defenses, report
-    from .cli import (CLIError, binary_only_error, data_spec, is_main_process, load_data, resume_conflict, run_record,
-                      train_run, write_results_to_out)
+    from .cli import (CLIError, binary_only_error, checkpoint_epochs, data_spec, is_main_process, load_data,
+                      resume_conflict, run_record, train_run, write_results_to_out)
     from .evaluate import evaluate
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
@@ -882,7 +882,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     for k, tag, record, splits, runs in plan:
         info = splits.info
         for method, options, run_dir in runs:
-            done = epochs_done(run_dir)
+            done = checkpoint_epochs(run_dir)  # 0 where it is gone: fit trains the run afresh
             doing = ("training" if done == 0 else f"resuming after epoch {done}:" if done < train_epochs
                      else "loading (already trained)")
             status = f"[{tag}] {doing} {method.label} ({method.defense}, {counted(train_epochs, 'epoch')}) ..."
