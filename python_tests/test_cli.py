@@ -2742,10 +2742,15 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
     """A run folder whose run.json is gone was passed by the check of every run before any is trained, and refused by
     fit only when its turn came: reproduce trained seed0 first, then ended '--epochs: .../seed1 holds 2 epochs of
     training, more than --epochs 1'; demo trained Baseline before refusing AT's checkpoint. The checkpoint's own
-    record (its epochs, the settings fit compares) is checked with the others now."""
+    record (its epochs, the settings fit compares) is checked with the others now; its training-set size too, which
+    reproduce left to fit (seed0 trained, then 'was trained with num_samples=64, this command has num_samples=48')."""
     from robust_ops.cli import CLIError
     from robust_ops.reproduce import run_protocol
 
+    arrays = dict(np.load(small_npz))
+    arrays.update(train_images=arrays["train_images"][:48], train_labels=arrays["train_labels"][:48])
+    fewer = tmp_path / "smallbus_fewer.npz"
+    np.savez(fewer, **arrays)
     proto = _tiny_protocol("seeds", [("STD", "standard")])
     out = tmp_path / "r"
     run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=2, progress=False)
@@ -2755,6 +2760,10 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
     with pytest.raises(CLIError) as err:
         run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=1, progress=False)
     assert str(err.value).startswith(f"--epochs: {runs / 'seed1'} holds 2 epochs of training, more than --epochs 1")
+    assert not (runs / "seed0").exists()
+    with pytest.raises(CLIError) as err:  # another --data, of fewer training images
+        run_protocol(proto, out=out, data=str(fewer), seeds=2, epochs=2, progress=False)
+    assert "num_samples=64, this command has num_samples=48" in str(err.value)
     assert not (runs / "seed0").exists()
     run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=2, progress=False)  # the run's own settings
     demo = tmp_path / "demo"

@@ -1036,7 +1036,7 @@ def _checkpoint_conflict(out, run):
     for key in CHECKPOINT_RESUME_KEYS:
         if key in config and config[key] != run.get(key):
             return key, config[key], run.get(key)
-    # the training images counted (demo's --train-size subset; reproduce's own check has no count yet)
+    # the training images counted (demo's --train-size subset; another --data of reproduce)
     if run.get("train_samples") is not None and config.get("num_samples") not in (None, run["train_samples"]):
         return "num_samples", config["num_samples"], run["train_samples"]
     saved = json_options(config.get("defense_options") or {})

@@ -864,7 +864,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 epochs=train_epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
                 dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth, channels=channels,
                 classes=classes, prepacked_conv=prepacked_conv_resolved(None), warmup_epochs=warmup,
-                early_stopping=patience, info=splits.info))  # info: image size, class counts
+                early_stopping=patience, info=splits.info,  # info: image size, class counts
+                train_samples=len(splits.train)))  # a checkpoint without run.json: fit's count, compared now
             if conflict:
                 conflicts.append((run_dir, conflict))
             runs.append((method, options, run_dir))
