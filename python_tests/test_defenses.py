@@ -376,6 +376,28 @@ def test_llr_linearity_gap_vanishes_at_the_clean_point_in_the_attack_mode(monkey
     assert float(gaps[0].abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["at", "sat", "trades", "rst", "llr", "mart", "fat", "amat", "dpaat", "arfl"])
+def test_an_eval_mode_attack_reads_the_running_statistics_the_step_started_with(monkeypatch, name):
+    """A defense's attack in attack_mode="eval" runs on BatchNorm's running statistics as the step found them: it comes
+    before the training forwards, which move them toward the batch (as AT's, SAT's and ARFL's). LLR took its clean
+    training forward (for the input gradient) first, so its attack ran on statistics already moved 10% toward the very
+    batch it attacked, another model than every other defense's attack sees at that step."""
+    from robust_ops.defenses._common import PGDDefense
+
+    model = _bn_model_off_its_statistics(2)
+    start = model[1].running_mean.clone()
+    seen, attack = [], PGDDefense.attack
+
+    def spy(self, *args, **kwargs):
+        seen.append(model[1].running_mean.clone())
+        return attack(self, *args, **kwargs)
+
+    monkeypatch.setattr(PGDDefense, "attack", spy)
+    defenses.build(name, steps=1, attack_mode="eval")(model, *_batch())
+    assert seen and all(torch.equal(s, start) for s in seen)
+    assert not torch.equal(model[1].running_mean, start)  # the training forwards did move them
+
+
 def test_dpaat_radius_rule_and_guard():
     d = DPAAT()
     norms = torch.tensor([0.3, 0.3, 0.3])

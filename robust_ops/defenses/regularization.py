@@ -111,18 +111,21 @@ class LLR(PGDDefense):
         if self.lam == 0 and self.mu == 0:
             # standard training exactly: no attack (its forwards would still move BatchNorm's statistics)
             return Standard.__call__(self, model, x, y)
-        logits, losses, grad, _ = _input_gradient(self.name, model, x, y)
         net = unwrap(model)
-        ref_losses, ref_grad = losses.detach(), grad.detach()
         attack_training = self.attack_mode == "train"
+        x_adv = None
         if self.attack_mode != "keep" and any(m.training != attack_training for m in net.modules()):
             # g must vanish at delta = 0 in the mode the inner maximum runs in (eval-mode BatchNorm differs from
-            # the training forward above), so its l(x) and grad are taken again in that mode. Every module counts:
-            # reading net.training alone reused them for a training model with a frozen (eval) BatchNorm.
+            # the training forward), so its l(x) and grad are taken in that mode. Every module counts: reading
+            # net.training alone reused the training forward's for a training model with a frozen (eval) BatchNorm.
+            # Before the training forward, as SAT's and ARFL's attacks: it moves BatchNorm's running statistics, so
+            # the eval-mode attack ran on statistics already moved toward the batch it attacked.
             with use_model_mode(net, self.attack_mode):
                 _, ref_losses, ref_grad, _ = _input_gradient(self.name, net, x, y, create_graph=False)
-            ref_losses, ref_grad = ref_losses.detach(), ref_grad.detach()
-        x_adv = self.ascend(_LinearityGap(net, x.detach(), y, ref_losses, ref_grad), x).x_adv
+            x_adv = self.ascend(_LinearityGap(net, x.detach(), y, ref_losses.detach(), ref_grad.detach()), x).x_adv
+        logits, losses, grad, _ = _input_gradient(self.name, model, x, y)
+        if x_adv is None:  # the attack runs in the training forward's mode: its l(x) and grad serve
+            x_adv = self.ascend(_LinearityGap(net, x.detach(), y, losses.detach(), grad.detach()), x).x_adv
         delta = (x_adv - x).detach()
         adv_losses = per_sample_ce(model(x + delta), y)
         first_order = (delta * grad).flatten(1).sum(1)
