@@ -2097,15 +2097,20 @@ def test_module_keeps_an_explicit_auto_backend_whatever_the_environment_says(mon
     assert requested == [("drop_max_pool2d", "auto")] and "backend='auto'" in repr(pool)
 
 
+@pytest.mark.parametrize("size, args", [((9, 7), (3, 2, 1)), ((1, 1), (2, 1, 1))])
 @pytest.mark.parametrize("backend", ["native", "reference"])
-def test_unbatched_output_is_contiguous_as_max_pool2ds_for_an_hwc_image(backend):
+def test_unbatched_output_is_contiguous_as_max_pool2ds_for_an_hwc_image(backend, size, args):
     # F.max_pool2d pools a (C, H, W) input into a contiguous output whatever its strides; an HWC image viewed as CHW
     # (permute(2, 0, 1), as from numpy or PIL) is channels_last once unsqueezed, and came out HWC-strided here, so a
-    # DropMax2d in place of nn.MaxPool2d changed the layout a later view() of the output relies on.
-    x = torch.randn(9, 7, 3).permute(2, 0, 1).requires_grad_()
-    out = robust_ops.drop_max_pool2d(x, 3, 2, 1, backend=backend)
-    assert_verbose_equal(out, robust_ops.drop_max_pool2d(x.detach().contiguous(), 3, 2, 1, backend=backend))
-    assert out.stride() == F.max_pool2d(x, 3, 2, 1).stride()
+    # DropMax2d in place of nn.MaxPool2d changed the layout a later view() of the output relies on. A 1 x 1 one is
+    # contiguous already, with strides (1, 3, 3) that contiguous() kept: its padded 3 x 2 x 2 output came out with
+    # strides (1, 6, 3) until 2026-12-07.
+    x = torch.randn(*size, 3).permute(2, 0, 1).requires_grad_()
+    out = robust_ops.drop_max_pool2d(x, *args, backend=backend)
+    assert_verbose_equal(out, robust_ops.drop_max_pool2d(x.detach().contiguous(), *args, backend=backend))
+    aten = F.max_pool2d(x, *args)
+    assert out.stride() == aten.stride()
     out.view(-1)  # what nn.MaxPool2d's output allows
-    (grad,) = torch.autograd.grad(out, x, torch.randn(out.shape))
-    assert grad.shape == x.shape
+    grad_output = torch.randn(out.shape)
+    (grad,) = torch.autograd.grad(out, x, grad_output)
+    assert grad.shape == x.shape and grad.stride() == torch.autograd.grad(aten, x, grad_output)[0].stride()

@@ -288,11 +288,14 @@ def test_input_gradient_takes_the_inputs_layout_as_atens_whatever_grad_outputs(f
     assert ours.stride() == theirs.stride()
 
 
-def test_unbatched_output_is_contiguous_as_atens_for_an_hwc_image():
+@pytest.mark.parametrize("size, args", [((9, 7), (3, 2, 1)), ((1, 1), (2, 1, 1))])
+def test_unbatched_output_is_contiguous_as_atens_for_an_hwc_image(size, args):
     # ATen pools a (C, H, W) input into a contiguous output whatever its strides; an HWC image viewed as CHW
-    # (permute(2, 0, 1), as from numpy or PIL) is channels_last once unsqueezed, and came out HWC-strided here.
-    x = torch.randn(9, 7, 3).permute(2, 0, 1).requires_grad_()
-    out, ref = robust_ops.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1)
+    # (permute(2, 0, 1), as from numpy or PIL) is channels_last once unsqueezed, and came out HWC-strided here. A
+    # 1 x 1 one is contiguous already, with strides (1, 3, 3) that contiguous() kept: its padded 3 x 2 x 2 output
+    # came out with strides (1, 6, 3) until 2026-12-07.
+    x = torch.randn(*size, 3).permute(2, 0, 1).requires_grad_()
+    out, ref = robust_ops.max_pool2d(x, *args), F.max_pool2d(x, *args)
     assert_verbose_equal(out, ref)
     assert out.stride() == ref.stride()
     grad = torch.randn(ref.shape)

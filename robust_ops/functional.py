@@ -92,9 +92,11 @@ def _functorch_autodiff(x):
 def _as_batch(input):
     """(a batch of the pooling input, whether it was one (C, H, W) input). ATen pools a (C, H, W) input into a
     contiguous output whatever its strides: an HWC image viewed as CHW (permute(2, 0, 1)) is channels_last once
-    unsqueezed, and pooled HWC-strided."""
+    unsqueezed, and pooled HWC-strided. flatten + view, not unsqueeze: contiguous() keeps the strides of size-1
+    dimensions, so a 1 x 1 HWC image viewed as CHW, C x 1 x 1 of strides (1, C, C), stayed channels_last once
+    unsqueezed (strides (C, 1, C, C)) and, padded, pooled into a non-contiguous output."""
     unbatched = input.dim() == 3
-    return (input.contiguous().unsqueeze(0) if unbatched else input), unbatched
+    return (input.contiguous().flatten().view((1,) + tuple(input.shape)) if unbatched else input), unbatched
 
 
 def drop_max_pool2d(
