@@ -6966,6 +6966,21 @@ def test_fab_steps_along_the_finite_entries_of_an_input_gradient_holding_nan(nor
     assert torch.equal(adv, plain)
 
 
+@pytest.mark.parametrize("targeted", [False, True])
+def test_apgd_l1_steps_along_the_finite_entries_of_an_input_gradient_holding_nan(targeted):
+    """L1-APGD's sparse step sorted |g|, NaN on top: a NaN entry took a top-k slot and moved nothing, and once such
+    entries filled the share the step was 0 (a ReLU net on sqrt(x * mask), 96 of 256 pixels masked: APGD-L1 broke
+    0 of 64 samples at eps 6, 64 since). NaN and Inf count as 0, as in the L2 steps: the points are the plain
+    model's, whose gradient is 0 there."""
+    x, y = make_data(6, 3)
+    x[:, 0, 0, 0] = 0.0
+    run = attacks.apgd_t if targeted else attacks.apgd
+    points = [run(_NaNPixelGradient(nan), x, y, eps=3.0, norm="l1", steps=8, generator=torch.Generator().manual_seed(0))
+              for nan in (True, False)]
+    assert bool((points[1] != x).flatten(1).any(1).any())  # the plain model's APGD breaks some sample
+    assert torch.equal(points[0], points[1])
+
+
 @pytest.mark.parametrize("cls, option, value, message", [
     ("APGD", "loss", "dlr-targeted", r"expected loss to be one of ce, dlr, cw, got 'dlr-targeted'"),
     ("APGD", "steps", 0, r"expected steps to be an integer >= 1, got 0"),

@@ -194,7 +194,8 @@ def _apgd_run(model, x, y, target, loss, eps_t, norm, steps, rho, clip_min, clip
             g = g + g_pass
         if eot_iter > 1:  # AutoAttack's arithmetic, a sum then one division: a deterministic model gives its points
             g = (g / float(eot_iter)).to(xg.dtype)
-        if norm == "l2":  # a NaN or Inf entry made the L2 step's point NaN (finite_direction)
+        if norm != "linf":  # a NaN or Inf entry made the L2 step's point NaN (finite_direction); the L1 step's sort
+            # put NaN entries on top, and once they filled its top-k share the step moved nothing
             g = finite_direction(g)
         # loss and success from the last pass, as AutoAttack's
         pred = predict_from_output(out.detach())
