@@ -2859,6 +2859,28 @@ def test_fab_t_and_fabt_name_fab_t_in_their_errors_when_run_as_apgd_t_and_apgdt_
             attacks.fab_t(model, x, y, eps=0.1)
 
 
+def test_pgdl2_names_pgdl2_in_its_errors_when_run():
+    """PGDL2's call ran pgd, so its errors named pgd: PGDL2(model)(x + 1, y) said 'pgd: expected x inside the clip
+    range', PGDL2(model, eps=-1.0)(x, y) 'pgd: expected eps >= 0 and finite', where its build-time errors and seed
+    name pgdl2 (as FABT's name fab_t); PGD's and pgd's keep pgd."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    for make, name in ((attacks.PGDL2, "pgdl2"), (attacks.PGD, "pgd")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected x inside the clip range"):
+            make(model, steps=1)(x + 1, y)
+        with pytest.raises(ValueError, match=rf"^{name}: expected eps >= 0 and finite, got -1.0$"):
+            make(model, eps=-1.0, steps=1)(x, y)
+        with pytest.raises(ValueError, match=rf"^{name}: expected alpha to be a number or a tensor of shape \[2\]"):
+            make(model, alpha=torch.full((3,), 0.1), steps=1)(x, y)
+        with pytest.raises(ValueError, match=rf"^{name}: expected labels in \[0, 3\)"):
+            make(model, steps=1)(x, y + 3)
+    with pytest.raises(ValueError, match=r"^pgd: expected eps >= 0 and finite, got -1.0$"):
+        attacks.pgd(model, x, y, eps=-1.0, norm="l2", steps=1)
+    assert torch.equal(attacks.PGDL2(model, steps=2, seed=0)(x, y),  # the same points
+                       attacks.pgd(model, x, y, eps=1.0, alpha=0.2, steps=2, norm="l2",
+                                   generator=torch.Generator().manual_seed(0)))
+
+
 def test_fab_t_refuses_a_targeted_argument_by_name():
     """fab_t is FAB-T, always targeted: its targeted=False met Python's "fab() got multiple values for keyword
     argument 'targeted'", naming neither fab_t nor the untargeted attack to use instead."""
@@ -4890,7 +4912,7 @@ def test_an_int_eps_or_alpha_past_floats_range_is_refused_naming_it():
     # a float past float32's largest (1e40) met torch.full's "value cannot be converted to type float without
     # overflow" in per_sample (found by the GPU-sync auditor); float64 inputs take it
     largest = r"3\.403e\+38, the largest float32 \(the attack's precision for torch\.float32 inputs\), got 1e\+40$"
-    with pytest.raises(ValueError, match=rf"^pgd: expected eps <= {largest}"):
+    with pytest.raises(ValueError, match=rf"^pgdl2: expected eps <= {largest}"):
         attacks.PGDL2(model, eps=1e40, steps=1)(x, y)
     with pytest.raises(ValueError, match=rf"^pgd: expected alpha <= {largest}"):
         attacks.pgd(model, x, y, eps=1.0, alpha=1e40, norm="l2", steps=1)
@@ -5212,7 +5234,8 @@ def test_an_attack_object_given_x_that_is_no_tensor_names_x(cls):
     x, y = make_data(n=2)
     for seed in (None, 0):
         extra = {"random_start": True} if cls is attacks.CW else {}
-        with pytest.raises(TypeError, match=r"^[a-z_]+: expected x to be a floating-point tensor, got <class 'list'>$"):
+        with pytest.raises(TypeError, match=r"^[a-z0-9_]+: expected x to be a floating-point tensor, got "
+                                            r"<class 'list'>$"):
             cls(model, eps=0.03, seed=seed, **extra)(x.tolist(), y)
 
 

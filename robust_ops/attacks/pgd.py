@@ -89,13 +89,21 @@ def pgd(model, x, y, *, eps, alpha=None, steps=10, norm="linf", random_start=Tru
 
         >>> x_adv, its = robust_ops.attacks.pgd(model, x, y, eps=5 / 255, alpha=0.001, steps=10, emit=(2, 4, 6, 8))
     """
-    steps = check_steps("pgd", steps)
-    check_draws("pgd", "generator", generator, random_start)
+    return _pgd("pgd", model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, loss=loss,
+                targeted=targeted, kappa=kappa, emit=emit, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max,
+                model_mode=model_mode, generator=generator)
+
+
+def _pgd(name, model, x, y, *, eps, alpha, steps, norm, random_start, loss, targeted, kappa, emit, early_stop,
+         clip_min, clip_max, model_mode, generator):
+    """:func:`pgd`, its errors naming ``name`` ("pgd", or "pgdl2" for ``PGDL2``, whose errors named pgd when run)."""
+    steps = check_steps(name, steps)
+    check_draws(name, "generator", generator, random_start)
     if alpha is None:
-        alpha = default_alpha("pgd", eps, steps, 2.5, x)
+        alpha = default_alpha(name, eps, steps, 2.5, x)
     res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start, loss=loss,
                   targeted=targeted, kappa=kappa, emit=emit, early_stop=early_stop, clip_min=clip_min,
-                  clip_max=clip_max, model_mode=model_mode, generator=generator, name="pgd")
+                  clip_max=clip_max, model_mode=model_mode, generator=generator, name=name)
     return (res.x_adv, res.iterates) if emit is not None else res.x_adv
 
 
@@ -211,10 +219,10 @@ class PGD(Attack):
         self.loss, self.kappa, self.early_stop, self.seed = loss, kappa, early_stop, seed
 
     def forward(self, x, y):
-        return pgd(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
-                   random_start=self.random_start, loss=self.loss, targeted=self.targeted, kappa=self.kappa,
-                   early_stop=self.early_stop, clip_min=self.clip_min, clip_max=self.clip_max,
-                   model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))
+        return _pgd(self.name, self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
+                    random_start=self.random_start, loss=self.loss, targeted=self.targeted, kappa=self.kappa, emit=None,
+                    early_stop=self.early_stop, clip_min=self.clip_min, clip_max=self.clip_max,
+                    model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))
 
 
 class PGDL2(PGD):
