@@ -7063,6 +7063,30 @@ def test_attack_classes_refuse_a_bad_option_when_built_before_a_cascade_runs(cls
     assert not calls
 
 
+@pytest.mark.parametrize("cls, options, name", [
+    ("PGD", {}, "pgd"), ("PGDL2", {}, "pgdl2"), ("CW", dict(random_start=True), "cw"), ("APGD", {}, "apgd-ce"),
+    ("APGD", dict(loss="dlr"), "apgd-dlr"), ("APGDT", {}, "apgd-t"), ("FAB", {}, "fab"), ("FABT", {}, "fab-t"),
+    ("Square", {}, "square"), ("WhiteNoise", {}, "noise"), ("AutoAttack", {}, "autoattack")])
+def test_attack_classes_refuse_a_bad_seed_when_built(cls, options, name):
+    """A seed was checked only when the attack drew its first number, so in an AutoAttack list PGD(model, seed="0")
+    stopped the cascade once the attacks before it had run (12 forwards of a 5-step APGD-CE on 6 samples, then
+    'pgd: expected seed to be an int or None, got str'), as seed=1.5 or 2**70; AutoAttack(model, seed="0") was
+    refused in its APGD-T's name. Now checked when built, as the other options, in the class's name."""
+    model = make_model(3)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    make = getattr(attacks, cls)
+    for seed, error, message in (("0", TypeError, "expected seed to be an int or None, got str"),
+                                 (1.5, TypeError, "expected seed to be an int or None, got float"),
+                                 (2 ** 70, ValueError, r"expected seed in \[-2\*\*63, 2\*\*64\), got "
+                                                       r"1180591620717411303424")):
+        with pytest.raises(error, match=rf"^{re.escape(name)}: {message}$"):
+            make(model, seed=seed, **options)
+    assert not calls
+    make(model, seed=None, **options)
+    make(model, seed=2 ** 64 - 1, **options)
+
+
 @pytest.mark.parametrize("cls, options", [("PGD", {}), ("BIM", {}), ("CW", dict(alpha=0.1)), ("FAB", {}), ("FABT", {}),
                                           ("Square", {}), ("WhiteNoise", {}), ("APGD", {})])
 def test_a_cascade_refuses_an_attacks_linf_eps_wider_than_its_clip_range_before_any_attack_runs(cls, options):

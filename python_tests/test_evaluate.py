@@ -903,8 +903,8 @@ def test_attack_errors_at_other_radii_are_eval_errors(ensemble):
 
 
 def test_a_bad_option_value_of_a_spec_object_is_an_eval_error():
-    # AttackSpec objects skip parse_attacks' dry run: an option value the attack refuses only when run, with a
-    # TypeError (pgd's seed="x"), ends as an EvalError naming attacks, as a ValueError does
+    # AttackSpec objects skip parse_attacks' dry run: an option value the attack refuses with a TypeError (pgd's
+    # seed="x", when built since 2026-12-07, before only when run) ends as an EvalError naming attacks, as a ValueError
     with pytest.raises(EvalError, match=r"^attacks: pgd: expected seed to be an int or None, got str$") as err:
         evaluate(tiny_model(), tiny_data(8), INFO, attacks=[AttackSpec("pgd", {"seed": "x", "steps": 1})], eps=[0.1])
     assert err.value.arg == "attacks"

@@ -15,6 +15,7 @@ from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_
 from .context import (attack_context, check_attack_output, check_inputs, looks_like_probabilities,
                       one_probabilities_warning, predict_from_output, recorded_bounds, values_within,
                       warn_probabilities)
+from .pgd import check_seed
 
 
 # AutoAttack's standard settings (Croce & Hein 2020), for the options not given
@@ -428,6 +429,7 @@ class AutoAttack(Attack):
             # after APGD-CE, APGD-T and FAB-T had run
             if options[key] is not None:
                 check_steps(self.name, options[key], key)
+        check_seed(self.name, seed)  # in its own name, not in that of the first attack built with it
         if attacks is None:
             self.attacks, unused = autoattack_version(version, model, norm=norm, eps=eps, **options, **common)
             self._built = list(self.attacks)

@@ -25,7 +25,7 @@ from .context import (attack_context, check_gradients_possible, check_inputs, ch
                       predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, finite_direction, forward,
                    per_sample, refuse_targeted, runner_up_targets)
-from .pgd import make_generator
+from .pgd import check_seed, make_generator
 
 # "no adversarial found yet" as the reference writes it: any real distance is smaller
 NOT_FOUND = 1e10
@@ -472,6 +472,7 @@ class FAB(Attack):
         self.multi_targeted, self.n_classes, self.seed = multi_targeted, n_classes, seed
         # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
         _check_fab_options(self.name, norm, steps, n_restarts, 1, alpha_max, eta, beta)
+        check_seed(self.name, seed)
 
     def check_input_dtype(self, x):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
@@ -503,6 +504,7 @@ class FABT(Attack):
         self.alpha_max, self.eta, self.beta, self.seed = alpha_max, eta, beta, seed
         # as FAB's
         _check_fab_options(self.name, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta)
+        check_seed(self.name, seed)
 
     def check_input_dtype(self, x):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))

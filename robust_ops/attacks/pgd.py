@@ -27,16 +27,25 @@ def default_alpha(name, eps, steps, factor, x):
     return float(eps) * factor / steps
 
 
-def make_generator(seed, x, name="attack"):
-    """A torch.Generator seeded with ``seed`` on the device of the inputs ``x`` (None: the global RNG); errors name the
-    attack ``name``. Called before the attack checks ``x``: an x that is no tensor (a list) failed here with
-    "'list' object has no attribute 'device'", where the attack's own check names x and what it takes."""
+def check_seed(name, seed):
+    """``seed``: None or an int in manual_seed's range (errors name the attack ``name``), returned. The attack classes
+    check it when built, as their other options: checked only by :func:`make_generator` at the first call, a bad seed
+    stopped an AutoAttack list once the attacks before it had run."""
     if seed is None:
         return None
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"{name}: expected seed to be an int or None, got {type(seed).__name__}")
     if not -2 ** 63 <= seed < 2 ** 64:  # manual_seed's range; beyond it torch's bare "Overflow when unpacking long"
         raise ValueError(f"{name}: expected seed in [-2**63, 2**64), got {seed}")
+    return seed
+
+
+def make_generator(seed, x, name="attack"):
+    """A torch.Generator seeded with ``seed`` on the device of the inputs ``x`` (None: the global RNG); errors name the
+    attack ``name``. Called before the attack checks ``x``: an x that is no tensor (a list) failed here with
+    "'list' object has no attribute 'device'", where the attack's own check names x and what it takes."""
+    if check_seed(name, seed) is None:
+        return None
     return torch.Generator(device=x.device if torch.is_tensor(x) else "cpu").manual_seed(int(seed))
 
 
@@ -212,6 +221,7 @@ class PGD(Attack):
         # here, not at the first call: a seed beside random_start=False, a kappa beside loss="ce" did nothing
         check_flags(self.name, {"random_start": random_start})  # "no" is true: it drew a start
         check_draws(self.name, "seed", seed, random_start)
+        check_seed(self.name, seed)
         check_kappa(self.name, kappa, check_loss(self.name, loss))
         check_step_moves(self.name, eps, alpha)
         check_steps(self.name, steps)
@@ -266,6 +276,7 @@ class CW(Attack):
             raise ValueError(f"cw: CW-Linf is defined for norm='linf' only, got norm={norm!r}")
         check_flags(self.name, {"random_start": random_start})
         check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
+        check_seed(self.name, seed)
         check_kappa(self.name, kappa)
         check_step_moves(self.name, eps, alpha, hint=" (torchattacks' CW(model, c, kappa, steps) puts its kappa here: "
                          "give CW-Linf's by keyword, e.g. CW(model, eps=8/255, steps=50, kappa=0.0))")
