@@ -6479,10 +6479,11 @@ def test_ensemble_refuses_a_bad_eps_or_alpha_number_before_any_attack_runs(arg, 
         runs.append(len(x))
         return x
 
-    options = {"eps": 0.1, "alpha": 0.01, "steps": 2, arg: bad}
+    attack = attacks.PGD(model, eps=0.1, alpha=0.01, steps=2)
+    setattr(attack, arg, bad)  # set after it is built: PGD refuses a bad alpha number when built
     with pytest.raises(ValueError, match=rf"^ensemble: attack 'pgd' has {arg}={re.escape(repr(bad))}; expected a "
                                          r"finite number >= 0 or a tensor of shape \[4\], one per sample of x$"):
-        attacks.ensemble(model, x, y, [first, attacks.PGD(model, **options)])
+        attacks.ensemble(model, x, y, [first, attack])
     assert runs == []
     assert attacks.ensemble(model, x, y, [attacks.PGDL2(model, eps=0.5, alpha=None, steps=2)]).names[1] == "pgdl2"
 
@@ -7085,6 +7086,28 @@ def test_attack_classes_refuse_a_bad_seed_when_built(cls, options, name):
     assert not calls
     make(model, seed=None, **options)
     make(model, seed=2 ** 64 - 1, **options)
+
+
+@pytest.mark.parametrize("cls, name", [("PGD", "pgd"), ("PGDL2", "pgdl2"), ("BIM", "ifgsm"), ("CW", "cw")])
+def test_attack_classes_refuse_a_bad_alpha_number_when_built(cls, name):
+    """A number alpha was checked only at the first call (an AutoAttack list checks it before its attacks run, a
+    standalone attack did not when built): PGD(model, alpha="0.01"), alpha=-1 or nan built without a word, as its
+    steps, loss and seed are not. A per-sample tensor is still checked when run, against the batch."""
+    model = make_model(3)
+    make = getattr(attacks, cls)
+    for alpha, error, message in (("0.01", TypeError, r"to be a number or a tensor of shape \[N\], got str"),
+                                  (True, TypeError, r"to be a number or a tensor of shape \[N\], got bool"),
+                                  (-1.0, ValueError, r">= 0 and finite, got -1.0"),
+                                  (float("nan"), ValueError, r">= 0 and finite, got nan"),
+                                  (10 ** 400, ValueError, r">= 0 and finite, got 1000")):
+        with pytest.raises(error, match=rf"^{name}: expected alpha {message}"):
+            make(model, alpha=alpha)
+    x, y = make_data(2, 3)
+    attack = make(model, alpha=torch.full((3,), 0.01), steps=1)
+    run_name = "cw_linf" if cls == "CW" else name  # CW runs cw_linf, named so when run
+    with pytest.raises(ValueError, match=rf"^{run_name}: expected alpha to be a number or a tensor of shape \[2\]"):
+        attack(x, y)
+    make(model, alpha=0.01)
 
 
 @pytest.mark.parametrize("cls, options", [("PGD", {}), ("BIM", {}), ("CW", dict(alpha=0.1)), ("FAB", {}), ("FABT", {}),

@@ -143,6 +143,18 @@ def project_l1(x_nat, point, eps_t, clip_min, clip_max):
     return (xf + d).clamp(clip_min, clip_max).view_as(point)
 
 
+def check_number(name, arg, value, n="N"):
+    """A radius or step given as a number (not a per-sample tensor [n]) must be finite and >= 0: per_sample's check
+    when run, and the attack classes' when built (``n`` then "N"), so that PGD(model, alpha="0.01") or alpha=-1 is
+    refused where the other options are, not at the first call."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
+                        f"{type(value).__name__}")
+    # an int past float's range (eps=10**400) made float() raise a bare OverflowError naming neither
+    if not fits_a_float(value) or value < 0:
+        raise ValueError(f"{name}: expected {arg} >= 0 and finite, got {value}")
+
+
 def per_sample(name, arg, value, x, with_max=False):
     """A float or a per-sample tensor [N] (finite, >= 0) as a tensor [N] in x's dtype on x's device. ``with_max``:
     (that tensor, its largest value as a float, None where N = 0), a tensor's maximum read with its check in one host
@@ -170,12 +182,7 @@ def per_sample(name, arg, value, x, with_max=False):
             raise ValueError(f"{name}: expected every {arg} to be finite and >= 0, got {int(bad.sum())} bad value(s), "
                              f"e.g. {arg}[{i}] = {float(t[i]):.4g}")
         return (t.contiguous(), widest) if with_max else t.contiguous()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
-                        f"{type(value).__name__}")
-    # an int past float's range (eps=10**400) made float() raise a bare OverflowError naming neither
-    if not fits_a_float(value) or value < 0:
-        raise ValueError(f"{name}: expected {arg} >= 0 and finite, got {value}")
+    check_number(name, arg, value, n)
     if float(value) > torch.finfo(dtype).max:  # torch.full's "cannot be converted to type float without overflow"
         largest = f"{torch.finfo(dtype).max:.4g}, the largest {str(dtype).replace('torch.', '')}"
         raise ValueError(f"{name}: expected {arg} <= {largest} (the attack's precision for {x.dtype} inputs), "
