@@ -5810,6 +5810,34 @@ def test_targeted_random_least_likely_and_by_function_modes():
         attacks.AutoAttack(model).set_mode_targeted_random()
 
 
+def test_targets_a_function_returns_that_are_no_labels_are_refused_naming_the_function():
+    """set_mode_targeted_by_function's targets were checked by the attack as its y: a function returning y[:2] was
+    'pgd: expected y of shape [6], got (2,)' beside the y of shape [6] given, float or negative targets likewise
+    named y. Now refused naming the function; targets of another integer dtype still run (as int64)."""
+    model = make_model(4)
+    x, y = make_data(6, 4)
+
+    def first_two(x, y):
+        return y[:2]
+
+    for fn, error, detail in ((first_two, ValueError, r"expected y of shape \[6\], got \(2,\)"),
+                              (lambda x, y: y.float(), TypeError, r"expected y to be an integer tensor of class "
+                                                                  r"labels, got torch.float32"),
+                              (lambda x, y: y - 10, ValueError, r"expected labels non-negative"),
+                              (lambda x, y: y.tolist(), TypeError, r"expected y to be an integer tensor")):
+        atk = attacks.PGD(model, steps=1).set_mode_targeted_by_function(fn)
+        shown = re.escape(fn.__qualname__)
+        message = rf"^pgd: the targets set_mode_targeted_by_function's {shown} returned are no labels of x \({detail}"
+        with pytest.raises(error, match=message):
+            atk(x, y)
+        with pytest.raises(error, match=message):
+            atk.get_target_label(x, y)
+    atk = attacks.PGD(model, steps=1, random_start=False)
+    atk.set_mode_targeted_by_function(lambda x, y: ((y + 1) % 4).int())
+    assert torch.equal(atk(x, y), attacks.pgd(model, x, (y + 1) % 4, targeted=True, steps=1, eps=8 / 255,
+                                              alpha=2 / 255, random_start=False))
+
+
 def test_repr_says_how_a_targeted_attack_makes_its_targets():
     """set_mode_targeted_random(), _least_likely(kth_min) and _by_function(fn) attack other targets than
     _by_label(), and their reprs all read targeted=True alone, so two runs' logs could not tell them apart."""

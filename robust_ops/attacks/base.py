@@ -7,7 +7,8 @@ import threading
 import torch
 
 from .._options import check_flags, check_options, check_real
-from .context import _NO_LABELS, MODEL_MODES, attack_context, check_inputs, check_model, is_single_logit, two_logits
+from .context import (_NO_LABELS, MODEL_MODES, attack_context, check_class_labels, check_inputs, check_model,
+                      is_single_logit, two_logits)
 from .core import NORMS, check_labels_against, forward
 
 
@@ -227,7 +228,7 @@ class Attack:
         BatchNorm's running statistics)."""
         y = check_inputs(self.name, x, y, self.clip_min, self.clip_max)
         if callable(self._target_rule):
-            return self._target_rule(x, y)
+            return self._function_targets(x, y)
         with torch.no_grad(), attack_context(self.model, "eval", self.name):
             out = forward(self.name, self.model, x.detach())
         check_labels_against(self.name, y, out)
@@ -242,6 +243,21 @@ class Attack:
         # precision upcast, float64 kept: float() tied float64 logits closer than float32's resolution
         z = z.detach().to(torch.promote_types(z.dtype, torch.float32))
         return z.scatter(1, y[:, None], float("inf")).sort(dim=1, stable=True)[1][:, self._kth_min - 1]
+
+    def _function_targets(self, x, y):
+        """``set_mode_targeted_by_function``'s targets, checked here as labels: checked by the attack as its y, a
+        function returning y[:2] was refused as 'expected y of shape [6], got (2,)' beside the y of shape [6] given.
+        Their top is checked by the attack against the model's class count."""
+        rule = self._target_rule
+        targets = rule(x, y)
+        try:
+            return check_class_labels(self.name, targets, x.shape[0])
+        except (TypeError, ValueError) as err:
+            detail = str(err).split(": ", 1)[-1]
+            raise type(err)(f"{self.name}: the targets set_mode_targeted_by_function's "
+                            f"{getattr(rule, '__qualname__', type(rule).__name__)} returned are no labels of x "
+                            f"({detail}); it must return an integer tensor [N] of classes, e.g. "
+                            "lambda x, y: (y + 1) % K") from None
 
     def get_target_label(self, x, y):
         """torchattacks': the targets for labels ``y`` in targeted mode, which a ported forward asks for. Inside
