@@ -1480,12 +1480,36 @@ def test_pixel_values_are_told_the_fix_their_scale_and_the_clip_range_call_for()
     (0.0, 310.0, 0.0, 30.0, ("high-bit", 4095)),  # 255 is not past 10 times the range's top of 30: no 8-bit scale
     (0.0, 60000.0, 0.0, 1.0, ("high-bit", 65535)),
     (0.0, 255.0, 0.5, 0.5, (None, None)),  # a range of no width has no scale
+    (-500.0, 0.0, 0.0, 1.0, ("hounsfield", None)),  # CT Hounsfield units: a bottom at -500 or below, inclusive
+    (-499.0, 3000.0, 0.0, 1.0, (None, None)),
+    (-32768.0, 32767.0, -1.0, 1.0, ("hounsfield", None)),  # an int16 export's padding and top, inclusive
+    (-32769.0, 3000.0, 0.0, 1.0, (None, None)),
+    (-1000.0, 32768.0, 0.0, 1.0, (None, None)),
+    (-1000.0, 3000.0, 0.0, 11.0, (None, None)),  # a range of magnitude past 10: other units
 ])
 def test_pixel_scale_reads_the_bounds_of_its_rule_as_written(lo, hi, range_min, range_max, expected):
     """pixel_scale's bounds as its docstring words them: the overshoot and the dark top inclusive, the range's largest
     magnitude (not its top or width), a scale past 10 times it, 65535 a scale too. Mutants moving each bound passed
     every refusal's test (found by the mut50 helper)."""
     assert context.pixel_scale(lo, hi, range_min, range_max) == expected
+
+
+def test_ct_hounsfield_units_are_told_to_window_them_not_to_normalize_inside_the_model():
+    """CT slices in Hounsfield units ([-1000, 3000]: air -1000) were told "normalize inside the model, e.g. with
+    robust_ops.attacks.Normalized", whose inputs stay outside the clip range: they are to be windowed onto it, as
+    evaluate and the .npz loader say too (found by the persona helper)."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    hounsfield = -1000 + 4000 * x.index_fill(0, torch.tensor([0]), 1.0).index_fill(0, torch.tensor([1]), 0.0)
+    with pytest.raises(ValueError, match=r"\(3000 > clip_max 1.0; CT Hounsfield units\? window them onto the value "
+                                         r"range \[0.0, 1.0\]: \(x.clamp\(lo, hi\) - lo\) / \(hi - lo\) for the "
+                                         r"window \[lo, hi\] they are read in \(e.g. -1000, 400 for lung or -160, 240 "
+                                         r"for soft tissue\): the attacks' radii and clip range are in the value "
+                                         r"range's units\)$"):
+        attacks.pgd(model, hounsfield, y, eps=0.03, steps=2)
+    with pytest.raises(ValueError, match=r"window them onto the value range \[-1.0, 1.0\]: \(x.clamp\(lo, hi\) - "
+                                         r"lo\) / \(hi - lo\) \* 2 - 1 for the window "):
+        attacks.pgd(model, hounsfield, y, eps=0.03, steps=2, clip_min=-1.0, clip_max=1.0)
 
 
 def test_pixel_fixes_map_onto_ranges_of_any_bounds():

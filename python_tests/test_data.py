@@ -2011,6 +2011,20 @@ def test_npz_float_images_of_a_dark_or_overshooting_set_are_told_the_fix_for_the
             load_dataset(write_npz(tmp_path / f"{name}.npz", train_images=images.astype(np.float32)))
 
 
+def test_npz_float_images_in_ct_hounsfield_units_are_told_to_window_them(tmp_path):
+    """CT slices saved in Hounsfield units ([-1000, 3000]: air -1000) were told "store the pixels in [0, 1], not
+    normalized by a mean and std: normalize inside the model (robust_ops.attacks.Normalized)", which they are not
+    (found by the persona helper)."""
+    floats = np.random.default_rng(1).random((12, 28, 28)).astype(np.float32)
+    floats[0, 0, :2] = 0.0, 1.0
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[-1000, 3000\]; CT Hounsfield "
+                                        r"units\? window them onto \[0, 1\] pixels: \(np.clip\(images, lo, hi\) - "
+                                        r"lo\) / \(hi - lo\) for the window \[lo, hi\] they are read in \(e.g. "
+                                        r"-1000, 400 for lung or -160, 240 for soft tissue\) -- the attacks' radii and "
+                                        r"clip range are in \[0, 1\] pixels$"):
+        load_dataset(write_npz(tmp_path / "ct.npz", train_images=floats * np.float32(4000) - np.float32(1000)))
+
+
 def test_npz_float_images_past_every_bit_depth_are_told_to_scale_them(tmp_path):
     """Floats without negatives past every bit depth's top (and a quarter more: 65535 * 1.25) are told to scale them
     to [0, 1] pixels, not the mean/std normalization fix of negatives; no test read that branch (found by the mut50

@@ -648,6 +648,13 @@ def test_out_of_range_inputs_name_their_values_and_the_fix():
                                         r"\(x.float\(\) / 255 \* 2 - 1\): the attacks' radii and clip range are in "
                                         r"the value range's units$"):
         evaluate(tiny_model(), pixels, signed, attacks="fgsm", eps=[0.1])
+    # CT Hounsfield units were told the Normalized fix, whose inputs stay outside the range (found by the persona
+    # helper)
+    hounsfield = TensorDataset(torch.linspace(-1000, 3000, 4 * 144).reshape(4, 1, 12, 12), y)
+    with pytest.raises(EvalError, match=r"^data: inputs outside the dataset's value range \[0.0, 1.0\], got values in "
+                                        r"\[-1000, 3000\]; CT Hounsfield units\? window them onto the value range "
+                                        r"\[0.0, 1.0\]: \(x.clamp\(lo, hi\) - lo\) / \(hi - lo\) for the window "):
+        evaluate(tiny_model(), hounsfield, INFO, attacks="fgsm", eps=[0.1])
 
 
 def test_the_value_range_check_reads_the_inputs_once():

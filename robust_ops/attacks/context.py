@@ -638,6 +638,10 @@ def past_bound(value, bound, side):
 
 
 PIXEL_OVERSHOOT = 0.25  # how far past the range, as a part of its width, values are an overshoot of resampling
+# CT Hounsfield units: air is -1000 (padding -1024 to -3024, -32768 in some exports), lung -900 to -500, bone and metal
+# up to 3071 and past it. A bottom at or below this, against pixels' range, is no mean/std normalization of pixels
+HOUNSFIELD_AIR = -500
+HOUNSFIELD_WINDOWS = "e.g. -1000, 400 for lung or -160, 240 for soft tissue"
 
 
 def pixel_scale(lo, hi, range_min, range_max):
@@ -648,7 +652,9 @@ def pixel_scale(lo, hi, range_min, range_max):
     most a quarter past the scale (0-255 pixels, [0, 262] too; 12- or 16-bit intensities), ``("dark", 255)`` for a top
     up to that, where 255 lies past it (a dark 0-255 set, [0, 8], or data scaled otherwise, [0.1, 2.6] divided by a
     std: asked, as clamping would wipe either out). Else ``(None, None)``: negatives (a mean/std normalization, or
-    other units: [-4, 48] against [-4, 4]), or a top past every scale. A top past 10 times [0, 1]'s, up to 255 times,
+    other units: [-4, 48] against [-4, 4]), or a top past every scale; ``("hounsfield", None)`` for a bottom at or below
+    HOUNSFIELD_AIR (and not below -32768, nor a top past 32767) against a range of magnitude 10 at most: CT Hounsfield
+    units, read as a mean/std normalization until 2026-12-07. A top past 10 times [0, 1]'s, up to 255 times,
     was all the rule knew: [0, 8] was told to clip, [0, 262] 12- or 16-bit, [0, 255] against [-1, 1] to divide by
     255, which passes there in the wrong units."""
     width = range_max - range_min
@@ -658,7 +664,8 @@ def pixel_scale(lo, hi, range_min, range_max):
         return "overshoot", None
     top = max(abs(range_min), abs(range_max))
     if lo < 0:
-        return None, None
+        hounsfield = top <= 10 and -32768 <= lo <= HOUNSFIELD_AIR and hi <= 32767
+        return ("hounsfield", None) if hounsfield else (None, None)
     if hi <= 10 * top:
         return ("dark", 255) if 255 > 10 * top else (None, None)
     scale = next((s for s in (255, 4095, 65535) if s > 10 * top and hi <= (1 + PIXEL_OVERSHOOT) * s), None)
@@ -668,7 +675,11 @@ def pixel_scale(lo, hi, range_min, range_max):
 def pixel_map(scale, range_min, range_max):
     """The expression mapping intensities of ``scale`` (their top: 255, 4095, 65535) onto [range_min, range_max]:
     ``x.float() / 255`` for [0, 1], ``x.float() / 255 * 2 - 1`` for [-1, 1]."""
-    text = f"x.float() / {scale}"
+    return onto_range(f"x.float() / {scale}", range_min, range_max)
+
+
+def onto_range(text, range_min, range_max):
+    """The expression ``text`` (of values in [0, 1]) mapped onto [range_min, range_max]."""
     if range_max - range_min != 1:
         text += f" * {range_max - range_min:g}"
     if range_min:
@@ -685,10 +696,14 @@ def value_range_fix(lo, hi, range_min, range_max, normalize, clamp):
     kind, scale = pixel_scale(lo, hi, range_min, range_max)
     if kind in (None, "overshoot"):
         return normalize + clamp
+    units = "the attacks' radii and clip range are in the value range's units"
+    if kind == "hounsfield":  # told to normalize inside the model: Normalized's inputs are still outside the range
+        window = onto_range("(x.clamp(lo, hi) - lo) / (hi - lo)", range_min, range_max)
+        return (f"CT Hounsfield units? window them onto the value range [{range_min}, {range_max}]: {window} for "
+                f"the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS}): {units}")
     unit = (range_min, range_max) == (0, 1)
     expr = pixel_map(scale, range_min, range_max)
     then = f"; then x.clamp({range_min}, {range_max}) for the overshoot past {scale}" if hi > scale else ""
-    units = "the attacks' radii and clip range are in the value range's units"
     onto = f"map them onto the value range [{range_min}, {range_max}] ({expr}{then})"
     if kind == "dark":
         return (f"a dark set of 0-255 pixels? {f'divide them by 255 ({expr})' if unit else onto}; data scaled "

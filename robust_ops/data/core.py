@@ -137,7 +137,7 @@ def images_to_tensor(images, source):
             # attacks' ball and clip range are in [0, 1] pixels. The rule is the attacks' and evaluate's
             # (pixel_scale): a dark 0-255 set ([0, 8]) was told to clip, a 0-255 one overshooting ([0, 262]) 12- or
             # 16-bit, a resampling's small negatives ([-0.03, 1.04]) a mean/std normalization
-            from ..attacks.context import past_bound, pixel_scale
+            from ..attacks.context import HOUNSFIELD_WINDOWS, past_bound, pixel_scale
 
             kind, scale = pixel_scale(lo, hi, 0.0, 1.0)
             then = f" (then np.clip(images, 0, 1) for the overshoot past {scale})" if scale and hi > scale else ""
@@ -153,6 +153,10 @@ def images_to_tensor(images, source):
             elif kind == "overshoot":
                 fix = ("clip an overshoot of rounding or resampling (np.clip(images, 0, 1)), or scale them to [0, 1] "
                        "pixels: the attacks' radii and clip range are in [0, 1] pixels")
+            elif kind == "hounsfield":  # CT: a mean/std normalization's fix left them outside [0, 1]
+                fix = ("CT Hounsfield units? window them onto [0, 1] pixels: (np.clip(images, lo, hi) - lo) / "
+                       f"(hi - lo) for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS}) -- the attacks' "
+                       "radii and clip range are in [0, 1] pixels")
             elif lo >= 0:  # past every bit depth's top
                 fix = "scale them to [0, 1] pixels: the attacks' radii and clip range are in [0, 1] pixels"
             else:
