@@ -1139,6 +1139,31 @@ def test_busi_16_bit_dark_and_float_images(tmp_path):
         load_dataset(tmp_path, size=8)
 
 
+def test_busi_signed_ct_slices_in_hounsfield_units_are_told_to_save_them_shifted(tmp_path):
+    """A signed 16-bit TIFF of a CT slice in Hounsfield units ([-1024, 3071], Pillow's mode I) was told "save it as
+    an 8- or 16-bit image", as which its negatives wrap; the shift the error names reads at bit_depth=12 (found by the
+    persona helper)."""
+    from PIL import Image
+
+    hounsfield = np.linspace(-1024, 3071, 64).astype(np.int16).reshape(8, 8)
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(hounsfield).save(tmp_path / c / f"{i}.tif")
+    with pytest.raises(DataError, match=r"0\.tif: I image with values in \[-1024, 3071\]; CT Hounsfield units\? "
+                                        r"expected 8- or 16-bit intensities, which are never negative -- save them "
+                                        r"shifted as 16-bit, np\.clip\(hu \+ 1024, 0, 4095\)\.astype\(np\.uint16\), "
+                                        r"read with bit_depth=12 \(--bit-depth 12\), or windowed onto 0-255 as 8-bit$"):
+        load_dataset(tmp_path, size=8)
+    for c in ("benign", "malignant"):
+        for i in range(5):
+            Image.fromarray(np.clip(hounsfield + 1024, 0, 4095).astype(np.uint16)).save(tmp_path / c / f"{i}.tif")
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        s = load_dataset(tmp_path, size=8, bit_depth=12)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0  # air black, the top of the scale white
+
+
 def test_busi_float_images_in_0_1_are_refused_not_read_black(tmp_path):
     """Pillow's convert("L") truncates float (mode F) pixels: a float TIFF in [0, 1] came out all black."""
     from PIL import Image

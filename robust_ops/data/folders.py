@@ -121,6 +121,14 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
     if stats is not None:  # the loader refuses a set whose 16-bit images would all come out black
         stats["max16"] = max(stats.get("max16", 0.0), hi)
     if lo < 0 or hi > 65535 or img.mode == "F":
+        from ..attacks.context import pixel_scale
+
+        # a signed CT slice (Hounsfield units, air -1000) was told to save as 16-bit, where its negatives would wrap
+        if pixel_scale(lo, hi, 0.0, 1.0)[0] == "hounsfield":
+            raise DataError(f"{path}: {img.mode} image with values in [{lo:g}, {hi:g}]; CT Hounsfield units? expected "
+                            "8- or 16-bit intensities, which are never negative -- save them shifted as 16-bit, "
+                            "np.clip(hu + 1024, 0, 4095).astype(np.uint16), read with bit_depth=12 (--bit-depth 12), "
+                            "or windowed onto 0-255 as 8-bit")
         raise DataError(f"{path}: {img.mode} image with values in [{lo:g}, {hi:g}]; expected 8- or 16-bit "
                         "intensities -- save it as an 8- or 16-bit image")
     top = 65535 if bit_depth is None else (1 << bit_depth) - 1
