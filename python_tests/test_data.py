@@ -1012,22 +1012,35 @@ def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
         load_dataset(path, size=8)
 
 
-def test_12_bit_data_in_16_bit_files_is_said(tmp_path):
+@pytest.mark.parametrize("top, step, bits, dark", [(4095, 100, 12, 16), (16383, 1000, 14, 64)])
+def test_12_bit_data_in_16_bit_files_is_said(tmp_path, top, step, bits, dark):
     """CT / X-ray PNGs often hold 12-bit values (0..4095) in 16-bit files: scaled from 65535 they come out 16 times
-    darker -- loaded as they are, but said, with how to fix it; a set reaching above 4095 is 16-bit data, silently."""
+    darker -- loaded as they are, but said, with how to fix it; a set reaching above 16383 (14 bits) is 16-bit data,
+    silently. 14-bit X-ray PNGs (digital radiography's detectors store 14 bits) loaded silently at most 64 of 255, in
+    65 grey levels, until the warning named the bit depth their top needs, as it does for 13 bits (found by the
+    persona helper)."""
     from PIL import Image
 
     for c in ("benign", "malignant"):
         (tmp_path / c).mkdir()
         for i in range(10):
-            Image.fromarray(np.full((8, 8), 4095 - 100 * i, np.uint16)).save(tmp_path / c / f"{i}.png")
-    with pytest.warns(UserWarning, match=r"every 16-bit image holds values <= 4095 only \(12-bit data\?\); scaled "
-                                         r"from the full 16-bit range they come out dark \(at most 16 of 255\) -- "
-                                         r"pass bit_depth=12 \(--bit-depth 12\) to scale 4095 to 255$"):
+            Image.fromarray(np.full((8, 8), top - step * i, np.uint16)).save(tmp_path / c / f"{i}.png")
+    with pytest.warns(UserWarning, match=rf"every 16-bit image holds values <= {top} only \({bits}-bit data\?\); "
+                                         rf"scaled from the full 16-bit range they come out dark \(at most {dark} of "
+                                         rf"255\) -- pass bit_depth={bits} \(--bit-depth {bits}\) to scale {top} to "
+                                         r"255$"):
         s = load_dataset(tmp_path, size=8)
-    assert float(s.train.tensors[0].max()) == pytest.approx(16 / 255)  # loaded as before: the warning changes nothing
+    assert float(s.train.tensors[0].max()) == pytest.approx(dark / 255)  # loaded as before: the warning changes nothing
     assert "bit_depth" not in s.info.extra
-    Image.fromarray(np.full((8, 8), 4096, np.uint16)).save(tmp_path / "benign" / "9.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = load_dataset(tmp_path, size=8, bit_depth=bits)  # what the warning says: read on the full 8-bit scale
+    assert float(torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]]).max()) == 1.0
+    Image.fromarray(np.full((8, 8), top + 1, np.uint16)).save(tmp_path / "benign" / "9.png")  # one bit more
+    if bits < 14:
+        with pytest.warns(UserWarning, match=rf"\({bits + 1}-bit data\?\); .* -- pass bit_depth={bits + 1} "):
+            load_dataset(tmp_path, size=8)
+    Image.fromarray(np.full((8, 8), 16384, np.uint16)).save(tmp_path / "benign" / "9.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_dataset(tmp_path, size=8)

@@ -238,10 +238,16 @@ def read_images(paths, size, mode, bit_depth=None):
     return arrays, stats
 
 
+# The top of a 16-bit set said to come out dark: 14-bit data (16383 -> 64 of 255), the deepest radiography stores
+DARK_16_BIT_TOP = (1 << 14) - 1
+
+
 def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
     """One dark 16-bit image is fine; a set whose 16-bit images all hold values <= 255 is 8-bit data saved in 16 bits,
     and scaled from 16 bits it would be black (every pixel 0 or 1 of 255). One whose values all stay <= 4095 is
-    12-bit data (CT, X-ray): still usable, but 16 times darker than it should be, so it is said. With ``bit_depth``
+    12-bit data (CT, X-ray): still usable, but 16 times darker than it should be, so it is said; so is one whose
+    values stay <= 16383, 13- or 14-bit data (digital radiography's detectors), at most 64 of 255 and as many grey
+    levels, which was silent until 2026-12-07. With ``bit_depth``
     given the scale is the caller's (values above it were refused image by image). ``stacklevel``: the loader's."""
     if bit_depth is not None:
         if "max16" not in stats:  # it changed nothing, yet run.json records it as the scale the images were read on
@@ -253,10 +259,11 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
         raise DataError(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (8-bit values saved in "
                         "16 bits?); scaled from 16 bits they would all be black -- save them as 8-bit images or "
                         "pass bit_depth=8", arg="bit_depth")
-    if "max16" in stats and stats["max16"] <= 4095:
-        warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (12-bit data?); scaled "
+    if "max16" in stats and stats["max16"] <= DARK_16_BIT_TOP:
+        bits = max(12, int(stats["max16"]).bit_length())  # 12 up to 4095, as CT's; 13 or 14 above
+        warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only ({bits}-bit data?); scaled "
              f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
-             "pass bit_depth=12 (--bit-depth 12) to scale 4095 to 255", stacklevel=stacklevel + 2)
+             f"pass bit_depth={bits} (--bit-depth {bits}) to scale {(1 << bits) - 1} to 255", stacklevel=stacklevel + 2)
 
 
 # The side length folders and CSVs are read at when size= is not given (MIRST-DM's 224 x 224).
