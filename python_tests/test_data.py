@@ -1213,7 +1213,8 @@ def _png_16_bit_colour(path, rgb):
 
 def test_busi_16_bit_colour_images_get_the_16_bit_checks(tmp_path):
     """Pillow reads a 48-bit PNG as 8-bit RGB (the top 8 bits): bit_depth=12 was ignored without a word (4095 -> 15)
-    and neither the dark (12-bit) warning nor the black (8-bit values) refusal happened."""
+    and neither the dark (12-bit) warning nor the black (8-bit values) refusal happened. Their fixes named
+    bit_depth=12 and bit_depth=8, each refused for such images (found by the persona helper)."""
     for c in ("benign", "malignant"):
         (tmp_path / c).mkdir()
         for i in range(10):  # 10 a class: a stratified split, no warning beside the 16-bit one
@@ -1224,14 +1225,20 @@ def test_busi_16_bit_colour_images_get_the_16_bit_checks(tmp_path):
                                         r"the top 8 bits of each channel, so bit_depth=12 cannot scale it") as info:
         load_dataset(tmp_path, size=8, bit_depth=12)
     assert info.value.arg == "bit_depth"
-    with pytest.warns(UserWarning, match=r"every 16-bit image holds values <= 4095 only \(12-bit data\?\)"):
+    colour = (r"save them as 16-bit grayscale or 8-bit colour images \(Pillow reads the top 8 bits of a 16-bit colour "
+              r"image's channels: no bit_depth= scales them\)$")
+    with pytest.warns(UserWarning, match=r"every 16-bit image holds values <= 4095 only \(12-bit data\?\); .* of 255\) "
+                                         r"-- " + colour):
         s = load_dataset(tmp_path, size=8)
     assert s.info.in_channels == 3 and round(float(s.train.tensors[0].max()) * 255) == 4000 // 256
     for c in ("benign", "malignant"):
         for i in range(10):
             _png_16_bit_colour(tmp_path / c / f"{i}.png", np.full((8, 8, 3), 200, np.uint16))
-    with pytest.raises(DataError, match=r"every 16-bit image holds values <= 255 only .*pass bit_depth=8$"):
+    with pytest.raises(DataError, match=r"every 16-bit image holds values <= 255 only .* black -- " + colour) as info:
         load_dataset(tmp_path, size=8)
+    assert info.value.arg is None  # no --bit-depth named on the command line
+    with pytest.raises(DataError, match=r"so bit_depth=8 cannot scale it"):  # what the fix named before
+        load_dataset(tmp_path, size=8, bit_depth=8)
 
 
 def test_busi_image_above_pillows_size_limit_is_a_data_error(tmp_path):

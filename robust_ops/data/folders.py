@@ -105,6 +105,7 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
         if stats is not None:  # the top 8 bits bound the 16-bit values: the dark and black set checks still apply
             top = np.asarray(img.convert("RGB"))
             stats["max16"] = max(stats.get("max16", 0.0), float(top.max()) * 256 + 255 if top.size else 0.0)
+            stats["colour16"] = True  # their fix is no bit_depth=
         return img
     if not img.mode.startswith("I") and img.mode != "F":
         return img
@@ -232,6 +233,8 @@ def read_images(paths, size, mode, bit_depth=None):
     for _, own in done:
         if "max16" in own:
             stats["max16"] = max(stats.get("max16", 0.0), own["max16"])
+        if own.get("colour16"):
+            stats["colour16"] = True
         stats["max_side"] = max(stats.get("max_side", 0), own.get("side", 0))
     if mode is None and any(arr.shape[2] == 3 for arr in arrays):
         arrays = [arr if arr.shape[2] == 3 else np.repeat(arr, 3, axis=2) for arr in arrays]
@@ -255,15 +258,20 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
                  "(8-bit files are read as they are): it changes nothing -- drop bit_depth= (--bit-depth)",
                  stacklevel=stacklevel + 2)
         return
+    # a 16-bit colour image refuses every bit_depth but 16 (_to_8bit): the fixes naming one led to that refusal
+    colour = ("save them as 16-bit grayscale or 8-bit colour images (Pillow reads the top 8 bits of a 16-bit colour "
+              "image's channels: no bit_depth= scales them)") if stats.get("colour16") else None
     if "max16" in stats and stats["max16"] <= 255:
         raise DataError(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only (8-bit values saved in "
-                        "16 bits?); scaled from 16 bits they would all be black -- save them as 8-bit images or "
-                        "pass bit_depth=8", arg="bit_depth")
+                        "16 bits?); scaled from 16 bits they would all be black -- "
+                        + (colour or "save them as 8-bit images or pass bit_depth=8"),
+                        arg=None if colour else "bit_depth")
     if "max16" in stats and stats["max16"] <= DARK_16_BIT_TOP:
         bits = max(12, int(stats["max16"]).bit_length())  # 12 up to 4095, as CT's; 13 or 14 above
         warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only ({bits}-bit data?); scaled "
              f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
-             f"pass bit_depth={bits} (--bit-depth {bits}) to scale {(1 << bits) - 1} to 255", stacklevel=stacklevel + 2)
+             + (colour or f"pass bit_depth={bits} (--bit-depth {bits}) to scale {(1 << bits) - 1} to 255"),
+             stacklevel=stacklevel + 2)
 
 
 # The side length folders and CSVs are read at when size= is not given (MIRST-DM's 224 x 224).
