@@ -1431,20 +1431,52 @@ def test_csv_hints_for_other_separators_and_file_names_as_ids(tmp_path):
     with pytest.raises(DataError, match=r"missing column 'image_id' \(found: image_id;dx\); the header looks "
                                         r"';'-separated: save the file comma-separated$"):
         load_dataset(tmp_path / "semi.csv", size=8)
-    (tmp_path / "ext.csv").write_text("image_id,dx\nimgs/im0.jpg,mel\nim1.jpg,nv\n")
+    (tmp_path / "ext.csv").write_text("image_id,dx\nimgs/im9.jpg,mel\nim8.jpg,nv\n")
     # "'image_id' holds file names without folder or extension ..., matched anywhere under the CSV's folder" read as
     # a claim about a column holding paths, and named the CSV's folder where image_dir named another
-    with pytest.raises(DataError, match=r"2 image\(s\) listed but not found .*; 'image_id' is to hold file names "
-                                        r"without folder or extension \(img1 for images/img1.png\), each matched "
-                                        r"anywhere under that folder: strip the folders and extensions from its "
-                                        r"values$"):
+    with pytest.raises(DataError, match=r"2 image\(s\) listed but not found .*; 'image_id' holds file names, each "
+                                        r"matched anywhere under that folder \(img1 or img1.png for images/img1.png\), "
+                                        r"or paths relative to it \(images/img1.png or images/img1\)$"):
         load_dataset(tmp_path / "ext.csv", size=8)
     from robust_ops.data import load_csv
 
     (tmp_path / "pics").mkdir()
     with pytest.raises(DataError, match=rf"not found under {re.escape(str(tmp_path / 'pics'))}, e\.g\. "
-                                        r"imgs/im0.jpg, im1.jpg; .* anywhere under that folder: "):
+                                        r"imgs/im9.jpg, im8.jpg; .* anywhere under that folder "):
         load_csv(tmp_path / "ext.csv", size=8, image_dir=tmp_path / "pics")
+
+
+def test_csv_ids_may_be_paths_relative_to_the_image_folder(tmp_path):
+    """A CSV of image paths (pat1/view1.png, CheXpert's layout) was refused as "listed but not found ... strip the
+    folders and extensions from its values", and its ids stripped to names (view1 of every patient) as "listed more
+    than once". A path relative to the folder, with or without its extension, and a name with its extension, now
+    name their file; two rows naming one file are an error (found by the persona helper)."""
+    rows = ["image_id,dx"]
+    for p, patient in enumerate(("pat1", "pat2")):
+        (tmp_path / patient).mkdir()
+        for i in range(15):
+            _png(tmp_path / patient / f"view{i}.png", (8, 8), 8 * i + p, mode="L")
+            rows.append(f"{patient}/view{i}{'.png' if i % 2 else ''},{('covid', 'normal', 'pneumonia')[i % 3]}")
+    (tmp_path / "paths.csv").write_text("\n".join(rows) + "\n")
+    s = load_dataset(tmp_path / "paths.csv", size=8, channels=1)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert len(x) == 30 and s.info.extra["class_counts"] == {"covid": 10, "normal": 10, "pneumonia": 10}
+    # each row read its own file: every (value, label) pair of the 30 written
+    y = torch.cat([s.train.tensors[1], s.val.tensors[1], s.test.tensors[1]])
+    assert sorted(zip((x[:, 0, 4, 4] * 255).round().int().tolist(), y.tolist())) == sorted(
+        (8 * i + p, i % 3) for p in (0, 1) for i in range(15))
+    one = tmp_path / "one"  # names with their extension, matched anywhere under the CSV's folder
+    (one / "images").mkdir(parents=True)
+    for i in range(20):
+        _png(one / "images" / f"view{i}.png", (8, 8), i, mode="L")
+    (one / "names.csv").write_text("image_id,dx\n" + "".join(f"view{i}.png,{i % 2}\n" for i in range(20)))
+    s = load_dataset(one / "names.csv", size=8, channels=1)
+    assert sorted((torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])[:, 0, 4, 4] * 255).round()
+                  .int().tolist()) == list(range(20))
+    (tmp_path / "twice.csv").write_text("\n".join(rows + ["./pat1/view1.png,covid"]) + "\n")
+    with pytest.raises(DataError, match=r"twice\.csv: rows 'pat1/view1\.png' and '\./pat1/view1\.png' name the same "
+                                        r"file; expected one row per image$"):
+        load_dataset(tmp_path / "twice.csv", size=8)
 
 
 def test_a_class_too_small_to_stratify_is_named(tmp_path):

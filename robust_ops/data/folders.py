@@ -8,6 +8,7 @@ split by lesion, every image of a lesion on one side (``load_csv``'s ``split_by`
 
 import csv
 import functools
+import glob
 import hashlib
 import numbers
 import re
@@ -555,7 +556,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
              mode="RGB", bit_depth=None, split_by="auto", rare_classes="merge", *, stacklevel=1):
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
-    _part_2/).
+    _part_2/, or ``<image_id>`` there when it has an image suffix; an image_id holding a folder is a path relative to
+    ``image_dir``, ``pat1/view1.png`` or ``pat1/view1``).
 
     csv_path: the CSV file (str or path-like). size, seed: as for :func:`load_busi` (the side length images are
     padded and resized to, None: 224; the split's seed, default 0). id_column (default "image_id") and label_column
@@ -679,19 +681,31 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                         "in every row -- fill it in, or split by image: in Python split_by='image', on the command "
                         "line rename the column")
     root = Path(image_dir) if image_dir else csv_path.parent
-    wanted = {image_id for image_id, _ in kept}
     index = {}
-    for p in sorted(root.rglob("*")):
-        if p.stem in wanted and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_hidden(p, root):
-            index.setdefault(p.stem, []).append(p)
+    # an id naming a file by its path, relative to root (pat1/view1.png, CheXpert's layout): such ids were told to be
+    # stripped to file names, which then repeated (view1 of every patient) and were refused as listed twice
+    for image_id in {image_id for image_id, _ in kept if "/" in image_id or "\\" in image_id}:
+        p = root / image_id.replace("\\", "/")
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            found = [p] if p.is_file() else []
+        else:  # a path without its extension (pat1/view1), as a name is given
+            found = sorted(q for q in p.parent.glob(glob.escape(p.name) + ".*") if q.stem == p.name
+                           and q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()) if p.parent.is_dir() else []
+        if found:
+            index[image_id] = found
+    wanted = {image_id for image_id, _ in kept if image_id not in index}
+    for p in sorted(root.rglob("*")) if wanted else ():
+        key = p.name if p.name in wanted else p.stem  # a name with its extension (img1.png) or without
+        if key in wanted and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_hidden(p, root):
+            index.setdefault(key, []).append(p)
     missing = [image_id for image_id, _ in kept if image_id not in index]
     if missing:
         hint = ""
         if any("/" in i or "\\" in i or Path(i).suffix.lower() in IMAGE_SUFFIXES for i in missing[:3]):
             # "holds" read as a claim about the user's column, which held paths; "the CSV's folder" was wrong for
             # an image_dir given
-            hint = (f"; {id_column!r} is to hold file names without folder or extension (img1 for images/img1.png), "
-                    "each matched anywhere under that folder: strip the folders and extensions from its values")
+            hint = (f"; {id_column!r} holds file names, each matched anywhere under that folder (img1 or img1.png for "
+                    "images/img1.png), or paths relative to it (images/img1.png or images/img1)")
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
                         f"e.g. {', '.join(missing[:3])}{hint}")
     ambiguous = sorted(i for i, ps in index.items() if len(ps) > 1)
@@ -699,6 +713,13 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         first = index[ambiguous[0]]
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
+    by_file = {}
+    for image_id, _ in kept:  # pat1/view1.png and ./pat1/view1.png: one image in two rows, in train and test
+        by_file.setdefault(index[image_id][0].resolve(), []).append(image_id)
+    twice = next((ids for ids in by_file.values() if len(ids) > 1), None)
+    if twice:
+        raise DataError(f"{csv_path}: rows {' and '.join(map(repr, twice[:2]))} name the same file; expected one row "
+                        "per image")
     check_images_fit(f"load_csv({csv_path})", len(kept), size, channels=3 if mode == "RGB" else 1)
     arrays, stats = read_images([index[image_id][0] for image_id, _ in kept], size, mode, bit_depth)
     _check_16_bit(stats, csv_path, bit_depth, stacklevel)
