@@ -800,9 +800,27 @@ def test_npz_images_and_labels_keep_their_values(tmp_path):
     with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got \[0, 1.5\]"):
         load_dataset(write_npz(tmp_path / "g.npz", train_images=np.where(floats > 0.5, 1.5, 0.0).astype(np.float32)))
     # other integer images (16-bit CT, int64 from a pipeline): refused, saying what to convert them to
-    with pytest.raises(DataError, match=r"expected uint8 or float images, got dtype uint16: convert them to uint8 "
+    # by their values: "convert them to uint8" alone led 12-bit CT's uint16 values to wrap modulo 256 into noise that
+    # loaded without a word (found by the persona helper)
+    u16 = (floats * 4095).astype(np.uint16)
+    u16[0, 0, :2] = 0, 4095
+    with pytest.raises(DataError, match=r"expected uint8 or float images, got dtype uint16 with values in \[0, 4095\]; "
+                                        r"12-bit intensities\? store them as floats in \[0, 1\], "
+                                        r"images.astype\(np.float32\) / 4095 \(astype\(np.uint8\) would wrap every "
+                                        r"value above 255\)$"):
+        load_dataset(write_npz(tmp_path / "u.npz", train_images=u16))
+    with pytest.raises(DataError, match=r"uint16 with values in \[15, 65535\]; 16-bit intensities\? .* / 65535 "):
+        load_dataset(write_npz(tmp_path / "u.npz", train_images=u16 * np.uint16(16) + np.uint16(15)))
+    with pytest.raises(DataError, match=r"got dtype int16 with values in \[-1024, 3071\]; CT Hounsfield units\? window "
+                                        r"them onto \[0, 1\] pixels: \(np.clip\(images, lo, hi\) - lo\) / \(hi - "
+                                        r"lo\) as float32 for the window \[lo, hi\] they are read in \(e.g. -1000, "):
+        load_dataset(write_npz(tmp_path / "u.npz", train_images=u16.astype(np.int16) - np.int16(1024)))
+    with pytest.raises(DataError, match=r"got dtype int64 with values in \[0, 255\]: store them as uint8 "
+                                        r"\(images.astype\(np.uint8\)\), 0-255 pixels$"):
+        load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats * 255).round().astype(np.int64)))
+    with pytest.raises(DataError, match=r"got dtype int64 with values in \[-5, 250\]: convert them to uint8 "
                                         r"\(0-255\) or to floats in \[0, 1\]$"):
-        load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats * 4095).astype(np.uint16)))
+        load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats * 255).round().astype(np.int64) - 5))
     # multi-label (N, 2) and negative labels are refused, not silently reshaped / kept
     with pytest.raises(DataError, match=r"expected train_labels of shape \(N,\) or \(N, 1\), got \(12, 2\)"):
         load_dataset(write_npz(tmp_path / "m.npz", train_labels=np.zeros((12, 2), np.int64)))

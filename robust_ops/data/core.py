@@ -167,9 +167,31 @@ def images_to_tensor(images, source):
             raise DataError(f"{source}: float images must lie in [0, 1], got [{past_bound(lo, 0.0, -1)}, "
                             f"{past_bound(hi, 1.0, 1)}]; {fix}")
     else:
-        raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}: convert them to uint8 "
-                        "(0-255) or to floats in [0, 1]")
+        fix = _integer_images_fix(images)
+        raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}{fix}")
     return x
+
+
+def _integer_images_fix(images):
+    """The fix for integer images of another dtype than uint8, by their values: "convert them to uint8", all it
+    said, wrapped 12-bit CT's uint16 values modulo 256 into noise that loaded without a word."""
+    generic = ": convert them to uint8 (0-255) or to floats in [0, 1]"
+    if not np.issubdtype(images.dtype, np.integer) or not images.size:
+        return generic
+    from ..attacks.context import HOUNSFIELD_WINDOWS, pixel_scale
+
+    lo, hi = int(images.min()), int(images.max())
+    got = f" with values in [{lo}, {hi}]"
+    if 0 <= lo and hi <= 255:
+        return f"{got}: store them as uint8 (images.astype(np.uint8)), 0-255 pixels"
+    if 0 <= lo and hi <= 65535:
+        bits = max(12, hi.bit_length())  # 12 for CT's 0-4095, as the folder loader's warning names it
+        return (f"{got}; {bits}-bit intensities? store them as floats in [0, 1], images.astype(np.float32) / "
+                f"{(1 << bits) - 1} (astype(np.uint8) would wrap every value above 255)")
+    if pixel_scale(lo, hi, 0.0, 1.0)[0] == "hounsfield":
+        return (f"{got}; CT Hounsfield units? window them onto [0, 1] pixels: (np.clip(images, lo, hi) - lo) / (hi - "
+                f"lo) as float32 for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS})")
+    return got + generic
 
 
 def labels_to_tensor(labels, n, source, key="labels"):
