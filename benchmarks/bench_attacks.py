@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, which puts this checkout on the path
 
 from common import (copy_roofline_seconds, device_arg, interleaved_medians, nonnegative_int,  # noqa: E402
                     positive_int, refuse_one_image_batch_norm, refuse_repeated, with_env, write_rows)

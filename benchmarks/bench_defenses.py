@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, which puts this checkout on the path
 from common import (device_arg, nonnegative_int, positive_int, refuse_one_image_batch_norm,  # noqa: E402
                     refuse_repeated, with_env, write_rows)
 from host_reads import host_reads as count_host_reads  # noqa: E402

@@ -40,8 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, which puts this checkout on the path
 
 from common import (device_arg, nonnegative_int, positive_int, refuse_repeated, synchronize,  # noqa: E402
                     write_rows)

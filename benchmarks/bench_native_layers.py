@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # robust_ops without pip install -e
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, which puts this checkout on the path
 from common import (copy_roofline_seconds, default_threads, gbps, median_seconds, positive_int,  # noqa: E402
                     write_rows)
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common, which puts this checkout on the path
 
 from common import (copy_roofline_seconds, interleaved_medians, positive_int, positive_int_list,  # noqa: E402
                     refuse_repeated, write_rows)

@@ -16,6 +16,19 @@ from pathlib import Path
 import torch
 
 
+def _put_checkout_on_path():
+    """This checkout's robust_ops for the scripts, ahead of an installed or editable one (run without
+    `pip install -e`), but behind $PYTHONPATH's folders: `robust-ops bench --bench-dir` names its own package there,
+    and an installed robust-ops running a checkout's scripts ran them on that checkout, not built in place, which
+    stopped at `import robust_ops`."""
+    explicit = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    at = max((i + 1 for i, entry in enumerate(sys.path) if os.path.abspath(entry or os.curdir) in explicit), default=0)
+    sys.path.insert(at, str(Path(__file__).resolve().parents[1]))
+
+
+_put_checkout_on_path()
+
+
 def _import_torch_benchmark():
     # torch.utils.benchmark imports cpp_extension, which on a machine without CUDA logs "No CUDA runtime is found,
     # using CUDA_HOME=..." at import: about compiling extensions, which no benchmark does.

@@ -4,6 +4,7 @@ import csv
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -2446,3 +2447,22 @@ def test_options_the_run_would_ignore_are_a_usage_error(script, argv, message, m
     --peer-rounds); bench_ima --lockstep ran its one spread check whatever --scenarios / --variants / --repeats /
     --warmup said, and --state skipped the pretraining whatever --pretrain-epochs / --pretrain-batch-size said."""
     assert f": error: {message}" in _usage_error_before_any_work(script, argv, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("script", sorted(path.stem for path in (REPO / "benchmarks").glob("bench_*.py")))
+def test_a_script_runs_on_the_robust_ops_pythonpath_names_before_its_checkouts(tmp_path, script):
+    """`robust-ops bench --bench-dir CHECKOUT/benchmarks` of an installed (non-editable) robust_ops names its own
+    package in $PYTHONPATH; every script put its checkout first on sys.path, so it imported that checkout's robust_ops,
+    not built in place, and stopped ('couldn't load the compiled ops'). The checkout still comes before an installed
+    or editable copy when $PYTHONPATH names none."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "benchmarks", checkout / "benchmarks", ignore=shutil.ignore_patterns("results", "__py*"))
+    (checkout / "robust_ops").mkdir()
+    (checkout / "robust_ops" / "__init__.py").write_text("raise ImportError('the checkout, not built')\n")
+    cases = [(str(REPO), 0)] + ([("", 1)] if script == "bench_pgd_step" else [])
+    for pythonpath, status in cases:
+        env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "ROBUST_OPS_BENCH_DIR": str(tmp_path)}
+        r = subprocess.run([sys.executable, str(checkout / "benchmarks" / f"{script}.py"), "--help"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == status, r.stderr[-3000:]
+        assert ("ImportError: the checkout, not built" in r.stderr) == bool(status), r.stderr[-3000:]
