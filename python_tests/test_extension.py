@@ -159,6 +159,35 @@ def test_missing_build_message(monkeypatch):
         _extension.load_library()
 
 
+def test_an_installed_package_says_to_reinstall_from_its_source_not_to_run_an_editable_install(monkeypatch, tmp_path):
+    """A wheel installed (not editable) and then torch changed: `import robust_ops` said "Rebuild with `pip install
+    --no-build-isolation -e .`", which needs the checkout as working directory; an installed package has none beside
+    it (no csrc/), so every rebuild hint there names the source to reinstall from."""
+    installed = tmp_path / "site-packages" / "robust_ops"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(_extension, "__file__", str(installed / "_extension.py"))
+    reinstall = "`pip install --no-build-isolation <the robust_ops source checkout or sdist it came from>`"
+
+    def fail_to_link(name):
+        raise ImportError("_C.so: undefined symbol: _ZN3c10")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(importlib, "import_module", fail_to_link)
+        with pytest.raises(ImportError, match=re.escape(f"Rebuild with {reinstall} and read its output.")):
+            _extension.load_library()
+    monkeypatch.setattr(_extension, "OPS", (*_extension.OPS, "_op_of_a_newer_checkout"))
+    with pytest.raises(ImportError, match=re.escape(f"robust_ops::_op_of_a_newer_checkout. Rebuild with {reinstall}.")):
+        _extension._check_ops()
+    monkeypatch.setattr(_extension, "cuda_version", lambda: 11080)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(RuntimeError, match=re.escape(f"Reinstall robust_ops ({reinstall}) against the installed")):
+        _extension._check_cuda_version()
+    assert _extension.no_cuda_kernels_message("pgd_step_") == (
+        "pgd_step_: robust_ops was built without CUDA kernels; reinstall with FORCE_CUDA=1 and a CUDA toolkit "
+        "(`FORCE_CUDA=1 pip install --no-build-isolation <the robust_ops source checkout or sdist it came from>`) or "
+        "use backend='triton'")
+
+
 def test_stale_build_message(monkeypatch):
     """A _C built from an older checkout (an editable install not rebuilt after a pull) lacks the newer ops: torch
     failed inside the fake-kernel registration with "'_OpNamespace' 'robust_ops' object has no attribute ..."."""

@@ -10,6 +10,20 @@ import torch
 from ._source_digest import source_digest
 
 _BUILD_HINT = "pip install --no-build-isolation -e ."
+# An installed (non-editable) package has no checkout to run `-e .` in: pip reinstalls a path it is given.
+_REINSTALL_HINT = "pip install --no-build-isolation <the robust_ops source checkout or sdist it came from>"
+
+
+def _in_checkout():
+    """Whether this package sits in its source checkout (csrc/ beside it), as an editable install's does; an installed
+    wheel has none."""
+    return (Path(__file__).parent.parent / "csrc" / "robust_ops.cpp").is_file()
+
+
+def _rebuild_hint(prefix=""):
+    """The command that rebuilds _C, quoted, after ``prefix`` (switches such as FORCE_CUDA=1)."""
+    return f"`{prefix}{_BUILD_HINT if _in_checkout() else _REINSTALL_HINT}`"
+
 
 # Every op csrc/robust_ops.cpp defines, which the Python side registers fake kernels and autograd for: a _C built
 # from an older checkout lacks the newer ones, and torch then fails inside that registration with an AttributeError
@@ -31,7 +45,7 @@ def load_library():
             f"robust_ops: couldn't load the compiled ops (robust_ops._C in {Path(__file__).parent}). Either the "
             "package was not built, "
             f"or it was built against another torch than the one installed ({torch.__version__}), "
-            f"or the build failed. Rebuild with `{_BUILD_HINT}` and read its output. Original error: {err}"
+            f"or the build failed. Rebuild with {_rebuild_hint()} and read its output. Original error: {err}"
         ) from err
     _check_own_build(module)
     _check_source_digest(module)
@@ -61,7 +75,7 @@ def _check_source_digest(module):
     build that carries its digest (setup.py's; CMakeLists.txt's and builds older than the digest carry none)."""
     built = getattr(module, "SOURCE_DIGEST", None)
     csrc = Path(__file__).parent.parent / "csrc"
-    if built is None or not (csrc / "robust_ops.cpp").is_file():
+    if built is None or not _in_checkout():
         return
     if source_digest(csrc) != built:
         warnings.warn(
@@ -76,7 +90,7 @@ def _check_ops():
         module = importlib.import_module("robust_ops._C")
         raise ImportError(
             f"robust_ops: the compiled ops ({getattr(module, '__file__', 'robust_ops._C')}) are older than the Python "
-            f"code: they lack {', '.join('robust_ops::' + name for name in missing)}. Rebuild with `{_BUILD_HINT}`."
+            f"code: they lack {', '.join('robust_ops::' + name for name in missing)}. Rebuild with {_rebuild_hint()}."
         )
 
 
@@ -99,12 +113,12 @@ def _check_cuda_version():
         raise RuntimeError(
             f"robust_ops: the CUDA kernels were compiled with CUDA {built_major}.{built_minor} but torch uses CUDA "
             f"{torch.version.cuda}; PyTorch and robust_ops must be compiled with the same CUDA version. "
-            f"Reinstall robust_ops (`{_BUILD_HINT}`) against the installed torch."
+            f"Reinstall robust_ops ({_rebuild_hint()}) against the installed torch."
         )
 
 
 def no_cuda_kernels_message(op_name):
     return (
         f"{op_name}: robust_ops was built without CUDA kernels; reinstall with FORCE_CUDA=1 and a CUDA toolkit "
-        f"(`FORCE_CUDA=1 {_BUILD_HINT}`) or use backend='triton'"
+        f"({_rebuild_hint('FORCE_CUDA=1 ')}) or use backend='triton'"
     )
