@@ -1045,7 +1045,40 @@ def _checkpoint_conflict(out, run):
     changed = sorted(k for k in given if k in saved and saved[k] != given[k])
     if changed:
         return "defense_options", {k: saved[k] for k in changed}, {k: given[k] for k in changed}
+    # the architecture, which the checkpoint does not name: fit refused its weights ("do not fit this model") at the
+    # run's turn, naming no flag, after demo's and reproduce's runs before it had trained
+    trained = _trained_model(state.get("model"), run)
+    if trained is not None:
+        return "model", trained, run.get("model")
     return ("epochs", done, run["epochs"]) if done > run["epochs"] else None
+
+
+def _trained_model(weights, run):
+    """The --model whose parameters and buffers ``weights`` (a checkpoint's state dict) are, each model built for
+    ``run``'s data, where they are not those of the run's own --model; None where they are, or where no other --model
+    has them all (left to fit's load, which names the first mismatch). Built on the meta device: no memory, ~1 ms."""
+    import torch
+
+    from .models import MODELS, build_model
+
+    info = run.get("dataset") or {}
+    if not isinstance(weights, dict) or info.get("in_channels") is None or info.get("num_classes") is None:
+        return None
+
+    def shapes(name):
+        if not info.get("image_size") and name != "mlp":  # feature vectors: make_model refuses a CNN
+            return None
+        try:
+            with torch.device("meta"):
+                model = build_model(name, info["in_channels"], info["num_classes"], info.get("image_size") or 0)
+        except ValueError:
+            return None
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    saved = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if run.get("model") not in MODELS or shapes(run["model"]) == saved:
+        return None
+    return next((name for name in MODELS if name != run["model"] and shapes(name) == saved), None)
 
 
 def checkpoint_epochs(run_dir):
