@@ -700,6 +700,9 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
         rerun = "without --classes" if was is None else f"with --classes {','.join(was)}"
         return CLIError(f"--classes: {run_dir} was trained on {kept(was)}, this command keeps {kept(now)}; rerun "
                         f"{rerun}, or {way_out}")
+    if key in ("num_samples", "train_samples"):  # another --data's training split (num_samples: the checkpoint's)
+        return CLIError(f"--data: {run_dir} was trained on {was} training images, this command's --data has {now} in "
+                        f"its training split; rerun with the --data and --classes it was trained on, or {way_out}")
     if key in ("split_by", "rare_classes"):  # a split rule changed: no option of reproduce draws the old split
         from .cli import rare_classes_refusal, split_by_refusal
 
