@@ -2744,7 +2744,8 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
     training, more than --epochs 1'; demo trained Baseline before refusing AT's checkpoint. The checkpoint's own
     record (its epochs, the settings fit compares) is checked with the others now; its training-set size too, which
     reproduce left to fit (seed0 trained, then 'was trained with num_samples=64, this command has num_samples=48'),
-    and its architecture: the --model whose parameters its weights are, built for the data."""
+    and its architecture: the --model whose parameters its weights are, built for the data; and, for as many training
+    images, their fingerprint, which fit refused at the run's turn ('train_data is not the data it was trained on')."""
     from robust_ops.cli import CLIError
     from robust_ops.reproduce import run_protocol
 
@@ -2752,6 +2753,10 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
     arrays.update(train_images=arrays["train_images"][:48], train_labels=arrays["train_labels"][:48])
     fewer = tmp_path / "smallbus_fewer.npz"
     np.savez(fewer, **arrays)
+    arrays = dict(np.load(small_npz))
+    arrays.update(train_images=arrays["train_images"][::-1], train_labels=arrays["train_labels"][::-1])
+    others = tmp_path / "smallbus_others.npz"  # as many training images, in another order
+    np.savez(others, **arrays)
     proto = _tiny_protocol("seeds", [("STD", "standard")])
     out = tmp_path / "r"
     run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=2, progress=False)
@@ -2770,6 +2775,12 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
                                      "--data has 48 in its training split; rerun with the --data and --classes it "
                                      "was trained on")
     assert not (runs / "seed0").exists()
+    with pytest.raises(CLIError) as err:  # as many training images, others: fit refused them after seed0 trained
+        run_protocol(proto, out=out, data=str(others), seeds=2, epochs=2, progress=False)
+    assert str(err.value).startswith(f"--data: {runs / 'seed1'} was trained on other training images than this "
+                                     "command's (as many, but other images or labels); rerun with the --data, "
+                                     "--size, --classes, --bit-depth and --channels it was trained on")
+    assert not (runs / "seed0").exists()
     run_protocol(proto, out=out, data=str(small_npz), seeds=2, epochs=2, progress=False)  # the run's own settings
     demo = tmp_path / "demo"
     argv = ["demo", "--data", small_npz, "--methods", "standard,at", "--train-size", "32", "--out", demo,
@@ -2784,6 +2795,10 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
                           "command has --lr 0.01"),
                          # the architecture, which the checkpoint does not name: fit refused AT's weights after
                          # Baseline trained ("its weights do not fit this model"), naming no flag
+                         # as many training images, others: fit refused them after Baseline trained
+                         (["--epochs", "2", "--data", others],
+                          f"--resume: {demo / 'runs' / 'at'} was trained on other training images than this "
+                          "command's (as many, but other images or labels); rerun with the --data, --size"),
                          (["--epochs", "2", "--model", "mlp"],
                           f"--resume: {demo / 'runs' / 'at' / 'checkpoint.pt'} was trained with --model small_cnn, "
                           "this command has --model mlp")):
@@ -3427,8 +3442,8 @@ def test_demo_names_a_finished_run_once_it_is_loaded(small_npz, tmp_path, capsys
             "--saliency", "0", "--no-progress", "--device", "cpu", "--train-size", "0", "--data"]
     assert run(argv + [small_npz], capsys)[0] == 0
     (out / "runs" / "at" / "run.json").unlink()
-    rc, stdout, err = run(argv + [other, "--resume"], capsys)
-    one_line_error(rc, err, "train_data is not the data it was trained on")
+    rc, stdout, err = run(argv + [other, "--resume"], capsys)  # refused by demo's check of every run, before any
+    one_line_error(rc, err, f"--resume: {out / 'runs' / 'at'} was trained on other training images than this command's")
     assert "training AT" not in stdout, stdout
     rc, stdout, err = run(argv + [small_npz, "--resume"], capsys)
     assert rc == 0, err

@@ -829,6 +829,8 @@ def resume_setting_error(run_file, key, was, now, flags):
                     f"this command has {now_words or f'no {flag}'}")
 
 
+# a checkpoint (without run.json) whose training-set fingerprint is not the command's: as many images, others
+OTHER_TRAINING_IMAGES = "was trained on other training images than this command's (as many, but other images or labels)"
 # the way on from a RUN_DIR whose run train's (or demo's) --resume cannot continue: a fresh start replaces that run's
 # files (a command without --resume), another --out keeps them
 TRAIN_AFRESH = "train afresh without --resume (another --out keeps this run's files)"
@@ -844,6 +846,9 @@ def resume_refusal(path, key, was, now, flags):
     if key == "epochs":
         return CLIError(f"--resume: {path} holds {was} epochs of training, more than --epochs {now}; pass --epochs "
                         f"{was} or more (the run's total, not the epochs to add), or {TRAIN_AFRESH}")
+    if key == "train_data_sha256":  # a checkpoint's fingerprint: the digests themselves tell a user nothing
+        return CLIError(f"--resume: {path} {OTHER_TRAINING_IMAGES}; rerun with the run's --data, --size, --classes, "
+                        f"--bit-depth and --channels to continue it, or {TRAIN_AFRESH}")
     where = f" (set by {FIT_SETTING_FLAGS[key]})" if key in FIT_SETTING_FLAGS else ""
     return CLIError(f"{resume_setting_error(path, key, was, now, flags)}{where}; rerun with the run's settings to "
                     f"continue it, or {TRAIN_AFRESH}")
@@ -907,12 +912,13 @@ def json_options(options):
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
                train_samples=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0, early_stopping=None,
-               restore_best=False):
+               restore_best=False, train_data_sha256=None):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
     rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
     ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume.
     ``restore_best`` is recorded for eval (RUN_DIR then means best_model.pt), not compared on resume: it changes no
-    training (fit refuses a switch it cannot make exact)."""
+    training (fit refuses a switch it cannot make exact). ``train_data_sha256``: fit's fingerprint of the training
+    set (train.train_data_fingerprint), which demo's and reproduce's check of a checkpoint without run.json compares."""
     if dropmax == "none" and makes_first_drop_max(defense_name):
         dropmax = "first"  # recorded so eval rebuilds the same architecture (fit calls prepare_model itself)
     run = {
@@ -929,6 +935,8 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
         run["split"] = split
     if train_samples is not None:
         run["train_samples"] = int(train_samples)
+    if train_data_sha256 is not None:
+        run["train_data_sha256"] = train_data_sha256
     return run
 
 
@@ -1039,6 +1047,10 @@ def _checkpoint_conflict(out, run):
     # the training images counted (demo's --train-size subset; another --data of reproduce)
     if run.get("train_samples") is not None and config.get("num_samples") not in (None, run["train_samples"]):
         return "num_samples", config["num_samples"], run["train_samples"]
+    # as many images, but others (another --size, --data or --classes): fit refused them at the run's turn
+    saved_data, data = config.get("train_data_sha256"), run.get("train_data_sha256")
+    if None not in (saved_data, data) and saved_data != data:
+        return "train_data_sha256", saved_data, data
     saved = json_options(config.get("defense_options") or {})
     # train's record holds the defense's settings as built (defaults included, norm spelled as the defense does)
     given = json_options(run.get("defense_settings") or run.get("defense_options") or {})
@@ -2069,6 +2081,9 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
         return CLIError(f"--train-size: {run_dir} was trained on {was} training images, this command draws {now}"
                         f"{' (--quick)' if args.quick else ''}; rerun with the --train-size / --quick it was made "
                         "with, or use another --out")
+    if key == "train_data_sha256":
+        return CLIError(f"--resume: {run_dir} {OTHER_TRAINING_IMAGES}; rerun with the --data, --size, --classes, "
+                        "--bit-depth and --channels it was made with, or use another --out")
     if key == "split_by":
         return CLIError(f"--resume: {split_by_refusal(run_dir, was, now)}; or rerun without --resume, or use another "
                         "--out")
@@ -2149,7 +2164,9 @@ def cmd_demo(args):
     with run_folder_lock(out) if is_main_process() else contextlib.nullcontext():
         if args.resume:  # every method's run is checked before any is trained, not halfway through the list
             from .prepacked_conv import prepacked_conv_resolved
+            from .train import train_data_fingerprint
 
+            fingerprint = train_data_fingerprint(splits.train)  # one training set for every method
             for m in methods:
                 run_dir = out / "runs" / m
                 # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
@@ -2157,7 +2174,8 @@ def cmd_demo(args):
                     data=args.data, defense_name=m, defense_options={}, model_name=args.model, epochs=epochs,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=demo_label(m),
                     info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth,
-                    channels=args.channels, prepacked_conv=prepacked_conv_resolved(None)))
+                    channels=args.channels, prepacked_conv=prepacked_conv_resolved(None),
+                    train_data_sha256=fingerprint))
                 if conflict:
                     raise _demo_resume_error(run_dir, conflict, args, epochs)
         # under torchrun every process trains (fit's DDP), rank 0 alone reports and evaluates, as in train

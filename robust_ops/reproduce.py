@@ -700,6 +700,11 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
         rerun = "without --classes" if was is None else f"with --classes {','.join(was)}"
         return CLIError(f"--classes: {run_dir} was trained on {kept(was)}, this command keeps {kept(now)}; rerun "
                         f"{rerun}, or {way_out}")
+    if key == "train_data_sha256":  # a checkpoint's fingerprint of its training images: as many, others
+        from .cli import OTHER_TRAINING_IMAGES
+
+        return CLIError(f"--data: {run_dir} {OTHER_TRAINING_IMAGES}; rerun with the --data, --size, --classes, "
+                        f"--bit-depth and --channels it was trained on, or {way_out}")
     if key in ("num_samples", "train_samples"):  # another --data's training split (num_samples: the checkpoint's)
         return CLIError(f"--data: {run_dir} was trained on {was} training images, this command's --data has {now} in "
                         f"its training split; rerun with the --data and --classes it was trained on, or {way_out}")
@@ -808,6 +813,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     from .evaluate import evaluate
     from .metrics import metric_names
     from .prepacked_conv import prepacked_conv_resolved
+    from .train import train_data_fingerprint
 
     if isinstance(protocol, str):  # its name, as `robust-ops reproduce NAME` takes it
         if protocol not in PROTOCOLS:
@@ -868,7 +874,8 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth, channels=channels,
                 classes=classes, prepacked_conv=prepacked_conv_resolved(None), warmup_epochs=warmup,
                 early_stopping=patience, info=splits.info,  # info: image size, class counts
-                train_samples=len(splits.train)))  # a checkpoint without run.json: fit's count, compared now
+                # a checkpoint without run.json: fit's count and fingerprint of the training images, compared now
+                train_samples=len(splits.train), train_data_sha256=train_data_fingerprint(splits.train)))
             if conflict:
                 conflicts.append((run_dir, conflict))
             runs.append((method, options, run_dir))
