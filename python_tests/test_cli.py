@@ -2807,6 +2807,39 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
         assert "training" not in stdout and not (demo / "runs" / "standard").exists()
 
 
+def test_demo_and_reproduce_read_a_finished_runs_checkpoint_once_before_fit(small_npz, tmp_path, capsys, monkeypatch):
+    """demo --resume and reproduce read a finished run's whole checkpoint four times (the check of every run, the
+    status line, train_run's check, fit's load): 0.3 s a read for resnet18. Its epochs are read once per version of
+    the file; a checkpoint rewritten since is read again."""
+    import robust_ops.train as trainer
+    from robust_ops.reproduce import run_protocol
+
+    reads = []
+    real = trainer.load_checkpoint
+
+    def counted(path, *args, **kwargs):
+        reads.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "standard", "--train-size", "32", "--out", out, "--attacks",
+            "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--epochs"]
+    assert run(argv + ["1"], capsys)[0] == 0
+    monkeypatch.setattr(trainer, "load_checkpoint", counted)
+    assert run(argv + ["1", "--resume"], capsys)[0] == 0
+    assert reads == [out / "runs" / "standard" / "checkpoint.pt"] * 2, reads
+    reads.clear()  # one epoch more: fit's load of the version read above; the file it rewrites is read anew
+    assert run(argv + ["2", "--resume"], capsys)[0] == 0
+    rc, stdout, _ = run(argv + ["2", "--resume"], capsys)
+    assert rc == 0 and "Baseline: " in stdout and len(reads) == 3, reads
+    assert cli.epochs_done(out / "runs" / "standard") == 2 == cli.checkpoint_epochs(out / "runs" / "standard")
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    run_protocol(proto, out=tmp_path / "r", data=str(small_npz), seeds=1, epochs=1, progress=False)
+    reads.clear()
+    run_protocol(proto, out=tmp_path / "r", data=str(small_npz), seeds=1, epochs=1, progress=False)
+    assert len(reads) == 2, reads
+
+
 def test_demo_checks_the_training_subset_of_a_run_without_run_json_first(small_npz, tmp_path, capsys):
     # a checkpoint without run.json drawn by another --train-size was refused by fit at its turn, after the methods
     # before it trained, as 'num_samples=64, this command has num_samples=48 (set by --data, --classes)'
