@@ -692,6 +692,39 @@ def test_mirst_bus_page_states_the_folds_training_validation_and_test_sizes(brea
                 f"{test} test images, {malignant} of them malignant") in text
 
 
+def test_arfl_page_fine_tunes_the_vgg16_layers_the_paper_names(tmp_path):
+    """The ARFL page gave the two-moons setting and the mammography defaults only: not the paper's VGG16 fine-tuning of
+    "the fully connected layers and the last convolutional layer" nor its test budget eps2 = 1e-4. The fit call it
+    gives trains exactly the classifier and the last convolution of the library's vgg16, the layer ARFL reads its
+    features from, and the eval command it gives parses."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from robust_ops import defenses, train
+    from robust_ops.evaluate import parse_attacks
+    from robust_ops.models import build_model
+
+    text = " ".join((REPO / "docs/defenses/arfl.md").read_text().split())
+    call = re.search(r"`fit\(model, \"arfl\", train_set, val_set, epochs=100, warmup_epochs=100, "
+                     r"warmup_params=(\[[^\]]*\])\)`", text)
+    assert call, "the page's fit call for the mammography fine-tuning"
+    names = json.loads(call.group(1))
+    command = re.search(r"`robust-ops eval RUN --attacks (\S+) --eps 1e-4`", text)
+    assert command and "ε2\" = 1e-4" in text
+    assert [s.name for s in parse_attacks(command.group(1))] == ["pgd"]
+    torch.manual_seed(0)
+    model = build_model("vgg16", num_classes=2, in_channels=1, image_size=28)
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert names == ["classifier", convs[-1]]
+    assert defenses.build("arfl").feature_module(model)[0] is dict(model.named_modules())[convs[-1]]
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    data = TensorDataset(torch.rand(8, 1, 28, 28), torch.tensor([0, 1] * 4))
+    train.fit(model, "arfl", data, epochs=1, batch_size=8, warmup_epochs=1, warmup_params=names, progress=False,
+              out_dir=tmp_path)
+    moved = {k.rsplit(".", 1)[0] for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])}
+    assert moved == {"classifier.0", "classifier.3", convs[-1]}
+
+
 def test_documented_radius_figures_are_the_ones_written():
     """getting-started's file table listed accuracy, F1 and sensitivity curves only; multi-class tasks get mAP."""
     from robust_ops.data import DatasetInfo
