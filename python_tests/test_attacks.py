@@ -751,9 +751,10 @@ def test_a_count_past_64_bits_is_refused_naming_it():
     for make, name, arg in ((lambda n: attacks.APGD(model, steps=n)(x, y), "apgd", "steps"),
                             (lambda n: attacks.pgd(model, x, y, eps=0.03, steps=n), "pgd", "steps"),
                             (lambda n: attacks.FAB(model, n_restarts=n)(x, y), "fab", "n_restarts")):
-        with pytest.raises(ValueError, match=rf"^{name}: expected {arg} below 2\*\*63 \(a 64-bit integer\), "
-                                             rf"got {10**22}$"):
-            make(10**22)
+        for count in (10**22, 2**63):  # 2**63 too: the first count past 64 bits (a check from 2**63 + 1 survived)
+            with pytest.raises(ValueError, match=rf"^{name}: expected {arg} below 2\*\*63 \(a 64-bit integer\), "
+                                                 rf"got {count}$"):
+                make(count)
 
 
 def test_a_count_whose_buffer_cannot_be_allocated_is_named():
@@ -7101,6 +7102,14 @@ def test_apgd_classes_refuse_a_bad_option_when_built(cls, option, value, message
     ("PGD", "random_start", "no", r"expected random_start to be True or False, got 'no'"),
     ("CW", "kappa", -1, r"expected kappa to be a finite number >= 0, got -1"),
     ("CW", "random_start", "no", r"expected random_start to be True or False, got 'no'"),
+    # every option of FAB and FABT, and p_init's open lower end (mutation testing of 6dfc601: leaving these out of
+    # the classes' build-time check survived)
+    ("FAB", "n_restarts", 0, r"expected n_restarts to be an integer >= 1, got 0"),
+    ("FAB", "alpha_max", 0.0, r"expected alpha_max to be a finite number with 0 < alpha_max <= 1, got 0.0"),
+    ("FABT", "n_restarts", 0, r"expected n_restarts to be an integer >= 1, got 0"),
+    ("FABT", "eta", 0.5, r"expected eta to be a finite number >= 1, got 0.5"),
+    ("FABT", "beta", 0.0, r"expected beta to be a finite number with 0 < beta <= 1, got 0.0"),
+    ("Square", "p_init", 0.0, r"expected p_init in \(0, 1\], got 0.0"),
 ])
 def test_attack_classes_refuse_a_bad_option_when_built_before_a_cascade_runs(cls, option, value, message):
     """As APGD's and APGDT's: these were checked only at the first call, so in an AutoAttack list (or ensemble)
@@ -7182,6 +7191,17 @@ def test_a_cascade_refuses_an_attacks_linf_eps_wider_than_its_clip_range_before_
     # the attack's own clip range decides, as when it runs
     wide = attacks.PGD(model, eps=8, steps=1, clip_max=255.0)
     assert attacks.ensemble(model, x, y, [wide], clip_max=255.0).x_adv.shape == x.shape
+
+
+def test_a_cascade_checks_a_number_eps_by_its_attacks_norm():
+    """The cascade's check of a number eps before any attack runs refuses a Linf radius wider than the clip range
+    (test above); an L2 radius past it is an L2 radius, run as the attack runs it (mutation testing of 9ad2bf8:
+    checking every eps as a Linf one survived)."""
+    model = make_model(3)
+    x, y = make_data(4, 3)
+    for attack in (attacks.PGDL2(model, eps=2.0, steps=1), attacks.FAB(model, eps=2.0, norm="l2", steps=1),
+                   attacks.WhiteNoise(model, eps=2.0, norm="l2", trials=1)):
+        assert attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.1), attack]).x_adv.shape == x.shape
 
 
 @pytest.mark.parametrize("key", ["steps", "n_target_classes", "n_queries", "seed", "eot_iter", "attacks_to_run"])
