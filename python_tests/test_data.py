@@ -1357,6 +1357,13 @@ def test_busi_folders_of_a_split_made_beforehand_are_named_as_such(tmp_path):
     # so with the classes named: they were "class folder(s) melanoma, nevus not found (found: test, train)"
     with pytest.raises(DataError, match=r"isic: its folders Test, Train look like a train/val/test split"):
         load_dataset(root, size=8, classes=("melanoma", "nevus"))
+    # a validation folder beside them is one of the split's too (mutation testing of f056d90: leaving val and
+    # validation out of SPLIT_FOLDERS survived)
+    for val in ("Val", "Validation"):
+        _class_folders(tmp_path / f"isic_{val}" / "Train", ("melanoma", "nevus"))
+        _class_folders(tmp_path / f"isic_{val}" / val, ("melanoma", "nevus"))
+        with pytest.raises(DataError, match=rf"isic_{val}: its folders Train, {val} look like a train/val/test split"):
+            load_dataset(tmp_path / f"isic_{val}", size=8)
     # a class folder that happens to be named so, holding its images directly, is a class as before
     _class_folders(tmp_path / "plain", ("test", "train"))
     _class_folders(tmp_path / "plain" / "test", (".thumbs",))  # a hidden folder of images inside it is no class
@@ -1398,6 +1405,7 @@ def test_busi_colour_images_keep_their_colour(tmp_path):
                                                # and that set's newer spelling, notumor
                                                (("Effusion", "No Finding"), "Effusion"),
                                                (("glioma_tumor", "no_tumor"), "glioma_tumor"),
+                                               (("glioma", "not glioma"), "glioma"),
                                                (("Mild", "No_DR"), "Mild"), (("glioma", "notumor"), "glioma"),
                                                # ... or ending with free, or opening with without
                                                (("Cancer-free", "Tumor"), "Tumor"),
