@@ -1472,17 +1472,24 @@ def test_csv_hints_for_other_separators_and_file_names_as_ids(tmp_path):
         load_csv(tmp_path / "ext.csv", size=8, image_dir=tmp_path / "pics")
 
 
-def test_csv_ids_may_be_paths_relative_to_the_image_folder(tmp_path):
-    """A CSV of image paths (pat1/view1.png, CheXpert's layout) was refused as "listed but not found ... strip the
-    folders and extensions from its values", and its ids stripped to names (view1 of every patient) as "listed more
-    than once". A path relative to the folder, with or without its extension, and a name with its extension, now
-    name their file; two rows naming one file are an error (found by the persona helper)."""
+def _patient_views(tmp_path, id_of):
+    """pat1/ and pat2/ under ``tmp_path``, 15 grey 8 x 8 views each (view{i}.png, pixel 8 i + p for patient p), and
+    the CSV rows naming them by ``id_of(patient, i)``, three classes in turn."""
     rows = ["image_id,dx"]
     for p, patient in enumerate(("pat1", "pat2")):
         (tmp_path / patient).mkdir()
         for i in range(15):
             _png(tmp_path / patient / f"view{i}.png", (8, 8), 8 * i + p, mode="L")
-            rows.append(f"{patient}/view{i}{'.png' if i % 2 else ''},{('covid', 'normal', 'pneumonia')[i % 3]}")
+            rows.append(f"{id_of(patient, i)},{('covid', 'normal', 'pneumonia')[i % 3]}")
+    return rows
+
+
+def test_csv_ids_may_be_paths_relative_to_the_image_folder(tmp_path):
+    """A CSV of image paths (pat1/view1.png, CheXpert's layout) was refused as "listed but not found ... strip the
+    folders and extensions from its values", and its ids stripped to names (view1 of every patient) as "listed more
+    than once". A path relative to the folder, with or without its extension, and a name with its extension, now
+    name their file; two rows naming one file are an error (found by the persona helper)."""
+    rows = _patient_views(tmp_path, lambda patient, i: f"{patient}/view{i}{'.png' if i % 2 else ''}")
     (tmp_path / "paths.csv").write_text("\n".join(rows) + "\n")
     s = load_dataset(tmp_path / "paths.csv", size=8, channels=1)
     x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
@@ -1503,6 +1510,29 @@ def test_csv_ids_may_be_paths_relative_to_the_image_folder(tmp_path):
     with pytest.raises(DataError, match=r"twice\.csv: rows 'pat1/view1\.png' and '\./pat1/view1\.png' name the same "
                                         r"file; expected one row per image$"):
         load_dataset(tmp_path / "twice.csv", size=8)
+
+
+def test_csv_rows_resolve_each_folder_once_and_still_refuse_one_file_in_two_rows(tmp_path, monkeypatch):
+    """load_csv's check of two rows naming one file resolved every row's path (each of its components read): 0.15 s
+    of 2,000 rows on a loaded 2-core machine, as much as reading those images at 8 x 8. Each folder is resolved once;
+    a row through a linked folder or a linked file still names the file it links to (found by the bench helper)."""
+    rows = _patient_views(tmp_path, lambda patient, i: f"{patient}/view{i}.png")
+    (tmp_path / "paths.csv").write_text("\n".join(rows) + "\n")
+    realpath, resolved = os.path.realpath, []
+    monkeypatch.setattr(os.path, "realpath", lambda path, **kw: resolved.append(path) or realpath(path, **kw))
+    s = load_dataset(tmp_path / "paths.csv", size=8, channels=1)
+    monkeypatch.undo()
+    assert len(s.train) + len(s.val) + len(s.test) == 30
+    assert len(resolved) <= 2, f"{len(resolved)} paths resolved for 30 rows in 2 folders"
+    try:
+        os.symlink(tmp_path / "pat1", tmp_path / "linked", target_is_directory=True)
+        os.symlink(tmp_path / "pat2" / "view3.png", tmp_path / "pat1" / "alias.png")
+    except (OSError, NotImplementedError):
+        pytest.skip("no symbolic links here")
+    for extra, first in (("linked/view1.png", "pat1/view1.png"), ("pat1/alias.png", "pat2/view3.png")):
+        (tmp_path / "twice.csv").write_text("\n".join(rows + [f"{extra},covid"]) + "\n")
+        with pytest.raises(DataError, match=rf"rows '{re.escape(first)}' and '{re.escape(extra)}' name the same file"):
+            load_dataset(tmp_path / "twice.csv", size=8)
 
 
 def test_a_class_too_small_to_stratify_is_named(tmp_path):

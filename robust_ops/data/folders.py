@@ -11,6 +11,7 @@ import functools
 import glob
 import hashlib
 import numbers
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -273,6 +274,19 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
              f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
              + (colour or f"pass bit_depth={bits} (--bit-depth {bits}) to scale {(1 << bits) - 1} to 255"),
              stacklevel=stacklevel + 2)
+
+
+def _resolved(path, folders):
+    """``os.path.realpath(path)`` of an existing file, its folder's read once in ``folders`` (a dict kept by the
+    caller): a resolve() of every row of load_csv read each of its path's components, 0.15 s for 2,000 rows on a
+    loaded 2-core machine. A file that is itself a symbolic link is resolved whole."""
+    path = os.fspath(path)
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    folder, name = os.path.split(path)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name)
 
 
 # The side length folders and CSVs are read at when size= is not given (MIRST-DM's 224 x 224).
@@ -713,9 +727,9 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         first = index[ambiguous[0]]
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
-    by_file = {}
+    by_file, folders = {}, {}
     for image_id, _ in kept:  # pat1/view1.png and ./pat1/view1.png: one image in two rows, in train and test
-        by_file.setdefault(index[image_id][0].resolve(), []).append(image_id)
+        by_file.setdefault(_resolved(index[image_id][0], folders), []).append(image_id)
     twice = next((ids for ids in by_file.values() if len(ids) > 1), None)
     if twice:
         raise DataError(f"{csv_path}: rows {' and '.join(map(repr, twice[:2]))} name the same file; expected one row "
