@@ -1535,6 +1535,30 @@ def test_csv_rows_resolve_each_folder_once_and_still_refuse_one_file_in_two_rows
             load_dataset(tmp_path / "twice.csv", size=8)
 
 
+def test_csv_paths_without_extension_list_each_folder_once(tmp_path, monkeypatch):
+    """An id holding a folder and no extension (pat1/view1) globbed its folder for its own name, a listing of the
+    folder per row: 0.34 s of 2,000 rows in 200 folders on a loaded 2-core machine (a load_csv of 0.8 s by names).
+    Each folder is now listed once; the file found is the one with that stem, two of them still ambiguous (found by
+    the bench helper)."""
+    rows = _patient_views(tmp_path, lambda patient, i: f"{patient}/view{i}") + ["pat1/view1.txt,normal"]
+    for p, patient in enumerate(("pat1", "pat2")):
+        _png(tmp_path / patient / "view1.txt.png", (8, 8), 200 + p, mode="L")  # the stem of pat1/view1.txt
+    (tmp_path / "paths.csv").write_text("\n".join(rows) + "\n")
+    listings = Counter()
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path=".", real=real: listings.update([os.fspath(path)]) or real(path))
+    s = load_dataset(tmp_path / "paths.csv", size=8, channels=1)
+    monkeypatch.undo()
+    assert max(listings.values()) == 1, listings
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert sorted((x[:, 0, 4, 4] * 255).round().int().tolist()) == sorted([8 * i + p for p in (0, 1) for i in range(15)]
+                                                                          + [200])
+    _png(tmp_path / "pat2" / "view4.jpg", (8, 8), 9, mode="L")
+    with pytest.raises(DataError, match=r"1 image_id\(s\) match several files under .*view4\.jpg and .*view4\.png"):
+        load_dataset(tmp_path / "paths.csv", size=8)
+
+
 def test_a_class_too_small_to_stratify_is_named(tmp_path):
     root = _class_folders(tmp_path, n=20)
     _class_folders(tmp_path, ("normal",), n=1)
