@@ -821,6 +821,12 @@ def test_npz_images_and_labels_keep_their_values(tmp_path):
     with pytest.raises(DataError, match=r"got dtype int64 with values in \[-5, 250\]: convert them to uint8 "
                                         r"\(0-255\) or to floats in \[0, 1\]$"):
         load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats * 255).round().astype(np.int64) - 5))
+    # binary images (np.where's int64) stored as uint8, as the line above told them, loaded black (1 of 255) without a
+    # word (found by the revA helper)
+    with pytest.raises(DataError, match=r"got dtype int64 with values in \[0, 1\]; \[0, 1\] pixels\? store them as "
+                                        r"floats, images.astype\(np.float32\) \(as uint8 they would be 0 and 1 of "
+                                        r"255, black\)$"):
+        load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats > 0.5).astype(np.int64)))
     # multi-label (N, 2) and negative labels are refused, not silently reshaped / kept
     with pytest.raises(DataError, match=r"expected train_labels of shape \(N,\) or \(N, 1\), got \(12, 2\)"):
         load_dataset(write_npz(tmp_path / "m.npz", train_labels=np.zeros((12, 2), np.int64)))

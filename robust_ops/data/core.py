@@ -182,6 +182,9 @@ def _integer_images_fix(images):
 
     lo, hi = int(images.min()), int(images.max())
     got = f" with values in [{lo}, {hi}]"
+    if 0 <= lo and hi <= 1:  # binary images (np.where's int64): told uint8, they loaded black (1 of 255) silently
+        return (f"{got}; [0, 1] pixels? store them as floats, images.astype(np.float32) (as uint8 they would be 0 "
+                "and 1 of 255, black)")
     if 0 <= lo and hi <= 255:
         return f"{got}: store them as uint8 (images.astype(np.uint8)), 0-255 pixels"
     if 0 <= lo and hi <= 65535:
