@@ -7171,6 +7171,26 @@ def test_attack_classes_refuse_a_bad_alpha_number_when_built(cls, name):
     make(model, alpha=0.01)
 
 
+@pytest.mark.parametrize("cls, name", [("FGSM", "fgsm"), ("BIM", "ifgsm"), ("PGD", "pgd"), ("PGDL2", "pgdl2"),
+                                       ("CW", "cw"), ("APGD", "apgd-ce"), ("APGDT", "apgd-t"), ("FAB", "fab"),
+                                       ("FABT", "fab-t"), ("Square", "square"), ("WhiteNoise", "noise")])
+def test_attack_classes_refuse_a_bad_eps_number_when_built(cls, name):
+    """A number eps was checked only at the first call, while the alpha of PGD, PGDL2, BIM and CW (since d6fe164), the
+    steps and the seed are checked when built: every class built eps=-1, "8/255" or nan without a word (found by the
+    revA helper). A per-sample tensor is still checked when run, against the batch."""
+    model = make_model(3)
+    make = getattr(attacks, cls)
+    alpha = dict(alpha=0.01) if cls in ("BIM", "PGD", "PGDL2", "CW") else {}
+    for eps, error, message in (("8/255", TypeError, r"to be a number or a tensor of shape \[N\], got str"),
+                                (True, TypeError, r"to be a number or a tensor of shape \[N\], got bool"),
+                                (-1.0, ValueError, r">= 0 and finite, got -1.0"),
+                                (float("nan"), ValueError, r">= 0 and finite, got nan")):
+        with pytest.raises(error, match=rf"^{name}: expected eps {message}"):
+            make(model, eps=eps, **alpha)
+    make(model, eps=torch.full((3,), 0.01), **alpha)  # checked when run, against the batch
+    make(model, eps=0.01, **alpha)
+
+
 @pytest.mark.parametrize("cls, options", [("PGD", {}), ("BIM", {}), ("CW", dict(alpha=0.1)), ("FAB", {}), ("FABT", {}),
                                           ("Square", {}), ("WhiteNoise", {}), ("APGD", {})])
 def test_a_cascade_refuses_an_attacks_linf_eps_wider_than_its_clip_range_before_any_attack_runs(cls, options):

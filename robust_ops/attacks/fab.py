@@ -25,7 +25,7 @@ from .context import (attack_context, check_gradients_possible, check_inputs, ch
                       predict_from_output, two_logits)
 from .core import (NORMS_WITH_L1, check_linf_budget, check_norm, check_steps, clean_logits, finite_direction, forward,
                    per_sample, refuse_targeted, runner_up_targets)
-from .pgd import check_seed, make_generator
+from .pgd import check_eps, check_seed, make_generator
 
 # "no adversarial found yet" as the reference writes it: any real distance is smaller
 NOT_FOUND = 1e10
@@ -473,6 +473,7 @@ class FAB(Attack):
         # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
         _check_fab_options(self.name, norm, steps, n_restarts, 1, alpha_max, eta, beta)
         check_seed(self.name, seed)
+        check_eps(self.name, eps)
 
     def check_input_dtype(self, x):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
@@ -505,6 +506,7 @@ class FABT(Attack):
         # as FAB's
         _check_fab_options(self.name, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta)
         check_seed(self.name, seed)
+        check_eps(self.name, eps)
 
     def check_input_dtype(self, x):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))

@@ -48,6 +48,14 @@ def check_alpha(name, alpha):
         check_number(name, "alpha", alpha)
 
 
+def check_eps(name, eps):
+    """A number ``eps`` checked when an attack class is built, as its alpha (:func:`check_alpha`) and other options:
+    refused only at the first call, eps=-1 or "8/255" built without a word. A tensor [N] is checked per sample when
+    run, against the batch."""
+    if not torch.is_tensor(eps):
+        check_number(name, "eps", eps)
+
+
 def make_generator(seed, x, name="attack"):
     """A torch.Generator seeded with ``seed`` on the device of the inputs ``x`` (None: the global RNG); errors name the
     attack ``name``. Called before the attack checks ``x``: an x that is no tensor (a list) failed here with
@@ -186,6 +194,7 @@ class FGSM(Attack):
     def __init__(self, model, eps=8 / 255, *positional, norm="linf", loss="ce", **options):
         refuse_positional_options(self.name, FGSM, positional)
         super().__init__(model, **options)
+        check_eps(self.name, eps)
         self.eps, self.norm, self.loss = eps, check_norm(self.name, norm), check_loss(self.name, loss)
 
     def forward(self, x, y):
@@ -201,6 +210,7 @@ class BIM(Attack):
     def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *positional, norm="linf", loss="ce", **options):
         refuse_positional_options(self.name, BIM, positional)
         super().__init__(model, **options)
+        check_eps(self.name, eps)
         check_alpha(self.name, alpha)
         check_step_moves(self.name, eps, alpha)  # here, not at the first call, as the other attacks' settings
         check_steps(self.name, steps)
@@ -232,6 +242,7 @@ class PGD(Attack):
         check_draws(self.name, "seed", seed, random_start)
         check_seed(self.name, seed)
         check_kappa(self.name, kappa, check_loss(self.name, loss))
+        check_eps(self.name, eps)
         check_alpha(self.name, alpha)
         check_step_moves(self.name, eps, alpha)
         check_steps(self.name, steps)
@@ -288,6 +299,7 @@ class CW(Attack):
         check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
         check_seed(self.name, seed)
         check_kappa(self.name, kappa)
+        check_eps(self.name, eps)
         check_alpha(self.name, alpha)
         check_step_moves(self.name, eps, alpha, hint=" (torchattacks' CW(model, c, kappa, steps) puts its kappa here: "
                          "give CW-Linf's by keyword, e.g. CW(model, eps=8/255, steps=50, kappa=0.0))")
