@@ -1589,6 +1589,32 @@ def test_csv_rows_naming_two_links_to_one_blob_are_two_images(tmp_path):
         load_dataset(tmp_path / "m.csv", size=8, channels=1)
 
 
+def test_csv_ids_matching_two_files_are_told_the_id_that_names_one(tmp_path):
+    """An id matching view3.png and view3.jpg in one folder was told 'pass image_dir to choose one folder', which no
+    folder does; ids may hold an extension or a path since 2026-12-07, so the error names the id that takes one file
+    (found by the revA helper)."""
+    (tmp_path / "pat1").mkdir()
+    for i in range(20):
+        _png(tmp_path / "pat1" / f"view{i}.png", (8, 8), i)
+    _png(tmp_path / "pat1" / "view3.jpg", (8, 8), 3)
+    for ids, told in (([f"pat1/view{i}" for i in range(20)], "pat1/view3"), ([f"view{i}" for i in range(20)], "view3")):
+        (tmp_path / "m.csv").write_text("image_id,dx\n" + "".join(f"{i},{n % 2}\n" for n, i in enumerate(ids)))
+        with pytest.raises(DataError, match=rf"match several files under .*; write the extension into the id "
+                                            rf"\({told}\.jpg or {told}\.png\) to choose one$"):
+            load_dataset(tmp_path / "m.csv", size=8, channels=1)
+        ids[3] += ".png"  # as told
+        (tmp_path / "m.csv").write_text("image_id,dx\n" + "".join(f"{i},{n % 2}\n" for n, i in enumerate(ids)))
+        assert len(load_dataset(tmp_path / "m.csv", size=8, channels=1).train) > 0
+    (tmp_path / "copy").mkdir()  # two folders: image_dir, or the path as the id
+    _png(tmp_path / "copy" / "view5.png", (8, 8), 5)
+    (tmp_path / "m.csv").write_text("image_id,dx\n" + "".join(f"view{i},{i % 2}\n" for i in range(20) if i != 3))
+    with pytest.raises(DataError, match=r"; pass image_dir to choose one folder, or write the file's path as the id "
+                                        r"\(copy/view5\.png\)$"):
+        load_dataset(tmp_path / "m.csv", size=8, channels=1)
+    (tmp_path / "m.csv").write_text((tmp_path / "m.csv").read_text().replace("view5,", "copy/view5.png,"))
+    assert len(load_dataset(tmp_path / "m.csv", size=8, channels=1).train) > 0
+
+
 def test_a_class_too_small_to_stratify_is_named(tmp_path):
     root = _class_folders(tmp_path, n=20)
     _class_folders(tmp_path, ("normal",), n=1)

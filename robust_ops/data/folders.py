@@ -739,8 +739,14 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     ambiguous = sorted(i for i, ps in index.items() if len(ps) > 1)
     if ambiguous:  # which copy would be read depended on the file-system order
         first = index[ambiguous[0]]
+        if first[0].parent == first[1].parent:  # view1.jpg beside view1.png: no image_dir parts them
+            fix = (f"write the extension into the id ({ambiguous[0]}{first[0].suffix} or {ambiguous[0]}"
+                   f"{first[1].suffix}) to choose one")
+        else:  # a path relative to root names one file too (2026-12-07)
+            fix = (f"pass image_dir to choose one folder, or write the file's path as the id "
+                   f"({first[0].relative_to(root).as_posix()})")
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
-                        f"{first[0]} and {first[1]}; pass image_dir to choose one folder")
+                        f"{first[0]} and {first[1]}; {fix}")
     by_file, folders = {}, {}
     for image_id, _ in kept:  # pat1/view1.png and ./pat1/view1.png: one image in two rows, in train and test
         # the folder resolved, not the file: two names linked to one blob (git-annex's, DVC's or a hub cache's store
