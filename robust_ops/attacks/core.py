@@ -507,11 +507,12 @@ def _target_margin(out, t):
 
 
 def finite_direction(grad):
-    """``grad`` with its NaN and +-Inf entries set to 0, for the L2 step: one of them made ||g|| NaN or Inf and the
-    fused step's point NaN (a model taking sqrt(x) has an infinite derivative at a pixel of 0, where its output is
-    finite), so PGD-L2 returned NaN inputs. They carry no usable direction: the step follows the finite entries, as
-    the Linf step's sign leaves a NaN entry in place. FAB's linearisation uses it too (a NaN boundary returned the
-    clean point). An elementwise pass, no device sync; finite gradients are unchanged (bitwise)."""
+    """``grad`` with its NaN and +-Inf entries set to 0, for the L2 and L1 steps: one of them made ||g|| NaN or Inf
+    and the fused L2 step's point NaN (a model taking sqrt(x) has an infinite derivative at a pixel of 0, where its
+    output is finite), so PGD-L2 returned NaN inputs, and the L1 step's top-k sort put NaN entries on top, where they
+    moved nothing. They carry no usable direction: the step follows the finite entries, as the Linf step's sign leaves
+    a NaN entry in place. FAB's linearisation uses it too (a NaN boundary returned the clean point). An elementwise
+    pass, no device sync; finite gradients are unchanged (bitwise)."""
     return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
 
