@@ -3,6 +3,7 @@ DropMax2d module, replace_maxpool, autograd, opcheck, torch.compile and every er
 
 import copy
 import math
+import pickle
 import re
 import subprocess
 import sys
@@ -1991,6 +1992,28 @@ def test_replace_maxpool_refuses_a_pool_with_its_own_instance_forward_but_not_na
     with native_layers(plain):  # its swapped forward is the library's own: replaced as usual
         assert "forward" in plain[1].__dict__
         assert isinstance(robust_ops.replace_maxpool(plain)[1], robust_ops.DropMax2d)
+
+
+def test_replace_maxpool_inside_native_layers_leaves_the_swap_with_the_pool():
+    """Replaced inside a native_layers block, the DropMax2d took the swap's instance __getstate__ (which reads the old
+    pool) along as an attribute set by hand: every later deepcopy, pickle or torch.save of the model held a DropMax2d
+    with the pool's state, whose forward failed ('DropMax2d' object has no attribute 'backend')."""
+    from robust_ops.native_layers import native_layers
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(3, 2, 1))
+    x = torch.randn(2, 1, 8, 8)
+    with native_layers(model):
+        robust_ops.replace_maxpool(model)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(copied(x), model(x))
+        assert isinstance(copied[1], robust_ops.DropMax2d) and copied[1].backend is None
+    assert not {"__getstate__", "__prepare_scriptable__"} & set(vars(model[1]))
+    pool, getstate = nn.MaxPool2d(2), (lambda: {})
+    pool.__getstate__ = getstate  # the user's own: moves to the DropMax2d, as outside a block
+    model = nn.Sequential(pool)
+    with native_layers(model):
+        robust_ops.replace_maxpool(model)
+    assert model[0].__dict__["__getstate__"] is getstate
 
 
 def test_replace_maxpool_refuses_a_pool_holding_state_instead_of_dropping_it():

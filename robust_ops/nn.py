@@ -9,7 +9,7 @@ from torch import nn
 from torch.export.unflatten import InterpreterModule, UnflattenedModule
 
 from . import _backend
-from ._patching import is_installed_forward
+from ._patching import _is_swap_attribute, is_installed_forward
 from ._warn import warn
 from .functional import _bool, _pool_args, drop_max_pool2d
 
@@ -127,7 +127,20 @@ _CLASS_BOOKKEEPING = frozenset(("__module__", "__qualname__", "__doc__", "__dict
 
 
 def _user_attributes(pool):
-    return {name: value for name, value in vars(pool).items() if name not in _MAXPOOL_ATTRIBUTES}
+    # Not the instance __getstate__ / __prepare_scriptable__ a native_layers block (an attack's, a user's) puts on a
+    # pool it swaps: moved to the DropMax2d, the __getstate__ (which reads the pool) made every later deepcopy,
+    # pickle or torch.save of the model a copy of the old pool's state, a DropMax2d without backend. A __getstate__
+    # of the user's own that the swap wraps moves as it does outside the block.
+    moved = {}
+    for name, value in vars(pool).items():
+        if name in _MAXPOOL_ATTRIBUTES:
+            continue
+        if _is_swap_attribute(pool, name, value):
+            if name != "__getstate__" or value.args[1] is None:
+                continue
+            value = value.args[1]
+        moved[name] = value
+    return moved
 
 
 def _from_maxpool(where, pool, backend):
