@@ -2016,6 +2016,24 @@ def test_replace_maxpool_inside_native_layers_leaves_the_swap_with_the_pool():
     assert model[0].__dict__["__getstate__"] is getstate
 
 
+def test_replace_maxpool_refuses_a_pool_compiled_in_place():
+    """pool.compile() binds a compiled call of the pool's max pooling to it (an instance attribute): the DropMax2d took
+    it along and ran it, max pooling under a DropMax2d's repr, without a word."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(3, 2, 1))
+    for layer in model:  # compiling layer by layer, as torch's docs suggest for parts of a model
+        layer.compile(backend="eager")
+    with pytest.raises(ValueError, match=r"^replace_maxpool: '1' was compiled in place \(pool\.compile\(\)\), and "
+                                         r"its compiled call runs max pooling, .*call replace_maxpool before compile"):
+        robust_ops.replace_maxpool(model)
+    assert isinstance(model[1], nn.MaxPool2d)
+    x = torch.randn(2, 1, 8, 8)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(3, 2, 1))
+    robust_ops.replace_maxpool(model)  # replaced first, then compiled: drop-max
+    expected = model(x)
+    model[1].compile(backend="eager")
+    assert torch.equal(model(x), expected)
+
+
 def test_replace_maxpool_refuses_a_pool_holding_state_instead_of_dropping_it():
     """A buffer or submodule registered on a pool (a counter, an observer) left the model and its state_dict with
     the swapped-out pool, without a word."""

@@ -209,6 +209,13 @@ def _check_plain_pool(where, pool):
             f"replace_maxpool: {where} has attribute(s) {', '.join(map(repr, clash))} set by hand, which DropMax2d "
             "uses itself; rename or delete them first (DropMax2d's backend is replace_maxpool's backend argument)"
         )
+    # pool.compile() (nn.Module.compile) binds a compiled call of the pool's own max pooling to it: moved along as
+    # an attribute set by hand, the DropMax2d ran that call, max pooling under the DropMax2d's repr, silently
+    if pool.__dict__.get("_compiled_call_impl") is not None:
+        raise ValueError(
+            f"replace_maxpool: {where} was compiled in place (pool.compile()), and its compiled call runs max "
+            "pooling, which a DropMax2d would take along; call replace_maxpool before compile(), then compile"
+        )
     own = pool.__dict__.get("forward")  # a user's `pool.forward = ...` (native layers' own swap is not theirs)
     if own is not None and not is_installed_forward(pool, own):
         raise ValueError(
@@ -269,7 +276,8 @@ def replace_maxpool(model, which="first", *, backend=None):
             is a subclass with its own ``forward`` or other methods or class attributes (beyond ``__init__``), has
             an instance-level ``forward`` of the user's (the swap would drop what that forward does), holds a
             parameter, buffer or submodule (they would leave the model) or state-dict hooks (which can add keys), or
-            has an attribute set by hand that DropMax2d uses itself (``pool.backend = ...``).
+            has an attribute set by hand that DropMax2d uses itself (``pool.backend = ...``), or was compiled in
+            place (``pool.compile()``: its compiled call would run max pooling; replace first, then compile).
         TypeError: when ``model`` is not an ``nn.Module``; when a pool to replace has a ``return_indices`` or
             ``ceil_mode`` that is not a bool (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools;
             TypeError or RuntimeError naming the layer when DropMax2d refuses its sizes (``nn.MaxPool2d(0)`` builds,
