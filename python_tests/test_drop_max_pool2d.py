@@ -1281,6 +1281,35 @@ def test_replace_maxpool_finds_max_pool2d_calls_in_bases_and_with_indices_and_co
         robust_ops.replace_maxpool(nn.Sequential(*(_CallsMaxPool() for _ in range(4))))
 
 
+class _LayerNamedMaxPool2d(nn.Module):  # pools with its layer only, called as self.max_pool2d(x)
+    def __init__(self):
+        super().__init__()
+        self.max_pool2d = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.max_pool2d(x)
+
+
+class _StoresMaxPool2d(nn.Module):  # pools with F.max_pool2d, kept as an attribute
+    def __init__(self):
+        super().__init__()
+        self.max_pool2d = F.max_pool2d
+
+    def forward(self, x):
+        return self.max_pool2d(x, 2)
+
+
+def test_replace_maxpool_all_does_not_take_a_layer_named_max_pool2d_for_a_call():
+    """A model pooling only with a layer named max_pool2d (self.max_pool2d(x) in its forward) got which="all"'s
+    warning that its forward left max_pool2d calls as max pooling, though the layer had become a DropMax2d."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = robust_ops.replace_maxpool(_LayerNamedMaxPool2d(), "all")
+    assert isinstance(model.max_pool2d, robust_ops.DropMax2d)
+    with pytest.warns(UserWarning, match=r"leaves the max_pool2d calls in the forward of _StoresMaxPool2d '1' as "):
+        robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2), _StoresMaxPool2d()), "all")
+
+
 def test_replace_maxpool_all_on_inception_v3_names_its_max_pool2d_calls():
     import torchvision
 

@@ -225,7 +225,7 @@ def _check_plain_pool(where, pool):
 
 
 def _calls_max_pool2d(cls):
-    # F.max_pool2d / torch.max_pool2d / robust_ops.max_pool2d called in any method of the class or of its own bases
+    # F.max_pool2d / torch.max_pool2d / robust_ops.max_pool2d read in any method of the class or of its own bases
     # (torchvision's InceptionB.forward calls self._forward, which pools); drop_max_pool2d and adaptive_max_pool2d
     # are other names. torch.nn's classes pool with layers only (MaxPool2d itself is skipped by the caller). Source
     # that cannot be read (built-in, exec'd) counts as no call.
@@ -236,10 +236,20 @@ def _calls_max_pool2d(cls):
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError, SyntaxError):
             continue
-        if any(isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
-               in ("max_pool2d", "max_pool2d_with_indices") for node in ast.walk(tree)):
+        if any(_names_max_pool2d(node) for node in ast.walk(tree)):
             return True
     return False
+
+
+def _names_max_pool2d(node):
+    """Whether an AST node reads max_pool2d: F.max_pool2d(x, 2), a bare imported max_pool2d, or one stored for later
+    (self.pool = F.max_pool2d). Not self.max_pool2d(x): a layer of that name is seen as a module, a method in its own
+    source; its call warned that the forward of a model pooling only with that layer left max pooling calls."""
+    names = ("max_pool2d", "max_pool2d_with_indices")
+    if isinstance(node, ast.Name):
+        return isinstance(node.ctx, ast.Load) and node.id in names
+    return (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and node.attr in names
+            and not (isinstance(node.value, ast.Name) and node.value.id == "self"))
 
 
 def _max_pool2d_callers(model):
