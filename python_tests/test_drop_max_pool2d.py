@@ -2063,6 +2063,21 @@ def test_replace_maxpool_refuses_a_pool_compiled_in_place():
     assert torch.equal(model(x), expected)
 
 
+def test_replace_maxpool_refuses_a_pool_compiled_on_its_own_as_a_layer():
+    """torch.compile(pool) set as a layer: its forward is bound to the pool it wrapped, so replacing that pool (its
+    _orig_mod) printed a DropMax2d while the model max-pooled, without a word. A compiled model is replaced as usual."""
+    x = torch.randn(2, 1, 8, 8)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(3, 2, 1))
+    model[1] = torch.compile(model[1], backend="eager")
+    with pytest.raises(ValueError, match=r"^replace_maxpool: '1\._orig_mod' is compiled on its own "
+                                         r"\(torch\.compile\(pool\)\), .*call replace_maxpool before torch\.compile$"):
+        robust_ops.replace_maxpool(model)
+    assert isinstance(model[1]._orig_mod, nn.MaxPool2d)
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(3, 2, 1))
+    compiled = robust_ops.replace_maxpool(torch.compile(plain, backend="eager"))  # the model's forward: swapped
+    assert isinstance(plain[1], robust_ops.DropMax2d) and torch.equal(compiled(x), plain(x))
+
+
 def test_replace_maxpool_refuses_a_pool_holding_state_instead_of_dropping_it():
     """A buffer or submodule registered on a pool (a counter, an observer) left the model and its state_dict with
     the swapped-out pool, without a word."""

@@ -287,7 +287,8 @@ def replace_maxpool(model, which="first", *, backend=None):
             an instance-level ``forward`` of the user's (the swap would drop what that forward does), holds a
             parameter, buffer or submodule (they would leave the model) or state-dict hooks (which can add keys), or
             has an attribute set by hand that DropMax2d uses itself (``pool.backend = ...``), or was compiled in
-            place (``pool.compile()``: its compiled call would run max pooling; replace first, then compile).
+            place (``pool.compile()``) or on its own (``torch.compile(pool)`` as a layer): its compiled call would
+            run max pooling; replace first, then compile.
         TypeError: when ``model`` is not an ``nn.Module``; when a pool to replace has a ``return_indices`` or
             ``ceil_mode`` that is not a bool (``nn.MaxPool2d(2, return_indices=1)``): DropMax2d's flags are bools;
             TypeError or RuntimeError naming the layer when DropMax2d refuses its sizes (``nn.MaxPool2d(0)`` builds,
@@ -331,8 +332,16 @@ def replace_maxpool(model, which="first", *, backend=None):
         )
     targets = pools[:1] if which == "first" else pools
     names = {id(m): name for name, m in model.named_modules()}
+    # torch.compile(pool) set as a layer: the OptimizedModule's forward is bound to the pool it wrapped, so with its
+    # _orig_mod swapped the model printed a DropMax2d and max-pooled, silently
+    wrapped = {id(m._orig_mod) for m in model.modules() if isinstance(getattr(m, "_orig_mod", None), nn.MaxPool2d)}
     for pool in targets:
         _check_plain_pool(repr(names[id(pool)]), pool)
+        if id(pool) in wrapped:
+            raise ValueError(
+                f"replace_maxpool: {names[id(pool)]!r} is compiled on its own (torch.compile(pool)), whose compiled "
+                "forward runs that pool's max pooling whatever it holds; call replace_maxpool before torch.compile"
+            )
     replacements = {id(pool): _from_maxpool(repr(names[id(pool)]), pool, backend) for pool in targets}
     # A pool registered under several parents (shared instance) is replaced everywhere it appears.
     for parent in model.modules():
