@@ -1487,6 +1487,7 @@ def test_pixel_values_are_told_the_fix_their_scale_and_the_clip_range_call_for()
     (-32769.0, 3000.0, 0.0, 1.0, (None, None)),
     (-1000.0, 32768.0, 0.0, 1.0, (None, None)),
     (-1000.0, 3000.0, 0.0, 11.0, (None, None)),  # a range of magnitude past 10: other units
+    (-1000.0, 3000.0, -10.0, 10.0, ("hounsfield", None)),  # magnitude 10, inclusive (found by the mutB helper)
 ])
 def test_pixel_scale_reads_the_bounds_of_its_rule_as_written(lo, hi, range_min, range_max, expected):
     """pixel_scale's bounds as its docstring words them: the overshoot and the dark top inclusive, the range's largest
@@ -7058,6 +7059,33 @@ def test_apgd_l1_steps_along_the_finite_entries_of_an_input_gradient_holding_nan
     assert torch.equal(points[0], points[1])
 
 
+class _InfPixelGradient(nn.Module):
+    """Linear logits of the image without its first pixel, plus sqrt(that pixel) on the first class's logit: at a
+    pixel of 0 the input gradient there is +-Inf (sqrt's derivative), a direction the Linf step's sign follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Linear(3)
+
+    def forward(self, x):
+        mask = torch.ones_like(x)
+        mask[:, 0, 0, 0] = 0.0
+        return self.inner(x * mask) + nn.functional.pad(x[:, :, 0, 0].sqrt(), (0, 2))
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_linf_apgd_follows_the_sign_of_an_infinite_gradient_entry_as_pgd(targeted):
+    """Only the L1 and L2 steps count NaN and Inf entries of the input gradient as 0: the Linf step takes their sign,
+    as PGD's, so an Inf entry moves its pixel (mutation testing: finite_direction for every norm survived, pixel 0
+    then stayed at 0 in every sample) (found by the mutB helper)."""
+    x, y = make_data(6, 3)
+    x[:, 0, 0, 0] = 0.0
+    run = attacks.apgd_t if targeted else attacks.apgd
+    adv = run(_InfPixelGradient(), x, y, eps=0.1, norm="linf", steps=4, generator=torch.Generator().manual_seed(0))
+    assert bool((adv[:, 0, 0, 0] == 0.1).any())
+    assert bool((attacks.pgd(_InfPixelGradient(), x, y, eps=0.1, steps=4, random_start=False)[:, 0, 0, 0] == 0.1).any())
+
+
 @pytest.mark.parametrize("cls, option, value, message", [
     ("APGD", "loss", "dlr-targeted", r"expected loss to be one of ce, dlr, cw, got 'dlr-targeted'"),
     ("APGD", "steps", 0, r"expected steps to be an integer >= 1, got 0"),
@@ -7189,6 +7217,33 @@ def test_attack_classes_refuse_a_bad_eps_number_when_built(cls, name):
             make(model, eps=eps, **alpha)
     make(model, eps=torch.full((3,), 0.01), **alpha)  # checked when run, against the batch
     make(model, eps=0.01, **alpha)
+
+
+def test_run_time_checks_of_options_set_after_building_name_the_attack_and_the_batch():
+    """The checks an attack's call still makes: of its default step's eps, of steps, random_start or seed set on the
+    attack after it was built, and of a number eps or alpha against the batch ([2], not [N]), name the attack as when
+    built: PGDL2's pgdl2, not pgd (mutation testing: each of them naming pgd or [N], or a seed set after building
+    reaching manual_seed unchecked, survived) (found by the mutB helper)."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    atk = attacks.PGDL2(model, alpha=None, steps=1)
+    atk.eps = [0.5]  # set after building (a number eps is checked when built since 58f9a6e)
+    with pytest.raises(TypeError, match=r"^pgdl2: expected eps to be a number or a tensor of shape \[2\], got list$"):
+        atk(x, y)
+    with pytest.raises(TypeError, match=r"^pgd: expected alpha to be a number or a tensor of shape \[2\], got str$"):
+        attacks.pgd(model, x, y, eps=0.1, alpha="0.01", steps=1)
+    atk = attacks.PGDL2(model, steps=1)
+    atk.steps = 0
+    with pytest.raises(ValueError, match=r"^pgdl2: expected steps to be an integer >= 1, got 0$"):
+        atk(x, y)
+    atk = attacks.PGDL2(model, steps=1, seed=0)
+    atk.random_start = False
+    with pytest.raises(ValueError, match=r"^pgdl2: generator=<Generator> has no effect with random_start=False"):
+        atk(x, y)
+    atk = attacks.PGDL2(model, steps=1, seed=0)
+    atk.seed = "0"
+    with pytest.raises(TypeError, match=r"^pgdl2: expected seed to be an int or None, got str$"):
+        atk(x, y)
 
 
 @pytest.mark.parametrize("cls, options", [("PGD", {}), ("BIM", {}), ("CW", dict(alpha=0.1)), ("FAB", {}), ("FABT", {}),
