@@ -398,6 +398,21 @@ def test_an_eval_mode_attack_reads_the_running_statistics_the_step_started_with(
     assert not torch.equal(model[1].running_mean, start)  # the training forwards did move them
 
 
+def test_llr_in_keep_mode_on_a_training_model_is_llr_in_train_mode():
+    """attack_mode="keep" runs the attack in the model's own mode: on a training model it takes the training forward's
+    l(x) and grad as train mode does, no forward of its own before it, which moved BatchNorm's running statistics once
+    more (mutation testing: keep taking them again survived) (found by the mutB helper)."""
+    model = _bn_model_off_its_statistics(2)
+    got = {}
+    for mode in ("keep", "train"):
+        trained = copy.deepcopy(model)
+        torch.manual_seed(0)
+        out = defenses.build("llr", steps=2, attack_mode=mode)(trained, *_batch())
+        got[mode] = out.loss.detach(), trained[1].running_mean, trained[1].num_batches_tracked
+    for a, b in zip(got["keep"], got["train"]):
+        assert torch.equal(a, b)
+
+
 def test_dpaat_radius_rule_and_guard():
     d = DPAAT()
     norms = torch.tensor([0.3, 0.3, 0.3])
@@ -1224,11 +1239,13 @@ def test_arfl_moons_trades_attacks_from_the_reference_codes_start():
     assert defense.start_noise == 0.001 and defense.random_start is False and defense.steps == 1
 
 
-def test_llr_inner_maximum_ascends_the_linearity_gap(monkeypatch):
+@pytest.mark.parametrize("attack_mode", ["eval", "train"])
+def test_llr_inner_maximum_ascends_the_linearity_gap(monkeypatch, attack_mode):
     """LLR's attack maximizes g(x') = |l(x') - l(x) - (x' - x) . grad l(x)| itself (the loss callable returns the
-    wrapper's output unchanged), with l(x) and grad l(x) of the clean point."""
+    wrapper's output unchanged), with l(x) and grad l(x) of the clean point: taken again in eval mode, or the training
+    forward's in train mode (mutation testing: the latter's grad dropped survived) (found by the mutB helper)."""
     model, x, y = _model_and_batch()
-    llr = defenses.LLR(steps=1, eps=0.1)
+    llr = defenses.LLR(steps=1, eps=0.1, attack_mode=attack_mode)
     attack, seen = type(llr).attack, []
 
     def spy(self, gap_model, x_in, y_in, **kwargs):
