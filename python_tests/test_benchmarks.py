@@ -2459,7 +2459,11 @@ def test_a_script_runs_on_the_robust_ops_pythonpath_names_before_its_checkouts(t
     shutil.copytree(REPO / "benchmarks", checkout / "benchmarks", ignore=shutil.ignore_patterns("results", "__py*"))
     (checkout / "robust_ops").mkdir()
     (checkout / "robust_ops" / "__init__.py").write_text("raise ImportError('the checkout, not built')\n")
-    cases = [(str(REPO), 0)] + ([("", 1)] if script == "bench_pgd_step" else [])
+    # behind the last of several $PYTHONPATH folders, not the first (mutation testing: min for max survived) (found by
+    # the mutB helper)
+    (tmp_path / "elsewhere").mkdir()
+    several = os.pathsep.join([str(tmp_path / "elsewhere"), str(REPO)])
+    cases = [(str(REPO), 0)] + ([("", 1), (several, 0)] if script == "bench_pgd_step" else [])
     for pythonpath, status in cases:
         env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "ROBUST_OPS_BENCH_DIR": str(tmp_path)}
         r = subprocess.run([sys.executable, str(checkout / "benchmarks" / f"{script}.py"), "--help"], cwd=tmp_path,
