@@ -811,6 +811,17 @@ def test_npz_images_and_labels_keep_their_values(tmp_path):
         load_dataset(write_npz(tmp_path / "u.npz", train_images=u16))
     with pytest.raises(DataError, match=r"uint16 with values in \[15, 65535\]; 16-bit intensities\? .* / 65535 "):
         load_dataset(write_npz(tmp_path / "u.npz", train_images=u16 * np.uint16(16) + np.uint16(15)))
+    # a top below 2048 is still named 12-bit, as the folder loader's warning (mutation testing: 11-bit survived)
+    with pytest.raises(DataError, match=r"uint16 with values in \[0, 1000\]; 12-bit intensities\? .* / 4095 "):
+        load_dataset(write_npz(tmp_path / "u.npz", train_images=np.minimum(u16, np.uint16(1000))))
+    from robust_ops.data.core import images_to_tensor
+
+    # no values to name: numpy's "zero-size array to reduction operation"; no integers: a bool mask's [0, 1] told to
+    # store as uint8, black (mutation testing: each survived) (found by the mutB helper)
+    for images in (np.zeros((0, 8, 8), np.uint16), np.ones((2, 8, 8), bool)):
+        with pytest.raises(DataError, match=rf"^s: expected uint8 or float images, got dtype {images.dtype}: convert "
+                                            r"them to uint8 \(0-255\) or to floats in \[0, 1\]$"):
+            images_to_tensor(images, "s")
     with pytest.raises(DataError, match=r"got dtype int16 with values in \[-1024, 3071\]; CT Hounsfield units\? window "
                                         r"them onto \[0, 1\] pixels: \(np.clip\(images, lo, hi\) - lo\) / \(hi - "
                                         r"lo\) as float32 for the window \[lo, hi\] they are read in \(e.g. -1000, "):
@@ -1199,6 +1210,13 @@ def test_busi_signed_ct_slices_in_hounsfield_units_are_told_to_save_them_shifted
         s = load_dataset(tmp_path, size=8, bit_depth=12)
     x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0  # air black, the top of the scale white
+    for c in ("benign", "malignant"):  # small negatives are no Hounsfield units: the message as before (mutation
+        # testing: every negative image told of CT survived) (found by the mutB helper)
+        for i in range(5):
+            Image.fromarray(np.linspace(-5, 250, 64).astype(np.int32).reshape(8, 8)).save(tmp_path / c / f"{i}.tif")
+    with pytest.raises(DataError, match=r"0\.tif: I image with values in \[-5, 250\]; expected 8- or 16-bit "
+                                        r"intensities -- save it as an 8- or 16-bit image$"):
+        load_dataset(tmp_path, size=8)
 
 
 def test_busi_float_images_in_0_1_are_refused_not_read_black(tmp_path):
@@ -1495,7 +1513,14 @@ def test_csv_ids_may_be_paths_relative_to_the_image_folder(tmp_path):
     folders and extensions from its values", and its ids stripped to names (view1 of every patient) as "listed more
     than once". A path relative to the folder, with or without its extension, and a name with its extension, now
     name their file; two rows naming one file are an error (found by the persona helper)."""
-    rows = _patient_views(tmp_path, lambda patient, i: f"{patient}/view{i}{'.png' if i % 2 else ''}")
+    suffix = {i: ".PNG" if i == 3 else ".png" for i in range(1, 15, 2)}  # odd views by path with extension
+    rows = _patient_views(tmp_path, lambda patient, i: f"{patient}/view{i}{suffix.get(i, '')}")
+    for patient in ("pat1", "pat2"):
+        (tmp_path / patient / "view3.png").rename(tmp_path / patient / "view3.PNG")  # an upper-case extension too
+        # beside view0.png, no image of pat1/view0: other suffixes, other stems (mutation testing: the upper-case
+        # extension, and a path without its extension matching these, survived) (found by the mutB helper)
+        (tmp_path / patient / "view0.json").write_text("{}")
+        _png(tmp_path / patient / "view0.seg.png", (8, 8), 255, mode="L")
     (tmp_path / "paths.csv").write_text("\n".join(rows) + "\n")
     s = load_dataset(tmp_path / "paths.csv", size=8, channels=1)
     x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
@@ -1512,9 +1537,18 @@ def test_csv_ids_may_be_paths_relative_to_the_image_folder(tmp_path):
     s = load_dataset(one / "names.csv", size=8, channels=1)
     assert sorted((torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])[:, 0, 4, 4] * 255).round()
                   .int().tolist()) == list(range(20))
+    # Windows' separator too (mutation testing: reading only / survived) (found by the mutB helper)
+    (tmp_path / "back.csv").write_text("\n".join([rows[0]] + [r.replace("/", "\\") for r in rows[1:]]) + "\n")
+    s = load_dataset(tmp_path / "back.csv", size=8, channels=1)
+    assert sorted((torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])[:, 0, 4, 4] * 255).round()
+                  .int().tolist()) == sorted(8 * i + p for p in (0, 1) for i in range(15))
     (tmp_path / "twice.csv").write_text("\n".join(rows + ["./pat1/view1.png,covid"]) + "\n")
     with pytest.raises(DataError, match=r"twice\.csv: rows 'pat1/view1\.png' and '\./pat1/view1\.png' name the same "
                                         r"file; expected one row per image$"):
+        load_dataset(tmp_path / "twice.csv", size=8)
+    # a path through .. too (mutation testing: comparing the paths unresolved survived) (found by the mutB helper)
+    (tmp_path / "twice.csv").write_text("\n".join(rows + ["pat2/../pat1/view1.png,covid"]) + "\n")
+    with pytest.raises(DataError, match=r"rows 'pat1/view1\.png' and 'pat2/\.\./pat1/view1\.png' name the same file"):
         load_dataset(tmp_path / "twice.csv", size=8)
 
 
