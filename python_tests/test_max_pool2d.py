@@ -396,3 +396,16 @@ def test_output_and_gradient_strides_as_atens_for_size_one_dimensions_of_any_str
         grad = torch.randn(ref.shape, dtype=x.dtype)
         (ours,), (theirs,) = torch.autograd.grad(out, x, grad), torch.autograd.grad(ref, x, grad)
         assert torch.equal(ours, theirs) and ours.stride() == theirs.stride(), where
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated
+def test_jit_trace_of_an_input_contiguous_in_neither_layout():
+    """torch.jit.trace of max_pool2d failed for an input contiguous in neither layout (a channel slice of a
+    channels_last tensor, a strided slice): torch's suggest_memory_format compares sizes, tensors under the tracer
+    ("AssertionError: Expected bool, got <class 'torch.Tensor'>"). The trace runs, ATen's values and indices."""
+    base = torch.randn(2, 6, 5, 5)
+    for x in (base.contiguous(memory_format=torch.channels_last)[:, :3], base[:, :, ::2]):
+        traced = torch.jit.trace(lambda t: robust_ops.max_pool2d(t, 2, return_indices=True), x)
+        for y in (x, x * 2):
+            (out, idx), (ref, ref_idx) = traced(y), F.max_pool2d(y, 2, return_indices=True)
+            assert torch.equal(out, ref) and torch.equal(idx, ref_idx), x.stride()

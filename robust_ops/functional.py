@@ -6,7 +6,6 @@ import operator
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch._prims_common import suggest_memory_format
 
 from . import _autograd, _backend, reference
 from ._compile import capturing
@@ -97,6 +96,29 @@ def _as_batch(input):
     unsqueezed (strides (C, 1, C, C)) and, padded, pooled into a non-contiguous output."""
     unbatched = input.dim() == 3
     return (input.contiguous().flatten().view((1,) + tuple(input.shape)) if unbatched else input), unbatched
+
+
+def _in_atens_layout(x):
+    """x, or x copied into the layout F.max_pool2d pools it in (ATen's suggest_memory_format), where the pooling
+    ops' own rule (channels_last exactly when x is channels_last-contiguous and not plain contiguous, else NCHW)
+    parts from it: a channel slice of a channels_last tensor pools into channels_last there, and a
+    channels_last-contiguous batch of one HWC image, (1, 3, 4, 2) of strides (3, 1, 6, 3), into NCHW (ATen's rule
+    also reads size-1 dimensions' strides: N's stride is under C * H * W). The ops then give ATen's output, indices
+    and input gradient strides (a copy's gradient passes through as the op makes it). Inputs the ops already pool
+    in ATen's layout are not copied (the CUDA and Triton kernels take any strides); the check costs ~0.5 us for a
+    channels_last input, nothing for a contiguous one. Under vmap the layout cannot be asked (torch: "NYI: querying
+    is_contiguous inside of vmap for memory_format other than torch.contiguous_format"); the ops' batching rules
+    take any strides. Nor under torch.jit.trace, whose sizes are tensors: the integer rule's comparisons warned and
+    torch's suggest_memory_format failed ("Expected bool, got <class 'torch.Tensor'>"); the ops' rule stands there."""
+    if x.is_contiguous() or torch._C._functorch.is_batchedtensor(x) or torch.jit.is_tracing():
+        return x
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        channels_last = reference._suggested_memory_format(x) == torch.channels_last
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    # channels_last-contiguous: the two rules part only where a dimension has size 1 (its stride is free)
+    if 1 in x.shape and reference._suggested_memory_format(x) == torch.contiguous_format:
+        return x.contiguous()
+    return x
 
 
 def drop_max_pool2d(
@@ -199,18 +221,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     kernel, stride, padding, dilation = _pool_args("max_pool2d", kernel_size, stride, padding, dilation)
     ceil_mode = _bool("max_pool2d", "ceil_mode", ceil_mode)
     x, unbatched = _as_batch(input)
-    # Under vmap the layout cannot be asked (torch: "NYI: querying is_contiguous inside of vmap for memory_format
-    # other than torch.contiguous_format"); the op's batching rule takes any strides.
-    if not (x.is_contiguous() or torch._C._functorch.is_batchedtensor(x)):
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            # ATen's layout for what the op would copy to NCHW: a channel slice of a channels_last tensor pools into
-            # channels_last (suggest_memory_format; it costs ~15 us, so dense inputs skip it).
-            x = x.contiguous(memory_format=suggest_memory_format(x))
-        elif not torch.jit.is_tracing() and reference._suggested_memory_format(x) == torch.contiguous_format:
-            # channels_last-contiguous, but ATen's rule also reads size-1 dimensions' strides: a batch of one HWC
-            # image (N's stride C, under C * H * W) pools into NCHW there, where the op's rule (drop_max_pool2d's)
-            # keeps channels_last. Not under torch.jit.trace, whose sizes are tensors (the comparisons warned).
-            x = x.contiguous()
+    x = _in_atens_layout(x)
     out, idx = torch.ops.robust_ops.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     if unbatched:
         out, idx = out.squeeze(0), idx.squeeze(0)
