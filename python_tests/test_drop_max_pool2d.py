@@ -4,6 +4,7 @@ DropMax2d module, replace_maxpool, autograd, opcheck, torch.compile and every er
 import copy
 import math
 import pickle
+import random
 import re
 import subprocess
 import sys
@@ -2199,3 +2200,59 @@ def test_unbatched_output_is_contiguous_as_max_pool2ds_for_an_hwc_image(backend,
     grad_output = torch.randn(out.shape)
     (grad,) = torch.autograd.grad(out, x, grad_output)
     assert grad.shape == x.shape and grad.stride() == torch.autograd.grad(aten, x, grad_output)[0].stride()
+
+
+def random_layouts(seed, count):
+    """(input, kernel, padding): a batch of one HWC image, then inputs of random layouts: size-1 dimensions of any
+    stride (ATen's layout rule reads them), permutations, slices and expansions, float32 and float64."""
+    rng = random.Random(seed)
+    yield torch.randn(4, 2, 3).permute(2, 0, 1).unsqueeze(0), 2, 0
+    for _ in range(count):
+        shape = [rng.choice([1, 1, 2, 3]), rng.choice([1, 2, 3]), rng.randint(1, 5), rng.randint(1, 5)]
+        kind = rng.choice(["size-1 strides", "permuted", "sliced", "expanded"])
+        if kind == "size-1 strides":
+            fmt = rng.choice([torch.contiguous_format, torch.channels_last])
+            strides = [rng.randint(1, 40) if size == 1 and rng.random() < 0.7 else s
+                       for size, s in zip(shape, torch.empty(shape, memory_format=fmt).stride())]
+            x = torch.empty_strided(shape, strides).copy_(torch.randn(shape))
+        elif kind == "permuted":
+            order = rng.sample(range(4), 4)
+            x = torch.randn([shape[d] for d in order]).permute([order.index(d) for d in range(4)])
+        elif kind == "sliced":
+            fmt = rng.choice([torch.contiguous_format, torch.channels_last])
+            base = torch.randn([2 * s + rng.randint(0, 1) for s in shape]).contiguous(memory_format=fmt)
+            x = base[::2, ::2, ::2, ::2] if rng.random() < 0.3 else base[:shape[0], :shape[1], :shape[2], :shape[3]]
+        else:
+            x = torch.randn([1 if rng.random() < 0.5 else s for s in shape]).expand(shape)
+        x = x.double() if rng.random() < 0.5 else x
+        kernel = rng.randint(1, min(x.shape[2:]))
+        yield x, kernel, rng.randint(0, kernel // 2)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
+def test_output_and_gradient_strides_as_atens_for_inputs_of_any_layout():
+    """DropMax2d is a drop-in for nn.MaxPool2d: the functional form gives F.max_pool2d's output, indices and input
+    gradient strides for every input layout, with the op's values and indices. The ops' own rule (channels_last
+    exactly when the input is channels_last-contiguous and not plain contiguous) parts from ATen's: a batch of one
+    HWC image, (1, 3, 4, 2) of strides (3, 1, 6, 3), pooled into strides (6, 1, 3, 3) where ATen's are (6, 2, 1, 1)
+    (a later .view(n, -1) failed after replace_maxpool), and a channel slice of a channels_last tensor into NCHW,
+    where ATen's is channels_last."""
+    for x, kernel, padding in random_layouts(0, 300):
+        where = f"shape {tuple(x.shape)}, strides {x.stride()}, kernel {kernel}, padding {padding}"
+        x = x.detach().requires_grad_()
+        ref, ref_idx = F.max_pool2d(x, kernel, 1, padding, return_indices=True)
+        grad = torch.randn(ref.shape, dtype=x.dtype)
+        (atens,) = torch.autograd.grad(ref, x, grad)
+        args = ([kernel] * 2, [1, 1], [padding] * 2, [1, 1], False)
+        values, indices = op(x, *args)  # the op on the input as it comes: the values and indices to keep
+        (expected,) = torch.autograd.grad(values, x, grad)
+        for backend in ("native", "reference"):
+            out, idx = robust_ops.drop_max_pool2d(x, kernel, 1, padding, return_indices=True, backend=backend)
+            assert (out.stride(), idx.stride()) == (ref.stride(), ref_idx.stride()), (backend, where)
+            assert torch.equal(out, values) and torch.equal(idx, indices), (backend, where)
+        (ours,) = torch.autograd.grad(robust_ops.drop_max_pool2d(x, kernel, 1, padding, backend="native"), x, grad)
+        func = torch.func.grad(lambda t: (robust_ops.drop_max_pool2d(t, kernel, 1, padding) * grad).sum())(x)
+        assert ours.stride() == func.stride() == atens.stride(), where
+        assert torch.equal(ours, expected) and torch.equal(func, expected), where
+    hwc = torch.rand(4, 2, 3).permute(2, 0, 1).unsqueeze(0)
+    robust_ops.DropMax2d(2)(hwc).view(1, -1)  # as nn.MaxPool2d(2)'s output allows

@@ -13,7 +13,8 @@ import robust_ops
 from robust_ops import reference
 
 from test_drop_max_pool2d import (check_against_reference, check_double_backward_without_input,
-                                  check_half_gradients_round_once, expected_format, layout, make_input, pool_cases)
+                                  check_half_gradients_round_once, expected_format, layout, make_input, pool_cases,
+                                  random_layouts)
 from utils import assert_verbose_equal
 
 pytestmark = pytest.mark.triton
@@ -140,6 +141,24 @@ def test_a_one_channel_input_pooled_to_one_pixel_gets_its_gradient_in_its_own_la
     atens = torch.autograd.grad(torch.nn.functional.max_pool2d(x, 4), x, grad)[0]
     ours = torch.autograd.grad(triton_op()(x, [4, 4], [4, 4], [0, 0], [1, 1], False)[0], x, grad)[0]
     assert ours.stride() == atens.stride() == (20, 1, 4, 1)
+
+
+def test_functional_output_and_gradient_strides_as_atens_for_inputs_of_any_layout():
+    """As the native backend's: backend="triton" gives F.max_pool2d's output, indices and input gradient strides for
+    every input layout, with the op's values (a batch of one HWC image pooled into (6, 1, 3, 3)-strided outputs,
+    ATen's (6, 2, 1, 1); a channel slice of a channels_last tensor into NCHW, ATen's channels_last)."""
+    for x, kernel, padding in random_layouts(1, 40):
+        where = f"shape {tuple(x.shape)}, strides {x.stride()}, kernel {kernel}, padding {padding}"
+        x = x.to(DEVICE).requires_grad_()
+        ref, ref_idx = torch.nn.functional.max_pool2d(x, kernel, 1, padding, return_indices=True)
+        grad = torch.randn(ref.shape, dtype=x.dtype, device=DEVICE)
+        out, idx = robust_ops.drop_max_pool2d(x, kernel, 1, padding, return_indices=True, backend="triton")
+        assert (out.stride(), idx.stride()) == (ref.stride(), ref_idx.stride()), where
+        values, indices = triton_op()(x, [kernel] * 2, [1, 1], [padding] * 2, [1, 1], False)
+        assert torch.equal(out, values) and torch.equal(idx, indices), where
+        ours, atens = (torch.autograd.grad(t, x, grad)[0] for t in (out, ref))
+        assert ours.stride() == atens.stride(), where
+        assert torch.equal(ours, torch.autograd.grad(values, x, grad)[0]), where
 
 
 def test_arguments_that_are_not_strided_are_refused_by_name():

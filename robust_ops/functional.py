@@ -147,7 +147,7 @@ def drop_max_pool2d(
     Shape:
         - input: ``(N, C, H, W)`` or ``(C, H, W)``
         - output and indices: ``(N, C, H_out, W_out)`` or ``(C, H_out, W_out)`` with max_pool2d's formula.
-          The output keeps the input's memory format.
+          The output, indices and input gradient take F.max_pool2d's strides (docs/ops/drop_max_pool2d.md).
 
     Example::
 
@@ -170,6 +170,7 @@ def drop_max_pool2d(
     ceil_mode = _bool("drop_max_pool2d", "ceil_mode", ceil_mode)
     return_indices = _bool("drop_max_pool2d", "return_indices", return_indices)  # "no" returned (out, indices)
     x, unbatched = _as_batch(input)
+    x = _in_atens_layout(x)  # F.max_pool2d's output and gradient strides (DropMax2d is a drop-in for nn.MaxPool2d)
     which = _backend.resolve("drop_max_pool2d", x.device, backend)
     if which in ("native", "triton"):
         name = "drop_max_pool2d" if which == "native" else "drop_max_pool2d_triton"

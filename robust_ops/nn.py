@@ -46,7 +46,7 @@ class DropMax2d(nn.Module):
         - Input: :math:`(N, C, H_{in}, W_{in})` or :math:`(C, H_{in}, W_{in})`, float16/bfloat16/float32/float64,
           NCHW or channels_last.
         - Output: :math:`(N, C, H_{out}, W_{out})` or :math:`(C, H_{out}, W_{out})`, sizes as for MaxPool2d; the
-          output keeps the input's memory format.
+          output and input gradient take MaxPool2d's strides (docs/ops/drop_max_pool2d.md, "Layouts").
 
     Raises (when constructed, naming DropMax2d and the argument):
         TypeError: a size that is not an int or a pair of ints, a flag that is not a bool.
