@@ -121,8 +121,10 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     extra_w = sw - 1 if ceil_mode else 0
     pads = (pw, pw + extra_w, ph, ph + extra_h)
 
-    planes = input.reshape(n * c, 1, h, w)
-    values = F.pad(planes, pads, value=float("-inf"))
+    # Under torch.func.vmap a layout cannot be asked ("NYI: querying is_contiguous inside of vmap"), and none is
+    # observable: the NCHW result stands there. Nor set by memory_format ("Tensor.clone(memory_format) inside vmap"),
+    # which a batched forward-mode tangent (jacfwd, hessian) meets too: channels_last is made by permuting.
+    channels_last = not _under_vmap(input) and _pool_memory_format(input) == torch.channels_last
     positions = torch.arange(h * w, dtype=torch.float64, device=input.device).reshape(1, 1, h, w)
     positions = F.pad(positions, pads, value=-1.0)
 
@@ -135,7 +137,22 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
         ow_full = (t.shape[3] - dw * (kw - 1) - 1) // sw + 1
         return cols.reshape(t.shape[0], kh * kw, oh_full, ow_full)[:, :, :oh, :ow].reshape(t.shape[0], kh * kw, oh * ow)
 
-    vals = windows(values)  # [NC, K, L]
+    if channels_last and not torch.jit.is_tracing():
+        # The input viewed as NHWC, padded, and its rows as one plane per sample, (n, 1, H', W' * c): unfold with
+        # the width's dilation times c gives each channel's windows (a start column every column, c per input column,
+        # kept where the stride says). Autograd's input gradient is then channels_last, as ATen's and the kernels'
+        # (fold, unfold's backward, fills that plane; flatten + view give canonical strides where a size-1
+        # dimension's could be any); through reshape(n * c, 1, h, w) it came back NCHW. Sums in a fixed order
+        # (deterministic), with vmap rules (torch.func over the backward). Not under torch.jit.trace, where no
+        # gradient is taken. Costs stride-width times the columns: the reference is slow anyway.
+        nhwc = F.pad(input.permute(0, 2, 3, 1).flatten().view(n, h, w, c), (0, 0) + pads, value=float("-inf"))
+        hp, wp = nhwc.shape[1], nhwc.shape[2]
+        cols = F.unfold(nhwc.view(n, 1, hp, wp * c), (kh, kw), dilation=(dh, dw * c), stride=(sh, 1))
+        oh_full, starts = (hp - dh * (kh - 1) - 1) // sh + 1, wp - dw * (kw - 1)
+        taps = cols.reshape(n, kh * kw, oh_full, starts, c)[:, :, :oh, ::sw][:, :, :, :ow]  # [n, K, oh, ow, c]
+        vals = taps.permute(0, 4, 1, 2, 3).reshape(n * c, kh * kw, oh * ow)  # [NC, K, L]
+    else:
+        vals = windows(F.pad(input.reshape(n * c, 1, h, w), pads, value=float("-inf")))  # [NC, K, L]
     pos = windows(positions).to(torch.int64)  # [1, K, L]
     valid = pos >= 0
     k = vals.shape[1]
@@ -157,10 +174,7 @@ def drop_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
 
     out = vals.gather(1, chosen).masked_fill(empty, float("-inf")).reshape(n, c, oh, ow)
     idx = pos.expand(n * c, -1, -1).gather(1, chosen).masked_fill(empty, -1).reshape(n, c, oh, ow)
-    # Under torch.func.vmap a layout cannot be asked ("NYI: querying is_contiguous inside of vmap"), and none is
-    # observable: the NCHW result stands there. Nor set by memory_format ("Tensor.clone(memory_format) inside vmap"),
-    # which a batched forward-mode tangent (jacfwd, hessian) meets too: channels_last is made by permuting.
-    if not _under_vmap(input) and _pool_memory_format(input) == torch.channels_last:
+    if channels_last:
         # reshape + view, not contiguous(): that hands an NHWC view that is already contiguous (one channel, 1 x 1
         # images) back with its NCHW strides, where ATen's and the kernels' channels_last outputs have
         # channels_last ones
