@@ -4696,6 +4696,23 @@ def test_bit_depth_reaches_run_json_eval_resume_and_reproduce(tmp_path, capsys):
     one_line_error(rc, err, "--bit-depth:", "save them as 8-bit images or pass --bit-depth 8")
 
 
+def test_eval_refuses_another_bit_depth_on_the_runs_own_data(tmp_path, capsys):
+    """eval --bit-depth other than the run's on its own 16-bit folder read its images on another scale (a 12-bit run
+    read on 16 bits: 16 times darker) and attacked them as the run's data, exit 0, without a word; it is refused as
+    another --classes on the run's own data is."""
+    data = _folder_16_bit(tmp_path / "ct", n=4)
+    common = ["--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--no-progress", "--device", "cpu"]
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    for name, trained, given, was in (("bd", ["--bit-depth", "12"], "16", "with --bit-depth 12"),
+                                      ("plain", [], "12", "without --bit-depth (the full 16 bits)")):
+        rc, _, err = run(["train", *common, *trained, "--out", tmp_path / name], capsys)
+        assert rc == 0, err
+        rc, _, err = run(["eval", tmp_path / name, *attack, "--bit-depth", given], capsys)
+        one_line_error(rc, err, f"--bit-depth: {data} is the run's own data, trained {was}; --bit-depth {given} reads "
+                                "its 16-bit images on another scale than the model learned -- drop --bit-depth")
+        assert not (tmp_path / name / "eval").exists()
+
+
 def _grey_csv(root):
     """A CSV-described set of grayscale PNGs (image k a flat 10k grey, its class k % 2)."""
     from PIL import Image

@@ -1612,6 +1612,13 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
     if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
         # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
         size = run.get("size")
+    if same_source and run and bit_depth is not None and bit_depth != run.get("bit_depth"):
+        # the run's own images on another intensity scale (its 12-bit CT read on the full 16 bits: 16 times darker)
+        # were attacked without a word, and results.json recorded them as the run's data
+        was = "without --bit-depth (the full 16 bits)" if run.get("bit_depth") is None else \
+            f"with --bit-depth {run['bit_depth']}"
+        raise CLIError(f"--bit-depth: {data} is the run's own data, trained {was}; --bit-depth {bit_depth} reads "
+                       "its 16-bit images on another scale than the model learned -- drop --bit-depth")
     # the run's class selection applies to its own data; another selection is another split, as other data is
     classes = classes if classes is not None else run.get("classes") if same_source else None
     bit_depth = bit_depth if bit_depth is not None else run.get("bit_depth") if same_source else None
