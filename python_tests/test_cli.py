@@ -4713,6 +4713,24 @@ def test_eval_refuses_another_bit_depth_on_the_runs_own_data(tmp_path, capsys):
         assert not (tmp_path / name / "eval").exists()
 
 
+def test_eval_does_not_repeat_the_bit_depth_advice_for_the_runs_own_data(tmp_path, capsys):
+    """A run trained without --bit-depth on 12-bit PNGs: eval on its own data repeated the loader's "(12-bit data?)
+    ... pass --bit-depth 12" advice for a new run, which for this one (trained on the images as read) is refused;
+    other data still hears it."""
+    data = _folder_16_bit(tmp_path / "ct", n=4)
+    rc, _, err = run(["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--no-progress",
+                      "--device", "cpu", "--out", tmp_path / "plain"], capsys)
+    assert rc == 0 and "(12-bit data?)" in err, err
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    for given in ([], ["--data", data]):
+        rc, _, err = run(["eval", tmp_path / "plain", *attack, *given], capsys)
+        assert rc == 0 and "bit" not in err, err
+    shutil.copytree(data, tmp_path / "copy")
+    rc, _, err = run(["eval", tmp_path / "plain", *attack, "--data", tmp_path / "copy", "--out", tmp_path / "e"],
+                     capsys)
+    assert rc == 0 and "(12-bit data?)" in err, err
+
+
 def _grey_csv(root):
     """A CSV-described set of grayscale PNGs (image k a flat 10k grey, its class k % 2)."""
     from PIL import Image

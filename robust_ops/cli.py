@@ -1635,17 +1635,20 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
 
         record = run["split"] if read_at is None or run["split"].get("size") is not None else \
             {**run["split"], "size": read_at}
-        splits = rebuild_splits(data, record, split_by=_trained_split_by(run, data, same_data),
-                                rare_classes=_trained_rare_classes(run, data, same_data))
+        with _bit_depth_advice_dropped():  # same_data: its own data
+            splits = rebuild_splits(data, record, split_by=_trained_split_by(run, data, same_data),
+                                    rare_classes=_trained_rare_classes(run, data, same_data))
     elif same_data and not explicit_data and _looks_like_kfold_run(target if target.is_dir() else target.parent):
         raise CLIError(f"{target}: a reproduce k-fold run whose {RUN_FILE} predates the split record, so its held-out "
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
     else:
         def read(at):
-            return load_data(data, size=at, seed=run.get("seed", 0), flag=flag, classes=classes, bit_depth=bit_depth,
-                             channels=channels, split_by=_trained_split_by(run, data, same_data),
-                             rare_classes=_trained_rare_classes(run, data, same_data))
+            with _bit_depth_advice_dropped() if same_data else contextlib.nullcontext():
+                return load_data(data, size=at, seed=run.get("seed", 0), flag=flag, classes=classes,
+                                 bit_depth=bit_depth, channels=channels,
+                                 split_by=_trained_split_by(run, data, same_data),
+                                 rare_classes=_trained_rare_classes(run, data, same_data))
 
         try:  # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
             splits = read((read_at or run.get("size")) if size is None else size)
@@ -1756,6 +1759,16 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
 
         net = net.to(memory_format=torch.channels_last)
     return net, splits, run
+
+
+@contextlib.contextmanager
+def _bit_depth_advice_dropped():
+    """A block in which the loader's "(12-bit data?) ... pass --bit-depth 12" warning is not shown: advice for a new
+    run, which eval repeated for a run on its own data, trained on its images as read (and another --bit-depth on them
+    is refused), as it drops the loader's advice on the default size for one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*\(\d+-bit data\?\); scaled from the full 16-bit range")
+        yield
 
 
 def _best_model_way_out(run_dir):
