@@ -3419,6 +3419,28 @@ def test_demo_resume_refuses_another_training_subset(small_npz, tmp_path, capsys
 
 
 
+def test_demo_resume_refuses_a_switch_of_quick_before_training_any(tmp_path, capsys):
+    """--quick validates on 16 images, a run without it on half the test split (64 of synthetic data's): a --resume
+    switching between them, with as many training images, trained the methods before the run, then fit refused it as
+    'val_samples=16, this command has val_samples=64 (set by --data, --classes)', flags not given. Every run is now
+    checked first on its validation count too (run.json's val_samples, or the checkpoint's where run.json is gone)."""
+    common = ["demo", "--model", "mlp", "--attacks", "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress",
+              "--device", "cpu"]
+    plain = ["--epochs", "2", "--train-size", "64"]  # as many training images as --quick, the same ones
+    for name, first, then, was, now in (("q", ["--quick"], plain, 16, "64 (without --quick); rerun with --quick"),
+                                        ("p", plain, ["--quick"], 64, "16 (--quick); rerun without --quick")):
+        out = tmp_path / name
+        rc, _, err = run(common + first + ["--methods", "standard", "--out", out], capsys)
+        assert rc == 0, err
+        for gone in ((), ("run.json",)):
+            for file in gone:
+                (out / "runs" / "standard" / file).unlink()
+            rc, stdout, err = run(common + then + ["--methods", "at,standard", "--out", out, "--resume"], capsys)
+            one_line_error(rc, err, f"--quick: {out / 'runs' / 'standard'} was validated on {was} images, this "
+                                    f"command draws {now}, as it was made, or use another --out")
+            assert "training" not in stdout and not (out / "runs" / "at").exists()
+
+
 def test_demo_train_seconds_are_the_runs_epochs_also_when_resumed(small_npz, tmp_path, capsys):
     """results.json's train_seconds (and the per-method line) timed the command: a demo interrupted in its evaluation
     and rerun with --resume recorded 0.1 s for each run it found trained (the load), measured 'IMA': 0.1 where the

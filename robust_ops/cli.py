@@ -912,10 +912,11 @@ def json_options(options):
 def run_record(*, data, defense_name, defense_options, model_name, epochs, batch_size, lr, seed, size=None,
                dropmax="none", label=None, channels_last=False, prepacked_conv=False, info=None, split=None,
                train_samples=None, classes=None, bit_depth=None, channels=None, warmup_epochs=0, early_stopping=None,
-               restore_best=False, train_data_sha256=None):
+               restore_best=False, train_data_sha256=None, val_samples=None):
     """The run.json document of one training run (before training). ``split``: how a reproduce run's data split is
     rebuilt (:func:`robust_ops.reproduce.rebuild_splits`); None for the data's own train/val/test split.
-    ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume.
+    ``train_samples``: the number of training images (demo's --train-size / --quick subset), checked on resume;
+    ``val_samples`` the number of validation images (demo's --quick subset draws 16), checked so too.
     ``restore_best`` is recorded for eval (RUN_DIR then means best_model.pt), not compared on resume: it changes no
     training (fit refuses a switch it cannot make exact). ``train_data_sha256``: fit's fingerprint of the training
     set (train.train_data_fingerprint), which demo's and reproduce's check of a checkpoint without run.json compares."""
@@ -935,6 +936,8 @@ def run_record(*, data, defense_name, defense_options, model_name, epochs, batch
         run["split"] = split
     if train_samples is not None:
         run["train_samples"] = int(train_samples)
+    if val_samples is not None:
+        run["val_samples"] = int(val_samples)
     if train_data_sha256 is not None:
         run["train_data_sha256"] = train_data_sha256
     return run
@@ -946,7 +949,8 @@ RUN_FIELD_TYPES = {"data": str, "size": int, "classes": list, "bit_depth": int, 
                    "defense": str, "defense_options": dict, "defense_settings": dict, "dropmax": str,
                    "channels_last": bool, "prepacked_conv": bool, "epochs": int, "batch_size": int,
                    "lr": (int, float), "seed": int, "warmup_epochs": int, "early_stopping": int, "restore_best": bool,
-                   "label": str, "dataset": dict, "split": dict, "train_samples": int, "train_data_sha256": str}
+                   "label": str, "dataset": dict, "split": dict, "train_samples": int, "train_data_sha256": str,
+                   "val_samples": int}
 _JSON_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", bool: "true or false",
                     (int, float): "a number"}
 
@@ -1014,7 +1018,11 @@ def resume_conflict(out, run):
                        ("samples_digest", lambda r: (r.get("dataset") or {}).get("samples_digest")),
                        # split before 2026-12-06 with a class too small to stratify: every class at random
                        ("rare_classes", lambda r: trained_rare_classes(r["dataset"]) if r.get("dataset") else None),
-                       ("train_samples", lambda r: r.get("train_samples"))):
+                       ("train_samples", lambda r: r.get("train_samples")),
+                       # demo's --quick subset validates on 16 images, a run without it on half the test split: fit
+                       # refused the switch at the run's turn, after the methods before it trained (run.json files
+                       # written before 2026-12-07 lack the count, and fit still refuses it so)
+                       ("val_samples", lambda r: r.get("val_samples"))):
         was, now = value(old), value(run)
         if was is not None and now is not None and was != now:
             return key, was, now
@@ -1046,6 +1054,8 @@ def _checkpoint_conflict(out, run):
     # the training images counted (demo's --train-size subset; another --data of reproduce)
     if run.get("train_samples") is not None and config.get("num_samples") not in (None, run["train_samples"]):
         return "num_samples", config["num_samples"], run["train_samples"]
+    if run.get("val_samples") is not None and config.get("val_samples") not in (None, run["val_samples"]):
+        return "val_samples", config["val_samples"], run["val_samples"]  # demo's --quick subset, as fit compares it
     # as many images, but others (another --size, --data or --classes): fit refused them at the run's turn
     saved_data, data = config.get("train_data_sha256"), run.get("train_data_sha256")
     if None not in (saved_data, data) and saved_data != data:
@@ -1184,7 +1194,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, size=size, dropmax=dropmax, label=label,
                      channels_last=channels_last, prepacked_conv=prepacked_conv, info=info, split=split,
                      train_samples=len(splits.train), classes=classes, bit_depth=bit_depth, channels=channels,
-                     warmup_epochs=warmup_epochs, early_stopping=early_stopping, restore_best=restore_best)
+                     warmup_epochs=warmup_epochs, early_stopping=early_stopping, restore_best=restore_best,
+                     val_samples=len(splits.val))
     dropmax = run["dropmax"]
     if early_stopping is not None and len(splits.val) == 0:  # fit refuses it too, after run.json is written
         raise CLIError(f"--early-stopping: it stops on the validation loss, and the validation split of {data} holds "
@@ -2119,6 +2130,11 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
     if key == "train_data_sha256":
         return CLIError(f"--resume: {run_dir} {OTHER_TRAINING_IMAGES}; rerun with the --data, --size, --classes, "
                         "--bit-depth and --channels it was made with, or use another --out")
+    if key == "val_samples":  # --quick validates on 16 images, a run without it on half the test split: fit refused
+        # the switch at the run's turn, naming --data and --classes
+        now_words, way = ("(--quick)", "without --quick") if args.quick else ("(without --quick)", "with --quick")
+        return CLIError(f"--quick: {run_dir} was validated on {was} images, this command draws {now} {now_words}; "
+                        f"rerun {way}, as it was made, or use another --out")
     if key == "split_by":
         return CLIError(f"--resume: {split_by_refusal(run_dir, was, now)}; or rerun without --resume, or use another "
                         "--out")
@@ -2210,7 +2226,7 @@ def cmd_demo(args):
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, size=args.size, label=demo_label(m),
                     info=splits.info, train_samples=len(splits.train), classes=args.classes, bit_depth=args.bit_depth,
                     channels=args.channels, prepacked_conv=prepacked_conv_resolved(None),
-                    train_data_sha256=fingerprint))
+                    train_data_sha256=fingerprint, val_samples=len(splits.val)))
                 if conflict:
                     raise _demo_resume_error(run_dir, conflict, args, epochs)
         # under torchrun every process trains (fit's DDP), rank 0 alone reports and evaluates, as in train
