@@ -4847,9 +4847,40 @@ def test_reproduce_reads_16_bit_folders_at_the_bit_depth_given(tmp_path):
     _, splits, _ = cli.load_run(run_dir)
     x = torch.cat([splits.train.tensors[0], splits.val.tensors[0], splits.test.tensors[0]])
     assert float(x.max()) == 1.0
-    with pytest.raises(cli.CLIError, match=r"was trained with bit_depth=12, this command has bit_depth=None"), \
+    refused = r"^--bit-depth: .* was trained with --bit-depth 12, this command has no --bit-depth"
+    with pytest.raises(cli.CLIError, match=refused), \
             pytest.warns(UserWarning, match="12-bit data"):
         run_protocol(proto, out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*a class is too small to stratify the 0.9/0.1 split")
+def test_reproduce_refusal_of_other_data_settings_names_the_flag(tmp_path):
+    """reproduce's check of every run named run.json's keys for a run trained on other data settings: `tiny-kfold:
+    RUN_DIR was trained with data='.../a', this command has data='.../b'; rerun with its settings, ...` (likewise
+    bit_depth=12 / None, size, class_counts): Python keys, where train --resume and demo name the flag."""
+    from robust_ops.reproduce import run_protocol
+
+    data = _folder_16_bit(tmp_path / "ct")
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")])
+    out, run_dir = tmp_path / "o", tmp_path / "o" / "runs" / "baseline" / "fold0"
+    run_protocol(proto, out=out, data=str(data), seeds=1, size=8, progress=False, bit_depth=12)
+    way = f"or delete {run_dir} or use another --out"
+    other = shutil.copytree(data, tmp_path / "copy")
+    for given, message in (
+            ({"data": str(other), "bit_depth": 12}, f"--data: {run_dir} was trained with --data {data}, this command "
+                                                    f"has --data {other}; rerun with the --data it was trained with"),
+            ({"size": 6, "bit_depth": 12}, f"--size: {run_dir} was trained on 8x8 images (--size 8), this command "
+                                           "reads them at 6x6; rerun with the --size it was trained with"),
+            ({"bit_depth": 13}, f"--bit-depth: {run_dir} was trained with --bit-depth 12, this command has "
+                                "--bit-depth 13; rerun with the --bit-depth it was trained with")):
+        with pytest.raises(cli.CLIError) as err:
+            run_protocol(proto, out=out, **{"data": str(data), "seeds": 1, "size": 8, "progress": False, **given})
+        assert str(err.value) == f"{message}, {way}"
+    (data / "benign" / "0.png").unlink()  # the run's own folder, changed since
+    with pytest.raises(cli.CLIError) as err:
+        run_protocol(proto, out=out, data=str(data), seeds=1, size=8, progress=False, bit_depth=12)
+    assert str(err.value) == (f"--data: {run_dir} was trained when its --data held 20 images (benign 10, malignant "
+                              f"10), it now holds 19 images (benign 9, malignant 10); restore the data, {way}")
 
 
 def test_reproduce_data_note_for_a_folder_named_like_the_protocols_data(small_npz, tmp_path):
@@ -5709,7 +5740,8 @@ def test_reproduce_rerun_with_size_equal_to_the_loaded_size_resumes(tmp_path):
     run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, epochs=2, size=224, progress=False)
     run_dir = tmp_path / "o" / "runs" / "baseline" / "fold0"
     assert epochs_done(run_dir) == 2
-    with pytest.raises(cli.CLIError, match=r"was trained with size=224, this command has size=8"):
+    refused = r"^--size: .* on 224x224 images \(--size 224\), this command reads them at 8x8; rerun with the --size"
+    with pytest.raises(cli.CLIError, match=refused):
         run_protocol(proto, out=tmp_path / "o", data=data, seeds=1, epochs=3, size=8, progress=False)
     assert epochs_done(run_dir) == 2
 

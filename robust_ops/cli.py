@@ -800,17 +800,20 @@ TRAIN_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels", "mode
                        "dropmax", "seed", "batch_size", "lr", "channels_last", "prepacked_conv", "warmup_epochs",
                        "early_stopping")
 DEMO_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels", "model", "seed", "batch_size", "lr")
+# reproduce's (the protocol sets the rest)
+REPRODUCE_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels")
 
 
-def resume_setting_error(run_file, key, was, now, flags):
+def resume_setting_error(run_file, key, was, now, flags, lead="--resume"):
     """--resume's refusal of the run ``run_file`` records, trained with another ``key`` (resume_conflict's): each value
     as the command line gives it where ``flags`` (a command's FLAG_SETTINGS) hold the key (``--batch-size 32``,
     ``--classes nv,mel``; a switch or a flag left out: trained with / without ``--prepacked-conv``; the image size
-    the run read, ``--size 28``), else as run.json records it (demo's ``channels_last=True``)."""
+    the run read, ``--size 28``), else as run.json records it (demo's ``channels_last=True``). ``lead``: what the
+    message opens with (reproduce, which has no --resume, names the key's flag)."""
     if key not in flags:
-        return CLIError(f"--resume: {run_file} was trained with {key}={was!r}, this command has {key}={now!r}")
+        return CLIError(f"{lead}: {run_file} was trained with {key}={was!r}, this command has {key}={now!r}")
     if key == "size":  # the size the images were read at: --size, or the data's own without it
-        return CLIError(f"--resume: {run_file} was trained on {was}x{was} images (--size {was}), this command reads "
+        return CLIError(f"{lead}: {run_file} was trained on {was}x{was} images (--size {was}), this command reads "
                         f"them at {now}x{now}")
     flag = _flag("defense_opt" if key == "defense_options" else key)
 
@@ -825,7 +828,7 @@ def resume_setting_error(run_file, key, was, now, flags):
         return f"{flag} {shlex.quote(','.join(value) if isinstance(value, list) else str(value))}"
 
     was_words, now_words = typed(was), typed(now)
-    return CLIError(f"--resume: {run_file} was trained {f'with {was_words}' if was_words else f'without {flag}'}, "
+    return CLIError(f"{lead}: {run_file} was trained {f'with {was_words}' if was_words else f'without {flag}'}, "
                     f"this command has {now_words or f'no {flag}'}")
 
 

@@ -730,6 +730,17 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
         return CLIError(f"--epochs: {run_dir} was trained with --epochs {old_epochs}, and IMA's delta = eps_train / "
                         f"epochs follows it ({was['delta']:.4g} there, {now['delta']:.4g} now); rerun with "
                         f"--epochs {old_epochs}, or {way_out}")
+    from .cli import REPRODUCE_FLAG_SETTINGS, _counts, _flag, resume_setting_error
+
+    if key in ("class_counts", "samples_digest"):  # the run's own folder / CSV, changed since it trained
+        what = (f"when its --data held {_counts(was)}, it now holds {_counts(now)}" if key == "class_counts" else
+                "on other images, names or row order of its --data than it holds now (same class counts)")
+        return CLIError(f"--data: {run_dir} was trained {what}; restore the data, or {way_out}")
+
+    if key in REPRODUCE_FLAG_SETTINGS:  # named as the flag that sets it: it said `data='.../a.npz'`, a Python key
+        flag = _flag(key)
+        said = str(resume_setting_error(run_dir, key, was, now, REPRODUCE_FLAG_SETTINGS, lead=flag))
+        return CLIError(f"{said}; rerun with the {flag} it was trained with, or {way_out}")
     return CLIError(f"{protocol.name}: {run_dir} was trained with {key}={was!r}, this command has {key}={now!r}; "
                     f"rerun with its settings, or {way_out}")
 
