@@ -15,7 +15,7 @@ def main():
     """robust_ops.cli.main, imported here: a Ctrl-C during the import exits quietly with status 130, as in a
     command."""
     try:
-        from robust_ops.cli import main as cli_main
+        from robust_ops.cli import finished, main as cli_main
     except (KeyboardInterrupt, RuntimeError) as err:
         # Python 3.11 wraps an interrupt raised in a __set_name__ (enum members, as torch's classes are created) in a
         # RuntimeError, as robust_ops.cli.interrupts_unwrapped says
@@ -24,4 +24,4 @@ def main():
             raise
         print("\nrobust-ops: interrupted", file=sys.stderr)
         return 130
-    return cli_main()
+    return finished(cli_main())

@@ -3337,6 +3337,28 @@ def test_ctrl_c_while_python_m_robust_ops_imports_the_package_exits_quietly(tmp_
         assert (done.returncode, done.stderr) == (130, "\nrobust-ops: interrupted\n"), done.stderr
 
 
+@pytest.mark.parametrize("entry", ["python -m", "console script"])
+def test_ctrl_c_after_the_command_finished_keeps_its_status(tmp_path, entry):
+    """A Ctrl-C in the interpreter's shutdown (seconds: torch's exit callbacks), the command's last line printed and
+    its files written, ended it with status 130 and nothing on stderr, or status 0 after a KeyboardInterrupt
+    traceback from torch/library.py. The entry points now end the process at once with the command's own status.
+    The Ctrl-C comes from an exit callback sitecustomize registers."""
+    (tmp_path / "sitecustomize.py").write_text("import atexit, os, signal\n"
+                                               "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n")
+    root = str(Path(cli.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), root,
+                                                                     os.environ.get("PYTHONPATH")]))}
+    launcher = "import sys\nfrom _robust_ops_launcher import main\nsys.exit(main())\n"  # the robust-ops script's
+    for argv, status in ((["bench", "--list"], 0), (["train", "--epochs", "0"], 2)):
+        start = ["-m", "robust_ops"] if entry == "python -m" else ["-c", launcher]
+        done = subprocess.run([sys.executable, *start, *argv], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == status, done.stderr
+        if status == 0:
+            assert done.stderr == "" and "pgd_step" in done.stdout, done.stderr
+        else:
+            one_line_error(status, done.stderr, "--epochs:")
+
+
 @pytest.mark.parametrize("orig_argv, ours", [
     (["python", "-m", "robust_ops", "train"], True), (["python", "-mrobust_ops"], True),
     (["python", "-X", "dev", "-m", "robust_ops.cli"], True), (["python", "-m", "robust_ops_extras"], False),

@@ -1,3 +1,3 @@
-from .cli import main
+from .cli import finished, main
 
-raise SystemExit(main())
+raise SystemExit(finished(main()))

@@ -2560,6 +2560,26 @@ def main(argv=None):
     return 143 if sigterm["terminated"] and status == 130 else status  # 128 + SIGTERM, as the shell reports it
 
 
+def finished(status):
+    """``status``, a command's exit status, returned by the entry points (``robust-ops``, ``python -m robust_ops``)
+    once main is done, after which a Ctrl-C ends the process at once with that status. The interpreter's shutdown
+    takes seconds (torch's exit callbacks), and a Ctrl-C in them, the command's last line printed and every file
+    written, ended it with status 130 and nothing on stderr, or status 0 after a KeyboardInterrupt traceback from
+    torch/library.py: a script read a finished run as failed. A caller's own Ctrl-C handler (or SIG_IGN) stays."""
+    def done(signum, frame):
+        for stream in (sys.stdout, sys.stderr):  # what the command printed, which os._exit does not flush
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, done)
+    return status
+
+
 def _reader_left():
     """The reader of stdout or stderr left (`robust-ops eval RUN_DIR | head -2`, `robust-ops train 2>&1 | head -c
     1000`): stop quietly as a shell tool does, with 128 + SIGPIPE. Both streams go to /dev/null, so the interpreter's
@@ -2628,6 +2648,6 @@ def _main(argv):
 if __name__ == "__main__":
     # `python -m robust_ops.cli` runs this file as __main__, a second copy beside the robust_ops.cli that reproduce and
     # the others import: their CLIError was not this copy's, so their refusals ended in a traceback, not one line
-    from robust_ops.cli import main as package_main
+    from robust_ops.cli import finished as package_finished, main as package_main
 
-    raise SystemExit(package_main())
+    raise SystemExit(package_finished(package_main()))
