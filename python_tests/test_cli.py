@@ -2302,13 +2302,14 @@ def test_dpaat_bus_paper_schedule_adds_the_warmup_and_early_stopping_and_resume_
             reproduce.run_protocol(dpaat, out=tmp_path / f"paper{quick}", quick=quick, paper_schedule=True, **common)
         got = calls[-1]
         assert (got["epochs"], got["warmup_epochs"], got["early_stopping"]) == (epochs + warmup, warmup, 5)
+        assert got["lr"] == 3e-4  # "a learning rate of 0.0003" (Section IV-A), not the protocol's 1e-3
     with pytest.raises(KeyboardInterrupt):
         reproduce.run_protocol(dpaat, out=tmp_path / "plain", quick=True, **common)
     assert (calls[-1]["epochs"], calls[-1]["warmup_epochs"], calls[-1]["early_stopping"]) == (2, 0, None)
     run_dir = tmp_path / "plain" / "runs-quick" / "std" / "seed0"
     with pytest.raises(cli.CLIError, match=rf"^--paper-schedule: {re.escape(str(run_dir))} was trained without "
-                                           r"--paper-schedule \(warmup_epochs=0\), this command runs with "
-                                           r"--paper-schedule \(warmup_epochs=1\); rerun without --paper-schedule, "):
+                                           r"--paper-schedule \(lr=0\.001\), this command runs with "
+                                           r"--paper-schedule \(lr=0\.0003\); rerun without --paper-schedule, "):
         reproduce.run_protocol(dpaat, out=tmp_path / "plain", quick=True, paper_schedule=True, **common)
     with pytest.raises(cli.CLIError, match=r"^--paper-schedule: ima-bus's paper trains without a warm-up or early "
                                            r"stopping to add \(protocols with one: dpaat-bus\); leave "):
@@ -2335,7 +2336,8 @@ def test_paper_schedule_runs_note_it_record_it_and_count_the_warmup_apart_from_e
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["paper_schedule"] == {"warmup_epochs": 1, "early_stopping": 5}
     assert ("SCHEDULE: this run trained with the paper's schedule (--paper-schedule): the classifier head alone for 1 "
-            "epoch, then all layers for 1, stopping early after 5 epochs without a lower validation loss (each run's "
+            "epoch, then all layers for 1, at lr 0.001, stopping early after 5 epochs without a lower validation loss "
+            "(each run's "
             "checkpoint records where it stopped).") in results["notes"], results["notes"]
     capsys.readouterr()
     reproduce(2)

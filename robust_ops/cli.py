@@ -2391,7 +2391,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--paper-schedule", action=Switch,
                    help="train with the paper's own schedule where the protocol has one (dpaat-bus: the classifier "
                         "head alone for 10 epochs first, early stopping after 5 epochs without a lower validation "
-                        "loss)")
+                        "loss, Adam lr 3e-4)")
     p.add_argument("--config", action=OneConfig, type=path_text, help="YAML or JSON file of options")
     p.set_defaults(func=cmd_reproduce)
     return p

@@ -374,10 +374,10 @@ DPAAT_BUS = Protocol(
         "layers for 50 epochs of Adam, lr 3e-4, batch 32, early stopping after 5 epochs without validation "
         "improvement. Ours: every method trains all layers from scratch for 30 epochs of Adam, lr 1e-3, batch 32, "
         "no early stopping. `--paper-schedule` adds the paper's schedule: the classifier head (resnet18's fc) alone "
-        "for 10 epochs before the 30, and early stopping after 5 epochs without a lower validation loss (on "
-        "BreastMNIST's validation split). The paper does not say which epoch's weights its early stopping kept, "
-        "the best one's or the last one's: the runs keep their last epoch's, as they always did (`robust-ops train "
-        "--restore-best` hands back the best epoch's).",
+        "for 10 epochs before the 30, early stopping after 5 epochs without a lower validation loss (on "
+        "BreastMNIST's validation split), and the paper's lr 3e-4 (--epochs 50 for its 50). The paper does not say "
+        "which epoch's weights its early stopping kept, the best one's or the last one's: the runs keep their last "
+        "epoch's, as they always did (`robust-ops train --restore-best` hands back the best epoch's).",
         "Table II's mAP is measured on the clean test set and its mARP on the 20-PGD adversarial set: the mAP column "
         "compares the paper's mAP with our clean mAP, and its mARP with our mAP under 20-PGD (the row's precision, "
         "recall and F1 are under 20-PGD, as the table's caption says).",
@@ -391,8 +391,8 @@ DPAAT_BUS = Protocol(
         "eps_i * 0.15 / 0.3.",
     ],
     quick={"epochs": 2, "repeats": 1, "n_train": 96, "n_test": 48, "model": "small_cnn",
-           "paper_schedule": {"warmup_epochs": 1, "early_stopping": 5}},
-    paper_schedule={"warmup_epochs": 10, "early_stopping": 5},
+           "paper_schedule": {"warmup_epochs": 1, "early_stopping": 5, "lr": 3e-4}},
+    paper_schedule={"warmup_epochs": 10, "early_stopping": 5, "lr": 3e-4},
 )
 
 PROTOCOLS = {p.name: p for p in (ARFL_MOONS, MIRST_BUS, IMA_BUS, DPAAT_BUS)}
@@ -683,9 +683,11 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
     else:
         way_out = (f"delete the {len(blocked)} run folders in {runs_dir} this command cannot continue "
                    f"({listing(d.relative_to(runs_dir) for d in blocked)}) or use another --out")
-    if key in ("warmup_epochs", "early_stopping"):  # recorded by --paper-schedule only
+    paper_lr = protocol.paper_schedule.get("lr")  # --paper-schedule's learning rate: that flag's switch, not --lr's
+    if key in ("warmup_epochs", "early_stopping") or (key == "lr" and paper_lr is not None and paper_lr in (was, now)):
         def used(value):
-            return "with --paper-schedule" if value else "without --paper-schedule"
+            paper = value == paper_lr if key == "lr" else value
+            return "with --paper-schedule" if paper else "without --paper-schedule"
 
         return CLIError(f"--paper-schedule: {run_dir} was trained {used(was)} ({key}={was!r}), this command runs "
                         f"{used(now)} ({key}={now!r}); rerun {used(was)}, or {way_out}")
@@ -843,6 +845,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                        f"add (protocols with one: {with_one}); leave --paper-schedule out")
     schedule = q.get("paper_schedule", protocol.paper_schedule) if paper_schedule else {}
     warmup, patience = schedule.get("warmup_epochs", 0), schedule.get("early_stopping")
+    lr = schedule.get("lr", protocol.lr)  # the paper's Adam learning rate under --paper-schedule
     train_epochs = epochs + warmup  # the warm-up comes before the protocol's epochs of all layers, as the paper's
     out = Path(out)
     runs_dir = out / ("runs-quick" if quick else "runs")
@@ -881,7 +884,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
             conflict = resume_conflict(run_dir, run_record(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
-                epochs=train_epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, size=size,
+                epochs=train_epochs, batch_size=protocol.batch_size, lr=lr, seed=k, size=size,
                 dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth, channels=channels,
                 classes=classes, prepacked_conv=prepacked_conv_resolved(None), warmup_epochs=warmup,
                 early_stopping=patience, info=splits.info,  # info: image size, class counts
@@ -912,7 +915,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 say(status, flush=True)
             model, _, _, _ = train_run(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
-                epochs=train_epochs, batch_size=protocol.batch_size, lr=protocol.lr, seed=k, device=device,
+                epochs=train_epochs, batch_size=protocol.batch_size, lr=lr, seed=k, device=device,
                 out=run_dir, resume=True, dropmax=method.dropmax, size=size,
                 progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth,
                 channels=channels, classes=classes, warmup_epochs=warmup, early_stopping=patience,
@@ -981,9 +984,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                         f"the means below are over those{' (one run: no std)' if repeats == 1 else ''}.")
     if schedule:  # the protocol's notes describe its own schedule (no warm-up, no early stopping)
         notes.insert(0, f"SCHEDULE: this run trained with the paper's schedule (--paper-schedule): the classifier "
-                        f"head alone for {counted(warmup, 'epoch')}, then all layers for {epochs}, stopping early "
-                        f"after {counted(patience, 'epoch')} without a lower validation loss (each run's checkpoint "
-                        "records where it stopped).")
+                        f"head alone for {counted(warmup, 'epoch')}, then all layers for {epochs}, at lr {lr:g}, "
+                        f"stopping early after {counted(patience, 'epoch')} without a lower validation loss (each "
+                        "run's checkpoint records where it stopped).")
     if len(chosen) < len(protocol.methods):
         notes.insert(0, f"METHODS: this run trained and evaluated {', '.join(m.label for m in chosen)} only "
                         f"(--methods); the protocol's other methods have no numbers of ours here.")
@@ -995,7 +998,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
               # the data settings each run.json records: which images of the data the rows are of
               "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "channels": channels,
-              "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": protocol.lr,
+              "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": lr,
               # --paper-schedule's {warmup_epochs, early_stopping}; None without it
               "paper_schedule": dict(schedule) or None,
               "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in chosen],
