@@ -838,6 +838,18 @@ def test_npz_images_and_labels_keep_their_values(tmp_path):
                                         r"floats, images.astype\(np.float32\) \(as uint8 they would be 0 and 1 of "
                                         r"255, black\)$"):
         load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats > 0.5).astype(np.int64)))
+    # and stored as uint8, as that hint told them until 2026-12-07, they loaded with a largest pixel of 1 / 255 and no
+    # word (found by the revC helper); a uint8 set of real pixels is never all 0 and 1, and an all-zero one passes
+    binary = {f"{s}_images": (np.random.default_rng(2).random((k, 28, 28)) > 0.5).astype(np.uint8)
+              for s, k in (("train", 12), ("val", 4), ("test", 6))}
+    with pytest.raises(DataError, match=r"b\.npz: every uint8 image holds values 0 and 1 only; \[0, 1\] pixels\? store "
+                                        r"them as floats, images.astype\(np.float32\) \(as uint8 they would be 0 and 1 "
+                                        r"of 255, black\)$"):
+        load_dataset(write_npz(tmp_path / "b.npz", **binary))
+    as_floats = load_dataset(write_npz(tmp_path / "b.npz", **{k: v.astype(np.float32) for k, v in binary.items()}))
+    assert torch.equal(as_floats.train.tensors[0][:, 0], torch.from_numpy(binary["train_images"]).float())
+    zeros = load_dataset(write_npz(tmp_path / "z.npz", **{k: np.zeros_like(v) for k, v in binary.items()}))
+    assert float(zeros.train.tensors[0].max()) == 0.0
     # multi-label (N, 2) and negative labels are refused, not silently reshaped / kept
     with pytest.raises(DataError, match=r"expected train_labels of shape \(N,\) or \(N, 1\), got \(12, 2\)"):
         load_dataset(write_npz(tmp_path / "m.npz", train_labels=np.zeros((12, 2), np.int64)))

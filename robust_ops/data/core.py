@@ -172,6 +172,20 @@ def images_to_tensor(images, source):
     return x
 
 
+# The fix for binary images (0 and 1) in an integer dtype: as uint8 they are 0 and 1 of 255
+BINARY_IMAGES_FIX = ("[0, 1] pixels? store them as floats, images.astype(np.float32) (as uint8 they would be 0 and 1 "
+                     "of 255, black)")
+
+
+def check_not_binary_uint8(images, source):
+    """Refuses uint8 images (every split's arrays) whose largest value is 1: binary images, read as 0 and 1 of 255
+    (black), which loaded without a word, as did those stored so by the int64 0/1 images' hint until 2026-12-07.
+    All-zero arrays pass."""
+    tops = [int(a.max()) for a in images if a.size]
+    if tops and all(a.dtype == np.uint8 for a in images) and max(tops) == 1:
+        raise DataError(f"{source}: every uint8 image holds values 0 and 1 only; {BINARY_IMAGES_FIX}")
+
+
 def _integer_images_fix(images):
     """The fix for integer images of another dtype than uint8, by their values: "convert them to uint8", all it
     said, wrapped 12-bit CT's uint16 values modulo 256 into noise that loaded without a word."""
@@ -183,8 +197,7 @@ def _integer_images_fix(images):
     lo, hi = int(images.min()), int(images.max())
     got = f" with values in [{lo}, {hi}]"
     if 0 <= lo and hi <= 1:  # binary images (np.where's int64): told uint8, they loaded black (1 of 255) silently
-        return (f"{got}; [0, 1] pixels? store them as floats, images.astype(np.float32) (as uint8 they would be 0 "
-                "and 1 of 255, black)")
+        return f"{got}; {BINARY_IMAGES_FIX}"
     if 0 <= lo and hi <= 255:
         return f"{got}: store them as uint8 (images.astype(np.uint8)), 0-255 pixels"
     if 0 <= lo and hi <= 65535:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import TensorDataset
 
-from .core import (DataError, DatasetInfo, DatasetSplits, images_to_tensor, labels_to_tensor,
+from .core import (DataError, DatasetInfo, DatasetSplits, check_not_binary_uint8, images_to_tensor, labels_to_tensor,
                    missing_classes_record)
 
 # MD5 checksums of the official MedMNIST v2 28x28 files, as published in MedMNIST's own dataset table (INFO, the
@@ -293,6 +293,7 @@ def load_npz(path, size=None, name=None, classes=None):
             raise DataError(f"{path}: {s}_images have shape {tuple(x.shape[1:])}, train has {tuple(shape)}")
         shape = x.shape[1:]
         sets.append(TensorDataset(x, y))
+    check_not_binary_uint8([arrays[f"{s}_images"] for s in SPLITS], path)  # read as 0 and 1 of 255: black
     # an .npz is read as stored, never resized: say how to get images of one side length (every model, radius rule
     # and report takes one), or that size= cannot change it
     if shape[1] != shape[2]:
