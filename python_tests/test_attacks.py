@@ -6517,11 +6517,13 @@ def test_ensemble_refuses_a_per_sample_eps_of_another_length_before_any_attack_r
     assert queried == []  # refused before the clean check
 
 
-@pytest.mark.parametrize("arg, bad", [("eps", True), ("eps", -0.1), ("eps", "0.1"), ("alpha", float("nan"))])
+@pytest.mark.parametrize("arg, bad", [("eps", True), ("eps", -0.1), ("eps", "0.1"), ("alpha", float("nan")),
+                                      pytest.param("eps", 10**400, id="eps-int-past-float")])
 def test_ensemble_refuses_a_bad_eps_or_alpha_number_before_any_attack_runs(arg, bad):
     """An attack's eps / alpha number was checked only when that attack ran: after every attack before it, as "pgd:
     expected eps to be a number or a tensor of shape [3]" for a batch of 4 (3: the samples still robust), and not at
-    all when no sample was left."""
+    all when no sample was left. An int past float's range met a bare OverflowError, "int too large to convert to
+    float" (found by the revC helper)."""
     model, x = near_boundary_linear()
     x = x[:4]
     with torch.no_grad():

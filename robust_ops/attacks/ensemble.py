@@ -1,14 +1,13 @@
 """AutoAttack-style cascades: run attacks one after another, each only on the samples still robust."""
 
 import copy
-import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from .._options import check_flags, check_real
+from .._options import check_flags, check_real, fits_a_float
 from .._warn import warn
 from .base import N_CLASSES_HINT, Attack, refuse_positional_options
 from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
@@ -113,7 +112,7 @@ def _check_per_sample_options(attack, x, label, name):
         # a number the attack refuses only when it runs: after the attacks before it, and (a bool or text) as "a
         # tensor of shape [k]" for the k samples still robust; -0.1 passed when none was
         bad_number = value is not None and not torch.is_tensor(value) and (
-            isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0)
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not fits_a_float(value) or value < 0)
         if bad_number:
             raise ValueError(f"{name}: attack {label!r} has {arg}={value!r}; expected a finite number >= 0 or a "
                              f"tensor of shape [{n}], one per sample of x")
