@@ -1597,10 +1597,13 @@ def test_csv_paths_without_extension_list_each_folder_once(tmp_path, monkeypatch
     listings = Counter()
     for name in ("scandir", "listdir"):
         real = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda path=".", real=real: listings.update([os.fspath(path)]) or real(path))
+        monkeypatch.setattr(os, name, lambda path=".", real=real: listings.update([path]) or real(path))
     s = load_dataset(tmp_path / "paths.csv", size=8, channels=1)
     monkeypatch.undo()
-    assert max(listings.values()) == 1, listings
+    # the data's folders only: a first import in the process lists sys.path's entries (python311.zip twice)
+    ours = Counter({p: n for p, n in listings.items() if not isinstance(p, int)
+                    and Path(os.fspath(p)).is_relative_to(tmp_path)})
+    assert len(ours) == 2 and max(ours.values()) == 1, listings
     x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
     assert sorted((x[:, 0, 4, 4] * 255).round().int().tolist()) == sorted([8 * i + p for p in (0, 1) for i in range(15)]
                                                                           + [200])
