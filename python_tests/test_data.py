@@ -1662,6 +1662,18 @@ def test_csv_ids_matching_two_files_are_told_the_id_that_names_one(tmp_path):
         load_dataset(tmp_path / "m.csv", size=8, channels=1)
     (tmp_path / "m.csv").write_text((tmp_path / "m.csv").read_text().replace("view5,", "copy/view5.png,"))
     assert len(load_dataset(tmp_path / "m.csv", size=8, channels=1).train) > 0
+    # a name with its extension beside a file of that stem (view7.png, view7.png.jpg) was told to write the extension
+    # into the id, view7.png.png, which names no file (found by the revC helper)
+    _png(tmp_path / "pat1" / "view7.png.jpg", (8, 8), 7)
+    ids = [f"view{i}.png" for i in range(20) if i != 5]
+    (tmp_path / "m.csv").write_text("image_id,dx\n" + "".join(f"{i},{n % 2}\n" for n, i in enumerate(ids)))
+    with pytest.raises(DataError, match=r"match several files under .*; write the file's path as the id "
+                                        r"\(pat1/view7\.png or pat1/view7\.png\.jpg\) to choose one$"):
+        load_dataset(tmp_path / "m.csv", size=8, channels=1)
+    for told in ("pat1/view7.png", "pat1/view7.png.jpg"):
+        (tmp_path / "m.csv").write_text((tmp_path / "m.csv").read_text().replace("\nview7.png,", f"\n{told},"))
+        assert len(load_dataset(tmp_path / "m.csv", size=8, channels=1).train) > 0
+        (tmp_path / "m.csv").write_text((tmp_path / "m.csv").read_text().replace(f"\n{told},", "\nview7.png,"))
 
 
 def test_a_class_too_small_to_stratify_is_named(tmp_path):

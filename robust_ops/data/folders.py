@@ -739,12 +739,15 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     ambiguous = sorted(i for i, ps in index.items() if len(ps) > 1)
     if ambiguous:  # which copy would be read depended on the file-system order
         first = index[ambiguous[0]]
-        if first[0].parent == first[1].parent:  # view1.jpg beside view1.png: no image_dir parts them
+        paths = [q.relative_to(root).as_posix() for q in first[:2]]
+        if first[0].parent == first[1].parent and Path(ambiguous[0]).suffix.lower() in IMAGE_SUFFIXES:
+            # v3.png beside v3.png.jpg, whose stem it is: "write the extension" named v3.png.png, no file
+            fix = f"write the file's path as the id ({paths[0]} or {paths[1]}) to choose one"
+        elif first[0].parent == first[1].parent:  # view1.jpg beside view1.png: no image_dir parts them
             fix = (f"write the extension into the id ({ambiguous[0]}{first[0].suffix} or {ambiguous[0]}"
                    f"{first[1].suffix}) to choose one")
         else:  # a path relative to root names one file too (2026-12-07)
-            fix = (f"pass image_dir to choose one folder, or write the file's path as the id "
-                   f"({first[0].relative_to(root).as_posix()})")
+            fix = f"pass image_dir to choose one folder, or write the file's path as the id ({paths[0]})"
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; {fix}")
     by_file, folders = {}, {}
