@@ -583,7 +583,7 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     """CSV metadata + image folder (HAM10000 layout: ``image_id`` and ``dx`` columns; images named
     ``<image_id>.<ext>`` anywhere under ``image_dir``, default the CSV's folder, e.g. HAM10000_images_part_1/ and
     _part_2/, or ``<image_id>`` there when it has an image suffix; an image_id holding a folder is a path relative to
-    ``image_dir``, ``pat1/view1.png`` or ``pat1/view1``).
+    ``image_dir``, ``pat1/view1.png`` or ``pat1/view1``, read as written: ``..`` or an absolute path may leave it).
 
     csv_path: the CSV file (str or path-like). size, seed: as for :func:`load_busi` (the side length images are
     padded and resized to, None: 224; the split's seed, default 0). id_column (default "image_id") and label_column
