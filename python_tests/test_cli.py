@@ -5527,6 +5527,23 @@ def test_resume_of_a_checkpoint_without_run_json_on_another_model_is_a_one_line_
                    "do not fit this model (", 'key(s) in state_dict: ')
 
 
+@pytest.mark.parametrize("flags", [["--dropmax", "all", "--channels-last"],
+                                   ["--defense", "mirst-dm", "--prepacked-conv"],
+                                   ["--defense", "arfl", "--model", "mlp"]])
+def test_resume_of_a_checkpoint_without_run_json_continues_a_model_the_command_builds(small_npz, tmp_path, capsys,
+                                                                                      flags):
+    # the check naming the --model a checkpoint's weights are (no run.json to name it) compares them with the model
+    # the command builds: DropMax2d layers, NHWC and prepacked convolutions, a single-logit head change none of them
+    import torch
+
+    argv = ["train", "--data", small_npz, "--out", tmp_path / "run", "--no-progress", "--device", "cpu", *flags]
+    assert run(argv + ["--epochs", "1"], capsys)[0] == 0
+    (tmp_path / "run" / "run.json").unlink()
+    rc, _, err = run(argv + ["--epochs", "2", "--resume"], capsys)
+    assert rc == 0, err
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
 def test_eval_refuses_a_checkpoint_from_another_run_beside_run_json(small_npz, tmp_path, capsys):
     # eval took the weights of whatever checkpoint.pt lay beside run.json: a TRADES checkpoint copied into an AT run
     # was attacked, labelled "at" and recorded with the AT run's settings, exit 0
