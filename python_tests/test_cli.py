@@ -2809,6 +2809,43 @@ def test_reproduce_and_demo_check_a_run_without_run_json_before_training_any(sma
         assert "training" not in stdout and not (demo / "runs" / "standard").exists()
 
 
+def test_resume_checks_the_training_images_run_json_records_before_training_any(small_npz, tmp_path, capsys):
+    """An .npz replaced in place by one of as many training images, others, under a run with its run.json: demo
+    trained Baseline, then ended 'runs/at: training failed: fit: cannot resume ...: train_data is not the data it was
+    trained on ...; pass the run's train_data (... `--data` of robust-ops train)'; reproduce trained seed0 first. The
+    fingerprint run.json records is compared with the others now, as the checkpoint's is where run.json is gone."""
+    from robust_ops.cli import CLIError
+    from robust_ops.reproduce import run_protocol
+
+    data = tmp_path / "bus.npz"
+    shutil.copy(small_npz, data)
+    arrays = dict(np.load(small_npz))
+    arrays.update(train_images=arrays["train_images"][::-1], train_labels=arrays["train_labels"][::-1])
+    demo = tmp_path / "demo"
+    argv = ["demo", "--data", data, "--methods", "standard,at", "--train-size", "32", "--out", demo, "--attacks",
+            "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--epochs", "1"]
+    assert run(argv, capsys)[0] == 0
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    run_protocol(proto, out=tmp_path / "r", data=str(data), seeds=2, epochs=1, progress=False)
+    train = ["train", "--data", data, "--out", tmp_path / "t", "--epochs", "1", "--no-progress", "--device", "cpu"]
+    assert run(train, capsys)[0] == 0
+    shutil.rmtree(demo / "runs" / "standard")
+    shutil.rmtree(tmp_path / "r" / "runs" / "std" / "seed0")
+    np.savez(data, **arrays)  # in place: run.json's --data, --size and class counts are the same
+    rc, stdout, err = run(argv + ["--resume"], capsys)
+    one_line_error(rc, err, f"--resume: {demo / 'runs' / 'at'} was trained on other training images than this "
+                            "command's (as many, but other images or labels); rerun with the --data, --size")
+    assert "training" not in stdout and not (demo / "runs" / "standard").exists()
+    seed1 = tmp_path / "r" / "runs" / "std" / "seed1"
+    with pytest.raises(CLIError) as err:
+        run_protocol(proto, out=tmp_path / "r", data=str(data), seeds=2, epochs=1, progress=False)
+    assert str(err.value).startswith(f"--data: {seed1} was trained on other training images than this command's")
+    assert not (seed1.parent / "seed0").exists()
+    rc, _, err = run(train + ["--resume"], capsys)
+    one_line_error(rc, err, f"--resume: {tmp_path / 't' / 'run.json'} was trained on other training images than "
+                            "this command's")
+
+
 def test_demo_and_reproduce_read_a_finished_runs_checkpoint_once_before_fit(small_npz, tmp_path, capsys, monkeypatch):
     """demo --resume and reproduce read a finished run's whole checkpoint four times (the check of every run, the
     status line, train_run's check, fit's load): 0.3 s a read for resnet18. Its epochs are read once per version of

@@ -1025,7 +1025,9 @@ def resume_conflict(out, run):
                        # demo's --quick subset validates on 16 images, a run without it on half the test split: fit
                        # refused the switch at the run's turn, after the methods before it trained (run.json files
                        # written before 2026-12-07 lack the count, and fit still refuses it so)
-                       ("val_samples", lambda r: r.get("val_samples"))):
+                       ("val_samples", lambda r: r.get("val_samples")),
+                       # as many images, others (an .npz replaced in place): fit refused them at the run's turn
+                       ("train_data_sha256", lambda r: r.get("train_data_sha256"))):
         was, now = value(old), value(run)
         if was is not None and now is not None and was != now:
             return key, was, now
