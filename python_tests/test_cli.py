@@ -2894,6 +2894,26 @@ def test_demo_checks_the_training_subset_of_a_run_without_run_json_first(small_n
     assert "training" not in stdout and not (out / "runs" / "standard").exists()
 
 
+def test_demo_names_data_for_a_run_without_run_json_trained_on_another_datas_whole_split(small_npz, tmp_path, capsys):
+    # --data of 48 training images under a run trained on another's 64 (no --train-size either time: each drew its
+    # data's whole split) was refused as '--train-size: ... this command draws 48; rerun with the --train-size /
+    # --quick it was made with', a rerun that gave the same error
+    arrays = dict(np.load(small_npz))
+    arrays.update(train_images=arrays["train_images"][:48], train_labels=arrays["train_labels"][:48])
+    fewer = tmp_path / "smallbus_fewer.npz"
+    np.savez(fewer, **arrays)
+    out = tmp_path / "demo"
+    argv = ["demo", "--methods", "standard,at", "--epochs", "1", "--out", out, "--attacks", "fgsm", "--eps", "2/255",
+            "--saliency", "0", "--no-progress", "--device", "cpu", "--data"]
+    assert run(argv + [small_npz], capsys)[0] == 0
+    shutil.rmtree(out / "runs" / "standard")
+    (out / "runs" / "at" / "run.json").unlink()
+    rc, stdout, err = run(argv + [fewer, "--resume"], capsys)
+    one_line_error(rc, err, f"--data: {out / 'runs' / 'at'} was trained on 64 training images, this command's --data "
+                            "has 48 in its training split; rerun with the --data, --classes and --train-size")
+    assert "training" not in stdout and not (out / "runs" / "standard").exists()
+
+
 def test_resume_error_says_paper_schedule_for_either_of_its_settings_and_epochs_only_when_they_changed(tmp_path):
     """reproduce's refusal of a run that cannot continue: a changed early-stopping patience is --paper-schedule's, as a
     changed warm-up is; IMA's delta is blamed on --epochs only when the run was trained with other --epochs (a delta

@@ -2131,6 +2131,11 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
                         f"{' (--quick)' if args.quick else ''}; rerun with --epochs {was} or use another --out")
     if key in ("train_samples", "num_samples"):  # the subset changes with --train-size and --quick (num_samples: the
         # count a checkpoint without run.json records): another training set
+        drawn = 64 if args.quick else 256 if args.train_size is None else args.train_size
+        if not drawn or now < drawn:  # all of this --data's training split: it said --train-size, which drew neither
+            return CLIError(f"--data: {run_dir} was trained on {was} training images, this command's --data has {now} "
+                            "in its training split; rerun with the --data, --classes and --train-size / --quick it was "
+                            "made with, or use another --out")
         return CLIError(f"--train-size: {run_dir} was trained on {was} training images, this command draws {now}"
                         f"{' (--quick)' if args.quick else ''}; rerun with the --train-size / --quick it was made "
                         "with, or use another --out")
