@@ -2879,6 +2879,30 @@ def test_demo_and_reproduce_read_a_finished_runs_checkpoint_once_before_fit(smal
     assert len(reads) == 2, reads
 
 
+def test_reproduce_fingerprints_each_splits_training_set_once_in_its_check(small_npz, tmp_path, monkeypatch):
+    # the check of every run before any trains fingerprinted the training set once per method and split (0.5 s for
+    # 400 RGB images of 224 pixels), though the methods of a split share it
+    import robust_ops.train as trainer
+    from robust_ops.reproduce import run_protocol
+
+    proto = _tiny_protocol("seeds", [("STD", "standard"), ("AT", "at"), ("TRADES", "trades")])
+    run_protocol(proto, out=tmp_path / "r", data=str(small_npz), seeds=2, epochs=1, progress=False)
+    calls = []
+    real = trainer.train_data_fingerprint
+    monkeypatch.setattr(trainer, "train_data_fingerprint", lambda data: calls.append(len(data)) or real(data))
+
+    class Stop(Exception):
+        pass
+
+    def stop(**kwargs):
+        raise Stop
+
+    monkeypatch.setattr(cli, "train_run", stop)
+    with pytest.raises(Stop):  # stopped at the first run's training: the check alone counted
+        run_protocol(proto, out=tmp_path / "r", data=str(small_npz), seeds=2, epochs=1, progress=False)
+    assert len(calls) == 2, calls
+
+
 def test_demo_checks_the_training_subset_of_a_run_without_run_json_first(small_npz, tmp_path, capsys):
     # a checkpoint without run.json drawn by another --train-size was refused by fit at its turn, after the methods
     # before it trained, as 'num_samples=64, this command has num_samples=48 (set by --data, --classes)'

@@ -871,6 +871,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             raise CLIError(f"--data: the test split of {data} holds no samples; nothing to evaluate "
                            f"{protocol.name}'s runs on")
         runs = []
+        fingerprint = train_data_fingerprint(splits.train)  # one training set for every method of the split
         for method in chosen:
             if getattr(defenses.defense_class(method.defense), "binary_only", False) and splits.info.num_classes != 2:
                 # before any run is trained, not after the methods listed ahead of it; on a folder or CSV the error
@@ -889,7 +890,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 classes=classes, prepacked_conv=prepacked_conv_resolved(None), warmup_epochs=warmup,
                 early_stopping=patience, info=splits.info,  # info: image size, class counts
                 # a checkpoint without run.json: fit's count and fingerprint of the training images, compared now
-                train_samples=len(splits.train), train_data_sha256=train_data_fingerprint(splits.train)))
+                train_samples=len(splits.train), train_data_sha256=fingerprint))
             if conflict:
                 conflicts.append((run_dir, conflict))
             runs.append((method, options, run_dir))
