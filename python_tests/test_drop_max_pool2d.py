@@ -1311,6 +1311,43 @@ def test_replace_maxpool_all_does_not_take_a_layer_named_max_pool2d_for_a_call()
         robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2), _StoresMaxPool2d()), "all")
 
 
+class _FlagNamedMaxPool2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x, max_pool2d=True):
+        return self.pool(x) if max_pool2d else x
+
+
+class _LocalNamedMaxPool2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        max_pool2d = self.pool
+        return max_pool2d(x)
+
+
+class _AliasesMaxPool2d(nn.Module):
+    def forward(self, x):
+        max_pool2d = F.max_pool2d
+        return max_pool2d(x, 2)
+
+
+def test_replace_maxpool_all_does_not_take_a_local_name_max_pool2d_for_a_call():
+    """A forward with a parameter named max_pool2d (forward(self, x, max_pool2d=True)) pooling only with a layer got
+    which="all"'s warning that its forward left max_pool2d calls as max pooling; so did a local variable of that
+    name holding the layer. An alias of F.max_pool2d still warns."""
+    for cls in (_FlagNamedMaxPool2d, _LocalNamedMaxPool2d):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert isinstance(robust_ops.replace_maxpool(cls(), "all").pool, robust_ops.DropMax2d)
+    with pytest.warns(UserWarning, match=r"leaves the max_pool2d calls in the forward of _AliasesMaxPool2d '1' as "):
+        robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2), _AliasesMaxPool2d()), "all")
+
+
 def test_replace_maxpool_all_on_inception_v3_names_its_max_pool2d_calls():
     import torchvision
 

@@ -236,9 +236,26 @@ def _calls_max_pool2d(cls):
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError, SyntaxError):
             continue
-        if any(_names_max_pool2d(node) for node in ast.walk(tree)):
+        local = _local_reads(tree)
+        if any(_names_max_pool2d(node) and id(node) not in local for node in ast.walk(tree)):
             return True
     return False
+
+
+def _local_reads(tree):
+    """The ids of the Name nodes in tree that read a name their own function binds (a parameter, an assignment, a
+    loop variable): forward(self, x, max_pool2d=True) or pool = self.pool reads its own max_pool2d, not F's (an
+    alias of F's, max_pool2d = F.max_pool2d, is found by its F.max_pool2d; an import by the import's name)."""
+    local = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = fn.args
+            body = [ast.walk(stmt) for stmt in (fn.body if isinstance(fn.body, list) else [fn.body])]
+            nodes = [node for walk in body for node in walk if isinstance(node, ast.Name)]
+            bound = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg] if a}
+            bound |= {node.id for node in nodes if not isinstance(node.ctx, ast.Load)}
+            local |= {id(node) for node in nodes if node.id in bound}
+    return local
 
 
 def _names_max_pool2d(node):
