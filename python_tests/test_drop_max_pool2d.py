@@ -1648,6 +1648,21 @@ def test_reference_backend_runs_under_vmap_in_every_layout():
         assert_verbose_equal(hessians["reference"], hessians["native"], name)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_per_sample_gradients_of_a_channel_slice_of_channels_last_samples(backend):
+    """vmap(grad(f)) and vmap(jacrev(f)) over samples each a channel slice of a channels_last tensor (ATen pools
+    them channels_last, the ops' rule NCHW) failed with "NYI: Tensor.clone(memory_format) inside vmap": the layout
+    copy into ATen's layout saw grad's wrapper, not the batched tensor beneath it. Now one backward per sample."""
+    from torch.func import grad, vmap
+
+    full = torch.rand(3, 2, 4, 5, 6, dtype=torch.float64).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    samples = full[:, :, :3]  # each (2, 3, 5, 6), channels_last by ATen's rule, contiguous in neither layout
+    pool = robust_ops.DropMax2d(3, 2, 1, backend=backend)
+    per_sample = vmap(grad(lambda t: pool(t).pow(3).sum()))(samples)
+    loop = torch.stack([torch.autograd.grad(pool(s.requires_grad_()).pow(3).sum(), s)[0] for s in samples])
+    assert_verbose_equal(per_sample, loop, backend)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func imports it
 @pytest.mark.usefixtures("without_vmap_fallback")
 def test_per_sample_gradients_with_functional_call_match_a_loop():

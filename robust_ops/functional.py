@@ -107,10 +107,13 @@ def _in_atens_layout(x):
     and input gradient strides (a copy's gradient passes through as the op makes it). Inputs the ops already pool
     in ATen's layout are not copied (the CUDA and Triton kernels take any strides); the check costs ~0.5 us for a
     channels_last input, nothing for a contiguous one. Under vmap the layout cannot be asked (torch: "NYI: querying
-    is_contiguous inside of vmap for memory_format other than torch.contiguous_format"); the ops' batching rules
-    take any strides. Nor under torch.jit.trace, whose sizes are tensors: the integer rule's comparisons warned and
-    torch's suggest_memory_format failed ("Expected bool, got <class 'torch.Tensor'>"); the ops' rule stands there."""
-    if x.is_contiguous() or torch._C._functorch.is_batchedtensor(x) or torch.jit.is_tracing():
+    is_contiguous inside of vmap for memory_format other than torch.contiguous_format"), nor set ("Tensor.clone(
+    memory_format) inside vmap"), also under vmap(grad(f)), where the batched tensor lies beneath grad's; the ops'
+    batching rules take any strides. Nor under torch.jit.trace, whose sizes are tensors: the integer rule's
+    comparisons warned and torch's suggest_memory_format failed ("Expected bool, got <class 'torch.Tensor'>"); the
+    ops' rule stands there."""
+    if (x.is_contiguous() or torch._C._functorch.is_batchedtensor(x) or reference._under_vmap(x)
+            or torch.jit.is_tracing()):
         return x
     if not x.is_contiguous(memory_format=torch.channels_last):
         channels_last = reference._suggested_memory_format(x) == torch.channels_last
