@@ -4840,6 +4840,22 @@ def test_eval_refuses_another_bit_depth_on_the_runs_own_data(tmp_path, capsys):
         assert not (tmp_path / name / "eval").exists()
 
 
+def test_eval_takes_bit_depth_16_on_a_run_trained_without_it(tmp_path, capsys):
+    """Without --bit-depth 16-bit images are read on the full 16 bits, as --bit-depth 16 reads them: eval of such a
+    run with --bit-depth 16 on its own data was refused as 'another scale than the model learned'."""
+    data = _folder_16_bit(tmp_path / "ct", n=4)
+    rc, _, err = run(["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--no-progress",
+                      "--device", "cpu", "--out", tmp_path / "plain"], capsys)
+    assert rc == 0, err
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    rc, _, err = run(["eval", tmp_path / "plain", *attack, "--out", tmp_path / "own"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["eval", tmp_path / "plain", *attack, "--bit-depth", "16", "--out", tmp_path / "e"], capsys)
+    assert rc == 0, err
+    own, given = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("own", "e"))
+    assert given["dataset"] == own["dataset"] and given["rows"] == own["rows"]  # the run's own test split, as read
+
+
 def test_eval_does_not_repeat_the_bit_depth_advice_for_the_runs_own_data(tmp_path, capsys):
     """A run trained without --bit-depth on 12-bit PNGs: eval on its own data repeated the loader's "(12-bit data?)
     ... pass --bit-depth 12" advice for a new run, which for this one (trained on the images as read) is refused;

@@ -1630,6 +1630,9 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
     if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
         # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
         size = run.get("size")
+    if same_source and run and bit_depth == 16 and run.get("bit_depth") is None:
+        # the full 16 bits, as the run read its images: refused as "another scale" though the scale is the same
+        bit_depth = None
     if same_source and run and bit_depth is not None and bit_depth != run.get("bit_depth"):
         # the run's own images on another intensity scale (its 12-bit CT read on the full 16 bits: 16 times darker)
         # were attacked without a word, and results.json recorded them as the run's data
