@@ -35,12 +35,16 @@ def one_line_error(rc, err, *needles):
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory):
     """A small MedMNIST-layout file (not an official name, so no MD5 check)."""
+    return _ultrasound_npz(tmp_path_factory.mktemp("data") / "smallbus.npz", (64, 16, 32), 28)
+
+
+def _ultrasound_npz(path, counts, size):
+    """A MedMNIST-layout .npz of synthetic ultrasound images: ``counts`` train, val and test images of ``size``."""
     from robust_ops.data import synthetic_ultrasound
 
-    path = tmp_path_factory.mktemp("data") / "smallbus.npz"
     arrays = {}
-    for split, n, seed in (("train", 64, 0), ("val", 16, 1), ("test", 32, 2)):
-        x, y = synthetic_ultrasound(n, size=28, seed=seed)
+    for seed, (split, n) in enumerate(zip(("train", "val", "test"), counts)):
+        x, y = synthetic_ultrasound(n, size=size, seed=seed)
         arrays[f"{split}_images"] = (x[:, 0].numpy() * 255).round().astype(np.uint8)
         arrays[f"{split}_labels"] = y.numpy().reshape(-1, 1).astype(np.uint8)
     np.savez(path, **arrays)
@@ -3544,6 +3548,21 @@ def test_demo_resume_refuses_a_switch_of_quick_before_training_any(tmp_path, cap
             one_line_error(rc, err, f"--quick: {out / 'runs' / 'standard'} was validated on {was} images, this "
                                     f"command draws {now}, as it was made, or use another --out")
             assert "training" not in stdout and not (out / "runs" / "at").exists()
+
+
+def test_demo_resume_blames_train_size_not_quick_for_another_validation_subset(tmp_path, capsys):
+    """demo without --train-size keeps all of a 64-image train split but validates on half the test split (10 of
+    20), --train-size 0 on the whole validation split (20): a --resume switching between them, neither with --quick,
+    was told '--quick: ... rerun with --quick, as it was made'."""
+    data = _ultrasound_npz(tmp_path / "d.npz", (64, 20, 20), 8)
+    common = ["demo", "--data", data, "--model", "mlp", "--epochs", "1", "--attacks", "fgsm", "--eps", "2/255",
+              "--saliency", "0", "--no-progress", "--device", "cpu", "--methods", "standard", "--out", tmp_path / "o"]
+    rc, _, err = run(common, capsys)
+    assert rc == 0, err
+    rc, _, err = run(common + ["--train-size", "0", "--resume"], capsys)
+    one_line_error(rc, err, f"--train-size: {tmp_path / 'o' / 'runs' / 'standard'} was validated on 10 images, this "
+                            "command draws 20 (--train-size 0: the whole validation split; another: at most half the "
+                            "test split); rerun with the --train-size and --data it was made with, or use another --out")
 
 
 def test_demo_train_seconds_are_the_runs_epochs_also_when_resumed(small_npz, tmp_path, capsys):

@@ -2127,7 +2127,9 @@ def subset_splits(splits, n_train, n_test, seed=0):
     return DatasetSplits(*sets, dataclasses.replace(info, extra=extra))
 
 
-def _demo_resume_error(run_dir, conflict, args, epochs):
+def _demo_resume_error(run_dir, conflict, args, epochs, quick_val=None):
+    """demo's refusal of ``conflict`` (resume_conflict's) in its flags' words; ``quick_val``: the validation images
+    --quick draws from this --data."""
     key, was, now = conflict
     if key == "epochs":
         return CLIError(f"--epochs: {run_dir} holds {was} epochs of training, more than the {epochs} of this command"
@@ -2145,6 +2147,12 @@ def _demo_resume_error(run_dir, conflict, args, epochs):
     if key == "train_data_sha256":
         return CLIError(f"--resume: {run_dir} {OTHER_TRAINING_IMAGES}; rerun with the --data, --size, --classes, "
                         "--bit-depth and --channels it was made with, or use another --out")
+    if key == "val_samples" and not args.quick and was != quick_val:
+        # not --quick's count: --train-size 0 keeps the whole validation split, a subset draws at most half the test
+        # split (the default 256 too); it said "rerun with --quick, as it was made" of runs made without it
+        return CLIError(f"--train-size: {run_dir} was validated on {was} images, this command draws {now} "
+                        "(--train-size 0: the whole validation split; another: at most half the test split); rerun "
+                        "with the --train-size and --data it was made with, or use another --out")
     if key == "val_samples":  # --quick validates on 16 images, a run without it on half the test split: fit refused
         # the switch at the run's turn, naming --data and --classes
         now_words, way = ("(--quick)", "without --quick") if args.quick else ("(without --quick)", "with --quick")
@@ -2204,6 +2212,7 @@ def cmd_demo(args):
     check_train_split(splits, args.data)  # before any run folder is made
     if len(splits.test) == 0:  # evaluate_models refused it after every method trained, naming eval's --split
         raise CLIError(f"--data: the test split of {args.data} holds no samples; nothing to evaluate on")
+    quick_val = min(len(splits.val), 16)  # --quick's validation images, which a --resume refusal tells from others'
     if args.quick:
         splits = subset_splits(splits, 64, 32, args.seed)
     elif train_size:
@@ -2243,7 +2252,7 @@ def cmd_demo(args):
                     channels=args.channels, prepacked_conv=prepacked_conv_resolved(None),
                     train_data_sha256=fingerprint, val_samples=len(splits.val)))
                 if conflict:
-                    raise _demo_resume_error(run_dir, conflict, args, epochs)
+                    raise _demo_resume_error(run_dir, conflict, args, epochs, quick_val)
         # under torchrun every process trains (fit's DDP), rank 0 alone reports and evaluates, as in train
         main = is_main_process()
         say = print if main else lambda *_args, **_kwargs: None
