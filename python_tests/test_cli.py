@@ -2320,6 +2320,15 @@ def test_dpaat_bus_paper_schedule_adds_the_warmup_and_early_stopping_and_resume_
         reproduce.run_protocol(reproduce.PROTOCOLS["ima-bus"], out=tmp_path / "ima", quick=True, paper_schedule=True,
                                **common)
     assert "--paper-schedule` adds the paper's schedule" in reproduce.describe(dpaat)
+    # a --paper-schedule run made before the schedule took the paper's lr: its warm-up at the protocol's lr 1e-3 was
+    # told "trained without --paper-schedule (lr=0.001) ...; rerun without --paper-schedule", whose rerun was refused
+    # as "trained with --paper-schedule (warmup_epochs=1) ...; rerun with --paper-schedule"
+    record = tmp_path / "paperTrue" / "runs-quick" / "std" / "seed0" / "run.json"
+    cli.write_json_atomic(record, {**json.loads(record.read_text()), "lr": 1e-3})
+    with pytest.raises(cli.CLIError, match=rf"^--paper-schedule: {re.escape(str(record.parent))} was trained with "
+                                           r"--paper-schedule before it took the paper's lr \(lr=0\.001, this "
+                                           r"command's lr=0\.0003\); no command continues it: delete "):
+        reproduce.run_protocol(dpaat, out=tmp_path / "paperTrue", quick=True, paper_schedule=True, **common)
 
 
 def test_paper_schedule_runs_note_it_record_it_and_count_the_warmup_apart_from_epochs(small_npz, tmp_path, capsys):

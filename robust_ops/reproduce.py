@@ -665,6 +665,14 @@ def rebuild_splits(data, record, base=None, folds=None, split_by=None, rare_clas
     return splits
 
 
+def _trained_warmup(run_dir):
+    """The warm-up epochs RUN_DIR/run.json records (0 when it records none); None where it cannot be read."""
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text()).get("warmup_epochs", 0)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
     """A reproduce-specific one-line error for a run that cannot continue under this command's settings. ``blocked``:
     the run folders of this command that cannot continue, ``run_dir`` first: deleting only the named one led to the
@@ -684,6 +692,11 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
         way_out = (f"delete the {len(blocked)} run folders in {runs_dir} this command cannot continue "
                    f"({listing(d.relative_to(runs_dir) for d in blocked)}) or use another --out")
     paper_lr = protocol.paper_schedule.get("lr")  # --paper-schedule's learning rate: that flag's switch, not --lr's
+    if key == "lr" and warmup and now == paper_lr and was != paper_lr and _trained_warmup(run_dir) == warmup:
+        # --paper-schedule's warm-up at the protocol's lr: made with the flag before it took the paper's lr, where
+        # "trained without --paper-schedule ...; rerun without --paper-schedule" led to the opposite refusal
+        return CLIError(f"--paper-schedule: {run_dir} was trained with --paper-schedule before it took the paper's lr "
+                        f"(lr={was!r}, this command's lr={now!r}); no command continues it: {way_out}")
     if key in ("warmup_epochs", "early_stopping") or (key == "lr" and paper_lr is not None and paper_lr in (was, now)):
         def used(value):
             paper = value == paper_lr if key == "lr" else value
