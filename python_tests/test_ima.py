@@ -1218,6 +1218,27 @@ def test_ima_checkpoint_keeps_the_margins_dtype_and_its_sync_setting():
     assert fresh.table.sync is False
 
 
+@pytest.mark.parametrize("norm, eps_train", [("linf", 0.1), ("l2", 0.3)])
+def test_ima_on_float64_inputs_keeps_float64_margins_inside_eps_train(norm, eps_train):
+    """The table IMA makes at the first batch holds x's precision (at least float32): on float64 inputs it was
+    float32, so a margin clipped at eps_train 0.1 became float32's 0.10000000149 and GenAdv's points lay outside the
+    eps_train ball, and every update rounded the float64 distances (6e-8 off Algorithm 1 in float64)."""
+    model, x, y = ima_batch(n=8)
+    model, x = model.double(), x.double()
+    defense = IMA(num_samples=8, eps_train=eps_train, delta=eps_train, norm=norm, steps=1, search_steps=0,
+                  min_rows=0)
+    for _ in range(2):  # margins: delta, then expanded (or shrunk) and clipped at eps_train
+        defense(model, x, y, torch.arange(8))
+    assert defense.margins.dtype == torch.float64 and float(defense.margins.max()) <= eps_train
+    x_adv, _ = gen_adv(model, x, y, defense.margins, norm=norm, steps=1, search_steps=0, min_rows=0)
+    # linf exactly; l2 up to the float64 rounding of the projection's scaling (float32's was 4e-8 relative)
+    assert float(sample_distance(x_adv, x, norm).max()) <= eps_train * (1 + 1e-12)
+    model32, x32, y32 = ima_batch(n=8)  # float32 inputs keep a float32 table
+    float32_run = IMA(num_samples=8, eps_train=eps_train, steps=1, search_steps=0, min_rows=0)
+    float32_run(model32, x32, y32, torch.arange(8))
+    assert float32_run.margins.dtype == torch.float32
+
+
 def test_ima_state_before_the_first_batch_is_empty_and_loading_it_drops_a_table():
     """state_dict() is {} until the first batch makes the margin table: a newly built IMA's state. Loading it into
     a used IMA kept that IMA's trained margins without a word, so a round trip did not restore the saved state."""

@@ -1520,8 +1520,11 @@ class IMA(Defense):
             if self.num_samples is None:
                 raise ValueError("IMA: the margin table needs the training set size: pass num_samples=len(train_set) "
                                  "or call defense.setup(len(train_set)) before the first batch")
+            # x's precision (at least float32): a float32 table rounded float64 runs' margins, so one clipped at
+            # eps_train 0.1 was 0.10000000149 and GenAdv's points lay outside the eps_train ball
             self.table = MarginTable(self.num_samples, self.init_margin, self.eps_train, self.norm,
-                                     device=x.device, sync=self.sync)
+                                     device=x.device, dtype=torch.promote_types(x.dtype, torch.float32),
+                                     sync=self.sync)
 
     @property
     def margins(self):
