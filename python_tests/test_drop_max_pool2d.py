@@ -1300,15 +1300,37 @@ class _StoresMaxPool2d(nn.Module):  # pools with F.max_pool2d, kept as an attrib
         return self.max_pool2d(x, 2)
 
 
+class _ReceiverNamedThis(nn.Module):  # self.max_pool2d(x), its receiver named otherwise
+    def __init__(this):
+        super().__init__()
+        this.max_pool2d = nn.MaxPool2d(2)
+
+    def forward(this, x):
+        return this.max_pool2d(x)
+
+
+class _StaticPoolsWithF(nn.Module):  # a static method's first parameter is no receiver: here it is F
+    def forward(self, x):
+        return self.pool(F, x)
+
+    @staticmethod
+    def pool(functional, x):
+        return functional.max_pool2d(x, 2)
+
+
 def test_replace_maxpool_all_does_not_take_a_layer_named_max_pool2d_for_a_call():
     """A model pooling only with a layer named max_pool2d (self.max_pool2d(x) in its forward) got which="all"'s
-    warning that its forward left max_pool2d calls as max pooling, though the layer had become a DropMax2d."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = robust_ops.replace_maxpool(_LayerNamedMaxPool2d(), "all")
-    assert isinstance(model.max_pool2d, robust_ops.DropMax2d)
-    with pytest.warns(UserWarning, match=r"leaves the max_pool2d calls in the forward of _StoresMaxPool2d '1' as "):
-        robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2), _StoresMaxPool2d()), "all")
+    warning that its forward left max_pool2d calls as max pooling, though the layer had become a DropMax2d; so did
+    one whose methods name their receiver otherwise (this.max_pool2d(x)) after that. A static method's first
+    parameter is no receiver: its max_pool2d still warns."""
+    for cls in (_LayerNamedMaxPool2d, _ReceiverNamedThis):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = robust_ops.replace_maxpool(cls(), "all")
+        assert isinstance(model.max_pool2d, robust_ops.DropMax2d)
+    for cls in (_StoresMaxPool2d, _StaticPoolsWithF):
+        with pytest.warns(UserWarning, match=rf"leaves the max_pool2d calls in the forward of {cls.__name__} '1' as "):
+            robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2), cls()), "all")
 
 
 class _FlagNamedMaxPool2d(nn.Module):

@@ -236,7 +236,7 @@ def _calls_max_pool2d(cls):
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError, SyntaxError):
             continue
-        local = _local_reads(tree)
+        local = _local_reads(tree) | _receiver_reads(tree)
         if any(_names_max_pool2d(node) and id(node) not in local for node in ast.walk(tree)):
             return True
     return False
@@ -256,6 +256,24 @@ def _local_reads(tree):
             bound |= {node.id for node in nodes if not isinstance(node.ctx, ast.Load)}
             local |= {id(node) for node in nodes if node.id in bound}
     return local
+
+
+def _receiver_reads(tree):
+    """The ids of the Attribute nodes in tree that read max_pool2d off a method's own receiver, its first parameter:
+    self.max_pool2d(x) is a layer of that name (seen as a module, a method in its own source), whatever the method
+    calls its receiver (def forward(this, x): this.max_pool2d(x) warned that the forward left max_pool2d calls)."""
+    reads = set()
+    for cls in ast.walk(tree):
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        for fn in cls.body:
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or any(
+                    isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list):
+                continue
+            receiver = (fn.args.posonlyargs + fn.args.args or [None])[0]
+            reads |= {id(node) for node in ast.walk(fn) if receiver is not None and isinstance(node, ast.Attribute)
+                      and isinstance(node.value, ast.Name) and node.value.id == receiver.arg}
+    return reads
 
 
 def _names_max_pool2d(node):
