@@ -1654,8 +1654,8 @@ def test_csv_ids_matching_two_files_are_told_the_id_that_names_one(tmp_path):
         ids[3] += ".png"  # as told
         (tmp_path / "m.csv").write_text("image_id,dx\n" + "".join(f"{i},{n % 2}\n" for n, i in enumerate(ids)))
         assert len(load_dataset(tmp_path / "m.csv", size=8, channels=1).train) > 0
-    (tmp_path / "copy").mkdir()  # two folders: image_dir, or the path as the id
-    _png(tmp_path / "copy" / "view5.png", (8, 8), 5)
+    (tmp_path / "copy").mkdir()  # two folders: image_dir, or the path as the id (a byte-identical copy is read)
+    _png(tmp_path / "copy" / "view5.png", (8, 8), 6)
     (tmp_path / "m.csv").write_text("image_id,dx\n" + "".join(f"view{i},{i % 2}\n" for i in range(20) if i != 3))
     with pytest.raises(DataError, match=r"; pass image_dir to choose one folder, or write the file's path as the id "
                                         r"\(copy/view5\.png\)$"):
@@ -1674,6 +1674,35 @@ def test_csv_ids_matching_two_files_are_told_the_id_that_names_one(tmp_path):
         (tmp_path / "m.csv").write_text((tmp_path / "m.csv").read_text().replace("\nview7.png,", f"\n{told},"))
         assert len(load_dataset(tmp_path / "m.csv", size=8, channels=1).train) > 0
         (tmp_path / "m.csv").write_text((tmp_path / "m.csv").read_text().replace(f"\n{told},", "\nview7.png,"))
+
+
+def test_csv_ids_matching_byte_identical_copies_read_one_of_them(tmp_path):
+    """A download holding its image folders twice (HAM10000_images_part_1/ beside ham10000_images_part_1/, both
+    copies byte for byte) was refused as ids matching several files, told to pass image_dir, which neither the
+    command line nor load_dataset takes and which cannot choose one folder of two parts; copies with the same bytes
+    are one image (found by the derm helper)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+        (tmp_path / part).mkdir()
+    rows = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+    for i in range(60):
+        part = f"HAM10000_images_part_{1 + i % 2}"
+        Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).save(tmp_path / part / f"ISIC_{i:07d}.jpg")
+        rows.append(f"HAM_{i // 2:07d},ISIC_{i:07d},{('nv', 'mel')[(i // 2) % 2]},histo,50.0,male,back")
+    (tmp_path / "HAM10000_metadata.csv").write_text("\n".join(rows) + "\n")
+    plain = load_dataset(tmp_path / "HAM10000_metadata.csv", size=8)
+    for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+        shutil.copytree(tmp_path / part, tmp_path / part.lower())
+    copied = load_dataset(tmp_path / "HAM10000_metadata.csv", size=8)
+    for a, b in zip((plain.train, plain.val, plain.test), (copied.train, copied.val, copied.test)):
+        assert all(torch.equal(s, t) for s, t in zip(a.tensors, b.tensors))
+    assert copied.info == plain.info and copied.info.extra["split_by"] == "lesion_id"
+    # copies that differ are still refused: which one is read would depend on the file-system order
+    Image.fromarray(np.zeros((9, 12, 3), np.uint8)).save(tmp_path / "ham10000_images_part_2" / "ISIC_0000005.jpg")
+    with pytest.raises(DataError, match=r"1 image_id\(s\) match several files under .*ISIC_0000005\.jpg and "):
+        load_dataset(tmp_path / "HAM10000_metadata.csv", size=8)
 
 
 def test_a_class_too_small_to_stratify_is_named(tmp_path):

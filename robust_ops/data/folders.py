@@ -7,6 +7,7 @@ split by lesion, every image of a lesion on one side (``load_csv``'s ``split_by`
 """
 
 import csv
+import filecmp
 import functools
 import hashlib
 import numbers
@@ -594,9 +595,9 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     (case-sensitive). Every requested class must have at least one row, else DataError naming the labels present.
     Rows with other labels are left out -- a subset filter, like choosing class folders -- and recorded in
     ``info.extra``: ``excluded_labels`` (label -> row count) and ``excluded_samples`` (their total); their images
-    need not exist. Each image_id must appear once and match exactly one image file; an empty id or label is an
-    error. bit_depth: the scale of 16-bit images, as for :func:`load_busi`. mode: "RGB" (default, three channels) or
-    "L" (grayscale, one).
+    need not exist. Each image_id must appear once and match exactly one image file (byte-identical copies
+    count as one); an empty id or label is an error. bit_depth: the scale of 16-bit images, as for
+    :func:`load_busi`. mode: "RGB" (default, three channels) or "L" (grayscale, one).
 
     split_by: "auto" (default) splits by ``lesion_id`` when the CSV has that column, else by image; "image" by image;
     another string names the column whose values group the rows. A grouped split puts every image of a group on one
@@ -736,6 +737,12 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                     "images/img1.png), or paths relative to it (images/img1.png or images/img1)")
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
                         f"e.g. {', '.join(missing[:3])}{hint}")
+    for image_id, ps in index.items():
+        # byte-identical copies (a download holding its image folders twice, HAM10000_images_part_1/ beside
+        # ham10000_images_part_1/) are one image, whichever is read: refused, they were told to pass image_dir, which
+        # neither the command line nor load_dataset takes
+        if len(ps) > 1 and all(filecmp.cmp(ps[0], q, shallow=False) for q in ps[1:]):
+            index[image_id] = ps[:1]
     ambiguous = sorted(i for i, ps in index.items() if len(ps) > 1)
     if ambiguous:  # which copy would be read depended on the file-system order
         first = index[ambiguous[0]]
