@@ -1705,6 +1705,28 @@ def test_csv_ids_matching_byte_identical_copies_read_one_of_them(tmp_path):
         load_dataset(tmp_path / "HAM10000_metadata.csv", size=8)
 
 
+def test_csv_of_pixel_values_is_told_what_it_is_in_one_short_line(tmp_path):
+    """A CSV of flattened images (hmnist_28_28_RGB.csv: 2352 columns pixel0000 ... pixel2351 and a label, which
+    copies of HAM10000 hold beside HAM10000_metadata.csv) was refused in a 26 kB line listing every column, told to
+    name its image column image_id, a column it does not have (found by the derm helper)."""
+    rng = np.random.default_rng(0)
+    header = [f"pixel{i:04d}" for i in range(2352)] + ["label"]
+    rows = [",".join(map(str, rng.integers(0, 256, 2352).tolist() + [i % 7])) for i in range(10)]
+    (tmp_path / "hmnist_28_28_RGB.csv").write_text("\n".join([",".join(header)] + rows) + "\n")
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path / "hmnist_28_28_RGB.csv", size=8)
+    message = str(err.value)
+    assert re.search(r"hmnist_28_28_RGB\.csv: missing column 'image_id' \(found: pixel0000, pixel0001, .*, \.\.\. "
+                     r"\(2341 more\)\); its 2352 columns pixel0000 \.\.\. pixel2351 hold pixel values \(a CSV of "
+                     r"flattened images\)", message), message
+    assert len(message) < 600 and "name the image column" not in message
+    # a split_by column it does not have lists the columns as briefly
+    (tmp_path / "wide.csv").write_text("image_id,dx," + ",".join(header) + "\n")
+    with pytest.raises(DataError, match=r"split_by='patient' names no column \(found: image_id, dx, pixel0000, .*, "
+                                        r"\.\.\. \(2343 more\)\)"):
+        load_dataset(tmp_path / "wide.csv", size=8, split_by="patient")
+
+
 def test_a_class_too_small_to_stratify_is_named(tmp_path):
     root = _class_folders(tmp_path, n=20)
     _class_folders(tmp_path, ("normal",), n=1)

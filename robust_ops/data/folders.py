@@ -633,6 +633,12 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                 if col not in fields:
                     sep = next((c for c in ";\t|" if len(fields) == 1 and c in fields[0]), None)
                     hint = f"; the header looks {sep!r}-separated: save the file comma-separated" if sep else ""
+                    pixels = [f for f in fields if re.fullmatch(r"(?:pixel_?)?[0-9]+", f, re.IGNORECASE)]
+                    if not hint and len(pixels) >= 16:  # hmnist_28_28_RGB.csv: pixel0000 ... pixel2351, label
+                        hint = (f"; its {len(pixels)} columns {pixels[0]} ... {pixels[-1]} hold pixel values (a CSV "
+                                "of flattened images), and load_csv reads image files, each named in a column "
+                                f"{id_column!r}: pass the metadata CSV that names them (HAM10000_metadata.csv), or "
+                                "save the images and labels as an .npz in MedMNIST's layout")
                     one_hot = [] if hint or label_column in fields else _one_hot_columns(reader, fields)
                     if one_hot:  # renaming cannot help: there is no label column, and one 0/1 column read as labels
                         # would be a one-class-vs-rest task labelled '0.0' / '1.0'
@@ -644,12 +650,11 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                         # the command line has no flag naming the columns: renaming them is the fix there
                         hint = ("; name the image column image_id and the label column dx (the HAM10000 layout), or "
                                 "read it with robust_ops.data.load_csv(..., id_column=, label_column=)")
-                    raise DataError(f"{csv_path}: missing column {col!r} (found: {', '.join(fields) or 'none'})"
-                                    + hint)
+                    raise DataError(f"{csv_path}: missing column {col!r} (found: {listing(fields)})" + hint)
             group_column = (LESION_COLUMN if LESION_COLUMN in fields else None) if split_by == "auto" else \
                 None if split_by == "image" else split_by
             if group_column is not None and group_column not in fields:
-                raise DataError(f"{csv_path}: split_by={split_by!r} names no column (found: {', '.join(fields)}); "
+                raise DataError(f"{csv_path}: split_by={split_by!r} names no column (found: {listing(fields)}); "
                                 "expected 'auto', 'image' or a column name")
             groups, blank = {}, {}
             for r in reader:
