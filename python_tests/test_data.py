@@ -1727,6 +1727,31 @@ def test_csv_of_pixel_values_is_told_what_it_is_in_one_short_line(tmp_path):
         load_dataset(tmp_path / "wide.csv", size=8, split_by="patient")
 
 
+def test_csv_split_by_image_beside_a_patient_column_warns(tmp_path):
+    """A CSV without lesion_id but with a patient column (ISIC 2020's patient_id: several images per patient) was
+    split by image without a word, a patient's images in train and test; the library splits HAM10000 by lesion for
+    that reason, and the command line has no flag to group by another column (found by the derm helper)."""
+    for i in range(80):
+        _png(tmp_path / f"ISIC_{i:07d}.png", (8, 8), i)
+    rows = "".join(f"ISIC_{i:07d},IP_{i // 4:07d},{('nevus', 'melanoma')[(i // 4) % 2]}\n" for i in range(80))
+    (tmp_path / "train.csv").write_text("image_id,patient_id,dx\n" + rows)
+    with pytest.warns(UserWarning, match=r"train\.csv: split by image, though column 'patient_id' holds several "
+                                         r"images of one patient \(80 images of 20 patients\): a patient's images "
+                                         r"can land in train and test, inflating test scores; .*"
+                                         r"split_by='patient_id'.*rename the column lesion_id"):
+        by_image = load_dataset(tmp_path / "train.csv", size=8, channels=1)
+    assert "split_by" not in by_image.info.extra  # the split itself is unchanged
+    grouped = load_dataset(tmp_path / "train.csv", size=8, channels=1, split_by="patient_id")  # as told: no warning
+    assert grouped.info.extra["split_by"] == "patient_id"
+    # one image per patient, or a split by image asked for, is nothing to warn of
+    (tmp_path / "one.csv").write_text("image_id,patient_id,dx\n" + "".join(
+        f"ISIC_{i:07d},IP_{i:07d},{('nevus', 'melanoma')[i % 2]}\n" for i in range(40)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(tmp_path / "one.csv", size=8, channels=1)
+        load_dataset(tmp_path / "train.csv", size=8, channels=1, split_by="image")
+
+
 def test_a_class_too_small_to_stratify_is_named(tmp_path):
     root = _class_folders(tmp_path, n=20)
     _class_folders(tmp_path, ("normal",), n=1)

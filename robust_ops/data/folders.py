@@ -566,6 +566,9 @@ def _label_order(labels):
 
 # The column load_csv's split_by="auto" groups by when the CSV has it: HAM10000 holds several images per lesion.
 LESION_COLUMN = "lesion_id"
+# Columns naming each image's patient (ISIC 2020's patient_id), any case: a split by image beside one that repeats is
+# warned of, a patient's images landing in train and test (split_by= or a column renamed lesion_id groups them)
+PATIENT_COLUMNS = ("patient_id", "patientid", "patient", "subject_id", "subject")
 
 
 def _one_hot_columns(reader, fields):
@@ -604,6 +607,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     side (an image-level split let a lesion's images land in train and test, inflating test accuracy): the stratified
     7:1:2 split is drawn over the groups, each labelled by its most frequent label, and recorded as
     ``info.extra["split_by"]`` (the column). An empty group value is an error (in a row ``classes`` leaves out, not).
+    "auto" without ``lesion_id`` warns when a patient column (``PATIENT_COLUMNS``, any case) holds several images of
+    one patient: the split by image can put them in train and test.
     rare_classes, stacklevel: as for :func:`load_busi`.
 
     Raises:
@@ -656,7 +661,9 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
             if group_column is not None and group_column not in fields:
                 raise DataError(f"{csv_path}: split_by={split_by!r} names no column (found: {listing(fields)}); "
                                 "expected 'auto', 'image' or a column name")
-            groups, blank = {}, {}
+            patient_column = None if split_by != "auto" or group_column is not None else \
+                next((f for f in fields if f.casefold() in PATIENT_COLUMNS), None)
+            groups, blank, patients = {}, {}, {}
             for r in reader:
                 if None in r:  # DictReader's rest of a row longer than the header: an unquoted comma in some value
                     raise DataError(f"{csv_path}: line {reader.line_num}: {len(fields) + len(r[None])} values, but "
@@ -673,6 +680,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                     groups[image_id] = (r[group_column] or "").strip()
                     if not groups[image_id]:  # refused below if kept: a row classes= leaves out needs no group
                         blank[image_id] = reader.line_num
+                if patient_column is not None:
+                    patients[image_id] = (r[patient_column] or "").strip()
                 rows.append((image_id, label))
         except UnicodeDecodeError as err:
             where = f"{err.reason} at byte {err.start}"
@@ -712,6 +721,13 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         raise DataError(f"{csv_path}: line {line}: empty {group_column!r}, which the split groups by; expected a value "
                         "in every row -- fill it in, or split by image: in Python split_by='image', on the command "
                         "line rename the column")
+    per_patient = Counter(patients[image_id] for image_id, _ in kept if patients.get(image_id))
+    if any(n > 1 for n in per_patient.values()):
+        warn(f"{csv_path}: split by image, though column {patient_column!r} holds several images of one patient "
+             f"({sum(per_patient.values())} images of {len(per_patient)} patients): a patient's images can land in "
+             f"train and test, inflating test scores; split by patient with load_dataset(..., "
+             f"split_by={patient_column!r}), or on the command line rename the column lesion_id",
+             stacklevel=stacklevel + 1)
     root = Path(image_dir) if image_dir else csv_path.parent
     index = {}
     listed = {}  # a folder's image files by stem, for the ids without extension: each folder listed once
