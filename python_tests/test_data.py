@@ -1752,6 +1752,22 @@ def test_csv_split_by_image_beside_a_patient_column_warns(tmp_path):
         load_dataset(tmp_path / "train.csv", size=8, channels=1, split_by="image")
 
 
+def test_csv_id_with_an_extension_matches_it_in_any_case(tmp_path):
+    """An id written with its extension, ISIC_0000001.jpg, was 'listed but not found' beside ISIC_0000001.JPG,
+    which the same id without it matched (the suffix is matched in any case); an exact match is still preferred
+    (found by the derm helper)."""
+    for i in range(20):
+        _png(tmp_path / f"ISIC_{i:07d}.PNG", (8, 8), i)
+    (tmp_path / "m.csv").write_text("image_id,dx\n" + "".join(f"ISIC_{i:07d}.png,{i % 2}\n" for i in range(20)))
+    (tmp_path / "bare.csv").write_text("image_id,dx\n" + "".join(f"ISIC_{i:07d},{i % 2}\n" for i in range(20)))
+    a, b = load_dataset(tmp_path / "m.csv", size=8, channels=1), load_dataset(tmp_path / "bare.csv", size=8, channels=1)
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0]) and torch.equal(a.test.tensors[1], b.test.tensors[1])
+    _png(tmp_path / "ISIC_0000003.png", (8, 8), 200)  # the exact name beside it: that one is read, as before
+    c = load_dataset(tmp_path / "m.csv", size=8, channels=1)
+    pixels = torch.cat([c.train.tensors[0], c.val.tensors[0], c.test.tensors[0]])
+    assert round(float(pixels.max()) * 255) == 200
+
+
 def test_a_class_too_small_to_stratify_is_named(tmp_path):
     root = _class_folders(tmp_path, n=20)
     _class_folders(tmp_path, ("normal",), n=1)

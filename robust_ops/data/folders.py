@@ -744,10 +744,20 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         if found:
             index[image_id] = found
     wanted = {image_id for image_id, _ in kept if image_id not in index}
+    # a name with its extension in other case (img1.jpg for img1.JPG), which the name without it matched: taken
+    # where no file has the exact name
+    folded = {Path(i).stem + Path(i).suffix.lower(): i for i in wanted if Path(i).suffix.lower() in IMAGE_SUFFIXES}
+    other_case = {}
     for p in sorted(root.rglob("*")) if wanted else ():
         key = p.name if p.name in wanted else p.stem  # a name with its extension (img1.png) or without
-        if key in wanted and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not is_hidden(p, root):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or is_hidden(p, root):
+            continue
+        if key in wanted:
             index.setdefault(key, []).append(p)
+        elif p.stem + p.suffix.lower() in folded:
+            other_case.setdefault(folded[p.stem + p.suffix.lower()], []).append(p)
+    for image_id, ps in other_case.items():
+        index.setdefault(image_id, ps)
     missing = [image_id for image_id, _ in kept if image_id not in index]
     if missing:
         hint = ""
