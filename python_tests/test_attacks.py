@@ -2878,8 +2878,10 @@ def test_fab_t_and_fabt_name_fab_t_in_their_errors_when_run_as_apgd_t_and_apgdt_
             attacks.fab_t(model, x, y, **{"eps": 0.1, **kwargs})
     with pytest.raises(ValueError, match="^fab_t: expected x inside the clip range"):
         attacks.FABT(model, eps=0.1, steps=1)(x + 1, y)
+    wide = attacks.FABT(model, eps=0.1, steps=1)
+    wide.eps = 8.0  # FABT(model, eps=8.0) is refused when built, as 'fab-t', the class's name
     with pytest.raises(ValueError, match="^fab_t: expected eps <= clip_max - clip_min = 1 for norm='linf'"):
-        attacks.FABT(model, eps=8.0, steps=1)(x, y)
+        wide(x, y)
     with pytest.raises(RuntimeError, match="^fab_t: gradient-based attacks cannot run under torch.inference_mode"):
         with torch.inference_mode():
             attacks.fab_t(model, x, y, eps=0.1)
@@ -5480,15 +5482,44 @@ def test_torchattacks_cw_l2_and_pgdl2_keywords_say_what_they_are_here():
         attacks.PGDL2(model, eps=0.5, eps_for_division=1e-10)
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: attacks.PGD(m, eps=8, alpha=2 / 255, steps=1), lambda m: attacks.FGSM(m, eps=8),
-    lambda m: attacks.APGD(m, eps=8, steps=1), lambda m: attacks.Square(m, eps=8, n_queries=1),
-    lambda m: attacks.WhiteNoise(m, eps=8, trials=1)])
-def test_linf_eps_in_0_255_units_is_refused(make):
+@pytest.mark.parametrize("cls", ["FGSM", "BIM", "PGD", "CW", "APGD", "APGDT", "FAB", "FABT", "Square", "WhiteNoise"])
+@pytest.mark.parametrize("eps", [8, torch.tensor(8.0)], ids=["number", "0-d tensor"])
+def test_linf_eps_in_0_255_units_is_refused_when_the_attack_is_built(cls, eps):
+    """PGD(model, eps=8), eps meant as 8/255, built without a word and was refused only at its first call (in an
+    AutoAttack list after the attacks before it); a 0-d tensor eps was not checked when built at all. Every class
+    knows its norm and clip range when built, so it refuses there, in the words of the run-time check (found by the
+    attacks3 helper)."""
+    model = make_model()
+    name = getattr(attacks, cls).name if cls != "APGD" else "apgd-ce"
+    with pytest.raises(ValueError, match=rf"^{name}: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps "
+                                         r"up to 8 \(eps in 0-255 units\? pass e.g. 8/255\)$"):
+        getattr(attacks, cls)(model, eps=eps)
+    getattr(attacks, cls)(model, eps=eps, clip_max=8.0)  # the range's own width
+    if cls != "CW":  # CW-Linf takes norm "linf" only
+        getattr(attacks, cls)(model, eps=eps, norm="l2")  # an L2 radius may exceed the range
     x, y = make_data(n=2)
+    attack = getattr(attacks, cls)(model, eps=8 / 255)
+    attack.eps = eps  # set after it is built: refused when run, in the same words
     with pytest.raises(ValueError, match=r"expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 8 "
                                          r"\(eps in 0-255 units\? pass e.g. 8/255\)"):
-        make(make_model())(x, y)
+        attack(x, y)
+
+
+def test_bad_0d_tensor_eps_and_alpha_are_refused_when_built_as_numbers():
+    """PGD(model, eps=torch.tensor(-1.0)) built (a 0-d tensor skipped the build-time check of a number) and was refused
+    only when run, as 'expected every eps to be finite and >= 0, got 1 bad value(s)'; now checked as the number it
+    holds (found by the attacks3 helper)."""
+    model = make_model()
+    for kwargs, message in ((dict(eps=torch.tensor(-1.0)), "eps >= 0 and finite, got -1.0"),
+                            (dict(alpha=torch.tensor(float("nan"))), "alpha >= 0 and finite, got nan"),
+                            (dict(eps=8 / 255, alpha=torch.tensor(2.0)), "alpha <= clip_max - clip_min = 1 for "
+                                                                         "norm='linf', got alpha up to 2")):
+        with pytest.raises(ValueError, match=rf"^pgd: expected {re.escape(message)}"):
+            attacks.PGD(model, **kwargs)
+    with pytest.raises(ValueError, match=r"^apgd-ce: expected eps >= 0 and finite, got -1.0$"):
+        attacks.APGD(model, eps=torch.tensor(-1.0))
+    # per-sample tensors are checked against the batch when run
+    attacks.PGD(model, eps=torch.tensor([0.1, -1.0]), alpha=torch.tensor([2.0, 0.1]))
 
 
 def test_linf_alpha_in_0_255_units_is_refused_but_large_l2_radii_and_alpha_above_eps_are_not():
@@ -5496,7 +5527,10 @@ def test_linf_alpha_in_0_255_units_is_refused_but_large_l2_radii_and_alpha_above
     x, y = make_data(n=2)
     with pytest.raises(ValueError, match=r"^pgd: expected alpha <= clip_max - clip_min = 1 for norm='linf', got alpha "
                                          r"up to 2 \(alpha in 0-255 units\? pass e.g. 2/255\)$"):
-        attacks.PGD(model, eps=8 / 255, alpha=2, steps=1)(x, y)
+        attacks.PGD(model, eps=8 / 255, alpha=2, steps=1)  # when built, as eps
+    with pytest.raises(ValueError, match=r"^pgd: expected alpha <= clip_max - clip_min = 1 for norm='linf', got alpha "
+                                         r"up to 2 \(alpha in 0-255 units\? pass e.g. 2/255\)$"):
+        attacks.pgd(model, x, y, eps=8 / 255, alpha=2, steps=1)
     # legitimate: L2 radii beyond 1, a step above eps (FGSM-RS: 1.25 eps), eps equal to the whole range
     attacks.PGDL2(model, eps=3.0, alpha=1.0, steps=1)(x, y)
     attacks.PGD(model, eps=4 / 255, alpha=5 / 255, steps=1)(x, y)
@@ -7257,7 +7291,8 @@ def test_a_cascade_refuses_an_attacks_linf_eps_wider_than_its_clip_range_before_
     model = make_model(3)
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
-    bad = getattr(attacks, cls)(model, eps=8, **options)
+    bad = getattr(attacks, cls)(model, **options)
+    bad.eps = 8  # set after it is built: the class refuses eps=8 when built
     x, y = make_data(4, 3)
     for run in (lambda: attacks.AutoAttack(model, attacks=[attacks.APGD(model, steps=3), bad]).run(x, y),
                 lambda: attacks.ensemble(model, x, y, [attacks.FGSM(model, eps=0.1), bad])):

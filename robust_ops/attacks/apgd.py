@@ -25,9 +25,9 @@ from .._options import allocated, check_flags
 from .base import N_CLASSES_HINT, Attack, norm_first_hint, refuse_positional_options
 from .context import (InputGradScale, attack_context, best_other_logit, check_gradients_possible, check_inputs,
                       float32_or_wider, is_single_logit, predict_from_output, two_logits)
-from .core import (NORMS_WITH_L1, check_linf_budget, check_linf_step_resolution, check_norm, check_steps, clean_logits,
-                   finite_direction, forward, per_sample, project_l1, refuse_targeted, runner_up_targets)
-from .pgd import check_eps, check_seed, make_generator
+from .core import (NORMS_WITH_L1, check_budget, check_linf_budget, check_linf_step_resolution, check_norm, check_steps,
+                   clean_logits, finite_direction, forward, per_sample, project_l1, refuse_targeted, runner_up_targets)
+from .pgd import check_seed, make_generator
 
 APGD_LOSSES = ("ce", "dlr", "cw")
 # L1-APGD (Croce & Hein 2021, AutoAttack's constants): step size eps (alpha = 1), at first a step along the top 20% of
@@ -506,7 +506,7 @@ class APGD(Attack):
         _check_apgd_options(self.name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps)
         self.name = f"apgd-{loss}"
         check_seed(self.name, seed)  # named as when run
-        check_eps(self.name, eps)
+        check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):
         return apgd(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, loss=self.loss,
@@ -537,7 +537,7 @@ class APGDT(Attack):
         _check_apgd_options(self.name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps)
         check_steps(self.name, n_target_classes, "n_target_classes")
         check_seed(self.name, seed)
-        check_eps(self.name, eps)
+        check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):
         return apgd_t(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps,

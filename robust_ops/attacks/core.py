@@ -240,7 +240,7 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
             alpha_max > _in_dtype(width + slack, alpha_t.dtype)):
         bad = None  # no step wider than the range (compared in alpha_t's dtype, as below): none to refuse
     else:
-        bad = (alpha_t > width + slack) & (eps_t < width - slack)
+        bad = _linf_step_refused(alpha_t, eps_t, width)
     if eps_number is not None:
         widest = eps_number
     elif eps_max is not None:
@@ -251,13 +251,49 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
         widest, any_bad = torch.stack((eps_t.max().double(), bad.any().double())).tolist()
         bad, checked = bad if any_bad else None, True
     if linf_wider_than_range(widest, clip_min, clip_max):
-        raise ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {arg} up to "
-                         f"{widest:.4g} ({arg} in 0-255 units? pass e.g. 8/255)")
+        raise _linf_refusal(name, arg, widest, width)
     if bad is not None and (checked or bool(bad.any())):
         steepest = float(alpha_t[bad].max())
     if steepest is not None:
-        raise ValueError(f"{name}: expected {alpha_arg} <= clip_max - clip_min = {width:g} for norm='linf', got "
-                         f"{alpha_arg} up to {steepest:.4g} ({alpha_arg} in 0-255 units? pass e.g. 2/255)")
+        raise _linf_refusal(name, alpha_arg, steepest, width, "2/255")
+
+
+def _linf_step_refused(alpha, eps, width):
+    """Where a Linf step (numbers or tensors) is refused: wider than the clip range while the radius fits in it."""
+    slack = _linf_slack(width)
+    return (alpha > width + slack) & (eps < width - slack)
+
+
+def _linf_refusal(name, arg, widest, width, example="8/255"):
+    """The error of a Linf radius (a step: ``example`` "2/255") wider than the clip range."""
+    return ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {arg} up to "
+                      f"{widest:.4g} ({arg} in 0-255 units? pass e.g. {example})")
+
+
+def check_budget(name, norm, eps, clip_min, clip_max, alpha=None, n="N"):
+    """An attack's radius ``eps`` and step ``alpha`` (None: no step) where each is a number or a 0-d tensor, checked
+    before the attack runs, in the words it uses when run: finite and >= 0 (:func:`check_number`), and for norm
+    "linf" within the clip range (:func:`check_linf_budget`). A tensor [N] is checked per sample when run, against the
+    batch. The attack classes' check when built (``PGD(model, eps=8)`` or ``eps=torch.tensor(-1.0)`` was refused only
+    at the first call), ``AutoAttack``'s and an ensemble's before any of its attacks runs (``n``: the batch size)."""
+    numbers_given = {}
+    for arg, value in (("eps", eps), ("alpha", alpha)):
+        if arg == "alpha" and value is None:
+            continue
+        if torch.is_tensor(value):
+            if value.dim() or value.dtype == torch.bool or value.is_complex():  # per_sample's when run
+                continue
+            value = value.item()
+        check_number(name, arg, value, n)
+        numbers_given[arg] = float(value)
+    if norm != "linf" or "eps" not in numbers_given:  # a per-sample eps: alpha's rule depends on each sample's eps
+        return
+    # check_linf_budget's rules on the numbers, in float64 (no tensor made: building an attack stays cheap)
+    eps, alpha, width = numbers_given["eps"], numbers_given.get("alpha"), clip_max - clip_min
+    if linf_wider_than_range(eps, clip_min, clip_max):
+        raise _linf_refusal(name, "eps", eps, width)
+    if alpha is not None and _linf_step_refused(alpha, eps, width):
+        raise _linf_refusal(name, "alpha", alpha, width, "2/255")
 
 
 def _in_dtype(value, dtype):

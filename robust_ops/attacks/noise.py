@@ -4,10 +4,10 @@ import torch
 
 from .._options import check_real
 from .base import Attack, refuse_positional_options
-from .core import (FIRST_FORWARD, check_labels_against, check_linf_budget, check_norm, check_steps, forward, per_sample,
-                   refuse_targeted)
+from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_norm, check_steps,
+                   forward, per_sample, refuse_targeted)
 from .context import attack_context, check_inputs, predict_from_output
-from .pgd import check_eps, check_seed, make_generator
+from .pgd import check_seed, make_generator
 
 
 def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.float32):
@@ -110,7 +110,7 @@ class WhiteNoise(Attack):
         self.eps, self.norm, self.trials, self.seed = eps, check_norm(self.name, norm), trials, seed
         check_steps(self.name, trials, "trials")  # here too, as every attack's options
         check_seed(self.name, seed)
-        check_eps(self.name, eps)
+        check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):
         return white_noise(self.model, x, y, eps=self.eps, norm=self.norm, trials=self.trials, clip_min=self.clip_min,

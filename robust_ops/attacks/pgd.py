@@ -10,7 +10,7 @@ import torch
 
 from .._options import check_flags, fits_a_float
 from .base import Attack, refuse_positional_options
-from .core import (check_draws, check_early_stop, check_kappa, check_loss, check_norm, check_number, check_step_moves,
+from .core import (check_budget, check_draws, check_early_stop, check_kappa, check_loss, check_norm, check_step_moves,
                    check_steps, run_pgd)
 
 
@@ -38,22 +38,6 @@ def check_seed(name, seed):
     if not -2 ** 63 <= seed < 2 ** 64:  # manual_seed's range; beyond it torch's bare "Overflow when unpacking long"
         raise ValueError(f"{name}: expected seed in [-2**63, 2**64), got {seed}")
     return seed
-
-
-def check_alpha(name, alpha):
-    """A number ``alpha`` checked when an attack class is built (PGD, PGDL2, BIM, CW), as its other options: refused
-    only at the first call, alpha="0.01" or -1 built without a word. A tensor [N] is checked per sample when run,
-    against the batch; None is the default step."""
-    if alpha is not None and not torch.is_tensor(alpha):
-        check_number(name, "alpha", alpha)
-
-
-def check_eps(name, eps):
-    """A number ``eps`` checked when an attack class is built, as its alpha (:func:`check_alpha`) and other options:
-    refused only at the first call, eps=-1 or "8/255" built without a word. A tensor [N] is checked per sample when
-    run, against the batch."""
-    if not torch.is_tensor(eps):
-        check_number(name, "eps", eps)
 
 
 def make_generator(seed, x, name="attack"):
@@ -194,8 +178,8 @@ class FGSM(Attack):
     def __init__(self, model, eps=8 / 255, *positional, norm="linf", loss="ce", **options):
         refuse_positional_options(self.name, FGSM, positional)
         super().__init__(model, **options)
-        check_eps(self.name, eps)
         self.eps, self.norm, self.loss = eps, check_norm(self.name, norm), check_loss(self.name, loss)
+        check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):
         return fgsm(self.model, x, y, eps=self.eps, norm=self.norm, loss=self.loss, targeted=self.targeted,
@@ -210,12 +194,11 @@ class BIM(Attack):
     def __init__(self, model, eps=8 / 255, alpha=None, steps=10, *positional, norm="linf", loss="ce", **options):
         refuse_positional_options(self.name, BIM, positional)
         super().__init__(model, **options)
-        check_eps(self.name, eps)
-        check_alpha(self.name, alpha)
+        self.norm = check_norm(self.name, norm)
+        check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max, alpha)
         check_step_moves(self.name, eps, alpha)  # here, not at the first call, as the other attacks' settings
         check_steps(self.name, steps)
         self.eps, self.alpha, self.steps, self.loss = eps, alpha, steps, check_loss(self.name, loss)
-        self.norm = check_norm(self.name, norm)
 
     def forward(self, x, y):
         return ifgsm(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
@@ -242,8 +225,7 @@ class PGD(Attack):
         check_draws(self.name, "seed", seed, random_start)
         check_seed(self.name, seed)
         check_kappa(self.name, kappa, check_loss(self.name, loss))
-        check_eps(self.name, eps)
-        check_alpha(self.name, alpha)
+        check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max, alpha)
         check_step_moves(self.name, eps, alpha)
         check_steps(self.name, steps)
         check_early_stop(self.name, early_stop)
@@ -299,8 +281,7 @@ class CW(Attack):
         check_draws(self.name, "seed", seed, random_start)  # here, not at the first call
         check_seed(self.name, seed)
         check_kappa(self.name, kappa)
-        check_eps(self.name, eps)
-        check_alpha(self.name, alpha)
+        check_budget(self.name, "linf", eps, self.clip_min, self.clip_max, alpha)
         check_step_moves(self.name, eps, alpha, hint=" (torchattacks' CW(model, c, kappa, steps) puts its kappa here: "
                          "give CW-Linf's by keyword, e.g. CW(model, eps=8/255, steps=50, kappa=0.0))")
         check_steps(self.name, steps)

@@ -11,9 +11,9 @@ from .._options import check_flags
 from .base import Attack, norm_first_hint, refuse_positional_options
 from .context import (attack_context, best_other_logit, check_inputs, check_not_half, classification_loss,
                       is_single_logit, two_logits)
-from .core import (FIRST_FORWARD, check_labels_against, check_linf_budget, check_linf_step_resolution, check_norm,
-                   check_steps, forward, per_sample, succeeded)
-from .pgd import check_eps, check_seed, make_generator
+from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_linf_step_resolution,
+                   check_norm, check_steps, forward, per_sample, succeeded)
+from .pgd import check_seed, make_generator
 
 
 def p_schedule(p_init, it, n_queries, rescale=True):
@@ -358,7 +358,7 @@ class Square(Attack):
         self.loss = _check_loss(self.name, loss)
         _check_schedule(self.name, n_queries, p_init, rescale_schedule)  # here too, as APGD's options
         check_seed(self.name, seed)
-        check_eps(self.name, eps)
+        check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def check_input_dtype(self, x):
         _check_dtype(self.name, self.norm, x)
