@@ -6401,6 +6401,14 @@ def test_autoattack_refuses_bad_counts_when_built_not_when_their_attack_runs(key
         attacks.AutoAttack(model, eps=0.03, attacks=["apgd-ce", "apgd-t", "square"], **{key: bad})
 
 
+def bad_number_error(name, arg, bad, n="N"):
+    """The error class and message of an attack refusing the eps / alpha number ``bad``, when built or run."""
+    if isinstance(bad, bool) or not isinstance(bad, (int, float)):
+        return TypeError, (rf"^{name}: expected {arg} to be a number or a tensor of shape \[{n}\], got "
+                           rf"{type(bad).__name__}$")
+    return ValueError, rf"^{name}: expected {arg} >= 0 and finite, got {re.escape(str(bad))}$"
+
+
 @pytest.mark.parametrize("bad", [True, -0.1, float("nan"), "0.03", None])
 def test_autoattack_refuses_a_bad_eps_when_built_not_when_its_attacks_run(bad):
     # eps=True or "0.03" failed only when run, in the first attack's name and as "apgd: expected eps to be a number or
@@ -6413,11 +6421,17 @@ def test_autoattack_refuses_a_bad_eps_when_built_not_when_its_attacks_run(bad):
         runs.append(len(x))
         return x
 
-    match = rf"^autoattack: expected eps to be a finite number >= 0, got {re.escape(repr(bad))}$"
-    with pytest.raises(ValueError, match=match):
+    # one rule and one message shape for a bad eps, an attack class's (check_number), naming the attack: AutoAttack's
+    # read 'expected eps to be a finite number >= 0', a cascade's 'attack 'pgd' has eps=-0.1; expected a finite
+    # number >= 0 ...' (found by the attacks3 helper)
+    error, match = bad_number_error("autoattack", "eps", bad)
+    with pytest.raises(error, match=match):
         attacks.AutoAttack(model, eps=bad)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         attacks.AutoAttack(model, eps=bad, attacks=[first, "square"])
+    if isinstance(bad, float):  # a 0-d tensor is checked as the number it holds
+        with pytest.raises(error, match=match):
+            attacks.AutoAttack(model, eps=torch.tensor(bad, dtype=torch.float64))
     assert runs == []
     with pytest.raises(ValueError, match=r"^autoattack: expected eps <= clip_max - clip_min = 1 for norm='linf', got "
                                          r"eps up to 8 \(eps in 0-255 units\? pass e.g. 8/255\)$"):
@@ -6571,8 +6585,8 @@ def test_ensemble_refuses_a_bad_eps_or_alpha_number_before_any_attack_runs(arg, 
 
     attack = attacks.PGD(model, eps=0.1, alpha=0.01, steps=2)
     setattr(attack, arg, bad)  # set after it is built: PGD refuses a bad alpha number when built
-    with pytest.raises(ValueError, match=rf"^ensemble: attack 'pgd' has {arg}={re.escape(repr(bad))}; expected a "
-                                         r"finite number >= 0 or a tensor of shape \[4\], one per sample of x$"):
+    error, match = bad_number_error("pgd", arg, bad, 4)  # the attack's own words (AutoAttack's and its class's)
+    with pytest.raises(error, match=match):
         attacks.ensemble(model, x, y, [first, attack])
     assert runs == []
     assert attacks.ensemble(model, x, y, [attacks.PGDL2(model, eps=0.5, alpha=None, steps=2)]).names[1] == "pgdl2"

@@ -270,15 +270,16 @@ def _linf_refusal(name, arg, widest, width, example="8/255"):
                       f"{widest:.4g} ({arg} in 0-255 units? pass e.g. {example})")
 
 
-def check_budget(name, norm, eps, clip_min, clip_max, alpha=None, n="N"):
+def check_budget(name, norm, eps, clip_min, clip_max, alpha=None, n="N", optional=False):
     """An attack's radius ``eps`` and step ``alpha`` (None: no step) where each is a number or a 0-d tensor, checked
     before the attack runs, in the words it uses when run: finite and >= 0 (:func:`check_number`), and for norm
     "linf" within the clip range (:func:`check_linf_budget`). A tensor [N] is checked per sample when run, against the
     batch. The attack classes' check when built (``PGD(model, eps=8)`` or ``eps=torch.tensor(-1.0)`` was refused only
-    at the first call), ``AutoAttack``'s and an ensemble's before any of its attacks runs (``n``: the batch size)."""
+    at the first call), ``AutoAttack``'s and an ensemble's before any of its attacks runs (``n``: the batch size;
+    ``optional``: an eps of None, an attack of the caller's without one, is not checked)."""
     numbers_given = {}
     for arg, value in (("eps", eps), ("alpha", alpha)):
-        if arg == "alpha" and value is None:
+        if value is None and (arg == "alpha" or optional):
             continue
         if torch.is_tensor(value):
             if value.dim() or value.dtype == torch.bool or value.is_complex():  # per_sample's when run

@@ -1,16 +1,15 @@
 """AutoAttack-style cascades: run attacks one after another, each only on the samples still robust."""
 
 import copy
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from .._options import check_flags, check_real, fits_a_float
+from .._options import check_flags
 from .._warn import warn
 from .base import N_CLASSES_HINT, Attack, refuse_positional_options
-from .core import NORMS_WITH_L1, check_labels_against, check_linf_budget, check_norm, check_steps, forward
+from .core import NORMS_WITH_L1, check_budget, check_labels_against, check_norm, check_steps, forward
 from .context import (attack_context, check_attack_output, check_inputs, looks_like_probabilities,
                       one_probabilities_warning, predict_from_output, recorded_bounds, values_within,
                       warn_probabilities)
@@ -109,17 +108,11 @@ def _check_per_sample_options(attack, x, label, name):
         if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != (n,):
             raise ValueError(f"{name}: attack {label!r} has {arg} of shape {tuple(value.shape)}; expected a number "
                              f"or a tensor of shape [{n}], one per sample of x")
-        # a number the attack refuses only when it runs: after the attacks before it, and (a bool or text) as "a
-        # tensor of shape [k]" for the k samples still robust; -0.1 passed when none was
-        bad_number = value is not None and not torch.is_tensor(value) and (
-            isinstance(value, bool) or not isinstance(value, numbers.Real) or not fits_a_float(value) or value < 0)
-        if bad_number:
-            raise ValueError(f"{name}: attack {label!r} has {arg}={value!r}; expected a finite number >= 0 or a "
-                             f"tensor of shape [{n}], one per sample of x")
-        if arg == "eps" and value is not None and not torch.is_tensor(value):
-            # eps in 0-255 units (PGD(model, eps=8)) was refused only when run, after the attacks before it
-            eps_t = torch.tensor([float(value)], dtype=torch.promote_types(x.dtype, torch.float32))
-            check_linf_budget(attack.name, vars(attack).get("norm"), eps_t, attack.clip_min, attack.clip_max, eps=value)
+    # a number the attack refuses only when it runs: after the attacks before it, and (a bool or text) as "a tensor of
+    # shape [k]" for the k samples still robust; -0.1 passed when none was, and eps in 0-255 units (PGD(model, eps=8))
+    # ran after the attacks before it. Checked as its class checks it when built, in the attack's words
+    check_budget(attack.name, vars(attack).get("norm"), vars(attack).get("eps"), attack.clip_min, attack.clip_max,
+                 vars(attack).get("alpha"), n=n, optional=True)
     inner = vars(attack).get("attacks")
     if isinstance(inner, list):
         for a in inner:
@@ -413,11 +406,10 @@ class AutoAttack(Attack):
         norm = check_norm(self.name, norm, self.norms)  # AutoAttack's own spellings 'Linf' / 'L2' / 'L1' too
         check_flags(self.name, {"cascade": cascade})  # else refused only when run, and in ensemble's name
         super().__init__(model, model_mode=model_mode, clip_min=clip_min, clip_max=clip_max, **unknown)
-        if not torch.is_tensor(eps):  # a tensor [N] is checked per sample when run, as by every attack
-            # checked here, as the counts below: eps=True or "0.03" failed only when run, in the first attack's name,
-            # as "a tensor of shape [k]" for the k samples still correct; eps=-1 passed when none was
-            check_real(self.name, "eps", eps, minimum=0)
-            check_linf_budget(self.name, norm, torch.tensor([float(eps)]), self.clip_min, self.clip_max)
+        # checked here, as the counts below and as an attack class checks its eps: eps=True or "0.03" failed only when
+        # run, in the first attack's name, as "a tensor of shape [k]" for the k samples still correct; eps=-1 passed
+        # when none was. A tensor [N] is checked per sample when run, as by every attack
+        check_budget(self.name, norm, eps, self.clip_min, self.clip_max)
         self.version = "custom" if attacks is not None else version
         self.norm, self.eps, self.cascade = norm, eps, cascade
         common = dict(model_mode=model_mode, clip_min=clip_min, clip_max=clip_max)
