@@ -5898,6 +5898,35 @@ def test_targets_a_function_returns_that_are_no_labels_are_refused_naming_the_fu
                                               alpha=2 / 255, random_start=False))
 
 
+def test_targets_a_function_returns_past_the_class_count_are_refused_naming_the_function():
+    """set_mode_targeted_by_function's targets past the model's class count, checked by the attack against its output,
+    were called labels: 'pgd: expected labels in [0, 4) for a model with 4 classes, got values in [4, 7]' beside
+    labels in [0, 3]. Now named after the function, with the fix (found by the attacks3 helper)."""
+    model = make_model(4)
+    x, y = make_data(6, 4)
+
+    def shift(x, y):
+        return y + 4
+
+    message = (r"^{}: the targets set_mode_targeted_by_function's {} returned are no classes of the model \(expected "
+               r"values in \[0, 4\) for a model with 4 classes, got values in \[{}, {}\]\); it must return classes "
+               r"in \[0, 4\), e\.g\. lambda x, y: \(y \+ 1\) % 4$")
+    lo, hi = int(y.min()) + 4, int(y.max()) + 4
+    for atk in (attacks.PGD(model, steps=1), attacks.FGSM(model), attacks.Square(model, n_queries=2)):
+        atk.set_mode_targeted_by_function(shift)
+        with pytest.raises(ValueError, match=message.format(atk.name, "test_targets_a_function_returns_past_the_class_"
+                                                                      r"count_are_refused_naming_the_function\.<locals>"
+                                                                      r"\.shift", lo, hi)):
+            atk(x, y)
+        with pytest.raises(ValueError, match=rf"^{atk.name}: expected labels in \[0, 4\) for a model with 4 "
+                                             r"classes"):  # the caller's own labels keep theirs
+            atk.set_mode_default()(x, y + 4)
+    in_list = attacks.PGD(model, steps=1).set_mode_targeted_by_function(shift)
+    with pytest.raises(ValueError, match=r"^pgd: the targets set_mode_targeted_by_function's .*shift returned are no "
+                                         r"classes of the model"):
+        attacks.ensemble(model, x, model(x).argmax(1).detach(), [in_list])  # samples the cascade attacks
+
+
 def test_repr_says_how_a_targeted_attack_makes_its_targets():
     """set_mode_targeted_random(), _least_likely(kth_min) and _by_function(fn) attack other targets than
     _by_label(), and their reprs all read targeted=True alone, so two runs' logs could not tell them apart."""

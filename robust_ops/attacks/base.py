@@ -9,7 +9,7 @@ import torch
 from .._options import check_flags, check_options, check_real
 from .context import (_NO_LABELS, MODEL_MODES, attack_context, check_class_labels, check_inputs, check_model,
                       is_single_logit, two_logits)
-from .core import NORMS, check_labels_against, forward
+from .core import NORMS, check_labels_against, forward, labels_made_by
 
 
 # ids of the attacks whose forward runs in this thread, innermost last: their forward's labels are already targets
@@ -284,20 +284,25 @@ class Attack:
             raise TypeError(f"{self.name}: expected labels, atk(x, y): every attack here takes them (true labels, or "
                             "targets in targeted mode); for a label-free attack, as torchattacks' TPGD and GN, give "
                             "the model's predictions, atk(x, robust_ops.models.predict(model, x))")
+        origin = None
         if self.targeted and self._target_rule is not None:
             y = self._targets(x, y)
+            if callable(self._target_rule):  # their range is checked against the model's class count when run
+                origin = (f"the targets set_mode_targeted_by_function's "
+                          f"{getattr(self._target_rule, '__qualname__', type(self._target_rule).__name__)} returned")
         running = vars(_forwarding).setdefault("ids", [])
         running.append(id(self))
         try:
             if (type(self).forward.__module__ or "").startswith(__package__):  # its function runs under attack_context
-                return self.forward(x, y)
+                with labels_made_by(origin):
+                    return self.forward(x, y)
             # another forward in model_mode, as torchattacks' __call__ runs it: a port whose forward calls
             # get_logits itself ran in the model's own mode (a train-mode model attacked with dropout, its
             # batch-norm statistics moving); the library's functions it may call enter the context again, nested.
             # With gradients on, as the built-in attacks enable them: a ported forward differentiates without an
             # enable_grad of its own (torchattacks' PGD, MIFGSM), so under torch.no_grad() it stopped at autograd's
             # "element 0 of tensors does not require grad", inside AutoAttack or ensemble too
-            with attack_context(self.model, self.model_mode, self.name), torch.enable_grad():
+            with attack_context(self.model, self.model_mode, self.name), torch.enable_grad(), labels_made_by(origin):
                 return self.forward(x, y)
         finally:
             running.pop()

@@ -7,9 +7,11 @@ costs no extra copy; it can reuse the attack's backward passes to produce parame
 zeroing their per-sample step size, so the fused step leaves them in place.
 """
 
+import contextlib
 import math
 import numbers
 import struct
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -433,6 +435,22 @@ def forward(name, model, x, output_rule=check_output):
 
 FIRST_FORWARD = "at the attack's first forward"
 
+# what the labels of the attack running in this thread are, where not the caller's (check_labels_against's words)
+_labels_origin = threading.local()
+
+
+@contextlib.contextmanager
+def labels_made_by(origin):
+    """Within the block, :func:`check_labels_against` names the labels ``origin`` (e.g. "the targets
+    set_mode_targeted_by_function's f returned") and its refusal says how to fix them; None: the caller's labels.
+    Nested blocks (an attack calling another) name the innermost."""
+    previous = getattr(_labels_origin, "origin", None)
+    _labels_origin.origin = origin
+    try:
+        yield
+    finally:
+        _labels_origin.origin = previous
+
 
 def check_labels_against(name, y, out, finite_at=None, label_range=None):
     """Labels ``y`` in [0, K) for the model's output ``out``. ``finite_at`` (where ``out`` was computed, e.g. "at the
@@ -463,6 +481,11 @@ def check_labels_against(name, y, out, finite_at=None, label_range=None):
         top, count, probs_read = int(y.max()), 0, ()
     if top >= k:
         lo, hi = label_range if label_range is not None else labels_range(y)
+        origin = getattr(_labels_origin, "origin", None)
+        if origin is not None:  # "labels" named the caller's, which were in range
+            raise ValueError(f"{name}: {origin} are no classes of the model (expected values in [0, {k}) for a model "
+                             f"with {k} classes, got values in [{lo}, {hi}]); it must return classes in [0, {k}), e.g. "
+                             f"lambda x, y: (y + 1) % {k}")
         raise ValueError(f"{name}: expected labels in [0, {k}) for a model with {k} classes, got values in "
                          f"[{lo}, {hi}]")
     if count:
