@@ -5898,6 +5898,33 @@ def test_targets_a_function_returns_that_are_no_labels_are_refused_naming_the_fu
                                               alpha=2 / 255, random_start=False))
 
 
+def test_one_image_without_its_batch_dimension_is_refused_naming_x_shape_and_unsqueeze():
+    """An unbatched image [C, H, W] is read as C samples: beside a label of shape [1] the refusal was 'pgd: expected y
+    of shape [3], got (1,)', with C labels (or C = 1) the model's own 'mat1 and mat2 shapes cannot be multiplied
+    (4x16 and 64x5)' (torchattacks 3.5.1 ends with that error too), for an MLP 'Linear takes in_features=48, but the
+    inputs of x ([4, 4] each) reach it with 16 features'. Both now name x's shape and the fix, x.unsqueeze(0); a model
+    that takes [N, H, W] samples still runs on them (found by the attacks3 helper)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
+    cnn3 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    cnn1 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5))
+    unbatched = r"^pgd: expected x to be a batch \[N, \.\.\.\], got shape \({}, 4, 4\), .* pass x\.unsqueeze\(0\)"
+    for model, c in ((mlp, 3), (cnn3, 3), (cnn1, 1)):
+        x = torch.rand(c, 4, 4)
+        for y in (torch.tensor([1] * c), torch.tensor([1])):
+            if len(y) != c:
+                match = (rf"^pgd: expected y of shape \[{c}\], got \(1,\); x of shape \({c}, 4, 4\) is one sample "
+                         r"without its batch dimension\? pass x\.unsqueeze\(0\)")
+                error = ValueError
+            else:
+                match, error = unbatched.format(c), attacks.InputShapeError
+            with pytest.raises(error, match=match):
+                attacks.PGD(model, steps=1)(x, y)
+        assert attacks.PGD(model, steps=1)(x.unsqueeze(0), torch.tensor([1])).shape == (1, c, 4, 4)
+    rows = nn.Sequential(nn.Flatten(), nn.Linear(4, 5))  # takes [N, 2, 2]: three samples, as before
+    assert attacks.PGD(rows, steps=1)(torch.rand(3, 2, 2), torch.tensor([0, 1, 2])).shape == (3, 2, 2)
+
+
 def test_targets_a_function_returns_past_the_class_count_are_refused_naming_the_function():
     """set_mode_targeted_by_function's targets past the model's class count, checked by the attack against its output,
     were called labels: 'pgd: expected labels in [0, 4) for a model with 4 classes, got values in [4, 7]' beside

@@ -289,7 +289,7 @@ class InputDeviceError(ValueError):
 
 class InputShapeError(ValueError):
     """:func:`forward_naming_input_mismatch`'s refusal of inputs whose channels (or features) the model's input layer
-    was not built for."""
+    was not built for, or of one sample x without its batch dimension (an image [C, H, W])."""
 
 
 class NonFiniteInputError(ValueError):
@@ -413,6 +413,21 @@ def _input_layer_problem(model, x, split):
     return None
 
 
+def _takes_as_one_sample(model, x):
+    """Whether ``model``, whose forward failed on ``x``, gives one row of logits for ``x.unsqueeze(0)``: x is one
+    sample without its batch dimension (an image [C, H, W], read as C samples; torch's "mat1 and mat2 shapes cannot
+    be multiplied" from a layer, or with a label of shape [1] beside it, the label's shape, named neither). Eval mode
+    without gradients, as fails_also's forward: no statistics move."""
+    if x.dim() < 2:
+        return False
+    try:
+        with torch.no_grad(), use_model_mode(model, "eval"):
+            out = model(x.unsqueeze(0))
+    except Exception:  # noqa: BLE001 -- it fails as one sample too: another problem, which torch's error names
+        return False
+    return torch.is_tensor(out) and out.dim() in (1, 2) and out.shape[0] == 1
+
+
 def forward_naming_input_mismatch(name, split, model, x):
     """model(x), in the caller's mode and gradient setting; a forward that fails only because x is not in the dtype
     of the model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and
@@ -454,6 +469,10 @@ def forward_naming_input_mismatch(name, split, model, x):
                        f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
                 raise InputDtypeError(f"{name}: the inputs of {split} are {x.dtype}, but the model's parameters are "
                                       f"{dtype}; {fix}") from None
+        if split == "x" and _takes_as_one_sample(model, x):
+            raise InputShapeError(f"{name}: expected x to be a batch [N, ...], got shape {tuple(x.shape)}, which the "
+                                  "model fails on as a batch and takes as one sample: an image [C, H, W] without its "
+                                  "batch dimension? pass x.unsqueeze(0) (and its label as y.view(1))") from None
         # a model built for another dataset (3-channel DermaMNIST-like images on a 1-channel model, an MLP built for
         # 64x64 images given 28x28 ones): torch's "expected input[128, 1, 28, 28] to have 3 channels" or "mat1 and
         # mat2 shapes cannot be multiplied (2x2352 and 12288x10)" named neither the data nor the fix
@@ -765,15 +784,15 @@ def check_inputs(name, x, y=_NO_LABELS, clip_min=0.0, clip_max=1.0, label_range=
                              f"[{past_bound(lo, clip_min, -1)}, {past_bound(hi, clip_max, 1)}] ({crossed}; {fix})")
     if y is _NO_LABELS:
         return (None, None) if label_range else None
-    return check_class_labels(name, y, x.shape[0], label_range=label_range)
+    return check_class_labels(name, y, x.shape[0], label_range=label_range, x=x)
 
 
-def check_class_labels(name, y, n, label_range=False):
+def check_class_labels(name, y, n, label_range=False, x=None):
     """Labels an integer tensor [n] (any integer dtype: converted losslessly to int64, which cross-entropy, one_hot and
     gather take), none negative: the attacks' and the defenses' label rule. Float, bool and complex labels are a
     TypeError (0.7 would become 0 silently); the upper bound is the model's output's (check_labels_against).
     ``label_range``: return ``(y, (min, max))`` (None for no labels, or labels a :func:`values_within` block
-    bounds, which are not read)."""
+    bounds, which are not read). ``x``: the inputs, whose shape the refusal of one label beside n > 1 names."""
     if segmentation_masks(y):  # before the dtype: a float mask's dtype error only led to the shape error
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}: segmentation masks? "
                          "the attacks are for classifiers only (segmentation: docs/ima.md, Segmentation)")
@@ -791,6 +810,9 @@ def check_class_labels(name, y, n, label_range=False):
         if y.dim() == 0:  # one sample's label (dataset[i]): an image [C, H, W] beside it read as C samples
             hint = ("; y is one label: give one per sample, for a single sample y.view(1) with x as a batch of one "
                     "(x.unsqueeze(0) for an image [C, H, W])")
+        elif tuple(y.shape) == (1,) and x is not None:  # one label beside one image [C, H, W], read as C samples
+            hint = (f"; x of shape {tuple(x.shape)} is one sample without its batch dimension? pass x.unsqueeze(0) "
+                    "(an image [C, H, W] is read as C samples)")
         raise ValueError(f"{name}: expected y of shape [{n}], got {tuple(y.shape)}{hint}")
     if range_read_before(y) is None and recorded_within(y, 0, math.inf):
         # a part of labels the cascade checked: none negative, and check_labels_against reads the top with its count
