@@ -5508,7 +5508,7 @@ def test_linf_eps_in_0_255_units_is_refused_when_the_attack_is_built(cls, eps):
 def test_bad_0d_tensor_eps_and_alpha_are_refused_when_built_as_numbers():
     """PGD(model, eps=torch.tensor(-1.0)) built (a 0-d tensor skipped the build-time check of a number) and was refused
     only when run, as 'expected every eps to be finite and >= 0, got 1 bad value(s)'; now checked as the number it
-    holds (found by the attacks3 helper)."""
+    holds; a bool tensor eps, refused as a bool number is, only when run (found by the attacks3 helper)."""
     model = make_model()
     for kwargs, message in ((dict(eps=torch.tensor(-1.0)), "eps >= 0 and finite, got -1.0"),
                             (dict(alpha=torch.tensor(float("nan"))), "alpha >= 0 and finite, got nan"),
@@ -5518,6 +5518,9 @@ def test_bad_0d_tensor_eps_and_alpha_are_refused_when_built_as_numbers():
             attacks.PGD(model, **kwargs)
     with pytest.raises(ValueError, match=r"^apgd-ce: expected eps >= 0 and finite, got -1.0$"):
         attacks.APGD(model, eps=torch.tensor(-1.0))
+    for bad in (torch.tensor(True), torch.tensor([True, False])):  # True would be a radius of 1, as a Python bool's
+        with pytest.raises(TypeError, match=r"^pgd: expected eps to be a real tensor, got torch.bool$"):
+            attacks.PGD(model, eps=bad)
     # per-sample tensors are checked against the batch when run
     attacks.PGD(model, eps=torch.tensor([0.1, -1.0]), alpha=torch.tensor([2.0, 0.1]))
 

@@ -157,6 +157,12 @@ def check_number(name, arg, value, n="N"):
         raise ValueError(f"{name}: expected {arg} >= 0 and finite, got {value}")
 
 
+def check_real_tensor(name, arg, value):
+    """A radius or step tensor must be real: a bool one, as a Python bool, would be a radius of 1 (True)."""
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name}: expected {arg} to be a real tensor, got {value.dtype}")
+
+
 def per_sample(name, arg, value, x, with_max=False):
     """A float or a per-sample tensor [N] (finite, >= 0) as a tensor [N] in x's dtype on x's device. ``with_max``:
     (that tensor, its largest value as a float, None where N = 0), a tensor's maximum read with its check in one host
@@ -164,8 +170,7 @@ def per_sample(name, arg, value, x, with_max=False):
     n = x.shape[0]
     dtype = torch.promote_types(x.dtype, torch.float32)
     if torch.is_tensor(value):
-        if value.dtype == torch.bool or value.is_complex():  # as a Python bool: True would be a radius of 1
-            raise TypeError(f"{name}: expected {arg} to be a real tensor, got {value.dtype}")
+        check_real_tensor(name, arg, value)
         if value.dim() == 0:
             value = value.reshape(1).expand(n)
         if value.dim() != 1 or value.shape[0] != n:
@@ -284,7 +289,8 @@ def check_budget(name, norm, eps, clip_min, clip_max, alpha=None, n="N", optiona
         if value is None and (arg == "alpha" or optional):
             continue
         if torch.is_tensor(value):
-            if value.dim() or value.dtype == torch.bool or value.is_complex():  # per_sample's when run
+            check_real_tensor(name, arg, value)
+            if value.dim():  # per_sample's check when run, against the batch
                 continue
             value = value.item()
         check_number(name, arg, value, n)
