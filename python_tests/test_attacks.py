@@ -5924,6 +5924,12 @@ def test_one_image_without_its_batch_dimension_is_refused_naming_x_shape_and_uns
             with pytest.raises(error, match=match):
                 attacks.PGD(model, steps=1)(x, y)
         assert attacks.PGD(model, steps=1)(x.unsqueeze(0), torch.tensor([1])).shape == (1, c, 4, 4)
+    # Square takes images [N, C, H, W] only: its refusal of a 3-D x names both fixes, in AutoAttack too
+    square_3d = (r"square: expected images \[N, C, H, W\], got a 3-D tensor of shape \(3, 4, 4\) \(one image \[C, H, "
+                 r"W\]\? pass x\.unsqueeze\(0\); grayscale images \[N, H, W\]\? x\.unsqueeze\(1\)\)")
+    for run in (attacks.Square(cnn3, n_queries=2), attacks.AutoAttack(cnn3, steps=2, n_queries=2)):
+        with pytest.raises(ValueError, match=rf"^{square_3d}"):
+            run(torch.rand(3, 4, 4), torch.tensor([1, 1, 1]))
     rows = nn.Sequential(nn.Flatten(), nn.Linear(4, 5))  # takes [N, 2, 2]: three samples, as before
     assert attacks.PGD(rows, steps=1)(torch.rand(3, 2, 2), torch.tensor([0, 1, 2])).shape == (3, 2, 2)
 

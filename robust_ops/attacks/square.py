@@ -61,7 +61,12 @@ def _loss(out, y, targeted, loss):
 
 def _check_images(name, x):
     if x.dim() != 4:
-        raise ValueError(f"{name}: expected images [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        # a 3-D x is one image without its batch dimension or images without their channel one: the refusal (in an
+        # AutoAttack, "leave square out") said neither
+        hint = (" (one image [C, H, W]? pass x.unsqueeze(0); grayscale images [N, H, W]? x.unsqueeze(1))"
+                if x.dim() == 3 else "")
+        raise ValueError(f"{name}: expected images [N, C, H, W], got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+                         f"{hint}")
 
 
 def _check_dtype(name, norm, x):
