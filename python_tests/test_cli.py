@@ -2892,6 +2892,38 @@ def test_demo_and_reproduce_read_a_finished_runs_checkpoint_once_before_fit(smal
     assert len(reads) == 2, reads
 
 
+def test_demo_reads_a_checkpoint_without_run_json_once_before_fit(small_npz, tmp_path, capsys, monkeypatch):
+    """demo --resume of a run whose run.json is gone read its whole checkpoint three times before fit's own read (the
+    check of every run, the status line, train_run's check) and built the models it compares the weights with twice:
+    one read of each version of the file, each model built once."""
+    import robust_ops.models as models
+    import robust_ops.train as trainer
+
+    reads, builds = [], []
+    real_load, real_build = trainer.load_checkpoint, models.build_model
+
+    def counted(path, *args, **kwargs):
+        reads.append(Path(path))
+        return real_load(path, *args, **kwargs)
+
+    def built(name, *args, **kwargs):
+        builds.append(name)
+        return real_build(name, *args, **kwargs)
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--data", small_npz, "--methods", "standard", "--train-size", "32", "--out", out, "--attacks",
+            "fgsm", "--eps", "2/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--model", "mlp",
+            "--epochs"]
+    assert run(argv + ["1"], capsys)[0] == 0
+    (out / "runs" / "standard" / "run.json").unlink()
+    monkeypatch.setattr(trainer, "load_checkpoint", counted)
+    monkeypatch.setattr(models, "build_model", built)
+    assert run(argv + ["2", "--resume"], capsys)[0] == 0
+    assert reads == [out / "runs" / "standard" / "checkpoint.pt"] * 2, reads
+    # demo's own check of --model, the weights' comparison on the meta device, train_run's model, evaluate's none
+    assert builds.count("mlp") <= 3, builds
+
+
 def test_reproduce_fingerprints_each_splits_training_set_once_in_its_check(small_npz, tmp_path, monkeypatch):
     # the check of every run before any trains fingerprinted the training set once per method and split (0.5 s for
     # 400 RGB images of 224 pixels), though the methods of a split share it

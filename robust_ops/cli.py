@@ -11,6 +11,7 @@ file can never run code, and a file that would need to is refused.
 import argparse
 import contextlib
 import errno
+import functools
 import inspect
 import json
 import os
@@ -1046,12 +1047,12 @@ def _checkpoint_conflict(out, run):
     """resume_conflict of RUN_DIR ``out`` holding a checkpoint without its run.json: the settings fit's checkpoint
     records (those of CHECKPOINT_RESUME_KEYS, the defense's settings or, before it is built, the options ``run``
     gives it, and its epochs), compared as fit compares them on resume; None for one it cannot read (fit names it)."""
-    from . import train as trainer
-
+    facts = _checkpoint_facts(out / CHECKPOINT)
     try:
-        state = trainer.load_checkpoint(out / CHECKPOINT)
-        config, done = state["config"], int(state["epoch"])
-    except (OSError, ValueError, TypeError, KeyError):
+        config, done = facts["config"], int(facts["epoch"])
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(config, dict):
         return None
     for key in CHECKPOINT_RESUME_KEYS:
         if key in config and config[key] != run.get(key):
@@ -1073,40 +1074,88 @@ def _checkpoint_conflict(out, run):
         return "defense_options", {k: saved[k] for k in changed}, {k: given[k] for k in changed}
     # the architecture, which the checkpoint does not name: fit refused its weights ("do not fit this model") at the
     # run's turn, naming no flag, after demo's and reproduce's runs before it had trained
-    trained = _trained_model(state.get("model"), run)
+    trained = _trained_model(facts["shapes"], run)
     if trained is not None:
         return "model", trained, run.get("model")
     return ("epochs", done, run["epochs"]) if done > run["epochs"] else None
 
 
-def _trained_model(weights, run):
-    """The --model whose parameters and buffers ``weights`` (a checkpoint's state dict) are, each model built for
-    ``run``'s data, where they are not those of the run's own --model; None where they are, or where no other --model
-    has them all (left to fit's load, which names the first mismatch). Built on the meta device: no memory, but
-    torchvision's constructors still run (measured: small_cnn 5 ms, resnet18 and vgg16 30 ms, resnet50 90 ms,
-    densenet121 85-250 ms), so every other model only where the run's own does not fit the weights."""
+_CHECKPOINTS_READ = {}  # checkpoint file -> (its _file_stamp, _checkpoint_facts of it)
+
+
+def _checkpoint_facts(path):
+    """What the CLI's checks read of fit's checkpoint at ``path``, a dict: its ``config``, ``epoch``, ``shapes`` (of
+    its weights' tensors) and ``defense`` (its defense state's plain values: IMA's eps_train, delta, ...); None for
+    one it cannot read (fit names it). Read once per version of the file (its _file_stamp): demo and reproduce read a
+    RUN_DIR's checkpoint without run.json three times before fit's own read (the check of every run, the status line,
+    train_run's check), 0.3 s each for resnet18's 134 MB; the tensors themselves are not kept."""
     import torch
 
-    from .models import MODELS, build_model
+    from . import train as trainer
+
+    path = Path(path)
+    stamp, key = _file_stamp(path), str(path.resolve())
+    if stamp is None:
+        return None
+    if _CHECKPOINTS_READ.get(key, (None,))[0] != stamp:
+        try:
+            state = trainer.load_checkpoint(path)
+        except (OSError, ValueError):
+            state = None
+        facts = None
+        if isinstance(state, dict):
+            weights, defense = state.get("model"), state.get("defense")
+            facts = {"config": state.get("config"), "epoch": state.get("epoch"),
+                     "shapes": ({k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+                                if isinstance(weights, dict) else None),
+                     "defense": ({k: v for k, v in defense.items() if _plain_value(v)}
+                                 if isinstance(defense, dict) else {})}
+        _CHECKPOINTS_READ[key] = stamp, facts
+    return _CHECKPOINTS_READ[key][1]
+
+
+def _plain_value(value):
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _trained_model(shapes, run):
+    """The --model whose parameters and buffers have the ``shapes`` of a checkpoint's weights (as
+    :func:`_checkpoint_facts` gives them), each model built for ``run``'s data, where they are not those of the run's
+    own --model; None where they are, or where no other --model has them all (left to fit's load, which names the
+    first mismatch). Built on the meta device: no memory, but torchvision's constructors still run (measured:
+    small_cnn 5 ms, resnet18 and vgg16 30 ms, resnet50 90 ms, densenet121 85-250 ms), so every other model only where
+    the run's own does not fit the weights, and each once per command (:func:`_model_shapes`)."""
+    from .models import MODELS
 
     info = run.get("dataset") or {}
-    if not isinstance(weights, dict) or info.get("in_channels") is None or info.get("num_classes") is None:
+    if not isinstance(shapes, dict) or info.get("in_channels") is None or info.get("num_classes") is None:
         return None
+    data = info["in_channels"], info["num_classes"], info.get("image_size") or 0
 
-    def shapes(name):
-        if not info.get("image_size") and name != "mlp":  # feature vectors: make_model refuses a CNN
-            return None
-        try:
-            with torch.device("meta"):
-                model = build_model(name, info["in_channels"], info["num_classes"], info.get("image_size") or 0)
-        except ValueError:
-            return None
-        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    def fits(name):
+        return shapes == _model_shapes(name, *data)
 
-    saved = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    if run.get("model") not in MODELS or shapes(run["model"]) == saved:
+    if run.get("model") not in MODELS or fits(run["model"]):
         return None
-    return next((name for name in MODELS if name != run["model"] and shapes(name) == saved), None)
+    return next((name for name in MODELS if name != run["model"] and fits(name)), None)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_shapes(name, in_channels, num_classes, image_size):
+    """The shapes of --model ``name``'s parameters and buffers for such data (built on the meta device); None for a
+    model that cannot take it (a CNN of feature vectors, image_size 0)."""
+    import torch
+
+    from .models import build_model
+
+    if not image_size and name != "mlp":  # feature vectors: make_model refuses a CNN
+        return None
+    try:
+        with torch.device("meta"):
+            model = build_model(name, in_channels, num_classes, image_size)
+    except ValueError:
+        return None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def checkpoint_epochs(run_dir):
@@ -1130,7 +1179,8 @@ def epochs_done(run_dir):
     stamps = (_file_stamp(run_dir / CHECKPOINT), _file_stamp(run_dir / HISTORY_NAME))
     key = str(run_dir.resolve())
     if _EPOCHS_READ.get(key, (None,))[0] != stamps or stamps == (None, None):
-        _EPOCHS_READ[key] = stamps, read(run_dir)
+        epoch = (_checkpoint_facts(run_dir / CHECKPOINT) or {}).get("epoch")  # the read a check made, if one did
+        _EPOCHS_READ[key] = stamps, epoch if isinstance(epoch, int) else read(run_dir)
     return _EPOCHS_READ[key][1]
 
 
