@@ -4013,6 +4013,30 @@ def test_resume_of_a_checkpoint_without_run_json_is_refused_in_the_command_lines
     one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with --lr 0.001", way_on)
 
 
+def test_resume_of_an_ima_checkpoint_without_run_json_records_the_options_its_state_fixes(small_npz, tmp_path,
+                                                                                            capsys):
+    """IMA takes eps_train, delta and init_margin from a resumed checkpoint's state where they are not given: a run
+    given delta=0.1, its run.json deleted and resumed with steps=2 alone, trained on with delta 0.1 but rewrote
+    run.json as {steps: 2}, and --resume with the run's true options was then refused as a change. The rewritten
+    run.json records the given values the state holds (eps_train too: eval's suggested radii follow it), and none of
+    a run trained with IMA's automatic ones."""
+    out = tmp_path / "run"
+    base = ["train", "--data", small_npz, "--no-progress", "--device", "cpu", "--model", "mlp", "--out", out,
+            "--defense", "ima", "--defense-opt", "steps=1", "--defense-opt", "search_steps=1", "--epochs"]
+    given = ["--defense-opt", "delta=0.1", "--defense-opt", "eps_train=0.5"]
+    assert run(base + ["1"] + given, capsys)[0] == 0
+    (out / "run.json").unlink()
+    rc, stdout, _ = run(base + ["2", "--resume"], capsys)
+    assert rc == 0 and "--eps 0.125,0.25,0.5" in stdout, stdout
+    options = json.loads((out / "run.json").read_text())["defense_options"]
+    assert options == {"steps": 1, "search_steps": 1, "delta": 0.1, "eps_train": 0.5}, options
+    assert run(base + ["3", "--resume"] + given, capsys)[0] == 0
+    assert run(base + ["1"], capsys)[0] == 0  # IMA's automatic eps_train and delta: nothing more to record
+    (out / "run.json").unlink()
+    assert run(base + ["2", "--resume"], capsys)[0] == 0
+    assert json.loads((out / "run.json").read_text())["defense_options"] == {"steps": 1, "search_steps": 1}
+
+
 def test_resume_of_an_ima_checkpoint_without_run_json_of_another_delta_is_refused_in_flags(small_npz, tmp_path,
                                                                                               capsys):
     """IMA refuses a checkpoint of another delta in its load_state_dict (delta is its state's, not one of the options

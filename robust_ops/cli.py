@@ -1311,6 +1311,9 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 raise CLIError(f"--resume: {rare_classes_refusal(out)}; or train it again without --resume")
             if conflict:
                 raise resume_refusal(resume_record_file(out), *conflict, flags)
+            if not (out / RUN_FILE).is_file():  # the settings fit takes from the checkpoint, as the run trained them
+                run["defense_options"].update(_options_from_state(run, _checkpoint_facts(out / CHECKPOINT),
+                                                                  tuple(splits.train[0][0].shape)))
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
             for name in trainer.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -1375,6 +1378,25 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
                 err = err.reworded("--dist-timeout")
             raise CLIError(f"{out}: training failed: {err}{kept}") from None
         return result.model if getattr(result, "model", None) is not None else model, splits, run, result
+
+
+def _options_from_state(run, facts, sample_shape):
+    """The options of ``run`` (a run_record) that the defense of a resumed checkpoint (its ``facts``) takes from its
+    state where ``run`` leaves them out: IMA's eps_train, delta and init_margin, those the run was given (another
+    value than IMA's automatic one for ``sample_shape``). A RUN_DIR whose run.json was gone, resumed with
+    ``--defense-opt steps=2`` alone for a run given delta=0.1 steps=2, trained on with delta 0.1 but rewrote run.json
+    as {steps: 2}: --resume with the run's true options was then refused as a change, and eval's L2 radii came from
+    the automatic eps_train, not the one given."""
+    state, options = (facts or {}).get("defense") or {}, run["defense_options"]
+    if run["defense"] != "ima" or not {"eps_train", "delta", "init_margin"} <= set(state):
+        return {}
+    from .ima import paper_eps_train
+
+    eps, delta = float(state["eps_train"]), float(state["delta"])
+    norm = state.get("norm") or (run.get("defense_settings") or {}).get("norm", "l2")
+    automatic = {"eps_train": paper_eps_train(sample_shape, norm), "delta": eps / 100,  # IMA's defaults
+                 "init_margin": min(delta, eps)}
+    return {k: float(state[k]) for k, value in automatic.items() if k not in options and float(state[k]) != value}
 
 
 @contextlib.contextmanager
