@@ -1003,6 +1003,14 @@ def resume_conflict(out, run):
         old["dropmax"] = trained_dropmax(old)
     if old.get("data") is not None:  # runs written before paths were made absolute: relative to this directory
         old["data"] = str(data_spec(old["data"]))
+    # run.json files written before they recorded the training and validation counts or the training set's
+    # fingerprint: the checkpoint's record of them (the read epochs_done makes below): demo's --quick switch on such
+    # a run was refused by fit at the run's turn, naming --data and --classes, flags not given
+    saved = (_checkpoint_facts(out / CHECKPOINT) or {}).get("config")
+    for key, name in (("train_samples", "num_samples"), ("val_samples", "val_samples"),
+                      ("train_data_sha256", "train_data_sha256")):
+        if old.get(key) is None and isinstance(saved, dict):
+            old[key] = saved.get(name)
     # every setting the checkpoint's weights depend on; epochs may grow (training continues up to them)
     for key in RESUME_KEYS:
         was, now = old.get(key), run.get(key)
