@@ -4964,6 +4964,27 @@ def test_eval_does_not_repeat_the_bit_depth_advice_for_the_runs_own_data(tmp_pat
     assert rc == 0 and "(12-bit data?)" in err, err
 
 
+def test_data_through_a_symbolic_link_is_the_runs_own_data(tmp_path, capsys):
+    """data_spec makes paths absolute without following links: `eval RUN --data LINK` of a run trained on the linked
+    folder with --bit-depth 12 attacked it as other data, read on the full 16 bits (16 times darker than the model
+    learned, with the loader's advice to pass --bit-depth 12), and `train --resume --data LINK` was refused as
+    another --data. A link to the run's data (or the data a run's link named) is its own data."""
+    data = _folder_16_bit(tmp_path / "ct", n=4)
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    train = ["train", "--size", "8", "--model", "mlp", "--no-progress", "--device", "cpu", "--bit-depth", "12",
+             "--out", tmp_path / "run", "--data"]
+    assert run(train + [data, "--epochs", "1"], capsys)[0] == 0
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    rc, _, err = run(["eval", tmp_path / "run", *attack, "--data", tmp_path / "link", "--out", tmp_path / "e"],
+                     capsys)
+    assert rc == 0 and "bit" not in err, err
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["dataset"]["bit_depth"] == 12
+    rc, _, err = run(train + [tmp_path / "link", "--epochs", "2", "--resume"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(train + [data, "--epochs", "3", "--resume"], capsys)  # run.json now records the link
+    assert rc == 0, err
+
+
 def _grey_csv(root):
     """A CSV-described set of grayscale PNGs (image k a flat 10k grey, its class k % 2)."""
     from PIL import Image

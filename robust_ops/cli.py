@@ -497,6 +497,21 @@ def data_spec(spec):
     return low if is_medmnist_name(low) else text  # load_dataset reads a MedMNIST name in lower case
 
 
+def same_data_source(spec, other):
+    """Whether two ``--data`` values name the same data: equal as run.json records them (:func:`data_spec`), or paths
+    to one file or folder, through symbolic links (os.path.samefile): a run trained on a folder and resumed, or
+    evaluated, through a link to it (or it through the link it was trained by) was another --data, refused by
+    --resume and attacked by eval as other data (its own split, --classes, --bit-depth and checks left out)."""
+    spec, other = data_spec(spec), data_spec(other)
+    if spec == other:
+        return True
+    try:
+        return None not in (spec, other) and os.path.isabs(spec) and os.path.isabs(other) and \
+            os.path.samefile(spec, other)
+    except OSError:  # one no longer there (moved or deleted since the run trained)
+        return False
+
+
 def _counts(counts):
     return f"{sum(counts.values())} images ({', '.join(f'{k} {v}' for k, v in counts.items())})"
 
@@ -1019,7 +1034,7 @@ def resume_conflict(out, run):
         if key == "classes" and was and now and (old.get("dataset") or {}).get("class_names") is not None \
                 and old["dataset"]["class_names"] == (run.get("dataset") or {}).get("class_names"):
             was, now = ([c.lower() for c in classes] for classes in (was, now))  # folders: class names in any case
-        if was != now:
+        if was != now and not (key == "data" and same_data_source(was, now)):
             return key, old.get(key), run.get(key)
     # Known only once the data is loaded (reproduce's pre-check has neither) and absent from older run.json files;
     # the image size is the loaded one, so --size 28 on 28x28 data equals no --size.
@@ -1706,7 +1721,7 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
     if not explicit_data and os.path.isabs(str(data)) and not Path(data).exists():  # run.json records paths absolute
         raise CLIError(f"{run_file}: data: {data}: no such file or folder (moved or deleted since the run trained); "
                        "pass --data with its place now")
-    same_source = data_spec(data) == data_spec(run.get("data"))
+    same_source = same_data_source(data, run.get("data"))
     if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
         # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
         size = run.get("size")
