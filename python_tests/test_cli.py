@@ -4949,7 +4949,9 @@ def test_eval_takes_bit_depth_16_on_a_run_trained_without_it(tmp_path, capsys):
 def test_eval_does_not_repeat_the_bit_depth_advice_for_the_runs_own_data(tmp_path, capsys):
     """A run trained without --bit-depth on 12-bit PNGs: eval on its own data repeated the loader's "(12-bit data?)
     ... pass --bit-depth 12" advice for a new run, which for this one (trained on the images as read) is refused;
-    other data still hears it."""
+    so did a copy of its folder at another path, other data holding the images it trained on, whose advice read them on
+    another scale than the model learned. Other images still hear it, and so does the copy of a run trained with
+    --bit-depth 12 (read on the full 16 bits, as other data is, the advice names the run's reading)."""
     data = _folder_16_bit(tmp_path / "ct", n=4)
     rc, _, err = run(["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--no-progress",
                       "--device", "cpu", "--out", tmp_path / "plain"], capsys)
@@ -4961,7 +4963,15 @@ def test_eval_does_not_repeat_the_bit_depth_advice_for_the_runs_own_data(tmp_pat
     shutil.copytree(data, tmp_path / "copy")
     rc, _, err = run(["eval", tmp_path / "plain", *attack, "--data", tmp_path / "copy", "--out", tmp_path / "e"],
                      capsys)
+    assert rc == 0 and "bit" not in err, err
+    other = _folder_16_bit(tmp_path / "other", top=3000, n=4)
+    rc, _, err = run(["eval", tmp_path / "plain", *attack, "--data", other, "--out", tmp_path / "o"], capsys)
     assert rc == 0 and "(12-bit data?)" in err, err
+    assert run(["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--no-progress",
+                "--device", "cpu", "--bit-depth", "12", "--out", tmp_path / "b12"], capsys)[0] == 0
+    rc, _, err = run(["eval", tmp_path / "b12", *attack, "--data", tmp_path / "copy", "--out", tmp_path / "c"],
+                     capsys)
+    assert rc == 0 and "pass --bit-depth 12" in err, err
 
 
 def test_data_through_a_symbolic_link_is_the_runs_own_data(tmp_path, capsys):

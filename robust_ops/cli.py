@@ -1760,11 +1760,16 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
                        "without retraining), or pass --data to attack that data's own test split")
     else:
         def read(at):
-            with _bit_depth_advice_dropped() if same_data else contextlib.nullcontext():
+            def load():
                 return load_data(data, size=at, seed=run.get("seed", 0), flag=flag, classes=classes,
                                  bit_depth=bit_depth, channels=channels,
                                  split_by=_trained_split_by(run, data, same_data),
                                  rare_classes=_trained_rare_classes(run, data, same_data))
+
+            if same_data:
+                with _bit_depth_advice_dropped():
+                    return load()
+            return _other_data_read(load, run)
 
         try:  # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
             splits = read((read_at or run.get("size")) if size is None else size)
@@ -1877,14 +1882,38 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
     return net, splits, run
 
 
+_BIT_DEPTH_ADVICE = r".*\(\d+-bit data\?\); scaled from the full 16-bit range"  # the loader's "pass --bit-depth 12"
+
+
 @contextlib.contextmanager
 def _bit_depth_advice_dropped():
     """A block in which the loader's "(12-bit data?) ... pass --bit-depth 12" warning is not shown: advice for a new
     run, which eval repeated for a run on its own data, trained on its images as read (and another --bit-depth on them
     is refused), as it drops the loader's advice on the default size for one."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*\(\d+-bit data\?\); scaled from the full 16-bit range")
+        warnings.filterwarnings("ignore", message=_BIT_DEPTH_ADVICE)
         yield
+
+
+def _other_data_read(load, run):
+    """``load()``'s splits of data other than ``run``'s own (another path), its warnings shown once it returns (or
+    fails), but for the loader's advice to pass --bit-depth where the training split holds the very images the run
+    trained on, read as it read them (the fingerprint run.json records: a copy of its folder): following it read them
+    on another scale than the model learned, for a run trained without --bit-depth."""
+    from .train import train_data_fingerprint
+
+    splits = None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            splits = load()
+    finally:
+        trained = run.get("train_data_sha256")
+        same = splits is not None and trained is not None and train_data_fingerprint(splits.train) == trained
+        for w in caught:
+            if not (same and re.match(_BIT_DEPTH_ADVICE, str(w.message))):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return splits
 
 
 def _best_model_way_out(run_dir):
