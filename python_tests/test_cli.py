@@ -2085,6 +2085,21 @@ def test_protocols_describe_and_quick_caps():
         assert (docs / f"{p.name}.md").read_text().startswith(describe(p)), f"regenerate docs/reproduce/{p.name}.md"
 
 
+def test_ima_bus_notes_give_tradess_reference_start_with_its_beta():
+    """ima-bus trains TRADES from a random point of the ball, and its notes gave TRADES's own-paper reading as beta = 6
+    alone: the reference code's attack also starts at x + 0.001 * N(0, I) (start_noise=0.001, arfl-moons's), which
+    that reading needs; the options named build a TRADES that trains so."""
+    from robust_ops import defenses
+    from robust_ops.reproduce import PROTOCOLS, describe
+
+    note = next(line for line in describe(PROTOCOLS["ima-bus"]).splitlines() if line.startswith("* TRADES: beta"))
+    assert 'defenses.build("trades", beta=6, start_noise=0.001)' in note, note
+    assert "--defense-opt beta=6 --defense-opt start_noise=0.001" in note, note
+    trades = dict(next(m.options for m in PROTOCOLS["ima-bus"].methods if m.defense == "trades"))
+    built = defenses.build("trades", **trades, beta=6, start_noise=0.001).options()
+    assert built["start_noise"] == 0.001 and built["random_start"] is False and built["beta"] == 6
+
+
 def test_pick_methods_takes_labels_in_any_case_and_spacing():
     # --methods " mirst , Standard training": labels match whatever their case and surrounding spaces
     from robust_ops.reproduce import PROTOCOLS, pick_methods

@@ -272,8 +272,10 @@ IMA_BUS = Protocol(
         f"{_per_pixel_equivalent(IMA_AA_EPS).replace(' / ', ',')}`, and `--attacks noise:norm=l2:trials=100` at "
         "the latter.",
         "TRADES: beta = 1, the library's default (MIRST-DM's setting). The IMA paper runs the other methods with their "
-        "own papers' settings, which for TRADES is beta = 6 (robustness weighted more): defenses.build(\"trades\", "
-        "beta=6) for that reading.",
+        "own papers' settings, which for TRADES is beta = 6 (robustness weighted more), and TRADES's code starts its "
+        "attack at x + 0.001 * N(0, I), not at a random point of the ball (the KL's gradient is zero at x itself; "
+        "arfl-moons's TRADES starts so): defenses.build(\"trades\", beta=6, start_noise=0.001) for that reading, "
+        "`--defense-opt beta=6 --defense-opt start_noise=0.001` in `robust-ops train`.",
         "SAT's and TRADES's attacks (the paper gives eps_train only): 10 steps of L2 PGD of 2.5*eps/10 (Madry's rule) "
         "from a random point of the ball, the model in eval mode (the library's AT defaults; TRADES's attack ascends "
         "the KL).",
