@@ -4034,6 +4034,21 @@ def test_resume_of_a_checkpoint_without_run_json_is_refused_in_the_command_lines
     one_line_error(rc, err, f"--resume: {out / 'run.json'} was trained with --lr 0.001", way_on)
 
 
+def test_resume_of_an_npz_replaced_by_other_counts_names_the_flags(small_npz, tmp_path, capsys):
+    """An .npz replaced in place by one of other training counts: train --resume's refusal said 'run.json was
+    trained with train_samples=64, this command has train_samples=32; rerun with the run's settings', naming no
+    flag (fit's own num_samples refusal names them)."""
+    data = tmp_path / "d.npz"
+    shutil.copy(small_npz, data)
+    argv = ["train", "--data", data, "--model", "mlp", "--no-progress", "--device", "cpu", "--out", tmp_path / "r",
+            "--epochs"]
+    assert run(argv + ["1"], capsys)[0] == 0
+    _ultrasound_npz(data, (32, 16, 32), 28)
+    rc, _, err = run(argv + ["2", "--resume"], capsys)
+    one_line_error(rc, err, "was trained with train_samples=64, this command has train_samples=32 (set by --data, "
+                            "--classes); rerun with the run's settings")
+
+
 def test_resume_of_an_ima_checkpoint_without_run_json_records_the_options_its_state_fixes(small_npz, tmp_path,
                                                                                             capsys):
     """IMA takes eps_train, delta and init_margin from a resumed checkpoint's state where they are not given: a run

@@ -853,8 +853,10 @@ OTHER_TRAINING_IMAGES = "was trained on other training images than this command'
 # the way on from a RUN_DIR whose run train's (or demo's) --resume cannot continue: a fresh start replaces that run's
 # files (a command without --resume), another --out keeps them
 TRAIN_AFRESH = "train afresh without --resume (another --out keeps this run's files)"
-# fit's recorded settings (its ResumeMismatchError's keys) that no flag takes as they are, and the flags setting them
+# fit's recorded settings (its ResumeMismatchError's keys) and run.json's counts that no flag takes as they are, and
+# the flags setting them (run.json's train_samples named none: an .npz replaced in place by one of other counts)
 FIT_SETTING_FLAGS = {"num_samples": "--data, --classes", "val_samples": "--data, --classes",
+                     "train_samples": "--data, --classes",
                      "defense_class": "--defense", "drop_max_layers": "--dropmax"}
 
 
