@@ -307,8 +307,26 @@ def test_crossed_at_out_of_range(k, bad):
         OP(lo, hi, points, crossed_at, None)
     for t, b in zip((lo, hi, points), before):  # nothing written before the check
         assert torch.equal(t, b)
-    with pytest.raises(ValueError, match=rf"boundary_search_step_: expected crossed_at in \[0, {k - 1}\]"):
-        reference.boundary_search_step_(lo, hi, points, crossed_at)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("k,crossed,active,message", [
+    (4, [4, 0, 0, 0, 1], None, r"expected crossed_at in [0, 3] (k = 4), got 4 for sample 0"),
+    (4, [0, -1, 0, 9, 1], None, r"expected crossed_at in [0, 3] (k = 4), got -1 for sample 1"),
+    (2, [0, 1, 1, 0, 2], [True, True, True, True, False], r"expected crossed_at in [0, 1] (k = 2), got 2 for sample 4"),
+])
+def test_crossed_at_out_of_range_is_refused_alike_on_every_backend(backend, k, crossed, active, message):
+    """One message for the rule on every CPU backend (test_boundary_search_step_triton.py: the interpreted Triton
+    one), naming k, the value and its sample; the reference said only "expected crossed_at in [0, 3]" and the Triton
+    launcher "got a value outside that range". Nothing is written."""
+    lo, hi, points, crossed_at, _ = make_inputs(k, crossed=crossed)
+    mask = None if active is None else torch.tensor(active)
+    before = [t.clone() for t in (lo, hi, points)]
+    with pytest.raises(ValueError) as err:
+        robust_ops.boundary_search_step_(lo, hi, points, crossed_at, mask, backend=backend)
+    assert str(err.value) == "boundary_search_step_: " + message
+    for t, b in zip((lo, hi, points), before):
+        assert torch.equal(t, b)
 
 
 @pytest.mark.parametrize("shape,active", [((5, 3, 4), [True, False, True, True, True]), ((5, 0), None)])
@@ -319,7 +337,7 @@ def test_crossed_at_out_of_range_for_an_inactive_or_empty_sample(shape, active):
     mask = None if active is None else torch.tensor(active)
     with pytest.raises(ValueError, match=r"boundary_search_step_: expected crossed_at in \[0, 1\].*got 2 for sample 1"):
         OP(lo, hi, points, crossed_at, mask)
-    with pytest.raises(ValueError, match=r"boundary_search_step_: expected crossed_at in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"boundary_search_step_: expected crossed_at in \[0, 1\].*got 2 for sample 1"):
         reference.boundary_search_step_(lo, hi, points, crossed_at, mask)
 
 

@@ -364,6 +364,20 @@ def check_boundary_search_step_args(lo, hi, points, crossed_at, active):
             )
 
 
+def check_boundary_search_step_values(crossed_at, k):
+    """csrc/cpu/boundary_search_step_kernel.cpp's value check, with its message and ValueError: every sample's
+    crossed_at in [0, k-1], active or not, the first one outside named. Reads the values on the host: for the
+    reference backend (a sync on CUDA, as the reference syncs anyway) and the Triton launcher on CPU (the interpreter);
+    the CUDA kernels check asynchronously. Meta tensors have no values to check. Until 2026-12-07 the reference said
+    only "expected crossed_at in [0, 3]" and the interpreted Triton launcher "got a value outside that range"."""
+    if crossed_at.numel() == 0 or crossed_at.device.type == "meta":
+        return
+    if int(crossed_at.min()) < 0 or int(crossed_at.max()) > k - 1:
+        sample = int(((crossed_at < 0) | (crossed_at > k - 1)).nonzero()[0, 0])
+        raise ValueError(f"boundary_search_step_: expected crossed_at in [0, {k - 1}] (k = {k}), got "
+                         f"{int(crossed_at[sample])} for sample {sample}")
+
+
 @torch.library.register_fake("robust_ops::boundary_search_step_")
 def _boundary_search_step_fake(lo, hi, points, crossed_at, active):
     check_boundary_search_step_args(lo, hi, points, crossed_at, active)

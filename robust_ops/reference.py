@@ -292,13 +292,11 @@ def boundary_search_step_(lo, hi, points, crossed_at, active=None):
       points[j] <- lo * (1 - t_j) + hi * t_j with t_j = (j+1)/k, in the tensor's dtype.
     Inactive samples (active[n] False) are left untouched.
     """
+    from ._meta import check_boundary_search_step_values  # _meta imports this module
+
     k = points.shape[0] + 1
     n = lo.shape[0]
-    # Meta tensors (shape inference, as the native op's fake kernel serves them) have no values to check.
-    if crossed_at.numel() and crossed_at.device.type != "meta" and (
-        int(crossed_at.min()) < 0 or int(crossed_at.max()) > k - 1
-    ):
-        raise ValueError(f"boundary_search_step_: expected crossed_at in [0, {k - 1}]")
+    check_boundary_search_step_values(crossed_at, k)
     stacked = torch.cat([lo.unsqueeze(0), points, hi.unsqueeze(0)], 0)  # [k+1, N, ...]
     index = crossed_at.view((1, n) + (1,) * (lo.dim() - 1)).expand((1,) + tuple(lo.shape))
     new_lo = stacked.gather(0, index)[0]

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._autograd import register_in_place_without_gradient
-from .._meta import check_boundary_search_step_args, check_strided
+from .._meta import check_boundary_search_step_args, check_boundary_search_step_values, check_strided
 from ._utils import check_launchable, launch, mul_rn, on_device_of, per_sample_grid
 
 BLOCK = 1024
@@ -77,12 +77,15 @@ def boundary_search_step_triton(lo: Tensor, hi: Tensor, points: Tensor, crossed_
     check_launchable("boundary_search_step_triton", lo)
     check_boundary_search_step_args(lo, hi, points, crossed_at, active)
     k = points.shape[0] + 1
-    # Out-of-range indices are an error, never clamped: an asynchronous check (no host sync), raised at the next sync
-    # on CUDA and at once on CPU.
-    torch._assert_async(
-        ((crossed_at >= 0) & (crossed_at <= k - 1)).all(),
-        f"boundary_search_step_: expected crossed_at in [0, {k - 1}] (k = {k}), got a value outside that range",
-    )
+    # Out-of-range indices are an error, never clamped. On CPU (the interpreter) the C++ CPU kernel's check, naming the
+    # sample; on CUDA an asynchronous one (no host sync), raised at the next sync.
+    if crossed_at.device.type == "cpu":
+        check_boundary_search_step_values(crossed_at, k)
+    else:
+        torch._assert_async(
+            ((crossed_at >= 0) & (crossed_at <= k - 1)).all(),
+            f"boundary_search_step_: expected crossed_at in [0, {k - 1}] (k = {k}), got a value outside that range",
+        )
     n = lo.shape[0]
     if lo.numel() == 0:
         return
