@@ -721,6 +721,23 @@ def test_error_messages_match_fake_checks(case):
     assert str(native_err.value) == "pgd_step_: " + message
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("norm", [None, 2, "l1"])
+def test_functional_refuses_a_norm_alike_on_every_backend(backend, norm):
+    """robust_ops.pgd_step_ names the op and its norm on every backend (test_pgd_step_triton.py: the interpreted
+    Triton one), before anything is written: a norm that is not a string (None) got the native and Triton schemas'
+    "robust_ops::pgd_step_() Expected a value of type 'str' for argument 'norm' but instead found type 'NoneType'.",
+    the reference backend its own message."""
+    args = _good_args()
+    x_adv, history = args["x_adv"], args["history"]
+    before = x_adv.clone()
+    with pytest.raises(RuntimeError) as err:
+        robust_ops.pgd_step_(x_adv, args["x_nat"], args["grad"], args["alpha"], args["eps"], norm=norm,
+                             history=history, backend=backend)
+    assert str(err.value) == f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}"
+    assert torch.equal(x_adv, before) and not history.any()
+
+
 @pytest.mark.parametrize(
     "name,values,message",
     [

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import robust_ops
 from robust_ops import reference
 from robust_ops._meta import check_pgd_step_args
 from test_pgd_step import (
@@ -187,6 +188,18 @@ def test_bitwise_equal_to_torchattacks_chain(norm):
         triton_op()(ours, x_nat, grad, alpha_t, eps_t, 0.0, 1.0, norm, None, 0)
         assert_verbose_equal(ours, expected)
         grad = torch.randn_like(grad)
+
+
+@pytest.mark.parametrize("norm", [None, 2, "l1"])
+def test_functional_refuses_a_norm_as_the_other_backends(norm):
+    """test_pgd_step.py's test_functional_refuses_a_norm_alike_on_every_backend on the Triton backend: a norm that is
+    not a string got the schema's "robust_ops::pgd_step_triton() Expected a value of type 'str' for argument 'norm'"."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
+    before = x_adv.clone()
+    with pytest.raises(RuntimeError) as err:
+        robust_ops.pgd_step_(x_adv, x_nat, grad, alpha, eps, norm=norm, backend="triton")
+    assert str(err.value) == f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}"
+    assert torch.equal(x_adv, before)
 
 
 def test_argument_errors_match_fake_checks():

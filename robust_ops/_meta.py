@@ -243,6 +243,15 @@ def _eval_batch_norm_backward_fake(grad_output, invstd, weight):
                        memory_format=output_memory_format(grad_output))
 
 
+def check_pgd_step_norm(norm):
+    """pgd_step_'s norm, "linf" or "l2" (csrc/pgd_step.h check_args, with its message). Also robust_ops.pgd_step_'s,
+    before any backend: the schema refused a norm that is not a string (None) with its own "robust_ops::pgd_step_()
+    Expected a value of type 'str' for argument 'norm' but instead found type 'NoneType'." on the native and Triton
+    backends. Plain Python, as _check_floating: it runs on every eager call."""
+    if norm not in ("linf", "l2"):
+        raise RuntimeError(f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}")
+
+
 def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm, history, slot):
     op = "pgd_step_"
     check_tensors_given(op, ("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("alpha", alpha), ("eps", eps))
@@ -270,7 +279,7 @@ def check_pgd_step_args(x_adv, x_nat, grad, alpha, eps, clip_min, clip_max, norm
         clip_min <= clip_max,
         lambda: f"{op}: expected clip_min <= clip_max, got clip_min={clip_min}, clip_max={clip_max}",
     )
-    torch._check(norm in ("linf", "l2"), lambda: f"{op}: expected norm to be 'linf' or 'l2', got {norm!r}")
+    check_pgd_step_norm(norm)
     if history is not None:
         torch._check(
             history.dim() == x_adv.dim() + 1 and history.shape[1:] == x_adv.shape,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import _autograd, _backend, reference
 from ._compile import capturing
-from ._meta import _check_floating, check_pool_geometry, check_strided
+from ._meta import _check_floating, check_pgd_step_norm, check_pool_geometry, check_strided
 
 __all__ = ["drop_max_pool2d", "max_pool2d", "pgd_step_", "boundary_search_step_"]
 
@@ -311,6 +311,7 @@ def pgd_step_(
     eps_t = _per_sample_tensor("eps", eps, x_adv)
     clip_min, clip_max = _real("clip_min", clip_min), _real("clip_max", clip_max)
     slot = _index("slot", slot)
+    check_pgd_step_norm(norm)
     which = _backend.resolve("pgd_step_", x_adv.device, backend)
     return _pgd_step_on(which, x_adv, x_nat, grad, alpha_t, eps_t, clip_min, clip_max, norm, history, slot)
 
