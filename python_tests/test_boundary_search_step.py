@@ -329,6 +329,27 @@ def test_crossed_at_out_of_range_is_refused_alike_on_every_backend(backend, k, c
         assert torch.equal(t, b)
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_vmap_is_refused_by_name_on_every_backend(backend):
+    """No batching rule: the functional form names the vmapped argument on every backend before anything is written
+    (native: "Batching rule not implemented for robust_ops::boundary_search_step_", reference: "... for
+    aten::_debug_has_internal_overlap")."""
+    lo, hi, points, crossed_at, _ = make_inputs(2)
+    his = torch.stack([hi, hi])
+    before = [t.clone() for t in (lo, points)]
+
+    def step(h):
+        robust_ops.boundary_search_step_(lo, h, points, crossed_at, backend=backend)
+        return h
+
+    with pytest.raises(RuntimeError) as err:
+        torch.func.vmap(step)(his)
+    assert str(err.value) == (
+        "boundary_search_step_: expected hi outside torch.func.vmap, got a tensor vmapped over; the op has no batching "
+        "rule and works per sample already: fold the vmapped dimension into the batch (N) dimension and call it once")
+    assert all(torch.equal(t, b) for t, b in zip((lo, points), before)) and torch.equal(his[0], hi)
+
+
 @pytest.mark.parametrize("shape,active", [((5, 3, 4), [True, False, True, True, True]), ((5, 0), None)])
 def test_crossed_at_out_of_range_for_an_inactive_or_empty_sample(shape, active):
     """Every sample's index is checked, also one that is not moved or has no elements: the CUDA kernel asserts before

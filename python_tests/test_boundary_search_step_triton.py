@@ -189,6 +189,17 @@ def test_argument_errors(match, args):
         triton_op()(*args)
 
 
+def test_vmap_is_refused_by_name_as_on_the_other_backends():
+    """test_boundary_search_step.py's test_vmap_is_refused_by_name_on_every_backend on the Triton backend (it raised
+    "Batching rule not implemented for robust_ops::boundary_search_step_triton")."""
+    lo, hi, points, crossed_at, _ = (t.to(device()) if t is not None else t for t in make_inputs(2))
+    before = lo.clone()
+    with pytest.raises(RuntimeError, match=r"^boundary_search_step_: expected hi outside torch\.func\.vmap, got a "):
+        torch.func.vmap(lambda h: robust_ops.boundary_search_step_(lo, h, points, crossed_at, backend="triton"))(
+            torch.stack([hi, hi]))
+    assert torch.equal(lo, before)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the check is an asynchronous device assert")
 @pytest.mark.parametrize("k,bad", [(2, 2), (3, -1)])
 def test_crossed_at_out_of_range(k, bad):

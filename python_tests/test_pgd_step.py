@@ -738,6 +738,32 @@ def test_functional_refuses_a_norm_alike_on_every_backend(backend, norm):
     assert torch.equal(x_adv, before) and not history.any()
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("vmapped", ["x_adv", "grad", "alpha"])
+def test_vmap_is_refused_by_name_on_every_backend(backend, vmapped):
+    """The op has no batching rule: under torch.func.vmap the functional form names the vmapped argument on every
+    backend (test_pgd_step_triton.py: the Triton one), before anything is written. Each backend failed in its own
+    words: "Batching rule not implemented for robust_ops::pgd_step_" (native), "... for
+    aten::_debug_has_internal_overlap" (reference), torch's in-place refusal where only grad was vmapped."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4))
+    batched = dict(x_adv=torch.stack([x_adv, x_adv]), grad=torch.stack([grad, -grad]), alpha=torch.stack([alpha] * 2))
+    args = dict(x_adv=x_adv, x_nat=x_nat, grad=grad, alpha=alpha)
+    args[vmapped] = batched[vmapped]
+    before = args["x_adv"].clone()
+
+    def step(value):
+        call = {**args, vmapped: value}
+        robust_ops.pgd_step_(call["x_adv"], call["x_nat"], call["grad"], call["alpha"], eps, backend=backend)
+        return value
+
+    with pytest.raises(RuntimeError) as err:
+        torch.func.vmap(step)(args[vmapped])
+    assert str(err.value) == (
+        f"pgd_step_: expected {vmapped} outside torch.func.vmap, got a tensor vmapped over; the op has no batching "
+        "rule and works per sample already: fold the vmapped dimension into the batch (N) dimension and call it once")
+    assert torch.equal(args["x_adv"], before)
+
+
 @pytest.mark.parametrize(
     "name,values,message",
     [

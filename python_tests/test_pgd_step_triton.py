@@ -202,6 +202,17 @@ def test_functional_refuses_a_norm_as_the_other_backends(norm):
     assert torch.equal(x_adv, before)
 
 
+def test_vmap_is_refused_by_name_as_on_the_other_backends():
+    """test_pgd_step.py's test_vmap_is_refused_by_name_on_every_backend on the Triton backend (it raised "Batching
+    rule not implemented for robust_ops::pgd_step_triton")."""
+    x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
+    before = x_adv.clone()
+    with pytest.raises(RuntimeError, match=r"^pgd_step_: expected grad outside torch\.func\.vmap, got a tensor"):
+        torch.func.vmap(lambda g: robust_ops.pgd_step_(x_adv, x_nat, g, alpha, eps, backend="triton"))(
+            torch.stack([grad, -grad]))
+    assert torch.equal(x_adv, before)
+
+
 def test_argument_errors_match_fake_checks():
     x_adv, x_nat, grad, alpha, eps = make_inputs((2, 3, 4), device=device())
     cases = [

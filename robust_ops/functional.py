@@ -68,6 +68,23 @@ def _check_tensor(op, name, value, optional=False):
         raise TypeError(f"{op}: expected {name} to be {kind}, got {type(value).__name__}")
 
 
+def _refuse_vmap(op, *named):
+    """The in-place ops have no batching rule: under torch.func.vmap each backend failed in its own words, naming no
+    argument (native: "Batching rule not implemented for robust_ops::pgd_step_; the fallback path doesn't work on out=
+    or view ops", Triton the same for robust_ops::pgd_step_triton, the reference "Batching rule not implemented for
+    aten::_debug_has_internal_overlap" or torch's in-place refusal). One refusal on every backend, before anything is
+    written. ``named``: (name, value) pairs (alpha and eps may be numbers)."""
+    # Outside every torch.func transform (no functorch level: ~0.03 us) nothing is asked; the walk over a tensor's
+    # wrappers cost ~3 us a call. Not while compiling, where Dynamo cannot trace these queries.
+    if torch._C._functorch.maybe_current_level() is None or torch.compiler.is_compiling():
+        return
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and reference._under_vmap(t):
+            raise RuntimeError(f"{op}: expected {name} outside torch.func.vmap, got a tensor vmapped over; the op has "
+                               "no batching rule and works per sample already: fold the vmapped dimension into the "
+                               "batch (N) dimension and call it once")
+
+
 def _functorch_autodiff(x):
     """Which differentiating transform sees x, if any: the native/Triton ops' autograd (torch.library.register_autograd)
     has no forward-mode formula, so a jvp/forward_ad tangent would be dropped silently (zero), and torch.func.grad
@@ -305,6 +322,8 @@ def pgd_step_(
         _check_tensor("pgd_step_", name, value)
     _check_tensor("pgd_step_", "history", history, optional=True)
     check_strided("pgd_step_", ("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("history", history))
+    _refuse_vmap("pgd_step_", ("x_adv", x_adv), ("x_nat", x_nat), ("grad", grad), ("alpha", alpha), ("eps", eps),
+                 ("history", history))
     if x_adv.dim() == 0:  # the op's own message, raised before x_adv.shape[0] below fails with an IndexError
         raise RuntimeError("pgd_step_: expected x_adv to have a batch dimension, got a 0-D tensor")
     alpha_t = _per_sample_tensor("alpha", alpha, x_adv)
@@ -362,6 +381,8 @@ def boundary_search_step_(lo, hi, points, crossed_at, active=None, *, backend=No
     _check_tensor("boundary_search_step_", "active", active, optional=True)
     check_strided("boundary_search_step_", ("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at),
                   ("active", active))
+    _refuse_vmap("boundary_search_step_", ("lo", lo), ("hi", hi), ("points", points), ("crossed_at", crossed_at),
+                 ("active", active))
     which = _backend.resolve("boundary_search_step_", lo.device, backend)
     return _boundary_search_step_on(which, lo, hi, points, crossed_at, active)
 
