@@ -2,6 +2,7 @@
 DropMax2d module, replace_maxpool, autograd, opcheck, torch.compile and every error message."""
 
 import copy
+import itertools
 import math
 import pickle
 import random
@@ -2338,37 +2339,43 @@ def test_output_and_gradient_strides_as_atens_for_inputs_of_any_layout():
 def test_a_batch_of_one_hwc_image_is_pooled_without_copying_it_where_no_gradient_is_recorded():
     """A batch of one HWC image (1 x C x H x W, channels_last-contiguous) is NCHW to ATen and channels_last to the
     ops' rule: it was copied into NCHW and pooled by the NCHW kernel (1 x 16 x 32 x 32, kernel 3 stride 2: ~61 us a
-    call, ~41 us now). Where no gradient is recorded the native CPU kernel pools it as it is and only the outputs are
-    made NCHW: no copy of the input, and the same values (NaN bits included), indices and strides as the NCHW kernel
-    on the copy and F.max_pool2d. With a gradient the copy stays (test above: the gradient's strides)."""
+    call, ~41 us now), and so was the unbatched HWC image viewed as CHW. Where no gradient is recorded the native CPU
+    kernel pools it as it is and only the outputs are made NCHW: no copy of the input, and the same values (NaN bits
+    included), indices and strides as the NCHW kernel on the copy and F.max_pool2d. With a gradient the copy stays
+    (test above: the gradient's strides)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    class Sizes(TorchDispatchMode):  # the element counts of every tensor an op makes
+    class Made(TorchDispatchMode):  # (elements, storage) of every tensor an op makes, views included
         def __init__(self):
             super().__init__()
-            self.numels = []
+            self.tensors = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
-            self.numels += [t.numel() for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+            self.tensors += [(t.numel(), t.untyped_storage().data_ptr()) for t in tree_leaves(result)
+                             if isinstance(t, torch.Tensor)]
             return result
 
     g = torch.Generator().manual_seed(0)
     img = torch.randint(0, 4, (9, 10, 6), generator=g).float()  # ties
     img.view(-1)[::13] = float("nan")
-    x = img.permute(2, 0, 1).unsqueeze(0)
-    for kernel, stride, padding, dilation, ceil_mode in [(3, 2, 0, 1, False), (2, 2, 1, 1, True), (3, 1, 1, 2, False)]:
+    chw = img.permute(2, 0, 1)  # the HWC image viewed as CHW (numpy, PIL): also pooled unbatched, as it is
+    geometries = [(3, 2, 0, 1, False), (2, 2, 1, 1, True), (3, 1, 1, 2, False)]
+    for x, (kernel, stride, padding, dilation, ceil_mode) in itertools.product((chw.unsqueeze(0), chw), geometries):
         args = (kernel, stride, padding, dilation, ceil_mode)
-        where = f"kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}, ceil_mode {ceil_mode}"
+        where = f"{x.dim()}-D, kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}, {ceil_mode}"
         ref = F.max_pool2d(x, *args)
-        values, indices = op(x.contiguous(), [kernel] * 2, [stride] * 2, [padding] * 2, [dilation] * 2, ceil_mode)
+        values, indices = op(chw.unsqueeze(0).contiguous(), [kernel] * 2, [stride] * 2, [padding] * 2, [dilation] * 2,
+                             ceil_mode)
+        values, indices = (values, indices) if x.dim() == 4 else (values[0], indices[0])
         for grad_mode, module in ((False, False), (True, False), (True, True)):
-            with torch.set_grad_enabled(grad_mode), Sizes() as sizes:
+            with torch.set_grad_enabled(grad_mode), Made() as made:
                 if module:
                     out, idx = robust_ops.DropMax2d(*args[:4], return_indices=True, ceil_mode=ceil_mode)(x)
                 else:
                     out, idx = robust_ops.drop_max_pool2d(x, *args, return_indices=True)
-            assert x.numel() not in sizes.numels, where  # no copy of the input
+            copies = [m for m in made.tensors if m[0] == x.numel() and m[1] != x.untyped_storage().data_ptr()]
+            assert not copies, where  # no copy of the input
             assert out.stride() == idx.stride() == ref.stride(), where
             assert torch.equal(out.view(torch.int32), values.view(torch.int32)) and torch.equal(idx, indices), where

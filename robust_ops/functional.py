@@ -211,9 +211,12 @@ def drop_max_pool2d(
     kernel, stride, padding, dilation = _pool_args("drop_max_pool2d", kernel_size, stride, padding, dilation)
     ceil_mode = _bool("drop_max_pool2d", "ceil_mode", ceil_mode)
     return_indices = _bool("drop_max_pool2d", "return_indices", return_indices)  # "no" returned (out, indices)
-    x, unbatched = _as_batch(input)
-    which = _backend.resolve("drop_max_pool2d", x.device, backend)
-    as_is = _one_hwc_image_pooled_as_is(x, which)
+    which = _backend.resolve("drop_max_pool2d", input.device, backend)
+    # an HWC image viewed as CHW (permute(2, 0, 1), as from numpy or PIL) is such a batch once unsqueezed, where
+    # _as_batch copies it into CHW
+    as_is = input.dim() == 3 and _one_hwc_image_pooled_as_is(input.unsqueeze(0), which)
+    x, unbatched = (input.unsqueeze(0), True) if as_is else _as_batch(input)
+    as_is = as_is or _one_hwc_image_pooled_as_is(x, which)
     if not as_is:  # F.max_pool2d's output and gradient strides (DropMax2d is a drop-in for nn.MaxPool2d)
         x = _in_atens_layout(x)
     if which in ("native", "triton"):
