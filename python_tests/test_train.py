@@ -3,6 +3,7 @@ NaN handling, DDP equivalence with a single process, and its input checks."""
 
 import contextlib
 import copy
+import errno
 import functools
 import json
 import math
@@ -5601,6 +5602,28 @@ def test_world_size_without_rank_is_a_clear_error(monkeypatch):
         fit(DropoutMLP(), "standard", _data(8), epochs=1, batch_size=8, progress=False)
     assert not torch.distributed.is_initialized()
 
+
+
+def test_a_master_port_in_use_is_a_clear_error_naming_it(monkeypatch):
+    """fit making the group from the environment (RANK, MASTER_ADDR, MASTER_PORT set by a launcher other than
+    torchrun) on a MASTER_PORT another program listens on raised torch's DistNetworkError, a RuntimeError that
+    robust-ops train printed as a traceback: it is an OSError naming MASTER_PORT now, which train prints as one
+    line."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(OSError, match=rf"^\[Errno {errno.EADDRINUSE}\] fit: MASTER_PORT={port} is in use on this "
+                                          r"machine \(address already in use\), so process 0 cannot host the process "
+                                          r"group's store there; pass every process another, free MASTER_PORT$"):
+            fit(DropoutMLP(), "standard", _data(8), epochs=1, batch_size=8, progress=False, dist_timeout=10)
+    assert not torch.distributed.is_initialized()
 
 @pytest.mark.parametrize("samples, batch_size, step, why", [
     (9, 4, 3, r"9 samples in batches of 4 leave a last batch of 1 sample \(9 % 4 == 1\)"),

@@ -658,6 +658,10 @@ def _distributed_context(device, timeout=None, timeout_arg=None):
             store = dist.PrefixStore(f"robust_ops.fit.{next(_GROUPS_MADE)}", store)
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         except RuntimeError as err:  # torch's DistStoreError / DistNetworkError: a process did not come
+            if _port_in_use(err):  # rank 0 hosts the store: torch's DistNetworkError, a RuntimeError (a traceback)
+                raise OSError(errno.EADDRINUSE, f"fit: MASTER_PORT={os.environ.get('MASTER_PORT')} is in use on this "
+                              "machine (address already in use), so process 0 cannot host the process group's store "
+                              "there; pass every process another, free MASTER_PORT") from err
             if not _collective_timed_out(err):
                 raise
             raise CollectiveTimeoutError("fit", int(os.environ["RANK"]), None if timeout is None else
@@ -683,6 +687,16 @@ def _group_timeout_s(device):
 _COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting \d+ms|Timed out after \d+ seconds waiting for clients|timed out "
                                  r"after \d+ms while trying to connect|collective operation timeout|timed out in "
                                  r"blocking wait")
+
+
+_PORT_IN_USE = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
+
+
+def _port_in_use(error):
+    """Whether ``error`` is the rendezvous's failure to listen on MASTER_PORT (torch 2.14's libuv store: "The server
+    socket has failed to listen on any local network address. port: 29500, ..., name: EADDRINUSE, ..."; its other
+    store: "... failed to bind to [::]:29500 (errno: 98 - Address already in use)")."""
+    return isinstance(error, RuntimeError) and _PORT_IN_USE.search(str(error)) is not None
 
 
 def _collective_timed_out(error):
