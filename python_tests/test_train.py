@@ -4024,6 +4024,9 @@ def _ddp_training_settings_differ_worker(rank, world, port, out_path):
             defense = kwargs.pop("defense", defenses.Standard())
             messages.append(_outcome(lambda: fit(DropoutMLP(), defense, _data(16), _data(4), epochs=1, batch_size=4,
                                                  progress=False, **kwargs)))
+        # a shard of the data per process, of one length: told it is the training set's fingerprint, as a setting
+        messages.append(_outcome(lambda: fit(DropoutMLP(), "standard", _data(16, seed=rank), epochs=1, batch_size=4,
+                                             progress=False)))
         torch.save(messages, f"{out_path}.{rank}")
 
 
@@ -4033,7 +4036,8 @@ def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
     there alone (the other waited in a collective); restore_best on one process only handed back other weights
     there (mutation pass: T31 passed every test). The flags' refusals say what to fix for that flag: amp and
     restore_best were told to pass the whole train_data and val_data (not shards), early_stopping that each process
-    updates its weights with it."""
+    updates its weights with it. A shard of the training data per process, of one length, was refused as processes
+    that differ in train_data_sha256, told to pass the same settings: it names the data and the fix now."""
     out = str(tmp_path / "settings")
     _spawn_within(120, _ddp_training_settings_differ_worker, (2, free_port(), out))
     fix = "pass every process the same settings: each process updates its own copy of the weights with them (DDP " \
@@ -4053,6 +4057,12 @@ def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
                     "epoch's or the last epoch's, so processes given other values would end holding different models",
                  7: "pass every process the same early_stopping: a process that stopped after another epoch than the "
                     "others would leave them waiting in the next epoch's collectives"}
+        *messages, shard = messages
+        assert re.fullmatch(r"ValueError: fit: the processes differ in the SHA-256 of train_data \(process 0: "
+                            rf"[0-9a-f]{{64}}, process 1: [0-9a-f]{{64}}; this is process {rank}\); pass every process "
+                            r"the whole train_data, the same samples in the same order \(not a shard of its own\): "
+                            r"fit cuts one permutation of it into global batches and gives each process its share",
+                            shard), shard
         assert len(messages) == len(differ)
         for i, (message, expected) in enumerate(zip(messages, differ)):
             if i == 3:  # SGD's whole defaults, momentum among them

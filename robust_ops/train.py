@@ -1478,7 +1478,9 @@ def fit(
         if world > 1:
             started = ("none (from scratch)" if resume_path is None else f"none ({resume_error})" if state is None
                        else f"after epoch {int(state['epoch'])}")
-            agreed = {"the checkpoint they resume": started, **{k: v for k, v in config.items() if k != "world_size"},
+            # the fingerprint in words: equal shards of the data, one per process, differ there alone
+            agreed = {"the checkpoint they resume": started,
+                      **{_AGREED_NAMES.get(k, k): v for k, v in config.items() if k != "world_size"},
                       "val_batch_size": val_batch_size,
                       **{f"defense option {k}": v for k, v in defense_options.items()}}
     if world > 1:
@@ -1492,6 +1494,9 @@ def fit(
                                    "weights with them (DDP averages only the gradients)", fixes={
                                        "the checkpoint they resume": "resume from a checkpoint every process reads: "
                                        "an out_dir on storage all nodes share",
+                                       "the SHA-256 of train_data": "pass every process the whole train_data, the "
+                                       "same samples in the same order (not a shard of its own): fit cuts one "
+                                       "permutation of it into global batches and gives each process its share",
                                        "early_stopping": "pass every process the same early_stopping: a process "
                                        "that stopped after another epoch than the others would leave them waiting "
                                        "in the next epoch's collectives"},
@@ -2349,6 +2354,10 @@ def _early_stopping_step(stopper, value, epoch):
         stopper["stopped_epoch"] = epoch + 1
         stopper["reason"] = (f"{stopper['monitor']} did not improve for {counted(stopper['patience'], 'epoch')} "
                              f"after its best, {stopper['best']:.6g} at epoch {stopper['best_epoch']}")
+
+
+# the checkpoint's config keys that fit's comparison of the processes' settings names otherwise
+_AGREED_NAMES = {"train_data_sha256": "the SHA-256 of train_data"}
 
 
 def _check_processes_agree(name, values, rank, world, fix, fixes=None, error=None):
