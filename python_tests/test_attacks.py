@@ -6726,6 +6726,20 @@ def test_seeds_up_to_2_to_the_64_are_taken_as_manual_seed_takes_them():
     assert torch.equal(got, want)
 
 
+def test_seeds_at_both_ends_of_manual_seeds_range():
+    # -2**63 is taken as manual_seed takes it, 2**64 and -2**63 - 1 are refused when built, not met as torch's bare
+    # "Overflow when unpacking long long" at the first call (mutation testing of check_seed: <= for < at either end
+    # survived) (found by the mut53 helper)
+    model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    got = attacks.PGD(model, steps=1, seed=-2 ** 63)(x, y)
+    want = attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=1,
+                       generator=torch.Generator().manual_seed(-2 ** 63))
+    assert torch.equal(got, want)
+    for seed in (2 ** 64, -2 ** 63 - 1):
+        with pytest.raises(ValueError, match=rf"^pgd: expected seed in \[-2\*\*63, 2\*\*64\), got {seed}$"):
+            attacks.PGD(model, steps=1, seed=seed)
+
+
 def test_a_bool_seed_is_refused():
     # seed=True is no seed (it ran as manual_seed(1)) (mutation testing of attacks core: accepting bools survived)
     model, x, y = TinyCNN(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
