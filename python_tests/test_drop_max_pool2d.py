@@ -831,6 +831,26 @@ def test_trace_of_the_reference_keeps_ceil_mode_windows_at_other_sizes():
             assert_verbose_equal(traced(y), pool(y), f"{geometry} at {h}x{w}")
 
 
+def test_trace_and_onnx_export_of_the_reference_take_channels_last_inputs_by_their_nchw_windows(tmp_path):
+    """Under torch.jit.trace (the TorchScript ONNX exporter's capture) the reference pools a channels_last input on
+    its NCHW windows, and takes one contiguous in both layouts (one channel, 1 x 1 images) as NCHW without reading its
+    sizes, which are tensors there (mutation testing of reference: each survived) (found by the mut53 helper): the
+    NHWC windows' dilation (width times channels) is a traced value the exporter refused ("Failed to export a node
+    ... because it is not constant"), and the layout rule's comparisons of traced sizes warned ("Converting a tensor
+    to a Python boolean might cause the trace to be incorrect"), failing under an error filter."""
+    pool = robust_ops.DropMax2d(3, 2, 1, ceil_mode=True, return_indices=True, backend="reference").eval()
+    x, other = (torch.rand(shape).contiguous(memory_format=torch.channels_last) for shape in ((2, 3, 9, 9),
+                                                                                         (1, 3, 10, 7)))
+    check_onnx_export(pool, x, tmp_path, dynamo=False, others=(other,), exact=True)
+    for x in (torch.rand(2, 1, 6, 6), torch.rand(3, 1, 1, 3).permute(0, 3, 1, 2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warnings.filterwarnings("ignore", message="`torch.jit.trace", category=FutureWarning)  # deprecated
+            traced = torch.jit.trace(pool, x)
+        for got, expected in zip(traced(x), pool(x)):
+            assert_verbose_equal(got, expected, str(x.stride()))
+
+
 def test_reference_export_and_trace_with_a_dynamic_batch_run_an_empty_batch():
     """The deployment route without the compiled extension (export under backend="reference") with a dynamic batch
     failed at batch 0, as did a trace made at batch 2: the reference's branch for empty inputs was decided at the
