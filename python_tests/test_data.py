@@ -1064,6 +1064,20 @@ def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
         load_dataset(path, size=8)
 
 
+def test_16_bit_data_below_2048_is_said_to_be_12_bit_data(tmp_path):
+    # a top of 1000 names 12 bits, CT's 0-4095, as the .npz loader's hint does, not the 10 its bit length gives
+    # (mutation testing of _check_16_bit: the bit length alone survived) (found by the mut53 helper)
+    from PIL import Image
+
+    for c in ("benign", "malignant"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 1000 - 10 * i, np.uint16)).save(tmp_path / c / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"every 16-bit image holds values <= 1000 only \(12-bit data\?\); .* -- pass "
+                                         r"bit_depth=12 \(--bit-depth 12\) to scale 4095 to 255$"):
+        load_dataset(tmp_path, size=8)
+
+
 @pytest.mark.parametrize("top, step, bits, dark", [(4095, 100, 12, 16), (16383, 1000, 14, 64)])
 def test_12_bit_data_in_16_bit_files_is_said(tmp_path, top, step, bits, dark):
     """CT / X-ray PNGs often hold 12-bit values (0..4095) in 16-bit files: scaled from 65535 they come out 16 times
