@@ -2902,6 +2902,16 @@ def test_pgdl2_names_pgdl2_in_its_errors_when_run():
             make(model, alpha=torch.full((3,), 0.1), steps=1)(x, y)
         with pytest.raises(ValueError, match=rf"^{name}: expected labels in \[0, 3\)"):
             make(model, steps=1)(x, y + 3)
+        # options set after the attack is built (its own checks passed) are checked when run, in its name: eps=-1.0
+        # above is refused when built since 58f9a6e (mutation testing of _pgd: the default alpha's and the steps'
+        # checks named pgd, each survived) (found by the mut53 helper)
+        for option, value, error, message in (
+                ("eps", "1", TypeError, r"expected eps to be a number or a tensor of shape \[2\], got str"),
+                ("steps", 0, ValueError, r"expected steps to be an integer >= 1, got 0$")):
+            attack = make(model, alpha=None, steps=1)
+            setattr(attack, option, value)
+            with pytest.raises(error, match=rf"^{name}: {message}"):
+                attack(x, y)
     with pytest.raises(ValueError, match=r"^pgd: expected eps >= 0 and finite, got -1.0$"):
         attacks.pgd(model, x, y, eps=-1.0, norm="l2", steps=1)
     assert torch.equal(attacks.PGDL2(model, steps=2, seed=0)(x, y),  # the same points
