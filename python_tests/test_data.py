@@ -1631,6 +1631,20 @@ def test_csv_paths_without_extension_list_each_folder_once(tmp_path, monkeypatch
         load_dataset(tmp_path / "paths.csv", size=8)
 
 
+def test_csv_paths_without_extension_find_a_suffix_in_capitals_and_skip_folders_named_as_images(tmp_path):
+    # pat1/view0 names pat1/view0.PNG, as a name without folder names it (suffix case ignored), and not a folder
+    # named view1.png beside view1.jpg (mutation testing of _images_by_stem: a case-sensitive suffix, and no
+    # is_file, each survived) (found by the mut53 helper)
+    rows = _patient_views(tmp_path, lambda patient, i: f"{patient}/view{i}")
+    (tmp_path / "pat1" / "view0.png").rename(tmp_path / "pat1" / "view0.PNG")
+    (tmp_path / "pat1" / "view1.png").rename(tmp_path / "pat1" / "view1.jpg")
+    (tmp_path / "pat1" / "view1.png").mkdir()
+    (tmp_path / "paths.csv").write_text("\n".join(rows) + "\n")
+    s = load_dataset(tmp_path / "paths.csv", size=8, channels=1)
+    x = torch.cat([s.train.tensors[0], s.val.tensors[0], s.test.tensors[0]])
+    assert sorted((x[:, 0, 4, 4] * 255).round().int().tolist()) == sorted(8 * i + p for p in (0, 1) for i in range(15))
+
+
 def test_csv_rows_naming_two_links_to_one_blob_are_two_images(tmp_path):
     """Two names linked to one file (git-annex's, DVC's or a hub cache's store of byte-identical images) were refused
     as 'rows ... name the same file' once paths were read, where the set loaded before: the rows name two files of
