@@ -1391,6 +1391,27 @@ def test_replace_maxpool_all_does_not_take_a_local_name_max_pool2d_for_a_call():
         robust_ops.replace_maxpool(nn.Sequential(nn.MaxPool2d(2), _AliasesMaxPool2d()), "all")
 
 
+class _KeywordOnlyFlagNamedMaxPool2d(_FlagNamedMaxPool2d):
+    def forward(self, x, *, max_pool2d=True):
+        return self.pool(x) if max_pool2d else x
+
+
+class _LambdaParameterNamedMaxPool2d(_FlagNamedMaxPool2d):
+    def forward(self, x):
+        return (lambda max_pool2d: max_pool2d(x))(self.pool)
+
+
+def test_a_keyword_only_or_lambda_parameter_named_max_pool2d_is_no_call_that_which_all_leaves():
+    # as forward(self, x, max_pool2d=True): a keyword-only parameter of that name, or a lambda's, is the function's
+    # own, not F's max_pool2d (mutation testing of nn._local_reads: reading positional parameters only, or functions
+    # only, survived) (found by the mut53 helper)
+    for cls in (_KeywordOnlyFlagNamedMaxPool2d, _LambdaParameterNamedMaxPool2d):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = robust_ops.replace_maxpool(cls(), "all")
+        assert isinstance(model.pool, robust_ops.DropMax2d), cls.__name__
+
+
 def test_replace_maxpool_all_on_inception_v3_names_its_max_pool2d_calls():
     import torchvision
 
