@@ -72,6 +72,21 @@ def test_eps_given_as_a_numpy_grid_or_tensor_evaluates_its_radii():
     assert [row["eps"] for row in rows] == [0.0, 0.01, 0.02]
 
 
+def test_eps_given_as_one_numpy_float32_radius_is_its_value_as_in_an_array():
+    """A loop over a float32 grid (for e in np.linspace(0, 2/255, 3, dtype=np.float32)[1:]: evaluate(..., eps=e))
+    passed each radius as a numpy scalar, read from its 7-digit str(): rows at eps 0.003921569 where the same grid
+    given at once gave 0.003921568859368563, so a report of both had two lines per radius, each half "–"."""
+    grid = np.linspace(0, 2 / 255, 3, dtype=np.float32)[1:]
+    for e in grid:
+        assert parse_eps(e) == parse_eps(np.array([e])) == [float(e)]
+    assert parse_eps(np.float16(0.1)) == [float(np.float16(0.1))]
+    looped = [row["eps"] for e in grid for row in evaluate(tiny_model(), tiny_data(), INFO, attacks="fgsm", eps=e)
+              if row["attack"] == "fgsm"]
+    at_once = [row["eps"] for row in evaluate(tiny_model(), tiny_data(), INFO, attacks="fgsm", eps=grid)
+               if row["attack"] == "fgsm"]
+    assert looped == at_once == [float(e) for e in grid]
+
+
 def test_parse_attacks():
     specs = parse_attacks("fgsm,pgd:steps=5:alpha=eps/4,noise:norm=l2")
     assert [s.name for s in specs] == ["fgsm", "pgd", "noise"]

@@ -97,7 +97,9 @@ def parse_number(text, what="value"):
 def parse_eps(text):
     """Radii from ``"1/255,2/255,0.03"`` (or a list, or a numpy array or tensor of them: np.linspace's grid); each must
     be finite and >= 0. Sorted, duplicates removed."""
-    if isinstance(text, np.ndarray) or torch.is_tensor(text):  # was "could not parse '[0.00392 0.00784]'"
+    # an array was "could not parse '[0.00392 0.00784]'"; a numpy scalar (a float32 grid's radius in a loop) was
+    # read from its 7-digit str(), another radius than the same value in an array or list
+    if isinstance(text, (np.ndarray, np.generic)) or torch.is_tensor(text):
         text = np.asarray(text.detach().cpu() if torch.is_tensor(text) else text).reshape(-1).tolist()
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     if not items or all(str(i).strip() == "" for i in items):
@@ -637,8 +639,8 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
         info (DatasetInfo): the dataset's (number of classes, positive class, value range): ``load_dataset(...).info``.
         attacks: attack specs, ``"fgsm,pgd,cw"`` or a list of them (``name[:key=value...]``: the module docstring).
             Default ("fgsm", "pgd", "cw").
-        eps: radii, ``"1/255,2/255"``, a list, a numpy array or a tensor of them; sorted, duplicates removed.
-            Default (5/255,).
+        eps: radii, ``"1/255,2/255"``, a list, a numpy array or a tensor of them, or one number (a numpy scalar
+            at its value); sorted, duplicates removed. Default (5/255,).
         method (str): the rows' label (default "model").
         batch_size (int >= 1): samples per forward and attack call (default 128).
         device: where to run (default: the model's device, as torchattacks runs; a model elsewhere is moved there
