@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import weakref
+from fractions import Fraction
+from pathlib import PurePosixPath
 
 import numpy as np
 import pytest
@@ -1616,6 +1618,25 @@ def test_write_results_takes_numpy_values_in_config_and_extra_fields(tmp_path):
     assert doc["config"] == {"seed": 3, "eps": [pytest.approx(1 / 255), pytest.approx(2 / 255)], "lr": 0.5,
                              "bad": None}
     assert doc["k"] == 5
+
+
+def test_write_results_takes_a_torch_device_dtype_or_fraction_in_config_and_names_what_it_cannot(tmp_path):
+    """A notebook's config={"device": torch.device("cpu"), ...} stopped write_results with json.dump's "TypeError:
+    Object of type device is not JSON serializable" (torch.float32: "type dtype", Fraction(1, 255): "type Fraction"),
+    naming neither config nor the entry. A device or dtype is recorded as its text, a fraction as its float, and what
+    JSON has no type for is an EvalError naming the entry; nothing is written then."""
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    config = {"device": torch.device("cpu"), "dtype": torch.float32, "eps": [Fraction(1, 255)],
+              "out": PurePosixPath("runs/a")}
+    out = write_results(tmp_path / "out", [row], INFO, config=config, figures=False)
+    doc = json.loads(out["results"].read_text())
+    assert doc["config"] == {"device": "cpu", "dtype": "torch.float32", "eps": [1 / 255], "out": "runs/a"}
+    for arg, kwargs, where in [("config", {"config": {"opts": {"classes": {1, 2}}}}, "config['opts']['classes']"),
+                               ("extra_fields", {"extra_fields": {"k": [object]}}, "extra_fields['k'][0]")]:
+        with pytest.raises(EvalError, match=rf"^{re.escape(where)}: a (set|type) \(.*\), which results.json cannot "
+                                            r"hold; give it as a string, number, bool, None, list or dict$") as err:
+            write_results(tmp_path / arg, [row], INFO, figures=False, **kwargs)
+        assert err.value.arg == arg and not (tmp_path / arg).exists()
 
 
 @pytest.mark.parametrize("bad", [2.5, torch.zeros(1, dtype=torch.float64), "cpu "])

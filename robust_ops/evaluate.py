@@ -35,6 +35,7 @@ import inspect
 import itertools
 import json
 import math
+import numbers
 import os
 import platform
 import re
@@ -893,20 +894,33 @@ def environment(device="cpu"):
     }
 
 
-def _json_safe(value):
+def _json_safe(value, where=None):
+    """``value`` in plain JSON types: NaN and Inf as None, numpy and torch values as the numbers they hold, a path,
+    torch.device or torch.dtype as its text, a fraction as its float. Anything else is an EvalError naming its entry
+    (``where``: the top-level key, e.g. "config"), where json.dump's "Object of type device is not JSON serializable"
+    named neither."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if value is None or isinstance(value, (str, int, float)):
+        return value
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): _json_safe(v, where and f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
+        return [_json_safe(v, where and f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (torch.device, torch.dtype)):  # config={"device": torch.device("cuda")}
         return str(value)
     if torch.is_tensor(value) or isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
+        return _json_safe(value.tolist(), where)
     if isinstance(value, np.generic):  # numpy scalars (np.int64 seeds, np.float32 values): json.dump refuses them
-        return _json_safe(value.item())
-    return value
+        return _json_safe(value.item(), where)
+    if isinstance(value, numbers.Real):  # Fraction(1, 255), Decimal
+        return _json_safe(float(value), where)
+    where = where or "rows"
+    top = where.split("[")[0]
+    raise EvalError("info" if top == "dataset" else top, f"{where}: a {type(value).__name__} ({value!r:.60}), which "
+                    "results.json cannot hold; give it as a string, number, bool, None, list or dict")
 
 
 def results_document(rows, info, config=None, device="cpu", paper=None, notes=None, extra_fields=None):
@@ -940,7 +954,8 @@ def results_document(rows, info, config=None, device="cpu", paper=None, notes=No
     if notes:
         doc["notes"] = notes
     doc.update(extra_fields or {})
-    return _json_safe(doc)
+    extra = set(extra_fields or ())
+    return {key: _json_safe(value, f"extra_fields[{key!r}]" if key in extra else key) for key, value in doc.items()}
 
 
 class AtomicOutput:
@@ -981,7 +996,9 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
         rows: the result rows, a list of :func:`evaluate`'s dicts (several calls' rows concatenated; two rows with
             the same method, attack, norm and eps are refused).
         info: the dataset's DatasetInfo (class names, positive class), recorded as results.json's ``dataset``.
-        config: a dict of run settings for results.json's ``config`` and report.md's Configuration, or None ({}).
+        config: a dict of run settings for results.json's ``config`` and report.md's Configuration, or None ({});
+            numpy and torch numbers are recorded as the numbers they hold, a path, torch.device or torch.dtype as
+            its text, a fraction as its float.
         device: the device the rows were computed on (default "cpu"), recorded in results.json's ``environment``.
         paper: the published numbers to compare with (reproduce's), recorded as results.json's ``paper``; None
             (default) or empty: not recorded.
@@ -997,7 +1014,9 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
 
     Raises:
         EvalError: info's class_names are not one distinct name per class, config or extra_fields is neither a
-            dict nor None, or two rows share a method, attack, norm and eps.
+            dict nor None, one of their values (or of rows, paper, notes) is none of those JSON can hold (a set,
+            an object: its ``arg`` the argument, the message naming the entry), or two rows share a method,
+            attack, norm and eps.
     """
     from . import report
 
