@@ -190,6 +190,26 @@ def test_simclr_shows_its_bar_and_trains_the_same_with_progress_on_or_off(capsys
     assert runs[0][0] == runs[1][0] and all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
 
 
+def test_an_interrupted_simclr_closes_its_progress_bar():
+    """A KeyboardInterrupt mid-epoch, its traceback kept (as a notebook keeps sys.last_traceback): simclr's epoch bar
+    stayed open ("open bars after KI: 1 ['simclr 1/1']"), pushing every later bar one line down; it is closed, as
+    fit's is."""
+    from tqdm.auto import tqdm
+
+    calls = []
+
+    def interrupted(batch):
+        calls.append(1)
+        if len(calls) == 3:  # the second step's first view
+            raise KeyboardInterrupt
+        return batch
+
+    before = len(getattr(tqdm, "_instances", ()))
+    with pytest.raises(KeyboardInterrupt) as kept:
+        simclr(_model(), _data(), epochs=1, batch_size=8, augment=interrupted, progress=True)
+    assert kept.tb is not None and len(getattr(tqdm, "_instances", ())) == before
+
+
 def test_simclr_trains_under_a_callers_no_grad_and_refuses_inference_mode():
     """Under a caller's torch.no_grad() simclr stopped at its first backward with autograd's bare "element 0 of
     tensors does not require grad", naming neither simclr nor the block; it trains as outside it (as fit), and

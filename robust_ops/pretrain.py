@@ -198,7 +198,7 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
     head_name = _classifier_head(model_backbone, head)
     original_head = getattr(model_backbone, head_name) if head_name else None
     model = model_backbone.to(device)
-    opt = None
+    opt = bar = None
     with torch.enable_grad(), use_model_mode(model, "keep"):  # per module: one frozen in eval stays so, on failure too
         try:
             if head_name:
@@ -222,7 +222,6 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
             history = []
             for epoch in range(epochs):
                 total, steps = 0.0, 0
-                bar = None
                 if progress:
                     from tqdm.auto import tqdm
 
@@ -248,8 +247,11 @@ def simclr(model_backbone, data, epochs, temperature=0.5, *, batch_size=64, lr=3
                         bar.update(1)
                 if bar is not None:
                     bar.close()
+                    bar = None
                 history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
         finally:
+            if bar is not None:  # an interrupted epoch's bar, kept open by a notebook's traceback, as in fit
+                bar.close()
             if opt is not None:  # the last step's gradients belong to pretraining, not to the caller (also on failure)
                 opt.zero_grad(set_to_none=True)
             if head_name:
