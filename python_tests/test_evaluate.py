@@ -1442,6 +1442,25 @@ def test_dict_single_field_and_pil_items_are_refused_naming_the_fix():
         assert err.value.arg == "data" and "\n" not in str(err.value)
 
 
+def test_a_tuple_of_the_inputs_and_labels_is_refused_naming_tensordataset():
+    """evaluate(model, (x, y), info), the tensors as they come from a split, was read as a dataset of two items, x
+    and y: "expected the dataset to yield (x, y) or (x, y, ids), got Tensor of length ?; make its items (image,
+    label)", which named neither what was passed nor the fix."""
+    x, y = tiny_data(4).tensors
+    cases = (((x, y), r"got a tuple of 2 tensors \(\[4, 1, 12, 12\], \[4\]\), one per field; pass "
+                      r"torch.utils.data.TensorDataset\(x, y\)$"),
+             ([x, y, torch.arange(4)], r"got a list of 3 tensors .*TensorDataset\(x, y, ids\)$"),
+             ((x.numpy(), y.numpy()), r"got a tuple of 2 arrays .*TensorDataset\(torch.as_tensor\(x\), "
+                                      r"torch.as_tensor\(y\)\)$"))
+    for data, match in cases:
+        with pytest.raises(EvalError, match=r"^evaluate: expected a dataset of \(x, y(, ids)?\) items, " + match) \
+                as err:
+            evaluate(tiny_model(), data, INFO, attacks="fgsm", eps=[0.1])
+        assert err.value.arg == "data"
+    # a list of two (x, y) samples is a dataset
+    assert evaluate(tiny_model(), [(x[0], y[0]), (x[1], y[1])], INFO, attacks="fgsm", eps=[0.1])[0]["n"] == 2
+
+
 def test_a_map_style_dataset_keeps_its_labels_for_the_label_rule():
     # its labels went through int(): a float label 1.4 was evaluated as class 1, a one-hot one was a traceback
     import numpy as np
