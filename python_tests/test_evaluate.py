@@ -1070,6 +1070,27 @@ def test_methods_sharing_a_slug_get_one_saliency_file_each(tmp_path):
                      "saliency_mirst-dm-3.png"]
 
 
+def test_write_results_refuses_a_saliency_of_another_form_before_writing_and_takes_numpy_images(tmp_path):
+    """saliency=(model, x, y), the model where write_results takes {method: model}, stopped it after the figures
+    with "AttributeError: 'SmallCNN' object has no attribute 'items'", a pair (models, x) with "ValueError: not
+    enough values to unpack", numpy images with "'numpy.ndarray' object has no attribute 'dim'"."""
+    x, y = torch.rand(4, 1, 12, 12), torch.tensor([0, 1, 0, 1])
+    model = tiny_model()
+    rows = evaluate(model, TensorDataset(x, y), INFO, attacks="fgsm", eps=[1 / 255], method="a")
+    form = (r"^saliency: expected \(models, x, y\): a dict \{method: model\}, a few test images \[N, C, H, W\] and "
+            r"their ")
+    for bad, got in [((model, x, y), r"got the model itself \(TinyCNN\); pass \(\{'<method>': model\}, x, y\), the "
+                                     r"method as its rows name it$"),
+                     (({"a": model}, x), r"got a tuple of 2 items$"),
+                     (([model], x, y), r"got its models as a list$"),
+                     (({"a": "model.pt"}, x, y), r"got a str among the models$")]:
+        with pytest.raises(EvalError, match=form + r"labels, " + got) as err:
+            write_results(tmp_path / "out", rows, INFO, saliency=bad)
+        assert err.value.arg == "saliency" and not (tmp_path / "out").exists()
+    paths = write_results(tmp_path / "out", rows, INFO, saliency=({"a": model}, x[:2].numpy(), y[:2].numpy()))
+    assert "saliency_a.png" in [p.name for p in paths["figures"]]
+
+
 def test_saliency_maps_restore_every_module_mode():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 16, 2))
     model.train()

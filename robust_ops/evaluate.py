@@ -997,6 +997,32 @@ class AtomicOutput:
         return False
 
 
+def _check_saliency(saliency):
+    """write_results' ``saliency`` as it draws it, (models, x, y), numpy images and labels as tensors; an EvalError
+    naming the fix otherwise, before any file is written: (model, x, y) stopped it with "'SmallCNN' object has no
+    attribute 'items'", a pair with "not enough values to unpack", numpy images with "no attribute 'dim'"."""
+    if saliency is None:
+        return None
+    form = "(models, x, y): a dict {method: model}, a few test images [N, C, H, W] and their labels"
+    if not (isinstance(saliency, (tuple, list)) and len(saliency) == 3):
+        got = f"a {type(saliency).__name__} of {len(saliency)} items" if isinstance(saliency, (tuple, list)) else \
+            f"a {type(saliency).__name__}"
+        raise EvalError("saliency", f"saliency: expected {form}, got {got}")
+    models, x, y = saliency
+    if isinstance(models, torch.nn.Module):
+        raise EvalError("saliency", f"saliency: expected {form}, got the model itself ({type(models).__name__}); "
+                                    "pass ({'<method>': model}, x, y), the method as its rows name it")
+    if not isinstance(models, dict):
+        raise EvalError("saliency", f"saliency: expected {form}, got its models as a {type(models).__name__}")
+    bad = [m for m in models.values() if not isinstance(m, torch.nn.Module)]
+    if bad:
+        raise EvalError("saliency", f"saliency: expected {form}, got a {type(bad[0]).__name__} among the models")
+    x, y = (torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in (x, y))
+    if not torch.is_tensor(x):
+        raise EvalError("saliency", f"saliency: expected {form}, got images of type {type(x).__name__}")
+    return models, x, y
+
+
 def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None, notes=None, title=None,
                   figures=True, saliency=None, extra_markdown=None, extra_fields=None):
     """Write results.json, report.md and the figures into ``out_dir`` atomically; returns the written paths. Figures
@@ -1016,7 +1042,8 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
         notes: recorded as results.json's ``notes``; None (default) or empty: not recorded.
         title: report.md's heading; None (default): "Robustness evaluation".
         figures: draw ``<metric>_vs_eps.png`` (and the saliency maps) when True (default); False draws none.
-        saliency: optional ``(models: {method: model}, x, y)`` for Grad-CAM / input-gradient maps of a few images.
+        saliency: optional ``(models: {method: model}, x, y)`` for Grad-CAM / input-gradient maps of a few images
+            (tensors or numpy arrays).
         extra_markdown: Markdown text put into report.md before its "All rows" table, or None (default).
         extra_fields: a dict of more top-level results.json entries (they replace those of the same name), or None.
 
@@ -1026,11 +1053,12 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
     Raises:
         EvalError: info's class_names are not one distinct name per class, config or extra_fields is neither a
             dict nor None, one of their values (or of rows, paper, notes) is none of those JSON can hold (a set,
-            an object: its ``arg`` the argument, the message naming the entry), or two rows share a method,
-            attack, norm and eps.
+            an object: its ``arg`` the argument, the message naming the entry), two rows share a method,
+            attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict of modules.
     """
     from . import report
 
+    saliency = _check_saliency(saliency)
     doc = results_document(rows, info, config, device, paper, notes, extra_fields)
     with AtomicOutput(out_dir) as stage:
         with open(stage / "results.json", "w") as f:
