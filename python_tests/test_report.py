@@ -131,6 +131,30 @@ def test_pivot_table_takes_the_methods_and_their_order_given():
     assert report.pivot_table(rows, "accuracy").splitlines()[0] == "| Accuracy: attack | ε | A | B |"
 
 
+def test_a_misspelt_metric_is_refused_and_one_name_is_one_column():
+    """pivot_table(rows, "acc") (or "Accuracy") gave a table whose every cell read "–", plot_metric_vs_radius drew
+    nothing and returned False, as for a metric undefined in every row, and markdown_table stopped with "KeyError:
+    'acc'"; markdown_table(rows, "accuracy") read the name letter by letter ("KeyError: 'a'") and
+    pivot_table(rows, "accuracy", methods="A") made a column per letter."""
+    rows = [{"method": m, "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": acc, "accuracy_std": 0.1}
+            for m, acc in (("A", 0.5), ("AB", 0.75))]
+    calls = {"pivot_table": lambda m: report.pivot_table(rows, m),
+             "markdown_table": lambda m: report.markdown_table(rows, [m]),
+             "plot_metric_vs_radius": lambda m: report.plot_metric_vs_radius(rows, "unused.png", m)}
+    for name, call in calls.items():
+        for bad in ("acc", "Accuracy"):
+            with pytest.raises(ValueError, match=rf"^{name}: no row holds the metric '{bad}'; expected one of "
+                                                 r"accuracy, f1, sensitivity, specificity, precision, auc, map$"):
+                call(bad)
+    # a metric's name the rows lack (hand-made rows) reads "–", a key they hold (reproduce's std) is a column
+    assert report.pivot_table(rows, "f1").splitlines()[2] == "| no attack | 0 | – | – |"
+    assert report.markdown_table(rows, "accuracy_std").splitlines()[2] == "| A | none | – | 0 | 4 | 0.100 |"
+    assert report.markdown_table(rows, "accuracy, auc").splitlines()[0] == (
+        "| method | attack | norm | ε | n | Accuracy | AUC |")
+    assert report.pivot_table(rows, "accuracy", methods="AB").splitlines()[:3] == [
+        "| Accuracy: attack | ε | AB |", "|---|---|---|", "| no attack | 0 | 0.750 |"]
+
+
 def test_markdown_table_of_no_rows_says_so():
     # an empty "All rows" section would read as a report cut short
     assert report.markdown_table([]) == "(no rows)"

@@ -132,15 +132,28 @@ def _radii(items):
     return {(i["eps"] if isinstance(i, dict) else i[-1]) for i in items}
 
 
+def _check_metric(name, metric, rows):
+    """A ValueError naming ``name`` for a ``metric`` that is no metric's name and no row holds (a misspelt "acc" or
+    "Accuracy"): the table's cells all read "–" and the figure was not drawn, as for a metric undefined in every row,
+    without a word. A metric's name that hand-made rows lack stays "–", as before."""
+    if metric not in METRIC_LABELS and not any(metric in r for r in rows):
+        raise ValueError(f"{name}: no row holds the metric {metric!r}; expected one of {', '.join(METRIC_LABELS)}")
+
+
 def markdown_table(rows, metrics=None):
     """A Markdown table of ``rows`` (evaluate's result dicts), one line per row: method, attack, norm, eps, n and the
-    ``metrics`` (names; None, the default: each of the seven metric names the first row has). "(no rows)" for
-    none."""
+    ``metrics`` (names, or one string of comma-separated names; None, the default: each of the seven metric names
+    the first row has). "(no rows)" for none. A name that is no metric's and that no row holds (``"acc"``) is a
+    ValueError."""
     if not rows:
         return "(no rows)"
+    if isinstance(metrics, str):  # "accuracy" was read letter by letter: KeyError 'a'
+        metrics = [m.strip() for m in metrics.split(",")]
+    for m in metrics or ():
+        _check_metric("markdown_table", m, rows)
     metrics = metrics or [m for m in ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
                           if m in rows[0]]
-    head = ["method", "attack", "norm", "ε", "n"] + [METRIC_LABELS[m] for m in metrics]
+    head = ["method", "attack", "norm", "ε", "n"] + [METRIC_LABELS.get(m, m) for m in metrics]
     lines = [_table_line(head), "|" + "---|" * len(head)]
     radii = _radii(rows)
     for r in rows:
@@ -170,7 +183,11 @@ def _pivot_lines(rows):
 def pivot_table(rows, metric, methods=None):
     """The seed papers' layout as a Markdown table of ``rows`` (evaluate's result dicts): one line per (attack,
     norm, eps), one column per method, for one ``metric`` (a name such as "accuracy"). ``methods``: the columns in
-    order (None, the default: each method of ``rows`` in order of appearance); a missing row's cell reads "–"."""
+    order, or one method's name (None, the default: each method of ``rows`` in order of appearance); a missing
+    row's cell reads "–". A ``metric`` that is no metric's name and that no row holds (``"acc"``) is a ValueError."""
+    _check_metric("pivot_table", metric, rows)
+    if isinstance(methods, str):  # "STD" was read letter by letter: a column per letter, each cell "–"
+        methods = [methods]
     methods = methods or _methods(rows)
     index = {(r["method"], r["attack"], r.get("norm"), r["eps"]): r for r in rows}
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
@@ -482,7 +499,9 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     when the figure was written.
     A mean row (reproduce) with a ``<metric>_std`` gets a ±1 std error bar, and one that is the mean of only k of
     its n runs is marked "k of n runs", as the tables mark it. Returns False (nothing written) when no row has a
-    defined value of the metric (an empty figure would say nothing; the report's note says why it is undefined)."""
+    defined value of the metric (an empty figure would say nothing; the report's note says why it is undefined);
+    a ``metric`` that is no metric's name and that no row holds (``"acc"``) is a ValueError."""
+    _check_metric("plot_metric_vs_radius", metric, rows)
     panels = _attack_panels(rows)
     methods = _methods(rows)
     if not panels or all(_undefined(r.get(metric)) for r in rows):
