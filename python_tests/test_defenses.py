@@ -2593,6 +2593,31 @@ def test_own_defense_subclasses_the_exported_pgd_defense():
     assert defenses.unwrap(nn.DataParallel(model)) is model and defenses.unwrap(model) is model
 
 
+def test_own_defense_with_its_batch_in_forward_is_refused_when_defined():
+    """nn.Module's habit: class MyAT(AT) computing its loss in forward trained as AT without a word (fit calls the
+    defense, AT's __call__, never forward; measured: a forward raising KeyboardInterrupt at its third call, and fit
+    returned its history). The class is refused when defined, naming __call__; forward beside a __call__ of the
+    user's own (which may call it) is theirs."""
+    for base, runs in ((defenses.AT, "AT"), (defenses.PGDDefense, "Defense"), (defenses.Defense, "Defense")):
+        with pytest.raises(TypeError, match=rf"^MyAT: defines forward, which fit never calls: a defense computes a "
+                                            rf"batch in __call__\(self, model, x, y, ids=None\) \({runs}'s would "
+                                            r"run\); rename forward to __call__$"):
+            class MyAT(base):
+                def forward(self, model, x, y, ids=None):
+                    raise AssertionError("never called")
+
+    class Mine(defenses.Defense):
+        def __call__(self, model, x, y, ids=None):
+            return self.forward(model, x, y)
+
+    class Child(Mine):
+        def forward(self, model, x, y):
+            return defenses.DefenseOutput(loss=F.cross_entropy(model(x), y))
+
+    model = nn.Linear(4, 2)
+    assert Child()(model, torch.rand(2, 4), torch.tensor([0, 1])).loss.requires_grad
+
+
 def test_own_defense_options_given_as_numpy_scalars_are_recorded_and_compared_on_resume(tmp_path):
     """options() kept only Python numbers: sigma=np.float32(0.05) or steps=np.int64(2) of a numpy sweep was left out,
     so a resume with another value trained on silently. They are options now, as the Python numbers they hold."""

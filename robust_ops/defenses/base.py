@@ -70,6 +70,12 @@ class Defense:
         super().__init_subclass__(**kwargs)
         if "__call__" in vars(cls):  # each defense's own forwards (and a user's defense's) name it
             cls.__call__ = _reading_labels_once(_naming_one_sample_batch_norm(vars(cls)["__call__"]))
+        elif "forward" in vars(cls) and cls.__call__.__module__.startswith(__name__.rpartition(".")[0]):
+            # nn.Module's habit: class MyAT(AT) with its loss in forward trained as AT, forward never called
+            owner = next(k for k in cls.__mro__ if "__call__" in vars(k))
+            raise TypeError(f"{cls.__name__}: defines forward, which fit never calls: a defense computes a batch in "
+                            f"__call__(self, model, x, y, ids=None) ({owner.__name__}'s would run); rename forward to "
+                            "__call__")
 
     def __new__(cls, *args, **kwargs):
         # the attack classes take the model first (AT(model) as PGD(model)): it landed in the first option (SAT's
