@@ -2377,6 +2377,21 @@ def test_output_and_gradient_strides_as_atens_for_inputs_of_any_layout():
     robust_ops.DropMax2d(2)(hwc).view(1, -1)  # as nn.MaxPool2d(2)'s output allows
 
 
+def test_a_trace_of_the_native_op_asks_no_size_of_its_input():
+    """The HWC fast path's check (_one_hwc_image_pooled_as_is) compared the input's sizes before asking whether a graph
+    was being captured: every torch.jit.trace of a DropMax2d on the native backend (and the TorchScript ONNX exporter)
+    warned "Converting a tensor to a Python boolean might cause the trace to be incorrect", two to four times, for a
+    batch of one HWC image, an unbatched one or a plain NCHW batch alike."""
+    pool = robust_ops.DropMax2d(3, 2)
+    img = torch.randn(9, 10, 5)
+    for x in (img.permute(2, 0, 1).unsqueeze(0), img.permute(2, 0, 1), torch.randn(2, 5, 9, 10), torch.randn(5, 9, 10)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.trace's deprecation notice
+            traced = torch.jit.trace(pool, x)
+        assert_verbose_equal(traced(x), pool(x.contiguous()), f"{tuple(x.shape)}")
+
+
 def test_a_batch_of_one_hwc_image_is_pooled_without_copying_it_where_no_gradient_is_recorded():
     """A batch of one HWC image (1 x C x H x W, channels_last-contiguous) is NCHW to ATen and channels_last to the
     ops' rule: it was copied into NCHW and pooled by the NCHW kernel (1 x 16 x 32 x 32, kernel 3 stride 2: ~61 us a

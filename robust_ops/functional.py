@@ -149,11 +149,14 @@ def _one_hwc_image_pooled_as_is(x, which):
     kernel 3 stride 2, one core: drop_max_pool2d ~41 us a call against ~61 us; values and indices are the same, bit
     for bit, as both kernels select by window order). Only where no gradient is recorded: the op's backward takes the
     indices' layout, which would give the input gradient channels_last strides where ATen's are NCHW. Not under
-    torch.func transforms (no layout is asked there) or while capturing a graph."""
-    return (which == "native" and x.dim() == 4 and x.shape[0] == 1 and x.shape[1] > 1 and x.device.type == "cpu"
+    torch.func transforms (no layout is asked there) or while capturing a graph; torch.jit.trace is asked before the
+    sizes, which are tensors there: their comparisons warned on every trace (TracerWarning "Converting a tensor to a
+    Python boolean"), after is_contiguous(), which answers for most inputs at less cost (~0.05 us, ~0.2 us)."""
+    return (which == "native" and x.dim() == 4 and not x.is_contiguous() and not torch.jit.is_tracing()
+            and x.shape[0] == 1 and x.shape[1] > 1 and x.device.type == "cpu"
             and not (x.requires_grad and torch.is_grad_enabled())
             and torch._C._functorch.maybe_current_level() is None and not capturing()
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
             and reference._suggested_memory_format(x) == torch.contiguous_format)
 
 
