@@ -1330,6 +1330,14 @@ class _ReceiverNamedThis(nn.Module):  # self.max_pool2d(x), its receiver named o
         return this.max_pool2d(x)
 
 
+class _LambdaReceiverNamedThis(nn.Module):  # a method the class body binds to a lambda, its receiver named otherwise
+    def __init__(self):
+        super().__init__()
+        self.max_pool2d = nn.MaxPool2d(2)
+
+    forward = lambda this, x: this.max_pool2d(x)  # noqa: E731
+
+
 class _StaticPoolsWithF(nn.Module):  # a static method's first parameter is no receiver: here it is F
     def forward(self, x):
         return self.pool(F, x)
@@ -1342,9 +1350,10 @@ class _StaticPoolsWithF(nn.Module):  # a static method's first parameter is no r
 def test_replace_maxpool_all_does_not_take_a_layer_named_max_pool2d_for_a_call():
     """A model pooling only with a layer named max_pool2d (self.max_pool2d(x) in its forward) got which="all"'s
     warning that its forward left max_pool2d calls as max pooling, though the layer had become a DropMax2d; so did
-    one whose methods name their receiver otherwise (this.max_pool2d(x)) after that. A static method's first
-    parameter is no receiver: its max_pool2d still warns."""
-    for cls in (_LayerNamedMaxPool2d, _ReceiverNamedThis):
+    one whose methods name their receiver otherwise (this.max_pool2d(x)) after that, and a forward the class body
+    binds to a lambda (lambda this, x: this.max_pool2d(x)) after that. A static method's first parameter is no
+    receiver: its max_pool2d still warns."""
+    for cls in (_LayerNamedMaxPool2d, _ReceiverNamedThis, _LambdaReceiverNamedThis):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             model = robust_ops.replace_maxpool(cls(), "all")

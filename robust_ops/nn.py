@@ -261,14 +261,17 @@ def _local_reads(tree):
 def _receiver_reads(tree):
     """The ids of the Attribute nodes in tree that read max_pool2d off a method's own receiver, its first parameter:
     self.max_pool2d(x) is a layer of that name (seen as a module, a method in its own source), whatever the method
-    calls its receiver (def forward(this, x): this.max_pool2d(x) warned that the forward left max_pool2d calls)."""
+    calls its receiver (def forward(this, x): this.max_pool2d(x) warned that the forward left max_pool2d calls), a
+    lambda the class body binds (forward = lambda this, x: this.max_pool2d(x)) too."""
     reads = set()
     for cls in ast.walk(tree):
         if not isinstance(cls, ast.ClassDef):
             continue
         for fn in cls.body:
-            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or any(
-                    isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list):
+            if isinstance(fn, (ast.Assign, ast.AnnAssign)) and isinstance(fn.value, ast.Lambda):
+                fn = fn.value
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) or any(
+                    isinstance(d, ast.Name) and d.id == "staticmethod" for d in getattr(fn, "decorator_list", ())):
                 continue
             receiver = (fn.args.posonlyargs + fn.args.args or [None])[0]
             reads |= {id(node) for node in ast.walk(fn) if receiver is not None and isinstance(node, ast.Attribute)
