@@ -5,6 +5,7 @@ strides, history slots, zero gradients, opcheck, torch.compile and every error m
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -722,12 +723,13 @@ def test_error_messages_match_fake_checks(case):
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
-@pytest.mark.parametrize("norm", [None, 2, "l1"])
+@pytest.mark.parametrize("norm", [None, 2, "l1", np.array(["linf", "l2"])])
 def test_functional_refuses_a_norm_alike_on_every_backend(backend, norm):
     """robust_ops.pgd_step_ names the op and its norm on every backend (test_pgd_step_triton.py: the interpreted
     Triton one), before anything is written: a norm that is not a string (None) got the native and Triton schemas'
     "robust_ops::pgd_step_() Expected a value of type 'str' for argument 'norm' but instead found type 'NoneType'.",
-    the reference backend its own message."""
+    the reference backend its own message; an array of the names numpy's "The truth value of an array with more than
+    one element is ambiguous" on every backend after that."""
     args = _good_args()
     x_adv, history = args["x_adv"], args["history"]
     before = x_adv.clone()

@@ -247,8 +247,9 @@ def check_pgd_step_norm(norm):
     """pgd_step_'s norm, "linf" or "l2" (csrc/pgd_step.h check_args, with its message). Also robust_ops.pgd_step_'s,
     before any backend: the schema refused a norm that is not a string (None) with its own "robust_ops::pgd_step_()
     Expected a value of type 'str' for argument 'norm' but instead found type 'NoneType'." on the native and Triton
-    backends. Plain Python, as _check_floating: it runs on every eager call."""
-    if norm not in ("linf", "l2"):
+    backends. Plain Python, as _check_floating: it runs on every eager call. A string first: an array's comparison
+    with the names raised numpy's "The truth value of an array with more than one element is ambiguous"."""
+    if not isinstance(norm, str) or norm not in ("linf", "l2"):
         raise RuntimeError(f"pgd_step_: expected norm to be 'linf' or 'l2', got {norm!r}")
 
 
