@@ -5613,7 +5613,6 @@ def test_world_size_without_rank_is_a_clear_error(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-
 def test_a_master_port_in_use_is_a_clear_error_naming_it(monkeypatch):
     """fit making the group from the environment (RANK, MASTER_ADDR, MASTER_PORT set by a launcher other than
     torchrun) on a MASTER_PORT another program listens on raised torch's DistNetworkError, a RuntimeError that
@@ -5634,6 +5633,7 @@ def test_a_master_port_in_use_is_a_clear_error_naming_it(monkeypatch):
                                           r"group's store there; pass every process another, free MASTER_PORT$"):
             fit(DropoutMLP(), "standard", _data(8), epochs=1, batch_size=8, progress=False, dist_timeout=10)
     assert not torch.distributed.is_initialized()
+
 
 @pytest.mark.parametrize("samples, batch_size, step, why", [
     (9, 4, 3, r"9 samples in batches of 4 leave a last batch of 1 sample \(9 % 4 == 1\)"),
