@@ -202,7 +202,7 @@ def _integer_images_fix(images):
     if 0 <= lo and hi <= 255:
         return f"{got}: store them as uint8 (images.astype(np.uint8)), 0-255 pixels"
     if 0 <= lo and hi <= 65535:
-        bits = max(12, hi.bit_length())  # 12 for CT's 0-4095, as the folder loader's warning names it
+        bits = hi.bit_length()  # the fewest holding the top (10 for 1023), as the folder loader's warning names it
         return (f"{got}; {bits}-bit intensities? store them as floats in [0, 1], images.astype(np.float32) / "
                 f"{(1 << bits) - 1} (astype(np.uint8) would wrap every value above 255)")
     if pixel_scale(lo, hi, 0.0, 1.0)[0] == "hounsfield":

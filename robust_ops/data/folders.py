@@ -252,7 +252,10 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
     and scaled from 16 bits it would be black (every pixel 0 or 1 of 255). One whose values all stay <= 4095 is
     12-bit data (CT, X-ray): still usable, but 16 times darker than it should be, so it is said; so is one whose
     values stay <= 16383, 13- or 14-bit data (digital radiography's detectors), at most 64 of 255 and as many grey
-    levels, which was silent until 2026-12-07. With ``bit_depth``
+    levels, which was silent until 2026-12-07. The bit depth named is the fewest bits holding the top: 10-bit data
+    (1023, 64 times darker) was told bit_depth=12 until 2026-12-07, which still read it 4 times darker; a bit depth
+    too small for other images is refused naming the file, where a too large one reads them dark silently. With
+    ``bit_depth``
     given the scale is the caller's (values above it were refused image by image). ``stacklevel``: the loader's."""
     if bit_depth is not None:
         if "max16" not in stats:  # it changed nothing, yet run.json records it as the scale the images were read on
@@ -269,7 +272,7 @@ def _check_16_bit(stats, where, bit_depth=None, stacklevel=1):
                         + (colour or "save them as 8-bit images or pass bit_depth=8"),
                         arg=None if colour else "bit_depth")
     if "max16" in stats and stats["max16"] <= DARK_16_BIT_TOP:
-        bits = max(12, int(stats["max16"]).bit_length())  # 12 up to 4095, as CT's; 13 or 14 above
+        bits = int(stats["max16"]).bit_length()  # the fewest that hold the top: 10 for 1023, 12 for CT's 4095
         warn(f"{where}: every 16-bit image holds values <= {stats['max16']:g} only ({bits}-bit data?); scaled "
              f"from the full 16-bit range they come out dark (at most {stats['max16'] / 257:.0f} of 255) -- "
              + (colour or f"pass bit_depth={bits} (--bit-depth {bits}) to scale {(1 << bits) - 1} to 255"),
