@@ -509,6 +509,24 @@ def _ham(tmp_path, labels, name="meta.csv", images=True):
     return tmp_path / name
 
 
+def test_csv_rows_naming_missing_images_are_told_the_fix(tmp_path):
+    """Rows naming images that are not there were refused with their count and three ids, saying neither where the
+    images go nor that the rows can go: the error now ends with the fix, for some rows missing and for all (found by
+    the data2 helper)."""
+    path = _ham(tmp_path, ["mel", "nv"] * 4)
+    path.write_text(path.read_text() + "ISIC_9900000,nv\nISIC_9900001,mel\n")
+    where = re.escape(str(tmp_path))
+    with pytest.raises(DataError, match=rf"meta\.csv: 2 image\(s\) listed but not found under {where}, "
+                                        r"e\.g\. ISIC_9900000, ISIC_9900001 -- put their image files under "
+                                        rf"{where}, or remove their rows from the CSV$"):
+        load_dataset(path, size=8)
+    (tmp_path / "none.csv").write_text("image_id,dx\nX1,nv\nX2,mel\n")
+    with pytest.raises(DataError, match=r"none\.csv: 2 image\(s\) listed but not found under .*, e\.g\. X1, X2 -- "
+                                        r"put the image files \(or the folders holding them\) under "
+                                        rf"{where}$"):
+        load_dataset(tmp_path / "none.csv", size=8)
+
+
 def test_csv_requested_class_without_rows(tmp_path):
     """The review's repro: 'BKL' (labels are case-sensitive) must not become an empty third class."""
     path = _ham(tmp_path, ["mel", "nv", "bkl"] * 10)
@@ -1505,7 +1523,8 @@ def test_csv_hints_for_other_separators_and_file_names_as_ids(tmp_path):
     # a claim about a column holding paths, and named the CSV's folder where image_dir named another
     with pytest.raises(DataError, match=r"2 image\(s\) listed but not found .*; 'image_id' holds file names, each "
                                         r"matched anywhere under that folder \(img1 or img1.png for images/img1.png\), "
-                                        r"or paths relative to it \(images/img1.png or images/img1\)$"):
+                                        r"or paths relative to it \(images/img1.png or images/img1\) -- put the "
+                                        r"image files \(or the folders holding them\) under .*$"):
         load_dataset(tmp_path / "ext.csv", size=8)
     from robust_ops.data import load_csv
 

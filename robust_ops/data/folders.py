@@ -769,8 +769,11 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
             # an image_dir given
             hint = (f"; {id_column!r} holds file names, each matched anywhere under that folder (img1 or img1.png for "
                     "images/img1.png), or paths relative to it (images/img1.png or images/img1)")
+        # the fix last: the count and examples alone left the user to guess whether to move files or edit the CSV
+        fix = (f"put the image files (or the folders holding them) under {root}" if len(missing) == len(kept) else
+               f"put their image files under {root}, or remove their rows from the CSV")
         raise DataError(f"{csv_path}: {len(missing)} image(s) listed but not found under {root}, "
-                        f"e.g. {', '.join(missing[:3])}{hint}")
+                        f"e.g. {', '.join(missing[:3])}{hint} -- {fix}")
     for image_id, ps in index.items():
         # byte-identical copies (a download holding its image folders twice, HAM10000_images_part_1/ beside
         # ham10000_images_part_1/) are one image, whichever is read: refused, they were told to pass image_dir, which
