@@ -848,8 +848,8 @@ def test_npz_images_and_labels_keep_their_values(tmp_path):
     with pytest.raises(DataError, match=r"got dtype int64 with values in \[0, 255\]: store them as uint8 "
                                         r"\(images.astype\(np.uint8\)\), 0-255 pixels$"):
         load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats * 255).round().astype(np.int64)))
-    with pytest.raises(DataError, match=r"got dtype int64 with values in \[-5, 250\]: convert them to uint8 "
-                                        r"\(0-255\) or to floats in \[0, 1\]$"):
+    with pytest.raises(DataError, match=r"got dtype int64 with values in \[-5, 250\]; signed intensities \(an offset "
+                                        r"or a mean subtracted\)\? store them as floats in \[0, 1\], "):
         load_dataset(write_npz(tmp_path / "u.npz", train_images=(floats * 255).round().astype(np.int64) - 5))
     # binary images (np.where's int64) stored as uint8, as the line above told them, loaded black (1 of 255) without a
     # word (found by the revA helper)
@@ -1081,6 +1081,31 @@ def test_csv_header_spaces_suffix_case_seed_and_class_count(tmp_path):
     (tmp_path / "imgs" / "im1.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # truncated: Pillow raises OSError
     with pytest.raises(DataError, match=r"im1\.jpg: not a readable image"):
         load_dataset(path, size=8)
+
+
+@pytest.mark.parametrize("dtype, lo, hi, needle, fix", [
+    ("int8", -128, 127, "0-255 pixels read as signed bytes? images.view(np.uint8) reads them back",
+     lambda a: a.view(np.uint8)),
+    ("int16", -3, 3, "normalized by a mean and std, then stored as integers (7 levels left)? store the [0, 1] pixels "
+     "from before the normalization", None),
+    ("int32", -100, 40000, "signed intensities (an offset or a mean subtracted)? store them as floats in [0, 1], "
+     "(images.astype(np.float32) - lo) / (hi - lo)", lambda a: (a.astype(np.float32) + 100) / 40100),
+    ("uint32", 0, 100000, "17-bit intensities? store them as floats in [0, 1], images.astype(np.float32) / 131071",
+     lambda a: a.astype(np.float32) / 131071)], ids=["int8", "int16_z_scores", "int32_signed", "uint32_17_bits"])
+def test_npz_integer_images_are_told_a_fix_that_keeps_their_values(tmp_path, dtype, lo, hi, needle, fix):
+    """int8 images, small signed integers, int32 with negatives and uint32 past 65535 were all told "convert them to
+    uint8 (0-255) or to floats in [0, 1]", which wraps their negatives and values past 255; each is now told the
+    conversion that keeps them, and that conversion loads (found by the data2 helper)."""
+    images = {f"{s}_images": np.linspace(lo, hi, k * 64).round().astype(dtype).reshape(k, 8, 8)
+              for s, k in (("train", 12), ("val", 4), ("test", 6))}
+    with pytest.raises(DataError) as info:
+        load_dataset(write_npz(tmp_path / "i.npz", shape=(8, 8), **images))
+    assert f"got dtype {dtype} with values in [{lo}, {hi}]; {needle}" in str(info.value), str(info.value)
+    if fix is not None:
+        s = load_dataset(write_npz(tmp_path / "f.npz", shape=(8, 8), **{k: fix(v) for k, v in images.items()}))
+        x = s.train.tensors[0]
+        assert float(x.min()) == 0 or dtype == "int8"
+        assert len(torch.unique(x)) == len(np.unique(images["train_images"]))  # no two values merged
 
 
 @pytest.mark.parametrize("top, step, bits, dark", [(4095, 100, 12, 16), (16383, 1000, 14, 64), (1023, 30, 10, 4)])

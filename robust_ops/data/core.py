@@ -189,7 +189,10 @@ def check_not_binary_uint8(images, source):
 
 def _integer_images_fix(images):
     """The fix for integer images of another dtype than uint8, by their values: "convert them to uint8", all it
-    said, wrapped 12-bit CT's uint16 values modulo 256 into noise that loaded without a word."""
+    said, wrapped 12-bit CT's uint16 values modulo 256 into noise that loaded without a word. Each fix keeps what the
+    values hold: past 8 bits (a uint32's or int64's 17 bits as a uint16's 12) divided by their bit depth's top, signed
+    bytes read back, small signed values (a mean/std normalization rounded) stored from before it, other signed ones
+    shifted and scaled, where until 2026-12-07 these were told "convert them to uint8", which wraps each of them."""
     generic = ": convert them to uint8 (0-255) or to floats in [0, 1]"
     if not np.issubdtype(images.dtype, np.integer) or not images.size:
         return generic
@@ -201,14 +204,23 @@ def _integer_images_fix(images):
         return f"{got}; {BINARY_IMAGES_FIX}"
     if 0 <= lo and hi <= 255:
         return f"{got}: store them as uint8 (images.astype(np.uint8)), 0-255 pixels"
-    if 0 <= lo and hi <= 65535:
+    if 0 <= lo:
         bits = hi.bit_length()  # the fewest holding the top (10 for 1023), as the folder loader's warning names it
         return (f"{got}; {bits}-bit intensities? store them as floats in [0, 1], images.astype(np.float32) / "
                 f"{(1 << bits) - 1} (astype(np.uint8) would wrap every value above 255)")
+    if images.dtype == np.int8:  # Java's bytes, a C char, a .view(np.int8): 128-255 read as -128 to -1
+        return (f"{got}; 0-255 pixels read as signed bytes? images.view(np.uint8) reads them back (astype(np.uint8) "
+                "gives the same); zero-centred pixels? (images.astype(np.int16) + 128).astype(np.uint8)")
     if pixel_scale(lo, hi, 0.0, 1.0)[0] == "hounsfield":
         return (f"{got}; CT Hounsfield units? window them onto [0, 1] pixels: (np.clip(images, lo, hi) - lo) / (hi - "
                 f"lo) as float32 for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS})")
-    return got + generic
+    if max(-lo, hi) <= 10:  # z-scores rounded to integers: as uint8 their negatives would wrap
+        return (f"{got}; normalized by a mean and std, then stored as integers ({hi - lo + 1} levels left)? store the "
+                "[0, 1] pixels from before the normalization, as floats or uint8, and normalize inside the model "
+                "(robust_ops.attacks.Normalized)")
+    return (f"{got}; signed intensities (an offset or a mean subtracted)? store them as floats in [0, 1], "
+            "(images.astype(np.float32) - lo) / (hi - lo), lo and hi the lowest and highest value of every split "
+            "together (astype(np.uint8) would wrap every negative)")
 
 
 def labels_to_tensor(labels, n, source, key="labels"):
