@@ -1108,6 +1108,25 @@ def test_npz_integer_images_are_told_a_fix_that_keeps_their_values(tmp_path, dty
         assert len(torch.unique(x)) == len(np.unique(images["train_images"]))  # no two values merged
 
 
+@pytest.mark.parametrize("dtype", ["int16", "float32"])
+def test_signed_images_without_air_are_told_the_shift_beside_the_hounsfield_window(tmp_path, dtype):
+    """Values in [-600, 600] are taken for CT Hounsfield units (a bottom at -500 or below), as a crop inside the body
+    is, but 16-bit data with its mean subtracted holds them too, and the window named (-160, 240) would clip it; a set
+    without air (-1000, around every CT slice's body) is now told the shift onto [0, 1] as well; one reaching air
+    only the window, as before (found by the data2 helper)."""
+    def refusal(lo, hi):
+        images = {f"{s}_images": np.linspace(lo, hi, k * 64).astype(dtype).reshape(k, 8, 8)
+                  for s, k in (("train", 12), ("val", 4), ("test", 6))}
+        with pytest.raises(DataError, match=r"CT Hounsfield units\? window them onto \[0, 1\] pixels") as info:
+            load_dataset(write_npz(tmp_path / "h.npz", shape=(8, 8), **images))
+        return str(info.value)
+
+    shift = ("; else (an offset or a mean subtracted) (images.astype(np.float32) - lo) / (hi - lo), lo and hi the "
+             "lowest and highest value of every split together")
+    assert shift in refusal(-600, 600)
+    assert "mean subtracted" not in refusal(-1024, 3071)
+
+
 @pytest.mark.parametrize("top, step, bits, dark", [(4095, 100, 12, 16), (16383, 1000, 14, 64), (1023, 30, 10, 4)])
 def test_12_bit_data_in_16_bit_files_is_said(tmp_path, top, step, bits, dark):
     """CT / X-ray PNGs often hold 12-bit values (0..4095) in 16-bit files: scaled from 65535 they come out 16 times

@@ -155,8 +155,9 @@ def images_to_tensor(images, source):
                        "pixels: the attacks' radii and clip range are in [0, 1] pixels")
             elif kind == "hounsfield":  # CT: a mean/std normalization's fix left them outside [0, 1]
                 fix = ("CT Hounsfield units? window them onto [0, 1] pixels: (np.clip(images, lo, hi) - lo) / "
-                       f"(hi - lo) for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS}) -- the attacks' "
-                       "radii and clip range are in [0, 1] pixels")
+                       f"(hi - lo) for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS})"
+                       + (f"; else (an offset or a mean subtracted) {SHIFT_FIX}" if lo > -1000 else "")
+                       + " -- the attacks' radii and clip range are in [0, 1] pixels")
             elif lo >= 0:  # past every bit depth's top
                 fix = "scale them to [0, 1] pixels: the attacks' radii and clip range are in [0, 1] pixels"
             else:
@@ -170,6 +171,11 @@ def images_to_tensor(images, source):
         fix = _integer_images_fix(images)
         raise DataError(f"{source}: expected uint8 or float images, got dtype {images.dtype}{fix}")
     return x
+
+
+# The fix for signed intensities that are no normalization: shifted and scaled onto [0, 1] as one set
+SHIFT_FIX = ("(images.astype(np.float32) - lo) / (hi - lo), lo and hi the lowest and highest value of every split "
+             "together")
 
 
 # The fix for binary images (0 and 1) in an integer dtype: as uint8 they are 0 and 1 of 255
@@ -212,15 +218,17 @@ def _integer_images_fix(images):
         return (f"{got}; 0-255 pixels read as signed bytes? images.view(np.uint8) reads them back (astype(np.uint8) "
                 "gives the same); zero-centred pixels? (images.astype(np.int16) + 128).astype(np.uint8)")
     if pixel_scale(lo, hi, 0.0, 1.0)[0] == "hounsfield":
+        # no air (-1000, which a CT slice holds around the body): a crop inside it (lung -900 to -500), or 16-bit
+        # data with its mean subtracted ([-600, 600]), which a window such as -160, 240 would clip (as for floats)
+        other = f"; else (an offset or a mean subtracted) {SHIFT_FIX}" if lo > -1000 else ""
         return (f"{got}; CT Hounsfield units? window them onto [0, 1] pixels: (np.clip(images, lo, hi) - lo) / (hi - "
-                f"lo) as float32 for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS})")
+                f"lo) as float32 for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS}){other}")
     if max(-lo, hi) <= 10:  # z-scores rounded to integers: as uint8 their negatives would wrap
         return (f"{got}; normalized by a mean and std, then stored as integers ({hi - lo + 1} levels left)? store the "
                 "[0, 1] pixels from before the normalization, as floats or uint8, and normalize inside the model "
                 "(robust_ops.attacks.Normalized)")
-    return (f"{got}; signed intensities (an offset or a mean subtracted)? store them as floats in [0, 1], "
-            "(images.astype(np.float32) - lo) / (hi - lo), lo and hi the lowest and highest value of every split "
-            "together (astype(np.uint8) would wrap every negative)")
+    return (f"{got}; signed intensities (an offset or a mean subtracted)? store them as floats in [0, 1], {SHIFT_FIX} "
+            "(astype(np.uint8) would wrap every negative)")
 
 
 def labels_to_tensor(labels, n, source, key="labels"):
