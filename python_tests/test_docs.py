@@ -163,6 +163,11 @@ assert not torch.allclose(_grads(defense, extra=False), plain, rtol=1e-2, atol=1
     ("docs/getting-started.md", 0): ({'"breastmnist"': '"synthetic"', '"resnet18"': '"small_cnn"',
                                       "epochs=30": "epochs=1", '"1/255,2/255,5/255"': '"2/255"'},
                                      "assert len(rows) > 0 and (Path(tmp) / 'runs/mirst-dm/eval').exists()"),
+    ("docs/getting-started.md", 1): ({"import torch\n": "import torch\nfrom robust_ops import defenses, train\n"
+                                                       "data = _synthetic\n", '"mirst-dm"': '"standard"',
+                                      "epochs=30": "epochs=1"},
+                                     "assert torch.bincount(y[idx]).tolist() == [top, top] == [245, 245]\n"
+                                     "assert len(balanced) == 2 * top and len(result.history) == 1"),
     ("docs/ima.md", 0): ({}, "assert x_adv.shape == (4, 1, 28, 28) and crossed.shape == (4,)\n"
                              "assert torch.load(path)['defense']['margins'].shape == (len(train_set),)"),
     ("docs/ima.md", 1): ({"import torch\n": "import torch\n" + SEGMENTATION_STAND_INS}, """
