@@ -509,6 +509,21 @@ def _ham(tmp_path, labels, name="meta.csv", images=True):
     return tmp_path / name
 
 
+def test_numeric_class_folders_sort_as_text_and_classes_orders_them(tmp_path):
+    """Class folders 0, 1, 2, 10 are labelled in text order (10 before 2: label 2 is folder 10), as docs/getting-
+    started.md now says, since sorting them numerically would give runs trained on such folders another split than
+    the one eval and --resume rebuild; classes= (--classes 0,1,2,10) gives label k to folder k (found by the data2
+    helper)."""
+    for c in ("0", "1", "2", "10"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            _png(tmp_path / c / f"{i}.png", (8, 8), 20 * i + int(c))
+    assert load_dataset(tmp_path, size=8).info.class_names == ("0", "1", "10", "2")
+    s = load_dataset(tmp_path, size=8, classes=("0", "1", "2", "10"))
+    assert s.info.class_names == ("0", "1", "2", "10")
+    assert s.info.extra["class_counts"] == {"0": 10, "1": 10, "2": 10, "10": 10}
+
+
 def test_csv_rows_naming_missing_images_are_told_the_fix(tmp_path):
     """Rows naming images that are not there were refused with their count and three ids, saying neither where the
     images go nor that the rows can go: the error now ends with the fix, for some rows missing and for all (found by
