@@ -253,6 +253,23 @@ def test_npz_missing_keys(tmp_path):
         load_dataset(write_npz(tmp_path / "c.npz", drop="val_labels"))
 
 
+def test_npz_of_other_keys_is_told_what_it_holds_and_the_way_to_medmnists(tmp_path):
+    """An .npz of Keras's layout (x_train, y_train, x_test, y_test), or one set (images, labels), was refused listing
+    the missing keys alone: the error now names the keys found and ends with the fix, a validation split where only
+    it lacks (found by the data2 helper)."""
+    images, labels = np.zeros((6, 8, 8), np.uint8), np.arange(6) % 2
+    np.savez(tmp_path / "k.npz", x_train=images, y_train=labels, x_test=images, y_test=labels)
+    with pytest.raises(DataError, match=r"k\.npz: missing keys train_images, .*; found: x_test, x_train, y_test, "
+                                        r"y_train\) -- save the arrays under those names, np\.savez\(path, "
+                                        r"train_images=\.\.\., .*split 7:1:2 first if they are one set$"):
+        load_dataset(tmp_path / "k.npz")
+    np.savez(tmp_path / "v.npz", train_images=images, train_labels=labels, test_images=images, test_labels=labels)
+    with pytest.raises(DataError, match=r"v\.npz: missing keys val_images, val_labels \(.*\) -- it has no validation "
+                                        r"split: save one, val_images and val_labels, split off the training "
+                                        r"arrays \(MedMNIST's is about a tenth of the set\)$"):
+        load_dataset(tmp_path / "v.npz")
+
+
 def test_npz_mismatched_lengths(tmp_path):
     bad = np.zeros((3, 1), np.uint8)
     with pytest.raises(DataError, match=r"train_labels has 3 entries but the images have 12"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import TensorDataset
 
+from .._options import listing
 from .core import (DataError, DatasetInfo, DatasetSplits, check_not_binary_uint8, images_to_tensor, labels_to_tensor,
                    missing_classes_record)
 
@@ -277,8 +278,9 @@ def load_npz(path, size=None, name=None, classes=None):
             keys = set(npz.files)
             needed = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
             missing = [k for k in needed if k not in keys]
-            if missing:
-                raise DataError(f"{path}: missing keys {', '.join(missing)} (a MedMNIST .npz has {', '.join(needed)})")
+            if missing:  # said neither what the file holds (Keras's x_train, y_train ...) nor how to get there
+                raise DataError(f"{path}: missing keys {', '.join(missing)} (a MedMNIST .npz has {', '.join(needed)}; "
+                                f"found: {listing(sorted(keys)) or 'none'}) -- {_npz_keys_fix(keys, missing)}")
             arrays = {k: _npz_member(path, npz, k) for k in needed}
     except DataError:
         raise
@@ -326,6 +328,16 @@ def load_npz(path, size=None, name=None, classes=None):
     if missing:
         info.extra["classes_missing_from_split"] = missing
     return DatasetSplits(*sets, info)
+
+
+def _npz_keys_fix(keys, missing):
+    """The way to an .npz holding ``keys`` but not ``missing`` of MedMNIST's: a validation split made where only it
+    lacks, the arrays saved under MedMNIST's names else (one set without a split: split it first)."""
+    if set(missing) == {"val_images", "val_labels"}:
+        return ("it has no validation split: save one, val_images and val_labels, split off the training arrays "
+                "(MedMNIST's is about a tenth of the set)")
+    return ("save the arrays under those names, np.savez(path, train_images=..., train_labels=..., val_images=..., "
+            "...), split 7:1:2 first if they are one set")
 
 
 def _named_classes(path, stem, official, classes, sets, num_classes):
