@@ -541,6 +541,23 @@ def test_numeric_class_folders_sort_as_text_and_classes_orders_them(tmp_path):
     assert s.info.extra["class_counts"] == {"0": 10, "1": 10, "2": 10, "10": 10}
 
 
+def test_csv_labels_spelled_as_missing_values_are_said(tmp_path):
+    """Labels 'nan' and 'NA' (pandas' df.astype(str) writes a missing label as 'nan') became classes of their own
+    without a word, where an empty label is refused: said, naming the classes= that leaves them out; classes= given
+    is silent (found by the data2 helper)."""
+    path = _ham(tmp_path, ["mel", "nv", "nan", "NA"] * 10)
+    with pytest.warns(UserWarning, match=r"meta\.csv: column 'dx' holds 'NA' \(10 rows\), 'nan' \(10 rows\): missing "
+                                         r"values \(as pandas writes NaN\), each read as a class of its own; fill in "
+                                         r"those rows' labels, or leave them out with classes= \(--classes "
+                                         r"mel,nv\)$"):
+        s = load_dataset(path, size=8)
+    assert s.info.class_names == ("NA", "mel", "nan", "nv")  # loaded as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = load_dataset(path, size=8, classes=("mel", "nv"))
+    assert s.info.extra["excluded_samples"] == 20
+
+
 def test_csv_rows_naming_missing_images_are_told_the_fix(tmp_path):
     """Rows naming images that are not there were refused with their count and three ids, saying neither where the
     images go nor that the rows can go: the error now ends with the fix, for some rows missing and for all (found by

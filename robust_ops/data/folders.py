@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._options import check_int, listing
+from .._options import check_int, counted, listing
 from .._warn import warn
 from .core import DataError, DatasetInfo, check_images_fit, check_sklearn_seed, splits_from_arrays
 
@@ -567,6 +567,11 @@ def _label_order(labels):
     return str
 
 
+# A label spelled as a missing value (pandas writes NaN so after df.astype(str); spreadsheets #N/A): said, for it
+# becomes a class of its own, where an empty label is refused
+MISSING_LABELS = ("nan", "NaN", "-nan", "NA", "N/A", "n/a", "#N/A", "<NA>", "NULL", "null")
+
+
 # The column load_csv's split_by="auto" groups by when the CSV has it: HAM10000 holds several images per lesion.
 LESION_COLUMN = "lesion_id"
 # Columns naming each image's patient (ISIC 2020's patient_id), any case: a split by image beside one that repeats is
@@ -707,6 +712,13 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                         "in case or leading zeros and would be separate classes; write each label one way")
     if classes is None:
         names = sorted(counts, key=_label_order(counts))
+        na = [n for n in names if n in MISSING_LABELS]
+        if na and len(names) > len(na):  # pandas' df.astype(str) writes a missing label as 'nan'
+            kept_names = ",".join(n for n in names if n not in na)
+            held = listing(f"{n!r} ({counted(counts[n], 'row')})" for n in na)
+            warn(f"{csv_path}: column {label_column!r} holds {held}: missing values (as pandas writes NaN), each "
+                 f"read as a class of its own; fill in those rows' labels, or leave them out with classes= "
+                 f"(--classes {kept_names})", stacklevel=stacklevel + 1)
     else:
         names = _class_list(classes, f"load_csv({csv_path})")
         empty = [n for n in names if n not in counts]
