@@ -1025,8 +1025,20 @@ def test_medmnist_lookup_order_and_file_names(tmp_path, monkeypatch):
 
 
 def test_npz_layout_errors_name_the_mismatch(tmp_path):
-    with pytest.raises(DataError, match=r"a\.npz: val_images have shape \(1, 14, 14\), train has \(1, 28, 28\)"):
+    """Splits of other sizes or channel counts were refused naming the shapes alone: the error now ends with the fix
+    (found by the data2 helper)."""
+    with pytest.raises(DataError, match=r"a\.npz: val_images have shape \(1, 14, 14\), train has \(1, 28, 28\); save "
+                                        r"every split's images at one size \(an \.npz is read as stored, never "
+                                        r"resized\)$"):
         load_dataset(write_npz(tmp_path / "a.npz", val_images=np.zeros((4, 14, 14), np.uint8)))
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 28, 28, 3), dtype=np.uint8)
+    with pytest.raises(DataError, match=r"c\.npz: test_images have shape \(3, 28, 28\), train has \(1, 28, 28\); "
+                                        r"save every split's images in one channel count \(a grayscale split as RGB: "
+                                        r"np\.repeat\(images\[\.\.\., None\], 3, axis=-1\)\)$"):
+        load_dataset(write_npz(tmp_path / "c.npz", test_images=rgb))
+    with np.load(write_npz(tmp_path / "d.npz")) as grey:
+        fixed = {k: np.repeat(v[..., None], 3, axis=-1) if k.endswith("_images") else v for k, v in grey.items()}
+    assert load_dataset(write_npz(tmp_path / "d.npz", **fixed)).info.in_channels == 3  # the fix loads
     with pytest.raises(DataError, match=r"b\.npz: expected square images, got 28x20"):
         load_dataset(write_npz(tmp_path / "b.npz", shape=(28, 20)))
     with pytest.raises(DataError, match=r"c\.npz: images are 28x28, but size=64 was requested"):

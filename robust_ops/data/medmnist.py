@@ -291,8 +291,11 @@ def load_npz(path, size=None, name=None, classes=None):
         source = f"{path} [{s}]"
         x = images_to_tensor(arrays[f"{s}_images"], source)
         y = labels_to_tensor(arrays[f"{s}_labels"], x.shape[0], source, key=f"{s}_labels")
-        if shape is not None and x.shape[1:] != shape:
-            raise DataError(f"{path}: {s}_images have shape {tuple(x.shape[1:])}, train has {tuple(shape)}")
+        if shape is not None and x.shape[1:] != shape:  # one model takes every split: said how to get there
+            fix = ("save every split's images in one channel count (a grayscale split as RGB: "
+                   "np.repeat(images[..., None], 3, axis=-1))" if x.shape[1] != shape[0] else
+                   "save every split's images at one size (an .npz is read as stored, never resized)")
+            raise DataError(f"{path}: {s}_images have shape {tuple(x.shape[1:])}, train has {tuple(shape)}; {fix}")
         shape = x.shape[1:]
         sets.append(TensorDataset(x, y))
     check_not_binary_uint8([arrays[f"{s}_images"] for s in SPLITS], path)  # read as 0 and 1 of 255: black
