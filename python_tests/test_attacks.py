@@ -763,8 +763,9 @@ def test_a_count_whose_buffer_cannot_be_allocated_is_named():
     (found by the leftovers fixer). PGD, CW, FAB and Square allocate nothing per step: such counts run as asked."""
     model = make_model(3)
     x, y = make_data(4, 3)
-    for make, name in ((lambda: attacks.APGD(model, steps=2**62)(x, y), "apgd"),
-                       (lambda: attacks.APGDT(model, steps=2**62)(x, y), "apgd_t")):
+    for make, name in ((lambda: attacks.APGD(model, steps=2**62)(x, y), "apgd-ce"),
+                       (lambda: attacks.APGDT(model, steps=2**62)(x, y), "apgd-t"),
+                       (lambda: attacks.apgd_t(model, x, y, eps=8 / 255, steps=2**62), "apgd_t")):
         with pytest.raises(RuntimeError, match=rf"^{name}: steps={2**62} needs a record of {2**62 + 1} x \d+ losses "
                                                r"\(steps \+ 1, N\), which cannot be allocated \(.+\)$"):
             make()
@@ -2867,20 +2868,21 @@ def test_fab_bad_input():
     assert attacks.build("fab-t", model).steps == 100 and attacks.build("fab", model, steps=3).steps == 3
 
 
-def test_fab_t_and_fabt_name_fab_t_in_their_errors_when_run_as_apgd_t_and_apgdt_name_apgd_t():
+def test_fab_t_names_fab_t_and_fabt_fab_t_in_their_errors_when_run():
     """fab_t passed its arguments on to fab, so its errors named fab: fab_t(..., steps=0) said 'fab: expected steps
-    ...', FABT's call 'fab: expected x inside the clip range', where apgd_t's and APGDT's name apgd_t."""
+    ...', FABT's call 'fab: expected x inside the clip range'. FABT's call names fab-t, the class's name when built
+    (until 2026-12-07 fab_t, the function it runs), as APGDT's apgd-t and apgd_t's apgd_t."""
     model, x, y = fab_setup()
     for kwargs, message in [(dict(steps=0), "expected steps to be an integer >= 1, got 0"),
                             (dict(eps=8.0), "expected eps <= clip_max - clip_min = 1 for norm='linf'"),
                             (dict(n_target_classes=0), "expected n_target_classes to be an integer >= 1, got 0")]:
         with pytest.raises(ValueError, match=rf"^fab_t: {message}"):
             attacks.fab_t(model, x, y, **{"eps": 0.1, **kwargs})
-    with pytest.raises(ValueError, match="^fab_t: expected x inside the clip range"):
+    with pytest.raises(ValueError, match="^fab-t: expected x inside the clip range"):
         attacks.FABT(model, eps=0.1, steps=1)(x + 1, y)
     wide = attacks.FABT(model, eps=0.1, steps=1)
-    wide.eps = 8.0  # FABT(model, eps=8.0) is refused when built, as 'fab-t', the class's name
-    with pytest.raises(ValueError, match="^fab_t: expected eps <= clip_max - clip_min = 1 for norm='linf'"):
+    wide.eps = 8.0  # FABT(model, eps=8.0) is refused when built, as 'fab-t' too
+    with pytest.raises(ValueError, match="^fab-t: expected eps <= clip_max - clip_min = 1 for norm='linf'"):
         wide(x, y)
     with pytest.raises(RuntimeError, match="^fab_t: gradient-based attacks cannot run under torch.inference_mode"):
         with torch.inference_mode():
@@ -4283,8 +4285,9 @@ def test_apgd_classes_pass_their_options_and_defaults(monkeypatch):
 
     apgd_module = sys.modules["robust_ops.attacks.apgd"]  # the package's ``apgd`` is the function
     seen = {}
-    monkeypatch.setattr(apgd_module, "apgd", lambda model, x, y, **kw: seen.setdefault("apgd", kw) and x)
-    monkeypatch.setattr(apgd_module, "apgd_t", lambda model, x, y, **kw: seen.setdefault("apgd_t", kw) and x)
+    # the classes run apgd / apgd_t under their own name (_apgd / _apgd_t with it first)
+    monkeypatch.setattr(apgd_module, "_apgd", lambda name, model, x, y, **kw: seen.setdefault("apgd", kw) and x)
+    monkeypatch.setattr(apgd_module, "_apgd_t", lambda name, model, x, y, **kw: seen.setdefault("apgd_t", kw) and x)
     model = make_model(3)
     x, y = make_data(2, 3)
     default = attacks.APGD(model)
@@ -4693,11 +4696,11 @@ def test_apgd_l1_classes_options_and_errors(monkeypatch):
     model = make_model(3)
     x, y = make_data(2, 3)
     apgd_module = sys.modules["robust_ops.attacks.apgd"]
-    for cls, fn in ((attacks.APGD, "apgd"), (attacks.APGDT, "apgd_t")):
+    for cls, fn in ((attacks.APGD, "_apgd"), (attacks.APGDT, "_apgd_t")):
         atk = cls(model, eps=3.0, norm="L1", use_largereps=True)
         assert (atk.norm, atk.use_largereps) == ("l1", True)
         seen = {}
-        monkeypatch.setattr(apgd_module, fn, lambda model, x, y, **kw: seen.update(kw) or x)
+        monkeypatch.setattr(apgd_module, fn, lambda name, model, x, y, **kw: seen.update(kw) or x)
         atk(x, y)
         assert (seen["norm"], seen["use_largereps"], seen["eps"]) == ("l1", True, 3.0)
         assert cls(model).use_largereps is False
@@ -4707,7 +4710,7 @@ def test_apgd_l1_classes_options_and_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"^apgd: use_largereps is AutoAttack's schedule for norm='l1' only, got "
                                          r"norm='linf'$"):
         attacks.apgd(model, x, y, eps=0.03, use_largereps=True)
-    with pytest.raises(ValueError, match=r"^apgd: use_largereps is AutoAttack's schedule for norm='l1' only, got "
+    with pytest.raises(ValueError, match=r"^apgd-ce: use_largereps is AutoAttack's schedule for norm='l1' only, got "
                                          r"norm='l2'$"):
         attacks.APGD(model, norm="L2", use_largereps=True)
     with pytest.raises(ValueError, match=r"^apgd_t: use_largereps splits steps=4 into 2, 2, 0 iterations at 3, 2, "
@@ -5272,9 +5275,10 @@ def test_an_attack_object_given_x_that_is_no_tensor_names_x(cls):
     x, y = make_data(n=2)
     for seed in (None, 0):
         extra = {"random_start": True} if cls is attacks.CW else {}
-        with pytest.raises(TypeError, match=r"^[a-z0-9_]+: expected x to be a floating-point tensor, got "
-                                            r"<class 'list'>$"):
-            cls(model, eps=0.03, seed=seed, **extra)(x.tolist(), y)
+        attack = cls(model, eps=0.03, seed=seed, **extra)
+        with pytest.raises(TypeError, match=rf"^{re.escape(attack.name)}: expected x to be a floating-point tensor, "
+                                            r"got <class 'list'>$"):
+            attack(x.tolist(), y)
 
 
 class _FrozenForward(torch.nn.Module):
@@ -6290,7 +6294,7 @@ def test_inputs_of_another_dtype_than_the_model_are_named_as_fit_names_them(name
 
 
 @pytest.mark.parametrize("name, make", [
-    ("pgd", lambda m: attacks.PGD(m, steps=1)), ("apgd", lambda m: attacks.APGD(m, steps=1)),
+    ("pgd", lambda m: attacks.PGD(m, steps=1)), ("apgd-ce", lambda m: attacks.APGD(m, steps=1)),
     ("square", lambda m: attacks.Square(m, n_queries=2)), ("fab", lambda m: attacks.FAB(m, steps=1)),
     ("autoattack", lambda m: attacks.AutoAttack(m, steps=1, n_queries=2)),
     ("ensemble", lambda m: lambda x, y: attacks.ensemble(m, x, y, [attacks.FGSM(m)]))])
@@ -7239,7 +7243,8 @@ def test_apgd_classes_refuse_a_bad_option_when_built(cls, option, value, message
     """Checked when built, not only at the first call: in a custom AutoAttack list the bad option stopped the
     cascade only once the attacks before it had run."""
     model = make_model(3)
-    name = getattr(attacks, cls).name
+    # APGD's name is apgd-<its loss> (apgd for a loss it does not know), as when run
+    name = "apgd" if option == "loss" and cls == "APGD" else {"APGD": "apgd-ce", "APGDT": "apgd-t"}[cls]
     with pytest.raises(ValueError, match=rf"^{re.escape(name)}: {message}"):
         getattr(attacks, cls)(model, **{option: value})
     x, y = make_data(2, 3)
@@ -7332,8 +7337,7 @@ def test_attack_classes_refuse_a_bad_alpha_number_when_built(cls, name):
             make(model, alpha=alpha)
     x, y = make_data(2, 3)
     attack = make(model, alpha=torch.full((3,), 0.01), steps=1)
-    run_name = "cw_linf" if cls == "CW" else name  # CW runs cw_linf, named so when run
-    with pytest.raises(ValueError, match=rf"^{run_name}: expected alpha to be a number or a tensor of shape \[2\]"):
+    with pytest.raises(ValueError, match=rf"^{name}: expected alpha to be a number or a tensor of shape \[2\]"):
         attack(x, y)
     make(model, alpha=0.01)
 
@@ -7356,6 +7360,34 @@ def test_attack_classes_refuse_a_bad_eps_number_when_built(cls, name):
             make(model, eps=eps, **alpha)
     make(model, eps=torch.full((3,), 0.01), **alpha)  # checked when run, against the batch
     make(model, eps=0.01, **alpha)
+
+
+@pytest.mark.parametrize("cls, name, options", [
+    ("FGSM", "fgsm", {}), ("BIM", "ifgsm", {}), ("PGD", "pgd", {}), ("PGDL2", "pgdl2", {}), ("CW", "cw", {}),
+    ("APGD", "apgd-ce", {"steps": 1}), ("APGDT", "apgd-t", {"steps": 1}), ("FAB", "fab", {"steps": 1}),
+    ("FABT", "fab-t", {"steps": 1}), ("Square", "square", {"n_queries": 1}), ("WhiteNoise", "noise", {"trials": 1}),
+    ("AutoAttack", "autoattack", {"steps": 1, "n_queries": 1})])
+def test_an_attack_class_names_itself_built_and_run(cls, name, options):
+    """A class's errors read as the call the user made, its own name (that of the CLI and of AutoAttack's lists)
+    when built and when run; the functions keep theirs. CW's call named cw_linf, WhiteNoise's white_noise, APGD's
+    apgd, APGDT's apgd_t, FABT's fab_t, and AutoAttack's per-sample eps its first attack, apgd, where each was built
+    in its own name (found by the attacks4 helper)."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    make = getattr(attacks, cls)
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected eps >= 0 and finite, got -1.0$"):
+        make(model, eps=-1.0, **options)
+    attack = make(model, eps=torch.tensor([0.1, -0.1]), **options)
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected every eps to be finite and >= 0"):
+        attack(x, y)
+    if cls != "PGDL2":  # an L2 radius may be wider than the clip range
+        attack = make(model, eps=torch.tensor([0.1, 2.0]), **options)
+        with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected eps <= clip_max - clip_min = 1"):
+            attack(x, y)
+    with pytest.raises(TypeError, match=rf"^{re.escape(name)}: expected y to be an integer tensor"):
+        make(model, **options)(x, y.float())
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected x inside the clip range"):
+        make(model, **options)(x + 1, y)
 
 
 def test_run_time_checks_of_options_set_after_building_name_the_attack_and_the_batch():

@@ -1536,7 +1536,7 @@ def test_l1_specs_parse_for_apgd_and_autoattack_and_their_rows_say_l1():
         parse_attacks("pgd:norm=l1")
     fab_specs = parse_attacks(["fab:norm=l1:steps=3", "fab-t:norm=L1"])  # FAB / FAB-T take L1 too
     assert [(s.label, s.norm) for s in fab_specs] == [("fab(norm=l1,steps=3)", "l1"), ("fab-t(norm=l1)", "l1")]
-    with pytest.raises(EvalError, match=r"^attacks: apgd: use_largereps is AutoAttack's schedule for norm='l1'"):
+    with pytest.raises(EvalError, match=r"^attacks: apgd-ce: use_largereps is AutoAttack's schedule for norm='l1'"):
         parse_attacks("apgd-ce:use_largereps=true")
     rows = evaluate(tiny_model(), tiny_data(8), INFO, attacks=specs[:2], eps="4")
     assert [(r["attack"], r["norm"], r["eps"]) for r in rows[1:]] == [

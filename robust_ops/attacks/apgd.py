@@ -397,7 +397,15 @@ def apgd(model, x, y, *, eps, norm="linf", steps=100, loss="ce", targeted=False,
         NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
         :func:`run_pgd`.
     """
-    name = "apgd"
+    return _apgd("apgd", model, x, y, eps=eps, norm=norm, steps=steps, loss=loss, targeted=targeted,
+                 n_restarts=n_restarts, rho=rho, eot_iter=eot_iter, use_largereps=use_largereps, clip_min=clip_min,
+                 clip_max=clip_max, model_mode=model_mode, generator=generator)
+
+
+def _apgd(name, model, x, y, *, eps, norm, steps, loss, targeted, n_restarts, rho, eot_iter, use_largereps, clip_min,
+          clip_max, model_mode, generator):
+    """:func:`apgd`, its errors naming ``name`` ("apgd", or ``APGD``'s "apgd-ce" / "apgd-dlr" / "apgd-cw", whose
+    errors named apgd when run)."""
     y, norm, steps, n_restarts, eps_t, eot_iter, y_range = _check_apgd_args(
         name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter, use_largereps)
     check_flags(name, {"targeted": targeted})  # targeted="no" ran a targeted attack
@@ -458,9 +466,17 @@ def apgd_t(model, x, y, *, eps, norm="linf", steps=100, n_target_classes=9, loss
         NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError: as
         :func:`run_pgd`.
     """
-    name = "apgd_t"
-    refuse_targeted(name, options, "APGD-T is always targeted (y are true labels; its targets are the runner-up "
+    refuse_targeted("apgd_t", options, "APGD-T is always targeted (y are true labels; its targets are the runner-up "
                     "classes)", ", or use apgd (untargeted, or with targeted=True y as the targets)")
+    return _apgd_t("apgd_t", model, x, y, eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes,
+                   loss=loss, n_restarts=n_restarts, rho=rho, eot_iter=eot_iter, use_largereps=use_largereps,
+                   clip_min=clip_min, clip_max=clip_max, model_mode=model_mode, generator=generator)
+
+
+def _apgd_t(name, model, x, y, *, eps, norm, steps, n_target_classes, loss, n_restarts, rho, eot_iter, use_largereps,
+            clip_min, clip_max, model_mode, generator):
+    """:func:`apgd_t`, its errors naming ``name`` ("apgd_t", or "apgd-t" for ``APGDT``, whose errors named apgd_t
+    when run)."""
     y, norm, steps, n_restarts, eps_t, eot_iter, y_range = _check_apgd_args(
         name, x, y, eps, norm, steps, n_restarts, loss, rho, clip_min, clip_max, eot_iter, use_largereps)
     n_target_classes = check_steps(name, n_target_classes, "n_target_classes")
@@ -499,17 +515,18 @@ class APGD(Attack):
                  seed=0, eot_iter=1, use_largereps=False, **options):
         refuse_positional_options(self.name, APGD, positional, norm_first_hint("APGD"))
         super().__init__(model, **options)
+        if isinstance(loss, str) and loss in APGD_LOSSES:  # named as in an AutoAttack list and the CLI, built and run
+            self.name = f"apgd-{loss}"
         self.eps, self.norm, self.steps, self.loss = eps, check_norm(self.name, norm, self.norms), steps, loss
         self.n_restarts, self.rho, self.seed, self.eot_iter = n_restarts, rho, seed, eot_iter
         self.use_largereps = use_largereps
         # here too, not only at the first call, which in an AutoAttack list came after the attacks before it
         _check_apgd_options(self.name, norm, steps, n_restarts, loss, rho, eot_iter, use_largereps)
-        self.name = f"apgd-{loss}"
-        check_seed(self.name, seed)  # named as when run
+        check_seed(self.name, seed)
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):
-        return apgd(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, loss=self.loss,
+        return _apgd(self.name, self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, loss=self.loss,
                     targeted=self.targeted, n_restarts=self.n_restarts, rho=self.rho, eot_iter=self.eot_iter,
                     use_largereps=self.use_largereps, clip_min=self.clip_min, clip_max=self.clip_max,
                     model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))
@@ -540,7 +557,7 @@ class APGDT(Attack):
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):
-        return apgd_t(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps,
+        return _apgd_t(self.name, self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps,
                       n_target_classes=self.n_target_classes, loss=self.loss, n_restarts=self.n_restarts,
                       rho=self.rho, eot_iter=self.eot_iter, use_largereps=self.use_largereps, clip_min=self.clip_min,
                       clip_max=self.clip_max, model_mode=self.model_mode,

@@ -9,7 +9,8 @@ import torch
 from .._options import check_flags
 from .._warn import warn
 from .base import N_CLASSES_HINT, Attack, refuse_positional_options
-from .core import NORMS_WITH_L1, check_budget, check_labels_against, check_norm, check_steps, forward
+from .core import (NORMS_WITH_L1, check_budget, check_labels_against, check_linf_budget, check_norm, check_steps,
+                   forward, per_sample)
 from .context import (attack_context, check_attack_output, check_inputs, looks_like_probabilities,
                       one_probabilities_warning, predict_from_output, recorded_bounds, values_within,
                       warn_probabilities)
@@ -457,6 +458,7 @@ class AutoAttack(Attack):
         """The cascade on ``x``, ``y`` (true labels), ``batch_size`` samples at a time (None: all at once): the full
         :class:`EnsembleResult`."""
         # errors name autoattack: "ensemble: expected x inside the clip range" named a function its caller never met
+        self._check_eps(x)
         return ensemble(self.model, x, y, self.attacks, cascade=self.cascade, model_mode=self.model_mode,
                         clip_min=self.clip_min, clip_max=self.clip_max, batch_size=batch_size,
                         model_check=self._check_model, name=self.name)
@@ -484,6 +486,7 @@ class AutoAttack(Attack):
         if bs is not None:
             bs = check_steps("autoattack.run_standard_evaluation_individual", bs, "bs")
         check_flags("autoattack.run_standard_evaluation_individual", {"return_labels": return_labels})
+        self._check_eps(x_orig)
         out = {}
         names = [_name(attack, i) for i, attack in enumerate(self.attacks)]
         for attack, name, key in zip(self.attacks, names, _distinct_keys(names)):
@@ -493,6 +496,16 @@ class AutoAttack(Attack):
                              model_check=None if out else self._check_model, name=self.name).x_adv
             out[key] = (x_adv, self._predicted(x_adv, bs)) if return_labels else x_adv
         return out
+
+    def _check_eps(self, x):
+        """A per-sample eps tensor [N] checked per sample in AutoAttack's name, as a number is when built: a negative
+        or (Linf) too wide radius was refused by the first attack of the list, in its name ('apgd: expected every eps
+        to be finite and >= 0'). Another shape, or x no batch of floats, is left to the cascade's checks."""
+        eps = self.eps
+        if (torch.is_tensor(eps) and eps.dim() == 1 and torch.is_tensor(x) and x.is_floating_point() and x.dim()
+                and eps.shape[0] == x.shape[0]):
+            eps_t, eps_max = per_sample(self.name, "eps", eps, x, with_max=True)
+            check_linf_budget(self.name, self.norm, eps_t, self.clip_min, self.clip_max, eps_max=eps_max)
 
     def _check_model(self, first):
         """AutoAttack's model checks (its checks.py), as warnings, on the first batch: a model whose two

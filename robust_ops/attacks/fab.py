@@ -395,7 +395,8 @@ def fab(model, x, y, *, eps, norm="linf", steps=100, n_restarts=1, alpha_max=0.1
 
 def _fab(name, model, x, y, *, eps, norm, steps, n_restarts, alpha_max, eta, beta, targeted, n_target_classes,
          clip_min, clip_max, model_mode, generator):
-    """:func:`fab`, its errors naming ``name`` ("fab", or "fab_t" for :func:`fab_t` and ``FABT``, as apgd_t's)."""
+    """:func:`fab`, its errors naming ``name`` ("fab", "fab_t" for :func:`fab_t`, "fab-t" for ``FABT``, as the
+    other classes' their own name)."""
     y, norm, steps, n_restarts, n_target_classes, alpha_max, eta, beta, eps_t = _check_fab_args(
         name, x, y, eps, norm, steps, n_restarts, alpha_max, eta, beta, n_target_classes, clip_min, clip_max)
     check_flags(name, {"targeted": targeted})  # targeted="no" ran FAB-T
@@ -512,7 +513,7 @@ class FABT(Attack):
         check_not_half(self.name, x, FLOAT16_UNSUPPORTED, (torch.float16,))
 
     def forward(self, x, y):
-        return fab_t(self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps, n_restarts=self.n_restarts,
-                     alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, n_target_classes=self.n_target_classes,
-                     clip_min=self.clip_min, clip_max=self.clip_max, model_mode=self.model_mode,
-                     generator=make_generator(self.seed, x, self.name))
+        return _fab(self.name, self.model, x, y, eps=self.eps, norm=self.norm, steps=self.steps,
+                    n_restarts=self.n_restarts, alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, targeted=True,
+                    n_target_classes=self.n_target_classes, clip_min=self.clip_min, clip_max=self.clip_max,
+                    model_mode=self.model_mode, generator=make_generator(self.seed, x, self.name))

@@ -70,9 +70,15 @@ def white_noise(model, x, y, *, eps, norm="linf", trials=10, clip_min=0.0, clip_
 
         >>> x_noisy = robust_ops.attacks.white_noise(model, x, y, eps=0.1, norm="l2", trials=10)
     """
-    name = "white_noise"
-    refuse_targeted(name, options, "white noise is untargeted (y are true labels; any misclassification breaks a "
-                    "sample)")
+    refuse_targeted("white_noise", options, "white noise is untargeted (y are true labels; any misclassification "
+                    "breaks a sample)")
+    return _white_noise("white_noise", model, x, y, eps=eps, norm=norm, trials=trials, clip_min=clip_min,
+                        clip_max=clip_max, model_mode=model_mode, generator=generator)
+
+
+def _white_noise(name, model, x, y, *, eps, norm, trials, clip_min, clip_max, model_mode, generator):
+    """:func:`white_noise`, its errors naming ``name`` ("white_noise", or "noise" for ``WhiteNoise``, whose errors
+    named white_noise when run)."""
     y = check_inputs(name, x, y, clip_min, clip_max)
     norm = check_norm(name, norm)
     trials = check_steps(name, trials, "trials")
@@ -113,6 +119,6 @@ class WhiteNoise(Attack):
         check_budget(self.name, self.norm, eps, self.clip_min, self.clip_max)
 
     def forward(self, x, y):
-        return white_noise(self.model, x, y, eps=self.eps, norm=self.norm, trials=self.trials, clip_min=self.clip_min,
-                           clip_max=self.clip_max, model_mode=self.model_mode,
-                           generator=make_generator(self.seed, x, self.name))
+        return _white_noise(self.name, self.model, x, y, eps=self.eps, norm=self.norm, trials=self.trials,
+                            clip_min=self.clip_min, clip_max=self.clip_max, model_mode=self.model_mode,
+                            generator=make_generator(self.seed, x, self.name))

@@ -160,13 +160,22 @@ def cw_linf(model, x, y, *, eps, alpha=None, steps=10, kappa=0.0, random_start=F
     Raises NonFiniteInputError, NonFiniteOutputError, InputDtypeError, InputDeviceError, InputShapeError as
     :func:`run_pgd`.
     """
-    steps = check_steps("cw_linf", steps)
-    check_draws("cw_linf", "generator", generator, random_start)
+    return _cw_linf("cw_linf", model, x, y, eps=eps, alpha=alpha, steps=steps, kappa=kappa, random_start=random_start,
+                    targeted=targeted, emit=emit, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max,
+                    model_mode=model_mode, generator=generator)
+
+
+def _cw_linf(name, model, x, y, *, eps, alpha, steps, kappa, random_start, targeted, emit, early_stop, clip_min,
+             clip_max, model_mode, generator):
+    """:func:`cw_linf`, its errors naming ``name`` ("cw_linf", or "cw" for ``CW``, whose errors named cw_linf when
+    run)."""
+    steps = check_steps(name, steps)
+    check_draws(name, "generator", generator, random_start)
     if alpha is None:
-        alpha = default_alpha("cw_linf", eps, steps, 2.5, x)
+        alpha = default_alpha(name, eps, steps, 2.5, x)
     res = run_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm="linf", random_start=random_start,
                   loss="cw", kappa=kappa, targeted=targeted, emit=emit, early_stop=early_stop, clip_min=clip_min,
-                  clip_max=clip_max, model_mode=model_mode, generator=generator, name="cw_linf")
+                  clip_max=clip_max, model_mode=model_mode, generator=generator, name=name)
     return (res.x_adv, res.iterates) if emit is not None else res.x_adv
 
 
@@ -290,7 +299,7 @@ class CW(Attack):
         self.random_start, self.seed, self.norm = random_start, seed, "linf"
 
     def forward(self, x, y):
-        return cw_linf(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, kappa=self.kappa,
-                       random_start=self.random_start, targeted=self.targeted, clip_min=self.clip_min,
-                       clip_max=self.clip_max, model_mode=self.model_mode,
-                       generator=make_generator(self.seed, x, self.name))
+        return _cw_linf(self.name, self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                        kappa=self.kappa, random_start=self.random_start, targeted=self.targeted, emit=None,
+                        early_stop=False, clip_min=self.clip_min, clip_max=self.clip_max, model_mode=self.model_mode,
+                        generator=make_generator(self.seed, x, self.name))
