@@ -6802,8 +6802,10 @@ def test_autoattack_refuses_a_non_bool_cascade_when_built():
 def test_uniform_ball_refuses_nan_or_bool_eps_and_a_shape_that_is_no_tuple():
     # eps=nan returned all-NaN noise and eps=True noise of radius 1; shape=None met "'NoneType' object is not
     # subscriptable", and a per-sample eps of another length torch's view error
-    for bad in (float("nan"), True, -0.1):
-        with pytest.raises(ValueError, match="^uniform_ball: expected eps to be a finite number >= 0"):
+    for bad, error, message in ((float("nan"), ValueError, ">= 0 and finite, got nan"),
+                                (-0.1, ValueError, ">= 0 and finite, got -0.1"),
+                                (True, TypeError, "to be a number, got bool")):  # the attacks' words for a bad eps
+        with pytest.raises(error, match=f"^uniform_ball: expected eps {message}$"):
             attacks.uniform_ball((2, 3), bad, "linf")
     with pytest.raises(ValueError, match=r"^uniform_ball: expected shape to be a non-empty tuple of sizes \(N, ...\)"):
         attacks.uniform_ball(None, 0.1, "l2")

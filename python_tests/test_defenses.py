@@ -1978,7 +1978,7 @@ def test_pgd_settings_reach_the_attack_and_are_checked():
     assert unwrap(nn.DataParallel(model)) is model  # attacks run on the wrapped module
     with pytest.raises(ValueError, match=r"at: expected clip_max to be a finite number >= 0.5, got 0.1"):
         defenses.AT(clip_min=0.5, clip_max=0.1)
-    with pytest.raises(ValueError, match=r"at: expected eps to be a finite number >= 0, got -0.1"):
+    with pytest.raises(ValueError, match=r"at: expected eps >= 0 and finite, got -0.1"):
         defenses.AT(eps=-0.1)
 
 
@@ -2123,13 +2123,33 @@ def test_trades_mart_and_synchronization_losses_keep_float64(crafted):
     assert synchronization_loss(z.half(), w.half()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["at", "trades", "mart", "mirst", "amat", "dpaat"])
+def test_a_defense_refuses_a_bad_eps_or_step_size_in_the_attacks_words(name):
+    """A defense's eps and step_size are its attack's radius and step, one rule in one place with the attacks':
+    'at: expected eps to be a finite number >= 0, got -0.1' was a fourth wording beside PGD's 'pgd: expected eps >= 0
+    and finite, got -0.1' (a ValueError for text too, where the attacks' is a TypeError) (found by the attacks4
+    helper)."""
+    from robust_ops.attacks import PGD
+
+    for options, error, message in ((dict(eps=-0.1), ValueError, "expected eps >= 0 and finite, got -0.1"),
+                                     (dict(eps=float("nan")), ValueError, "expected eps >= 0 and finite, got nan"),
+                                     (dict(eps="0.3"), TypeError, "expected eps to be a number, got str"),
+                                     (dict(eps=True), TypeError, "expected eps to be a number, got bool"),
+                                     (dict(step_size=-0.01), ValueError,
+                                      "expected step_size >= 0 and finite, got -0.01")):
+        with pytest.raises(error, match=f"^{re.escape(name)}: {re.escape(message)}$"):
+            defenses.build(name, **options)
+    with pytest.raises(ValueError, match=r"^pgd: expected eps >= 0 and finite, got -0.1$"):
+        PGD(nn.Linear(2, 2), eps=-0.1)
+
+
 @pytest.mark.parametrize("name", ["amat", "dpaat"])
 def test_amat_and_dpaat_name_an_eps_that_is_not_a_number(name):
     """Their step default eps / 2 was computed before eps was checked: eps="0.3" (a --defense-opt typo) failed as
     "unsupported operand type(s) for /" without naming eps."""
     for eps in ("0.3", [0.3]):
-        expected = f"{name}: expected eps to be a finite number >= 0, got {eps!r}"
-        with pytest.raises(ValueError, match=re.escape(expected)):
+        expected = f"{name}: expected eps to be a number, got {type(eps).__name__}"
+        with pytest.raises(TypeError, match=re.escape(expected)):
             defenses.build(name, eps=eps)
 
 
@@ -2809,7 +2829,7 @@ def test_weights_step_and_radius_arguments_are_checked_when_built():
     for make, error, match in (
             (lambda: defenses.MART(beta=-1.0), ValueError, "mart: expected beta to be a finite number >= 0, got -1"),
             (lambda: defenses.RST(lam=-1.0), ValueError, "rst: expected lam to be a finite number >= 0, got -1"),
-            (lambda: defenses.AT(step_size=-0.01), ValueError, "at: expected step_size to be a finite number >= 0"),
+            (lambda: defenses.AT(step_size=-0.01), ValueError, "at: expected step_size >= 0 and finite, got -0.01"),
             (lambda: DPAAT(guard=-1e-6), ValueError, "dpaat: expected guard to be a finite number >= 0"),
             (lambda: ARFL(r=1.5), ValueError, r"arfl: expected r to be a finite number with 0 <= r <= 1, got 1.5"),
             (lambda: ARFL(layer=3), TypeError, "arfl: expected layer to be None or a module name \\(str\\), got int"),

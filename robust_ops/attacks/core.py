@@ -148,13 +148,15 @@ def project_l1(x_nat, point, eps_t, clip_min, clip_max):
 def check_number(name, arg, value, n="N"):
     """A radius or step given as a number (not a per-sample tensor [n]) must be finite and >= 0: per_sample's check
     when run, and the attack classes' when built (``n`` then "N"), so that PGD(model, alpha="0.01") or alpha=-1 is
-    refused where the other options are, not at the first call."""
+    refused where the other options are, not at the first call. ``n`` None: a number only (a defense's eps and
+    step_size, uniform_ball's eps), in the same words. Returns it as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected {arg} to be a number or a tensor of shape [{n}], got "
-                        f"{type(value).__name__}")
+        shapes = "" if n is None else f" or a tensor of shape [{n}]"
+        raise TypeError(f"{name}: expected {arg} to be a number{shapes}, got {type(value).__name__}")
     # an int past float's range (eps=10**400) made float() raise a bare OverflowError naming neither
     if not fits_a_float(value) or value < 0:
         raise ValueError(f"{name}: expected {arg} >= 0 and finite, got {value}")
+    return float(value)
 
 
 def check_real_tensor(name, arg, value):

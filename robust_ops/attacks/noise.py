@@ -2,10 +2,9 @@
 
 import torch
 
-from .._options import check_real
 from .base import Attack, refuse_positional_options
-from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_norm, check_steps,
-                   forward, per_sample, refuse_targeted)
+from .core import (FIRST_FORWARD, check_budget, check_labels_against, check_linf_budget, check_norm, check_number,
+                   check_steps, forward, per_sample, refuse_targeted)
 from .context import attack_context, check_inputs, predict_from_output
 from .pgd import check_seed, make_generator
 
@@ -29,7 +28,7 @@ def uniform_ball(shape, eps, norm, *, generator=None, device=None, dtype=torch.f
         raise TypeError(f"uniform_ball: expected dtype to be a floating-point torch.dtype, got {dtype!r}")
     n = shape[0]
     if not torch.is_tensor(eps):
-        eps = check_real("uniform_ball", "eps", eps, minimum=0)
+        eps = check_number("uniform_ball", "eps", eps, n=None)  # the attacks' words for a bad eps
     elif eps.shape != (n,):  # values unchecked: white_noise checked them, and reading them would sync every trial
         raise ValueError(f"uniform_ball: expected eps to be a number or a tensor of shape [{n}], got shape "
                          f"{tuple(eps.shape)}")
