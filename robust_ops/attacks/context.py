@@ -428,6 +428,15 @@ def _takes_as_one_sample(model, x):
     return torch.is_tensor(out) and out.dim() in (1, 2) and out.shape[0] == 1
 
 
+def _refuse_one_sample(name, split, model, x):
+    """An attack's x (``split`` "x") that the model failed on as a batch and takes as one sample is an
+    InputShapeError naming x's shape and the fix."""
+    if split == "x" and _takes_as_one_sample(model, x):
+        raise InputShapeError(f"{name}: expected x to be a batch [N, ...], got shape {tuple(x.shape)}, which the "
+                              "model fails on as a batch and takes as one sample: an image [C, H, W] without its "
+                              "batch dimension? pass x.unsqueeze(0) (and its label as y.view(1))") from None
+
+
 def forward_naming_input_mismatch(name, split, model, x):
     """model(x), in the caller's mode and gradient setting; a forward that fails only because x is not in the dtype
     of the model's parameters -- the same forward on x converted runs -- is a one-line TypeError naming ``split`` and
@@ -439,6 +448,13 @@ def forward_naming_input_mismatch(name, split, model, x):
     InputShapeError (a ValueError) naming the layer and both counts."""
     try:
         return model(x)
+    except ValueError as err:
+        # a batch norm's refusal of an image [C, H, W] without its batch dimension is a ValueError ("expected 4D
+        # input (got 3D input)", after a convolution that took it as unbatched): the project's CNNs all have one.
+        # The one-sample training-mode refusal is core.forward's to reword
+        if torch.is_tensor(x) and not is_one_sample_batch_norm(err):
+            _refuse_one_sample(name, split, model, x)
+        raise
     except RuntimeError as err:
         if not torch.is_tensor(x):
             raise
@@ -469,10 +485,7 @@ def forward_naming_input_mismatch(name, split, model, x):
                        f"convert the data (x.to({dtype})) or the model (model.to({x.dtype}))")
                 raise InputDtypeError(f"{name}: the inputs of {split} are {x.dtype}, but the model's parameters are "
                                       f"{dtype}; {fix}") from None
-        if split == "x" and _takes_as_one_sample(model, x):
-            raise InputShapeError(f"{name}: expected x to be a batch [N, ...], got shape {tuple(x.shape)}, which the "
-                                  "model fails on as a batch and takes as one sample: an image [C, H, W] without its "
-                                  "batch dimension? pass x.unsqueeze(0) (and its label as y.view(1))") from None
+        _refuse_one_sample(name, split, model, x)
         # a model built for another dataset (3-channel DermaMNIST-like images on a 1-channel model, an MLP built for
         # 64x64 images given 28x28 ones): torch's "expected input[128, 1, 28, 28] to have 3 channels" or "mat1 and
         # mat2 shapes cannot be multiplied (2x2352 and 12288x10)" named neither the data nor the fix
