@@ -5496,6 +5496,22 @@ def test_torchattacks_cw_l2_and_pgdl2_keywords_say_what_they_are_here():
         attacks.PGDL2(model, eps=0.5, eps_for_division=1e-10)
 
 
+def test_a_linf_eps_just_past_the_clip_range_is_shown_with_the_digits_that_tell_it_from_the_range():
+    """The refusal showed the radius with 4 digits: PGD(model, eps=1.00002) read 'expected eps <= clip_max - clip_min
+    = 1 for norm='linf', got eps up to 1', the value refused equal to the bound (found by the attacks4 helper)."""
+    model = make_model(3)
+    x, y = make_data(2, 3)
+    for eps, clip, shown in ((1.00002, (0.0, 1.0), "1.00002"), (0.40001, (0.2, 0.6), "0.40001"), (8, (0.0, 1.0), "8")):
+        width = f"{clip[1] - clip[0]:g}"
+        refusal = rf"^pgd: expected eps <= clip_max - clip_min = {width} for norm='linf', got eps up to {shown} \("
+        with pytest.raises(ValueError, match=refusal):
+            attacks.PGD(model, eps=eps, clip_min=clip[0], clip_max=clip[1])
+        attack = attacks.PGD(model, eps=0.1, steps=1, clip_min=clip[0], clip_max=clip[1])
+        attack.eps = torch.tensor([0.1, eps])  # per sample, checked when run
+        with pytest.raises(ValueError, match=refusal):
+            attack(clip[0] + x * (clip[1] - clip[0]), y)
+
+
 @pytest.mark.parametrize("cls", ["FGSM", "BIM", "PGD", "CW", "APGD", "APGDT", "FAB", "FABT", "Square", "WhiteNoise"])
 @pytest.mark.parametrize("eps", [8, torch.tensor(8.0)], ids=["number", "0-d tensor"])
 def test_linf_eps_in_0_255_units_is_refused_when_the_attack_is_built(cls, eps):
@@ -5597,8 +5613,8 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
                            (0.5, 1.0000100001), (0.5, 1.0000099999), (0.99998, 1.5), (0.99999, 1.5), (0, 0)):
             assert outcome(eps, alpha, x, True) == outcome(eps, alpha, x, False), (dtype, eps, alpha)
         assert outcome(1.0000099999, 0.1, x, True) == (None if dtype == torch.float64 else
-            "pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1 (eps in 0-255 units? pass "
-            "e.g. 8/255)")
+            "pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1.00001 (eps in 0-255 units? "
+            "pass e.g. 8/255)")  # float32's 1.0000100136, with the digits that tell it from 1
         assert (outcome(0.5, 1.0000100001, x, True) is None) == (dtype == torch.float32)
     # per sample: the widest refused step among the samples whose eps does not span the range (3.0 at eps 1 may)
     eps_t, alpha_t = torch.tensor([0.1, 0.2, 1.0]), torch.tensor([0.5, 2.0, 3.0])

@@ -274,9 +274,13 @@ def _linf_step_refused(alpha, eps, width):
 
 
 def _linf_refusal(name, arg, widest, width, example="8/255"):
-    """The error of a Linf radius (a step: ``example`` "2/255") wider than the clip range."""
-    return ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {width:g} for norm='linf', got {arg} up to "
-                      f"{widest:.4g} ({arg} in 0-255 units? pass e.g. {example})")
+    """The error of a Linf radius (a step: ``example`` "2/255") wider than the clip range, each value with the digits
+    that tell them apart: 4 of 1.00002 read 'expected eps <= ... = 1, ..., got eps up to 1'."""
+    shown_width = f"{width:g}"
+    shown = next((text for text in (f"{widest:.{digits}g}" for digits in (4, 6, 8, 12, 17))
+                  if float(text) > float(shown_width)), repr(widest))
+    return ValueError(f"{name}: expected {arg} <= clip_max - clip_min = {shown_width} for norm='linf', got {arg} up "
+                      f"to {shown} ({arg} in 0-255 units? pass e.g. {example})")
 
 
 def check_budget(name, norm, eps, clip_min, clip_max, alpha=None, n="N", optional=False):
