@@ -26,7 +26,7 @@ from utils import TinyCNN, host_reads
 
 from robust_ops import attacks, evaluate as evaluate_module, report
 from robust_ops.data import DatasetInfo
-from robust_ops.evaluate import AttackSpec, EvalError, evaluate, parse_attacks, parse_eps, write_results
+from robust_ops.evaluate import AttackSpec, EvalError, check_radii, evaluate, parse_attacks, parse_eps, write_results
 from robust_ops.metrics import classification_metrics, probabilities
 
 # Most tests here run pgd's default step (0.001 x 20) at radii such as 0.2 on purpose (what they check is the
@@ -1521,6 +1521,18 @@ def test_linf_radius_wider_than_value_range_is_refused():
         evaluate(TinyCNN(), TensorDataset(x, y), INFO, attacks="fgsm", eps="8,1/255")  # the widest, in any order
     rows = evaluate(TinyCNN(), TensorDataset(x, y), INFO, attacks="noise:norm=l2:trials=1", eps="2")  # L2: fine
     assert rows[-1]["eps"] == 2.0
+
+
+def test_a_linf_step_in_0_255_units_is_refused_with_the_radii_before_any_training():
+    """pgd:alpha=2 passed parse_attacks (its dry run at eps 1 spans [0, 1], where a wide step is allowed) and
+    check_radii, so `robust-ops demo --attacks pgd:alpha=2 --eps 8/255` trained every method and then ended
+    '--attacks: pgd: expected alpha <= clip_max - clip_min = 1 ...' (found by the attacks4 helper)."""
+    specs = parse_attacks("fgsm,pgd:alpha=2")
+    with pytest.raises(EvalError, match=r"^attacks: pgd: expected alpha <= clip_max - clip_min = 1 for norm='linf', "
+                                        r"got alpha up to 2 \(alpha in 0-255 units\? pass e.g. 2/255\)$"):
+        check_radii(specs, [8 / 255], INFO)
+    check_radii(specs, [1.0], INFO)  # a radius spanning the range takes any step
+    check_radii(parse_attacks("pgd:alpha=2/255,autoattack"), [1 / 255, 8 / 255], INFO)
 
 
 def test_l1_specs_parse_for_apgd_and_autoattack_and_their_rows_say_l1():

@@ -593,6 +593,12 @@ def check_radii(specs, radii, info):
         if spec.norm == "linf" and linf_wider_than_range(widest, lo, hi):
             raise EvalError("eps", f"eps: {widest:g} is an L-inf radius ({spec.label}) wider than the inputs' value "
                                    f"range [{lo:g}, {hi:g}]; give radii in its units, e.g. 8/255, not 8")
+    # each attack as evaluate builds it, at each radius in the data's range (no forward: its checks when built): the
+    # dry run's eps 1 spans [0, 1], so a step in 0-255 units beside a radius that fits (pgd:alpha=2 at 8/255) was
+    # refused only then, after demo had trained every method
+    for spec in specs:
+        for eps in radii:
+            spec.build(_DryRunModel(), eps, lo, hi)
 
 
 def class_names_problem(info):
