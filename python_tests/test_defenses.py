@@ -292,6 +292,10 @@ def test_mirst_beta_of_the_wrong_length():
     with pytest.raises(ValueError, match=r"mirst: expected beta to have 4 weights \(one per emitted iterate, "
                                          r"emit=\(2, 4, 6, 8\)\), got 3"):
         MIRST(beta=(0.5, 0.3, 0.2))
+    # one emitted iterate: "1 weight", not "1 weights" (found by the docswalk2 helper)
+    with pytest.raises(ValueError, match=r"mirst: expected beta to have 1 weight \(one per emitted iterate, "
+                                         r"emit=\(8,\)\), got 4"):
+        MIRST(emit=8)
     with pytest.raises(ValueError, match=r"mirst: expected emit to be increasing step counts in \[1, steps=10\]"):
         MIRST(emit=(2, 12), beta=(0.5, 0.5))
 

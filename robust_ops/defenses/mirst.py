@@ -58,8 +58,8 @@ class MIRST(PGDDefense):
                              f"got {emit}{fix}")
         beta = tuple(check_real(self.name, "each beta weight", b, minimum=0) for b in _numbers(self.name, "beta", beta))
         if len(beta) != len(emit):
-            raise ValueError(f"{self.name}: expected beta to have {len(emit)} weights (one per emitted iterate, "
-                             f"emit={emit}), got {len(beta)}: {beta}")
+            raise ValueError(f"{self.name}: expected beta to have {len(emit)} weight{'s' * (len(emit) != 1)} (one per "
+                             f"emitted iterate, emit={emit}), got {len(beta)}: {beta}")
         check_flags(self.name, {"reuse": reuse})  # reuse="no" ran the reuse formulation
         self.emit, self.beta, self.reuse = emit, beta, reuse
 
