@@ -2401,13 +2401,8 @@ def test_a_trace_of_the_native_op_asks_no_size_of_its_input():
         assert_verbose_equal(traced(x), pool(x.contiguous()), f"{tuple(x.shape)}")
 
 
-def test_a_batch_of_one_hwc_image_is_pooled_without_copying_it_where_no_gradient_is_recorded():
-    """A batch of one HWC image (1 x C x H x W, channels_last-contiguous) is NCHW to ATen and channels_last to the
-    ops' rule: it was copied into NCHW and pooled by the NCHW kernel (1 x 16 x 32 x 32, kernel 3 stride 2: ~61 us a
-    call, ~41 us now), and so was the unbatched HWC image viewed as CHW. Where no gradient is recorded the native CPU
-    kernel pools it as it is and only the outputs are made NCHW: no copy of the input, and the same values (NaN bits
-    included), indices and strides as the NCHW kernel on the copy and F.max_pool2d. With a gradient the copy stays
-    (test above: the gradient's strides)."""
+def _copies_of(x, fn):
+    """fn()'s result and the copies of x (tensors of x's size in other storage) the ops it runs make."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
@@ -2422,8 +2417,20 @@ def test_a_batch_of_one_hwc_image_is_pooled_without_copying_it_where_no_gradient
                              if isinstance(t, torch.Tensor)]
             return result
 
+    with Made() as made:
+        result = fn()
+    return result, [m for m in made.tensors if m[0] == x.numel() and m[1] != x.untyped_storage().data_ptr()]
+
+
+def test_a_batch_of_one_hwc_image_is_pooled_without_copying_it_where_no_gradient_is_recorded():
+    """A batch of one HWC image (1 x C x H x W, channels_last-contiguous) is NCHW to ATen and channels_last to the
+    ops' rule: it was copied into NCHW and pooled by the NCHW kernel (1 x 16 x 32 x 32, kernel 3 stride 2: ~61 us a
+    call, ~41 us now), and so was the unbatched HWC image viewed as CHW. Where no gradient is recorded the native CPU
+    kernel pools it as it is and only the outputs are made NCHW (float32, C a multiple of 16: next test): no copy of
+    the input, and the same values (NaN bits included), indices and strides as the NCHW kernel on the copy and
+    F.max_pool2d. With a gradient the copy stays (test above: the gradient's strides)."""
     g = torch.Generator().manual_seed(0)
-    img = torch.randint(0, 4, (9, 10, 6), generator=g).float()  # ties
+    img = torch.randint(0, 4, (9, 10, 16), generator=g).float()  # ties
     img.view(-1)[::13] = float("nan")
     chw = img.permute(2, 0, 1)  # the HWC image viewed as CHW (numpy, PIL): also pooled unbatched, as it is
     geometries = [(3, 2, 0, 1, False), (2, 2, 1, 1, True), (3, 1, 1, 2, False)]
@@ -2435,12 +2442,31 @@ def test_a_batch_of_one_hwc_image_is_pooled_without_copying_it_where_no_gradient
                              ceil_mode)
         values, indices = (values, indices) if x.dim() == 4 else (values[0], indices[0])
         for grad_mode, module in ((False, False), (True, False), (True, True)):
-            with torch.set_grad_enabled(grad_mode), Made() as made:
-                if module:
-                    out, idx = robust_ops.DropMax2d(*args[:4], return_indices=True, ceil_mode=ceil_mode)(x)
-                else:
-                    out, idx = robust_ops.drop_max_pool2d(x, *args, return_indices=True)
-            copies = [m for m in made.tensors if m[0] == x.numel() and m[1] != x.untyped_storage().data_ptr()]
+            with torch.set_grad_enabled(grad_mode):
+                (out, idx), copies = _copies_of(x, lambda: robust_ops.DropMax2d(
+                    *args[:4], return_indices=True, ceil_mode=ceil_mode)(x) if module else
+                    robust_ops.drop_max_pool2d(x, *args, return_indices=True))
             assert not copies, where  # no copy of the input
             assert out.stride() == idx.stride() == ref.stride(), where
             assert torch.equal(out.view(torch.int32), values.view(torch.int32)) and torch.equal(idx, indices), where
+
+
+@pytest.mark.parametrize("channels, dtype", [(3, torch.float32), (8, torch.float32), (12, torch.float32),
+                                             (20, torch.float32), (16, torch.float16), (16, torch.float64)])
+def test_a_hwc_image_the_channels_last_kernel_would_pool_slowly_is_copied_as_before(channels, dtype):
+    """The native kernel pools a batch of one HWC image as it is only where its vector lanes cover the channels
+    whole (float32, C a multiple of 16); elsewhere its lanes are partly or all scalar, slower than the copy into NCHW
+    and the NCHW kernel: an RGB image from numpy or PIL, 224 x 224 x 3 viewed as CHW, kernel 3 stride 2, took ~3.1 ms
+    a call as is against ~0.17 ms copied. Such an image is copied (as it was before the as-is path), batched or not,
+    with the same values, indices and strides as the NCHW kernel on the copy."""
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 4, (9, 10, channels), generator=g).to(dtype)
+    chw = img.permute(2, 0, 1)
+    values, indices = op(chw.unsqueeze(0).contiguous(), [3, 3], [2, 2], [0, 0], [1, 1], False)
+    for x in (chw.unsqueeze(0), chw):
+        with torch.no_grad():
+            (out, idx), copies = _copies_of(x, lambda: robust_ops.drop_max_pool2d(x, 3, 2, return_indices=True))
+        assert copies, x.dim()  # the input's copy into NCHW
+        if x.dim() == 3:
+            out, idx = out.unsqueeze(0), idx.unsqueeze(0)
+        assert out.stride() == values.stride() and torch.equal(out, values) and torch.equal(idx, indices), x.dim()

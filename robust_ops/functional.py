@@ -143,19 +143,24 @@ def _in_atens_layout(x):
 
 def _one_hwc_image_pooled_as_is(x, which):
     """Whether the native CPU kernel pools x as it is, its outputs then made NCHW, where _in_atens_layout would copy
-    the whole input: a batch of one HWC image (1 x C x H x W, C > 1, channels_last-contiguous and not plain
-    contiguous), which ATen reads as NCHW and the ops' rule as channels_last. Its channels_last kernel, whose lanes are
-    the channels, and a copy of the (smaller) outputs beat the input's copy and the NCHW kernel (1 x 16 x 32 x 32,
+    the whole input: a batch of one HWC image (1 x C x H x W, channels_last-contiguous and not plain contiguous),
+    which ATen reads as NCHW and the ops' rule as channels_last. Its channels_last kernel, whose lanes are the
+    channels, and a copy of the (smaller) outputs beat the input's copy and the NCHW kernel (1 x 16 x 32 x 32,
     kernel 3 stride 2, one core: drop_max_pool2d ~41 us a call against ~61 us; values and indices are the same, bit
     for bit, as both kernels select by window order). Only where no gradient is recorded: the op's backward takes the
     indices' layout, which would give the input gradient channels_last strides where ATen's are NCHW. Not under
     torch.func transforms (no layout is asked there) or while capturing a graph; torch.jit.trace is asked before the
     sizes, which are tensors there: their comparisons warned on every trace (TracerWarning "Converting a tensor to a
-    Python boolean"), after is_contiguous(), which answers for most inputs at less cost (~0.05 us, ~0.2 us)."""
+    Python boolean"), after is_contiguous(), which answers for most inputs at less cost (~0.05 us, ~0.2 us). Only for
+    float32 and C a multiple of 16, which the kernel's vector lanes cover whole: elsewhere its lanes are partly or all
+    scalar and the copy with the NCHW kernel is faster, so it stays (an RGB image 1 x 3 x 224 x 224, kernel 3 stride
+    2, one core: ~3.1 ms a call as is against ~0.17 ms; 3, 8 or 12 channels 2-20x slower as is, float16 ~1.4x,
+    float64 and bfloat16 level)."""
+    # the cheap tests first; the channels_last query after the transforms' (vmap cannot answer it)
     return (which == "native" and x.dim() == 4 and not x.is_contiguous() and not torch.jit.is_tracing()
-            and x.shape[0] == 1 and x.shape[1] > 1 and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.shape[0] == 1 and x.shape[1] > 0 and x.shape[1] % 16 == 0
             and not (x.requires_grad and torch.is_grad_enabled())
-            and torch._C._functorch.maybe_current_level() is None and not capturing()
+            and torch._C._functorch.maybe_current_level() is None and not capturing() and x.device.type == "cpu"
             and x.is_contiguous(memory_format=torch.channels_last)
             and reference._suggested_memory_format(x) == torch.contiguous_format)
 
@@ -217,7 +222,8 @@ def drop_max_pool2d(
     which = _backend.resolve("drop_max_pool2d", input.device, backend)
     # an HWC image viewed as CHW (permute(2, 0, 1), as from numpy or PIL) is such a batch once unsqueezed, where
     # _as_batch copies it into CHW
-    as_is = input.dim() == 3 and _one_hwc_image_pooled_as_is(input.unsqueeze(0), which)
+    as_is = (input.dim() == 3 and not input.is_contiguous()
+             and _one_hwc_image_pooled_as_is(input.unsqueeze(0), which))
     x, unbatched = (input.unsqueeze(0), True) if as_is else _as_batch(input)
     as_is = as_is or _one_hwc_image_pooled_as_is(x, which)
     if not as_is:  # F.max_pool2d's output and gradient strides (DropMax2d is a drop-in for nn.MaxPool2d)
