@@ -5004,6 +5004,27 @@ def test_eval_does_not_repeat_the_bit_depth_advice_for_the_runs_own_data(tmp_pat
     assert rc == 0 and "pass --bit-depth 12" in err, err
 
 
+def test_resume_takes_bit_depth_16_as_the_reading_without_bit_depth(tmp_path, capsys):
+    """--bit-depth 16 reads 16-bit images on the full 16 bits, as no --bit-depth does, and eval takes it on a run
+    trained without it: train's and demo's --resume refused it ('was trained without --bit-depth, this command has
+    --bit-depth 16'). Both continue the run either way round; another bit depth is still refused."""
+    data = _folder_16_bit(tmp_path / "ct", n=4)
+    train = ["train", "--data", data, "--size", "8", "--model", "mlp", "--no-progress", "--device", "cpu",
+             "--out", tmp_path / "run"]
+    assert run(train + ["--epochs", "1"], capsys)[0] == 0
+    rc, _, err = run(train + ["--epochs", "2", "--bit-depth", "16", "--resume"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(train + ["--epochs", "3", "--resume"], capsys)  # run.json now records --bit-depth 16
+    assert rc == 0, err
+    rc, _, err = run(train + ["--epochs", "3", "--bit-depth", "12", "--resume"], capsys)
+    assert rc == 2 and "error: --resume:" in err and "this command has --bit-depth 12;" in err, err
+    demo = ["demo", "--data", data, "--size", "8", "--model", "mlp", "--methods", "standard", "--attacks", "fgsm",
+            "--eps", "1/255", "--saliency", "0", "--no-progress", "--device", "cpu", "--out", tmp_path / "demo"]
+    assert run(demo + ["--epochs", "1"], capsys)[0] == 0
+    rc, _, err = run(demo + ["--epochs", "2", "--bit-depth", "16", "--resume"], capsys)
+    assert rc == 0, err
+
+
 def test_data_through_a_symbolic_link_is_the_runs_own_data(tmp_path, capsys):
     """data_spec makes paths absolute without following links: `eval RUN --data LINK` of a run trained on the linked
     folder with --bit-depth 12 attacked it as other data, read on the full 16 bits (16 times darker than the model

@@ -512,6 +512,12 @@ def same_data_source(spec, other):
         return False
 
 
+def bit_reading(bit_depth):
+    """A --bit-depth as the loader reads 16-bit image files: 16 is the full 16 bits, the reading without --bit-depth
+    (None), so a run trained without it takes --bit-depth 16 (eval, --resume) and one trained with it none."""
+    return None if bit_depth == 16 else bit_depth
+
+
 def _counts(counts):
     return f"{sum(counts.values())} images ({', '.join(f'{k} {v}' for k, v in counts.items())})"
 
@@ -1036,6 +1042,8 @@ def resume_conflict(out, run):
         if key == "classes" and was and now and (old.get("dataset") or {}).get("class_names") is not None \
                 and old["dataset"]["class_names"] == (run.get("dataset") or {}).get("class_names"):
             was, now = ([c.lower() for c in classes] for classes in (was, now))  # folders: class names in any case
+        if key == "bit_depth":  # --bit-depth 16 reads the images as no --bit-depth does: it was refused
+            was, now = bit_reading(was), bit_reading(now)
         if was != now and not (key == "data" and same_data_source(was, now)):
             return key, old.get(key), run.get(key)
     # Known only once the data is loaded (reproduce's pre-check has neither) and absent from older run.json files;
@@ -1727,9 +1735,9 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
     if same_source and size is not None and size == (run.get("dataset") or {}).get("image_size"):
         # the size the run's images were loaded at is its own data (as --resume takes it): its split and checks
         size = run.get("size")
-    if same_source and run and bit_depth == 16 and run.get("bit_depth") is None:
+    if same_source and run and bit_depth is not None and bit_reading(bit_depth) == bit_reading(run.get("bit_depth")):
         # the full 16 bits, as the run read its images: refused as "another scale" though the scale is the same
-        bit_depth = None
+        bit_depth = run.get("bit_depth")
     if same_source and run and bit_depth is not None and bit_depth != run.get("bit_depth"):
         # the run's own images on another intensity scale (its 12-bit CT read on the full 16 bits: 16 times darker)
         # were attacked without a word, and results.json recorded them as the run's data
