@@ -3575,6 +3575,10 @@ def test_demo_resume_refuses_another_training_subset(small_npz, tmp_path, capsys
     rc, _, err = run(argv + ["--train-size", "48", "--resume"], capsys)
     one_line_error(rc, err, "--train-size:", "trained on 32 training images, this command draws 48")
     assert list((out / "runs" / "standard").iterdir()) == []
+    # a setting's refusal ended at 'this command has --lr 0.002', without the way on its other refusals give
+    rc, _, err = run(argv + ["--train-size", "32", "--lr", "0.002", "--resume"], capsys)
+    line = one_line_error(rc, err, "--resume:", "was trained with --lr 0.001, this command has --lr 0.002")
+    assert line.endswith("; rerun with the run's settings to continue it, or use another --out"), line
     quick = [a for a in argv if a not in ("--epochs", "1")] + ["--quick"]  # --quick: 2 epochs on 64 images
     rc, _, err = run(quick + ["--resume"], capsys)
     one_line_error(rc, err, "--train-size:", "draws 64 (--quick)")

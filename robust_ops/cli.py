@@ -2297,7 +2297,10 @@ def _demo_resume_error(run_dir, conflict, args, epochs, quick_val=None):
                         "--out")
     if key == "rare_classes":
         return CLIError(f"--resume: {rare_classes_refusal(run_dir)}; or rerun without --resume, or use another --out")
-    return resume_setting_error(resume_record_file(run_dir), key, was, now, DEMO_FLAG_SETTINGS)
+    # the way on, as train's refusal and demo's others end (it ended at "this command has --lr 0.002")
+    where = f" (set by {FIT_SETTING_FLAGS[key]})" if key in FIT_SETTING_FLAGS else ""
+    return CLIError(f"{resume_setting_error(resume_record_file(run_dir), key, was, now, DEMO_FLAG_SETTINGS)}{where}; "
+                    "rerun with the run's settings to continue it, or use another --out")
 
 
 def cmd_demo(args):
