@@ -1293,6 +1293,25 @@ def test_ima_load_state_dict_refuses_other_given_eps_train_or_delta():
     assert (resolved.eps_train, resolved.delta) == (2.0, 0.5)
 
 
+def test_ima_load_state_dict_refuses_another_given_init_margin():
+    """init_margin given to an IMA that loads a checkpoint made with another was dropped for the checkpoint's without
+    a word, where another eps_train or delta is refused: refused the same way; left unset, it is the checkpoint's."""
+    from robust_ops.defenses.base import StateSettingError
+
+    model, x, y = ima_batch()
+    defense = IMA(num_samples=20, eps_train=2.0, delta=0.5, init_margin=0.25, steps=3, search_steps=3)
+    defense(model, x, y, torch.arange(12))
+    state = defense.state_dict()
+    expected = (r"^IMA.load_state_dict: the checkpoint was trained with init_margin=0.25, this defense has "
+                r"init_margin=0.5; pass the checkpoint's value \(or leave init_margin unset to take it\)$")
+    with pytest.raises(StateSettingError, match=expected) as err:
+        IMA(num_samples=20, eps_train=2.0, delta=0.5, init_margin=0.5).load_state_dict(state)
+    assert (err.value.option, err.value.saved, err.value.now) == ("init_margin", 0.25, 0.5)
+    for restored in (IMA(num_samples=20, init_margin=0.25), IMA(num_samples=20)):
+        restored.load_state_dict(state)
+        assert restored.init_margin == 0.25 and torch.equal(restored.margins, defense.margins)
+
+
 def test_checkpoints_refuse_margins_above_eps_train():
     state = {"margins": torch.tensor([0.5, 2.5, 1.0]), "eps_train": 2.0, "delta": 0.5, "init_margin": 0.5}
     # the limit is the checkpoint's own eps_train here, so no "a run with a larger ..." hint

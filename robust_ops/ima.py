@@ -1451,8 +1451,8 @@ class IMA(Defense):
 
     name = "ima"
     needs_ids = True
-    # eps_train / delta are compared (or taken when not given) by load_state_dict; init_margin only seeds a new
-    # table; num_samples is checked by fit; table and counter are state.
+    # eps_train / delta / init_margin are compared (or taken when not given) by load_state_dict; num_samples is
+    # checked by fit; table and counter are state.
     _not_options = ("eps_train", "delta", "init_margin", "num_samples", "table", "counter")
 
     def __init__(self, num_samples=None, *, eps_train=None, delta=None, init_margin=None, beta=0.5, norm="l2",
@@ -1688,7 +1688,8 @@ class IMA(Defense):
         if state.get("norm", self.norm) != self.norm:
             raise ValueError(f"IMA.load_state_dict: the checkpoint's margins are {state['norm']} radii, this defense "
                              f"has norm={self.norm!r}; pass norm={state['norm']!r}")
-        for arg, given in self._given.items():
+        # init_margin too: one given on resume was dropped for the checkpoint's without a word, as no other setting
+        for arg, given in {**self._given, "init_margin": self._given_init_margin}.items():
             # A resumed run continues with the checkpoint's values: refuse to train silently with other ones.
             if given is not None and float(state[arg]) != given:  # one fit can name in its caller's words
                 raise StateSettingError(arg, float(state[arg]), given,
