@@ -5029,6 +5029,29 @@ def test_resume_takes_bit_depth_16_as_the_reading_without_bit_depth(tmp_path, ca
     assert rc == 0, err
 
 
+def test_eval_does_not_give_the_size_advice_for_a_copy_of_the_runs_data(tmp_path, capsys):
+    """A run trained at the default size on small images: eval of a copy of its folder (other data holding the images
+    it trained on, as it read them) repeated the loader's 'pass --size 8' advice for a new run, which the run's mlp,
+    trained at 224x224, refuses. Decided by the training-set fingerprint, as the bit-depth advice is: other images
+    still hear it."""
+    from PIL import Image
+
+    for c, base in (("benign", 100), ("malignant", 0)):
+        (tmp_path / "small" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), base + 10 * i, np.uint8)).save(tmp_path / "small" / c / f"{i}.png")
+    rc, _, err = run(["train", "--data", tmp_path / "small", "--model", "mlp", "--epochs", "1", "--no-progress",
+                      "--device", "cpu", "--out", tmp_path / "run"], capsys)
+    assert rc == 0 and "pass --size 8" in err, err
+    shutil.copytree(tmp_path / "small", tmp_path / "copy")
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    rc, _, err = run(["eval", tmp_path / "run", *attack, "--data", tmp_path / "copy", "--out", tmp_path / "e"], capsys)
+    assert rc == 0 and "--size" not in err, err
+    (tmp_path / "copy" / "benign" / "0.png").unlink()  # other images: a new run's advice
+    rc, _, err = run(["eval", tmp_path / "run", *attack, "--data", tmp_path / "copy", "--out", tmp_path / "o"], capsys)
+    assert rc == 0 and "pass --size 8" in err, err
+
+
 def test_data_through_a_symbolic_link_is_the_runs_own_data(tmp_path, capsys):
     """data_spec makes paths absolute without following links: `eval RUN --data LINK` of a run trained on the linked
     folder with --bit-depth 12 attacked it as other data, read on the full 16 bits (16 times darker than the model

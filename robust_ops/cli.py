@@ -1893,6 +1893,7 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
 
 
 _BIT_DEPTH_ADVICE = r".*\(\d+-bit data\?\); scaled from the full 16-bit range"  # the loader's "pass --bit-depth 12"
+_SIZE_ADVICE = r".*: every image is at most \d+ pixels a side, read at the default"  # the loader's "pass --size 8"
 
 
 @contextlib.contextmanager
@@ -1907,9 +1908,10 @@ def _bit_depth_advice_dropped():
 
 def _other_data_read(load, run):
     """``load()``'s splits of data other than ``run``'s own (another path), its warnings shown once it returns (or
-    fails), but for the loader's advice to pass --bit-depth where the training split holds the very images the run
-    trained on, read as it read them (the fingerprint run.json records: a copy of its folder): following it read them
-    on another scale than the model learned, for a run trained without --bit-depth."""
+    fails), but for the loader's advice for a new run, to pass --bit-depth or --size, where the training split holds
+    the very images the run trained on, read as it read them (the fingerprint run.json records: a copy of its folder):
+    following it read them on another scale than the model learned, for a run trained without --bit-depth, or at
+    another size than it learned, for one trained at the default size on small images."""
     from .train import train_data_fingerprint
 
     splits = None
@@ -1921,7 +1923,7 @@ def _other_data_read(load, run):
         trained = run.get("train_data_sha256")
         same = splits is not None and trained is not None and train_data_fingerprint(splits.train) == trained
         for w in caught:
-            if not (same and re.match(_BIT_DEPTH_ADVICE, str(w.message))):
+            if not (same and re.match(f"{_BIT_DEPTH_ADVICE}|{_SIZE_ADVICE}", str(w.message))):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return splits
 
