@@ -5047,6 +5047,12 @@ def test_eval_does_not_give_the_size_advice_for_a_copy_of_the_runs_data(tmp_path
     attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
     rc, _, err = run(["eval", tmp_path / "run", *attack, "--data", tmp_path / "copy", "--out", tmp_path / "e"], capsys)
     assert rc == 0 and "--size" not in err, err
+    # a run.json written before it recorded the fingerprint: the checkpoint's (it gave the advice for such runs)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    del record["train_data_sha256"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    rc, _, err = run(["eval", tmp_path / "run", *attack, "--data", tmp_path / "copy", "--out", tmp_path / "f"], capsys)
+    assert rc == 0 and "--size" not in err, err
     (tmp_path / "copy" / "benign" / "0.png").unlink()  # other images: a new run's advice
     rc, _, err = run(["eval", tmp_path / "run", *attack, "--data", tmp_path / "copy", "--out", tmp_path / "o"], capsys)
     assert rc == 0 and "pass --size 8" in err, err

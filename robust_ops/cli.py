@@ -1769,6 +1769,10 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
                        f"fold cannot be rebuilt; rerun the same `{PROG} reproduce` command (it records the split "
                        "without retraining), or pass --data to attack that data's own test split")
     else:
+        # run.json files written before 2026-12-06 lack the training set's fingerprint: the checkpoint's record of it
+        config = state.get("config") if isinstance(state, dict) else None
+        trained_fingerprint = config.get("train_data_sha256") if isinstance(config, dict) else None
+
         def read(at):
             def load():
                 return load_data(data, size=at, seed=run.get("seed", 0), flag=flag, classes=classes,
@@ -1779,7 +1783,7 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
             if same_data:
                 with _bit_depth_advice_dropped():
                     return load()
-            return _other_data_read(load, run)
+            return _other_data_read(load, run.get("train_data_sha256") or trained_fingerprint)
 
         try:  # `is None`, not `or`: --size 0 is an error to report, not "the run's size"
             splits = read((read_at or run.get("size")) if size is None else size)
@@ -1906,12 +1910,13 @@ def _bit_depth_advice_dropped():
         yield
 
 
-def _other_data_read(load, run):
-    """``load()``'s splits of data other than ``run``'s own (another path), its warnings shown once it returns (or
+def _other_data_read(load, trained):
+    """``load()``'s splits of data other than the run's own (another path), its warnings shown once it returns (or
     fails), but for the loader's advice for a new run, to pass --bit-depth or --size, where the training split holds
-    the very images the run trained on, read as it read them (the fingerprint run.json records: a copy of its folder):
-    following it read them on another scale than the model learned, for a run trained without --bit-depth, or at
-    another size than it learned, for one trained at the default size on small images."""
+    the very images the run trained on, read as it read them (``trained``, the fingerprint run.json or, where it lacks
+    one, the checkpoint records: a copy of its folder): following it read them on another scale than the model
+    learned, for a run trained without --bit-depth, or at another size than it learned, for one trained at the default
+    size on small images."""
     from .train import train_data_fingerprint
 
     splits = None
@@ -1920,7 +1925,6 @@ def _other_data_read(load, run):
             warnings.simplefilter("always")
             splits = load()
     finally:
-        trained = run.get("train_data_sha256")
         same = splits is not None and trained is not None and train_data_fingerprint(splits.train) == trained
         for w in caught:
             if not (same and re.match(f"{_BIT_DEPTH_ADVICE}|{_SIZE_ADVICE}", str(w.message))):
