@@ -114,6 +114,14 @@ def test_attacks_differing_in_an_eps_expression_are_two_attacks_labelled_by_it()
     assert AttackSpec("pgd", {"alpha": lambda eps: eps / 4}).label == "pgd(alpha=f(eps))"
 
 
+def test_a_step_of_k_over_255_is_labelled_as_the_eps_column_shows_it():
+    # ifgsm:steps=20:alpha=1/255 was labelled ifgsm(steps=20,alpha=0.00392156862745098) beside an eps column of 1/255;
+    # other numbers keep every digit (labels tell attacks apart)
+    specs = parse_attacks("ifgsm:steps=20:alpha=1/255,pgd:alpha=0.2,pgd:alpha=0.0123456,cw:alpha=0.001")
+    assert [s.label for s in specs] == ["ifgsm(steps=20,alpha=1/255)", "pgd(alpha=0.2)", "pgd(alpha=0.0123456)",
+                                        "cw(alpha=0.001)"]
+
+
 def test_an_attack_whose_options_are_listed_in_another_order_is_listed_twice():
     """pgd:steps=3:alpha=0.01,pgd:alpha=0.01:steps=3 is one attack under two labels: it was attacked twice and
     reported in two rows, where pgd,pgd is refused."""

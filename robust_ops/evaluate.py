@@ -315,7 +315,7 @@ class AttackSpec:
             except ValueError as err:
                 raise EvalError("attacks", f"attacks: {err}") from None
         if not self.label:
-            shown = [f"{k}={v}" for k, v in self.options.items() if not callable(v)]
+            shown = [f"{k}={_option_text(v)}" for k, v in self.options.items() if not callable(v)]
             shown += [f"{k}={v if isinstance(v, EpsExpression) else 'f(eps)'}" for k, v in self.options.items()
                       if callable(v)]
             self.label = self.name + (f"({','.join(shown)})" if shown else "")
@@ -338,6 +338,16 @@ class AttackSpec:
             return attacks.build(self.name, model, eps=eps, clip_min=clip_min, clip_max=clip_max, **opts)
         except (ValueError, TypeError) as err:
             raise EvalError("attacks", f"attacks: {err}") from None
+
+
+def _option_text(value):
+    """An option's value in an attack's label: a step of k/255 as the eps column shows it (alpha=1/255 was labelled
+    alpha=0.00392156862745098); other values as Python prints them (every digit: labels tell attacks apart)."""
+    if isinstance(value, float) and len(f"{value:g}") > 5:
+        k = value * 255
+        if abs(k - round(k)) < 1e-9 and round(k) > 0:
+            return f"{round(k)}/255"
+    return value
 
 
 def unknown_attack_message(name, python=True):
