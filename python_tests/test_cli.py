@@ -5058,6 +5058,32 @@ def test_eval_does_not_give_the_size_advice_for_a_copy_of_the_runs_data(tmp_path
     assert rc == 0 and "pass --size 8" in err, err
 
 
+
+def test_eval_of_other_data_fingerprints_its_training_split_only_where_there_is_advice_to_drop(monkeypatch):
+    """_other_data_read fingerprinted the training split of every other data eval read (0.3-520 ms by image size),
+    though the fingerprint decides only whether the loader's --bit-depth / --size advice is dropped; its other
+    warnings are shown as they came."""
+    import robust_ops.train as trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "train_data_fingerprint", lambda split: calls.append(split) or "sha")
+    splits = type("Splits", (), {"train": "the training split"})()
+
+    def load(message):
+        def read():
+            warnings.warn(message)
+            return splits
+        return read
+
+    with pytest.warns(UserWarning, match="^other data: a warning of its own$"):
+        assert cli._other_data_read(load("other data: a warning of its own"), "sha") is splits
+    assert calls == []
+    advice = "ct: every 16-bit image holds values <= 4095 only (12-bit data?); scaled from the full 16-bit range ..."
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli._other_data_read(load(advice), "sha") is splits  # the run's own images: advice dropped
+    assert calls == ["the training split"]
+
 def test_data_through_a_symbolic_link_is_the_runs_own_data(tmp_path, capsys):
     """data_spec makes paths absolute without following links: `eval RUN --data LINK` of a run trained on the linked
     folder with --bit-depth 12 attacked it as other data, read on the full 16 bits (16 times darker than the model
