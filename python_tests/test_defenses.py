@@ -2642,6 +2642,40 @@ def test_own_defense_with_its_batch_in_forward_is_refused_when_defined():
     assert Child()(model, torch.rand(2, 4), torch.tensor([0, 1])).loss.requires_grad
 
 
+def test_own_defense_with_its_batch_in_an_ima_subclass_or_mixin_forward_is_refused_when_defined():
+    """The check read a __call__ of robust_ops.defenses only, and the class's own forward only: class MyIMA(IMA)
+    with its loss in forward (IMA lives in robust_ops.ima), and class MyAT(Mixin, AT) with it in the mixin's, were
+    taken and trained as IMA and AT without a word (measured: forward never called; found by the revB helper).
+    A module's __call__ first in the MRO calls forward: that class is left alone."""
+    from robust_ops.ima import IMA
+
+    with pytest.raises(TypeError, match=r"^MyIMA: defines forward, which fit never calls: .* \(IMA's would run\); "
+                                        r"rename forward to __call__$"):
+        class MyIMA(IMA):
+            def forward(self, model, x, y, ids=None):
+                raise AssertionError("never called")
+
+    class Mixin:
+        def forward(self, model, x, y, ids=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match=r"^MyAT: takes forward from Mixin, which fit never calls: .* \(AT's would "
+                                        r"run\); rename forward to __call__$"):
+        class MyAT(Mixin, defenses.AT):
+            pass
+
+    class AsModule(nn.Module, defenses.AT):
+        def forward(self, model, x, y, ids=None):
+            return defenses.DefenseOutput(loss=F.cross_entropy(model(x), y))
+
+    class Later(defenses.AT, Mixin):  # AT's __call__ comes first and is meant
+        pass
+
+    model = nn.Linear(4, 2)
+    assert AsModule()(model, torch.rand(2, 4), torch.tensor([0, 1])).loss.requires_grad
+    assert isinstance(Later(), defenses.AT)
+
+
 def test_own_defense_options_given_as_numpy_scalars_are_recorded_and_compared_on_resume(tmp_path):
     """options() kept only Python numbers: sigma=np.float32(0.05) or steps=np.int64(2) of a numpy sweep was left out,
     so a resume with another value trained on silently. They are options now, as the Python numbers they hold."""

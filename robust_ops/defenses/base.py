@@ -59,6 +59,22 @@ class StateSettingError(ValueError):
         return type(self), self.facts, self.__dict__
 
 
+def _refuse_a_forward_never_called(cls):
+    """nn.Module's habit: class MyAT(AT) with its batch's loss in forward trained as AT, forward never called (fit
+    calls the defense, robust_ops' __call__). A TypeError when the forward found first comes before the __call__
+    that runs in ``cls``'s MRO, that __call__ being robust_ops' own: one in robust_ops.ima (IMA's), and a mixin's
+    forward, class MyAT(Mixin, AT), were taken without a word until 2026-12-07. A forward below a __call__ of the
+    user's own (which may call it), or nn.Module's __call__ first (which does), is left alone."""
+    mro = cls.__mro__
+    forward = next((i for i, k in enumerate(mro) if "forward" in vars(k)), None)
+    call = next(i for i, k in enumerate(mro) if "__call__" in vars(k))
+    if forward is not None and forward < call and mro[call].__module__.split(".")[0] == __name__.split(".")[0]:
+        what = "defines forward" if forward == 0 else f"takes forward from {mro[forward].__name__}"
+        raise TypeError(f"{cls.__name__}: {what}, which fit never calls: a defense computes a batch in "
+                        f"__call__(self, model, x, y, ids=None) ({mro[call].__name__}'s would run); rename forward to "
+                        "__call__")
+
+
 class Defense:
     """Base class. Subclasses set ``name`` and implement ``__call__(model, x, y, ids=None) -> DefenseOutput``."""
 
@@ -70,12 +86,8 @@ class Defense:
         super().__init_subclass__(**kwargs)
         if "__call__" in vars(cls):  # each defense's own forwards (and a user's defense's) name it
             cls.__call__ = _reading_labels_once(_naming_one_sample_batch_norm(vars(cls)["__call__"]))
-        elif "forward" in vars(cls) and cls.__call__.__module__.startswith(__name__.rpartition(".")[0]):
-            # nn.Module's habit: class MyAT(AT) with its loss in forward trained as AT, forward never called
-            owner = next(k for k in cls.__mro__ if "__call__" in vars(k))
-            raise TypeError(f"{cls.__name__}: defines forward, which fit never calls: a defense computes a batch in "
-                            f"__call__(self, model, x, y, ids=None) ({owner.__name__}'s would run); rename forward to "
-                            "__call__")
+        else:
+            _refuse_a_forward_never_called(cls)
 
     def __new__(cls, *args, **kwargs):
         # the attack classes take the model first (AT(model) as PGD(model)): it landed in the first option (SAT's
