@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import weakref
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import PurePosixPath
 
@@ -1697,6 +1698,16 @@ def test_write_results_takes_a_torch_device_dtype_or_fraction_in_config_and_name
                                             r"hold; give it as a string, number, bool, None, list or dict$") as err:
             write_results(tmp_path / arg, [row], INFO, figures=False, **kwargs)
         assert err.value.arg == arg and not (tmp_path / arg).exists()
+
+
+def test_write_results_takes_a_decimal_in_config_as_its_float(tmp_path):
+    """_json_safe took a Decimal for a numbers.Real, as its comment said, but a Decimal is none: config={"lr":
+    Decimal("0.1")} was refused, "config['lr']: a Decimal (Decimal('0.1')), which results.json cannot hold" (found
+    by the revB helper). It is recorded as its float, a NaN (quiet or signalling) as null, as a float NaN."""
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    config = {"lr": Decimal("0.1"), "nan": Decimal("NaN"), "snan": [Decimal("sNaN")], "inf": Decimal("-Infinity")}
+    out = write_results(tmp_path / "out", [row], INFO, config=config, figures=False)
+    assert json.loads(out["results"].read_text())["config"] == {"lr": 0.1, "nan": None, "snan": [None], "inf": None}
 
 
 @pytest.mark.parametrize("bad", [2.5, torch.zeros(1, dtype=torch.float64), "cpu "])

@@ -31,6 +31,7 @@ A norm may be spelt in any case (``pgd:norm=Linf``): labels, rows and results ho
 
 import contextlib
 import datetime
+import decimal
 import inspect
 import itertools
 import json
@@ -923,9 +924,9 @@ def environment(device="cpu"):
 
 def _json_safe(value, where=None):
     """``value`` in plain JSON types: NaN and Inf as None, numpy and torch values as the numbers they hold, a path,
-    torch.device or torch.dtype as its text, a fraction as its float. Anything else is an EvalError naming its entry
-    (``where``: the top-level key, e.g. "config"), where json.dump's "Object of type device is not JSON serializable"
-    named neither."""
+    torch.device or torch.dtype as its text, a fraction or Decimal as its float. Anything else is an EvalError naming
+    its entry (``where``: the top-level key, e.g. "config"), where json.dump's "Object of type device is not JSON
+    serializable" named neither."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if value is None or isinstance(value, (str, int, float)):
@@ -942,8 +943,10 @@ def _json_safe(value, where=None):
         return _json_safe(value.tolist(), where)
     if isinstance(value, np.generic):  # numpy scalars (np.int64 seeds, np.float32 values): json.dump refuses them
         return _json_safe(value.item(), where)
-    if isinstance(value, numbers.Real):  # Fraction(1, 255), Decimal
+    if isinstance(value, numbers.Real):  # Fraction(1, 255)
         return _json_safe(float(value), where)
+    if isinstance(value, decimal.Decimal):  # no numbers.Real: Decimal("0.1") was "a Decimal ..., which results.json
+        return None if value.is_nan() else _json_safe(float(value), where)  # cannot hold"; float() of sNaN raises
     where = where or "rows"
     top = where.split("[")[0]
     raise EvalError("info" if top == "dataset" else top, f"{where}: a {type(value).__name__} ({value!r:.60}), which "
@@ -1051,7 +1054,7 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
         info: the dataset's DatasetInfo (class names, positive class), recorded as results.json's ``dataset``.
         config: a dict of run settings for results.json's ``config`` and report.md's Configuration, or None ({});
             numpy and torch numbers are recorded as the numbers they hold, a path, torch.device or torch.dtype as
-            its text, a fraction as its float.
+            its text, a fraction or Decimal as its float (a Decimal NaN as null, as a float NaN).
         device: the device the rows were computed on (default "cpu"), recorded in results.json's ``environment``.
         paper: the published numbers to compare with (reproduce's), recorded as results.json's ``paper``; None
             (default) or empty: not recorded.
