@@ -919,6 +919,13 @@ def test_npz_images_and_labels_keep_their_values(tmp_path):
     mixed = {k: v if k == "train_images" else v.astype(np.float32) for k, v in binary.items()}
     with pytest.raises(DataError, match=r"b\.npz: every uint8 image holds values 0 and 1 only; "):
         load_dataset(write_npz(tmp_path / "b.npz", **mixed))
+    # and beside uint8 val and test splits of 0-255, whose largest value hid it: loaded with a train split of 1 / 255
+    # at most and no word (found by the revB helper)
+    beside = {**binary, "val_images": np.full((4, 28, 28), 200, np.uint8), "test_images": np.full((6, 28, 28), 255,
+                                                                                                  np.uint8)}
+    with pytest.raises(DataError, match=r"b\.npz: every uint8 image of train_images holds values 0 and 1 only "
+                                        r"\(val_images up to 200, test_images up to 255\); \[0, 1\] pixels\? store "):
+        load_dataset(write_npz(tmp_path / "b.npz", **beside))
     as_floats = load_dataset(write_npz(tmp_path / "b.npz", **{k: v.astype(np.float32) for k, v in binary.items()}))
     assert torch.equal(as_floats.train.tensors[0][:, 0], torch.from_numpy(binary["train_images"]).float())
     zeros = load_dataset(write_npz(tmp_path / "z.npz", **{k: np.zeros_like(v) for k, v in binary.items()}))

@@ -184,13 +184,19 @@ BINARY_IMAGES_FIX = ("[0, 1] pixels? store them as floats, images.astype(np.floa
 
 
 def check_not_binary_uint8(images, source):
-    """Refuses uint8 images (every split's uint8 arrays) whose largest value is 1: binary images, read as 0 and 1 of
-    255 (black), which loaded without a word, as did those stored so by the int64 0/1 images' hint until 2026-12-07.
-    All-zero arrays pass. Splits of float images beside them do not count: a uint8 train split of 0 and 1 beside
-    float val and test splits loaded black where they did not, without a word, until 2026-12-07."""
-    tops = [int(a.max()) for a in images if a.dtype == np.uint8 and a.size]
-    if tops and max(tops) == 1:
+    """Refuses uint8 images (``images``: a dict {name: array}, each split's) whose largest value is 1: binary images,
+    read as 0 and 1 of 255 (black), which loaded without a word, as did those stored so by the int64 0/1 images'
+    hint until 2026-12-07. All-zero arrays pass. Each uint8 split is checked on its own, float splits do not count:
+    a uint8 train split of 0 and 1 beside float val and test splits, or beside uint8 ones of 0-255, loaded black
+    where they did not, without a word, until 2026-12-07."""
+    tops = {name: int(a.max()) for name, a in images.items() if a.dtype == np.uint8 and a.size}
+    binary = [name for name, top in tops.items() if top == 1]
+    if binary and len(binary) == len(tops):
         raise DataError(f"{source}: every uint8 image holds values 0 and 1 only; {BINARY_IMAGES_FIX}")
+    if binary:
+        others = ", ".join(f"{name} up to {top}" for name, top in tops.items() if top != 1)
+        raise DataError(f"{source}: every uint8 image of {', '.join(binary)} holds values 0 and 1 only ({others}); "
+                        f"{BINARY_IMAGES_FIX}")
 
 
 def _integer_images_fix(images):

@@ -298,7 +298,7 @@ def load_npz(path, size=None, name=None, classes=None):
             raise DataError(f"{path}: {s}_images have shape {tuple(x.shape[1:])}, train has {tuple(shape)}; {fix}")
         shape = x.shape[1:]
         sets.append(TensorDataset(x, y))
-    check_not_binary_uint8([arrays[f"{s}_images"] for s in SPLITS], path)  # read as 0 and 1 of 255: black
+    check_not_binary_uint8({f"{s}_images": arrays[f"{s}_images"] for s in SPLITS}, path)  # 0 and 1 of 255: black
     # an .npz is read as stored, never resized: say how to get images of one side length (every model, radius rule
     # and report takes one), or that size= cannot change it
     if shape[1] != shape[2]:
