@@ -155,6 +155,19 @@ def test_a_misspelt_metric_is_refused_and_one_name_is_one_column():
         "| Accuracy: attack | ε | AB |", "|---|---|---|", "| no attack | 0 | 0.750 |"]
 
 
+def test_an_empty_metrics_or_methods_string_is_the_default_as_before():
+    """6e2285d split a metrics string and took a methods string as one name: markdown_table(rows, "") (the default
+    table until then) became "ValueError: markdown_table: no row holds the metric ''", as did a trailing comma
+    ("accuracy,"), and pivot_table(rows, "accuracy", methods="") a column named "" whose cells read "–" where it
+    had each method's (found by the revB helper)."""
+    rows = [{"method": m, "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": acc, "f1": 0.5}
+            for m, acc in (("A", 0.5), ("B", 0.75))]
+    assert report.markdown_table(rows, "") == report.markdown_table(rows)
+    assert report.markdown_table(rows, "accuracy,") == report.markdown_table(rows, ["accuracy"])
+    assert report.pivot_table(rows, "accuracy", methods="") == report.pivot_table(rows, "accuracy")
+    assert report.pivot_table(rows, "accuracy", methods="").splitlines()[2] == "| no attack | 0 | 0.500 | 0.750 |"
+
+
 def test_markdown_table_of_no_rows_says_so():
     # an empty "All rows" section would read as a report cut short
     assert report.markdown_table([]) == "(no rows)"

@@ -147,8 +147,8 @@ def markdown_table(rows, metrics=None):
     ValueError."""
     if not rows:
         return "(no rows)"
-    if isinstance(metrics, str):  # "accuracy" was read letter by letter: KeyError 'a'
-        metrics = [m.strip() for m in metrics.split(",")]
+    if isinstance(metrics, str):  # "accuracy" was read letter by letter: KeyError 'a'; "" is the default, as it was
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     for m in metrics or ():
         _check_metric("markdown_table", m, rows)
     metrics = metrics or [m for m in ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
@@ -187,7 +187,7 @@ def pivot_table(rows, metric, methods=None):
     row's cell reads "–". A ``metric`` that is no metric's name and that no row holds (``"acc"``) is a ValueError."""
     _check_metric("pivot_table", metric, rows)
     if isinstance(methods, str):  # "STD" was read letter by letter: a column per letter, each cell "–"
-        methods = [methods]
+        methods = [methods] if methods else None  # "": the default, as it was
     methods = methods or _methods(rows)
     index = {(r["method"], r["attack"], r.get("norm"), r["eps"]): r for r in rows}
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
