@@ -1700,6 +1700,17 @@ def test_write_results_takes_a_torch_device_dtype_or_fraction_in_config_and_name
         assert err.value.arg == arg and not (tmp_path / arg).exists()
 
 
+def test_write_results_refuses_a_saliency_without_labels_before_writing(tmp_path):
+    """_check_saliency (17ea1f2) read the models and images only: saliency=({"A": model}, x, None), Grad-CAM's
+    labels left out, stopped after the metric figures with torch's "RuntimeError: Could not infer dtype of
+    NoneType", naming neither saliency nor its labels (found by the revB helper)."""
+    row = dict(method="A", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    for y, got in ((None, "NoneType"), (1, "int")):
+        with pytest.raises(EvalError, match=rf"^saliency: expected \(models, x, y\): .*, got labels of type {got}$"):
+            write_results(tmp_path / "out", [row], INFO, saliency=({"A": tiny_model()}, torch.rand(2, 1, 8, 8), y))
+        assert not (tmp_path / "out").exists()
+
+
 def test_write_results_takes_a_decimal_in_config_as_its_float(tmp_path):
     """_json_safe took a Decimal for a numbers.Real, as its comment said, but a Decimal is none: config={"lr":
     Decimal("0.1")} was refused, "config['lr']: a Decimal (Decimal('0.1')), which results.json cannot hold" (found

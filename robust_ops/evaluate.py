@@ -1039,6 +1039,8 @@ def _check_saliency(saliency):
     x, y = (torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in (x, y))
     if not torch.is_tensor(x):
         raise EvalError("saliency", f"saliency: expected {form}, got images of type {type(x).__name__}")
+    if not (torch.is_tensor(y) or isinstance(y, (list, tuple))):  # None: "Could not infer dtype of NoneType"
+        raise EvalError("saliency", f"saliency: expected {form}, got labels of type {type(y).__name__}")
     return models, x, y
 
 
