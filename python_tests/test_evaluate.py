@@ -75,6 +75,13 @@ def test_eps_given_as_a_numpy_grid_or_tensor_evaluates_its_radii():
     assert [row["eps"] for row in rows] == [0.0, 0.01, 0.02]
 
 
+def test_eps_given_as_a_numpy_string_is_read_as_text():
+    """5f79554 read every numpy scalar as an array: np.str_("1/255,2/255"), a radii string from a numpy array of
+    settings, became one item, "eps: could not parse '1/255,2/255' in ['1/255,2/255']", where it was two radii, as
+    the same str is (found by the revB helper)."""
+    assert parse_eps(np.array(["1/255,2/255"])[0]) == parse_eps("1/255,2/255") == [1 / 255, 2 / 255]
+
+
 def test_eps_given_as_one_numpy_float32_radius_is_its_value_as_in_an_array():
     """A loop over a float32 grid (for e in np.linspace(0, 2/255, 3, dtype=np.float32)[1:]: evaluate(..., eps=e))
     passed each radius as a numpy scalar, read from its 7-digit str(): rows at eps 0.003921569 where the same grid

@@ -100,8 +100,8 @@ def parse_eps(text):
     """Radii from ``"1/255,2/255,0.03"`` (or a list, or a numpy array or tensor of them: np.linspace's grid); each must
     be finite and >= 0. Sorted, duplicates removed."""
     # an array was "could not parse '[0.00392 0.00784]'"; a numpy scalar (a float32 grid's radius in a loop) was
-    # read from its 7-digit str(), another radius than the same value in an array or list
-    if isinstance(text, (np.ndarray, np.generic)) or torch.is_tensor(text):
+    # read from its 7-digit str(), another radius than the same value in an array or list; np.str_ is text
+    if isinstance(text, (np.ndarray, np.generic)) and not isinstance(text, str) or torch.is_tensor(text):
         text = np.asarray(text.detach().cpu() if torch.is_tensor(text) else text).reshape(-1).tolist()
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     if not items or all(str(i).strip() == "" for i in items):
