@@ -1904,6 +1904,24 @@ def test_csv_split_by_image_beside_a_patient_column_warns(tmp_path):
         load_dataset(tmp_path / "train.csv", size=8, channels=1, split_by="image")
 
 
+def test_csv_patient_column_of_missing_values_is_not_one_patient(tmp_path):
+    """A patient column of "NA" or "nan" (as R or pandas write a missing value) warned '12 images of 1 patients' and
+    told to split by it, which would group every image into one patient; such values are no patient, as "" is
+    (found by the data3 helper)."""
+    for i in range(40):
+        _png(tmp_path / f"im{i}.png", (8, 8), i)
+    for spelling in ("NA", "nan", "<NA>", ""):
+        (tmp_path / "m.csv").write_text("image_id,patient_id,dx\n" + "".join(
+            f"im{i},{spelling if i % 4 else f'P{i}'},{('nevus', 'melanoma')[i % 2]}\n" for i in range(40)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_dataset(tmp_path / "m.csv", size=8, channels=1)
+    (tmp_path / "m.csv").write_text("image_id,patient_id,dx\n" + "".join(
+        f"im{i},{'P1' if i < 3 else 'NA'},{('nevus', 'melanoma')[i % 2]}\n" for i in range(40)))
+    with pytest.warns(UserWarning, match=r"holds several images of one patient \(3 images of 1 patient\):"):
+        load_dataset(tmp_path / "m.csv", size=8, channels=1)
+
+
 def test_csv_id_with_an_extension_matches_it_in_any_case(tmp_path):
     """An id written with its extension, ISIC_0000001.jpg, was 'listed but not found' beside ISIC_0000001.JPG,
     which the same id without it matched (the suffix is matched in any case); an exact match is still preferred

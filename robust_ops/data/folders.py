@@ -688,8 +688,10 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
                     groups[image_id] = (r[group_column] or "").strip()
                     if not groups[image_id]:  # refused below if kept: a row classes= leaves out needs no group
                         blank[image_id] = reader.line_num
-                if patient_column is not None:
-                    patients[image_id] = (r[patient_column] or "").strip()
+                if patient_column is not None:  # "NA" or "nan" (as R or pandas write a missing value): no patient,
+                    # where it grouped every such row into one patient and told to split by it
+                    patient = (r[patient_column] or "").strip()
+                    patients[image_id] = "" if patient in MISSING_LABELS else patient
                 rows.append((image_id, label))
         except UnicodeDecodeError as err:
             where = f"{err.reason} at byte {err.start}"
@@ -739,8 +741,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     per_patient = Counter(patients[image_id] for image_id, _ in kept if patients.get(image_id))
     if any(n > 1 for n in per_patient.values()):
         warn(f"{csv_path}: split by image, though column {patient_column!r} holds several images of one patient "
-             f"({sum(per_patient.values())} images of {len(per_patient)} patients): a patient's images can land in "
-             f"train and test, inflating test scores; split by patient with load_dataset(..., "
+             f"({sum(per_patient.values())} images of {counted(len(per_patient), 'patient')}): a patient's images can "
+             f"land in train and test, inflating test scores; split by patient with load_dataset(..., "
              f"split_by={patient_column!r}), or on the command line rename the column lesion_id",
              stacklevel=stacklevel + 1)
     root = Path(image_dir) if image_dir else csv_path.parent
