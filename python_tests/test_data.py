@@ -1855,6 +1855,13 @@ def test_csv_ids_matching_byte_identical_copies_read_one_of_them(tmp_path):
     Image.fromarray(np.zeros((9, 12, 3), np.uint8)).save(tmp_path / "ham10000_images_part_2" / "ISIC_0000005.jpg")
     with pytest.raises(DataError, match=r"1 image_id\(s\) match several files under .*ISIC_0000005\.jpg and "):
         load_dataset(tmp_path / "HAM10000_metadata.csv", size=8)
+    # a third copy, identical to the first: the refusal named the identical two, not the copy that differs (found by
+    # the data3 helper)
+    (tmp_path / "HAM10000_images_part_2_copy").mkdir()
+    shutil.copy(tmp_path / "HAM10000_images_part_2" / "ISIC_0000005.jpg", tmp_path / "HAM10000_images_part_2_copy")
+    with pytest.raises(DataError, match=r"1 image_id\(s\) match several files under .*/HAM10000_images_part_2/"
+                                        r"ISIC_0000005\.jpg and .*/ham10000_images_part_2/ISIC_0000005\.jpg; "):
+        load_dataset(tmp_path / "HAM10000_metadata.csv", size=8)
 
 
 def test_csv_of_pixel_values_is_told_what_it_is_in_one_short_line(tmp_path):

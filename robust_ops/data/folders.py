@@ -791,9 +791,13 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     for image_id, ps in index.items():
         # byte-identical copies (a download holding its image folders twice, HAM10000_images_part_1/ beside
         # ham10000_images_part_1/) are one image, whichever is read: refused, they were told to pass image_dir, which
-        # neither the command line nor load_dataset takes
-        if len(ps) > 1 and all(filecmp.cmp(ps[0], q, shallow=False) for q in ps[1:]):
-            index[image_id] = ps[:1]
+        # neither the command line nor load_dataset takes. Each distinct content is kept once: two identical copies
+        # beside one that differs were all kept, and the refusal named the identical two, not the one that differs
+        distinct = []
+        for q in ps:
+            if not any(filecmp.cmp(kept_copy, q, shallow=False) for kept_copy in distinct):
+                distinct.append(q)
+        index[image_id] = distinct
     ambiguous = sorted(i for i, ps in index.items() if len(ps) > 1)
     if ambiguous:  # which copy would be read depended on the file-system order
         first = index[ambiguous[0]]
