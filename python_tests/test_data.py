@@ -3417,3 +3417,33 @@ def test_classes_on_a_source_with_fixed_classes_names_them(spec, named):
                                      f"file's labels; this source has fixed classes ({named}"), err.value
     assert str(err.value).endswith(") -- drop classes="), err.value
     assert err.value.arg == "classes"
+
+
+def test_npz_class_names_key_names_the_classes(tmp_path):
+    """An .npz with a class_names key (as some exports write beside MedMNIST's keys) had it ignored: its classes were
+    named 0, 1 and label 1 scored as positive, benign in a file naming label 0 malignant (found by the data3
+    helper)."""
+    path = write_npz(tmp_path / "cn.npz", class_names=np.array(["malignant", "benign"]))
+    info = load_dataset(path).info
+    assert info.class_names == ("malignant", "benign") and info.positive_class == 0
+    assert load_dataset(write_npz(tmp_path / "b.npz", class_names=np.array([b"benign", b"malignant"]))).info \
+        .class_names == ("benign", "malignant")  # bytes, as h5py-converted exports hold them
+    assert load_dataset(path, classes=["malignant", "benign"]).info.positive_class == 0  # agreeing: as given
+    with pytest.raises(DataError, match=r"cn\.npz: class_names \(malignant, benign\) name its labels, and classes= "
+                                        r"\(benign, malignant\) differs; drop classes="):
+        load_dataset(path, classes=["benign", "malignant"])
+    for bad, msg in ((np.array(["a", "b", "c"]), r"class_names holds 3 names; expected 2 distinct names, one per "
+                                                 r"label 0 to 1, label 0 first -- fix the array"),
+                     (np.array(["a", "a"]), r"class_names lists 'a' more than once; expected 2 distinct"),
+                     (np.array(["a", " "]), r"class_names holds an empty name"),
+                     (np.array([0, 1]), r"expected class_names to be the class names as strings, label 0 first "
+                                        r"\(np\.array\(\['benign', 'malignant'\]\)\), got int64 values of shape")):
+        with pytest.raises(DataError, match=msg):
+            load_dataset(write_npz(tmp_path / "bad.npz", class_names=bad))
+    # read under a MedMNIST set's name (not MD5-checked): its own names, which class_names must agree with
+    official = mm.load_npz(write_npz(tmp_path / "p.npz", class_names=np.array(["normal", "pneumonia"])),
+                           name="pneumoniamnist")
+    assert official.info.class_names == ("normal", "pneumonia")
+    with pytest.raises(DataError, match=r"class_names \(a, b\) differ from pneumoniamnist's own \(normal, pneumonia\); "
+                                        r"save the file without class_names, or rename it"):
+        mm.load_npz(write_npz(tmp_path / "p.npz", class_names=np.array(["a", "b"])), name="pneumoniamnist")

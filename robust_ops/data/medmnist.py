@@ -281,7 +281,9 @@ def load_npz(path, size=None, name=None, classes=None):
             if missing:  # said neither what the file holds (Keras's x_train, y_train ...) nor how to get there
                 raise DataError(f"{path}: missing keys {', '.join(missing)} (a MedMNIST .npz has {', '.join(needed)}; "
                                 f"found: {listing(sorted(keys)) or 'none'}) -- {_npz_keys_fix(keys, missing)}")
-            arrays = {k: _npz_member(path, npz, k) for k in needed}
+            # class_names (as some exports write beside MedMNIST's keys): read, where it was ignored and a binary
+            # file's label 1 scored as positive whatever its name
+            arrays = {k: _npz_member(path, npz, k) for k in needed + ["class_names"] if k in keys}
     except DataError:
         raise
     except (OSError, zipfile.BadZipFile, EOFError) as err:
@@ -311,6 +313,10 @@ def load_npz(path, size=None, name=None, classes=None):
     stem = name or re.sub(r"_(28|64|128|224)$", "", path.stem).lower()
     num_classes = int(max(int(t.tensors[1].max()) if len(t) else 0 for t in sets)) + 1
     names, positive = CLASS_NAMES.get(stem, (None, None))
+    if "class_names" in arrays:
+        names, positive = _npz_class_names(path, stem, (names, positive), classes, arrays["class_names"], sets,
+                                           num_classes)
+        classes = None  # the file's: agreed with, checked
     if classes is not None:
         names, positive = _named_classes(path, stem, names, classes, sets, num_classes)
     elif names is None or len(names) < num_classes:
@@ -355,6 +361,36 @@ def _named_classes(path, stem, official, classes, sets, num_classes):
     if len(names) != num_classes:
         raise DataError(f"{path}: classes= names each label of an .npz, label 0 first: expected {num_classes} names "
                         f"(its labels run from 0 to {num_classes - 1}), got {len(names)}", arg="classes")
+    return tuple(names), _positive(names)
+
+
+def _npz_class_names(path, stem, official, classes, value, sets, num_classes):
+    """(names, positive class) of an .npz holding a ``class_names`` array: one distinct name per label, label 0 first,
+    as classes= gives them; ``official`` (a MedMNIST set's (names, positive class), or (None, None)) and classes= must
+    agree with it."""
+    from .folders import _class_list, _positive
+
+    if value.ndim != 1 or value.dtype.kind not in "US":
+        raise DataError(f"{path}: expected class_names to be the class names as strings, label 0 first "
+                        f"(np.array(['benign', 'malignant'])), got {value.dtype} values of shape {value.shape}")
+    names = [(n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n)).strip() for n in value.tolist()]
+    if official[0] is not None:  # its own names, in MedMNIST's order (all of them, whichever labels the file holds)
+        if names != list(official[0]):
+            raise DataError(f"{path}: class_names ({', '.join(names)}) differ from {stem}'s own "
+                            f"({', '.join(official[0])}); save the file without class_names, or rename it")
+        return tuple(names), official[1]
+    _check_class_indices(path, sets, num_classes)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    problem = (f"lists {listing(map(repr, twice))} more than once" if twice else
+               f"holds {len(names)} names" if len(names) != num_classes else
+               "holds an empty name" if not all(names) else None)
+    if problem:
+        raise DataError(f"{path}: class_names {problem}; expected {num_classes} distinct names, one per label 0 to "
+                        f"{num_classes - 1}, label 0 first -- fix the array or save the file without it")
+    if classes is not None and _class_list(classes, path) != names:
+        raise DataError(f"{path}: class_names ({', '.join(names)}) name its labels, and classes= "
+                        f"({', '.join(classes)}) differs; drop classes=, or save the file without class_names",
+                        arg="classes")
     return tuple(names), _positive(names)
 
 
