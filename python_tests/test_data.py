@@ -90,10 +90,20 @@ def test_npz_volumes_and_other_channel_counts_are_refused(tmp_path):
     """A MedMNIST3D-style volume (N, D, H, W) must not load as D-channel 2D images (D = H = W = 28 looked square)."""
     volume = np.zeros((12, 28, 28, 28), np.uint8)
     with pytest.raises(DataError, match=r"v\.npz \[train\]: images of shape \(12, 28, 28, 28\) have 28 channels; "
-                                        r"expected \(N, H, W\) or \(N, H, W, C\) with C 1 or 3 \(3D volumes"):
+                                        r"expected \(N, H, W\) or \(N, H, W, C\) with C 1 or 3 -- save 3 \(RGB\) or 1 "
+                                        r"\(grayscale\) channels \(3D volumes"):
         load_dataset(write_npz(tmp_path / "v.npz", train_images=volume))
-    with pytest.raises(DataError, match=r"have 4 channels; expected"):
-        load_dataset(write_npz(tmp_path / "rgba.npz", shape=(28, 28, 4)))
+    # RGBA (and gray + alpha) images were told of 3D volumes alone, not to drop the alpha (found by the data3 helper)
+    for shape, fix, fixed in (((28, 28, 4), r"RGBA images\? drop the alpha channel, images\[\.\.\., :3\], or save 3",
+                               lambda a: a[..., :3]),
+                              ((28, 28, 2), r"grayscale \+ alpha images\? keep the gray channel, images\[\.\.\., 0\], "
+                                            r"or", lambda a: a[..., 0])):
+        path = write_npz(tmp_path / "alpha.npz", shape=shape)
+        with pytest.raises(DataError, match=rf"have {shape[2]} channels; expected .* with C 1 or 3 -- {fix}"):
+            load_dataset(path)
+        with np.load(path) as npz:  # as told: it loads
+            np.savez(path, **{k: fixed(v) if k.endswith("_images") else v for k, v in npz.items()})
+        assert load_dataset(path).info.in_channels == (3 if shape[2] == 4 else 1)
     assert load_dataset(write_npz(tmp_path / "one.npz", shape=(28, 28, 1))).train.tensors[0].shape == (12, 1, 28, 28)
 
 

@@ -117,9 +117,13 @@ def images_to_tensor(images, source):
             raise DataError(f"{source}: images of shape {images.shape} look channels-first; expected (N, H, W) or "
                             "(N, H, W, C) -- transpose them to channels-last")
         if images.shape[3] not in (1, 3):  # else a 3D volume (N, D, H, W) would load as D-channel 2D images
+            # RGBA and gray + alpha (as PNGs converted with their alpha channel hold them) were told only of volumes
+            alpha = {4: "RGBA images? drop the alpha channel, images[..., :3], ",
+                     2: "grayscale + alpha images? keep the gray channel, images[..., 0], "}.get(images.shape[3], "")
             raise DataError(f"{source}: images of shape {images.shape} have {images.shape[3]} channels; expected "
-                            "(N, H, W) or (N, H, W, C) with C 1 or 3 (3D volumes such as MedMNIST3D's (N, D, H, W) "
-                            "are not supported)")
+                            f"(N, H, W) or (N, H, W, C) with C 1 or 3 -- {alpha}"
+                            f"{'or ' if alpha else ''}save 3 (RGB) or 1 (grayscale) channels "
+                            "(3D volumes such as MedMNIST3D's (N, D, H, W) are not supported)")
         images = images.transpose(0, 3, 1, 2)
     else:
         raise DataError(f"{source}: expected images of shape (N, H, W) or (N, H, W, C), got {images.shape}")
