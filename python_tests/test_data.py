@@ -1376,6 +1376,22 @@ def test_busi_signed_ct_slices_in_hounsfield_units_are_told_to_save_them_shifted
     with pytest.raises(DataError, match=r"0\.tif: I image with values in \[-5, 250\]; expected 8- or 16-bit "
                                         r"intensities -- save it as an 8- or 16-bit image$"):
         load_dataset(tmp_path, size=8)
+    # 17-bit values in a 32-bit TIFF were told to save it as 16-bit without how to scale it (found by the data3
+    # helper); as told, it loads
+    for convert in (None, lambda a: (a >> 1).astype(np.uint16)):
+        for c in ("benign", "malignant"):
+            for i in range(5):
+                image = np.linspace(0, 70000, 64).astype(np.int32).reshape(8, 8)
+                Image.fromarray(convert(image) if convert else image).save(tmp_path / c / f"{i}.tif")
+        if convert is None:
+            with pytest.raises(DataError, match=r"0\.tif: I image with values in \[0, 70000\]; expected 8- or 16-bit "
+                                                r"intensities -- save it as 16-bit, its 17-bit values shifted down, "
+                                                r"\(image >> 1\)\.astype\(np\.uint16\), or scaled, np\.round\(image / "
+                                                r"131071 \* 65535\)\.astype\(np\.uint16\), every image of the set on "
+                                                r"one scale \(the bit depth of its largest value\)$"):
+                load_dataset(tmp_path, size=8)
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        assert float(load_dataset(tmp_path, size=8).train.tensors[0].max()) == pytest.approx(35000 / 65535, abs=1e-2)
 
 
 def test_busi_float_images_in_0_1_are_refused_not_read_black(tmp_path):

@@ -132,8 +132,14 @@ def _to_8bit(img, path, stats=None, bit_depth=None):
                             "8- or 16-bit intensities, which are never negative -- save them shifted as 16-bit, "
                             "np.clip(hu + 1024, 0, 4095).astype(np.uint16), read with bit_depth=12 (--bit-depth 12), "
                             "or windowed onto 0-255 as 8-bit")
+        fix = "save it as an 8- or 16-bit image"
+        if lo >= 0 and hi > 65535:  # 17 bits and more (a 32-bit TIFF's): "save it as 16-bit" said not how to scale
+            bits = int(hi).bit_length()
+            fix = (f"save it as 16-bit, its {bits}-bit values shifted down, (image >> {bits - 16}).astype(np.uint16), "
+                   f"or scaled, np.round(image / {(1 << bits) - 1} * 65535).astype(np.uint16), every image of the set "
+                   "on one scale (the bit depth of its largest value)")
         raise DataError(f"{path}: {img.mode} image with values in [{lo:g}, {hi:g}]; expected 8- or 16-bit "
-                        "intensities -- save it as an 8- or 16-bit image")
+                        f"intensities -- {fix}")
     top = 65535 if bit_depth is None else (1 << bit_depth) - 1
     if hi > top:
         raise DataError(f"{path}: holds the value {hi:g}, above the {bit_depth}-bit maximum {top} "
