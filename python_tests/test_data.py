@@ -1971,6 +1971,27 @@ def test_csv_id_with_an_extension_matches_it_in_any_case(tmp_path):
     assert round(float(pixels.max()) * 255) == 200
 
 
+
+def test_csv_image_search_asks_the_file_system_only_of_files_an_id_may_name(tmp_path, monkeypatch):
+    """load_csv's search under the CSV's folder asked every file's suffix, is_file() and hidden-ness before its name
+    (since d66601b): a folder of many more images than the CSV lists paid a stat for each of them."""
+    import pathlib
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "other").mkdir()
+    for i in range(20):
+        _png(tmp_path / "imgs" / f"ISIC_{i}.png", (8, 8), 10 * i)
+    for i in range(30):  # images the CSV does not list
+        _png(tmp_path / "other" / f"x{i}.png", (8, 8), i)
+    (tmp_path / "m.csv").write_text("image_id,dx\n" + "".join(f"ISIC_{i},{i % 2}\n" for i in range(20)))
+    asked, is_file = [], pathlib.Path.is_file
+    monkeypatch.setattr(pathlib.Path, "is_file",
+                        lambda self, *a, **k: asked.append(self.name) or is_file(self, *a, **k))
+    from robust_ops.data.folders import load_csv
+
+    assert len(load_csv(tmp_path / "m.csv", size=8, mode="L").train) == 14
+    assert not [name for name in asked if name.startswith("x")], asked
+
 def test_a_class_too_small_to_stratify_is_named(tmp_path):
     root = _class_folders(tmp_path, n=20)
     _class_folders(tmp_path, ("normal",), n=1)

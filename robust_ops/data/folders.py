@@ -773,12 +773,15 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     other_case = {}
     for p in sorted(root.rglob("*")) if wanted else ():
         key = p.name if p.name in wanted else p.stem  # a name with its extension (img1.png) or without
-        if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or is_hidden(p, root):
+        other = None if key in wanted else folded.get(p.stem + p.suffix.lower())
+        # the names first: the file-system checks (a stat each) only for a file an id may name
+        if (key not in wanted and other is None) or p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() \
+                or is_hidden(p, root):
             continue
-        if key in wanted:
+        if other is None:
             index.setdefault(key, []).append(p)
-        elif p.stem + p.suffix.lower() in folded:
-            other_case.setdefault(folded[p.stem + p.suffix.lower()], []).append(p)
+        else:
+            other_case.setdefault(other, []).append(p)
     for image_id, ps in other_case.items():
         index.setdefault(image_id, ps)
     missing = [image_id for image_id, _ in kept if image_id not in index]
