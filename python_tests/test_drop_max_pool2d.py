@@ -25,7 +25,7 @@ from robust_ops import reference
 from robust_ops.reference import pool_output_size
 
 from conftest import cpu_and_cuda
-from utils import (assert_verbose_equal, check_onnx_export, expected_trace_warnings, onnx_export,
+from utils import (assert_verbose_equal, check_onnx_export, expected_trace_warnings, machine_cpu_isa, onnx_export,
                    record_backend_requests, run_with_cpu_isa)
 
 op = torch.ops.robust_ops.drop_max_pool2d
@@ -1900,13 +1900,70 @@ def test_every_cpu_instruction_set_path(isa):
     run_with_cpu_isa(_ISA_SCRIPT, isa)
 
 
+_LANES_SCRIPT = """
+import torch, robust_ops
+from robust_ops import reference
+g = torch.Generator().manual_seed(0)
+cases = (((3, 3), (2, 2), (1, 1), (1, 1), False), ((2, 3), (1, 3), (0, 1), (2, 1), True),
+         ((3, 3), (1, 1), (0, 0), (1, 1), False))
+for c in [*range(1, 18), 24, 31, 33, 48, 63, 64, 65, 72]:
+    x = torch.randint(-2, 3, (2, c, 7, 10 + c % 2), generator=g).float()
+    x[(x == 0) & (torch.rand(x.shape, generator=g) < 0.5)] = -0.0
+    x[x == -2] = float("-inf")
+    x[1, c // 2, 3, 4] = float("nan")
+    for pool, ref_pool in ((torch.ops.robust_ops.drop_max_pool2d, reference.drop_max_pool2d),
+                           (torch.ops.robust_ops.max_pool2d, reference.max_pool2d)):
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            for args in cases:
+                out, idx = pool(xx, *args)
+                _, ref_idx = ref_pool(xx, *args)
+                picked = x.flatten(2).gather(2, ref_idx.flatten(2)).view(out.shape)
+                assert torch.equal(idx, ref_idx) and torch.equal(out.view(torch.int32), picked.view(torch.int32)), (
+                    c, pool, args, xx.stride())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_every_lane_count_on_every_cpu_instruction_set_path(isa):
+    # The channels_last kernel's lanes are the channels: 1-17 fill a vector partly (AVX-512's last vector is loaded
+    # and stored under masks, reading no lane past the input's end; 8 left: one AVX2 vector), 24-72 run blocks of 2-4
+    # vectors side by side; NCHW rows of 8 or 9 windows (stride 1) end the same ways.
+    # Values bit for bit (signed zeros, NaN) and indices as the reference's, for either op and layout.
+    run_with_cpu_isa(_LANES_SCRIPT, isa)
+
+
+_PARTIAL_VECTOR_TIME_SCRIPT = """
+import statistics, time, torch, robust_ops
+torch.set_num_threads(1)
+xs = [torch.randn(1, c, 56, 56).contiguous(memory_format=torch.channels_last) for c in (15, 16)]
+times = [[], []]
+for _ in range(60):  # interleaved
+    for x, ts in zip(xs, times):
+        t = time.perf_counter()
+        torch.ops.robust_ops.drop_max_pool2d(x, [3, 3], [2, 2], [0, 0], [1, 1], False)
+        ts.append(time.perf_counter() - t)
+ratio = statistics.median(times[0][10:]) / statistics.median(times[1][10:])
+assert ratio < 2, ratio
+print("ok")
+"""
+
+
+@pytest.mark.skipif(machine_cpu_isa() != "avx512", reason="needs a CPU with AVX-512")
+def test_avx512_path_runs_a_partly_filled_vector_as_a_vector():
+    # 15 channels_last channels ran all on the scalar path under AVX-512 (a vector needed 16 lanes): ~3x the time of
+    # 16 channels (1 x C x 56 x 56, kernel 3 stride 2, one thread), and AVX-512 2.2x slower than AVX2 at 8 channels.
+    # Now one masked vector, as fast as 16; a ratio of medians of interleaved calls, with a wide margin.
+    run_with_cpu_isa(_PARTIAL_VECTOR_TIME_SCRIPT, "avx512")
+
+
 def test_uncapped_cpu_kernels_take_the_best_path_this_cpu_has():
     """$ROBUST_OPS_CPU_ISA unset or empty: AVX-512 where the CPU has it, else AVX2, else scalar -- what
     torch.ops.robust_ops._cpu_vector_isa() says and the benchmarks record (a cap applied when none was asked for, or
     a machine's best path left unused, would pass every comparison test)."""
     import os
 
-    from utils import machine_cpu_isa, run_python
+    from utils import run_python
 
     env = {k: v for k, v in os.environ.items() if k != "ROBUST_OPS_CPU_ISA"}
     script = "import torch, robust_ops\nprint(torch.ops.robust_ops._cpu_vector_isa())"
@@ -2455,10 +2512,11 @@ def test_a_batch_of_one_hwc_image_is_pooled_without_copying_it_where_no_gradient
                                              (20, torch.float32), (16, torch.float16), (16, torch.float64)])
 def test_a_hwc_image_the_channels_last_kernel_would_pool_slowly_is_copied_as_before(channels, dtype):
     """The native kernel pools a batch of one HWC image as it is only where its vector lanes cover the channels
-    whole (float32, C a multiple of 16); elsewhere its lanes are partly or all scalar, slower than the copy into NCHW
-    and the NCHW kernel: an RGB image from numpy or PIL, 224 x 224 x 3 viewed as CHW, kernel 3 stride 2, took ~3.1 ms
-    a call as is against ~0.17 ms copied. Such an image is copied (as it was before the as-is path), batched or not,
-    with the same values, indices and strides as the NCHW kernel on the copy."""
+    whole (float32, C a multiple of 16); elsewhere it is slower than the copy into NCHW and the NCHW kernel (its
+    partly filled vectors, scalar lanes until 2026-12-07, still cost a whole vector's time): an RGB image from numpy
+    or PIL, 224 x 224 x 3 viewed as CHW, kernel 3 stride 2, took ~3.1 ms a call as is against ~0.17 ms copied.
+    Such an image is copied (as it was before the as-is path), batched or not, with the same values, indices and
+    strides as the NCHW kernel on the copy."""
     g = torch.Generator().manual_seed(1)
     img = torch.randint(0, 4, (9, 10, channels), generator=g).to(dtype)
     chw = img.permute(2, 0, 1)

@@ -152,10 +152,11 @@ def _one_hwc_image_pooled_as_is(x, which):
     torch.func transforms (no layout is asked there) or while capturing a graph; torch.jit.trace is asked before the
     sizes, which are tensors there: their comparisons warned on every trace (TracerWarning "Converting a tensor to a
     Python boolean"), after is_contiguous(), which answers for most inputs at less cost (~0.05 us, ~0.2 us). Only for
-    float32 and C a multiple of 16, which the kernel's vector lanes cover whole: elsewhere its lanes are partly or all
-    scalar and the copy with the NCHW kernel is faster, so it stays (an RGB image 1 x 3 x 224 x 224, kernel 3 stride
-    2, one core: ~3.1 ms a call as is against ~0.17 ms; 3, 8 or 12 channels 2-20x slower as is, float16 ~1.4x,
-    float64 and bfloat16 level)."""
+    float32 and C a multiple of 16, which the kernel's vector lanes cover whole: elsewhere the copy with the NCHW kernel
+    is faster, so it stays (an RGB image 1 x 3 x 224 x 224, kernel 3 stride 2, one core: ~3.1 ms a call as is against
+    ~0.17 ms; 3, 8 or 12 channels 2-20x slower as is, float16 ~1.4x, float64 and bfloat16 level; re-measured after
+    the AVX-512 path ran a partly filled vector as a vector: ~0.51 ms against ~0.09 ms, 1 x 3-12 x 32 x 32 1.4-2x
+    slower as is, 24 level, 40 and 64 ~0.6x, 16 ~1.15x on that busy machine: no clear case to widen the rule)."""
     # the cheap tests first; the channels_last query after the transforms' (vmap cannot answer it)
     return (which == "native" and x.dim() == 4 and not x.is_contiguous() and not torch.jit.is_tracing()
             and x.dtype == torch.float32 and x.shape[0] == 1 and x.shape[1] > 0 and x.shape[1] % 16 == 0
