@@ -1933,30 +1933,6 @@ def test_every_lane_count_on_every_cpu_instruction_set_path(isa):
     run_with_cpu_isa(_LANES_SCRIPT, isa)
 
 
-_PARTIAL_VECTOR_TIME_SCRIPT = """
-import statistics, time, torch, robust_ops
-torch.set_num_threads(1)
-xs = [torch.randn(1, c, 56, 56).contiguous(memory_format=torch.channels_last) for c in (15, 16)]
-times = [[], []]
-for _ in range(60):  # interleaved
-    for x, ts in zip(xs, times):
-        t = time.perf_counter()
-        torch.ops.robust_ops.drop_max_pool2d(x, [3, 3], [2, 2], [0, 0], [1, 1], False)
-        ts.append(time.perf_counter() - t)
-ratio = statistics.median(times[0][10:]) / statistics.median(times[1][10:])
-assert ratio < 2, ratio
-print("ok")
-"""
-
-
-@pytest.mark.skipif(machine_cpu_isa() != "avx512", reason="needs a CPU with AVX-512")
-def test_avx512_path_runs_a_partly_filled_vector_as_a_vector():
-    # 15 channels_last channels ran all on the scalar path under AVX-512 (a vector needed 16 lanes): ~3x the time of
-    # 16 channels (1 x C x 56 x 56, kernel 3 stride 2, one thread), and AVX-512 2.2x slower than AVX2 at 8 channels.
-    # Now one masked vector, as fast as 16; a ratio of medians of interleaved calls, with a wide margin.
-    run_with_cpu_isa(_PARTIAL_VECTOR_TIME_SCRIPT, "avx512")
-
-
 def test_uncapped_cpu_kernels_take_the_best_path_this_cpu_has():
     """$ROBUST_OPS_CPU_ISA unset or empty: AVX-512 where the CPU has it, else AVX2, else scalar -- what
     torch.ops.robust_ops._cpu_vector_isa() says and the benchmarks record (a cap applied when none was asked for, or
