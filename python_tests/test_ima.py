@@ -781,7 +781,7 @@ def test_default_criterion_and_loss_with_segmentation_name_the_option_to_pass():
                                              r"segmentation pass loss_fn=soft_dice_loss \(binary masks\) or a "
                                              r"per-sample loss of your own$"):
             gen_adv(model, x, target, 1.0, is_correct=dice_criterion())
-        with pytest.raises(ValueError, match=r"^IMA: expected the model to output .*; the default loss_fn is for "
+        with pytest.raises(ValueError, match=r"^ima: expected the model to output .*; the default loss_fn is for "
                                              r"classifiers"):
             IMA(num_samples=4, is_correct=dice_criterion())(model, x, target, torch.arange(4))
         for layout in (target, target.unsqueeze(1)):  # masks [N, H, W] or [N, 1, H, W]
@@ -794,7 +794,7 @@ def test_default_criterion_and_loss_with_segmentation_name_the_option_to_pass():
             with pytest.raises(ValueError, match="^gen_adv: " + match):
                 gen_adv(model, x, layout, 1.0, loss_fn=soft_dice_loss)
             for loss_fn in (None, soft_dice_loss):
-                with pytest.raises(ValueError, match="^IMA: " + match):
+                with pytest.raises(ValueError, match="^ima: " + match):
                     IMA(num_samples=4, loss_fn=loss_fn)(model, x, layout, torch.arange(4))
     # A criterion of one's own with the default loss on a classifier stays fine.
     model, x, y, margin = make_problem()
@@ -837,9 +837,9 @@ def test_ima_with_its_own_criterion_and_loss_checks_the_whole_batch():
     model, x, target = segmentation_problem(1, n=4)
     defense = IMA(num_samples=8, eps_train=1.0, steps=2, search_steps=2, is_correct=dice_criterion(),
                   loss_fn=soft_dice_loss)
-    with pytest.raises(ValueError, match=re.escape("IMA: expected y with batch size 4, got (1, 8, 8)")):
+    with pytest.raises(ValueError, match=re.escape("ima: expected y with batch size 4, got (1, 8, 8)")):
         defense(model, x, target[:1], torch.arange(4))
-    with pytest.raises(ValueError, match=r"IMA: expected x inside the clip range \[0.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"ima: expected x inside the clip range \[0.0, 1.0\]"):
         defense(model, x * 255 + 1, 1 - target, torch.arange(4))  # 1 - target: no sample segmented correctly
     assert defense.margins is None  # nothing was trained on
 
@@ -1393,23 +1393,38 @@ def test_ima_merge_distributed_state_without_sync():
 def test_ima_errors():
     model, x, y = ima_batch()
     defense = IMA(num_samples=12, eps_train=1.0)
-    with pytest.raises(ValueError, match=r"IMA: needs the dataset ids of the batch \(wrap the dataset in "
+    with pytest.raises(ValueError, match=r"ima: needs the dataset ids of the batch \(wrap the dataset in "
                                          r"robust_ops.data.IndexedDataset"):
         defense(model, x, y)
-    with pytest.raises(ValueError, match=r"IMA: expected ids of shape \[12\] \(one id per sample\), got \(5,\)"):
+    with pytest.raises(ValueError, match=r"ima: expected ids of shape \[12\] \(one id per sample\), got \(5,\)"):
         defense(model, x, y, torch.arange(5))
-    with pytest.raises(ValueError, match=r"IMA: expected y of shape \[12\], got \(12, 1\)"):
+    with pytest.raises(ValueError, match=r"ima: expected y of shape \[12\], got \(12, 1\)"):
         defense(model, x, y[:, None], torch.arange(12))  # fit reshapes [N, 1] labels; an own loop must
-    with pytest.raises(TypeError, match=r"IMA: expected y to be an integer tensor of class labels, got torch.float32"):
+    with pytest.raises(TypeError, match=r"ima: expected y to be an integer tensor of class labels, got torch.float32"):
         defense(model, x, y.float(), torch.arange(12))
-    with pytest.raises(IndexError, match=r"IMA: ids must lie in \[0, 12\) \(the margin table has 12 entries"):
+    with pytest.raises(IndexError, match=r"ima: ids must lie in \[0, 12\) \(the margin table has 12 entries"):
         defense(model, x, y, torch.arange(1, 13))
-    with pytest.raises(ValueError, match="IMA: the margin table needs the training set size"):
+    with pytest.raises(ValueError, match="ima: the margin table needs the training set size"):
         IMA(eps_train=1.0)(model, x, y, torch.arange(12))
-    with pytest.raises(ValueError, match=r"IMA: expected beta to be a finite number with 0 <= beta <= 1, got 2"):
+    with pytest.raises(ValueError, match=r"ima: expected beta to be a finite number with 0 <= beta <= 1, got 2"):
         IMA(beta=2)
-    with pytest.raises(ValueError, match="IMA: expected delta to be a finite number >= 0 or None, got -0.1"):
+    with pytest.raises(ValueError, match="^ima: expected delta >= 0 and finite, got -0.1$"):
         IMA(delta=-0.1)
+
+
+@pytest.mark.parametrize("arg", ["eps_train", "delta", "init_margin"])
+def test_ima_radii_are_refused_in_the_attacks_and_other_defenses_words(arg):
+    # IMA said 'IMA: expected eps_train to be a finite number >= 0 or None, got -0.1' (and a ValueError for text)
+    # where AT says 'at: expected eps >= 0 and finite, got -0.1' and a TypeError naming the type
+    with pytest.raises(ValueError, match=rf"^ima: expected {arg} >= 0 and finite, got -0.1$"):
+        IMA(**{arg: -0.1})
+    with pytest.raises(ValueError, match=rf"^ima: expected {arg} >= 0 and finite, got inf$"):
+        IMA(**{arg: float("inf")})
+    for value, kind in (("0.3", "str"), (True, "bool")):
+        with pytest.raises(TypeError, match=rf"^ima: expected {arg} to be a number, got {kind}$"):
+            IMA(**{arg: value})
+    defense = IMA(eps_train=1, delta=None, init_margin=0)  # None still automatic; numbers kept as floats
+    assert defense.eps_train == 1.0 and type(defense.eps_train) is float and defense.delta is None
 
 
 @pytest.mark.parametrize("spelt", ["L2", "Linf", "LINF"])
@@ -1439,7 +1454,7 @@ def test_unimplemented_norms_are_refused_by_every_ima_entry_point():
     model, x, y, margin = make_problem()
     accepted = r"expected norm to be one of linf, l2 \(any case, e.g. 'Linf', 'L2'\), got 'L1'$"
     for name, call in (("gen_adv", lambda: gen_adv(model, x, y, margin, norm="L1")),
-                       ("IMA", lambda: IMA(norm="L1")),
+                       ("ima", lambda: IMA(norm="L1")),
                        ("MarginTable", lambda: MarginTable(4, 0.1, 1.0, norm="L1")),
                        ("sample_distance", lambda: sample_distance(x, x, "L1")),  # was an Linf distance silently
                        ("paper_eps_train", lambda: paper_eps_train((1, 28, 28), "L1"))):  # was the L2 rule
@@ -1467,20 +1482,20 @@ def test_ima_load_state_dict_refuses_another_norm():
 
 
 def test_ima_options_are_checked_when_built():
-    with pytest.raises(ValueError, match="IMA: expected search_result to be one of correct_side, midpoint, got 'mid'"):
+    with pytest.raises(ValueError, match="ima: expected search_result to be one of correct_side, midpoint, got 'mid'"):
         IMA(num_samples=4, search_result="mid")
-    with pytest.raises(ValueError, match="IMA: expected model_mode to be one of eval, train, keep, got 'evl'"):
+    with pytest.raises(ValueError, match="ima: expected model_mode to be one of eval, train, keep, got 'evl'"):
         IMA(num_samples=4, model_mode="evl")
-    with pytest.raises(ValueError, match="IMA: expected clip_max to be a finite number >= 1.0, got 0.0"):
+    with pytest.raises(ValueError, match="ima: expected clip_max to be a finite number >= 1.0, got 0.0"):
         IMA(num_samples=4, clip_min=1.0, clip_max=0.0)
     # read wrongly or only once used: a backend name (first step), a threshold as criterion, the string "False"
-    with pytest.raises(ValueError, match="IMA: expected backend to be one of auto, native, triton, reference or None, "
+    with pytest.raises(ValueError, match="ima: expected backend to be one of auto, native, triton, reference or None, "
                                          "got 'bogus'"):
         IMA(num_samples=4, backend="bogus")
-    with pytest.raises(TypeError, match=r"IMA: expected is_correct to be a callable\(output, y\) or None, got float "
+    with pytest.raises(TypeError, match=r"ima: expected is_correct to be a callable\(output, y\) or None, got float "
                                         r"0.6 \(a Dice threshold goes to dice_criterion\(threshold\)\)"):
         IMA(num_samples=4, is_correct=0.6)
-    with pytest.raises(TypeError, match="IMA: expected compact to be True or False, got 'False'"):
+    with pytest.raises(TypeError, match="ima: expected compact to be True or False, got 'False'"):
         IMA(num_samples=4, compact="False")
     model, x, y = ima_batch(4)
     with pytest.raises(ValueError, match="gen_adv: expected model_mode to be one of eval, train, keep, got 'evl'"):
@@ -1490,7 +1505,7 @@ def test_ima_options_are_checked_when_built():
     with pytest.raises(TypeError, match="gen_adv: expected batch_exit to be True or False, got 'no'"):
         gen_adv(model, x, y, 0.5, batch_exit="no")
     # an L-inf radius wider than the clip range is 8 meant as 8/255 (it would run unbounded); l2 radii may be larger
-    with pytest.raises(ValueError, match=r"IMA: expected eps_train <= clip_max - clip_min = 1 for norm='linf', got "
+    with pytest.raises(ValueError, match=r"ima: expected eps_train <= clip_max - clip_min = 1 for norm='linf', got "
                                          r"eps_train up to 8 \(eps_train in 0-255 units\? pass e.g. 8/255\)"):
         IMA(num_samples=4, norm="linf", eps_train=8)
     with pytest.raises(ValueError, match=r"gen_adv: expected margin <= clip_max - clip_min = 1 for norm='linf', got "
@@ -1786,7 +1801,7 @@ def test_gen_adv_refuses_a_loss_that_is_no_tensor_or_has_no_gradient():
         gen_adv(model, x, y, 1.0, loss_fn=lambda out, y: [0.0] * 12)
     with pytest.raises(ValueError, match=r"^gen_adv: expected loss_fn\(output, y\) to be differentiable in the output"):
         gen_adv(model, x, y, 1.0, loss_fn=lambda out, y: (out.argmax(1) != y).double())
-    with pytest.raises(ValueError, match=r"^IMA: expected loss_fn\(output, y\) to return per-sample floating-point "
+    with pytest.raises(ValueError, match=r"^ima: expected loss_fn\(output, y\) to return per-sample floating-point "
                                          r"losses of shape \[12\], got torch.int64 \(12,\)"):
         IMA(num_samples=12, loss_fn=lambda out, y: (out.argmax(1) != y).long())(model, x, y, torch.arange(12))
 
@@ -1823,7 +1838,7 @@ def test_train_mode_default_pads_nothing():
 def test_ima_refuses_min_rows_in_train_mode_when_built():
     """IMA(model_mode="train", min_rows=4) was built, and refused (by gen_adv's name) only at the first batch: under
     robust-ops train after run.json was written, as "training failed". It is now refused as IMA's other options are."""
-    with pytest.raises(ValueError, match=r"^IMA: min_rows pads batches"):
+    with pytest.raises(ValueError, match=r"^ima: min_rows pads batches"):
         IMA(num_samples=8, model_mode="train", min_rows=4)
     IMA(num_samples=8, model_mode="train", min_rows=0)
     IMA(num_samples=8, model_mode="keep", min_rows=4)  # "keep" couples samples only for a train-mode model
@@ -2160,9 +2175,9 @@ def test_ima_defaults_setup_and_state_snapshot():
     before = state["margins"].clone()
     defense(model, x, y, torch.arange(12))
     assert torch.equal(state["margins"], before) and not torch.equal(defense.margins, before)
-    with pytest.raises(ValueError, match=r"IMA: the margin table holds 20 samples, got num_samples=30"):
+    with pytest.raises(ValueError, match=r"ima: the margin table holds 20 samples, got num_samples=30"):
         defense.setup(30)
-    with pytest.raises(ValueError, match=r"IMA: the margin table holds 20 samples, got num_samples=10"):
+    with pytest.raises(ValueError, match=r"ima: the margin table holds 20 samples, got num_samples=10"):
         defense.setup(10)  # a smaller training set too: its ids would index a table sized for another one
     defense.setup(20)
 
@@ -2267,7 +2282,7 @@ def test_ima_under_inference_mode_is_refused_before_it_makes_its_margin_table():
     ids = torch.arange(4)
     for labels in (y, (model(x).argmax(1) + 1) % 3):  # two samples attacked; none (all misclassified)
         defense = IMA(num_samples=4, steps=2, search_steps=2)
-        with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^IMA: gradient-based attacks cannot run "
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^ima: gradient-based attacks cannot run "
                                                                         r"under torch.inference_mode\(\)"):
             defense(model, x, labels, ids)
         assert defense.table is None
@@ -2284,7 +2299,7 @@ def test_the_default_criterion_on_a_segmentation_output_names_is_correct():
     pixel_sum = lambda out, y: out.flatten(1).sum(1)  # noqa: E731
     with pytest.raises(ValueError, match="^gen_adv: " + match):
         gen_adv(model, x, y, 1.0, loss_fn=pixel_sum)
-    with pytest.raises(ValueError, match="^IMA: " + match):
+    with pytest.raises(ValueError, match="^ima: " + match):
         IMA(num_samples=4, loss_fn=pixel_sum)(model, x, y, torch.arange(4))
 
 
@@ -2301,13 +2316,13 @@ def test_labels_past_the_models_classes_are_refused():
             gen_adv(model, x, y, 0.5)
         with pytest.raises(ValueError, match="^gen_adv: " + match):  # the default loss alone reads class labels too
             gen_adv(model, x, y, 0.5, is_correct=lambda out, t: torch.ones(t.shape[0], dtype=torch.bool))
-        with pytest.raises(ValueError, match="^IMA: " + match):
+        with pytest.raises(ValueError, match="^ima: " + match):
             IMA(num_samples=4)(model, x, y, torch.arange(4))
 
 
 def test_ima_refuses_an_init_margin_above_eps_train_by_its_own_names():
     # Formerly accepted when built and refused by MarginTable at the first batch, naming max_margin.
-    match = (r"^IMA: expected init_margin <= eps_train \(margins are clipped into \[0, eps_train\]\), got "
+    match = (r"^ima: expected init_margin <= eps_train \(margins are clipped into \[0, eps_train\]\), got "
              r"init_margin=2.0")
     with pytest.raises(ValueError, match=match + r" > eps_train=1.0$"):
         IMA(num_samples=4, eps_train=1.0, init_margin=2.0)
@@ -2321,10 +2336,10 @@ def test_ima_refuses_a_zero_delta_or_eps_train_by_name():
     """Algorithm 1's Delta-eps is "a positive scalar": delta=0 (or eps_train=0) was accepted, every margin stayed at
     0 (init_margin = delta), GenAdv returned x unchanged and IMA trained on clean data only without a word."""
     tail = r": no margin could grow, GenAdv would return x unchanged and IMA would train on clean data only$"
-    with pytest.raises(ValueError, match=r"^IMA: expected delta > 0 \(Algorithm 1's margin expansion step\), got "
+    with pytest.raises(ValueError, match=r"^ima: expected delta > 0 \(Algorithm 1's margin expansion step\), got "
                                          r"delta=0" + tail):
         IMA(num_samples=4, delta=0)
-    with pytest.raises(ValueError, match=r"^IMA: expected eps_train > 0 \(the largest margin\), got eps_train=0.0"
+    with pytest.raises(ValueError, match=r"^ima: expected eps_train > 0 \(the largest margin\), got eps_train=0.0"
                                          + tail):
         IMA(num_samples=4, eps_train=0.0, delta=0.1)
     state = {"margins": torch.zeros(4), "eps_train": 1.0, "delta": 0.0, "init_margin": 0.0}
@@ -2388,9 +2403,9 @@ def test_search_result_and_model_mode_none_are_refused_by_name():
     with pytest.raises(ValueError, match="^gen_adv: expected search_result to be one of correct_side, midpoint, got "
                                          "None$"):
         gen_adv(model, x, y, 0.1, steps=1, search_steps=1, search_result=None)
-    with pytest.raises(ValueError, match="^IMA: expected search_result to be one of correct_side, midpoint, got None$"):
+    with pytest.raises(ValueError, match="^ima: expected search_result to be one of correct_side, midpoint, got None$"):
         IMA(search_result=None)
-    with pytest.raises(ValueError, match="^IMA: expected model_mode to be one of eval, train, keep, got None$"):
+    with pytest.raises(ValueError, match="^ima: expected model_mode to be one of eval, train, keep, got None$"):
         IMA(model_mode=None)
 
 
@@ -2490,7 +2505,7 @@ def test_ima_refuses_nan_logits_naming_the_ids_instead_of_shrinking_their_margin
     model, x, y = _nan_off_clean_problem()
     defense = IMA(num_samples=10, eps_train=1.5, init_margin=1.0, delta=0.01, steps=5, search_steps=3, min_rows=0)
     ids = torch.tensor([0, 7, 2, 3, 9, 5])
-    with pytest.raises(ValueError, match=r"^IMA: the model's output is NaN for dataset id\(s\) 7, 9; NaN would "
+    with pytest.raises(ValueError, match=r"^ima: the model's output is NaN for dataset id\(s\) 7, 9; NaN would "
                                          r"read as misclassified and shrink their margins"):
         defense(model, x, y, ids)
     assert bool((defense.margins == 1.0).all())
@@ -2533,7 +2548,7 @@ def test_a_criterion_or_loss_that_refuses_nan_output_leaves_the_nan_refusal_firs
             gen_adv(model, x, y, 1.0, steps=5, search_steps=3, min_rows=0, compact=compact, **kwargs)
         defense = IMA(num_samples=10, eps_train=1.5, init_margin=1.0, delta=0.01, steps=5, search_steps=3,
                       min_rows=0, compact=compact, **kwargs)
-        with pytest.raises(ValueError, match=r"^IMA: the model's output is NaN for dataset id\(s\) 7, 9; "):
+        with pytest.raises(ValueError, match=r"^ima: the model's output is NaN for dataset id\(s\) 7, 9; "):
             defense(model, x, y, torch.tensor([0, 7, 2, 3, 9, 5]))
 
 
@@ -2651,9 +2666,9 @@ def test_an_arity_without_search_rounds_is_refused():
     fix = r"has no effect with search_steps=0 \(no search round runs\); leave arity out or give search_steps > 0$"
     with pytest.raises(ValueError, match=r"^gen_adv: arity=4 " + fix):
         gen_adv(model, x, y, margin, steps=2, search_steps=0, arity=4)
-    with pytest.raises(ValueError, match=r"^IMA: arity=3 " + fix):
+    with pytest.raises(ValueError, match=r"^ima: arity=3 " + fix):
         IMA(num_samples=4, search_steps=0, arity=3)
-    with pytest.raises(ValueError, match=r"IMA: expected arity to be an integer >= 2, got 1"):
+    with pytest.raises(ValueError, match=r"ima: expected arity to be an integer >= 2, got 1"):
         IMA(num_samples=4, search_steps=0, arity=1)
     assert IMA(num_samples=4, search_steps=0, arity=2).arity == 2 and IMA(num_samples=4, arity=4).arity == 4
     gen_adv(model, x, y, margin, steps=2, search_steps=0, arity=2)
@@ -2840,7 +2855,7 @@ def test_ima_and_batch_invariant_sizes_refusals_no_other_test_reached():
     than 2 or 3 (the string '3' too), options IMA does not take (all named, with the list it takes), and an x that is
     not a batch tensor for batch_invariant_sizes."""
     for algorithm in (4, "3"):
-        with pytest.raises(ValueError, match=rf"^IMA: expected algorithm to be 2 or 3, got {algorithm!r}$"):
+        with pytest.raises(ValueError, match=rf"^ima: expected algorithm to be 2 or 3, got {algorithm!r}$"):
             IMA(10, eps_train=0.1, algorithm=algorithm)
     with pytest.raises(ValueError, match=r"^IMA: unknown options 'foo', 'bar'; it takes num_samples, eps_train, "):
         IMA(10, eps_train=0.1, foo=1, bar=2)

@@ -38,7 +38,8 @@ from .attacks.context import (
     labels_range,
     predict_from_output,
 )
-from .attacks.core import check_labels_against, check_linf_budget, check_norm, forward, per_sample, sample_distance
+from .attacks.core import (check_labels_against, check_linf_budget, check_norm, check_number, forward, per_sample,
+                           sample_distance)
 from .defenses._common import distributed_run, metric_values, per_sample_ce, unwrap
 from .defenses.base import Defense, DefenseOutput, StateSettingError
 from .prepacked_conv import prepacked_conv_active
@@ -1352,11 +1353,11 @@ def _check_margins_can_grow(name, eps_train, delta, source=""):
                              f"grow, GenAdv would return x unchanged and IMA would train on clean data only")
 
 
-def _check_init_margin(init_margin, eps_train):
+def _check_init_margin(name, init_margin, eps_train):
     """Margins start at init_margin and are clipped into [0, eps_train]: one above it was refused by MarginTable at
     the first batch, naming max_margin, an argument IMA does not have."""
     if init_margin is not None and init_margin > eps_train:
-        raise ValueError(f"IMA: expected init_margin <= eps_train (margins are clipped into [0, eps_train]), got "
+        raise ValueError(f"{name}: expected init_margin <= eps_train (margins are clipped into [0, eps_train]), got "
                          f"init_margin={init_margin!r} > eps_train={eps_train!r}")
 
 
@@ -1461,24 +1462,27 @@ class IMA(Defense):
                  batch_exit=True, sync=True, backend=None, min_rows=None, **unknown):
         if unknown:  # Python's own TypeError listed nothing, where build() and the other defenses list the options
             check_options(type(self).__name__, type(self), unknown)
-        norm = check_norm("IMA", norm)
-        check_real("IMA", "beta", beta, minimum=0, maximum=1)
+        name = self.name  # as the other defenses name themselves ('at: ...'): the --defense name
+        norm = check_norm(name, norm)
+        check_real(name, "beta", beta, minimum=0, maximum=1)
+        # radii, in the attacks' and the other defenses' words (a TypeError for text or a bool); None is automatic
         for arg, v in (("eps_train", eps_train), ("delta", delta), ("init_margin", init_margin)):
-            check_real("IMA", arg, v, minimum=0, optional=True)
-        _check_margins_can_grow("IMA", eps_train, delta)
-        check_int("IMA", "steps", steps, 0)
-        _check_arity("IMA", arity, check_int("IMA", "search_steps", search_steps, 0))
+            if v is not None:
+                check_number(name, arg, v, n=None)
+        _check_margins_can_grow(name, eps_train, delta)
+        check_int(name, "steps", steps, 0)
+        _check_arity(name, arity, check_int(name, "search_steps", search_steps, 0))
         if algorithm not in ALGORITHMS:
-            raise ValueError(f"IMA: expected algorithm to be 2 or 3, got {algorithm!r}")
+            raise ValueError(f"{name}: expected algorithm to be 2 or 3, got {algorithm!r}")
         # Checked here rather than at the first batch, where the error would name gen_adv.
-        check_real("IMA", "clip_min", clip_min)
-        check_real("IMA", "clip_max", clip_max, minimum=clip_min)
+        check_real(name, "clip_min", clip_min)
+        check_real(name, "clip_max", clip_max, minimum=clip_min)
         if eps_train is not None:
-            check_linf_budget("IMA", norm, torch.tensor([float(eps_train)]), float(clip_min), float(clip_max),
+            check_linf_budget(name, norm, torch.tensor([float(eps_train)]), float(clip_min), float(clip_max),
                               arg="eps_train")
-            _check_init_margin(init_margin, eps_train)
-        _check_options("IMA", backend, is_correct, loss_fn, {"strict_shrink": strict_shrink, "compact": compact,
-                                                             "batch_exit": batch_exit, "sync": sync},
+            _check_init_margin(name, init_margin, eps_train)
+        _check_options(name, backend, is_correct, loss_fn, {"strict_shrink": strict_shrink, "compact": compact,
+                                                            "batch_exit": batch_exit, "sync": sync},
                        search_result, model_mode)
         self.eps_train = None if eps_train is None else float(eps_train)
         self.delta = None if delta is None else float(delta)
@@ -1492,20 +1496,20 @@ class IMA(Defense):
         self.strict_shrink, self.compact, self.search_result = strict_shrink, compact, search_result
         self.batch_exit = batch_exit
         self.sync, self.backend = sync, backend
-        self.min_rows = None if min_rows is None else check_int("IMA", "min_rows", min_rows, 0)
+        self.min_rows = None if min_rows is None else check_int(name, "min_rows", min_rows, 0)
         # "train" couples the samples whatever the model; "keep" depends on the model's modes (gen_adv checks it)
-        _check_min_rows("IMA", self.min_rows, model_mode == "train")
+        _check_min_rows(name, self.min_rows, model_mode == "train")
         self._is_correct, self._loss_fn = is_correct, loss_fn
-        self.num_samples = None if num_samples is None else check_int("IMA", "num_samples", num_samples, 1)
+        self.num_samples = None if num_samples is None else check_int(name, "num_samples", num_samples, 1)
         self._given_num_samples = self.num_samples  # fit's setup() sizes an unset one to its train_data
         self.table = None
         self.counter = PassCounter()
 
     def setup(self, num_samples):
         """Size the margin table to the training set (``len(dataset)``); called by the trainer if not given."""
-        n = check_int("IMA", "num_samples", num_samples, 1)
+        n = check_int(self.name, "num_samples", num_samples, 1)
         if self.table is not None and len(self.table) != n:
-            raise ValueError(f"IMA: the margin table holds {len(self.table)} samples, got num_samples={n}")
+            raise ValueError(f"{self.name}: the margin table holds {len(self.table)} samples, got num_samples={n}")
         self.num_samples = n
 
     def _resolve(self, x):
@@ -1515,11 +1519,12 @@ class IMA(Defense):
             self.delta = self.eps_train / 100
         if self.init_margin is None:
             self.init_margin = min(self.delta, self.eps_train)
-        _check_init_margin(self.init_margin, self.eps_train)
+        _check_init_margin(self.name, self.init_margin, self.eps_train)
         if self.table is None:
             if self.num_samples is None:
-                raise ValueError("IMA: the margin table needs the training set size: pass num_samples=len(train_set) "
-                                 "or call defense.setup(len(train_set)) before the first batch")
+                raise ValueError(f"{self.name}: the margin table needs the training set size: pass "
+                                 "num_samples=len(train_set) or call defense.setup(len(train_set)) before the first "
+                                 "batch")
             # x's precision (at least float32): a float32 table rounded float64 runs' margins, so one clipped at
             # eps_train 0.1 was 0.10000000149 and GenAdv's points lay outside the eps_train ball
             self.table = MarginTable(self.num_samples, self.init_margin, self.eps_train, self.norm,
@@ -1544,32 +1549,32 @@ class IMA(Defense):
         """Algorithm 1 on one batch of ``model``: x (Tensor[N, ...]), y (labels [N]), ids (LongTensor[N], required:
         the samples' dataset ids); updates their margins and returns a ``DefenseOutput`` (the class docstring)."""
         if ids is None:
-            raise ValueError("IMA: needs the dataset ids of the batch (wrap the dataset in "
+            raise ValueError(f"{self.name}: needs the dataset ids of the batch (wrap the dataset in "
                              "robust_ops.data.IndexedDataset so batches are (x, y, ids))")
         if not torch.is_tensor(ids) or ids.dim() != 1 or ids.shape[0] != x.shape[0]:
-            raise ValueError(f"IMA: expected ids of shape [{x.shape[0]}] (one id per sample), got "
+            raise ValueError(f"{self.name}: expected ids of shape [{x.shape[0]}] (one id per sample), got "
                              f"{tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}")
         # checked before the clean loss, whose own error names neither IMA nor y
-        y, label_range = _check_batch("IMA", x, y, self.clip_min, self.clip_max, self._is_correct, self._loss_fn)
+        y, label_range = _check_batch(self.name, x, y, self.clip_min, self.clip_max, self._is_correct, self._loss_fn)
         # before the margin table is made: made under inference_mode it became an inference tensor, so after
         # gen_adv's refusal (or a batch with no sample to attack, which ran) every later batch failed with "Inplace
         # update to inference tensor outside InferenceMode is not allowed"
-        check_gradients_possible("IMA")
+        check_gradients_possible(self.name)
         self._resolve(x)
         # checked once, on the CPU where a DataLoader yields them (no GPU sync); the table's own calls below skip it
-        ids = self.table.check_ids(ids, "IMA").to(x.device)
+        ids = self.table.check_ids(ids, self.name).to(x.device)
         loss_fn = self._loss_fn or per_sample_ce
         criterion = self._is_correct or _default_is_correct
 
         out = model(x)
         for arg, given in (("is_correct", self._is_correct), ("loss_fn", self._loss_fn)):
             if given is None:
-                _check_default_output("IMA", out, x.shape[0], arg)
+                _check_default_output(self.name, out, x.shape[0], arg)
         if self._is_correct is None or self._loss_fn is None:
             # a binary model's 1/2 labels trained on a BCE target of 2; the labels' range as _check_batch read it
-            check_labels_against("IMA", y, out, label_range=label_range)
-        l0 = _loss_result("IMA", loss_fn(out, y), x.shape[0])
-        clean_ok = _criterion_result("IMA", criterion(out.detach(), y), x.shape[0])
+            check_labels_against(self.name, y, out, label_range=label_range)
+        l0 = _loss_result(self.name, loss_fn(out, y), x.shape[0])
+        clean_ok = _criterion_result(self.name, criterion(out.detach(), y), x.shape[0])
         margins = self.table.margins.index_select(0, ids.to(self.table.margins.device)).to(
             device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         sel, margin_read = _attacked_rows(clean_ok, margins)
@@ -1597,7 +1602,7 @@ class IMA(Defense):
             except _NaNSamples as err:
                 # named by dataset id and raised by the margin update below, which under DDP raises on every rank
                 # together (this rank still takes the batch's other collective steps, with x_adv = x)
-                problem = err.naming(f"dataset id(s) {listing(ids[sel[err.positions]].tolist(), 8)}", "IMA")
+                problem = err.naming(f"dataset id(s) {listing(ids[sel[err.positions]].tolist(), 8)}", self.name)
                 x_adv, crossed = xs, torch.zeros(sel.numel(), dtype=torch.bool, device=x.device)
                 keep, kept = torch.ones_like(crossed), sel.numel()
             # the rows found once, where indexing the five with the mask ran five; by the count gen_adv's compacted
@@ -1610,12 +1615,12 @@ class IMA(Defense):
             # Keep one adversarial forward per step on every rank (a DDP forward is a collective): a zero-weight
             # forward of the clean batch when this rank has no correctly classified sample (not of one sample:
             # training-mode BatchNorm1d refuses a batch of one, which the single-process run never forwards).
-            l1 = l0 + 0 * _loss_result("IMA", loss_fn(model(x), y), x.shape[0]).sum()
+            l1 = l0 + 0 * _loss_result(self.name, loss_fn(model(x), y), x.shape[0]).sum()
         if sel.numel():
             out_adv = _adversarial_output(model, x, x_adv, sel)
-            l1_sel = _loss_result("IMA", loss_fn(out_adv, ys), sel.numel())
+            l1_sel = _loss_result(self.name, loss_fn(out_adv, ys), sel.numel())
             l1 = l0.index_put((sel,), l1_sel)
-            adv_ok = _criterion_result("IMA", criterion(out_adv.detach(), ys), sel.numel())
+            adv_ok = _criterion_result(self.name, criterion(out_adv.detach(), ys), sel.numel())
             shrink = crossed & ~adv_ok if self.strict_shrink else crossed
             expand = adv_ok & ~crossed
             distance = sample_distance(x_adv, xs, self.norm)
