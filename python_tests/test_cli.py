@@ -5008,6 +5008,24 @@ def test_eval_does_not_repeat_the_bit_depth_advice_for_the_runs_own_data(tmp_pat
     assert rc == 0 and "pass --bit-depth 12" in err, err
 
 
+def test_eval_does_not_repeat_the_missing_label_advice_for_the_runs_own_data(tmp_path, capsys):
+    """A run trained without --classes on a CSV whose labels include 'nan' and 'NA': eval on its own data repeated the
+    loader's "... missing values ..., each read as a class of its own; ... leave them out with --classes mel,nv",
+    advice for a new run that this one (trained on those classes) cannot follow: its --classes mel,nv is refused
+    (found by the cli7 helper)."""
+    _csv_set(tmp_path, ["mel", "nv", "nan", "NA"] * 5, "im", "png")
+    data = tmp_path / "meta.csv"
+    rc, _, err = run(["train", "--data", data, "--size", "8", "--model", "mlp", "--epochs", "1", "--no-progress",
+                      "--device", "cpu", "--out", tmp_path / "r"], capsys)
+    assert rc == 0 and "missing values" in err, err
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    for given in ([], ["--data", data]):
+        rc, _, err = run(["eval", tmp_path / "r", *attack, *given], capsys)
+        assert rc == 0 and "missing values" not in err, err
+    rc, _, err = run(["eval", tmp_path / "r", *attack, "--classes", "mel,nv"], capsys)
+    assert rc == 2 and "is the run's own data" in err and "drop --classes" in err, err
+
+
 def test_resume_takes_bit_depth_16_as_the_reading_without_bit_depth(tmp_path, capsys):
     """--bit-depth 16 reads 16-bit images on the full 16 bits, as no --bit-depth does, and eval takes it on a run
     trained without it: train's and demo's --resume refused it ('was trained without --bit-depth, this command has

@@ -1761,7 +1761,7 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
 
         record = run["split"] if read_at is None or run["split"].get("size") is not None else \
             {**run["split"], "size": read_at}
-        with _bit_depth_advice_dropped():  # same_data: its own data
+        with _own_data_advice_dropped():  # same_data: its own data
             splits = rebuild_splits(data, record, split_by=_trained_split_by(run, data, same_data),
                                     rare_classes=_trained_rare_classes(run, data, same_data))
     elif same_data and not explicit_data and _looks_like_kfold_run(target if target.is_dir() else target.parent):
@@ -1781,7 +1781,7 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
                                  rare_classes=_trained_rare_classes(run, data, same_data))
 
             if same_data:
-                with _bit_depth_advice_dropped():
+                with _own_data_advice_dropped():
                     return load()
             return _other_data_read(load, run.get("train_data_sha256") or trained_fingerprint)
 
@@ -1898,15 +1898,20 @@ def load_run(target, *, data=None, model=None, size=None, channels_last=None, cl
 
 _BIT_DEPTH_ADVICE = r".*\(\d+-bit data\?\); scaled from the full 16-bit range"  # the loader's "pass --bit-depth 12"
 _SIZE_ADVICE = r".*: every image is at most \d+ pixels a side, read at the default"  # the loader's "pass --size 8"
+# the CSV loader's "column 'dx' holds 'nan' (7 rows): missing values ... leave them out with classes= (--classes ...)"
+_MISSING_LABELS_ADVICE = r".*: column .* holds .*: missing values \(as pandas writes NaN\), each read as a class"
 
 
 @contextlib.contextmanager
-def _bit_depth_advice_dropped():
-    """A block in which the loader's "(12-bit data?) ... pass --bit-depth 12" warning is not shown: advice for a new
-    run, which eval repeated for a run on its own data, trained on its images as read (and another --bit-depth on them
-    is refused), as it drops the loader's advice on the default size for one."""
+def _own_data_advice_dropped():
+    """A block in which the loader's advice for a new run is not shown, which eval repeated for a run on its own
+    data, trained on its images and classes as read: "(12-bit data?) ... pass --bit-depth 12" (another --bit-depth
+    on them is refused) and the CSV's labels spelled as missing values "... leave them out with --classes mel,nv"
+    (the run trained on those classes, and another --classes on its own data is refused), as it drops the loader's
+    advice on the default size for one."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_BIT_DEPTH_ADVICE)
+        warnings.filterwarnings("ignore", message=_MISSING_LABELS_ADVICE)
         yield
 
 
