@@ -5100,7 +5100,11 @@ def test_eval_of_other_data_fingerprints_its_training_split_only_where_there_is_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cli._other_data_read(load(advice), "sha") is splits  # the run's own images: advice dropped
-    assert calls == ["the training split"]
+        # a copy of a run's CSV whose labels hold 'nan' (the cli7 helper's finding): --classes mel,nv was refused
+        missing = ("c/meta.csv: column 'dx' holds 'nan' (2 rows): missing values (as pandas writes NaN), each read as "
+                   "a class of its own; fill in those rows' labels, or leave them out with classes= (--classes mel,nv)")
+        assert cli._other_data_read(load(missing), "sha") is splits
+    assert calls == ["the training split"] * 2
 
 def test_data_through_a_symbolic_link_is_the_runs_own_data(tmp_path, capsys):
     """data_spec makes paths absolute without following links: `eval RUN --data LINK` of a run trained on the linked

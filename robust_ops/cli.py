@@ -1917,7 +1917,8 @@ def _own_data_advice_dropped():
 
 def _other_data_read(load, trained):
     """``load()``'s splits of data other than the run's own (another path), its warnings shown once it returns (or
-    fails), but for the loader's advice for a new run, to pass --bit-depth or --size, where the training split holds
+    fails), but for the loader's advice for a new run, to pass --bit-depth, --size or --classes (labels spelled as
+    missing values, which the run trained on as classes: --classes then refused), where the training split holds
     the very images the run trained on, read as it read them (``trained``, the fingerprint run.json or, where it lacks
     one, the checkpoint records: a copy of its folder): following it read them on another scale than the model
     learned, for a run trained without --bit-depth, or at another size than it learned, for one trained at the default
@@ -1930,7 +1931,8 @@ def _other_data_read(load, trained):
             warnings.simplefilter("always")
             splits = load()
     finally:
-        advised = [w for w in caught if re.match(f"{_BIT_DEPTH_ADVICE}|{_SIZE_ADVICE}", str(w.message))]
+        advice = f"{_BIT_DEPTH_ADVICE}|{_SIZE_ADVICE}|{_MISSING_LABELS_ADVICE}"
+        advised = [w for w in caught if re.match(advice, str(w.message))]
         # the fingerprint (0.3-520 ms by image size) only where there is advice to drop
         same = bool(advised) and splits is not None and trained is not None and \
             train_data_fingerprint(splits.train) == trained
