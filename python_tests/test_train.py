@@ -1565,6 +1565,30 @@ def test_items_that_do_not_stack_into_a_batch_are_a_one_line_error_naming_the_fi
                     batch_size=8, progress=False)
 
 
+def test_the_split_tensors_passed_as_they_are_are_refused_naming_tensordataset_as_evaluate_does():
+    """fit(model, "standard", (x, y)), a split's tensors instead of a TensorDataset, stacked x and y as two items:
+    "could not stack the dataset's items ... got [8, 1, 4, 4] at entry 0 and [8] at entry 1); make each x a tensor
+    of one shape", which named neither what was passed nor the fix; evaluate's one rule now says it for fit too."""
+    x, y = _data(8).tensors
+    said = {"(x, y) items, got a tuple of 2 tensors ([8, 1, 4, 4], [8]), one per field; pass "
+            "torch.utils.data.TensorDataset(x, y)": (x, y),
+            "(x, y, ids) items, got a list of 3 tensors ([8, 1, 4, 4], [8], [8]), one per field; pass "
+            "torch.utils.data.TensorDataset(x, y, ids)": [x, y, torch.arange(8)],
+            "(x, y) items, got a tuple of 2 arrays ([8, 1, 4, 4], [8]), one per field; pass "
+            "torch.utils.data.TensorDataset(torch.as_tensor(x), torch.as_tensor(y))": (x.numpy(), y.numpy())}
+    for tail, data in said.items():
+        for arg in ("train_data", "val_data"):
+            model = DropoutMLP()
+            before = _weights(model)
+            said_so = "^" + re.escape(f"fit: expected {arg} to be a dataset of {tail}") + "$"
+            with pytest.raises(TypeError, match=said_so):
+                fit(model, "standard", data if arg == "train_data" else _data(8), data if arg == "val_data" else None,
+                    epochs=1, batch_size=4, progress=False)
+            assert all(torch.equal(v, _weights(model)[k]) for k, v in before.items())
+    # a list of (x, y) samples is a dataset
+    fit(DropoutMLP(), "standard", [(x[i], y[i]) for i in range(8)], epochs=1, batch_size=4, progress=False)
+
+
 def test_items_of_python_lists_train_as_evaluate_reads_them_and_class_name_labels_are_named():
     """An x given as nested Python lists (x.tolist()) crashed fit with "'list' object has no attribute 'to'" --
     default_collate transposes a list -- and a label given as [label] was "expected integer class labels, got list",

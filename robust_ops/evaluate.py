@@ -457,20 +457,10 @@ def dataset_tensors(dataset):
     # transform) was evaluated on its raw .tensors, other inputs than fit trained on, without a word
     if getattr(type(dataset), "__getitem__", None) is TensorDataset.__getitem__:
         return dataset.tensors[0], dataset.tensors[1]
-    from .train import _check_map_style, check_item_fields, stack_field
+    from .train import _check_map_style, check_item_fields, refuse_fields_as_dataset, stack_field
 
-    fields = list(dataset) if isinstance(dataset, (tuple, list)) and len(dataset) in (2, 3) else []
-    if all(isinstance(f, (torch.Tensor, np.ndarray)) and f.ndim for f in fields) and len(fields) > 1 \
-            and fields[0].ndim >= 2 and fields[1].ndim <= 2 and len({f.shape[0] for f in fields}) == 1:
-        # evaluate(model, (x, y), info): its items were x and y, "got Tensor of length ?; make its items (image, label)"
-        names = ("x", "y", "ids")[:len(fields)]
-        tensors = all(torch.is_tensor(f) for f in fields)
-        args = ", ".join(names if tensors else (f"torch.as_tensor({n})" for n in names))
-        raise EvalError("data", f"evaluate: expected a dataset of ({', '.join(names)}) items, got a "
-                                f"{type(dataset).__name__} of {len(fields)} {'tensors' if tensors else 'arrays'} "
-                                f"({', '.join(str(list(f.shape)) for f in fields)}), one per field; pass "
-                                f"torch.utils.data.TensorDataset({args})")
     try:  # a DataLoader failed with "'DataLoader' object is not subscriptable"
+        refuse_fields_as_dataset("evaluate", dataset)  # (x, y) itself: "got Tensor of length ?"
         _check_map_style("evaluate", "dataset", dataset, "batch_size=")
     except TypeError as err:
         raise EvalError("data", str(err)) from None

@@ -955,6 +955,24 @@ def _check_map_style(name, arg, data, batch_args="batch_size=, val_batch_size=")
                         f"{type(data).__name__}; {fix}")
 
 
+def refuse_fields_as_dataset(name, data, arg=None):
+    """fit's and evaluate's rule for a split's tensors passed as they are, (x, y) or (x, y, ids), instead of a dataset
+    of (x, y) items: a tuple or list of 2 or 3 tensors or arrays of one length, the first at least 2-D and the second at
+    most 2-D (a list of (x, y) samples is a dataset still). Read as a dataset of two items, x and y, they were
+    "got Tensor of length ?" (evaluate) or "could not stack the dataset's items ... make each x a tensor" (fit).
+    ``arg``: the argument named in the error (train_data, val_data), None for a caller's only dataset."""
+    fields = list(data) if isinstance(data, (tuple, list)) and len(data) in (2, 3) else []
+    if all(isinstance(f, (torch.Tensor, np.ndarray)) and f.ndim for f in fields) and len(fields) > 1 \
+            and fields[0].ndim >= 2 and fields[1].ndim <= 2 and len({f.shape[0] for f in fields}) == 1:
+        names = ("x", "y", "ids")[:len(fields)]
+        tensors = all(torch.is_tensor(f) for f in fields)
+        args = ", ".join(names if tensors else (f"torch.as_tensor({n})" for n in names))
+        raise TypeError(f"{name}: expected {arg + ' to be ' if arg else ''}a dataset of ({', '.join(names)}) items, "
+                        f"got a {type(data).__name__} of {len(fields)} {'tensors' if tensors else 'arrays'} "
+                        f"({', '.join(str(list(f.shape)) for f in fields)}), one per field; pass "
+                        f"torch.utils.data.TensorDataset({args})")
+
+
 def _checked_output(name, defense, out):
     """``out`` if it is a DefenseOutput with a one-element loss; else a one-line error naming the defense and the fix,
     not torch's "grad can be implicitly created only for scalar outputs" or an AttributeError."""
@@ -1319,8 +1337,10 @@ def fit(
                     optional=("prepacked_conv",))
         early_stopping, warmup_epochs = _check_schedule_options(name, early_stopping, warmup_epochs, warmup_params,
                                                                 val_data, restore_best)
+        refuse_fields_as_dataset(name, train_data, "train_data")
         _check_map_style(name, "train_data", train_data)
         if val_data is not None:
+            refuse_fields_as_dataset(name, val_data, "val_data")
             _check_map_style(name, "val_data", val_data)
         agreed = {"seed": seed, "len(train_data)": len(train_data), "batch_size": batch_size, "epochs": epochs,
                   "len(val_data)": None if val_data is None else len(val_data), "amp": bool(amp),
