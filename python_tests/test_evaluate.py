@@ -1468,8 +1468,8 @@ def test_dict_single_field_and_pil_items_are_refused_naming_the_fix():
     x, y = tiny_data(4).tensors
     cases = (([{"image": x[i], "label": y[i]} for i in range(4)], r"evaluate: expected the dataset to yield \(x, y\) "
               r"or \(x, y, ids\) tuples, got dict items \(keys \['image', 'label'\]\); make its items"),
-             ([x[i] for i in range(4)], r"evaluate: expected the dataset to yield \(x, y\) or \(x, y, ids\), got "
-              r"Tensor of length \?; make its items \(image, label\)"),
+             ([x[i] for i in range(4)], r"evaluate: expected the dataset to yield \(x, y\) or \(x, y, ids\) tuples, "
+              r"got Tensor items of shape \[1, 12, 12\], not tuples; make its items \(image, label\)"),
              ([(Image.fromarray((x[i, 0] * 255).byte().numpy()), int(y[i])) for i in range(4)],
               r"evaluate: could not stack the dataset's items into one batch \(.*Image.*\); make each x a tensor of "
               r"one shape \(torchvision.transforms.ToTensor\(\) for PIL images\)"))

@@ -1589,6 +1589,27 @@ def test_the_split_tensors_passed_as_they_are_are_refused_naming_tensordataset_a
     fit(DropoutMLP(), "standard", [(x[i], y[i]) for i in range(8)], epochs=1, batch_size=4, progress=False)
 
 
+def test_items_that_are_not_tuples_are_named_as_the_dataset_yields_them():
+    """Items of x alone were "got Tensor of length ?", and fit named its collated batch, not the items: file paths
+    without labels read "got list of length 4" (the batch's 4 paths), numpy images "got Tensor"."""
+    from robust_ops.data import DatasetInfo
+    from robust_ops.evaluate import EvalError, evaluate
+
+    x, y = _data(8).tensors
+    info = DatasetInfo("mine", num_classes=2, in_channels=1, image_size=4, class_names=("a", "b"), positive_class=1)
+    cases = {"Tensor items of shape [1, 4, 4], not tuples": [x[i] for i in range(8)],
+             "ndarray items of shape [1, 4, 4], not tuples": [x[i].numpy() for i in range(8)],
+             "str items, not tuples": [f"img{i}.png" for i in range(8)],
+             "lists of 1 field": [[x[i]] for i in range(8)]}
+    for got, data in cases.items():
+        said = re.escape(f"expected the dataset to yield (x, y) or (x, y, ids) tuples, got {got}; make its items "
+                         "(image, label) (IndexedDataset then adds the index)") + "$"
+        with pytest.raises(ValueError, match="^fit: " + said):
+            fit(DropoutMLP(), "standard", data, epochs=1, batch_size=4, progress=False)
+        with pytest.raises(EvalError, match="^evaluate: " + said):
+            evaluate(DropoutMLP(), data, info, attacks="fgsm", eps=[0.1])
+
+
 def test_items_of_python_lists_train_as_evaluate_reads_them_and_class_name_labels_are_named():
     """An x given as nested Python lists (x.tolist()) crashed fit with "'list' object has no attribute 'to'" --
     default_collate transposes a list -- and a label given as [label] was "expected integer class labels, got list",
@@ -1659,7 +1680,7 @@ def test_fit_refuses_ids_that_are_not_the_items_positions_and_other_item_layouts
                                              r"got dict items \(keys \['image', 'label'\]\); make its items"):
             run(data)
     extra = IndexedDataset(_ExtraField(base, lambda i, x, y: (x, y, "patient")))
-    with pytest.raises(ValueError, match=r"fit: expected .* got list of length 4; make its items \(image, label\)"):
+    with pytest.raises(ValueError, match=r"fit: expected .* got tuples of 4 fields; make its items \(image, label\)"):
         run(extra)
     with pytest.raises(ValueError, match=r"fit: the ima defense was sized for num_samples=20, but train_data has 12 "
                                          r"samples; pass num_samples=len\(train_data\)"):

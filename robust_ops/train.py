@@ -178,11 +178,12 @@ def stack_field(name, items, field):
 
 def _collate(name, dataset, indices):
     items = [dataset[i] for i in indices]
+    for item in items:  # dict items, other field counts: named as the dataset yields them, not as collated
+        check_item_fields(name, item)
     try:
         batch = torch.utils.data.default_collate(items)
     except (TypeError, RuntimeError) as err:
         raise TypeError(unbatchable_items_message(name, err)) from None
-    check_item_fields(name, batch)  # dict items, other field counts: before any field is read
     # default_collate transposes a Python sequence (x as nested lists: "'list' object has no attribute 'to'")
     return [field if torch.is_tensor(field) or j == 2 else stack_field(name, items, j) for j, field in enumerate(batch)]
 
@@ -195,9 +196,14 @@ def check_item_fields(name, batch):
         raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids) tuples, got dict items "
                          f"(keys {keys}); make its items (image, label) tuples (IndexedDataset then adds the index)")
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-        fields = len(batch) if isinstance(batch, (tuple, list)) else "?"
-        raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids), got {type(batch).__name__} of "
-                         f"length {fields}; make its items (image, label) (IndexedDataset then adds the index)")
+        # "got Tensor of length ?" for items of x alone; fit named its collated batch ("list of length 4": 4 paths)
+        if isinstance(batch, (tuple, list)):
+            got = f"{type(batch).__name__}s of {len(batch)} field{'s' * (len(batch) != 1)}"
+        else:
+            shape = getattr(batch, "shape", None)
+            got = f"{type(batch).__name__} items{'' if shape is None else f' of shape {list(shape)}'}, not tuples"
+        raise ValueError(f"{name}: expected the dataset to yield (x, y) or (x, y, ids) tuples, got {got}; make its "
+                         "items (image, label) (IndexedDataset then adds the index)")
 
 
 def _split_batch(name, batch, needs_ids, indices=None):
