@@ -6237,7 +6237,8 @@ def test_a_fit_that_stops_before_training_puts_back_the_layers_and_defense_state
     """A fit that stopped before its first step (an argument or data error, a Ctrl-C) left MIRST-DM's drop-max layer
     in the caller's model -- a later fit under another defense then trained drop-max pooling silently -- and IMA's
     num_samples set, so the same objects given to the corrected call were refused ("holds state from an earlier
-    run"). Both are put back; the corrected call then trains on the same objects."""
+    run"). Both are put back; the corrected call then trains on the same objects. So is each module's mode: the
+    epoch's model.train() left a layer the caller froze in eval mode training after a Ctrl-C in the first step."""
     from robust_ops.nn import DropMax2d
 
     x, y = _data(8).tensors
@@ -6254,6 +6255,8 @@ def test_a_fit_that_stops_before_training_puts_back_the_layers_and_defense_state
 
     for defense in (defenses.build("mirst-dm"), IMA()):
         model = _pooling_net()
+        model[0].eval()
+        modes = [m.training for m in model.modules()]
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         kwargs = {"lr": 0.1} if failure == "lr beside optimizer" else {}
         data = Interrupting(x, y) if failure == "Ctrl-C" else train
@@ -6261,7 +6264,7 @@ def test_a_fit_that_stops_before_training_puts_back_the_layers_and_defense_state
             fit(model, defense, IndexedDataset(data), epochs=1, batch_size=8, optimizer=optimizer, progress=False,
                 **kwargs)
         assert not any(isinstance(m, DropMax2d) for m in model.modules()) and isinstance(model[1], nn.MaxPool2d)
-        assert not defense.holds_state()
+        assert not defense.holds_state() and [m.training for m in model.modules()] == modes
         fit(model, defense, IndexedDataset(_data(8)), epochs=1, batch_size=8, optimizer=optimizer, progress=False)
         assert isinstance(model[1], DropMax2d) == (defense.name == "mirst-dm")
 

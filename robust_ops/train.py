@@ -1123,16 +1123,19 @@ def _closes_the_process_group_it_initialized(fit_function):
 
 class _ChangesBeforeTraining:
     """What a fit call changed in the caller's model and defense before its first training step: the layers a
-    defense's ``prepare_model`` swapped (MIRST-DM's drop-max) and the state its ``setup`` sized (IMA's num_samples).
-    Put back when the call raises before that step -- an argument or data error, a Ctrl-C -- else the same objects
-    given to the corrected call were refused as "holds state from an earlier run", or a later fit under another
-    defense silently trained the drop-max model. After the first step the model is the run's, and stays."""
+    defense's ``prepare_model`` swapped (MIRST-DM's drop-max), the state its ``setup`` sized (IMA's num_samples) and
+    each module's train/eval mode (the epoch's model.train() set a layer the caller froze in eval mode to training, and
+    a Ctrl-C in the first step's attack left it so). Put back when the call raises before that step -- an argument or
+    data error, a Ctrl-C -- else the same objects given to the corrected call were refused as "holds state from an
+    earlier run", or a later fit under another defense silently trained the drop-max model. After the first step the
+    model is the run's, and stays."""
 
     def __init__(self):
         self.model, self.defense, self.trained = None, None, False
 
     def record(self, model, defense):
         self.children = [(parent, dict(parent._modules)) for parent in model.modules()]
+        self.modes = [(module, module.training) for module in model.modules()]
         self.model, self.defense = model, defense
         # a defense holding state here is resumed (fit reset it for the checkpoint's) or refused: left as it is
         self.defense_was_fresh = not getattr(defense, "holds_state", lambda: False)()
@@ -1144,6 +1147,8 @@ class _ChangesBeforeTraining:
             if parent._modules != children:  # compared by identity: modules define no __eq__
                 parent._modules.clear()
                 parent._modules.update(children)
+        for module, training in self.modes:
+            module.training = training
         if self.defense_was_fresh:
             getattr(self.defense, "reset_state", lambda: None)()
 
