@@ -6269,6 +6269,35 @@ def test_a_fit_that_stops_before_training_puts_back_the_layers_and_defense_state
         assert isinstance(model[1], DropMax2d) == (defense.name == "mirst-dm")
 
 
+def test_a_fit_stopped_in_its_first_steps_attack_puts_back_the_batch_norm_statistics(tmp_path):
+    """MIRST-DM's attack runs the model in training mode: a Ctrl-C in the first step's attack, before any weight
+    changed, left batch norm's running statistics updated by its forwards, so the corrected call trained from other
+    statistics than the model given. A resumed call's are the checkpoint's, beside its weights."""
+
+    class StopsAtThirdForward(nn.Module):
+        def __init__(self, stop_at=3):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.MaxPool2d(2), nn.Flatten(),
+                                     nn.Linear(8, 2))
+            self.forwards, self.stop_at = 0, stop_at
+
+        def forward(self, x):
+            self.forwards += 1
+            if self.forwards == self.stop_at:
+                raise KeyboardInterrupt
+            return self.net(x)
+
+    trained = StopsAtThirdForward(stop_at=None)
+    fit(trained, "mirst-dm", _data(8), epochs=1, batch_size=8, progress=False, out_dir=tmp_path)
+    for model, kwargs, want in ((StopsAtThirdForward(), {}, None),
+                                (StopsAtThirdForward(), {"out_dir": tmp_path, "resume": True}, _weights(trained))):
+        want = want or _weights(model)
+        with pytest.raises(KeyboardInterrupt):
+            fit(model, "mirst-dm", _data(8), epochs=2, batch_size=8, progress=False, **kwargs)
+        assert model.forwards == 3 and _weights(model).keys() == want.keys()
+        assert all(torch.equal(v, _weights(model)[k]) for k, v in want.items())
+
+
 def test_a_fit_that_stops_after_training_began_leaves_the_model_as_trained():
     """Once a step changed the weights the model is the run's: its drop-max layer stays (the weights were trained
     with it)."""

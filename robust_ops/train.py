@@ -1123,12 +1123,13 @@ def _closes_the_process_group_it_initialized(fit_function):
 
 class _ChangesBeforeTraining:
     """What a fit call changed in the caller's model and defense before its first training step: the layers a
-    defense's ``prepare_model`` swapped (MIRST-DM's drop-max), the state its ``setup`` sized (IMA's num_samples) and
+    defense's ``prepare_model`` swapped (MIRST-DM's drop-max), the state its ``setup`` sized (IMA's num_samples),
     each module's train/eval mode (the epoch's model.train() set a layer the caller froze in eval mode to training, and
-    a Ctrl-C in the first step's attack left it so). Put back when the call raises before that step -- an argument or
-    data error, a Ctrl-C -- else the same objects given to the corrected call were refused as "holds state from an
-    earlier run", or a later fit under another defense silently trained the drop-max model. After the first step the
-    model is the run's, and stays."""
+    a Ctrl-C in the first step's attack left it so) and the buffers the first step's forwards updated (batch norm's
+    running statistics, under an attack run in training mode: MIRST-DM's). Put back when the call raises before that
+    step -- an argument or data error, a Ctrl-C -- else the same objects given to the corrected call were refused as
+    "holds state from an earlier run", or a later fit under another defense silently trained the drop-max model. After
+    the first step the model is the run's, and stays."""
 
     def __init__(self):
         self.model, self.defense, self.trained = None, None, False
@@ -1136,9 +1137,17 @@ class _ChangesBeforeTraining:
     def record(self, model, defense):
         self.children = [(parent, dict(parent._modules)) for parent in model.modules()]
         self.modes = [(module, module.training) for module in model.modules()]
+        self.buffers = []
         self.model, self.defense = model, defense
         # a defense holding state here is resumed (fit reset it for the checkpoint's) or refused: left as it is
         self.defense_was_fresh = not getattr(defense, "holds_state", lambda: False)()
+
+    def record_buffers(self, model):
+        """The buffers as training begins: on the training device, and a resumed run's the checkpoint's (put back
+        beside its weights, which stay)."""
+        self.buffers = [(module, key, value.detach().clone()) for module in model.modules()
+                        for key, value in module._buffers.items()
+                        if value is not None and not nn.parameter.is_lazy(value)]
 
     def put_back(self):
         if self.trained or self.model is None:
@@ -1149,6 +1158,11 @@ class _ChangesBeforeTraining:
                 parent._modules.update(children)
         for module, training in self.modes:
             module.training = training
+        with torch.no_grad():
+            for module, key, saved in self.buffers:
+                now = module._buffers.get(key)
+                if now is not None and now.shape == saved.shape:
+                    now.copy_(saved)
         if self.defense_was_fresh:
             getattr(self.defense, "reset_state", lambda: None)()
 
@@ -1614,6 +1628,7 @@ def fit(
             # After the val_data check: a call refused there trains nothing, and keeps the old run.
             for old in RUN_FILES:
                 Path(out_dir, old).unlink(missing_ok=True)
+        run.changes.record_buffers(model)
         for epoch in range(start_epoch, end_epoch):
             sampler.set_epoch(epoch)
             # a copy: a state_dict may return the live tensors, which the epoch then changes in place
