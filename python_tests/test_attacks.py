@@ -748,7 +748,7 @@ def test_a_count_past_64_bits_is_refused_naming_it():
     one from 2**63 on in one line naming the attack and the argument."""
     model = make_model(3)
     x, y = make_data(4, 3)
-    for make, name, arg in ((lambda n: attacks.APGD(model, steps=n)(x, y), "apgd", "steps"),
+    for make, name, arg in ((lambda n: attacks.APGD(model, steps=n)(x, y), "apgd-ce", "steps"),
                             (lambda n: attacks.pgd(model, x, y, eps=0.03, steps=n), "pgd", "steps"),
                             (lambda n: attacks.FAB(model, n_restarts=n)(x, y), "fab", "n_restarts")):
         for count in (10**22, 2**63):  # 2**63 too: the first count past 64 bits (a check from 2**63 + 1 survived)
@@ -5322,13 +5322,13 @@ def test_torchattacks_positional_norm_first_calls_are_refused_not_run():
     # torchattacks' APGD / APGDT / FAB / Square take (model, norm, eps, ...); here eps comes first (docs/attacks.md)
     model = make_model()
     x, y = make_data(n=2)
-    for cls, match in ((attacks.APGD, r"^apgd: expected norm .* got 0\.031"),
+    for cls, match in ((attacks.APGD, r"^apgd-ce: expected norm .* got 0\.031"),
                        (attacks.APGDT, r"^apgd-t: expected norm"), (attacks.FAB, r"^fab: expected norm"),
                        (attacks.Square, r"^square: expected n_queries")):
         with pytest.raises(ValueError, match=match):
             cls(model, "Linf", 8 / 255)(x, y)
     # as docs/attacks.md says: both refuse when built (Square, whose norm is keyword-only, naming n_queries)
-    with pytest.raises(ValueError, match=r"^apgd: expected norm"):
+    with pytest.raises(ValueError, match=r"^apgd-ce: expected norm"):
         attacks.APGD(model, "Linf", 8 / 255)
     with pytest.raises(ValueError, match=r"^square: expected n_queries to be an integer >= 1, got 0\.031"):
         attacks.Square(model, "Linf", 8 / 255)
@@ -5707,7 +5707,7 @@ def test_per_sample_with_max_gives_the_maximum_float_of_the_tensor_reads():
             t, widest = per_sample("pgd", "eps", value, x[:0], with_max=True)
             assert t.shape == (0,) and widest is None
     model, (x, y) = make_model(), make_data(n=2)
-    wide = r"^{}: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1 \(eps in 0-255 units"
+    wide = r"^{}: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1\.00001 \(eps in 0-255 "
     for name, run in (("apgd", lambda e: attacks.apgd(model, x, y, eps=e, steps=1)),
                       ("square", lambda e: attacks.square(model, x, y, eps=e, n_queries=1)),
                       ("white_noise", lambda e: attacks.white_noise(model, x, y, eps=e, trials=1)),
