@@ -1926,11 +1926,62 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_every_lane_count_on_every_cpu_instruction_set_path(isa):
-    # The channels_last kernel's lanes are the channels: 1-17 fill a vector partly (AVX-512's last vector is loaded
-    # and stored under masks, reading no lane past the input's end; 8 left: one AVX2 vector), 24-72 run blocks of 2-4
-    # vectors side by side; NCHW rows of 8 or 9 windows (stride 1) end the same ways.
+    # The channels_last kernel's lanes are the channels: 1-17 fill a vector partly (the last vector is loaded and
+    # stored under masks with AVX-512 and AVX2 alike, reading no lane past the input's end; 8 left with AVX-512: one
+    # AVX2 vector), 24-72 run blocks of 2-4 vectors side by side; NCHW rows of 8 or 9 windows (stride 1) end the same
+    # ways.
     # Values bit for bit (signed zeros, NaN) and indices as the reference's, for either op and layout.
     run_with_cpu_isa(_LANES_SCRIPT, isa)
+
+
+_PAGE_END_SCRIPT = """
+import ctypes, mmap, torch, robust_ops
+from robust_ops import reference
+# Each input ends exactly at a page whose successor is unmapped (PROT_NONE): a lane read past its end is a SIGSEGV.
+page = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+g = torch.Generator().manual_seed(0)
+cases = (((3, 3), (1, 1), (0, 0), (1, 1), False), ((3, 3), (2, 2), (1, 1), (1, 1), False),
+         ((2, 2), (2, 2), (0, 0), (1, 1), True))
+
+
+def at_page_end(shape):
+    n = torch.Size(shape).numel()
+    pages = (4 * n + page - 1) // page
+    buf = mmap.mmap(-1, (pages + 1) * page)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(addr + pages * page, page, 0) == 0, ctypes.get_errno()
+    x = torch.frombuffer(buf, dtype=torch.float32, count=n, offset=pages * page - 4 * n).view(shape)
+    assert x.data_ptr() + 4 * n == addr + pages * page
+    return x
+
+
+for c in [*range(1, 18), 23, 31]:
+    for fmt in ("nchw", "channels_last"):
+        for w in (8, 11, 21):
+            if fmt == "nchw":
+                x = at_page_end((1, c, 5, w))
+            else:
+                x = at_page_end((1, 5, w, c)).permute(0, 3, 1, 2)
+            x.copy_(torch.randint(-2, 3, x.shape, generator=g).float())
+            for pool, ref_pool in ((torch.ops.robust_ops.drop_max_pool2d, reference.drop_max_pool2d),
+                                   (torch.ops.robust_ops.max_pool2d, reference.max_pool2d)):
+                for args in cases:
+                    out, idx = pool(x, *args)
+                    ref, ref_idx = ref_pool(x.clone(memory_format=torch.contiguous_format), *args)
+                    assert torch.equal(idx, ref_idx) and torch.equal(out, ref), (c, fmt, w, args)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mprotect through the C library of a Linux process")
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_no_cpu_instruction_set_path_reads_past_the_inputs_end(isa):
+    # The vector paths load a partly filled last vector under a mask (channels_last: the last pixel's channels; NCHW:
+    # the last row's windows, strided or not); a full load there reads past the input's end, which no comparison test
+    # sees unless the memory after it is unmapped (no ASan build): each input here ends where a PROT_NONE page begins.
+    run_with_cpu_isa(_PAGE_END_SCRIPT, isa)
 
 
 def test_uncapped_cpu_kernels_take_the_best_path_this_cpu_has():

@@ -149,6 +149,11 @@ struct Top2State {
   __m256 sum;  // of the window's values: NaN when one is NaN (or +inf and -inf both: the scalar path then redoes it)
 };
 
+// All-ones in the lanes [0, n), zero above: the mask of a partly filled vector's loads and stores.
+ROBUST_OPS_AVX2 __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 ROBUST_OPS_AVX2 __m256 load_lanes(const float* p, int64_t step, bool may_read_ahead) {
   if (step == 1) return _mm256_loadu_ps(p);
   if (step == 2 && may_read_ahead) {  // deinterleave two loads (the second reads one element past lane 7's)
@@ -223,21 +228,69 @@ ROBUST_OPS_AVX2 void top2_store(const Top2State& st, int64_t j, int64_t len, flo
     _mm256_storeu_ps(out + j, val);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j), lo);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j + 4), hi);
-  } else {  // the last, partial vector: lanes past len belong to other windows
-    alignas(32) float tail_val[8];
-    alignas(32) int64_t tail_idx[8];
-    _mm256_store_ps(tail_val, val);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tail_idx), lo);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tail_idx + 4), hi);
-    for (int64_t l = 0; l < len - j; ++l) {
-      out[j + l] = tail_val[l];
-      idx[j + l] = tail_idx[l];
-    }
+  } else {  // the last, partial vector: lanes past len belong to other windows (or lie past the output's end)
+    const __m256i keep = first_lanes(len - j);
+    _mm256_maskstore_ps(out + j, keep, val);
+    _mm256_maskstore_epi64(reinterpret_cast<long long*>(idx + j), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(keep)),
+                           lo);
+    _mm256_maskstore_epi64(reinterpret_cast<long long*>(idx + j + 4),
+                           _mm256_cvtepi32_epi64(_mm256_extracti128_si256(keep, 1)), hi);
   }
 }
 
-// Handles lanes [0, done) with done <= len, reading lanes below safe_len only; needs relative positions and
-// lane offsets below 2^24 (exact in float and int32).
+// The lanes [0, n) of a partly filled vector, n <= 8, reading only those (the lanes past them may lie past the
+// input's end: the channels of the next pixel, or nothing; vmaskmovps reads no masked-off element and faults on
+// none); the others are 0.
+ROBUST_OPS_AVX2 __m256 load_partial_lanes(const float* p, int64_t step, int64_t n) {
+  if (step == 1) return _mm256_maskload_ps(p, first_lanes(n));
+  alignas(32) float lanes[8] = {};
+  for (int64_t l = 0; l < n; ++l) lanes[l] = p[l * step];
+  return _mm256_load_ps(lanes);
+}
+
+// Vector u of a block of U side by side (lanes [j + 8u, j + 8u + 8)) for one tap; p is the tap's lane j. With
+// `partial`, the last vector holds only the lanes below len and reads no others.
+template <int U, bool partial>
+ROBUST_OPS_AVX2 __m256 load_block_lanes(const float* p, int u, int64_t j, int64_t step, int64_t len,
+                                        int64_t safe_len) {
+  if (partial && u == U - 1) return load_partial_lanes(p + 8 * u * step, step, len - j - 8 * u);
+  return load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len);
+}
+
+// U vectors side by side from lane j on (one vector's taps form a dependency chain), as top2_block16.
+template <Select rule, int U, bool partial>
+ROBUST_OPS_AVX2 void top2_block(const float* base, int64_t step, int64_t j, int64_t len, int64_t safe_len,
+                                const int64_t* tap_off, const float* tap_rel, int64_t ntaps, float* out, int64_t* idx,
+                                int64_t origin, int64_t origin_step, __m256i lane_step, __m256& nan_lanes) {
+  Top2State st[U];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) {
+    const __m256 v = load_block_lanes<U, partial>(base + tap_off[0] + j * step, u, j, step, len, safe_len);
+    top2_first<rule>(st[u], v, _mm256_set1_ps(tap_rel[0]));
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < U && ntaps > 1; ++u) {
+    const __m256 v = load_block_lanes<U, partial>(base + tap_off[1] + j * step, u, j, step, len, safe_len);
+    top2_step<rule, false>(st[u], v, _mm256_set1_ps(tap_rel[1]));
+  }
+  for (int64_t t = 2; t < ntaps; ++t) {
+    const __m256 s = _mm256_set1_ps(tap_rel[t]);
+    const float* p = base + tap_off[t] + j * step;
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      top2_step<rule, true>(st[u], load_block_lanes<U, partial>(p, u, j, step, len, safe_len), s);
+    }
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(st[u].sum, st[u].sum, _CMP_UNORD_Q));
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) top2_store<rule>(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
+}
+
+// Handles all len lanes (done = len), reading lanes below safe_len only, in blocks of up to kUnroll vectors; a partly
+// filled last vector is loaded and stored under masks, as the scalar path ran those lanes ~10x slower (1 x 15 x 56 x
+// 56 channels_last: 1.9x the time of 16 channels). Needs relative positions and lane offsets below 2^24 (exact in
+// float and int32).
 template <Select rule>
 __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ base, int64_t step, int64_t len,
                                                       int64_t safe_len, const int64_t* tap_off, const float* tap_rel,
@@ -248,40 +301,22 @@ __attribute__((target("avx2"))) bool window_top2_avx2(const float* __restrict__ 
   __m256 nan_lanes = _mm256_setzero_ps();
   const __m256i lane_step = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                _mm256_set1_epi32(static_cast<int32_t>(origin_step)));
-  int64_t j = 0;
-  for (; j < len && j + 8 * kUnroll <= safe_len; j += 8 * kUnroll) {
-    Top2State st[kUnroll];
-    {
-      const __m256 s = _mm256_set1_ps(tap_rel[0]);
-      const float* p = base + tap_off[0] + j * step;
-      for (int u = 0; u < kUnroll; ++u) {
-        top2_first<rule>(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s);
-      }
+  for (int64_t j = 0; j < len; j += 8 * kUnroll) {
+    const int64_t vectors = std::min<int64_t>(kUnroll, (len - j + 7) / 8);
+    const bool partial = j + 8 * vectors > safe_len;
+#define ROBUST_OPS_BLOCK8(U)                                                                                         \
+  (partial ? top2_block<rule, U, true>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,      \
+                                       origin_step, lane_step, nan_lanes)                                            \
+           : top2_block<rule, U, false>(base, step, j, len, safe_len, tap_off, tap_rel, ntaps, out, idx, origin,     \
+                                        origin_step, lane_step, nan_lanes))
+    switch (vectors) {
+      case 1: ROBUST_OPS_BLOCK8(1); break;
+      case 2: ROBUST_OPS_BLOCK8(2); break;
+      default: ROBUST_OPS_BLOCK8(3); break;
     }
-    for (int64_t t = 1; t < ntaps; ++t) {
-      const __m256 s = _mm256_set1_ps(tap_rel[t]);
-      const float* p = base + tap_off[t] + j * step;
-      if (t == 1) {
-        for (int u = 0; u < kUnroll; ++u) {
-          top2_step<rule, false>(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s);
-        }
-      } else {
-        for (int u = 0; u < kUnroll; ++u) {
-          top2_step<rule, true>(st[u], load_lanes(p + 8 * u * step, step, j + 8 * (u + 1) < safe_len), s);
-        }
-      }
-    }
-    for (int u = 0; u < kUnroll && j + 8 * u < len; ++u) {
-      nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(st[u].sum, st[u].sum, _CMP_UNORD_Q));
-      top2_store<rule>(st[u], j + 8 * u, len, out, idx, origin, origin_step, lane_step);
-    }
+#undef ROBUST_OPS_BLOCK8
   }
-  for (; j < len && j + 8 <= safe_len; j += 8) {
-    Top2State st;
-    top2_window<rule>(st, base + j * step, step, j + 8 < safe_len, tap_off, tap_rel, ntaps, nan_lanes);
-    top2_store<rule>(st, j, len, out, idx, origin, origin_step, lane_step);
-  }
-  done = std::min(j, len);
+  done = len;
   return _mm256_movemask_ps(nan_lanes) != 0;
 }
 
