@@ -3,6 +3,9 @@ code") says: the parity it promises for the ported calls that no other test pins
 (set_mode_targeted_*) and the model's mode (set_model_training_mode, a model left in train mode), measured against
 torchattacks itself on a small Conv-BatchNorm-MaxPool CNN."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -195,3 +198,30 @@ def test_a_ported_evaluation_loop_scores_the_samples_torchattacks_scores():
         robust[lib] = torch.cat(flags)
     assert torch.equal(robust[attacks], robust[torchattacks])
     assert not bool(robust[attacks].all())
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "attacks.md"
+
+
+def docs_text():
+    return re.sub(r"\s+", " ", DOCS.read_text())
+
+
+def test_a_custom_lists_names_take_builds_settings_as_the_porting_notes_say():
+    """AutoAttack's version='custom' runs its own objects: apgd-ce, apgd-dlr and fab with 5 restarts, square with the
+    unrescaled schedule. A custom list's names here take build's settings (1 restart, rescaled square), which the
+    porting notes now say (they called the list AutoAttack's version and said nothing of it), with the objects that
+    give AutoAttack's."""
+    model = make_model(10)
+    names = ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    built = attacks.AutoAttack(model, eps=8 / 255, version="custom", attacks_to_run=names).attacks
+    assert [a.n_restarts for a in built if not isinstance(a, attacks.Square)] == [1] * 5
+    assert [(a.n_target_classes, a.steps) for a in built[4:]] == [(9, 100), (9, 100)]
+    assert built[3].rescale_schedule and built[3].n_queries == 5000
+    assert ("The names of a custom list take `build`'s settings, not those of AutoAttack's own objects: there "
+            "`apgd-ce`, `apgd-dlr` and `fab` run 5 restarts and `square` the unrescaled schedule "
+            "(`resc_schedule=False`), here 1 restart and `rescale_schedule=True`") in docs_text()
+    eps = 8 / 255
+    given = attacks.AutoAttack(model, eps=eps, attacks=[attacks.APGD(model, eps=eps, n_restarts=5),
+                                                        attacks.Square(model, eps=eps, rescale_schedule=False)])
+    assert given.attacks[0].n_restarts == 5 and not given.attacks[1].rescale_schedule
