@@ -225,3 +225,21 @@ def test_a_custom_lists_names_take_builds_settings_as_the_porting_notes_say():
     given = attacks.AutoAttack(model, eps=eps, attacks=[attacks.APGD(model, eps=eps, n_restarts=5),
                                                         attacks.Square(model, eps=eps, rescale_schedule=False)])
     assert given.attacks[0].n_restarts == 5 and not given.attacks[1].rescale_schedule
+
+
+def test_autoattack_seed_none_is_seed_0_as_the_porting_notes_say():
+    """torchattacks' AutoAttack example writes seed=None and AutoAttack's default is None, both the clock there; the
+    attack classes here take seed=None as the global RNG, but AutoAttack(seed=None) is its default seed 0: the
+    same draws whatever the global RNG holds. The porting notes now say so (their "seed (0 by default, AutoAttack
+    too)" did not tell a porter's seed=None apart)."""
+    model = make_model(3)
+    x, y = make_data(6, 3)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        aa = attacks.AutoAttack(model, eps=8 / 255, seed=None, attacks=["apgd-ce", "square"], steps=3, n_queries=5)
+        assert [a.seed for a in aa.attacks] == [0, 0]
+        runs.append(torch.cat(list(aa.run_standard_evaluation_individual(x, y).values())))
+    assert torch.equal(runs[0], runs[1])
+    assert ("`AutoAttack(..., seed=None)`, as torchattacks' `AutoAttack` example and AutoAttack's default write it, "
+            "is that default, seed 0 (not the clock, nor the global RNG as for the attack classes)") in docs_text()
