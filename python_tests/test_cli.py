@@ -3197,14 +3197,15 @@ def test_reproduce_notes_open_with_the_departures_in_the_documented_order(small_
 
     page = (Path(__file__).resolve().parents[1] / "docs/reproduce/README.md").read_text()
     order = re.findall(r"`([A-Z ]+):`", page[page.index("The notes open with these lines"):].split(";")[0])
-    assert order == ["QUICK MODE", "METHODS", "SCHEDULE", "RUNS", "EPOCHS", "DATA"], order
+    assert order == ["QUICK MODE", "METHODS", "SCHEDULE", "RUNS", "EPOCHS", "OPTIMISER", "DATA"], order
     quick = {"epochs": 1, "repeats": 1, "n_train": 40, "n_test": 12, "model": "small_cnn"}
     proto = _tiny_protocol("seeds", [("STD", "standard"), ("AT", "at")], quick)  # 2 repeats, 1 epoch, data "unused"
-    for out, kwargs in (("full", dict(seeds=1, epochs=2)), ("quick", dict(quick=True))):
+    for out, kwargs in (("full", dict(seeds=1, epochs=2, lr=2e-3)), ("quick", dict(quick=True))):
         run_protocol(proto, out=tmp_path / out, data=str(small_npz), methods=["STD"], progress=False, **kwargs)
         notes = json.loads((tmp_path / out / "results.json").read_text())["notes"]
         opening = [n.split(":")[0] for n in notes if re.match(r"[A-Z ]+:", n)]
-        expected = ["METHODS", "RUNS", "EPOCHS", "DATA"] if out == "full" else ["QUICK MODE", "METHODS", "DATA"]
+        full = ["METHODS", "RUNS", "EPOCHS", "OPTIMISER", "DATA"]
+        expected = full if out == "full" else ["QUICK MODE", "METHODS", "DATA"]
         assert opening == expected == [name for name in order if name in expected]
         assert [n.split(":")[0] for n in notes[:len(expected)]] == expected  # before the protocol's own notes
 
@@ -3223,6 +3224,64 @@ def test_reproduce_epochs_note_when_epochs_override_the_protocols(small_npz, tmp
     assert json.loads((tmp_path / "fewer" / "results.json").read_text())["notes"][0] == note
     run_protocol(proto, out=tmp_path / "own", data=str(small_npz), epochs=3, progress=False)  # the protocol's own
     assert "EPOCHS:" not in (tmp_path / "own" / "report.md").read_text()
+
+
+def test_reproduce_lr_and_batch_size_train_record_note_and_are_compared_on_rerun(small_npz, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """MIRST-DM's paper trains at Adam lr 1e-4, batch 8 (docs/reproduce/mirst-bus.md), and reproduce had neither
+    --lr nor --batch-size to set them (`unrecognized arguments: --lr 0.0001`). Both now reach each run's training
+    and run.json, results.json's config and an OPTIMISER: note, are checked as train checks them, in its words, and a
+    rerun with others is refused naming the flag (the run's settings, before any is trained)."""
+    from robust_ops import reproduce
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    monkeypatch.setitem(reproduce.PROTOCOLS, proto.name, proto)
+    out = tmp_path / "o"
+    argv = ["reproduce", proto.name, "--data", small_npz, "--seeds", "1", "--out", out, "--no-progress", "--device",
+            "cpu"]
+    rc, _, err = run(argv + ["--lr", "2e-4", "--batch-size", "16"], capsys)
+    assert rc == 0, err
+    run_dir = out / "runs" / "std" / "seed0"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["lr"], record["batch_size"]) == (2e-4, 16)
+    results = json.loads((out / "results.json").read_text())
+    assert (results["config"]["lr"], results["config"]["batch_size"]) == (2e-4, 16)
+    assert results["notes"][1] == ("OPTIMISER: this run trained at lr 0.0002, batch 16 (--lr, --batch-size), the "
+                                   "protocol at lr 0.001, batch 32; what the notes below say of them does not "
+                                   "describe it.")
+    way = f"or delete {run_dir} or use another --out"
+    for given, message in (
+            (["--batch-size", "16"], f"--lr: {run_dir} was trained with --lr 0.0002, this command has --lr 0.001; "
+                                     f"rerun with the --lr it was trained with, {way}"),
+            (["--lr", "0.0002"], f"--batch-size: {run_dir} was trained with --batch-size 16, this command has "
+                                 f"--batch-size 32; rerun with the --batch-size it was trained with, {way}")):
+        rc, _, err = run(argv + given, capsys)
+        assert one_line_error(rc, err) == f"robust-ops reproduce: error: {message}"
+    rc, said, err = run(argv + ["--lr", "0.0002", "--batch-size", "16"], capsys)
+    assert rc == 0 and "loading (already trained) STD" in said, err
+    for flags in (["--lr", "0"], ["--lr", "nan"], ["--batch-size", "0"], ["--batch-size", str(2**63)]):
+        rc, _, train_err = run(["train", "--data", small_npz, "--out", tmp_path / "t", *flags], capsys)
+        rc2, _, err = run(argv + flags, capsys)
+        assert one_line_error(rc2, err).split("error: ")[1] == one_line_error(rc, train_err).split("error: ")[1]
+    rc, _, err = run(["reproduce", "dpaat-bus", "--paper-schedule", "--lr", "1e-4", "--out", tmp_path / "d"], capsys)
+    one_line_error(rc, err, "--lr: --paper-schedule trains at the paper's lr 0.0003; leave one of them out")
+    assert not (tmp_path / "d").exists()
+
+
+def test_reproduce_lr_change_between_runs_without_the_paper_schedule_is_blamed_on_lr(tmp_path):
+    """dpaat-bus's paper schedule trains at lr 3e-4; a run trained without it at --lr 0.0003, rerun without --lr, was
+    told it was `trained with --paper-schedule (lr=0.0003)`, a flag it never had."""
+    from robust_ops.reproduce import _resume_error
+
+    proto = _tiny_protocol("seeds", [("STD", "standard")])
+    proto.paper_schedule = {"warmup_epochs": 1, "early_stopping": 5, "lr": 3e-4}
+    run_dir = tmp_path / "runs" / "std" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"epochs": 1, "warmup_epochs": 0}))
+    assert str(_resume_error(proto, run_dir, ("lr", 3e-4, 1e-3), 1)).startswith(
+        f"--lr: {run_dir} was trained with --lr 0.0003, this command has --lr 0.001; rerun with the --lr it was")
+    assert str(_resume_error(proto, run_dir, ("lr", 1e-3, 3e-4), 2, warmup=1)).startswith(
+        f"--paper-schedule: {run_dir} was trained without --paper-schedule (lr=0.001), this command runs with")
 
 
 def test_fresh_train_replaces_the_old_checkpoint(small_npz, tmp_path, capsys, monkeypatch):

@@ -673,11 +673,25 @@ def add_data_model_options(p, epochs, epochs_help="training epochs"):
     p.add_argument("--model", default="small_cnn",
                    help="resnet18, resnet50, vgg16, densenet121, small_cnn or mlp (adapted to channels and size)")
     p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
-    p.add_argument("--batch-size", type=int, default=32, help="training mini-batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MIRST-DM: 1e-4 at 100 epochs)")
+    add_optimiser_options(p, 32, 1e-3)
     p.add_argument("--seed", type=int, default=0, help="seed for data splits, initialisation and batches")
     p.add_argument("--download", action=Switch, help=DOWNLOAD_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def add_optimiser_options(p, batch_size, lr, default=""):
+    """--batch-size and --lr (train's, demo's; reproduce's with ``default`` saying what None stands for)."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"training mini-batch size{default}")
+    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (MIRST-DM: 1e-4 at 100 epochs){default}")
+
+
+def check_optimiser_options(batch_size, lr):
+    """One-line errors for --batch-size and --lr (None: not given), before any data is loaded."""
+    import math
+
+    check_count("--batch-size", batch_size)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise CLIError(f"--lr: expected a finite learning rate > 0, got {lr}")
 
 
 def add_classes_option(p):
@@ -723,14 +737,10 @@ def check_count(flag, value, minimum=1):
 
 def check_data_model_options(args):
     """One-line errors for the shared options' values, before any data is loaded."""
-    import math
-
     from .data.core import MAX_SKLEARN_SEED
 
     check_count("--epochs", args.epochs)
-    check_count("--batch-size", args.batch_size)
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise CLIError(f"--lr: expected a finite learning rate > 0, got {args.lr}")
+    check_optimiser_options(args.batch_size, args.lr)
     # scikit-learn's splits (folders, CSV) take seeds up to MAX_SKLEARN_SEED: a larger one was reported as "too few
     # samples", and one from 2**64 on was torch.manual_seed's overflow traceback
     if not 0 <= args.seed <= MAX_SKLEARN_SEED:
@@ -823,7 +833,7 @@ TRAIN_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels", "mode
                        "early_stopping")
 DEMO_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels", "model", "seed", "batch_size", "lr")
 # reproduce's (the protocol sets the rest)
-REPRODUCE_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels")
+REPRODUCE_FLAG_SETTINGS = ("data", "size", "classes", "bit_depth", "channels", "batch_size", "lr")
 
 
 def resume_setting_error(run_file, key, was, now, flags, lead="--resume"):
@@ -2554,6 +2564,7 @@ def cmd_reproduce_parser(sub):
     p.add_argument("--out", type=path_text, default=None, help="output folder (default: runs/reproduce/NAME)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds / folds")
+    add_optimiser_options(p, None, None, default=" (default: the protocol's)")
     p.add_argument("--methods", action=OneList, default=None,
                    help="comma-separated method labels to run, e.g. STD,IMA (default: all of the protocol's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -2580,6 +2591,7 @@ def cmd_reproduce(args):
     refuse_train_folder(out, f"reproduce {args.name}")
     check_count("--epochs", args.epochs)
     check_count("--seeds", args.seeds)
+    check_optimiser_options(args.batch_size, args.lr)
     dist_timeout = checked_dist_timeout(args)
     from .evaluate import EvalError
 
@@ -2589,7 +2601,8 @@ def cmd_reproduce(args):
                          seeds=args.seeds, size=args.size, bit_depth=args.bit_depth, channels=args.channels,
                          classes=args.classes, device=device, progress=not args.no_progress, reevaluate=args.reevaluate,
                          methods=args.methods.split(",") if args.methods is not None else None,
-                         paper_schedule=args.paper_schedule, dist_timeout=dist_timeout)
+                         paper_schedule=args.paper_schedule, dist_timeout=dist_timeout, batch_size=args.batch_size,
+                         lr=args.lr)
     except EvalError as err:
         raise CLIError(f"{args.name}: {err}") from None
     except KeyboardInterrupt:

@@ -694,12 +694,17 @@ def _resume_error(protocol, run_dir, conflict, epochs, blocked=(), warmup=0):
         way_out = (f"delete the {len(blocked)} run folders in {runs_dir} this command cannot continue "
                    f"({listing(d.relative_to(runs_dir) for d in blocked)}) or use another --out")
     paper_lr = protocol.paper_schedule.get("lr")  # --paper-schedule's learning rate: that flag's switch, not --lr's
-    if key == "lr" and warmup and now == paper_lr and was != paper_lr and _trained_warmup(run_dir) == warmup:
+    trained_warmup = _trained_warmup(run_dir)
+    if key == "lr" and warmup and now == paper_lr and was != paper_lr and trained_warmup == warmup:
         # --paper-schedule's warm-up at the protocol's lr: made with the flag before it took the paper's lr, where
         # "trained without --paper-schedule ...; rerun without --paper-schedule" led to the opposite refusal
         return CLIError(f"--paper-schedule: {run_dir} was trained with --paper-schedule before it took the paper's lr "
                         f"(lr={was!r}, this command's lr={now!r}); no command continues it: {way_out}")
-    if key in ("warmup_epochs", "early_stopping") or (key == "lr" and paper_lr is not None and paper_lr in (was, now)):
+    # an lr between runs both with (or both without) --paper-schedule's warm-up is --lr's: the paper's 3e-4 given as
+    # --lr, or taken from it, was blamed on --paper-schedule ("trained with --paper-schedule", of a run without)
+    lr_flag = key == "lr" and trained_warmup is not None and bool(trained_warmup) == bool(warmup)
+    if key in ("warmup_epochs", "early_stopping") or (key == "lr" and paper_lr is not None and paper_lr in (was, now)
+                                                       and not lr_flag):
         def used(value):
             paper = value == paper_lr if key == "lr" else value
             return "with --paper-schedule" if paper else "without --paper-schedule"
@@ -816,7 +821,7 @@ def pick_methods(protocol, labels):
 
 def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=None, size=None, device="cpu",
                  progress=True, reevaluate=False, methods=None, bit_depth=None, channels=None, classes=None,
-                 paper_schedule=False, dist_timeout=None):
+                 paper_schedule=False, dist_timeout=None, batch_size=None, lr=None):
     """Run ``protocol`` (one of ``PROTOCOLS``' values, or its name, a key of it) and write its results into
     ``out``; returns the aggregated rows. The other arguments are ``robust-ops reproduce``'s options: ``quick`` (its
     smoke run); ``data``, ``epochs`` and ``seeds`` (how many runs: seeds or folds), None for the protocol's own;
@@ -829,7 +834,9 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     folders / CSV labels it keeps, in label order (all three as :func:`robust_ops.data.load_dataset` takes them).
     ``paper_schedule``: train with the protocol's ``paper_schedule`` (a head-only warm-up before its epochs, early
     stopping); a protocol without one refuses it.
-    ``dist_timeout``: under torchrun, each run's ``fit(dist_timeout=)``.
+    ``dist_timeout``: under torchrun, each run's ``fit(dist_timeout=)``. ``batch_size``, ``lr``: the training
+    mini-batch size and Adam learning rate, None for the protocol's (``lr`` and ``paper_schedule``, which sets the
+    paper's, are refused together).
 
     Training resumes from each run's checkpoint; every run is checked to be resumable under this command's settings
     before any is trained. Each run's evaluation rows are kept in ``EVAL_CACHE_FILE`` beside its checkpoint, keyed
@@ -860,7 +867,12 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                        f"add (protocols with one: {with_one}); leave --paper-schedule out")
     schedule = q.get("paper_schedule", protocol.paper_schedule) if paper_schedule else {}
     warmup, patience = schedule.get("warmup_epochs", 0), schedule.get("early_stopping")
-    lr = schedule.get("lr", protocol.lr)  # the paper's Adam learning rate under --paper-schedule
+    if lr is not None and "lr" in schedule:  # which of the two learning rates a run trained at would be a guess
+        raise CLIError(f"--lr: --paper-schedule trains at the paper's lr {schedule['lr']:g}; leave one of them out")
+    given_lr, given_batch = lr, batch_size  # the report's OPTIMISER: note names those given
+    if lr is None:
+        lr = schedule.get("lr", protocol.lr)  # the paper's Adam learning rate under --paper-schedule
+    batch_size = protocol.batch_size if batch_size is None else batch_size
     train_epochs = epochs + warmup  # the warm-up comes before the protocol's epochs of all layers, as the paper's
     out = Path(out)
     runs_dir = out / ("runs-quick" if quick else "runs")
@@ -900,7 +912,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
             # prepacked_conv: as train_run records it ($ROBUST_OPS_PREPACKED_CONV decides), not False
             conflict = resume_conflict(run_dir, run_record(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
-                epochs=train_epochs, batch_size=protocol.batch_size, lr=lr, seed=k, size=size,
+                epochs=train_epochs, batch_size=batch_size, lr=lr, seed=k, size=size,
                 dropmax=method.dropmax, label=method.label, split=record, bit_depth=bit_depth, channels=channels,
                 classes=classes, prepacked_conv=prepacked_conv_resolved(None), warmup_epochs=warmup,
                 early_stopping=patience, info=splits.info,  # info: image size, class counts
@@ -931,7 +943,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                 say(status, flush=True)
             model, _, _, _ = train_run(
                 data=data, defense_name=method.defense, defense_options=options, model_name=model_name,
-                epochs=train_epochs, batch_size=protocol.batch_size, lr=lr, seed=k, device=device,
+                epochs=train_epochs, batch_size=batch_size, lr=lr, seed=k, device=device,
                 out=run_dir, resume=True, dropmax=method.dropmax, size=size,
                 progress=progress, splits=splits, label=method.label, split=record, bit_depth=bit_depth,
                 channels=channels, classes=classes, warmup_epochs=warmup, early_stopping=patience,
@@ -987,6 +999,13 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
                         f"what the notes below say about {protocol.data} does not describe it.")
         if protocol.radius_units and inf.image_size:  # 0.2 of a moon's width is 51/255 of a pixel's range
             notes.insert(1, _radius_units_note(protocol))
+    changed = [f"{what} {value:g}" for what, value, own in (("lr", given_lr, protocol.lr),
+                                                             ("batch", given_batch, protocol.batch_size))
+               if value is not None and value != own]
+    if changed:  # its notes give its own optimiser settings ("30 epochs of Adam lr 1e-3, batch 32")
+        notes.insert(0, f"OPTIMISER: this run trained at {', '.join(changed)} (--lr, --batch-size), the protocol at lr "
+                        f"{protocol.lr:g}, batch {protocol.batch_size}; what the notes below say of them does not "
+                        "describe it.")
     if epochs != protocol.epochs and not quick:  # its notes give its own training length ("we train 40 epochs")
         notes.insert(0, f"EPOCHS: this run trained {counted(epochs, 'epoch')} per method (--epochs), "
                         f"the protocol {protocol.epochs}; what the notes below say of its training length does not "
@@ -1014,7 +1033,7 @@ def run_protocol(protocol, *, out, quick=False, data=None, epochs=None, seeds=No
     config = {"protocol": protocol.name, "paper": protocol.paper, "quick": quick, "data": data, "size": size,
               # the data settings each run.json records: which images of the data the rows are of
               "classes": list(classes) if classes is not None else None, "bit_depth": bit_depth, "channels": channels,
-              "model": model_name, "epochs": epochs, "batch_size": protocol.batch_size, "lr": lr,
+              "model": model_name, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               # --paper-schedule's {warmup_epochs, early_stopping}; None without it
               "paper_schedule": dict(schedule) or None,
               "repeats": repeats, "split": protocol.split, "methods": [vars(m) for m in chosen],
