@@ -5095,7 +5095,7 @@ def test_resume_takes_bit_depth_16_as_the_reading_without_bit_depth(tmp_path, ca
     assert run(train + ["--epochs", "1"], capsys)[0] == 0
     rc, _, err = run(train + ["--epochs", "2", "--bit-depth", "16", "--resume"], capsys)
     assert rc == 0, err
-    rc, _, err = run(train + ["--epochs", "3", "--resume"], capsys)  # run.json now records --bit-depth 16
+    rc, _, err = run(train + ["--epochs", "3", "--resume"], capsys)
     assert rc == 0, err
     rc, _, err = run(train + ["--epochs", "3", "--bit-depth", "12", "--resume"], capsys)
     assert rc == 2 and "error: --resume:" in err and "this command has --bit-depth 12;" in err, err
@@ -5105,6 +5105,36 @@ def test_resume_takes_bit_depth_16_as_the_reading_without_bit_depth(tmp_path, ca
     rc, _, err = run(demo + ["--epochs", "2", "--bit-depth", "16", "--resume"], capsys)
     assert rc == 0, err
 
+
+def test_a_resume_keeps_the_bit_depth_the_run_recorded_of_its_reading(tmp_path, capsys):
+    """--bit-depth 16 and none read 16-bit images alike, and a resume takes either for the other; but it rewrote
+    run.json's record of the reading: train --resume --bit-depth 16 on a run recorded without it left bit_depth 16
+    (and none -> null the other way), as demo's; and reproduce --bit-depth 16 on a run made without it was refused,
+    `tiny-kfold: RUN_DIR was trained with split={...}, this command has split={..., 'bit_depth': 16}`."""
+    from robust_ops.reproduce import run_protocol
+
+    data = _folder_16_bit(tmp_path / "ct", top=65535, n=4)
+    common = ["--data", data, "--size", "8", "--model", "mlp", "--no-progress", "--device", "cpu"]
+    for first, then in (([], ["--bit-depth", "16"]), (["--bit-depth", "16"], [])):
+        out = tmp_path / f"run{len(first)}"
+        assert run(["train", *common, "--epochs", "1", "--out", out, *first], capsys)[0] == 0
+        recorded = json.loads((out / "run.json").read_text())["bit_depth"]
+        rc, _, err = run(["train", *common, "--epochs", "2", "--out", out, "--resume", *then], capsys)
+        assert rc == 0 and json.loads((out / "run.json").read_text())["bit_depth"] == recorded == (16 if first else
+                                                                                                   None), err
+    demo = ["demo", *common, "--methods", "standard", "--attacks", "fgsm", "--eps", "1/255", "--saliency", "0",
+            "--out", tmp_path / "demo"]
+    assert run(demo + ["--epochs", "1"], capsys)[0] == 0
+    assert run(demo + ["--epochs", "2", "--bit-depth", "16", "--resume"], capsys)[0] == 0
+    assert json.loads((tmp_path / "demo" / "runs" / "standard" / "run.json").read_text())["bit_depth"] is None
+    proto = _tiny_protocol("kfold", [("Baseline", "standard")])
+    proto.model = "mlp"
+    common = dict(out=tmp_path / "o", data=str(data), seeds=1, size=8, progress=False)
+    with pytest.warns(UserWarning, match="too small to stratify"):
+        run_protocol(proto, **common)
+        run_protocol(proto, **common, bit_depth=16)
+    record = json.loads((tmp_path / "o" / "runs" / "baseline" / "fold0" / "run.json").read_text())
+    assert record["bit_depth"] is None and "bit_depth" not in record["split"], record
 
 def test_eval_does_not_give_the_size_advice_for_a_copy_of_the_runs_data(tmp_path, capsys):
     """A run trained at the default size on small images: eval of a copy of its folder (other data holding the images

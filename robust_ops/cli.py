@@ -518,6 +518,26 @@ def bit_reading(bit_depth):
     return None if bit_depth == 16 else bit_depth
 
 
+def _split_read(split):
+    """A reproduce run's split record as --resume compares it: its size as given left out (the loaded image size is
+    compared apart), its --bit-depth as the reading (:func:`bit_reading`)."""
+    kept = {k: v for k, v in split.items() if k not in ("size", "bit_depth")}
+    return {**kept, "bit_depth": bit_reading(split.get("bit_depth"))}
+
+
+def keep_recorded_reading(run, old):
+    """``run`` (this command's run_record, resuming the run whose run.json is ``old``) with the run's own words for
+    its 16-bit reading, which --resume took as the same: --bit-depth 16 on a run recorded without it (or none on one
+    recorded with 16) rewrote run.json's bit_depth (and a reproduce split record's), null -> 16 or 16 -> null."""
+    run["bit_depth"] = old.get("bit_depth")
+    if isinstance(run.get("split"), dict) and isinstance(old.get("split"), dict):
+        split = {k: v for k, v in run["split"].items() if k != "bit_depth"}
+        if old["split"].get("bit_depth") is not None:
+            split["bit_depth"] = old["split"]["bit_depth"]
+        run["split"] = split
+    return run
+
+
 def _counts(counts):
     return f"{sum(counts.values())} images ({', '.join(f'{k} {v}' for k, v in counts.items())})"
 
@@ -1048,7 +1068,7 @@ def resume_conflict(out, run):
     for key in RESUME_KEYS:
         was, now = old.get(key), run.get(key)
         if key == "split" and was and now:  # its size as given; the loaded image size is compared below
-            was, now = ({k: v for k, v in record.items() if k != "size"} for record in (was, now))
+            was, now = _split_read(was), _split_read(now)
         if key == "classes" and was and now and (old.get("dataset") or {}).get("class_names") is not None \
                 and old["dataset"]["class_names"] == (run.get("dataset") or {}).get("class_names"):
             was, now = ([c.lower() for c in classes] for classes in (was, now))  # folders: class names in any case
@@ -1357,6 +1377,8 @@ def train_run(*, data, defense_name, defense_options, model_name, epochs, batch_
             if not (out / RUN_FILE).is_file():  # the settings fit takes from the checkpoint, as the run trained them
                 run["defense_options"].update(_options_from_state(run, _checkpoint_facts(out / CHECKPOINT),
                                                                   tuple(splits.train[0][0].shape)))
+            else:
+                keep_recorded_reading(run, read_run_file(out / RUN_FILE))
         elif is_main_process():  # a fresh run replaces RUN_DIR's old one: its checkpoint would otherwise be resumed
             for name in trainer.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
