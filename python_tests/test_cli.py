@@ -3438,6 +3438,57 @@ def test_a_signal_while_train_stops_on_an_interrupt_raises_nothing_and_a_further
     assert len(json.loads((out / "metrics.json").read_text())) == 2
 
 
+def test_a_ctrl_c_after_the_command_returned_keeps_its_status_and_prints_no_traceback(small_npz, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """A Ctrl-C once the command had returned -- its files written, its summary printed -- but before main returned:
+    as _main's warning context closed it ended 'robust-ops train: interrupted', status 130, for a finished run (a
+    script read it as failed); once _main had returned, as main's signal context closed, main raised the
+    KeyboardInterrupt (a traceback). The command's status now stands, as it does after main (finished)."""
+    import contextlib
+    import types
+    import warnings
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", small_npz, "--model", "mlp", "--epochs", "1", "--no-progress", "--device", "cpu",
+            "--out", out]
+
+    class InterruptedOnExit:  # warnings.catch_warnings, with a Ctrl-C as it closes after the command returned
+        def __init__(self):
+            self.inner = warnings.catch_warnings()
+
+        def __enter__(self):
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            self.inner.__exit__(*exc)
+            if exc[0] is None:
+                raise KeyboardInterrupt
+
+    class Warnings(types.SimpleNamespace):  # cli's warnings module, but for its catch_warnings
+        def __getattr__(self, name):
+            return getattr(warnings, name)
+
+    monkeypatch.setattr(cli, "warnings", Warnings(catch_warnings=InterruptedOnExit))
+    rc, said, err = run(argv, capsys)
+    assert (rc, err) == (0, "") and "trained standard" in said
+    assert json.loads((out / "run.json").read_text())["epochs"] == 1 and (out / "checkpoint.pt").is_file()
+    monkeypatch.setattr(cli, "warnings", warnings)
+    real = cli._sigterm_as_interrupt
+
+    @contextlib.contextmanager
+    def interrupted_as_it_closes():  # a Ctrl-C as main's signal context closes, after _main returned
+        with real() as state:
+            yield state
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_sigterm_as_interrupt", interrupted_as_it_closes)
+    try:
+        rc = cli.main([str(a) for a in argv + ["--epochs", "2", "--resume"]])
+    except KeyboardInterrupt:
+        rc = "raised"
+    said, err = capsys.readouterr()
+    assert (rc, err) == (0, "") and "trained standard" in said
+
 @pytest.mark.parametrize("signum,status", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_an_interrupt_inside_a_lazy_import_stops_train_with_its_one_line(small_npz, tmp_path, capsys, monkeypatch,
                                                                          signum, status):

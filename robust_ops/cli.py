@@ -2759,13 +2759,22 @@ def _warning_printer(command):
 def main(argv=None):
     """Run the ``robust-ops`` command line on ``argv`` (a list of strings, as after the program's name; None: the
     process's ``sys.argv[1:]``) and return its exit status: 0 when done, 2 for a refused flag, file or command (one
-    line on stderr), 130 when interrupted, 143 on SIGTERM, 141 when the reader of its output left; ``--help`` and
-    ``--version`` raise SystemExit(0), as argparse does. ``robust-ops`` and ``python -m robust_ops`` call it."""
-    with _sigterm_as_interrupt() as sigterm:
-        try:
-            status = _main(argv)
-        except BrokenPipeError:  # here, not in _main: also one met while _main printed an error or interrupt line
-            status = _reader_left()
+    line on stderr), 130 when interrupted (a Ctrl-C after the command returned keeps its status), 143 on SIGTERM, 141
+    when the reader of its output left; ``--help`` and ``--version`` raise SystemExit(0), as argparse does.
+    ``robust-ops`` and ``python -m robust_ops`` call it."""
+    status = None
+    try:
+        with _sigterm_as_interrupt() as sigterm:
+            try:
+                status = _main(argv)
+            except BrokenPipeError:  # here, not in _main: also one met while _main printed an error or interrupt line
+                status = _reader_left()
+    except KeyboardInterrupt:
+        # once _main returned (the files written, the lines printed), a Ctrl-C before main returns ended in a
+        # KeyboardInterrupt traceback: the command's status stands, as after main (finished)
+        if status is None:
+            print(f"\n{PROG}: interrupted", file=sys.stderr)
+            status = 130
     return 143 if sigterm["terminated"] and status == 130 else status  # 128 + SIGTERM, as the shell reports it
 
 
@@ -2804,6 +2813,7 @@ def _reader_left():
 
 
 def _main(argv):
+    done = None  # the command's exit status, once it returned
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     prefix = f"{PROG} {command}" if command in ("train", "eval", "bench", "demo", "reproduce") else PROG
@@ -2826,9 +2836,10 @@ def _main(argv):
                 # one line like the errors, not Python's two (file:line and a source line from inside the library),
                 # and each once: demo's evaluation of five methods repeated the same one five times
                 warnings.showwarning = _warning_printer(args.command)
-                return args.func(args) or 0
+                done = args.func(args) or 0
         finally:
             _allow_download = False
+        return done
     except CLIError as err:
         message = str(err)
         if prefix != PROG and message.endswith(f"(see {PROG} --help)"):
@@ -2850,6 +2861,8 @@ def _main(argv):
         print(f"{prefix}: error: {path}: {err.strerror}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no command says more (eval, bench): no traceback
+        if done is not None:  # after the command returned, its files written: it ended "interrupted" with status 130
+            return done
         print(f"\n{prefix}: interrupted", file=sys.stderr)
         return 130
 
