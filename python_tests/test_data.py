@@ -1955,6 +1955,39 @@ def test_csv_patient_column_of_missing_values_is_not_one_patient(tmp_path):
         load_dataset(tmp_path / "m.csv", size=8, channels=1)
 
 
+def test_csv_group_column_of_missing_values_is_warned_of_as_one_group(tmp_path):
+    """A lesion_id (or split_by column) spelled as missing, "NA" in 20 of 40 rows, made one group of those rows without
+    a word (a 33/2/5 split), where an empty value is refused; kept, as runs trained on such a CSV must still load,
+    but said, with the fix (found by the data4 helper)."""
+    for i in range(40):
+        _png(tmp_path / f"im{i}.png", (8, 8), i)
+
+    def write(value, column="lesion_id"):
+        (tmp_path / "m.csv").write_text(f"image_id,dx,{column}\n" + "".join(
+            f"im{i},{('nv', 'mel')[i % 2]},{value(i) if i < 20 else f'L{i}'}\n" for i in range(40)))
+        return tmp_path / "m.csv"
+
+    with pytest.warns(UserWarning, match=r"m\.csv: column 'lesion_id' holds 'NA' \(20 rows\): a missing value \(as "
+                                         r"pandas writes NaN\), its rows kept as one lesion_id group, on one side of "
+                                         r"the split; give each such row its own lesion_id, or remove those rows from "
+                                         r"the CSV$") as caught:
+        s = load_dataset(write(lambda i: "NA"), size=8, channels=1)
+    assert len(caught) == 1 and sorted(map(len, (s.train, s.val, s.test))) == [2, 5, 33]  # kept: the split as before
+    with pytest.warns(UserWarning, match=r"column 'patient_id' holds 'N/A' \(10 rows\), 'nan' \(10 rows\): missing "
+                                         r"values \(as pandas writes NaN\), each one's rows kept as one patient_id "
+                                         r"group"):
+        load_dataset(write(lambda i: ("nan", "N/A")[i % 2], "patient_id"), size=8, channels=1, split_by="patient_id")
+    # rows classes= leaves out are not counted; their own ids, or a split by image, are nothing to warn of
+    with open(write(lambda i: "NA"), "a") as f:
+        f.write("".join(f"x{i},unk,NA\n" for i in range(5)))  # left out: neither read nor counted
+    with pytest.warns(UserWarning, match=r"holds 'NA' \(20 rows\)"):
+        load_dataset(tmp_path / "m.csv", size=8, channels=1, classes=["nv", "mel"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(write(lambda i: f"L{i}"), size=8, channels=1)
+        load_dataset(write(lambda i: "NA"), size=8, channels=1, split_by="image")
+
+
 def test_csv_id_with_an_extension_matches_it_in_any_case(tmp_path):
     """An id written with its extension, ISIC_0000001.jpg, was 'listed but not found' beside ISIC_0000001.JPG,
     which the same id without it matched (the suffix is matched in any case); an exact match is still preferred

@@ -574,7 +574,8 @@ def _label_order(labels):
 
 
 # A label spelled as a missing value (pandas writes NaN so after df.astype(str); spreadsheets #N/A): said, for it
-# becomes a class of its own, where an empty label is refused
+# becomes a class of its own, where an empty label is refused. In a patient column it is no patient; in a column the
+# split groups by, one group (warned of)
 MISSING_LABELS = ("nan", "NaN", "-nan", "NA", "N/A", "n/a", "#N/A", "<NA>", "NULL", "null")
 
 
@@ -620,7 +621,8 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
     another string names the column whose values group the rows. A grouped split puts every image of a group on one
     side (an image-level split let a lesion's images land in train and test, inflating test accuracy): the stratified
     7:1:2 split is drawn over the groups, each labelled by its most frequent label, and recorded as
-    ``info.extra["split_by"]`` (the column). An empty group value is an error (in a row ``classes`` leaves out, not).
+    ``info.extra["split_by"]`` (the column). An empty group value is an error (in a row ``classes`` leaves out, not);
+    one spelled as missing (``"NA"``, ``"nan"``: ``MISSING_LABELS``) is kept, its rows one group, with a warning.
     "auto" without ``lesion_id`` warns when a patient column (``PATIENT_COLUMNS``, any case) holds several images of
     one patient: the split by image can put them in train and test.
     rare_classes, stacklevel: as for :func:`load_busi`.
@@ -744,6 +746,15 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         raise DataError(f"{csv_path}: line {line}: empty {group_column!r}, which the split groups by; expected a value "
                         "in every row -- fill it in, or split by image: in Python split_by='image', on the command "
                         "line rename the column")
+    pooled = Counter(groups[image_id] for image_id, _ in kept if groups.get(image_id) in MISSING_LABELS)
+    if pooled:  # kept (refusing would leave runs trained on such a CSV unreadable at eval), but said: unlike "",
+        # which is refused above, "NA" grouped every row holding it into one group, placed on one side of the split
+        held = listing(f"{v!r} ({counted(n, 'row')})" for v, n in sorted(pooled.items()))
+        what = "missing values (as pandas writes NaN), each one's rows" if len(pooled) > 1 else \
+            "a missing value (as pandas writes NaN), its rows"
+        warn(f"{csv_path}: column {group_column!r} holds {held}: {what} kept as one {group_column} group, on one "
+             f"side of the split; give each such row its own {group_column}, or remove those rows from the CSV",
+             stacklevel=stacklevel + 1)
     per_patient = Counter(patients[image_id] for image_id, _ in kept if patients.get(image_id))
     if any(n > 1 for n in per_patient.values()):
         warn(f"{csv_path}: split by image, though column {patient_column!r} holds several images of one patient "
