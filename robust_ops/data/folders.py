@@ -828,8 +828,10 @@ def load_csv(csv_path, size=None, seed=0, classes=None, image_dir=None, id_colum
         elif first[0].parent == first[1].parent:  # view1.jpg beside view1.png: no image_dir parts them
             fix = (f"write the extension into the id ({ambiguous[0]}{first[0].suffix} or {ambiguous[0]}"
                    f"{first[1].suffix}) to choose one")
-        else:  # a path relative to root names one file too (2026-12-07)
-            fix = f"pass image_dir to choose one folder, or write the file's path as the id ({paths[0]})"
+        else:  # a path relative to root names one file too (2026-12-07); image_dir, which it named first, is
+            # load_csv's alone: load_dataset and the command line take no such argument
+            fix = (f"write the file's path as the id ({paths[0]}) to choose one, or remove the other copies (in "
+                   "Python, load_csv(..., image_dir=) reads one folder)")
         raise DataError(f"{csv_path}: {len(ambiguous)} image_id(s) match several files under {root}, e.g. "
                         f"{first[0]} and {first[1]}; {fix}")
     by_file, folders = {}, {}
