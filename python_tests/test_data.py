@@ -894,12 +894,25 @@ def test_npz_images_and_labels_keep_their_values(tmp_path):
         load_dataset(write_npz(tmp_path / "u.npz", train_images=np.minimum(u16, np.uint16(1000))))
     from robust_ops.data.core import images_to_tensor
 
-    # no values to name: numpy's "zero-size array to reduction operation"; no integers: a bool mask's [0, 1] told to
-    # store as uint8, black (mutation testing: each survived) (found by the mutB helper)
-    for images in (np.zeros((0, 8, 8), np.uint16), np.ones((2, 8, 8), bool)):
-        with pytest.raises(DataError, match=rf"^s: expected uint8 or float images, got dtype {images.dtype}: convert "
-                                            r"them to uint8 \(0-255\) or to floats in \[0, 1\]$"):
-            images_to_tensor(images, "s")
+    # no values to name: numpy's "zero-size array to reduction operation" (mutation testing: it survived) (found by
+    # the mutB helper)
+    with pytest.raises(DataError, match=r"^s: expected uint8 or float images, got dtype uint16: convert them to uint8 "
+                                        r"\(0-255\) or to floats in \[0, 1\]$"):
+        images_to_tensor(np.zeros((0, 8, 8), np.uint16), "s")
+    # a bool mask was told that generic fix, and its astype(np.uint8), 0 and 1 of 255, is refused as black: told the
+    # binary images' fix, which loads (found by the data4 helper)
+    mask = np.random.default_rng(2).random((12, 8, 8)) > 0.5
+    with pytest.raises(DataError, match=r"^s: expected uint8 or float images, got dtype bool; \[0, 1\] pixels\? store "
+                                        r"them as floats, images.astype\(np.float32\) \(as uint8 they would be 0 and "
+                                        r"1 of 255, black\)$"):
+        images_to_tensor(mask, "s")
+    with pytest.raises(DataError, match=r"every uint8 image of train_images holds values 0 and 1 only"):
+        load_dataset(write_npz(tmp_path / "b.npz", shape=(8, 8), train_images=mask.astype(np.uint8)))
+    assert float(load_dataset(write_npz(tmp_path / "b.npz", shape=(8, 8), train_images=mask.astype(np.float32)))
+                 .train.tensors[0].max()) == 1
+    # a constant signed set: "(1 levels left)"
+    with pytest.raises(DataError, match=r"got dtype int64 with values in \[-1, -1\]; .* \(1 level left\)\?"):
+        images_to_tensor(np.full((2, 8, 8), -1, np.int64), "s")
     with pytest.raises(DataError, match=r"got dtype int16 with values in \[-1024, 3071\]; CT Hounsfield units\? window "
                                         r"them onto \[0, 1\] pixels: \(np.clip\(images, lo, hi\) - lo\) / \(hi - "
                                         r"lo\) as float32 for the window \[lo, hi\] they are read in \(e.g. -1000, "):

@@ -210,6 +210,8 @@ def _integer_images_fix(images):
     bytes read back, small signed values (a mean/std normalization rounded) stored from before it, other signed ones
     shifted and scaled, where until 2026-12-07 these were told "convert them to uint8", which wraps each of them."""
     generic = ": convert them to uint8 (0-255) or to floats in [0, 1]"
+    if images.dtype == np.bool_:  # a mask: told the generic fix, its astype(np.uint8) is refused as binary (black)
+        return f"; {BINARY_IMAGES_FIX}"
     if not np.issubdtype(images.dtype, np.integer) or not images.size:
         return generic
     from ..attacks.context import HOUNSFIELD_WINDOWS, pixel_scale
@@ -234,9 +236,9 @@ def _integer_images_fix(images):
         return (f"{got}; CT Hounsfield units? window them onto [0, 1] pixels: (np.clip(images, lo, hi) - lo) / (hi - "
                 f"lo) as float32 for the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS}){other}")
     if max(-lo, hi) <= 10:  # z-scores rounded to integers: as uint8 their negatives would wrap
-        return (f"{got}; normalized by a mean and std, then stored as integers ({hi - lo + 1} levels left)? store the "
-                "[0, 1] pixels from before the normalization, as floats or uint8, and normalize inside the model "
-                "(robust_ops.attacks.Normalized)")
+        return (f"{got}; normalized by a mean and std, then stored as integers ({counted(hi - lo + 1, 'level')} "
+                "left)? store the [0, 1] pixels from before the normalization, as floats or uint8, and normalize "
+                "inside the model (robust_ops.attacks.Normalized)")
     return (f"{got}; signed intensities (an offset or a mean subtracted)? store them as floats in [0, 1], {SHIFT_FIX} "
             "(astype(np.uint8) would wrap every negative)")
 
