@@ -84,6 +84,14 @@ def test_npz_bad_images_are_refused(tmp_path):
     channels_first = np.zeros((12, 1, 28, 28), np.uint8)
     with pytest.raises(DataError, match=r"look channels-first; expected \(N, H, W\) or \(N, H, W, C\)"):
         load_dataset(write_npz(tmp_path / "f.npz", train_images=channels_first))
+    # told the transpose that loads them, as PyTorch's (N, C, H, W) RGB tiles are saved (found by the data4 helper)
+    rgb = {f"{s}_images": np.random.default_rng(1).integers(0, 256, (k, 3, 28, 28), dtype=np.uint8)
+           for s, k in (("train", 12), ("val", 4), ("test", 6))}
+    with pytest.raises(DataError, match=r"rgb\.npz \[train\]: images of shape \(12, 3, 28, 28\) look channels-first; "
+                                        r".* -- transpose them to channels-last, images\.transpose\(0, 2, 3, 1\)$"):
+        load_dataset(write_npz(tmp_path / "rgb.npz", **rgb))
+    s = load_dataset(write_npz(tmp_path / "rgb.npz", **{k: v.transpose(0, 2, 3, 1) for k, v in rgb.items()}))
+    assert torch.equal(s.train.tensors[0], torch.from_numpy(rgb["train_images"]).float() / 255)
 
 
 def test_npz_volumes_and_other_channel_counts_are_refused(tmp_path):

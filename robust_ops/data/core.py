@@ -114,8 +114,9 @@ def images_to_tensor(images, source):
         images = images[:, None]
     elif images.ndim == 4:
         if images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+            # the axes named: PyTorch's (N, C, H, W) saved as it is, whose users were left to work out the order
             raise DataError(f"{source}: images of shape {images.shape} look channels-first; expected (N, H, W) or "
-                            "(N, H, W, C) -- transpose them to channels-last")
+                            "(N, H, W, C) -- transpose them to channels-last, images.transpose(0, 2, 3, 1)")
         if images.shape[3] not in (1, 3):  # else a 3D volume (N, D, H, W) would load as D-channel 2D images
             # RGBA and gray + alpha (as PNGs converted with their alpha channel hold them) were told only of volumes
             alpha = {4: "RGBA images? drop the alpha channel, images[..., :3], ",
