@@ -79,7 +79,7 @@ def test_npz_variants_gray_rgb_labels(tmp_path):
 def test_npz_bad_images_are_refused(tmp_path):
     nan_images = np.random.default_rng(0).random((12, 28, 28)).astype(np.float32)
     nan_images[3, 4, 5] = np.nan
-    with pytest.raises(DataError, match=r"e\.npz \[train\]: float images contain NaN or infinite values \(1 pixels\)"):
+    with pytest.raises(DataError, match=r"e\.npz \[train\]: float images contain NaN or infinite values \(1 pixel\)"):
         load_dataset(write_npz(tmp_path / "e.npz", train_images=nan_images))
     channels_first = np.zeros((12, 1, 28, 28), np.uint8)
     with pytest.raises(DataError, match=r"look channels-first; expected \(N, H, W\) or \(N, H, W, C\)"):

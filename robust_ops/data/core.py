@@ -133,8 +133,8 @@ def images_to_tensor(images, source):
     elif np.issubdtype(images.dtype, np.floating):
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         if not bool(torch.isfinite(x).all()):
-            raise DataError(f"{source}: float images contain NaN or infinite values ({int((~torch.isfinite(x)).sum())} "
-                            "pixels)")
+            raise DataError(f"{source}: float images contain NaN or infinite values "
+                            f"({counted(int((~torch.isfinite(x)).sum()), 'pixel')})")
         if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
             lo, hi = float(x.min()), float(x.max())
             # say how to get there: 0-255 floats (numpy's astype(float)), 12- or 16-bit intensities, an overshoot of
