@@ -1035,6 +1035,8 @@ def test_cross_validation_folds_partition_the_pooled_data():
     assert len(cross_validation(small, k=4)) == 4
     with pytest.raises(DataError, match="the smallest class has 4 samples, fewer than k=5 folds"):
         cross_validation(small, k=5)
+    with pytest.raises(DataError, match=r"the smallest class has 1 sample, fewer than k=2 folds$"):  # "1 samples"
+        cross_validation(_indexed_splits((30, 20, 1))[0], k=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
-from .._options import check_int, class_labels
+from .._options import check_int, class_labels, counted
 from .core import (DataError, DatasetSplits, _grouped_parts, _stratified_parts, check_rare_classes,
                    check_sklearn_seed, missing_classes_record, record_rare_classes)
 
@@ -76,13 +76,13 @@ def cross_validation(splits, k=5, seed=0, val_fraction=0.1, rare_classes="merge"
     groups = pooled_groups(splits, len(y))
     split_by = splits.info.extra.get("split_by", "group")
     if groups is None:
-        counts, unit = np.bincount(y.numpy()), "samples"
+        counts, unit = np.bincount(y.numpy()), "sample"
     else:  # a class in fewer groups than folds leaves a fold's test part without it
         pairs = np.unique(np.stack([np.unique(groups, return_inverse=True)[1], y.numpy()], 1), axis=0)
-        counts, unit = np.bincount(pairs[:, 1]), f"{split_by} groups"
+        counts, unit = np.bincount(pairs[:, 1]), f"{split_by} group"
     if counts[counts > 0].min() < k:
-        raise DataError(f"cross_validation: the smallest class has {counts[counts > 0].min()} {unit}, fewer than "
-                        f"k={k} folds")
+        raise DataError(f"cross_validation: the smallest class has {counted(int(counts[counts > 0].min()), unit)}, "
+                        f"fewer than k={k} folds")
     folds = []
     if groups is None:
         skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y.numpy())
