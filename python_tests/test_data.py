@@ -407,6 +407,21 @@ def test_busi_folder(tmp_path):
         load_dataset(tmp_path, classes=("benign", "Benign"))
 
 
+def test_busi_folder_given_as_the_working_folder_is_named_after_it(tmp_path, monkeypatch):
+    """`load_dataset(".")` (`--data .`) of any class folders named the dataset "busi" in its info, results.json and
+    report titles; it is the folder's own name, as for any other path to it (found by the data4 helper)."""
+    data = tmp_path / "kather_tiles"
+    for c in ("adipose", "debris"):
+        (data / c).mkdir(parents=True)
+        for i in range(10):
+            _png(data / c / f"{i}.png", (8, 8), 10 * i)
+    monkeypatch.chdir(data)
+    assert {load_dataset(spec, size=8).info.name for spec in (".", "./", "../kather_tiles", data)} == {"kather_tiles"}
+    (data / "adipose" / "inner").mkdir()
+    monkeypatch.chdir(data / "adipose" / "inner")
+    assert load_dataset("../..", size=8).info.name == "kather_tiles"
+
+
 def test_busi_missing_class(tmp_path):
     (tmp_path / "benign").mkdir()
     with pytest.raises(DataError, match="class folder.s. malignant not found"):

@@ -554,7 +554,9 @@ def load_busi(folder, size=None, seed=0, classes=None, mode=None, bit_depth=None
     excluded = {c: len(images(d)) for c, d in sorted(subdirs.items()) if c not in classes}
     x, y = _stack(arrays, labels)
     info = DatasetInfo(
-        name=folder.name or "busi", num_classes=len(classes), in_channels=x.shape[1], image_size=size,
+        # the folder's own name where it is given as "." or "..": it was "busi" for any such folder (a pathology set's
+        # reports titled busi); symbolic links not followed, so a link keeps its name
+        name=Path(os.path.abspath(folder)).name or "busi", num_classes=len(classes), in_channels=x.shape[1], image_size=size,
         class_names=tuple(classes), positive_class=_positive(classes), synthetic=False, source=str(folder),
         extra={"excluded_samples": sum(excluded.values()), "excluded_labels": excluded,
                "class_counts": {c: len(files[c]) for c in classes},  # eval checks the data is unchanged
