@@ -5244,7 +5244,36 @@ def test_eval_of_other_data_fingerprints_its_training_split_only_where_there_is_
         missing = ("c/meta.csv: column 'dx' holds 'nan' (2 rows): missing values (as pandas writes NaN), each read as "
                    "a class of its own; fill in those rows' labels, or leave them out with classes= (--classes mel,nv)")
         assert cli._other_data_read(load(missing), "sha") is splits
-    assert calls == ["the training split"] * 2
+        groups = ("c/meta.csv: column 'lesion_id' holds 'NA' (20 rows): a missing value (as pandas writes NaN), its "
+                  "rows kept as one lesion_id group, on one side of the split; give each such row its own lesion_id")
+        assert cli._other_data_read(load(groups), "sha") is splits
+    assert calls == ["the training split"] * 3
+
+def test_eval_does_not_repeat_the_missing_group_advice_for_the_runs_own_data(tmp_path, capsys):
+    """A run trained on a CSV whose lesion_id holds 'NA' in half its rows: eval on its own data, and on a copy of it,
+    repeated the loader's "... kept as one lesion_id group ...; give each such row its own lesion_id, or remove those
+    rows", advice for a new run that this one cannot follow: either draws another split, which eval refuses (found by
+    the data4 helper)."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "d"
+    data.mkdir()
+    rows = ["image_id,dx,lesion_id"]
+    for k in range(20):
+        Image.fromarray(np.full((8, 8), 5 * k, np.uint8)).save(data / f"im{k}.png")
+        rows.append(f"im{k},{('mel', 'nv')[k % 2]},{'NA' if k < 10 else f'L{k}'}")
+    (data / "meta.csv").write_text("\n".join(rows) + "\n")
+    rc, _, err = run(["train", "--data", data / "meta.csv", "--size", "8", "--model", "mlp", "--epochs", "1",
+                      "--no-progress", "--device", "cpu", "--out", tmp_path / "r"], capsys)
+    assert rc == 0 and "kept as one lesion_id group" in err, err
+    shutil.copytree(data, tmp_path / "copy")
+    attack = ["--attacks", "fgsm", "--eps", "1/255", "--saliency", "0", "--device", "cpu"]
+    for given in ([], ["--data", data / "meta.csv"], ["--data", tmp_path / "copy" / "meta.csv"]):
+        rc, _, err = run(["eval", tmp_path / "r", *attack, *given, "--out", tmp_path / "e"], capsys)
+        assert rc == 0 and "kept as one" not in err, (given, err)
+
 
 def test_data_through_a_symbolic_link_is_the_runs_own_data(tmp_path, capsys):
     """data_spec makes paths absolute without following links: `eval RUN --data LINK` of a run trained on the linked

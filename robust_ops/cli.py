@@ -1932,18 +1932,24 @@ _BIT_DEPTH_ADVICE = r".*\(\d+-bit data\?\); scaled from the full 16-bit range"  
 _SIZE_ADVICE = r".*: every image is at most \d+ pixels a side, read at the default"  # the loader's "pass --size 8"
 # the CSV loader's "column 'dx' holds 'nan' (7 rows): missing values ... leave them out with classes= (--classes ...)"
 _MISSING_LABELS_ADVICE = r".*: column .* holds .*: missing values \(as pandas writes NaN\), each read as a class"
+# its "column 'lesion_id' holds 'NA' (20 rows): a missing value ..., its rows kept as one lesion_id group, ... give each
+# such row its own lesion_id, or remove those rows": either draws another split, which eval refuses for the run
+_MISSING_GROUPS_ADVICE = (r".*: column .* holds .*: (?:a )?missing values? \(as pandas writes NaN\), "
+                          r"(?:its|each one's) rows kept as one")
 
 
 @contextlib.contextmanager
 def _own_data_advice_dropped():
     """A block in which the loader's advice for a new run is not shown, which eval repeated for a run on its own
     data, trained on its images and classes as read: "(12-bit data?) ... pass --bit-depth 12" (another --bit-depth
-    on them is refused) and the CSV's labels spelled as missing values "... leave them out with --classes mel,nv"
-    (the run trained on those classes, and another --classes on its own data is refused), as it drops the loader's
-    advice on the default size for one."""
+    on them is refused), the CSV's labels spelled as missing values "... leave them out with --classes mel,nv"
+    (the run trained on those classes, and another --classes on its own data is refused) and its group ids spelled
+    so, "... kept as one lesion_id group ... give each such row its own lesion_id" (another split, refused too), as it
+    drops the loader's advice on the default size for one."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_BIT_DEPTH_ADVICE)
         warnings.filterwarnings("ignore", message=_MISSING_LABELS_ADVICE)
+        warnings.filterwarnings("ignore", message=_MISSING_GROUPS_ADVICE)
         yield
 
 
@@ -1963,7 +1969,7 @@ def _other_data_read(load, trained):
             warnings.simplefilter("always")
             splits = load()
     finally:
-        advice = f"{_BIT_DEPTH_ADVICE}|{_SIZE_ADVICE}|{_MISSING_LABELS_ADVICE}"
+        advice = f"{_BIT_DEPTH_ADVICE}|{_SIZE_ADVICE}|{_MISSING_LABELS_ADVICE}|{_MISSING_GROUPS_ADVICE}"
         advised = [w for w in caught if re.match(advice, str(w.message))]
         # the fingerprint (0.3-520 ms by image size) only where there is advice to drop
         same = bool(advised) and splits is not None and trained is not None and \
