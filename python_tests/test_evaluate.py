@@ -2454,3 +2454,21 @@ def test_warn_outside_attributes_its_warning_past_the_given_files_in_its_categor
     with pytest.warns(FutureWarning, match="^the library says so$") as caught:
         _warn.warn_outside("the library says so", (), FutureWarning)
     assert [w.filename for w in caught] == [__file__]
+
+
+def test_write_results_refuses_two_keys_that_read_the_same_in_results_json(tmp_path):
+    """JSON keys are strings: config={1: "a", "1": "b"} was recorded as {"1": "b"}, one entry lost without a word
+    (found by the api2 helper). Two keys of one dict that read the same are refused naming both, before any file is
+    written; keys that differ as text are kept, as before."""
+    row = dict(method="M", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    cases = [("config", {"config": {1: "a", "1": "b"}}, "config", "1", "'1'", "'1'"),
+             ("extra_fields", {"extra_fields": {"k": {"x": {None: 1, "None": 2}}}}, "extra_fields['k']['x']", "None",
+              "'None'", "'None'")]
+    for arg, kwargs, where, first, second, text in cases:
+        with pytest.raises(EvalError, match=rf"^{re.escape(where)}: the keys {re.escape(first)} and "
+                                            rf"{re.escape(second)} both read {re.escape(text)} in results.json; "
+                                            r"rename one of them$") as err:
+            write_results(tmp_path / arg, [row], INFO, figures=False, **kwargs)
+        assert err.value.arg == arg and not (tmp_path / arg).exists()
+    out = write_results(tmp_path / "ok", [row], INFO, config={1: "a", "2": "b"}, figures=False)
+    assert json.loads(out["results"].read_text())["config"] == {"1": "a", "2": "b"}

@@ -922,7 +922,15 @@ def _json_safe(value, where=None):
     if value is None or isinstance(value, (str, int, float)):
         return value
     if isinstance(value, dict):
-        return {str(k): _json_safe(v, where and f"{where}[{k!r}]") for k, v in value.items()}
+        out, keys = {}, {}
+        for k, v in value.items():
+            # json keys are strings: {1: "a", "1": "b"} kept only "b", without a word
+            if str(k) in keys:
+                raise _json_error(where, f"the keys {keys[str(k)]!r} and {k!r} both read {str(k)!r} in results.json; "
+                                         "rename one of them")
+            keys[str(k)] = k
+            out[str(k)] = _json_safe(v, where and f"{where}[{k!r}]")
+        return out
     if isinstance(value, (list, tuple)):
         return [_json_safe(v, where and f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, os.PathLike):
@@ -937,10 +945,15 @@ def _json_safe(value, where=None):
         return _json_safe(float(value), where)
     if isinstance(value, decimal.Decimal):  # no numbers.Real: Decimal("0.1") was "a Decimal ..., which results.json
         return None if value.is_nan() else _json_safe(float(value), where)  # cannot hold"; float() of sNaN raises
+    raise _json_error(where, f"a {type(value).__name__} ({value!r:.60}), which results.json cannot hold; give it as a "
+                             "string, number, bool, None, list or dict")
+
+
+def _json_error(where, problem):
+    """_json_safe's EvalError for the entry ``where`` (None: "rows"), its ``arg`` the argument that holds it."""
     where = where or "rows"
     top = where.split("[")[0]
-    raise EvalError("info" if top == "dataset" else top, f"{where}: a {type(value).__name__} ({value!r:.60}), which "
-                    "results.json cannot hold; give it as a string, number, bool, None, list or dict")
+    return EvalError("info" if top == "dataset" else top, f"{where}: {problem}")
 
 
 def results_document(rows, info, config=None, device="cpu", paper=None, notes=None, extra_fields=None):
@@ -1064,7 +1077,8 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
     Raises:
         EvalError: info's class_names are not one distinct name per class, config or extra_fields is neither a
             dict nor None, one of their values (or of rows, paper, notes) is none of those JSON can hold (a set,
-            an object: its ``arg`` the argument, the message naming the entry), two rows share a method,
+            an object: its ``arg`` the argument, the message naming the entry) or two of one dict's keys read the
+            same as results.json's text keys (``1`` and ``"1"``), two rows share a method,
             attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict of modules.
     """
     from . import report
