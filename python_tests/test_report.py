@@ -123,11 +123,11 @@ def test_markdown_table_and_paper_table_cells():
 
 
 def test_pivot_table_takes_the_methods_and_their_order_given():
-    # methods=: the columns, in that order (a method without a row gets dashes); by default those of the rows
+    # methods=: the columns, in that order; by default those of the rows
     rows = [{"method": m, "attack": "none", "norm": None, "eps": 0.0, "n": 4, "accuracy": acc}
             for m, acc in (("A", 0.5), ("B", 0.75))]
-    lines = report.pivot_table(rows, "accuracy", methods=["B", "C", "A"]).splitlines()
-    assert lines[0] == "| Accuracy: attack | ε | B | C | A |" and lines[2] == "| no attack | 0 | 0.750 | – | 0.500 |"
+    lines = report.pivot_table(rows, "accuracy", methods=["B", "A"]).splitlines()
+    assert lines[0] == "| Accuracy: attack | ε | B | A |" and lines[2] == "| no attack | 0 | 0.750 | 0.500 |"
     assert report.pivot_table(rows, "accuracy").splitlines()[0] == "| Accuracy: attack | ε | A | B |"
 
 
@@ -153,6 +153,24 @@ def test_a_misspelt_metric_is_refused_and_one_name_is_one_column():
         "| method | attack | norm | ε | n | Accuracy | AUC |")
     assert report.pivot_table(rows, "accuracy", methods="AB").splitlines()[:3] == [
         "| Accuracy: attack | ε | AB |", "|---|---|---|", "| no attack | 0 | 0.750 |"]
+
+
+def test_a_method_that_no_row_has_is_refused_naming_the_rows_methods():
+    """pivot_table(rows, "accuracy", methods="ST") (a misspelt "STD"), or a list holding one, gave a column whose every
+    cell read "–" (the table of the others partial), without a word (found by the api2 helper). A method no row has
+    is now refused as a metric no row holds is, naming it and the rows' methods; a method not run under one line's
+    attack still reads "–" there."""
+    rows = [{"method": m, "attack": a, "norm": None, "eps": 0.0, "n": 4, "accuracy": 0.5}
+            for m, a in (("STD", "none"), ("AT", "none"), ("AT", "fgsm"))]
+    for methods, bad in (("ST", "ST"), (["AT", "STD ", "STD"], "STD ")):
+        with pytest.raises(ValueError, match=rf"^pivot_table: no row holds the method '{bad}'; expected one of "
+                                             r"'STD', 'AT'$"):
+            report.pivot_table(rows, "accuracy", methods=methods)
+    with pytest.raises(ValueError, match=r"^pivot_table: no row holds the method 'AT'; expected one of none \(no "
+                                         r"rows\)$"):
+        report.pivot_table([], "accuracy", methods=["AT"])
+    assert report.pivot_table(rows, "accuracy", methods=["AT", "STD"]).splitlines()[2:] == [
+        "| no attack | 0 | 0.500 | 0.500 |", "| fgsm | 0 | 0.500 | – |"]
 
 
 def test_an_empty_metrics_or_methods_string_is_the_default_as_before():

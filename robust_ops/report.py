@@ -137,7 +137,22 @@ def _check_metric(name, metric, rows):
     "Accuracy"): the table's cells all read "–" and the figure was not drawn, as for a metric undefined in every row,
     without a word. A metric's name that hand-made rows lack stays "–", as before."""
     if metric not in METRIC_LABELS and not any(metric in r for r in rows):
-        raise ValueError(f"{name}: no row holds the metric {metric!r}; expected one of {', '.join(METRIC_LABELS)}")
+        _refuse_unknown(name, "metric", metric, METRIC_LABELS)
+
+
+def _check_methods(name, methods, rows):
+    """A ValueError naming ``name`` for a method of ``methods`` that no row has (a misspelt "MIRST_DM"): its column
+    read "–" in every cell, as for a method not run under the line's attack, without a word."""
+    known = _methods(rows)
+    for method in methods:
+        if method not in known:
+            _refuse_unknown(name, "method", method, [repr(m) for m in known])
+
+
+def _refuse_unknown(name, what, value, expected):
+    """The one-line ValueError of a ``what`` (metric, method) ``value`` that no row holds, listing ``expected``."""
+    listed = ", ".join(expected) or "none (no rows)"
+    raise ValueError(f"{name}: no row holds the {what} {value!r}; expected one of {listed}")
 
 
 def markdown_table(rows, metrics=None):
@@ -184,11 +199,13 @@ def pivot_table(rows, metric, methods=None):
     """The seed papers' layout as a Markdown table of ``rows`` (evaluate's result dicts): one line per (attack,
     norm, eps), one column per method, for one ``metric`` (a name such as "accuracy"). ``methods``: the columns in
     order, or one method's name (None, the default: each method of ``rows`` in order of appearance); a missing
-    row's cell reads "–". A ``metric`` that is no metric's name and that no row holds (``"acc"``) is a ValueError."""
+    row's cell reads "–". A ``metric`` that is no metric's name and that no row holds (``"acc"``), or a method that
+    no row has, is a ValueError."""
     _check_metric("pivot_table", metric, rows)
     if isinstance(methods, str):  # "STD" was read letter by letter: a column per letter, each cell "–"
         methods = [methods] if methods else None  # "": the default, as it was
     methods = methods or _methods(rows)
+    _check_methods("pivot_table", methods, rows)
     index = {(r["method"], r["attack"], r.get("norm"), r["eps"]): r for r in rows}
     head = [f"{METRIC_LABELS.get(metric, metric)}: attack", "ε"] + list(methods)
     lines = [_table_line(head), "|" + "---|" * len(head)]
