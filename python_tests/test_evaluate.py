@@ -1079,7 +1079,7 @@ def test_methods_sharing_a_slug_get_one_saliency_file_each(tmp_path):
     """"MIRST-DM" and "mirst dm" both wrote saliency_mirst-dm.png: the second map replaced the first one's."""
     x, y = torch.rand(4, 1, 12, 12), torch.tensor([0, 1, 0, 1])
     models = {name: TinyCNN(1, 2, width=4) for name in ("MIRST-DM", "mirst dm", "mirst-dm-2", "Mirst_DM")}
-    rows = evaluate(models["MIRST-DM"], TensorDataset(x, y), INFO, attacks="fgsm", eps=[1 / 255])
+    rows = [dict(method=name, attack="none", norm=None, eps=0.0, n=4, accuracy=0.5) for name in models]
     paths = write_results(tmp_path, rows, INFO, saliency=(models, x[:2], y[:2]))
     names = [p.name for p in paths["figures"] if p.name.startswith("saliency_")]
     assert names == ["saliency_mirst-dm.png", "saliency_mirst-dm-2.png", "saliency_mirst-dm-2-2.png",
@@ -2472,3 +2472,19 @@ def test_write_results_refuses_two_keys_that_read_the_same_in_results_json(tmp_p
         assert err.value.arg == arg and not (tmp_path / arg).exists()
     out = write_results(tmp_path / "ok", [row], INFO, config={1: "a", "2": "b"}, figures=False)
     assert json.loads(out["results"].read_text())["config"] == {"1": "a", "2": "b"}
+
+
+def test_write_results_refuses_a_saliency_model_that_no_row_is_of(tmp_path):
+    """saliency=({"STD": model, "ATX": model}, x, y) beside rows of method STD alone drew saliency_atx.png, a map
+    titled by a name that no row has (a misspelt method's map beside no results), without a word (found by the api2
+    helper). A model keyed by a name that no row's method is now is refused naming it and the rows' methods,
+    before any file is written."""
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    rows = [dict(method=m, attack="none", norm=None, eps=0.0, n=4, accuracy=1.0) for m in ("STD", "AT")]
+    for models, bad in (({"STD": tiny_model(), "ATX": tiny_model()}, "ATX"), ({"std": tiny_model()}, "std")):
+        with pytest.raises(EvalError, match=rf"^saliency: no row's method is '{bad}'; key each model by its rows' "
+                                            r"method \('STD', 'AT'\)$") as err:
+            write_results(tmp_path / "out", rows, INFO, saliency=(models, x, y))
+        assert err.value.arg == "saliency" and not (tmp_path / "out").exists()
+    paths = write_results(tmp_path / "out", rows, INFO, saliency=({"AT": tiny_model()}, x, y))
+    assert [p.name for p in paths["figures"] if p.name.startswith("saliency_")] == ["saliency_at.png"]

@@ -1019,10 +1019,11 @@ class AtomicOutput:
         return False
 
 
-def _check_saliency(saliency):
+def _check_saliency(saliency, rows):
     """write_results' ``saliency`` as it draws it, (models, x, y), numpy images and labels as tensors; an EvalError
     naming the fix otherwise, before any file is written: (model, x, y) stopped it with "'SmallCNN' object has no
-    attribute 'items'", a pair with "not enough values to unpack", numpy images with "no attribute 'dim'"."""
+    attribute 'items'", a pair with "not enough values to unpack", numpy images with "no attribute 'dim'". A model
+    keyed by a name that no row's method is (a misspelt "MIRST_DM") drew a map under that name, beside no results."""
     if saliency is None:
         return None
     form = "(models, x, y): a dict {method: model}, a few test images [N, C, H, W] and their labels"
@@ -1044,6 +1045,11 @@ def _check_saliency(saliency):
         raise EvalError("saliency", f"saliency: expected {form}, got images of type {type(x).__name__}")
     if not (torch.is_tensor(y) or isinstance(y, (list, tuple))):  # None: "Could not infer dtype of NoneType"
         raise EvalError("saliency", f"saliency: expected {form}, got labels of type {type(y).__name__}")
+    methods = list(dict.fromkeys(r.get("method") for r in rows))
+    unknown = [m for m in models if m not in methods]
+    if unknown:
+        raise EvalError("saliency", f"saliency: no row's method is {unknown[0]!r}; key each model by its rows' method "
+                                    f"({', '.join(map(repr, methods)) or 'none: no rows'})")
     return models, x, y
 
 
@@ -1067,7 +1073,7 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
         title: report.md's heading; None (default): "Robustness evaluation".
         figures: draw ``<metric>_vs_eps.png`` (and the saliency maps) when True (default); False draws none.
         saliency: optional ``(models: {method: model}, x, y)`` for Grad-CAM / input-gradient maps of a few images
-            (tensors or numpy arrays).
+            (tensors or numpy arrays); each model keyed by its rows' method.
         extra_markdown: Markdown text put into report.md before its "All rows" table, or None (default).
         extra_fields: a dict of more top-level results.json entries (they replace those of the same name), or None.
 
@@ -1079,11 +1085,12 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
             dict nor None, one of their values (or of rows, paper, notes) is none of those JSON can hold (a set,
             an object: its ``arg`` the argument, the message naming the entry) or two of one dict's keys read the
             same as results.json's text keys (``1`` and ``"1"``), two rows share a method,
-            attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict of modules.
+            attack, norm and eps, or ``saliency`` is not ``(models, x, y)`` with models a dict of modules, each
+            keyed by a method of the rows.
     """
     from . import report
 
-    saliency = _check_saliency(saliency)
+    saliency = _check_saliency(saliency, rows)
     doc = results_document(rows, info, config, device, paper, notes, extra_fields)
     with AtomicOutput(out_dir) as stage:
         with open(stage / "results.json", "w") as f:
