@@ -324,6 +324,21 @@ def test_dir_lists_the_lazy_submodules_before_their_first_use():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_package_names_only_its_ops_and_submodules():
+    """dir(robust_ops) and tab completion listed importlib and torch, the package's own imports, as its names
+    (robust_ops.torch was torch), found by the api2 helper. Its public names are now __all__'s ops and layers,
+    __version__ and its submodules; ``from robust_ops import *`` takes __all__ alone, as before."""
+    code = ("import inspect, robust_ops; ns = {}; exec('from robust_ops import *', ns)\n"
+            "print(sorted(n for n in dir(robust_ops) if not n.startswith('_')\n"
+            "             and not (n in robust_ops._SUBMODULES or inspect.ismodule(getattr(robust_ops, n))\n"
+            "                      and getattr(robust_ops, n).__name__.startswith('robust_ops.'))))\n"
+            "print(sorted(robust_ops.__all__) == sorted(n for n in ns if not n.startswith('_')))")
+    env = {**os.environ, "PYTHONPATH": str(Path(robust_ops.__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split("\n")[:2] == [str(sorted(robust_ops.__all__)), "True"]
+    assert not hasattr(robust_ops, "torch") and not hasattr(robust_ops, "importlib")
+
+
 def test_the_docstrings_modules_imported_on_first_use_are_the_lazy_submodules():
     # __getattr__ serves only _SUBMODULES: a module the docstring promises but _SUBMODULES lacks (mutation testing:
     # dropping "memory" survived) is an AttributeError as robust_ops.memory in a process that has not imported it yet

@@ -6,7 +6,7 @@ Modules imported on first use: attacks, ima, defenses, train, data, evaluate, mo
 reproduce, memory, native_layers, prepacked_conv, reference, functional and cli.
 """
 
-import importlib
+import importlib as _importlib
 
 # `python -m robust_ops`: a Ctrl-C in these imports (seconds) ends as main ends one, not in a traceback (cli.py)
 try:
@@ -35,6 +35,8 @@ try:
         _backend.load_triton_kernels()
 
     from .nn import DropMax2d, replace_maxpool  # noqa: E402,F401
+
+    del torch  # dir(robust_ops) and tab completion listed robust_ops.torch (and importlib) as the package's names
 except (KeyboardInterrupt, RuntimeError) as _err:
     from .cli import exit_on_interrupted_package_import
 
@@ -59,5 +61,5 @@ def __dir__():
 
 def __getattr__(name):
     if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
