@@ -2488,3 +2488,24 @@ def test_write_results_refuses_a_saliency_model_that_no_row_is_of(tmp_path):
         assert err.value.arg == "saliency" and not (tmp_path / "out").exists()
     paths = write_results(tmp_path / "out", rows, INFO, saliency=({"AT": tiny_model()}, x, y))
     assert [p.name for p in paths["figures"] if p.name.startswith("saliency_")] == ["saliency_at.png"]
+
+
+def test_saliency_images_without_their_channel_dimension_are_refused_not_skipped(tmp_path):
+    """MedMNIST's grayscale arrays are [N, H, W]: write_results(saliency=({"A": model}, x[:4, 0], y[:4])) drew every
+    figure but the saliency map and said nothing, as plot_saliency returned False for them as for feature vectors
+    (found by the api2 helper). A 3-D x is now refused naming its shape and the fix, before any file is written;
+    feature vectors [N, D] still get no figure, as documented."""
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    model = tiny_model()
+    row = dict(method="A", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    want = (r"expected x to be images \[N, C, H, W\] \(or feature vectors \[N, D\]: no figure\), got shape "
+            r"\[4, 8, 8\]; a batch of one-channel images \[N, H, W\] needs x.unsqueeze\(1\), one image \[C, H, W\] "
+            r"x.unsqueeze\(0\)$")
+    for images in (x[:, 0], x[:, 0].numpy()):
+        with pytest.raises(EvalError, match="^saliency: " + want) as err:
+            write_results(tmp_path / "out", [row], INFO, saliency=({"A": model}, images, y))
+        assert err.value.arg == "saliency" and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="^plot_saliency: " + want):
+        report.plot_saliency(model, x[:, 0], y, tmp_path / "s.png")
+    assert report.plot_saliency(model, torch.rand(4, 3), y, tmp_path / "s.png") is False
+    assert not (tmp_path / "s.png").exists()

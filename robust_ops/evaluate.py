@@ -1043,6 +1043,11 @@ def _check_saliency(saliency, rows):
     x, y = (torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in (x, y))
     if not torch.is_tensor(x):
         raise EvalError("saliency", f"saliency: expected {form}, got images of type {type(x).__name__}")
+    from .report import saliency_images_problem
+
+    problem = saliency_images_problem(x)
+    if problem:  # [N, H, W] drew no map and said nothing
+        raise EvalError("saliency", f"saliency: {problem}")
     if not (torch.is_tensor(y) or isinstance(y, (list, tuple))):  # None: "Could not infer dtype of NoneType"
         raise EvalError("saliency", f"saliency: expected {form}, got labels of type {type(y).__name__}")
     methods = list(dict.fromkeys(r.get("method") for r in rows))

@@ -684,14 +684,30 @@ def _per_image_unit_max(maps):
     return (wide / wide.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).to(maps.dtype)
 
 
+def saliency_images_problem(x):
+    """What is wrong with ``x`` as plot_saliency's images, or None: images [N, C, H, W] are drawn, feature vectors
+    [N, D] get no figure; a grayscale batch [N, H, W] (MedMNIST's arrays) or one image [C, H, W] was taken for
+    feature vectors too, so no figure was drawn, without a word."""
+    if x.dim() in (2, 4):
+        return None
+    hint = ""
+    if x.dim() == 3:
+        hint = "; a batch of one-channel images [N, H, W] needs x.unsqueeze(1), one image [C, H, W] x.unsqueeze(0)"
+    return f"expected x to be images [N, C, H, W] (or feature vectors [N, D]: no figure), got shape {list(x.shape)}" \
+        + hint
+
+
 def plot_saliency(model, x, y, path, info=None, title=None):
     """Rows of images: the input, its Grad-CAM overlay and its input-gradient map, of ``model`` at images ``x``
     [N, C, H, W] with labels ``y`` (one class per image), saved as a PNG at ``path``. ``info``: the DatasetInfo,
     for class names in the panel titles and a synthetic-data tag (None, the default: label numbers); ``title``: the
-    figure's title (None: none). Returns True when written, False for inputs that
-    are not images (e.g. two-moons features). A model without Conv2d, or whose Grad-CAM maps are all constant (a 1x1
-    last feature map), gets no Grad-CAM column; the title says why for the latter. A single constant map (an image
-    without positive evidence for its predicted class) is not overlaid, its panel titled so."""
+    figure's title (None: none). Returns True when written, False for inputs that are not images (e.g. two-moons
+    features [N, D]); x of another shape ([N, H, W]) is a ValueError. A model without Conv2d, or whose Grad-CAM maps
+    are all constant (a 1x1 last feature map), gets no Grad-CAM column; the title says why for the latter. A single
+    constant map (an image without positive evidence for its predicted class) is not overlaid, its panel titled so."""
+    problem = saliency_images_problem(x)
+    if problem:
+        raise ValueError(f"plot_saliency: {problem}")
     if x.dim() != 4 or x.shape[0] == 0:
         return False
     from ._options import class_labels
