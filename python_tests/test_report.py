@@ -929,6 +929,20 @@ def test_grad_cam_refuses_a_layer_that_gives_no_feature_maps():
         report.grad_cam(model, x, layer=model.fc)
 
 
+def test_grad_cam_takes_a_layer_by_its_name():
+    """grad_cam(model, x, layer="features.0"), the layer as model.named_modules() names it, stopped with
+    "AttributeError: 'str' object has no attribute 'register_forward_hook'" (found by the api2 helper). A name is
+    now the model's layer of that name; one the model lacks is refused naming its Conv2d layers, as is a layer of
+    another type than a module or a name."""
+    model, x = _Net(single=False), torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(report.grad_cam(model, x, layer="conv"), report.grad_cam(model, x, layer=model.conv))
+    with pytest.raises(ValueError, match=r"^grad_cam: the model has no layer 'features.0'; its Conv2d layers are "
+                                         r"'conv'$"):
+        report.grad_cam(model, x, layer="features.0")
+    with pytest.raises(ValueError, match=r"^grad_cam: expected layer to be a layer of the model or its name, got 3$"):
+        report.grad_cam(model, x, layer=3)
+
+
 def test_input_gradient_and_saliency_figure_refuse_labels_outside_the_model_classes(tmp_path):
     # on a single-logit model y=5 (or -1) went into the binary cross-entropy as a target: class 1's (class 0's)
     # map came back without a word

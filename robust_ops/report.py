@@ -593,7 +593,17 @@ def grad_cam(model, x, target=None, layer=None):
     ones) at ``layer``'s output (default: the last Conv2d; an in-place ReLU after it does not change the map),
     upsampled to the input size, of ``model`` at images ``x`` [N, C, H, W]. ``target``: one class in [0, K) per
     image, [N] or [N, 1] (a single logit counts as K = 2); anything else is an error. Model mode and parameter
-    flags are left as they were."""
+    flags are left as they were. ``layer``: a module of ``model`` or its name as ``model.named_modules()`` gives it
+    ("features.3")."""
+    if isinstance(layer, str):  # stopped with "'str' object has no attribute 'register_forward_hook'"
+        try:
+            layer = model.get_submodule(layer)
+        except AttributeError:
+            convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+            raise ValueError(f"grad_cam: the model has no layer {layer!r}; its Conv2d layers are "
+                             f"{', '.join(map(repr, convs)) or 'none'}") from None
+    elif layer is not None and not isinstance(layer, torch.nn.Module):
+        raise ValueError(f"grad_cam: expected layer to be a layer of the model or its name, got {layer!r:.60}")
     layer = layer or last_conv(model)
     if layer is None:
         raise ValueError("grad_cam: the model has no Conv2d layer; use input_gradient instead")
