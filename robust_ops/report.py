@@ -7,6 +7,7 @@ import math
 import re
 import textwrap
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 
@@ -509,6 +510,19 @@ def figure_metric_label(metric, info=None):
     return label
 
 
+def _figure_info(name, info):
+    """A figure's ``info``: a DatasetInfo, None, or results.json's ``dataset`` dict (``doc["dataset"]``, which
+    stopped plot_metric_vs_radius with "'dict' object has no attribute 'num_classes'"), read as one."""
+    if not isinstance(info, dict):
+        return info
+    missing = [k for k in ("name", "num_classes", "class_names") if k not in info]
+    if missing:
+        raise ValueError(f"{name}: info: expected a DatasetInfo or results.json's dataset dict, got a dict without "
+                         f"{', '.join(missing)}")
+    return SimpleNamespace(name=info["name"], num_classes=info["num_classes"], class_names=tuple(info["class_names"]),
+                           positive_class=info.get("positive_class"), synthetic=bool(info.get("synthetic")))
+
+
 def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     """One panel per (attack, norm), one line per method: ``metric`` against the radius (clean value at eps = 0),
     from ``rows`` (evaluate's result dicts), saved as a PNG at ``path``. ``info``: the DatasetInfo, for the axis
@@ -517,8 +531,10 @@ def plot_metric_vs_radius(rows, path, metric="accuracy", info=None):
     A mean row (reproduce) with a ``<metric>_std`` gets a ±1 std error bar, and one that is the mean of only k of
     its n runs is marked "k of n runs", as the tables mark it. Returns False (nothing written) when no row has a
     defined value of the metric (an empty figure would say nothing; the report's note says why it is undefined);
-    a ``metric`` that is no metric's name and that no row holds (``"acc"``) is a ValueError."""
+    a ``metric`` that is no metric's name and that no row holds (``"acc"``) is a ValueError. ``info`` may be
+    results.json's ``dataset`` dict too."""
     _check_metric("plot_metric_vs_radius", metric, rows)
+    info = _figure_info("plot_metric_vs_radius", info)
     panels = _attack_panels(rows)
     methods = _methods(rows)
     if not panels or all(_undefined(r.get(metric)) for r in rows):
@@ -710,7 +726,8 @@ def saliency_images_problem(x):
 def plot_saliency(model, x, y, path, info=None, title=None):
     """Rows of images: the input, its Grad-CAM overlay and its input-gradient map, of ``model`` at images ``x``
     [N, C, H, W] with labels ``y`` (one class per image), saved as a PNG at ``path``. ``info``: the DatasetInfo,
-    for class names in the panel titles and a synthetic-data tag (None, the default: label numbers); ``title``: the
+    or results.json's ``dataset`` dict, for class names in the panel titles and a synthetic-data tag (None, the
+    default: label numbers); ``title``: the
     figure's title (None: none). Returns True when written, False for inputs that are not images (e.g. two-moons
     features [N, D]); x of another shape ([N, H, W]) is a ValueError. A model without Conv2d, or whose Grad-CAM maps
     are all constant (a 1x1 last feature map), gets no Grad-CAM column; the title says why for the latter. A single
@@ -718,6 +735,7 @@ def plot_saliency(model, x, y, path, info=None, title=None):
     problem = saliency_images_problem(x)
     if problem:
         raise ValueError(f"plot_saliency: {problem}")
+    info = _figure_info("plot_saliency", info)
     if x.dim() != 4 or x.shape[0] == 0:
         return False
     from ._options import class_labels
