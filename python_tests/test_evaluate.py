@@ -2509,3 +2509,25 @@ def test_saliency_images_without_their_channel_dimension_are_refused_not_skipped
         report.plot_saliency(model, x[:, 0], y, tmp_path / "s.png")
     assert report.plot_saliency(model, torch.rand(4, 3), y, tmp_path / "s.png") is False
     assert not (tmp_path / "s.png").exists()
+
+
+def test_write_results_checks_its_info_flags_and_texts_as_evaluate_does(tmp_path):
+    """write_results took what evaluate refuses (found by the api2 helper): info=results.json's dataset dict stopped
+    with "AttributeError: 'dict' object has no attribute 'class_names'" (evaluate: "info: expected the dataset's
+    DatasetInfo"), figures="no" drew every figure (evaluate refuses ensemble="false"), and extra_markdown=3 stopped
+    with "TypeError: sequence item 14: expected str instance, int found". Each is now an EvalError naming the
+    argument, before any file is written."""
+    row = dict(method="A", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    cases = [({"info": INFO.to_dict()}, "info",
+              r"info: expected the dataset's DatasetInfo \(load_dataset\(...\).info\), got dict"),
+             ({"figures": "no"}, "figures", r"write_results: expected figures to be True or False, got 'no'"),
+             ({"extra_markdown": 3}, "extra_markdown",
+              r"write_results: expected extra_markdown to be a string or None, got 3"),
+             ({"title": ["T"]}, "title", r"write_results: expected title to be a string or None, got \['T'\]")]
+    for kwargs, arg, want in cases:
+        kwargs = {"info": INFO, **kwargs}
+        with pytest.raises(EvalError, match=f"^{want}$") as err:
+            write_results(tmp_path / arg, [row], kwargs.pop("info"), **kwargs)
+        assert err.value.arg == arg and not (tmp_path / arg).exists()
+    out = write_results(tmp_path / "ok", [row], INFO, figures=False, title="T", extra_markdown="x")
+    assert out["figures"] == [] and out["report"].read_text().startswith("# T\n")

@@ -685,11 +685,7 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
             seed = check_int("seed", "seed", seed, minimum=0)
         except ValueError as err:
             raise EvalError("seed", str(err)) from None
-    from .data import DatasetInfo
-
-    if not isinstance(info, DatasetInfo):  # None failed with "'NoneType' object has no attribute 'value_range'"
-        raise EvalError("info", f"info: expected the dataset's DatasetInfo (load_dataset(...).info), got "
-                                f"{type(info).__name__}")
+    _check_info(info)
     specs = parse_attacks(attacks)
     radii = parse_eps(eps)
     if not (isinstance(method, str) and method.strip()):  # the rows' label: None was written as "None", ["a"] failed
@@ -746,6 +742,17 @@ def evaluate(model, dataset, info, *, attacks=("fgsm", "pgd", "cw"), eps=(5 / 25
     with contextlib.nullcontext() if seed is None else _seeded_rng(seed, device), one_probabilities_warning():
         return _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble,
                                  progress)
+
+
+def _check_info(info):
+    """An EvalError for an ``info`` that is no DatasetInfo: None failed in evaluate with "'NoneType' object has no
+    attribute 'value_range'", results.json's dataset dict in write_results with "'dict' object has no attribute
+    'class_names'"."""
+    from .data import DatasetInfo
+
+    if not isinstance(info, DatasetInfo):
+        raise EvalError("info", f"info: expected the dataset's DatasetInfo (load_dataset(...).info), got "
+                                f"{type(info).__name__}")
 
 
 def _evaluate_attacks(model, x, y, info, specs, radii, method, batch_size, device, cascade, ensemble, progress):
@@ -958,6 +965,7 @@ def _json_error(where, problem):
 
 def results_document(rows, info, config=None, device="cpu", paper=None, notes=None, extra_fields=None):
     """The results.json document (plain JSON types; NaN becomes null)."""
+    _check_info(info)
     problem = class_names_problem(info)
     if problem:
         raise EvalError("data", f"data: info: {problem}")
@@ -1086,7 +1094,8 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
         {"results": Path of results.json, "report": Path of report.md, "figures": [Paths of the figures drawn]}.
 
     Raises:
-        EvalError: info's class_names are not one distinct name per class, config or extra_fields is neither a
+        EvalError: info is no DatasetInfo or its class_names are not one distinct name per class, figures is not
+            True or False, title or extra_markdown neither a string nor None, config or extra_fields is neither a
             dict nor None, one of their values (or of rows, paper, notes) is none of those JSON can hold (a set,
             an object: its ``arg`` the argument, the message naming the entry) or two of one dict's keys read the
             same as results.json's text keys (``1`` and ``"1"``), two rows share a method,
@@ -1095,6 +1104,13 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
     """
     from . import report
 
+    try:  # figures="no" is truthy: it drew them all
+        check_flags("write_results", {"figures": figures})
+    except TypeError as err:
+        raise EvalError("figures", str(err)) from None
+    for arg, text in (("title", title), ("extra_markdown", extra_markdown)):  # 3: a TypeError joining report.md
+        if not (text is None or isinstance(text, str)):
+            raise EvalError(arg, f"write_results: expected {arg} to be a string or None, got {text!r:.60}")
     saliency = _check_saliency(saliency, rows)
     doc = results_document(rows, info, config, device, paper, notes, extra_fields)
     with AtomicOutput(out_dir) as stage:
