@@ -2531,3 +2531,24 @@ def test_write_results_checks_its_info_flags_and_texts_as_evaluate_does(tmp_path
         assert err.value.arg == arg and not (tmp_path / arg).exists()
     out = write_results(tmp_path / "ok", [row], INFO, figures=False, title="T", extra_markdown="x")
     assert out["figures"] == [] and out["report"].read_text().startswith("# T\n")
+
+
+def test_write_results_refuses_an_out_dir_it_cannot_write_before_any_figure(tmp_path, monkeypatch):
+    """write_results(a file's path, ...) drew every figure and then stopped with "FileExistsError: [Errno 17] File
+    exists", and out_dir="/proc/nope" with "FileNotFoundError: ... '/proc/.nope.partial-8phovyj7'", its staging
+    folder's name (found by the api2 helper). Both are now refused naming out_dir, before any figure is drawn."""
+    row = dict(method="A", attack="none", norm=None, eps=0.0, n=4, accuracy=1.0)
+    (tmp_path / "afile").write_text("x")
+    drawn = []
+    monkeypatch.setattr(report, "plot_metric_vs_radius", lambda *args, **kwargs: drawn.append(args) or True)
+    for out, problem in ((tmp_path / "afile", "it exists and is not a folder"),
+                         (tmp_path / "afile" / "sub", f"{tmp_path / 'afile'} is a file, not a folder")):
+        with pytest.raises(EvalError, match=f"^write_results: out_dir={re.escape(repr(str(out)))}: "
+                                            f"{re.escape(problem)}$") as err:
+            write_results(str(out), [row], INFO)
+        assert err.value.arg == "out_dir"
+    if os.path.isdir("/proc/self"):  # Linux: a folder no one can make entries in
+        with pytest.raises(EvalError, match=r"^write_results: out_dir='/proc/nope': cannot write in /proc \("):
+            write_results("/proc/nope", [row], INFO)
+    assert drawn == [] and (tmp_path / "afile").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._files import make_staging_folder, remove_staging_folder
+from ._files import check_writable, make_staging_folder, remove_staging_folder
 from ._import_path import PATH_HINT, is_import_path
 from ._options import (accepted_options, check_flags, check_int, check_usable_device, class_labels, listing,
                        python_number)
@@ -1027,6 +1027,28 @@ class AtomicOutput:
         return False
 
 
+def _check_out_dir(out_dir):
+    """An EvalError, before any work, for an ``out_dir`` write_results cannot write: a file there stopped it only
+    once every figure was drawn (FileExistsError), and a folder it cannot write in (/proc, read-only) named its
+    staging folder beside it, ".nope.partial-8phovyj7", not out_dir. Results are staged beside out_dir and moved
+    into it, so both places must take files."""
+    out = Path(out_dir)
+    above = next((p for p in out.parents if p.exists()), None)
+    problem = None
+    if out.exists() and not out.is_dir():
+        problem = "it exists and is not a folder"
+    elif above is not None and not above.is_dir():
+        problem = f"{above} is a file, not a folder"
+    for folder in (above, out if out.is_dir() else None):
+        if problem is None and folder is not None:
+            try:
+                check_writable(folder)
+            except OSError as err:
+                problem = f"cannot write in {folder} ({err.strerror or err})"
+    if problem:
+        raise EvalError("out_dir", f"write_results: out_dir={os.fspath(out_dir)!r}: {problem}")
+
+
 def _check_saliency(saliency, rows):
     """write_results' ``saliency`` as it draws it, (models, x, y), numpy images and labels as tensors; an EvalError
     naming the fix otherwise, before any file is written: (model, x, y) stopped it with "'SmallCNN' object has no
@@ -1094,7 +1116,8 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
         {"results": Path of results.json, "report": Path of report.md, "figures": [Paths of the figures drawn]}.
 
     Raises:
-        EvalError: info is no DatasetInfo or its class_names are not one distinct name per class, figures is not
+        EvalError: out_dir is a file, or a folder it or the folder above it cannot be written (checked before any
+            work), info is no DatasetInfo or its class_names are not one distinct name per class, figures is not
             True or False, title or extra_markdown neither a string nor None, config or extra_fields is neither a
             dict nor None, one of their values (or of rows, paper, notes) is none of those JSON can hold (a set,
             an object: its ``arg`` the argument, the message naming the entry) or two of one dict's keys read the
@@ -1111,6 +1134,7 @@ def write_results(out_dir, rows, info, *, config=None, device="cpu", paper=None,
     for arg, text in (("title", title), ("extra_markdown", extra_markdown)):  # 3: a TypeError joining report.md
         if not (text is None or isinstance(text, str)):
             raise EvalError(arg, f"write_results: expected {arg} to be a string or None, got {text!r:.60}")
+    _check_out_dir(out_dir)
     saliency = _check_saliency(saliency, rows)
     doc = results_document(rows, info, config, device, paper, notes, extra_fields)
     with AtomicOutput(out_dir) as stage:
