@@ -1005,3 +1005,18 @@ def test_figures_take_the_dataset_of_a_results_json_as_their_info(tmp_path, monk
     with pytest.raises(ValueError, match=r"^plot_metric_vs_radius: info: expected a DatasetInfo or results.json's "
                                          r"dataset dict, got a dict without num_classes, class_names$"):
         report.plot_metric_vs_radius(rows, tmp_path / "b.png", "sensitivity", info={"name": "d"})
+
+
+def test_paper_comparison_table_reads_its_metric_columns_as_markdown_table_reads_metrics():
+    """paper_comparison_table(rows, paper, "accuracy") made a column pair per letter ("a (paper)", "c (paper)", ...)
+    and a misspelt column ("acc") a pair of dashes, without a word (found by the api2 helper), where markdown_table
+    splits a string of names and refuses such a name. It now reads them by markdown_table's rule."""
+    rows = [{"method": "A", "attack": "fgsm", "norm": "linf", "eps": 1 / 255, "n": 4, "accuracy": 0.4}]
+    paper = [{"method": "A", "attack": "fgsm", "eps": 1 / 255, "source": "T1", "accuracy": 0.5, "robust": 0.3}]
+    want = report.paper_comparison_table(rows, paper, ["accuracy"])
+    assert want.splitlines()[2] == "| A | fgsm | 1/255 | T1 | 0.500 | 0.400 |"
+    assert report.paper_comparison_table(rows, paper, "accuracy") == want
+    assert report.paper_comparison_table(rows, paper, "accuracy, robust").splitlines()[2].endswith("| 0.300 | – |")
+    with pytest.raises(ValueError, match=r"^paper_comparison_table: no row holds the metric 'acc'; expected one of "
+                                         r"accuracy, f1, sensitivity, specificity, precision, auc, map$"):
+        report.paper_comparison_table(rows, paper, ["acc"])

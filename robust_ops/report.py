@@ -156,6 +156,16 @@ def _refuse_unknown(name, what, value, expected):
     raise ValueError(f"{name}: no row holds the {what} {value!r}; expected one of {listed}")
 
 
+def _metric_list(name, metrics, rows):
+    """``metrics`` as a list of names, one string of comma-separated names split ("accuracy" was read letter by
+    letter; "" is none), each checked by _check_metric against ``rows``."""
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    for m in metrics or ():
+        _check_metric(name, m, rows)
+    return metrics
+
+
 def markdown_table(rows, metrics=None):
     """A Markdown table of ``rows`` (evaluate's result dicts), one line per row: method, attack, norm, eps, n and the
     ``metrics`` (names, or one string of comma-separated names; None, the default: each of the seven metric names
@@ -163,10 +173,7 @@ def markdown_table(rows, metrics=None):
     ValueError."""
     if not rows:
         return "(no rows)"
-    if isinstance(metrics, str):  # "accuracy" was read letter by letter: KeyError 'a'; "" is the default, as it was
-        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
-    for m in metrics or ():
-        _check_metric("markdown_table", m, rows)
+    metrics = _metric_list("markdown_table", metrics, rows)
     metrics = metrics or [m for m in ("accuracy", "f1", "sensitivity", "specificity", "precision", "auc", "map")
                           if m in rows[0]]
     head = ["method", "attack", "norm", "ε", "n"] + [METRIC_LABELS.get(m, m) for m in metrics]
@@ -275,7 +282,9 @@ def paper_comparison_table(ours, paper, metric_columns):
     """Published numbers beside ours. ``paper`` rows: {method, attack, eps, source, <metric>: value[, norm]}; ours are
     looked up by (method, attack, eps[, norm]) and shown as mean ± std when several seeds or folds were run, with
     "(k of n runs)" when the metric was undefined (NaN) in some of them. ``metric_columns``: the metric names to
-    compare, each a column pair (paper, ours)."""
+    compare, each a column pair (paper, ours), or one string of comma-separated names; a name that is no metric's
+    and that no row of ours or the paper's holds (``"acc"``) is a ValueError."""
+    metric_columns = _metric_list("paper_comparison_table", metric_columns, [*ours, *paper]) or []
     index = {}
     for r in ours:
         index.setdefault((r["method"], r["attack"], round(r["eps"], 6)), []).append(r)
