@@ -1020,3 +1020,17 @@ def test_paper_comparison_table_reads_its_metric_columns_as_markdown_table_reads
     with pytest.raises(ValueError, match=r"^paper_comparison_table: no row holds the metric 'acc'; expected one of "
                                          r"accuracy, f1, sensitivity, specificity, precision, auc, map$"):
         report.paper_comparison_table(rows, paper, ["acc"])
+
+
+def test_per_class_recall_table_refuses_class_names_of_another_count():
+    """per_class_recall_table(rows of 2 classes, ["x"]) gave a header of one class over lines of two values, and 3
+    names a header column with no values under it, without a word (found by the api2 helper). A count other than the
+    rows' confusion holds is now refused naming the row and both counts."""
+    rows = [{"method": "A", "attack": "none", "norm": None, "eps": 0.0, "n": 4, "confusion": [[1, 1], [0, 2]]}]
+    for names in (["x"], ["x", "y", "z"]):
+        with pytest.raises(ValueError, match=rf"^per_class_recall_table: got {len(names)} class names, but the row "
+                                             r"\(A, no attack\) counts 2 classes; give one name per class, label 0 "
+                                             r"first$"):
+            report.per_class_recall_table(rows, names)
+    line = report.per_class_recall_table(rows, ["x", "y"]).splitlines()[2]
+    assert line == "| A | no attack | – | 0 | 4 | 0.500 | 1.000 |"

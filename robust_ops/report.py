@@ -250,10 +250,16 @@ def missing_rows_note(rows):
 def per_class_recall_table(rows, class_names):
     """One line per row that holds ``confusion`` counts (evaluation rows; reproduce's mean rows sum their runs'), one
     column per class: the share of the class's samples predicted as it (its recall), "–" for a class without samples
-    in the evaluated set. A multi-class report's macro averages do not show which classes an attack breaks."""
+    in the evaluated set. A multi-class report's macro averages do not show which classes an attack breaks.
+    ``class_names``: one per class, label 0 first; another count than a row's confusion holds is a ValueError."""
     head = ["method", "attack", "norm", "ε", "n"] + [str(c) for c in class_names]
     lines = [_table_line(head), "|" + "---|" * len(head)]
     counted = [r for r in rows if r.get("confusion") is not None]
+    for r in counted:  # the header's columns and the lines' cells did not line up
+        if len(r["confusion"]) != len(class_names):
+            raise ValueError(f"per_class_recall_table: got {len(class_names)} class names, but the row "
+                             f"({r['method']}, {_attack_label(r['attack'])}) counts {len(r['confusion'])} classes; "
+                             "give one name per class, label 0 first")
     radii = _radii(counted)
     for r in counted:
         recall = [fmt(line[i] / sum(line) if sum(line) else None) for i, line in enumerate(r["confusion"])]
