@@ -379,7 +379,8 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     """report.md's text for ``doc``, a results.json document (write_results's): the dataset line, a pivot table per
     reported metric, notes on undefined values and missing rows, per-class recall (multi-class), ``extra`` (Markdown
     text or None, the default), the table of all rows, ``figures`` (image file names, each embedded; default none),
-    the configuration and the environment. ``title``: the heading; None (default): "Robustness evaluation"."""
+    the configuration and the environment. ``title``: the heading; None (default): "Robustness evaluation". One file
+    name as a string is that one figure."""
     info = doc["dataset"]
     rows = doc["rows"]
     env = doc["environment"]
@@ -411,6 +412,8 @@ def markdown_report(doc, title=None, figures=(), extra=None):
     if extra:
         lines += [extra, ""]
     lines += ["## All rows", "", markdown_table(rows, metrics), ""]
+    if isinstance(figures, str):  # "a.png" was embedded letter by letter: ![a](a), ![.](.), ...
+        figures = [figures]
     for fig in figures:
         lines += [f"![{fig}]({fig})", ""]
     cfg = doc.get("config") or {}
