@@ -2199,9 +2199,9 @@ def test_fit_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"^fit: val_batch_size=64 has no effect with val_data=None \(nothing is "
                                          r"validated\); leave val_batch_size out or pass val_data$"):
         fit(model, defenses.Standard(), _data(), epochs=1, val_batch_size=64)
-    with pytest.raises(ValueError, match="fit: expected seed to be an integer, got 1.5"):
+    with pytest.raises(ValueError, match="fit: expected seed to be an integer from 0 to 4294967295 .*, got 1.5"):
         fit(model, defenses.Standard(), _data(), epochs=1, seed=1.5)
-    with pytest.raises(ValueError, match="fit: expected seed to be an integer, got True"):  # a bool, not seed 1
+    with pytest.raises(ValueError, match="fit: expected seed to be an integer from 0 .*, got True"):  # not seed 1
         fit(model, defenses.Standard(), _data(), epochs=1, seed=True)
     other = torch.optim.SGD(DropoutMLP().parameters(), lr=1.0)
     with pytest.raises(ValueError, match="fit: the optimizer holds tensors that are not the model's parameters"):
@@ -5563,17 +5563,40 @@ def test_a_checkpoint_with_a_changed_byte_is_refused_not_loaded_with_other_weigh
                            state["model"]["net.1.weight"])
 
 
-def test_large_and_negative_seeds_draw_the_permutations_torch_would():
-    # seed * 1_000_003 left torch's seed range past seed ~ 2**44 ("Overflow when unpacking long long"); torch reads
-    # seeds modulo 2**64, so a seed it accepted keeps its permutation
-    for seed in (2**50, 2**70):
-        assert sorted(i for b, _ in GlobalBatchSampler(10, 4, seed=seed) for i in b) == list(range(10))
-    for seed in (-1, 3):
-        expected = torch.randperm(10, generator=torch.Generator().manual_seed(seed * 1_000_003))
-        assert [i for b, _ in GlobalBatchSampler(10, 4, seed=seed) for i in b] == expected.tolist()
+def test_seeds_outside_numpys_range_are_refused_they_repeated_another_seeds_run():
+    """fit and GlobalBatchSampler take seeds 0 to 2**32 - 1 (robust-ops train's --seed range): numpy takes no others
+    and torch's CPU generator reads a seed's low 32 bits, so fit(seed=2**64) (and 2**32) trained seed 0's weights,
+    and 2**63, -2**63, -2**70 drew seed 0's permutations (the earlier test pinned 2**50, 2**70 and -1 as accepted)."""
     data = torch.utils.data.TensorDataset(torch.rand(6, 1, 4, 4), torch.tensor([0, 1] * 3))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
-    fit(model, "standard", data, epochs=1, batch_size=3, lr=0.1, seed=2**70, progress=False)
+    for seed in (-1, 2**32, 2**64, -2**63, 2**70):
+        message = (rf"^fit: expected seed to be an integer from 0 to 4294967295 \(2\*\*32 - 1: numpy's seeds; torch's "
+                   rf"CPU generator reads a seed's low 32 bits, so other seeds repeat one of these\), got {seed}$")
+        with pytest.raises(ValueError, match=message):
+            fit(model, "standard", data, epochs=1, batch_size=3, lr=0.1, seed=seed, progress=False)
+        with pytest.raises(ValueError, match=message.replace("fit", "GlobalBatchSampler", 1)):
+            GlobalBatchSampler(10, 4, seed=seed)
+    for seed in (0, 2**32 - 1):  # both ends: the epoch stride keeps the permutations' seed in torch's range
+        expected = torch.randperm(10, generator=torch.Generator().manual_seed(seed * 1_000_003))
+        assert [i for b, _ in GlobalBatchSampler(10, 4, seed=seed) for i in b] == expected.tolist()
+    fit(model, "standard", data, epochs=1, batch_size=3, lr=0.1, seed=2**32 - 1, progress=False)
+
+
+def test_a_checkpoint_trained_with_a_seed_out_of_range_is_refused_naming_it(tmp_path):
+    """A checkpoint an earlier version wrote with seed=2**64 (accepted then): no seed fit takes continues its streams
+    (python's random reads the whole integer), so resuming it is refused naming that seed, not run on another
+    stream, nor refused as "pass seed=2**64", which fit refuses."""
+    kwargs = dict(batch_size=8, lr=1e-2, progress=False)
+    fit(DropoutMLP(), "standard", _data(16), epochs=1, out_dir=tmp_path, **kwargs)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["config"]["seed"] = state["sampler"]["seed"] = 2**64
+    torch.save(state, tmp_path / "old.pt")
+    for seed in (0, 1):
+        with pytest.raises(ValueError, match=r"^fit: cannot resume .*old.pt: it was trained with "
+                                             r"seed=18446744073709551616, outside the seeds fit takes \(0 to "
+                                             r"4294967295: it repeated another seed's random streams\); train afresh "
+                                             r"with resume=False .* and a seed in that range$"):
+            fit(DropoutMLP(), "standard", _data(16), epochs=2, resume=tmp_path / "old.pt", seed=seed, **kwargs)
 
 
 def test_a_fresh_start_seeds_torch_numpy_and_python_with_the_seed():

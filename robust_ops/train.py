@@ -62,6 +62,7 @@ from .attacks.context import (HALF_DTYPES, NonFiniteInputError, NonFiniteOutputE
                               check_output, classification_loss, forward_naming_input_mismatch,
                               is_one_sample_batch_norm, is_single_logit, labels_range, labels_read_once,
                               looks_like_probabilities, num_classes_of, predict_from_output, use_model_mode)
+from .data.core import MAX_SKLEARN_SEED
 from .defenses._common import metrics_read_by_fit
 from .defenses.base import StateSettingError, _as_tuples, _plain
 
@@ -120,7 +121,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     def __init__(self, num_samples, batch_size, seed=0, rank=0, world_size=1, shuffle=True):
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.seed = check_seed("GlobalBatchSampler", seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.shuffle = shuffle
@@ -245,6 +246,17 @@ def _rng_state(device):
     if torch.device(device).type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return state
+
+
+def check_seed(name, seed):
+    """``seed`` as an int from 0 to 2**32 - 1 (robust-ops train's --seed range), else a ValueError naming ``name``:
+    numpy takes no other seeds and torch's CPU generator reads a seed's low 32 bits, so fit(seed=2**32) trained seed
+    0's run, and seed=2**64, -2**63 drew its permutations."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SKLEARN_SEED:
+        raise ValueError(f"{name}: expected seed to be an integer from 0 to {MAX_SKLEARN_SEED} (2**32 - 1: numpy's "
+                         f"seeds; torch's CPU generator reads a seed's low 32 bits, so other seeds repeat one of "
+                         f"these), got {seed!r}")
+    return int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
 
 
 def _torch_seed(value):
@@ -1255,7 +1267,8 @@ def fit(
             (None: nothing is written). Under DDP given to every process (process 0 writes), not to process 0 alone.
         resume (bool or str): True continues from ``out_dir/checkpoint.pt`` when it exists; a path continues from
             that file (which must exist).
-        seed (int): seeds torch, numpy and python RNGs at a fresh start, and the epoch permutations.
+        seed (int): seeds torch, numpy and python RNGs at a fresh start, and the epoch permutations: 0 to 2**32 - 1
+            (numpy's seeds; others repeated one of these).
         device (str or torch.device): where to train. Under DDP on CUDA, each process uses ``cuda:LOCAL_RANK``.
         amp (bool): float16 autocast + GradScaler (CUDA only).
         channels_last (bool): model and 4-D inputs in channels_last memory format.
@@ -1352,9 +1365,7 @@ def fit(
         if val_data is None:
             refuse_unused(name, {"val_batch_size": given_val_batch_size}, "val_data=None (nothing is validated)",
                           "pass val_data")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"{name}: expected seed to be an integer, got {seed!r}")
-        seed = int(seed)  # numpy's integers overflow in the seed arithmetic (and need pickle in the checkpoint)
+        seed = check_seed(name, seed)
         max_grad_norm = check_real(name, "max_grad_norm", max_grad_norm, minimum=0, allow_min=False, optional=True)
         # a string would pass as True: channels_last="no" trained channels_last, amp="no" was "amp=True needs CUDA"
         check_flags(name, {"amp": amp, "channels_last": channels_last, "progress": progress,
@@ -2077,6 +2088,14 @@ def _check_resume_fits(name, resume_path, state, config, defense_options, optimi
         raise ResumeMismatchError(name, resume_path, "val_samples", saved_val, config["val_samples"],
                                   f"{name}: cannot resume {resume_path}: it was validated on val_samples={saved_val}, "
                                   f"this call has val_samples={config['val_samples']}; pass the run's val_data")
+    saved_seed = state["config"].get("seed")
+    if isinstance(saved_seed, int) and not 0 <= saved_seed <= MAX_SKLEARN_SEED:
+        # written before 2026-12-07, when fit took any integer: no seed fit takes now continues its streams (python's
+        # random reads the whole integer, torch and numpy its low bits), and the run repeated another seed's
+        # (a ValueError, not a ResumeMismatchError: no seed this call could pass continues it)
+        raise ValueError(f"{name}: cannot resume {resume_path}: it was trained with seed={saved_seed}, outside the "
+                         f"seeds fit takes (0 to {MAX_SKLEARN_SEED}: it repeated another seed's random streams); "
+                         f"{_TRAIN_AFRESH} and a seed in that range")
     # the optimizer before lr: a run on the caller's SGD resumed without it read "trained with lr=None, this call
     # has lr=0.0001" (the default Adam's), naming an lr nobody passed
     for key in ("batch_size", "seed", "defense", "defense_class", "optimizer", "lr", "channels_last",
