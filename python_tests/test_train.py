@@ -2621,8 +2621,10 @@ def _ddp_early_stopping_worker(rank, world, port, init_path, out_path):
         # a mean loss that float32 cannot hold (over 16 it could), so a float32 exchange would round it. Each
         # process its own out_dir: what process 1 would write shows there
         model = _model_from(init)
+        # and validating in batches of another size: a memory setting, not compared (it was refused as a setting
+        # each process updates its weights with, which it is not)
         result = fit(model, defenses.Standard(), _data(), _data(12, seed=1 + rank), epochs=30, early_stopping=2,
-                     restore_best=True, out_dir=f"{out_path}.dir{rank}", **_ES_KWARGS)
+                     restore_best=True, out_dir=f"{out_path}.dir{rank}", val_batch_size=5 - rank, **_ES_KWARGS)
         torch.save({"stop": result.early_stopping, "epochs": len(result.history), "model": _weights(model),
                     "weights_epoch": result.weights_epoch, "val_loss": [row["val_loss"] for row in result.history]},
                    f"{out_path}.{rank}")
@@ -2631,7 +2633,9 @@ def _ddp_early_stopping_worker(rank, world, port, init_path, out_path):
 @pytest.mark.slow  # two processes importing torch: 35 s on the loaded 2-core machine
 def test_ddp_processes_stop_early_after_the_same_epoch_and_hand_back_rank_0s_best(tmp_path):
     """Early stopping and restore_best under DDP: every process stops after the epoch rank 0's val_loss decides and
-    hands back the same best epoch's weights; process 0 alone writes."""
+    hands back the same best epoch's weights; process 0 alone writes. Also with another val_batch_size on each
+    process: it changes no weights, only each process's own validation batches (refused until 2026-12-07 as a
+    setting each process updates its weights with)."""
     torch.manual_seed(0)
     torch.save(DropoutMLP().state_dict(), tmp_path / "init.pt")
     out = str(tmp_path / "es")
@@ -2649,7 +2653,7 @@ def test_ddp_processes_stop_early_after_the_same_epoch_and_hand_back_rank_0s_bes
     assert not os.path.exists(f"{out}.dir1") or not os.listdir(f"{out}.dir1")  # process 1 wrote nothing
     # as a single process validating on rank 0's set
     single = fit(_model_from(torch.load(tmp_path / "init.pt", weights_only=True)), defenses.Standard(), _data(),
-                 _data(12, seed=1), epochs=30, early_stopping=2, **_ES_KWARGS)
+                 _data(12, seed=1), epochs=30, early_stopping=2, val_batch_size=5, **_ES_KWARGS)
     assert single.early_stopping["stopped_epoch"] == ranks[0]["epochs"]
 
 
@@ -4064,7 +4068,7 @@ def _ddp_training_settings_differ_worker(rank, world, port, out_path):
         for kwargs in ({"lr": 0.01 * (1 + rank)}, {"max_grad_norm": 1.0 if rank else None},
                        {"defense": defenses.build("at", eps=0.1 * (1 + rank), steps=1)},
                        {"optimizer": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.5 * rank)},
-                       {"val_batch_size": 4 + rank}, {"amp": bool(rank)},
+                       {"amp": bool(rank)},
                        {"early_stopping": 2, "restore_best": bool(rank)}, {"early_stopping": 1 + rank}):
             defense = kwargs.pop("defense", defenses.Standard())
             messages.append(_outcome(lambda: fit(DropoutMLP(), defense, _data(16), _data(4), epochs=1, batch_size=4,
@@ -4076,8 +4080,9 @@ def _ddp_training_settings_differ_worker(rank, world, port, out_path):
 
 
 def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
-    """Processes given another lr, gradient clipping, defense option, optimizer setting or validation batch size
-    trained on without a word, each process's weights stepped by its own settings; amp on one process only raised
+    """Processes given another lr, gradient clipping, defense option or optimizer setting trained on without a word,
+    each process's weights stepped by its own settings (another val_batch_size is not refused: it changes no weights,
+    see test_ddp_processes_stop_early_after_the_same_epoch_and_hand_back_rank_0s_best); amp on one process only raised
     there alone (the other waited in a collective); restore_best on one process only handed back other weights
     there (mutation pass: T31 passed every test). The flags' refusals say what to fix for that flag: amp and
     restore_best were told to pass the whole train_data and val_data (not shards), early_stopping that each process
@@ -4092,15 +4097,15 @@ def test_ddp_refuses_processes_given_other_training_settings(tmp_path):
         differ = [f"ValueError: fit: the processes differ in {what} (process 0: {a}, process 1: {b}; this is process "
                   f"{rank}); " for what, a, b in (
                       ("lr", 0.01, 0.02), ("max_grad_norm", None, 1.0), ("defense option eps", 0.1, 0.2),
-                      ("optimizer_settings", "{", "{"), ("val_batch_size", 4, 5), ("amp", False, True),
+                      ("optimizer_settings", "{", "{"), ("amp", False, True),
                       ("restore_best", False, True), ("early_stopping", 1, 2))]
         # amp and restore_best are compared with seed and the lengths (amp: before "amp=True needs a CUDA device")
-        fixes = {5: "pass every process the same amp (True needs a CUDA device on each): with it on some processes "
+        fixes = {4: "pass every process the same amp (True needs a CUDA device on each): with it on some processes "
                     "only, their gradients come from float16 autocast and the others' from float32, and DDP averages "
                     "them together",
-                 6: "pass every process the same restore_best: it decides which weights fit hands back, the best "
+                 5: "pass every process the same restore_best: it decides which weights fit hands back, the best "
                     "epoch's or the last epoch's, so processes given other values would end holding different models",
-                 7: "pass every process the same early_stopping: a process that stopped after another epoch than the "
+                 6: "pass every process the same early_stopping: a process that stopped after another epoch than the "
                     "others would leave them waiting in the next epoch's collectives"}
         *messages, shard = messages
         assert re.fullmatch(r"ValueError: fit: the processes differ in the SHA-256 of train_data \(process 0: "

@@ -1537,7 +1537,6 @@ def fit(
             # the fingerprint in words: equal shards of the data, one per process, differ there alone
             agreed = {"the checkpoint they resume": started,
                       **{_AGREED_NAMES.get(k, k): v for k, v in config.items() if k != "world_size"},
-                      "val_batch_size": val_batch_size,
                       **{f"defense option {k}": v for k, v in defense_options.items()}}
     if world > 1:
         # every process reads the checkpoint itself: a node-local out_dir holds one on process 0's node only, and a
