@@ -5592,8 +5592,8 @@ def test_a_per_sample_linf_eps_with_one_radius_wider_than_the_range_is_refused()
 def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them():
     """check_linf_budget read float(eps_t.max()) and bool(bad.any()) (two host syncs on a GPU per attack call) also
     where eps and alpha were numbers, known in Python. It decides on the numbers now, rounded to the tensors' dtype
-    as per_sample rounds them: the same decisions as the tensors' (1.0000099999 rounds to float32's 1.0000100136,
-    past the range's slack; alpha 1.0000100001 rounds to the slack's own float32 value, not past it). Per-sample
+    as per_sample rounds them: the same decisions as the tensors' (compared in float32 in either dtype: 1.0000099999
+    and 1.0000100001 round to the slack's own float32 value, 1.0000100136, not past it). Per-sample
     tensors are read once for both checks (eps_t's maximum and whether any alpha is too wide), not twice."""
     from robust_ops.attacks.core import check_linf_budget, per_sample
 
@@ -5612,10 +5612,11 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
         for eps, alpha in ((8 / 255, 2 / 255), (8, 2 / 255), (0.5, 2), (1, 1.25), (1.0000099999, 0.1),
                            (0.5, 1.0000100001), (0.5, 1.0000099999), (0.99998, 1.5), (0.99999, 1.5), (0, 0)):
             assert outcome(eps, alpha, x, True) == outcome(eps, alpha, x, False), (dtype, eps, alpha)
-        assert outcome(1.0000099999, 0.1, x, True) == (None if dtype == torch.float64 else
+        # decided in float32 in either dtype: both round to 1 + 1e-5's float32 value, not past it
+        assert outcome(1.0000099999, 0.1, x, True) is None and outcome(0.5, 1.0000100001, x, True) is None
+        assert outcome(1.0000101, 0.1, x, True) == (
             "pgd: expected eps <= clip_max - clip_min = 1 for norm='linf', got eps up to 1.00001 (eps in 0-255 units? "
-            "pass e.g. 8/255)")  # float32's 1.0000100136, with the digits that tell it from 1
-        assert (outcome(0.5, 1.0000100001, x, True) is None) == (dtype == torch.float32)
+            "pass e.g. 8/255)")  # with the digits that tell it from 1
     # per sample: the widest refused step among the samples whose eps does not span the range (3.0 at eps 1 may)
     eps_t, alpha_t = torch.tensor([0.1, 0.2, 1.0]), torch.tensor([0.5, 2.0, 3.0])
     with pytest.raises(ValueError, match=r"^pgd: expected alpha <= clip_max - clip_min = 1 for norm='linf', got alpha "
@@ -5632,6 +5633,32 @@ def test_the_linf_budget_check_decides_number_eps_and_alpha_without_reading_them
             run_pgd(model, x, y, eps=eps, alpha=alpha_t, steps=1)
         with pytest.raises(ValueError, match=r"^pgd: expected alpha <= .* got alpha up to 2 "):
             check_linf_budget("pgd", "linf", per_sample("pgd", "eps", eps, x), 0.0, 1.0, alpha_t)
+
+
+def test_a_linf_budget_near_the_range_is_decided_alike_when_built_and_run_in_either_dtype():
+    """The Linf range rule decided in float64 when an attack was built and in the inputs' dtype when it ran:
+    PGD(model, eps=1.0000099999) was built and refused at its first float32 call (float32's 1.0000100136 is past
+    1 + 1e-5), and an alpha of 1.0000100001 refused when built ran in float32. Now it decides in float32 always:
+    a budget is refused when built exactly where it is refused when run, on float32 or float64 inputs."""
+    from robust_ops.attacks.core import check_budget
+
+    def refusal(run):
+        try:
+            run()
+        except ValueError as err:
+            return re.sub(r"^\w+: ", "", str(err))
+        return None
+
+    (x, y) = make_data(n=2)
+    models = {dtype: make_model(dtype=dtype) for dtype in (torch.float32, torch.float64)}
+    for eps, alpha in ((1.0000099999, 0.1), (1.00001, 0.1), (1.0000100001, 0.1), (1.0000101, 0.1),
+                       (0.5, 1.0000099999), (0.5, 1.00001), (0.5, 1.0000100001), (0.5, 1.0000101)):
+        built = refusal(lambda: attacks.PGD(models[torch.float32], eps=eps, alpha=alpha, steps=1))
+        assert built == refusal(lambda: check_budget("pgd", "linf", eps, 0.0, 1.0, alpha)), (eps, alpha)
+        for dtype, model in models.items():
+            ran = refusal(lambda: attacks.pgd(model, x.to(dtype), y, eps=eps, alpha=alpha, steps=1))
+            assert ran == built, (eps, alpha, dtype)
+        assert (built is None) == (max(eps, alpha) < 1.0000101), (eps, alpha)
 
 
 @pytest.mark.parametrize("attack", ["run_pgd", "pgd", "fgsm", "cw_linf", "apgd", "apgd_t"])
@@ -5694,8 +5721,8 @@ def test_per_sample_with_max_gives_the_maximum_float_of_the_tensor_reads():
     """per_sample(with_max=True)'s maximum, which check_linf_budget and check_step_moves take instead of reading
     eps back, is float(t.max()) of the tensor it returns: a number rounded into the attack's dtype as torch.full
     rounds it, None for an empty batch, a tensor eps of [0] included (mutation testing of attacks core: a number's
-    maximum taken unrounded, and an empty tensor's max() read, each survived; unrounded, apgd, square, white noise
-    and fab let a float32 eps of 1.0000099999 through, which rounds past the range's slack and pgd refuses)."""
+    maximum taken unrounded, and an empty tensor's max() read, each survived). Apgd, square, white noise and fab
+    refuse an eps past the range's slack as pgd does."""
     from robust_ops.attacks.core import per_sample
 
     for dtype in (torch.float16, torch.float32, torch.float64):
@@ -5713,8 +5740,8 @@ def test_per_sample_with_max_gives_the_maximum_float_of_the_tensor_reads():
                       ("white_noise", lambda e: attacks.white_noise(model, x, y, eps=e, trials=1)),
                       ("fab", lambda e: attacks.fab(model, x, y, eps=e, steps=1))):
         with pytest.raises(ValueError, match=wide.format(name)):
-            run(1.0000099999)
-        run(1.0)  # the whole range
+            run(1.0000101)
+        run(1.0000099999)  # float32's 1 + 1e-5: the whole range
     empty = attacks.pgd(model, x[:0], y[:0], eps=torch.zeros(0), alpha=torch.zeros(0), steps=1)
     assert empty.shape == x[:0].shape
 

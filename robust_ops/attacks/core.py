@@ -203,9 +203,17 @@ def per_sample(name, arg, value, x, with_max=False):
 def linf_wider_than_range(radius, clip_min, clip_max):
     """Whether an L-inf radius (or step) exceeds the clip range: eps=8 meant as 8/255 (0-255 units), which would run
     as an unbounded attack without a word. A relative slack of 1e-5 lets eps == width through in float32 (0.4 vs
-    0.6 - 0.2). The one rule of the attacks, IMA's radii and the evaluation's radii."""
+    0.6 - 0.2). The one rule of the attacks, IMA's radii and the evaluation's radii, decided in float32 whatever the
+    inputs' dtype (:func:`_f32`), so that an attack built from a number decides as it runs, on float32 or float64."""
     width = clip_max - clip_min
-    return radius > width + _linf_slack(width)
+    return _f32(radius) > _f32(width + _linf_slack(width))
+
+
+def _f32(value):
+    """A number as float32 holds it: the Linf range rules compare radii and bounds so. Decided in float64 when built
+    and in the inputs' dtype when run, PGD(model, eps=1.0000099999) was built and refused at its first float32 call
+    (float32's 1.0000100136 is past 1 + 1e-5), and an alpha of 1.0000100001 the other way round."""
+    return _in_dtype(value, torch.float32)
 
 
 def _linf_slack(width):
@@ -239,15 +247,12 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
     checked = False  # bad's any() read already (bad then None where no step is refused)
     if alpha_t is None:
         bad = None
-    elif eps_number is not None and alpha_number is not None and alpha_t.dtype == eps_t.dtype:
-        # the tensor comparisons below cast the bounds to the tensors' dtype: so are they here
-        bad = None
-        if alpha_number > _in_dtype(width + slack, alpha_t.dtype) and eps_number < _in_dtype(width - slack,
-                                                                                           eps_t.dtype):
+    elif eps_number is not None and alpha_number is not None:
+        bad = None  # decided on the numbers, in float32 as the tensors' check below
+        if _linf_step_refused(alpha_number, eps_number, width):
             steepest = alpha_number
-    elif alpha_max is not None and _in_dtype(width + slack, alpha_t.dtype) is not None and not (
-            alpha_max > _in_dtype(width + slack, alpha_t.dtype)):
-        bad = None  # no step wider than the range (compared in alpha_t's dtype, as below): none to refuse
+    elif alpha_max is not None and not _f32(alpha_max) > _f32(width + slack):
+        bad = None  # no step wider than the range (compared in float32, as below): none to refuse
     else:
         bad = _linf_step_refused(alpha_t, eps_t, width)
     if eps_number is not None:
@@ -268,9 +273,14 @@ def check_linf_budget(name, norm, eps_t, clip_min, clip_max, alpha_t=None, arg="
 
 
 def _linf_step_refused(alpha, eps, width):
-    """Where a Linf step (numbers or tensors) is refused: wider than the clip range while the radius fits in it."""
+    """Where a Linf step (numbers or tensors) is refused: wider than the clip range while the radius fits in it,
+    compared in float32 (:func:`linf_wider_than_range`)."""
     slack = _linf_slack(width)
-    return (alpha > width + slack) & (eps < width - slack)
+    if torch.is_tensor(alpha):  # a float32 tensor against a Python float compares in float32
+        alpha, eps = alpha.float(), eps.float()
+    else:
+        alpha, eps = _f32(alpha), _f32(eps)
+    return (alpha > _f32(width + slack)) & (eps < _f32(width - slack))
 
 
 def _linf_refusal(name, arg, widest, width, example="8/255"):
@@ -303,7 +313,7 @@ def check_budget(name, norm, eps, clip_min, clip_max, alpha=None, n="N", optiona
         numbers_given[arg] = float(value)
     if norm != "linf" or "eps" not in numbers_given:  # a per-sample eps: alpha's rule depends on each sample's eps
         return
-    # check_linf_budget's rules on the numbers, in float64 (no tensor made: building an attack stays cheap)
+    # check_linf_budget's rules on the numbers, in float32 as when run (no tensor made: building stays cheap)
     eps, alpha, width = numbers_given["eps"], numbers_given.get("alpha"), clip_max - clip_min
     if linf_wider_than_range(eps, clip_min, clip_max):
         raise _linf_refusal(name, "eps", eps, width)
