@@ -1515,6 +1515,30 @@ def test_ct_hounsfield_units_are_told_to_window_them_not_to_normalize_inside_the
         attacks.pgd(model, hounsfield, y, eps=0.03, steps=2, clip_min=-1.0, clip_max=1.0)
 
 
+def test_hounsfield_units_above_air_are_offered_the_loaders_shift_as_well():
+    """Values in [-600, 600] (a bottom above air's -1000: a crop inside the body, or an offset or mean subtracted)
+    were offered a shift and scale beside the window by the .npz loader, and only the window (which -160, 240 would
+    clip them to) by an attack and evaluate: the same input got two pieces of advice. One rule now
+    (hounsfield_shift_fix), as the loader's condition: not where the bottom is at or below air."""
+    from robust_ops.data import DataError
+    from robust_ops.data.core import images_to_tensor
+
+    model, (x, y) = make_model(3), make_data(4, 3)
+    shifted = -600 + 1200 * x.index_fill(0, torch.tensor([0]), 1.0).index_fill(0, torch.tensor([1]), 0.0)
+    shift = (r"; else \(an offset or a mean subtracted\) {}, lo and hi the lowest and highest value of every split "
+             r"together")
+    with pytest.raises(ValueError, match=r"for soft tissue\)" + shift.format(r"\(x - lo\) / \(hi - lo\)")
+                       + r": the attacks' radii and clip range are in the value range's units\)$"):
+        attacks.pgd(model, shifted, y, eps=0.03, steps=2)
+    with pytest.raises(ValueError, match=shift.format(r"\(x - lo\) / \(hi - lo\) \* 2 - 1") + ": "):
+        attacks.pgd(model, shifted, y, eps=0.03, steps=2, clip_min=-1.0, clip_max=1.0)
+    with pytest.raises(DataError, match=shift.format(r"\(images.astype\(np.float32\) - lo\) / \(hi - lo\)")):
+        images_to_tensor(shifted.permute(0, 2, 3, 1).numpy(), "x.npz")
+    with pytest.raises(ValueError, match=r"for soft tissue\): the attacks' radii") as info:  # air: the window only
+        attacks.pgd(model, shifted - 400, y, eps=0.03, steps=2)
+    assert "else" not in str(info.value)
+
+
 def test_pixel_fixes_map_onto_ranges_of_any_bounds():
     """pixel_map adds a positive bottom as it subtracts a negative one, and the dark question against a range other
     than [0, 1] maps onto it as the 8-bit fix does (found by the mut50 helper)."""

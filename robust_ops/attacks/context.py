@@ -719,6 +719,18 @@ def onto_range(text, range_min, range_max):
     return text
 
 
+def hounsfield_shift_fix(lo, shift):
+    """The alternative to a Hounsfield window for values of a bottom ``lo`` above air's -1000: a crop inside the
+    body (lung -900 to -500), or data with an offset or its mean subtracted ([-600, 600]), which a window such as
+    -160, 240 would clip: ``shift`` (an expression of x, lo and hi) as the fix, "" for a bottom at or below air. The
+    .npz loader's rule (data/core.py's hounsfield fixes, float and integer images); an attack's and evaluate's fix
+    left it out until 2026-12-07, so the same [-600, 600] got two pieces of advice."""
+    if not lo > -1000:
+        return ""
+    return (f"; else (an offset or a mean subtracted) {shift}, lo and hi the lowest and highest value of every split "
+            "together")
+
+
 def value_range_fix(lo, hi, range_min, range_max, normalize, clamp):
     """The fix check_inputs' and evaluate's refusals of values ``lo`` .. ``hi`` outside [range_min, range_max] name,
     by :func:`pixel_scale`: pixels of a bit depth mapped onto the range (divided by their scale's top for [0, 1];
@@ -732,7 +744,8 @@ def value_range_fix(lo, hi, range_min, range_max, normalize, clamp):
     if kind == "hounsfield":  # told to normalize inside the model: Normalized's inputs are still outside the range
         window = onto_range("(x.clamp(lo, hi) - lo) / (hi - lo)", range_min, range_max)
         return (f"CT Hounsfield units? window them onto the value range [{range_min}, {range_max}]: {window} for "
-                f"the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS}): {units}")
+                f"the window [lo, hi] they are read in ({HOUNSFIELD_WINDOWS})"
+                f"{hounsfield_shift_fix(lo, onto_range('(x - lo) / (hi - lo)', range_min, range_max))}: {units}")
     unit = (range_min, range_max) == (0, 1)
     expr = pixel_map(scale, range_min, range_max)
     then = f"; then x.clamp({range_min}, {range_max}) for the overshoot past {scale}" if hi > scale else ""
