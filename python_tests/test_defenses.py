@@ -2147,6 +2147,25 @@ def test_a_defense_refuses_a_bad_eps_or_step_size_in_the_attacks_words(name):
         PGD(nn.Linear(2, 2), eps=-0.1)
 
 
+@pytest.mark.parametrize("name", ["at", "trades", "mart", "mirst", "amat", "dpaat"])
+def test_a_defense_reads_a_0d_tensor_eps_or_step_size_as_its_value_as_the_attacks_do(name):
+    """defenses.build("at", eps=torch.tensor(8 / 255)) was refused ("at: expected eps to be a number, got Tensor")
+    where np.float32(8 / 255) and PGD(model, eps=torch.tensor(8 / 255)) were taken: a 0-d tensor is now read as its
+    value, one rule with the attacks' (scalar_value); a bool one is refused as there, a tensor [1] as before."""
+    for dtype in (torch.float32, torch.float64):
+        for arg in ("eps", "step_size"):
+            value = torch.tensor(8 / 255, dtype=dtype)
+            built = defenses.build(name, **{arg: value})
+            assert type(getattr(built, arg)) is float and getattr(built, arg) == value.item()
+            assert getattr(built, arg) == getattr(defenses.build(name, **{arg: value.numpy()[()]}), arg)
+    with pytest.raises(TypeError, match=f"^{re.escape(name)}: expected eps to be a real tensor, got torch.bool$"):
+        defenses.build(name, eps=torch.tensor(True))
+    with pytest.raises(TypeError, match=f"^{re.escape(name)}: expected step_size to be a number, got Tensor$"):
+        defenses.build(name, step_size=torch.tensor([0.01]))
+    with pytest.raises(ValueError, match=f"^{re.escape(name)}: expected eps >= 0 and finite, got -0.5$"):
+        defenses.build(name, eps=torch.tensor(-0.5))
+
+
 @pytest.mark.parametrize("name", ["amat", "dpaat"])
 def test_amat_and_dpaat_name_an_eps_that_is_not_a_number(name):
     """Their step default eps / 2 was computed before eps was checked: eps="0.3" (a --defense-opt typo) failed as

@@ -159,6 +159,17 @@ def check_number(name, arg, value, n="N"):
     return float(value)
 
 
+def scalar_value(name, arg, value):
+    """A 0-d tensor read as its value (a Python number; a bool or complex one refused), anything else as given: how
+    the attack classes' eps and alpha (check_budget) and the defenses' eps and step_size read one, so that
+    defenses.build("at", eps=torch.tensor(8 / 255)), refused until 2026-12-07 where np.float32(8 / 255) was taken,
+    builds as PGD(model, eps=torch.tensor(8 / 255)) does."""
+    if torch.is_tensor(value) and value.dim() == 0:
+        check_real_tensor(name, arg, value)
+        return value.item()
+    return value
+
+
 def check_real_tensor(name, arg, value):
     """A radius or step tensor must be real: a bool one, as a Python bool, would be a radius of 1 (True)."""
     if value.dtype == torch.bool or value.is_complex():
@@ -304,11 +315,10 @@ def check_budget(name, norm, eps, clip_min, clip_max, alpha=None, n="N", optiona
     for arg, value in (("eps", eps), ("alpha", alpha)):
         if value is None and (arg == "alpha" or optional):
             continue
-        if torch.is_tensor(value):
+        if torch.is_tensor(value) and value.dim():  # per_sample's check when run, against the batch
             check_real_tensor(name, arg, value)
-            if value.dim():  # per_sample's check when run, against the batch
-                continue
-            value = value.item()
+            continue
+        value = scalar_value(name, arg, value)
         check_number(name, arg, value, n)
         numbers_given[arg] = float(value)
     if norm != "linf" or "eps" not in numbers_given:  # a per-sample eps: alpha's rule depends on each sample's eps

@@ -108,16 +108,16 @@ class PGDDefense(Defense):
 
     def __init__(self, *, eps=None, step_size=None, steps=None, norm=None, random_start=None, attack_mode=None,
                  clip_min=0.0, clip_max=1.0, **unknown):
-        from ..attacks.core import check_linf_budget, check_norm, check_number, check_step_moves
+        from ..attacks.core import check_linf_budget, check_norm, check_number, check_step_moves, scalar_value
 
         if unknown:  # Python's own TypeError named PGDDefense.__init__, not the defense built, and listed nothing
             check_options(type(self).__name__, type(self), unknown)
         n = self.name
-        # the attacks' rule and words ('at: expected eps >= 0 and finite, got -0.1'), a number only
-        self.eps = check_number(n, "eps", self.default_eps if eps is None else eps, n=None)
+        # the attacks' rule and words ('at: expected eps >= 0 and finite, got -0.1'), a number or a 0-d tensor
+        self.eps = check_number(n, "eps", scalar_value(n, "eps", self.default_eps if eps is None else eps), n=None)
         self.steps = check_int(n, "steps", self.default_steps if steps is None else steps)
-        self.step_size = check_number(n, "step_size", 2.5 * self.eps / self.steps if step_size is None else step_size,
-                                      n=None)
+        step_size = 2.5 * self.eps / self.steps if step_size is None else scalar_value(n, "step_size", step_size)
+        self.step_size = check_number(n, "step_size", step_size, n=None)
         check_step_moves(n, self.eps, self.step_size, "step_size")  # AT(step_size=0) trained on its start points
         self.norm = check_norm(n, self.default_norm if norm is None else norm)  # "Linf" is stored as "linf"
         check_flags(n, {"random_start": random_start}, optional=("random_start",))  # "no" would have meant True

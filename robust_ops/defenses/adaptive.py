@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attacks.context import classification_loss
-from ..attacks.core import check_number, check_step_moves, sample_distance
+from ..attacks.core import check_number, check_step_moves, sample_distance, scalar_value
 from ._common import (PGDDefense, as_two_class, check_choice, check_flags, check_real, distributed_run,
                       float32_or_wider, labels, metric_values, per_sample_ce, refuse_unused, unwrap, use_model_mode)
 from .adversarial import Standard
@@ -43,7 +43,8 @@ class _AdaptiveRadius(PGDDefense):
     def __init__(self, *, step_size=None, steps=None, eps=None, radius_step=None, **attack):
         steps = self.default_steps if steps is None else steps
         # checked before the step is derived from it: eps="0.3" failed as "unsupported operand type(s) for /"
-        eps = check_number(self.name, "eps", self.default_eps if eps is None else eps, n=None)
+        eps = check_number(self.name, "eps", scalar_value(self.name, "eps", self.default_eps if eps is None else eps),
+                           n=None)
         # DPAAT's step 0.15 at eps 0.3, as a ratio: a default that jumped to 2.5*eps/steps off eps = 0.3 exactly
         # (0.11 at eps 0.31) made nearby radii train with another adversary
         step_size = eps / 2 if step_size is None else step_size
